@@ -1,0 +1,186 @@
+"""Session feature vectors, schema version 1.
+
+A closed session becomes one float32 vector of ``FEATURE_DIM`` numbers. The schema is
+versioned (``FEATURE_SCHEMA_VERSION``); a change to the layout below must bump it, and
+stored vectors carry the version they were computed with. docs/features.md documents
+the same table for operators.
+
+Layout (index: meaning):
+
+====  =====================================================================
+0-1   start hour of day on the circle: sin, cos of 2*pi*hour/24 (UTC)
+2-3   start day of week on the circle: sin, cos of 2*pi*dow/7 (Monday = 0)
+4-9   device type one-hot: tv, mobile, tablet, desktop, console, other
+10-28 genre mix weighted by watch time (sums to 1 when any genre is known),
+      vocabulary ``GENRES``; unknown genres go to ``other``
+29    kids share: fraction of watch time rated ``kids``
+30    teen share: fraction of watch time rated ``teen``
+31    log1p(total watch minutes)
+32    binge indicator: 1 when >= 3 episodes of one series were played
+33    log1p(number of distinct titles)
+34    VPN share: fraction of events flagged as coming through a VPN
+====  =====================================================================
+
+Why these: household members differ mostly in *when* they watch (rhythm), *where*
+(device), *what* (genre mix and maturity) and *how* (length, binge). Circular
+encodings keep 23:00 next to 01:00. Every feature is bounded so that no single one
+dominates a Euclidean or Gaussian model without scaling.
+
+Everything here is pure and vectorised: ``features_matrix`` builds many vectors at
+once from column arrays (used by the simulator and bulk rebuilds);
+``session_features`` is the per-session convenience built on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+FEATURE_SCHEMA_VERSION = 1
+
+DEVICE_TYPES: tuple[str, ...] = ("tv", "mobile", "tablet", "desktop", "console", "other")
+GENRES: tuple[str, ...] = (
+    "action", "adventure", "animation", "comedy", "crime", "documentary", "drama",
+    "family", "fantasy", "horror", "kids", "music", "news", "reality", "romance",
+    "scifi", "sports", "thriller", "other",
+)
+MATURITIES: tuple[str, ...] = ("kids", "teen", "adult")
+
+_DEVICE_INDEX = {d: i for i, d in enumerate(DEVICE_TYPES)}
+_GENRE_INDEX = {g: i for i, g in enumerate(GENRES)}
+
+# Offsets of each block in the vector; kept as names so code never uses magic numbers.
+HOUR = slice(0, 2)
+DOW = slice(2, 4)
+DEVICE = slice(4, 4 + len(DEVICE_TYPES))
+GENRE = slice(DEVICE.stop, DEVICE.stop + len(GENRES))
+KIDS_SHARE = GENRE.stop
+TEEN_SHARE = KIDS_SHARE + 1
+LOG_MINUTES = TEEN_SHARE + 1
+BINGE = LOG_MINUTES + 1
+LOG_TITLES = BINGE + 1
+VPN_SHARE = LOG_TITLES + 1
+FEATURE_DIM = VPN_SHARE + 1
+
+FEATURE_NAMES: tuple[str, ...] = (
+    ("hour_sin", "hour_cos", "dow_sin", "dow_cos")
+    + tuple(f"device_{d}" for d in DEVICE_TYPES)
+    + tuple(f"genre_{g}" for g in GENRES)
+    + ("kids_share", "teen_share", "log_minutes", "binge", "log_titles", "vpn_share")
+)
+assert len(FEATURE_NAMES) == FEATURE_DIM
+
+BINGE_EPISODES = 3  # episodes of one series in one session that make it a binge
+
+
+def device_index(device_type: str) -> int:
+    """Index of a device type in the one-hot block; unknown types count as ``other``."""
+    return _DEVICE_INDEX.get(device_type, _DEVICE_INDEX["other"])
+
+
+def genre_index(genre: str) -> int:
+    return _GENRE_INDEX.get(genre, _GENRE_INDEX["other"])
+
+
+def features_matrix(
+    start_ts: np.ndarray,
+    device_idx: np.ndarray,
+    genre_seconds: np.ndarray,
+    kids_seconds: np.ndarray,
+    teen_seconds: np.ndarray,
+    total_seconds: np.ndarray,
+    binge: np.ndarray,
+    n_titles: np.ndarray,
+    vpn_share: np.ndarray,
+) -> np.ndarray:
+    """Feature vectors for N sessions at once, shape (N, FEATURE_DIM), float32.
+
+    ``start_ts`` are UTC epoch seconds; ``device_idx`` indexes ``DEVICE_TYPES``;
+    ``genre_seconds`` is (N, len(GENRES)) watch seconds per genre (a title with
+    several genres splits its time evenly); the rest are per-session scalars.
+    """
+    start_ts = np.asarray(start_ts, dtype=np.float64)
+    n = start_ts.shape[0]
+    out = np.zeros((n, FEATURE_DIM), dtype=np.float64)
+    seconds_of_day = np.mod(start_ts, 86400.0)
+    hour_angle = 2.0 * np.pi * seconds_of_day / 86400.0
+    # 1970-01-01 was a Thursday (dow 3 with Monday = 0).
+    days = np.floor(start_ts / 86400.0)
+    dow = np.mod(days + 3.0, 7.0) + seconds_of_day / 86400.0
+    dow_angle = 2.0 * np.pi * dow / 7.0
+    out[:, HOUR] = np.column_stack((np.sin(hour_angle), np.cos(hour_angle)))
+    out[:, DOW] = np.column_stack((np.sin(dow_angle), np.cos(dow_angle)))
+    out[np.arange(n), DEVICE.start + np.asarray(device_idx, dtype=np.int64)] = 1.0
+    genre_seconds = np.asarray(genre_seconds, dtype=np.float64)
+    genre_total = genre_seconds.sum(axis=1, keepdims=True)
+    out[:, GENRE] = np.divide(genre_seconds, genre_total, out=np.zeros_like(genre_seconds),
+                              where=genre_total > 0)
+    total = np.asarray(total_seconds, dtype=np.float64)
+    safe_total = np.where(total > 0, total, 1.0)
+    out[:, KIDS_SHARE] = np.where(total > 0, np.asarray(kids_seconds) / safe_total, 0.0)
+    out[:, TEEN_SHARE] = np.where(total > 0, np.asarray(teen_seconds) / safe_total, 0.0)
+    out[:, LOG_MINUTES] = np.log1p(np.maximum(total, 0.0) / 60.0)
+    out[:, BINGE] = np.asarray(binge, dtype=np.float64)
+    out[:, LOG_TITLES] = np.log1p(np.asarray(n_titles, dtype=np.float64))
+    out[:, VPN_SHARE] = np.asarray(vpn_share, dtype=np.float64)
+    return out.astype(np.float32)
+
+
+@dataclass(frozen=True, slots=True)
+class WatchItem:
+    """The part of a viewing event that features need (keeps this module independent
+    of the event class)."""
+
+    ts: float
+    title_id: str
+    series_id: str | None
+    genres: Sequence[str]
+    duration_s: float
+    maturity: str | None
+    vpn: bool
+
+
+def session_features(start_ts: float, device_type: str, items: Iterable[WatchItem]) -> np.ndarray:
+    """One session's feature vector (FEATURE_DIM float32)."""
+    genre_seconds = np.zeros(len(GENRES))
+    kids = teen = total = 0.0
+    titles: set[str] = set()
+    episodes_per_series: dict[str, set[str]] = {}
+    n_items = vpn_items = 0
+    for item in items:
+        n_items += 1
+        vpn_items += bool(item.vpn)
+        seconds = max(float(item.duration_s), 0.0)
+        total += seconds
+        if item.genres:
+            share = seconds / len(item.genres)
+            for g in item.genres:
+                genre_seconds[genre_index(g)] += share
+        if item.maturity == "kids":
+            kids += seconds
+        elif item.maturity == "teen":
+            teen += seconds
+        if item.title_id:
+            titles.add(item.title_id)
+            if item.series_id:
+                episodes_per_series.setdefault(item.series_id, set()).add(item.title_id)
+    binge = float(any(len(eps) >= BINGE_EPISODES for eps in episodes_per_series.values()))
+    return features_matrix(
+        np.array([start_ts]), np.array([device_index(device_type)]), genre_seconds[None, :],
+        np.array([kids]), np.array([teen]), np.array([total]), np.array([binge]),
+        np.array([len(titles)]), np.array([vpn_items / n_items if n_items else 0.0]),
+    )[0]
+
+
+def to_bytes(vectors: np.ndarray) -> bytes:
+    """Bulk vectors travel as little-endian float32 bytes (row-major)."""
+    return np.ascontiguousarray(vectors, dtype="<f4").tobytes()
+
+
+def from_bytes(data: bytes, dim: int = FEATURE_DIM) -> np.ndarray:
+    """Inverse of ``to_bytes``; raises ValueError when the length is not a multiple of dim."""
+    if len(data) % (4 * dim):
+        raise ValueError(f"vector bytes length {len(data)} is not a multiple of 4*{dim}")
+    return np.frombuffer(data, dtype="<f4").reshape(-1, dim)
