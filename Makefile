@@ -1,0 +1,57 @@
+# Hearth — the two commands: `make run` and `make test`. `make help` lists the rest.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROTOS := $(shell find protos -name '*.proto')
+
+.DEFAULT_GOAL := help
+.PHONY: help run test protos venv test-unit test-contract test-integration test-e2e lint \
+        bench-accuracy bench-assign bench-attribution bench-privacy bench-feedback clean check-protos
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]' --config-settings editable_mode=compat
+	touch $(STAMP)
+
+venv: $(STAMP) ## create the virtualenv and install (only when missing or pyproject changed)
+
+hearth/__init__.py: $(STAMP) $(PROTOS) scripts/gen_protos.py
+	$(PY) scripts/gen_protos.py
+
+protos: $(STAMP) ## generate Python code and .pyi stubs from protos/ (never committed)
+	$(PY) scripts/gen_protos.py
+
+run: hearth/__init__.py ## start the four services and the gateway on SQLite (Ctrl-C stops)
+	$(PY) scripts/run.py
+
+test: hearth/__init__.py ## the whole suite: unit, contract, storage (SQLite, PostgreSQL, Redis), e2e
+	$(PY) -m pytest -q
+
+test-unit: hearth/__init__.py ## unit tests only
+	$(PY) -m pytest -q tests/unit
+
+test-e2e: hearth/__init__.py ## end-to-end tests only (real processes)
+	$(PY) -m pytest -q tests/e2e
+
+bench-accuracy: hearth/__init__.py ## clustering accuracy vs ground truth and scikit-learn (JSON)
+	$(PY) -m bench.accuracy
+
+bench-assign: hearth/__init__.py ## in-process assignment latency and batch throughput (JSON)
+	$(PY) -m bench.assign
+
+bench-attribution: hearth/__init__.py ## exact Markov/Shapley vs ChannelAttribution (JSON)
+	$(PY) -m bench.attribution
+
+bench-privacy: hearth/__init__.py ## deletion latency per scope and audit throughput (JSON)
+	$(PY) -m bench.privacy
+
+bench-feedback: hearth/__init__.py ## calibration before/after recalibration (JSON)
+	$(PY) -m bench.feedback
+
+clean: ## remove generated code, caches and local data (keeps the virtualenv)
+	rm -rf hearth var .pytest_cache .hypothesis

@@ -1,0 +1,56 @@
+"""The one table from gRPC status codes to HTTP statuses, and the JSON error body."""
+
+from __future__ import annotations
+
+import grpc
+from fastapi.responses import JSONResponse
+
+from services.common.errors import ERROR_CODE_KEY, ERROR_FIELD_KEY, HearthError, status_for
+
+HTTP_BY_GRPC: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.INVALID_ARGUMENT: 422,
+    grpc.StatusCode.OUT_OF_RANGE: 422,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.FAILED_PRECONDITION: 412,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.CANCELLED: 499,
+}
+
+
+def error_response(status: int, code: str, message: str, field: str = "",
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "field": field, "message": message}},
+                        status_code=status, headers=headers)
+
+
+def _pairs(metadata) -> list[tuple[str, str]]:
+    if metadata is None:
+        return []
+    if hasattr(metadata, "keys") and hasattr(metadata, "get_all"):  # grpc.aio.Metadata
+        return [(k, metadata.get(k)) for k in metadata.keys()]
+    return [(item[0], item[1]) for item in metadata]
+
+
+def from_rpc_error(exc: grpc.aio.AioRpcError) -> JSONResponse:
+    trailing = {k: v for k, v in _pairs(exc.trailing_metadata())}
+    code = exc.code()
+    status = HTTP_BY_GRPC.get(code, 502)
+    message = exc.details() or code.name.lower()
+    if status >= 500 and code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        message = "upstream error"  # never leak internals of a failing service
+    return error_response(status, trailing.get(ERROR_CODE_KEY, code.name.lower()), message,
+                          trailing.get(ERROR_FIELD_KEY, ""))
+
+
+def from_hearth_error(exc: HearthError) -> JSONResponse:
+    status = HTTP_BY_GRPC.get(status_for(exc), 500)
+    headers = {"WWW-Authenticate": "ApiKey"} if status == 401 else None
+    return error_response(status, exc.code, exc.message, exc.field, headers)

@@ -1,0 +1,25 @@
+"""python -m services.attribution: read config, wire dependencies, serve()."""
+
+from __future__ import annotations
+
+from hearth.attribution.v1 import attribution_pb2_grpc as pb_grpc
+from services.attribution.app import AttributionApp
+from services.attribution.servicer import SERVICE_NAME, AttributionServicer
+from services.attribution.store import AttributionStore
+from services.common.server import run_service
+from services.common.storage.cache import open_cache
+from services.common.storage.sql import open_database
+
+NAME = "attribution"
+
+
+def build(settings):
+    db = open_database(settings, NAME)
+    store = AttributionStore(db, open_cache(settings, NAME))
+    store.migrate()
+    servicer = AttributionServicer(AttributionApp(store))
+    return [(pb_grpc.add_AttributionServiceServicer_to_server, servicer, SERVICE_NAME)], [db.close]
+
+
+if __name__ == "__main__":
+    run_service(NAME, build)

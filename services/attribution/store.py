@@ -1,0 +1,69 @@
+"""The attribution service's repository: touchpoints and conversions (SQLite/PostgreSQL)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from services.attribution.domain.records import Conversion, Touchpoint
+from services.attribution.migrations import MIGRATIONS
+from services.common.storage.cache import Cache, MemoryCache
+from services.common.storage.sql import Database, migrate
+
+
+class AttributionStore:
+    def __init__(self, db: Database, cache: Cache | None = None) -> None:
+        self.db = db
+        self.cache = cache or MemoryCache("attribution")
+
+    def migrate(self) -> list[int]:
+        return migrate(self.db, MIGRATIONS)
+
+    def record_touchpoints(self, items: Sequence[Touchpoint]) -> tuple[int, int]:
+        """Store new touchpoints; returns (accepted, duplicates). Idempotent by id."""
+        with self.db.transaction() as tx:
+            accepted = tx.executemany(
+                "INSERT INTO touchpoints (touchpoint_id, account_id, device_id, ts, channel, campaign, "
+                "person_id) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (touchpoint_id) DO NOTHING",
+                [(t.touchpoint_id, t.account_id, t.device_id, t.ts, t.channel, t.campaign, t.person_id)
+                 for t in items])
+        return accepted, len(items) - accepted
+
+    def record_conversions(self, items: Sequence[Conversion]) -> tuple[int, int]:
+        with self.db.transaction() as tx:
+            accepted = tx.executemany(
+                "INSERT INTO conversions (conversion_id, account_id, ts, kind, value, device_id) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (conversion_id) DO NOTHING",
+                [(c.conversion_id, c.account_id, c.ts, c.kind, c.value, c.device_id) for c in items])
+        return accepted, len(items) - accepted
+
+    def load(self, account_ids: Sequence[str], start: float | None, end: float | None,
+             lookback_s: float) -> tuple[list[Touchpoint], list[Conversion]]:
+        """Conversions in [start, end) of the accounts (all when empty) and every
+        touchpoint that can fall in their lookback windows."""
+        where, params = ["1 = 1"], []
+        if account_ids:
+            where.append(f"account_id IN ({', '.join('?' * len(account_ids))})")
+            params.extend(account_ids)
+        conv_where, conv_params = list(where), list(params)
+        if start is not None:
+            conv_where.append("ts >= ?")
+            conv_params.append(start)
+        if end is not None:
+            conv_where.append("ts < ?")
+            conv_params.append(end)
+        tp_where, tp_params = list(where), list(params)
+        if start is not None:
+            tp_where.append("ts >= ?")
+            tp_params.append(start - lookback_s)
+        if end is not None:
+            tp_where.append("ts < ?")
+            tp_params.append(end)
+        with self.db.transaction() as tx:
+            conv = tx.query("SELECT conversion_id, account_id, ts, kind, value, device_id FROM conversions "
+                            f"WHERE {' AND '.join(conv_where)} ORDER BY account_id, ts, conversion_id",
+                            conv_params)
+            tps = tx.query("SELECT touchpoint_id, account_id, device_id, ts, channel, campaign, person_id "
+                           f"FROM touchpoints WHERE {' AND '.join(tp_where)} "
+                           "ORDER BY account_id, ts, touchpoint_id", tp_params)
+        return ([Touchpoint(r[0], r[1], r[2], float(r[3]), r[4], r[5], r[6]) for r in tps],
+                [Conversion(r[0], r[1], float(r[2]), r[3], float(r[4]), r[5]) for r in conv])

@@ -1,0 +1,65 @@
+"""Versioned schema of the clustering service (applied at start by storage.sql.migrate)."""
+
+from services.common.storage.sql import Migration
+
+MIGRATIONS = [
+    Migration(1, "events, devices, sessions, models, drift", """
+CREATE TABLE IF NOT EXISTS devices (
+    account_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    device_type TEXT NOT NULL,
+    last_ts {double} NOT NULL,
+    PRIMARY KEY (account_id, device_id)
+);
+CREATE TABLE IF NOT EXISTS events (
+    event_id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    device_type TEXT NOT NULL,
+    ts {double} NOT NULL,
+    kind TEXT NOT NULL,
+    title_id TEXT NOT NULL,
+    series_id TEXT,
+    genres TEXT NOT NULL,
+    duration_s {double} NOT NULL,
+    maturity TEXT,
+    country TEXT,
+    vpn INTEGER NOT NULL,
+    profile_hint TEXT
+);
+CREATE INDEX IF NOT EXISTS events_device_ts ON events (account_id, device_id, ts);
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    device_type TEXT NOT NULL,
+    start_ts {double} NOT NULL,
+    end_ts {double} NOT NULL,
+    event_count INTEGER NOT NULL,
+    watch_seconds {double} NOT NULL,
+    feature_version INTEGER NOT NULL,
+    features {blob} NOT NULL,
+    label TEXT,
+    person_id TEXT
+);
+CREATE INDEX IF NOT EXISTS sessions_account_start ON sessions (account_id, start_ts);
+CREATE INDEX IF NOT EXISTS sessions_device_end ON sessions (account_id, device_id, end_ts);
+CREATE TABLE IF NOT EXISTS household_models (
+    account_id TEXT PRIMARY KEY,
+    version {bigint} NOT NULL,
+    variant TEXT NOT NULL,
+    model {blob} NOT NULL,
+    updated_at {double} NOT NULL
+);
+CREATE TABLE IF NOT EXISTS drift_events (
+    id {serial_pk},
+    account_id TEXT NOT NULL,
+    drift_type TEXT NOT NULL,
+    severity {double} NOT NULL,
+    statistic {double} NOT NULL,
+    detected_at {double} NOT NULL,
+    refit_triggered INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS drift_events_account ON drift_events (account_id, detected_at)
+"""),
+]

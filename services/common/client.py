@@ -1,0 +1,88 @@
+"""Outbound gRPC from one service to another: deadline, principal and trace context on
+every call; retries only for calls the caller marks idempotent."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import grpc
+from opentelemetry.trace import SpanKind
+
+from services.common import identity, telemetry
+
+T = TypeVar("T")
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class _ClientCallDetails(grpc.ClientCallDetails):
+    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression):
+        self.method = method
+        self.timeout = timeout
+        self.metadata = metadata
+        self.credentials = credentials
+        self.wait_for_ready = wait_for_ready
+        self.compression = compression
+
+
+class PeerInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientInterceptor,
+                      grpc.UnaryStreamClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds a client span, the trace context, the acting principal and a default deadline."""
+
+    def __init__(self, acting_as: Callable[[], identity.Principal], timeout_s: float) -> None:
+        self._acting_as = acting_as
+        self._timeout = timeout_s
+        self._tracer = telemetry.tracer("hearth.grpc.client")
+
+    def _call(self, continuation, details, request):
+        with self._tracer.start_as_current_span(details.method.lstrip("/"), kind=SpanKind.CLIENT):
+            metadata = [m for m in (details.metadata or []) if m[0] not in
+                        (identity.PRINCIPAL_KEY, identity.ROLE_KEY)]
+            metadata = telemetry.inject_context(metadata + self._acting_as().metadata())
+            new_details = _ClientCallDetails(
+                details.method, details.timeout if details.timeout is not None else self._timeout,
+                metadata, details.credentials, details.wait_for_ready, details.compression)
+            response = continuation(new_details, request)
+            if isinstance(response, grpc.Future):
+                response.result()  # surface errors inside the span
+            return response
+
+    intercept_unary_unary = _call
+    intercept_stream_unary = _call
+    intercept_unary_stream = _call
+    intercept_stream_stream = _call
+
+
+def _acting_principal(service: str) -> Callable[[], identity.Principal]:
+    """On behalf of the caller when inside an RPC (so the audit trail keeps the human),
+    else as the service itself."""
+    fallback = identity.service_principal(service)
+
+    def acting() -> identity.Principal:
+        try:
+            return identity.current_principal()
+        except Exception:  # noqa: BLE001 - no RPC in progress
+            return fallback
+
+    return acting
+
+
+def peer_channel(address: str, calling_service: str, timeout_s: float = 5.0) -> grpc.Channel:
+    channel = grpc.insecure_channel(address, options=[
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ])
+    return grpc.intercept_channel(channel, PeerInterceptor(_acting_principal(calling_service), timeout_s))
+
+
+def call_idempotent(fn: Callable[[], T], attempts: int = 3, backoff_s: float = 0.1) -> T:
+    """Retry an idempotent call on UNAVAILABLE / DEADLINE_EXCEEDED with exponential backoff."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except grpc.RpcError as exc:
+            if exc.code() not in _RETRYABLE or attempt == attempts - 1:
+                raise
+            time.sleep(backoff_s * (2 ** attempt))
+    raise AssertionError("unreachable")

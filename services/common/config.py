@@ -1,0 +1,107 @@
+"""Settings from environment variables, validated at start-up.
+
+Every variable is ``HEARTH_<NAME>``. A bad value stops the process with a message that
+names the variable (``ConfigError``), instead of failing later at first use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "HEARTH_"
+
+# Default ports: one gRPC port and one Prometheus port per service.
+DEFAULT_PORTS = {
+    "clustering": (50051, 9101),
+    "attribution": (50052, 9102),
+    "privacy": (50053, 9103),
+    "feedback": (50054, 9104),
+}
+
+
+class ConfigError(SystemExit):
+    """Raised (and exits the process) when configuration is invalid."""
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    service_name: str = "clustering"
+    host: str = "127.0.0.1"
+    grpc_port: int | None = None        # None: the service's default from DEFAULT_PORTS
+    metrics_port: int | None = None     # 0 disables the metrics HTTP server
+    max_workers: int = 16
+    grace_seconds: float = 5.0
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    storage: Literal["sqlite", "postgres"] = "sqlite"
+    data_dir: Path = Path("var")
+    postgres_dsn: str = ""
+    postgres_pool_max: int = 8
+    redis_url: str = ""                 # empty: in-process cache only
+
+    # Tracing: "none", "console", or "jsonl:<path>" (one JSON span per line; tests use it).
+    trace_export: str = "none"
+
+    # Peers (host:port), used by services that call others.
+    clustering_addr: str = "127.0.0.1:50051"
+    attribution_addr: str = "127.0.0.1:50052"
+    privacy_addr: str = "127.0.0.1:50053"
+    feedback_addr: str = "127.0.0.1:50054"
+    peer_timeout_s: float = 5.0
+
+    # Clustering / session builder.
+    session_gap_s: float = 1800.0
+    lateness_tolerance_s: float = 6 * 3600.0
+
+    @field_validator("grpc_port", "metrics_port")
+    @classmethod
+    def _port_range(cls, value: int | None) -> int | None:
+        if value is not None and not 0 <= value <= 65535:
+            raise ValueError("must be a port number in 0..65535")
+        return value
+
+    @field_validator("session_gap_s", "lateness_tolerance_s", "grace_seconds", "peer_timeout_s")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be > 0")
+        return value
+
+    @field_validator("trace_export")
+    @classmethod
+    def _trace_export(cls, value: str) -> str:
+        if value in ("none", "console") or (value.startswith("jsonl:") and len(value) > 6):
+            return value
+        raise ValueError("must be 'none', 'console' or 'jsonl:<path>'")
+
+    @model_validator(mode="after")
+    def _postgres_needs_dsn(self) -> "ServiceSettings":
+        if self.storage == "postgres" and not self.postgres_dsn:
+            raise ValueError("HEARTH_POSTGRES_DSN is required when HEARTH_STORAGE=postgres")
+        return self
+
+    @property
+    def resolved_grpc_port(self) -> int:
+        return self.grpc_port if self.grpc_port is not None else DEFAULT_PORTS[self.service_name][0]
+
+    @property
+    def resolved_metrics_port(self) -> int:
+        return self.metrics_port if self.metrics_port is not None else DEFAULT_PORTS[self.service_name][1]
+
+
+def load(settings_cls: type[BaseSettings] = ServiceSettings, **overrides):
+    """Build settings from the environment (and overrides); exit with a clear message
+    naming the variable on any invalid value."""
+    try:
+        return settings_cls(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = ENV_PREFIX + "_".join(str(p) for p in err["loc"]).upper() if err["loc"] else "configuration"
+            lines.append(f"  {name}: {err['msg']}")
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None

@@ -1,0 +1,91 @@
+"""Domain exceptions and the ONE table that maps them to gRPC status codes.
+
+Domain and store code raise these; the error interceptor (server.py) turns them into a
+status with the offending field in trailing metadata; the gateway maps the status to an
+HTTP status through ``gateway/errors.py``'s single table. Nothing else decides codes.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class HearthError(Exception):
+    """Base of every expected failure. ``field`` names the offending input, if any."""
+
+    code = "internal"
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def __str__(self) -> str:  # "field: message" reads well in logs and HTTP bodies
+        return f"{self.field}: {self.message}" if self.field else self.message
+
+
+class InvalidArgument(HearthError, ValueError):
+    code = "invalid_argument"
+
+
+class NotFound(HearthError):
+    code = "not_found"
+
+
+class AlreadyExists(HearthError):
+    code = "already_exists"
+
+
+class Conflict(HearthError):
+    """A compare-and-swap lost the race; the caller may re-read and retry."""
+
+    code = "conflict"
+
+
+class FailedPrecondition(HearthError):
+    """The request is well-formed but the system is not in a state to serve it
+    (e.g. no consent for the account)."""
+
+    code = "failed_precondition"
+
+
+class Unauthenticated(HearthError):
+    code = "unauthenticated"
+
+
+class PermissionDenied(HearthError):
+    code = "permission_denied"
+
+
+class ResourceExhausted(HearthError):
+    code = "resource_exhausted"
+
+
+class Unavailable(HearthError):
+    """A dependency (peer service, database) is down; retrying may succeed."""
+
+    code = "unavailable"
+
+
+# The one table. Order matters only for subclasses (first match wins).
+STATUS_BY_ERROR: tuple[tuple[type[HearthError], grpc.StatusCode], ...] = (
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (Conflict, grpc.StatusCode.ABORTED),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+)
+
+ERROR_FIELD_KEY = "x-hearth-error-field"
+ERROR_CODE_KEY = "x-hearth-error-code"
+
+
+def status_for(error: BaseException) -> grpc.StatusCode:
+    for error_type, status in STATUS_BY_ERROR:
+        if isinstance(error, error_type):
+            return status
+    return grpc.StatusCode.INTERNAL

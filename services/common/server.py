@@ -1,0 +1,244 @@
+"""serve(): the one place a Hearth gRPC server is built.
+
+Every service gets the same things: grpc.health.v1 health, server reflection, and
+interceptors for tracing, metrics, principal and errors (outermost first, so a span and
+its metrics cover the whole call, and errors are mapped before they are counted). On
+SIGTERM/SIGINT the health status turns NOT_SERVING first (load balancers stop sending),
+then the server stops with a grace period for calls in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from services.common import identity, telemetry
+from services.common.errors import ERROR_CODE_KEY, ERROR_FIELD_KEY, HearthError, status_for
+
+log = logging.getLogger("hearth.server")
+
+# RPCs that need no principal: infrastructure, not data.
+_OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def _wrap(handler: grpc.RpcMethodHandler, around: Callable) -> grpc.RpcMethodHandler:
+    """Wrap a handler's behaviour with ``around(behaviour, request_or_iterator, context,
+    streaming_response)``; keeps the handler's (de)serialisers and kind."""
+    if handler is None:
+        return None
+    if handler.unary_unary:
+        fn, factory, resp_stream = handler.unary_unary, grpc.unary_unary_rpc_method_handler, False
+    elif handler.unary_stream:
+        fn, factory, resp_stream = handler.unary_stream, grpc.unary_stream_rpc_method_handler, True
+    elif handler.stream_unary:
+        fn, factory, resp_stream = handler.stream_unary, grpc.stream_unary_rpc_method_handler, False
+    else:
+        fn, factory, resp_stream = handler.stream_stream, grpc.stream_stream_rpc_method_handler, True
+
+    def behaviour(request, context):
+        return around(fn, request, context, resp_stream)
+
+    return factory(behaviour, request_deserializer=handler.request_deserializer,
+                   response_serializer=handler.response_serializer)
+
+
+def _map_error(exc: BaseException, context: grpc.ServicerContext, method: str) -> None:
+    """Turn an exception into a status on ``context`` (then the caller re-raises via abort)."""
+    if isinstance(exc, HearthError):
+        context.set_trailing_metadata(((ERROR_CODE_KEY, exc.code), (ERROR_FIELD_KEY, exc.field)))
+        context.abort(status_for(exc), str(exc))
+    log.error("unexpected error in %s", method, extra={"fields": {"traceback": traceback.format_exc()}})
+    context.set_trailing_metadata(((ERROR_CODE_KEY, "internal"), (ERROR_FIELD_KEY, "")))
+    context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+
+class HearthInterceptor(grpc.ServerInterceptor):
+    """Tracing -> metrics -> principal -> error mapping, for every RPC kind.
+
+    One class rather than four because the order is part of the contract and the
+    streaming cases need the same generator wrapping for each concern."""
+
+    def __init__(self, service: str) -> None:
+        self._service = service
+        self._tracer = telemetry.tracer("hearth.grpc")
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if method.startswith(_OPEN_SERVICES):
+            return handler
+        short = method.rsplit("/", 1)[-1]
+        service, tracer = self._service, self._tracer
+
+        def around(fn, request, context: grpc.ServicerContext, resp_stream: bool):
+            metadata = context.invocation_metadata()
+            parent = telemetry.extract_context(metadata)
+            started = time.perf_counter()
+            span = tracer.start_span(method.lstrip("/"), context=parent, kind=SpanKind.SERVER,
+                                     attributes={"rpc.system": "grpc", "rpc.method": short,
+                                                 "rpc.service": method.split("/")[1]})
+            ctx_token = otel_context.attach(trace.set_span_in_context(span, parent))
+            principal_token = None
+
+            def finish(code: grpc.StatusCode) -> None:
+                name = code.name
+                RPC_DURATION = telemetry.RPC_DURATION
+                RPC_DURATION.labels(service, short).observe(time.perf_counter() - started)
+                telemetry.RPC_REQUESTS.labels(service, short, name).inc()
+                if code != grpc.StatusCode.OK:
+                    telemetry.RPC_ERRORS.labels(service, short, name).inc()
+                    span.set_status(Status(StatusCode.ERROR, name))
+                span.set_attribute("rpc.grpc.status_code", code.value[0])
+                span.end()
+
+            def code_of(context) -> grpc.StatusCode:
+                code = context.code()
+                return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
+
+            try:
+                principal = identity.principal_from_metadata(metadata)
+                principal_token = identity.set_current(principal)
+                span.set_attribute("hearth.principal", principal.id)
+                result = fn(request, context)
+            except BaseException as exc:  # noqa: BLE001 - every failure must get a status
+                try:
+                    if isinstance(exc, Exception) and code_of(context) == grpc.StatusCode.OK:
+                        _map_error(exc, context, method)
+                    raise
+                finally:
+                    finish(code_of(context) if code_of(context) != grpc.StatusCode.OK
+                           else grpc.StatusCode.UNKNOWN)
+                    if principal_token is not None:
+                        identity.reset_current(principal_token)
+                    otel_context.detach(ctx_token)
+            if not resp_stream:
+                finish(code_of(context))
+                if principal_token is not None:
+                    identity.reset_current(principal_token)
+                otel_context.detach(ctx_token)
+                return result
+            # Streaming responses run later, in the iterator; the token attached above
+            # belongs to this frame, so detach now and re-attach while iterating.
+            identity.reset_current(principal_token)
+            otel_context.detach(ctx_token)
+            return _stream(result, context, span, principal, finish, code_of, method)
+
+        return _wrap(handler, around)
+
+
+def _stream(result: Iterable, context, span, principal, finish, code_of, method) -> Iterator:
+    token = otel_context.attach(trace.set_span_in_context(span))
+    p_token = identity.set_current(principal)
+    try:
+        try:
+            yield from result
+        except Exception as exc:  # noqa: BLE001
+            if code_of(context) == grpc.StatusCode.OK:
+                try:
+                    _map_error(exc, context, method)
+                except Exception:
+                    pass
+            raise
+    finally:
+        finish(code_of(context))
+        identity.reset_current(p_token)
+        otel_context.detach(token)
+
+
+@dataclass
+class RunningServer:
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    service_names: list[str] = field(default_factory=list)
+    on_stop: list[Callable[[], None]] = field(default_factory=list)
+
+    def stop(self, grace: float = 5.0) -> None:
+        for name in ["", *self.service_names]:
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.server.stop(grace).wait()
+        for callback in self.on_stop:
+            callback()
+
+
+def build_server(service: str, register: Callable[[grpc.Server], Iterable[str]], *,
+                 host: str = "127.0.0.1", port: int = 0, max_workers: int = 16,
+                 credentials: grpc.ServerCredentials | None = None) -> RunningServer:
+    """Create and start a server: ``register(server)`` adds the servicers and returns
+    their full service names (for health and reflection). ``port=0`` picks a free port."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"{service}-rpc"),
+        interceptors=[HearthInterceptor(service)],
+        options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                 ("grpc.so_reuseport", 0)],
+    )
+    names = list(register(server))
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    address = f"{host}:{port}"
+    bound = (server.add_secure_port(address, credentials) if credentials
+             else server.add_insecure_port(address))
+    if bound == 0:
+        raise OSError(f"could not bind {address}")
+    server.start()
+    for name in ["", *names]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(server, bound, health_servicer, names)
+
+
+def serve(service: str, register: Callable[[grpc.Server], Iterable[str]], settings,
+          on_stop: Iterable[Callable[[], None]] = ()) -> None:
+    """Run a service until SIGTERM/SIGINT: telemetry, server, graceful stop."""
+    telemetry.setup_telemetry(service, settings.trace_export, settings.log_level,
+                              settings.resolved_metrics_port, settings.host)
+    running = build_server(service, register, host=settings.host,
+                           port=settings.resolved_grpc_port, max_workers=settings.max_workers)
+    running.on_stop.extend(on_stop)
+    stop_requested = threading.Event()
+
+    def request_stop(signum, _frame):
+        log.info("signal %s: NOT_SERVING, stopping with %.1fs grace", signum, settings.grace_seconds)
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    log.info("serving", extra={"fields": {"grpc_port": running.port,
+                                          "metrics_port": settings.resolved_metrics_port}})
+    stop_requested.wait()
+    running.stop(settings.grace_seconds)
+    log.info("stopped")
+
+
+def run_service(name: str, build: Callable) -> None:
+    """Entry point shared by every ``python -m services.<name>``: load and validate the
+    configuration, let ``build(settings)`` wire the service (returning
+    ``[(add_servicer_fn, servicer, full_service_name)], [closers]``), then serve()."""
+    from services.common import config
+
+    settings = config.load(service_name=name)
+    servicers, closers = build(settings)
+
+    def register(server: grpc.Server) -> list[str]:
+        for add, servicer, _ in servicers:
+            add(servicer, server)
+        return [full_name for _, _, full_name in servicers]
+
+    serve(name, register, settings, on_stop=closers)

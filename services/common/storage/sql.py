@@ -1,0 +1,207 @@
+"""SQL backends behind one small interface: SQLite (embedded default) and PostgreSQL
+(psycopg 3 with a pool).
+
+Queries are written once with ``?`` placeholders and a portable subset of SQL
+(``INSERT .. ON CONFLICT DO NOTHING``, ``RETURNING``); the PostgreSQL backend rewrites
+placeholders to ``%s``. Migrations use ``{blob}``, ``{double}``, ``{bigint}`` and
+``{serial_pk}`` for the few types that differ.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from services.common.errors import Unavailable
+
+_TYPES = {
+    "sqlite": {"blob": "BLOB", "double": "REAL", "bigint": "INTEGER",
+               "serial_pk": "INTEGER PRIMARY KEY AUTOINCREMENT"},
+    "postgres": {"blob": "BYTEA", "double": "DOUBLE PRECISION", "bigint": "BIGINT",
+                 "serial_pk": "BIGSERIAL PRIMARY KEY"},
+}
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str  # one or more statements separated by ';' on their own line ends
+
+
+class Tx(Protocol):
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int: ...
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int: ...
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]: ...
+
+
+class Database(Protocol):
+    dialect: str
+
+    def transaction(self) -> contextlib.AbstractContextManager[Tx]: ...
+    def close(self) -> None: ...
+
+
+class _SqliteTx:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return self._conn.execute(sql, tuple(params)).rowcount
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+        return self._conn.executemany(sql, rows).rowcount
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        return self._conn.execute(sql, tuple(params)).fetchall()
+
+
+class SqliteDatabase:
+    """One connection per thread (sqlite3 objects are not shareable), WAL journal so
+    readers never block the writer, ``synchronous=FULL`` so an acknowledged commit
+    survives a power cut, ``BEGIN IMMEDIATE`` so write transactions serialise up front
+    instead of failing on upgrade."""
+
+    dialect = "sqlite"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Tx]:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield _SqliteTx(conn)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+        self._local = threading.local()
+
+
+_PLACEHOLDER = re.compile(r"\?")
+
+
+class _PostgresTx:
+    def __init__(self, cur) -> None:
+        self._cur = cur
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        self._cur.execute(_PLACEHOLDER.sub("%s", sql), tuple(params))
+        return self._cur.rowcount
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+        rows = list(rows)
+        if not rows:
+            return 0
+        self._cur.executemany(_PLACEHOLDER.sub("%s", sql), rows)
+        return self._cur.rowcount
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        self._cur.execute(_PLACEHOLDER.sub("%s", sql), tuple(params))
+        return self._cur.fetchall()
+
+
+class PostgresDatabase:
+    """psycopg 3 with a connection pool; each service lives in its own schema so no
+    service can read another's tables by accident."""
+
+    dialect = "postgres"
+
+    def __init__(self, dsn: str, schema: str, max_size: int = 8) -> None:
+        import psycopg
+        from psycopg_pool import ConnectionPool
+
+        self.schema = schema
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        self._pool = ConnectionPool(
+            dsn, min_size=1, max_size=max_size, open=True, timeout=10.0,
+            kwargs={"options": f"-c search_path={schema}", "autocommit": False},
+        )
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Tx]:
+        import psycopg
+
+        try:
+            with self._pool.connection() as conn:
+                with conn.transaction(), conn.cursor() as cur:
+                    yield _PostgresTx(cur)
+        except psycopg.OperationalError as exc:
+            raise Unavailable(f"database unavailable: {exc.__class__.__name__}") from exc
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def open_database(settings, service: str) -> Database:
+    if settings.storage == "postgres":
+        return PostgresDatabase(settings.postgres_dsn, f"hearth_{service}", settings.postgres_pool_max)
+    return SqliteDatabase(Path(settings.data_dir) / f"{service}.db")
+
+
+def migrate(db: Database, migrations: Sequence[Migration]) -> list[int]:
+    """Apply the migrations not yet applied, each in its own transaction, in version
+    order. Safe with several replicas starting at once: PostgreSQL takes an advisory
+    lock, SQLite's BEGIN IMMEDIATE serialises writers. Returns the versions applied."""
+    versions = [m.version for m in migrations]
+    if versions != sorted(set(versions)):
+        raise ValueError("migration versions must be unique and increasing")
+    types = _TYPES[db.dialect]
+    applied: list[int] = []
+    with db.transaction() as tx:
+        tx.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
+                   "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)")
+    for migration in migrations:
+        with db.transaction() as tx:
+            if db.dialect == "postgres":
+                tx.execute("SELECT pg_advisory_xact_lock(7262781)")
+            if tx.query("SELECT 1 FROM schema_migrations WHERE version = ?", (migration.version,)):
+                continue
+            for statement in migration.sql.format(**types).split(";\n"):
+                if statement.strip():
+                    tx.execute(statement)
+            tx.execute("INSERT INTO schema_migrations (version, name, applied_at) "
+                       "VALUES (?, ?, CURRENT_TIMESTAMP)", (migration.version, migration.name))
+            applied.append(migration.version)
+    return applied
+
+
+def schema_version(db: Database) -> int:
+    with db.transaction() as tx:
+        rows = tx.query("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+    return int(rows[0][0])

@@ -1,0 +1,158 @@
+"""Tracing (OpenTelemetry), Prometheus metrics and JSON logs with trace ids.
+
+One ``setup_telemetry`` per process. Trace context crosses process boundaries as W3C
+``traceparent`` in gRPC metadata (``inject_context`` / ``extract_context``), so one trace
+follows a request from the gateway through every service it touches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    ConsoleSpanExporter,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+from prometheus_client import Counter, Histogram, start_http_server
+
+# RED metrics per RPC; the same names on every service so one dashboard serves all.
+RPC_REQUESTS = Counter(
+    "hearth_rpc_requests_total", "RPCs handled", ["service", "method", "code"]
+)
+RPC_ERRORS = Counter(
+    "hearth_rpc_errors_total", "RPCs that ended with a non-OK status", ["service", "method", "code"]
+)
+RPC_DURATION = Histogram(
+    "hearth_rpc_duration_seconds",
+    "RPC handling time",
+    ["service", "method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+
+class JsonLinesSpanExporter(SpanExporter):
+    """Appends each finished span as one JSON line to a file (a collector the tests
+    and a developer without a tracing backend can read)."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        lines = []
+        for span in spans:
+            ctx = span.get_span_context()
+            parent = span.parent
+            lines.append(json.dumps({
+                "name": span.name,
+                "service": span.resource.attributes.get("service.name"),
+                "trace_id": format(ctx.trace_id, "032x"),
+                "span_id": format(ctx.span_id, "016x"),
+                "parent_span_id": format(parent.span_id, "016x") if parent else None,
+                "kind": span.kind.name,
+                "status": span.status.status_code.name,
+                "start_ns": span.start_time,
+                "end_ns": span.end_time,
+                "attributes": {k: str(v) for k, v in (span.attributes or {}).items()},
+            }))
+        with self._lock, open(self._path, "a", encoding="utf-8") as fh:
+            fh.write("\n".join(lines) + "\n")
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        return None
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line, with the current trace and span ids."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self._service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        span_ctx = trace.get_current_span().get_span_context()
+        payload = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "service": self._service,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if span_ctx.is_valid:
+            payload["trace_id"] = format(span_ctx.trace_id, "032x")
+            payload["span_id"] = format(span_ctx.span_id, "016x")
+        if record.exc_info:
+            payload["exc"] = self.formatException(record.exc_info)
+        for key, value in getattr(record, "fields", {}).items():
+            payload[key] = value
+        return json.dumps(payload, default=str)
+
+
+_setup_done = False
+
+
+def setup_telemetry(service: str, trace_export: str = "none", log_level: str = "INFO",
+                    metrics_port: int | None = None, host: str = "127.0.0.1") -> None:
+    """Configure tracing, logging and (when a port is given) the /metrics HTTP server.
+
+    Idempotent per process; the first call wins (tests start several in-process
+    servers)."""
+    global _setup_done
+    if _setup_done:
+        return
+    _setup_done = True
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    if trace_export == "console":
+        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
+    elif trace_export.startswith("jsonl:"):
+        # Simple (synchronous) processor: a span is on disk when its RPC returns, so a
+        # test never waits for a flush. Production would use OTLP with a batch processor.
+        provider.add_span_processor(SimpleSpanProcessor(JsonLinesSpanExporter(trace_export[6:])))
+    trace.set_tracer_provider(provider)
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter(service))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(log_level)
+    if metrics_port:
+        start_http_server(metrics_port, addr=host)
+
+
+def tracer(name: str = "hearth") -> trace.Tracer:
+    return trace.get_tracer(name)
+
+
+def inject_context(metadata: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
+    """Current trace context as gRPC metadata pairs (W3C traceparent)."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    out = list(metadata or [])
+    out.extend(carrier.items())
+    return out
+
+
+def extract_context(metadata: Sequence[tuple[str, str | bytes]] | Mapping[str, str] | None) -> otel_context.Context:
+    if metadata is None:
+        return propagate.extract({})
+    items = metadata.items() if isinstance(metadata, Mapping) else metadata
+    carrier = {k: v for k, v in items if isinstance(v, str)}
+    return propagate.extract(carrier)
+
+
+def current_trace_id() -> str:
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else ""

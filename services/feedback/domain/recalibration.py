@@ -1,0 +1,348 @@
+"""Recalibration of "who is watching" probabilities from held-out feedback.
+
+Two methods, chosen per model by cross-validation on the feedback sample:
+
+- **Temperature scaling** (one parameter T > 0): p_k -> p_k^(1/T) / sum_j p_j^(1/T),
+  i.e. softmax(log p / T). T > 1 softens over-confident vectors, T < 1 sharpens.
+  It never changes the arg-max. T is fitted by bounded scalar minimisation
+  (``scipy.optimize.minimize_scalar``, on log T in [log 0.05, log 20]) of the weighted
+  negative log-likelihood of *what was observed*: -ln p_T[label] for rows with a true
+  label, and -ln q_T or -ln(1 - q_T) (q_T = top-label confidence after scaling) for
+  rows where feedback only says right or wrong.
+- **Isotonic regression** of top-label confidence on correctness
+  (``sklearn.isotonic.IsotonicRegression``, weighted, clipped to [0, 1]); stored as its
+  breakpoints and applied with linear interpolation (what ``predict`` does), so
+  applying a calibrator needs no scikit-learn. On a vector the top probability becomes
+  the calibrated confidence c' and the other persons share 1 - c' in their original
+  proportions (renormalisation). c' is floored at p2 / (1 - c + p2) (p2 = runner-up)
+  so the predicted person never changes: recalibration adjusts how sure we are, not
+  who we say it was.
+
+Both methods leave a probability of exactly 0 at 0, so zero-padded columns of
+smaller households stay empty, and a vector with all mass on one person stays as is.
+
+``fit_calibrator`` scores identity (no change), temperature and isotonic by k-fold
+cross-validated ECE (default) or NLL on the feedback sample and keeps the best; the
+identity wins ties, so recalibration is only adopted when it helps out of sample.
+With the ECE criterion a method whose cross-validated NLL is worse than the
+identity's is not eligible: ECE is blind to a map that pushes confidences to 0 or 1
+in sparse regions, the likelihood is not.
+The result is a versioned, JSON-serialisable ``Calibrator``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import ArrayLike
+from scipy.optimize import minimize_scalar
+from sklearn.isotonic import IsotonicRegression
+
+from services.feedback.domain.errors import InvalidArgument
+from services.feedback.domain.metrics import (
+    DEFAULT_BINS,
+    UNKNOWN_LABEL,
+    FloatArray,
+    IntArray,
+    resolve_outcomes,
+    as_probability_matrix,
+    as_weights,
+    expected_calibration_error,
+)
+
+CALIBRATOR_SCHEMA = 1
+METHODS: tuple[str, ...] = ("identity", "temperature", "isotonic")
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+MIN_SAMPLES_TO_FIT = 50  # below this, cross-validation cannot tell methods apart: keep identity
+_NLL_FLOOR = 1e-12
+Method = Literal["identity", "temperature", "isotonic"]
+Criterion = Literal["ece", "nll"]
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class FeedbackSample:
+    """Predictions with feedback: ``probs`` (n, K), ``labels`` (-1 unknown), ``correct`` 0/1, ``weights``.
+
+    Build it with ``FeedbackSample.create`` from labels, correctness, or both.
+    """
+
+    probs: FloatArray
+    labels: IntArray
+    correct: FloatArray
+    weights: FloatArray
+
+    @classmethod
+    def create(
+        cls,
+        probs: ArrayLike,
+        labels: ArrayLike | None = None,
+        correct: ArrayLike | None = None,
+        weights: ArrayLike | None = None,
+    ) -> "FeedbackSample":
+        matrix = as_probability_matrix(probs)
+        truth, outcome = resolve_outcomes(matrix, labels, correct)
+        return cls(matrix, truth, outcome, as_weights(weights, matrix.shape[0]))
+
+    def __len__(self) -> int:
+        return int(self.probs.shape[0])
+
+    def subset(self, rows: np.ndarray) -> "FeedbackSample":
+        return FeedbackSample(self.probs[rows], self.labels[rows], self.correct[rows], self.weights[rows])
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def apply_temperature(probs: FloatArray, temperature: float) -> FloatArray:
+    """softmax(log p / T) row-wise; zeros stay zero."""
+    positive = probs > 0
+    log_p = np.log(np.where(positive, probs, 1.0)) / temperature
+    log_p = np.where(positive, log_p, -np.inf)
+    log_p -= log_p.max(axis=1, keepdims=True)
+    scaled = np.exp(log_p)
+    return scaled / scaled.sum(axis=1, keepdims=True)
+
+
+def apply_top_label_map(probs: FloatArray, x_points: FloatArray, y_points: FloatArray) -> FloatArray:
+    """Replace top-label confidence c by interp(c) and rescale the rest (see module doc)."""
+    n = probs.shape[0]
+    if n == 0:
+        return probs.copy()
+    rows = np.arange(n)
+    top = np.argmax(probs, axis=1)
+    conf = probs[rows, top]
+    rest = 1.0 - conf
+    new_conf = np.clip(np.interp(conf, x_points, y_points), 0.0, 1.0)
+    if probs.shape[1] > 1:
+        runner_up = np.partition(probs, -2, axis=1)[:, -2]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            floor = np.where(runner_up > 0, runner_up / (rest + runner_up), 0.0)
+        # At the floor itself the runner-up would tie, and argmax would take the lower index;
+        # a relative nudge keeps the predicted person strictly on top (floor <= 1/2, so <= 1).
+        floor = floor * (1.0 + 1e-9)
+        new_conf = np.maximum(new_conf, floor)
+    # All mass already on one person: nobody else to give probability to (see module doc).
+    movable = rest > 1e-12
+    new_conf = np.where(movable, new_conf, conf)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scale = np.where(movable, (1.0 - new_conf) / np.where(movable, rest, 1.0), 1.0)
+    out = probs * scale[:, np.newaxis]
+    out[rows, top] = new_conf
+    return out / out.sum(axis=1, keepdims=True)
+
+
+def observed_nll(probs: FloatArray, labels: IntArray, correct: FloatArray, weights: FloatArray) -> float:
+    """Weighted NLL of the observed feedback (labels where known, else right/wrong)."""
+    n = probs.shape[0]
+    rows = np.arange(n)
+    known = labels != UNKNOWN_LABEL
+    conf = probs.max(axis=1)
+    p_label = probs[rows, np.where(known, labels, 0)]
+    p_observed = np.where(known, p_label, np.where(correct > 0.5, conf, 1.0 - conf))
+    return float(np.dot(weights, -np.log(np.maximum(p_observed, _NLL_FLOOR))) / weights.sum())
+
+
+def fit_temperature(sample: FeedbackSample) -> float:
+    """Temperature minimising ``observed_nll`` on the sample, within ``TEMPERATURE_BOUNDS``."""
+    if len(sample) == 0:
+        raise InvalidArgument("sample", "needs at least one prediction with feedback")
+
+    def objective(log_t: float) -> float:
+        return observed_nll(apply_temperature(sample.probs, float(np.exp(log_t))), sample.labels, sample.correct, sample.weights)
+
+    low, high = np.log(TEMPERATURE_BOUNDS[0]), np.log(TEMPERATURE_BOUNDS[1])
+    result = minimize_scalar(objective, bounds=(low, high), method="bounded", options={"xatol": 1e-4})
+    return float(np.exp(result.x))
+
+
+def fit_isotonic(sample: FeedbackSample) -> tuple[FloatArray, FloatArray]:
+    """Breakpoints (x, y) of the weighted isotonic fit of correctness on top-label confidence."""
+    if len(sample) == 0:
+        raise InvalidArgument("sample", "needs at least one prediction with feedback")
+    conf = sample.probs.max(axis=1)
+    model = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
+    model.fit(conf, sample.correct, sample_weight=sample.weights)
+    return np.asarray(model.X_thresholds_, dtype=np.float64), np.asarray(model.y_thresholds_, dtype=np.float64)
+
+
+# ----------------------------------------------------------------------------- calibrator
+
+
+@dataclass(frozen=True)
+class Calibrator:
+    """A versioned recalibration map for one model (variant).
+
+    ``method``: "identity" | "temperature" | "isotonic". ``parameters``:
+    ``{}`` / ``{"temperature": T}`` / ``{"x": [...], "y": [...]}`` (isotonic breakpoints,
+    x strictly increasing in [0, 1], y non-decreasing in [0, 1]). ``training``: free-form
+    provenance (sample size, cross-validated scores) kept for operators.
+    """
+
+    version: int
+    method: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 0:
+            raise InvalidArgument("version", f"must be an integer >= 0, got {self.version!r}")
+        if self.method not in METHODS:
+            raise InvalidArgument("method", f"must be one of {METHODS}, got {self.method!r}")
+        if self.method == "temperature":
+            t = self.parameters.get("temperature")
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not np.isfinite(t) or t <= 0:
+                raise InvalidArgument("parameters.temperature", f"must be a finite number > 0, got {t!r}")
+        elif self.method == "isotonic":
+            x = np.asarray(self.parameters.get("x", []), dtype=np.float64)
+            y = np.asarray(self.parameters.get("y", []), dtype=np.float64)
+            if x.ndim != 1 or x.size == 0 or x.shape != y.shape:
+                raise InvalidArgument("parameters.x", "x and y must be non-empty lists of equal length")
+            if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+                raise InvalidArgument("parameters.x", "x and y must be finite")
+            if np.any(np.diff(x) <= 0) or x[0] < 0 or x[-1] > 1:
+                raise InvalidArgument("parameters.x", "must be strictly increasing within [0, 1]")
+            if np.any(np.diff(y) < -1e-12) or y.min() < 0 or y.max() > 1:
+                raise InvalidArgument("parameters.y", "must be non-decreasing within [0, 1]")
+
+    def apply(self, probs: ArrayLike) -> FloatArray:
+        """Recalibrated probability vectors (same shape as given; a 1-D vector stays 1-D)."""
+        one_vector = np.ndim(probs) == 1
+        matrix = as_probability_matrix(probs)
+        if self.method == "temperature":
+            out = apply_temperature(matrix, float(self.parameters["temperature"]))
+        elif self.method == "isotonic":
+            out = apply_top_label_map(
+                matrix,
+                np.asarray(self.parameters["x"], dtype=np.float64),
+                np.asarray(self.parameters["y"], dtype=np.float64),
+            )
+        else:
+            out = matrix.copy()
+        return out[0] if one_vector else out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": CALIBRATOR_SCHEMA,
+            "version": self.version,
+            "method": self.method,
+            "parameters": self.parameters,
+            "training": self.training,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Calibrator":
+        if not isinstance(data, dict):
+            raise InvalidArgument("calibrator", "must be a JSON object")
+        if data.get("schema") != CALIBRATOR_SCHEMA:
+            raise InvalidArgument("schema", f"unsupported calibrator schema {data.get('schema')!r}")
+        for key in ("version", "method"):
+            if key not in data:
+                raise InvalidArgument(key, "is missing")
+        parameters = data.get("parameters", {})
+        training = data.get("training", {})
+        if not isinstance(parameters, dict) or not isinstance(training, dict):
+            raise InvalidArgument("parameters", "parameters and training must be objects")
+        return cls(version=data["version"], method=data["method"], parameters=parameters, training=training)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Calibrator":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument("calibrator", f"is not valid JSON ({exc.msg})") from None
+        return cls.from_dict(data)
+
+
+IDENTITY = Calibrator(version=0, method="identity")
+
+
+def _fit_method(method: str, sample: FeedbackSample, version: int) -> Calibrator:
+    if method == "temperature":
+        return Calibrator(version, "temperature", {"temperature": fit_temperature(sample)})
+    if method == "isotonic":
+        x, y = fit_isotonic(sample)
+        return Calibrator(version, "isotonic", {"x": x.tolist(), "y": y.tolist()})
+    return Calibrator(version, "identity")
+
+
+def _score(calibrator: Calibrator, sample: FeedbackSample, criterion: str, n_bins: int) -> float:
+    calibrated = calibrator.apply(sample.probs)
+    if criterion == "nll":
+        return observed_nll(calibrated, sample.labels, sample.correct, sample.weights)
+    return expected_calibration_error(calibrated.max(axis=1), sample.correct, sample.weights, n_bins)
+
+
+def cross_validated_scores(
+    sample: FeedbackSample,
+    methods: Sequence[str] = METHODS,
+    n_folds: int = 5,
+    n_bins: int = DEFAULT_BINS,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Mean out-of-fold ECE and NLL per method: ``{method: {"ece": .., "nll": ..}}``."""
+    n = len(sample)
+    if isinstance(n_folds, bool) or not isinstance(n_folds, int) or n_folds < 2:
+        raise InvalidArgument("n_folds", f"must be an integer >= 2, got {n_folds!r}")
+    if n < n_folds:
+        raise InvalidArgument("sample", f"has {n} rows, fewer than n_folds={n_folds}")
+    folds = np.array_split(np.random.default_rng(seed).permutation(n), n_folds)
+    totals = {m: {"ece": 0.0, "nll": 0.0} for m in methods}
+    for held_out in folds:
+        train = np.ones(n, dtype=bool)
+        train[held_out] = False
+        train_sample, test_sample = sample.subset(train), sample.subset(held_out)
+        if test_sample.weights.sum() <= 0 or train_sample.weights.sum() <= 0:
+            raise InvalidArgument("weights", "a cross-validation fold has zero total weight")
+        for method in methods:
+            calibrator = _fit_method(method, train_sample, 0)
+            totals[method]["ece"] += _score(calibrator, test_sample, "ece", n_bins) / n_folds
+            totals[method]["nll"] += _score(calibrator, test_sample, "nll", n_bins) / n_folds
+    return totals
+
+
+def fit_calibrator(
+    sample: FeedbackSample,
+    version: int = 1,
+    methods: Sequence[str] = METHODS,
+    criterion: Criterion = "ece",
+    n_folds: int = 5,
+    n_bins: int = DEFAULT_BINS,
+    seed: int = 0,
+    min_samples: int = MIN_SAMPLES_TO_FIT,
+) -> Calibrator:
+    """Choose a method by cross-validated ``criterion`` and refit it on the whole sample.
+
+    ``methods`` are tried in order; the first with the lowest score wins (with "ece",
+    among methods whose CV NLL is no worse than the identity's), so put simpler ones first (the default order identity, temperature, isotonic means a method is only
+    adopted when it strictly beats doing nothing). With fewer than ``min_samples`` rows the
+    identity is returned (``training["reason"]`` says why).
+    """
+    if not methods or any(m not in METHODS for m in methods):
+        raise InvalidArgument("methods", f"must be a non-empty subset of {METHODS}, got {list(methods)!r}")
+    if criterion not in ("ece", "nll"):
+        raise InvalidArgument("criterion", f"must be 'ece' or 'nll', got {criterion!r}")
+    training: dict[str, Any] = {"n": len(sample), "weight": float(sample.weights.sum()), "criterion": criterion}
+    if len(sample) < max(min_samples, n_folds):
+        training["reason"] = f"too few samples ({len(sample)} < {max(min_samples, n_folds)})"
+        return Calibrator(version, "identity", {}, training)
+    scores = cross_validated_scores(sample, methods, n_folds, n_bins, seed)
+    eligible = list(methods)
+    if criterion == "ece" and "identity" in scores:
+        # ECE alone can prefer a map that is sharp in the wrong places (isotonic ends at
+        # 0 or 1); a method must also not lose likelihood against doing nothing.
+        baseline_nll = scores["identity"]["nll"]
+        eligible = [m for m in methods if m == "identity" or scores[m]["nll"] <= baseline_nll]
+    best = min(eligible, key=lambda m: (scores[m][criterion], methods.index(m)))
+    chosen = _fit_method(best, sample, version)
+    training["cv"] = scores
+    return Calibrator(version, chosen.method, chosen.parameters, training)

@@ -1,0 +1,444 @@
+"""Merkle tree hashing, inclusion and consistency proofs as in RFC 9162 (RFC 6962 bis).
+
+Conventions (RFC 9162 §2.1, hash = SHA-256, 32-byte digests):
+
+* ``MTH({})        = SHA-256()``                      (the empty tree)
+* ``MTH({d0})      = SHA-256(0x00 || d0)``            (leaf hash)
+* ``MTH(D[n])      = SHA-256(0x01 || MTH(D[0:k]) || MTH(D[k:n]))`` for n > 1, where k is
+  the largest power of two *strictly smaller* than n.
+
+The 0x00 / 0x01 prefixes separate leaves from interior nodes so that no interior node
+can be passed off as a leaf (second-preimage resistance).
+
+Two structures:
+
+``Frontier``
+    The compact state an append-only writer needs: the roots of the perfect subtrees
+    that make up the binary decomposition of ``size`` (largest first; there are
+    ``popcount(size)`` of them). Appending a leaf is O(log n) (amortised O(1)), and the
+    root is the right fold of the frontier. This is what the audit writer persists.
+
+``MerkleTree``
+    All leaf hashes plus every *perfect aligned* interior node (level j holds the roots
+    of leaves [i*2^j, (i+1)*2^j)), in contiguous ``bytearray`` buffers (about 64 bytes
+    per leaf in total). Any subtree root MTH(D[a:b]) that the RFC recursion asks for is
+    then O(log n) work, so inclusion and consistency proofs for any historical tree size
+    cost O(log^2 n) hashes at most, even at millions of leaves.
+
+Proof generation follows RFC 9162 §2.1.3.1 (PATH) and §2.1.4.1 (PROOF/SUBPROOF);
+verification follows the iterative algorithms of §2.1.3.2 and §2.1.4.2 verbatim.
+Consistency between sizes m == n is the empty proof with equal roots, and from the
+empty tree (m == 0) is the empty proof; the RFC leaves both cases to the implementation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+HASH_SIZE = 32
+LEAF_PREFIX = b"\x00"
+NODE_PREFIX = b"\x01"
+EMPTY_ROOT = hashlib.sha256(b"").digest()
+
+_sha256 = hashlib.sha256
+
+
+def leaf_hash(data: bytes) -> bytes:
+    """SHA-256(0x00 || data)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ValueError(f"data: expected bytes, got {type(data).__name__}")
+    return _sha256(LEAF_PREFIX + bytes(data)).digest()
+
+
+def node_hash(left: bytes, right: bytes) -> bytes:
+    """SHA-256(0x01 || left || right)."""
+    return _sha256(NODE_PREFIX + left + right).digest()
+
+
+def _check_hash(value: object, argument: str) -> bytes:
+    if not isinstance(value, (bytes, bytearray)) or len(value) != HASH_SIZE:
+        size = len(value) if isinstance(value, (bytes, bytearray)) else type(value).__name__
+        raise ValueError(f"{argument}: expected {HASH_SIZE} bytes, got {size}")
+    return bytes(value)
+
+
+def _check_size(value: object, argument: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{argument}: expected an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{argument}: must be >= 0, got {value}")
+    return int(value)
+
+
+def _largest_power_of_two_below(n: int) -> int:
+    """Largest power of two strictly smaller than n (n >= 2)."""
+    return 1 << ((n - 1).bit_length() - 1)
+
+
+def hashes_to_bytes(hashes: object, argument: str = "leaf_hashes") -> bytes:
+    """Concatenated 32-byte hashes from an (n, 32) uint8 array, a sequence of 32-byte
+    strings, or already-concatenated bytes whose length is a multiple of 32."""
+    if isinstance(hashes, np.ndarray):
+        if hashes.dtype != np.uint8 or hashes.ndim != 2 or hashes.shape[1] != HASH_SIZE:
+            raise ValueError(
+                f"{argument}: expected an (n, {HASH_SIZE}) uint8 array, "
+                f"got {hashes.shape} {hashes.dtype}"
+            )
+        return np.ascontiguousarray(hashes).tobytes()
+    if isinstance(hashes, (bytes, bytearray, memoryview)):
+        raw = bytes(hashes)
+        if len(raw) % HASH_SIZE:
+            raise ValueError(f"{argument}: length {len(raw)} is not a multiple of {HASH_SIZE}")
+        return raw
+    if isinstance(hashes, Iterable):
+        parts = []
+        for i, h in enumerate(hashes):
+            parts.append(_check_hash(h, f"{argument}[{i}]"))
+        return b"".join(parts)
+    raise ValueError(f"{argument}: expected hashes, got {type(hashes).__name__}")
+
+
+def _hash_pairs(level: bytes | bytearray | memoryview) -> bytearray:
+    """Parent hashes of consecutive (left, right) pairs in a buffer of 64-byte pairs."""
+    out = bytearray()
+    view = memoryview(level)
+    for off in range(0, len(view), 2 * HASH_SIZE):
+        h = _sha256(NODE_PREFIX)
+        h.update(view[off : off + 2 * HASH_SIZE])
+        out += h.digest()
+    return out
+
+
+# --------------------------------------------------------------------------- frontier
+
+
+@dataclass(frozen=True, slots=True)
+class Frontier:
+    """Roots of the perfect subtrees covering leaves [0, size), largest first.
+
+    Invariant: ``len(roots) == popcount(size)`` and ``roots[i]`` covers the i-th set
+    bit of ``size`` from the most significant. ``root()`` is the RFC 9162 MTH.
+    """
+
+    size: int = 0
+    roots: tuple[bytes, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_size(self.size, "size")
+        if len(self.roots) != self.size.bit_count():
+            raise ValueError(
+                f"roots: a frontier of size {self.size} needs {self.size.bit_count()} "
+                f"subtree roots, got {len(self.roots)}"
+            )
+        for i, r in enumerate(self.roots):
+            _check_hash(r, f"roots[{i}]")
+
+    def root(self) -> bytes:
+        """MTH of the leaves appended so far (``EMPTY_ROOT`` for size 0)."""
+        if not self.roots:
+            return EMPTY_ROOT
+        acc = self.roots[-1]
+        for r in reversed(self.roots[:-1]):
+            acc = node_hash(r, acc)
+        return acc
+
+    def extend(self, leaf_hashes: object) -> Frontier:
+        """A new frontier with the given leaf hashes appended (this one is unchanged)."""
+        raw = hashes_to_bytes(leaf_hashes)
+        roots = list(self.roots)
+        size = self.size
+        for off in range(0, len(raw), HASH_SIZE):
+            h = raw[off : off + HASH_SIZE]
+            # Adding one leaf is a binary increment: every trailing 1 bit of ``size``
+            # is a perfect subtree of the same height as the carry, so it merges.
+            merges = (~size & (size + 1)).bit_length() - 1
+            for _ in range(merges):
+                h = _sha256(NODE_PREFIX + roots.pop() + h).digest()
+            roots.append(h)
+            size += 1
+        return Frontier(size, tuple(roots))
+
+    def append(self, leaf_hash_: bytes) -> Frontier:
+        """A new frontier with one leaf hash appended."""
+        return self.extend([_check_hash(leaf_hash_, "leaf_hash")])
+
+    def to_bytes(self) -> bytes:
+        """``size`` as 8 bytes big-endian followed by the concatenated subtree roots."""
+        return self.size.to_bytes(8, "big") + b"".join(self.roots)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Frontier:
+        """Inverse of ``to_bytes``; validates the length against the size."""
+        if not isinstance(data, (bytes, bytearray)) or len(data) < 8:
+            raise ValueError("data: frontier bytes must start with an 8-byte size")
+        size = int.from_bytes(data[:8], "big")
+        body = bytes(data[8:])
+        if len(body) != HASH_SIZE * size.bit_count():
+            raise ValueError(
+                f"data: frontier of size {size} needs {size.bit_count()} hashes, "
+                f"got {len(body)} bytes"
+            )
+        roots = tuple(body[i : i + HASH_SIZE] for i in range(0, len(body), HASH_SIZE))
+        return cls(size, roots)
+
+
+def merkle_root(leaf_hashes: object) -> bytes:
+    """MTH over the given leaf hashes (O(n) hashes, O(log n) memory)."""
+    return Frontier().extend(leaf_hashes).root()
+
+
+# --------------------------------------------------------------------------- full tree
+
+
+class MerkleTree:
+    """Append-only Merkle tree keeping every perfect aligned node, for proofs.
+
+    ``levels[0]`` holds the leaf hashes; ``levels[j]`` the roots of perfect subtrees of
+    2^j leaves starting at multiples of 2^j. Only complete subtrees are stored, so the
+    tree for any *prefix* size m <= size is still fully described, and proofs against
+    historical tree heads need no extra state.
+    """
+
+    __slots__ = ("_levels",)
+
+    def __init__(self) -> None:
+        self._levels: list[bytearray] = [bytearray()]
+
+    @classmethod
+    def from_leaf_hashes(cls, leaf_hashes: object) -> MerkleTree:
+        """A tree over the given leaf hashes ((n, 32) uint8 array, list or bytes)."""
+        tree = cls()
+        tree.extend(leaf_hashes)
+        return tree
+
+    @classmethod
+    def from_leaves(cls, leaves: Iterable[bytes]) -> MerkleTree:
+        """A tree over raw leaf data (each hashed with the 0x00 prefix)."""
+        return cls.from_leaf_hashes(b"".join(leaf_hash(d) for d in leaves))
+
+    @property
+    def size(self) -> int:
+        return len(self._levels[0]) // HASH_SIZE
+
+    def __len__(self) -> int:
+        return self.size
+
+    def leaf_hashes(self) -> np.ndarray:
+        """A copy of the leaf hashes as an (n, 32) uint8 array."""
+        return np.frombuffer(bytes(self._levels[0]), dtype=np.uint8).reshape(-1, HASH_SIZE)
+
+    def leaf_hash_at(self, index: int) -> bytes:
+        index = _check_size(index, "index")
+        if index >= self.size:
+            raise ValueError(f"index: {index} out of range for tree size {self.size}")
+        return bytes(self._levels[0][index * HASH_SIZE : (index + 1) * HASH_SIZE])
+
+    def append(self, leaf_hash_: bytes) -> None:
+        """Append one leaf hash; O(log n) hashing in the worst case, O(1) amortised."""
+        self.extend(_check_hash(leaf_hash_, "leaf_hash"))
+
+    def extend(self, leaf_hashes: object) -> None:
+        """Append many leaf hashes at once and build the new perfect nodes level by level."""
+        raw = hashes_to_bytes(leaf_hashes)
+        if not raw:
+            return
+        self._levels[0] += raw
+        level = 0
+        while True:
+            below = self._levels[level]
+            if level + 1 == len(self._levels):
+                if len(below) < 2 * HASH_SIZE:
+                    break
+                self._levels.append(bytearray())
+            above = self._levels[level + 1]
+            have = len(above) // HASH_SIZE
+            want = len(below) // (2 * HASH_SIZE)
+            if want == have:
+                break
+            above += _hash_pairs(memoryview(below)[have * 2 * HASH_SIZE : want * 2 * HASH_SIZE])
+            level += 1
+
+    # -- subtree roots ---------------------------------------------------------------
+
+    def _node(self, level: int, index: int) -> bytes:
+        buf = self._levels[level]
+        return bytes(buf[index * HASH_SIZE : (index + 1) * HASH_SIZE])
+
+    def _range_root(self, start: int, end: int) -> bytes:
+        """MTH(D[start:end]). ``start`` must be a multiple of the largest power of two
+        not exceeding ``end - start``, which holds for every range the RFC recursion
+        visits (left children are perfect and aligned; right children start at the end
+        of a perfect left sibling)."""
+        n = end - start
+        if n == 0:
+            return EMPTY_ROOT
+        if n & (n - 1) == 0 and start % n == 0:
+            return self._node(n.bit_length() - 1, start // n)
+        k = _largest_power_of_two_below(n)
+        return node_hash(self._range_root(start, start + k), self._range_root(start + k, end))
+
+    def _check_tree_size(self, tree_size: int | None) -> int:
+        if tree_size is None:
+            return self.size
+        tree_size = _check_size(tree_size, "tree_size")
+        if tree_size > self.size:
+            raise ValueError(f"tree_size: {tree_size} exceeds the tree's size {self.size}")
+        return tree_size
+
+    def root(self, tree_size: int | None = None) -> bytes:
+        """MTH of the first ``tree_size`` leaves (default: all)."""
+        return self._range_root(0, self._check_tree_size(tree_size))
+
+    # -- proofs ----------------------------------------------------------------------
+
+    def inclusion_proof(self, index: int, tree_size: int | None = None) -> list[bytes]:
+        """Audit path PATH(index, D[tree_size]) of RFC 9162 §2.1.3.1, leaf side first."""
+        n = self._check_tree_size(tree_size)
+        index = _check_size(index, "index")
+        if index >= n:
+            raise ValueError(f"index: {index} out of range for tree size {n}")
+        proof: list[bytes] = []
+        start, end, m = 0, n, index
+        # Walk down from the root, collecting siblings; the RFC lists them leaf first.
+        while end - start > 1:
+            k = _largest_power_of_two_below(end - start)
+            if m < k:
+                proof.append(self._range_root(start + k, end))
+                end = start + k
+            else:
+                proof.append(self._range_root(start, start + k))
+                start, m = start + k, m - k
+        proof.reverse()
+        return proof
+
+    def consistency_proof(self, old_size: int, new_size: int | None = None) -> list[bytes]:
+        """PROOF(old_size, D[new_size]) of RFC 9162 §2.1.4.1, deepest node first.
+
+        Empty when ``old_size`` is 0 or equals ``new_size``.
+        """
+        n = self._check_tree_size(new_size)
+        m = _check_size(old_size, "old_size")
+        if m > n:
+            raise ValueError(f"old_size: {m} exceeds new_size {n}")
+        if m == 0 or m == n:
+            return []
+        proof: list[bytes] = []
+        start, end, whole = 0, n, True
+        while m != end - start:
+            k = _largest_power_of_two_below(end - start)
+            if m <= k:
+                proof.append(self._range_root(start + k, end))
+                end = start + k
+            else:
+                proof.append(self._range_root(start, start + k))
+                start, m, whole = start + k, m - k, False
+        if not whole:
+            proof.append(self._range_root(start, end))
+        proof.reverse()
+        return proof
+
+
+# --------------------------------------------------------------------------- verifiers
+
+
+def _check_proof(proof: Sequence[bytes]) -> list[bytes]:
+    if isinstance(proof, (bytes, bytearray, str)) or not isinstance(proof, Sequence):
+        raise ValueError("proof: expected a sequence of 32-byte hashes")
+    return [_check_hash(p, f"proof[{i}]") for i, p in enumerate(proof)]
+
+
+def root_from_inclusion_proof(
+    leaf_hash_: bytes, index: int, tree_size: int, proof: Sequence[bytes]
+) -> bytes | None:
+    """The root implied by an audit path (RFC 9162 §2.1.3.2 steps 1-4), or None when the
+    path has the wrong shape for (index, tree_size)."""
+    r = _check_hash(leaf_hash_, "leaf_hash")
+    fn = _check_size(index, "index")
+    sn = _check_size(tree_size, "tree_size")
+    path = _check_proof(proof)
+    if fn >= sn:
+        return None
+    sn -= 1
+    for p in path:
+        if sn == 0:
+            return None
+        if fn & 1 or fn == sn:
+            r = node_hash(p, r)
+            if not fn & 1:
+                while fn and not fn & 1:
+                    fn >>= 1
+                    sn >>= 1
+        else:
+            r = node_hash(r, p)
+        fn >>= 1
+        sn >>= 1
+    if sn != 0:
+        return None
+    return r
+
+
+def verify_inclusion(
+    leaf_hash_: bytes, index: int, tree_size: int, proof: Sequence[bytes], root: bytes
+) -> bool:
+    """RFC 9162 §2.1.3.2: does ``proof`` show leaf ``index`` of a ``tree_size`` tree with
+    root ``root`` has hash ``leaf_hash_``?"""
+    expected = _check_hash(root, "root")
+    got = root_from_inclusion_proof(leaf_hash_, index, tree_size, proof)
+    return got is not None and got == expected
+
+
+def verify_consistency(
+    old_size: int, new_size: int, old_root: bytes, new_root: bytes, proof: Sequence[bytes]
+) -> bool:
+    """RFC 9162 §2.1.4.2: is the tree (new_size, new_root) an append-only extension of
+    (old_size, old_root)?
+
+    Edge cases: old_size == new_size needs an empty proof and equal roots; old_size == 0
+    needs an empty proof (every tree extends the empty one); old_size > new_size is never
+    consistent.
+    """
+    first = _check_size(old_size, "old_size")
+    second = _check_size(new_size, "new_size")
+    first_hash = _check_hash(old_root, "old_root")
+    second_hash = _check_hash(new_root, "new_root")
+    path = _check_proof(proof)
+    if first > second:
+        return False
+    if first == second:
+        return not path and first_hash == second_hash
+    if first == 0:
+        return not path
+    # Step 1: a non-trivial proof is never empty.
+    if not path:
+        return False
+    # Step 2: when the old tree is a perfect subtree, its root is the proof's first node.
+    if first & (first - 1) == 0:
+        path = [first_hash, *path]
+    # Steps 3-4.
+    fn, sn = first - 1, second - 1
+    while fn & 1:
+        fn >>= 1
+        sn >>= 1
+    # Step 5.
+    fr = sr = path[0]
+    # Step 6.
+    for c in path[1:]:
+        if sn == 0:
+            return False
+        if fn & 1 or fn == sn:
+            fr = node_hash(c, fr)
+            sr = node_hash(c, sr)
+            if not fn & 1:
+                while fn and not fn & 1:
+                    fn >>= 1
+                    sn >>= 1
+        else:
+            sr = node_hash(sr, c)
+        fn >>= 1
+        sn >>= 1
+    # Step 7.
+    return sn == 0 and fr == first_hash and sr == second_hash
