@@ -32,11 +32,8 @@ def error_response(status: int, code: str, message: str, field: str = "",
 
 
 def _pairs(metadata) -> list[tuple[str, str]]:
-    if metadata is None:
-        return []
-    if hasattr(metadata, "keys") and hasattr(metadata, "get_all"):  # grpc.aio.Metadata
-        return [(k, metadata.get(k)) for k in metadata.keys()]
-    return [(item[0], item[1]) for item in metadata]
+    # grpc.aio.Metadata iterates as (key, value) pairs, like the sync API's tuples.
+    return [(item[0], item[1]) for item in metadata or ()]
 
 
 def from_rpc_error(exc: grpc.aio.AioRpcError) -> JSONResponse:

@@ -63,7 +63,7 @@ def synthetic_stream(
     cold_start_rate: float = 0.1,
     cold_start_distortion: float = 0.8,
     max_household: int = 5,
-    concentration: float = 0.6,
+    concentration: float = 0.3,
 ) -> SyntheticStream:
     """A stream whose reported probabilities are distorted versions of the truth.
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -187,10 +188,12 @@ def retry_delay(policy: RetryPolicy, attempt: int, key: str = "") -> timedelta:
         raise ValueError(f"attempt: must be an int >= 1, got {attempt!r}")
     base_s = policy.base_delay.total_seconds()
     max_s = policy.max_delay.total_seconds()
-    # Cap the exponent first so huge attempt numbers cannot overflow a float.
-    exponent = min(attempt - 1, 1100)
-    raw = base_s * policy.multiplier**exponent if policy.multiplier > 1 else base_s
-    raw = min(max_s, raw)
+    # Compare in log space so huge attempt numbers cannot overflow a float.
+    multiplier = float(policy.multiplier)
+    if multiplier == 1.0 or (attempt - 1) * math.log(multiplier) < math.log(max_s / base_s):
+        raw = min(max_s, base_s * multiplier ** (attempt - 1))
+    else:
+        raw = max_s
     return timedelta(seconds=raw * (1.0 - policy.jitter * _unit_hash(key, attempt)))
 
 

@@ -126,10 +126,8 @@ def test_isotonic_others_keep_their_proportions() -> None:
 def test_calibrator_json_round_trip(method: str) -> None:
     stream = synthetic_stream(3000, seed=2, variant_distortion={"m": 0.6})
     sample = FeedbackSample.create(stream.probs, labels=stream.labels)
-    fitted = fit_calibrator(sample, version=4, methods=("identity", method) if method != "identity" else ("identity",))
-    forced = fitted if fitted.method == method else None
-    if forced is None:  # the stream is miscalibrated, so the method should beat identity
-        pytest.fail(f"{method} was not chosen over identity on a miscalibrated stream")
+    forced = fit_calibrator(sample, version=4, methods=(method,))  # a single candidate is always chosen
+    assert forced.method == method
     text = forced.to_json()
     restored = Calibrator.from_json(text)
     assert restored == forced

@@ -225,7 +225,11 @@ def test_inclusion_all_sizes_and_indices(tree70):
             assert not merkle.verify_inclusion(flip(lh), i, n, proof, root)
             if n > 1:
                 assert not merkle.verify_inclusion(lh, (i + 1) % n, n, proof, root), (i, n)
-            assert not merkle.verify_inclusion(lh, i, n + 1, proof, root)
+            # other sizes: the hash does not bind the size (the signed tree head does), so
+            # a proof may be valid for another shape too; both verifiers must agree
+            for other in (n - 1, n + 1, 2 * n + 1):
+                expected = i < other and ref_root_from_path(lh, i, other, proof) == root
+                assert merkle.verify_inclusion(lh, i, other, proof, root) == expected
             for j in range(len(proof)):
                 bad = list(proof)
                 bad[j] = flip(bad[j], 8 * j + 3)
@@ -253,7 +257,11 @@ def test_consistency_all_pairs(tree70):
                 assert not merkle.verify_consistency(m, n, roots[m], roots[n], bad), (m, n, j)
             if m < n:
                 assert not merkle.verify_consistency(m, n, roots[m], roots[n], proof[:-1])
-                assert not merkle.verify_consistency(m, n + 1, roots[m], roots[n], proof)
+                for other in (n - 1, n + 1, 2 * n):  # verifiers agree on other shapes
+                    expected = m < other and ref_verify_consistency(
+                        m, other, roots[m], roots[n], proof)
+                    assert merkle.verify_consistency(
+                        m, other, roots[m], roots[n], proof) == expected, (m, n, other)
                 # a tree that rewrote history is not consistent with the old root
                 forged = leaves[:n]
                 forged[m - 1] = b"rewritten"

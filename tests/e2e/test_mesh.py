@@ -1,0 +1,115 @@
+"""End to end through real processes: events in through the gateway, sessions back
+out, one trace across the gateway and the clustering service, metrics on every service."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+HOUR = 3600
+
+
+def _events(account: str, start: float, n: int, device: str = "tv-1", first: int = 0):
+    return [{"event_id": f"{account}-{device}-{first + i}", "account_id": account, "device_id": device,
+             "device_type": "tv", "ts": start + i * 300, "kind": "heartbeat", "title_id": f"title-{i}",
+             "series_id": "show-1", "genres": ["drama", "crime"], "duration_s": 300, "maturity": "adult"}
+            for i in range(n)]
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+@pytest.fixture
+def client(mesh):
+    with httpx.Client(base_url=mesh.url, headers={"X-API-Key": mesh.api_key}, timeout=10) as c:
+        yield c
+
+
+def test_health_reports_every_service_serving(client):
+    body = client.get("/health").json()
+    assert body["status"] == "SERVING"
+    assert set(body["services"]) == {"clustering", "attribution", "privacy", "feedback"}
+
+
+def test_events_come_back_as_sessions_with_one_trace(client, mesh):
+    start = time.time() - 2 * 86400
+    events = _events("e2e-acc-1", start, 4) + _events("e2e-acc-1", start + 5 * HOUR, 2, first=100)
+    for e in events:
+        e["ts"] = _iso(e["ts"])
+    response = client.post("/v1/events", json={"events": events})
+    assert response.status_code == 200, response.text
+    assert response.json() == {"accepted": 6, "duplicates": 0, "rejected_late": 0, "sessions_touched": 2}
+    trace_id = response.headers["x-trace-id"]
+
+    again = client.post("/v1/events", json={"events": events[:2]})
+    assert again.json()["duplicates"] == 2
+
+    household = client.get("/v1/household/e2e-acc-1").json()
+    assert household["devices"][0]["device_id"] == "tv-1"
+    assert [s["event_count"] for s in household["sessions"]] == [2, 4]
+    assert all(s["closed"] and len(s["feature_vector"]) == 35 for s in household["sessions"])
+
+    spans = [json.loads(line) for line in mesh.spans_path.read_text().splitlines() if line.strip()]
+    in_trace = [s for s in spans if s["trace_id"] == trace_id]
+    services = {s["service"] for s in in_trace}
+    assert {"gateway", "clustering"} <= services, services
+    server_span = next(s for s in in_trace if s["service"] == "clustering" and s["kind"] == "SERVER")
+    assert server_span["name"].endswith("IngestEvents")
+    assert server_span["parent_span_id"] in {s["span_id"] for s in in_trace if s["service"] == "gateway"}
+
+
+def test_unknown_household_is_404_json(client):
+    response = client.get("/v1/household/nobody-here")
+    assert response.status_code == 404
+    assert response.json()["error"]["field"] == "account_id"
+
+
+@pytest.mark.parametrize("mutate,field", [
+    (lambda e: e.pop("account_id"), "events[0].account_id"),
+    (lambda e: e.update(device_type="fridge"), "events[0].device_type"),
+    (lambda e: e.update(ts="not a time"), "events[0].ts"),
+    (lambda e: e.update(surprise=1), "events[0].surprise"),
+    (lambda e: e.update(duration_s=-5), "events[0].duration_s"),
+])
+def test_bad_events_get_422_naming_the_field_and_store_nothing(client, mutate, field):
+    good = _events("e2e-bad-acc", time.time() - 86400, 2)
+    for e in good:
+        e["ts"] = _iso(e["ts"])
+    mutate(good[0])
+    response = client.post("/v1/events", json={"events": good})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["field"] == field
+    assert client.get("/v1/household/e2e-bad-acc").status_code == 404
+
+
+def test_requests_without_a_valid_key_are_401(mesh):
+    assert httpx.get(mesh.url + "/v1/household/x", timeout=5).status_code == 401
+    assert httpx.get(mesh.url + "/v1/household/x", headers={"X-API-Key": "wrong"}, timeout=5).status_code == 401
+
+
+def test_every_service_exposes_rpc_latency_histograms(client, mesh):
+    client.get("/v1/household/e2e-acc-1")
+    text = httpx.get(f"http://127.0.0.1:{mesh.metrics_ports['clustering']}/metrics", timeout=5).text
+    assert 'hearth_rpc_duration_seconds_bucket{le="0.005",method="GetHousehold",service="clustering"}' in text
+    for name, port in mesh.metrics_ports.items():
+        body = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        assert "hearth_rpc_duration_seconds" in body, name
+    assert "hearth_http_requests_total" in client.get("/metrics").text
+
+
+def test_openapi_lists_the_routes(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/events", "/v1/household/{account_id}", "/health"} <= set(paths)
+
+
+def test_sigterm_drains_and_restart_keeps_data(client, mesh):
+    mesh.stop_process("clustering")
+    assert client.get("/health").status_code == 503
+    mesh.start_service("clustering")
+    mesh.wait_healthy(60)
+    household = client.get("/v1/household/e2e-acc-1")
+    assert household.status_code == 200

@@ -1,0 +1,188 @@
+"""One storage suite over every backend: SQLite and PostgreSQL for the repositories,
+in-process and Redis for caches. Real servers, started by tests/conftest.py."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from services.attribution.domain.records import Conversion, Touchpoint
+from services.attribution.store import AttributionStore
+from services.clustering.domain.events import ViewingEvent
+from services.clustering.store import ClusteringStore, DriftRow
+from services.common.errors import Conflict, NotFound
+from services.common.storage.sql import Migration, migrate, schema_version
+from services.feedback.store import FeedbackStore, PredictionRecord
+from services.privacy.store import PrivacyStore
+
+T0 = time.time() - 7 * 86400
+
+
+def ev(i: int, ts: float, device: str = "tv-1", account: str = "acc-1", **kw) -> ViewingEvent:
+    return ViewingEvent(event_id=f"{account}-{device}-e{i}", account_id=account, device_id=device,
+                        device_type=kw.pop("device_type", "tv"), ts=ts, kind="heartbeat",
+                        title_id=kw.pop("title_id", f"t{i}"), genres=("drama",), duration_s=60.0, **kw)
+
+
+@pytest.fixture
+def store(database, cache):
+    s = ClusteringStore(database, cache, gap_s=1800, lateness_tolerance_s=6 * 3600)
+    s.migrate()
+    return s
+
+
+def test_migrations_apply_once_and_record_version(database):
+    migrations = [Migration(1, "a", "CREATE TABLE a (x INTEGER)"),
+                  Migration(2, "b", "CREATE TABLE b (y {double});\nCREATE INDEX b_y ON b (y)")]
+    assert migrate(database, migrations) == [1, 2]
+    assert migrate(database, migrations) == []
+    assert schema_version(database) == 2
+    with pytest.raises(ValueError):
+        migrate(database, [Migration(2, "x", ""), Migration(1, "y", "")])
+
+
+def test_failed_transaction_writes_nothing(database):
+    migrate(database, [Migration(1, "t", "CREATE TABLE t (id TEXT PRIMARY KEY)")])
+    with pytest.raises(RuntimeError):
+        with database.transaction() as tx:
+            tx.execute("INSERT INTO t (id) VALUES (?)", ("a",))
+            raise RuntimeError("boom")
+    with database.transaction() as tx:
+        assert tx.query("SELECT COUNT(*) FROM t") == [(0,)]
+
+
+def test_ingest_builds_sessions_and_ignores_duplicates(store):
+    events = [ev(i, T0 + i * 600) for i in range(4)] + [ev(10, T0 + 10_000)]
+    result = store.ingest(events)
+    assert (result.accepted, result.duplicates, result.rejected_late) == (5, 0, 0)
+    again = store.ingest(events[:3])
+    assert (again.accepted, again.duplicates) == (0, 3)
+    view = store.household("acc-1")
+    assert [s.event_count for s in view.sessions] == [1, 4]       # newest first
+    assert all(s.closed for s in view.sessions)
+    assert view.devices[0].session_count == 2
+    assert view.sessions[1].features.shape == (35,)
+
+
+def test_late_event_within_tolerance_bridges_sessions_beyond_is_refused(store):
+    store.ingest([ev(1, T0), ev(2, T0 + 3000)])                     # gap 3000 s > 1800: two sessions
+    assert len(store.household("acc-1").sessions) == 2
+    bridged = store.ingest([ev(3, T0 + 1500)])                       # within tolerance, bridges them
+    assert bridged.accepted == 1
+    sessions = store.household("acc-1").sessions
+    assert [s.event_count for s in sessions] == [3]
+    store.ingest([ev(4, T0 + 10 * 3600)])                            # watermark moves on
+    refused = store.ingest([ev(5, T0 + 3600)])                       # 9 h late > 6 h tolerance
+    assert (refused.accepted, refused.rejected_late) == (0, 1)
+    assert sum(s.event_count for s in store.household("acc-1").sessions) == 4
+
+
+def test_unknown_household_is_not_found(store):
+    with pytest.raises(NotFound) as info:
+        store.household("nobody")
+    assert info.value.field == "account_id"
+
+
+def test_devices_are_separate_session_streams(store):
+    store.ingest([ev(1, T0, device="tv-1"), ev(2, T0 + 60, device="phone-1", device_type="mobile")])
+    view = store.household("acc-1")
+    assert sorted(d.device_id for d in view.devices) == ["phone-1", "tv-1"]
+    assert len(view.sessions) == 2
+
+
+def test_model_compare_and_swap_and_cache(store):
+    assert store.get_model("acc-1") is None
+    v1 = store.save_model("acc-1", 0, "gmm", b"one")
+    assert v1 == 1 and store.get_model("acc-1").blob == b"one"
+    with pytest.raises(Conflict):
+        store.save_model("acc-1", 0, "gmm", b"stale")
+    assert store.save_model("acc-1", 1, "kmeans", b"two") == 2
+    model = store.get_model("acc-1")
+    assert (model.version, model.variant, model.blob) == (2, "kmeans", b"two")
+
+
+def test_concurrent_updates_of_one_household_both_survive(store):
+    """Two writers append to one model blob with read-modify-CAS; neither is lost."""
+    store.save_model("acc-1", 0, "gmm", b"")
+    barrier = threading.Barrier(2)
+
+    def writer(tag: bytes) -> None:
+        barrier.wait()
+        for _ in range(20):
+            while True:
+                current = store.get_model("acc-1")
+                try:
+                    store.save_model("acc-1", current.version, "gmm", current.blob + tag)
+                    break
+                except Conflict:
+                    continue
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in (b"a", b"b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    final = store.get_model("acc-1")
+    assert final.version == 41
+    assert final.blob.count(b"a") == 20 and final.blob.count(b"b") == 20
+
+
+def test_drift_events_round_trip(store):
+    store.add_drift_event("acc-1", DriftRow("sudden", 0.9, 3.2, T0, True))
+    store.add_drift_event("acc-1", DriftRow("gradual", 0.4, 1.1, T0 + 10, False))
+    rows = store.drift_events("acc-1")
+    assert [r.drift_type for r in rows] == ["gradual", "sudden"]
+    assert rows[1].refit_triggered is True
+
+
+def test_cache_backends(cache):
+    cache.set("a:1", b"x")
+    cache.set("a:2", b"y", ttl_s=0.05)
+    cache.set("b:1", b"z")
+    assert cache.get("a:1") == b"x" and cache.get("a:2") == b"y"
+    assert sorted(cache.keys("a:")) == ["a:1", "a:2"]
+    time.sleep(0.12)
+    assert cache.get("a:2") is None
+    assert cache.delete_prefix("a:") >= 1
+    assert cache.get("a:1") is None and cache.get("b:1") == b"z"
+    assert cache.delete("b:1") == 1
+
+
+def test_attribution_store_idempotent(database):
+    store = AttributionStore(database)
+    store.migrate()
+    tps = [Touchpoint(f"tp{i}", "acc-1", "tv-1", T0 + i, "search") for i in range(3)]
+    assert store.record_touchpoints(tps) == (3, 0)
+    assert store.record_touchpoints(tps) == (0, 3)
+    assert store.record_conversions([Conversion("c1", "acc-1", T0 + 10, "subscribe", 9.99)]) == (1, 0)
+    loaded_tps, loaded_conv = store.load(["acc-1"], None, None, 86400)
+    assert [t.touchpoint_id for t in loaded_tps] == ["tp0", "tp1", "tp2"]
+    assert loaded_conv[0].value == pytest.approx(9.99)
+
+
+def test_feedback_store_idempotent(database):
+    fb = FeedbackStore(database)
+    fb.migrate()
+    p = PredictionRecord("pr1", "acc-1", "s1", "p1", {"p1": 0.8, "p2": 0.2}, "gmm", 3, T0, False, 2)
+    assert fb.record_predictions([p, p]) == (1, 1)
+
+
+def test_privacy_consent_versions(database):
+    privacy = PrivacyStore(database)
+    privacy.migrate()
+    assert privacy.consent("acc-1").known is False
+    assert privacy.set_consent("acc-1", False, True, "officer") == 1
+    c = privacy.consent("acc-1")
+    assert (c.processing, c.attribution, c.version, c.known) == (False, True, 1, True)
+
+
+def test_feature_vectors_survive_storage_bit_exact(store):
+    store.ingest([ev(i, T0 + i * 60, series_id="s1") for i in range(5)])
+    stored = store.household("acc-1").sessions[0]
+    from services.clustering.domain.sessions import build_sessions
+
+    expected = build_sessions([ev(i, T0 + i * 60, series_id="s1") for i in range(5)])[0]
+    assert np.array_equal(stored.features, expected.features)

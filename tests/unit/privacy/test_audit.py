@@ -1,0 +1,394 @@
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+from datetime import timedelta
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.privacy.domain import audit, merkle
+from services.privacy.domain.audit import (
+    AuditEntry,
+    AuditState,
+    EventType,
+    Role,
+    TamperReason,
+    append_batch,
+    chain_hash,
+    sign_tree_head,
+    verify_log,
+)
+from tests.unit.privacy.factories import T0, make_entries
+
+N = 30
+
+
+def build_log(key, n=N, batch=7):
+    """Append in batches like the service does; one STH per batch."""
+    entries = make_entries(n)
+    state = AuditState()
+    leaves, chains, sths = [], [], []
+    for start in range(0, n, batch):
+        state, lh, ch = append_batch(state, entries[start : start + batch])
+        leaves.append(lh)
+        chains.append(ch)
+        sths.append(sign_tree_head(state, key, T0 + timedelta(hours=1, seconds=start)))
+    leaf_hashes = np.concatenate(leaves) if leaves else np.zeros((0, 32), np.uint8)
+    chain_hashes = [bytes(h) for h in np.concatenate(chains)] if chains else []
+    return entries, chain_hashes, leaf_hashes, state, sths
+
+
+@pytest.fixture(scope="module")
+def log(signing_key):
+    return build_log(signing_key)
+
+
+def with_details(entry: AuditEntry, **details) -> AuditEntry:
+    return replace(entry, details={**entry.details, **details})
+
+
+# --------------------------------------------------------------------------- format
+
+
+def test_at_least_fifteen_event_types_and_the_five_roles():
+    assert len(EventType) >= 15
+    required = {"assign", "ingest", "read_household", "export", "attribution_run",
+                "deletion_requested", "deletion_completed", "deletion_failed",
+                "consent_change", "retention_purge", "authentication_failure",
+                "permission_denied", "key_rotation", "flag_change", "model_refit",
+                "feedback", "security_alert"}
+    assert required <= {e.value for e in EventType}
+    assert {r.value for r in Role} == {"admin", "analyst", "data_scientist",
+                                       "privacy_officer", "service"}
+
+
+def test_canonical_bytes_are_sorted_compact_utf8():
+    e = make_entries(1)[0]
+    data = e.canonical_bytes
+    pairs_seen: list[list[str]] = []
+    json.loads(data, object_pairs_hook=lambda pairs: pairs_seen.append([k for k, _ in pairs]) or dict(pairs))
+    for keys in pairs_seen:
+        assert keys == sorted(keys)
+    assert b" " not in data and b"\n" not in data
+    assert "ü".encode() in data  # kept as UTF-8, not \u escaped
+    assert b'"ts":"2025-03-01T12:00:00.000000Z"' in data
+    assert AuditEntry.from_dict(json.loads(data)) == e
+    assert AuditEntry.from_dict(json.loads(data)).canonical_bytes == data
+
+
+def test_equal_content_gives_equal_bytes_regardless_of_dict_order_and_timezone():
+    from datetime import timezone
+    a = AuditEntry(0, T0, "assign", "svc", "service", "hh", details={"b": 1, "a": 2})
+    b = AuditEntry(0, T0.astimezone(timezone(timedelta(hours=5))), EventType.ASSIGN, "svc",
+                   Role.SERVICE, "hh", details={"a": 2, "b": 1})
+    assert a.canonical_bytes == b.canonical_bytes
+
+
+def test_chain_hash_definition():
+    data = b'{"x":1}'
+    assert chain_hash(bytes(32), data) == hashlib.sha256(b"\x02" + bytes(32) + data).digest()
+    with pytest.raises(ValueError, match="prev_hash"):
+        chain_hash(b"short", data)
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("seq", -1, "seq"),
+    ("seq", True, "seq"),
+    ("seq", "3", "seq"),
+    ("ts", "2025-01-01T00:00:00", "ts"),  # naive timestamp
+    ("ts", "yesterday", "ts"),
+    ("event_type", "launch_missiles", "event_type"),
+    ("role", "root", "role"),
+    ("outcome", "maybe", "outcome"),
+    ("principal", "", "principal"),
+    ("principal", None, "principal"),
+    ("resource", 5, "resource"),
+    ("details", {"x": float("nan")}, r"details\.x"),
+    ("details", {"x": {"y": [1, float("inf")]}}, r"details\.x\.y\[1\]"),
+    ("details", {1: "a"}, "details"),
+    ("details", {"x": object()}, r"details\.x"),
+    ("details", [1, 2], "details"),
+])
+def test_invalid_entries_name_the_field(field, value, match):
+    kwargs = dict(seq=0, ts=T0, event_type="assign", principal="svc", role="service",
+                  resource="hh", details={})
+    kwargs[field] = value
+    with pytest.raises(ValueError, match=match):
+        AuditEntry(**kwargs)
+
+
+def test_from_dict_rejects_unknown_and_missing_fields():
+    d = make_entries(1)[0].to_dict()
+    with pytest.raises(ValueError, match="entry.extra: unknown"):
+        AuditEntry.from_dict({**d, "extra": 1})
+    d.pop("role")
+    with pytest.raises(ValueError, match="entry.role: missing"):
+        AuditEntry.from_dict(d)
+
+
+# --------------------------------------------------------------------------- writer
+
+
+def test_append_batch_matches_definitions(signing_key):
+    entries = make_entries(10)
+    state, leaves, chains = append_batch(AuditState(), entries)
+    assert leaves.shape == chains.shape == (10, 32) and leaves.dtype == np.uint8
+    prev = bytes(32)
+    for i, e in enumerate(entries):
+        assert bytes(leaves[i]) == hashlib.sha256(b"\x00" + e.canonical_bytes).digest()
+        prev = hashlib.sha256(b"\x02" + prev + e.canonical_bytes).digest()
+        assert bytes(chains[i]) == prev
+    assert state.size == 10 and state.chain_head == prev
+    assert state.root == merkle.MerkleTree.from_leaves(e.canonical_bytes for e in entries).root()
+
+
+@given(st.lists(st.integers(1, 9), min_size=1, max_size=8))
+@settings(max_examples=25, deadline=None)
+def test_batching_does_not_change_the_result(cuts):
+    entries = make_entries(sum(cuts))
+    one_shot = append_batch(AuditState(), entries)
+    state, pos, leaves, chains = AuditState(), 0, [], []
+    for c in cuts:
+        state, lh, ch = append_batch(AuditState.from_bytes(state.to_bytes()), entries[pos : pos + c])
+        leaves.append(lh)
+        chains.append(ch)
+        pos += c
+    assert state == one_shot[0]
+    assert np.array_equal(np.concatenate(leaves), one_shot[1])
+    assert np.array_equal(np.concatenate(chains), one_shot[2])
+
+
+def test_append_batch_is_pure_and_validates_seq():
+    entries = make_entries(5)
+    s0 = AuditState()
+    s1, _, _ = append_batch(s0, entries[:3])
+    assert s0 == AuditState() and s1.size == 3
+    with pytest.raises(ValueError, match=r"entries\[0\]\.seq: expected 3, got 4"):
+        append_batch(s1, entries[4:])
+    with pytest.raises(ValueError, match=r"entries\[1\]\.seq"):
+        append_batch(s1, [entries[3], entries[3]])
+    with pytest.raises(ValueError, match=r"entries\[0\]"):
+        append_batch(s1, ["not an entry"])
+    with pytest.raises(ValueError, match="state"):
+        append_batch(None, entries)
+    s_same, leaves, chains = append_batch(s1, [])
+    assert s_same == s1 and leaves.shape == (0, 32) and chains.shape == (0, 32)
+
+
+def test_state_serialisation_round_trip_and_validation():
+    state, _, _ = append_batch(AuditState(), make_entries(13))
+    raw = state.to_bytes()
+    assert len(raw) == 4 + 32 + 8 + 32 * bin(13).count("1")
+    assert AuditState.from_bytes(raw) == state
+    with pytest.raises(ValueError, match="magic"):
+        AuditState.from_bytes(b"XXXX" + raw[4:])
+    with pytest.raises(ValueError, match="data"):
+        AuditState.from_bytes(raw[:-1])
+    assert AuditState.from_bytes(AuditState().to_bytes()) == AuditState()
+
+
+# --------------------------------------------------------------------------- tree heads
+
+
+def test_tree_head_sign_verify_and_forgery(signing_key, other_key):
+    state, _, _ = append_batch(AuditState(), make_entries(4))
+    sth = sign_tree_head(state, signing_key, T0)
+    assert audit.verify_tree_head(sth, signing_key.public_key())
+    assert not audit.verify_tree_head(sth, other_key.public_key())
+    assert not audit.verify_tree_head(replace(sth, tree_size=5), signing_key.public_key())
+    assert not audit.verify_tree_head(replace(sth, root=bytes(32)), signing_key.public_key())
+    assert not audit.verify_tree_head(
+        replace(sth, timestamp=T0 + timedelta(seconds=1)), signing_key.public_key())
+    bad_sig = bytearray(sth.signature)
+    bad_sig[0] ^= 1
+    assert not audit.verify_tree_head(replace(sth, signature=bytes(bad_sig)), signing_key.public_key())
+    assert audit.SignedTreeHead.from_dict(json.loads(json.dumps(sth.to_dict()))) == sth
+
+
+def test_every_entry_has_a_valid_inclusion_proof(log, signing_key):
+    entries, _, leaf_hashes, _, sths = log
+    tree = merkle.MerkleTree.from_leaf_hashes(leaf_hashes)
+    final = sths[-1]
+    for e in entries:
+        proof = tree.inclusion_proof(e.seq, final.tree_size)
+        assert audit.verify_entry_inclusion(e, proof, final, signing_key.public_key())
+        forged = with_details(e, n=-1)
+        assert not audit.verify_entry_inclusion(forged, proof, final, signing_key.public_key())
+
+
+def test_batch_tree_heads_are_pairwise_consistent(log, signing_key, other_key):
+    _, _, leaf_hashes, _, sths = log
+    tree = merkle.MerkleTree.from_leaf_hashes(leaf_hashes)
+    pk = signing_key.public_key()
+    for i, old in enumerate(sths):
+        for new in sths[i:]:
+            proof = tree.consistency_proof(old.tree_size, new.tree_size)
+            assert audit.verify_tree_heads_consistent(old, new, proof, pk)
+            assert not audit.verify_tree_heads_consistent(old, new, proof, other_key.public_key())
+
+
+# --------------------------------------------------------------------------- tamper detection
+
+
+def check(entries, chains, sth, key, **kw):
+    return verify_log(entries, sth, key.public_key(), chain_hashes=chains, **kw)
+
+
+def test_intact_log_verifies(log, signing_key):
+    entries, chains, _, _, sths = log
+    result = check(entries, chains, sths[-1], signing_key)
+    assert result.ok and result.reason is None and bool(result)
+    assert verify_log(entries, sths[-1], signing_key.public_key()).ok  # without chain hashes
+    # every batch head verifies the prefix it signed
+    for sth in sths:
+        n = sth.tree_size
+        assert check(entries[:n], chains[:n], sth, signing_key).ok
+
+
+def test_empty_log(signing_key):
+    sth = sign_tree_head(AuditState(), signing_key, T0)
+    assert verify_log([], sth, signing_key.public_key(), chain_hashes=[]).ok
+    assert verify_log(make_entries(1), sth, signing_key.public_key()).reason is TamperReason.INSERTED
+
+
+@pytest.mark.parametrize("k", [0, 12, N - 1])
+def test_modified_entry_is_located(log, signing_key, k):
+    entries, chains, _, _, sths = log
+    tampered = list(entries)
+    tampered[k] = with_details(entries[k], n=999)
+    result = check(tampered, chains, sths[-1], signing_key)
+    assert (result.ok, result.reason, result.first_bad_seq) == (False, TamperReason.MODIFIED, k)
+    # without chain hashes it is still detected, just not located
+    result = verify_log(tampered, sths[-1], signing_key.public_key())
+    assert (result.reason, result.first_bad_seq) == (TamperReason.MODIFIED, None)
+
+
+@pytest.mark.parametrize("field", ["principal", "outcome", "ts", "event_type", "resource"])
+def test_any_field_change_is_detected(log, signing_key, field):
+    entries, chains, _, _, sths = log
+    value = {"principal": "mallory", "outcome": "success" if entries[7].outcome != "success"
+             else "denied", "ts": entries[7].ts + timedelta(microseconds=1),
+             "event_type": "feedback" if entries[7].event_type != "feedback" else "assign",
+             "resource": "household:other"}[field]
+    tampered = list(entries)
+    tampered[7] = replace(entries[7], **{field: value})
+    result = check(tampered, chains, sths[-1], signing_key)
+    assert (result.reason, result.first_bad_seq) == (TamperReason.MODIFIED, 7)
+
+
+def test_modification_with_recomputed_chain_is_caught_by_the_signed_head(log, signing_key):
+    entries, _, _, _, sths = log
+    tampered = list(entries)
+    tampered[12] = with_details(entries[12], n=999)
+    _, _, forged_chains = append_batch(AuditState(), tampered)  # attacker redoes the chain
+    result = check(tampered, [bytes(h) for h in forged_chains], sths[-1], signing_key)
+    assert (result.ok, result.reason) == (False, TamperReason.MODIFIED)
+
+
+@pytest.mark.parametrize("k", [0, 12, N - 2])
+def test_removed_entry_is_located(log, signing_key, k):
+    entries, chains, _, _, sths = log
+    result = check(entries[:k] + entries[k + 1 :], chains[:k] + chains[k + 1 :], sths[-1], signing_key)
+    assert (result.reason, result.first_bad_seq) == (TamperReason.REMOVED, k)
+
+
+def test_reordered_entries_are_located(log, signing_key):
+    entries, chains, _, _, sths = log
+    order = list(range(N))
+    order[12], order[13] = 13, 12
+    result = check([entries[i] for i in order], [chains[i] for i in order], sths[-1], signing_key)
+    assert (result.reason, result.first_bad_seq) == (TamperReason.REORDERED, 12)
+
+
+def test_inserted_duplicate_seq_is_located(log, signing_key):
+    entries, chains, _, _, sths = log
+    forged = with_details(entries[12], n=-12)
+    tampered = entries[:12] + [forged] + entries[12:]
+    result = check(tampered, chains[:12] + [chains[12]] + chains[12:], sths[-1], signing_key)
+    assert (result.reason, result.first_bad_seq) == (TamperReason.INSERTED, 12)
+
+
+def test_inserted_entry_with_renumbering_is_located(log, signing_key):
+    entries, chains, _, _, sths = log
+    forged = AuditEntry(12, entries[11].ts, "export", "mallory", "admin", "household:1")
+    renumbered = [replace(e, seq=e.seq + 1) for e in entries[12:]]
+    # the writer of the rows copies stored chain hashes along; the forged row gets any hash
+    tampered_chains = chains[:12] + [bytes(32)] + chains[12:]
+    result = check(entries[:12] + [forged] + renumbered, tampered_chains, sths[-1], signing_key)
+    assert (result.reason, result.first_bad_seq) == (TamperReason.INSERTED, 12)
+    # even a forger who recomputes every chain hash is caught (more entries than signed)
+    all_forged = entries[:12] + [forged] + renumbered
+    _, _, redone = append_batch(AuditState(), all_forged)
+    result = check(all_forged, [bytes(h) for h in redone], sths[-1], signing_key)
+    assert (result.reason, result.first_bad_seq) == (TamperReason.INSERTED, N)
+
+
+def test_truncated_log_is_detected(log, signing_key, other_key):
+    entries, chains, _, _, sths = log
+    result = check(entries[:25], chains[:25], sths[-1], signing_key)
+    assert (result.reason, result.first_bad_seq) == (TamperReason.TRUNCATED, 25)
+    # re-signing the shorter log needs the private key: another key is rejected
+    state, _, _ = append_batch(AuditState(), entries[:25])
+    resigned = sign_tree_head(state, other_key, T0)
+    result = check(entries[:25], chains[:25], resigned, signing_key)
+    assert result.reason is TamperReason.BAD_SIGNATURE
+
+
+def test_forged_tree_head_is_rejected(log, signing_key):
+    entries, chains, _, _, sths = log
+    result = check(entries, chains, replace(sths[-1], tree_size=N + 1), signing_key)
+    assert (result.reason, result.first_bad_seq) == (TamperReason.BAD_SIGNATURE, None)
+
+
+@given(st.data())
+@settings(max_examples=40, deadline=None)
+def test_any_single_detail_change_is_located(data):
+    from services.privacy.domain.keys import Ed25519PrivateKey
+    key = Ed25519PrivateKey.from_private_bytes(bytes(32))
+    n = data.draw(st.integers(1, 20))
+    entries = make_entries(n)
+    state, _, chains = append_batch(AuditState(), entries)
+    sth = sign_tree_head(state, key, T0)
+    k = data.draw(st.integers(0, n - 1))
+    value = data.draw(st.one_of(st.integers(), st.text(max_size=5), st.none()))
+    tampered = list(entries)
+    tampered[k] = with_details(entries[k], injected=value)
+    result = verify_log(tampered, sth, key.public_key(), chain_hashes=chains)
+    assert (result.reason, result.first_bad_seq) == (TamperReason.MODIFIED, k)
+
+
+def test_verify_log_input_errors(log, signing_key):
+    entries, chains, _, _, sths = log
+    with pytest.raises(ValueError, match="chain_hashes"):
+        verify_log(entries, sths[-1], signing_key.public_key(), chain_hashes=chains[:-1])
+    with pytest.raises(ValueError, match=r"entries\[1\]"):
+        verify_log([entries[0], "x"], sths[-1], signing_key.public_key())
+    with pytest.raises(ValueError, match="public_key"):
+        verify_log(entries, sths[-1], signing_key)  # a private key is not a public key
+
+
+# --------------------------------------------------------------------------- export
+
+
+def test_export_round_trip_and_parse_errors(log, signing_key):
+    entries, chains, _, _, sths = log
+    lines = list(audit.export_lines(entries, chains, sths[-1]))
+    assert len(lines) == N + 1 and all("\n" not in line for line in lines)
+    parsed = audit.parse_export(lines)
+    assert parsed.entries == entries and parsed.chain_hashes == chains and parsed.sth == sths[-1]
+    assert verify_log(parsed.entries, parsed.sth, signing_key.public_key(),
+                      chain_hashes=parsed.chain_hashes).ok
+    with pytest.raises(ValueError, match="line 2: invalid JSON"):
+        audit.parse_export([lines[0], "{oops", lines[-1]])
+    with pytest.raises(ValueError, match="no signed tree head"):
+        audit.parse_export(lines[:-1])
+    with pytest.raises(ValueError, match="after the signed tree head"):
+        audit.parse_export(lines + [lines[0]])
+    bad = json.loads(lines[3])
+    bad["entry"]["role"] = "root"
+    with pytest.raises(ValueError, match="line 1.entry.role"):
+        audit.parse_export([json.dumps(bad), lines[-1]])

@@ -1,0 +1,170 @@
+from __future__ import annotations
+
+import base64
+from datetime import timedelta
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.privacy.domain.crypto import (
+    DecryptionError,
+    KeyDestroyedError,
+    KeyEncryptionKey,
+    KeyNotFoundError,
+    KeyRing,
+    WrappedDek,
+    generate_kek,
+    parse_kek_config,
+    records_from_dicts,
+    records_to_dicts,
+)
+from tests.unit.privacy.factories import T0
+
+KEK1 = KeyEncryptionKey("kek-1", bytes(range(32)))
+KEK2 = KeyEncryptionKey("kek-2", bytes(range(100, 132)))
+
+
+def ring_with(*accounts: str) -> KeyRing:
+    ring = KeyRing([KEK1, KEK2], "kek-1")
+    for a in accounts:
+        ring.create_dek(a, T0)
+    return ring
+
+
+@given(st.binary(max_size=2000), st.text(min_size=1, max_size=20))
+@settings(max_examples=50, deadline=None)
+def test_round_trip(plaintext, field):
+    ring = ring_with("acct-1")
+    blob = ring.encrypt_field("acct-1", field, plaintext)
+    assert plaintext not in blob or len(plaintext) < 4
+    assert ring.decrypt_field("acct-1", field, blob) == plaintext
+
+
+def test_same_plaintext_encrypts_differently():
+    ring = ring_with("acct-1")
+    assert ring.encrypt_field("acct-1", "email", b"x") != ring.encrypt_field("acct-1", "email", b"x")
+
+
+def test_wrong_aad_is_rejected():
+    ring = ring_with("acct-1", "acct-2")
+    blob = ring.encrypt_field("acct-1", "email", b"ana@example.com")
+    with pytest.raises(DecryptionError):
+        ring.decrypt_field("acct-1", "phone", blob)  # other field
+    with pytest.raises(DecryptionError):
+        ring.decrypt_field("acct-2", "email", blob)  # other household (same DEK version)
+    tampered = bytearray(blob)
+    tampered[-1] ^= 1
+    with pytest.raises(DecryptionError):
+        ring.decrypt_field("acct-1", "email", bytes(tampered))
+
+
+def test_shredded_dek_makes_data_unreadable_for_good():
+    ring = ring_with("acct-1", "acct-2")
+    blob = ring.encrypt_field("acct-1", "email", b"secret")
+    other = ring.encrypt_field("acct-2", "email", b"kept")
+    tombstones = ring.destroy_dek("acct-1", T0 + timedelta(days=1))
+    assert all(t.destroyed and t.wrapped == b"" for t in tombstones)
+    with pytest.raises(KeyDestroyedError):
+        ring.decrypt_field("acct-1", "email", blob)
+    with pytest.raises(KeyDestroyedError):
+        ring.encrypt_field("acct-1", "email", b"new")
+    with pytest.raises(KeyDestroyedError):
+        ring.create_dek("acct-1", T0)
+    assert ring.decrypt_field("acct-2", "email", other) == b"kept"
+    # a fresh process that loads the persisted records (tombstone included) agrees
+    fresh = KeyRing([KEK1, KEK2], "kek-1", ring.records())
+    with pytest.raises(KeyDestroyedError):
+        fresh.decrypt_field("acct-1", "email", blob)
+    assert fresh.decrypt_field("acct-2", "email", other) == b"kept"
+    # a stale copy of the live record loaded after the tombstone does not resurrect it
+    stale = KeyRing([KEK1, KEK2], "kek-1", [*ring.records("acct-1")])
+    assert stale.is_destroyed("acct-1")
+    # idempotent
+    assert ring.destroy_dek("acct-1", T0 + timedelta(days=2)) == tombstones
+
+
+def test_kek_rotation_rewraps_without_touching_data():
+    ring = ring_with("acct-1", "acct-2")
+    blobs = {a: ring.encrypt_field(a, "name", a.encode()) for a in ("acct-1", "acct-2")}
+    before = {(r.account_id, r.dek_version): r for r in ring.records()}
+    changed = ring.rotate_kek("kek-2")
+    assert {r.kek_id for r in changed} == {"kek-2"} and len(changed) == 2
+    for r in changed:
+        assert r.wrapped != before[(r.account_id, r.dek_version)].wrapped
+    assert ring.kek_ids_in_use() == {"kek-2"}
+    # a process configured with only the new KEK reads the old ciphertexts
+    fresh = KeyRing([KEK2], "kek-2", ring.records())
+    for a, blob in blobs.items():
+        assert fresh.decrypt_field(a, "name", blob) == a.encode()
+    # rotating again to the active key changes nothing
+    assert ring.rotate_kek("kek-2") == []
+
+
+def test_records_without_their_kek_cannot_be_read():
+    ring = ring_with("acct-1")
+    blob = ring.encrypt_field("acct-1", "f", b"x")
+    with pytest.raises(ValueError, match="kek_id"):
+        KeyRing([KEK2], "kek-2", ring.records())
+    wrong = KeyRing([KeyEncryptionKey("kek-1", bytes(32))], "kek-1", ring.records())
+    with pytest.raises(DecryptionError):
+        wrong.decrypt_field("acct-1", "f", blob)
+
+
+def test_wrapped_dek_is_bound_to_its_household():
+    ring = ring_with("acct-1", "acct-2")
+    r1 = ring.records("acct-1")[0]
+    swapped = WrappedDek("acct-2", r1.dek_version, r1.kek_id, r1.wrapped, r1.created_at)
+    blob = ring.encrypt_field("acct-2", "f", b"x")
+    fresh = KeyRing([KEK1], "kek-1", [swapped])
+    with pytest.raises(DecryptionError):
+        fresh.decrypt_field("acct-2", "f", blob)
+
+
+def test_dek_rotation_keeps_old_versions_readable():
+    ring = ring_with("acct-1")
+    old = ring.encrypt_field("acct-1", "f", b"v1")
+    ring.create_dek("acct-1", T0 + timedelta(days=30))
+    new = ring.encrypt_field("acct-1", "f", b"v2")
+    assert old[1:5] == (1).to_bytes(4, "big") and new[1:5] == (2).to_bytes(4, "big")
+    assert ring.decrypt_field("acct-1", "f", old) == b"v1"
+    assert ring.decrypt_field("acct-1", "f", new) == b"v2"
+
+
+def test_missing_key_and_bad_inputs():
+    ring = ring_with()
+    with pytest.raises(KeyNotFoundError):
+        ring.encrypt_field("nobody", "f", b"x")
+    with pytest.raises(KeyNotFoundError):
+        ring.destroy_dek("nobody", T0)
+    ring.create_dek("acct-1", T0)
+    with pytest.raises(ValueError, match="plaintext"):
+        ring.encrypt_field("acct-1", "f", "text")
+    with pytest.raises(ValueError, match="field"):
+        ring.encrypt_field("acct-1", "", b"x")
+    with pytest.raises(ValueError, match="blob"):
+        ring.decrypt_field("acct-1", "f", b"\x01short")
+    with pytest.raises(ValueError, match="active_kek_id"):
+        KeyRing([KEK1], "kek-9")
+    with pytest.raises(ValueError, match="key"):
+        KeyEncryptionKey("k", b"short")
+    assert "redacted" in repr(KEK1) and str(bytes(range(32))) not in repr(KEK1)
+
+
+def test_kek_config_parsing():
+    b1 = base64.b64encode(KEK1.key).decode()
+    b2 = base64.b64encode(KEK2.key).decode()
+    keks = parse_kek_config(f" kek-1={b1} , kek-2={b2}")
+    assert keks == [KEK1, KEK2]
+    for bad, match in [("", "keks"), ("kek-1", r"keks\[0\]"), (f"a={b1},a={b2}", "duplicate"),
+                       ("a=!!!", "base64"), ("a=" + base64.b64encode(b"x" * 16).decode(), "key")]:
+        with pytest.raises(ValueError, match=match):
+            parse_kek_config(bad)
+
+
+def test_records_serialise_round_trip():
+    ring = ring_with("acct-1", "acct-2")
+    ring.destroy_dek("acct-2", T0)
+    rows = records_to_dicts(ring.records())
+    assert records_from_dicts(rows) == ring.records()
+    assert generate_kek("x").key != generate_kek("x").key

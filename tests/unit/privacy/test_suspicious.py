@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.privacy.domain.audit import AuditEntry, EventType, Outcome
+from services.privacy.domain.suspicious import (
+    DetectorThresholds,
+    SecurityEventKind,
+    SuspiciousActivityDetector,
+)
+from tests.unit.privacy.factories import T0
+
+
+class Stream:
+    """Builds entries with increasing seq."""
+
+    def __init__(self) -> None:
+        self.seq = 0
+
+    def __call__(self, kind, principal="ana", resource="", seconds=0.0, **details):
+        e = AuditEntry(self.seq, T0 + timedelta(seconds=seconds), kind, principal, "analyst",
+                       resource, Outcome.SUCCESS, "", details)
+        self.seq += 1
+        return e
+
+
+def test_mass_reads_fire_at_the_distinct_household_threshold():
+    det = SuspiciousActivityDetector(DetectorThresholds(window=timedelta(minutes=1),
+                                                        distinct_households=5))
+    s = Stream()
+    # re-reading the same household does not count twice
+    assert det.observe_many(s(EventType.READ_HOUSEHOLD, resource="hh0", seconds=i) for i in range(10)) == []
+    alerts = [det.observe(s(EventType.READ_HOUSEHOLD, resource=f"hh{i}", seconds=10 + i))
+              for i in range(1, 6)]
+    assert [len(a) for a in alerts] == [0, 0, 0, 1, 0]  # 5th distinct household fires once
+    ev = alerts[3][0]
+    assert (ev.kind, ev.principal, ev.count, ev.window) == (
+        SecurityEventKind.MASS_HOUSEHOLD_READS, "ana", 5, timedelta(minutes=1))
+    assert ev.details()["trigger_seq"] == ev.seq
+
+
+def test_reads_outside_the_window_do_not_count_and_other_principals_are_separate():
+    det = SuspiciousActivityDetector(DetectorThresholds(window=timedelta(seconds=10),
+                                                        distinct_households=3))
+    s = Stream()
+    events = [s(EventType.READ_HOUSEHOLD, resource=f"hh{i}", seconds=20 * i) for i in range(6)]
+    events += [s(EventType.READ_HOUSEHOLD, principal=f"p{i}", resource=f"hh{i}", seconds=200)
+               for i in range(6)]
+    assert det.observe_many(events) == []
+
+
+def test_auth_failures_fire_rearm_and_fire_again():
+    det = SuspiciousActivityDetector(DetectorThresholds(window=timedelta(seconds=60),
+                                                        auth_failures=3))
+    s = Stream()
+    burst1 = [s(EventType.AUTHENTICATION_FAILURE, principal="eve", seconds=i) for i in range(6)]
+    alerts = det.observe_many(burst1)
+    assert len(alerts) == 1 and alerts[0].kind is SecurityEventKind.REPEATED_AUTH_FAILURES
+    assert alerts[0].count == 3 and alerts[0].seq == 2
+    # much later: the window emptied, so the rule is armed again
+    burst2 = [s(EventType.AUTHENTICATION_FAILURE, principal="eve", seconds=1000 + i) for i in range(3)]
+    alerts = det.observe_many(burst2)
+    assert len(alerts) == 1 and alerts[0].count == 3
+
+
+def test_bulk_export_by_count_and_by_records():
+    t = DetectorThresholds(window=timedelta(minutes=5), exports=4, export_records=1000,
+                           distinct_households=10_000)
+    s = Stream()
+    det = SuspiciousActivityDetector(t)
+    alerts = det.observe_many(s(EventType.EXPORT, resource=f"hh{i}", seconds=i, record_count=1)
+                              for i in range(4))
+    assert [(a.kind, a.count) for a in alerts] == [(SecurityEventKind.BULK_EXPORT, 4)]
+    det = SuspiciousActivityDetector(t)
+    alerts = det.observe_many([s(EventType.EXPORT, principal="bob", resource="hh1", record_count=600),
+                               s(EventType.EXPORT, principal="bob", resource="hh2", record_count=600)])
+    assert [(a.kind, a.count) for a in alerts] == [(SecurityEventKind.BULK_EXPORT, 1200)]
+    # a malformed record count does not crash and does not hide the export
+    det = SuspiciousActivityDetector(t)
+    assert det.observe(s(EventType.EXPORT, resource="hh", record_count="lots")) == []
+
+
+def test_late_entry_outside_the_window_is_ignored():
+    det = SuspiciousActivityDetector(DetectorThresholds(window=timedelta(seconds=10), auth_failures=2))
+    s = Stream()
+    det.observe(s(EventType.AUTHENTICATION_FAILURE, seconds=100))
+    assert det.observe(s(EventType.AUTHENTICATION_FAILURE, seconds=50)) == []
+    assert len(det.observe(s(EventType.AUTHENTICATION_FAILURE, seconds=101))) == 1
+
+
+@given(st.lists(st.integers(0, 300), min_size=1, max_size=60), st.integers(1, 6))
+@settings(max_examples=50, deadline=None)
+def test_auth_alert_matches_a_brute_force_window_count(offsets, threshold):
+    """Alert iff some failure sees >= threshold failures in (t - w, t] (sorted input)."""
+    w = timedelta(seconds=30)
+    det = SuspiciousActivityDetector(DetectorThresholds(window=w, auth_failures=threshold))
+    s = Stream()
+    times = sorted(offsets)
+    alerts = det.observe_many(s(EventType.AUTHENTICATION_FAILURE, seconds=t) for t in times)
+    counts = [sum(1 for u in times[: i + 1] if t - 30 < u <= t) for i, t in enumerate(times)]
+    assert (len(alerts) > 0) == any(c >= threshold for c in counts)
+    # the first alert is at the first entry reaching the threshold
+    if alerts:
+        assert alerts[0].seq == next(i for i, c in enumerate(counts) if c >= threshold)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"window": timedelta(0)}, "window"),
+    ({"distinct_households": 0}, "distinct_households"),
+    ({"auth_failures": 1.5}, "auth_failures"),
+    ({"exports": True}, "exports"),
+])
+def test_invalid_thresholds(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DetectorThresholds(**kwargs)
+    with pytest.raises(ValueError, match="entry"):
+        SuspiciousActivityDetector().observe("not an entry")

@@ -1,0 +1,154 @@
+"""Session builder: gaps, late events, duplicates, features, and order independence."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.clustering.domain import features as F
+from services.clustering.domain.events import ViewingEvent, validate_batch
+from services.clustering.domain.sessions import build_sessions, split_by_gap
+from services.common.errors import InvalidArgument
+
+T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z, a Thursday
+
+
+def ev(i, ts, **kw):
+    base = dict(event_id=f"e{i}", account_id="a", device_id="d", device_type="tv", ts=ts,
+                kind="heartbeat", title_id=f"t{i}", genres=("drama",), duration_s=60.0)
+    base.update(kw)
+    return ViewingEvent(**base)
+
+
+def test_gap_splits_sessions_exactly_at_the_window():
+    events = [ev(0, T0), ev(1, T0 + 1800), ev(2, T0 + 1800 + 1801)]
+    sessions = build_sessions(events, gap_s=1800)
+    assert [s.event_ids for s in sessions] == [("e0", "e1"), ("e2",)]
+    assert sessions[0].start_ts == T0 and sessions[0].end_ts == T0 + 1800
+
+
+def test_duplicates_by_event_id_are_ignored():
+    events = [ev(0, T0), ev(1, T0 + 60), ev(1, T0 + 60)]
+    (session,) = build_sessions(events)
+    assert session.event_ids == ("e0", "e1")
+    assert session.watch_seconds == 120.0
+
+
+def test_late_event_joins_its_session_and_changes_its_id_only_when_it_moves_the_start():
+    on_time = [ev(0, T0), ev(1, T0 + 600)]
+    (before,) = build_sessions(on_time)
+    (joined,) = build_sessions(on_time + [ev(2, T0 + 300)])
+    assert joined.session_id == before.session_id and len(joined.event_ids) == 3
+    (extended,) = build_sessions(on_time + [ev(3, T0 - 300)])
+    assert extended.session_id != before.session_id and extended.start_ts == T0 - 300
+
+
+def test_mixed_devices_are_refused():
+    with pytest.raises(ValueError, match="one"):
+        build_sessions([ev(0, T0), ev(1, T0, device_id="other")])
+
+
+def test_features_encode_time_device_genres_and_binge():
+    events = [ev(i, T0 + 20 * 3600 + i * 60, series_id="show", title_id=f"ep{i}",
+                 genres=("kids", "animation"), maturity="kids", duration_s=100.0) for i in range(3)]
+    events.append(ev(9, T0 + 20 * 3600 + 400, genres=("drama",), maturity="adult", duration_s=300.0))
+    (s,) = build_sessions(events)
+    v = s.features
+    assert v.dtype == np.float32 and v.shape == (F.FEATURE_DIM,)
+    angle = 2 * math.pi * 20 / 24
+    assert v[F.HOUR].tolist() == pytest.approx([math.sin(angle), math.cos(angle)], abs=1e-6)
+    assert v[F.DEVICE.start + F.DEVICE_TYPES.index("tv")] == 1.0 and v[F.DEVICE].sum() == 1.0
+    genres = v[F.GENRE]
+    assert genres.sum() == pytest.approx(1.0)
+    assert genres[F.GENRES.index("kids")] == pytest.approx(150 / 600)
+    assert genres[F.GENRES.index("drama")] == pytest.approx(300 / 600)
+    assert v[F.KIDS_SHARE] == pytest.approx(0.5)
+    assert v[F.BINGE] == 1.0
+    assert v[F.LOG_MINUTES] == pytest.approx(math.log1p(10.0))
+    assert v[F.LOG_TITLES] == pytest.approx(math.log1p(4))
+
+
+def test_day_of_week_starts_on_monday():
+    monday_noon = T0 + 4 * 86400 + 12 * 3600   # 2026-01-05 is a Monday
+    (s,) = build_sessions([ev(0, monday_noon)])
+    angle = 2 * math.pi * (0 + 0.5) / 7
+    assert s.features[F.DOW].tolist() == pytest.approx([math.sin(angle), math.cos(angle)], abs=1e-6)
+
+
+def test_missing_optional_fields_still_give_finite_features():
+    (s,) = build_sessions([ev(0, T0, title_id="", genres=(), duration_s=0.0, device_type="other")])
+    assert np.isfinite(s.features).all()
+    assert s.features[F.GENRE].sum() == 0.0
+
+
+def test_label_is_the_most_frequent_profile_hint():
+    events = [ev(0, T0, profile_hint="Ana"), ev(1, T0 + 1, profile_hint="Ben"), ev(2, T0 + 2, profile_hint="Ben")]
+    assert build_sessions(events)[0].label == "Ben"
+
+
+def test_vector_bytes_round_trip_and_bad_length():
+    m = np.arange(2 * F.FEATURE_DIM, dtype=np.float32).reshape(2, -1)
+    assert np.array_equal(F.from_bytes(F.to_bytes(m)), m)
+    with pytest.raises(ValueError):
+        F.from_bytes(b"\x00" * 7)
+
+
+@pytest.mark.parametrize("field,change", [
+    ("events[0].event_id", {"event_id": ""}),
+    ("events[0].event_id", {"event_id": "x" * 200}),
+    ("events[0].account_id", {"account_id": "bad id"}),
+    ("events[0].device_type", {"device_type": "fridge"}),
+    ("events[0].ts", {"ts": float("nan")}),
+    ("events[0].ts", {"ts": 0.0}),
+    ("events[0].kind", {"kind": "pause"}),
+    ("events[0].duration_s", {"duration_s": -1.0}),
+    ("events[0].duration_s", {"duration_s": float("inf")}),
+    ("events[0].genres", {"genres": tuple(f"g{i}" for i in range(17))}),
+    ("events[0].genres[0]", {"genres": ("",)}),
+    ("events[0].maturity", {"maturity": "R18"}),
+    ("events[0].country", {"country": "gbr"}),
+    ("events[0].profile_hint", {"profile_hint": "x" * 65}),
+])
+def test_validation_names_the_field(field, change):
+    with pytest.raises(InvalidArgument) as info:
+        validate_batch([ev(0, change.pop("ts", T0), **change)], now=T0 + 10)
+    assert info.value.field == field
+
+
+event_times = st.lists(st.floats(min_value=0, max_value=5 * 3600, allow_nan=False), min_size=1, max_size=40)
+
+
+@settings(max_examples=60, deadline=None)
+@given(times=event_times, seed=st.randoms(use_true_random=False))
+def test_sessions_do_not_depend_on_arrival_order_or_repeats(times, seed):
+    events = [ev(i, T0 + t) for i, t in enumerate(times)]
+    shuffled = list(events) + seed.sample(events, k=len(events) // 2)  # repeats = duplicates
+    seed.shuffle(shuffled)
+    a, b = build_sessions(events), build_sessions(shuffled)
+    assert [s.session_id for s in a] == [s.session_id for s in b]
+    assert all(np.array_equal(x.features, y.features) for x, y in zip(a, b))
+
+
+@settings(max_examples=60, deadline=None)
+@given(times=event_times, gap=st.floats(min_value=60, max_value=7200))
+def test_every_event_in_exactly_one_session_and_gaps_respected(times, gap):
+    events = [ev(i, T0 + t) for i, t in enumerate(times)]
+    sessions = build_sessions(events, gap_s=gap)
+    ids = [i for s in sessions for i in s.event_ids]
+    assert sorted(ids) == sorted(e.event_id for e in events)
+    by_id = {e.event_id: e.ts for e in events}
+    for s in sessions:
+        ts = sorted(by_id[i] for i in s.event_ids)
+        assert all(b - a <= gap for a, b in zip(ts, ts[1:]))
+    for left, right in zip(sessions, sessions[1:]):
+        assert right.start_ts - left.end_ts > gap
+
+
+def test_split_by_gap_vectorised_matches_definition():
+    ts = np.array([0, 10, 100, 105, 400.0])
+    assert split_by_gap(ts, 50).tolist() == [0, 2, 4]
+    assert split_by_gap(np.array([]), 50).tolist() == []
