@@ -299,8 +299,9 @@ def bin_edges(confidence: FloatArray, n_bins: int, strategy: str) -> FloatArray:
     _check_bins(n_bins, strategy)
     if strategy == "uniform":
         return np.linspace(0.0, 1.0, n_bins + 1)
-    edges = np.quantile(confidence, np.linspace(0.0, 1.0, n_bins + 1))
-    return np.unique(edges) if np.unique(edges).size > 1 else np.array([edges[0], edges[0]])
+    edges = np.unique(np.quantile(confidence, np.linspace(0.0, 1.0, n_bins + 1)))
+    # All confidences equal: one degenerate bin [c, c] rather than none.
+    return edges if edges.size > 1 else np.array([edges[0], edges[0]])
 
 
 def reliability_table(
