@@ -26,6 +26,7 @@ from hearth.clustering.v1 import clustering_pb2 as cpb
 from services.common import telemetry
 from services.common.errors import HearthError
 from services.common.identity import Principal
+from services.common.permissions import authorize_route
 from services.common.pbutil import float_to_ts, name_to_enum
 
 log = logging.getLogger("hearth.gateway")
@@ -163,12 +164,20 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def on_rpc_error(_request: Request, exc: grpc.aio.AioRpcError):
         return from_rpc_error(exc)
 
-    async def principal(request: Request) -> Principal:
-        return authenticator.authenticate(request.headers)
+    def access(route: str):
+        """Dependency for a route: authenticate the caller, then check the permission
+        matrix for ``route`` ("METHOD /path/template")."""
+
+        async def dependency(request: Request) -> Principal:
+            who = authenticator.authenticate(request.headers)
+            authorize_route(who, route)
+            return who
+
+        return dependency
 
     @app.post("/v1/events", response_model=models.IngestOut, responses=ERROR_RESPONSES,
               summary="Ingest a batch of viewing events (idempotent by event_id)")
-    async def post_events(body: models.EventsIn, who: Principal = Depends(principal)):
+    async def post_events(body: models.EventsIn, who: Principal = Depends(access("POST /v1/events"))):
         request = cpb.IngestEventsRequest(events=[_event_to_pb(e) for e in body.events])
         r = await clients.stream_unary("clustering", "IngestEvents", [request], who)
         return models.IngestOut(accepted=r.accepted, duplicates=r.duplicates,
@@ -179,7 +188,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
              summary="Devices, sessions, persons and drift events of a household")
     async def get_household(account_id: str = Path(..., min_length=1, max_length=128,
                                                    pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"),
-                            who: Principal = Depends(principal)):
+                            who: Principal = Depends(access("GET /v1/household/{account_id}"))):
         r = await clients.call("clustering", "GetHousehold",
                                cpb.GetHouseholdRequest(account_id=account_id), who)
         return _household_to_json(r)

@@ -25,7 +25,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from services.common import identity, telemetry
+from services.common import identity, permissions, telemetry
 from services.common.errors import ERROR_CODE_KEY, ERROR_FIELD_KEY, HearthError, status_for
 
 log = logging.getLogger("hearth.server")
@@ -111,6 +111,7 @@ class HearthInterceptor(grpc.ServerInterceptor):
             try:
                 principal = identity.principal_from_metadata(metadata)
                 principal_token = identity.set_current(principal)
+                permissions.authorize_rpc(principal, method)
                 span.set_attribute("hearth.principal", principal.id)
                 result = fn(request, context)
             except BaseException as exc:  # noqa: BLE001 - every failure must get a status

@@ -7,6 +7,7 @@ kinds of different strength:
 kind                       weight  label?    meaning for the prediction
 =========================  ======  ========  ===============================================
 profile_confirmed          1.0     yes       the viewer confirmed who was watching: ground truth
+profile_corrected          1.0     yes       the viewer said it was someone else, and who: ground truth
 profile_switched           0.8     yes       the viewer switched to another person's profile;
                                              usually "the prediction was wrong, it was them",
                                              but people also switch when handing the device over
@@ -48,13 +49,16 @@ from services.feedback.domain.metrics import UNKNOWN_LABEL
 
 class SignalKind(StrEnum):
     PROFILE_CONFIRMED = "profile_confirmed"
+    PROFILE_CORRECTED = "profile_corrected"
     PROFILE_SWITCHED = "profile_switched"
     PROFILE_HINT = "profile_hint"
     CONTINUED_RECOMMENDATION = "continued_recommendation"
     ABANDONED_QUICKLY = "abandoned_quickly"
 
 
-LABELLED_KINDS = frozenset({SignalKind.PROFILE_CONFIRMED, SignalKind.PROFILE_SWITCHED, SignalKind.PROFILE_HINT})
+LABELLED_KINDS = frozenset(
+    {SignalKind.PROFILE_CONFIRMED, SignalKind.PROFILE_CORRECTED, SignalKind.PROFILE_SWITCHED, SignalKind.PROFILE_HINT}
+)
 POSITIVE_KINDS = frozenset({SignalKind.CONTINUED_RECOMMENDATION})
 NEGATIVE_KINDS = frozenset({SignalKind.ABANDONED_QUICKLY})
 
@@ -64,6 +68,7 @@ class SignalWeights:
     """Evidence weight per signal kind (see the module table) and the cap for implicit votes."""
 
     profile_confirmed: float = 1.0
+    profile_corrected: float = 1.0
     profile_switched: float = 0.8
     profile_hint: float = 0.5
     continued_recommendation: float = 0.3

@@ -115,6 +115,29 @@ class ExperimentFlags:
             start = stop
         return ranges
 
+    def shares(self) -> dict[str, float]:
+        """Effective percent per variant, control included (all 100 % to control under the kill switch)."""
+        if self.kill_switch:
+            return {self.control: 100.0, **{name: 0.0 for name in self.traffic}}
+        treated = sum(round(p * BUCKETS / 100) for p in self.traffic.values())
+        return {self.control: (BUCKETS - treated) * 100 / BUCKETS, **{n: float(p) for n, p in self.traffic.items()}}
+
+    @classmethod
+    def from_split(
+        cls, salt: str, split: Mapping[str, float], control: str, kill_switch: bool = False, version: int = 1
+    ) -> "ExperimentFlags":
+        """Flags from a full split that includes control and sums to 100 (the SetFlag API form).
+
+        A map has no dependable order, so treatments take their bucket ranges in name order.
+        """
+        if not isinstance(split, Mapping) or control not in split:
+            raise InvalidArgument("traffic", f"must include the control variant {control!r}")
+        total = sum(float(v) for v in split.values() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        if abs(total - 100.0) > 1e-6:
+            raise InvalidArgument("traffic", f"percentages must sum to 100, got {total:g}")
+        treatments = {name: split[name] for name in sorted(split) if name != control}
+        return cls(salt=salt, control=control, traffic=treatments, kill_switch=kill_switch, version=version)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema": FLAGS_SCHEMA,

@@ -269,3 +269,14 @@ def test_bad_input_names_the_field(call, field: str) -> None:  # type: ignore[no
         call()
     assert isinstance(info.value, InvalidArgument)
     assert info.value.field == field
+
+
+def test_domain_errors_map_to_invalid_argument_status() -> None:
+    import grpc
+
+    from services.common.errors import status_for
+
+    with pytest.raises(InvalidArgument) as info:
+        binary_brier([2.0], [1.0])
+    assert status_for(info.value) == grpc.StatusCode.INVALID_ARGUMENT
+    assert str(info.value).startswith("confidence: ")

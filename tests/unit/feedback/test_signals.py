@@ -26,7 +26,7 @@ def rec(pid: str, kind: SignalKind, person: str | None = None, ts: float = 0.0, 
 
 def test_documented_default_weights() -> None:
     w = SignalWeights()
-    assert [w.of(k) for k in K] == [1.0, 0.8, 0.5, 0.3, 0.2]
+    assert [w.of(k) for k in K] == [1.0, 1.0, 0.8, 0.5, 0.3, 0.2]
     # Implicit evidence can never weigh as much as an explicit confirmation.
     assert w.implicit_cap < w.profile_confirmed
 
@@ -35,6 +35,14 @@ def test_explicit_confirmation_is_a_full_weight_label() -> None:
     right, wrong = interpret_feedback([rec("a", K.PROFILE_CONFIRMED, "p1"), rec("b", K.PROFILE_CONFIRMED, "p2")])
     assert (right.correct, right.weight, right.label) == (True, 1.0, "p1")
     assert (wrong.correct, wrong.weight, wrong.label) == (False, 1.0, "p2")
+
+
+def test_correction_is_a_full_weight_labelled_negative() -> None:
+    (evidence,) = interpret_feedback([rec("a", K.PROFILE_CORRECTED, "p2")])
+    assert (evidence.correct, evidence.weight, evidence.label) == (False, 1.0, "p2")
+    # A confirmation and a correction weigh the same: the latest word counts.
+    (later,) = interpret_feedback([rec("b", K.PROFILE_CORRECTED, "p2", ts=1), rec("b", K.PROFILE_CONFIRMED, "p1", ts=2)])
+    assert later.correct and later.label == "p1"
 
 
 def test_switch_is_a_labelled_negative() -> None:

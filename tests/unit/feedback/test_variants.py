@@ -165,3 +165,15 @@ def test_compare_variants_weights_and_missing_control() -> None:
     with pytest.raises(InvalidArgument) as info:
         compare_variants([], [], [])
     assert info.value.field == "variants"
+
+
+def test_full_split_form_of_the_api() -> None:
+    flags = ExperimentFlags.from_split("s", {"kmeans": 60.0, "gmm": 30.0, "dpgmm": 10.0}, control="kmeans", version=2)
+    assert list(flags.traffic) == ["dpgmm", "gmm"]  # name order, not map order
+    assert flags.shares() == {"kmeans": 60.0, "dpgmm": 10.0, "gmm": 30.0}
+    killed = ExperimentFlags.from_dict({**flags.to_dict(), "kill_switch": True})
+    assert killed.shares() == {"kmeans": 100.0, "dpgmm": 0.0, "gmm": 0.0}
+    with pytest.raises(InvalidArgument, match="sum to 100"):
+        ExperimentFlags.from_split("s", {"kmeans": 60.0, "gmm": 30.0}, control="kmeans")
+    with pytest.raises(InvalidArgument, match="control"):
+        ExperimentFlags.from_split("s", {"gmm": 100.0}, control="kmeans")

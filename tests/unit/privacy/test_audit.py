@@ -80,6 +80,54 @@ def test_canonical_bytes_are_sorted_compact_utf8():
     assert AuditEntry.from_dict(json.loads(data)).canonical_bytes == data
 
 
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text()
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(), children, max_size=3),
+    max_leaves=10,
+)
+_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=30)
+
+
+@given(
+    seq=st.integers(0, 2**62), micros=st.integers(0, 10**15),
+    event_type=st.sampled_from(list(EventType)), role=st.sampled_from(list(Role)),
+    principal=_text.filter(bool), resource=_text, trace_id=_text,
+    details=st.dictionaries(st.text(), _json_values, max_size=5),
+)
+@settings(max_examples=150, deadline=None)
+def test_fast_encoder_equals_reference_json(seq, micros, event_type, role, principal, resource,
+                                            trace_id, details):
+    """The hand-assembled canonical bytes equal json.dumps of the documented object."""
+    ts = T0 - timedelta(days=365 * 20) + timedelta(microseconds=micros)
+    e = AuditEntry(seq, ts, event_type.value, principal, role.value, resource, "denied",
+                   trace_id, details)
+    reference = {"v": 1, "seq": seq, "ts": ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                 "event_type": event_type.value, "principal": principal, "role": role.value,
+                 "resource": resource, "outcome": "denied", "trace_id": trace_id,
+                 "details": details}
+    assert e.canonical_bytes == json.dumps(
+        reference, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+        allow_nan=False).encode("utf-8")
+    assert AuditEntry.from_dict(json.loads(e.canonical_bytes)).canonical_bytes == e.canonical_bytes
+
+
+def test_details_are_snapshotted_and_bounded():
+    details = {"a": [1]}
+    e = AuditEntry(0, T0, "assign", "svc", "service", "", details=details)
+    details["a"] = [2]  # rebinding a key afterwards does not change the entry (shallow copy)
+    assert e.details == {"a": [1]} and b'"a":[1]' in e.canonical_bytes
+    deep: dict = {}
+    node = deep
+    for _ in range(40):
+        node["x"] = {}
+        node = node["x"]
+    with pytest.raises(ValueError, match="nested deeper"):
+        AuditEntry(0, T0, "assign", "svc", "service", "", details=deep)
+    with pytest.raises(ValueError, match="Unicode"):
+        AuditEntry(0, T0, "assign", "svc\ud800", "service", "")
+
+
 def test_equal_content_gives_equal_bytes_regardless_of_dict_order_and_timezone():
     from datetime import timezone
     a = AuditEntry(0, T0, "assign", "svc", "service", "hh", details={"b": 1, "a": 2})

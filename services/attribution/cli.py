@@ -1,0 +1,149 @@
+"""Command line: ``attribute PATHS.csv`` over a ChannelAttribution-format path file.
+
+    python -m services.attribution.cli attribute PATHS.csv --order 2 --method markov
+    hearth attribute PATHS.csv --format json --output credit.json   (once the lead wires it)
+
+``register(subparsers)`` adds the subcommand to an existing argparse tree; ``main``
+runs it standalone. Output: CSV (one row per channel, largest credit first, with the
+heuristic baselines as extra columns) or the JSON of ``AttributionReport.to_dict()``.
+Exit status 0 on success, 2 on bad input (message ``error: field: reason`` on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from services.attribution.domain.api import METHODS, attribute
+from services.attribution.domain.errors import AttributionInputError
+from services.attribution.domain.markov import MAX_ORDER, MarkovConventions
+from services.attribution.domain.paths import read_paths
+
+PROGRESS_MIN_BYTES = 8 << 20  # show a progress bar for files from 8 MB
+
+
+def _horizon(text: str) -> int | str | None:
+    if text in ("none", "None", ""):
+        return None
+    if text == "data":
+        return "data"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be an integer >= 1, 'data' or 'none'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``attribute`` subcommand to ``subparsers`` (from ``add_subparsers()``)."""
+    p = subparsers.add_parser(
+        "attribute",
+        help="attribute conversions of a path file to channels",
+        description=(
+            "Attribute conversions and revenue of a ChannelAttribution-format path file "
+            "(path;total_conversions;total_conversion_value;total_null) to channels."
+        ),
+    )
+    p.add_argument("paths", metavar="PATHS.csv", help="path file (';'-separated, header line)")
+    p.add_argument("--method", choices=METHODS, default="markov")
+    p.add_argument("--order", type=int, default=1, choices=range(1, MAX_ORDER + 1), metavar="K",
+                   help=f"Markov order 1..{MAX_ORDER} (default 1)")
+    p.add_argument("--alpha", type=float, default=0.5,
+                   help="hybrid weight of Markov: alpha*markov + (1-alpha)*shapley (default 0.5)")
+    p.add_argument("--format", choices=("csv", "json"), default="csv")
+    p.add_argument("--output", "-o", help="write here instead of stdout")
+    p.add_argument("--no-collapse", action="store_true",
+                   help="keep repeated channels/states (self-loops); default merges repeated states")
+    p.add_argument("--collapse", choices=("states", "channels"), default="states",
+                   help="what to merge when collapsing: consecutive identical states "
+                        "(ChannelAttribution) or channel runs before building states")
+    p.add_argument("--no-nulls", action="store_true", help="ignore total_null (paths that did not convert)")
+    p.add_argument("--warmup-states", action="store_true",
+                   help="order k: states also at the first k-1 touches (growing prefixes)")
+    p.add_argument("--horizon", type=_horizon, default=None,
+                   help="max channel states before conversion: integer, 'data' "
+                        "(ChannelAttribution's cut) or 'none' (default, exact)")
+    p.add_argument("--revenue", choices=("value_chain", "conversion_share"), default="value_chain")
+    p.add_argument("--sep", default=">", help="channel separator inside a path (default '>')")
+    p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    p.set_defaults(handler=run_attribute)
+    return p
+
+
+def _read_with_progress(path: str, sep: str, show: bool):  # type: ignore[no-untyped-def]
+    size = os.path.getsize(path)
+    if not show or size < PROGRESS_MIN_BYTES:
+        return read_paths(path, sep=sep)
+    from tqdm import tqdm
+
+    with tqdm(total=size, unit="B", unit_scale=True, desc="reading paths", file=sys.stderr) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.update(done - bar.n)
+
+        return read_paths(path, sep=sep, progress=progress, chunk_bytes=4 << 20)
+
+
+def _csv_text(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        buf.write("channel,share,conversions,revenue\n")
+    return buf.getvalue()
+
+
+def run_attribute(args: argparse.Namespace) -> int:
+    """Handler of the ``attribute`` subcommand; returns the exit status."""
+    try:
+        if not os.path.isfile(args.paths):
+            raise AttributionInputError("paths", f"no such file: {args.paths}")
+        repeats = "keep" if args.no_collapse else (
+            "collapse_channels" if args.collapse == "channels" else "collapse_states"
+        )
+        conventions = MarkovConventions(
+            order=args.order,
+            repeats=repeats,
+            include_nulls=not args.no_nulls,
+            warmup_states=args.warmup_states,
+            horizon=args.horizon,
+            revenue=args.revenue,
+        )
+        paths = _read_with_progress(args.paths, args.sep, not args.no_progress)
+        report = attribute(paths, method=args.method, alpha=args.alpha, conventions=conventions)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    text = (
+        json.dumps(report.to_dict(), indent=2) + "\n"
+        if args.format == "json"
+        else _csv_text(report.rows())
+    )
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Standalone entry: ``python -m services.attribution.cli attribute PATHS.csv``."""
+    parser = argparse.ArgumentParser(prog="python -m services.attribution.cli")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(argv)
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

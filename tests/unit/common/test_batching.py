@@ -1,0 +1,50 @@
+"""Group commit: batches many submissions, acknowledges only after flush, propagates failure."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from services.common.batching import GroupCommitter
+
+
+def test_concurrent_submissions_are_batched_and_all_flushed():
+    flushed: list[list[int]] = []
+    gate = threading.Event()
+
+    def flush(items):
+        gate.wait(5)  # hold the first batch so that the others queue up behind it
+        flushed.append(list(items))
+        return len(items)
+
+    committer = GroupCommitter(flush, max_batch=1000, max_delay_s=0.01)
+    futures = [committer.submit([i]) for i in range(200)]
+    gate.set()
+    for f in futures:
+        f.result(5)
+    committer.close()
+    assert sorted(x for batch in flushed for x in batch) == list(range(200))
+    assert len(flushed) < 200  # batched, not one flush per submission
+
+
+def test_failure_reaches_every_waiter_of_the_batch():
+    def flush(items):
+        raise OSError("disk full")
+
+    committer = GroupCommitter(flush, max_delay_s=0.01)
+    futures = [committer.submit([1]), committer.submit([2])]
+    for f in futures:
+        with pytest.raises(OSError):
+            f.result(5)
+    committer.close()
+
+
+def test_close_flushes_pending_and_refuses_new():
+    seen = []
+    committer = GroupCommitter(lambda items: seen.extend(items), max_delay_s=0.05)
+    future = committer.submit(["a", "b"])
+    committer.close()
+    assert future.done() and seen == ["a", "b"]
+    with pytest.raises(RuntimeError):
+        committer.submit(["c"])
