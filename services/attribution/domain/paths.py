@@ -509,9 +509,11 @@ def write_paths(paths: Paths, target: str | os.PathLike[str], *, sep: str = " > 
     names = paths.channel_names
     with open(target, "w", encoding="utf-8") as fh:
         fh.write(f"{PATH_COLUMN};{CONVERSIONS_COLUMN};{VALUE_COLUMN};{NULL_COLUMN}\n")
-        off = paths.offsets
-        for i in range(paths.n_paths):
-            labels = sep.join(names[c] for c in paths.channels[off[i] : off[i + 1]])
-            fh.write(
-                f"{labels};{paths.conversions[i]!r};{paths.values[i]!r};{paths.nulls[i]!r}\n"
-            )
+        off = paths.offsets.tolist()
+        codes = paths.channels.tolist()
+        # repr of a Python float round-trips exactly, so read_paths(write_paths(p)) == p.
+        for i, (c, v, n) in enumerate(
+            zip(paths.conversions.tolist(), paths.values.tolist(), paths.nulls.tolist())
+        ):
+            labels = sep.join(names[k] for k in codes[off[i] : off[i + 1]])
+            fh.write(f"{labels};{c!r};{v!r};{n!r}\n")

@@ -1,0 +1,20 @@
+"""HTTP routes, one module per backing service. Each module's ``router(clients, access)``
+returns an APIRouter; ``access("METHOD /path")`` is the dependency that authenticates the
+caller and checks the permission matrix for that route."""
+
+from __future__ import annotations
+
+from fastapi import Path
+
+from gateway import models
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+ACCOUNT_PATH = Path(..., min_length=1, max_length=128, pattern=ID_PATTERN)
+
+ERROR_RESPONSES = {
+    401: {"model": models.ErrorOut, "description": "missing or invalid credentials"},
+    403: {"model": models.ErrorOut, "description": "the caller's role may not use this route"},
+    413: {"model": models.ErrorOut, "description": "request body too large"},
+    422: {"model": models.ErrorOut, "description": "invalid input; `error.field` names the field"},
+    503: {"model": models.ErrorOut, "description": "a service is unavailable"},
+}

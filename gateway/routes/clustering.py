@@ -1,0 +1,89 @@
+"""Routes backed by the clustering service: events in, households out, assignment."""
+
+from __future__ import annotations
+
+from datetime import timezone
+
+import numpy as np
+from fastapi import APIRouter, Depends
+
+from gateway import models
+from gateway.routes import ACCOUNT_PATH, ERROR_RESPONSES
+from hearth.clustering.v1 import clustering_pb2 as cpb
+from services.common.identity import Principal
+from services.common.pbutil import float_to_ts, name_to_enum
+
+
+
+def _ts_seconds(dt) -> float:
+    return dt.timestamp()
+
+
+def _event_to_pb(e: models.EventIn) -> cpb.ViewingEvent:
+    msg = cpb.ViewingEvent(
+        event_id=e.event_id, account_id=e.account_id, device_id=e.device_id,
+        device_type=name_to_enum(e.device_type, cpb.DeviceType.DESCRIPTOR, "DEVICE_TYPE_"),
+        ts=float_to_ts(_ts_seconds(e.ts)),
+        kind=name_to_enum(e.kind, cpb.EventKind.DESCRIPTOR, "EVENT_KIND_"),
+        title_id=e.title_id or "", genres=e.genres, duration_s=e.duration_s, vpn=e.vpn,
+        maturity=name_to_enum(e.maturity, cpb.Maturity.DESCRIPTOR, "MATURITY_") if e.maturity else 0)
+    if e.series_id is not None:
+        msg.series_id = e.series_id
+    if e.country is not None:
+        msg.country = e.country
+    if e.profile_hint is not None:
+        msg.profile_hint = e.profile_hint
+    return msg
+
+
+def _device_name(value: int) -> str:
+    return cpb.DeviceType.Name(value).removeprefix("DEVICE_TYPE_").lower()
+
+
+def _household_to_json(r: cpb.GetHouseholdResponse) -> models.HouseholdOut:
+    def dt(ts):
+        return ts.ToDatetime(tzinfo=timezone.utc)
+
+    return models.HouseholdOut(
+        account_id=r.account_id,
+        devices=[models.DeviceOut(device_id=d.device_id, device_type=_device_name(d.device_type),
+                                  session_count=d.session_count, last_seen=dt(d.last_seen))
+                 for d in r.devices],
+        sessions=[models.SessionOut(
+            session_id=s.session_id, device_id=s.device_id, start=dt(s.start), end=dt(s.end),
+            event_count=s.event_count, watch_seconds=s.watch_seconds, closed=s.closed,
+            feature_schema_version=s.feature_schema_version,
+            feature_vector=(np.frombuffer(s.feature_vector, dtype="<f4").round(6).tolist()
+                            if s.feature_vector else None),
+            person_id=s.person_id or None) for s in r.sessions],
+        persons=[models.PersonOut(person_id=p.person_id, session_count=p.session_count,
+                                  peak_hours=list(p.peak_hours), peak_days=list(p.peak_days),
+                                  devices=list(p.devices), top_genres=list(p.top_genres),
+                                  kids_share=p.kids_share) for p in r.persons],
+        drift_events=[models.DriftOut(drift_type=d.drift_type, severity=d.severity, statistic=d.statistic,
+                                      detected_at=dt(d.detected_at), refit_triggered=d.refit_triggered)
+                      for d in r.drift_events],
+        model_version=r.model_version, model_variant=r.model_variant)
+
+
+def router(clients, access) -> APIRouter:
+    api = APIRouter()
+
+    @api.post("/v1/events", response_model=models.IngestOut, responses=ERROR_RESPONSES,
+              summary="Ingest a batch of viewing events (idempotent by event_id)")
+    async def post_events(body: models.EventsIn, who: Principal = Depends(access("POST /v1/events"))):
+        request = cpb.IngestEventsRequest(events=[_event_to_pb(e) for e in body.events])
+        r = await clients.stream_unary("clustering", "IngestEvents", [request], who)
+        return models.IngestOut(accepted=r.accepted, duplicates=r.duplicates,
+                                rejected_late=r.rejected_late, sessions_touched=r.sessions_touched)
+
+    @api.get("/v1/household/{account_id}", response_model=models.HouseholdOut,
+             responses={**ERROR_RESPONSES, 404: {"model": models.ErrorOut, "description": "unknown account"}},
+             summary="Devices, sessions, persons and drift events of a household")
+    async def get_household(account_id: str = ACCOUNT_PATH,
+                            who: Principal = Depends(access("GET /v1/household/{account_id}"))):
+        r = await clients.call("clustering", "GetHousehold",
+                               cpb.GetHouseholdRequest(account_id=account_id), who)
+        return _household_to_json(r)
+
+    return api
