@@ -5,8 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.common.permissions import route_permission
+
+
+class RateLimitSpec(BaseModel):
+    """A token bucket: ``burst`` requests at once, refilled at ``per_s`` per second."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    per_s: float = Field(gt=0, le=1_000_000)
+    burst: int = Field(ge=1, le=1_000_000)
 
 
 class GatewaySettings(BaseSettings):
@@ -25,10 +36,35 @@ class GatewaySettings(BaseSettings):
     rpc_timeout_s: float = 10.0
     health_timeout_s: float = 1.0
 
-    # API keys: a JSON file of [{"sha256": hex, "principal": id, "role": role}] — only
-    # hashes are ever stored. make run writes var/gateway-keys.json with a demo key.
+    # API keys: a JSON file, see gateway/auth.py for the format (ids, hashes, revocation).
+    # Only SHA-256 hashes are ever stored; the file is re-read when it changes, so a
+    # revocation takes effect on the next request. make run writes var/gateway-keys.json.
     api_keys_file: Path | None = None
     max_body_bytes: int = 8 * 1024 * 1024
+
+    # JWT bearer tokens (Authorization: Bearer ...). Disabled unless an algorithm is set.
+    # The algorithm is fixed here: a token whose header names another one is refused.
+    # RS256/ES256 verify with a public key; HS256 needs an explicit shared secret.
+    jwt_algorithm: Literal["RS256", "ES256", "HS256"] | None = None
+    jwt_public_key_file: Path | None = None
+    jwt_hs256_secret: SecretStr | None = None
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+    jwt_role_claim: str = "hearth_role"
+    jwt_leeway_s: float = 30.0
+
+    # Rate limits per (principal, route): token buckets. Routes not listed in
+    # rate_limits get the default. JSON, e.g.
+    # HEARTH_RATE_LIMITS='{"POST /v1/events": {"per_s": 20, "burst": 40}}'.
+    # With HEARTH_REDIS_URL the buckets live in Redis and every replica shares them.
+    rate_limit_enabled: bool = True
+    rate_limit_default: RateLimitSpec = RateLimitSpec(per_s=50, burst=100)
+    rate_limits: dict[str, RateLimitSpec] = Field(default_factory=dict)
+    redis_url: str = ""
+
+    # HTTPS for clients of the gateway (a public certificate, not the mesh CA's).
+    https_cert: Path | None = None
+    https_key: Path | None = None
 
     @field_validator("gateway_port")
     @classmethod
@@ -43,3 +79,50 @@ class GatewaySettings(BaseSettings):
         if value <= 0:
             raise ValueError("must be > 0")
         return value
+
+    @field_validator("max_body_bytes")
+    @classmethod
+    def _body_limit(cls, value: int) -> int:
+        if not 1024 <= value <= 1024 * 1024 * 1024:
+            raise ValueError("must be between 1 KiB and 1 GiB")
+        return value
+
+    @field_validator("jwt_leeway_s")
+    @classmethod
+    def _leeway(cls, value: float) -> float:
+        if not 0 <= value <= 300:
+            raise ValueError("must be between 0 and 300 seconds")
+        return value
+
+    @field_validator("rate_limits")
+    @classmethod
+    def _known_routes(cls, value: dict[str, RateLimitSpec]) -> dict[str, RateLimitSpec]:
+        unknown = [route for route in value if route_permission(route) is None]
+        if unknown:
+            raise ValueError(f"unknown route(s) {unknown}: use 'METHOD /path' as in the permission matrix")
+        return value
+
+    @model_validator(mode="after")
+    def _jwt(self) -> "GatewaySettings":
+        if self.jwt_algorithm is None:
+            return self
+        if not self.jwt_issuer or not self.jwt_audience:
+            raise ValueError("HEARTH_JWT_ISSUER and HEARTH_JWT_AUDIENCE are required with HEARTH_JWT_ALGORITHM")
+        if self.jwt_algorithm == "HS256":
+            if self.jwt_hs256_secret is None or len(self.jwt_hs256_secret.get_secret_value()) < 32:
+                raise ValueError("HEARTH_JWT_HS256_SECRET (at least 32 characters) is required "
+                                 "with HEARTH_JWT_ALGORITHM=HS256")
+            if self.jwt_public_key_file is not None:
+                raise ValueError("HEARTH_JWT_PUBLIC_KEY_FILE must not be set with HS256")
+        else:
+            if self.jwt_public_key_file is None:
+                raise ValueError(f"HEARTH_JWT_PUBLIC_KEY_FILE is required with {self.jwt_algorithm}")
+            if self.jwt_hs256_secret is not None:
+                raise ValueError(f"HEARTH_JWT_HS256_SECRET must not be set with {self.jwt_algorithm}")
+        return self
+
+    @model_validator(mode="after")
+    def _https(self) -> "GatewaySettings":
+        if (self.https_cert is None) != (self.https_key is None):
+            raise ValueError("HEARTH_HTTPS_CERT and HEARTH_HTTPS_KEY go together")
+        return self

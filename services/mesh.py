@@ -56,6 +56,9 @@ class Mesh:
     extra_env: dict[str, str] = field(default_factory=dict)
     log_dir: Path | None = None
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    # The mesh secret that signs the principal on every internal call (a fresh one per
+    # mesh; extra_env may override it, e.g. to let a test sign its own calls).
+    service_token_key: str = field(default_factory=lambda: secrets.token_urlsafe(32))
 
     @classmethod
     def on_free_ports(cls, data_dir: Path, **kwargs) -> "Mesh":
@@ -72,6 +75,7 @@ class Mesh:
             "HEARTH_DATA_DIR": str(self.data_dir),
             "HEARTH_API_KEYS_FILE": str(self.data_dir / "gateway-keys.json"),
             "HEARTH_GATEWAY_PORT": str(self.gateway_port),
+            "HEARTH_SERVICE_TOKEN_KEY": self.service_token_key,
             **{f"HEARTH_{s.upper()}_ADDR": f"127.0.0.1:{p}" for s, p in self.grpc_ports.items()},
             "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
         })

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from services.attribution.domain.records import Conversion, Touchpoint
 from services.attribution.migrations import MIGRATIONS
+from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.storage.cache import Cache, MemoryCache
 from services.common.storage.sql import Database, migrate
 
@@ -67,3 +68,40 @@ class AttributionStore:
                            "ORDER BY account_id, ts, touchpoint_id", tp_params)
         return ([Touchpoint(r[0], r[1], r[2], float(r[3]), r[4], r[5], r[6]) for r in tps],
                 [Conversion(r[0], r[1], float(r[2]), r[3], float(r[4]), r[5]) for r in conv])
+
+    def erase(self, scope: ErasureScope, person_touchpoints: Sequence[str] = ()) -> ErasureOutcome:
+        """Delete the scope's touchpoints and conversions in one transaction.
+
+        Person scope: ``person_touchpoints`` are the ids the caller resolved to that
+        person (through the clustering service) plus those stored with that person_id;
+        a conversion is the account's, not a person's, so it stays (its credit is
+        recomputed without the person's touchpoints at the next Attribute call)."""
+        outcome = ErasureOutcome()
+        account = scope.account_id
+        with self.db.transaction() as tx:
+            if scope.kind == "household":
+                tp_where, tp_params = "account_id = ?", [account]
+                cv_where, cv_params = "account_id = ?", [account]
+            elif scope.kind == "device":
+                tp_where, tp_params = "account_id = ? AND device_id = ?", [account, scope.device_id]
+                cv_where, cv_params = "account_id = ? AND device_id = ?", [account, scope.device_id]
+            elif scope.kind == "window":
+                lo = scope.start if scope.start is not None else float("-inf")
+                hi = scope.end if scope.end is not None else float("inf")
+                tp_where, tp_params = "account_id = ? AND ts >= ? AND ts < ?", [account, lo, hi]
+                cv_where, cv_params = tp_where, list(tp_params)
+            else:  # person
+                ids = sorted(set(person_touchpoints))
+                tp_where = "account_id = ? AND (person_id = ?" + (
+                    f" OR touchpoint_id IN ({', '.join('?' * len(ids))}))" if ids else ")")
+                tp_params = [account, scope.person_id, *ids]
+                cv_where, cv_params = None, []
+            tps = [r[0] for r in tx.query(f"SELECT touchpoint_id FROM touchpoints WHERE {tp_where}", tp_params)]
+            tx.execute(f"DELETE FROM touchpoints WHERE {tp_where}", tp_params)
+            outcome.add("touchpoints", tps)
+            if cv_where is not None:
+                cvs = [r[0] for r in tx.query(f"SELECT conversion_id FROM conversions WHERE {cv_where}", cv_params)]
+                tx.execute(f"DELETE FROM conversions WHERE {cv_where}", cv_params)
+                outcome.add("conversions", cvs)
+        self.cache.delete_prefix(f"attribution:{account}")
+        return outcome

@@ -21,6 +21,7 @@ import numpy as np
 from services.clustering.domain.events import ViewingEvent
 from services.clustering.domain.sessions import Session, build_sessions
 from services.clustering.migrations import MIGRATIONS
+from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import Conflict, NotFound
 from services.common.storage.cache import Cache, MemoryCache
 from services.common.storage.sql import Database, Tx, migrate
@@ -282,6 +283,83 @@ class ClusteringStore:
         self.cache.set(f"model:{account_id}",
                        struct.pack("<qH", model.version, len(variant)) + variant + model.blob,
                        MODEL_CACHE_TTL_S)
+
+    # ---- erasure -------------------------------------------------------------------
+
+    def erase(self, scope: ErasureScope) -> ErasureOutcome:
+        """Delete the scope's events and sessions (and, for a household, its devices,
+        model and drift history) in one transaction. Sessions that only partly fall in
+        a time window are rebuilt from their remaining events. The caller refits the
+        household model from what remains (exact unlearning by refit)."""
+        out = ErasureOutcome()
+        account = scope.account_id
+        with self.db.transaction() as tx:
+            if scope.kind == "household":
+                for table, key in (("events", "event_id"), ("sessions", "session_id")):
+                    ids = [r[0] for r in tx.query(f"SELECT {key} FROM {table} WHERE account_id = ?", (account,))]
+                    tx.execute(f"DELETE FROM {table} WHERE account_id = ?", (account,))
+                    out.add(table, ids)
+                devices = [r[0] for r in tx.query("SELECT device_id FROM devices WHERE account_id = ?", (account,))]
+                tx.execute("DELETE FROM devices WHERE account_id = ?", (account,))
+                out.add("devices", devices)
+                models = [r[0] for r in tx.query("SELECT account_id FROM household_models WHERE account_id = ?",
+                                                 (account,))]
+                tx.execute("DELETE FROM household_models WHERE account_id = ?", (account,))
+                out.add("household_models", models)
+                drift = [str(r[0]) for r in tx.query("SELECT id FROM drift_events WHERE account_id = ?", (account,))]
+                tx.execute("DELETE FROM drift_events WHERE account_id = ?", (account,))
+                out.add("drift_events", drift)
+            elif scope.kind == "device":
+                for table, key in (("events", "event_id"), ("sessions", "session_id")):
+                    ids = [r[0] for r in tx.query(f"SELECT {key} FROM {table} WHERE account_id = ? AND device_id = ?",
+                                                  (account, scope.device_id))]
+                    tx.execute(f"DELETE FROM {table} WHERE account_id = ? AND device_id = ?", (account, scope.device_id))
+                    out.add(table, ids)
+                tx.execute("DELETE FROM devices WHERE account_id = ? AND device_id = ?", (account, scope.device_id))
+                out.add("devices", [scope.device_id] if out.deleted_counts.get("events") else [])
+            elif scope.kind == "person":
+                sessions = tx.query("SELECT session_id, device_id, start_ts, end_ts FROM sessions "
+                                    "WHERE account_id = ? AND person_id = ?", (account, scope.person_id))
+                for session_id, device, start, end in sessions:
+                    ids = [r[0] for r in tx.query("SELECT event_id FROM events WHERE account_id = ? AND device_id = ? "
+                                                  "AND ts >= ? AND ts <= ?", (account, device, start, end))]
+                    tx.execute("DELETE FROM events WHERE account_id = ? AND device_id = ? AND ts >= ? AND ts <= ?",
+                               (account, device, start, end))
+                    tx.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
+                    out.add("events", ids)
+                    out.add("sessions", [session_id])
+                for device in sorted({r[1] for r in sessions}):
+                    self._refresh_device(tx, account, device)
+            else:  # window
+                lo = scope.start if scope.start is not None else float("-inf")
+                hi = scope.end if scope.end is not None else float("inf")
+                rows = tx.query("SELECT event_id, device_id, ts FROM events WHERE account_id = ? AND ts >= ? AND ts < ?",
+                                (account, lo, hi))
+                tx.execute("DELETE FROM events WHERE account_id = ? AND ts >= ? AND ts < ?", (account, lo, hi))
+                out.add("events", [r[0] for r in rows])
+                for device in sorted({r[1] for r in rows}):
+                    doomed = tx.query("SELECT session_id, start_ts FROM sessions WHERE account_id = ? AND device_id = ? "
+                                      "AND end_ts >= ? AND start_ts < ?", (account, device, lo, hi))
+                    tx.execute("DELETE FROM sessions WHERE account_id = ? AND device_id = ? AND end_ts >= ? "
+                               "AND start_ts < ?", (account, device, lo, hi))
+                    out.add("sessions", [r[0] for r in doomed])
+                    if doomed:
+                        # Rebuild what remains of partly covered sessions from surviving events.
+                        self._rebuild_sessions(tx, account, device, min(float(r[1]) for r in doomed))
+                    self._refresh_device(tx, account, device)
+        self.cache.delete(f"model:{account}")
+        return out
+
+    @staticmethod
+    def _refresh_device(tx: Tx, account: str, device: str) -> None:
+        """After a partial erase the device's watermark must not reveal a deleted
+        event's time: reset it to the newest surviving event, or drop the device."""
+        newest = tx.query("SELECT MAX(ts) FROM events WHERE account_id = ? AND device_id = ?", (account, device))
+        if newest[0][0] is None:
+            tx.execute("DELETE FROM devices WHERE account_id = ? AND device_id = ?", (account, device))
+        else:
+            tx.execute("UPDATE devices SET last_ts = ? WHERE account_id = ? AND device_id = ?",
+                       (float(newest[0][0]), account, device))
 
     # ---- drift ---------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from typing import TypeVar
 import grpc
 from opentelemetry.trace import SpanKind
 
-from services.common import identity, telemetry
+from services.common import identity, telemetry, tls
 
 T = TypeVar("T")
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -38,7 +38,7 @@ class PeerInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientIn
     def _call(self, continuation, details, request):
         with self._tracer.start_as_current_span(details.method.lstrip("/"), kind=SpanKind.CLIENT):
             metadata = [m for m in (details.metadata or []) if m[0] not in
-                        (identity.PRINCIPAL_KEY, identity.ROLE_KEY)]
+                        (identity.PRINCIPAL_KEY, identity.ROLE_KEY, identity.TOKEN_KEY)]
             metadata = telemetry.inject_context(metadata + self._acting_as().metadata())
             new_details = _ClientCallDetails(
                 details.method, details.timeout if details.timeout is not None else self._timeout,
@@ -69,7 +69,9 @@ def _acting_principal(service: str) -> Callable[[], identity.Principal]:
 
 
 def peer_channel(address: str, calling_service: str, timeout_s: float = 5.0) -> grpc.Channel:
-    channel = grpc.insecure_channel(address, options=[
+    # Mutual TLS when HEARTH_TLS_* is configured; the signed principal rides in metadata
+    # either way (PeerInterceptor -> Principal.metadata()).
+    channel = tls.channel(address, options=[
         ("grpc.max_receive_message_length", 64 * 1024 * 1024),
         ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ])

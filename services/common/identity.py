@@ -1,20 +1,55 @@
-"""The principal (who is calling, in which of five roles) as it travels in gRPC metadata.
+"""The principal (who is calling, in which of five roles) as it travels in gRPC metadata,
+and the proof that a mesh member put it there.
 
-The gateway authenticates the HTTP caller and puts the principal in metadata; every
-service reads it back here and refuses calls without a valid one, so the audit log
-always knows who acted. (Signing the principal between services comes with the
-access-control work; this module is the one place that will change.)
+Metadata of every internal call::
+
+    x-hearth-principal  the acting principal's id      (e.g. "alice", "svc:privacy")
+    x-hearth-role       one of the five roles
+    x-hearth-token      "v1.<exp>.<mac>": a signed service token
+
+``mac = HMAC-SHA256(key, "hearth-service-token|v1|<principal>|<role>|<exp>")`` with
+``exp`` in integer Unix seconds. The key is the mesh secret ``HEARTH_SERVICE_TOKEN_KEY``
+(at least 32 characters), shared by the gateway and the services: whoever forwards a
+principal signs it, whoever receives one verifies it. A token binds the principal *and*
+the role, so an attacker who can reach a service port can neither invent a principal
+nor raise the role of one they have seen; a captured token can be replayed only for the
+same principal and role until it expires (``HEARTH_SERVICE_TOKEN_TTL_S``, default 300 s).
+
+When mutual TLS is configured (see ``services.common.tls``) the transport already proves
+that the peer holds a certificate of the mesh CA; the server then trusts the forwarded
+principal without a token (``peer_verified=True``).
+
+Without ``HEARTH_SERVICE_TOKEN_KEY`` a process signs with a random key of its own: calls
+inside one process (in-process tests) still work, and every remote caller is refused —
+the safe failure. ``services.mesh.Mesh`` generates and passes a key to every process.
+
+Failed authentications and permission denials are reported through
+``report_security_event``: it counts them in Prometheus and calls every listener
+registered with ``add_security_listener`` (the audit log hooks in there).
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import contextvars
+import hashlib
+import hmac
+import logging
+import os
 import re
-from collections.abc import Sequence
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
+from prometheus_client import Counter
+
 from services.common.errors import Unauthenticated
+
+log = logging.getLogger("hearth.identity")
 
 
 class Role(str, Enum):
@@ -27,8 +62,92 @@ class Role(str, Enum):
 
 PRINCIPAL_KEY = "x-hearth-principal"
 ROLE_KEY = "x-hearth-role"
+TOKEN_KEY = "x-hearth-token"
+TOKEN_KEY_ENV = "HEARTH_SERVICE_TOKEN_KEY"
+TOKEN_TTL_ENV = "HEARTH_SERVICE_TOKEN_TTL_S"
+MIN_KEY_CHARS = 32
+DEFAULT_TOKEN_TTL_S = 300.0
+# Clocks of two hosts disagree a little; a token is accepted this long past its expiry.
+CLOCK_SKEW_S = 30.0
+_TOKEN_VERSION = "v1"
+_MAX_TOKEN_CHARS = 256
 _PRINCIPAL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 
+
+# ---------------------------------------------------------------------------------------
+# security events: the one hook for failed authentication and denied access
+# ---------------------------------------------------------------------------------------
+
+AUTH_FAILURES = Counter("hearth_auth_failures_total",
+                        "Failed authentications (gateway: HTTP credentials; services: peer/principal)",
+                        ["component", "reason"])
+ACCESS_DENIED = Counter("hearth_access_denied_total",
+                        "Authenticated callers refused by the permission matrix",
+                        ["component", "role", "target"])
+RATE_LIMITED = Counter("hearth_rate_limited_total", "Requests refused by a rate limit",
+                       ["component", "target"])
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityEvent:
+    """One refused request.
+
+    ``kind``: "authentication_failed", "permission_denied" or "rate_limited".
+    ``reason``: a short machine word (e.g. "expired_token"); it goes to logs, metrics
+    and listeners, never to the caller. ``target``: the route ("METHOD /path") or RPC."""
+
+    kind: str
+    component: str
+    reason: str
+    principal_id: str = ""
+    role: str = ""
+    target: str = ""
+
+
+SecurityListener = Callable[[SecurityEvent], None]
+_listeners: list[SecurityListener] = []
+_listeners_lock = threading.Lock()
+
+
+def add_security_listener(listener: SecurityListener) -> Callable[[], None]:
+    """Call ``listener(event)`` on every refused request; returns a function that removes it.
+
+    Listeners run on the request path: keep them fast (queue the work)."""
+    with _listeners_lock:
+        _listeners.append(listener)
+
+    def remove() -> None:
+        with _listeners_lock:
+            if listener in _listeners:
+                _listeners.remove(listener)
+
+    return remove
+
+
+def report_security_event(event: SecurityEvent) -> None:
+    """Count the event and hand it to every listener. A failing listener is logged and
+    never turns a 401/403 into a 500."""
+    if event.kind == "authentication_failed":
+        AUTH_FAILURES.labels(event.component, event.reason).inc()
+    elif event.kind == "permission_denied":
+        ACCESS_DENIED.labels(event.component, event.role, event.target).inc()
+    elif event.kind == "rate_limited":
+        RATE_LIMITED.labels(event.component, event.target).inc()
+    log.warning("security event", extra={"fields": {
+        "event": event.kind, "component": event.component, "reason": event.reason,
+        "principal": event.principal_id, "role": event.role, "target": event.target}})
+    with _listeners_lock:
+        listeners = list(_listeners)
+    for listener in listeners:
+        try:
+            listener(event)
+        except Exception:  # noqa: BLE001 - a broken listener must not break the request
+            log.exception("security listener failed")
+
+
+# ---------------------------------------------------------------------------------------
+# principal and signed service tokens
+# ---------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
 class Principal:
@@ -36,23 +155,163 @@ class Principal:
     role: Role
 
     def metadata(self) -> list[tuple[str, str]]:
-        return [(PRINCIPAL_KEY, self.id), (ROLE_KEY, self.role.value)]
+        """gRPC metadata that carries this principal to a peer, signed with the mesh key."""
+        return [(PRINCIPAL_KEY, self.id), (ROLE_KEY, self.role.value),
+                (TOKEN_KEY, service_token_signer().sign(self))]
+
+
+def valid_principal_id(principal_id: str) -> bool:
+    return bool(_PRINCIPAL_ID.match(principal_id))
+
+
+class ServiceTokenSigner:
+    """Signs and verifies service tokens (format in the module docstring).
+
+    Tokens are cached per principal and reused while more than half their lifetime
+    remains, so the hot path costs one dict look-up rather than one HMAC per call."""
+
+    def __init__(self, key: bytes, ttl_s: float = DEFAULT_TOKEN_TTL_S,
+                 clock: Callable[[], float] = time.time) -> None:
+        if not isinstance(key, bytes) or len(key) < MIN_KEY_CHARS:
+            raise ValueError(f"key: a service token key needs at least {MIN_KEY_CHARS} bytes")
+        if not ttl_s > 0:
+            raise ValueError("ttl_s: must be > 0")
+        self._key = key
+        self.ttl_s = float(ttl_s)
+        self._clock = clock
+        self._cache: dict[tuple[str, str], tuple[int, str]] = {}
+
+    def _mac(self, principal_id: str, role: str, exp: int) -> str:
+        message = f"hearth-service-token|{_TOKEN_VERSION}|{principal_id}|{role}|{exp}".encode()
+        digest = hmac.new(self._key, message, hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+    def sign(self, principal: Principal, exp: int | None = None) -> str:
+        """A token for ``principal``; ``exp`` (Unix seconds) defaults to now + ttl."""
+        now = self._clock()
+        cache_key = (principal.id, principal.role.value)
+        if exp is None:
+            cached = self._cache.get(cache_key)
+            if cached is not None and cached[0] - now > self.ttl_s / 2:
+                return cached[1]
+            exp = int(now + self.ttl_s)
+            token = f"{_TOKEN_VERSION}.{exp}.{self._mac(principal.id, principal.role.value, exp)}"
+            if len(self._cache) > 10_000:  # bounded: principals are many only under attack
+                self._cache.clear()
+            self._cache[cache_key] = (exp, token)
+            return token
+        return f"{_TOKEN_VERSION}.{exp}.{self._mac(principal.id, principal.role.value, exp)}"
+
+    def verify(self, principal_id: str, role: str, token: str) -> None:
+        """Raise Unauthenticated (field ``x-hearth-token``) unless ``token`` was signed
+        with this key for exactly this principal and role and is within its lifetime.
+        The exception's ``reason`` attribute says why (for logs and metrics only)."""
+        parts = token.split(".") if isinstance(token, str) and len(token) <= _MAX_TOKEN_CHARS else []
+        if len(parts) != 3 or parts[0] != _TOKEN_VERSION or not parts[1].isdigit() or len(parts[1]) > 12:
+            raise _unauthenticated("malformed_token")
+        exp = int(parts[1])
+        expected = self._mac(principal_id, role, exp)
+        if not hmac.compare_digest(expected.encode(), parts[2].encode()):
+            raise _unauthenticated("bad_token_signature")
+        now = self._clock()
+        if now > exp + CLOCK_SKEW_S:
+            raise _unauthenticated("expired_token")
+        if exp > now + self.ttl_s + CLOCK_SKEW_S:
+            # Only a key holder can mint it, but a token valid for a year is a mistake or
+            # an attack; either way it is refused.
+            raise _unauthenticated("token_lifetime_too_long")
+
+
+def _unauthenticated(reason: str) -> Unauthenticated:
+    error = Unauthenticated("invalid service token", field=TOKEN_KEY)
+    error.reason = reason  # type: ignore[attr-defined]
+    return error
+
+
+_signer: ServiceTokenSigner | None = None
+_signer_lock = threading.Lock()
+
+
+def signer_from_env(environ: dict[str, str] | None = None) -> ServiceTokenSigner:
+    """The signer configured by ``HEARTH_SERVICE_TOKEN_KEY`` / ``_TTL_S``; a random
+    per-process key when the key is unset. Raises ConfigError naming the variable."""
+    from services.common.config import ConfigError
+
+    env = os.environ if environ is None else environ
+    raw_ttl = env.get(TOKEN_TTL_ENV, "")
+    try:
+        ttl = float(raw_ttl) if raw_ttl else DEFAULT_TOKEN_TTL_S
+        if not 0 < ttl <= 86400:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"invalid configuration:\n  {TOKEN_TTL_ENV}: must be seconds in (0, 86400]") from None
+    key = env.get(TOKEN_KEY_ENV, "")
+    if not key:
+        log.warning("%s is not set: signing with a random per-process key, so only callers in "
+                    "this process can authenticate (set it, or configure mutual TLS)", TOKEN_KEY_ENV)
+        return ServiceTokenSigner(secrets.token_bytes(32), ttl)
+    if len(key) < MIN_KEY_CHARS:
+        raise ConfigError(f"invalid configuration:\n  {TOKEN_KEY_ENV}: must be at least "
+                          f"{MIN_KEY_CHARS} characters (e.g. python -c 'import secrets; "
+                          "print(secrets.token_urlsafe(32))')")
+    return ServiceTokenSigner(key.encode(), ttl)
+
+
+def service_token_signer() -> ServiceTokenSigner:
+    """The process-wide signer, built from the environment on first use."""
+    global _signer
+    if _signer is None:
+        with _signer_lock:
+            if _signer is None:
+                _signer = signer_from_env()
+    return _signer
+
+
+def configure_service_tokens(signer: ServiceTokenSigner | None) -> None:
+    """Replace the process-wide signer (``None``: rebuild from the environment on next use)."""
+    global _signer
+    with _signer_lock:
+        _signer = signer
 
 
 _current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("principal", default=None)
 
 
-def principal_from_metadata(metadata: Sequence[tuple[str, str | bytes]] | None) -> Principal:
+def principal_from_metadata(metadata: Sequence[tuple[str, str | bytes]] | None, *,
+                            peer_verified: bool = False, component: str = "service") -> Principal:
+    """The principal of an incoming call, or Unauthenticated.
+
+    ``peer_verified``: the transport authenticated the peer (mutual TLS), so the signed
+    token is not required. Every refusal is reported as a security event."""
     values = dict((k, v) for k, v in (metadata or ()) if isinstance(v, str))
     pid, role = values.get(PRINCIPAL_KEY), values.get(ROLE_KEY)
-    if not pid or not role:
-        raise Unauthenticated("no principal in request metadata", field=PRINCIPAL_KEY)
-    if not _PRINCIPAL_ID.match(pid):
-        raise Unauthenticated("malformed principal id", field=PRINCIPAL_KEY)
     try:
-        return Principal(pid, Role(role))
-    except ValueError:
-        raise Unauthenticated("unknown role", field=ROLE_KEY) from None
+        if not pid or not role:
+            raise _refusal("no principal in request metadata", PRINCIPAL_KEY, "missing_principal")
+        if not _PRINCIPAL_ID.match(pid):
+            raise _refusal("malformed principal id", PRINCIPAL_KEY, "malformed_principal")
+        try:
+            principal = Principal(pid, Role(role))
+        except ValueError:
+            raise _refusal("unknown role", ROLE_KEY, "unknown_role") from None
+        if not peer_verified:
+            token = values.get(TOKEN_KEY)
+            if not token:
+                raise _refusal("no service token in request metadata", TOKEN_KEY, "missing_token")
+            service_token_signer().verify(pid, role, token)
+        return principal
+    except Unauthenticated as exc:
+        report_security_event(SecurityEvent(
+            "authentication_failed", component, getattr(exc, "reason", "invalid"),
+            pid if isinstance(pid, str) and _PRINCIPAL_ID.match(pid) else "",
+            role if role in Role._value2member_map_ else ""))
+        raise
+
+
+def _refusal(message: str, field: str, reason: str) -> Unauthenticated:
+    error = Unauthenticated(message, field=field)
+    error.reason = reason  # type: ignore[attr-defined]
+    return error
 
 
 def set_current(principal: Principal | None) -> contextvars.Token:
@@ -68,6 +327,21 @@ def current_principal() -> Principal:
     if principal is None:
         raise Unauthenticated("no principal in request metadata", field=PRINCIPAL_KEY)
     return principal
+
+
+@contextlib.contextmanager
+def acting_as(principal: Principal) -> Iterator[Principal]:
+    """Make outbound peer calls inside the block act as ``principal``.
+
+    Peer calls normally act on behalf of the caller (so the audit trail keeps the
+    human). Use this where the matrix gives the step to services only, e.g. the privacy
+    service fanning a deletion out to every ``Erase`` as ``service_principal("privacy")``
+    after it has audited the human's request."""
+    token = _current.set(principal)
+    try:
+        yield principal
+    finally:
+        _current.reset(token)
 
 
 # Services calling one another act as this principal (role "service").

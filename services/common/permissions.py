@@ -1,21 +1,253 @@
-"""Who may do what: the ONE permission matrix, enforced at the gateway and in every
-service (defence in depth).
+"""Who may do what: the ONE permission matrix, enforced at the gateway (``authorize_route``)
+and again in every service (``authorize_rpc``, called by the server interceptor), so an
+internal caller that skips the gateway meets the same rules.
 
-Placeholder until the access-control issue lands: every authenticated principal may call
-everything. ``authorize_rpc`` is called by the server interceptor for every RPC and
-``authorize_route`` by the gateway for every route; both raise PermissionDenied.
+The matrix is written once, as *permissions per role* (``ROLE_PERMISSIONS``). Routes and
+RPCs are then mapped to the one permission each needs (``ROUTES``, ``RPCS``). Anything
+not in those maps is refused (fail closed), and tests check that every gateway route and
+every RPC in the protos is mapped. ``docs/security.md`` holds the table generated from
+here (``python -m services.common.permissions --write docs/security.md``; a test fails
+when the page is stale).
+
+Decisions (the reasons are repeated in docs/security.md):
+
+* Only privacy_officer and admin delete, export, set consent and read the audit log.
+* analyst reads attribution, calibration and experiment results: aggregates across
+  households. No raw sessions or household models.
+* data_scientist reads households (pseudonymous ids, no names), attribution,
+  calibration and experiments, records feedback labels and may trigger a refit (derived
+  state, rebuilt from sessions). It may NOT set flags: a flag changes the variant served
+  to every household and has a kill switch; separating "evaluate the experiment" from
+  "change production" keeps one person from doing both unreviewed. admin sets flags.
+* service principals ingest, assign, record touchpoints/conversions/predictions/
+  feedback, append to the audit log, read consent and households (attribution builds
+  per-person journeys, privacy collects exports) and call ``Erase``: the privacy service
+  fans every deletion out to the ``Erase`` RPCs as itself, after auditing the human's
+  request (see ``identity.acting_as``).
+* admin: everything.
 """
 
 from __future__ import annotations
 
-from services.common.identity import Principal
+import argparse
+import re
+import sys
+from enum import Enum
+from pathlib import Path
+
+from services.common.errors import PermissionDenied
+from services.common.identity import Principal, Role, SecurityEvent, report_security_event
+
+
+class Permission(str, Enum):
+    INGEST_EVENTS = "ingest_events"
+    ASSIGN_SESSIONS = "assign_sessions"
+    READ_HOUSEHOLD = "read_household"
+    REFIT_MODEL = "refit_model"
+    RECORD_TOUCHPOINTS = "record_touchpoints"
+    RECORD_CONVERSIONS = "record_conversions"
+    READ_ATTRIBUTION = "read_attribution"
+    ERASE_DATA = "erase_data"
+    REQUEST_DELETION = "request_deletion"
+    READ_DELETION = "read_deletion"
+    VERIFY_RECEIPT = "verify_receipt"
+    EXPORT_HOUSEHOLD = "export_household"
+    SET_CONSENT = "set_consent"
+    READ_CONSENT = "read_consent"
+    APPEND_AUDIT = "append_audit"
+    READ_AUDIT = "read_audit"
+    RECORD_PREDICTION = "record_prediction"
+    RECORD_FEEDBACK = "record_feedback"
+    READ_CALIBRATION = "read_calibration"
+    READ_EXPERIMENT = "read_experiment"
+    SET_FLAG = "set_flag"
+
+
+P = Permission
+
+# THE matrix.
+ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
+    Role.ADMIN: frozenset(Permission),
+    Role.ANALYST: frozenset({P.READ_ATTRIBUTION, P.READ_CALIBRATION, P.READ_EXPERIMENT}),
+    Role.DATA_SCIENTIST: frozenset({
+        P.READ_HOUSEHOLD, P.REFIT_MODEL, P.READ_ATTRIBUTION, P.RECORD_FEEDBACK,
+        P.READ_CALIBRATION, P.READ_EXPERIMENT}),
+    Role.PRIVACY_OFFICER: frozenset({
+        P.REQUEST_DELETION, P.READ_DELETION, P.VERIFY_RECEIPT, P.EXPORT_HOUSEHOLD,
+        P.SET_CONSENT, P.READ_CONSENT, P.READ_AUDIT}),
+    Role.SERVICE: frozenset({
+        P.INGEST_EVENTS, P.ASSIGN_SESSIONS, P.READ_HOUSEHOLD, P.REFIT_MODEL,
+        P.RECORD_TOUCHPOINTS, P.RECORD_CONVERSIONS, P.ERASE_DATA, P.READ_CONSENT,
+        P.APPEND_AUDIT, P.RECORD_PREDICTION, P.RECORD_FEEDBACK, P.READ_EXPERIMENT}),
+}
+
+# Gateway routes, "METHOD /path/template". Parameter names do not matter: templates are
+# compared with every "{name}" reduced to "{}".
+ROUTES: dict[str, Permission] = {
+    "POST /v1/events": P.INGEST_EVENTS,
+    "POST /v1/assign": P.ASSIGN_SESSIONS,
+    "GET /v1/household/{account_id}": P.READ_HOUSEHOLD,
+    "GET /v1/household/{account_id}/export": P.EXPORT_HOUSEHOLD,
+    "POST /v1/attribution": P.READ_ATTRIBUTION,   # a query with a body, not a write
+    "POST /v1/touchpoints": P.RECORD_TOUCHPOINTS,
+    "POST /v1/conversions": P.RECORD_CONVERSIONS,
+    "POST /v1/delete": P.REQUEST_DELETION,
+    "GET /v1/delete/{job_id}": P.READ_DELETION,
+    "POST /v1/feedback": P.RECORD_FEEDBACK,
+    "GET /v1/calibration": P.READ_CALIBRATION,
+    "GET /v1/experiment": P.READ_EXPERIMENT,
+    "PUT /v1/experiment": P.SET_FLAG,
+    "GET /v1/audit": P.READ_AUDIT,
+    "PUT /v1/consent/{account_id}": P.SET_CONSENT,
+}
+
+# RPCs per full gRPC service name.
+RPCS: dict[str, dict[str, Permission]] = {
+    "hearth.clustering.v1.ClusteringService": {
+        "IngestEvents": P.INGEST_EVENTS,
+        "AssignSession": P.ASSIGN_SESSIONS,
+        "AssignSessions": P.ASSIGN_SESSIONS,
+        "GetHousehold": P.READ_HOUSEHOLD,
+        "Refit": P.REFIT_MODEL,
+        "Erase": P.ERASE_DATA,
+    },
+    "hearth.attribution.v1.AttributionService": {
+        "RecordTouchpoints": P.RECORD_TOUCHPOINTS,
+        "RecordConversions": P.RECORD_CONVERSIONS,
+        "Attribute": P.READ_ATTRIBUTION,
+        "Erase": P.ERASE_DATA,
+    },
+    "hearth.privacy.v1.PrivacyService": {
+        "RequestDeletion": P.REQUEST_DELETION,
+        "GetDeletion": P.READ_DELETION,
+        "VerifyReceipt": P.VERIFY_RECEIPT,
+        "ExportHousehold": P.EXPORT_HOUSEHOLD,
+        "SetConsent": P.SET_CONSENT,
+        "GetConsent": P.READ_CONSENT,
+        "AppendAudit": P.APPEND_AUDIT,
+        "QueryAudit": P.READ_AUDIT,
+        "GetAuditProof": P.READ_AUDIT,
+        "VerifyAudit": P.READ_AUDIT,
+    },
+    "hearth.feedback.v1.FeedbackService": {
+        "RecordPrediction": P.RECORD_PREDICTION,
+        "RecordFeedback": P.RECORD_FEEDBACK,
+        "GetCalibration": P.READ_CALIBRATION,
+        "GetExperiment": P.READ_EXPERIMENT,
+        "SetFlag": P.SET_FLAG,
+        "Erase": P.ERASE_DATA,
+    },
+}
+
+_PARAM = re.compile(r"\{[^{}/]*\}")
+
+
+def normalize_route(route: str) -> str:
+    """``"get  /v1/x/{id}/"`` -> ``"GET /v1/x/{}"``: upper-case method, one space,
+    parameters unnamed, no trailing slash."""
+    method, _, path = route.strip().partition(" ")
+    path = _PARAM.sub("{}", path.strip())
+    if len(path) > 1:
+        path = path.rstrip("/")
+    return f"{method.upper()} {path}"
+
+
+_ROUTE_INDEX: dict[str, Permission] = {normalize_route(r): p for r, p in ROUTES.items()}
+_RPC_INDEX: dict[str, Permission] = {f"/{svc}/{m}": p for svc, methods in RPCS.items()
+                                     for m, p in methods.items()}
+
+
+def allowed(role: Role, permission: Permission) -> bool:
+    return permission in ROLE_PERMISSIONS.get(role, frozenset())
+
+
+def route_permission(route: str) -> Permission | None:
+    return _ROUTE_INDEX.get(normalize_route(route))
+
+
+def rpc_permission(full_method: str) -> Permission | None:
+    return _RPC_INDEX.get(full_method)
+
+
+def roles_for(permission: Permission) -> list[Role]:
+    return [role for role in Role if allowed(role, permission)]
+
+
+def _deny(principal: Principal, target: str, component: str, known: bool) -> PermissionDenied:
+    report_security_event(SecurityEvent("permission_denied", component,
+                                        "not_in_matrix" if known else "unmapped_target",
+                                        principal.id, principal.role.value, target))
+    return PermissionDenied(f"role {principal.role.value} may not call {target}", field="")
 
 
 def authorize_rpc(principal: Principal, full_method: str) -> None:
-    """Raise PermissionDenied unless ``principal`` may call ``/pkg.Service/Method``."""
-    return None
+    """Raise PermissionDenied unless ``principal`` may call ``/pkg.Service/Method``.
+    An RPC missing from the matrix is refused for every role."""
+    permission = rpc_permission(full_method)
+    if permission is None or not allowed(principal.role, permission):
+        service = full_method.split(".")[1] if full_method.count(".") >= 2 else "unknown"
+        raise _deny(principal, full_method, service, permission is not None)
 
 
 def authorize_route(principal: Principal, route: str) -> None:
-    """Raise PermissionDenied unless ``principal`` may call ``"METHOD /path/template"``."""
-    return None
+    """Raise PermissionDenied unless ``principal`` may call ``"METHOD /path/template"``.
+    A route missing from the matrix is refused for every role."""
+    permission = route_permission(route)
+    if permission is None or not allowed(principal.role, permission):
+        raise _deny(principal, route, "gateway", permission is not None)
+
+
+# ---------------------------------------------------------------------------------------
+# the documentation table, generated from the matrix above
+# ---------------------------------------------------------------------------------------
+
+DOC_BEGIN = "<!-- permission-matrix:begin (generated by python -m services.common.permissions --write docs/security.md) -->"
+DOC_END = "<!-- permission-matrix:end -->"
+
+
+def matrix_markdown() -> str:
+    """Markdown tables: one row per route and per RPC, one column per role."""
+    roles = list(Role)
+    header = "| {} | permission | " + " | ".join(r.value for r in roles) + " |"
+    rule = "|---|---|" + "|".join(":-:" for _ in roles) + "|"
+
+    def row(target: str, permission: Permission) -> str:
+        marks = " | ".join("yes" if allowed(r, permission) else "—" for r in roles)
+        return f"| `{target}` | {permission.value} | {marks} |"
+
+    lines = ["#### Gateway routes", "", header.format("route"), rule]
+    lines += [row(route, perm) for route, perm in ROUTES.items()]
+    lines += ["", "#### gRPC methods (enforced again inside each service)", "",
+              header.format("RPC"), rule]
+    for service, methods in RPCS.items():
+        short = service.split(".")[-1]
+        lines += [row(f"{short}/{method}", perm) for method, perm in methods.items()]
+    lines += ["", "#### Permissions per role", "", "| role | permissions |", "|---|---|"]
+    for role in roles:
+        granted = ", ".join(p.value for p in Permission if allowed(role, p))
+        lines.append(f"| {role.value} | {granted} |")
+    return "\n".join(lines)
+
+
+def render_doc(text: str) -> str:
+    """``text`` with the block between the markers replaced by the current matrix."""
+    begin, end = text.find(DOC_BEGIN), text.find(DOC_END)
+    if begin < 0 or end < begin:
+        raise ValueError("document: permission-matrix markers not found")
+    return text[:begin] + DOC_BEGIN + "\n\n" + matrix_markdown() + "\n\n" + text[end:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="print or write the permission matrix")
+    parser.add_argument("--write", type=Path, help="rewrite the generated block of this markdown file")
+    args = parser.parse_args(argv)
+    if args.write is None:
+        print(matrix_markdown())
+        return 0
+    args.write.write_text(render_doc(args.write.read_text()))
+    print(f"updated {args.write}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

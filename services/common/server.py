@@ -25,7 +25,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from services.common import identity, permissions, telemetry
+from services.common import identity, permissions, telemetry, tls
 from services.common.errors import ERROR_CODE_KEY, ERROR_FIELD_KEY, HearthError, status_for
 
 log = logging.getLogger("hearth.server")
@@ -109,7 +109,8 @@ class HearthInterceptor(grpc.ServerInterceptor):
                 return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
 
             try:
-                principal = identity.principal_from_metadata(metadata)
+                principal = identity.principal_from_metadata(
+                    metadata, peer_verified=tls.peer_verified(context), component=service)
                 principal_token = identity.set_current(principal)
                 permissions.authorize_rpc(principal, method)
                 span.set_attribute("hearth.principal", principal.id)
@@ -210,8 +211,13 @@ def serve(service: str, register: Callable[[grpc.Server], Iterable[str]], settin
     """Run a service until SIGTERM/SIGINT: telemetry, server, graceful stop."""
     telemetry.setup_telemetry(service, settings.trace_export, settings.log_level,
                               settings.resolved_metrics_port, settings.host)
+    # Peer authentication is checked before binding: mutual TLS when HEARTH_TLS_* is set,
+    # and the service-token key is validated now rather than at the first call.
+    material = tls.material_from_env()
+    identity.service_token_signer()
     running = build_server(service, register, host=settings.host,
-                           port=settings.resolved_grpc_port, max_workers=settings.max_workers)
+                           port=settings.resolved_grpc_port, max_workers=settings.max_workers,
+                           credentials=tls.server_credentials(material) if material else None)
     running.on_stop.extend(on_stop)
     stop_requested = threading.Event()
 

@@ -186,3 +186,48 @@ def test_feature_vectors_survive_storage_bit_exact(store):
 
     expected = build_sessions([ev(i, T0 + i * 60, series_id="s1") for i in range(5)])[0]
     assert np.array_equal(stored.features, expected.features)
+
+
+def _count(database, table, account="acc-1"):
+    with database.transaction() as tx:
+        return tx.query(f"SELECT COUNT(*) FROM {table} WHERE account_id = ?", (account,))[0][0]
+
+
+def test_erase_household_leaves_nothing_and_is_idempotent(store, database):
+    from services.common.erasure import ErasureScope
+
+    store.ingest([ev(i, T0 + i * 60) for i in range(5)] + [ev(9, T0, account="acc-2")])
+    store.save_model("acc-1", 0, "gmm", b"m")
+    store.add_drift_event("acc-1", DriftRow("sudden", 1, 1, T0, False))
+    out = store.erase(ErasureScope("acc-1", "household"))
+    assert out.deleted_counts == {"events": 5, "sessions": 1, "devices": 1, "household_models": 1,
+                                  "drift_events": 1}
+    for table in ("events", "sessions", "devices", "household_models", "drift_events"):
+        assert _count(database, table) == 0, table
+    assert store.get_model("acc-1") is None
+    assert _count(database, "events", "acc-2") == 1          # other households untouched
+    assert store.erase(ErasureScope("acc-1", "household")).empty
+
+
+def test_erase_window_rebuilds_partly_covered_sessions(store, database):
+    from services.common.erasure import ErasureScope
+
+    store.ingest([ev(i, T0 + i * 600) for i in range(6)])     # one session, 6 events
+    out = store.erase(ErasureScope("acc-1", "window", start=T0 + 2400, end=None))
+    assert out.deleted_counts["events"] == 2
+    (session,) = store.household("acc-1").sessions
+    assert session.event_count == 4 and session.end_ts == T0 + 1800
+    assert store.household("acc-1").devices[0].last_ts == T0 + 1800
+
+
+def test_erase_person_removes_their_sessions_and_events(store, database):
+    from services.common.erasure import ErasureScope
+
+    store.ingest([ev(i, T0 + i * 60) for i in range(3)] + [ev(10 + i, T0 + 20_000 + i * 60) for i in range(2)])
+    first, second = sorted(store.household("acc-1").sessions, key=lambda s: s.start_ts)
+    store.set_persons("acc-1", {first.session_id: "p1", second.session_id: "p2"})
+    out = store.erase(ErasureScope("acc-1", "person", person_id="p1"))
+    assert out.deleted_counts == {"events": 3, "sessions": 1}
+    remaining = store.household("acc-1").sessions
+    assert [s.person_id for s in remaining] == ["p2"]
+    assert _count(database, "events") == 2

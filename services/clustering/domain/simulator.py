@@ -183,7 +183,7 @@ def _make_person(rng: np.random.Generator, arch: Archetype, difficulty: float) -
     def peaks(spec: tuple[tuple[float, float, float], ...]) -> np.ndarray:
         p = np.array(spec, dtype=float)
         p[:, 0] = np.mod(p[:, 0] + rng.normal(0.0, 1.0, len(p)), 24.0)
-        p[:, 1] = p[:, 1] * rng.uniform(0.8, 1.2, len(p)) * (1.0 + 1.6 * difficulty)
+        p[:, 1] = p[:, 1] * rng.uniform(0.8, 1.2, len(p)) * (0.7 + 1.2 * difficulty)
         p[:, 2] /= p[:, 2].sum()
         return p
 
@@ -204,27 +204,28 @@ def _make_person(rng: np.random.Generator, arch: Archetype, difficulty: float) -
 def _mix_towards_household(persons: list[_Person], difficulty: float) -> None:
     """Overlap: pull device and genre preferences towards the household average and
     raise the shared-TV share. At difficulty 0 persons keep their own preferences."""
-    lam = 0.55 * difficulty
+    lam = 0.6 * difficulty
     dev_mean = np.mean([p.devices for p in persons], axis=0)
     gen_mean = np.mean([p.genres for p in persons], axis=0)
     tv = np.zeros(6)
     tv[_D["tv"]] = 1.0
-    tv_share = 0.35 * difficulty
+    tv_share = 0.3 * difficulty
     for p in persons:
         p.devices = (1 - tv_share) * ((1 - lam) * p.devices + lam * dev_mean) + tv_share * tv
         p.genres = (1 - lam) * p.genres + lam * gen_mean
 
 
 def _choose_archetypes(rng: np.random.Generator, n_persons: int) -> list[Archetype]:
-    chosen = [_ADULTS[rng.integers(len(_ADULTS))]]
-    for _ in range(n_persons - 1):
-        r = rng.random()
-        if r < 0.3:
-            chosen.append(_KID)
-        elif r < 0.5:
-            chosen.append(_TEEN)
-        else:
-            chosen.append(_ADULTS[rng.integers(len(_ADULTS))])
+    """Distinct archetypes: at least one adult, then kid/teen/adults in random order.
+    Persons of one household never share an archetype (their personal perturbation
+    alone would make two same-archetype persons nearly indistinguishable)."""
+    adults = list(rng.permutation(len(_ADULTS)))
+    chosen = [_ADULTS[adults.pop()]]
+    pool: list[Archetype] = [_KID, _TEEN] + [_ADULTS[i] for i in adults]
+    # Kids and teens come first more often than not (families), adults otherwise.
+    weights = np.array([2.0 if not a.is_adult else 1.0 for a in pool])
+    order = rng.choice(len(pool), size=len(pool), replace=False, p=weights / weights.sum())
+    chosen += [pool[i] for i in order[: n_persons - 1]]
     return chosen
 
 

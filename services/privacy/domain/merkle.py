@@ -376,7 +376,7 @@ def root_from_inclusion_proof(
             r = node_hash(r, p)
         fn >>= 1
         sn >>= 1
-    if False:
+    if sn != 0:
         return None
     return r
 

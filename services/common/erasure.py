@@ -1,0 +1,80 @@
+"""Erasure scopes and results shared by every service's Erase RPC.
+
+A scope names an account and one target: the whole household, one device, one resolved
+person, or a time window. Each service erases what it holds for the scope and answers
+with counts per record kind and a SHA-256 digest over the sorted ids it deleted, which
+the privacy service puts into the signed receipt. Erase is idempotent: a repeat finds
+nothing left and says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from hearth.common.v1 import common_pb2
+from services.clustering.domain.events import check_id
+from services.common.errors import InvalidArgument
+from services.common.pbutil import ts_to_float
+
+
+@dataclass(frozen=True)
+class ErasureScope:
+    account_id: str
+    kind: str                        # "household" | "device" | "person" | "window"
+    device_id: str | None = None
+    person_id: str | None = None
+    start: float | None = None       # window: [start, end); None = open
+    end: float | None = None
+
+    def in_window(self, ts: float) -> bool:
+        return (self.start is None or ts >= self.start) and (self.end is None or ts < self.end)
+
+
+@dataclass
+class ErasureOutcome:
+    deleted_counts: dict[str, int] = field(default_factory=dict)
+    deleted_ids: list[str] = field(default_factory=list)
+
+    def add(self, kind: str, ids: Iterable[str]) -> None:
+        ids = list(ids)
+        self.deleted_counts[kind] = self.deleted_counts.get(kind, 0) + len(ids)
+        self.deleted_ids.extend(f"{kind}:{i}" for i in ids)
+
+    @property
+    def empty(self) -> bool:
+        return not any(self.deleted_counts.values())
+
+
+def ids_digest(ids: Iterable[str]) -> bytes:
+    """SHA-256 over the sorted ids joined by newlines (the receipt's digest)."""
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).digest()
+
+
+def scope_from_pb(scope: common_pb2.ErasureScope, path: str = "scope") -> ErasureScope:
+    check_id(scope.account_id, f"{path}.account_id")
+    target = scope.WhichOneof("target")
+    if target == "household":
+        if not scope.household:
+            raise InvalidArgument("must be true when given", f"{path}.household")
+        return ErasureScope(scope.account_id, "household")
+    if target == "device_id":
+        return ErasureScope(scope.account_id, "device", device_id=check_id(scope.device_id, f"{path}.device_id"))
+    if target == "person_id":
+        return ErasureScope(scope.account_id, "person", person_id=check_id(scope.person_id, f"{path}.person_id"))
+    if target == "window":
+        start = ts_to_float(scope.window, "start", f"{path}.window.start", required=False)
+        end = ts_to_float(scope.window, "end", f"{path}.window.end", required=False)
+        if start is None and end is None:
+            raise InvalidArgument("needs a start or an end", f"{path}.window")
+        if start is not None and end is not None and end <= start:
+            raise InvalidArgument("end must be after start", f"{path}.window.end")
+        return ErasureScope(scope.account_id, "window", start=start, end=end)
+    raise InvalidArgument("one of household, device_id, person_id or window is required", f"{path}.target")
+
+
+def result_to_pb(service: str, outcome: ErasureOutcome) -> common_pb2.ErasureResult:
+    return common_pb2.ErasureResult(
+        service=service, deleted_counts=outcome.deleted_counts,
+        deleted_ids_sha256=ids_digest(outcome.deleted_ids), already_erased=outcome.empty)

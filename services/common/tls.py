@@ -1,0 +1,108 @@
+"""Mutual TLS between the mesh's processes, when certificates are configured.
+
+Variables (all three or none; ``make certs`` writes a development set under ./certs/)::
+
+    HEARTH_TLS_CERT   this process's certificate (PEM), used as server AND client cert
+    HEARTH_TLS_KEY    its private key (PEM)
+    HEARTH_TLS_CA     the CA that signed every mesh certificate (PEM)
+    HEARTH_TLS_SERVER_NAME  optional: the name to verify in a peer's certificate when
+                      the address is not one of its names (e.g. dialling an IP)
+
+With them, a service listens with TLS and *requires* a client certificate signed by the
+CA; the server interceptor then treats the peer as authenticated (``peer_verified``) and
+trusts the principal it forwards. Without them, services listen in plaintext and every
+call must carry a signed service token (``services.common.identity``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+CERT_ENV, KEY_ENV, CA_ENV = "HEARTH_TLS_CERT", "HEARTH_TLS_KEY", "HEARTH_TLS_CA"
+SERVER_NAME_ENV = "HEARTH_TLS_SERVER_NAME"
+
+
+@dataclass(frozen=True)
+class TlsMaterial:
+    """PEM bytes of this process's certificate chain, key and the mesh CA."""
+
+    cert: bytes
+    key: bytes
+    ca: bytes
+    server_name: str = ""
+
+
+def material_from_env(environ: dict[str, str] | None = None) -> TlsMaterial | None:
+    """Read the three files named by the environment, or ``None`` when none is set.
+    A partial or unreadable configuration raises ConfigError naming the variable."""
+    from services.common.config import ConfigError
+
+    env = os.environ if environ is None else environ
+    paths = {name: env.get(name, "") for name in (CERT_ENV, KEY_ENV, CA_ENV)}
+    if not any(paths.values()):
+        return None
+    missing = [name for name, value in paths.items() if not value]
+    if missing:
+        raise ConfigError("invalid configuration:\n" + "\n".join(
+            f"  {name}: required when any of {CERT_ENV}/{KEY_ENV}/{CA_ENV} is set" for name in missing))
+    data = {}
+    for name, value in paths.items():
+        try:
+            data[name] = Path(value).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"invalid configuration:\n  {name}: cannot read {value}: {exc.strerror}") from None
+        if b"-----BEGIN" not in data[name]:
+            raise ConfigError(f"invalid configuration:\n  {name}: {value} is not a PEM file")
+    return TlsMaterial(data[CERT_ENV], data[KEY_ENV], data[CA_ENV], env.get(SERVER_NAME_ENV, ""))
+
+
+def server_credentials(material: TlsMaterial) -> grpc.ServerCredentials:
+    """TLS that demands a client certificate signed by the mesh CA (mutual TLS)."""
+    return grpc.ssl_server_credentials([(material.key, material.cert)],
+                                       root_certificates=material.ca, require_client_auth=True)
+
+
+def channel_credentials(material: TlsMaterial) -> grpc.ChannelCredentials:
+    """Client side of mutual TLS: verify the server against the CA, present our cert."""
+    return grpc.ssl_channel_credentials(root_certificates=material.ca, private_key=material.key,
+                                        certificate_chain=material.cert)
+
+
+def _options(material: TlsMaterial | None, options: list[tuple[str, object]] | None) -> list:
+    opts = list(options or [])
+    if material is not None and material.server_name:
+        opts.append(("grpc.ssl_target_name_override", material.server_name))
+    return opts
+
+
+def channel(address: str, options: list[tuple[str, object]] | None = None,
+            material: TlsMaterial | None = None) -> grpc.Channel:
+    """A blocking channel: mutual TLS when ``material`` (default: from the environment)
+    is configured, else plaintext."""
+    material = material if material is not None else material_from_env()
+    if material is None:
+        return grpc.insecure_channel(address, options=options)
+    return grpc.secure_channel(address, channel_credentials(material), options=_options(material, options))
+
+
+def aio_channel(address: str, options: list[tuple[str, object]] | None = None,
+                material: TlsMaterial | None = None) -> grpc.aio.Channel:
+    """The same for grpc.aio (the gateway)."""
+    material = material if material is not None else material_from_env()
+    if material is None:
+        return grpc.aio.insecure_channel(address, options=options)
+    return grpc.aio.secure_channel(address, channel_credentials(material),
+                                   options=_options(material, options))
+
+
+def peer_verified(context: grpc.ServicerContext) -> bool:
+    """True when the transport authenticated the peer with a certificate (only possible
+    on a server built with ``server_credentials``, which requires one)."""
+    try:
+        return bool(context.peer_identities())
+    except Exception:  # noqa: BLE001 - a context without auth information is not verified
+        return False
