@@ -17,8 +17,16 @@ def main() -> None:
         lines = [f"  HEARTH_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()]
         raise SystemExit("invalid configuration:\n" + "\n".join(lines)) from None
     telemetry.setup_telemetry("gateway", settings.trace_export, settings.log_level)
+    # HTTPS when a certificate is configured (HEARTH_HTTPS_CERT / HEARTH_HTTPS_KEY);
+    # TLS 1.2 is uvicorn's floor, and no client certificate is asked of HTTP clients.
+    tls = ({"ssl_certfile": str(settings.https_cert), "ssl_keyfile": str(settings.https_key)}
+           if settings.https_cert is not None else {})
+    for name, path in (("HEARTH_HTTPS_CERT", settings.https_cert), ("HEARTH_HTTPS_KEY", settings.https_key)):
+        if path is not None and not path.is_file():
+            raise SystemExit(f"invalid configuration:\n  {name}: no such file {path}")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.gateway_port,
-                log_level=settings.log_level.lower(), access_log=False, timeout_graceful_shutdown=5)
+                log_level=settings.log_level.lower(), access_log=False, timeout_graceful_shutdown=5,
+                server_header=False, **tls)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,11 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 from gateway import models
-from gateway.auth import Authenticator, load_api_keys
+from gateway.auth import Authenticator
 from gateway.clients import ServiceClients
 from gateway.config import GatewaySettings
 from gateway.errors import error_response, from_hearth_error, from_rpc_error
+from gateway.ratelimit import install_request_limits
 from gateway.routes import clustering as clustering_routes
 from services.common import telemetry
 from services.common.errors import HearthError
@@ -34,7 +35,7 @@ HTTP_DURATION = Histogram("hearth_http_request_duration_seconds", "HTTP request 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
-    authenticator = Authenticator(load_api_keys(settings.api_keys_file))
+    authenticator = Authenticator.from_settings(settings)
     clients = ServiceClients(
         {"clustering": settings.clustering_addr, "attribution": settings.attribution_addr,
          "privacy": settings.privacy_addr, "feedback": settings.feedback_addr},
@@ -46,11 +47,15 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         await clients.start()
         yield
         await clients.close()
+        await limiter.close()
 
     app = FastAPI(title="Hearth gateway", version="1.0.0", lifespan=lifespan,
                   description="HTTP/JSON front of the Hearth mesh. Authenticate with the "
-                              "`X-API-Key` header.")
+                              "`X-API-Key` header or `Authorization: Bearer <JWT>`.")
     app.state.clients = clients
+    # Body-size limit and rate limiter; installed before the observe middleware below so
+    # that one stays outermost and counts the 413s too.
+    limiter = install_request_limits(app, settings)
 
     @app.middleware("http")
     async def observe(request: Request, call_next):
@@ -107,8 +112,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         matrix for ``route`` ("METHOD /path/template")."""
 
         async def dependency(request: Request) -> Principal:
-            who = authenticator.authenticate(request.headers)
+            who = authenticator.authenticate(request.headers, route)
             authorize_route(who, route)
+            await limiter.check(who, route)
             return who
 
         return dependency

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from services.clustering.domain.events import ViewingEvent, check_id
 from services.clustering.store import ClusteringStore, HouseholdView, IngestResult
+from services.common.erasure import ErasureOutcome, ErasureScope
 
 
 @dataclass
@@ -28,3 +29,12 @@ class ClusteringApp:
         check_id(account_id, "account_id")
         view = self.store.household(account_id, max_sessions)
         return view, HouseholdExtras()
+
+    def resolve_persons(self, instants: list[tuple[str, str, float]]) -> list[tuple[str, dict[str, float]]]:
+        for n, (account, device, _) in enumerate(instants):
+            check_id(account, f"instants[{n}].account_id")
+            check_id(device, f"instants[{n}].device_id")
+        return self.store.resolve_persons(instants)
+
+    def erase(self, scope: ErasureScope) -> ErasureOutcome:
+        return self.store.erase(scope)

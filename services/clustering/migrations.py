@@ -62,4 +62,7 @@ CREATE TABLE IF NOT EXISTS drift_events (
 );
 CREATE INDEX IF NOT EXISTS drift_events_account ON drift_events (account_id, detected_at)
 """),
+    Migration(2, "person probabilities per session", """
+ALTER TABLE sessions ADD COLUMN person_probs TEXT
+"""),
 ]

@@ -9,6 +9,7 @@ from hearth.clustering.v1 import clustering_pb2_grpc as pb_grpc
 from services.clustering.app import ClusteringApp
 from services.clustering.domain.events import MAX_EVENTS_PER_BATCH, ViewingEvent, validate_batch
 from services.clustering.store import HouseholdView
+from services.common.erasure import result_to_pb, scope_from_pb
 from services.common.errors import InvalidArgument
 from services.common.pbutil import enum_to_name, float_to_ts, name_to_enum, ts_to_float
 
@@ -84,3 +85,18 @@ class ClusteringServicer(pb_grpc.ClusteringServiceServicer):
             raise InvalidArgument("must be in 0..10000", "max_sessions")
         view, extras = self.app.household(request.account_id, request.max_sessions or 500)
         return household_to_pb(view, extras)
+
+    def ResolvePersons(self, request: pb.ResolvePersonsRequest, context) -> pb.ResolvePersonsResponse:
+        if len(request.instants) > 10_000:
+            raise InvalidArgument("at most 10000 instants", "instants")
+        instants = [(i.account_id, i.device_id, ts_to_float(i, "ts", f"instants[{n}].ts"))
+                    for n, i in enumerate(request.instants)]
+        resolved = self.app.resolve_persons(instants)
+        return pb.ResolvePersonsResponse(persons=[
+            pb.ResolvedPerson(session_id=session_id, probabilities=[
+                pb.PersonProbability(person_id=p, probability=q) for p, q in sorted(probs.items())])
+            for session_id, probs in resolved])
+
+    def Erase(self, request: pb.EraseRequest, context) -> pb.EraseResponse:
+        outcome = self.app.erase(scope_from_pb(request.scope))
+        return pb.EraseResponse(result=result_to_pb("clustering", outcome))

@@ -234,10 +234,45 @@ class ClusteringStore:
                             (account_id, rows[0][2]))
         return self._session_from_row(rows[0], float(mark[0][0]) if mark else 0.0, time.time())
 
-    def set_persons(self, account_id: str, persons: dict[str, str]) -> None:
+    def set_persons(self, account_id: str, persons: dict[str, str],
+                    probabilities: dict[str, dict[str, float]] | None = None) -> None:
+        """Record each session's assigned person (and the probability of every person)."""
+        probabilities = probabilities or {}
         with self.db.transaction() as tx:
-            tx.executemany("UPDATE sessions SET person_id = ? WHERE account_id = ? AND session_id = ?",
-                           [(p, account_id, s) for s, p in persons.items()])
+            tx.executemany(
+                "UPDATE sessions SET person_id = ?, person_probs = ? WHERE account_id = ? AND session_id = ?",
+                [(p, json.dumps(probabilities[s], sort_keys=True) if s in probabilities else None,
+                  account_id, s) for s, p in persons.items()])
+
+    def resolve_persons(self, instants: Sequence[tuple[str, str, float]]
+                        ) -> list[tuple[str, dict[str, float]]]:
+        """For each (account, device, ts): the session covering ts or nearest to it
+        within one gap, and its person probabilities ({} when unassigned or none)."""
+        by_device: dict[tuple[str, str], list[int]] = defaultdict(list)
+        for i, (account, device, _) in enumerate(instants):
+            by_device[(account, device)].append(i)
+        out: list[tuple[str, dict[str, float]]] = [("", {})] * len(instants)
+        with self.db.transaction() as tx:
+            for (account, device), idx in by_device.items():
+                ts = np.array([instants[i][2] for i in idx])
+                rows = tx.query(
+                    "SELECT session_id, start_ts, end_ts, person_id, person_probs FROM sessions "
+                    "WHERE account_id = ? AND device_id = ? AND end_ts >= ? AND start_ts <= ? ORDER BY start_ts",
+                    (account, device, float(ts.min()) - self.gap_s, float(ts.max()) + self.gap_s))
+                if not rows:
+                    continue
+                starts = np.array([float(r[1]) for r in rows])
+                ends = np.array([float(r[2]) for r in rows])
+                # distance from each instant to each session interval (0 inside it)
+                dist = np.maximum(np.maximum(starts[None, :] - ts[:, None], ts[:, None] - ends[None, :]), 0.0)
+                best = dist.argmin(axis=1)
+                for j, i in enumerate(idx):
+                    if dist[j, best[j]] > self.gap_s:
+                        continue
+                    r = rows[best[j]]
+                    probs = json.loads(r[4]) if r[4] else ({r[3]: 1.0} if r[3] else {})
+                    out[i] = (r[0], probs)
+        return out
 
     # ---- household models (compare-and-swap, cached) -------------------------------
 

@@ -28,4 +28,53 @@ CREATE TABLE IF NOT EXISTS feedback (
 );
 CREATE INDEX IF NOT EXISTS feedback_prediction ON feedback (prediction_id)
 """),
+    # Migration 2: what the service needs beyond the prediction log.
+    # - feedback.received_at: server clock at storage (the client's ``ts`` orders signals;
+    #   received_at decides what is "new since the last calibrator / trigger").
+    # - flags: one row per version of an experiment's flags (history kept, current = max
+    #   version); the (experiment, version) primary key is the compare-and-swap.
+    # - calibrators + calibrator_current: every fitted calibrator per (variant, version),
+    #   and which version is in force (a pointer, so an operator can roll back).
+    # - triggers: every retraining trigger fired and what became of its Refit request.
+    Migration(2, "feedback received_at, flags, calibrators, triggers", """
+ALTER TABLE feedback ADD COLUMN received_at {double} NOT NULL DEFAULT 0;
+CREATE INDEX IF NOT EXISTS feedback_account ON feedback (account_id, received_at);
+CREATE INDEX IF NOT EXISTS feedback_true_person ON feedback (account_id, true_person_id);
+CREATE INDEX IF NOT EXISTS predictions_person ON predictions (account_id, person_id);
+CREATE TABLE IF NOT EXISTS flags (
+    experiment TEXT NOT NULL,
+    version {bigint} NOT NULL,
+    flags_json TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    principal_id TEXT NOT NULL,
+    ts {double} NOT NULL,
+    audit_result TEXT,
+    PRIMARY KEY (experiment, version)
+);
+CREATE TABLE IF NOT EXISTS calibrators (
+    variant TEXT NOT NULL,
+    version {bigint} NOT NULL,
+    calibrator_json TEXT NOT NULL,
+    fitted_at {double} NOT NULL,
+    PRIMARY KEY (variant, version)
+);
+CREATE TABLE IF NOT EXISTS calibrator_current (
+    variant TEXT PRIMARY KEY,
+    version {bigint} NOT NULL
+);
+CREATE TABLE IF NOT EXISTS triggers (
+    trigger_id {serial_pk},
+    kind TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    scope_key TEXT NOT NULL,
+    value {double} NOT NULL,
+    threshold {double} NOT NULL,
+    n {bigint} NOT NULL,
+    ts {double} NOT NULL,
+    refit_requested INTEGER NOT NULL,
+    refit_result TEXT,
+    refit_ts {double}
+);
+CREATE INDEX IF NOT EXISTS triggers_scope ON triggers (scope, scope_key, kind, ts)
+"""),
 ]

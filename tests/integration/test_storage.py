@@ -231,3 +231,15 @@ def test_erase_person_removes_their_sessions_and_events(store, database):
     remaining = store.household("acc-1").sessions
     assert [s.person_id for s in remaining] == ["p2"]
     assert _count(database, "events") == 2
+
+
+def test_resolve_persons_picks_the_session_near_each_instant(store):
+    store.ingest([ev(i, T0 + i * 60) for i in range(3)] + [ev(10 + i, T0 + 20_000 + i * 60) for i in range(2)])
+    first, second = sorted(store.household("acc-1").sessions, key=lambda s: s.start_ts)
+    store.set_persons("acc-1", {first.session_id: "p1", second.session_id: "p2"},
+                      {first.session_id: {"p1": 0.9, "p2": 0.1}})
+    resolved = store.resolve_persons([("acc-1", "tv-1", T0 + 30), ("acc-1", "tv-1", T0 + 20_000 - 600),
+                                      ("acc-1", "tv-1", T0 + 10_000), ("acc-1", "nope", T0)])
+    assert resolved[0] == (first.session_id, {"p1": 0.9, "p2": 0.1})
+    assert resolved[1] == (second.session_id, {"p2": 1.0})       # 10 min before it: within one gap
+    assert resolved[2] == ("", {}) and resolved[3] == ("", {})

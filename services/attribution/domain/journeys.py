@@ -255,36 +255,40 @@ def build_journeys(
     r_order = np.lexsort((r_rank, rec_entity))
     rec_conv, rec_person, rec_entity = rec_conv[r_order], rec_person[r_order], rec_entity[r_order]
     r_rank, r_low_rank = r_rank[r_order], r_low_rank[r_order]
-    upper = np.searchsorted(t_key, rec_entity * n_rank + r_rank, side="right")
-    lower = np.searchsorted(t_key, rec_entity * n_rank + r_low_rank, side="left")
-    if reset_after_conversion and rec_entity.size:
-        same_prev = np.zeros(rec_entity.size, dtype=bool)
-        same_prev[1:] = rec_entity[1:] == rec_entity[:-1]
-        prev_rank = np.roll(r_rank, 1)
-        after_prev = np.searchsorted(t_key, rec_entity * n_rank + prev_rank, side="right")
-        lower = np.where(same_prev, np.maximum(lower, after_prev), lower)
-    lower = np.minimum(lower, upper)
+    def windows(keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Touch index ranges [lower, upper) of the kept records (reset among kept)."""
+        ent, rk, low = rec_entity[keep], r_rank[keep], r_low_rank[keep]
+        upper = np.searchsorted(t_key, ent * n_rank + rk, side="right")
+        lower = np.searchsorted(t_key, ent * n_rank + low, side="left")
+        if reset_after_conversion and ent.size:
+            same_prev = np.zeros(ent.size, dtype=bool)
+            same_prev[1:] = ent[1:] == ent[:-1]
+            after_prev = np.searchsorted(t_key, ent * n_rank + np.roll(rk, 1), side="right")
+            lower = np.where(same_prev, np.maximum(lower, after_prev), lower)
+        return np.minimum(lower, upper), upper
 
-    # Conversion weights of each record.
+    everyone = np.ones(rec_entity.size, dtype=bool)
     if level == "person":
         if cp is not None:
             q = cp[rec_conv, rec_person]
         else:
-            # Share of the conversion's window touches per person.
-            counts = (upper - lower).astype(np.float64)
+            # Share of the conversion's window touches per person (every conversion of
+            # the account resets every person's window, as at account level).
+            lo_all, up_all = windows(everyone)
+            counts = (up_all - lo_all).astype(np.float64)
             per_conv = np.bincount(rec_conv, weights=counts, minlength=n_c)
             q = np.divide(counts, per_conv[rec_conv], out=np.zeros_like(counts), where=per_conv[rec_conv] > 0)
-        keep_rec = q > min_person_probability
-        q = np.where(keep_rec, q, 0.0)
+        q = np.where(q > min_person_probability, q, 0.0)
         # Renormalise after dropping persons under the threshold.
         tot = np.bincount(rec_conv, weights=q, minlength=n_c)
         q = np.divide(q, tot[rec_conv], out=np.zeros_like(q), where=tot[rec_conv] > 0)
         keep_rec = q > 0
     else:
         q = np.ones(rec_conv.size)
-        keep_rec = np.ones(rec_conv.size, dtype=bool)
-    # Records dropped by the threshold consume no touches: those stay free for null journeys.
-    upper_k, lower_k = upper[keep_rec], lower[keep_rec]
+        keep_rec = everyone
+    # Only records that carry weight open a window (and reset it): a person with no
+    # share of a conversion keeps their touches for their own later conversion.
+    lower_k, upper_k = windows(keep_rec)
     rec_conv_k, rec_person_k, rec_entity_k, q_k = (
         rec_conv[keep_rec], rec_person[keep_rec], rec_entity[keep_rec], q[keep_rec]
     )

@@ -1,0 +1,71 @@
+"""The servicer-facing attribute() and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from services.attribution.cli import main
+from services.attribution.domain.api import METHODS, attribute
+from services.attribution.domain.errors import AttributionInputError
+from services.attribution.domain.paths import Paths
+
+PATHS = Paths.from_lists(
+    [["a", "b"], ["b", "c"], ["a"], ["c", "a", "b"], []], [1, 2, 0, 1, 4], [5, 8, 0, 2, 9], [2, 1, 3, 0, 0]
+)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_credits_all_attributable_conversions(method: str) -> None:
+    r = attribute(PATHS, method=method, order=2)
+    assert r.conversions.sum() == pytest.approx(4.0)
+    assert r.shares.sum() == pytest.approx(1.0)
+    assert r.unattributed_conversions == 4.0
+    assert np.all(r.conversions >= -1e-12)
+    assert set(r.baselines) == {"first_touch", "last_touch", "linear"}
+    json.dumps(r.to_dict())
+
+
+def test_hybrid_is_the_mix() -> None:
+    m = attribute(PATHS, "markov").conversions
+    s = attribute(PATHS, "shapley").conversions
+    np.testing.assert_allclose(attribute(PATHS, "hybrid", alpha=0.3).conversions, 0.3 * m + 0.7 * s)
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [({"method": "magic"}, "method"), ({"order": 7}, "order"), ({"alpha": 2.0}, "alpha"),
+     ({"conventions": {"bogus": 1}}, "conventions")],
+)
+def test_bad_arguments(kwargs: dict, field: str) -> None:
+    with pytest.raises(AttributionInputError) as exc:
+        attribute(PATHS, **kwargs)
+    assert exc.value.field == field
+
+
+def test_cli_csv_and_json(tmp_path, capsys) -> None:
+    f = tmp_path / "p.csv"
+    f.write_text("path;total_conversions;total_conversion_value;total_null\n"
+                 "a > b;1;5;2\nb > c;2;8;1\na;0;0;3\nc > a > b;1;2;0\n")
+    assert main(["attribute", str(f), "--order", "2"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("channel,share,conversions,revenue,first_touch_conversions")
+    assert len(out) == 4
+    total = sum(float(line.split(",")[2]) for line in out[1:])
+    assert total == pytest.approx(4.0)
+    target = tmp_path / "out.json"
+    assert main(["attribute", str(f), "--method", "shapley", "--format", "json", "--output", str(target)]) == 0
+    doc = json.loads(target.read_text())
+    assert doc["method"] == "shapley" and {c["channel"] for c in doc["channels"]} == {"a", "b", "c"}
+    assert main(["attribute", str(f), "--no-collapse", "--no-nulls", "--horizon", "data"]) == 0
+    capsys.readouterr()
+
+
+def test_cli_bad_input_exits_2(tmp_path, capsys) -> None:
+    assert main(["attribute", str(tmp_path / "missing.csv")]) == 2
+    f = tmp_path / "bad.csv"
+    f.write_text("path;total_conversions\na;x\n")
+    assert main(["attribute", str(f)]) == 2
+    assert "total_conversions" in capsys.readouterr().err
