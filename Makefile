@@ -53,5 +53,9 @@ bench-privacy: hearth/__init__.py ## deletion latency per scope and audit throug
 bench-feedback: hearth/__init__.py ## calibration before/after recalibration (JSON)
 	$(PY) -m bench.feedback
 
+.PHONY: certs
+certs: $(STAMP) ## create a local CA and mTLS certificates for every process under ./certs/ (development)
+	$(PY) scripts/certs.py --out certs
+
 clean: ## remove generated code, caches and local data (keeps the virtualenv)
 	rm -rf hearth var .pytest_cache .hypothesis

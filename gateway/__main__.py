@@ -18,7 +18,7 @@ def main() -> None:
         raise SystemExit("invalid configuration:\n" + "\n".join(lines)) from None
     telemetry.setup_telemetry("gateway", settings.trace_export, settings.log_level)
     # HTTPS when a certificate is configured (HEARTH_HTTPS_CERT / HEARTH_HTTPS_KEY);
-    # TLS 1.2 is uvicorn's floor, and no client certificate is asked of HTTP clients.
+    # Python's ssl defaults set the floor at TLS 1.2; HTTP clients need no certificate.
     tls = ({"ssl_certfile": str(settings.https_cert), "ssl_keyfile": str(settings.https_key)}
            if settings.https_cert is not None else {})
     for name, path in (("HEARTH_HTTPS_CERT", settings.https_cert), ("HEARTH_HTTPS_KEY", settings.https_key)):

@@ -22,6 +22,7 @@ from gateway.config import GatewaySettings
 from gateway.errors import error_response, from_hearth_error, from_rpc_error
 from gateway.ratelimit import install_request_limits
 from gateway.routes import clustering as clustering_routes
+from gateway.routes import feedback as feedback_routes
 from services.common import telemetry
 from services.common.errors import HearthError
 from services.common.identity import Principal
@@ -119,7 +120,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
         return dependency
 
-    for module in (clustering_routes,):
+    for module in (clustering_routes, feedback_routes):
         app.include_router(module.router(clients, access))
 
     @app.get("/health", response_model=models.HealthOut, responses={503: {"model": models.HealthOut}})

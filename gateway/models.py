@@ -4,13 +4,33 @@ called."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
-Label = Annotated[str, Field(min_length=1, max_length=64)]
+# Free text is stored as data: any printable text, but no control characters (a NUL
+# cannot even be stored in PostgreSQL text, and none belongs in a label).
+Label = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1F\x7F]+$")]
+
+# Timestamps must be plausible: not before the service could exist, not more than a day
+# in the future (clock skew of a device, not a typo of the year).
+EARLIEST_TS = datetime(2000, 1, 1, tzinfo=timezone.utc)
+MAX_FUTURE = timedelta(days=1)
+
+
+def _sane_timestamp(value: datetime) -> datetime:
+    try:
+        if value < EARLIEST_TS or value > datetime.now(timezone.utc) + MAX_FUTURE:
+            raise ValueError(f"must be between {EARLIEST_TS.date()} and one day from now")
+        value.timestamp()  # representable as Unix seconds (protobuf Timestamp)
+    except OverflowError:
+        raise ValueError("out of range") from None
+    return value
+
+
+Timestamp = Annotated[AwareDatetime, AfterValidator(_sane_timestamp)]
 DeviceType = Literal["tv", "mobile", "tablet", "desktop", "console", "other"]
 EventKind = Literal["play_start", "play_stop", "heartbeat", "browse"]
 Maturity = Literal["kids", "teen", "adult"]
@@ -25,7 +45,8 @@ class EventIn(Strict):
     account_id: Id
     device_id: Id
     device_type: DeviceType
-    ts: AwareDatetime = Field(description="UTC timestamp, RFC 3339 with offset (e.g. 2026-11-26T20:15:00Z)")
+    ts: Timestamp = Field(description="UTC timestamp, RFC 3339 with offset (e.g. 2026-11-26T20:15:00Z), "
+                                      "from 2000-01-01 to one day from now")
     kind: EventKind
     title_id: Id | None = None
     series_id: Id | None = None

@@ -20,8 +20,10 @@ Decisions (the reasons are repeated in docs/security.md):
   to every household and has a kill switch; separating "evaluate the experiment" from
   "change production" keeps one person from doing both unreviewed. admin sets flags.
 * service principals ingest, assign, record touchpoints/conversions/predictions/
-  feedback, append to the audit log, read consent and households (attribution builds
-  per-person journeys, privacy collects exports) and call ``Erase``: the privacy service
+  feedback, append to the audit log, read consent and households and resolve persons
+  (attribution builds per-person journeys with ``ResolvePersons`` — as itself, since the
+  analyst who asked may not see persons — and privacy collects exports) and call
+  ``Erase``: the privacy service
   fans every deletion out to the ``Erase`` RPCs as itself, after auditing the human's
   request (see ``identity.acting_as``).
 * admin: everything.
@@ -44,6 +46,7 @@ class Permission(str, Enum):
     ASSIGN_SESSIONS = "assign_sessions"
     READ_HOUSEHOLD = "read_household"
     REFIT_MODEL = "refit_model"
+    RESOLVE_PERSONS = "resolve_persons"
     RECORD_TOUCHPOINTS = "record_touchpoints"
     RECORD_CONVERSIONS = "record_conversions"
     READ_ATTRIBUTION = "read_attribution"
@@ -70,13 +73,13 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
     Role.ADMIN: frozenset(Permission),
     Role.ANALYST: frozenset({P.READ_ATTRIBUTION, P.READ_CALIBRATION, P.READ_EXPERIMENT}),
     Role.DATA_SCIENTIST: frozenset({
-        P.READ_HOUSEHOLD, P.REFIT_MODEL, P.READ_ATTRIBUTION, P.RECORD_FEEDBACK,
+        P.READ_HOUSEHOLD, P.REFIT_MODEL, P.RESOLVE_PERSONS, P.READ_ATTRIBUTION, P.RECORD_FEEDBACK,
         P.READ_CALIBRATION, P.READ_EXPERIMENT}),
     Role.PRIVACY_OFFICER: frozenset({
         P.REQUEST_DELETION, P.READ_DELETION, P.VERIFY_RECEIPT, P.EXPORT_HOUSEHOLD,
         P.SET_CONSENT, P.READ_CONSENT, P.READ_AUDIT}),
     Role.SERVICE: frozenset({
-        P.INGEST_EVENTS, P.ASSIGN_SESSIONS, P.READ_HOUSEHOLD, P.REFIT_MODEL,
+        P.INGEST_EVENTS, P.ASSIGN_SESSIONS, P.READ_HOUSEHOLD, P.REFIT_MODEL, P.RESOLVE_PERSONS,
         P.RECORD_TOUCHPOINTS, P.RECORD_CONVERSIONS, P.ERASE_DATA, P.READ_CONSENT,
         P.APPEND_AUDIT, P.RECORD_PREDICTION, P.RECORD_FEEDBACK, P.READ_EXPERIMENT}),
 }
@@ -109,6 +112,7 @@ RPCS: dict[str, dict[str, Permission]] = {
         "AssignSessions": P.ASSIGN_SESSIONS,
         "GetHousehold": P.READ_HOUSEHOLD,
         "Refit": P.REFIT_MODEL,
+        "ResolvePersons": P.RESOLVE_PERSONS,
         "Erase": P.ERASE_DATA,
     },
     "hearth.attribution.v1.AttributionService": {

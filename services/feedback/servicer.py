@@ -1,20 +1,40 @@
-"""gRPC adapter of the feedback service."""
+"""gRPC adapter of the feedback service: validate -> pb to domain -> one use case -> pb."""
 
 from __future__ import annotations
 
+import math
+
 from hearth.feedback.v1 import feedback_pb2 as pb
 from hearth.feedback.v1 import feedback_pb2_grpc as pb_grpc
+from services.common import identity
+from services.common.erasure import result_to_pb, scope_from_pb
+from services.common.errors import InvalidArgument
 from services.common.pbutil import ts_to_float
 from services.feedback.app import FeedbackApp
+from services.feedback.domain.signals import SignalKind
 from services.feedback.store import PredictionRecord
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeedbackService"].full_name
+ERASURE_SERVICE = "feedback"
+
+# The proto's feedback kinds and the domain's signal kinds (docs/feedback.md has the weights).
+KIND_BY_PB: dict[int, SignalKind] = {
+    pb.FEEDBACK_KIND_EXPLICIT_CONFIRM: SignalKind.PROFILE_CONFIRMED,
+    pb.FEEDBACK_KIND_EXPLICIT_CORRECT: SignalKind.PROFILE_CORRECTED,
+    pb.FEEDBACK_KIND_IMPLICIT_SWITCH_PROFILE: SignalKind.PROFILE_SWITCHED,
+    pb.FEEDBACK_KIND_IMPLICIT_CONTINUE: SignalKind.CONTINUED_RECOMMENDATION,
+    pb.FEEDBACK_KIND_IMPLICIT_ABANDON: SignalKind.ABANDONED_QUICKLY,
+}
 
 
 def prediction_from_pb(p: pb.Prediction, path: str) -> PredictionRecord:
     return PredictionRecord(p.prediction_id, p.account_id, p.session_id, p.person_id,
                             dict(p.probabilities), p.model_variant, p.model_version,
                             ts_to_float(p, "ts", f"{path}.ts"), p.cold_start, p.household_size)
+
+
+def _finite_or_nan(value: float | None) -> float:
+    return math.nan if value is None else float(value)
 
 
 class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
@@ -25,3 +45,42 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
         items = [prediction_from_pb(p, f"predictions[{i}]") for i, p in enumerate(request.predictions)]
         accepted, duplicates = self.app.record_predictions(items)
         return pb.RecordPredictionResponse(accepted=accepted, duplicates=duplicates)
+
+    def RecordFeedback(self, request, context) -> pb.RecordFeedbackResponse:
+        kind = KIND_BY_PB.get(request.kind)
+        if kind is None:
+            raise InvalidArgument("is required: one of EXPLICIT_CONFIRM, EXPLICIT_CORRECT, IMPLICIT_CONTINUE, "
+                                  "IMPLICIT_ABANDON, IMPLICIT_SWITCH_PROFILE", "kind")
+        duplicate, weight = self.app.record_feedback(
+            request.feedback_id, request.prediction_id, kind, request.true_person_id or None,
+            ts_to_float(request, "ts", "ts", required=False))
+        return pb.RecordFeedbackResponse(duplicate=duplicate, weight=weight)
+
+    def GetCalibration(self, request, context) -> pb.GetCalibrationResponse:
+        report = self.app.calibration_report(request.group_by, request.bins)
+        return pb.GetCalibrationResponse(
+            calibrator_version=report.calibrator_version,
+            groups=[pb.CalibrationGroup(
+                group=g.group, n=g.summary.n, brier=g.summary.brier, log_loss=_finite_or_nan(g.summary.log_loss),
+                ece=g.summary.ece, ece_equal_mass=g.summary.ece_equal_mass,
+                bins=[pb.ReliabilityBin(lower=b["lower"], upper=b["upper"], count=b["count"],
+                                        mean_confidence=b["mean_confidence"], accuracy=b["accuracy"])
+                      for b in g.bins]) for g in report.groups])
+
+    def GetExperiment(self, request, context) -> pb.GetExperimentResponse:
+        view = self.app.experiment(request.account_id)
+        return pb.GetExperimentResponse(
+            variant=view.variant, traffic=view.traffic, kill_switch=view.kill_switch, p_value=view.p_value,
+            results=[pb.VariantResult(variant=r.variant, n=r.n, accuracy=r.accuracy, brier=r.brier)
+                     for r in view.results])
+
+    def SetFlag(self, request, context) -> pb.SetFlagResponse:
+        version = self.app.set_flags(dict(request.traffic), request.kill_switch, request.reason,
+                                     identity.current_principal())
+        return pb.SetFlagResponse(version=version)
+
+    def Erase(self, request, context) -> pb.EraseResponse:
+        if not request.HasField("scope"):
+            raise InvalidArgument("is required", "scope")
+        outcome = self.app.erase(scope_from_pb(request.scope), request.job_id)
+        return pb.EraseResponse(result=result_to_pb(ERASURE_SERVICE, outcome))

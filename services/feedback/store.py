@@ -1,4 +1,10 @@
-"""The feedback service's repository: the prediction log and feedback."""
+"""The feedback service's repository: prediction log, feedback, experiment flags,
+calibrators, retraining triggers, and erasure.
+
+Every write is idempotent by id (predictions by ``prediction_id``, feedback by
+``feedback_id``) or guarded by a primary key acting as compare-and-swap (flag and
+calibrator versions), so two replicas never lose or duplicate an update.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,10 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from services.common.erasure import ErasureOutcome, ErasureScope
+from services.common.errors import AlreadyExists, NotFound
 from services.common.storage.cache import Cache, MemoryCache
-from services.common.storage.sql import Database, migrate
+from services.common.storage.sql import Database, Tx, migrate
 from services.feedback.migrations import MIGRATIONS
 
 
@@ -25,6 +33,82 @@ class PredictionRecord:
     household_size: int
 
 
+@dataclass(frozen=True)
+class FeedbackItem:
+    """One feedback signal as stored. ``kind`` is a ``SignalKind`` value
+    (``profile_confirmed`` ...); ``true_person_id`` is None for implicit signals."""
+
+    feedback_id: str
+    prediction_id: str
+    kind: str
+    true_person_id: str | None
+    weight: float
+    ts: float
+
+
+@dataclass(frozen=True)
+class FeedbackJoined:
+    """A feedback signal joined with the prediction it is about (what metrics need)."""
+
+    feedback_id: str
+    kind: str
+    true_person_id: str | None
+    ts: float
+    received_at: float
+    prediction: PredictionRecord
+
+
+@dataclass(frozen=True)
+class StoredFlags:
+    version: int
+    flags_json: str
+    reason: str
+    principal_id: str
+    ts: float
+    audit_result: str | None
+
+
+@dataclass(frozen=True)
+class StoredCalibrator:
+    variant: str
+    version: int
+    calibrator_json: str
+    fitted_at: float
+
+
+@dataclass(frozen=True)
+class StoredTrigger:
+    trigger_id: int
+    kind: str
+    scope: str
+    scope_key: str
+    value: float
+    threshold: float
+    n: int
+    ts: float
+    refit_requested: bool
+    refit_result: str | None
+    refit_ts: float | None
+
+
+_PREDICTION_COLUMNS = ("p.prediction_id, p.account_id, p.session_id, p.person_id, p.probabilities, "
+                       "p.model_variant, p.model_version, p.ts, p.cold_start, p.household_size")
+
+
+def _prediction(row: Sequence) -> PredictionRecord:
+    return PredictionRecord(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5], int(row[6]),
+                            float(row[7]), bool(row[8]), int(row[9]))
+
+
+def _trigger(row: Sequence) -> StoredTrigger:
+    return StoredTrigger(int(row[0]), row[1], row[2], row[3], float(row[4]), float(row[5]), int(row[6]),
+                         float(row[7]), bool(row[8]), row[9], None if row[10] is None else float(row[10]))
+
+
+_TRIGGER_COLUMNS = ("trigger_id, kind, scope, scope_key, value, threshold, n, ts, refit_requested, "
+                    "refit_result, refit_ts")
+
+
 class FeedbackStore:
     def __init__(self, db: Database, cache: Cache | None = None) -> None:
         self.db = db
@@ -32,6 +116,8 @@ class FeedbackStore:
 
     def migrate(self) -> list[int]:
         return migrate(self.db, MIGRATIONS)
+
+    # ------------------------------------------------------------------ predictions
 
     def record_predictions(self, items: Sequence[PredictionRecord]) -> tuple[int, int]:
         with self.db.transaction() as tx:
@@ -43,3 +129,227 @@ class FeedbackStore:
                   json.dumps(p.probabilities, sort_keys=True), p.model_variant, p.model_version, p.ts,
                   int(p.cold_start), p.household_size) for p in items])
         return accepted, len(items) - accepted
+
+    def prediction(self, prediction_id: str) -> PredictionRecord | None:
+        with self.db.transaction() as tx:
+            rows = tx.query(f"SELECT {_PREDICTION_COLUMNS} FROM predictions p WHERE p.prediction_id = ?",
+                            (prediction_id,))
+        return _prediction(rows[0]) if rows else None
+
+    def counts(self) -> tuple[int, int]:
+        """(predictions, predictions with at least one feedback)."""
+        with self.db.transaction() as tx:
+            predictions = tx.query("SELECT COUNT(*) FROM predictions")[0][0]
+            with_feedback = tx.query("SELECT COUNT(DISTINCT prediction_id) FROM feedback")[0][0]
+        return int(predictions), int(with_feedback)
+
+    # ------------------------------------------------------------------ feedback
+
+    def record_feedback(self, item: FeedbackItem, received_at: float) -> tuple[PredictionRecord, bool]:
+        """Store one feedback signal; returns (its prediction, duplicate).
+
+        NotFound (field ``prediction_id``) when the prediction is unknown; a repeat of the
+        same ``feedback_id`` with the same content is a duplicate, with other content
+        AlreadyExists (field ``feedback_id``): an id names one fact, forever."""
+        with self.db.transaction() as tx:
+            rows = tx.query(f"SELECT {_PREDICTION_COLUMNS} FROM predictions p WHERE p.prediction_id = ?",
+                            (item.prediction_id,))
+            if not rows:
+                raise NotFound(f"unknown prediction {item.prediction_id!r}", "prediction_id")
+            prediction = _prediction(rows[0])
+            inserted = tx.execute(
+                "INSERT INTO feedback (feedback_id, prediction_id, account_id, kind, true_person_id, weight, "
+                "ts, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (feedback_id) DO NOTHING",
+                (item.feedback_id, item.prediction_id, prediction.account_id, item.kind, item.true_person_id,
+                 item.weight, item.ts, received_at))
+            if inserted:
+                return prediction, False
+            existing = tx.query("SELECT prediction_id, kind, true_person_id FROM feedback WHERE feedback_id = ?",
+                                (item.feedback_id,))
+        if existing and tuple(existing[0]) != (item.prediction_id, item.kind, item.true_person_id):
+            raise AlreadyExists("already used for a different feedback", "feedback_id")
+        return prediction, True
+
+    def feedback_joined(self, account_id: str | None = None, received_after: float | None = None
+                        ) -> list[FeedbackJoined]:
+        """Every feedback signal with its prediction, optionally of one account and/or
+        received strictly after a time; ordered by received_at then feedback_id."""
+        where, params = [], []
+        if account_id is not None:
+            where.append("f.account_id = ?")
+            params.append(account_id)
+        if received_after is not None:
+            where.append("f.received_at > ?")
+            params.append(received_after)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        with self.db.transaction() as tx:
+            rows = tx.query(
+                f"SELECT f.feedback_id, f.kind, f.true_person_id, f.ts, f.received_at, {_PREDICTION_COLUMNS} "
+                f"FROM feedback f JOIN predictions p ON p.prediction_id = f.prediction_id {clause} "
+                "ORDER BY f.received_at, f.feedback_id", params)
+        return [FeedbackJoined(r[0], r[1], r[2], float(r[3]), float(r[4]), _prediction(r[5:])) for r in rows]
+
+    # ------------------------------------------------------------------ flags
+
+    def current_flags(self, experiment: str) -> StoredFlags | None:
+        with self.db.transaction() as tx:
+            rows = tx.query("SELECT version, flags_json, reason, principal_id, ts, audit_result FROM flags "
+                            "WHERE experiment = ? ORDER BY version DESC LIMIT 1", (experiment,))
+        if not rows:
+            return None
+        r = rows[0]
+        return StoredFlags(int(r[0]), r[1], r[2], r[3], float(r[4]), r[5])
+
+    def insert_flags(self, experiment: str, version: int, flags_json: str, reason: str,
+                     principal_id: str, ts: float) -> bool:
+        """Insert a flags version; False when that version exists already (a concurrent
+        writer won the compare-and-swap: re-read and retry)."""
+        with self.db.transaction() as tx:
+            return tx.execute(
+                "INSERT INTO flags (experiment, version, flags_json, reason, principal_id, ts) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (experiment, version) DO NOTHING",
+                (experiment, version, flags_json, reason, principal_id, ts)) == 1
+
+    def set_flags_audit_result(self, experiment: str, version: int, result: str) -> None:
+        with self.db.transaction() as tx:
+            tx.execute("UPDATE flags SET audit_result = ? WHERE experiment = ? AND version = ?",
+                       (result, experiment, version))
+
+    # ------------------------------------------------------------------ calibrators
+
+    def next_calibrator_version(self, variant: str) -> int:
+        with self.db.transaction() as tx:
+            rows = tx.query("SELECT COALESCE(MAX(version), 0) FROM calibrators WHERE variant = ?", (variant,))
+        return int(rows[0][0]) + 1
+
+    def save_calibrator(self, variant: str, version: int, calibrator_json: str, fitted_at: float) -> bool:
+        """Store a calibrator version and make it current, in one transaction. False when
+        the version exists already (another replica fitted concurrently)."""
+        with self.db.transaction() as tx:
+            if not tx.execute("INSERT INTO calibrators (variant, version, calibrator_json, fitted_at) "
+                              "VALUES (?, ?, ?, ?) ON CONFLICT (variant, version) DO NOTHING",
+                              (variant, version, calibrator_json, fitted_at)):
+                return False
+            self._point(tx, variant, version)
+        return True
+
+    @staticmethod
+    def _point(tx: Tx, variant: str, version: int) -> None:
+        tx.execute("INSERT INTO calibrator_current (variant, version) VALUES (?, ?) "
+                   "ON CONFLICT (variant) DO UPDATE SET version = excluded.version", (variant, version))
+
+    def activate_calibrator(self, variant: str, version: int) -> None:
+        """Point ``variant`` at an existing version (roll back or forward)."""
+        with self.db.transaction() as tx:
+            if not tx.query("SELECT 1 FROM calibrators WHERE variant = ? AND version = ?", (variant, version)):
+                raise NotFound(f"no calibrator version {version} for variant {variant!r}", "version")
+            self._point(tx, variant, version)
+
+    def current_calibrators(self) -> dict[str, StoredCalibrator]:
+        with self.db.transaction() as tx:
+            rows = tx.query("SELECT c.variant, c.version, c.calibrator_json, c.fitted_at FROM calibrators c "
+                            "JOIN calibrator_current cur ON cur.variant = c.variant AND cur.version = c.version "
+                            "ORDER BY c.variant")
+        return {r[0]: StoredCalibrator(r[0], int(r[1]), r[2], float(r[3])) for r in rows}
+
+    # ------------------------------------------------------------------ triggers
+
+    def insert_trigger(self, kind: str, scope: str, scope_key: str, value: float, threshold: float, n: int,
+                       ts: float, refit_requested: bool) -> int:
+        with self.db.transaction() as tx:
+            rows = tx.query(
+                "INSERT INTO triggers (kind, scope, scope_key, value, threshold, n, ts, refit_requested) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING trigger_id",
+                (kind, scope, scope_key, value, threshold, n, ts, int(refit_requested)))
+        return int(rows[0][0])
+
+    def last_trigger_ts(self, scope: str, scope_key: str, kind: str | None = None) -> float | None:
+        sql = "SELECT MAX(ts) FROM triggers WHERE scope = ? AND scope_key = ?"
+        params: list = [scope, scope_key]
+        if kind is not None:
+            sql += " AND kind = ?"
+            params.append(kind)
+        with self.db.transaction() as tx:
+            value = tx.query(sql, params)[0][0]
+        return None if value is None else float(value)
+
+    def set_refit_result(self, trigger_id: int, result: str, ts: float) -> None:
+        with self.db.transaction() as tx:
+            tx.execute("UPDATE triggers SET refit_result = ?, refit_ts = ? WHERE trigger_id = ?",
+                       (result, ts, trigger_id))
+
+    def pending_refits(self, limit: int = 100) -> list[StoredTrigger]:
+        """Triggers whose Refit was requested but never answered (e.g. the process stopped)."""
+        with self.db.transaction() as tx:
+            rows = tx.query(f"SELECT {_TRIGGER_COLUMNS} FROM triggers WHERE refit_requested = 1 "
+                            "AND refit_result IS NULL ORDER BY trigger_id LIMIT ?", (limit,))
+        return [_trigger(r) for r in rows]
+
+    def triggers(self, scope_key: str | None = None, limit: int = 1000) -> list[StoredTrigger]:
+        sql = f"SELECT {_TRIGGER_COLUMNS} FROM triggers"
+        params: list = []
+        if scope_key is not None:
+            sql += " WHERE scope_key = ?"
+            params.append(scope_key)
+        with self.db.transaction() as tx:
+            rows = tx.query(sql + " ORDER BY trigger_id LIMIT ?", [*params, limit])
+        return [_trigger(r) for r in rows]
+
+    # ------------------------------------------------------------------ erasure
+
+    def erase(self, scope: ErasureScope) -> ErasureOutcome:
+        """Delete what ``scope`` covers, in one transaction; the outcome lists the ids.
+
+        household and device: every prediction, feedback signal and household trigger of
+        the account (device is widened to the household: a prediction carries no
+        device, see docs/feedback.md). person: the predictions of that predicted person,
+        their feedback, and every feedback naming the person as the true one. window:
+        predictions made in [start, end), their feedback, and feedback given in it.
+        """
+        account = scope.account_id
+        outcome = ErasureOutcome()
+        with self.db.transaction() as tx:
+            if scope.kind in ("household", "device"):
+                prediction_ids = [r[0] for r in tx.query(
+                    "SELECT prediction_id FROM predictions WHERE account_id = ?", (account,))]
+                feedback_ids = [r[0] for r in tx.query(
+                    "SELECT feedback_id FROM feedback WHERE account_id = ?", (account,))]
+                trigger_ids = [str(r[0]) for r in tx.query(
+                    "SELECT trigger_id FROM triggers WHERE scope = 'household' AND scope_key = ?", (account,))]
+                tx.execute("DELETE FROM feedback WHERE account_id = ?", (account,))
+                tx.execute("DELETE FROM predictions WHERE account_id = ?", (account,))
+                tx.execute("DELETE FROM triggers WHERE scope = 'household' AND scope_key = ?", (account,))
+                outcome.add("predictions", prediction_ids)
+                outcome.add("feedback", feedback_ids)
+                outcome.add("triggers", trigger_ids)
+                return outcome
+            if scope.kind == "person":
+                prediction_where = "account_id = ? AND person_id = ?"
+                prediction_params: list = [account, scope.person_id]
+                feedback_extra, feedback_extra_params = "true_person_id = ?", [scope.person_id]
+            elif scope.kind == "window":
+                conditions, prediction_params = ["account_id = ?"], [account]
+                window, window_params = [], []
+                if scope.start is not None:
+                    window.append("ts >= ?")
+                    window_params.append(scope.start)
+                if scope.end is not None:
+                    window.append("ts < ?")
+                    window_params.append(scope.end)
+                prediction_where = " AND ".join(conditions + window)
+                prediction_params += window_params
+                feedback_extra, feedback_extra_params = " AND ".join(window), window_params
+            else:
+                raise ValueError(f"scope.kind: unknown erasure kind {scope.kind!r}")
+            feedback_where = (f"account_id = ? AND (prediction_id IN (SELECT prediction_id FROM predictions "
+                              f"WHERE {prediction_where}) OR ({feedback_extra}))")
+            feedback_params = [account, *prediction_params, *feedback_extra_params]
+            feedback_ids = [r[0] for r in tx.query(f"SELECT feedback_id FROM feedback WHERE {feedback_where}",
+                                                   feedback_params)]
+            prediction_ids = [r[0] for r in tx.query(
+                f"SELECT prediction_id FROM predictions WHERE {prediction_where}", prediction_params)]
+            tx.execute(f"DELETE FROM feedback WHERE {feedback_where}", feedback_params)
+            tx.execute(f"DELETE FROM predictions WHERE {prediction_where}", prediction_params)
+            outcome.add("predictions", prediction_ids)
+            outcome.add("feedback", feedback_ids)
+        return outcome

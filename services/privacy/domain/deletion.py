@@ -8,10 +8,12 @@ kind           deletes                                     required fields
 device         all data of one device                      device_id
 person         all data attributed to one person (p1, ..)  person_id
 household      everything of the account (and shreds DEK)  —
-time_window    all account data with start <= ts < end     start, end (UTC, start<end)
+window         all account data with start <= ts < end     start and/or end (UTC);
+                                                           a missing bound is open
 =============  ==========================================  =========================
 
-Fields a kind does not use must be absent, so a scope never means two things.
+Fields a kind does not use must be absent, so a scope never means two things. Kind
+names and window semantics match ``services/common/erasure.py`` (the Erase contract).
 
 Job state machine (every transition is a pure function returning a new job)::
 
@@ -57,7 +59,7 @@ class ScopeKind(enum.StrEnum):
     DEVICE = "device"
     PERSON = "person"
     HOUSEHOLD = "household"
-    TIME_WINDOW = "time_window"
+    TIME_WINDOW = "window"
 
 
 def _check_id(value: object, argument: str) -> str:
@@ -74,7 +76,7 @@ _REQUIRED: dict[ScopeKind, frozenset[str]] = {
     ScopeKind.DEVICE: frozenset({"device_id"}),
     ScopeKind.PERSON: frozenset({"person_id"}),
     ScopeKind.HOUSEHOLD: frozenset(),
-    ScopeKind.TIME_WINDOW: frozenset({"start", "end"}),
+    ScopeKind.TIME_WINDOW: frozenset(),  # start and/or end, checked below
 }
 _OPTIONAL_FIELDS = ("device_id", "person_id", "start", "end")
 
@@ -97,20 +99,23 @@ class DeletionScope:
         object.__setattr__(self, "kind", kind)
         _check_id(self.account_id, "account_id")
         required = _REQUIRED[kind]
+        allowed = required | ({"start", "end"} if kind is ScopeKind.TIME_WINDOW else set())
         for name in _OPTIONAL_FIELDS:
             value = getattr(self, name)
             if name in required and value is None:
                 raise ValueError(f"{name}: required for a {kind.value} scope")
-            if name not in required and value is not None:
+            if name not in allowed and value is not None:
                 raise ValueError(f"{name}: not allowed in a {kind.value} scope")
         if kind is ScopeKind.DEVICE:
             _check_id(self.device_id, "device_id")
         elif kind is ScopeKind.PERSON:
             _check_id(self.person_id, "person_id")
         elif kind is ScopeKind.TIME_WINDOW:
-            start = parse_ts(self.start, "start")
-            end = parse_ts(self.end, "end")
-            if not start < end:
+            if self.start is None and self.end is None:
+                raise ValueError("start: a window scope needs a start or an end (or both)")
+            start = parse_ts(self.start, "start") if self.start is not None else None
+            end = parse_ts(self.end, "end") if self.end is not None else None
+            if start is not None and end is not None and not start < end:
                 raise ValueError(f"end: must be after start ({format_ts(start)})")
             object.__setattr__(self, "start", start)
             object.__setattr__(self, "end", end)
@@ -122,8 +127,9 @@ class DeletionScope:
             out["device_id"] = self.device_id
         if self.person_id is not None:
             out["person_id"] = self.person_id
-        if self.start is not None and self.end is not None:
+        if self.start is not None:
             out["start"] = format_ts(self.start, "start")
+        if self.end is not None:
             out["end"] = format_ts(self.end, "end")
         return out
 
@@ -148,8 +154,8 @@ class DeletionScope:
             return device_id == self.device_id
         if self.kind is ScopeKind.PERSON:
             return person_id == self.person_id
-        assert self.start is not None and self.end is not None
-        return self.start <= parse_ts(ts) < self.end
+        when = parse_ts(ts)
+        return (self.start is None or self.start <= when) and (self.end is None or when < self.end)
 
 
 # --------------------------------------------------------------------------- retries

@@ -147,20 +147,35 @@ class Frontier:
         return acc
 
     def extend(self, leaf_hashes: object) -> Frontier:
-        """A new frontier with the given leaf hashes appended (this one is unchanged)."""
+        """A new frontier with the given leaf hashes appended (this one is unchanged).
+
+        Works level by level rather than leaf by leaf: at level j the complete nodes
+        from index ``(size >> j) - bit_j(size)`` to ``((size + k) >> j) - 1`` are formed,
+        where the first one is the old frontier root of that level when bit j of the
+        old size is set (it is always a left child: its index is even). Pairing them
+        gives level j + 1; an unpaired last node is the new frontier root of level j
+        exactly when bit j of the new size is set. About k hashes for k leaves, in one
+        tight loop per level.
+        """
         raw = hashes_to_bytes(leaf_hashes)
-        roots = list(self.roots)
-        size = self.size
-        for off in range(0, len(raw), HASH_SIZE):
-            h = raw[off : off + HASH_SIZE]
-            # Adding one leaf is a binary increment: every trailing 1 bit of ``size``
-            # is a perfect subtree of the same height as the carry, so it merges.
-            merges = (~size & (size + 1)).bit_length() - 1
-            for _ in range(merges):
-                h = _sha256(NODE_PREFIX + roots.pop() + h).digest()
-            roots.append(h)
-            size += 1
-        return Frontier(size, tuple(roots))
+        if not raw:
+            return self
+        old_size = self.size
+        new_size = old_size + len(raw) // HASH_SIZE
+        old_levels = [j for j in range(old_size.bit_length() - 1, -1, -1) if old_size >> j & 1]
+        old = dict(zip(old_levels, self.roots, strict=True))
+        new: dict[int, bytes] = {}
+        level_nodes = old.get(0, b"") + raw
+        level = 0
+        while new_size >> level:
+            if new_size >> level & 1:
+                new[level] = level_nodes[-HASH_SIZE:]
+            pairs = len(level_nodes) // (2 * HASH_SIZE)
+            parents = _hash_pairs(memoryview(level_nodes)[: pairs * 2 * HASH_SIZE])
+            level += 1
+            level_nodes = old.get(level, b"") + bytes(parents)
+        roots = tuple(new[j] for j in range(new_size.bit_length() - 1, -1, -1) if new_size >> j & 1)
+        return Frontier(new_size, roots)
 
     def append(self, leaf_hash_: bytes) -> Frontier:
         """A new frontier with one leaf hash appended."""

@@ -4,15 +4,17 @@ A receipt states what a deletion job removed and on whose behalf:
 
     {"v": 1, "type": "hearth-deletion-receipt",
      "receipt_id": ..., "job_id": ..., "account_id": ...,
-     "scope": {"kind": "device"|"person"|"household"|"time_window", ...},
+     "scope": {"kind": "device"|"person"|"household"|"window", ...},
      "requested_by": {"principal": ..., "role": ...},
      "requested_at": ts, "completed_at": ts,
      "services": {"clustering": {"count": 12, "ids_digest": hex}, ...},
      "total_count": 12, "key_id": ...}
 
-``ids_digest`` = SHA-256 of the canonical JSON array of the *sorted, distinct* deleted
-record ids (``["a","b"]``, code-point order, which equals UTF-8 byte order). A service
-that deleted nothing reports count 0 and the digest of ``[]``. Keeping digests rather
+``ids_digest`` = hex SHA-256 of the sorted deleted record ids joined by ``"\\n"``
+(code-point order, which equals UTF-8 byte order) — the definition every service's
+Erase uses (``services/common/erasure.py``), so the digests they return go into the
+receipt unchanged. Ids cannot contain a newline, so the join is unambiguous. A service
+that deleted nothing reports count 0 and SHA-256 of the empty string. Keeping digests rather
 than ids means the receipt itself holds no personal data, while a service that kept
 its id list can prove which records a receipt covers.
 
@@ -46,7 +48,7 @@ from .keys import (
 RECEIPT_VERSION = 1
 RECEIPT_TYPE = "hearth-deletion-receipt"
 SIGNATURE_ALG = "Ed25519"
-SCOPE_KINDS = ("device", "person", "household", "time_window")
+SCOPE_KINDS = ("device", "person", "household", "window")
 
 
 class ReceiptVerificationError(Exception):
@@ -54,18 +56,20 @@ class ReceiptVerificationError(Exception):
 
 
 def ids_digest(ids: Iterable[str]) -> str:
-    """Hex SHA-256 of the canonical JSON array of the sorted distinct ids."""
+    """Hex SHA-256 of ``"\\n".join(sorted(ids))`` (UTF-8); ids must not contain a newline."""
     if isinstance(ids, (str, bytes)):
         raise ValueError("ids: expected an iterable of ids, not a single string")
-    distinct = set()
+    checked = []
     for i, record_id in enumerate(ids):
         if not isinstance(record_id, str):
             raise ValueError(f"ids[{i}]: expected a string, got {type(record_id).__name__}")
-        distinct.add(record_id)
-    return hashlib.sha256(canonical_json(sorted(distinct))).hexdigest()
+        if "\n" in record_id:
+            raise ValueError(f"ids[{i}]: must not contain a newline")
+        checked.append(record_id)
+    return hashlib.sha256("\n".join(sorted(checked)).encode("utf-8")).hexdigest()
 
 
-EMPTY_IDS_DIGEST = hashlib.sha256(b"[]").hexdigest()
+EMPTY_IDS_DIGEST = hashlib.sha256(b"").hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

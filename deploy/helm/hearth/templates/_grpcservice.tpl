@@ -1,0 +1,138 @@
+{{/*
+One gRPC service: Deployment, Service (ClusterIP, scraped), headless Service (every pod
+IP, for client-side balancing), HorizontalPodAutoscaler and PodDisruptionBudget.
+Called from <service>.yaml as: include "hearth.grpcService" (dict "root" $ "name" "clustering")
+*/}}
+{{- define "hearth.grpcService" -}}
+{{- $root := .root }}
+{{- $name := .name }}
+{{- $svc := index $root.Values.services $name }}
+{{- $ctx := dict "root" $root "name" $name "component" $svc "metricsPort" $svc.metricsPort }}
+{{- $probes := $root.Values.grpcProbes }}
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {{ include "hearth.componentName" $ctx }}
+  namespace: {{ $root.Release.Namespace }}
+  labels:
+    {{- include "hearth.componentLabels" $ctx | nindent 4 }}
+spec:
+  {{- if not $svc.autoscaling.enabled }}
+  replicas: {{ $svc.replicas }}
+  {{- end }}
+  revisionHistoryLimit: 5
+  strategy:
+    type: RollingUpdate
+    rollingUpdate:
+      # Start the new pod before stopping an old one: capacity never drops in a rollout.
+      maxSurge: 1
+      maxUnavailable: 0
+  selector:
+    matchLabels:
+      {{- include "hearth.selectorLabels" $ctx | nindent 6 }}
+  template:
+    metadata:
+      {{- include "hearth.podMetadata" $ctx | trim | nindent 6 }}
+    spec:
+      {{- include "hearth.podCommon" $ctx | trim | nindent 6 }}
+      containers:
+        - name: {{ $name }}
+          image: {{ include "hearth.image" $ctx | quote }}
+          imagePullPolicy: {{ ($svc.image | default dict).pullPolicy | default $root.Values.image.pullPolicy }}
+          command: ["python", "-m", "services.{{ $name }}"]
+          ports:
+            - name: grpc
+              containerPort: {{ $svc.grpcPort }}
+              protocol: TCP
+            - name: metrics
+              containerPort: {{ $svc.metricsPort }}
+              protocol: TCP
+          envFrom:
+            - configMapRef:
+                name: {{ include "hearth.fullname" $root }}-config
+          env:
+            - name: HEARTH_GRPC_PORT
+              value: {{ $svc.grpcPort | quote }}
+            - name: HEARTH_METRICS_PORT
+              value: {{ $svc.metricsPort | quote }}
+            {{- include "hearth.commonEnv" $ctx | trim | nindent 12 }}
+          startupProbe:
+            grpc:
+              port: {{ $svc.grpcPort }}
+            {{- toYaml $probes.startup | nindent 12 }}
+          readinessProbe:
+            grpc:
+              port: {{ $svc.grpcPort }}
+            {{- toYaml $probes.readiness | nindent 12 }}
+          livenessProbe:
+            grpc:
+              port: {{ $svc.grpcPort }}
+            {{- toYaml $probes.liveness | nindent 12 }}
+          {{- include "hearth.lifecycle" $root | trim | nindent 10 }}
+          resources:
+            {{- toYaml $svc.resources | nindent 12 }}
+          securityContext:
+            {{- toYaml $root.Values.containerSecurityContext | nindent 12 }}
+          volumeMounts:
+            - name: tmp
+              mountPath: /tmp
+            {{- if eq $root.Values.storage.backend "sqlite" }}
+            - name: data
+              mountPath: /var/lib/hearth
+            {{- end }}
+      volumes:
+        - name: tmp
+          emptyDir:
+            sizeLimit: {{ $root.Values.tmpSizeLimit }}
+        {{- if eq $root.Values.storage.backend "sqlite" }}
+        - name: data
+          emptyDir:
+            sizeLimit: {{ $root.Values.storage.sqlite.sizeLimit }}
+        {{- end }}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: {{ include "hearth.componentName" $ctx }}
+  namespace: {{ $root.Release.Namespace }}
+  labels:
+    {{- include "hearth.componentLabels" $ctx | nindent 4 }}
+    hearth.io/scrape: "true"
+spec:
+  type: ClusterIP
+  selector:
+    {{- include "hearth.selectorLabels" $ctx | nindent 4 }}
+  ports:
+    - name: grpc
+      port: {{ $svc.grpcPort }}
+      targetPort: grpc
+      protocol: TCP
+      appProtocol: grpc
+    - name: metrics
+      port: {{ $svc.metricsPort }}
+      targetPort: metrics
+      protocol: TCP
+      appProtocol: http
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: {{ include "hearth.componentName" $ctx }}-headless
+  namespace: {{ $root.Release.Namespace }}
+  labels:
+    {{- include "hearth.componentLabels" $ctx | nindent 4 }}
+spec:
+  # Headless: DNS returns every ready pod IP, so a gRPC client with the round_robin
+  # policy spreads calls over pods (a ClusterIP pins one channel to one pod).
+  clusterIP: None
+  selector:
+    {{- include "hearth.selectorLabels" $ctx | nindent 4 }}
+  ports:
+    - name: grpc
+      port: {{ $svc.grpcPort }}
+      targetPort: grpc
+      protocol: TCP
+      appProtocol: grpc
+{{ include "hearth.hpa" $ctx }}
+{{ include "hearth.pdb" $ctx }}
+{{- end }}

@@ -1,0 +1,328 @@
+{{/*
+Common names, labels and pod parts. Components: clustering, attribution, privacy,
+feedback (gRPC services, under .Values.services) and gateway (.Values.gateway).
+Helpers that need a component take a dict: (dict "root" $ "name" "clustering").
+*/}}
+
+{{- define "hearth.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Release-wide prefix; component objects are "<fullname>-<component>" (<= 63 chars). */}}
+{{- define "hearth.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 50 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 50 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 50 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "hearth.componentName" -}}
+{{- printf "%s-%s" (include "hearth.fullname" .root) .name }}
+{{- end }}
+
+{{- define "hearth.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels on every object of the release. */}}
+{{- define "hearth.labels" -}}
+helm.sh/chart: {{ include "hearth.chart" . }}
+app.kubernetes.io/name: {{ include "hearth.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: hearth
+{{- end }}
+
+{{/* Selector labels of one component (immutable on a Deployment: keep them minimal). */}}
+{{- define "hearth.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "hearth.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .name }}
+{{- end }}
+
+{{- define "hearth.componentLabels" -}}
+{{ include "hearth.labels" .root }}
+app.kubernetes.io/component: {{ .name }}
+{{- end }}
+
+{{/* The values block of a component. */}}
+{{- define "hearth.componentValues" -}}
+{{- if eq .name "gateway" }}{{ toYaml .root.Values.gateway }}{{ else }}{{ toYaml (index .root.Values.services .name) }}{{ end }}
+{{- end }}
+
+{{- define "hearth.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "hearth.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* repository[:tag][@digest]; a component's image block overrides the shared one. */}}
+{{- define "hearth.image" -}}
+{{- $img := merge (dict) (.component.image | default dict) .root.Values.image }}
+{{- $tag := $img.tag | default .root.Chart.AppVersion | toString }}
+{{- if $img.digest }}
+{{- printf "%s@%s" $img.repository $img.digest }}
+{{- else }}
+{{- printf "%s:%s" $img.repository $tag }}
+{{- end }}
+{{- end }}
+
+{{/* Where the gateway and peers reach a gRPC service. */}}
+{{- define "hearth.peerAddress" -}}
+{{- $svc := index .root.Values.services .name }}
+{{- if .root.Values.mesh.clientSideBalancing }}
+{{- printf "dns:///%s-headless.%s.svc.%s:%v" (include "hearth.componentName" .) .root.Release.Namespace .root.Values.mesh.clusterDomain $svc.grpcPort }}
+{{- else }}
+{{- printf "%s:%v" (include "hearth.componentName" .) $svc.grpcPort }}
+{{- end }}
+{{- end }}
+
+{{- define "hearth.terminationGracePeriodSeconds" -}}
+{{- $s := .Values.shutdown }}
+{{- add (int $s.preStopSleepSeconds) (int (ceil $s.graceSeconds)) (int $s.marginSeconds) }}
+{{- end }}
+
+{{/*
+Chart-wide checks, run once (from configmap.yaml). Refusing a bad combination at
+render time is cheaper than discovering it in a running cluster.
+*/}}
+{{- define "hearth.validate" -}}
+{{- $backend := .Values.storage.backend }}
+{{- if not (has $backend (list "postgres" "sqlite")) }}
+{{- fail (printf "storage.backend must be postgres or sqlite, got %q" $backend) }}
+{{- end }}
+{{- if eq $backend "postgres" }}
+{{- if not (and .Values.storage.postgres.secretName .Values.storage.postgres.secretKey) }}
+{{- fail "storage.postgres.secretName and storage.postgres.secretKey are required with storage.backend=postgres" }}
+{{- end }}
+{{- end }}
+{{- if eq $backend "sqlite" }}
+{{- range $name, $svc := .Values.services }}
+{{- if or (gt (int $svc.replicas) 1) $svc.autoscaling.enabled }}
+{{- fail (printf "services.%s: storage.backend=sqlite allows one replica and no autoscaling (each pod would hold its own copy of the data); use postgres to scale" $name) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if not (and .Values.serviceToken.secretName .Values.serviceToken.secretKey) }}
+{{- fail "serviceToken.secretName and serviceToken.secretKey are required: without the mesh key every call between pods is refused" }}
+{{- end }}
+{{- if .Values.redis.enabled }}
+{{- if not (and .Values.redis.secretName .Values.redis.secretKey) }}
+{{- fail "redis.secretName and redis.secretKey are required with redis.enabled=true" }}
+{{- end }}
+{{- end }}
+{{- $s := .Values.shutdown }}
+{{- if or (lt (float64 $s.preStopSleepSeconds) 0.0) (le (float64 $s.graceSeconds) 0.0) (lt (float64 $s.marginSeconds) 0.0) }}
+{{- fail "shutdown: preStopSleepSeconds and marginSeconds must be >= 0, graceSeconds > 0" }}
+{{- end }}
+{{- $ports := dict }}
+{{- range $name, $svc := .Values.services }}
+{{- if not (has $name (list "clustering" "attribution" "privacy" "feedback")) }}
+{{- fail (printf "services.%s: unknown service (expected clustering, attribution, privacy, feedback)" $name) }}
+{{- end }}
+{{- range $kind := list "grpcPort" "metricsPort" }}
+{{- $port := int (index $svc $kind) }}
+{{- if or (lt $port 1) (gt $port 65535) }}
+{{- fail (printf "services.%s.%s must be a port in 1..65535" $name $kind) }}
+{{- end }}
+{{- end }}
+{{- if eq (int $svc.grpcPort) (int $svc.metricsPort) }}
+{{- fail (printf "services.%s: grpcPort and metricsPort must differ" $name) }}
+{{- end }}
+{{- end }}
+{{- range $name := list "clustering" "attribution" "privacy" "feedback" "gateway" }}
+{{- $c := include "hearth.componentValues" (dict "root" $ "name" $name) | fromYaml }}
+{{- if $c.autoscaling.enabled }}
+{{- if gt (int $c.autoscaling.minReplicas) (int $c.autoscaling.maxReplicas) }}
+{{- fail (printf "%s.autoscaling: minReplicas must be <= maxReplicas" $name) }}
+{{- end }}
+{{- if not (and $c.resources $c.resources.requests $c.resources.requests.cpu) }}
+{{- fail (printf "%s: autoscaling on CPU utilisation needs resources.requests.cpu" $name) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Env of every Hearth container: storage, secrets, shutdown, extra values. */}}
+{{- define "hearth.commonEnv" -}}
+{{- $root := .root }}
+- name: HEARTH_STORAGE
+  value: {{ $root.Values.storage.backend | quote }}
+{{- if eq $root.Values.storage.backend "postgres" }}
+- name: HEARTH_POSTGRES_DSN
+  valueFrom:
+    secretKeyRef:
+      name: {{ $root.Values.storage.postgres.secretName }}
+      key: {{ $root.Values.storage.postgres.secretKey }}
+{{- end }}
+{{- if $root.Values.redis.enabled }}
+- name: HEARTH_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ $root.Values.redis.secretName }}
+      key: {{ $root.Values.redis.secretKey }}
+{{- end }}
+- name: HEARTH_SERVICE_TOKEN_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ $root.Values.serviceToken.secretName }}
+      key: {{ $root.Values.serviceToken.secretKey }}
+- name: HEARTH_GRACE_SECONDS
+  value: {{ $root.Values.shutdown.graceSeconds | quote }}
+{{- range $name, $value := .component.env }}
+- name: {{ $name }}
+  value: {{ $value | toString | quote }}
+{{- end }}
+{{- range .component.secretEnv }}
+- name: {{ required "secretEnv[].name is required" .name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ required "secretEnv[].secretName is required" .secretName }}
+      key: {{ required "secretEnv[].secretKey is required" .secretKey }}
+{{- end }}
+{{- end }}
+
+{{/* Pod template metadata shared by every component. */}}
+{{- define "hearth.podMetadata" -}}
+labels:
+  {{- include "hearth.selectorLabels" . | nindent 2 }}
+  app.kubernetes.io/part-of: hearth
+  app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+  {{- with .root.Values.podLabels }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+annotations:
+  # Roll the pods when the shared ConfigMap changes.
+  checksum/config: {{ include (print .root.Template.BasePath "/configmap.yaml") .root | sha256sum }}
+  prometheus.io/scrape: "true"
+  prometheus.io/port: {{ .metricsPort | quote }}
+  prometheus.io/path: /metrics
+  {{- with .root.Values.podAnnotations }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- end }}
+
+{{/* Pod spec fields shared by every component (before containers). */}}
+{{- define "hearth.podCommon" -}}
+{{- $root := .root }}
+serviceAccountName: {{ include "hearth.serviceAccountName" $root }}
+# The services never call the Kubernetes API.
+automountServiceAccountToken: false
+{{- with $root.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  {{- toYaml $root.Values.podSecurityContext | nindent 2 }}
+terminationGracePeriodSeconds: {{ include "hearth.terminationGracePeriodSeconds" $root }}
+{{- with (.component.nodeSelector | default $root.Values.nodeSelector) }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with (.component.tolerations | default $root.Values.tolerations) }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with (.component.affinity | default $root.Values.affinity) }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- if $root.Values.topologySpread.enabled }}
+topologySpreadConstraints:
+  {{- range $key := list "kubernetes.io/hostname" "topology.kubernetes.io/zone" }}
+  - maxSkew: {{ $root.Values.topologySpread.maxSkew }}
+    topologyKey: {{ $key }}
+    whenUnsatisfiable: ScheduleAnyway
+    labelSelector:
+      matchLabels:
+        {{- include "hearth.selectorLabels" (dict "root" $root "name" $.name) | nindent 8 }}
+  {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* preStop: keep serving while endpoints propagate, then SIGTERM starts the drain. */}}
+{{- define "hearth.lifecycle" -}}
+{{- if gt (float64 .Values.shutdown.preStopSleepSeconds) 0.0 }}
+lifecycle:
+  preStop:
+    exec:
+      command: ["sleep", {{ .Values.shutdown.preStopSleepSeconds | toString | quote }}]
+{{- end }}
+{{- end }}
+
+{{- define "hearth.hpa" -}}
+{{- $c := .component }}
+{{- if $c.autoscaling.enabled }}
+---
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata:
+  name: {{ include "hearth.componentName" . }}
+  namespace: {{ .root.Release.Namespace }}
+  labels:
+    {{- include "hearth.componentLabels" . | nindent 4 }}
+spec:
+  scaleTargetRef:
+    apiVersion: apps/v1
+    kind: Deployment
+    name: {{ include "hearth.componentName" . }}
+  minReplicas: {{ $c.autoscaling.minReplicas }}
+  maxReplicas: {{ $c.autoscaling.maxReplicas }}
+  metrics:
+    - type: Resource
+      resource:
+        name: cpu
+        target:
+          type: Utilization
+          averageUtilization: {{ $c.autoscaling.targetCPUUtilizationPercentage }}
+    {{- with $c.autoscaling.targetMemoryUtilizationPercentage }}
+    - type: Resource
+      resource:
+        name: memory
+        target:
+          type: Utilization
+          averageUtilization: {{ . }}
+    {{- end }}
+  behavior:
+    # Scale up fast, scale down slowly: a retrain or a burst of events should not
+    # flap replicas (each new pod warms its caches from SQL).
+    scaleUp:
+      stabilizationWindowSeconds: 0
+      policies:
+        - {type: Percent, value: 100, periodSeconds: 30}
+    scaleDown:
+      stabilizationWindowSeconds: 300
+      policies:
+        - {type: Pods, value: 1, periodSeconds: 60}
+{{- end }}
+{{- end }}
+
+{{- define "hearth.pdb" -}}
+{{- $c := .component }}
+{{- if $c.pdb.enabled }}
+---
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata:
+  name: {{ include "hearth.componentName" . }}
+  namespace: {{ .root.Release.Namespace }}
+  labels:
+    {{- include "hearth.componentLabels" . | nindent 4 }}
+spec:
+  # maxUnavailable, not minAvailable: with one replica a minAvailable of 1 would block
+  # every node drain; maxUnavailable 1 lets drains proceed one pod at a time.
+  maxUnavailable: {{ $c.pdb.maxUnavailable | default 1 }}
+  selector:
+    matchLabels:
+      {{- include "hearth.selectorLabels" . | nindent 6 }}
+{{- end }}
+{{- end }}

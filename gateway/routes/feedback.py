@@ -1,0 +1,147 @@
+"""Routes backed by the feedback service: feedback in, calibration and experiment out,
+experiment flags (traffic split, kill switch) changed at run time."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Query
+from pydantic import AwareDatetime, BaseModel, Field
+
+from gateway import models
+from gateway.routes import ERROR_RESPONSES, ID_PATTERN
+from hearth.feedback.v1 import feedback_pb2 as fpb
+from services.common.identity import Principal
+from services.common.pbutil import float_to_ts
+
+Id = models.Id
+Variant = Annotated[str, Field(min_length=1, max_length=64, pattern=ID_PATTERN)]
+FeedbackKindName = Literal["explicit_confirm", "explicit_correct", "implicit_continue", "implicit_abandon",
+                           "implicit_switch_profile"]
+GroupBy = Literal["", "variant", "household_size", "cold_start"]
+
+NOT_FOUND = {404: {"model": models.ErrorOut, "description": "unknown prediction"}}
+CONFLICT = {409: {"model": models.ErrorOut, "description": "feedback_id already used for another feedback, "
+                                                           "or a concurrent flag change"}}
+
+
+class FeedbackIn(models.Strict):
+    feedback_id: Id = Field(description="idempotency key: a repeat is answered with duplicate=true")
+    prediction_id: Id
+    kind: FeedbackKindName = Field(description="explicit_confirm: the predicted person was watching; "
+                                               "explicit_correct / implicit_switch_profile: it was true_person_id; "
+                                               "implicit_continue / implicit_abandon: kept watching / quickly "
+                                               "abandoned a title recommended to the predicted person")
+    true_person_id: Id | None = Field(None, description="required for explicit_correct and "
+                                                        "implicit_switch_profile")
+    ts: AwareDatetime | None = Field(None, description="when it happened (default: now)")
+
+
+class FeedbackOut(BaseModel):
+    duplicate: bool
+    weight: float = Field(description="evidence weight of this kind of signal (docs/feedback.md)")
+
+
+class ReliabilityBinOut(BaseModel):
+    lower: float
+    upper: float
+    count: int
+    mean_confidence: float
+    accuracy: float
+
+
+class CalibrationGroupOut(BaseModel):
+    group: str = Field(description="group name; `calibrated:<group>` after the current calibrators")
+    n: int
+    brier: float
+    log_loss: float | None = Field(description="null when no feedback in the group names the true person")
+    ece: float
+    ece_equal_mass: float
+    bins: list[ReliabilityBinOut]
+
+
+class CalibrationOut(BaseModel):
+    groups: list[CalibrationGroupOut]
+    calibrator_version: str = Field(description="`<variant>:<version>,...` of the calibrators in force")
+
+
+class VariantResultOut(BaseModel):
+    variant: str
+    n: int
+    accuracy: float
+    brier: float
+
+
+class ExperimentOut(BaseModel):
+    variant: str | None = Field(description="the account's variant (null without account_id)")
+    traffic: dict[str, float] = Field(description="configured percentages, control included")
+    kill_switch: bool
+    results: list[VariantResultOut]
+    p_value: float | None = Field(description="accuracy z-test, treatment vs control; null when not computable")
+
+
+class FlagsIn(models.Strict):
+    traffic: dict[Variant, Annotated[float, Field(ge=0, le=100)]] = Field(
+        default_factory=dict, max_length=16,
+        description="full split including control, summing to 100; empty keeps the current split")
+    kill_switch: bool = Field(description="true sends every household to the control variant")
+    reason: str = Field(min_length=1, max_length=500, description="why (kept in the audit trail)")
+
+
+class FlagsOut(BaseModel):
+    version: int
+
+
+def _nullable(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def router(clients, access) -> APIRouter:
+    api = APIRouter()
+
+    @api.post("/v1/feedback", response_model=FeedbackOut, responses={**ERROR_RESPONSES, **NOT_FOUND, **CONFLICT},
+              summary="Explicit or implicit feedback on a prediction (idempotent by feedback_id)")
+    async def post_feedback(body: FeedbackIn, who: Principal = Depends(access("POST /v1/feedback"))):
+        request = fpb.RecordFeedbackRequest(
+            feedback_id=body.feedback_id, prediction_id=body.prediction_id,
+            kind=fpb.FeedbackKind.Value("FEEDBACK_KIND_" + body.kind.upper()),
+            true_person_id=body.true_person_id or "")
+        if body.ts is not None:
+            request.ts.CopyFrom(float_to_ts(body.ts.timestamp()))
+        r = await clients.call("feedback", "RecordFeedback", request, who)
+        return FeedbackOut(duplicate=r.duplicate, weight=r.weight)
+
+    @api.get("/v1/calibration", response_model=CalibrationOut, responses=ERROR_RESPONSES,
+             summary="Brier, log loss, ECE and reliability bins, overall or by group, before and after "
+                     "recalibration")
+    async def get_calibration(group_by: GroupBy = Query(""), bins: int = Query(10, ge=1, le=100),
+                              who: Principal = Depends(access("GET /v1/calibration"))):
+        r = await clients.call("feedback", "GetCalibration",
+                               fpb.GetCalibrationRequest(group_by=group_by, bins=bins), who)
+        return CalibrationOut(calibrator_version=r.calibrator_version, groups=[
+            CalibrationGroupOut(group=g.group, n=g.n, brier=g.brier, log_loss=_nullable(g.log_loss), ece=g.ece,
+                                ece_equal_mass=g.ece_equal_mass,
+                                bins=[ReliabilityBinOut(lower=b.lower, upper=b.upper, count=b.count,
+                                                        mean_confidence=b.mean_confidence, accuracy=b.accuracy)
+                                      for b in g.bins]) for g in r.groups])
+
+    @api.get("/v1/experiment", response_model=ExperimentOut, responses=ERROR_RESPONSES,
+             summary="Variant of a household, traffic split, kill switch and per-variant results")
+    async def get_experiment(account_id: str | None = Query(None, min_length=1, max_length=128,
+                                                            pattern=ID_PATTERN),
+                             who: Principal = Depends(access("GET /v1/experiment"))):
+        r = await clients.call("feedback", "GetExperiment",
+                               fpb.GetExperimentRequest(account_id=account_id or ""), who)
+        return ExperimentOut(variant=r.variant or None, traffic=dict(r.traffic), kill_switch=r.kill_switch,
+                             results=[VariantResultOut(variant=v.variant, n=v.n, accuracy=v.accuracy, brier=v.brier)
+                                      for v in r.results], p_value=_nullable(r.p_value))
+
+    @api.put("/v1/experiment", response_model=FlagsOut, responses={**ERROR_RESPONSES, **CONFLICT},
+             summary="Change the traffic split or the kill switch at run time (versioned, audited)")
+    async def put_experiment(body: FlagsIn, who: Principal = Depends(access("PUT /v1/experiment"))):
+        r = await clients.call("feedback", "SetFlag", fpb.SetFlagRequest(
+            traffic=body.traffic, kill_switch=body.kill_switch, reason=body.reason), who)
+        return FlagsOut(version=r.version)
+
+    return api

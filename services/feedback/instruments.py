@@ -1,0 +1,27 @@
+"""Prometheus metrics of the feedback service (dashboards and alerts).
+
+Counters count events in this process since start (Prometheus sums replicas); gauges
+are recomputed from the store (so every replica reports the same value) by the
+periodic check, GetCalibration and GetExperiment.
+
+- ``hearth_feedback_total{kind}``: feedback signals stored (duplicates not counted);
+  kind = ``profile_confirmed`` ... (docs/feedback.md).
+- ``hearth_feedback_rate``: predictions with feedback / predictions.
+- ``hearth_calibration_brier{group}`` / ``hearth_calibration_ece{group}``: top-label
+  Brier and ECE (equal width, 15 bins) on the predictions with feedback; group
+  ``all``, ``variant=<v>``, ``cohort=<size=k/warm|cold>``, and the same with a
+  ``calibrated:`` prefix after the current calibrator of each variant.
+- ``hearth_variant_accuracy{variant}``: weighted accuracy per model variant.
+- ``hearth_retrain_triggers_total{kind}``: triggers fired (brier, ece, disagreement, drift).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+FEEDBACK_TOTAL = Counter("hearth_feedback_total", "Feedback signals stored", ["kind"])
+FEEDBACK_RATE = Gauge("hearth_feedback_rate", "Predictions with feedback / predictions")
+CALIBRATION_BRIER = Gauge("hearth_calibration_brier", "Top-label Brier on predictions with feedback", ["group"])
+CALIBRATION_ECE = Gauge("hearth_calibration_ece", "ECE (equal width) on predictions with feedback", ["group"])
+VARIANT_ACCURACY = Gauge("hearth_variant_accuracy", "Weighted accuracy per model variant", ["variant"])
+RETRAIN_TRIGGERS = Counter("hearth_retrain_triggers_total", "Retraining triggers fired", ["kind"])

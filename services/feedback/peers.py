@@ -1,0 +1,163 @@
+"""Outbound calls of the feedback service: Refit on clustering, AppendAudit on privacy.
+
+Both act as the service principal ``svc:feedback`` (the permission matrix gives
+service principals ``refit_model`` and ``append_audit``); the human who caused a flag
+change is recorded *inside* the audit record. Neither call may fail the request that
+caused it: each returns the gRPC status code name ("OK", "UNIMPLEMENTED",
+"UNAVAILABLE", ...), which the caller stores next to the trigger or flag version.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+
+from hearth.clustering.v1 import clustering_pb2 as cpb
+from hearth.clustering.v1 import clustering_pb2_grpc as cpb_grpc
+from hearth.common.v1 import common_pb2
+from hearth.privacy.v1 import privacy_pb2 as ppb
+from hearth.privacy.v1 import privacy_pb2_grpc as ppb_grpc
+from services.common import identity
+from services.common.client import call_idempotent, peer_channel
+from services.common.pbutil import float_to_ts
+
+log = logging.getLogger("hearth.feedback.peers")
+SERVICE = "feedback"
+
+
+def _status_name(exc: BaseException) -> str:
+    if isinstance(exc, grpc.RpcError) and isinstance(exc.code(), grpc.StatusCode):
+        return exc.code().name
+    return "UNKNOWN"
+
+
+class RefitRequester(Protocol):
+    def refit(self, account_id: str, reason: str) -> str: ...
+
+    def close(self) -> None: ...
+
+
+class ClusteringRefitClient:
+    """Refit(account_id, reason) on the clustering service. Refit is idempotent (it
+    rebuilds the household model from stored sessions and labels), so UNAVAILABLE and
+    DEADLINE_EXCEEDED are retried with backoff (``call_idempotent``)."""
+
+    def __init__(self, address: str, timeout_s: float = 30.0) -> None:
+        self._channel = peer_channel(address, SERVICE, timeout_s)
+        self._stub = cpb_grpc.ClusteringServiceStub(self._channel)
+        self._timeout = timeout_s
+
+    def refit(self, account_id: str, reason: str) -> str:
+        request = cpb.RefitRequest(account_id=account_id, reason=reason)
+        try:
+            with identity.acting_as(identity.service_principal(SERVICE)):
+                call_idempotent(lambda: self._stub.Refit(request, timeout=self._timeout))
+        except Exception as exc:  # noqa: BLE001 - the result is recorded, never raised
+            name = _status_name(exc)
+            log.warning("Refit of %s failed: %s", account_id, name)
+            return name
+        return "OK"
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+@dataclass(frozen=True)
+class FlagChange:
+    """What an auditor needs about one flag change."""
+
+    experiment: str
+    version: int
+    previous_version: int
+    flags_json: str
+    previous_json: str
+    reason: str
+    principal: identity.Principal
+    ts: float
+
+
+class FlagAuditor(Protocol):
+    def audit_flag_change(self, change: FlagChange) -> str: ...
+
+    def close(self) -> None: ...
+
+
+_ROLE_PB = {role: common_pb2.Role.Value(f"ROLE_{role.name}") for role in identity.Role}
+
+
+def flag_change_record(change: FlagChange, trace_id: str = "") -> ppb.AuditRecord:
+    """The audit record of a flag change (event type ``flag_change``, docs/privacy.md)."""
+    return ppb.AuditRecord(
+        ts=float_to_ts(change.ts), event_type="flag_change",
+        principal=common_pb2.Principal(id=change.principal.id, role=_ROLE_PB[change.principal.role]),
+        resource=f"experiment/{change.experiment}", outcome="ok", trace_id=trace_id,
+        details={"version": str(change.version), "previous_version": str(change.previous_version),
+                 "flags": change.flags_json, "previous_flags": change.previous_json,
+                 "reason": change.reason})
+
+
+class PrivacyFlagAuditor:
+    """``audit_flag_change``: the hook every flag change goes through.
+
+    Appends a ``flag_change`` record to the privacy service's audit log. AppendAudit is
+    not idempotent (the log assigns sequence numbers), so it is called once, without
+    retries; a failure (including UNIMPLEMENTED while privacy does not serve it yet)
+    is logged and returned, and the flag change itself stays recorded with principal
+    and reason in the feedback service's own ``flags`` history."""
+
+    def __init__(self, address: str, timeout_s: float = 2.0) -> None:
+        self._channel = peer_channel(address, SERVICE, timeout_s)
+        self._stub = ppb_grpc.PrivacyServiceStub(self._channel)
+        self._timeout = timeout_s
+
+    def audit_flag_change(self, change: FlagChange) -> str:
+        from opentelemetry import trace
+
+        context = trace.get_current_span().get_span_context()
+        trace_id = format(context.trace_id, "032x") if context.is_valid else ""
+        request = ppb.AppendAuditRequest(records=[flag_change_record(change, trace_id)])
+        try:
+            with identity.acting_as(identity.service_principal(SERVICE)):
+                self._stub.AppendAudit(request, timeout=self._timeout)
+        except Exception as exc:  # noqa: BLE001 - recorded next to the flag version
+            name = _status_name(exc)
+            log.warning("flag change %s v%d not audited by privacy: %s", change.experiment, change.version, name)
+            return name
+        return "OK"
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+class RecordingRefits:
+    """In-memory RefitRequester for tests and the benchmark: records calls, answers ``result``."""
+
+    def __init__(self, result: str = "OK") -> None:
+        self.calls: list[tuple[str, str, float]] = []
+        self.result = result
+
+    def refit(self, account_id: str, reason: str) -> str:
+        self.calls.append((account_id, reason, time.time()))
+        return self.result
+
+    def close(self) -> None:
+        pass
+
+
+class RecordingAuditor:
+    """In-memory FlagAuditor for tests."""
+
+    def __init__(self, result: str = "OK") -> None:
+        self.changes: list[FlagChange] = []
+        self.result = result
+
+    def audit_flag_change(self, change: FlagChange) -> str:
+        self.changes.append(change)
+        return self.result
+
+    def close(self) -> None:
+        pass

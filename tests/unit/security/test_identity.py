@@ -1,0 +1,214 @@
+"""Signed service tokens and principals in metadata: what a service accepts and refuses,
+and that every refusal is reported."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import REGISTRY
+
+from services.common import identity
+from services.common.config import ConfigError
+from services.common.errors import Unauthenticated
+from services.common.identity import Principal, Role, ServiceTokenSigner
+
+KEY = b"k" * 32
+ALICE = Principal("alice", Role.ANALYST)
+
+
+class Clock:
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def signer():
+    clock = Clock()
+    s = ServiceTokenSigner(KEY, ttl_s=300, clock=clock)
+    s.clock = clock
+    previous = identity._signer
+    identity.configure_service_tokens(s)
+    yield s
+    identity.configure_service_tokens(previous)
+
+
+def reason_of(exc_info) -> str:
+    return getattr(exc_info.value, "reason", "")
+
+
+def test_signed_token_verifies_for_the_same_principal_and_role(signer):
+    token = signer.sign(ALICE)
+    signer.verify("alice", "analyst", token)  # no exception
+
+
+@pytest.mark.parametrize("pid,role", [("alice", "admin"), ("bob", "analyst"), ("alice ", "analyst")])
+def test_token_does_not_transfer_to_another_principal_or_role(signer, pid, role):
+    token = signer.sign(ALICE)
+    with pytest.raises(Unauthenticated) as info:
+        signer.verify(pid, role, token)
+    assert reason_of(info) == "bad_token_signature"
+    assert info.value.field == identity.TOKEN_KEY
+
+
+def test_token_from_another_key_is_refused(signer):
+    other = ServiceTokenSigner(b"x" * 32, clock=signer.clock)
+    with pytest.raises(Unauthenticated) as info:
+        signer.verify("alice", "analyst", other.sign(ALICE))
+    assert reason_of(info) == "bad_token_signature"
+
+
+def test_expiry_is_enforced_with_bounded_skew(signer):
+    token = signer.sign(ALICE)
+    signer.clock.now += 300 + identity.CLOCK_SKEW_S - 1
+    signer.verify("alice", "analyst", token)
+    signer.clock.now += 2
+    with pytest.raises(Unauthenticated) as info:
+        signer.verify("alice", "analyst", token)
+    assert reason_of(info) == "expired_token"
+
+
+def test_a_token_valid_far_into_the_future_is_refused(signer):
+    # Only a key holder could mint it, but a long-lived token is a mistake or an attack.
+    token = signer.sign(ALICE, exp=int(signer.clock.now + 86400 * 365))
+    with pytest.raises(Unauthenticated) as info:
+        signer.verify("alice", "analyst", token)
+    assert reason_of(info) == "token_lifetime_too_long"
+
+
+@pytest.mark.parametrize("token", ["", "v1", "v1.abc.def", "v2.1800000100.AAAA", "v1.1800000100",
+                                   "v1.1800000100.x.y", "v1." + "9" * 40 + ".AAAA", "v1.1.A" * 100])
+def test_malformed_tokens_are_refused(signer, token):
+    with pytest.raises(Unauthenticated) as info:
+        signer.verify("alice", "analyst", token)
+    assert reason_of(info) == "malformed_token"
+
+
+@settings(max_examples=60, deadline=None)
+@given(position=st.integers(min_value=0, max_value=200), replacement=st.characters(
+    codec="ascii", exclude_characters="\x00"))
+def test_any_single_character_change_breaks_the_token(position, replacement):
+    s = ServiceTokenSigner(KEY, clock=Clock())
+    token = s.sign(ALICE)
+    i = position % len(token)
+    if token[i] == replacement:
+        return
+    forged = token[:i] + replacement + token[i + 1:]
+    # base64url without padding: the last character carries 2 unused bits, so a change
+    # there can decode to the same MAC only if the string is identical; compare_digest on
+    # the text refuses any other string.
+    with pytest.raises(Unauthenticated):
+        s.verify("alice", "analyst", forged)
+
+
+def test_tokens_are_cached_until_half_their_lifetime(signer):
+    first = signer.sign(ALICE)
+    signer.clock.now += 100
+    assert signer.sign(ALICE) == first
+    signer.clock.now += 60  # 160 s > ttl/2
+    assert signer.sign(ALICE) != first
+
+
+def test_key_and_ttl_are_validated():
+    with pytest.raises(ValueError, match="key"):
+        ServiceTokenSigner(b"short")
+    with pytest.raises(ValueError, match="ttl_s"):
+        ServiceTokenSigner(KEY, ttl_s=0)
+
+
+def test_environment_key_must_be_long_enough():
+    with pytest.raises(ConfigError, match="HEARTH_SERVICE_TOKEN_KEY"):
+        identity.signer_from_env({"HEARTH_SERVICE_TOKEN_KEY": "too-short"})
+    with pytest.raises(ConfigError, match="HEARTH_SERVICE_TOKEN_TTL_S"):
+        identity.signer_from_env({"HEARTH_SERVICE_TOKEN_KEY": "k" * 40, "HEARTH_SERVICE_TOKEN_TTL_S": "-1"})
+
+
+def test_without_a_configured_key_two_processes_do_not_trust_each_other():
+    a, b = identity.signer_from_env({}), identity.signer_from_env({})
+    with pytest.raises(Unauthenticated):
+        b.verify("alice", "analyst", a.sign(ALICE))
+    a.verify("alice", "analyst", a.sign(ALICE))
+
+
+def test_same_configured_key_in_two_processes_interoperates():
+    env = {"HEARTH_SERVICE_TOKEN_KEY": "m" * 40}
+    a, b = identity.signer_from_env(env), identity.signer_from_env(env)
+    b.verify("alice", "analyst", a.sign(ALICE))
+
+
+# --- principal_from_metadata: what the server interceptor does -----------------------
+
+def test_metadata_round_trip(signer):
+    assert identity.principal_from_metadata(ALICE.metadata()) == ALICE
+
+
+@pytest.mark.parametrize("metadata,field,reason", [
+    ([], identity.PRINCIPAL_KEY, "missing_principal"),
+    ([(identity.PRINCIPAL_KEY, "alice")], identity.PRINCIPAL_KEY, "missing_principal"),
+    ([(identity.PRINCIPAL_KEY, "al ice"), (identity.ROLE_KEY, "analyst")], identity.PRINCIPAL_KEY,
+     "malformed_principal"),
+    ([(identity.PRINCIPAL_KEY, "alice"), (identity.ROLE_KEY, "root")], identity.ROLE_KEY, "unknown_role"),
+    ([(identity.PRINCIPAL_KEY, "alice"), (identity.ROLE_KEY, "analyst")], identity.TOKEN_KEY, "missing_token"),
+])
+def test_incomplete_metadata_is_unauthenticated(signer, metadata, field, reason):
+    with pytest.raises(Unauthenticated) as info:
+        identity.principal_from_metadata(metadata)
+    assert info.value.field == field
+    assert reason_of(info) == reason
+
+
+def test_escalating_the_role_next_to_a_valid_token_is_refused(signer):
+    metadata = [(k, "admin" if k == identity.ROLE_KEY else v) for k, v in ALICE.metadata()]
+    with pytest.raises(Unauthenticated) as info:
+        identity.principal_from_metadata(metadata)
+    assert reason_of(info) == "bad_token_signature"
+
+
+def test_a_verified_tls_peer_needs_no_token(signer):
+    metadata = [(identity.PRINCIPAL_KEY, "alice"), (identity.ROLE_KEY, "analyst")]
+    assert identity.principal_from_metadata(metadata, peer_verified=True) == ALICE
+
+
+def _counter(name: str, **labels) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_refusals_are_counted_and_reach_listeners(signer):
+    seen: list[identity.SecurityEvent] = []
+    remove = identity.add_security_listener(seen.append)
+    before = _counter("hearth_auth_failures_total", component="clustering", reason="missing_token")
+    try:
+        with pytest.raises(Unauthenticated):
+            identity.principal_from_metadata([(identity.PRINCIPAL_KEY, "mallory"), (identity.ROLE_KEY, "admin")],
+                                             component="clustering")
+    finally:
+        remove()
+    assert _counter("hearth_auth_failures_total", component="clustering", reason="missing_token") == before + 1
+    assert [(e.kind, e.component, e.reason, e.principal_id, e.role) for e in seen] == [
+        ("authentication_failed", "clustering", "missing_token", "mallory", "admin")]
+
+
+def test_a_failing_listener_does_not_change_the_outcome(signer):
+    def broken(_event):
+        raise RuntimeError("listener bug")
+
+    remove = identity.add_security_listener(broken)
+    try:
+        with pytest.raises(Unauthenticated):
+            identity.principal_from_metadata([])
+    finally:
+        remove()
+
+
+def test_acting_as_switches_the_outbound_principal_inside_the_block_only():
+    svc = identity.service_principal("privacy")
+    token = identity.set_current(ALICE)
+    try:
+        with identity.acting_as(svc):
+            assert identity.current_principal() == svc
+        assert identity.current_principal() == ALICE
+    finally:
+        identity.reset_current(token)

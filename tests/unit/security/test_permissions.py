@@ -1,0 +1,145 @@
+"""The one permission matrix: complete over routes and RPCs, the policy decisions hold,
+unknown targets are refused, and docs/security.md shows the current matrix."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.common import permissions
+from services.common.errors import PermissionDenied
+from services.common.identity import Principal, Role
+from services.common.permissions import Permission, authorize_route, authorize_rpc
+
+ROOT = Path(__file__).resolve().parents[3]
+SERVICES = ("clustering", "attribution", "privacy", "feedback")
+
+
+def proto_rpcs() -> set[str]:
+    rpcs = set()
+    for name in SERVICES:
+        module = importlib.import_module(f"hearth.{name}.v1.{name}_pb2")
+        for service in module.DESCRIPTOR.services_by_name.values():
+            rpcs |= {f"/{service.full_name}/{m.name}" for m in service.methods}
+    return rpcs
+
+
+def who(role: Role) -> Principal:
+    return Principal(f"test-{role.value}", role)
+
+
+def test_every_rpc_in_the_protos_is_in_the_matrix_and_nothing_else():
+    mapped = {f"/{svc}/{m}" for svc, methods in permissions.RPCS.items() for m in methods}
+    assert proto_rpcs() == mapped
+
+
+def test_every_route_the_gateway_serves_is_in_the_matrix():
+    from gateway.app import create_app
+    from gateway.config import GatewaySettings
+
+    app = create_app(GatewaySettings())
+    served = {f"{method.upper()} {path}" for path, operations in app.openapi()["paths"].items()
+              if path.startswith("/v1/") for method in operations}
+    assert "POST /v1/events" in served
+    missing = [route for route in served if permissions.route_permission(route) is None]
+    assert not missing
+
+
+def test_admin_may_do_everything():
+    assert permissions.ROLE_PERMISSIONS[Role.ADMIN] == frozenset(Permission)
+    for rpc in proto_rpcs():
+        authorize_rpc(who(Role.ADMIN), rpc)
+    for route in permissions.ROUTES:
+        authorize_route(who(Role.ADMIN), route)
+
+
+@pytest.mark.parametrize("route", ["POST /v1/delete", "GET /v1/delete/{job_id}",
+                                   "GET /v1/household/{account_id}/export", "PUT /v1/consent/{account_id}",
+                                   "GET /v1/audit"])
+def test_only_privacy_officer_and_admin_delete_export_consent_and_read_audit(route):
+    permission = permissions.route_permission(route)
+    assert set(permissions.roles_for(permission)) == {Role.ADMIN, Role.PRIVACY_OFFICER}
+
+
+def test_analyst_reads_attribution_but_no_household_or_sessions():
+    authorize_route(who(Role.ANALYST), "POST /v1/attribution")
+    for target in ("GET /v1/household/{account_id}", "POST /v1/events", "POST /v1/assign"):
+        with pytest.raises(PermissionDenied):
+            authorize_route(who(Role.ANALYST), target)
+    with pytest.raises(PermissionDenied):
+        authorize_rpc(who(Role.ANALYST), "/hearth.clustering.v1.ClusteringService/GetHousehold")
+
+
+def test_data_scientist_reads_households_records_feedback_but_sets_no_flag():
+    for route in ("GET /v1/household/{account_id}", "GET /v1/calibration", "GET /v1/experiment",
+                  "POST /v1/feedback"):
+        authorize_route(who(Role.DATA_SCIENTIST), route)
+    with pytest.raises(PermissionDenied):
+        authorize_route(who(Role.DATA_SCIENTIST), "PUT /v1/experiment")
+
+
+def test_service_ingests_assigns_and_erases_but_cannot_delete_or_export():
+    for rpc in ("/hearth.clustering.v1.ClusteringService/IngestEvents",
+                "/hearth.clustering.v1.ClusteringService/AssignSessions",
+                "/hearth.attribution.v1.AttributionService/RecordTouchpoints",
+                "/hearth.feedback.v1.FeedbackService/RecordPrediction"):
+        authorize_rpc(who(Role.SERVICE), rpc)
+    erase = [rpc for rpc in proto_rpcs() if rpc.endswith("/Erase")]
+    assert len(erase) == 3
+    for rpc in erase:
+        authorize_rpc(who(Role.SERVICE), rpc)
+        with pytest.raises(PermissionDenied):
+            authorize_rpc(who(Role.PRIVACY_OFFICER), rpc)  # humans go through RequestDeletion
+    for route in ("POST /v1/delete", "GET /v1/household/{account_id}/export", "GET /v1/audit"):
+        with pytest.raises(PermissionDenied):
+            authorize_route(who(Role.SERVICE), route)
+
+
+@given(role=st.sampled_from(list(Role)),
+       target=st.text(alphabet="/ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz.{}", max_size=60))
+def test_targets_outside_the_matrix_are_refused_for_every_role(role, target):
+    if permissions.rpc_permission(target) is None:
+        with pytest.raises(PermissionDenied):
+            authorize_rpc(who(role), target)
+    if permissions.route_permission(target) is None:
+        with pytest.raises(PermissionDenied):
+            authorize_route(who(role), target)
+
+
+@pytest.mark.parametrize("given_route,expected", [
+    ("get /v1/household/{id}", "GET /v1/household/{}"),
+    ("GET  /v1/household/{account_id}/", "GET /v1/household/{}"),
+    ("PUT /v1/consent/{x}", "PUT /v1/consent/{}"),
+])
+def test_route_templates_compare_without_parameter_names(given_route, expected):
+    assert permissions.normalize_route(given_route) == expected
+
+
+def test_parameter_names_do_not_matter_but_methods_do():
+    assert permissions.route_permission("GET /v1/household/{id}/export") == Permission.EXPORT_HOUSEHOLD
+    assert permissions.route_permission("DELETE /v1/household/{id}") is None
+
+
+def test_denials_name_the_role_and_target():
+    with pytest.raises(PermissionDenied) as info:
+        authorize_route(who(Role.ANALYST), "POST /v1/delete")
+    assert "analyst" in str(info.value) and "POST /v1/delete" in str(info.value)
+
+
+def test_docs_security_md_shows_the_current_matrix():
+    doc = (ROOT / "docs" / "security.md").read_text()
+    assert permissions.render_doc(doc) == doc, (
+        "docs/security.md is stale: run python -m services.common.permissions --write docs/security.md")
+
+
+def test_generated_table_marks_exactly_the_granted_cells():
+    table = permissions.matrix_markdown()
+    roles = [r for r in Role]
+    for route, permission in permissions.ROUTES.items():
+        line = next(l for l in table.splitlines() if l.startswith(f"| `{route}` |"))
+        cells = [c.strip() for c in line.strip("|").split("|")][2:]
+        assert cells == ["yes" if permissions.allowed(r, permission) else "—" for r in roles]

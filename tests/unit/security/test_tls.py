@@ -1,0 +1,149 @@
+"""`make certs` output and mutual TLS between a client and a real service server:
+a mesh certificate is required, and a verified peer needs no service token."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+
+from hearth.privacy.v1 import privacy_pb2 as ppb
+from hearth.privacy.v1 import privacy_pb2_grpc as ppb_grpc
+from services.common import config, identity, tls
+from services.common.config import ConfigError
+from services.common.server import build_server
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _certs_module():
+    spec = importlib.util.spec_from_file_location("hearth_certs_script", ROOT / "scripts" / "certs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    module = _certs_module()
+    mesh_dir = tmp_path_factory.mktemp("certs")
+    module.generate(mesh_dir, ("privacy", "gateway"))
+    other_dir = tmp_path_factory.mktemp("other-ca")
+    module.generate(other_dir, ("intruder",))
+    return mesh_dir, other_dir
+
+
+def material(directory: Path, name: str, ca_dir: Path | None = None) -> tls.TlsMaterial:
+    return tls.material_from_env({tls.CERT_ENV: str(directory / f"{name}.pem"),
+                                  tls.KEY_ENV: str(directory / f"{name}-key.pem"),
+                                  tls.CA_ENV: str((ca_dir or directory) / "ca.pem")})
+
+
+def test_certificates_chain_to_the_ca_and_serve_both_ends(certs):
+    mesh_dir, _ = certs
+    ca = x509.load_pem_x509_certificate((mesh_dir / "ca.pem").read_bytes())
+    leaf = x509.load_pem_x509_certificate((mesh_dir / "privacy.pem").read_bytes())
+    leaf.verify_directly_issued_by(ca)
+    usages = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert {u.dotted_string for u in usages} == {"1.3.6.1.5.5.7.3.1", "1.3.6.1.5.5.7.3.2"}
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"localhost", "privacy", "hearth-privacy"} <= set(names.get_values_for_type(x509.DNSName))
+    assert oct((mesh_dir / "privacy-key.pem").stat().st_mode & 0o777) == "0o600"
+
+
+def test_rerunning_keeps_the_ca_and_existing_certificates(certs, tmp_path):
+    module = _certs_module()
+    module.generate(tmp_path, ("a",))
+    ca_before, a_before = (tmp_path / "ca.pem").read_bytes(), (tmp_path / "a.pem").read_bytes()
+    module.generate(tmp_path, ("a", "b"))
+    assert (tmp_path / "ca.pem").read_bytes() == ca_before
+    assert (tmp_path / "a.pem").read_bytes() == a_before
+    assert (tmp_path / "b.pem").exists()
+
+
+def test_partial_or_unreadable_tls_configuration_names_the_variable(tmp_path):
+    assert tls.material_from_env({}) is None
+    with pytest.raises(ConfigError, match="HEARTH_TLS_CA"):
+        tls.material_from_env({tls.CERT_ENV: "a", tls.KEY_ENV: "b"})
+    with pytest.raises(ConfigError, match="HEARTH_TLS_CERT"):
+        tls.material_from_env({tls.CERT_ENV: str(tmp_path / "nope.pem"), tls.KEY_ENV: "b", tls.CA_ENV: "c"})
+    (tmp_path / "x.pem").write_text("not pem")
+    with pytest.raises(ConfigError, match="not a PEM"):
+        tls.material_from_env({tls.CERT_ENV: str(tmp_path / "x.pem"), tls.KEY_ENV: str(tmp_path / "x.pem"),
+                               tls.CA_ENV: str(tmp_path / "x.pem")})
+
+
+@pytest.fixture(scope="module")
+def mtls_privacy(certs, tmp_path_factory):
+    mesh_dir, _ = certs
+    settings = config.load(service_name="privacy", data_dir=tmp_path_factory.mktemp("privacy"))
+    module = importlib.import_module("services.privacy.__main__")
+    servicers, closers = module.build(settings)
+
+    def register(server):
+        for add, servicer, _ in servicers:
+            add(servicer, server)
+        return [full for _, _, full in servicers]
+
+    running = build_server("privacy", register, port=0,
+                           credentials=tls.server_credentials(material(mesh_dir, "privacy")))
+    running.on_stop.extend(closers)
+    yield running
+    running.stop(0)
+
+
+UNSIGNED = [(identity.PRINCIPAL_KEY, "tls-admin"), (identity.ROLE_KEY, "admin")]
+
+
+def call(channel: grpc.Channel, metadata=UNSIGNED):
+    return ppb_grpc.PrivacyServiceStub(channel).GetConsent(
+        ppb.GetConsentRequest(account_id=""), metadata=metadata, timeout=5)
+
+
+def test_a_mesh_certificate_is_trusted_without_a_service_token(certs, mtls_privacy):
+    mesh_dir, _ = certs
+    with tls.channel(f"localhost:{mtls_privacy.port}", material=material(mesh_dir, "gateway")) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            call(channel)
+    # Past authentication and the matrix: the service itself rejects the empty account id.
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_the_matrix_still_applies_to_a_verified_peer(certs, mtls_privacy):
+    mesh_dir, _ = certs
+    analyst = [(identity.PRINCIPAL_KEY, "tls-analyst"), (identity.ROLE_KEY, "analyst")]
+    with tls.channel(f"localhost:{mtls_privacy.port}", material=material(mesh_dir, "gateway")) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            call(channel, analyst)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_without_a_client_certificate_the_handshake_fails(certs, mtls_privacy):
+    mesh_dir, _ = certs
+    credentials = grpc.ssl_channel_credentials(root_certificates=(mesh_dir / "ca.pem").read_bytes())
+    with grpc.secure_channel(f"localhost:{mtls_privacy.port}", credentials) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            call(channel, identity.Principal("tls-admin", identity.Role.ADMIN).metadata())
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_certificate_from_another_ca_is_refused(certs, mtls_privacy):
+    mesh_dir, other_dir = certs
+    intruder = tls.TlsMaterial(cert=(other_dir / "intruder.pem").read_bytes(),
+                               key=(other_dir / "intruder-key.pem").read_bytes(),
+                               ca=(mesh_dir / "ca.pem").read_bytes())
+    with tls.channel(f"localhost:{mtls_privacy.port}", material=intruder) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            call(channel)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_plaintext_to_a_tls_server_fails(mtls_privacy):
+    with grpc.insecure_channel(f"localhost:{mtls_privacy.port}") as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            call(channel)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
