@@ -21,6 +21,7 @@ from gateway.clients import ServiceClients
 from gateway.config import GatewaySettings
 from gateway.errors import error_response, from_hearth_error, from_rpc_error
 from gateway.ratelimit import install_request_limits
+from gateway.routes import attribution as attribution_routes
 from gateway.routes import clustering as clustering_routes
 from gateway.routes import feedback as feedback_routes
 from services.common import telemetry
@@ -120,7 +121,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
         return dependency
 
-    for module in (clustering_routes, feedback_routes):
+    for module in (clustering_routes, attribution_routes, feedback_routes):
         app.include_router(module.router(clients, access))
 
     @app.get("/health", response_model=models.HealthOut, responses={503: {"model": models.HealthOut}})

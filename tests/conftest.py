@@ -4,6 +4,7 @@ it (never skips): CI must not pass while a backend goes untested."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import socket
@@ -12,7 +13,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import grpc
 import pytest
+
+from services.common.identity import Principal, Role
+
+ADMIN = Principal("test-admin", Role.ADMIN)
 
 
 def _free_port() -> int:
@@ -128,3 +134,36 @@ def cache(request):
         c = RedisCache(request.getfixturevalue("redis_url"), f"test{time.monotonic_ns()}")
         yield c
         c.delete_prefix("")
+
+
+# In-process servers on port 0 built by the same code path as production (build_server
+# + each service's build()), for contract and integration tests.
+
+
+@pytest.fixture
+def start_service(tmp_path):
+    started = []
+
+    def start(name: str, **overrides):
+        from services.common import config
+        from services.common.server import build_server
+
+        settings = config.load(service_name=name, data_dir=tmp_path / name, **overrides)
+        module = importlib.import_module(f"services.{name}.__main__")
+        servicers, closers = module.build(settings)
+
+        def register(server):
+            for add, servicer, _ in servicers:
+                add(servicer, server)
+            return [full for _, _, full in servicers]
+
+        running = build_server(name, register, port=0)
+        running.on_stop.extend(closers)
+        channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+        started.append((running, channel))
+        return running, channel
+
+    yield start
+    for running, channel in started:
+        channel.close()
+        running.stop(0)

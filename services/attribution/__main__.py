@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from hearth.attribution.v1 import attribution_pb2_grpc as pb_grpc
 from services.attribution.app import AttributionApp
+from services.attribution.resolver import ClusteringResolver
 from services.attribution.servicer import SERVICE_NAME, AttributionServicer
 from services.attribution.store import AttributionStore
 from services.common.server import run_service
@@ -17,7 +18,8 @@ def build(settings):
     db = open_database(settings, NAME)
     store = AttributionStore(db, open_cache(settings, NAME))
     store.migrate()
-    servicer = AttributionServicer(AttributionApp(store))
+    resolver = ClusteringResolver(settings.clustering_addr, settings.peer_timeout_s)
+    servicer = AttributionServicer(AttributionApp(store, resolver))
     return [(pb_grpc.add_AttributionServiceServicer_to_server, servicer, SERVICE_NAME)], [db.close]
 
 

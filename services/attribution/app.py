@@ -2,17 +2,183 @@
 
 from __future__ import annotations
 
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from services.attribution.domain.api import METHODS, AttributionReport, attribute
+from services.attribution.domain.journeys import JourneySet, build_journeys
 from services.attribution.domain.records import (
     Conversion, Touchpoint, validate_conversions, validate_touchpoints)
+from services.attribution.resolver import NoResolver, PersonResolver
 from services.attribution.store import AttributionStore
+from services.clustering.domain.events import check_id
+from services.common.erasure import ErasureOutcome, ErasureScope
+from services.common.errors import InvalidArgument
+
+DEFAULT_LOOKBACK_S = 30 * 86400
+MAX_ACCOUNTS = 1000
+_PERSON_NUMBER = re.compile(r"^p(\d+)$")
+
+
+@dataclass(frozen=True)
+class AttributeQuery:
+    account_ids: tuple[str, ...] = ()
+    start: float | None = None
+    end: float | None = None
+    method: str = "hybrid"
+    order: int = 1
+    alpha: float = 0.5
+    lookback_s: float = DEFAULT_LOOKBACK_S
+    repeats: str = "collapse_states"
+    include_nulls: bool = True
+    horizon: int = 0
+    levels: tuple[str, ...] = ("household", "person")
+
+
+@dataclass
+class ScopedReport:
+    scope: str                    # "household" | "person"
+    account_id: str               # "" = the requested accounts pooled
+    person_id: str
+    report: AttributionReport
+    journeys: float
+
+
+@dataclass
+class AttributionOutcome:
+    results: list[ScopedReport] = field(default_factory=list)
+
+
+def validate_query(q: AttributeQuery) -> AttributeQuery:
+    if len(q.account_ids) > MAX_ACCOUNTS:
+        raise InvalidArgument(f"at most {MAX_ACCOUNTS} accounts", "account_ids")
+    for i, a in enumerate(q.account_ids):
+        check_id(a, f"account_ids[{i}]")
+    if q.method not in METHODS:
+        raise InvalidArgument(f"must be one of {', '.join(METHODS)}", "method")
+    if not 1 <= q.order <= 4:
+        raise InvalidArgument("must be in 1..4", "markov_order")
+    if not (math.isfinite(q.alpha) and 0.0 <= q.alpha <= 1.0):
+        raise InvalidArgument("must be in [0, 1]", "hybrid_alpha")
+    if not 0 < q.lookback_s <= 365 * 86400:
+        raise InvalidArgument("must be in (0, 365 days]", "lookback_seconds")
+    if q.repeats not in ("collapse_states", "collapse_channels", "keep"):
+        raise InvalidArgument("must be collapse_states, collapse_channels or keep", "repeats")
+    if not 0 <= q.horizon <= 1000:
+        raise InvalidArgument("must be in 0..1000", "horizon")
+    if q.start is not None and q.end is not None and q.end <= q.start:
+        raise InvalidArgument("end must be after start", "window.end")
+    return q
+
+
+def person_columns(probabilities: list[dict[str, float]]) -> list[str]:
+    """Person ids in column order: p1, p2, ... by number, other labels after, sorted."""
+    ids = {p for probs in probabilities for p in probs}
+
+    def key(pid: str):
+        m = _PERSON_NUMBER.match(pid)
+        return (0, int(m.group(1)), "") if m else (1, 0, pid)
+
+    return sorted(ids, key=key)
+
+
+def probability_matrix(probabilities: list[dict[str, float]], columns: list[str]) -> np.ndarray:
+    """Rows of person probabilities; a touch nobody could resolve is spread evenly over
+    the known persons (it is evidence of the household, not of any one person)."""
+    index = {p: j for j, p in enumerate(columns)}
+    width = max(len(columns), 1)
+    matrix = np.zeros((len(probabilities), width))
+    for i, probs in enumerate(probabilities):
+        if probs:
+            for p, q in probs.items():
+                matrix[i, index[p]] = q
+            total = matrix[i].sum()
+            matrix[i] /= total if total > 0 else 1.0
+        else:
+            matrix[i, :] = 1.0 / width
+    return matrix
 
 
 class AttributionApp:
-    def __init__(self, store: AttributionStore) -> None:
+    def __init__(self, store: AttributionStore, resolver: PersonResolver | None = None) -> None:
         self.store = store
+        self.resolver = resolver or NoResolver()
 
     def record_touchpoints(self, items: list[Touchpoint]) -> tuple[int, int]:
         return self.store.record_touchpoints(validate_touchpoints(items))
 
     def record_conversions(self, items: list[Conversion]) -> tuple[int, int]:
         return self.store.record_conversions(validate_conversions(items))
+
+    def attribute(self, query: AttributeQuery) -> AttributionOutcome:
+        q = validate_query(query)
+        touches, conversions = self.store.load(list(q.account_ids), q.start, q.end, q.lookback_s)
+        conventions = {"repeats": q.repeats, "include_nulls": q.include_nulls,
+                       "horizon": q.horizon or None}
+        outcome = AttributionOutcome()
+        common = dict(
+            touch_account=[t.account_id for t in touches], touch_ts=np.array([t.ts for t in touches]),
+            touch_channel=[t.channel for t in touches], conv_account=[c.account_id for c in conversions],
+            conv_ts=np.array([c.ts for c in conversions]), conv_value=np.array([c.value for c in conversions]),
+            lookback=float(q.lookback_s))
+        single = q.account_ids[0] if len(q.account_ids) == 1 else ""
+        if "household" in q.levels:
+            js = build_journeys(**common, level="account")
+            outcome.results.append(self._scoped("household", single, "", js, q, conventions))
+        if "person" in q.levels:
+            touch_probs = self._touch_persons(touches)
+            conv_probs = self._conversion_persons(conversions)
+            columns = person_columns(touch_probs + [p for p in conv_probs if p])
+            js = build_journeys(
+                **common, level="person",
+                touch_person_prob=probability_matrix(touch_probs, columns),
+                conv_person_prob=(probability_matrix([p or {} for p in conv_probs], columns)
+                                  if any(conv_probs) else None))
+            if single:
+                for j, pid in enumerate(columns or ["p1"]):
+                    sub = js.select(js.path_person == j)
+                    if sub.paths.n_paths:
+                        outcome.results.append(self._scoped("person", single, pid, sub, q, conventions))
+            else:
+                outcome.results.append(self._scoped("person", "", "", js, q, conventions))
+        return outcome
+
+    def _touch_persons(self, touches: list[Touchpoint]) -> list[dict[str, float]]:
+        unresolved = [i for i, t in enumerate(touches) if not t.person_id]
+        resolved = self.resolver.resolve([(touches[i].account_id, touches[i].device_id, touches[i].ts)
+                                          for i in unresolved]) if unresolved else []
+        out: list[dict[str, float]] = [{t.person_id: 1.0} if t.person_id else {} for t in touches]
+        for i, probs in zip(unresolved, resolved):
+            out[i] = probs
+        return out
+
+    def _conversion_persons(self, conversions: list[Conversion]) -> list[dict[str, float] | None]:
+        """A conversion on a known device is split by who was on it; otherwise None (the
+        journey builder then splits it in proportion to each person's touches)."""
+        with_device = [i for i, c in enumerate(conversions) if c.device_id]
+        resolved = self.resolver.resolve([(conversions[i].account_id, conversions[i].device_id, conversions[i].ts)
+                                          for i in with_device]) if with_device else []
+        out: list[dict[str, float] | None] = [None] * len(conversions)
+        for i, probs in zip(with_device, resolved):
+            out[i] = probs or None
+        return out
+
+    @staticmethod
+    def _scoped(scope: str, account: str, person: str, js: JourneySet, q: AttributeQuery,
+                conventions: dict) -> ScopedReport:
+        report = attribute(js.paths, method=q.method, order=q.order, alpha=q.alpha, conventions=conventions)
+        journeys = float(js.paths.conversions.sum() + js.paths.nulls.sum())
+        return ScopedReport(scope, account, person, report, journeys)
+
+    def erase(self, scope: ErasureScope) -> ErasureOutcome:
+        person_touchpoints: list[str] = []
+        if scope.kind == "person":
+            touches, _ = self.store.load([scope.account_id], None, None, 0)
+            unresolved = [t for t in touches if not t.person_id]
+            resolved = self.resolver.resolve([(t.account_id, t.device_id, t.ts) for t in unresolved])
+            person_touchpoints = [t.touchpoint_id for t, probs in zip(unresolved, resolved)
+                                  if probs and max(probs, key=probs.get) == scope.person_id]
+        return self.store.erase(scope, person_touchpoints)

@@ -88,7 +88,10 @@ class AttributionStore:
             elif scope.kind == "window":
                 lo = scope.start if scope.start is not None else float("-inf")
                 hi = scope.end if scope.end is not None else float("inf")
-                tp_where, tp_params = "account_id = ? AND ts >= ? AND ts < ?", [account, lo, hi]
+                if scope.all_accounts:  # retention purge (privacy service only): every account
+                    tp_where, tp_params = "ts >= ? AND ts < ?", [lo, hi]
+                else:
+                    tp_where, tp_params = "account_id = ? AND ts >= ? AND ts < ?", [account, lo, hi]
                 cv_where, cv_params = tp_where, list(tp_params)
             else:  # person
                 ids = sorted(set(person_touchpoints))
@@ -103,5 +106,5 @@ class AttributionStore:
                 cvs = [r[0] for r in tx.query(f"SELECT conversion_id FROM conversions WHERE {cv_where}", cv_params)]
                 tx.execute(f"DELETE FROM conversions WHERE {cv_where}", cv_params)
                 outcome.add("conversions", cvs)
-        self.cache.delete_prefix(f"attribution:{account}")
+        self.cache.delete_prefix("attribution:" if scope.all_accounts else f"attribution:{account}")
         return outcome

@@ -368,21 +368,26 @@ class ClusteringStore:
             else:  # window
                 lo = scope.start if scope.start is not None else float("-inf")
                 hi = scope.end if scope.end is not None else float("inf")
-                rows = tx.query("SELECT event_id, device_id, ts FROM events WHERE account_id = ? AND ts >= ? AND ts < ?",
-                                (account, lo, hi))
-                tx.execute("DELETE FROM events WHERE account_id = ? AND ts >= ? AND ts < ?", (account, lo, hi))
+                # account "*" (retention purge, privacy service only): every account.
+                where, params = ("ts >= ? AND ts < ?", [lo, hi]) if scope.all_accounts else \
+                    ("account_id = ? AND ts >= ? AND ts < ?", [account, lo, hi])
+                rows = tx.query(f"SELECT event_id, account_id, device_id, ts FROM events WHERE {where}", params)
+                tx.execute(f"DELETE FROM events WHERE {where}", params)
                 out.add("events", [r[0] for r in rows])
-                for device in sorted({r[1] for r in rows}):
+                for acct, device in sorted({(r[1], r[2]) for r in rows}):
                     doomed = tx.query("SELECT session_id, start_ts FROM sessions WHERE account_id = ? AND device_id = ? "
-                                      "AND end_ts >= ? AND start_ts < ?", (account, device, lo, hi))
+                                      "AND end_ts >= ? AND start_ts < ?", (acct, device, lo, hi))
                     tx.execute("DELETE FROM sessions WHERE account_id = ? AND device_id = ? AND end_ts >= ? "
-                               "AND start_ts < ?", (account, device, lo, hi))
+                               "AND start_ts < ?", (acct, device, lo, hi))
                     out.add("sessions", [r[0] for r in doomed])
                     if doomed:
                         # Rebuild what remains of partly covered sessions from surviving events.
-                        self._rebuild_sessions(tx, account, device, min(float(r[1]) for r in doomed))
-                    self._refresh_device(tx, account, device)
-        self.cache.delete(f"model:{account}")
+                        self._rebuild_sessions(tx, acct, device, min(float(r[1]) for r in doomed))
+                    self._refresh_device(tx, acct, device)
+        if scope.all_accounts:
+            self.cache.delete_prefix("model:")
+        else:
+            self.cache.delete(f"model:{account}")
         return out
 
     @staticmethod

@@ -5,6 +5,11 @@ person, or a time window. Each service erases what it holds for the scope and an
 with counts per record kind and a SHA-256 digest over the sorted ids it deleted, which
 the privacy service puts into the signed receipt. Erase is idempotent: a repeat finds
 nothing left and says so.
+
+``account_id == "*"`` (``ALL_ACCOUNTS``) means every account and is accepted only for a
+window scope and only from the privacy service's own principal (``svc:privacy``): the
+scheduled retention purge erases everything older than the retention period through the
+same Erase path. Every store's window branch must handle it (``scope.all_accounts``).
 """
 
 from __future__ import annotations
@@ -15,8 +20,13 @@ from dataclasses import dataclass, field
 
 from hearth.common.v1 import common_pb2
 from services.clustering.domain.events import check_id
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, PermissionDenied
 from services.common.pbutil import ts_to_float
+
+
+ALL_ACCOUNTS = "*"
+# The only principal that may erase across accounts (the retention purge).
+ALL_ACCOUNTS_PRINCIPAL = "svc:privacy"
 
 
 @dataclass(frozen=True)
@@ -27,6 +37,11 @@ class ErasureScope:
     person_id: str | None = None
     start: float | None = None       # window: [start, end); None = open
     end: float | None = None
+
+    @property
+    def all_accounts(self) -> bool:
+        """A window over every account (retention purge); see the module docstring."""
+        return self.account_id == ALL_ACCOUNTS
 
     def in_window(self, ts: float) -> bool:
         return (self.start is None or ts >= self.start) and (self.end is None or ts < self.end)
@@ -53,8 +68,11 @@ def ids_digest(ids: Iterable[str]) -> bytes:
 
 
 def scope_from_pb(scope: common_pb2.ErasureScope, path: str = "scope") -> ErasureScope:
-    check_id(scope.account_id, f"{path}.account_id")
     target = scope.WhichOneof("target")
+    if scope.account_id == ALL_ACCOUNTS:
+        _check_all_accounts(target, path)
+    else:
+        check_id(scope.account_id, f"{path}.account_id")
     if target == "household":
         if not scope.household:
             raise InvalidArgument("must be true when given", f"{path}.household")
@@ -72,6 +90,21 @@ def scope_from_pb(scope: common_pb2.ErasureScope, path: str = "scope") -> Erasur
             raise InvalidArgument("end must be after start", f"{path}.window.end")
         return ErasureScope(scope.account_id, "window", start=start, end=end)
     raise InvalidArgument("one of household, device_id, person_id or window is required", f"{path}.target")
+
+
+def _check_all_accounts(target: str | None, path: str) -> None:
+    from services.common.identity import current_principal
+
+    if target != "window":
+        raise InvalidArgument(f"{ALL_ACCOUNTS!r} (every account) is allowed only with a window",
+                              f"{path}.account_id")
+    try:
+        principal_id = current_principal().id
+    except Exception:  # noqa: BLE001 - no principal: not the privacy service
+        principal_id = ""
+    if principal_id != ALL_ACCOUNTS_PRINCIPAL:
+        raise PermissionDenied(f"only {ALL_ACCOUNTS_PRINCIPAL} may erase across every account",
+                               f"{path}.account_id")
 
 
 def result_to_pb(service: str, outcome: ErasureOutcome) -> common_pb2.ErasureResult:

@@ -26,6 +26,12 @@ Decisions (the reasons are repeated in docs/security.md):
   ``Erase``: the privacy service
   fans every deletion out to the ``Erase`` RPCs as itself, after auditing the human's
   request (see ``identity.acting_as``).
+* ``ExportAccount`` on each data-holding service needs export_household: the privacy
+  service gathers an export *on behalf of* the privacy officer or admin who asked, so
+  the matrix (not a service role) decides who may read a whole household.
+* use_data_key (privacy ``GetDataKey``) is for service principals: stores fetch a
+  household's data key to encrypt fields at rest; the privacy service also refuses
+  it to any non-service role (admin included). rotate_keys is admin only.
 * admin: everything.
 """
 
@@ -64,6 +70,8 @@ class Permission(str, Enum):
     READ_CALIBRATION = "read_calibration"
     READ_EXPERIMENT = "read_experiment"
     SET_FLAG = "set_flag"
+    USE_DATA_KEY = "use_data_key"
+    ROTATE_KEYS = "rotate_keys"
 
 
 P = Permission
@@ -81,7 +89,8 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
     Role.SERVICE: frozenset({
         P.INGEST_EVENTS, P.ASSIGN_SESSIONS, P.READ_HOUSEHOLD, P.REFIT_MODEL, P.RESOLVE_PERSONS,
         P.RECORD_TOUCHPOINTS, P.RECORD_CONVERSIONS, P.ERASE_DATA, P.READ_CONSENT,
-        P.APPEND_AUDIT, P.RECORD_PREDICTION, P.RECORD_FEEDBACK, P.READ_EXPERIMENT}),
+        P.APPEND_AUDIT, P.RECORD_PREDICTION, P.RECORD_FEEDBACK, P.READ_EXPERIMENT,
+        P.USE_DATA_KEY}),
 }
 
 # Gateway routes, "METHOD /path/template". Parameter names do not matter: templates are
@@ -114,12 +123,14 @@ RPCS: dict[str, dict[str, Permission]] = {
         "Refit": P.REFIT_MODEL,
         "ResolvePersons": P.RESOLVE_PERSONS,
         "Erase": P.ERASE_DATA,
+        "ExportAccount": P.EXPORT_HOUSEHOLD,
     },
     "hearth.attribution.v1.AttributionService": {
         "RecordTouchpoints": P.RECORD_TOUCHPOINTS,
         "RecordConversions": P.RECORD_CONVERSIONS,
         "Attribute": P.READ_ATTRIBUTION,
         "Erase": P.ERASE_DATA,
+        "ExportAccount": P.EXPORT_HOUSEHOLD,
     },
     "hearth.privacy.v1.PrivacyService": {
         "RequestDeletion": P.REQUEST_DELETION,
@@ -132,6 +143,8 @@ RPCS: dict[str, dict[str, Permission]] = {
         "QueryAudit": P.READ_AUDIT,
         "GetAuditProof": P.READ_AUDIT,
         "VerifyAudit": P.READ_AUDIT,
+        "GetDataKey": P.USE_DATA_KEY,
+        "RotateKeys": P.ROTATE_KEYS,
     },
     "hearth.feedback.v1.FeedbackService": {
         "RecordPrediction": P.RECORD_PREDICTION,
@@ -140,6 +153,7 @@ RPCS: dict[str, dict[str, Permission]] = {
         "GetExperiment": P.READ_EXPERIMENT,
         "SetFlag": P.SET_FLAG,
         "Erase": P.ERASE_DATA,
+        "ExportAccount": P.EXPORT_HOUSEHOLD,
     },
 }
 

@@ -328,7 +328,8 @@ class FeedbackStore:
                 prediction_params: list = [account, scope.person_id]
                 feedback_extra, feedback_extra_params = "true_person_id = ?", [scope.person_id]
             elif scope.kind == "window":
-                conditions, prediction_params = ["account_id = ?"], [account]
+                # account "*" (retention purge, privacy service only): every account.
+                conditions, prediction_params = ([], []) if scope.all_accounts else (["account_id = ?"], [account])
                 window, window_params = [], []
                 if scope.start is not None:
                     window.append("ts >= ?")
@@ -341,9 +342,10 @@ class FeedbackStore:
                 feedback_extra, feedback_extra_params = " AND ".join(window), window_params
             else:
                 raise ValueError(f"scope.kind: unknown erasure kind {scope.kind!r}")
-            feedback_where = (f"account_id = ? AND (prediction_id IN (SELECT prediction_id FROM predictions "
+            account_where, account_params = ("1 = 1", []) if scope.all_accounts else ("account_id = ?", [account])
+            feedback_where = (f"{account_where} AND (prediction_id IN (SELECT prediction_id FROM predictions "
                               f"WHERE {prediction_where}) OR ({feedback_extra}))")
-            feedback_params = [account, *prediction_params, *feedback_extra_params]
+            feedback_params = [*account_params, *prediction_params, *feedback_extra_params]
             feedback_ids = [r[0] for r in tx.query(f"SELECT feedback_id FROM feedback WHERE {feedback_where}",
                                                    feedback_params)]
             prediction_ids = [r[0] for r in tx.query(

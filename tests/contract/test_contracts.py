@@ -21,7 +21,7 @@ from hearth.privacy.v1 import privacy_pb2_grpc as ppb_grpc
 from services.common.errors import ERROR_FIELD_KEY
 from services.common.pbutil import float_to_ts
 
-from .conftest import ADMIN
+from tests.conftest import ADMIN
 
 # (service, full gRPC service name, a call that must fail with (code, field))
 CASES = {

@@ -183,7 +183,7 @@ def _make_person(rng: np.random.Generator, arch: Archetype, difficulty: float) -
     def peaks(spec: tuple[tuple[float, float, float], ...]) -> np.ndarray:
         p = np.array(spec, dtype=float)
         p[:, 0] = np.mod(p[:, 0] + rng.normal(0.0, 1.0, len(p)), 24.0)
-        p[:, 1] = p[:, 1] * rng.uniform(0.8, 1.2, len(p)) * (0.7 + 1.2 * difficulty)
+        p[:, 1] = p[:, 1] * rng.uniform(0.8, 1.2, len(p)) * (0.5 + 1.0 * difficulty)
         p[:, 2] /= p[:, 2].sum()
         return p
 
@@ -204,12 +204,12 @@ def _make_person(rng: np.random.Generator, arch: Archetype, difficulty: float) -
 def _mix_towards_household(persons: list[_Person], difficulty: float) -> None:
     """Overlap: pull device and genre preferences towards the household average and
     raise the shared-TV share. At difficulty 0 persons keep their own preferences."""
-    lam = 0.6 * difficulty
+    lam = 0.5 * difficulty
     dev_mean = np.mean([p.devices for p in persons], axis=0)
     gen_mean = np.mean([p.genres for p in persons], axis=0)
     tv = np.zeros(6)
     tv[_D["tv"]] = 1.0
-    tv_share = 0.3 * difficulty
+    tv_share = 0.25 * difficulty
     for p in persons:
         p.devices = (1 - tv_share) * ((1 - lam) * p.devices + lam * dev_mean) + tv_share * tv
         p.genres = (1 - lam) * p.genres + lam * gen_mean
@@ -321,7 +321,7 @@ def _draw_sessions(rng: np.random.Generator, p: _Person, days: int, tz_hours: fl
 
 def simulate_household(rng: np.random.Generator, household_id: str = "h0",
                        difficulty: float = DEFAULT_DIFFICULTY, n_persons: int | None = None,
-                       drift_type: str | None = None, days: int = 120,
+                       drift_type: str | None = None, days: int = 90,
                        n_sessions: int | None = None) -> SimulatedHousehold:
     """One household. ``drift_type`` None = stable; ``n_sessions`` keeps only the first
     sessions (small accounts)."""
@@ -466,7 +466,7 @@ def simulate_household(rng: np.random.Generator, household_id: str = "h0",
 
 
 def simulate_population(n_households: int, seed: int = 0, difficulty: float = DEFAULT_DIFFICULTY,
-                        drift_fraction: float = 0.3, days: int = 120,
+                        drift_fraction: float = 0.3, days: int = 90,
                         small_accounts: bool = False) -> list[SimulatedHousehold]:
     """``n_households`` households; a ``drift_fraction`` of them carry one drift event
     (types in turn). ``small_accounts`` keeps 3-9 sessions per household (cold start)."""

@@ -1,0 +1,151 @@
+"""Consent enforcement for data-holding services: ``ConsentChecker``.
+
+The privacy service owns the per-account consent flags (``SetConsent`` /
+``GetConsent``): ``processing`` (may Hearth process this household's viewing data at
+all) and ``attribution`` (may its marketing exposures and conversions be used for
+attribution). Clustering refuses ``IngestEvents`` / ``AssignSession`` for an account
+whose ``processing`` consent is withdrawn; attribution refuses ``RecordTouchpoints`` /
+``RecordConversions`` / ``Attribute`` unless both ``processing`` and ``attribution``
+are given. A refusal is ``FailedPrecondition`` naming the field ``account_id``
+(gRPC FAILED_PRECONDITION, HTTP 412) and happens before anything is stored.
+
+Caching and staleness (the bound documented in docs/privacy.md):
+
+* an answer is reused for ``ttl_s`` (default 5 s) per account, so a withdrawal takes
+  effect in every replica at most ``ttl_s`` after ``SetConsent`` returned (the privacy
+  service's answer is authoritative; this cache only bounds the lag);
+* when the privacy service cannot be reached, an answer younger than ``stale_ttl_s``
+  (default 300 s) is still used, otherwise the request is refused with UNAVAILABLE —
+  consent fails closed.
+
+An account with no explicit record is allowed (privacy's documented default).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import grpc
+
+from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+
+log = logging.getLogger("hearth.consent")
+
+PURPOSES = ("processing", "attribution")
+DEFAULT_TTL_S = 5.0
+DEFAULT_STALE_TTL_S = 300.0
+
+
+@dataclass(frozen=True)
+class ConsentAnswer:
+    processing: bool
+    attribution: bool
+
+    def allows(self, purpose: str) -> bool:
+        return bool(getattr(self, purpose))
+
+
+ConsentFetcher = Callable[[str], ConsentAnswer]
+
+
+class ConsentChecker:
+    """Per-account consent look-ups with a short cache (see module docstring).
+
+    ``fetch(account_id) -> ConsentAnswer`` asks the authority; it may raise
+    ``grpc.RpcError`` or ``Unavailable`` when the privacy service is unreachable."""
+
+    def __init__(self, fetch: ConsentFetcher, *, ttl_s: float = DEFAULT_TTL_S,
+                 stale_ttl_s: float = DEFAULT_STALE_TTL_S,
+                 clock: Callable[[], float] = time.monotonic, close: Callable[[], None] | None = None) -> None:
+        if not ttl_s >= 0:
+            raise ValueError("ttl_s: must be >= 0")
+        if not stale_ttl_s >= ttl_s:
+            raise ValueError("stale_ttl_s: must be >= ttl_s")
+        self._fetch = fetch
+        self._ttl = float(ttl_s)
+        self._stale_ttl = float(stale_ttl_s)
+        self._clock = clock
+        self._close = close
+        self._answers: dict[str, tuple[float, ConsentAnswer]] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def remote(cls, privacy_addr: str, calling_service: str, *, timeout_s: float = 2.0,
+               ttl_s: float = DEFAULT_TTL_S, stale_ttl_s: float = DEFAULT_STALE_TTL_S) -> "ConsentChecker":
+        """A checker asking the privacy service's ``GetConsent`` as ``svc:<calling_service>``
+        (service principals hold read_consent; the human behind the request may not)."""
+        from hearth.privacy.v1 import privacy_pb2, privacy_pb2_grpc
+        from services.common import identity
+        from services.common.client import call_idempotent, peer_channel
+
+        channel = peer_channel(privacy_addr, calling_service, timeout_s)
+        stub = privacy_pb2_grpc.PrivacyServiceStub(channel)
+        me = identity.service_principal(calling_service)
+
+        def fetch(account_id: str) -> ConsentAnswer:
+            with identity.acting_as(me):
+                r = call_idempotent(lambda: stub.GetConsent(
+                    privacy_pb2.GetConsentRequest(account_id=account_id), timeout=timeout_s), attempts=2)
+            return ConsentAnswer(processing=r.processing, attribution=r.attribution)
+
+        return cls(fetch, ttl_s=ttl_s, stale_ttl_s=stale_ttl_s, close=channel.close)
+
+    def answer(self, account_id: str) -> ConsentAnswer:
+        now = self._clock()
+        with self._lock:
+            cached = self._answers.get(account_id)
+        if cached is not None and now - cached[0] <= self._ttl:
+            return cached[1]
+        try:
+            fresh = self._fetch(account_id)
+        except (grpc.RpcError, Unavailable) as exc:
+            if isinstance(exc, grpc.RpcError) and exc.code() not in (
+                    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise
+            if cached is not None and now - cached[0] <= self._stale_ttl:
+                log.warning("privacy service unreachable: using a consent answer %.0fs old", now - cached[0])
+                return cached[1]
+            raise Unavailable("consent cannot be checked: privacy service unavailable", "account_id") from None
+        with self._lock:
+            if len(self._answers) > 100_000:  # bounded memory; answers are cheap to re-fetch
+                self._answers.clear()
+            self._answers[account_id] = (now, fresh)
+        return fresh
+
+    def require(self, account_ids: Iterable[str], purposes: Iterable[str] = ("processing",)) -> None:
+        """Raise FailedPrecondition (field ``account_id``) unless every account has
+        consented to every purpose. Each distinct account is looked up once."""
+        purposes = tuple(purposes)
+        for purpose in purposes:
+            if purpose not in PURPOSES:
+                raise InvalidArgument(f"unknown consent purpose {purpose!r}", "purpose")
+        for account_id in dict.fromkeys(account_ids):
+            answer = self.answer(account_id)
+            for purpose in purposes:
+                if not answer.allows(purpose):
+                    raise FailedPrecondition(
+                        f"account {account_id!r} has withdrawn consent to {purpose}; nothing was stored",
+                        "account_id")
+
+    def invalidate(self, account_id: str | None = None) -> None:
+        with self._lock:
+            if account_id is None:
+                self._answers.clear()
+            else:
+                self._answers.pop(account_id, None)
+
+    def close(self) -> None:
+        if self._close is not None:
+            self._close()
+
+
+def allow_all() -> ConsentChecker:
+    """A checker that allows everything (tools and tests that run without privacy)."""
+    return ConsentChecker(lambda _a: ConsentAnswer(True, True), ttl_s=3600.0, stale_ttl_s=3600.0)
+
+
+__all__ = ["PURPOSES", "ConsentAnswer", "ConsentChecker", "allow_all"]

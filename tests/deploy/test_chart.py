@@ -1,0 +1,432 @@
+"""The Helm chart (deploy/helm/hearth): lint, render, validate against the Kubernetes
+schemas, and check the rendered objects against what the processes actually need
+(ports, env that the config classes accept, probes, shutdown timing, security)."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.deploy.conftest import (
+    CHART,
+    COMPONENTS,
+    GRPC_SERVICES,
+    LOCAL_SQLITE_VALUES,
+    MIN_KUBE_VERSION,
+    NAMESPACE,
+    PRODUCTION_VALUES,
+    RELEASE,
+    RULES,
+    TARGET_KUBE_VERSION,
+    HelmError,
+    by_kind,
+    component_name,
+    run_helm,
+)
+
+CHART_VALUES = yaml.safe_load((CHART / "values.yaml").read_text())
+# Objects of these kinds come from CRDs (Prometheus Operator): no schema in
+# kubernetes-validate, so their structure is checked by hand below.
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+
+SCENARIOS = {
+    "default": dict(),
+    "production": dict(values_files=(PRODUCTION_VALUES,)),
+    "local-sqlite": dict(values_files=(LOCAL_SQLITE_VALUES,)),
+    "client-side-balancing": dict(set_values=("mesh.clientSideBalancing=true", "redis.enabled=true",
+                                              "serviceMonitor.enabled=true", "prometheusRule.enabled=true",
+                                              "image.digest=sha256:" + "a" * 64)),
+}
+
+
+def container(deployment: dict) -> dict:
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1, deployment["metadata"]["name"]
+    return containers[0]
+
+
+def effective_env(deployment: dict, objects: list[dict]) -> dict[str, object]:
+    """The container's environment as the kubelet builds it: envFrom ConfigMaps first,
+    then env entries (which win). Plain values are strings; secret references are
+    ("secret", name, key) tuples."""
+    configmaps = by_kind(objects, "ConfigMap")
+    result: dict[str, object] = {}
+    c = container(deployment)
+    for source in c.get("envFrom", []):
+        ref = source["configMapRef"]["name"]
+        assert ref in configmaps, f"envFrom references missing ConfigMap {ref}"
+        result.update(configmaps[ref]["data"])
+    for item in c.get("env", []):
+        if "value" in item:
+            result[item["name"]] = item["value"]
+        else:
+            ref = item["valueFrom"]["secretKeyRef"]
+            result[item["name"]] = ("secret", ref["name"], ref["key"])
+    return result
+
+
+def deployment_of(objects: list[dict], component: str) -> dict:
+    return by_kind(objects, "Deployment")[component_name(component)]
+
+
+# --- lint and render ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values_file", [None, PRODUCTION_VALUES, LOCAL_SQLITE_VALUES],
+                         ids=["default", "production", "local-sqlite"])
+def test_helm_lint_is_clean(helm, helm_env, values_file):
+    args = ["lint", "--strict", str(CHART), "--kube-version", TARGET_KUBE_VERSION]
+    if values_file:
+        args += ["--values", str(values_file)]
+    out = run_helm(helm, helm_env, *args)
+    assert "0 chart(s) failed" in out
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_every_manifest_validates_against_the_kubernetes_schemas(render, scenario):
+    objects = render(**SCENARIOS[scenario])
+    assert objects
+    for obj in objects:
+        if obj["kind"] in CRD_KINDS:
+            continue
+        for version in (TARGET_KUBE_VERSION, MIN_KUBE_VERSION):
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{scenario}: {obj['kind']}/{obj['metadata']['name']} invalid for "
+                            f"Kubernetes {version}: {exc.caught}")
+        assert obj["metadata"].get("namespace", NAMESPACE) == NAMESPACE
+
+
+def test_the_validator_rejects_a_broken_manifest(render):
+    """Guards the test above: strict validation must catch a misspelt field and a wrong
+    type, or a passing run proves nothing."""
+    deployment = copy.deepcopy(deployment_of(render(), "clustering"))
+    container(deployment)["readinessProbe"]["grpcc"] = container(deployment)["readinessProbe"].pop("grpc")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, TARGET_KUBE_VERSION, strict=True)
+    deployment = copy.deepcopy(deployment_of(render(), "clustering"))
+    container(deployment)["ports"][0]["containerPort"] = "fifty"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, TARGET_KUBE_VERSION, strict=True)
+
+
+def test_chart_refuses_kubernetes_older_than_native_grpc_probes(helm, helm_env):
+    with pytest.raises(HelmError, match="kubeVersion|incompatible"):
+        run_helm(helm, helm_env, "template", RELEASE, str(CHART), "--kube-version", "1.26.0")
+
+
+# --- objects per component ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", ["default", "production"])
+def test_each_component_has_deployment_service_hpa_and_pdb(render, scenario):
+    objects = render(**SCENARIOS[scenario])
+    deployments, services = by_kind(objects, "Deployment"), by_kind(objects, "Service")
+    hpas, pdbs = by_kind(objects, "HorizontalPodAutoscaler"), by_kind(objects, "PodDisruptionBudget")
+    expected = {component_name(c) for c in COMPONENTS}
+    assert set(deployments) == expected
+    assert expected <= set(services)
+    assert set(hpas) == expected
+    assert set(pdbs) == expected
+    for name, deployment in deployments.items():
+        pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+        selector = deployment["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= pod_labels.items()
+        # The Service and the PDB must select exactly this component's pods, not the others.
+        for selecting in (services[name]["spec"]["selector"], pdbs[name]["spec"]["selector"]["matchLabels"]):
+            assert selecting.items() <= pod_labels.items()
+            others = [d for n, d in deployments.items() if n != name]
+            assert not any(selecting.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+                           for d in others)
+        hpa = hpas[name]["spec"]
+        assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+        assert 1 <= hpa["minReplicas"] <= hpa["maxReplicas"]
+        # The HPA owns the replica count: a fixed one would be reset on every upgrade.
+        assert "replicas" not in deployment["spec"]
+
+
+def test_each_service_scales_on_its_own_settings(render):
+    objects = render(values_files=(PRODUCTION_VALUES,))
+    production = yaml.safe_load(PRODUCTION_VALUES.read_text())
+    hpas = by_kind(objects, "HorizontalPodAutoscaler")
+    for name in GRPC_SERVICES:
+        wanted = production["services"][name]["autoscaling"]
+        spec = hpas[component_name(name)]["spec"]
+        assert (spec["minReplicas"], spec["maxReplicas"]) == (wanted["minReplicas"], wanted["maxReplicas"])
+        assert spec["metrics"][0]["resource"]["target"]["averageUtilization"] == \
+            wanted["targetCPUUtilizationPercentage"]
+
+
+def test_grpc_probes_use_the_grpc_port_the_process_listens_on(render):
+    objects = render()
+    services = by_kind(objects, "Service")
+    for name in GRPC_SERVICES:
+        deployment = deployment_of(objects, name)
+        c = container(deployment)
+        port = CHART_VALUES["services"][name]["grpcPort"]
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports["grpc"] == port
+        assert effective_env(deployment, objects)["HEARTH_GRPC_PORT"] == str(port)
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["grpc"] == {"port": port}, (name, probe)
+            assert "httpGet" not in c[probe] and "tcpSocket" not in c[probe]
+        assert c["command"] == ["python", "-m", f"services.{name}"]
+        service_ports = {p["name"]: p for p in services[component_name(name)]["spec"]["ports"]}
+        assert service_ports["grpc"]["port"] == port and service_ports["grpc"]["targetPort"] == "grpc"
+        assert service_ports["metrics"]["port"] == CHART_VALUES["services"][name]["metricsPort"]
+
+
+def test_gateway_uses_http_probes_and_liveness_does_not_depend_on_the_mesh(render):
+    c = container(deployment_of(render(), "gateway"))
+    assert c["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    # /health fans out to every service: as a liveness probe, one backend outage would
+    # restart every gateway pod.
+    assert c["livenessProbe"]["httpGet"]["path"] != "/health"
+    assert c["livenessProbe"]["httpGet"]["port"] == "http"
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": CHART_VALUES["gateway"]["port"]}
+    assert c["command"] == ["python", "-m", "gateway"]
+
+
+def test_resources_are_set_on_every_container(render):
+    for scenario in ("default", "production"):
+        objects = render(**SCENARIOS[scenario])
+        for component in COMPONENTS:
+            resources = container(deployment_of(objects, component))["resources"]
+            assert resources["requests"]["cpu"] and resources["requests"]["memory"], (scenario, component)
+            assert resources["limits"]["memory"], (scenario, component)
+
+
+def test_pods_run_non_root_with_a_read_only_root_filesystem(render):
+    for scenario in SCENARIOS:
+        objects = render(**SCENARIOS[scenario])
+        for component in COMPONENTS:
+            pod = deployment_of(objects, component)["spec"]["template"]["spec"]
+            assert pod["securityContext"]["runAsNonRoot"] is True
+            assert pod["securityContext"]["runAsUser"] != 0
+            assert pod["automountServiceAccountToken"] is False
+            security = container(deployment_of(objects, component))["securityContext"]
+            assert security["readOnlyRootFilesystem"] is True
+            assert security["allowPrivilegeEscalation"] is False
+            assert security["capabilities"]["drop"] == ["ALL"]
+            volumes = {v["name"]: v for v in pod["volumes"]}
+            mounts = {m["mountPath"]: m["name"] for m in container(deployment_of(objects, component))["volumeMounts"]}
+            assert "emptyDir" in volumes[mounts["/tmp"]], "/tmp must be a writable emptyDir"
+
+
+def test_shutdown_budget_covers_prestop_sleep_and_the_drain_grace(render):
+    """SIGKILL must not land while calls drain: terminationGracePeriodSeconds >
+    preStop sleep + HEARTH_GRACE_SECONDS (the time serve() gives calls in flight)."""
+    for scenario in ("default", "production"):
+        objects = render(**SCENARIOS[scenario])
+        for component in COMPONENTS:
+            deployment = deployment_of(objects, component)
+            c = container(deployment)
+            command = c["lifecycle"]["preStop"]["exec"]["command"]
+            assert command[0] == "sleep"
+            sleep_s = float(command[1])
+            grace_s = float(effective_env(deployment, objects)["HEARTH_GRACE_SECONDS"])
+            assert sleep_s > 0 and grace_s > 0
+            assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > sleep_s + grace_s
+
+
+# --- configuration: what the processes will see -------------------------------------------
+
+
+def _load_settings(env: dict[str, object], component: str, monkeypatch):
+    """Build the process's settings object from the rendered environment, exactly as
+    the process would at start (secrets replaced by plausible stand-ins)."""
+    from gateway.config import GatewaySettings
+    from services.common import config
+
+    stand_ins = {"HEARTH_POSTGRES_DSN": "postgresql://hearth:pw@db:5432/hearth",
+                 "HEARTH_REDIS_URL": "redis://redis:6379/0",
+                 "HEARTH_SERVICE_TOKEN_KEY": "k" * 32}
+    for name in [n for n in list(__import__("os").environ) if n.startswith("HEARTH_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, stand_ins.get(name, "secret") if isinstance(value, tuple) else value)
+    if component == "gateway":
+        return GatewaySettings()
+    return config.load(service_name=component)
+
+
+@pytest.mark.parametrize("scenario", ["default", "production", "local-sqlite", "client-side-balancing"])
+def test_rendered_environment_is_accepted_by_the_config_classes(render, scenario, monkeypatch):
+    objects = render(**SCENARIOS[scenario])
+    for component in COMPONENTS:
+        deployment = deployment_of(objects, component)
+        env = effective_env(deployment, objects)
+        with monkeypatch.context() as patch:
+            settings = _load_settings(env, component, patch)
+        # Bound to every interface, or the kubelet's probes and the peers cannot connect.
+        assert settings.host == "0.0.0.0", component
+        ports = {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
+        if component == "gateway":
+            assert settings.gateway_port == ports["http"]
+        else:
+            assert settings.resolved_grpc_port == ports["grpc"]
+            assert settings.resolved_metrics_port == ports["metrics"]
+            assert settings.storage == env["HEARTH_STORAGE"]
+        for peer in GRPC_SERVICES:
+            assert getattr(settings, f"{peer}_addr") == env[f"HEARTH_{peer.upper()}_ADDR"]
+
+
+def test_every_hearth_variable_the_chart_sets_is_one_the_code_reads(render):
+    """A misspelt variable is silently ignored by the settings classes (extra="ignore"),
+    so check each name against the fields and the env names the code reads."""
+    from gateway.config import GatewaySettings
+    from services.common import identity, tls
+    from services.common.config import ServiceSettings
+
+    known = {f"HEARTH_{field.upper()}" for cls in (ServiceSettings, GatewaySettings)
+             for field in cls.model_fields}
+    known |= {identity.TOKEN_KEY_ENV, identity.TOKEN_TTL_ENV, tls.CERT_ENV, tls.KEY_ENV, tls.CA_ENV,
+              tls.SERVER_NAME_ENV}
+    for scenario in SCENARIOS:
+        objects = render(**SCENARIOS[scenario])
+        for component in COMPONENTS:
+            env = effective_env(deployment_of(objects, component), objects)
+            unknown = {name for name in env if name.startswith("HEARTH_")} - known
+            assert not unknown, f"{scenario}/{component}: unknown variables {sorted(unknown)}"
+
+
+def test_production_uses_postgres_redis_and_secrets_for_credentials(render):
+    objects = render(values_files=(PRODUCTION_VALUES,))
+    for component in COMPONENTS:
+        env = effective_env(deployment_of(objects, component), objects)
+        assert env["HEARTH_STORAGE"] == "postgres"
+        assert env["HEARTH_POSTGRES_DSN"] == ("secret", "hearth-postgres", "dsn")
+        assert env["HEARTH_REDIS_URL"] == ("secret", "hearth-redis", "url")
+        assert env["HEARTH_SERVICE_TOKEN_KEY"] == ("secret", "hearth-service-token", "key")
+    # No credential in a ConfigMap or a plain env value.
+    for cm in by_kind(objects, "ConfigMap").values():
+        assert not {"HEARTH_POSTGRES_DSN", "HEARTH_REDIS_URL", "HEARTH_SERVICE_TOKEN_KEY"} & set(cm["data"])
+        assert not any(re.search(r"postgres(ql)?://|redis://", str(v)) for v in cm["data"].values())
+
+
+def test_gateway_reads_api_keys_from_a_mounted_secret(render):
+    objects = render()
+    deployment = deployment_of(objects, "gateway")
+    env = effective_env(deployment, objects)
+    mounts = {m["name"]: m for m in container(deployment)["volumeMounts"]}
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    mount = mounts["api-keys"]
+    assert mount["readOnly"] is True
+    assert volumes["api-keys"]["secret"]["secretName"] == "hearth-api-keys"
+    item = volumes["api-keys"]["secret"]["items"][0]
+    assert env["HEARTH_API_KEYS_FILE"] == f"{mount['mountPath']}/{item['path']}"
+
+
+def test_peer_addresses_point_at_the_rendered_services(render):
+    objects = render()
+    services = by_kind(objects, "Service")
+    env = effective_env(deployment_of(objects, "gateway"), objects)
+    for name in GRPC_SERVICES:
+        host, port = env[f"HEARTH_{name.upper()}_ADDR"].rsplit(":", 1)
+        grpc_port = next(p["port"] for p in services[host]["spec"]["ports"] if p["name"] == "grpc")
+        assert int(port) == grpc_port
+
+
+def test_client_side_balancing_targets_the_headless_services(render):
+    objects = render(**SCENARIOS["client-side-balancing"])
+    services = by_kind(objects, "Service")
+    env = effective_env(deployment_of(objects, "gateway"), objects)
+    for name in GRPC_SERVICES:
+        address = env[f"HEARTH_{name.upper()}_ADDR"]
+        match = re.fullmatch(r"dns:///([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local:(\d+)", address)
+        assert match, address
+        headless = services[match.group(1)]
+        assert headless["spec"]["clusterIP"] == "None"
+        assert match.group(2) == NAMESPACE
+        assert int(match.group(3)) == CHART_VALUES["services"][name]["grpcPort"]
+        assert headless["spec"]["selector"] == services[component_name(name)]["spec"]["selector"]
+
+
+def test_image_digest_pins_every_component(render):
+    objects = render(**SCENARIOS["client-side-balancing"])
+    for component in COMPONENTS:
+        assert container(deployment_of(objects, component))["image"] == "hearth@sha256:" + "a" * 64
+
+
+def test_config_change_rolls_the_pods(render):
+    before = deployment_of(render(), "clustering")["spec"]["template"]["metadata"]["annotations"]
+    after = deployment_of(render(set_values=("config.logLevel=DEBUG",)), "clustering")
+    assert after["spec"]["template"]["metadata"]["annotations"]["checksum/config"] != before["checksum/config"]
+
+
+# --- storage modes ---------------------------------------------------------------------
+
+
+def test_local_sqlite_runs_one_replica_with_a_data_volume(render):
+    objects = render(values_files=(LOCAL_SQLITE_VALUES,))
+    assert not by_kind(objects, "HorizontalPodAutoscaler")
+    for name in GRPC_SERVICES:
+        deployment = deployment_of(objects, name)
+        env = effective_env(deployment, objects)
+        assert env["HEARTH_STORAGE"] == "sqlite"
+        assert "HEARTH_POSTGRES_DSN" not in env
+        assert deployment["spec"]["replicas"] == 1
+        mounts = {m["mountPath"]: m["name"] for m in container(deployment)["volumeMounts"]}
+        assert env["HEARTH_DATA_DIR"] in mounts, "SQLite needs a writable data dir"
+
+
+@pytest.mark.parametrize("override", ["services.privacy.replicas=2", "services.privacy.autoscaling.enabled=true"])
+def test_sqlite_with_more_than_one_replica_is_refused(render, override):
+    values = ["storage.backend=sqlite", *(f"services.{s}.autoscaling.enabled=false" for s in GRPC_SERVICES),
+              *(f"services.{s}.replicas=1" for s in GRPC_SERVICES)]
+    render(set_values=tuple(values))  # the baseline renders
+    with pytest.raises(HelmError, match=r"services\.privacy: storage.backend=sqlite allows one replica"):
+        render(set_values=(*values, override))
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("storage.backend=mysql", "storage.backend must be postgres or sqlite"),
+    ("serviceToken.secretName=", "serviceToken.secretName and serviceToken.secretKey are required"),
+    ("services.clustering.metricsPort=50051", "services.clustering: grpcPort and metricsPort must differ"),
+    ("gateway.autoscaling.minReplicas=20", "gateway.autoscaling: minReplicas must be <= maxReplicas"),
+    ("config.extra.LOG_LEVEL=x", "config.extra.LOG_LEVEL: keys must be HEARTH_"),
+])
+def test_bad_values_fail_with_a_message_naming_the_value(render, bad, message):
+    with pytest.raises(HelmError, match=re.escape(message)):
+        render(set_values=(bad,))
+
+
+# --- monitoring objects --------------------------------------------------------------------
+
+
+def test_monitoring_objects_are_opt_in(render):
+    kinds = {o["kind"] for o in render()}
+    assert not kinds & CRD_KINDS
+
+
+def test_service_monitor_scrapes_every_component_once(render):
+    objects = render(values_files=(PRODUCTION_VALUES,))
+    (monitor,) = by_kind(objects, "ServiceMonitor").values()
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    selected = [s for s in by_kind(objects, "Service").values()
+                if selector.items() <= s["metadata"]["labels"].items()]
+    # One scraped Service per component (the headless ones would double every series).
+    assert sorted(s["metadata"]["name"] for s in selected) == sorted(component_name(c) for c in COMPONENTS)
+    endpoint_ports = {e["port"] for e in monitor["spec"]["endpoints"]}
+    for service in selected:
+        names = {p["name"] for p in service["spec"]["ports"]}
+        assert len(names & endpoint_ports) == 1, service["metadata"]["name"]
+    for endpoint in monitor["spec"]["endpoints"]:
+        assert endpoint["path"] == "/metrics"
+        # Keep the RPC metrics' own `service` label; add the component the alerts group by.
+        assert endpoint["honorLabels"] is True
+        assert {"sourceLabels": ["__meta_kubernetes_service_label_app_kubernetes_io_component"],
+                "targetLabel": "hearth_component"} in endpoint["relabelings"]
+
+
+def test_prometheus_rule_ships_the_tested_rules_verbatim(render):
+    objects = render(values_files=(PRODUCTION_VALUES,))
+    (rule,) = by_kind(objects, "PrometheusRule").values()
+    assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]

@@ -1,0 +1,70 @@
+"""Feedback through the real gateway and feedback process: a prediction logged over gRPC
+(as the clustering service does), feedback over HTTP, calibration and experiment read
+back, flags changed at run time."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import httpx
+import pytest
+
+from hearth.feedback.v1 import feedback_pb2 as fpb
+from hearth.feedback.v1 import feedback_pb2_grpc as fpb_grpc
+from services.common.identity import PRINCIPAL_KEY, ROLE_KEY, TOKEN_KEY, Principal, Role, ServiceTokenSigner
+from services.common.pbutil import float_to_ts
+
+
+@pytest.fixture
+def client(mesh):
+    with httpx.Client(base_url=mesh.url, headers={"X-API-Key": mesh.api_key}, timeout=10) as c:
+        yield c
+
+
+def _log_prediction(mesh, prediction_id: str, account: str) -> None:
+    """RecordPrediction as svc:clustering, signed with the mesh's service token key."""
+    principal = Principal("svc:clustering", Role.SERVICE)
+    token = ServiceTokenSigner(mesh.service_token_key.encode()).sign(principal)
+    metadata = [(PRINCIPAL_KEY, principal.id), (ROLE_KEY, principal.role.value), (TOKEN_KEY, token)]
+    with grpc.insecure_channel(f"127.0.0.1:{mesh.grpc_ports['feedback']}") as channel:
+        fpb_grpc.FeedbackServiceStub(channel).RecordPrediction(fpb.RecordPredictionRequest(predictions=[
+            fpb.Prediction(prediction_id=prediction_id, account_id=account, session_id="s-e2e", person_id="p1",
+                           probabilities={"p1": 0.7, "p2": 0.3}, model_variant="kmeans", model_version=1,
+                           ts=float_to_ts(time.time() - 600), household_size=2)]),
+            metadata=metadata, timeout=10)
+
+
+def test_feedback_calibration_and_flags_over_http(client, mesh):
+    _log_prediction(mesh, "e2e-pred-1", "e2e-fb-acc")
+    body = {"feedback_id": "e2e-fb-1", "prediction_id": "e2e-pred-1", "kind": "explicit_correct",
+            "true_person_id": "p2", "ts": "2026-01-01T00:00:00Z"}
+    first = client.post("/v1/feedback", json=body)
+    assert first.status_code == 200, first.text
+    assert first.json() == {"duplicate": False, "weight": 1.0}
+    assert client.post("/v1/feedback", json=body).json()["duplicate"] is True
+
+    missing = client.post("/v1/feedback", json={**body, "feedback_id": "e2e-fb-2", "prediction_id": "nope"})
+    assert missing.status_code == 404 and missing.json()["error"]["field"] == "prediction_id"
+    no_person = client.post("/v1/feedback", json={**body, "feedback_id": "e2e-fb-3", "true_person_id": None})
+    assert no_person.status_code == 422 and no_person.json()["error"]["field"] == "true_person_id"
+
+    calibration = client.get("/v1/calibration", params={"group_by": "variant", "bins": 5})
+    assert calibration.status_code == 200, calibration.text
+    groups = {g["group"]: g for g in calibration.json()["groups"]}
+    assert groups["kmeans"]["n"] >= 1 and groups["kmeans"]["bins"]
+    assert client.get("/v1/calibration", params={"group_by": "country"}).status_code == 422
+
+    put = client.put("/v1/experiment", json={"traffic": {"kmeans": 60, "gmm": 40}, "kill_switch": False,
+                                             "reason": "e2e split"})
+    assert put.status_code == 200, put.text
+    version = put.json()["version"]
+    bad = client.put("/v1/experiment", json={"traffic": {"kmeans": 60, "gmm": 30}, "kill_switch": False,
+                                             "reason": "does not sum to 100"})
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "traffic"
+    killed = client.put("/v1/experiment", json={"kill_switch": True, "reason": "e2e kill switch"})
+    assert killed.json()["version"] == version + 1
+    experiment = client.get("/v1/experiment", params={"account_id": "e2e-fb-acc"}).json()
+    assert experiment["kill_switch"] is True and experiment["variant"] == "kmeans"
+    assert experiment["traffic"] == {"kmeans": 60.0, "gmm": 40.0}
+    client.put("/v1/experiment", json={"kill_switch": False, "reason": "e2e done"})

@@ -1,0 +1,97 @@
+"""The attribution service over real in-process servers: person-level journeys use the
+clustering service's assignments, so each person's conversions credit that person's
+channels; account-level journeys mix them."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+
+from hearth.attribution.v1 import attribution_pb2 as apb
+from hearth.attribution.v1 import attribution_pb2_grpc as apb_grpc
+from services.clustering.domain.events import ViewingEvent
+from services.clustering.store import ClusteringStore
+from services.common.errors import ERROR_FIELD_KEY
+from services.common.pbutil import float_to_ts
+from services.common.storage.sql import SqliteDatabase
+from tests.conftest import ADMIN
+
+T0 = time.time() - 10 * 86400
+ACC = "acc-att"
+
+
+def _watch(store: ClusteringStore, device: str, start: float, person: str) -> None:
+    events = [ViewingEvent(f"{device}-{start}-{i}", ACC, device, "tv" if device == "tv" else "mobile",
+                           start + i * 60, "heartbeat", f"t{i}", duration_s=60.0) for i in range(5)]
+    store.ingest(events)
+    session = next(s for s in store.household(ACC).sessions if s.device_id == device and s.start_ts == start)
+    store.set_persons(ACC, {session.session_id: person}, {session.session_id: {person: 0.95,
+                                                                                "p2" if person == "p1" else "p1": 0.05}})
+
+
+@pytest.fixture
+def stubs(start_service, tmp_path):
+    clustering, _ = start_service("clustering")
+    store = ClusteringStore(SqliteDatabase(tmp_path / "clustering" / "clustering.db"))
+    # p1 watches on the TV in the evenings; p2 on the phone in the mornings.
+    for day in range(5):
+        _watch(store, "tv", T0 + day * 86400 + 20 * 3600, "p1")
+        _watch(store, "phone", T0 + day * 86400 + 8 * 3600, "p2")
+    _, channel = start_service("attribution", clustering_addr=f"127.0.0.1:{clustering.port}")
+    return apb_grpc.AttributionServiceStub(channel)
+
+
+def _tp(i, device, ts, channel):
+    return apb.Touchpoint(touchpoint_id=f"tp{i}", account_id=ACC, device_id=device, ts=float_to_ts(ts),
+                          channel=channel, campaign="c")
+
+
+def test_person_level_credit_follows_each_persons_channels(stubs):
+    touches, conversions = [], []
+    for day in range(5):
+        base = T0 + day * 86400
+        touches.append(_tp(f"tv{day}", "tv", base + 20 * 3600 + 30, "tv_ad"))
+        touches.append(_tp(f"ph{day}", "phone", base + 8 * 3600 + 30, "social"))
+        conversions.append(apb.Conversion(conversion_id=f"c-tv-{day}", account_id=ACC,
+                                          ts=float_to_ts(base + 20 * 3600 + 200), kind="subscribe",
+                                          value=10.0, device_id="tv"))
+    md = ADMIN.metadata()
+    assert stubs.RecordTouchpoints(apb.RecordTouchpointsRequest(touchpoints=touches), metadata=md).accepted == 10
+    assert stubs.RecordConversions(apb.RecordConversionsRequest(conversions=conversions), metadata=md).accepted == 5
+    response = stubs.Attribute(apb.AttributeRequest(account_ids=[ACC], method=apb.METHOD_MARKOV,
+                                                    lookback_seconds=2 * 86400), metadata=md)
+    by_scope = {(r.scope, r.person_id): r for r in response.results}
+    household = {c.channel: c.conversions for c in by_scope[("household", "")].credit.channels}
+    assert household["social"] > 0.5        # account level: phone ads of p2 get credit for p1's conversions
+    p1 = {c.channel: c.conversions for c in by_scope[("person", "p1")].credit.channels}
+    assert p1.get("tv_ad", 0) == pytest.approx(by_scope[("person", "p1")].total_conversions)
+    assert p1.get("social", 0.0) == pytest.approx(0.0, abs=1e-9)
+    assert sum(c.conversions for c in by_scope[("person", "p1")].credit.channels) == pytest.approx(4.75)
+    baselines = {b.method for b in by_scope[("household", "")].baselines}
+    assert baselines == {"first_touch", "last_touch", "linear"}
+
+
+def test_attribute_validates_fields(stubs):
+    with pytest.raises(grpc.RpcError) as info:
+        stubs.Attribute(apb.AttributeRequest(markov_order=7), metadata=ADMIN.metadata())
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(info.value.trailing_metadata())[ERROR_FIELD_KEY] == "markov_order"
+    with pytest.raises(grpc.RpcError) as info:
+        stubs.Attribute(apb.AttributeRequest(repeats="squash"), metadata=ADMIN.metadata())
+    assert dict(info.value.trailing_metadata())[ERROR_FIELD_KEY] == "repeats"
+
+
+def test_erase_person_removes_their_touchpoints(stubs):
+    md = ADMIN.metadata()
+    stubs.RecordTouchpoints(apb.RecordTouchpointsRequest(touchpoints=[
+        _tp("a", "tv", T0 + 20 * 3600 + 30, "tv_ad"), _tp("b", "phone", T0 + 8 * 3600 + 30, "social")]), metadata=md)
+    from hearth.common.v1 import common_pb2
+
+    result = stubs.Erase(apb.EraseRequest(scope=common_pb2.ErasureScope(account_id=ACC, person_id="p2")),
+                         metadata=md).result
+    assert dict(result.deleted_counts) == {"touchpoints": 1}
+    again = stubs.Erase(apb.EraseRequest(scope=common_pb2.ErasureScope(account_id=ACC, person_id="p2")),
+                        metadata=md).result
+    assert again.already_erased
