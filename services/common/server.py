@@ -25,7 +25,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from services.common import identity, permissions, telemetry, tls
+from services.common import audit, identity, permissions, telemetry, tls
 from services.common.errors import ERROR_CODE_KEY, ERROR_FIELD_KEY, HearthError, status_for
 
 log = logging.getLogger("hearth.server")
@@ -92,6 +92,7 @@ class HearthInterceptor(grpc.ServerInterceptor):
                                                  "rpc.service": method.split("/")[1]})
             ctx_token = otel_context.attach(trace.set_span_in_context(span, parent))
             principal_token = None
+            principal = None
 
             def finish(code: grpc.StatusCode) -> None:
                 name = code.name
@@ -102,6 +103,10 @@ class HearthInterceptor(grpc.ServerInterceptor):
                     telemetry.RPC_ERRORS.labels(service, short, name).inc()
                     span.set_status(Status(StatusCode.ERROR, name))
                 span.set_attribute("rpc.grpc.status_code", code.value[0])
+                trace_ctx = span.get_span_context()
+                # The one place every RPC is audited (event type from audit.RPC_EVENTS).
+                audit.record_rpc(service, method, request, principal, metadata, code,
+                                 format(trace_ctx.trace_id, "032x") if trace_ctx.is_valid else "")
                 span.end()
 
             def code_of(context) -> grpc.StatusCode:
@@ -242,6 +247,12 @@ def run_service(name: str, build: Callable) -> None:
 
     settings = config.load(service_name=name)
     servicers, closers = build(settings)
+    if not audit.installed():
+        # Every service audits through privacy's AppendAudit (the privacy service
+        # installs its local, durable sink in build()). Flushed after the server stops.
+        sink = audit.sink_for_service(name, settings.privacy_addr, settings.peer_timeout_s)
+        audit.install(sink)
+        closers = [sink.close, *closers]
 
     def register(server: grpc.Server) -> list[str]:
         for add, servicer, _ in servicers:

@@ -1,0 +1,39 @@
+"""The `hearth` command: one entry point over each service's command-line tools.
+
+    hearth attribute PATHS.csv [--order K] [--method ...]     (attribution)
+    hearth verify-receipt RECEIPT [--public-key FILE]         (privacy)
+    hearth audit verify EXPORT.jsonl --public-key FILE        (privacy)
+    hearth report calibration --input X.jsonl --output DIR    (feedback)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from services.attribution import cli as attribution_cli
+from services.feedback import cli as feedback_cli
+from services.privacy import cli as privacy_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hearth", description="Hearth command-line tools")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for module in (attribution_cli, privacy_cli, feedback_cli):
+        module.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run = getattr(args, "func", None) or getattr(args, "handler")
+    try:
+        return int(run(args))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,647 @@
+"""The audit CLIENT every service and the gateway use: ``AuditSink``.
+
+Who writes what
+---------------
+* Every RPC is audited in ONE place, the server interceptor (``server.py``), which
+  calls ``record_rpc`` after the call with the status; ``RPC_EVENTS`` below is the one
+  table from full gRPC method to audit event type.
+* The gateway records refused HTTP requests (authentication failures, permission
+  denials) through ``security_listener`` (hooked on ``identity.add_security_listener``).
+* Domain code records its own events (deletion completed/failed, retention purge, key
+  rotation, ...) with ``audit.record(event_type, resource, outcome, details)``; principal,
+  role and trace id come from the current context (the RPC's principal, else the
+  process's service principal; the current OpenTelemetry span).
+
+Delivery and its loss window
+----------------------------
+``record`` never blocks on I/O: it validates, freezes ``details`` to JSON and puts the
+record on a bounded in-memory queue (``max_queue``); a background thread sends batches
+of up to ``max_batch`` records, at most ``max_delay_s`` after the first one queued, to
+the privacy service's ``AppendAudit`` (or, inside the privacy service, straight to the
+local durable log: no self-RPC). AppendAudit is durable when it returns, and every
+record carries a ``record_id`` so a retried batch is not appended twice; failed sends
+are retried with exponential backoff (``max_attempts``). What can be lost:
+
+* records still queued (not yet acknowledged) when a process crashes or is killed
+  with SIGKILL: at most ``max_delay_s`` worth of records in normal operation, more while
+  the privacy service is unreachable (up to the queue bound);
+* records refused when the queue is full or after ``max_attempts`` failed sends.
+
+Every loss is counted: ``hearth_audit_records_dropped_total{component,reason}``. A
+clean shutdown (SIGTERM) flushes the queue (``close``) after the server has stopped.
+Code that must not proceed unless its audit record is durable (none today) should
+call ``AppendAudit`` synchronously instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+from prometheus_client import Counter
+
+from services.common import identity, telemetry
+
+log = logging.getLogger("hearth.audit")
+
+# ---------------------------------------------------------------------------------------
+# vocabulary (the same names as services.privacy.domain.audit; a test keeps them equal)
+# ---------------------------------------------------------------------------------------
+
+ASSIGN = "assign"
+INGEST = "ingest"
+READ_HOUSEHOLD = "read_household"
+EXPORT = "export"
+ATTRIBUTION_RUN = "attribution_run"
+DELETION_REQUESTED = "deletion_requested"
+DELETION_COMPLETED = "deletion_completed"
+DELETION_FAILED = "deletion_failed"
+CONSENT_CHANGE = "consent_change"
+RETENTION_PURGE = "retention_purge"
+AUTHENTICATION_FAILURE = "authentication_failure"
+PERMISSION_DENIED = "permission_denied"
+KEY_ROTATION = "key_rotation"
+KEY_DESTROYED = "key_destroyed"
+FLAG_CHANGE = "flag_change"
+MODEL_REFIT = "model_refit"
+FEEDBACK = "feedback"
+SECURITY_ALERT = "security_alert"
+RECEIPT_VERIFIED = "receipt_verified"
+AUDIT_EXPORT = "audit_export"
+
+EVENT_TYPES = frozenset({
+    ASSIGN, INGEST, READ_HOUSEHOLD, EXPORT, ATTRIBUTION_RUN, DELETION_REQUESTED,
+    DELETION_COMPLETED, DELETION_FAILED, CONSENT_CHANGE, RETENTION_PURGE,
+    AUTHENTICATION_FAILURE, PERMISSION_DENIED, KEY_ROTATION, KEY_DESTROYED, FLAG_CHANGE,
+    MODEL_REFIT, FEEDBACK, SECURITY_ALERT, RECEIPT_VERIFIED, AUDIT_EXPORT,
+})
+
+SUCCESS, FAILURE, DENIED, ERROR = "success", "failure", "denied", "error"
+OUTCOMES = frozenset({SUCCESS, FAILURE, DENIED, ERROR})
+# Accepted on input for compatibility with callers written against the first contract.
+OUTCOME_ALIASES = {"ok": SUCCESS}
+
+# An unauthenticated caller holds no role, but every entry must name one of the five.
+# It is recorded under the least-privileged role, with details.authenticated = "false"
+# and the role it claimed (if any) in details.claimed_role.
+UNAUTHENTICATED_ROLE = identity.Role.ANALYST.value
+ANONYMOUS = "anonymous"
+MAX_TEXT = 1024  # the log's limit for principal / resource / trace id
+
+# ---------------------------------------------------------------------------------------
+# THE table: full gRPC method -> event type
+# ---------------------------------------------------------------------------------------
+
+# A value is an event type, a pair (event type when OK, event type otherwise), or None
+# for "deliberately not audited" (with the reason next to it). Whatever the table says,
+# a PERMISSION_DENIED status is recorded as permission_denied and UNAUTHENTICATED as
+# authentication_failure. A test checks that every RPC of every proto is listed, so a
+# new RPC cannot escape the audit log by omission.
+_CLU, _ATT = "/hearth.clustering.v1.ClusteringService/", "/hearth.attribution.v1.AttributionService/"
+_PRI, _FEE = "/hearth.privacy.v1.PrivacyService/", "/hearth.feedback.v1.FeedbackService/"
+_ERASE = (DELETION_COMPLETED, DELETION_FAILED)
+
+RPC_EVENTS: dict[str, str | tuple[str, str] | None] = {
+    _CLU + "IngestEvents": INGEST,
+    _CLU + "AssignSession": ASSIGN,
+    _CLU + "AssignSessions": ASSIGN,
+    _CLU + "GetHousehold": READ_HOUSEHOLD,
+    _CLU + "Refit": MODEL_REFIT,
+    _CLU + "ResolvePersons": READ_HOUSEHOLD,   # who watched on which device: household data
+    _CLU + "Erase": _ERASE,
+    _CLU + "ExportAccount": READ_HOUSEHOLD,    # one part of a privacy ExportHousehold
+    _ATT + "RecordTouchpoints": INGEST,
+    _ATT + "RecordConversions": INGEST,
+    _ATT + "Attribute": ATTRIBUTION_RUN,
+    _ATT + "Erase": _ERASE,
+    _ATT + "ExportAccount": READ_HOUSEHOLD,
+    _PRI + "RequestDeletion": DELETION_REQUESTED,
+    _PRI + "GetDeletion": None,                # job status, no personal data
+    _PRI + "VerifyReceipt": RECEIPT_VERIFIED,
+    _PRI + "ExportHousehold": EXPORT,
+    _PRI + "SetConsent": CONSENT_CHANGE,
+    _PRI + "GetConsent": None,                 # read by services on every write they audit already
+    _PRI + "AppendAudit": None,                # the log itself: auditing it would recurse
+    _PRI + "QueryAudit": AUDIT_EXPORT,         # reads of the audit log ARE audited
+    _PRI + "GetAuditProof": AUDIT_EXPORT,
+    _PRI + "VerifyAudit": AUDIT_EXPORT,
+    _FEE + "RecordPrediction": INGEST,
+    _FEE + "RecordFeedback": FEEDBACK,
+    _FEE + "GetCalibration": None,             # aggregates over all households, no household data
+    _FEE + "GetExperiment": None,              # the split and aggregate results
+    _FEE + "SetFlag": FLAG_CHANGE,
+    _FEE + "Erase": _ERASE,
+    _FEE + "ExportAccount": READ_HOUSEHOLD,
+}
+
+# Status -> outcome: the caller was refused / the request was wrong or the state did not
+# allow it / the service failed.
+_DENIED_CODES = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED})
+_FAILURE_CODES = frozenset({
+    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ABORTED, grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED,
+})
+
+DROPPED = Counter("hearth_audit_records_dropped_total",
+                  "Audit records that were never acknowledged by the audit log",
+                  ["component", "reason"])
+SENT = Counter("hearth_audit_records_sent_total",
+               "Audit records acknowledged (durable) by the audit log", ["component"])
+
+
+def outcome_for(code: grpc.StatusCode) -> str:
+    if code == grpc.StatusCode.OK:
+        return SUCCESS
+    if code in _DENIED_CODES:
+        return DENIED
+    if code in _FAILURE_CODES:
+        return FAILURE
+    return ERROR
+
+
+def household_resource(account_id: str) -> str:
+    return f"household:{account_id}" if account_id else ""
+
+
+# ---------------------------------------------------------------------------------------
+# records, transports, the sink
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One record on its way to the log (``seq`` is assigned by the log).
+
+    ``ts``: Unix seconds (UTC). ``details_json``: the details as a JSON object, frozen
+    when recorded. ``record_id``: idempotency key (a retried send is not appended twice).
+    """
+
+    ts: float
+    event_type: str
+    principal: str
+    role: str
+    resource: str
+    outcome: str
+    trace_id: str
+    details_json: str
+    record_id: str
+
+
+class AuditTransport(Protocol):
+    def send(self, records: Sequence[AuditRecord]) -> None:
+        """Make the records durable or raise. ``TransientAuditError`` (or a retryable
+        gRPC status) means "try again"; anything else means these records are refused."""
+
+    def close(self) -> None: ...
+
+
+class TransientAuditError(Exception):
+    """A send failed in a way that may succeed later (log unavailable)."""
+
+
+_RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
+                              grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, TransientAuditError):
+        return True
+    if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)):
+        return exc.code() in _RETRYABLE_CODES
+    # Unknown failures (e.g. a database error in the local transport) are retried too:
+    # dropping an audit record is worse than retrying a few times.
+    return not isinstance(exc, ValueError)
+
+
+def _text(value: object, name: str, *, allow_empty: bool = True) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{name}: expected a string, got {type(value).__name__}")
+    if not value and not allow_empty:
+        raise ValueError(f"{name}: must not be empty")
+    return value if len(value) <= MAX_TEXT else value[: MAX_TEXT - 1] + "…"
+
+
+def make_record(event_type: str, resource: str = "", outcome: str = SUCCESS,
+                details: Mapping[str, Any] | None = None, *,
+                principal: identity.Principal | None = None, trace_id: str | None = None,
+                ts: float | None = None, fallback_service: str = "unknown") -> AuditRecord:
+    """Validate and build a record; principal and trace id default to the current
+    context. Raises ValueError naming the argument (a programming error: audit calls
+    are written in code, not taken from requests)."""
+    if event_type not in EVENT_TYPES:
+        raise ValueError(f"event_type: {event_type!r} is not one of {sorted(EVENT_TYPES)}")
+    outcome = OUTCOME_ALIASES.get(outcome, outcome)
+    if outcome not in OUTCOMES:
+        raise ValueError(f"outcome: {outcome!r} is not one of {sorted(OUTCOMES)}")
+    if details is None:
+        details = {}
+    if not isinstance(details, Mapping):
+        raise ValueError(f"details: expected a mapping, got {type(details).__name__}")
+    try:
+        details_json = json.dumps(dict(details), sort_keys=True, separators=(",", ":"),
+                                  ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"details: not JSON-serialisable ({exc})") from None
+    if principal is None:
+        try:
+            principal = identity.current_principal()
+        except Exception:  # noqa: BLE001 - outside an RPC: the process acts as itself
+            principal = identity.service_principal(fallback_service)
+    if trace_id is None:
+        trace_id = telemetry.current_trace_id()
+    return AuditRecord(
+        ts=time.time() if ts is None else float(ts), event_type=event_type,
+        principal=_text(principal.id, "principal", allow_empty=False),
+        role=identity.Role(principal.role).value, resource=_text(resource, "resource"),
+        outcome=outcome, trace_id=_text(trace_id, "trace_id"), details_json=details_json,
+        record_id=uuid.uuid4().hex)
+
+
+class AuditSink:
+    """Asynchronous, batched, bounded audit writer (see the module docstring).
+
+    ``record(...)`` returns True when queued, False when dropped (queue full or closed).
+    ``flush(timeout_s)`` waits until every record queued before the call is sent or
+    dropped. ``close()`` flushes, then stops the thread and closes the transport.
+    """
+
+    def __init__(self, transport: AuditTransport, *, component: str, max_batch: int = 500,
+                 max_delay_s: float = 0.05, max_queue: int = 50_000, max_attempts: int = 6,
+                 backoff_s: float = 0.1, max_backoff_s: float = 2.0,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        if max_batch < 1 or max_queue < 1 or max_attempts < 1:
+            raise ValueError("max_batch, max_queue, max_attempts: must be >= 1")
+        if not max_delay_s >= 0 or not backoff_s >= 0:
+            raise ValueError("max_delay_s, backoff_s: must be >= 0")
+        self.component = component
+        self._transport = transport
+        self._max_batch = max_batch
+        self._max_delay = max_delay_s
+        self._max_attempts = max_attempts
+        self._backoff = backoff_s
+        self._max_backoff = max_backoff_s
+        self._sleep = sleep
+        self._queue: queue.Queue[AuditRecord] = queue.Queue(max_queue)
+        self._lock = threading.Condition()
+        self._accepted = 0      # records put on the queue
+        self._finished = 0      # records sent or dropped by the thread
+        self.sent = 0
+        self.dropped = 0
+        self._closed = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"audit-sink-{component}", daemon=True)
+        self._thread.start()
+
+    # -- producer side -------------------------------------------------------------------
+
+    def record(self, event_type: str, resource: str = "", outcome: str = SUCCESS,
+               details: Mapping[str, Any] | None = None, *,
+               principal: identity.Principal | None = None, trace_id: str | None = None,
+               ts: float | None = None) -> bool:
+        """Queue one audit record (never blocks on I/O). ValueError on bad arguments."""
+        return self.submit(make_record(event_type, resource, outcome, details, principal=principal,
+                                       trace_id=trace_id, ts=ts, fallback_service=self.component))
+
+    def submit(self, record: AuditRecord) -> bool:
+        if self._closed:
+            self._drop(1, "closed")
+            return False
+        with self._lock:
+            try:
+                self._queue.put_nowait(record)
+            except queue.Full:
+                full = True
+            else:
+                full = False
+                self._accepted += 1
+        if full:
+            self._drop(1, "queue_full")
+            log.warning("audit queue full: record dropped", extra={"fields": {
+                "event_type": record.event_type, "component": self.component}})
+            return False
+        return True
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until all records queued so far are sent or dropped; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            target = self._accepted
+            while self._finished < target:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._lock.wait(remaining)
+        return True
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Flush what is queued (bounded by ``timeout_s``), stop, close the transport."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self.flush(timeout_s):
+            log.warning("audit sink closed with %d records unsent", self.pending)
+        self._stop.set()
+        self._thread.join(timeout_s)
+        try:
+            self._transport.close()
+        except Exception:  # noqa: BLE001
+            log.exception("closing the audit transport failed")
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return self._accepted - self._finished
+
+    # -- consumer side -------------------------------------------------------------------
+
+    def _drop(self, n: int, reason: str) -> None:
+        DROPPED.labels(self.component, reason).inc(n)
+        with self._lock:
+            self.dropped += n
+
+    def _finish(self, n: int) -> None:
+        with self._lock:
+            self._finished += n
+            self._lock.notify_all()
+
+    def _take_batch(self) -> list[AuditRecord]:
+        try:
+            first = self._queue.get(timeout=0.1)
+        except queue.Empty:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + self._max_delay
+        while len(batch) < self._max_batch:
+            remaining = deadline - time.monotonic()
+            try:
+                batch.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _run(self) -> None:
+        while not (self._stop.is_set() and self._queue.empty()):
+            batch = self._take_batch()
+            if batch:
+                try:
+                    self._deliver(batch)
+                finally:
+                    self._finish(len(batch))
+
+    def _deliver(self, batch: list[AuditRecord]) -> None:
+        for attempt in range(self._max_attempts):
+            try:
+                self._transport.send(batch)
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if not _is_transient(exc):
+                    self._deliver_one_by_one(batch, exc)
+                    return
+                if attempt == self._max_attempts - 1:
+                    log.error("audit batch of %d dropped after %d attempts: %s", len(batch),
+                              self._max_attempts, _describe(exc))
+                    self._drop(len(batch), "send_failed")
+                    return
+                self._sleep(min(self._max_backoff, self._backoff * (2 ** attempt)))
+            else:
+                SENT.labels(self.component).inc(len(batch))
+                with self._lock:
+                    self.sent += len(batch)
+                return
+
+    def _deliver_one_by_one(self, batch: list[AuditRecord], exc: BaseException) -> None:
+        """A batch was refused outright (e.g. INVALID_ARGUMENT): isolate the bad records
+        so one of them does not take the others down."""
+        if len(batch) == 1:
+            log.error("audit record refused and dropped: %s (%s)", _describe(exc), batch[0].event_type)
+            self._drop(1, "refused")
+            return
+        for record in batch:
+            self._deliver([record])
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)):
+        return f"{exc.code().name}: {exc.details() if callable(getattr(exc, 'details', None)) else ''}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class NullAuditSink:
+    """The sink of a process with no audit log configured (in-process tests, tools)."""
+
+    component = "none"
+    pending = 0
+
+    def record(self, *args, **kwargs) -> bool:
+        make_record(*args, **kwargs)  # still validate: a bad call should fail in tests too
+        return False
+
+    def submit(self, record: AuditRecord) -> bool:
+        return False
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        return True
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        pass
+
+
+class MemoryAuditTransport:
+    """Keeps sent records in a list (tests, tools)."""
+
+    def __init__(self) -> None:
+        self.records: list[AuditRecord] = []
+        self._lock = threading.Lock()
+
+    def send(self, records: Sequence[AuditRecord]) -> None:
+        with self._lock:
+            self.records.extend(records)
+
+    def close(self) -> None:
+        pass
+
+
+class GrpcAuditTransport:
+    """AppendAudit on the privacy service, as the process's service principal (the
+    records carry the principals they are about). Idempotent by record_id, so the
+    sink's retries cannot duplicate entries."""
+
+    def __init__(self, address: str, component: str, timeout_s: float = 5.0) -> None:
+        from hearth.privacy.v1 import privacy_pb2_grpc
+        from services.common.client import peer_channel
+
+        self._channel = peer_channel(address, component, timeout_s)
+        self._stub = privacy_pb2_grpc.PrivacyServiceStub(self._channel)
+        self._as = identity.service_principal(component)
+        self._timeout = timeout_s
+
+    def send(self, records: Sequence[AuditRecord]) -> None:
+        request = to_append_request(records)
+        with identity.acting_as(self._as):
+            self._stub.AppendAudit(request, timeout=self._timeout)
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+def to_append_request(records: Sequence[AuditRecord]):
+    from hearth.common.v1 import common_pb2
+    from hearth.privacy.v1 import privacy_pb2
+    from services.common.pbutil import float_to_ts
+
+    out = privacy_pb2.AppendAuditRequest()
+    for r in records:
+        out.records.append(privacy_pb2.AuditRecord(
+            ts=float_to_ts(r.ts), event_type=r.event_type,
+            principal=common_pb2.Principal(id=r.principal,
+                                           role=common_pb2.Role.Value("ROLE_" + r.role.upper())),
+            resource=r.resource, outcome=r.outcome, trace_id=r.trace_id,
+            details_json=r.details_json, record_id=r.record_id))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# the process-wide sink (one mechanism: install() at start, sink() everywhere)
+# ---------------------------------------------------------------------------------------
+
+_sink: AuditSink | NullAuditSink = NullAuditSink()
+_sink_lock = threading.Lock()
+
+
+def install(new_sink: AuditSink | NullAuditSink | None) -> AuditSink | NullAuditSink:
+    """Make ``new_sink`` the process's audit sink (None: the null sink); returns the
+    previous one (not closed: the caller owns it)."""
+    global _sink
+    with _sink_lock:
+        previous, _sink = _sink, new_sink if new_sink is not None else NullAuditSink()
+    return previous
+
+
+def sink() -> AuditSink | NullAuditSink:
+    return _sink
+
+
+def installed() -> bool:
+    return not isinstance(_sink, NullAuditSink)
+
+
+def record(event_type: str, resource: str = "", outcome: str = SUCCESS,
+           details: Mapping[str, Any] | None = None, **kwargs) -> bool:
+    """``sink().record(...)``: the one call domain code uses to audit an action.
+
+    Example (deletion engineer)::
+
+        audit.record(audit.DELETION_COMPLETED, audit.household_resource(job.account_id),
+                     details={"job_id": job.id, "receipt_id": rid, "records": n})
+    """
+    return _sink.record(event_type, resource, outcome, details, **kwargs)
+
+
+def sink_for_service(component: str, privacy_addr: str, timeout_s: float = 5.0) -> AuditSink:
+    """The standard sink of a service or the gateway: batched AppendAudit to privacy."""
+    return AuditSink(GrpcAuditTransport(privacy_addr, component, timeout_s), component=component)
+
+
+# ---------------------------------------------------------------------------------------
+# helpers for the interceptor and the gateway
+# ---------------------------------------------------------------------------------------
+
+def _resource_of(request: object) -> str:
+    """``household:<account_id>`` from a request's ``account_id`` or ``scope.account_id``;
+    "" for streams and requests about several households."""
+    descriptor = getattr(request, "DESCRIPTOR", None)
+    if descriptor is None:
+        return ""
+    fields = descriptor.fields_by_name
+    if "account_id" in fields:
+        return household_resource(getattr(request, "account_id"))
+    if "scope" in fields and request.HasField("scope"):
+        scope = request.scope
+        if "account_id" in scope.DESCRIPTOR.fields_by_name:
+            return household_resource(scope.account_id)
+    if "account_ids" in fields:
+        ids = set(getattr(request, "account_ids"))
+        if len(ids) == 1:
+            return household_resource(next(iter(ids)))
+    return ""
+
+
+def _claimed(metadata) -> tuple[str, str]:
+    values = dict((k, v) for k, v in (metadata or ()) if isinstance(v, str))
+    pid, role = values.get(identity.PRINCIPAL_KEY, ""), values.get(identity.ROLE_KEY, "")
+    pid = pid if identity.valid_principal_id(pid) else ""
+    role = role if role in identity.Role._value2member_map_ else ""
+    return pid, role
+
+
+def event_for(method: str, code: grpc.StatusCode) -> str | None:
+    """The event type of a finished RPC, or None when it is not audited."""
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return PERMISSION_DENIED
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return AUTHENTICATION_FAILURE
+    spec = RPC_EVENTS.get(method)
+    if spec is None:
+        return None
+    if isinstance(spec, tuple):
+        return spec[0] if code == grpc.StatusCode.OK else spec[1]
+    return spec
+
+
+def record_rpc(component: str, method: str, request: object,
+               principal: identity.Principal | None, metadata, code: grpc.StatusCode,
+               trace_id: str) -> None:
+    """Called by the server interceptor after every RPC. Never raises: auditing must not
+    change the outcome of the call it describes."""
+    if not installed():
+        return
+    try:
+        event_type = event_for(method, code)
+        if event_type is None:
+            return
+        details: dict[str, str] = {"rpc": method.lstrip("/"), "code": code.name, "component": component}
+        if principal is None:
+            pid, role = _claimed(metadata)
+            principal = identity.Principal(pid or ANONYMOUS, identity.Role(UNAUTHENTICATED_ROLE))
+            details["authenticated"] = "false"
+            details["claimed_role"] = role
+        _sink.record(event_type, _resource_of(request), outcome_for(code), details,
+                     principal=principal, trace_id=trace_id)
+    except Exception:  # noqa: BLE001
+        log.exception("auditing %s failed", method)
+
+
+def security_listener(component: str) -> Callable[[identity.SecurityEvent], None]:
+    """A listener for ``identity.add_security_listener`` that records authentication
+    failures and permission denials of ``component`` (the gateway: refusals that never
+    reach a service). Rate-limit refusals are counted in metrics, not audited."""
+
+    def listener(event: identity.SecurityEvent) -> None:
+        if event.component != component:
+            return
+        if event.kind == "authentication_failed":
+            event_type = AUTHENTICATION_FAILURE
+        elif event.kind == "permission_denied":
+            event_type = PERMISSION_DENIED
+        else:
+            return
+        details = {"reason": event.reason, "target": event.target, "component": component}
+        if event.principal_id and event.role and event.kind == "permission_denied":
+            principal = identity.Principal(event.principal_id, identity.Role(event.role))
+        else:
+            principal = identity.Principal(event.principal_id or ANONYMOUS,
+                                           identity.Role(UNAUTHENTICATED_ROLE))
+            details["authenticated"] = "false"
+            details["claimed_role"] = event.role
+        _sink.record(event_type, f"route:{event.target}" if event.target else "", DENIED, details,
+                     principal=principal)
+
+    return listener

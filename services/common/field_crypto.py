@@ -1,0 +1,195 @@
+"""Encryption of sensitive fields at rest: ``FieldCipher``, used by the stores.
+
+Each household (account) has its own AES-256 data key (DEK), versioned, held by the
+privacy service wrapped under a master key (KEK). A store asks for the DEK through
+privacy's ``GetDataKey`` (service principals only), keeps it in memory for at most
+``ttl_s`` (default 60 s, never on disk) and encrypts each sensitive field with
+AES-256-GCM. Formats — identical to ``services.privacy.domain.crypto.KeyRing``
+(docs/privacy.md §3), so the privacy service's key ring can read any store's blobs:
+
+    blob = 0x01 || dek_version (4 bytes, big-endian) || nonce (12) || AES-256-GCM(pt)
+    AAD  = b"hearth-field-v1" 0x00 json([account_id, field, dek_version])
+
+The AAD binds a ciphertext to its household and column: a blob copied to another
+household or field does not decrypt. TEXT columns hold ``"enc1:" + base64(blob)``
+(``encrypt_text``), so the schemas stay unchanged on SQLite and PostgreSQL.
+
+Crypto-shredding: a household deletion destroys the DEK in the privacy service; a store
+calls ``forget(account_id)`` in its Erase so this process drops its copy at once, and
+any other replica's copy expires within ``ttl_s``. After that, every ciphertext of the
+household — including copies in backups — is unreadable.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from services.common.errors import FailedPrecondition, HearthError, InvalidArgument, NotFound, Unavailable
+
+BLOB_VERSION = 1
+NONCE_BYTES = 12
+TAG_BYTES = 16
+HEADER_BYTES = 1 + 4 + NONCE_BYTES
+TEXT_PREFIX = "enc1:"
+DEFAULT_TTL_S = 60.0
+
+# fetch(account_id, dek_version) -> (dek_version, 32-byte key); dek_version 0 = newest
+# (the authority creates the household's first key on demand).
+KeyFetcher = Callable[[str, int], tuple[int, bytes]]
+
+
+class FieldDecryptionError(HearthError):
+    """A stored ciphertext does not authenticate (altered bytes, wrong household or
+    column, or a key that is not the one it was written with)."""
+
+    code = "internal"
+
+
+def field_aad(account_id: str, field: str, dek_version: int) -> bytes:
+    return b"hearth-field-v1\x00" + json.dumps([account_id, field, dek_version],
+                                                separators=(",", ":")).encode("utf-8")
+
+
+def encrypted_length(plaintext_length: int) -> int:
+    return HEADER_BYTES + plaintext_length + TAG_BYTES
+
+
+class FieldCipher:
+    """Encrypt/decrypt one field of one household (see module docstring).
+
+    Thread-safe; keys are cached per (account, version) for at most ``ttl_s``."""
+
+    def __init__(self, fetch_key: KeyFetcher, *, ttl_s: float = DEFAULT_TTL_S,
+                 clock: Callable[[], float] = time.monotonic, close: Callable[[], None] | None = None) -> None:
+        if not 0 < ttl_s <= DEFAULT_TTL_S:
+            raise ValueError(f"ttl_s: must be in (0, {DEFAULT_TTL_S}] seconds")
+        self._fetch = fetch_key
+        self._ttl = float(ttl_s)
+        self._clock = clock
+        self._close = close
+        # (account, version) -> (fetched_at, cipher); version 0 caches "newest".
+        self._keys: dict[tuple[str, int], tuple[float, int, AESGCM]] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def remote(cls, privacy_addr: str, calling_service: str, *, timeout_s: float = 5.0,
+               ttl_s: float = DEFAULT_TTL_S) -> "FieldCipher":
+        """Keys from the privacy service's ``GetDataKey``, as ``svc:<calling_service>``."""
+        from hearth.privacy.v1 import privacy_pb2, privacy_pb2_grpc
+        from services.common import identity
+        from services.common.client import call_idempotent, peer_channel
+
+        channel = peer_channel(privacy_addr, calling_service, timeout_s)
+        stub = privacy_pb2_grpc.PrivacyServiceStub(channel)
+        me = identity.service_principal(calling_service)
+
+        def fetch(account_id: str, version: int) -> tuple[int, bytes]:
+            request = privacy_pb2.GetDataKeyRequest(account_id=account_id, dek_version=version)
+            try:
+                with identity.acting_as(me):
+                    r = call_idempotent(lambda: stub.GetDataKey(request, timeout=timeout_s))
+            except grpc.RpcError as exc:
+                raise _error_from_rpc(exc) from None
+            return int(r.dek_version), bytes(r.dek)
+
+        return cls(fetch, ttl_s=ttl_s, close=channel.close)
+
+    # ---- keys ------------------------------------------------------------------------
+
+    def _key(self, account_id: str, version: int) -> tuple[int, AESGCM]:
+        now = self._clock()
+        with self._lock:
+            hit = self._keys.get((account_id, version))
+        if hit is not None and now - hit[0] < self._ttl:
+            return hit[1], hit[2]
+        got_version, key = self._fetch(account_id, version)
+        if len(key) != 32 or got_version < 1 or (version and got_version != version):
+            raise HearthError(f"data key service returned an unusable key for {account_id!r}", "account_id")
+        cipher = AESGCM(key)
+        with self._lock:
+            self._keys[(account_id, version)] = (now, got_version, cipher)
+            self._keys[(account_id, got_version)] = (now, got_version, cipher)
+        return got_version, cipher
+
+    def forget(self, account_id: str) -> None:
+        """Drop every cached key of the household (called by a store's Erase)."""
+        with self._lock:
+            for k in [k for k in self._keys if k[0] == account_id]:
+                del self._keys[k]
+
+    def forget_all(self) -> None:
+        with self._lock:
+            self._keys.clear()
+
+    def close(self) -> None:
+        self.forget_all()
+        if self._close is not None:
+            self._close()
+
+    # ---- bytes -----------------------------------------------------------------------
+
+    def encrypt(self, account_id: str, field: str, plaintext: bytes) -> bytes:
+        if not isinstance(plaintext, (bytes, bytearray, memoryview)):
+            raise InvalidArgument(f"expected bytes, got {type(plaintext).__name__}", field)
+        version, cipher = self._key(account_id, 0)
+        nonce = os.urandom(NONCE_BYTES)
+        body = cipher.encrypt(nonce, bytes(plaintext), field_aad(account_id, field, version))
+        return bytes([BLOB_VERSION]) + version.to_bytes(4, "big") + nonce + body
+
+    def decrypt(self, account_id: str, field: str, blob: bytes) -> bytes:
+        blob = bytes(blob)
+        if len(blob) < HEADER_BYTES + TAG_BYTES or blob[0] != BLOB_VERSION:
+            raise FieldDecryptionError(f"stored {field} of {account_id!r} is not an encrypted field", field)
+        version = int.from_bytes(blob[1:5], "big")
+        _, cipher = self._key(account_id, version)
+        try:
+            return cipher.decrypt(blob[5:HEADER_BYTES], blob[HEADER_BYTES:],
+                                  field_aad(account_id, field, version))
+        except InvalidTag:
+            raise FieldDecryptionError(f"stored {field} of {account_id!r} does not authenticate", field) from None
+
+    # ---- TEXT columns ----------------------------------------------------------------
+
+    def encrypt_text(self, account_id: str, field: str, value: str | None) -> str | None:
+        """``"enc1:" + base64(blob)`` of the UTF-8 text; None stays None (NULL column)."""
+        if value is None:
+            return None
+        blob = self.encrypt(account_id, field, value.encode("utf-8"))
+        return TEXT_PREFIX + base64.b64encode(blob).decode("ascii")
+
+    def decrypt_text(self, account_id: str, field: str, stored: str | None) -> str | None:
+        """Inverse of ``encrypt_text``. A value without the prefix was written before
+        encryption was enabled and is returned as is."""
+        if stored is None or not stored.startswith(TEXT_PREFIX):
+            return stored
+        return self.decrypt(account_id, field, base64.b64decode(stored[len(TEXT_PREFIX):])).decode("utf-8")
+
+    def decrypt_vector(self, account_id: str, field: str, stored: bytes) -> bytes:
+        """Decrypt a float32 vector column. Plain float32 bytes (length a multiple of 4)
+        were written before encryption was enabled; a blob's length is 4k + 33, never a
+        multiple of 4, so the two cannot be confused."""
+        stored = bytes(stored)
+        if len(stored) % 4 == 0:
+            return stored
+        return self.decrypt(account_id, field, stored)
+
+
+def _error_from_rpc(exc: grpc.RpcError) -> HearthError:
+    code = exc.code() if isinstance(exc.code(), grpc.StatusCode) else None
+    details = exc.details() or "data key service error"
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return FailedPrecondition(details, "account_id")
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFound(details, "account_id")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return Unavailable("data key service unavailable", "account_id")
+    return HearthError(f"data key service: {details}", "account_id")

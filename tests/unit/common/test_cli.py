@@ -1,0 +1,31 @@
+"""The `hearth` entry point dispatches to each service's tools."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from services.cli import build_parser, main
+
+
+def test_every_subcommand_is_registered():
+    choices = build_parser()._subparsers._group_actions[0].choices
+    assert {"attribute", "verify-receipt", "audit", "report"} <= set(choices)
+
+
+def test_attribute_through_the_hearth_command(tmp_path: Path, capsys):
+    paths = tmp_path / "paths.csv"
+    paths.write_text("path;total_conversions;total_conversion_value;total_null\n"
+                     "a > b;2;10;1\nb;1;5;3\n")
+    assert main(["attribute", str(paths), "--method", "shapley", "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    credit = {c["channel"]: c["conversions"] for c in out["channels"]}
+    assert credit == {"a": 1.0, "b": 2.0}   # a>b's 2 conversions split evenly, b's 1 to b
+
+
+def test_installed_console_script_runs():
+    script = Path(sys.executable).with_name("hearth")
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "attribute" in result.stdout
