@@ -7,7 +7,7 @@ Prints progress on stderr and ONE JSON object as the last stdout line (keys of
 
 * Speed/memory: a path file of ``rows`` paths over 15 channels is generated once;
   each (library, order) runs in a FRESH subprocess (so peak RSS is that run's own,
-  measured with ``resource.getrusage``) ``repeats`` times; times are medians.
+  measured as VmHWM from /proc/self/status) ``repeats`` times; times are medians.
   ``order1_s``/``order3_s`` are end to end from the file (Hearth: read_paths +
   markov_attribution; ChannelAttribution: pandas.read_csv + markov_model at its
   defaults); ``*_model_s`` exclude reading.
@@ -45,6 +45,19 @@ def log(msg: str) -> None:
 
 
 def rss_mb() -> float:
+    """Peak RSS of THIS process image in MB.
+
+    /proc's VmHWM belongs to the current address space; ru_maxrss is not usable in a
+    child started by vfork+exec because Linux carries the parent's high-water mark
+    across execve into it (both peers then showed the parent's peak).
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

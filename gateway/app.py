@@ -22,9 +22,11 @@ from gateway.config import GatewaySettings
 from gateway.errors import error_response, from_hearth_error, from_rpc_error
 from gateway.ratelimit import install_request_limits
 from gateway.routes import attribution as attribution_routes
+from gateway.routes import audit as audit_routes
 from gateway.routes import clustering as clustering_routes
 from gateway.routes import feedback as feedback_routes
-from services.common import telemetry
+from gateway.routes import privacy as privacy_routes
+from services.common import audit, identity, telemetry
 from services.common.errors import HearthError
 from services.common.identity import Principal
 from services.common.permissions import authorize_route
@@ -47,9 +49,17 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         await clients.start()
+        # Refused requests (401/403 decided here, never reaching a service) go to the
+        # audit log; every RPC is audited by the services themselves.
+        audit_sink = audit.sink_for_service("gateway", settings.privacy_addr, settings.rpc_timeout_s)
+        audit.install(audit_sink)
+        remove_listener = identity.add_security_listener(audit.security_listener("gateway"))
         yield
         await clients.close()
         await limiter.close()
+        remove_listener()
+        audit.install(None)
+        audit_sink.close(timeout_s=3.0)
 
     app = FastAPI(title="Hearth gateway", version="1.0.0", lifespan=lifespan,
                   description="HTTP/JSON front of the Hearth mesh. Authenticate with the "
@@ -121,7 +131,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
         return dependency
 
-    for module in (clustering_routes, attribution_routes, feedback_routes):
+    for module in (clustering_routes, attribution_routes, feedback_routes, audit_routes, privacy_routes):
         app.include_router(module.router(clients, access))
 
     @app.get("/health", response_model=models.HealthOut, responses={503: {"model": models.HealthOut}})

@@ -7,6 +7,8 @@ from services.attribution.app import AttributionApp
 from services.attribution.resolver import ClusteringResolver
 from services.attribution.servicer import SERVICE_NAME, AttributionServicer
 from services.attribution.store import AttributionStore
+from services.common.consent import ConsentChecker
+from services.common.field_crypto import FieldCipher
 from services.common.server import run_service
 from services.common.storage.cache import open_cache
 from services.common.storage.sql import open_database
@@ -16,11 +18,15 @@ NAME = "attribution"
 
 def build(settings):
     db = open_database(settings, NAME)
-    store = AttributionStore(db, open_cache(settings, NAME))
+    # Sensitive columns encrypted with the household's data key from privacy (GetDataKey).
+    cipher = FieldCipher.remote(settings.privacy_addr, NAME, timeout_s=settings.peer_timeout_s)
+    consent = ConsentChecker.remote(settings.privacy_addr, NAME, timeout_s=settings.peer_timeout_s)
+    store = AttributionStore(db, open_cache(settings, NAME), cipher=cipher)
     store.migrate()
     resolver = ClusteringResolver(settings.clustering_addr, settings.peer_timeout_s)
-    servicer = AttributionServicer(AttributionApp(store, resolver))
-    return [(pb_grpc.add_AttributionServiceServicer_to_server, servicer, SERVICE_NAME)], [db.close]
+    servicer = AttributionServicer(AttributionApp(store, resolver, consent))
+    return ([(pb_grpc.add_AttributionServiceServicer_to_server, servicer, SERVICE_NAME)],
+            [consent.close, cipher.close, db.close])
 
 
 if __name__ == "__main__":

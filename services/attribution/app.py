@@ -15,6 +15,7 @@ from services.attribution.domain.records import (
 from services.attribution.resolver import NoResolver, PersonResolver
 from services.attribution.store import AttributionStore
 from services.clustering.domain.events import check_id
+from services.common.consent import ConsentChecker
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import InvalidArgument
 
@@ -103,18 +104,37 @@ def probability_matrix(probabilities: list[dict[str, float]], columns: list[str]
 
 
 class AttributionApp:
-    def __init__(self, store: AttributionStore, resolver: PersonResolver | None = None) -> None:
+    def __init__(self, store: AttributionStore, resolver: PersonResolver | None = None,
+                 consent: ConsentChecker | None = None) -> None:
         self.store = store
         self.resolver = resolver or NoResolver()
+        # Consent (privacy service): processing AND attribution must be given; None = not
+        # enforced (unit tests). Checked after validation, before anything is stored.
+        self.consent = consent
+
+    def _require_consent(self, account_ids) -> None:
+        if self.consent is not None:
+            self.consent.require(account_ids, ("processing", "attribution"))
 
     def record_touchpoints(self, items: list[Touchpoint]) -> tuple[int, int]:
-        return self.store.record_touchpoints(validate_touchpoints(items))
+        items = validate_touchpoints(items)
+        self._require_consent(t.account_id for t in items)
+        return self.store.record_touchpoints(items)
 
     def record_conversions(self, items: list[Conversion]) -> tuple[int, int]:
-        return self.store.record_conversions(validate_conversions(items))
+        items = validate_conversions(items)
+        self._require_consent(c.account_id for c in items)
+        return self.store.record_conversions(items)
+
+    def export_account(self, account_id: str) -> str:
+        check_id(account_id, "account_id")
+        return self.store.export_account_json(account_id)
 
     def attribute(self, query: AttributeQuery) -> AttributionOutcome:
         q = validate_query(query)
+        # Explicit accounts only: a pooled query over every account is not filtered by
+        # consent (documented gap, docs/privacy.md).
+        self._require_consent(q.account_ids)
         touches, conversions = self.store.load(list(q.account_ids), q.start, q.end, q.lookback_s)
         conventions = {"repeats": q.repeats, "include_nulls": q.include_nulls,
                        "horizon": q.horizon or None}

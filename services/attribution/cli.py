@@ -88,7 +88,7 @@ def _read_with_progress(path: str, sep: str, show: bool):  # type: ignore[no-unt
         def progress(done: int, total: int) -> None:
             bar.update(done - bar.n)
 
-        return read_paths(path, sep=sep, progress=progress, chunk_bytes=4 << 20)
+        return read_paths(path, sep=sep, progress=progress)
 
 
 def _csv_text(rows: list[dict[str, Any]]) -> str:

@@ -78,3 +78,6 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
     def Erase(self, request, context) -> pb.EraseResponse:
         outcome = self.app.erase(scope_from_pb(request.scope))
         return pb.EraseResponse(result=result_to_pb("attribution", outcome))
+
+    def ExportAccount(self, request, context) -> pb.ExportAccountResponse:
+        return pb.ExportAccountResponse(json=self.app.export_account(request.account_id))

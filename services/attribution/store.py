@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 from services.attribution.domain.records import Conversion, Touchpoint
 from services.attribution.migrations import MIGRATIONS
 from services.common.erasure import ErasureOutcome, ErasureScope
+from services.common.field_crypto import FieldCipher
 from services.common.storage.cache import Cache, MemoryCache
 from services.common.storage.sql import Database, migrate
 
 
 class AttributionStore:
-    def __init__(self, db: Database, cache: Cache | None = None) -> None:
+    def __init__(self, db: Database, cache: Cache | None = None, *, cipher: FieldCipher | None = None) -> None:
         self.db = db
         self.cache = cache or MemoryCache("attribution")
+        # Encryption at rest of the sensitive column (campaign); None = plaintext (unit tests).
+        self.cipher = cipher
+
+    def _campaign_in(self, t: Touchpoint) -> str:
+        return self.cipher.encrypt_text(t.account_id, "campaign", t.campaign) if self.cipher else t.campaign
+
+    def _campaign_out(self, account_id: str, stored: str) -> str:
+        return self.cipher.decrypt_text(account_id, "campaign", stored) if self.cipher else stored
 
     def migrate(self) -> list[int]:
         return migrate(self.db, MIGRATIONS)
@@ -25,7 +35,7 @@ class AttributionStore:
             accepted = tx.executemany(
                 "INSERT INTO touchpoints (touchpoint_id, account_id, device_id, ts, channel, campaign, "
                 "person_id) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (touchpoint_id) DO NOTHING",
-                [(t.touchpoint_id, t.account_id, t.device_id, t.ts, t.channel, t.campaign, t.person_id)
+                [(t.touchpoint_id, t.account_id, t.device_id, t.ts, t.channel, self._campaign_in(t), t.person_id)
                  for t in items])
         return accepted, len(items) - accepted
 
@@ -66,7 +76,7 @@ class AttributionStore:
             tps = tx.query("SELECT touchpoint_id, account_id, device_id, ts, channel, campaign, person_id "
                            f"FROM touchpoints WHERE {' AND '.join(tp_where)} "
                            "ORDER BY account_id, ts, touchpoint_id", tp_params)
-        return ([Touchpoint(r[0], r[1], r[2], float(r[3]), r[4], r[5], r[6]) for r in tps],
+        return ([Touchpoint(r[0], r[1], r[2], float(r[3]), r[4], self._campaign_out(r[1], r[5]), r[6]) for r in tps],
                 [Conversion(r[0], r[1], float(r[2]), r[3], float(r[4]), r[5]) for r in conv])
 
     def erase(self, scope: ErasureScope, person_touchpoints: Sequence[str] = ()) -> ErasureOutcome:
@@ -107,4 +117,23 @@ class AttributionStore:
                 tx.execute(f"DELETE FROM conversions WHERE {cv_where}", cv_params)
                 outcome.add("conversions", cvs)
         self.cache.delete_prefix("attribution:" if scope.all_accounts else f"attribution:{account}")
+        if self.cipher is not None and scope.kind == "household":
+            self.cipher.forget(account)  # its data key is being destroyed (crypto-shredding)
         return outcome
+
+    def export_account(self, account_id: str) -> dict:
+        """Everything held for the account (privacy's household export), decrypted."""
+        with self.db.transaction() as tx:
+            tps = tx.query("SELECT touchpoint_id, device_id, ts, channel, campaign, person_id FROM touchpoints "
+                           "WHERE account_id = ? ORDER BY ts, touchpoint_id", (account_id,))
+            cvs = tx.query("SELECT conversion_id, ts, kind, value, device_id FROM conversions "
+                           "WHERE account_id = ? ORDER BY ts, conversion_id", (account_id,))
+        return {
+            "touchpoints": [{"touchpoint_id": r[0], "device_id": r[1], "ts": float(r[2]), "channel": r[3],
+                             "campaign": self._campaign_out(account_id, r[4]), "person_id": r[5]} for r in tps],
+            "conversions": [{"conversion_id": r[0], "ts": float(r[1]), "kind": r[2], "value": float(r[3]),
+                             "device_id": r[4]} for r in cvs],
+        }
+
+    def export_account_json(self, account_id: str) -> str:
+        return json.dumps(self.export_account(account_id), sort_keys=True, ensure_ascii=False)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from services.clustering.domain.events import ViewingEvent, check_id
 from services.clustering.store import ClusteringStore, HouseholdView, IngestResult
+from services.common.consent import ConsentChecker
 from services.common.erasure import ErasureOutcome, ErasureScope
 
 
@@ -19,11 +20,24 @@ class HouseholdExtras:
 
 
 class ClusteringApp:
-    def __init__(self, store: ClusteringStore) -> None:
+    def __init__(self, store: ClusteringStore, consent: ConsentChecker | None = None) -> None:
         self.store = store
+        # Consent (privacy service); None = not enforced (unit tests).
+        self.consent = consent
+
+    def require_processing(self, account_ids) -> None:
+        """FAILED_PRECONDITION (field account_id) when an account withdrew consent to
+        processing; called before anything is stored (ingest, assignment)."""
+        if self.consent is not None:
+            self.consent.require(account_ids, ("processing",))
 
     def ingest(self, events: list[ViewingEvent]) -> IngestResult:
+        self.require_processing(e.account_id for e in events)
         return self.store.ingest(events)
+
+    def export_account(self, account_id: str) -> dict:
+        check_id(account_id, "account_id")
+        return self.store.export_account(account_id)
 
     def household(self, account_id: str, max_sessions: int) -> tuple[HouseholdView, HouseholdExtras]:
         check_id(account_id, "account_id")

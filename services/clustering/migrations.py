@@ -65,4 +65,14 @@ CREATE INDEX IF NOT EXISTS drift_events_account ON drift_events (account_id, det
     Migration(2, "person probabilities per session", """
 ALTER TABLE sessions ADD COLUMN person_probs TEXT
 """),
+    Migration(3, "prediction outbox", """
+CREATE TABLE IF NOT EXISTS prediction_outbox (
+    prediction_id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    created_at {double} NOT NULL
+);
+CREATE INDEX IF NOT EXISTS prediction_outbox_created ON prediction_outbox (created_at)
+"""),
 ]

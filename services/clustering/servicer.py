@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 from hearth.clustering.v1 import clustering_pb2 as pb
@@ -100,3 +101,7 @@ class ClusteringServicer(pb_grpc.ClusteringServiceServicer):
     def Erase(self, request: pb.EraseRequest, context) -> pb.EraseResponse:
         outcome = self.app.erase(scope_from_pb(request.scope))
         return pb.EraseResponse(result=result_to_pb("clustering", outcome))
+
+    def ExportAccount(self, request: pb.ExportAccountRequest, context) -> pb.ExportAccountResponse:
+        return pb.ExportAccountResponse(json=json.dumps(self.app.export_account(request.account_id),
+                                                        sort_keys=True, ensure_ascii=False))

@@ -9,6 +9,7 @@ events *and* the sessions they touch, or nothing.
 
 from __future__ import annotations
 
+import base64
 import json
 import struct
 import time
@@ -23,6 +24,7 @@ from services.clustering.domain.sessions import Session, build_sessions
 from services.clustering.migrations import MIGRATIONS
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import Conflict, NotFound
+from services.common.field_crypto import FieldCipher
 from services.common.storage.cache import Cache, MemoryCache
 from services.common.storage.sql import Database, Tx, migrate
 
@@ -108,11 +110,45 @@ def _event_from_row(r: Sequence) -> ViewingEvent:
 
 class ClusteringStore:
     def __init__(self, db: Database, cache: Cache | None = None, *, gap_s: float = 1800.0,
-                 lateness_tolerance_s: float = 6 * 3600.0) -> None:
+                 lateness_tolerance_s: float = 6 * 3600.0, cipher: FieldCipher | None = None) -> None:
         self.db = db
         self.cache = cache or MemoryCache("clustering")
         self.gap_s = gap_s
         self.tolerance_s = lateness_tolerance_s
+        # Encryption at rest (docs/privacy.md §3) of the sensitive event fields (title_id,
+        # series_id, genres, country, profile_hint) and of session feature vectors and
+        # labels, under the household's data key; None = plaintext (unit tests).
+        self.cipher = cipher
+
+    # ---- encryption at rest (no-ops without a cipher) ------------------------------
+
+    def _seal(self, account: str, field: str, data: bytes) -> bytes:
+        return self.cipher.encrypt(account, field, data) if self.cipher else data
+
+    def _seal_text(self, account: str, field: str, text: str | None) -> str | None:
+        return self.cipher.encrypt_text(account, field, text) if self.cipher else text
+
+    def _open_vector(self, account: str, field: str, stored) -> bytes:
+        return self.cipher.decrypt_vector(account, field, stored) if self.cipher else bytes(stored)
+
+    def _open_text(self, account: str, field: str, stored: str | None) -> str | None:
+        return self.cipher.decrypt_text(account, field, stored) if self.cipher else stored
+
+    def _event_row(self, e: ViewingEvent) -> tuple:
+        row = _event_row(e)
+        if self.cipher is None:
+            return row
+        a, seal = e.account_id, self._seal_text
+        return (*row[:6], seal(a, "title_id", row[6]), seal(a, "series_id", row[7]), seal(a, "genres", row[8]),
+                row[9], row[10], seal(a, "country", row[11]), row[12], seal(a, "profile_hint", row[13]))
+
+    def _event_from_row(self, r: Sequence) -> ViewingEvent:
+        if self.cipher is None:
+            return _event_from_row(r)
+        a, open_ = r[1], self._open_text
+        return _event_from_row((*r[:6], open_(a, "title_id", r[6]), open_(a, "series_id", r[7]),
+                                open_(a, "genres", r[8]), r[9], r[10], open_(a, "country", r[11]), r[12],
+                                open_(a, "profile_hint", r[13])))
 
     def migrate(self) -> list[int]:
         return migrate(self.db, MIGRATIONS)
@@ -137,7 +173,7 @@ class ClusteringStore:
                     continue
                 inserted = tx.executemany(
                     f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES ({', '.join('?' * 14)}) "
-                    "ON CONFLICT (event_id) DO NOTHING", [_event_row(e) for e in on_time])
+                    "ON CONFLICT (event_id) DO NOTHING", [self._event_row(e) for e in on_time])
                 accepted += inserted
                 duplicates += len(on_time) - inserted
                 newest = max(on_time, key=lambda e: (e.ts, e.event_id))
@@ -164,7 +200,7 @@ class ClusteringStore:
         persons = {r[0]: r[2] for r in affected}
         rows = tx.query(f"SELECT {_EVENT_COLUMNS} FROM events WHERE account_id = ? AND device_id = ? "
                         "AND ts >= ? ORDER BY ts, event_id", (account, device, since))
-        sessions = build_sessions([_event_from_row(r) for r in rows], self.gap_s)
+        sessions = build_sessions([self._event_from_row(r) for r in rows], self.gap_s)
         if affected:
             tx.execute("DELETE FROM sessions WHERE account_id = ? AND device_id = ? AND end_ts >= ?",
                        (account, device, earliest_new_ts - self.gap_s))
@@ -173,8 +209,9 @@ class ClusteringStore:
             "event_count, watch_seconds, feature_version, features, label, person_id) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [(s.session_id, s.account_id, s.device_id, s.device_type, s.start_ts, s.end_ts,
-              len(s.event_ids), s.watch_seconds, s.feature_version, s.features.astype("<f4").tobytes(),
-              s.label, persons.get(s.session_id)) for s in sessions])
+              len(s.event_ids), s.watch_seconds, s.feature_version,
+              self._seal(s.account_id, "features", s.features.astype("<f4").tobytes()),
+              self._seal_text(s.account_id, "label", s.label), persons.get(s.session_id)) for s in sessions])
         return len(sessions)
 
     # ---- reads ----------------------------------------------------------------------
@@ -206,7 +243,8 @@ class ClusteringStore:
         return StoredSession(
             session_id=r[0], account_id=r[1], device_id=r[2], device_type=r[3], start_ts=float(r[4]),
             end_ts=end, event_count=int(r[6]), watch_seconds=float(r[7]), feature_version=int(r[8]),
-            features=np.frombuffer(bytes(r[9]), dtype="<f4"), label=r[10], person_id=r[11],
+            features=np.frombuffer(self._open_vector(r[1], "features", r[9]), dtype="<f4"),
+            label=self._open_text(r[1], "label", r[10]), person_id=r[11],
             closed=max(watermark, now) - end > self.gap_s)
 
     def closed_sessions(self, account_id: str, now: float | None = None) -> list[StoredSession]:
@@ -384,11 +422,62 @@ class ClusteringStore:
                         # Rebuild what remains of partly covered sessions from surviving events.
                         self._rebuild_sessions(tx, acct, device, min(float(r[1]) for r in doomed))
                     self._refresh_device(tx, acct, device)
+            # Predictions not yet delivered to the feedback service are data too.
+            sessions = out.deleted_ids_of("sessions")
+            if scope.kind == "household":
+                pending = [r[0] for r in tx.query("SELECT prediction_id FROM prediction_outbox WHERE account_id = ?",
+                                                  (account,))]
+            else:
+                where, params = ("1 = 1", []) if scope.all_accounts else ("account_id = ?", [account])
+                pending = [r[0] for r in tx.query("SELECT prediction_id, session_id FROM prediction_outbox "
+                                                  f"WHERE {where}", params) if r[1] in sessions]
+            tx.executemany("DELETE FROM prediction_outbox WHERE prediction_id = ?", [(p,) for p in pending])
+            out.add("pending_predictions", pending)
         if scope.all_accounts:
             self.cache.delete_prefix("model:")
         else:
             self.cache.delete(f"model:{account}")
+        if self.cipher is not None and scope.kind == "household":
+            self.cipher.forget(account)  # its data key is being destroyed (crypto-shredding)
         return out
+
+    def export_account(self, account_id: str) -> dict:
+        """Everything held for the account, decrypted (privacy's household export):
+        devices, events, sessions (feature vectors, labels, persons), the household
+        model (metadata and base64 blob) and drift events."""
+        with self.db.transaction() as tx:
+            devices = tx.query("SELECT device_id, device_type, last_ts FROM devices WHERE account_id = ? "
+                               "ORDER BY device_id", (account_id,))
+            events = tx.query(f"SELECT {_EVENT_COLUMNS} FROM events WHERE account_id = ? ORDER BY ts, event_id",
+                              (account_id,))
+            sessions = tx.query(
+                "SELECT session_id, device_id, device_type, start_ts, end_ts, event_count, watch_seconds, "
+                "feature_version, features, label, person_id, person_probs FROM sessions WHERE account_id = ? "
+                "ORDER BY start_ts, session_id", (account_id,))
+            models = tx.query("SELECT version, variant, model, updated_at FROM household_models "
+                              "WHERE account_id = ?", (account_id,))
+            drift = tx.query("SELECT drift_type, severity, statistic, detected_at, refit_triggered "
+                             "FROM drift_events WHERE account_id = ? ORDER BY detected_at, id", (account_id,))
+        decoded = [self._event_from_row(r) for r in events]
+        return {
+            "devices": [{"device_id": r[0], "device_type": r[1], "last_ts": float(r[2])} for r in devices],
+            "events": [{"event_id": e.event_id, "device_id": e.device_id, "device_type": e.device_type, "ts": e.ts,
+                        "kind": e.kind, "title_id": e.title_id, "series_id": e.series_id, "genres": list(e.genres),
+                        "duration_s": e.duration_s, "maturity": e.maturity, "country": e.country, "vpn": e.vpn,
+                        "profile_hint": e.profile_hint} for e in decoded],
+            "sessions": [{"session_id": r[0], "device_id": r[1], "device_type": r[2], "start_ts": float(r[3]),
+                          "end_ts": float(r[4]), "event_count": int(r[5]), "watch_seconds": float(r[6]),
+                          "feature_version": int(r[7]),
+                          "features": np.frombuffer(self._open_vector(account_id, "features", r[8]),
+                                                    dtype="<f4").astype(float).tolist(),
+                          "label": self._open_text(account_id, "label", r[9]), "person_id": r[10],
+                          "person_probabilities": json.loads(r[11]) if r[11] else None} for r in sessions],
+            "household_model": ({"version": int(models[0][0]), "variant": models[0][1],
+                                 "model_base64": base64.b64encode(bytes(models[0][2])).decode("ascii"),
+                                 "updated_at": float(models[0][3])} if models else None),
+            "drift_events": [{"drift_type": r[0], "severity": float(r[1]), "statistic": float(r[2]),
+                              "detected_at": float(r[3]), "refit_triggered": bool(r[4])} for r in drift],
+        }
 
     @staticmethod
     def _refresh_device(tx: Tx, account: str, device: str) -> None:

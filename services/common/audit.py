@@ -133,6 +133,9 @@ RPC_EVENTS: dict[str, str | tuple[str, str] | None] = {
     _PRI + "QueryAudit": AUDIT_EXPORT,         # reads of the audit log ARE audited
     _PRI + "GetAuditProof": AUDIT_EXPORT,
     _PRI + "VerifyAudit": AUDIT_EXPORT,
+    _PRI + "GetDataKey": None,                 # stores fetch keys per household every <= 60 s; the
+                                               # key's creation/destruction is what is audited
+    _PRI + "RotateKeys": KEY_ROTATION,
     _FEE + "RecordPrediction": INGEST,
     _FEE + "RecordFeedback": FEEDBACK,
     _FEE + "GetCalibration": None,             # aggregates over all households, no household data
@@ -405,9 +408,11 @@ class AuditSink:
                 if not _is_transient(exc):
                     self._deliver_one_by_one(batch, exc)
                     return
-                if attempt == self._max_attempts - 1:
+                # While closing, one retry at most: shutdown must not wait out a backoff
+                # schedule for a log that is gone (the drop is counted and logged).
+                if attempt == self._max_attempts - 1 or (self._closed and attempt >= 1):
                     log.error("audit batch of %d dropped after %d attempts: %s", len(batch),
-                              self._max_attempts, _describe(exc))
+                              attempt + 1, _describe(exc))
                     self._drop(len(batch), "send_failed")
                     return
                 self._sleep(min(self._max_backoff, self._backoff * (2 ** attempt)))

@@ -54,8 +54,14 @@ class ErasureOutcome:
 
     def add(self, kind: str, ids: Iterable[str]) -> None:
         ids = list(ids)
+        if not ids:
+            return  # counts list only what was there to delete
         self.deleted_counts[kind] = self.deleted_counts.get(kind, 0) + len(ids)
         self.deleted_ids.extend(f"{kind}:{i}" for i in ids)
+
+    def deleted_ids_of(self, kind: str) -> set[str]:
+        prefix = f"{kind}:"
+        return {i[len(prefix):] for i in self.deleted_ids if i.startswith(prefix)}
 
     @property
     def empty(self) -> bool:

@@ -110,6 +110,7 @@ ROUTES: dict[str, Permission] = {
     "GET /v1/experiment": P.READ_EXPERIMENT,
     "PUT /v1/experiment": P.SET_FLAG,
     "GET /v1/audit": P.READ_AUDIT,
+    "GET /v1/audit/export": P.READ_AUDIT,
     "PUT /v1/consent/{account_id}": P.SET_CONSENT,
 }
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 from hearth.feedback.v1 import feedback_pb2 as pb
 from hearth.feedback.v1 import feedback_pb2_grpc as pb_grpc
+from services.clustering.domain.events import check_id
 from services.common import identity
 from services.common.erasure import result_to_pb, scope_from_pb
 from services.common.errors import InvalidArgument
@@ -84,3 +86,9 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
             raise InvalidArgument("is required", "scope")
         outcome = self.app.erase(scope_from_pb(request.scope), request.job_id)
         return pb.EraseResponse(result=result_to_pb(ERASURE_SERVICE, outcome))
+
+    def ExportAccount(self, request, context) -> pb.ExportAccountResponse:
+        # Everything held for one account, for privacy's ExportHousehold (docs/privacy.md).
+        check_id(request.account_id, "account_id")
+        return pb.ExportAccountResponse(json=json.dumps(self.app.store.export_account(request.account_id),
+                                                        sort_keys=True, ensure_ascii=False))

@@ -295,6 +295,30 @@ class FeedbackStore:
             rows = tx.query(sql + " ORDER BY trigger_id LIMIT ?", [*params, limit])
         return [_trigger(r) for r in rows]
 
+    # ------------------------------------------------------------------ export
+
+    def export_account(self, account_id: str) -> dict:
+        """Everything held for the account (privacy's household export): predictions,
+        feedback and the household's retraining triggers."""
+        with self.db.transaction() as tx:
+            predictions = tx.query(f"SELECT {_PREDICTION_COLUMNS} FROM predictions p WHERE p.account_id = ? "
+                                   "ORDER BY p.ts, p.prediction_id", (account_id,))
+            feedback = tx.query("SELECT feedback_id, prediction_id, kind, true_person_id, weight, ts, received_at "
+                                "FROM feedback WHERE account_id = ? ORDER BY ts, feedback_id", (account_id,))
+            triggers = tx.query(f"SELECT {_TRIGGER_COLUMNS} FROM triggers WHERE scope = 'household' "
+                                "AND scope_key = ? ORDER BY trigger_id", (account_id,))
+        return {
+            "predictions": [{"prediction_id": p.prediction_id, "session_id": p.session_id, "person_id": p.person_id,
+                             "probabilities": p.probabilities, "model_variant": p.model_variant,
+                             "model_version": p.model_version, "ts": p.ts, "cold_start": p.cold_start,
+                             "household_size": p.household_size}
+                            for p in map(_prediction, predictions)],
+            "feedback": [{"feedback_id": r[0], "prediction_id": r[1], "kind": r[2], "true_person_id": r[3],
+                          "weight": float(r[4]), "ts": float(r[5]), "received_at": float(r[6])} for r in feedback],
+            "triggers": [{"trigger_id": t.trigger_id, "kind": t.kind, "value": t.value, "threshold": t.threshold,
+                          "n": t.n, "ts": t.ts, "refit_result": t.refit_result} for t in map(_trigger, triggers)],
+        }
+
     # ------------------------------------------------------------------ erasure
 
     def erase(self, scope: ErasureScope) -> ErasureOutcome:

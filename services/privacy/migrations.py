@@ -13,4 +13,47 @@ CREATE TABLE IF NOT EXISTS consent (
     updated_by TEXT NOT NULL
 )
 """),
+    # 2-9: deletion jobs and data keys (deletion engineer); 10-19: audit log.
+    # deletion_jobs: one row per job; ``job_json`` is deletion.job_to_dict (the domain's
+    # state machine), ``erasures_json`` the per-kind counts each service reported,
+    # ``next_due`` the earliest time the worker should look at it again (NULL when
+    # terminal), ``lease_until`` the claim of the replica working on it.
+    Migration(2, "deletion jobs", """
+CREATE TABLE IF NOT EXISTS deletion_jobs (
+    job_id TEXT PRIMARY KEY,
+    request_id TEXT NOT NULL UNIQUE,
+    account_id TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    state TEXT NOT NULL,
+    next_due {double},
+    lease_until {double} NOT NULL DEFAULT 0,
+    version {bigint} NOT NULL,
+    job_json TEXT NOT NULL,
+    erasures_json TEXT NOT NULL,
+    receipt_json TEXT,
+    created_at {double} NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deletion_jobs_due ON deletion_jobs (state, next_due);
+CREATE INDEX IF NOT EXISTS deletion_jobs_account ON deletion_jobs (account_id, created_at)
+"""),
+    # data_keys: the wrapped per-household DEKs (crypto.WrappedDek). A crypto-shred
+    # overwrites ``wrapped`` with an empty value in place (tombstone).
+    Migration(3, "data keys", """
+CREATE TABLE IF NOT EXISTS data_keys (
+    account_id TEXT NOT NULL,
+    dek_version INTEGER NOT NULL,
+    kek_id TEXT NOT NULL,
+    wrapped {blob} NOT NULL,
+    created_at TEXT NOT NULL,
+    destroyed_at TEXT,
+    PRIMARY KEY (account_id, dek_version)
+)
+"""),
 ]
+
+
+# The audit log's tables (versions 10-19) live next to their store; merged in version
+# order so that migrations added here by other work keep applying first.
+from services.privacy.audit_store import AUDIT_MIGRATIONS  # noqa: E402
+
+MIGRATIONS = sorted([*MIGRATIONS, *AUDIT_MIGRATIONS], key=lambda m: m.version)

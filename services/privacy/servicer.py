@@ -5,11 +5,18 @@ from __future__ import annotations
 from hearth.privacy.v1 import privacy_pb2 as pb
 from hearth.privacy.v1 import privacy_pb2_grpc as pb_grpc
 from services.privacy.app import PrivacyApp
+from services.privacy.audit_servicer import AuditRpcs
+from services.privacy.deletion_servicer import DeletionServicerMixin
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PrivacyService"].full_name
 
 
-class PrivacyServicer(pb_grpc.PrivacyServiceServicer):
+class PrivacyServicer(AuditRpcs, DeletionServicerMixin, pb_grpc.PrivacyServiceServicer):
+    # AuditRpcs: AppendAudit/QueryAudit/GetAuditProof/VerifyAudit over ``self.audit``
+    # (an AuditApp, set by __main__; None answers FAILED_PRECONDITION).
+    # DeletionServicerMixin: RequestDeletion/GetDeletion/VerifyReceipt/ExportHousehold/
+    # GetDataKey/RotateKeys over ``self.deletion`` and ``self.keys`` (set by __main__).
+
     def __init__(self, app: PrivacyApp) -> None:
         self.app = app
 

@@ -39,7 +39,9 @@ def stubs(start_service, tmp_path):
     for day in range(5):
         _watch(store, "tv", T0 + day * 86400 + 20 * 3600, "p1")
         _watch(store, "phone", T0 + day * 86400 + 8 * 3600, "p2")
-    _, channel = start_service("attribution", clustering_addr=f"127.0.0.1:{clustering.port}")
+    privacy, _ = start_service("privacy")   # attribution checks consent with it
+    _, channel = start_service("attribution", clustering_addr=f"127.0.0.1:{clustering.port}",
+                               privacy_addr=f"127.0.0.1:{privacy.port}")
     return apb_grpc.AttributionServiceStub(channel)
 
 

@@ -421,7 +421,7 @@ def _parse_block(
 def iter_path_chunks(
     source: str | os.PathLike[str],
     *,
-    chunk_bytes: int = 32 << 20,
+    chunk_bytes: int = 4 << 20,
     sep: str = ">",
     progress: ProgressCallback | None = None,
 ) -> Iterator[Paths]:
@@ -474,7 +474,7 @@ def read_paths(
     *,
     sep: str = ">",
     progress: ProgressCallback | None = None,
-    chunk_bytes: int = 32 << 20,
+    chunk_bytes: int = 4 << 20,
 ) -> Paths:
     """Read a whole ChannelAttribution path file into one :class:`Paths`."""
     chunks = list(iter_path_chunks(source, sep=sep, progress=progress, chunk_bytes=chunk_bytes))

@@ -205,7 +205,9 @@ class KeyRing:
             if current is not None and current.destroyed:
                 continue
             versions[r.dek_version] = r
-            if r.destroyed:
+            if r.destroyed or (current is not None and current != r):
+                # A replaced record (tombstone, re-wrap, or another replica's key that won
+                # a creation race) invalidates the key cached for that version.
                 self._cache.pop((r.account_id, r.dek_version), None)
 
     def records(self, account_id: str | None = None) -> list[WrappedDek]:
@@ -314,6 +316,19 @@ class KeyRing:
                 self._records[account_id][version] = new
                 changed.append(new)
         return changed
+
+    def data_key(self, account_id: str, version: int | None = None) -> tuple[int, bytes]:
+        """The raw DEK (newest live version, or ``version``) for a store that encrypts
+        fields itself (privacy's GetDataKey). Same errors as ``decrypt_field``."""
+        _check_name(account_id, "account_id")
+        live = self._live_versions(account_id)
+        if not live:
+            raise KeyNotFoundError(f"account {account_id}: no data key (call create_dek first)")
+        chosen = max(live) if version is None else version
+        record = live.get(chosen)
+        if record is None:
+            raise KeyNotFoundError(f"account {account_id}: no DEK version {chosen}")
+        return chosen, self._unwrap(record)
 
     def kek_ids_in_use(self) -> set[str]:
         """KEK ids still wrapping live DEKs (a KEK may be retired when not listed)."""

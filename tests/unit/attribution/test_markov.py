@@ -291,3 +291,21 @@ def test_many_channels_order_one() -> None:
     assert res.conversions.shape == (n_ch,)
     assert res.conversions.sum() == pytest.approx(p.conversions.sum())
     assert np.all(res.conversions >= 0)
+
+
+def test_chunks_with_growing_vocabulary_are_re_encoded() -> None:
+    # The second chunk introduces channel "c": keys built in base 3 must be re-encoded
+    # into base 4 before merging; the result must equal the one-shot build.
+    first = Paths.from_lists([["a", "b"], ["b", "a", "b"]], [1, 0], [2, 0], [1, 2], channel_names=["a", "b"])
+    second = Paths.from_lists([["c", "a"], ["a", "b", "c"]], [2, 1], [3, 1], [0, 1], channel_names=["a", "b", "c"])
+    whole = Paths.from_lists(
+        [["a", "b"], ["b", "a", "b"], ["c", "a"], ["a", "b", "c"]], [1, 0, 2, 1], [2, 0, 3, 1], [1, 2, 0, 1],
+        channel_names=["a", "b", "c"],
+    )
+    for order in (1, 2, 3):
+        streamed = markov_attribution(iter([first, second]), MarkovConventions(order=order))
+        direct = markov_attribution(whole, MarkovConventions(order=order))
+        np.testing.assert_allclose(streamed.conversions, direct.conversions, atol=1e-12)
+        np.testing.assert_allclose(streamed.revenue, direct.revenue, atol=1e-12)
+    with pytest.raises(AttributionInputError):
+        markov_attribution(iter([second, first]))  # vocabularies must extend each other

@@ -198,8 +198,8 @@ def gateway_client(tmp_path_factory):
     keys = tmp_path_factory.mktemp("keys") / "keys.json"
     _, key = auth.add_key(keys, "ingest", "service")
     app = create_app(GatewaySettings(api_keys_file=keys, rate_limit_enabled=False))
-    with TestClient(app, headers={"x-api-key": key}) as client:
-        yield client
+    # No lifespan (no `with`): no gRPC channels are opened, and none is needed.
+    yield TestClient(app, headers={"x-api-key": key})
 
 
 @pytest.mark.parametrize("body,status,field", [

@@ -1,0 +1,108 @@
+"""The prediction log: every assignment is recorded for the feedback service without
+slowing the assign path, and nothing acknowledged is lost.
+
+Two stages. (1) An assignment's record is group-committed to the local
+``prediction_outbox`` table before the assign RPC answers (one transaction for many
+concurrent assignments), so a prediction id handed to a caller always exists durably.
+(2) A forwarder thread sends outbox rows to the feedback service in batches
+(RecordPrediction is idempotent by prediction_id, so a resend after a crash is
+harmless) and deletes them once acknowledged; while feedback is down, rows wait.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+from prometheus_client import Counter, Gauge
+
+from services.common.batching import GroupCommitter
+from services.common.storage.sql import Database
+
+log = logging.getLogger("hearth.clustering.predictions")
+FORWARDED = Counter("hearth_predictions_forwarded_total", "Predictions delivered to the feedback service")
+FORWARD_FAILURES = Counter("hearth_prediction_forward_failures_total", "Failed deliveries (retried)")
+OUTBOX_DEPTH = Gauge("hearth_prediction_outbox_depth", "Predictions waiting for delivery")
+
+
+@dataclass(frozen=True)
+class PredictionRecord:
+    prediction_id: str
+    account_id: str
+    session_id: str
+    person_id: str
+    probabilities: dict[str, float]
+    model_variant: str
+    model_version: int
+    ts: float
+    cold_start: bool
+    household_size: int
+
+
+class PredictionLog:
+    def __init__(self, db: Database, send: Callable[[Sequence[PredictionRecord]], None] | None,
+                 *, forward_interval_s: float = 0.2, batch: int = 1000) -> None:
+        self._db = db
+        self._send = send
+        self._batch = batch
+        self._interval = forward_interval_s
+        self._committer: GroupCommitter[PredictionRecord] = GroupCommitter(
+            self._store, max_batch=2048, max_delay_s=0.001, name="prediction-outbox")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._forward_loop, name="prediction-forwarder", daemon=True)
+        if send is not None:
+            self._thread.start()
+
+    def record(self, records: Sequence[PredictionRecord]) -> None:
+        """Durably queue records; returns once they are committed."""
+        if records:
+            self._committer.write(records)
+
+    def _store(self, records: Sequence[PredictionRecord]) -> int:
+        now = time.time()
+        with self._db.transaction() as tx:
+            return tx.executemany(
+                "INSERT INTO prediction_outbox (prediction_id, account_id, session_id, payload, created_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (prediction_id) DO NOTHING",
+                [(r.prediction_id, r.account_id, r.session_id, json.dumps(asdict(r)), now) for r in records])
+
+    def forward_once(self) -> int:
+        """Send one batch; returns how many were delivered."""
+        with self._db.transaction() as tx:
+            rows = tx.query("SELECT prediction_id, payload FROM prediction_outbox "
+                            "ORDER BY created_at, prediction_id LIMIT ?", (self._batch,))
+            depth = tx.query("SELECT COUNT(*) FROM prediction_outbox")[0][0]
+        OUTBOX_DEPTH.set(depth)
+        if not rows or self._send is None:
+            return 0
+        self._send([PredictionRecord(**json.loads(payload)) for _, payload in rows])
+        with self._db.transaction() as tx:
+            tx.executemany("DELETE FROM prediction_outbox WHERE prediction_id = ?", [(r[0],) for r in rows])
+        FORWARDED.inc(len(rows))
+        return len(rows)
+
+    def _forward_loop(self) -> None:
+        backoff = self._interval
+        while not self._stop.wait(backoff):
+            try:
+                while self.forward_once() == self._batch:
+                    pass
+                backoff = self._interval
+            except Exception as exc:  # noqa: BLE001 - feedback down or DB busy: retry later
+                FORWARD_FAILURES.inc()
+                log.warning("prediction forwarding failed, will retry: %s", exc)
+                backoff = min(backoff * 2, 10.0)
+
+    def close(self) -> None:
+        self._committer.close()
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+            try:
+                self.forward_once()   # last chance to deliver before stopping
+            except Exception:  # noqa: BLE001 - rows stay in the outbox for next start
+                pass

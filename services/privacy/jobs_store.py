@@ -1,0 +1,175 @@
+"""Durable state of deletion jobs and of the per-household data keys (privacy service).
+
+``DeletionJobStore`` keeps each job as ``deletion.job_to_dict`` JSON plus the columns the
+worker queries (state, next_due, lease). Every update is a compare-and-swap on
+``version`` so two replicas (or a replica and its own restarted self) never overwrite a
+newer state; the lease keeps two replicas from calling the same services at once.
+
+``DataKeyStore`` keeps ``crypto.WrappedDek`` rows; a crypto-shred overwrites the wrapped
+key in place (SQLite: with ``secure_delete`` on and a WAL checkpoint, so the old bytes
+do not linger in free pages or the write-ahead log).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+from services.common.errors import AlreadyExists, Conflict, NotFound
+from services.common.storage.sql import Database
+from services.privacy.domain.crypto import WrappedDek
+from services.privacy.domain.deletion import DeletionJob, job_from_dict, job_to_dict
+
+
+@dataclass(frozen=True)
+class StoredJob:
+    job: DeletionJob
+    request_id: str
+    reason: str
+    version: int
+    erasures: dict            # service -> {"deleted_counts": {...}, "already_erased": bool}
+    receipt_json: str | None
+
+
+def _ts(value: datetime | None) -> float | None:
+    return value.timestamp() if value is not None else None
+
+
+class DeletionJobStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def create(self, job: DeletionJob, request_id: str, reason: str, next_due: datetime | None) -> StoredJob:
+        """Insert a new job; if ``request_id`` was used before, return that job instead
+        (idempotent request) when its scope is the same, else AlreadyExists."""
+        data = json.dumps(job_to_dict(job), sort_keys=True)
+        with self.db.transaction() as tx:
+            inserted = tx.execute(
+                "INSERT INTO deletion_jobs (job_id, request_id, account_id, reason, state, next_due, "
+                "lease_until, version, job_json, erasures_json, receipt_json, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, 0, 1, ?, '{}', NULL, ?) ON CONFLICT (request_id) DO NOTHING",
+                (job.job_id, request_id, job.scope.account_id, reason, job.state.value, _ts(next_due),
+                 data, time.time()))
+        if inserted:
+            return StoredJob(job, request_id, reason, 1, {}, None)
+        existing = self.by_request(request_id)
+        if existing.job.scope != job.scope:
+            raise AlreadyExists("request_id was already used for a different deletion scope", "request_id")
+        return existing
+
+    def _row(self, where: str, params: tuple) -> StoredJob | None:
+        with self.db.transaction() as tx:
+            rows = tx.query("SELECT job_json, request_id, reason, version, erasures_json, receipt_json "
+                            f"FROM deletion_jobs WHERE {where}", params)
+        if not rows:
+            return None
+        r = rows[0]
+        return StoredJob(job_from_dict(json.loads(r[0])), r[1], r[2], int(r[3]), json.loads(r[4]), r[5])
+
+    def get(self, job_id: str) -> StoredJob:
+        found = self._row("job_id = ?", (job_id,))
+        if found is None:
+            raise NotFound(f"unknown deletion job {job_id!r}", "job_id")
+        return found
+
+    def by_request(self, request_id: str) -> StoredJob:
+        found = self._row("request_id = ?", (request_id,))
+        if found is None:
+            raise NotFound(f"no job for request {request_id!r}", "request_id")
+        return found
+
+    def save(self, stored: StoredJob, job: DeletionJob, next_due: datetime | None,
+             erasures: dict | None = None, receipt_json: str | None = None) -> StoredJob:
+        """Compare-and-swap on ``stored.version``; Conflict when another writer won."""
+        erasures = stored.erasures if erasures is None else erasures
+        receipt_json = stored.receipt_json if receipt_json is None else receipt_json
+        with self.db.transaction() as tx:
+            changed = tx.execute(
+                "UPDATE deletion_jobs SET state = ?, next_due = ?, version = ?, job_json = ?, "
+                "erasures_json = ?, receipt_json = ? WHERE job_id = ? AND version = ?",
+                (job.state.value, _ts(next_due), stored.version + 1,
+                 json.dumps(job_to_dict(job), sort_keys=True), json.dumps(erasures, sort_keys=True),
+                 receipt_json, job.job_id, stored.version))
+        if changed != 1:
+            raise Conflict(f"deletion job {job.job_id} changed concurrently", "job_id")
+        return StoredJob(job, stored.request_id, stored.reason, stored.version + 1, erasures, receipt_json)
+
+    def due(self, now: float, limit: int = 100) -> list[str]:
+        """Ids of jobs that need work at ``now`` and are not leased by a live worker."""
+        with self.db.transaction() as tx:
+            rows = tx.query("SELECT job_id FROM deletion_jobs WHERE state IN ('pending', 'running') "
+                            "AND (next_due IS NULL OR next_due <= ?) AND lease_until < ? "
+                            "ORDER BY next_due LIMIT ?", (now, now, limit))
+        return [r[0] for r in rows]
+
+    def next_due(self) -> float | None:
+        with self.db.transaction() as tx:
+            rows = tx.query("SELECT MIN(next_due) FROM deletion_jobs WHERE state IN ('pending', 'running')")
+        return float(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    def claim(self, job_id: str, now: float, lease_s: float) -> bool:
+        with self.db.transaction() as tx:
+            return tx.execute("UPDATE deletion_jobs SET lease_until = ? WHERE job_id = ? AND lease_until < ?",
+                              (now + lease_s, job_id, now)) == 1
+
+    def release(self, job_id: str) -> None:
+        with self.db.transaction() as tx:
+            tx.execute("UPDATE deletion_jobs SET lease_until = 0 WHERE job_id = ?", (job_id,))
+
+    def for_account(self, account_id: str) -> list[StoredJob]:
+        with self.db.transaction() as tx:
+            ids = [r[0] for r in tx.query("SELECT job_id FROM deletion_jobs WHERE account_id = ? "
+                                          "ORDER BY created_at, job_id", (account_id,))]
+        return [self.get(i) for i in ids]
+
+
+class DataKeyStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    @staticmethod
+    def _record(r) -> WrappedDek:
+        return WrappedDek(r[0], int(r[1]), r[2], bytes(r[3]), r[4], r[5])
+
+    def load(self, account_id: str | None = None) -> list[WrappedDek]:
+        sql = "SELECT account_id, dek_version, kek_id, wrapped, created_at, destroyed_at FROM data_keys"
+        with self.db.transaction() as tx:
+            rows = (tx.query(sql + " WHERE account_id = ? ORDER BY dek_version", (account_id,))
+                    if account_id is not None else tx.query(sql + " ORDER BY account_id, dek_version"))
+        return [self._record(r) for r in rows]
+
+    def insert_new(self, record: WrappedDek) -> bool:
+        """Insert a freshly created DEK unless that (account, version) exists (another
+        replica created it first: the caller reloads and uses theirs)."""
+        with self.db.transaction() as tx:
+            return tx.execute(
+                "INSERT INTO data_keys (account_id, dek_version, kek_id, wrapped, created_at, destroyed_at) "
+                "VALUES (?, ?, ?, ?, ?, NULL) ON CONFLICT (account_id, dek_version) DO NOTHING",
+                (record.account_id, record.dek_version, record.kek_id, record.wrapped,
+                 record.created_at.isoformat())) == 1
+
+    def overwrite(self, records: Iterable[WrappedDek]) -> int:
+        """Store re-wrapped keys or tombstones over the existing rows, in place."""
+        records = list(records)
+        if not records:
+            return 0
+        with self.db.transaction() as tx:
+            if self.db.dialect == "sqlite":
+                # Zero the freed bytes of overwritten keys instead of leaving them in free pages.
+                tx.execute("PRAGMA secure_delete = ON")
+            tx.executemany(
+                "UPDATE data_keys SET kek_id = ?, wrapped = ?, destroyed_at = ? "
+                "WHERE account_id = ? AND dek_version = ?",
+                [(r.kek_id, r.wrapped, r.destroyed_at.isoformat() if r.destroyed_at else None,
+                  r.account_id, r.dek_version) for r in records])
+        if self.db.dialect == "sqlite" and any(r.destroyed for r in records):
+            # The old page images also sit in the write-ahead log until a checkpoint.
+            self._checkpoint()
+        return len(records)
+
+    def _checkpoint(self) -> None:
+        conn = self.db._conn()  # type: ignore[attr-defined]  # SQLite only, outside a transaction
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

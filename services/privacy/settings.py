@@ -1,0 +1,72 @@
+"""Settings of the privacy service: the shared ``ServiceSettings`` plus its own
+variables, validated at start (a bad value names the variable).
+
+| variable | default | meaning |
+|---|---|---|
+| `HEARTH_RECEIPT_SIGNING_KEY` | dev: generated | Ed25519 key signing deletion receipts (PKCS#8 PEM or base64 of the 32-byte seed) |
+| `HEARTH_KEKS` | dev: generated | master keys `id=<base64 32 bytes>,...` wrapping the per-household data keys |
+| `HEARTH_ACTIVE_KEK` | the only/first KEK | id of the KEK new data keys are wrapped with |
+| `HEARTH_RETENTION_DAYS` | 90 | data older than this is purged by the scheduled retention job |
+| `HEARTH_RETENTION_CHECK_S` | 3600 | how often the retention purge runs; 0 = off |
+| `HEARTH_DELETION_POLL_S` | 1.0 | the deletion worker looks for due jobs at least this often |
+| `HEARTH_DELETION_RETRY_BASE_S` / `_MAX_S` | 1 / 300 | retry backoff of a service that did not confirm |
+| `HEARTH_DELETION_MAX_ATTEMPTS` | 1000 | after this many failed attempts of one service the job fails |
+| `HEARTH_DELETION_ERASE_TIMEOUT_S` | 60 | deadline of one Erase call |
+| `HEARTH_DELETION_LEASE_S` | 30 | a replica working on a job holds it this long (crash: another resumes it) |
+
+Without `HEARTH_RECEIPT_SIGNING_KEY` / `HEARTH_KEKS` (development) the service generates
+the keys once, stores them under `HEARTH_DATA_DIR` with mode 0600 and logs a warning:
+production must configure both (from a secret store).
+"""
+
+from __future__ import annotations
+
+from pydantic import field_validator
+
+from services.common.config import ServiceSettings
+
+
+class PrivacySettings(ServiceSettings):
+    service_name: str = "privacy"
+    receipt_signing_key: str = ""
+    keks: str = ""
+    active_kek: str = ""
+    retention_days: float = 90.0
+    retention_check_s: float = 3600.0
+    deletion_poll_s: float = 1.0
+    deletion_retry_base_s: float = 1.0
+    deletion_retry_max_s: float = 300.0
+    deletion_max_attempts: int = 1000
+    deletion_erase_timeout_s: float = 60.0
+    deletion_lease_s: float = 30.0
+
+    @field_validator("retention_days", "deletion_poll_s", "deletion_retry_base_s", "deletion_retry_max_s",
+                     "deletion_erase_timeout_s", "deletion_lease_s")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError("must be > 0")
+        return value
+
+    @field_validator("retention_check_s")
+    @classmethod
+    def _non_negative(cls, value: float) -> float:
+        if not value >= 0:
+            raise ValueError("must be >= 0 (0 = off)")
+        return value
+
+    @field_validator("deletion_max_attempts")
+    @classmethod
+    def _attempts(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be >= 1")
+        return value
+
+
+def privacy_settings(settings: ServiceSettings) -> PrivacySettings:
+    """The privacy settings for ``settings`` plus the variables above from the environment."""
+    if isinstance(settings, PrivacySettings):
+        return settings
+    from services.common import config
+
+    return config.load(PrivacySettings, **settings.model_dump())

@@ -1,0 +1,291 @@
+"""The audit client: batching, bounded queue, retries, flush, the RPC -> event table."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import grpc
+import pytest
+
+from services.common import audit, identity
+from services.common.audit import AuditSink, MemoryAuditTransport, TransientAuditError
+from services.common.identity import Principal, Role
+
+ALICE = Principal("alice", Role.ANALYST)
+
+
+class _Recording(MemoryAuditTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[int] = []
+
+    def send(self, records):
+        self.calls.append(len(records))
+        super().send(records)
+
+
+def _dropped(component: str, reason: str) -> float:
+    return audit.DROPPED.labels(component, reason)._value.get()
+
+
+def test_records_arrive_in_bounded_batches_and_flush_waits_for_them():
+    transport = _Recording()
+    sink = AuditSink(transport, component="t-batch", max_batch=100, max_delay_s=0.01)
+    for i in range(1050):
+        assert sink.record(audit.READ_HOUSEHOLD, f"household:a{i}", principal=ALICE)
+    assert sink.flush(10)
+    sink.close()
+    assert len(transport.records) == 1050
+    assert max(transport.calls) <= 100
+    assert [r.resource for r in transport.records] == [f"household:a{i}" for i in range(1050)]
+    assert len({r.record_id for r in transport.records}) == 1050
+
+
+def test_principal_and_trace_come_from_the_context():
+    transport = MemoryAuditTransport()
+    sink = AuditSink(transport, component="t-ctx", max_delay_s=0)
+    token = identity.set_current(ALICE)
+    try:
+        sink.record(audit.EXPORT, "household:h1", details={"record_count": 3})
+    finally:
+        identity.reset_current(token)
+    sink.record(audit.KEY_ROTATION, "kek:k2")  # outside an RPC: the service itself
+    sink.close()
+    first, second = transport.records
+    assert (first.principal, first.role) == ("alice", "analyst")
+    assert json.loads(first.details_json) == {"record_count": 3}  # types kept
+    assert (second.principal, second.role) == ("svc:t-ctx", "service")
+
+
+def test_details_are_frozen_when_recorded():
+    transport = MemoryAuditTransport()
+    sink = AuditSink(transport, component="t-freeze", max_delay_s=0.05)
+    details = {"n": 1}
+    sink.record(audit.FEEDBACK, details=details, principal=ALICE)
+    details["n"] = 2
+    sink.close()
+    assert json.loads(transport.records[0].details_json) == {"n": 1}
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"event_type": "nope"}, "event_type"),
+    ({"event_type": audit.ASSIGN, "outcome": "maybe"}, "outcome"),
+    ({"event_type": audit.ASSIGN, "details": {"x": float("nan")}}, "details"),
+    ({"event_type": audit.ASSIGN, "details": {"x": object()}}, "details"),
+    ({"event_type": audit.ASSIGN, "details": ["not", "a", "mapping"]}, "details"),
+])
+def test_bad_records_are_refused_naming_the_argument(kwargs, field):
+    sink = AuditSink(MemoryAuditTransport(), component="t-bad")
+    try:
+        with pytest.raises(ValueError, match=f"^{field}"):
+            sink.record(principal=ALICE, **kwargs)
+    finally:
+        sink.close()
+
+
+def test_ok_is_accepted_for_success_and_long_text_is_truncated():
+    record = audit.make_record(audit.ASSIGN, "r" * 5000, "ok", principal=ALICE)
+    assert record.outcome == "success"
+    assert len(record.resource) == audit.MAX_TEXT
+
+
+def test_full_queue_drops_and_counts():
+    release = threading.Event()
+
+    class Blocking(MemoryAuditTransport):
+        def send(self, records):
+            release.wait(10)
+            super().send(records)
+
+    transport = Blocking()
+    sink = AuditSink(transport, component="t-full", max_batch=1, max_queue=5, max_delay_s=0)
+    before = _dropped("t-full", "queue_full")
+    results = [sink.record(audit.INGEST, principal=ALICE) for _ in range(50)]
+    # one record may be in the blocked send, five in the queue: the rest are refused
+    assert results.count(True) <= 6 and results.count(False) >= 44
+    assert _dropped("t-full", "queue_full") - before == results.count(False)
+    release.set()
+    sink.close()
+    assert len(transport.records) == results.count(True)
+
+
+def test_transient_failures_are_retried_with_the_same_record_ids():
+    sleeps: list[float] = []
+
+    class Flaky(MemoryAuditTransport):
+        attempts: list[list[str]] = []
+
+        def send(self, records):
+            self.attempts.append([r.record_id for r in records])
+            if len(self.attempts) <= 2:
+                raise TransientAuditError("log unavailable")
+            super().send(records)
+
+    transport = Flaky()
+    sink = AuditSink(transport, component="t-retry", max_delay_s=0.02, backoff_s=0.1, sleep=sleeps.append)
+    for _ in range(3):
+        sink.record(audit.ASSIGN, principal=ALICE)
+    sink.close()
+    assert len(transport.records) == 3
+    assert transport.attempts[0] == transport.attempts[1] == transport.attempts[2]
+    assert sleeps == [0.1, 0.2]
+
+
+def test_a_refused_record_does_not_take_its_batch_down():
+    class Picky(MemoryAuditTransport):
+        def send(self, records):
+            if any(r.resource == "bad" for r in records):
+                raise ValueError("refused")
+            super().send(records)
+
+    transport = Picky()
+    sink = AuditSink(transport, component="t-picky", max_delay_s=0.05)
+    before = _dropped("t-picky", "refused")
+    for resource in ["a", "bad", "c"]:
+        sink.record(audit.ASSIGN, resource, principal=ALICE)
+    sink.close()
+    assert [r.resource for r in transport.records] == ["a", "c"]
+    assert _dropped("t-picky", "refused") - before == 1
+
+
+def test_giving_up_after_max_attempts_counts_the_loss():
+    class Down(MemoryAuditTransport):
+        def send(self, records):
+            raise TransientAuditError("down")
+
+    sink = AuditSink(Down(), component="t-down", max_attempts=3, sleep=lambda s: None, max_delay_s=0)
+    before = _dropped("t-down", "send_failed")
+    sink.record(audit.ASSIGN, principal=ALICE)
+    assert sink.flush(5)
+    sink.close()
+    assert _dropped("t-down", "send_failed") - before == 1
+    assert sink.dropped == 1 and sink.sent == 0
+
+
+def test_close_flushes_what_is_queued_and_later_records_are_dropped():
+    transport = MemoryAuditTransport()
+    sink = AuditSink(transport, component="t-close", max_delay_s=1.0, max_batch=10_000)
+    for _ in range(20):
+        sink.record(audit.ASSIGN, principal=ALICE)
+    sink.close()
+    assert len(transport.records) == 20
+    assert sink.record(audit.ASSIGN, principal=ALICE) is False
+
+
+# ------------------------------------------------------------------------- the table
+
+
+def _all_rpcs() -> set[str]:
+    from hearth.attribution.v1 import attribution_pb2
+    from hearth.clustering.v1 import clustering_pb2
+    from hearth.feedback.v1 import feedback_pb2
+    from hearth.privacy.v1 import privacy_pb2
+
+    return {f"/{service.full_name}/{method.name}"
+            for module in (clustering_pb2, attribution_pb2, privacy_pb2, feedback_pb2)
+            for service in module.DESCRIPTOR.services_by_name.values()
+            for method in service.methods}
+
+
+def test_every_rpc_has_an_audit_decision():
+    rpcs = _all_rpcs()
+    assert rpcs - set(audit.RPC_EVENTS) == set(), "new RPCs need an entry in audit.RPC_EVENTS"
+    for method, spec in audit.RPC_EVENTS.items():
+        for event in (spec if isinstance(spec, tuple) else (spec,)):
+            assert event is None or event in audit.EVENT_TYPES, method
+
+
+def test_vocabulary_matches_the_log_domain():
+    from services.privacy.domain.audit import EventType, Outcome
+
+    assert audit.EVENT_TYPES == {e.value for e in EventType}
+    assert audit.OUTCOMES == {o.value for o in Outcome}
+    assert len(audit.EVENT_TYPES) >= 15
+
+
+@pytest.mark.parametrize("method, code, expected", [
+    ("/hearth.clustering.v1.ClusteringService/GetHousehold", grpc.StatusCode.OK, "read_household"),
+    ("/hearth.clustering.v1.ClusteringService/GetHousehold", grpc.StatusCode.PERMISSION_DENIED,
+     "permission_denied"),
+    ("/hearth.privacy.v1.PrivacyService/AppendAudit", grpc.StatusCode.UNAUTHENTICATED,
+     "authentication_failure"),
+    ("/hearth.privacy.v1.PrivacyService/AppendAudit", grpc.StatusCode.OK, None),
+    ("/hearth.privacy.v1.PrivacyService/QueryAudit", grpc.StatusCode.OK, "audit_export"),
+    ("/hearth.feedback.v1.FeedbackService/Erase", grpc.StatusCode.OK, "deletion_completed"),
+    ("/hearth.feedback.v1.FeedbackService/Erase", grpc.StatusCode.UNAVAILABLE, "deletion_failed"),
+    ("/unknown.Service/Method", grpc.StatusCode.OK, None),
+])
+def test_event_for(method, code, expected):
+    assert audit.event_for(method, code) == expected
+
+
+@pytest.fixture
+def memory_sink():
+    transport = MemoryAuditTransport()
+    sink = AuditSink(transport, component="t-rpc", max_delay_s=0)
+    previous = audit.install(sink)
+    yield transport, sink
+    audit.install(previous)
+    sink.close()
+
+
+def test_record_rpc_takes_resource_from_the_request_and_outcome_from_the_status(memory_sink):
+    from hearth.clustering.v1 import clustering_pb2 as cpb
+    from hearth.common.v1 import common_pb2
+
+    transport, sink = memory_sink
+    audit.record_rpc("clustering", "/hearth.clustering.v1.ClusteringService/GetHousehold",
+                     cpb.GetHouseholdRequest(account_id="acc-9"), ALICE, [], grpc.StatusCode.NOT_FOUND, "ab" * 16)
+    erase = cpb.EraseRequest(scope=common_pb2.ErasureScope(account_id="acc-3", household=True))
+    audit.record_rpc("clustering", "/hearth.clustering.v1.ClusteringService/Erase", erase,
+                     identity.service_principal("privacy"), [], grpc.StatusCode.OK, "")
+    audit.record_rpc("clustering", "/hearth.clustering.v1.ClusteringService/IngestEvents",
+                     iter([]), ALICE, [], grpc.StatusCode.INTERNAL, "")
+    sink.flush(5)
+    read, erased, ingest = transport.records
+    assert (read.event_type, read.resource, read.outcome, read.trace_id) == (
+        "read_household", "household:acc-9", "failure", "ab" * 16)
+    assert (erased.event_type, erased.resource, erased.principal) == (
+        "deletion_completed", "household:acc-3", "svc:privacy")
+    assert (ingest.resource, ingest.outcome) == ("", "error")
+
+
+def test_unauthenticated_calls_record_the_claimed_principal(memory_sink):
+    transport, sink = memory_sink
+    metadata = [(identity.PRINCIPAL_KEY, "mallory"), (identity.ROLE_KEY, "admin")]
+    audit.record_rpc("privacy", "/hearth.privacy.v1.PrivacyService/QueryAudit", None, None, metadata,
+                     grpc.StatusCode.UNAUTHENTICATED, "")
+    audit.record_rpc("privacy", "/hearth.privacy.v1.PrivacyService/QueryAudit", None, None,
+                     [(identity.PRINCIPAL_KEY, "bad id with spaces")], grpc.StatusCode.UNAUTHENTICATED, "")
+    sink.flush(5)
+    claimed, anonymous = transport.records
+    assert (claimed.event_type, claimed.principal, claimed.outcome) == (
+        "authentication_failure", "mallory", "denied")
+    details = json.loads(claimed.details_json)
+    assert details["authenticated"] == "false" and details["claimed_role"] == "admin"
+    assert claimed.role == audit.UNAUTHENTICATED_ROLE  # never the claimed admin role
+    assert anonymous.principal == audit.ANONYMOUS
+
+
+def test_security_listener_records_gateway_refusals_only(memory_sink):
+    transport, sink = memory_sink
+    listener = audit.security_listener("gateway")
+    listener(identity.SecurityEvent("authentication_failed", "gateway", "unknown_api_key",
+                                    target="GET /v1/household/{account_id}"))
+    listener(identity.SecurityEvent("permission_denied", "gateway", "not_in_matrix", "ana", "analyst",
+                                    "GET /v1/audit"))
+    listener(identity.SecurityEvent("rate_limited", "gateway", "bucket", "ana", "analyst", "POST /v1/events"))
+    listener(identity.SecurityEvent("authentication_failed", "clustering", "bad_token"))
+    sink.flush(5)
+    failure, denial = transport.records
+    assert (failure.event_type, failure.principal, failure.resource) == (
+        "authentication_failure", "anonymous", "route:GET /v1/household/{account_id}")
+    assert (denial.event_type, denial.principal, denial.role, denial.outcome) == (
+        "permission_denied", "ana", "analyst", "denied")
+
+
+def test_record_rpc_is_a_no_op_without_a_sink():
+    assert not audit.installed()
+    audit.record_rpc("x", "/hearth.clustering.v1.ClusteringService/GetHousehold", None, ALICE, [],
+                     grpc.StatusCode.OK, "")  # must not raise
