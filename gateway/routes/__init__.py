@@ -15,6 +15,7 @@ ERROR_RESPONSES = {
     401: {"model": models.ErrorOut, "description": "missing or invalid credentials"},
     400: {"model": models.ErrorOut, "description": "the body is not parseable (e.g. nested too deeply)"},
     403: {"model": models.ErrorOut, "description": "the caller's role may not use this route"},
+    412: {"model": models.ErrorOut, "description": "a precondition failed (e.g. consent withdrawn)"},
     413: {"model": models.ErrorOut, "description": "request body too large"},
     422: {"model": models.ErrorOut, "description": "invalid input; `error.field` names the field"},
     429: {"model": models.ErrorOut, "description": "rate limit exceeded; see the Retry-After header"},

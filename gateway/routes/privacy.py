@@ -16,12 +16,13 @@ from datetime import timezone
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 from pydantic import AwareDatetime, BaseModel, Field, model_validator
 
 from gateway import models
 from gateway.models import Id, Strict
-from gateway.routes import ACCOUNT_PATH, ERROR_RESPONSES
+from gateway.routes import ACCOUNT_PATH, ERROR_RESPONSES, ID_PATTERN
 from hearth.common.v1 import common_pb2
 from hearth.privacy.v1 import privacy_pb2 as ppb
 from services.common.identity import Principal
@@ -31,6 +32,8 @@ _STATES = {ppb.JOB_STATE_PENDING: "pending", ppb.JOB_STATE_RUNNING: "running",
            ppb.JOB_STATE_COMPLETED: "completed", ppb.JOB_STATE_FAILED: "failed",
            ppb.JOB_STATE_UNSPECIFIED: "unknown"}
 ScopeKind = Literal["household", "device", "person", "window"]
+# Its own Path object: FastAPI binds a parameter's alias onto the FieldInfo it is given.
+JOB_PATH = PathParam(..., min_length=1, max_length=128, pattern=ID_PATTERN)
 NOT_FOUND = {404: {"model": models.ErrorOut, "description": "unknown job"}}
 
 
@@ -171,7 +174,7 @@ def router(clients, access) -> APIRouter:
 
     @api.get("/v1/delete/{job_id}", response_model=DeletionOut, responses={**ERROR_RESPONSES, **NOT_FOUND},
              summary="State of a deletion job and, once completed, its signed receipt")
-    async def get_delete(job_id: str = ACCOUNT_PATH, who: Principal = Depends(access("GET /v1/delete/{job_id}"))):
+    async def get_delete(job_id: str = JOB_PATH, who: Principal = Depends(access("GET /v1/delete/{job_id}"))):
         r = await clients.call("privacy", "GetDeletion", ppb.GetDeletionRequest(job_id=job_id), who)
         return deletion_to_json(r)
 

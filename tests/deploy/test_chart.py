@@ -216,6 +216,10 @@ def test_pods_run_non_root_with_a_read_only_root_filesystem(render):
             volumes = {v["name"]: v for v in pod["volumes"]}
             mounts = {m["mountPath"]: m["name"] for m in container(deployment_of(objects, component))["volumeMounts"]}
             assert "emptyDir" in volumes[mounts["/tmp"]], "/tmp must be a writable emptyDir"
+            if component in GRPC_SERVICES:
+                # The services write under HEARTH_DATA_DIR (SQLite, the privacy public key).
+                data_dir = effective_env(deployment_of(objects, component), objects)["HEARTH_DATA_DIR"]
+                assert "emptyDir" in volumes[mounts[data_dir]], f"{component}: {data_dir} must be writable"
 
 
 def test_shutdown_budget_covers_prestop_sleep_and_the_drain_grace(render):
@@ -237,6 +241,17 @@ def test_shutdown_budget_covers_prestop_sleep_and_the_drain_grace(render):
 # --- configuration: what the processes will see -------------------------------------------
 
 
+def _settings_classes() -> dict[str, type]:
+    """The settings class each process validates its environment with."""
+    from services.feedback.settings import FeedbackSettings
+    from services.privacy.settings import PrivacySettings
+
+    return {"privacy": PrivacySettings, "feedback": FeedbackSettings}
+
+
+SETTINGS_CLASSES = _settings_classes()
+
+
 def _load_settings(env: dict[str, object], component: str, monkeypatch):
     """Build the process's settings object from the rendered environment, exactly as
     the process would at start (secrets replaced by plausible stand-ins)."""
@@ -245,14 +260,17 @@ def _load_settings(env: dict[str, object], component: str, monkeypatch):
 
     stand_ins = {"HEARTH_POSTGRES_DSN": "postgresql://hearth:pw@db:5432/hearth",
                  "HEARTH_REDIS_URL": "redis://redis:6379/0",
-                 "HEARTH_SERVICE_TOKEN_KEY": "k" * 32}
+                 "HEARTH_SERVICE_TOKEN_KEY": "k" * 32,
+                 "HEARTH_KEKS": "k1=" + "A" * 43 + "=",
+                 "HEARTH_RECEIPT_SIGNING_KEY": "B" * 43 + "=",
+                 "HEARTH_AUDIT_SIGNING_KEY": "C" * 43 + "="}
     for name in [n for n in list(__import__("os").environ) if n.startswith("HEARTH_")]:
         monkeypatch.delenv(name)
     for name, value in env.items():
         monkeypatch.setenv(name, stand_ins.get(name, "secret") if isinstance(value, tuple) else value)
     if component == "gateway":
         return GatewaySettings()
-    return config.load(service_name=component)
+    return config.load(SETTINGS_CLASSES.get(component, config.ServiceSettings), service_name=component)
 
 
 @pytest.mark.parametrize("scenario", ["default", "production", "local-sqlite", "client-side-balancing"])
@@ -282,11 +300,12 @@ def test_every_hearth_variable_the_chart_sets_is_one_the_code_reads(render):
     from gateway.config import GatewaySettings
     from services.common import identity, tls
     from services.common.config import ServiceSettings
+    from services.privacy import audit_app
 
-    known = {f"HEARTH_{field.upper()}" for cls in (ServiceSettings, GatewaySettings)
+    known = {f"HEARTH_{field.upper()}" for cls in (ServiceSettings, GatewaySettings, *SETTINGS_CLASSES.values())
              for field in cls.model_fields}
     known |= {identity.TOKEN_KEY_ENV, identity.TOKEN_TTL_ENV, tls.CERT_ENV, tls.KEY_ENV, tls.CA_ENV,
-              tls.SERVER_NAME_ENV}
+              tls.SERVER_NAME_ENV, audit_app.KEY_ENV, audit_app.KEY_FILE_ENV}
     for scenario in SCENARIOS:
         objects = render(**SCENARIOS[scenario])
         for component in COMPONENTS:
@@ -303,6 +322,11 @@ def test_production_uses_postgres_redis_and_secrets_for_credentials(render):
         assert env["HEARTH_POSTGRES_DSN"] == ("secret", "hearth-postgres", "dsn")
         assert env["HEARTH_REDIS_URL"] == ("secret", "hearth-redis", "url")
         assert env["HEARTH_SERVICE_TOKEN_KEY"] == ("secret", "hearth-service-token", "key")
+    privacy = effective_env(deployment_of(objects, "privacy"), objects)
+    # One set of keys for every privacy replica, from a Secret.
+    assert privacy["HEARTH_KEKS"] == ("secret", "hearth-privacy-keys", "keks")
+    assert privacy["HEARTH_RECEIPT_SIGNING_KEY"] == ("secret", "hearth-privacy-keys", "receipt-signing-key")
+    assert privacy["HEARTH_AUDIT_SIGNING_KEY"] == ("secret", "hearth-privacy-keys", "audit-signing-key")
     # No credential in a ConfigMap or a plain env value.
     for cm in by_kind(objects, "ConfigMap").values():
         assert not {"HEARTH_POSTGRES_DSN", "HEARTH_REDIS_URL", "HEARTH_SERVICE_TOKEN_KEY"} & set(cm["data"])
@@ -373,6 +397,8 @@ def test_local_sqlite_runs_one_replica_with_a_data_volume(render):
         assert deployment["spec"]["replicas"] == 1
         mounts = {m["mountPath"]: m["name"] for m in container(deployment)["volumeMounts"]}
         assert env["HEARTH_DATA_DIR"] in mounts, "SQLite needs a writable data dir"
+        # The single privacy pod generates its keys into that data dir.
+        assert "HEARTH_KEKS" not in env
 
 
 @pytest.mark.parametrize("override", ["services.privacy.replicas=2", "services.privacy.autoscaling.enabled=true"])
@@ -390,6 +416,7 @@ def test_sqlite_with_more_than_one_replica_is_refused(render, override):
     ("services.clustering.metricsPort=50051", "services.clustering: grpcPort and metricsPort must differ"),
     ("gateway.autoscaling.minReplicas=20", "gateway.autoscaling: minReplicas must be <= maxReplicas"),
     ("config.extra.LOG_LEVEL=x", "config.extra.LOG_LEVEL: keys must be HEARTH_"),
+    ("services.privacy.keys.secretName=", "services.privacy.keys.secretName, .receiptSigningKeyKey, .auditSigningKeyKey and .keksKey are required"),
 ])
 def test_bad_values_fail_with_a_message_naming_the_value(render, bad, message):
     with pytest.raises(HelmError, match=re.escape(message)):
@@ -430,3 +457,13 @@ def test_prometheus_rule_ships_the_tested_rules_verbatim(render):
     objects = render(values_files=(PRODUCTION_VALUES,))
     (rule,) = by_kind(objects, "PrometheusRule").values()
     assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
+
+
+def test_object_names_fit_a_dns_label_even_for_a_long_release_name(helm, helm_env):
+    release = "r" * 53  # the longest release name helm accepts
+    out = run_helm(helm, helm_env, "template", release, str(CHART), "--kube-version", TARGET_KUBE_VERSION)
+    objects = [doc for doc in yaml.safe_load_all(out) if doc]
+    keys = [(o["kind"], o["metadata"]["name"]) for o in objects]
+    assert len(keys) == len(set(keys)), "two objects of one kind share a name"
+    for _, name in keys:
+        assert len(name) <= 63 and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name), name

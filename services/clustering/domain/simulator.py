@@ -183,14 +183,14 @@ def _make_person(rng: np.random.Generator, arch: Archetype, difficulty: float) -
     def peaks(spec: tuple[tuple[float, float, float], ...]) -> np.ndarray:
         p = np.array(spec, dtype=float)
         p[:, 0] = np.mod(p[:, 0] + rng.normal(0.0, 1.0, len(p)), 24.0)
-        p[:, 1] = p[:, 1] * rng.uniform(0.8, 1.2, len(p)) * (0.5 + 1.0 * difficulty)
+        p[:, 1] = p[:, 1] * rng.uniform(0.8, 1.2, len(p)) * (0.4 + 0.9 * difficulty)
         p[:, 2] /= p[:, 2].sum()
         return p
 
     dow = np.array([1, 1, 1, 1, 1, arch.weekend_factor, arch.weekend_factor], dtype=float)
     dow *= rng.lognormal(0.0, 0.2, 7)
     devices = rng.dirichlet(40.0 * _vector(arch.devices, _D, 6) + 0.05)
-    genres = rng.dirichlet(30.0 * _vector(arch.genres, _G, len(F.GENRES)) + 0.02)
+    genres = rng.dirichlet(15.0 * _vector(arch.genres, _G, len(F.GENRES)) + 0.02)
     return _Person(
         archetype=arch, weekday_peaks=peaks(arch.weekday_peaks),
         weekend_peaks=peaks(arch.weekend_peaks), dow_weights=dow / dow.sum(),
@@ -302,7 +302,7 @@ def _draw_sessions(rng: np.random.Generator, p: _Person, days: int, tz_hours: fl
     secondary = _categorical_rows(rng, gp, (n, t_max))
     primary[binge, :] = primary[binge, :1]  # one series: same genres for every episode
     secondary[binge, :] = secondary[binge, :1]
-    has_second = rng.random((n, t_max)) < 0.5
+    has_second = rng.random((n, t_max)) < 0.3
     has_second[binge, :] = has_second[binge, :1]
     length = np.where(binge, 40.0, p.minutes / np.maximum(n_titles, 1))
     secs = (length[:, None] * 60.0 * rng.lognormal(0.0, 0.35, (n, t_max))) * slot

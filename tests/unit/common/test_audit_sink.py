@@ -126,6 +126,7 @@ def test_transient_failures_are_retried_with_the_same_record_ids():
     sink = AuditSink(transport, component="t-retry", max_delay_s=0.02, backoff_s=0.1, sleep=sleeps.append)
     for _ in range(3):
         sink.record(audit.ASSIGN, principal=ALICE)
+    assert sink.flush(5)
     sink.close()
     assert len(transport.records) == 3
     assert transport.attempts[0] == transport.attempts[1] == transport.attempts[2]

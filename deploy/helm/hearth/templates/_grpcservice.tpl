@@ -56,6 +56,27 @@ spec:
             - name: HEARTH_METRICS_PORT
               value: {{ $svc.metricsPort | quote }}
             {{- include "hearth.commonEnv" $ctx | trim | nindent 12 }}
+            {{- if and (eq $name "privacy") $svc.keys $svc.keys.secretName }}
+            - name: HEARTH_RECEIPT_SIGNING_KEY
+              valueFrom:
+                secretKeyRef:
+                  name: {{ $svc.keys.secretName }}
+                  key: {{ $svc.keys.receiptSigningKeyKey }}
+            - name: HEARTH_AUDIT_SIGNING_KEY
+              valueFrom:
+                secretKeyRef:
+                  name: {{ $svc.keys.secretName }}
+                  key: {{ $svc.keys.auditSigningKeyKey }}
+            - name: HEARTH_KEKS
+              valueFrom:
+                secretKeyRef:
+                  name: {{ $svc.keys.secretName }}
+                  key: {{ $svc.keys.keksKey }}
+            {{- with $svc.keys.activeKek }}
+            - name: HEARTH_ACTIVE_KEK
+              value: {{ . | quote }}
+            {{- end }}
+            {{- end }}
           startupProbe:
             grpc:
               port: {{ $svc.grpcPort }}
@@ -76,19 +97,15 @@ spec:
           volumeMounts:
             - name: tmp
               mountPath: /tmp
-            {{- if eq $root.Values.storage.backend "sqlite" }}
             - name: data
               mountPath: /var/lib/hearth
-            {{- end }}
       volumes:
         - name: tmp
           emptyDir:
             sizeLimit: {{ $root.Values.tmpSizeLimit }}
-        {{- if eq $root.Values.storage.backend "sqlite" }}
         - name: data
           emptyDir:
-            sizeLimit: {{ $root.Values.storage.sqlite.sizeLimit }}
-        {{- end }}
+            sizeLimit: {{ $root.Values.storage.dataDir.sizeLimit }}
 ---
 apiVersion: v1
 kind: Service

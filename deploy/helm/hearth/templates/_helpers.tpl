@@ -8,16 +8,17 @@ Helpers that need a component take a dict: (dict "root" $ "name" "clustering").
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{/* Release-wide prefix; component objects are "<fullname>-<component>" (<= 63 chars). */}}
+{{/* Release-wide prefix (<= 42 chars, so that the longest object name,
+"<fullname>-attribution-headless", stays within the 63 of a DNS label). */}}
 {{- define "hearth.fullname" -}}
 {{- if .Values.fullnameOverride }}
-{{- .Values.fullnameOverride | trunc 50 | trimSuffix "-" }}
+{{- .Values.fullnameOverride | trunc 42 | trimSuffix "-" }}
 {{- else }}
 {{- $name := default .Chart.Name .Values.nameOverride }}
 {{- if contains $name .Release.Name }}
-{{- .Release.Name | trunc 50 | trimSuffix "-" }}
+{{- .Release.Name | trunc 42 | trimSuffix "-" }}
 {{- else }}
-{{- printf "%s-%s" .Release.Name $name | trunc 50 | trimSuffix "-" }}
+{{- printf "%s-%s" .Release.Name $name | trunc 42 | trimSuffix "-" }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -103,6 +104,12 @@ render time is cheaper than discovering it in a running cluster.
 {{- if eq $backend "postgres" }}
 {{- if not (and .Values.storage.postgres.secretName .Values.storage.postgres.secretKey) }}
 {{- fail "storage.postgres.secretName and storage.postgres.secretKey are required with storage.backend=postgres" }}
+{{- end }}
+{{- end }}
+{{- if eq $backend "postgres" }}
+{{- $keys := .Values.services.privacy.keys | default dict }}
+{{- if not (and $keys.secretName $keys.receiptSigningKeyKey $keys.auditSigningKeyKey $keys.keksKey) }}
+{{- fail "services.privacy.keys.secretName, .receiptSigningKeyKey, .auditSigningKeyKey and .keksKey are required with storage.backend=postgres: otherwise every privacy pod generates keys of its own" }}
 {{- end }}
 {{- end }}
 {{- if eq $backend "sqlite" }}

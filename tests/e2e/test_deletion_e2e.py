@@ -1,0 +1,243 @@
+"""Deletion end to end through the gateway, with every service as its own process, on
+SQLite files and on PostgreSQL + Redis: each scope (device, person, household, window)
+requested with POST /v1/delete and followed with GET /v1/delete/{job}; a remnant scan
+of the raw stores (SQLite files, PostgreSQL schemas, Redis keys) afterwards; receipts
+checked with the offline CLI; a job interrupted by stopping the clustering service
+finishes after its restart; consent refusal; the export."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.mesh import ROOT, Mesh, write_api_key
+
+DAY = 86400.0
+RUN = uuid.uuid4().hex[:6]  # PostgreSQL schemas outlive a mesh: keep accounts unique per run
+DATA_SERVICES = ("clustering", "attribution", "feedback")
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def dmesh(request, tmp_path_factory):
+    base = tmp_path_factory.mktemp(f"deletion-{request.param}")
+    env = {"HEARTH_DELETION_POLL_S": "0.1", "HEARTH_DELETION_RETRY_BASE_S": "0.1",
+           "HEARTH_DELETION_RETRY_MAX_S": "0.5", "HEARTH_DELETION_LEASE_S": "5",
+           "HEARTH_RETENTION_CHECK_S": "0"}
+    if request.param == "postgres":
+        env.update(HEARTH_STORAGE="postgres", HEARTH_POSTGRES_DSN=request.getfixturevalue("postgres_dsn"),
+                   HEARTH_REDIS_URL=request.getfixturevalue("redis_url"))
+    m = Mesh.on_free_ports(base / "var", log_dir=base / "logs", extra_env=env)
+    m.data_dir.mkdir(parents=True)
+    m.api_key = write_api_key(m.data_dir / "gateway-keys.json", "olivia", "admin")
+    m.backend = request.param
+    m.env_extra = env
+    m.start()
+    try:
+        m.wait_healthy(120)
+        yield m
+    finally:
+        m.stop()
+
+
+@pytest.fixture
+def client(dmesh):
+    with httpx.Client(base_url=dmesh.url, headers={"X-API-Key": dmesh.api_key}, timeout=30) as c:
+        yield c
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def post_events(client, account: str, device: str, start: float, n: int, prefix: str = "") -> None:
+    body = {"events": [{"event_id": f"{prefix or account}-{device}-{i}", "account_id": account, "device_id": device,
+                        "device_type": "tv", "ts": _iso(start + i * 300), "kind": "heartbeat",
+                        "title_id": f"title-{i}", "series_id": "show-1", "genres": ["drama"], "duration_s": 300,
+                        "maturity": "adult", "country": "FR", "profile_hint": "dad"} for i in range(n)]}
+    r = client.post("/v1/events", json=body)
+    assert r.status_code == 200, r.text
+
+
+def post_touchpoints(client, account: str, items) -> None:
+    body = {"touchpoints": [{"touchpoint_id": tid, "account_id": account, "device_id": device, "ts": _iso(ts),
+                             "channel": "email", "campaign": "spring", **({"person_id": p} if p else {})}
+                            for tid, device, ts, p in items]}
+    r = client.post("/v1/touchpoints", json=body)
+    assert r.status_code == 200, r.text
+
+
+def delete(client, scope: dict, timeout_s: float = 60.0) -> dict:
+    r = client.post("/v1/delete", json={"scope": scope, "reason": "gdpr_art17"})
+    assert r.status_code == 202, r.text
+    return poll(client, r.json()["job_id"], timeout_s)
+
+
+def poll(client, job_id: str, timeout_s: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        r = client.get(f"/v1/delete/{job_id}")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        if body["state"] in ("completed", "failed") or time.monotonic() > deadline:
+            return body
+        time.sleep(0.05)
+
+
+# ---- raw-store remnant scan ------------------------------------------------------------------
+
+def remnants(dmesh, account: str, device: str | None = None) -> dict[str, int]:
+    """Rows of ``account`` (and ``device``) in every table of every data-holding service,
+    read straight from the backend, plus Redis keys naming the account."""
+    found: dict[str, int] = {}
+    where = "account_id = {p}" + (" AND device_id = {p}" if device else "")
+    params = (account, device) if device else (account,)
+    if dmesh.backend == "sqlite":
+        for service in DATA_SERVICES:
+            conn = sqlite3.connect(dmesh.data_dir / f"{service}.db")
+            try:
+                tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+                for table in tables:
+                    cols = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+                    if "account_id" in cols and (device is None or "device_id" in cols):
+                        n = conn.execute(f"SELECT COUNT(*) FROM {table} WHERE {where.format(p='?')}",
+                                         params).fetchone()[0]
+                        if n:
+                            found[f"{service}.{table}"] = n
+            finally:
+                conn.close()
+        return found
+    import psycopg
+    import redis
+
+    with psycopg.connect(dmesh.env_extra["HEARTH_POSTGRES_DSN"]) as conn:
+        tables = conn.execute(
+            "SELECT table_schema, table_name, array_agg(column_name::text) FROM information_schema.columns "
+            "WHERE table_schema IN ('hearth_clustering', 'hearth_attribution', 'hearth_feedback') "
+            "GROUP BY table_schema, table_name").fetchall()
+        for schema, table, cols in tables:
+            if "account_id" in cols and (device is None or "device_id" in cols):
+                n = conn.execute(f'SELECT COUNT(*) FROM "{schema}"."{table}" WHERE {where.format(p="%s")}',
+                                 params).fetchone()[0]
+                if n:
+                    found[f"{schema}.{table}"] = n
+    keys = [k.decode() for k in redis.Redis.from_url(dmesh.env_extra["HEARTH_REDIS_URL"]).scan_iter("hearth:*")]
+    bad = [k for k in keys if account in k and (device is None or device in k or k.endswith(account))]
+    if bad:
+        found["redis"] = len(bad)
+    return found
+
+
+def count_rows(dmesh, account: str) -> int:
+    return sum(remnants(dmesh, account).values())
+
+
+# ---- tests ---------------------------------------------------------------------------------
+
+def test_each_scope_end_to_end_leaves_no_remnant(dmesh, client):
+    t0 = time.time() - 5 * DAY
+    acct = f"e2e-del-{RUN}"
+    post_events(client, acct, "tv-1", t0, 4)
+    post_events(client, acct, "ph-1", t0 + DAY, 3)
+    post_events(client, acct, "tab-1", t0 + 3 * DAY, 3)
+    post_touchpoints(client, acct, [(f"{acct}-t1", "tv-1", t0, None), (f"{acct}-t2", "ph-1", t0 + DAY, "p2"),
+                                    (f"{acct}-t3", "tab-1", t0 + 3 * DAY, None)])
+    assert remnants(dmesh, acct, "tv-1")
+
+    job = delete(client, {"kind": "device", "account_id": acct, "device_id": "tv-1"})
+    assert job["state"] == "completed", job
+    by = {s["service"]: s for s in job["services"]}
+    assert by["clustering"]["deleted_counts"] == {"events": 4, "sessions": 1, "devices": 1}
+    assert by["attribution"]["deleted_counts"] == {"touchpoints": 1}
+    assert remnants(dmesh, acct, "tv-1") == {}
+
+    job = delete(client, {"kind": "person", "account_id": acct, "person_id": "p2"})
+    assert job["state"] == "completed", job
+    assert {s["service"]: s for s in job["services"]}["attribution"]["deleted_counts"] == {"touchpoints": 1}
+
+    job = delete(client, {"kind": "window", "account_id": acct, "start": _iso(t0 + 3 * DAY - 60),
+                          "end": _iso(t0 + 4 * DAY)})
+    assert job["state"] == "completed", job
+    assert remnants(dmesh, acct, "tab-1") == {}
+    assert remnants(dmesh, acct, "ph-1")  # outside the window: still there
+
+    job = delete(client, {"kind": "household", "account_id": acct})
+    assert job["state"] == "completed", job
+    assert job["receipt"]["receipt"]["scope"] == {"kind": "household", "account_id": acct}
+    assert remnants(dmesh, acct) == {}
+
+
+def test_receipt_verifies_offline_and_a_forgery_does_not(dmesh, client, tmp_path):
+    acct = f"e2e-rcpt-{RUN}"
+    post_events(client, acct, "tv-1", time.time() - DAY, 2)
+    job = delete(client, {"kind": "household", "account_id": acct})
+    assert job["state"] == "completed", job
+    public = dmesh.data_dir / "privacy-receipt-signing.pub"
+    good, forged = tmp_path / "good.json", tmp_path / "forged.json"
+    good.write_text(json.dumps(job["receipt"]))
+    tampered = json.loads(json.dumps(job["receipt"]))
+    tampered["receipt"]["requested_by"]["principal"] = "someone-else"
+    forged.write_text(json.dumps(tampered))
+
+    def verify(path: Path) -> int:
+        return subprocess.run([sys.executable, "-m", "services.privacy.cli", "verify-receipt", str(path),
+                               "--public-key", str(public)], cwd=ROOT, capture_output=True).returncode
+
+    assert verify(good) == 0
+    assert verify(forged) == 1
+
+
+def test_job_interrupted_by_stopping_clustering_finishes_after_restart(dmesh, client):
+    acct = f"e2e-kill-{RUN}"
+    post_events(client, acct, "tv-1", time.time() - DAY, 3)
+    dmesh.stop_process("clustering")
+    try:
+        r = client.post("/v1/delete", json={"scope": {"kind": "household", "account_id": acct}})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+        deadline = time.monotonic() + 20
+        while True:
+            body = client.get(f"/v1/delete/{job_id}").json()
+            clustering = next(s for s in body["services"] if s["service"] == "clustering")
+            if clustering["attempts"] >= 1 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert body["state"] == "running" and not clustering["confirmed"], body
+    finally:
+        dmesh.start_service("clustering")
+    body = poll(client, job_id)
+    assert body["state"] == "completed", body
+    assert remnants(dmesh, acct) == {}
+
+
+def test_withdrawn_consent_is_refused_and_nothing_is_stored(dmesh, client):
+    acct = f"e2e-consent-{RUN}"
+    r = client.put(f"/v1/consent/{acct}", json={"processing": False, "attribution": False})
+    assert r.status_code == 200 and r.json()["version"] == 1, r.text
+    r = client.post("/v1/events", json={"events": [{
+        "event_id": f"{acct}-0", "account_id": acct, "device_id": "tv-1", "device_type": "tv",
+        "ts": _iso(time.time() - 3600), "kind": "heartbeat", "title_id": "t", "genres": [], "duration_s": 10}]})
+    assert r.status_code == 412, r.text
+    assert r.json()["error"]["field"] == "account_id"
+    assert count_rows(dmesh, acct) == 0
+
+
+def test_export_returns_everything_ingested(dmesh, client):
+    acct = f"e2e-export-{RUN}"
+    post_events(client, acct, "tv-1", time.time() - 2 * DAY, 3)
+    post_touchpoints(client, acct, [(f"{acct}-t1", "tv-1", time.time() - 2 * DAY, None)])
+    r = client.get(f"/v1/household/{acct}/export")
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert data["schema"] == "hearth-household-export" and data["account_id"] == acct
+    assert sorted(e["event_id"] for e in data["services"]["clustering"]["events"]) == \
+        [f"{acct}-tv-1-{i}" for i in range(3)]
+    assert data["services"]["clustering"]["events"][0]["title_id"] == "title-0"
+    assert [t["campaign"] for t in data["services"]["attribution"]["touchpoints"]] == ["spring"]

@@ -1,0 +1,517 @@
+"""The audit log on the real stores (SQLite and PostgreSQL through the ``database``
+fixture), served by the real gRPC stack: tamper cases found by VerifyAudit, proofs from
+GetAuditProof checked by an independent RFC 9162 verifier, group commit under
+concurrency, a writer killed mid-stream, restart, export -> offline CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+
+from hearth.privacy.v1 import privacy_pb2 as ppb
+from hearth.privacy.v1 import privacy_pb2_grpc as ppb_grpc
+from services.common import audit
+from services.common.errors import ERROR_FIELD_KEY
+from services.common.identity import Principal, Role
+from services.common.server import build_server
+from services.common.storage.sql import migrate
+from services.privacy import cli
+from services.privacy.audit_app import SECURITY_ALERTS, AuditApp
+from services.privacy.audit_servicer import AuditRpcs
+from services.privacy.domain.audit import AuditEntry
+from services.privacy.domain.keys import generate_private_key, private_key_to_pem, public_key_to_pem
+from services.privacy.domain.suspicious import DetectorThresholds
+from services.privacy.migrations import MIGRATIONS
+from tests.conftest import ADMIN
+from tests.integration import rfc9162
+from tests.unit.privacy.test_merkle import CT_CONSISTENCY, CT_LEAVES, CT_PATHS, CT_ROOTS
+
+ROOT = Path(__file__).resolve().parents[2]
+ANA = Principal("ana", Role.ANALYST)
+META = ADMIN.metadata()
+
+
+def _records(n: int, who: Principal = ANA, tag: str = "r", event: str = audit.READ_HOUSEHOLD):
+    return [audit.make_record(event, f"household:{tag}-{i}", details={"i": i}, principal=who,
+                              trace_id=f"{tag}{i:04x}") for i in range(n)]
+
+
+class _AuditOnly(AuditRpcs, ppb_grpc.PrivacyServiceServicer):
+    pass
+
+
+class Log:
+    """An AuditApp on the test database behind a real gRPC server."""
+
+    def __init__(self, db, key, **options) -> None:
+        self.db, self.key = db, key
+        self.app = AuditApp(db, key, **options)
+        servicer = _AuditOnly()
+        servicer.audit = self.app
+
+        def register(server):
+            ppb_grpc.add_PrivacyServiceServicer_to_server(servicer, server)
+            return ["hearth.privacy.v1.PrivacyService"]
+
+        self.server = build_server("privacy", register, port=0)
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.server.port}")
+        self.stub = ppb_grpc.PrivacyServiceStub(self.channel)
+        self.pem = public_key_to_pem(key.public_key())
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.stop(0)
+        self.app.close()
+
+    def verify(self) -> ppb.VerifyAuditResponse:
+        return self.stub.VerifyAudit(ppb.VerifyAuditRequest(), metadata=META)
+
+
+@pytest.fixture
+def key():
+    return generate_private_key()
+
+
+@pytest.fixture
+def log(database, key):
+    migrate(database, MIGRATIONS)
+    opened = Log(database, key, max_delay_s=0.001)
+    yield opened
+    opened.close()
+
+
+def _fill(log: Log, batches=(1, 2, 5, 8, 13, 8)) -> list[int]:
+    """Append in separate batches; returns the signed tree sizes (one per batch)."""
+    sizes, total = [], 0
+    for b, n in enumerate(batches):
+        log.app.append(_records(n, tag=f"b{b}"))
+        total += n
+        sizes.append(total)
+    return sizes
+
+
+# ------------------------------------------------------------------ the verifier itself
+
+
+def test_independent_verifier_agrees_with_the_ct_reference_vectors():
+    for n, root in enumerate(CT_ROOTS, start=1):
+        assert rfc9162.mth(CT_LEAVES[:n]) == root
+    for index, size, path in CT_PATHS:
+        proof = [bytes.fromhex(h) for h in path]
+        leaf = rfc9162.leaf_hash(CT_LEAVES[index])
+        assert rfc9162.verify_inclusion(index, size, leaf, proof, CT_ROOTS[size - 1])
+        assert not rfc9162.verify_inclusion(index, size, rfc9162.sha256(b"x"), proof, CT_ROOTS[size - 1])
+    for m, n, path in CT_CONSISTENCY:
+        proof = [bytes.fromhex(h) for h in path]
+        assert rfc9162.verify_consistency(m, n, CT_ROOTS[m - 1], CT_ROOTS[n - 1], proof)
+        if proof:
+            assert not rfc9162.verify_consistency(m, n, CT_ROOTS[m - 1], CT_ROOTS[n - 1], proof[:-1])
+
+
+# ------------------------------------------------------------------ proofs over gRPC
+
+
+def test_inclusion_and_consistency_proofs_verify_independently(log):
+    sizes = _fill(log)
+    leaves: list[bytes] = []
+    for size in sizes:
+        for seq in range(size):
+            r = log.stub.GetAuditProof(ppb.GetAuditProofRequest(inclusion_seq=seq, tree_size=size),
+                                       metadata=META)
+            sth = rfc9162.verify_sth_json(r.tree_head.json, r.public_key_pem)
+            assert r.public_key_pem == log.pem and sth["tree_size"] == size == r.tree_head.tree_size
+            assert r.leaf_hash == rfc9162.leaf_hash(r.record.canonical)
+            assert r.record.seq == seq and json.loads(r.record.canonical)["seq"] == seq
+            root = bytes.fromhex(sth["root"])
+            assert root == r.tree_head.root_hash
+            assert rfc9162.verify_inclusion(seq, size, r.leaf_hash, list(r.path), root)
+            if size == sizes[-1]:
+                leaves.append(r.record.canonical)
+    # the signed root is the Merkle tree hash of exactly the entries, recomputed here
+    assert rfc9162.mth(leaves) == log.stub.VerifyAudit(ppb.VerifyAuditRequest(), metadata=META).tree_head.root_hash
+    for i, old in enumerate(sizes):
+        for new in sizes[i:]:
+            r = log.stub.GetAuditProof(ppb.GetAuditProofRequest(consistency_from_size=old, tree_size=new),
+                                       metadata=META)
+            old_sth = rfc9162.verify_sth_json(r.old_tree_head.json, log.pem)
+            new_sth = rfc9162.verify_sth_json(r.tree_head.json, log.pem)
+            assert rfc9162.verify_consistency(old, new, bytes.fromhex(old_sth["root"]),
+                                              bytes.fromhex(new_sth["root"]), list(r.path))
+    # from a size that was never signed: check against the root recomputed from the entries
+    r = log.stub.GetAuditProof(ppb.GetAuditProofRequest(consistency_from_size=5), metadata=META)
+    assert not r.HasField("old_tree_head")
+    assert rfc9162.verify_consistency(5, sizes[-1], rfc9162.mth(leaves[:5]), r.tree_head.root_hash, list(r.path))
+    assert not rfc9162.verify_consistency(5, sizes[-1], rfc9162.mth(leaves[:4]), r.tree_head.root_hash, list(r.path))
+
+
+def test_proof_requests_are_validated(log):
+    with pytest.raises(grpc.RpcError) as empty:
+        log.stub.GetAuditProof(ppb.GetAuditProofRequest(inclusion_seq=0), metadata=META)
+    assert empty.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    _fill(log, (3, 4))
+    for request, code in [(ppb.GetAuditProofRequest(inclusion_seq=7), grpc.StatusCode.INVALID_ARGUMENT),
+                          (ppb.GetAuditProofRequest(inclusion_seq=1, tree_size=5), grpc.StatusCode.NOT_FOUND),
+                          (ppb.GetAuditProofRequest(inclusion_seq=1, tree_size=99), grpc.StatusCode.INVALID_ARGUMENT),
+                          (ppb.GetAuditProofRequest(consistency_from_size=8), grpc.StatusCode.INVALID_ARGUMENT),
+                          (ppb.GetAuditProofRequest(), grpc.StatusCode.INVALID_ARGUMENT)]:
+        with pytest.raises(grpc.RpcError) as err:
+            log.stub.GetAuditProof(request, metadata=META)
+        assert err.value.code() == code, request
+
+
+# ------------------------------------------------------------------ tamper cases
+
+
+def _forged(seq: int, principal: str = "mallory") -> AuditEntry:
+    return AuditEntry(seq=seq, ts="2026-01-01T00:00:00Z", event_type="read_household",
+                      principal=principal, role="admin", resource="household:x")
+
+
+def _row(entry: AuditEntry, chain: bytes = b"\x11" * 32):
+    return (entry.seq, entry.to_dict()["ts"], entry.event_type.value, entry.principal, entry.role.value,
+            entry.resource, entry.outcome.value, entry.trace_id, None, entry.canonical_bytes,
+            rfc9162.leaf_hash(entry.canonical_bytes), chain)
+
+
+_INSERT = ("INSERT INTO audit_entries (seq, ts, event_type, principal, role, resource, outcome, trace_id, "
+           "record_id, canonical, leaf_hash, chain_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+def _modify_canonical(tx):
+    canonical = bytes(tx.query("SELECT canonical FROM audit_entries WHERE seq = 7")[0][0])
+    data = json.loads(canonical)
+    data["principal"] = "mallory"  # the columns keep the old principal? no: change both
+    forged = AuditEntry.from_dict(data)
+    tx.execute("UPDATE audit_entries SET canonical = ?, principal = ? WHERE seq = 7",
+               (forged.canonical_bytes, "mallory"))
+
+
+def _modify_column(tx):
+    tx.execute("UPDATE audit_entries SET principal = 'mallory' WHERE seq = 7")
+
+
+def _delete(tx):
+    tx.execute("DELETE FROM audit_entries WHERE seq = 7")
+
+
+def _reorder(tx):
+    tx.execute("UPDATE audit_entries SET seq = -1 WHERE seq = 7")
+    tx.execute("UPDATE audit_entries SET seq = 7 WHERE seq = 8")
+    tx.execute("UPDATE audit_entries SET seq = 8 WHERE seq = -1")
+
+
+def _insert_middle(tx):
+    tx.execute("UPDATE audit_entries SET seq = seq + 1000000 WHERE seq >= 7")
+    tx.execute("UPDATE audit_entries SET seq = seq - 999999 WHERE seq >= 1000000")
+    tx.execute(_INSERT, _row(_forged(7)))
+
+
+def _insert_end(tx):
+    tx.execute(_INSERT, _row(_forged(20)))
+
+
+def _truncate(tx):
+    tx.execute("DELETE FROM audit_entries WHERE seq >= 15")
+
+
+@pytest.mark.parametrize("tamper, reason, first_bad", [
+    (_modify_canonical, "modified", 7),
+    (_modify_column, "modified", 7),
+    (_delete, "removed", 7),
+    (_reorder, "reordered", 7),
+    (_insert_middle, "inserted", 7),
+    (_insert_end, "inserted", 20),
+    (_truncate, "truncated", 15),
+], ids=lambda v: getattr(v, "__name__", str(v)))
+def test_verify_audit_reports_each_tampering(log, tamper, reason, first_bad):
+    _fill(log, (5, 5, 5, 5))
+    before = log.verify()
+    assert before.valid and before.entries == 20 and before.first_bad_seq == -1 and before.reason == ""
+    with log.db.transaction() as tx:
+        tamper(tx)
+    after = log.verify()
+    assert (after.valid, after.reason, after.first_bad_seq) == (False, reason, first_bad), after.message
+    assert after.tree_head.tree_size == 20
+
+
+def test_truncation_hidden_by_deleting_tree_heads_is_still_caught_while_running(log):
+    _fill(log, (5, 5, 5, 5))
+    with log.db.transaction() as tx:
+        tx.execute("DELETE FROM audit_entries WHERE seq >= 10")
+        tx.execute("DELETE FROM audit_sth WHERE tree_size > 10")
+    after = log.verify()
+    assert (after.valid, after.reason, after.first_bad_seq) == (False, "truncated", 10)
+
+
+def test_a_forged_tree_head_row_is_a_bad_signature(log, key):
+    _fill(log, (5, 5))
+    with log.db.transaction() as tx:
+        sth = json.loads(tx.query("SELECT sth_json FROM audit_sth WHERE tree_size = 10")[0][0])
+        sth["tree_size"], sth["signature"] = 11, "00" * 64
+        tx.execute("INSERT INTO audit_sth (tree_size, sth_json) VALUES (11, ?)", (json.dumps(sth),))
+        tx.execute(_INSERT, _row(_forged(10)))
+    after = log.verify()
+    assert (after.valid, after.reason) == (False, "bad_signature")
+
+
+# ------------------------------------------------------------------ writes
+
+
+def test_concurrent_appends_get_contiguous_seqs_and_none_is_lost(log):
+    def append(worker: int) -> list[tuple[int, str]]:
+        out = []
+        for call in range(30):
+            records = _records(3, tag=f"w{worker}c{call}", event=audit.INGEST)  # no alerts
+            seqs = log.app.append(records)
+            out += list(zip(seqs, [r.resource for r in records]))
+        return out
+
+    with ThreadPoolExecutor(12) as pool:
+        acked = [pair for result in pool.map(append, range(12)) for pair in result]
+    assert sorted(seq for seq, _ in acked) == list(range(12 * 30 * 3))
+    stored, more = log.app.query(audit_query(limit=10_000))
+    assert not more and {e.entry.seq: e.entry.resource for e in stored} == dict(acked)
+    assert log.verify().valid
+
+
+def audit_query(**kwargs):
+    from services.privacy.audit_store import AuditQuery
+
+    return AuditQuery(**kwargs)
+
+
+def test_a_retried_record_id_is_appended_once(log):
+    records = _records(4)
+    first = log.app.append(records)
+    again = log.app.append([records[2], records[0], *_records(1, tag="new")])
+    assert again[:2] == [first[2], first[0]] and again[2] == 4
+    assert log.verify().entries == 5
+
+
+def test_append_audit_validates_every_record_before_writing_any(log):
+    request = audit.to_append_request(_records(2))
+    request.records[1].event_type = "bogus"
+    with pytest.raises(grpc.RpcError) as err:
+        log.stub.AppendAudit(request, metadata=META)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(err.value.trailing_metadata())[ERROR_FIELD_KEY] == "records[1].event_type"
+    assert log.verify().entries == 0
+    ok = log.stub.AppendAudit(audit.to_append_request(_records(2)), metadata=META)
+    assert list(ok.seqs) == [0, 1] and ok.tree_size == 2
+
+
+def test_append_audit_defaults_and_notes_the_reporter(log):
+    request = ppb.AppendAuditRequest(records=[
+        ppb.AuditRecord(event_type="flag_change", resource="experiment/x", outcome="ok",
+                        details={"version": "3"}),                                   # as the caller
+        audit.to_append_request(_records(1)).records[0],                            # about ana
+    ])
+    log.stub.AppendAudit(request, metadata=META)
+    page = log.stub.QueryAudit(ppb.QueryAuditRequest(), metadata=META)
+    mine, about_ana = page.records
+    assert (mine.principal.id, mine.outcome, json.loads(mine.details_json)) == (
+        "test-admin", "success", {"version": "3"})
+    assert about_ana.principal.id == "ana" and json.loads(about_ana.details_json)["reported_by"] == "test-admin"
+
+
+def test_query_filters_and_pages(log):
+    # (9 exports: one below the bulk-export alert, which would add an entry)
+    log.app.append(_records(30, tag="a") + _records(9, who=ADMIN, tag="b", event=audit.EXPORT))
+    page = log.stub.QueryAudit(ppb.QueryAuditRequest(principal_id="test-admin"), metadata=META)
+    assert [r.seq for r in page.records] == list(range(30, 39)) and not page.has_more
+    assert {r.event_type for r in page.records} == {"export"}
+    by_prefix = log.stub.QueryAudit(ppb.QueryAuditRequest(resource_prefix="household:a-1"), metadata=META)
+    assert [r.resource for r in by_prefix.records] == ["household:a-1"] + [f"household:a-1{i}" for i in range(10)]
+    by_trace = log.stub.QueryAudit(ppb.QueryAuditRequest(trace_id="b0003"), metadata=META)
+    assert [r.seq for r in by_trace.records] == [33]
+    seen, after = [], None
+    while True:
+        request = ppb.QueryAuditRequest(limit=7, event_type="read_household", with_tree_head=True)
+        if after is not None:
+            request.after_seq = after
+        page = log.stub.QueryAudit(request, metadata=META)
+        seen += [r.seq for r in page.records]
+        assert page.tree_head.tree_size == 39
+        if not page.has_more:
+            break
+        after = page.records[-1].seq
+    assert seen == list(range(30))
+    future = log.stub.QueryAudit(ppb.QueryAuditRequest(window=_window(time.time() + 3600, None)), metadata=META)
+    assert list(future.records) == []
+    with pytest.raises(grpc.RpcError) as err:
+        log.stub.QueryAudit(ppb.QueryAuditRequest(limit=10_001), metadata=META)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _window(start, end):
+    from hearth.common.v1 import common_pb2
+    from services.common.pbutil import float_to_ts
+
+    window = common_pb2.TimeRange()
+    if start is not None:
+        window.start.CopyFrom(float_to_ts(start))
+    if end is not None:
+        window.end.CopyFrom(float_to_ts(end))
+    return window
+
+
+def test_only_audit_readers_may_query(log):
+    with pytest.raises(grpc.RpcError) as err:
+        log.stub.QueryAudit(ppb.QueryAuditRequest(), metadata=ANA.metadata())
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+# ------------------------------------------------------------------ restart and crash
+
+
+def test_restart_keeps_verifying_and_appending(database, key):
+    migrate(database, MIGRATIONS)
+    first = Log(database, key)
+    _fill(first, (4, 6))
+    old = first.verify().tree_head
+    first.close()
+    second = Log(database, key)
+    try:
+        assert second.verify().valid
+        assert second.app.append(_records(5, tag="after")) == list(range(10, 15))
+        now = second.verify()
+        assert now.valid and now.entries == 15
+        proof = second.stub.GetAuditProof(ppb.GetAuditProofRequest(consistency_from_size=10), metadata=META)
+        assert rfc9162.verify_consistency(10, 15, old.root_hash, now.tree_head.root_hash, list(proof.path))
+        inclusion = second.stub.GetAuditProof(ppb.GetAuditProofRequest(inclusion_seq=3), metadata=META)
+        assert rfc9162.verify_inclusion(3, 15, inclusion.leaf_hash, list(inclusion.path), now.tree_head.root_hash)
+    finally:
+        second.close()
+
+
+_WRITER = textwrap.dedent("""
+    import sys, threading
+    from services.common import audit
+    from services.common.identity import Principal, Role
+    from services.common.storage.sql import PostgresDatabase, SqliteDatabase
+    from services.privacy.audit_app import AuditApp
+    from services.privacy.domain.keys import load_private_key
+
+    kind, target, schema, key_file = sys.argv[1:5]
+    db = SqliteDatabase(target) if kind == "sqlite" else PostgresDatabase(target, schema, max_size=4)
+    app = AuditApp(db, load_private_key(open(key_file).read()))
+    who = Principal("crash-test", Role.SERVICE)
+    lock = threading.Lock()
+
+    def work(w):
+        i = 0
+        while True:
+            rec = audit.make_record("ingest", f"household:w{w}-{i}", principal=who)
+            (seq,) = app.append([rec])
+            with lock:
+                print(seq, rec.resource, flush=True)
+            i += 1
+
+    for w in range(8):
+        threading.Thread(target=work, args=(w,), daemon=True).start()
+    threading.Event().wait()
+""")
+
+
+def test_nothing_acknowledged_is_lost_when_the_writer_is_killed(database, key, tmp_path, request):
+    migrate(database, MIGRATIONS)
+    key_file = tmp_path / "key.pem"
+    key_file.write_text(private_key_to_pem(key))
+    if database.dialect == "sqlite":
+        args = ["sqlite", database.path, "-"]
+    else:
+        args = ["postgres", request.getfixturevalue("postgres_dsn"), database.schema]
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, *args, str(key_file)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    acked: dict[int, str] = {}
+    deadline = time.monotonic() + 60
+    try:
+        while len(acked) < 400 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seq, resource = line.split()
+            acked[int(seq)] = resource
+    finally:
+        proc.send_signal(signal.SIGKILL)  # no flush, no clean close
+        proc.wait(10)
+    assert len(acked) >= 400, "the writer did not acknowledge enough appends"
+    reopened = Log(database, key)
+    try:
+        stored, _ = reopened.app.query(audit_query(limit=10_000))
+        by_seq = {e.entry.seq: e.entry.resource for e in stored}
+        assert all(by_seq.get(seq) == resource for seq, resource in acked.items())
+        assert sorted(by_seq) == list(range(len(by_seq)))  # no gap, nothing half-written
+        assert reopened.verify().valid
+        assert reopened.app.append(_records(1)) == [len(by_seq)]
+    finally:
+        reopened.close()
+
+
+# ------------------------------------------------------------------ export and CLI
+
+
+def test_export_verifies_offline_and_a_tampered_export_fails(log, tmp_path, capsys):
+    _fill(log, (3, 9, 4))
+    export = tmp_path / "audit.jsonl"
+    export.write_text("\n".join(log.app.export_lines()) + "\n")
+    public = tmp_path / "audit.pub"
+    public.write_text(log.pem)
+    assert cli.main(["audit", "verify", str(export), "--public-key", str(public)]) == 0
+    lines = export.read_text().splitlines()
+    assert len(lines) == 17 and json.loads(lines[-1])["sth"]["tree_size"] == 16
+
+    edited = list(lines)
+    edited[5] = edited[5].replace('"principal":"ana"', '"principal":"eve"')
+    assert edited[5] != lines[5]
+    for name, content, reason in [("edited", edited, "modified"),
+                                  ("dropped", lines[:5] + lines[6:], "removed"),
+                                  ("swapped", lines[:5] + [lines[6], lines[5]] + lines[7:], "reordered")]:
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("\n".join(content) + "\n")
+        capsys.readouterr()
+        assert cli.main(["audit", "verify", str(path), "--public-key", str(public)]) == 1, name
+        assert reason in capsys.readouterr().err
+    other = tmp_path / "other.pub"
+    other.write_text(public_key_to_pem(generate_private_key().public_key()))
+    assert cli.main(["audit", "verify", str(export), "--public-key", str(other)]) == 1
+
+
+# ------------------------------------------------------------------ suspicious activity
+
+
+def _alerts(kind: str) -> float:
+    return SECURITY_ALERTS.labels(kind)._value.get()
+
+
+def test_mass_reads_raise_one_security_alert_and_service_reads_none(database, key):
+    migrate(database, MIGRATIONS)
+    opened = Log(database, key, thresholds=DetectorThresholds(distinct_households=5, auth_failures=3))
+    try:
+        before = _alerts("mass_household_reads")
+        opened.app.append(_records(8, who=Principal("svc:attribution", Role.SERVICE), tag="svc"))
+        opened.app.append(_records(8, who=Principal("eve", Role.DATA_SCIENTIST), tag="eve"))
+        failures = [audit.make_record(audit.AUTHENTICATION_FAILURE, "route:GET /v1/x", "denied",
+                                      principal=Principal("anonymous", Role.ANALYST)) for _ in range(3)]
+        opened.app.append(failures)
+        alerts = opened.stub.QueryAudit(ppb.QueryAuditRequest(event_type="security_alert"), metadata=META)
+        assert [(r.resource, json.loads(r.details_json)["kind"]) for r in alerts.records] == [
+            ("principal:eve", "mass_household_reads"), ("principal:anonymous", "repeated_auth_failures")]
+        eve = json.loads(alerts.records[0].details_json)
+        assert eve["count"] == 5 and eve["role"] == "data_scientist" and alerts.records[0].principal.id == "svc:privacy"
+        assert _alerts("mass_household_reads") - before == 1
+        assert opened.verify().valid
+    finally:
+        opened.close()

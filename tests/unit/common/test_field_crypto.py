@@ -1,0 +1,142 @@
+"""FieldCipher: AES-256-GCM fields under per-household keys fetched from the privacy
+service, readable by the privacy key ring (same format), bound to household and field."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.common.errors import FailedPrecondition
+from services.common.field_crypto import FieldCipher, FieldDecryptionError, encrypted_length
+from services.privacy.domain.crypto import KeyDestroyedError, KeyRing, generate_kek
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def ring_fetcher(ring: KeyRing, calls: list):
+    """A fetcher like privacy's GetDataKey over a real KeyRing (creates the key on demand)."""
+
+    def fetch(account: str, version: int) -> tuple[int, bytes]:
+        calls.append((account, version))
+        if version == 0 and not ring.has_dek(account):
+            if ring.is_destroyed(account):
+                raise FailedPrecondition("destroyed", "account_id")
+            ring.create_dek(account, NOW)
+        try:
+            return ring.data_key(account, version or None)
+        except KeyDestroyedError:
+            raise FailedPrecondition("destroyed", "account_id") from None
+
+    return fetch
+
+
+@pytest.fixture
+def ring() -> KeyRing:
+    kek = generate_kek("k1")
+    return KeyRing([kek], "k1")
+
+
+def test_round_trip_and_length(ring):
+    cipher = FieldCipher(ring_fetcher(ring, []))
+    blob = cipher.encrypt("acct-1", "title_id", b"title-42")
+    assert len(blob) == encrypted_length(len(b"title-42"))
+    assert b"title-42" not in blob
+    assert cipher.decrypt("acct-1", "title_id", blob) == b"title-42"
+
+
+@settings(max_examples=40, deadline=None)
+@given(text=st.text(max_size=200), account=st.from_regex(r"[a-z][a-z0-9-]{0,20}", fullmatch=True))
+def test_text_round_trip_any_unicode(text, account):
+    cipher = FieldCipher(ring_fetcher(KeyRing([generate_kek("k1")], "k1"), []))
+    stored = cipher.encrypt_text(account, "country", text)
+    assert stored.startswith("enc1:")
+    assert cipher.decrypt_text(account, "country", stored) == text
+
+
+def test_privacy_key_ring_reads_store_blobs_and_vice_versa(ring):
+    """The store's format is the key ring's: the privacy service can decrypt a store's
+    field (what the crypto-shredding test relies on) and the other way round."""
+    cipher = FieldCipher(ring_fetcher(ring, []))
+    blob = cipher.encrypt("acct-1", "genres", b'["drama"]')
+    assert ring.decrypt_field("acct-1", "genres", blob) == b'["drama"]'
+    back = ring.encrypt_field("acct-1", "genres", b"x")
+    assert cipher.decrypt("acct-1", "genres", back) == b"x"
+
+
+@pytest.mark.parametrize("account,field", [("acct-2", "title_id"), ("acct-1", "series_id")])
+def test_blob_moved_to_another_household_or_field_fails(ring, account, field):
+    cipher = FieldCipher(ring_fetcher(ring, []))
+    cipher.encrypt("acct-2", "x", b"make acct-2 a key")
+    blob = cipher.encrypt("acct-1", "title_id", b"secret")
+    with pytest.raises(FieldDecryptionError) as err:
+        cipher.decrypt(account, field, blob)
+    assert err.value.field == field
+
+
+def test_tampered_blob_fails(ring):
+    cipher = FieldCipher(ring_fetcher(ring, []))
+    blob = bytearray(cipher.encrypt("acct-1", "label", b"p1"))
+    blob[-1] ^= 1
+    with pytest.raises(FieldDecryptionError):
+        cipher.decrypt("acct-1", "label", bytes(blob))
+
+
+def test_keys_cached_for_at_most_ttl_and_forgotten_on_erase(ring):
+    calls: list = []
+    clock = Clock()
+    cipher = FieldCipher(ring_fetcher(ring, calls), ttl_s=60.0, clock=clock)
+    blob = cipher.encrypt("acct-1", "f", b"a")
+    cipher.encrypt("acct-1", "f", b"b")
+    cipher.decrypt("acct-1", "f", blob)
+    assert len(calls) == 1  # one fetch serves encrypt (newest) and decrypt (its version)
+    clock.t = 60.5
+    cipher.encrypt("acct-1", "f", b"c")
+    assert len(calls) == 2  # expired after ttl
+    cipher.forget("acct-1")
+    cipher.decrypt("acct-1", "f", blob)
+    assert len(calls) == 3
+
+
+def test_shredded_key_makes_old_blobs_unreadable(ring):
+    cipher = FieldCipher(ring_fetcher(ring, []))
+    blob = cipher.encrypt("acct-1", "title_id", b"secret")
+    ring.destroy_dek("acct-1", NOW)
+    cipher.forget("acct-1")
+    with pytest.raises(FailedPrecondition):
+        cipher.decrypt("acct-1", "title_id", blob)
+    with pytest.raises(FailedPrecondition):
+        cipher.encrypt("acct-1", "title_id", b"new data after erasure")
+
+
+def test_plaintext_written_before_encryption_is_passed_through(ring):
+    cipher = FieldCipher(ring_fetcher(ring, []))
+    assert cipher.decrypt_text("a", "f", "plain") == "plain"
+    assert cipher.decrypt_text("a", "f", None) is None
+    assert cipher.encrypt_text("a", "f", None) is None
+    vector = os.urandom(35 * 4)
+    assert cipher.decrypt_vector("a", "features", vector) == vector
+    sealed = cipher.encrypt("a", "features", vector)
+    assert len(sealed) % 4 != 0
+    assert cipher.decrypt_vector("a", "features", sealed) == vector
+
+
+def test_bad_arguments_are_value_errors(ring):
+    with pytest.raises(ValueError, match="ttl_s"):
+        FieldCipher(ring_fetcher(ring, []), ttl_s=120)
+    cipher = FieldCipher(ring_fetcher(ring, []))
+    with pytest.raises(ValueError, match="title_id"):
+        cipher.encrypt("a", "title_id", "not bytes")  # type: ignore[arg-type]
+    with pytest.raises(FieldDecryptionError):
+        cipher.decrypt("a", "title_id", b"short")
