@@ -14,7 +14,8 @@ def main() -> None:
     try:
         settings = GatewaySettings()
     except ValidationError as exc:
-        lines = [f"  HEARTH_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()]
+        lines = [f"  HEARTH_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" if e["loc"]
+                 else f"  {e['msg']}" for e in exc.errors()]
         raise SystemExit("invalid configuration:\n" + "\n".join(lines)) from None
     telemetry.setup_telemetry("gateway", settings.trace_export, settings.log_level)
     # HTTPS when a certificate is configured (HEARTH_HTTPS_CERT / HEARTH_HTTPS_KEY);

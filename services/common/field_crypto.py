@@ -47,11 +47,14 @@ DEFAULT_TTL_S = 60.0
 KeyFetcher = Callable[[str, int], tuple[int, bytes]]
 
 
-class FieldDecryptionError(HearthError):
+class FieldDecryptionError(Exception):
     """A stored ciphertext does not authenticate (altered bytes, wrong household or
-    column, or a key that is not the one it was written with)."""
+    column, or a key that is not the one it was written with). Not a caller error: the
+    server maps it to INTERNAL without details (it means data loss or tampering)."""
 
-    code = "internal"
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 def field_aad(account_id: str, field: str, dek_version: int) -> bytes:

@@ -55,13 +55,15 @@ MAX_REPORT_BINS = 100
 MAX_REASON_CHARS = 500
 GROUP_BY = ("", "variant", "household_size", "cold_start")
 CALIBRATED_PREFIX = "calibrated:"
+UNSPECIFIED_VARIANT = "unspecified"
 EXPERIMENT_BOOTSTRAP_DRAWS = 200  # GetExperiment reports only the z-test; keep the bootstrap cheap
 FLAG_CAS_ATTEMPTS = 5
 
 
 def validate_predictions(items: list[PredictionRecord]) -> list[PredictionRecord]:
     """Check every prediction; a household size of 0 (proto default) becomes the number
-    of persons in the vector. The predicted ``person_id`` must be a most probable person
+    of persons in the vector and an empty ``model_variant`` becomes ``"unspecified"``
+    (its own calibrator and experiment arm; clustering should name its variant). The predicted ``person_id`` must be a most probable person
     (ties allowed): metrics take the arg-max as the prediction (dataset.py)."""
     if len(items) > MAX_PREDICTIONS_PER_BATCH:
         raise InvalidArgument(f"at most {MAX_PREDICTIONS_PER_BATCH} per batch", "predictions")
@@ -87,7 +89,10 @@ def validate_predictions(items: list[PredictionRecord]) -> list[PredictionRecord
             raise InvalidArgument("must be one of the persons in probabilities", f"{path}.person_id")
         if p.probabilities[p.person_id] < max(p.probabilities.values()):
             raise InvalidArgument("must be a most probable person of probabilities", f"{path}.person_id")
-        check_id(p.model_variant, f"{path}.model_variant")
+        if p.model_variant:
+            check_id(p.model_variant, f"{path}.model_variant")
+        else:
+            p = replace(p, model_variant=UNSPECIFIED_VARIANT)
         if p.model_version < 0:
             raise InvalidArgument("must be >= 0", f"{path}.model_version")
         if p.household_size < 0 or p.household_size > 64:

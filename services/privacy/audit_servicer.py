@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import uuid
+from datetime import UTC, datetime
 
 from hearth.common.v1 import common_pb2
 from hearth.privacy.v1 import privacy_pb2 as pb
@@ -94,8 +96,6 @@ class AuditRpcs:
         return self.audit
 
     def AppendAudit(self, request, context) -> pb.AppendAuditResponse:
-        import time
-
         app = self._audit_app()
         if len(request.records) > 10_000:
             raise InvalidArgument("at most 10000 records per call", "records")
@@ -113,8 +113,6 @@ class AuditRpcs:
             raise InvalidArgument(f"must be in 0..{MAX_QUERY_LIMIT}", "limit")
         start = end = None
         if request.HasField("window"):
-            from datetime import UTC, datetime
-
             s = _ts_seconds(request.window, "start", "window.start")
             e = _ts_seconds(request.window, "end", "window.end")
             start = datetime.fromtimestamp(s, UTC) if s is not None else None

@@ -6,7 +6,7 @@ Tables (migration 10, ``AUDIT_MIGRATIONS``):
 ``audit_entries``  one row per entry: ``seq`` (PK, dense from 0), the entry's canonical
                    bytes (the signed leaf data: the truth), its leaf hash and chain hash,
                    ``record_id`` (unique idempotency key) and copies of the fields queries
-                   filter on (``ts`` as fixed-width UTC text, event type, principal, role,
+                   filter on (``ts`` as Unix seconds, event type, principal, role,
                    resource, outcome, trace id). Query results are decoded from the
                    canonical bytes, never from the copies; ``verify`` checks the copies
                    agree with the canonical bytes.
@@ -48,6 +48,7 @@ from services.privacy.domain.audit import (
     append_batch,
     canonical_json,
     format_ts,
+    parse_ts,
     sign_tree_head,
     verify_log,
 )
@@ -59,7 +60,7 @@ AUDIT_MIGRATIONS = [
     Migration(10, "audit_log", """
 CREATE TABLE IF NOT EXISTS audit_entries (
     seq {bigint} PRIMARY KEY,
-    ts TEXT NOT NULL,
+    ts {double} NOT NULL,
     event_type TEXT NOT NULL,
     principal TEXT NOT NULL,
     role TEXT NOT NULL,
@@ -273,19 +274,24 @@ class AuditStore:
                 self._commit_with_retry([_Pending(r) for r in extra])
 
     def _commit_with_retry(self, pendings: Sequence[_Pending], attempts: int = 3) -> list[AuditEntry]:
+        # Repeated record ids are rare (a sink retrying after a lost acknowledgement), so
+        # the first attempt skips the look-up and lets the unique index catch a repeat;
+        # after any conflict the ids are looked up before retrying.
+        check_existing = False
         for attempt in range(attempts):
             try:
-                return self._commit(pendings)
+                return self._commit(pendings, check_existing)
             except _StateConflict as exc:
+                check_existing = True
                 log.warning("audit append conflict (%s): reloading state, attempt %d", exc, attempt + 1)
                 for p in pendings:
                     p.seq = p.error = None
                 self._load()
         raise Conflict("the audit log kept moving under this writer (several writers?)")
 
-    def _commit(self, pendings: Sequence[_Pending]) -> list[AuditEntry]:
+    def _commit(self, pendings: Sequence[_Pending], check_existing: bool) -> list[AuditEntry]:
         state = self._state
-        ids = [p.record.record_id for p in pendings if p.record.record_id]
+        ids = [p.record.record_id for p in pendings if p.record.record_id] if check_existing else []
         existing = self._existing_seqs(ids) if ids else {}
         first_of: dict[str, _Pending] = {}
         entries: list[AuditEntry] = []
@@ -310,7 +316,7 @@ class AuditStore:
                 first_of[rid] = p
             p.seq = seq
             entries.append(entry)
-            rows.append([seq, format_ts(entry.ts), entry.event_type.value, entry.principal,
+            rows.append([seq, entry.ts.timestamp(), entry.event_type.value, entry.principal,
                          entry.role.value, entry.resource, entry.outcome.value, entry.trace_id,
                          rid or None, entry.canonical_bytes])
         for p, first in repeats:
@@ -396,10 +402,10 @@ class AuditStore:
             params += [len(q.resource_prefix), q.resource_prefix]
         if q.start is not None:
             where.append("ts >= ?")
-            params.append(format_ts(q.start, "window.start"))
+            params.append(_seconds(q.start, "window.start"))
         if q.end is not None:
             where.append("ts < ?")
-            params.append(format_ts(q.end, "window.end"))
+            params.append(_seconds(q.end, "window.end"))
         sql = f"SELECT {_ENTRY_COLUMNS} FROM audit_entries"
         if where:
             sql += " WHERE " + " AND ".join(where)
@@ -548,10 +554,15 @@ def export_line(canonical: bytes, chain_hash: bytes) -> str:
 
 
 def _columns_match(entry: AuditEntry, row: tuple) -> bool:
-    return (row[3] == format_ts(entry.ts) and row[4] == entry.event_type.value
+    return (row[3] == entry.ts.timestamp() and row[4] == entry.event_type.value
             and row[5] == entry.principal and row[6] == entry.role.value
             and row[7] == entry.resource and row[8] == entry.outcome.value
             and row[9] == entry.trace_id)
+
+
+def _seconds(value: datetime, field: str) -> float:
+    """A window bound as stored: Unix seconds of the microsecond-truncated UTC time."""
+    return parse_ts(format_ts(value, field), field).timestamp()
 
 
 def _is_integrity_error(exc: BaseException) -> bool:

@@ -59,9 +59,13 @@ def test_record_prediction_is_idempotent_and_checks_the_predicted_person(stub):
     not_top = prediction("c", person="p2")  # p2 has 0.2 < 0.8
     assert error_of(stub, "RecordPrediction", fpb.RecordPredictionRequest(predictions=[not_top])) == (
         grpc.StatusCode.INVALID_ARGUMENT, "predictions[0].person_id")
-    no_variant = prediction("d", variant="")
-    assert error_of(stub, "RecordPrediction", fpb.RecordPredictionRequest(predictions=[no_variant])) == (
+    bad_variant = prediction("d", variant="k means")
+    assert error_of(stub, "RecordPrediction", fpb.RecordPredictionRequest(predictions=[bad_variant])) == (
         grpc.StatusCode.INVALID_ARGUMENT, "predictions[0].model_variant")
+    call(stub, "RecordPrediction", fpb.RecordPredictionRequest(predictions=[prediction("e", variant="")]))
+    call(stub, "RecordFeedback", feedback("fe", "e"))
+    groups = call(stub, "GetCalibration", fpb.GetCalibrationRequest(group_by="variant")).groups
+    assert {g.group for g in groups} == {"unspecified", "calibrated:unspecified"}
 
 
 def test_record_feedback_weights_duplicates_and_errors(stub):
@@ -183,7 +187,7 @@ def test_erase_counts_digest_idempotency_and_errors(stub):
     scope = common_pb2.ErasureScope(account_id="acc-1", household=True)
     result = call(stub, "Erase", fpb.EraseRequest(scope=scope, job_id="job-1")).result
     assert result.service == "feedback" and not result.already_erased
-    assert dict(result.deleted_counts) == {"predictions": 2, "feedback": 1, "triggers": 0}
+    assert dict(result.deleted_counts) == {"predictions": 2, "feedback": 1}
     assert result.deleted_ids_sha256 == _digest(["predictions:e1", "predictions:e2", "feedback:g1"])
     repeat = call(stub, "Erase", fpb.EraseRequest(scope=scope, job_id="job-1")).result
     assert repeat.already_erased and not any(repeat.deleted_counts.values())

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -179,7 +178,7 @@ def _forged(seq: int, principal: str = "mallory") -> AuditEntry:
 
 
 def _row(entry: AuditEntry, chain: bytes = b"\x11" * 32):
-    return (entry.seq, entry.to_dict()["ts"], entry.event_type.value, entry.principal, entry.role.value,
+    return (entry.seq, entry.ts.timestamp(), entry.event_type.value, entry.principal, entry.role.value,
             entry.resource, entry.outcome.value, entry.trace_id, None, entry.canonical_bytes,
             rfc9162.leaf_hash(entry.canonical_bytes), chain)
 
@@ -191,7 +190,7 @@ _INSERT = ("INSERT INTO audit_entries (seq, ts, event_type, principal, role, res
 def _modify_canonical(tx):
     canonical = bytes(tx.query("SELECT canonical FROM audit_entries WHERE seq = 7")[0][0])
     data = json.loads(canonical)
-    data["principal"] = "mallory"  # the columns keep the old principal? no: change both
+    data["principal"] = "mallory"  # content and query column both changed consistently
     forged = AuditEntry.from_dict(data)
     tx.execute("UPDATE audit_entries SET canonical = ?, principal = ? WHERE seq = 7",
                (forged.canonical_bytes, "mallory"))

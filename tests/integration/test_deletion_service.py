@@ -8,7 +8,6 @@ before a household deletion cannot be decrypted afterwards (crypto-shredding).""
 from __future__ import annotations
 
 import json
-import shutil
 import sqlite3
 import time
 from pathlib import Path

@@ -285,6 +285,6 @@ def test_erase_person_and_window_with_counts_and_idempotency(database):
     assert app.store.prediction("q3") is not None  # outside the window, its feedback gone with p2
 
     device = app.erase(ErasureScope("acc-1", "device", device_id="tv-1"))  # widened to the household
-    assert device.deleted_counts == {"predictions": 1, "feedback": 0, "triggers": 0}
+    assert device.deleted_counts == {"predictions": 1}
     assert ids_digest(device.deleted_ids) == ids_digest(["predictions:q3"])
     assert app.store.prediction("z1") is not None

@@ -1,0 +1,81 @@
+"""The privacy service's data keys on SQLite and PostgreSQL: one DEK per household even
+when two replicas race to create it, KEK rotation re-wraps every key (the old KEK can
+then be retired), and crypto-shredding overwrites the stored key and reaches the other
+replicas within the refresh bound."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.privacy.domain.crypto import generate_kek
+from services.privacy.jobs_store import DataKeyStore
+from services.privacy.keys_app import REFRESH_S, KeyService
+from services.privacy.migrations import MIGRATIONS
+from services.common.storage.sql import migrate
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def store(database):
+    migrate(database, MIGRATIONS)
+    return DataKeyStore(database)
+
+
+K1, K2 = generate_kek("k1"), generate_kek("k2")
+
+
+def test_one_key_per_household_even_when_replicas_race(store):
+    a, b = KeyService(store, [K1], "k1"), KeyService(store, [K1], "k1")
+    b._refresh("acct-1")                       # b looked just before a created the key ...
+    version_a, key_a = a.data_key("acct-1")
+    version_b, key_b = b.data_key("acct-1")    # ... so b creates one too, loses the insert, adopts a's
+    assert (version_a, key_a) == (version_b, key_b) == (1, key_a)
+    assert len(store.load("acct-1")) == 1
+    assert a.data_key("acct-1", 1) == (1, key_a)
+    with pytest.raises(NotFound):
+        a.data_key("acct-1", 7)
+    with pytest.raises(InvalidArgument):
+        a.data_key("acct-1", -1)
+
+
+def test_kek_rotation_rewraps_and_the_old_kek_can_be_retired(store):
+    keys = KeyService(store, [K1, K2], "k1")
+    _, dek1 = keys.data_key("acct-1")
+    _, dek2 = keys.data_key("acct-2")
+    assert {r.kek_id for r in store.load()} == {"k1"}
+    count, active, in_use = keys.rotate("k2")
+    assert (count, active, in_use) == (2, "k2", ["k2"])
+    assert {r.kek_id for r in store.load()} == {"k2"}
+    retired = KeyService(store, [K2], "k2")    # k1 removed from the configuration
+    assert retired.data_key("acct-1")[1] == dek1 and retired.data_key("acct-2")[1] == dek2
+    with pytest.raises(ValueError, match="kek"):
+        KeyService(store, [K1], "k1")          # the old KEK alone cannot open anything now
+    with pytest.raises(InvalidArgument):
+        keys.rotate("k9")
+
+
+def test_shredding_overwrites_the_key_and_reaches_other_replicas(store):
+    clock = Clock()
+    a = KeyService(store, [K1], "k1", monotonic=clock)
+    b = KeyService(store, [K1], "k1", monotonic=clock)
+    _, key = a.data_key("acct-1")
+    assert b.data_key("acct-1")[1] == key
+    assert a.shred("acct-1") == ["data_key:acct-1:v1"]
+    assert a.shred("acct-1") == []             # idempotent: nothing left to destroy
+    (row,) = store.load("acct-1")
+    assert row.wrapped == b"" and row.destroyed
+    with pytest.raises(FailedPrecondition):
+        a.data_key("acct-1")
+    assert b.data_key("acct-1")[1] == key      # b's view is at most REFRESH_S old ...
+    clock.t += REFRESH_S + 0.1
+    with pytest.raises(FailedPrecondition):
+        b.data_key("acct-1")                   # ... then b refuses too
+    assert a.shred("never-had-a-key") == []
