@@ -15,7 +15,7 @@ from hearth.attribution.v1 import attribution_pb2_grpc
 from hearth.clustering.v1 import clustering_pb2_grpc
 from hearth.feedback.v1 import feedback_pb2_grpc
 from hearth.privacy.v1 import privacy_pb2_grpc
-from services.common import telemetry
+from services.common import telemetry, tls
 from services.common.identity import Principal
 
 SERVICES = ("clustering", "attribution", "privacy", "feedback")
@@ -39,7 +39,8 @@ class ServiceClients:
 
     async def start(self) -> None:
         for name in SERVICES:
-            channel = grpc.aio.insecure_channel(self._addresses[name], options=[
+            # Mutual TLS when HEARTH_TLS_* is configured, plaintext otherwise (tls.aio_channel).
+            channel = tls.aio_channel(self._addresses[name], options=[
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024)])
             self._channels[name] = channel

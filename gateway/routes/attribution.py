@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends
-from pydantic import AwareDatetime, BaseModel, Field
+from pydantic import BaseModel, Field
 
-from gateway.models import Id, Strict
+from gateway.models import Id, Strict, Timestamp
 from gateway.routes import ERROR_RESPONSES
 from hearth.attribution.v1 import attribution_pb2 as apb
 from hearth.common.v1 import common_pb2
@@ -26,7 +26,7 @@ class TouchpointIn(Strict):
     touchpoint_id: Id
     account_id: Id
     device_id: Id
-    ts: AwareDatetime
+    ts: Timestamp
     channel: Channel
     campaign: Campaign = ""
     person_id: Id | None = Field(None, description="known person; otherwise resolved by clustering")
@@ -39,7 +39,7 @@ class TouchpointsIn(Strict):
 class ConversionIn(Strict):
     conversion_id: Id
     account_id: Id
-    ts: AwareDatetime
+    ts: Timestamp
     kind: Channel
     value: float = Field(0.0, ge=0, le=1e9)
     device_id: Id | None = None
@@ -57,8 +57,8 @@ class RecordedOut(BaseModel):
 class AttributionIn(Strict):
     account_ids: list[Id] = Field(default_factory=list, max_length=1000,
                                   description="empty = every account")
-    start: AwareDatetime | None = None
-    end: AwareDatetime | None = None
+    start: Timestamp | None = None
+    end: Timestamp | None = None
     method: Literal["markov", "shapley", "hybrid", "first_touch", "last_touch", "linear"] = "hybrid"
     markov_order: int = Field(1, ge=1, le=4)
     hybrid_alpha: float = Field(0.5, ge=0, le=1, description="weight of Markov in the hybrid")

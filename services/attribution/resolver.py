@@ -12,6 +12,7 @@ from typing import Protocol
 from hearth.clustering.v1 import clustering_pb2 as cpb
 from hearth.clustering.v1 import clustering_pb2_grpc as cpb_grpc
 from services.common.client import call_idempotent, peer_channel
+from services.common.identity import acting_as, service_principal
 from services.common.pbutil import float_to_ts
 
 MAX_INSTANTS_PER_CALL = 10_000
@@ -31,7 +32,10 @@ class ClusteringResolver:
             chunk = instants[lo:lo + MAX_INSTANTS_PER_CALL]
             request = cpb.ResolvePersonsRequest(instants=[
                 cpb.DeviceInstant(account_id=a, device_id=d, ts=float_to_ts(t)) for a, d, t in chunk])
-            response = call_idempotent(lambda: self._stub.ResolvePersons(request))
+            # Persons are resolved as the attribution service itself: an analyst may run
+            # attribution but may not read who watched what (see docs/security.md).
+            with acting_as(service_principal("attribution")):
+                response = call_idempotent(lambda: self._stub.ResolvePersons(request))
             out.extend({p.person_id: p.probability for p in r.probabilities} for r in response.persons)
         return out
 

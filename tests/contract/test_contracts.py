@@ -106,7 +106,8 @@ def test_call_without_principal_is_refused(start_service):
 
 
 def test_latency_histogram_per_rpc(start_service):
-    _, channel = start_service("clustering")
+    privacy, _ = start_service("privacy")   # clustering checks consent and data keys with it
+    _, channel = start_service("clustering", privacy_addr=f"127.0.0.1:{privacy.port}")
     stub = cpb_grpc.ClusteringServiceStub(channel)
     labels = {"service": "clustering", "method": "IngestEvents"}
     before = REGISTRY.get_sample_value("hearth_rpc_duration_seconds_count", labels) or 0
