@@ -346,6 +346,15 @@ class FeedbackApp:
                 out[rows] = Calibrator.from_json(entry.calibrator_json).apply(data.probs[rows])
         return out
 
+    def calibrator_for(self, variant: str) -> tuple[int, Calibrator]:
+        """The calibrator in force for ``variant`` and its version (0 = identity)."""
+        if not variant or len(variant) > 64:
+            raise InvalidArgument("must be a variant name of 1-64 characters", "variant")
+        stored = self.store.current_calibrators().get(variant)
+        if stored is None:
+            return 0, IDENTITY
+        return stored.version, Calibrator.from_json(stored.calibrator_json)
+
     def calibrator_version(self) -> str:
         """``"<variant>:<version>,..."`` of the calibrators in force, sorted; "" before the first fit."""
         return ",".join(f"{v}:{c.version}" for v, c in sorted(self.store.current_calibrators().items()))

@@ -58,6 +58,11 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
             ts_to_float(request, "ts", "ts", required=False))
         return pb.RecordFeedbackResponse(duplicate=duplicate, weight=weight)
 
+    def GetCalibrator(self, request, context) -> pb.GetCalibratorResponse:
+        version, calibrator = self.app.calibrator_for(request.variant)
+        return pb.GetCalibratorResponse(variant=request.variant, version=version, method=calibrator.method,
+                                        calibrator_json=calibrator.to_json())
+
     def GetCalibration(self, request, context) -> pb.GetCalibrationResponse:
         report = self.app.calibration_report(request.group_by, request.bins)
         return pb.GetCalibrationResponse(
