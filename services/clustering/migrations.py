@@ -75,4 +75,14 @@ CREATE TABLE IF NOT EXISTS prediction_outbox (
 );
 CREATE INDEX IF NOT EXISTS prediction_outbox_created ON prediction_outbox (created_at)
 """),
+    Migration(4, "session labels from feedback", """
+CREATE TABLE IF NOT EXISTS session_labels (
+    account_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    person_id TEXT NOT NULL,
+    source TEXT NOT NULL,
+    recorded_at {double} NOT NULL,
+    PRIMARY KEY (account_id, session_id)
+)
+"""),
 ]

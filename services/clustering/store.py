@@ -282,6 +282,30 @@ class ClusteringStore:
                 [(p, json.dumps(probabilities[s], sort_keys=True) if s in probabilities else None,
                   account_id, s) for s, p in persons.items()])
 
+    def record_labels(self, labels: Sequence[tuple[str, str, str, str]]) -> tuple[int, int]:
+        """Store (account, session, person, source) labels; the latest label of a session
+        wins. Returns (accepted, unknown_sessions)."""
+        accepted = unknown = 0
+        now = time.time()
+        with self.db.transaction() as tx:
+            for account, session_id, person, source in labels:
+                if not tx.query("SELECT 1 FROM sessions WHERE account_id = ? AND session_id = ?",
+                                (account, session_id)):
+                    unknown += 1
+                    continue
+                tx.execute("DELETE FROM session_labels WHERE account_id = ? AND session_id = ?",
+                           (account, session_id))
+                tx.execute("INSERT INTO session_labels (account_id, session_id, person_id, source, recorded_at) "
+                           "VALUES (?, ?, ?, ?, ?)", (account, session_id, person, source, now))
+                accepted += 1
+        return accepted, unknown
+
+    def labels(self, account_id: str) -> dict[str, str]:
+        """Session id -> known person (feedback labels)."""
+        with self.db.transaction() as tx:
+            return dict(tx.query("SELECT session_id, person_id FROM session_labels WHERE account_id = ?",
+                                 (account_id,)))
+
     def resolve_persons(self, instants: Sequence[tuple[str, str, float]]
                         ) -> list[tuple[str, dict[str, float]]]:
         """For each (account, device, ts): the session covering ts or nearest to it
