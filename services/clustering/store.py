@@ -457,6 +457,14 @@ class ClusteringStore:
                                                   f"WHERE {where}", params) if r[1] in sessions]
             tx.executemany("DELETE FROM prediction_outbox WHERE prediction_id = ?", [(p,) for p in pending])
             out.add("pending_predictions", pending)
+            if scope.kind == "household":
+                labelled = [r[0] for r in tx.query("SELECT session_id FROM session_labels WHERE account_id = ?",
+                                                   (account,))]
+            else:
+                labelled = [r[0] for r in tx.query(f"SELECT session_id FROM session_labels WHERE {where}", params)
+                            if r[0] in sessions]
+            tx.executemany("DELETE FROM session_labels WHERE session_id = ?", [(x,) for x in labelled])
+            out.add("session_labels", labelled)
         if scope.all_accounts:
             self.cache.delete_prefix("model:")
         else:
