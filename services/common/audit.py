@@ -116,6 +116,7 @@ RPC_EVENTS: dict[str, str | tuple[str, str] | None] = {
     _CLU + "GetHousehold": READ_HOUSEHOLD,
     _CLU + "Refit": MODEL_REFIT,
     _CLU + "ResolvePersons": READ_HOUSEHOLD,   # who watched on which device: household data
+    _CLU + "RecordLabels": FEEDBACK,          # known persons of sessions, from feedback
     _CLU + "Erase": _ERASE,
     _CLU + "ExportAccount": READ_HOUSEHOLD,    # one part of a privacy ExportHousehold
     _ATT + "RecordTouchpoints": INGEST,
@@ -140,6 +141,7 @@ RPC_EVENTS: dict[str, str | tuple[str, str] | None] = {
     _FEE + "RecordFeedback": FEEDBACK,
     _FEE + "GetCalibration": None,             # aggregates over all households, no household data
     _FEE + "GetExperiment": None,              # the split and aggregate results
+    _FEE + "GetCalibrator": None,              # model calibration map, no household data
     _FEE + "SetFlag": FLAG_CHANGE,
     _FEE + "Erase": _ERASE,
     _FEE + "ExportAccount": READ_HOUSEHOLD,

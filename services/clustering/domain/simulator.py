@@ -39,8 +39,8 @@ import numpy as np
 
 from services.clustering.domain import features as F
 
-DEFAULT_DIFFICULTY = 0.5
-DIFFICULTY_LEVELS: dict[str, float] = {"easy": 0.2, "default": DEFAULT_DIFFICULTY, "hard": 0.8}
+DEFAULT_DIFFICULTY = 0.3
+DIFFICULTY_LEVELS: dict[str, float] = {"easy": 0.1, "default": DEFAULT_DIFFICULTY, "hard": 0.6}
 DRIFT_TYPES: tuple[str, ...] = ("behavioural", "composition", "seasonal", "gradual", "sudden")
 BASE_EPOCH = 1_704_067_200.0  # 2024-01-01 00:00 UTC, a Monday
 DAY_S = 86_400.0
@@ -180,10 +180,11 @@ def _vector(spec: dict[str, float], index: dict[str, int], size: int) -> np.ndar
 
 def _make_person(rng: np.random.Generator, arch: Archetype, difficulty: float) -> _Person:
     """Archetype plus a personal perturbation; difficulty widens the hour peaks."""
+    overlap = difficulty**2  # overlap grows slowly at first: easy stays clearly separable
     def peaks(spec: tuple[tuple[float, float, float], ...]) -> np.ndarray:
         p = np.array(spec, dtype=float)
         p[:, 0] = np.mod(p[:, 0] + rng.normal(0.0, 1.0, len(p)), 24.0)
-        p[:, 1] = p[:, 1] * rng.uniform(0.8, 1.2, len(p)) * (0.4 + 0.9 * difficulty)
+        p[:, 1] = p[:, 1] * rng.uniform(0.8, 1.2, len(p)) * (0.35 + 0.6 * overlap)
         p[:, 2] /= p[:, 2].sum()
         return p
 
@@ -204,12 +205,13 @@ def _make_person(rng: np.random.Generator, arch: Archetype, difficulty: float) -
 def _mix_towards_household(persons: list[_Person], difficulty: float) -> None:
     """Overlap: pull device and genre preferences towards the household average and
     raise the shared-TV share. At difficulty 0 persons keep their own preferences."""
-    lam = 0.5 * difficulty
+    overlap = difficulty**2
+    lam = 0.5 * overlap
     dev_mean = np.mean([p.devices for p in persons], axis=0)
     gen_mean = np.mean([p.genres for p in persons], axis=0)
     tv = np.zeros(6)
     tv[_D["tv"]] = 1.0
-    tv_share = 0.25 * difficulty
+    tv_share = 0.25 * overlap
     for p in persons:
         p.devices = (1 - tv_share) * ((1 - lam) * p.devices + lam * dev_mean) + tv_share * tv
         p.genres = (1 - lam) * p.genres + lam * gen_mean

@@ -1,0 +1,456 @@
+"""Mixture models over session feature vectors, with exact unlearning.
+
+Every model here is an exponential-family mixture: a session ``x`` is mapped to its
+sufficient-statistic vector ``phi(x)`` (column 0 is the constant 1) and the log density
+of component ``k`` is *linear* in it::
+
+    log p(x | k) = phi(x) . W[k]
+
+so the E-step is one matrix product, batch scoring across many households is a gather
+plus a dot product, and a component's parameters are a function of the accumulated
+statistics ``stats[k] = sum_i r_ik * phi(x_i)`` alone (M-step). Removing sessions is
+therefore exact: subtract ``r_ik * phi(x_i)`` with the responsibilities ``r`` that were
+added for them (kept in a per-session ledger) and redo the M-step; the result equals a
+model whose statistics were accumulated from the remaining sessions only.
+
+Families (``phi`` layout / M-step):
+
+* ``GaussianFull(reg)`` — phi = [1, x, vec(x x^T)]; mean = S1/N, cov = S2/N - mean mean^T
+  + reg*I. The textbook full-covariance GMM.
+* ``GaussianDiag(reg)`` — phi = [1, x, x^2]; variance floor ``reg``.
+* ``TypedSession`` — follows the feature schema (features.py): von Mises on the hour
+  and day-of-week angles, categorical device (Dirichlet smoothing ``device_alpha``),
+  multinomial genre mix counted as ``genre_weight`` draws (smoothing ``genre_beta``),
+  Bernoulli binge flag, Gaussians with variance floors on kids/teen/VPN shares and the
+  log lengths. Far fewer parameters than a full covariance on 35 dimensions (38 per
+  component instead of 665), and the right shape for one-hot and circular features.
+
+Numerical failure (non-finite statistics, a covariance that is not positive definite)
+raises ``MixtureNumericalError``; the model layer catches it and falls back to k-means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+from scipy.special import i0e, logsumexp
+
+from services.clustering.domain import features as F
+from services.clustering.domain.kmeans import kmeans_plus_plus
+
+LOG_2PI = float(np.log(2.0 * np.pi))
+DEAD_COMPONENT = 1e-8  # a component with less total responsibility than this is empty
+
+
+class MixtureNumericalError(ArithmeticError):
+    """The mixture cannot be computed (singular covariance, NaN/inf statistics)."""
+
+
+class Family(Protocol):
+    name: str
+
+    def phi(self, X: np.ndarray) -> np.ndarray: ...
+
+    def weights(self, stats: np.ndarray) -> np.ndarray: ...
+
+    def params_per_component(self, dim: int) -> int: ...
+
+
+def _check_matrix(X: np.ndarray, name: str = "X") -> np.ndarray:
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array (sessions x features), got shape {X.shape}")
+    if not np.all(np.isfinite(X)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return X
+
+
+@dataclass(frozen=True)
+class GaussianFull:
+    """Full covariance Gaussian; ``reg`` is added to the covariance diagonal."""
+
+    reg: float = 1e-3
+    name: str = "gaussian_full"
+
+    def phi(self, X: np.ndarray) -> np.ndarray:
+        n, d = X.shape
+        outer = (X[:, :, None] * X[:, None, :]).reshape(n, d * d)
+        return np.hstack((np.ones((n, 1)), X, outer))
+
+    def dim_of(self, s: int) -> int:
+        return int((-1 + np.sqrt(1 + 4 * (s - 1))) / 2)
+
+    def weights(self, stats: np.ndarray) -> np.ndarray:
+        k, s = stats.shape
+        d = self.dim_of(s)
+        n = np.maximum(stats[:, 0], DEAD_COMPONENT)
+        mean = stats[:, 1:1 + d] / n[:, None]
+        second = stats[:, 1 + d:].reshape(k, d, d) / n[:, None, None]
+        cov = second - mean[:, :, None] * mean[:, None, :]
+        cov = 0.5 * (cov + cov.transpose(0, 2, 1)) + self.reg * np.eye(d)
+        try:
+            chol = np.linalg.cholesky(cov)
+        except np.linalg.LinAlgError as exc:
+            raise MixtureNumericalError(f"covariance not positive definite: {exc}") from exc
+        logdet = 2.0 * np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
+        prec = np.linalg.inv(cov)
+        prec = 0.5 * (prec + prec.transpose(0, 2, 1))
+        lin = np.einsum("kij,kj->ki", prec, mean)
+        const = -0.5 * (d * LOG_2PI + logdet + np.einsum("ki,ki->k", mean, lin))
+        return np.hstack((const[:, None], lin, (-0.5 * prec).reshape(k, d * d)))
+
+    def params_per_component(self, dim: int) -> int:
+        return dim + dim * (dim + 1) // 2
+
+
+@dataclass(frozen=True)
+class GaussianDiag:
+    """Diagonal Gaussian; ``reg`` is the variance floor (added to every variance)."""
+
+    reg: float = 1e-2
+    name: str = "gaussian_diag"
+
+    def phi(self, X: np.ndarray) -> np.ndarray:
+        return np.hstack((np.ones((X.shape[0], 1)), X, X * X))
+
+    def weights(self, stats: np.ndarray) -> np.ndarray:
+        d = (stats.shape[1] - 1) // 2
+        n = np.maximum(stats[:, 0], DEAD_COMPONENT)[:, None]
+        mean = stats[:, 1:1 + d] / n
+        var = np.maximum(stats[:, 1 + d:] / n - mean**2, 0.0) + self.reg
+        const = -0.5 * (d * LOG_2PI + np.log(var).sum(axis=1) + (mean**2 / var).sum(axis=1))
+        return np.hstack((const[:, None], mean / var, -0.5 / var))
+
+    def params_per_component(self, dim: int) -> int:
+        return 2 * dim
+
+
+_GAUSS_DIMS = np.array([F.KIDS_SHARE, F.TEEN_SHARE, F.LOG_MINUTES, F.LOG_TITLES, F.VPN_SHARE])
+_GAUSS_FLOORS = np.array([0.01, 0.01, 0.02, 0.01, 0.01])
+
+
+@dataclass(frozen=True)
+class TypedSession:
+    """Schema-aware product of distributions (see module docstring).
+
+    Conventions: angles are read from the (sin, cos) pairs of features.py; the von Mises
+    concentration uses Banerjee's approximation kappa = R(2 - R^2)/(1 - R^2) of the mean
+    resultant length R, shrunk by ``angle_pseudo`` sessions of uniform angle and capped
+    at ``kappa_max``; genre log-likelihood = genre_weight * sum_g share_g * log theta_g.
+    """
+
+    genre_weight: float = 2.0
+    device_alpha: float = 0.5
+    genre_beta: float = 0.1
+    binge_alpha: float = 0.5
+    angle_pseudo: float = 1.0
+    kappa_max: float = 60.0
+    name: str = "typed"
+
+    def phi(self, X: np.ndarray) -> np.ndarray:
+        if X.shape[1] != F.FEATURE_DIM:
+            raise ValueError(f"X must have {F.FEATURE_DIM} feature columns for the typed family, got {X.shape[1]}")
+        g = X[:, _GAUSS_DIMS]
+        return np.hstack((np.ones((X.shape[0], 1)), X, g * g))
+
+    def _angle(self, stats: np.ndarray, block: slice, n: np.ndarray, W: np.ndarray, const: np.ndarray) -> None:
+        s_sin = stats[:, 1 + block.start]
+        s_cos = stats[:, 1 + block.start + 1]
+        m_sin, m_cos = s_sin / (n + self.angle_pseudo), s_cos / (n + self.angle_pseudo)
+        r = np.minimum(np.hypot(m_sin, m_cos), 0.999)
+        kappa = np.minimum(r * (2.0 - r * r) / (1.0 - r * r), self.kappa_max)
+        safe_r = np.where(r > 0, r, 1.0)
+        W[:, 1 + block.start] = kappa * m_sin / safe_r
+        W[:, 1 + block.start + 1] = kappa * m_cos / safe_r
+        const -= LOG_2PI + np.log(i0e(kappa)) + kappa
+
+    def weights(self, stats: np.ndarray) -> np.ndarray:
+        k = stats.shape[0]
+        d = F.FEATURE_DIM
+        n = np.maximum(stats[:, 0], DEAD_COMPONENT)
+        W = np.zeros((k, 1 + d + _GAUSS_DIMS.size))
+        const = np.zeros(k)
+        self._angle(stats, F.HOUR, n, W, const)
+        self._angle(stats, F.DOW, n, W, const)
+        dev = stats[:, 1 + F.DEVICE.start:1 + F.DEVICE.stop] + self.device_alpha
+        W[:, 1 + F.DEVICE.start:1 + F.DEVICE.stop] = np.log(dev / dev.sum(axis=1, keepdims=True))
+        gen = stats[:, 1 + F.GENRE.start:1 + F.GENRE.stop] + self.genre_beta
+        W[:, 1 + F.GENRE.start:1 + F.GENRE.stop] = self.genre_weight * np.log(gen / gen.sum(axis=1, keepdims=True))
+        q = (stats[:, 1 + F.BINGE] + self.binge_alpha) / (n + 2 * self.binge_alpha)
+        W[:, 1 + F.BINGE] = np.log(q) - np.log1p(-q)
+        const += np.log1p(-q)
+        mean = stats[:, 1 + _GAUSS_DIMS] / n[:, None]
+        var = np.maximum(stats[:, 1 + d:] / n[:, None] - mean**2, 0.0) + _GAUSS_FLOORS
+        W[:, 1 + _GAUSS_DIMS] = mean / var
+        W[:, 1 + d:] = -0.5 / var
+        const -= 0.5 * (_GAUSS_DIMS.size * LOG_2PI + np.log(var).sum(axis=1) + (mean**2 / var).sum(axis=1))
+        W[:, 0] = const
+        return W
+
+    def params_per_component(self, dim: int) -> int:
+        return 2 + 2 + (len(F.DEVICE_TYPES) - 1) + (len(F.GENRES) - 1) + 1 + 2 * _GAUSS_DIMS.size
+
+
+FAMILIES = {"gaussian_full": GaussianFull, "gaussian_diag": GaussianDiag, "typed": TypedSession}
+
+
+@dataclass
+class Mixture:
+    """A fitted mixture: statistics, derived weights, and the responsibility ledger.
+
+    ``stats`` (K, S): sum of r_ik * phi(x_i); ``W`` (K, S) log-density weights;
+    ``log_weights`` (K,) log mixing proportions (-inf for empty components);
+    ``ledger_keys`` (M,) int64 session keys; ``ledger_resp`` (M, K) the responsibilities
+    that were added for each key (needed to subtract them again).
+    """
+
+    family: Family
+    stats: np.ndarray
+    W: np.ndarray = field(init=False)
+    log_weights: np.ndarray = field(init=False)
+    ledger_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    ledger_resp: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.refresh()
+
+    # -- parameters ---------------------------------------------------------------
+    def refresh(self) -> None:
+        """M-step: parameters from the statistics."""
+        if not np.all(np.isfinite(self.stats)):
+            raise MixtureNumericalError("mixture statistics contain NaN or inf")
+        W = self.family.weights(self.stats)
+        if not np.all(np.isfinite(W)):
+            raise MixtureNumericalError("mixture parameters contain NaN or inf")
+        counts = self.stats[:, 0]
+        alive = counts > DEAD_COMPONENT
+        total = counts[alive].sum()
+        with np.errstate(divide="ignore"):
+            self.log_weights = np.where(alive, np.log(np.maximum(counts, 0.0) / max(total, DEAD_COMPONENT)), -np.inf)
+        self.W = W
+
+    @property
+    def n_components(self) -> int:
+        return int(self.stats.shape[0])
+
+    @property
+    def counts(self) -> np.ndarray:
+        return self.stats[:, 0].copy()
+
+    @property
+    def alive(self) -> np.ndarray:
+        return self.stats[:, 0] > DEAD_COMPONENT
+
+    # -- scoring ------------------------------------------------------------------
+    def log_joint(self, X: np.ndarray) -> np.ndarray:
+        """(N, K) log w_k + log p(x_i | k)."""
+        return self.family.phi(_check_matrix(X)) @ self.W.T + self.log_weights
+
+    def log_likelihood(self, X: np.ndarray) -> float:
+        return float(logsumexp(self.log_joint(X), axis=1).sum())
+
+    def predict_proba(self, X: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+        """Posterior over components; ``temperature`` > 1 softens (calibration)."""
+        lj = self.log_joint(X) / temperature
+        return np.exp(lj - logsumexp(lj, axis=1, keepdims=True))
+
+    # -- learning -----------------------------------------------------------------
+    def partial_fit(self, X: np.ndarray, keys: np.ndarray | None = None,
+                    clamp: np.ndarray | None = None) -> np.ndarray:
+        """Incremental EM step: E-step with the current parameters on the new sessions,
+        add their statistics, M-step. ``clamp`` (N,) component index or -1 fixes the
+        responsibility of labelled sessions. Returns the responsibilities added."""
+        X = _check_matrix(X)
+        R = self.predict_proba(X) if X.shape[0] else np.zeros((0, self.n_components))
+        R = _apply_clamp(R, clamp)
+        self.stats = self.stats + R.T @ self.family.phi(X)
+        self._ledger_add(keys, R)
+        self.refresh()
+        return R
+
+    def remove_sessions(self, keys: np.ndarray, X: np.ndarray) -> None:
+        """Exact unlearning: subtract the statistics the sessions ``keys`` (with feature
+        rows ``X``, same order) contributed. Raises KeyError for unknown keys."""
+        keys = np.asarray(keys, dtype=np.int64)
+        X = _check_matrix(X)
+        if keys.shape[0] != X.shape[0]:
+            raise ValueError(f"keys ({keys.shape[0]}) and X ({X.shape[0]}) must have the same length")
+        pos = {int(k): i for i, k in enumerate(self.ledger_keys)}
+        missing = [int(k) for k in keys if int(k) not in pos]
+        if missing:
+            raise KeyError(f"sessions not in the model ledger: {missing[:5]}")
+        rows = np.array([pos[int(k)] for k in keys], dtype=np.int64)
+        R = self.ledger_resp[rows]
+        self.stats = self.stats - R.T @ self.family.phi(X)
+        # Round-off can leave -1e-13 counts for a fully removed component.
+        self.stats[np.abs(self.stats[:, 0]) < 1e-9, 0] = 0.0
+        keep = np.ones(self.ledger_keys.shape[0], dtype=bool)
+        keep[rows] = False
+        self.ledger_keys = self.ledger_keys[keep]
+        self.ledger_resp = self.ledger_resp[keep]
+        self.refresh()
+
+    unlearn = remove_sessions
+
+    def _ledger_add(self, keys: np.ndarray | None, R: np.ndarray) -> None:
+        if keys is None:
+            start = int(self.ledger_keys.max()) + 1 if self.ledger_keys.size else 0
+            keys = np.arange(start, start + R.shape[0], dtype=np.int64)
+        keys = np.asarray(keys, dtype=np.int64)
+        if keys.shape[0] != R.shape[0]:
+            raise ValueError(f"keys ({keys.shape[0]}) must match the sessions ({R.shape[0]})")
+        if np.intersect1d(keys, self.ledger_keys).size or np.unique(keys).size != keys.size:
+            raise ValueError("keys must be unique and not already in the model")
+        self.ledger_keys = np.concatenate((self.ledger_keys, keys))
+        prev = self.ledger_resp if self.ledger_resp is not None else np.zeros((0, R.shape[1]))
+        self.ledger_resp = np.vstack((prev, R))
+
+    @classmethod
+    def from_responsibilities(cls, family: Family, X: np.ndarray, R: np.ndarray,
+                              keys: np.ndarray | None = None) -> Mixture:
+        """The model whose statistics are sum_i R[i] * phi(X[i]) (M-step on them)."""
+        X = _check_matrix(X)
+        m = cls(family, R.T @ family.phi(X))
+        m._ledger_add(keys, R)
+        return m
+
+    def n_params(self) -> int:
+        k = int(self.alive.sum())
+        dim = self.stats.shape[1]
+        return k * self.family.params_per_component(_dim_hint(self.family, dim)) + (k - 1)
+
+    def bic(self, X: np.ndarray) -> float:
+        """BIC = -2 log L + p log N (lower is better)."""
+        return -2.0 * self.log_likelihood(X) + self.n_params() * np.log(max(X.shape[0], 1))
+
+    def icl(self, X: np.ndarray) -> float:
+        """ICL = BIC + 2 * classification entropy: penalises overlapping components."""
+        R = self.predict_proba(X)
+        entropy = -float(np.sum(R * np.log(np.maximum(R, 1e-300))))
+        return self.bic(X) + 2.0 * entropy
+
+    def prune(self) -> np.ndarray:
+        """Drop empty components; returns the kept component indices."""
+        keep = np.flatnonzero(self.alive)
+        self.stats = self.stats[keep]
+        if self.ledger_resp is not None:
+            self.ledger_resp = self.ledger_resp[:, keep]
+        self.refresh()
+        return keep
+
+
+def _dim_hint(family: Family, s: int) -> int:
+    if isinstance(family, GaussianFull):
+        return family.dim_of(s)
+    if isinstance(family, GaussianDiag):
+        return (s - 1) // 2
+    return F.FEATURE_DIM
+
+
+def _apply_clamp(R: np.ndarray, clamp: np.ndarray | None) -> np.ndarray:
+    if clamp is None:
+        return R
+    clamp = np.asarray(clamp, dtype=np.int64)
+    if clamp.shape[0] != R.shape[0]:
+        raise ValueError(f"labels ({clamp.shape[0]}) must match the sessions ({R.shape[0]})")
+    if np.any(clamp >= R.shape[1]):
+        raise ValueError("labels refer to a component that does not exist")
+    fixed = clamp >= 0
+    if fixed.any():
+        R = R.copy()
+        R[fixed] = 0.0
+        R[np.flatnonzero(fixed), clamp[fixed]] = 1.0
+    return R
+
+
+def standardise(X: np.ndarray, floor: float = 0.05) -> np.ndarray:
+    """Columns to zero mean and unit spread (spread floored) for k-means++ seeding."""
+    return (X - X.mean(axis=0)) / np.maximum(X.std(axis=0), floor)
+
+
+def fit_em(X: np.ndarray, k: int, family: Family, rng: np.random.Generator,
+           clamp: np.ndarray | None = None, max_iter: int = 200, tol: float = 1e-5,
+           keys: np.ndarray | None = None, init_labels: np.ndarray | None = None) -> tuple[Mixture, list[float]]:
+    """Batch EM for ``k`` components from a k-means++ seeding (hard assignment to the
+    nearest seed on standardised features). Labelled sessions (``clamp`` >= 0) keep
+    their component. Returns the model and the log-likelihood trace (non-decreasing up
+    to round-off; that is EM's guarantee). Stops when the gain per session < ``tol``."""
+    X = _check_matrix(X)
+    n = X.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in 1..{n} (number of sessions), got {k}")
+    Phi = family.phi(X)
+    if init_labels is None:
+        Z = standardise(X)
+        centers = kmeans_plus_plus(Z, k, rng)
+        d2 = ((Z[:, None, :] - centers[None, :, :]) ** 2).sum(axis=2)
+        init_labels = d2.argmin(axis=1)
+    R = np.zeros((n, k))
+    R[np.arange(n), init_labels] = 1.0
+    R = _apply_clamp(R, clamp)
+    # A seed may own no session (duplicates): give every component a tiny share so no
+    # component starts dead; EM decides.
+    R = 0.98 * R + 0.02 / k
+    R = _apply_clamp(R, clamp)
+    model = Mixture(family, R.T @ Phi)
+    trace: list[float] = []
+    for _ in range(max_iter):
+        lj = Phi @ model.W.T + model.log_weights
+        lse = logsumexp(lj, axis=1, keepdims=True)
+        ll = float(lse.sum())
+        if not np.isfinite(ll):
+            raise MixtureNumericalError("log-likelihood is not finite")
+        trace.append(ll)
+        R = _apply_clamp(np.exp(lj - lse), clamp)
+        model.stats = R.T @ Phi
+        model.refresh()
+        if len(trace) > 1 and trace[-1] - trace[-2] < tol * n:
+            break
+    model._ledger_add(keys, R)
+    return model, trace
+
+
+@dataclass
+class Selection:
+    model: Mixture
+    k: int
+    criterion: str
+    scores: dict[int, float]
+
+
+def fit_select_k(X: np.ndarray, k_max: int = 6, family: Family | None = None, seed: int = 0,
+                 n_init: int = 2, criterion: str = "bic", clamp: np.ndarray | None = None,
+                 k_min: int = 1, keys: np.ndarray | None = None,
+                 max_iter: int = 200) -> Selection:
+    """Fit k = k_min..min(k_max, N) components (``n_init`` seedings each, best
+    likelihood kept) and keep the k with the lowest ``criterion`` ("bic" or "icl").
+    Empty components are pruned from the winner."""
+    X = _check_matrix(X)
+    if X.shape[0] == 0:
+        raise ValueError("X must contain at least one session")
+    if criterion not in ("bic", "icl"):
+        raise ValueError(f"criterion must be 'bic' or 'icl', got {criterion!r}")
+    if k_max < 1:
+        raise ValueError(f"k_max must be >= 1, got {k_max}")
+    family = family or TypedSession()
+    rng = np.random.default_rng(seed)
+    scores: dict[int, float] = {}
+    best: tuple[float, Mixture, int] | None = None
+    for k in range(max(k_min, 1), min(k_max, X.shape[0]) + 1):
+        top: tuple[float, Mixture] | None = None
+        for _ in range(n_init if k > 1 else 1):
+            m, trace = fit_em(X, k, family, rng, clamp=clamp, keys=keys, max_iter=max_iter)
+            if top is None or trace[-1] > top[0]:
+                top = (trace[-1], m)
+        assert top is not None
+        score = top[1].bic(X) if criterion == "bic" else top[1].icl(X)
+        scores[k] = score
+        if best is None or score < best[0]:
+            best = (score, top[1], k)
+    assert best is not None
+    model = best[1]
+    if clamp is None:
+        model.prune()
+    return Selection(model, int(model.n_components), criterion, scores)
