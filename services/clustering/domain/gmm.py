@@ -129,6 +129,20 @@ class GaussianDiag:
 
 _GAUSS_DIMS = np.array([F.KIDS_SHARE, F.TEEN_SHARE, F.LOG_MINUTES, F.LOG_TITLES, F.VPN_SHARE])
 _GAUSS_FLOORS = np.array([0.01, 0.01, 0.02, 0.01, 0.01])
+RHYTHM_BINS = 12  # 2-hour bins of the UTC start hour
+_WEEK_RATIO = np.array([2.0 / 5.0, 5.0 / 2.0])  # weekday row borrows from weekend scaled by days
+
+
+def rhythm_cells(X: np.ndarray) -> np.ndarray:
+    """(N, 2*RHYTHM_BINS) one-hot of (weekend, 2-hour bin) recovered from the hour and
+    day-of-week angles of the feature vector (Saturday and Sunday are weekend)."""
+    hour = np.mod(np.arctan2(X[:, F.HOUR.start], X[:, F.HOUR.start + 1]), 2 * np.pi) * 24.0 / (2 * np.pi)
+    dow = np.mod(np.arctan2(X[:, F.DOW.start], X[:, F.DOW.start + 1]), 2 * np.pi) * 7.0 / (2 * np.pi)
+    weekend = (np.floor(dow) >= 5).astype(np.int64)
+    b = np.minimum((hour * RHYTHM_BINS / 24.0).astype(np.int64), RHYTHM_BINS - 1)
+    out = np.zeros((X.shape[0], 2 * RHYTHM_BINS))
+    out[np.arange(X.shape[0]), weekend * RHYTHM_BINS + b] = 1.0
+    return out
 
 
 @dataclass(frozen=True)
@@ -147,13 +161,19 @@ class TypedSession:
     binge_alpha: float = 0.5
     angle_pseudo: float = 1.0
     kappa_max: float = 60.0
+    rhythm: str = "bins"
+    rhythm_alpha: float = 0.5
+    rhythm_share: float = 0.3
     name: str = "typed"
 
     def phi(self, X: np.ndarray) -> np.ndarray:
         if X.shape[1] != F.FEATURE_DIM:
             raise ValueError(f"X must have {F.FEATURE_DIM} feature columns for the typed family, got {X.shape[1]}")
         g = X[:, _GAUSS_DIMS]
-        return np.hstack((np.ones((X.shape[0], 1)), X, g * g))
+        parts = [np.ones((X.shape[0], 1)), X, g * g]
+        if self.rhythm == "bins":
+            parts.append(rhythm_cells(X))
+        return np.hstack(parts)
 
     def _angle(self, stats: np.ndarray, block: slice, n: np.ndarray, W: np.ndarray, const: np.ndarray) -> None:
         s_sin = stats[:, 1 + block.start]
@@ -170,10 +190,22 @@ class TypedSession:
         k = stats.shape[0]
         d = F.FEATURE_DIM
         n = np.maximum(stats[:, 0], DEAD_COMPONENT)
-        W = np.zeros((k, 1 + d + _GAUSS_DIMS.size))
         const = np.zeros(k)
-        self._angle(stats, F.HOUR, n, W, const)
-        self._angle(stats, F.DOW, n, W, const)
+        if self.rhythm == "bins":
+            # Categorical over (weekday/weekend, 2-hour bin) cells: captures two-peak
+            # rhythms that one von Mises cannot. Counts are smoothed over neighbouring
+            # bins and partly shared between weekday and weekend (linear in the
+            # statistics, so unlearning stays exact).
+            cells = stats[:, 1 + d + _GAUSS_DIMS.size:].reshape(k, 2, RHYTHM_BINS)
+            sm = 0.5 * cells + 0.25 * (np.roll(cells, 1, axis=2) + np.roll(cells, -1, axis=2))
+            sm = sm + self.rhythm_share * sm[:, ::-1, :] * _WEEK_RATIO[None, :, None] + self.rhythm_alpha
+            theta = sm / sm.sum(axis=(1, 2), keepdims=True)
+            W = np.zeros((k, 1 + d + _GAUSS_DIMS.size + 2 * RHYTHM_BINS))
+            W[:, 1 + d + _GAUSS_DIMS.size:] = np.log(theta).reshape(k, -1)
+        else:
+            W = np.zeros((k, 1 + d + _GAUSS_DIMS.size))
+            self._angle(stats, F.HOUR, n, W, const)
+            self._angle(stats, F.DOW, n, W, const)
         dev = stats[:, 1 + F.DEVICE.start:1 + F.DEVICE.stop] + self.device_alpha
         W[:, 1 + F.DEVICE.start:1 + F.DEVICE.stop] = np.log(dev / dev.sum(axis=1, keepdims=True))
         gen = stats[:, 1 + F.GENRE.start:1 + F.GENRE.stop] + self.genre_beta
@@ -182,15 +214,16 @@ class TypedSession:
         W[:, 1 + F.BINGE] = np.log(q) - np.log1p(-q)
         const += np.log1p(-q)
         mean = stats[:, 1 + _GAUSS_DIMS] / n[:, None]
-        var = np.maximum(stats[:, 1 + d:] / n[:, None] - mean**2, 0.0) + _GAUSS_FLOORS
+        var = np.maximum(stats[:, 1 + d:1 + d + _GAUSS_DIMS.size] / n[:, None] - mean**2, 0.0) + _GAUSS_FLOORS
         W[:, 1 + _GAUSS_DIMS] = mean / var
-        W[:, 1 + d:] = -0.5 / var
+        W[:, 1 + d:1 + d + _GAUSS_DIMS.size] = -0.5 / var
         const -= 0.5 * (_GAUSS_DIMS.size * LOG_2PI + np.log(var).sum(axis=1) + (mean**2 / var).sum(axis=1))
         W[:, 0] = const
         return W
 
     def params_per_component(self, dim: int) -> int:
-        return 2 + 2 + (len(F.DEVICE_TYPES) - 1) + (len(F.GENRES) - 1) + 1 + 2 * _GAUSS_DIMS.size
+        rhythm = 2 * RHYTHM_BINS - 1 if self.rhythm == "bins" else 4
+        return rhythm + (len(F.DEVICE_TYPES) - 1) + (len(F.GENRES) - 1) + 1 + 2 * _GAUSS_DIMS.size
 
 
 FAMILIES = {"gaussian_full": GaussianFull, "gaussian_diag": GaussianDiag, "typed": TypedSession}
