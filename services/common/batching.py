@@ -35,13 +35,16 @@ class GroupCommitter(Generic[T]):
         self._closed = False
         self._thread.start()
 
-    def submit(self, items: Sequence[T]) -> Future:
+    def submit(self, items: Sequence[T], weight: int | None = None) -> Future:
         """Queue items for the next batch; the future resolves to flush()'s result for
-        the batch (or raises its exception)."""
+        the batch (or raises its exception). ``weight`` is what the submission counts
+        towards ``max_batch`` (default ``len(items)``): a caller that submits one item
+        standing for many records (a pre-built chunk) says how many."""
         if self._closed:
             raise RuntimeError("committer is closed")
         future: Future = Future()
-        self._queue.put((list(items), future))
+        items = list(items)
+        self._queue.put((items, future, len(items) if weight is None else weight))
         return future
 
     def write(self, items: Sequence[T], timeout_s: float = 10.0):
@@ -62,7 +65,7 @@ class GroupCommitter(Generic[T]):
             if first is _STOP:
                 return
             pending = [first]
-            count = len(first[0])
+            count = first[2]
             deadline = time.monotonic() + self._max_delay
             while count < self._max_batch:
                 remaining = deadline - time.monotonic()
@@ -74,14 +77,14 @@ class GroupCommitter(Generic[T]):
                     stopping = True
                     break
                 pending.append(nxt)
-                count += len(nxt[0])
-            items = [item for batch, _ in pending for item in batch]
+                count += nxt[2]
+            items = [item for batch, _, _ in pending for item in batch]
             try:
                 result = self._flush(items)
             except BaseException as exc:  # noqa: BLE001 - hand the failure to every waiter
                 log.warning("group commit of %d items failed: %s", len(items), exc)
-                for _, future in pending:
+                for _, future, _ in pending:
                     future.set_exception(exc)
             else:
-                for _, future in pending:
+                for _, future, _ in pending:
                     future.set_result(result)

@@ -11,7 +11,7 @@
 | `HEARTH_FEEDBACK_CHECK_INTERVAL_S` | 300 | periodic check (cohort triggers, pending refits, recalibration); 0 = off |
 | `HEARTH_FEEDBACK_RECALIBRATE_MIN_NEW` | 500 | the periodic check refits a variant's calibrator after this many new feedback rows |
 | `HEARTH_FEEDBACK_EXPERIMENT` | `model-variant` | experiment name (the hash salt of variant assignment) |
-| `HEARTH_FEEDBACK_CONTROL_VARIANT` | `kmeans` | control variant (the kill switch sends everyone here) |
+| `HEARTH_FEEDBACK_CONTROL_VARIANT` | `gmm` | control variant: the production model (the kill switch sends everyone here) |
 | `HEARTH_FEEDBACK_VARIANTS` | `kmeans,gmm` | variants SetFlag accepts |
 | `HEARTH_FEEDBACK_REFIT_TIMEOUT_S` | 30 | deadline of one Refit call to clustering |
 | `HEARTH_FEEDBACK_AUDIT_TIMEOUT_S` | 2 | deadline of the AppendAudit call of a flag change |
@@ -36,7 +36,7 @@ class FeedbackSettings(ServiceSettings):
     feedback_check_interval_s: float = 300.0
     feedback_recalibrate_min_new: int = 500
     feedback_experiment: str = "model-variant"
-    feedback_control_variant: str = "kmeans"
+    feedback_control_variant: str = "gmm"
     feedback_variants: str = "kmeans,gmm"
     feedback_refit_timeout_s: float = 30.0
     feedback_audit_timeout_s: float = 2.0

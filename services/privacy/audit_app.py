@@ -137,40 +137,45 @@ class AuditApp:
                          caller: identity.Principal | None = None) -> list[int]:
         """AppendAudit: validate every record first (all or nothing: one bad record
         refuses the request before anything is written), note who reported records
-        about someone else, then append durably."""
-        checked = []
+        about someone else, then append durably. The entries built to validate are
+        the ones appended (the writer only stamps their seqs)."""
+        entries: list[AuditEntry] = []
         for i, record in enumerate(records):
             try:
                 entry = record_to_entry(record, 0)
             except ValueError as exc:
                 raise InvalidArgument(str(exc).split(": ", 1)[-1], f"records[{i}].{_field_of(exc)}") from None
             if caller is not None and caller.id != entry.principal and "reported_by" not in entry.details:
-                details = dict(entry.details, reported_by=caller.id)
-                record = replace(record, details_json=audit_client_json(details))
-            checked.append(record)
-        return self.store.append(checked)
+                entry = replace(entry, details=dict(entry.details, reported_by=caller.id))
+            entries.append(entry)
+        return self.store.append_entries(entries, [r.record_id for r in records])
 
-    def _detect(self, entries: Sequence[AuditEntry]) -> list[AuditRecord]:
-        """After-commit hook (writer thread): alerts for the committed entries."""
+    def _detect(self, entries: Sequence[AuditEntry], seqs: Sequence[int]) -> list[AuditRecord]:
+        """After-commit hook (writer thread): alerts for the committed entries
+        (``entries[i]`` as prepared, committed at ``seqs[i]``)."""
         out: list[AuditRecord] = []
-        by_seq = None
-        for entry in entries:
-            if entry.event_type is EventType.SECURITY_ALERT:
+        observe = self.detector.observe
+        alert_type, service_role = EventType.SECURITY_ALERT, Role.SERVICE
+        for entry, seq in zip(entries, seqs):
+            if entry.event_type is alert_type:
                 continue
-            if entry.role is Role.SERVICE and entry.event_type in _SERVICE_READS:
+            if entry.role is service_role and entry.event_type in _SERVICE_READS:
                 continue
-            for alert in self.detector.observe(entry):
+            alerts = observe(entry)
+            if not alerts:
+                continue
+            for alert in alerts:
+                # An alert names the entry that triggered it, the one just observed,
+                # whose seq field is still the placeholder.
+                alert = replace(alert, seq=seq)
                 SECURITY_ALERTS.labels(alert.kind.value).inc()
                 self.alerts += 1
-                if by_seq is None:
-                    by_seq = {e.seq: e for e in entries}
-                trigger = by_seq.get(alert.seq, entry)
-                details = dict(alert.details(), role=trigger.role.value)
+                details = dict(alert.details(), role=entry.role.value)
                 log.warning("security alert", extra={"fields": details})
                 out.append(audit_client.make_record(
                     audit_client.SECURITY_ALERT, f"principal:{alert.principal}",
                     audit_client.SUCCESS, details,
-                    principal=identity.service_principal(SERVICE), trace_id=trigger.trace_id))
+                    principal=identity.service_principal(SERVICE), trace_id=entry.trace_id))
         return out
 
     # -- reads -------------------------------------------------------------------------
@@ -201,13 +206,6 @@ def _field_of(exc: ValueError) -> str:
     """``"role: 'x' is not one of ..."`` -> ``"role"`` (domain messages start with the field)."""
     head = str(exc).split(":", 1)[0]
     return head if head.replace("_", "").replace(".", "").isalnum() else "record"
-
-
-def audit_client_json(details: Mapping) -> str:
-    import json
-
-    return json.dumps(dict(details), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False)
 
 
 class LocalAuditTransport:

@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from services.common.audit import AuditRecord
@@ -42,10 +43,13 @@ from services.privacy.domain import merkle
 from services.privacy.domain.audit import (
     AuditEntry,
     AuditState,
+    EventType,
     LogVerification,
+    Outcome,
+    Role,
     SignedTreeHead,
     TamperReason,
-    append_batch,
+    append_canonical,
     canonical_json,
     format_ts,
     parse_ts,
@@ -86,6 +90,20 @@ CREATE TABLE IF NOT EXISTS audit_sth (
     sth_json TEXT NOT NULL
 )
 """),
+    # Write cost: every secondary index costs each appended row a B-tree insert, and one
+    # keyed by a random value (record_id is a uuid4) dirties a random page per row (a
+    # 4 KiB WAL frame each once the index outgrows the batch), the largest single cost
+    # of a durable append. record_id is an idempotency key, looked up only for retries:
+    # the writer keeps the ids of the recent entries in memory and finds older ones
+    # through ``ts`` (a retry carries its record's original ts), an index whose inserts
+    # land at its right edge and that also serves QueryAudit's time window. The
+    # resource index never served a query: prefix filters use substr(), which neither
+    # SQLite nor PostgreSQL can answer from a B-tree.
+    Migration(11, "audit_log_write_indexes", """
+DROP INDEX IF EXISTS audit_entries_record_id;
+DROP INDEX IF EXISTS audit_entries_resource;
+CREATE INDEX IF NOT EXISTS audit_entries_ts ON audit_entries (ts)
+"""),
 ]
 
 MAX_QUERY_LIMIT = 10_000
@@ -100,13 +118,20 @@ class _StateConflict(Exception):
     """Another writer moved the log (or the commit outcome is unknown): reload, retry."""
 
 
-@dataclass
-class _Pending:
-    """One record waiting for the writer; ``seq`` or ``error`` is set by the writer."""
+@dataclass(slots=True)
+class _Chunk:
+    """One caller's records, validated and encoded on the caller's thread (entries at a
+    placeholder seq 0, the plain values of the query columns); the writer fills ``seqs``.
+    ``errors[i]`` is set instead when record i was invalid (``entries[i]`` is None)."""
 
-    record: AuditRecord
-    seq: int | None = None
-    error: str | None = None
+    entries: list[AuditEntry | None]
+    columns: list[tuple | None]
+    record_ids: list[str | None]
+    errors: list[str | None] | None = None
+    seqs: list[int | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.entries)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,16 +165,55 @@ class AuditVerification:
 
 def record_to_entry(record: AuditRecord, seq: int) -> AuditEntry:
     """The domain entry for a validated record at ``seq`` (ValueError naming the field)."""
+    return AuditEntry.build(
+        seq, datetime.fromtimestamp(record.ts, UTC), record.event_type, record.principal,
+        record.role, record.resource, record.outcome, record.trace_id,
+        _decode_details(record.details_json))
+
+
+def _make_scanner() -> Callable[[str, int], tuple[object, int]] | None:
     try:
-        details = json.loads(record.details_json) if record.details_json else {}
-    except json.JSONDecodeError:
-        raise ValueError("details_json: not valid JSON") from None
-    if not isinstance(details, dict):
+        from json.scanner import c_make_scanner
+    except ImportError:  # pragma: no cover - pure-Python json build
+        return None
+    return c_make_scanner(json.JSONDecoder()) if c_make_scanner is not None else None
+
+
+# The C scanner behind json.loads, called directly: json.loads adds three Python frames
+# and two regex matches for whitespace, more than the scan itself of a small object.
+_scan_json = _make_scanner()
+
+
+def _decode_details(text: str) -> dict:
+    """``details_json`` as a dict, exactly as ``json.loads`` would parse it."""
+    if not text:
+        return {}
+    obj: object = None
+    parsed = False
+    if _scan_json is not None:
+        try:
+            obj, end = _scan_json(text, 0)
+            parsed = end == len(text)
+        except (StopIteration, ValueError):
+            parsed = False  # leading whitespace or invalid: json.loads decides below
+    if not parsed:
+        try:
+            obj = json.loads(text)
+        except (json.JSONDecodeError, TypeError):
+            raise ValueError("details_json: not valid JSON") from None
+    if type(obj) is not dict:
         raise ValueError("details_json: must be a JSON object")
-    return AuditEntry(
-        seq=seq, ts=datetime.fromtimestamp(record.ts, UTC), event_type=record.event_type,
-        principal=record.principal, role=record.role, resource=record.resource,
-        outcome=record.outcome, trace_id=record.trace_id, details=details)
+    return obj
+
+
+_PLAIN = {member: member.value for enum_type in (EventType, Role, Outcome) for member in enum_type}
+
+
+def _columns(entry: AuditEntry, record_id: str | None) -> tuple:
+    """(ts, event_type, principal, role, resource, outcome, trace_id, record_id): the
+    query columns of a row, as plain values (enum members as their str values)."""
+    return (entry.ts.timestamp(), _PLAIN[entry.event_type], entry.principal, _PLAIN[entry.role],
+            entry.resource, _PLAIN[entry.outcome], entry.trace_id, record_id or None)
 
 
 def entry_from_canonical(canonical: bytes) -> AuditEntry:
@@ -166,9 +230,9 @@ class AuditStore:
     ``close()`` drains the writer."""
 
     def __init__(self, db: Database, signing_key: Ed25519PrivateKey, *,
-                 after_commit: Callable[[Sequence[AuditEntry]], Sequence[AuditRecord]] | None = None,
+                 after_commit: Callable[[Sequence[AuditEntry], Sequence[int]], Sequence[AuditRecord]] | None = None,
                  max_batch: int = 4096, max_delay_s: float = 0.002,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, dedup_window: int = 65_536) -> None:
         if not isinstance(signing_key, Ed25519PrivateKey):
             raise ValueError("signing_key: expected an Ed25519 private key")
         self.db = db
@@ -182,8 +246,17 @@ class AuditStore:
         self._tree = merkle.MerkleTree()
         self._tree_lock = threading.Lock()
         self._latest_sth: SignedTreeHead | None = None
-        self._committer: GroupCommitter[_Pending] | None = None
+        self._committer: GroupCommitter[_Chunk] | None = None
         self.healthy_at_start = True
+        if dedup_window < 1:
+            raise ValueError("dedup_window: must be >= 1")
+        self._dedup_window = dedup_window
+        # Recent record ids -> seq (see _remember_ids); ids of entries with ts at or
+        # below _ids_floor may have left memory and are looked up in the table.
+        self._ids: dict[str, int] = {}
+        self._ids_previous: dict[str, int] = {}
+        self._ids_newest = self._ids_previous_newest = -math.inf
+        self._ids_floor = -math.inf
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -232,104 +305,162 @@ class AuditStore:
             log.error("audit log rows do not match the stored audit state (size %d, %d rows): "
                       "run VerifyAudit", state.size, len(leaves))
         sth = SignedTreeHead.from_dict(json.loads(sth_row[0][0])) if sth_row else None
+        self._load_ids(state.size)
         with self._tree_lock:
             self._state, self._tree = state, tree
             if sth is not None and (self._latest_sth is None or sth.tree_size >= self._latest_sth.tree_size):
                 self._latest_sth = sth
         self.healthy_at_start = healthy
 
+    def _load_ids(self, size: int) -> None:
+        """The id window from the table: the ids of the last ``dedup_window`` entries;
+        the floor is the newest ts in the table when older entries exist (conservative:
+        records at or below it are looked up in the table)."""
+        first = max(0, size - self._dedup_window)
+        with self.db.transaction() as tx:
+            rows = tx.query("SELECT record_id, seq, ts FROM audit_entries WHERE seq >= ? "
+                            "ORDER BY seq", (first,))
+            newest = tx.query("SELECT MAX(ts) FROM audit_entries")[0][0] if first else None
+        self._ids = {rid: int(seq) for rid, seq, _ in rows if rid is not None}
+        self._ids_newest = max((float(ts) for _, _, ts in rows), default=-math.inf)
+        self._ids_previous, self._ids_previous_newest = {}, -math.inf
+        self._ids_floor = float(newest) if newest is not None else -math.inf
+
     # -- writes ------------------------------------------------------------------------
 
-    def submit(self, records: Sequence[AuditRecord]):
-        """Queue records for the writer; returns (future, pendings)."""
+    def prepare(self, records: Sequence[AuditRecord]) -> _Chunk:
+        """Validate and encode records for the writer (on the caller's thread, so the
+        single writer only stamps seqs, hashes and inserts); invalid records are noted
+        in the chunk's ``errors`` and skipped by the writer."""
+        entries: list[AuditEntry | None] = []
+        columns: list[tuple | None] = []
+        record_ids: list[str | None] = []
+        errors: list[str | None] | None = None
+        for i, record in enumerate(records):
+            rid = record.record_id or None
+            try:
+                entry = record_to_entry(record, 0)
+            except ValueError as exc:
+                if errors is None:
+                    errors = [None] * len(records)
+                errors[i] = str(exc)
+                entries.append(None)
+                columns.append(None)
+                record_ids.append(rid)
+                continue
+            entries.append(entry)
+            columns.append(_columns(entry, rid))
+            record_ids.append(rid)
+        return _Chunk(entries, columns, record_ids, errors)
+
+    def chunk_of(self, entries: Sequence[AuditEntry], record_ids: Sequence[str]) -> _Chunk:
+        """A chunk of entries validated already (their seqs are ignored and replaced)."""
+        if len(record_ids) != len(entries):
+            raise ValueError(f"record_ids: {len(record_ids)} given for {len(entries)} entries")
+        rids = [rid or None for rid in record_ids]
+        return _Chunk(list(entries), [_columns(e, rid) for e, rid in zip(entries, rids)], rids)
+
+    def submit(self, chunk: _Chunk):
+        """Queue a prepared chunk for the writer; the future resolves after its commit."""
         if self._committer is None:
             raise FailedPrecondition("audit store is not started")
-        pendings = [_Pending(r) for r in records]
-        return self._committer.submit(pendings), pendings
+        return self._committer.submit([chunk], weight=len(chunk))
 
     def append(self, records: Sequence[AuditRecord], timeout_s: float = 30.0) -> list[int]:
         """Append durably; returns each record's seq (a repeated record_id returns the
-        seq it got the first time). Returns only after the commit."""
+        seq it got the first time). Returns only after the commit. An invalid record
+        raises InvalidArgument naming it, after the valid ones were appended."""
         if not records:
             return []
-        future, pendings = self.submit(records)
-        future.result(timeout_s)
-        errors = [(i, p.error) for i, p in enumerate(pendings) if p.error]
-        if errors:
-            i, message = errors[0]
-            raise InvalidArgument(message, field=f"records[{i}]")
-        return [int(p.seq) for p in pendings]
+        return self._append_chunk(self.prepare(records), timeout_s)
 
-    def _flush(self, pendings: Sequence[_Pending]) -> None:
+    def append_entries(self, entries: Sequence[AuditEntry], record_ids: Sequence[str],
+                       timeout_s: float = 30.0) -> list[int]:
+        """``append`` for entries already validated (AppendAudit validates a request
+        whole before appending); each entry is re-stamped with the seq it gets."""
+        if not entries:
+            return []
+        return self._append_chunk(self.chunk_of(entries, record_ids), timeout_s)
+
+    def _append_chunk(self, chunk: _Chunk, timeout_s: float) -> list[int]:
+        self.submit(chunk).result(timeout_s)
+        if chunk.errors is not None:
+            i, message = next((i, e) for i, e in enumerate(chunk.errors) if e)
+            raise InvalidArgument(message, field=f"records[{i}]")
+        return chunk.seqs  # type: ignore[return-value]  # every one set by the commit
+
+    def _flush(self, chunks: Sequence[_Chunk]) -> None:
         """Writer thread: commit one batch (retrying on a state conflict), then let
         ``after_commit`` add records (alerts), committed at once."""
-        committed = self._commit_with_retry(pendings)
+        committed, seqs = self._commit_with_retry(chunks)
         if committed and self._after_commit is not None:
             try:
-                extra = list(self._after_commit(committed))
+                extra = list(self._after_commit(committed, seqs))
             except Exception:  # noqa: BLE001 - detection must never fail an append
                 log.exception("after_commit hook failed")
                 extra = []
             if extra:
-                self._commit_with_retry([_Pending(r) for r in extra])
+                self._commit_with_retry([self.prepare(extra)])
 
-    def _commit_with_retry(self, pendings: Sequence[_Pending], attempts: int = 3) -> list[AuditEntry]:
-        # Repeated record ids are rare (a sink retrying after a lost acknowledgement), so
-        # the first attempt skips the look-up and lets the unique index catch a repeat;
-        # after any conflict the ids are looked up before retrying.
-        check_existing = False
+    def _commit_with_retry(self, chunks: Sequence[_Chunk],
+                           attempts: int = 3) -> tuple[list[AuditEntry], list[int]]:
         for attempt in range(attempts):
             try:
-                return self._commit(pendings, check_existing)
+                return self._commit(chunks)
             except _StateConflict as exc:
-                check_existing = True
                 log.warning("audit append conflict (%s): reloading state, attempt %d", exc, attempt + 1)
-                for p in pendings:
-                    p.seq = p.error = None
                 self._load()
         raise Conflict("the audit log kept moving under this writer (several writers?)")
 
-    def _commit(self, pendings: Sequence[_Pending], check_existing: bool) -> list[AuditEntry]:
+    def _commit(self, chunks: Sequence[_Chunk]) -> tuple[list[AuditEntry], list[int]]:
+        """One transaction for the batch. Returns the committed entries (as prepared:
+        placeholder seqs) and the seq each got.
+
+        Repeated record ids: a repeat inside the batch, or of an entry in the in-memory
+        id window, gets the earlier seq; a record older than the window (its ts at or
+        below ``_ids_floor``) is looked up in the table through the ts index first."""
         state = self._state
-        ids = [p.record.record_id for p in pendings if p.record.record_id] if check_existing else []
-        existing = self._existing_seqs(ids) if ids else {}
-        first_of: dict[str, _Pending] = {}
+        seq = state.size
+        floor = self._ids_floor
+        older = [(rid, cols[0]) for chunk in chunks
+                 for rid, cols in zip(chunk.record_ids, chunk.columns)
+                 if rid is not None and cols is not None and cols[0] <= floor]
+        stored = self._stored_seqs(older) if older else {}
+        recent, previous = self._ids, self._ids_previous
+        batch_ids: dict[str, int] = {}
         entries: list[AuditEntry] = []
-        rows: list[tuple] = []
-        repeats: list[tuple[_Pending, _Pending]] = []
-        for p in pendings:
-            rid = p.record.record_id
-            if rid:
-                if rid in existing:
-                    p.seq = existing[rid]
+        seqs: list[int] = []
+        canonical: list[bytes] = []
+        columns: list[tuple] = []
+        for chunk in chunks:
+            out = chunk.seqs = [None] * len(chunk.entries)
+            for i, (entry, rid) in enumerate(zip(chunk.entries, chunk.record_ids)):
+                if entry is None:
                     continue
-                if rid in first_of:
-                    repeats.append((p, first_of[rid]))
-                    continue
-            seq = state.size + len(entries)
-            try:
-                entry = record_to_entry(p.record, seq)
-            except ValueError as exc:
-                p.error = str(exc)
-                continue
-            if rid:
-                first_of[rid] = p
-            p.seq = seq
-            entries.append(entry)
-            rows.append([seq, entry.ts.timestamp(), entry.event_type.value, entry.principal,
-                         entry.role.value, entry.resource, entry.outcome.value, entry.trace_id,
-                         rid or None, entry.canonical_bytes])
-        for p, first in repeats:
-            p.seq, p.error = first.seq, first.error
+                if rid is not None:
+                    earlier = batch_ids.get(rid)
+                    if earlier is None:
+                        earlier = recent.get(rid)
+                        if earlier is None:
+                            earlier = previous.get(rid)
+                            if earlier is None and stored:
+                                earlier = stored.get(rid)
+                    if earlier is not None:
+                        out[i] = earlier
+                        continue
+                    batch_ids[rid] = seq
+                out[i] = seq
+                entries.append(entry)
+                seqs.append(seq)
+                canonical.append(entry.canonical_bytes_at(seq))
+                columns.append(chunk.columns[i])
+                seq += 1
         if not entries:
-            return []
-        new_state, leaves, chains = append_batch(state, entries)
+            return [], []
+        new_state, leaves, chains = append_canonical(state, canonical)
         sth = sign_tree_head(new_state, self._key, datetime.fromtimestamp(self._clock(), UTC))
-        leaf_bytes, chain_bytes = leaves.tobytes(), chains.tobytes()
-        h = merkle.HASH_SIZE
-        for i, row in enumerate(rows):
-            row.append(leaf_bytes[i * h:(i + 1) * h])
-            row.append(chain_bytes[i * h:(i + 1) * h])
+        rows = [(s, *cols, data, leaf, chain)
+                for s, cols, data, leaf, chain in zip(seqs, columns, canonical, leaves, chains)]
         try:
             with self.db.transaction() as tx:
                 tx.executemany(_INSERT, rows)
@@ -342,28 +473,46 @@ class AuditStore:
         except _StateConflict:
             raise
         except Exception as exc:
-            # A unique violation means another writer took these seqs or record ids. Any
-            # other failure may still have committed (a lost commit acknowledgement):
-            # the next batch's compare-and-swap on audit_state.size then fails and the
-            # state is reloaded, so the in-memory state never forks from the table.
+            # A unique violation means another writer took these seqs. Any other failure
+            # may still have committed (a lost commit acknowledgement): the next batch's
+            # compare-and-swap on audit_state.size then fails and the state is reloaded,
+            # so the in-memory state never forks from the table.
             if _is_integrity_error(exc):
                 raise _StateConflict(type(exc).__name__) from exc
             raise
         with self._tree_lock:
-            self._tree.extend(leaf_bytes)
+            self._tree.extend(b"".join(leaves))
             self._state = new_state
             self._latest_sth = sth
-        return entries
+        self._remember_ids(batch_ids, max(cols[0] for cols in columns))
+        return entries, seqs
 
-    def _existing_seqs(self, record_ids: list[str]) -> dict[str, int]:
+    def _remember_ids(self, ids: dict[str, int], newest_ts: float) -> None:
+        """Add committed ids to the in-memory window: two generations of at most
+        ``dedup_window`` ids each; dropping the older one raises ``_ids_floor`` to its
+        newest ts, so every committed id with a later ts is still in memory."""
+        if not ids:
+            return
+        self._ids.update(ids)
+        self._ids_newest = max(self._ids_newest, newest_ts)
+        if len(self._ids) >= self._dedup_window:
+            self._ids_floor = max(self._ids_floor, self._ids_previous_newest)
+            self._ids_previous, self._ids_previous_newest = self._ids, self._ids_newest
+            self._ids, self._ids_newest = {}, -math.inf
+
+    def _stored_seqs(self, pairs: list[tuple[str, float]]) -> dict[str, int]:
+        """Seqs of stored entries with these (record_id, ts), found through the ts index."""
         found: dict[str, int] = {}
+        wanted = {rid for rid, _ in pairs}
+        times = sorted({ts for _, ts in pairs})
         with self.db.transaction() as tx:
-            for start in range(0, len(record_ids), 500):
-                chunk = record_ids[start:start + 500]
+            for start in range(0, len(times), 500):
+                chunk = times[start:start + 500]
                 marks = ",".join("?" * len(chunk))
                 for rid, seq in tx.query(
-                        f"SELECT record_id, seq FROM audit_entries WHERE record_id IN ({marks})", chunk):
-                    found[rid] = int(seq)
+                        f"SELECT record_id, seq FROM audit_entries WHERE ts IN ({marks})", chunk):
+                    if rid in wanted:
+                        found.setdefault(rid, int(seq))
         return found
 
     # -- reads -------------------------------------------------------------------------

@@ -130,26 +130,26 @@ def test_get_calibration_groups_bins_and_errors(stub):
 
 def test_experiment_flags_versions_and_kill_switch(stub):
     start = call(stub, "GetExperiment", fpb.GetExperimentRequest(account_id="acc-1"))
-    assert dict(start.traffic) == {"kmeans": 100.0}
-    assert start.variant == "kmeans" and not start.kill_switch
+    assert dict(start.traffic) == {"gmm": 100.0}
+    assert start.variant == "gmm" and not start.kill_switch
     assert math.isnan(start.p_value)  # nothing to compare yet
 
-    v1 = call(stub, "SetFlag", fpb.SetFlagRequest(traffic={"kmeans": 0.0, "gmm": 100.0}, reason="all to gmm"))
+    v1 = call(stub, "SetFlag", fpb.SetFlagRequest(traffic={"gmm": 0.0, "kmeans": 100.0}, reason="all to kmeans"))
     assert v1.version == 1
     now = call(stub, "GetExperiment", fpb.GetExperimentRequest(account_id="acc-1"))
-    assert now.variant == "gmm" and dict(now.traffic) == {"kmeans": 0.0, "gmm": 100.0}
+    assert now.variant == "kmeans" and dict(now.traffic) == {"gmm": 0.0, "kmeans": 100.0}
 
     v2 = call(stub, "SetFlag", fpb.SetFlagRequest(kill_switch=True, reason="incident 42"))
     assert v2.version == 2
     killed = call(stub, "GetExperiment", fpb.GetExperimentRequest(account_id="acc-1"))
-    assert killed.kill_switch and killed.variant == "kmeans"
-    assert dict(killed.traffic) == {"kmeans": 0.0, "gmm": 100.0}  # the split is kept for later
+    assert killed.kill_switch and killed.variant == "gmm"
+    assert dict(killed.traffic) == {"gmm": 0.0, "kmeans": 100.0}  # the split is kept for later
 
     cases = [
-        (fpb.SetFlagRequest(traffic={"kmeans": 50.0, "gmm": 40.0}, reason="r"), "traffic"),
-        (fpb.SetFlagRequest(traffic={"kmeans": 50.0, "dbscan": 50.0}, reason="r"), "traffic.dbscan"),
-        (fpb.SetFlagRequest(traffic={"gmm": 100.0}, reason="r"), "traffic"),  # control missing
-        (fpb.SetFlagRequest(traffic={"kmeans": 50.0, "gmm": 50.0}), "reason"),
+        (fpb.SetFlagRequest(traffic={"gmm": 50.0, "kmeans": 40.0}, reason="r"), "traffic"),
+        (fpb.SetFlagRequest(traffic={"gmm": 50.0, "dbscan": 50.0}, reason="r"), "traffic.dbscan"),
+        (fpb.SetFlagRequest(traffic={"kmeans": 100.0}, reason="r"), "traffic"),  # control missing
+        (fpb.SetFlagRequest(traffic={"gmm": 50.0, "kmeans": 50.0}), "reason"),
     ]
     for request, field in cases:
         assert error_of(stub, "SetFlag", request) == (grpc.StatusCode.INVALID_ARGUMENT, field), request

@@ -65,6 +65,6 @@ def test_feedback_calibration_and_flags_over_http(client, mesh):
     killed = client.put("/v1/experiment", json={"kill_switch": True, "reason": "e2e kill switch"})
     assert killed.json()["version"] == version + 1
     experiment = client.get("/v1/experiment", params={"account_id": "e2e-fb-acc"}).json()
-    assert experiment["kill_switch"] is True and experiment["variant"] == "kmeans"
+    assert experiment["kill_switch"] is True and experiment["variant"] == "gmm"  # the control
     assert experiment["traffic"] == {"kmeans": 60.0, "gmm": 40.0}
     client.put("/v1/experiment", json={"kill_switch": False, "reason": "e2e done"})

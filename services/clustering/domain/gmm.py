@@ -155,7 +155,7 @@ class TypedSession:
     at ``kappa_max``; genre log-likelihood = genre_weight * sum_g share_g * log theta_g.
     """
 
-    genre_weight: float = 2.0
+    genre_weight: float = 4.0
     device_alpha: float = 0.5
     genre_beta: float = 0.1
     binge_alpha: float = 0.5

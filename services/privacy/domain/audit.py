@@ -150,6 +150,16 @@ def _check_text(value: object, argument: str, *, allow_empty: bool = False) -> s
     return value
 
 
+def _check_seq(seq: object) -> int:
+    if type(seq) is not int:
+        if isinstance(seq, bool) or not isinstance(seq, (int, np.integer)):
+            raise ValueError(f"seq: expected an int, got {type(seq).__name__}")
+        seq = int(seq)
+    if seq < 0:
+        raise ValueError(f"seq: must be >= 0, got {seq}")
+    return seq
+
+
 def _check_json_value(value: Any, path: str, depth: int = 0) -> None:
     """Reject what canonical JSON cannot represent unambiguously (exact-type fast paths
     first: this runs for every audit entry)."""
@@ -237,6 +247,70 @@ def chain_hash(prev_hash: bytes, entry_bytes: bytes) -> bytes:
 # --------------------------------------------------------------------------- entries
 
 
+_EVENT_TYPES: dict[str, EventType] = {m.value: m for m in EventType}
+_ROLES: dict[str, Role] = {m.value: m for m in Role}
+_OUTCOMES: dict[str, Outcome] = {m.value: m for m in Outcome}
+
+
+def _entry_fields(
+    seq: Any, ts: Any, event_type: Any, principal: Any, role: Any, resource: Any,
+    outcome: Any, trace_id: Any, details: Any,
+) -> dict[str, Any]:
+    """Validated, normalised fields of an ``AuditEntry`` plus its canonical bytes (the
+    instance ``__dict__``). Written for speed, since it runs for every audited action:
+    exact-type checks first, the general checks (with their error messages) only when
+    a fast check fails."""
+    if type(seq) is not int or seq < 0:
+        seq = _check_seq(seq)
+    if type(ts) is not datetime or ts.tzinfo is not UTC:
+        ts = parse_ts(ts)
+    if type(event_type) is not EventType:
+        event_type = _EVENT_TYPES.get(event_type) if type(event_type) is str else None  # type: ignore[arg-type]
+        if event_type is None:
+            event_type = _enum(EventType, event_type, "event_type")
+    if type(role) is not Role:
+        role = _ROLES.get(role) if type(role) is str else None  # type: ignore[arg-type]
+        if role is None:
+            role = _enum(Role, role, "role")
+    if type(outcome) is not Outcome:
+        outcome = _OUTCOMES.get(outcome) if type(outcome) is str else None  # type: ignore[arg-type]
+        if outcome is None:
+            outcome = _enum(Outcome, outcome, "outcome")
+    if type(principal) is not str or not principal or len(principal) > MAX_TEXT:
+        _check_text(principal, "principal")
+    if type(resource) is not str or len(resource) > MAX_TEXT:
+        _check_text(resource, "resource", allow_empty=True)
+    if type(trace_id) is not str or len(trace_id) > MAX_TEXT:
+        _check_text(trace_id, "trace_id", allow_empty=True)
+    if type(details) is not dict and not isinstance(details, Mapping):
+        raise ValueError(f"details: expected a mapping, got {type(details).__name__}")
+    details = dict(details)  # a private copy: the canonical bytes must not go stale
+    _check_json_value(details, "details")
+    # Canonical JSON assembled directly with keys in sorted order, several times
+    # faster than building and sorting a dict; tests check it equals
+    # canonical_json(entry.to_dict()). StrEnum members are their own values.
+    text = "".join((
+        '{"details":', _encode_details(details),
+        ',"event_type":"', event_type,
+        '","outcome":"', outcome,
+        '","principal":', _encode_str(principal),
+        ',"resource":', _encode_str(resource),
+        ',"role":"', role,
+        '","seq":', str(seq),
+        ',"trace_id":', _encode_str(trace_id),
+        ',"ts":"', _format_utc(ts),
+        '","v":', _VERSION_TEXT, "}",
+    ))
+    try:
+        canonical = text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("entry: text fields must be valid Unicode (lone surrogate)") from None
+    return {"seq": seq, "ts": ts, "event_type": event_type, "principal": principal,
+            "role": role, "resource": resource, "outcome": outcome, "trace_id": trace_id,
+            "details": details, "_canonical": canonical}
+
+
+
 @dataclass(frozen=True)
 class AuditEntry:
     """One audited action. ``details`` is free-form JSON (string keys, finite numbers);
@@ -254,59 +328,24 @@ class AuditEntry:
     _canonical: bytes = field(init=False, repr=False, compare=False, default=b"")
 
     def __post_init__(self) -> None:
-        # Written for speed (it runs for every audited action): exact-type checks first,
-        # and attributes are only re-set when a conversion is needed.
-        set_ = object.__setattr__
-        seq = self.seq
-        if type(seq) is not int:
-            if isinstance(seq, bool) or not isinstance(seq, (int, np.integer)):
-                raise ValueError(f"seq: expected an int, got {type(seq).__name__}")
-            seq = int(seq)
-            set_(self, "seq", seq)
-        if seq < 0:
-            raise ValueError(f"seq: must be >= 0, got {seq}")
-        ts = self.ts
-        if type(ts) is not datetime or ts.tzinfo is not UTC:
-            ts = parse_ts(ts)
-            set_(self, "ts", ts)
-        event_type, role, outcome = self.event_type, self.role, self.outcome
-        if type(event_type) is not EventType:
-            event_type = _enum(EventType, event_type, "event_type")
-            set_(self, "event_type", event_type)
-        if type(role) is not Role:
-            role = _enum(Role, role, "role")
-            set_(self, "role", role)
-        if type(outcome) is not Outcome:
-            outcome = _enum(Outcome, outcome, "outcome")
-            set_(self, "outcome", outcome)
-        _check_text(self.principal, "principal")
-        _check_text(self.resource, "resource", allow_empty=True)
-        _check_text(self.trace_id, "trace_id", allow_empty=True)
-        details = self.details
-        if type(details) is not dict and not isinstance(details, Mapping):
-            raise ValueError(f"details: expected a mapping, got {type(details).__name__}")
-        details = dict(details)  # a private copy: the canonical bytes must not go stale
-        _check_json_value(details, "details")
-        set_(self, "details", details)
-        # Canonical JSON assembled directly with keys in sorted order, several times
-        # faster than building and sorting a dict; tests check it equals
-        # canonical_json(self.to_dict()). StrEnum members are their own values.
-        text = "".join((
-            '{"details":', _encode_details(details),
-            ',"event_type":"', event_type,
-            '","outcome":"', outcome,
-            '","principal":', _encode_str(self.principal),
-            ',"resource":', _encode_str(self.resource),
-            ',"role":"', role,
-            '","seq":', str(seq),
-            ',"trace_id":', _encode_str(self.trace_id),
-            ',"ts":"', _format_utc(ts),
-            '","v":', _VERSION_TEXT, "}",
-        ))
-        try:
-            set_(self, "_canonical", text.encode("utf-8"))
-        except UnicodeEncodeError:
-            raise ValueError("entry: text fields must be valid Unicode (lone surrogate)") from None
+        object.__setattr__(self, "__dict__", _entry_fields(
+            self.seq, self.ts, self.event_type, self.principal, self.role, self.resource,
+            self.outcome, self.trace_id, self.details))
+
+    @classmethod
+    def build(
+        cls, seq: int, ts: datetime | str, event_type: EventType | str, principal: str,
+        role: Role | str, resource: str, outcome: Outcome | str = Outcome.SUCCESS,
+        trace_id: str = "", details: Mapping[str, Any] | None = None,
+    ) -> AuditEntry:
+        """The same entry as ``AuditEntry(...)`` (same validation, same errors, same
+        bytes) without the dataclass ``__init__``, which sets each field separately
+        through the frozen-instance guard: the log's hot path builds one per record."""
+        entry = object.__new__(cls)
+        object.__setattr__(entry, "__dict__", _entry_fields(
+            seq, ts, event_type, principal, role, resource, outcome, trace_id,
+            {} if details is None else details))
+        return entry
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object whose canonical encoding is the entry's leaf data."""
@@ -327,6 +366,29 @@ class AuditEntry:
     def canonical_bytes(self) -> bytes:
         """Canonical JSON of ``to_dict()`` — the Merkle leaf data and chain input."""
         return self._canonical
+
+    def canonical_bytes_at(self, seq: int) -> bytes:
+        """The canonical bytes this entry has at sequence number ``seq``.
+
+        The log's writer validates and encodes an entry once, before it knows the seq
+        (``seq=0`` as a placeholder), and stamps the real seq here: only the digits after
+        the top-level ``"seq":`` change. That is the LAST occurrence of ``,"seq":`` in the
+        bytes: only ``trace_id`` (a JSON string, whose quotes are escaped), ``ts`` and
+        ``v`` follow it, while ``details`` (which may hold a "seq" key) comes first.
+        Equal to ``AuditEntry(seq=seq, <other fields>).canonical_bytes`` (tests check it).
+        """
+        seq = _check_seq(seq)
+        canonical = self._canonical
+        start = canonical.rindex(b',"seq":') + 7
+        return b"%b%d%b" % (canonical[:start], seq, canonical[start + len(str(self.seq)):])
+
+    def with_seq(self, seq: int) -> AuditEntry:
+        """This entry at sequence number ``seq`` without validating or encoding the other
+        fields again (see ``canonical_bytes_at``); equal to building it anew."""
+        canonical = self.canonical_bytes_at(seq)
+        stamped = object.__new__(AuditEntry)
+        object.__setattr__(stamped, "__dict__", {**self.__dict__, "seq": int(seq), "_canonical": canonical})
+        return stamped
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, argument: str = "entry") -> AuditEntry:
@@ -409,24 +471,43 @@ def append_batch(
         raise ValueError(f"state: expected AuditState, got {type(state).__name__}")
     if isinstance(entries, (AuditEntry, str, bytes)) or not isinstance(entries, Sequence):
         raise ValueError("entries: expected a sequence of AuditEntry")
-    sha256 = hashlib.sha256
-    leaves = bytearray()
-    chains = bytearray()
-    prev = state.chain_head
     expected_seq = state.size
     for i, entry in enumerate(entries):
-        if not isinstance(entry, AuditEntry):
+        if type(entry) is not AuditEntry and not isinstance(entry, AuditEntry):
             raise ValueError(f"entries[{i}]: expected AuditEntry, got {type(entry).__name__}")
-        if entry.seq != expected_seq:
-            raise ValueError(f"entries[{i}].seq: expected {expected_seq}, got {entry.seq}")
-        data = entry.canonical_bytes
-        leaves += sha256(merkle.LEAF_PREFIX + data).digest()
-        prev = sha256(CHAIN_PREFIX + prev + data).digest()
-        chains += prev
-        expected_seq += 1
-    frontier = state.frontier.extend(bytes(leaves))
-    new_state = AuditState(expected_seq, prev, frontier)
-    return new_state, _as_hash_array(leaves), _as_hash_array(chains)
+        if entry.seq != expected_seq + i:
+            raise ValueError(f"entries[{i}].seq: expected {expected_seq + i}, got {entry.seq}")
+    new_state, leaves, chains = append_canonical(state, [e._canonical for e in entries])
+    return new_state, _as_hash_array(b"".join(leaves)), _as_hash_array(b"".join(chains))
+
+
+def append_canonical(
+    state: AuditState, canonical: Sequence[bytes]
+) -> tuple[AuditState, list[bytes], list[bytes]]:
+    """``append_batch`` for entries given by their canonical bytes, the i-th already at
+    seq ``state.size + i`` (the writer's hot path: ``AuditEntry.canonical_bytes_at``).
+
+    Returns (new state, leaf hashes, chain hashes) as lists of 32-byte strings, one per
+    entry. Pure, like ``append_batch``; the caller vouches that the bytes are canonical
+    entries with those seqs (``verify_log`` would catch any that are not).
+    """
+    if not isinstance(state, AuditState):
+        raise ValueError(f"state: expected AuditState, got {type(state).__name__}")
+    sha256 = hashlib.sha256
+    leaf_prefix, chain_prefix = merkle.LEAF_PREFIX, CHAIN_PREFIX
+    leaves: list[bytes] = []
+    chains: list[bytes] = []
+    prev = state.chain_head
+    for i, data in enumerate(canonical):
+        if type(data) is not bytes:
+            raise ValueError(f"canonical[{i}]: expected bytes, got {type(data).__name__}")
+        leaves.append(sha256(leaf_prefix + data).digest())
+        prev = sha256(chain_prefix + prev + data).digest()
+        chains.append(prev)
+    if not leaves:
+        return state, leaves, chains
+    frontier = state.frontier.extend(b"".join(leaves))
+    return AuditState(state.size + len(leaves), prev, frontier), leaves, chains
 
 
 # --------------------------------------------------------------------------- tree heads

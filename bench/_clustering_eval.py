@@ -1,0 +1,55 @@
+"""Shared evaluation helpers for bench/accuracy.py (metrics with Hungarian matching)."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+
+def match(truth: np.ndarray, pred: np.ndarray, n_pred: int | None = None) -> np.ndarray:
+    """map[pred component] -> truth person (or -1), maximising matched sessions."""
+    n_pred = int(max(pred.max() + 1 if pred.size else 0, n_pred or 0))
+    n_true = int(truth.max() + 1)
+    C = np.zeros((n_pred, n_true))
+    np.add.at(C, (pred, truth), 1)
+    r, c = linear_sum_assignment(-C)
+    out = np.full(n_pred, -1)
+    out[r] = c
+    return out
+
+
+def matched_correct(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    m = match(truth, pred)
+    return m[pred] == truth
+
+
+def brier_ece_parts(truth: np.ndarray, P: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per session: multi-class Brier (probabilities mapped to truth persons by the
+    Hungarian match of argmax labels; mass on unmatched components counts as wrong),
+    top-label confidence, correctness."""
+    pred = P.argmax(axis=1)
+    m = match(truth, pred, P.shape[1])
+    n_true = int(truth.max() + 1)
+    Q = np.zeros((P.shape[0], n_true + 1))
+    for comp, person in enumerate(m):
+        Q[:, person if person >= 0 else n_true] += P[:, comp]
+    Y = np.zeros_like(Q)
+    Y[np.arange(P.shape[0]), truth] = 1.0
+    brier = ((Q - Y) ** 2).sum(axis=1)
+    conf = P.max(axis=1)
+    correct = m[pred] == truth
+    return brier, conf, correct
+
+
+def ece(conf: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error of the top label, equal-width bins."""
+    if conf.size == 0:
+        return float("nan")
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    idx = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        sel = idx == b
+        if sel.any():
+            total += sel.sum() * abs(conf[sel].mean() - correct[sel].mean())
+    return float(total / conf.size)

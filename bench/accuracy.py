@@ -1,0 +1,283 @@
+"""Clustering accuracy on simulated households: `python -m bench.accuracy [--quick] [--calibrate]`.
+
+Prints progress and the scikit-learn GMM+BIC reference line to stderr and ONE JSON
+object on the last stdout line: {"default": {...}, "easy": {...}, "hard": {...}}.
+
+Seeds: evaluation households use seeds 1000+ (never used for tuning); the temperature
+and the drift thresholds shipped in the code were calibrated with ``--calibrate`` on
+seeds 500+; the population prior is learned on seeds 700+.
+Metrics (micro averages over sessions unless said): session_accuracy (Hungarian match
+of components to true persons per household), ari/nmi (mean over households),
+household_size_exact (share of households with the true number of persons),
+binge/nested accuracy (sessions with those tags; nested truth = the child),
+cold_start_accuracy (3-9 session accounts, default strategy), accuracy_labels_1pct /
+5pct (that share of sessions labelled with their true person), brier (multi-class,
+summed over persons), ece (top label, 15 bins), drift_* (per household, see drift.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+
+import numpy as np  # noqa: E402
+from scipy.optimize import minimize_scalar  # noqa: E402
+from sklearn.cluster import KMeans  # noqa: E402
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score  # noqa: E402
+from sklearn.mixture import GaussianMixture  # noqa: E402
+
+from bench._clustering_eval import brier_ece_parts, ece, matched_correct  # noqa: E402
+from services.clustering.domain import drift as D  # noqa: E402
+from services.clustering.domain.model import HouseholdModel, PopulationPrior  # noqa: E402
+from services.clustering.domain.simulator import (  # noqa: E402
+    BASE_EPOCH, DAY_S, DIFFICULTY_LEVELS, DRIFT_TYPES, simulate_household, simulate_population,
+)
+
+warnings.filterwarnings("ignore")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def summarise(hs, preds, probs=None) -> dict:
+    correct = [matched_correct(h.person, p) for h, p in zip(hs, preds)]
+    allc = np.concatenate(correct)
+    binge = np.concatenate([c[h.binge] for h, c in zip(hs, correct)])
+    nested = np.concatenate([c[h.nested] for h, c in zip(hs, correct)])
+    out = {
+        "session_accuracy": float(allc.mean()),
+        "session_accuracy_household_mean": float(np.mean([c.mean() for c in correct])),
+        "ari": float(np.mean([adjusted_rand_score(h.person, p) for h, p in zip(hs, preds)])),
+        "nmi": float(np.mean([normalized_mutual_info_score(h.person, p) for h, p in zip(hs, preds)])),
+        "household_size_exact": float(np.mean([np.unique(p).size == h.n_persons for h, p in zip(hs, preds)])),
+        "binge_accuracy": float(binge.mean()) if binge.size else None,
+        "nested_accuracy": float(nested.mean()) if nested.size else None,
+        "sessions": int(allc.size), "households": len(hs),
+    }
+    if probs is not None:
+        parts = [brier_ece_parts(h.person, P) for h, P in zip(hs, probs)]
+        b = np.concatenate([p[0] for p in parts])
+        conf = np.concatenate([p[1] for p in parts])
+        corr = np.concatenate([p[2] for p in parts])
+        out["brier"] = float(b.mean())
+        out["brier_top_label"] = float(np.mean((conf - corr) ** 2))
+        out["ece"] = ece(conf, corr)
+    return out
+
+
+def run_model(hs, **kw):
+    preds, probs, fallbacks = [], [], 0
+    for h in hs:
+        m = HouseholdModel(**kw).fit(h.features)
+        b = m.assign_batch(h.features)
+        preds.append(b.person_index)
+        probs.append(b.probabilities)
+        fallbacks += m.fallback
+    return preds, probs, fallbacks
+
+
+def run_labels(hs, frac: float, seed: int) -> float:
+    rng = np.random.default_rng(seed)
+    correct = []
+    for h in hs:
+        labelled = rng.random(h.n_sessions) < frac
+        labels = [f"person{p}" if lab else None for p, lab in zip(h.person, labelled)]
+        m = HouseholdModel().fit(h.features, labels=labels)
+        pred = m.assign_batch(h.features).person_index
+        correct.append(matched_correct(h.person, pred))
+    return float(np.concatenate(correct).mean())
+
+
+def run_cold(small, prior) -> dict:
+    out = {}
+    for strategy in ("account", "population_prior", "heuristic"):
+        correct = []
+        for h in small:
+            m = HouseholdModel(cold_start=strategy, population_prior=prior).fit(h.features)
+            correct.append(matched_correct(h.person, m.assign_batch(h.features).person_index))
+        out[strategy] = float(np.concatenate(correct).mean())
+    return out
+
+
+def sklearn_gmm_bic(hs):
+    preds, probs = [], []
+    for h in hs:
+        X = h.features.astype(np.float64)
+        best = None
+        for k in range(1, min(6, len(X)) + 1):
+            g = GaussianMixture(k, covariance_type="full", random_state=0).fit(X)
+            b = g.bic(X)
+            if best is None or b < best[0]:
+                best = (b, g)
+        preds.append(best[1].predict(X))
+        probs.append(best[1].predict_proba(X))
+    return preds, probs
+
+
+def sklearn_kmeans_true_k(hs):
+    return [KMeans(h.n_persons, n_init=3, random_state=0).fit_predict(h.features.astype(np.float64)) for h in hs]
+
+
+# -- drift --------------------------------------------------------------------------
+REF_FRACTION = 0.4  # reference = sessions of the first 40 % of the period
+
+
+def drift_case(h, days: int, thresholds: D.DriftThresholds | None):
+    """(detector stream maxima or alarm index relative to stream start, drift index)."""
+    ref_end = int(np.searchsorted(h.timestamps, BASE_EPOCH + REF_FRACTION * days * DAY_S))
+    if ref_end < 20 or h.n_sessions - ref_end < 20:
+        return None
+    X = h.features.astype(np.float64)
+    det = D.build_detector(X[:ref_end], thresholds=thresholds or D.DEFAULT_THRESHOLDS)
+    stream = X[ref_end:]
+    if thresholds is None:
+        return D.stream_maxima(det.reference, X[:ref_end][-max(2, int(round(0.25 * ref_end))):], stream)
+    events = det.update(stream, h.timestamps[ref_end:])
+    alarm = ref_end + events[0].session_index if events else None
+    return alarm, events[0] if events else None, ref_end
+
+
+def run_drift(level: float, n_stable: int, n_per_type: int, seed: int, days: int = 90) -> dict:
+    rng_seq = np.random.SeedSequence(seed)
+    children = rng_seq.spawn(n_stable + n_per_type * len(DRIFT_TYPES))
+    false_alarms = checked_stable = 0
+    detected = {t: [] for t in DRIFT_TYPES}
+    delays = {t: [] for t in DRIFT_TYPES}
+    typed_ok = []
+    pre_alarms = 0
+    for i, child in enumerate(children):
+        rng = np.random.default_rng(child)
+        dtype = None if i < n_stable else DRIFT_TYPES[(i - n_stable) // n_per_type]
+        h = simulate_household(rng, f"d{i}", level, drift_type=dtype, days=days)
+        res = drift_case(h, days, D.DEFAULT_THRESHOLDS)
+        if res is None:
+            continue
+        alarm, event, _ = res
+        if dtype is None:
+            checked_stable += 1
+            false_alarms += alarm is not None
+            continue
+        if not h.drift:
+            continue
+        start = h.drift[0].session_index
+        if alarm is not None and alarm < start:
+            pre_alarms += 1
+            detected[dtype].append(False)
+            continue
+        hit = alarm is not None
+        detected[dtype].append(hit)
+        if hit:
+            delays[dtype].append(alarm - start)
+            typed_ok.append(event.type == dtype)
+    all_det = [x for v in detected.values() for x in v]
+    return {
+        "drift_detection_rate": float(np.mean(all_det)) if all_det else None,
+        "drift_detection_rate_by_type": {t: (float(np.mean(v)) if v else None) for t, v in detected.items()},
+        "drift_false_alarm_rate": false_alarms / max(checked_stable, 1),
+        "drift_alarm_before_change": pre_alarms,
+        "drift_mean_delay_sessions": {t: (float(np.mean(v)) if v else None) for t, v in delays.items()},
+        "drift_type_accuracy": float(np.mean(typed_ok)) if typed_ok else None,
+        "drift_households": {"stable": checked_stable, "drifting": len(all_det)},
+    }
+
+
+def calibrate(quick: bool) -> dict:
+    """Temperature (minimum NLL of the matched truth) and drift thresholds (stable
+    households' stream maxima, alpha = 1 %) on calibration seeds."""
+    level = DIFFICULTY_LEVELS["default"]
+    hs = simulate_population(20 if quick else 120, seed=500, difficulty=level)
+    raw = []
+    for h in hs:
+        m = HouseholdModel(temperature=1.0).fit(h.features)
+        lj = m.mixture.log_joint(h.features) if m.mixture is not None else None
+        if lj is not None:
+            raw.append((h, lj))
+
+    def nll(t: float) -> float:
+        total = 0.0
+        for h, lj in raw:
+            z = lj / t
+            P = np.exp(z - z.max(axis=1, keepdims=True))
+            P /= P.sum(axis=1, keepdims=True)
+            b, conf, correct = brier_ece_parts(h.person, P)
+            total += float(b.sum())
+        return total
+
+    t_best = minimize_scalar(nll, bounds=(0.5, 50.0), method="bounded").x
+    log(f"calibration: temperature (min Brier) = {t_best:.3f}")
+    maxima = []
+    for i, child in enumerate(np.random.SeedSequence(501).spawn(40 if quick else 400)):
+        h = simulate_household(np.random.default_rng(child), f"c{i}", level, drift_type=None)
+        r = drift_case(h, 90, None)
+        if r is not None:
+            maxima.append(r)
+    th = D.calibrate(maxima, alpha=0.01)
+    log(f"calibration: drift thresholds {th}")
+    return {"temperature": float(t_best), "cusum_h": th.cusum_h, "kl_threshold": th.kl_threshold,
+            "stable_households": len(maxima)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--calibrate", action="store_true")
+    args = ap.parse_args()
+    t0 = time.time()
+    if args.calibrate:
+        print(json.dumps(calibrate(args.quick)))
+        return
+    n_acc = 15 if args.quick else 100
+    n_lab = 8 if args.quick else 50
+    n_cold = 40 if args.quick else 300
+    n_stable, n_type = (10, 3) if args.quick else (100, 20)
+    prior = PopulationPrior.fit([h.features for h in simulate_population(40 if args.quick else 150, seed=700)])
+    report = {}
+    for name, level in DIFFICULTY_LEVELS.items():
+        seed = 1000 + int(level * 100)
+        log(f"[{name}] difficulty {level}: simulating")
+        hs = simulate_population(n_acc, seed=seed, difficulty=level)
+        preds, probs, fallbacks = run_model(hs)
+        block = summarise(hs, preds, probs)
+        block["gmm_fallbacks"] = fallbacks
+        km_preds, km_probs, _ = run_model(hs, variant="kmeans")
+        block["kmeans_variant"] = summarise(hs, km_preds, km_probs)
+        log(f"[{name}] model: acc {block['session_accuracy']:.3f} size {block['household_size_exact']:.2f} ({time.time() - t0:.0f}s)")
+        small = simulate_population(n_cold, seed=seed + 1, difficulty=level, small_accounts=True)
+        cold = run_cold(small, prior)
+        block["cold_start_accuracy"] = cold["population_prior"]
+        block["cold_start_by_strategy"] = cold
+        block["accuracy_labels_1pct"] = run_labels(hs[:n_lab], 0.01, seed)
+        block["accuracy_labels_5pct"] = run_labels(hs[:n_lab], 0.05, seed)
+        block["accuracy_labels_0pct_same_households"] = float(np.concatenate(
+            [matched_correct(h.person, p) for h, p in zip(hs[:n_lab], preds[:n_lab])]).mean())
+        log(f"[{name}] labels/cold done ({time.time() - t0:.0f}s)")
+        block.update(run_drift(level, n_stable, n_type, seed + 2))
+        log(f"[{name}] drift done ({time.time() - t0:.0f}s)")
+        g_preds, g_probs = sklearn_gmm_bic(hs)
+        gmm_ref = summarise(hs, g_preds, g_probs)
+        majority = summarise(hs, [np.zeros(h.n_sessions, dtype=int) for h in hs])
+        small_major = np.concatenate([matched_correct(h.person, np.zeros(h.n_sessions, dtype=int)) for h in small])
+        majority["cold_start_accuracy"] = float(small_major.mean())
+        block["baselines"] = {"majority": majority, "sklearn_gmm_bic": gmm_ref,
+                              "sklearn_kmeans_true_k": summarise(hs, sklearn_kmeans_true_k(hs))}
+        log(f"[{name}] REFERENCE sklearn GaussianMixture(full)+BIC k=1..6: session_accuracy "
+            f"{gmm_ref['session_accuracy']:.3f}, household_size_exact {gmm_ref['household_size_exact']:.2f} "
+            f"| hearth {block['session_accuracy']:.3f} ({time.time() - t0:.0f}s)")
+        block["difficulty"] = level
+        report[name] = block
+    report["elapsed_s"] = round(time.time() - t0, 1)
+    report["quick"] = args.quick
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,599 @@
+"""HouseholdModel: the facade the clustering service calls.
+
+One model per account (household). It turns session feature vectors into persons with
+stable ids (``p1``, ``p2``, ...) and answers "who watched this session" with a
+probability for every person.
+
+* Variants: ``"gmm"`` (default; the schema-aware mixture of gmm.TypedSession, number of
+  persons by BIC in 1..k_max) and ``"kmeans"`` (incremental k-means, k by spherical BIC).
+  A GMM numerical failure (``MixtureNumericalError``) falls back to k-means; the model
+  records ``fallback=True`` and counts it in ``fallback_count``.
+* Stable ids: after a refit, new components are matched to the old persons by the
+  Hungarian algorithm on their overlap (the old model's posterior mass on the sessions
+  each new component owns); a match needs at least ``MATCH_MIN_OVERLAP`` of the new
+  component's mass, otherwise the component is a new person with a fresh id. Ids are
+  never reused.
+* Cold start (< ``MIN_SESSIONS`` sessions): strategy ``"account"`` (one person until
+  evidence), ``"population_prior"`` (sessions explained by a persona mixture learned
+  across households, with a sparse household-level Dirichlet on persona weights) or
+  ``"heuristic"`` (kids content = a child, otherwise one person per device type). The
+  answer names the strategy and the sessions still needed for the full model.
+* Labels (e.g. a profile_hint): labelled sessions are clamped to their person during EM
+  (semi-supervised EM); each distinct label is its own person, and keeps its id.
+* Serialisation: ``to_bytes``/``from_bytes`` — an ``.npz`` archive (no pickle) holding
+  the arrays and a JSON header with ``MODEL_FORMAT_VERSION``.
+* Probabilities are tempered by ``temperature`` (calibrated on simulated households,
+  see bench/accuracy.py and docs/clustering.md): p ∝ exp(log_joint / T).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+from scipy.special import logsumexp
+
+from services.clustering.domain import features as F
+from services.clustering.domain.gmm import (
+    Mixture, MixtureNumericalError, TypedSession, fit_em, fit_select_k, rhythm_cells, standardise,
+    RHYTHM_BINS,
+)
+from services.clustering.domain.kmeans import IncrementalKMeans, fit_select_k_kmeans, kmeans_plus_plus
+
+MODEL_FORMAT_VERSION = 1
+MIN_SESSIONS = 10
+K_MAX = 6
+MATCH_MIN_OVERLAP = 0.3
+DEFAULT_TEMPERATURE = 4.8  # bench.accuracy --calibrate (seeds 500+, default difficulty)
+KMEANS_TEMPERATURE = 1.0
+COLD_START_STRATEGIES = ("account", "population_prior", "heuristic")
+VARIANTS = ("gmm", "kmeans")
+
+# k-means distances: weights per feature so that blocks count comparably
+# (circular pairs ~ +-1, one-hots 0/1, genre shares small, log lengths up to ~6).
+KMEANS_SCALE = np.ones(F.FEATURE_DIM)
+KMEANS_SCALE[F.HOUR] = 1.0
+KMEANS_SCALE[F.DOW] = 0.4
+KMEANS_SCALE[F.DEVICE] = 0.8
+KMEANS_SCALE[F.GENRE] = 1.5
+KMEANS_SCALE[F.LOG_MINUTES] = 0.5
+KMEANS_SCALE[F.LOG_TITLES] = 0.5
+
+
+class ModelFormatError(ValueError):
+    """Bytes that are not a HouseholdModel of a supported format version."""
+
+
+def _check_X(X: np.ndarray, name: str = "features") -> np.ndarray:
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim == 1:
+        X = X[None, :]
+    if X.ndim != 2 or X.shape[1] != F.FEATURE_DIM:
+        raise ValueError(f"{name} must have shape (N, {F.FEATURE_DIM}), got {X.shape}")
+    if not np.all(np.isfinite(X)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return X
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One session's answer. ``strategy``: "gmm", "kmeans", or "cold_start:<name>"."""
+
+    person_id: str
+    confidence: float
+    probabilities: dict[str, float]
+    strategy: str
+    sessions_until_model: int
+
+
+@dataclass(frozen=True)
+class BatchAssignment:
+    """Many sessions: ``person_index`` into ``person_ids``; ``probabilities`` (N, K)."""
+
+    person_ids: tuple[str, ...]
+    person_index: np.ndarray
+    confidence: np.ndarray
+    probabilities: np.ndarray
+    strategy: str
+    sessions_until_model: int
+
+    def person(self) -> list[str]:
+        return [self.person_ids[i] for i in self.person_index]
+
+
+class PopulationPrior:
+    """Persona mixture learned across households (pooled sessions), used as a Bayesian
+    prior for cold start. ``sparsity`` < 1 is the Dirichlet concentration on a
+    household's persona weights (MAP update w_k ∝ max(n_k + sparsity - 1, 0)), which
+    prefers few persons per household."""
+
+    def __init__(self, mixture: Mixture, sparsity: float = 0.3) -> None:
+        self.mixture = mixture
+        self.sparsity = sparsity
+
+    @classmethod
+    def fit(cls, households: Sequence[np.ndarray], n_personas: int = 12, seed: int = 0,
+            max_sessions: int = 20000) -> PopulationPrior:
+        if not households:
+            raise ValueError("households must not be empty")
+        X = np.vstack([_check_X(h) for h in households])
+        rng = np.random.default_rng(seed)
+        if X.shape[0] > max_sessions:
+            X = X[rng.choice(X.shape[0], max_sessions, replace=False)]
+        mixture, _ = fit_em(X, min(n_personas, X.shape[0]), TypedSession(), rng, max_iter=100)
+        mixture.prune()
+        mixture.ledger_keys = np.zeros(0, dtype=np.int64)  # keep no per-session trace
+        mixture.ledger_resp = None
+        return cls(mixture)
+
+    def household_posterior(self, X: np.ndarray, n_iter: int = 20) -> tuple[np.ndarray, np.ndarray]:
+        """(R (N, P), household persona weights (P,)) by MAP-EM on the weights only."""
+        loglik = self.mixture.family.phi(X) @ self.mixture.W.T
+        logw = self.mixture.log_weights.copy()
+        for _ in range(n_iter):
+            lj = loglik + logw
+            R = np.exp(lj - logsumexp(lj, axis=1, keepdims=True))
+            w = np.maximum(R.sum(axis=0) + self.sparsity - 1.0, 0.0)
+            if w.sum() <= 0:
+                w = R.sum(axis=0)
+            with np.errstate(divide="ignore"):
+                logw = np.log(w / w.sum())
+        return R, np.exp(logw)
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        fam = self.mixture.family
+        meta = {"sparsity": self.sparsity, "family": _family_meta(fam)}
+        np.savez(buf, stats=self.mixture.stats, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PopulationPrior:
+        z = np.load(io.BytesIO(data), allow_pickle=False)
+        meta = json.loads(bytes(z["meta"]).decode())
+        return cls(Mixture(TypedSession(**meta["family"]), z["stats"]), meta["sparsity"])
+
+
+def _family_meta(fam: TypedSession) -> dict:
+    return {k: getattr(fam, k) for k in ("genre_weight", "device_alpha", "genre_beta", "binge_alpha",
+                                         "angle_pseudo", "kappa_max", "rhythm", "rhythm_alpha", "rhythm_share")}
+
+
+def _heuristic_key(X: np.ndarray) -> np.ndarray:
+    """Rule: kids content (kids share >= 0.5) is the child (key -1); otherwise the
+    device type index is the person."""
+    dev = X[:, F.DEVICE].argmax(axis=1)
+    return np.where(X[:, F.KIDS_SHARE] >= 0.5, -1, dev)
+
+
+class HouseholdModel:
+    """See module docstring. Not thread-safe; the store serialises updates (CAS)."""
+
+    def __init__(self, variant: str = "gmm", k_max: int = K_MAX, cold_start: str = "population_prior",
+                 population_prior: PopulationPrior | None = None, temperature: float = DEFAULT_TEMPERATURE,
+                 seed: int = 0, family: TypedSession | None = None, n_init: int = 2) -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if cold_start not in COLD_START_STRATEGIES:
+            raise ValueError(f"cold_start must be one of {COLD_START_STRATEGIES}, got {cold_start!r}")
+        if not 1 <= k_max <= 20:
+            raise ValueError(f"k_max must be in 1..20, got {k_max}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.variant = variant
+        self.k_max = k_max
+        self.cold_start = cold_start
+        self.population_prior = population_prior
+        self.temperature = temperature
+        self.seed = seed
+        self.family = family or TypedSession()
+        self.n_init = n_init
+        self.mixture: Mixture | None = None
+        self.kmeans: IncrementalKMeans | None = None
+        self.person_ids: list[str] = []
+        self.next_person = 1
+        self.fallback = False
+        self.fallback_count = 0
+        self.label_map: dict[str, str] = {}
+        self.cold_X = np.zeros((0, F.FEATURE_DIM))
+        self.n_sessions = 0
+        self.next_key = 0
+
+    # -- state --------------------------------------------------------------------
+    @property
+    def active_variant(self) -> str:
+        """What answers now: "gmm", "kmeans" or "cold_start"."""
+        if self.mixture is not None:
+            return "gmm"
+        if self.kmeans is not None:
+            return "kmeans"
+        return "cold_start"
+
+    @property
+    def n_persons(self) -> int:
+        if self.active_variant == "cold_start":
+            return len(self._cold_persons()[0]) if self.cold_X.shape[0] else 0
+        return len(self.person_ids)
+
+    def _new_id(self) -> str:
+        pid = f"p{self.next_person}"
+        self.next_person += 1
+        return pid
+
+    # -- fitting ------------------------------------------------------------------
+    def fit(self, X: np.ndarray, labels: Sequence[str | None] | None = None,
+            keys: np.ndarray | None = None) -> HouseholdModel:
+        """Full refit on all of the household's sessions (ids stay stable)."""
+        X = _check_X(X)
+        n = X.shape[0]
+        keys = np.arange(n, dtype=np.int64) if keys is None else np.asarray(keys, dtype=np.int64)
+        if keys.shape[0] != n:
+            raise ValueError(f"keys ({keys.shape[0]}) must match features ({n})")
+        labels = self._check_labels(labels, n)
+        self.n_sessions = n
+        self.next_key = int(keys.max()) + 1 if n else 0
+        if n < MIN_SESSIONS:
+            self.cold_X = X.copy()
+            self.mixture = self.kmeans = None
+            return self
+        old_post = self._posterior_for_matching(X)
+        old_ids = list(self.person_ids)
+        label_names = sorted({lab for lab in labels if lab is not None}) if labels else []
+        if self.variant == "gmm":
+            try:
+                self._fit_gmm(X, labels, label_names, keys)
+                self.kmeans = None
+                self.fallback = False
+            except MixtureNumericalError:
+                self.fallback = True
+                self.fallback_count += 1
+                self.mixture = None
+                self.kmeans = fit_select_k_kmeans(X, self.k_max, self.seed, KMEANS_SCALE)
+        else:
+            self.mixture = None
+            self.kmeans = fit_select_k_kmeans(X, self.k_max, self.seed, KMEANS_SCALE)
+        new_post = self._proba(X, temperature=1.0)
+        self.person_ids = self._match_ids(old_ids, old_post, new_post, label_names)
+        self.cold_X = np.zeros((0, F.FEATURE_DIM))
+        return self
+
+    def _fit_gmm(self, X: np.ndarray, labels: list[str | None] | None, label_names: list[str],
+                 keys: np.ndarray) -> None:
+        if not label_names:
+            self.mixture = fit_select_k(X, self.k_max, self.family, self.seed, self.n_init, keys=keys).model
+            return
+        # Semi-supervised: component j < L is label_names[j]; labelled sessions clamped.
+        index = {name: j for j, name in enumerate(label_names)}
+        clamp = np.array([index[lab] if lab is not None else -1 for lab in labels], dtype=np.int64)
+        L = len(label_names)
+        Z = standardise(X)
+        rng = np.random.default_rng(self.seed)
+        best: tuple[float, Mixture] | None = None
+        for k in range(L, max(L, min(self.k_max, X.shape[0])) + 1):
+            centers = [Z[clamp == j].mean(axis=0) for j in range(L)]
+            if k > L:
+                centers += list(kmeans_plus_plus(Z[clamp < 0] if (clamp < 0).sum() >= k - L else Z, k - L, rng))
+            C = np.array(centers)
+            init = ((Z[:, None, :] - C[None]) ** 2).sum(axis=2).argmin(axis=1)
+            m, _ = fit_em(X, k, self.family, rng, clamp=clamp, keys=keys, init_labels=init)
+            score = m.bic(X)
+            if best is None or score < best[0]:
+                best = (score, m)
+        assert best is not None
+        self.mixture = best[1]
+        self._label_components = L
+
+    def update(self, X: np.ndarray, labels: Sequence[str | None] | None = None,
+               keys: np.ndarray | None = None) -> HouseholdModel:
+        """Incremental update with new sessions (GMM: one incremental EM step on their
+        statistics; k-means: micro-batches). In cold start the sessions are kept and the
+        full model is fitted as soon as there are MIN_SESSIONS."""
+        X = _check_X(X)
+        n = X.shape[0]
+        if keys is None:
+            keys = np.arange(self.next_key, self.next_key + n, dtype=np.int64)
+        keys = np.asarray(keys, dtype=np.int64)
+        labels = self._check_labels(labels, n)
+        self.next_key = max(self.next_key, int(keys.max()) + 1) if n else self.next_key
+        if self.active_variant == "cold_start":
+            self.cold_X = np.vstack((self.cold_X, X))
+            self.n_sessions += n
+            if self.cold_X.shape[0] >= MIN_SESSIONS:
+                all_keys = np.arange(self.cold_X.shape[0], dtype=np.int64)
+                self.fit(self.cold_X, keys=all_keys)
+            return self
+        self.n_sessions += n
+        if self.mixture is not None:
+            clamp = None
+            if labels:
+                clamp = np.array([self.person_ids.index(self.label_map[lab])
+                                  if lab is not None and lab in self.label_map
+                                  and self.label_map[lab] in self.person_ids else -1 for lab in labels])
+            try:
+                self.mixture.partial_fit(X, keys, clamp)
+            except MixtureNumericalError:
+                self.fallback, self.fallback_count = True, self.fallback_count + 1
+                post = self.mixture.predict_proba(X)
+                self.mixture = None
+                self.kmeans = IncrementalKMeans.fit(X, min(len(self.person_ids), n), self.seed, KMEANS_SCALE)
+                del post
+        else:
+            assert self.kmeans is not None
+            self.kmeans.partial_fit(X)
+        return self
+
+    def remove_sessions(self, keys: np.ndarray, X: np.ndarray) -> bool:
+        """Exact unlearning for the GMM (subtract the sessions' statistics). Returns
+        False when the active model cannot unlearn exactly (k-means, cold start): the
+        caller must refit from the remaining sessions."""
+        X = _check_X(X)
+        if self.mixture is None:
+            return False
+        self.mixture.remove_sessions(keys, X)
+        self.n_sessions -= X.shape[0]
+        return True
+
+    @staticmethod
+    def _check_labels(labels: Sequence[str | None] | None, n: int) -> list[str | None] | None:
+        if labels is None:
+            return None
+        labels = list(labels)
+        if len(labels) != n:
+            raise ValueError(f"labels ({len(labels)}) must match features ({n})")
+        return labels
+
+    def _posterior_for_matching(self, X: np.ndarray) -> np.ndarray | None:
+        if self.active_variant == "cold_start" or not self.person_ids:
+            return None
+        return self._proba(X, temperature=1.0)
+
+    def _match_ids(self, old_ids: list[str], old_post: np.ndarray | None, new_post: np.ndarray,
+                   label_names: list[str]) -> list[str]:
+        k_new = new_post.shape[1]
+        ids: list[str | None] = [None] * k_new
+        L = len(label_names) if self.mixture is not None and label_names else 0
+        for j in range(L):
+            name = label_names[j]
+            if name not in self.label_map:
+                self.label_map[name] = self._new_id()
+            ids[j] = self.label_map[name]
+        taken = {i for i in ids if i is not None}
+        if old_post is not None and old_ids:
+            overlap = old_post.T @ new_post  # (K_old, K_new) shared mass
+            mass = new_post.sum(axis=0)
+            rows, cols = linear_sum_assignment(-overlap)
+            for r, c in zip(rows, cols):
+                if ids[c] is None and old_ids[r] not in taken and overlap[r, c] >= MATCH_MIN_OVERLAP * mass[c]:
+                    ids[c] = old_ids[r]
+                    taken.add(old_ids[r])
+        return [i if i is not None else self._new_id() for i in ids]
+
+    # -- assignment ---------------------------------------------------------------
+    def _proba(self, X: np.ndarray, temperature: float | None = None) -> np.ndarray:
+        if self.mixture is not None:
+            t = self.temperature if temperature is None else temperature
+            return self.mixture.predict_proba(X, t)
+        assert self.kmeans is not None
+        return self.kmeans.predict_proba(X, KMEANS_TEMPERATURE if temperature is None else temperature)
+
+    def assign_batch(self, X: np.ndarray) -> BatchAssignment:
+        """Vectorised assignment of many sessions of this household."""
+        X = _check_X(X)
+        until = max(0, MIN_SESSIONS - self.n_sessions)
+        if self.active_variant == "cold_start":
+            ids, P = self._cold_assign(X)
+            strategy = f"cold_start:{self._cold_strategy()}"
+        else:
+            P = self._proba(X)
+            ids = tuple(self.person_ids)
+            strategy = self.active_variant
+        idx = P.argmax(axis=1)
+        return BatchAssignment(tuple(ids), idx, P[np.arange(P.shape[0]), idx], P, strategy, until)
+
+    def assign(self, x: np.ndarray) -> Assignment:
+        """One session (FEATURE_DIM,) -> Assignment."""
+        b = self.assign_batch(_check_X(x, "session features")[:1])
+        probs = {pid: float(p) for pid, p in zip(b.person_ids, b.probabilities[0])}
+        return Assignment(b.person_ids[int(b.person_index[0])], float(b.confidence[0]), probs,
+                          b.strategy, b.sessions_until_model)
+
+    # -- cold start ---------------------------------------------------------------
+    def _cold_strategy(self) -> str:
+        if self.cold_start == "population_prior" and self.population_prior is None:
+            return "account"
+        return self.cold_start
+
+    def _cold_persons(self) -> tuple[list[str], np.ndarray]:
+        """Persons of the cold-start strategy: (ids, per-person key) over cold_X."""
+        strategy = self._cold_strategy()
+        if strategy == "account" or self.cold_X.shape[0] == 0:
+            return ["p1"], np.zeros(1, dtype=np.int64)
+        if strategy == "heuristic":
+            keys = _heuristic_key(self.cold_X)
+        else:
+            assert self.population_prior is not None
+            R, _ = self.population_prior.household_posterior(self.cold_X)
+            keys = R.argmax(axis=1)
+        _, first = np.unique(keys, return_index=True)
+        ordered = keys[np.sort(first)]
+        return [f"p{i + 1}" for i in range(ordered.size)], ordered
+
+    def _cold_assign(self, X: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
+        ids, person_keys = self._cold_persons()
+        strategy = self._cold_strategy()
+        n, k = X.shape[0], len(ids)
+        if strategy == "account" or self.cold_X.shape[0] == 0:
+            return ("p1",), np.ones((n, 1))
+        if strategy == "heuristic":
+            keys = _heuristic_key(X)
+            P = np.full((n, k), 0.3 / max(k - 1, 1)) if k > 1 else np.ones((n, 1))
+            for j, key in enumerate(person_keys):
+                if k > 1:
+                    P[keys == key] = np.where(np.arange(k) == j, 0.7, 0.3 / (k - 1))
+            known = np.isin(keys, person_keys)
+            if k > 1:
+                P[~known] = 1.0 / k
+            return tuple(ids), P
+        prior = self.population_prior
+        assert prior is not None
+        _, w = prior.household_posterior(self.cold_X)
+        loglik = prior.mixture.family.phi(X) @ prior.mixture.W.T
+        sub = loglik[:, person_keys] + np.log(np.maximum(w[person_keys], 1e-12))
+        P = np.exp(sub - logsumexp(sub, axis=1, keepdims=True))
+        return tuple(ids), P
+
+    # -- profiles -----------------------------------------------------------------
+    def profiles(self) -> list[dict]:
+        """Readable profile per person: rhythm (peak hours UTC, weekend share), devices,
+        top genres, kids share, binge rate, session count (expected)."""
+        if self.mixture is not None:
+            stats = self.mixture.stats
+            counts = stats[:, 0]
+            means = stats[:, 1:1 + F.FEATURE_DIM] / np.maximum(counts, 1e-12)[:, None]
+            cells = (stats[:, 1 + F.FEATURE_DIM + 5:].reshape(-1, 2, RHYTHM_BINS)
+                     if self.family.rhythm == "bins" else None)
+        elif self.kmeans is not None:
+            counts = self.kmeans.counts
+            means = self.kmeans.centroids / self.kmeans.scale
+            cells = None
+        else:
+            return []
+        out = []
+        for j, pid in enumerate(self.person_ids):
+            m = means[j]
+            hour = float(np.mod(np.arctan2(m[F.HOUR.start], m[F.HOUR.start + 1]) * 24 / (2 * np.pi), 24))
+            if cells is not None:
+                by_bin = cells[j].sum(axis=0)
+                peak_hours = [int(b * 24 / RHYTHM_BINS) for b in np.argsort(by_bin)[::-1][:2] if by_bin[b] > 0]
+                weekend_share = float(cells[j, 1].sum() / max(cells[j].sum(), 1e-12))
+            else:
+                peak_hours, weekend_share = [int(hour)], None
+            dev = m[F.DEVICE]
+            gen = m[F.GENRE]
+            out.append({
+                "person_id": pid,
+                "sessions": float(counts[j]),
+                "rhythm": {"peak_hours_utc": peak_hours, "mean_hour_utc": round(hour, 1),
+                           "weekend_share": weekend_share},
+                "devices": {F.DEVICE_TYPES[i]: round(float(dev[i]), 3) for i in np.argsort(dev)[::-1] if dev[i] > 0.05},
+                "top_genres": [F.GENRES[i] for i in np.argsort(gen)[::-1][:3] if gen[i] > 0.05],
+                "kids_share": round(float(m[F.KIDS_SHARE]), 3),
+                "binge_rate": round(float(m[F.BINGE]), 3),
+                "mean_minutes": round(float(np.expm1(m[F.LOG_MINUTES])), 1),
+            })
+        return out
+
+    # -- serialisation ------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        meta = {
+            "format_version": MODEL_FORMAT_VERSION, "feature_schema": F.FEATURE_SCHEMA_VERSION,
+            "variant": self.variant, "k_max": self.k_max, "cold_start": self.cold_start,
+            "temperature": self.temperature, "seed": self.seed, "n_init": self.n_init,
+            "family": _family_meta(self.family), "person_ids": self.person_ids,
+            "next_person": self.next_person, "fallback": self.fallback,
+            "fallback_count": self.fallback_count, "label_map": self.label_map,
+            "n_sessions": self.n_sessions, "next_key": self.next_key, "active": self.active_variant,
+        }
+        arrays: dict[str, np.ndarray] = {"cold_X": self.cold_X}
+        if self.mixture is not None:
+            arrays["stats"] = self.mixture.stats
+            arrays["ledger_keys"] = self.mixture.ledger_keys
+            arrays["ledger_resp"] = (self.mixture.ledger_resp if self.mixture.ledger_resp is not None
+                                     else np.zeros((0, self.mixture.n_components)))
+        if self.kmeans is not None:
+            km = self.kmeans
+            arrays.update(km_centroids=km.centroids, km_counts=km.counts, km_scale=km.scale,
+                          km_buffer=np.array(km.buffer).reshape(-1, km.centroids.shape[1]))
+            meta["km_sq_dist_sum"] = km.sq_dist_sum
+            meta["km_batch_size"] = km.batch_size
+        buf = io.BytesIO()
+        np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, population_prior: PopulationPrior | None = None) -> HouseholdModel:
+        try:
+            z = np.load(io.BytesIO(data), allow_pickle=False)
+            meta = json.loads(bytes(z["meta"]).decode())
+        except Exception as exc:  # zip/JSON errors of many kinds: one clear error
+            raise ModelFormatError(f"model bytes are not a readable HouseholdModel archive: {exc}") from exc
+        if meta.get("format_version") != MODEL_FORMAT_VERSION:
+            raise ModelFormatError(f"unsupported model format_version {meta.get('format_version')}")
+        m = cls(meta["variant"], meta["k_max"], meta["cold_start"], population_prior, meta["temperature"],
+                meta["seed"], TypedSession(**meta["family"]), meta["n_init"])
+        m.person_ids = list(meta["person_ids"])
+        m.next_person, m.fallback, m.fallback_count = meta["next_person"], meta["fallback"], meta["fallback_count"]
+        m.label_map = dict(meta["label_map"])
+        m.n_sessions, m.next_key = meta["n_sessions"], meta["next_key"]
+        m.cold_X = z["cold_X"]
+        if "stats" in z:
+            mix = Mixture(m.family, z["stats"])
+            mix.ledger_keys = z["ledger_keys"]
+            mix.ledger_resp = z["ledger_resp"]
+            m.mixture = mix
+        if "km_centroids" in z:
+            m.kmeans = IncrementalKMeans(z["km_centroids"], z["km_counts"], z["km_scale"],
+                                         meta["km_sq_dist_sum"], meta["km_batch_size"], list(z["km_buffer"]))
+        return m
+
+
+# -- many households at once ----------------------------------------------------------
+@dataclass
+class ScoringTable:
+    """Log-density weights of many households stacked for vectorised assignment:
+    ``W`` (H, K_max, S) float32 and ``log_weights`` (H, K_max) (-inf pads)."""
+
+    W: np.ndarray
+    log_weights: np.ndarray
+    family: TypedSession
+    temperature: float
+
+    @classmethod
+    def from_models(cls, models: Sequence[HouseholdModel]) -> ScoringTable:
+        """Only GMM-answered models can be stacked (k-means/cold start answer alone)."""
+        if not models:
+            raise ValueError("models must not be empty")
+        bad = [i for i, m in enumerate(models) if m.mixture is None]
+        if bad:
+            raise ValueError(f"models {bad[:5]} have no GMM to stack (cold start or k-means)")
+        k = max(m.mixture.n_components for m in models)
+        s = models[0].mixture.W.shape[1]
+        W = np.zeros((len(models), k, s), dtype=np.float32)
+        lw = np.full((len(models), k), -np.inf, dtype=np.float32)
+        for i, m in enumerate(models):
+            kk = m.mixture.n_components
+            W[i, :kk] = m.mixture.W
+            lw[i, :kk] = m.mixture.log_weights
+        return cls(W, lw, models[0].family, models[0].temperature)
+
+
+def assign_many(table: ScoringTable, household: np.ndarray, X: np.ndarray,
+                chunk: int = 8192) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sessions of many households at once: ``household`` (N,) row of ``table``;
+    returns (component index (N,), confidence (N,), probabilities (N, K_max)).
+    Component j of household h is person ``models[h].person_ids[j]``."""
+    X = _check_X(X)
+    household = np.asarray(household, dtype=np.int64)
+    if household.shape != (X.shape[0],):
+        raise ValueError(f"household must have shape ({X.shape[0]},), got {household.shape}")
+    if household.size and (household.min() < 0 or household.max() >= table.W.shape[0]):
+        raise ValueError("household indices out of range of the scoring table")
+    n, k = X.shape[0], table.W.shape[1]
+    probs = np.empty((n, k), dtype=np.float32)
+    inv_t = np.float32(1.0 / table.temperature)
+    for a in range(0, n, chunk):
+        b = min(a + chunk, n)
+        phi = table.family.phi(X[a:b]).astype(np.float32)
+        h = household[a:b]
+        lj = np.einsum("ns,nks->nk", phi, table.W[h]) + table.log_weights[h]
+        lj *= inv_t
+        lj -= lj.max(axis=1, keepdims=True)
+        np.exp(lj, out=lj)
+        lj /= lj.sum(axis=1, keepdims=True)
+        probs[a:b] = lj
+    idx = probs.argmax(axis=1)
+    return idx, probs[np.arange(n), idx], probs

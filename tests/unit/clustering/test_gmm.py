@@ -1,0 +1,116 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from services.clustering.domain import gmm
+from services.clustering.domain.simulator import simulate_population
+
+
+def blobs(rng, k, n=60, dim=3, sep=8.0):
+    centers = rng.normal(size=(k, dim)) * sep
+    X = np.vstack([c + rng.normal(size=(n, dim)) for c in centers])
+    return X, np.repeat(np.arange(k), n)
+
+
+@pytest.fixture(scope="module")
+def household():
+    return next(h for h in simulate_population(10, seed=4, drift_fraction=0.0) if h.n_persons >= 3)
+
+
+@pytest.mark.parametrize("family", [gmm.GaussianFull(reg=1e-3), gmm.GaussianDiag(), gmm.TypedSession()])
+def test_em_log_likelihood_never_decreases(family, household):
+    X = household.features if isinstance(family, gmm.TypedSession) else household.features[:, :8]
+    _, trace = gmm.fit_em(X, 3, family, np.random.default_rng(0), max_iter=60, tol=0.0)
+    diffs = np.diff(trace)
+    # Gaussian M-steps maximise exactly; the typed family smooths counts (Dirichlet
+    # pseudo-counts, neighbouring hour bins), a MAP-style step that may cost a hair of
+    # plain likelihood near convergence: allow 1e-5 relative there.
+    tol = 1e-9 if not isinstance(family, gmm.TypedSession) else 1e-5
+    assert len(trace) > 3 and np.all(diffs >= -tol * np.abs(trace[:-1]).max())
+    assert trace[-1] > trace[0]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_bic_picks_true_k_on_well_separated_data(k):
+    rng = np.random.default_rng(10 + k)
+    X, _ = blobs(rng, k)
+    sel = gmm.fit_select_k(X, 6, gmm.GaussianFull(reg=1e-3), seed=0, n_init=3)
+    assert sel.k == k
+    assert min(sel.scores, key=sel.scores.get) == k
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(0, 10_000), st.floats(0.05, 0.6))
+def test_unlearning_equals_model_built_without_the_sessions(seed, share):
+    rng = np.random.default_rng(seed)
+    X, _ = blobs(rng, 3, n=30)
+    for family in (gmm.GaussianFull(reg=1e-3), gmm.GaussianDiag()):
+        model, _ = gmm.fit_em(X, 3, family, np.random.default_rng(seed))
+        model.partial_fit(X[:7] + 0.1, keys=np.arange(1000, 1007))  # incremental sessions too
+        all_X = np.vstack((X, X[:7] + 0.1))
+        keys = model.ledger_keys.copy()
+        gone = rng.random(keys.size) < share
+        gone[0] = True
+        model.remove_sessions(keys[gone], all_X[gone])
+        kept_R = model.ledger_resp
+        rebuilt = gmm.Mixture.from_responsibilities(family, all_X[~gone], kept_R, keys[~gone])
+        np.testing.assert_allclose(model.stats, rebuilt.stats, atol=1e-9, rtol=0)
+        # Parameters are functions of the statistics; a matrix inverse may amplify the
+        # last-bit round-off of the sums, so compare them relative to their scale.
+        scale = np.abs(rebuilt.W).max()
+        np.testing.assert_allclose(model.W, rebuilt.W, atol=1e-9 * scale, rtol=1e-9)
+        np.testing.assert_allclose(model.log_weights, rebuilt.log_weights, atol=1e-9)
+
+
+def test_unlearning_typed_family_on_a_household(household):
+    X = household.features
+    sel = gmm.fit_select_k(X, 6, gmm.TypedSession(), seed=0)
+    m = sel.model
+    keys = m.ledger_keys.copy()
+    gone = np.zeros(keys.size, dtype=bool)
+    gone[::3] = True
+    m.unlearn(keys[gone], X[gone])
+    rebuilt = gmm.Mixture.from_responsibilities(m.family, X[~gone], m.ledger_resp, keys[~gone])
+    np.testing.assert_allclose(m.W, rebuilt.W, atol=1e-9, rtol=1e-9)
+    np.testing.assert_allclose(m.log_weights, rebuilt.log_weights, atol=1e-9)
+    with pytest.raises(KeyError):
+        m.remove_sessions(keys[:1], X[:1])  # already removed
+
+
+def test_removing_every_session_of_a_component_empties_it():
+    rng = np.random.default_rng(0)
+    X, y = blobs(rng, 2)
+    m, _ = gmm.fit_em(X, 2, gmm.GaussianDiag(), rng)
+    comp = m.predict_proba(X).argmax(1)
+    owned = comp == comp[0]
+    m.remove_sessions(m.ledger_keys[owned], X[owned])
+    # What is left of the component is the soft share of the other blob's sessions.
+    assert m.counts[comp[0]] < 1.0 and m.counts.sum() == pytest.approx((~owned).sum())
+    m.remove_sessions(m.ledger_keys, X[~owned])
+    assert m.alive.sum() == 0 and np.all(np.isneginf(m.log_weights))
+
+
+def test_singular_covariance_raises_specific_error():
+    X = np.zeros((20, 3))
+    X[:, 0] = np.arange(20)  # two constant columns: covariance is singular without reg
+    with pytest.raises(gmm.MixtureNumericalError):
+        gmm.fit_em(X, 2, gmm.GaussianFull(reg=0.0), np.random.default_rng(0))
+    m, _ = gmm.fit_em(X, 1, gmm.GaussianFull(reg=1e-3), np.random.default_rng(0))
+    m.stats[0, 1] = np.nan
+    with pytest.raises(gmm.MixtureNumericalError):
+        m.refresh()
+
+
+def test_labels_are_clamped_and_bad_input_rejected():
+    rng = np.random.default_rng(1)
+    X, y = blobs(rng, 2)
+    clamp = np.full(X.shape[0], -1)
+    clamp[0] = 1
+    m, _ = gmm.fit_em(X, 2, gmm.GaussianDiag(), rng, clamp=clamp)
+    np.testing.assert_array_equal(m.ledger_resp[0], [0.0, 1.0])
+    with pytest.raises(ValueError, match="X"):
+        gmm.fit_select_k(np.array([[np.nan, 0.0]]))
+    with pytest.raises(ValueError, match="criterion"):
+        gmm.fit_select_k(X, criterion="aic")
+    with pytest.raises(ValueError, match="k must"):
+        gmm.fit_em(X, 0, gmm.GaussianDiag(), rng)

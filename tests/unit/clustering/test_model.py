@@ -1,0 +1,155 @@
+import numpy as np
+import pytest
+
+from bench._clustering_eval import matched_correct
+from services.clustering.domain import gmm
+from services.clustering.domain.model import (
+    MIN_SESSIONS, HouseholdModel, ModelFormatError, PopulationPrior, ScoringTable, assign_many,
+)
+from services.clustering.domain.simulator import simulate_population
+
+
+@pytest.fixture(scope="module")
+def households():
+    return [h for h in simulate_population(12, seed=21, drift_fraction=0.0) if h.n_persons >= 2][:5]
+
+
+@pytest.fixture(scope="module")
+def prior():
+    return PopulationPrior.fit([h.features for h in simulate_population(30, seed=77)], seed=0)
+
+
+def test_fit_assign_probabilities_and_ids(households):
+    h = households[0]
+    m = HouseholdModel().fit(h.features)
+    b = m.assign_batch(h.features)
+    assert m.active_variant == "gmm" and b.strategy == "gmm" and b.sessions_until_model == 0
+    assert list(b.person_ids) == [f"p{i + 1}" for i in range(len(b.person_ids))]
+    np.testing.assert_allclose(b.probabilities.sum(axis=1), 1.0)
+    one = m.assign(h.features[3])
+    assert one.person_id == b.person_ids[b.person_index[3]]
+    assert one.confidence == pytest.approx(max(one.probabilities.values()))
+    assert matched_correct(h.person, b.person_index).mean() > 0.75
+
+
+def test_ids_are_stable_across_refit_on_permuted_sessions(households):
+    h = households[1]
+    m = HouseholdModel(seed=0).fit(h.features)
+    before = np.array(m.assign_batch(h.features).person())
+    perm = np.random.default_rng(0).permutation(h.n_sessions)
+    m.seed = 5  # a different seeding and order: components come out in another order
+    m.fit(h.features[perm])
+    after = np.array(m.assign_batch(h.features).person())
+    assert np.mean(before == after) > 0.9
+    assert m.next_person - 1 >= len(m.person_ids)
+
+
+def test_refit_gives_fresh_id_to_a_new_person_and_never_reuses(households):
+    h = households[2]
+    first = h.person != h.person.max()
+    m = HouseholdModel().fit(h.features[first])
+    old_ids = set(m.person_ids)
+    m.fit(h.features)
+    assert old_ids & set(m.person_ids)  # persons seen before keep their ids
+    new = set(m.person_ids) - old_ids
+    assert all(int(pid[1:]) > max(int(o[1:]) for o in old_ids) for pid in new)
+
+
+@pytest.mark.parametrize("strategy", ["account", "population_prior", "heuristic"])
+def test_cold_start_strategies_answer_and_say_so(strategy, prior, households):
+    X = households[0].features[:6]
+    m = HouseholdModel(cold_start=strategy, population_prior=prior).fit(X)
+    a = m.assign(X[0])
+    assert a.strategy == f"cold_start:{strategy}"
+    assert a.sessions_until_model == MIN_SESSIONS - 6
+    assert sum(a.probabilities.values()) == pytest.approx(1.0)
+    m.update(households[0].features[6:12])
+    assert m.assign(X[0]).strategy == "gmm" and m.assign(X[0]).sessions_until_model == 0
+
+
+def test_population_prior_without_prior_falls_back_to_account_strategy():
+    X = simulate_population(1, seed=3)[0].features[:4]
+    assert HouseholdModel(cold_start="population_prior").fit(X).assign(X[0]).strategy == "cold_start:account"
+
+
+def test_labels_improve_accuracy():
+    hs = [h for h in simulate_population(10, seed=31, difficulty=0.6, drift_fraction=0.0) if h.n_persons >= 3][:4]
+    rng = np.random.default_rng(0)
+    plain, labelled = [], []
+    for h in hs:
+        plain.append(matched_correct(h.person, HouseholdModel().fit(h.features).assign_batch(h.features).person_index))
+        mask = rng.random(h.n_sessions) < 0.15
+        labels = [f"u{p}" if k else None for p, k in zip(h.person, mask)]
+        m = HouseholdModel().fit(h.features, labels=labels)
+        pred = np.array(m.assign_batch(h.features).person())
+        labelled.append(matched_correct(h.person, m.assign_batch(h.features).person_index))
+        # labelled sessions land on their label's person id
+        for lab, pid in m.label_map.items():
+            sel = np.array([x == lab for x in labels])
+            assert np.mean(pred[sel] == pid) > 0.5  # assignment does not see labels; most agree
+    assert np.concatenate(labelled).mean() > np.concatenate(plain).mean()
+
+
+def test_gmm_failure_falls_back_to_kmeans_and_is_counted():
+    X = simulate_population(1, seed=2)[0].features.astype(np.float64)
+    m = HouseholdModel(family=gmm.GaussianFull(reg=0.0))  # one-hot columns: singular covariances
+    m.fit(X)
+    assert m.fallback and m.fallback_count == 1 and m.active_variant == "kmeans"
+    b = m.assign_batch(X)
+    assert b.strategy == "kmeans" and np.allclose(b.probabilities.sum(1), 1.0)
+
+
+@pytest.mark.parametrize("variant", ["gmm", "kmeans"])
+def test_serialisation_round_trip(variant, households):
+    h = households[3]
+    m = HouseholdModel(variant=variant).fit(h.features[:-15])
+    m.update(h.features[-15:])
+    data = m.to_bytes()
+    r = HouseholdModel.from_bytes(data)
+    assert r.person_ids == m.person_ids and r.n_sessions == m.n_sessions and r.variant == variant
+    np.testing.assert_array_equal(r.assign_batch(h.features).probabilities, m.assign_batch(h.features).probabilities)
+    assert r.to_bytes() == data
+    with pytest.raises(ModelFormatError):
+        HouseholdModel.from_bytes(b"not a model")
+
+
+def test_cold_start_serialisation_keeps_buffer():
+    X = simulate_population(1, seed=8)[0].features[:5]
+    r = HouseholdModel.from_bytes(HouseholdModel(cold_start="heuristic").fit(X).to_bytes())
+    assert r.active_variant == "cold_start" and r.cold_X.shape == (5, X.shape[1])
+    assert r.assign(X[0]).strategy == "cold_start:heuristic"
+
+
+def test_unlearning_through_the_facade(households):
+    h = households[4]
+    m = HouseholdModel().fit(h.features)
+    assert m.remove_sessions(np.arange(5), h.features[:5])
+    assert m.n_sessions == h.n_sessions - 5
+    assert m.mixture.stats[:, 0].sum() == pytest.approx(h.n_sessions - 5)
+
+
+def test_assign_many_matches_per_household_assignment(households):
+    models = [HouseholdModel().fit(h.features) for h in households]
+    table = ScoringTable.from_models(models)
+    hh = np.concatenate([np.full(h.n_sessions, i) for i, h in enumerate(households)])
+    X = np.vstack([h.features for h in households])
+    idx, conf, P = assign_many(table, hh, X, chunk=100)
+    for i, (h, m) in enumerate(zip(households, models)):
+        ref = m.assign_batch(h.features).probabilities
+        got = P[hh == i][:, :ref.shape[1]]
+        np.testing.assert_allclose(got, ref, atol=1e-4)
+        assert np.all(P[hh == i][:, ref.shape[1]:] == 0)
+
+
+def test_bad_inputs_name_the_argument():
+    with pytest.raises(ValueError, match="variant"):
+        HouseholdModel(variant="dbscan")
+    with pytest.raises(ValueError, match="cold_start"):
+        HouseholdModel(cold_start="guess")
+    m = HouseholdModel()
+    with pytest.raises(ValueError, match="features"):
+        m.fit(np.zeros((12, 3)))
+    with pytest.raises(ValueError, match="NaN"):
+        m.fit(np.full((12, 35), np.nan))
+    with pytest.raises(ValueError, match="labels"):
+        m.fit(np.zeros((12, 35)), labels=["a"])
