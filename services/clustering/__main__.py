@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+
 from hearth.clustering.v1 import clustering_pb2_grpc as pb_grpc
 from services.clustering.app import ClusteringApp
+from services.clustering.modeling import ModelKeeper
+from services.clustering.peers import FeedbackPeer
+from services.clustering.prediction_log import PredictionLog
 from services.clustering.servicer import SERVICE_NAME, ClusteringServicer
 from services.clustering.store import ClusteringStore
 from services.common.consent import ConsentChecker
@@ -13,6 +19,21 @@ from services.common.storage.cache import open_cache
 from services.common.storage.sql import open_database
 
 NAME = "clustering"
+log = logging.getLogger("hearth.clustering")
+
+
+def _keep_population_prior_fresh(app: ClusteringApp, interval_s: float, stop: threading.Event) -> None:
+    """Learn the persona mixture used by the population cold-start strategy from the
+    households already stored, at start and then every ``interval_s``."""
+    while True:
+        try:
+            prior = app.build_population_prior()
+            if prior is not None:
+                app.set_population_prior(prior)
+        except Exception:  # noqa: BLE001 - cold start falls back to account level meanwhile
+            log.exception("population prior build failed")
+        if stop.wait(interval_s):
+            return
 
 
 def build(settings):
@@ -24,9 +45,18 @@ def build(settings):
     store = ClusteringStore(db, open_cache(settings, NAME), gap_s=settings.session_gap_s,
                             lateness_tolerance_s=settings.lateness_tolerance_s, cipher=cipher)
     store.migrate()
-    servicer = ClusteringServicer(ClusteringApp(store, consent))
+    feedback = FeedbackPeer(settings.feedback_addr, timeout_s=settings.peer_timeout_s)
+    predictions = PredictionLog(db, feedback.send_predictions)
+    keeper = ModelKeeper(store, feedback.variant_of, cold_start=settings.cold_start)
+    app = ClusteringApp(store, consent, keeper=keeper, predictions=predictions,
+                        calibrator_of=feedback.calibrator)
+    stop = threading.Event()
+    if settings.cold_start == "population_prior":
+        threading.Thread(target=_keep_population_prior_fresh, name="population-prior", daemon=True,
+                         args=(app, settings.population_prior_refresh_s, stop)).start()
+    servicer = ClusteringServicer(app)
     return ([(pb_grpc.add_ClusteringServiceServicer_to_server, servicer, SERVICE_NAME)],
-            [consent.close, cipher.close, db.close])
+            [stop.set, app.close, consent.close, cipher.close, db.close])
 
 
 if __name__ == "__main__":

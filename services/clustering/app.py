@@ -3,12 +3,29 @@ domain modules. Servicers call exactly one method here."""
 
 from __future__ import annotations
 
+import logging
+import queue
+import threading
+import time
+import uuid
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from services.clustering.domain import features as F
 from services.clustering.domain.events import ViewingEvent, check_id
+from services.clustering.domain.model import MIN_SESSIONS, PopulationPrior
+from services.clustering.household import Envelope
+from services.clustering.modeling import ModelKeeper, known_person
+from services.clustering.prediction_log import PredictionLog, PredictionRecord
 from services.clustering.store import ClusteringStore, HouseholdView, IngestResult
 from services.common.consent import ConsentChecker
 from services.common.erasure import ErasureOutcome, ErasureScope
+from services.common.errors import InvalidArgument, NotFound
+from services.feedback.domain.recalibration import IDENTITY, Calibrator
+
+log = logging.getLogger("hearth.clustering.app")
+MAX_LABELS = 10_000
 
 
 @dataclass
@@ -19,11 +36,36 @@ class HouseholdExtras:
     model_variant: str = ""
 
 
+@dataclass(frozen=True)
+class AssignmentOut:
+    person_id: str
+    confidence: float
+    probabilities: dict[str, float]
+    model_variant: str
+    model_version: int
+    cold_start: str            # "" when the full model answered, else the strategy
+    sessions_until_full_model: int
+    prediction_id: str
+
+
 class ClusteringApp:
-    def __init__(self, store: ClusteringStore, consent: ConsentChecker | None = None) -> None:
+    def __init__(self, store: ClusteringStore, consent: ConsentChecker | None = None, *,
+                 keeper: ModelKeeper | None = None, predictions: PredictionLog | None = None,
+                 calibrator_of=None, background: bool = True) -> None:
         self.store = store
         # Consent (privacy service); None = not enforced (unit tests).
         self.consent = consent
+        self.keeper = keeper or ModelKeeper(store, lambda _account: "gmm")
+        self.predictions = predictions
+        self.calibrator_of = calibrator_of or (lambda _variant: IDENTITY)
+        self._pending: queue.Queue[str | None] = queue.Queue()
+        self._queued: set[str] = set()
+        self._queued_lock = threading.Lock()
+        self._worker = threading.Thread(target=self._refresh_loop, name="model-refresh", daemon=True)
+        if background:
+            self._worker.start()
+
+    # ---- consent, ingest -------------------------------------------------------------
 
     def require_processing(self, account_ids) -> None:
         """FAILED_PRECONDITION (field account_id) when an account withdrew consent to
@@ -33,16 +75,186 @@ class ClusteringApp:
 
     def ingest(self, events: list[ViewingEvent]) -> IngestResult:
         self.require_processing(e.account_id for e in events)
-        return self.store.ingest(events)
+        result = self.store.ingest(events)
+        if result.sessions_touched:
+            for account in {e.account_id for e in events}:
+                self.schedule_refresh(account)
+        return result
 
-    def export_account(self, account_id: str) -> dict:
+    # ---- the model kept current in the background ---------------------------------
+
+    def schedule_refresh(self, account_id: str) -> None:
+        with self._queued_lock:
+            if account_id in self._queued:
+                return
+            self._queued.add(account_id)
+        self._pending.put(account_id)
+
+    def _refresh_loop(self) -> None:
+        while True:
+            account = self._pending.get()
+            if account is None:
+                return
+            with self._queued_lock:
+                self._queued.discard(account)
+            try:
+                self.keeper.refresh(account)
+            except Exception:  # noqa: BLE001 - the next ingest or assignment retries
+                log.exception("background model refresh failed for an account")
+            finally:
+                self._pending.task_done()
+
+    def drain(self, timeout_s: float = 30.0) -> None:
+        """Wait until queued refreshes are done (tests, graceful stop)."""
+        deadline = time.monotonic() + timeout_s
+        while self._pending.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self._pending.put(None)
+        if self._worker.is_alive():
+            self._worker.join(10)
+        if self.predictions is not None:
+            self.predictions.close()
+
+    # ---- assignment ------------------------------------------------------------------
+
+    def _model(self, account_id: str) -> tuple[int, Envelope]:
+        version, envelope = self.keeper.load(account_id)
+        if envelope is None:
+            version, envelope = self.keeper.refresh(account_id)
+        if envelope is None:
+            raise NotFound(f"no sessions for account {account_id!r} yet", "account_id")
+        return version, envelope
+
+    def assign(self, account_id: str, *, session_id: str = "", vector: np.ndarray | None = None) -> AssignmentOut:
         check_id(account_id, "account_id")
-        return self.store.export_account(account_id)
+        self.require_processing([account_id])
+        device_id = ""
+        if session_id:
+            check_id(session_id, "session_id")
+            session = self.store.session(account_id, session_id)
+            vector, device_id = session.features, session.device_id
+        if vector is None:
+            raise InvalidArgument("a session_id or a feature_vector is required", "session")
+        (out,) = self._assign_rows(account_id, np.asarray(vector, dtype=np.float64)[None, :],
+                                   [session_id], [device_id],
+                                   [self._label_of(account_id, session) if session_id else None])
+        if session_id:
+            self.store.set_persons(account_id, {session_id: out.person_id}, {session_id: out.probabilities})
+        return out
+
+    def assign_many(self, account_ids: list[str], X: np.ndarray) -> list[AssignmentOut]:
+        """Vectors of many households: grouped per household, one vectorised call each."""
+        if len(account_ids) not in (1, X.shape[0]):
+            raise InvalidArgument(f"give one account id or one per vector ({X.shape[0]})", "account_ids")
+        accounts = account_ids * X.shape[0] if len(account_ids) == 1 else account_ids
+        for i, a in enumerate(dict.fromkeys(accounts)):
+            check_id(a, f"account_ids[{i}]")
+        self.require_processing(set(accounts))
+        out: list[AssignmentOut | None] = [None] * X.shape[0]
+        order = np.array(accounts, dtype=object)
+        for account in dict.fromkeys(accounts):
+            rows = np.flatnonzero(order == account)
+            answers = self._assign_rows(account, X[rows], [""] * rows.size, [""] * rows.size)
+            for r, a in zip(rows.tolist(), answers):
+                out[r] = a
+        return out  # type: ignore[return-value]
+
+    def _label_of(self, account_id: str, session) -> str | None:
+        return self.store.labels(account_id).get(session.session_id, session.label)
+
+    def _assign_rows(self, account_id: str, X: np.ndarray, session_ids: list[str],
+                     device_ids: list[str], labels: list[str | None] | None = None) -> list[AssignmentOut]:
+        if X.ndim != 2 or X.shape[1] != F.FEATURE_DIM:
+            raise InvalidArgument(f"feature vectors must have {F.FEATURE_DIM} float32 values", "feature_vector")
+        if not np.all(np.isfinite(X)):
+            raise InvalidArgument("feature vectors must be finite", "feature_vector")
+        version, envelope = self._model(account_id)
+        model = envelope.model
+        batch = model.assign_batch(X)
+        variant = model.variant
+        cold = batch.strategy.removeprefix("cold_start:") if batch.strategy.startswith("cold_start") else ""
+        probabilities = batch.probabilities
+        if not cold:  # recalibrated confidences (feedback service), argmax preserved
+            probabilities = self.calibrator_of(variant).apply(probabilities)
+        # Constrained assignment: a session whose person is known (label) is that person.
+        for r, label in enumerate(labels or []):
+            known = known_person(model, label)
+            if known is not None:
+                probabilities[r] = np.array([1.0 if p == known else 0.0 for p in batch.person_ids])
+        idx = probabilities.argmax(axis=1)
+        now = time.time()
+        answers, records = [], []
+        for r in range(X.shape[0]):
+            probs = {pid: float(p) for pid, p in zip(batch.person_ids, probabilities[r])}
+            pid = batch.person_ids[int(idx[r])]
+            prediction_id = "pr-" + uuid.uuid4().hex
+            answers.append(AssignmentOut(pid, float(probabilities[r, idx[r]]), probs, variant, version, cold,
+                                         batch.sessions_until_model, prediction_id))
+            records.append(PredictionRecord(prediction_id, account_id, session_ids[r] or prediction_id, pid,
+                                            probs, variant, version, now, bool(cold), len(batch.person_ids),
+                                            device_ids[r]))
+        if self.predictions is not None:
+            self.predictions.record(records)   # durable before we answer
+        return answers
+
+    # ---- households, refit, labels ----------------------------------------------------
 
     def household(self, account_id: str, max_sessions: int) -> tuple[HouseholdView, HouseholdExtras]:
         check_id(account_id, "account_id")
         view = self.store.household(account_id, max_sessions)
-        return view, HouseholdExtras()
+        version, envelope = self.keeper.load(account_id)
+        extras = HouseholdExtras(drift_events=self.store.drift_events(account_id), model_version=version)
+        if envelope is not None:
+            extras.persons = envelope.model.profiles()
+            extras.model_variant = envelope.model.active_variant
+        return view, extras
+
+    def refit(self, account_id: str, reason: str = "") -> tuple[int, int, int]:
+        """Full refit from the stored sessions and labels: (version, persons, sessions)."""
+        check_id(account_id, "account_id")
+        if len(reason) > 200:
+            raise InvalidArgument("at most 200 characters", "reason")
+        version, envelope = self.keeper.refresh(account_id, force=reason or "requested")
+        if envelope is None:
+            raise NotFound(f"no sessions for account {account_id!r}", "account_id")
+        return version, envelope.model.n_persons, envelope.included
+
+    def record_labels(self, labels: list[tuple[str, str, str, str]]) -> tuple[int, int]:
+        if len(labels) > MAX_LABELS:
+            raise InvalidArgument(f"at most {MAX_LABELS} labels", "labels")
+        for i, (account, session, person, source) in enumerate(labels):
+            check_id(account, f"labels[{i}].account_id")
+            check_id(session, f"labels[{i}].session_id")
+            check_id(person, f"labels[{i}].person_id")
+            if len(source) > 64:
+                raise InvalidArgument("at most 64 characters", f"labels[{i}].source")
+        accepted, unknown = self.store.record_labels(labels)
+        for account in {a for a, *_ in labels}:
+            self.keeper.refresh(account, force="labels")  # labels are rare: refit with them now
+        return accepted, unknown
+
+    def set_population_prior(self, prior: PopulationPrior | None) -> None:
+        self.keeper.population_prior = prior
+
+    def build_population_prior(self, max_households: int = 200) -> PopulationPrior | None:
+        """Persona mixture over households that have a full model's worth of sessions
+        (the Bayesian prior of the population cold-start strategy)."""
+        matrices = []
+        for account in self.store.accounts_with_sessions(MIN_SESSIONS, max_households):
+            snap = self.keeper.snapshot(account)
+            if len(snap.sessions) >= MIN_SESSIONS:
+                matrices.append(snap.X)
+        if len(matrices) < 20:
+            return None
+        return PopulationPrior.fit(matrices)
+
+    # ---- other reads, erasure ---------------------------------------------------------
+
+    def export_account(self, account_id: str) -> dict:
+        check_id(account_id, "account_id")
+        return self.store.export_account(account_id)
 
     def resolve_persons(self, instants: list[tuple[str, str, float]]) -> list[tuple[str, dict[str, float]]]:
         for n, (account, device, _) in enumerate(instants):
@@ -51,4 +263,16 @@ class ClusteringApp:
         return self.store.resolve_persons(instants)
 
     def erase(self, scope: ErasureScope) -> ErasureOutcome:
-        return self.store.erase(scope)
+        """Delete the scope's data, then refit the household from what remains: exact
+        unlearning (the model equals one fitted without the erased sessions)."""
+        outcome = self.store.erase(scope)
+        if scope.all_accounts:
+            # Only households whose session list changed refit (refresh detects it).
+            for account in self.store.accounts_with_models():
+                self.keeper.forget(account)
+                self.keeper.refresh(account)
+            return outcome
+        self.keeper.forget(scope.account_id)
+        if scope.kind != "household" and not outcome.empty:
+            self.keeper.refresh(scope.account_id, force="erasure")
+        return outcome

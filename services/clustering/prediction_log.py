@@ -41,6 +41,7 @@ class PredictionRecord:
     ts: float
     cold_start: bool
     household_size: int
+    device_id: str = ""
 
 
 class PredictionLog:

@@ -7,7 +7,10 @@ from collections.abc import Iterator
 
 from hearth.clustering.v1 import clustering_pb2 as pb
 from hearth.clustering.v1 import clustering_pb2_grpc as pb_grpc
-from services.clustering.app import ClusteringApp
+import numpy as np
+
+from services.clustering.app import AssignmentOut, ClusteringApp
+from services.clustering.domain import features as F
 from services.clustering.domain.events import MAX_EVENTS_PER_BATCH, ViewingEvent, validate_batch
 from services.clustering.store import HouseholdView
 from services.common.erasure import result_to_pb, scope_from_pb
@@ -41,6 +44,41 @@ def event_from_pb(e: pb.ViewingEvent, path: str) -> ViewingEvent:
     )
 
 
+_COLD = {"": pb.COLD_START_STRATEGY_UNSPECIFIED, "account": pb.COLD_START_STRATEGY_ACCOUNT,
+         "population_prior": pb.COLD_START_STRATEGY_POPULATION_PRIOR,
+         "heuristic": pb.COLD_START_STRATEGY_HEURISTIC}
+
+
+def profile_to_pb(p: dict) -> pb.PersonProfile:
+    rhythm = p.get("rhythm", {})
+    weekend = rhythm.get("weekend_share")
+    return pb.PersonProfile(
+        person_id=p["person_id"], session_count=int(round(p.get("sessions", 0))),
+        peak_hours=[int(h) for h in rhythm.get("peak_hours_utc", [])],
+        peak_days=[] if weekend is None else (["weekend"] if weekend >= 0.5 else ["weekdays"]),
+        devices=list(p.get("devices", {})), top_genres=list(p.get("top_genres", [])),
+        kids_share=float(p.get("kids_share", 0.0)))
+
+
+def assignment_to_pb(a: AssignmentOut) -> pb.Assignment:
+    return pb.Assignment(
+        person_id=a.person_id, confidence=a.confidence,
+        probabilities=[pb.PersonProbability(person_id=k, probability=v) for k, v in a.probabilities.items()],
+        model_variant=a.model_variant, model_version=a.model_version, cold_start=_COLD[a.cold_start],
+        sessions_until_full_model=a.sessions_until_full_model, prediction_id=a.prediction_id)
+
+
+def _vectors(data: bytes, schema_version: int, field: str) -> np.ndarray:
+    if schema_version not in (0, F.FEATURE_SCHEMA_VERSION):
+        raise InvalidArgument(f"unsupported feature schema version {schema_version} "
+                              f"(this service: {F.FEATURE_SCHEMA_VERSION})", "feature_schema_version")
+    try:
+        return F.from_bytes(data).astype(np.float64)
+    except ValueError:
+        raise InvalidArgument(f"must be a multiple of {F.FEATURE_DIM} little-endian float32 values",
+                              field) from None
+
+
 def household_to_pb(view: HouseholdView, extras) -> pb.GetHouseholdResponse:
     response = pb.GetHouseholdResponse(account_id=view.account_id)
     for d in view.devices:
@@ -53,8 +91,11 @@ def household_to_pb(view: HouseholdView, extras) -> pb.GetHouseholdResponse:
             end=float_to_ts(s.end_ts), event_count=s.event_count, watch_seconds=s.watch_seconds,
             closed=s.closed, feature_schema_version=s.feature_version,
             feature_vector=s.features.tobytes() if s.closed else b"", person_id=s.person_id or ""))
-    response.persons.extend(extras.persons)
-    response.drift_events.extend(extras.drift_events)
+    response.persons.extend(profile_to_pb(p) for p in extras.persons)
+    response.drift_events.extend(
+        pb.DriftEvent(drift_type=d.drift_type, severity=d.severity, statistic=d.statistic,
+                      detected_at=float_to_ts(d.detected_at), refit_triggered=d.refit_triggered)
+        for d in extras.drift_events)
     response.model_version = extras.model_version
     response.model_variant = extras.model_variant
     return response
@@ -86,6 +127,35 @@ class ClusteringServicer(pb_grpc.ClusteringServiceServicer):
             raise InvalidArgument("must be in 0..10000", "max_sessions")
         view, extras = self.app.household(request.account_id, request.max_sessions or 500)
         return household_to_pb(view, extras)
+
+    def AssignSession(self, request: pb.AssignSessionRequest, context) -> pb.AssignSessionResponse:
+        which = request.WhichOneof("session")
+        if which == "feature_vector":
+            vectors = _vectors(request.feature_vector, request.feature_schema_version, "feature_vector")
+            if vectors.shape[0] != 1:
+                raise InvalidArgument("must hold exactly one vector", "feature_vector")
+            out = self.app.assign(request.account_id, vector=vectors[0])
+        elif which == "session_id":
+            out = self.app.assign(request.account_id, session_id=request.session_id)
+        else:
+            raise InvalidArgument("a session_id or a feature_vector is required", "session")
+        return pb.AssignSessionResponse(assignment=assignment_to_pb(out))
+
+    def AssignSessions(self, request_iterator, context):
+        for request in request_iterator:
+            vectors = _vectors(request.feature_vectors, request.feature_schema_version, "feature_vectors")
+            answers = self.app.assign_many(list(request.account_ids), vectors) if vectors.shape[0] else []
+            yield pb.AssignSessionsResponse(batch_id=request.batch_id,
+                                            assignments=[assignment_to_pb(a) for a in answers])
+
+    def Refit(self, request: pb.RefitRequest, context) -> pb.RefitResponse:
+        version, persons, sessions = self.app.refit(request.account_id, request.reason)
+        return pb.RefitResponse(model_version=version, persons=persons, sessions_used=sessions)
+
+    def RecordLabels(self, request: pb.RecordLabelsRequest, context) -> pb.RecordLabelsResponse:
+        accepted, unknown = self.app.record_labels(
+            [(x.account_id, x.session_id, x.person_id, x.source) for x in request.labels])
+        return pb.RecordLabelsResponse(accepted=accepted, unknown_sessions=unknown)
 
     def ResolvePersons(self, request: pb.ResolvePersonsRequest, context) -> pb.ResolvePersonsResponse:
         if len(request.instants) > 10_000:

@@ -282,6 +282,17 @@ class ClusteringStore:
                 [(p, json.dumps(probabilities[s], sort_keys=True) if s in probabilities else None,
                   account_id, s) for s, p in persons.items()])
 
+    def accounts_with_sessions(self, min_sessions: int, limit: int | None) -> list[str]:
+        with self.db.transaction() as tx:
+            rows = tx.query("SELECT account_id FROM sessions GROUP BY account_id HAVING COUNT(*) >= ? "
+                            "ORDER BY account_id" + (" LIMIT ?" if limit else ""),
+                            (min_sessions, limit) if limit else (min_sessions,))
+        return [r[0] for r in rows]
+
+    def accounts_with_models(self) -> list[str]:
+        with self.db.transaction() as tx:
+            return [r[0] for r in tx.query("SELECT account_id FROM household_models ORDER BY account_id")]
+
     def record_labels(self, labels: Sequence[tuple[str, str, str, str]]) -> tuple[int, int]:
         """Store (account, session, person, source) labels; the latest label of a session
         wins. Returns (accepted, unknown_sessions)."""

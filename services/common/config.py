@@ -57,6 +57,10 @@ class ServiceSettings(BaseSettings):
     # Clustering / session builder.
     session_gap_s: float = 1800.0
     lateness_tolerance_s: float = 6 * 3600.0
+    # Cold start (< 10 sessions): "account", "population_prior" (falls back to account
+    # until enough households exist to learn the prior) or "heuristic".
+    cold_start: Literal["account", "population_prior", "heuristic"] = "population_prior"
+    population_prior_refresh_s: float = 3600.0
 
     @field_validator("grpc_port", "metrics_port")
     @classmethod

@@ -49,7 +49,7 @@ from services.privacy.domain.audit import (
     Role,
     SignedTreeHead,
     TamperReason,
-    append_canonical,
+    entry_hashes,
     canonical_json,
     format_ts,
     parse_ts,
@@ -120,18 +120,44 @@ class _StateConflict(Exception):
 
 @dataclass(slots=True)
 class _Chunk:
-    """One caller's records, validated and encoded on the caller's thread (entries at a
-    placeholder seq 0, the plain values of the query columns); the writer fills ``seqs``.
-    ``errors[i]`` is set instead when record i was invalid (``entries[i]`` is None)."""
+    """One caller's records, validated and encoded on the caller's thread: entries at a
+    placeholder seq 0 with their canonical bytes split around the seq digits
+    (``AuditEntry.seq_template``) and the plain values of the query columns. The writer
+    fills ``seqs``. ``errors[i]`` is set instead when record i was invalid (then
+    ``entries[i]``, ``columns[i]``, ``heads[i]`` and ``tails[i]`` are None)."""
 
     entries: list[AuditEntry | None]
     columns: list[tuple | None]
     record_ids: list[str | None]
+    heads: list[bytes | None]
+    tails: list[bytes | None]
     errors: list[str | None] | None = None
     seqs: list[int | None] = field(default_factory=list)
+    min_ts: float = math.inf
+    max_ts: float = -math.inf
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    @classmethod
+    def of(cls, entries: list[AuditEntry | None], record_ids: list[str | None],
+           errors: list[str | None] | None = None) -> _Chunk:
+        columns: list[tuple | None] = []
+        heads: list[bytes | None] = []
+        tails: list[bytes | None] = []
+        for entry, rid in zip(entries, record_ids):
+            if entry is None:
+                columns.append(None)
+                heads.append(None)
+                tails.append(None)
+                continue
+            columns.append(_columns(entry, rid))
+            head, tail = entry.seq_template()
+            heads.append(head)
+            tails.append(tail)
+        times = [c[0] for c in columns if c is not None]
+        return cls(entries, columns, record_ids, heads, tails, errors,
+                   min_ts=min(times, default=math.inf), max_ts=max(times, default=-math.inf))
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +283,7 @@ class AuditStore:
         self._ids_previous: dict[str, int] = {}
         self._ids_newest = self._ids_previous_newest = -math.inf
         self._ids_floor = -math.inf
+        self._tree_matches_state = False  # the proof tree holds exactly the state's leaves
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -311,6 +338,7 @@ class AuditStore:
             if sth is not None and (self._latest_sth is None or sth.tree_size >= self._latest_sth.tree_size):
                 self._latest_sth = sth
         self.healthy_at_start = healthy
+        self._tree_matches_state = healthy
 
     def _load_ids(self, size: int) -> None:
         """The id window from the table: the ids of the last ``dedup_window`` entries;
@@ -333,32 +361,25 @@ class AuditStore:
         single writer only stamps seqs, hashes and inserts); invalid records are noted
         in the chunk's ``errors`` and skipped by the writer."""
         entries: list[AuditEntry | None] = []
-        columns: list[tuple | None] = []
-        record_ids: list[str | None] = []
         errors: list[str | None] | None = None
         for i, record in enumerate(records):
-            rid = record.record_id or None
             try:
-                entry = record_to_entry(record, 0)
+                entries.append(record_to_entry(record, 0))
             except ValueError as exc:
                 if errors is None:
                     errors = [None] * len(records)
                 errors[i] = str(exc)
                 entries.append(None)
-                columns.append(None)
-                record_ids.append(rid)
-                continue
-            entries.append(entry)
-            columns.append(_columns(entry, rid))
-            record_ids.append(rid)
-        return _Chunk(entries, columns, record_ids, errors)
+        return _Chunk.of(entries, [r.record_id or None for r in records], errors)
 
     def chunk_of(self, entries: Sequence[AuditEntry], record_ids: Sequence[str]) -> _Chunk:
         """A chunk of entries validated already (their seqs are ignored and replaced)."""
         if len(record_ids) != len(entries):
             raise ValueError(f"record_ids: {len(record_ids)} given for {len(entries)} entries")
-        rids = [rid or None for rid in record_ids]
-        return _Chunk(list(entries), [_columns(e, rid) for e, rid in zip(entries, rids)], rids)
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, AuditEntry):
+                raise ValueError(f"entries[{i}]: expected AuditEntry, got {type(entry).__name__}")
+        return _Chunk.of(list(entries), [rid or None for rid in record_ids])
 
     def submit(self, chunk: _Chunk):
         """Queue a prepared chunk for the writer; the future resolves after its commit."""
@@ -403,7 +424,7 @@ class AuditStore:
                 self._commit_with_retry([self.prepare(extra)])
 
     def _commit_with_retry(self, chunks: Sequence[_Chunk],
-                           attempts: int = 3) -> tuple[list[AuditEntry], list[int]]:
+                           attempts: int = 3) -> tuple[list[AuditEntry], Sequence[int]]:
         for attempt in range(attempts):
             try:
                 return self._commit(chunks)
@@ -412,7 +433,7 @@ class AuditStore:
                 self._load()
         raise Conflict("the audit log kept moving under this writer (several writers?)")
 
-    def _commit(self, chunks: Sequence[_Chunk]) -> tuple[list[AuditEntry], list[int]]:
+    def _commit(self, chunks: Sequence[_Chunk]) -> tuple[list[AuditEntry], Sequence[int]]:
         """One transaction for the batch. Returns the committed entries (as prepared:
         placeholder seqs) and the seq each got.
 
@@ -420,21 +441,35 @@ class AuditStore:
         id window, gets the earlier seq; a record older than the window (its ts at or
         below ``_ids_floor``) is looked up in the table through the ts index first."""
         state = self._state
-        seq = state.size
+        first = seq = state.size
         floor = self._ids_floor
-        older = [(rid, cols[0]) for chunk in chunks
+        older = [(rid, cols[0]) for chunk in chunks if chunk.min_ts <= floor
                  for rid, cols in zip(chunk.record_ids, chunk.columns)
                  if rid is not None and cols is not None and cols[0] <= floor]
         stored = self._stored_seqs(older) if older else {}
         recent, previous = self._ids, self._ids_previous
         batch_ids: dict[str, int] = {}
         entries: list[AuditEntry] = []
-        seqs: list[int] = []
         canonical: list[bytes] = []
         columns: list[tuple] = []
         for chunk in chunks:
-            out = chunk.seqs = [None] * len(chunk.entries)
-            for i, (entry, rid) in enumerate(zip(chunk.entries, chunk.record_ids)):
+            rids = chunk.record_ids
+            n = len(rids)
+            ids = set(rids)
+            if (chunk.errors is None and len(ids) == n and None not in ids
+                    and batch_ids.keys().isdisjoint(ids) and recent.keys().isdisjoint(ids)
+                    and previous.keys().isdisjoint(ids) and stored.keys().isdisjoint(ids)):
+                # The usual chunk: valid, fresh ids only (checked by C set operations).
+                seqs = range(seq, seq + n)
+                chunk.seqs = list(seqs)
+                batch_ids.update(zip(rids, seqs))
+                entries += chunk.entries  # type: ignore[arg-type]
+                columns += chunk.columns  # type: ignore[arg-type]
+                canonical += [b"%b%d%b" % (h, s, t) for h, s, t in zip(chunk.heads, seqs, chunk.tails)]
+                seq += n
+                continue
+            out = chunk.seqs = [None] * n
+            for i, (entry, rid) in enumerate(zip(chunk.entries, rids)):
                 if entry is None:
                     continue
                 if rid is not None:
@@ -443,7 +478,7 @@ class AuditStore:
                         earlier = recent.get(rid)
                         if earlier is None:
                             earlier = previous.get(rid)
-                            if earlier is None and stored:
+                            if earlier is None:
                                 earlier = stored.get(rid)
                     if earlier is not None:
                         out[i] = earlier
@@ -451,16 +486,27 @@ class AuditStore:
                     batch_ids[rid] = seq
                 out[i] = seq
                 entries.append(entry)
-                seqs.append(seq)
-                canonical.append(entry.canonical_bytes_at(seq))
-                columns.append(chunk.columns[i])
+                columns.append(chunk.columns[i])  # type: ignore[arg-type]
+                canonical.append(b"%b%d%b" % (chunk.heads[i], seq, chunk.tails[i]))
                 seq += 1
         if not entries:
-            return [], []
-        new_state, leaves, chains = append_canonical(state, canonical)
+            return [], ()
+        leaves, chains = entry_hashes(state.chain_head, canonical)
+        leaf_bytes = b"".join(leaves)
+        tree = self._tree
+        # The proof tree holds every node the new frontier needs: extend it now (readers
+        # only look at signed sizes, all below this) and truncate it if the commit fails,
+        # rather than hashing the same nodes again for the frontier.
+        speculative = self._tree_matches_state and tree.size == first
+        with self._tree_lock:
+            if speculative:
+                tree.extend(leaf_bytes)
+                new_state = AuditState(seq, chains[-1], tree.frontier())
+        if not speculative:
+            new_state = AuditState(seq, chains[-1], state.frontier.extend(leaf_bytes))
         sth = sign_tree_head(new_state, self._key, datetime.fromtimestamp(self._clock(), UTC))
         rows = [(s, *cols, data, leaf, chain)
-                for s, cols, data, leaf, chain in zip(seqs, columns, canonical, leaves, chains)]
+                for s, cols, data, leaf, chain in zip(range(first, seq), columns, canonical, leaves, chains)]
         try:
             with self.db.transaction() as tx:
                 tx.executemany(_INSERT, rows)
@@ -470,9 +516,12 @@ class AuditStore:
                     raise _StateConflict("audit_state moved")
                 tx.execute("INSERT INTO audit_sth (tree_size, sth_json) VALUES (?, ?)",
                            (sth.tree_size, canonical_json(sth.to_dict()).decode()))
-        except _StateConflict:
-            raise
-        except Exception as exc:
+        except BaseException as exc:
+            if speculative:
+                with self._tree_lock:
+                    tree.truncate(first)
+            if isinstance(exc, _StateConflict):
+                raise
             # A unique violation means another writer took these seqs. Any other failure
             # may still have committed (a lost commit acknowledgement): the next batch's
             # compare-and-swap on audit_state.size then fails and the state is reloaded,
@@ -481,11 +530,12 @@ class AuditStore:
                 raise _StateConflict(type(exc).__name__) from exc
             raise
         with self._tree_lock:
-            self._tree.extend(b"".join(leaves))
+            if not speculative:
+                tree.extend(leaf_bytes)
             self._state = new_state
             self._latest_sth = sth
-        self._remember_ids(batch_ids, max(cols[0] for cols in columns))
-        return entries, seqs
+        self._remember_ids(batch_ids, max(chunk.max_ts for chunk in chunks))
+        return entries, range(first, seq)
 
     def _remember_ids(self, ids: dict[str, int], newest_ts: float) -> None:
         """Add committed ids to the in-memory window: two generations of at most

@@ -287,7 +287,10 @@ class Mixture:
     def predict_proba(self, X: np.ndarray, temperature: float = 1.0) -> np.ndarray:
         """Posterior over components; ``temperature`` > 1 softens (calibration)."""
         lj = self.log_joint(X) / temperature
-        return np.exp(lj - logsumexp(lj, axis=1, keepdims=True))
+        lj -= lj.max(axis=1, keepdims=True)  # plain numpy: scipy's logsumexp costs ~40 us a call
+        np.exp(lj, out=lj)
+        lj /= lj.sum(axis=1, keepdims=True)
+        return lj
 
     # -- learning -----------------------------------------------------------------
     def partial_fit(self, X: np.ndarray, keys: np.ndarray | None = None,

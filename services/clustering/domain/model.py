@@ -570,12 +570,41 @@ class ScoringTable:
             lw[i, :kk] = m.mixture.log_weights
         return cls(W, lw, models[0].family, models[0].temperature)
 
+    def split(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+        """(dense phi columns, device weights (H, 6, K), cell weights (H, 24, K) or None,
+        dense weights (H, K, S_dense)); cached."""
+        cached = getattr(self, "_split", None)
+        if cached is not None:
+            return cached
+        s = self.W.shape[2]
+        dev_cols = np.arange(1 + F.DEVICE.start, 1 + F.DEVICE.stop)
+        binned = getattr(self.family, "rhythm", None) == "bins"
+        cell_cols = np.arange(s - 2 * RHYTHM_BINS, s) if binned else np.zeros(0, dtype=np.int64)
+        skip = set(dev_cols) | set(cell_cols)
+        if binned:  # raw angle columns carry zero weight in the binned family
+            skip |= set(range(1 + F.HOUR.start, 1 + F.DOW.stop))
+        dense_cols = np.array([c for c in range(s) if c not in skip])
+        dev_W = np.ascontiguousarray(self.W[:, :, dev_cols].transpose(0, 2, 1))
+        cell_W = np.ascontiguousarray(self.W[:, :, cell_cols].transpose(0, 2, 1)) if binned else None
+        dense_W = np.ascontiguousarray(self.W[:, :, dense_cols])
+        self._split = (dense_cols, dev_W, cell_W, dense_W)
+        return self._split
+
+
+def _cell_index(X: np.ndarray) -> np.ndarray:
+    """(N,) index of the (weekend, 2-hour bin) cell, as gmm.rhythm_cells one-hot."""
+    return rhythm_cells(X).argmax(axis=1)
+
 
 def assign_many(table: ScoringTable, household: np.ndarray, X: np.ndarray,
-                chunk: int = 8192) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                chunk: int = 16384) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sessions of many households at once: ``household`` (N,) row of ``table``;
     returns (component index (N,), confidence (N,), probabilities (N, K_max)).
-    Component j of household h is person ``models[h].person_ids[j]``."""
+    Component j of household h is person ``models[h].person_ids[j]``.
+
+    The score is phi(x) . W[h, k]; the one-hot parts of phi (device, rhythm cell) are
+    looked up instead of multiplied, and columns whose weights are zero for this family
+    (the raw angles when the rhythm is binned) are skipped."""
     X = _check_X(X)
     household = np.asarray(household, dtype=np.int64)
     if household.shape != (X.shape[0],):
@@ -585,11 +614,17 @@ def assign_many(table: ScoringTable, household: np.ndarray, X: np.ndarray,
     n, k = X.shape[0], table.W.shape[1]
     probs = np.empty((n, k), dtype=np.float32)
     inv_t = np.float32(1.0 / table.temperature)
+    dense_cols, dev_W, cell_W, dense_W = table.split()
     for a in range(0, n, chunk):
         b = min(a + chunk, n)
-        phi = table.family.phi(X[a:b]).astype(np.float32)
+        Xc = X[a:b]
         h = household[a:b]
-        lj = np.einsum("ns,nks->nk", phi, table.W[h]) + table.log_weights[h]
+        phi = table.family.phi(Xc)[:, dense_cols].astype(np.float32)
+        lj = np.einsum("ns,nks->nk", phi, dense_W[h])
+        lj += table.log_weights[h]
+        lj += dev_W[h, Xc[:, F.DEVICE].argmax(axis=1)]
+        if cell_W is not None:
+            lj += cell_W[h, _cell_index(Xc)]
         lj *= inv_t
         lj -= lj.max(axis=1, keepdims=True)
         np.exp(lj, out=lj)

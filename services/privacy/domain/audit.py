@@ -382,6 +382,14 @@ class AuditEntry:
         start = canonical.rindex(b',"seq":') + 7
         return b"%b%d%b" % (canonical[:start], seq, canonical[start + len(str(self.seq)):])
 
+    def seq_template(self) -> tuple[bytes, bytes]:
+        """(head, tail): the canonical bytes before and after the seq digits, so that
+        ``canonical_bytes_at(s) == head + b"%d" % s + tail`` for every seq ``s`` (a
+        writer stamping many entries splits each once, before it holds the log)."""
+        canonical = self._canonical
+        start = canonical.rindex(b',"seq":') + 7
+        return canonical[:start], canonical[start + len(str(self.seq)):]
+
     def with_seq(self, seq: int) -> AuditEntry:
         """This entry at sequence number ``seq`` without validating or encoding the other
         fields again (see ``canonical_bytes_at``); equal to building it anew."""
@@ -485,7 +493,7 @@ def append_canonical(
     state: AuditState, canonical: Sequence[bytes]
 ) -> tuple[AuditState, list[bytes], list[bytes]]:
     """``append_batch`` for entries given by their canonical bytes, the i-th already at
-    seq ``state.size + i`` (the writer's hot path: ``AuditEntry.canonical_bytes_at``).
+    seq ``state.size + i`` (see ``AuditEntry.canonical_bytes_at``).
 
     Returns (new state, leaf hashes, chain hashes) as lists of 32-byte strings, one per
     entry. Pure, like ``append_batch``; the caller vouches that the bytes are canonical
@@ -493,21 +501,35 @@ def append_canonical(
     """
     if not isinstance(state, AuditState):
         raise ValueError(f"state: expected AuditState, got {type(state).__name__}")
+    leaves, chains = entry_hashes(state.chain_head, canonical)
+    if not leaves:
+        return state, leaves, chains
+    frontier = state.frontier.extend(b"".join(leaves))
+    return AuditState(state.size + len(leaves), chains[-1], frontier), leaves, chains
+
+
+def entry_hashes(chain_head: bytes, canonical: Sequence[bytes]) -> tuple[list[bytes], list[bytes]]:
+    """(leaf hashes ``SHA-256(0x00 || bytes_i)``, chain hashes ``chain_i``) of entries
+    appended to a log whose chain head is ``chain_head``, one 32-byte string each.
+
+    The state-free core of ``append_canonical``, for a writer that keeps the full
+    ``merkle.MerkleTree`` anyway and reads the new frontier from it
+    (``MerkleTree.frontier``) instead of hashing the same interior nodes twice.
+    """
+    if not isinstance(chain_head, bytes) or len(chain_head) != HASH_SIZE:
+        raise ValueError(f"chain_head: expected {HASH_SIZE} bytes")
     sha256 = hashlib.sha256
     leaf_prefix, chain_prefix = merkle.LEAF_PREFIX, CHAIN_PREFIX
     leaves: list[bytes] = []
     chains: list[bytes] = []
-    prev = state.chain_head
+    prev = chain_head
     for i, data in enumerate(canonical):
         if type(data) is not bytes:
             raise ValueError(f"canonical[{i}]: expected bytes, got {type(data).__name__}")
         leaves.append(sha256(leaf_prefix + data).digest())
         prev = sha256(chain_prefix + prev + data).digest()
         chains.append(prev)
-    if not leaves:
-        return state, leaves, chains
-    frontier = state.frontier.extend(b"".join(leaves))
-    return AuditState(state.size + len(leaves), prev, frontier), leaves, chains
+    return leaves, chains
 
 
 # --------------------------------------------------------------------------- tree heads

@@ -277,6 +277,26 @@ class MerkleTree:
             above += _hash_pairs(memoryview(below)[have * 2 * HASH_SIZE : want * 2 * HASH_SIZE])
             level += 1
 
+    def truncate(self, size: int) -> None:
+        """Drop every leaf from ``size`` on (and the nodes over them): undoes an
+        ``extend`` whose leaves were not kept (the audit writer extends the tree before
+        its transaction commits and truncates it back when the commit fails)."""
+        size = _check_size(size, "size")
+        if size > self.size:
+            raise ValueError(f"size: {size} exceeds the tree's size {self.size}")
+        for level, nodes in enumerate(self._levels):
+            del nodes[(size >> level) * HASH_SIZE :]
+
+    def frontier(self, tree_size: int | None = None) -> Frontier:
+        """The ``Frontier`` of the first ``tree_size`` leaves (default: all), read from
+        the stored nodes without hashing: the root of the perfect subtree for set bit j
+        of the size is node ``(size >> j) - 1`` of level j. Equal to
+        ``Frontier().extend(leaf hashes)``."""
+        n = self._check_tree_size(tree_size)
+        roots = tuple(self._node(j, (n >> j) - 1)
+                      for j in range(n.bit_length() - 1, -1, -1) if n >> j & 1)
+        return Frontier(n, roots)
+
     # -- subtree roots ---------------------------------------------------------------
 
     def _node(self, level: int, index: int) -> bytes:

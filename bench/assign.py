@@ -1,0 +1,91 @@
+"""Assignment latency and batch throughput: `python -m bench.assign [--quick]`.
+
+* assign_p50_ms / assign_p99_ms: in-process ``HouseholdModel.assign`` of one session on
+  one warm (fitted) household model; medians of the per-call percentiles over repeats.
+* batch_sessions_per_s: ``assign_many`` over a ``ScoringTable`` of ``households``
+  households (100,000; 10,000 with --quick), 1,000,000 sessions (100,000 with --quick)
+  spread at random over them, features included (phi is computed inside). Fitting
+  100,000 real models would take hours, so the table repeats the parameters of a pool
+  of fitted models; the arithmetic per session does not depend on the values.
+Prints progress to stderr and one JSON object as the last stdout line.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from services.clustering.domain.model import HouseholdModel, ScoringTable, assign_many  # noqa: E402
+from services.clustering.domain.simulator import simulate_population  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    n_households = 10_000 if args.quick else 100_000
+    n_sessions = 100_000 if args.quick else 1_000_000
+    pool_size = 10 if args.quick else 40
+    hs = simulate_population(pool_size, seed=4242)
+    models = [HouseholdModel().fit(h.features) for h in hs]
+    models = [m for m in models if m.mixture is not None]
+    log(f"fitted {len(models)} pool models")
+
+    # Single-session latency on one warm model.
+    m = max(models, key=lambda x: len(x.person_ids))
+    X_pool = np.vstack([h.features for h in hs])
+    rng = np.random.default_rng(0)
+    p50s, p99s = [], []
+    for _ in range(5):
+        lat = np.empty(2000)
+        idx = rng.integers(X_pool.shape[0], size=lat.size)
+        for i, j in enumerate(idx):
+            t = time.perf_counter()
+            m.assign(X_pool[j])
+            lat[i] = time.perf_counter() - t
+        p50s.append(np.percentile(lat, 50) * 1e3)
+        p99s.append(np.percentile(lat, 99) * 1e3)
+    log(f"single assign: p50 {np.median(p50s):.3f} ms, p99 {np.median(p99s):.3f} ms (persons {len(m.person_ids)})")
+
+    # Batch across many households.
+    table_pool = ScoringTable.from_models(models)
+    rep = rng.integers(len(models), size=n_households)
+    table = ScoringTable(table_pool.W[rep], table_pool.log_weights[rep], table_pool.family, table_pool.temperature)
+    hh = rng.integers(n_households, size=n_sessions)
+    X = X_pool[rng.integers(X_pool.shape[0], size=n_sessions)]
+    rates = []
+    for r in range(3):
+        t = time.perf_counter()
+        assign_many(table, hh, X)
+        dt = time.perf_counter() - t
+        rates.append(n_sessions / dt)
+        log(f"batch repeat {r}: {n_sessions / dt:,.0f} sessions/s")
+    out = {
+        "assign_p50_ms": round(float(np.median(p50s)), 4),
+        "assign_p99_ms": round(float(np.median(p99s)), 4),
+        "batch_sessions_per_s": round(float(np.median(rates))),
+        "households": n_households,
+        "sessions": n_sessions,
+        "k_max_in_table": int(table.W.shape[1]),
+        "phi_dim": int(table.W.shape[2]),
+        "targets": {"assign_p99_ms": 1.0, "batch_sessions_per_s": 1_000_000},
+        "quick": args.quick,
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Keeping each household model current: fit, micro-batch updates, drift checks, refits
+and exact unlearning, all through compare-and-swap on the stored envelope.
+
+Policy (why it is shaped like this):
+* The model is derived from the stored closed sessions; nothing here is the only copy
+  of anything. A refit on the sessions is always a correct answer, so every unusual
+  case (sessions shifted by an erasure or by late events, an unreadable blob, a drift
+  alarm) is handled by refitting.
+* New sessions are folded in by micro-batches of ``MICRO_BATCH`` (incremental EM on
+  sufficient statistics for the GMM, 1/(n+1) steps for k-means), not one by one.
+* Each micro-batch also feeds the drift detector, whose reference is the last full
+  refit; a severe alarm (``recluster``) refits at once and restarts the reference.
+* Two replicas may update one household concurrently: the store's compare-and-swap
+  makes the loser re-read and redo its update on top of the winner's, so no update is
+  lost (tests/integration/test_clustering_service.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from prometheus_client import Counter
+
+from services.clustering.domain.drift import build_detector
+from services.clustering.domain.model import MIN_SESSIONS, HouseholdModel, PopulationPrior
+from services.clustering.household import MICRO_BATCH, MIN_DRIFT_REFERENCE, Envelope
+from services.clustering.store import ClusteringStore, DriftRow, StoredSession
+from services.common.errors import Conflict
+
+log = logging.getLogger("hearth.clustering.modeling")
+GMM_FALLBACKS = Counter("hearth_gmm_fallbacks_total", "GMM numerical failures answered by k-means")
+REFITS = Counter("hearth_model_refits_total", "Full household refits", ["reason"])
+DRIFT_EVENTS = Counter("hearth_drift_events_total", "Drift events detected", ["drift_type"])
+_PERSON_ID = re.compile(r"^p\d+$")
+CAS_ATTEMPTS = 8
+
+
+@dataclass
+class Snapshot:
+    """The household's closed sessions as the model sees them."""
+
+    sessions: list[StoredSession]
+    X: np.ndarray
+    labels: list[str | None]
+    timestamps: np.ndarray
+
+    @property
+    def first_id(self) -> str:
+        return self.sessions[0].session_id if self.sessions else ""
+
+
+class ModelKeeper:
+    def __init__(self, store: ClusteringStore, variant_of: Callable[[str], str],
+                 population_prior: PopulationPrior | None = None, cold_start: str = "population_prior",
+                 seed: int = 0) -> None:
+        self.store = store
+        self.variant_of = variant_of
+        self.population_prior = population_prior
+        self.cold_start = cold_start
+        self.seed = seed
+        self._decoded: dict[str, tuple[int, Envelope]] = {}
+        self._lock = threading.Lock()
+
+    # ---- reading --------------------------------------------------------------------
+
+    def load(self, account_id: str) -> tuple[int, Envelope | None]:
+        """(version, envelope) of the stored model; decoded models are cached per version."""
+        stored = self.store.get_model(account_id)
+        if stored is None:
+            return 0, None
+        with self._lock:
+            hit = self._decoded.get(account_id)
+        if hit and hit[0] == stored.version:
+            return hit
+        try:
+            envelope = Envelope.from_bytes(stored.blob, self.population_prior)
+        except Exception as exc:  # noqa: BLE001 - a blob we cannot read is rebuilt from sessions
+            log.warning("unreadable model for %s (version %s): %s; refitting", account_id, stored.version, exc)
+            return stored.version, None
+        with self._lock:
+            if len(self._decoded) > 10_000:
+                self._decoded.clear()
+            self._decoded[account_id] = (stored.version, envelope)
+        return stored.version, envelope
+
+    def forget(self, account_id: str) -> None:
+        with self._lock:
+            self._decoded.pop(account_id, None)
+
+    def snapshot(self, account_id: str) -> Snapshot:
+        sessions = self.store.closed_sessions(account_id)
+        feedback_labels = self.store.labels(account_id)
+        X = (np.vstack([s.features for s in sessions]).astype(np.float64) if sessions
+             else np.zeros((0, 0)))
+        labels = [feedback_labels.get(s.session_id, s.label) for s in sessions]
+        return Snapshot(sessions, X, labels, np.array([s.start_ts for s in sessions]))
+
+    # ---- writing --------------------------------------------------------------------
+
+    def new_model(self, variant: str) -> HouseholdModel:
+        return HouseholdModel(variant, cold_start=self.cold_start, population_prior=self.population_prior,
+                              seed=self.seed)
+
+    def fit(self, snap: Snapshot, base: HouseholdModel | None, variant: str) -> Envelope:
+        """Full fit on every closed session. Starting from ``base`` keeps person ids
+        stable (new components are matched to the old persons); the parameters depend
+        only on the sessions, so after an erasure this *is* the model fitted without
+        the erased sessions."""
+        model = base if base is not None else self.new_model(variant)
+        model.variant = variant
+        model.population_prior = self.population_prior
+        # Feedback labels name persons by their ids: keep those ids for them.
+        for label in {lab for lab in snap.labels if lab}:
+            if _PERSON_ID.match(label) and label not in model.label_map:
+                model.label_map[label] = label
+                model.next_person = max(model.next_person, int(label[1:]) + 1)
+        had_fallbacks = model.fallback_count
+        if snap.sessions:
+            model.fit(snap.X, labels=snap.labels if any(snap.labels) else None)
+        if model.fallback_count > had_fallbacks:
+            GMM_FALLBACKS.inc()
+        n = len(snap.sessions)
+        return Envelope(model, included=n, reference_end=n, drift_checked=n, first_session_id=snap.first_id)
+
+    def refresh(self, account_id: str, *, force: str = "") -> tuple[int, Envelope | None]:
+        """Bring the stored model up to date with the stored sessions. ``force`` (a
+        reason) makes it a full refit. Returns the (version, envelope) now stored."""
+        for _ in range(CAS_ATTEMPTS):
+            version, current = self.load(account_id)
+            snap = self.snapshot(account_id)
+            if not snap.sessions and current is None:
+                return version, None
+            variant = self.variant_of(account_id)
+            drift: list[DriftRow] = []
+            if current is None or force or current.first_session_id != snap.first_id \
+                    or current.included > len(snap.sessions) or current.model.variant != variant:
+                reason = force or ("new" if current is None else "sessions_changed"
+                                   if current.model.variant == variant else "variant_changed")
+                envelope = self.fit(snap, current.model if current else None, variant)
+                REFITS.labels(reason).inc()
+            else:
+                new = len(snap.sessions) - current.included
+                cold = current.model.n_sessions < MIN_SESSIONS
+                if new <= 0 or (new < MICRO_BATCH and not cold):
+                    return version, current
+                envelope = self._update(current, snap)
+                drift = self._check_drift(envelope, snap)
+                if any(d.refit_triggered for d in drift):
+                    envelope = self.fit(snap, envelope.model, variant)
+                    REFITS.labels("drift").inc()
+            try:
+                new_version = self.store.save_model(account_id, version, envelope.model.active_variant,
+                                                    envelope.to_bytes())
+            except Conflict:
+                continue  # another replica updated it: redo on top of theirs
+            for row in drift:
+                self.store.add_drift_event(account_id, row)
+                DRIFT_EVENTS.labels(row.drift_type).inc()
+            with self._lock:
+                self._decoded[account_id] = (new_version, envelope)
+            self._record_persons(account_id, snap, envelope)
+            return new_version, envelope
+        raise Conflict(f"household model of {account_id!r} kept changing; try again", "account_id")
+
+    def _update(self, current: Envelope, snap: Snapshot) -> Envelope:
+        lo = current.included
+        model = current.model
+        labels = snap.labels[lo:]
+        before = model.fallback_count
+        model.update(snap.X[lo:], labels=labels if any(labels) else None)
+        if model.fallback_count > before:
+            GMM_FALLBACKS.inc()
+        reference_end = current.reference_end
+        if current.model.n_sessions >= MIN_SESSIONS and reference_end < MIN_SESSIONS:
+            reference_end = len(snap.sessions)   # the first full model is the reference
+        return Envelope(model, len(snap.sessions), reference_end, current.drift_checked, snap.first_id)
+
+    def _check_drift(self, envelope: Envelope, snap: Snapshot) -> list[DriftRow]:
+        ref = envelope.reference_end
+        if ref < MIN_DRIFT_REFERENCE or envelope.model.mixture is None:
+            envelope.drift_checked = len(snap.sessions)
+            return []
+        try:
+            detector = build_detector(snap.X[:ref], seed=self.seed)
+            events = detector.update(snap.X[ref:], snap.timestamps[ref:])
+        except (ValueError, ArithmeticError) as exc:
+            log.warning("drift check skipped: %s", exc)
+            return []
+        rows = [DriftRow(e.type, float(e.severity), float(e.statistic),
+                         float(e.time if e.time is not None else time.time()), bool(e.recluster))
+                for e in events if ref + e.session_index >= envelope.drift_checked]
+        envelope.drift_checked = len(snap.sessions)
+        return rows
+
+    def _record_persons(self, account_id: str, snap: Snapshot, envelope: Envelope) -> None:
+        """Store each session's person and probabilities (what ResolvePersons serves)."""
+        if not snap.sessions:
+            return
+        batch = envelope.model.assign_batch(snap.X)
+        ids = batch.person_ids
+        persons = {s.session_id: ids[int(i)] for s, i in zip(snap.sessions, batch.person_index)}
+        probs = {s.session_id: {pid: round(float(p), 6) for pid, p in zip(ids, row)}
+                 for s, row in zip(snap.sessions, batch.probabilities)}
+        # Constrained assignment: a session whose person is known is that person.
+        for s, label in zip(snap.sessions, snap.labels):
+            known = known_person(envelope.model, label)
+            if known is not None:
+                persons[s.session_id] = known
+                probs[s.session_id] = {known: 1.0}
+        self.store.set_persons(account_id, persons, probs)
+
+
+def known_person(model: HouseholdModel, label: str | None) -> str | None:
+    """The person id a label stands for (feedback labels are person ids; profile hints
+    are names the model maps to ids), or None when unknown to the model."""
+    if not label:
+        return None
+    pid = model.label_map.get(label, label if _PERSON_ID.match(label) else None)
+    return pid if pid in model.person_ids else None

@@ -1,0 +1,77 @@
+"""The clustering service's calls to the feedback service: predictions out, the
+household's model variant and the current calibrator in. Every call has a deadline;
+answers that steer the assign path are cached so a slow or absent feedback service
+never slows assignment (it falls back to the control variant and no recalibration)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+
+from hearth.feedback.v1 import feedback_pb2 as fpb
+from hearth.feedback.v1 import feedback_pb2_grpc as fpb_grpc
+from services.clustering.prediction_log import PredictionRecord
+from services.common.client import call_idempotent, peer_channel
+from services.common.identity import acting_as, service_principal
+from services.common.pbutil import float_to_ts
+from services.feedback.domain.recalibration import IDENTITY, Calibrator
+
+log = logging.getLogger("hearth.clustering.peers")
+DEFAULT_VARIANT = "gmm"
+CACHE_TTL_S = 60.0
+
+
+class FeedbackPeer:
+    def __init__(self, address: str, timeout_s: float = 2.0) -> None:
+        self._stub = fpb_grpc.FeedbackServiceStub(peer_channel(address, "clustering", timeout_s))
+        self._me = service_principal("clustering")
+        self._lock = threading.Lock()
+        self._variants: dict[str, tuple[float, str]] = {}
+        self._calibrators: dict[str, tuple[float, Calibrator]] = {}
+
+    def send_predictions(self, records: Sequence[PredictionRecord]) -> None:
+        request = fpb.RecordPredictionRequest(predictions=[fpb.Prediction(
+            prediction_id=r.prediction_id, account_id=r.account_id, session_id=r.session_id,
+            person_id=r.person_id, probabilities=r.probabilities, model_variant=r.model_variant,
+            model_version=r.model_version, ts=float_to_ts(r.ts), cold_start=r.cold_start,
+            household_size=r.household_size, device_id=r.device_id) for r in records])
+        with acting_as(self._me):   # idempotent by prediction_id: safe to retry
+            call_idempotent(lambda: self._stub.RecordPrediction(request))
+
+    def variant_of(self, account_id: str) -> str:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._variants.get(account_id)
+        if hit and now - hit[0] < CACHE_TTL_S:
+            return hit[1]
+        try:
+            with acting_as(self._me):
+                variant = self._stub.GetExperiment(fpb.GetExperimentRequest(account_id=account_id)).variant
+        except Exception as exc:  # noqa: BLE001 - feedback down: serve the control variant
+            log.debug("variant lookup failed: %s", exc)
+            variant = DEFAULT_VARIANT
+        variant = variant if variant in ("gmm", "kmeans") else DEFAULT_VARIANT
+        with self._lock:
+            if len(self._variants) > 100_000:
+                self._variants.clear()
+            self._variants[account_id] = (now, variant)
+        return variant
+
+    def calibrator(self, variant: str) -> Calibrator:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._calibrators.get(variant)
+        if hit and now - hit[0] < CACHE_TTL_S:
+            return hit[1]
+        try:
+            with acting_as(self._me):
+                response = self._stub.GetCalibrator(fpb.GetCalibratorRequest(variant=variant))
+            calibrator = Calibrator.from_json(response.calibrator_json) if response.version else IDENTITY
+        except Exception as exc:  # noqa: BLE001 - keep the last known calibrator (or none)
+            log.debug("calibrator fetch failed: %s", exc)
+            calibrator = hit[1] if hit else IDENTITY
+        with self._lock:
+            self._calibrators[variant] = (now, calibrator)
+        return calibrator

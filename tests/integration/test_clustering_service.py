@@ -1,0 +1,186 @@
+"""The clustering service's model lifecycle over real stores: fit from ingested events,
+assignment, stable ids, cold start, labels, exact unlearning on erasure, concurrent
+updates, and the gRPC surface (AssignSession, AssignSessions, Refit, RecordLabels)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from services.clustering.app import ClusteringApp
+from services.clustering.domain.model import HouseholdModel
+from services.clustering.modeling import ModelKeeper
+from services.clustering.store import ClusteringStore
+from services.common.erasure import ErasureScope
+from tests.helpers.households import household_events
+
+T0 = time.time() - 60 * 86400
+
+
+def _app(database, variant="gmm") -> ClusteringApp:
+    store = ClusteringStore(database)
+    store.migrate()
+    return ClusteringApp(store, keeper=ModelKeeper(store, lambda _a: variant), background=False)
+
+
+def _truth_by_session(app, account, truth):
+    sessions = app.store.closed_sessions(account)
+    starts = np.array([t for _, t in truth])
+    names = [p for p, _ in truth]
+    return {s.session_id: names[int(np.abs(starts - s.start_ts).argmin())] for s in sessions}
+
+
+def _accuracy(assigned: dict[str, str], truth: dict[str, str]) -> float:
+    """Best one-to-one match of person ids to true persons (ids are arbitrary)."""
+    from scipy.optimize import linear_sum_assignment
+
+    ids = sorted(set(assigned.values()))
+    names = sorted(set(truth.values()))
+    m = np.zeros((len(ids), len(names)))
+    for s, pid in assigned.items():
+        m[ids.index(pid), names.index(truth[s])] += 1
+    r, c = linear_sum_assignment(-m)
+    return m[r, c].sum() / m.sum()
+
+
+@pytest.fixture
+def household(database):
+    app = _app(database)
+    events, truth = household_events("acc-h", ("kid", "parent", "teen"), days=25, start_ts=T0, seed=1)
+    app.store.ingest(events)
+    version, envelope = app.keeper.refresh("acc-h")
+    return app, truth, version, envelope
+
+
+def test_persons_found_and_sessions_assigned(household):
+    app, truth, version, envelope = household
+    assert version == 1 and envelope.model.n_persons == 3
+    truth_map = _truth_by_session(app, "acc-h", truth)
+    assigned = {s.session_id: app.assign("acc-h", session_id=s.session_id).person_id
+                for s in app.store.closed_sessions("acc-h")}
+    assert _accuracy(assigned, truth_map) >= 0.95
+    view, extras = app.household("acc-h", 500)
+    assert len(extras.persons) == 3 and extras.model_version == 1
+    kid = max(extras.persons, key=lambda p: p["kids_share"])
+    assert "tablet" in kid["devices"] and kid["kids_share"] > 0.9
+    assert all(s.person_id for s in view.sessions if s.closed)       # stored for ResolvePersons
+
+
+def test_assignment_answers_every_person_with_probabilities(household):
+    app, *_ = household
+    session = app.store.closed_sessions("acc-h")[0]
+    out = app.assign("acc-h", session_id=session.session_id)
+    assert set(out.probabilities) == {"p1", "p2", "p3"}
+    assert sum(out.probabilities.values()) == pytest.approx(1.0)
+    assert out.confidence == max(out.probabilities.values()) and out.cold_start == ""
+    assert out.prediction_id.startswith("pr-")
+
+
+def test_refit_keeps_person_ids(household):
+    app, _, _, envelope = household
+    before = {s.session_id: s.person_id for s in app.store.closed_sessions("acc-h")}
+    version, persons, sessions = app.refit("acc-h", "test")
+    after = {s.session_id: s.person_id for s in app.store.closed_sessions("acc-h")}
+    assert version == 2 and persons == 3
+    agree = np.mean([before[s] == after[s] for s in before])
+    assert agree >= 0.97
+
+
+def test_new_sessions_fold_in_by_micro_batches(household):
+    app, _, version, envelope = household
+    more, _ = household_events("acc-h", ("kid", "parent", "teen"), days=6, start_ts=T0 + 30 * 86400, seed=9)
+    app.store.ingest([e for e in more if "kid" not in e.event_id][:6])    # fewer than 10 new sessions...
+    v, env = app.keeper.refresh("acc-h")
+    assert v == version                                                # ...wait for the micro-batch
+    app.store.ingest(more)
+    v, env = app.keeper.refresh("acc-h")
+    assert v == version + 1 and env.included == len(app.store.closed_sessions("acc-h"))
+
+
+def test_cold_start_says_which_strategy_and_how_long(database):
+    app = _app(database)
+    events, _ = household_events("acc-cold", ("parent",), days=4, start_ts=T0, seed=2)
+    app.store.ingest(events)
+    session = app.store.closed_sessions("acc-cold")[0]
+    out = app.assign("acc-cold", session_id=session.session_id)
+    n = len(app.store.closed_sessions("acc-cold"))
+    assert out.cold_start == "account" and out.person_id == "p1"
+    assert out.sessions_until_full_model == 10 - n
+
+
+def test_exact_unlearning_equals_a_fit_without_the_erased_sessions(household):
+    app, *_ = household
+    out = app.erase(ErasureScope("acc-h", "device", device_id="phone-1"))
+    assert out.deleted_counts["sessions"] > 0
+    _, envelope = app.keeper.load("acc-h")
+    remaining = app.store.closed_sessions("acc-h")
+    assert all(s.device_id != "phone-1" for s in remaining)
+    X = np.vstack([s.features for s in remaining]).astype(np.float64)
+    fresh = HouseholdModel("gmm").fit(X)
+    ours = envelope.model.assign_batch(X).probabilities
+    theirs = fresh.assign_batch(X).probabilities
+    assert ours.shape == theirs.shape
+    # Same model up to the naming of persons: match columns, then compare to 1e-9.
+    cols = [int(np.argmax([np.abs(ours[:, i] - theirs[:, j]).sum() < 1e-6 for j in range(theirs.shape[1])]))
+            for i in range(ours.shape[1])]
+    assert np.max(np.abs(ours - theirs[:, cols])) < 1e-9
+    assert envelope.model.n_persons == 2
+
+
+def test_labels_flow_into_the_model(household):
+    app, truth, *_ = household
+    truth_map = _truth_by_session(app, "acc-h", truth)
+    sessions = app.store.closed_sessions("acc-h")
+    parents = [s for s in sessions if truth_map[s.session_id] == "parent"]
+    kid = next(s for s in sessions if truth_map[s.session_id] == "kid")
+    # Feedback says two parent sessions are person "p9" (e.g. the profile picked at
+    # "Who's watching?"), and, wrongly, that one kid session is too.
+    labels = [("acc-h", s.session_id, "p9", "feedback:test") for s in parents[:2]]
+    labels += [("acc-h", kid.session_id, "p9", "feedback:test"), ("acc-h", "s-unknown", "p1", "feedback:test")]
+    assert app.record_labels(labels) == (3, 1)
+    relabelled = {s.session_id: s.person_id for s in app.store.closed_sessions("acc-h")}
+    assert relabelled[kid.session_id] == "p9"                  # a known session is its label
+    assert app.assign("acc-h", session_id=kid.session_id).probabilities["p9"] == 1.0
+    # ...and the label carries the parent's whole cluster (semi-supervised EM).
+    assert np.mean([relabelled[s.session_id] == "p9" for s in parents]) > 0.9
+
+
+def test_concurrent_refreshes_of_one_household_both_survive(database):
+    app = _app(database)
+    events, _ = household_events("acc-c", ("kid", "parent"), days=20, start_ts=T0, seed=3)
+    app.store.ingest(events)
+    app.keeper.refresh("acc-c")
+    barrier = threading.Barrier(2)
+    results = []
+
+    def refit(reason):
+        barrier.wait()
+        results.append(app.keeper.refresh("acc-c", force=reason)[0])
+
+    threads = [threading.Thread(target=refit, args=(r,)) for r in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [2, 3]     # both refits stored, one on top of the other
+    assert app.store.get_model("acc-c").version == 3
+
+
+def test_gmm_failure_falls_back_to_kmeans_and_still_answers(database, monkeypatch):
+    from services.clustering.domain import gmm, model
+
+    app = _app(database)
+    events, _ = household_events("acc-f", ("kid", "parent"), days=15, start_ts=T0, seed=4)
+    app.store.ingest(events)
+
+    def broken(*args, **kwargs):
+        raise gmm.MixtureNumericalError("singular covariance")
+
+    monkeypatch.setattr(model, "fit_select_k", broken)
+    _, envelope = app.keeper.refresh("acc-f")
+    assert envelope.model.fallback and envelope.model.active_variant == "kmeans"
+    out = app.assign("acc-f", session_id=app.store.closed_sessions("acc-f")[0].session_id)
+    assert out.person_id in out.probabilities
