@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from datetime import timezone
 
 import numpy as np
 from fastapi import APIRouter, Depends
+from pydantic import BaseModel, Field, model_validator
 
 from gateway import models
 from gateway.routes import ACCOUNT_PATH, ERROR_RESPONSES
 from hearth.clustering.v1 import clustering_pb2 as cpb
+from services.clustering.domain import features as F
+from services.common.errors import InvalidArgument
 from services.common.identity import Principal
 from services.common.pbutil import float_to_ts, name_to_enum
 
@@ -66,6 +70,39 @@ def _household_to_json(r: cpb.GetHouseholdResponse) -> models.HouseholdOut:
         model_version=r.model_version, model_variant=r.model_variant)
 
 
+class AssignIn(models.Strict):
+    account_id: models.Id
+    session_id: models.Id | None = Field(None, description="a stored session; or give feature_vector")
+    feature_vector: list[float] | None = Field(None, min_length=F.FEATURE_DIM, max_length=F.FEATURE_DIM,
+                                               description="schema v1 (docs/features.md)")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "AssignIn":
+        if (self.session_id is None) == (self.feature_vector is None):
+            raise ValueError("give exactly one of session_id or feature_vector")
+        return self
+
+
+class PersonProbabilityOut(BaseModel):
+    person_id: str
+    probability: float
+
+
+class AssignOut(BaseModel):
+    person_id: str
+    confidence: float
+    probabilities: list[PersonProbabilityOut]
+    model_variant: str
+    model_version: int
+    cold_start: str | None = Field(None, description="strategy that answered while the household has < 10 sessions")
+    sessions_until_full_model: int
+    prediction_id: str
+
+
+_COLD_NAMES = {cpb.COLD_START_STRATEGY_ACCOUNT: "account", cpb.COLD_START_STRATEGY_POPULATION_PRIOR: "population_prior",
+               cpb.COLD_START_STRATEGY_HEURISTIC: "heuristic"}
+
+
 def router(clients, access) -> APIRouter:
     api = APIRouter()
 
@@ -85,5 +122,25 @@ def router(clients, access) -> APIRouter:
         r = await clients.call("clustering", "GetHousehold",
                                cpb.GetHouseholdRequest(account_id=account_id), who)
         return _household_to_json(r)
+
+    @api.post("/v1/assign", response_model=AssignOut,
+              responses={**ERROR_RESPONSES, 404: {"model": models.ErrorOut, "description": "unknown account or session"}},
+              summary="Which person of the household watched a session (with every person's probability)")
+    async def post_assign(body: AssignIn, who: Principal = Depends(access("POST /v1/assign"))):
+        request = cpb.AssignSessionRequest(account_id=body.account_id)
+        if body.session_id is not None:
+            request.session_id = body.session_id
+        else:
+            if not all(math.isfinite(v) for v in body.feature_vector):
+                raise InvalidArgument("values must be finite", "feature_vector")
+            request.feature_vector = F.to_bytes(np.asarray([body.feature_vector], dtype=np.float32))
+            request.feature_schema_version = F.FEATURE_SCHEMA_VERSION
+        a = (await clients.call("clustering", "AssignSession", request, who)).assignment
+        return AssignOut(person_id=a.person_id, confidence=a.confidence,
+                         probabilities=[PersonProbabilityOut(person_id=p.person_id, probability=p.probability)
+                                        for p in a.probabilities],
+                         model_variant=a.model_variant, model_version=a.model_version,
+                         cold_start=_COLD_NAMES.get(a.cold_start), sessions_until_full_model=a.sessions_until_full_model,
+                         prediction_id=a.prediction_id)
 
     return api

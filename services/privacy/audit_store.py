@@ -140,24 +140,31 @@ class _Chunk:
         return len(self.entries)
 
     @classmethod
-    def of(cls, entries: list[AuditEntry | None], record_ids: list[str | None],
+    def of(cls, entries: Sequence[AuditEntry | None], record_ids: list[str | None],
            errors: list[str | None] | None = None) -> _Chunk:
+        """The chunk of these entries (None where ``errors`` says why)."""
+        plain = _PLAIN
         columns: list[tuple | None] = []
         heads: list[bytes | None] = []
         tails: list[bytes | None] = []
+        min_ts, max_ts = math.inf, -math.inf
         for entry, rid in zip(entries, record_ids):
             if entry is None:
                 columns.append(None)
                 heads.append(None)
                 tails.append(None)
                 continue
-            columns.append(_columns(entry, rid))
+            ts = entry.ts.timestamp()
+            if ts < min_ts:
+                min_ts = ts
+            if ts > max_ts:
+                max_ts = ts
+            columns.append((ts, plain[entry.event_type], entry.principal, plain[entry.role],
+                            entry.resource, plain[entry.outcome], entry.trace_id, rid))
             head, tail = entry.seq_template()
             heads.append(head)
             tails.append(tail)
-        times = [c[0] for c in columns if c is not None]
-        return cls(entries, columns, record_ids, heads, tails, errors,
-                   min_ts=min(times, default=math.inf), max_ts=max(times, default=-math.inf))
+        return cls(list(entries), columns, record_ids, heads, tails, errors, min_ts=min_ts, max_ts=max_ts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,10 +198,13 @@ class AuditVerification:
 
 def record_to_entry(record: AuditRecord, seq: int) -> AuditEntry:
     """The domain entry for a validated record at ``seq`` (ValueError naming the field)."""
+    try:
+        ts = datetime.fromtimestamp(record.ts, UTC)
+    except (OverflowError, OSError, TypeError, ValueError):
+        raise ValueError(f"ts: not a representable Unix time: {record.ts!r}") from None
     return AuditEntry.build(
-        seq, datetime.fromtimestamp(record.ts, UTC), record.event_type, record.principal,
-        record.role, record.resource, record.outcome, record.trace_id,
-        _decode_details(record.details_json))
+        seq, ts, record.event_type, record.principal, record.role, record.resource,
+        record.outcome, record.trace_id, _decode_details(record.details_json))
 
 
 def _make_scanner() -> Callable[[str, int], tuple[object, int]] | None:
@@ -232,14 +242,9 @@ def _decode_details(text: str) -> dict:
     return obj
 
 
+# Enum members as plain str values for the query columns (drivers bind exact types
+# fastest, and psycopg would not bind a str enum as its value).
 _PLAIN = {member: member.value for enum_type in (EventType, Role, Outcome) for member in enum_type}
-
-
-def _columns(entry: AuditEntry, record_id: str | None) -> tuple:
-    """(ts, event_type, principal, role, resource, outcome, trace_id, record_id): the
-    query columns of a row, as plain values (enum members as their str values)."""
-    return (entry.ts.timestamp(), _PLAIN[entry.event_type], entry.principal, _PLAIN[entry.role],
-            entry.resource, _PLAIN[entry.outcome], entry.trace_id, record_id or None)
 
 
 def entry_from_canonical(canonical: bytes) -> AuditEntry:
@@ -362,9 +367,10 @@ class AuditStore:
         in the chunk's ``errors`` and skipped by the writer."""
         entries: list[AuditEntry | None] = []
         errors: list[str | None] | None = None
+        to_entry = record_to_entry
         for i, record in enumerate(records):
             try:
-                entries.append(record_to_entry(record, 0))
+                entries.append(to_entry(record, 0))
             except ValueError as exc:
                 if errors is None:
                     errors = [None] * len(records)

@@ -113,3 +113,28 @@ def test_sigterm_drains_and_restart_keeps_data(client, mesh):
     mesh.wait_healthy(60)
     household = client.get("/v1/household/e2e-acc-1")
     assert household.status_code == 200
+
+
+def test_assign_through_the_gateway(client):
+    from tests.helpers.households import household_events
+
+    events, _ = household_events("e2e-assign", ("kid", "parent"), days=12, start_ts=time.time() - 20 * 86400)
+    body = [{"event_id": e.event_id, "account_id": e.account_id, "device_id": e.device_id,
+             "device_type": e.device_type, "ts": _iso(e.ts), "kind": e.kind, "title_id": e.title_id,
+             "series_id": e.series_id, "genres": list(e.genres), "duration_s": e.duration_s,
+             "maturity": e.maturity} for e in events]
+    assert client.post("/v1/events", json={"events": body}).status_code == 200
+    household = client.get("/v1/household/e2e-assign").json()
+    session = household["sessions"][0]
+    r = client.post("/v1/assign", json={"account_id": "e2e-assign", "session_id": session["session_id"]})
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["person_id"] in {p["person_id"] for p in answer["probabilities"]}
+    assert abs(sum(p["probability"] for p in answer["probabilities"]) - 1) < 1e-6
+    assert answer["prediction_id"].startswith("pr-") and answer["model_version"] >= 1
+    by_vector = client.post("/v1/assign", json={"account_id": "e2e-assign", "feature_vector": session["feature_vector"]})
+    assert by_vector.status_code == 200 and by_vector.json()["person_id"] == answer["person_id"]
+    both = client.post("/v1/assign", json={"account_id": "e2e-assign", "session_id": "x", "feature_vector": [0.0] * 35})
+    assert both.status_code == 422
+    short = client.post("/v1/assign", json={"account_id": "e2e-assign", "feature_vector": [0.0] * 3})
+    assert short.status_code == 422 and short.json()["error"]["field"] == "feature_vector"

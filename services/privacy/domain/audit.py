@@ -285,10 +285,18 @@ def _entry_fields(
     if type(details) is not dict and not isinstance(details, Mapping):
         raise ValueError(f"details: expected a mapping, got {type(details).__name__}")
     details = dict(details)  # a private copy: the canonical bytes must not go stale
-    _check_json_value(details, "details")
+    # _check_json_value(details, "details") with its first level inlined (the usual
+    # details are flat: string keys, string/int/bool/null values).
+    for key, value in details.items():
+        if type(key) is not str:
+            raise ValueError(f"details: keys must be strings, got {type(key).__name__}")
+        kind = type(value)
+        if kind is not str and kind is not int and kind is not bool and value is not None:
+            _check_json_value(value, f"details.{key}", 1)
     # Canonical JSON assembled directly with keys in sorted order, several times
     # faster than building and sorting a dict; tests check it equals
-    # canonical_json(entry.to_dict()). StrEnum members are their own values.
+    # canonical_json(entry.to_dict()). StrEnum members are their own values. The
+    # timestamp is _format_utc inlined.
     text = "".join((
         '{"details":', _encode_details(details),
         ',"event_type":"', event_type,
@@ -298,7 +306,8 @@ def _entry_fields(
         ',"role":"', role,
         '","seq":', str(seq),
         ',"trace_id":', _encode_str(trace_id),
-        ',"ts":"', _format_utc(ts),
+        ',"ts":"', "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ" % (
+            ts.year, ts.month, ts.day, ts.hour, ts.minute, ts.second, ts.microsecond),
         '","v":', _VERSION_TEXT, "}",
     ))
     try:
@@ -342,7 +351,7 @@ class AuditEntry:
         bytes) without the dataclass ``__init__``, which sets each field separately
         through the frozen-instance guard: the log's hot path builds one per record."""
         entry = object.__new__(cls)
-        object.__setattr__(entry, "__dict__", _entry_fields(
+        entry.__dict__.update(_entry_fields(
             seq, ts, event_type, principal, role, resource, outcome, trace_id,
             {} if details is None else details))
         return entry
