@@ -157,7 +157,7 @@ def start_service(tmp_path):
                 add(servicer, server)
             return [full for _, _, full in servicers]
 
-        running = build_server(name, register, port=0)
+        running = build_server(name, register, port=overrides.get("grpc_port") or 0)
         running.on_stop.extend(closers)
         channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
         started.append((running, channel))

@@ -204,6 +204,7 @@ class FeedbackApp:
             FeedbackItem(feedback_id, prediction_id, kind.value, stored_person, weight, ts), received_at=now)
         if not duplicate:
             instruments.FEEDBACK_TOTAL.labels(kind.value).inc()
+            self._forward_label(prediction, kind, stored_person)
             try:
                 self.check_household(prediction.account_id)
             except Exception:  # noqa: BLE001 - the feedback is stored; the next one re-checks
@@ -237,6 +238,24 @@ class FeedbackApp:
                       f"{trigger.threshold:g} over {trigger.n} feedback items")
             self._submit_refit(trigger_id, trigger.key, reason)
         return trigger_id
+
+    def _forward_label(self, prediction, kind: SignalKind, true_person: str | None) -> None:
+        """Explicit feedback names the person of a stored session: hand it to clustering
+        as a label (its semi-supervised fit uses it). Vector-only predictions have no
+        stored session (their session id is the prediction id) and are skipped."""
+        person = prediction.person_id if kind == SignalKind.PROFILE_CONFIRMED else true_person
+        if (self.refits is None or person is None or not hasattr(self.refits, "record_label")
+                or prediction.session_id == prediction.prediction_id):
+            return
+        future = self._bg.executor.submit(self.refits.record_label, prediction.account_id,
+                                          prediction.session_id, person, f"feedback:{kind.value}")
+        with self._bg.lock:
+            self._bg.in_flight[f"label:{prediction.prediction_id}"] = future
+        future.add_done_callback(lambda _f: self._drop_in_flight(f"label:{prediction.prediction_id}"))
+
+    def _drop_in_flight(self, key) -> None:
+        with self._bg.lock:
+            self._bg.in_flight.pop(key, None)
 
     def _submit_refit(self, trigger_id: int, account_id: str, reason: str) -> None:
         with self._bg.lock:

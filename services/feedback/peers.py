@@ -62,6 +62,20 @@ class ClusteringRefitClient:
             return name
         return "OK"
 
+    def record_label(self, account_id: str, session_id: str, person_id: str, source: str) -> str:
+        """Tell clustering the known person of a session (explicit feedback); it stores
+        the label and refits with it. Idempotent (the latest label of a session wins)."""
+        request = cpb.RecordLabelsRequest(labels=[cpb.SessionLabel(
+            account_id=account_id, session_id=session_id, person_id=person_id, source=source)])
+        try:
+            with identity.acting_as(identity.service_principal(SERVICE)):
+                call_idempotent(lambda: self._stub.RecordLabels(request, timeout=self._timeout))
+        except Exception as exc:  # noqa: BLE001 - recorded in the log; the feedback is stored
+            name = _status_name(exc)
+            log.warning("RecordLabels for %s failed: %s", account_id, name)
+            return name
+        return "OK"
+
     def close(self) -> None:
         self._channel.close()
 

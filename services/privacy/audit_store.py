@@ -1,27 +1,40 @@
 """The audit log's repository: durable, group-committed appends over SQLite/PostgreSQL,
 with an in-memory Merkle tree for proofs.
 
-Tables (migration 10, ``AUDIT_MIGRATIONS``):
+Tables (migrations 10 and 11, ``AUDIT_MIGRATIONS``):
 
 ``audit_entries``  one row per entry: ``seq`` (PK, dense from 0), the entry's canonical
                    bytes (the signed leaf data: the truth), its leaf hash and chain hash,
-                   ``record_id`` (unique idempotency key) and copies of the fields queries
-                   filter on (``ts`` as Unix seconds, event type, principal, role,
+                   ``record_id`` (idempotency key, see below) and copies of the fields
+                   queries filter on (``ts`` as Unix seconds, event type, principal, role,
                    resource, outcome, trace id). Query results are decoded from the
                    canonical bytes, never from the copies; ``verify`` checks the copies
-                   agree with the canonical bytes.
+                   agree with the canonical bytes. Indexes: (principal, seq), trace_id
+                   and ts: what QueryAudit filters use, nothing more (each index costs
+                   every append).
 ``audit_state``    one row (id = 1): the writer state ``AuditState.to_bytes()`` and its
                    size. Updated with compare-and-swap on ``size``, so a second writer on
                    the same database (another replica) fails its batch instead of forking
                    the log; the loser reloads the state and retries.
 ``audit_sth``      one signed tree head per committed batch (``tree_size`` PK, STH JSON).
 
-Write path (``append``): callers submit records to a ``GroupCommitter``; its single
-writer thread assigns seqs, builds the entries, runs ``append_batch`` (pure), signs one
-tree head and writes entries + state + STH in ONE transaction. Callers are answered
-only after the commit, so an acknowledged record survives a crash. ``after_commit``
-(the suspicious-activity detector) runs in the same thread after every commit and may
-return more records (security alerts), committed right away in their own transaction.
+Write path (``append``): the caller's thread validates its records and encodes each
+entry once, at a placeholder seq (``prepare``); the chunk goes to a ``GroupCommitter``
+whose single writer thread stamps the seqs into the canonical bytes, hashes leaves and
+chain (``entry_hashes``), extends the proof tree and reads the new frontier from it,
+signs one tree head and writes entries + state + STH in ONE transaction (one
+``executemany``). Callers are answered only after the commit, so an acknowledged record
+survives a crash. ``after_commit`` (the suspicious-activity detector) runs in the same
+thread after every commit and may return more records (security alerts), committed
+right away in their own transaction, before the callers are answered.
+
+Repeated record ids (a sink retrying after a lost acknowledgement) get the seq of the
+first append. The writer keeps the ids of the last ``dedup_window`` to 2x that many
+entries in memory (rebuilt from the table at start and after a conflict); a record
+whose ts is not newer than every id that left memory is looked up in the table by its
+ts (a retry carries its record's original ts) through the ts index. So no index keyed
+by the random record ids is needed, the costliest kind to append to. The guarantee
+covers retries of the same record (same record_id and ts), however late.
 """
 
 from __future__ import annotations

@@ -273,6 +273,22 @@ class HouseholdModel:
         Z = standardise(X)
         rng = np.random.default_rng(self.seed)
         best: tuple[float, Mixture] | None = None
+        # Candidate 1: the unsupervised solution with its components renamed after the
+        # labels they hold most of (so a few labels never do worse than none).
+        free = fit_select_k(X, self.k_max, self.family, self.seed, self.n_init)
+        pred = free.model.predict_proba(X).argmax(axis=1)
+        k_free = free.model.n_components
+        counts = np.zeros((L, k_free))
+        np.add.at(counts, (clamp[clamp >= 0], pred[clamp >= 0]), 1.0)
+        rows, cols = linear_sum_assignment(-counts)
+        order = [int(c) for _, c in sorted(zip(rows, cols))] if L <= k_free else []
+        if order:
+            rest = [c for c in range(k_free) if c not in order]
+            rename = np.empty(k_free, dtype=np.int64)
+            rename[order + rest] = np.arange(k_free)
+            m, _ = fit_em(X, k_free, self.family, rng, clamp=clamp, keys=keys, init_labels=rename[pred])
+            best = (m.bic(X), m)
+        # Candidates 2: label means as seeds plus k-means++ seeds for unlabelled persons.
         for k in range(L, max(L, min(self.k_max, X.shape[0])) + 1):
             centers = [Z[clamp == j].mean(axis=0) for j in range(L)]
             if k > L:
