@@ -93,6 +93,8 @@ def validate_predictions(items: list[PredictionRecord]) -> list[PredictionRecord
             check_id(p.model_variant, f"{path}.model_variant")
         else:
             p = replace(p, model_variant=UNSPECIFIED_VARIANT)
+        if p.device_id:
+            check_id(p.device_id, f"{path}.device_id")
         if p.model_version < 0:
             raise InvalidArgument("must be >= 0", f"{path}.model_version")
         if p.household_size < 0 or p.household_size > 64:

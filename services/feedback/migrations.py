@@ -77,4 +77,7 @@ CREATE TABLE IF NOT EXISTS triggers (
 );
 CREATE INDEX IF NOT EXISTS triggers_scope ON triggers (scope, scope_key, kind, ts)
 """),
+    Migration(3, "device of each prediction", """
+ALTER TABLE predictions ADD COLUMN device_id TEXT NOT NULL DEFAULT ''
+"""),
 ]

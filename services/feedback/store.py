@@ -31,6 +31,7 @@ class PredictionRecord:
     ts: float
     cold_start: bool
     household_size: int
+    device_id: str = ""   # "" = unknown (older clients): a device erasure then takes the household's
 
 
 @dataclass(frozen=True)
@@ -92,12 +93,12 @@ class StoredTrigger:
 
 
 _PREDICTION_COLUMNS = ("p.prediction_id, p.account_id, p.session_id, p.person_id, p.probabilities, "
-                       "p.model_variant, p.model_version, p.ts, p.cold_start, p.household_size")
+                       "p.model_variant, p.model_version, p.ts, p.cold_start, p.household_size, p.device_id")
 
 
 def _prediction(row: Sequence) -> PredictionRecord:
     return PredictionRecord(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5], int(row[6]),
-                            float(row[7]), bool(row[8]), int(row[9]))
+                            float(row[7]), bool(row[8]), int(row[9]), row[10] or "")
 
 
 def _trigger(row: Sequence) -> StoredTrigger:
@@ -123,11 +124,11 @@ class FeedbackStore:
         with self.db.transaction() as tx:
             accepted = tx.executemany(
                 "INSERT INTO predictions (prediction_id, account_id, session_id, person_id, probabilities, "
-                "model_variant, model_version, ts, cold_start, household_size) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (prediction_id) DO NOTHING",
+                "model_variant, model_version, ts, cold_start, household_size, device_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (prediction_id) DO NOTHING",
                 [(p.prediction_id, p.account_id, p.session_id, p.person_id,
                   json.dumps(p.probabilities, sort_keys=True), p.model_variant, p.model_version, p.ts,
-                  int(p.cold_start), p.household_size) for p in items])
+                  int(p.cold_start), p.household_size, p.device_id) for p in items])
         return accepted, len(items) - accepted
 
     def prediction(self, prediction_id: str) -> PredictionRecord | None:
@@ -324,16 +325,17 @@ class FeedbackStore:
     def erase(self, scope: ErasureScope) -> ErasureOutcome:
         """Delete what ``scope`` covers, in one transaction; the outcome lists the ids.
 
-        household and device: every prediction, feedback signal and household trigger of
-        the account (device is widened to the household: a prediction carries no
-        device, see docs/feedback.md). person: the predictions of that predicted person,
+        household: every prediction, feedback signal and household trigger of the
+        account. device: the predictions made on that device and those whose device is
+        unknown (recorded before predictions carried one: kept conservative), with their
+        feedback. person: the predictions of that predicted person,
         their feedback, and every feedback naming the person as the true one. window:
         predictions made in [start, end), their feedback, and feedback given in it.
         """
         account = scope.account_id
         outcome = ErasureOutcome()
         with self.db.transaction() as tx:
-            if scope.kind in ("household", "device"):
+            if scope.kind == "household":
                 prediction_ids = [r[0] for r in tx.query(
                     "SELECT prediction_id FROM predictions WHERE account_id = ?", (account,))]
                 feedback_ids = [r[0] for r in tx.query(
@@ -347,7 +349,11 @@ class FeedbackStore:
                 outcome.add("feedback", feedback_ids)
                 outcome.add("triggers", trigger_ids)
                 return outcome
-            if scope.kind == "person":
+            if scope.kind == "device":
+                prediction_where = "account_id = ? AND (device_id = ? OR device_id = '')"
+                prediction_params = [account, scope.device_id]
+                feedback_extra, feedback_extra_params = "1 = 0", []
+            elif scope.kind == "person":
                 prediction_where = "account_id = ? AND person_id = ?"
                 prediction_params: list = [account, scope.person_id]
                 feedback_extra, feedback_extra_params = "true_person_id = ?", [scope.person_id]

@@ -36,10 +36,11 @@ def make_app(database, **policy) -> FeedbackApp:
 
 
 def record(app: FeedbackApp, pid: str, account: str = "acc-1", probs=None, person: str = "p1",
-           variant: str = "kmeans", ts: float | None = None, size: int = 0, cold: bool = False) -> None:
+           variant: str = "kmeans", ts: float | None = None, size: int = 0, cold: bool = False,
+           device: str = "") -> None:
     probs = probs or {"p1": 0.9, "p2": 0.1}
     app.record_predictions([PredictionRecord(pid, account, f"s-{pid}", person, probs, variant, 1,
-                                             ts or NOW - 3600, cold, size)])
+                                             ts or NOW - 3600, cold, size, device)])
 
 
 def sample(name: str, labels: dict[str, str] | None = None) -> float:
@@ -283,7 +284,17 @@ def test_erase_person_and_window_with_counts_and_idempotency(database):
     assert [j.prediction.prediction_id for j in app.store.feedback_joined()] == ["z1"]
     assert app.store.prediction("q3") is not None  # outside the window, its feedback gone with p2
 
-    device = app.erase(ErasureScope("acc-1", "device", device_id="tv-1"))  # widened to the household
+    device = app.erase(ErasureScope("acc-1", "device", device_id="tv-1"))  # q3: device unknown, taken
     assert device.deleted_counts == {"predictions": 1}
     assert ids_digest(device.deleted_ids) == ids_digest(["predictions:q3"])
     assert app.store.prediction("z1") is not None
+
+
+def test_erase_device_takes_only_that_devices_predictions(database):
+    app = make_app(database)
+    record(app, "d1", device="tv-1")
+    record(app, "d2", device="phone-1")
+    app.record_feedback("fd1", "d1", SignalKind.PROFILE_CONFIRMED, None, NOW - 100)
+    out = app.erase(ErasureScope("acc-1", "device", device_id="tv-1"))
+    assert sorted(out.deleted_ids) == ["feedback:fd1", "predictions:d1"]
+    assert app.store.prediction("d2") is not None and app.store.prediction("d2").device_id == "phone-1"
