@@ -40,9 +40,7 @@ class ServiceClients:
     async def start(self) -> None:
         for name in SERVICES:
             # Mutual TLS when HEARTH_TLS_* is configured, plaintext otherwise (tls.aio_channel).
-            channel = tls.aio_channel(self._addresses[name], options=[
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                ("grpc.max_send_message_length", 64 * 1024 * 1024)])
+            channel = tls.aio_channel(self._addresses[name], options=tls.CHANNEL_OPTIONS)
             self._channels[name] = channel
             self.stubs[name] = _STUBS[name](channel)
             self._health[name] = health_pb2_grpc.HealthStub(channel)

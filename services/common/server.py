@@ -191,7 +191,11 @@ def build_server(service: str, register: Callable[[grpc.Server], Iterable[str]],
         interceptors=[HearthInterceptor(service)],
         options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
                  ("grpc.max_send_message_length", 64 * 1024 * 1024),
-                 ("grpc.so_reuseport", 0)],
+                 ("grpc.so_reuseport", 0),
+                 # Connections are recycled so round_robin clients re-resolve and spread
+                 # over new replicas (a GOAWAY lets calls in flight finish within the grace).
+                 ("grpc.max_connection_age_ms", 5 * 60 * 1000),
+                 ("grpc.max_connection_age_grace_ms", 30 * 1000)],
     )
     names = list(register(server))
     health_servicer = health.HealthServicer(experimental_non_blocking=True)

@@ -106,3 +106,14 @@ def peer_verified(context: grpc.ServicerContext) -> bool:
         return bool(context.peer_identities())
     except Exception:  # noqa: BLE001 - a context without auth information is not verified
         return False
+
+
+# Channel options every Hearth client uses. round_robin spreads calls over every address
+# the name resolves to (a headless Kubernetes Service lists each pod), so one client pod
+# does not stick to one server pod; the servers' max_connection_age makes clients
+# re-resolve as replicas come and go.
+CHANNEL_OPTIONS: list[tuple[str, object]] = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.lb_policy_name", "round_robin"),
+]
