@@ -65,7 +65,7 @@ def main() -> None:
     rep = rng.integers(len(models), size=n_households)
     table = ScoringTable(table_pool.W[rep], table_pool.log_weights[rep], table_pool.family, table_pool.temperature)
     hh = rng.integers(n_households, size=n_sessions)
-    X = X_pool[rng.integers(X_pool.shape[0], size=n_sessions)]
+    X = X_pool[rng.integers(X_pool.shape[0], size=n_sessions)]  # float32, as vectors travel
     rates = []
     for r in range(3):
         t = time.perf_counter()

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from services.clustering.domain.model import HouseholdModel
 from services.clustering.domain.simulator import simulate_population
 from services.feedback.domain.evaluation import DEFAULT_FEEDBACK_RATE, evaluate_recalibration, feedback_mask
 from services.feedback.domain.metrics import calibration_summary, cohort_labels
@@ -49,12 +50,9 @@ from services.feedback.domain.variants import ExperimentFlags, assign_variants
 TARGET_BRIER = 0.10
 TARGET_ECE = 0.02
 MAX_PERSONS = 6
-PCA_DIMS = 10
-SMOOTHING = 0.02  # served vectors are mixed with uniform over the model's persons: never exactly 0 or 1
-MODEL_NOTE = ("scikit-learn stand-ins per household (services/clustering/domain/model.py not there yet): "
-              "standardised features, PCA to 10 dims; gmm = GaussianMixture full, k by BIC in 1..6; "
-              "kmeans = KMeans (same k), soft assignments softmax(-d^2 / 2 s^2); both smoothed "
-              "0.98 p + 0.02 / k")
+MODEL_NOTE = ("Hearth's HouseholdModel (services/clustering/domain/model.py), variant gmm or kmeans, "
+              "fitted per household on all its sessions; cold-start accounts answered by the "
+              "account-level strategy")
 
 
 def log(msg: str) -> None:
@@ -72,37 +70,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _standardise(x: np.ndarray) -> np.ndarray:
-    spread = x.std(axis=0)
-    return (x - x.mean(axis=0)) / np.where(spread > 1e-9, spread, 1.0)
-
-
 def fit_household(features: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(gmm probabilities, kmeans probabilities), each (n, k) with k chosen by BIC."""
-    from sklearn.cluster import KMeans
-    from sklearn.mixture import GaussianMixture
-
-    from sklearn.decomposition import PCA
-
-    x = _standardise(features.astype(np.float64))
-    x = PCA(min(PCA_DIMS, x.shape[1], x.shape[0] - 1), random_state=seed).fit_transform(x) if x.shape[0] > 2 else x
-    n = x.shape[0]
-    best, best_bic = None, np.inf
-    for k in range(1, min(MAX_PERSONS, max(1, n // 2)) + 1):
-        gmm = GaussianMixture(k, covariance_type="full", reg_covar=1e-3, random_state=seed, n_init=1).fit(x)
-        bic = gmm.bic(x)
-        if bic < best_bic:
-            best, best_bic = gmm, bic
-    gmm_probs = best.predict_proba(x)
-    k = gmm_probs.shape[1]
-    km = KMeans(k, n_init=3, random_state=seed).fit(x)
-    d2 = ((x[:, None, :] - km.cluster_centers_[None, :, :]) ** 2).sum(axis=2)
-    s2 = max(float(d2[np.arange(n), km.labels_].mean()) / x.shape[1], 1e-6)
-    logits = -d2 / (2.0 * s2)
-    logits -= logits.max(axis=1, keepdims=True)
-    km_probs = np.exp(logits)
-    km_probs /= km_probs.sum(axis=1, keepdims=True)
-    return ((1 - SMOOTHING) * gmm_probs + SMOOTHING / k), ((1 - SMOOTHING) * km_probs + SMOOTHING / k)
+    """(gmm probabilities, kmeans probabilities) of Hearth's own household model
+    (services/clustering/domain/model.py), fitted on the household's sessions the way
+    the service does, answering for each of them."""
+    x = features.astype(np.float64)
+    out = []
+    for variant in ("gmm", "kmeans"):
+        model = HouseholdModel(variant, cold_start="account", seed=seed).fit(x)
+        out.append(model.assign_batch(x).probabilities)
+    return out[0], out[1]
 
 
 def aligned(probs: np.ndarray, truth: np.ndarray, n_persons: int) -> tuple[np.ndarray, np.ndarray]:
@@ -129,7 +106,7 @@ def aligned(probs: np.ndarray, truth: np.ndarray, n_persons: int) -> tuple[np.nd
 def build_predictions(n_households: int, seed: int, days: int, cold_fraction: float = 0.1) -> dict[str, np.ndarray]:
     warm = simulate_population(n_households, seed=seed, days=days)
     cold = simulate_population(max(1, int(n_households * cold_fraction)), seed=seed + 1, small_accounts=True)
-    flags = ExperimentFlags(salt="model-variant", control="kmeans", traffic={"gmm": 50.0})
+    flags = ExperimentFlags(salt="model-variant", control="gmm", traffic={"kmeans": 50.0})
     households = [(h, False) for h in warm] + [(h, True) for h in cold]
     variant_of = dict(zip([h.household_id for h, _ in households],
                           assign_variants(flags, [h.household_id for h, _ in households])))

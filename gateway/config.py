@@ -34,6 +34,8 @@ class GatewaySettings(BaseSettings):
     feedback_addr: str = "127.0.0.1:50054"
     # Deadline of every gateway -> service call; health checks use their own, shorter one.
     rpc_timeout_s: float = 10.0
+    # Read by services/common/tls.CHANNEL_OPTIONS; declared here so a typo fails at start.
+    grpc_lb_policy: Literal["pick_first", "round_robin"] = "pick_first"
     health_timeout_s: float = 1.0
 
     # API keys: a JSON file, see gateway/auth.py for the format (ids, hashes, revocation).

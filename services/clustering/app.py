@@ -274,5 +274,5 @@ class ClusteringApp:
             return outcome
         self.keeper.forget(scope.account_id)
         if scope.kind != "household" and not outcome.empty:
-            self.keeper.refresh(scope.account_id, force="erasure")
+            self.keeper.refresh(scope.account_id, force="erasure", retire=scope.person_id or "")
         return outcome

@@ -128,9 +128,10 @@ class ModelKeeper:
         n = len(snap.sessions)
         return Envelope(model, included=n, reference_end=n, drift_checked=n, first_session_id=snap.first_id)
 
-    def refresh(self, account_id: str, *, force: str = "") -> tuple[int, Envelope | None]:
+    def refresh(self, account_id: str, *, force: str = "", retire: str = "") -> tuple[int, Envelope | None]:
         """Bring the stored model up to date with the stored sessions. ``force`` (a
-        reason) makes it a full refit. Returns the (version, envelope) now stored."""
+        reason) makes it a full refit; ``retire`` is an erased person whose id must not
+        come back. Returns the (version, envelope) now stored."""
         for _ in range(CAS_ATTEMPTS):
             version, current = self.load(account_id)
             snap = self.snapshot(account_id)
@@ -142,7 +143,11 @@ class ModelKeeper:
                     or current.included > len(snap.sessions) or current.model.variant != variant:
                 reason = force or ("new" if current is None else "sessions_changed"
                                    if current.model.variant == variant else "variant_changed")
-                envelope = self.fit(snap, current.model if current else None, variant)
+                base = current.model if current else None
+                if retire:
+                    base = base or self.new_model(variant)
+                    base.retire_person(retire)
+                envelope = self.fit(snap, base, variant)
                 REFITS.labels(reason).inc()
             else:
                 new = len(snap.sessions) - current.included

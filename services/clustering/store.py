@@ -370,10 +370,13 @@ class ClusteringStore:
         new_version = expected_version + 1
         with self.db.transaction() as tx:
             if expected_version == 0:
+                # Only while the household still has sessions: a model computed just
+                # before an erasure must not come back after it (no remnant).
                 changed = tx.execute(
                     "INSERT INTO household_models (account_id, version, variant, model, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (account_id) DO NOTHING",
-                    (account_id, new_version, variant, blob, time.time()))
+                    "SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM sessions WHERE account_id = ?) "
+                    "ON CONFLICT (account_id) DO NOTHING",
+                    (account_id, new_version, variant, blob, time.time(), account_id))
             else:
                 changed = tx.execute(
                     "UPDATE household_models SET version = ?, variant = ?, model = ?, updated_at = ? "

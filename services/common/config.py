@@ -53,6 +53,8 @@ class ServiceSettings(BaseSettings):
     privacy_addr: str = "127.0.0.1:50053"
     feedback_addr: str = "127.0.0.1:50054"
     peer_timeout_s: float = 5.0
+    # Read by services/common/tls.CHANNEL_OPTIONS; declared here so a typo fails at start.
+    grpc_lb_policy: Literal["pick_first", "round_robin"] = "pick_first"
 
     # Clustering / session builder.
     session_gap_s: float = 1800.0

@@ -108,12 +108,14 @@ def peer_verified(context: grpc.ServicerContext) -> bool:
         return False
 
 
-# Channel options every Hearth client uses. round_robin spreads calls over every address
-# the name resolves to (a headless Kubernetes Service lists each pod), so one client pod
-# does not stick to one server pod; the servers' max_connection_age makes clients
-# re-resolve as replicas come and go.
+# Channel options every Hearth client uses. HEARTH_GRPC_LB_POLICY=round_robin spreads
+# calls over every address a name resolves to (a headless Kubernetes Service lists each
+# pod; the chart sets it with mesh.clientSideBalancing), and the servers'
+# max_connection_age makes clients re-resolve as replicas come and go. The default,
+# pick_first, reconnects at once when its single backend restarts (round_robin fails
+# fast while every backend is down), which suits one address per service (make run).
 CHANNEL_OPTIONS: list[tuple[str, object]] = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.lb_policy_name", "round_robin"),
+    ("grpc.lb_policy_name", os.environ.get("HEARTH_GRPC_LB_POLICY", "pick_first")),
 ]

@@ -39,9 +39,12 @@ covers retries of the same record (same record_id and ts), however late.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import logging
 import math
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -122,9 +125,43 @@ CREATE INDEX IF NOT EXISTS audit_entries_ts ON audit_entries (ts)
 MAX_QUERY_LIMIT = 10_000
 DEFAULT_QUERY_LIMIT = 100
 _ENTRY_COLUMNS = "seq, canonical, chain_hash"
-_INSERT = ("INSERT INTO audit_entries (seq, ts, event_type, principal, role, resource, outcome, "
-           "trace_id, record_id, canonical, leaf_hash, chain_hash) "
-           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT_INTO = ("INSERT INTO audit_entries (seq, ts, event_type, principal, role, resource, outcome, "
+                "trace_id, record_id, canonical, leaf_hash, chain_hash) VALUES ")
+_ROW_MARKS = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_COLUMNS_PER_ROW = 12
+# Rows per INSERT statement. One multi-row statement instead of one execution per row:
+# the driver releases the GIL around every statement execution, and with callers'
+# threads busy each release can cost the writer a whole switch interval (5 ms) before
+# it gets the GIL back, so per-row executions stalled the single writer. 256 rows are
+# 3072 parameters, below SQLite's limit (32766 since 3.32; 999 before, hence 64) and
+# PostgreSQL's 65535.
+_ROWS_PER_INSERT = 256 if sqlite3.sqlite_version_info >= (3, 32) else 64
+
+
+@functools.lru_cache(maxsize=None)
+def _insert_sql(rows: int) -> str:
+    return _INSERT_INTO + ", ".join([_ROW_MARKS] * rows)
+
+
+def _insert_rows(tx, rows: list[tuple]) -> None:
+    """Insert rows with full statements of ``_ROWS_PER_INSERT`` rows and the remainder
+    split into powers of two, so only a handful of distinct statements are ever
+    prepared (and cached)."""
+    flat = list(itertools.chain.from_iterable(rows))
+    width = _ROWS_PER_INSERT * _COLUMNS_PER_ROW
+    full = len(rows) // _ROWS_PER_INSERT
+    if full:
+        tx.executemany(_insert_sql(_ROWS_PER_INSERT),
+                       [flat[i * width:(i + 1) * width] for i in range(full)])
+    start, rest = full * _ROWS_PER_INSERT, len(rows) % _ROWS_PER_INSERT
+    size = _ROWS_PER_INSERT
+    while rest:
+        size >>= 1
+        if rest >= size:
+            tx.execute(_insert_sql(size),
+                       flat[start * _COLUMNS_PER_ROW:(start + size) * _COLUMNS_PER_ROW])
+            start += size
+            rest -= size
 
 
 class _StateConflict(Exception):
@@ -528,7 +565,7 @@ class AuditStore:
                 for s, cols, data, leaf, chain in zip(range(first, seq), columns, canonical, leaves, chains)]
         try:
             with self.db.transaction() as tx:
-                tx.executemany(_INSERT, rows)
+                _insert_rows(tx, rows)
                 moved = tx.execute("UPDATE audit_state SET size = ?, state = ? WHERE id = 1 AND size = ?",
                                    (new_state.size, new_state.to_bytes(), state.size))
                 if moved != 1:

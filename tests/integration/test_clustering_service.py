@@ -184,3 +184,14 @@ def test_gmm_failure_falls_back_to_kmeans_and_still_answers(database, monkeypatc
     assert envelope.model.fallback and envelope.model.active_variant == "kmeans"
     out = app.assign("acc-f", session_id=app.store.closed_sessions("acc-f")[0].session_id)
     assert out.person_id in out.probabilities
+
+
+def test_an_erased_persons_id_is_never_reused(household):
+    app, *_ = household
+    victim = app.store.closed_sessions("acc-h")[0].person_id
+    app.erase(ErasureScope("acc-h", "person", person_id=victim))
+    _, envelope = app.keeper.load("acc-h")
+    assert victim not in envelope.model.person_ids
+    assert all(s.person_id != victim for s in app.store.closed_sessions("acc-h"))
+    version, _, _ = app.refit("acc-h", "again")
+    assert victim not in app.keeper.load("acc-h")[1].model.person_ids

@@ -148,11 +148,13 @@ def test_device_scope_erases_that_device_everywhere_and_receipt_verifies(mesh, s
 def test_forged_receipt_is_rejected_by_cli_and_service(mesh, stubs, tmp_path):
     acct = "forge-acct"
     ingest(stubs, events(acct, "tv-1", time.time() - DAY, 3))
+    mesh.servicers["clustering"].app.drain()   # the household model is built in the background
     _, job = delete(stubs, common_pb2.ErasureScope(account_id=acct, household=True))
     signed = json.loads(job.receipt_json)
-    # A well-formed receipt that under-reports what was deleted (5 records: 3 events,
-    # 1 session, 1 device), with a consistent total: only the signature can tell.
-    assert signed["receipt"]["services"]["clustering"]["count"] == 5
+    # A well-formed receipt that under-reports what was deleted (6 records: 3 events,
+    # 1 session, 1 device, 1 household model), with a consistent total: only the
+    # signature can tell.
+    assert signed["receipt"]["services"]["clustering"]["count"] == 6
     signed["receipt"]["services"]["clustering"]["count"] = 1
     signed["receipt"]["total_count"] = sum(s["count"] for s in signed["receipt"]["services"].values())
     forged = json.dumps(signed)
@@ -164,6 +166,7 @@ def test_forged_receipt_is_rejected_by_cli_and_service(mesh, stubs, tmp_path):
 def test_person_scope_erases_that_persons_sessions_touchpoints_and_predictions(mesh, stubs):
     acct, t0 = "person-acct", time.time() - 4 * DAY
     ingest(stubs, events(acct, "tv-1", t0, 3) + events(acct, "tv-1", t0 + DAY, 3, prefix="b"))
+    mesh.servicers["clustering"].app.drain()   # let the background model settle first
     store = mesh.servicers["clustering"].app.store
     sessions = sorted(store.closed_sessions(acct), key=lambda s: s.start_ts)
     store.set_persons(acct, {sessions[0].session_id: "p1", sessions[1].session_id: "p2"})

@@ -95,6 +95,9 @@ def test_devices_are_separate_session_streams(store):
 
 def test_model_compare_and_swap_and_cache(store):
     assert store.get_model("acc-1") is None
+    with pytest.raises(Conflict):   # no sessions, no model (an erased household stays erased)
+        store.save_model("acc-1", 0, "gmm", b"orphan")
+    store.ingest([ev(0, T0)])
     v1 = store.save_model("acc-1", 0, "gmm", b"one")
     assert v1 == 1 and store.get_model("acc-1").blob == b"one"
     with pytest.raises(Conflict):
@@ -106,6 +109,7 @@ def test_model_compare_and_swap_and_cache(store):
 
 def test_concurrent_updates_of_one_household_both_survive(store):
     """Two writers append to one model blob with read-modify-CAS; neither is lost."""
+    store.ingest([ev(0, T0)])
     store.save_model("acc-1", 0, "gmm", b"")
     barrier = threading.Barrier(2)
 

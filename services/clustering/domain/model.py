@@ -196,6 +196,10 @@ class HouseholdModel:
         self.kmeans: IncrementalKMeans | None = None
         self.person_ids: list[str] = []
         self.next_person = 1
+        # Cold-start persons are p{id_offset+1}, ...: raised when a person is erased so
+        # that a retired id is never handed to someone else (see retire_person).
+        self.id_offset = 0
+        self.retired: set[str] = set()
         self.fallback = False
         self.fallback_count = 0
         self.label_map: dict[str, str] = {}
@@ -218,6 +222,16 @@ class HouseholdModel:
         if self.active_variant == "cold_start":
             return len(self._cold_persons()[0]) if self.cold_X.shape[0] else 0
         return len(self.person_ids)
+
+    def retire_person(self, person_id: str) -> None:
+        """Never hand ``person_id`` (e.g. an erased person) to anyone again: new persons
+        and cold-start persons are numbered after it."""
+        if person_id.startswith("p") and person_id[1:].isdigit():
+            n = int(person_id[1:])
+            self.next_person = max(self.next_person, n + 1)
+            self.id_offset = max(self.id_offset, n)
+        self.label_map = {k: v for k, v in self.label_map.items() if v != person_id}
+        self.retired.add(person_id)
 
     def _new_id(self) -> str:
         pid = f"p{self.next_person}"
@@ -332,11 +346,11 @@ class HouseholdModel:
             try:
                 self.mixture.partial_fit(X, keys, clamp)
             except MixtureNumericalError:
+                # Incremental step failed: k-means on the new sessions with as many
+                # persons as before answers until the service refits on all sessions.
                 self.fallback, self.fallback_count = True, self.fallback_count + 1
-                post = self.mixture.predict_proba(X)
                 self.mixture = None
                 self.kmeans = IncrementalKMeans.fit(X, min(len(self.person_ids), n), self.seed, KMEANS_SCALE)
-                del post
         else:
             assert self.kmeans is not None
             self.kmeans.partial_fit(X)
@@ -383,7 +397,8 @@ class HouseholdModel:
             mass = new_post.sum(axis=0)
             rows, cols = linear_sum_assignment(-overlap)
             for r, c in zip(rows, cols):
-                if ids[c] is None and old_ids[r] not in taken and overlap[r, c] >= MATCH_MIN_OVERLAP * mass[c]:
+                if (ids[c] is None and old_ids[r] not in taken and old_ids[r] not in self.retired
+                        and overlap[r, c] >= MATCH_MIN_OVERLAP * mass[c]):
                     ids[c] = old_ids[r]
                     taken.add(old_ids[r])
         return [i if i is not None else self._new_id() for i in ids]
@@ -427,7 +442,7 @@ class HouseholdModel:
         """Persons of the cold-start strategy: (ids, per-person key) over cold_X."""
         strategy = self._cold_strategy()
         if strategy == "account" or self.cold_X.shape[0] == 0:
-            return ["p1"], np.zeros(1, dtype=np.int64)
+            return [f"p{self.id_offset + 1}"], np.zeros(1, dtype=np.int64)
         if strategy == "heuristic":
             keys = _heuristic_key(self.cold_X)
         else:
@@ -436,14 +451,14 @@ class HouseholdModel:
             keys = R.argmax(axis=1)
         _, first = np.unique(keys, return_index=True)
         ordered = keys[np.sort(first)]
-        return [f"p{i + 1}" for i in range(ordered.size)], ordered
+        return [f"p{self.id_offset + i + 1}" for i in range(ordered.size)], ordered
 
     def _cold_assign(self, X: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
         ids, person_keys = self._cold_persons()
         strategy = self._cold_strategy()
         n, k = X.shape[0], len(ids)
         if strategy == "account" or self.cold_X.shape[0] == 0:
-            return ("p1",), np.ones((n, 1))
+            return (f"p{self.id_offset + 1}",), np.ones((n, 1))
         if strategy == "heuristic":
             keys = _heuristic_key(X)
             P = np.full((n, k), 0.3 / max(k - 1, 1)) if k > 1 else np.ones((n, 1))
@@ -510,7 +525,8 @@ class HouseholdModel:
             "variant": self.variant, "k_max": self.k_max, "cold_start": self.cold_start,
             "temperature": self.temperature, "seed": self.seed, "n_init": self.n_init,
             "family": _family_meta(self.family), "person_ids": self.person_ids,
-            "next_person": self.next_person, "fallback": self.fallback,
+            "next_person": self.next_person, "id_offset": self.id_offset, "retired": sorted(self.retired),
+            "fallback": self.fallback,
             "fallback_count": self.fallback_count, "label_map": self.label_map,
             "n_sessions": self.n_sessions, "next_key": self.next_key, "active": self.active_variant,
         }
@@ -543,6 +559,8 @@ class HouseholdModel:
                 meta["seed"], TypedSession(**meta["family"]), meta["n_init"])
         m.person_ids = list(meta["person_ids"])
         m.next_person, m.fallback, m.fallback_count = meta["next_person"], meta["fallback"], meta["fallback_count"]
+        m.id_offset = int(meta.get("id_offset", 0))
+        m.retired = set(meta.get("retired", []))
         m.label_map = dict(meta["label_map"])
         m.n_sessions, m.next_key = meta["n_sessions"], meta["next_key"]
         m.cold_X = z["cold_X"]
@@ -586,30 +604,42 @@ class ScoringTable:
             lw[i, :kk] = m.mixture.log_weights
         return cls(W, lw, models[0].family, models[0].temperature)
 
-    def split(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
-        """(dense phi columns, device weights (H, 6, K), cell weights (H, 24, K) or None,
-        dense weights (H, K, S_dense)); cached."""
+    def split(self) -> dict[str, np.ndarray]:
+        """Layout for the fast path (cached): the constant folded into the log weights,
+        the one-hot blocks (device, rhythm cell) as lookup tables flattened to
+        (H * C, K), and the remaining dense weights as (H, K * S_dense) rows so that a
+        household's parameters are one contiguous row (np.take is then a row copy)."""
         cached = getattr(self, "_split", None)
         if cached is not None:
             return cached
-        s = self.W.shape[2]
+        H, K, S = self.W.shape
+        if getattr(self.family, "rhythm", None) != "bins":
+            raise ValueError("the fast path needs the binned-rhythm typed family")
+        d = F.FEATURE_DIM
+        n_sq = S - 1 - d - 2 * RHYTHM_BINS
+        dense_x = np.r_[np.arange(F.GENRE.start, F.GENRE.stop), F.KIDS_SHARE, F.TEEN_SHARE, F.LOG_MINUTES,
+                        F.BINGE, F.LOG_TITLES, F.VPN_SHARE]
+        sq_x = np.array([F.KIDS_SHARE, F.TEEN_SHARE, F.LOG_MINUTES, F.LOG_TITLES, F.VPN_SHARE])[:n_sq]
+        w_cols = np.r_[1 + dense_x, np.arange(1 + d, 1 + d + n_sq)]
         dev_cols = np.arange(1 + F.DEVICE.start, 1 + F.DEVICE.stop)
-        binned = getattr(self.family, "rhythm", None) == "bins"
-        cell_cols = np.arange(s - 2 * RHYTHM_BINS, s) if binned else np.zeros(0, dtype=np.int64)
-        skip = set(dev_cols) | set(cell_cols)
-        if binned:  # raw angle columns carry zero weight in the binned family
-            skip |= set(range(1 + F.HOUR.start, 1 + F.DOW.stop))
-        dense_cols = np.array([c for c in range(s) if c not in skip])
-        dev_W = np.ascontiguousarray(self.W[:, :, dev_cols].transpose(0, 2, 1))
-        cell_W = np.ascontiguousarray(self.W[:, :, cell_cols].transpose(0, 2, 1)) if binned else None
-        dense_W = np.ascontiguousarray(self.W[:, :, dense_cols])
-        self._split = (dense_cols, dev_W, cell_W, dense_W)
+        cell_cols = np.arange(S - 2 * RHYTHM_BINS, S)
+        self._split = {
+            "dense_x": dense_x, "sq_x": sq_x,
+            "dense_W": np.ascontiguousarray(self.W[:, :, w_cols].reshape(H, -1)),
+            "const": (self.log_weights + self.W[:, :, 0]).astype(np.float32),
+            "dev": np.ascontiguousarray(self.W[:, :, dev_cols].transpose(0, 2, 1).reshape(H * dev_cols.size, K)),
+            "cell": np.ascontiguousarray(self.W[:, :, cell_cols].transpose(0, 2, 1).reshape(H * cell_cols.size, K)),
+        }
         return self._split
 
 
 def _cell_index(X: np.ndarray) -> np.ndarray:
-    """(N,) index of the (weekend, 2-hour bin) cell, as gmm.rhythm_cells one-hot."""
-    return rhythm_cells(X).argmax(axis=1)
+    """(N,) index of the (weekend, 2-hour bin) cell, the position of gmm.rhythm_cells' 1."""
+    two_pi = 2.0 * np.pi
+    hour = np.mod(np.arctan2(X[:, F.HOUR.start], X[:, F.HOUR.start + 1]), two_pi) * (24.0 / two_pi)
+    dow = np.mod(np.arctan2(X[:, F.DOW.start], X[:, F.DOW.start + 1]), two_pi) * (7.0 / two_pi)
+    b = np.minimum((hour * (RHYTHM_BINS / 24.0)).astype(np.int64), RHYTHM_BINS - 1)
+    return (np.floor(dow) >= 5).astype(np.int64) * RHYTHM_BINS + b
 
 
 def assign_many(table: ScoringTable, household: np.ndarray, X: np.ndarray,
@@ -618,29 +648,37 @@ def assign_many(table: ScoringTable, household: np.ndarray, X: np.ndarray,
     returns (component index (N,), confidence (N,), probabilities (N, K_max)).
     Component j of household h is person ``models[h].person_ids[j]``.
 
-    The score is phi(x) . W[h, k]; the one-hot parts of phi (device, rhythm cell) are
-    looked up instead of multiplied, and columns whose weights are zero for this family
-    (the raw angles when the rhythm is binned) are skipped."""
-    X = _check_X(X)
+    Same numbers as phi(x)·W[h, k] + log w (float32), computed as: dense features
+    (genres, shares, lengths and their squares) times the household's dense weights,
+    plus table look-ups for the one-hot device and rhythm cell (not multiplied), plus
+    the constant folded into the log weights."""
+    X = np.asarray(X)
+    if X.ndim != 2 or X.shape[1] != F.FEATURE_DIM:
+        raise ValueError(f"features must have shape (N, {F.FEATURE_DIM}), got {X.shape}")
     household = np.asarray(household, dtype=np.int64)
     if household.shape != (X.shape[0],):
         raise ValueError(f"household must have shape ({X.shape[0]},), got {household.shape}")
     if household.size and (household.min() < 0 or household.max() >= table.W.shape[0]):
         raise ValueError("household indices out of range of the scoring table")
     n, k = X.shape[0], table.W.shape[1]
+    lay = table.split()
+    n_dense = lay["dense_W"].shape[1] // k
     probs = np.empty((n, k), dtype=np.float32)
     inv_t = np.float32(1.0 / table.temperature)
-    dense_cols, dev_W, cell_W, dense_W = table.split()
+    n_dev, n_cell = len(F.DEVICE_TYPES), 2 * RHYTHM_BINS
     for a in range(0, n, chunk):
         b = min(a + chunk, n)
-        Xc = X[a:b]
+        Xc = np.asarray(X[a:b], dtype=np.float32)  # validated chunk by chunk: no full copy
+        if not np.isfinite(Xc).all():
+            raise ValueError(f"features contain NaN or infinite values (rows {a}..{b - 1})")
         h = household[a:b]
-        phi = table.family.phi(Xc)[:, dense_cols].astype(np.float32)
-        lj = np.einsum("ns,nks->nk", phi, dense_W[h])
-        lj += table.log_weights[h]
-        lj += dev_W[h, Xc[:, F.DEVICE].argmax(axis=1)]
-        if cell_W is not None:
-            lj += cell_W[h, _cell_index(Xc)]
+        sq = Xc[:, lay["sq_x"]]
+        dense = np.hstack((Xc[:, lay["dense_x"]], sq * sq)).astype(np.float32)
+        G = np.take(lay["dense_W"], h, axis=0).reshape(b - a, k, n_dense)
+        lj = np.matmul(G, dense[:, :, None])[:, :, 0]
+        lj += np.take(lay["const"], h, axis=0)
+        lj += np.take(lay["dev"], h * n_dev + Xc[:, F.DEVICE].argmax(axis=1), axis=0)
+        lj += np.take(lay["cell"], h * n_cell + _cell_index(Xc), axis=0)
         lj *= inv_t
         lj -= lj.max(axis=1, keepdims=True)
         np.exp(lj, out=lj)
