@@ -129,7 +129,10 @@ def remnants(dmesh, account: str, device: str | None = None) -> dict[str, int]:
                 if n:
                     found[f"{schema}.{table}"] = n
     keys = [k.decode() for k in redis.Redis.from_url(dmesh.env_extra["HEARTH_REDIS_URL"]).scan_iter("hearth:*")]
-    bad = [k for k in keys if account in k and (device is None or device in k or k.endswith(account))]
+    # For a device scope the household's own cached model is not a remnant: the erasure
+    # refits it from the remaining sessions (exact unlearning) and caches the result.
+    bad = [k for k in keys if account in k and (device is None or device in k
+                                                or (k.endswith(account) and ":model:" not in k))]
     if bad:
         found["redis"] = len(bad)
     return found
