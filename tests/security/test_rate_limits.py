@@ -40,7 +40,7 @@ def test_limit_trips_is_shared_by_replicas_and_recovers(security_mesh):
     time.sleep(retry_after)
     recovered = httpx.get(b + ROUTE, headers=headers, timeout=10)
     assert recovered.status_code == 404
-    # At 1 token per second, the very next request is refused again.
+    # At one token per 4 s, the very next request is refused again.
     assert httpx.get(a + ROUTE, headers=headers, timeout=10).status_code == 429
 
 
