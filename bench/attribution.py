@@ -1,6 +1,7 @@
 """Attribution benchmark: Hearth's exact Markov vs ChannelAttribution, Shapley, lift.
 
     python -m bench.attribution [--quick] [--rows N] [--repeats R] [--no-peer]
+                                [--lift-households N] [--lift-only]
 
 Prints progress on stderr and ONE JSON object as the last stdout line (keys of
 /work/shared/BENCHMARKS.md plus extras). Exit status 0 whether or not targets are met.
@@ -15,10 +16,15 @@ Prints progress on stderr and ONE JSON object as the last stdout line (keys of
   (per-channel sparse LU); ChannelAttribution with the exact answer under its own
   horizon convention (``horizon="data"``).
 * Shapley: 1,000,000 paths x 50 channels, closed form, median of repeats.
-* Lift: simulated households (2-4 persons with different channel mixes); accuracy =
-  1 - L1(shares, true shares)/2 where truth is the same method on the TRUE person
-  journeys; (a) account-level journeys, (b) person-level journeys with a simulated
-  calibrated identity resolver (~0.9 accurate).
+* Lift: households, sessions and true persons from the clustering simulator (default
+  difficulty); each true person gets a channel mix, touches happen during that
+  person's sessions and drive that person's conversions. Accuracy = 1 - L1(shares,
+  true shares)/2 where truth is the same method on the TRUE person journeys; (a)
+  account-level journeys, (b) person-level journeys with Hearth's identity
+  resolution (HouseholdModel(variant="gmm") fitted per household, each event taking
+  its session's assignment probabilities). ``lift.simulated_resolver`` keeps the
+  earlier synthetic variant (2-4 person households, simulated ~0.9-accurate
+  calibrated resolver) for comparison. ``--lift-only`` runs just this part.
 * Persona prior: attribution error of sparse person chains with and without the
   Dirichlet persona prior, against each person's true chain.
 """
@@ -197,6 +203,8 @@ def shapley_timing(rows: int, n_channels: int, repeats: int) -> float:
 
 # ---- lift from person-level journeys ---------------------------------------------------
 
+LIFT_CHANNEL_BETA = np.array([0.30, 0.22, 0.15, 0.10, 0.06, 0.04, 0.03, 0.02, 0.01, 0.005])
+
 
 def simulate_households(n_households: int, seed: int = 2) -> dict[str, Any]:
     """Touches and conversions of households whose members see different channel mixes.
@@ -204,10 +212,11 @@ def simulate_households(n_households: int, seed: int = 2) -> dict[str, Any]:
     A touch of channel c makes its person convert within a day with probability
     ``beta_c``; only the person's own touches matter, so account-level journeys
     dilute the converting person's path with other members' touches.
+    (Used by the ``simulated_resolver`` extra; the main lift uses real sessions.)
     """
     rng = np.random.default_rng(seed)
     n_channels = 10
-    beta = np.array([0.30, 0.22, 0.15, 0.10, 0.06, 0.04, 0.03, 0.02, 0.01, 0.005])
+    beta = LIFT_CHANNEL_BETA
     horizon_days = 90.0
     t_acc, t_ts, t_ch, t_person, t_size = [], [], [], [], []
     c_acc, c_ts, c_val, c_person, c_size = [], [], [], [], []
@@ -250,10 +259,31 @@ def resolver_probabilities(true_person: np.ndarray, size: np.ndarray, accuracy: 
     return probs, float(right.mean())
 
 
-def lift(n_households: int) -> dict[str, Any]:
-    from services.attribution.domain.journeys import build_journeys
+def _share_accuracy(truth, candidates: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """1 - ½·L1 between each candidate's channel shares and the truth's, per method
+    (Markov order 1 and Shapley, both on the truth's channel list)."""
     from services.attribution.domain.markov import MarkovConventions, markov_attribution
     from services.attribution.domain.shapley import shapley_attribution
+
+    names = truth.paths.channel_names
+
+    def shares(js, method: str) -> np.ndarray:
+        p = js.paths.with_channel_names(names)
+        res = markov_attribution(p, MarkovConventions(order=1)) if method == "markov" else shapley_attribution(p)
+        return res.shares
+
+    out: dict[str, dict[str, float]] = {}
+    for method in ("markov", "shapley"):
+        true_s = shares(truth, method)
+        out[method] = {key: float(1 - 0.5 * np.abs(shares(js, method) - true_s).sum())
+                       for key, js in candidates.items()}
+    return out
+
+
+def lift_simulated_resolver(n_households: int) -> dict[str, Any]:
+    """The earlier lift: synthetic 2-4 person households, a simulated ~0.9-accurate
+    calibrated resolver instead of Hearth's model (kept for comparison)."""
+    from services.attribution.domain.journeys import build_journeys
 
     sim = simulate_households(n_households)
     rng = np.random.default_rng(3)
@@ -267,25 +297,223 @@ def lift(n_households: int) -> dict[str, Any]:
     tp, touch_acc = resolver_probabilities(sim["t_person"], sim["t_size"], 0.9, rng)
     cp, conv_acc = resolver_probabilities(sim["c_person"], sim["c_size"], 0.9, rng)
     noisy = build_journeys(**common, level="person", touch_person_prob=tp, conv_person_prob=cp)
-    names = truth.paths.channel_names
-    out: dict[str, Any] = {"households": n_households, "touches": len(sim["t_acc"]),
-                           "conversions": len(sim["c_acc"]), "resolver_touch_accuracy": touch_acc,
-                           "resolver_conversion_accuracy": conv_acc, "lookback_days": lookback}
+    acc = _share_accuracy(truth, {"account_level_accuracy": account, "person_level_accuracy": noisy})
+    return {"households": n_households, "touches": len(sim["t_acc"]), "conversions": len(sim["c_acc"]),
+            "resolver_touch_accuracy": touch_acc, "resolver_conversion_accuracy": conv_acc,
+            "lookback_days": lookback, **acc}
 
-    def shares(js, method: str) -> np.ndarray:
-        p = js.paths.with_channel_names(names)
-        res = markov_attribution(p, MarkovConventions(order=1)) if method == "markov" else shapley_attribution(p)
-        return res.shares
 
-    for method in ("markov", "shapley"):
-        true_s = shares(truth, method)
-        acc_a = 1 - 0.5 * np.abs(shares(account, method) - true_s).sum()
-        acc_p = 1 - 0.5 * np.abs(shares(noisy, method) - true_s).sum()
-        if method == "markov":
-            out["account_level_accuracy"] = float(acc_a)
-            out["person_level_accuracy"] = float(acc_p)
-            out["lift"] = float(acc_p - acc_a)
-        out[method] = {"account_level_accuracy": float(acc_a), "person_level_accuracy": float(acc_p)}
+def simulate_touches_on_sessions(households: list, seed: int = 5, touches_per_session: float = 0.2,
+                                 conversion_window_days: float = 3.0) -> dict[str, Any]:
+    """Touchpoints and conversions attached to the sessions of simulated households.
+
+    Every true person gets a channel mix (Dirichlet(0.25) over 10 channels). A session
+    carries Poisson(``touches_per_session``) touches of its person's channels, at times
+    within its first 30 minutes (a touch happens during a session, so its identity is
+    that session's). A touch of channel c makes its person convert with probability
+    ``beta_c`` (:data:`LIFT_CHANNEL_BETA`); the conversion happens in that person's next
+    session within ``conversion_window_days`` (a device-bound purchase), or later in the
+    same session when there is none. Times are in days since the simulator's epoch.
+
+    Returns column arrays (``t_*`` per touch, ``c_*`` per conversion: account, time,
+    channel or value, true person) plus ``*_hh``/``*_sess`` (household index, session
+    index) so that the caller can look up each event's identity-resolution answer.
+    """
+    from services.clustering.domain.simulator import BASE_EPOCH, DAY_S
+
+    rng = np.random.default_rng(seed)
+    n_channels = LIFT_CHANNEL_BETA.size
+    cols: dict[str, list] = {k: [] for k in ("t_acc", "t_ts", "t_ch", "t_person", "t_hh", "t_sess",
+                                              "c_acc", "c_ts", "c_val", "c_person", "c_hh", "c_sess")}
+    for hi, h in enumerate(households):
+        days = (h.timestamps - BASE_EPOCH) / DAY_S
+        mixes = rng.dirichlet(np.full(n_channels, 0.25), size=int(h.person.max()) + 1)
+        n_touch = rng.poisson(touches_per_session, h.n_sessions)
+        sess = np.repeat(np.arange(h.n_sessions), n_touch)
+        person = h.person[sess]
+        ts = days[sess] + rng.uniform(0.0, 30.0 / 1440.0, sess.size)
+        ch = _categorical(rng, mixes[person])
+        fires = rng.random(sess.size) < LIFT_CHANNEL_BETA[ch]
+        for s, p, t in zip(sess[fires], person[fires], ts[fires]):
+            later = np.flatnonzero((h.person == p) & (days > t) & (days <= t + conversion_window_days))
+            if later.size:
+                cs = int(later[rng.integers(later.size)])
+                ct = float(days[cs] + rng.uniform(0.0, 30.0 / 1440.0))
+            else:
+                cs, ct = int(s), float(t + rng.uniform(1.0, 60.0) / 1440.0)
+            cols["c_acc"].append(h.household_id)
+            cols["c_ts"].append(ct)
+            cols["c_val"].append(float(rng.gamma(2.0, 10.0)))
+            cols["c_person"].append(int(p))
+            cols["c_hh"].append(hi)
+            cols["c_sess"].append(cs)
+        cols["t_acc"] += [h.household_id] * sess.size
+        cols["t_ts"] += ts.tolist()
+        cols["t_ch"] += [f"c{c}" for c in ch]
+        cols["t_person"] += person.tolist()
+        cols["t_hh"] += [hi] * sess.size
+        cols["t_sess"] += sess.tolist()
+    out = {k: (v if k in ("t_acc", "t_ch", "c_acc") else np.asarray(v)) for k, v in cols.items()}
+    for k in ("t_person", "t_hh", "t_sess", "c_person", "c_hh", "c_sess"):
+        out[k] = out[k].astype(np.int64)
+    return out
+
+
+def _categorical(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:
+    """One draw per row of ``probs`` (n, C)."""
+    if probs.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64)
+    cdf = np.cumsum(probs, axis=1)
+    u = rng.random(probs.shape[0]) * cdf[:, -1]
+    return np.minimum((u[:, None] > cdf).sum(axis=1), probs.shape[1] - 1)
+
+
+def _ranges_of(order: np.ndarray, bounds: np.ndarray, draw: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Event indices of the drawn households (``order`` sorts events by household,
+    ``bounds[h]:bounds[h+1]`` is household h's slice) and an account label per event
+    that is unique per draw position."""
+    lo, hi = bounds[draw], bounds[draw + 1]
+    lengths = hi - lo
+    pos = np.repeat(np.arange(draw.size), lengths)
+    within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    idx = order[np.repeat(lo, lengths) + within]
+    return idx, [f"b{p}" for p in pos]
+
+
+def resolve_households(households: list, seed: int = 0) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """Hearth's identity resolution on each household, as the clustering service does
+    it: one ``HouseholdModel(variant="gmm")`` fitted on all of the household's sessions,
+    then ``assign_batch`` on those sessions. Returns the per-session probability
+    matrices (columns = the model's persons, in its ``person_ids`` order) and the
+    session accuracy (argmax person, Hungarian-matched to the true persons per
+    household, pooled over sessions)."""
+    from bench._clustering_eval import matched_correct
+    from services.clustering.domain.model import HouseholdModel
+
+    probs: list[np.ndarray] = []
+    correct = 0
+    sessions = 0
+    k_right = 0
+    strategies: dict[str, int] = {}
+    for h in households:
+        batch = HouseholdModel(variant="gmm", seed=seed).fit(h.features).assign_batch(h.features)
+        P = np.asarray(batch.probabilities, dtype=np.float64)
+        P = P / P.sum(axis=1, keepdims=True)  # exact row sums for build_journeys
+        probs.append(P)
+        correct += int(matched_correct(h.person, P.argmax(axis=1)).sum())
+        sessions += h.n_sessions
+        k_right += int(P.shape[1] == h.n_persons)
+        strategies[batch.strategy] = strategies.get(batch.strategy, 0) + 1
+    return probs, {"session_accuracy": correct / max(sessions, 1),
+                   "persons_count_exact_fraction": k_right / max(len(households), 1),
+                   "strategies": strategies}
+
+
+def lift(n_households: int, simulated_resolver_households: int = 3000, seed: int = 11,
+         bootstrap: int = 100) -> dict[str, Any]:
+    """Attribution lift from Hearth's identity resolution on simulated households.
+
+    Households, sessions and true persons come from the clustering simulator (default
+    difficulty, its default drift mix, all household sizes 1-6); touches and
+    conversions from :func:`simulate_touches_on_sessions`. Three journey sets over the
+    same events (lookback 14 days):
+
+    * reference: person-level journeys with the TRUE person of every event (one-hot);
+    * (a) account-level journeys;
+    * (b) person-level journeys with Hearth's probabilities: every touch and
+      conversion takes the model's assignment probabilities of its session.
+
+    Accuracy = 1 - ½·L1 between a set's channel shares and the reference's, for Markov
+    order 1 and Shapley; ``lift`` = (b) - (a) for Markov.
+    """
+    from services.attribution.domain.journeys import build_journeys
+    from services.clustering.domain.simulator import simulate_population
+
+    if n_households < 1:
+        raise ValueError(f"n_households must be >= 1, got {n_households}")
+    t0 = time.perf_counter()
+    households = simulate_population(n_households, seed=seed)
+    sim = simulate_touches_on_sessions(households)
+    log(f"lift: fitting HouseholdModel on {n_households} households")
+    t1 = time.perf_counter()
+    session_probs, resolution = resolve_households(households)
+    fit_s = time.perf_counter() - t1
+    k = max(max(P.shape[1] for P in session_probs), int(max(h.person.max() for h in households)) + 1)
+
+    def model_matrix(hh: np.ndarray, sess: np.ndarray) -> np.ndarray:
+        out = np.zeros((hh.size, k))
+        for i, (a, s) in enumerate(zip(hh, sess)):
+            row = session_probs[a][s]
+            out[i, : row.size] = row
+        return out
+
+    lookback = 14.0
+    tp = model_matrix(sim["t_hh"], sim["t_sess"])
+    cp = model_matrix(sim["c_hh"], sim["c_sess"])
+    t_true, c_true = np.eye(k)[sim["t_person"]], np.eye(k)[sim["c_person"]]
+    t_by_hh = np.argsort(sim["t_hh"], kind="stable")
+    c_by_hh = np.argsort(sim["c_hh"], kind="stable")
+    t_bounds = np.searchsorted(sim["t_hh"][t_by_hh], np.arange(n_households + 1))
+    c_bounds = np.searchsorted(sim["c_hh"][c_by_hh], np.arange(n_households + 1))
+
+    def accuracies(draw: np.ndarray) -> dict[str, dict[str, float]]:
+        """Accuracies on the households ``draw`` (indices, repeats allowed: each draw is
+        its own account, so a bootstrap resample keeps duplicated households apart)."""
+        ti, t_acc = _ranges_of(t_by_hh, t_bounds, draw)
+        ci, c_acc = _ranges_of(c_by_hh, c_bounds, draw)
+        t_ch = [sim["t_ch"][i] for i in ti]
+        common = dict(touch_account=t_acc, touch_ts=sim["t_ts"][ti], touch_channel=t_ch,
+                      conv_account=c_acc, conv_ts=sim["c_ts"][ci], conv_value=sim["c_val"][ci],
+                      lookback=lookback)
+        truth = build_journeys(**common, level="person", touch_person_prob=t_true[ti],
+                               conv_person_prob=c_true[ci])
+        account = build_journeys(**common, level="account")
+        person = build_journeys(**common, level="person", touch_person_prob=tp[ti], conv_person_prob=cp[ci])
+        return _share_accuracy(truth, {"account_level_accuracy": account, "person_level_accuracy": person})
+
+    acc = accuracies(np.arange(n_households))
+    # Household bootstrap: 95 % intervals of the accuracies and the lift (the events
+    # and the resolution are fixed; households are resampled with replacement).
+    boot_rng = np.random.default_rng(seed + 1)
+    boot: dict[str, list[float]] = {}
+    for _ in range(bootstrap):
+        b = accuracies(boot_rng.integers(0, n_households, n_households))
+        for method, d in b.items():
+            for key, v in d.items():
+                boot.setdefault(f"{method}.{key}", []).append(v)
+            boot.setdefault(f"{method}.lift", []).append(d["person_level_accuracy"] - d["account_level_accuracy"])
+    ci95 = {key: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for key, v in boot.items()}
+
+    # Touch-level resolution accuracy: argmax person of the touch's session, mapped to a
+    # true person by the household's Hungarian match of sessions.
+    from bench._clustering_eval import match
+    maps = [match(h.person, P.argmax(axis=1), P.shape[1]) for h, P in zip(households, session_probs)]
+    touch_right = np.array([maps[a][int(session_probs[a][s].argmax())] == p
+                            for a, s, p in zip(sim["t_hh"], sim["t_sess"], sim["t_person"])], dtype=bool)
+    sizes = np.array([h.n_persons for h in households])
+    out: dict[str, Any] = {
+        "account_level_accuracy": acc["markov"]["account_level_accuracy"],
+        "person_level_accuracy": acc["markov"]["person_level_accuracy"],
+        "lift": acc["markov"]["person_level_accuracy"] - acc["markov"]["account_level_accuracy"],
+        "markov": acc["markov"],
+        "shapley": acc["shapley"],
+        "bootstrap_ci95": ci95,
+        "bootstrap_resamples": bootstrap,
+        "identity_resolution": {**resolution,
+                                "touch_accuracy": float(touch_right.mean()) if touch_right.size else None,
+                                "fit_s_per_household": fit_s / max(n_households, 1)},
+        "households": n_households,
+        "multi_person_households": int((sizes >= 2).sum()),
+        "mean_persons": float(sizes.mean()),
+        "sessions": int(sum(h.n_sessions for h in households)),
+        "touches": len(sim["t_acc"]),
+        "conversions": len(sim["c_acc"]),
+        "lookback_days": lookback,
+        "resolver": "HouseholdModel(variant='gmm') per household, default difficulty",
+    }
+    log("lift: simulated-resolver comparison (the earlier synthetic lift)")
+    out["simulated_resolver"] = lift_simulated_resolver(simulated_resolver_households)
+    out["wall_s"] = time.perf_counter() - t0
     return out
 
 
@@ -372,12 +600,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--no-peer", action="store_true", help="skip ChannelAttribution")
+    ap.add_argument("--lift-households", type=int, default=None,
+                    help="households for the identity-resolution lift (default 240; --quick 30)")
+    ap.add_argument("--lift-only", action="store_true", help="run only the lift part")
     ap.add_argument("--worker", choices=("hearth", "channelattribution"), help=argparse.SUPPRESS)
     ap.add_argument("--file", help=argparse.SUPPRESS)
     ap.add_argument("--order", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker, args.file, args.order, args.repeats or 1)))
+        return 0
+
+    lift_households = args.lift_households or (30 if args.quick else 240)
+    lift_args = dict(n_households=lift_households, simulated_resolver_households=300 if args.quick else 3000,
+                     bootstrap=20 if args.quick else 100)
+    if args.lift_only:
+        log("lift: simulated households with Hearth's identity resolution")
+        lift_result = lift(**lift_args)
+        print(json.dumps({"quick": bool(args.quick), "lift": lift_result}))
         return 0
 
     rows = args.rows or (50_000 if args.quick else 1_000_000)
@@ -438,8 +678,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"shapley {sh_rows} paths x 50 channels")
     result["shapley_rows"] = sh_rows
     result["shapley_1m_50ch_s"] = shapley_timing(sh_rows, 50, 3 if args.quick else 5)
-    log("lift: simulated households")
-    result["lift"] = lift(300 if args.quick else 3000)
+    log("lift: simulated households with Hearth's identity resolution")
+    result["lift"] = lift(**lift_args)
     log("persona prior effect")
     result["persona_prior"] = persona_prior_effect(
         40 if args.quick else 200, 12, [0.0, 1.0, 5.0, 20.0, 100.0]
