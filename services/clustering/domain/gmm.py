@@ -22,7 +22,8 @@ Families (``phi`` layout / M-step):
   and day-of-week angles, categorical device (Dirichlet smoothing ``device_alpha``),
   multinomial genre mix counted as ``genre_weight`` draws (smoothing ``genre_beta``),
   Bernoulli binge flag, Gaussians with variance floors on kids/teen/VPN shares and the
-  log lengths. Far fewer parameters than a full covariance on 35 dimensions (38 per
+  log lengths. With ``binge_lengths="pooled"`` the lengths of binge sessions follow one
+  Gaussian shared by all components (they count episodes, not persons). Far fewer parameters than a full covariance on 35 dimensions (38 per
   component instead of 665), and the right shape for one-hot and circular features.
 
 Numerical failure (non-finite statistics, a covariance that is not positive definite)
@@ -42,6 +43,7 @@ from services.clustering.domain.kmeans import kmeans_plus_plus
 
 LOG_2PI = float(np.log(2.0 * np.pi))
 DEAD_COMPONENT = 1e-8  # a component with less total responsibility than this is empty
+CRITERIA = ("bic", "icl", "bic_eff")
 
 
 class MixtureNumericalError(ArithmeticError):
@@ -130,6 +132,12 @@ class GaussianDiag:
 _GAUSS_DIMS = np.array([F.KIDS_SHARE, F.TEEN_SHARE, F.LOG_MINUTES, F.LOG_TITLES, F.VPN_SHARE])
 _GAUSS_FLOORS = np.array([0.01, 0.01, 0.02, 0.01, 0.01])
 RHYTHM_BINS = 12  # 2-hour bins of the UTC start hour
+# Session lengths (log minutes, log titles) of a binge session say how many episodes
+# were played, not who played them (episodes have a series' length); see TypedSession.
+_LENGTH_DIMS = np.array([F.LOG_MINUTES, F.LOG_TITLES])
+_LENGTH_IN_GAUSS = np.array([int(np.flatnonzero(_GAUSS_DIMS == j)[0]) for j in _LENGTH_DIMS])
+BINGE_LENGTHS = ("joint", "pooled")
+LENGTH_PSEUDO = 1.0  # sessions of the household's pooled length distribution per component
 _WEEK_RATIO = np.array([2.0 / 5.0, 5.0 / 2.0])  # weekday row borrows from weekend scaled by days
 
 
@@ -164,7 +172,28 @@ class TypedSession:
     rhythm: str = "bins"
     rhythm_alpha: float = 0.5
     rhythm_share: float = 0.3
+    binge_lengths: str = "joint"
     name: str = "typed"
+
+    def __post_init__(self) -> None:
+        if self.binge_lengths not in BINGE_LENGTHS:
+            raise ValueError(f"binge_lengths must be one of {BINGE_LENGTHS}, got {self.binge_lengths!r}")
+        if self.rhythm not in ("bins", "vonmises"):
+            raise ValueError(f"rhythm must be 'bins' or 'vonmises', got {self.rhythm!r}")
+
+    @property
+    def n_cells(self) -> int:
+        return 2 * RHYTHM_BINS if self.rhythm == "bins" else 0
+
+    @property
+    def cells(self) -> slice:
+        """Columns of phi holding the rhythm cells (empty for von Mises)."""
+        start = 1 + F.FEATURE_DIM + _GAUSS_DIMS.size
+        return slice(start, start + self.n_cells)
+
+    @property
+    def n_binge_columns(self) -> int:
+        return 2 * _LENGTH_DIMS.size if self.binge_lengths == "pooled" else 0
 
     def phi(self, X: np.ndarray) -> np.ndarray:
         if X.shape[1] != F.FEATURE_DIM:
@@ -173,6 +202,9 @@ class TypedSession:
         parts = [np.ones((X.shape[0], 1)), X, g * g]
         if self.rhythm == "bins":
             parts.append(rhythm_cells(X))
+        if self.binge_lengths == "pooled":
+            bx = X[:, _LENGTH_DIMS] * X[:, F.BINGE:F.BINGE + 1]
+            parts += [bx, bx * X[:, _LENGTH_DIMS]]
         return np.hstack(parts)
 
     def _angle(self, stats: np.ndarray, block: slice, n: np.ndarray, W: np.ndarray, const: np.ndarray) -> None:
@@ -196,14 +228,14 @@ class TypedSession:
             # rhythms that one von Mises cannot. Counts are smoothed over neighbouring
             # bins and partly shared between weekday and weekend (linear in the
             # statistics, so unlearning stays exact).
-            cells = stats[:, 1 + d + _GAUSS_DIMS.size:].reshape(k, 2, RHYTHM_BINS)
+            cells = stats[:, self.cells].reshape(k, 2, RHYTHM_BINS)
             sm = 0.5 * cells + 0.25 * (np.roll(cells, 1, axis=2) + np.roll(cells, -1, axis=2))
             sm = sm + self.rhythm_share * sm[:, ::-1, :] * _WEEK_RATIO[None, :, None] + self.rhythm_alpha
             theta = sm / sm.sum(axis=(1, 2), keepdims=True)
-            W = np.zeros((k, 1 + d + _GAUSS_DIMS.size + 2 * RHYTHM_BINS))
-            W[:, 1 + d + _GAUSS_DIMS.size:] = np.log(theta).reshape(k, -1)
+            W = np.zeros((k, 1 + d + _GAUSS_DIMS.size + self.n_cells + self.n_binge_columns))
+            W[:, self.cells] = np.log(theta).reshape(k, -1)
         else:
-            W = np.zeros((k, 1 + d + _GAUSS_DIMS.size))
+            W = np.zeros((k, 1 + d + _GAUSS_DIMS.size + self.n_binge_columns))
             self._angle(stats, F.HOUR, n, W, const)
             self._angle(stats, F.DOW, n, W, const)
         dev = stats[:, 1 + F.DEVICE.start:1 + F.DEVICE.stop] + self.device_alpha
@@ -215,11 +247,78 @@ class TypedSession:
         const += np.log1p(-q)
         mean = stats[:, 1 + _GAUSS_DIMS] / n[:, None]
         var = np.maximum(stats[:, 1 + d:1 + d + _GAUSS_DIMS.size] / n[:, None] - mean**2, 0.0) + _GAUSS_FLOORS
+        if self.binge_lengths == "pooled":
+            self._binge_lengths(stats, n, mean, var, W)
         W[:, 1 + _GAUSS_DIMS] = mean / var
         W[:, 1 + d:1 + d + _GAUSS_DIMS.size] = -0.5 / var
         const -= 0.5 * (_GAUSS_DIMS.size * LOG_2PI + np.log(var).sum(axis=1) + (mean**2 / var).sum(axis=1))
         W[:, 0] = const
         return W
+
+    def _binge_lengths(self, stats: np.ndarray, n: np.ndarray, mean: np.ndarray, var: np.ndarray,
+                       W: np.ndarray) -> None:
+        """``binge_lengths="pooled"``: the lengths of a component's *non-binge* sessions
+        are its Gaussian (mean/var replaced in place, shrunk towards the household's
+        pooled non-binge lengths by LENGTH_PSEUDO sessions), and the lengths of binge
+        sessions follow ONE Gaussian pooled over all components (same for every k, so it
+        cancels in the posterior). With b the binge flag and y a length column:
+
+            log p = (1 - b) N(y; mu_k, s_k^2) + b N(y; mu_b, s_b^2)
+
+        is linear in (y, y^2, b, b*y, b*y^2); the last two are the extra phi columns.
+        The pooled parameters are sums of the statistics over components, so exact
+        unlearning still holds."""
+        d = F.FEATURE_DIM
+        nb_cols = slice(W.shape[1] - self.n_binge_columns, W.shape[1])
+        b_y = stats[:, nb_cols][:, :_LENGTH_DIMS.size]
+        b_yy = stats[:, nb_cols][:, _LENGTH_DIMS.size:]
+        n_b = stats[:, 1 + F.BINGE]
+        y = stats[:, 1 + _LENGTH_DIMS]
+        yy = stats[:, 1 + d + _LENGTH_IN_GAUSS]
+        floors = _GAUSS_FLOORS[_LENGTH_IN_GAUSS]
+
+        def gauss(s0: np.ndarray, s1: np.ndarray, s2: np.ndarray, pseudo: float, m0: np.ndarray,
+                  v0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            c = s0[..., None] + pseudo
+            m = (s1 + pseudo * m0) / c
+            v = np.maximum((s2 + pseudo * (v0 + m0**2)) / c - m**2, 0.0) + floors
+            return m, v
+
+        # Household pools (sums over components); a household without any non-binge
+        # (or binge) session falls back on all of its sessions' lengths.
+        tot_n, tot_b = n.sum(), n_b.sum()
+        all_m, all_v = gauss(np.array(tot_n), y.sum(0), yy.sum(0), 1e-9, np.zeros(2), np.zeros(2))
+        pool_nb_m, pool_nb_v = gauss(np.array(tot_n - tot_b), y.sum(0) - b_y.sum(0), yy.sum(0) - b_yy.sum(0),
+                                     LENGTH_PSEUDO, all_m, all_v)
+        mu_b, var_b = gauss(np.array(tot_b), b_y.sum(0), b_yy.sum(0), LENGTH_PSEUDO, all_m, all_v)
+        mu_k, var_k = gauss(np.maximum(n - n_b, 0.0), y - b_y, yy - b_yy, LENGTH_PSEUDO, pool_nb_m, pool_nb_v)
+        mean[:, _LENGTH_IN_GAUSS] = mu_k
+        var[:, _LENGTH_IN_GAUSS] = var_k
+        # b * (pooled binge log density - component non-binge log density), expanded.
+        W[:, nb_cols] = np.hstack((mu_b / var_b - mu_k / var_k, -0.5 / var_b + 0.5 / var_k))
+        const_b = -0.5 * (LOG_2PI + np.log(var_b) + mu_b**2 / var_b).sum()
+        const_k = -0.5 * (LOG_2PI + np.log(var_k) + mu_k**2 / var_k).sum(axis=1)
+        W[:, 1 + F.BINGE] += const_b - const_k
+
+    def effective_params(self, stats: np.ndarray, support: float = 0.5) -> np.ndarray:
+        """(K,) parameters each component actually estimates from its sessions.
+
+        A categorical block with C categories has C - 1 free parameters, but a category
+        a component never uses (expected count < ``support``) is fixed by the smoothing
+        prior, not by the data; counting it (as plain BIC does) charges a small
+        household ~57 parameters per person and merges persons who differ in only a few
+        categories (e.g. tablet at 16h vs tv at 21h). Here a categorical block counts
+        (used categories - 1); the binge rate and the Gaussians (mean, variance) count
+        in full. This is BIC with the dimension of the estimated model's support."""
+        d = F.FEATURE_DIM
+        def used(block: np.ndarray) -> np.ndarray:
+            return np.maximum((block >= support).sum(axis=1) - 1, 0)
+        df = used(stats[:, 1 + F.DEVICE.start:1 + F.DEVICE.stop]) + used(stats[:, 1 + F.GENRE.start:1 + F.GENRE.stop])
+        if self.rhythm == "bins":
+            df = df + used(stats[:, self.cells])
+        else:
+            df = df + 4
+        return (df + 1 + 2 * _GAUSS_DIMS.size).astype(np.float64)
 
     def params_per_component(self, dim: int) -> int:
         rhythm = 2 * RHYTHM_BINS - 1 if self.rhythm == "bins" else 4
@@ -357,9 +456,32 @@ class Mixture:
         dim = self.stats.shape[1]
         return k * self.family.params_per_component(_dim_hint(self.family, dim)) + (k - 1)
 
+    def n_params_effective(self) -> float:
+        """Parameters estimated from data (see TypedSession.effective_params); the
+        nominal count for families without that notion."""
+        eff = getattr(self.family, "effective_params", None)
+        if eff is None:
+            return float(self.n_params())
+        alive = self.alive
+        return float(eff(self.stats[alive]).sum() + (alive.sum() - 1))
+
     def bic(self, X: np.ndarray) -> float:
         """BIC = -2 log L + p log N (lower is better)."""
         return -2.0 * self.log_likelihood(X) + self.n_params() * np.log(max(X.shape[0], 1))
+
+    def bic_effective(self, X: np.ndarray) -> float:
+        """BIC with the effective parameter count p_eff (``n_params_effective``)."""
+        return -2.0 * self.log_likelihood(X) + self.n_params_effective() * np.log(max(X.shape[0], 1))
+
+    def score(self, X: np.ndarray, criterion: str) -> float:
+        """Model-selection criterion by name (lower is better)."""
+        if criterion == "bic":
+            return self.bic(X)
+        if criterion == "icl":
+            return self.icl(X)
+        if criterion == "bic_eff":
+            return self.bic_effective(X)
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
 
     def icl(self, X: np.ndarray) -> float:
         """ICL = BIC + 2 * classification entropy: penalises overlapping components."""
@@ -461,13 +583,14 @@ def fit_select_k(X: np.ndarray, k_max: int = 6, family: Family | None = None, se
                  k_min: int = 1, keys: np.ndarray | None = None,
                  max_iter: int = 200) -> Selection:
     """Fit k = k_min..min(k_max, N) components (``n_init`` seedings each, best
-    likelihood kept) and keep the k with the lowest ``criterion`` ("bic" or "icl").
+    likelihood kept) and keep the k with the lowest ``criterion`` ("bic", "icl" or
+    "bic_eff" = BIC with the effective parameter count, see Mixture.n_params_effective).
     Empty components are pruned from the winner."""
     X = _check_matrix(X)
     if X.shape[0] == 0:
         raise ValueError("X must contain at least one session")
-    if criterion not in ("bic", "icl"):
-        raise ValueError(f"criterion must be 'bic' or 'icl', got {criterion!r}")
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     if k_max < 1:
         raise ValueError(f"k_max must be >= 1, got {k_max}")
     family = family or TypedSession()
@@ -481,7 +604,7 @@ def fit_select_k(X: np.ndarray, k_max: int = 6, family: Family | None = None, se
             if top is None or trace[-1] > top[0]:
                 top = (trace[-1], m)
         assert top is not None
-        score = top[1].bic(X) if criterion == "bic" else top[1].icl(X)
+        score = top[1].score(X, criterion)
         scores[k] = score
         if best is None or score < best[0]:
             best = (score, top[1], k)

@@ -114,3 +114,71 @@ def test_labels_are_clamped_and_bad_input_rejected():
         gmm.fit_select_k(X, criterion="aic")
     with pytest.raises(ValueError, match="k must"):
         gmm.fit_em(X, 0, gmm.GaussianDiag(), rng)
+
+
+def test_effective_parameters_count_only_used_categories():
+    fam = gmm.TypedSession()
+    X = simulate_population(1, seed=5)[0].features.astype(np.float64)
+    stats = np.ones((1, X.shape[0])) @ fam.phi(X)
+    full = fam.params_per_component(X.shape[1])
+    eff = fam.effective_params(stats)[0]
+    assert 11 <= eff <= full
+    # one session: a single category per block is used, so only the binge rate and
+    # the Gaussians (mean and variance of 5 columns) are estimated
+    one = fam.phi(X[:1])
+    assert fam.effective_params(one)[0] == 11 + (np.count_nonzero(X[0, 10:29] >= 0.5) > 1)
+
+
+def test_criterion_names_are_checked_and_bic_eff_is_not_above_bic(household):
+    X = household.features
+    sel = gmm.fit_select_k(X, 3, criterion="bic_eff")
+    assert sel.criterion == "bic_eff" and set(sel.scores) == {1, 2, 3}
+    assert sel.model.bic_effective(X) <= sel.model.bic(X) + 1e-9
+    with pytest.raises(ValueError, match="criterion"):
+        gmm.fit_select_k(X, 3, criterion="aic")
+
+
+@pytest.fixture(scope="module")
+def pooled():
+    return gmm.TypedSession(binge_lengths="pooled")
+
+
+def test_pooled_binge_lengths_do_not_change_who_watched_a_binge(household, pooled):
+    # The lengths of a binge session follow one household-wide Gaussian, identical for
+    # every component: changing them must not move the posterior (it does under the
+    # joint family, where a component's length Gaussian judges them).
+    X = household.features.astype(np.float64)
+    binge = np.flatnonzero(X[:, 32] > 0.5)
+    assert binge.size >= 2
+    m, _ = gmm.fit_em(X, 3, pooled, np.random.default_rng(0))
+    joint, _ = gmm.fit_em(X, 3, gmm.TypedSession(), np.random.default_rng(0))
+    Y = X[binge].copy()
+    Y[:, [31, 33]] += np.array([2.0, 1.0])  # much longer binges
+    np.testing.assert_allclose(m.predict_proba(Y), m.predict_proba(X[binge]), atol=1e-9)
+    assert not np.allclose(joint.predict_proba(Y), joint.predict_proba(X[binge]), atol=1e-3)
+    # and it is a density: the binge block is not free likelihood
+    assert np.all(np.isfinite(m.log_joint(X)))
+
+
+def test_pooled_family_unlearning_is_exact(household, pooled):
+    X = household.features.astype(np.float64)
+    m, _ = gmm.fit_em(X, 3, pooled, np.random.default_rng(1))
+    keep = np.ones(X.shape[0], dtype=bool)
+    keep[::4] = False
+    rest = gmm.Mixture.from_responsibilities(pooled, X[keep], m.ledger_resp[keep])
+    m.remove_sessions(m.ledger_keys[~keep], X[~keep])
+    np.testing.assert_allclose(m.stats, rest.stats, atol=1e-9)
+    np.testing.assert_allclose(m.W, rest.W, atol=1e-9 * np.abs(rest.W).max())
+
+
+def test_pooled_family_em_is_monotone_up_to_smoothing(household, pooled):
+    _, trace = gmm.fit_em(household.features, 3, pooled, np.random.default_rng(0), max_iter=60, tol=0.0)
+    assert trace[-1] > trace[0]
+    assert np.all(np.diff(trace) >= -1e-5 * np.abs(trace).max())
+
+
+def test_typed_family_options_are_checked():
+    with pytest.raises(ValueError, match="binge_lengths"):
+        gmm.TypedSession(binge_lengths="separate")
+    with pytest.raises(ValueError, match="rhythm"):
+        gmm.TypedSession(rhythm="hours")
