@@ -20,17 +20,13 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from bench._common import log  # noqa: E402
 from services.clustering.domain.model import HouseholdModel, ScoringTable, assign_many  # noqa: E402
 from services.clustering.domain.simulator import simulate_population  # noqa: E402
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def main() -> None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -46,6 +45,7 @@ from services.clustering.domain.simulator import simulate_population
 from services.feedback.domain.evaluation import DEFAULT_FEEDBACK_RATE, evaluate_recalibration, feedback_mask
 from services.feedback.domain.metrics import calibration_summary, cohort_labels
 from services.feedback.domain.variants import ExperimentFlags, assign_variants
+from bench._common import cpu_model, log
 
 TARGET_BRIER = 0.10
 TARGET_ECE = 0.02
@@ -53,21 +53,6 @@ MAX_PERSONS = 6
 MODEL_NOTE = ("Hearth's HouseholdModel (services/clustering/domain/model.py), variant gmm or kmeans, "
               "fitted per household on all its sessions; cold-start accounts answered by the "
               "account-level strategy")
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def fit_household(features: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -34,25 +33,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from bench._common import cpu_model, log
 
 TARGETS_MS = {"household": 1000.0, "person": 500.0, "device": 200.0}
 DEVICES = (("tv-1", "tv"), ("ph-1", "mobile"), ("tab-1", "tablet"))
 DAY = 86400.0
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def account(i: int) -> str:

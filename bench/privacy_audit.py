@@ -28,26 +28,12 @@ import numpy as np
 
 from services.privacy.domain import audit, merkle
 from services.privacy.domain.keys import Ed25519PrivateKey
+from bench._common import cpu_model, log
 
 TARGET_EVENTS_PER_S = 20_000
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 EVENT_TYPES = list(audit.EventType)
 ROLES = list(audit.Role)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def raw_events(n: int, start: int = 0) -> list[tuple]:
