@@ -140,14 +140,12 @@ class AuditApp:
         about someone else, then append durably. The entries built to validate are
         the ones appended (the writer only stamps their seqs)."""
         entries: list[AuditEntry] = []
+        reporter = caller.id if caller is not None else None
         for i, record in enumerate(records):
             try:
-                entry = record_to_entry(record, 0)
+                entries.append(record_to_entry(record, 0, reporter))
             except ValueError as exc:
                 raise InvalidArgument(str(exc).split(": ", 1)[-1], f"records[{i}].{_field_of(exc)}") from None
-            if caller is not None and caller.id != entry.principal and "reported_by" not in entry.details:
-                entry = replace(entry, details=dict(entry.details, reported_by=caller.id))
-            entries.append(entry)
         return self.store.append_entries(entries, [r.record_id for r in records])
 
     def _detect(self, entries: Sequence[AuditEntry], seqs: Sequence[int]) -> list[AuditRecord]:

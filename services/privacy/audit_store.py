@@ -129,13 +129,14 @@ _INSERT_INTO = ("INSERT INTO audit_entries (seq, ts, event_type, principal, role
                 "trace_id, record_id, canonical, leaf_hash, chain_hash) VALUES ")
 _ROW_MARKS = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _COLUMNS_PER_ROW = 12
-# Rows per INSERT statement. One multi-row statement instead of one execution per row:
-# the driver releases the GIL around every statement execution, and with callers'
-# threads busy each release can cost the writer a whole switch interval (5 ms) before
-# it gets the GIL back, so per-row executions stalled the single writer. 256 rows are
-# 3072 parameters, below SQLite's limit (32766 since 3.32; 999 before, hence 64) and
-# PostgreSQL's 65535.
-_ROWS_PER_INSERT = 256 if sqlite3.sqlite_version_info >= (3, 32) else 64
+# Rows per INSERT statement (multi-row VALUES). SQLite: the driver releases the GIL
+# around every statement execution, and with callers' threads busy each release can
+# cost the single writer a whole switch interval (5 ms) before it gets the GIL back,
+# so one execution per row stalled it; 256 rows are 3072 parameters, below SQLite's
+# limit (32766 since 3.32; 999 before, hence 64). PostgreSQL: psycopg's per-statement
+# work dominates, but it re-parses any statement longer than 4 KiB or with more than 50
+# parameters on every execution, so 4 rows (48 parameters) per statement, pipelined.
+_ROWS_PER_INSERT = {"sqlite": 256 if sqlite3.sqlite_version_info >= (3, 32) else 64, "postgres": 4}
 
 
 @functools.lru_cache(maxsize=None)
@@ -143,18 +144,19 @@ def _insert_sql(rows: int) -> str:
     return _INSERT_INTO + ", ".join([_ROW_MARKS] * rows)
 
 
-def _insert_rows(tx, rows: list[tuple]) -> None:
-    """Insert rows with full statements of ``_ROWS_PER_INSERT`` rows and the remainder
-    split into powers of two, so only a handful of distinct statements are ever
-    prepared (and cached)."""
+def _insert_rows(tx, rows: list[tuple], dialect: str) -> None:
+    """Insert rows with ``executemany`` of full statements of ``_ROWS_PER_INSERT``
+    rows, and the remainder split into powers of two, so only a handful of distinct
+    statements are ever prepared (and cached)."""
+    per_statement = _ROWS_PER_INSERT.get(dialect, 1)
     flat = list(itertools.chain.from_iterable(rows))
-    width = _ROWS_PER_INSERT * _COLUMNS_PER_ROW
-    full = len(rows) // _ROWS_PER_INSERT
+    width = per_statement * _COLUMNS_PER_ROW
+    full = len(rows) // per_statement
     if full:
-        tx.executemany(_insert_sql(_ROWS_PER_INSERT),
+        tx.executemany(_insert_sql(per_statement),
                        [flat[i * width:(i + 1) * width] for i in range(full)])
-    start, rest = full * _ROWS_PER_INSERT, len(rows) % _ROWS_PER_INSERT
-    size = _ROWS_PER_INSERT
+    start, rest = full * per_statement, len(rows) % per_statement
+    size = per_statement
     while rest:
         size >>= 1
         if rest >= size:
@@ -246,15 +248,20 @@ class AuditVerification:
     sth: SignedTreeHead | None
 
 
-def record_to_entry(record: AuditRecord, seq: int) -> AuditEntry:
-    """The domain entry for a validated record at ``seq`` (ValueError naming the field)."""
+def record_to_entry(record: AuditRecord, seq: int, reporter: str | None = None) -> AuditEntry:
+    """The domain entry for a validated record at ``seq`` (ValueError naming the field).
+    ``reporter``: who sent the record; noted as ``details.reported_by`` when the record
+    is about someone else and does not name a reporter already."""
     try:
         ts = datetime.fromtimestamp(record.ts, UTC)
     except (OverflowError, OSError, TypeError, ValueError):
         raise ValueError(f"ts: not a representable Unix time: {record.ts!r}") from None
+    details = _decode_details(record.details_json)
+    if reporter is not None and reporter != record.principal and "reported_by" not in details:
+        details["reported_by"] = reporter  # a dict decoded just now: nobody else holds it
     return AuditEntry.build(
         seq, ts, record.event_type, record.principal, record.role, record.resource,
-        record.outcome, record.trace_id, _decode_details(record.details_json))
+        record.outcome, record.trace_id, details)
 
 
 def _make_scanner() -> Callable[[str, int], tuple[object, int]] | None:
@@ -565,7 +572,7 @@ class AuditStore:
                 for s, cols, data, leaf, chain in zip(range(first, seq), columns, canonical, leaves, chains)]
         try:
             with self.db.transaction() as tx:
-                _insert_rows(tx, rows)
+                _insert_rows(tx, rows, self.db.dialect)
                 moved = tx.execute("UPDATE audit_state SET size = ?, state = ? WHERE id = 1 AND size = ?",
                                    (new_state.size, new_state.to_bytes(), state.size))
                 if moved != 1:
