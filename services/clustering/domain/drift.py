@@ -1,31 +1,56 @@
 """Per-household drift detection against a frozen reference mixture.
 
-Two statistics run over the stream of new sessions (indices count monitored sessions):
+Five statistics run over the stream of new sessions (indices count monitored sessions):
 
 1. **Surprise CUSUM.** Each session's negative log-likelihood under the reference
-   mixture, standardised with the mean/std measured on held-out reference sessions:
-   z_i = (-log p(x_i) - mu) / sigma (mu, sigma: median and 1.4826 MAD). One-sided CUSUM C_i = max(0, C_{i-1} + z_i - k)
-   with allowance k = ``CUSUM_ALLOWANCE`` and z clipped at ``Z_CLIP`` (single
-   outliers such as a trip must not accumulate); alarm when C_i > ``cusum_h``. The mean of
-   -log p over a window minus mu estimates the excess cross-entropy, i.e. the increase of
-   KL(recent || model) over its reference level (reported as ``kl_excess``).
-2. **Composition KL.** Over the last ``window`` sessions, the mean posterior ŵ (who
-   watched) against the model's weights w: G = 2 * window * KL(ŵ || w), asymptotically
-   chi-square with K-1 degrees of freedom when nothing changed; alarm when G >
-   ``kl_threshold``. It sees a person leaving, which the surprise cannot.
+   mixture, standardised with the median and 1.4826 MAD measured on held-out reference
+   sessions: z_i = (-log p(x_i) - mu) / sigma. One-sided CUSUM
+   C_i = max(0, C_{i-1} + z_i - k) with allowance k = ``CUSUM_ALLOWANCE`` and z clipped
+   at ``Z_CLIP`` (a single outlier such as a trip must not accumulate); alarm when
+   C_i > ``cusum_h``. The mean of -log p over the alarm window minus mu estimates the
+   excess cross-entropy, i.e. the increase of KL(recent || model) over its reference
+   level (reported as ``kl_excess``).
+2. **Composition KL.** Over the last ``window`` sessions, the mean posterior w_hat (who
+   watched) against the model's weights w: G = 2 * window * KL(w_hat || w), asymptotically
+   chi-square with df = K - 1 when nothing changed; standardised as
+   (G - df) / sqrt(2 df) so that one threshold serves every household size; alarm when
+   above ``kl_threshold``. It sees a person leaving, which the surprise cannot.
+3. **Block-agreement CUSUM** (typed family only; its log-density is a sum of per-block
+   terms given the person). Per session, the pointwise mutual information between the
+   "when/where" block T (rhythm, device) and the content block C (genres, maturity,
+   length, binge, VPN): s = log sum_k w_k p(T|k)p(C|k) - log sum_k w_k p(T|k)
+   - log sum_k w_k p(C|k). When a person's hours jump onto another member's while the
+   content stays theirs, the mixture still explains each block but the blocks point to
+   different persons and s falls. Standardised on the holdout like the surprise
+   (lower side), same CUSUM; alarm when above ``agreement_h``.
+4. **Window MMD.** Kernel two-sample statistic between the last ``window`` sessions and
+   all reference sessions (Gaussian kernel on standardised features without day of
+   week, median-heuristic bandwidth), standardised per household by its spread over
+   contiguous reference windows; alarm when above ``mmd_threshold``. It needs no
+   model, so it sees changes of the joint distribution the mixture absorbs.
+5. **Per-person weight CUSUMs.** For each person k, a CUSUM of the log-likelihood
+   ratio of the responsibility r_ik (a fractional Bernoulli outcome) under
+   w'_k = ``WEIGHT_RHO_DOWN`` * w_k (k leaves) and under
+   w'_k = (w_k + ``WEIGHT_SHARE_UP``) / (1 + ``WEIGHT_SHARE_UP``) (k's share rises, e.g.
+   a newcomer absorbed by the most similar member) against w_k:
+   r log(w'/w) + (1 - r) log((1 - w')/(1 - w)); alarm when the maximum over persons
+   and sides exceeds ``weight_h``.
 
-Thresholds are calibrated on simulated *stable* households (``calibrate``): each is set
-at the (1 - alpha/2) quantile of the per-household maximum of its statistic over the
-monitoring horizon, so that the per-household false-alarm rate is at most ~alpha
-(union bound). The shipped defaults come from ``calibrate`` at alpha = 1 % on the
-simulator's default difficulty (docs/clustering.md; bench/accuracy.py re-measures the
-false-alarm rate on fresh households).
+Thresholds are calibrated on simulated *stable* households (``calibrate``): each
+statistic's per-household maximum over the monitoring horizon gets an exponential tail
+fitted above its 90 % quantile; every statistic is set where its tail is exceeded with
+the same probability p, p chosen so that the share of calibration households with *any*
+alarm is at most alpha (the stated false-alarm rate, per household).
+The shipped defaults come from ``calibrate`` at alpha = 1 % on the simulator's default
+difficulty, seeds 501 (docs/clustering.md); bench/accuracy.py re-measures the
+false-alarm rate on fresh households.
 
 Event typing (heuristic, reported separately from detection): composition when the KL
-statistic fires first or most alarming sessions look like nobody (z > ``NOVEL_Z``);
-seasonal when the surprise rises for most persons together; otherwise a single person
-changed: behavioural when the excess is mostly in the genre block, gradual when the
-surprise keeps rising across the alarm window (positive trend), sudden otherwise.
+or weight statistic is the most alarming or most alarm-window sessions look like nobody
+(z > ``NOVEL_Z``); seasonal when the surprise rises for most persons together; otherwise
+a single person changed: behavioural when the excess is mostly in the genre block,
+gradual when the surprise keeps rising across the alarm window (positive trend),
+sudden otherwise.
 """
 
 from __future__ import annotations
@@ -37,21 +62,135 @@ import numpy as np
 from scipy.special import logsumexp
 
 from services.clustering.domain import features as F
-from services.clustering.domain.gmm import Mixture
+from services.clustering.domain.gmm import _GAUSS_DIMS, Mixture, TypedSession
 
 CUSUM_ALLOWANCE = 1.0
 Z_CLIP = 3.0  # one outlying session (a trip, a guest) adds at most Z_CLIP - allowance
 NOVEL_Z = 4.0
+# The holdout's median estimates mu with standard error ~1.2533 sigma / sqrt(n_hold);
+# an error of mu acts as a permanent shift that a CUSUM accumulates over a long stream,
+# so the allowance grows by this many standard errors (small references get more slack).
+ALLOWANCE_GUARD = 1.5
+# Per-person weight CUSUMs: alternatives "person k now watches rho_down times as much"
+# (leaving) and "person k's share rose by SHARE_UP of the total" (a newcomer absorbed by
+# the most similar member, or a member watching much more).
+WEIGHT_RHO_DOWN = 0.25
+WEIGHT_SHARE_UP = 0.2
 RECLUSTER_SEVERITY = 1.5
+
+
+# -- window MMD ----------------------------------------------------------------------
+# Feature weights of the kernel: day of week is left out (a window of 40 sessions spans
+# a few days in a large household, so its weekday mix legitimately differs from the
+# reference's); every other feature counts after standardisation by the reference.
+_MMD_FEATURE_MASK = np.ones(F.FEATURE_DIM, dtype=bool)
+_MMD_FEATURE_MASK[F.DOW] = False
+MMD_SCALE_FLOOR = 0.05  # std floor: a genre nobody watched must not explode the scale
+MMD_NULL_STRIDE = 2
+MMD_CHUNK = 256
+
+
+def _sq_dist(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    d = (A * A).sum(axis=1)[:, None] + (B * B).sum(axis=1)[None, :] - 2.0 * A @ B.T
+    return np.maximum(d, 0.0)
+
+
+def _block_sums(K: np.ndarray, starts: np.ndarray, size: int) -> np.ndarray:
+    """Sum of K[a:a+size, a:a+size] for every a in ``starts`` (summed-area table)."""
+    P = np.zeros((K.shape[0] + 1, K.shape[1] + 1))
+    P[1:, 1:] = K.cumsum(axis=0).cumsum(axis=1)
+    e = starts + size
+    return P[e, e] - P[starts, e] - P[e, starts] + P[starts, starts]
+
+
+class _WindowMMD:
+    """Squared MMD between the last ``window`` sessions and the reference sessions,
+    Gaussian kernel k(x, y) = exp(-|s(x) - s(y)|^2 / bw) on standardised features s
+    (bandwidth bw = median squared distance within the reference). Unbiased within-
+    window term: MMD^2 = mean_{i != j in win} k + mean_{r != r'} k - 2 mean_{i, r} k.
+
+    A kernel two-sample test sees any change of the joint distribution, including the
+    ones a mixture likelihood absorbs (a person's hours moving onto another member's
+    while their genres stay; a newcomer resembling an existing member shifts the
+    joint mix of the window). Standardised per household with the null spread of the
+    same statistic on contiguous reference windows against the rest of the reference
+    (contiguous, so that binges and trips inflate the null as they do in the stream):
+    z = (MMD^2 - median) / (1.4826 MAD)."""
+
+    def __init__(self, X_ref: np.ndarray, window: int) -> None:
+        self.window = window
+        self.loc = X_ref[:, _MMD_FEATURE_MASK].mean(axis=0)
+        self.scale = np.maximum(X_ref[:, _MMD_FEATURE_MASK].std(axis=0), MMD_SCALE_FLOOR)
+        self.ref = self._standardise(X_ref)
+        D2 = _sq_dist(self.ref, self.ref)
+        n = D2.shape[0]
+        off = D2[~np.eye(n, dtype=bool)]
+        self.bandwidth = float(max(np.median(off), 1e-6))
+        K = np.exp(-D2 / self.bandwidth)
+        self.ref_term = float((K.sum() - n) / (n * (n - 1)))
+        self.tail = np.zeros((0, self.ref.shape[1]))
+        self.tail_cross = np.zeros(0)
+        # Null: contiguous reference windows (size w0 <= window) against the rest.
+        w0 = int(min(window, n // 2))
+        starts = np.arange(0, n - w0 + 1, MMD_NULL_STRIDE)
+        within = _block_sums(K, starts, w0)
+        row = K.sum(axis=1)
+        crow = np.concatenate(([0.0], np.cumsum(row)))
+        win_rows = crow[starts + w0] - crow[starts]  # sum over win x all
+        cross = win_rows - within  # win x rest
+        total = K.sum()
+        rest = total - 2.0 * win_rows + within  # rest x rest (with diagonal)
+        m = n - w0
+        null = ((within - w0) / (w0 * (w0 - 1)) + (rest - m) / (m * (m - 1))
+                - 2.0 * cross / (w0 * m))
+        self.null_loc = float(np.median(null))
+        self.null_scale = float(max(1.4826 * np.median(np.abs(null - self.null_loc)), 1e-4))
+
+    def _standardise(self, X: np.ndarray) -> np.ndarray:
+        return (X[:, _MMD_FEATURE_MASK] - self.loc) / self.scale
+
+    def series(self, X: np.ndarray) -> np.ndarray:
+        """Standardised statistic for each new session (NaN until a window is full);
+        consumes the sessions (keeps the last window - 1 as the tail)."""
+        out = np.full(X.shape[0], np.nan)
+        w = self.window
+        for c0 in range(0, X.shape[0], MMD_CHUNK):
+            S = self._standardise(X[c0:c0 + MMD_CHUNK])
+            cross_new = np.exp(-_sq_dist(S, self.ref) / self.bandwidth).mean(axis=1)
+            Y = np.vstack((self.tail, S))
+            cross = np.concatenate((self.tail_cross, cross_new))
+            m = self.tail.shape[0]
+            ends = np.arange(m + 1, Y.shape[0] + 1)  # window ends (exclusive) of new sessions
+            full = ends >= w
+            if full.any():
+                K = np.exp(-_sq_dist(Y, Y) / self.bandwidth)
+                starts = ends[full] - w
+                within = (_block_sums(K, starts, w) - w) / (w * (w - 1))
+                ccum = np.concatenate(([0.0], np.cumsum(cross)))
+                xterm = (ccum[starts + w] - ccum[starts]) / w
+                mmd2 = within + self.ref_term - 2.0 * xterm
+                out[c0 + np.flatnonzero(full)] = (mmd2 - self.null_loc) / self.null_scale
+            keep = max(w - 1, 0)
+            self.tail = Y[-keep:] if keep else Y[:0]
+            self.tail_cross = cross[-keep:] if keep else cross[:0]
+        return out
 
 
 @dataclass(frozen=True)
 class DriftThresholds:
-    cusum_h: float = 26.8  # bench.accuracy --calibrate: 99.5 % quantile, 367 stable households
-    kl_threshold: float = 23.7  # same, composition KL
+    """Alarm thresholds. Defaults: ``calibrate(alpha=0.01)`` on the maxima of 367 stable
+    simulated households (default difficulty, seeds 501, ``python -m bench.accuracy
+    --calibrate``); ``false_alarm_rate`` is the stated per-household rate they hold
+    on that calibration set over ``horizon_sessions``."""
+
+    cusum_h: float = 16.05  # surprise CUSUM
+    kl_threshold: float = 15.04  # composition KL, chi-square standardised G
     window: int = 40
     false_alarm_rate: float = 0.01  # per household over the calibration horizon
     horizon_sessions: int = 400
+    mmd_threshold: float = 20.47  # standardised window MMD
+    agreement_h: float = 17.10  # block-agreement CUSUM
+    weight_h: float = 16.38  # per-person weight CUSUM (maximum over persons and sides)
 
 
 DEFAULT_THRESHOLDS = DriftThresholds()
@@ -76,22 +215,87 @@ class DriftEvent:
     details: dict = field(default_factory=dict)
 
 
+def _when_where_columns(family, n_phi: int) -> np.ndarray | None:
+    """Boolean mask over phi's columns of the "when and where" blocks (rhythm, device)
+    for the typed family, whose log-density is a sum of per-block terms given the
+    component; None for families whose blocks are coupled (full covariance)."""
+    if not isinstance(family, TypedSession):
+        return None
+    mask = np.zeros(n_phi, dtype=bool)
+    mask[1 + F.HOUR.start:1 + F.DOW.stop] = True
+    mask[1 + F.DEVICE.start:1 + F.DEVICE.stop] = True
+    mask[1 + F.FEATURE_DIM + _GAUSS_DIMS.size:] = True  # rhythm cells
+    return mask
+
+
+def _agreement(mix: Mixture, phi: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Pointwise mutual information between the "when/where" block T and the content
+    block C of each session under the mixture:
+    s = log sum_k w_k p(T|k) p(C|k) - log sum_k w_k p(T|k) - log sum_k w_k p(C|k).
+    Its mean is the mutual information of the blocks (>= 0): sessions whose hours and
+    devices point to one person and whose content points to another drive it down."""
+    lt = phi[:, mask] @ mix.W[:, mask].T
+    lc = phi[:, ~mask] @ mix.W[:, ~mask].T
+    lw = mix.log_weights
+    return (logsumexp(lt + lc + lw, axis=1) - logsumexp(lt + lw, axis=1) - logsumexp(lc + lw, axis=1))
+
+
 class DriftDetector:
     """Streaming detector for one household. ``reference`` is the frozen mixture;
     ``holdout`` are reference-period sessions the mixture was NOT fitted on (used for
     the standardisation of the surprise)."""
 
     def __init__(self, reference: Mixture, holdout: np.ndarray,
-                 thresholds: DriftThresholds = DEFAULT_THRESHOLDS) -> None:
+                 thresholds: DriftThresholds = DEFAULT_THRESHOLDS,
+                 reference_sessions: np.ndarray | None = None) -> None:
         holdout = np.asarray(holdout, dtype=np.float64)
         if holdout.ndim != 2 or holdout.shape[0] < 2:
             raise ValueError(f"holdout must hold at least 2 sessions, got shape {holdout.shape}")
+        if thresholds.window < 2:
+            raise ValueError(f"thresholds.window must be >= 2, got {thresholds.window}")
+        self.mmd: _WindowMMD | None = None
+        # Block agreement: standardised like the surprise, on the holdout.
+        self._tw_mask = _when_where_columns(reference.family, reference.W.shape[1])
+        self.agree_mu = self.agree_sigma = 0.0
+        if self._tw_mask is not None:
+            a = _agreement(reference, reference.family.phi(holdout), self._tw_mask)
+            self.agree_mu = float(np.median(a))
+            self.agree_sigma = float(max(1.4826 * np.median(np.abs(a - self.agree_mu)), 0.25))
+        # Chi-square standardisation of the composition G statistic: df = alive persons - 1
+        # (at least 1), so one threshold serves households of every size.
+        self._kl_df = float(max(int(np.sum(np.isfinite(reference.log_weights))) - 1, 1))
+        # Per-person weight CUSUMs (log-likelihood ratios of the responsibility r_ik as a
+        # fractional Bernoulli outcome, alternative share w' against w).
+        w = np.exp(reference.log_weights)
+        alive = w > 0
+        w_down = WEIGHT_RHO_DOWN * w
+        w_up = (w + WEIGHT_SHARE_UP) / (1.0 + WEIGHT_SHARE_UP)
+        self._alive = alive & (w < 1.0 - 1e-9)  # a one-person household has no weights to shift
+        with np.errstate(divide="ignore", invalid="ignore"):
+            llr = np.stack([np.log(w_down / w), np.log((1 - w_down) / (1 - w)),
+                            np.log(w_up / w), np.log((1 - w_up) / (1 - w))])
+        self._llr = np.where(self._alive[None, :], llr, 0.0)
+        self.weight_cusum = np.zeros((2, w.size))
+        self.weight_start = np.zeros((2, w.size), dtype=int)
+        self.max_weight = 0.0
+        self.agree_cusum = 0.0
+        self.agree_start = 0
+        self.max_agree = 0.0
+        if reference_sessions is not None:
+            reference_sessions = np.asarray(reference_sessions, dtype=np.float64)
+            if reference_sessions.ndim != 2 or reference_sessions.shape[1] != F.FEATURE_DIM \
+                    or reference_sessions.shape[0] < 4:
+                raise ValueError("reference_sessions must have shape (N >= 4, "
+                                 f"{F.FEATURE_DIM}), got {reference_sessions.shape}")
+            self.mmd = _WindowMMD(reference_sessions, thresholds.window)
+        self.mmd_hist: list[float] = []
         self.reference = reference
         self.thresholds = thresholds
         nll = self._nll(holdout)
         # Robust location/scale: one trip or guest session in the holdout must not
         # inflate sigma (median and 1.4826 * MAD, the normal-consistent MAD).
         self.mu = float(np.median(nll))
+        self.allowance = CUSUM_ALLOWANCE + ALLOWANCE_GUARD * 1.2533 / np.sqrt(holdout.shape[0])
         self.sigma = float(max(1.4826 * np.median(np.abs(nll - self.mu)), 1.0))
         self.cusum = 0.0
         self.cusum_start = 0
@@ -100,6 +304,8 @@ class DriftDetector:
         self.post_hist: list[np.ndarray] = []
         self.block_hist: list[np.ndarray] = []
         self.alarmed = False
+        self.max_cusum = 0.0
+        self.max_kl = 0.0
 
     def _nll(self, X: np.ndarray) -> np.ndarray:
         return -logsumexp(self.reference.log_joint(X), axis=1)
@@ -130,6 +336,12 @@ class DriftDetector:
         post = np.exp(lj - lse)
         z = np.minimum((-lse[:, 0] - self.mu) / self.sigma, Z_CLIP)
         blocks = self._blocks(X, post.argmax(axis=1))
+        mmd = self.mmd.series(X) if self.mmd is not None else np.full(X.shape[0], np.nan)
+        if self._tw_mask is not None:
+            a = _agreement(self.reference, self.reference.family.phi(X), self._tw_mask)
+            za = np.minimum((self.agree_mu - a) / self.agree_sigma, Z_CLIP)
+        else:
+            za = np.zeros(X.shape[0])
         events: list[DriftEvent] = []
         th = self.thresholds
         logw = self.reference.log_weights
@@ -139,29 +351,62 @@ class DriftDetector:
             self.post_hist.append(post[i])
             self.block_hist.append(blocks[i])
             prev = self.cusum
-            self.cusum = max(0.0, self.cusum + float(z[i]) - CUSUM_ALLOWANCE)
+            self.cusum = max(0.0, self.cusum + float(z[i]) - self.allowance)
             if prev == 0.0 and self.cusum > 0.0:
                 self.cusum_start = self.index
             kl_g = 0.0
             if len(self.post_hist) >= th.window:
                 w_hat = np.mean(self.post_hist[-th.window:], axis=0) * 0.999 + 0.001 * w
                 alive = w > 0
-                kl_g = 2.0 * th.window * float(np.sum(w_hat[alive] * (np.log(w_hat[alive]) - logw[alive])))
-            if not self.alarmed and (self.cusum > th.cusum_h or kl_g > th.kl_threshold):
+                g_raw = 2.0 * th.window * float(np.sum(w_hat[alive] * (np.log(w_hat[alive]) - logw[alive])))
+                kl_g = (g_raw - self._kl_df) / np.sqrt(2.0 * self._kl_df)
+            prev_a = self.agree_cusum
+            self.agree_cusum = max(0.0, self.agree_cusum + float(za[i]) - self.allowance)
+            if prev_a == 0.0 and self.agree_cusum > 0.0:
+                self.agree_start = self.index
+            self.max_agree = max(self.max_agree, self.agree_cusum)
+            r = post[i]
+            step = np.stack([r * self._llr[0] + (1 - r) * self._llr[1],
+                             r * self._llr[2] + (1 - r) * self._llr[3]])
+            fresh = self.weight_cusum == 0.0
+            self.weight_cusum = np.maximum(0.0, self.weight_cusum + step)
+            self.weight_start[fresh & (self.weight_cusum > 0)] = self.index
+            weight_stat = float(self.weight_cusum.max())
+            self.max_weight = max(self.max_weight, weight_stat)
+            self.max_cusum = max(self.max_cusum, self.cusum)
+            self.max_kl = max(self.max_kl, kl_g)
+            mmd_i = float(mmd[i]) if np.isfinite(mmd[i]) else 0.0
+            self.mmd_hist.append(mmd_i)
+            if not self.alarmed and (self.cusum > th.cusum_h or kl_g > th.kl_threshold
+                                     or mmd_i > th.mmd_threshold
+                                     or self.agree_cusum > th.agreement_h
+                                     or weight_stat > th.weight_h):
                 self.alarmed = True
                 ts = float(timestamps[i]) if timestamps is not None else None
-                events.append(self._event(kl_g, ts))
+                events.append(self._event(kl_g, mmd_i, ts))
             self.index += 1
         return events
 
-    def _event(self, kl_g: float, ts: float | None) -> DriftEvent:
+    def _event(self, kl_g: float, mmd_z: float, ts: float | None) -> DriftEvent:
         th = self.thresholds
-        by_cusum = self.cusum > th.cusum_h
-        if by_cusum:
-            stat, name, sev = self.cusum, "surprise_cusum", self.cusum / th.cusum_h
+        # The statistic furthest above its threshold names the event.
+        ratios = {"surprise_cusum": self.cusum / th.cusum_h, "composition_kl": kl_g / th.kl_threshold,
+                  "window_mmd": mmd_z / th.mmd_threshold,
+                  "block_agreement_cusum": self.agree_cusum / th.agreement_h,
+                  "person_weight_cusum": float(self.weight_cusum.max()) / th.weight_h}
+        name = max(ratios, key=ratios.get)
+        sev = ratios[name]
+        stat = {"surprise_cusum": self.cusum, "composition_kl": kl_g, "window_mmd": mmd_z,
+                "block_agreement_cusum": self.agree_cusum,
+                "person_weight_cusum": float(self.weight_cusum.max())}[name]
+        by_cusum = name not in ("composition_kl", "person_weight_cusum")
+        if name == "surprise_cusum":
             start = self.cusum_start
+        elif name == "block_agreement_cusum":
+            start = self.agree_start
+        elif name == "person_weight_cusum":
+            start = int(self.weight_start.flat[int(np.argmax(self.weight_cusum))])
         else:
-            stat, name, sev = kl_g, "composition_kl", kl_g / th.kl_threshold
             start = max(0, self.index - th.window + 1)
         z = np.array(self.z_hist[start:])
         post = np.array(self.post_hist[start:])
@@ -191,62 +436,95 @@ class DriftDetector:
         return DriftEvent(kind, float(sev), float(stat), name, self.index, int(start), ts,
                           kind == "composition" or sev >= RECLUSTER_SEVERITY, kl_excess,
                           {"novel_share": novel, "share_persons_raised": share_raised, "trend": trend,
-                           "genre_excess": genre_excess, "rest_excess": rest_excess, "kl_statistic": kl_g})
+                           "genre_excess": genre_excess, "rest_excess": rest_excess, "kl_statistic": kl_g, "mmd_statistic": mmd_z})
+
+    def maxima(self) -> tuple[float, float, float, float, float]:
+        """Largest value each statistic reached so far, in ``calibrate``'s column order."""
+        return (self.max_cusum, self.max_kl, float(max(self.mmd_hist, default=0.0)),
+                self.max_agree, self.max_weight)
 
     def reset(self) -> None:
         """After a re-cluster: start monitoring afresh (new reference expected)."""
         self.cusum, self.cusum_start, self.alarmed = 0.0, self.index, False
+        self.agree_cusum, self.agree_start = 0.0, self.index
+        self.weight_cusum = np.zeros_like(self.weight_cusum)
+        self.weight_start = np.full_like(self.weight_start, self.index)
 
 
 def stream_maxima(reference: Mixture, holdout: np.ndarray, stream: np.ndarray,
-                  window: int = DEFAULT_THRESHOLDS.window) -> tuple[float, float]:
-    """Maximum CUSUM and composition-KL statistics over a stream with no alarms (used
-    for calibration)."""
-    det = DriftDetector(reference, holdout, DriftThresholds(np.inf, np.inf, window))
-    max_c = max_g = 0.0
-    lj = reference.log_joint(stream)
-    lse = logsumexp(lj, axis=1, keepdims=True)
-    post = np.exp(lj - lse)
-    z = np.minimum((-lse[:, 0] - det.mu) / det.sigma, Z_CLIP)
-    c = 0.0
-    for zi in z:
-        c = max(0.0, c + zi - CUSUM_ALLOWANCE)
-        max_c = max(max_c, c)
-    w = np.exp(reference.log_weights)
-    alive = w > 0
-    if post.shape[0] >= window:
-        csum = np.cumsum(np.vstack((np.zeros(post.shape[1]), post)), axis=0)
-        w_hat = (csum[window:] - csum[:-window]) / window * 0.999 + 0.001 * w
-        g = 2.0 * window * np.sum(w_hat[:, alive] * (np.log(w_hat[:, alive]) - reference.log_weights[alive]), axis=1)
-        max_g = float(g.max())
-    return max_c, max_g
+                  reference_sessions: np.ndarray,
+                  window: int = DEFAULT_THRESHOLDS.window) -> tuple[float, ...]:
+    """Per-household maxima over a stream with every alarm disabled (calibration), in
+    ``calibrate``'s column order: (surprise CUSUM, composition KL, window MMD, block
+    agreement, person weight)."""
+    off = DriftThresholds(np.inf, np.inf, window, mmd_threshold=np.inf, agreement_h=np.inf, weight_h=np.inf)
+    det = DriftDetector(reference, holdout, off, reference_sessions=reference_sessions)
+    det.update(np.asarray(stream, dtype=np.float64))
+    return det.maxima()
 
 
-def calibrate(maxima: Sequence[tuple[float, float]], alpha: float = 0.01,
+TAIL_FROM_QUANTILE = 0.9  # peaks over this quantile model each statistic's tail
+
+
+def _tail_threshold(x: np.ndarray, p: float) -> float:
+    """Threshold exceeded with probability ``p`` under an exponential tail fitted to the
+    peaks over the ``TAIL_FROM_QUANTILE`` quantile (peaks-over-threshold; the maxima of a
+    CUSUM are close to Gumbel, whose tail is exponential):
+    t = u + mean(x - u | x > u) * log((1 - q0) / p)."""
+    u = float(np.quantile(x, TAIL_FROM_QUANTILE))
+    excess = x[x > u] - u
+    scale = float(excess.mean()) if excess.size else 0.0
+    return u + max(scale, 1e-9) * float(np.log((1.0 - TAIL_FROM_QUANTILE) / p))
+
+
+def calibrate(maxima: Sequence[Sequence[float]], alpha: float = 0.01,
               window: int = DEFAULT_THRESHOLDS.window, horizon: int = 400) -> DriftThresholds:
-    """Thresholds from stable households' stream maxima: each statistic at its
-    (1 - alpha/2) empirical quantile (union bound -> per-household false alarms <= alpha)."""
+    """Thresholds from stable households' stream maxima, columns in the order
+    (surprise CUSUM, composition KL[, window MMD[, block agreement[, person weight]]]).
+
+    Each statistic gets the threshold its fitted tail (``_tail_threshold``) exceeds with
+    the same probability p; p is the largest value on a geometric grid from alpha down
+    at which the share of calibration households with *any* statistic above its
+    threshold is <= alpha. The union is thereby held at alpha on the calibration data
+    (not each statistic; correlated statistics get more room than Bonferroni's
+    alpha / m), while the fitted tails give thresholds that vary smoothly instead of
+    jumping between the few most extreme households, which is all an empirical 99.9 %
+    quantile of a few hundred households can see. Columns not given are disabled (inf)."""
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     arr = np.asarray(maxima, dtype=np.float64)
-    if arr.ndim != 2 or arr.shape[0] < 10:
-        raise ValueError("maxima must hold at least 10 (cusum, kl) pairs")
-    q = 1.0 - alpha / 2.0
-    return DriftThresholds(float(np.quantile(arr[:, 0], q)), float(np.quantile(arr[:, 1], q)),
-                           window, alpha, horizon)
+    if arr.ndim != 2 or arr.shape[0] < 10 or arr.shape[1] not in (2, 3, 4, 5):
+        raise ValueError("maxima must hold at least 10 rows of (cusum, kl[, mmd[, agreement[, weight]]]) maxima")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("maxima must be finite")
+    th = np.full(arr.shape[1], np.inf)
+    for p in np.geomspace(alpha, alpha * 1e-4, 400):
+        th = np.array([_tail_threshold(arr[:, j], p) for j in range(arr.shape[1])])
+        if np.mean(np.any(arr > th, axis=1)) <= alpha:
+            break
+    else:
+        th = arr.max(axis=0)  # unreachable in practice: above every calibration maximum
+    full = np.concatenate((th, np.full(5 - th.size, np.inf)))
+    return DriftThresholds(float(full[0]), float(full[1]), window, alpha, horizon,
+                           float(full[2]), float(full[3]), float(full[4]))
 
 
 def build_detector(X_reference: np.ndarray, family=None, k_max: int = 6, seed: int = 0,
                    holdout_fraction: float = 0.25,
                    thresholds: DriftThresholds = DEFAULT_THRESHOLDS) -> DriftDetector:
     """Reference mixture fitted on the first (1 - holdout_fraction) of the reference
-    sessions (time order), standardisation measured on the rest (out of sample)."""
+    sessions (time order), standardisation of the surprise measured on the rest (out of
+    sample); the window MMD compares against all reference sessions."""
     from services.clustering.domain.gmm import fit_select_k
 
     X_reference = np.asarray(X_reference, dtype=np.float64)
+    if X_reference.ndim != 2 or X_reference.shape[1] != F.FEATURE_DIM:
+        raise ValueError(f"X_reference must have shape (N, {F.FEATURE_DIM}), got {X_reference.shape}")
+    if not np.all(np.isfinite(X_reference)):
+        raise ValueError("X_reference contains NaN or infinite values")
     n = X_reference.shape[0]
     n_hold = max(2, int(round(holdout_fraction * n)))
     if n - n_hold < 5:
         raise ValueError(f"X_reference needs at least {n_hold + 5} sessions, got {n}")
     sel = fit_select_k(X_reference[: n - n_hold], k_max, family, seed)
-    return DriftDetector(sel.model, X_reference[n - n_hold:], thresholds)
+    return DriftDetector(sel.model, X_reference[n - n_hold:], thresholds, reference_sessions=X_reference)

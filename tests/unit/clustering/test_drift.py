@@ -69,3 +69,104 @@ def test_bad_stream_rejected():
     with pytest.raises(ValueError, match="X"):
         det.update(np.zeros((2, 3)))
     assert det.update(np.zeros((0, 35))) == []
+
+
+def test_calibrate_holds_the_union_at_alpha():
+    # Four statistics, correlated through a shared factor: the share of households
+    # with any statistic above its threshold must be at most alpha, and each
+    # threshold must leave more room than the Bonferroni level alpha / 4.
+    rng = np.random.default_rng(3)
+    shared = rng.exponential(1.0, 2000)
+    maxima = np.column_stack([shared + rng.exponential(1.0, 2000) for _ in range(4)])
+    th = D.calibrate(maxima, alpha=0.05)
+    limits = np.array([th.cusum_h, th.kl_threshold, th.mmd_threshold, th.agreement_h])
+    union = np.mean(np.any(maxima > limits, axis=1))
+    assert union <= 0.05 and union >= 0.04
+    assert np.all(np.mean(maxima > limits, axis=0) > 0.05 / 4)
+
+
+def test_block_agreement_fires_when_hours_move_onto_another_member():
+    # Two persons with distinct rhythms and genres; after the change person A watches
+    # A's content at B's hours and on B's device: each block alone is still explained
+    # by the mixture, the combination is not.
+    h = simulate_household(np.random.default_rng(11), difficulty=0.1, n_persons=2, days=150)
+    X = h.features.astype(np.float64)
+    ref_end = h.n_sessions // 2
+    det = D.build_detector(X[:ref_end], thresholds=D.DriftThresholds(np.inf, np.inf))
+    stream = X[ref_end:]
+    person = h.person[ref_end:]
+    a, b = stream[person == 0], stream[person == 1]
+    swapped = a.copy()
+    m = min(a.shape[0], b.shape[0])
+    when_where = np.r_[0:4, 4:10]  # hour, day of week, device (features.py layout)
+    swapped[:m, when_where] = b[:m, when_where]
+    det_null = D.build_detector(X[:ref_end], thresholds=D.DriftThresholds(np.inf, np.inf))
+    det_null.update(np.vstack([a[:m], b[:m]]))
+    det.update(np.vstack([swapped[:m], b[:m]]))
+    assert det.max_agree > 2.0 * max(det_null.max_agree, 1.0)
+
+
+def test_window_mmd_reacts_to_a_shifted_stream_only():
+    h = simulate_household(np.random.default_rng(5), difficulty=0.1, n_persons=2, days=150)
+    X = h.features.astype(np.float64)
+    ref_end = h.n_sessions // 2
+    quiet = D.build_detector(X[:ref_end], thresholds=D.DriftThresholds(np.inf, np.inf))
+    quiet.update(X[ref_end:])
+    shifted = X[ref_end:].copy()
+    shifted[:, 4:10] = 0.0
+    shifted[:, 7] = 1.0  # every session now on a desktop
+    loud = D.build_detector(X[:ref_end], thresholds=D.DriftThresholds(np.inf, np.inf))
+    loud.update(shifted)
+    assert max(loud.mmd_hist) > 3.0 * max(max(quiet.mmd_hist), 1.0)
+
+
+def test_batching_does_not_change_the_statistics():
+    h = simulate_household(np.random.default_rng(9), difficulty=0.3, n_persons=3)
+    X = h.features.astype(np.float64)
+    ref_end = h.n_sessions // 3
+    one = D.build_detector(X[:ref_end], thresholds=D.DriftThresholds(np.inf, np.inf))
+    one.update(X[ref_end:])
+    many = D.build_detector(X[:ref_end], thresholds=D.DriftThresholds(np.inf, np.inf))
+    for chunk in np.array_split(X[ref_end:], 7):
+        many.update(chunk)
+    np.testing.assert_allclose(one.mmd_hist, many.mmd_hist, rtol=1e-9, atol=1e-9)
+    assert one.max_agree == pytest.approx(many.max_agree)
+    assert one.max_cusum == pytest.approx(many.max_cusum)
+
+
+def test_person_weight_cusum_sees_a_person_leave_not_a_stable_mix():
+    h = simulate_household(np.random.default_rng(7), difficulty=0.1, n_persons=3, days=150)
+    X = h.features.astype(np.float64)
+    ref_end = h.n_sessions // 2
+    stream, person = X[ref_end:], h.person[ref_end:]
+    free = D.DriftThresholds(np.inf, np.inf)
+    stable = D.build_detector(X[:ref_end], thresholds=free)
+    stable.update(stream)
+    left = D.build_detector(X[:ref_end], thresholds=free)
+    left.update(stream[person != person[0]])  # one member stops watching
+    assert left.max_weight > 2.0 * max(stable.max_weight, 1.0)
+
+
+def test_one_person_household_has_no_weight_statistic():
+    h = simulate_household(np.random.default_rng(2), difficulty=0.1, n_persons=1, days=120)
+    X = h.features.astype(np.float64)
+    det = D.build_detector(X[: X.shape[0] // 2], k_max=1, thresholds=D.DriftThresholds(np.inf, np.inf))
+    det.update(X[X.shape[0] // 2:])
+    assert det.max_weight == 0.0
+
+
+def test_stream_maxima_feed_calibrate_and_reset_rearms():
+    h = simulate_household(np.random.default_rng(4), difficulty=0.3, n_persons=3)
+    X = h.features.astype(np.float64)
+    ref_end = h.n_sessions // 3
+    det = D.build_detector(X[:ref_end])
+    m = D.stream_maxima(det.reference, X[ref_end - 10:ref_end], X[ref_end:], X[:ref_end])
+    assert len(m) == 5 and all(v >= 0.0 for v in m)
+    # An alarm, then reset: the CUSUMs restart from zero and can alarm again.
+    shifted = X[ref_end:].copy()
+    shifted[:, 4:10] = 0.0
+    shifted[:, 7] = 1.0
+    assert det.update(shifted)
+    det.reset()
+    assert det.cusum == 0.0 and det.agree_cusum == 0.0 and float(det.weight_cusum.max()) == 0.0
+    assert det.update(shifted)
