@@ -39,10 +39,10 @@ test-e2e: hearth/__init__.py ## end-to-end tests only (real processes)
 	$(PY) -m pytest -q tests/e2e
 
 bench-accuracy: hearth/__init__.py ## clustering accuracy vs ground truth and scikit-learn (JSON)
-	$(PY) -m bench.accuracy
+	OMP_NUM_THREADS=1 $(PY) -m bench.accuracy
 
 bench-assign: hearth/__init__.py ## in-process assignment latency and batch throughput (JSON)
-	$(PY) -m bench.assign
+	OMP_NUM_THREADS=1 $(PY) -m bench.assign
 
 bench-attribution: hearth/__init__.py ## exact Markov/Shapley vs ChannelAttribution (JSON)
 	$(PY) -m bench.attribution
@@ -51,7 +51,7 @@ bench-privacy: hearth/__init__.py ## deletion latency per scope and audit throug
 	$(PY) -m bench.privacy
 
 bench-feedback: hearth/__init__.py ## calibration before/after recalibration (JSON)
-	$(PY) -m bench.feedback
+	OMP_NUM_THREADS=1 $(PY) -m bench.feedback
 
 .PHONY: certs
 certs: $(STAMP) ## create a local CA and mTLS certificates for every process under ./certs/ (development)
