@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -43,25 +42,12 @@ from services.common.storage.sql import PostgresDatabase, SqliteDatabase, migrat
 from services.privacy.audit_app import AuditApp
 from services.privacy.domain.keys import generate_private_key
 from services.privacy.migrations import MIGRATIONS
+from bench._common import cpu_model, log
 
 TARGET_EVENTS_PER_S = 20_000
 PRINCIPALS = [Principal(f"user-{i}", Role.ANALYST) for i in range(97)]
 EVENTS = [audit.INGEST, audit.ASSIGN, audit.ATTRIBUTION_RUN, audit.FEEDBACK]
 
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def records(n: int, offset: int = 0) -> list[audit.AuditRecord]:

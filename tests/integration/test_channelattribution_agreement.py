@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-ChannelAttribution = pytest.importorskip("ChannelAttribution")
+import ChannelAttribution  # noqa: E402  (a pinned dev dependency: missing = failure, not a skip)
 
 from services.attribution.domain.heuristics import heuristic_attribution  # noqa: E402
 from services.attribution.domain.markov import MarkovConventions, markov_attribution  # noqa: E402
