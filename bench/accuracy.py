@@ -14,7 +14,7 @@ cold_start_accuracy (3-9 session accounts, default strategy), accuracy_labels_1p
 5pct (that share of sessions labelled with their true person), brier (multi-class,
 summed over persons), ece (top label, 15 bins), drift_* (per household, see drift.py;
 drift_alarm_statistic counts which statistic raised each detection, drift_thresholds
-echoes the thresholds in use; --calibrate prints the five drift thresholds fitted at
+echoes the thresholds in use; --calibrate prints the six drift thresholds fitted at
 alpha = 1 % on stable households of seeds 501).
 """
 
@@ -135,15 +135,16 @@ REF_FRACTION = 0.4  # reference = sessions of the first 40 % of the period
 
 
 def drift_case(h, days: int, thresholds: D.DriftThresholds | None):
-    """With ``thresholds`` None (calibration): the per-household maxima of the four
+    """With ``thresholds`` None (calibration): the per-household maxima of the six
     statistics over the stream (surprise CUSUM, composition KL, window MMD, block
-    agreement CUSUM), no alarms. Otherwise (absolute alarm index or None, first event,
-    reference end)."""
+    agreement CUSUM, person weight CUSUM, predictive refit GLR), no alarms. Otherwise
+    (absolute alarm index or None, first event, reference end)."""
     ref_end = int(np.searchsorted(h.timestamps, BASE_EPOCH + REF_FRACTION * days * DAY_S))
     if ref_end < 20 or h.n_sessions - ref_end < 20:
         return None
     X = h.features.astype(np.float64)
-    off = D.DriftThresholds(np.inf, np.inf, mmd_threshold=np.inf, agreement_h=np.inf, weight_h=np.inf)
+    off = D.DriftThresholds(np.inf, np.inf, mmd_threshold=np.inf, agreement_h=np.inf, weight_h=np.inf,
+                            glr_h=np.inf)
     det = D.build_detector(X[:ref_end], thresholds=thresholds or off)
     stream = X[ref_end:]
     if thresholds is None:
@@ -204,6 +205,7 @@ def run_drift(level: float, n_stable: int, n_per_type: int, seed: int, days: int
                              "mmd_threshold": D.DEFAULT_THRESHOLDS.mmd_threshold,
                              "agreement_h": D.DEFAULT_THRESHOLDS.agreement_h,
                              "weight_h": D.DEFAULT_THRESHOLDS.weight_h,
+                             "glr_h": D.DEFAULT_THRESHOLDS.glr_h,
                              "false_alarm_rate_target": D.DEFAULT_THRESHOLDS.false_alarm_rate},
     }
 
@@ -242,6 +244,7 @@ def calibrate(quick: bool) -> dict:
     log(f"calibration: drift thresholds {th}")
     return {"temperature": float(t_best), "cusum_h": th.cusum_h, "kl_threshold": th.kl_threshold,
             "mmd_threshold": th.mmd_threshold, "agreement_h": th.agreement_h, "weight_h": th.weight_h,
+            "glr_h": th.glr_h,
             "drift_calibration_alpha": th.false_alarm_rate, "stable_households": len(maxima)}
 
 

@@ -1,6 +1,6 @@
 """Per-household drift detection against a frozen reference mixture.
 
-Five statistics run over the stream of new sessions (indices count monitored sessions):
+Six statistics run over the stream of new sessions (indices count monitored sessions):
 
 1. **Surprise CUSUM.** Each session's negative log-likelihood under the reference
    mixture, standardised with the median and 1.4826 MAD measured on held-out reference
@@ -35,6 +35,18 @@ Five statistics run over the stream of new sessions (indices count monitored ses
    a newcomer absorbed by the most similar member) against w_k:
    r log(w'/w) + (1 - r) log((1 - w')/(1 - w)); alarm when the maximum over persons
    and sides exceeds ``weight_h``.
+6. **Predictive refit GLR.** Every ``GLR_STRIDE`` sessions, the reference mixture is
+   refitted on the block A of the ``GLR_WINDOW`` sessions before the last
+   ``GLR_WINDOW`` (block B): a few EM steps warm-started from the reference, whose
+   statistics enter as a prior worth ``GLR_PRIOR_SESSIONS`` sessions, plus one extra
+   component seeded (``GLR_NEW_PSEUDO`` pseudo-sessions) from A's least-explained
+   sessions so the number of persons may grow. The statistic is the out-of-sample
+   log-likelihood ratio of the refit against the frozen reference on B:
+   sum_{i in B} min(log p_A(x_i) - log p_ref(x_i), ``GLR_CLIP``). Predicting the *next*
+   block removes the in-sample gain every refit enjoys under no change (large for
+   small references), a change that persists from A into B is rewarded, a trip or a
+   binge confined to A is not; the clip keeps a few outlying sessions of B from
+   carrying the sum. Alarm when above ``glr_h``.
 
 Thresholds are calibrated on simulated *stable* households (``calibrate``): each
 statistic's per-household maximum over the monitoring horizon gets an exponential tail
@@ -77,6 +89,15 @@ ALLOWANCE_GUARD = 1.5
 WEIGHT_RHO_DOWN = 0.25
 WEIGHT_SHARE_UP = 0.2
 RECLUSTER_SEVERITY = 1.5
+# Predictive refit GLR (statistic 6): block size, evaluation stride, prior strength of
+# the reference in the refit (in sessions), EM steps, weight of the seeded extra
+# component (pseudo-sessions) and the per-session clip of the log-likelihood ratio.
+GLR_WINDOW = 40
+GLR_STRIDE = 5
+GLR_PRIOR_SESSIONS = 150.0
+GLR_EM_STEPS = 4
+GLR_NEW_PSEUDO = 3.0
+GLR_CLIP = 2.0
 
 
 # -- window MMD ----------------------------------------------------------------------
@@ -176,6 +197,57 @@ class _WindowMMD:
         return out
 
 
+class _RefitGLR:
+    """Predictive refit GLR (statistic 6 of the module docstring). Keeps phi and the
+    reference log-density of the last 2 * ``GLR_WINDOW`` sessions; ``series`` returns the
+    statistic at the sessions where it is evaluated (every ``GLR_STRIDE`` sessions once
+    2 * ``GLR_WINDOW`` have been seen, counted from the first monitored session) and NaN
+    elsewhere. The refit of block A:
+    stats = prior + sum_{i in A} r_i phi(x_i), prior = reference statistics scaled to
+    ``GLR_PRIOR_SESSIONS`` sessions plus an extra component with statistics
+    ``GLR_NEW_PSEUDO`` * sum_i s_i phi(x_i), s = softmax over A of -log p_ref(x_i)."""
+
+    def __init__(self, reference: Mixture) -> None:
+        self.reference = reference
+        total = float(reference.stats[:, 0].sum())
+        self.prior = reference.stats * (GLR_PRIOR_SESSIONS / max(total, 1e-12))
+        n_phi = reference.W.shape[1]
+        self.phi = np.zeros((0, n_phi))
+        self.lse_ref = np.zeros(0)
+        self.seen = 0
+
+    def _block_glr(self, phi_a: np.ndarray, lse_a: np.ndarray, phi_b: np.ndarray,
+                   lse_b: np.ndarray) -> float:
+        surprise = -lse_a
+        seed_w = np.exp(surprise - surprise.max())
+        seed_w /= seed_w.sum()
+        prior = np.vstack((self.prior, (GLR_NEW_PSEUDO * seed_w) @ phi_a))
+        mix = Mixture(self.reference.family, prior.copy())
+        for _ in range(GLR_EM_STEPS):
+            lj = phi_a @ mix.W.T + mix.log_weights
+            R = np.exp(lj - logsumexp(lj, axis=1, keepdims=True))
+            mix.stats = prior + R.T @ phi_a
+            mix.refresh()
+        lse_refit = logsumexp(phi_b @ mix.W.T + mix.log_weights, axis=1)
+        return float(np.minimum(lse_refit - lse_b, GLR_CLIP).sum())
+
+    def series(self, phi: np.ndarray, lse_ref: np.ndarray) -> np.ndarray:
+        """Consumes the sessions (phi rows and their reference log-densities)."""
+        w, span = GLR_WINDOW, 2 * GLR_WINDOW
+        out = np.full(phi.shape[0], np.nan)
+        P = np.vstack((self.phi, phi))
+        L = np.concatenate((self.lse_ref, lse_ref))
+        offset = self.seen - self.phi.shape[0]  # stream index of P's first row
+        for j in range(phi.shape[0]):
+            count = self.seen + j + 1  # sessions seen up to and including this one
+            if count >= span and (count - span) % GLR_STRIDE == 0:
+                e = count - offset
+                out[j] = self._block_glr(P[e - span:e - w], L[e - span:e - w], P[e - w:e], L[e - w:e])
+        self.seen += phi.shape[0]
+        self.phi, self.lse_ref = P[-(span - 1):], L[-(span - 1):]
+        return out
+
+
 @dataclass(frozen=True)
 class DriftThresholds:
     """Alarm thresholds. Defaults: ``calibrate(alpha=0.01)`` on the maxima of 367 stable
@@ -191,6 +263,7 @@ class DriftThresholds:
     mmd_threshold: float = 20.47  # standardised window MMD
     agreement_h: float = 17.10  # block-agreement CUSUM
     weight_h: float = 16.38  # per-person weight CUSUM (maximum over persons and sides)
+    glr_h: float = 37.74  # predictive refit GLR (nats over a block of GLR_WINDOW sessions)
 
 
 DEFAULT_THRESHOLDS = DriftThresholds()
@@ -289,6 +362,8 @@ class DriftDetector:
                                  f"{F.FEATURE_DIM}), got {reference_sessions.shape}")
             self.mmd = _WindowMMD(reference_sessions, thresholds.window)
         self.mmd_hist: list[float] = []
+        self.glr = _RefitGLR(reference)
+        self.max_glr = 0.0
         self.reference = reference
         self.thresholds = thresholds
         nll = self._nll(holdout)
@@ -331,14 +406,16 @@ class DriftDetector:
             raise ValueError("timestamps must match the sessions")
         if X.shape[0] == 0:
             return []
-        lj = self.reference.log_joint(X)
+        phi = self.reference.family.phi(X)
+        lj = phi @ self.reference.W.T + self.reference.log_weights
         lse = logsumexp(lj, axis=1, keepdims=True)
+        glr = self.glr.series(phi, lse[:, 0])
         post = np.exp(lj - lse)
         z = np.minimum((-lse[:, 0] - self.mu) / self.sigma, Z_CLIP)
         blocks = self._blocks(X, post.argmax(axis=1))
         mmd = self.mmd.series(X) if self.mmd is not None else np.full(X.shape[0], np.nan)
         if self._tw_mask is not None:
-            a = _agreement(self.reference, self.reference.family.phi(X), self._tw_mask)
+            a = _agreement(self.reference, phi, self._tw_mask)
             za = np.minimum((self.agree_mu - a) / self.agree_sigma, Z_CLIP)
         else:
             za = np.zeros(X.shape[0])
@@ -377,28 +454,32 @@ class DriftDetector:
             self.max_kl = max(self.max_kl, kl_g)
             mmd_i = float(mmd[i]) if np.isfinite(mmd[i]) else 0.0
             self.mmd_hist.append(mmd_i)
+            glr_i = float(glr[i]) if np.isfinite(glr[i]) else -np.inf
+            if np.isfinite(glr_i):
+                self.max_glr = max(self.max_glr, glr_i)
             if not self.alarmed and (self.cusum > th.cusum_h or kl_g > th.kl_threshold
                                      or mmd_i > th.mmd_threshold
                                      or self.agree_cusum > th.agreement_h
-                                     or weight_stat > th.weight_h):
+                                     or weight_stat > th.weight_h or glr_i > th.glr_h):
                 self.alarmed = True
                 ts = float(timestamps[i]) if timestamps is not None else None
-                events.append(self._event(kl_g, mmd_i, ts))
+                events.append(self._event(kl_g, mmd_i, ts, max(glr_i, 0.0)))
             self.index += 1
         return events
 
-    def _event(self, kl_g: float, mmd_z: float, ts: float | None) -> DriftEvent:
+    def _event(self, kl_g: float, mmd_z: float, ts: float | None, glr: float) -> DriftEvent:
         th = self.thresholds
         # The statistic furthest above its threshold names the event.
         ratios = {"surprise_cusum": self.cusum / th.cusum_h, "composition_kl": kl_g / th.kl_threshold,
                   "window_mmd": mmd_z / th.mmd_threshold,
                   "block_agreement_cusum": self.agree_cusum / th.agreement_h,
-                  "person_weight_cusum": float(self.weight_cusum.max()) / th.weight_h}
+                  "person_weight_cusum": float(self.weight_cusum.max()) / th.weight_h,
+                  "refit_glr": glr / th.glr_h}
         name = max(ratios, key=ratios.get)
         sev = ratios[name]
         stat = {"surprise_cusum": self.cusum, "composition_kl": kl_g, "window_mmd": mmd_z,
                 "block_agreement_cusum": self.agree_cusum,
-                "person_weight_cusum": float(self.weight_cusum.max())}[name]
+                "person_weight_cusum": float(self.weight_cusum.max()), "refit_glr": glr}[name]
         by_cusum = name not in ("composition_kl", "person_weight_cusum")
         if name == "surprise_cusum":
             start = self.cusum_start
@@ -406,6 +487,8 @@ class DriftDetector:
             start = self.agree_start
         elif name == "person_weight_cusum":
             start = int(self.weight_start.flat[int(np.argmax(self.weight_cusum))])
+        elif name == "refit_glr":
+            start = max(0, self.index - 2 * GLR_WINDOW + 1)  # block A's first session
         else:
             start = max(0, self.index - th.window + 1)
         z = np.array(self.z_hist[start:])
@@ -436,12 +519,14 @@ class DriftDetector:
         return DriftEvent(kind, float(sev), float(stat), name, self.index, int(start), ts,
                           kind == "composition" or sev >= RECLUSTER_SEVERITY, kl_excess,
                           {"novel_share": novel, "share_persons_raised": share_raised, "trend": trend,
-                           "genre_excess": genre_excess, "rest_excess": rest_excess, "kl_statistic": kl_g, "mmd_statistic": mmd_z})
+                           "genre_excess": genre_excess, "rest_excess": rest_excess, "kl_statistic": kl_g, "mmd_statistic": mmd_z,
+                           "glr_statistic": glr})
 
-    def maxima(self) -> tuple[float, float, float, float, float]:
-        """Largest value each statistic reached so far, in ``calibrate``'s column order."""
+    def maxima(self) -> tuple[float, float, float, float, float, float]:
+        """Largest value each statistic reached so far, in ``calibrate``'s column order
+        (the refit GLR's maximum is 0 until it has been evaluated once)."""
         return (self.max_cusum, self.max_kl, float(max(self.mmd_hist, default=0.0)),
-                self.max_agree, self.max_weight)
+                self.max_agree, self.max_weight, self.max_glr)
 
     def reset(self) -> None:
         """After a re-cluster: start monitoring afresh (new reference expected)."""
@@ -456,8 +541,9 @@ def stream_maxima(reference: Mixture, holdout: np.ndarray, stream: np.ndarray,
                   window: int = DEFAULT_THRESHOLDS.window) -> tuple[float, ...]:
     """Per-household maxima over a stream with every alarm disabled (calibration), in
     ``calibrate``'s column order: (surprise CUSUM, composition KL, window MMD, block
-    agreement, person weight)."""
-    off = DriftThresholds(np.inf, np.inf, window, mmd_threshold=np.inf, agreement_h=np.inf, weight_h=np.inf)
+    agreement, person weight, refit GLR)."""
+    off = DriftThresholds(np.inf, np.inf, window, mmd_threshold=np.inf, agreement_h=np.inf, weight_h=np.inf,
+                          glr_h=np.inf)
     det = DriftDetector(reference, holdout, off, reference_sessions=reference_sessions)
     det.update(np.asarray(stream, dtype=np.float64))
     return det.maxima()
@@ -480,7 +566,8 @@ def _tail_threshold(x: np.ndarray, p: float) -> float:
 def calibrate(maxima: Sequence[Sequence[float]], alpha: float = 0.01,
               window: int = DEFAULT_THRESHOLDS.window, horizon: int = 400) -> DriftThresholds:
     """Thresholds from stable households' stream maxima, columns in the order
-    (surprise CUSUM, composition KL[, window MMD[, block agreement[, person weight]]]).
+    (surprise CUSUM, composition KL[, window MMD[, block agreement[, person weight[,
+    refit GLR]]]]).
 
     Each statistic gets the threshold its fitted tail (``_tail_threshold``) exceeds with
     the same probability p; p is the largest value on a geometric grid from alpha down
@@ -493,8 +580,9 @@ def calibrate(maxima: Sequence[Sequence[float]], alpha: float = 0.01,
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     arr = np.asarray(maxima, dtype=np.float64)
-    if arr.ndim != 2 or arr.shape[0] < 10 or arr.shape[1] not in (2, 3, 4, 5):
-        raise ValueError("maxima must hold at least 10 rows of (cusum, kl[, mmd[, agreement[, weight]]]) maxima")
+    if arr.ndim != 2 or arr.shape[0] < 10 or arr.shape[1] not in (2, 3, 4, 5, 6):
+        raise ValueError("maxima must hold at least 10 rows of (cusum, kl[, mmd[, agreement[, weight[, glr]]]]) "
+                         "maxima")
     if not np.all(np.isfinite(arr)):
         raise ValueError("maxima must be finite")
     th = np.full(arr.shape[1], np.inf)
@@ -504,9 +592,9 @@ def calibrate(maxima: Sequence[Sequence[float]], alpha: float = 0.01,
             break
     else:
         th = arr.max(axis=0)  # unreachable in practice: above every calibration maximum
-    full = np.concatenate((th, np.full(5 - th.size, np.inf)))
+    full = np.concatenate((th, np.full(6 - th.size, np.inf)))
     return DriftThresholds(float(full[0]), float(full[1]), window, alpha, horizon,
-                           float(full[2]), float(full[3]), float(full[4]))
+                           float(full[2]), float(full[3]), float(full[4]), float(full[5]))
 
 
 def build_detector(X_reference: np.ndarray, family=None, k_max: int = 6, seed: int = 0,

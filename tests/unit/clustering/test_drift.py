@@ -132,6 +132,53 @@ def test_batching_does_not_change_the_statistics():
     np.testing.assert_allclose(one.mmd_hist, many.mmd_hist, rtol=1e-9, atol=1e-9)
     assert one.max_agree == pytest.approx(many.max_agree)
     assert one.max_cusum == pytest.approx(many.max_cusum)
+    assert one.max_glr > 0.0 and one.max_glr == pytest.approx(many.max_glr)
+
+
+def test_refit_glr_rewards_a_persistent_change_not_a_stable_stream():
+    # One of two persons switches to another person's genre mix for the whole stream:
+    # a refit on block A predicts block B better than the reference; on the unchanged
+    # stream it does not (the statistic is out of sample, so no in-sample gain).
+    h = simulate_household(np.random.default_rng(21), difficulty=0.1, n_persons=2, days=150)
+    other = simulate_household(np.random.default_rng(71), difficulty=0.1, n_persons=1, days=150)
+    X = h.features.astype(np.float64)
+    ref_end = h.n_sessions // 2
+    free = D.DriftThresholds(np.inf, np.inf)
+    stable = D.build_detector(X[:ref_end], thresholds=free)
+    stable.update(X[ref_end:])
+    changed_stream = X[ref_end:].copy()
+    mover = h.person[ref_end:] == 0
+    donor = other.features[np.arange(int(mover.sum())) % other.n_sessions]
+    changed_stream[mover, 10:] = donor[:, 10:]  # content block (genres onwards) of the other household
+    changed = D.build_detector(X[:ref_end], thresholds=free)
+    changed.update(changed_stream)
+    assert changed.max_glr > 2.0 * max(stable.max_glr, 5.0)
+
+
+def test_refit_glr_needs_two_blocks_before_it_speaks():
+    # Evaluated first at the 2 * GLR_WINDOW-th monitored session, then every GLR_STRIDE.
+    h = simulate_household(np.random.default_rng(3), difficulty=0.3, n_persons=2)
+    X = h.features.astype(np.float64)
+    det = D.build_detector(X[:80], thresholds=D.DriftThresholds(np.inf, np.inf))
+    stream = X[80:80 + 2 * D.GLR_WINDOW + 2 * D.GLR_STRIDE]
+    phi = det.reference.family.phi(stream)
+    lse = np.log(np.exp(det.reference.log_joint(stream)).sum(axis=1))
+    series = D._RefitGLR(det.reference).series(phi, lse)
+    expected = np.zeros(series.size, dtype=bool)
+    expected[2 * D.GLR_WINDOW - 1::D.GLR_STRIDE] = True
+    np.testing.assert_array_equal(np.isfinite(series), expected)
+    assert np.all(series[expected] <= D.GLR_CLIP * D.GLR_WINDOW)
+
+
+def test_calibrate_accepts_six_columns_and_rejects_seven():
+    rng = np.random.default_rng(3)
+    maxima = rng.exponential(2.0, (500, 6))
+    th = D.calibrate(maxima, alpha=0.05)
+    limits = np.array([th.cusum_h, th.kl_threshold, th.mmd_threshold, th.agreement_h, th.weight_h, th.glr_h])
+    assert np.all(np.isfinite(limits))
+    assert np.mean(np.any(maxima > limits, axis=1)) <= 0.05
+    with pytest.raises(ValueError, match="maxima"):
+        D.calibrate(rng.exponential(2.0, (500, 7)))
 
 
 def test_person_weight_cusum_sees_a_person_leave_not_a_stable_mix():
@@ -161,7 +208,7 @@ def test_stream_maxima_feed_calibrate_and_reset_rearms():
     ref_end = h.n_sessions // 3
     det = D.build_detector(X[:ref_end])
     m = D.stream_maxima(det.reference, X[ref_end - 10:ref_end], X[ref_end:], X[:ref_end])
-    assert len(m) == 5 and all(v >= 0.0 for v in m)
+    assert len(m) == 6 and all(v >= 0.0 for v in m)
     # An alarm, then reset: the CUSUMs restart from zero and can alarm again.
     shifted = X[ref_end:].copy()
     shifted[:, 4:10] = 0.0
