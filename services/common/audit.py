@@ -49,40 +49,36 @@ import grpc
 from prometheus_client import Counter
 
 from services.common import identity, telemetry
+from services.common.audit_events import EventType
 
 log = logging.getLogger("hearth.audit")
 
 # ---------------------------------------------------------------------------------------
-# vocabulary (the same names as services.privacy.domain.audit; a test keeps them equal)
+# vocabulary: module-level names for services.common.audit_events.EventType
 # ---------------------------------------------------------------------------------------
 
-ASSIGN = "assign"
-INGEST = "ingest"
-READ_HOUSEHOLD = "read_household"
-EXPORT = "export"
-ATTRIBUTION_RUN = "attribution_run"
-DELETION_REQUESTED = "deletion_requested"
-DELETION_COMPLETED = "deletion_completed"
-DELETION_FAILED = "deletion_failed"
-CONSENT_CHANGE = "consent_change"
-RETENTION_PURGE = "retention_purge"
-AUTHENTICATION_FAILURE = "authentication_failure"
-PERMISSION_DENIED = "permission_denied"
-KEY_ROTATION = "key_rotation"
-KEY_DESTROYED = "key_destroyed"
-FLAG_CHANGE = "flag_change"
-MODEL_REFIT = "model_refit"
-FEEDBACK = "feedback"
-SECURITY_ALERT = "security_alert"
-RECEIPT_VERIFIED = "receipt_verified"
-AUDIT_EXPORT = "audit_export"
+ASSIGN = EventType.ASSIGN
+INGEST = EventType.INGEST
+READ_HOUSEHOLD = EventType.READ_HOUSEHOLD
+EXPORT = EventType.EXPORT
+ATTRIBUTION_RUN = EventType.ATTRIBUTION_RUN
+DELETION_REQUESTED = EventType.DELETION_REQUESTED
+DELETION_COMPLETED = EventType.DELETION_COMPLETED
+DELETION_FAILED = EventType.DELETION_FAILED
+CONSENT_CHANGE = EventType.CONSENT_CHANGE
+RETENTION_PURGE = EventType.RETENTION_PURGE
+AUTHENTICATION_FAILURE = EventType.AUTHENTICATION_FAILURE
+PERMISSION_DENIED = EventType.PERMISSION_DENIED
+KEY_ROTATION = EventType.KEY_ROTATION
+KEY_DESTROYED = EventType.KEY_DESTROYED
+FLAG_CHANGE = EventType.FLAG_CHANGE
+MODEL_REFIT = EventType.MODEL_REFIT
+FEEDBACK = EventType.FEEDBACK
+SECURITY_ALERT = EventType.SECURITY_ALERT
+RECEIPT_VERIFIED = EventType.RECEIPT_VERIFIED
+AUDIT_EXPORT = EventType.AUDIT_EXPORT
 
-EVENT_TYPES = frozenset({
-    ASSIGN, INGEST, READ_HOUSEHOLD, EXPORT, ATTRIBUTION_RUN, DELETION_REQUESTED,
-    DELETION_COMPLETED, DELETION_FAILED, CONSENT_CHANGE, RETENTION_PURGE,
-    AUTHENTICATION_FAILURE, PERMISSION_DENIED, KEY_ROTATION, KEY_DESTROYED, FLAG_CHANGE,
-    MODEL_REFIT, FEEDBACK, SECURITY_ALERT, RECEIPT_VERIFIED, AUDIT_EXPORT,
-})
+EVENT_TYPES = frozenset(EventType)
 
 SUCCESS, FAILURE, DENIED, ERROR = "success", "failure", "denied", "error"
 OUTCOMES = frozenset({SUCCESS, FAILURE, DENIED, ERROR})

@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from services.common.audit_events import EventType  # noqa: F401  (the one vocabulary)
+
 from . import merkle
 from .keys import Ed25519PrivateKey, Ed25519PublicKey, key_id, verify_signature
 
@@ -51,31 +53,6 @@ GENESIS_CHAIN_HASH = bytes(32)
 HASH_SIZE = merkle.HASH_SIZE
 MAX_TEXT = 1024  # longest principal / resource / trace id we accept
 _VERSION_TEXT = str(FORMAT_VERSION)
-
-
-class EventType(enum.StrEnum):
-    """What happened. Values are stable wire names; add, never rename."""
-
-    ASSIGN = "assign"
-    INGEST = "ingest"
-    READ_HOUSEHOLD = "read_household"
-    EXPORT = "export"
-    ATTRIBUTION_RUN = "attribution_run"
-    DELETION_REQUESTED = "deletion_requested"
-    DELETION_COMPLETED = "deletion_completed"
-    DELETION_FAILED = "deletion_failed"
-    CONSENT_CHANGE = "consent_change"
-    RETENTION_PURGE = "retention_purge"
-    AUTHENTICATION_FAILURE = "authentication_failure"
-    PERMISSION_DENIED = "permission_denied"
-    KEY_ROTATION = "key_rotation"
-    KEY_DESTROYED = "key_destroyed"
-    FLAG_CHANGE = "flag_change"
-    MODEL_REFIT = "model_refit"
-    FEEDBACK = "feedback"
-    SECURITY_ALERT = "security_alert"
-    RECEIPT_VERIFIED = "receipt_verified"
-    AUDIT_EXPORT = "audit_export"
 
 
 class Role(enum.StrEnum):
