@@ -271,8 +271,12 @@ class ClusteringApp:
             for account in self.store.accounts_with_models():
                 self.keeper.forget(account)
                 self.keeper.refresh(account)
-            return outcome
-        self.keeper.forget(scope.account_id)
-        if scope.kind != "household" and not outcome.empty:
-            self.keeper.refresh(scope.account_id, force="erasure", retire=scope.person_id or "")
+        else:
+            self.keeper.forget(scope.account_id)
+            if scope.kind != "household" and not outcome.empty:
+                self.keeper.refresh(scope.account_id, force="erasure", retire=scope.person_id or "")
+        if scope.kind != "household":
+            # The refit replaced the model blob that was fitted on the erased sessions:
+            # purge again so its old bytes leave the WAL / dead tuples too.
+            outcome.purges[-1:] = [self.store.purge_erased()]
         return outcome

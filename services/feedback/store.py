@@ -348,40 +348,48 @@ class FeedbackStore:
                 outcome.add("predictions", prediction_ids)
                 outcome.add("feedback", feedback_ids)
                 outcome.add("triggers", trigger_ids)
-                return outcome
-            if scope.kind == "device":
-                prediction_where = "account_id = ? AND (device_id = ? OR device_id = '')"
-                prediction_params = [account, scope.device_id]
-                feedback_extra, feedback_extra_params = "1 = 0", []
-            elif scope.kind == "person":
-                prediction_where = "account_id = ? AND person_id = ?"
-                prediction_params: list = [account, scope.person_id]
-                feedback_extra, feedback_extra_params = "true_person_id = ?", [scope.person_id]
-            elif scope.kind == "window":
-                # account "*" (retention purge, privacy service only): every account.
-                conditions, prediction_params = ([], []) if scope.all_accounts else (["account_id = ?"], [account])
-                window, window_params = [], []
-                if scope.start is not None:
-                    window.append("ts >= ?")
-                    window_params.append(scope.start)
-                if scope.end is not None:
-                    window.append("ts < ?")
-                    window_params.append(scope.end)
-                prediction_where = " AND ".join(conditions + window)
-                prediction_params += window_params
-                feedback_extra, feedback_extra_params = " AND ".join(window), window_params
             else:
-                raise ValueError(f"scope.kind: unknown erasure kind {scope.kind!r}")
-            account_where, account_params = ("1 = 1", []) if scope.all_accounts else ("account_id = ?", [account])
-            feedback_where = (f"{account_where} AND (prediction_id IN (SELECT prediction_id FROM predictions "
-                              f"WHERE {prediction_where}) OR ({feedback_extra}))")
-            feedback_params = [*account_params, *prediction_params, *feedback_extra_params]
-            feedback_ids = [r[0] for r in tx.query(f"SELECT feedback_id FROM feedback WHERE {feedback_where}",
-                                                   feedback_params)]
-            prediction_ids = [r[0] for r in tx.query(
-                f"SELECT prediction_id FROM predictions WHERE {prediction_where}", prediction_params)]
-            tx.execute(f"DELETE FROM feedback WHERE {feedback_where}", feedback_params)
-            tx.execute(f"DELETE FROM predictions WHERE {prediction_where}", prediction_params)
-            outcome.add("predictions", prediction_ids)
-            outcome.add("feedback", feedback_ids)
+                self._erase_part(tx, scope, outcome)
+        outcome.purges.append(self.db.purge_erased(("predictions", "feedback", "triggers")))
         return outcome
+
+    @staticmethod
+    def _erase_part(tx: Tx, scope: ErasureScope, outcome: ErasureOutcome) -> None:
+        """The device, person and window scopes of ``erase``."""
+        account = scope.account_id
+        if scope.kind == "device":
+            prediction_where = "account_id = ? AND (device_id = ? OR device_id = '')"
+            prediction_params = [account, scope.device_id]
+            feedback_extra, feedback_extra_params = "1 = 0", []
+        elif scope.kind == "person":
+            prediction_where = "account_id = ? AND person_id = ?"
+            prediction_params: list = [account, scope.person_id]
+            feedback_extra, feedback_extra_params = "true_person_id = ?", [scope.person_id]
+        elif scope.kind == "window":
+            # account "*" (retention purge, privacy service only): every account.
+            conditions, prediction_params = ([], []) if scope.all_accounts else (["account_id = ?"], [account])
+            window, window_params = [], []
+            if scope.start is not None:
+                window.append("ts >= ?")
+                window_params.append(scope.start)
+            if scope.end is not None:
+                window.append("ts < ?")
+                window_params.append(scope.end)
+            prediction_where = " AND ".join(conditions + window)
+            prediction_params += window_params
+            feedback_extra, feedback_extra_params = " AND ".join(window), window_params
+        else:
+            raise ValueError(f"scope.kind: unknown erasure kind {scope.kind!r}")
+        account_where, account_params = ("1 = 1", []) if scope.all_accounts else ("account_id = ?", [account])
+        feedback_where = (f"{account_where} AND (prediction_id IN (SELECT prediction_id FROM predictions "
+                          f"WHERE {prediction_where}) OR ({feedback_extra}))")
+        feedback_params = [*account_params, *prediction_params, *feedback_extra_params]
+        feedback_ids = [r[0] for r in tx.query(f"SELECT feedback_id FROM feedback WHERE {feedback_where}",
+                                               feedback_params)]
+        prediction_ids = [r[0] for r in tx.query(
+            f"SELECT prediction_id FROM predictions WHERE {prediction_where}", prediction_params)]
+        tx.execute(f"DELETE FROM feedback WHERE {feedback_where}", feedback_params)
+        tx.execute(f"DELETE FROM predictions WHERE {prediction_where}", prediction_params)
+        outcome.add("predictions", prediction_ids)
+        outcome.add("feedback", feedback_ids)
+
