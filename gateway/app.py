@@ -19,7 +19,7 @@ from gateway import models
 from gateway.auth import Authenticator
 from gateway.clients import ServiceClients
 from gateway.config import GatewaySettings
-from gateway.errors import error_response, from_hearth_error, from_rpc_error
+from gateway.errors import RETRY_AFTER_S, error_response, from_hearth_error, from_rpc_error
 from gateway.ratelimit import install_request_limits
 from gateway.routes import attribution as attribution_routes
 from gateway.routes import audit as audit_routes
@@ -51,7 +51,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         await clients.start()
         # Refused requests (401/403 decided here, never reaching a service) go to the
         # audit log; every RPC is audited by the services themselves.
-        audit_sink = audit.sink_for_service("gateway", settings.privacy_addr, settings.rpc_timeout_s)
+        audit_sink = audit.sink_for_service("gateway", settings.privacy_addr, settings.rpc_timeout_s,
+                                            outbox_dir=settings.data_dir)
         audit.install(audit_sink)
         remove_listener = identity.add_security_listener(audit.security_listener("gateway"))
         yield
@@ -136,10 +137,15 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @app.get("/health", response_model=models.HealthOut, responses={503: {"model": models.HealthOut}})
     async def health():
-        statuses = await clients.health()
-        ok = all(s == "SERVING" for s in statuses.values())
-        body = models.HealthOut(status="SERVING" if ok else "DEGRADED", services=statuses)
-        return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+        # Readiness of the gateway: it serves while any service does (each route answers
+        # 503 + Retry-After while its own service is down), so one service's outage does
+        # not take the whole HTTP API out of the Kubernetes Service.
+        statuses, reasons = await clients.health()
+        serving = [s == "SERVING" for s in statuses.values()]
+        status = ("SERVING" if all(serving) and not reasons else "DEGRADED" if any(serving) else "NOT_SERVING")
+        body = models.HealthOut(status=status, services=statuses, reasons=reasons)
+        return JSONResponse(body.model_dump(), status_code=503 if status == "NOT_SERVING" else 200,
+                            headers={"Retry-After": str(RETRY_AFTER_S)} if status == "NOT_SERVING" else None)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics():

@@ -27,6 +27,8 @@ class GatewaySettings(BaseSettings):
     gateway_port: int = 8080
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     trace_export: str = "none"
+    # Where the audit outbox lives (audit records wait there while privacy is unreachable).
+    data_dir: Path = Path("var")
 
     clustering_addr: str = "127.0.0.1:50051"
     attribution_addr: str = "127.0.0.1:50052"

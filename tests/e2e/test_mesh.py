@@ -108,7 +108,20 @@ def test_openapi_lists_the_routes(client):
 
 def test_sigterm_drains_and_restart_keeps_data(client, mesh):
     mesh.stop_process("clustering")
-    assert client.get("/health").status_code == 503
+    # The gateway stays ready (one service down must not take the whole HTTP API out of
+    # the Kubernetes Service): /health is 200 DEGRADED and names the service; its routes
+    # answer 503 with Retry-After, the other services' routes keep working.
+    health = client.get("/health")
+    assert health.status_code == 200, health.text
+    assert health.json()["status"] == "DEGRADED"
+    assert health.json()["services"]["clustering"].startswith("UNREACHABLE")
+    assert health.json()["services"]["attribution"] == "SERVING"
+    down = client.get("/v1/household/e2e-acc-1")
+    assert down.status_code == 503 and down.headers["retry-after"].isdigit(), down.text
+    up = client.post("/v1/touchpoints", json={"touchpoints": [{
+        "touchpoint_id": "e2e-while-clustering-down", "account_id": "e2e-acc-1", "device_id": "tv",
+        "ts": _iso(time.time() - 3600), "channel": "email", "campaign": "c"}]})
+    assert up.status_code == 200, up.text
     mesh.start_service("clustering")
     mesh.wait_healthy(60)
     household = client.get("/v1/household/e2e-acc-1")
