@@ -64,7 +64,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     app = FastAPI(title="Hearth gateway", version="1.0.0", lifespan=lifespan,
                   description="HTTP/JSON front of the Hearth mesh. Authenticate with the "
-                              "`X-API-Key` header or `Authorization: Bearer <JWT>`.")
+                              "`X-API-Key` header or `Authorization: Bearer <JWT>`.",
+                  # The server span is ours (``observe`` below): FastAPI's own would record
+                  # the raw path (``url.path``), and paths carry account ids that trace
+                  # files must not keep (docs/privacy.md, "What erased means").
+                  telemetry={"tracing": False})
     app.state.clients = clients
     # Body-size limit and rate limiter; installed before the observe middleware below so
     # that one stays outermost and counts the 413s too.
@@ -75,9 +79,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         # A server span per request, continuing the caller's trace if it sent one.
         parent = propagate.extract(dict(request.headers))
         started = time.perf_counter()
-        span = tracer.start_span(f"{request.method} {request.url.path}", context=parent,
-                                 kind=SpanKind.SERVER,
-                                 attributes={"http.method": request.method, "http.target": request.url.path})
+        # Named after the route template, never the raw path: paths carry account ids, and
+        # trace files are not rewritten when a household is erased (docs/privacy.md).
+        span = tracer.start_span(request.method, context=parent, kind=SpanKind.SERVER,
+                                 attributes={"http.method": request.method})
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         try:
             length = request.headers.get("content-length")
@@ -93,6 +98,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             otel_context.detach(token)
         route = request.scope.get("route")
         label = getattr(route, "path", "unmatched")
+        span.update_name(f"{request.method} {label}")
+        span.set_attribute("http.route", label)
         span.set_attribute("http.status_code", response.status_code)
         if response.status_code >= 500:
             span.set_status(Status(StatusCode.ERROR))

@@ -118,7 +118,7 @@ class HearthInterceptor(grpc.ServerInterceptor):
                     metadata, peer_verified=tls.peer_verified(context), component=service)
                 principal_token = identity.set_current(principal)
                 permissions.authorize_rpc(principal, method)
-                span.set_attribute("hearth.principal", principal.id)
+                span.set_attribute("hearth.principal", telemetry.pseudonym(principal.id))
                 result = fn(request, context)
             except BaseException as exc:  # noqa: BLE001 - every failure must get a status
                 try:

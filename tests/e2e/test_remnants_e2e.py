@@ -254,6 +254,9 @@ def test_household_scope_leaves_no_byte(rmesh, client, control):
     assert found(rmesh, f"zr{tag}") == []
     assert found(rmesh, device, data_only=True) == []
     assert found(rmesh, account, data_only=True) == []
+    # Nor in logs, trace file or audit outboxes (ids there are keyed pseudonyms); only the
+    # privacy service's own files keep it: the receipt and the audit log name the scope.
+    assert [src for src in found(rmesh, account) if not src.startswith("privacy")] == []
     for s in h["sessions"]:
         assert found(rmesh, s["session_id"], data_only=True) == []
     assert_control_visible(rmesh, control)
