@@ -44,7 +44,7 @@ from typing import Any, Protocol
 import grpc
 
 from hearth.common.v1 import common_pb2
-from services.common import audit, identity
+from services.common import audit, identity, telemetry
 from services.common.erasure import ALL_ACCOUNTS, ErasureScope, ids_digest
 from services.common.errors import InvalidArgument, PermissionDenied, Unavailable
 from services.common.pbutil import float_to_ts
@@ -58,6 +58,7 @@ from services.privacy.jobs_store import DeletionJobStore, StoredJob
 from services.privacy.keys_app import KeyService
 
 log = logging.getLogger("hearth.privacy.deletion")
+_TRACER = telemetry.tracer("hearth.privacy.deletion")
 
 # Erase order: one stage after the other; services within a stage in this order.
 STAGES: tuple[tuple[str, ...], ...] = (("attribution", "feedback"), ("clustering",), ("privacy",))
@@ -207,7 +208,8 @@ class DeletionCoordinator:
         job = new_job(f"job-{uuid.uuid4().hex}", deletion_scope, principal.id, principal.role.value,
                       self._clock())
         stored = self.jobs.create(job, request_id or f"auto:{job.job_id}", reason or "unspecified",
-                                  next_due=job.requested_at)
+                                  next_due=job.requested_at,
+                                  trace_context=json.dumps(telemetry.context_carrier(), sort_keys=True))
         self._wake.set()
         return stored
 
@@ -281,8 +283,17 @@ class DeletionCoordinator:
             self._wake.set()  # a job may have become due sooner than the worker thinks
 
     def advance(self, job_id: str) -> StoredJob:
-        """Call every service that is due now, in stage order, storing each outcome."""
+        """Call every service that is due now, in stage order, storing each outcome.
+
+        Runs in a span whose parent is the RequestDeletion call's (stored with the job),
+        so every pass's Erase calls, retries and restarts included, join that trace."""
         stored = self.jobs.get(job_id)
+        parent = telemetry.extract_context(json.loads(stored.trace_context or "{}"))
+        with _TRACER.start_as_current_span("deletion.advance", context=parent,
+                                           attributes={"hearth.job_id": job_id}):
+            return self._advance(stored)
+
+    def _advance(self, stored: StoredJob) -> StoredJob:
         job = stored.job
         if job.terminal:
             return stored
