@@ -35,7 +35,7 @@ log = logging.getLogger("hearth.gateway")
 
 HTTP_REQUESTS = Counter("hearth_http_requests_total", "HTTP requests", ["route", "method", "status"])
 HTTP_DURATION = Histogram("hearth_http_request_duration_seconds", "HTTP request time", ["route", "method"],
-                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+                          buckets=telemetry.LATENCY_BUCKETS)
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()

@@ -35,7 +35,7 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 # RED metrics per RPC; the same names on every service so one dashboard serves all.
 RPC_REQUESTS = Counter(
@@ -48,8 +48,35 @@ RPC_DURATION = Histogram(
     "hearth_rpc_duration_seconds",
     "RPC handling time",
     ["service", "method"],
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.09, 0.1, 0.11, 0.15, 0.25, 0.5,
+             1, 2.5, 5, 10),
 )
+# Bucket edges at the alert thresholds (90 ms p95, 110 ms p99, 150 ms rollback) so the
+# quantiles the alerts compare are not interpolated across a 100-250 ms bucket.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.09, 0.1, 0.11, 0.15, 0.25, 0.5,
+                   1, 2.5, 5, 10)
+
+_CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max",                     # cgroup v2
+                         "/sys/fs/cgroup/memory/memory.limit_in_bytes")   # cgroup v1
+
+
+def memory_limit_bytes() -> float:
+    """The container's memory limit (cgroup), NaN when there is none: the memory alert
+    divides process_resident_memory_bytes by it, and NaN never compares true."""
+    for path in _CGROUP_MEMORY_LIMITS:
+        try:
+            with open(path, encoding="ascii") as fh:
+                raw = fh.read().strip()
+        except OSError:
+            continue
+        if raw == "max" or not raw.isdigit() or int(raw) >= 1 << 60:   # v1 "unlimited" is ~2^63
+            return float("nan")
+        return float(raw)
+    return float("nan")
+
+
+MEMORY_LIMIT = Gauge("hearth_memory_limit_bytes", "Memory limit of this process's container (cgroup)")
+MEMORY_LIMIT.set_function(memory_limit_bytes)
 
 
 class JsonLinesSpanExporter(SpanExporter):

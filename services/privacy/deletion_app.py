@@ -42,6 +42,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import grpc
+from prometheus_client import Counter, Gauge
 
 from hearth.common.v1 import common_pb2
 from services.common import audit, identity, telemetry
@@ -59,6 +60,15 @@ from services.privacy.keys_app import KeyService
 
 log = logging.getLogger("hearth.privacy.deletion")
 _TRACER = telemetry.tracer("hearth.privacy.deletion")
+
+# Alerts: a failed job pages (a person's erasure did not happen); an open job older than
+# its budget is overdue. Both states exist at 0 so the first failure is an increase.
+JOBS_FINISHED = Counter("hearth_deletion_jobs_finished_total", "Deletion jobs that reached a final state",
+                        ["state"])
+for _state in ("completed", "failed"):
+    JOBS_FINISHED.labels(_state)
+OLDEST_OPEN_JOB_AGE = Gauge("hearth_deletion_oldest_open_job_age_seconds",
+                            "Age of the oldest deletion job not yet completed or failed (0: none)")
 
 # Erase order: one stage after the other; services within a stage in this order.
 STAGES: tuple[tuple[str, ...], ...] = (("attribution", "feedback"), ("clustering",), ("privacy",))
@@ -228,7 +238,12 @@ class DeletionCoordinator:
 
     # ---- the worker ----------------------------------------------------------------------
 
+    def oldest_open_age_s(self) -> float:
+        oldest = self.jobs.oldest_open_created_at()
+        return max(0.0, time.time() - oldest) if oldest is not None else 0.0
+
     def start(self) -> None:
+        OLDEST_OPEN_JOB_AGE.set_function(self.oldest_open_age_s)
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="deletion-worker", daemon=True)
             self._thread.start()
@@ -322,8 +337,10 @@ class DeletionCoordinator:
                 if job.state is not JobState.RUNNING:
                     break
         if job.state is JobState.COMPLETED:
+            JOBS_FINISHED.labels("completed").inc()
             self._audit_done(stored)
         elif job.state is JobState.FAILED:
+            JOBS_FINISHED.labels("failed").inc()
             self._audit_failed(stored)
         return stored
 

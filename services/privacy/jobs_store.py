@@ -114,6 +114,12 @@ class DeletionJobStore:
             rows = tx.query("SELECT MIN(next_due) FROM deletion_jobs WHERE state IN ('pending', 'running')")
         return float(rows[0][0]) if rows and rows[0][0] is not None else None
 
+    def oldest_open_created_at(self) -> float | None:
+        """Creation time of the oldest pending or running job (the overdue alert)."""
+        with self.db.transaction() as tx:
+            rows = tx.query("SELECT MIN(created_at) FROM deletion_jobs WHERE state IN ('pending', 'running')")
+        return float(rows[0][0]) if rows and rows[0][0] is not None else None
+
     def claim(self, job_id: str, now: float, lease_s: float) -> bool:
         with self.db.transaction() as tx:
             return tx.execute("UPDATE deletion_jobs SET lease_until = ? WHERE job_id = ? AND lease_until < ?",
