@@ -115,6 +115,7 @@ class AttributionStore:
                 cvs = [r[0] for r in tx.query(f"SELECT conversion_id FROM conversions WHERE {cv_where}", cv_params)]
                 tx.execute(f"DELETE FROM conversions WHERE {cv_where}", cv_params)
                 outcome.add("conversions", cvs)
+        outcome.purges.append(self.db.purge_erased(("touchpoints", "conversions")))
         self.cache.delete_prefix("attribution:" if scope.all_accounts else f"attribution:{account}")
         if self.cipher is not None and scope.kind == "household":
             self.cipher.forget(account)  # its data key is being destroyed (crypto-shredding)

@@ -55,6 +55,9 @@ class ErasureScope:
 class ErasureOutcome:
     deleted_counts: dict[str, int] = field(default_factory=dict)
     deleted_ids: list[str] = field(default_factory=list)
+    # What was done to make the deletion physical, per store (Database.purge_erased):
+    # {"store", "where", "action", "at", "complete"}.
+    purges: list[dict] = field(default_factory=list)
 
     def add(self, kind: str, ids: Iterable[str]) -> None:
         ids = list(ids)

@@ -28,7 +28,9 @@ KIND_BY_PB: dict[int, SignalKind] = {
 def prediction_from_pb(p: pb.Prediction, path: str) -> PredictionRecord:
     return PredictionRecord(p.prediction_id, p.account_id, p.session_id, p.person_id,
                             dict(p.probabilities), p.model_variant, p.model_version,
-                            ts_to_float(p, "ts", f"{path}.ts"), p.cold_start, p.household_size, p.device_id)
+                            ts_to_float(p, "ts", f"{path}.ts"), p.cold_start, p.household_size, p.device_id,
+                            ts_to_float(p, "session_start", f"{path}.session_start", required=False),
+                            ts_to_float(p, "session_end", f"{path}.session_end", required=False))
 
 
 def _finite_or_nan(value: float | None) -> float:
