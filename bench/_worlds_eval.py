@@ -127,7 +127,7 @@ def sklearn_gmm_bic(h: WorldHousehold):
     X = h.features.astype(np.float64)
     best = None
     for k in range(1, min(6, len(X)) + 1):
-        g = GaussianMixture(k, covariance_type="full", random_state=0, reg_covar=1e-4).fit(X)
+        g = GaussianMixture(k, covariance_type="full", random_state=0, reg_covar=1e-3, max_iter=60).fit(X)
         b = g.bic(X)
         if best is None or b < best[0]:
             best = (b, g)

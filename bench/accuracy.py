@@ -253,7 +253,7 @@ def run_worlds(quick: bool) -> dict:
     """The randomized world families, REPORTING split only (never tuned on)."""
     split = worlds.REPORTING
     n_worlds = 1 if quick else split.worlds_per_family
-    n_house = 5 if quick else split.households_per_world
+    n_house = 3 if quick else split.households_per_world
     log(f"[worlds] generating {len(split.families) * n_worlds * n_house} households "
         f"({n_worlds} worlds x {n_house} households per family, split {split.name!r}, seed {split.seed})")
     hs = worlds.generate(split, worlds_per_family=n_worlds, households_per_world=n_house)

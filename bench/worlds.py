@@ -120,7 +120,7 @@ class Split:
 TUNING = Split("tuning", ("living_room", "mobile_first", "bingers"), seed=20_260_001,
                worlds_per_family=4, households_per_world=12)
 REPORTING = Split("reporting", tuple(FAMILIES), seed=90_260_001,
-                  worlds_per_family=3, households_per_world=6)
+                  worlds_per_family=2, households_per_world=5)
 HELD_OUT_FAMILIES = tuple(f for f in FAMILIES if f not in TUNING.families)
 
 
