@@ -60,6 +60,12 @@ class Snapshot:
     timestamps: np.ndarray
 
     @property
+    def device_ids(self) -> list[str]:
+        """One per session: device identity is evidence for the model (a personal
+        device is mostly one person, a shared TV is not)."""
+        return [s.device_id for s in self.sessions]
+
+    @property
     def first_id(self) -> str:
         return self.sessions[0].session_id if self.sessions else ""
 
@@ -131,7 +137,7 @@ class ModelKeeper:
                 model.next_person = max(model.next_person, int(label[1:]) + 1)
         had_fallbacks = model.fallback_count
         if snap.sessions:
-            model.fit(snap.X, labels=snap.labels if any(snap.labels) else None)
+            model.fit(snap.X, labels=snap.labels if any(snap.labels) else None, device_ids=snap.device_ids)
         if model.fallback_count > had_fallbacks:
             GMM_FALLBACKS.inc()
         n = len(snap.sessions)
@@ -161,7 +167,12 @@ class ModelKeeper:
             else:
                 new = len(snap.sessions) - current.included
                 cold = current.model.n_sessions < MIN_SESSIONS
-                if new <= 0 or (new < MICRO_BATCH and not cold):
+                if new <= 0:
+                    return version, current
+                if new < MICRO_BATCH and not cold:
+                    # Not enough to fold into the model yet, but the new sessions get
+                    # their persons now (the current model assigns them).
+                    self._record_persons(account_id, snap, current, start=current.included)
                     return version, current
                 envelope = self._update(current, snap)
                 drift = self._check_drift(envelope, snap)
@@ -190,7 +201,7 @@ class ModelKeeper:
         model = current.model
         labels = snap.labels[lo:]
         before = model.fallback_count
-        model.update(snap.X[lo:], labels=labels if any(labels) else None)
+        model.update(snap.X[lo:], labels=labels if any(labels) else None, device_ids=snap.device_ids[lo:])
         if model.fallback_count > before:
             GMM_FALLBACKS.inc()
         reference_end = current.reference_end
@@ -215,17 +226,19 @@ class ModelKeeper:
         envelope.drift_checked = len(snap.sessions)
         return rows
 
-    def _record_persons(self, account_id: str, snap: Snapshot, envelope: Envelope) -> None:
-        """Store each session's person and probabilities (what ResolvePersons serves)."""
-        if not snap.sessions:
+    def _record_persons(self, account_id: str, snap: Snapshot, envelope: Envelope, start: int = 0) -> None:
+        """Store each session's person and probabilities (what ResolvePersons and
+        GetHousehold serve); ``start``: only sessions from that position on."""
+        sessions = snap.sessions[start:]
+        if not sessions:
             return
-        batch = envelope.model.assign_batch(snap.X)
+        batch = envelope.model.assign_batch(snap.X[start:], device_ids=snap.device_ids[start:])
         ids = batch.person_ids
-        persons = {s.session_id: ids[int(i)] for s, i in zip(snap.sessions, batch.person_index)}
+        persons = {s.session_id: ids[int(i)] for s, i in zip(sessions, batch.person_index)}
         probs = {s.session_id: {pid: round(float(p), 6) for pid, p in zip(ids, row)}
-                 for s, row in zip(snap.sessions, batch.probabilities)}
+                 for s, row in zip(sessions, batch.probabilities)}
         # Constrained assignment: a session whose person is known is that person.
-        for s, label in zip(snap.sessions, snap.labels):
+        for s, label in zip(sessions, snap.labels[start:]):
             known = known_person(envelope.model, label)
             if known is not None:
                 persons[s.session_id] = known
