@@ -6,14 +6,15 @@ from hearth.privacy.v1 import privacy_pb2_grpc as pb_grpc
 from services.common.server import run_service
 from services.common.storage.cache import open_cache
 from services.common.storage.sql import open_database
-from services.privacy.app import PrivacyApp
-from services.privacy.audit_app import build_audit
-from services.privacy.deletion_app import DeletionCoordinator, GrpcPeers, retry_policy
-from services.privacy.jobs_store import DataKeyStore, DeletionJobStore
-from services.privacy.keys_app import KeyService, load_keks, load_signing_key
+from services.privacy.consent.app import PrivacyApp
+from services.privacy.audit.app import build_audit
+from services.privacy.deletion.app import DeletionCoordinator, GrpcPeers, retry_policy
+from services.privacy.deletion.store import DeletionJobStore
+from services.privacy.keys.store import DataKeyStore
+from services.privacy.keys.app import KeyService, load_keks, load_signing_key
 from services.privacy.settings import privacy_settings
-from services.privacy.servicer import SERVICE_NAME, PrivacyServicer
-from services.privacy.store import PrivacyStore
+from services.privacy.consent.servicer import SERVICE_NAME, PrivacyServicer
+from services.privacy.consent.store import PrivacyStore
 
 NAME = "privacy"
 

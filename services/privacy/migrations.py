@@ -54,6 +54,6 @@ CREATE TABLE IF NOT EXISTS data_keys (
 
 # The audit log's tables (versions 10-19) live next to their store; merged in version
 # order so that migrations added here by other work keep applying first.
-from services.privacy.audit_store import AUDIT_MIGRATIONS  # noqa: E402
+from services.privacy.audit.store import AUDIT_MIGRATIONS  # noqa: E402
 
 MIGRATIONS = sorted([*MIGRATIONS, *AUDIT_MIGRATIONS], key=lambda m: m.version)

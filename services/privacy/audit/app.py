@@ -38,22 +38,22 @@ from services.common.audit import AuditRecord, AuditSink
 from services.common.config import ConfigError
 from services.common.errors import InvalidArgument
 from services.common.storage.sql import Database
-from services.privacy.audit_store import (
+from services.privacy.audit.store import (
     AuditQuery,
     AuditStore,
     AuditVerification,
     StoredEntry,
     record_to_entry,
 )
-from services.privacy.domain.audit import AuditEntry, EventType, Role, SignedTreeHead
-from services.privacy.domain.keys import (
+from services.privacy.audit.domain import AuditEntry, EventType, Role, SignedTreeHead
+from services.privacy.keys.signing import (
     Ed25519PrivateKey,
     generate_private_key,
     load_private_key,
     private_key_to_pem,
     public_key_to_pem,
 )
-from services.privacy.domain.suspicious import DetectorThresholds, SuspiciousActivityDetector
+from services.privacy.audit.suspicious import DetectorThresholds, SuspiciousActivityDetector
 
 log = logging.getLogger("hearth.privacy.audit")
 

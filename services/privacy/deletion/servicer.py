@@ -17,9 +17,9 @@ from services.common import identity
 from services.common.erasure import scope_from_pb
 from services.common.errors import InvalidArgument, PermissionDenied
 from services.common.pbutil import float_to_ts
-from services.privacy.deletion_app import SERVICE_ORDER, export_household, scope_to_pb
-from services.privacy.domain.deletion import JobState, ServiceStatus
-from services.privacy.jobs_store import StoredJob
+from services.privacy.deletion.app import SERVICE_ORDER, export_household, scope_to_pb
+from services.privacy.deletion.domain import JobState, ServiceStatus
+from services.privacy.deletion.store import StoredJob
 
 _STATE = {JobState.PENDING: pb.JOB_STATE_PENDING, JobState.RUNNING: pb.JOB_STATE_RUNNING,
           JobState.COMPLETED: pb.JOB_STATE_COMPLETED, JobState.FAILED: pb.JOB_STATE_FAILED}

@@ -18,8 +18,8 @@ from services.common import identity
 from services.common.audit import OUTCOME_ALIASES, AuditRecord
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.pbutil import float_to_ts
-from services.privacy.audit_store import MAX_QUERY_LIMIT, AuditQuery, StoredEntry
-from services.privacy.domain.audit import SignedTreeHead, canonical_json
+from services.privacy.audit.store import MAX_QUERY_LIMIT, AuditQuery, StoredEntry
+from services.privacy.audit.domain import SignedTreeHead, canonical_json
 
 _ROLE_NAME = {v.number: v.name[len("ROLE_"):].lower()
               for v in common_pb2.Role.DESCRIPTOR.values if v.number}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from services.common.ids import check_id
 from services.common.identity import current_principal
-from services.privacy.store import Consent, PrivacyStore
+from services.privacy.consent.store import Consent, PrivacyStore
 
 
 class PrivacyApp:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from hearth.privacy.v1 import privacy_pb2 as pb
 from hearth.privacy.v1 import privacy_pb2_grpc as pb_grpc
-from services.privacy.app import PrivacyApp
-from services.privacy.audit_servicer import AuditRpcs
-from services.privacy.deletion_servicer import DeletionServicerMixin
+from services.privacy.consent.app import PrivacyApp
+from services.privacy.audit.servicer import AuditRpcs
+from services.privacy.deletion.servicer import DeletionServicerMixin
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PrivacyService"].full_name
 

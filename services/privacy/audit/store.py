@@ -55,8 +55,8 @@ from services.common.audit import AuditRecord
 from services.common.batching import GroupCommitter
 from services.common.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
 from services.common.storage.sql import Database, Migration, migrate
-from services.privacy.domain import merkle
-from services.privacy.domain.audit import (
+from services.privacy.audit import merkle
+from services.privacy.audit.domain import (
     AuditEntry,
     AuditState,
     EventType,
@@ -72,7 +72,7 @@ from services.privacy.domain.audit import (
     sign_tree_head,
     verify_log,
 )
-from services.privacy.domain.keys import Ed25519PrivateKey
+from services.privacy.keys.signing import Ed25519PrivateKey
 
 log = logging.getLogger("hearth.privacy.audit")
 
