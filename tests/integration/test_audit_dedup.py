@@ -10,8 +10,8 @@ import pytest
 from services.common import audit
 from services.common.identity import Principal, Role
 from services.common.storage.sql import migrate
-from services.privacy.audit_app import AuditApp
-from services.privacy.domain.keys import generate_private_key
+from services.privacy.audit.app import AuditApp
+from services.privacy.keys.signing import generate_private_key
 from services.privacy.migrations import MIGRATIONS
 
 WINDOW = 4
