@@ -149,7 +149,7 @@ def bench_backend(backend: Backend, args) -> dict:
             if args.grpc:
                 results["grpc_events_per_s"].append(
                     run_grpc(app, records(args.events, 2 * 10**9 + repeat * args.events), args.threads))
-            size = app.store.size
+            size = app.writer.size
             t = []
             for i in range(200):
                 s0 = time.perf_counter()

@@ -19,7 +19,8 @@ from services.common.audit import OUTCOME_ALIASES, AuditRecord
 from services.common.errors import InvalidArgument
 from services.common.pbutil import float_to_ts
 from services.privacy.audit.app import AuditApp
-from services.privacy.audit.store import MAX_QUERY_LIMIT, AuditQuery, StoredEntry
+from services.privacy.audit.rows import StoredEntry
+from services.privacy.audit.store import MAX_QUERY_LIMIT, AuditQuery
 from services.privacy.audit.domain import SignedTreeHead, canonical_json
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AuditLog"].full_name
