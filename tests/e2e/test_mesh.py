@@ -110,7 +110,7 @@ def test_the_gateway_serves_exactly_the_routes_of_the_permission_matrix(client):
     served = {f"{method.upper()} {path}" for path, methods in paths.items() if path.startswith("/v1/")
               for method in methods}
     assert served == set(ROUTES)
-    assert len(served) >= 18 and "/health" in paths
+    assert len(served) >= 16 and "/health" in paths   # 16 /v1 routes today, plus /health
 
 
 def test_sigterm_drains_in_flight_requests_and_restart_keeps_data(client, mesh):
