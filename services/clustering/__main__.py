@@ -47,7 +47,8 @@ def build(settings):
     store.migrate()
     feedback = FeedbackPeer(settings.feedback_addr, timeout_s=settings.peer_timeout_s)
     predictions = PredictionLog(db, feedback.send_predictions)
-    keeper = ModelKeeper(store, feedback.variant_of, cold_start=settings.cold_start)
+    keeper = ModelKeeper(store, feedback.variant_of, cold_start=settings.cold_start,
+                         gmm_fault_prefix=settings.fault_gmm_numerical)
     app = ClusteringApp(store, consent, keeper=keeper, predictions=predictions,
                         calibrator_of=feedback.calibrator)
     stop = threading.Event()

@@ -58,8 +58,11 @@ class Snapshot:
 class ModelKeeper:
     def __init__(self, store: ClusteringStore, variant_of: Callable[[str], str],
                  population_prior: PopulationPrior | None = None, cold_start: str = "population_prior",
-                 seed: int = 0) -> None:
+                 seed: int = 0, gmm_fault_prefix: str = "") -> None:
         self.store = store
+        # Fault injection (HEARTH_FAULT_GMM_NUMERICAL): households whose id starts with
+        # this prefix get a GMM fit that fails numerically; "" = off.
+        self.gmm_fault_prefix = gmm_fault_prefix
         self.variant_of = variant_of
         self.population_prior = population_prior
         self.cold_start = cold_start
@@ -107,7 +110,7 @@ class ModelKeeper:
         return HouseholdModel(variant, cold_start=self.cold_start, population_prior=self.population_prior,
                               seed=self.seed)
 
-    def fit(self, snap: Snapshot, base: HouseholdModel | None, variant: str) -> Envelope:
+    def fit(self, snap: Snapshot, base: HouseholdModel | None, variant: str, account_id: str = "") -> Envelope:
         """Full fit on every closed session. Starting from ``base`` keeps person ids
         stable (new components are matched to the old persons); the parameters depend
         only on the sessions, so after an erasure this *is* the model fitted without
@@ -122,7 +125,8 @@ class ModelKeeper:
                 model.next_person = max(model.next_person, int(label[1:]) + 1)
         had_fallbacks = model.fallback_count
         if snap.sessions:
-            model.fit(snap.X, labels=snap.labels if any(snap.labels) else None)
+            model.fit(snap.X, labels=snap.labels if any(snap.labels) else None,
+                      inject_gmm_failure=bool(self.gmm_fault_prefix) and account_id.startswith(self.gmm_fault_prefix))
         if model.fallback_count > had_fallbacks:
             GMM_FALLBACKS.inc()
         n = len(snap.sessions)
@@ -147,7 +151,7 @@ class ModelKeeper:
                 if retire:
                     base = base or self.new_model(variant)
                     base.retire_person(retire)
-                envelope = self.fit(snap, base, variant)
+                envelope = self.fit(snap, base, variant, account_id)
                 REFITS.labels(reason).inc()
             else:
                 new = len(snap.sessions) - current.included
@@ -157,7 +161,7 @@ class ModelKeeper:
                 envelope = self._update(current, snap)
                 drift = self._check_drift(envelope, snap)
                 if any(d.refit_triggered for d in drift):
-                    envelope = self.fit(snap, envelope.model, variant)
+                    envelope = self.fit(snap, envelope.model, variant, account_id)
                     REFITS.labels("drift").inc()
             try:
                 new_version = self.store.save_model(account_id, version, envelope.model.active_variant,

@@ -263,8 +263,11 @@ class HouseholdModel:
 
     # -- fitting ------------------------------------------------------------------
     def fit(self, X: np.ndarray, labels: Sequence[str | None] | None = None,
-            keys: np.ndarray | None = None) -> HouseholdModel:
-        """Full refit on all of the household's sessions (ids stay stable)."""
+            keys: np.ndarray | None = None, *, inject_gmm_failure: bool = False) -> HouseholdModel:
+        """Full refit on all of the household's sessions (ids stay stable).
+        ``inject_gmm_failure``: the GMM fit raises ``MixtureNumericalError`` as a real
+        numerical failure would (fault injection, HEARTH_FAULT_GMM_NUMERICAL), so the
+        k-means fallback can be exercised end to end."""
         X = _check_X(X)
         n = X.shape[0]
         keys = np.arange(n, dtype=np.int64) if keys is None else np.asarray(keys, dtype=np.int64)
@@ -282,6 +285,8 @@ class HouseholdModel:
         label_names = sorted({lab for lab in labels if lab is not None}) if labels else []
         if self.variant == "gmm":
             try:
+                if inject_gmm_failure:
+                    raise MixtureNumericalError("injected numerical failure (fault injection)")
                 self._fit_gmm(X, labels, label_names, keys)
                 self.kmeans = None
                 self.fallback = False
