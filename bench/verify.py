@@ -317,7 +317,26 @@ class Verify:
                                 cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         return proc, out_path
 
+    def settle(self, timeout_s: float = 90.0) -> None:
+        """Wait until the mesh has worked off any backlog of the previous run (three
+        assignments in a row answered within 100 ms), so runs do not bleed into each
+        other."""
+        h = self.households[0]
+        body = {"account_id": h["account_id"], "session_id": h["sessions"][0]}
+        deadline, good = time.monotonic() + timeout_s, 0
+        with self.client() as c:
+            while good < 3 and time.monotonic() < deadline:
+                t = time.perf_counter()
+                try:
+                    ok = c.post("/v1/assign", json=body, timeout=15).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                good = good + 1 if ok and time.perf_counter() - t < 0.1 else 0
+                time.sleep(0.2)
+
     def run_load(self, label: str, spec: dict, include_floor: bool = False) -> dict:
+        if self.households and spec["url"] == self.mesh.url:
+            self.settle()
         pids = self.pids(include_floor)
         before = {n: proc_sample(pid) for n, pid in pids.items()}
         wall0 = time.time()
