@@ -27,6 +27,7 @@ import asyncio
 import json
 import random
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -96,6 +97,7 @@ class Recorder:
         self.op: list[str] = []
         self.lag_ms: list[float] = []
         self.acks: list[dict] = []
+        self.error_samples: dict[str, list[str]] = {}
 
     def add(self, t_rel: float, lat_ms: float, status: str, op: str) -> None:
         self.t.append(round(t_rel, 4))
@@ -113,6 +115,8 @@ async def _send(session: aiohttp.ClientSession, base: str, headers: dict, reques
             payload = await r.read()
             if 200 <= r.status < 300 and op in ("events", "delete"):
                 return str(r.status), json.loads(payload)
+            if r.status >= 400:
+                return str(r.status), {"error_body": payload[:300].decode("utf-8", "replace")}
             return str(r.status), None
     except asyncio.TimeoutError:
         return "timeout", None
@@ -135,12 +139,21 @@ async def run(spec: dict) -> dict:
     async with aiohttp.ClientSession(connector=connector) as session:
         t0 = loop.time() + 0.05
         wall_t0 = time.time() + 0.05
+        if spec.get("started_file"):   # tells the caller when the schedule begins
+            Path(spec["started_file"]).write_text(str(wall_t0))
+        stop = asyncio.Event()          # SIGUSR1: stop scheduling, finish what is in flight
+        loop.add_signal_handler(signal.SIGUSR1, stop.set)
 
         async def one(request, scheduled: float) -> None:
             sent = loop.time()
             rec.lag_ms.append((sent - scheduled) * 1000)
             status, body = await _send(session, base, headers, request, timeout_s)
             done = loop.time()
+            if body is not None and "error_body" in body:
+                samples = rec.error_samples.setdefault(status, [])
+                if len(samples) < 3:
+                    samples.append(f"{request[0]}: {body['error_body']}")
+                body = None
             rec.add(scheduled - t0, (done - scheduled) * 1000, status, request[0])
             if body is not None and request[0] == "events":
                 rec.acks.append({"account_id": request[3]["events"][0]["account_id"],
@@ -155,7 +168,7 @@ async def run(spec: dict) -> dict:
             total = int(rate * duration)
             tasks = set()
             i = 0
-            while i < total:
+            while i < total and not stop.is_set():
                 now = loop.time()
                 # Fire everything that is due (timers are coarser than 1/rate at high rates).
                 while i < total and t0 + i / rate <= now:
@@ -164,14 +177,17 @@ async def run(spec: dict) -> dict:
                     task.add_done_callback(tasks.discard)
                     i += 1
                 if i < total:
-                    await asyncio.sleep(max(0.0, t0 + i / rate - loop.time()))
+                    try:
+                        await asyncio.wait_for(stop.wait(), max(0.0, t0 + i / rate - loop.time()))
+                    except asyncio.TimeoutError:
+                        pass
             if tasks:
                 await asyncio.wait(tasks, timeout=timeout_s + 5)
         else:
             end = t0 + duration
 
             async def worker() -> None:
-                while loop.time() < end:
+                while loop.time() < end and not stop.is_set():
                     await one(traffic.next(), loop.time())
 
             await asyncio.sleep(max(0.0, t0 - loop.time()))
@@ -179,7 +195,7 @@ async def run(spec: dict) -> dict:
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     lag = sorted(rec.lag_ms) or [0.0]
     return {"requests": {"t": rec.t, "lat_ms": rec.lat_ms, "status": rec.status, "op": rec.op},
-            "acks": rec.acks, "t0_wall": wall_t0,
+            "acks": rec.acks, "t0_wall": wall_t0, "error_samples": rec.error_samples,
             "generator": {"cpu_s": (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime),
                           "wall_s": time.time() - wall0,
                           "lag_p99_ms": lag[min(len(lag) - 1, int(0.99 * len(lag)))], "lag_max_ms": lag[-1]}}

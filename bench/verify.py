@@ -80,9 +80,9 @@ class Profile:
 FULL = Profile(households=100, victims=120, attribution_accounts=30, days=30, step_s=20.0, saturation_s=15.0,
                concurrency=32, ladder=(100, 250, 500, 750, 1000, 1389), soak_rate=250, soak_warmup_frac=0.2,
                fault_rate=50, fault_pre_s=3.0, fault_hold_s=8.0, fault_post_s=12.0)
-QUICK = Profile(households=12, victims=6, attribution_accounts=4, days=20, step_s=3.0, saturation_s=3.0,
-                concurrency=16, ladder=(100, 250), soak_rate=100, soak_warmup_frac=0.3,
-                fault_rate=30, fault_pre_s=1.0, fault_hold_s=3.0, fault_post_s=5.0)
+QUICK = Profile(households=12, victims=6, attribution_accounts=4, days=20, step_s=2.0, saturation_s=3.0,
+                concurrency=16, ladder=(50, 150), soak_rate=30, soak_warmup_frac=0.3,
+                fault_rate=20, fault_pre_s=1.0, fault_hold_s=2.0, fault_post_s=4.0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -336,7 +336,10 @@ class Verify:
 
     def run_load(self, label: str, spec: dict, include_floor: bool = False) -> dict:
         if self.households and spec["url"] == self.mesh.url:
+            t = time.monotonic()
             self.settle()
+            if time.monotonic() - t > 2:
+                log(f"  (waited {time.monotonic() - t:.0f}s for the previous run's backlog to drain)")
         pids = self.pids(include_floor)
         before = {n: proc_sample(pid) for n, pid in pids.items()}
         wall0 = time.time()
@@ -378,7 +381,7 @@ class Verify:
         half = self.run_load("floor at half saturation", self.spec(**floor_spec, mode="open", rate=floor_sat / 2,
                                                                  duration_s=p.step_s), include_floor=True)
         ladder = [self.run_load(f"floor {r}/s", self.spec(**floor_spec, mode="open", rate=r, duration_s=p.step_s),
-                                include_floor=True) for r in p.ladder]
+                                include_floor=True) for r in p.ladder] if not self.args.quick else []
         self.results["floor"] = {"saturation_rps": floor_sat, "p99_ms_at_half": half["p99_ms"],
                                  "saturation_run": sat, "half_run": half, "ladder": ladder}
 
@@ -531,9 +534,12 @@ class Verify:
         after the hold (or as soon as the fault is detected when ``hold`` is False, like
         a kubelet restarting a dead container); health polled every 0.1 s."""
         p = self.profile
-        duration = p.fault_pre_s + p.fault_hold_s + p.fault_post_s
+        # Long enough for a slow recovery; stopped (SIGUSR1) once the mesh is healthy
+        # again for a while.
+        duration = p.fault_pre_s + p.fault_hold_s + 120.0
+        started_file = self.out / "runs" / f"fault-{self.run_counter + 1}.started"
         spec = self.spec(mix=FAULT_MIX, mode="open", rate=p.fault_rate, duration_s=duration, timeout_s=8.0,
-                         event_prefix=f"fault{self.run_counter}-{int(time.time())}")
+                         event_prefix=f"fault{self.run_counter}-{int(time.time())}", started_file=str(started_file))
         health: list[tuple[float, int]] = []
         stop = threading.Event()
 
@@ -551,6 +557,9 @@ class Verify:
         poller = threading.Thread(target=poll, daemon=True)
         proc, out_path = self.launch(spec)
         poller.start()
+        deadline = time.time() + 60
+        while not started_file.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
         time.sleep(p.fault_pre_s)
         t_fault = time.time()
         inject()
@@ -562,6 +571,15 @@ class Verify:
                 time.sleep(0.05)
         t_restore = time.time()
         restore()
+        # Recovered: /health 200 for 2 s in a row, at least fault_post_s after the restore.
+        deadline = t_restore + 110.0
+        while time.time() < deadline:
+            recent = [code for t, code in health if t > time.time() - 2.0]
+            if time.time() - t_restore >= p.fault_post_s and len(recent) >= 10 and all(c == 200 for c in recent):
+                break
+            time.sleep(0.1)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGUSR1)
         proc.wait()
         stop.set()
         poller.join(5)
@@ -582,7 +600,8 @@ class Verify:
                 "restored_after_s": round(t_restore - t_fault, 2),
                 "failed": len(failures), "requests": len(done),
                 "acknowledged_lost": self.lost(raw["acks"]),
-                "failed_by_status": _count([s for d, s in done if not s.startswith("2") and d >= t_fault - 0.5])}
+                "failed_by_status": _count([s for d, s in done if not s.startswith("2") and d >= t_fault - 0.5]),
+                "error_samples": raw.get("error_samples", {})}
 
     def fault_kill(self, name: str) -> dict:
         def inject() -> None:
@@ -715,7 +734,7 @@ def summarise(raw: dict, spec: dict) -> dict:
             "achieved": round(float(ok.sum()) / span, 1), "p50_ms": _r(percentile(lat, 50)),
             "p95_ms": _r(percentile(lat, 95)), "p99_ms": _r(percentile(lat, 99)),
             "max_ms": _r(float(lat.max()) if len(lat) else None), "errors": int((~ok).sum()),
-            "errors_by_status": errors, "by_op": by_op}
+            "errors_by_status": errors, "by_op": by_op, "error_samples": raw.get("error_samples", {})}
 
 
 def _r(x):
@@ -773,7 +792,8 @@ def plots(out: Path, r: dict) -> None:
     ax.set_xlabel("minutes")
     ax.set_ylabel("RSS (MB)")
     ax.set_title(f"soak at {r['soak']['rate']} req/s")
-    ax.legend(fontsize=8)
+    if r["soak"]["samples"]:
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "soak_rss.png", dpi=110)
@@ -847,7 +867,7 @@ def markdown(report: dict, r: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Load, soak and failure-recovery verification of the mesh")
     parser.add_argument("--quick", action="store_true", help="under 3 minutes (the test suite's run)")
-    parser.add_argument("--soak-min", type=float, default=None, help="soak minutes (default 10; quick 0.5)")
+    parser.add_argument("--soak-min", type=float, default=None, help="soak minutes (default 10; quick 0.25)")
     parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
     parser.add_argument("--replicas", type=int, choices=(1, 2), default=1)
     parser.add_argument("--out", type=Path, default=None)
@@ -855,7 +875,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     profile = QUICK if args.quick else FULL
     if args.soak_min is None:
-        args.soak_min = 0.5 if args.quick else 10.0
+        args.soak_min = 0.25 if args.quick else 10.0
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = args.out or ROOT / "var" / "verify" / stamp
     out.mkdir(parents=True, exist_ok=True)
@@ -866,21 +886,34 @@ def main(argv: list[str] | None = None) -> dict:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, on_signal)
+    began = time.monotonic()
+
+    def phase(name: str) -> None:
+        log(f"[{time.monotonic() - began:6.1f}s] {name}")
+
     try:
+        phase("start")
         v.start_floor()
         v.start_mesh()
+        phase("seed")
         v.seed()
+        phase("floor")
         v.floor_phase()
+        phase("assign")
         v.assign_phase()
+        phase("mixed")
         v.mixed_phase()
+        phase("soak")
         if "soak" in skip:
             v.results["soak"] = {"minutes": 0, "rate": 0, "rss_slope_mb_per_h": {}, "leak": False, "p99_ms": None,
                                  "errors": 0, "acknowledged_lost": 0, "samples": {}}
         else:
             v.soak_phase()
         v.results["faults"] = []
+        phase("faults")
         if "faults" not in skip:
             v.fault_phase()
+        phase("report")
         report = v.write_report()
     finally:
         v.stop()
