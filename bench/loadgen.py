@@ -127,7 +127,7 @@ async def _send(session: aiohttp.ClientSession, base: str, headers: dict, reques
 async def run(spec: dict) -> dict:
     traffic = Traffic(spec)
     rec = Recorder()
-    base = spec["url"]
+    urls = spec.get("urls") or [spec["url"]]   # several gateways: round robin per request
     headers = {"X-API-Key": spec["api_key"]} if spec.get("api_key") else {}
     timeout_s = float(spec.get("timeout_s", 10.0))
     duration = float(spec["duration_s"])
@@ -147,7 +147,7 @@ async def run(spec: dict) -> dict:
         async def one(request, scheduled: float) -> None:
             sent = loop.time()
             rec.lag_ms.append((sent - scheduled) * 1000)
-            status, body = await _send(session, base, headers, request, timeout_s)
+            status, body = await _send(session, urls[len(rec.lag_ms) % len(urls)], headers, request, timeout_s)
             done = loop.time()
             if body is not None and "error_body" in body:
                 samples = rec.error_samples.setdefault(status, [])

@@ -55,6 +55,9 @@ MIXED = {"assign_session": 0.35, "assign_vector": 0.25, "household": 0.15, "even
 ASSIGN_ONLY = {"assign_session": 0.5, "assign_vector": 0.5}
 FAULT_MIX = {"assign_session": 0.4, "events": 0.4, "household": 0.2}
 GMM_FAULT_PREFIX = "fault-gmm-"
+# --replicas 2: a route no other phase calls, with a small bucket shared through Redis.
+SHARED_LIMIT_ROUTE = "GET /v1/calibration"
+SHARED_LIMIT = {"per_s": 0.05, "burst": 6}
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -178,7 +181,7 @@ class Verify:
     attribution_accounts: list[str] = field(default_factory=list)
     results: dict = field(default_factory=dict)
     run_counter: int = 0
-    extra_gateways: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    replica_ports: dict[str, int] = field(default_factory=dict)
 
     # ---- processes -------------------------------------------------------------------
 
@@ -223,10 +226,43 @@ class Verify:
             env.update({"HEARTH_STORAGE": "postgres", "HEARTH_POSTGRES_DSN": self.postgres.dsn,
                         "HEARTH_REDIS_URL": self.redis.url})
         self.mesh = Mesh.on_free_ports(self.out / "mesh", log_dir=self.out / "logs", extra_env=env)
+        if self.args.replicas == 2:
+            # A second clustering replica behind one round_robin target, and a second
+            # gateway; both gateways share their rate-limit buckets through Redis. The
+            # calibration route gets a small bucket that only the scale-out check uses.
+            self.replica_ports = {"clustering": free_port(), "clustering-metrics": free_port(),
+                                  "gateway": free_port()}
+            env.update({"HEARTH_CLUSTERING_ADDR": f"ipv4:127.0.0.1:{self.mesh.grpc_ports['clustering']},"
+                                                  f"127.0.0.1:{self.replica_ports['clustering']}",
+                        "HEARTH_GRPC_LB_POLICY": "round_robin",
+                        "HEARTH_RATE_LIMITS": json.dumps({SHARED_LIMIT_ROUTE: SHARED_LIMIT})})
         self.mesh.data_dir.mkdir(parents=True, exist_ok=True)
         self.api_key = write_api_key(self.mesh.data_dir / "gateway-keys.json", "verify-admin", "admin")
         self.mesh.start()
+        if self.args.replicas == 2:
+            replica_env = self.mesh.env()
+            replica_env.update({"HEARTH_GRPC_PORT": str(self.replica_ports["clustering"]),
+                                "HEARTH_METRICS_PORT": str(self.replica_ports["clustering-metrics"])})
+            self.mesh._spawn("clustering-2", "services.clustering", replica_env)
+            self.mesh._spawn("gateway-2", "gateway", {**self.mesh.env(),
+                                                      "HEARTH_GATEWAY_PORT": str(self.replica_ports["gateway"])})
         self.mesh.wait_healthy(180)
+        for url in self.gateway_urls:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                try:
+                    if httpx.get(url + "/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.3)
+
+    @property
+    def gateway_urls(self) -> list[str]:
+        urls = [self.mesh.url]
+        if self.args.replicas == 2:
+            urls.append(f"http://127.0.0.1:{self.replica_ports['gateway']}")
+        return urls
 
     def stop(self) -> None:
         if self.mesh is not None:
@@ -235,6 +271,8 @@ class Verify:
                     os.kill(proc.pid, signal.SIGCONT)   # a fault run may have left one stopped
                 except OSError:
                     pass
+            for name in [n for n in self.mesh.processes if n not in ("gateway", *SERVICE_MODULES)]:
+                self.mesh.stop_process(name)   # the scale-out replicas
             self.mesh.stop()
         for proc in self.floor_procs.values():
             if proc.poll() is None:
@@ -300,7 +338,7 @@ class Verify:
 
     def spec(self, **kw) -> dict:
         self.run_counter += 1
-        base = {"url": self.mesh.url, "api_key": self.api_key, "households": self.households,
+        base = {"url": self.mesh.url, "urls": self.gateway_urls, "api_key": self.api_key, "households": self.households,
                 "attribution_accounts": self.attribution_accounts, "seed": self.run_counter,
                 "event_prefix": f"lg{self.run_counter}-{int(time.time())}", "timeout_s": 10.0,
                 "max_connections": 512}
@@ -374,7 +412,8 @@ class Verify:
     def floor_phase(self) -> None:
         p = self.profile
         log("transport floor")
-        floor_spec = dict(url=self.floor_url, api_key="", households=[], mix={"floor_assign": 1.0})
+        floor_spec = dict(url=self.floor_url, urls=[self.floor_url], api_key="", households=[],
+                          mix={"floor_assign": 1.0})
         sat = self.run_load("floor saturation", self.spec(**floor_spec, mode="closed", concurrency=p.concurrency,
                                                           duration_s=p.saturation_s), include_floor=True)
         floor_sat = sat["achieved"]
@@ -667,6 +706,82 @@ class Verify:
                 "failed": failed, "acknowledged_lost": 0 if variant == "kmeans" else None,
                 "note": f"model answered with {variant or 'nothing'}; hearth_gmm_fallbacks_total={fallbacks:g}"}
 
+    # ---- scale-out ---------------------------------------------------------------------
+
+    def scale_out_phase(self) -> None:
+        """Two replicas of clustering (round_robin) and of the gateway, on PostgreSQL +
+        Redis: concurrent refits through both clustering replicas with assignments
+        through both gateways lose no model update (each refit gets its own version:
+        compare-and-swap), and a rate limit is one budget across both gateways."""
+        from hearth.clustering.v1 import clustering_pb2 as cpb
+        from hearth.clustering.v1 import clustering_pb2_grpc as cgrpc
+        from services.common import identity
+        from services.common.client import peer_channel
+
+        os.environ["HEARTH_SERVICE_TOKEN_KEY"] = self.mesh.service_token_key
+        account = self.households[0]["account_id"]
+        ports = [self.mesh.grpc_ports["clustering"], self.replica_ports["clustering"]]
+        stubs = [cgrpc.ClusteringServiceStub(peer_channel(f"127.0.0.1:{port}", "verify", 30.0)) for port in ports]
+        admin = identity.Principal("verify-admin", identity.Role.ADMIN)
+        refits_per_replica = 4 if self.args.quick else 10
+        versions: list[int] = []
+        errors: list[str] = []
+        lock = threading.Lock()
+
+        def refit(stub) -> None:
+            for _ in range(refits_per_replica):
+                try:
+                    with identity.acting_as(admin):
+                        v = stub.Refit(cpb.RefitRequest(account_id=account, reason="verify scale-out")).model_version
+                    with lock:
+                        versions.append(v)
+                except Exception as exc:  # noqa: BLE001 - counted and reported
+                    with lock:
+                        errors.append(repr(exc)[:200])
+
+        assign_status: list[int] = []
+
+        def assign(url: str) -> None:
+            h = self.households[0]
+            with httpx.Client(base_url=url, headers={"X-API-Key": self.api_key}, timeout=30) as c:
+                for sid in h["sessions"][:20]:
+                    r = c.post("/v1/assign", json={"account_id": account, "session_id": sid})
+                    with lock:
+                        assign_status.append(r.status_code)
+
+        with self.client() as c:
+            before = c.get(f"/v1/household/{account}").json()["model_version"]
+        threads = [threading.Thread(target=refit, args=(stub,)) for stub in stubs for _ in range(2)]
+        threads += [threading.Thread(target=assign, args=(url,)) for url in self.gateway_urls]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        with self.client() as c:
+            after = c.get(f"/v1/household/{account}").json()["model_version"]
+        n_refits = len(stubs) * 2 * refits_per_replica
+        cas_ok = (not errors and len(set(versions)) == len(versions) == n_refits and after >= before + n_refits)
+
+        # One budget across both gateways: a bucket of `burst` tokens refilling slowly.
+        statuses = []
+        for i in range(4 * SHARED_LIMIT["burst"]):
+            url = self.gateway_urls[i % 2]
+            statuses.append(httpx.get(url + SHARED_LIMIT_ROUTE.split(" ", 1)[1],
+                                      headers={"X-API-Key": self.api_key}, timeout=10).status_code)
+        allowed = sum(1 for code in statuses if code == 200)
+        self.results["scale_out"] = {
+            "replicas": {"clustering": 2, "gateway": 2}, "lb_policy": "round_robin",
+            "refits": n_refits, "distinct_versions": len(set(versions)), "refit_errors": errors[:5],
+            "model_version_before": before, "model_version_after": after, "no_lost_update": cas_ok,
+            "assigns": len(assign_status), "assign_errors": sum(1 for code in assign_status if code != 200),
+            "rate_limit": {"burst": SHARED_LIMIT["burst"], "requests": len(statuses), "allowed": allowed,
+                           "refused_429": statuses.count(429),
+                           # Shared: about one bucket's worth passes (plus the slow refill),
+                           # not one per gateway.
+                           "shared": allowed <= SHARED_LIMIT["burst"] + 1},
+        }
+        log(f"  scale-out: {self.results['scale_out']}")
+
     # ---- report ------------------------------------------------------------------------
 
     def write_report(self) -> dict:
@@ -873,6 +988,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--skip", default="", help="comma-separated phases to skip: soak,faults")
     args = parser.parse_args(argv)
+    if args.replicas == 2 and args.backend != "postgres":
+        parser.error("--replicas 2 needs --backend postgres (replicas share PostgreSQL and Redis)")
     profile = QUICK if args.quick else FULL
     if args.soak_min is None:
         args.soak_min = 0.25 if args.quick else 10.0
@@ -909,6 +1026,9 @@ def main(argv: list[str] | None = None) -> dict:
                                  "errors": 0, "acknowledged_lost": 0, "samples": {}}
         else:
             v.soak_phase()
+        if args.replicas == 2:
+            phase("scale-out")
+            v.scale_out_phase()
         v.results["faults"] = []
         phase("faults")
         if "faults" not in skip:
