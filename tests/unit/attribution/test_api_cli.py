@@ -17,15 +17,28 @@ PATHS = Paths.from_lists(
 )
 
 
+AGES = np.arange(PATHS.n_touches, dtype=float)  # days before each journey's end
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_credits_all_attributable_conversions(method: str) -> None:
-    r = attribute(PATHS, method=method, order=2)
+    r = attribute(PATHS, method=method, order=2, touch_ages=AGES)
     assert r.conversions.sum() == pytest.approx(4.0)
+    # Value: every method credits the value of the converting non-empty paths (5+8+2).
+    assert r.revenue.sum() == pytest.approx(15.0)
+    assert r.total_value == 15.0
     assert r.shares.sum() == pytest.approx(1.0)
     assert r.unattributed_conversions == 4.0
     assert np.all(r.conversions >= -1e-12)
-    assert set(r.baselines) == {"first_touch", "last_touch", "linear"}
+    assert set(r.baselines) == {"first_touch", "last_touch", "linear", "time_decay", "position_based"}
     json.dumps(r.to_dict())
+
+
+def test_time_decay_is_only_offered_with_touch_ages() -> None:
+    assert "time_decay" not in attribute(PATHS).baselines
+    with pytest.raises(AttributionInputError) as exc:
+        attribute(PATHS, method="time_decay")
+    assert exc.value.field == "method"
 
 
 def test_hybrid_is_the_mix() -> None:
