@@ -7,7 +7,7 @@ PROTOS := $(shell find protos -name '*.proto')
 
 .DEFAULT_GOAL := help
 .PHONY: help run test protos venv test-unit test-contract test-integration test-e2e lint \
-        bench-accuracy bench-assign bench-attribution bench-privacy bench-feedback clean check-protos
+        provision bench-accuracy bench-assign bench-attribution bench-privacy bench-feedback clean check-protos
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -29,7 +29,10 @@ protos: $(STAMP) ## generate Python code and .pyi stubs from protos/ (never comm
 run: hearth/__init__.py ## start the four services and the gateway on SQLite (Ctrl-C stops)
 	$(PY) scripts/run.py
 
-test: hearth/__init__.py ## the whole suite: unit, contract, storage (SQLite, PostgreSQL, Redis), e2e
+provision: ## install the system tools the suite needs (apt-get as root; otherwise prints the command)
+	bash scripts/provision.sh
+
+test: provision hearth/__init__.py ## the whole suite: unit, contract, storage (SQLite, PostgreSQL, Redis), e2e
 	$(PY) -m pytest -q
 
 test-unit: hearth/__init__.py ## unit tests only

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import httpx
 
 from gateway.auth import hash_key
+from services.common.child_process import spawn_tied, stop_group
 
 SERVICE_MODULES = ("clustering", "attribution", "privacy", "feedback")
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,9 +87,10 @@ class Mesh:
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"{name}.log", "ab")
-        self.processes[name] = subprocess.Popen(
-            [sys.executable, "-m", module], cwd=ROOT, env=env, stdout=out, stderr=out,
-            start_new_session=True)
+        # Tied to this process: killed by the kernel if it dies (a crashed test run or
+        # `make run` killed with -9 leaves nothing behind).
+        self.processes[name] = spawn_tied([sys.executable, "-m", module], cwd=ROOT, env=env,
+                                          stdout=out, stderr=out)
 
     def start_service(self, name: str) -> None:
         env = self.env()
@@ -122,14 +123,8 @@ class Mesh:
 
     def stop_process(self, name: str, timeout_s: float = 10.0) -> None:
         proc = self.processes.pop(name, None)
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            stop_group(proc, timeout_s)
 
     def stop(self) -> None:
         for name in ["gateway", *SERVICE_MODULES]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -16,6 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from services.common.child_process import spawn_tied, stop_group
 from services.common.identity import Principal, Role
 
 ADMIN = Principal("test-admin", Role.ADMIN)
@@ -36,9 +38,10 @@ def _find_pg_bin(name: str) -> str | None:
     return None
 
 
-def _as_postgres_user() -> list[str]:
-    # initdb and postgres refuse to run as root; CI runs as root.
-    return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+def _postgres_user() -> dict:
+    # initdb and postgres refuse to run as root; CI runs as root (scripts/provision.sh
+    # creates the user).
+    return {"user": "postgres", "group": "postgres", "extra_groups": []} if os.geteuid() == 0 else {}
 
 
 @pytest.fixture(scope="session")
@@ -46,19 +49,21 @@ def postgres_dsn():
     initdb, postgres = _find_pg_bin("initdb"), _find_pg_bin("postgres")
     if not initdb or not postgres:
         pytest.fail("PostgreSQL binaries (initdb, postgres) not found: install postgresql "
-                    "(.ci/run does) — the PostgreSQL storage tests cannot be skipped")
+                    "(scripts/provision.sh does) — the PostgreSQL storage tests cannot be skipped")
     base = Path(tempfile.mkdtemp(prefix="hearth-pg-"))
     data = base / "data"
     if os.geteuid() == 0:
         shutil.chown(base, "postgres", "postgres")
-    prefix = _as_postgres_user()
-    subprocess.run([*prefix, initdb, "-D", str(data), "-A", "trust", "-U", "hearth", "--no-sync",
-                    "-E", "UTF8"], check=True, capture_output=True)
+    as_user = _postgres_user()
+    subprocess.run([initdb, "-D", str(data), "-A", "trust", "-U", "hearth", "--no-sync", "-E", "UTF8"],
+                   check=True, capture_output=True, cwd=base, **as_user)
     port = _free_port()
-    proc = subprocess.Popen(
-        [*prefix, postgres, "-D", str(data), "-p", str(port), "-h", "127.0.0.1", "-k", str(base),
+    # Tied to this process: the kernel kills the postmaster if pytest dies (its backends
+    # then exit on postmaster death), so a crashed run leaves no server behind.
+    proc = spawn_tied(
+        [postgres, "-D", str(data), "-p", str(port), "-h", "127.0.0.1", "-k", str(base),
          "-c", "fsync=off", "-c", "full_page_writes=off", "-c", "max_connections=200"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=base, **as_user)
     dsn = f"postgresql://hearth@127.0.0.1:{port}/postgres"
     import psycopg
 
@@ -73,8 +78,7 @@ def postgres_dsn():
                 pytest.fail("PostgreSQL did not start")
             time.sleep(0.1)
     yield dsn
-    proc.terminate()
-    proc.wait(10)
+    stop_group(proc, sig=signal.SIGINT)  # PostgreSQL's fast shutdown
     shutil.rmtree(base, ignore_errors=True)
 
 
@@ -82,11 +86,11 @@ def postgres_dsn():
 def redis_url():
     binary = shutil.which("redis-server")
     if not binary:
-        pytest.fail("redis-server not found: install it (apt-get install redis-server; .ci/run does) "
+        pytest.fail("redis-server not found: install it (apt-get install redis-server; scripts/provision.sh does) "
                     "— the Redis tests cannot be skipped")
     port = _free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = spawn_tied([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                       "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import redis
 
     client = redis.Redis(port=port)
@@ -101,8 +105,7 @@ def redis_url():
                 pytest.fail("redis-server did not start")
             time.sleep(0.05)
     yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(10)
+    stop_group(proc)
 
 
 _schema_counter = 0

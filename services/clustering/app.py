@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from services.clustering.domain import features as F
-from services.clustering.domain.events import ViewingEvent, check_id
+from services.clustering.domain.events import ViewingEvent
+from services.common.ids import check_id
 from services.clustering.domain.model import MIN_SESSIONS, PopulationPrior
 from services.clustering.household import Envelope
 from services.clustering.modeling import ModelKeeper, known_person
@@ -22,7 +23,7 @@ from services.clustering.store import ClusteringStore, HouseholdView, IngestResu
 from services.common.consent import ConsentChecker
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import InvalidArgument, NotFound
-from services.feedback.domain.recalibration import IDENTITY, Calibrator
+from services.common.calibration import IDENTITY, Calibrator
 
 log = logging.getLogger("hearth.clustering.app")
 MAX_LABELS = 10_000
@@ -135,11 +136,13 @@ class ClusteringApp:
             check_id(session_id, "session_id")
             session = self.store.session(account_id, session_id)
             vector, device_id = session.features, session.device_id
+            span = (session.start_ts, session.end_ts)
         if vector is None:
             raise InvalidArgument("a session_id or a feature_vector is required", "session")
         (out,) = self._assign_rows(account_id, np.asarray(vector, dtype=np.float64)[None, :],
                                    [session_id], [device_id],
-                                   [self._label_of(account_id, session) if session_id else None])
+                                   [self._label_of(account_id, session) if session_id else None],
+                                   [span if session_id else None])
         if session_id:
             self.store.set_persons(account_id, {session_id: out.person_id}, {session_id: out.probabilities})
         return out
@@ -165,7 +168,8 @@ class ClusteringApp:
         return self.store.labels(account_id).get(session.session_id, session.label)
 
     def _assign_rows(self, account_id: str, X: np.ndarray, session_ids: list[str],
-                     device_ids: list[str], labels: list[str | None] | None = None) -> list[AssignmentOut]:
+                     device_ids: list[str], labels: list[str | None] | None = None,
+                     spans: list[tuple[float, float] | None] | None = None) -> list[AssignmentOut]:
         if X.ndim != 2 or X.shape[1] != F.FEATURE_DIM:
             raise InvalidArgument(f"feature vectors must have {F.FEATURE_DIM} float32 values", "feature_vector")
         if not np.all(np.isfinite(X)):
@@ -194,7 +198,7 @@ class ClusteringApp:
                                          batch.sessions_until_model, prediction_id))
             records.append(PredictionRecord(prediction_id, account_id, session_ids[r] or prediction_id, pid,
                                             probs, variant, version, now, bool(cold), len(batch.person_ids),
-                                            device_ids[r]))
+                                            device_ids[r], *((spans or [None] * X.shape[0])[r] or (None, None))))
         if self.predictions is not None:
             self.predictions.record(records)   # durable before we answer
         return answers
@@ -271,8 +275,12 @@ class ClusteringApp:
             for account in self.store.accounts_with_models():
                 self.keeper.forget(account)
                 self.keeper.refresh(account)
-            return outcome
-        self.keeper.forget(scope.account_id)
-        if scope.kind != "household" and not outcome.empty:
-            self.keeper.refresh(scope.account_id, force="erasure", retire=scope.person_id or "")
+        else:
+            self.keeper.forget(scope.account_id)
+            if scope.kind != "household" and not outcome.empty:
+                self.keeper.refresh(scope.account_id, force="erasure", retire=scope.person_id or "")
+        if scope.kind != "household":
+            # The refit replaced the model blob that was fitted on the erased sessions:
+            # purge again so its old bytes leave the WAL / dead tuples too.
+            outcome.purges[-1:] = [self.store.purge_erased()]
         return outcome

@@ -103,9 +103,12 @@ MAX_TEXT = 1024  # the log's limit for principal / resource / trace id
 # new RPC cannot escape the audit log by omission.
 _CLU, _ATT = "/hearth.clustering.v1.ClusteringService/", "/hearth.attribution.v1.AttributionService/"
 _PRI, _FEE = "/hearth.privacy.v1.PrivacyService/", "/hearth.feedback.v1.FeedbackService/"
+_DATA = "/hearth.common.v1.DataHolder/"
 _ERASE = (DELETION_COMPLETED, DELETION_FAILED)
 
 RPC_EVENTS: dict[str, str | tuple[str, str] | None] = {
+    _DATA + "Erase": _ERASE,                   # served by clustering, attribution and feedback
+    _DATA + "ExportAccount": READ_HOUSEHOLD,   # one part of a privacy ExportHousehold
     _CLU + "IngestEvents": INGEST,
     _CLU + "AssignSession": ASSIGN,
     _CLU + "AssignSessions": ASSIGN,
@@ -113,13 +116,9 @@ RPC_EVENTS: dict[str, str | tuple[str, str] | None] = {
     _CLU + "Refit": MODEL_REFIT,
     _CLU + "ResolvePersons": READ_HOUSEHOLD,   # who watched on which device: household data
     _CLU + "RecordLabels": FEEDBACK,          # known persons of sessions, from feedback
-    _CLU + "Erase": _ERASE,
-    _CLU + "ExportAccount": READ_HOUSEHOLD,    # one part of a privacy ExportHousehold
     _ATT + "RecordTouchpoints": INGEST,
     _ATT + "RecordConversions": INGEST,
     _ATT + "Attribute": ATTRIBUTION_RUN,
-    _ATT + "Erase": _ERASE,
-    _ATT + "ExportAccount": READ_HOUSEHOLD,
     _PRI + "RequestDeletion": DELETION_REQUESTED,
     _PRI + "GetDeletion": None,                # job status, no personal data
     _PRI + "VerifyReceipt": RECEIPT_VERIFIED,
@@ -139,8 +138,6 @@ RPC_EVENTS: dict[str, str | tuple[str, str] | None] = {
     _FEE + "GetExperiment": None,              # the split and aggregate results
     _FEE + "GetCalibrator": None,              # model calibration map, no household data
     _FEE + "SetFlag": FLAG_CHANGE,
-    _FEE + "Erase": _ERASE,
-    _FEE + "ExportAccount": READ_HOUSEHOLD,
 }
 
 # Status -> outcome: the caller was refused / the request was wrong or the state did not

@@ -37,27 +37,20 @@ import hashlib
 import hmac
 import logging
 import os
-import re
 import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from enum import Enum
 
 from prometheus_client import Counter
 
 from services.common.errors import Unauthenticated
+from services.common.ids import Role, valid_principal_id  # noqa: F401  (re-exported: identity.Role)
 
 log = logging.getLogger("hearth.identity")
 
 
-class Role(str, Enum):
-    ADMIN = "admin"
-    ANALYST = "analyst"
-    DATA_SCIENTIST = "data_scientist"
-    PRIVACY_OFFICER = "privacy_officer"
-    SERVICE = "service"
 
 
 PRINCIPAL_KEY = "x-hearth-principal"
@@ -71,7 +64,6 @@ DEFAULT_TOKEN_TTL_S = 300.0
 CLOCK_SKEW_S = 30.0
 _TOKEN_VERSION = "v1"
 _MAX_TOKEN_CHARS = 256
-_PRINCIPAL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 
 
 # ---------------------------------------------------------------------------------------
@@ -158,10 +150,6 @@ class Principal:
         """gRPC metadata that carries this principal to a peer, signed with the mesh key."""
         return [(PRINCIPAL_KEY, self.id), (ROLE_KEY, self.role.value),
                 (TOKEN_KEY, service_token_signer().sign(self))]
-
-
-def valid_principal_id(principal_id: str) -> bool:
-    return bool(_PRINCIPAL_ID.match(principal_id))
 
 
 class ServiceTokenSigner:
@@ -288,7 +276,7 @@ def principal_from_metadata(metadata: Sequence[tuple[str, str | bytes]] | None, 
     try:
         if not pid or not role:
             raise _refusal("no principal in request metadata", PRINCIPAL_KEY, "missing_principal")
-        if not _PRINCIPAL_ID.match(pid):
+        if not valid_principal_id(pid):
             raise _refusal("malformed principal id", PRINCIPAL_KEY, "malformed_principal")
         try:
             principal = Principal(pid, Role(role))
@@ -303,7 +291,7 @@ def principal_from_metadata(metadata: Sequence[tuple[str, str | bytes]] | None, 
     except Unauthenticated as exc:
         report_security_event(SecurityEvent(
             "authentication_failed", component, getattr(exc, "reason", "invalid"),
-            pid if isinstance(pid, str) and _PRINCIPAL_ID.match(pid) else "",
+            pid if valid_principal_id(pid) else "",
             role if role in Role._value2member_map_ else ""))
         raise
 

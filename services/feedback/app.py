@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from services.clustering.domain.events import check_id, check_ts
+from services.common.ids import check_id, check_ts
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import Conflict, InvalidArgument
 from services.common.identity import Principal
@@ -544,6 +544,10 @@ class FeedbackApp:
             return "UNKNOWN"
 
     # ------------------------------------------------------------------ erasure
+
+    def export_account(self, account_id: str) -> dict:
+        """Everything held for one account, for privacy's household export (docs/privacy.md)."""
+        return self.store.export_account(check_id(account_id, "account_id"))
 
     def erase(self, scope: ErasureScope, job_id: str = "") -> ErasureOutcome:
         if scope.kind == "device":

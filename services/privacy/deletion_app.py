@@ -43,11 +43,10 @@ from typing import Any, Protocol
 
 import grpc
 
-from hearth.common.v1 import common_pb2
-from services.common import audit, identity
+from hearth.common.v1 import common_pb2, common_pb2_grpc
+from services.common import audit, erasure, identity
 from services.common.erasure import ALL_ACCOUNTS, ErasureScope, ids_digest
 from services.common.errors import InvalidArgument, PermissionDenied, Unavailable
-from services.common.pbutil import float_to_ts
 from services.privacy.domain.deletion import (
     DeletionJob, DeletionScope, JobState, RetryPolicy, ServiceStatus, build_receipt, confirm_service,
     due_services, fail_service, new_job, start_job)
@@ -83,28 +82,22 @@ class GrpcPeers:
     permission matrix decides who may read a household) on the data-holding services."""
 
     def __init__(self, addresses: Mapping[str, str], erase_timeout_s: float, export_timeout_s: float = 30.0) -> None:
-        from hearth.attribution.v1 import attribution_pb2, attribution_pb2_grpc
-        from hearth.clustering.v1 import clustering_pb2, clustering_pb2_grpc
-        from hearth.feedback.v1 import feedback_pb2, feedback_pb2_grpc
         from services.common.client import peer_channel
 
-        modules = {"clustering": (clustering_pb2, clustering_pb2_grpc.ClusteringServiceStub),
-                   "attribution": (attribution_pb2, attribution_pb2_grpc.AttributionServiceStub),
-                   "feedback": (feedback_pb2, feedback_pb2_grpc.FeedbackServiceStub)}
         self._channels = {s: peer_channel(addresses[s], "privacy", erase_timeout_s) for s in PEER_SERVICES}
-        self._stubs = {s: (modules[s][0], modules[s][1](self._channels[s])) for s in PEER_SERVICES}
+        self._stubs = {s: common_pb2_grpc.DataHolderStub(channel) for s, channel in self._channels.items()}
         self._erase_timeout = erase_timeout_s
         self._export_timeout = export_timeout_s
         self._me = identity.service_principal("privacy")
 
     def erase(self, service: str, scope: common_pb2.ErasureScope, job_id: str) -> common_pb2.ErasureResult:
-        pb, stub = self._stubs[service]
         with identity.acting_as(self._me):
-            return stub.Erase(pb.EraseRequest(scope=scope, job_id=job_id), timeout=self._erase_timeout).result
+            request = common_pb2.EraseRequest(scope=scope, job_id=job_id)
+            return self._stubs[service].Erase(request, timeout=self._erase_timeout).result
 
     def export(self, service: str, account_id: str) -> dict:
-        pb, stub = self._stubs[service]
-        response = stub.ExportAccount(pb.ExportAccountRequest(account_id=account_id), timeout=self._export_timeout)
+        request = common_pb2.ExportAccountRequest(account_id=account_id)
+        response = self._stubs[service].ExportAccount(request, timeout=self._export_timeout)
         return json.loads(response.json)
 
     def close(self) -> None:
@@ -130,21 +123,7 @@ def erasure_scope(scope: DeletionScope) -> ErasureScope:
 
 
 def scope_to_pb(scope: DeletionScope) -> common_pb2.ErasureScope:
-    out = common_pb2.ErasureScope(account_id=scope.account_id)
-    if scope.kind.value == "household":
-        out.household = True
-    elif scope.kind.value == "device":
-        out.device_id = scope.device_id
-    elif scope.kind.value == "person":
-        out.person_id = scope.person_id
-    else:
-        window = common_pb2.TimeRange()
-        if scope.start is not None:
-            window.start.CopyFrom(float_to_ts(scope.start.timestamp()))
-        if scope.end is not None:
-            window.end.CopyFrom(float_to_ts(scope.end.timestamp()))
-        out.window.CopyFrom(window)
-    return out
+    return erasure.scope_to_pb(erasure_scope(scope))
 
 
 def _retryable(exc: BaseException) -> bool:

@@ -165,11 +165,8 @@ class DataKeyStore:
                 "WHERE account_id = ? AND dek_version = ?",
                 [(r.kek_id, r.wrapped, r.destroyed_at.isoformat() if r.destroyed_at else None,
                   r.account_id, r.dek_version) for r in records])
-        if self.db.dialect == "sqlite" and any(r.destroyed for r in records):
-            # The old page images also sit in the write-ahead log until a checkpoint.
-            self._checkpoint()
+        if any(r.destroyed for r in records):
+            # The old page images also sit in the write-ahead log (SQLite: checkpoint) or in
+            # dead tuples (PostgreSQL: the small key table is rewritten by VACUUM FULL).
+            self.db.purge_erased(("data_keys",), rewrite=True)
         return len(records)
-
-    def _checkpoint(self) -> None:
-        conn = self.db._conn()  # type: ignore[attr-defined]  # SQLite only, outside a transaction
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -273,6 +273,10 @@ class HouseholdModel:
         labels = self._check_labels(labels, n)
         self.n_sessions = n
         self.next_key = int(keys.max()) + 1 if n else 0
+        # A full refit reflects only the sessions it is given: a label (profile hint) no
+        # session carries any more, e.g. after an erasure, leaves the model (unlearning).
+        present = {lab for lab in labels if lab is not None} if labels else set()
+        self.label_map = {k: v for k, v in self.label_map.items() if k in present}
         if n < MIN_SESSIONS:
             self.cold_X = X.copy()
             self.mixture = self.kmeans = None

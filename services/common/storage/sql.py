@@ -13,6 +13,7 @@ import contextlib
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ class Database(Protocol):
     dialect: str
 
     def transaction(self) -> contextlib.AbstractContextManager[Tx]: ...
+    def purge_erased(self, tables: Sequence[str] = (), rewrite: bool = False) -> dict[str, Any]: ...
     def close(self) -> None: ...
 
 
@@ -66,7 +68,14 @@ class SqliteDatabase:
     """One connection per thread (sqlite3 objects are not shareable), WAL journal so
     readers never block the writer, ``synchronous=FULL`` so an acknowledged commit
     survives a power cut, ``BEGIN IMMEDIATE`` so write transactions serialise up front
-    instead of failing on upgrade."""
+    instead of failing on upgrade.
+
+    Closing is safe while other threads still use the database (a background refit, a
+    deletion worker, an RPC in flight): closing a sqlite3 connection while another thread
+    executes on it crashes the interpreter. So every transaction is counted; ``close()``
+    refuses new ones at once (``Unavailable``: the process is shutting down), waits for
+    the ones in flight, and closes only idle connections. A transaction still running when
+    the wait times out keeps its connection, and its own thread closes it when it ends."""
 
     dialect = "sqlite"
 
@@ -77,6 +86,9 @@ class SqliteDatabase:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._idle = threading.Condition(threading.Lock())  # guards the two below
+        self._busy: set[sqlite3.Connection] = set()
+        self._closed = False
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -87,29 +99,81 @@ class SqliteDatabase:
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA busy_timeout=30000")
+            # Deleted rows are overwritten with zeros in the page (and so in the WAL frame
+            # that carries it), not just unlinked: erased means unreadable (docs/privacy.md).
+            conn.execute("PRAGMA secure_delete=ON")
             self._local.conn = conn
             with self._lock:
                 self._all.append(conn)
         return conn
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[Tx]:
+    def _in_use(self) -> Iterator[sqlite3.Connection]:
+        with self._idle:
+            if self._closed:
+                raise Unavailable("database is closed (the service is shutting down)")
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
+        with self._idle:
+            if self._closed:  # closed between the check and the connection
+                raise Unavailable("database is closed (the service is shutting down)")
+            self._busy.add(conn)
         try:
-            yield _SqliteTx(conn)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        else:
-            conn.execute("COMMIT")
-
-    def close(self) -> None:
-        with self._lock:
-            for conn in self._all:
+            yield conn
+        finally:
+            with self._idle:
+                self._busy.discard(conn)
+                closed = self._closed
+                self._idle.notify_all()
+            if closed:  # close() left this connection to us
+                with self._lock:
+                    if conn in self._all:
+                        self._all.remove(conn)
                 conn.close()
-            self._all.clear()
-        self._local = threading.local()
+                self._local.conn = None
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Tx]:
+        with self._in_use() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield _SqliteTx(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            else:
+                conn.execute("COMMIT")
+
+    def purge_erased(self, tables: Sequence[str] = (), rewrite: bool = False) -> dict[str, Any]:
+        """Make an erasure physical (call after the erasing transaction committed).
+
+        ``secure_delete`` already zeroed the deleted cells in the pages written to the
+        WAL; the older WAL frames still hold the pages as they were before. A TRUNCATE
+        checkpoint copies every frame into the main file and truncates the ``-wal`` file
+        to zero bytes, so no earlier page image survives anywhere. It waits (busy
+        handler) for readers on an older snapshot; a checkpoint that stays busy is
+        retried, then reported (``complete`` False) rather than hidden."""
+        started = time.time()
+        complete = False
+        with self._in_use() as conn:
+            for _ in range(20):
+                busy, _log, _done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                if not busy:
+                    complete = True
+                    break
+                time.sleep(0.05)
+        return {"store": "sqlite", "where": Path(self.path).name,
+                "action": "secure_delete; wal_checkpoint(TRUNCATE)", "at": started, "complete": complete}
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        with self._idle:
+            self._closed = True
+            self._idle.wait_for(lambda: not self._busy, timeout_s)
+            busy = set(self._busy)
+        with self._lock:
+            idle = [conn for conn in self._all if conn not in busy]
+            self._all = [conn for conn in self._all if conn in busy]
+        for conn in idle:
+            conn.close()
 
 
 _PLACEHOLDER = re.compile(r"\?")
@@ -156,6 +220,7 @@ class PostgresDatabase:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Tx]:
         import psycopg
+        from psycopg_pool import PoolClosed
 
         try:
             with self._pool.connection() as conn:
@@ -163,6 +228,33 @@ class PostgresDatabase:
                     yield _PostgresTx(cur)
         except psycopg.OperationalError as exc:
             raise Unavailable(f"database unavailable: {exc.__class__.__name__}") from exc
+        except PoolClosed as exc:  # closed while the service shuts down; in-flight use finishes
+            raise Unavailable("database is closed (the service is shutting down)") from exc
+
+    def purge_erased(self, tables: Sequence[str] = (), rewrite: bool = False) -> dict[str, Any]:
+        """After an erasure: VACUUM (ANALYZE) the tables it deleted from, so dead tuples
+        leave the heap and its indexes and the planner statistics (``pg_statistic``
+        most-common values) are recomputed without the erased rows. ``rewrite`` (small
+        tables only, it locks them): VACUUM FULL, a fresh copy without any freed bytes. What this does not
+        reach (bytes left in page free space until reused, WAL segments until recycled,
+        archives, replicas' WAL) is covered by encryption under the household key the
+        deletion destroys; docs/privacy.md says what "erased" means on PostgreSQL."""
+        import psycopg
+
+        started = time.time()
+        try:
+            with self._pool.connection() as conn:
+                conn.autocommit = True
+                try:
+                    for table in tables:
+                        conn.execute(f'VACUUM ({"FULL, " if rewrite else ""}ANALYZE) "{self.schema}"."{table}"')
+                finally:
+                    conn.autocommit = False
+        except psycopg.OperationalError as exc:
+            raise Unavailable(f"database unavailable: {exc.__class__.__name__}") from exc
+        return {"store": "postgres", "where": f"{self.schema}: {', '.join(tables)}",
+                "action": "VACUUM (FULL, ANALYZE)" if rewrite else "VACUUM (ANALYZE)", "at": started,
+                "complete": True}
 
     def close(self) -> None:
         self._pool.close()

@@ -1,0 +1,108 @@
+"""Processes started by tests die with the test run, even when pytest is killed.
+
+A real pytest run (a subprocess) starts the mesh (four services and the gateway as
+processes), PostgreSQL and redis-server through the same fixtures the suite uses, records
+every process it has started by then, and waits. We kill it with SIGKILL, so no finalizer,
+atexit handler or signal handler of it runs, and then every one of those processes
+(postmaster and its backends included) must be gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+INNER_TEST = '''
+import json, os, time
+from pathlib import Path
+
+import psycopg
+import redis
+
+from services.mesh import Mesh, write_api_key
+
+
+def _descendants(pid):
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def test_start_everything_then_wait(tmp_path, postgres_dsn, redis_url):
+    with psycopg.connect(postgres_dsn) as conn:   # a live backend process too
+        conn.execute("SELECT 1")
+        redis.Redis.from_url(redis_url).ping()
+        mesh = Mesh.on_free_ports(tmp_path / "var", log_dir=tmp_path / "logs")
+        write_api_key(mesh.data_dir / "gateway-keys.json", "lifetime-admin", "admin")
+        mesh.start()
+        mesh.wait_healthy(180)
+        Path(os.environ["PIDS_FILE"] + ".tmp").write_text(json.dumps({
+            "mesh": [p.pid for p in mesh.processes.values()],
+            "all": _descendants(os.getpid()),
+        }))
+        os.rename(os.environ["PIDS_FILE"] + ".tmp", os.environ["PIDS_FILE"])
+        time.sleep(600)
+'''
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's wait is missing
+
+
+def test_children_of_a_killed_pytest_die_with_it(tmp_path):
+    inner = tmp_path / "test_inner.py"
+    inner.write_text(INNER_TEST)
+    pids_file = tmp_path / "pids.json"
+    env = dict(os.environ, PIDS_FILE=str(pids_file), PYTHONPATH=str(ROOT))
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "--rootdir", str(tmp_path),
+         "-p", "no:cacheprovider", "-o", "timeout=0", str(inner)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not pids_file.exists():
+            assert run.poll() is None, run.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the inner run did not start everything in time"
+            time.sleep(0.2)
+        pids = json.loads(pids_file.read_text())
+        assert len(pids["mesh"]) == 5
+        # The mesh, the postmaster with its backends and auxiliary processes, redis-server.
+        assert set(pids["mesh"]) <= set(pids["all"]) and len(pids["all"]) >= 5 + 1 + 3 + 1
+        assert all(_alive(pid) for pid in pids["mesh"])
+
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait(10)
+        deadline = time.monotonic() + 30
+        while (alive := [pid for pid in pids["all"] if _alive(pid)]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive, {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:80] for pid in alive}
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        for pid in json.loads(pids_file.read_text())["all"] if pids_file.exists() else []:
+            if _alive(pid):  # never leave anything behind, even when the assertion failed
+                os.kill(pid, signal.SIGKILL)
