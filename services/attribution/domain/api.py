@@ -215,9 +215,17 @@ def attribute(
         if order != "auto":
             raise AttributionInputError("order", f"must be an integer in 1..4 or 'auto', got {order!r}")
         if uses_chain:
-            selection = choose_order(paths, conv, folds=order_folds, seed=order_seed)
-            conv = replace(conv, order=selection.chosen)
-            details["order_selection"] = selection.to_dict()
+            data = paths.without_empty()
+            if conv.include_nulls and data.nulls.sum() > 0 and data.conversions.sum() > 0:
+                selection = choose_order(paths, conv, folds=order_folds, seed=order_seed)
+                conv = replace(conv, order=selection.chosen)
+                details["order_selection"] = selection.to_dict()
+            else:
+                # Nothing to predict (one outcome only, e.g. one person's few journeys):
+                # order 1, and say so rather than fail the whole request.
+                conv = replace(conv, order=1)
+                details["order_selection"] = {
+                    "chosen": 1, "fallback": "needs converting and non-converting journeys; used order 1"}
     elif order is not None:
         conv = replace(conv, order=order)
 

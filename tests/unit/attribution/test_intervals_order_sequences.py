@@ -166,8 +166,10 @@ def test_auto_order_through_attribute_reports_the_choice() -> None:
         attribute(PATHS, order="best")
     assert exc.value.field == "order"
     no_nulls = Paths.from_lists([["a"], ["b"]], [1, 1])
+    fallback = attribute(no_nulls, order="auto")
+    assert fallback.details["order"] == 1 and "fallback" in fallback.details["order_selection"]
     with pytest.raises(AttributionInputError):
-        attribute(no_nulls, order="auto")
+        choose_order(no_nulls)
 
 
 # ---- sequences ---------------------------------------------------------------------------
