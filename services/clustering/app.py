@@ -176,7 +176,7 @@ class ClusteringApp:
             raise InvalidArgument("feature vectors must be finite", "feature_vector")
         version, envelope = self._model(account_id)
         model = envelope.model
-        batch = model.assign_batch(X)
+        batch = model.assign_batch(X, device_ids=device_ids)
         variant = model.variant
         cold = batch.strategy.removeprefix("cold_start:") if batch.strategy.startswith("cold_start") else ""
         probabilities = batch.probabilities

@@ -154,6 +154,7 @@ DROPPED = Counter("hearth_audit_records_dropped_total",
                   ["component", "reason"])
 SENT = Counter("hearth_audit_records_sent_total",
                "Audit records acknowledged (durable) by the audit log", ["component"])
+DROP_REASONS = ("closed", "queue_full", "send_failed", "refused")
 
 
 def outcome_for(code: grpc.StatusCode) -> str:
@@ -281,6 +282,10 @@ class AuditSink:
         if not max_delay_s >= 0 or not backoff_s >= 0:
             raise ValueError("max_delay_s, backoff_s: must be >= 0")
         self.component = component
+        # Series at 0 from the start, so the first drop is an increase the alert sees.
+        SENT.labels(component)
+        for reason in DROP_REASONS:
+            DROPPED.labels(component, reason)
         self._transport = transport
         self._max_batch = max_batch
         self._max_delay = max_delay_s

@@ -29,6 +29,9 @@ Decisions (the reasons are repeated in docs/security.md):
 * ``DataHolder/ExportAccount`` on each data-holding service needs export_household: the privacy
   service gathers an export *on behalf of* the privacy officer or admin who asked, so
   the matrix (not a service role) decides who may read a whole household.
+* service principals read calibration (``GetCalibrator``): the clustering service
+  applies the feedback service's current calibration map to every assignment it
+  answers; without it the recalibration never reached a running mesh (issue #10).
 * use_data_key (privacy ``GetDataKey``) is for service principals: stores fetch a
   household's data key to encrypt fields at rest; the privacy service also refuses
   it to any non-service role (admin included). rotate_keys is admin only.
@@ -90,7 +93,7 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
         P.INGEST_EVENTS, P.ASSIGN_SESSIONS, P.READ_HOUSEHOLD, P.REFIT_MODEL, P.RESOLVE_PERSONS,
         P.RECORD_TOUCHPOINTS, P.RECORD_CONVERSIONS, P.ERASE_DATA, P.READ_CONSENT,
         P.APPEND_AUDIT, P.RECORD_PREDICTION, P.RECORD_FEEDBACK, P.READ_EXPERIMENT,
-        P.USE_DATA_KEY}),
+        P.READ_CALIBRATION, P.USE_DATA_KEY}),
 }
 
 # Gateway routes, "METHOD /path/template". Parameter names do not matter: templates are

@@ -143,3 +143,11 @@ def test_generated_table_marks_exactly_the_granted_cells():
         line = next(l for l in table.splitlines() if l.startswith(f"| `{route}` |"))
         cells = [c.strip() for c in line.strip("|").split("|")][2:]
         assert cells == ["yes" if permissions.allowed(r, permission) else "—" for r in roles]
+
+
+def test_a_service_may_fetch_the_calibrator_clustering_applies():
+    """Clustering (a service principal) fetches feedback's calibration map; before
+    issue #10 this call was refused and the recalibration never reached assignments."""
+    authorize_rpc(who(Role.SERVICE), "/hearth.feedback.v1.FeedbackService/GetCalibrator")
+    with pytest.raises(PermissionDenied):
+        authorize_rpc(who(Role.SERVICE), "/hearth.feedback.v1.FeedbackService/SetFlag")
