@@ -479,3 +479,26 @@ def test_object_names_fit_a_dns_label_even_for_a_long_release_name(helm, helm_en
     assert len(keys) == len(set(keys)), "two objects of one kind share a name"
     for _, name in keys:
         assert len(name) <= 63 and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name), name
+
+
+def test_backup_cronjob_snapshots_postgres_into_the_claim(render):
+    assert not by_kind(render(), "CronJob")
+    objects = render(values_files=(PRODUCTION_VALUES,))
+    (cron,) = by_kind(objects, "CronJob").values()
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"][:4] == ["hearth", "backup", "--out", "/backups"]
+    assert {"name": "backups", "mountPath": "/backups"} in container["volumeMounts"]
+    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "hearth-backups"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["HEARTH_POSTGRES_DSN"]["valueFrom"]["secretKeyRef"]["name"] == "hearth-postgres"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_backup_with_sqlite_is_refused(render, helm, helm_env):
+    import subprocess
+    done = subprocess.run([helm, "template", "x", str(CHART), "-f", str(LOCAL_SQLITE_VALUES),
+                           "--set", "backup.enabled=true", "--set", "backup.existingClaim=c"],
+                          capture_output=True, text=True, env=helm_env)
+    assert done.returncode != 0 and "backup.enabled: scheduled backups need storage.backend=postgres" in done.stderr
