@@ -40,9 +40,12 @@ class GatewaySettings(BaseSettings):
     health_timeout_s: float = 1.0
 
     # API keys: a JSON file, see gateway/auth.py for the format (ids, hashes, revocation).
-    # Only SHA-256 hashes are ever stored; the file is re-read when it changes, so a
-    # revocation takes effect on the next request. make run writes var/gateway-keys.json.
+    # Only SHA-256 hashes are ever stored; the file is re-read when it changes: its
+    # mtime is checked at most every api_keys_reload_s (and at once for an unknown key,
+    # so a new key works immediately), so a revocation holds within that interval.
+    # make run writes var/gateway-keys.json.
     api_keys_file: Path | None = None
+    api_keys_reload_s: float = Field(1.0, ge=0, le=60)
     max_body_bytes: int = 8 * 1024 * 1024
 
     # JWT bearer tokens (Authorization: Bearer ...). Disabled unless an algorithm is set.

@@ -114,6 +114,12 @@ class HearthInterceptor(grpc.ServerInterceptor):
                 return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
 
             try:
+                remaining = context.time_remaining()
+                if remaining is not None and remaining <= 0:
+                    # Queued behind other work past the caller's deadline: the caller has
+                    # given up, so doing the work now only delays the calls still waiting
+                    # (an overload would otherwise snowball into minutes of dead work).
+                    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before the call started")
                 principal = identity.principal_from_metadata(
                     metadata, peer_verified=tls.peer_verified(context), component=service)
                 principal_token = identity.set_current(principal)

@@ -300,7 +300,7 @@ def test_every_hearth_variable_the_chart_sets_is_one_the_code_reads(render):
     from gateway.config import GatewaySettings
     from services.common import identity, tls
     from services.common.config import ServiceSettings
-    from services.privacy import audit_app
+    from services.privacy.audit import app as audit_app
 
     known = {f"HEARTH_{field.upper()}" for cls in (ServiceSettings, GatewaySettings, *SETTINGS_CLASSES.values())
              for field in cls.model_fields}
