@@ -35,7 +35,70 @@ log = logging.getLogger("hearth.gateway")
 
 HTTP_REQUESTS = Counter("hearth_http_requests_total", "HTTP requests", ["route", "method", "status"])
 HTTP_DURATION = Histogram("hearth_http_request_duration_seconds", "HTTP request time", ["route", "method"],
-                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+                          buckets=telemetry.LATENCY_BUCKETS)
+
+class ObserveMiddleware:
+    """Outermost: a server span per request (continuing the caller's trace), the
+    Content-Length limit (413), a JSON 500 for anything unhandled, Prometheus metrics
+    and the ``x-trace-id`` response header.
+
+    Plain ASGI rather than ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware
+    runs every request through an extra task group and memory streams, which the
+    profile showed as the largest single cost of the gateway (docs/benchmarks.md)."""
+
+    def __init__(self, app, tracer, max_body_bytes: int) -> None:
+        self.app = app
+        self.tracer = tracer
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        method = scope["method"]
+        parent = propagate.extract(headers)
+        started = time.perf_counter()
+        # Named after the route template once routed, never the raw path: paths carry
+        # account ids, and trace files are not rewritten when a household is erased.
+        span = self.tracer.start_span(method, context=parent, kind=SpanKind.SERVER,
+                                      attributes={"http.method": method})
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        trace_header = format(span.get_span_context().trace_id, "032x").encode()
+        status = 500
+        response_started = False
+
+        async def send_observed(message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                response_started = True
+                message = {**message, "headers": [*message.get("headers", ()), (b"x-trace-id", trace_header)]}
+            await send(message)
+
+        try:
+            length = headers.get("content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+                await error_response(413, "payload_too_large",
+                                     f"request body exceeds {self.max_body_bytes} bytes")(scope, receive, send_observed)
+            else:
+                await self.app(scope, receive, send_observed)
+        except Exception:  # noqa: BLE001 - last resort: log once, answer a JSON 500
+            log.exception("unhandled error")
+            if not response_started:
+                await error_response(500, "internal", "internal error")(scope, receive, send_observed)
+        finally:
+            otel_context.detach(token)
+            label = getattr(scope.get("route"), "path", "unmatched")
+            span.update_name(f"{method} {label}")
+            span.set_attribute("http.route", label)
+            span.set_attribute("http.status_code", status)
+            if status >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+            span.end()
+            HTTP_REQUESTS.labels(label, method, str(status)).inc()
+            HTTP_DURATION.labels(label, method).observe(time.perf_counter() - started)
+
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
@@ -62,53 +125,22 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         audit.install(None)
         audit_sink.close(timeout_s=3.0)
 
+    # FastAPI's native telemetry is off: it would open a second, unconnected root span
+    # (and its own metrics) around the `observe` middleware below, which is the one
+    # server span per request and continues the caller's traceparent. (Its span would
+    # also record the raw path, ``url.path``, and paths carry account ids that trace
+    # files must not keep: docs/privacy.md, "What erased means".)
     app = FastAPI(title="Hearth gateway", version="1.0.0", lifespan=lifespan,
+                  telemetry={"tracing": False, "metrics": False, "logs": False,
+                             "operation_spans": False, "auto_configure": False},
                   description="HTTP/JSON front of the Hearth mesh. Authenticate with the "
-                              "`X-API-Key` header or `Authorization: Bearer <JWT>`.",
-                  # The server span is ours (``observe`` below): FastAPI's own would record
-                  # the raw path (``url.path``), and paths carry account ids that trace
-                  # files must not keep (docs/privacy.md, "What erased means").
-                  telemetry={"tracing": False})
+                              "`X-API-Key` header or `Authorization: Bearer <JWT>`.")
     app.state.clients = clients
     # Body-size limit and rate limiter; installed before the observe middleware below so
     # that one stays outermost and counts the 413s too.
     limiter = install_request_limits(app, settings)
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        # A server span per request, continuing the caller's trace if it sent one.
-        parent = propagate.extract(dict(request.headers))
-        started = time.perf_counter()
-        # Named after the route template, never the raw path: paths carry account ids, and
-        # trace files are not rewritten when a household is erased (docs/privacy.md).
-        span = tracer.start_span(request.method, context=parent, kind=SpanKind.SERVER,
-                                 attributes={"http.method": request.method})
-        token = otel_context.attach(trace.set_span_in_context(span, parent))
-        try:
-            length = request.headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-                response = error_response(413, "payload_too_large",
-                                          f"request body exceeds {settings.max_body_bytes} bytes")
-            else:
-                response = await call_next(request)
-        except Exception:  # noqa: BLE001 - last resort: log once, answer a JSON 500
-            log.exception("unhandled error")
-            response = error_response(500, "internal", "internal error")
-        finally:
-            otel_context.detach(token)
-        route = request.scope.get("route")
-        label = getattr(route, "path", "unmatched")
-        span.update_name(f"{request.method} {label}")
-        span.set_attribute("http.route", label)
-        span.set_attribute("http.status_code", response.status_code)
-        if response.status_code >= 500:
-            span.set_status(Status(StatusCode.ERROR))
-        span.end()
-        HTTP_REQUESTS.labels(label, request.method, str(response.status_code)).inc()
-        HTTP_DURATION.labels(label, request.method).observe(time.perf_counter() - started)
-        trace_id = format(span.get_span_context().trace_id, "032x")
-        response.headers["x-trace-id"] = trace_id
-        return response
+    app.add_middleware(ObserveMiddleware, tracer=tracer, max_body_bytes=settings.max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(_request: Request, exc: RequestValidationError):

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.permissions import route_permission
+from services.common.telemetry import check_trace_export
 
 
 class RateLimitSpec(BaseModel):
@@ -41,9 +42,12 @@ class GatewaySettings(BaseSettings):
     health_timeout_s: float = 1.0
 
     # API keys: a JSON file, see gateway/auth.py for the format (ids, hashes, revocation).
-    # Only SHA-256 hashes are ever stored; the file is re-read when it changes, so a
-    # revocation takes effect on the next request. make run writes var/gateway-keys.json.
+    # Only SHA-256 hashes are ever stored; the file is re-read when it changes: its
+    # mtime is checked at most every api_keys_reload_s (and at once for an unknown key,
+    # so a new key works immediately), so a revocation holds within that interval.
+    # make run writes var/gateway-keys.json.
     api_keys_file: Path | None = None
+    api_keys_reload_s: float = Field(1.0, ge=0, le=60)
     max_body_bytes: int = 8 * 1024 * 1024
 
     # JWT bearer tokens (Authorization: Bearer ...). Disabled unless an algorithm is set.
@@ -76,6 +80,11 @@ class GatewaySettings(BaseSettings):
         if not 0 <= value <= 65535:
             raise ValueError("must be a port number in 0..65535")
         return value
+
+    @field_validator("trace_export")
+    @classmethod
+    def _trace_export(cls, value: str) -> str:
+        return check_trace_export(value)
 
     @field_validator("rpc_timeout_s", "health_timeout_s")
     @classmethod

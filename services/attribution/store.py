@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 from services.attribution.domain.records import Conversion, Touchpoint
@@ -138,5 +137,3 @@ class AttributionStore:
                              "device_id": r[4]} for r in cvs],
         }
 
-    def export_account_json(self, account_id: str) -> str:
-        return json.dumps(self.export_account(account_id), sort_keys=True, ensure_ascii=False)

@@ -13,6 +13,7 @@ from services.clustering.prediction_log import PredictionLog
 from services.clustering.servicer import SERVICE_NAME, ClusteringServicer
 from services.clustering.store import ClusteringStore
 from services.common.consent import ConsentChecker
+from services.common.erasure import data_holder
 from services.common.field_crypto import FieldCipher
 from services.common.server import run_service
 from services.common.storage.cache import open_cache
@@ -46,8 +47,9 @@ def build(settings):
                             lateness_tolerance_s=settings.lateness_tolerance_s, cipher=cipher)
     store.migrate()
     feedback = FeedbackPeer(settings.feedback_addr, timeout_s=settings.peer_timeout_s)
-    predictions = PredictionLog(db, feedback.send_predictions)
-    keeper = ModelKeeper(store, feedback.variant_of, cold_start=settings.cold_start)
+    predictions = PredictionLog(db, feedback.send_predictions, session_writer=store.write_persons)
+    keeper = ModelKeeper(store, feedback.variant_of, cold_start=settings.cold_start,
+                         gmm_fault_prefix=settings.fault_gmm_numerical)
     app = ClusteringApp(store, consent, keeper=keeper, predictions=predictions,
                         calibrator_of=feedback.calibrator)
     stop = threading.Event()
@@ -55,7 +57,8 @@ def build(settings):
         threading.Thread(target=_keep_population_prior_fresh, name="population-prior", daemon=True,
                          args=(app, settings.population_prior_refresh_s, stop)).start()
     servicer = ClusteringServicer(app)
-    return ([(pb_grpc.add_ClusteringServiceServicer_to_server, servicer, SERVICE_NAME)],
+    return ([(pb_grpc.add_ClusteringServiceServicer_to_server, servicer, SERVICE_NAME),
+             data_holder(NAME, lambda scope, _job_id: app.erase(scope), app.export_account)],
             [stop.set, app.close, consent.close, cipher.close, db.close])
 
 

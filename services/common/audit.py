@@ -112,10 +112,15 @@ MAX_TEXT = 1024  # the log's limit for principal / resource / trace id
 # authentication_failure. A test checks that every RPC of every proto is listed, so a
 # new RPC cannot escape the audit log by omission.
 _CLU, _ATT = "/hearth.clustering.v1.ClusteringService/", "/hearth.attribution.v1.AttributionService/"
-_PRI, _FEE = "/hearth.privacy.v1.PrivacyService/", "/hearth.feedback.v1.FeedbackService/"
+_FEE = "/hearth.feedback.v1.FeedbackService/"
+_DEL, _CON = "/hearth.privacy.v1.Deletion/", "/hearth.privacy.v1.Consent/"
+_LOG, _KEY = "/hearth.privacy.v1.AuditLog/", "/hearth.privacy.v1.Keys/"
+_DATA = "/hearth.common.v1.DataHolder/"
 _ERASE = (DELETION_COMPLETED, DELETION_FAILED)
 
 RPC_EVENTS: dict[str, str | tuple[str, str] | None] = {
+    _DATA + "Erase": _ERASE,                   # served by clustering, attribution and feedback
+    _DATA + "ExportAccount": READ_HOUSEHOLD,   # one part of a privacy ExportHousehold
     _CLU + "IngestEvents": INGEST,
     _CLU + "AssignSession": ASSIGN,
     _CLU + "AssignSessions": ASSIGN,
@@ -123,34 +128,28 @@ RPC_EVENTS: dict[str, str | tuple[str, str] | None] = {
     _CLU + "Refit": MODEL_REFIT,
     _CLU + "ResolvePersons": READ_HOUSEHOLD,   # who watched on which device: household data
     _CLU + "RecordLabels": FEEDBACK,          # known persons of sessions, from feedback
-    _CLU + "Erase": _ERASE,
-    _CLU + "ExportAccount": READ_HOUSEHOLD,    # one part of a privacy ExportHousehold
     _ATT + "RecordTouchpoints": INGEST,
     _ATT + "RecordConversions": INGEST,
     _ATT + "Attribute": ATTRIBUTION_RUN,
-    _ATT + "Erase": _ERASE,
-    _ATT + "ExportAccount": READ_HOUSEHOLD,
-    _PRI + "RequestDeletion": DELETION_REQUESTED,
-    _PRI + "GetDeletion": None,                # job status, no personal data
-    _PRI + "VerifyReceipt": RECEIPT_VERIFIED,
-    _PRI + "ExportHousehold": EXPORT,
-    _PRI + "SetConsent": CONSENT_CHANGE,
-    _PRI + "GetConsent": None,                 # read by services on every write they audit already
-    _PRI + "AppendAudit": None,                # the log itself: auditing it would recurse
-    _PRI + "QueryAudit": AUDIT_EXPORT,         # reads of the audit log ARE audited
-    _PRI + "GetAuditProof": AUDIT_EXPORT,
-    _PRI + "VerifyAudit": AUDIT_EXPORT,
-    _PRI + "GetDataKey": None,                 # stores fetch keys per household every <= 60 s; the
+    _DEL + "RequestDeletion": DELETION_REQUESTED,
+    _DEL + "GetDeletion": None,                # job status, no personal data
+    _DEL + "VerifyReceipt": RECEIPT_VERIFIED,
+    _DEL + "ExportHousehold": EXPORT,
+    _CON + "SetConsent": CONSENT_CHANGE,
+    _CON + "GetConsent": None,                 # read by services on every write they audit already
+    _LOG + "AppendAudit": None,                # the log itself: auditing it would recurse
+    _LOG + "QueryAudit": AUDIT_EXPORT,         # reads of the audit log ARE audited
+    _LOG + "GetAuditProof": AUDIT_EXPORT,
+    _LOG + "VerifyAudit": AUDIT_EXPORT,
+    _KEY + "GetDataKey": None,                 # stores fetch keys per household every <= 60 s; the
                                                # key's creation/destruction is what is audited
-    _PRI + "RotateKeys": KEY_ROTATION,
+    _KEY + "RotateKeys": KEY_ROTATION,
     _FEE + "RecordPrediction": INGEST,
     _FEE + "RecordFeedback": FEEDBACK,
     _FEE + "GetCalibration": None,             # aggregates over all households, no household data
     _FEE + "GetExperiment": None,              # the split and aggregate results
     _FEE + "GetCalibrator": None,              # model calibration map, no household data
     _FEE + "SetFlag": FLAG_CHANGE,
-    _FEE + "Erase": _ERASE,
-    _FEE + "ExportAccount": READ_HOUSEHOLD,
 }
 
 # Status -> outcome: the caller was refused / the request was wrong or the state did not
@@ -171,6 +170,7 @@ SPOOLED = Counter("hearth_audit_records_spooled_total",
                   "Audit records written to the disk outbox while the audit log was unreachable", ["component"])
 OUTBOX_DEPTH = Gauge("hearth_audit_outbox_depth", "Audit records in the disk outbox, not yet delivered",
                      ["outbox"])
+DROP_REASONS = ("closed", "queue_full", "send_failed", "refused", "outbox_failed")
 
 
 def outcome_for(code: grpc.StatusCode) -> str:
@@ -299,6 +299,10 @@ class AuditSink:
         if not max_delay_s >= 0 or not backoff_s >= 0:
             raise ValueError("max_delay_s, backoff_s: must be >= 0")
         self.component = component
+        # Series at 0 from the start, so the first drop is an increase the alert sees.
+        SENT.labels(component)
+        for reason in DROP_REASONS:
+            DROPPED.labels(component, reason)
         self._transport = transport
         self._max_batch = max_batch
         self._max_delay = max_delay_s
@@ -556,7 +560,7 @@ class GrpcAuditTransport:
         from services.common.client import peer_channel
 
         self._channel = peer_channel(address, component, timeout_s)
-        self._stub = privacy_pb2_grpc.PrivacyServiceStub(self._channel)
+        self._stub = privacy_pb2_grpc.AuditLogStub(self._channel)
         self._as = identity.service_principal(component)
         self._timeout = timeout_s
 

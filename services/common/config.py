@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.common.telemetry import check_trace_export
+
 ENV_PREFIX = "HEARTH_"
 
 # Default ports: one gRPC port and one Prometheus port per service.
@@ -46,7 +48,8 @@ class ServiceSettings(BaseSettings):
     postgres_pool_max: int = 8
     redis_url: str = ""                 # empty: in-process cache only
 
-    # Tracing: "none", "console", or "jsonl:<path>" (one JSON span per line; tests use it).
+    # Tracing: "none", "otlp" (OTEL_EXPORTER_OTLP_* say where and how), "console", or
+    # "jsonl:<path>" (one JSON span per line, synchronous; tests use it). telemetry.py.
     trace_export: str = "none"
 
     # Peers (host:port), used by services that call others.
@@ -65,6 +68,9 @@ class ServiceSettings(BaseSettings):
     # until enough households exist to learn the prior) or "heuristic".
     cold_start: Literal["account", "population_prior", "heuristic"] = "population_prior"
     population_prior_refresh_s: float = 3600.0
+    # Fault injection for `make verify` (never set in production): households whose id
+    # starts with this prefix get a GMM fit that fails numerically (k-means fallback).
+    fault_gmm_numerical: str = ""
 
     @field_validator("grpc_port", "metrics_port")
     @classmethod
@@ -83,9 +89,7 @@ class ServiceSettings(BaseSettings):
     @field_validator("trace_export")
     @classmethod
     def _trace_export(cls, value: str) -> str:
-        if value in ("none", "console") or (value.startswith("jsonl:") and len(value) > 6):
-            return value
-        raise ValueError("must be 'none', 'console' or 'jsonl:<path>'")
+        return check_trace_export(value)
 
     @model_validator(mode="after")
     def _postgres_needs_dsn(self) -> "ServiceSettings":

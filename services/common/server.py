@@ -114,11 +114,21 @@ class HearthInterceptor(grpc.ServerInterceptor):
                 return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
 
             try:
+                remaining = context.time_remaining()
+                if remaining is not None and remaining <= 0:
+                    # Queued behind other work past the caller's deadline: the caller has
+                    # given up, so doing the work now only delays the calls still waiting
+                    # (an overload would otherwise snowball into minutes of dead work).
+                    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before the call started")
                 principal = identity.principal_from_metadata(
                     metadata, peer_verified=tls.peer_verified(context), component=service)
                 principal_token = identity.set_current(principal)
                 permissions.authorize_rpc(principal, method)
                 span.set_attribute("hearth.principal", telemetry.pseudonym(principal.id))
+                job_id = getattr(request, "job_id", "")
+                if job_id and isinstance(job_id, str):
+                    # Erase calls of a deletion job (and any job-driven RPC) are findable by job.
+                    span.set_attribute("hearth.job_id", job_id)
                 result = fn(request, context)
             except BaseException as exc:  # noqa: BLE001 - every failure must get a status
                 try:

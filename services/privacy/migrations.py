@@ -49,11 +49,16 @@ CREATE TABLE IF NOT EXISTS data_keys (
     PRIMARY KEY (account_id, dek_version)
 )
 """),
+    # trace_context: the W3C carrier (JSON) of the RequestDeletion call, so the worker's
+    # fan-out joins the request's trace even after a restart (telemetry.context_carrier).
+    Migration(4, "deletion job trace context", """
+ALTER TABLE deletion_jobs ADD COLUMN trace_context TEXT NOT NULL DEFAULT ''
+"""),
 ]
 
 
 # The audit log's tables (versions 10-19) live next to their store; merged in version
 # order so that migrations added here by other work keep applying first.
-from services.privacy.audit_store import AUDIT_MIGRATIONS  # noqa: E402
+from services.privacy.audit.store import AUDIT_MIGRATIONS  # noqa: E402
 
 MIGRATIONS = sorted([*MIGRATIONS, *AUDIT_MIGRATIONS], key=lambda m: m.version)

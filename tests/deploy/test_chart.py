@@ -300,7 +300,7 @@ def test_every_hearth_variable_the_chart_sets_is_one_the_code_reads(render):
     from gateway.config import GatewaySettings
     from services.common import identity, tls
     from services.common.config import ServiceSettings
-    from services.privacy import audit_app
+    from services.privacy.audit import app as audit_app
 
     known = {f"HEARTH_{field.upper()}" for cls in (ServiceSettings, GatewaySettings, *SETTINGS_CLASSES.values())
              for field in cls.model_fields}
@@ -453,10 +453,22 @@ def test_service_monitor_scrapes_every_component_once(render):
                 "targetLabel": "hearth_component"} in endpoint["relabelings"]
 
 
-def test_prometheus_rule_ships_the_tested_rules_verbatim(render):
+def test_prometheus_rule_ships_the_tested_rules_with_runbook_urls_from_the_value(render):
     objects = render(values_files=(PRODUCTION_VALUES,))
     (rule,) = by_kind(objects, "PrometheusRule").values()
-    assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
+    base = yaml.safe_load(PRODUCTION_VALUES.read_text())["prometheusRule"]["runbookBaseUrl"]
+    tested = yaml.safe_load(RULES.read_text())["groups"]
+    shipped = rule["spec"]["groups"]
+    alerts = 0
+    for tested_group, shipped_group in zip(tested, shipped, strict=True):
+        for tested_rule, shipped_rule in zip(tested_group["rules"], shipped_group["rules"], strict=True):
+            if "alert" in tested_rule:
+                alerts += 1
+                assert shipped_rule["annotations"]["runbook_url"] == f"{base}#{tested_rule['alert'].lower()}"
+                tested_rule["annotations"]["runbook_url"] = shipped_rule["annotations"]["runbook_url"]
+            # Everything else (expressions, thresholds, labels, summaries) ships as tested.
+            assert shipped_rule == tested_rule
+    assert alerts >= 20
 
 
 def test_object_names_fit_a_dns_label_even_for_a_long_release_name(helm, helm_env):
@@ -467,3 +479,26 @@ def test_object_names_fit_a_dns_label_even_for_a_long_release_name(helm, helm_en
     assert len(keys) == len(set(keys)), "two objects of one kind share a name"
     for _, name in keys:
         assert len(name) <= 63 and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name), name
+
+
+def test_backup_cronjob_snapshots_postgres_into_the_claim(render):
+    assert not by_kind(render(), "CronJob")
+    objects = render(values_files=(PRODUCTION_VALUES,))
+    (cron,) = by_kind(objects, "CronJob").values()
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"][:4] == ["hearth", "backup", "--out", "/backups"]
+    assert {"name": "backups", "mountPath": "/backups"} in container["volumeMounts"]
+    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "hearth-backups"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["HEARTH_POSTGRES_DSN"]["valueFrom"]["secretKeyRef"]["name"] == "hearth-postgres"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_backup_with_sqlite_is_refused(render, helm, helm_env):
+    import subprocess
+    done = subprocess.run([helm, "template", "x", str(CHART), "-f", str(LOCAL_SQLITE_VALUES),
+                           "--set", "backup.enabled=true", "--set", "backup.existingClaim=c"],
+                          capture_output=True, text=True, env=helm_env)
+    assert done.returncode != 0 and "backup.enabled: scheduled backups need storage.backend=postgres" in done.stderr

@@ -11,6 +11,7 @@ import pytest
 
 from hearth.attribution.v1 import attribution_pb2 as apb
 from hearth.attribution.v1 import attribution_pb2_grpc as apb_grpc
+from hearth.common.v1 import common_pb2_grpc
 from services.clustering.domain.events import ViewingEvent
 from services.clustering.store import ClusteringStore
 from services.common.errors import ERROR_FIELD_KEY
@@ -42,7 +43,9 @@ def stubs(start_service, tmp_path):
     privacy, _ = start_service("privacy")   # attribution checks consent with it
     _, channel = start_service("attribution", clustering_addr=f"127.0.0.1:{clustering.port}",
                                privacy_addr=f"127.0.0.1:{privacy.port}")
-    return apb_grpc.AttributionServiceStub(channel)
+    stubs = apb_grpc.AttributionServiceStub(channel)
+    stubs.data = common_pb2_grpc.DataHolderStub(channel)   # the erasure contract, same port
+    return stubs
 
 
 def _tp(i, device, ts, channel):
@@ -72,7 +75,29 @@ def test_person_level_credit_follows_each_persons_channels(stubs):
     assert p1.get("social", 0.0) == pytest.approx(0.0, abs=1e-9)
     assert sum(c.conversions for c in by_scope[("person", "p1")].credit.channels) == pytest.approx(4.75)
     baselines = {b.method for b in by_scope[("household", "")].baselines}
-    assert baselines == {"first_touch", "last_touch", "linear"}
+    assert baselines == {"first_touch", "last_touch", "linear", "time_decay", "position_based"}
+
+    # Intervals, auto order, sequences and the persona prior through the same RPC.
+    response = stubs.Attribute(apb.AttributeRequest(
+        account_ids=[ACC], method=apb.METHOD_HYBRID, lookback_seconds=2 * 86400, markov_order_auto=True,
+        bootstrap_replicates=50, bootstrap_seed=3, sequences=["social > tv_ad"], persona_prior_strength=5.0,
+        personas=[apb.PersonPersona(account_id=ACC, person_id="p1", persona="evening"),
+                  apb.PersonPersona(account_id=ACC, person_id="p2", persona="evening")]), metadata=md)
+    by_scope = {(r.scope, r.person_id): r for r in response.results}
+    hh = by_scope[("household", "")]
+    assert hh.bootstrap_replicates == 50 and hh.confidence_level == pytest.approx(0.95)
+    # Every journey here converts: nothing to predict, so auto falls back to order 1 and says so.
+    assert hh.markov_order == hh.order_selection.chosen == 1 and "non-converting" in hh.order_selection.fallback
+    for c in hh.credit.channels:
+        assert c.conversions_interval.lower <= c.conversions + 1e-9 <= c.conversions_interval.upper + 2e-9
+    assert all(ch.HasField("conversions_interval") for b in hh.baselines for ch in b.channels)
+    assert hh.sequences[0].sequence == "social > tv_ad" and hh.sequences[0].removal_effect >= 0
+    p1 = by_scope[("person", "p1")]
+    assert p1.persona_prior_strength == 5.0 and p1.persona_prior_journeys > 0  # p2's journeys are the prior
+    # The prior pulls p1's Markov credit toward p2's channel (social), within p1's conversions.
+    social = {c.channel: c.conversions for c in p1.credit.channels}.get("social", 0.0)
+    assert 0 < social < p1.total_conversions
+    assert sum(c.conversions for c in p1.credit.channels) == pytest.approx(p1.total_conversions)
 
 
 def test_attribute_validates_fields(stubs):
@@ -83,6 +108,18 @@ def test_attribute_validates_fields(stubs):
     with pytest.raises(grpc.RpcError) as info:
         stubs.Attribute(apb.AttributeRequest(repeats="squash"), metadata=ADMIN.metadata())
     assert dict(info.value.trailing_metadata())[ERROR_FIELD_KEY] == "repeats"
+    for request, field in [
+        (apb.AttributeRequest(bootstrap_replicates=1), "bootstrap_replicates"),
+        (apb.AttributeRequest(bootstrap_replicates=10, confidence_level=1.5), "confidence_level"),
+        (apb.AttributeRequest(position_weights=[0.5, 0.5, 0.5]), "position_weights"),
+        (apb.AttributeRequest(half_life_days=-1), "half_life_days"),
+        (apb.AttributeRequest(sequences=["a > > b"]), "sequences[0]"),
+        (apb.AttributeRequest(persona_prior_strength=float("nan")), "persona_prior_strength"),
+    ]:
+        with pytest.raises(grpc.RpcError) as info:
+            stubs.Attribute(request, metadata=ADMIN.metadata())
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+        assert dict(info.value.trailing_metadata())[ERROR_FIELD_KEY] == field
 
 
 def test_erase_person_removes_their_touchpoints(stubs):
@@ -91,9 +128,9 @@ def test_erase_person_removes_their_touchpoints(stubs):
         _tp("a", "tv", T0 + 20 * 3600 + 30, "tv_ad"), _tp("b", "phone", T0 + 8 * 3600 + 30, "social")]), metadata=md)
     from hearth.common.v1 import common_pb2
 
-    result = stubs.Erase(apb.EraseRequest(scope=common_pb2.ErasureScope(account_id=ACC, person_id="p2")),
-                         metadata=md).result
+    result = stubs.data.Erase(common_pb2.EraseRequest(scope=common_pb2.ErasureScope(account_id=ACC, person_id="p2")),
+                              metadata=md).result
     assert dict(result.deleted_counts) == {"touchpoints": 1}
-    again = stubs.Erase(apb.EraseRequest(scope=common_pb2.ErasureScope(account_id=ACC, person_id="p2")),
-                        metadata=md).result
+    again = stubs.data.Erase(common_pb2.EraseRequest(scope=common_pb2.ErasureScope(account_id=ACC, person_id="p2")),
+                             metadata=md).result
     assert again.already_erased

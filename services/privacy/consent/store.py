@@ -1,0 +1,55 @@
+"""The consent room's repository: one row per account that set consent explicitly.
+
+The privacy process keeps every room's tables in one database with one schema history
+(``services/privacy/migrations.py``); ``migrate`` applies all of it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from services.common.storage.cache import Cache, MemoryCache
+from services.common.storage.sql import Database, migrate
+from services.privacy.migrations import MIGRATIONS
+
+
+@dataclass(frozen=True)
+class Consent:
+    account_id: str
+    processing: bool
+    attribution: bool
+    version: int
+    known: bool
+
+
+class ConsentStore:
+    def __init__(self, db: Database, cache: Cache | None = None) -> None:
+        self.db = db
+        self.cache = cache or MemoryCache("privacy")
+
+    def migrate(self) -> list[int]:
+        return migrate(self.db, MIGRATIONS)
+
+    def set_consent(self, account_id: str, processing: bool, attribution: bool, by: str) -> int:
+        with self.db.transaction() as tx:
+            row = tx.query("SELECT version FROM consent WHERE account_id = ?", (account_id,))
+            version = (int(row[0][0]) if row else 0) + 1
+            if row:
+                tx.execute("UPDATE consent SET processing = ?, attribution = ?, version = ?, "
+                           "updated_at = ?, updated_by = ? WHERE account_id = ?",
+                           (int(processing), int(attribution), version, time.time(), by, account_id))
+            else:
+                tx.execute("INSERT INTO consent (account_id, processing, attribution, version, "
+                           "updated_at, updated_by) VALUES (?, ?, ?, ?, ?, ?)",
+                           (account_id, int(processing), int(attribution), version, time.time(), by))
+        return version
+
+    def consent(self, account_id: str) -> Consent:
+        with self.db.transaction() as tx:
+            row = tx.query("SELECT processing, attribution, version FROM consent WHERE account_id = ?",
+                           (account_id,))
+        if not row:
+            # No explicit record: processing is allowed under the service contract,
+            # which is how a newly signed-up account starts (documented in docs/privacy.md).
+            return Consent(account_id, True, True, 0, False)
+        return Consent(account_id, bool(row[0][0]), bool(row[0][1]), int(row[0][2]), True)

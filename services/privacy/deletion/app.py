@@ -1,0 +1,453 @@
+"""Deletion across the mesh: durable jobs, the worker that drives them, signed receipts,
+the scheduled retention purge, and the household export.
+
+A job (``RequestDeletion``) is stored first, then worked on by a background worker
+thread, so the request returns at once (HTTP 202) and survives the restart of any
+service, this one included:
+
+* **Order**: attribution and feedback first, then clustering, then the privacy
+  service's own part (crypto-shredding the household's data key). Attribution's
+  person scope needs clustering's person assignments (it resolves touchpoints to
+  persons through clustering's ResolvePersons), so clustering must still hold them
+  when attribution erases. Each service's Erase also clears its own caches (Redis).
+* **Retries**: a service that fails or cannot be reached is retried with exponential
+  backoff (``deletion.fail_service``; ``HEARTH_DELETION_RETRY_*``) until it confirms;
+  only a non-retryable answer (INVALID_ARGUMENT, PERMISSION_DENIED,
+  FAILED_PRECONDITION) or ``HEARTH_DELETION_MAX_ATTEMPTS`` fails the job.
+* **Durability**: every confirmation is stored (compare-and-swap on the job row)
+  before the next service is called; a replica claims a job with a lease, so after a
+  crash the job is resumed by whoever looks next (the restarted process included).
+  Every Erase is idempotent, so repeating a call whose answer was lost is harmless;
+  the repeat then reports ``already_erased`` and a count of 0 for that service
+  (known limitation: the receipt counts what the *confirmed* call deleted).
+* **Receipt**: the confirmation that completes the job is stored together with the
+  signed receipt (Ed25519, ``receipts.sign_receipt``), in one transaction.
+
+Retention: every ``HEARTH_RETENTION_CHECK_S`` a job with scope ``window`` over account
+``"*"`` (every account; only this service's own principal may ask for it) ending at
+``now - HEARTH_RETENTION_DAYS`` goes through the same path. Its request id is derived
+from the check period, so replicas asking at once share one job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+import grpc
+from prometheus_client import Counter, Gauge
+
+from hearth.common.v1 import common_pb2, common_pb2_grpc
+from services.common import audit, erasure, identity, telemetry
+from services.common.erasure import ALL_ACCOUNTS, ErasureScope, ids_digest
+from services.common.errors import InvalidArgument, PermissionDenied, Unavailable
+from services.privacy.deletion.domain import (
+    DeletionJob, DeletionScope, JobState, RetryPolicy, ServiceStatus, build_receipt, confirm_service,
+    due_services, fail_service, new_job, start_job)
+from services.privacy.keys.signing import Ed25519PrivateKey, key_id, public_key_to_pem
+from services.privacy.deletion.receipts import (
+    ReceiptVerificationError, ServiceDeletion, SignedReceipt, sign_receipt, verify_receipt)
+from services.privacy.deletion.store import DeletionJobStore, StoredJob
+from services.privacy.keys.app import KeyService
+
+log = logging.getLogger("hearth.privacy.deletion")
+_TRACER = telemetry.tracer("hearth.privacy.deletion")
+
+# Alerts: a failed job pages (a person's erasure did not happen); an open job older than
+# its budget is overdue. Both states exist at 0 so the first failure is an increase.
+JOBS_FINISHED = Counter("hearth_deletion_jobs_finished_total", "Deletion jobs that reached a final state",
+                        ["state"])
+for _state in ("completed", "failed"):
+    JOBS_FINISHED.labels(_state)
+OLDEST_OPEN_JOB_AGE = Gauge("hearth_deletion_oldest_open_job_age_seconds",
+                            "Age of the oldest deletion job not yet completed or failed (0: none)")
+
+# Erase order: one stage after the other; services within a stage in this order.
+STAGES: tuple[tuple[str, ...], ...] = (("attribution", "feedback"), ("clustering",), ("privacy",))
+PEER_SERVICES = ("clustering", "attribution", "feedback")
+SERVICE_ORDER = tuple(s for stage in STAGES for s in stage)
+RETENTION_REASON = "retention"
+_FATAL_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
+                          grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE})
+
+
+class Peers(Protocol):
+    """The other services as the deletion and export paths see them."""
+
+    def erase(self, service: str, scope: common_pb2.ErasureScope, job_id: str) -> common_pb2.ErasureResult: ...
+
+    def export(self, service: str, account_id: str) -> dict: ...
+
+    def close(self) -> None: ...
+
+
+class GrpcPeers:
+    """Erase (as ``svc:privacy``) and ExportAccount (on behalf of the caller, so the
+    permission matrix decides who may read a household) on the data-holding services."""
+
+    def __init__(self, addresses: Mapping[str, str], erase_timeout_s: float, export_timeout_s: float = 30.0) -> None:
+        from services.common.client import peer_channel
+
+        self._channels = {s: peer_channel(addresses[s], "privacy", erase_timeout_s) for s in PEER_SERVICES}
+        self._stubs = {s: common_pb2_grpc.DataHolderStub(channel) for s, channel in self._channels.items()}
+        self._erase_timeout = erase_timeout_s
+        self._export_timeout = export_timeout_s
+        self._me = identity.service_principal("privacy")
+
+    def erase(self, service: str, scope: common_pb2.ErasureScope, job_id: str) -> common_pb2.ErasureResult:
+        with identity.acting_as(self._me):
+            request = common_pb2.EraseRequest(scope=scope, job_id=job_id)
+            return self._stubs[service].Erase(request, timeout=self._erase_timeout).result
+
+    def export(self, service: str, account_id: str) -> dict:
+        request = common_pb2.ExportAccountRequest(account_id=account_id)
+        response = self._stubs[service].ExportAccount(request, timeout=self._export_timeout)
+        return json.loads(response.json)
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+
+
+# ---- scope conversions -------------------------------------------------------------------
+
+def _dt(ts: float | None) -> datetime | None:
+    return datetime.fromtimestamp(ts, UTC) if ts is not None else None
+
+
+def domain_scope(scope: ErasureScope) -> DeletionScope:
+    return DeletionScope(kind=scope.kind, account_id=scope.account_id, device_id=scope.device_id,
+                         person_id=scope.person_id, start=_dt(scope.start), end=_dt(scope.end))
+
+
+def erasure_scope(scope: DeletionScope) -> ErasureScope:
+    return ErasureScope(scope.account_id, scope.kind.value, device_id=scope.device_id, person_id=scope.person_id,
+                        start=scope.start.timestamp() if scope.start else None,
+                        end=scope.end.timestamp() if scope.end else None)
+
+
+def scope_to_pb(scope: DeletionScope) -> common_pb2.ErasureScope:
+    return erasure.scope_to_pb(erasure_scope(scope))
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, grpc.RpcError) and isinstance(exc.code(), grpc.StatusCode):
+        return exc.code() not in _FATAL_CODES
+    return not isinstance(exc, (InvalidArgument, PermissionDenied))
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.RpcError) and isinstance(exc.code(), grpc.StatusCode):
+        return f"{exc.code().name}: {exc.details() or ''}"[:500]
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
+class DeletionCoordinator:
+    """RequestDeletion / GetDeletion / VerifyReceipt and the worker (module docstring)."""
+
+    def __init__(self, jobs: DeletionJobStore, peers: Peers, keys: KeyService | None,
+                 signing_key: Ed25519PrivateKey, *, policy: RetryPolicy = RetryPolicy(),
+                 lease_s: float = 30.0, poll_s: float = 1.0, workers: int = 4,
+                 retention_days: float = 90.0, retention_check_s: float = 0.0,
+                 on_local_erase: Callable[[ErasureScope], None] | None = None,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self.jobs = jobs
+        self.peers = peers
+        self.keys = keys
+        self.signing_key = signing_key
+        self.key_id = key_id(signing_key)
+        self.public_key_pem = public_key_to_pem(signing_key.public_key())
+        self.policy = policy
+        self.lease_s = lease_s
+        self.poll_s = poll_s
+        self.retention_days = retention_days
+        self.retention_check_s = retention_check_s
+        self._on_local_erase = on_local_erase
+        self._clock = clock
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deletion-job")
+        self._next_retention = 0.0
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def request(self, scope: ErasureScope, request_id: str = "", reason: str = "",
+                principal: identity.Principal | None = None) -> StoredJob:
+        """Store a new job (or return the job of a repeated ``request_id``) and wake the
+        worker. ``account_id "*"`` is refused here: only the retention purge uses it."""
+        principal = principal or identity.current_principal()
+        if scope.account_id == ALL_ACCOUNTS and principal.id != "svc:privacy":
+            raise PermissionDenied("only the retention purge may erase across every account", "scope.account_id")
+        if len(reason) > 200:
+            raise InvalidArgument("at most 200 characters", "reason")
+        if request_id and (len(request_id) > 200 or not request_id.isprintable()):
+            raise InvalidArgument("at most 200 printable characters", "request_id")
+        try:
+            deletion_scope = domain_scope(scope)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc), "scope") from None
+        job = new_job(f"job-{uuid.uuid4().hex}", deletion_scope, principal.id, principal.role.value,
+                      self._clock())
+        stored = self.jobs.create(job, request_id or f"auto:{job.job_id}", reason or "unspecified",
+                                  next_due=job.requested_at,
+                                  trace_context=json.dumps(telemetry.context_carrier(), sort_keys=True))
+        self._wake.set()
+        return stored
+
+    def get(self, job_id: str) -> StoredJob:
+        return self.jobs.get(job_id)
+
+    def verify(self, receipt_json: str) -> tuple[bool, str]:
+        """Check a receipt against this service's signing key (not the embedded one)."""
+        try:
+            verify_receipt(SignedReceipt.from_json(receipt_json), self.signing_key.public_key())
+        except ReceiptVerificationError as exc:
+            return False, str(exc)
+        except ValueError as exc:
+            return False, f"malformed receipt: {exc}"
+        return True, ""
+
+    # ---- the worker ----------------------------------------------------------------------
+
+    def oldest_open_age_s(self) -> float:
+        oldest = self.jobs.oldest_open_created_at()
+        return max(0.0, time.time() - oldest) if oldest is not None else 0.0
+
+    def start(self) -> None:
+        OLDEST_OPEN_JOB_AGE.set_function(self.oldest_open_age_s)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="deletion-worker", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        self._pool.shutdown(wait=True, cancel_futures=False)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.maybe_request_retention()
+                self.run_due(wait=False)
+            except Exception:  # noqa: BLE001 - the worker must outlive any one failure
+                log.exception("deletion worker pass failed")
+            timeout = self.poll_s
+            try:
+                due = self.jobs.next_due()
+                if due is not None:
+                    timeout = min(timeout, max(0.0, due - time.time()) + 0.005)
+            except Exception:  # noqa: BLE001
+                pass
+            self._wake.wait(timeout)
+            self._wake.clear()
+
+    def run_due(self, wait: bool = True) -> int:
+        """Claim every due job and advance it (in the worker pool). ``wait``: block until
+        they are done (tests, tools). Returns the number of jobs claimed."""
+        now = time.time()
+        futures = []
+        for job_id in self.jobs.due(now):
+            if self.jobs.claim(job_id, now, self.lease_s):
+                futures.append(self._pool.submit(self._advance_claimed, job_id))
+        if wait:
+            for f in futures:
+                f.result()
+        return len(futures)
+
+    def _advance_claimed(self, job_id: str) -> None:
+        try:
+            self.advance(job_id)
+        except Exception:  # noqa: BLE001
+            log.exception("advancing deletion job %s failed", job_id)
+        finally:
+            try:
+                self.jobs.release(job_id)
+            except Exception:  # noqa: BLE001
+                log.exception("releasing deletion job %s failed", job_id)
+            self._wake.set()  # a job may have become due sooner than the worker thinks
+
+    def advance(self, job_id: str) -> StoredJob:
+        """Call every service that is due now, in stage order, storing each outcome.
+
+        Runs in a span whose parent is the RequestDeletion call's (stored with the job),
+        so every pass's Erase calls, retries and restarts included, join that trace."""
+        stored = self.jobs.get(job_id)
+        parent = telemetry.extract_context(json.loads(stored.trace_context or "{}"))
+        with _TRACER.start_as_current_span("deletion.advance", context=parent,
+                                           attributes={"hearth.job_id": job_id}):
+            return self._advance(stored)
+
+    def _advance(self, stored: StoredJob) -> StoredJob:
+        job = stored.job
+        if job.terminal:
+            return stored
+        if job.state is JobState.PENDING:
+            job = start_job(job, self._clock())
+            stored = self.jobs.save(stored, job, self._next_due(job))
+        erasures = dict(stored.erasures)
+        while job.state is JobState.RUNNING:
+            runnable = self._runnable(job)
+            if not runnable:
+                break
+            for service in runnable:
+                receipt_json = None
+                try:
+                    result, counts, already = self._erase(service, job)
+                    job = confirm_service(job, service, result, self._clock())
+                    erasures[service] = {"deleted_counts": counts, "already_erased": already}
+                    if job.state is JobState.COMPLETED:
+                        receipt = build_receipt(job, f"r-{job.job_id}", self.key_id)
+                        receipt_json = sign_receipt(receipt, self.signing_key).to_json()
+                except Exception as exc:  # noqa: BLE001 - classified: retry or fail the job
+                    log.warning("job %s: erase in %s failed: %s", job.job_id, service, _describe(exc))
+                    job = fail_service(job, service, _describe(exc), self._clock(), self.policy,
+                                       retryable=_retryable(exc))
+                stored = self.jobs.save(stored, job, self._next_due(job), erasures, receipt_json)
+                if job.state is not JobState.RUNNING:
+                    break
+        if job.state is JobState.COMPLETED:
+            JOBS_FINISHED.labels("completed").inc()
+            self._audit_done(stored)
+        elif job.state is JobState.FAILED:
+            JOBS_FINISHED.labels("failed").inc()
+            self._audit_failed(stored)
+        return stored
+
+    def _stage(self, job: DeletionJob) -> tuple[str, ...]:
+        for stage in STAGES:
+            open_ = tuple(s for s in stage if s in job.services
+                          and job.services[s].status is not ServiceStatus.CONFIRMED)
+            if open_:
+                return open_
+        return ()
+
+    def _runnable(self, job: DeletionJob) -> list[str]:
+        due = set(due_services(job, self._clock()))
+        return [s for s in self._stage(job) if s in due]
+
+    def _next_due(self, job: DeletionJob) -> datetime | None:
+        if job.terminal:
+            return None
+        if job.state is JobState.PENDING:
+            return job.requested_at
+        times = [job.services[s].next_attempt_at for s in self._stage(job)
+                 if job.services[s].next_attempt_at is not None]
+        return min(times) if times else self._clock()
+
+    def _erase(self, service: str, job: DeletionJob) -> tuple[ServiceDeletion, dict[str, int], bool]:
+        if service == "privacy":
+            ids = self._erase_local(job)
+            counts = {"data_keys": len(ids)} if ids else {}
+            return ServiceDeletion(len(ids), ids_digest(ids).hex()), counts, not ids
+        result = self.peers.erase(service, scope_to_pb(job.scope), job.job_id)
+        counts = {k: int(v) for k, v in sorted(result.deleted_counts.items()) if v}
+        return (ServiceDeletion(sum(counts.values()), result.deleted_ids_sha256.hex()), counts,
+                bool(result.already_erased))
+
+    def _erase_local(self, job: DeletionJob) -> list[str]:
+        """The privacy service's own part: a household deletion crypto-shreds the data
+        key (after every other service erased, so nothing is left to read with it)."""
+        scope = erasure_scope(job.scope)
+        if self._on_local_erase is not None:
+            self._on_local_erase(scope)
+        if scope.kind != "household" or self.keys is None:
+            return []
+        ids = self.keys.shred(scope.account_id)
+        if ids:
+            self._audit(audit.KEY_DESTROYED, job, details={"job_id": job.job_id, "keys": len(ids)})
+        return ids
+
+    # ---- retention -----------------------------------------------------------------------
+
+    def retention_scope(self, now: float) -> tuple[ErasureScope, str]:
+        """The purge of the check period containing ``now``: everything older than
+        (period start - retention), with a request id naming the period."""
+        period = int(now // self.retention_check_s)
+        cutoff = period * self.retention_check_s - self.retention_days * 86400.0
+        return ErasureScope(ALL_ACCOUNTS, "window", end=cutoff), f"retention:{period}"
+
+    def maybe_request_retention(self, now: float | None = None) -> StoredJob | None:
+        if self.retention_check_s <= 0:
+            return None
+        now = time.time() if now is None else now
+        if now < self._next_retention:
+            return None
+        scope, request_id = self.retention_scope(now)
+        stored = self.request(scope, request_id, RETENTION_REASON, identity.service_principal("privacy"))
+        self._next_retention = (int(now // self.retention_check_s) + 1) * self.retention_check_s
+        return stored
+
+    # ---- audit ---------------------------------------------------------------------------
+
+    def _audit(self, event_type: str, job: DeletionJob, outcome: str = audit.SUCCESS,
+               details: dict[str, Any] | None = None) -> None:
+        try:
+            principal = identity.Principal(job.principal, identity.Role(job.role))
+            audit.record(event_type, audit.household_resource(job.scope.account_id), outcome,
+                         details or {}, principal=principal)
+        except Exception:  # noqa: BLE001 - auditing must not break the job
+            log.exception("audit of %s failed", event_type)
+
+    def _audit_done(self, stored: StoredJob) -> None:
+        job = stored.job
+        total = sum(p.result.count for p in job.services.values() if p.result)
+        event = audit.RETENTION_PURGE if stored.reason == RETENTION_REASON else audit.DELETION_COMPLETED
+        self._audit(event, job, details={"job_id": job.job_id, "receipt_id": f"r-{job.job_id}",
+                                         "scope": job.scope.kind.value, "records": total})
+
+    def _audit_failed(self, stored: StoredJob) -> None:
+        job = stored.job
+        failed = sorted(s for s, p in job.services.items() if p.status is ServiceStatus.FAILED)
+        self._audit(audit.DELETION_FAILED, job, audit.FAILURE,
+                    {"job_id": job.job_id, "services": ",".join(failed)})
+
+
+# ---- export --------------------------------------------------------------------------------
+
+EXPORT_SCHEMA = "hearth-household-export"
+EXPORT_VERSION = 1
+
+
+def export_household(account_id: str, peers: Peers, jobs: DeletionJobStore, keys: KeyService | None,
+                     consent: Mapping[str, Any], now: datetime | None = None) -> dict[str, Any]:
+    """Everything Hearth holds about a household (schema: docs/privacy.md, "Export").
+    All or nothing: if a service cannot answer, the export fails (UNAVAILABLE)."""
+    services: dict[str, Any] = {}
+    for service in PEER_SERVICES:
+        try:
+            services[service] = peers.export(service, account_id)
+        except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise Unavailable(f"{service} is unavailable; no partial export is given", "account_id") from None
+            raise
+    services["privacy"] = {
+        "consent": dict(consent),
+        "deletion_jobs": [{"request_id": s.request_id, "reason": s.reason, "job": _job_json(s.job),
+                           "receipt": json.loads(s.receipt_json) if s.receipt_json else None}
+                          for s in jobs.for_account(account_id)],
+        "data_keys": keys.metadata(account_id) if keys is not None else [],
+    }
+    when = now or datetime.now(UTC)
+    return {"schema": EXPORT_SCHEMA, "v": EXPORT_VERSION, "account_id": account_id,
+            "generated_at": when.isoformat().replace("+00:00", "Z"), "services": services}
+
+
+def _job_json(job: DeletionJob) -> dict[str, Any]:
+    from services.privacy.deletion.domain import job_to_dict
+
+    return job_to_dict(job)
+
+
+def retry_policy(base_s: float, max_s: float, attempts: int) -> RetryPolicy:
+    return RetryPolicy(base_delay=timedelta(seconds=base_s), max_delay=timedelta(seconds=max(max_s, base_s)),
+                       max_attempts=attempts)

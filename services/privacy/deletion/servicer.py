@@ -1,0 +1,81 @@
+"""gRPC adapter of the deletion room: RequestDeletion, GetDeletion, VerifyReceipt,
+ExportHousehold. Thin: validate -> convert -> one call -> convert back."""
+
+from __future__ import annotations
+
+import json
+
+from hearth.common.v1 import common_pb2
+from hearth.privacy.v1 import privacy_pb2 as pb
+from hearth.privacy.v1 import privacy_pb2_grpc as pb_grpc
+from services.common.ids import check_id
+from services.common.erasure import scope_from_pb
+from services.common.errors import InvalidArgument
+from services.common.pbutil import float_to_ts
+from services.privacy.consent.app import ConsentApp
+from services.privacy.deletion.app import SERVICE_ORDER, DeletionCoordinator, export_household, scope_to_pb
+from services.privacy.deletion.domain import JobState, ServiceStatus
+from services.privacy.deletion.store import StoredJob
+from services.privacy.keys.app import KeyService
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Deletion"].full_name
+
+_STATE = {JobState.PENDING: pb.JOB_STATE_PENDING, JobState.RUNNING: pb.JOB_STATE_RUNNING,
+          JobState.COMPLETED: pb.JOB_STATE_COMPLETED, JobState.FAILED: pb.JOB_STATE_FAILED}
+
+
+def job_to_pb(stored: StoredJob) -> pb.GetDeletionResponse:
+    job = stored.job
+    out = pb.GetDeletionResponse(job_id=job.job_id, state=_STATE[job.state], scope=scope_to_pb(job.scope),
+                                 requested_at=float_to_ts(job.requested_at.timestamp()),
+                                 receipt_json=stored.receipt_json or "")
+    if job.completed_at is not None:
+        out.completed_at.CopyFrom(float_to_ts(job.completed_at.timestamp()))
+    for name in sorted(job.services, key=lambda s: SERVICE_ORDER.index(s) if s in SERVICE_ORDER else 99):
+        progress = job.services[name]
+        confirmation = pb.ServiceConfirmation(service=name, confirmed=progress.status is ServiceStatus.CONFIRMED,
+                                              attempts=progress.attempts, last_error=progress.last_error)
+        if progress.result is not None:
+            extra = stored.erasures.get(name, {})
+            confirmation.result.CopyFrom(common_pb2.ErasureResult(
+                service=name, deleted_counts=extra.get("deleted_counts", {}),
+                deleted_ids_sha256=bytes.fromhex(progress.result.ids_digest),
+                already_erased=bool(extra.get("already_erased", False))))
+        out.services.append(confirmation)
+    return out
+
+
+class DeletionServicer(pb_grpc.DeletionServicer):
+    """``ExportHousehold`` also reads the household's consent and data-key history, so the
+    consent and keys rooms' apps are given too."""
+
+    def __init__(self, deletion: DeletionCoordinator, consent: ConsentApp, keys: KeyService) -> None:
+        self.deletion = deletion
+        self.consent = consent
+        self.keys = keys
+
+    def RequestDeletion(self, request, context) -> pb.RequestDeletionResponse:
+        if not request.HasField("scope"):
+            raise InvalidArgument("is required", "scope")
+        stored = self.deletion.request(scope_from_pb(request.scope), request.request_id, request.reason)
+        return pb.RequestDeletionResponse(job_id=stored.job.job_id, state=_STATE[stored.job.state])
+
+    def GetDeletion(self, request, context) -> pb.GetDeletionResponse:
+        if not request.job_id or len(request.job_id) > 128:
+            raise InvalidArgument("is required (at most 128 characters)", "job_id")
+        return job_to_pb(self.deletion.get(request.job_id))
+
+    def VerifyReceipt(self, request, context) -> pb.VerifyReceiptResponse:
+        if not request.receipt_json:
+            raise InvalidArgument("is required", "receipt_json")
+        valid, reason = self.deletion.verify(request.receipt_json)
+        return pb.VerifyReceiptResponse(valid=valid, reason=reason)
+
+    def ExportHousehold(self, request, context) -> pb.ExportHouseholdResponse:
+        account_id = check_id(request.account_id, "account_id")
+        c = self.consent.consent(account_id)
+        consent = {"processing": c.processing, "attribution": c.attribution, "version": c.version,
+                   "explicit": c.known}
+        data = export_household(account_id, self.deletion.peers, self.deletion.jobs, self.keys, consent)
+        return pb.ExportHouseholdResponse(account_id=account_id,
+                                          export_json=json.dumps(data, sort_keys=True, ensure_ascii=False))

@@ -1,0 +1,130 @@
+"""Durable state of deletion jobs (privacy service, deletion room).
+
+``DeletionJobStore`` keeps each job as ``deletion.job_to_dict`` JSON plus the columns the
+worker queries (state, next_due, lease). Every update is a compare-and-swap on
+``version`` so two replicas (or a replica and its own restarted self) never overwrite a
+newer state; the lease keeps two replicas from calling the same services at once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+from services.common.errors import AlreadyExists, Conflict, NotFound
+from services.common.storage.sql import Database
+from services.privacy.deletion.domain import DeletionJob, job_from_dict, job_to_dict
+
+
+@dataclass(frozen=True)
+class StoredJob:
+    job: DeletionJob
+    request_id: str
+    reason: str
+    version: int
+    erasures: dict            # service -> {"deleted_counts": {...}, "already_erased": bool}
+    receipt_json: str | None
+    trace_context: str = ""  # JSON W3C carrier of the request (telemetry.context_carrier)
+
+
+def _ts(value: datetime | None) -> float | None:
+    return value.timestamp() if value is not None else None
+
+
+class DeletionJobStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def create(self, job: DeletionJob, request_id: str, reason: str, next_due: datetime | None,
+               trace_context: str = "") -> StoredJob:
+        """Insert a new job; if ``request_id`` was used before, return that job instead
+        (idempotent request) when its scope is the same, else AlreadyExists."""
+        data = json.dumps(job_to_dict(job), sort_keys=True)
+        with self.db.transaction() as tx:
+            inserted = tx.execute(
+                "INSERT INTO deletion_jobs (job_id, request_id, account_id, reason, state, next_due, "
+                "lease_until, version, job_json, erasures_json, receipt_json, created_at, trace_context) "
+                "VALUES (?, ?, ?, ?, ?, ?, 0, 1, ?, '{}', NULL, ?, ?) ON CONFLICT (request_id) DO NOTHING",
+                (job.job_id, request_id, job.scope.account_id, reason, job.state.value, _ts(next_due),
+                 data, time.time(), trace_context))
+        if inserted:
+            return StoredJob(job, request_id, reason, 1, {}, None, trace_context)
+        existing = self.by_request(request_id)
+        if existing.job.scope != job.scope:
+            raise AlreadyExists("request_id was already used for a different deletion scope", "request_id")
+        return existing
+
+    def _row(self, where: str, params: tuple) -> StoredJob | None:
+        with self.db.transaction() as tx:
+            rows = tx.query("SELECT job_json, request_id, reason, version, erasures_json, receipt_json, "
+                            f"trace_context FROM deletion_jobs WHERE {where}", params)
+        if not rows:
+            return None
+        r = rows[0]
+        return StoredJob(job_from_dict(json.loads(r[0])), r[1], r[2], int(r[3]), json.loads(r[4]), r[5],
+                         r[6])
+
+    def get(self, job_id: str) -> StoredJob:
+        found = self._row("job_id = ?", (job_id,))
+        if found is None:
+            raise NotFound(f"unknown deletion job {job_id!r}", "job_id")
+        return found
+
+    def by_request(self, request_id: str) -> StoredJob:
+        found = self._row("request_id = ?", (request_id,))
+        if found is None:
+            raise NotFound(f"no job for request {request_id!r}", "request_id")
+        return found
+
+    def save(self, stored: StoredJob, job: DeletionJob, next_due: datetime | None,
+             erasures: dict | None = None, receipt_json: str | None = None) -> StoredJob:
+        """Compare-and-swap on ``stored.version``; Conflict when another writer won."""
+        erasures = stored.erasures if erasures is None else erasures
+        receipt_json = stored.receipt_json if receipt_json is None else receipt_json
+        with self.db.transaction() as tx:
+            changed = tx.execute(
+                "UPDATE deletion_jobs SET state = ?, next_due = ?, version = ?, job_json = ?, "
+                "erasures_json = ?, receipt_json = ? WHERE job_id = ? AND version = ?",
+                (job.state.value, _ts(next_due), stored.version + 1,
+                 json.dumps(job_to_dict(job), sort_keys=True), json.dumps(erasures, sort_keys=True),
+                 receipt_json, job.job_id, stored.version))
+        if changed != 1:
+            raise Conflict(f"deletion job {job.job_id} changed concurrently", "job_id")
+        return StoredJob(job, stored.request_id, stored.reason, stored.version + 1, erasures, receipt_json,
+                         stored.trace_context)
+
+    def due(self, now: float, limit: int = 100) -> list[str]:
+        """Ids of jobs that need work at ``now`` and are not leased by a live worker."""
+        with self.db.transaction() as tx:
+            rows = tx.query("SELECT job_id FROM deletion_jobs WHERE state IN ('pending', 'running') "
+                            "AND (next_due IS NULL OR next_due <= ?) AND lease_until < ? "
+                            "ORDER BY next_due LIMIT ?", (now, now, limit))
+        return [r[0] for r in rows]
+
+    def next_due(self) -> float | None:
+        with self.db.transaction() as tx:
+            rows = tx.query("SELECT MIN(next_due) FROM deletion_jobs WHERE state IN ('pending', 'running')")
+        return float(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    def oldest_open_created_at(self) -> float | None:
+        """Creation time of the oldest pending or running job (the overdue alert)."""
+        with self.db.transaction() as tx:
+            rows = tx.query("SELECT MIN(created_at) FROM deletion_jobs WHERE state IN ('pending', 'running')")
+        return float(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    def claim(self, job_id: str, now: float, lease_s: float) -> bool:
+        with self.db.transaction() as tx:
+            return tx.execute("UPDATE deletion_jobs SET lease_until = ? WHERE job_id = ? AND lease_until < ?",
+                              (now + lease_s, job_id, now)) == 1
+
+    def release(self, job_id: str) -> None:
+        with self.db.transaction() as tx:
+            tx.execute("UPDATE deletion_jobs SET lease_until = 0 WHERE job_id = ?", (job_id,))
+
+    def for_account(self, account_id: str) -> list[StoredJob]:
+        with self.db.transaction() as tx:
+            ids = [r[0] for r in tx.query("SELECT job_id FROM deletion_jobs WHERE account_id = ? "
+                                          "ORDER BY created_at, job_id", (account_id,))]
+        return [self.get(i) for i in ids]

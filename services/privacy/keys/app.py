@@ -1,0 +1,176 @@
+"""Key material of the privacy service: the receipt signing key, the KEKs and the
+per-household data keys (DEKs) behind ``GetDataKey`` / ``RotateKeys`` and the
+crypto-shredding step of a household deletion.
+
+Configuration (services/privacy/settings.py): ``HEARTH_RECEIPT_SIGNING_KEY``,
+``HEARTH_KEKS`` + ``HEARTH_ACTIVE_KEK``. Without them (development) keys are generated
+once and persisted under ``HEARTH_DATA_DIR`` with mode 0600, with a warning in the log.
+
+Replicas: every replica holds a ``KeyRing`` over the shared ``data_keys`` table. A
+household's records are re-read from the table when this replica's view of them is
+older than ``REFRESH_S`` (5 s), so a key shredded by another replica stops being served
+here within 5 s; DEK creation is an insert-if-absent, and the loser of a creation race
+adopts the winner's key.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.privacy.keys.domain import (
+    KeyDestroyedError, KeyEncryptionKey, KeyNotFoundError, KeyRing, generate_kek, parse_kek_config)
+from services.privacy.keys.signing import (
+    Ed25519PrivateKey, generate_private_key, load_private_key, private_key_to_pem, public_key_to_pem)
+from services.privacy.keys.store import DataKeyStore
+
+log = logging.getLogger("hearth.privacy.keys")
+
+REFRESH_S = 5.0
+SIGNING_KEY_FILE = "privacy-receipt-signing.key"
+SIGNING_PUBLIC_FILE = "privacy-receipt-signing.pub"
+KEK_FILE = "privacy-keks"
+
+
+def _write_secret(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def load_signing_key(configured: str, data_dir: Path) -> Ed25519PrivateKey:
+    """The receipt signing key from configuration, else the development key under
+    ``data_dir`` (generated on first start). Its public key is written next to it
+    (``privacy-receipt-signing.pub``) for ``hearth verify-receipt --public-key``."""
+    if configured:
+        key = load_private_key(configured, argument="HEARTH_RECEIPT_SIGNING_KEY")
+    else:
+        path = Path(data_dir) / SIGNING_KEY_FILE
+        if not path.exists():
+            log.warning("HEARTH_RECEIPT_SIGNING_KEY is not set: generated a development receipt "
+                        "signing key in %s (configure a managed key in production)", path)
+            try:
+                _write_secret(path, private_key_to_pem(generate_private_key()))
+            except FileExistsError:
+                pass  # another process of this data dir generated it first
+        else:
+            log.warning("HEARTH_RECEIPT_SIGNING_KEY is not set: using the development key in %s", path)
+        key = load_private_key(path.read_text(), argument=str(path))
+    public = Path(data_dir) / SIGNING_PUBLIC_FILE
+    pem = public_key_to_pem(key.public_key())
+    if not public.exists() or public.read_text() != pem:
+        public.parent.mkdir(parents=True, exist_ok=True)
+        public.write_text(pem)
+    return key
+
+
+def load_keks(configured: str, active: str, data_dir: Path) -> tuple[list[KeyEncryptionKey], str]:
+    """KEKs and the active id from configuration, else the development KEK file."""
+    if not configured:
+        path = Path(data_dir) / KEK_FILE
+        if not path.exists():
+            log.warning("HEARTH_KEKS is not set: generated a development master key in %s "
+                        "(configure KEKs from a secret store in production)", path)
+            kek = generate_kek("dev-1")
+            import base64
+            try:
+                _write_secret(path, f"{kek.kek_id}={base64.b64encode(kek.key).decode()}")
+            except FileExistsError:
+                pass
+        else:
+            log.warning("HEARTH_KEKS is not set: using the development master key in %s", path)
+        configured = path.read_text().strip()
+    try:
+        keks = parse_kek_config(configured)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc), "HEARTH_KEKS") from None
+    ids = [k.kek_id for k in keks]
+    if not active:
+        if len(ids) != 1:
+            raise InvalidArgument("several KEKs configured: set HEARTH_ACTIVE_KEK to one of "
+                                  f"{', '.join(ids)}", "HEARTH_ACTIVE_KEK")
+        active = ids[0]
+    if active not in ids:
+        raise InvalidArgument(f"{active!r} is not among the configured KEKs", "HEARTH_ACTIVE_KEK")
+    return keks, active
+
+
+class KeyService:
+    """GetDataKey / RotateKeys / crypto-shredding over a ``KeyRing`` and the store."""
+
+    def __init__(self, store: DataKeyStore, keks: list[KeyEncryptionKey], active_kek_id: str, *,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self._clock = clock
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self.ring = KeyRing(keks, active_kek_id, store.load())
+        self._checked: dict[str, float] = {}
+
+    def _refresh(self, account_id: str, force: bool = False) -> None:
+        now = self._monotonic()
+        if force or now - self._checked.get(account_id, -1e18) > REFRESH_S:
+            self.ring.load(self.store.load(account_id))
+            self._checked[account_id] = now
+            if len(self._checked) > 200_000:
+                self._checked.clear()
+
+    def data_key(self, account_id: str, version: int = 0) -> tuple[int, bytes]:
+        """(version, raw DEK) for a store; creates the household's first DEK on demand.
+        FailedPrecondition once the household was shredded (the account was erased)."""
+        if version < 0:
+            raise InvalidArgument("must be >= 0", "dek_version")
+        with self._lock:
+            self._refresh(account_id)
+            if version == 0 and not self.ring.has_dek(account_id) and not self.ring.is_destroyed(account_id):
+                record = self.ring.create_dek(account_id, self._clock())
+                if not self.store.insert_new(record):
+                    self._refresh(account_id, force=True)  # another replica's key won the race
+            try:
+                return self.ring.data_key(account_id, version or None)
+            except KeyDestroyedError:
+                raise FailedPrecondition("the data key of this household was destroyed "
+                                         "(the household was erased)", "account_id") from None
+            except KeyNotFoundError as exc:
+                raise NotFound(str(exc), "dek_version" if version else "account_id") from None
+
+    def shred(self, account_id: str) -> list[str]:
+        """Destroy every DEK version of the household; returns the ids of the destroyed
+        keys (``data_key:<account>:v<n>``) for the deletion receipt. Idempotent."""
+        with self._lock:
+            self._refresh(account_id, force=True)
+            if not self.ring.records(account_id):
+                return []
+            already = {r.dek_version for r in self.ring.records(account_id) if r.destroyed}
+            tombstones = self.ring.destroy_dek(account_id, self._clock())
+            self.store.overwrite([t for t in tombstones if t.dek_version not in already])
+        return [f"data_key:{account_id}:v{t.dek_version}" for t in tombstones
+                if t.dek_version not in already]
+
+    def rotate(self, new_active_kek_id: str) -> tuple[int, str, list[str]]:
+        """Make another configured KEK active and re-wrap every live DEK under it."""
+        with self._lock:
+            self.ring.load(self.store.load())
+            try:
+                records = self.ring.rotate_kek(new_active_kek_id)
+            except ValueError as exc:
+                raise InvalidArgument(str(exc), "new_active_kek_id") from None
+            self.store.overwrite(records)
+            return len(records), self.ring.active_kek_id, sorted(self.ring.kek_ids_in_use())
+
+    def metadata(self, account_id: str) -> list[dict]:
+        """Key records of a household without key material (for the export)."""
+        with self._lock:
+            self._refresh(account_id, force=True)
+            return [{"dek_version": r.dek_version, "kek_id": r.kek_id,
+                     "created_at": r.created_at.isoformat(),
+                     "destroyed_at": r.destroyed_at.isoformat() if r.destroyed_at else None}
+                    for r in self.ring.records(account_id)]
