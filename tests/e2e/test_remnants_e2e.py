@@ -188,6 +188,13 @@ def test_device_scope_leaves_no_byte(rmesh, client, control):
     job = delete(client, {"kind": "device", "account_id": account, "device_id": f"dv{gone}"})
 
     assert found(rmesh, f"zr{gone}") == [], job
+    # The signed receipt lists what made the deletion physical, where and when.
+    services = job["receipt"]["receipt"]["services"]
+    for name in ("clustering", "attribution", "feedback"):
+        purges = services[name]["purges"]
+        assert purges and all(p["complete"] for p in purges), services[name]
+        expected = "wal_checkpoint(TRUNCATE)" if rmesh.backend == "sqlite" else "VACUUM (ANALYZE)"
+        assert expected in purges[-1]["action"] and purges[-1]["at"] >= job["receipt"]["receipt"]["requested_at"]
     assert found(rmesh, f"dv{gone}", data_only=True) == []
     if rmesh.backend == "sqlite":
         assert found(rmesh, f"zr{keep}") and found(rmesh, f"dv{keep}", data_only=True)
