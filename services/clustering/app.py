@@ -21,7 +21,7 @@ from services.common.ids import check_id
 from services.clustering.domain.model import MIN_SESSIONS, PopulationPrior
 from services.clustering.household import Envelope
 from services.clustering.modeling import ModelKeeper, known_person
-from services.clustering.prediction_log import PredictionLog, PredictionRecord
+from services.clustering.prediction_log import PredictionLog, PredictionRecord, SessionPerson
 from services.clustering.store import ClusteringStore, HouseholdView, IngestResult
 from services.common.consent import ConsentChecker
 from services.common.erasure import ErasureOutcome, ErasureScope
@@ -169,11 +169,14 @@ class ClusteringApp:
             span = (session.start_ts, session.end_ts)
         if vector is None:
             raise InvalidArgument("a session_id or a feature_vector is required", "session")
+        # The session's person is stored with the prediction in one group commit when
+        # the prediction log can (one fsync for a batch of concurrent assignments).
+        together = bool(session_id) and self.predictions is not None and self.predictions.writes_session_persons
         (out,) = self._assign_rows(account_id, np.asarray(vector, dtype=np.float64)[None, :],
                                    [session_id], [device_id],
                                    [self._label_of(account_id, session) if session_id else None],
-                                   [span if session_id else None])
-        if session_id:
+                                   [span if session_id else None], record_persons=together)
+        if session_id and not together:
             self.store.set_persons(account_id, {session_id: out.person_id}, {session_id: out.probabilities})
         return out
 
@@ -199,7 +202,8 @@ class ClusteringApp:
 
     def _assign_rows(self, account_id: str, X: np.ndarray, session_ids: list[str],
                      device_ids: list[str], labels: list[str | None] | None = None,
-                     spans: list[tuple[float, float] | None] | None = None) -> list[AssignmentOut]:
+                     spans: list[tuple[float, float] | None] | None = None,
+                     record_persons: bool = False) -> list[AssignmentOut]:
         if X.ndim != 2 or X.shape[1] != F.FEATURE_DIM:
             raise InvalidArgument(f"feature vectors must have {F.FEATURE_DIM} float32 values", "feature_vector")
         if not np.all(np.isfinite(X)):
@@ -229,8 +233,9 @@ class ClusteringApp:
             records.append(PredictionRecord(prediction_id, account_id, session_ids[r] or prediction_id, pid,
                                             probs, variant, version, now, bool(cold), len(batch.person_ids),
                                             device_ids[r], *((spans or [None] * X.shape[0])[r] or (None, None))))
-        if self.predictions is not None:
-            self.predictions.record(records)   # durable before we answer
+        if self.predictions is not None:   # durable before we answer
+            self.predictions.record(records, [SessionPerson(account_id, r.session_id, r.person_id, r.probabilities)
+                                              for r in records if record_persons and r.session_id])
         return answers
 
     # ---- households, refit, labels ----------------------------------------------------

@@ -73,8 +73,11 @@ class Snapshot:
 class ModelKeeper:
     def __init__(self, store: ClusteringStore, variant_of: Callable[[str], str],
                  population_prior: PopulationPrior | None = None, cold_start: str = "population_prior",
-                 seed: int = 0) -> None:
+                 seed: int = 0, gmm_fault_prefix: str = "") -> None:
         self.store = store
+        # Fault injection (HEARTH_FAULT_GMM_NUMERICAL): households whose id starts with
+        # this prefix get a GMM fit that fails numerically; "" = off.
+        self.gmm_fault_prefix = gmm_fault_prefix
         self.variant_of = variant_of
         self.population_prior = population_prior
         self.cold_start = cold_start
@@ -122,7 +125,7 @@ class ModelKeeper:
         return HouseholdModel(variant, cold_start=self.cold_start, population_prior=self.population_prior,
                               seed=self.seed)
 
-    def fit(self, snap: Snapshot, base: HouseholdModel | None, variant: str) -> Envelope:
+    def fit(self, snap: Snapshot, base: HouseholdModel | None, variant: str, account_id: str = "") -> Envelope:
         """Full fit on every closed session. Starting from ``base`` keeps person ids
         stable (new components are matched to the old persons); the parameters depend
         only on the sessions, so after an erasure this *is* the model fitted without
@@ -137,7 +140,8 @@ class ModelKeeper:
                 model.next_person = max(model.next_person, int(label[1:]) + 1)
         had_fallbacks = model.fallback_count
         if snap.sessions:
-            model.fit(snap.X, labels=snap.labels if any(snap.labels) else None, device_ids=snap.device_ids)
+            model.fit(snap.X, labels=snap.labels if any(snap.labels) else None, device_ids=snap.device_ids,
+                      inject_gmm_failure=bool(self.gmm_fault_prefix) and account_id.startswith(self.gmm_fault_prefix))
         if model.fallback_count > had_fallbacks:
             GMM_FALLBACKS.inc()
         n = len(snap.sessions)
@@ -163,7 +167,7 @@ class ModelKeeper:
                 if retire:
                     base = base or self.new_model(variant)
                     base.retire_person(retire)
-                envelope = self.fit(snap, base, variant)
+                envelope = self.fit(snap, base, variant, account_id)
                 REFITS.labels(reason).inc()
             else:
                 new = len(snap.sessions) - current.included
@@ -179,7 +183,7 @@ class ModelKeeper:
                 drift = self._check_drift(envelope, snap)
                 if any(d.refit_triggered for d in drift):
                     persons_before = tuple(envelope.model.person_ids)
-                    envelope = self.fit(snap, envelope.model, variant)
+                    envelope = self.fit(snap, envelope.model, variant, account_id)
                     REFITS.labels("drift").inc()
                     DRIFT_REFITS.labels("persons_unchanged" if tuple(envelope.model.person_ids) == persons_before
                                         else "persons_changed").inc()

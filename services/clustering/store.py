@@ -238,7 +238,7 @@ class ClusteringStore:
         id). ``cursor`` is the ``next_cursor`` of the previous page: keyset paging, so
         sessions added meanwhile never shift or repeat a page."""
         now = time.time() if now is None else now
-        with self.db.transaction() as tx:
+        with self.db.transaction(readonly=True) as tx:
             devices = tx.query(
                 "SELECT d.device_id, d.device_type, d.last_ts, "
                 "(SELECT COUNT(*) FROM sessions s WHERE s.account_id = d.account_id "
@@ -285,7 +285,7 @@ class ClusteringStore:
     def closed_sessions(self, account_id: str, now: float | None = None) -> list[StoredSession]:
         """All closed sessions of an account, oldest first (what models are fitted on)."""
         now = time.time() if now is None else now
-        with self.db.transaction() as tx:
+        with self.db.transaction(readonly=True) as tx:
             marks = dict(tx.query("SELECT device_id, last_ts FROM devices WHERE account_id = ?",
                                   (account_id,)))
             rows = tx.query(
@@ -309,7 +309,7 @@ class ClusteringStore:
         return int(rows[0][0])
 
     def session(self, account_id: str, session_id: str) -> StoredSession:
-        with self.db.transaction() as tx:
+        with self.db.transaction(readonly=True) as tx:
             rows = tx.query(
                 "SELECT session_id, account_id, device_id, device_type, start_ts, end_ts, event_count, "
                 "watch_seconds, feature_version, features, label, person_id FROM sessions "
@@ -325,20 +325,26 @@ class ClusteringStore:
         """Record each session's assigned person (and the probability of every person)."""
         probabilities = probabilities or {}
         with self.db.transaction() as tx:
-            tx.executemany(
-                "UPDATE sessions SET person_id = ?, person_probs = ? WHERE account_id = ? AND session_id = ?",
-                [(p, json.dumps(probabilities[s], sort_keys=True) if s in probabilities else None,
-                  account_id, s) for s, p in persons.items()])
+            self.write_persons(tx, [(account_id, s, p, probabilities.get(s)) for s, p in persons.items()])
+
+    def write_persons(self, tx: Tx, rows: Sequence[tuple[str, str, str, dict[str, float] | None]]) -> None:
+        """``set_persons`` inside the caller's transaction: (account, session, person,
+        probabilities) rows. The assign path writes them in the prediction log's group
+        commit, so one fsync covers a batch of assignments and their predictions."""
+        tx.executemany(
+            "UPDATE sessions SET person_id = ?, person_probs = ? WHERE account_id = ? AND session_id = ?",
+            [(p, json.dumps(probs, sort_keys=True) if probs is not None else None, a, s)
+             for a, s, p, probs in rows])
 
     def accounts_with_sessions(self, min_sessions: int, limit: int | None) -> list[str]:
-        with self.db.transaction() as tx:
+        with self.db.transaction(readonly=True) as tx:
             rows = tx.query("SELECT account_id FROM sessions GROUP BY account_id HAVING COUNT(*) >= ? "
                             "ORDER BY account_id" + (" LIMIT ?" if limit else ""),
                             (min_sessions, limit) if limit else (min_sessions,))
         return [r[0] for r in rows]
 
     def accounts_with_models(self) -> list[str]:
-        with self.db.transaction() as tx:
+        with self.db.transaction(readonly=True) as tx:
             return [r[0] for r in tx.query("SELECT account_id FROM household_models ORDER BY account_id")]
 
     def record_labels(self, labels: Sequence[tuple[str, str, str, str]]) -> tuple[int, int]:
@@ -361,7 +367,7 @@ class ClusteringStore:
 
     def labels(self, account_id: str) -> dict[str, str]:
         """Session id -> known person (feedback labels)."""
-        with self.db.transaction() as tx:
+        with self.db.transaction(readonly=True) as tx:
             return dict(tx.query("SELECT session_id, person_id FROM session_labels WHERE account_id = ?",
                                  (account_id,)))
 
@@ -373,7 +379,7 @@ class ClusteringStore:
         for i, (account, device, _) in enumerate(instants):
             by_device[(account, device)].append(i)
         out: list[tuple[str, dict[str, float]]] = [("", {})] * len(instants)
-        with self.db.transaction() as tx:
+        with self.db.transaction(readonly=True) as tx:
             for (account, device), idx in by_device.items():
                 ts = np.array([instants[i][2] for i in idx])
                 rows = tx.query(
@@ -406,7 +412,7 @@ class ClusteringStore:
             version, vlen = struct.unpack_from("<qH", cached)
             return StoredModel(version, cached[10:10 + vlen].decode(),
                                self._open_model(account_id, cached[10 + vlen:]))
-        with self.db.transaction() as tx:
+        with self.db.transaction(readonly=True) as tx:
             rows = tx.query("SELECT version, variant, model FROM household_models WHERE account_id = ?",
                             (account_id,))
         if not rows:
@@ -549,7 +555,7 @@ class ClusteringStore:
         """Everything held for the account, decrypted (privacy's household export):
         devices, events, sessions (feature vectors, labels, persons), the household
         model (metadata and base64 blob) and drift events."""
-        with self.db.transaction() as tx:
+        with self.db.transaction(readonly=True) as tx:
             devices = tx.query("SELECT device_id, device_type, last_ts FROM devices WHERE account_id = ? "
                                "ORDER BY device_id", (account_id,))
             events = tx.query(f"SELECT {_EVENT_COLUMNS} FROM events WHERE account_id = ? ORDER BY ts, event_id",
@@ -605,7 +611,7 @@ class ClusteringStore:
                         drift.detected_at, int(drift.refit_triggered)))
 
     def drift_events(self, account_id: str, limit: int = 100) -> list[DriftRow]:
-        with self.db.transaction() as tx:
+        with self.db.transaction(readonly=True) as tx:
             rows = tx.query("SELECT drift_type, severity, statistic, detected_at, refit_triggered "
                             "FROM drift_events WHERE account_id = ? ORDER BY detected_at DESC, id DESC "
                             "LIMIT ?", (account_id, limit))

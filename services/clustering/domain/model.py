@@ -358,9 +358,13 @@ class HouseholdModel:
         return np.hstack((X, slots[:, None].astype(np.float64)))
 
     def fit(self, X: np.ndarray, labels: Sequence[str | None] | None = None,
-            keys: np.ndarray | None = None, device_ids: Sequence[str] | None = None) -> HouseholdModel:
+            keys: np.ndarray | None = None, device_ids: Sequence[str] | None = None, *,
+            inject_gmm_failure: bool = False) -> HouseholdModel:
         """Full refit on all of the household's sessions (ids stay stable).
-        ``device_ids`` (one per session, optional) lets the model use device identity."""
+        ``device_ids`` (one per session, optional) lets the model use device identity.
+        ``inject_gmm_failure``: the GMM fit raises ``MixtureNumericalError`` as a real
+        numerical failure would (fault injection, HEARTH_FAULT_GMM_NUMERICAL), so the
+        k-means fallback can be exercised end to end."""
         X = _check_X(X)
         n = X.shape[0]
         slots = self.slots_for(device_ids, n)
@@ -385,6 +389,8 @@ class HouseholdModel:
         label_names = sorted({lab for lab in labels if lab is not None}) if labels else []
         if self.variant == "gmm":
             try:
+                if inject_gmm_failure:
+                    raise MixtureNumericalError("injected numerical failure (fault injection)")
                 self._fit_gmm(Xa, labels, label_names, keys)
                 self.kmeans = None
                 self.fallback = False
