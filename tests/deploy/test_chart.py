@@ -20,6 +20,7 @@ from tests.deploy.conftest import (
     NAMESPACE,
     PRODUCTION_VALUES,
     RELEASE,
+    ROOT,
     RULES,
     TARGET_KUBE_VERSION,
     HelmError,
@@ -430,7 +431,11 @@ def test_sqlite_with_more_than_one_replica_is_refused(render, override):
 
 
 @pytest.mark.parametrize("bad, message", [
-    ("storage.backend=mysql", "storage.backend must be postgres or sqlite"),
+    # values.schema.json: unknown keys and values fail with their path.
+    ("storage.backend=mysql", "at '/storage/backend': value must be one of 'postgres', 'sqlite'"),
+    ("gateway.metricPort=9100", "at '/gateway': additional properties 'metricPort' not allowed"),
+    ("services.clustering.replica=3", "at '/services/clustering': additional properties 'replica' not allowed"),
+    ("tracing.protocol=http/json", "at '/tracing/protocol': value must be one of 'grpc', 'http/protobuf'"),
     ("serviceToken.secretName=", "serviceToken.secretName and serviceToken.secretKey are required"),
     ("services.clustering.metricsPort=50051", "services.clustering: grpcPort and metricsPort must differ"),
     ("gateway.autoscaling.minReplicas=20", "gateway.autoscaling: minReplicas must be <= maxReplicas"),
@@ -600,3 +605,18 @@ def test_helm_test_hook_checks_gateway_health(render):
     assert f"http://{component_name('gateway')}." in script and "/health" in script
     assert '"SERVING"' in script
     assert pod["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+
+def test_values_schema_is_generated_from_values_yaml():
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "scripts/gen_values_schema.py", "--check"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_values_schema_accepts_the_optional_component_keys(render):
+    objects = render(set_values=("services.clustering.nodeSelector.disk=ssd", "gateway.env.HEARTH_ACCESS_LOG=false",
+                                 "services.feedback.autoscaling.targetMemoryUtilizationPercentage=80"))
+    assert deployment_of(objects, "clustering")["spec"]["template"]["spec"]["nodeSelector"] == {"disk": "ssd"}
