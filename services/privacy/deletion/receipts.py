@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from .audit import canonical_json, format_ts, parse_ts
-from .keys import (
+from services.privacy.audit.domain import canonical_json, format_ts, parse_ts
+from services.privacy.keys.signing import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
     key_id,
