@@ -260,6 +260,10 @@ def run_service(name: str, build: Callable) -> None:
     from services.common import config
 
     settings = config.load(service_name=name)
+    # Logging (JSON), tracing and /metrics before build(): what build() logs (generated
+    # development keys, a worker resuming jobs) is JSON too. serve() finds it done.
+    telemetry.setup_telemetry(name, settings.trace_export, settings.log_level,
+                              settings.resolved_metrics_port, settings.host)
     servicers, closers = build(settings)
     if not audit.installed():
         # Every service audits through privacy's AppendAudit (the privacy service
