@@ -71,7 +71,13 @@ DEFAULT_TOKEN_TTL_S = 300.0
 CLOCK_SKEW_S = 30.0
 _TOKEN_VERSION = "v1"
 _MAX_TOKEN_CHARS = 256
-_PRINCIPAL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+# Matched with fullmatch: ``$`` would also match before a trailing newline ("alice\n"),
+# which then breaks gRPC metadata downstream.
+_PRINCIPAL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+# Principal ids of the mesh's own services (``service_principal``). Nobody else may hold
+# one: an API key or JWT subject "svc:privacy" would be indistinguishable in the audit
+# log from the privacy service acting on its own.
+RESERVED_PRINCIPAL_PREFIX = "svc:"
 
 
 # ---------------------------------------------------------------------------------------
@@ -161,7 +167,13 @@ class Principal:
 
 
 def valid_principal_id(principal_id: str) -> bool:
-    return bool(_PRINCIPAL_ID.match(principal_id))
+    return isinstance(principal_id, str) and bool(_PRINCIPAL_ID.fullmatch(principal_id))
+
+
+def reserved_principal_id(principal_id: str) -> bool:
+    """True for the names the mesh's services act as (``svc:<service>``): never issued
+    to a user, an API key or a JWT subject."""
+    return principal_id.lower().startswith(RESERVED_PRINCIPAL_PREFIX)
 
 
 class ServiceTokenSigner:
@@ -288,7 +300,7 @@ def principal_from_metadata(metadata: Sequence[tuple[str, str | bytes]] | None, 
     try:
         if not pid or not role:
             raise _refusal("no principal in request metadata", PRINCIPAL_KEY, "missing_principal")
-        if not _PRINCIPAL_ID.match(pid):
+        if not _PRINCIPAL_ID.fullmatch(pid):
             raise _refusal("malformed principal id", PRINCIPAL_KEY, "malformed_principal")
         try:
             principal = Principal(pid, Role(role))
@@ -303,7 +315,7 @@ def principal_from_metadata(metadata: Sequence[tuple[str, str | bytes]] | None, 
     except Unauthenticated as exc:
         report_security_event(SecurityEvent(
             "authentication_failed", component, getattr(exc, "reason", "invalid"),
-            pid if isinstance(pid, str) and _PRINCIPAL_ID.match(pid) else "",
+            pid if isinstance(pid, str) and _PRINCIPAL_ID.fullmatch(pid) else "",
             role if role in Role._value2member_map_ else ""))
         raise
 
