@@ -7,9 +7,9 @@ from __future__ import annotations
 from fastapi import Path
 
 from gateway import models
+from services.common.ids import ID_PATTERN, MAX_ID_CHARS
 
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
-ACCOUNT_PATH = Path(..., min_length=1, max_length=128, pattern=ID_PATTERN)
+ACCOUNT_PATH = Path(..., min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)
 
 ERROR_RESPONSES = {
     401: {"model": models.ErrorOut, "description": "missing or invalid credentials"},

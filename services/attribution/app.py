@@ -14,7 +14,7 @@ from services.attribution.domain.records import (
     Conversion, Touchpoint, validate_conversions, validate_touchpoints)
 from services.attribution.resolver import NoResolver, PersonResolver
 from services.attribution.store import AttributionStore
-from services.clustering.domain.events import check_id
+from services.common.ids import check_id
 from services.common.consent import ConsentChecker
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import InvalidArgument
@@ -80,7 +80,7 @@ def person_columns(probabilities: list[dict[str, float]]) -> list[str]:
     ids = {p for probs in probabilities for p in probs}
 
     def key(pid: str):
-        m = _PERSON_NUMBER.match(pid)
+        m = _PERSON_NUMBER.fullmatch(pid)
         return (0, int(m.group(1)), "") if m else (1, 0, pid)
 
     return sorted(ids, key=key)

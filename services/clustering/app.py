@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from services.clustering.domain import features as F
-from services.clustering.domain.events import ViewingEvent, check_id
+from services.clustering.domain.events import ViewingEvent
+from services.common.ids import check_id
 from services.clustering.domain.model import MIN_SESSIONS, PopulationPrior
 from services.clustering.household import Envelope
 from services.clustering.modeling import ModelKeeper, known_person
@@ -22,7 +23,7 @@ from services.clustering.store import ClusteringStore, HouseholdView, IngestResu
 from services.common.consent import ConsentChecker
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import InvalidArgument, NotFound
-from services.feedback.domain.recalibration import IDENTITY, Calibrator
+from services.common.calibration import IDENTITY, Calibrator
 
 log = logging.getLogger("hearth.clustering.app")
 MAX_LABELS = 10_000

@@ -117,7 +117,7 @@ class ModelKeeper:
         model.population_prior = self.population_prior
         # Feedback labels name persons by their ids: keep those ids for them.
         for label in {lab for lab in snap.labels if lab}:
-            if _PERSON_ID.match(label) and label not in model.label_map:
+            if _PERSON_ID.fullmatch(label) and label not in model.label_map:
                 model.label_map[label] = label
                 model.next_person = max(model.next_person, int(label[1:]) + 1)
         had_fallbacks = model.fallback_count
@@ -226,5 +226,5 @@ def known_person(model: HouseholdModel, label: str | None) -> str | None:
     are names the model maps to ids), or None when unknown to the model."""
     if not label:
         return None
-    pid = model.label_map.get(label, label if _PERSON_ID.match(label) else None)
+    pid = model.label_map.get(label, label if _PERSON_ID.fullmatch(label) else None)
     return pid if pid in model.person_ids else None

@@ -16,7 +16,7 @@ from services.clustering.prediction_log import PredictionRecord
 from services.common.client import call_idempotent, peer_channel
 from services.common.identity import acting_as, service_principal
 from services.common.pbutil import float_to_ts
-from services.feedback.domain.recalibration import IDENTITY, Calibrator
+from services.common.calibration import IDENTITY, Calibrator
 
 log = logging.getLogger("hearth.clustering.peers")
 DEFAULT_VARIANT = "gmm"

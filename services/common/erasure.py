@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from hearth.common.v1 import common_pb2
-from services.clustering.domain.events import check_id
+from services.common.ids import check_id
 from services.common.errors import InvalidArgument, PermissionDenied
 from services.common.pbutil import ts_to_float
 

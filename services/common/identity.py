@@ -37,27 +37,20 @@ import hashlib
 import hmac
 import logging
 import os
-import re
 import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from enum import Enum
 
 from prometheus_client import Counter
 
 from services.common.errors import Unauthenticated
+from services.common.ids import Role, valid_principal_id  # noqa: F401  (re-exported: identity.Role)
 
 log = logging.getLogger("hearth.identity")
 
 
-class Role(str, Enum):
-    ADMIN = "admin"
-    ANALYST = "analyst"
-    DATA_SCIENTIST = "data_scientist"
-    PRIVACY_OFFICER = "privacy_officer"
-    SERVICE = "service"
 
 
 PRINCIPAL_KEY = "x-hearth-principal"
@@ -71,13 +64,6 @@ DEFAULT_TOKEN_TTL_S = 300.0
 CLOCK_SKEW_S = 30.0
 _TOKEN_VERSION = "v1"
 _MAX_TOKEN_CHARS = 256
-# Matched with fullmatch: ``$`` would also match before a trailing newline ("alice\n"),
-# which then breaks gRPC metadata downstream.
-_PRINCIPAL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
-# Principal ids of the mesh's own services (``service_principal``). Nobody else may hold
-# one: an API key or JWT subject "svc:privacy" would be indistinguishable in the audit
-# log from the privacy service acting on its own.
-RESERVED_PRINCIPAL_PREFIX = "svc:"
 
 
 # ---------------------------------------------------------------------------------------
@@ -164,16 +150,6 @@ class Principal:
         """gRPC metadata that carries this principal to a peer, signed with the mesh key."""
         return [(PRINCIPAL_KEY, self.id), (ROLE_KEY, self.role.value),
                 (TOKEN_KEY, service_token_signer().sign(self))]
-
-
-def valid_principal_id(principal_id: str) -> bool:
-    return isinstance(principal_id, str) and bool(_PRINCIPAL_ID.fullmatch(principal_id))
-
-
-def reserved_principal_id(principal_id: str) -> bool:
-    """True for the names the mesh's services act as (``svc:<service>``): never issued
-    to a user, an API key or a JWT subject."""
-    return principal_id.lower().startswith(RESERVED_PRINCIPAL_PREFIX)
 
 
 class ServiceTokenSigner:
@@ -300,7 +276,7 @@ def principal_from_metadata(metadata: Sequence[tuple[str, str | bytes]] | None, 
     try:
         if not pid or not role:
             raise _refusal("no principal in request metadata", PRINCIPAL_KEY, "missing_principal")
-        if not _PRINCIPAL_ID.fullmatch(pid):
+        if not valid_principal_id(pid):
             raise _refusal("malformed principal id", PRINCIPAL_KEY, "malformed_principal")
         try:
             principal = Principal(pid, Role(role))
@@ -315,7 +291,7 @@ def principal_from_metadata(metadata: Sequence[tuple[str, str | bytes]] | None, 
     except Unauthenticated as exc:
         report_security_event(SecurityEvent(
             "authentication_failed", component, getattr(exc, "reason", "invalid"),
-            pid if isinstance(pid, str) and _PRINCIPAL_ID.fullmatch(pid) else "",
+            pid if valid_principal_id(pid) else "",
             role if role in Role._value2member_map_ else ""))
         raise
 
@@ -354,6 +330,18 @@ def acting_as(principal: Principal) -> Iterator[Principal]:
         yield principal
     finally:
         _current.reset(token)
+
+
+# Principal ids of the mesh's own services (``service_principal``). Nobody else may hold
+# one: an API key or JWT subject "svc:privacy" would be indistinguishable in the audit
+# log from the privacy service acting on its own.
+RESERVED_PRINCIPAL_PREFIX = "svc:"
+
+
+def reserved_principal_id(principal_id: str) -> bool:
+    """True for the names the mesh's services act as (``svc:<service>``): never issued
+    to a user, an API key or a JWT subject."""
+    return principal_id.lower().startswith(RESERVED_PRINCIPAL_PREFIX)
 
 
 # Services calling one another act as this principal (role "service").

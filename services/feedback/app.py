@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from services.clustering.domain.events import check_id, check_ts
+from services.common.ids import check_id, check_ts
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import Conflict, InvalidArgument
 from services.common.identity import Principal

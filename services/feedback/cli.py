@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from services.common import errors as common_errors
 from services.feedback.domain.errors import InvalidArgument
 from services.feedback.domain.metrics import (
     BIN_STRATEGIES,
@@ -215,7 +216,7 @@ def report_calibration(input_path: Path, output_dir: Path, n_bins: int = DEFAULT
 def _run_report_calibration(args: argparse.Namespace) -> int:
     try:
         report_calibration(Path(args.input), Path(args.output), args.bins, args.strategy)
-    except InvalidArgument as exc:
+    except common_errors.InvalidArgument as exc:  # the domain raises the common one too (calibration)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

@@ -7,7 +7,7 @@ import math
 
 from hearth.feedback.v1 import feedback_pb2 as pb
 from hearth.feedback.v1 import feedback_pb2_grpc as pb_grpc
-from services.clustering.domain.events import check_id
+from services.common.ids import check_id
 from services.common import identity
 from services.common.erasure import result_to_pb, scope_from_pb
 from services.common.errors import InvalidArgument

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.clustering.domain.events import check_id
+from services.common.ids import check_id
 from services.common.identity import current_principal
 from services.privacy.store import Consent, PrivacyStore
 

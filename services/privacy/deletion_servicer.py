@@ -12,7 +12,7 @@ import json
 
 from hearth.common.v1 import common_pb2
 from hearth.privacy.v1 import privacy_pb2 as pb
-from services.clustering.domain.events import check_id
+from services.common.ids import check_id
 from services.common import identity
 from services.common.erasure import scope_from_pb
 from services.common.errors import InvalidArgument, PermissionDenied

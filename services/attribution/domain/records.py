@@ -6,7 +6,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from services.clustering.domain.events import check_id, check_ts
+from services.common.ids import check_id, check_ts
 from services.common.errors import InvalidArgument
 
 CHANNEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._:/-]{0,63}$")
@@ -36,7 +36,7 @@ class Conversion:
 
 
 def _check_channel(value: str, field: str, allow_empty: bool = False) -> None:
-    if (not value and not allow_empty) or (value and not CHANNEL_PATTERN.match(value)):
+    if (not value and not allow_empty) or (value and not CHANNEL_PATTERN.fullmatch(value)):
         raise InvalidArgument("must be 1-64 characters of letters, digits, space, '.', '_', ':', '/' "
                               "or '-'", field)
 

@@ -15,15 +15,13 @@ from dataclasses import dataclass
 
 from services.clustering.domain.features import DEVICE_TYPES, MATURITIES
 from services.common.errors import InvalidArgument
+from services.common.ids import check_id, check_ts
 
 EVENT_KINDS = ("play_start", "play_stop", "heartbeat", "browse")
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 COUNTRY_PATTERN = re.compile(r"^[A-Z]{2}$")
 MAX_GENRES = 16
 MAX_LABEL_LEN = 64
 MAX_DURATION_S = 24 * 3600.0
-MIN_TS = 946684800.0            # 2000-01-01: nothing older is a real viewing event
-MAX_FUTURE_SKEW_S = 24 * 3600.0  # clocks drift; a day ahead is already suspicious
 MAX_EVENTS_PER_BATCH = 10_000
 
 
@@ -43,22 +41,6 @@ class ViewingEvent:
     country: str | None = None
     vpn: bool = False
     profile_hint: str | None = None
-
-
-def check_id(value: object, field: str) -> str:
-    if not isinstance(value, str) or not ID_PATTERN.match(value):
-        raise InvalidArgument("must be 1-128 characters of letters, digits, '.', '_', ':' or '-', "
-                              "starting with a letter or digit", field)
-    return value
-
-
-def check_ts(value: object, field: str, now: float | None = None) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise InvalidArgument("must be a finite UTC timestamp", field)
-    now = time.time() if now is None else now
-    if not MIN_TS <= value <= now + MAX_FUTURE_SKEW_S:
-        raise InvalidArgument("must lie between 2000-01-01 and one day from now", field)
-    return float(value)
 
 
 def _check_label(value: object, field: str, allow_empty: bool = False) -> str:
@@ -92,7 +74,7 @@ def validate_event(event: ViewingEvent, field: str = "event", now: float | None 
         raise InvalidArgument(f"must be a number of seconds in 0..{int(MAX_DURATION_S)}", f"{field}.duration_s")
     if event.maturity is not None and event.maturity not in MATURITIES:
         raise InvalidArgument(f"must be one of {', '.join(MATURITIES)}", f"{field}.maturity")
-    if event.country is not None and not (isinstance(event.country, str) and COUNTRY_PATTERN.match(event.country)):
+    if event.country is not None and not (isinstance(event.country, str) and COUNTRY_PATTERN.fullmatch(event.country)):
         raise InvalidArgument("must be an ISO 3166-1 alpha-2 code such as 'GB'", f"{field}.country")
     if not isinstance(event.vpn, bool):
         raise InvalidArgument("must be a boolean", f"{field}.vpn")

@@ -48,10 +48,10 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from services.common.calibration import ROW_SUM_TOLERANCE, as_probability_matrix  # noqa: F401  (re-exported)
 from services.feedback.domain.errors import InvalidArgument
 
 UNKNOWN_LABEL = -1
-ROW_SUM_TOLERANCE = 1e-3  # the same slack the feedback service accepts at ingest (app.py); float32 sums are ~1e-7 * K off
 LOG_LOSS_EPS = 1e-15
 DEFAULT_BINS = 15
 BinStrategy = Literal["uniform", "quantile"]
@@ -62,32 +62,6 @@ IntArray = NDArray[np.int64]
 
 
 # ----------------------------------------------------------------------------- validation
-
-
-def as_probability_matrix(probs: ArrayLike, field: str = "probs") -> FloatArray:
-    """Validate and return ``probs`` as a float64 ``(n, K)`` matrix (a 1-D vector is one row)."""
-    try:
-        matrix = np.asarray(probs, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise InvalidArgument(field, f"must be numeric probabilities ({exc})") from None
-    if matrix.ndim == 1:
-        matrix = matrix[np.newaxis, :]
-    if matrix.ndim != 2:
-        raise InvalidArgument(field, f"must be a 2-D (n, K) matrix, got {matrix.ndim} dimensions")
-    if matrix.shape[1] == 0 and matrix.shape[0] > 0:
-        raise InvalidArgument(field, "rows must have at least one probability")
-    if matrix.size:
-        if not np.all(np.isfinite(matrix)):
-            raise InvalidArgument(field, "contains NaN or infinite values")
-        if matrix.min() < 0.0 or matrix.max() > 1.0:
-            raise InvalidArgument(field, "values must lie in [0, 1]")
-        row_sums = matrix.sum(axis=1)
-        bad = np.flatnonzero(np.abs(row_sums - 1.0) > ROW_SUM_TOLERANCE)
-        if bad.size:
-            raise InvalidArgument(
-                field, f"row {int(bad[0])} sums to {row_sums[bad[0]]:.6g}, not 1 (tolerance {ROW_SUM_TOLERANCE})"
-            )
-    return matrix
 
 
 def as_labels(labels: ArrayLike, n: int, n_classes: int, field: str = "labels", allow_unknown: bool = False) -> IntArray:

@@ -27,14 +27,14 @@ identity wins ties, so recalibration is only adopted when it helps out of sample
 With the ECE criterion a method whose cross-validated NLL is worse than the
 identity's is not eligible: ECE is blind to a map that pushes confidences to 0 or 1
 in sparse regions, the likelihood is not.
-The result is a versioned, JSON-serialisable ``Calibrator``.
+The result is a versioned, JSON-serialisable ``Calibrator`` (its type lives in
+``services/common/calibration.py``, shared with the clustering service that applies it).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -42,6 +42,14 @@ from numpy.typing import ArrayLike
 from scipy.optimize import minimize_scalar
 from sklearn.isotonic import IsotonicRegression
 
+from services.common.calibration import (  # noqa: F401  (re-exported: the shared calibrator type)
+    CALIBRATOR_SCHEMA,
+    IDENTITY,
+    METHODS,
+    Calibrator,
+    apply_temperature,
+    apply_top_label_map,
+)
 from services.feedback.domain.errors import InvalidArgument
 from services.feedback.domain.metrics import (
     DEFAULT_BINS,
@@ -54,8 +62,6 @@ from services.feedback.domain.metrics import (
     expected_calibration_error,
 )
 
-CALIBRATOR_SCHEMA = 1
-METHODS: tuple[str, ...] = ("identity", "temperature", "isotonic")
 TEMPERATURE_BOUNDS = (0.05, 20.0)
 MIN_SAMPLES_TO_FIT = 50  # below this, cross-validation cannot tell methods apart: keep identity
 _NLL_FLOOR = 1e-12
@@ -100,44 +106,6 @@ class FeedbackSample:
 # ----------------------------------------------------------------------------- transforms
 
 
-def apply_temperature(probs: FloatArray, temperature: float) -> FloatArray:
-    """softmax(log p / T) row-wise; zeros stay zero."""
-    positive = probs > 0
-    log_p = np.log(np.where(positive, probs, 1.0)) / temperature
-    log_p = np.where(positive, log_p, -np.inf)
-    log_p -= log_p.max(axis=1, keepdims=True)
-    scaled = np.exp(log_p)
-    return scaled / scaled.sum(axis=1, keepdims=True)
-
-
-def apply_top_label_map(probs: FloatArray, x_points: FloatArray, y_points: FloatArray) -> FloatArray:
-    """Replace top-label confidence c by interp(c) and rescale the rest (see module doc)."""
-    n = probs.shape[0]
-    if n == 0:
-        return probs.copy()
-    rows = np.arange(n)
-    top = np.argmax(probs, axis=1)
-    conf = probs[rows, top]
-    rest = 1.0 - conf
-    new_conf = np.clip(np.interp(conf, x_points, y_points), 0.0, 1.0)
-    if probs.shape[1] > 1:
-        runner_up = np.partition(probs, -2, axis=1)[:, -2]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            floor = np.where(runner_up > 0, runner_up / (rest + runner_up), 0.0)
-        # At the floor itself the runner-up would tie, and argmax would take the lower index;
-        # a relative nudge keeps the predicted person strictly on top (floor <= 1/2, so <= 1).
-        floor = floor * (1.0 + 1e-9)
-        new_conf = np.maximum(new_conf, floor)
-    # All mass already on one person: nobody else to give probability to (see module doc).
-    movable = rest > 1e-12
-    new_conf = np.where(movable, new_conf, conf)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        scale = np.where(movable, (1.0 - new_conf) / np.where(movable, rest, 1.0), 1.0)
-    out = probs * scale[:, np.newaxis]
-    out[rows, top] = new_conf
-    return out / out.sum(axis=1, keepdims=True)
-
-
 def observed_nll(probs: FloatArray, labels: IntArray, correct: FloatArray, weights: FloatArray) -> float:
     """Weighted NLL of the observed feedback (labels where known, else right/wrong)."""
     n = probs.shape[0]
@@ -170,100 +138,6 @@ def fit_isotonic(sample: FeedbackSample) -> tuple[FloatArray, FloatArray]:
     model = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
     model.fit(conf, sample.correct, sample_weight=sample.weights)
     return np.asarray(model.X_thresholds_, dtype=np.float64), np.asarray(model.y_thresholds_, dtype=np.float64)
-
-
-# ----------------------------------------------------------------------------- calibrator
-
-
-@dataclass(frozen=True)
-class Calibrator:
-    """A versioned recalibration map for one model (variant).
-
-    ``method``: "identity" | "temperature" | "isotonic". ``parameters``:
-    ``{}`` / ``{"temperature": T}`` / ``{"x": [...], "y": [...]}`` (isotonic breakpoints,
-    x strictly increasing in [0, 1], y non-decreasing in [0, 1]). ``training``: free-form
-    provenance (sample size, cross-validated scores) kept for operators.
-    """
-
-    version: int
-    method: str
-    parameters: dict[str, Any] = field(default_factory=dict)
-    training: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 0:
-            raise InvalidArgument("version", f"must be an integer >= 0, got {self.version!r}")
-        if self.method not in METHODS:
-            raise InvalidArgument("method", f"must be one of {METHODS}, got {self.method!r}")
-        if self.method == "temperature":
-            t = self.parameters.get("temperature")
-            if isinstance(t, bool) or not isinstance(t, (int, float)) or not np.isfinite(t) or t <= 0:
-                raise InvalidArgument("parameters.temperature", f"must be a finite number > 0, got {t!r}")
-        elif self.method == "isotonic":
-            x = np.asarray(self.parameters.get("x", []), dtype=np.float64)
-            y = np.asarray(self.parameters.get("y", []), dtype=np.float64)
-            if x.ndim != 1 or x.size == 0 or x.shape != y.shape:
-                raise InvalidArgument("parameters.x", "x and y must be non-empty lists of equal length")
-            if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-                raise InvalidArgument("parameters.x", "x and y must be finite")
-            if np.any(np.diff(x) <= 0) or x[0] < 0 or x[-1] > 1:
-                raise InvalidArgument("parameters.x", "must be strictly increasing within [0, 1]")
-            if np.any(np.diff(y) < -1e-12) or y.min() < 0 or y.max() > 1:
-                raise InvalidArgument("parameters.y", "must be non-decreasing within [0, 1]")
-
-    def apply(self, probs: ArrayLike) -> FloatArray:
-        """Recalibrated probability vectors (same shape as given; a 1-D vector stays 1-D)."""
-        one_vector = np.ndim(probs) == 1
-        matrix = as_probability_matrix(probs)
-        if self.method == "temperature":
-            out = apply_temperature(matrix, float(self.parameters["temperature"]))
-        elif self.method == "isotonic":
-            out = apply_top_label_map(
-                matrix,
-                np.asarray(self.parameters["x"], dtype=np.float64),
-                np.asarray(self.parameters["y"], dtype=np.float64),
-            )
-        else:
-            out = matrix.copy()
-        return out[0] if one_vector else out
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema": CALIBRATOR_SCHEMA,
-            "version": self.version,
-            "method": self.method,
-            "parameters": self.parameters,
-            "training": self.training,
-        }
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, allow_nan=False)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Calibrator":
-        if not isinstance(data, dict):
-            raise InvalidArgument("calibrator", "must be a JSON object")
-        if data.get("schema") != CALIBRATOR_SCHEMA:
-            raise InvalidArgument("schema", f"unsupported calibrator schema {data.get('schema')!r}")
-        for key in ("version", "method"):
-            if key not in data:
-                raise InvalidArgument(key, "is missing")
-        parameters = data.get("parameters", {})
-        training = data.get("training", {})
-        if not isinstance(parameters, dict) or not isinstance(training, dict):
-            raise InvalidArgument("parameters", "parameters and training must be objects")
-        return cls(version=data["version"], method=data["method"], parameters=parameters, training=training)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Calibrator":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InvalidArgument("calibrator", f"is not valid JSON ({exc.msg})") from None
-        return cls.from_dict(data)
-
-
-IDENTITY = Calibrator(version=0, method="identity")
 
 
 def _fit_method(method: str, sample: FeedbackSample, version: int) -> Calibrator:

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from services.common.audit_events import EventType  # noqa: F401  (the one vocabulary)
+from services.common.ids import Outcome, Role  # noqa: F401  (the one vocabulary)
 
 from . import merkle
 from .keys import Ed25519PrivateKey, Ed25519PublicKey, key_id, verify_signature
@@ -53,23 +54,6 @@ GENESIS_CHAIN_HASH = bytes(32)
 HASH_SIZE = merkle.HASH_SIZE
 MAX_TEXT = 1024  # longest principal / resource / trace id we accept
 _VERSION_TEXT = str(FORMAT_VERSION)
-
-
-class Role(enum.StrEnum):
-    """The five principal roles that travel in gRPC metadata."""
-
-    ADMIN = "admin"
-    ANALYST = "analyst"
-    DATA_SCIENTIST = "data_scientist"
-    PRIVACY_OFFICER = "privacy_officer"
-    SERVICE = "service"
-
-
-class Outcome(enum.StrEnum):
-    SUCCESS = "success"
-    FAILURE = "failure"
-    DENIED = "denied"
-    ERROR = "error"
 
 
 # --------------------------------------------------------------------------- helpers

@@ -44,11 +44,13 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from services.common.erasure import ALL_ACCOUNTS
+from services.common.ids import Role, check_id, check_principal_id
+
 from .audit import format_ts, parse_ts
 from .receipts import DeletionReceipt, ServiceDeletion
 
 DEFAULT_SERVICES: tuple[str, ...] = ("clustering", "attribution", "feedback", "privacy")
-MAX_ID_LENGTH = 256
 
 
 class InvalidTransition(ValueError):
@@ -60,16 +62,6 @@ class ScopeKind(enum.StrEnum):
     PERSON = "person"
     HOUSEHOLD = "household"
     TIME_WINDOW = "window"
-
-
-def _check_id(value: object, argument: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{argument}: expected a non-empty string, got {value!r}")
-    if len(value) > MAX_ID_LENGTH:
-        raise ValueError(f"{argument}: longer than {MAX_ID_LENGTH} characters")
-    if value != value.strip() or not value.isprintable():
-        raise ValueError(f"{argument}: must be printable with no surrounding whitespace")
-    return value
 
 
 _REQUIRED: dict[ScopeKind, frozenset[str]] = {
@@ -97,7 +89,8 @@ class DeletionScope:
             allowed = ", ".join(k.value for k in ScopeKind)
             raise ValueError(f"kind: {self.kind!r} is not one of {allowed}") from None
         object.__setattr__(self, "kind", kind)
-        _check_id(self.account_id, "account_id")
+        if not (self.account_id == ALL_ACCOUNTS and kind is ScopeKind.TIME_WINDOW):
+            check_id(self.account_id, "account_id")  # "*" only for the retention purge's window
         required = _REQUIRED[kind]
         allowed = required | ({"start", "end"} if kind is ScopeKind.TIME_WINDOW else set())
         for name in _OPTIONAL_FIELDS:
@@ -107,9 +100,9 @@ class DeletionScope:
             if name not in allowed and value is not None:
                 raise ValueError(f"{name}: not allowed in a {kind.value} scope")
         if kind is ScopeKind.DEVICE:
-            _check_id(self.device_id, "device_id")
+            check_id(self.device_id, "device_id")
         elif kind is ScopeKind.PERSON:
-            _check_id(self.person_id, "person_id")
+            check_id(self.person_id, "person_id")
         elif kind is ScopeKind.TIME_WINDOW:
             if self.start is None and self.end is None:
                 raise ValueError("start: a window scope needs a start or an end (or both)")
@@ -260,14 +253,17 @@ def new_job(
     services: Sequence[str] = DEFAULT_SERVICES,
 ) -> DeletionJob:
     """A pending job that must be confirmed by each of ``services``."""
-    _check_id(job_id, "job_id")
+    check_id(job_id, "job_id")
     if not isinstance(scope, DeletionScope):
         raise ValueError(f"scope: expected DeletionScope, got {type(scope).__name__}")
-    _check_id(principal, "principal")
-    _check_id(role, "role")
+    check_principal_id(principal, "principal")
+    try:
+        Role(role)
+    except ValueError:
+        raise ValueError(f"role: {role!r} is not one of {', '.join(r.value for r in Role)}") from None
     if isinstance(services, str) or not services:
         raise ValueError("services: at least one service name is required")
-    names = [_check_id(s, f"services[{i}]") for i, s in enumerate(services)]
+    names = [check_id(s, f"services[{i}]") for i, s in enumerate(services)]
     if len(set(names)) != len(names):
         raise ValueError("services: duplicate service name")
     when = parse_ts(requested_at, "requested_at")
@@ -473,7 +469,7 @@ def job_from_dict(data: Mapping[str, Any]) -> DeletionJob:
                 result=ServiceDeletion(r["count"], r["ids_digest"]) if r else None,
             )
         return DeletionJob(
-            job_id=_check_id(data["job_id"], "job_id"),
+            job_id=check_id(data["job_id"], "job_id"),
             scope=DeletionScope.from_dict(data["scope"]),
             principal=data["principal"],
             role=data["role"],

@@ -10,7 +10,7 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss
 from sklearn.metrics import log_loss as sk_log_loss
 
-from services.feedback.domain.errors import InvalidArgument
+from services.common.errors import InvalidArgument  # the feedback domain raises it or its subclass
 from services.feedback.domain.metrics import (
     UNKNOWN_LABEL,
     binary_brier,

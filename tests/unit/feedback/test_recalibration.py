@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.feedback.domain.errors import InvalidArgument
+from services.common.errors import InvalidArgument  # the feedback domain raises it or its subclass
 from services.feedback.domain.evaluation import synthetic_stream
 from services.feedback.domain.metrics import UNKNOWN_LABEL, correctness, expected_calibration_error
 from services.feedback.domain.recalibration import (
