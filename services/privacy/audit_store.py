@@ -71,6 +71,7 @@ from services.privacy.domain.audit import (
     parse_ts,
     sign_tree_head,
     verify_log,
+    verify_tree_head_history,
 )
 from services.privacy.domain.keys import Ed25519PrivateKey
 
@@ -752,9 +753,10 @@ class AuditStore:
     def verify(self) -> AuditVerification:
         """Check the stored rows against the latest signed tree head (the newer of the
         stored one and the one this process signed last, so deleting STH rows does not
-        hide a truncation while the service runs). Reasons as ``verify_log``, plus
-        ``modified`` for unparseable canonical bytes or query columns that disagree
-        with them."""
+        hide a truncation while the service runs), then every stored tree head against
+        the rows (a forged or moved head row is ``bad_signature`` even when it is not the
+        newest). Reasons as ``verify_log``, plus ``modified`` for unparseable canonical
+        bytes or query columns that disagree with them."""
         stored = self._stored_latest_sth()
         sth = self._latest_sth
         if stored is not None and (sth is None or stored.tree_size > sth.tree_size):
@@ -780,6 +782,11 @@ class AuditStore:
                     f"{len(entries)} entries but no signed tree head"), len(entries), None)
             return AuditVerification(LogVerification(True, None, None, "ok: empty log"), 0, None)
         result = verify_log(entries, sth, self.public_key, chain_hashes=chains or None)
+        if result.ok:
+            with self.db.transaction() as tx:
+                stored = [(int(r[0]), r[1]) for r in tx.query("SELECT tree_size, sth_json FROM audit_sth")]
+            forged = verify_tree_head_history(entries, stored, self.public_key)
+            result = result if forged is None else forged
         if result.ok and column_mismatch is not None:
             result = LogVerification(False, TamperReason.MODIFIED, column_mismatch,
                                      f"the query columns of seq {column_mismatch} differ from "
