@@ -37,6 +37,7 @@ from sklearn.cluster import KMeans  # noqa: E402
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score  # noqa: E402
 from sklearn.mixture import GaussianMixture  # noqa: E402
 
+from bench import _worlds_eval as worlds_eval, worlds  # noqa: E402
 from bench._clustering_eval import brier_ece_parts, ece, matched_correct  # noqa: E402
 from services.clustering.domain import drift as D  # noqa: E402
 from services.clustering.domain.model import HouseholdModel, PopulationPrior  # noqa: E402
@@ -248,14 +249,41 @@ def calibrate(quick: bool) -> dict:
             "drift_calibration_alpha": th.false_alarm_rate, "stable_households": len(maxima)}
 
 
+def run_worlds(quick: bool) -> dict:
+    """The randomized world families, REPORTING split only (never tuned on)."""
+    split = worlds.REPORTING
+    n_worlds = 1 if quick else split.worlds_per_family
+    n_house = 3 if quick else split.households_per_world
+    log(f"[worlds] generating {len(split.families) * n_worlds * n_house} households "
+        f"({n_worlds} worlds x {n_house} households per family, split {split.name!r}, seed {split.seed})")
+    hs = worlds.generate(split, worlds_per_family=n_worlds, households_per_world=n_house)
+    block = worlds_eval.run(hs, log, held_out=worlds.HELD_OUT_FAMILIES)
+    block["split"] = {"name": split.name, "seed": split.seed, "families": list(split.families),
+                      "held_out_families": list(worlds.HELD_OUT_FAMILIES),
+                      "tuning_families": list(worlds.TUNING.families), "tuning_seed": worlds.TUNING.seed,
+                      "worlds_per_family": n_worlds, "households_per_world": n_house}
+    a = block["all"]
+    log(f"[worlds] hearth acc {a['session_accuracy']:.3f} (best simple {a['best_simple_baseline_accuracy']:.3f}, "
+        f"oracle {a['baselines']['supervised_oracle']['session_accuracy']:.3f}, gap closed {a['gap_closed']:.2f}) "
+        f"size exact {a['household_size_exact']:.2f} single kept {a['single_person_kept']} ece {a['ece']:.3f}")
+    return block
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--calibrate", action="store_true")
+    ap.add_argument("--worlds-only", action="store_true",
+                    help="only the randomized world families (bench/worlds.py)")
+    ap.add_argument("--no-worlds", action="store_true", help="only Hearth's own simulator")
     args = ap.parse_args()
     t0 = time.time()
     if args.calibrate:
         print(json.dumps(calibrate(args.quick)))
+        return
+    if args.worlds_only:
+        print(json.dumps({"worlds": run_worlds(args.quick), "elapsed_s": round(time.time() - t0, 1),
+                          "quick": args.quick}))
         return
     n_acc = 15 if args.quick else 100
     n_lab = 8 if args.quick else 50
@@ -296,6 +324,8 @@ def main() -> None:
             f"| hearth {block['session_accuracy']:.3f} ({time.time() - t0:.0f}s)")
         block["difficulty"] = level
         report[name] = block
+    if not args.no_worlds:
+        report["worlds"] = run_worlds(args.quick)
     report["elapsed_s"] = round(time.time() - t0, 1)
     report["quick"] = args.quick
     print(json.dumps(report))

@@ -35,7 +35,7 @@ log = logging.getLogger("hearth.gateway")
 
 HTTP_REQUESTS = Counter("hearth_http_requests_total", "HTTP requests", ["route", "method", "status"])
 HTTP_DURATION = Histogram("hearth_http_request_duration_seconds", "HTTP request time", ["route", "method"],
-                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+                          buckets=telemetry.LATENCY_BUCKETS)
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
@@ -61,7 +61,12 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         audit.install(None)
         audit_sink.close(timeout_s=3.0)
 
+    # FastAPI's native telemetry is off: it would open a second, unconnected root span
+    # (and its own metrics) around the `observe` middleware below, which is the one
+    # server span per request and continues the caller's traceparent.
     app = FastAPI(title="Hearth gateway", version="1.0.0", lifespan=lifespan,
+                  telemetry={"tracing": False, "metrics": False, "logs": False,
+                             "operation_spans": False, "auto_configure": False},
                   description="HTTP/JSON front of the Hearth mesh. Authenticate with the "
                               "`X-API-Key` header or `Authorization: Bearer <JWT>`.")
     app.state.clients = clients

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.permissions import route_permission
+from services.common.telemetry import check_trace_export
 
 
 class RateLimitSpec(BaseModel):
@@ -74,6 +75,11 @@ class GatewaySettings(BaseSettings):
         if not 0 <= value <= 65535:
             raise ValueError("must be a port number in 0..65535")
         return value
+
+    @field_validator("trace_export")
+    @classmethod
+    def _trace_export(cls, value: str) -> str:
+        return check_trace_export(value)
 
     @field_validator("rpc_timeout_s", "health_timeout_s")
     @classmethod

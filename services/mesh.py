@@ -54,6 +54,8 @@ class Mesh:
     metrics_ports: dict[str, int] = field(default_factory=lambda: {
         "clustering": 9101, "attribution": 9102, "privacy": 9103, "feedback": 9104})
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Per process name ("gateway", "privacy", ...), applied over extra_env.
+    process_env: dict[str, dict[str, str]] = field(default_factory=dict)
     log_dir: Path | None = None
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     # The mesh secret that signs the principal on every internal call (a fresh one per
@@ -87,6 +89,7 @@ class Mesh:
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"{name}.log", "ab")
+        env = {**env, **self.process_env.get(name, {})}
         # Tied to this process: killed by the kernel if it dies (a crashed test run or
         # `make run` killed with -9 leaves nothing behind).
         self.processes[name] = spawn_tied([sys.executable, "-m", module], cwd=ROOT, env=env,

@@ -8,6 +8,7 @@ from services.attribution.resolver import ClusteringResolver
 from services.attribution.servicer import SERVICE_NAME, AttributionServicer
 from services.attribution.store import AttributionStore
 from services.common.consent import ConsentChecker
+from services.common.erasure import data_holder
 from services.common.field_crypto import FieldCipher
 from services.common.server import run_service
 from services.common.storage.cache import open_cache
@@ -24,8 +25,10 @@ def build(settings):
     store = AttributionStore(db, open_cache(settings, NAME), cipher=cipher)
     store.migrate()
     resolver = ClusteringResolver(settings.clustering_addr, settings.peer_timeout_s)
-    servicer = AttributionServicer(AttributionApp(store, resolver, consent))
-    return ([(pb_grpc.add_AttributionServiceServicer_to_server, servicer, SERVICE_NAME)],
+    app = AttributionApp(store, resolver, consent)
+    servicer = AttributionServicer(app)
+    return ([(pb_grpc.add_AttributionServiceServicer_to_server, servicer, SERVICE_NAME),
+             data_holder(NAME, lambda scope, _job_id: app.erase(scope), app.export_account)],
             [consent.close, cipher.close, db.close])
 
 

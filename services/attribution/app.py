@@ -126,9 +126,9 @@ class AttributionApp:
         self._require_consent(c.account_id for c in items)
         return self.store.record_conversions(items)
 
-    def export_account(self, account_id: str) -> str:
+    def export_account(self, account_id: str) -> dict:
         check_id(account_id, "account_id")
-        return self.store.export_account_json(account_id)
+        return self.store.export_account(account_id)
 
     def attribute(self, query: AttributeQuery) -> AttributionOutcome:
         q = validate_query(query)

@@ -6,7 +6,6 @@ from hearth.attribution.v1 import attribution_pb2 as pb
 from hearth.attribution.v1 import attribution_pb2_grpc as pb_grpc
 from services.attribution.app import AttributeQuery, AttributionApp, ScopedReport
 from services.attribution.domain.records import Conversion, Touchpoint
-from services.common.erasure import result_to_pb, scope_from_pb
 from services.common.pbutil import ts_to_float
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AttributionService"].full_name
@@ -74,10 +73,3 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
     def Attribute(self, request, context) -> pb.AttributeResponse:
         outcome = self.app.attribute(query_from_pb(request))
         return pb.AttributeResponse(results=[scoped_to_pb(s) for s in outcome.results])
-
-    def Erase(self, request, context) -> pb.EraseResponse:
-        outcome = self.app.erase(scope_from_pb(request.scope))
-        return pb.EraseResponse(result=result_to_pb("attribution", outcome))
-
-    def ExportAccount(self, request, context) -> pb.ExportAccountResponse:
-        return pb.ExportAccountResponse(json=self.app.export_account(request.account_id))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 from services.attribution.domain.records import Conversion, Touchpoint
@@ -116,6 +115,7 @@ class AttributionStore:
                 cvs = [r[0] for r in tx.query(f"SELECT conversion_id FROM conversions WHERE {cv_where}", cv_params)]
                 tx.execute(f"DELETE FROM conversions WHERE {cv_where}", cv_params)
                 outcome.add("conversions", cvs)
+        outcome.purges.append(self.db.purge_erased(("touchpoints", "conversions")))
         self.cache.delete_prefix("attribution:" if scope.all_accounts else f"attribution:{account}")
         if self.cipher is not None and scope.kind == "household":
             self.cipher.forget(account)  # its data key is being destroyed (crypto-shredding)
@@ -135,5 +135,3 @@ class AttributionStore:
                              "device_id": r[4]} for r in cvs],
         }
 
-    def export_account_json(self, account_id: str) -> str:
-        return json.dumps(self.export_account(account_id), sort_keys=True, ensure_ascii=False)

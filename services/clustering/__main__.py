@@ -13,6 +13,7 @@ from services.clustering.prediction_log import PredictionLog
 from services.clustering.servicer import SERVICE_NAME, ClusteringServicer
 from services.clustering.store import ClusteringStore
 from services.common.consent import ConsentChecker
+from services.common.erasure import data_holder
 from services.common.field_crypto import FieldCipher
 from services.common.server import run_service
 from services.common.storage.cache import open_cache
@@ -55,7 +56,8 @@ def build(settings):
         threading.Thread(target=_keep_population_prior_fresh, name="population-prior", daemon=True,
                          args=(app, settings.population_prior_refresh_s, stop)).start()
     servicer = ClusteringServicer(app)
-    return ([(pb_grpc.add_ClusteringServiceServicer_to_server, servicer, SERVICE_NAME)],
+    return ([(pb_grpc.add_ClusteringServiceServicer_to_server, servicer, SERVICE_NAME),
+             data_holder(NAME, lambda scope, _job_id: app.erase(scope), app.export_account)],
             [stop.set, app.close, consent.close, cipher.close, db.close])
 
 

@@ -136,11 +136,13 @@ class ClusteringApp:
             check_id(session_id, "session_id")
             session = self.store.session(account_id, session_id)
             vector, device_id = session.features, session.device_id
+            span = (session.start_ts, session.end_ts)
         if vector is None:
             raise InvalidArgument("a session_id or a feature_vector is required", "session")
         (out,) = self._assign_rows(account_id, np.asarray(vector, dtype=np.float64)[None, :],
                                    [session_id], [device_id],
-                                   [self._label_of(account_id, session) if session_id else None])
+                                   [self._label_of(account_id, session) if session_id else None],
+                                   [span if session_id else None])
         if session_id:
             self.store.set_persons(account_id, {session_id: out.person_id}, {session_id: out.probabilities})
         return out
@@ -166,14 +168,15 @@ class ClusteringApp:
         return self.store.labels(account_id).get(session.session_id, session.label)
 
     def _assign_rows(self, account_id: str, X: np.ndarray, session_ids: list[str],
-                     device_ids: list[str], labels: list[str | None] | None = None) -> list[AssignmentOut]:
+                     device_ids: list[str], labels: list[str | None] | None = None,
+                     spans: list[tuple[float, float] | None] | None = None) -> list[AssignmentOut]:
         if X.ndim != 2 or X.shape[1] != F.FEATURE_DIM:
             raise InvalidArgument(f"feature vectors must have {F.FEATURE_DIM} float32 values", "feature_vector")
         if not np.all(np.isfinite(X)):
             raise InvalidArgument("feature vectors must be finite", "feature_vector")
         version, envelope = self._model(account_id)
         model = envelope.model
-        batch = model.assign_batch(X)
+        batch = model.assign_batch(X, device_ids=device_ids)
         variant = model.variant
         cold = batch.strategy.removeprefix("cold_start:") if batch.strategy.startswith("cold_start") else ""
         probabilities = batch.probabilities
@@ -195,7 +198,7 @@ class ClusteringApp:
                                          batch.sessions_until_model, prediction_id))
             records.append(PredictionRecord(prediction_id, account_id, session_ids[r] or prediction_id, pid,
                                             probs, variant, version, now, bool(cold), len(batch.person_ids),
-                                            device_ids[r]))
+                                            device_ids[r], *((spans or [None] * X.shape[0])[r] or (None, None))))
         if self.predictions is not None:
             self.predictions.record(records)   # durable before we answer
         return answers
@@ -272,8 +275,12 @@ class ClusteringApp:
             for account in self.store.accounts_with_models():
                 self.keeper.forget(account)
                 self.keeper.refresh(account)
-            return outcome
-        self.keeper.forget(scope.account_id)
-        if scope.kind != "household" and not outcome.empty:
-            self.keeper.refresh(scope.account_id, force="erasure", retire=scope.person_id or "")
+        else:
+            self.keeper.forget(scope.account_id)
+            if scope.kind != "household" and not outcome.empty:
+                self.keeper.refresh(scope.account_id, force="erasure", retire=scope.person_id or "")
+        if scope.kind != "household":
+            # The refit replaced the model blob that was fitted on the erased sessions:
+            # purge again so its old bytes leave the WAL / dead tuples too.
+            outcome.purges[-1:] = [self.store.purge_erased()]
         return outcome

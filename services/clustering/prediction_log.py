@@ -42,6 +42,8 @@ class PredictionRecord:
     cold_start: bool
     household_size: int
     device_id: str = ""
+    session_start: float | None = None   # None: a bare feature vector, no stored session
+    session_end: float | None = None
 
 
 class PredictionLog:

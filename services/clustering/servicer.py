@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 
 from hearth.clustering.v1 import clustering_pb2 as pb
@@ -13,7 +12,6 @@ from services.clustering.app import AssignmentOut, ClusteringApp
 from services.clustering.domain import features as F
 from services.clustering.domain.events import MAX_EVENTS_PER_BATCH, ViewingEvent, validate_batch
 from services.clustering.store import HouseholdView
-from services.common.erasure import result_to_pb, scope_from_pb
 from services.common.errors import InvalidArgument
 from services.common.pbutil import enum_to_name, float_to_ts, name_to_enum, ts_to_float
 
@@ -167,11 +165,3 @@ class ClusteringServicer(pb_grpc.ClusteringServiceServicer):
             pb.ResolvedPerson(session_id=session_id, probabilities=[
                 pb.PersonProbability(person_id=p, probability=q) for p, q in sorted(probs.items())])
             for session_id, probs in resolved])
-
-    def Erase(self, request: pb.EraseRequest, context) -> pb.EraseResponse:
-        outcome = self.app.erase(scope_from_pb(request.scope))
-        return pb.EraseResponse(result=result_to_pb("clustering", outcome))
-
-    def ExportAccount(self, request: pb.ExportAccountRequest, context) -> pb.ExportAccountResponse:
-        return pb.ExportAccountResponse(json=json.dumps(self.app.export_account(request.account_id),
-                                                        sort_keys=True, ensure_ascii=False))

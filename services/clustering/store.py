@@ -31,6 +31,9 @@ from services.common.storage.sql import Database, Tx, migrate
 _EVENT_COLUMNS = ("event_id, account_id, device_id, device_type, ts, kind, title_id, series_id, "
                   "genres, duration_s, maturity, country, vpn, profile_hint")
 MODEL_CACHE_TTL_S = 3600.0
+# Every table an erasure deletes from (purged physically after it: Database.purge_erased).
+_ERASED_TABLES = ("events", "sessions", "devices", "household_models", "drift_events",
+                  "prediction_outbox", "session_labels")
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,14 @@ class ClusteringStore:
 
     def _open_vector(self, account: str, field: str, stored) -> bytes:
         return self.cipher.decrypt_vector(account, field, stored) if self.cipher else bytes(stored)
+
+    def _open_model(self, account: str, stored) -> bytes:
+        """A sealed model blob starts with the cipher's format byte (0x01); a model
+        written before encryption was enabled is a zip archive ("PK")."""
+        stored = bytes(stored)
+        if self.cipher is None or stored[:2] == b"PK":
+            return stored
+        return self.cipher.decrypt(account, "model", stored)
 
     def _open_text(self, account: str, field: str, stored: str | None) -> str | None:
         return self.cipher.decrypt_text(account, field, stored) if self.cipher else stored
@@ -377,24 +388,29 @@ class ClusteringStore:
     # ---- household models (compare-and-swap, cached) -------------------------------
 
     def get_model(self, account_id: str) -> StoredModel | None:
+        # The blob is sealed under the household's data key in the SQL store and in the
+        # cache alike (it holds feature statistics and profile hints): crypto-shredded
+        # with the household, and no plaintext copy in Redis.
         cached = self.cache.get(f"model:{account_id}")
         if cached is not None:
             version, vlen = struct.unpack_from("<qH", cached)
-            return StoredModel(version, cached[10:10 + vlen].decode(), cached[10 + vlen:])
+            return StoredModel(version, cached[10:10 + vlen].decode(),
+                               self._open_model(account_id, cached[10 + vlen:]))
         with self.db.transaction() as tx:
             rows = tx.query("SELECT version, variant, model FROM household_models WHERE account_id = ?",
                             (account_id,))
         if not rows:
             return None
-        model = StoredModel(int(rows[0][0]), rows[0][1], bytes(rows[0][2]))
-        self._cache_model(account_id, model)
-        return model
+        sealed = bytes(rows[0][2])
+        self._cache_model(account_id, int(rows[0][0]), rows[0][1], sealed)
+        return StoredModel(int(rows[0][0]), rows[0][1], self._open_model(account_id, sealed))
 
     def save_model(self, account_id: str, expected_version: int, variant: str, blob: bytes) -> int:
         """Store a new model version if the stored one is still ``expected_version``
         (0 = none yet); else raise Conflict so the caller re-reads and retries. This is
         what keeps two replicas from losing each other's update."""
         new_version = expected_version + 1
+        blob = self._seal(account_id, "model", blob)
         with self.db.transaction() as tx:
             if expected_version == 0:
                 # Only while the household still has sessions: a model computed just
@@ -413,13 +429,12 @@ class ClusteringStore:
             self.cache.delete(f"model:{account_id}")
             raise Conflict(f"household model of {account_id!r} changed since version {expected_version}",
                            "model_version")
-        self._cache_model(account_id, StoredModel(new_version, variant, blob))
+        self._cache_model(account_id, new_version, variant, blob)
         return new_version
 
-    def _cache_model(self, account_id: str, model: StoredModel) -> None:
-        variant = model.variant.encode()
-        self.cache.set(f"model:{account_id}",
-                       struct.pack("<qH", model.version, len(variant)) + variant + model.blob,
+    def _cache_model(self, account_id: str, version: int, variant: str, sealed: bytes) -> None:
+        name = variant.encode()
+        self.cache.set(f"model:{account_id}", struct.pack("<qH", version, len(name)) + name + sealed,
                        MODEL_CACHE_TTL_S)
 
     # ---- erasure -------------------------------------------------------------------
@@ -506,6 +521,7 @@ class ClusteringStore:
                             if r[0] in sessions]
             tx.executemany("DELETE FROM session_labels WHERE session_id = ?", [(x,) for x in labelled])
             out.add("session_labels", labelled)
+        out.purges.append(self.purge_erased())
         if scope.all_accounts:
             self.cache.delete_prefix("model:")
         else:
@@ -513,6 +529,11 @@ class ClusteringStore:
         if self.cipher is not None and scope.kind == "household":
             self.cipher.forget(account)  # its data key is being destroyed (crypto-shredding)
         return out
+
+    def purge_erased(self) -> dict:
+        """Make what erasures deleted physically unreadable (Database.purge_erased); the
+        app calls it again after the unlearning refit rewrote the household model."""
+        return self.db.purge_erased(_ERASED_TABLES)
 
     def export_account(self, account_id: str) -> dict:
         """Everything held for the account, decrypted (privacy's household export):
@@ -546,7 +567,8 @@ class ClusteringStore:
                           "label": self._open_text(account_id, "label", r[9]), "person_id": r[10],
                           "person_probabilities": json.loads(r[11]) if r[11] else None} for r in sessions],
             "household_model": ({"version": int(models[0][0]), "variant": models[0][1],
-                                 "model_base64": base64.b64encode(bytes(models[0][2])).decode("ascii"),
+                                 "model_base64": base64.b64encode(
+                                     self._open_model(account_id, models[0][2])).decode("ascii"),
                                  "updated_at": float(models[0][3])} if models else None),
             "drift_events": [{"drift_type": r[0], "severity": float(r[1]), "statistic": float(r[2]),
                               "detected_at": float(r[3]), "refit_triggered": bool(r[4])} for r in drift],

@@ -103,9 +103,12 @@ MAX_TEXT = 1024  # the log's limit for principal / resource / trace id
 # new RPC cannot escape the audit log by omission.
 _CLU, _ATT = "/hearth.clustering.v1.ClusteringService/", "/hearth.attribution.v1.AttributionService/"
 _PRI, _FEE = "/hearth.privacy.v1.PrivacyService/", "/hearth.feedback.v1.FeedbackService/"
+_DATA = "/hearth.common.v1.DataHolder/"
 _ERASE = (DELETION_COMPLETED, DELETION_FAILED)
 
 RPC_EVENTS: dict[str, str | tuple[str, str] | None] = {
+    _DATA + "Erase": _ERASE,                   # served by clustering, attribution and feedback
+    _DATA + "ExportAccount": READ_HOUSEHOLD,   # one part of a privacy ExportHousehold
     _CLU + "IngestEvents": INGEST,
     _CLU + "AssignSession": ASSIGN,
     _CLU + "AssignSessions": ASSIGN,
@@ -113,13 +116,9 @@ RPC_EVENTS: dict[str, str | tuple[str, str] | None] = {
     _CLU + "Refit": MODEL_REFIT,
     _CLU + "ResolvePersons": READ_HOUSEHOLD,   # who watched on which device: household data
     _CLU + "RecordLabels": FEEDBACK,          # known persons of sessions, from feedback
-    _CLU + "Erase": _ERASE,
-    _CLU + "ExportAccount": READ_HOUSEHOLD,    # one part of a privacy ExportHousehold
     _ATT + "RecordTouchpoints": INGEST,
     _ATT + "RecordConversions": INGEST,
     _ATT + "Attribute": ATTRIBUTION_RUN,
-    _ATT + "Erase": _ERASE,
-    _ATT + "ExportAccount": READ_HOUSEHOLD,
     _PRI + "RequestDeletion": DELETION_REQUESTED,
     _PRI + "GetDeletion": None,                # job status, no personal data
     _PRI + "VerifyReceipt": RECEIPT_VERIFIED,
@@ -139,8 +138,6 @@ RPC_EVENTS: dict[str, str | tuple[str, str] | None] = {
     _FEE + "GetExperiment": None,              # the split and aggregate results
     _FEE + "GetCalibrator": None,              # model calibration map, no household data
     _FEE + "SetFlag": FLAG_CHANGE,
-    _FEE + "Erase": _ERASE,
-    _FEE + "ExportAccount": READ_HOUSEHOLD,
 }
 
 # Status -> outcome: the caller was refused / the request was wrong or the state did not
@@ -157,6 +154,7 @@ DROPPED = Counter("hearth_audit_records_dropped_total",
                   ["component", "reason"])
 SENT = Counter("hearth_audit_records_sent_total",
                "Audit records acknowledged (durable) by the audit log", ["component"])
+DROP_REASONS = ("closed", "queue_full", "send_failed", "refused")
 
 
 def outcome_for(code: grpc.StatusCode) -> str:
@@ -284,6 +282,10 @@ class AuditSink:
         if not max_delay_s >= 0 or not backoff_s >= 0:
             raise ValueError("max_delay_s, backoff_s: must be >= 0")
         self.component = component
+        # Series at 0 from the start, so the first drop is an increase the alert sees.
+        SENT.labels(component)
+        for reason in DROP_REASONS:
+            DROPPED.labels(component, reason)
         self._transport = transport
         self._max_batch = max_batch
         self._max_delay = max_delay_s

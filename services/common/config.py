@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.common.telemetry import check_trace_export
+
 ENV_PREFIX = "HEARTH_"
 
 # Default ports: one gRPC port and one Prometheus port per service.
@@ -44,7 +46,8 @@ class ServiceSettings(BaseSettings):
     postgres_pool_max: int = 8
     redis_url: str = ""                 # empty: in-process cache only
 
-    # Tracing: "none", "console", or "jsonl:<path>" (one JSON span per line; tests use it).
+    # Tracing: "none", "otlp" (OTEL_EXPORTER_OTLP_* say where and how), "console", or
+    # "jsonl:<path>" (one JSON span per line, synchronous; tests use it). telemetry.py.
     trace_export: str = "none"
 
     # Peers (host:port), used by services that call others.
@@ -81,9 +84,7 @@ class ServiceSettings(BaseSettings):
     @field_validator("trace_export")
     @classmethod
     def _trace_export(cls, value: str) -> str:
-        if value in ("none", "console") or (value.startswith("jsonl:") and len(value) > 6):
-            return value
-        raise ValueError("must be 'none', 'console' or 'jsonl:<path>'")
+        return check_trace_export(value)
 
     @model_validator(mode="after")
     def _postgres_needs_dsn(self) -> "ServiceSettings":

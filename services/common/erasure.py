@@ -1,4 +1,6 @@
-"""Erasure scopes and results shared by every service's Erase RPC.
+"""The erasure contract: the ``DataHolder`` gRPC service (``Erase``, ``ExportAccount``,
+protos/hearth/common/v1/common.proto) that clustering, attribution and feedback serve
+through the one servicer below, its scope and its result.
 
 A scope names an account and one target: the whole household, one device, one resolved
 person, or a time window. Each service erases what it holds for the scope and answers
@@ -15,13 +17,15 @@ same Erase path. Every store's window branch must handle it (``scope.all_account
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
-from hearth.common.v1 import common_pb2
+from hearth.common.v1 import common_pb2, common_pb2_grpc
 from services.common.ids import check_id
 from services.common.errors import InvalidArgument, PermissionDenied
-from services.common.pbutil import ts_to_float
+from services.common.pbutil import float_to_ts, ts_to_float
 
 
 ALL_ACCOUNTS = "*"
@@ -51,6 +55,9 @@ class ErasureScope:
 class ErasureOutcome:
     deleted_counts: dict[str, int] = field(default_factory=dict)
     deleted_ids: list[str] = field(default_factory=list)
+    # What was done to make the deletion physical, per store (Database.purge_erased):
+    # {"store", "where", "action", "at", "complete"}.
+    purges: list[dict] = field(default_factory=list)
 
     def add(self, kind: str, ids: Iterable[str]) -> None:
         ids = list(ids)
@@ -117,3 +124,57 @@ def result_to_pb(service: str, outcome: ErasureOutcome) -> common_pb2.ErasureRes
     return common_pb2.ErasureResult(
         service=service, deleted_counts=outcome.deleted_counts,
         deleted_ids_sha256=ids_digest(outcome.deleted_ids), already_erased=outcome.empty)
+
+
+def scope_to_pb(scope: ErasureScope) -> common_pb2.ErasureScope:
+    """The wire form of a scope (the inverse of ``scope_from_pb``)."""
+    out = common_pb2.ErasureScope(account_id=scope.account_id)
+    if scope.kind == "household":
+        out.household = True
+    elif scope.kind == "device":
+        out.device_id = scope.device_id or ""
+    elif scope.kind == "person":
+        out.person_id = scope.person_id or ""
+    else:
+        window = common_pb2.TimeRange()
+        if scope.start is not None:
+            window.start.CopyFrom(float_to_ts(scope.start))
+        if scope.end is not None:
+            window.end.CopyFrom(float_to_ts(scope.end))
+        out.window.CopyFrom(window)
+    return out
+
+
+DATA_HOLDER_SERVICE = "hearth.common.v1.DataHolder"
+EraseFn = Callable[[ErasureScope, str], ErasureOutcome]   # (scope, job_id) -> what was erased
+ExportFn = Callable[[str], dict[str, Any]]                # account_id -> JSON-able document
+
+
+class DataHolderServicer(common_pb2_grpc.DataHolderServicer):
+    """The one implementation of the erasure contract; a service passes its own erase
+    and export functions. Validation (scope, account id) and the wire format (counts,
+    digest, sorted-key JSON) are therefore identical in every service."""
+
+    def __init__(self, service: str, erase: EraseFn, export: ExportFn) -> None:
+        self._service = service
+        self._erase = erase
+        self._export = export
+
+    def Erase(self, request: common_pb2.EraseRequest, context) -> common_pb2.EraseResponse:
+        if not request.HasField("scope"):
+            raise InvalidArgument("is required", "scope")
+        if request.job_id:
+            check_id(request.job_id, "job_id")
+        outcome = self._erase(scope_from_pb(request.scope), request.job_id)
+        return common_pb2.EraseResponse(result=result_to_pb(self._service, outcome))
+
+    def ExportAccount(self, request: common_pb2.ExportAccountRequest, context) -> common_pb2.ExportAccountResponse:
+        document = self._export(check_id(request.account_id, "account_id"))
+        return common_pb2.ExportAccountResponse(json=json.dumps(document, sort_keys=True, ensure_ascii=False))
+
+
+def data_holder(service: str, erase: EraseFn, export: ExportFn):
+    """The ``(add_to_server, servicer, full service name)`` entry a service's ``build``
+    returns to the bootstrap (services/common/server.py) to serve DataHolder."""
+    return (common_pb2_grpc.add_DataHolderServicer_to_server, DataHolderServicer(service, erase, export),
+            DATA_HOLDER_SERVICE)

@@ -23,12 +23,15 @@ Decisions (the reasons are repeated in docs/security.md):
   feedback, append to the audit log, read consent and households and resolve persons
   (attribution builds per-person journeys with ``ResolvePersons`` — as itself, since the
   analyst who asked may not see persons — and privacy collects exports) and call
-  ``Erase``: the privacy service
-  fans every deletion out to the ``Erase`` RPCs as itself, after auditing the human's
+  ``DataHolder/Erase``: the privacy service
+  fans every deletion out to the data holders' ``Erase`` RPCs as itself, after auditing the human's
   request (see ``identity.acting_as``).
-* ``ExportAccount`` on each data-holding service needs export_household: the privacy
+* ``DataHolder/ExportAccount`` on each data-holding service needs export_household: the privacy
   service gathers an export *on behalf of* the privacy officer or admin who asked, so
   the matrix (not a service role) decides who may read a whole household.
+* service principals read calibration (``GetCalibrator``): the clustering service
+  applies the feedback service's current calibration map to every assignment it
+  answers; without it the recalibration never reached a running mesh (issue #10).
 * use_data_key (privacy ``GetDataKey``) is for service principals only, admin
   excluded: stores fetch a household's data key to encrypt fields at rest, and no
   person needs raw key material. rotate_keys is admin only.
@@ -92,7 +95,7 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
         P.INGEST_EVENTS, P.ASSIGN_SESSIONS, P.READ_HOUSEHOLD, P.REFIT_MODEL, P.RESOLVE_PERSONS,
         P.RECORD_TOUCHPOINTS, P.RECORD_CONVERSIONS, P.ERASE_DATA, P.READ_CONSENT,
         P.APPEND_AUDIT, P.RECORD_PREDICTION, P.RECORD_FEEDBACK, P.READ_EXPERIMENT,
-        P.USE_DATA_KEY}),
+        P.READ_CALIBRATION, P.USE_DATA_KEY}),
 }
 
 # Gateway routes, "METHOD /path/template". Parameter names do not matter: templates are
@@ -118,6 +121,11 @@ ROUTES: dict[str, Permission] = {
 
 # RPCs per full gRPC service name.
 RPCS: dict[str, dict[str, Permission]] = {
+    # The erasure contract, served by clustering, attribution and feedback alike.
+    "hearth.common.v1.DataHolder": {
+        "Erase": P.ERASE_DATA,
+        "ExportAccount": P.EXPORT_HOUSEHOLD,
+    },
     "hearth.clustering.v1.ClusteringService": {
         "IngestEvents": P.INGEST_EVENTS,
         "AssignSession": P.ASSIGN_SESSIONS,
@@ -126,15 +134,11 @@ RPCS: dict[str, dict[str, Permission]] = {
         "Refit": P.REFIT_MODEL,
         "ResolvePersons": P.RESOLVE_PERSONS,
         "RecordLabels": P.RECORD_FEEDBACK,
-        "Erase": P.ERASE_DATA,
-        "ExportAccount": P.EXPORT_HOUSEHOLD,
     },
     "hearth.attribution.v1.AttributionService": {
         "RecordTouchpoints": P.RECORD_TOUCHPOINTS,
         "RecordConversions": P.RECORD_CONVERSIONS,
         "Attribute": P.READ_ATTRIBUTION,
-        "Erase": P.ERASE_DATA,
-        "ExportAccount": P.EXPORT_HOUSEHOLD,
     },
     "hearth.privacy.v1.PrivacyService": {
         "RequestDeletion": P.REQUEST_DELETION,
@@ -157,8 +161,6 @@ RPCS: dict[str, dict[str, Permission]] = {
         "GetCalibrator": P.READ_CALIBRATION,
         "GetExperiment": P.READ_EXPERIMENT,
         "SetFlag": P.SET_FLAG,
-        "Erase": P.ERASE_DATA,
-        "ExportAccount": P.EXPORT_HOUSEHOLD,
     },
 }
 

@@ -158,6 +158,10 @@ class HearthInterceptor(grpc.ServerInterceptor):
                 principal_token = identity.set_current(principal)
                 permissions.authorize_rpc(principal, method)
                 span.set_attribute("hearth.principal", principal.id)
+                job_id = getattr(request, "job_id", "")
+                if job_id and isinstance(job_id, str):
+                    # Erase calls of a deletion job (and any job-driven RPC) are findable by job.
+                    span.set_attribute("hearth.job_id", job_id)
                 result = fn(_refuse_undecodable(request), context)
             except BaseException as exc:  # noqa: BLE001 - every failure must get a status
                 try:

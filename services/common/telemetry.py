@@ -3,12 +3,22 @@
 One ``setup_telemetry`` per process. Trace context crosses process boundaries as W3C
 ``traceparent`` in gRPC metadata (``inject_context`` / ``extract_context``), so one trace
 follows a request from the gateway through every service it touches.
+
+Export (``HEARTH_TRACE_EXPORT``): ``otlp`` sends spans to a collector through a
+``BatchSpanProcessor`` (a background thread: the request path only enqueues), over gRPC
+or HTTP/protobuf as the standard ``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL`` says; the
+exporters read the other standard variables themselves (``OTEL_EXPORTER_OTLP_ENDPOINT``,
+``_HEADERS``, ``_CERTIFICATE``, ``_TIMEOUT``, ``_COMPRESSION``), the batch processor
+``OTEL_BSP_*``, and the SDK the sampler (``OTEL_TRACES_SAMPLER`` / ``_ARG``).
+``console`` prints batches to stderr; ``jsonl:<path>`` writes each span synchronously
+(for tests and a laptop without a collector, never for production traffic).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -16,15 +26,16 @@ from collections.abc import Mapping, Sequence
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
     ConsoleSpanExporter,
     SimpleSpanProcessor,
     SpanExporter,
     SpanExportResult,
 )
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 # RED metrics per RPC; the same names on every service so one dashboard serves all.
 RPC_REQUESTS = Counter(
@@ -37,8 +48,35 @@ RPC_DURATION = Histogram(
     "hearth_rpc_duration_seconds",
     "RPC handling time",
     ["service", "method"],
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.09, 0.1, 0.11, 0.15, 0.25, 0.5,
+             1, 2.5, 5, 10),
 )
+# Bucket edges at the alert thresholds (90 ms p95, 110 ms p99, 150 ms rollback) so the
+# quantiles the alerts compare are not interpolated across a 100-250 ms bucket.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.09, 0.1, 0.11, 0.15, 0.25, 0.5,
+                   1, 2.5, 5, 10)
+
+_CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max",                     # cgroup v2
+                         "/sys/fs/cgroup/memory/memory.limit_in_bytes")   # cgroup v1
+
+
+def memory_limit_bytes() -> float:
+    """The container's memory limit (cgroup), NaN when there is none: the memory alert
+    divides process_resident_memory_bytes by it, and NaN never compares true."""
+    for path in _CGROUP_MEMORY_LIMITS:
+        try:
+            with open(path, encoding="ascii") as fh:
+                raw = fh.read().strip()
+        except OSError:
+            continue
+        if raw == "max" or not raw.isdigit() or int(raw) >= 1 << 60:   # v1 "unlimited" is ~2^63
+            return float("nan")
+        return float(raw)
+    return float("nan")
+
+
+MEMORY_LIMIT = Gauge("hearth_memory_limit_bytes", "Memory limit of this process's container (cgroup)")
+MEMORY_LIMIT.set_function(memory_limit_bytes)
 
 
 class JsonLinesSpanExporter(SpanExporter):
@@ -103,6 +141,64 @@ class JsonLogFormatter(logging.Formatter):
 
 _setup_done = False
 
+OTLP_PROTOCOLS = ("grpc", "http/protobuf")
+
+
+def check_trace_export(value: str) -> str:
+    """Validator of HEARTH_TRACE_EXPORT, shared by the services' and the gateway's settings."""
+    if value in ("none", "otlp", "console") or (value.startswith("jsonl:") and len(value) > 6):
+        return value
+    raise ValueError("must be 'none', 'otlp', 'console' or 'jsonl:<path>'")
+
+
+def otlp_protocol(environ: Mapping[str, str] = os.environ) -> str:
+    """The OTLP transport the standard variables ask for (the spec's default is
+    http/protobuf); anything else stops the process with the variable's name."""
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        value = environ.get(name, "").strip()
+        if value:
+            if value not in OTLP_PROTOCOLS:
+                raise SystemExit(f"invalid configuration:\n  {name}: must be one of {OTLP_PROTOCOLS}, "
+                                 f"not {value!r}")
+            return value
+    return "http/protobuf"
+
+
+def otlp_exporter(environ: Mapping[str, str] = os.environ) -> SpanExporter:
+    """An OTLP span exporter configured from the standard OTEL_EXPORTER_OTLP_* variables."""
+    if otlp_protocol(environ) == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    return OTLPSpanExporter()
+
+
+def service_resource(service: str) -> Resource:
+    """service.name / service.version / service.namespace; OTEL_SERVICE_NAME and
+    OTEL_RESOURCE_ATTRIBUTES override them (standard precedence: the operator wins)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        service_version = version("hearth")
+    except PackageNotFoundError:
+        service_version = "unknown"
+    ours = Resource.create({"service.name": service, "service.version": service_version,
+                            "service.namespace": "hearth"})
+    return ours.merge(OTELResourceDetector().detect())
+
+
+def span_processor(trace_export: str):
+    """The span processor for a HEARTH_TRACE_EXPORT value, or None for "none"."""
+    if trace_export == "otlp":
+        return BatchSpanProcessor(otlp_exporter())
+    if trace_export == "console":
+        return BatchSpanProcessor(ConsoleSpanExporter(out=sys.stderr))
+    if trace_export.startswith("jsonl:"):
+        # Synchronous on purpose: a span is on disk when its RPC returns, so a test
+        # never waits for a flush. Never for production traffic (use otlp).
+        return SimpleSpanProcessor(JsonLinesSpanExporter(trace_export[6:]))
+    return None
+
 
 def setup_telemetry(service: str, trace_export: str = "none", log_level: str = "INFO",
                     metrics_port: int | None = None, host: str = "127.0.0.1") -> None:
@@ -114,13 +210,13 @@ def setup_telemetry(service: str, trace_export: str = "none", log_level: str = "
     if _setup_done:
         return
     _setup_done = True
-    provider = TracerProvider(resource=Resource.create({"service.name": service}))
-    if trace_export == "console":
-        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
-    elif trace_export.startswith("jsonl:"):
-        # Simple (synchronous) processor: a span is on disk when its RPC returns, so a
-        # test never waits for a flush. Production would use OTLP with a batch processor.
-        provider.add_span_processor(SimpleSpanProcessor(JsonLinesSpanExporter(trace_export[6:])))
+    # The sampler comes from OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG (default
+    # parentbased_always_on), so a sampled-out request is sampled out in every service.
+    # The provider flushes its batch processor at interpreter exit (after SIGTERM).
+    provider = TracerProvider(resource=service_resource(service))
+    processor = span_processor(trace_export)
+    if processor is not None:
+        provider.add_span_processor(processor)
     trace.set_tracer_provider(provider)
 
     handler = logging.StreamHandler(sys.stderr)
@@ -143,6 +239,14 @@ def inject_context(metadata: list[tuple[str, str]] | None = None) -> list[tuple[
     out = list(metadata or [])
     out.extend(carrier.items())
     return out
+
+
+def context_carrier() -> dict[str, str]:
+    """The current trace context as a W3C carrier (``{"traceparent": ...}``), for work
+    that outlives the request (a deletion job stores it and resumes the trace later)."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier
 
 
 def extract_context(metadata: Sequence[tuple[str, str | bytes]] | Mapping[str, str] | None) -> otel_context.Context:

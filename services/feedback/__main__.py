@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from hearth.feedback.v1 import feedback_pb2_grpc as pb_grpc
+from services.common.erasure import data_holder
 from services.common.server import run_service
 from services.common.storage.cache import open_cache
 from services.common.storage.sql import open_database
@@ -33,7 +34,8 @@ def build(settings):
     app.start_periodic(settings.feedback_check_interval_s)
     servicer = FeedbackServicer(app)
     # Stop order: background work first (it uses the channels and the database).
-    return ([(pb_grpc.add_FeedbackServiceServicer_to_server, servicer, SERVICE_NAME)],
+    return ([(pb_grpc.add_FeedbackServiceServicer_to_server, servicer, SERVICE_NAME),
+             data_holder(NAME, app.erase, app.export_account)],
             [app.close, refits.close, auditor.close, db.close])
 
 

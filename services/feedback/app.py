@@ -545,6 +545,10 @@ class FeedbackApp:
 
     # ------------------------------------------------------------------ erasure
 
+    def export_account(self, account_id: str) -> dict:
+        """Everything held for one account, for privacy's household export (docs/privacy.md)."""
+        return self.store.export_account(check_id(account_id, "account_id"))
+
     def erase(self, scope: ErasureScope, job_id: str = "") -> ErasureOutcome:
         if scope.kind == "device":
             log.info("device erasure widened to the household: predictions carry no device",

@@ -25,3 +25,7 @@ CALIBRATION_BRIER = Gauge("hearth_calibration_brier", "Top-label Brier on predic
 CALIBRATION_ECE = Gauge("hearth_calibration_ece", "ECE (equal width) on predictions with feedback", ["group"])
 VARIANT_ACCURACY = Gauge("hearth_variant_accuracy", "Weighted accuracy per model variant", ["variant"])
 RETRAIN_TRIGGERS = Counter("hearth_retrain_triggers_total", "Retraining triggers fired", ["kind"])
+# Every kind exists at 0 from the start, so the first trigger is an increase the alert's
+# increase() sees (a series born at 1 would look like no change).
+for _kind in ("brier", "ece", "disagreement", "drift"):
+    RETRAIN_TRIGGERS.labels(_kind)

@@ -80,4 +80,10 @@ CREATE INDEX IF NOT EXISTS triggers_scope ON triggers (scope, scope_key, kind, t
     Migration(3, "device of each prediction", """
 ALTER TABLE predictions ADD COLUMN device_id TEXT NOT NULL DEFAULT ''
 """),
+    # Migration 4: the session each prediction is about, so that a window erasure takes
+    # the predictions about the sessions it deletes, not those made in the window.
+    Migration(4, "session span of each prediction", """
+ALTER TABLE predictions ADD COLUMN session_start {double};
+ALTER TABLE predictions ADD COLUMN session_end {double}
+"""),
 ]

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 from hearth.feedback.v1 import feedback_pb2 as pb
 from hearth.feedback.v1 import feedback_pb2_grpc as pb_grpc
-from services.common.ids import check_id
 from services.common import identity
-from services.common.erasure import result_to_pb, scope_from_pb
 from services.common.errors import InvalidArgument
 from services.common.pbutil import ts_to_float
 from services.feedback.app import FeedbackApp
@@ -17,7 +14,6 @@ from services.feedback.domain.signals import SignalKind
 from services.feedback.store import PredictionRecord
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeedbackService"].full_name
-ERASURE_SERVICE = "feedback"
 
 # The proto's feedback kinds and the domain's signal kinds (docs/feedback.md has the weights).
 KIND_BY_PB: dict[int, SignalKind] = {
@@ -32,7 +28,9 @@ KIND_BY_PB: dict[int, SignalKind] = {
 def prediction_from_pb(p: pb.Prediction, path: str) -> PredictionRecord:
     return PredictionRecord(p.prediction_id, p.account_id, p.session_id, p.person_id,
                             dict(p.probabilities), p.model_variant, p.model_version,
-                            ts_to_float(p, "ts", f"{path}.ts"), p.cold_start, p.household_size, p.device_id)
+                            ts_to_float(p, "ts", f"{path}.ts"), p.cold_start, p.household_size, p.device_id,
+                            ts_to_float(p, "session_start", f"{path}.session_start", required=False),
+                            ts_to_float(p, "session_end", f"{path}.session_end", required=False))
 
 
 def _finite_or_nan(value: float | None) -> float:
@@ -85,15 +83,3 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
         version = self.app.set_flags(dict(request.traffic), request.kill_switch, request.reason,
                                      identity.current_principal())
         return pb.SetFlagResponse(version=version)
-
-    def Erase(self, request, context) -> pb.EraseResponse:
-        if not request.HasField("scope"):
-            raise InvalidArgument("is required", "scope")
-        outcome = self.app.erase(scope_from_pb(request.scope), request.job_id)
-        return pb.EraseResponse(result=result_to_pb(ERASURE_SERVICE, outcome))
-
-    def ExportAccount(self, request, context) -> pb.ExportAccountResponse:
-        # Everything held for one account, for privacy's ExportHousehold (docs/privacy.md).
-        check_id(request.account_id, "account_id")
-        return pb.ExportAccountResponse(json=json.dumps(self.app.store.export_account(request.account_id),
-                                                        sort_keys=True, ensure_ascii=False))

@@ -32,6 +32,9 @@ class PredictionRecord:
     cold_start: bool
     household_size: int
     device_id: str = ""   # "" = unknown (older clients): a device erasure then takes the household's
+    # The session the prediction is about (None = unknown: a window erasure then goes by ts).
+    session_start: float | None = None
+    session_end: float | None = None
 
 
 @dataclass(frozen=True)
@@ -93,12 +96,14 @@ class StoredTrigger:
 
 
 _PREDICTION_COLUMNS = ("p.prediction_id, p.account_id, p.session_id, p.person_id, p.probabilities, "
-                       "p.model_variant, p.model_version, p.ts, p.cold_start, p.household_size, p.device_id")
+                       "p.model_variant, p.model_version, p.ts, p.cold_start, p.household_size, p.device_id, "
+                       "p.session_start, p.session_end")
 
 
 def _prediction(row: Sequence) -> PredictionRecord:
     return PredictionRecord(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5], int(row[6]),
-                            float(row[7]), bool(row[8]), int(row[9]), row[10] or "")
+                            float(row[7]), bool(row[8]), int(row[9]), row[10] or "",
+                            None if row[11] is None else float(row[11]), None if row[12] is None else float(row[12]))
 
 
 def _trigger(row: Sequence) -> StoredTrigger:
@@ -124,11 +129,12 @@ class FeedbackStore:
         with self.db.transaction() as tx:
             accepted = tx.executemany(
                 "INSERT INTO predictions (prediction_id, account_id, session_id, person_id, probabilities, "
-                "model_variant, model_version, ts, cold_start, household_size, device_id) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (prediction_id) DO NOTHING",
+                "model_variant, model_version, ts, cold_start, household_size, device_id, session_start, "
+                "session_end) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (prediction_id) DO NOTHING",
                 [(p.prediction_id, p.account_id, p.session_id, p.person_id,
                   json.dumps(p.probabilities, sort_keys=True), p.model_variant, p.model_version, p.ts,
-                  int(p.cold_start), p.household_size, p.device_id) for p in items])
+                  int(p.cold_start), p.household_size, p.device_id, p.session_start, p.session_end)
+                 for p in items])
         return accepted, len(items) - accepted
 
     def prediction(self, prediction_id: str) -> PredictionRecord | None:
@@ -348,40 +354,55 @@ class FeedbackStore:
                 outcome.add("predictions", prediction_ids)
                 outcome.add("feedback", feedback_ids)
                 outcome.add("triggers", trigger_ids)
-                return outcome
-            if scope.kind == "device":
-                prediction_where = "account_id = ? AND (device_id = ? OR device_id = '')"
-                prediction_params = [account, scope.device_id]
-                feedback_extra, feedback_extra_params = "1 = 0", []
-            elif scope.kind == "person":
-                prediction_where = "account_id = ? AND person_id = ?"
-                prediction_params: list = [account, scope.person_id]
-                feedback_extra, feedback_extra_params = "true_person_id = ?", [scope.person_id]
-            elif scope.kind == "window":
-                # account "*" (retention purge, privacy service only): every account.
-                conditions, prediction_params = ([], []) if scope.all_accounts else (["account_id = ?"], [account])
-                window, window_params = [], []
-                if scope.start is not None:
-                    window.append("ts >= ?")
-                    window_params.append(scope.start)
-                if scope.end is not None:
-                    window.append("ts < ?")
-                    window_params.append(scope.end)
-                prediction_where = " AND ".join(conditions + window)
-                prediction_params += window_params
-                feedback_extra, feedback_extra_params = " AND ".join(window), window_params
             else:
-                raise ValueError(f"scope.kind: unknown erasure kind {scope.kind!r}")
-            account_where, account_params = ("1 = 1", []) if scope.all_accounts else ("account_id = ?", [account])
-            feedback_where = (f"{account_where} AND (prediction_id IN (SELECT prediction_id FROM predictions "
-                              f"WHERE {prediction_where}) OR ({feedback_extra}))")
-            feedback_params = [*account_params, *prediction_params, *feedback_extra_params]
-            feedback_ids = [r[0] for r in tx.query(f"SELECT feedback_id FROM feedback WHERE {feedback_where}",
-                                                   feedback_params)]
-            prediction_ids = [r[0] for r in tx.query(
-                f"SELECT prediction_id FROM predictions WHERE {prediction_where}", prediction_params)]
-            tx.execute(f"DELETE FROM feedback WHERE {feedback_where}", feedback_params)
-            tx.execute(f"DELETE FROM predictions WHERE {prediction_where}", prediction_params)
-            outcome.add("predictions", prediction_ids)
-            outcome.add("feedback", feedback_ids)
+                self._erase_part(tx, scope, outcome)
+        outcome.purges.append(self.db.purge_erased(("predictions", "feedback", "triggers")))
         return outcome
+
+    @staticmethod
+    def _erase_part(tx: Tx, scope: ErasureScope, outcome: ErasureOutcome) -> None:
+        """The device, person and window scopes of ``erase``."""
+        account = scope.account_id
+        if scope.kind == "device":
+            prediction_where = "account_id = ? AND (device_id = ? OR device_id = '')"
+            prediction_params = [account, scope.device_id]
+            feedback_extra, feedback_extra_params = "1 = 0", []
+        elif scope.kind == "person":
+            prediction_where = "account_id = ? AND person_id = ?"
+            prediction_params: list = [account, scope.person_id]
+            feedback_extra, feedback_extra_params = "true_person_id = ?", [scope.person_id]
+        elif scope.kind == "window":
+            # account "*" (retention purge, privacy service only): every account.
+            conditions, prediction_params = ([], []) if scope.all_accounts else (["account_id = ?"], [account])
+            window, window_params = [], []
+            if scope.start is not None:
+                window.append("ts >= ?")
+                window_params.append(scope.start)
+            if scope.end is not None:
+                window.append("ts < ?")
+                window_params.append(scope.end)
+            # A prediction about a session the window overlaps goes with the session (the
+            # clustering service's rule: end >= start of window and start < its end),
+            # whenever it was made; one with no known session goes by its own time.
+            lo = scope.start if scope.start is not None else float("-inf")
+            hi = scope.end if scope.end is not None else float("inf")
+            about = ("((session_end IS NOT NULL AND session_end >= ? AND session_start < ?) OR "
+                     f"(session_end IS NULL AND {' AND '.join(window)}))")
+            prediction_where = " AND ".join(conditions + [about])
+            prediction_params += [lo, hi, *window_params]
+            feedback_extra, feedback_extra_params = " AND ".join(window), window_params
+        else:
+            raise ValueError(f"scope.kind: unknown erasure kind {scope.kind!r}")
+        account_where, account_params = ("1 = 1", []) if scope.all_accounts else ("account_id = ?", [account])
+        feedback_where = (f"{account_where} AND (prediction_id IN (SELECT prediction_id FROM predictions "
+                          f"WHERE {prediction_where}) OR ({feedback_extra}))")
+        feedback_params = [*account_params, *prediction_params, *feedback_extra_params]
+        feedback_ids = [r[0] for r in tx.query(f"SELECT feedback_id FROM feedback WHERE {feedback_where}",
+                                               feedback_params)]
+        prediction_ids = [r[0] for r in tx.query(
+            f"SELECT prediction_id FROM predictions WHERE {prediction_where}", prediction_params)]
+        tx.execute(f"DELETE FROM feedback WHERE {feedback_where}", feedback_params)
+        tx.execute(f"DELETE FROM predictions WHERE {prediction_where}", prediction_params)
+        outcome.add("predictions", prediction_ids)
+        outcome.add("feedback", feedback_ids)
+

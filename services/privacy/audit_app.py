@@ -53,12 +53,14 @@ from services.privacy.domain.keys import (
     private_key_to_pem,
     public_key_to_pem,
 )
-from services.privacy.domain.suspicious import DetectorThresholds, SuspiciousActivityDetector
+from services.privacy.domain.suspicious import DetectorThresholds, SecurityEventKind, SuspiciousActivityDetector
 
 log = logging.getLogger("hearth.privacy.audit")
 
 SECURITY_ALERTS = Counter("hearth_security_alerts_total",
                           "Suspicious-activity alerts raised from the audit stream", ["kind"])
+for _kind in SecurityEventKind:   # at 0 from the start: the first alert is an increase
+    SECURITY_ALERTS.labels(_kind.value)
 KEY_ENV = "HEARTH_AUDIT_SIGNING_KEY"
 KEY_FILE_ENV = "HEARTH_AUDIT_SIGNING_KEY_FILE"
 DEV_KEY_NAME = "audit-signing-key.pem"

@@ -42,12 +42,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import grpc
+from prometheus_client import Counter, Gauge
 
-from hearth.common.v1 import common_pb2
-from services.common import audit, identity
+from hearth.common.v1 import common_pb2, common_pb2_grpc
+from services.common import audit, erasure, identity, telemetry
 from services.common.erasure import ALL_ACCOUNTS, ErasureScope, ids_digest
 from services.common.errors import InvalidArgument, PermissionDenied, Unavailable
-from services.common.pbutil import float_to_ts
 from services.privacy.domain.deletion import (
     DeletionJob, DeletionScope, JobState, RetryPolicy, ServiceStatus, build_receipt, confirm_service,
     due_services, fail_service, new_job, start_job)
@@ -58,6 +58,16 @@ from services.privacy.jobs_store import DeletionJobStore, StoredJob
 from services.privacy.keys_app import KeyService
 
 log = logging.getLogger("hearth.privacy.deletion")
+_TRACER = telemetry.tracer("hearth.privacy.deletion")
+
+# Alerts: a failed job pages (a person's erasure did not happen); an open job older than
+# its budget is overdue. Both states exist at 0 so the first failure is an increase.
+JOBS_FINISHED = Counter("hearth_deletion_jobs_finished_total", "Deletion jobs that reached a final state",
+                        ["state"])
+for _state in ("completed", "failed"):
+    JOBS_FINISHED.labels(_state)
+OLDEST_OPEN_JOB_AGE = Gauge("hearth_deletion_oldest_open_job_age_seconds",
+                            "Age of the oldest deletion job not yet completed or failed (0: none)")
 
 # Erase order: one stage after the other; services within a stage in this order.
 STAGES: tuple[tuple[str, ...], ...] = (("attribution", "feedback"), ("clustering",), ("privacy",))
@@ -83,28 +93,22 @@ class GrpcPeers:
     permission matrix decides who may read a household) on the data-holding services."""
 
     def __init__(self, addresses: Mapping[str, str], erase_timeout_s: float, export_timeout_s: float = 30.0) -> None:
-        from hearth.attribution.v1 import attribution_pb2, attribution_pb2_grpc
-        from hearth.clustering.v1 import clustering_pb2, clustering_pb2_grpc
-        from hearth.feedback.v1 import feedback_pb2, feedback_pb2_grpc
         from services.common.client import peer_channel
 
-        modules = {"clustering": (clustering_pb2, clustering_pb2_grpc.ClusteringServiceStub),
-                   "attribution": (attribution_pb2, attribution_pb2_grpc.AttributionServiceStub),
-                   "feedback": (feedback_pb2, feedback_pb2_grpc.FeedbackServiceStub)}
         self._channels = {s: peer_channel(addresses[s], "privacy", erase_timeout_s) for s in PEER_SERVICES}
-        self._stubs = {s: (modules[s][0], modules[s][1](self._channels[s])) for s in PEER_SERVICES}
+        self._stubs = {s: common_pb2_grpc.DataHolderStub(channel) for s, channel in self._channels.items()}
         self._erase_timeout = erase_timeout_s
         self._export_timeout = export_timeout_s
         self._me = identity.service_principal("privacy")
 
     def erase(self, service: str, scope: common_pb2.ErasureScope, job_id: str) -> common_pb2.ErasureResult:
-        pb, stub = self._stubs[service]
         with identity.acting_as(self._me):
-            return stub.Erase(pb.EraseRequest(scope=scope, job_id=job_id), timeout=self._erase_timeout).result
+            request = common_pb2.EraseRequest(scope=scope, job_id=job_id)
+            return self._stubs[service].Erase(request, timeout=self._erase_timeout).result
 
     def export(self, service: str, account_id: str) -> dict:
-        pb, stub = self._stubs[service]
-        response = stub.ExportAccount(pb.ExportAccountRequest(account_id=account_id), timeout=self._export_timeout)
+        request = common_pb2.ExportAccountRequest(account_id=account_id)
+        response = self._stubs[service].ExportAccount(request, timeout=self._export_timeout)
         return json.loads(response.json)
 
     def close(self) -> None:
@@ -130,21 +134,7 @@ def erasure_scope(scope: DeletionScope) -> ErasureScope:
 
 
 def scope_to_pb(scope: DeletionScope) -> common_pb2.ErasureScope:
-    out = common_pb2.ErasureScope(account_id=scope.account_id)
-    if scope.kind.value == "household":
-        out.household = True
-    elif scope.kind.value == "device":
-        out.device_id = scope.device_id
-    elif scope.kind.value == "person":
-        out.person_id = scope.person_id
-    else:
-        window = common_pb2.TimeRange()
-        if scope.start is not None:
-            window.start.CopyFrom(float_to_ts(scope.start.timestamp()))
-        if scope.end is not None:
-            window.end.CopyFrom(float_to_ts(scope.end.timestamp()))
-        out.window.CopyFrom(window)
-    return out
+    return erasure.scope_to_pb(erasure_scope(scope))
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -207,7 +197,8 @@ class DeletionCoordinator:
         job = new_job(f"job-{uuid.uuid4().hex}", deletion_scope, principal.id, principal.role.value,
                       self._clock())
         stored = self.jobs.create(job, request_id or f"auto:{job.job_id}", reason or "unspecified",
-                                  next_due=job.requested_at)
+                                  next_due=job.requested_at,
+                                  trace_context=json.dumps(telemetry.context_carrier(), sort_keys=True))
         self._wake.set()
         return stored
 
@@ -226,7 +217,12 @@ class DeletionCoordinator:
 
     # ---- the worker ----------------------------------------------------------------------
 
+    def oldest_open_age_s(self) -> float:
+        oldest = self.jobs.oldest_open_created_at()
+        return max(0.0, time.time() - oldest) if oldest is not None else 0.0
+
     def start(self) -> None:
+        OLDEST_OPEN_JOB_AGE.set_function(self.oldest_open_age_s)
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="deletion-worker", daemon=True)
             self._thread.start()
@@ -281,8 +277,17 @@ class DeletionCoordinator:
             self._wake.set()  # a job may have become due sooner than the worker thinks
 
     def advance(self, job_id: str) -> StoredJob:
-        """Call every service that is due now, in stage order, storing each outcome."""
+        """Call every service that is due now, in stage order, storing each outcome.
+
+        Runs in a span whose parent is the RequestDeletion call's (stored with the job),
+        so every pass's Erase calls, retries and restarts included, join that trace."""
         stored = self.jobs.get(job_id)
+        parent = telemetry.extract_context(json.loads(stored.trace_context or "{}"))
+        with _TRACER.start_as_current_span("deletion.advance", context=parent,
+                                           attributes={"hearth.job_id": job_id}):
+            return self._advance(stored)
+
+    def _advance(self, stored: StoredJob) -> StoredJob:
         job = stored.job
         if job.terminal:
             return stored
@@ -311,8 +316,10 @@ class DeletionCoordinator:
                 if job.state is not JobState.RUNNING:
                     break
         if job.state is JobState.COMPLETED:
+            JOBS_FINISHED.labels("completed").inc()
             self._audit_done(stored)
         elif job.state is JobState.FAILED:
+            JOBS_FINISHED.labels("failed").inc()
             self._audit_failed(stored)
         return stored
 

@@ -50,10 +50,12 @@ class InProcessMesh:
         """Stop serving and close its stores, like SIGTERM does (restart with start_service)."""
         self.servers.pop(name).stop(0.2)
 
-    def stub(self, service: str, acting_as: identity.Principal | None = None):
-        """A stub of ``service`` whose calls act as ``acting_as`` (default: an admin)."""
-        module = importlib.import_module(f"hearth.{service}.v1.{service}_pb2_grpc")
-        stub_cls = getattr(module, f"{service.capitalize()}ServiceStub")
+    def stub(self, service: str, acting_as: identity.Principal | None = None, stub_cls=None):
+        """A stub of ``service`` (its own API, or ``stub_cls`` such as DataHolderStub)
+        whose calls act as ``acting_as`` (default: an admin)."""
+        if stub_cls is None:
+            module = importlib.import_module(f"hearth.{service}.v1.{service}_pb2_grpc")
+            stub_cls = getattr(module, f"{service.capitalize()}ServiceStub")
         principal = acting_as or identity.Principal("test-admin", identity.Role.ADMIN)
         channel = peer_channel(self.addresses[service], "test", timeout_s=30.0)
         self._channels.append(channel)

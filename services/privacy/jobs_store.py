@@ -32,6 +32,7 @@ class StoredJob:
     version: int
     erasures: dict            # service -> {"deleted_counts": {...}, "already_erased": bool}
     receipt_json: str | None
+    trace_context: str = ""  # JSON W3C carrier of the request (telemetry.context_carrier)
 
 
 def _ts(value: datetime | None) -> float | None:
@@ -42,19 +43,20 @@ class DeletionJobStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def create(self, job: DeletionJob, request_id: str, reason: str, next_due: datetime | None) -> StoredJob:
+    def create(self, job: DeletionJob, request_id: str, reason: str, next_due: datetime | None,
+               trace_context: str = "") -> StoredJob:
         """Insert a new job; if ``request_id`` was used before, return that job instead
         (idempotent request) when its scope is the same, else AlreadyExists."""
         data = json.dumps(job_to_dict(job), sort_keys=True)
         with self.db.transaction() as tx:
             inserted = tx.execute(
                 "INSERT INTO deletion_jobs (job_id, request_id, account_id, reason, state, next_due, "
-                "lease_until, version, job_json, erasures_json, receipt_json, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, 0, 1, ?, '{}', NULL, ?) ON CONFLICT (request_id) DO NOTHING",
+                "lease_until, version, job_json, erasures_json, receipt_json, created_at, trace_context) "
+                "VALUES (?, ?, ?, ?, ?, ?, 0, 1, ?, '{}', NULL, ?, ?) ON CONFLICT (request_id) DO NOTHING",
                 (job.job_id, request_id, job.scope.account_id, reason, job.state.value, _ts(next_due),
-                 data, time.time()))
+                 data, time.time(), trace_context))
         if inserted:
-            return StoredJob(job, request_id, reason, 1, {}, None)
+            return StoredJob(job, request_id, reason, 1, {}, None, trace_context)
         existing = self.by_request(request_id)
         if existing.job.scope != job.scope:
             raise AlreadyExists("request_id was already used for a different deletion scope", "request_id")
@@ -62,12 +64,13 @@ class DeletionJobStore:
 
     def _row(self, where: str, params: tuple) -> StoredJob | None:
         with self.db.transaction() as tx:
-            rows = tx.query("SELECT job_json, request_id, reason, version, erasures_json, receipt_json "
-                            f"FROM deletion_jobs WHERE {where}", params)
+            rows = tx.query("SELECT job_json, request_id, reason, version, erasures_json, receipt_json, "
+                            f"trace_context FROM deletion_jobs WHERE {where}", params)
         if not rows:
             return None
         r = rows[0]
-        return StoredJob(job_from_dict(json.loads(r[0])), r[1], r[2], int(r[3]), json.loads(r[4]), r[5])
+        return StoredJob(job_from_dict(json.loads(r[0])), r[1], r[2], int(r[3]), json.loads(r[4]), r[5],
+                         r[6])
 
     def get(self, job_id: str) -> StoredJob:
         found = self._row("job_id = ?", (job_id,))
@@ -95,7 +98,8 @@ class DeletionJobStore:
                  receipt_json, job.job_id, stored.version))
         if changed != 1:
             raise Conflict(f"deletion job {job.job_id} changed concurrently", "job_id")
-        return StoredJob(job, stored.request_id, stored.reason, stored.version + 1, erasures, receipt_json)
+        return StoredJob(job, stored.request_id, stored.reason, stored.version + 1, erasures, receipt_json,
+                         stored.trace_context)
 
     def due(self, now: float, limit: int = 100) -> list[str]:
         """Ids of jobs that need work at ``now`` and are not leased by a live worker."""
@@ -108,6 +112,12 @@ class DeletionJobStore:
     def next_due(self) -> float | None:
         with self.db.transaction() as tx:
             rows = tx.query("SELECT MIN(next_due) FROM deletion_jobs WHERE state IN ('pending', 'running')")
+        return float(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    def oldest_open_created_at(self) -> float | None:
+        """Creation time of the oldest pending or running job (the overdue alert)."""
+        with self.db.transaction() as tx:
+            rows = tx.query("SELECT MIN(created_at) FROM deletion_jobs WHERE state IN ('pending', 'running')")
         return float(rows[0][0]) if rows and rows[0][0] is not None else None
 
     def claim(self, job_id: str, now: float, lease_s: float) -> bool:
@@ -165,11 +175,8 @@ class DataKeyStore:
                 "WHERE account_id = ? AND dek_version = ?",
                 [(r.kek_id, r.wrapped, r.destroyed_at.isoformat() if r.destroyed_at else None,
                   r.account_id, r.dek_version) for r in records])
-        if self.db.dialect == "sqlite" and any(r.destroyed for r in records):
-            # The old page images also sit in the write-ahead log until a checkpoint.
-            self._checkpoint()
+        if any(r.destroyed for r in records):
+            # The old page images also sit in the write-ahead log (SQLite: checkpoint) or in
+            # dead tuples (PostgreSQL: the small key table is rewritten by VACUUM FULL).
+            self.db.purge_erased(("data_keys",), rewrite=True)
         return len(records)
-
-    def _checkpoint(self) -> None:
-        conn = self.db._conn()  # type: ignore[attr-defined]  # SQLite only, outside a transaction
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

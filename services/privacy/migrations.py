@@ -49,6 +49,11 @@ CREATE TABLE IF NOT EXISTS data_keys (
     PRIMARY KEY (account_id, dek_version)
 )
 """),
+    # trace_context: the W3C carrier (JSON) of the RequestDeletion call, so the worker's
+    # fan-out joins the request's trace even after a restart (telemetry.context_carrier).
+    Migration(4, "deletion job trace context", """
+ALTER TABLE deletion_jobs ADD COLUMN trace_context TEXT NOT NULL DEFAULT ''
+"""),
 ]
 
 

@@ -10,7 +10,7 @@ import time
 import grpc
 import pytest
 
-from hearth.common.v1 import common_pb2
+from hearth.common.v1 import common_pb2, common_pb2_grpc
 from hearth.feedback.v1 import feedback_pb2 as fpb
 from hearth.feedback.v1 import feedback_pb2_grpc as fpb_grpc
 from services.common.errors import ERROR_FIELD_KEY
@@ -26,7 +26,9 @@ NOWHERE = "127.0.0.1:1"
 @pytest.fixture
 def stub(start_service):
     _, channel = start_service("feedback", clustering_addr=NOWHERE, privacy_addr=NOWHERE)
-    return fpb_grpc.FeedbackServiceStub(channel)
+    stub = fpb_grpc.FeedbackServiceStub(channel)
+    stub.data = common_pb2_grpc.DataHolderStub(channel)   # the erasure contract, same port
+    return stub
 
 
 def call(stub, method: str, request):
@@ -185,16 +187,16 @@ def test_erase_counts_digest_idempotency_and_errors(stub):
     call(stub, "RecordFeedback", feedback("g1", "e1"))
     call(stub, "RecordFeedback", feedback("g2", "o1"))
     scope = common_pb2.ErasureScope(account_id="acc-1", household=True)
-    result = call(stub, "Erase", fpb.EraseRequest(scope=scope, job_id="job-1")).result
+    result = call(stub.data, "Erase", common_pb2.EraseRequest(scope=scope, job_id="job-1")).result
     assert result.service == "feedback" and not result.already_erased
     assert dict(result.deleted_counts) == {"predictions": 2, "feedback": 1}
     assert result.deleted_ids_sha256 == _digest(["predictions:e1", "predictions:e2", "feedback:g1"])
-    repeat = call(stub, "Erase", fpb.EraseRequest(scope=scope, job_id="job-1")).result
+    repeat = call(stub.data, "Erase", common_pb2.EraseRequest(scope=scope, job_id="job-1")).result
     assert repeat.already_erased and not any(repeat.deleted_counts.values())
     # The other household is untouched: its feedback still counts.
     assert error_of(stub, "RecordFeedback", feedback("g3", "e1"))[0] == grpc.StatusCode.NOT_FOUND
     assert not call(stub, "RecordFeedback", feedback("g4", "o1")).duplicate
 
-    assert error_of(stub, "Erase", fpb.EraseRequest()) == (grpc.StatusCode.INVALID_ARGUMENT, "scope")
-    assert error_of(stub, "Erase", fpb.EraseRequest(scope=common_pb2.ErasureScope(account_id="acc-1"))) == (
+    assert error_of(stub.data, "Erase", common_pb2.EraseRequest()) == (grpc.StatusCode.INVALID_ARGUMENT, "scope")
+    assert error_of(stub.data, "Erase", common_pb2.EraseRequest(scope=common_pb2.ErasureScope(account_id="acc-1"))) == (
         grpc.StatusCode.INVALID_ARGUMENT, "scope.target")

@@ -453,10 +453,22 @@ def test_service_monitor_scrapes_every_component_once(render):
                 "targetLabel": "hearth_component"} in endpoint["relabelings"]
 
 
-def test_prometheus_rule_ships_the_tested_rules_verbatim(render):
+def test_prometheus_rule_ships_the_tested_rules_with_runbook_urls_from_the_value(render):
     objects = render(values_files=(PRODUCTION_VALUES,))
     (rule,) = by_kind(objects, "PrometheusRule").values()
-    assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
+    base = yaml.safe_load(PRODUCTION_VALUES.read_text())["prometheusRule"]["runbookBaseUrl"]
+    tested = yaml.safe_load(RULES.read_text())["groups"]
+    shipped = rule["spec"]["groups"]
+    alerts = 0
+    for tested_group, shipped_group in zip(tested, shipped, strict=True):
+        for tested_rule, shipped_rule in zip(tested_group["rules"], shipped_group["rules"], strict=True):
+            if "alert" in tested_rule:
+                alerts += 1
+                assert shipped_rule["annotations"]["runbook_url"] == f"{base}#{tested_rule['alert'].lower()}"
+                tested_rule["annotations"]["runbook_url"] = shipped_rule["annotations"]["runbook_url"]
+            # Everything else (expressions, thresholds, labels, summaries) ships as tested.
+            assert shipped_rule == tested_rule
+    assert alerts >= 20
 
 
 def test_object_names_fit_a_dns_label_even_for_a_long_release_name(helm, helm_env):

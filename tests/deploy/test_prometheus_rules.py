@@ -13,8 +13,9 @@ import yaml
 from tests.deploy.conftest import ROOT, RULE_TESTS, RULES
 
 DOCS = ROOT / "docs" / "deploy.md"
-# Series Prometheus itself creates.
-BUILTIN = {"up"}
+# Series Prometheus itself creates, and prometheus_client's process collector's.
+BUILTIN = {"up", "process_resident_memory_bytes"}
+DEFAULT_RUNBOOK_BASE = "https://hearth.example.com/docs/deploy.md"
 
 
 def _rules() -> list[dict]:
@@ -78,6 +79,44 @@ def test_every_alert_has_severity_and_a_runbook_section_in_the_docs():
         if "alert" not in rule:
             continue
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}, rule["alert"]
-        runbook = rule["annotations"]["runbook"]
-        assert runbook == f"docs/deploy.md#{rule['alert'].lower()}", rule["alert"]
+        runbook = rule["annotations"]["runbook_url"]
+        assert runbook == f"{DEFAULT_RUNBOOK_BASE}#{rule['alert'].lower()}", rule["alert"]
         assert runbook.split("#", 1)[1] in anchors, f"docs/deploy.md has no section {rule['alert']}"
+
+
+def test_the_report_thresholds_are_the_ones_alerted_on():
+    """The numbers of the original report, read back from the expressions."""
+    by_name = {rule["alert"]: rule for rule in _rules() if "alert" in rule}
+    expected = {  # alert: (threshold in the expression, for, severity)
+        "HearthLatencyP99High": ("> 0.11", "5m", "critical"),
+        "HearthLatencyP95High": ("> 0.09", "5m", "warning"),
+        "HearthGatewayHighErrorRate": ("> 0.001", "2m", "critical"),
+        "HearthRpcHighErrorRate": ("> 0.001", "2m", "critical"),
+        "HearthMemoryHigh": ("> 0.85", "5m", "critical"),
+        "HearthAccuracyLow": ("< 0.70", "30m", "critical"),
+        "HearthDriftFalsePositivesHigh": ("> 0.05", "15m", "critical"),
+        "HearthBrierHigh": ("> 0.15", "1h", "warning"),
+        "HearthFeedbackRateLow": ("< 0.02", "6h", "warning"),
+        "HearthRollbackLatency": ("> 0.15", "5m", "critical"),
+        "HearthRollbackErrors": ("> 0.005", "2m", "critical"),
+        "HearthRollbackAccuracy": ("< 0.65", "10m", "critical"),
+    }
+    for name, (threshold, duration, severity) in expected.items():
+        rule = by_name[name]
+        assert threshold in rule["expr"], name
+        assert rule["for"] == duration and rule["labels"]["severity"] == severity, name
+    assert {r["labels"].get("action") for n, r in by_name.items() if n.startswith("HearthRollback")} == {"rollback"}
+
+
+def test_counters_created_on_first_use_have_a_first_increment_case():
+    """Every alert on increase() of a labelled counter also fires for a series born above
+    0 (the `unless ... offset` arm), and the promtool tests include such a series."""
+    tested = RULE_TESTS.read_text()
+    for rule in _rules():
+        if "alert" not in rule or "increase(" not in rule["expr"] or "[1h]" in rule["expr"] \
+                or "[1d]" in rule["expr"]:
+            continue   # rate-like alerts over long windows (storms, ratios) need many increments
+        assert "unless" in rule["expr"] and "offset" in rule["expr"], rule["alert"]
+        metric = re.search(r"increase\((hearth_[a-z_]+)", rule["expr"]).group(1)
+        assert re.search(rf"series: '{metric}\{{[^']*'\n\s+values: '_ ", tested), \
+            f"no first-increment (born at 1) test series for {metric}"

@@ -11,6 +11,7 @@ import pytest
 
 from hearth.attribution.v1 import attribution_pb2 as apb
 from hearth.attribution.v1 import attribution_pb2_grpc as apb_grpc
+from hearth.common.v1 import common_pb2_grpc
 from services.clustering.domain.events import ViewingEvent
 from services.clustering.store import ClusteringStore
 from services.common.errors import ERROR_FIELD_KEY
@@ -42,7 +43,9 @@ def stubs(start_service, tmp_path):
     privacy, _ = start_service("privacy")   # attribution checks consent with it
     _, channel = start_service("attribution", clustering_addr=f"127.0.0.1:{clustering.port}",
                                privacy_addr=f"127.0.0.1:{privacy.port}")
-    return apb_grpc.AttributionServiceStub(channel)
+    stubs = apb_grpc.AttributionServiceStub(channel)
+    stubs.data = common_pb2_grpc.DataHolderStub(channel)   # the erasure contract, same port
+    return stubs
 
 
 def _tp(i, device, ts, channel):
@@ -91,9 +94,9 @@ def test_erase_person_removes_their_touchpoints(stubs):
         _tp("a", "tv", T0 + 20 * 3600 + 30, "tv_ad"), _tp("b", "phone", T0 + 8 * 3600 + 30, "social")]), metadata=md)
     from hearth.common.v1 import common_pb2
 
-    result = stubs.Erase(apb.EraseRequest(scope=common_pb2.ErasureScope(account_id=ACC, person_id="p2")),
-                         metadata=md).result
+    result = stubs.data.Erase(common_pb2.EraseRequest(scope=common_pb2.ErasureScope(account_id=ACC, person_id="p2")),
+                              metadata=md).result
     assert dict(result.deleted_counts) == {"touchpoints": 1}
-    again = stubs.Erase(apb.EraseRequest(scope=common_pb2.ErasureScope(account_id=ACC, person_id="p2")),
-                        metadata=md).result
+    again = stubs.data.Erase(common_pb2.EraseRequest(scope=common_pb2.ErasureScope(account_id=ACC, person_id="p2")),
+                             metadata=md).result
     assert again.already_erased

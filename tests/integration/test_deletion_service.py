@@ -17,7 +17,7 @@ import pytest
 
 from hearth.attribution.v1 import attribution_pb2 as apb
 from hearth.clustering.v1 import clustering_pb2 as cpb
-from hearth.common.v1 import common_pb2
+from hearth.common.v1 import common_pb2, common_pb2_grpc
 from hearth.feedback.v1 import feedback_pb2 as fpb
 from hearth.privacy.v1 import privacy_pb2 as ppb
 from services.common import identity
@@ -49,7 +49,8 @@ def mesh(tmp_path_factory):
 def stubs(mesh):
     return {"clu": mesh.stub("clustering", SVC), "att": mesh.stub("attribution", SVC),
             "fee": mesh.stub("feedback", SVC), "pri": mesh.stub("privacy", OFFICER),
-            "admin": mesh.stub("privacy")}
+            "admin": mesh.stub("privacy"),
+            "clu_data": mesh.stub("clustering", SVC, stub_cls=common_pb2_grpc.DataHolderStub)}
 
 
 # ---- data -----------------------------------------------------------------------------
@@ -295,10 +296,10 @@ def test_every_account_window_is_only_for_the_privacy_service(mesh, stubs):
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     # Nor may any other service principal call Erase across accounts directly.
     with pytest.raises(grpc.RpcError) as err:
-        stubs["clu"].Erase(cpb.EraseRequest(scope=common_pb2.ErasureScope(account_id="*", window=window)))
+        stubs["clu_data"].Erase(common_pb2.EraseRequest(scope=common_pb2.ErasureScope(account_id="*", window=window)))
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     with pytest.raises(grpc.RpcError) as err:
-        stubs["clu"].Erase(cpb.EraseRequest(scope=common_pb2.ErasureScope(account_id="*", household=True)))
+        stubs["clu_data"].Erase(common_pb2.EraseRequest(scope=common_pb2.ErasureScope(account_id="*", household=True)))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 

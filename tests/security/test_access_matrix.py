@@ -12,12 +12,14 @@ import grpc
 import httpx
 import pytest
 
+from hearth.common.v1 import common_pb2
 from hearth.clustering.v1 import clustering_pb2 as cpb
 from hearth.clustering.v1 import clustering_pb2_grpc as cpb_grpc
 from services.common import identity, permissions
 from services.common.identity import Principal, Role, ServiceTokenSigner
 
 SERVICES = ("clustering", "attribution", "privacy", "feedback")
+DATA_HOLDERS = ("clustering", "attribution", "feedback")
 
 
 def served_routes(security_mesh) -> list[str]:
@@ -68,6 +70,9 @@ def _rpcs() -> list[tuple[str, str, object]]:
         for service in module.DESCRIPTOR.services_by_name.values():
             for method in service.methods:
                 out.append((name, f"/{service.full_name}/{method.name}", method))
+    data_holder = common_pb2.DESCRIPTOR.services_by_name["DataHolder"]
+    for name in DATA_HOLDERS:  # the erasure contract, served beside each one's own API
+        out += [(name, f"/{data_holder.full_name}/{m.name}", m) for m in data_holder.methods]
     return out
 
 

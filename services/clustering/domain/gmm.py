@@ -173,6 +173,16 @@ class TypedSession:
     rhythm_alpha: float = 0.5
     rhythm_share: float = 0.3
     binge_lengths: str = "joint"
+    device_slots: int = 0
+    slot_alpha: float = 0.3
+    slot_weight: float = 1.0
+    # Block weights (a tempered, "weighted likelihood" product: each block's log density
+    # times its weight; the M-step is unchanged because each block's maximiser does not
+    # depend on the weight). 1.0 everywhere is the plain product of distributions.
+    rhythm_weight: float = 1.0
+    device_weight: float = 1.0
+    binge_weight: float = 1.0
+    gauss_weight: float = 1.0
     name: str = "typed"
 
     def __post_init__(self) -> None:
@@ -195,9 +205,38 @@ class TypedSession:
     def n_binge_columns(self) -> int:
         return 2 * _LENGTH_DIMS.size if self.binge_lengths == "pooled" else 0
 
+    @property
+    def n_slot_columns(self) -> int:
+        return self.device_slots
+
+    def split_slots(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(features (N, FEATURE_DIM), device slot (N,) int, -1 = unknown device).
+
+        With ``device_slots`` > 0 a session may carry one extra column after the
+        feature vector: the household-local index of its device id (0..device_slots-1,
+        -1 when the device is unknown). Without that column every device is unknown."""
+        if X.shape[1] == F.FEATURE_DIM:
+            return X, np.full(X.shape[0], -1, dtype=np.int64)
+        if self.device_slots and X.shape[1] == F.FEATURE_DIM + 1:
+            slots = np.rint(X[:, F.FEATURE_DIM]).astype(np.int64)
+            slots[(slots < 0) | (slots >= self.device_slots)] = -1
+            return X[:, :F.FEATURE_DIM], slots
+        raise ValueError(f"X must have {F.FEATURE_DIM} feature columns for the typed family"
+                         f"{' (+1 device slot)' if self.device_slots else ''}, got {X.shape[1]}")
+
+    def seed_features(self, X: np.ndarray) -> np.ndarray:
+        """What k-means++ seeding compares: the features, plus the device slot one-hot
+        (scaled like a strong feature) when device slots are in use."""
+        base, slots = self.split_slots(X)
+        if not self.device_slots:
+            return base
+        onehot = np.zeros((X.shape[0], self.device_slots))
+        known = slots >= 0
+        onehot[np.flatnonzero(known), slots[known]] = 1.0
+        return np.hstack((base, onehot))
+
     def phi(self, X: np.ndarray) -> np.ndarray:
-        if X.shape[1] != F.FEATURE_DIM:
-            raise ValueError(f"X must have {F.FEATURE_DIM} feature columns for the typed family, got {X.shape[1]}")
+        X, slots = self.split_slots(X)
         g = X[:, _GAUSS_DIMS]
         parts = [np.ones((X.shape[0], 1)), X, g * g]
         if self.rhythm == "bins":
@@ -205,6 +244,14 @@ class TypedSession:
         if self.binge_lengths == "pooled":
             bx = X[:, _LENGTH_DIMS] * X[:, F.BINGE:F.BINGE + 1]
             parts += [bx, bx * X[:, _LENGTH_DIMS]]
+        if self.device_slots:
+            # Device identity: one-hot of the household-local device slot; an unknown
+            # device is an all-zero row, i.e. the slot is marginalised out (its
+            # probabilities sum to one), so vectors without a device still score.
+            onehot = np.zeros((X.shape[0], self.device_slots))
+            known = slots >= 0
+            onehot[np.flatnonzero(known), slots[known]] = 1.0
+            parts.append(onehot)
         return np.hstack(parts)
 
     def _angle(self, stats: np.ndarray, block: slice, n: np.ndarray, W: np.ndarray, const: np.ndarray) -> None:
@@ -223,6 +270,16 @@ class TypedSession:
         d = F.FEATURE_DIM
         n = np.maximum(stats[:, 0], DEAD_COMPONENT)
         const = np.zeros(k)
+        n_slot = self.n_slot_columns
+        if n_slot:
+            W_base = self._base().weights(stats[:, :stats.shape[1] - n_slot])
+            slot_counts = stats[:, -n_slot:]
+            used = max(int((slot_counts.sum(axis=0) > 0.5).sum()), 1)
+            # Categorical over the household's devices (Dirichlet slot_alpha over the
+            # devices in use), counted as slot_weight draws: a personal device's
+            # sessions concentrate on one person, a shared TV's spread over several.
+            theta = (slot_counts + self.slot_alpha) / (slot_counts.sum(axis=1, keepdims=True) + self.slot_alpha * used)
+            return np.hstack((W_base, self.slot_weight * np.log(theta)))
         if self.rhythm == "bins":
             # Categorical over (weekday/weekend, 2-hour bin) cells: captures two-peak
             # rhythms that one von Mises cannot. Counts are smoothed over neighbouring
@@ -233,25 +290,26 @@ class TypedSession:
             sm = sm + self.rhythm_share * sm[:, ::-1, :] * _WEEK_RATIO[None, :, None] + self.rhythm_alpha
             theta = sm / sm.sum(axis=(1, 2), keepdims=True)
             W = np.zeros((k, 1 + d + _GAUSS_DIMS.size + self.n_cells + self.n_binge_columns))
-            W[:, self.cells] = np.log(theta).reshape(k, -1)
+            W[:, self.cells] = self.rhythm_weight * np.log(theta).reshape(k, -1)
         else:
             W = np.zeros((k, 1 + d + _GAUSS_DIMS.size + self.n_binge_columns))
             self._angle(stats, F.HOUR, n, W, const)
             self._angle(stats, F.DOW, n, W, const)
         dev = stats[:, 1 + F.DEVICE.start:1 + F.DEVICE.stop] + self.device_alpha
-        W[:, 1 + F.DEVICE.start:1 + F.DEVICE.stop] = np.log(dev / dev.sum(axis=1, keepdims=True))
+        W[:, 1 + F.DEVICE.start:1 + F.DEVICE.stop] = self.device_weight * np.log(dev / dev.sum(axis=1, keepdims=True))
         gen = stats[:, 1 + F.GENRE.start:1 + F.GENRE.stop] + self.genre_beta
         W[:, 1 + F.GENRE.start:1 + F.GENRE.stop] = self.genre_weight * np.log(gen / gen.sum(axis=1, keepdims=True))
         q = (stats[:, 1 + F.BINGE] + self.binge_alpha) / (n + 2 * self.binge_alpha)
-        W[:, 1 + F.BINGE] = np.log(q) - np.log1p(-q)
-        const += np.log1p(-q)
+        W[:, 1 + F.BINGE] = self.binge_weight * (np.log(q) - np.log1p(-q))
+        const += self.binge_weight * np.log1p(-q)
         mean = stats[:, 1 + _GAUSS_DIMS] / n[:, None]
         var = np.maximum(stats[:, 1 + d:1 + d + _GAUSS_DIMS.size] / n[:, None] - mean**2, 0.0) + _GAUSS_FLOORS
         if self.binge_lengths == "pooled":
             self._binge_lengths(stats, n, mean, var, W)
-        W[:, 1 + _GAUSS_DIMS] = mean / var
-        W[:, 1 + d:1 + d + _GAUSS_DIMS.size] = -0.5 / var
-        const -= 0.5 * (_GAUSS_DIMS.size * LOG_2PI + np.log(var).sum(axis=1) + (mean**2 / var).sum(axis=1))
+        gw = self.gauss_weight
+        W[:, 1 + _GAUSS_DIMS] = gw * mean / var
+        W[:, 1 + d:1 + d + _GAUSS_DIMS.size] = gw * -0.5 / var
+        const -= gw * 0.5 * (_GAUSS_DIMS.size * LOG_2PI + np.log(var).sum(axis=1) + (mean**2 / var).sum(axis=1))
         W[:, 0] = const
         return W
 
@@ -295,10 +353,23 @@ class TypedSession:
         mean[:, _LENGTH_IN_GAUSS] = mu_k
         var[:, _LENGTH_IN_GAUSS] = var_k
         # b * (pooled binge log density - component non-binge log density), expanded.
-        W[:, nb_cols] = np.hstack((mu_b / var_b - mu_k / var_k, -0.5 / var_b + 0.5 / var_k))
+        gw = self.gauss_weight
+        W[:, nb_cols] = gw * np.hstack((mu_b / var_b - mu_k / var_k, -0.5 / var_b + 0.5 / var_k))
         const_b = -0.5 * (LOG_2PI + np.log(var_b) + mu_b**2 / var_b).sum()
         const_k = -0.5 * (LOG_2PI + np.log(var_k) + mu_k**2 / var_k).sum(axis=1)
-        W[:, 1 + F.BINGE] += const_b - const_k
+        W[:, 1 + F.BINGE] += gw * (const_b - const_k)
+
+    def _base(self) -> "TypedSession":
+        from dataclasses import replace
+        return replace(self, device_slots=0)
+
+    def slot_params(self, stats: np.ndarray) -> float:
+        """Free parameters of the device-slot categorical per component: devices the
+        household uses minus one (0 without device slots)."""
+        if not self.n_slot_columns:
+            return 0.0
+        used = int((stats[:, -self.n_slot_columns:].sum(axis=0) > 0.5).sum())
+        return float(max(used - 1, 0))
 
     def effective_params(self, stats: np.ndarray, support: float = 0.5) -> np.ndarray:
         """(K,) parameters each component actually estimates from its sessions.
@@ -318,6 +389,8 @@ class TypedSession:
             df = df + used(stats[:, self.cells])
         else:
             df = df + 4
+        if self.n_slot_columns:
+            df = df + used(stats[:, -self.n_slot_columns:])
         return (df + 1 + 2 * _GAUSS_DIMS.size).astype(np.float64)
 
     def params_per_component(self, dim: int) -> int:
@@ -451,10 +524,12 @@ class Mixture:
         m._ledger_add(keys, R)
         return m
 
-    def n_params(self) -> int:
+    def n_params(self) -> float:
         k = int(self.alive.sum())
         dim = self.stats.shape[1]
-        return k * self.family.params_per_component(_dim_hint(self.family, dim)) + (k - 1)
+        slots = getattr(self.family, "slot_params", None)
+        per = self.family.params_per_component(_dim_hint(self.family, dim)) + (slots(self.stats) if slots else 0)
+        return k * per + (k - 1)
 
     def n_params_effective(self) -> float:
         """Parameters estimated from data (see TypedSession.effective_params); the
@@ -465,22 +540,23 @@ class Mixture:
         alive = self.alive
         return float(eff(self.stats[alive]).sum() + (alive.sum() - 1))
 
-    def bic(self, X: np.ndarray) -> float:
-        """BIC = -2 log L + p log N (lower is better)."""
-        return -2.0 * self.log_likelihood(X) + self.n_params() * np.log(max(X.shape[0], 1))
+    def bic(self, X: np.ndarray, penalty: float = 1.0) -> float:
+        """BIC = -2 log L + penalty * p log N (lower is better; penalty 1 = plain BIC)."""
+        return -2.0 * self.log_likelihood(X) + penalty * self.n_params() * np.log(max(X.shape[0], 1))
 
-    def bic_effective(self, X: np.ndarray) -> float:
+    def bic_effective(self, X: np.ndarray, penalty: float = 1.0) -> float:
         """BIC with the effective parameter count p_eff (``n_params_effective``)."""
-        return -2.0 * self.log_likelihood(X) + self.n_params_effective() * np.log(max(X.shape[0], 1))
+        return -2.0 * self.log_likelihood(X) + penalty * self.n_params_effective() * np.log(max(X.shape[0], 1))
 
-    def score(self, X: np.ndarray, criterion: str) -> float:
-        """Model-selection criterion by name (lower is better)."""
+    def score(self, X: np.ndarray, criterion: str, penalty: float = 1.0) -> float:
+        """Model-selection criterion by name (lower is better). ``penalty`` multiplies
+        the parameter charge (>1 when the likelihood is known to be optimistic)."""
         if criterion == "bic":
-            return self.bic(X)
+            return self.bic(X, penalty)
         if criterion == "icl":
             return self.icl(X)
         if criterion == "bic_eff":
-            return self.bic_effective(X)
+            return self.bic_effective(X, penalty)
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
 
     def icl(self, X: np.ndarray) -> float:
@@ -541,7 +617,8 @@ def fit_em(X: np.ndarray, k: int, family: Family, rng: np.random.Generator,
         raise ValueError(f"k must be in 1..{n} (number of sessions), got {k}")
     Phi = family.phi(X)
     if init_labels is None:
-        Z = standardise(X)
+        seed = getattr(family, "seed_features", None)
+        Z = standardise(seed(X) if seed else X)
         centers = kmeans_plus_plus(Z, k, rng)
         d2 = ((Z[:, None, :] - centers[None, :, :]) ** 2).sum(axis=2)
         init_labels = d2.argmin(axis=1)
@@ -581,7 +658,8 @@ class Selection:
 def fit_select_k(X: np.ndarray, k_max: int = 6, family: Family | None = None, seed: int = 0,
                  n_init: int = 2, criterion: str = "bic", clamp: np.ndarray | None = None,
                  k_min: int = 1, keys: np.ndarray | None = None,
-                 max_iter: int = 200) -> Selection:
+                 max_iter: int = 200, penalty: float = 1.0,
+                 extra_inits: list[np.ndarray] | None = None) -> Selection:
     """Fit k = k_min..min(k_max, N) components (``n_init`` seedings each, best
     likelihood kept) and keep the k with the lowest ``criterion`` ("bic", "icl" or
     "bic_eff" = BIC with the effective parameter count, see Mixture.n_params_effective).
@@ -599,12 +677,15 @@ def fit_select_k(X: np.ndarray, k_max: int = 6, family: Family | None = None, se
     best: tuple[float, Mixture, int] | None = None
     for k in range(max(k_min, 1), min(k_max, X.shape[0]) + 1):
         top: tuple[float, Mixture] | None = None
-        for _ in range(n_init if k > 1 else 1):
-            m, trace = fit_em(X, k, family, rng, clamp=clamp, keys=keys, max_iter=max_iter)
+        inits: list[np.ndarray | None] = [None] * (n_init if k > 1 else 1)
+        # Extra seedings (e.g. one component per personal device) for their own k.
+        inits += [lab for lab in (extra_inits or []) if int(lab.max()) + 1 == k and k > 1]
+        for init in inits:
+            m, trace = fit_em(X, k, family, rng, clamp=clamp, keys=keys, max_iter=max_iter, init_labels=init)
             if top is None or trace[-1] > top[0]:
                 top = (trace[-1], m)
         assert top is not None
-        score = top[1].score(X, criterion)
+        score = top[1].score(X, criterion, penalty)
         scores[k] = score
         if best is None or score < best[0]:
             best = (score, top[1], k)

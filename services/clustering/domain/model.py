@@ -47,6 +47,13 @@ from services.clustering.domain.kmeans import IncrementalKMeans, fit_select_k_km
 
 MODEL_FORMAT_VERSION = 1
 MIN_SESSIONS = 10
+BIC_PENALTY = 1.0         # multiplier of BIC's parameter charge (tuned on TUNING worlds)
+RESELECT_EVERY = 10       # new sessions between checks of the number of persons
+RECENT_WINDOW = 40        # sessions a newcomer / a leaver is looked for in
+BUFFER_CAP = 1000         # sessions the re-selection refits on (the newest)
+RESELECT_HYSTERESIS = 10.0  # BIC units a new person count must win by (stable ids)
+LEAVE_MIN_WEIGHT = 0.2    # a person this common who is absent from RECENT_WINDOW has left
+DEVICE_SLOTS = 16  # distinct device ids a household model tells apart (more: judged by type)
 K_MAX = 6
 MATCH_MIN_OVERLAP = 0.3
 DEFAULT_TEMPERATURE = 5.1  # min Brier on calibration seeds 500+ (120 households, default difficulty)
@@ -83,8 +90,12 @@ def default_family() -> TypedSession:
     """The household model's mixture family: the typed family with binge sessions'
     lengths pooled across persons (gmm.TypedSession, binge_lengths="pooled").
     Measured on tuning seeds 7 (40 households, default difficulty): binge accuracy
-    0.80 -> 0.91, session accuracy 0.913 -> 0.926 (docs/clustering.md)."""
-    return TypedSession(binge_lengths="pooled")
+    0.80 -> 0.91, session accuracy 0.913 -> 0.926 (docs/clustering.md).
+    Device identity (``device_slots``): a categorical over the household's device ids
+    per person. Tuning worlds (bench/worlds.py TUNING, 48 households): session accuracy
+    0.587 -> 0.643, household size exact 0.48 -> 0.63. Sessions without a device id
+    (Hearth's own simulator, bare feature vectors) score exactly as before."""
+    return TypedSession(binge_lengths="pooled", device_slots=DEVICE_SLOTS)
 
 
 class ModelFormatError(ValueError):
@@ -183,7 +194,9 @@ class PopulationPrior:
 
 def _family_meta(fam: TypedSession) -> dict:
     return {k: getattr(fam, k) for k in ("genre_weight", "device_alpha", "genre_beta", "binge_alpha",
-                                         "angle_pseudo", "kappa_max", "rhythm", "rhythm_alpha", "rhythm_share", "binge_lengths")}
+                                         "angle_pseudo", "kappa_max", "rhythm", "rhythm_alpha", "rhythm_share", "binge_lengths",
+                                         "device_slots", "slot_alpha", "slot_weight", "rhythm_weight",
+                                         "device_weight", "binge_weight", "gauss_weight")}
 
 
 def _heuristic_key(X: np.ndarray) -> np.ndarray:
@@ -198,7 +211,8 @@ class HouseholdModel:
 
     def __init__(self, variant: str = "gmm", k_max: int = K_MAX, cold_start: str = "population_prior",
                  population_prior: PopulationPrior | None = None, temperature: float = DEFAULT_TEMPERATURE,
-                 seed: int = 0, family: TypedSession | None = None, n_init: int = 2) -> None:
+                 seed: int = 0, family: TypedSession | None = None, n_init: int = 2,
+                 bic_penalty: float = BIC_PENALTY, reselect: bool = True) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if cold_start not in COLD_START_STRATEGIES:
@@ -215,6 +229,8 @@ class HouseholdModel:
         self.seed = seed
         self.family = family or default_family()
         self.n_init = n_init
+        self.bic_penalty = bic_penalty
+        self.reselect = reselect
         self.mixture: Mixture | None = None
         self.kmeans: IncrementalKMeans | None = None
         self.person_ids: list[str] = []
@@ -227,6 +243,15 @@ class HouseholdModel:
         self.fallback_count = 0
         self.label_map: dict[str, str] = {}
         self.cold_X = np.zeros((0, F.FEATURE_DIM))
+        self.cold_slots = np.zeros(0, dtype=np.int64)
+        self.device_ids: list[str] = []  # device slot i is device_ids[i]
+        # Re-selection of the number of persons as sessions accumulate (see _reselect):
+        # the recent sessions the check refits on, and what it decided.
+        self.buffer = np.zeros((0, F.FEATURE_DIM + 1), dtype=np.float32)
+        self.buffer_keys = np.zeros(0, dtype=np.int64)
+        self.since_check = 0
+        self.composition_events: list[dict] = []
+        self.inactive: set[str] = set()
         self.n_sessions = 0
         self.next_key = 0
 
@@ -262,27 +287,65 @@ class HouseholdModel:
         return pid
 
     # -- fitting ------------------------------------------------------------------
+    def slots_for(self, device_ids: Sequence[str] | None, n: int) -> np.ndarray:
+        """(n,) household-local device slots of ``device_ids`` (in order of first
+        appearance; new devices get the next free slot). -1 = unknown: no device id
+        given, or more devices than the family has slots (the slot is then marginalised
+        out and the session is judged by its device *type* only)."""
+        if device_ids is None:
+            return np.full(n, -1, dtype=np.int64)
+        device_ids = list(device_ids)
+        if len(device_ids) != n:
+            raise ValueError(f"device_ids ({len(device_ids)}) must match features ({n})")
+        limit = getattr(self.family, "device_slots", 0)
+        index = {d: i for i, d in enumerate(self.device_ids)}
+        out = np.empty(n, dtype=np.int64)
+        for r, d in enumerate(device_ids):
+            if not d:
+                out[r] = -1
+                continue
+            if d not in index and len(self.device_ids) < limit:
+                index[d] = len(self.device_ids)
+                self.device_ids.append(d)
+            out[r] = index.get(d, -1)
+        return out
+
+    def _augment(self, X: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """Features plus the device-slot column the mixture family reads (when it uses
+        device slots)."""
+        if not getattr(self.family, "device_slots", 0):
+            return X
+        return np.hstack((X, slots[:, None].astype(np.float64)))
+
     def fit(self, X: np.ndarray, labels: Sequence[str | None] | None = None,
-            keys: np.ndarray | None = None) -> HouseholdModel:
-        """Full refit on all of the household's sessions (ids stay stable)."""
+            keys: np.ndarray | None = None, device_ids: Sequence[str] | None = None) -> HouseholdModel:
+        """Full refit on all of the household's sessions (ids stay stable).
+        ``device_ids`` (one per session, optional) lets the model use device identity."""
         X = _check_X(X)
         n = X.shape[0]
+        slots = self.slots_for(device_ids, n)
         keys = np.arange(n, dtype=np.int64) if keys is None else np.asarray(keys, dtype=np.int64)
         if keys.shape[0] != n:
             raise ValueError(f"keys ({keys.shape[0]}) must match features ({n})")
         labels = self._check_labels(labels, n)
         self.n_sessions = n
         self.next_key = int(keys.max()) + 1 if n else 0
+        # A full refit reflects only the sessions it is given: a label (profile hint) no
+        # session carries any more, e.g. after an erasure, leaves the model (unlearning).
+        present = {lab for lab in labels if lab is not None} if labels else set()
+        self.label_map = {k: v for k, v in self.label_map.items() if k in present}
         if n < MIN_SESSIONS:
             self.cold_X = X.copy()
+            self.cold_slots = slots.copy()
             self.mixture = self.kmeans = None
             return self
-        old_post = self._posterior_for_matching(X)
+        Xa = self._augment(X, slots)
+        old_post = self._posterior_for_matching(Xa)
         old_ids = list(self.person_ids)
         label_names = sorted({lab for lab in labels if lab is not None}) if labels else []
         if self.variant == "gmm":
             try:
-                self._fit_gmm(X, labels, label_names, keys)
+                self._fit_gmm(Xa, labels, label_names, keys)
                 self.kmeans = None
                 self.fallback = False
             except MixtureNumericalError:
@@ -293,22 +356,25 @@ class HouseholdModel:
         else:
             self.mixture = None
             self.kmeans = fit_select_k_kmeans(X, self.k_max, self.seed, KMEANS_SCALE)
-        new_post = self._proba(X, temperature=1.0)
+        new_post = self._proba(Xa, temperature=1.0)
         self.person_ids = self._match_ids(old_ids, old_post, new_post, label_names)
         self.cold_X = np.zeros((0, F.FEATURE_DIM))
+        self.cold_slots = np.zeros(0, dtype=np.int64)
         return self
 
     def _fit_gmm(self, X: np.ndarray, labels: list[str | None] | None, label_names: list[str],
                  keys: np.ndarray) -> None:
         if not label_names:
             self.mixture = fit_select_k(X, self.k_max, self.family, self.seed, self.n_init,
-                                        criterion=_criterion(X.shape[0]), keys=keys).model
+                                        criterion=_criterion(X.shape[0]), keys=keys, penalty=self.bic_penalty,
+                                        extra_inits=self._device_inits(X)).model
+            self._reset_buffer(X, keys)
             return
         # Semi-supervised: component j < L is label_names[j]; labelled sessions clamped.
         index = {name: j for j, name in enumerate(label_names)}
         clamp = np.array([index[lab] if lab is not None else -1 for lab in labels], dtype=np.int64)
         L = len(label_names)
-        Z = standardise(X)
+        Z = standardise(self.family.seed_features(X))
         rng = np.random.default_rng(self.seed)
         best: tuple[float, Mixture] | None = None
         # Candidate 1: the unsupervised solution with its components renamed after the
@@ -340,14 +406,16 @@ class HouseholdModel:
         assert best is not None
         self.mixture = best[1]
         self._label_components = L
+        self._reset_buffer(X, keys)
 
     def update(self, X: np.ndarray, labels: Sequence[str | None] | None = None,
-               keys: np.ndarray | None = None) -> HouseholdModel:
+               keys: np.ndarray | None = None, device_ids: Sequence[str] | None = None) -> HouseholdModel:
         """Incremental update with new sessions (GMM: one incremental EM step on their
         statistics; k-means: micro-batches). In cold start the sessions are kept and the
         full model is fitted as soon as there are MIN_SESSIONS."""
         X = _check_X(X)
         n = X.shape[0]
+        slots = self.slots_for(device_ids, n)
         if keys is None:
             keys = np.arange(self.next_key, self.next_key + n, dtype=np.int64)
         keys = np.asarray(keys, dtype=np.int64)
@@ -355,10 +423,13 @@ class HouseholdModel:
         self.next_key = max(self.next_key, int(keys.max()) + 1) if n else self.next_key
         if self.active_variant == "cold_start":
             self.cold_X = np.vstack((self.cold_X, X))
+            self.cold_slots = np.concatenate((self.cold_slots, slots))
             self.n_sessions += n
             if self.cold_X.shape[0] >= MIN_SESSIONS:
                 all_keys = np.arange(self.cold_X.shape[0], dtype=np.int64)
-                self.fit(self.cold_X, keys=all_keys)
+                known = self.device_ids
+                cold_devices = [known[s] if s >= 0 else "" for s in self.cold_slots]
+                self.fit(self.cold_X, keys=all_keys, device_ids=cold_devices)
             return self
         self.n_sessions += n
         if self.mixture is not None:
@@ -368,7 +439,13 @@ class HouseholdModel:
                                   if lab is not None and lab in self.label_map
                                   and self.label_map[lab] in self.person_ids else -1 for lab in labels])
             try:
-                self.mixture.partial_fit(X, keys, clamp)
+                Xa = self._augment(X, slots)
+                self.mixture.partial_fit(Xa, keys, clamp)
+                self._buffer_add(Xa, keys)
+                self.since_check += n
+                if self.reselect and self.since_check >= RESELECT_EVERY and not self.label_map:
+                    self.since_check = 0
+                    self._reselect()
             except MixtureNumericalError:
                 # Incremental step failed: k-means on the new sessions with as many
                 # persons as before answers until the service refits on all sessions.
@@ -380,16 +457,138 @@ class HouseholdModel:
             self.kmeans.partial_fit(X)
         return self
 
-    def remove_sessions(self, keys: np.ndarray, X: np.ndarray) -> bool:
+    def remove_sessions(self, keys: np.ndarray, X: np.ndarray, device_ids: Sequence[str] | None = None) -> bool:
         """Exact unlearning for the GMM (subtract the sessions' statistics). Returns
         False when the active model cannot unlearn exactly (k-means, cold start): the
         caller must refit from the remaining sessions."""
         X = _check_X(X)
         if self.mixture is None:
             return False
-        self.mixture.remove_sessions(keys, X)
+        self.mixture.remove_sessions(keys, self._augment(X, self.slots_for(device_ids, X.shape[0])))
         self.n_sessions -= X.shape[0]
         return True
+
+    # -- the number of persons keeps up ---------------------------------------------
+    def _reset_buffer(self, Xa: np.ndarray, keys: np.ndarray) -> None:
+        width = F.FEATURE_DIM + 1
+        B = np.full((Xa.shape[0], width), -1.0, dtype=np.float32)
+        B[:, :Xa.shape[1]] = Xa
+        self.buffer, self.buffer_keys = B[-BUFFER_CAP:], np.asarray(keys, dtype=np.int64)[-BUFFER_CAP:]
+        self.since_check = 0
+
+    def _buffer_add(self, Xa: np.ndarray, keys: np.ndarray) -> None:
+        B = np.full((Xa.shape[0], F.FEATURE_DIM + 1), -1.0, dtype=np.float32)
+        B[:, :Xa.shape[1]] = Xa
+        self.buffer = np.vstack((self.buffer, B))[-BUFFER_CAP:]
+        self.buffer_keys = np.concatenate((self.buffer_keys, np.asarray(keys, dtype=np.int64)))[-BUFFER_CAP:]
+
+    def _buffer_X(self) -> np.ndarray:
+        X = self.buffer.astype(np.float64)
+        return X if getattr(self.family, "device_slots", 0) else X[:, :F.FEATURE_DIM]
+
+    def _device_inits(self, Xa: np.ndarray) -> list[np.ndarray]:
+        """A seeding with one person per personal device (mobile, tablet, desktop) and
+        every other session with the nearest of them: the device heuristic, which EM
+        then refines (and BIC weighs against the k-means++ seedings)."""
+        if not getattr(self.family, "device_slots", 0) or Xa.shape[1] != F.FEATURE_DIM + 1:
+            return []
+        slots = np.rint(Xa[:, F.FEATURE_DIM]).astype(np.int64)
+        dtype = Xa[:, F.DEVICE].argmax(axis=1)
+        personal_types = [F.DEVICE_TYPES.index(t) for t in ("mobile", "tablet", "desktop")]
+        personal = [sl for sl in np.unique(slots[slots >= 0])
+                    if np.isin(dtype[slots == sl], personal_types).mean() > 0.5]
+        if not 2 <= len(personal) <= self.k_max:
+            return []
+        keep = np.ones(F.FEATURE_DIM, dtype=bool)
+        keep[F.DEVICE] = False
+        Z = standardise(Xa[:, :F.FEATURE_DIM][:, keep])
+        labels = np.full(Xa.shape[0], -1)
+        for j, sl in enumerate(personal):
+            labels[slots == sl] = j
+        C = np.array([Z[labels == j].mean(axis=0) for j in range(len(personal))])
+        rest = labels < 0
+        if rest.any():
+            labels[rest] = ((Z[rest, None, :] - C[None]) ** 2).sum(axis=2).argmin(axis=1)
+        return [labels]
+
+    def _reselect(self) -> None:
+        """Is the number of persons still right? Refit the recent sessions (the buffer)
+        from the current persons with k-1, k and k+1 components (k+1: the recent
+        sessions the model explains worst seed a newcomer; k-1: the two most similar
+        persons merged) and move to another count only when it wins by
+        RESELECT_HYSTERESIS BIC units, so ids stay put on noise. A person who was
+        common and is absent from the last RECENT_WINDOW sessions is marked as having
+        left (a composition event), without forgetting their past sessions."""
+        mix = self.mixture
+        if mix is None or self.buffer.shape[0] < 2 * RECENT_WINDOW:
+            return
+        X = self._buffer_X()
+        n = X.shape[0]
+        k = mix.n_components
+        lj = mix.log_joint(X)
+        current = lj.argmax(axis=1)
+        rng = np.random.default_rng(self.seed + n)
+        crit = _criterion(n)
+
+        def refit(k_new: int, init: np.ndarray) -> tuple[float, Mixture] | None:
+            try:
+                m, _ = fit_em(X, k_new, self.family, rng, keys=self.buffer_keys, init_labels=init, max_iter=40)
+            except (MixtureNumericalError, ValueError):
+                return None
+            return m.score(X, crit, self.bic_penalty), m
+
+        base = refit(k, current)
+        if base is None:
+            return
+        options = {k: base}
+        recent = np.arange(n - RECENT_WINDOW, n)
+        if k < self.k_max:
+            fit_recent = logsumexp(lj[recent], axis=1)
+            worst = recent[np.argsort(fit_recent)[:max(4, RECENT_WINDOW // 4)]]
+            init = current.copy()
+            init[worst] = k
+            cand = refit(k + 1, init)
+            if cand is not None:
+                options[k + 1] = cand
+        if k > 1:
+            P = np.exp(lj - logsumexp(lj, axis=1, keepdims=True))
+            overlap = P.T @ P
+            np.fill_diagonal(overlap, -np.inf)
+            a, b = np.unravel_index(np.argmax(overlap), overlap.shape)
+            init = current.copy()
+            init[init == max(a, b)] = min(a, b)
+            init[init > max(a, b)] -= 1
+            cand = refit(k - 1, init)
+            if cand is not None:
+                options[k - 1] = cand
+        best_k = min(options, key=lambda kk: options[kk][0])
+        if best_k != k and options[best_k][0] < base[0] - RESELECT_HYSTERESIS:
+            old_ids = list(self.person_ids)
+            old_post = mix.predict_proba(X)
+            new = options[best_k][1]
+            new.prune()
+            self.mixture = new
+            self.person_ids = self._match_ids(old_ids, old_post, new.predict_proba(X), [])
+            born = [p for p in self.person_ids if p not in old_ids]
+            gone = [p for p in old_ids if p not in self.person_ids]
+            self._composition_event("join" if len(self.person_ids) > len(old_ids) else "merge",
+                                    born=born, gone=gone)
+        # A person who has left: common overall, absent lately.
+        mix = self.mixture
+        P = mix.predict_proba(X[recent])
+        weights = np.exp(mix.log_weights)
+        for j, pid in enumerate(self.person_ids):
+            recent_mass = float(P[:, j].sum())
+            if weights[j] >= LEAVE_MIN_WEIGHT and recent_mass < 0.5 and pid not in self.inactive:
+                self.inactive.add(pid)
+                self._composition_event("leave", born=[], gone=[pid])
+            elif pid in self.inactive and recent_mass >= 2.0:
+                self.inactive.discard(pid)
+
+    def _composition_event(self, kind: str, born: list[str], gone: list[str]) -> None:
+        self.composition_events.append({"kind": kind, "session_count": int(self.n_sessions),
+                                        "persons": len(self.person_ids), "born": born, "gone": gone})
+        del self.composition_events[:-50]
 
     @staticmethod
     def _check_labels(labels: Sequence[str | None] | None, n: int) -> list[str | None] | None:
@@ -428,22 +627,31 @@ class HouseholdModel:
         return [i if i is not None else self._new_id() for i in ids]
 
     # -- assignment ---------------------------------------------------------------
+    def _known_slots(self, device_ids: Sequence[str] | None, n: int) -> np.ndarray:
+        """Slots of devices the model knows (assignment never adds a device)."""
+        if device_ids is None:
+            return np.full(n, -1, dtype=np.int64)
+        index = {d: i for i, d in enumerate(self.device_ids)}
+        return np.array([index.get(d, -1) for d in device_ids], dtype=np.int64)
+
     def _proba(self, X: np.ndarray, temperature: float | None = None) -> np.ndarray:
         if self.mixture is not None:
             t = self.temperature if temperature is None else temperature
             return self.mixture.predict_proba(X, t)
         assert self.kmeans is not None
-        return self.kmeans.predict_proba(X, KMEANS_TEMPERATURE if temperature is None else temperature)
+        return self.kmeans.predict_proba(X[:, :F.FEATURE_DIM], KMEANS_TEMPERATURE if temperature is None else temperature)
 
-    def assign_batch(self, X: np.ndarray) -> BatchAssignment:
-        """Vectorised assignment of many sessions of this household."""
+    def assign_batch(self, X: np.ndarray, device_ids: Sequence[str] | None = None) -> BatchAssignment:
+        """Vectorised assignment of many sessions of this household (``device_ids``
+        optional: a device the model has not seen is judged by its type only)."""
         X = _check_X(X)
+        slots = self._known_slots(device_ids, X.shape[0])
         until = max(0, MIN_SESSIONS - self.n_sessions)
         if self.active_variant == "cold_start":
             ids, P = self._cold_assign(X)
             strategy = f"cold_start:{self._cold_strategy()}"
         else:
-            P = self._proba(X)
+            P = self._proba(self._augment(X, slots))
             ids = tuple(self.person_ids)
             strategy = self.active_variant
         idx = P.argmax(axis=1)
@@ -553,8 +761,12 @@ class HouseholdModel:
             "fallback": self.fallback,
             "fallback_count": self.fallback_count, "label_map": self.label_map,
             "n_sessions": self.n_sessions, "next_key": self.next_key, "active": self.active_variant,
+            "device_ids": self.device_ids, "bic_penalty": self.bic_penalty, "reselect": self.reselect,
+            "since_check": self.since_check, "composition_events": self.composition_events,
+            "inactive": sorted(self.inactive),
         }
-        arrays: dict[str, np.ndarray] = {"cold_X": self.cold_X}
+        arrays: dict[str, np.ndarray] = {"cold_X": self.cold_X, "cold_slots": self.cold_slots,
+                                         "buffer": self.buffer, "buffer_keys": self.buffer_keys}
         if self.mixture is not None:
             arrays["stats"] = self.mixture.stats
             arrays["ledger_keys"] = self.mixture.ledger_keys
@@ -588,6 +800,15 @@ class HouseholdModel:
         m.label_map = dict(meta["label_map"])
         m.n_sessions, m.next_key = meta["n_sessions"], meta["next_key"]
         m.cold_X = z["cold_X"]
+        m.cold_slots = z["cold_slots"] if "cold_slots" in z else np.full(m.cold_X.shape[0], -1, dtype=np.int64)
+        m.device_ids = list(meta.get("device_ids", []))
+        m.bic_penalty = float(meta.get("bic_penalty", 1.0))
+        m.reselect = bool(meta.get("reselect", False))
+        m.since_check = int(meta.get("since_check", 0))
+        m.composition_events = list(meta.get("composition_events", []))
+        m.inactive = set(meta.get("inactive", []))
+        if "buffer" in z:
+            m.buffer, m.buffer_keys = z["buffer"], z["buffer_keys"]
         if "stats" in z:
             mix = Mixture(m.family, z["stats"])
             mix.ledger_keys = z["ledger_keys"]
@@ -643,6 +864,9 @@ class ScoringTable:
         if cached is not None:
             return cached
         H, K, S = self.W.shape
+        # Device-slot columns (the last ones) need the session's device id, which a bare
+        # feature vector does not carry: the slot is marginalised out (contributes 0).
+        S -= getattr(self.family, "n_slot_columns", 0)
         if getattr(self.family, "rhythm", None) != "bins":
             raise ValueError("the fast path needs the binned-rhythm typed family")
         d = F.FEATURE_DIM

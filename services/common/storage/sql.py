@@ -13,6 +13,7 @@ import contextlib
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ class Database(Protocol):
     dialect: str
 
     def transaction(self) -> contextlib.AbstractContextManager[Tx]: ...
+    def purge_erased(self, tables: Sequence[str] = (), rewrite: bool = False) -> dict[str, Any]: ...
     def close(self) -> None: ...
 
 
@@ -97,6 +99,9 @@ class SqliteDatabase:
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA busy_timeout=30000")
+            # Deleted rows are overwritten with zeros in the page (and so in the WAL frame
+            # that carries it), not just unlinked: erased means unreadable (docs/privacy.md).
+            conn.execute("PRAGMA secure_delete=ON")
             self._local.conn = conn
             with self._lock:
                 self._all.append(conn)
@@ -137,6 +142,27 @@ class SqliteDatabase:
                 raise
             else:
                 conn.execute("COMMIT")
+
+    def purge_erased(self, tables: Sequence[str] = (), rewrite: bool = False) -> dict[str, Any]:
+        """Make an erasure physical (call after the erasing transaction committed).
+
+        ``secure_delete`` already zeroed the deleted cells in the pages written to the
+        WAL; the older WAL frames still hold the pages as they were before. A TRUNCATE
+        checkpoint copies every frame into the main file and truncates the ``-wal`` file
+        to zero bytes, so no earlier page image survives anywhere. It waits (busy
+        handler) for readers on an older snapshot; a checkpoint that stays busy is
+        retried, then reported (``complete`` False) rather than hidden."""
+        started = time.time()
+        complete = False
+        with self._in_use() as conn:
+            for _ in range(20):
+                busy, _log, _done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                if not busy:
+                    complete = True
+                    break
+                time.sleep(0.05)
+        return {"store": "sqlite", "where": Path(self.path).name,
+                "action": "secure_delete; wal_checkpoint(TRUNCATE)", "at": started, "complete": complete}
 
     def close(self, timeout_s: float = 30.0) -> None:
         with self._idle:
@@ -204,6 +230,31 @@ class PostgresDatabase:
             raise Unavailable(f"database unavailable: {exc.__class__.__name__}") from exc
         except PoolClosed as exc:  # closed while the service shuts down; in-flight use finishes
             raise Unavailable("database is closed (the service is shutting down)") from exc
+
+    def purge_erased(self, tables: Sequence[str] = (), rewrite: bool = False) -> dict[str, Any]:
+        """After an erasure: VACUUM (ANALYZE) the tables it deleted from, so dead tuples
+        leave the heap and its indexes and the planner statistics (``pg_statistic``
+        most-common values) are recomputed without the erased rows. ``rewrite`` (small
+        tables only, it locks them): VACUUM FULL, a fresh copy without any freed bytes. What this does not
+        reach (bytes left in page free space until reused, WAL segments until recycled,
+        archives, replicas' WAL) is covered by encryption under the household key the
+        deletion destroys; docs/privacy.md says what "erased" means on PostgreSQL."""
+        import psycopg
+
+        started = time.time()
+        try:
+            with self._pool.connection() as conn:
+                conn.autocommit = True
+                try:
+                    for table in tables:
+                        conn.execute(f'VACUUM ({"FULL, " if rewrite else ""}ANALYZE) "{self.schema}"."{table}"')
+                finally:
+                    conn.autocommit = False
+        except psycopg.OperationalError as exc:
+            raise Unavailable(f"database unavailable: {exc.__class__.__name__}") from exc
+        return {"store": "postgres", "where": f"{self.schema}: {', '.join(tables)}",
+                "action": "VACUUM (FULL, ANALYZE)" if rewrite else "VACUUM (ANALYZE)", "at": started,
+                "complete": True}
 
     def close(self) -> None:
         self._pool.close()

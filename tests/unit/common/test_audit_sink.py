@@ -180,11 +180,12 @@ def test_close_flushes_what_is_queued_and_later_records_are_dropped():
 def _all_rpcs() -> set[str]:
     from hearth.attribution.v1 import attribution_pb2
     from hearth.clustering.v1 import clustering_pb2
+    from hearth.common.v1 import common_pb2
     from hearth.feedback.v1 import feedback_pb2
     from hearth.privacy.v1 import privacy_pb2
 
     return {f"/{service.full_name}/{method.name}"
-            for module in (clustering_pb2, attribution_pb2, privacy_pb2, feedback_pb2)
+            for module in (clustering_pb2, attribution_pb2, privacy_pb2, feedback_pb2, common_pb2)
             for service in module.DESCRIPTOR.services_by_name.values()
             for method in service.methods}
 
@@ -213,8 +214,8 @@ def test_vocabulary_matches_the_log_domain():
      "authentication_failure"),
     ("/hearth.privacy.v1.PrivacyService/AppendAudit", grpc.StatusCode.OK, None),
     ("/hearth.privacy.v1.PrivacyService/QueryAudit", grpc.StatusCode.OK, "audit_export"),
-    ("/hearth.feedback.v1.FeedbackService/Erase", grpc.StatusCode.OK, "deletion_completed"),
-    ("/hearth.feedback.v1.FeedbackService/Erase", grpc.StatusCode.UNAVAILABLE, "deletion_failed"),
+    ("/hearth.common.v1.DataHolder/Erase", grpc.StatusCode.OK, "deletion_completed"),
+    ("/hearth.common.v1.DataHolder/Erase", grpc.StatusCode.UNAVAILABLE, "deletion_failed"),
     ("/unknown.Service/Method", grpc.StatusCode.OK, None),
 ])
 def test_event_for(method, code, expected):
@@ -238,8 +239,8 @@ def test_record_rpc_takes_resource_from_the_request_and_outcome_from_the_status(
     transport, sink = memory_sink
     audit.record_rpc("clustering", "/hearth.clustering.v1.ClusteringService/GetHousehold",
                      cpb.GetHouseholdRequest(account_id="acc-9"), ALICE, [], grpc.StatusCode.NOT_FOUND, "ab" * 16)
-    erase = cpb.EraseRequest(scope=common_pb2.ErasureScope(account_id="acc-3", household=True))
-    audit.record_rpc("clustering", "/hearth.clustering.v1.ClusteringService/Erase", erase,
+    erase = common_pb2.EraseRequest(scope=common_pb2.ErasureScope(account_id="acc-3", household=True))
+    audit.record_rpc("clustering", "/hearth.common.v1.DataHolder/Erase", erase,
                      identity.service_principal("privacy"), [], grpc.StatusCode.OK, "")
     audit.record_rpc("clustering", "/hearth.clustering.v1.ClusteringService/IngestEvents",
                      iter([]), ALICE, [], grpc.StatusCode.INTERNAL, "")

@@ -16,7 +16,7 @@ from services.common.identity import Principal, Role
 from services.common.permissions import Permission, authorize_route, authorize_rpc
 
 ROOT = Path(__file__).resolve().parents[3]
-SERVICES = ("clustering", "attribution", "privacy", "feedback")
+SERVICES = ("clustering", "attribution", "privacy", "feedback", "common")  # common: DataHolder
 
 
 def proto_rpcs() -> set[str]:
@@ -89,7 +89,7 @@ def test_service_ingests_assigns_and_erases_but_cannot_delete_or_export():
                 "/hearth.feedback.v1.FeedbackService/RecordPrediction"):
         authorize_rpc(who(Role.SERVICE), rpc)
     erase = [rpc for rpc in proto_rpcs() if rpc.endswith("/Erase")]
-    assert len(erase) == 3
+    assert erase == ["/hearth.common.v1.DataHolder/Erase"]  # one erasure contract
     for rpc in erase:
         authorize_rpc(who(Role.SERVICE), rpc)
         with pytest.raises(PermissionDenied):
@@ -143,3 +143,11 @@ def test_generated_table_marks_exactly_the_granted_cells():
         line = next(l for l in table.splitlines() if l.startswith(f"| `{route}` |"))
         cells = [c.strip() for c in line.strip("|").split("|")][2:]
         assert cells == ["yes" if permissions.allowed(r, permission) else "—" for r in roles]
+
+
+def test_a_service_may_fetch_the_calibrator_clustering_applies():
+    """Clustering (a service principal) fetches feedback's calibration map; before
+    issue #10 this call was refused and the recalibration never reached assignments."""
+    authorize_rpc(who(Role.SERVICE), "/hearth.feedback.v1.FeedbackService/GetCalibrator")
+    with pytest.raises(PermissionDenied):
+        authorize_rpc(who(Role.SERVICE), "/hearth.feedback.v1.FeedbackService/SetFlag")

@@ -1,0 +1,330 @@
+"""Evaluation on the randomized world families (bench/worlds.py), beside baselines.
+
+Methods get a household's sessions exactly as the service has them (feature vectors
+from the real session builder plus the device id of each session) and return a label
+per session and, when they have them, probabilities. Every method runs on the same
+sessions. Metrics are those of bench/accuracy.py plus ``single_person_kept`` and
+``gap_closed`` (the share of the majority -> supervised-oracle gap a method closes).
+
+Two ways of feeding Hearth:
+
+* ``batch``: one fit on all of a household's sessions, then every session assigned;
+* ``streaming``: sessions in time order, a few at a time, folded in the way the
+  service folds them (``HouseholdModel.update``); each session keeps the person id it
+  got when it arrived (ids are strings and must stay stable for this to score well).
+
+Composition change (members joining or leaving, bench/worlds.py) is scored on the
+streaming run: a change is detected when the model raises a composition event
+(a person born or retired) within ``DETECTION_WINDOW`` sessions after it; an event in a
+household without a change, after the warm-up, is a false alarm; false alarms are
+reported per household per quarter (91 days) of monitored time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from sklearn.mixture import GaussianMixture
+from sklearn.model_selection import StratifiedKFold
+
+from bench._clustering_eval import brier_ece_parts, ece, matched_correct
+from bench.worlds import PERSONAL_TYPES, WorldHousehold
+from services.clustering.domain import features as F
+from services.clustering.domain.model import HouseholdModel
+
+STREAM_BATCH = 5          # sessions per arrival in the streaming run
+DETECTION_WINDOW = 30     # sessions after a change within which detection counts
+WARMUP_SESSIONS = 40      # composition events before this are model building, not alarms
+QUARTER_S = 91 * 86_400.0
+
+
+# ---- methods ---------------------------------------------------------------------------
+
+def hearth_batch(h: WorldHousehold, **kw):
+    m = HouseholdModel(**kw).fit(h.features, device_ids=h.device_id)
+    b = m.assign_batch(h.features, device_ids=h.device_id)
+    return b.person_index, b.probabilities
+
+
+def hearth_stream(h: WorldHousehold, batch: int = STREAM_BATCH, **kw):
+    """Sessions arrive ``batch`` at a time; returns (labels at arrival, probabilities at
+    arrival padded to a common width, composition events [(session index, kind)])."""
+    m = HouseholdModel(**kw)
+    ids: list[str] = []
+    probs: list[dict[str, float]] = []
+    events: list[tuple[int, str]] = []
+    for a in range(0, h.n_sessions, batch):
+        b = min(a + batch, h.n_sessions)
+        before = len(m.composition_events) if hasattr(m, "composition_events") else 0
+        m.update(h.features[a:b], device_ids=h.device_id[a:b])
+        for ev in getattr(m, "composition_events", [])[before:]:
+            events.append((b, ev["kind"]))
+        out = m.assign_batch(h.features[a:b], device_ids=h.device_id[a:b])
+        for r in range(b - a):
+            ids.append(out.person_ids[int(out.person_index[r])])
+            probs.append({pid: float(p) for pid, p in zip(out.person_ids, out.probabilities[r])})
+    names = sorted(set(ids) | {k for p in probs for k in p})
+    col = {n: i for i, n in enumerate(names)}
+    labels = np.array([col[i] for i in ids])
+    P = np.zeros((h.n_sessions, len(names)))
+    for r, p in enumerate(probs):
+        for k, v in p.items():
+            P[r, col[k]] = v
+    return labels, P, events
+
+
+def periodic_refit_stream(h: WorldHousehold, every: int = 50):
+    """Baseline for composition change: a full refit every ``every`` sessions (k
+    re-selected); a change of the person count counts as a composition event."""
+    events, k_prev = [], None
+    for b in range(every, h.n_sessions + 1, every):
+        m = HouseholdModel().fit(h.features[:b], device_ids=h.device_id[:b])
+        k = m.n_persons
+        if k_prev is not None and k != k_prev:
+            events.append((b, "join" if k > k_prev else "leave"))
+        k_prev = k
+    return events
+
+
+def majority(h: WorldHousehold):
+    return np.zeros(h.n_sessions, dtype=np.int64), np.ones((h.n_sessions, 1))
+
+
+def _standardised(X: np.ndarray) -> np.ndarray:
+    X = X.astype(np.float64)
+    return (X - X.mean(axis=0)) / np.maximum(X.std(axis=0), 1e-3)
+
+
+def device_heuristic(h: WorldHousehold):
+    """Each personal device (mobile, tablet, desktop) is one person; sessions on shared
+    devices go to the nearest personal device's centroid (standardised features without
+    the device block); no personal device: one person."""
+    personal = np.isin(h.device_type, PERSONAL_TYPES)
+    devs = sorted(set(h.device_id[personal]))
+    if not devs:
+        return majority(h)
+    keep = np.ones(F.FEATURE_DIM, dtype=bool)
+    keep[F.DEVICE] = False
+    Z = _standardised(h.features[:, keep])
+    labels = np.empty(h.n_sessions, dtype=np.int64)
+    centroids = []
+    for j, d in enumerate(devs):
+        sel = h.device_id == d
+        labels[sel] = j
+        centroids.append(Z[sel].mean(axis=0))
+    C = np.array(centroids)
+    shared = ~personal
+    if shared.any():
+        labels[shared] = ((Z[shared, None, :] - C[None]) ** 2).sum(axis=2).argmin(axis=1)
+    P = np.zeros((h.n_sessions, len(devs)))
+    P[np.arange(h.n_sessions), labels] = 1.0
+    return labels, P
+
+
+def sklearn_gmm_bic(h: WorldHousehold):
+    X = h.features.astype(np.float64)
+    best = None
+    for k in range(1, min(6, len(X)) + 1):
+        g = GaussianMixture(k, covariance_type="full", random_state=0, reg_covar=1e-3, max_iter=60).fit(X)
+        b = g.bic(X)
+        if best is None or b < best[0]:
+            best = (b, g)
+    return best[1].predict(X), best[1].predict_proba(X)
+
+
+def sklearn_kmeans_true_k(h: WorldHousehold):
+    labels = KMeans(h.n_persons, n_init=3, random_state=0).fit_predict(_standardised(h.features))
+    P = np.zeros((h.n_sessions, h.n_persons))
+    P[np.arange(h.n_sessions), labels] = 1.0
+    return labels, P
+
+
+def supervised_oracle(h: WorldHousehold, folds: int = 5):
+    """Logistic regression on the true persons, cross-validated within the household
+    (features + device-id one-hot): an estimate of how much signal the sessions carry."""
+    if h.n_persons == 1:
+        return majority(h)
+    slots = h.device_slots()
+    D = np.zeros((h.n_sessions, slots.max() + 1))
+    D[np.arange(h.n_sessions), slots] = 1.0
+    X = np.hstack((_standardised(h.features), D))
+    y = h.person
+    counts = np.bincount(y)
+    n_splits = int(min(folds, counts.min())) if counts.min() >= 2 else 0
+    P = np.zeros((h.n_sessions, h.n_persons))
+    if n_splits < 2:  # a person with one session: leave it to the others' model
+        clf = LogisticRegression(max_iter=300, C=1.0).fit(X, y)
+        P[:, clf.classes_] = clf.predict_proba(X)
+        return P.argmax(axis=1), P
+    for train, test in StratifiedKFold(n_splits, shuffle=True, random_state=0).split(X, y):
+        clf = LogisticRegression(max_iter=300, C=1.0).fit(X[train], y[train])
+        P[np.ix_(test, clf.classes_)] = clf.predict_proba(X[test])
+    return P.argmax(axis=1), P
+
+
+# ---- metrics ---------------------------------------------------------------------------
+
+def summarise(hs: list[WorldHousehold], preds: list[np.ndarray], probs: list[np.ndarray] | None) -> dict:
+    correct = [matched_correct(h.person, p) for h, p in zip(hs, preds)]
+    allc = np.concatenate(correct)
+    single = [np.unique(p).size == 1 for h, p in zip(hs, preds) if h.n_persons == 1]
+    out = {
+        "session_accuracy": float(allc.mean()),
+        "session_accuracy_household_mean": float(np.mean([c.mean() for c in correct])),
+        "ari": float(np.mean([adjusted_rand_score(h.person, p) for h, p in zip(hs, preds)])),
+        "nmi": float(np.mean([normalized_mutual_info_score(h.person, p) for h, p in zip(hs, preds)])),
+        "household_size_exact": float(np.mean([np.unique(p).size == h.n_persons for h, p in zip(hs, preds)])),
+        "household_size_mean_abs_error": float(np.mean([abs(np.unique(p).size - h.n_persons)
+                                                        for h, p in zip(hs, preds)])),
+        "single_person_kept": float(np.mean(single)) if single else None,
+        "sessions": int(allc.size), "households": len(hs),
+    }
+    if probs is not None:
+        parts = [brier_ece_parts(h.person, P) for h, P in zip(hs, probs)]
+        b = np.concatenate([p[0] for p in parts])
+        conf = np.concatenate([p[1] for p in parts])
+        corr = np.concatenate([p[2] for p in parts])
+        out["brier"] = float(b.mean())
+        out["brier_top_label"] = float(np.mean((conf - corr) ** 2))
+        out["ece"] = ece(conf, corr)
+        out["mean_confidence"] = float(conf.mean())
+    return out
+
+
+def gap_closed(acc: float, majority_acc: float, oracle_acc: float) -> float | None:
+    gap = oracle_acc - majority_acc
+    return float((acc - majority_acc) / gap) if gap > 1e-9 else None
+
+
+def composition_scores(hs: list[WorldHousehold], events: list[list[tuple[int, str]] | None]) -> dict:
+    """``events`` None for a household = not run (excluded)."""
+    detected, delays, by_kind = [], [], {"join": [], "leave": []}
+    false_alarms, quarters = 0, 0.0
+    for h, evs in zip(hs, events):
+        if evs is None:
+            continue
+        if h.changes:
+            c = h.changes[0]
+            hits = [i for i, _ in evs if c.session_index <= i <= c.session_index + DETECTION_WINDOW]
+            ok = bool(hits)
+            detected.append(ok)
+            by_kind[c.kind].append(ok)
+            if ok:
+                delays.append(hits[0] - c.session_index)
+        else:
+            if h.n_sessions > WARMUP_SESSIONS:
+                false_alarms += sum(1 for i, _ in evs if i > WARMUP_SESSIONS)
+                span = h.start_ts[-1] - h.start_ts[WARMUP_SESSIONS]
+                quarters += max(span, 0.0) / QUARTER_S
+    return {
+        "detection_rate": float(np.mean(detected)) if detected else None,
+        "detection_rate_by_kind": {k: (float(np.mean(v)) if v else None) for k, v in by_kind.items()},
+        "mean_delay_sessions": float(np.mean(delays)) if delays else None,
+        "false_alarms_per_household_quarter": false_alarms / quarters if quarters else None,
+        "changes": len(detected), "stable_household_quarters": round(quarters, 2),
+        "window_sessions": DETECTION_WINDOW,
+    }
+
+
+def grouped(hs: list[WorldHousehold], results: dict[str, tuple[list, list | None]], key) -> dict:
+    """Per group (family, household size): every method's summary and Hearth's gap_closed."""
+    out = {}
+    groups = sorted({key(h) for h in hs}, key=str)
+    for g in groups:
+        idx = [i for i, h in enumerate(hs) if key(h) == g]
+        sub = [hs[i] for i in idx]
+        block = {}
+        for name, (preds, probs) in results.items():
+            block[name] = summarise(sub, [preds[i] for i in idx], [probs[i] for i in idx] if probs else None)
+        out[str(g)] = block
+    return out
+
+
+# ---- the whole "worlds" block ----------------------------------------------------------
+
+BASELINES = {
+    "majority": majority,
+    "device_heuristic": device_heuristic,
+    "sklearn_gmm_bic": sklearn_gmm_bic,
+    "sklearn_kmeans_true_k": sklearn_kmeans_true_k,
+    "supervised_oracle": supervised_oracle,
+}
+
+
+def _block(hs, idx, results, stream, comp=None) -> dict:
+    sub = [hs[i] for i in idx]
+    pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+    summaries = {name: summarise(sub, pick(p), pick(q) if q else None) for name, (p, q) in results.items()}
+    maj = summaries["majority"]["session_accuracy"]
+    orc = summaries["supervised_oracle"]["session_accuracy"]
+    block = dict(summaries["hearth"])
+    block["gap_closed"] = gap_closed(block["session_accuracy"], maj, orc)
+    block["baselines"] = {}
+    for name, s in summaries.items():
+        if name != "hearth":
+            s["gap_closed"] = gap_closed(s["session_accuracy"], maj, orc)
+            block["baselines"][name] = s
+    simple = [summaries[n]["session_accuracy"] for n in ("majority", "device_heuristic", "sklearn_gmm_bic",
+                                                         "sklearn_kmeans_true_k")]
+    block["best_simple_baseline_accuracy"] = float(max(simple))
+    if stream is not None:
+        s = summarise(sub, pick(stream[0]), pick(stream[1]))
+        s["gap_closed"] = gap_closed(s["session_accuracy"], maj, orc)
+        block["streaming"] = s
+    if comp is not None:
+        block["composition_change"] = composition_scores(sub, pick(comp["hearth"]))
+        block["composition_change_baselines"] = {
+            "no_change": composition_scores(sub, [[] for _ in idx]),
+            "periodic_refit": composition_scores(sub, pick(comp["periodic_refit"])),
+        }
+    return block
+
+
+def run(hs: list[WorldHousehold], log=lambda m: None, held_out: tuple[str, ...] = (),
+        periodic_baseline: bool = True) -> dict:
+    import time
+    t0 = time.time()
+    results: dict[str, tuple[list, list | None]] = {}
+    preds, probs = [], []
+    for h in hs:
+        p, q = hearth_batch(h)
+        preds.append(p)
+        probs.append(q)
+    results["hearth"] = (preds, probs)
+    log(f"[worlds] hearth batch {time.time() - t0:.0f}s")
+    for name, fn in BASELINES.items():
+        out = [fn(h) for h in hs]
+        results[name] = ([o[0] for o in out], [o[1] for o in out])
+        log(f"[worlds] {name} {time.time() - t0:.0f}s")
+    s_preds, s_probs, s_events = [], [], []
+    for h in hs:
+        p, q, ev = hearth_stream(h)
+        s_preds.append(p)
+        s_probs.append(q)
+        s_events.append(ev)
+    log(f"[worlds] hearth streaming {time.time() - t0:.0f}s")
+    # The periodic-refit baseline refits from scratch every 50 sessions: costly, so it
+    # runs on every household with a change and as many stable ones (the first ones).
+    changed = [i for i, h in enumerate(hs) if h.changes]
+    stable = [i for i, h in enumerate(hs) if not h.changes][:len(changed)]
+    chosen = set(changed + stable) if periodic_baseline else set()
+    periodic = [periodic_refit_stream(h) if i in chosen else None for i, h in enumerate(hs)]
+    log(f"[worlds] periodic refit baseline {time.time() - t0:.0f}s")
+    stream = (s_preds, s_probs)
+    comp = {"hearth": s_events, "periodic_refit": periodic}
+    all_idx = list(range(len(hs)))
+    report = {"all": _block(hs, all_idx, results, stream, comp)}
+    for fam in sorted({h.family for h in hs}):
+        report[fam] = _block(hs, [i for i, h in enumerate(hs) if h.family == fam], results, stream, comp)
+    if held_out:
+        idx = [i for i, h in enumerate(hs) if h.family in held_out]
+        if idx:
+            report["held_out_families"] = _block(hs, idx, results, stream, comp)
+            report["held_out_families"]["families"] = list(held_out)
+    report["by_household_size"] = {
+        str(k): _block(hs, [i for i, h in enumerate(hs) if min(h.n_persons, 6) == k], results, stream)
+        for k in sorted({h.n_persons for h in hs})}
+    report["elapsed_s"] = round(time.time() - t0, 1)
+    return report

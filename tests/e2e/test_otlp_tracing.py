@@ -1,0 +1,135 @@
+"""Traces leave the processes over OTLP: the four services export over gRPC and the
+gateway over HTTP/protobuf to a real OTLP receiver (opentelemetry-proto's TraceService),
+through the batch span processor, configured only by standard OTEL_* variables.
+
+Each request is one tree: one root (the gateway's server span), every other span's
+parent in the same trace. A deletion's fan-out (Erase in attribution, feedback and
+clustering, run later by the privacy worker) joins the trace of its POST /v1/delete."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from services.mesh import Mesh, write_api_key
+from tests.helpers.otlp import OtlpReceiver, tree_roots
+
+SPAN_KIND_SERVER = 2
+
+
+@pytest.fixture(scope="module")
+def traced_mesh(tmp_path_factory):
+    receiver = OtlpReceiver().start()
+    base = tmp_path_factory.mktemp("otlp-mesh")
+    common = {"HEARTH_TRACE_EXPORT": "otlp", "OTEL_BSP_SCHEDULE_DELAY": "100",
+              "OTEL_TRACES_SAMPLER": "parentbased_always_on",
+              "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=e2e"}
+    mesh = Mesh.on_free_ports(
+        base / "var", log_dir=base / "logs",
+        extra_env={**common, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+                   "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.grpc_port}"},
+        process_env={"gateway": {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+                                 "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.http_port}"}})
+    mesh.data_dir.mkdir(parents=True)
+    mesh.api_key = write_api_key(mesh.data_dir / "gateway-keys.json", "otlp-admin", "admin")
+    mesh.start()
+    try:
+        mesh.wait_healthy(120)
+        yield mesh, receiver
+    finally:
+        mesh.stop()
+        receiver.stop()
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _assert_one_tree(spans) -> None:
+    roots = tree_roots(spans)
+    assert len(roots) == 1, [(s.service, s.name, s.parent_span_id) for s in roots]
+    (root,) = roots
+    assert root.parent_span_id == "" and root.service == "gateway" and root.kind == SPAN_KIND_SERVER
+    assert len({s.span_id for s in spans}) == len(spans)
+
+
+def test_attribution_request_is_one_trace_across_processes(traced_mesh):
+    mesh, receiver = traced_mesh
+    t0 = time.time() - 3 * 86400
+    with httpx.Client(base_url=mesh.url, headers={"X-API-Key": mesh.api_key}, timeout=30) as client:
+        touches = [{"touchpoint_id": f"otlp-tp-{i}", "account_id": "otlp-att", "device_id": "tv-1",
+                    "ts": _iso(t0 + i * 3600), "channel": ["search", "email"][i % 2], "campaign": "c"}
+                   for i in range(4)]
+        assert client.post("/v1/touchpoints", json={"touchpoints": touches}).status_code == 200
+        assert client.post("/v1/conversions", json={"conversions": [
+            {"conversion_id": "otlp-conv", "account_id": "otlp-att", "ts": _iso(t0 + 5 * 3600),
+             "kind": "subscribe", "value": 3.0}]}).status_code == 200
+        r = client.post("/v1/attribution", json={"account_ids": ["otlp-att"], "method": "markov",
+                                                 "level": "household"})
+        assert r.status_code == 200, r.text
+    trace_id = r.headers["x-trace-id"]
+
+    def complete(spans):
+        mine = [s for s in spans if s.trace_id == trace_id]
+        return {"gateway", "attribution"} <= {s.service for s in mine} and len(tree_roots(mine)) == 1
+
+    receiver.wait_for(complete)
+    spans = receiver.trace(trace_id)
+    _assert_one_tree(spans)
+    by_service = {s.service for s in spans}
+    assert {"gateway", "attribution"} <= by_service
+    # The gateway exported over HTTP, the services over gRPC, both to the one receiver.
+    assert {s.transport for s in spans if s.service == "gateway"} == {"http"}
+    assert {s.transport for s in spans if s.service != "gateway"} == {"grpc"}
+    # One server span for the request in the gateway, anywhere (FastAPI's own telemetry
+    # would add a second, unconnected root in another trace).
+    gateway_servers = [s for s in receiver.spans if s.service == "gateway" and s.kind == SPAN_KIND_SERVER
+                       and s.attributes.get("http.target", s.attributes.get("url.path")) == "/v1/attribution"]
+    assert [s.trace_id for s in gateway_servers] == [trace_id]
+    server = [s for s in spans if s.service == "attribution" and s.kind == SPAN_KIND_SERVER]
+    assert [s.name for s in server] == ["hearth.attribution.v1.AttributionService/Attribute"]
+    for s in spans:
+        assert s.resource["service.version"] and s.resource["service.namespace"] == "hearth"
+        assert s.resource["deployment.environment"] == "e2e"   # OTEL_RESOURCE_ATTRIBUTES honoured
+
+
+def test_deletion_fan_out_joins_the_request_trace(traced_mesh):
+    mesh, receiver = traced_mesh
+    with httpx.Client(base_url=mesh.url, headers={"X-API-Key": mesh.api_key}, timeout=30) as client:
+        r = client.post("/v1/delete", json={"scope": {"kind": "household", "account_id": "otlp-del"},
+                                            "reason": "gdpr_art17"})
+        assert r.status_code == 202, r.text
+        job_id, trace_id = r.json()["job_id"], r.headers["x-trace-id"]
+        deadline = time.monotonic() + 60
+        while client.get(f"/v1/delete/{job_id}").json()["state"] not in ("completed", "failed"):
+            assert time.monotonic() < deadline, "deletion did not finish"
+            time.sleep(0.05)
+        assert client.get(f"/v1/delete/{job_id}").json()["state"] == "completed"
+
+    erasing = {"attribution", "feedback", "clustering"}
+
+    def complete(spans):
+        mine = [s for s in spans if s.trace_id == trace_id]
+        erased = {s.service for s in mine if s.name.endswith("/Erase") and s.kind == SPAN_KIND_SERVER}
+        return erased == erasing and len(tree_roots(mine)) == 1
+
+    receiver.wait_for(complete)
+    spans = receiver.trace(trace_id)
+    _assert_one_tree(spans)
+    erase_servers = [s for s in spans if s.name.endswith("/Erase") and s.kind == SPAN_KIND_SERVER]
+    assert {s.service for s in erase_servers} == erasing
+    assert all(s.attributes.get("hearth.job_id") == job_id for s in erase_servers)
+    advance = [s for s in spans if s.name == "deletion.advance"]
+    assert advance and all(s.service == "privacy" and s.attributes["hearth.job_id"] == job_id
+                           for s in advance)
+    # The fan-out hangs under the RequestDeletion server span of the privacy service.
+    by_id = {s.span_id: s for s in spans}
+    request_span = by_id[advance[0].parent_span_id]
+    assert request_span.name.endswith("/RequestDeletion") and request_span.kind == SPAN_KIND_SERVER
+    # No part of this deletion's work started a trace of its own anywhere in the mesh
+    # (the GET /v1/delete/{job} polls are requests of their own, with their own traces).
+    strays = [s for s in receiver.spans if s.attributes.get("hearth.job_id") == job_id
+              and (s.name.endswith("/Erase") or s.name == "deletion.advance") and s.trace_id != trace_id]
+    assert strays == []
