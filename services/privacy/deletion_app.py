@@ -218,7 +218,10 @@ class DeletionCoordinator:
     # ---- the worker ----------------------------------------------------------------------
 
     def oldest_open_age_s(self) -> float:
-        oldest = self.jobs.oldest_open_created_at()
+        try:
+            oldest = self.jobs.oldest_open_created_at()
+        except Unavailable:  # database down or closed: a gauge must not break the scrape
+            return 0.0
         return max(0.0, time.time() - oldest) if oldest is not None else 0.0
 
     def start(self) -> None:

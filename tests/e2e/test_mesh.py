@@ -14,7 +14,7 @@ HOUR = 3600
 
 def _events(account: str, start: float, n: int, device: str = "tv-1", first: int = 0):
     return [{"event_id": f"{account}-{device}-{first + i}", "account_id": account, "device_id": device,
-             "device_type": "tv", "ts": _iso(start + i * 300), "kind": "heartbeat", "title_id": f"title-{i}",
+             "device_type": "tv", "ts": start + i * 300, "kind": "heartbeat", "title_id": f"title-{i}",
              "series_id": "show-1", "genres": ["drama", "crime"], "duration_s": 300, "maturity": "adult"}
             for i in range(n)]
 
