@@ -7,7 +7,7 @@ PROTOS := $(shell find protos -name '*.proto')
 
 .DEFAULT_GOAL := help
 .PHONY: help run test protos venv test-unit test-contract test-integration test-e2e lint \
-        provision bench-accuracy bench-assign bench-attribution bench-privacy bench-feedback clean check-protos
+        provision bench-accuracy bench-assign bench-attribution bench-privacy bench-feedback verify clean check-protos
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -55,6 +55,9 @@ bench-privacy: hearth/__init__.py ## deletion latency per scope and audit throug
 
 bench-feedback: hearth/__init__.py ## calibration before/after recalibration (JSON)
 	OMP_NUM_THREADS=1 $(PY) -m bench.feedback
+
+verify: hearth/__init__.py ## the mesh under load, soak and faults; report under var/verify/ (JSON; ARGS="--quick|--backend postgres|--soak-min N")
+	$(PY) -m bench.verify $(ARGS)
 
 .PHONY: certs
 certs: $(STAMP) ## create a local CA and mTLS certificates for every process under ./certs/ (development)

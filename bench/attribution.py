@@ -134,21 +134,130 @@ def worker(kind: str, file: str, order: int, repeats: int) -> dict[str, Any]:
         from ChannelAttribution import markov_model
 
         base_rss = rss_mb()
-        for _ in range(repeats):
+        by_seed = []
+        for rep in range(repeats):
+            # A different seed per repeat: the repeats also measure the run-to-run spread
+            # of its simulated credit (the timing is unaffected by the seed). Seeds 0 and
+            # 1 give identical results in 2.2.5 (both the generator's default state), so
+            # the seeds are 11, 22, 33, ...
+            seed = 11 * (rep + 1)
             t0 = time.perf_counter()
             df = pd.read_csv(file, sep=";")
             t1 = time.perf_counter()
             out = markov_model(df, "path", "total_conversions", var_value="total_conversion_value",
-                               var_null="total_null", order=order, verbose=False, flg_pro=False)
+                               var_null="total_null", order=order, verbose=False, flg_pro=False, seed=seed)
             t2 = time.perf_counter()
             times.append(t2 - t0)
             model_times.append(t2 - t1)
             del df
-        table = out.set_index("channel_name") if hasattr(out, "set_index") else out["result"].set_index("channel_name")
-        credits = table["total_conversions"].astype(float).to_dict()
-        extra = {}
+            table = out.set_index("channel_name") if hasattr(out, "set_index") else out["result"].set_index("channel_name")
+            by_seed.append(table["total_conversions"].astype(float).to_dict())
+        credits = by_seed[0]
+        extra = {"credits_by_seed": by_seed}
     return {"times": times, "model_times": model_times, "peak_mb": rss_mb(),
             "peak_after_imports_mb": base_rss, "credits": credits, **extra}
+
+
+def intervals_worker(file: str, replicates: int) -> dict[str, Any]:
+    """Bootstrap cost against the point estimate (order 1, same process, same data),
+    the intervals of every method, and the auto order."""
+    from services.attribution.domain.api import attribute
+    from services.attribution.domain.bootstrap import BootstrapSpec, bootstrap_replicates
+    from services.attribution.domain.markov import MarkovConventions, markov_attribution
+    from services.attribution.domain.order_selection import choose_order
+    from services.attribution.domain.paths import read_paths
+
+    paths = read_paths(file)
+    spec = BootstrapSpec(replicates=replicates, seed=0)
+    conv = MarkovConventions(order=1)
+    t_point, t_boot, t_report, t_report_boot = [], [], [], []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        markov_attribution(paths, conv)
+        t_point.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        markov_rep, _ = bootstrap_replicates(paths, ["markov"], spec, conventions=conv)["markov"]
+        t_boot.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        attribute(paths, "hybrid", order=1)
+        t_report.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    report = attribute(paths, "hybrid", order=1, bootstrap=spec)
+    t_report_boot.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    selection = choose_order(paths)
+    t_auto = time.perf_counter() - t0
+    names = report.channel_names
+    iv = {m: {n: [float(i.conversions_lower[k]), float(i.conversions_upper[k])] for k, n in enumerate(names)}
+          for m, i in report.intervals.items()}
+    markov_iv = {n: [float(np.percentile(markov_rep[:, k], 2.5)), float(np.percentile(markov_rep[:, k], 97.5))]
+                 for k, n in enumerate(names)}
+    point = {"markov": dict(zip(names, markov_attribution(paths, conv).conversions.tolist())),
+             "hybrid": dict(zip(names, report.conversions.tolist())),
+             **{m: dict(zip(names, b["conversions"].tolist())) for m, b in report.baselines.items()}}
+    return {
+        "replicates": replicates,
+        "markov_point_s": statistics.median(t_point),
+        "markov_bootstrap_s": statistics.median(t_boot),
+        "markov_bootstrap_ratio": statistics.median(t_boot) / statistics.median(t_point),
+        "report_point_s": statistics.median(t_report),
+        "report_bootstrap_s": t_report_boot[0],
+        "report_bootstrap_ratio": t_report_boot[0] / statistics.median(t_report),
+        "report_methods": [report.method, *report.baselines],
+        "point": point,
+        "intervals": {**iv, "markov": markov_iv},
+        "auto_order": {**selection.to_dict(), "seconds": t_auto},
+        "peak_mb": rss_mb(),
+    }
+
+
+def ca_choose_order(file: Path, rows: int) -> dict[str, Any] | None:
+    """ChannelAttribution's choose_order (in-sample penalised ROC AUC) on the first
+    ``rows`` paths of the file, beside Hearth's held-out choice on the same rows."""
+    sub = file.with_name(f"sub{rows}.csv")
+    with open(file, encoding="utf-8") as src, open(sub, "w", encoding="utf-8") as dst:
+        for i, line in enumerate(src):
+            if i > rows:
+                break
+            dst.write(line)
+    code = (
+        "import json, sys, time\n"
+        "import pandas as pd\n"
+        "from ChannelAttribution import choose_order\n"
+        "df = pd.read_csv(sys.argv[1], sep=';')\n"
+        "t = time.perf_counter()\n"
+        "res = choose_order(df, 'path', 'total_conversions', 'total_null', max_order=4, plot=False, flg_pro=False)\n"
+        "s = time.perf_counter() - t\n"
+        "print(json.dumps({'chosen': int(res[2]), 'auc': dict(zip(map(str, res[0]['order'].astype(int)), "
+        "res[0]['auc'].astype(float))), 'penalised_auc': dict(zip(map(str, res[0]['order'].astype(int)), "
+        "res[0]['pauc'].astype(float))), 'seconds': s}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(sub)], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        log(f"ChannelAttribution choose_order failed: {proc.stderr[-1000:]}")
+        return None
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    from services.attribution.domain.order_selection import choose_order
+    from services.attribution.domain.paths import read_paths
+
+    t0 = time.perf_counter()
+    ours = choose_order(read_paths(sub))
+    out = {"rows": rows, "channelattribution": out,
+           "hearth": {**ours.to_dict(), "seconds": time.perf_counter() - t0}}
+    return out
+
+
+def seed_spread(by_seed: list[dict[str, float]]) -> dict[str, Any]:
+    """Run-to-run spread of ChannelAttribution's credit across seeds, per channel."""
+    names = sorted(by_seed[0])
+    arr = np.array([[d[n] for n in names] for d in by_seed])
+    mean = arr.mean(axis=0)
+    rel_range = (arr.max(axis=0) - arr.min(axis=0)) / np.where(mean > 0, mean, 1)
+    rel_sd = arr.std(axis=0, ddof=1) / np.where(mean > 0, mean, 1) if len(by_seed) > 1 else np.zeros(len(names))
+    return {"seeds": len(by_seed), "max_rel_range": float(rel_range.max()),
+            "median_rel_range": float(np.median(rel_range)), "max_rel_sd": float(rel_sd.max()),
+            "median_rel_sd": float(np.median(rel_sd)),
+            "by_seed": [{n: d[n] for n in names} for d in by_seed]}
 
 
 def run_worker(kind: str, file: Path, order: int, repeats: int) -> dict[str, Any] | None:
@@ -603,10 +712,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lift-households", type=int, default=None,
                     help="households for the identity-resolution lift (default 240; --quick 30)")
     ap.add_argument("--lift-only", action="store_true", help="run only the lift part")
-    ap.add_argument("--worker", choices=("hearth", "channelattribution"), help=argparse.SUPPRESS)
+    ap.add_argument("--replicates", type=int, default=None, help="bootstrap replicates (default 100; --quick 50)")
+    ap.add_argument("--worker", choices=("hearth", "channelattribution", "intervals"), help=argparse.SUPPRESS)
     ap.add_argument("--file", help=argparse.SUPPRESS)
     ap.add_argument("--order", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker == "intervals":
+        print(json.dumps(intervals_worker(args.file, args.repeats or 100)))
+        return 0
     if args.worker:
         print(json.dumps(worker(args.worker, args.file, args.order, args.repeats or 1)))
         return 0
@@ -621,7 +734,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     rows = args.rows or (50_000 if args.quick else 1_000_000)
-    repeats = args.repeats or (1 if args.quick else 3)
+    repeats = args.repeats or (2 if args.quick else 3)
+    replicates = args.replicates or (50 if args.quick else 100)
     n_channels = 15
     result: dict[str, Any] = {"rows": rows, "channels": n_channels, "quick": bool(args.quick),
                               "machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]}}
@@ -660,6 +774,25 @@ def main(argv: list[str] | None = None) -> int:
                     peer[f"order{order}_max_rel_error_vs_exact"] = rel
                     if h:
                         peer[f"order{order}_max_rel_error_vs_exact_infinite_horizon"] = max_rel(p["credits"], ref)
+                    peer[f"order{order}_seed_spread"] = seed_spread(p["credits_by_seed"])
+                    peer[f"order{order}_credits"] = p["credits"]
+            if h:
+                hearth[f"order{order}_credits"] = h["credits"]
+        log(f"intervals: bootstrap ({replicates} replicates) vs point estimate, auto order")
+        iv_cmd = [sys.executable, "-m", "bench.attribution", "--worker", "intervals", "--file", str(file),
+                  "--repeats", str(replicates)]
+        proc = subprocess.run(iv_cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+        if proc.returncode == 0:
+            result["intervals"] = json.loads(proc.stdout.strip().splitlines()[-1])
+            if peer.get("order1_credits"):
+                ci = result["intervals"]["intervals"]["markov"]
+                inside = [ci[n][0] <= v <= ci[n][1] for n, v in peer["order1_credits"].items()]
+                result["intervals"]["channelattribution_order1_inside_markov_ci"] = float(np.mean(inside))
+        else:
+            log(f"intervals worker failed: {proc.stderr[-2000:]}")
+        if not args.no_peer:
+            log("auto order: ChannelAttribution choose_order vs Hearth on a subsample")
+            result["order_choice"] = ca_choose_order(file, 20_000 if args.quick else 100_000)
         if peaks_h:
             hearth["peak_mb"] = max(peaks_h)
         if peaks_p:
@@ -690,6 +823,8 @@ def main(argv: list[str] | None = None) -> int:
         "order3_not_slower": (r.get("order3_speedup", 0) >= 1.0) if r else None,
         "peak_memory_below_peer": (r.get("peak_mb_ratio", 9) < 1.0) if r else None,
         "shapley_under_2s": result["shapley_1m_50ch_s"] < 2.0,
+        "intervals_within_10x_point": (result["intervals"]["markov_bootstrap_ratio"] <= 10.0)
+        if result.get("intervals") else None,
     }
     print(json.dumps(result))
     return 0

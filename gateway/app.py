@@ -32,10 +32,76 @@ from services.common.identity import Principal
 from services.common.permissions import authorize_route
 
 log = logging.getLogger("hearth.gateway")
+ACCESS_LOG = logging.getLogger("hearth.access")
 
 HTTP_REQUESTS = Counter("hearth_http_requests_total", "HTTP requests", ["route", "method", "status"])
 HTTP_DURATION = Histogram("hearth_http_request_duration_seconds", "HTTP request time", ["route", "method"],
                           buckets=telemetry.LATENCY_BUCKETS)
+
+class ObserveMiddleware:
+    """Outermost: a server span per request (continuing the caller's trace), the
+    Content-Length limit (413), a JSON 500 for anything unhandled, Prometheus metrics
+    and the ``x-trace-id`` response header.
+
+    Plain ASGI rather than ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware
+    runs every request through an extra task group and memory streams, which the
+    profile showed as the largest single cost of the gateway (docs/benchmarks.md)."""
+
+    def __init__(self, app, tracer, max_body_bytes: int, access_log: bool = True) -> None:
+        self.app = app
+        self.tracer = tracer
+        self.max_body_bytes = max_body_bytes
+        self.access_log = access_log
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        method, path = scope["method"], scope["path"]
+        parent = propagate.extract(headers)
+        started = time.perf_counter()
+        span = self.tracer.start_span(f"{method} {path}", context=parent, kind=SpanKind.SERVER,
+                                      attributes={"http.method": method, "http.target": path})
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        trace_header = format(span.get_span_context().trace_id, "032x").encode()
+        status = 500
+        response_started = False
+
+        async def send_observed(message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                response_started = True
+                message = {**message, "headers": [*message.get("headers", ()), (b"x-trace-id", trace_header)]}
+            await send(message)
+
+        try:
+            length = headers.get("content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+                await error_response(413, "payload_too_large",
+                                     f"request body exceeds {self.max_body_bytes} bytes")(scope, receive, send_observed)
+            else:
+                await self.app(scope, receive, send_observed)
+        except Exception:  # noqa: BLE001 - last resort: log once, answer a JSON 500
+            log.exception("unhandled error")
+            if not response_started:
+                await error_response(500, "internal", "internal error")(scope, receive, send_observed)
+        finally:
+            otel_context.detach(token)
+            label = getattr(scope.get("route"), "path", "unmatched")
+            span.set_attribute("http.status_code", status)
+            if status >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+            span.end()
+            elapsed = time.perf_counter() - started
+            HTTP_REQUESTS.labels(label, method, str(status)).inc()
+            HTTP_DURATION.labels(label, method).observe(elapsed)
+            if self.access_log:
+                ACCESS_LOG.info("%s %s %d", method, label, status, extra={"fields": {
+                    "method": method, "route": label, "status": status,
+                    "duration_ms": round(elapsed * 1000, 3), "trace_id": trace_header.decode()}})
+
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
@@ -74,38 +140,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     # that one stays outermost and counts the 413s too.
     limiter = install_request_limits(app, settings)
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        # A server span per request, continuing the caller's trace if it sent one.
-        parent = propagate.extract(dict(request.headers))
-        started = time.perf_counter()
-        span = tracer.start_span(f"{request.method} {request.url.path}", context=parent,
-                                 kind=SpanKind.SERVER,
-                                 attributes={"http.method": request.method, "http.target": request.url.path})
-        token = otel_context.attach(trace.set_span_in_context(span, parent))
-        try:
-            length = request.headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-                response = error_response(413, "payload_too_large",
-                                          f"request body exceeds {settings.max_body_bytes} bytes")
-            else:
-                response = await call_next(request)
-        except Exception:  # noqa: BLE001 - last resort: log once, answer a JSON 500
-            log.exception("unhandled error")
-            response = error_response(500, "internal", "internal error")
-        finally:
-            otel_context.detach(token)
-        route = request.scope.get("route")
-        label = getattr(route, "path", "unmatched")
-        span.set_attribute("http.status_code", response.status_code)
-        if response.status_code >= 500:
-            span.set_status(Status(StatusCode.ERROR))
-        span.end()
-        HTTP_REQUESTS.labels(label, request.method, str(response.status_code)).inc()
-        HTTP_DURATION.labels(label, request.method).observe(time.perf_counter() - started)
-        trace_id = format(span.get_span_context().trace_id, "032x")
-        response.headers["x-trace-id"] = trace_id
-        return response
+    app.add_middleware(ObserveMiddleware, tracer=tracer, max_body_bytes=settings.max_body_bytes,
+                       access_log=settings.access_log)
 
     protected_routes: set[str] = set()  # "METHOD /path/template" of every route behind access()
 
@@ -160,8 +196,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         body = models.HealthOut(status="SERVING" if ok else "DEGRADED", services=statuses)
         return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
-    @app.get("/metrics", include_in_schema=False)
-    async def metrics():
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    if not settings.metrics_port:
+        # One-port mode only; normally python -m gateway serves /metrics on its own port.
+        @app.get("/metrics", include_in_schema=False)
+        async def metrics():
+            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -13,9 +13,10 @@ Two schemes, exactly one per request (both at once is refused):
   A plain list of records (the format ``services.mesh.write_api_key`` writes) is also
   read; a record without ``id`` gets ``sha256:<first 12 hex>``. Rotation: a principal may
   hold several keys; add the new one, move clients, revoke the old one. Revocation:
-  put the id in ``revoked`` (or ``"revoked": true`` on the record). The gateway stats the
-  file on every request and re-reads it when it changed, so a revocation holds from the
-  next request on. A file that becomes unreadable fails closed (no API key works) until
+  put the id in ``revoked`` (or ``"revoked": true`` on the record). The gateway checks the
+  file's mtime at most every ``HEARTH_API_KEYS_RELOAD_S`` (default 1 s; at once when a
+  key is not found, so a new key works from its first request) and re-reads it when it
+  changed, so a revocation holds within that interval. A file that becomes unreadable fails closed (no API key works) until
   it is fixed, because it *is* the revocation list. Write it atomically
   (``python -m gateway.auth add|revoke|list`` does).
 
@@ -42,6 +43,7 @@ import secrets
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -141,9 +143,15 @@ def load_api_keys(path: Path | None) -> list[ApiKeyRecord]:
 
 
 class ApiKeyStore:
-    """Hash -> record, re-read when the file changes (checked with one stat per call)."""
+    """Hash -> record, re-read when the file changes. The file is statted at most every
+    ``reload_interval_s`` for keys it knows (0 = on every call) and at once for a key
+    it does not know; a stat per request cost a system call on the hot path for a file
+    that changes a few times a year."""
 
-    def __init__(self, path: Path | None = None, records: list[ApiKeyRecord] | None = None) -> None:
+    def __init__(self, path: Path | None = None, records: list[ApiKeyRecord] | None = None,
+                 reload_interval_s: float = 0.0) -> None:
+        self._reload_interval = reload_interval_s
+        self._next_check = 0.0
         self._path = Path(path) if path is not None else None
         self._lock = threading.Lock()
         self._signature: tuple | None = None
@@ -164,9 +172,13 @@ class ApiKeyStore:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)
 
-    def _refresh(self) -> None:
+    def _refresh(self, force: bool = False) -> None:
         if self._path is None:
             return
+        now = time.monotonic()
+        if not force and now < self._next_check:
+            return
+        self._next_check = now + self._reload_interval
         signature = self._stat()
         if signature == self._signature:
             return
@@ -187,8 +199,12 @@ class ApiKeyStore:
         key: timing reveals at most whether some key hashes to a prefix-equal digest,
         which does not help find a key."""
         self._refresh()
-        record = self._by_hash.get(hash_key(key))
-        if record is not None and hmac.compare_digest(record.sha256, hash_key(key)):
+        digest = hash_key(key)
+        record = self._by_hash.get(digest)
+        if record is None and self._reload_interval > 0:
+            self._refresh(force=True)   # maybe a key added since the last check
+            record = self._by_hash.get(digest)
+        if record is not None and hmac.compare_digest(record.sha256, digest):
             return record
         return None
 
@@ -299,7 +315,8 @@ class Authenticator:
 
     @classmethod
     def from_settings(cls, settings) -> "Authenticator":
-        return cls(ApiKeyStore(settings.api_keys_file), JwtVerifier.from_settings(settings))
+        return cls(ApiKeyStore(settings.api_keys_file, reload_interval_s=settings.api_keys_reload_s),
+                   JwtVerifier.from_settings(settings))
 
     def authenticate(self, headers, target: str = "") -> Principal:
         """The caller's principal, or AuthenticationFailed (-> 401) reported as a

@@ -26,6 +26,13 @@ class GatewaySettings(BaseSettings):
 
     host: str = "127.0.0.1"
     gateway_port: int = 8080
+    # Prometheus /metrics on a port of its own, not reachable through the public Service
+    # or Ingress (the chart sets 9100, `make run` a free port); 0 (the default, for a
+    # gateway started by hand) serves /metrics on the gateway port instead.
+    metrics_port: int = 0
+    # One JSON line per request (logger hearth.access): method, route template (never the
+    # raw path: it holds account ids), status, duration, trace id.
+    access_log: bool = True
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     trace_export: str = "none"
 
@@ -40,9 +47,12 @@ class GatewaySettings(BaseSettings):
     health_timeout_s: float = 1.0
 
     # API keys: a JSON file, see gateway/auth.py for the format (ids, hashes, revocation).
-    # Only SHA-256 hashes are ever stored; the file is re-read when it changes, so a
-    # revocation takes effect on the next request. make run writes var/gateway-keys.json.
+    # Only SHA-256 hashes are ever stored; the file is re-read when it changes: its
+    # mtime is checked at most every api_keys_reload_s (and at once for an unknown key,
+    # so a new key works immediately), so a revocation holds within that interval.
+    # make run writes var/gateway-keys.json.
     api_keys_file: Path | None = None
+    api_keys_reload_s: float = Field(1.0, ge=0, le=60)
     max_body_bytes: int = 8 * 1024 * 1024
 
     # JWT bearer tokens (Authorization: Bearer ...). Disabled unless an algorithm is set.
@@ -69,7 +79,7 @@ class GatewaySettings(BaseSettings):
     https_cert: Path | None = None
     https_key: Path | None = None
 
-    @field_validator("gateway_port")
+    @field_validator("gateway_port", "metrics_port")
     @classmethod
     def _port(cls, value: int) -> int:
         if not 0 <= value <= 65535:

@@ -117,6 +117,8 @@ class SessionOut(BaseModel):
     feature_schema_version: int
     feature_vector: list[float] | None = Field(None, description="present once the session is closed")
     person_id: str | None = None
+    person_probability: float | None = Field(None, description="probability of person_id (null until assigned)")
+    zero_watch: bool = Field(False, description="no watch time: a browsing or stopped-start fragment")
 
 
 class PersonOut(BaseModel):
@@ -137,14 +139,27 @@ class DriftOut(BaseModel):
     refit_triggered: bool
 
 
+class ModelStatusOut(BaseModel):
+    model_version: int
+    sessions_in_model: int = Field(description="closed sessions the model has folded in")
+    sessions_pending: int = Field(description="closed sessions not yet folded in (they already carry persons)")
+    last_refit: datetime | None = Field(None, description="last fit on every session")
+    persons: int
+    settled: bool = Field(description="true when nothing is pending: assignments will not move until new sessions")
+
+
 class HouseholdOut(BaseModel):
     account_id: str
     devices: list[DeviceOut]
-    sessions: list[SessionOut]
+    sessions: list[SessionOut] = Field(description="one page, newest first")
     persons: list[PersonOut]
     drift_events: list[DriftOut]
     model_version: int
     model_variant: str
+    next_cursor: str | None = Field(None, description="pass as ?cursor= for the next page; null on the last page")
+    truncated: bool = Field(False, description="more sessions exist than this page holds")
+    total_sessions: int = 0
+    status: ModelStatusOut | None = None
 
 
 class ErrorBody(BaseModel):

@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from services.attribution.domain.api import METHODS, AttributionReport, attribute
+from services.attribution.domain.bootstrap import BootstrapSpec
+from services.attribution.domain.heuristics import HeuristicParams
+from services.attribution.domain.sequences import parse_sequences
 from services.attribution.domain.journeys import JourneySet, build_journeys
 from services.attribution.domain.records import (
     Conversion, Touchpoint, validate_conversions, validate_touchpoints)
@@ -21,6 +24,8 @@ from services.common.errors import InvalidArgument
 
 DEFAULT_LOOKBACK_S = 30 * 86400
 MAX_ACCOUNTS = 1000
+MAX_PERSON_RESULTS = 5000
+MAX_SERVICE_REPLICATES = 2000  # a request runs synchronously under the gateway's deadline
 _PERSON_NUMBER = re.compile(r"^p(\d+)$")
 
 
@@ -37,6 +42,16 @@ class AttributeQuery:
     include_nulls: bool = True
     horizon: int = 0
     levels: tuple[str, ...] = ("household", "person")
+    auto_order: bool = False
+    bootstrap_replicates: int = 0
+    bootstrap_seed: int = 0
+    confidence_level: float = 0.95
+    half_life_days: float = 7.0
+    position_weights: tuple[float, ...] = (0.4, 0.2, 0.4)
+    sequences: tuple[str, ...] = ()
+    persona_prior_strength: float = 0.0
+    # (account_id, person_id) -> persona label; persons without one form persona "".
+    personas: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass
@@ -72,6 +87,19 @@ def validate_query(q: AttributeQuery) -> AttributeQuery:
         raise InvalidArgument("must be in 0..1000", "horizon")
     if q.start is not None and q.end is not None and q.end <= q.start:
         raise InvalidArgument("end must be after start", "window.end")
+    if not 0 <= q.bootstrap_replicates <= MAX_SERVICE_REPLICATES or q.bootstrap_replicates == 1:
+        raise InvalidArgument(f"must be 0 (none) or 2..{MAX_SERVICE_REPLICATES}", "bootstrap_replicates")
+    if not (math.isfinite(q.persona_prior_strength) and 0 <= q.persona_prior_strength <= 1e6):
+        raise InvalidArgument("must be in [0, 1e6]", "persona_prior_strength")
+    for i, (account, person, persona) in enumerate(q.personas):
+        check_id(account, f"personas[{i}].account_id")
+        check_id(person, f"personas[{i}].person_id")
+        if len(persona) > 64:
+            raise InvalidArgument("at most 64 characters", f"personas[{i}].persona")
+    # Domain validation of the rest (named fields, INVALID_ARGUMENT): built once here.
+    BootstrapSpec(q.bootstrap_replicates, q.bootstrap_seed, q.confidence_level)
+    HeuristicParams(q.half_life_days, tuple(q.position_weights))
+    parse_sequences(list(q.sequences))
     return q
 
 
@@ -157,7 +185,9 @@ class AttributionApp:
                 touch_person_prob=probability_matrix(touch_probs, columns),
                 conv_person_prob=(probability_matrix([p or {} for p in conv_probs], columns)
                                   if any(conv_probs) else None))
-            if single:
+            if q.persona_prior_strength > 0:
+                outcome.results.extend(self._persona_smoothed(js, columns or ["p1"], q, conventions))
+            elif single:
                 for j, pid in enumerate(columns or ["p1"]):
                     sub = js.select(js.path_person == j)
                     if sub.paths.n_paths:
@@ -165,6 +195,28 @@ class AttributionApp:
             else:
                 outcome.results.append(self._scoped("person", "", "", js, q, conventions))
         return outcome
+
+    def _persona_smoothed(self, js: JourneySet, columns: list[str], q: AttributeQuery,
+                          conventions: dict) -> list[ScopedReport]:
+        """One report per (account, person), its Markov chain smoothed toward the pooled
+        journeys of the OTHER persons of the same persona in this query (docs/attribution.md)."""
+        labels = {(a, p): persona for a, p, persona in q.personas}
+        entities = sorted(set(zip(js.path_account.tolist(), js.path_person.tolist())))
+        if len(entities) > MAX_PERSON_RESULTS:
+            raise InvalidArgument(f"persona priors give one result per person: at most {MAX_PERSON_RESULTS}",
+                                  "account_ids")
+        persona_names = sorted({labels.get((str(js.accounts[a]), columns[j]), "") for a, j in entities})
+        persona_id = {(a, j): persona_names.index(labels.get((str(js.accounts[a]), columns[j]), ""))
+                      for a, j in entities}
+        path_persona = np.array([persona_id[e] for e in zip(js.path_account.tolist(), js.path_person.tolist())],
+                                dtype=np.int64)
+        out = []
+        for a, j in entities:
+            mine = (js.path_account == a) & (js.path_person == j)
+            prior = js.paths.select((path_persona == persona_id[(a, j)]) & ~mine)
+            out.append(self._scoped("person", str(js.accounts[a]), columns[j], js.select(mine), q, conventions,
+                                    prior=prior if prior.n_paths else None))
+        return out
 
     def _touch_persons(self, touches: list[Touchpoint]) -> list[dict[str, float]]:
         unresolved = [i for i, t in enumerate(touches) if not t.person_id]
@@ -188,8 +240,17 @@ class AttributionApp:
 
     @staticmethod
     def _scoped(scope: str, account: str, person: str, js: JourneySet, q: AttributeQuery,
-                conventions: dict) -> ScopedReport:
-        report = attribute(js.paths, method=q.method, order=q.order, alpha=q.alpha, conventions=conventions)
+                conventions: dict, prior=None) -> ScopedReport:
+        ages_days = None if js.touch_ages is None else js.touch_ages / 86400.0
+        report = attribute(
+            js.paths, method=q.method, order="auto" if q.auto_order else q.order, alpha=q.alpha,
+            conventions=conventions, touch_ages=ages_days,
+            heuristic_params=HeuristicParams(q.half_life_days, tuple(q.position_weights)),
+            bootstrap=BootstrapSpec(q.bootstrap_replicates, q.bootstrap_seed, q.confidence_level),
+            sequences=list(q.sequences) or None,
+            prior_paths=prior, prior_strength=q.persona_prior_strength if prior is not None else 0.0,
+            order_seed=q.bootstrap_seed,
+        )
         journeys = float(js.paths.conversions.sum() + js.paths.nulls.sum())
         return ScopedReport(scope, account, person, report, journeys)
 

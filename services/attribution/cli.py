@@ -1,11 +1,15 @@
 """Command line: ``attribute PATHS.csv`` over a ChannelAttribution-format path file.
 
-    python -m services.attribution.cli attribute PATHS.csv --order 2 --method markov
-    hearth attribute PATHS.csv --format json --output credit.json   (once the lead wires it)
+    hearth attribute PATHS.csv --order 2 --method markov
+    hearth attribute PATHS.csv --order auto --bootstrap 200 --seed 7 --format json -o credit.json
+    hearth attribute PATHS.csv --sequence "display > search" --plot credit.png
+    hearth attribute PERSON.csv --prior PERSONA.csv --prior-strength 20
 
 ``register(subparsers)`` adds the subcommand to an existing argparse tree; ``main``
 runs it standalone. Output: CSV (one row per channel, largest credit first, with the
-heuristic baselines as extra columns) or the JSON of ``AttributionReport.to_dict()``.
+heuristic baselines as extra columns; with ``--bootstrap N`` interval columns too) or
+the JSON of ``AttributionReport.to_dict()``; ``--plot FILE.png`` also draws the credit
+with intervals per channel and method, and the transition graph (orders 1-2).
 Exit status 0 on success, 2 on bad input (message ``error: field: reason`` on stderr).
 """
 
@@ -21,7 +25,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from services.attribution.domain.api import METHODS, attribute
+from services.attribution.domain.bootstrap import BootstrapSpec
 from services.attribution.domain.errors import AttributionInputError
+from services.attribution.domain.heuristics import DEFAULT_HALF_LIFE_DAYS, HeuristicParams
 from services.attribution.domain.markov import MAX_ORDER, MarkovConventions
 from services.attribution.domain.paths import read_paths
 
@@ -42,6 +48,28 @@ def _horizon(text: str) -> int | str | None:
     return value
 
 
+def _order(text: str) -> int | str:
+    if text == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 1..{MAX_ORDER} or 'auto'") from None
+    if not 1 <= value <= MAX_ORDER:
+        raise argparse.ArgumentTypeError(f"must be 1..{MAX_ORDER} or 'auto'")
+    return value
+
+
+def _weights(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be three numbers FIRST,MIDDLE,LAST (e.g. 0.4,0.2,0.4)") from None
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError("must be three numbers FIRST,MIDDLE,LAST (e.g. 0.4,0.2,0.4)")
+    return parts  # type: ignore[return-value]
+
+
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``attribute`` subcommand to ``subparsers`` (from ``add_subparsers()``)."""
     p = subparsers.add_parser(
@@ -54,8 +82,25 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("paths", metavar="PATHS.csv", help="path file (';'-separated, header line)")
     p.add_argument("--method", choices=METHODS, default="markov")
-    p.add_argument("--order", type=int, default=1, choices=range(1, MAX_ORDER + 1), metavar="K",
-                   help=f"Markov order 1..{MAX_ORDER} (default 1)")
+    p.add_argument("--order", type=_order, default=1, metavar="K",
+                   help=f"Markov order 1..{MAX_ORDER}, or 'auto' (chosen by held-out conversion "
+                        "log loss; the choice and margins are reported) (default 1)")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds of --order auto (default 5)")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                   help="bootstrap replicates for confidence intervals of every method (0 = none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of --order auto's folds")
+    p.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals (default 0.95)")
+    p.add_argument("--half-life-days", type=float, default=DEFAULT_HALF_LIFE_DAYS,
+                   help="time-decay half-life in days (needs touch times; path files have none)")
+    p.add_argument("--position-weights", type=_weights, default=(0.4, 0.2, 0.4), metavar="F,M,L",
+                   help="position-based weights of first, middle, last touches (default 0.4,0.2,0.4)")
+    p.add_argument("--sequence", action="append", default=[], metavar="'A > B'",
+                   help="report the removal effect of this channel sequence (repeatable)")
+    p.add_argument("--prior", metavar="PERSONA.csv",
+                   help="path file of the persona's pooled journeys: Dirichlet prior on the Markov chain")
+    p.add_argument("--prior-strength", type=float, default=20.0,
+                   help="prior pseudo-journeys per state row (kappa; default 20 when --prior is given)")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw credit with intervals and the transition graph")
     p.add_argument("--alpha", type=float, default=0.5,
                    help="hybrid weight of Markov: alpha*markov + (1-alpha)*shapley (default 0.5)")
     p.add_argument("--format", choices=("csv", "json"), default="csv")
@@ -111,15 +156,31 @@ def run_attribute(args: argparse.Namespace) -> int:
             "collapse_channels" if args.collapse == "channels" else "collapse_states"
         )
         conventions = MarkovConventions(
-            order=args.order,
+            order=1 if args.order == "auto" else args.order,
             repeats=repeats,
             include_nulls=not args.no_nulls,
             warmup_states=args.warmup_states,
             horizon=args.horizon,
             revenue=args.revenue,
         )
+        params = HeuristicParams(half_life_days=args.half_life_days, position_weights=args.position_weights)
+        spec = BootstrapSpec(replicates=args.bootstrap, seed=args.seed, level=args.level)
+        prior = None
+        if args.prior:
+            if not os.path.isfile(args.prior):
+                raise AttributionInputError("prior", f"no such file: {args.prior}")
+            prior = read_paths(args.prior, sep=args.sep)
         paths = _read_with_progress(args.paths, args.sep, not args.no_progress)
-        report = attribute(paths, method=args.method, alpha=args.alpha, conventions=conventions)
+        report = attribute(
+            paths, method=args.method, order=args.order, alpha=args.alpha, conventions=conventions,
+            heuristic_params=params, bootstrap=spec, sequences=args.sequence or None,
+            prior_paths=prior, prior_strength=args.prior_strength if prior is not None else 0.0,
+            order_folds=args.folds, order_seed=args.seed,
+        )
+        if args.plot:
+            from services.attribution.plot import plot_report
+
+            plot_report(report, paths, args.plot)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

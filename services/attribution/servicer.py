@@ -11,7 +11,8 @@ from services.common.pbutil import ts_to_float
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AttributionService"].full_name
 _METHOD_NAMES = {pb.METHOD_UNSPECIFIED: "hybrid", pb.METHOD_MARKOV: "markov", pb.METHOD_SHAPLEY: "shapley",
                  pb.METHOD_HYBRID: "hybrid", pb.METHOD_FIRST_TOUCH: "first_touch",
-                 pb.METHOD_LAST_TOUCH: "last_touch", pb.METHOD_LINEAR: "linear"}
+                 pb.METHOD_LAST_TOUCH: "last_touch", pb.METHOD_LINEAR: "linear",
+                 pb.METHOD_TIME_DECAY: "time_decay", pb.METHOD_POSITION_BASED: "position_based"}
 _LEVELS = {pb.LEVEL_UNSPECIFIED: ("household", "person"), pb.LEVEL_BOTH: ("household", "person"),
            pb.LEVEL_PERSON: ("person",), pb.LEVEL_HOUSEHOLD: ("household",)}
 
@@ -30,24 +31,67 @@ def query_from_pb(r: pb.AttributeRequest) -> AttributeQuery:
         include_nulls=r.include_nulls if r.HasField("include_nulls") else True,
         horizon=r.horizon,
         levels=_LEVELS.get(r.level, ()),
+        auto_order=r.markov_order_auto,
+        bootstrap_replicates=r.bootstrap_replicates,
+        bootstrap_seed=r.bootstrap_seed,
+        confidence_level=r.confidence_level or 0.95,
+        half_life_days=r.half_life_days or 7.0,
+        position_weights=tuple(r.position_weights) or (0.4, 0.2, 0.4),
+        sequences=tuple(r.sequences),
+        persona_prior_strength=r.persona_prior_strength,
+        personas=tuple((x.account_id, x.person_id, x.persona) for x in r.personas),
     )
 
 
-def _table(method: str, names, conversions, revenue) -> pb.CreditTable:
+def _table(method: str, names, conversions, revenue, interval=None) -> pb.CreditTable:
     total = float(sum(conversions))
-    return pb.CreditTable(method=method, channels=[
-        pb.ChannelCredit(channel=n, share=float(c) / total if total > 0 else 0.0, conversions=float(c),
-                         revenue=float(v)) for n, c, v in zip(names, conversions, revenue)])
+    rows = []
+    for i, (n, c, v) in enumerate(zip(names, conversions, revenue)):
+        row = pb.ChannelCredit(channel=n, share=float(c) / total if total > 0 else 0.0, conversions=float(c),
+                               revenue=float(v))
+        if interval is not None:
+            row.conversions_interval.CopyFrom(pb.Interval(lower=float(interval.conversions_lower[i]),
+                                                          upper=float(interval.conversions_upper[i])))
+            row.revenue_interval.CopyFrom(pb.Interval(lower=float(interval.revenue_lower[i]),
+                                                      upper=float(interval.revenue_upper[i])))
+            row.share_interval.CopyFrom(pb.Interval(lower=float(interval.share_lower[i]),
+                                                    upper=float(interval.share_upper[i])))
+            row.conversions_se = float(interval.conversions_se[i])
+        rows.append(row)
+    return pb.CreditTable(method=method, channels=rows)
+
+
+def _order_selection(d: dict) -> pb.OrderSelection:
+    return pb.OrderSelection(
+        chosen=int(d["chosen"]),
+        log_loss={int(k): float(v) for k, v in d.get("log_loss", {}).items()},
+        log_loss_se={int(k): float(v) for k, v in d.get("log_loss_se", {}).items()},
+        margin=float(d.get("margin", 0.0)), margin_se=float(d.get("margin_se", 0.0)),
+        margin_vs_order1=float(d.get("margin_vs_order1", 0.0)),
+        margin_vs_order1_se=float(d.get("margin_vs_order1_se", 0.0)),
+        fallback=d.get("fallback", ""))
 
 
 def scoped_to_pb(s: ScopedReport) -> pb.AttributionResult:
     r = s.report
-    return pb.AttributionResult(
+    own = r.intervals.get(r.method)
+    out = pb.AttributionResult(
         scope=s.scope, account_id=s.account_id, person_id=s.person_id,
-        credit=_table(r.method, r.channel_names, r.conversions, r.revenue),
-        baselines=[_table(name, r.channel_names, b["conversions"], b["revenue"])
+        credit=_table(r.method, r.channel_names, r.conversions, r.revenue, own),
+        baselines=[_table(name, r.channel_names, b["conversions"], b["revenue"], r.intervals.get(name))
                    for name, b in sorted(r.baselines.items())],
-        journeys=s.journeys, total_conversions=r.total_conversions, total_revenue=r.total_value)
+        journeys=s.journeys, total_conversions=r.total_conversions, total_revenue=r.total_value,
+        markov_order=int(r.details.get("order", 0)),
+        sequences=[pb.SequenceEffect(**e) for e in r.details.get("sequences", [])],
+        bootstrap_replicates=own.replicates if own is not None else 0,
+        confidence_level=own.level if own is not None else 0.0)
+    if "order_selection" in r.details:
+        out.order_selection.CopyFrom(_order_selection(r.details["order_selection"]))
+    prior = r.details.get("persona_prior")
+    if prior:
+        out.persona_prior_strength = prior["strength"]
+        out.persona_prior_journeys = prior["prior_journeys"]
+    return out
 
 
 class AttributionServicer(pb_grpc.AttributionServiceServicer):

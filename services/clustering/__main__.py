@@ -47,8 +47,9 @@ def build(settings):
                             lateness_tolerance_s=settings.lateness_tolerance_s, cipher=cipher)
     store.migrate()
     feedback = FeedbackPeer(settings.feedback_addr, timeout_s=settings.peer_timeout_s)
-    predictions = PredictionLog(db, feedback.send_predictions)
-    keeper = ModelKeeper(store, feedback.variant_of, cold_start=settings.cold_start)
+    predictions = PredictionLog(db, feedback.send_predictions, session_writer=store.write_persons)
+    keeper = ModelKeeper(store, feedback.variant_of, cold_start=settings.cold_start,
+                         gmm_fault_prefix=settings.fault_gmm_numerical)
     app = ClusteringApp(store, consent, keeper=keeper, predictions=predictions,
                         calibrator_of=feedback.calibrator)
     stop = threading.Event()

@@ -3,6 +3,9 @@ domain modules. Servicers call exactly one method here."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import logging
 import queue
 import threading
@@ -18,7 +21,7 @@ from services.common.ids import check_id
 from services.clustering.domain.model import MIN_SESSIONS, PopulationPrior
 from services.clustering.household import Envelope
 from services.clustering.modeling import ModelKeeper, known_person
-from services.clustering.prediction_log import PredictionLog, PredictionRecord
+from services.clustering.prediction_log import PredictionLog, PredictionRecord, SessionPerson
 from services.clustering.store import ClusteringStore, HouseholdView, IngestResult
 from services.common.consent import ConsentChecker
 from services.common.erasure import ErasureOutcome, ErasureScope
@@ -35,6 +38,33 @@ class HouseholdExtras:
     drift_events: list = field(default_factory=list)
     model_version: int = 0
     model_variant: str = ""
+    # model status: has the model caught up with the closed sessions?
+    sessions_in_model: int = 0
+    sessions_pending: int = 0
+    last_refit: float = 0.0
+    n_persons: int = 0
+    next_page_token: str = ""
+
+
+def encode_page_token(cursor: tuple[float, str] | None) -> str:
+    """Opaque keyset cursor (start time, session id) of the next page."""
+    if cursor is None:
+        return ""
+    return base64.urlsafe_b64encode(json.dumps([cursor[0], cursor[1]]).encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str) -> tuple[float, str] | None:
+    if not token:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        start, session_id = json.loads(raw)
+        if not isinstance(start, (int, float)) or isinstance(start, bool) or not isinstance(session_id, str):
+            raise ValueError("bad cursor")
+        check_id(session_id, "page_token")
+        return float(start), session_id
+    except (ValueError, TypeError, binascii.Error, json.JSONDecodeError, InvalidArgument):
+        raise InvalidArgument("is not a page token this service issued", "page_token") from None
 
 
 @dataclass(frozen=True)
@@ -139,11 +169,14 @@ class ClusteringApp:
             span = (session.start_ts, session.end_ts)
         if vector is None:
             raise InvalidArgument("a session_id or a feature_vector is required", "session")
+        # The session's person is stored with the prediction in one group commit when
+        # the prediction log can (one fsync for a batch of concurrent assignments).
+        together = bool(session_id) and self.predictions is not None and self.predictions.writes_session_persons
         (out,) = self._assign_rows(account_id, np.asarray(vector, dtype=np.float64)[None, :],
                                    [session_id], [device_id],
                                    [self._label_of(account_id, session) if session_id else None],
-                                   [span if session_id else None])
-        if session_id:
+                                   [span if session_id else None], record_persons=together)
+        if session_id and not together:
             self.store.set_persons(account_id, {session_id: out.person_id}, {session_id: out.probabilities})
         return out
 
@@ -169,7 +202,8 @@ class ClusteringApp:
 
     def _assign_rows(self, account_id: str, X: np.ndarray, session_ids: list[str],
                      device_ids: list[str], labels: list[str | None] | None = None,
-                     spans: list[tuple[float, float] | None] | None = None) -> list[AssignmentOut]:
+                     spans: list[tuple[float, float] | None] | None = None,
+                     record_persons: bool = False) -> list[AssignmentOut]:
         if X.ndim != 2 or X.shape[1] != F.FEATURE_DIM:
             raise InvalidArgument(f"feature vectors must have {F.FEATURE_DIM} float32 values", "feature_vector")
         if not np.all(np.isfinite(X)):
@@ -199,20 +233,30 @@ class ClusteringApp:
             records.append(PredictionRecord(prediction_id, account_id, session_ids[r] or prediction_id, pid,
                                             probs, variant, version, now, bool(cold), len(batch.person_ids),
                                             device_ids[r], *((spans or [None] * X.shape[0])[r] or (None, None))))
-        if self.predictions is not None:
-            self.predictions.record(records)   # durable before we answer
+        if self.predictions is not None:   # durable before we answer
+            self.predictions.record(records, [SessionPerson(account_id, r.session_id, r.person_id, r.probabilities)
+                                              for r in records if record_persons and r.session_id])
         return answers
 
     # ---- households, refit, labels ----------------------------------------------------
 
-    def household(self, account_id: str, max_sessions: int) -> tuple[HouseholdView, HouseholdExtras]:
+    def household(self, account_id: str, max_sessions: int,
+                  page_token: str = "") -> tuple[HouseholdView, HouseholdExtras]:
         check_id(account_id, "account_id")
-        view = self.store.household(account_id, max_sessions)
+        cursor = decode_page_token(page_token)
+        view = self.store.household(account_id, max_sessions, cursor=cursor)
         version, envelope = self.keeper.load(account_id)
-        extras = HouseholdExtras(drift_events=self.store.drift_events(account_id), model_version=version)
+        extras = HouseholdExtras(drift_events=self.store.drift_events(account_id), model_version=version,
+                                 next_page_token=encode_page_token(view.next_cursor))
+        closed = self.store.closed_session_count(account_id)
+        extras.sessions_pending = closed
         if envelope is not None:
             extras.persons = envelope.model.profiles()
             extras.model_variant = envelope.model.active_variant
+            extras.sessions_in_model = envelope.included
+            extras.sessions_pending = max(closed - envelope.included, 0)
+            extras.last_refit = envelope.last_refit
+            extras.n_persons = envelope.model.n_persons
         return view, extras
 
     def refit(self, account_id: str, reason: str = "") -> tuple[int, int, int]:

@@ -73,8 +73,11 @@ class Snapshot:
 class ModelKeeper:
     def __init__(self, store: ClusteringStore, variant_of: Callable[[str], str],
                  population_prior: PopulationPrior | None = None, cold_start: str = "population_prior",
-                 seed: int = 0) -> None:
+                 seed: int = 0, gmm_fault_prefix: str = "") -> None:
         self.store = store
+        # Fault injection (HEARTH_FAULT_GMM_NUMERICAL): households whose id starts with
+        # this prefix get a GMM fit that fails numerically; "" = off.
+        self.gmm_fault_prefix = gmm_fault_prefix
         self.variant_of = variant_of
         self.population_prior = population_prior
         self.cold_start = cold_start
@@ -122,7 +125,7 @@ class ModelKeeper:
         return HouseholdModel(variant, cold_start=self.cold_start, population_prior=self.population_prior,
                               seed=self.seed)
 
-    def fit(self, snap: Snapshot, base: HouseholdModel | None, variant: str) -> Envelope:
+    def fit(self, snap: Snapshot, base: HouseholdModel | None, variant: str, account_id: str = "") -> Envelope:
         """Full fit on every closed session. Starting from ``base`` keeps person ids
         stable (new components are matched to the old persons); the parameters depend
         only on the sessions, so after an erasure this *is* the model fitted without
@@ -137,11 +140,13 @@ class ModelKeeper:
                 model.next_person = max(model.next_person, int(label[1:]) + 1)
         had_fallbacks = model.fallback_count
         if snap.sessions:
-            model.fit(snap.X, labels=snap.labels if any(snap.labels) else None, device_ids=snap.device_ids)
+            model.fit(snap.X, labels=snap.labels if any(snap.labels) else None, device_ids=snap.device_ids,
+                      inject_gmm_failure=bool(self.gmm_fault_prefix) and account_id.startswith(self.gmm_fault_prefix))
         if model.fallback_count > had_fallbacks:
             GMM_FALLBACKS.inc()
         n = len(snap.sessions)
-        return Envelope(model, included=n, reference_end=n, drift_checked=n, first_session_id=snap.first_id)
+        return Envelope(model, included=n, reference_end=n, drift_checked=n, first_session_id=snap.first_id,
+                        last_refit=time.time())
 
     def refresh(self, account_id: str, *, force: str = "", retire: str = "") -> tuple[int, Envelope | None]:
         """Bring the stored model up to date with the stored sessions. ``force`` (a
@@ -162,7 +167,7 @@ class ModelKeeper:
                 if retire:
                     base = base or self.new_model(variant)
                     base.retire_person(retire)
-                envelope = self.fit(snap, base, variant)
+                envelope = self.fit(snap, base, variant, account_id)
                 REFITS.labels(reason).inc()
             else:
                 new = len(snap.sessions) - current.included
@@ -178,7 +183,7 @@ class ModelKeeper:
                 drift = self._check_drift(envelope, snap)
                 if any(d.refit_triggered for d in drift):
                     persons_before = tuple(envelope.model.person_ids)
-                    envelope = self.fit(snap, envelope.model, variant)
+                    envelope = self.fit(snap, envelope.model, variant, account_id)
                     REFITS.labels("drift").inc()
                     DRIFT_REFITS.labels("persons_unchanged" if tuple(envelope.model.person_ids) == persons_before
                                         else "persons_changed").inc()
@@ -207,7 +212,8 @@ class ModelKeeper:
         reference_end = current.reference_end
         if current.model.n_sessions >= MIN_SESSIONS and reference_end < MIN_SESSIONS:
             reference_end = len(snap.sessions)   # the first full model is the reference
-        return Envelope(model, len(snap.sessions), reference_end, current.drift_checked, snap.first_id)
+        return Envelope(model, len(snap.sessions), reference_end, current.drift_checked, snap.first_id,
+                        current.last_refit)
 
     def _check_drift(self, envelope: Envelope, snap: Snapshot) -> list[DriftRow]:
         ref = envelope.reference_end

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from prometheus_client import Counter, Gauge
 
 from services.common.batching import GroupCommitter
-from services.common.storage.sql import Database
+from services.common.storage.sql import Database, Tx
 
 log = logging.getLogger("hearth.clustering.predictions")
 FORWARDED = Counter("hearth_predictions_forwarded_total", "Predictions delivered to the feedback service")
@@ -46,36 +46,64 @@ class PredictionRecord:
     session_end: float | None = None
 
 
+@dataclass(frozen=True)
+class SessionPerson:
+    """An assigned session's person, stored with the prediction (same transaction)."""
+
+    account_id: str
+    session_id: str
+    person_id: str
+    probabilities: dict[str, float]
+
+
 class PredictionLog:
     def __init__(self, db: Database, send: Callable[[Sequence[PredictionRecord]], None] | None,
-                 *, forward_interval_s: float = 0.2, batch: int = 1000) -> None:
+                 *, forward_interval_s: float = 0.2, batch: int = 1000,
+                 session_writer: Callable[[Tx, Sequence[tuple]], None] | None = None) -> None:
         self._db = db
+        # Writes (account, session, person, probabilities) rows inside the outbox's
+        # transaction (ClusteringStore.write_persons); None = the caller stores them.
+        self._session_writer = session_writer
         self._send = send
         self._batch = batch
         self._interval = forward_interval_s
-        self._committer: GroupCommitter[PredictionRecord] = GroupCommitter(
+        self._committer: GroupCommitter[PredictionRecord | SessionPerson] = GroupCommitter(
             self._store, max_batch=2048, max_delay_s=0.001, name="prediction-outbox")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._forward_loop, name="prediction-forwarder", daemon=True)
         if send is not None:
             self._thread.start()
 
-    def record(self, records: Sequence[PredictionRecord]) -> None:
-        """Durably queue records; returns once they are committed."""
-        if records:
-            self._committer.write(records)
+    @property
+    def writes_session_persons(self) -> bool:
+        return self._session_writer is not None
 
-    def _store(self, records: Sequence[PredictionRecord]) -> int:
+    def record(self, records: Sequence[PredictionRecord], persons: Sequence[SessionPerson] = ()) -> None:
+        """Durably queue records (and, with a ``session_writer``, the assigned sessions'
+        persons); returns once they are committed."""
+        if persons and self._session_writer is None:
+            raise ValueError("this prediction log has no session_writer")
+        items = [*records, *persons]
+        if items:
+            self._committer.write(items)
+
+    def _store(self, items: Sequence[PredictionRecord | SessionPerson]) -> int:
         now = time.time()
+        records = [i for i in items if isinstance(i, PredictionRecord)]
+        persons = [i for i in items if isinstance(i, SessionPerson)]
         with self._db.transaction() as tx:
-            return tx.executemany(
+            stored = tx.executemany(
                 "INSERT INTO prediction_outbox (prediction_id, account_id, session_id, payload, created_at) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (prediction_id) DO NOTHING",
                 [(r.prediction_id, r.account_id, r.session_id, json.dumps(asdict(r)), now) for r in records])
+            if persons:
+                self._session_writer(tx, [(p.account_id, p.session_id, p.person_id, p.probabilities)
+                                          for p in persons])
+        return stored
 
     def forward_once(self) -> int:
         """Send one batch; returns how many were delivered."""
-        with self._db.transaction() as tx:
+        with self._db.transaction(readonly=True) as tx:
             rows = tx.query("SELECT prediction_id, payload FROM prediction_outbox "
                             "ORDER BY created_at, prediction_id LIMIT ?", (self._batch,))
             depth = tx.query("SELECT COUNT(*) FROM prediction_outbox")[0][0]

@@ -74,6 +74,11 @@ class HouseholdView:
     account_id: str
     devices: list[DeviceRow]
     sessions: list[StoredSession]
+    # Paging (newest first): where the next page starts, or None after the last page.
+    next_cursor: tuple[float, str] | None = None
+    total_sessions: int = 0
+    # person probability per session id of this page (0 until assigned)
+    person_probability: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -254,9 +259,13 @@ class ClusteringStore:
 
     # ---- reads ----------------------------------------------------------------------
 
-    def household(self, account_id: str, max_sessions: int = 500, now: float | None = None) -> HouseholdView:
+    def household(self, account_id: str, max_sessions: int = 500, now: float | None = None,
+                  cursor: tuple[float, str] | None = None) -> HouseholdView:
+        """One page of the household's sessions, newest first (start time, then session
+        id). ``cursor`` is the ``next_cursor`` of the previous page: keyset paging, so
+        sessions added meanwhile never shift or repeat a page."""
         now = time.time() if now is None else now
-        with self.db.transaction() as tx:
+        with self.db.transaction(readonly=True) as tx:
             devices = tx.query(
                 "SELECT d.device_id, d.device_type, d.last_ts, "
                 "(SELECT COUNT(*) FROM sessions s WHERE s.account_id = d.account_id "
@@ -264,16 +273,31 @@ class ClusteringStore:
                 "FROM devices d WHERE d.account_id = ? ORDER BY d.device_id", (account_id,))
             if not devices:
                 raise NotFound(f"unknown account {account_id!r}", "account_id")
+            after, params = "", [account_id]
+            if cursor is not None:
+                after = " AND (start_ts < ? OR (start_ts = ? AND session_id > ?))"
+                params += [cursor[0], cursor[0], cursor[1]]
             rows = tx.query(
                 "SELECT session_id, account_id, device_id, device_type, start_ts, end_ts, event_count, "
-                "watch_seconds, feature_version, features, label, person_id FROM sessions "
-                "WHERE account_id = ? ORDER BY start_ts DESC, session_id LIMIT ?",
-                (account_id, max_sessions))
+                "watch_seconds, feature_version, features, label, person_id, person_probs FROM sessions "
+                f"WHERE account_id = ?{after} ORDER BY start_ts DESC, session_id LIMIT ?",
+                (*params, max_sessions + 1))
+            total = tx.query("SELECT COUNT(*) FROM sessions WHERE account_id = ?", (account_id,))[0][0]
         watermarks = {d[0]: float(d[2]) for d in devices}
+        more = len(rows) > max_sessions
+        rows = rows[:max_sessions]
+        sessions = [self._session_from_row(r, watermarks.get(r[2], 0.0), now) for r in rows]
+        probability = {}
+        for r in rows:
+            probs = json.loads(r[12]) if r[12] else {}
+            probability[r[0]] = float(probs.get(r[11], 0.0)) if r[11] else 0.0
+        last = sessions[-1] if sessions else None
         return HouseholdView(
             account_id,
             [DeviceRow(d[0], d[1], float(d[2]), int(d[3])) for d in devices],
-            [self._session_from_row(r, watermarks.get(r[2], 0.0), now) for r in rows],
+            sessions,
+            (last.start_ts, last.session_id) if more and last is not None else None,
+            int(total), probability,
         )
 
     def _session_from_row(self, r: Sequence, watermark: float, now: float) -> StoredSession:
@@ -288,7 +312,7 @@ class ClusteringStore:
     def closed_sessions(self, account_id: str, now: float | None = None) -> list[StoredSession]:
         """All closed sessions of an account, oldest first (what models are fitted on)."""
         now = time.time() if now is None else now
-        with self.db.transaction() as tx:
+        with self.db.transaction(readonly=True) as tx:
             marks = dict(tx.query("SELECT device_id, last_ts FROM devices WHERE account_id = ?",
                                   (account_id,)))
             rows = tx.query(
@@ -298,8 +322,21 @@ class ClusteringStore:
         sessions = [self._session_from_row(r, float(marks.get(r[2], 0.0)), now) for r in rows]
         return [s for s in sessions if s.closed]
 
-    def session(self, account_id: str, session_id: str) -> StoredSession:
+    def closed_session_count(self, account_id: str, now: float | None = None) -> int:
+        """How many of the account's sessions are closed (a session is closed one
+        inactivity gap after its last event, by the later of the device watermark and
+        the clock) — without decrypting any vector."""
+        now = time.time() if now is None else now
         with self.db.transaction() as tx:
+            rows = tx.query(
+                "SELECT COUNT(*) FROM sessions s JOIN devices d ON d.account_id = s.account_id "
+                "AND d.device_id = s.device_id WHERE s.account_id = ? "
+                "AND (CASE WHEN d.last_ts > ? THEN d.last_ts ELSE ? END) - s.end_ts > ?",
+                (account_id, now, now, self.gap_s))
+        return int(rows[0][0])
+
+    def session(self, account_id: str, session_id: str) -> StoredSession:
+        with self.db.transaction(readonly=True) as tx:
             rows = tx.query(
                 "SELECT session_id, account_id, device_id, device_type, start_ts, end_ts, event_count, "
                 "watch_seconds, feature_version, features, label, person_id FROM sessions "
@@ -315,20 +352,26 @@ class ClusteringStore:
         """Record each session's assigned person (and the probability of every person)."""
         probabilities = probabilities or {}
         with self.db.transaction() as tx:
-            tx.executemany(
-                "UPDATE sessions SET person_id = ?, person_probs = ? WHERE account_id = ? AND session_id = ?",
-                [(p, json.dumps(probabilities[s], sort_keys=True) if s in probabilities else None,
-                  account_id, s) for s, p in persons.items()])
+            self.write_persons(tx, [(account_id, s, p, probabilities.get(s)) for s, p in persons.items()])
+
+    def write_persons(self, tx: Tx, rows: Sequence[tuple[str, str, str, dict[str, float] | None]]) -> None:
+        """``set_persons`` inside the caller's transaction: (account, session, person,
+        probabilities) rows. The assign path writes them in the prediction log's group
+        commit, so one fsync covers a batch of assignments and their predictions."""
+        tx.executemany(
+            "UPDATE sessions SET person_id = ?, person_probs = ? WHERE account_id = ? AND session_id = ?",
+            [(p, json.dumps(probs, sort_keys=True) if probs is not None else None, a, s)
+             for a, s, p, probs in rows])
 
     def accounts_with_sessions(self, min_sessions: int, limit: int | None) -> list[str]:
-        with self.db.transaction() as tx:
+        with self.db.transaction(readonly=True) as tx:
             rows = tx.query("SELECT account_id FROM sessions GROUP BY account_id HAVING COUNT(*) >= ? "
                             "ORDER BY account_id" + (" LIMIT ?" if limit else ""),
                             (min_sessions, limit) if limit else (min_sessions,))
         return [r[0] for r in rows]
 
     def accounts_with_models(self) -> list[str]:
-        with self.db.transaction() as tx:
+        with self.db.transaction(readonly=True) as tx:
             return [r[0] for r in tx.query("SELECT account_id FROM household_models ORDER BY account_id")]
 
     def record_labels(self, labels: Sequence[tuple[str, str, str, str]]) -> tuple[int, int]:
@@ -351,7 +394,7 @@ class ClusteringStore:
 
     def labels(self, account_id: str) -> dict[str, str]:
         """Session id -> known person (feedback labels)."""
-        with self.db.transaction() as tx:
+        with self.db.transaction(readonly=True) as tx:
             return dict(tx.query("SELECT session_id, person_id FROM session_labels WHERE account_id = ?",
                                  (account_id,)))
 
@@ -363,7 +406,7 @@ class ClusteringStore:
         for i, (account, device, _) in enumerate(instants):
             by_device[(account, device)].append(i)
         out: list[tuple[str, dict[str, float]]] = [("", {})] * len(instants)
-        with self.db.transaction() as tx:
+        with self.db.transaction(readonly=True) as tx:
             for (account, device), idx in by_device.items():
                 ts = np.array([instants[i][2] for i in idx])
                 rows = tx.query(
@@ -396,7 +439,7 @@ class ClusteringStore:
             version, vlen = struct.unpack_from("<qH", cached)
             return StoredModel(version, cached[10:10 + vlen].decode(),
                                self._open_model(account_id, cached[10 + vlen:]))
-        with self.db.transaction() as tx:
+        with self.db.transaction(readonly=True) as tx:
             rows = tx.query("SELECT version, variant, model FROM household_models WHERE account_id = ?",
                             (account_id,))
         if not rows:
@@ -539,7 +582,7 @@ class ClusteringStore:
         """Everything held for the account, decrypted (privacy's household export):
         devices, events, sessions (feature vectors, labels, persons), the household
         model (metadata and base64 blob) and drift events."""
-        with self.db.transaction() as tx:
+        with self.db.transaction(readonly=True) as tx:
             devices = tx.query("SELECT device_id, device_type, last_ts FROM devices WHERE account_id = ? "
                                "ORDER BY device_id", (account_id,))
             events = tx.query(f"SELECT {_EVENT_COLUMNS} FROM events WHERE account_id = ? ORDER BY ts, event_id",
@@ -595,7 +638,7 @@ class ClusteringStore:
                         drift.detected_at, int(drift.refit_triggered)))
 
     def drift_events(self, account_id: str, limit: int = 100) -> list[DriftRow]:
-        with self.db.transaction() as tx:
+        with self.db.transaction(readonly=True) as tx:
             rows = tx.query("SELECT drift_type, severity, statistic, detected_at, refit_triggered "
                             "FROM drift_events WHERE account_id = ? ORDER BY detected_at DESC, id DESC "
                             "LIMIT ?", (account_id, limit))

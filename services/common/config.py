@@ -66,6 +66,9 @@ class ServiceSettings(BaseSettings):
     # until enough households exist to learn the prior) or "heuristic".
     cold_start: Literal["account", "population_prior", "heuristic"] = "population_prior"
     population_prior_refresh_s: float = 3600.0
+    # Fault injection for `make verify` (never set in production): households whose id
+    # starts with this prefix get a GMM fit that fails numerically (k-means fallback).
+    fault_gmm_numerical: str = ""
 
     @field_validator("grpc_port", "metrics_port")
     @classmethod

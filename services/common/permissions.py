@@ -140,17 +140,24 @@ RPCS: dict[str, dict[str, Permission]] = {
         "RecordConversions": P.RECORD_CONVERSIONS,
         "Attribute": P.READ_ATTRIBUTION,
     },
-    "hearth.privacy.v1.PrivacyService": {
+    # The privacy process hosts four services, one per room.
+    "hearth.privacy.v1.Deletion": {
         "RequestDeletion": P.REQUEST_DELETION,
         "GetDeletion": P.READ_DELETION,
         "VerifyReceipt": P.VERIFY_RECEIPT,
         "ExportHousehold": P.EXPORT_HOUSEHOLD,
+    },
+    "hearth.privacy.v1.Consent": {
         "SetConsent": P.SET_CONSENT,
         "GetConsent": P.READ_CONSENT,
+    },
+    "hearth.privacy.v1.AuditLog": {
         "AppendAudit": P.APPEND_AUDIT,
         "QueryAudit": P.READ_AUDIT,
         "GetAuditProof": P.READ_AUDIT,
         "VerifyAudit": P.READ_AUDIT,
+    },
+    "hearth.privacy.v1.Keys": {
         "GetDataKey": P.USE_DATA_KEY,
         "RotateKeys": P.ROTATE_KEYS,
     },

@@ -153,6 +153,12 @@ class HearthInterceptor(grpc.ServerInterceptor):
                 return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
 
             try:
+                remaining = context.time_remaining()
+                if remaining is not None and remaining <= 0:
+                    # Queued behind other work past the caller's deadline: the caller has
+                    # given up, so doing the work now only delays the calls still waiting
+                    # (an overload would otherwise snowball into minutes of dead work).
+                    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before the call started")
                 principal = identity.principal_from_metadata(
                     metadata, peer_verified=tls.peer_verified(context), component=service)
                 principal_token = identity.set_current(principal)
@@ -293,6 +299,10 @@ def run_service(name: str, build: Callable) -> None:
     from services.common import config
 
     settings = config.load(service_name=name)
+    # Logging (JSON), tracing and /metrics before build(): what build() logs (generated
+    # development keys, a worker resuming jobs) is JSON too. serve() finds it done.
+    telemetry.setup_telemetry(name, settings.trace_export, settings.log_level,
+                              settings.resolved_metrics_port, settings.host)
     servicers, closers = build(settings)
     if not audit.installed():
         # Every service audits through privacy's AppendAudit (the privacy service

@@ -17,10 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from services.common.strict_json import DuplicateKeyError
-
-from .domain.audit import parse_export, verify_log
-from .domain.keys import key_id, load_public_key
-from .domain.receipts import ReceiptVerificationError, SignedReceipt, verify_receipt
+from services.privacy.audit.domain import parse_export, verify_log
+from services.privacy.keys.signing import key_id, load_public_key
+from services.privacy.deletion.receipts import ReceiptVerificationError, SignedReceipt, verify_receipt
 
 EXIT_OK = 0
 EXIT_INVALID = 1

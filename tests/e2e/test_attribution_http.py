@@ -36,3 +36,24 @@ def test_attribution_round_trip(mesh):
         assert result["total_revenue"] == 12.5
         bad = client.post("/v1/attribution", json={"markov_order": 9})
         assert bad.status_code == 422 and bad.json()["error"]["field"] == "markov_order"
+
+        # Intervals, the auto order, time decay, sequences through the gateway.
+        r = client.post("/v1/attribution", json={
+            "account_ids": ["e2e-att"], "method": "time_decay", "level": "household", "half_life_days": 0.1,
+            "markov_order_auto": True, "bootstrap_replicates": 40, "bootstrap_seed": 5,
+            "sequences": ["search > email"]})
+        assert r.status_code == 200, r.text
+        (result,) = r.json()["results"]
+        assert result["bootstrap_replicates"] == 40 and result["confidence_level"] == 0.95
+        decay = {c["channel"]: c for c in result["credit"]["channels"]}
+        # Half-life 2.4 h: tv's touches are 2 h and 5 h old at the conversion, email's
+        # 3 h and 6 h, so tv gets more than email (linear would split them equally).
+        assert decay["tv"]["conversions"] > decay["email"]["conversions"]
+        assert all(c["conversions_interval"][0] <= c["conversions"] + 1e-9 for c in decay.values())
+        assert {b["method"] for b in result["baselines"]} >= {"time_decay", "position_based"}
+        assert result["sequences"][0]["sequence"] == "search > email"
+        assert result["order_selection"]["chosen"] == result["markov_order"] == 1
+        bad = client.post("/v1/attribution", json={"bootstrap_replicates": 1})
+        assert bad.status_code in (400, 422) and bad.json()["error"]["field"] == "bootstrap_replicates"
+        bad = client.post("/v1/attribution", json={"position_weights": [0.5, 0.5, 0.5]})
+        assert bad.status_code in (400, 422) and bad.json()["error"]["field"] == "position_weights"

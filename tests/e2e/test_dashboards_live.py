@@ -56,7 +56,7 @@ def scraped_mesh(tmp_path_factory):
     mesh.analyst_key = write_api_key(mesh.data_dir / "gateway-keys.json", "dash-analyst", "analyst")
     mesh.start()
     targets = [(f"127.0.0.1:{mesh.metrics_ports[s]}", s) for s in SERVICE_MODULES]
-    targets.append((f"127.0.0.1:{mesh.gateway_port}", "gateway"))
+    targets.append((f"127.0.0.1:{mesh.gateway_metrics_port}", "gateway"))
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(RULES)],

@@ -75,7 +75,29 @@ def test_person_level_credit_follows_each_persons_channels(stubs):
     assert p1.get("social", 0.0) == pytest.approx(0.0, abs=1e-9)
     assert sum(c.conversions for c in by_scope[("person", "p1")].credit.channels) == pytest.approx(4.75)
     baselines = {b.method for b in by_scope[("household", "")].baselines}
-    assert baselines == {"first_touch", "last_touch", "linear"}
+    assert baselines == {"first_touch", "last_touch", "linear", "time_decay", "position_based"}
+
+    # Intervals, auto order, sequences and the persona prior through the same RPC.
+    response = stubs.Attribute(apb.AttributeRequest(
+        account_ids=[ACC], method=apb.METHOD_HYBRID, lookback_seconds=2 * 86400, markov_order_auto=True,
+        bootstrap_replicates=50, bootstrap_seed=3, sequences=["social > tv_ad"], persona_prior_strength=5.0,
+        personas=[apb.PersonPersona(account_id=ACC, person_id="p1", persona="evening"),
+                  apb.PersonPersona(account_id=ACC, person_id="p2", persona="evening")]), metadata=md)
+    by_scope = {(r.scope, r.person_id): r for r in response.results}
+    hh = by_scope[("household", "")]
+    assert hh.bootstrap_replicates == 50 and hh.confidence_level == pytest.approx(0.95)
+    # Every journey here converts: nothing to predict, so auto falls back to order 1 and says so.
+    assert hh.markov_order == hh.order_selection.chosen == 1 and "non-converting" in hh.order_selection.fallback
+    for c in hh.credit.channels:
+        assert c.conversions_interval.lower <= c.conversions + 1e-9 <= c.conversions_interval.upper + 2e-9
+    assert all(ch.HasField("conversions_interval") for b in hh.baselines for ch in b.channels)
+    assert hh.sequences[0].sequence == "social > tv_ad" and hh.sequences[0].removal_effect >= 0
+    p1 = by_scope[("person", "p1")]
+    assert p1.persona_prior_strength == 5.0 and p1.persona_prior_journeys > 0  # p2's journeys are the prior
+    # The prior pulls p1's Markov credit toward p2's channel (social), within p1's conversions.
+    social = {c.channel: c.conversions for c in p1.credit.channels}.get("social", 0.0)
+    assert 0 < social < p1.total_conversions
+    assert sum(c.conversions for c in p1.credit.channels) == pytest.approx(p1.total_conversions)
 
 
 def test_attribute_validates_fields(stubs):
@@ -86,6 +108,18 @@ def test_attribute_validates_fields(stubs):
     with pytest.raises(grpc.RpcError) as info:
         stubs.Attribute(apb.AttributeRequest(repeats="squash"), metadata=ADMIN.metadata())
     assert dict(info.value.trailing_metadata())[ERROR_FIELD_KEY] == "repeats"
+    for request, field in [
+        (apb.AttributeRequest(bootstrap_replicates=1), "bootstrap_replicates"),
+        (apb.AttributeRequest(bootstrap_replicates=10, confidence_level=1.5), "confidence_level"),
+        (apb.AttributeRequest(position_weights=[0.5, 0.5, 0.5]), "position_weights"),
+        (apb.AttributeRequest(half_life_days=-1), "half_life_days"),
+        (apb.AttributeRequest(sequences=["a > > b"]), "sequences[0]"),
+        (apb.AttributeRequest(persona_prior_strength=float("nan")), "persona_prior_strength"),
+    ]:
+        with pytest.raises(grpc.RpcError) as info:
+            stubs.Attribute(request, metadata=ADMIN.metadata())
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+        assert dict(info.value.trailing_metadata())[ERROR_FIELD_KEY] == field
 
 
 def test_erase_person_removes_their_touchpoints(stubs):

@@ -26,11 +26,11 @@ from services.common.identity import Principal, Role
 from services.common.server import build_server
 from services.common.storage.sql import migrate
 from services.privacy import cli
-from services.privacy.audit_app import SECURITY_ALERTS, AuditApp
-from services.privacy.audit_servicer import AuditRpcs
-from services.privacy.domain.audit import AuditEntry
-from services.privacy.domain.keys import generate_private_key, private_key_to_pem, public_key_to_pem
-from services.privacy.domain.suspicious import DetectorThresholds
+from services.privacy.audit.app import SECURITY_ALERTS, AuditApp
+from services.privacy.audit.servicer import AuditLogServicer
+from services.privacy.audit.domain import AuditEntry
+from services.privacy.keys.signing import generate_private_key, private_key_to_pem, public_key_to_pem
+from services.privacy.audit.suspicious import DetectorThresholds
 from services.privacy.migrations import MIGRATIONS
 from tests.conftest import ADMIN
 from tests.integration import rfc9162
@@ -48,26 +48,21 @@ def _records(n: int, who: Principal = ANA, tag: str = "r", event: str = audit.RE
                               trace_id=f"{tag}{i:04x}") for i in range(n)]
 
 
-class _AuditOnly(AuditRpcs, ppb_grpc.PrivacyServiceServicer):
-    pass
-
-
 class Log:
     """An AuditApp on the test database behind a real gRPC server."""
 
     def __init__(self, db, key, **options) -> None:
         self.db, self.key = db, key
         self.app = AuditApp(db, key, **options)
-        servicer = _AuditOnly()
-        servicer.audit = self.app
+        servicer = AuditLogServicer(self.app)
 
         def register(server):
-            ppb_grpc.add_PrivacyServiceServicer_to_server(servicer, server)
-            return ["hearth.privacy.v1.PrivacyService"]
+            ppb_grpc.add_AuditLogServicer_to_server(servicer, server)
+            return ["hearth.privacy.v1.AuditLog"]
 
         self.server = build_server("privacy", register, port=0)
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.server.port}")
-        self.stub = ppb_grpc.PrivacyServiceStub(self.channel)
+        self.stub = ppb_grpc.AuditLogStub(self.channel)
         self.pem = public_key_to_pem(key.public_key())
 
     def close(self) -> None:
@@ -287,7 +282,7 @@ def test_concurrent_appends_get_contiguous_seqs_and_none_is_lost(log):
 
 
 def audit_query(**kwargs):
-    from services.privacy.audit_store import AuditQuery
+    from services.privacy.audit.store import AuditQuery
 
     return AuditQuery(**kwargs)
 
@@ -401,8 +396,8 @@ _WRITER = textwrap.dedent("""
     from services.common import audit
     from services.common.identity import Principal, Role
     from services.common.storage.sql import PostgresDatabase, SqliteDatabase
-    from services.privacy.audit_app import AuditApp
-    from services.privacy.domain.keys import load_private_key
+    from services.privacy.audit.app import AuditApp
+    from services.privacy.keys.signing import load_private_key
 
     kind, target, schema, key_file = sys.argv[1:5]
     db = SqliteDatabase(target) if kind == "sqlite" else PostgresDatabase(target, schema, max_size=4)

@@ -57,6 +57,17 @@ def check_alpha(alpha: float) -> float:
     return a
 
 
+def check_strength(strength: float) -> float:
+    """Persona prior strength kappa (pseudo-journeys per row): finite and >= 0."""
+    try:
+        k = float(strength)
+    except (TypeError, ValueError):
+        raise AttributionInputError("prior_strength", f"must be a number, got {strength!r}") from None
+    if not np.isfinite(k) or k < 0:
+        raise AttributionInputError("prior_strength", f"must be finite and >= 0, got {strength!r}")
+    return k
+
+
 def hybrid_credit(markov: np.ndarray, shapley: np.ndarray, alpha: float) -> np.ndarray:
     """``alpha * markov + (1 - alpha) * shapley`` (arrays over the same channels)."""
     a = check_alpha(alpha)

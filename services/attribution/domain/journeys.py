@@ -63,6 +63,10 @@ class JourneySet:
     unattributed_conversions: float
     unattributed_value: float
     level: str
+    touch_ages: np.ndarray | None = None
+    """Per touch of ``paths``: time from the touch to its journey's end (the conversion,
+    or the journey's last touch for a null journey), in the input's time unit
+    (nanoseconds for datetime64). Feeds the time-decay heuristic."""
 
     def select(self, mask: np.ndarray) -> JourneySet:
         """Subset of journeys (e.g. one account or one person)."""
@@ -76,6 +80,7 @@ class JourneySet:
             unattributed_conversions=float("nan"),
             unattributed_value=float("nan"),
             level=self.level,
+            touch_ages=None if self.touch_ages is None else self.touch_ages[np.repeat(m, self.paths.lengths)],
         )
 
     def for_person(self, account: object, person: int) -> Paths:
@@ -322,10 +327,12 @@ def build_journeys(
         null_lengths = np.diff(np.concatenate((starts, [free.size])))
         null_idx = free
         null_entity = ent[starts]
+        null_end = np.repeat(np.maximum.reduceat(tm, starts), null_lengths) if free.size else np.zeros(0)
     else:
         null_lengths = np.zeros(0, dtype=np.int64)
         null_idx = np.zeros(0, dtype=np.int64)
         null_entity = np.zeros(0, dtype=np.int64)
+        null_end = np.zeros(0)
 
     lengths = np.concatenate((conv_lengths, null_lengths)).astype(np.int64)
     offsets = np.zeros(lengths.size + 1, dtype=np.int64)
@@ -341,6 +348,9 @@ def build_journeys(
         channel_names=tuple(str(n) for n in names),
     )
     entity = np.concatenate((rec_entity_k, null_entity)).astype(np.int64)
+    sorted_times = t_time[t_order].astype(np.float64) if n_t else np.zeros(0)
+    journey_end = np.concatenate((np.repeat(c_time[rec_conv_k].astype(np.float64), conv_lengths), null_end))
+    touch_ages = np.clip(journey_end - sorted_times[touch_idx], 0.0, None) if touch_idx.size else np.zeros(0)
     return JourneySet(
         paths=paths,
         accounts=accounts,
@@ -350,4 +360,5 @@ def build_journeys(
         unattributed_conversions=unattributed_conv,
         unattributed_value=unattributed_value,
         level=level,
+        touch_ages=touch_ages,
     )

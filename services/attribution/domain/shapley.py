@@ -97,25 +97,35 @@ def _distinct_touches(paths: Paths) -> _DistinctTouches:
     return _DistinctTouches(first=first, row=row, n_distinct=n_distinct, multiplicity=multiplicity)
 
 
+def shapley_touch_fractions(paths: Paths) -> np.ndarray:
+    """Fraction of its path's credit each touch receives: ``1/|T_p|`` at the first
+    occurrence of each distinct channel, 0 elsewhere (the closed form above)."""
+    if paths.n_touches == 0:
+        return np.zeros(0)
+    d = _distinct_touches(paths)
+    inv_size = np.divide(1.0, d.n_distinct, out=np.zeros(paths.n_paths), where=d.n_distinct > 0)
+    return np.where(d.first, inv_size[d.row], 0.0)
+
+
 def shapley_attribution(paths: Paths) -> ShapleyResult:
-    """Exact Shapley credit of the path game (conversions and revenue), O(touches)."""
+    """Exact Shapley credit of the path game (conversions and revenue), O(touches).
+
+    Revenue splits the value of converting paths (values of paths without a conversion
+    are not credited, as in every other method)."""
     n_ch = paths.n_channels
     if paths.n_touches == 0:
         zeros = np.zeros(n_ch)
         return ShapleyResult(paths.channel_names, zeros, zeros.copy(), 0.0, 0.0)
-    d = _distinct_touches(paths)
-    has_touch = d.n_distinct > 0
-    inv_size = np.divide(1.0, d.n_distinct, out=np.zeros(paths.n_paths), where=has_touch)
-    rows = d.row[d.first]
-    codes = paths.channels[d.first]
-    conversions = np.bincount(codes, weights=(paths.conversions * inv_size)[rows], minlength=n_ch)
-    revenue = np.bincount(codes, weights=(paths.values * inv_size)[rows], minlength=n_ch)
+    frac = shapley_touch_fractions(paths)
+    row = paths.row_of_touch()
+    value = np.where(paths.conversions > 0, paths.values, 0.0)
+    has_touch = paths.lengths > 0
     return ShapleyResult(
         channel_names=paths.channel_names,
-        conversions=conversions,
-        revenue=revenue,
+        conversions=np.bincount(paths.channels, weights=frac * paths.conversions[row], minlength=n_ch),
+        revenue=np.bincount(paths.channels, weights=frac * value[row], minlength=n_ch),
         total_conversions=float(paths.conversions[has_touch].sum()),
-        total_value=float(paths.values[has_touch].sum()),
+        total_value=float(value[has_touch].sum()),
     )
 
 

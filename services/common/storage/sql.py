@@ -45,7 +45,7 @@ class Tx(Protocol):
 class Database(Protocol):
     dialect: str
 
-    def transaction(self) -> contextlib.AbstractContextManager[Tx]: ...
+    def transaction(self, readonly: bool = False) -> contextlib.AbstractContextManager[Tx]: ...
     def purge_erased(self, tables: Sequence[str] = (), rewrite: bool = False) -> dict[str, Any]: ...
     def close(self) -> None: ...
 
@@ -68,7 +68,11 @@ class SqliteDatabase:
     """One connection per thread (sqlite3 objects are not shareable), WAL journal so
     readers never block the writer, ``synchronous=FULL`` so an acknowledged commit
     survives a power cut, ``BEGIN IMMEDIATE`` so write transactions serialise up front
-    instead of failing on upgrade.
+    instead of failing on upgrade. Read-only transactions (``readonly=True``) start
+    ``BEGIN DEFERRED``: they read a WAL snapshot and never take the write lock, so a
+    read does not queue behind a writer's fsync (the hot path's reads: session, model,
+    labels). A write inside a read-only transaction is a bug: it could fail with
+    SQLITE_BUSY on upgrade instead of waiting.
 
     Closing is safe while other threads still use the database (a background refit, a
     deletion worker, an RPC in flight): closing a sqlite3 connection while another thread
@@ -132,9 +136,9 @@ class SqliteDatabase:
                 self._local.conn = None
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[Tx]:
+    def transaction(self, readonly: bool = False) -> Iterator[Tx]:
         with self._in_use() as conn:
-            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("BEGIN DEFERRED" if readonly else "BEGIN IMMEDIATE")
             try:
                 yield _SqliteTx(conn)
             except BaseException:
@@ -218,7 +222,9 @@ class PostgresDatabase:
         )
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[Tx]:
+    def transaction(self, readonly: bool = False) -> Iterator[Tx]:
+        """``readonly`` changes nothing here (MVCC readers never wait for writers); it
+        is accepted so that stores state intent once for both backends."""
         import psycopg
         from psycopg_pool import PoolClosed
 

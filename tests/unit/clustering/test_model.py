@@ -99,6 +99,15 @@ def test_gmm_failure_falls_back_to_kmeans_and_is_counted():
     assert b.strategy == "kmeans" and np.allclose(b.probabilities.sum(1), 1.0)
 
 
+def test_injected_numerical_failure_takes_the_same_fallback(households):
+    # HEARTH_FAULT_GMM_NUMERICAL (make verify's fault run) must exercise the real path.
+    X = households[0].features
+    assert not HouseholdModel().fit(X).fallback
+    m = HouseholdModel().fit(X, inject_gmm_failure=True)
+    assert m.fallback and m.fallback_count == 1 and m.active_variant == "kmeans"
+    assert m.assign_batch(X).strategy == "kmeans"
+
+
 @pytest.mark.parametrize("variant", ["gmm", "kmeans"])
 def test_serialisation_round_trip(variant, households):
     h = households[3]

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from services.privacy import cli
-from services.privacy.domain import audit, keys
-from services.privacy.domain.deletion import DeletionScope, receipt_from_results
-from services.privacy.domain.receipts import ids_digest, sign_receipt
+from services.privacy.audit import domain as audit
+from services.privacy.keys import signing as keys
+from services.privacy.deletion.domain import DeletionScope, receipt_from_results
+from services.privacy.deletion.receipts import ids_digest, sign_receipt
 from tests.unit.privacy.factories import T0, make_entries
 
 REPO = Path(__file__).resolve().parents[3]

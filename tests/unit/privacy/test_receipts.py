@@ -7,9 +7,9 @@ from datetime import timedelta
 
 import pytest
 
-from services.privacy.domain import keys
-from services.privacy.domain.deletion import DeletionScope, receipt_from_results
-from services.privacy.domain.receipts import (
+from services.privacy.keys import signing as keys
+from services.privacy.deletion.domain import DeletionScope, receipt_from_results
+from services.privacy.deletion.receipts import (
     EMPTY_IDS_DIGEST,
     DeletionReceipt,
     ReceiptVerificationError,

@@ -36,9 +36,8 @@ from datetime import datetime
 from typing import Any
 
 from services.common.strict_json import DuplicateKeyError, loads_unambiguous
-
-from .audit import canonical_json, format_ts, parse_ts
-from .keys import (
+from services.privacy.audit.domain import canonical_json, format_ts, parse_ts
+from services.privacy.keys.signing import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
     key_id,

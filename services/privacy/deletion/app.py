@@ -48,14 +48,14 @@ from hearth.common.v1 import common_pb2, common_pb2_grpc
 from services.common import audit, erasure, identity, telemetry
 from services.common.erasure import ALL_ACCOUNTS, ErasureScope, ids_digest
 from services.common.errors import InvalidArgument, PermissionDenied, Unavailable
-from services.privacy.domain.deletion import (
+from services.privacy.deletion.domain import (
     DeletionJob, DeletionScope, JobState, RetryPolicy, ServiceStatus, build_receipt, confirm_service,
     due_services, fail_service, new_job, start_job)
-from services.privacy.domain.keys import Ed25519PrivateKey, key_id, public_key_to_pem
-from services.privacy.domain.receipts import (
+from services.privacy.keys.signing import Ed25519PrivateKey, key_id, public_key_to_pem
+from services.privacy.deletion.receipts import (
     ReceiptVerificationError, ServiceDeletion, SignedReceipt, sign_receipt, verify_receipt)
-from services.privacy.jobs_store import DeletionJobStore, StoredJob
-from services.privacy.keys_app import KeyService
+from services.privacy.deletion.store import DeletionJobStore, StoredJob
+from services.privacy.keys.app import KeyService
 
 log = logging.getLogger("hearth.privacy.deletion")
 _TRACER = telemetry.tracer("hearth.privacy.deletion")
@@ -446,7 +446,7 @@ def export_household(account_id: str, peers: Peers, jobs: DeletionJobStore, keys
 
 
 def _job_json(job: DeletionJob) -> dict[str, Any]:
-    from services.privacy.domain.deletion import job_to_dict
+    from services.privacy.deletion.domain import job_to_dict
 
     return job_to_dict(job)
 

@@ -45,8 +45,8 @@ from services.common.audit_events import EventType  # noqa: F401  (the one vocab
 from services.common.ids import Outcome, Role  # noqa: F401  (the one vocabulary)
 from services.common.strict_json import DuplicateKeyError, loads_unambiguous
 
-from . import merkle
-from .keys import Ed25519PrivateKey, Ed25519PublicKey, key_id, verify_signature
+from services.privacy.audit import merkle
+from services.privacy.keys.signing import Ed25519PrivateKey, Ed25519PublicKey, key_id, verify_signature
 
 FORMAT_VERSION = 1
 STH_TYPE = "hearth-audit-sth"

@@ -1,0 +1,167 @@
+"""Snapshots of every service's database, and their restore (no domain logic here: the
+privacy service re-applies its deletion ledger after a restore, services/privacy/backup.py).
+
+* SQLite: the online backup API (``sqlite3.Connection.backup``) copies a consistent image
+  of each ``<service>.db`` while the services keep running (readers and writers are not
+  blocked for longer than a page batch); WAL contents are included.
+* PostgreSQL: ``pg_dump --format=custom`` of each service's schema ``hearth_<service>``
+  (a consistent MVCC snapshot per schema), restored with ``pg_restore --clean``.
+
+A snapshot is a directory ``<out>/hearth-<UTC timestamp>/`` with one file per service
+and ``manifest.json`` (backend, time taken, SHA-256 of each file). Restore verifies the
+checksums before touching anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+SERVICES = ("clustering", "attribution", "privacy", "feedback")
+MANIFEST = "manifest.json"
+FORMAT = "hearth-backup/v1"
+
+
+class BackupError(ValueError):
+    """A snapshot that cannot be taken or restored (named file, checksum, tool)."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    path: Path
+    backend: str
+    taken_at: float
+    files: dict[str, dict]     # service -> {"file": name, "sha256": hex, "bytes": n}
+
+    @classmethod
+    def load(cls, path: Path) -> "Snapshot":
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except (OSError, ValueError) as exc:
+            raise BackupError(f"{path}: not a Hearth snapshot ({exc})") from None
+        if manifest.get("format") != FORMAT:
+            raise BackupError(f"{path / MANIFEST}: unknown format {manifest.get('format')!r}")
+        return cls(path, manifest["backend"], float(manifest["taken_at"]), manifest["files"])
+
+    def verify(self) -> None:
+        for service, entry in self.files.items():
+            file = self.path / entry["file"]
+            if not file.is_file() or _sha256(file) != entry["sha256"]:
+                raise BackupError(f"{file}: missing or corrupt (checksum of {service} does not match)")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _stamp(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+
+
+def _write_manifest(path: Path, backend: str, taken_at: float, files: dict[str, dict]) -> Snapshot:
+    (path / MANIFEST).write_text(json.dumps({"format": FORMAT, "backend": backend, "taken_at": taken_at,
+                                             "taken_at_utc": _stamp(taken_at), "files": files},
+                                            indent=2, sort_keys=True))
+    return Snapshot(path, backend, taken_at, files)
+
+
+def backup_sqlite(data_dir: Path, out_dir: Path, services=SERVICES) -> Snapshot:
+    """Online copy of every ``<service>.db`` under ``data_dir`` that exists."""
+    taken_at = time.time()
+    target = out_dir / f"hearth-{_stamp(taken_at)}"
+    target.mkdir(parents=True)
+    files: dict[str, dict] = {}
+    for service in services:
+        source = data_dir / f"{service}.db"
+        if not source.exists():
+            continue
+        dest = target / f"{service}.db"
+        src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)
+        dst = sqlite3.connect(dest)
+        try:
+            src.backup(dst, pages=1024)
+        finally:
+            dst.close()
+            src.close()
+        os.chmod(dest, 0o600)   # personal data: readable by the owner only
+        files[service] = {"file": dest.name, "sha256": _sha256(dest), "bytes": dest.stat().st_size}
+    if not files:
+        shutil.rmtree(target)
+        raise BackupError(f"{data_dir}: no service database found (<service>.db)")
+    return _write_manifest(target, "sqlite", taken_at, files)
+
+
+def restore_sqlite(snapshot: Snapshot, data_dir: Path) -> list[str]:
+    """Replace each service's database by the snapshot's copy (the services must be
+    stopped). The old file's -wal/-shm are removed with it, or SQLite would replay them."""
+    snapshot.verify()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    restored = []
+    for service, entry in sorted(snapshot.files.items()):
+        dest = data_dir / f"{service}.db"
+        for suffix in ("-wal", "-shm", "-journal"):
+            Path(f"{dest}{suffix}").unlink(missing_ok=True)
+        tmp = data_dir / f".{service}.db.restoring"
+        shutil.copyfile(snapshot.path / entry["file"], tmp)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, dest)   # atomic: a crash leaves the old or the new file, never half
+        restored.append(service)
+    return restored
+
+
+def _pg_tool(name: str) -> str:
+    found = shutil.which(name)
+    if not found:
+        raise BackupError(f"{name} is required for PostgreSQL backups (package postgresql-client)")
+    return found
+
+
+def backup_postgres(dsn: str, out_dir: Path, services=SERVICES) -> Snapshot:
+    taken_at = time.time()
+    target = out_dir / f"hearth-{_stamp(taken_at)}"
+    target.mkdir(parents=True)
+    files: dict[str, dict] = {}
+    for service in services:
+        dest = target / f"{service}.pgdump"
+        done = subprocess.run([_pg_tool("pg_dump"), "--format=custom", f"--schema=hearth_{service}",
+                               "--no-owner", f"--file={dest}", dsn], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise BackupError(f"pg_dump of hearth_{service} failed: {done.stderr.strip()[:500]}")
+        os.chmod(dest, 0o600)
+        files[service] = {"file": dest.name, "sha256": _sha256(dest), "bytes": dest.stat().st_size}
+    return _write_manifest(target, "postgres", taken_at, files)
+
+
+def restore_postgres(snapshot: Snapshot, dsn: str) -> list[str]:
+    snapshot.verify()
+    restored = []
+    for service, entry in sorted(snapshot.files.items()):
+        done = subprocess.run([_pg_tool("pg_restore"), "--clean", "--if-exists", "--no-owner",
+                               "--single-transaction", f"--dbname={dsn}", str(snapshot.path / entry["file"])],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise BackupError(f"pg_restore of hearth_{service} failed: {done.stderr.strip()[:500]}")
+        restored.append(service)
+    return restored
+
+
+def prune(out_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest snapshots under ``out_dir`` (a deleted
+    household's data also leaves the backups once they expire)."""
+    snapshots = sorted(p for p in out_dir.glob("hearth-*") if (p / MANIFEST).is_file())
+    removed = snapshots[:-keep] if keep > 0 else []
+    for path in removed:
+        shutil.rmtree(path)
+    return removed
