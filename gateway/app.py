@@ -143,8 +143,21 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.add_middleware(ObserveMiddleware, tracer=tracer, max_body_bytes=settings.max_body_bytes,
                        access_log=settings.access_log)
 
+    protected_routes: set[str] = set()  # "METHOD /path/template" of every route behind access()
+
     @app.exception_handler(RequestValidationError)
-    async def on_validation_error(_request: Request, exc: RequestValidationError):
+    async def on_validation_error(request: Request, exc: RequestValidationError):
+        # FastAPI parses and validates the body before it runs the route's dependencies,
+        # so without this an anonymous caller's malformed body would get a 422 (telling
+        # them about the API) where a well-formed one gets 401/403. Credentials first:
+        # the refusal is the same 401/403 as always, and is audited the same way.
+        route = request.scope.get("route")
+        key = f"{request.method} {getattr(route, 'path', '')}"
+        if key in protected_routes:
+            try:
+                authorize_route(authenticator.authenticate(request.headers, key), key)
+            except HearthError as refusal:
+                return from_hearth_error(refusal)
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         parts = [p for p in first.get("loc", ()) if p not in ("body", "path", "query")]
         field = ""
@@ -163,6 +176,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     def access(route: str):
         """Dependency for a route: authenticate the caller, then check the permission
         matrix for ``route`` ("METHOD /path/template")."""
+        protected_routes.add(route)
 
         async def dependency(request: Request) -> Principal:
             who = authenticator.authenticate(request.headers, route)

@@ -187,12 +187,21 @@ class ClusteringStore:
                 late += len(batch.events) - len(on_time)
                 if not on_time:
                     continue
+                # A duplicate (an id this household already stored, or one repeated in the
+                # batch) changes nothing: not stored, and its timestamp moves no watermark.
+                # Ids are scoped per household: another household's event with the same id
+                # is a different event.
+                fresh = self._new_events(tx, account, on_time)
+                duplicates += len(on_time) - len(fresh)
+                if not fresh:
+                    continue
                 inserted = tx.executemany(
                     f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES ({', '.join('?' * 14)}) "
-                    "ON CONFLICT (event_id) DO NOTHING", [self._event_row(e) for e in on_time])
+                    "ON CONFLICT (account_id, event_id) DO NOTHING", [self._event_row(e) for e in fresh])
                 accepted += inserted
-                duplicates += len(on_time) - inserted
-                newest = max(on_time, key=lambda e: (e.ts, e.event_id))
+                duplicates += len(fresh) - inserted  # a concurrent writer got there first
+                on_time = fresh
+                newest = max(fresh, key=lambda e: (e.ts, e.event_id))
                 if row:
                     if newest.ts >= watermark:
                         tx.execute("UPDATE devices SET last_ts = ?, device_type = ? "
@@ -204,6 +213,24 @@ class ClusteringStore:
                 if inserted:
                     touched += self._rebuild_sessions(tx, account, device, min(e.ts for e in on_time))
         return IngestResult(accepted, duplicates, late, touched)
+
+    @staticmethod
+    def _new_events(tx: Tx, account: str, events: list[ViewingEvent]) -> list[ViewingEvent]:
+        """``events`` without those whose id ``account`` already stored or that repeat an
+        earlier id of the batch (the first occurrence wins)."""
+        ids = sorted({e.event_id for e in events})
+        seen: set[str] = set()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            seen.update(r[0] for r in tx.query(
+                f"SELECT event_id FROM events WHERE account_id = ? AND event_id IN ({', '.join('?' * len(chunk))})",
+                (account, *chunk)))
+        fresh = []
+        for e in events:
+            if e.event_id not in seen:
+                seen.add(e.event_id)
+                fresh.append(e)
+        return fresh
 
     def _rebuild_sessions(self, tx: Tx, account: str, device: str, earliest_new_ts: float) -> int:
         """Replace the sessions that events at or after ``earliest_new_ts`` can affect:

@@ -510,3 +510,27 @@ def test_mass_reads_raise_one_security_alert_and_service_reads_none(database, ke
         assert opened.verify().valid
     finally:
         opened.close()
+
+
+@pytest.mark.parametrize("which", ["latest", "older"])
+def test_a_forged_stored_tree_head_fails_a_live_verify(log, which):
+    # The forged row sits at a size the running service already signed itself, so the
+    # verifier cannot rely on "the newest head wins": every stored head is checked.
+    sizes = _fill(log, (5, 5, 5))
+    size = sizes[-1] if which == "latest" else sizes[0]
+    assert log.verify().valid
+    with log.db.transaction() as tx:
+        sth = json.loads(tx.query("SELECT sth_json FROM audit_sth WHERE tree_size = ?", (size,))[0][0])
+        sth["signature"] = "00" * 64
+        tx.execute("UPDATE audit_sth SET sth_json = ? WHERE tree_size = ?", (json.dumps(sth), size))
+    after = log.verify()
+    assert (after.valid, after.reason) == (False, "bad_signature"), after.message
+
+
+def test_a_genuine_tree_head_moved_to_another_size_fails_a_live_verify(log):
+    sizes = _fill(log, (5, 5, 5))
+    with log.db.transaction() as tx:
+        genuine = tx.query("SELECT sth_json FROM audit_sth WHERE tree_size = ?", (sizes[0],))[0][0]
+        tx.execute("UPDATE audit_sth SET sth_json = ? WHERE tree_size = ?", (genuine, sizes[1]))
+    after = log.verify()
+    assert (after.valid, after.reason) == (False, "bad_signature"), after.message
