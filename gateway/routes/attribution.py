@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
-from gateway.models import Id, Strict, Timestamp
+from gateway.models import Id, Strict, Timestamp, WindowBound
 from gateway.routes import ERROR_RESPONSES
 from hearth.attribution.v1 import attribution_pb2 as apb
 from hearth.common.v1 import common_pb2
@@ -64,8 +64,8 @@ class PersonaIn(Strict):
 class AttributionIn(Strict):
     account_ids: list[Id] = Field(default_factory=list, max_length=1000,
                                   description="empty = every account")
-    start: Timestamp | None = None
-    end: Timestamp | None = None
+    start: WindowBound | None = None
+    end: WindowBound | None = None
     method: Literal["markov", "shapley", "hybrid", "first_touch", "last_touch", "linear", "time_decay",
                     "position_based"] = "hybrid"
     markov_order: int = Field(1, ge=1, le=4)
@@ -148,7 +148,8 @@ def _result(x: apb.AttributionResult) -> AttributionResultOut:
         sel = {"chosen": o.chosen, "log_loss": {str(k): v for k, v in sorted(o.log_loss.items())},
                "log_loss_se": {str(k): v for k, v in sorted(o.log_loss_se.items())},
                "margin": o.margin, "margin_se": o.margin_se, "margin_vs_order1": o.margin_vs_order1,
-               "margin_vs_order1_se": o.margin_vs_order1_se, "fallback": o.fallback or None}
+               "margin_vs_order1_se": o.margin_vs_order1_se, "fallback": o.fallback or None,
+               "at_upper_bound": o.at_upper_bound}
     return AttributionResultOut(
         scope=x.scope, account_id=x.account_id or None, person_id=x.person_id or None,
         credit=_table(x.credit), baselines=[_table(b) for b in x.baselines], journeys=x.journeys,

@@ -21,8 +21,8 @@ def query_from_pb(r: pb.AttributeRequest) -> AttributeQuery:
     window = r.window if r.HasField("window") else None
     return AttributeQuery(
         account_ids=tuple(r.account_ids),
-        start=ts_to_float(window, "start", "window.start", required=False) if window else None,
-        end=ts_to_float(window, "end", "window.end", required=False) if window else None,
+        start=ts_to_float(window, "start", "window.start", required=False, window=True) if window else None,
+        end=ts_to_float(window, "end", "window.end", required=False, window=True) if window else None,
         method=_METHOD_NAMES.get(r.method, f"unknown({r.method})"),
         order=r.markov_order or 1,
         alpha=r.hybrid_alpha if r.hybrid_alpha_set else 0.5,
@@ -69,7 +69,7 @@ def _order_selection(d: dict) -> pb.OrderSelection:
         margin=float(d.get("margin", 0.0)), margin_se=float(d.get("margin_se", 0.0)),
         margin_vs_order1=float(d.get("margin_vs_order1", 0.0)),
         margin_vs_order1_se=float(d.get("margin_vs_order1_se", 0.0)),
-        fallback=d.get("fallback", ""))
+        fallback=d.get("fallback", ""), at_upper_bound=bool(d.get("at_upper_bound", False)))
 
 
 def scoped_to_pb(s: ScopedReport) -> pb.AttributionResult:

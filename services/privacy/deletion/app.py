@@ -219,7 +219,13 @@ class DeletionCoordinator:
     # ---- the worker ----------------------------------------------------------------------
 
     def oldest_open_age_s(self) -> float:
-        oldest = self.jobs.oldest_open_created_at()
+        # Called by Prometheus on every scrape, from the scraping thread: a scrape must never
+        # fail because the store is closing or briefly unreachable; "unknown" is NaN, which
+        # no alert threshold compares true against.
+        try:
+            oldest = self.jobs.oldest_open_created_at()
+        except Exception:  # noqa: BLE001 - a gauge callback has no caller to report to
+            return float("nan")
         return max(0.0, time.time() - oldest) if oldest is not None else 0.0
 
     def start(self) -> None:
