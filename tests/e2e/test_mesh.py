@@ -14,7 +14,7 @@ HOUR = 3600
 
 def _events(account: str, start: float, n: int, device: str = "tv-1", first: int = 0):
     return [{"event_id": f"{account}-{device}-{first + i}", "account_id": account, "device_id": device,
-             "device_type": "tv", "ts": start + i * 300, "kind": "heartbeat", "title_id": f"title-{i}",
+             "device_type": "tv", "ts": _iso(start + i * 300), "kind": "heartbeat", "title_id": f"title-{i}",
              "series_id": "show-1", "genres": ["drama", "crime"], "duration_s": 300, "maturity": "adult"}
             for i in range(n)]
 
@@ -38,8 +38,6 @@ def test_health_reports_every_service_serving(client):
 def test_events_come_back_as_sessions_with_one_trace(client, mesh):
     start = time.time() - 2 * 86400
     events = _events("e2e-acc-1", start, 4) + _events("e2e-acc-1", start + 5 * HOUR, 2, first=100)
-    for e in events:
-        e["ts"] = _iso(e["ts"])
     response = client.post("/v1/events", json={"events": events})
     assert response.status_code == 200, response.text
     assert response.json() == {"accepted": 6, "duplicates": 0, "rejected_late": 0, "sessions_touched": 2}
@@ -77,8 +75,6 @@ def test_unknown_household_is_404_json(client):
 ])
 def test_bad_events_get_422_naming_the_field_and_store_nothing(client, mutate, field):
     good = _events("e2e-bad-acc", time.time() - 86400, 2)
-    for e in good:
-        e["ts"] = _iso(e["ts"])
     mutate(good[0])
     response = client.post("/v1/events", json={"events": good})
     assert response.status_code == 422, response.text
