@@ -130,6 +130,13 @@ def _iso(ts: float) -> str:
 def household_events(account: str, rng: random.Random, days: int, n_persons: int | None = None) -> list[dict]:
     """1-4 persons (own device, own rhythm and tastes; some share the TV), one session of
     2-5 episodes most days each, ending at least a day ago (closed sessions)."""
+    while True:   # a tiny household may draw no session at all: draw again
+        events = _household_events(account, rng, days, n_persons)
+        if events:
+            return events
+
+
+def _household_events(account: str, rng: random.Random, days: int, n_persons: int | None) -> list[dict]:
     n_persons = n_persons or rng.choice((1, 2, 2, 3, 3, 4))
     personas = rng.sample(PERSONAS, n_persons)
     start = time.time() - (days + 1) * 86400
@@ -297,17 +304,15 @@ class Verify:
         with self.client() as c:
             accounts = [f"hh-{i:04d}" for i in range(p.households)]
             for account in accounts:
-                r = c.post("/v1/events", json={"events": household_events(account, rng, p.days)})
-                r.raise_for_status()
+                _ok(c.post("/v1/events", json={"events": household_events(account, rng, p.days)}), account)
             for i in range(p.victims):
                 victim = f"victim-{i:04d}"
-                r = c.post("/v1/events", json={"events": household_events(victim, rng, 4, n_persons=1)})
-                r.raise_for_status()
+                _ok(c.post("/v1/events", json={"events": household_events(victim, rng, 4, n_persons=1)}), victim)
                 self.victims.append(victim)
             for account in accounts[:p.attribution_accounts]:
                 touches, conversions = touchpoints_for(account, rng, p.days)
-                c.post("/v1/touchpoints", json={"touchpoints": touches}).raise_for_status()
-                c.post("/v1/conversions", json={"conversions": conversions}).raise_for_status()
+                _ok(c.post("/v1/touchpoints", json={"touchpoints": touches}), account)
+                _ok(c.post("/v1/conversions", json={"conversions": conversions}), account)
                 self.attribution_accounts.append(account)
             # Every household's model is fitted in the background after ingest: wait for it.
             deadline = time.monotonic() + (120 if self.args.quick else 600)
@@ -662,7 +667,8 @@ class Verify:
 
     def fault_postgres(self) -> dict:
         row = self.under_load(self.postgres.stop, self.postgres.start, hold=False)
-        row["note"] = "fast shutdown, started again at once (a restart)"
+        row["note"] = ("fast shutdown (SIGINT), started again as soon as a failure showed on /health or "
+                       f"after {self.profile.fault_hold_s:g} s")
         return row
 
     def fault_audit(self) -> dict:
@@ -813,6 +819,12 @@ class Verify:
         plots(self.out, r)
         (self.out / "report.md").write_text(markdown(report, r))
         return report
+
+
+def _ok(response: httpx.Response, what: str) -> None:
+    if response.status_code != 200:
+        raise RuntimeError(f"seeding {what}: {response.request.url.path} answered "
+                           f"{response.status_code} {response.text[:500]}")
 
 
 def _export_events(export: dict) -> list[dict]:
