@@ -503,12 +503,20 @@ class Verify:
                     time.sleep(0.2)
         return lost
 
+    def steady_rate(self, wanted: float) -> float:
+        """A rate this machine sustains now: at most half the highest mixed rate served
+        without errors (or a third of the assign saturation when none was), so a soak or
+        a fault run measures the mesh, not a backlog of an overload."""
+        sustainable = self.results.get("mixed_saturation_rps") or self.results["assign"]["saturation_rps"] / 1.5
+        return float(max(5, min(wanted, round(sustainable / 2))))
+
     def soak_phase(self) -> None:
         p = self.profile
         minutes = self.args.soak_min
-        log(f"soak: {p.soak_rate}/s for {minutes} min")
-        victims = self.take_victims(max(0, int(p.soak_rate * minutes * 60 * MIXED["delete"])))
-        spec = self.spec(mix=MIXED, mode="open", rate=p.soak_rate, duration_s=minutes * 60, victims=victims)
+        rate = self.steady_rate(p.soak_rate)
+        log(f"soak: {rate}/s for {minutes} min")
+        victims = self.take_victims(max(0, int(rate * minutes * 60 * MIXED["delete"])))
+        spec = self.spec(mix=MIXED, mode="open", rate=rate, duration_s=minutes * 60, victims=victims)
         pids = self.pids()
         samples: dict[str, list[tuple[float, float]]] = {n: [] for n in pids}
         proc, out_path = self.launch(spec)
@@ -535,7 +543,7 @@ class Verify:
         # A leak: RSS still rising after warm-up by more than 5 % of the process's size
         # per hour of steady traffic (noise on a flat process is a few MB either way).
         leak = {n: bool(slopes[n] > max(10.0, 0.05 * samples[n][-1][1])) for n in slopes}
-        self.results["soak"] = {"minutes": minutes, "rate": p.soak_rate, "rss_slope_mb_per_h": slopes,
+        self.results["soak"] = {"minutes": minutes, "rate": rate, "rss_slope_mb_per_h": slopes,
                                 "rss_growth_after_warmup_mb": growth, "leak": any(leak.values()),
                                 "leak_by_process": leak, "p99_ms": summary["p99_ms"], "errors": summary["errors"],
                                 "achieved": summary["achieved"], "acknowledged_lost": summary["acknowledged_lost"],
@@ -582,7 +590,8 @@ class Verify:
         # again for a while.
         duration = p.fault_pre_s + p.fault_hold_s + 120.0
         started_file = self.out / "runs" / f"fault-{self.run_counter + 1}.started"
-        spec = self.spec(mix=FAULT_MIX, mode="open", rate=p.fault_rate, duration_s=duration, timeout_s=8.0,
+        spec = self.spec(mix=FAULT_MIX, mode="open", rate=self.steady_rate(p.fault_rate), duration_s=duration,
+                         timeout_s=8.0,
                          event_prefix=f"fault{self.run_counter}-{int(time.time())}", started_file=str(started_file))
         health: list[tuple[float, int]] = []
         stop = threading.Event()
