@@ -775,7 +775,13 @@ class Verify:
         with self.client() as c:
             after = c.get(f"/v1/household/{account}").json()["model_version"]
         n_refits = len(stubs) * 2 * refits_per_replica
-        cas_ok = (not errors and len(set(versions)) == len(versions) == n_refits and after >= before + n_refits)
+        # No lost update: every acknowledged refit got a version of its own, and the
+        # stored version moved past all of them (background refreshes may add more). A
+        # refit that loses the compare-and-swap race CAS_ATTEMPTS times is refused with
+        # ABORTED ("try again"): an explicit failure to the caller, never a silent loss.
+        aborted = sum("ABORTED" in e for e in errors)
+        cas_ok = (len(errors) == aborted and len(set(versions)) == len(versions)
+                  and after >= before + len(versions))
 
         # One budget across both gateways: a bucket of `burst` tokens refilling slowly.
         statuses = []
@@ -786,7 +792,8 @@ class Verify:
         allowed = sum(1 for code in statuses if code == 200)
         self.results["scale_out"] = {
             "replicas": {"clustering": 2, "gateway": 2}, "lb_policy": "round_robin",
-            "refits": n_refits, "distinct_versions": len(set(versions)), "refit_errors": errors[:5],
+            "refits": n_refits, "acknowledged": len(versions), "aborted_try_again": aborted,
+            "distinct_versions": len(set(versions)), "refit_errors": errors[:5],
             "model_version_before": before, "model_version_after": after, "no_lost_update": cas_ok,
             "assigns": len(assign_status), "assign_errors": sum(1 for code in assign_status if code != 200),
             "rate_limit": {"burst": SHARED_LIMIT["burst"], "requests": len(statuses), "allowed": allowed,
