@@ -53,13 +53,13 @@ def generate(data_dir: Path, households: int, seed: int = 7) -> dict[str, int]:
     from services.common.field_crypto import FieldCipher
     from services.common.storage.sql import SqliteDatabase
     from services.feedback.store import FeedbackStore, PredictionRecord
-    from services.privacy.jobs_store import DataKeyStore
-    from services.privacy.keys_app import KeyService, load_keks
-    from services.privacy.store import PrivacyStore
+    from services.privacy.keys.store import DataKeyStore
+    from services.privacy.keys.app import KeyService, load_keks
+    from services.privacy.consent.store import ConsentStore
 
     rng = random.Random(seed)
     pdb = SqliteDatabase(data_dir / "privacy.db")
-    PrivacyStore(pdb).migrate()
+    ConsentStore(pdb).migrate()
     keys = KeyService(DataKeyStore(pdb), *load_keks("", "", data_dir))
     cipher = FieldCipher(lambda a, v: keys.data_key(a, v))
     cdb, adb, fdb = (SqliteDatabase(data_dir / f"{s}.db") for s in ("clustering", "attribution", "feedback"))

@@ -26,8 +26,8 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 
-from services.privacy.domain import audit, merkle
-from services.privacy.domain.keys import Ed25519PrivateKey
+from services.privacy.audit import domain as audit, merkle
+from services.privacy.keys.signing import Ed25519PrivateKey
 from bench._common import cpu_model, log
 
 TARGET_EVENTS_PER_S = 20_000

@@ -39,8 +39,8 @@ from datetime import date
 from services.common import audit
 from services.common.identity import Principal, Role
 from services.common.storage.sql import PostgresDatabase, SqliteDatabase, migrate
-from services.privacy.audit_app import AuditApp
-from services.privacy.domain.keys import generate_private_key
+from services.privacy.audit.app import AuditApp
+from services.privacy.keys.signing import generate_private_key
 from services.privacy.migrations import MIGRATIONS
 from bench._common import cpu_model, log
 
@@ -108,21 +108,17 @@ def run_grpc(app: AuditApp, batch: list[audit.AuditRecord], threads: int) -> flo
 
     from hearth.privacy.v1 import privacy_pb2_grpc as ppb_grpc
     from services.common.server import build_server
-    from services.privacy.audit_servicer import AuditRpcs
+    from services.privacy.audit.servicer import AuditLogServicer
 
-    class AuditOnly(AuditRpcs, ppb_grpc.PrivacyServiceServicer):
-        pass
-
-    servicer = AuditOnly()
-    servicer.audit = app
+    servicer = AuditLogServicer(app)
 
     def register(server):
-        ppb_grpc.add_PrivacyServiceServicer_to_server(servicer, server)
-        return ["hearth.privacy.v1.PrivacyService"]
+        ppb_grpc.add_AuditLogServicer_to_server(servicer, server)
+        return ["hearth.privacy.v1.AuditLog"]
 
     running = build_server("privacy", register, port=0)
     channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
-    stub = ppb_grpc.PrivacyServiceStub(channel)
+    stub = ppb_grpc.AuditLogStub(channel)
     metadata = Principal("svc:bench", Role.SERVICE).metadata()
     requests = [audit.to_append_request(batch[i:i + 500]) for i in range(0, len(batch), 500)]
     try:
@@ -153,7 +149,7 @@ def bench_backend(backend: Backend, args) -> dict:
             if args.grpc:
                 results["grpc_events_per_s"].append(
                     run_grpc(app, records(args.events, 2 * 10**9 + repeat * args.events), args.threads))
-            size = app.store.size
+            size = app.writer.size
             t = []
             for i in range(200):
                 s0 = time.perf_counter()

@@ -11,20 +11,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.trace import SpanKind
 
-from hearth.attribution.v1 import attribution_pb2_grpc
-from hearth.clustering.v1 import clustering_pb2_grpc
-from hearth.feedback.v1 import feedback_pb2_grpc
-from hearth.privacy.v1 import privacy_pb2_grpc
 from services.common import telemetry, tls
+from services.common.client import ProcessStub, stub_classes
 from services.common.identity import Principal
 
 SERVICES = ("clustering", "attribution", "privacy", "feedback")
-_STUBS = {
-    "clustering": clustering_pb2_grpc.ClusteringServiceStub,
-    "attribution": attribution_pb2_grpc.AttributionServiceStub,
-    "privacy": privacy_pb2_grpc.PrivacyServiceStub,
-    "feedback": feedback_pb2_grpc.FeedbackServiceStub,
-}
 
 
 class ServiceClients:
@@ -42,7 +33,8 @@ class ServiceClients:
             # Mutual TLS when HEARTH_TLS_* is configured, plaintext otherwise (tls.aio_channel).
             channel = tls.aio_channel(self._addresses[name], options=tls.CHANNEL_OPTIONS)
             self._channels[name] = channel
-            self.stubs[name] = _STUBS[name](channel)
+            # One stub per process; privacy serves four services (Deletion, Consent, AuditLog, Keys).
+            self.stubs[name] = ProcessStub(channel, stub_classes(name))
             self._health[name] = health_pb2_grpc.HealthStub(channel)
 
     async def close(self) -> None:

@@ -6,6 +6,8 @@
     hearth report calibration --input X.jsonl --output DIR    (feedback)
     hearth backup --out DIR [--keep N]                        (every database, online)
     hearth restore SNAPSHOT                                   (deletions since are re-applied)
+    hearth rollout run --challenger V --steps 5,25,50,100     (guarded, automatic rollback)
+    hearth rollout webhook --listen :9095                     (Alertmanager -> kill switch)
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 
 from services.attribution import cli as attribution_cli
 from services.feedback import cli as feedback_cli
+from services import rollout as rollout_cli
 from services.privacy import backup as backup_cli
 from services.privacy import cli as privacy_cli
 
@@ -23,7 +26,7 @@ from services.privacy import cli as privacy_cli
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hearth", description="Hearth command-line tools")
     commands = parser.add_subparsers(dest="command", required=True)
-    for module in (attribution_cli, privacy_cli, feedback_cli, backup_cli):
+    for module in (attribution_cli, privacy_cli, feedback_cli, backup_cli, rollout_cli):
         module.register(commands)
     return parser
 

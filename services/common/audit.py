@@ -102,7 +102,9 @@ MAX_TEXT = 1024  # the log's limit for principal / resource / trace id
 # authentication_failure. A test checks that every RPC of every proto is listed, so a
 # new RPC cannot escape the audit log by omission.
 _CLU, _ATT = "/hearth.clustering.v1.ClusteringService/", "/hearth.attribution.v1.AttributionService/"
-_PRI, _FEE = "/hearth.privacy.v1.PrivacyService/", "/hearth.feedback.v1.FeedbackService/"
+_FEE = "/hearth.feedback.v1.FeedbackService/"
+_DEL, _CON = "/hearth.privacy.v1.Deletion/", "/hearth.privacy.v1.Consent/"
+_LOG, _KEY = "/hearth.privacy.v1.AuditLog/", "/hearth.privacy.v1.Keys/"
 _DATA = "/hearth.common.v1.DataHolder/"
 _ERASE = (DELETION_COMPLETED, DELETION_FAILED)
 
@@ -119,19 +121,19 @@ RPC_EVENTS: dict[str, str | tuple[str, str] | None] = {
     _ATT + "RecordTouchpoints": INGEST,
     _ATT + "RecordConversions": INGEST,
     _ATT + "Attribute": ATTRIBUTION_RUN,
-    _PRI + "RequestDeletion": DELETION_REQUESTED,
-    _PRI + "GetDeletion": None,                # job status, no personal data
-    _PRI + "VerifyReceipt": RECEIPT_VERIFIED,
-    _PRI + "ExportHousehold": EXPORT,
-    _PRI + "SetConsent": CONSENT_CHANGE,
-    _PRI + "GetConsent": None,                 # read by services on every write they audit already
-    _PRI + "AppendAudit": None,                # the log itself: auditing it would recurse
-    _PRI + "QueryAudit": AUDIT_EXPORT,         # reads of the audit log ARE audited
-    _PRI + "GetAuditProof": AUDIT_EXPORT,
-    _PRI + "VerifyAudit": AUDIT_EXPORT,
-    _PRI + "GetDataKey": None,                 # stores fetch keys per household every <= 60 s; the
+    _DEL + "RequestDeletion": DELETION_REQUESTED,
+    _DEL + "GetDeletion": None,                # job status, no personal data
+    _DEL + "VerifyReceipt": RECEIPT_VERIFIED,
+    _DEL + "ExportHousehold": EXPORT,
+    _CON + "SetConsent": CONSENT_CHANGE,
+    _CON + "GetConsent": None,                 # read by services on every write they audit already
+    _LOG + "AppendAudit": None,                # the log itself: auditing it would recurse
+    _LOG + "QueryAudit": AUDIT_EXPORT,         # reads of the audit log ARE audited
+    _LOG + "GetAuditProof": AUDIT_EXPORT,
+    _LOG + "VerifyAudit": AUDIT_EXPORT,
+    _KEY + "GetDataKey": None,                 # stores fetch keys per household every <= 60 s; the
                                                # key's creation/destruction is what is audited
-    _PRI + "RotateKeys": KEY_ROTATION,
+    _KEY + "RotateKeys": KEY_ROTATION,
     _FEE + "RecordPrediction": INGEST,
     _FEE + "RecordFeedback": FEEDBACK,
     _FEE + "GetCalibration": None,             # aggregates over all households, no household data
@@ -484,7 +486,7 @@ class GrpcAuditTransport:
         from services.common.client import peer_channel
 
         self._channel = peer_channel(address, component, timeout_s)
-        self._stub = privacy_pb2_grpc.PrivacyServiceStub(self._channel)
+        self._stub = privacy_pb2_grpc.AuditLogStub(self._channel)
         self._as = identity.service_principal(component)
         self._timeout = timeout_s
 

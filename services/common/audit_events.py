@@ -1,6 +1,6 @@
 """The audit log's event types: the one vocabulary shared by the audit client every
-service uses (services/common/audit.py) and the log itself (services/privacy/domain/
-audit.py). Pure: no dependencies, so the privacy domain can import it."""
+service uses (services/common/audit.py) and the log itself (services/privacy/audit/
+domain.py). Pure: no dependencies, so the privacy domain can import it."""
 
 from __future__ import annotations
 

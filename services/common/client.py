@@ -85,3 +85,33 @@ def call_idempotent(fn: Callable[[], T], attempts: int = 3, backoff_s: float = 0
                 raise
             time.sleep(backoff_s * (2 ** attempt))
     raise AssertionError("unreachable")
+
+
+class ProcessStub:
+    """Every gRPC service one process serves, as one stub looked up by method name
+    (e.g. the privacy process: Deletion, Consent, AuditLog and Keys). Method names are
+    unique across the services of one process; a clash is refused here."""
+
+    def __init__(self, channel, stub_classes) -> None:
+        self._methods: dict[str, Callable] = {}
+        for stub_class in stub_classes:
+            stub = stub_class(channel)
+            for name, method in vars(stub).items():
+                if name in self._methods:
+                    raise ValueError(f"{name}: served by two services of one process")
+                self._methods[name] = method
+
+    def __getattr__(self, name: str):
+        try:
+            return self.__dict__["_methods"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def stub_classes(service: str) -> list[type]:
+    """The stub classes of every service in ``hearth.<service>.v1`` (its own API)."""
+    import importlib
+
+    pb2 = importlib.import_module(f"hearth.{service}.v1.{service}_pb2")
+    pb2_grpc = importlib.import_module(f"hearth.{service}.v1.{service}_pb2_grpc")
+    return [getattr(pb2_grpc, f"{name}Stub") for name in pb2.DESCRIPTOR.services_by_name]

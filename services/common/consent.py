@@ -83,7 +83,7 @@ class ConsentChecker:
         from services.common.client import call_idempotent, peer_channel
 
         channel = peer_channel(privacy_addr, calling_service, timeout_s)
-        stub = privacy_pb2_grpc.PrivacyServiceStub(channel)
+        stub = privacy_pb2_grpc.ConsentStub(channel)
         me = identity.service_principal(calling_service)
 
         def fetch(account_id: str) -> ConsentAnswer:

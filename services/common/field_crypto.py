@@ -4,7 +4,7 @@ Each household (account) has its own AES-256 data key (DEK), versioned, held by 
 privacy service wrapped under a master key (KEK). A store asks for the DEK through
 privacy's ``GetDataKey`` (service principals only), keeps it in memory for at most
 ``ttl_s`` (default 60 s, never on disk) and encrypts each sensitive field with
-AES-256-GCM. Formats — identical to ``services.privacy.domain.crypto.KeyRing``
+AES-256-GCM. Formats — identical to ``services.privacy.keys.domain.KeyRing``
 (docs/privacy.md §3), so the privacy service's key ring can read any store's blobs:
 
     blob = 0x01 || dek_version (4 bytes, big-endian) || nonce (12) || AES-256-GCM(pt)
@@ -92,7 +92,7 @@ class FieldCipher:
         from services.common.client import call_idempotent, peer_channel
 
         channel = peer_channel(privacy_addr, calling_service, timeout_s)
-        stub = privacy_pb2_grpc.PrivacyServiceStub(channel)
+        stub = privacy_pb2_grpc.KeysStub(channel)
         me = identity.service_principal(calling_service)
 
         def fetch(account_id: str, version: int) -> tuple[int, bytes]:

@@ -125,7 +125,7 @@ class PrivacyFlagAuditor:
 
     def __init__(self, address: str, timeout_s: float = 2.0) -> None:
         self._channel = peer_channel(address, SERVICE, timeout_s)
-        self._stub = ppb_grpc.PrivacyServiceStub(self._channel)
+        self._stub = ppb_grpc.AuditLogStub(self._channel)
         self._timeout = timeout_s
 
     def audit_flag_change(self, change: FlagChange) -> str:

@@ -1,4 +1,5 @@
-"""python -m services.privacy: read config, wire dependencies, serve()."""
+"""python -m services.privacy: read config, build the four rooms (Deletion, Consent,
+AuditLog, Keys), serve them from one process."""
 
 from __future__ import annotations
 
@@ -6,30 +7,42 @@ from hearth.privacy.v1 import privacy_pb2_grpc as pb_grpc
 from services.common.server import run_service
 from services.common.storage.cache import open_cache
 from services.common.storage.sql import open_database
-from services.privacy.app import PrivacyApp
-from services.privacy.audit_app import build_audit
-from services.privacy.deletion_app import DeletionCoordinator, GrpcPeers, retry_policy
-from services.privacy.jobs_store import DataKeyStore, DeletionJobStore
-from services.privacy.keys_app import KeyService, load_keks, load_signing_key
+from services.privacy.consent.app import ConsentApp
+from services.privacy.audit.app import build_audit
+from services.privacy.deletion.app import DeletionCoordinator, GrpcPeers, retry_policy
+from services.privacy.deletion.store import DeletionJobStore
+from services.privacy.keys.store import DataKeyStore
+from services.privacy.keys.app import KeyService, load_keks, load_signing_key
 from services.privacy.settings import privacy_settings
-from services.privacy.servicer import SERVICE_NAME, PrivacyServicer
-from services.privacy.store import PrivacyStore
+from services.privacy.audit.servicer import SERVICE_NAME as AUDIT_LOG
+from services.privacy.audit.servicer import AuditLogServicer
+from services.privacy.consent.servicer import SERVICE_NAME as CONSENT
+from services.privacy.consent.servicer import ConsentServicer
+from services.privacy.deletion.servicer import SERVICE_NAME as DELETION
+from services.privacy.deletion.servicer import DeletionServicer
+from services.privacy.keys.servicer import SERVICE_NAME as KEYS
+from services.privacy.keys.servicer import KeysServicer
+from services.privacy.consent.store import ConsentStore
 
 NAME = "privacy"
 
 
 def build(settings):
+    """The four rooms on one database, each servicer given what it uses."""
     db = open_database(settings, NAME)
-    store = PrivacyStore(db, open_cache(settings, NAME))
-    store.migrate()
-    servicer = PrivacyServicer(PrivacyApp(store))
+    store = ConsentStore(db, open_cache(settings, NAME))
+    store.migrate()   # every room's tables: one schema history (migrations.py)
+    consent = ConsentApp(store)
     # The audit log, and this process's audit sink appending to it locally.
-    servicer.audit, _, audit_closers = build_audit(settings, db)
+    audit, _, audit_closers = build_audit(settings, db)
     # Deletion jobs, receipts, export and data keys; the worker resumes unfinished jobs.
-    servicer.deletion, servicer.keys, peers = build_deletion(privacy_settings(settings), db, store)
-    servicer.deletion.start()
-    return ([(pb_grpc.add_PrivacyServiceServicer_to_server, servicer, SERVICE_NAME)],
-            [servicer.deletion.close, peers.close, *audit_closers, db.close])
+    deletion, keys, peers = build_deletion(privacy_settings(settings), db, store)
+    deletion.start()
+    return ([(pb_grpc.add_DeletionServicer_to_server, DeletionServicer(deletion, consent, keys), DELETION),
+             (pb_grpc.add_ConsentServicer_to_server, ConsentServicer(consent), CONSENT),
+             (pb_grpc.add_AuditLogServicer_to_server, AuditLogServicer(audit), AUDIT_LOG),
+             (pb_grpc.add_KeysServicer_to_server, KeysServicer(keys), KEYS)],
+            [deletion.close, peers.close, *audit_closers, db.close])
 
 
 def build_deletion(settings, db, store):

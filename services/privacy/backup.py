@@ -30,8 +30,9 @@ from pathlib import Path
 from services.common import backup as snapshots
 from services.common import config
 from services.common.storage.sql import Database, migrate, open_database
-from services.privacy.domain.deletion import JobState, job_from_dict, new_job
-from services.privacy.jobs_store import DataKeyStore, DeletionJobStore
+from services.privacy.deletion.domain import JobState, job_from_dict, new_job
+from services.privacy.deletion.store import DeletionJobStore
+from services.privacy.keys.store import DataKeyStore
 from services.privacy.migrations import MIGRATIONS
 
 RESTORE_PRINCIPAL = "svc:privacy"

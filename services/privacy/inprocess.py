@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 
 from services.common import config, identity
-from services.common.client import peer_channel
+from services.common.client import ProcessStub, peer_channel, stub_classes
 from services.common.server import RunningServer, build_server
 
 SERVICES = ("privacy", "clustering", "attribution", "feedback")
@@ -53,13 +53,11 @@ class InProcessMesh:
     def stub(self, service: str, acting_as: identity.Principal | None = None, stub_cls=None):
         """A stub of ``service`` (its own API, or ``stub_cls`` such as DataHolderStub)
         whose calls act as ``acting_as`` (default: an admin)."""
-        if stub_cls is None:
-            module = importlib.import_module(f"hearth.{service}.v1.{service}_pb2_grpc")
-            stub_cls = getattr(module, f"{service.capitalize()}ServiceStub")
         principal = acting_as or identity.Principal("test-admin", identity.Role.ADMIN)
         channel = peer_channel(self.addresses[service], "test", timeout_s=30.0)
         self._channels.append(channel)
-        return _Acting(stub_cls(channel), principal)
+        stub = stub_cls(channel) if stub_cls is not None else ProcessStub(channel, stub_classes(service))
+        return _Acting(stub, principal)
 
     def stop(self) -> None:
         for channel in self._channels:

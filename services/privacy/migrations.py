@@ -59,6 +59,6 @@ ALTER TABLE deletion_jobs ADD COLUMN trace_context TEXT NOT NULL DEFAULT ''
 
 # The audit log's tables (versions 10-19) live next to their store; merged in version
 # order so that migrations added here by other work keep applying first.
-from services.privacy.audit_store import AUDIT_MIGRATIONS  # noqa: E402
+from services.privacy.audit.store import AUDIT_MIGRATIONS  # noqa: E402
 
 MIGRATIONS = sorted([*MIGRATIONS, *AUDIT_MIGRATIONS], key=lambda m: m.version)

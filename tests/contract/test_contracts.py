@@ -35,8 +35,8 @@ CASES = {
                             touchpoint_id="tp 1", account_id="a", device_id="d", channel="search",
                             ts=float_to_ts(1.7e9))]), metadata=ADMIN.metadata(), timeout=5),
                     grpc.StatusCode.INVALID_ARGUMENT, "touchpoints[0].touchpoint_id"),
-    "privacy": ("hearth.privacy.v1.PrivacyService",
-                lambda ch: ppb_grpc.PrivacyServiceStub(ch).GetConsent(
+    "privacy": ("hearth.privacy.v1.Consent",
+                lambda ch: ppb_grpc.ConsentStub(ch).GetConsent(
                     ppb.GetConsentRequest(account_id=""), metadata=ADMIN.metadata(), timeout=5),
                 grpc.StatusCode.INVALID_ARGUMENT, "account_id"),
     "feedback": ("hearth.feedback.v1.FeedbackService",
@@ -47,6 +47,32 @@ CASES = {
                      metadata=ADMIN.metadata(), timeout=5),
                  grpc.StatusCode.INVALID_ARGUMENT, "predictions[0].probabilities"),
 }
+
+
+# Every gRPC service each process serves (the privacy process: one per room; the data
+# holders: their own API and the DataHolder erasure contract).
+SERVED = {
+    "clustering": {"hearth.clustering.v1.ClusteringService", "hearth.common.v1.DataHolder"},
+    "attribution": {"hearth.attribution.v1.AttributionService", "hearth.common.v1.DataHolder"},
+    "feedback": {"hearth.feedback.v1.FeedbackService", "hearth.common.v1.DataHolder"},
+    "privacy": {"hearth.privacy.v1.Deletion", "hearth.privacy.v1.Consent", "hearth.privacy.v1.AuditLog",
+                "hearth.privacy.v1.Keys"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SERVED))
+def test_each_process_serves_exactly_its_services_and_health_for_each(start_service, name):
+    _, channel = start_service(name)
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    listed, = list(reflection.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+    names = {s.name for s in listed.list_services_response.service}
+    assert names - {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+                    "grpc.reflection.v1.ServerReflection"} == SERVED[name]
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in SERVED[name]:
+        response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

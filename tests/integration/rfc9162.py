@@ -1,7 +1,7 @@
 """An independent verifier for the audit log's proofs and tree heads, written from
 RFC 9162 (§2.1.1 Merkle tree hash, §2.1.3.2 inclusion, §2.1.4.2 consistency) and from
 docs/privacy.md (signed tree head payload). It deliberately shares no code with
-services/privacy/domain: a bug there must not be mirrored here."""
+services/privacy/audit/merkle.py: a bug there must not be mirrored here."""
 
 from __future__ import annotations
 

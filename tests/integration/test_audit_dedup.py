@@ -10,8 +10,8 @@ import pytest
 from services.common import audit
 from services.common.identity import Principal, Role
 from services.common.storage.sql import migrate
-from services.privacy.audit_app import AuditApp
-from services.privacy.domain.keys import generate_private_key
+from services.privacy.audit.app import AuditApp
+from services.privacy.keys.signing import generate_private_key
 from services.privacy.migrations import MIGRATIONS
 
 WINDOW = 4
@@ -48,12 +48,12 @@ def test_a_retry_older_than_the_id_window_gets_its_first_seq(app):
     first_batch = sent[0]
     # These ids have left memory (two generations of WINDOW ids were filled since):
     # only the table can answer for them.
-    assert all(r.record_id not in app.store._ids and r.record_id not in app.store._ids_previous
+    assert all(r.record_id not in app.writer._ids and r.record_id not in app.writer._ids_previous
                for r in first_batch)
     fresh = _records(2, "new")
     again = app.append([first_batch[1], *fresh, first_batch[0], sent[-1][2], fresh[0]])
     assert again == [1, 18, 19, 0, 17, 18]
-    assert app.store.size == 20 and app.verify().result.ok
+    assert app.writer.size == 20 and app.verify().result.ok
 
 
 def test_a_retry_after_a_restart_gets_its_first_seq(database, key, app):
@@ -64,7 +64,7 @@ def test_a_retry_after_a_restart_gets_its_first_seq(database, key, app):
         old, recent = sent[0][2], sent[-1][0]
         assert reopened.append([old, recent]) == [2, 15]
         assert reopened.append(_records(1, "after")) == [18]
-        assert reopened.store.size == 19 and reopened.verify().result.ok
+        assert reopened.writer.size == 19 and reopened.verify().result.ok
     finally:
         reopened.close()
 
@@ -75,4 +75,4 @@ def test_repeats_inside_one_call_and_over_grpc_style_untrusted_appends(app):
     assert app.append_untrusted([records[0], records[1], records[0]], caller) == [0, 1, 0]
     _fill(app, batches=4)
     assert app.append_untrusted([records[1], records[2]], caller) == [1, 14]
-    assert app.verify().result.ok and app.store.size == 15
+    assert app.verify().result.ok and app.writer.size == 15

@@ -18,9 +18,10 @@ from services import cli
 from services.common import config
 from services.common.storage.sql import open_database
 from services.privacy.backup import _privacy_db
-from services.privacy.domain.crypto import WrappedDek
-from services.privacy.domain.deletion import DeletionScope, ScopeKind, new_job
-from services.privacy.jobs_store import DataKeyStore, DeletionJobStore
+from services.privacy.deletion.domain import DeletionScope, ScopeKind, new_job
+from services.privacy.deletion.store import DeletionJobStore
+from services.privacy.keys.domain import WrappedDek
+from services.privacy.keys.store import DataKeyStore
 
 pytestmark = pytest.mark.postgres
 

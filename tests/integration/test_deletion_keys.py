@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.privacy.domain.crypto import generate_kek
-from services.privacy.jobs_store import DataKeyStore
-from services.privacy.keys_app import REFRESH_S, KeyService
+from services.privacy.keys.domain import generate_kek
+from services.privacy.keys.store import DataKeyStore
+from services.privacy.keys.app import REFRESH_S, KeyService
 from services.privacy.migrations import MIGRATIONS
 from services.common.storage.sql import migrate
 

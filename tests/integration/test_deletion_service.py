@@ -25,8 +25,8 @@ from services.common.errors import ERROR_FIELD_KEY
 from services.common.field_crypto import TEXT_PREFIX
 from services.common.pbutil import float_to_ts
 from services.privacy import cli, inprocess
-from services.privacy.domain.crypto import KeyDestroyedError, KeyRing, parse_kek_config
-from services.privacy.jobs_store import DataKeyStore
+from services.privacy.keys.domain import KeyDestroyedError, KeyRing, parse_kek_config
+from services.privacy.keys.store import DataKeyStore
 from services.common.storage.sql import SqliteDatabase
 
 DAY = 86400.0

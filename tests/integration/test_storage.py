@@ -16,7 +16,7 @@ from services.clustering.store import ClusteringStore, DriftRow
 from services.common.errors import Conflict, NotFound
 from services.common.storage.sql import Migration, migrate, schema_version
 from services.feedback.store import FeedbackStore, PredictionRecord
-from services.privacy.store import PrivacyStore
+from services.privacy.consent.store import ConsentStore
 
 T0 = time.time() - 7 * 86400
 
@@ -175,7 +175,7 @@ def test_feedback_store_idempotent(database):
 
 
 def test_privacy_consent_versions(database):
-    privacy = PrivacyStore(database)
+    privacy = ConsentStore(database)
     privacy.migrate()
     assert privacy.consent("acc-1").known is False
     assert privacy.set_consent("acc-1", False, True, "officer") == 1

@@ -102,7 +102,7 @@ def test_the_allow_lists_name_real_files():
 
 @pytest.mark.parametrize(("where", "source", "expected"), [
     ("services/feedback/x.py", "from services.clustering.domain.events import check_id\n", True),
-    ("services/feedback/x.py", "def f():\n    import services.privacy.app\n", True),
+    ("services/feedback/x.py", "def f():\n    import services.privacy.consent.app\n", True),
     ("services/privacy/domain/x.py", "from ...clustering import app\n", True),
     ("services/common/x.py", "from services.feedback.domain import recalibration\n", True),
     ("gateway/x.py", "from services.attribution.domain.records import Touchpoint\n", True),

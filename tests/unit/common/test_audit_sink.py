@@ -199,7 +199,7 @@ def test_every_rpc_has_an_audit_decision():
 
 
 def test_vocabulary_matches_the_log_domain():
-    from services.privacy.domain.audit import EventType, Outcome
+    from services.privacy.audit.domain import EventType, Outcome
 
     assert audit.EVENT_TYPES == {e.value for e in EventType}
     assert audit.OUTCOMES == {o.value for o in Outcome}
@@ -210,10 +210,10 @@ def test_vocabulary_matches_the_log_domain():
     ("/hearth.clustering.v1.ClusteringService/GetHousehold", grpc.StatusCode.OK, "read_household"),
     ("/hearth.clustering.v1.ClusteringService/GetHousehold", grpc.StatusCode.PERMISSION_DENIED,
      "permission_denied"),
-    ("/hearth.privacy.v1.PrivacyService/AppendAudit", grpc.StatusCode.UNAUTHENTICATED,
+    ("/hearth.privacy.v1.AuditLog/AppendAudit", grpc.StatusCode.UNAUTHENTICATED,
      "authentication_failure"),
-    ("/hearth.privacy.v1.PrivacyService/AppendAudit", grpc.StatusCode.OK, None),
-    ("/hearth.privacy.v1.PrivacyService/QueryAudit", grpc.StatusCode.OK, "audit_export"),
+    ("/hearth.privacy.v1.AuditLog/AppendAudit", grpc.StatusCode.OK, None),
+    ("/hearth.privacy.v1.AuditLog/QueryAudit", grpc.StatusCode.OK, "audit_export"),
     ("/hearth.common.v1.DataHolder/Erase", grpc.StatusCode.OK, "deletion_completed"),
     ("/hearth.common.v1.DataHolder/Erase", grpc.StatusCode.UNAVAILABLE, "deletion_failed"),
     ("/unknown.Service/Method", grpc.StatusCode.OK, None),
@@ -256,9 +256,9 @@ def test_record_rpc_takes_resource_from_the_request_and_outcome_from_the_status(
 def test_unauthenticated_calls_record_the_claimed_principal(memory_sink):
     transport, sink = memory_sink
     metadata = [(identity.PRINCIPAL_KEY, "mallory"), (identity.ROLE_KEY, "admin")]
-    audit.record_rpc("privacy", "/hearth.privacy.v1.PrivacyService/QueryAudit", None, None, metadata,
+    audit.record_rpc("privacy", "/hearth.privacy.v1.AuditLog/QueryAudit", None, None, metadata,
                      grpc.StatusCode.UNAUTHENTICATED, "")
-    audit.record_rpc("privacy", "/hearth.privacy.v1.PrivacyService/QueryAudit", None, None,
+    audit.record_rpc("privacy", "/hearth.privacy.v1.AuditLog/QueryAudit", None, None,
                      [(identity.PRINCIPAL_KEY, "bad id with spaces")], grpc.StatusCode.UNAUTHENTICATED, "")
     sink.flush(5)
     claimed, anonymous = transport.records

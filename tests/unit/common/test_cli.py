@@ -25,7 +25,21 @@ def test_attribute_through_the_hearth_command(tmp_path: Path, capsys):
     assert credit == {"a": 1.0, "b": 2.0}   # a>b's 2 conversions split evenly, b's 1 to b
 
 
-def test_installed_console_script_runs():
+def test_installed_console_script_runs(tmp_path: Path):
     script = Path(sys.executable).with_name("hearth")
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "attribute" in result.stdout
+    # Real work through the installed script, and its exit codes: an attribution whose
+    # credit is known, then a bad file (exit 2, the error on stderr, nothing on stdout).
+    paths = tmp_path / "paths.csv"
+    paths.write_text("path;total_conversions;total_conversion_value;total_null\n"
+                     "a > b;2;10;1\nb;1;5;3\n")
+    result = subprocess.run([str(script), "attribute", str(paths), "--method", "shapley", "--format", "json"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    credit = {c["channel"]: c["conversions"] for c in json.loads(result.stdout)["channels"]}
+    assert credit == {"a": 1.0, "b": 2.0}
+    bad = tmp_path / "bad.csv"
+    bad.write_text("not;a;path;file\n")
+    result = subprocess.run([str(script), "attribute", str(bad)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == "" and result.stderr.strip()

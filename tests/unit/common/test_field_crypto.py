@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from services.common.errors import FailedPrecondition
 from services.common.field_crypto import FieldCipher, FieldDecryptionError, encrypted_length
-from services.privacy.domain.crypto import KeyDestroyedError, KeyRing, generate_kek
+from services.privacy.keys.domain import KeyDestroyedError, KeyRing, generate_kek
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 

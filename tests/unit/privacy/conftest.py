@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.privacy.domain.keys import Ed25519PrivateKey
+from services.privacy.keys.signing import Ed25519PrivateKey
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from services.privacy.domain.audit import AuditEntry, EventType, Outcome, Role
+from services.privacy.audit.domain import AuditEntry, EventType, Outcome, Role
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.privacy.domain import audit, merkle
-from services.privacy.domain.audit import (
+from services.privacy.audit import domain as audit, merkle
+from services.privacy.audit.domain import (
     AuditEntry,
     AuditState,
     EventType,
@@ -395,7 +395,7 @@ def test_forged_tree_head_is_rejected(log, signing_key):
 @given(st.data())
 @settings(max_examples=40, deadline=None)
 def test_any_single_detail_change_is_located(data):
-    from services.privacy.domain.keys import Ed25519PrivateKey
+    from services.privacy.keys.signing import Ed25519PrivateKey
     key = Ed25519PrivateKey.from_private_bytes(bytes(32))
     n = data.draw(st.integers(1, 20))
     entries = make_entries(n)

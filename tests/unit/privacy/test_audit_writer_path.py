@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.privacy.domain import merkle
-from services.privacy.domain.audit import (
+from services.privacy.audit import merkle
+from services.privacy.audit.domain import (
     AuditEntry,
     AuditState,
     append_batch,

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.privacy.domain.crypto import (
+from services.privacy.keys.domain import (
     DecryptionError,
     KeyDestroyedError,
     KeyEncryptionKey,

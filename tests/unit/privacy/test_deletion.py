@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.common.ids import is_id
-from services.privacy.domain.deletion import (
+from services.privacy.deletion.domain import (
     DEFAULT_SERVICES,
     DeletionScope,
     InvalidTransition,
@@ -26,7 +26,7 @@ from services.privacy.domain.deletion import (
     retry_delay,
     start_job,
 )
-from services.privacy.domain.receipts import EMPTY_IDS_DIGEST, ServiceDeletion, ids_digest
+from services.privacy.deletion.receipts import EMPTY_IDS_DIGEST, ServiceDeletion, ids_digest
 from tests.unit.privacy.factories import T0
 
 # --------------------------------------------------------------------------- scopes

@@ -3,7 +3,7 @@
 The reference below deliberately uses the *recursive* definitions of §2.1.1 (MTH),
 §2.1.3.1 (PATH) and §2.1.4.1 (PROOF/SUBPROOF), and verifies proofs by recursion
 mirroring those definitions, so it shares no code and no iteration strategy with
-``services.privacy.domain.merkle`` (which builds bottom-up and verifies with the
+``services.privacy.audit.merkle`` (which builds bottom-up and verifies with the
 bit-twiddling algorithms of §2.1.3.2/§2.1.4.2).
 """
 
@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.privacy.domain import merkle
+from services.privacy.audit import merkle
 
 # --------------------------------------------------------------------------- reference
 

@@ -7,9 +7,9 @@ from datetime import timedelta
 
 import pytest
 
-from services.privacy.domain import keys
-from services.privacy.domain.deletion import DeletionScope, receipt_from_results
-from services.privacy.domain.receipts import (
+from services.privacy.keys import signing as keys
+from services.privacy.deletion.domain import DeletionScope, receipt_from_results
+from services.privacy.deletion.receipts import (
     EMPTY_IDS_DIGEST,
     DeletionReceipt,
     ReceiptVerificationError,
@@ -82,7 +82,8 @@ def test_changed_count_is_rejected(signing_key):
     def inconsistent(d):
         d["receipt"]["services"]["clustering"]["count"] = 1
 
-    with pytest.raises(ValueError, match="total_count"):
+    # Only total_count changed: well-formed but altered -> a failed verification.
+    with pytest.raises(ReceiptVerificationError, match="total_count"):
         _tamper(signed, inconsistent)
 
 

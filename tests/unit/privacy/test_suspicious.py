@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.privacy.domain.audit import AuditEntry, EventType, Outcome
-from services.privacy.domain.suspicious import (
+from services.privacy.audit.domain import AuditEntry, EventType, Outcome
+from services.privacy.audit.suspicious import (
     DetectorThresholds,
     SecurityEventKind,
     SuspiciousActivityDetector,

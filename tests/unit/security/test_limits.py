@@ -87,13 +87,21 @@ def test_limiter_is_per_principal_and_route():
 
 
 def test_disabled_limiter_allows_everything():
-    limiter = RateLimiter((1.0, 1), enabled=False)
+    # The same limits, enabled, refuse the second call: so five passing calls show the
+    # switch (not a generous limit) let them through.
+    enabled, disabled = RateLimiter((1.0, 1)), RateLimiter((1.0, 1), enabled=False)
 
-    async def run():
-        for _ in range(5):
-            await limiter.check(ALICE, "POST /v1/events")
+    async def run() -> tuple[int, int]:
+        refused = {"enabled": 0, "disabled": 0}
+        for name, limiter in (("enabled", enabled), ("disabled", disabled)):
+            for _ in range(5):
+                try:
+                    await limiter.check(ALICE, "POST /v1/events")
+                except RateLimited:
+                    refused[name] += 1
+        return refused["enabled"], refused["disabled"]
 
-    asyncio.run(run())
+    assert asyncio.run(run()) == (4, 0)
 
 
 def test_invalid_limits_are_refused():

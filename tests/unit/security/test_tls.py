@@ -100,7 +100,7 @@ UNSIGNED = [(identity.PRINCIPAL_KEY, "tls-admin"), (identity.ROLE_KEY, "admin")]
 
 
 def call(channel: grpc.Channel, metadata=UNSIGNED):
-    return ppb_grpc.PrivacyServiceStub(channel).GetConsent(
+    return ppb_grpc.ConsentStub(channel).GetConsent(
         ppb.GetConsentRequest(account_id=""), metadata=metadata, timeout=5)
 
 

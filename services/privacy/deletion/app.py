@@ -48,14 +48,14 @@ from hearth.common.v1 import common_pb2, common_pb2_grpc
 from services.common import audit, erasure, identity, telemetry
 from services.common.erasure import ALL_ACCOUNTS, ErasureScope, ids_digest
 from services.common.errors import InvalidArgument, PermissionDenied, Unavailable
-from services.privacy.domain.deletion import (
+from services.privacy.deletion.domain import (
     DeletionJob, DeletionScope, JobState, RetryPolicy, ServiceStatus, build_receipt, confirm_service,
     due_services, fail_service, new_job, start_job)
-from services.privacy.domain.keys import Ed25519PrivateKey, key_id, public_key_to_pem
-from services.privacy.domain.receipts import (
+from services.privacy.keys.signing import Ed25519PrivateKey, key_id, public_key_to_pem
+from services.privacy.deletion.receipts import (
     ReceiptVerificationError, ServiceDeletion, SignedReceipt, sign_receipt, verify_receipt)
-from services.privacy.jobs_store import DeletionJobStore, StoredJob
-from services.privacy.keys_app import KeyService
+from services.privacy.deletion.store import DeletionJobStore, StoredJob
+from services.privacy.keys.app import KeyService
 
 log = logging.getLogger("hearth.privacy.deletion")
 _TRACER = telemetry.tracer("hearth.privacy.deletion")
@@ -218,7 +218,13 @@ class DeletionCoordinator:
     # ---- the worker ----------------------------------------------------------------------
 
     def oldest_open_age_s(self) -> float:
-        oldest = self.jobs.oldest_open_created_at()
+        # Called by Prometheus on every scrape, from the scraping thread: a scrape must never
+        # fail because the store is closing or briefly unreachable; "unknown" is NaN, which
+        # no alert threshold compares true against.
+        try:
+            oldest = self.jobs.oldest_open_created_at()
+        except Exception:  # noqa: BLE001 - a gauge callback has no caller to report to
+            return float("nan")
         return max(0.0, time.time() - oldest) if oldest is not None else 0.0
 
     def start(self) -> None:
@@ -443,7 +449,7 @@ def export_household(account_id: str, peers: Peers, jobs: DeletionJobStore, keys
 
 
 def _job_json(job: DeletionJob) -> dict[str, Any]:
-    from services.privacy.domain.deletion import job_to_dict
+    from services.privacy.deletion.domain import job_to_dict
 
     return job_to_dict(job)
 

@@ -1,14 +1,14 @@
-"""Use cases of the privacy service."""
+"""Use cases of the consent room: set and read a household's consent."""
 
 from __future__ import annotations
 
 from services.common.ids import check_id
 from services.common.identity import current_principal
-from services.privacy.store import Consent, PrivacyStore
+from services.privacy.consent.store import Consent, ConsentStore
 
 
-class PrivacyApp:
-    def __init__(self, store: PrivacyStore) -> None:
+class ConsentApp:
+    def __init__(self, store: ConsentStore) -> None:
         self.store = store
 
     def set_consent(self, account_id: str, processing: bool, attribution: bool) -> int:

@@ -1,25 +1,29 @@
 """gRPC adapter of the audit log: AppendAudit, QueryAudit, GetAuditProof, VerifyAudit.
 
-A mixin of ``PrivacyServicer`` (which sets ``self.audit`` to an ``AuditApp``): thin,
-validate -> convert -> one call -> convert back.
+Thin: validate -> convert -> one call on the ``AuditApp`` -> convert back.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 import uuid
 from datetime import UTC, datetime
 
 from hearth.common.v1 import common_pb2
 from hearth.privacy.v1 import privacy_pb2 as pb
+from hearth.privacy.v1 import privacy_pb2_grpc as pb_grpc
 from services.common import identity
 from services.common.audit import OUTCOME_ALIASES, AuditRecord
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.errors import InvalidArgument
+from services.common.ids import check_query_ts
 from services.common.pbutil import float_to_ts
-from services.privacy.audit_store import MAX_QUERY_LIMIT, AuditQuery, StoredEntry
-from services.privacy.domain.audit import SignedTreeHead, canonical_json
+from services.privacy.audit.app import AuditApp
+from services.privacy.audit.rows import StoredEntry
+from services.privacy.audit.store import MAX_QUERY_LIMIT, AuditQuery
+from services.privacy.audit.domain import SignedTreeHead, canonical_json
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AuditLog"].full_name
 
 _ROLE_NAME = {v.number: v.name[len("ROLE_"):].lower()
               for v in common_pb2.Role.DESCRIPTOR.values if v.number}
@@ -30,10 +34,7 @@ def _ts_seconds(message, name: str, field: str) -> float | None:
     if not message.HasField(name):
         return None
     ts = getattr(message, name)
-    value = ts.seconds + ts.nanos / 1e9
-    if not math.isfinite(value):
-        raise InvalidArgument("not a valid timestamp", field)
-    return value
+    return check_query_ts(ts.seconds + ts.nanos / 1e9, field)
 
 
 def record_from_pb(message: pb.AuditRecord, index: int, caller: identity.Principal,
@@ -85,18 +86,14 @@ def sth_to_pb(sth: SignedTreeHead | None) -> pb.SignedTreeHead | None:
         json=canonical_json(sth.to_dict()).decode("utf-8"))
 
 
-class AuditRpcs:
-    """The four audit RPCs; the servicer that mixes this in provides ``self.audit``."""
+class AuditLogServicer(pb_grpc.AuditLogServicer):
+    """The four audit RPCs over one ``AuditApp``."""
 
-    audit = None  # AuditApp
-
-    def _audit_app(self):
-        if self.audit is None:
-            raise FailedPrecondition("the audit log is not configured in this process")
-        return self.audit
+    def __init__(self, app: AuditApp) -> None:
+        self._app = app
 
     def AppendAudit(self, request, context) -> pb.AppendAuditResponse:
-        app = self._audit_app()
+        app = self._app
         if len(request.records) > 10_000:
             raise InvalidArgument("at most 10000 records per call", "records")
         caller = identity.current_principal()
@@ -108,7 +105,7 @@ class AuditRpcs:
                                       tree_size=sth.tree_size if sth else 0, seqs=seqs)
 
     def QueryAudit(self, request, context) -> pb.QueryAuditResponse:
-        app = self._audit_app()
+        app = self._app
         if not 0 <= request.limit <= MAX_QUERY_LIMIT:
             raise InvalidArgument(f"must be in 0..{MAX_QUERY_LIMIT}", "limit")
         start = end = None
@@ -132,7 +129,7 @@ class AuditRpcs:
         return response
 
     def GetAuditProof(self, request, context) -> pb.GetAuditProofResponse:
-        app = self._audit_app()
+        app = self._app
         kind = request.WhichOneof("proof")
         if kind is None:
             raise InvalidArgument("set inclusion_seq or consistency_from_size", "proof")
@@ -152,7 +149,7 @@ class AuditRpcs:
         return response
 
     def VerifyAudit(self, request, context) -> pb.VerifyAuditResponse:
-        app = self._audit_app()
+        app = self._app
         checked = app.verify()
         r = checked.result
         response = pb.VerifyAuditResponse(

@@ -38,22 +38,19 @@ from services.common.audit import AuditRecord, AuditSink
 from services.common.config import ConfigError
 from services.common.errors import InvalidArgument
 from services.common.storage.sql import Database
-from services.privacy.audit_store import (
-    AuditQuery,
-    AuditStore,
-    AuditVerification,
-    StoredEntry,
-    record_to_entry,
-)
-from services.privacy.domain.audit import AuditEntry, EventType, Role, SignedTreeHead
-from services.privacy.domain.keys import (
+from services.privacy.audit.proofs import AuditProofs, AuditVerification
+from services.privacy.audit.rows import StoredEntry, record_to_entry
+from services.privacy.audit.store import AuditQuery, AuditStore
+from services.privacy.audit.writer import AuditWriter
+from services.privacy.audit.domain import AuditEntry, EventType, Role, SignedTreeHead
+from services.privacy.keys.signing import (
     Ed25519PrivateKey,
     generate_private_key,
     load_private_key,
     private_key_to_pem,
     public_key_to_pem,
 )
-from services.privacy.domain.suspicious import DetectorThresholds, SecurityEventKind, SuspiciousActivityDetector
+from services.privacy.audit.suspicious import DetectorThresholds, SecurityEventKind, SuspiciousActivityDetector
 
 log = logging.getLogger("hearth.privacy.audit")
 
@@ -122,18 +119,20 @@ class AuditApp:
                  thresholds: DetectorThresholds | None = None, **store_options) -> None:
         self.detector = SuspiciousActivityDetector(thresholds)
         self.alerts = 0
-        self.store = AuditStore(db, signing_key, after_commit=self._detect, **store_options).start()
+        self.store = AuditStore(db)
+        self.writer = AuditWriter(db, signing_key, after_commit=self._detect, **store_options).start()
+        self.proofs = AuditProofs(self.store, self.writer)
 
     @property
     def public_key_pem(self) -> str:
-        return public_key_to_pem(self.store.public_key)
+        return public_key_to_pem(self.writer.public_key)
 
     # -- writes ------------------------------------------------------------------------
 
     def append(self, records: Sequence[AuditRecord]) -> list[int]:
         """Append records built by ``audit.make_record`` (already validated); durable
         on return."""
-        return self.store.append(records)
+        return self.writer.append(records)
 
     def append_untrusted(self, records: Sequence[AuditRecord],
                          caller: identity.Principal | None = None) -> list[int]:
@@ -148,7 +147,7 @@ class AuditApp:
                 entries.append(record_to_entry(record, 0, reporter))
             except ValueError as exc:
                 raise InvalidArgument(str(exc).split(": ", 1)[-1], f"records[{i}].{_field_of(exc)}") from None
-        return self.store.append_entries(entries, [r.record_id for r in records])
+        return self.writer.append_entries(entries, [r.record_id for r in records])
 
     def _detect(self, entries: Sequence[AuditEntry], seqs: Sequence[int]) -> list[AuditRecord]:
         """After-commit hook (writer thread): alerts for the committed entries
@@ -184,22 +183,22 @@ class AuditApp:
         return self.store.query(q)
 
     def latest_sth(self) -> SignedTreeHead | None:
-        return self.store.latest_sth()
+        return self.writer.latest_sth()
 
     def inclusion_proof(self, seq: int, tree_size: int = 0):
-        return self.store.inclusion_proof(seq, tree_size)
+        return self.proofs.inclusion_proof(seq, tree_size)
 
     def consistency_proof(self, old_size: int, tree_size: int = 0):
-        return self.store.consistency_proof(old_size, tree_size)
+        return self.proofs.consistency_proof(old_size, tree_size)
 
     def verify(self) -> AuditVerification:
-        return self.store.verify()
+        return self.proofs.verify()
 
     def export_lines(self) -> Iterator[str]:
-        return self.store.export_lines()
+        return self.store.export_lines(self.writer.latest_sth())
 
     def close(self) -> None:
-        self.store.close()
+        self.writer.close()
 
 
 def _field_of(exc: ValueError) -> str:
@@ -227,7 +226,7 @@ def build_audit(settings, db: Database) -> tuple[AuditApp, AuditSink, list]:
     app = AuditApp(db, load_signing_key(data_dir=settings.data_dir))
     sink = AuditSink(LocalAuditTransport(app), component=SERVICE)
     audit_client.install(sink)
-    if not app.store.healthy_at_start:
+    if not app.writer.healthy_at_start:
         log.error("the audit log failed its start-up consistency check: call VerifyAudit")
 
     def close_sink() -> None:

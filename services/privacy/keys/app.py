@@ -24,11 +24,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.privacy.domain.crypto import (
+from services.privacy.keys.domain import (
     KeyDestroyedError, KeyEncryptionKey, KeyNotFoundError, KeyRing, generate_kek, parse_kek_config)
-from services.privacy.domain.keys import (
+from services.privacy.keys.signing import (
     Ed25519PrivateKey, generate_private_key, load_private_key, private_key_to_pem, public_key_to_pem)
-from services.privacy.jobs_store import DataKeyStore
+from services.privacy.keys.store import DataKeyStore
 
 log = logging.getLogger("hearth.privacy.keys")
 

@@ -1,27 +1,21 @@
-"""Durable state of deletion jobs and of the per-household data keys (privacy service).
+"""Durable state of deletion jobs (privacy service, deletion room).
 
 ``DeletionJobStore`` keeps each job as ``deletion.job_to_dict`` JSON plus the columns the
 worker queries (state, next_due, lease). Every update is a compare-and-swap on
 ``version`` so two replicas (or a replica and its own restarted self) never overwrite a
 newer state; the lease keeps two replicas from calling the same services at once.
-
-``DataKeyStore`` keeps ``crypto.WrappedDek`` rows; a crypto-shred overwrites the wrapped
-key in place (SQLite: with ``secure_delete`` on and a WAL checkpoint, so the old bytes
-do not linger in free pages or the write-ahead log).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
 from services.common.errors import AlreadyExists, Conflict, NotFound
 from services.common.storage.sql import Database
-from services.privacy.domain.crypto import WrappedDek
-from services.privacy.domain.deletion import DeletionJob, job_from_dict, job_to_dict
+from services.privacy.deletion.domain import DeletionJob, job_from_dict, job_to_dict
 
 
 @dataclass(frozen=True)
@@ -134,49 +128,3 @@ class DeletionJobStore:
             ids = [r[0] for r in tx.query("SELECT job_id FROM deletion_jobs WHERE account_id = ? "
                                           "ORDER BY created_at, job_id", (account_id,))]
         return [self.get(i) for i in ids]
-
-
-class DataKeyStore:
-    def __init__(self, db: Database) -> None:
-        self.db = db
-
-    @staticmethod
-    def _record(r) -> WrappedDek:
-        return WrappedDek(r[0], int(r[1]), r[2], bytes(r[3]), r[4], r[5])
-
-    def load(self, account_id: str | None = None) -> list[WrappedDek]:
-        sql = "SELECT account_id, dek_version, kek_id, wrapped, created_at, destroyed_at FROM data_keys"
-        with self.db.transaction() as tx:
-            rows = (tx.query(sql + " WHERE account_id = ? ORDER BY dek_version", (account_id,))
-                    if account_id is not None else tx.query(sql + " ORDER BY account_id, dek_version"))
-        return [self._record(r) for r in rows]
-
-    def insert_new(self, record: WrappedDek) -> bool:
-        """Insert a freshly created DEK unless that (account, version) exists (another
-        replica created it first: the caller reloads and uses theirs)."""
-        with self.db.transaction() as tx:
-            return tx.execute(
-                "INSERT INTO data_keys (account_id, dek_version, kek_id, wrapped, created_at, destroyed_at) "
-                "VALUES (?, ?, ?, ?, ?, NULL) ON CONFLICT (account_id, dek_version) DO NOTHING",
-                (record.account_id, record.dek_version, record.kek_id, record.wrapped,
-                 record.created_at.isoformat())) == 1
-
-    def overwrite(self, records: Iterable[WrappedDek]) -> int:
-        """Store re-wrapped keys or tombstones over the existing rows, in place."""
-        records = list(records)
-        if not records:
-            return 0
-        with self.db.transaction() as tx:
-            if self.db.dialect == "sqlite":
-                # Zero the freed bytes of overwritten keys instead of leaving them in free pages.
-                tx.execute("PRAGMA secure_delete = ON")
-            tx.executemany(
-                "UPDATE data_keys SET kek_id = ?, wrapped = ?, destroyed_at = ? "
-                "WHERE account_id = ? AND dek_version = ?",
-                [(r.kek_id, r.wrapped, r.destroyed_at.isoformat() if r.destroyed_at else None,
-                  r.account_id, r.dek_version) for r in records])
-        if any(r.destroyed for r in records):
-            # The old page images also sit in the write-ahead log (SQLite: checkpoint) or in
-            # dead tuples (PostgreSQL: the small key table is rewritten by VACUUM FULL).
-            self.db.purge_erased(("data_keys",), rewrite=True)
-        return len(records)

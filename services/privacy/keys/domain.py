@@ -42,7 +42,7 @@ from datetime import datetime
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .audit import parse_ts
+from services.privacy.audit.domain import parse_ts
 
 KEY_BYTES = 32
 NONCE_BYTES = 12

@@ -1,10 +1,5 @@
-"""gRPC adapter of deletion jobs, receipts, export and data keys: RequestDeletion,
-GetDeletion, VerifyReceipt, ExportHousehold, GetDataKey, RotateKeys.
-
-A mixin of ``PrivacyServicer``, which sets ``self.deletion`` (DeletionCoordinator),
-``self.keys`` (KeyService) and ``self.app`` (consent). Thin: validate -> convert -> one
-call -> convert back.
-"""
+"""gRPC adapter of the deletion room: RequestDeletion, GetDeletion, VerifyReceipt,
+ExportHousehold. Thin: validate -> convert -> one call -> convert back."""
 
 from __future__ import annotations
 
@@ -12,14 +7,18 @@ import json
 
 from hearth.common.v1 import common_pb2
 from hearth.privacy.v1 import privacy_pb2 as pb
+from hearth.privacy.v1 import privacy_pb2_grpc as pb_grpc
 from services.common.ids import check_id
-from services.common import identity
 from services.common.erasure import scope_from_pb
-from services.common.errors import InvalidArgument, PermissionDenied
+from services.common.errors import InvalidArgument
 from services.common.pbutil import float_to_ts
-from services.privacy.deletion_app import SERVICE_ORDER, export_household, scope_to_pb
-from services.privacy.domain.deletion import JobState, ServiceStatus
-from services.privacy.jobs_store import StoredJob
+from services.privacy.consent.app import ConsentApp
+from services.privacy.deletion.app import SERVICE_ORDER, DeletionCoordinator, export_household, scope_to_pb
+from services.privacy.deletion.domain import JobState, ServiceStatus
+from services.privacy.deletion.store import StoredJob
+from services.privacy.keys.app import KeyService
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Deletion"].full_name
 
 _STATE = {JobState.PENDING: pb.JOB_STATE_PENDING, JobState.RUNNING: pb.JOB_STATE_RUNNING,
           JobState.COMPLETED: pb.JOB_STATE_COMPLETED, JobState.FAILED: pb.JOB_STATE_FAILED}
@@ -46,10 +45,14 @@ def job_to_pb(stored: StoredJob) -> pb.GetDeletionResponse:
     return out
 
 
-class DeletionServicerMixin:
-    deletion = None
-    keys = None
-    app = None
+class DeletionServicer(pb_grpc.DeletionServicer):
+    """``ExportHousehold`` also reads the household's consent and data-key history, so the
+    consent and keys rooms' apps are given too."""
+
+    def __init__(self, deletion: DeletionCoordinator, consent: ConsentApp, keys: KeyService) -> None:
+        self.deletion = deletion
+        self.consent = consent
+        self.keys = keys
 
     def RequestDeletion(self, request, context) -> pb.RequestDeletionResponse:
         if not request.HasField("scope"):
@@ -70,23 +73,9 @@ class DeletionServicerMixin:
 
     def ExportHousehold(self, request, context) -> pb.ExportHouseholdResponse:
         account_id = check_id(request.account_id, "account_id")
-        c = self.app.consent(account_id)
+        c = self.consent.consent(account_id)
         consent = {"processing": c.processing, "attribution": c.attribution, "version": c.version,
                    "explicit": c.known}
         data = export_household(account_id, self.deletion.peers, self.deletion.jobs, self.keys, consent)
         return pb.ExportHouseholdResponse(account_id=account_id,
                                           export_json=json.dumps(data, sort_keys=True, ensure_ascii=False))
-
-    def GetDataKey(self, request, context) -> pb.GetDataKeyResponse:
-        # The matrix lets admin do everything; key material goes to stores only.
-        if identity.current_principal().role is not identity.Role.SERVICE:
-            raise PermissionDenied("data keys are given to service principals only", "")
-        account_id = check_id(request.account_id, "account_id")
-        version, dek = self.keys.data_key(account_id, int(request.dek_version))
-        return pb.GetDataKeyResponse(dek_version=version, dek=dek)
-
-    def RotateKeys(self, request, context) -> pb.RotateKeysResponse:
-        if not request.new_active_kek_id:
-            raise InvalidArgument("is required", "new_active_kek_id")
-        count, active, in_use = self.keys.rotate(request.new_active_kek_id)
-        return pb.RotateKeysResponse(rewrapped=count, active_kek_id=active, kek_ids_in_use=in_use)

@@ -47,8 +47,8 @@ from typing import Any
 from services.common.erasure import ALL_ACCOUNTS
 from services.common.ids import Role, check_id, check_principal_id
 
-from .audit import format_ts, parse_ts
-from .receipts import DeletionReceipt, ServiceDeletion
+from services.privacy.audit.domain import format_ts, parse_ts
+from services.privacy.deletion.receipts import DeletionReceipt, ServiceDeletion
 
 DEFAULT_SERVICES: tuple[str, ...] = ("clustering", "attribution", "feedback", "privacy")
 

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from .audit import AuditEntry, EventType
+from services.privacy.audit.domain import AuditEntry, EventType
 
 
 _SWEEP_EVERY = 4096  # observations between sweeps that drop idle windows

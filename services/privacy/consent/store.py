@@ -1,5 +1,7 @@
-"""The privacy service's repository: consent (and, with the privacy work, deletion jobs,
-keys and the audit log)."""
+"""The consent room's repository: one row per account that set consent explicitly.
+
+The privacy process keeps every room's tables in one database with one schema history
+(``services/privacy/migrations.py``); ``migrate`` applies all of it."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ class Consent:
     known: bool
 
 
-class PrivacyStore:
+class ConsentStore:
     def __init__(self, db: Database, cache: Cache | None = None) -> None:
         self.db = db
         self.cache = cache or MemoryCache("privacy")

@@ -1,0 +1,110 @@
+"""Proofs and verification of the audit log: RFC 9162 inclusion and consistency proofs
+against signed tree heads (from the writer's in-memory proof tree), and the full
+verification of the stored rows against the latest signed tree head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.privacy.audit import merkle
+from services.privacy.audit.domain import (AuditEntry, LogVerification, SignedTreeHead, TamperReason, verify_log,
+                                          verify_tree_head_history)
+from services.privacy.audit.rows import StoredEntry, columns_match, entry_from_canonical
+from services.privacy.audit.store import AuditStore
+from services.privacy.audit.writer import AuditWriter
+
+
+@dataclass(frozen=True)
+class AuditVerification:
+    result: LogVerification
+    entries: int
+    sth: SignedTreeHead | None
+
+
+class AuditProofs:
+    def __init__(self, store: AuditStore, writer: AuditWriter) -> None:
+        self._store = store
+        self._writer = writer
+
+    def _head_for(self, tree_size: int) -> SignedTreeHead:
+        latest = self._writer.latest_sth()
+        if latest is None:
+            raise FailedPrecondition("the audit log is empty: no signed tree head yet", "tree_size")
+        if tree_size == 0 or tree_size == latest.tree_size:
+            return latest
+        if tree_size > latest.tree_size:
+            raise InvalidArgument(f"{tree_size} exceeds the latest signed size {latest.tree_size}",
+                                  "tree_size")
+        sth = self._store.sth_at(tree_size)
+        if sth is None:
+            raise NotFound(f"no signed tree head of size {tree_size} (heads are signed per batch)",
+                           "tree_size")
+        return sth
+
+    def inclusion_proof(self, seq: int, tree_size: int = 0) -> tuple[SignedTreeHead, list[bytes], bytes, StoredEntry]:
+        """(head, audit path, leaf hash, entry) proving entry ``seq`` is in the head's tree."""
+        sth = self._head_for(tree_size)
+        if not 0 <= seq < sth.tree_size:
+            raise InvalidArgument(f"{seq} is not below the tree size {sth.tree_size}", "inclusion_seq")
+        with self._writer.tree_lock:
+            if sth.tree_size > self._writer.tree.size:
+                raise FailedPrecondition("the proof tree is shorter than the signed log: the "
+                                         "stored rows were altered (run VerifyAudit)", "tree_size")
+            path = self._writer.tree.inclusion_proof(seq, sth.tree_size)
+            leaf = self._writer.tree.leaf_hash_at(seq)
+        return sth, path, leaf, self._store.entry(seq)
+
+    def consistency_proof(self, old_size: int, tree_size: int = 0) -> tuple[SignedTreeHead, list[bytes], SignedTreeHead | None]:
+        """(head, proof that the tree of ``old_size`` is a prefix of the head's, the
+        stored head of ``old_size`` if there is one)."""
+        sth = self._head_for(tree_size)
+        if not 0 <= old_size <= sth.tree_size:
+            raise InvalidArgument(f"must be in 0..{sth.tree_size}", "consistency_from_size")
+        with self._writer.tree_lock:
+            if sth.tree_size > self._writer.tree.size:
+                raise FailedPrecondition("the proof tree is shorter than the signed log: the "
+                                         "stored rows were altered (run VerifyAudit)", "tree_size")
+            path = self._writer.tree.consistency_proof(old_size, sth.tree_size)
+        return sth, path, self._store.sth_at(old_size) if old_size else None
+
+    def verify(self) -> AuditVerification:
+        """Check the stored rows against the latest signed tree head (the newer of the
+        stored one and the one this process signed last, so deleting STH rows does not
+        hide a truncation while the service runs), then every stored tree head against
+        the rows (a forged or moved head row is ``bad_signature`` even when it is not the
+        newest). Reasons as ``verify_log``, plus ``modified`` for unparseable canonical
+        bytes or query columns that disagree with them."""
+        stored = self._store.stored_latest_sth()
+        sth = self._writer.latest_sth()
+        if stored is not None and (sth is None or stored.tree_size > sth.tree_size):
+            sth = stored
+        entries: list[AuditEntry] = []
+        chains: list[bytes] = []
+        column_mismatch: int | None = None
+        for position, row in enumerate(self._store.iter_rows()):
+            try:
+                entry = entry_from_canonical(bytes(row[1]))
+            except ValueError:
+                return AuditVerification(LogVerification(
+                    False, TamperReason.MODIFIED, int(row[0]),
+                    f"entry at seq {row[0]} is not a valid canonical entry"), position, sth)
+            if column_mismatch is None and not columns_match(entry, row):
+                column_mismatch = int(row[0])
+            entries.append(entry)
+            chains.append(bytes(row[2]).ljust(merkle.HASH_SIZE, b"\0")[: merkle.HASH_SIZE])
+        if sth is None:
+            if entries:
+                return AuditVerification(LogVerification(
+                    False, TamperReason.INSERTED, entries[0].seq,
+                    f"{len(entries)} entries but no signed tree head"), len(entries), None)
+            return AuditVerification(LogVerification(True, None, None, "ok: empty log"), 0, None)
+        result = verify_log(entries, sth, self._writer.public_key, chain_hashes=chains or None)
+        if result.ok:
+            forged = verify_tree_head_history(entries, self._store.stored_tree_heads(), self._writer.public_key)
+            result = result if forged is None else forged
+        if result.ok and column_mismatch is not None:
+            result = LogVerification(False, TamperReason.MODIFIED, column_mismatch,
+                                     f"the query columns of seq {column_mismatch} differ from "
+                                     "its signed content")
+        return AuditVerification(result, len(entries), sth)

@@ -1,0 +1,214 @@
+"""The audit log's tables and its reads (queries, single entries, stored tree heads, the
+JSONL export) over SQLite/PostgreSQL.
+
+Tables (migrations 10 and 11, ``AUDIT_MIGRATIONS``):
+
+``audit_entries``  one row per entry: ``seq`` (PK, dense from 0), the entry's canonical
+                   bytes (the signed leaf data: the truth), its leaf hash and chain hash,
+                   ``record_id`` (idempotency key, see below) and copies of the fields
+                   queries filter on (``ts`` as Unix seconds, event type, principal, role,
+                   resource, outcome, trace id). Query results are decoded from the
+                   canonical bytes, never from the copies; ``verify`` checks the copies
+                   agree with the canonical bytes. Indexes: (principal, seq), trace_id
+                   and ts: what QueryAudit filters use, nothing more (each index costs
+                   every append).
+``audit_state``    one row (id = 1): the writer state ``AuditState.to_bytes()`` and its
+                   size. Updated with compare-and-swap on ``size``, so a second writer on
+                   the same database (another replica) fails its batch instead of forking
+                   the log; the loser reloads the state and retries.
+``audit_sth``      one signed tree head per committed batch (``tree_size`` PK, STH JSON).
+
+The writes are writer.py's (group commit); proofs and verification are proofs.py's;
+the row layout is rows.py's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.storage.sql import Database, Migration, migrate
+from services.privacy.audit.domain import SignedTreeHead, canonical_json, format_ts, parse_ts
+from services.privacy.audit.rows import ENTRY_COLUMNS, StoredEntry, entry_from_canonical, export_line
+
+AUDIT_MIGRATIONS = [
+    Migration(10, "audit_log", """
+CREATE TABLE IF NOT EXISTS audit_entries (
+    seq {bigint} PRIMARY KEY,
+    ts {double} NOT NULL,
+    event_type TEXT NOT NULL,
+    principal TEXT NOT NULL,
+    role TEXT NOT NULL,
+    resource TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    trace_id TEXT NOT NULL,
+    record_id TEXT,
+    canonical {blob} NOT NULL,
+    leaf_hash {blob} NOT NULL,
+    chain_hash {blob} NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS audit_entries_record_id ON audit_entries (record_id);
+CREATE INDEX IF NOT EXISTS audit_entries_principal ON audit_entries (principal, seq);
+CREATE INDEX IF NOT EXISTS audit_entries_resource ON audit_entries (resource, seq);
+CREATE INDEX IF NOT EXISTS audit_entries_trace ON audit_entries (trace_id);
+CREATE TABLE IF NOT EXISTS audit_state (
+    id INTEGER PRIMARY KEY,
+    size {bigint} NOT NULL,
+    state {blob} NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_sth (
+    tree_size {bigint} PRIMARY KEY,
+    sth_json TEXT NOT NULL
+)
+"""),
+    # Write cost: every secondary index costs each appended row a B-tree insert, and one
+    # keyed by a random value (record_id is a uuid4) dirties a random page per row (a
+    # 4 KiB WAL frame each once the index outgrows the batch), the largest single cost
+    # of a durable append. record_id is an idempotency key, looked up only for retries:
+    # the writer keeps the ids of the recent entries in memory and finds older ones
+    # through ``ts`` (a retry carries its record's original ts), an index whose inserts
+    # land at its right edge and that also serves QueryAudit's time window. The
+    # resource index never served a query: prefix filters use substr(), which neither
+    # SQLite nor PostgreSQL can answer from a B-tree.
+    Migration(11, "audit_log_write_indexes", """
+DROP INDEX IF EXISTS audit_entries_record_id;
+DROP INDEX IF EXISTS audit_entries_resource;
+CREATE INDEX IF NOT EXISTS audit_entries_ts ON audit_entries (ts)
+"""),
+]
+
+MAX_QUERY_LIMIT = 10_000
+DEFAULT_QUERY_LIMIT = 100
+
+
+@dataclass(frozen=True)
+class AuditQuery:
+    principal_id: str = ""
+    resource_prefix: str = ""
+    event_type: str = ""
+    trace_id: str = ""
+    outcome: str = ""
+    start: datetime | None = None    # [start, end) on ts
+    end: datetime | None = None
+    after_seq: int | None = None     # entries with seq > after_seq
+    limit: int = DEFAULT_QUERY_LIMIT
+
+
+class AuditStore:
+    """Reads of the log's tables; the writer (writer.py) is the only one that writes."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def migrate(self) -> list[int]:
+        """Apply the privacy service's migrations (the audit tables are among them)."""
+        from services.privacy.migrations import MIGRATIONS
+
+        return migrate(self.db, MIGRATIONS)
+
+    def sth_at(self, tree_size: int) -> SignedTreeHead | None:
+        """The stored STH of exactly ``tree_size`` (one exists per committed batch)."""
+        with self.db.transaction() as tx:
+            row = tx.query("SELECT sth_json FROM audit_sth WHERE tree_size = ?", (tree_size,))
+        return SignedTreeHead.from_dict(json.loads(row[0][0])) if row else None
+
+    def query(self, q: AuditQuery) -> tuple[list[StoredEntry], bool]:
+        """Entries matching every given filter, ascending seq, at most ``q.limit``;
+        the flag says whether more follow."""
+        limit = q.limit or DEFAULT_QUERY_LIMIT
+        if not 1 <= limit <= MAX_QUERY_LIMIT:
+            raise InvalidArgument(f"must be in 1..{MAX_QUERY_LIMIT}", "limit")
+        where, params = [], []
+        if q.after_seq is not None:
+            where.append("seq > ?")
+            params.append(q.after_seq)
+        for column, value in (("principal", q.principal_id), ("event_type", q.event_type),
+                              ("trace_id", q.trace_id), ("outcome", q.outcome)):
+            if value:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if q.resource_prefix:
+            # substr rather than LIKE: no wildcard escaping, and case-sensitive on both backends.
+            where.append("substr(resource, 1, ?) = ?")
+            params += [len(q.resource_prefix), q.resource_prefix]
+        if q.start is not None:
+            where.append("ts >= ?")
+            params.append(_seconds(q.start, "window.start"))
+        if q.end is not None:
+            where.append("ts < ?")
+            params.append(_seconds(q.end, "window.end"))
+        sql = f"SELECT {ENTRY_COLUMNS} FROM audit_entries"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY seq LIMIT ?"
+        params.append(limit + 1)
+        with self.db.transaction() as tx:
+            rows = tx.query(sql, params)
+        out = [self._stored(r) for r in rows[:limit]]
+        return out, len(rows) > limit
+
+    def _stored(self, row) -> StoredEntry:
+        canonical = bytes(row[1])
+        try:
+            entry = entry_from_canonical(canonical)
+        except ValueError:
+            raise FailedPrecondition(f"audit entry at seq {row[0]} is unreadable: the log was "
+                                     "altered (run VerifyAudit)", "seq") from None
+        return StoredEntry(entry, canonical, bytes(row[2]))
+
+    def entry(self, seq: int) -> StoredEntry:
+        with self.db.transaction() as tx:
+            rows = tx.query(f"SELECT {ENTRY_COLUMNS} FROM audit_entries WHERE seq = ?", (seq,))
+        if not rows:
+            raise NotFound(f"no audit entry {seq}", "inclusion_seq")
+        return self._stored(rows[0])
+
+    def iter_rows(self, batch: int = 10_000) -> Iterator[tuple]:
+        """Every stored row (seq, canonical, chain_hash, ts, event_type, principal, role,
+        resource, outcome, trace_id) in seq order, read in pages."""
+        last = -1
+        while True:
+            with self.db.transaction() as tx:
+                rows = tx.query("SELECT seq, canonical, chain_hash, ts, event_type, principal, role, "
+                                "resource, outcome, trace_id FROM audit_entries WHERE seq > ? "
+                                "ORDER BY seq LIMIT ?", (last, batch))
+            yield from rows
+            if len(rows) < batch:
+                return
+            last = rows[-1][0]
+
+    def stored_latest_sth(self) -> SignedTreeHead | None:
+        with self.db.transaction() as tx:
+            row = tx.query("SELECT sth_json FROM audit_sth ORDER BY tree_size DESC LIMIT 1")
+        if not row:
+            return None
+        try:
+            return SignedTreeHead.from_dict(json.loads(row[0][0]))
+        except (ValueError, json.JSONDecodeError):
+            return None
+
+    def stored_tree_heads(self) -> list[tuple[int, str]]:
+        """Every stored signed tree head row as (tree_size column, STH JSON)."""
+        with self.db.transaction() as tx:
+            return [(int(r[0]), r[1]) for r in tx.query("SELECT tree_size, sth_json FROM audit_sth")]
+
+    def export_lines(self, sth: SignedTreeHead | None) -> Iterator[str]:
+        """The JSONL export (``audit.export_lines`` format) of the log up to the latest
+        signed tree head; verify offline with ``hearth audit verify``."""
+        if sth is None:
+            raise FailedPrecondition("the audit log is empty: nothing to export")
+        for row in self.iter_rows():
+            if row[0] >= sth.tree_size:
+                break
+            yield export_line(bytes(row[1]), bytes(row[2]))
+        yield canonical_json({"sth": sth.to_dict()}).decode("utf-8")
+
+
+
+
+def _seconds(value: datetime, field: str) -> float:
+    """A window bound as stored: Unix seconds of the microsecond-truncated UTC time."""
+    return parse_ts(format_ts(value, field), field).timestamp()

@@ -1,0 +1,23 @@
+"""gRPC adapter of the consent room: SetConsent, GetConsent."""
+
+from __future__ import annotations
+
+from hearth.privacy.v1 import privacy_pb2 as pb
+from hearth.privacy.v1 import privacy_pb2_grpc as pb_grpc
+from services.privacy.consent.app import ConsentApp
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Consent"].full_name
+
+
+class ConsentServicer(pb_grpc.ConsentServicer):
+    def __init__(self, app: ConsentApp) -> None:
+        self._app = app
+
+    def SetConsent(self, request, context) -> pb.SetConsentResponse:
+        version = self._app.set_consent(request.account_id, request.processing, request.attribution)
+        return pb.SetConsentResponse(version=version)
+
+    def GetConsent(self, request, context) -> pb.GetConsentResponse:
+        c = self._app.consent(request.account_id)
+        return pb.GetConsentResponse(account_id=c.account_id, processing=c.processing,
+                                     attribution=c.attribution, known=c.known)

@@ -1,0 +1,1 @@
+"""The keys room of the privacy service (see services/privacy/__init__.py)."""

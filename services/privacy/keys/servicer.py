@@ -1,0 +1,32 @@
+"""gRPC adapter of the keys room: GetDataKey, RotateKeys."""
+
+from __future__ import annotations
+
+from hearth.privacy.v1 import privacy_pb2 as pb
+from hearth.privacy.v1 import privacy_pb2_grpc as pb_grpc
+from services.common import identity
+from services.common.errors import InvalidArgument, PermissionDenied
+from services.common.ids import check_id
+from services.privacy.keys.app import KeyService
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Keys"].full_name
+
+
+class KeysServicer(pb_grpc.KeysServicer):
+    def __init__(self, keys: KeyService) -> None:
+        self._keys = keys
+
+    def GetDataKey(self, request, context) -> pb.GetDataKeyResponse:
+        # The matrix (permissions.ROLE_PERMISSIONS) already gives use_data_key to service
+        # principals only; checked again here because key material goes to stores only.
+        if identity.current_principal().role is not identity.Role.SERVICE:
+            raise PermissionDenied("data keys are given to service principals only", "")
+        account_id = check_id(request.account_id, "account_id")
+        version, dek = self._keys.data_key(account_id, int(request.dek_version))
+        return pb.GetDataKeyResponse(dek_version=version, dek=dek)
+
+    def RotateKeys(self, request, context) -> pb.RotateKeysResponse:
+        if not request.new_active_kek_id:
+            raise InvalidArgument("is required", "new_active_kek_id")
+        count, active, in_use = self._keys.rotate(request.new_active_kek_id)
+        return pb.RotateKeysResponse(rewrapped=count, active_kek_id=active, kek_ids_in_use=in_use)
