@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import uvicorn
-from pydantic import ValidationError
 
 from gateway.app import create_app
 from gateway.config import GatewaySettings
-from services.common import telemetry
+from services.common import config, telemetry
 
 
 def uvicorn_options(log_level: str) -> dict:
@@ -20,12 +19,7 @@ def uvicorn_options(log_level: str) -> dict:
 
 
 def main() -> None:
-    try:
-        settings = GatewaySettings()
-    except ValidationError as exc:
-        lines = [f"  HEARTH_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" if e["loc"]
-                 else f"  {e['msg']}" for e in exc.errors()]
-        raise SystemExit("invalid configuration:\n" + "\n".join(lines)) from None
+    settings = config.load(GatewaySettings)   # exits naming a bad or unknown HEARTH_* variable
     telemetry.setup_telemetry("gateway", settings.trace_export, settings.log_level)
     # HTTPS when a certificate is configured (HEARTH_HTTPS_CERT / HEARTH_HTTPS_KEY);
     # Python's ssl defaults set the floor at TLS 1.2; HTTP clients need no certificate.
