@@ -80,7 +80,7 @@ ENVIRONMENT_READERS = {
 def test_only_the_settings_code_reads_the_environment():
     readers = {p.relative_to(ROOT).as_posix() for base in ("services", "gateway")
                for p in (ROOT / base).rglob("*.py") if _environment_reads(p)}
-    readers -= {"services/mesh.py", "services/privacy/inprocess.py", "services/common/child_process.py"}  # harnesses
+    readers -= {"services/testing/mesh.py", "services/testing/inprocess.py", "services/common/child_process.py"}  # harnesses
     assert readers <= ENVIRONMENT_READERS, sorted(readers - ENVIRONMENT_READERS)
     for name, where in config.OTHER_VARIABLES.items():
         assert name.startswith("HEARTH_") and where
