@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -218,7 +219,12 @@ class DeletionCoordinator:
     # ---- the worker ----------------------------------------------------------------------
 
     def oldest_open_age_s(self) -> float:
-        oldest = self.jobs.oldest_open_created_at()
+        """The gauge's value. A scrape must never fail: once the database is closed
+        (shutting down) or unreachable the age is unknown, NaN, and the scrape goes on."""
+        try:
+            oldest = self.jobs.oldest_open_created_at()
+        except Unavailable:
+            return math.nan
         return max(0.0, time.time() - oldest) if oldest is not None else 0.0
 
     def start(self) -> None:
