@@ -249,6 +249,39 @@ def calibrate(quick: bool) -> dict:
             "drift_calibration_alpha": th.false_alarm_rate, "stable_households": len(maxima)}
 
 
+def calibrate_confidence(quick: bool) -> dict:
+    """The confidence map shipped in services/clustering/domain/model.py
+    (CONFIDENCE_MAP_X/Y, SINGLE_PERSON_CONFIDENCE): isotonic regression of "the
+    assigned person is the right one" on the tempered top-label probability, fitted
+    out of sample for the households it will serve — on the TUNING worlds and the
+    simulator's calibration seeds (500), never on the reporting worlds."""
+    from sklearn.isotonic import IsotonicRegression
+    hs = worlds.generate(worlds.TUNING, worlds_per_family=1 if quick else 2,
+                         households_per_world=4 if quick else 8)
+    sim = simulate_population(10 if quick else 40, seed=500, difficulty=DIFFICULTY_LEVELS["default"])
+    conf, correct, single = [], [], []
+    for features, truth, devices in ([(h.features, h.person, h.device_id) for h in hs]
+                                     + [(h.features, h.person, None) for h in sim]):
+        m = HouseholdModel(calibrated=False).fit(features, device_ids=devices)
+        b = m.assign_batch(features, device_ids=devices)
+        ok = matched_correct(truth, b.person_index)
+        if b.probabilities.shape[1] == 1:
+            single.append(ok)
+        else:
+            conf.append(b.confidence)
+            correct.append(ok)
+    x, y = np.concatenate(conf), np.concatenate(correct).astype(float)
+    iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(x, y)
+    grid = np.linspace(x.min(), 1.0, 21)
+    knots_y = np.maximum.accumulate(iso.predict(grid))
+    single_acc = float(np.concatenate(single).mean()) if single else 1.0
+    log(f"confidence map: x {np.round(grid, 3).tolist()} y {np.round(knots_y, 3).tolist()} "
+        f"single-person {single_acc:.3f} ({len(single)} households)")
+    return {"confidence_map_x": np.round(grid, 4).tolist(), "confidence_map_y": np.round(knots_y, 4).tolist(),
+            "single_person_confidence": round(single_acc, 4), "sessions": int(x.size),
+            "single_person_households": len(single)}
+
+
 def run_worlds(quick: bool) -> dict:
     """The randomized world families, REPORTING split only (never tuned on)."""
     split = worlds.REPORTING
@@ -276,10 +309,15 @@ def main() -> None:
     ap.add_argument("--worlds-only", action="store_true",
                     help="only the randomized world families (bench/worlds.py)")
     ap.add_argument("--no-worlds", action="store_true", help="only Hearth's own simulator")
+    ap.add_argument("--calibrate-confidence", action="store_true",
+                    help="fit the confidence map on the TUNING worlds (prints it)")
     args = ap.parse_args()
     t0 = time.time()
     if args.calibrate:
         print(json.dumps(calibrate(args.quick)))
+        return
+    if args.calibrate_confidence:
+        print(json.dumps(calibrate_confidence(args.quick)))
         return
     if args.worlds_only:
         print(json.dumps({"worlds": run_worlds(args.quick), "elapsed_s": round(time.time() - t0, 1),

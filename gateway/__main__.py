@@ -13,14 +13,19 @@ def uvicorn_options(log_level: str) -> dict:
     """The uvicorn settings of the gateway (the transport floor in bench/floor.py uses
     the same, so the two are comparable): uvloop and httptools, the C event loop and
     HTTP parser, measured cheaper per request than asyncio and h11 (docs/benchmarks.md);
-    no access log (requests are counted in Prometheus and traced instead)."""
+    uvicorn's own access log off (the gateway writes its own, with trace ids, hearth.access)."""
     return {"loop": "uvloop", "http": "httptools", "log_level": log_level.lower(), "access_log": False,
-            "timeout_graceful_shutdown": 5, "server_header": False}
+            "timeout_graceful_shutdown": 5, "server_header": False,
+            # No logging config of uvicorn's own: its loggers propagate to the root
+            # handler setup_telemetry installed, so its lines are JSON like every other.
+            "log_config": None}
 
 
 def main() -> None:
     settings = config.load(GatewaySettings)   # exits naming a bad or unknown HEARTH_* variable
-    telemetry.setup_telemetry("gateway", settings.trace_export, settings.log_level)
+    # /metrics on its own port (settings.metrics_port), like the services.
+    telemetry.setup_telemetry("gateway", settings.trace_export, settings.log_level,
+                              settings.metrics_port or None, settings.host)
     # HTTPS when a certificate is configured (HEARTH_HTTPS_CERT / HEARTH_HTTPS_KEY);
     # Python's ssl defaults set the floor at TLS 1.2; HTTP clients need no certificate.
     tls = ({"ssl_certfile": str(settings.https_cert), "ssl_keyfile": str(settings.https_key)}

@@ -32,6 +32,7 @@ from services.common.identity import Principal
 from services.common.permissions import authorize_route
 
 log = logging.getLogger("hearth.gateway")
+ACCESS_LOG = logging.getLogger("hearth.access")
 
 HTTP_REQUESTS = Counter("hearth_http_requests_total", "HTTP requests", ["route", "method", "status"])
 HTTP_DURATION = Histogram("hearth_http_request_duration_seconds", "HTTP request time", ["route", "method"],
@@ -46,10 +47,11 @@ class ObserveMiddleware:
     runs every request through an extra task group and memory streams, which the
     profile showed as the largest single cost of the gateway (docs/benchmarks.md)."""
 
-    def __init__(self, app, tracer, max_body_bytes: int) -> None:
+    def __init__(self, app, tracer, max_body_bytes: int, access_log: bool = True) -> None:
         self.app = app
         self.tracer = tracer
         self.max_body_bytes = max_body_bytes
+        self.access_log = access_log
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -92,8 +94,13 @@ class ObserveMiddleware:
             if status >= 500:
                 span.set_status(Status(StatusCode.ERROR))
             span.end()
+            elapsed = time.perf_counter() - started
             HTTP_REQUESTS.labels(label, method, str(status)).inc()
-            HTTP_DURATION.labels(label, method).observe(time.perf_counter() - started)
+            HTTP_DURATION.labels(label, method).observe(elapsed)
+            if self.access_log:
+                ACCESS_LOG.info("%s %s %d", method, label, status, extra={"fields": {
+                    "method": method, "route": label, "status": status,
+                    "duration_ms": round(elapsed * 1000, 3), "trace_id": trace_header.decode()}})
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -133,10 +140,24 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     # that one stays outermost and counts the 413s too.
     limiter = install_request_limits(app, settings)
 
-    app.add_middleware(ObserveMiddleware, tracer=tracer, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(ObserveMiddleware, tracer=tracer, max_body_bytes=settings.max_body_bytes,
+                       access_log=settings.access_log)
+
+    protected_routes: set[str] = set()  # "METHOD /path/template" of every route behind access()
 
     @app.exception_handler(RequestValidationError)
-    async def on_validation_error(_request: Request, exc: RequestValidationError):
+    async def on_validation_error(request: Request, exc: RequestValidationError):
+        # FastAPI parses and validates the body before it runs the route's dependencies,
+        # so without this an anonymous caller's malformed body would get a 422 (telling
+        # them about the API) where a well-formed one gets 401/403. Credentials first:
+        # the refusal is the same 401/403 as always, and is audited the same way.
+        route = request.scope.get("route")
+        key = f"{request.method} {getattr(route, 'path', '')}"
+        if key in protected_routes:
+            try:
+                authorize_route(authenticator.authenticate(request.headers, key), key)
+            except HearthError as refusal:
+                return from_hearth_error(refusal)
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         parts = [p for p in first.get("loc", ()) if p not in ("body", "path", "query")]
         field = ""
@@ -155,6 +176,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     def access(route: str):
         """Dependency for a route: authenticate the caller, then check the permission
         matrix for ``route`` ("METHOD /path/template")."""
+        protected_routes.add(route)
 
         async def dependency(request: Request) -> Principal:
             who = authenticator.authenticate(request.headers, route)
@@ -174,8 +196,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         body = models.HealthOut(status="SERVING" if ok else "DEGRADED", services=statuses)
         return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
-    @app.get("/metrics", include_in_schema=False)
-    async def metrics():
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    if not settings.metrics_port:
+        # One-port mode only; normally python -m gateway serves /metrics on its own port.
+        @app.get("/metrics", include_in_schema=False)
+        async def metrics():
+            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -53,7 +53,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from services.common.errors import Unauthenticated
-from services.common.identity import Principal, Role, SecurityEvent, report_security_event, valid_principal_id
+from services.common.identity import (Principal, Role, SecurityEvent, report_security_event,
+                                      reserved_principal_id, valid_principal_id)
 
 log = logging.getLogger("hearth.gateway.auth")
 
@@ -118,6 +119,8 @@ def parse_api_keys(raw) -> list[ApiKeyRecord]:
         principal_id = str(item.get("principal", ""))
         if not valid_principal_id(principal_id):
             raise ValueError(f"{where}.principal: invalid principal id")
+        if reserved_principal_id(principal_id):
+            raise ValueError(f"{where}.principal: 'svc:' names are reserved for the mesh's services")
         try:
             role = Role(item.get("role"))
         except ValueError:
@@ -290,6 +293,8 @@ class JwtVerifier:
         subject = claims.get("sub")
         if not isinstance(subject, str) or not valid_principal_id(subject):
             raise AuthenticationFailed("jwt_bad_subject", field)
+        if reserved_principal_id(subject):  # only the mesh's services act as svc:<name>
+            raise AuthenticationFailed("jwt_reserved_subject", field)
         try:
             role = Role(claims.get(self._role_claim))
         except ValueError:
@@ -387,6 +392,8 @@ def add_key(path: Path, principal: str, role: str, expires_at: str | None = None
     """Create a key for ``principal``; store only its hash. Returns (key id, key)."""
     if not valid_principal_id(principal):
         raise ValueError("principal: invalid principal id")
+    if reserved_principal_id(principal):
+        raise ValueError("principal: 'svc:' names are reserved for the mesh's services")
     Role(role)
     document = _read_document(Path(path))
     key = "hk_" + secrets.token_urlsafe(24)

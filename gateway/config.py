@@ -25,6 +25,13 @@ class GatewaySettings(HearthSettings):
 
     host: str = "127.0.0.1"
     gateway_port: int = 8080
+    # Prometheus /metrics on a port of its own, not reachable through the public Service
+    # or Ingress (the chart sets 9100, `make run` a free port); 0 (the default, for a
+    # gateway started by hand) serves /metrics on the gateway port instead.
+    metrics_port: int = 0
+    # One JSON line per request (logger hearth.access): method, route template (never the
+    # raw path: it holds account ids), status, duration, trace id.
+    access_log: bool = True
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     trace_export: str = "none"
 
@@ -71,7 +78,7 @@ class GatewaySettings(HearthSettings):
     https_cert: Path | None = None
     https_key: Path | None = None
 
-    @field_validator("gateway_port")
+    @field_validator("gateway_port", "metrics_port")
     @classmethod
     def _port(cls, value: int) -> int:
         if not 0 <= value <= 65535:

@@ -4,42 +4,70 @@ called."""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
 
-from services.common.ids import ID_PATTERN, MAX_ID_CHARS
+from services.common.ids import ID_PATTERN, MAX_FUTURE_SKEW_S, MAX_ID_CHARS, MAX_QUERY_TS, MIN_QUERY_TS, MIN_TS
 
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)]
 # Free text is stored as data: any printable text, but no control characters (a NUL
 # cannot even be stored in PostgreSQL text, and none belongs in a label).
 Label = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1F\x7F]+$")]
 
-# Timestamps must be plausible: not before the service could exist, not more than a day
-# in the future (clock skew of a device, not a typo of the year).
-EARLIEST_TS = datetime(2000, 1, 1, tzinfo=timezone.utc)
-MAX_FUTURE = timedelta(days=1)
+# Timestamps are RFC 3339 strings with an offset (a number such as 1700000000 or 0.5 is
+# refused, not read as Unix seconds), in a documented range:
+# * times of things that happened (events, touchpoints, conversions, feedback): from
+#   2000-01-01 to MAX_FUTURE_SKEW_S (10 minutes) ahead of the server's clock;
+# * bounds that select (query and deletion windows): from 1970-01-01 to 2100-01-01.
+# The services apply the same bounds (services/common/ids.py) to gRPC callers.
+EARLIEST_TS = datetime.fromtimestamp(MIN_TS, timezone.utc)
+QUERY_RANGE = (datetime.fromtimestamp(MIN_QUERY_TS, timezone.utc), datetime.fromtimestamp(MAX_QUERY_TS, timezone.utc))
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
+_SKEW_MINUTES = int(MAX_FUTURE_SKEW_S // 60)
 
 
-def _sane_timestamp(value: datetime) -> datetime:
-    try:
-        if value < EARLIEST_TS or value > datetime.now(timezone.utc) + MAX_FUTURE:
-            raise ValueError(f"must be between {EARLIEST_TS.date()} and one day from now")
-        value.timestamp()  # representable as Unix seconds (protobuf Timestamp)
-    except OverflowError:
-        raise ValueError("out of range") from None
+def _rfc3339_text(value: object) -> object:
+    if not isinstance(value, str) or not _RFC3339.fullmatch(value):
+        raise ValueError("must be an RFC 3339 timestamp with an offset, e.g. 2026-11-26T20:15:00Z")
     return value
 
 
-Timestamp = Annotated[AwareDatetime, AfterValidator(_sane_timestamp)]
+def _in_range(value: datetime, low: datetime, high: datetime, words: str) -> datetime:
+    try:
+        if not low <= value <= high:
+            raise ValueError(f"must lie between {words}")
+        value.timestamp()  # representable as Unix seconds (protobuf Timestamp)
+    except OverflowError:
+        raise ValueError(f"must lie between {words}") from None
+    return value
+
+
+def _event_time(value: datetime) -> datetime:
+    return _in_range(value, EARLIEST_TS, datetime.now(timezone.utc) + timedelta(seconds=MAX_FUTURE_SKEW_S),
+                     f"2000-01-01 and {_SKEW_MINUTES} minutes from now (the server's clock)")
+
+
+def _window_bound(value: datetime) -> datetime:
+    return _in_range(value, *QUERY_RANGE, "1970-01-01 and 2100-01-01")
+
+
+# strict=False only lets the RFC 3339 text be parsed; _rfc3339_text refuses anything else.
+Timestamp = Annotated[AwareDatetime, Field(strict=False), BeforeValidator(_rfc3339_text),
+                      AfterValidator(_event_time)]
+WindowBound = Annotated[AwareDatetime, Field(strict=False), BeforeValidator(_rfc3339_text),
+                        AfterValidator(_window_bound)]
 DeviceType = Literal["tv", "mobile", "tablet", "desktop", "console", "other"]
 EventKind = Literal["play_start", "play_stop", "heartbeat", "browse"]
 Maturity = Literal["kids", "teen", "adult"]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+    # strict: no lax coercion ("vpn": "yes", "processing": "no", "duration_s": "60" are
+    # refused naming the field, not read as true/false/60).
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False, strict=True)
 
 
 class EventIn(Strict):
@@ -48,7 +76,7 @@ class EventIn(Strict):
     device_id: Id
     device_type: DeviceType
     ts: Timestamp = Field(description="UTC timestamp, RFC 3339 with offset (e.g. 2026-11-26T20:15:00Z), "
-                                      "from 2000-01-01 to one day from now")
+                                      "from 2000-01-01 to 10 minutes from now")
     kind: EventKind
     title_id: Id | None = None
     series_id: Id | None = None
@@ -89,6 +117,8 @@ class SessionOut(BaseModel):
     feature_schema_version: int
     feature_vector: list[float] | None = Field(None, description="present once the session is closed")
     person_id: str | None = None
+    person_probability: float | None = Field(None, description="probability of person_id (null until assigned)")
+    zero_watch: bool = Field(False, description="no watch time: a browsing or stopped-start fragment")
 
 
 class PersonOut(BaseModel):
@@ -109,14 +139,27 @@ class DriftOut(BaseModel):
     refit_triggered: bool
 
 
+class ModelStatusOut(BaseModel):
+    model_version: int
+    sessions_in_model: int = Field(description="closed sessions the model has folded in")
+    sessions_pending: int = Field(description="closed sessions not yet folded in (they already carry persons)")
+    last_refit: datetime | None = Field(None, description="last fit on every session")
+    persons: int
+    settled: bool = Field(description="true when nothing is pending: assignments will not move until new sessions")
+
+
 class HouseholdOut(BaseModel):
     account_id: str
     devices: list[DeviceOut]
-    sessions: list[SessionOut]
+    sessions: list[SessionOut] = Field(description="one page, newest first")
     persons: list[PersonOut]
     drift_events: list[DriftOut]
     model_version: int
     model_variant: str
+    next_cursor: str | None = Field(None, description="pass as ?cursor= for the next page; null on the last page")
+    truncated: bool = Field(False, description="more sessions exist than this page holds")
+    total_sessions: int = 0
+    status: ModelStatusOut | None = None
 
 
 class ErrorBody(BaseModel):

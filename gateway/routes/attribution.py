@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
-from gateway.models import Id, Strict, Timestamp
+from gateway.models import Id, Strict, Timestamp, WindowBound
 from gateway.routes import ERROR_RESPONSES
 from hearth.attribution.v1 import attribution_pb2 as apb
 from hearth.common.v1 import common_pb2
@@ -64,8 +64,8 @@ class PersonaIn(Strict):
 class AttributionIn(Strict):
     account_ids: list[Id] = Field(default_factory=list, max_length=1000,
                                   description="empty = every account")
-    start: Timestamp | None = None
-    end: Timestamp | None = None
+    start: WindowBound | None = None
+    end: WindowBound | None = None
     method: Literal["markov", "shapley", "hybrid", "first_touch", "last_touch", "linear", "time_decay",
                     "position_based"] = "hybrid"
     markov_order: int = Field(1, ge=1, le=4)

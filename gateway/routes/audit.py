@@ -9,8 +9,9 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
-from pydantic import AwareDatetime, BaseModel, Field
+from pydantic import BaseModel, Field
 
+from gateway.models import WindowBound
 from gateway.routes import ERROR_RESPONSES, ID_PATTERN
 from hearth.privacy.v1 import privacy_pb2 as ppb
 from services.common.identity import Principal
@@ -63,8 +64,8 @@ def router(clients, access) -> APIRouter:
             event_type: EventTypeName | None = Query(None),
             trace_id: str | None = Query(None, max_length=64, pattern=r"^[0-9a-f]{1,64}$"),
             outcome: OutcomeName = Query(""),
-            start: AwareDatetime | None = Query(None, description="ts >= start"),
-            end: AwareDatetime | None = Query(None, description="ts < end"),
+            start: WindowBound | None = Query(None, description="ts >= start (RFC 3339, 1970-01-01 to 2100-01-01)"),
+            end: WindowBound | None = Query(None, description="ts < end (RFC 3339, 1970-01-01 to 2100-01-01)"),
             after_seq: int | None = Query(None, ge=-1, description="entries with seq > after_seq"),
             limit: int = Query(100, ge=1, le=10_000),
             who: Principal = Depends(access("GET /v1/audit"))):

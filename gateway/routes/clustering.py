@@ -6,7 +6,7 @@ import math
 from datetime import timezone
 
 import numpy as np
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field, model_validator
 
 from gateway import models
@@ -59,7 +59,9 @@ def _household_to_json(r: cpb.GetHouseholdResponse) -> models.HouseholdOut:
             feature_schema_version=s.feature_schema_version,
             feature_vector=(np.frombuffer(s.feature_vector, dtype="<f4").round(6).tolist()
                             if s.feature_vector else None),
-            person_id=s.person_id or None) for s in r.sessions],
+            person_id=s.person_id or None,
+            person_probability=s.person_probability if s.person_id else None,
+            zero_watch=s.zero_watch) for s in r.sessions],
         persons=[models.PersonOut(person_id=p.person_id, session_count=p.session_count,
                                   peak_hours=list(p.peak_hours), peak_days=list(p.peak_days),
                                   devices=list(p.devices), top_genres=list(p.top_genres),
@@ -67,7 +69,13 @@ def _household_to_json(r: cpb.GetHouseholdResponse) -> models.HouseholdOut:
         drift_events=[models.DriftOut(drift_type=d.drift_type, severity=d.severity, statistic=d.statistic,
                                       detected_at=dt(d.detected_at), refit_triggered=d.refit_triggered)
                       for d in r.drift_events],
-        model_version=r.model_version, model_variant=r.model_variant)
+        model_version=r.model_version, model_variant=r.model_variant,
+        next_cursor=r.next_page_token or None, truncated=r.truncated, total_sessions=r.total_sessions,
+        status=models.ModelStatusOut(
+            model_version=r.status.model_version, sessions_in_model=r.status.sessions_in_model,
+            sessions_pending=r.status.sessions_pending,
+            last_refit=dt(r.status.last_refit) if r.status.HasField("last_refit") else None,
+            persons=r.status.persons, settled=r.status.settled))
 
 
 class AssignIn(models.Strict):
@@ -118,9 +126,12 @@ def router(clients, access) -> APIRouter:
              responses={**ERROR_RESPONSES, 404: {"model": models.ErrorOut, "description": "unknown account"}},
              summary="Devices, sessions, persons and drift events of a household")
     async def get_household(account_id: str = ACCOUNT_PATH,
+                            limit: int = Query(500, ge=1, le=10_000, description="sessions per page"),
+                            cursor: str = Query("", max_length=512, description="next_cursor of the previous page"),
                             who: Principal = Depends(access("GET /v1/household/{account_id}"))):
         r = await clients.call("clustering", "GetHousehold",
-                               cpb.GetHouseholdRequest(account_id=account_id), who)
+                               cpb.GetHouseholdRequest(account_id=account_id, max_sessions=limit, page_token=cursor),
+                               who)
         return _household_to_json(r)
 
     @api.post("/v1/assign", response_model=AssignOut,

@@ -7,7 +7,7 @@ import math
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query
-from pydantic import AwareDatetime, BaseModel, Field
+from pydantic import BaseModel, Field
 
 from gateway import models
 from gateway.routes import ERROR_RESPONSES, ID_PATTERN
@@ -35,7 +35,8 @@ class FeedbackIn(models.Strict):
                                                "abandoned a title recommended to the predicted person")
     true_person_id: Id | None = Field(None, description="required for explicit_correct and "
                                                         "implicit_switch_profile")
-    ts: AwareDatetime | None = Field(None, description="when it happened (default: now)")
+    ts: models.Timestamp | None = Field(None, description="when it happened (default: now); RFC 3339, "
+                                                          "2000-01-01 to 10 minutes from now")
 
 
 class FeedbackOut(BaseModel):

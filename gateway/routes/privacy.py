@@ -18,7 +18,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
-from pydantic import AwareDatetime, BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from gateway import models
 from gateway.models import Id, Strict
@@ -42,8 +42,9 @@ class ScopeIn(Strict):
     account_id: Id
     device_id: Id | None = Field(None, description="required for kind=device")
     person_id: Id | None = Field(None, description="required for kind=person (p1, p2, ...)")
-    start: AwareDatetime | None = Field(None, description="kind=window: records with start <= ts < end")
-    end: AwareDatetime | None = Field(None, description="kind=window; a missing bound is open")
+    start: models.WindowBound | None = Field(None, description="kind=window: records with start <= ts < end "
+                                                               "(RFC 3339, 1970-01-01 to 2100-01-01)")
+    end: models.WindowBound | None = Field(None, description="kind=window; a missing bound is open")
 
     @model_validator(mode="after")
     def _fields_of_kind(self) -> "ScopeIn":

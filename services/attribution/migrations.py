@@ -24,4 +24,38 @@ CREATE TABLE IF NOT EXISTS conversions (
 );
 CREATE INDEX IF NOT EXISTS conversions_account_ts ON conversions (account_id, ts)
 """),
+    # Touchpoint and conversion ids are the sender's, unique only within a household:
+    # another household reusing one is a different record, not a duplicate. Primary keys
+    # become (account_id, id), by a table rebuild (portable to SQLite and PostgreSQL).
+    Migration(2, "touchpoint and conversion ids scoped per household", """
+CREATE TABLE touchpoints_v2 (
+    touchpoint_id TEXT NOT NULL,
+    account_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    ts {double} NOT NULL,
+    channel TEXT NOT NULL,
+    campaign TEXT NOT NULL,
+    person_id TEXT,
+    PRIMARY KEY (account_id, touchpoint_id)
+);
+INSERT INTO touchpoints_v2 (touchpoint_id, account_id, device_id, ts, channel, campaign, person_id)
+SELECT touchpoint_id, account_id, device_id, ts, channel, campaign, person_id FROM touchpoints;
+DROP TABLE touchpoints;
+ALTER TABLE touchpoints_v2 RENAME TO touchpoints;
+CREATE INDEX IF NOT EXISTS touchpoints_account_ts ON touchpoints (account_id, ts);
+CREATE TABLE conversions_v2 (
+    conversion_id TEXT NOT NULL,
+    account_id TEXT NOT NULL,
+    ts {double} NOT NULL,
+    kind TEXT NOT NULL,
+    value {double} NOT NULL,
+    device_id TEXT,
+    PRIMARY KEY (account_id, conversion_id)
+);
+INSERT INTO conversions_v2 (conversion_id, account_id, ts, kind, value, device_id)
+SELECT conversion_id, account_id, ts, kind, value, device_id FROM conversions;
+DROP TABLE conversions;
+ALTER TABLE conversions_v2 RENAME TO conversions;
+CREATE INDEX IF NOT EXISTS conversions_account_ts ON conversions (account_id, ts)
+"""),
 ]

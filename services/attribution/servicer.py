@@ -21,8 +21,8 @@ def query_from_pb(r: pb.AttributeRequest) -> AttributeQuery:
     window = r.window if r.HasField("window") else None
     return AttributeQuery(
         account_ids=tuple(r.account_ids),
-        start=ts_to_float(window, "start", "window.start", required=False) if window else None,
-        end=ts_to_float(window, "end", "window.end", required=False) if window else None,
+        start=ts_to_float(window, "start", "window.start", required=False, window=True) if window else None,
+        end=ts_to_float(window, "end", "window.end", required=False, window=True) if window else None,
         method=_METHOD_NAMES.get(r.method, f"unknown({r.method})"),
         order=r.markov_order or 1,
         alpha=r.hybrid_alpha if r.hybrid_alpha_set else 0.5,

@@ -33,7 +33,7 @@ class AttributionStore:
         with self.db.transaction() as tx:
             accepted = tx.executemany(
                 "INSERT INTO touchpoints (touchpoint_id, account_id, device_id, ts, channel, campaign, "
-                "person_id) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (touchpoint_id) DO NOTHING",
+                "person_id) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (account_id, touchpoint_id) DO NOTHING",
                 [(t.touchpoint_id, t.account_id, t.device_id, t.ts, t.channel, self._campaign_in(t), t.person_id)
                  for t in items])
         return accepted, len(items) - accepted
@@ -42,7 +42,7 @@ class AttributionStore:
         with self.db.transaction() as tx:
             accepted = tx.executemany(
                 "INSERT INTO conversions (conversion_id, account_id, ts, kind, value, device_id) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (conversion_id) DO NOTHING",
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (account_id, conversion_id) DO NOTHING",
                 [(c.conversion_id, c.account_id, c.ts, c.kind, c.value, c.device_id) for c in items])
         return accepted, len(items) - accepted
 

@@ -3,6 +3,9 @@ domain modules. Servicers call exactly one method here."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import logging
 import queue
 import threading
@@ -35,6 +38,33 @@ class HouseholdExtras:
     drift_events: list = field(default_factory=list)
     model_version: int = 0
     model_variant: str = ""
+    # model status: has the model caught up with the closed sessions?
+    sessions_in_model: int = 0
+    sessions_pending: int = 0
+    last_refit: float = 0.0
+    n_persons: int = 0
+    next_page_token: str = ""
+
+
+def encode_page_token(cursor: tuple[float, str] | None) -> str:
+    """Opaque keyset cursor (start time, session id) of the next page."""
+    if cursor is None:
+        return ""
+    return base64.urlsafe_b64encode(json.dumps([cursor[0], cursor[1]]).encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str) -> tuple[float, str] | None:
+    if not token:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        start, session_id = json.loads(raw)
+        if not isinstance(start, (int, float)) or isinstance(start, bool) or not isinstance(session_id, str):
+            raise ValueError("bad cursor")
+        check_id(session_id, "page_token")
+        return float(start), session_id
+    except (ValueError, TypeError, binascii.Error, json.JSONDecodeError, InvalidArgument):
+        raise InvalidArgument("is not a page token this service issued", "page_token") from None
 
 
 @dataclass(frozen=True)
@@ -210,14 +240,23 @@ class ClusteringApp:
 
     # ---- households, refit, labels ----------------------------------------------------
 
-    def household(self, account_id: str, max_sessions: int) -> tuple[HouseholdView, HouseholdExtras]:
+    def household(self, account_id: str, max_sessions: int,
+                  page_token: str = "") -> tuple[HouseholdView, HouseholdExtras]:
         check_id(account_id, "account_id")
-        view = self.store.household(account_id, max_sessions)
+        cursor = decode_page_token(page_token)
+        view = self.store.household(account_id, max_sessions, cursor=cursor)
         version, envelope = self.keeper.load(account_id)
-        extras = HouseholdExtras(drift_events=self.store.drift_events(account_id), model_version=version)
+        extras = HouseholdExtras(drift_events=self.store.drift_events(account_id), model_version=version,
+                                 next_page_token=encode_page_token(view.next_cursor))
+        closed = self.store.closed_session_count(account_id)
+        extras.sessions_pending = closed
         if envelope is not None:
             extras.persons = envelope.model.profiles()
             extras.model_variant = envelope.model.active_variant
+            extras.sessions_in_model = envelope.included
+            extras.sessions_pending = max(closed - envelope.included, 0)
+            extras.last_refit = envelope.last_refit
+            extras.n_persons = envelope.model.n_persons
         return view, extras
 
     def refit(self, account_id: str, reason: str = "") -> tuple[int, int, int]:

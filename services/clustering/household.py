@@ -33,11 +33,13 @@ class Envelope:
     reference_end: int = 0   # sessions [0, reference_end) were the last full refit
     drift_checked: int = 0   # sessions [0, drift_checked) went through the drift detector
     first_session_id: str = ""  # detects a shifted session list (erasure, late events)
+    last_refit: float = 0.0     # UTC seconds of the last fit on every session (0 = unknown)
 
     def to_bytes(self) -> bytes:
         header = json.dumps({"v": ENVELOPE_VERSION, "included": self.included,
                              "reference_end": self.reference_end, "drift_checked": self.drift_checked,
-                             "first_session_id": self.first_session_id}).encode()
+                             "first_session_id": self.first_session_id,
+                             "last_refit": self.last_refit}).encode()
         return struct.pack("<I", len(header)) + header + self.model.to_bytes()
 
     @classmethod
@@ -47,4 +49,5 @@ class Envelope:
         if header.get("v") != ENVELOPE_VERSION:
             raise ValueError(f"unsupported household envelope version {header.get('v')}")
         return cls(HouseholdModel.from_bytes(data[4 + n:], prior), header["included"],
-                   header["reference_end"], header["drift_checked"], header.get("first_session_id", ""))
+                   header["reference_end"], header["drift_checked"], header.get("first_session_id", ""),
+                   float(header.get("last_refit", 0.0)))

@@ -85,4 +85,34 @@ CREATE TABLE IF NOT EXISTS session_labels (
     PRIMARY KEY (account_id, session_id)
 )
 """),
+    # Event ids are the sender's, unique only within its household: another household
+    # reusing one is a different event, not a duplicate. The primary key becomes
+    # (account_id, event_id); a table rebuild is the one way that works on SQLite and
+    # PostgreSQL alike.
+    Migration(5, "event ids scoped per household", """
+CREATE TABLE events_v5 (
+    event_id TEXT NOT NULL,
+    account_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    device_type TEXT NOT NULL,
+    ts {double} NOT NULL,
+    kind TEXT NOT NULL,
+    title_id TEXT NOT NULL,
+    series_id TEXT,
+    genres TEXT NOT NULL,
+    duration_s {double} NOT NULL,
+    maturity TEXT,
+    country TEXT,
+    vpn INTEGER NOT NULL,
+    profile_hint TEXT,
+    PRIMARY KEY (account_id, event_id)
+);
+INSERT INTO events_v5 (event_id, account_id, device_id, device_type, ts, kind, title_id, series_id, genres,
+    duration_s, maturity, country, vpn, profile_hint)
+SELECT event_id, account_id, device_id, device_type, ts, kind, title_id, series_id, genres,
+    duration_s, maturity, country, vpn, profile_hint FROM events;
+DROP TABLE events;
+ALTER TABLE events_v5 RENAME TO events;
+CREATE INDEX IF NOT EXISTS events_device_ts ON events (account_id, device_id, ts)
+"""),
 ]

@@ -145,7 +145,8 @@ class ModelKeeper:
         if model.fallback_count > had_fallbacks:
             GMM_FALLBACKS.inc()
         n = len(snap.sessions)
-        return Envelope(model, included=n, reference_end=n, drift_checked=n, first_session_id=snap.first_id)
+        return Envelope(model, included=n, reference_end=n, drift_checked=n, first_session_id=snap.first_id,
+                        last_refit=time.time())
 
     def refresh(self, account_id: str, *, force: str = "", retire: str = "") -> tuple[int, Envelope | None]:
         """Bring the stored model up to date with the stored sessions. ``force`` (a
@@ -211,7 +212,8 @@ class ModelKeeper:
         reference_end = current.reference_end
         if current.model.n_sessions >= MIN_SESSIONS and reference_end < MIN_SESSIONS:
             reference_end = len(snap.sessions)   # the first full model is the reference
-        return Envelope(model, len(snap.sessions), reference_end, current.drift_checked, snap.first_id)
+        return Envelope(model, len(snap.sessions), reference_end, current.drift_checked, snap.first_id,
+                        current.last_refit)
 
     def _check_drift(self, envelope: Envelope, snap: Snapshot) -> list[DriftRow]:
         ref = envelope.reference_end

@@ -78,7 +78,14 @@ def _vectors(data: bytes, schema_version: int, field: str) -> np.ndarray:
 
 
 def household_to_pb(view: HouseholdView, extras) -> pb.GetHouseholdResponse:
-    response = pb.GetHouseholdResponse(account_id=view.account_id)
+    response = pb.GetHouseholdResponse(
+        account_id=view.account_id, next_page_token=extras.next_page_token,
+        truncated=bool(extras.next_page_token), total_sessions=view.total_sessions,
+        status=pb.ModelStatus(model_version=extras.model_version, sessions_in_model=extras.sessions_in_model,
+                              sessions_pending=extras.sessions_pending, persons=extras.n_persons,
+                              settled=extras.model_version > 0 and extras.sessions_pending == 0))
+    if extras.last_refit:
+        response.status.last_refit.CopyFrom(float_to_ts(extras.last_refit))
     for d in view.devices:
         response.devices.append(pb.Device(
             device_id=d.device_id, device_type=name_to_enum(d.device_type, _DEVICE, "DEVICE_TYPE_"),
@@ -88,7 +95,9 @@ def household_to_pb(view: HouseholdView, extras) -> pb.GetHouseholdResponse:
             session_id=s.session_id, device_id=s.device_id, start=float_to_ts(s.start_ts),
             end=float_to_ts(s.end_ts), event_count=s.event_count, watch_seconds=s.watch_seconds,
             closed=s.closed, feature_schema_version=s.feature_version,
-            feature_vector=s.features.tobytes() if s.closed else b"", person_id=s.person_id or ""))
+            feature_vector=s.features.tobytes() if s.closed else b"", person_id=s.person_id or "",
+            person_probability=view.person_probability.get(s.session_id, 0.0),
+            zero_watch=s.watch_seconds <= 0.0))
     response.persons.extend(profile_to_pb(p) for p in extras.persons)
     response.drift_events.extend(
         pb.DriftEvent(drift_type=d.drift_type, severity=d.severity, statistic=d.statistic,
@@ -123,7 +132,7 @@ class ClusteringServicer(pb_grpc.ClusteringServiceServicer):
     def GetHousehold(self, request: pb.GetHouseholdRequest, context) -> pb.GetHouseholdResponse:
         if request.max_sessions < 0 or request.max_sessions > 10_000:
             raise InvalidArgument("must be in 0..10000", "max_sessions")
-        view, extras = self.app.household(request.account_id, request.max_sessions or 500)
+        view, extras = self.app.household(request.account_id, request.max_sessions or 500, request.page_token)
         return household_to_pb(view, extras)
 
     def AssignSession(self, request: pb.AssignSessionRequest, context) -> pb.AssignSessionResponse:

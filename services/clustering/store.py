@@ -74,6 +74,11 @@ class HouseholdView:
     account_id: str
     devices: list[DeviceRow]
     sessions: list[StoredSession]
+    # Paging (newest first): where the next page starts, or None after the last page.
+    next_cursor: tuple[float, str] | None = None
+    total_sessions: int = 0
+    # person probability per session id of this page (0 until assigned)
+    person_probability: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -182,12 +187,21 @@ class ClusteringStore:
                 late += len(batch.events) - len(on_time)
                 if not on_time:
                     continue
+                # A duplicate (an id this household already stored, or one repeated in the
+                # batch) changes nothing: not stored, and its timestamp moves no watermark.
+                # Ids are scoped per household: another household's event with the same id
+                # is a different event.
+                fresh = self._new_events(tx, account, on_time)
+                duplicates += len(on_time) - len(fresh)
+                if not fresh:
+                    continue
                 inserted = tx.executemany(
                     f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES ({', '.join('?' * 14)}) "
-                    "ON CONFLICT (event_id) DO NOTHING", [self._event_row(e) for e in on_time])
+                    "ON CONFLICT (account_id, event_id) DO NOTHING", [self._event_row(e) for e in fresh])
                 accepted += inserted
-                duplicates += len(on_time) - inserted
-                newest = max(on_time, key=lambda e: (e.ts, e.event_id))
+                duplicates += len(fresh) - inserted  # a concurrent writer got there first
+                on_time = fresh
+                newest = max(fresh, key=lambda e: (e.ts, e.event_id))
                 if row:
                     if newest.ts >= watermark:
                         tx.execute("UPDATE devices SET last_ts = ?, device_type = ? "
@@ -199,6 +213,24 @@ class ClusteringStore:
                 if inserted:
                     touched += self._rebuild_sessions(tx, account, device, min(e.ts for e in on_time))
         return IngestResult(accepted, duplicates, late, touched)
+
+    @staticmethod
+    def _new_events(tx: Tx, account: str, events: list[ViewingEvent]) -> list[ViewingEvent]:
+        """``events`` without those whose id ``account`` already stored or that repeat an
+        earlier id of the batch (the first occurrence wins)."""
+        ids = sorted({e.event_id for e in events})
+        seen: set[str] = set()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            seen.update(r[0] for r in tx.query(
+                f"SELECT event_id FROM events WHERE account_id = ? AND event_id IN ({', '.join('?' * len(chunk))})",
+                (account, *chunk)))
+        fresh = []
+        for e in events:
+            if e.event_id not in seen:
+                seen.add(e.event_id)
+                fresh.append(e)
+        return fresh
 
     def _rebuild_sessions(self, tx: Tx, account: str, device: str, earliest_new_ts: float) -> int:
         """Replace the sessions that events at or after ``earliest_new_ts`` can affect:
@@ -227,7 +259,11 @@ class ClusteringStore:
 
     # ---- reads ----------------------------------------------------------------------
 
-    def household(self, account_id: str, max_sessions: int = 500, now: float | None = None) -> HouseholdView:
+    def household(self, account_id: str, max_sessions: int = 500, now: float | None = None,
+                  cursor: tuple[float, str] | None = None) -> HouseholdView:
+        """One page of the household's sessions, newest first (start time, then session
+        id). ``cursor`` is the ``next_cursor`` of the previous page: keyset paging, so
+        sessions added meanwhile never shift or repeat a page."""
         now = time.time() if now is None else now
         with self.db.transaction(readonly=True) as tx:
             devices = tx.query(
@@ -237,16 +273,31 @@ class ClusteringStore:
                 "FROM devices d WHERE d.account_id = ? ORDER BY d.device_id", (account_id,))
             if not devices:
                 raise NotFound(f"unknown account {account_id!r}", "account_id")
+            after, params = "", [account_id]
+            if cursor is not None:
+                after = " AND (start_ts < ? OR (start_ts = ? AND session_id > ?))"
+                params += [cursor[0], cursor[0], cursor[1]]
             rows = tx.query(
                 "SELECT session_id, account_id, device_id, device_type, start_ts, end_ts, event_count, "
-                "watch_seconds, feature_version, features, label, person_id FROM sessions "
-                "WHERE account_id = ? ORDER BY start_ts DESC, session_id LIMIT ?",
-                (account_id, max_sessions))
+                "watch_seconds, feature_version, features, label, person_id, person_probs FROM sessions "
+                f"WHERE account_id = ?{after} ORDER BY start_ts DESC, session_id LIMIT ?",
+                (*params, max_sessions + 1))
+            total = tx.query("SELECT COUNT(*) FROM sessions WHERE account_id = ?", (account_id,))[0][0]
         watermarks = {d[0]: float(d[2]) for d in devices}
+        more = len(rows) > max_sessions
+        rows = rows[:max_sessions]
+        sessions = [self._session_from_row(r, watermarks.get(r[2], 0.0), now) for r in rows]
+        probability = {}
+        for r in rows:
+            probs = json.loads(r[12]) if r[12] else {}
+            probability[r[0]] = float(probs.get(r[11], 0.0)) if r[11] else 0.0
+        last = sessions[-1] if sessions else None
         return HouseholdView(
             account_id,
             [DeviceRow(d[0], d[1], float(d[2]), int(d[3])) for d in devices],
-            [self._session_from_row(r, watermarks.get(r[2], 0.0), now) for r in rows],
+            sessions,
+            (last.start_ts, last.session_id) if more and last is not None else None,
+            int(total), probability,
         )
 
     def _session_from_row(self, r: Sequence, watermark: float, now: float) -> StoredSession:
@@ -270,6 +321,19 @@ class ClusteringStore:
                 "WHERE account_id = ? ORDER BY start_ts, session_id", (account_id,))
         sessions = [self._session_from_row(r, float(marks.get(r[2], 0.0)), now) for r in rows]
         return [s for s in sessions if s.closed]
+
+    def closed_session_count(self, account_id: str, now: float | None = None) -> int:
+        """How many of the account's sessions are closed (a session is closed one
+        inactivity gap after its last event, by the later of the device watermark and
+        the clock) — without decrypting any vector."""
+        now = time.time() if now is None else now
+        with self.db.transaction() as tx:
+            rows = tx.query(
+                "SELECT COUNT(*) FROM sessions s JOIN devices d ON d.account_id = s.account_id "
+                "AND d.device_id = s.device_id WHERE s.account_id = ? "
+                "AND (CASE WHEN d.last_ts > ? THEN d.last_ts ELSE ? END) - s.end_ts > ?",
+                (account_id, now, now, self.gap_s))
+        return int(rows[0][0])
 
     def session(self, account_id: str, session_id: str) -> StoredSession:
         with self.db.transaction(readonly=True) as tx:

@@ -95,8 +95,8 @@ def scope_from_pb(scope: common_pb2.ErasureScope, path: str = "scope") -> Erasur
     if target == "person_id":
         return ErasureScope(scope.account_id, "person", person_id=check_id(scope.person_id, f"{path}.person_id"))
     if target == "window":
-        start = ts_to_float(scope.window, "start", f"{path}.window.start", required=False)
-        end = ts_to_float(scope.window, "end", f"{path}.window.end", required=False)
+        start = ts_to_float(scope.window, "start", f"{path}.window.start", required=False, window=True)
+        end = ts_to_float(scope.window, "end", f"{path}.window.end", required=False, window=True)
         if start is None and end is None:
             raise InvalidArgument("needs a start or an end", f"{path}.window")
         if start is not None and end is not None and end <= start:

@@ -332,6 +332,18 @@ def acting_as(principal: Principal) -> Iterator[Principal]:
         _current.reset(token)
 
 
+# Principal ids of the mesh's own services (``service_principal``). Nobody else may hold
+# one: an API key or JWT subject "svc:privacy" would be indistinguishable in the audit
+# log from the privacy service acting on its own.
+RESERVED_PRINCIPAL_PREFIX = "svc:"
+
+
+def reserved_principal_id(principal_id: str) -> bool:
+    """True for the names the mesh's services act as (``svc:<service>``): never issued
+    to a user, an API key or a JWT subject."""
+    return principal_id.lower().startswith(RESERVED_PRINCIPAL_PREFIX)
+
+
 # Services calling one another act as this principal (role "service").
 def service_principal(service: str) -> Principal:
     return Principal(f"svc:{service}", Role.SERVICE)

@@ -32,7 +32,15 @@ ID_RULE = ("must be 1-128 characters of letters, digits, '.', '_', ':' or '-', "
            "starting with a letter or digit")
 
 MIN_TS = 946684800.0            # 2000-01-01: nothing older is a real event
-MAX_FUTURE_SKEW_S = 24 * 3600.0  # clocks drift; a day ahead is already suspicious
+# How far ahead of the receiving server's clock an event may be stamped. Device clocks
+# drift by seconds to minutes; anything further ahead is refused (naming ``ts``), because
+# an accepted future event would advance its device's watermark and make the device's
+# next real events "late" for as long as it is ahead (docs/operations.md).
+MAX_FUTURE_SKEW_S = 600.0
+# Bounds of timestamps that select rather than describe (query and deletion windows):
+# 1970-01-01 to 2100-01-01, well inside what every store and protobuf can represent.
+MIN_QUERY_TS = 0.0
+MAX_QUERY_TS = 4102444800.0
 
 
 def is_id(value: object) -> bool:
@@ -58,12 +66,23 @@ def check_principal_id(value: object, field: str) -> str:
 
 
 def check_ts(value: object, field: str, now: float | None = None) -> float:
-    """A finite UTC epoch-seconds timestamp between 2000-01-01 and a day from ``now``."""
+    """A finite UTC epoch-seconds timestamp between 2000-01-01 and MAX_FUTURE_SKEW_S
+    after ``now``."""
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         raise InvalidArgument("must be a finite UTC timestamp", field)
     now = time.time() if now is None else now
     if not MIN_TS <= value <= now + MAX_FUTURE_SKEW_S:
-        raise InvalidArgument("must lie between 2000-01-01 and one day from now", field)
+        raise InvalidArgument(f"must lie between 2000-01-01 and {int(MAX_FUTURE_SKEW_S // 60)} minutes "
+                              "from now (the server's clock)", field)
+    return float(value)
+
+
+def check_query_ts(value: object, field: str) -> float:
+    """A window bound (query, deletion): finite, from 1970-01-01 to 2100-01-01."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise InvalidArgument("must be a finite UTC timestamp", field)
+    if not MIN_QUERY_TS <= value <= MAX_QUERY_TS:
+        raise InvalidArgument("must lie between 1970-01-01 and 2100-01-01", field)
     return float(value)
 
 

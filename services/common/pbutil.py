@@ -7,16 +7,27 @@ import math
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.errors import InvalidArgument
+from services.common.ids import check_query_ts
 
 
-def ts_to_float(message, field_name: str, field_path: str, required: bool = True) -> float | None:
-    """Seconds since the epoch of a Timestamp field, or InvalidArgument naming it."""
+# What google.protobuf.Timestamp may hold: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+_PB_MIN_SECONDS, _PB_MAX_SECONDS = -62135596800, 253402300799
+
+
+def ts_to_float(message, field_name: str, field_path: str, required: bool = True,
+                window: bool = False) -> float | None:
+    """Seconds since the epoch of a Timestamp field, or InvalidArgument naming it.
+    ``window``: a bound that selects (query or deletion window), held to 1970..2100
+    (``ids.check_query_ts``); event times are bounded by the domain's ``check_ts``."""
     if not message.HasField(field_name):
         if required:
             raise InvalidArgument("is required", field_path)
         return None
     ts: Timestamp = getattr(message, field_name)
-    return ts.seconds + ts.nanos / 1e9
+    if not (_PB_MIN_SECONDS <= ts.seconds <= _PB_MAX_SECONDS and 0 <= ts.nanos < 1_000_000_000):
+        raise InvalidArgument("not a valid timestamp (seconds or nanos out of range)", field_path)
+    value = ts.seconds + ts.nanos / 1e9
+    return check_query_ts(value, field_path) if window else value
 
 
 def float_to_ts(seconds: float) -> Timestamp:

@@ -32,10 +32,10 @@ Decisions (the reasons are repeated in docs/security.md):
 * service principals read calibration (``GetCalibrator``): the clustering service
   applies the feedback service's current calibration map to every assignment it
   answers; without it the recalibration never reached a running mesh (issue #10).
-* use_data_key (privacy ``GetDataKey``) is for service principals: stores fetch a
-  household's data key to encrypt fields at rest; the privacy service also refuses
-  it to any non-service role (admin included). rotate_keys is admin only.
-* admin: everything.
+* use_data_key (privacy ``GetDataKey``) is for service principals only, admin
+  excluded: stores fetch a household's data key to encrypt fields at rest, and no
+  person needs raw key material. rotate_keys is admin only.
+* admin: everything else.
 """
 
 from __future__ import annotations
@@ -81,7 +81,9 @@ P = Permission
 
 # THE matrix.
 ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
-    Role.ADMIN: frozenset(Permission),
+    # Everything but use_data_key: a household's data key goes to stores only (the table
+    # in docs/security.md is generated from this, so it says what the services enforce).
+    Role.ADMIN: frozenset(Permission) - {P.USE_DATA_KEY},
     Role.ANALYST: frozenset({P.READ_ATTRIBUTION, P.READ_CALIBRATION, P.READ_EXPERIMENT}),
     Role.DATA_SCIENTIST: frozenset({
         P.READ_HOUSEHOLD, P.REFIT_MODEL, P.RESOLVE_PERSONS, P.READ_ATTRIBUTION, P.RECORD_FEEDBACK,

@@ -26,12 +26,51 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from services.common import audit, identity, permissions, telemetry, tls
-from services.common.errors import ERROR_CODE_KEY, ERROR_FIELD_KEY, HearthError, status_for
+from services.common.errors import ERROR_CODE_KEY, ERROR_FIELD_KEY, HearthError, InvalidArgument, status_for
 
 log = logging.getLogger("hearth.server")
 
 # RPCs that need no principal: infrastructure, not data.
 _OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class _Undecodable:
+    """What a request that is not a valid message of its type deserialises to, so that
+    the interceptor can answer INVALID_ARGUMENT (after authentication). grpcio itself
+    would answer INTERNAL for a deserialiser that raises."""
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+
+def _tolerant(deserialize: Callable | None) -> Callable | None:
+    if deserialize is None:
+        return None
+    type_name = getattr(getattr(deserialize, "__self__", None), "__name__", "request")
+
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception:  # noqa: BLE001 - DecodeError, too deeply nested, bad UTF-8, ...
+            return _Undecodable(type_name)
+
+    return parse
+
+
+def _refuse_undecodable(request):
+    """The request, or InvalidArgument (field ``request``) for one that did not parse;
+    for client streams, an iterator doing the same per message."""
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(f"not a valid {request.type_name} message (malformed or nested too deeply)",
+                              "request")
+    if hasattr(request, "DESCRIPTOR") or not hasattr(request, "__next__"):
+        return request
+
+    def messages():
+        for message in request:
+            yield _refuse_undecodable(message)
+
+    return messages()
 
 
 def _wrap(handler: grpc.RpcMethodHandler, around: Callable) -> grpc.RpcMethodHandler:
@@ -51,7 +90,7 @@ def _wrap(handler: grpc.RpcMethodHandler, around: Callable) -> grpc.RpcMethodHan
     def behaviour(request, context):
         return around(fn, request, context, resp_stream)
 
-    return factory(behaviour, request_deserializer=handler.request_deserializer,
+    return factory(behaviour, request_deserializer=_tolerant(handler.request_deserializer),
                    response_serializer=handler.response_serializer)
 
 
@@ -129,7 +168,7 @@ class HearthInterceptor(grpc.ServerInterceptor):
                 if job_id and isinstance(job_id, str):
                     # Erase calls of a deletion job (and any job-driven RPC) are findable by job.
                     span.set_attribute("hearth.job_id", job_id)
-                result = fn(request, context)
+                result = fn(_refuse_undecodable(request), context)
             except BaseException as exc:  # noqa: BLE001 - every failure must get a status
                 try:
                     if isinstance(exc, Exception) and code_of(context) == grpc.StatusCode.OK:
@@ -262,6 +301,10 @@ def run_service(name: str, build: Callable, settings_cls: type | None = None) ->
     from services.common import config
 
     settings = config.load(settings_cls or config.ServiceSettings, service_name=name)
+    # Logging (JSON), tracing and /metrics before build(): what build() logs (generated
+    # development keys, a worker resuming jobs) is JSON too. serve() finds it done.
+    telemetry.setup_telemetry(name, settings.trace_export, settings.log_level,
+                              settings.resolved_metrics_port, settings.host)
     servicers, closers = build(settings)
     if not audit.installed():
         # Every service audits through privacy's AppendAudit (the privacy service

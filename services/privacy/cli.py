@@ -3,8 +3,9 @@
     python -m services.privacy.cli verify-receipt RECEIPT.json [--public-key FILE]
     python -m services.privacy.cli audit verify EXPORT.jsonl --public-key FILE
 
-Exit status: 0 verified, 1 verification failed (forged, altered, tampered log),
-2 unusable input (unreadable file, malformed JSON or key). ``register(subparsers)``
+Exit status: 0 verified, 1 verification failed (forged, altered, tampered log, or
+ambiguous: a JSON key given twice, a receipt whose total_count disagrees with its
+services), 2 unusable input (unreadable file, malformed JSON or key). ``register(subparsers)``
 adds the same commands to another argparse program (e.g. the ``hearth`` CLI).
 """
 
@@ -15,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from services.common.strict_json import DuplicateKeyError
 from services.privacy.audit.domain import parse_export, verify_log
 from services.privacy.keys.signing import key_id, load_public_key
 from services.privacy.deletion.receipts import ReceiptVerificationError, SignedReceipt, verify_receipt
@@ -32,12 +34,14 @@ def _read_text(path: str, what: str) -> str:
 
 
 def _cmd_verify_receipt(args: argparse.Namespace) -> int:
-    signed = SignedReceipt.from_json(_read_text(args.receipt, "RECEIPT"))
     public_key = None
     if args.public_key:
         public_key = load_public_key(_read_text(args.public_key, "--public-key"),
                                      argument="--public-key")
     try:
+        # Parsing already verifies: a receipt whose total_count disagrees with its
+        # services, or with a key given twice, was altered (exit 1, not 2).
+        signed = SignedReceipt.from_json(_read_text(args.receipt, "RECEIPT"))
         receipt = verify_receipt(signed, public_key)
     except ReceiptVerificationError as exc:
         print(f"INVALID receipt: {exc}", file=sys.stderr)
@@ -60,7 +64,11 @@ def _cmd_verify_receipt(args: argparse.Namespace) -> int:
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
     public_key = load_public_key(_read_text(args.public_key, "--public-key"),
                                  argument="--public-key")
-    exported = parse_export(_read_text(args.export, "EXPORT").splitlines())
+    try:
+        exported = parse_export(_read_text(args.export, "EXPORT").splitlines())
+    except DuplicateKeyError as exc:  # two readings of one line: tampered, not unreadable
+        print(f"INVALID audit log: {exc}", file=sys.stderr)
+        return EXIT_INVALID
     result = verify_log(exported.entries, exported.sth, public_key,
                         chain_hashes=exported.chain_hashes)
     if not result.ok:

@@ -53,6 +53,7 @@ class Mesh:
         "clustering": 50051, "attribution": 50052, "privacy": 50053, "feedback": 50054})
     metrics_ports: dict[str, int] = field(default_factory=lambda: {
         "clustering": 9101, "attribution": 9102, "privacy": 9103, "feedback": 9104})
+    gateway_metrics_port: int = 9100
     extra_env: dict[str, str] = field(default_factory=dict)
     # Per process name ("gateway", "privacy", ...), applied over extra_env.
     process_env: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -65,7 +66,7 @@ class Mesh:
     @classmethod
     def on_free_ports(cls, data_dir: Path, **kwargs) -> "Mesh":
         return cls(data_dir, free_port(), {s: free_port() for s in SERVICE_MODULES},
-                   {s: free_port() for s in SERVICE_MODULES}, **kwargs)
+                   {s: free_port() for s in SERVICE_MODULES}, free_port(), **kwargs)
 
     @property
     def url(self) -> str:
@@ -105,7 +106,7 @@ class Mesh:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         for name in SERVICE_MODULES:
             self.start_service(name)
-        self._spawn("gateway", "gateway", self.env())
+        self._spawn("gateway", "gateway", {**self.env(), "HEARTH_METRICS_PORT": str(self.gateway_metrics_port)})
 
     def wait_healthy(self, timeout_s: float = 120.0) -> dict:
         deadline = time.monotonic() + timeout_s

@@ -188,8 +188,22 @@ def test_gateway_uses_http_probes_and_liveness_does_not_depend_on_the_mesh(rende
     # restart every gateway pod.
     assert c["livenessProbe"]["httpGet"]["path"] != "/health"
     assert c["livenessProbe"]["httpGet"]["port"] == "http"
-    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": CHART_VALUES["gateway"]["port"]}
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {
+        "http": CHART_VALUES["gateway"]["port"], "metrics": CHART_VALUES["gateway"]["metricsPort"]}
     assert c["command"] == ["python", "-m", "gateway"]
+
+
+def test_gateway_metrics_are_on_their_own_port_behind_a_cluster_internal_service(render):
+    objects = render(values_files=(PRODUCTION_VALUES,), set_values=("gateway.service.type=LoadBalancer",))
+    env = effective_env(deployment_of(objects, "gateway"), objects)
+    assert env["HEARTH_METRICS_PORT"] == str(CHART_VALUES["gateway"]["metricsPort"])
+    services = by_kind(objects, "Service")
+    public = services[component_name("gateway")]
+    assert [p["targetPort"] for p in public["spec"]["ports"]] == ["http"]
+    assert "hearth.io/scrape" not in public["metadata"]["labels"]
+    metrics = services[component_name("gateway") + "-metrics"]
+    assert metrics["spec"]["type"] == "ClusterIP" and metrics["metadata"]["labels"]["hearth.io/scrape"] == "true"
+    assert [p["targetPort"] for p in metrics["spec"]["ports"]] == ["metrics"]
 
 
 def test_resources_are_set_on_every_container(render):
@@ -440,7 +454,8 @@ def test_service_monitor_scrapes_every_component_once(render):
     selected = [s for s in by_kind(objects, "Service").values()
                 if selector.items() <= s["metadata"]["labels"].items()]
     # One scraped Service per component (the headless ones would double every series).
-    assert sorted(s["metadata"]["name"] for s in selected) == sorted(component_name(c) for c in COMPONENTS)
+    assert sorted(s["metadata"]["name"] for s in selected) == sorted(
+        component_name(c) + ("-metrics" if c == "gateway" else "") for c in COMPONENTS)
     endpoint_ports = {e["port"] for e in monitor["spec"]["endpoints"]}
     for service in selected:
         names = {p["name"] for p in service["spec"]["ports"]}

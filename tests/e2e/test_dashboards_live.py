@@ -56,7 +56,7 @@ def scraped_mesh(tmp_path_factory):
     mesh.analyst_key = write_api_key(mesh.data_dir / "gateway-keys.json", "dash-analyst", "analyst")
     mesh.start()
     targets = [(f"127.0.0.1:{mesh.metrics_ports[s]}", s) for s in SERVICE_MODULES]
-    targets.append((f"127.0.0.1:{mesh.gateway_port}", "gateway"))
+    targets.append((f"127.0.0.1:{mesh.gateway_metrics_port}", "gateway"))
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(RULES)],
@@ -110,7 +110,7 @@ def _drive_traffic(mesh) -> None:
     """Touch every part of the mesh once, so the labelled series the panels read exist."""
     t0 = time.time() - 2 * 86400
     events = [{"event_id": f"dash-{i}", "account_id": "dash-acc", "device_id": "tv-1", "device_type": "tv",
-               "ts": t0 + i * 300, "kind": "heartbeat", "title_id": f"t-{i}", "series_id": "s",
+               "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0 + i * 300)), "kind": "heartbeat", "title_id": f"t-{i}", "series_id": "s",
                "genres": ["drama"], "duration_s": 300, "maturity": "adult"} for i in range(12)]
     iso = lambda ts: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))  # noqa: E731
     with httpx.Client(base_url=mesh.url, headers={"X-API-Key": mesh.api_key}, timeout=30) as c:

@@ -98,7 +98,10 @@ def test_every_service_exposes_rpc_latency_histograms(client, mesh):
     for name, port in mesh.metrics_ports.items():
         body = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
         assert "hearth_rpc_duration_seconds" in body, name
-    assert "hearth_http_requests_total" in client.get("/metrics").text
+    # The gateway's metrics are on their own port, not on the public one.
+    gateway_metrics = httpx.get(f"http://127.0.0.1:{mesh.gateway_metrics_port}/metrics", timeout=5).text
+    assert "hearth_http_requests_total" in gateway_metrics
+    assert client.get("/metrics").status_code == 404
 
 
 def test_the_gateway_serves_exactly_the_routes_of_the_permission_matrix(client):

@@ -8,6 +8,7 @@ clustering, run later by the privacy worker) joins the trace of its POST /v1/del
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -133,3 +134,30 @@ def test_deletion_fan_out_joins_the_request_trace(traced_mesh):
     strays = [s for s in receiver.spans if s.attributes.get("hearth.job_id") == job_id
               and (s.name.endswith("/Erase") or s.name == "deletion.advance") and s.trace_id != trace_id]
     assert strays == []
+
+
+def test_every_process_logs_json_and_the_gateway_logs_each_request_with_its_trace_id(traced_mesh):
+    mesh, _receiver = traced_mesh
+    with httpx.Client(base_url=mesh.url, headers={"X-API-Key": mesh.api_key}, timeout=30) as client:
+        r = client.get("/v1/household/otlp-log-acct")
+    assert r.status_code == 404
+    trace_id = r.headers["x-trace-id"]
+    deadline = time.monotonic() + 10
+    while True:
+        lines = {p.stem: p.read_text().splitlines() for p in mesh.log_dir.glob("*.log")}
+        access = [json.loads(line) for line in lines["gateway"] if '"hearth.access"' in line]
+        mine = [a for a in access if a.get("trace_id") == trace_id]
+        if mine or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert set(lines) >= {"gateway", "clustering", "attribution", "privacy", "feedback"}
+    for process, text in lines.items():
+        for line in text:
+            record = json.loads(line)       # uvicorn's own lines included: no plain text
+            assert {"ts", "level", "logger", "msg"} <= record.keys(), (process, line)
+    assert any(json.loads(line)["logger"].startswith("uvicorn") for line in lines["gateway"])
+    (entry,) = mine
+    # The route template, never the raw path (it holds the account id).
+    assert entry["route"] == "/v1/household/{account_id}" and entry["status"] == 404
+    assert entry["method"] == "GET" and entry["duration_ms"] > 0
+    assert "otlp-log-acct" not in json.dumps(entry)

@@ -38,7 +38,8 @@ from tests.unit.privacy.test_merkle import CT_CONSISTENCY, CT_LEAVES, CT_PATHS, 
 
 ROOT = Path(__file__).resolve().parents[2]
 ANA = Principal("ana", Role.ANALYST)
-META = ADMIN.metadata()
+# Metadata is signed per call (ADMIN.metadata()), never once at import: service tokens
+# expire after HEARTH_SERVICE_TOKEN_TTL_S (300 s), and a slow suite reaches this module later.
 
 
 def _records(n: int, who: Principal = ANA, tag: str = "r", event: str = audit.READ_HOUSEHOLD):
@@ -69,7 +70,7 @@ class Log:
         self.app.close()
 
     def verify(self) -> ppb.VerifyAuditResponse:
-        return self.stub.VerifyAudit(ppb.VerifyAuditRequest(), metadata=META)
+        return self.stub.VerifyAudit(ppb.VerifyAuditRequest(), metadata=ADMIN.metadata())
 
 
 @pytest.fixture
@@ -122,7 +123,7 @@ def test_inclusion_and_consistency_proofs_verify_independently(log):
     for size in sizes:
         for seq in range(size):
             r = log.stub.GetAuditProof(ppb.GetAuditProofRequest(inclusion_seq=seq, tree_size=size),
-                                       metadata=META)
+                                       metadata=ADMIN.metadata())
             sth = rfc9162.verify_sth_json(r.tree_head.json, r.public_key_pem)
             assert r.public_key_pem == log.pem and sth["tree_size"] == size == r.tree_head.tree_size
             assert r.leaf_hash == rfc9162.leaf_hash(r.record.canonical)
@@ -133,17 +134,17 @@ def test_inclusion_and_consistency_proofs_verify_independently(log):
             if size == sizes[-1]:
                 leaves.append(r.record.canonical)
     # the signed root is the Merkle tree hash of exactly the entries, recomputed here
-    assert rfc9162.mth(leaves) == log.stub.VerifyAudit(ppb.VerifyAuditRequest(), metadata=META).tree_head.root_hash
+    assert rfc9162.mth(leaves) == log.stub.VerifyAudit(ppb.VerifyAuditRequest(), metadata=ADMIN.metadata()).tree_head.root_hash
     for i, old in enumerate(sizes):
         for new in sizes[i:]:
             r = log.stub.GetAuditProof(ppb.GetAuditProofRequest(consistency_from_size=old, tree_size=new),
-                                       metadata=META)
+                                       metadata=ADMIN.metadata())
             old_sth = rfc9162.verify_sth_json(r.old_tree_head.json, log.pem)
             new_sth = rfc9162.verify_sth_json(r.tree_head.json, log.pem)
             assert rfc9162.verify_consistency(old, new, bytes.fromhex(old_sth["root"]),
                                               bytes.fromhex(new_sth["root"]), list(r.path))
     # from a size that was never signed: check against the root recomputed from the entries
-    r = log.stub.GetAuditProof(ppb.GetAuditProofRequest(consistency_from_size=5), metadata=META)
+    r = log.stub.GetAuditProof(ppb.GetAuditProofRequest(consistency_from_size=5), metadata=ADMIN.metadata())
     assert not r.HasField("old_tree_head")
     assert rfc9162.verify_consistency(5, sizes[-1], rfc9162.mth(leaves[:5]), r.tree_head.root_hash, list(r.path))
     assert not rfc9162.verify_consistency(5, sizes[-1], rfc9162.mth(leaves[:4]), r.tree_head.root_hash, list(r.path))
@@ -151,7 +152,7 @@ def test_inclusion_and_consistency_proofs_verify_independently(log):
 
 def test_proof_requests_are_validated(log):
     with pytest.raises(grpc.RpcError) as empty:
-        log.stub.GetAuditProof(ppb.GetAuditProofRequest(inclusion_seq=0), metadata=META)
+        log.stub.GetAuditProof(ppb.GetAuditProofRequest(inclusion_seq=0), metadata=ADMIN.metadata())
     assert empty.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     _fill(log, (3, 4))
     for request, code in [(ppb.GetAuditProofRequest(inclusion_seq=7), grpc.StatusCode.INVALID_ARGUMENT),
@@ -160,7 +161,7 @@ def test_proof_requests_are_validated(log):
                           (ppb.GetAuditProofRequest(consistency_from_size=8), grpc.StatusCode.INVALID_ARGUMENT),
                           (ppb.GetAuditProofRequest(), grpc.StatusCode.INVALID_ARGUMENT)]:
         with pytest.raises(grpc.RpcError) as err:
-            log.stub.GetAuditProof(request, metadata=META)
+            log.stub.GetAuditProof(request, metadata=ADMIN.metadata())
         assert err.value.code() == code, request
 
 
@@ -297,11 +298,11 @@ def test_append_audit_validates_every_record_before_writing_any(log):
     request = audit.to_append_request(_records(2))
     request.records[1].event_type = "bogus"
     with pytest.raises(grpc.RpcError) as err:
-        log.stub.AppendAudit(request, metadata=META)
+        log.stub.AppendAudit(request, metadata=ADMIN.metadata())
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert dict(err.value.trailing_metadata())[ERROR_FIELD_KEY] == "records[1].event_type"
     assert log.verify().entries == 0
-    ok = log.stub.AppendAudit(audit.to_append_request(_records(2)), metadata=META)
+    ok = log.stub.AppendAudit(audit.to_append_request(_records(2)), metadata=ADMIN.metadata())
     assert list(ok.seqs) == [0, 1] and ok.tree_size == 2
 
 
@@ -311,8 +312,8 @@ def test_append_audit_defaults_and_notes_the_reporter(log):
                         details={"version": "3"}),                                   # as the caller
         audit.to_append_request(_records(1)).records[0],                            # about ana
     ])
-    log.stub.AppendAudit(request, metadata=META)
-    page = log.stub.QueryAudit(ppb.QueryAuditRequest(), metadata=META)
+    log.stub.AppendAudit(request, metadata=ADMIN.metadata())
+    page = log.stub.QueryAudit(ppb.QueryAuditRequest(), metadata=ADMIN.metadata())
     mine, about_ana = page.records
     assert (mine.principal.id, mine.outcome, json.loads(mine.details_json)) == (
         "test-admin", "success", {"version": "3"})
@@ -322,29 +323,29 @@ def test_append_audit_defaults_and_notes_the_reporter(log):
 def test_query_filters_and_pages(log):
     # (9 exports: one below the bulk-export alert, which would add an entry)
     log.app.append(_records(30, tag="a") + _records(9, who=ADMIN, tag="b", event=audit.EXPORT))
-    page = log.stub.QueryAudit(ppb.QueryAuditRequest(principal_id="test-admin"), metadata=META)
+    page = log.stub.QueryAudit(ppb.QueryAuditRequest(principal_id="test-admin"), metadata=ADMIN.metadata())
     assert [r.seq for r in page.records] == list(range(30, 39)) and not page.has_more
     assert {r.event_type for r in page.records} == {"export"}
-    by_prefix = log.stub.QueryAudit(ppb.QueryAuditRequest(resource_prefix="household:a-1"), metadata=META)
+    by_prefix = log.stub.QueryAudit(ppb.QueryAuditRequest(resource_prefix="household:a-1"), metadata=ADMIN.metadata())
     assert [r.resource for r in by_prefix.records] == ["household:a-1"] + [f"household:a-1{i}" for i in range(10)]
-    by_trace = log.stub.QueryAudit(ppb.QueryAuditRequest(trace_id="b0003"), metadata=META)
+    by_trace = log.stub.QueryAudit(ppb.QueryAuditRequest(trace_id="b0003"), metadata=ADMIN.metadata())
     assert [r.seq for r in by_trace.records] == [33]
     seen, after = [], None
     while True:
         request = ppb.QueryAuditRequest(limit=7, event_type="read_household", with_tree_head=True)
         if after is not None:
             request.after_seq = after
-        page = log.stub.QueryAudit(request, metadata=META)
+        page = log.stub.QueryAudit(request, metadata=ADMIN.metadata())
         seen += [r.seq for r in page.records]
         assert page.tree_head.tree_size == 39
         if not page.has_more:
             break
         after = page.records[-1].seq
     assert seen == list(range(30))
-    future = log.stub.QueryAudit(ppb.QueryAuditRequest(window=_window(time.time() + 3600, None)), metadata=META)
+    future = log.stub.QueryAudit(ppb.QueryAuditRequest(window=_window(time.time() + 3600, None)), metadata=ADMIN.metadata())
     assert list(future.records) == []
     with pytest.raises(grpc.RpcError) as err:
-        log.stub.QueryAudit(ppb.QueryAuditRequest(limit=10_001), metadata=META)
+        log.stub.QueryAudit(ppb.QueryAuditRequest(limit=10_001), metadata=ADMIN.metadata())
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -381,9 +382,9 @@ def test_restart_keeps_verifying_and_appending(database, key):
         assert second.app.append(_records(5, tag="after")) == list(range(10, 15))
         now = second.verify()
         assert now.valid and now.entries == 15
-        proof = second.stub.GetAuditProof(ppb.GetAuditProofRequest(consistency_from_size=10), metadata=META)
+        proof = second.stub.GetAuditProof(ppb.GetAuditProofRequest(consistency_from_size=10), metadata=ADMIN.metadata())
         assert rfc9162.verify_consistency(10, 15, old.root_hash, now.tree_head.root_hash, list(proof.path))
-        inclusion = second.stub.GetAuditProof(ppb.GetAuditProofRequest(inclusion_seq=3), metadata=META)
+        inclusion = second.stub.GetAuditProof(ppb.GetAuditProofRequest(inclusion_seq=3), metadata=ADMIN.metadata())
         assert rfc9162.verify_inclusion(3, 15, inclusion.leaf_hash, list(inclusion.path), now.tree_head.root_hash)
     finally:
         second.close()
@@ -500,7 +501,7 @@ def test_mass_reads_raise_one_security_alert_and_service_reads_none(database, ke
         failures = [audit.make_record(audit.AUTHENTICATION_FAILURE, "route:GET /v1/x", "denied",
                                       principal=Principal("anonymous", Role.ANALYST)) for _ in range(3)]
         opened.app.append(failures)
-        alerts = opened.stub.QueryAudit(ppb.QueryAuditRequest(event_type="security_alert"), metadata=META)
+        alerts = opened.stub.QueryAudit(ppb.QueryAuditRequest(event_type="security_alert"), metadata=ADMIN.metadata())
         assert [(r.resource, json.loads(r.details_json)["kind"]) for r in alerts.records] == [
             ("principal:eve", "mass_household_reads"), ("principal:anonymous", "repeated_auth_failures")]
         eve = json.loads(alerts.records[0].details_json)
@@ -509,3 +510,27 @@ def test_mass_reads_raise_one_security_alert_and_service_reads_none(database, ke
         assert opened.verify().valid
     finally:
         opened.close()
+
+
+@pytest.mark.parametrize("which", ["latest", "older"])
+def test_a_forged_stored_tree_head_fails_a_live_verify(log, which):
+    # The forged row sits at a size the running service already signed itself, so the
+    # verifier cannot rely on "the newest head wins": every stored head is checked.
+    sizes = _fill(log, (5, 5, 5))
+    size = sizes[-1] if which == "latest" else sizes[0]
+    assert log.verify().valid
+    with log.db.transaction() as tx:
+        sth = json.loads(tx.query("SELECT sth_json FROM audit_sth WHERE tree_size = ?", (size,))[0][0])
+        sth["signature"] = "00" * 64
+        tx.execute("UPDATE audit_sth SET sth_json = ? WHERE tree_size = ?", (json.dumps(sth), size))
+    after = log.verify()
+    assert (after.valid, after.reason) == (False, "bad_signature"), after.message
+
+
+def test_a_genuine_tree_head_moved_to_another_size_fails_a_live_verify(log):
+    sizes = _fill(log, (5, 5, 5))
+    with log.db.transaction() as tx:
+        genuine = tx.query("SELECT sth_json FROM audit_sth WHERE tree_size = ?", (sizes[0],))[0][0]
+        tx.execute("UPDATE audit_sth SET sth_json = ? WHERE tree_size = ?", (genuine, sizes[1]))
+    after = log.verify()
+    assert (after.valid, after.reason) == (False, "bad_signature"), after.message

@@ -18,9 +18,9 @@ from services import cli
 from services.common import config
 from services.common.storage.sql import open_database
 from services.privacy.backup import _privacy_db
-from services.privacy.keys.domain import WrappedDek
 from services.privacy.deletion.domain import DeletionScope, ScopeKind, new_job
 from services.privacy.deletion.store import DeletionJobStore
+from services.privacy.keys.domain import WrappedDek
 from services.privacy.keys.store import DataKeyStore
 
 pytestmark = pytest.mark.postgres

@@ -195,3 +195,51 @@ def test_an_erased_persons_id_is_never_reused(household):
     assert all(s.person_id != victim for s in app.store.closed_sessions("acc-h"))
     version, _, _ = app.refit("acc-h", "again")
     assert victim not in app.keeper.load("acc-h")[1].model.person_ids
+
+
+def test_household_pages_through_every_session_with_persons_and_status(household):
+    """GET /v1/household's use case: keyset pages (newest first) that together hold every
+    session exactly once, say when there is more, carry each session's person and its
+    probability, and a model status that says whether assignments have settled."""
+    app, *_ = household
+    every = app.store.closed_sessions("acc-h")
+    seen, token, pages = [], "", 0
+    while True:
+        view, extras = app.household("acc-h", 7, token)
+        pages += 1
+        assert len(view.sessions) <= 7 and view.total_sessions >= len(every)
+        for s in view.sessions:
+            if s.closed:
+                assert s.person_id and 0.0 < view.person_probability[s.session_id] <= 1.0
+        seen += [s.session_id for s in view.sessions]
+        token = extras.next_page_token
+        if not token:
+            break
+    assert pages == -(-view.total_sessions // 7) and len(seen) == len(set(seen)) == view.total_sessions
+    assert {s.session_id for s in every} <= set(seen)
+    starts = {s.session_id: s.start_ts for s in every}
+    ordered = [starts[s] for s in seen if s in starts]
+    assert ordered == sorted(ordered, reverse=True)
+    assert extras.sessions_in_model == len(every) and extras.sessions_pending == 0 and extras.last_refit > 0
+
+
+def test_sessions_arriving_a_few_at_a_time_get_persons_before_the_micro_batch(household):
+    app, _, version, _ = household
+    more, _ = household_events("acc-h", ("kid", "parent", "teen"), days=6, start_ts=T0 + 30 * 86400, seed=9)
+    app.store.ingest([e for e in more if "kid" not in e.event_id][:6])
+    v, env = app.keeper.refresh("acc-h")
+    assert v == version                                   # not folded into the model yet...
+    fresh = [s for s in app.store.closed_sessions("acc-h")][env.included:]
+    assert fresh and all(s.person_id for s in fresh)      # ...but already assigned
+    view, extras = app.household("acc-h", 500)
+    assert extras.sessions_pending == len(fresh)
+
+
+def test_a_forged_page_token_is_refused_naming_the_field(household):
+    from services.common.errors import InvalidArgument
+
+    app, *_ = household
+    for token in ("garbage!", "eyJ4IjoxfQ", "WzEsICJcbiJd"):
+        with pytest.raises(InvalidArgument) as err:
+            app.household("acc-h", 10, token)
+        assert err.value.field == "page_token"

@@ -159,3 +159,29 @@ def test_close_that_times_out_leaves_the_busy_connection_to_its_thread(tmp_path)
     with again.transaction() as tx:
         assert tx.query("SELECT x FROM t") == [(2,)]
     again.close()
+
+
+def test_a_metrics_scrape_after_the_deletion_store_closed_still_succeeds(tmp_path):
+    # The overdue-jobs gauge is read by every Prometheus scrape, from the scraping thread; a
+    # store that is closing (shutdown, or an in-process app torn down) must not fail the whole
+    # scrape of the process's registry.
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from prometheus_client import REGISTRY
+
+    from services.privacy.consent.store import ConsentStore
+    from services.privacy.deletion.app import (OLDEST_OPEN_JOB_AGE, PEER_SERVICES, DeletionCoordinator,
+                                               GrpcPeers)
+    from services.privacy.deletion.store import DeletionJobStore
+
+    db = SqliteDatabase(tmp_path / "privacy.sqlite")
+    ConsentStore(db, None).migrate()
+    coordinator = DeletionCoordinator(DeletionJobStore(db), GrpcPeers({s: "127.0.0.1:9" for s in PEER_SERVICES}, 1.0), None,
+                                      Ed25519PrivateKey.generate())
+    OLDEST_OPEN_JOB_AGE.set_function(coordinator.oldest_open_age_s)
+    try:
+        assert REGISTRY.get_sample_value("hearth_deletion_oldest_open_job_age_seconds") == 0.0
+        db.close()
+        value = REGISTRY.get_sample_value("hearth_deletion_oldest_open_job_age_seconds")
+        assert value != value  # NaN: unknown, not a made-up age
+    finally:
+        OLDEST_OPEN_JOB_AGE.set_function(lambda: 0.0)

@@ -155,7 +155,7 @@ def _sample(metrics: str, prefix: str) -> float:
 def test_failures_and_denials_are_counted(security_mesh):
     get(security_mesh, {"Authorization": f"Bearer {BAD_BEARERS['expired'](security_mesh)}"})
     get(security_mesh, {"X-API-Key": security_mesh.role_keys[Role.ANALYST]})
-    metrics = httpx.get(security_mesh.url + "/metrics", timeout=10).text
+    metrics = httpx.get(f"http://127.0.0.1:{security_mesh.mesh.gateway_metrics_port}/metrics", timeout=10).text
     assert _sample(metrics, 'hearth_auth_failures_total{component="gateway",reason="jwt_expired"}') >= 1
     assert _sample(metrics, 'hearth_access_denied_total{component="gateway",role="analyst",'
                             'target="GET /v1/household/{account_id}"}') >= 1

@@ -326,10 +326,11 @@ def bootstrap_replicates(
     for b in _blocks(n_u, b_total):
         c, nl, v = _draw(rng, units.conversions, nulls_in, units.values, b)
         sl = slice(done, done + b)
-        for m, a in allocation.items():
+        linear_c = {m: (a @ c).T for m, a in allocation.items()}
+        linear_r = {m: (a @ v).T for m, a in allocation.items()}
+        for m in allocation:
             if m in out_conv:
-                out_conv[m][sl] = (a @ c).T
-                out_rev[m][sl] = (a @ v).T
+                out_conv[m][sl], out_rev[m][sl] = linear_c[m], linear_r[m]
         if ws is not None:
             edge_w = (ws.edges.T @ (c + nl))
             conv_s = ws.last.T @ c
@@ -347,7 +348,7 @@ def bootstrap_replicates(
                 res = smoothed_markov_attribution(resampled, prior_paths, prior_strength, conventions)
                 markov_c[done + j], markov_r[done + j] = res.conversions, res.revenue
         if "hybrid" in methods:
-            sc, sr = (allocation["shapley"] @ c).T, (allocation["shapley"] @ v).T
+            sc, sr = linear_c["shapley"], linear_r["shapley"]
             out_conv["hybrid"][sl] = alpha * markov_c[sl] + (1 - alpha) * sc
             out_rev["hybrid"][sl] = alpha * markov_r[sl] + (1 - alpha) * sr
         done += b

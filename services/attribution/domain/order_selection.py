@@ -60,6 +60,7 @@ class OrderSelection:
             "margin": self.margin, "margin_se": self.margin_se,
             "margin_vs_order1": self.margin_vs_order1, "margin_vs_order1_se": self.margin_vs_order1_se,
             "folds": self.folds, "seed": self.seed,
+            "at_upper_bound": self.chosen == max(self.candidates) and len(self.candidates) > 1,
             "criterion": "held-out log loss of the journey's conversion given its last state",
         }
 

@@ -116,14 +116,18 @@ def shapley_attribution(paths: Paths) -> ShapleyResult:
     if paths.n_touches == 0:
         zeros = np.zeros(n_ch)
         return ShapleyResult(paths.channel_names, zeros, zeros.copy(), 0.0, 0.0)
-    frac = shapley_touch_fractions(paths)
-    row = paths.row_of_touch()
+    # Only first occurrences carry credit: bincount over those touches alone (the
+    # fractions of shapley_touch_fractions, without a pass over every touch).
+    d = _distinct_touches(paths)
+    has_touch = d.n_distinct > 0
+    inv_size = np.divide(1.0, d.n_distinct, out=np.zeros(paths.n_paths), where=has_touch)
+    rows = d.row[d.first]
+    codes = paths.channels[d.first]
     value = np.where(paths.conversions > 0, paths.values, 0.0)
-    has_touch = paths.lengths > 0
     return ShapleyResult(
         channel_names=paths.channel_names,
-        conversions=np.bincount(paths.channels, weights=frac * paths.conversions[row], minlength=n_ch),
-        revenue=np.bincount(paths.channels, weights=frac * value[row], minlength=n_ch),
+        conversions=np.bincount(codes, weights=(paths.conversions * inv_size)[rows], minlength=n_ch),
+        revenue=np.bincount(codes, weights=(value * inv_size)[rows], minlength=n_ch),
         total_conversions=float(paths.conversions[has_touch].sum()),
         total_value=float(value[has_touch].sum()),
     )

@@ -129,6 +129,7 @@ class GaussianDiag:
         return 2 * dim
 
 
+_SHARED_DEVICE_TYPES = tuple(F.DEVICE_TYPES.index(t) for t in ("tv", "console", "other"))
 _GAUSS_DIMS = np.array([F.KIDS_SHARE, F.TEEN_SHARE, F.LOG_MINUTES, F.LOG_TITLES, F.VPN_SHARE])
 _GAUSS_FLOORS = np.array([0.01, 0.01, 0.02, 0.01, 0.01])
 RHYTHM_BINS = 12  # 2-hour bins of the UTC start hour
@@ -220,6 +221,11 @@ class TypedSession:
         if self.device_slots and X.shape[1] == F.FEATURE_DIM + 1:
             slots = np.rint(X[:, F.FEATURE_DIM]).astype(np.int64)
             slots[(slots < 0) | (slots >= self.device_slots)] = -1
+            # Only personal devices are evidence of who watched: a TV, console or
+            # "other" device is shared, so its identity is marginalised out (its
+            # sessions are judged by type, hours and content alone). Otherwise one
+            # person with a TV and a phone looks like two.
+            slots[X[:, F.DEVICE][:, list(_SHARED_DEVICE_TYPES)].sum(axis=1) > 0.5] = -1
             return X[:, :F.FEATURE_DIM], slots
         raise ValueError(f"X must have {F.FEATURE_DIM} feature columns for the typed family"
                          f"{' (+1 device slot)' if self.device_slots else ''}, got {X.shape[1]}")

@@ -51,7 +51,7 @@ BIC_PENALTY = 1.0         # multiplier of BIC's parameter charge (tuned on TUNIN
 RESELECT_EVERY = 10       # new sessions between checks of the number of persons
 RECENT_WINDOW = 40        # sessions a newcomer / a leaver is looked for in
 BUFFER_CAP = 1000         # sessions the re-selection refits on (the newest)
-RESELECT_HYSTERESIS = 10.0  # BIC units a new person count must win by (stable ids)
+RESELECT_HYSTERESIS = 40.0  # BIC units a new person count must win by (stable ids)
 LEAVE_MIN_WEIGHT = 0.2    # a person this common who is absent from RECENT_WINDOW has left
 DEVICE_SLOTS = 16  # distinct device ids a household model tells apart (more: judged by type)
 K_MAX = 6
@@ -92,10 +92,47 @@ def default_family() -> TypedSession:
     Measured on tuning seeds 7 (40 households, default difficulty): binge accuracy
     0.80 -> 0.91, session accuracy 0.913 -> 0.926 (docs/clustering.md).
     Device identity (``device_slots``): a categorical over the household's device ids
-    per person. Tuning worlds (bench/worlds.py TUNING, 48 households): session accuracy
-    0.587 -> 0.643, household size exact 0.48 -> 0.63. Sessions without a device id
-    (Hearth's own simulator, bare feature vectors) score exactly as before."""
-    return TypedSession(binge_lengths="pooled", device_slots=DEVICE_SLOTS)
+    per person, counted as 2 draws, plus a seeding with one person per personal device.
+    Tuning worlds (bench/worlds.py TUNING, 48 households): session accuracy 0.587
+    (no device ids) -> 0.643 (weight 1) -> 0.649 (+ device seeding) -> 0.674 (weight 2;
+    weight 3: 0.682 but single-person households kept 0.57 instead of 0.71).
+    Sessions without a device id (Hearth's own simulator, bare feature vectors) score
+    exactly as before."""
+    return TypedSession(binge_lengths="pooled", device_slots=DEVICE_SLOTS, slot_weight=2.0)
+
+
+# Confidence map (out of sample): isotonic regression of "the assigned person is right"
+# on the tempered top-label probability, fitted on the TUNING worlds (bench/worlds.py)
+# and the simulator's calibration seeds by `python -m bench.accuracy
+# --calibrate-confidence` (12533 sessions, 2026-12-03); the reporting worlds
+# never see it fitted.
+CONFIDENCE_MAP_X = np.array([0.3524, 0.3848, 0.4172, 0.4496, 0.4819, 0.5143, 0.5467, 0.5791, 0.6115, 0.6438, 0.6762, 0.7086, 0.741, 0.7734, 0.8057, 0.8381, 0.8705, 0.9029, 0.9352, 0.9676, 1.0])
+CONFIDENCE_MAP_Y = np.array([0.0, 0.0, 0.0321, 0.4, 0.4, 0.4862, 0.4862, 0.4862, 0.4862, 0.4876, 0.536, 0.5455, 0.5974, 0.6667, 0.7174, 0.7174, 0.7174, 0.7335, 0.8324, 0.9038, 1.0])
+# A one-person model cannot say 1.0: this is how often "one person" was right per
+# session on the same data (the share of sessions of the household's main person).
+SINGLE_PERSON_CONFIDENCE = 0.8467
+
+
+def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None) -> np.ndarray:
+    """(N, K) probabilities with the top label mapped through the confidence map and
+    the other persons rescaled to share the rest (never below 1/K, so the argmax is
+    kept for two persons). ``n_live`` (N,): persons per row when rows are padded (the
+    batch scorer). A row of a one-person model becomes SINGLE_PERSON_CONFIDENCE: the
+    remaining mass belongs to nobody the model knows yet (an unseen member), so such a
+    row sums to less than one."""
+    if n_live is None:
+        n_live = np.full(P.shape[0], P.shape[1])
+    rows = np.arange(P.shape[0])
+    idx = P.argmax(axis=1)
+    top = P[rows, idx]
+    new_top = np.interp(top, CONFIDENCE_MAP_X, CONFIDENCE_MAP_Y).astype(P.dtype)
+    new_top = np.maximum(new_top, 1.0 / np.maximum(n_live, 1))
+    single = n_live <= 1
+    new_top[single] = SINGLE_PERSON_CONFIDENCE
+    rest = np.maximum(1.0 - top, 1e-12)
+    out = P * ((1.0 - new_top) / rest)[:, None]
+    out[rows, idx] = new_top
+    return out
 
 
 class ModelFormatError(ValueError):
@@ -212,7 +249,8 @@ class HouseholdModel:
     def __init__(self, variant: str = "gmm", k_max: int = K_MAX, cold_start: str = "population_prior",
                  population_prior: PopulationPrior | None = None, temperature: float = DEFAULT_TEMPERATURE,
                  seed: int = 0, family: TypedSession | None = None, n_init: int = 2,
-                 bic_penalty: float = BIC_PENALTY, reselect: bool = True) -> None:
+                 bic_penalty: float = BIC_PENALTY, reselect: bool = True,
+                 reselect_margin: float = RESELECT_HYSTERESIS, calibrated: bool = True) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if cold_start not in COLD_START_STRATEGIES:
@@ -231,6 +269,8 @@ class HouseholdModel:
         self.n_init = n_init
         self.bic_penalty = bic_penalty
         self.reselect = reselect
+        self.reselect_margin = reselect_margin
+        self.calibrated = calibrated
         self.mixture: Mixture | None = None
         self.kmeans: IncrementalKMeans | None = None
         self.person_ids: list[str] = []
@@ -568,7 +608,7 @@ class HouseholdModel:
             if cand is not None:
                 options[k - 1] = cand
         best_k = min(options, key=lambda kk: options[kk][0])
-        if best_k != k and options[best_k][0] < base[0] - RESELECT_HYSTERESIS:
+        if best_k != k and options[best_k][0] < base[0] - self.reselect_margin:
             old_ids = list(self.person_ids)
             old_post = mix.predict_proba(X)
             new = options[best_k][1]
@@ -658,6 +698,8 @@ class HouseholdModel:
             strategy = f"cold_start:{self._cold_strategy()}"
         else:
             P = self._proba(self._augment(X, slots))
+            if self.calibrated and self.mixture is not None:
+                P = calibrate_confidence(P)
             ids = tuple(self.person_ids)
             strategy = self.active_variant
         idx = P.argmax(axis=1)
@@ -767,7 +809,8 @@ class HouseholdModel:
             "fallback": self.fallback,
             "fallback_count": self.fallback_count, "label_map": self.label_map,
             "n_sessions": self.n_sessions, "next_key": self.next_key, "active": self.active_variant,
-            "device_ids": self.device_ids, "bic_penalty": self.bic_penalty, "reselect": self.reselect,
+            "device_ids": self.device_ids, "bic_penalty": self.bic_penalty, "reselect": self.reselect, "reselect_margin": self.reselect_margin,
+            "calibrated": self.calibrated,
             "since_check": self.since_check, "composition_events": self.composition_events,
             "inactive": sorted(self.inactive),
         }
@@ -810,6 +853,8 @@ class HouseholdModel:
         m.device_ids = list(meta.get("device_ids", []))
         m.bic_penalty = float(meta.get("bic_penalty", 1.0))
         m.reselect = bool(meta.get("reselect", False))
+        m.reselect_margin = float(meta.get("reselect_margin", RESELECT_HYSTERESIS))
+        m.calibrated = bool(meta.get("calibrated", False))
         m.since_check = int(meta.get("since_check", 0))
         m.composition_events = list(meta.get("composition_events", []))
         m.inactive = set(meta.get("inactive", []))
@@ -836,6 +881,7 @@ class ScoringTable:
     log_weights: np.ndarray
     family: TypedSession
     temperature: float
+    calibrated: bool = False
 
     @classmethod
     def from_models(cls, models: Sequence[HouseholdModel]) -> ScoringTable:
@@ -856,7 +902,7 @@ class ScoringTable:
             kk = m.mixture.n_components
             W[i, :kk] = m.mixture.W
             lw[i, :kk] = m.mixture.log_weights
-        return cls(W, lw, models[0].family, models[0].temperature)
+        return cls(W, lw, models[0].family, models[0].temperature, models[0].calibrated)
 
     def split(self) -> dict[str, np.ndarray]:
         """Layout for the fast path (cached): the one-hot blocks (device, rhythm cell)
@@ -944,6 +990,7 @@ def assign_many(table: ScoringTable, household: np.ndarray, X: np.ndarray,
     probs = np.empty((n, k), dtype=np.float32)
     inv_t = np.float32(1.0 / table.temperature)
     n_dev, n_cell = len(F.DEVICE_TYPES), 2 * RHYTHM_BINS
+    n_live = np.isfinite(table.log_weights).sum(axis=1)
     for a in range(0, n, chunk):
         b = min(a + chunk, n)
         Xc = np.asarray(X[a:b], dtype=np.float32)  # validated chunk by chunk: no full copy
@@ -969,6 +1016,8 @@ def assign_many(table: ScoringTable, household: np.ndarray, X: np.ndarray,
         lj -= lj.max(axis=1, keepdims=True)
         np.exp(lj, out=lj)
         lj /= lj.sum(axis=1, keepdims=True)
+        if table.calibrated:
+            lj = calibrate_confidence(lj, n_live[h])
         probs[a:b] = lj
     idx = probs.argmax(axis=1)
     return idx, probs[np.arange(n), idx], probs

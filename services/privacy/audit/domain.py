@@ -43,6 +43,7 @@ import numpy as np
 
 from services.common.audit_events import EventType  # noqa: F401  (the one vocabulary)
 from services.common.ids import Outcome, Role  # noqa: F401  (the one vocabulary)
+from services.common.strict_json import DuplicateKeyError, loads_unambiguous
 
 from services.privacy.audit import merkle
 from services.privacy.keys.signing import Ed25519PrivateKey, Ed25519PublicKey, key_id, verify_signature
@@ -742,6 +743,43 @@ def verify_log(
     return LogVerification(True, None, None, f"ok: {len(entries)} entries verified")
 
 
+def verify_tree_head_history(
+    entries: Sequence[AuditEntry],
+    stored: Sequence[tuple[int, str]],
+    public_key: Ed25519PublicKey,
+) -> LogVerification | None:
+    """Check every stored signed tree head ``(tree_size column, STH JSON)`` against the
+    (already verified) ``entries``: each must parse, sit in the row of its own size, carry
+    a valid signature and commit to exactly the entries' root and chain head at its size.
+    ``verify_log`` checks only the latest head; without this an altered or forged older
+    (or same-size) row would go unnoticed. None when all are genuine."""
+    sizes = sorted({size for size, _ in stored})
+    wanted = set(sizes)
+    heads: dict[int, bytes] = {}
+    leaves = bytearray()
+    prev = GENESIS_CHAIN_HASH
+    for i, e in enumerate(entries):
+        data = e.canonical_bytes
+        prev = hashlib.sha256(CHAIN_PREFIX + prev + data).digest()
+        leaves += hashlib.sha256(merkle.LEAF_PREFIX + data).digest()
+        if i + 1 in wanted:
+            heads[i + 1] = prev
+    tree = merkle.MerkleTree.from_leaf_hashes(bytes(leaves))  # root(size) per head: O(log n)
+    roots = {size: (tree.root(size), head) for size, head in heads.items()}
+    for size, text in sorted(stored):
+        try:
+            sth = SignedTreeHead.from_dict(json.loads(text))
+        except (ValueError, TypeError, json.JSONDecodeError):
+            return _fail(TamperReason.BAD_SIGNATURE, None, f"stored tree head of size {size} does not parse")
+        if sth.tree_size != size or not verify_tree_head(sth, public_key):
+            return _fail(TamperReason.BAD_SIGNATURE, None,
+                         f"stored tree head of size {size} is forged (signature or size)")
+        if roots.get(size) != (sth.root, sth.chain_head):
+            return _fail(TamperReason.MODIFIED, None,
+                         f"stored tree head of size {size} does not match the log at that size")
+    return None
+
+
 def verify_entry_inclusion(
     entry: AuditEntry, proof: Sequence[bytes], sth: SignedTreeHead, public_key: Ed25519PublicKey
 ) -> bool:
@@ -795,7 +833,9 @@ def parse_export(lines: Iterable[str]) -> ExportedLog:
         if sth is not None:
             raise ValueError(f"{where}: content after the signed tree head")
         try:
-            obj = json.loads(line)
+            obj = loads_unambiguous(line)
+        except DuplicateKeyError as exc:  # ambiguous: a tampered export, not a bad file
+            raise DuplicateKeyError(f"{where}: {exc}") from None
         except json.JSONDecodeError as exc:
             raise ValueError(f"{where}: invalid JSON ({exc.msg})") from None
         if not isinstance(obj, dict):

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.privacy.audit import merkle
-from services.privacy.audit.domain import AuditEntry, LogVerification, SignedTreeHead, TamperReason, verify_log
+from services.privacy.audit.domain import (AuditEntry, LogVerification, SignedTreeHead, TamperReason, verify_log,
+                                          verify_tree_head_history)
 from services.privacy.audit.rows import StoredEntry, columns_match, entry_from_canonical
 from services.privacy.audit.store import AuditStore
 from services.privacy.audit.writer import AuditWriter
@@ -70,9 +71,10 @@ class AuditProofs:
     def verify(self) -> AuditVerification:
         """Check the stored rows against the latest signed tree head (the newer of the
         stored one and the one this process signed last, so deleting STH rows does not
-        hide a truncation while the service runs). Reasons as ``verify_log``, plus
-        ``modified`` for unparseable canonical bytes or query columns that disagree
-        with them."""
+        hide a truncation while the service runs), then every stored tree head against
+        the rows (a forged or moved head row is ``bad_signature`` even when it is not the
+        newest). Reasons as ``verify_log``, plus ``modified`` for unparseable canonical
+        bytes or query columns that disagree with them."""
         stored = self._store.stored_latest_sth()
         sth = self._writer.latest_sth()
         if stored is not None and (sth is None or stored.tree_size > sth.tree_size):
@@ -98,6 +100,9 @@ class AuditProofs:
                     f"{len(entries)} entries but no signed tree head"), len(entries), None)
             return AuditVerification(LogVerification(True, None, None, "ok: empty log"), 0, None)
         result = verify_log(entries, sth, self._writer.public_key, chain_hashes=chains or None)
+        if result.ok:
+            forged = verify_tree_head_history(entries, self._store.stored_tree_heads(), self._writer.public_key)
+            result = result if forged is None else forged
         if result.ok and column_mismatch is not None:
             result = LogVerification(False, TamperReason.MODIFIED, column_mismatch,
                                      f"the query columns of seq {column_mismatch} differ from "

@@ -6,7 +6,6 @@ Thin: validate -> convert -> one call on the ``AuditApp`` -> convert back.
 from __future__ import annotations
 
 import json
-import math
 import time
 import uuid
 from datetime import UTC, datetime
@@ -17,6 +16,7 @@ from hearth.privacy.v1 import privacy_pb2_grpc as pb_grpc
 from services.common import identity
 from services.common.audit import OUTCOME_ALIASES, AuditRecord
 from services.common.errors import InvalidArgument
+from services.common.ids import check_query_ts
 from services.common.pbutil import float_to_ts
 from services.privacy.audit.app import AuditApp
 from services.privacy.audit.rows import StoredEntry
@@ -34,10 +34,7 @@ def _ts_seconds(message, name: str, field: str) -> float | None:
     if not message.HasField(name):
         return None
     ts = getattr(message, name)
-    value = ts.seconds + ts.nanos / 1e9
-    if not math.isfinite(value):
-        raise InvalidArgument("not a valid timestamp", field)
-    return value
+    return check_query_ts(ts.seconds + ts.nanos / 1e9, field)
 
 
 def record_from_pb(message: pb.AuditRecord, index: int, caller: identity.Principal,

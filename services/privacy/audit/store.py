@@ -190,6 +190,11 @@ class AuditStore:
         except (ValueError, json.JSONDecodeError):
             return None
 
+    def stored_tree_heads(self) -> list[tuple[int, str]]:
+        """Every stored signed tree head row as (tree_size column, STH JSON)."""
+        with self.db.transaction() as tx:
+            return [(int(r[0]), r[1]) for r in tx.query("SELECT tree_size, sth_json FROM audit_sth")]
+
     def export_lines(self, sth: SignedTreeHead | None) -> Iterator[str]:
         """The JSONL export (``audit.export_lines`` format) of the log up to the latest
         signed tree head; verify offline with ``hearth audit verify``."""

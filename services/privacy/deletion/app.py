@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 import time
 import uuid
@@ -219,12 +218,13 @@ class DeletionCoordinator:
     # ---- the worker ----------------------------------------------------------------------
 
     def oldest_open_age_s(self) -> float:
-        """The gauge's value. A scrape must never fail: once the database is closed
-        (shutting down) or unreachable the age is unknown, NaN, and the scrape goes on."""
+        # Called by Prometheus on every scrape, from the scraping thread: a scrape must never
+        # fail because the store is closing or briefly unreachable; "unknown" is NaN, which
+        # no alert threshold compares true against.
         try:
             oldest = self.jobs.oldest_open_created_at()
-        except Unavailable:
-            return math.nan
+        except Exception:  # noqa: BLE001 - a gauge callback has no caller to report to
+            return float("nan")
         return max(0.0, time.time() - oldest) if oldest is not None else 0.0
 
     def start(self) -> None:

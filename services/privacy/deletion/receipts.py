@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from services.common.strict_json import DuplicateKeyError, loads_unambiguous
 from services.privacy.audit.domain import canonical_json, format_ts, parse_ts
 from services.privacy.keys.signing import (
     Ed25519PrivateKey,
@@ -194,9 +195,11 @@ class DeletionReceipt:
         except ValueError as exc:
             raise ValueError(f"receipt.{exc}") from None
         if data["total_count"] != receipt.total_count:
-            raise ValueError(
-                f"receipt.total_count: {data['total_count']!r} != sum of service counts "
-                f"{receipt.total_count}"
+            # Well-formed but internally inconsistent: the receipt was altered (the signed
+            # bytes include total_count), so this is a failed verification, not bad input.
+            raise ReceiptVerificationError(
+                f"total_count {data['total_count']!r} != sum of service counts "
+                f"{receipt.total_count}: the receipt was altered"
             )
         return receipt
 
@@ -242,7 +245,9 @@ class SignedReceipt:
     @classmethod
     def from_json(cls, text: str | bytes) -> SignedReceipt:
         try:
-            data = json.loads(text)
+            data = loads_unambiguous(text)
+        except DuplicateKeyError as exc:  # two readings of one receipt: altered
+            raise ReceiptVerificationError(f"receipt: {exc}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"receipt: not valid JSON ({exc})") from None
         return cls.from_dict(data)

@@ -17,7 +17,8 @@ class KeysServicer(pb_grpc.KeysServicer):
         self._keys = keys
 
     def GetDataKey(self, request, context) -> pb.GetDataKeyResponse:
-        # The matrix lets admin do everything; key material goes to stores only.
+        # The matrix (permissions.ROLE_PERMISSIONS) already gives use_data_key to service
+        # principals only; checked again here because key material goes to stores only.
         if identity.current_principal().role is not identity.Role.SERVICE:
             raise PermissionDenied("data keys are given to service principals only", "")
         account_id = check_id(request.account_id, "account_id")

@@ -61,6 +61,37 @@ def test_verify_receipt_rejects_forgery_and_other_key(files, capsys):
     assert "INVALID" in capsys.readouterr().err
 
 
+def test_a_receipt_with_only_total_count_changed_exits_1(files, capsys):
+    d, _ = files
+    data = json.loads((d / "receipt.json").read_text())
+    data["receipt"]["total_count"] = 1  # the services still say 2
+    (d / "count.json").write_text(json.dumps(data))
+    for key in ([], ["--public-key", str(d / "pub.pem")]):
+        assert cli.main(["verify-receipt", str(d / "count.json"), *key]) == 1
+        assert "INVALID receipt" in capsys.readouterr().err
+
+
+def test_a_json_key_given_twice_is_refused_as_tampering(files, capsys):
+    d, lines = files
+    # Receipt: another "account_id" before the genuine one; json.loads keeps the last
+    # (genuine) value, so the signature verifies, while a reader sees acct-8 first.
+    text = (d / "receipt.json").read_text()
+    (d / "dup.json").write_text(text.replace('"account_id":"acct-7"', '"account_id":"acct-8","account_id":"acct-7"', 1))
+    assert cli.main(["verify-receipt", str(d / "dup.json"), "--public-key", str(d / "pub.pem")]) == 1
+    assert "duplicate key 'account_id'" in capsys.readouterr().err
+    # Export: the verifier would re-serialise the last "principal" and pass; a reader of
+    # the file sees the first one.
+    row = lines[5]
+    assert row.count('"principal":') == 1
+    start = row.index('"principal":')
+    end = row.index(",", start)
+    forged = row[:start] + '"principal":"mallory",' + row[start:end] + row[end:]
+    (d / "log.jsonl").write_text("\n".join(lines[:5] + [forged] + lines[6:]))
+    assert cli.main(["audit", "verify", str(d / "log.jsonl"), "--public-key", str(d / "pub.pem")]) == 1
+    err = capsys.readouterr().err
+    assert "INVALID audit log" in err and "line 6" in err and "duplicate key 'principal'" in err
+
+
 def test_bad_input_exits_2(files, capsys):
     d, _ = files
     (d / "junk.json").write_text("{not json")

@@ -82,7 +82,8 @@ def test_changed_count_is_rejected(signing_key):
     def inconsistent(d):
         d["receipt"]["services"]["clustering"]["count"] = 1
 
-    with pytest.raises(ValueError, match="total_count"):
+    # Only total_count changed: well-formed but altered -> a failed verification.
+    with pytest.raises(ReceiptVerificationError, match="total_count"):
         _tamper(signed, inconsistent)
 
 

@@ -1,0 +1,276 @@
+"""Regression tests, through the real gateway and the real gRPC ports, for inputs that once
+slipped through (issue 15): each is refused with a 4xx / INVALID_ARGUMENT naming the
+field, or handled as docs/security.md says."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta, timezone
+
+import grpc
+import httpx
+import pytest
+
+from gateway import auth
+from hearth.clustering.v1 import clustering_pb2 as cpb
+from hearth.clustering.v1 import clustering_pb2_grpc as cpb_grpc
+from hearth.privacy.v1 import privacy_pb2 as ppb
+from services.common import identity
+from services.common.errors import ERROR_FIELD_KEY
+from services.common.identity import Principal, Role, ServiceTokenSigner
+
+from .test_input import event, iso
+
+EVENTS_METHOD = "/hearth.clustering.v1.ClusteringService/IngestEvents"
+HOUSEHOLD_METHOD = "/hearth.clustering.v1.ClusteringService/GetHousehold"
+
+
+@pytest.fixture(scope="module")
+def admin(security_mesh):
+    with security_mesh.client(Role.ADMIN) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def officer(security_mesh):
+    with security_mesh.client(Role.PRIVACY_OFFICER) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def signer(security_mesh) -> ServiceTokenSigner:
+    return ServiceTokenSigner(security_mesh.mesh.service_token_key.encode())
+
+
+def metadata(signer: ServiceTokenSigner, principal: Principal = Principal("sec-slip-svc", Role.ADMIN)):
+    return [(identity.PRINCIPAL_KEY, principal.id), (identity.ROLE_KEY, principal.role.value),
+            (identity.TOKEN_KEY, signer.sign(principal))]
+
+
+@pytest.fixture(scope="module")
+def channel(security_mesh):
+    with grpc.insecure_channel(f"127.0.0.1:{security_mesh.mesh.grpc_ports['clustering']}") as opened:
+        yield opened
+
+
+def refused_field(exc: grpc.RpcError) -> str:
+    return dict(exc.trailing_metadata() or ()).get(ERROR_FIELD_KEY, "")
+
+
+def pb_event(account: str, event_id: str = "e-1", ts: float | None = None) -> cpb.ViewingEvent:
+    e = cpb.ViewingEvent(event_id=event_id, account_id=account, device_id="tv-1",
+                         device_type=cpb.DEVICE_TYPE_TV, kind=cpb.EVENT_KIND_HEARTBEAT, title_id="t-1")
+    e.ts.FromSeconds(int(ts if ts is not None else time.time() - 600))
+    return e
+
+
+# ---- ids ------------------------------------------------------------------------------
+
+def test_an_id_with_a_trailing_newline_is_refused_over_http(admin):
+    response = admin.post("/v1/events", json={"events": [event("sec-slip-nl\n", event_id="e-1")]})
+    assert response.status_code == 422 and response.json()["error"]["field"] == "events[0].account_id"
+    assert admin.get("/v1/household/sec-slip-nl%0A").status_code == 422
+
+
+def test_an_id_with_a_trailing_newline_is_refused_over_grpc(channel, signer):
+    stub = cpb_grpc.ClusteringServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.IngestEvents(iter([cpb.IngestEventsRequest(events=[pb_event("sec-slip-nl\n")])]),
+                          metadata=metadata(signer), timeout=15)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused_field(info.value) == "events[0].account_id"
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GetHousehold(cpb.GetHouseholdRequest(account_id="sec-slip-nl\n"), metadata=metadata(signer), timeout=15)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused_field(info.value) == "account_id"
+
+
+@pytest.mark.parametrize("subject", ["sec-jwt-user\n", "svc:privacy", "SVC:clustering"])
+def test_a_validly_signed_jwt_with_a_bad_or_reserved_subject_is_a_401(security_mesh, subject):
+    response = httpx.get(security_mesh.url + "/v1/household/sec-slip-any",
+                         headers={"Authorization": f"Bearer {security_mesh.jwt(Role.ADMIN, subject=subject)}"},
+                         timeout=10)
+    assert response.status_code == 401, response.text
+    assert response.json()["error"]["field"] == "authorization"
+
+
+def test_svc_principals_cannot_be_issued_api_keys(tmp_path):
+    keys = tmp_path / "keys.json"
+    with pytest.raises(ValueError, match="principal"):
+        auth.add_key(keys, "svc:privacy", "admin")
+    with pytest.raises(ValueError, match=r"keys\[0\]\.principal"):
+        auth.parse_api_keys([{"sha256": "0" * 64, "principal": "svc:feedback", "role": "service"}])
+    assert auth.main(["--file", str(keys), "add", "svc:privacy", "admin"]) != 0
+    assert not keys.exists()
+
+
+def test_another_household_reusing_an_event_id_is_stored(admin):
+    first = admin.post("/v1/events", json={"events": [event("sec-slip-ida", 1, event_id="shared-e-1")]})
+    second = admin.post("/v1/events", json={"events": [event("sec-slip-idb", 1, event_id="shared-e-1")]})
+    assert first.status_code == second.status_code == 200, (first.text, second.text)
+    assert (second.json()["accepted"], second.json()["duplicates"]) == (1, 0)
+    again = admin.post("/v1/events", json={"events": [event("sec-slip-ida", 1, event_id="shared-e-1")]})
+    assert (again.json()["accepted"], again.json()["duplicates"]) == (0, 1)
+    household = admin.get("/v1/household/sec-slip-idb").json()
+    assert sum(s["event_count"] for s in household["sessions"]) == 1
+
+
+# ---- timestamps -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("start", ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00", "0.5",
+                                   "1700000000", "2026-11-26", "2101-01-01T00:00:00Z"])
+def test_audit_window_bounds_out_of_range_or_not_rfc3339_are_422_naming_them(officer, start):
+    response = officer.get("/v1/audit", params={"start": start})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["field"] == "start"
+
+
+def test_audit_window_out_of_the_documented_range_is_invalid_argument_over_grpc(security_mesh, signer):
+    with grpc.insecure_channel(f"127.0.0.1:{security_mesh.mesh.grpc_ports['privacy']}") as ch:
+        query = ch.unary_unary("/hearth.privacy.v1.AuditLog/QueryAudit" if _has_audit_service() else
+                               "/hearth.privacy.v1.PrivacyService/QueryAudit",
+                               request_serializer=ppb.QueryAuditRequest.SerializeToString,
+                               response_deserializer=ppb.QueryAuditResponse.FromString)
+        request = ppb.QueryAuditRequest(limit=1)
+        request.window.start.seconds = -62135647200  # 0001-01-01T00:00:00+14:00
+        with pytest.raises(grpc.RpcError) as info:
+            query(request, metadata=metadata(signer, Principal("sec-slip-po", Role.PRIVACY_OFFICER)), timeout=15)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert refused_field(info.value) == "window.start"
+
+
+def _has_audit_service() -> bool:
+    return ppb.DESCRIPTOR.services_by_name.get("AuditLog") is not None
+
+
+def test_events_beyond_the_documented_future_skew_are_refused_naming_ts(admin, channel, signer):
+    ahead = datetime.now(timezone.utc) + timedelta(hours=1)
+    response = admin.post("/v1/events", json={"events": [event("sec-slip-future", ts=iso(ahead.timestamp()))]})
+    assert response.status_code == 422 and response.json()["error"]["field"] == "events[0].ts"
+    # Within the skew (a device clock a few minutes fast) is accepted.
+    near = admin.post("/v1/events", json={"events": [event("sec-slip-future", 2, ts=iso(time.time() + 120))]})
+    assert near.status_code == 200 and near.json()["accepted"] == 1
+    stub = cpb_grpc.ClusteringServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.IngestEvents(iter([cpb.IngestEventsRequest(events=[pb_event("sec-slip-future", "e-9", time.time() + 3600)])]),
+                          metadata=metadata(signer), timeout=15)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused_field(info.value) == "events[0].ts"
+
+
+def test_a_duplicate_id_carrying_a_future_time_does_not_make_later_events_late(admin):
+    account = "sec-slip-dupfuture"
+    base = time.time() - 3 * 3600
+    first = admin.post("/v1/events", json={"events": [event(account, i, ts=iso(base + i * 60)) for i in range(3)]})
+    assert first.json()["accepted"] == 3
+    # The same id again, now stamped as late as allowed: a duplicate, so nothing moves.
+    dup = admin.post("/v1/events", json={"events": [event(account, 2, ts=iso(time.time() + 300))]})
+    assert (dup.json()["accepted"], dup.json()["duplicates"], dup.json()["rejected_late"]) == (0, 1, 0)
+    following = admin.post("/v1/events", json={"events": [event(account, i, ts=iso(base + i * 60))
+                                                           for i in range(3, 13)]})
+    assert (following.json()["accepted"], following.json()["rejected_late"]) == (10, 0)
+
+
+# ---- loose parsing --------------------------------------------------------------------
+
+@pytest.mark.parametrize("field,value", [("vpn", "yes"), ("vpn", 1), ("duration_s", "60"), ("ts", 1700000000),
+                                         ("genres", "drama")])
+def test_lax_coercion_is_refused_naming_the_field(admin, field, value):
+    response = admin.post("/v1/events", json={"events": [event("sec-slip-lax", **{field: value})]})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["field"] == f"events[0].{field}"
+
+
+@pytest.mark.parametrize("body,field", [({"processing": "no", "attribution": True}, "processing"),
+                                        ({"processing": True, "attribution": 0}, "attribution")])
+def test_consent_flags_must_be_json_booleans(officer, body, field):
+    response = officer.put("/v1/consent/sec-slip-consent", json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["field"] == field
+
+
+def _refusals(client: httpx.Client, event_type: str, target: str) -> int:
+    page = client.get("/v1/audit", params={"event_type": event_type, "resource_prefix": f"route:{target}",
+                                           "limit": 10_000})
+    assert page.status_code == 200, page.text
+    return len(page.json()["records"])
+
+
+def _wait_for(client, event_type, target, at_least) -> int:
+    deadline = time.monotonic() + 20  # the gateway's audit sink sends in batches
+    while (now := _refusals(client, event_type, target)) < at_least and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return now
+
+
+def test_a_malformed_body_without_credentials_is_401_and_audited(security_mesh, admin):
+    target = "PUT /v1/consent/{account_id}"
+    before = _refusals(admin, "authentication_failure", target)
+    for body in (b"{not json", b'{"processing": "no"}'):
+        response = httpx.put(security_mesh.url + "/v1/consent/sec-slip-anon", content=body,
+                             headers={"Content-Type": "application/json"}, timeout=10)
+        assert response.status_code == 401, response.text
+    assert _wait_for(admin, "authentication_failure", target, before + 2) >= before + 2
+
+
+def test_a_malformed_body_from_a_role_without_the_permission_is_403_and_audited(security_mesh, admin):
+    target = "PUT /v1/consent/{account_id}"
+    before = _refusals(admin, "permission_denied", target)
+    with security_mesh.client(Role.ANALYST) as analyst:
+        response = analyst.put("/v1/consent/sec-slip-analyst", content=b"[[[", headers={"Content-Type": "application/json"})
+    assert response.status_code == 403, response.text
+    assert _wait_for(admin, "permission_denied", target, before + 1) >= before + 1
+
+
+def _raw(channel, method, payload: bytes, md, streaming: bool):
+    same = lambda b: b  # noqa: E731
+    if streaming:
+        return channel.stream_unary(method, same, same)(iter([payload]), metadata=md, timeout=15)
+    return channel.unary_unary(method, same, same)(payload, metadata=md, timeout=15)
+
+
+MALFORMED = {
+    "truncated": b"\x0a\xff\xff\xff\xff\x0f",
+    "bad_wire_type": b"\x0f\x01\x02",
+    "deeply_nested": b"\x7b" * 5000 + b"\x7c" * 5000,  # unknown field 15, groups in groups
+    "bad_utf8_string": b"\x0a\x02\xc3\x28",
+}
+
+
+@pytest.mark.parametrize("payload", MALFORMED.values(), ids=MALFORMED.keys())
+@pytest.mark.parametrize("method,streaming", [(HOUSEHOLD_METHOD, False), (EVENTS_METHOD, True)],
+                         ids=["unary", "client_stream"])
+def test_malformed_protobuf_is_invalid_argument_not_internal(channel, signer, method, streaming, payload):
+    with pytest.raises(grpc.RpcError) as info:
+        _raw(channel, method, payload, metadata(signer), streaming)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert refused_field(info.value) == "request"
+    # Credentials are still checked first.
+    with pytest.raises(grpc.RpcError) as info:
+        _raw(channel, method, payload, [], streaming)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+# ---- verification ---------------------------------------------------------------------
+
+def test_admin_may_not_fetch_data_keys_and_the_table_says_so(security_mesh, signer):
+    from pathlib import Path
+
+    from services.common import permissions
+
+    with grpc.insecure_channel(f"127.0.0.1:{security_mesh.mesh.grpc_ports['privacy']}") as ch:
+        method = next(f"/hearth.privacy.v1.{name}/GetDataKey" for name, service in
+                      ppb.DESCRIPTOR.services_by_name.items() if "GetDataKey" in service.methods_by_name)
+        call = ch.unary_unary(method, request_serializer=ppb.GetDataKeyRequest.SerializeToString,
+                              response_deserializer=ppb.GetDataKeyResponse.FromString)
+        with pytest.raises(grpc.RpcError) as info:
+            call(ppb.GetDataKeyRequest(account_id="sec-slip-keys"),
+                 metadata=metadata(signer, Principal("sec-slip-admin", Role.ADMIN)), timeout=15)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert call(ppb.GetDataKeyRequest(account_id="sec-slip-keys"),
+                    metadata=metadata(signer, Principal("svc:clustering", Role.SERVICE)), timeout=15).dek
+    assert not permissions.allowed(Role.ADMIN, permissions.Permission.USE_DATA_KEY)
+    table = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
+    row = next(line for line in table.splitlines() if "/GetDataKey`" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "—"  # the admin column
