@@ -3,7 +3,7 @@
     python -m bench.verify [--quick] [--soak-min N] [--backend sqlite|postgres]
                            [--replicas 1|2] [--out DIR]
 
-Starts every service and the gateway as real processes (``services.mesh.Mesh``), seeds
+Starts every service and the gateway as real processes (``services.testing.mesh.Mesh``), seeds
 realistic households through the public HTTP API, then:
 
 1. **Transport floor** (``bench/floor.py``), started beside the mesh and measured in the
@@ -47,7 +47,7 @@ import numpy as np
 
 from bench._common import cpu_model, log
 from bench._servers import Postgres, Redis, free_port
-from services.mesh import SERVICE_MODULES, Mesh, write_api_key
+from services.testing.mesh import SERVICE_MODULES, Mesh, write_api_key
 
 ROOT = Path(__file__).resolve().parents[1]
 MIXED = {"assign_session": 0.35, "assign_vector": 0.25, "household": 0.15, "events": 0.15,
