@@ -18,7 +18,7 @@ import time
 
 import httpx
 
-from services.mesh import ROOT, Mesh, write_api_key
+from services.testing.mesh import ROOT, Mesh, write_api_key
 
 DAY = 86400.0
 
