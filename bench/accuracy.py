@@ -1,7 +1,12 @@
 """Clustering accuracy on simulated households: `python -m bench.accuracy [--quick] [--calibrate]`.
 
 Prints progress and the scikit-learn GMM+BIC reference line to stderr and ONE JSON
-object on the last stdout line: {"default": {...}, "easy": {...}, "hard": {...}}.
+object on the last stdout line: {"default": {...}, "easy": {...}, "hard": {...},
+"worlds": {...}}. The "worlds" block scores the randomized world families of
+bench/worlds.py (REPORTING split only) beside majority, device heuristic, sklearn
+GMM+BIC, k-means with the true k and a supervised oracle (bench/_worlds_eval.py);
+``--worlds-only`` / ``--no-worlds`` run one part, ``--calibrate-confidence`` fits the
+model's confidence map on the TUNING worlds.
 
 Seeds: evaluation households use seeds 1000+ (never used for tuning); the temperature
 and the drift thresholds shipped in the code were calibrated with ``--calibrate`` on

@@ -6,7 +6,7 @@ import signal
 import sys
 import time
 
-from services.mesh import ROOT, Mesh, write_api_key
+from services.testing.mesh import ROOT, Mesh, write_api_key
 
 
 def main() -> int:
@@ -28,6 +28,7 @@ def main() -> int:
         for name, status in health["services"].items():
             print(f"  {name:<12} grpc 127.0.0.1:{mesh.grpc_ports[name]}  "
                   f"metrics http://127.0.0.1:{mesh.metrics_ports[name]}/metrics  {status}")
+        print(f"  gateway      metrics http://127.0.0.1:{mesh.gateway_metrics_port}/metrics")
         print(f"  API docs     {mesh.url}/docs   OpenAPI {mesh.url}/openapi.json")
         print(f"\nDemo API key (admin): {key}\n\nTry:\n"
               f"  curl -s -X POST {mesh.url}/v1/events -H 'X-API-Key: {key}' "

@@ -148,7 +148,8 @@ def _result(x: apb.AttributionResult) -> AttributionResultOut:
         sel = {"chosen": o.chosen, "log_loss": {str(k): v for k, v in sorted(o.log_loss.items())},
                "log_loss_se": {str(k): v for k, v in sorted(o.log_loss_se.items())},
                "margin": o.margin, "margin_se": o.margin_se, "margin_vs_order1": o.margin_vs_order1,
-               "margin_vs_order1_se": o.margin_vs_order1_se, "fallback": o.fallback or None}
+               "margin_vs_order1_se": o.margin_vs_order1_se, "fallback": o.fallback or None,
+               "at_upper_bound": o.at_upper_bound}
     return AttributionResultOut(
         scope=x.scope, account_id=x.account_id or None, person_id=x.person_id or None,
         credit=_table(x.credit), baselines=[_table(b) for b in x.baselines], journeys=x.journeys,

@@ -69,7 +69,7 @@ def _order_selection(d: dict) -> pb.OrderSelection:
         margin=float(d.get("margin", 0.0)), margin_se=float(d.get("margin_se", 0.0)),
         margin_vs_order1=float(d.get("margin_vs_order1", 0.0)),
         margin_vs_order1_se=float(d.get("margin_vs_order1_se", 0.0)),
-        fallback=d.get("fallback", ""))
+        fallback=d.get("fallback", ""), at_upper_bound=bool(d.get("at_upper_bound", False)))
 
 
 def scoped_to_pb(s: ScopedReport) -> pb.AttributionResult:

@@ -20,6 +20,7 @@ from tests.deploy.conftest import (
     NAMESPACE,
     PRODUCTION_VALUES,
     RELEASE,
+    ROOT,
     RULES,
     TARGET_KUBE_VERSION,
     HelmError,
@@ -40,6 +41,11 @@ SCENARIOS = {
     "client-side-balancing": dict(set_values=("mesh.clientSideBalancing=true", "redis.enabled=true",
                                               "serviceMonitor.enabled=true", "prometheusRule.enabled=true",
                                               "image.digest=sha256:" + "a" * 64)),
+    "tls-ingress": dict(values_files=(PRODUCTION_VALUES,), set_values=(
+        "tls.mesh.secretName=hearth-mesh-tls", "tls.https.secretName=hearth-https",
+        "ingress.enabled=true", "ingress.className=nginx", "ingress.hosts[0].host=hearth.example.com",
+        "ingress.tls[0].secretName=hearth-public-tls", "ingress.tls[0].hosts[0]=hearth.example.com",
+        "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.team=monitoring")),
 }
 
 
@@ -425,7 +431,11 @@ def test_sqlite_with_more_than_one_replica_is_refused(render, override):
 
 
 @pytest.mark.parametrize("bad, message", [
-    ("storage.backend=mysql", "storage.backend must be postgres or sqlite"),
+    # values.schema.json: unknown keys and values fail with their path.
+    ("storage.backend=mysql", "at '/storage/backend': value must be one of 'postgres', 'sqlite'"),
+    ("gateway.metricPort=9100", "at '/gateway': additional properties 'metricPort' not allowed"),
+    ("services.clustering.replica=3", "at '/services/clustering': additional properties 'replica' not allowed"),
+    ("tracing.protocol=http/json", "at '/tracing/protocol': value must be one of 'grpc', 'http/protobuf'"),
     ("serviceToken.secretName=", "serviceToken.secretName and serviceToken.secretKey are required"),
     ("services.clustering.metricsPort=50051", "services.clustering: grpcPort and metricsPort must differ"),
     ("gateway.autoscaling.minReplicas=20", "gateway.autoscaling: minReplicas must be <= maxReplicas"),
@@ -517,3 +527,96 @@ def test_backup_with_sqlite_is_refused(render, helm, helm_env):
                            "--set", "backup.enabled=true", "--set", "backup.existingClaim=c"],
                           capture_output=True, text=True, env=helm_env)
     assert done.returncode != 0 and "backup.enabled: scheduled backups need storage.backend=postgres" in done.stderr
+
+
+
+def test_each_component_runs_under_its_own_service_account_without_a_token(render):
+    objects = render(values_files=(PRODUCTION_VALUES,))
+    accounts = by_kind(objects, "ServiceAccount")
+    names = set()
+    for component in COMPONENTS:
+        pod = deployment_of(objects, component)["spec"]["template"]["spec"]
+        assert pod["serviceAccountName"] == component_name(component)
+        assert accounts[component_name(component)]["automountServiceAccountToken"] is False
+        names.add(pod["serviceAccountName"])
+    assert len(names) == len(COMPONENTS)
+    (cron,) = by_kind(objects, "CronJob").values()
+    assert cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["serviceAccountName"] in accounts
+
+
+def test_network_policies_deny_by_default_and_allow_only_the_callers(render):
+    objects = render(**SCENARIOS["tls-ingress"])
+    policies = by_kind(objects, "NetworkPolicy")
+    deny = next(p for name, p in policies.items() if name.endswith("-default-deny"))
+    assert deny["spec"]["policyTypes"] == ["Ingress"] and "ingress" not in deny["spec"]
+    assert deny["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/part-of"] == "hearth"
+    peers = CHART_VALUES["networkPolicy"]["peers"]
+    for component in GRPC_SERVICES:
+        policy = policies[component_name(component)]
+        assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == component
+        grpc_rule, metrics_rule = policy["spec"]["ingress"]
+        assert grpc_rule["ports"] == [{"port": CHART_VALUES["services"][component]["grpcPort"], "protocol": "TCP"}]
+        callers = {f["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for f in grpc_rule["from"]}
+        assert callers == set(peers[component]) and component not in callers
+        assert metrics_rule["from"] == [{"namespaceSelector": {"matchLabels": {"team": "monitoring"}}}]
+    gateway = policies[component_name("gateway")]
+    assert [r["ports"][0]["port"] for r in gateway["spec"]["ingress"]] == [
+        CHART_VALUES["gateway"]["port"], CHART_VALUES["gateway"]["metricsPort"]]
+    # Every component is selected by exactly one allow policy.
+    assert len(policies) == 1 + len(COMPONENTS)
+
+
+def test_tls_secrets_are_mounted_and_wired_to_the_settings(render):
+    objects = render(**SCENARIOS["tls-ingress"])
+    for component in COMPONENTS:
+        deployment = deployment_of(objects, component)
+        env = effective_env(deployment, objects)
+        assert env["HEARTH_TLS_CERT"] == "/etc/hearth/tls/mesh/tls.crt", component
+        assert env["HEARTH_TLS_CA"] == "/etc/hearth/tls/mesh/ca.crt"
+        mounts = {m["name"]: m for m in container(deployment)["volumeMounts"]}
+        assert mounts["mesh-tls"]["mountPath"] == "/etc/hearth/tls/mesh" and mounts["mesh-tls"]["readOnly"]
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["mesh-tls"]["secret"]["secretName"] == "hearth-mesh-tls"
+        assert ("HEARTH_HTTPS_CERT" in env) == (component == "gateway")
+    gateway = deployment_of(objects, "gateway")
+    volumes = {v["name"]: v for v in gateway["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["https-tls"]["secret"]["secretName"] == "hearth-https"
+    # Without the values nothing TLS is rendered.
+    plain = render()
+    assert "HEARTH_TLS_CERT" not in effective_env(deployment_of(plain, "clustering"), plain)
+
+
+def test_ingress_routes_to_the_public_gateway_port_only(render):
+    objects = render(**SCENARIOS["tls-ingress"])
+    (ingress,) = by_kind(objects, "Ingress").values()
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["spec"]["tls"] == [{"secretName": "hearth-public-tls", "hosts": ["hearth.example.com"]}]
+    (rule,) = ingress["spec"]["rules"]
+    (path,) = rule["http"]["paths"]
+    assert path["backend"]["service"] == {"name": component_name("gateway"), "port": {"name": "http"}}
+    assert not by_kind(render(), "Ingress")
+
+
+def test_helm_test_hook_checks_gateway_health(render):
+    objects = render()
+    (pod,) = [o for o in objects if o["kind"] == "Pod"]
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    script = pod["spec"]["containers"][0]["command"][-1]
+    assert f"http://{component_name('gateway')}." in script and "/health" in script
+    assert '"SERVING"' in script
+    assert pod["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+
+def test_values_schema_is_generated_from_values_yaml():
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "scripts/gen_values_schema.py", "--check"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_values_schema_accepts_the_optional_component_keys(render):
+    objects = render(set_values=("services.clustering.nodeSelector.disk=ssd", "gateway.env.HEARTH_ACCESS_LOG=false",
+                                 "services.feedback.autoscaling.targetMemoryUtilizationPercentage=80"))
+    assert deployment_of(objects, "clustering")["spec"]["template"]["spec"]["nodeSelector"] == {"disk": "ssd"}

@@ -88,6 +88,7 @@ def test_person_level_credit_follows_each_persons_channels(stubs):
     assert hh.bootstrap_replicates == 50 and hh.confidence_level == pytest.approx(0.95)
     # Every journey here converts: nothing to predict, so auto falls back to order 1 and says so.
     assert hh.markov_order == hh.order_selection.chosen == 1 and "non-converting" in hh.order_selection.fallback
+    assert not hh.order_selection.at_upper_bound
     for c in hh.credit.channels:
         assert c.conversions_interval.lower <= c.conversions + 1e-9 <= c.conversions_interval.upper + 2e-9
     assert all(ch.HasField("conversions_interval") for b in hh.baselines for ch in b.channels)

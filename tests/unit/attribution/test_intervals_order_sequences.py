@@ -330,3 +330,9 @@ def test_persona_prior_through_attribute_and_its_bootstrap() -> None:
     with pytest.raises(AttributionInputError) as exc:
         attribute(PATHS, "markov", prior_paths=persona, prior_strength=-1)
     assert exc.value.field == "prior_strength"
+
+
+def test_auto_order_flags_a_win_at_the_largest_candidate() -> None:
+    sel = choose_order(_second_order_world(3000, 3), max_order=2)
+    assert sel.chosen == 2 and sel.to_dict()["at_upper_bound"] is True
+    assert choose_order(_second_order_world(3000, 3)).to_dict()["at_upper_bound"] is False

@@ -56,6 +56,7 @@ spec:
             - name: HEARTH_METRICS_PORT
               value: {{ $svc.metricsPort | quote }}
             {{- include "hearth.commonEnv" $ctx | trim | nindent 12 }}
+            {{- include "hearth.tlsEnv" $ctx | nindent 12 }}
             {{- if and (eq $name "privacy") $svc.keys $svc.keys.secretName }}
             - name: HEARTH_RECEIPT_SIGNING_KEY
               valueFrom:
@@ -99,6 +100,7 @@ spec:
               mountPath: /tmp
             - name: data
               mountPath: /var/lib/hearth
+            {{- include "hearth.tlsVolumeMounts" $ctx | nindent 12 }}
       volumes:
         - name: tmp
           emptyDir:
@@ -106,6 +108,7 @@ spec:
         - name: data
           emptyDir:
             sizeLimit: {{ $root.Values.storage.dataDir.sizeLimit }}
+        {{- include "hearth.tlsVolumes" $ctx | nindent 8 }}
 ---
 apiVersion: v1
 kind: Service

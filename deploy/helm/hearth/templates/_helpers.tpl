@@ -58,11 +58,64 @@ app.kubernetes.io/component: {{ .name }}
 {{- if eq .name "gateway" }}{{ toYaml .root.Values.gateway }}{{ else }}{{ toYaml (index .root.Values.services .name) }}{{ end }}
 {{- end }}
 
+{{/* One ServiceAccount per component (ctx: root, name): a workload identity of its own
+     for cloud IAM bindings and audit; none of them may call the Kubernetes API. */}}
 {{- define "hearth.serviceAccountName" -}}
-{{- if .Values.serviceAccount.create }}
-{{- default (include "hearth.fullname" .) .Values.serviceAccount.name }}
+{{- if .root.Values.serviceAccount.create }}
+{{- include "hearth.componentName" . }}
 {{- else }}
-{{- default "default" .Values.serviceAccount.name }}
+{{- default "default" .root.Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Components that get a ServiceAccount (and a NetworkPolicy). */}}
+{{- define "hearth.components" -}}
+clustering attribution privacy feedback gateway
+{{- end }}
+
+{{/* Mesh TLS (HEARTH_TLS_*) and gateway HTTPS (HEARTH_HTTPS_*) from mounted Secrets. */}}
+{{- define "hearth.tlsEnv" -}}
+{{- if .root.Values.tls.mesh.secretName }}
+- name: HEARTH_TLS_CERT
+  value: /etc/hearth/tls/mesh/tls.crt
+- name: HEARTH_TLS_KEY
+  value: /etc/hearth/tls/mesh/tls.key
+- name: HEARTH_TLS_CA
+  value: /etc/hearth/tls/mesh/ca.crt
+{{- end }}
+{{- if and (eq .name "gateway") .root.Values.tls.https.secretName }}
+- name: HEARTH_HTTPS_CERT
+  value: /etc/hearth/tls/https/tls.crt
+- name: HEARTH_HTTPS_KEY
+  value: /etc/hearth/tls/https/tls.key
+{{- end }}
+{{- end }}
+
+{{- define "hearth.tlsVolumeMounts" -}}
+{{- if .root.Values.tls.mesh.secretName }}
+- name: mesh-tls
+  mountPath: /etc/hearth/tls/mesh
+  readOnly: true
+{{- end }}
+{{- if and (eq .name "gateway") .root.Values.tls.https.secretName }}
+- name: https-tls
+  mountPath: /etc/hearth/tls/https
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "hearth.tlsVolumes" -}}
+{{- if .root.Values.tls.mesh.secretName }}
+- name: mesh-tls
+  secret:
+    secretName: {{ .root.Values.tls.mesh.secretName }}
+    defaultMode: 0440
+{{- end }}
+{{- if and (eq .name "gateway") .root.Values.tls.https.secretName }}
+- name: https-tls
+  secret:
+    secretName: {{ .root.Values.tls.https.secretName }}
+    defaultMode: 0440
 {{- end }}
 {{- end }}
 
@@ -221,7 +274,7 @@ annotations:
 {{/* Pod spec fields shared by every component (before containers). */}}
 {{- define "hearth.podCommon" -}}
 {{- $root := .root }}
-serviceAccountName: {{ include "hearth.serviceAccountName" $root }}
+serviceAccountName: {{ include "hearth.serviceAccountName" . }}
 # The services never call the Kubernetes API.
 automountServiceAccountToken: false
 {{- with $root.Values.imagePullSecrets }}

@@ -1,0 +1,46 @@
+"""The rollback decisions of services/rollout.py that need no process: which webhook
+payloads roll back, which experiment results breach, which step lists are accepted."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from services.rollout import _steps, check_guards, rollback_reason
+
+
+def _alert(status="firing", action="rollback", name="HearthRollbackErrors"):
+    labels = {"alertname": name, **({"action": action} if action else {})}
+    return {"status": status, "labels": labels, "annotations": {"summary": "gateway: 1% 5xx"}}
+
+
+def test_only_firing_rollback_alerts_roll_back():
+    assert rollback_reason({"alerts": [_alert()]}) == "alert HearthRollbackErrors: gateway: 1% 5xx"
+    assert rollback_reason({"alerts": [_alert(status="resolved")]}) is None
+    assert rollback_reason({"alerts": [_alert(action=None)]}) is None
+    assert rollback_reason({"alerts": [_alert(action="page")]}) is None
+    assert rollback_reason({}) is None
+    assert rollback_reason({"alerts": ["junk", None, 3]}) is None
+    both = rollback_reason({"alerts": [_alert(name="B"), _alert(name="A"), _alert(status="resolved", name="C")]})
+    assert both.startswith("alert A, B:")
+
+
+def test_accuracy_guard_needs_enough_samples_and_names_the_challenger_only():
+    results = {"results": [{"variant": "kmeans", "n": 10, "accuracy": 0.5, "brier": 0.3},
+                           {"variant": "gmm", "n": 500, "accuracy": 0.4, "brier": 0.3}]}
+    (breach,) = check_guards(results, "kmeans", min_samples=10, prometheus=None)
+    assert breach.guard == "accuracy" and breach.value == 0.5 and breach.limit == 0.65
+    assert check_guards(results, "kmeans", min_samples=11, prometheus=None) == []
+    fine = {"results": [{"variant": "kmeans", "n": 900, "accuracy": 0.65, "brier": 0.1}]}
+    assert check_guards(fine, "kmeans", min_samples=10, prometheus=None) == []   # at the floor: not below
+
+
+@pytest.mark.parametrize("text", ["", "5,x", "0,50", "50,25", "5,101"])
+def test_bad_step_lists_are_refused(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        _steps(text)
+
+
+def test_steps_parse():
+    assert _steps("5,25,50,100") == [5.0, 25.0, 50.0, 100.0]
