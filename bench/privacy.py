@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from hearth.common.v1 import common_pb2
     from services.common.pbutil import float_to_ts
-    from services.privacy import inprocess
+    from services.testing import inprocess
 
     import logging
     logging.basicConfig(level=logging.ERROR)

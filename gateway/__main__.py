@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import uvicorn
-from pydantic import ValidationError
 
 from gateway.app import create_app
 from gateway.config import GatewaySettings
-from services.common import telemetry
+from services.common import config, telemetry
 
 
 def uvicorn_options(log_level: str) -> dict:
@@ -23,12 +22,7 @@ def uvicorn_options(log_level: str) -> dict:
 
 
 def main() -> None:
-    try:
-        settings = GatewaySettings()
-    except ValidationError as exc:
-        lines = [f"  HEARTH_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" if e["loc"]
-                 else f"  {e['msg']}" for e in exc.errors()]
-        raise SystemExit("invalid configuration:\n" + "\n".join(lines)) from None
+    settings = config.load(GatewaySettings)   # exits naming a bad or unknown HEARTH_* variable
     # /metrics on its own port (settings.metrics_port), like the services.
     telemetry.setup_telemetry("gateway", settings.trace_export, settings.log_level,
                               settings.metrics_port or None, settings.host)

@@ -10,7 +10,7 @@ Two schemes, exactly one per request (both at once is refused):
                  "role": "analyst", "created_at": "...", "expires_at": null}],
        "revoked": ["k_0f0f0f"]}
 
-  A plain list of records (the format ``services.mesh.write_api_key`` writes) is also
+  A plain list of records (the format ``services.testing.mesh.write_api_key`` writes) is also
   read; a record without ``id`` gets ``sha256:<first 12 hex>``. Rotation: a principal may
   hold several keys; add the new one, move clients, revoke the old one. Revocation:
   put the id in ``revoked`` (or ``"revoked": true`` on the record). The gateway checks the

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.common.config import HearthSettings
 from services.common.permissions import route_permission
 from services.common.telemetry import check_trace_export
 
@@ -21,8 +21,7 @@ class RateLimitSpec(BaseModel):
     burst: int = Field(ge=1, le=1_000_000)
 
 
-class GatewaySettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="HEARTH_", extra="ignore", frozen=True)
+class GatewaySettings(HearthSettings):
 
     host: str = "127.0.0.1"
     gateway_port: int = 8080

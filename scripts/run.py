@@ -6,7 +6,7 @@ import signal
 import sys
 import time
 
-from services.mesh import ROOT, Mesh, write_api_key
+from services.testing.mesh import ROOT, Mesh, write_api_key
 
 
 def main() -> int:

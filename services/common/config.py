@@ -6,6 +6,9 @@ names the variable (``ConfigError``), instead of failing later at first use.
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -29,8 +32,81 @@ class ConfigError(SystemExit):
     """Raised (and exits the process) when configuration is invalid."""
 
 
-class ServiceSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+class HearthSettings(BaseSettings):
+    """The base of every component's settings (ServiceSettings and its per-service
+    subclasses, GatewaySettings): ``HEARTH_*`` variables, frozen once loaded, and
+    ``extra="forbid"`` so a misspelt keyword override fails. pydantic-settings does not
+    look at environment variables that match no field, so ``load`` also refuses every
+    ``HEARTH_*`` variable that no component reads (``check_environment``)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+
+# The modules defining settings classes: every process checks the environment against
+# the variables of ALL components, because one environment (a compose file, the test
+# mesh, a shell) often serves several, and a variable meant for the gateway is not a
+# typo in the clustering service. Imported by name: config imports no component.
+SETTINGS_MODULES = ("services.common.config", "services.feedback.settings", "services.privacy.settings",
+                    "gateway.config")
+
+# HEARTH_* variables read outside the settings classes, each by the one function that
+# takes it as an explicit input (and validates it, naming it), or by tooling around
+# the processes rather than by the processes themselves.
+OTHER_VARIABLES: dict[str, str] = {
+    "HEARTH_SERVICE_TOKEN_KEY": "services/common/identity.py signer_from_env",
+    "HEARTH_SERVICE_TOKEN_TTL_S": "services/common/identity.py signer_from_env",
+    "HEARTH_TLS_CERT": "services/common/tls.py material_from_env",
+    "HEARTH_TLS_KEY": "services/common/tls.py material_from_env",
+    "HEARTH_TLS_CA": "services/common/tls.py material_from_env",
+    "HEARTH_TLS_SERVER_NAME": "services/common/tls.py material_from_env",
+    "HEARTH_AUDIT_SIGNING_KEY": "services/privacy/audit/app.py load_signing_key",
+    "HEARTH_AUDIT_SIGNING_KEY_FILE": "services/privacy/audit/app.py load_signing_key",
+    "HEARTH_SHARED_DATA": "tests and .ci/run: where external test data lives",
+    "HEARTH_PROVISION_DRY_RUN": "scripts/provision.sh",
+    "HEARTH_BENCH_POSTGRES_DSN": "bench/: the PostgreSQL a benchmark uses",
+    "HEARTH_ROLLOUT_API_KEY": "services/rollout.py: the rollout CLI's gateway key",
+    "HEARTH_ROLLOUT_WEBHOOK_TOKEN": "services/rollout.py: the rollback webhook's bearer token",
+}
+
+
+def _settings_classes() -> list[type[HearthSettings]]:
+    import importlib
+
+    for module in SETTINGS_MODULES:
+        importlib.import_module(module)
+    found, todo = [], [HearthSettings]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            found.append(sub)
+            todo.append(sub)
+    return found
+
+
+def known_variables() -> set[str]:
+    """Every HEARTH_* variable some Hearth component reads."""
+    names = {ENV_PREFIX + field.upper() for cls in _settings_classes() for field in cls.model_fields}
+    return names | set(OTHER_VARIABLES)
+
+
+def check_environment(environ: Mapping[str, str] | None = None) -> None:
+    """Stop (ConfigError naming them) on HEARTH_* variables no component reads: a
+    misspelt variable would otherwise be silently ignored and its default used."""
+    env = os.environ if environ is None else environ
+    unknown = sorted(name for name in env if name.startswith(ENV_PREFIX))
+    if not unknown:
+        return
+    known = known_variables()
+    unknown = [name for name in unknown if name not in known]
+    if unknown:
+        lines = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            lines.append(f"  {name}: not a Hearth setting{hint}")
+        raise ConfigError("invalid configuration: unknown variable(s)\n" + "\n".join(lines))
+
+
+class ServiceSettings(HearthSettings):
 
     service_name: str = "clustering"
     host: str = "127.0.0.1"
@@ -109,6 +185,7 @@ class ServiceSettings(BaseSettings):
 def load(settings_cls: type[BaseSettings] = ServiceSettings, **overrides):
     """Build settings from the environment (and overrides); exit with a clear message
     naming the variable on any invalid value."""
+    check_environment()
     try:
         return settings_cls(**overrides)
     except ValidationError as exc:

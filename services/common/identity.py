@@ -21,7 +21,7 @@ principal without a token (``peer_verified=True``).
 
 Without ``HEARTH_SERVICE_TOKEN_KEY`` a process signs with a random key of its own: calls
 inside one process (in-process tests) still work, and every remote caller is refused —
-the safe failure. ``services.mesh.Mesh`` generates and passes a key to every process.
+the safe failure. ``services.testing.mesh.Mesh`` generates and passes a key to every process.
 
 Failed authentications and permission denials are reported through
 ``report_security_event``: it counts them in Prometheus and calls every listener

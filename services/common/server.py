@@ -298,13 +298,15 @@ def serve(service: str, register: Callable[[grpc.Server], Iterable[str]], settin
     log.info("stopped")
 
 
-def run_service(name: str, build: Callable) -> None:
+def run_service(name: str, build: Callable, settings_cls: type | None = None) -> None:
     """Entry point shared by every ``python -m services.<name>``: load and validate the
-    configuration, let ``build(settings)`` wire the service (returning
+    configuration once (``settings_cls``, the service's settings class; the shared
+    ``ServiceSettings`` by default; an unknown or bad HEARTH_* variable stops the process
+    naming it), let ``build(settings)`` wire the service (returning
     ``[(add_servicer_fn, servicer, full_service_name)], [closers]``), then serve()."""
     from services.common import config
 
-    settings = config.load(service_name=name)
+    settings = config.load(settings_cls or config.ServiceSettings, service_name=name)
     # Logging (JSON), tracing and /metrics before build(): what build() logs (generated
     # development keys, a worker resuming jobs) is JSON too. serve() finds it done.
     telemetry.setup_telemetry(name, settings.trace_export, settings.log_level,

@@ -40,4 +40,4 @@ def build(settings):
 
 
 if __name__ == "__main__":
-    run_service(NAME, build)
+    run_service(NAME, build, FeedbackSettings)

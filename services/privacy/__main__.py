@@ -13,7 +13,7 @@ from services.privacy.deletion.app import DeletionCoordinator, GrpcPeers, retry_
 from services.privacy.deletion.store import DeletionJobStore
 from services.privacy.keys.store import DataKeyStore
 from services.privacy.keys.app import KeyService, load_keks, load_signing_key
-from services.privacy.settings import privacy_settings
+from services.privacy.settings import PrivacySettings, privacy_settings
 from services.privacy.audit.servicer import SERVICE_NAME as AUDIT_LOG
 from services.privacy.audit.servicer import AuditLogServicer
 from services.privacy.consent.servicer import SERVICE_NAME as CONSENT
@@ -63,4 +63,4 @@ def build_deletion(settings, db, store):
 
 
 if __name__ == "__main__":
-    run_service(NAME, build)
+    run_service(NAME, build, PrivacySettings)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.mesh import Mesh, write_api_key
+from services.testing.mesh import Mesh, write_api_key
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ from hearth.feedback.v1 import feedback_pb2 as fpb
 from hearth.feedback.v1 import feedback_pb2_grpc as fpb_grpc
 from services.common.identity import PRINCIPAL_KEY, ROLE_KEY, TOKEN_KEY, Principal, Role, ServiceTokenSigner
 from services.common.pbutil import float_to_ts
-from services.mesh import ROOT, SERVICE_MODULES, Mesh, free_port, write_api_key
+from services.testing.mesh import ROOT, SERVICE_MODULES, Mesh, free_port, write_api_key
 
 DASHBOARDS = ROOT / "deploy" / "helm" / "hearth" / "dashboards"
 RULES = ROOT / "deploy" / "prometheus" / "hearth.rules.yaml"

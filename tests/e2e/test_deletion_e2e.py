@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.mesh import ROOT, Mesh, write_api_key
+from services.testing.mesh import ROOT, Mesh, write_api_key
 
 DAY = 86400.0
 RUN = uuid.uuid4().hex[:6]  # PostgreSQL schemas outlive a mesh: keep accounts unique per run

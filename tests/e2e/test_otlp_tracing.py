@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from services.mesh import Mesh, write_api_key
+from services.testing.mesh import Mesh, write_api_key
 from tests.helpers.otlp import OtlpReceiver, tree_roots
 
 SPAN_KIND_SERVER = 2

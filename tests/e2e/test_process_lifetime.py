@@ -26,7 +26,7 @@ from pathlib import Path
 import psycopg
 import redis
 
-from services.mesh import Mesh, write_api_key
+from services.testing.mesh import Mesh, write_api_key
 
 
 def _descendants(pid):

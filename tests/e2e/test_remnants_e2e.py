@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.mesh import Mesh, write_api_key
+from services.testing.mesh import Mesh, write_api_key
 
 DAY = 86400.0
 RUN = uuid.uuid4().hex[:6]

@@ -18,14 +18,15 @@ import time
 
 import httpx
 
-from services.mesh import ROOT, Mesh, write_api_key
+from services.testing.mesh import ROOT, Mesh, write_api_key
 
 DAY = 86400.0
 
 
 def _events(account: str, start: float, n: int, first: int = 0) -> list[dict]:
     return [{"event_id": f"{account}-{first + i}", "account_id": account, "device_id": "tv-1",
-             "device_type": "tv", "ts": start + i * 300, "kind": "heartbeat", "title_id": f"t-{i}",
+             "device_type": "tv", "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start + i * 300)),
+             "kind": "heartbeat", "title_id": f"t-{i}",
              "series_id": "s", "genres": ["drama"], "duration_s": 300, "maturity": "adult"}
             for i in range(n)]
 

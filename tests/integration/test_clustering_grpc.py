@@ -87,7 +87,8 @@ def test_assign_sessions_streams_one_answer_per_vector_like_assign_session(stub)
         assert got.person_id == max(probabilities, key=probabilities.get)
         one = call(stub.AssignSession, cpb.AssignSessionRequest(account_id=ACC, session_id=session.session_id))
         assert one.assignment.person_id == got.person_id
-        assert one.assignment.confidence == pytest.approx(got.confidence, abs=1e-9)
+        # The batch path scores in float32 (assign_many): equal to ~1e-6, not bit for bit.
+        assert one.assignment.confidence == pytest.approx(got.confidence, abs=1e-5)
     assert [a.person_id for a in answers[1].assignments] == [a.person_id for a in answers[0].assignments[:2]]
     # A vector cut short names the field; the error ends the stream.
     bad = cpb.AssignSessionsRequest(batch_id="b3", account_ids=[ACC], feature_vectors=vectors[:7],

@@ -24,7 +24,8 @@ from services.common import identity
 from services.common.errors import ERROR_FIELD_KEY
 from services.common.field_crypto import TEXT_PREFIX
 from services.common.pbutil import float_to_ts
-from services.privacy import cli, inprocess
+from services.privacy import cli
+from services.testing import inprocess
 from services.privacy.keys.domain import KeyDestroyedError, KeyRing, parse_kek_config
 from services.privacy.keys.store import DataKeyStore
 from services.common.storage.sql import SqliteDatabase

@@ -31,7 +31,7 @@ def _wait(fn, timeout_s=20.0):
 
 
 def test_prediction_logged_feedback_labels_the_session(start_service):
-    from services.mesh import free_port
+    from services.testing.mesh import free_port
 
     # clustering and feedback call each other: fix their ports first
     ports = {"clustering": free_port(), "feedback": free_port()}

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway import auth
 from services.common.identity import Role
-from services.mesh import Mesh, free_port
+from services.testing.mesh import Mesh, free_port
 
 ISSUER = "https://idp.security-suite.test"
 AUDIENCE = "hearth-security-suite"

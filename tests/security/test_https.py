@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from services.common.identity import Role
-from services.mesh import free_port
+from services.testing.mesh import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -23,7 +23,7 @@ from gateway.auth import hash_key
 from services.common.child_process import spawn_tied, stop_group
 
 SERVICE_MODULES = ("clustering", "attribution", "privacy", "feedback")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]   # the repository
 
 
 def free_port() -> int:

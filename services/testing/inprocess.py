@@ -88,7 +88,7 @@ def start(data_dir: Path, *, storage: str = "sqlite", postgres_dsn: str = "", re
           privacy: Mapping[str, Any] | None = None, services: tuple[str, ...] = SERVICES) -> InProcessMesh:
     """Build and start ``services`` on free ports. ``privacy``: overrides of
     ``PrivacySettings`` (the retention purge is off unless given)."""
-    from services.mesh import free_port
+    from services.testing.mesh import free_port
     from services.privacy.settings import PrivacySettings
 
     ports = {s: free_port() for s in SERVICES}

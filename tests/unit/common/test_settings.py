@@ -1,0 +1,86 @@
+"""Settings: one base class, unknown HEARTH_* variables stop the process naming them,
+and the environment is read only by the settings code (and the few functions listed
+in config.OTHER_VARIABLES, each of which validates what it reads)."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.config import GatewaySettings
+from services.common import config
+from services.feedback.settings import FeedbackSettings
+from services.privacy.settings import PrivacySettings
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_every_component_settings_class_shares_the_strict_base():
+    for cls in (config.ServiceSettings, FeedbackSettings, PrivacySettings, GatewaySettings):
+        assert issubclass(cls, config.HearthSettings)
+        assert cls.model_config["extra"] == "forbid" and cls.model_config["frozen"]
+    with pytest.raises(config.ConfigError, match="HEARTH_SESSION_GAPP_S"):
+        config.load(service_name="clustering", session_gapp_s=10)   # a misspelt override
+
+
+def test_unknown_variable_is_refused_with_a_suggestion(monkeypatch):
+    monkeypatch.setenv("HEARTH_FEEDBACK_MAX_ECEE", "0.1")
+    with pytest.raises(config.ConfigError) as info:
+        config.load(FeedbackSettings, service_name="feedback")
+    message = str(info.value)
+    assert "HEARTH_FEEDBACK_MAX_ECEE: not a Hearth setting (did you mean HEARTH_FEEDBACK_MAX_ECE?)" in message
+
+
+def test_every_component_knows_every_components_variables(monkeypatch):
+    # One environment often serves several components: a gateway variable is no typo
+    # in a service, nor a privacy variable in the gateway.
+    monkeypatch.setenv("HEARTH_API_KEYS_FILE", "/nonexistent/keys.json")
+    monkeypatch.setenv("HEARTH_RETENTION_DAYS", "30")
+    monkeypatch.setenv("HEARTH_SERVICE_TOKEN_KEY", "k" * 32)
+    assert config.load(service_name="clustering").service_name == "clustering"
+    assert config.load(PrivacySettings, service_name="privacy").retention_days == 30
+
+
+@pytest.mark.parametrize("module", ["services.feedback", "gateway"])
+def test_a_misspelt_variable_stops_the_process_naming_it(tmp_path, module):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HEARTH_")}
+    env.update(HEARTH_DATA_DIR=str(tmp_path), HEARTH_GRPC_PORT="0", HEARTH_METRICS_PORT="0",
+               HEARTH_GATEWAY_PORT="0", HEARTH_LOG_LEVL="DEBUG")
+    result = subprocess.run([sys.executable, "-m", module], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode != 0
+    assert "HEARTH_LOG_LEVL: not a Hearth setting (did you mean HEARTH_LOG_LEVEL?)" in result.stderr
+
+
+def _environment_reads(path: Path) -> list[int]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv", "environb") \
+                and isinstance(node.value, ast.Name) and node.value.id == "os":
+            lines.append(node.lineno)
+    return lines
+
+
+# The modules allowed to read the environment: the settings code, the functions
+# config.OTHER_VARIABLES names (each reads its own variables and validates them), and
+# telemetry.py for OpenTelemetry's standard OTEL_* variables (read as the SDK reads them).
+ENVIRONMENT_READERS = {
+    "services/common/config.py", "services/common/identity.py", "services/common/tls.py",
+    "services/privacy/audit/app.py", "services/common/telemetry.py",
+    "services/rollout.py",   # an operator CLI, not a service process (OTHER_VARIABLES)
+}
+
+
+def test_only_the_settings_code_reads_the_environment():
+    readers = {p.relative_to(ROOT).as_posix() for base in ("services", "gateway")
+               for p in (ROOT / base).rglob("*.py") if _environment_reads(p)}
+    readers -= {"services/testing/mesh.py", "services/testing/inprocess.py", "services/common/child_process.py"}  # harnesses
+    assert readers <= ENVIRONMENT_READERS, sorted(readers - ENVIRONMENT_READERS)
+    for name, where in config.OTHER_VARIABLES.items():
+        assert name.startswith("HEARTH_") and where
