@@ -215,7 +215,12 @@ class ClusteringApp:
         cold = batch.strategy.removeprefix("cold_start:") if batch.strategy.startswith("cold_start") else ""
         probabilities = batch.probabilities
         if not cold:  # recalibrated confidences (feedback service), argmax preserved
-            probabilities = self.calibrator_of(variant).apply(probabilities)
+            # Rows of a one-person model sum to SINGLE_PERSON_CONFIDENCE < 1 on purpose (the
+            # rest is an unseen member); the calibrator maps full distributions only.
+            full = np.abs(probabilities.sum(axis=1) - 1.0) <= 1e-3
+            if full.any():
+                probabilities = np.array(probabilities, dtype=np.float64, copy=True)
+                probabilities[full] = self.calibrator_of(variant).apply(probabilities[full])
         # Constrained assignment: a session whose person is known (label) is that person.
         for r, label in enumerate(labels or []):
             known = known_person(model, label)
