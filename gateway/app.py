@@ -19,7 +19,7 @@ from gateway import models
 from gateway.auth import Authenticator
 from gateway.clients import ServiceClients
 from gateway.config import GatewaySettings
-from gateway.errors import error_response, from_hearth_error, from_rpc_error
+from gateway.errors import RETRY_AFTER_S, error_response, from_hearth_error, from_rpc_error
 from gateway.ratelimit import install_request_limits
 from gateway.routes import attribution as attribution_routes
 from gateway.routes import audit as audit_routes
@@ -58,11 +58,13 @@ class ObserveMiddleware:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        method, path = scope["method"], scope["path"]
+        method = scope["method"]
         parent = propagate.extract(headers)
         started = time.perf_counter()
-        span = self.tracer.start_span(f"{method} {path}", context=parent, kind=SpanKind.SERVER,
-                                      attributes={"http.method": method, "http.target": path})
+        # Named after the route template once routed, never the raw path: paths carry
+        # account ids, and trace files are not rewritten when a household is erased.
+        span = self.tracer.start_span(method, context=parent, kind=SpanKind.SERVER,
+                                      attributes={"http.method": method})
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         trace_header = format(span.get_span_context().trace_id, "032x").encode()
         status = 500
@@ -90,6 +92,8 @@ class ObserveMiddleware:
         finally:
             otel_context.detach(token)
             label = getattr(scope.get("route"), "path", "unmatched")
+            span.update_name(f"{method} {label}")
+            span.set_attribute("http.route", label)
             span.set_attribute("http.status_code", status)
             if status >= 500:
                 span.set_status(Status(StatusCode.ERROR))
@@ -117,7 +121,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         await clients.start()
         # Refused requests (401/403 decided here, never reaching a service) go to the
         # audit log; every RPC is audited by the services themselves.
-        audit_sink = audit.sink_for_service("gateway", settings.privacy_addr, settings.rpc_timeout_s)
+        audit_sink = audit.sink_for_service("gateway", settings.privacy_addr, settings.rpc_timeout_s,
+                                            outbox_dir=settings.data_dir)
         audit.install(audit_sink)
         remove_listener = identity.add_security_listener(audit.security_listener("gateway"))
         yield
@@ -129,7 +134,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     # FastAPI's native telemetry is off: it would open a second, unconnected root span
     # (and its own metrics) around the `observe` middleware below, which is the one
-    # server span per request and continues the caller's traceparent.
+    # server span per request and continues the caller's traceparent. (Its span would
+    # also record the raw path, ``url.path``, and paths carry account ids that trace
+    # files must not keep: docs/privacy.md, "What erased means".)
     app = FastAPI(title="Hearth gateway", version="1.0.0", lifespan=lifespan,
                   telemetry={"tracing": False, "metrics": False, "logs": False,
                              "operation_spans": False, "auto_configure": False},
@@ -191,10 +198,15 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @app.get("/health", response_model=models.HealthOut, responses={503: {"model": models.HealthOut}})
     async def health():
-        statuses = await clients.health()
-        ok = all(s == "SERVING" for s in statuses.values())
-        body = models.HealthOut(status="SERVING" if ok else "DEGRADED", services=statuses)
-        return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+        # Readiness of the gateway: it serves while any service does (each route answers
+        # 503 + Retry-After while its own service is down), so one service's outage does
+        # not take the whole HTTP API out of the Kubernetes Service.
+        statuses, reasons = await clients.health()
+        serving = [s == "SERVING" for s in statuses.values()]
+        status = ("SERVING" if all(serving) and not reasons else "DEGRADED" if any(serving) else "NOT_SERVING")
+        body = models.HealthOut(status=status, services=statuses, reasons=reasons)
+        return JSONResponse(body.model_dump(), status_code=503 if status == "NOT_SERVING" else 200,
+                            headers={"Retry-After": str(RETRY_AFTER_S)} if status == "NOT_SERVING" else None)
 
     if not settings.metrics_port:
         # One-port mode only; normally python -m gateway serves /metrics on its own port.

@@ -4,6 +4,7 @@ context in metadata."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ from opentelemetry.trace import SpanKind
 
 from services.common import telemetry, tls
 from services.common.client import ProcessStub, stub_classes
+from services.common.health_report import REASON_KEY
 from services.common.identity import Principal
 
 SERVICES = ("clustering", "attribution", "privacy", "feedback")
@@ -56,13 +58,17 @@ class ServiceClients:
             metadata = telemetry.inject_context(principal.metadata())
             return await rpc(iter(requests), timeout=timeout_s or self._timeout, metadata=metadata)
 
-    async def health(self) -> dict[str, str]:
-        out = {}
-        for name, stub in self._health.items():
+    async def health(self) -> tuple[dict[str, str], dict[str, str]]:
+        """(status per service, reasons per degraded service), asked concurrently."""
+        async def one(name: str, stub) -> tuple[str, str, str]:
             try:
-                response = await stub.Check(health_pb2.HealthCheckRequest(service=""),
-                                            timeout=self._health_timeout)
-                out[name] = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+                call = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=self._health_timeout)
+                response = await call
+                trailing = {k: v for k, v in (await call.trailing_metadata() or ())}
+                return (name, health_pb2.HealthCheckResponse.ServingStatus.Name(response.status),
+                        trailing.get(REASON_KEY, ""))
             except grpc.aio.AioRpcError as exc:
-                out[name] = f"UNREACHABLE ({exc.code().name})"
-        return out
+                return name, f"UNREACHABLE ({exc.code().name})", f"unreachable: {exc.code().name}"
+
+        results = await asyncio.gather(*(one(n, s) for n, s in self._health.items()))
+        return {n: s for n, s, _ in results}, {n: r for n, _, r in results if r}

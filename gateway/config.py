@@ -34,6 +34,8 @@ class GatewaySettings(HearthSettings):
     access_log: bool = True
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     trace_export: str = "none"
+    # Where the audit outbox lives (audit records wait there while privacy is unreachable).
+    data_dir: Path = Path("var")
 
     clustering_addr: str = "127.0.0.1:50051"
     attribution_addr: str = "127.0.0.1:50052"

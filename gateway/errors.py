@@ -25,8 +25,15 @@ HTTP_BY_GRPC: dict[grpc.StatusCode, int] = {
 }
 
 
+# Seconds a client should wait before retrying a 503 (a service, its database or a peer
+# is down or restarting: docs/operations.md, "Outages").
+RETRY_AFTER_S = 2
+
+
 def error_response(status: int, code: str, message: str, field: str = "",
                    headers: dict[str, str] | None = None) -> JSONResponse:
+    if status == 503:
+        headers = {"Retry-After": str(RETRY_AFTER_S), **(headers or {})}
     return JSONResponse({"error": {"code": code, "field": field, "message": message}},
                         status_code=status, headers=headers)
 

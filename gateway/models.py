@@ -173,5 +173,10 @@ class ErrorOut(BaseModel):
 
 
 class HealthOut(BaseModel):
-    status: Literal["SERVING", "DEGRADED"]
+    status: Literal["SERVING", "DEGRADED", "NOT_SERVING"] = Field(
+        description="SERVING: every service serves with every dependency; DEGRADED: some service or "
+                    "dependency is down (the routes of the services that serve still work); "
+                    "NOT_SERVING: no service answers")
     services: dict[str, str]
+    reasons: dict[str, str] = Field(default_factory=dict,
+                                    description="why a service is degraded (database, redis, peers)")

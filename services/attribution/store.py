@@ -87,6 +87,8 @@ class AttributionStore:
         recomputed without the person's touchpoints at the next Attribute call)."""
         outcome = ErasureOutcome()
         account = scope.account_id
+        cached = "attribution:" if scope.all_accounts else f"attribution:{account}"
+        self.cache.delete_prefix(cached, strict=True)  # Redis down: fail (retried) before deleting
         with self.db.transaction() as tx:
             if scope.kind == "household":
                 tp_where, tp_params = "account_id = ?", [account]
@@ -116,7 +118,7 @@ class AttributionStore:
                 tx.execute(f"DELETE FROM conversions WHERE {cv_where}", cv_params)
                 outcome.add("conversions", cvs)
         outcome.purges.append(self.db.purge_erased(("touchpoints", "conversions")))
-        self.cache.delete_prefix("attribution:" if scope.all_accounts else f"attribution:{account}")
+        self.cache.delete_prefix(cached)
         if self.cipher is not None and scope.kind == "household":
             self.cipher.forget(account)  # its data key is being destroyed (crypto-shredding)
         return outcome

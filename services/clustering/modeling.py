@@ -32,6 +32,7 @@ from services.clustering.domain.model import MIN_SESSIONS, HouseholdModel, Popul
 from services.clustering.household import MICRO_BATCH, MIN_DRIFT_REFERENCE, Envelope
 from services.clustering.store import ClusteringStore, DriftRow, StoredSession
 from services.common.errors import Conflict
+from services.common.telemetry import pseudonym
 
 log = logging.getLogger("hearth.clustering.modeling")
 GMM_FALLBACKS = Counter("hearth_gmm_fallbacks_total", "GMM numerical failures answered by k-means")
@@ -99,7 +100,8 @@ class ModelKeeper:
         try:
             envelope = Envelope.from_bytes(stored.blob, self.population_prior)
         except Exception as exc:  # noqa: BLE001 - a blob we cannot read is rebuilt from sessions
-            log.warning("unreadable model for %s (version %s): %s; refitting", account_id, stored.version, exc)
+            log.warning("unreadable model for %s (version %s): %s; refitting", pseudonym(account_id),
+                        stored.version, exc)
             return stored.version, None
         with self._lock:
             if len(self._decoded) > 10_000:

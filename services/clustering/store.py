@@ -489,6 +489,9 @@ class ClusteringStore:
         household model from what remains (exact unlearning by refit)."""
         out = ErasureOutcome()
         account = scope.account_id
+        # Before deleting anything: an erasure must not complete while Redis may keep a
+        # copy it cannot remove (Unavailable: the deletion job retries).
+        self._drop_cached_models(scope, strict=True)
         with self.db.transaction() as tx:
             if scope.kind == "household":
                 for table, key in (("events", "event_id"), ("sessions", "session_id")):
@@ -565,13 +568,16 @@ class ClusteringStore:
             tx.executemany("DELETE FROM session_labels WHERE session_id = ?", [(x,) for x in labelled])
             out.add("session_labels", labelled)
         out.purges.append(self.purge_erased())
-        if scope.all_accounts:
-            self.cache.delete_prefix("model:")
-        else:
-            self.cache.delete(f"model:{account}")
+        self._drop_cached_models(scope)
         if self.cipher is not None and scope.kind == "household":
             self.cipher.forget(account)  # its data key is being destroyed (crypto-shredding)
         return out
+
+    def _drop_cached_models(self, scope: ErasureScope, strict: bool = False) -> None:
+        if scope.all_accounts:
+            self.cache.delete_prefix("model:", strict=strict)
+        else:
+            self.cache.delete(f"model:{scope.account_id}", strict=strict)
 
     def purge_erased(self) -> dict:
         """Make what erasures deleted physically unreadable (Database.purge_erased); the

@@ -27,6 +27,15 @@ are retried with exponential backoff (``max_attempts``). What can be lost:
   the privacy service is unreachable (up to the queue bound);
 * records refused when the queue is full or after ``max_attempts`` failed sends.
 
+With a disk outbox (``AuditOutbox``: what every service and the gateway use, a SQLite
+file in the data directory) an unreachable audit log loses nothing: a batch that cannot
+be sent after ``spool_after`` attempts is written to the outbox (durable, fsynced) and
+counts as handed over; while the outbox holds records every new batch goes there too (the
+order of the log is kept), and the sink thread keeps delivering the oldest records with
+backoff (at most ``max_spool_backoff_s`` apart) until the log answers, across restarts
+of the process. Only records still in memory at a crash (at most ``max_delay_s`` worth)
+can be lost.
+
 Every loss is counted: ``hearth_audit_records_dropped_total{component,reason}``. A
 clean shutdown (SIGTERM) flushes the queue (``close``) after the server has stopped.
 Code that must not proceed unless its audit record is durable (none today) should
@@ -43,10 +52,11 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from services.common import identity, telemetry
 from services.common.audit_events import EventType
@@ -156,7 +166,11 @@ DROPPED = Counter("hearth_audit_records_dropped_total",
                   ["component", "reason"])
 SENT = Counter("hearth_audit_records_sent_total",
                "Audit records acknowledged (durable) by the audit log", ["component"])
-DROP_REASONS = ("closed", "queue_full", "send_failed", "refused")
+SPOOLED = Counter("hearth_audit_records_spooled_total",
+                  "Audit records written to the disk outbox while the audit log was unreachable", ["component"])
+OUTBOX_DEPTH = Gauge("hearth_audit_outbox_depth", "Audit records in the disk outbox, not yet delivered",
+                     ["outbox"])
+DROP_REASONS = ("closed", "queue_full", "send_failed", "refused", "outbox_failed")
 
 
 def outcome_for(code: grpc.StatusCode) -> str:
@@ -278,7 +292,8 @@ class AuditSink:
     def __init__(self, transport: AuditTransport, *, component: str, max_batch: int = 500,
                  max_delay_s: float = 0.05, max_queue: int = 50_000, max_attempts: int = 6,
                  backoff_s: float = 0.1, max_backoff_s: float = 2.0,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, outbox: "AuditOutbox | None" = None,
+                 spool_after: int = 2, max_spool_backoff_s: float = 5.0) -> None:
         if max_batch < 1 or max_queue < 1 or max_attempts < 1:
             raise ValueError("max_batch, max_queue, max_attempts: must be >= 1")
         if not max_delay_s >= 0 or not backoff_s >= 0:
@@ -295,6 +310,12 @@ class AuditSink:
         self._backoff = backoff_s
         self._max_backoff = max_backoff_s
         self._sleep = sleep
+        self._outbox = outbox
+        self._spool_after = max(1, spool_after)
+        self._max_spool_backoff = max_spool_backoff_s
+        self._spool_failures = 0
+        self._next_drain = 0.0
+        self.spooled = 0
         self._queue: queue.Queue[AuditRecord] = queue.Queue(max_queue)
         self._lock = threading.Condition()
         self._accepted = 0      # records put on the queue
@@ -360,6 +381,12 @@ class AuditSink:
             self._transport.close()
         except Exception:  # noqa: BLE001
             log.exception("closing the audit transport failed")
+        if self._outbox is not None:
+            if self._outbox.pending():
+                log.warning("%d audit records stay in the disk outbox until the next start",
+                            self._outbox.pending())
+            if not self._thread.is_alive():
+                self._outbox.close()
 
     @property
     def pending(self) -> int:
@@ -398,9 +425,50 @@ class AuditSink:
             batch = self._take_batch()
             if batch:
                 try:
-                    self._deliver(batch)
+                    if self._outbox is not None and self._outbox.pending():
+                        self._spool(batch)   # an outage is on: behind the older records
+                    else:
+                        self._deliver(batch)
                 finally:
                     self._finish(len(batch))
+            if self._outbox is not None and not self._stop.is_set():
+                self._drain_outbox()
+
+    def _spool(self, batch: list[AuditRecord]) -> None:
+        try:
+            self._outbox.put(batch)
+        except Exception:  # noqa: BLE001 - the disk failed too: counted as dropped
+            log.exception("audit outbox write failed: %d records dropped", len(batch))
+            self._drop(len(batch), "outbox_failed")
+            return
+        SPOOLED.labels(self.component).inc(len(batch))
+        with self._lock:
+            self.spooled += len(batch)
+
+    def _drain_outbox(self) -> None:
+        """Deliver the oldest spooled records (one batch) unless backing off."""
+        if time.monotonic() < self._next_drain or not self._outbox.pending():
+            return
+        rows = self._outbox.oldest(self._max_batch)
+        try:
+            self._transport.send([record for _, record in rows])
+        except Exception as exc:  # noqa: BLE001
+            if not _is_transient(exc) and len(rows) == 1:
+                log.error("spooled audit record refused and dropped: %s", _describe(exc))
+                self._drop(1, "refused")
+                self._outbox.remove([rows[0][0]])
+                return
+            self._spool_failures += 1
+            delay = min(self._max_spool_backoff, self._backoff * (2 ** min(self._spool_failures, 16)))
+            self._next_drain = time.monotonic() + (delay if _is_transient(exc) else 0.0)
+            if not _is_transient(exc):   # isolate the refused record on the next rounds
+                self._outbox.shrink_next_batch = True
+            return
+        self._outbox.remove([key for key, _ in rows])
+        self._spool_failures = 0
+        SENT.labels(self.component).inc(len(rows))
+        with self._lock:
+            self.sent += len(rows)
 
     def _deliver(self, batch: list[AuditRecord]) -> None:
         for attempt in range(self._max_attempts):
@@ -409,6 +477,12 @@ class AuditSink:
             except Exception as exc:  # noqa: BLE001 - classified below
                 if not _is_transient(exc):
                     self._deliver_one_by_one(batch, exc)
+                    return
+                if self._outbox is not None and attempt + 1 >= self._spool_after:
+                    log.warning("audit log unreachable (%s): %d records to the disk outbox",
+                                _describe(exc), len(batch))
+                    self._spool(batch)
+                    self._next_drain = time.monotonic() + self._backoff
                     return
                 # While closing, one retry at most: shutdown must not wait out a backoff
                 # schedule for a log that is gone (the drop is counted and logged).
@@ -552,9 +626,75 @@ def record(event_type: str, resource: str = "", outcome: str = SUCCESS,
     return _sink.record(event_type, resource, outcome, details, **kwargs)
 
 
-def sink_for_service(component: str, privacy_addr: str, timeout_s: float = 5.0) -> AuditSink:
-    """The standard sink of a service or the gateway: batched AppendAudit to privacy."""
-    return AuditSink(GrpcAuditTransport(privacy_addr, component, timeout_s), component=component)
+def sink_for_service(component: str, privacy_addr: str, timeout_s: float = 5.0,
+                     outbox_dir: str | Path | None = None) -> AuditSink:
+    """The standard sink of a service or the gateway: batched AppendAudit to privacy,
+    with a disk outbox under ``outbox_dir`` (``audit-outbox-<component>.db``) when given."""
+    outbox = AuditOutbox(Path(outbox_dir) / f"audit-outbox-{component}.db") if outbox_dir else None
+    return AuditSink(GrpcAuditTransport(privacy_addr, component, timeout_s), component=component, outbox=outbox)
+
+
+class AuditOutbox:
+    """Durable FIFO of audit records waiting for the audit log (see the module docstring).
+
+    A SQLite file (WAL, ``synchronous=FULL``: a spooled batch survives a power cut) used
+    by the sink's thread only. Delivered records are deleted with ``secure_delete`` and
+    the WAL is truncated once the outbox is empty, so what the outbox held (resources
+    naming households) does not linger after delivery."""
+
+    def __init__(self, path: str | Path) -> None:
+        import sqlite3
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(path)
+        self._conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30.0)
+        for pragma in ("journal_mode=WAL", "synchronous=FULL", "secure_delete=ON", "busy_timeout=30000"):
+            self._conn.execute(f"PRAGMA {pragma}")
+        self._conn.execute("CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                           "record TEXT NOT NULL)")
+        self._lock = threading.Lock()
+        self._pending = self._conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        self.shrink_next_batch = False
+        OUTBOX_DEPTH.labels(self.path.stem).set(self._pending)
+
+    def pending(self) -> int:
+        return self._pending
+
+    def put(self, records: Sequence[AuditRecord]) -> None:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.executemany("INSERT INTO outbox (record) VALUES (?)",
+                                       [(json.dumps(_record_dict(r), separators=(",", ":")),) for r in records])
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+            self._pending += len(records)
+            OUTBOX_DEPTH.labels(self.path.stem).set(self._pending)
+
+    def oldest(self, limit: int) -> list[tuple[int, AuditRecord]]:
+        if self.shrink_next_batch:
+            limit, self.shrink_next_batch = 1, False
+        with self._lock:
+            rows = self._conn.execute("SELECT id, record FROM outbox ORDER BY id LIMIT ?", (limit,)).fetchall()
+        return [(key, AuditRecord(**json.loads(text))) for key, text in rows]
+
+    def remove(self, keys: Sequence[int]) -> None:
+        with self._lock:
+            self._conn.executemany("DELETE FROM outbox WHERE id = ?", [(k,) for k in keys])
+            self._pending = self._conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+            if not self._pending:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            OUTBOX_DEPTH.labels(self.path.stem).set(self._pending)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+def _record_dict(record: AuditRecord) -> dict[str, Any]:
+    return {name: getattr(record, name) for name in AuditRecord.__slots__}
 
 
 # ---------------------------------------------------------------------------------------

@@ -114,6 +114,8 @@ class ServiceSettings(HearthSettings):
     metrics_port: int | None = None     # 0 disables the metrics HTTP server
     max_workers: int = 16
     grace_seconds: float = 5.0
+    # How often database, Redis and peers are checked for the health report.
+    health_check_interval_s: float = 2.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     storage: Literal["sqlite", "postgres"] = "sqlite"

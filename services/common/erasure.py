@@ -123,7 +123,10 @@ def _check_all_accounts(target: str | None, path: str) -> None:
 def result_to_pb(service: str, outcome: ErasureOutcome) -> common_pb2.ErasureResult:
     return common_pb2.ErasureResult(
         service=service, deleted_counts=outcome.deleted_counts,
-        deleted_ids_sha256=ids_digest(outcome.deleted_ids), already_erased=outcome.empty)
+        deleted_ids_sha256=ids_digest(outcome.deleted_ids), already_erased=outcome.empty,
+        purges=[common_pb2.PhysicalPurge(store=p["store"], location=p["where"], action=p["action"],
+                                         at=float_to_ts(p["at"]), complete=bool(p["complete"]))
+                for p in outcome.purges])
 
 
 def scope_to_pb(scope: ErasureScope) -> common_pb2.ErasureScope:

@@ -25,7 +25,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from services.common import audit, identity, permissions, telemetry, tls
+from services.common import audit, health_report, identity, permissions, telemetry, tls
 from services.common.errors import ERROR_CODE_KEY, ERROR_FIELD_KEY, HearthError, InvalidArgument, status_for
 
 log = logging.getLogger("hearth.server")
@@ -163,7 +163,7 @@ class HearthInterceptor(grpc.ServerInterceptor):
                     metadata, peer_verified=tls.peer_verified(context), component=service)
                 principal_token = identity.set_current(principal)
                 permissions.authorize_rpc(principal, method)
-                span.set_attribute("hearth.principal", principal.id)
+                span.set_attribute("hearth.principal", telemetry.pseudonym(principal.id))
                 job_id = getattr(request, "job_id", "")
                 if job_id and isinstance(job_id, str):
                     # Erase calls of a deletion job (and any job-driven RPC) are findable by job.
@@ -221,8 +221,11 @@ class RunningServer:
     health: health.HealthServicer
     service_names: list[str] = field(default_factory=list)
     on_stop: list[Callable[[], None]] = field(default_factory=list)
+    monitor: health_report.DependencyMonitor | None = None
 
     def stop(self, grace: float = 5.0) -> None:
+        if self.monitor is not None:
+            self.monitor.stop()
         for name in ["", *self.service_names]:
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server.stop(grace).wait()
@@ -247,7 +250,7 @@ def build_server(service: str, register: Callable[[grpc.Server], Iterable[str]],
                  ("grpc.max_connection_age_grace_ms", 30 * 1000)],
     )
     names = list(register(server))
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_servicer = health_report.ReportingHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
@@ -277,6 +280,9 @@ def serve(service: str, register: Callable[[grpc.Server], Iterable[str]], settin
                            port=settings.resolved_grpc_port, max_workers=settings.max_workers,
                            credentials=tls.server_credentials(material) if material else None)
     running.on_stop.extend(on_stop)
+    # Database, Redis and peers checked every few seconds: health says what is degraded.
+    running.monitor = health_report.DependencyMonitor(running.health, running.service_names,
+                                                      settings.health_check_interval_s).start()
     stop_requested = threading.Event()
 
     def request_stop(signum, _frame):
@@ -306,10 +312,14 @@ def run_service(name: str, build: Callable, settings_cls: type | None = None) ->
     telemetry.setup_telemetry(name, settings.trace_export, settings.log_level,
                               settings.resolved_metrics_port, settings.host)
     servicers, closers = build(settings)
+    for peer in ("clustering", "attribution", "privacy", "feedback"):
+        if peer != name:
+            health_report.register(f"peer {peer}", health_report.peer_probe(getattr(settings, f"{peer}_addr")))
     if not audit.installed():
         # Every service audits through privacy's AppendAudit (the privacy service
         # installs its local, durable sink in build()). Flushed after the server stops.
-        sink = audit.sink_for_service(name, settings.privacy_addr, settings.peer_timeout_s)
+        sink = audit.sink_for_service(name, settings.privacy_addr, settings.peer_timeout_s,
+                                      outbox_dir=settings.data_dir)
         audit.install(sink)
         closers = [sink.close, *closers]
 

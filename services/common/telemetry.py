@@ -260,3 +260,28 @@ def extract_context(metadata: Sequence[tuple[str, str | bytes]] | Mapping[str, s
 def current_trace_id() -> str:
     ctx = trace.get_current_span().get_span_context()
     return format(ctx.trace_id, "032x") if ctx.is_valid else ""
+
+
+_PSEUDONYM_KEY: bytes | None = None
+
+
+def pseudonym(value: str) -> str:
+    """The id as it may appear in logs and traces: ``ps_`` + 16 hex of a keyed HMAC.
+
+    Logs and trace files are not rewritten when a household is erased, so they never
+    hold its ids in clear (docs/privacy.md, "What erased means"): the same id gives the
+    same pseudonym in every process of the mesh (to follow one household through the
+    logs, an operator computes its pseudonym with the key), and without the key it
+    cannot be turned back into the id. Key: ``HEARTH_LOG_PSEUDONYM_KEY``, else derived
+    from the mesh secret ``HEARTH_SERVICE_TOKEN_KEY``, else a random key per process."""
+    import hashlib
+    import hmac
+    import os
+    import secrets
+
+    global _PSEUDONYM_KEY
+    if _PSEUDONYM_KEY is None:
+        configured = os.environ.get("HEARTH_LOG_PSEUDONYM_KEY") or os.environ.get("HEARTH_SERVICE_TOKEN_KEY")
+        _PSEUDONYM_KEY = (hmac.new(configured.encode(), b"hearth-log-pseudonym-v1", hashlib.sha256).digest()
+                          if configured else secrets.token_bytes(32))
+    return "ps_" + hmac.new(_PSEUDONYM_KEY, value.encode(), hashlib.sha256).hexdigest()[:16]

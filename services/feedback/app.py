@@ -32,6 +32,7 @@ from services.common.ids import check_id, check_ts
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import Conflict, InvalidArgument
 from services.common.identity import Principal
+from services.common.telemetry import pseudonym
 from services.feedback import instruments
 from services.feedback.dataset import LabelledPredictions, build_dataset
 from services.feedback.domain.metrics import (
@@ -212,7 +213,7 @@ class FeedbackApp:
             try:
                 self.check_household(prediction.account_id)
             except Exception:  # noqa: BLE001 - the feedback is stored; the next one re-checks
-                log.exception("household trigger check failed for %s", prediction.account_id)
+                log.exception("household trigger check failed for %s", pseudonym(prediction.account_id))
         return duplicate, weight
 
     # ------------------------------------------------------------------ triggers

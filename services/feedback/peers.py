@@ -24,6 +24,7 @@ from hearth.privacy.v1 import privacy_pb2_grpc as ppb_grpc
 from services.common import identity
 from services.common.client import call_idempotent, peer_channel
 from services.common.pbutil import float_to_ts
+from services.common.telemetry import pseudonym
 
 log = logging.getLogger("hearth.feedback.peers")
 SERVICE = "feedback"
@@ -58,7 +59,7 @@ class ClusteringRefitClient:
                 call_idempotent(lambda: self._stub.Refit(request, timeout=self._timeout))
         except Exception as exc:  # noqa: BLE001 - the result is recorded, never raised
             name = _status_name(exc)
-            log.warning("Refit of %s failed: %s", account_id, name)
+            log.warning("Refit of %s failed: %s", pseudonym(account_id), name)
             return name
         return "OK"
 
@@ -72,7 +73,7 @@ class ClusteringRefitClient:
                 call_idempotent(lambda: self._stub.RecordLabels(request, timeout=self._timeout))
         except Exception as exc:  # noqa: BLE001 - recorded in the log; the feedback is stored
             name = _status_name(exc)
-            log.warning("RecordLabels for %s failed: %s", account_id, name)
+            log.warning("RecordLabels for %s failed: %s", pseudonym(account_id), name)
             return name
         return "OK"
 

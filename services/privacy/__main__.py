@@ -58,7 +58,7 @@ def build_deletion(settings, db, store):
         lease_s=settings.deletion_lease_s, poll_s=settings.deletion_poll_s,
         retention_days=settings.retention_days, retention_check_s=settings.retention_check_s,
         on_local_erase=lambda scope: store.cache.delete_prefix(
-            "" if scope.all_accounts else f"{scope.account_id}:"))
+            "" if scope.all_accounts else f"{scope.account_id}:", strict=True))
     return deletion, keys, peers
 
 

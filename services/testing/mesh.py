@@ -118,7 +118,7 @@ class Mesh:
             try:
                 r = httpx.get(self.url + "/health", timeout=2.0)
                 last = r.json()
-                if r.status_code == 200:
+                if r.status_code == 200 and last.get("status") == "SERVING":
                     return last
             except (httpx.HTTPError, ValueError) as exc:
                 last = exc

@@ -188,6 +188,13 @@ def test_device_scope_leaves_no_byte(rmesh, client, control):
     job = delete(client, {"kind": "device", "account_id": account, "device_id": f"dv{gone}"})
 
     assert found(rmesh, f"zr{gone}") == [], job
+    # The signed receipt lists what made the deletion physical, where and when.
+    services = job["receipt"]["receipt"]["services"]
+    for name in ("clustering", "attribution", "feedback"):
+        purges = services[name]["purges"]
+        assert purges and all(p["complete"] for p in purges), services[name]
+        expected = "wal_checkpoint(TRUNCATE)" if rmesh.backend == "sqlite" else "VACUUM (ANALYZE)"
+        assert expected in purges[-1]["action"] and purges[-1]["at"] >= job["receipt"]["receipt"]["requested_at"]
     assert found(rmesh, f"dv{gone}", data_only=True) == []
     if rmesh.backend == "sqlite":
         assert found(rmesh, f"zr{keep}") and found(rmesh, f"dv{keep}", data_only=True)
@@ -254,6 +261,9 @@ def test_household_scope_leaves_no_byte(rmesh, client, control):
     assert found(rmesh, f"zr{tag}") == []
     assert found(rmesh, device, data_only=True) == []
     assert found(rmesh, account, data_only=True) == []
+    # Nor in logs, trace file or audit outboxes (ids there are keyed pseudonyms); only the
+    # privacy service's own files keep it: the receipt and the audit log name the scope.
+    assert [src for src in found(rmesh, account) if not src.startswith("privacy")] == []
     for s in h["sessions"]:
         assert found(rmesh, s["session_id"], data_only=True) == []
     assert_control_visible(rmesh, control)

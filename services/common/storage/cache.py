@@ -6,16 +6,23 @@ store on a miss. Keys are namespaced ``hearth:<service>:``.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Protocol
+
+from prometheus_client import Counter
+
+from services.common.errors import Unavailable
+
+log = logging.getLogger("hearth.cache")
 
 
 class Cache(Protocol):
     def get(self, key: str) -> bytes | None: ...
     def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None: ...
-    def delete(self, *keys: str) -> int: ...
-    def delete_prefix(self, prefix: str) -> int: ...
+    def delete(self, *keys: str, strict: bool = False) -> int: ...
+    def delete_prefix(self, prefix: str, strict: bool = False) -> int: ...
     def keys(self, prefix: str = "") -> list[str]: ...
 
 
@@ -40,11 +47,14 @@ class MemoryCache:
         with self._lock:
             self._data[self._ns + key] = (value, time.monotonic() + ttl_s if ttl_s else None)
 
-    def delete(self, *keys: str) -> int:
+    def health(self) -> str:
+        return ""
+
+    def delete(self, *keys: str, strict: bool = False) -> int:
         with self._lock:
             return sum(self._data.pop(self._ns + k, None) is not None for k in keys)
 
-    def delete_prefix(self, prefix: str) -> int:
+    def delete_prefix(self, prefix: str, strict: bool = False) -> int:
         with self._lock:
             doomed = [k for k in self._data if k.startswith(self._ns + prefix)]
             for k in doomed:
@@ -57,32 +67,124 @@ class MemoryCache:
 
 
 class RedisCache:
-    def __init__(self, url: str, namespace: str) -> None:
+    """Redis behind the ``Cache`` interface, riding out Redis outages (docs/operations.md).
+
+    A cache outage costs speed, never correctness: while Redis is unreachable ``get``
+    answers None (the caller reads the SQL store) and ``set`` is skipped; after a failure
+    Redis is not tried again for ``retry_after_s`` (no 2 s socket timeout per request),
+    then the next call probes it. A ``set`` or ``delete`` that could not reach Redis
+    leaves it possibly stale (an old model version, or a copy an erasure meant to
+    remove), so the first call after Redis answers again clears this service's whole
+    namespace before anything is read from it. An erasure must not report success
+    while a copy may survive: ``delete(..., strict=True)`` raises ``Unavailable``
+    instead (the deletion job retries until Redis is back)."""
+
+    def __init__(self, url: str, namespace: str, *, retry_after_s: float = 1.0,
+                 socket_timeout_s: float = 0.5) -> None:
         import redis
 
         self._ns = f"hearth:{namespace}:"
-        self._redis = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self._redis = redis.Redis.from_url(url, socket_timeout=socket_timeout_s,
+                                           socket_connect_timeout=socket_timeout_s)
+        self._errors = (redis.RedisError, OSError)
+        self._retry_after = retry_after_s
+        self._down_until = 0.0
+        self._stale = False
+        self._reason = ""
+        self._lock = threading.Lock()
 
     @property
     def client(self):
         return self._redis
 
+    # ---- outage handling -------------------------------------------------------------
+
+    def ping(self) -> str:
+        """Probe Redis (the health report's check): "" when it answers, else why not.
+        A successful probe also ends an outage (clearing a stale namespace)."""
+        self._call(self._redis.ping, writes=False)
+        return self.health()
+
+    def health(self) -> str:
+        """"" when Redis answered last, else why not."""
+        with self._lock:
+            return self._reason
+
+    def _call(self, op, *, writes: bool):
+        with self._lock:
+            if time.monotonic() < self._down_until:
+                self._stale = self._stale or writes
+                return _Down
+        try:
+            with self._lock:
+                stale = self._stale
+            if stale:
+                self._clear_namespace()
+            result = op()
+        except self._errors as exc:
+            with self._lock:
+                first = not self._reason
+                self._down_until = time.monotonic() + self._retry_after
+                self._stale = self._stale or writes
+                self._reason = f"redis unreachable: {type(exc).__name__}"
+            CACHE_ERRORS.labels(self._ns.split(":")[1]).inc()
+            if first:
+                log.warning("redis unreachable, serving from the SQL store: %s", exc)
+            return _Down
+        with self._lock:
+            if self._reason:
+                log.warning("redis reachable again")
+            self._reason = ""
+        return result
+
+    def _clear_namespace(self) -> None:
+        doomed = list(self._redis.scan_iter(match=self._ns + "*", count=500))
+        if doomed:
+            self._redis.delete(*doomed)
+        with self._lock:
+            self._stale = False
+        log.warning("redis namespace %s cleared after an outage (%d keys)", self._ns, len(doomed))
+
+    # ---- Cache -------------------------------------------------------------------------
+
     def get(self, key: str) -> bytes | None:
-        return self._redis.get(self._ns + key)
+        value = self._call(lambda: self._redis.get(self._ns + key), writes=False)
+        return None if value is _Down else value
 
     def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
-        self._redis.set(self._ns + key, value, px=int(ttl_s * 1000) if ttl_s else None)
+        self._call(lambda: self._redis.set(self._ns + key, value, px=int(ttl_s * 1000) if ttl_s else None),
+                   writes=True)
 
-    def delete(self, *keys: str) -> int:
-        return int(self._redis.delete(*(self._ns + k for k in keys))) if keys else 0
+    def delete(self, *keys: str, strict: bool = False) -> int:
+        if not keys:
+            return 0
+        n = self._call(lambda: int(self._redis.delete(*(self._ns + k for k in keys))), writes=True)
+        return self._outcome(n, strict)
 
-    def delete_prefix(self, prefix: str) -> int:
-        doomed = list(self._redis.scan_iter(match=self._ns + _escape(prefix) + "*", count=500))
-        return int(self._redis.delete(*doomed)) if doomed else 0
+    def delete_prefix(self, prefix: str, strict: bool = False) -> int:
+        def op() -> int:
+            doomed = list(self._redis.scan_iter(match=self._ns + _escape(prefix) + "*", count=500))
+            return int(self._redis.delete(*doomed)) if doomed else 0
+        return self._outcome(self._call(op, writes=True), strict)
+
+    def _outcome(self, n, strict: bool) -> int:
+        if n is _Down:
+            if strict:
+                raise Unavailable(f"cache unavailable ({self.health() or 'redis unreachable'}): "
+                                  "cannot confirm the copies are gone")
+            return 0
+        return n
 
     def keys(self, prefix: str = "") -> list[str]:
-        return [k.decode()[len(self._ns):]
-                for k in self._redis.scan_iter(match=self._ns + _escape(prefix) + "*", count=500)]
+        found = self._call(lambda: [k.decode()[len(self._ns):] for k in
+                                    self._redis.scan_iter(match=self._ns + _escape(prefix) + "*", count=500)],
+                           writes=False)
+        return [] if found is _Down else found
+
+
+_Down = object()  # sentinel: Redis was not reachable for this call
+CACHE_ERRORS = Counter("hearth_cache_errors_total", "Cache (Redis) calls that failed; the SQL store answered",
+                       ["service"])
 
 
 def _escape(pattern: str) -> str:
@@ -90,4 +192,11 @@ def _escape(pattern: str) -> str:
 
 
 def open_cache(settings, service: str) -> Cache:
-    return RedisCache(settings.redis_url, service) if settings.redis_url else MemoryCache(service)
+    """Redis when configured (registered with the health report), else in-process."""
+    if not settings.redis_url:
+        return MemoryCache(service)
+    from services.common import health_report
+
+    cache = RedisCache(settings.redis_url, service)
+    health_report.register("redis", cache.ping)
+    return cache

@@ -216,9 +216,15 @@ class PostgresDatabase:
         self.schema = schema
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        # Riding out a restart of PostgreSQL (docs/operations.md, "Outages"): a pooled
+        # connection is checked before use (a broken one is replaced, not handed out);
+        # waiting for a connection is bounded well under the callers' deadlines, so a
+        # request during the outage fails fast with Unavailable (UNAVAILABLE / 503 +
+        # Retry-After) instead of timing out; the pool reconnects in the background.
         self._pool = ConnectionPool(
-            dsn, min_size=1, max_size=max_size, open=True, timeout=10.0,
-            kwargs={"options": f"-c search_path={schema}", "autocommit": False},
+            dsn, min_size=1, max_size=max_size, open=True, timeout=3.0,
+            check=ConnectionPool.check_connection,
+            kwargs={"options": f"-c search_path={schema}", "autocommit": False, "connect_timeout": 2},
         )
 
     @contextlib.contextmanager
@@ -267,9 +273,26 @@ class PostgresDatabase:
 
 
 def open_database(settings, service: str) -> Database:
+    """The service's database; also registered as the critical dependency of its health
+    report (services/common/health_report.py)."""
+    from services.common import health_report
+
     if settings.storage == "postgres":
-        return PostgresDatabase(settings.postgres_dsn, f"hearth_{service}", settings.postgres_pool_max)
-    return SqliteDatabase(Path(settings.data_dir) / f"{service}.db")
+        db: Database = PostgresDatabase(settings.postgres_dsn, f"hearth_{service}", settings.postgres_pool_max)
+    else:
+        db = SqliteDatabase(Path(settings.data_dir) / f"{service}.db")
+    health_report.register("database", lambda: probe(db), critical=True)
+    return db
+
+
+def probe(db: Database) -> str:
+    """"" when the database answers a trivial query, else why not."""
+    try:
+        with db.transaction() as tx:
+            tx.query("SELECT 1")
+    except Exception as exc:  # noqa: BLE001 - any failure is the reason
+        return f"{type(exc).__name__}: {exc}"[:200]
+    return ""
 
 
 def migrate(db: Database, migrations: Sequence[Migration]) -> list[int]:

@@ -48,6 +48,7 @@ from hearth.common.v1 import common_pb2, common_pb2_grpc
 from services.common import audit, erasure, identity, telemetry
 from services.common.erasure import ALL_ACCOUNTS, ErasureScope, ids_digest
 from services.common.errors import InvalidArgument, PermissionDenied, Unavailable
+from services.privacy.audit.domain import format_ts
 from services.privacy.deletion.domain import (
     DeletionJob, DeletionScope, JobState, RetryPolicy, ServiceStatus, build_receipt, confirm_service,
     due_services, fail_service, new_job, start_job)
@@ -357,7 +358,10 @@ class DeletionCoordinator:
             return ServiceDeletion(len(ids), ids_digest(ids).hex()), counts, not ids
         result = self.peers.erase(service, scope_to_pb(job.scope), job.job_id)
         counts = {k: int(v) for k, v in sorted(result.deleted_counts.items()) if v}
-        return (ServiceDeletion(sum(counts.values()), result.deleted_ids_sha256.hex()), counts,
+        purges = tuple({"store": p.store, "where": p.location, "action": p.action,
+                        "at": format_ts(datetime.fromtimestamp(p.at.seconds + p.at.nanos / 1e9, UTC)),
+                        "complete": p.complete} for p in result.purges)
+        return (ServiceDeletion(sum(counts.values()), result.deleted_ids_sha256.hex(), purges), counts,
                 bool(result.already_erased))
 
     def _erase_local(self, job: DeletionJob) -> list[str]:

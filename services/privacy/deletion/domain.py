@@ -435,7 +435,8 @@ def _progress_to_dict(p: ServiceProgress) -> dict[str, Any]:
         "attempts": p.attempts,
         "next_attempt_at": format_ts(p.next_attempt_at) if p.next_attempt_at else None,
         "last_error": p.last_error,
-        "result": {"count": p.result.count, "ids_digest": p.result.ids_digest}
+        "result": {"count": p.result.count, "ids_digest": p.result.ids_digest,
+                   "purges": [dict(x) for x in p.result.purges]}
         if p.result else None,
     }
 
@@ -466,7 +467,7 @@ def job_from_dict(data: Mapping[str, Any]) -> DeletionJob:
                 attempts=int(p["attempts"]),
                 next_attempt_at=parse_ts(p["next_attempt_at"]) if p["next_attempt_at"] else None,
                 last_error=str(p["last_error"]),
-                result=ServiceDeletion(r["count"], r["ids_digest"]) if r else None,
+                result=ServiceDeletion(r["count"], r["ids_digest"], tuple(r.get("purges", ()))) if r else None,
             )
         return DeletionJob(
             job_id=check_id(data["job_id"], "job_id"),

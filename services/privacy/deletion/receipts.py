@@ -7,8 +7,13 @@ A receipt states what a deletion job removed and on whose behalf:
      "scope": {"kind": "device"|"person"|"household"|"window", ...},
      "requested_by": {"principal": ..., "role": ...},
      "requested_at": ts, "completed_at": ts,
-     "services": {"clustering": {"count": 12, "ids_digest": hex}, ...},
+     "services": {"clustering": {"count": 12, "ids_digest": hex, "purges": [...]}, ...},
      "total_count": 12, "key_id": ...}
+
+``purges`` (present when the service reported any) lists what made the erasure physical
+in that service's store, and when: ``{"store": "sqlite"|"postgres", "where": file or
+schema and tables, "action": e.g. "secure_delete; wal_checkpoint(TRUNCATE)", "at": ts,
+"complete": bool}`` (docs/privacy.md §11, "What erased means").
 
 ``ids_digest`` = hex SHA-256 of the sorted deleted record ids joined by ``"\\n"``
 (code-point order, which equals UTF-8 byte order) — the definition every service's
@@ -75,12 +80,15 @@ EMPTY_IDS_DIGEST = hashlib.sha256(b"").hexdigest()
 
 @dataclass(frozen=True, slots=True)
 class ServiceDeletion:
-    """What one service deleted: a count and the digest of the deleted ids."""
+    """What one service deleted: a count, the digest of the deleted ids, and the steps
+    that made the deletion physical (``purges``, see the module docstring)."""
 
     count: int
     ids_digest: str
+    purges: tuple[Mapping[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "purges", tuple(_check_purge(p, i) for i, p in enumerate(self.purges)))
         if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 0:
             raise ValueError(f"count: expected an int >= 0, got {self.count!r}")
         if (
@@ -91,6 +99,19 @@ class ServiceDeletion:
             raise ValueError(f"ids_digest: expected 64 lowercase hex digits, got {self.ids_digest!r}")
         if self.count == 0 and self.ids_digest != EMPTY_IDS_DIGEST:
             raise ValueError("ids_digest: a count of 0 must carry the digest of no ids")
+
+
+_PURGE_FIELDS = {"store": str, "where": str, "action": str, "at": str, "complete": bool}
+
+
+def _check_purge(purge: Any, index: int) -> dict[str, Any]:
+    if not isinstance(purge, Mapping) or set(purge) != set(_PURGE_FIELDS):
+        raise ValueError(f"purges[{index}]: expected {{{', '.join(_PURGE_FIELDS)}}}")
+    for name, kind in _PURGE_FIELDS.items():
+        if not isinstance(purge[name], kind):
+            raise ValueError(f"purges[{index}].{name}: expected {kind.__name__}")
+    parse_ts(purge["at"], f"purges[{index}].at")
+    return dict(purge)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +166,8 @@ class DeletionReceipt:
             "requested_at": format_ts(self.requested_at, "requested_at"),
             "completed_at": format_ts(self.completed_at, "completed_at"),
             "services": {
-                name: {"count": r.count, "ids_digest": r.ids_digest}
+                name: {"count": r.count, "ids_digest": r.ids_digest,
+                       **({"purges": [dict(p) for p in r.purges]} if r.purges else {})}
                 for name, r in sorted(self.services.items())
             },
             "total_count": self.total_count,
@@ -178,10 +200,13 @@ class DeletionReceipt:
             raise ValueError("receipt.services: expected an object")
         services = {}
         for name, r in services_raw.items():
-            if not isinstance(r, Mapping) or set(r) != {"count", "ids_digest"}:
-                raise ValueError(f"receipt.services.{name}: expected {{count, ids_digest}}")
+            if not isinstance(r, Mapping) or set(r) not in ({"count", "ids_digest"},
+                                                            {"count", "ids_digest", "purges"}):
+                raise ValueError(f"receipt.services.{name}: expected {{count, ids_digest[, purges]}}")
+            if not isinstance(r.get("purges", []), list):
+                raise ValueError(f"receipt.services.{name}.purges: expected a list")
             try:
-                services[name] = ServiceDeletion(r["count"], r["ids_digest"])
+                services[name] = ServiceDeletion(r["count"], r["ids_digest"], tuple(r.get("purges", ())))
             except ValueError as exc:
                 raise ValueError(f"receipt.services.{name}.{exc}") from None
         try:

@@ -291,3 +291,64 @@ def test_record_rpc_is_a_no_op_without_a_sink():
     assert not audit.installed()
     audit.record_rpc("x", "/hearth.clustering.v1.ClusteringService/GetHousehold", None, ALICE, [],
                      grpc.StatusCode.OK, "")  # must not raise
+
+
+class _Switch(MemoryAuditTransport):
+    """An audit log that is down until ``up`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = threading.Event()
+
+    def send(self, records):
+        if not self.up.is_set():
+            raise TransientAuditError("log unavailable")
+        super().send(records)
+
+
+def test_an_unreachable_log_loses_nothing_records_wait_in_the_disk_outbox_across_a_restart(tmp_path):
+    outbox_path = tmp_path / "audit-outbox-t.db"
+    down = _Switch()
+    sink = AuditSink(down, component="t-outbox", max_delay_s=0.01, backoff_s=0.01, max_spool_backoff_s=0.05,
+                     outbox=audit.AuditOutbox(outbox_path))
+    before = _dropped("t-outbox", "send_failed")
+    for i in range(300):   # far longer than the retries of a sink without outbox
+        sink.record(audit.ASSIGN, f"household:h{i}", principal=ALICE)
+    assert sink.flush(10)
+    sink.close()           # the process stops while the log is still down
+    assert sink.dropped == 0 and _dropped("t-outbox", "send_failed") == before
+    assert audit.AuditOutbox(outbox_path).pending() == 300
+
+    log = _Switch()
+    log.up.set()           # next start: the log answers again
+    again = AuditSink(log, component="t-outbox", max_delay_s=0.01, outbox=audit.AuditOutbox(outbox_path))
+    again.record(audit.ASSIGN, "household:after", principal=ALICE)
+    deadline = threading.Event()
+    for _ in range(200):
+        if len(log.records) == 301:
+            break
+        deadline.wait(0.05)
+    again.close()
+    resources = [r.resource for r in log.records]
+    assert resources[:300] == [f"household:h{i}" for i in range(300)]   # in order, once each
+    assert resources[300] == "household:after"
+    assert audit.AuditOutbox(outbox_path).pending() == 0
+    assert b"household:h1" not in outbox_path.read_bytes()   # delivered records are wiped
+
+
+def test_records_are_delivered_once_the_log_returns_while_the_process_runs(tmp_path):
+    log = _Switch()
+    sink = AuditSink(log, component="t-outbox2", max_delay_s=0.01, backoff_s=0.01, max_spool_backoff_s=0.05,
+                     outbox=audit.AuditOutbox(tmp_path / "o.db"))
+    for i in range(50):
+        sink.record(audit.ASSIGN, f"r{i}", principal=ALICE)
+    assert sink.flush(10) and sink.spooled == 50 and not log.records
+    log.up.set()
+    for i in range(50, 60):
+        sink.record(audit.ASSIGN, f"r{i}", principal=ALICE)
+    for _ in range(200):
+        if len(log.records) == 60:
+            break
+        threading.Event().wait(0.05)
+    sink.close()
+    assert [r.resource for r in log.records] == [f"r{i}" for i in range(60)]

@@ -202,3 +202,37 @@ def test_non_ed25519_pem_is_refused():
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
     with pytest.raises(ValueError, match="expected Ed25519"):
         keys.load_public_key(pem)
+
+
+# --------------------------------------------------------------------------- purges
+
+
+PURGE = {"store": "sqlite", "where": "clustering.db", "action": "secure_delete; wal_checkpoint(TRUNCATE)",
+         "at": "2025-03-01T12:02:59.120000Z", "complete": True}
+
+
+def test_purges_are_signed_into_the_receipt_and_verify_offline(signing_key):
+    receipt = make_receipt(signing_key, services={
+        "clustering": ServiceDeletion(2, ids_digest(["s1", "s2"]), (PURGE,)),
+        "attribution": ServiceDeletion(0, EMPTY_IDS_DIGEST)})
+    signed = sign_receipt(receipt, signing_key)
+    body = json.loads(signed.to_json())["receipt"]
+    assert body["services"]["clustering"]["purges"] == [PURGE]
+    assert "purges" not in body["services"]["attribution"]   # receipts without purges are unchanged
+    assert verify_receipt(SignedReceipt.from_json(signed.to_json()), signing_key.public_key()) == receipt
+
+    def later(d):
+        d["receipt"]["services"]["clustering"]["purges"][0]["at"] = "2025-03-02T00:00:00.000000Z"
+
+    with pytest.raises(ReceiptVerificationError):   # a changed purge time breaks the signature
+        verify_receipt(_tamper(signed, later), signing_key.public_key())
+
+
+@pytest.mark.parametrize("purge, match", [
+    ({**PURGE, "complete": "yes"}, r"purges\[0\]\.complete"),
+    ({k: v for k, v in PURGE.items() if k != "where"}, r"purges\[0\]"),
+    ({**PURGE, "at": "yesterday"}, r"purges\[0\]\.at"),
+])
+def test_malformed_purges_are_refused_naming_the_field(purge, match):
+    with pytest.raises(ValueError, match=match):
+        ServiceDeletion(1, ids_digest(["a"]), (purge,))
