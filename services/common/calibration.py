@@ -46,7 +46,12 @@ def as_probability_matrix(probs: ArrayLike, field: str = "probs") -> FloatArray:
         if matrix.min() < 0.0 or matrix.max() > 1.0:
             raise InvalidArgument("values must lie in [0, 1]", field)
         row_sums = matrix.sum(axis=1)
-        bad = np.flatnonzero(np.abs(row_sums - 1.0) > ROW_SUM_TOLERANCE)
+        # A one-person model's row may sum to less than one: the rest is a member the model
+        # has not seen yet (clustering's confidence map, docs/clustering.md). With two or
+        # more persons a row is a distribution over them.
+        off = (row_sums - 1.0 > ROW_SUM_TOLERANCE) if matrix.shape[1] == 1 else (
+            np.abs(row_sums - 1.0) > ROW_SUM_TOLERANCE)
+        bad = np.flatnonzero(off)
         if bad.size:
             raise InvalidArgument(f"row {int(bad[0])} sums to {row_sums[bad[0]]:.6g}, not 1 (tolerance {ROW_SUM_TOLERANCE})", field)
     return matrix
@@ -130,6 +135,11 @@ class Calibrator:
         """Recalibrated probability vectors (same shape as given; a 1-D vector stays 1-D)."""
         one_vector = np.ndim(probs) == 1
         matrix = as_probability_matrix(probs)
+        if matrix.shape[1] == 1:
+            # One known person: nothing to redistribute between persons, and its confidence
+            # already comes from the out-of-sample map; feedback cannot learn a better one
+            # from labels that can only name that person.
+            return matrix[0].copy() if one_vector else matrix.copy()
         if self.method == "temperature":
             out = apply_temperature(matrix, float(self.parameters["temperature"]))
         elif self.method == "isotonic":

@@ -84,8 +84,10 @@ def validate_predictions(items: list[PredictionRecord]) -> list[PredictionRecord
             if not (math.isfinite(prob) and 0.0 <= prob <= 1.0):
                 raise InvalidArgument("each probability must be in [0, 1]", f"{path}.probabilities")
             total += prob
-        if abs(total - 1.0) > 1e-3:
-            raise InvalidArgument("probabilities must sum to 1", f"{path}.probabilities")
+        # One person may carry less than 1 (the rest: a member the model has not seen yet).
+        if total - 1.0 > 1e-3 or (len(p.probabilities) > 1 and 1.0 - total > 1e-3):
+            raise InvalidArgument("probabilities must sum to 1 (at most 1 for one person)",
+                                  f"{path}.probabilities")
         if p.person_id not in p.probabilities:
             raise InvalidArgument("must be one of the persons in probabilities", f"{path}.person_id")
         if p.probabilities[p.person_id] < max(p.probabilities.values()):

@@ -162,3 +162,18 @@ def test_bad_fit_arguments() -> None:
     with pytest.raises(InvalidArgument, match="criterion"):
         fit_calibrator(sample, criterion="auc")  # type: ignore[arg-type]
     assert fit_calibrator(sample, criterion="nll").method in ("identity", "temperature", "isotonic")
+
+
+def test_a_one_person_row_may_leave_mass_for_an_unseen_member_and_is_not_recalibrated():
+    # Clustering's one-person model answers 0.85, not 1.0 (docs/clustering.md); a calibrator
+    # fitted on multi-person households must neither refuse it nor push it back to 1.0.
+    hot = Calibrator(1, "temperature", {"temperature": 0.5})
+    assert hot.apply(np.array([[0.85]])).tolist() == [[0.85]]
+    assert hot.apply(np.array([0.85])).tolist() == [0.85]
+    # Two or more persons: still a distribution, and a one-person row cannot exceed 1.
+    with pytest.raises(InvalidArgument, match="sums to 0.85"):
+        hot.apply(np.array([[0.5, 0.35]]))
+    with pytest.raises(InvalidArgument, match="must lie in \\[0, 1\\]"):
+        hot.apply(np.array([[1.2]]))
+    # A two-person row is still recalibrated (T < 1 sharpens).
+    assert hot.apply(np.array([[0.7, 0.3]]))[0, 0] > 0.7
