@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from services.common.child_process import spawn_tied, stop_group
-from services.mesh import Mesh, free_port, write_api_key
+from services.testing.mesh import Mesh, free_port, write_api_key
 from tests.conftest import _find_pg_bin, _postgres_user
 
 RUN = uuid.uuid4().hex[:6]
