@@ -346,7 +346,12 @@ class FeedbackApp:
         self._bg.stop.set()
         if self._bg.thread is not None:
             self._bg.thread.join(10)
-        self._bg.executor.shutdown(wait=True)
+        # Work already running finishes; queued label forwards and refits are cancelled so
+        # that a shutdown is not held hostage by a clustering service that is down (each
+        # forward retries for seconds). What a cancelled forward costs: the feedback stays
+        # stored here and counts for calibration, but clustering does not get that session's
+        # label (RecordFeedback is idempotent; a client re-sending it forwards it again).
+        self._bg.executor.shutdown(wait=True, cancel_futures=True)
 
     # ------------------------------------------------------------------ calibration
 
