@@ -43,7 +43,7 @@ CASES = {
                  lambda ch: fpb_grpc.FeedbackServiceStub(ch).RecordPrediction(
                      fpb.RecordPredictionRequest(predictions=[fpb.Prediction(
                          prediction_id="p1", account_id="a", session_id="s", person_id="p1",
-                         probabilities={"p1": 0.5}, ts=float_to_ts(1.7e9))]),
+                         probabilities={"p1": 0.5, "p2": 0.2}, ts=float_to_ts(1.7e9))]),
                      metadata=ADMIN.metadata(), timeout=5),
                  grpc.StatusCode.INVALID_ARGUMENT, "predictions[0].probabilities"),
 }
