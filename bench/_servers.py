@@ -15,6 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from services.common.child_process import spawn_tied
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -98,9 +100,10 @@ class Redis:
         binary = shutil.which("redis-server")
         if not binary:
             raise SystemExit("--backend postgres: redis-server not found (apt-get install redis-server)")
-        self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no"], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        # Tied to the verify run (PR_SET_PDEATHSIG): killed with it. (PostgreSQL above runs
+        # through runuser as root, which clears the death signal; verify stops it itself.)
+        self.proc = spawn_tied([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port)
         deadline = time.monotonic() + timeout_s
         while True:

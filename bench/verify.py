@@ -47,6 +47,7 @@ import numpy as np
 
 from bench._common import cpu_model, log
 from bench._servers import Postgres, Redis, free_port
+from services.common.child_process import spawn_tied
 from services.testing.mesh import SERVICE_MODULES, Mesh, write_api_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,9 +206,11 @@ class Verify:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         for role, argv in (("echo", ["--port", str(echo_port)]),
                            ("gateway", ["--port", str(http_port), "--echo-addr", f"127.0.0.1:{echo_port}"])):
-            self.floor_procs[role] = subprocess.Popen(
+            # Tied to this process (PR_SET_PDEATHSIG), like the mesh: a killed verify run, or
+            # a killed test running --quick, leaves no floor server behind.
+            self.floor_procs[role] = spawn_tied(
                 [sys.executable, "-m", "bench.floor", role, *argv], cwd=ROOT, env=env,
-                stdout=open(logs / f"floor-{role}.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+                stdout=open(logs / f"floor-{role}.log", "ab"), stderr=subprocess.STDOUT)
             time.sleep(0.3)
         self.floor_url = f"http://127.0.0.1:{http_port}"
         deadline = time.monotonic() + 60
@@ -356,8 +359,8 @@ class Verify:
         spec_path = runs / f"{self.run_counter:03d}-spec.json"
         out_path = runs / f"{self.run_counter:03d}-result.json"
         spec_path.write_text(json.dumps(spec))
-        proc = subprocess.Popen([sys.executable, "-m", "bench.loadgen", str(spec_path), str(out_path)],
-                                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        proc = spawn_tied([sys.executable, "-m", "bench.loadgen", str(spec_path), str(out_path)],
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         return proc, out_path
 
     def settle(self, timeout_s: float = 90.0) -> None:

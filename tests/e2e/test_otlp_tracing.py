@@ -87,7 +87,7 @@ def test_attribution_request_is_one_trace_across_processes(traced_mesh):
     # One server span for the request in the gateway, anywhere (FastAPI's own telemetry
     # would add a second, unconnected root in another trace).
     gateway_servers = [s for s in receiver.spans if s.service == "gateway" and s.kind == SPAN_KIND_SERVER
-                       and s.attributes.get("http.target", s.attributes.get("url.path")) == "/v1/attribution"]
+                       and s.attributes.get("http.route") == "/v1/attribution"]   # never the raw path
     assert [s.trace_id for s in gateway_servers] == [trace_id]
     server = [s for s in spans if s.service == "attribution" and s.kind == SPAN_KIND_SERVER]
     assert [s.name for s in server] == ["hearth.attribution.v1.AttributionService/Attribute"]
