@@ -1,7 +1,8 @@
 """The ChannelAttribution-format path file the attribution checks run against.
 
 `make test` never reads outside the repository. When ``HEARTH_SHARED_DATA`` names a
-directory (``.ci/run`` sets it to ``../shared/data``), the checks use the example file that
+directory (``.ci/run`` sets it to the shared data folder beside the checkout, when there is
+one), the checks use the example file that
 ships with ChannelAttribution 2.2.5 from there (it must not be copied into the project:
 GPL-3.0). When it is unset, the same checks run on a file generated here, deterministically,
 in the same format and of the same shape (10,000 paths over 12 channels, skewed channel
