@@ -82,7 +82,7 @@ def build(settings):
                          args=(app, settings.population_prior_refresh_s, stop)).start()
     servicer = ClusteringServicer(app)
     return ([(pb_grpc.add_ClusteringServiceServicer_to_server, servicer, SERVICE_NAME),
-             data_holder(NAME, lambda scope, _job_id: app.erase(scope), app.export_account)],
+             data_holder(NAME, app)],
             [stop.set, app.close, consent.close, cipher.close, db.close])
 
 

@@ -313,7 +313,7 @@ class ClusteringApp:
     # ---- other reads, erasure ---------------------------------------------------------
 
     def export_account(self, account_id: str) -> dict:
-        check_id(account_id, "account_id")
+        """DataHolder.ExportAccount (services/common/erasure.py validates the id)."""
         return self.store.export_account(account_id)
 
     def resolve_persons(self, instants: list[tuple[str, str, float]]) -> list[tuple[str, dict[str, float]]]:
@@ -322,7 +322,7 @@ class ClusteringApp:
             check_id(device, f"instants[{n}].device_id")
         return self.store.resolve_persons(instants)
 
-    def erase(self, scope: ErasureScope) -> ErasureOutcome:
+    def erase(self, scope: ErasureScope, job_id: str = "") -> ErasureOutcome:
         """Delete the scope's data, then refit the household from what remains: exact
         unlearning (the model equals one fitted without the erased sessions)."""
         outcome = self.store.erase(scope)
