@@ -11,6 +11,7 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -317,14 +318,20 @@ class ClusteringApp:
     def set_population_prior(self, prior: PopulationPrior | None) -> None:
         self.keeper.population_prior = prior
 
-    def build_population_prior(self, max_households: int = 200) -> PopulationPrior | None:
+    def build_population_prior(self, max_households: int = 200,
+                               pace: Callable[[float], object] | None = None) -> PopulationPrior | None:
         """Persona mixture over households that have a full model's worth of sessions
-        (the Bayesian prior of the population cold-start strategy)."""
+        (the Bayesian prior of the population cold-start strategy). ``pace(seconds)`` is
+        called after each household's read with the time it took, so a caller can
+        throttle the rebuild against the requests being served (__main__ does)."""
         matrices = []
         for account in self.store.accounts_with_sessions(MIN_SESSIONS, max_households):
+            started = time.perf_counter()
             snap = self.keeper.snapshot(account)
             if len(snap.sessions) >= MIN_SESSIONS:
                 matrices.append(snap.X)
+            if pace is not None:
+                pace(time.perf_counter() - started)
         if len(matrices) < 20:
             return None
         return PopulationPrior.fit(matrices)
@@ -332,7 +339,7 @@ class ClusteringApp:
     # ---- other reads, erasure ---------------------------------------------------------
 
     def export_account(self, account_id: str) -> dict:
-        check_id(account_id, "account_id")
+        """DataHolder.ExportAccount (services/common/erasure.py validates the id)."""
         return self.store.export_account(account_id)
 
     def resolve_persons(self, instants: list[tuple[str, str, float]]) -> list[tuple[str, dict[str, float]]]:
@@ -341,7 +348,7 @@ class ClusteringApp:
             check_id(device, f"instants[{n}].device_id")
         return self.store.resolve_persons(instants)
 
-    def erase(self, scope: ErasureScope) -> ErasureOutcome:
+    def erase(self, scope: ErasureScope, job_id: str = "") -> ErasureOutcome:
         """Delete the scope's data, then refit the household from what remains: exact
         unlearning (the model equals one fitted without the erased sessions)."""
         outcome = self.store.erase(scope)
