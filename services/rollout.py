@@ -21,7 +21,8 @@ Guards (the report's rollback triggers):
 
 The gateway key (role admin) comes from HEARTH_ROLLOUT_API_KEY; the webhook's bearer
 token, when set, from HEARTH_ROLLOUT_WEBHOOK_TOKEN (Alertmanager's
-``http_config.authorization.credentials``).
+``http_config.authorization.credentials``); HEARTH_ROLLOUT_CA_FILE names the CA that
+signed the gateway's HTTPS certificate when it is not in the system's trust store.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import hmac
 import json
 import logging
 import os
+import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -64,8 +66,12 @@ class Breach:
 class Experiment:
     """The experiment API of the gateway."""
 
-    def __init__(self, gateway: str, api_key: str, timeout_s: float = 10.0) -> None:
-        self._http = httpx.Client(base_url=gateway, headers={"X-API-Key": api_key}, timeout=timeout_s)
+    def __init__(self, gateway: str, api_key: str, timeout_s: float = 10.0, ca_file: str | None = None) -> None:
+        # ca_file: the CA of a gateway serving HTTPS with a private certificate (the
+        # chart mounts the https Secret's ca.crt); None: the system's trust store.
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
+        self._http = httpx.Client(base_url=gateway, headers={"X-API-Key": api_key}, timeout=timeout_s,
+                                  verify=verify)
 
     def get(self) -> dict:
         r = self._http.get("/v1/experiment")
@@ -208,7 +214,7 @@ def _experiment(args: argparse.Namespace) -> Experiment:
     key = os.environ.get("HEARTH_ROLLOUT_API_KEY", "")
     if not key:
         raise ValueError("HEARTH_ROLLOUT_API_KEY: the gateway API key (admin) is required")
-    return Experiment(args.gateway, key)
+    return Experiment(args.gateway, key, ca_file=os.environ.get("HEARTH_ROLLOUT_CA_FILE") or None)
 
 
 def _steps(text: str) -> list[float]:

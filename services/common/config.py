@@ -66,6 +66,7 @@ OTHER_VARIABLES: dict[str, str] = {
     "HEARTH_BENCH_POSTGRES_DSN": "bench/: the PostgreSQL a benchmark uses",
     "HEARTH_ROLLOUT_API_KEY": "services/rollout.py: the rollout CLI's gateway key",
     "HEARTH_ROLLOUT_WEBHOOK_TOKEN": "services/rollout.py: the rollback webhook's bearer token",
+    "HEARTH_ROLLOUT_CA_FILE": "services/rollout.py: CA of the gateway's HTTPS certificate",
 }
 
 
