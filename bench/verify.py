@@ -1025,7 +1025,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.soak_min is None:
         args.soak_min = 0.25 if args.quick else 10.0
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = args.out or ROOT / "var" / "verify" / stamp
+    # Absolute: PostgreSQL (--backend postgres) resolves its socket directory from its data directory.
+    out = (args.out or ROOT / "var" / "verify" / stamp).resolve()
     out.mkdir(parents=True, exist_ok=True)
     v = Verify(args, profile, out)
     skip = set(filter(None, args.skip.split(",")))
