@@ -609,12 +609,18 @@ class Verify:
         stop = threading.Event()
 
         def poll() -> None:
+            # Healthy = 200 *and* SERVING: the gateway stays 200 (DEGRADED) while one service
+            # is down, so that its other routes stay in the load balancer; a DEGRADED poll
+            # counts as unhealthy here (recorded as 299).
             with httpx.Client(timeout=1.0) as c:
                 while not stop.is_set():
                     t = time.time()
                     try:
-                        code = c.get(self.mesh.url + "/health").status_code
-                    except httpx.HTTPError:
+                        r = c.get(self.mesh.url + "/health")
+                        code = r.status_code
+                        if code == 200 and r.json().get("status") != "SERVING":
+                            code = 299
+                    except (httpx.HTTPError, ValueError):
                         code = 0
                     health.append((t, code))
                     stop.wait(0.1)
