@@ -70,7 +70,8 @@ def build(settings):
     store = ClusteringStore(db, open_cache(settings, NAME), gap_s=settings.session_gap_s,
                             lateness_tolerance_s=settings.lateness_tolerance_s, cipher=cipher)
     store.migrate()
-    feedback = FeedbackPeer(settings.feedback_addr, timeout_s=settings.peer_timeout_s)
+    feedback = FeedbackPeer(settings.feedback_addr, timeout_s=settings.peer_timeout_s,
+                            calibrator_cache_s=settings.calibrator_cache_s)
     predictions = PredictionLog(db, feedback.send_predictions, session_writer=store.write_persons)
     keeper = ModelKeeper(store, feedback.variant_of, cold_start=settings.cold_start,
                          gmm_fault_prefix=settings.fault_gmm_numerical)

@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -22,7 +22,7 @@ from services.common.ids import check_id
 from services.clustering.domain.model import MIN_SESSIONS, PopulationPrior
 from services.clustering.batch_scoring import score_households
 from services.clustering.household import Envelope
-from services.clustering.modeling import ModelKeeper, known_person
+from services.clustering.modeling import ModelKeeper, known_person, persons_for
 from services.clustering.prediction_log import PredictionLog, PredictionRecord, SessionPerson
 from services.clustering.store import ClusteringStore, HouseholdView, IngestResult
 from services.common.consent import ConsentChecker
@@ -289,7 +289,25 @@ class ClusteringApp:
             extras.sessions_pending = max(closed - envelope.included, 0)
             extras.last_refit = envelope.last_refit
             extras.n_persons = envelope.model.n_persons
+            view = self._with_fresh_persons(account_id, view, envelope)
         return view, extras
+
+    def _with_fresh_persons(self, account_id: str, view: HouseholdView, envelope: Envelope) -> HouseholdView:
+        """Closed sessions of the page that have no person yet (just ingested; the
+        background refresh has not stored theirs) are answered by the current model
+        here, the same way the refresh will store them, and the refresh is queued: a
+        caller never sees a closed session without a person once a model exists."""
+        missing = [s for s in view.sessions if s.closed and not s.person_id]
+        if not missing:
+            return view
+        labels = self.store.labels(account_id)
+        persons, probs = persons_for(envelope.model, missing, [labels.get(s.session_id, s.label) for s in missing])
+        self.schedule_refresh(account_id)
+        sessions = [replace(s, person_id=persons[s.session_id]) if s.session_id in persons else s
+                    for s in view.sessions]
+        probability = dict(view.person_probability)
+        probability.update({sid: p[persons[sid]] for sid, p in probs.items()})
+        return replace(view, sessions=sessions, person_probability=probability)
 
     def refit(self, account_id: str, reason: str = "") -> tuple[int, int, int]:
         """Full refit from the stored sessions and labels: (version, persons, sessions)."""
