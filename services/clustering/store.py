@@ -31,7 +31,8 @@ from services.common.storage.sql import Database, Tx, migrate
 _EVENT_COLUMNS = ("event_id, account_id, device_id, device_type, ts, kind, title_id, series_id, "
                   "genres, duration_s, maturity, country, vpn, profile_hint")
 MODEL_CACHE_TTL_S = 3600.0
-# Every table an erasure deletes from (purged physically after it: Database.purge_erased).
+# Every table an erasure deletes from (purged physically after it: Database.purge_erased;
+# kept out of PostgreSQL's planner statistics: migrate(personal_tables=...)).
 _ERASED_TABLES = ("events", "sessions", "devices", "household_models", "drift_events",
                   "prediction_outbox", "session_labels")
 
@@ -167,7 +168,7 @@ class ClusteringStore:
                                 open_(a, "profile_hint", r[13])))
 
     def migrate(self) -> list[int]:
-        return migrate(self.db, MIGRATIONS)
+        return migrate(self.db, MIGRATIONS, personal_tables=_ERASED_TABLES)
 
     # ---- ingest ---------------------------------------------------------------------
 

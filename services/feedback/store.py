@@ -18,6 +18,10 @@ from services.common.storage.cache import Cache, MemoryCache
 from services.common.storage.sql import Database, Tx, migrate
 from services.feedback.migrations import MIGRATIONS
 
+# Every table an erasure deletes from (purged physically after it: Database.purge_erased;
+# kept out of PostgreSQL's planner statistics: migrate(personal_tables=...)).
+_ERASED_TABLES = ("predictions", "feedback", "triggers")
+
 
 @dataclass(frozen=True)
 class PredictionRecord:
@@ -121,7 +125,7 @@ class FeedbackStore:
         self.cache = cache or MemoryCache("feedback")
 
     def migrate(self) -> list[int]:
-        return migrate(self.db, MIGRATIONS)
+        return migrate(self.db, MIGRATIONS, personal_tables=_ERASED_TABLES)
 
     # ------------------------------------------------------------------ predictions
 
@@ -356,7 +360,7 @@ class FeedbackStore:
                 outcome.add("triggers", trigger_ids)
             else:
                 self._erase_part(tx, scope, outcome)
-        outcome.purges.append(self.db.purge_erased(("predictions", "feedback", "triggers")))
+        outcome.purges.append(self.db.purge_erased(_ERASED_TABLES))
         return outcome
 
     @staticmethod

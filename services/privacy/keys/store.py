@@ -54,6 +54,6 @@ class DataKeyStore:
                   r.account_id, r.dek_version) for r in records])
         if any(r.destroyed for r in records):
             # The old page images also sit in the write-ahead log (SQLite: checkpoint) or in
-            # dead tuples (PostgreSQL: the small key table is rewritten by VACUUM FULL).
-            self.db.purge_erased(("data_keys",), rewrite=True)
+            # dead tuples and WAL (PostgreSQL: VACUUM FULL of the small key table, WAL segments removed).
+            self.db.purge_erased(("data_keys",))
         return len(records)
