@@ -9,7 +9,7 @@ from services.attribution.migrations import MIGRATIONS
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.field_crypto import FieldCipher
 from services.common.storage.cache import Cache, MemoryCache
-from services.common.storage.sql import Database, migrate
+from services.common.storage.sql import Database, migrate, record_erasure
 
 # Every table an erasure deletes from (purged physically after it: Database.purge_erased;
 # kept out of PostgreSQL's planner statistics: migrate(personal_tables=...)).
@@ -121,6 +121,8 @@ class AttributionStore:
                 cvs = [r[0] for r in tx.query(f"SELECT conversion_id FROM conversions WHERE {cv_where}", cv_params)]
                 tx.execute(f"DELETE FROM conversions WHERE {cv_where}", cv_params)
                 outcome.add("conversions", cvs)
+            if not outcome.empty:
+                record_erasure(tx)
         outcome.purges.append(self.db.purge_erased(_ERASED_TABLES))
         self.cache.delete_prefix(cached)
         if self.cipher is not None and scope.kind == "household":

@@ -26,7 +26,7 @@ from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import Conflict, NotFound
 from services.common.field_crypto import FieldCipher
 from services.common.storage.cache import Cache, MemoryCache
-from services.common.storage.sql import Database, Tx, migrate
+from services.common.storage.sql import Database, Tx, migrate, record_erasure
 
 _EVENT_COLUMNS = ("event_id, account_id, device_id, device_type, ts, kind, title_id, series_id, "
                   "genres, duration_s, maturity, country, vpn, profile_hint")
@@ -568,6 +568,8 @@ class ClusteringStore:
                             if r[0] in sessions]
             tx.executemany("DELETE FROM session_labels WHERE session_id = ?", [(x,) for x in labelled])
             out.add("session_labels", labelled)
+            if not out.empty:
+                record_erasure(tx)
         out.purges.append(self.purge_erased())
         self._drop_cached_models(scope)
         if self.cipher is not None and scope.kind == "household":
@@ -580,9 +582,13 @@ class ClusteringStore:
         else:
             self.cache.delete(f"model:{scope.account_id}", strict=strict)
 
-    def purge_erased(self) -> dict:
+    def purge_erased(self, model_replaced: bool = False) -> dict:
         """Make what erasures deleted physically unreadable (Database.purge_erased); the
-        app calls it again after the unlearning refit rewrote the household model."""
+        app calls it again (``model_replaced``) after the unlearning refit rewrote the
+        household model, whose old row still holds what the erased sessions taught it."""
+        if model_replaced:
+            with self.db.transaction() as tx:
+                record_erasure(tx)
         return self.db.purge_erased(_ERASED_TABLES)
 
     def export_account(self, account_id: str) -> dict:

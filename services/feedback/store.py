@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import AlreadyExists, NotFound
 from services.common.storage.cache import Cache, MemoryCache
-from services.common.storage.sql import Database, Tx, migrate
+from services.common.storage.sql import Database, Tx, migrate, record_erasure
 from services.feedback.migrations import MIGRATIONS
 
 # Every table an erasure deletes from (purged physically after it: Database.purge_erased;
@@ -360,6 +360,8 @@ class FeedbackStore:
                 outcome.add("triggers", trigger_ids)
             else:
                 self._erase_part(tx, scope, outcome)
+            if not outcome.empty:
+                record_erasure(tx)
         outcome.purges.append(self.db.purge_erased(_ERASED_TABLES))
         return outcome
 

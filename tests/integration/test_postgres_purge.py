@@ -11,7 +11,7 @@ import secrets
 import pytest
 
 from services.common.storage import sql
-from services.common.storage.sql import Migration, PostgresDatabase, migrate
+from services.common.storage.sql import Migration, PostgresDatabase, migrate, record_erasure
 from tests.helpers.servers import PURGEABLE_WAL, data_dir_files, running_postgres
 
 TABLES = ("notes",)
@@ -48,6 +48,19 @@ def db(pg, request):
     database.close()
 
 
+def erase(db, sql: str, params=()) -> None:
+    """What a store's Erase does: delete, and note in the same transaction that a purge
+    is owed."""
+    with db.transaction() as tx:
+        tx.execute(sql, params)
+        record_erasure(tx)
+
+
+def filenode(db) -> int:
+    with db.transaction() as tx:
+        return tx.query("SELECT pg_relation_filenode('notes')")[0][0]
+
+
 def analyze_and_checkpoint(db) -> None:
     """What autovacuum and the checkpointer would do on their own: sample statistics,
     write every page home."""
@@ -66,8 +79,7 @@ def test_erased_rows_leave_no_byte_in_heap_indexes_statistics_or_wal(pg, db):
     assert any(name.startswith("pg_wal/") for name in before), before    # and the WAL
     assert holders(pg, "zrgone-toast")
 
-    with db.transaction() as tx:
-        tx.execute("DELETE FROM notes WHERE account_id = ?", ("zrgone-acct",))
+    erase(db, "DELETE FROM notes WHERE account_id = ?", ("zrgone-acct",))
     purge = db.purge_erased(TABLES)
 
     assert purge["complete"], purge
@@ -103,8 +115,7 @@ def test_a_transaction_older_than_the_erasure_makes_the_purge_incomplete(pg, db,
     with psycopg.connect(pg.dsn) as reader:
         reader.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         reader.execute("SELECT count(*) FROM pg_class").fetchone()   # takes and holds its snapshot
-        with db.transaction() as tx:
-            tx.execute("DELETE FROM notes")
+        erase(db, "DELETE FROM notes")
         purge = db.purge_erased(TABLES)
         assert not purge["complete"] and "older than the erasure" in purge["action"], purge
         assert holders(pg, "zrseen-body")   # indeed still there: the old snapshot may read it
@@ -124,7 +135,32 @@ def test_settings_that_keep_wal_segments_are_named_and_the_purge_is_not_complete
         database = PostgresDatabase(server.dsn, "purge_recycle", max_size=2)
         try:
             migrate(database, MIGRATIONS, personal_tables=TABLES)
+            erase(database, "DELETE FROM notes")
             purge = database.purge_erased(TABLES)
+            assert not purge["complete"]
+            retry = database.purge_erased(TABLES)   # still owed: the retry tries again
         finally:
             database.close()
     assert not purge["complete"] and "wal_recycle=on" in purge["action"], purge
+    assert not retry["complete"] and "VACUUM (FULL" in retry["action"], retry
+
+
+def test_a_retried_erase_that_found_nothing_does_not_rewrite_again_but_a_crashed_purge_is_redone(pg, db):
+    """The purge rewrites whole tables, so it runs only when an erasure is owed one: the
+    retry of an Erase whose answer was lost answers at once; an Erase that died between
+    its DELETE and its purge leaves the debt for the retry (which itself deletes nothing)."""
+    fill(db, "zrretry", n=20)
+    erase(db, "DELETE FROM notes WHERE account_id = ?", ("zrretry-acct",))
+    assert db.purge_erased(TABLES)["complete"]
+    rewritten = filenode(db)
+
+    again = db.purge_erased(TABLES)   # nothing deleted since: nothing owed
+    assert again["complete"] and "nothing left to purge" in again["action"], again
+    assert filenode(db) == rewritten
+
+    fill(db, "zrcrash", n=20)
+    erase(db, "DELETE FROM notes WHERE account_id = ?", ("zrcrash-acct",))   # ... and the process dies here
+    assert holders(pg, "zrcrash-body")
+    retry = db.purge_erased(TABLES)
+    assert retry["complete"] and "VACUUM (FULL, ANALYZE) notes" in retry["action"], retry
+    assert filenode(db) != rewritten and holders(pg, "zrcrash-body") == []

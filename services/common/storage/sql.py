@@ -272,6 +272,11 @@ class PostgresDatabase:
             with self._pool.connection() as conn:
                 conn.autocommit = True
                 try:
+                    pending = [r[0] for r in conn.execute(f"SELECT id FROM {PENDING_TABLE}").fetchall()]
+                    if not pending:   # a retried Erase that found nothing: an earlier call purged
+                        return {"store": "postgres", "where": f"{self.schema}: {', '.join(tables)}; pg_wal",
+                                "action": "nothing left to purge: every erasure here was purged before",
+                                "at": started, "complete": True}
                     if not _wait_for_older_transactions(conn):
                         blockers.append("a transaction older than the erasure was still running "
                                         f"after {OLD_TRANSACTION_WAIT_S:.0f} s: VACUUM FULL kept rows it may still see")
@@ -296,6 +301,8 @@ class PostgresDatabase:
                         steps.append("pg_switch_wal(); CHECKPOINT")
                     except psycopg.errors.InsufficientPrivilege as exc:
                         blockers.append(f"no privilege to remove WAL segments ({exc.diag.message_primary})")
+                    if not blockers:   # else the next Erase (the job's retry) purges again
+                        conn.execute(f"DELETE FROM {PENDING_TABLE} WHERE id = ANY(%s)", (pending,))
                 finally:
                     conn.autocommit = False
         except psycopg.OperationalError as exc:
@@ -388,6 +395,20 @@ def probe(db: Database) -> str:
     return ""
 
 
+PENDING_TABLE = "erasures_awaiting_purge"
+
+
+def record_erasure(tx: Tx) -> None:
+    """Note, inside the transaction that deleted rows, that a physical purge is owed
+    (``purge_erased``). On PostgreSQL the purge rewrites whole tables, so it runs only
+    when something is owed: a retried Erase that finds nothing (its first call purged,
+    but the answer was lost or late) does not rewrite again, and an Erase whose purge
+    crashed or stopped short leaves the note for the retry to purge. (SQLite's purge, a
+    checkpoint, is cheap and always runs: nothing to note.)"""
+    if isinstance(tx, _PostgresTx):
+        tx.execute(f"INSERT INTO {PENDING_TABLE} (noted_at) VALUES (?)", (time.time(),))
+
+
 def migrate(db: Database, migrations: Sequence[Migration], personal_tables: Sequence[str] = ()) -> list[int]:
     """Apply the migrations not yet applied, each in its own transaction, in version
     order. Safe with several replicas starting at once: PostgreSQL takes an advisory
@@ -402,6 +423,9 @@ def migrate(db: Database, migrations: Sequence[Migration], personal_tables: Sequ
     with db.transaction() as tx:
         tx.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
                    "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)")
+        if db.dialect == "postgres":
+            tx.execute(f"CREATE TABLE IF NOT EXISTS {PENDING_TABLE} (id BIGSERIAL PRIMARY KEY, "
+                       "noted_at DOUBLE PRECISION NOT NULL)")
     for migration in migrations:
         with db.transaction() as tx:
             if db.dialect == "postgres":
