@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from services.clustering.domain.events import ViewingEvent
+from services.clustering.domain.features import DEFAULT_VOCABULARY, GenreVocabulary
 from services.clustering.domain.sessions import Session, build_sessions
 from services.clustering.migrations import MIGRATIONS
 from services.common.erasure import ErasureOutcome, ErasureScope
@@ -119,8 +120,10 @@ def _event_from_row(r: Sequence) -> ViewingEvent:
 
 class ClusteringStore:
     def __init__(self, db: Database, cache: Cache | None = None, *, gap_s: float = 1800.0,
-                 lateness_tolerance_s: float = 6 * 3600.0, cipher: FieldCipher | None = None) -> None:
+                 lateness_tolerance_s: float = 6 * 3600.0, cipher: FieldCipher | None = None,
+                 vocabulary: GenreVocabulary | None = None) -> None:
         self.db = db
+        self.vocabulary = vocabulary or DEFAULT_VOCABULARY
         self.cache = cache or MemoryCache("clustering")
         self.gap_s = gap_s
         self.tolerance_s = lateness_tolerance_s
@@ -244,21 +247,35 @@ class ClusteringStore:
         persons = {r[0]: r[2] for r in affected}
         rows = tx.query(f"SELECT {_EVENT_COLUMNS} FROM events WHERE account_id = ? AND device_id = ? "
                         "AND ts >= ? ORDER BY ts, event_id", (account, device, since))
-        sessions = build_sessions([self._event_from_row(r) for r in rows], self.gap_s)
+        sessions = build_sessions([self._event_from_row(r) for r in rows], self.gap_s, self.vocabulary)
         if affected:
             tx.execute("DELETE FROM sessions WHERE account_id = ? AND device_id = ? AND end_ts >= ?",
                        (account, device, earliest_new_ts - self.gap_s))
         tx.executemany(
             "INSERT INTO sessions (session_id, account_id, device_id, device_type, start_ts, end_ts, "
-            "event_count, watch_seconds, feature_version, features, label, person_id) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "event_count, watch_seconds, feature_version, features, label, person_id, unknown_genres) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [(s.session_id, s.account_id, s.device_id, s.device_type, s.start_ts, s.end_ts,
               len(s.event_ids), s.watch_seconds, s.feature_version,
               self._seal(s.account_id, "features", s.features.astype("<f4").tobytes()),
-              self._seal_text(s.account_id, "label", s.label), persons.get(s.session_id)) for s in sessions])
+              self._seal_text(s.account_id, "label", s.label), persons.get(s.session_id),
+              self._seal_text(s.account_id, "unknown_genres", json.dumps(s.unknown_genres))
+              if s.unknown_genres else None) for s in sessions])
         return len(sessions)
 
     # ---- reads ----------------------------------------------------------------------
+
+    def unknown_genres(self, account_id: str) -> dict[str, int]:
+        """Genre names outside the vocabulary in the household's stored sessions, with
+        how many events carry each."""
+        with self.db.transaction(readonly=True) as tx:
+            rows = tx.query("SELECT unknown_genres FROM sessions WHERE account_id = ? "
+                            "AND unknown_genres IS NOT NULL", (account_id,))
+        counts: dict[str, int] = defaultdict(int)
+        for (sealed,) in rows:
+            for name, events in json.loads(self._open_text(account_id, "unknown_genres", sealed) or "[]"):
+                counts[name] += int(events)
+        return dict(sorted(counts.items()))
 
     def household(self, account_id: str, max_sessions: int = 500, now: float | None = None,
                   cursor: tuple[float, str] | None = None) -> HouseholdView:
