@@ -24,12 +24,12 @@ limited: probes must keep answering under overload.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections import deque
+from collections.abc import Callable
 
 from prometheus_client import Counter, Gauge
-
-from gateway.errors import error_response
 
 ADMISSION_REJECTED = Counter("hearth_gateway_admission_rejected_total",
                              "Requests refused with 503 by the gateway's admission limit",
@@ -106,37 +106,51 @@ class Gate:
 
 
 class AdmissionControl:
-    """ASGI middleware: find the upstream of the request's route (``routes``: compiled path
-    regexes of the routes each service backs), hold one of its slots while the request is
-    handled, or answer 503 ``overloaded`` + ``Retry-After`` without calling the app."""
+    """ASGI middleware, outermost: find the upstream of the request's route (``routes``:
+    (compiled path regex, service, route template) of the routes each service backs), hold
+    one of its slots while the request is handled, or answer 503 ``overloaded`` +
+    ``Retry-After`` without calling the app.
 
-    def __init__(self, app, gates: dict[str, Gate], routes: list[tuple[re.Pattern, str]]) -> None:
+    A refusal must cost far less than serving, or the gateway's own CPU becomes the
+    collapse: it is a pre-encoded response sent straight to the server, counted in
+    ``hearth_http_requests_total`` (through ``count_refusal(route, method)``) and
+    ``hearth_gateway_admission_rejected_total``, with no span, access-log line or body read."""
+
+    def __init__(self, app, gates: dict[str, Gate], routes: list[tuple[re.Pattern, str, str]],
+                 count_refusal: Callable[[str, str], None] | None = None) -> None:
         self.app = app
         self.gates = gates
         self.routes = routes
+        self.count_refusal = count_refusal
+        self._body = json.dumps({"error": {"code": "overloaded", "field": "", "message":
+                                           f"at capacity; retry after {OVERLOAD_RETRY_AFTER_S} s"}}).encode()
+        self._start = {"type": "http.response.start", "status": 503, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(self._body)).encode()),
+            (b"retry-after", str(OVERLOAD_RETRY_AFTER_S).encode())]}
 
-    def upstream_of(self, path: str) -> str | None:
-        for pattern, service in self.routes:
+    def upstream_of(self, path: str) -> tuple[str, str] | None:
+        """(service, route template) of the route matching ``path``, None if unbacked."""
+        for pattern, service, template in self.routes:
             if pattern.match(path):
-                return service
+                return service, template
         return None
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        service = self.upstream_of(scope["path"])
-        gate = self.gates.get(service) if service else None
+        found = self.upstream_of(scope["path"])
+        gate = self.gates.get(found[0]) if found else None
         if gate is None:
             await self.app(scope, receive, send)
             return
         refused = await gate.acquire()
         if refused:
-            ADMISSION_REJECTED.labels(service, refused).inc()
-            response = error_response(
-                503, "overloaded", f"the {service} service is at capacity; retry after "
-                f"{OVERLOAD_RETRY_AFTER_S} s", headers={"Retry-After": str(OVERLOAD_RETRY_AFTER_S)})
-            await response(scope, receive, send)
+            ADMISSION_REJECTED.labels(found[0], refused).inc()
+            if self.count_refusal is not None:
+                self.count_refusal(found[1], scope["method"])
+            await send(self._start)
+            await send({"type": "http.response.body", "body": self._body})
             return
         try:
             await self.app(scope, receive, send)
@@ -144,13 +158,13 @@ class AdmissionControl:
             gate.release()
 
 
-def route_table(routers_by_service: dict[str, list]) -> list[tuple[re.Pattern, str]]:
-    """(path regex, service) for every route of every service's routers (Starlette's own
-    compiled ``path_regex``, so matching agrees with the router)."""
+def route_table(routers_by_service: dict[str, list]) -> list[tuple[re.Pattern, str, str]]:
+    """(path regex, service, route template) for every route of every service's routers
+    (Starlette's own compiled ``path_regex``, so matching agrees with the router)."""
     table = []
     for service, routes in routers_by_service.items():
         for route in routes:
             regex = getattr(route, "path_regex", None)
             if regex is not None:
-                table.append((regex, service))
+                table.append((regex, service, route.path))
     return table

@@ -25,6 +25,7 @@ from gateway.ratelimit import install_request_limits
 from gateway.routes import attribution as attribution_routes
 from gateway.routes import audit as audit_routes
 from gateway.routes import clustering as clustering_routes
+from gateway.routes import edge as edge_routes
 from gateway.routes import feedback as feedback_routes
 from gateway.routes import privacy as privacy_routes
 from services.common import audit, identity, telemetry
@@ -198,14 +199,17 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         router = module.router(clients, access)
         routes_by_service.setdefault(service, []).extend(router.routes)
         app.include_router(router)
-    if settings.admission_enabled:
-        # Inside the observe middleware (its 503s are counted and traced like any other),
-        # outside the body-size limit (a refused request's body is never read).
-        gates = {s: Gate(s, spec.max_in_flight, spec.max_queue, spec.queue_timeout_s)
-                 for s in routes_by_service for spec in [settings.admission_for(s)]}
-        app.add_middleware(AdmissionControl, gates=gates, routes=route_table(routes_by_service))
+    if settings.edge_authorizer:
+        app.include_router(edge_routes.router(authenticator, limiter))
     app.add_middleware(ObserveMiddleware, tracer=tracer, max_body_bytes=settings.max_body_bytes,
                        access_log=settings.access_log)
+    if settings.admission_enabled:
+        # Outermost: a refusal under overload must cost next to nothing (no span, no log
+        # line, no body read); it is still counted in hearth_http_requests_total.
+        gates = {s: Gate(s, spec.max_in_flight, spec.max_queue, spec.queue_timeout_s)
+                 for s in routes_by_service for spec in [settings.admission_for(s)]}
+        app.add_middleware(AdmissionControl, gates=gates, routes=route_table(routes_by_service),
+                           count_refusal=lambda route, method: HTTP_REQUESTS.labels(route, method, "503").inc())
 
     @app.get("/health", response_model=models.HealthOut, responses={503: {"model": models.HealthOut}})
     async def health():

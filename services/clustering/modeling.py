@@ -248,17 +248,7 @@ class ModelKeeper:
         sessions = snap.sessions[start:]
         if not sessions:
             return
-        batch = envelope.model.assign_batch(snap.X[start:], device_ids=snap.device_ids[start:])
-        ids = batch.person_ids
-        persons = {s.session_id: ids[int(i)] for s, i in zip(sessions, batch.person_index)}
-        probs = {s.session_id: {pid: round(float(p), 6) for pid, p in zip(ids, row)}
-                 for s, row in zip(sessions, batch.probabilities)}
-        # Constrained assignment: a session whose person is known is that person.
-        for s, label in zip(sessions, snap.labels[start:]):
-            known = known_person(envelope.model, label)
-            if known is not None:
-                persons[s.session_id] = known
-                probs[s.session_id] = {known: 1.0}
+        persons, probs = persons_for(envelope.model, sessions, snap.labels[start:], snap.X[start:])
         self.store.set_persons(account_id, persons, probs)
 
 
@@ -275,6 +265,26 @@ def _composition_rows(model: HouseholdModel, sessions_before: int, snap: Snapsho
         rows.append(DriftRow("composition", 1.0, float(event.get("persons", model.n_persons)),
                              float(snap.timestamps[at]) if len(snap.timestamps) else time.time(), True))
     return rows
+
+
+def persons_for(model: HouseholdModel, sessions: list[StoredSession], labels: list[str | None],
+                X: np.ndarray | None = None) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
+    """Each session's person and probabilities under ``model`` (one vectorised call;
+    device ids as evidence), a labelled session being its labelled person."""
+    if X is None:
+        X = np.vstack([s.features for s in sessions]).astype(np.float64)
+    batch = model.assign_batch(X, device_ids=[s.device_id for s in sessions])
+    ids = batch.person_ids
+    persons = {s.session_id: ids[int(i)] for s, i in zip(sessions, batch.person_index)}
+    probs = {s.session_id: {pid: round(float(p), 6) for pid, p in zip(ids, row)}
+             for s, row in zip(sessions, batch.probabilities)}
+    # Constrained assignment: a session whose person is known is that person.
+    for s, label in zip(sessions, labels):
+        known = known_person(model, label)
+        if known is not None:
+            persons[s.session_id] = known
+            probs[s.session_id] = {known: 1.0}
+    return persons, probs
 
 
 def known_person(model: HouseholdModel, label: str | None) -> str | None:

@@ -145,6 +145,13 @@ class ServiceSettings(HearthSettings):
     # until enough households exist to learn the prior) or "heuristic".
     cold_start: Literal["account", "population_prior", "heuristic"] = "population_prior"
     population_prior_refresh_s: float = 3600.0
+    # How long clustering applies a calibrator fetched from feedback before asking again
+    # (the assign path never waits for feedback; a recalibration shows within this).
+    calibrator_cache_s: float = 60.0
+    # Genre vocabulary: aliases "name=genre,..." onto the feature genres (docs/features.md);
+    # a name outside it is counted in "other" and reported ("other"), or refused ("reject").
+    genre_aliases: str = ""
+    unknown_genres: Literal["other", "reject"] = "other"
     # Fault injection for `make verify` (never set in production): households whose id
     # starts with this prefix get a GMM fit that fails numerically (k-means fallback).
     fault_gmm_numerical: str = ""
@@ -156,7 +163,8 @@ class ServiceSettings(HearthSettings):
             raise ValueError("must be a port number in 0..65535")
         return value
 
-    @field_validator("session_gap_s", "lateness_tolerance_s", "grace_seconds", "peer_timeout_s")
+    @field_validator("session_gap_s", "lateness_tolerance_s", "grace_seconds", "peer_timeout_s",
+                     "calibrator_cache_s")
     @classmethod
     def _positive(cls, value: float) -> float:
         if value <= 0:

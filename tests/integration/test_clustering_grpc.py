@@ -149,3 +149,24 @@ def test_assign_sessions_scores_many_households_in_one_vectorised_pass(stub, mon
     # (no population prior yet with three households: cold start answers at account level)
     assert {a.cold_start for a in answer.assignments} == {cpb.COLD_START_STRATEGY_UNSPECIFIED,
                                                           cpb.COLD_START_STRATEGY_ACCOUNT}
+
+
+def test_sessions_arriving_one_at_a_time_after_a_fit_have_persons_at_once(stub):
+    """A fitted household whose devices then send one session at a time (fewer than a
+    micro-batch): each new session has a person and its probability in the very next
+    GetHousehold, though the background refresh may not have run yet, and the model
+    status counts it as pending until it is folded in."""
+    call(stub.Refit, cpb.RefitRequest(account_id=ACC, reason="test"))
+    fitted = call(stub.GetHousehold, cpb.GetHouseholdRequest(account_id=ACC, max_sessions=10_000))
+    known = {s.session_id for s in fitted.sessions}
+    more, _ = household_events(ACC, ("kid", "parent", "teen"), days=4, start_ts=time.time() - 20 * 86400, seed=5)
+    starts = sorted({e.event_id.rsplit("-", 1)[0] for e in more})
+    for n, start in enumerate(starts[:6], 1):
+        call(stub.IngestEvents, iter([cpb.IngestEventsRequest(
+            events=[_pb(e) for e in more if e.event_id.rsplit("-", 1)[0] == start])]))
+        h = call(stub.GetHousehold, cpb.GetHouseholdRequest(account_id=ACC, max_sessions=10_000))
+        new = [s for s in h.sessions if s.session_id not in known and s.closed]
+        assert len(new) == n
+        assert all(s.person_id in {p.person_id for p in h.persons} and 0.0 < s.person_probability <= 1.0
+                   for s in new), [(s.person_id, s.person_probability) for s in new]
+        assert h.model_version == fitted.model_version and h.status.sessions_pending == n

@@ -114,6 +114,7 @@ def test_the_middleware_answers_503_overloaded_with_retry_after_and_skips_unback
             assert refused.status_code == 503
             assert refused.headers["Retry-After"] == str(OVERLOAD_RETRY_AFTER_S)
             assert refused.json()["error"]["code"] == "overloaded"
+            assert refused.headers["content-type"] == "application/json"
             assert (await c.get("/health")).status_code == 200   # never limited
             release.set()
             assert (await first).status_code == 200
