@@ -29,7 +29,7 @@ def build(settings):
     servicer = AttributionServicer(app)
     return ([(pb_grpc.add_AttributionServiceServicer_to_server, servicer, SERVICE_NAME),
              data_holder(NAME, app)],
-            [consent.close, cipher.close, db.close])
+            [resolver.close, consent.close, cipher.close, db.close])
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def build(settings):
     servicer = ClusteringServicer(app)
     return ([(pb_grpc.add_ClusteringServiceServicer_to_server, servicer, SERVICE_NAME),
              data_holder(NAME, app)],
-            [stop.set, app.close, consent.close, cipher.close, db.close])
+            [stop.set, app.close, feedback.close, consent.close, cipher.close, db.close])
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def test_feedback_changes_the_confidence_later_assignments_return(feedback_serve
     running, feedback_app = feedback_server
     peer = FeedbackPeer(f"127.0.0.1:{running.port}")
     # Nothing fitted yet: the peer's call is allowed and answers "no calibrator".
-    assert peer._stub.GetCalibrator(fpb.GetCalibratorRequest(variant="gmm")).version == 0
+    assert peer.peer.call("GetCalibrator", fpb.GetCalibratorRequest(variant="gmm")).version == 0
     _over_confident_feedback(feedback_app, "gmm")
     fitted = feedback_app.calibration.recalibrate(["gmm"])
     assert fitted["gmm"].method != "identity"
