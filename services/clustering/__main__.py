@@ -16,6 +16,7 @@ from services.common.consent import ConsentChecker
 from services.common.erasure import data_holder
 from services.common.field_crypto import FieldCipher
 from services.common.server import run_service
+from services.clustering.settings import ClusteringSettings, clustering_settings
 from services.common.storage.cache import open_cache
 from services.common.storage.sql import open_database
 
@@ -38,6 +39,7 @@ def _keep_population_prior_fresh(app: ClusteringApp, interval_s: float, stop: th
 
 
 def build(settings):
+    settings = clustering_settings(settings)
     db = open_database(settings, NAME)
     # Sensitive fields encrypted with the household's data key from privacy (GetDataKey);
     # consent checked with privacy's GetConsent (cached a few seconds).
@@ -63,4 +65,4 @@ def build(settings):
 
 
 if __name__ == "__main__":
-    run_service(NAME, build)
+    run_service(NAME, build, ClusteringSettings)

@@ -71,7 +71,7 @@ def _acting_principal(service: str) -> Callable[[], identity.Principal]:
 def peer_channel(address: str, calling_service: str, timeout_s: float = 5.0) -> grpc.Channel:
     # Mutual TLS when HEARTH_TLS_* is configured; the signed principal rides in metadata
     # either way (PeerInterceptor -> Principal.metadata()).
-    channel = tls.channel(address, options=tls.CHANNEL_OPTIONS)
+    channel = tls.channel(address, options=tls.channel_options())
     return grpc.intercept_channel(channel, PeerInterceptor(_acting_principal(calling_service), timeout_s))
 
 
