@@ -11,16 +11,19 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import numpy as np
+from prometheus_client import Counter
 
 from services.clustering.domain import features as F
 from services.clustering.domain.events import ViewingEvent
 from services.common.ids import check_id
 from services.clustering.domain.model import MIN_SESSIONS, PopulationPrior
+from services.clustering.batch_scoring import score_households
 from services.clustering.household import Envelope
-from services.clustering.modeling import ModelKeeper, known_person
+from services.clustering.modeling import ModelKeeper, known_person, persons_for
 from services.clustering.prediction_log import PredictionLog, PredictionRecord, SessionPerson
 from services.clustering.store import ClusteringStore, HouseholdView, IngestResult
 from services.common.consent import ConsentChecker
@@ -30,6 +33,10 @@ from services.common.calibration import IDENTITY, Calibrator
 
 log = logging.getLogger("hearth.clustering.app")
 MAX_LABELS = 10_000
+# No label per genre name: callers choose the names, so a label would be unbounded.
+UNKNOWN_GENRE_EVENTS = Counter("hearth_unknown_genre_events_total",
+                               "Events received carrying a genre name outside the genre vocabulary")
+UNKNOWN_GENRE_POLICIES = ("other", "reject")
 
 
 @dataclass
@@ -44,6 +51,8 @@ class HouseholdExtras:
     last_refit: float = 0.0
     n_persons: int = 0
     next_page_token: str = ""
+    # genre names outside the vocabulary in the household's sessions -> events
+    unknown_genres: dict[str, int] = field(default_factory=dict)
 
 
 def encode_page_token(cursor: tuple[float, str] | None) -> str:
@@ -82,8 +91,13 @@ class AssignmentOut:
 class ClusteringApp:
     def __init__(self, store: ClusteringStore, consent: ConsentChecker | None = None, *,
                  keeper: ModelKeeper | None = None, predictions: PredictionLog | None = None,
-                 calibrator_of=None, background: bool = True) -> None:
+                 calibrator_of=None, background: bool = True, unknown_genres: str = "other") -> None:
+        if unknown_genres not in UNKNOWN_GENRE_POLICIES:
+            raise ValueError(f"unknown_genres must be one of {UNKNOWN_GENRE_POLICIES}, got {unknown_genres!r}")
         self.store = store
+        # A genre name outside the vocabulary: "other" = counted in the "other" slot and
+        # reported (metric, model status); "reject" = the ingest is refused naming it.
+        self.unknown_genres = unknown_genres
         # Consent (privacy service); None = not enforced (unit tests).
         self.consent = consent
         self.keeper = keeper or ModelKeeper(store, lambda _account: "gmm")
@@ -106,6 +120,12 @@ class ClusteringApp:
 
     def ingest(self, events: list[ViewingEvent]) -> IngestResult:
         self.require_processing(e.account_id for e in events)
+        unknown = [(i, names) for i, e in enumerate(events) if (names := self.store.vocabulary.unknown(e.genres))]
+        if unknown and self.unknown_genres == "reject":
+            i, names = unknown[0]
+            raise InvalidArgument(f"genre {names[0]!r} is not in the genre vocabulary "
+                                  "(HEARTH_GENRE_ALIASES maps a name to a feature genre)", f"events[{i}].genres")
+        UNKNOWN_GENRE_EVENTS.inc(len(unknown))
         result = self.store.ingest(events)
         if result.sessions_touched:
             for account in {e.account_id for e in events}:
@@ -181,20 +201,31 @@ class ClusteringApp:
         return out
 
     def assign_many(self, account_ids: list[str], X: np.ndarray) -> list[AssignmentOut]:
-        """Vectors of many households: grouped per household, one vectorised call each."""
+        """Bare vectors of many households (AssignSessions): every household's model is
+        loaded, then the mixture-answered ones are scored together in one vectorised
+        pass (batch_scoring); the answers come back in the order of the vectors."""
         if len(account_ids) not in (1, X.shape[0]):
             raise InvalidArgument(f"give one account id or one per vector ({X.shape[0]})", "account_ids")
         accounts = account_ids * X.shape[0] if len(account_ids) == 1 else account_ids
         for i, a in enumerate(dict.fromkeys(accounts)):
             check_id(a, f"account_ids[{i}]")
         self.require_processing(set(accounts))
+        X = self._check_vectors(X)
+        unique, inverse = np.unique(np.array(accounts, dtype=object), return_inverse=True)
+        rows = {str(a): np.flatnonzero(inverse == i) for i, a in enumerate(unique)}
+        loaded = {a: self._model(a) for a in rows}
+        scored = score_households({a: env.model for a, (_, env) in loaded.items()}, rows, X)
         out: list[AssignmentOut | None] = [None] * X.shape[0]
-        order = np.array(accounts, dtype=object)
-        for account in dict.fromkeys(accounts):
-            rows = np.flatnonzero(order == account)
-            answers = self._assign_rows(account, X[rows], [""] * rows.size, [""] * rows.size)
-            for r, a in zip(rows.tolist(), answers):
-                out[r] = a
+        records: list[PredictionRecord] = []
+        for account, r in rows.items():
+            version, envelope = loaded[account]
+            answers, recorded = self._answer(account, version, envelope.model, scored[account],
+                                             [""] * r.size, [""] * r.size)
+            records += recorded
+            for i, a in zip(r.tolist(), answers):
+                out[i] = a
+        if self.predictions is not None:   # one durable write for the whole message
+            self.predictions.record(records)
         return out  # type: ignore[return-value]
 
     def _label_of(self, account_id: str, session) -> str | None:
@@ -204,13 +235,30 @@ class ClusteringApp:
                      device_ids: list[str], labels: list[str | None] | None = None,
                      spans: list[tuple[float, float] | None] | None = None,
                      record_persons: bool = False) -> list[AssignmentOut]:
+        X = self._check_vectors(X)
+        version, envelope = self._model(account_id)
+        batch = envelope.model.assign_batch(X, device_ids=device_ids)
+        answers, records = self._answer(account_id, version, envelope.model, batch, session_ids, device_ids,
+                                        labels, spans)
+        if self.predictions is not None:   # durable before we answer
+            self.predictions.record(records, [SessionPerson(account_id, r.session_id, r.person_id, r.probabilities)
+                                              for r in records if record_persons and r.session_id])
+        return answers
+
+    @staticmethod
+    def _check_vectors(X: np.ndarray) -> np.ndarray:
         if X.ndim != 2 or X.shape[1] != F.FEATURE_DIM:
             raise InvalidArgument(f"feature vectors must have {F.FEATURE_DIM} float32 values", "feature_vector")
         if not np.all(np.isfinite(X)):
             raise InvalidArgument("feature vectors must be finite", "feature_vector")
-        version, envelope = self._model(account_id)
-        model = envelope.model
-        batch = model.assign_batch(X, device_ids=device_ids)
+        return X
+
+    def _answer(self, account_id: str, version: int, model, batch, session_ids: list[str],
+                device_ids: list[str], labels: list[str | None] | None = None,
+                spans: list[tuple[float, float] | None] | None = None,
+                ) -> tuple[list[AssignmentOut], list[PredictionRecord]]:
+        """A household's scored rows -> answers (recalibrated by feedback's calibrator,
+        labels applied) and the prediction records the caller logs before answering."""
         variant = model.variant
         cold = batch.strategy.removeprefix("cold_start:") if batch.strategy.startswith("cold_start") else ""
         probabilities = batch.probabilities
@@ -229,7 +277,7 @@ class ClusteringApp:
         idx = probabilities.argmax(axis=1)
         now = time.time()
         answers, records = [], []
-        for r in range(X.shape[0]):
+        for r in range(probabilities.shape[0]):
             probs = {pid: float(p) for pid, p in zip(batch.person_ids, probabilities[r])}
             pid = batch.person_ids[int(idx[r])]
             prediction_id = "pr-" + uuid.uuid4().hex
@@ -237,11 +285,8 @@ class ClusteringApp:
                                          batch.sessions_until_model, prediction_id))
             records.append(PredictionRecord(prediction_id, account_id, session_ids[r] or prediction_id, pid,
                                             probs, variant, version, now, bool(cold), len(batch.person_ids),
-                                            device_ids[r], *((spans or [None] * X.shape[0])[r] or (None, None))))
-        if self.predictions is not None:   # durable before we answer
-            self.predictions.record(records, [SessionPerson(account_id, r.session_id, r.person_id, r.probabilities)
-                                              for r in records if record_persons and r.session_id])
-        return answers
+                                            device_ids[r], *((spans or [None] * len(session_ids))[r] or (None, None))))
+        return answers, records
 
     # ---- households, refit, labels ----------------------------------------------------
 
@@ -255,6 +300,7 @@ class ClusteringApp:
                                  next_page_token=encode_page_token(view.next_cursor))
         closed = self.store.closed_session_count(account_id)
         extras.sessions_pending = closed
+        extras.unknown_genres = self.store.unknown_genres(account_id)
         if envelope is not None:
             extras.persons = envelope.model.profiles()
             extras.model_variant = envelope.model.active_variant
@@ -262,7 +308,25 @@ class ClusteringApp:
             extras.sessions_pending = max(closed - envelope.included, 0)
             extras.last_refit = envelope.last_refit
             extras.n_persons = envelope.model.n_persons
+            view = self._with_fresh_persons(account_id, view, envelope)
         return view, extras
+
+    def _with_fresh_persons(self, account_id: str, view: HouseholdView, envelope: Envelope) -> HouseholdView:
+        """Closed sessions of the page that have no person yet (just ingested; the
+        background refresh has not stored theirs) are answered by the current model
+        here, the same way the refresh will store them, and the refresh is queued: a
+        caller never sees a closed session without a person once a model exists."""
+        missing = [s for s in view.sessions if s.closed and not s.person_id]
+        if not missing:
+            return view
+        labels = self.store.labels(account_id)
+        persons, probs = persons_for(envelope.model, missing, [labels.get(s.session_id, s.label) for s in missing])
+        self.schedule_refresh(account_id)
+        sessions = [replace(s, person_id=persons[s.session_id]) if s.session_id in persons else s
+                    for s in view.sessions]
+        probability = dict(view.person_probability)
+        probability.update({sid: p[persons[sid]] for sid, p in probs.items()})
+        return replace(view, sessions=sessions, person_probability=probability)
 
     def refit(self, account_id: str, reason: str = "") -> tuple[int, int, int]:
         """Full refit from the stored sessions and labels: (version, persons, sessions)."""
@@ -291,14 +355,20 @@ class ClusteringApp:
     def set_population_prior(self, prior: PopulationPrior | None) -> None:
         self.keeper.population_prior = prior
 
-    def build_population_prior(self, max_households: int = 200) -> PopulationPrior | None:
+    def build_population_prior(self, max_households: int = 200,
+                               pace: Callable[[float], object] | None = None) -> PopulationPrior | None:
         """Persona mixture over households that have a full model's worth of sessions
-        (the Bayesian prior of the population cold-start strategy)."""
+        (the Bayesian prior of the population cold-start strategy). ``pace(seconds)`` is
+        called after each household's read with the time it took, so a caller can
+        throttle the rebuild against the requests being served (__main__ does)."""
         matrices = []
         for account in self.store.accounts_with_sessions(MIN_SESSIONS, max_households):
+            started = time.perf_counter()
             snap = self.keeper.snapshot(account)
             if len(snap.sessions) >= MIN_SESSIONS:
                 matrices.append(snap.X)
+            if pace is not None:
+                pace(time.perf_counter() - started)
         if len(matrices) < 20:
             return None
         return PopulationPrior.fit(matrices)
@@ -331,5 +401,5 @@ class ClusteringApp:
         if scope.kind != "household":
             # The refit replaced the model blob that was fitted on the erased sessions:
             # purge again so its old bytes leave the WAL / dead tuples too.
-            outcome.purges[-1:] = [self.store.purge_erased()]
+            outcome.purges[-1:] = [self.store.purge_erased(model_replaced=not outcome.empty)]
         return outcome

@@ -140,6 +140,23 @@ def mesh_settings() -> MeshSettings:
     return _build(MeshSettings, {})
 
 
+def service_settings_class(service: str) -> type["ServiceSettings"]:
+    """The settings class of a service: the ServiceSettings subclass its
+    ``services/<service>/settings.py`` defines for it (plain ServiceSettings if none)."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"services.{service}.settings")
+    except ModuleNotFoundError:
+        return ServiceSettings
+    for value in vars(module).values():
+        if (isinstance(value, type) and issubclass(value, ServiceSettings) and value is not ServiceSettings
+                and value.__module__ == module.__name__
+                and value.model_fields["service_name"].default == service):
+            return value
+    return ServiceSettings
+
+
 def settings_from(environ: Mapping[str, str], settings_cls: type[BaseSettings] = MeshSettings):
     """Settings from an explicit ``{"HEARTH_X": value}`` mapping (values there win over
     the environment); ConfigError naming the variable. For tools and tests."""

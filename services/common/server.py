@@ -299,13 +299,13 @@ def serve(service: str, register: Callable[[grpc.Server], Iterable[str]], settin
 
 def run_service(name: str, build: Callable, settings_cls: type | None = None) -> None:
     """Entry point shared by every ``python -m services.<name>``: load and validate the
-    configuration once (``settings_cls``, the service's settings class; the shared
-    ``ServiceSettings`` by default; an unknown or bad HEARTH_* variable stops the process
+    configuration once (``settings_cls``, default the service's own settings class,
+    ``config.service_settings_class``; an unknown or bad HEARTH_* variable stops the process
     naming it), let ``build(settings)`` wire the service (returning
     ``[(add_servicer_fn, servicer, full_service_name)], [closers]``), then serve()."""
     from services.common import config
 
-    settings = config.load(settings_cls or config.ServiceSettings, service_name=name)
+    settings = config.load(settings_cls or config.service_settings_class(name), service_name=name)
     # Service tokens, mutual TLS, channel options and log pseudonyms from these settings:
     # nothing else in the process reads the environment.
     config.configure_process(settings)

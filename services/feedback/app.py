@@ -3,8 +3,8 @@
 - ``intake`` (intake.py): RecordPrediction, RecordFeedback, and the erasure contract;
 - ``triggers`` (triggers.py): household and cohort triggers, Refit and label calls to
   clustering on a background thread;
-- ``calibration`` (calibration.py): the dataset, calibrators (GetCalibrator, refits),
-  GetCalibration and the gauges;
+- ``calibration`` (calibration.py): the dataset, calibrators (GetCalibrator, refits,
+  roll back and hold: calibrator_choice.py), GetCalibration and the gauges;
 - ``experiments`` (experiments.py): GetExperiment and SetFlag (audited).
 
 ``FeedbackApp`` only composes them and runs the periodic check (every
@@ -14,15 +14,17 @@ recalibrate when enough new feedback arrived, refresh the gauges.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable
 
 from services.feedback.calibration import Calibration
-from services.feedback.experiments import Experiments
+from services.feedback.calibrator_choice import CalibratorChoices
+from services.feedback.experiments import MAX_REASON_CHARS, Experiments
 from services.feedback.intake import Intake
-from services.feedback.peers import FlagAuditor, RefitRequester
+from services.feedback.peers import FlagAuditor, RefitRequester, audit_flag_change
 from services.feedback.policy import FeedbackPolicy
 from services.feedback.store import FeedbackStore
 from services.feedback.triggers import Triggers
@@ -36,7 +38,10 @@ class FeedbackApp:
                  refits: RefitRequester | None = None, auditor: FlagAuditor | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store
-        self.calibration = Calibration(store, policy, clock=clock)
+        # A calibrator choice is audited like a flag change (the same hook).
+        choices = CalibratorChoices(store, policy.variants, functools.partial(audit_flag_change, auditor),
+                                    lambda: clock(), MAX_REASON_CHARS)
+        self.calibration = Calibration(store, policy, choices, clock=clock)
         self.triggers = Triggers(store, policy, self.calibration, refits=refits, clock=clock)
         self.intake = Intake(store, policy, self.triggers, clock=clock)
         self.experiments = Experiments(store, policy, self.calibration, auditor=auditor, clock=clock)

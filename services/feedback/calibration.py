@@ -17,6 +17,7 @@ from numpy.typing import NDArray
 
 from services.common.errors import InvalidArgument
 from services.feedback import instruments
+from services.feedback.calibrator_choice import CalibratorChoices
 from services.feedback.dataset import LabelledPredictions, build_dataset
 from services.feedback.domain.metrics import (
     CalibrationSummary,
@@ -53,10 +54,12 @@ class CalibrationReport:
 
 
 class Calibration:
-    def __init__(self, store: FeedbackStore, policy: FeedbackPolicy, *,
+    def __init__(self, store: FeedbackStore, policy: FeedbackPolicy, choices: CalibratorChoices, *,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.policy = policy
+        # Roll back / hold calibrators (calibrator_choice.py: ListCalibrators, ActivateCalibrator).
+        self.choices = choices
         self.clock = clock
 
     def dataset(self) -> LabelledPredictions:
@@ -95,14 +98,17 @@ class Calibration:
     def recalibrate(self, variants: Sequence[str] | None = None) -> dict[str, Calibrator]:
         """Fit one calibrator per variant on all its feedback so far (``fit_calibrator``:
         identity, temperature or isotonic by cross-validated ECE), store it as the
-        variant's next version and make it current. Returns what was stored."""
+        variant's next version and make it current. Returns what was stored. Variants
+        an operator holds (calibrator_choice.py: after a rollback) are left alone."""
         data = self.dataset()
         fitted: dict[str, Calibrator] = {}
         if not len(data):
             return fitted
         now = self.clock()
-        for variant in sorted(set(data.variants.tolist())):
-            if variants is not None and variant not in variants:
+        present = sorted(set(data.variants.tolist()))
+        held = self.choices.held_variants(present)
+        for variant in present:
+            if (variants is not None and variant not in variants) or variant in held:
                 continue
             rows = data.variants == variant
             sample = FeedbackSample.create(data.probs[rows], labels=data.labels[rows], correct=data.correct[rows],

@@ -17,7 +17,7 @@ from services.common.ids import check_id
 from services.feedback import instruments
 from services.feedback.calibration import Calibration
 from services.feedback.domain.variants import ExperimentFlags, assign_variant, compare_variants
-from services.feedback.peers import FlagAuditor, FlagChange
+from services.feedback.peers import FlagAuditor, FlagChange, audit_flag_change
 from services.feedback.policy import FeedbackPolicy
 from services.feedback.store import FeedbackStore
 
@@ -118,12 +118,5 @@ class Experiments:
         return version
 
     def audit_flag_change(self, change: FlagChange) -> str:
-        """The audit hook of every flag change: the privacy audit log when configured
-        (peers.PrivacyFlagAuditor), else only the local ``flags`` history ("LOCAL_ONLY")."""
-        if self.auditor is None:
-            return "LOCAL_ONLY"
-        try:
-            return self.auditor.audit_flag_change(change)
-        except Exception:  # noqa: BLE001 - the change is stored; the audit outcome says what happened
-            log.exception("audit hook failed for flags version %d", change.version)
-            return "UNKNOWN"
+        """The audit hook of every flag change (peers.audit_flag_change)."""
+        return audit_flag_change(self.auditor, change)

@@ -97,6 +97,20 @@ class FlagAuditor(Protocol):
     def close(self) -> None: ...
 
 
+def audit_flag_change(auditor: FlagAuditor | None, change: FlagChange) -> str:
+    """The audit hook of every flag change (experiment flags, calibrator choices): the
+    privacy audit log when configured (PrivacyFlagAuditor), else only the local ``flags``
+    history ("LOCAL_ONLY"). Never raises: the change is stored; the result says what
+    happened to its audit record."""
+    if auditor is None:
+        return "LOCAL_ONLY"
+    try:
+        return auditor.audit_flag_change(change)
+    except Exception:  # noqa: BLE001 - the change is stored; the audit outcome says what happened
+        log.exception("audit hook failed for flags version %d", change.version)
+        return "UNKNOWN"
+
+
 _ROLE_PB = {role: common_pb2.Role.Value(f"ROLE_{role.name}") for role in identity.Role}
 
 
