@@ -401,5 +401,5 @@ class ClusteringApp:
         if scope.kind != "household":
             # The refit replaced the model blob that was fitted on the erased sessions:
             # purge again so its old bytes leave the WAL / dead tuples too.
-            outcome.purges[-1:] = [self.store.purge_erased()]
+            outcome.purges[-1:] = [self.store.purge_erased(model_replaced=not outcome.empty)]
         return outcome

@@ -27,12 +27,13 @@ from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import Conflict, NotFound
 from services.common.field_crypto import FieldCipher
 from services.common.storage.cache import Cache, MemoryCache
-from services.common.storage.sql import Database, Tx, migrate
+from services.common.storage.sql import Database, Tx, migrate, record_erasure
 
 _EVENT_COLUMNS = ("event_id, account_id, device_id, device_type, ts, kind, title_id, series_id, "
                   "genres, duration_s, maturity, country, vpn, profile_hint")
 MODEL_CACHE_TTL_S = 3600.0
-# Every table an erasure deletes from (purged physically after it: Database.purge_erased).
+# Every table an erasure deletes from (purged physically after it: Database.purge_erased;
+# kept out of PostgreSQL's planner statistics: migrate(personal_tables=...)).
 _ERASED_TABLES = ("events", "sessions", "devices", "household_models", "drift_events",
                   "prediction_outbox", "session_labels")
 
@@ -170,7 +171,7 @@ class ClusteringStore:
                                 open_(a, "profile_hint", r[13])))
 
     def migrate(self) -> list[int]:
-        return migrate(self.db, MIGRATIONS)
+        return migrate(self.db, MIGRATIONS, personal_tables=_ERASED_TABLES)
 
     # ---- ingest ---------------------------------------------------------------------
 
@@ -584,6 +585,8 @@ class ClusteringStore:
                             if r[0] in sessions]
             tx.executemany("DELETE FROM session_labels WHERE session_id = ?", [(x,) for x in labelled])
             out.add("session_labels", labelled)
+            if not out.empty:
+                record_erasure(tx)
         out.purges.append(self.purge_erased())
         self._drop_cached_models(scope)
         if self.cipher is not None and scope.kind == "household":
@@ -596,9 +599,13 @@ class ClusteringStore:
         else:
             self.cache.delete(f"model:{scope.account_id}", strict=strict)
 
-    def purge_erased(self) -> dict:
+    def purge_erased(self, model_replaced: bool = False) -> dict:
         """Make what erasures deleted physically unreadable (Database.purge_erased); the
-        app calls it again after the unlearning refit rewrote the household model."""
+        app calls it again (``model_replaced``) after the unlearning refit rewrote the
+        household model, whose old row still holds what the erased sessions taught it."""
+        if model_replaced:
+            with self.db.transaction() as tx:
+                record_erasure(tx)
         return self.db.purge_erased(_ERASED_TABLES)
 
     def export_account(self, account_id: str) -> dict:
