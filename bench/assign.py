@@ -8,6 +8,12 @@
   spread at random over them, features included (phi is computed inside). Fitting
   100,000 real models would take hours, so the table repeats the parameters of a pool
   of fitted models; the arithmetic per session does not depend on the values.
+* service: the clustering service's own ``AssignSessions`` throughput through real gRPC on
+  a running mesh (bench/assign_service.py: per wall second and per CPU second of the
+  clustering process), and ``service_to_in_process_cpu_ratio``: that per-CPU-second
+  figure over ``batch_sessions_per_cpu_s`` above, measured in the same run. The gap is
+  what a service answer costs beyond the arithmetic: protobuf in and out, one durable
+  prediction record per answer, recalibration, consent. ``--no-service`` skips it.
 Prints progress to stderr and one JSON object as the last stdout line.
 """
 
@@ -32,6 +38,7 @@ from services.clustering.domain.simulator import simulate_population  # noqa: E4
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-service", action="store_true", help="skip the AssignSessions measurement")
     args = ap.parse_args()
     n_households = 10_000 if args.quick else 100_000
     n_sessions = 100_000 if args.quick else 1_000_000
@@ -87,6 +94,15 @@ def main() -> None:
         "targets": {"assign_p99_ms": 1.0, "batch_sessions_per_s": 1_000_000},
         "quick": args.quick,
     }
+    if not args.no_service:
+        from bench.assign_service import measure
+
+        service = measure(households=20 if args.quick else 100, days=20 if args.quick else 30,
+                          messages=5 if args.quick else 20, repeats=3 if args.quick else 5)
+        service["service_to_in_process_cpu_ratio"] = round(
+            service["assign_sessions_per_service_cpu_s"] / out["batch_sessions_per_cpu_s"], 4)
+        out["service"] = service
+        out["load_average_1min"] = round(os.getloadavg()[0], 2)
     print(json.dumps(out))
 
 

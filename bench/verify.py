@@ -447,7 +447,16 @@ class Verify:
         at_1000 = self.run_load("assign at 1000/s", self.spec(mix=ASSIGN_ONLY, mode="open", rate=1000,
                                                               duration_s=p.step_s))
         self.results["assign"] = {"saturation_rps": sat["achieved"], "p99_ms_at_half_floor": half["p99_ms"],
-                                  "errors_at_1000": at_1000["errors"], "saturation_run": sat,
+                                  "errors_at_1000": at_1000["errors"],
+                                  # With admission control the excess is refused fast (503): the
+                                  # goodput past saturation is what shows whether it collapses.
+                                  "goodput_at_1000": at_1000["achieved"],
+                                  "goodput_at_1000_over_saturation": round(at_1000["achieved"] / sat["achieved"], 3)
+                                  if sat["achieved"] else None,
+                                  "errors_by_status_at_1000": at_1000["errors_by_status"],
+                                  "p50_ms_503_at_1000": at_1000["by_status_p50_ms"].get("503"),
+                                  "p99_ms_200_at_1000": at_1000["by_status_p99_ms"].get("200"),
+                                  "saturation_run": sat,
                                   "half_floor_run": half, "run_1000": at_1000}
         self.results["ratio_assign_to_floor"] = round(sat["achieved"] / floor_sat, 3) if floor_sat else None
 
@@ -604,12 +613,18 @@ class Verify:
         stop = threading.Event()
 
         def poll() -> None:
+            # Healthy = 200 *and* SERVING: the gateway stays 200 (DEGRADED) while one service
+            # is down, so that its other routes stay in the load balancer; a DEGRADED poll
+            # counts as unhealthy here (recorded as 299).
             with httpx.Client(timeout=1.0) as c:
                 while not stop.is_set():
                     t = time.time()
                     try:
-                        code = c.get(self.mesh.url + "/health").status_code
-                    except httpx.HTTPError:
+                        r = c.get(self.mesh.url + "/health")
+                        code = r.status_code
+                        if code == 200 and r.json().get("status") != "SERVING":
+                            code = 299
+                    except (httpx.HTTPError, ValueError):
                         code = 0
                     health.append((t, code))
                     stop.wait(0.1)
@@ -817,7 +832,10 @@ class Verify:
         r = self.results
         report = {
             "floor": {"saturation_rps": r["floor"]["saturation_rps"], "p99_ms_at_half": r["floor"]["p99_ms_at_half"]},
-            "assign": {k: r["assign"][k] for k in ("saturation_rps", "p99_ms_at_half_floor", "errors_at_1000")},
+            "assign": {k: r["assign"][k] for k in ("saturation_rps", "p99_ms_at_half_floor", "errors_at_1000",
+                                                   "goodput_at_1000", "goodput_at_1000_over_saturation",
+                                                   "errors_by_status_at_1000", "p50_ms_503_at_1000",
+                                                   "p99_ms_200_at_1000")},
             "ratio_assign_to_floor": r.get("ratio_assign_to_floor"),
             "open_loop": r["open_loop"],
             "mixed_saturation_rps": r.get("mixed_saturation_rps"),
@@ -879,7 +897,12 @@ def summarise(raw: dict, spec: dict) -> dict:
         mask = np.array([o == op for o in req["op"]])
         by_op[op] = {"n": int(mask.sum()), "p50_ms": _r(percentile(lat[mask], 50)),
                      "p99_ms": _r(percentile(lat[mask], 99)), "errors": int((~ok[mask]).sum())}
+    by_status = {}
+    for status in sorted(set(req["status"])):
+        by_status[status] = lat[np.array([x == status for x in req["status"]])]
     return {"mode": spec["mode"], "rate": spec.get("rate") and round(float(spec["rate"]), 1),
+            "by_status_p99_ms": {k: _r(percentile(v, 99)) for k, v in by_status.items()},
+            "by_status_p50_ms": {k: _r(percentile(v, 50)) for k, v in by_status.items()},
             "concurrency": spec.get("concurrency"), "duration_s": duration, "completed": int(len(lat)),
             "achieved": round(float(ok.sum()) / span, 1), "p50_ms": _r(percentile(lat, 50)),
             "p95_ms": _r(percentile(lat, 95)), "p99_ms": _r(percentile(lat, 99)),
@@ -979,6 +1002,9 @@ def markdown(report: dict, r: dict) -> str:
               f"| floor (FastAPI -> grpc.aio echo) | {f['saturation_rps']} | {f['p99_ms_at_half']} | |",
               f"| POST /v1/assign | {a['saturation_rps']} | {a['p99_ms_at_half_floor']} | {a['errors_at_1000']} |",
               "", f"Ratio assign/floor: **{report['ratio_assign_to_floor']}**.", "",
+              f"At 1000/s open loop (assign only): goodput {a['goodput_at_1000']} req/s = "
+              f"{a['goodput_at_1000_over_saturation']}x the assign saturation, errors {a['errors_by_status_at_1000']}, "
+              f"503 p50 {a['p50_ms_503_at_1000']} ms, 200 p99 {a['p99_ms_200_at_1000']} ms.", "",
               "## Mixed traffic, open loop (latency from scheduled send)", "",
               "| offered | achieved | p50 ms | p95 ms | p99 ms | max ms | errors | acknowledged lost |",
               "|---|---|---|---|---|---|---|---|"]
@@ -1029,7 +1055,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.soak_min is None:
         args.soak_min = 0.25 if args.quick else 10.0
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = args.out or ROOT / "var" / "verify" / stamp
+    # Absolute: PostgreSQL (--backend postgres) resolves its socket directory from its data directory.
+    out = (args.out or ROOT / "var" / "verify" / stamp).resolve()
     out.mkdir(parents=True, exist_ok=True)
     v = Verify(args, profile, out)
     skip = set(filter(None, args.skip.split(",")))

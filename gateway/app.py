@@ -16,6 +16,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 from gateway import models
+from gateway.admission import AdmissionControl, Gate, route_table
 from gateway.auth import Authenticator
 from gateway.clients import ServiceClients
 from gateway.config import GatewaySettings
@@ -147,9 +148,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     # that one stays outermost and counts the 413s too.
     limiter = install_request_limits(app, settings)
 
-    app.add_middleware(ObserveMiddleware, tracer=tracer, max_body_bytes=settings.max_body_bytes,
-                       access_log=settings.access_log)
-
     protected_routes: set[str] = set()  # "METHOD /path/template" of every route behind access()
 
     @app.exception_handler(RequestValidationError)
@@ -193,8 +191,22 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
         return dependency
 
-    for module in (clustering_routes, attribution_routes, feedback_routes, audit_routes, privacy_routes):
-        app.include_router(module.router(clients, access))
+    # One route module per backing service: the admission limit of a route is its service's.
+    routes_by_service: dict[str, list] = {}
+    for module, service in ((clustering_routes, "clustering"), (attribution_routes, "attribution"),
+                            (feedback_routes, "feedback"), (audit_routes, "privacy"), (privacy_routes, "privacy")):
+        router = module.router(clients, access)
+        routes_by_service.setdefault(service, []).extend(router.routes)
+        app.include_router(router)
+    app.add_middleware(ObserveMiddleware, tracer=tracer, max_body_bytes=settings.max_body_bytes,
+                       access_log=settings.access_log)
+    if settings.admission_enabled:
+        # Outermost: a refusal under overload must cost next to nothing (no span, no log
+        # line, no body read); it is still counted in hearth_http_requests_total.
+        gates = {s: Gate(s, spec.max_in_flight, spec.max_queue, spec.queue_timeout_s)
+                 for s in routes_by_service for spec in [settings.admission_for(s)]}
+        app.add_middleware(AdmissionControl, gates=gates, routes=route_table(routes_by_service),
+                           count_refusal=lambda route, method: HTTP_REQUESTS.labels(route, method, "503").inc())
 
     @app.get("/health", response_model=models.HealthOut, responses={503: {"model": models.HealthOut}})
     async def health():

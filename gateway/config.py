@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from services.common.config import HearthSettings
 from services.common.permissions import route_permission
+from gateway.clients import SERVICES as UPSTREAMS   # each has its own admission limit
 from services.common.telemetry import check_trace_export
 
 
@@ -19,6 +20,17 @@ class RateLimitSpec(BaseModel):
 
     per_s: float = Field(gt=0, le=1_000_000)
     burst: int = Field(ge=1, le=1_000_000)
+
+
+class AdmissionSpec(BaseModel):
+    """Admission limit of one upstream service (gateway/admission.py): requests handled at
+    once, requests waiting for a slot, and how long one may wait before a 503."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_in_flight: int = Field(ge=1, le=100_000)
+    max_queue: int = Field(ge=0, le=1_000_000)
+    queue_timeout_s: float = Field(ge=0, le=60)
 
 
 class GatewaySettings(HearthSettings):
@@ -76,6 +88,17 @@ class GatewaySettings(HearthSettings):
     rate_limits: dict[str, RateLimitSpec] = Field(default_factory=dict)
     redis_url: str = ""
 
+    # Admission control per upstream service (gateway/admission.py): past these bounds the
+    # gateway answers 503 "overloaded" + Retry-After at once instead of queueing into
+    # collapse. The default suits one gateway in front of one replica of each service on a
+    # couple of cores (docs/benchmarks.md, "make verify"): enough in flight to keep the
+    # service busy (it batches commits across concurrent calls), a queue that absorbs
+    # bursts of half a second. Per service, e.g.
+    # HEARTH_ADMISSION_LIMITS='{"attribution": {"max_in_flight": 4, "max_queue": 8, "queue_timeout_s": 2}}'.
+    admission_enabled: bool = True
+    admission_default: AdmissionSpec = AdmissionSpec(max_in_flight=32, max_queue=64, queue_timeout_s=0.5)
+    admission_limits: dict[str, AdmissionSpec] = Field(default_factory=dict)
+
     # HTTPS for clients of the gateway (a public certificate, not the mesh CA's).
     https_cert: Path | None = None
     https_key: Path | None = None
@@ -120,6 +143,17 @@ class GatewaySettings(HearthSettings):
         if unknown:
             raise ValueError(f"unknown route(s) {unknown}: use 'METHOD /path' as in the permission matrix")
         return value
+
+    @field_validator("admission_limits")
+    @classmethod
+    def _known_upstreams(cls, value: dict[str, AdmissionSpec]) -> dict[str, AdmissionSpec]:
+        unknown = sorted(set(value) - set(UPSTREAMS))
+        if unknown:
+            raise ValueError(f"unknown service(s) {unknown}: one of {list(UPSTREAMS)}")
+        return value
+
+    def admission_for(self, service: str) -> AdmissionSpec:
+        return self.admission_limits.get(service, self.admission_default)
 
     @model_validator(mode="after")
     def _jwt(self) -> "GatewaySettings":

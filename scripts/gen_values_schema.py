@@ -53,6 +53,16 @@ ENUMS = {
     "gateway.service.type": ["ClusterIP", "NodePort", "LoadBalancer"],
 }
 PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
+# Maps with a fixed key set whose default is empty: the schema is written out here.
+_ADMISSION_SPEC = {"type": "object", "additionalProperties": False,
+                   "required": ["maxInFlight", "maxQueue", "queueTimeoutSeconds"],
+                   "properties": {"maxInFlight": {"type": "integer", "minimum": 1},
+                                  "maxQueue": {"type": "integer", "minimum": 0},
+                                  "queueTimeoutSeconds": {"type": "number", "minimum": 0, "maximum": 60}}}
+EXPLICIT = {
+    "gateway.admission.perService": {"type": "object", "additionalProperties": False, "properties": {
+        service: _ADMISSION_SPEC for service in ("clustering", "attribution", "privacy", "feedback")}},
+}
 
 
 def _is_free(path: str) -> bool:
@@ -60,6 +70,8 @@ def _is_free(path: str) -> bool:
 
 
 def schema_of(value, path: str) -> dict:
+    if path in EXPLICIT:
+        return EXPLICIT[path]
     if path in ENUMS:
         return {"type": "string", "enum": ENUMS[path]}
     if path.endswith(("Port", ".port")) and isinstance(value, int):

@@ -8,6 +8,7 @@
     hearth restore SNAPSHOT                                   (deletions since are re-applied)
     hearth rollout run --challenger V --steps 5,25,50,100     (guarded, automatic rollback)
     hearth rollout webhook --listen :9095                     (Alertmanager -> kill switch)
+    hearth calibrator rollback --variant V --reason WHY       (earlier calibrator, refits held)
 """
 
 from __future__ import annotations

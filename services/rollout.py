@@ -8,6 +8,9 @@ audit log, with the reason given here) and that every replica reads.
   percentages, holding each step ``--hold-s`` seconds and checking the guards every
   ``--check-s``. When a guard stays crossed for ``--sustain-s`` (the rules' ``for:``),
   it turns the kill switch on (everyone back to control) and exits 3.
+* ``hearth calibrator list|rollback|release --variant V``: the calibrator versions of a
+  variant; put an earlier one in force (``--to N``, default the previous version; 0 =
+  identity) and hold automatic refits; release the hold (services/feedback/calibrator_choice.py).
 * ``hearth rollout webhook --listen HOST:PORT``: an Alertmanager-compatible webhook
   receiver (``POST /alerts``, Alertmanager's JSON payload). A *firing* alert labelled
   ``action="rollback"`` (the `hearth-rollback` rules: p99 > 150 ms for 5 m, errors
@@ -21,7 +24,8 @@ Guards (the report's rollback triggers):
 
 The gateway key (role admin) comes from HEARTH_ROLLOUT_API_KEY; the webhook's bearer
 token, when set, from HEARTH_ROLLOUT_WEBHOOK_TOKEN (Alertmanager's
-``http_config.authorization.credentials``).
+``http_config.authorization.credentials``); HEARTH_ROLLOUT_CA_FILE names the CA that
+signed the gateway's HTTPS certificate when it is not in the system's trust store.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import hmac
 import json
 import logging
 import os
+import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -64,8 +69,12 @@ class Breach:
 class Experiment:
     """The experiment API of the gateway."""
 
-    def __init__(self, gateway: str, api_key: str, timeout_s: float = 10.0) -> None:
-        self._http = httpx.Client(base_url=gateway, headers={"X-API-Key": api_key}, timeout=timeout_s)
+    def __init__(self, gateway: str, api_key: str, timeout_s: float = 10.0, ca_file: str | None = None) -> None:
+        # ca_file: the CA of a gateway serving HTTPS with a private certificate (the
+        # chart mounts the https Secret's ca.crt); None: the system's trust store.
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
+        self._http = httpx.Client(base_url=gateway, headers={"X-API-Key": api_key}, timeout=timeout_s,
+                                  verify=verify)
 
     def get(self) -> dict:
         r = self._http.get("/v1/experiment")
@@ -85,6 +94,40 @@ class Experiment:
 
     def close(self) -> None:
         self._http.close()
+
+
+class Calibrators:
+    """The calibrator API of the gateway (``/v1/calibrators/{variant}``)."""
+
+    def __init__(self, experiment: Experiment) -> None:
+        self._http = experiment._http
+
+    def list(self, variant: str) -> dict:
+        return _json_or_raise(self._http.get(f"/v1/calibrators/{variant}"))
+
+    def activate(self, variant: str, version: int, hold: bool, reason: str) -> dict:
+        return _json_or_raise(self._http.put(f"/v1/calibrators/{variant}",
+                                             json={"version": version, "hold": hold, "reason": reason[:500]}))
+
+
+def _json_or_raise(response: httpx.Response) -> dict:
+    if response.is_error:
+        try:
+            detail = response.json()
+        except ValueError:
+            detail = response.text[:300]
+        raise ValueError(f"gateway answered {response.status_code}: {detail}")
+    return response.json()
+
+
+def rollback_target(listing: dict) -> int:
+    """The version a rollback goes to when none is named: the newest stored version
+    older than the one in force; 0 (identity) when the one in force is the oldest."""
+    current = int(listing["current_version"])
+    if current == 0:
+        raise ValueError(f"variant {listing['variant']!r} has no calibrator in force: nothing to roll back")
+    older = [int(v["version"]) for v in listing["versions"] if int(v["version"]) < current]
+    return max(older, default=0)
 
 
 def prometheus_value(url: str, query: str) -> float | None:
@@ -208,7 +251,7 @@ def _experiment(args: argparse.Namespace) -> Experiment:
     key = os.environ.get("HEARTH_ROLLOUT_API_KEY", "")
     if not key:
         raise ValueError("HEARTH_ROLLOUT_API_KEY: the gateway API key (admin) is required")
-    return Experiment(args.gateway, key)
+    return Experiment(args.gateway, key, ca_file=os.environ.get("HEARTH_ROLLOUT_CA_FILE") or None)
 
 
 def _steps(text: str) -> list[float]:
@@ -252,7 +295,44 @@ def _webhook(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrator(args: argparse.Namespace) -> int:
+    experiment = _experiment(args)
+    api = Calibrators(experiment)
+    try:
+        if args.calibrator_command == "list":
+            print(json.dumps(api.list(args.variant)))
+            return 0
+        listing = api.list(args.variant)
+        if args.calibrator_command == "rollback":
+            target = rollback_target(listing) if args.to is None else args.to
+            result = api.activate(args.variant, target, hold=not args.no_hold, reason=args.reason)
+        else:  # release: keep the version in force, let automatic refits resume
+            result = api.activate(args.variant, int(listing["current_version"]), hold=False, reason=args.reason)
+    finally:
+        experiment.close()
+    print(json.dumps(result))
+    return 0
+
+
+def _register_calibrator(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    calibrator = subparsers.add_parser("calibrator", help="list calibrator versions, roll back, release refits")
+    commands = calibrator.add_subparsers(dest="calibrator_command", required=True)
+    listing = commands.add_parser("list", help="stored versions, the one in force, held or not (JSON)")
+    rollback = commands.add_parser("rollback", help="put an earlier version in force and hold refits (audited)")
+    rollback.add_argument("--to", type=int, help="the version (0 = none, identity); default: the previous one")
+    rollback.add_argument("--no-hold", action="store_true",
+                          help="let the next scheduled refit replace it (default: hold until released)")
+    release = commands.add_parser("release", help="let automatic refits replace the version in force again")
+    for command in (listing, rollback, release):
+        command.add_argument("--gateway", default="http://127.0.0.1:8080")
+        command.add_argument("--variant", required=True)
+    for command in (rollback, release):
+        command.add_argument("--reason", required=True, help="why (kept in the audit log)")
+    calibrator.set_defaults(func=_calibrator)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    _register_calibrator(subparsers)
     rollout = subparsers.add_parser("rollout", help="guarded rollout of a challenger variant, automatic rollback")
     commands = rollout.add_subparsers(dest="rollout_command", required=True)
     run = commands.add_parser("run", help="move a challenger through traffic steps, roll back on a trigger")

@@ -1,12 +1,14 @@
 """Routes backed by the feedback service: feedback in, calibration and experiment out,
-experiment flags (traffic split, kill switch) changed at run time."""
+experiment flags (traffic split, kill switch) changed at run time, calibrator versions
+listed and rolled back."""
 
 from __future__ import annotations
 
 import math
+from datetime import datetime, timezone
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Path, Query
 from pydantic import BaseModel, Field
 
 from gateway import models
@@ -17,6 +19,7 @@ from services.common.pbutil import float_to_ts
 
 Id = models.Id
 Variant = Annotated[str, Field(min_length=1, max_length=64, pattern=ID_PATTERN)]
+VariantPath = Annotated[str, Path(min_length=1, max_length=64, pattern=ID_PATTERN)]
 FeedbackKindName = Literal["explicit_confirm", "explicit_correct", "implicit_continue", "implicit_abandon",
                            "implicit_switch_profile"]
 GroupBy = Literal["", "variant", "household_size", "cold_start"]
@@ -94,6 +97,37 @@ class FlagsOut(BaseModel):
     version: int
 
 
+class CalibratorVersionOut(BaseModel):
+    version: int
+    method: str = Field(description="identity | temperature | isotonic")
+    fitted_at: datetime
+    n: int = Field(description="feedback rows it was fitted on")
+
+
+class CalibratorsOut(BaseModel):
+    variant: str
+    current_version: int = Field(description="the version clustering applies; 0 = none (identity)")
+    held: bool = Field(description="automatic refits leave this variant alone (after a rollback)")
+    versions: list[CalibratorVersionOut] = Field(description="every stored version, newest first")
+    choice_version: int = Field(description="version of the last change made through PUT (0: none)")
+    reason: str = Field(description="that change's reason")
+
+
+class CalibratorChoiceIn(models.Strict):
+    version: int = Field(ge=0, description="a stored version to put in force (roll back or forward); "
+                                           "0 = none, the raw model confidences")
+    hold: bool = Field(True, description="keep it: automatic refits skip the variant until a change with "
+                                         "hold=false releases it")
+    reason: str = Field(min_length=1, max_length=500, description="why (kept in the audit trail)")
+
+
+class CalibratorChoiceOut(BaseModel):
+    variant: str
+    version: int
+    previous_version: int
+    choice_version: int
+
+
 def _nullable(value: float) -> float | None:
     return None if math.isnan(value) else value
 
@@ -144,5 +178,25 @@ def router(clients, access) -> APIRouter:
         r = await clients.call("feedback", "SetFlag", fpb.SetFlagRequest(
             traffic=body.traffic, kill_switch=body.kill_switch, reason=body.reason), who)
         return FlagsOut(version=r.version)
+
+    @api.get("/v1/calibrators/{variant}", response_model=CalibratorsOut, responses={**ERROR_RESPONSES, **NOT_FOUND},
+             summary="Every stored calibrator version of a variant, the one in force, and whether refits are held")
+    async def get_calibrators(variant: VariantPath, who: Principal = Depends(access("GET /v1/calibrators/{variant}"))):
+        r = await clients.call("feedback", "ListCalibrators", fpb.ListCalibratorsRequest(variant=variant), who)
+        return CalibratorsOut(variant=r.variant, current_version=r.current_version, held=r.held,
+                              choice_version=r.choice_version, reason=r.reason, versions=[
+                                  CalibratorVersionOut(version=v.version, method=v.method, n=v.n,
+                                                       fitted_at=v.fitted_at.ToDatetime(tzinfo=timezone.utc))
+                                  for v in r.versions])
+
+    @api.put("/v1/calibrators/{variant}", response_model=CalibratorChoiceOut,
+             responses={**ERROR_RESPONSES, **NOT_FOUND, **CONFLICT},
+             summary="Put a stored calibrator version in force (roll back), hold or release refits (audited)")
+    async def put_calibrator(variant: VariantPath, body: CalibratorChoiceIn,
+                             who: Principal = Depends(access("PUT /v1/calibrators/{variant}"))):
+        r = await clients.call("feedback", "ActivateCalibrator", fpb.ActivateCalibratorRequest(
+            variant=variant, version=body.version, hold=body.hold, reason=body.reason), who)
+        return CalibratorChoiceOut(variant=r.variant, version=r.version, previous_version=r.previous_version,
+                                   choice_version=r.choice_version)
 
     return api

@@ -25,6 +25,7 @@ from gateway.models import Id, Strict
 from gateway.routes import ACCOUNT_PATH, ERROR_RESPONSES, ID_PATTERN
 from hearth.common.v1 import common_pb2
 from hearth.privacy.v1 import privacy_pb2 as ppb
+from services.common.erasure import ErasureScope, scope_from_pb, scope_to_pb
 from services.common.identity import Principal
 from services.common.pbutil import float_to_ts
 
@@ -47,20 +48,15 @@ class ScopeIn(Strict):
     end: models.WindowBound | None = Field(None, description="kind=window; a missing bound is open")
 
     @model_validator(mode="after")
-    def _fields_of_kind(self) -> "ScopeIn":
-        needed = {"device": "device_id", "person": "person_id"}.get(self.kind)
-        for name in ("device_id", "person_id", "start", "end"):
-            value = getattr(self, name)
-            if name == needed and value is None:
-                raise ValueError(f"{name} is required for a {self.kind} scope")
-            if value is not None and name != needed and not (self.kind == "window" and name in ("start", "end")):
-                raise ValueError(f"{name} is not allowed in a {self.kind} scope")
-        if self.kind == "window":
-            if self.start is None and self.end is None:
-                raise ValueError("a window scope needs a start or an end")
-            if self.start is not None and self.end is not None and self.end <= self.start:
-                raise ValueError("end must be after start")
+    def _one_scope(self) -> "ScopeIn":
+        self.to_scope()   # the one scope validator (ErasureScope); its error names the field
         return self
+
+    def to_scope(self) -> ErasureScope:
+        """The gateway's one scope converter: the body's scope as the mesh's scope type."""
+        return ErasureScope(self.account_id, self.kind, device_id=self.device_id, person_id=self.person_id,
+                            start=self.start.timestamp() if self.start is not None else None,
+                            end=self.end.timestamp() if self.end is not None else None)
 
 
 class DeleteIn(Strict):
@@ -108,43 +104,18 @@ class ConsentOut(BaseModel):
     version: int
 
 
-def _scope_to_pb(s: ScopeIn) -> common_pb2.ErasureScope:
-    out = common_pb2.ErasureScope(account_id=s.account_id)
-    if s.kind == "household":
-        out.household = True
-    elif s.kind == "device":
-        out.device_id = s.device_id
-    elif s.kind == "person":
-        out.person_id = s.person_id
-    else:
-        window = common_pb2.TimeRange()
-        if s.start is not None:
-            window.start.CopyFrom(float_to_ts(s.start.timestamp()))
-        if s.end is not None:
-            window.end.CopyFrom(float_to_ts(s.end.timestamp()))
-        out.window.CopyFrom(window)
-    return out
-
-
 def _iso(ts) -> str:
     return ts.ToDatetime(tzinfo=timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def _scope_to_json(s: common_pb2.ErasureScope) -> dict[str, Any]:
-    target = s.WhichOneof("target")
-    out: dict[str, Any] = {"account_id": s.account_id}
-    if target == "household":
-        out["kind"] = "household"
-    elif target == "device_id":
-        out.update(kind="device", device_id=s.device_id)
-    elif target == "person_id":
-        out.update(kind="person", person_id=s.person_id)
-    else:
-        out["kind"] = "window"
-        if s.window.HasField("start"):
-            out["start"] = _iso(s.window.start)
-        if s.window.HasField("end"):
-            out["end"] = _iso(s.window.end)
+    """A job's scope as the API shows it: ``ErasureScope.to_dict`` with RFC 3339 bounds
+    in the gateway's form (no trailing zero microseconds)."""
+    scope = scope_from_pb(s, check_principal=False)  # a retention job's "*" is shown, not acted on
+    out = scope.to_dict()
+    for name in ("start", "end"):
+        if getattr(scope, name) is not None:
+            out[name] = _iso(float_to_ts(getattr(scope, name)))
     return out
 
 
@@ -169,7 +140,7 @@ def router(clients, access) -> APIRouter:
               summary="Request the deletion of a device, person, household or time window (durable job)")
     async def post_delete(body: DeleteIn, who: Principal = Depends(access("POST /v1/delete"))):
         r = await clients.call("privacy", "RequestDeletion", ppb.RequestDeletionRequest(
-            scope=_scope_to_pb(body.scope), request_id=body.request_id or "", reason=body.reason or ""), who)
+            scope=scope_to_pb(body.scope.to_scope()), request_id=body.request_id or "", reason=body.reason or ""), who)
         return JSONResponse(DeleteAcceptedOut(job_id=r.job_id, state=_STATES.get(r.state, "unknown")).model_dump(),
                             status_code=202, headers={"Location": f"/v1/delete/{r.job_id}"})
 

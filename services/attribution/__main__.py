@@ -28,7 +28,7 @@ def build(settings):
     app = AttributionApp(store, resolver, consent)
     servicer = AttributionServicer(app)
     return ([(pb_grpc.add_AttributionServiceServicer_to_server, servicer, SERVICE_NAME),
-             data_holder(NAME, lambda scope, _job_id: app.erase(scope), app.export_account)],
+             data_holder(NAME, app)],
             [consent.close, cipher.close, db.close])
 
 

@@ -155,7 +155,7 @@ class AttributionApp:
         return self.store.record_conversions(items)
 
     def export_account(self, account_id: str) -> dict:
-        check_id(account_id, "account_id")
+        """DataHolder.ExportAccount (services/common/erasure.py validates the id)."""
         return self.store.export_account(account_id)
 
     def attribute(self, query: AttributeQuery) -> AttributionOutcome:
@@ -254,7 +254,7 @@ class AttributionApp:
         journeys = float(js.paths.conversions.sum() + js.paths.nulls.sum())
         return ScopedReport(scope, account, person, report, journeys)
 
-    def erase(self, scope: ErasureScope) -> ErasureOutcome:
+    def erase(self, scope: ErasureScope, job_id: str = "") -> ErasureOutcome:
         person_touchpoints: list[str] = []
         if scope.kind == "person":
             touches, _ = self.store.load([scope.account_id], None, None, 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from hearth.clustering.v1 import clustering_pb2_grpc as pb_grpc
 from services.clustering.app import ClusteringApp
@@ -23,18 +24,41 @@ NAME = "clustering"
 log = logging.getLogger("hearth.clustering")
 
 
+# The prior rebuild reads every stored household's sessions (decrypting them), which on
+# a restart under traffic competed with serving: the restarted service took 112 s to serve
+# its traffic again (docs/benchmarks.md). So the service serves (SERVING) from the start,
+# cold-start households use the account-level fallback until the prior exists, and the
+# rebuild is paced to at most this share of the process's time (it sleeps after each
+# household's read in proportion to what the read took).
+PRIOR_REBUILD_DUTY_CYCLE = 0.25
+
+
 def _keep_population_prior_fresh(app: ClusteringApp, interval_s: float, stop: threading.Event) -> None:
     """Learn the persona mixture used by the population cold-start strategy from the
-    households already stored, at start and then every ``interval_s``."""
+    households already stored, at start and then every ``interval_s``, throttled to
+    PRIOR_REBUILD_DUTY_CYCLE; a stop (shutdown) ends a rebuild in progress quickly."""
+    def pace(spent_s: float) -> None:
+        if stop.wait(spent_s * (1.0 / PRIOR_REBUILD_DUTY_CYCLE - 1.0)):
+            raise _Stopped
+
     while True:
         try:
-            prior = app.build_population_prior()
+            started = time.monotonic()
+            prior = app.build_population_prior(pace=pace)
             if prior is not None:
                 app.set_population_prior(prior)
+            log.info("population prior %s in %.1f s (paced)", "rebuilt" if prior else "not built (too few households)",
+                     time.monotonic() - started)
+        except _Stopped:
+            return
         except Exception:  # noqa: BLE001 - cold start falls back to account level meanwhile
             log.exception("population prior build failed")
         if stop.wait(interval_s):
             return
+
+
+class _Stopped(Exception):
+    """The service is stopping: abandon the prior rebuild."""
 
 
 def build(settings):
@@ -46,7 +70,8 @@ def build(settings):
     store = ClusteringStore(db, open_cache(settings, NAME), gap_s=settings.session_gap_s,
                             lateness_tolerance_s=settings.lateness_tolerance_s, cipher=cipher)
     store.migrate()
-    feedback = FeedbackPeer(settings.feedback_addr, timeout_s=settings.peer_timeout_s)
+    feedback = FeedbackPeer(settings.feedback_addr, timeout_s=settings.peer_timeout_s,
+                            calibrator_cache_s=settings.calibrator_cache_s)
     predictions = PredictionLog(db, feedback.send_predictions, session_writer=store.write_persons)
     keeper = ModelKeeper(store, feedback.variant_of, cold_start=settings.cold_start,
                          gmm_fault_prefix=settings.fault_gmm_numerical)
@@ -58,7 +83,7 @@ def build(settings):
                          args=(app, settings.population_prior_refresh_s, stop)).start()
     servicer = ClusteringServicer(app)
     return ([(pb_grpc.add_ClusteringServiceServicer_to_server, servicer, SERVICE_NAME),
-             data_holder(NAME, lambda scope, _job_id: app.erase(scope), app.export_account)],
+             data_holder(NAME, app)],
             [stop.set, app.close, consent.close, cipher.close, db.close])
 
 

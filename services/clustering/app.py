@@ -11,7 +11,8 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -19,8 +20,9 @@ from services.clustering.domain import features as F
 from services.clustering.domain.events import ViewingEvent
 from services.common.ids import check_id
 from services.clustering.domain.model import MIN_SESSIONS, PopulationPrior
+from services.clustering.batch_scoring import score_households
 from services.clustering.household import Envelope
-from services.clustering.modeling import ModelKeeper, known_person
+from services.clustering.modeling import ModelKeeper, known_person, persons_for
 from services.clustering.prediction_log import PredictionLog, PredictionRecord, SessionPerson
 from services.clustering.store import ClusteringStore, HouseholdView, IngestResult
 from services.common.consent import ConsentChecker
@@ -181,20 +183,31 @@ class ClusteringApp:
         return out
 
     def assign_many(self, account_ids: list[str], X: np.ndarray) -> list[AssignmentOut]:
-        """Vectors of many households: grouped per household, one vectorised call each."""
+        """Bare vectors of many households (AssignSessions): every household's model is
+        loaded, then the mixture-answered ones are scored together in one vectorised
+        pass (batch_scoring); the answers come back in the order of the vectors."""
         if len(account_ids) not in (1, X.shape[0]):
             raise InvalidArgument(f"give one account id or one per vector ({X.shape[0]})", "account_ids")
         accounts = account_ids * X.shape[0] if len(account_ids) == 1 else account_ids
         for i, a in enumerate(dict.fromkeys(accounts)):
             check_id(a, f"account_ids[{i}]")
         self.require_processing(set(accounts))
+        X = self._check_vectors(X)
+        unique, inverse = np.unique(np.array(accounts, dtype=object), return_inverse=True)
+        rows = {str(a): np.flatnonzero(inverse == i) for i, a in enumerate(unique)}
+        loaded = {a: self._model(a) for a in rows}
+        scored = score_households({a: env.model for a, (_, env) in loaded.items()}, rows, X)
         out: list[AssignmentOut | None] = [None] * X.shape[0]
-        order = np.array(accounts, dtype=object)
-        for account in dict.fromkeys(accounts):
-            rows = np.flatnonzero(order == account)
-            answers = self._assign_rows(account, X[rows], [""] * rows.size, [""] * rows.size)
-            for r, a in zip(rows.tolist(), answers):
-                out[r] = a
+        records: list[PredictionRecord] = []
+        for account, r in rows.items():
+            version, envelope = loaded[account]
+            answers, recorded = self._answer(account, version, envelope.model, scored[account],
+                                             [""] * r.size, [""] * r.size)
+            records += recorded
+            for i, a in zip(r.tolist(), answers):
+                out[i] = a
+        if self.predictions is not None:   # one durable write for the whole message
+            self.predictions.record(records)
         return out  # type: ignore[return-value]
 
     def _label_of(self, account_id: str, session) -> str | None:
@@ -204,13 +217,30 @@ class ClusteringApp:
                      device_ids: list[str], labels: list[str | None] | None = None,
                      spans: list[tuple[float, float] | None] | None = None,
                      record_persons: bool = False) -> list[AssignmentOut]:
+        X = self._check_vectors(X)
+        version, envelope = self._model(account_id)
+        batch = envelope.model.assign_batch(X, device_ids=device_ids)
+        answers, records = self._answer(account_id, version, envelope.model, batch, session_ids, device_ids,
+                                        labels, spans)
+        if self.predictions is not None:   # durable before we answer
+            self.predictions.record(records, [SessionPerson(account_id, r.session_id, r.person_id, r.probabilities)
+                                              for r in records if record_persons and r.session_id])
+        return answers
+
+    @staticmethod
+    def _check_vectors(X: np.ndarray) -> np.ndarray:
         if X.ndim != 2 or X.shape[1] != F.FEATURE_DIM:
             raise InvalidArgument(f"feature vectors must have {F.FEATURE_DIM} float32 values", "feature_vector")
         if not np.all(np.isfinite(X)):
             raise InvalidArgument("feature vectors must be finite", "feature_vector")
-        version, envelope = self._model(account_id)
-        model = envelope.model
-        batch = model.assign_batch(X, device_ids=device_ids)
+        return X
+
+    def _answer(self, account_id: str, version: int, model, batch, session_ids: list[str],
+                device_ids: list[str], labels: list[str | None] | None = None,
+                spans: list[tuple[float, float] | None] | None = None,
+                ) -> tuple[list[AssignmentOut], list[PredictionRecord]]:
+        """A household's scored rows -> answers (recalibrated by feedback's calibrator,
+        labels applied) and the prediction records the caller logs before answering."""
         variant = model.variant
         cold = batch.strategy.removeprefix("cold_start:") if batch.strategy.startswith("cold_start") else ""
         probabilities = batch.probabilities
@@ -229,7 +259,7 @@ class ClusteringApp:
         idx = probabilities.argmax(axis=1)
         now = time.time()
         answers, records = [], []
-        for r in range(X.shape[0]):
+        for r in range(probabilities.shape[0]):
             probs = {pid: float(p) for pid, p in zip(batch.person_ids, probabilities[r])}
             pid = batch.person_ids[int(idx[r])]
             prediction_id = "pr-" + uuid.uuid4().hex
@@ -237,11 +267,8 @@ class ClusteringApp:
                                          batch.sessions_until_model, prediction_id))
             records.append(PredictionRecord(prediction_id, account_id, session_ids[r] or prediction_id, pid,
                                             probs, variant, version, now, bool(cold), len(batch.person_ids),
-                                            device_ids[r], *((spans or [None] * X.shape[0])[r] or (None, None))))
-        if self.predictions is not None:   # durable before we answer
-            self.predictions.record(records, [SessionPerson(account_id, r.session_id, r.person_id, r.probabilities)
-                                              for r in records if record_persons and r.session_id])
-        return answers
+                                            device_ids[r], *((spans or [None] * len(session_ids))[r] or (None, None))))
+        return answers, records
 
     # ---- households, refit, labels ----------------------------------------------------
 
@@ -262,7 +289,25 @@ class ClusteringApp:
             extras.sessions_pending = max(closed - envelope.included, 0)
             extras.last_refit = envelope.last_refit
             extras.n_persons = envelope.model.n_persons
+            view = self._with_fresh_persons(account_id, view, envelope)
         return view, extras
+
+    def _with_fresh_persons(self, account_id: str, view: HouseholdView, envelope: Envelope) -> HouseholdView:
+        """Closed sessions of the page that have no person yet (just ingested; the
+        background refresh has not stored theirs) are answered by the current model
+        here, the same way the refresh will store them, and the refresh is queued: a
+        caller never sees a closed session without a person once a model exists."""
+        missing = [s for s in view.sessions if s.closed and not s.person_id]
+        if not missing:
+            return view
+        labels = self.store.labels(account_id)
+        persons, probs = persons_for(envelope.model, missing, [labels.get(s.session_id, s.label) for s in missing])
+        self.schedule_refresh(account_id)
+        sessions = [replace(s, person_id=persons[s.session_id]) if s.session_id in persons else s
+                    for s in view.sessions]
+        probability = dict(view.person_probability)
+        probability.update({sid: p[persons[sid]] for sid, p in probs.items()})
+        return replace(view, sessions=sessions, person_probability=probability)
 
     def refit(self, account_id: str, reason: str = "") -> tuple[int, int, int]:
         """Full refit from the stored sessions and labels: (version, persons, sessions)."""
@@ -291,14 +336,20 @@ class ClusteringApp:
     def set_population_prior(self, prior: PopulationPrior | None) -> None:
         self.keeper.population_prior = prior
 
-    def build_population_prior(self, max_households: int = 200) -> PopulationPrior | None:
+    def build_population_prior(self, max_households: int = 200,
+                               pace: Callable[[float], object] | None = None) -> PopulationPrior | None:
         """Persona mixture over households that have a full model's worth of sessions
-        (the Bayesian prior of the population cold-start strategy)."""
+        (the Bayesian prior of the population cold-start strategy). ``pace(seconds)`` is
+        called after each household's read with the time it took, so a caller can
+        throttle the rebuild against the requests being served (__main__ does)."""
         matrices = []
         for account in self.store.accounts_with_sessions(MIN_SESSIONS, max_households):
+            started = time.perf_counter()
             snap = self.keeper.snapshot(account)
             if len(snap.sessions) >= MIN_SESSIONS:
                 matrices.append(snap.X)
+            if pace is not None:
+                pace(time.perf_counter() - started)
         if len(matrices) < 20:
             return None
         return PopulationPrior.fit(matrices)
@@ -306,7 +357,7 @@ class ClusteringApp:
     # ---- other reads, erasure ---------------------------------------------------------
 
     def export_account(self, account_id: str) -> dict:
-        check_id(account_id, "account_id")
+        """DataHolder.ExportAccount (services/common/erasure.py validates the id)."""
         return self.store.export_account(account_id)
 
     def resolve_persons(self, instants: list[tuple[str, str, float]]) -> list[tuple[str, dict[str, float]]]:
@@ -315,7 +366,7 @@ class ClusteringApp:
             check_id(device, f"instants[{n}].device_id")
         return self.store.resolve_persons(instants)
 
-    def erase(self, scope: ErasureScope) -> ErasureOutcome:
+    def erase(self, scope: ErasureScope, job_id: str = "") -> ErasureOutcome:
         """Delete the scope's data, then refit the household from what remains: exact
         unlearning (the model equals one fitted without the erased sessions)."""
         outcome = self.store.erase(scope)

@@ -24,7 +24,8 @@ CACHE_TTL_S = 60.0
 
 
 class FeedbackPeer:
-    def __init__(self, address: str, timeout_s: float = 2.0) -> None:
+    def __init__(self, address: str, timeout_s: float = 2.0, calibrator_cache_s: float = CACHE_TTL_S) -> None:
+        self._calibrator_ttl_s = calibrator_cache_s
         self._stub = fpb_grpc.FeedbackServiceStub(peer_channel(address, "clustering", timeout_s))
         self._me = service_principal("clustering")
         self._lock = threading.Lock()
@@ -65,7 +66,7 @@ class FeedbackPeer:
         now = time.monotonic()
         with self._lock:
             hit = self._calibrators.get(variant)
-        if hit and now - hit[0] < CACHE_TTL_S:
+        if hit and now - hit[0] < self._calibrator_ttl_s:
             return hit[1]
         try:
             with acting_as(self._me):

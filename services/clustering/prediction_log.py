@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 from prometheus_client import Counter, Gauge
 
@@ -54,6 +54,15 @@ class SessionPerson:
     session_id: str
     person_id: str
     probabilities: dict[str, float]
+
+
+_RECORD_FIELDS = tuple(f.name for f in fields(PredictionRecord))
+
+
+def _payload(record: PredictionRecord) -> str:
+    """The outbox row's JSON (what ``PredictionRecord(**json.loads(...))`` reads back);
+    a flat dict, not ``asdict``, whose deep copy cost more than the insert."""
+    return json.dumps({name: getattr(record, name) for name in _RECORD_FIELDS})
 
 
 class PredictionLog:
@@ -95,7 +104,7 @@ class PredictionLog:
             stored = tx.executemany(
                 "INSERT INTO prediction_outbox (prediction_id, account_id, session_id, payload, created_at) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (prediction_id) DO NOTHING",
-                [(r.prediction_id, r.account_id, r.session_id, json.dumps(asdict(r)), now) for r in records])
+                [(r.prediction_id, r.account_id, r.session_id, _payload(r), now) for r in records])
             if persons:
                 self._session_writer(tx, [(p.account_id, p.session_id, p.person_id, p.probabilities)
                                           for p in persons])

@@ -150,6 +150,8 @@ RPC_EVENTS: dict[str, str | tuple[str, str] | None] = {
     _FEE + "GetExperiment": None,              # the split and aggregate results
     _FEE + "GetCalibrator": None,              # model calibration map, no household data
     _FEE + "SetFlag": FLAG_CHANGE,
+    _FEE + "ListCalibrators": None,            # calibrator versions, no household data
+    _FEE + "ActivateCalibrator": FLAG_CHANGE,  # a calibrator rollback / hold is a model flag change
 }
 
 # Status -> outcome: the caller was refused / the request was wrong or the state did not

@@ -66,6 +66,7 @@ OTHER_VARIABLES: dict[str, str] = {
     "HEARTH_BENCH_POSTGRES_DSN": "bench/: the PostgreSQL a benchmark uses",
     "HEARTH_ROLLOUT_API_KEY": "services/rollout.py: the rollout CLI's gateway key",
     "HEARTH_ROLLOUT_WEBHOOK_TOKEN": "services/rollout.py: the rollback webhook's bearer token",
+    "HEARTH_ROLLOUT_CA_FILE": "services/rollout.py: CA of the gateway's HTTPS certificate",
 }
 
 
@@ -144,6 +145,9 @@ class ServiceSettings(HearthSettings):
     # until enough households exist to learn the prior) or "heuristic".
     cold_start: Literal["account", "population_prior", "heuristic"] = "population_prior"
     population_prior_refresh_s: float = 3600.0
+    # How long clustering applies a calibrator fetched from feedback before asking again
+    # (the assign path never waits for feedback; a recalibration shows within this).
+    calibrator_cache_s: float = 60.0
     # Fault injection for `make verify` (never set in production): households whose id
     # starts with this prefix get a GMM fit that fails numerically (k-means fallback).
     fault_gmm_numerical: str = ""
@@ -155,7 +159,8 @@ class ServiceSettings(HearthSettings):
             raise ValueError("must be a port number in 0..65535")
         return value
 
-    @field_validator("session_gap_s", "lateness_tolerance_s", "grace_seconds", "peer_timeout_s")
+    @field_validator("session_gap_s", "lateness_tolerance_s", "grace_seconds", "peer_timeout_s",
+                     "calibrator_cache_s")
     @classmethod
     def _positive(cls, value: float) -> float:
         if value <= 0:

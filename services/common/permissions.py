@@ -114,6 +114,8 @@ ROUTES: dict[str, Permission] = {
     "GET /v1/calibration": P.READ_CALIBRATION,
     "GET /v1/experiment": P.READ_EXPERIMENT,
     "PUT /v1/experiment": P.SET_FLAG,
+    "GET /v1/calibrators/{variant}": P.READ_CALIBRATION,
+    "PUT /v1/calibrators/{variant}": P.SET_FLAG,
     "GET /v1/audit": P.READ_AUDIT,
     "GET /v1/audit/export": P.READ_AUDIT,
     "PUT /v1/consent/{account_id}": P.SET_CONSENT,
@@ -166,8 +168,12 @@ RPCS: dict[str, dict[str, Permission]] = {
         "RecordFeedback": P.RECORD_FEEDBACK,
         "GetCalibration": P.READ_CALIBRATION,
         "GetCalibrator": P.READ_CALIBRATION,
+        "ListCalibrators": P.READ_CALIBRATION,
         "GetExperiment": P.READ_EXPERIMENT,
         "SetFlag": P.SET_FLAG,
+        # Which calibrator is in force is a model flag: who may flip the experiment's
+        # flags may roll a calibrator back.
+        "ActivateCalibrator": P.SET_FLAG,
     },
 }
 

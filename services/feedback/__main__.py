@@ -35,7 +35,7 @@ def build(settings):
     servicer = FeedbackServicer(app)
     # Stop order: background work first (it uses the channels and the database).
     return ([(pb_grpc.add_FeedbackServiceServicer_to_server, servicer, SERVICE_NAME),
-             data_holder(NAME, app.erase, app.export_account)],
+             data_holder(NAME, app)],
             [app.close, refits.close, auditor.close, db.close])
 
 

@@ -34,6 +34,7 @@ from services.common.errors import Conflict, InvalidArgument
 from services.common.identity import Principal
 from services.common.telemetry import pseudonym
 from services.feedback import instruments
+from services.feedback.calibrator_choice import CalibratorChoices
 from services.feedback.dataset import LabelledPredictions, build_dataset
 from services.feedback.domain.metrics import (
     CalibrationSummary,
@@ -174,6 +175,9 @@ class FeedbackApp:
         self.auditor = auditor
         self.clock = clock
         self._bg = _Background()
+        # Roll back / hold calibrators (calibrator_choice.py); audited like a flag change.
+        self.calibrator_choices = CalibratorChoices(store, policy.variants, self.audit_flag_change,
+                                                    lambda: self.clock(), MAX_REASON_CHARS)
 
     # ------------------------------------------------------------------ predictions and feedback
 
@@ -391,14 +395,17 @@ class FeedbackApp:
     def recalibrate(self, variants: Sequence[str] | None = None) -> dict[str, Calibrator]:
         """Fit one calibrator per variant on all its feedback so far (``fit_calibrator``:
         identity, temperature or isotonic by cross-validated ECE), store it as the
-        variant's next version and make it current. Returns what was stored."""
+        variant's next version and make it current. Returns what was stored. Variants
+        an operator holds (calibrator_choice.py: after a rollback) are left alone."""
         data = self.dataset()
         fitted: dict[str, Calibrator] = {}
         if not len(data):
             return fitted
         now = self.clock()
-        for variant in sorted(set(data.variants.tolist())):
-            if variants is not None and variant not in variants:
+        present = sorted(set(data.variants.tolist()))
+        held = self.calibrator_choices.held_variants(present)
+        for variant in present:
+            if (variants is not None and variant not in variants) or variant in held:
                 continue
             rows = data.variants == variant
             sample = FeedbackSample.create(data.probs[rows], labels=data.labels[rows], correct=data.correct[rows],
@@ -555,15 +562,13 @@ class FeedbackApp:
 
     def export_account(self, account_id: str) -> dict:
         """Everything held for one account, for privacy's household export (docs/privacy.md)."""
-        return self.store.export_account(check_id(account_id, "account_id"))
+        return self.store.export_account(account_id)
 
     def erase(self, scope: ErasureScope, job_id: str = "") -> ErasureOutcome:
         if scope.kind == "device":
             log.info("device erasure widened to the household: predictions carry no device",
                      extra={"fields": {"job_id": job_id}})
-        outcome = self.store.erase(scope)
-        log.info("erased", extra={"fields": {"job_id": job_id, "kind": scope.kind, **outcome.deleted_counts}})
-        return outcome
+        return self.store.erase(scope)
 
 
 def _group_names(data: LabelledPredictions, group_by: str) -> NDArray[np.str_]:

@@ -8,7 +8,7 @@ from hearth.feedback.v1 import feedback_pb2 as pb
 from hearth.feedback.v1 import feedback_pb2_grpc as pb_grpc
 from services.common import identity
 from services.common.errors import InvalidArgument
-from services.common.pbutil import ts_to_float
+from services.common.pbutil import float_to_ts, ts_to_float
 from services.feedback.app import FeedbackApp
 from services.feedback.domain.signals import SignalKind
 from services.feedback.store import PredictionRecord
@@ -83,3 +83,17 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
         version = self.app.set_flags(dict(request.traffic), request.kill_switch, request.reason,
                                      identity.current_principal())
         return pb.SetFlagResponse(version=version)
+
+    def ListCalibrators(self, request, context) -> pb.ListCalibratorsResponse:
+        h = self.app.calibrator_choices.history(request.variant)
+        return pb.ListCalibratorsResponse(
+            variant=h.variant, current_version=h.current_version, held=h.held, choice_version=h.choice_version,
+            reason=h.reason, versions=[pb.CalibratorVersion(version=v.version, method=v.method, n=v.n,
+                                                            fitted_at=float_to_ts(v.fitted_at))
+                                       for v in h.versions])
+
+    def ActivateCalibrator(self, request, context) -> pb.ActivateCalibratorResponse:
+        c = self.app.calibrator_choices.activate(request.variant, request.version, request.hold, request.reason,
+                                                 identity.current_principal())
+        return pb.ActivateCalibratorResponse(variant=c.variant, version=c.version,
+                                             previous_version=c.previous_version, choice_version=c.choice_version)

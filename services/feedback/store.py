@@ -245,12 +245,32 @@ class FeedbackStore:
         tx.execute("INSERT INTO calibrator_current (variant, version) VALUES (?, ?) "
                    "ON CONFLICT (variant) DO UPDATE SET version = excluded.version", (variant, version))
 
-    def activate_calibrator(self, variant: str, version: int) -> None:
-        """Point ``variant`` at an existing version (roll back or forward)."""
+    def activate_calibrator(self, variant: str, version: int, choice_key: str, choice_version: int,
+                            choice_json: str, reason: str, principal_id: str, ts: float) -> bool:
+        """Point ``variant`` at stored ``version`` (0: none, identity) and record the
+        choice as version ``choice_version`` of the flags history ``choice_key``, in one
+        transaction. False when that choice version exists already (a concurrent change
+        won the compare-and-swap: re-read and retry)."""
         with self.db.transaction() as tx:
-            if not tx.query("SELECT 1 FROM calibrators WHERE variant = ? AND version = ?", (variant, version)):
+            if version and not tx.query("SELECT 1 FROM calibrators WHERE variant = ? AND version = ?",
+                                        (variant, version)):
                 raise NotFound(f"no calibrator version {version} for variant {variant!r}", "version")
-            self._point(tx, variant, version)
+            if tx.execute("INSERT INTO flags (experiment, version, flags_json, reason, principal_id, ts) "
+                          "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (experiment, version) DO NOTHING",
+                          (choice_key, choice_version, choice_json, reason, principal_id, ts)) != 1:
+                return False
+            if version:
+                self._point(tx, variant, version)
+            else:
+                tx.execute("DELETE FROM calibrator_current WHERE variant = ?", (variant,))
+        return True
+
+    def calibrator_versions(self, variant: str) -> list[StoredCalibrator]:
+        """Every stored calibrator of ``variant``, newest first."""
+        with self.db.transaction() as tx:
+            rows = tx.query("SELECT variant, version, calibrator_json, fitted_at FROM calibrators "
+                            "WHERE variant = ? ORDER BY version DESC", (variant,))
+        return [StoredCalibrator(r[0], int(r[1]), r[2], float(r[3])) for r in rows]
 
     def current_calibrators(self) -> dict[str, StoredCalibrator]:
         with self.db.transaction() as tx:

@@ -5,6 +5,7 @@ schemas, and check the rendered objects against what the processes actually need
 from __future__ import annotations
 
 import copy
+import json
 import re
 
 import kubernetes_validate
@@ -364,6 +365,27 @@ def test_gateway_reads_api_keys_from_a_mounted_secret(render):
     assert volumes["api-keys"]["secret"]["secretName"] == "hearth-api-keys"
     item = volumes["api-keys"]["secret"]["items"][0]
     assert env["HEARTH_API_KEYS_FILE"] == f"{mount['mountPath']}/{item['path']}"
+
+
+def test_gateway_admission_limits_flow_from_values_to_the_settings(render, monkeypatch):
+    """gateway.admission renders HEARTH_ADMISSION_* that GatewaySettings reads back as
+    the same limits (defaults, and a per-service override)."""
+    objects = render(set_values=("gateway.admission.maxInFlight=7", "gateway.admission.queueTimeoutSeconds=3",
+                                 "gateway.admission.perService.attribution.maxInFlight=2",
+                                 "gateway.admission.perService.attribution.maxQueue=3",
+                                 "gateway.admission.perService.attribution.queueTimeoutSeconds=4"))
+    env = effective_env(deployment_of(objects, "gateway"), objects)
+    settings = _load_settings(env, "gateway", monkeypatch)
+    assert settings.admission_enabled is True
+    assert (settings.admission_for("clustering").max_in_flight, settings.admission_for("clustering").max_queue,
+            settings.admission_for("clustering").queue_timeout_s) == (7, CHART_VALUES["gateway"]["admission"]["maxQueue"], 3.0)
+    assert (settings.admission_for("attribution").max_in_flight, settings.admission_for("attribution").max_queue,
+            settings.admission_for("attribution").queue_timeout_s) == (2, 3, 4.0)
+    # Defaults: no per-service variable at all.
+    default_env = effective_env(deployment_of(render(), "gateway"), render())
+    assert "HEARTH_ADMISSION_LIMITS" not in default_env
+    assert json.loads(default_env["HEARTH_ADMISSION_DEFAULT"])["max_in_flight"] == \
+        CHART_VALUES["gateway"]["admission"]["maxInFlight"]
 
 
 def test_peer_addresses_point_at_the_rendered_services(render):

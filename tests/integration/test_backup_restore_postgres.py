@@ -18,7 +18,8 @@ from services import cli
 from services.common import config
 from services.common.storage.sql import open_database
 from services.privacy.backup import _privacy_db
-from services.privacy.deletion.domain import DeletionScope, ScopeKind, new_job
+from services.common.erasure import ErasureScope, ScopeKind
+from services.privacy.deletion.domain import new_job
 from services.privacy.deletion.store import DeletionJobStore
 from services.privacy.keys.domain import WrappedDek
 from services.privacy.keys.store import DataKeyStore
@@ -61,7 +62,7 @@ def test_postgres_backup_restore_reapplies_later_deletions(pg_env, tmp_path, cap
     keys, jobs = DataKeyStore(db), DeletionJobStore(db)
     assert keys.insert_new(_key("pg-keep", 2))
     keys.overwrite([replace(r, wrapped=b"", destroyed_at=datetime.now(UTC)) for r in keys.load("pg-gone")])
-    job = new_job("job-gone", DeletionScope(kind=ScopeKind.HOUSEHOLD, account_id="pg-gone"), "dpo", "privacy_officer",
+    job = new_job("job-gone", ErasureScope(kind=ScopeKind.HOUSEHOLD, account_id="pg-gone"), "dpo", "privacy_officer",
                   datetime.now(UTC))
     jobs.create(job, "req-gone", "gdpr_art17", next_due=job.requested_at)
     db.close()

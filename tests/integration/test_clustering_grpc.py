@@ -110,3 +110,63 @@ def test_record_labels_counts_known_and_unknown_sessions_and_the_label_wins(stub
     bad = cpb.RecordLabelsRequest(labels=[cpb.SessionLabel(account_id=ACC, session_id="s", person_id="p 1")])
     assert error_of(stub.RecordLabels, bad) == (grpc.StatusCode.INVALID_ARGUMENT, "labels[0].person_id")
     assert np.isfinite(answer.assignment.confidence)
+
+
+def test_assign_sessions_scores_many_households_in_one_vectorised_pass(stub, monkeypatch):
+    """Vectors of several households in one message: the mixture-answered households are
+    scored together by the domain's batch scorer (one call), a cold-start household
+    answers by its own strategy, and every answer equals AssignSession's for the same
+    session (the batch path is float32)."""
+    import services.clustering.batch_scoring as batch_scoring
+
+    t0 = time.time() - 60 * 86400
+    for account, persons, days in (("acc-grpc-2", ("kid", "parent"), 20), ("acc-grpc-cold", ("parent",), 7)):
+        events, _ = household_events(account, persons, days=days, start_ts=t0, seed=3)
+        call(stub.IngestEvents, iter([cpb.IngestEventsRequest(events=[_pb(e) for e in events])]))
+        call(stub.Refit, cpb.RefitRequest(account_id=account, reason="test"))
+    call(stub.Refit, cpb.RefitRequest(account_id=ACC, reason="test"))
+    picked = []   # (account, session) interleaved across households
+    for account in (ACC, "acc-grpc-2", "acc-grpc-cold"):
+        household = call(stub.GetHousehold, cpb.GetHouseholdRequest(account_id=account))
+        picked += [(account, s) for s in household.sessions if s.closed][:4]
+    picked = picked[::2] + picked[1::2]
+    calls = []
+    real = batch_scoring.assign_many
+    monkeypatch.setattr(batch_scoring, "assign_many", lambda *a, **k: calls.append(a[1].size) or real(*a, **k))
+    request = cpb.AssignSessionsRequest(batch_id="mixed", account_ids=[a for a, _ in picked],
+                                        feature_vectors=b"".join(s.feature_vector for _, s in picked),
+                                        feature_schema_version=picked[0][1].feature_schema_version)
+    (answer,) = list(call(stub.AssignSessions, iter([request])))
+    assert calls == [8]          # the two fitted households' 8 vectors, scored in one call
+    assert len(answer.assignments) == len(picked) == 12
+    for (account, session), got in zip(picked, answer.assignments):
+        one = call(stub.AssignSession, cpb.AssignSessionRequest(
+            account_id=account, feature_vector=session.feature_vector,
+            feature_schema_version=session.feature_schema_version)).assignment
+        assert (got.person_id, got.cold_start) == (one.person_id, one.cold_start)
+        assert got.confidence == pytest.approx(one.confidence, abs=1e-5)
+        assert [p.person_id for p in got.probabilities] == [p.person_id for p in one.probabilities]
+    # (no population prior yet with three households: cold start answers at account level)
+    assert {a.cold_start for a in answer.assignments} == {cpb.COLD_START_STRATEGY_UNSPECIFIED,
+                                                          cpb.COLD_START_STRATEGY_ACCOUNT}
+
+
+def test_sessions_arriving_one_at_a_time_after_a_fit_have_persons_at_once(stub):
+    """A fitted household whose devices then send one session at a time (fewer than a
+    micro-batch): each new session has a person and its probability in the very next
+    GetHousehold, though the background refresh may not have run yet, and the model
+    status counts it as pending until it is folded in."""
+    call(stub.Refit, cpb.RefitRequest(account_id=ACC, reason="test"))
+    fitted = call(stub.GetHousehold, cpb.GetHouseholdRequest(account_id=ACC, max_sessions=10_000))
+    known = {s.session_id for s in fitted.sessions}
+    more, _ = household_events(ACC, ("kid", "parent", "teen"), days=4, start_ts=time.time() - 20 * 86400, seed=5)
+    starts = sorted({e.event_id.rsplit("-", 1)[0] for e in more})
+    for n, start in enumerate(starts[:6], 1):
+        call(stub.IngestEvents, iter([cpb.IngestEventsRequest(
+            events=[_pb(e) for e in more if e.event_id.rsplit("-", 1)[0] == start])]))
+        h = call(stub.GetHousehold, cpb.GetHouseholdRequest(account_id=ACC, max_sessions=10_000))
+        new = [s for s in h.sessions if s.session_id not in known and s.closed]
+        assert len(new) == n
+        assert all(s.person_id in {p.person_id for p in h.persons} and 0.0 < s.person_probability <= 1.0
+                   for s in new), [(s.person_id, s.person_probability) for s in new]
+        assert h.model_version == fitted.model_version and h.status.sessions_pending == n

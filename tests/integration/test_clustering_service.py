@@ -243,3 +243,53 @@ def test_a_forged_page_token_is_refused_naming_the_field(household):
         with pytest.raises(InvalidArgument) as err:
             app.household("acc-h", 10, token)
         assert err.value.field == "page_token"
+
+
+def test_the_population_prior_rebuild_is_paced_serves_meanwhile_and_stops_at_shutdown(database, monkeypatch):
+    """A restarted clustering service must serve at once: the prior is rebuilt in the
+    background, throttled (pace is called after every household's read), assignments
+    answer meanwhile (account-level cold start until the prior exists), and a shutdown
+    ends a rebuild in progress instead of waiting it out."""
+    import services.clustering.__main__ as clustering_main
+
+    app = _app(database)
+    accounts = [f"acc-prior-{i:02d}" for i in range(21)]
+    for i, account in enumerate(accounts):
+        events, _ = household_events(account, ("kid", "parent"), days=12, start_ts=T0, seed=i)
+        app.store.ingest(events)
+    app.keeper.refresh(accounts[0])
+
+    paced: list[float] = []
+    prior = app.build_population_prior(pace=paced.append)
+    assert prior is not None
+    assert len(paced) == len(accounts) and all(s >= 0 for s in paced)   # once per household read
+
+    # In the service's loop: a slow pace (as on a loaded machine) keeps the rebuild going
+    # while an assignment is answered; the prior arrives later; stop ends the loop.
+    monkeypatch.setattr(clustering_main, "PRIOR_REBUILD_DUTY_CYCLE", 0.2)
+    app.set_population_prior(None)
+    stop = threading.Event()
+    loop = threading.Thread(target=clustering_main._keep_population_prior_fresh, args=(app, 3600.0, stop))
+    loop.start()
+    session = app.store.closed_sessions(accounts[0])[0]
+    assert app.assign(accounts[0], session_id=session.session_id).person_id   # served during the rebuild
+    deadline = time.monotonic() + 120
+    while app.keeper.population_prior is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert app.keeper.population_prior is not None
+    stop.set()
+    loop.join(10)
+    assert not loop.is_alive()
+
+    # A stop in the middle of a rebuild: the loop returns within a pause, prior unchanged.
+    app.set_population_prior(None)
+    stop = threading.Event()
+    monkeypatch.setattr(clustering_main, "PRIOR_REBUILD_DUTY_CYCLE", 0.001)   # pauses ~1000x the read
+    loop = threading.Thread(target=clustering_main._keep_population_prior_fresh, args=(app, 3600.0, stop))
+    loop.start()
+    time.sleep(0.3)
+    stopped = time.monotonic()
+    stop.set()
+    loop.join(10)
+    assert not loop.is_alive() and time.monotonic() - stopped < 5
+    assert app.keeper.population_prior is None

@@ -235,11 +235,11 @@ def test_recalibration_lowers_ece_on_held_out_predictions(database):
     # Versioned: a second fit is version 2; rolling back re-applies version 1.
     app.recalibrate()
     assert app.calibrator_version() == "kmeans:2"
-    app.store.activate_calibrator("kmeans", 1)
+    app.calibrator_choices.activate("kmeans", 1, True, "roll back to v1", ADMIN)
     assert app.calibrator_version() == "kmeans:1"
     assert np.allclose(app.apply_calibration("kmeans", probs), after_probs)
     with pytest.raises(NotFound):
-        app.store.activate_calibrator("kmeans", 9)
+        app.calibrator_choices.activate("kmeans", 9, True, "no such version", ADMIN)
 
 
 def test_calibration_report_before_and_after(database):

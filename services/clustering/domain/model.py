@@ -44,11 +44,13 @@ from services.clustering.domain.gmm import (
     RHYTHM_BINS,
 )
 from services.clustering.domain.kmeans import IncrementalKMeans, fit_select_k_kmeans, kmeans_plus_plus
+from services.clustering.domain.persons import personal_device_groups
 
 MODEL_FORMAT_VERSION = 1
 MIN_SESSIONS = 10
 BIC_PENALTY = 1.0         # multiplier of BIC's parameter charge (tuned on TUNING worlds)
 RESELECT_EVERY = 10       # new sessions between checks of the number of persons
+DEVICE_REFIT_EVERY = 40   # with personal devices: sessions between device-first refits of the buffer
 RECENT_WINDOW = 40        # sessions a newcomer / a leaver is looked for in
 BUFFER_CAP = 1000         # sessions the re-selection refits on (the newest)
 RESELECT_HYSTERESIS = 40.0  # BIC units a new person count must win by (stable ids)
@@ -250,7 +252,8 @@ class HouseholdModel:
                  population_prior: PopulationPrior | None = None, temperature: float = DEFAULT_TEMPERATURE,
                  seed: int = 0, family: TypedSession | None = None, n_init: int = 2,
                  bic_penalty: float = BIC_PENALTY, reselect: bool = True,
-                 reselect_margin: float = RESELECT_HYSTERESIS, calibrated: bool = True) -> None:
+                 reselect_margin: float = RESELECT_HYSTERESIS, calibrated: bool = True,
+                 device_evidence: bool = True) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if cold_start not in COLD_START_STRATEGIES:
@@ -271,6 +274,8 @@ class HouseholdModel:
         self.reselect = reselect
         self.reselect_margin = reselect_margin
         self.calibrated = calibrated
+        self.device_evidence = device_evidence
+        self.device_group_count = 0  # personal-device person groups at the last fit (persons.py)
         self.mixture: Mixture | None = None
         self.kmeans: IncrementalKMeans | None = None
         self.person_ids: list[str] = []
@@ -290,6 +295,7 @@ class HouseholdModel:
         self.buffer = np.zeros((0, F.FEATURE_DIM + 1), dtype=np.float32)
         self.buffer_keys = np.zeros(0, dtype=np.int64)
         self.since_check = 0
+        self.since_refit = 0
         self.composition_events: list[dict] = []
         self.inactive: set[str] = set()
         self.n_sessions = 0
@@ -408,18 +414,34 @@ class HouseholdModel:
         self.cold_slots = np.zeros(0, dtype=np.int64)
         return self
 
+    def _device_groups(self, Xa: np.ndarray) -> np.ndarray:
+        """(N,) personal-device person group per session (-1: no identity), see persons.py;
+        all -1 when the model does not use device evidence or no slot is known."""
+        if not (self.device_evidence and getattr(self.family, "device_slots", 0)
+                and Xa.shape[1] == F.FEATURE_DIM + 1):
+            return np.full(Xa.shape[0], -1, dtype=np.int64)
+        slots = np.rint(Xa[:, F.FEATURE_DIM]).astype(np.int64)
+        return personal_device_groups(Xa[:, :F.FEATURE_DIM], slots)
+
     def _fit_gmm(self, X: np.ndarray, labels: list[str | None] | None, label_names: list[str],
                  keys: np.ndarray) -> None:
-        if not label_names:
+        if label_names:
+            # Semi-supervised: component j < L is label_names[j]; labelled sessions clamped.
+            index = {name: j for j, name in enumerate(label_names)}
+            clamp = np.array([index[lab] if lab is not None else -1 for lab in labels], dtype=np.int64)
+        else:
+            # Device evidence first: the sessions of each personal-device group are one
+            # person (clamped); shared-device sessions are explained by EM, and persons
+            # without a personal device are extra components when BIC wants them.
+            clamp = self._device_groups(X)
+        self.device_group_count = int(clamp.max()) + 1 if not label_names else 0
+        if clamp.max() < 0:
             self.mixture = fit_select_k(X, self.k_max, self.family, self.seed, self.n_init,
                                         criterion=_criterion(X.shape[0]), keys=keys, penalty=self.bic_penalty,
                                         extra_inits=self._device_inits(X)).model
             self._reset_buffer(X, keys)
             return
-        # Semi-supervised: component j < L is label_names[j]; labelled sessions clamped.
-        index = {name: j for j, name in enumerate(label_names)}
-        clamp = np.array([index[lab] if lab is not None else -1 for lab in labels], dtype=np.int64)
-        L = len(label_names)
+        L = int(clamp.max()) + 1
         Z = standardise(self.family.seed_features(X))
         rng = np.random.default_rng(self.seed)
         best: tuple[float, Mixture] | None = None
@@ -491,7 +513,8 @@ class HouseholdModel:
                 self.since_check += n
                 if self.reselect and self.since_check >= RESELECT_EVERY and not self.label_map:
                     self.since_check = 0
-                    self._reselect()
+                    if not self._refit_on_device_evidence():
+                        self._reselect()
             except MixtureNumericalError:
                 # Incremental step failed: k-means on the new sessions with as many
                 # persons as before answers until the service refits on all sessions.
@@ -556,6 +579,38 @@ class HouseholdModel:
         if rest.any():
             labels[rest] = ((Z[rest, None, :] - C[None]) ** 2).sum(axis=2).argmin(axis=1)
         return [labels]
+
+    def _refit_on_device_evidence(self) -> bool:
+        """Streaming with device evidence: refit the buffer device-first (as ``fit``
+        does) when its personal-device groups changed — a new personal device with
+        enough sessions, or two devices now seen to be one person's — and every
+        DEVICE_REFIT_EVERY sessions otherwise, so a member who only uses the TV can be
+        born. Ids are matched to the old persons. False when the household has no
+        personal-device group (the BIC re-selection then runs instead)."""
+        X = self._buffer_X()
+        if X.shape[0] < MIN_SESSIONS:
+            return False
+        groups = int(self._device_groups(X).max()) + 1
+        if groups == 0 and self.device_group_count == 0:
+            return False
+        self.since_refit += RESELECT_EVERY
+        if groups == self.device_group_count and self.since_refit < DEVICE_REFIT_EVERY:
+            return True
+        self.since_refit = 0
+        old_ids = list(self.person_ids)
+        old_post = self._proba(X, temperature=1.0)
+        try:
+            self._fit_gmm(X, None, [], self.buffer_keys.copy())
+        except MixtureNumericalError:
+            return True  # keep the current mixture; the service's refit will retry
+        self.person_ids = self._match_ids(old_ids, old_post, self._proba(X, temperature=1.0), [])
+        born = [p for p in self.person_ids if p not in old_ids]
+        gone = [p for p in old_ids if p not in self.person_ids]
+        if born or gone:
+            self._composition_event("join" if len(self.person_ids) > len(old_ids) else
+                                    ("merge" if len(self.person_ids) < len(old_ids) else "replace"),
+                                    born=born, gone=gone)
+        return True
 
     def _reselect(self) -> None:
         """Is the number of persons still right? Refit the recent sessions (the buffer)
@@ -812,6 +867,8 @@ class HouseholdModel:
             "device_ids": self.device_ids, "bic_penalty": self.bic_penalty, "reselect": self.reselect, "reselect_margin": self.reselect_margin,
             "calibrated": self.calibrated,
             "since_check": self.since_check, "composition_events": self.composition_events,
+            "device_evidence": self.device_evidence, "device_group_count": self.device_group_count,
+            "since_refit": self.since_refit,
             "inactive": sorted(self.inactive),
         }
         arrays: dict[str, np.ndarray] = {"cold_X": self.cold_X, "cold_slots": self.cold_slots,
@@ -856,6 +913,10 @@ class HouseholdModel:
         m.reselect_margin = float(meta.get("reselect_margin", RESELECT_HYSTERESIS))
         m.calibrated = bool(meta.get("calibrated", False))
         m.since_check = int(meta.get("since_check", 0))
+        # Models stored before device evidence existed keep answering as they were fitted.
+        m.device_evidence = bool(meta.get("device_evidence", False))
+        m.device_group_count = int(meta.get("device_group_count", 0))
+        m.since_refit = int(meta.get("since_refit", 0))
         m.composition_events = list(meta.get("composition_events", []))
         m.inactive = set(meta.get("inactive", []))
         if "buffer" in z:

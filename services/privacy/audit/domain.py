@@ -43,6 +43,7 @@ import numpy as np
 
 from services.common.audit_events import EventType  # noqa: F401  (the one vocabulary)
 from services.common.ids import Outcome, Role  # noqa: F401  (the one vocabulary)
+from services.common.ids import _format_utc, format_ts, parse_ts  # noqa: F401  (the one UTC text form)
 from services.common.strict_json import DuplicateKeyError, loads_unambiguous
 
 from services.privacy.audit import merkle
@@ -65,41 +66,6 @@ def canonical_json(obj: Any) -> bytes:
     return json.dumps(
         obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     ).encode("utf-8")
-
-
-def format_ts(ts: datetime, argument: str = "ts") -> str:
-    """UTC timestamp as ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` (fixed width, so it sorts)."""
-    if not isinstance(ts, datetime):
-        raise ValueError(f"{argument}: expected a datetime, got {type(ts).__name__}")
-    if ts.tzinfo is None or ts.utcoffset() is None:
-        raise ValueError(f"{argument}: must be timezone-aware (UTC)")
-    return _format_utc(ts.astimezone(UTC))
-
-
-def _format_utc(ts: datetime) -> str:
-    # %-formatting measured 2x faster than isoformat(timespec=...) and 5x faster than
-    # strftime here, and it zero-pads the year, which strftime("%Y") does not.
-    return "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ" % (
-        ts.year, ts.month, ts.day, ts.hour, ts.minute, ts.second, ts.microsecond)
-
-
-def parse_ts(value: object, argument: str = "ts") -> datetime:
-    """Inverse of ``format_ts``; accepts any ISO-8601 string with an offset."""
-    if isinstance(value, datetime):
-        if value.tzinfo is UTC:
-            return value
-        if value.tzinfo is None or value.utcoffset() is None:
-            raise ValueError(f"{argument}: must be timezone-aware (UTC)")
-        return value.astimezone(UTC)
-    if not isinstance(value, str):
-        raise ValueError(f"{argument}: expected an ISO-8601 string, got {type(value).__name__}")
-    try:
-        ts = datetime.fromisoformat(value)
-    except ValueError as exc:
-        raise ValueError(f"{argument}: not an ISO-8601 timestamp: {value!r}") from exc
-    if ts.tzinfo is None:
-        raise ValueError(f"{argument}: timestamp {value!r} has no UTC offset")
-    return ts.astimezone(UTC)
 
 
 def _check_text(value: object, argument: str, *, allow_empty: bool = False) -> str:

@@ -50,7 +50,7 @@ from services.common.erasure import ALL_ACCOUNTS, ErasureScope, ids_digest
 from services.common.errors import InvalidArgument, PermissionDenied, Unavailable
 from services.privacy.audit.domain import format_ts
 from services.privacy.deletion.domain import (
-    DeletionJob, DeletionScope, JobState, RetryPolicy, ServiceStatus, build_receipt, confirm_service,
+    DeletionJob, JobState, RetryPolicy, ServiceStatus, build_receipt, confirm_service,
     due_services, fail_service, new_job, start_job)
 from services.privacy.keys.signing import Ed25519PrivateKey, key_id, public_key_to_pem
 from services.privacy.deletion.receipts import (
@@ -117,27 +117,6 @@ class GrpcPeers:
             channel.close()
 
 
-# ---- scope conversions -------------------------------------------------------------------
-
-def _dt(ts: float | None) -> datetime | None:
-    return datetime.fromtimestamp(ts, UTC) if ts is not None else None
-
-
-def domain_scope(scope: ErasureScope) -> DeletionScope:
-    return DeletionScope(kind=scope.kind, account_id=scope.account_id, device_id=scope.device_id,
-                         person_id=scope.person_id, start=_dt(scope.start), end=_dt(scope.end))
-
-
-def erasure_scope(scope: DeletionScope) -> ErasureScope:
-    return ErasureScope(scope.account_id, scope.kind.value, device_id=scope.device_id, person_id=scope.person_id,
-                        start=scope.start.timestamp() if scope.start else None,
-                        end=scope.end.timestamp() if scope.end else None)
-
-
-def scope_to_pb(scope: DeletionScope) -> common_pb2.ErasureScope:
-    return erasure.scope_to_pb(erasure_scope(scope))
-
-
 def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, grpc.RpcError) and isinstance(exc.code(), grpc.StatusCode):
         return exc.code() not in _FATAL_CODES
@@ -191,11 +170,7 @@ class DeletionCoordinator:
             raise InvalidArgument("at most 200 characters", "reason")
         if request_id and (len(request_id) > 200 or not request_id.isprintable()):
             raise InvalidArgument("at most 200 printable characters", "request_id")
-        try:
-            deletion_scope = domain_scope(scope)
-        except ValueError as exc:
-            raise InvalidArgument(str(exc), "scope") from None
-        job = new_job(f"job-{uuid.uuid4().hex}", deletion_scope, principal.id, principal.role.value,
+        job = new_job(f"job-{uuid.uuid4().hex}", scope, principal.id, principal.role.value,
                       self._clock())
         stored = self.jobs.create(job, request_id or f"auto:{job.job_id}", reason or "unspecified",
                                   next_due=job.requested_at,
@@ -357,7 +332,7 @@ class DeletionCoordinator:
             counts = {"data_keys": len(ids)} if ids else {}
             purges = tuple({**p, "at": format_ts(datetime.fromtimestamp(p["at"], UTC))} for p in local_purges)
             return ServiceDeletion(len(ids), ids_digest(ids).hex(), purges), counts, not ids
-        result = self.peers.erase(service, scope_to_pb(job.scope), job.job_id)
+        result = self.peers.erase(service, erasure.scope_to_pb(job.scope), job.job_id)
         counts = {k: int(v) for k, v in sorted(result.deleted_counts.items()) if v}
         purges = tuple({"store": p.store, "where": p.location, "action": p.action,
                         "at": format_ts(datetime.fromtimestamp(p.at.seconds + p.at.nanos / 1e9, UTC)),
@@ -370,7 +345,7 @@ class DeletionCoordinator:
         answers) go, and a household deletion crypto-shreds the data key (after every
         other service erased, so nothing is left to read with it). Returns the ids of
         the destroyed keys and the purge steps (epoch ``at``) for the receipt."""
-        scope = erasure_scope(job.scope)
+        scope = job.scope
         purges: list[dict] = []
         if self._on_local_erase is not None:
             cache_purge = self._on_local_erase(scope)

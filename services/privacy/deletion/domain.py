@@ -1,19 +1,7 @@
 """Pure planning of deletion jobs: scopes, the job state machine, retries, receipts.
 
-Scopes (``DeletionScope``), always within one household (``account_id``):
-
-=============  ==========================================  =========================
-kind           deletes                                     required fields
-=============  ==========================================  =========================
-device         all data of one device                      device_id
-person         all data attributed to one person (p1, ..)  person_id
-household      everything of the account (and shreds DEK)  —
-window         all account data with start <= ts < end     start and/or end (UTC);
-                                                           a missing bound is open
-=============  ==========================================  =========================
-
-Fields a kind does not use must be absent, so a scope never means two things. Kind
-names and window semantics match ``services/common/erasure.py`` (the Erase contract).
+Scopes are ``services.common.erasure.ErasureScope``, the one scope type of the mesh (its
+module docstring has the table of kinds and what each deletes).
 
 Job state machine (every transition is a pure function returning a new job)::
 
@@ -44,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from services.common.erasure import ALL_ACCOUNTS
+from services.common.erasure import ErasureScope, ScopeKind  # noqa: F401  (the one scope type)
 from services.common.ids import Role, check_id, check_principal_id
 
 from services.privacy.audit.domain import format_ts, parse_ts
@@ -55,100 +43,6 @@ DEFAULT_SERVICES: tuple[str, ...] = ("clustering", "attribution", "feedback", "p
 
 class InvalidTransition(ValueError):
     """The requested transition is not allowed from the job's current state."""
-
-
-class ScopeKind(enum.StrEnum):
-    DEVICE = "device"
-    PERSON = "person"
-    HOUSEHOLD = "household"
-    TIME_WINDOW = "window"
-
-
-_REQUIRED: dict[ScopeKind, frozenset[str]] = {
-    ScopeKind.DEVICE: frozenset({"device_id"}),
-    ScopeKind.PERSON: frozenset({"person_id"}),
-    ScopeKind.HOUSEHOLD: frozenset(),
-    ScopeKind.TIME_WINDOW: frozenset(),  # start and/or end, checked below
-}
-_OPTIONAL_FIELDS = ("device_id", "person_id", "start", "end")
-
-
-@dataclass(frozen=True, slots=True)
-class DeletionScope:
-    kind: ScopeKind
-    account_id: str
-    device_id: str | None = None
-    person_id: str | None = None
-    start: datetime | None = None
-    end: datetime | None = None
-
-    def __post_init__(self) -> None:
-        try:
-            kind = ScopeKind(self.kind)
-        except ValueError:
-            allowed = ", ".join(k.value for k in ScopeKind)
-            raise ValueError(f"kind: {self.kind!r} is not one of {allowed}") from None
-        object.__setattr__(self, "kind", kind)
-        if not (self.account_id == ALL_ACCOUNTS and kind is ScopeKind.TIME_WINDOW):
-            check_id(self.account_id, "account_id")  # "*" only for the retention purge's window
-        required = _REQUIRED[kind]
-        allowed = required | ({"start", "end"} if kind is ScopeKind.TIME_WINDOW else set())
-        for name in _OPTIONAL_FIELDS:
-            value = getattr(self, name)
-            if name in required and value is None:
-                raise ValueError(f"{name}: required for a {kind.value} scope")
-            if name not in allowed and value is not None:
-                raise ValueError(f"{name}: not allowed in a {kind.value} scope")
-        if kind is ScopeKind.DEVICE:
-            check_id(self.device_id, "device_id")
-        elif kind is ScopeKind.PERSON:
-            check_id(self.person_id, "person_id")
-        elif kind is ScopeKind.TIME_WINDOW:
-            if self.start is None and self.end is None:
-                raise ValueError("start: a window scope needs a start or an end (or both)")
-            start = parse_ts(self.start, "start") if self.start is not None else None
-            end = parse_ts(self.end, "end") if self.end is not None else None
-            if start is not None and end is not None and not start < end:
-                raise ValueError(f"end: must be after start ({format_ts(start)})")
-            object.__setattr__(self, "start", start)
-            object.__setattr__(self, "end", end)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON form (only the fields the kind uses); goes into receipts verbatim."""
-        out: dict[str, Any] = {"kind": self.kind.value, "account_id": self.account_id}
-        if self.device_id is not None:
-            out["device_id"] = self.device_id
-        if self.person_id is not None:
-            out["person_id"] = self.person_id
-        if self.start is not None:
-            out["start"] = format_ts(self.start, "start")
-        if self.end is not None:
-            out["end"] = format_ts(self.end, "end")
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> DeletionScope:
-        if not isinstance(data, Mapping):
-            raise ValueError("scope: expected an object")
-        unknown = set(data) - {"kind", "account_id", *_OPTIONAL_FIELDS}
-        if unknown:
-            raise ValueError(f"scope.{sorted(unknown)[0]}: unknown field")
-        for name in ("kind", "account_id"):
-            if name not in data:
-                raise ValueError(f"scope.{name}: missing")
-        return cls(**{k: data[k] for k in data})
-
-    def covers(self, device_id: str, person_id: str | None, ts: datetime) -> bool:
-        """Whether a record of this account with these attributes falls in the scope
-        (reference semantics for the services' Erase implementations)."""
-        if self.kind is ScopeKind.HOUSEHOLD:
-            return True
-        if self.kind is ScopeKind.DEVICE:
-            return device_id == self.device_id
-        if self.kind is ScopeKind.PERSON:
-            return person_id == self.person_id
-        when = parse_ts(ts)
-        return (self.start is None or self.start <= when) and (self.end is None or when < self.end)
 
 
 # --------------------------------------------------------------------------- retries
@@ -230,7 +124,7 @@ class ServiceProgress:
 @dataclass(frozen=True, slots=True)
 class DeletionJob:
     job_id: str
-    scope: DeletionScope
+    scope: ErasureScope
     principal: str
     role: str
     requested_at: datetime
@@ -246,7 +140,7 @@ class DeletionJob:
 
 def new_job(
     job_id: str,
-    scope: DeletionScope,
+    scope: ErasureScope,
     principal: str,
     role: str,
     requested_at: datetime,
@@ -254,8 +148,8 @@ def new_job(
 ) -> DeletionJob:
     """A pending job that must be confirmed by each of ``services``."""
     check_id(job_id, "job_id")
-    if not isinstance(scope, DeletionScope):
-        raise ValueError(f"scope: expected DeletionScope, got {type(scope).__name__}")
+    if not isinstance(scope, ErasureScope):
+        raise ValueError(f"scope: expected ErasureScope, got {type(scope).__name__}")
     check_principal_id(principal, "principal")
     try:
         Role(role)
@@ -382,7 +276,7 @@ def receipt_from_results(
     *,
     receipt_id: str,
     job_id: str,
-    scope: DeletionScope,
+    scope: ErasureScope,
     principal: str,
     role: str,
     requested_at: datetime,
@@ -391,8 +285,8 @@ def receipt_from_results(
     key_id: str,
 ) -> DeletionReceipt:
     """Receipt contents from per-service results ``{service: (count, ids_digest)}``."""
-    if not isinstance(scope, DeletionScope):
-        raise ValueError(f"scope: expected DeletionScope, got {type(scope).__name__}")
+    if not isinstance(scope, ErasureScope):
+        raise ValueError(f"scope: expected ErasureScope, got {type(scope).__name__}")
     if not isinstance(results, Mapping) or not results:
         raise ValueError("results: at least one service result is required")
     services: dict[str, ServiceDeletion] = {}
@@ -471,7 +365,7 @@ def job_from_dict(data: Mapping[str, Any]) -> DeletionJob:
             )
         return DeletionJob(
             job_id=check_id(data["job_id"], "job_id"),
-            scope=DeletionScope.from_dict(data["scope"]),
+            scope=ErasureScope.from_dict(data["scope"]),
             principal=data["principal"],
             role=data["role"],
             requested_at=parse_ts(data["requested_at"], "requested_at"),

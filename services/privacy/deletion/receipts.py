@@ -116,7 +116,7 @@ def _check_purge(purge: Any, index: int) -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class DeletionReceipt:
-    """Unsigned receipt contents; ``scope`` is the JSON form of a ``DeletionScope``."""
+    """Unsigned receipt contents; ``scope`` is the JSON form of an ``ErasureScope`` (services/common/erasure.py)."""
 
     receipt_id: str
     job_id: str

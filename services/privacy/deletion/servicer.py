@@ -9,11 +9,11 @@ from hearth.common.v1 import common_pb2
 from hearth.privacy.v1 import privacy_pb2 as pb
 from hearth.privacy.v1 import privacy_pb2_grpc as pb_grpc
 from services.common.ids import check_id
-from services.common.erasure import scope_from_pb
+from services.common.erasure import scope_from_pb, scope_to_pb
 from services.common.errors import InvalidArgument
 from services.common.pbutil import float_to_ts
 from services.privacy.consent.app import ConsentApp
-from services.privacy.deletion.app import SERVICE_ORDER, DeletionCoordinator, export_household, scope_to_pb
+from services.privacy.deletion.app import SERVICE_ORDER, DeletionCoordinator, export_household
 from services.privacy.deletion.domain import JobState, ServiceStatus
 from services.privacy.deletion.store import StoredJob
 from services.privacy.keys.app import KeyService

@@ -10,7 +10,8 @@ import pytest
 from services.privacy import cli
 from services.privacy.audit import domain as audit
 from services.privacy.keys import signing as keys
-from services.privacy.deletion.domain import DeletionScope, receipt_from_results
+from services.common.erasure import ErasureScope
+from services.privacy.deletion.domain import receipt_from_results
 from services.privacy.deletion.receipts import ids_digest, sign_receipt
 from tests.unit.privacy.factories import T0, make_entries
 
@@ -20,7 +21,7 @@ REPO = Path(__file__).resolve().parents[3]
 @pytest.fixture()
 def files(tmp_path, signing_key, other_key):
     receipt = receipt_from_results(
-        receipt_id="r-7", job_id="job-7", scope=DeletionScope("household", "acct-7"),
+        receipt_id="r-7", job_id="job-7", scope=ErasureScope("acct-7", "household"),
         principal="olivia", role="privacy_officer", requested_at=T0, completed_at=T0,
         results={"clustering": (2, ids_digest(["a", "b"]))}, key_id=keys.key_id(signing_key),
     )

@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from services.common.erasure import ErasureScope
 from services.common.ids import is_id
 from services.privacy.deletion.domain import (
     DEFAULT_SERVICES,
-    DeletionScope,
     InvalidTransition,
     JobState,
     RetryPolicy,
@@ -42,12 +42,12 @@ ACCEPTED = {  # kind -> the field sets a valid scope of that kind may carry
 def test_scope_accepts_exactly_the_fields_its_kind_needs(kind, present):
     kwargs = {name: FIELDS[name] for name in present}
     if present in ACCEPTED[kind]:
-        scope = DeletionScope(kind, "acct-1", **kwargs)
-        assert DeletionScope.from_dict(scope.to_dict()) == scope
+        scope = ErasureScope("acct-1", kind, **kwargs)
+        assert ErasureScope.from_dict(scope.to_dict()) == scope
         assert set(scope.to_dict()) == {"kind", "account_id"} | present
     else:
         with pytest.raises(ValueError) as err:
-            DeletionScope(kind, "acct-1", **kwargs)
+            ErasureScope("acct-1", kind, **kwargs)
         assert str(err.value).split(":")[0] in FIELDS  # the message names a field
 
 
@@ -55,10 +55,10 @@ def test_scope_accepts_exactly_the_fields_its_kind_needs(kind, present):
 def test_ids_are_validated(value):
     ok = is_id(value)  # the one id rule (services/common/ids.py)
     if ok:
-        assert DeletionScope("device", "acct", device_id=value).device_id == value
+        assert ErasureScope("acct", "device", device_id=value).device_id == value
     else:
         with pytest.raises(ValueError, match="device_id"):
-            DeletionScope("device", "acct", device_id=value)
+            ErasureScope("acct", "device", device_id=value)
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
@@ -72,21 +72,21 @@ def test_ids_are_validated(value):
 ])
 def test_invalid_scopes(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        DeletionScope(**kwargs)
+        ErasureScope(**kwargs)
     with pytest.raises(ValueError, match="scope.color: unknown"):
-        DeletionScope.from_dict({"kind": "household", "account_id": "a", "color": "red"})
+        ErasureScope.from_dict({"kind": "household", "account_id": "a", "color": "red"})
 
 
 def test_scope_coverage_semantics():
-    window = DeletionScope("window", "a", start=T0, end=T0 + timedelta(hours=1))
+    window = ErasureScope("a", "window", start=T0, end=T0 + timedelta(hours=1))
     assert window.covers("tv", None, T0) and not window.covers("tv", None, T0 + timedelta(hours=1))
     assert not window.covers("tv", None, T0 - timedelta(microseconds=1))
-    open_start = DeletionScope("window", "a", end=T0)
+    open_start = ErasureScope("a", "window", end=T0)
     assert open_start.covers("tv", None, T0 - timedelta(days=9999)) and not open_start.covers("tv", None, T0)
-    assert DeletionScope("window", "a", start=T0).covers("tv", None, T0 + timedelta(days=9999))
-    assert DeletionScope("device", "a", device_id="tv").covers("tv", "p1", T0)
-    assert not DeletionScope("person", "a", person_id="p2").covers("tv", "p1", T0)
-    assert DeletionScope(ScopeKind.HOUSEHOLD, "a").covers("x", None, T0)
+    assert ErasureScope("a", "window", start=T0).covers("tv", None, T0 + timedelta(days=9999))
+    assert ErasureScope("a", "device", device_id="tv").covers("tv", "p1", T0)
+    assert not ErasureScope("a", "person", person_id="p2").covers("tv", "p1", T0)
+    assert ErasureScope("a", ScopeKind.HOUSEHOLD).covers("x", None, T0)
 
 
 # --------------------------------------------------------------------------- retries
@@ -125,7 +125,7 @@ def test_invalid_policies(kwargs, match):
 
 
 def running_job(services=DEFAULT_SERVICES):
-    job = new_job("job-1", DeletionScope("person", "acct", person_id="p1"), "olivia",
+    job = new_job("job-1", ErasureScope("acct", "person", person_id="p1"), "olivia",
                   "privacy_officer", T0, services)
     return start_job(job, T0)
 
@@ -178,7 +178,7 @@ def test_exhausted_retries_and_fatal_errors_fail_the_job():
 
 
 def test_invalid_transitions():
-    job = new_job("j", DeletionScope("household", "a"), "p", "admin", T0)
+    job = new_job("j", ErasureScope("a", "household"), "p", "admin", T0)
     with pytest.raises(InvalidTransition):
         confirm_service(job, "clustering", result(1), T0)  # not started
     with pytest.raises(InvalidTransition):
@@ -203,11 +203,11 @@ def test_invalid_transitions():
 
 
 @pytest.mark.parametrize(("args", "match"), [
-    (("", DeletionScope("household", "a"), "p", "admin", T0), "job_id"),
+    (("", ErasureScope("a", "household"), "p", "admin", T0), "job_id"),
     (("j", {"kind": "household"}, "p", "admin", T0), "scope"),
-    (("j", DeletionScope("household", "a"), "p", "admin", T0, []), "services"),
-    (("j", DeletionScope("household", "a"), "p", "admin", T0, ["a", "a"]), "duplicate"),
-    (("j", DeletionScope("household", "a"), "p", "admin", "soon"), "requested_at"),
+    (("j", ErasureScope("a", "household"), "p", "admin", T0, []), "services"),
+    (("j", ErasureScope("a", "household"), "p", "admin", T0, ["a", "a"]), "duplicate"),
+    (("j", ErasureScope("a", "household"), "p", "admin", "soon"), "requested_at"),
 ])
 def test_new_job_validation(args, match):
     with pytest.raises(ValueError, match=match):

@@ -8,7 +8,8 @@ from datetime import timedelta
 import pytest
 
 from services.privacy.keys import signing as keys
-from services.privacy.deletion.domain import DeletionScope, receipt_from_results
+from services.common.erasure import ErasureScope
+from services.privacy.deletion.domain import receipt_from_results
 from services.privacy.deletion.receipts import (
     EMPTY_IDS_DIGEST,
     DeletionReceipt,
@@ -25,7 +26,7 @@ from tests.unit.privacy.factories import T0
 def make_receipt(key, **overrides) -> DeletionReceipt:
     fields = dict(
         receipt_id="r-1", job_id="job-1", account_id="acct-9",
-        scope=DeletionScope("device", "acct-9", device_id="tv-1").to_dict(),
+        scope=ErasureScope("acct-9", "device", device_id="tv-1").to_dict(),
         principal="olivia", role="privacy_officer",
         requested_at=T0, completed_at=T0 + timedelta(minutes=3),
         services={"clustering": ServiceDeletion(2, ids_digest(["s1", "s2"])),
@@ -155,7 +156,7 @@ def test_service_deletion_validation():
 
 
 def test_receipt_from_results_builds_what_verifies(signing_key):
-    scope = DeletionScope("household", "acct-1")
+    scope = ErasureScope("acct-1", "household")
     receipt = receipt_from_results(
         receipt_id="r", job_id="j", scope=scope, principal="p", role="admin",
         requested_at=T0, completed_at=T0, key_id=keys.key_id(signing_key),

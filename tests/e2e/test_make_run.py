@@ -1,0 +1,115 @@
+"""`make run` as a newcomer uses it: the mesh comes up, the printed curl examples work, and
+when the launcher dies (a closed terminal, `timeout make run`) nothing is left running.
+
+The launcher here is a shell that runs scripts/run.py the way make does (as its child, not
+exec'd), on free ports and a temporary data directory so it can run beside a real `make run`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from services.common.child_process import spawn_tied
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's wait is missing
+
+
+def test_make_run_serves_the_printed_examples_and_dies_with_its_launcher(tmp_path):
+    launcher = spawn_tied(
+        ["bash", "-c", '"$0" scripts/run.py --data-dir "$1" --free-ports; exit 0',
+         sys.executable, str(tmp_path / "var")],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    up = threading.Event()
+
+    def read() -> None:
+        for line in launcher.stdout:
+            lines.append(line)
+            if "Ctrl-C stops everything" in line:
+                up.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    run_py: list[int] = []
+    try:
+        assert up.wait(240), "make run did not come up:\n" + "".join(lines)
+        out = "".join(lines)
+        url = re.search(r"Hearth is up: gateway (http://127\.0\.0\.1:\d+)", out).group(1)
+        key = re.search(r"Demo API key \(admin\): (\S+)", out).group(1)
+        for service in ("clustering", "attribution", "privacy", "feedback"):
+            assert re.search(rf"{service}\s+grpc 127\.0\.0\.1:\d+ .* SERVING", out), out
+
+        # The README's first two curl calls, as printed.
+        event = {"event_id": "e1", "account_id": "acc-1", "device_id": "tv-1",
+                 "device_type": "tv", "ts": "2026-11-01T20:15:00Z", "kind": "play_start",
+                 "title_id": "t-42", "genres": ["drama"], "duration_s": 1800,
+                 "maturity": "adult"}
+        headers = {"X-API-Key": key}
+        r = httpx.post(f"{url}/v1/events", json={"events": [event]}, headers=headers, timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.json()["accepted"] == 1, r.text
+        r = httpx.get(f"{url}/v1/household/acc-1", headers=headers, timeout=30)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["account_id"] == "acc-1" and body["devices"][0]["device_id"] == "tv-1", r.text
+
+        run_py += [p for p in _descendants(launcher.pid)
+                   if "scripts/run.py" in Path(f"/proc/{p}/cmdline").read_bytes().decode()]
+        assert len(run_py) == 1
+        mesh = _descendants(run_py[0])
+        assert len(mesh) >= 5, "four services and the gateway"
+
+        os.kill(launcher.pid, signal.SIGKILL)   # the launcher dies; nobody sends Ctrl-C
+        launcher.wait(10)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and any(_alive(p) for p in [*run_py, *mesh]):
+            time.sleep(0.5)
+        left = [p for p in [*run_py, *mesh] if _alive(p)]
+        assert left == [], f"still running after the launcher died: {left}\n" + "".join(lines)
+        try:
+            httpx.get(f"{url}/health", timeout=2)
+            raise AssertionError("the gateway still answers after make run's launcher died")
+        except httpx.TransportError:
+            pass
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        for pid in [*run_py, *_descendants(launcher.pid)]:  # the mesh is tied to run.py
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

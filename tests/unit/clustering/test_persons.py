@@ -1,0 +1,104 @@
+"""Device evidence first (persons.py): personal devices become persons, one person's
+devices are merged, shared-device sessions and TV-only members are explained by the
+household model around them (issue #10)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from services.clustering.domain import persons
+from services.clustering.domain.model import HouseholdModel
+from tests.unit.clustering.test_identity_signals import household, persona_sessions
+
+
+def _slots(dev):
+    _, first, inverse = np.unique(dev, return_index=True, return_inverse=True)
+    return np.argsort(np.argsort(first))[inverse]
+
+
+def test_loo_auc_separates_different_sessions_and_not_alike_ones():
+    rng = np.random.default_rng(0)
+    Z = rng.normal(size=(200, 5))
+    y = (rng.random(200) < 0.5).astype(float)
+    assert persons.loo_auc(Z, y) < 0.6                # labels carry nothing
+    Z[y == 1, 0] += 2.0
+    assert persons.loo_auc(Z, y) > 0.85               # one feature tells them apart
+
+
+def test_one_persons_phone_and_laptop_are_one_group_two_persons_phones_are_two():
+    rng = np.random.default_rng(4)
+    parts = [(*persona_sessions(rng, 50, 60, 21, "mobile", {"drama": 2, "crime": 1}), "phone-a", 0),
+             (*persona_sessions(rng, 40, 60, 21, "desktop", {"drama": 2, "crime": 1}), "laptop-a", 0),
+             (*persona_sessions(rng, 50, 60, 8, "mobile", {"kids": 2, "animation": 1}, kids=0.9), "phone-b", 1),
+             (*persona_sessions(rng, 3, 60, 8, "tablet", {"kids": 1}, kids=1.0), "rare-tablet", 1),
+             (*persona_sessions(rng, 30, 60, 20, "tv", {"drama": 1}), "tv", 0)]
+    _, X, dev, person = household(parts)
+    groups = persons.personal_device_groups(X, _slots(dev))
+    assert groups.max() + 1 == 2
+    for name in ("phone-a", "laptop-a"):
+        assert set(groups[dev == name]) == set(groups[dev == "phone-a"])
+    assert set(groups[dev == "phone-b"]).isdisjoint(set(groups[dev == "phone-a"]))
+    # no identity: the TV (a shared type) and a personal device with too few sessions
+    assert (groups[dev == "tv"] == -1).all() and (groups[dev == "rare-tablet"] == -1).all()
+
+
+def test_single_person_with_phone_laptop_and_tv_stays_single():
+    """One person on three devices with the same habits: one person, in batch and in a
+    time-ordered stream (their phone and laptop are merged, the TV follows them)."""
+    rng = np.random.default_rng(21)
+    parts = [(*persona_sessions(rng, 70, 90, 21, "mobile", {"drama": 2, "crime": 1}), "phone", 0),
+             (*persona_sessions(rng, 50, 90, 21, "desktop", {"drama": 2, "crime": 1}), "laptop", 0),
+             (*persona_sessions(rng, 60, 90, 21, "tv", {"drama": 2, "crime": 1}), "tv", 0)]
+    _, X, dev, _ = household(parts)
+    assert HouseholdModel().fit(X, device_ids=dev).n_persons == 1
+    m = HouseholdModel()
+    for a in range(0, X.shape[0], 5):
+        m.update(X[a:a + 5], device_ids=dev[a:a + 5])
+    assert m.n_persons == 1
+
+
+def test_tv_only_member_is_born_beside_the_phone_owners():
+    """Two phone owners who also use the TV, and a child who only ever uses the TV in
+    the morning with kids' titles: three persons, the child's sessions their own."""
+    rng = np.random.default_rng(8)
+    parts = [(*persona_sessions(rng, 60, 60, 21, "mobile", {"drama": 2, "crime": 1}), "phone-a", 0),
+             (*persona_sessions(rng, 20, 60, 21, "tv", {"drama": 2, "crime": 1}), "tv", 0),
+             (*persona_sessions(rng, 60, 60, 23, "mobile", {"horror": 2, "scifi": 1}), "phone-b", 1),
+             (*persona_sessions(rng, 20, 60, 23, "tv", {"horror": 2, "scifi": 1}), "tv", 1),
+             (*persona_sessions(rng, 50, 60, 8, "tv", {"kids": 2, "animation": 1}, kids=0.95), "tv", 2)]
+    _, X, dev, person = household(parts)
+    m = HouseholdModel().fit(X, device_ids=dev)
+    pred = np.array(m.assign_batch(X, device_ids=dev).person())
+    assert m.n_persons == 3
+    child = pred[person == 2]
+    values, counts = np.unique(child, return_counts=True)
+    top = values[counts.argmax()]
+    assert counts.max() / child.size > 0.9
+    assert top not in set(pred[dev == "phone-a"]) | set(pred[dev == "phone-b"])
+
+
+def test_a_member_with_a_new_phone_is_found_in_the_stream_and_keeps_the_old_ids():
+    """Sessions five at a time; a second person starts on their own phone after 45
+    days. A person is added within 30 sessions (a join event), the first person's id
+    does not change."""
+    rng = np.random.default_rng(12)
+    parts = [(*persona_sessions(rng, 120, 90, 20, "mobile", {"comedy": 2, "drama": 1}), "phone-a", 0),
+             (*persona_sessions(rng, 60, 45, 22, "mobile", {"comedy": 1, "drama": 2}, start_day=45),
+              "phone-b", 1)]
+    _, X, dev, person = household(parts)
+    first_new = int(np.flatnonzero(person == 1)[0])
+    m = HouseholdModel()
+    ids, found_at = [], None
+    for a in range(0, X.shape[0], 5):
+        before = len(m.composition_events)
+        m.update(X[a:a + 5], device_ids=dev[a:a + 5])
+        if found_at is None and any(e["kind"] == "join" for e in m.composition_events[before:]):
+            found_at = a + 5
+        ids += m.assign_batch(X[a:a + 5], device_ids=dev[a:a + 5]).person()
+    ids = np.array(ids)
+    assert found_at is not None and first_new <= found_at <= first_new + 30
+    assert set(ids[person == 0]) == {"p1"}
+    late = np.arange(len(ids)) >= found_at + 5
+    assert set(ids[late & (person == 1)]) == {"p2"}
+    restored = HouseholdModel.from_bytes(m.to_bytes())
+    assert restored.device_group_count == m.device_group_count == 2
