@@ -44,6 +44,9 @@ class GatewaySettings(HearthSettings):
     # One JSON line per request (logger hearth.access): method, route template (never the
     # raw path: it holds account ids), status, duration, trace id.
     access_log: bool = True
+    # Serve /v1/edge/authorize/... for the Envoy edge's ext_authz (gateway/routes/edge.py):
+    # it hands out the caller's signed mesh metadata, so it is off unless Envoy runs.
+    edge_authorizer: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     trace_export: str = "none"
     # Where the audit outbox lives (audit records wait there while privacy is unreachable).

@@ -1,6 +1,6 @@
 """Real backing servers for the tests: a throwaway PostgreSQL cluster and redis-server,
-started once per test session on free ports. A missing binary FAILS the tests that need
-it (never skips): CI must not pass while a backend goes untested."""
+started once per test session on free ports (tests/helpers/servers.py). A missing binary
+FAILS the tests that need it (never skips): CI must not pass while a backend goes untested."""
 
 from __future__ import annotations
 
@@ -12,23 +12,17 @@ import grpc
 import pytest
 
 from services.common.identity import Principal, Role
-from services.testing.servers import MissingServer, PostgresServer, RedisServer
+from tests.helpers.servers import running_postgres, running_redis
 
 ADMIN = Principal("test-admin", Role.ADMIN)
 
 
 @pytest.fixture(scope="session")
 def postgres_server():
-    """The session's PostgreSQL cluster (services/testing/servers.py): tied to this
-    process, so the kernel kills the postmaster if pytest dies (its backends then exit
-    on postmaster death) and a crashed run leaves no server behind. ``.data`` is its data
-    directory, ``.dsn`` how to reach it."""
-    try:
-        server = PostgresServer(durable=False).init().start()
-    except MissingServer as exc:
-        pytest.fail(f"{exc} — the PostgreSQL storage tests cannot be skipped")
-    yield server
-    server.remove()
+    """The session's PostgreSQL cluster (``.dsn``, ``.data_dir``), tied to this process:
+    the kernel kills the postmaster if pytest dies, so a crashed run leaves no server."""
+    with running_postgres() as pg:
+        yield pg
 
 
 @pytest.fixture(scope="session")
@@ -38,12 +32,8 @@ def postgres_dsn(postgres_server):
 
 @pytest.fixture(scope="session")
 def redis_url():
-    try:
-        server = RedisServer().start()
-    except MissingServer as exc:
-        pytest.fail(f"{exc} — the Redis tests cannot be skipped")
-    yield server.url
-    server.stop()
+    with running_redis() as server:
+        yield server.url
 
 
 _schema_counter = 0

@@ -148,6 +148,10 @@ class ServiceSettings(HearthSettings):
     # How long clustering applies a calibrator fetched from feedback before asking again
     # (the assign path never waits for feedback; a recalibration shows within this).
     calibrator_cache_s: float = 60.0
+    # Genre vocabulary: aliases "name=genre,..." onto the feature genres (docs/features.md);
+    # a name outside it is counted in "other" and reported ("other"), or refused ("reject").
+    genre_aliases: str = ""
+    unknown_genres: Literal["other", "reject"] = "other"
     # Fault injection for `make verify` (never set in production): households whose id
     # starts with this prefix get a GMM fit that fails numerically (k-means fallback).
     fault_gmm_numerical: str = ""

@@ -61,7 +61,7 @@ class PostgresServer:
             raise MissingServer("PostgreSQL binaries (initdb, postgres) not found: install postgresql "
                                 "(scripts/provision.sh does)")
         self.base = Path(base) if base is not None else Path(tempfile.mkdtemp(prefix="hearth-pg-"))
-        self.data = self.base / "data"
+        self.data_dir = self.base / "data"
         self.durable = durable
         self.settings = {"max_connections": str(max_connections),
                          **({} if durable else {"fsync": "off", "full_page_writes": "off"}), **(settings or {})}
@@ -76,7 +76,7 @@ class PostgresServer:
         self.base.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             shutil.chown(self.base, "postgres", "postgres")
-        run = subprocess.run([self.initdb, "-D", str(self.data), "-A", "trust", "-U", "hearth", "-E", "UTF8",
+        run = subprocess.run([self.initdb, "-D", str(self.data_dir), "-A", "trust", "-U", "hearth", "-E", "UTF8",
                               *([] if self.durable else ["--no-sync"])],
                              capture_output=True, text=True, cwd=self.base, **postgres_user())
         if run.returncode != 0:   # e.g. as root: a parent directory the postgres user cannot enter
@@ -89,7 +89,7 @@ class PostgresServer:
         import psycopg
 
         options = [arg for name, value in self.settings.items() for arg in ("-c", f"{name}={value}")]
-        self.proc = spawn_tied([self.postgres, "-D", str(self.data), "-p", str(self.port), "-h", "127.0.0.1",
+        self.proc = spawn_tied([self.postgres, "-D", str(self.data_dir), "-p", str(self.port), "-h", "127.0.0.1",
                                 "-k", str(self.base), *options],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.base,
                                **postgres_user())
@@ -101,7 +101,7 @@ class PostgresServer:
             except psycopg.OperationalError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"PostgreSQL did not start in {timeout_s:g} s (data: {self.data})") from None
+                    raise RuntimeError(f"PostgreSQL did not start in {timeout_s:g} s (data: {self.data_dir})") from None
                 time.sleep(0.1)
 
     def stop(self, fast: bool = True) -> None:
@@ -121,9 +121,12 @@ class PostgresServer:
 
 
 class RedisServer:
-    """redis-server on a free port, without persistence (a cache: restarted empty)."""
+    """redis-server on a free port, without persistence (a cache: restarted empty); with
+    ``snapshot_dir`` it writes ``dump.rdb`` there on ``SAVE``, uncompressed (so a raw scan
+    of the file sees every string it holds)."""
 
-    def __init__(self) -> None:
+    def __init__(self, snapshot_dir: Path | None = None) -> None:
+        self.dir = snapshot_dir
         self.binary = shutil.which("redis-server")
         if not self.binary:
             raise MissingServer("redis-server not found: install it (apt-get install redis-server; "
@@ -138,16 +141,20 @@ class RedisServer:
     def start(self, timeout_s: float = 30.0) -> "RedisServer":
         import redis
 
-        self.proc = spawn_tied([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        if self.dir is not None:
+            args += ["--dir", str(self.dir), "--dbfilename", "dump.rdb", "--rdbcompression", "no"]
+        self.proc = spawn_tied(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port)
         deadline = time.monotonic() + timeout_s
         while True:
             try:
                 client.ping()
+                client.close()
                 return self
             except redis.ConnectionError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
+                    client.close()
                     self.kill()
                     raise RuntimeError(f"redis-server did not start in {timeout_s:g} s") from None
                 time.sleep(0.05)
