@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from hearth.privacy.v1 import privacy_pb2_grpc as pb_grpc
 from services.common.server import run_service
-from services.common.storage.cache import open_cache
+from services.common.storage.cache import erase_prefix, open_cache
 from services.common.storage.sql import open_database
 from services.privacy.consent.app import ConsentApp
 from services.privacy.audit.app import build_audit
@@ -58,8 +58,7 @@ def build_deletion(settings, db, store):
                             settings.deletion_max_attempts),
         lease_s=settings.deletion_lease_s, poll_s=settings.deletion_poll_s,
         retention_days=settings.retention_days, retention_check_s=settings.retention_check_s,
-        on_local_erase=lambda scope: store.cache.delete_prefix(
-            "" if scope.all_accounts else f"{scope.account_id}:", strict=True))
+        on_local_erase=lambda scope: erase_prefix(store.cache, "" if scope.all_accounts else f"{scope.account_id}:"))
     return deletion, keys, peers
 
 

@@ -534,7 +534,7 @@ def test_object_names_fit_a_dns_label_even_for_a_long_release_name(helm, helm_en
 def test_backup_cronjob_snapshots_postgres_into_the_claim(render):
     assert not by_kind(render(), "CronJob")
     objects = render(values_files=(PRODUCTION_VALUES,))
-    (cron,) = by_kind(objects, "CronJob").values()
+    cron = by_kind(objects, "CronJob")["hearth-backup"]
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
     pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]
@@ -565,7 +565,7 @@ def test_each_component_runs_under_its_own_service_account_without_a_token(rende
         assert accounts[component_name(component)]["automountServiceAccountToken"] is False
         names.add(pod["serviceAccountName"])
     assert len(names) == len(COMPONENTS)
-    (cron,) = by_kind(objects, "CronJob").values()
+    cron = by_kind(objects, "CronJob")["hearth-backup"]
     assert cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["serviceAccountName"] in accounts
 
 
