@@ -7,7 +7,7 @@ PROTOS := $(shell find protos -name '*.proto')
 
 .DEFAULT_GOAL := help
 .PHONY: help run test protos venv test-unit test-contract test-integration test-e2e lint \
-        provision bench-accuracy bench-assign bench-attribution bench-privacy bench-feedback verify clean check-protos
+        provision bench-accuracy bench-assign bench-attribution bench-privacy bench-pg-purge bench-feedback verify clean check-protos
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -52,6 +52,9 @@ bench-attribution: hearth/__init__.py ## exact Markov/Shapley vs ChannelAttribut
 
 bench-privacy: hearth/__init__.py ## deletion latency per scope and audit throughput (JSON)
 	$(PY) -m bench.privacy
+
+bench-pg-purge: hearth/__init__.py ## cost of PostgreSQL's physical purge after an erasure vs plain VACUUM (JSON)
+	$(PY) -m bench.pg_purge
 
 bench-feedback: hearth/__init__.py ## calibration before/after recalibration (JSON)
 	OMP_NUM_THREADS=1 $(PY) -m bench.feedback

@@ -25,6 +25,7 @@ from gateway.ratelimit import install_request_limits
 from gateway.routes import attribution as attribution_routes
 from gateway.routes import audit as audit_routes
 from gateway.routes import clustering as clustering_routes
+from gateway.routes import edge as edge_routes
 from gateway.routes import feedback as feedback_routes
 from gateway.routes import privacy as privacy_routes
 from services.common import audit, identity, telemetry
@@ -198,6 +199,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         router = module.router(clients, access)
         routes_by_service.setdefault(service, []).extend(router.routes)
         app.include_router(router)
+    if settings.edge_authorizer:
+        app.include_router(edge_routes.router(authenticator, limiter))
     app.add_middleware(ObserveMiddleware, tracer=tracer, max_body_bytes=settings.max_body_bytes,
                        access_log=settings.access_log)
     if settings.admission_enabled:

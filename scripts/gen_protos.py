@@ -4,6 +4,11 @@ The one code generator of the project (`make protos`). Generated code is NOT com
 every build path (make run, make test, CI) runs this first, so the code can never drift
 from the contracts. Output is the package `hearth` at the repository root whose layout
 mirrors the proto packages (hearth.clustering.v1 -> hearth/clustering/v1/).
+
+It also writes ``hearth/descriptors.pb``: a FileDescriptorSet of every Hearth proto with
+its imports (google/api/annotations.proto, the well-known types) and source info. The
+Envoy edge's gRPC-JSON transcoder reads it to map the ``google.api.http`` annotations
+to gRPC calls (docs/deploy.md, "Envoy edge"); the image ships it inside the package.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parents[1]
 PROTO_ROOT = ROOT / "protos"
 OUT = ROOT / "hearth"
+DESCRIPTOR_SET = "descriptors.pb"
 
 
 def main() -> int:
@@ -29,10 +35,19 @@ def main() -> int:
         shutil.rmtree(OUT)
     OUT.mkdir()
     well_known = Path(grpc_tools.__file__).parent / "_proto"
+    # google/api/{annotations,http}.proto ship with googleapis-common-protos (a pinned
+    # dependency; its generated *_pb2 modules are what the generated code imports).
+    import google.api.annotations_pb2 as annotations
+
+    googleapis = Path(annotations.__file__).resolve().parents[2]
     args = [
         "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
         f"-I{well_known}",
+        f"-I{googleapis}",
+        f"--descriptor_set_out={OUT / DESCRIPTOR_SET}",
+        "--include_imports",
+        "--include_source_info",
         f"--python_out={ROOT}",
         f"--pyi_out={ROOT}",
         f"--grpc_python_out={ROOT}",

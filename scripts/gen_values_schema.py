@@ -28,7 +28,7 @@ FREE_FORM = {
     "config.extra", "tracing.resourceAttributes", "serviceAccount.annotations", "podLabels", "podAnnotations",
     "nodeSelector", "affinity", "podSecurityContext", "containerSecurityContext", "serviceMonitor.labels",
     "prometheusRule.labels", "dashboards.labels", "dashboards.annotations", "ingress.annotations",
-    "gateway.service.annotations", "gateway.probes.startup", "gateway.probes.readiness", "gateway.probes.liveness",
+    "gateway.service.annotations", "edge.service.annotations", "gateway.probes.startup", "gateway.probes.readiness", "gateway.probes.liveness",
     "grpcProbes.startup", "grpcProbes.readiness", "grpcProbes.liveness", "backup.resources",
     "networkPolicy.peers",
 }

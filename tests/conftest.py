@@ -1,111 +1,39 @@
 """Real backing servers for the tests: a throwaway PostgreSQL cluster and redis-server,
-started once per test session on free ports. A missing binary FAILS the tests that need
-it (never skips): CI must not pass while a backend goes untested."""
+started once per test session on free ports (tests/helpers/servers.py). A missing binary
+FAILS the tests that need it (never skips): CI must not pass while a backend goes untested."""
 
 from __future__ import annotations
 
 import importlib
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import grpc
 import pytest
 
-from services.common.child_process import spawn_tied, stop_group
 from services.common.identity import Principal, Role
+from tests.helpers.servers import running_postgres, running_redis
 
 ADMIN = Principal("test-admin", Role.ADMIN)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _find_pg_bin(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    for candidate in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True):
-        return str(candidate)
-    return None
-
-
-def _postgres_user() -> dict:
-    # initdb and postgres refuse to run as root; CI runs as root (scripts/provision.sh
-    # creates the user).
-    return {"user": "postgres", "group": "postgres", "extra_groups": []} if os.geteuid() == 0 else {}
+@pytest.fixture(scope="session")
+def postgres_server():
+    """The session's PostgreSQL cluster (``.dsn``, ``.data_dir``), tied to this process:
+    the kernel kills the postmaster if pytest dies, so a crashed run leaves no server."""
+    with running_postgres() as pg:
+        yield pg
 
 
 @pytest.fixture(scope="session")
-def postgres_dsn():
-    initdb, postgres = _find_pg_bin("initdb"), _find_pg_bin("postgres")
-    if not initdb or not postgres:
-        pytest.fail("PostgreSQL binaries (initdb, postgres) not found: install postgresql "
-                    "(scripts/provision.sh does) — the PostgreSQL storage tests cannot be skipped")
-    base = Path(tempfile.mkdtemp(prefix="hearth-pg-"))
-    data = base / "data"
-    if os.geteuid() == 0:
-        shutil.chown(base, "postgres", "postgres")
-    as_user = _postgres_user()
-    subprocess.run([initdb, "-D", str(data), "-A", "trust", "-U", "hearth", "--no-sync", "-E", "UTF8"],
-                   check=True, capture_output=True, cwd=base, **as_user)
-    port = _free_port()
-    # Tied to this process: the kernel kills the postmaster if pytest dies (its backends
-    # then exit on postmaster death), so a crashed run leaves no server behind.
-    proc = spawn_tied(
-        [postgres, "-D", str(data), "-p", str(port), "-h", "127.0.0.1", "-k", str(base),
-         "-c", "fsync=off", "-c", "full_page_writes=off", "-c", "max_connections=200"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=base, **as_user)
-    dsn = f"postgresql://hearth@127.0.0.1:{port}/postgres"
-    import psycopg
-
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            psycopg.connect(dsn, connect_timeout=1).close()
-            break
-        except psycopg.OperationalError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("PostgreSQL did not start")
-            time.sleep(0.1)
-    yield dsn
-    stop_group(proc, sig=signal.SIGINT)  # PostgreSQL's fast shutdown
-    shutil.rmtree(base, ignore_errors=True)
+def postgres_dsn(postgres_server):
+    return postgres_server.dsn
 
 
 @pytest.fixture(scope="session")
 def redis_url():
-    binary = shutil.which("redis-server")
-    if not binary:
-        pytest.fail("redis-server not found: install it (apt-get install redis-server; scripts/provision.sh does) "
-                    "— the Redis tests cannot be skipped")
-    port = _free_port()
-    proc = spawn_tied([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                       "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import redis
-
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("redis-server did not start")
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    stop_group(proc)
+    with running_redis() as server:
+        yield server.url
 
 
 _schema_counter = 0
@@ -151,7 +79,8 @@ def start_service(tmp_path):
         from services.common import config
         from services.common.server import build_server
 
-        settings = config.load(service_name=name, data_dir=tmp_path / name, **overrides)
+        settings = config.load(config.service_settings_class(name), service_name=name, data_dir=tmp_path / name,
+                               **overrides)
         module = importlib.import_module(f"services.{name}.__main__")
         servicers, closers = module.build(settings)
 

@@ -75,7 +75,8 @@ def _household_to_json(r: cpb.GetHouseholdResponse) -> models.HouseholdOut:
             model_version=r.status.model_version, sessions_in_model=r.status.sessions_in_model,
             sessions_pending=r.status.sessions_pending,
             last_refit=dt(r.status.last_refit) if r.status.HasField("last_refit") else None,
-            persons=r.status.persons, settled=r.status.settled))
+            persons=r.status.persons, settled=r.status.settled,
+            unknown_genres={g.genre: g.events for g in r.status.unknown_genres}))
 
 
 class AssignIn(models.Strict):

@@ -9,7 +9,11 @@ from services.attribution.migrations import MIGRATIONS
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.field_crypto import FieldCipher
 from services.common.storage.cache import Cache, MemoryCache
-from services.common.storage.sql import Database, migrate
+from services.common.storage.sql import Database, migrate, record_erasure
+
+# Every table an erasure deletes from (purged physically after it: Database.purge_erased;
+# kept out of PostgreSQL's planner statistics: migrate(personal_tables=...)).
+_ERASED_TABLES = ("touchpoints", "conversions")
 
 
 class AttributionStore:
@@ -26,7 +30,7 @@ class AttributionStore:
         return self.cipher.decrypt_text(account_id, "campaign", stored) if self.cipher else stored
 
     def migrate(self) -> list[int]:
-        return migrate(self.db, MIGRATIONS)
+        return migrate(self.db, MIGRATIONS, personal_tables=_ERASED_TABLES)
 
     def record_touchpoints(self, items: Sequence[Touchpoint]) -> tuple[int, int]:
         """Store new touchpoints; returns (accepted, duplicates). Idempotent by id."""
@@ -117,7 +121,9 @@ class AttributionStore:
                 cvs = [r[0] for r in tx.query(f"SELECT conversion_id FROM conversions WHERE {cv_where}", cv_params)]
                 tx.execute(f"DELETE FROM conversions WHERE {cv_where}", cv_params)
                 outcome.add("conversions", cvs)
-        outcome.purges.append(self.db.purge_erased(("touchpoints", "conversions")))
+            if not outcome.empty:
+                record_erasure(tx)
+        outcome.purges.append(self.db.purge_erased(_ERASED_TABLES))
         self.cache.delete_prefix(cached)
         if self.cipher is not None and scope.kind == "household":
             self.cipher.forget(account)  # its data key is being destroyed (crypto-shredding)

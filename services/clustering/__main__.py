@@ -8,15 +8,18 @@ import time
 
 from hearth.clustering.v1 import clustering_pb2_grpc as pb_grpc
 from services.clustering.app import ClusteringApp
+from services.clustering.domain.features import GenreVocabulary
 from services.clustering.modeling import ModelKeeper
 from services.clustering.peers import FeedbackPeer
 from services.clustering.prediction_log import PredictionLog
 from services.clustering.servicer import SERVICE_NAME, ClusteringServicer
 from services.clustering.store import ClusteringStore
+from services.common.config import ConfigError
 from services.common.consent import ConsentChecker
 from services.common.erasure import data_holder
 from services.common.field_crypto import FieldCipher
 from services.common.server import run_service
+from services.clustering.settings import ClusteringSettings, clustering_settings
 from services.common.storage.cache import open_cache
 from services.common.storage.sql import open_database
 
@@ -62,13 +65,19 @@ class _Stopped(Exception):
 
 
 def build(settings):
+    settings = clustering_settings(settings)
     db = open_database(settings, NAME)
     # Sensitive fields encrypted with the household's data key from privacy (GetDataKey);
     # consent checked with privacy's GetConsent (cached a few seconds).
     cipher = FieldCipher.remote(settings.privacy_addr, NAME, timeout_s=settings.peer_timeout_s)
     consent = ConsentChecker.remote(settings.privacy_addr, NAME, timeout_s=settings.peer_timeout_s)
+    try:
+        vocabulary = GenreVocabulary.parse(settings.genre_aliases)
+    except ValueError as exc:
+        raise ConfigError(f"invalid configuration:\n  HEARTH_GENRE_ALIASES: {exc}") from None
     store = ClusteringStore(db, open_cache(settings, NAME), gap_s=settings.session_gap_s,
-                            lateness_tolerance_s=settings.lateness_tolerance_s, cipher=cipher)
+                            lateness_tolerance_s=settings.lateness_tolerance_s, cipher=cipher,
+                            vocabulary=vocabulary)
     store.migrate()
     feedback = FeedbackPeer(settings.feedback_addr, timeout_s=settings.peer_timeout_s,
                             calibrator_cache_s=settings.calibrator_cache_s)
@@ -76,7 +85,7 @@ def build(settings):
     keeper = ModelKeeper(store, feedback.variant_of, cold_start=settings.cold_start,
                          gmm_fault_prefix=settings.fault_gmm_numerical)
     app = ClusteringApp(store, consent, keeper=keeper, predictions=predictions,
-                        calibrator_of=feedback.calibrator)
+                        calibrator_of=feedback.calibrator, unknown_genres=settings.unknown_genres)
     stop = threading.Event()
     if settings.cold_start == "population_prior":
         threading.Thread(target=_keep_population_prior_fresh, name="population-prior", daemon=True,
@@ -84,8 +93,8 @@ def build(settings):
     servicer = ClusteringServicer(app)
     return ([(pb_grpc.add_ClusteringServiceServicer_to_server, servicer, SERVICE_NAME),
              data_holder(NAME, app)],
-            [stop.set, app.close, consent.close, cipher.close, db.close])
+            [stop.set, app.close, feedback.close, consent.close, cipher.close, db.close])
 
 
 if __name__ == "__main__":
-    run_service(NAME, build)
+    run_service(NAME, build, ClusteringSettings)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+from prometheus_client import Counter
 
 from services.clustering.domain import features as F
 from services.clustering.domain.events import ViewingEvent
@@ -32,6 +33,10 @@ from services.common.calibration import IDENTITY, Calibrator
 
 log = logging.getLogger("hearth.clustering.app")
 MAX_LABELS = 10_000
+# No label per genre name: callers choose the names, so a label would be unbounded.
+UNKNOWN_GENRE_EVENTS = Counter("hearth_unknown_genre_events_total",
+                               "Events received carrying a genre name outside the genre vocabulary")
+UNKNOWN_GENRE_POLICIES = ("other", "reject")
 
 
 @dataclass
@@ -46,6 +51,8 @@ class HouseholdExtras:
     last_refit: float = 0.0
     n_persons: int = 0
     next_page_token: str = ""
+    # genre names outside the vocabulary in the household's sessions -> events
+    unknown_genres: dict[str, int] = field(default_factory=dict)
 
 
 def encode_page_token(cursor: tuple[float, str] | None) -> str:
@@ -84,8 +91,13 @@ class AssignmentOut:
 class ClusteringApp:
     def __init__(self, store: ClusteringStore, consent: ConsentChecker | None = None, *,
                  keeper: ModelKeeper | None = None, predictions: PredictionLog | None = None,
-                 calibrator_of=None, background: bool = True) -> None:
+                 calibrator_of=None, background: bool = True, unknown_genres: str = "other") -> None:
+        if unknown_genres not in UNKNOWN_GENRE_POLICIES:
+            raise ValueError(f"unknown_genres must be one of {UNKNOWN_GENRE_POLICIES}, got {unknown_genres!r}")
         self.store = store
+        # A genre name outside the vocabulary: "other" = counted in the "other" slot and
+        # reported (metric, model status); "reject" = the ingest is refused naming it.
+        self.unknown_genres = unknown_genres
         # Consent (privacy service); None = not enforced (unit tests).
         self.consent = consent
         self.keeper = keeper or ModelKeeper(store, lambda _account: "gmm")
@@ -108,6 +120,12 @@ class ClusteringApp:
 
     def ingest(self, events: list[ViewingEvent]) -> IngestResult:
         self.require_processing(e.account_id for e in events)
+        unknown = [(i, names) for i, e in enumerate(events) if (names := self.store.vocabulary.unknown(e.genres))]
+        if unknown and self.unknown_genres == "reject":
+            i, names = unknown[0]
+            raise InvalidArgument(f"genre {names[0]!r} is not in the genre vocabulary "
+                                  "(HEARTH_GENRE_ALIASES maps a name to a feature genre)", f"events[{i}].genres")
+        UNKNOWN_GENRE_EVENTS.inc(len(unknown))
         result = self.store.ingest(events)
         if result.sessions_touched:
             for account in {e.account_id for e in events}:
@@ -282,6 +300,7 @@ class ClusteringApp:
                                  next_page_token=encode_page_token(view.next_cursor))
         closed = self.store.closed_session_count(account_id)
         extras.sessions_pending = closed
+        extras.unknown_genres = self.store.unknown_genres(account_id)
         if envelope is not None:
             extras.persons = envelope.model.profiles()
             extras.model_variant = envelope.model.active_variant
@@ -382,5 +401,5 @@ class ClusteringApp:
         if scope.kind != "household":
             # The refit replaced the model blob that was fitted on the erased sessions:
             # purge again so its old bytes leave the WAL / dead tuples too.
-            outcome.purges[-1:] = [self.store.purge_erased()]
+            outcome.purges[-1:] = [self.store.purge_erased(model_replaced=not outcome.empty)]
         return outcome

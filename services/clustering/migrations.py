@@ -115,4 +115,10 @@ DROP TABLE events;
 ALTER TABLE events_v5 RENAME TO events;
 CREATE INDEX IF NOT EXISTS events_device_ts ON events (account_id, device_id, ts)
 """),
+    # Genre names outside the vocabulary, per session (sealed JSON [[name, events], ...];
+    # NULL when none): the model status reports them per household, and an erasure of
+    # the session's events takes them too.
+    Migration(6, "unknown genres per session", """
+ALTER TABLE sessions ADD COLUMN unknown_genres TEXT
+"""),
 ]

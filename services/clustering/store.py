@@ -20,18 +20,20 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from services.clustering.domain.events import ViewingEvent
+from services.clustering.domain.features import DEFAULT_VOCABULARY, GenreVocabulary
 from services.clustering.domain.sessions import Session, build_sessions
 from services.clustering.migrations import MIGRATIONS
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import Conflict, NotFound
 from services.common.field_crypto import FieldCipher
 from services.common.storage.cache import Cache, MemoryCache
-from services.common.storage.sql import Database, Tx, migrate
+from services.common.storage.sql import Database, Tx, migrate, record_erasure
 
 _EVENT_COLUMNS = ("event_id, account_id, device_id, device_type, ts, kind, title_id, series_id, "
                   "genres, duration_s, maturity, country, vpn, profile_hint")
 MODEL_CACHE_TTL_S = 3600.0
-# Every table an erasure deletes from (purged physically after it: Database.purge_erased).
+# Every table an erasure deletes from (purged physically after it: Database.purge_erased;
+# kept out of PostgreSQL's planner statistics: migrate(personal_tables=...)).
 _ERASED_TABLES = ("events", "sessions", "devices", "household_models", "drift_events",
                   "prediction_outbox", "session_labels")
 
@@ -118,8 +120,10 @@ def _event_from_row(r: Sequence) -> ViewingEvent:
 
 class ClusteringStore:
     def __init__(self, db: Database, cache: Cache | None = None, *, gap_s: float = 1800.0,
-                 lateness_tolerance_s: float = 6 * 3600.0, cipher: FieldCipher | None = None) -> None:
+                 lateness_tolerance_s: float = 6 * 3600.0, cipher: FieldCipher | None = None,
+                 vocabulary: GenreVocabulary | None = None) -> None:
         self.db = db
+        self.vocabulary = vocabulary or DEFAULT_VOCABULARY
         self.cache = cache or MemoryCache("clustering")
         self.gap_s = gap_s
         self.tolerance_s = lateness_tolerance_s
@@ -167,7 +171,7 @@ class ClusteringStore:
                                 open_(a, "profile_hint", r[13])))
 
     def migrate(self) -> list[int]:
-        return migrate(self.db, MIGRATIONS)
+        return migrate(self.db, MIGRATIONS, personal_tables=_ERASED_TABLES)
 
     # ---- ingest ---------------------------------------------------------------------
 
@@ -243,21 +247,35 @@ class ClusteringStore:
         persons = {r[0]: r[2] for r in affected}
         rows = tx.query(f"SELECT {_EVENT_COLUMNS} FROM events WHERE account_id = ? AND device_id = ? "
                         "AND ts >= ? ORDER BY ts, event_id", (account, device, since))
-        sessions = build_sessions([self._event_from_row(r) for r in rows], self.gap_s)
+        sessions = build_sessions([self._event_from_row(r) for r in rows], self.gap_s, self.vocabulary)
         if affected:
             tx.execute("DELETE FROM sessions WHERE account_id = ? AND device_id = ? AND end_ts >= ?",
                        (account, device, earliest_new_ts - self.gap_s))
         tx.executemany(
             "INSERT INTO sessions (session_id, account_id, device_id, device_type, start_ts, end_ts, "
-            "event_count, watch_seconds, feature_version, features, label, person_id) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "event_count, watch_seconds, feature_version, features, label, person_id, unknown_genres) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [(s.session_id, s.account_id, s.device_id, s.device_type, s.start_ts, s.end_ts,
               len(s.event_ids), s.watch_seconds, s.feature_version,
               self._seal(s.account_id, "features", s.features.astype("<f4").tobytes()),
-              self._seal_text(s.account_id, "label", s.label), persons.get(s.session_id)) for s in sessions])
+              self._seal_text(s.account_id, "label", s.label), persons.get(s.session_id),
+              self._seal_text(s.account_id, "unknown_genres", json.dumps(s.unknown_genres))
+              if s.unknown_genres else None) for s in sessions])
         return len(sessions)
 
     # ---- reads ----------------------------------------------------------------------
+
+    def unknown_genres(self, account_id: str) -> dict[str, int]:
+        """Genre names outside the vocabulary in the household's stored sessions, with
+        how many events carry each."""
+        with self.db.transaction(readonly=True) as tx:
+            rows = tx.query("SELECT unknown_genres FROM sessions WHERE account_id = ? "
+                            "AND unknown_genres IS NOT NULL", (account_id,))
+        counts: dict[str, int] = defaultdict(int)
+        for (sealed,) in rows:
+            for name, events in json.loads(self._open_text(account_id, "unknown_genres", sealed) or "[]"):
+                counts[name] += int(events)
+        return dict(sorted(counts.items()))
 
     def household(self, account_id: str, max_sessions: int = 500, now: float | None = None,
                   cursor: tuple[float, str] | None = None) -> HouseholdView:
@@ -567,6 +585,8 @@ class ClusteringStore:
                             if r[0] in sessions]
             tx.executemany("DELETE FROM session_labels WHERE session_id = ?", [(x,) for x in labelled])
             out.add("session_labels", labelled)
+            if not out.empty:
+                record_erasure(tx)
         out.purges.append(self.purge_erased())
         self._drop_cached_models(scope)
         if self.cipher is not None and scope.kind == "household":
@@ -579,9 +599,13 @@ class ClusteringStore:
         else:
             self.cache.delete(f"model:{scope.account_id}", strict=strict)
 
-    def purge_erased(self) -> dict:
+    def purge_erased(self, model_replaced: bool = False) -> dict:
         """Make what erasures deleted physically unreadable (Database.purge_erased); the
-        app calls it again after the unlearning refit rewrote the household model."""
+        app calls it again (``model_replaced``) after the unlearning refit rewrote the
+        household model, whose old row still holds what the erased sessions taught it."""
+        if model_replaced:
+            with self.db.transaction() as tx:
+                record_erasure(tx)
         return self.db.purge_erased(_ERASED_TABLES)
 
     def export_account(self, account_id: str) -> dict:

@@ -15,8 +15,12 @@ from dataclasses import dataclass
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import AlreadyExists, NotFound
 from services.common.storage.cache import Cache, MemoryCache
-from services.common.storage.sql import Database, Tx, migrate
+from services.common.storage.sql import Database, Tx, migrate, record_erasure
 from services.feedback.migrations import MIGRATIONS
+
+# Every table an erasure deletes from (purged physically after it: Database.purge_erased;
+# kept out of PostgreSQL's planner statistics: migrate(personal_tables=...)).
+_ERASED_TABLES = ("predictions", "feedback", "triggers")
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,7 @@ class FeedbackStore:
         self.cache = cache or MemoryCache("feedback")
 
     def migrate(self) -> list[int]:
-        return migrate(self.db, MIGRATIONS)
+        return migrate(self.db, MIGRATIONS, personal_tables=_ERASED_TABLES)
 
     # ------------------------------------------------------------------ predictions
 
@@ -376,7 +380,9 @@ class FeedbackStore:
                 outcome.add("triggers", trigger_ids)
             else:
                 self._erase_part(tx, scope, outcome)
-        outcome.purges.append(self.db.purge_erased(("predictions", "feedback", "triggers")))
+            if not outcome.empty:
+                record_erasure(tx)
+        outcome.purges.append(self.db.purge_erased(_ERASED_TABLES))
         return outcome
 
     @staticmethod

@@ -14,6 +14,7 @@ import functools
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -126,3 +127,32 @@ def by_kind(objects: list[dict], kind: str) -> dict[str, dict]:
 
 def component_name(component: str) -> str:
     return f"{RELEASE}-{component}"
+
+
+# Envoy's API types for the edge test (envoy.config.bootstrap.v3.Bootstrap ...). The
+# xds-protos wheel also ships its own copies of opentelemetry-proto and
+# googleapis-common-protos modules, which would overwrite the ones the services import
+# (the OTLP exporter breaks), so it never goes into the venv: it is installed with its
+# pinned protobuf into ./.tools/ and imported only by a subprocess whose path is that
+# folder alone (python -S).
+XDS_PROTOS = ("xds-protos==1.75.0", "protobuf==6.33.6")
+XDS_DIR = ROOT / ".tools" / "xds-protos-1.75.0"
+
+
+@pytest.fixture(scope="session")
+def xds_protos() -> Path:
+    """Folder holding the pinned xds-protos (and its protobuf); installed with pip on
+    first use. A failed install FAILS the test, never skips it."""
+    done_marker = XDS_DIR / ".installed"
+    if not done_marker.exists():
+        staging = XDS_DIR.with_name(XDS_DIR.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                               "--no-deps", "--target", str(staging), *XDS_PROTOS],
+                              capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            pytest.fail(f"could not install {' '.join(XDS_PROTOS)} into {staging}:\n{done.stderr[-2000:]}")
+        shutil.rmtree(XDS_DIR, ignore_errors=True)
+        staging.rename(XDS_DIR)
+        done_marker.touch()
+    return XDS_DIR

@@ -211,3 +211,12 @@ def test_assign_through_the_gateway(client):
     assert both.status_code == 422
     short = client.post("/v1/assign", json={"account_id": "e2e-assign", "feature_vector": [0.0] * 3})
     assert short.status_code == 422 and short.json()["error"]["field"] == "feature_vector"
+
+
+def test_household_status_reports_genres_outside_the_vocabulary(client):
+    start = time.time() - 3 * 86400
+    events = _events("e2e-genres", start, 3) + [
+        {**e, "genres": ["drama", "k_drama"]} for e in _events("e2e-genres", start, 2, first=10)]
+    assert client.post("/v1/events", json={"events": events}).status_code == 200
+    status = client.get("/v1/household/e2e-genres").json()["status"]
+    assert status["unknown_genres"] == {"k_drama": 2}

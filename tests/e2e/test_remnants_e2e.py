@@ -1,7 +1,9 @@
 """Zero remnants, shown by raw bytes: after a deletion job reports completed, no byte of
 the deleted data is readable in any file of any store while the mesh keeps running as
 real processes: the SQLite main files and their -wal/-shm files, the services' log files
-and the trace (span) file, and, on PostgreSQL + Redis, every Redis key and value.
+and the trace (span) file; on PostgreSQL + Redis, every file of the PostgreSQL data
+directory (heap, TOAST, indexes, catalogs incl. ``pg_statistic``, ``pg_wal``), every Redis
+key and its value, and the snapshot Redis writes on ``SAVE``.
 
 Every value sent for the data to be deleted carries a marker (``zr<tag>``: event ids,
 titles, profile hints, touchpoint ids, campaigns); device ids carry ``dv<tag>``. A
@@ -10,13 +12,17 @@ find them: it proves the scan sees the stores at all. The privacy service's file
 the account and device ids that a deletion receipt and the audit log name (the proof of
 deletion, docs/privacy.md), so only ``zr`` markers are checked there.
 
-On PostgreSQL + Redis the scan covers Redis (every key and its DUMP), the logs and the
-trace file; the PostgreSQL data directory itself is not yet free of remnants after a
-deletion (docs/privacy.md, "PostgreSQL") and is not claimed here.
+On PostgreSQL the data services (clustering, attribution, feedback) share one cluster,
+run as in production for erasure (full-page writes on, ``wal_recycle = off``,
+docs/privacy.md §11); the privacy service, which keeps the ids its receipts and audit
+log name by design, has its own cluster, so every file of the data cluster, WAL
+included, must be free of the deleted ids too. Relation files are named by the table
+they hold (``clustering.pg:events``) through ``pg_class``, so a hit says where it is.
 """
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from pathlib import Path
@@ -25,6 +31,7 @@ import httpx
 import pytest
 
 from services.testing.mesh import Mesh, write_api_key
+from tests.helpers.servers import PURGEABLE_WAL, data_dir_files, relation_names, running_postgres, running_redis
 
 DAY = 86400.0
 RUN = uuid.uuid4().hex[:6]
@@ -38,13 +45,22 @@ def rmesh(request, tmp_path_factory):
     env = {"HEARTH_DELETION_POLL_S": "0.1", "HEARTH_DELETION_RETRY_BASE_S": "0.1",
            "HEARTH_DELETION_RETRY_MAX_S": "0.5", "HEARTH_RETENTION_CHECK_S": "0",
            "HEARTH_TRACE_EXPORT": f"jsonl:{spans}"}
-    if request.param == "postgres":
-        env.update(HEARTH_STORAGE="postgres", HEARTH_POSTGRES_DSN=request.getfixturevalue("postgres_dsn"),
-                   HEARTH_REDIS_URL=request.getfixturevalue("redis_url"))
-    m = Mesh.on_free_ports(base / "var", log_dir=base / "logs", extra_env=env)
+    if request.param == "sqlite":
+        yield from _running_mesh(base, env, backend="sqlite")
+        return
+    (base / "redis").mkdir()
+    with running_postgres(**PURGEABLE_WAL) as pg, running_redis(base / "redis") as rd:
+        env.update(HEARTH_STORAGE="postgres", HEARTH_POSTGRES_DSN=pg.dsn, HEARTH_REDIS_URL=rd.url)
+        privacy = {"HEARTH_POSTGRES_DSN": request.getfixturevalue("postgres_dsn")}
+        yield from _running_mesh(base, env, backend="postgres", pg=pg, redis_dir=rd.dir,
+                                 process_env={"privacy": privacy})
+
+
+def _running_mesh(base: Path, env: dict, *, backend: str, pg=None, redis_dir=None, process_env=None):
+    m = Mesh.on_free_ports(base / "var", log_dir=base / "logs", extra_env=env, process_env=process_env or {})
     m.data_dir.mkdir(parents=True)
     m.api_key = write_api_key(m.data_dir / "gateway-keys.json", "olivia", "admin")
-    m.backend, m.env_extra, m.spans_path = request.param, env, spans
+    m.backend, m.env_extra, m.spans_path, m.pg, m.redis_dir = backend, env, base / "spans.jsonl", pg, redis_dir
     m.start()
     try:
         m.wait_healthy(120)
@@ -122,8 +138,28 @@ def wait_delivered(rmesh, client, account: str, n: int, timeout_s: float = 30.0)
 
 # ---- the raw-byte scan ---------------------------------------------------------------------
 
+_RELATION_FILE = re.compile(r"^(base/\d+/\d+)(?:_\w+)?(?:\.\d+)?$")
+
+
+def postgres_sources(rmesh) -> dict[str, bytes]:
+    """Every file of the data services' PostgreSQL data directory: a relation file is
+    named ``<service>.pg:<table>`` (its schema ``hearth_<service>``), anything else
+    (``pg_wal``, catalogs, ``global``) ``pg:<path>``."""
+    names = relation_names(rmesh.pg.dsn)
+    out = {}
+    for path, blob in data_dir_files(rmesh.pg).items():
+        match = _RELATION_FILE.match(path)
+        relation = names.get(match.group(1)) if match else None
+        if relation and relation.startswith("hearth_"):
+            schema, table = relation.split(".", 1)
+            out[f"{schema.removeprefix('hearth_')}.pg:{table}:{path}"] = blob
+        else:
+            out[f"pg:{relation}:{path}" if relation else f"pg:{path}"] = blob
+    return out
+
+
 def raw_sources(rmesh) -> dict[str, bytes]:
-    """Every raw byte the mesh keeps outside PostgreSQL, by source name."""
+    """Every raw byte the mesh keeps, by source name."""
     out: dict[str, bytes] = {}
     for path in sorted(Path(rmesh.data_dir).glob("*.db*")):      # main file, -wal, -shm
         out[path.name] = path.read_bytes()
@@ -135,18 +171,22 @@ def raw_sources(rmesh) -> dict[str, bytes]:
         import redis
 
         r = redis.Redis.from_url(rmesh.env_extra["HEARTH_REDIS_URL"])
-        for key in r.scan_iter("hearth:*"):
+        for key in r.scan_iter("*"):
             out[f"redis:{key.decode()}"] = key + (r.dump(key) or b"")
+        r.save()   # what Redis would persist now: its snapshot file, raw
+        out["redis:dump.rdb"] = (rmesh.redis_dir / "dump.rdb").read_bytes()
+        out.update(postgres_sources(rmesh))
     return out
 
 
 def found(rmesh, marker: str, *, data_only: bool = False) -> list[str]:
     """Sources holding ``marker``; ``data_only``: only the data-holding services' stores
-    (and Redis), where ids must not survive either."""
+    (and Redis, and the data services' PostgreSQL cluster), where ids must not survive
+    either."""
     needle = marker.encode()
     hits = []
     for name, blob in raw_sources(rmesh).items():
-        if data_only and not (name.startswith(DATA_SERVICES) or name.startswith("redis:")):
+        if data_only and not name.startswith((*DATA_SERVICES, "redis:", "pg:")):
             continue
         if needle in blob:
             hits.append(name)
@@ -166,9 +206,9 @@ def control(rmesh, client):
 
 def assert_control_visible(rmesh, control) -> None:
     account, device, tag = control
-    if rmesh.backend == "postgres":   # only Redis is scanned: the control's cached model
-        assert any(h.startswith(f"redis:hearth:clustering:model:{account}") for h in found(rmesh, account))
-        return
+    if rmesh.backend == "postgres":   # the control's cached model, live and in the snapshot
+        hits = found(rmesh, account)
+        assert f"redis:hearth:clustering:model:{account}" in hits and "redis:dump.rdb" in hits, hits
     assert any(h.startswith("clustering") for h in found(rmesh, f"zr{tag}")), "scan cannot see clustering"
     assert any(h.startswith("attribution") for h in found(rmesh, f"zr{tag}")), "scan cannot see attribution"
     assert any(h.startswith("feedback") for h in found(rmesh, device, data_only=True)), "scan cannot see feedback"
@@ -183,7 +223,7 @@ def test_device_scope_leaves_no_byte(rmesh, client, control):
     post_sessions(client, account, f"dv{keep}", keep, time.time() - 8 * DAY + 3600, 4)
     assign_all(client, account)
     wait_delivered(rmesh, client, account, 8)
-    assert found(rmesh, f"zr{gone}") and found(rmesh, f"dv{gone}", data_only=True) or rmesh.backend == "postgres"
+    assert found(rmesh, f"zr{gone}") and found(rmesh, f"dv{gone}", data_only=True)
 
     job = delete(client, {"kind": "device", "account_id": account, "device_id": f"dv{gone}"})
 
@@ -193,11 +233,10 @@ def test_device_scope_leaves_no_byte(rmesh, client, control):
     for name in ("clustering", "attribution", "feedback"):
         purges = services[name]["purges"]
         assert purges and all(p["complete"] for p in purges), services[name]
-        expected = "wal_checkpoint(TRUNCATE)" if rmesh.backend == "sqlite" else "VACUUM (ANALYZE)"
+        expected = "wal_checkpoint(TRUNCATE)" if rmesh.backend == "sqlite" else "pg_switch_wal(); CHECKPOINT"
         assert expected in purges[-1]["action"] and purges[-1]["at"] >= job["receipt"]["receipt"]["requested_at"]
     assert found(rmesh, f"dv{gone}", data_only=True) == []
-    if rmesh.backend == "sqlite":
-        assert found(rmesh, f"zr{keep}") and found(rmesh, f"dv{keep}", data_only=True)
+    assert found(rmesh, f"zr{keep}") and found(rmesh, f"dv{keep}", data_only=True)
     assert_control_visible(rmesh, control)
 
 
@@ -217,8 +256,7 @@ def test_window_scope_leaves_no_byte_of_the_sessions_nor_of_what_was_derived(rme
     assert found(rmesh, f"zr{old}") == []
     for session_id in old_sessions:   # the predictions about deleted sessions went with them
         assert found(rmesh, session_id, data_only=True) == [], session_id
-    if rmesh.backend == "sqlite":
-        assert found(rmesh, f"zr{new}")
+    assert found(rmesh, f"zr{new}")
     assert_control_visible(rmesh, control)
 
 
@@ -243,8 +281,7 @@ def test_person_scope_leaves_no_byte_of_the_persons_sessions(rmesh, client, cont
 
     assert found(rmesh, f"zr{child}-e") == []      # the person's events
     assert found(rmesh, f"zr{child}-hint") == []   # and the hint, also out of the refitted model
-    if rmesh.backend == "sqlite":
-        assert found(rmesh, f"zr{adult}-e")
+    assert found(rmesh, f"zr{adult}-e")
     assert_control_visible(rmesh, control)
 
 
@@ -254,7 +291,8 @@ def test_household_scope_leaves_no_byte(rmesh, client, control):
     post_sessions(client, account, device, tag, time.time() - 8 * DAY, 12)
     h = assign_all(client, account)
     wait_delivered(rmesh, client, account, 12)
-    assert found(rmesh, account, data_only=True)   # SQLite files, or the model cached in Redis
+    assert found(rmesh, account, data_only=True)
+    assert found(rmesh, f"zr{tag}")
 
     delete(client, {"kind": "household", "account_id": account})
 

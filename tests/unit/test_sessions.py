@@ -72,6 +72,28 @@ def test_features_encode_time_device_genres_and_binge():
     assert v[F.LOG_TITLES] == pytest.approx(math.log1p(4))
 
 
+def test_genre_vocabulary_aliases_and_unknown_genres_are_named_not_lost():
+    """Aliases reach their feature genre (any case); a name outside the vocabulary keeps
+    its watch time (in ``other``) and the session names it with its event count."""
+    vocabulary = F.GenreVocabulary.parse("sci-fi=scifi, Anime=animation")
+    events = [ev(0, T0, genres=("Sci-Fi",), duration_s=100.0),
+              ev(1, T0 + 60, genres=("anime", "k_drama"), duration_s=100.0),
+              ev(2, T0 + 120, genres=("k_drama", "K_Drama ", "Drama"), duration_s=300.0)]
+    (s,) = build_sessions(events, vocabulary=vocabulary)
+    genres = s.features[F.GENRE]
+    assert genres.sum() == pytest.approx(1.0)                       # nothing dropped
+    assert genres[F.GENRES.index("scifi")] == pytest.approx(100 / 500)
+    assert genres[F.GENRES.index("animation")] == pytest.approx(50 / 500)
+    assert genres[F.GENRES.index("drama")] == pytest.approx(100 / 500)
+    assert genres[F.GENRES.index("other")] == pytest.approx(250 / 500)
+    assert s.unknown_genres == (("k_drama", 2),)                    # events per (normalised) name
+    (plain,) = build_sessions(events)                               # the default vocabulary
+    assert dict(plain.unknown_genres) == {"sci-fi": 1, "anime": 1, "k_drama": 2}
+    for spec, word in (("western", "name=genre"), ("western=cowboys", "not a feature genre"), ("=drama", "empty")):
+        with pytest.raises(ValueError, match=word):
+            F.GenreVocabulary.parse(spec)
+
+
 def test_day_of_week_starts_on_monday():
     monday_noon = T0 + 4 * 86400 + 12 * 3600   # 2026-01-05 is a Monday
     (s,) = build_sessions([ev(0, monday_noon)])

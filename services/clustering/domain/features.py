@@ -11,8 +11,10 @@ Layout (index: meaning):
 0-1   start hour of day on the circle: sin, cos of 2*pi*hour/24 (UTC)
 2-3   start day of week on the circle: sin, cos of 2*pi*dow/7 (Monday = 0)
 4-9   device type one-hot: tv, mobile, tablet, desktop, console, other
-10-28 genre mix weighted by watch time (sums to 1 when any genre is known),
-      vocabulary ``GENRES``; unknown genres go to ``other``
+10-28 genre mix weighted by watch time (sums to 1 when any genre is given),
+      slots ``GENRES``; a caller's genre names reach a slot through the
+      ``GenreVocabulary`` (configurable aliases); a name it does not know still
+      counts, in ``other``, and is counted and reported (see GenreVocabulary)
 29    kids share: fraction of watch time rated ``kids``
 30    teen share: fraction of watch time rated ``teen``
 31    log1p(total watch minutes)
@@ -75,13 +77,58 @@ assert len(FEATURE_NAMES) == FEATURE_DIM
 BINGE_EPISODES = 3  # episodes of one series in one session that make it a binge
 
 
+class GenreVocabulary:
+    """Which feature slot a caller's genre name lands in: the slot names ``GENRES``
+    themselves plus configured aliases (``"sci-fi=scifi,anime=animation"``), matched
+    case-insensitively. A name outside the vocabulary is *unknown*: its watch time
+    still counts — in ``other``, so that a member who watches it stays apart from one
+    who does not — and ``unknown`` names it so the service can count and report it
+    (an operator then maps it with an alias, or the service refuses it; see the
+    clustering settings). The genre block stays ``len(GENRES)`` wide whatever the
+    vocabulary, so vectors and models keep one layout."""
+
+    def __init__(self, aliases: dict[str, str] | None = None) -> None:
+        index = dict(_GENRE_INDEX)
+        for alias, slot in (aliases or {}).items():
+            name, target = alias.strip().lower(), slot.strip().lower()
+            if not name:
+                raise ValueError(f"empty genre name in alias {alias!r}={slot!r}")
+            if target not in _GENRE_INDEX:
+                raise ValueError(f"alias {name!r} maps to {slot!r}, which is not a feature genre "
+                                 f"(one of {', '.join(GENRES)})")
+            index[name] = _GENRE_INDEX[target]
+        self._index = index
+        self.aliases = {k: GENRES[v] for k, v in index.items() if k not in _GENRE_INDEX}
+
+    @classmethod
+    def parse(cls, spec: str) -> "GenreVocabulary":
+        """``"name=slot,name=slot"`` (the HEARTH_GENRE_ALIASES form); "" = no aliases."""
+        aliases = {}
+        for entry in (e for e in spec.split(",") if e.strip()):
+            name, sep, slot = entry.partition("=")
+            if not sep:
+                raise ValueError(f"alias {entry.strip()!r} must be name=genre")
+            aliases[name] = slot
+        return cls(aliases)
+
+    def slot(self, genre: str) -> int:
+        """Index in the genre block; an unknown name gives ``other``'s."""
+        return self._index.get(genre.strip().lower(), _GENRE_INDEX["other"])
+
+    def unknown(self, genres: Iterable[str]) -> list[str]:
+        """The names among ``genres`` that the vocabulary does not know, in the form an
+        alias matches them (trimmed, lower case)."""
+        names = (g.strip().lower() for g in genres)
+        return [g for g in names if g not in self._index]
+
+
 def device_index(device_type: str) -> int:
     """Index of a device type in the one-hot block; unknown types count as ``other``."""
     return _DEVICE_INDEX.get(device_type, _DEVICE_INDEX["other"])
 
 
 def genre_index(genre: str) -> int:
-    return _GENRE_INDEX.get(genre, _GENRE_INDEX["other"])
+    return DEFAULT_VOCABULARY.slot(genre)
 
 
 def features_matrix(
@@ -142,8 +189,10 @@ class WatchItem:
     vpn: bool
 
 
-def session_features(start_ts: float, device_type: str, items: Iterable[WatchItem]) -> np.ndarray:
+def session_features(start_ts: float, device_type: str, items: Iterable[WatchItem],
+                     vocabulary: GenreVocabulary | None = None) -> np.ndarray:
     """One session's feature vector (FEATURE_DIM float32)."""
+    slot = (vocabulary or DEFAULT_VOCABULARY).slot
     genre_seconds = np.zeros(len(GENRES))
     kids = teen = total = 0.0
     titles: set[str] = set()
@@ -157,7 +206,7 @@ def session_features(start_ts: float, device_type: str, items: Iterable[WatchIte
         if item.genres:
             share = seconds / len(item.genres)
             for g in item.genres:
-                genre_seconds[genre_index(g)] += share
+                genre_seconds[slot(g)] += share
         if item.maturity == "kids":
             kids += seconds
         elif item.maturity == "teen":
@@ -172,6 +221,9 @@ def session_features(start_ts: float, device_type: str, items: Iterable[WatchIte
         np.array([kids]), np.array([teen]), np.array([total]), np.array([binge]),
         np.array([len(titles)]), np.array([vpn_items / n_items if n_items else 0.0]),
     )[0]
+
+
+DEFAULT_VOCABULARY = GenreVocabulary()
 
 
 def to_bytes(vectors: np.ndarray) -> bytes:

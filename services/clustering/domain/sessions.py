@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.clustering.domain.events import ViewingEvent
-from services.clustering.domain.features import FEATURE_SCHEMA_VERSION, WatchItem, session_features
+from services.clustering.domain.features import DEFAULT_VOCABULARY, FEATURE_SCHEMA_VERSION, GenreVocabulary, WatchItem, session_features
 
 DEFAULT_GAP_S = 1800.0
 
@@ -43,6 +43,9 @@ class Session:
     features: np.ndarray            # FEATURE_DIM float32
     feature_version: int
     label: str | None               # the most frequent profile_hint, if any
+    # Genre names outside the vocabulary, with how many of the session's events carry
+    # each (sorted by name); counted in ``other`` in the features, reported by the service.
+    unknown_genres: tuple[tuple[str, int], ...] = ()
 
     def is_closed(self, watermark: float, now: float, gap_s: float = DEFAULT_GAP_S) -> bool:
         return max(watermark, now) - self.end_ts > gap_s
@@ -64,8 +67,11 @@ def split_by_gap(ts_sorted: np.ndarray, gap_s: float) -> np.ndarray:
     return np.concatenate(([0], breaks))
 
 
-def build_sessions(events: Sequence[ViewingEvent], gap_s: float = DEFAULT_GAP_S) -> list[Session]:
-    """Sessions of events from ONE (account, device); duplicates by event_id ignored."""
+def build_sessions(events: Sequence[ViewingEvent], gap_s: float = DEFAULT_GAP_S,
+                   vocabulary: GenreVocabulary | None = None) -> list[Session]:
+    """Sessions of events from ONE (account, device); duplicates by event_id ignored.
+    ``vocabulary``: how genre names reach the feature slots (default: the slot names)."""
+    vocabulary = vocabulary or DEFAULT_VOCABULARY
     if gap_s <= 0:
         raise ValueError("gap_s must be > 0")
     unique = {e.event_id: e for e in events}
@@ -87,6 +93,7 @@ def build_sessions(events: Sequence[ViewingEvent], gap_s: float = DEFAULT_GAP_S)
         items = [WatchItem(e.ts, e.title_id, e.series_id, e.genres, e.duration_s, e.maturity, e.vpn)
                  for e in group]
         hints = Counter(e.profile_hint for e in group if e.profile_hint)
+        unknown = Counter(g for e in group for g in set(vocabulary.unknown(e.genres)))
         sessions.append(Session(
             session_id=session_id_for(first.account_id, first.device_id, first.ts),
             account_id=first.account_id,
@@ -96,8 +103,9 @@ def build_sessions(events: Sequence[ViewingEvent], gap_s: float = DEFAULT_GAP_S)
             end_ts=group[-1].ts,
             event_ids=tuple(e.event_id for e in group),
             watch_seconds=float(sum(e.duration_s for e in group)),
-            features=session_features(first.ts, device_type, items),
+            features=session_features(first.ts, device_type, items, vocabulary),
             feature_version=FEATURE_SCHEMA_VERSION,
             label=min(hints, key=lambda h: (-hints[h], h)) if hints else None,
+            unknown_genres=tuple(sorted(unknown.items())),
         ))
     return sessions

@@ -10,6 +10,7 @@ placeholders to ``%s``. Migrations use ``{blob}``, ``{double}``, ``{bigint}`` an
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import sqlite3
 import threading
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from services.common.errors import Unavailable
+
+log = logging.getLogger("hearth.storage")
 
 _TYPES = {
     "sqlite": {"blob": "BLOB", "double": "REAL", "bigint": "INTEGER",
@@ -46,7 +49,7 @@ class Database(Protocol):
     dialect: str
 
     def transaction(self, readonly: bool = False) -> contextlib.AbstractContextManager[Tx]: ...
-    def purge_erased(self, tables: Sequence[str] = (), rewrite: bool = False) -> dict[str, Any]: ...
+    def purge_erased(self, tables: Sequence[str] = ()) -> dict[str, Any]: ...
     def close(self) -> None: ...
 
 
@@ -147,7 +150,7 @@ class SqliteDatabase:
             else:
                 conn.execute("COMMIT")
 
-    def purge_erased(self, tables: Sequence[str] = (), rewrite: bool = False) -> dict[str, Any]:
+    def purge_erased(self, tables: Sequence[str] = ()) -> dict[str, Any]:
         """Make an erasure physical (call after the erasing transaction committed).
 
         ``secure_delete`` already zeroed the deleted cells in the pages written to the
@@ -243,33 +246,130 @@ class PostgresDatabase:
         except PoolClosed as exc:  # closed while the service shuts down; in-flight use finishes
             raise Unavailable("database is closed (the service is shutting down)") from exc
 
-    def purge_erased(self, tables: Sequence[str] = (), rewrite: bool = False) -> dict[str, Any]:
-        """After an erasure: VACUUM (ANALYZE) the tables it deleted from, so dead tuples
-        leave the heap and its indexes and the planner statistics (``pg_statistic``
-        most-common values) are recomputed without the erased rows. ``rewrite`` (small
-        tables only, it locks them): VACUUM FULL, a fresh copy without any freed bytes. What this does not
-        reach (bytes left in page free space until reused, WAL segments until recycled,
-        archives, replicas' WAL) is covered by encryption under the household key the
-        deletion destroys; docs/privacy.md says what "erased" means on PostgreSQL."""
+    def purge_erased(self, tables: Sequence[str] = ()) -> dict[str, Any]:
+        """Physical purge after an erasure (call after the erasing transaction committed);
+        docs/privacy.md §11 says why this and not encryption, and what it costs.
+
+        1. ``VACUUM (FULL, ANALYZE)`` of each table: heap, TOAST and every index are
+           written afresh (new pages start zeroed), and the old files are truncated to
+           zero bytes at commit. A plain VACUUM would leave the deleted tuples' bytes in
+           page free space. The personal tables collect no column statistics
+           (``migrate(personal_tables=...)``), so ``pg_statistic`` never held their values.
+        2. The WAL, which still holds the deleted rows as inserted (and page images):
+           ``pg_switch_wal()`` closes the current segment and ``CHECKPOINT`` moves the
+           redo point past it, so every older segment is removed — *removed* only with
+           ``wal_recycle = off`` (otherwise it is renamed for reuse and keeps its bytes
+           until overwritten), ``wal_keep_size = 0``, no replication slot and no
+           archiving (those keep segments on purpose). What prevents it is named in
+           ``action`` and ``complete`` is False: the receipt says so, nothing is hidden.
+        CHECKPOINT and ``pg_switch_wal`` need a superuser or ``pg_checkpoint`` plus
+        ``GRANT EXECUTE ON FUNCTION pg_switch_wal()`` (docs/operations.md)."""
         import psycopg
 
         started = time.time()
+        steps, blockers = [], []
         try:
             with self._pool.connection() as conn:
                 conn.autocommit = True
                 try:
-                    for table in tables:
-                        conn.execute(f'VACUUM ({"FULL, " if rewrite else ""}ANALYZE) "{self.schema}"."{table}"')
+                    pending = [r[0] for r in conn.execute(f"SELECT id FROM {PENDING_TABLE}").fetchall()]
+                    if not pending:   # a retried Erase that found nothing: an earlier call purged
+                        return {"store": "postgres", "where": f"{self.schema}: {', '.join(tables)}; pg_wal",
+                                "action": "nothing left to purge: every erasure here was purged before",
+                                "at": started, "complete": True}
+                    if not _wait_for_older_transactions(conn):
+                        blockers.append("a transaction older than the erasure was still running "
+                                        f"after {OLD_TRANSACTION_WAIT_S:.0f} s: VACUUM FULL kept rows it may still see")
+                    # VACUUM FULL needs the table alone (ACCESS EXCLUSIVE): bounded, so a
+                    # long reader fails the purge (reported, the job retries) instead of
+                    # queueing every later query of the table behind it.
+                    conn.execute(f"SET lock_timeout = {int(OLD_TRANSACTION_WAIT_S * 1000)}")
+                    try:
+                        for table in tables:
+                            conn.execute(f'VACUUM (FULL, ANALYZE) "{self.schema}"."{table}"')
+                        if tables:
+                            steps.append(f"VACUUM (FULL, ANALYZE) {', '.join(tables)}")
+                    except psycopg.errors.LockNotAvailable:
+                        blockers.append(f"{table} stayed locked by another transaction for "
+                                        f"{OLD_TRANSACTION_WAIT_S:.0f} s: not rewritten")
+                    finally:
+                        conn.execute("RESET lock_timeout")
+                    blockers += _wal_retention(conn)
+                    try:
+                        conn.execute("SELECT pg_switch_wal()")
+                        conn.execute("CHECKPOINT")
+                        steps.append("pg_switch_wal(); CHECKPOINT")
+                    except psycopg.errors.InsufficientPrivilege as exc:
+                        blockers.append(f"no privilege to remove WAL segments ({exc.diag.message_primary})")
+                    if not blockers:   # else the next Erase (the job's retry) purges again
+                        conn.execute(f"DELETE FROM {PENDING_TABLE} WHERE id = ANY(%s)", (pending,))
                 finally:
                     conn.autocommit = False
         except psycopg.OperationalError as exc:
             raise Unavailable(f"database unavailable: {exc.__class__.__name__}") from exc
-        return {"store": "postgres", "where": f"{self.schema}: {', '.join(tables)}",
-                "action": "VACUUM (FULL, ANALYZE)" if rewrite else "VACUUM (ANALYZE)", "at": started,
-                "complete": True}
+        if blockers:
+            steps.append("not purged: " + "; ".join(blockers))
+            log.warning("erasure purge of %s incomplete: %s", self.schema, "; ".join(blockers))
+        return {"store": "postgres", "where": f"{self.schema}: {', '.join(tables)}; pg_wal",
+                "action": "; ".join(steps), "at": started, "complete": not blockers}
+
+    def keep_out_of_statistics(self, tables: Sequence[str]) -> None:
+        """No column of these tables is sampled into ``pg_statistic`` (statistics target
+        0): ANALYZE would copy personal values (most-common values, histogram bounds)
+        into a catalog that an erasure cannot rewrite. The planner keeps row counts and
+        the indexes; every query of these tables is by an indexed key. Idempotent; run
+        after the migrations, so columns added later are covered. Statistics sampled
+        before this rule existed stay until a superuser deletes them (docs/privacy.md §11)."""
+        with self.transaction() as tx:
+            columns = tx.query(
+                "SELECT c.relname, a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = ? AND c.relname = ANY(?) "
+                "AND a.attnum > 0 AND NOT a.attisdropped AND COALESCE(a.attstattarget, -1) <> 0",
+                (self.schema, list(tables)))
+            for table, column in columns:
+                tx.execute(f'ALTER TABLE "{self.schema}"."{table}" ALTER COLUMN "{column}" SET STATISTICS 0')
 
     def close(self) -> None:
         self._pool.close()
+
+
+OLD_TRANSACTION_WAIT_S = 10.0   # well inside the deletion worker's Erase deadline (60 s)
+
+
+def _wait_for_older_transactions(conn) -> bool:
+    """Wait until no transaction or snapshot older than now remains (any backend). VACUUM
+    FULL copies a deleted row into the new table while some snapshot may still see it
+    ("recently dead"), so the rewrite must come after every transaction that was running
+    when the erasure committed. False when one outlives ``OLD_TRANSACTION_WAIT_S``."""
+    now = conn.execute("SELECT (pg_current_xact_id()::text::bigint % 4294967296)::text").fetchone()[0]
+    deadline = time.monotonic() + OLD_TRANSACTION_WAIT_S
+    while True:
+        older = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+            "AND greatest(age(backend_xid), age(backend_xmin)) > age(%s::xid)", (now,)).fetchone()[0]
+        if not older:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+
+
+def _wal_retention(conn) -> list[str]:
+    """The settings that keep WAL segments (and so the erased rows in them) past a
+    checkpoint; empty when a checkpoint removes every segment before its redo point."""
+    settings = dict(conn.execute("SELECT name, setting FROM pg_settings WHERE name IN "
+                                 "('wal_recycle', 'wal_keep_size', 'archive_mode')").fetchall())
+    slots = conn.execute("SELECT count(*) FROM pg_replication_slots").fetchone()[0]
+    reasons = []
+    if settings.get("wal_recycle") != "off":
+        reasons.append("wal_recycle=on renames old segments for reuse (their bytes stay until overwritten)")
+    if settings.get("wal_keep_size", "0") != "0":
+        reasons.append(f"wal_keep_size={settings['wal_keep_size']}MB")
+    if settings.get("archive_mode", "off") != "off":
+        reasons.append("archive_mode keeps segments until archived (and the archive keeps them)")
+    if slots:
+        reasons.append(f"{slots} replication slot(s)")
+    return reasons
 
 
 def open_database(settings, service: str) -> Database:
@@ -295,10 +395,26 @@ def probe(db: Database) -> str:
     return ""
 
 
-def migrate(db: Database, migrations: Sequence[Migration]) -> list[int]:
+PENDING_TABLE = "erasures_awaiting_purge"
+
+
+def record_erasure(tx: Tx) -> None:
+    """Note, inside the transaction that deleted rows, that a physical purge is owed
+    (``purge_erased``). On PostgreSQL the purge rewrites whole tables, so it runs only
+    when something is owed: a retried Erase that finds nothing (its first call purged,
+    but the answer was lost or late) does not rewrite again, and an Erase whose purge
+    crashed or stopped short leaves the note for the retry to purge. (SQLite's purge, a
+    checkpoint, is cheap and always runs: nothing to note.)"""
+    if isinstance(tx, _PostgresTx):
+        tx.execute(f"INSERT INTO {PENDING_TABLE} (noted_at) VALUES (?)", (time.time(),))
+
+
+def migrate(db: Database, migrations: Sequence[Migration], personal_tables: Sequence[str] = ()) -> list[int]:
     """Apply the migrations not yet applied, each in its own transaction, in version
     order. Safe with several replicas starting at once: PostgreSQL takes an advisory
-    lock, SQLite's BEGIN IMMEDIATE serialises writers. Returns the versions applied."""
+    lock, SQLite's BEGIN IMMEDIATE serialises writers. Returns the versions applied.
+    ``personal_tables`` (the tables an erasure deletes from) are kept out of PostgreSQL's
+    planner statistics (``PostgresDatabase.keep_out_of_statistics``)."""
     versions = [m.version for m in migrations]
     if versions != sorted(set(versions)):
         raise ValueError("migration versions must be unique and increasing")
@@ -307,6 +423,9 @@ def migrate(db: Database, migrations: Sequence[Migration]) -> list[int]:
     with db.transaction() as tx:
         tx.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
                    "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)")
+        if db.dialect == "postgres":
+            tx.execute(f"CREATE TABLE IF NOT EXISTS {PENDING_TABLE} (id BIGSERIAL PRIMARY KEY, "
+                       "noted_at DOUBLE PRECISION NOT NULL)")
     for migration in migrations:
         with db.transaction() as tx:
             if db.dialect == "postgres":
@@ -319,6 +438,8 @@ def migrate(db: Database, migrations: Sequence[Migration]) -> list[int]:
             tx.execute("INSERT INTO schema_migrations (version, name, applied_at) "
                        "VALUES (?, ?, CURRENT_TIMESTAMP)", (migration.version, migration.name))
             applied.append(migration.version)
+    if personal_tables and isinstance(db, PostgresDatabase):
+        db.keep_out_of_statistics(personal_tables)
     return applied
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from services.common.storage.sql import Database
+from services.common.storage.sql import Database, record_erasure
 from services.privacy.keys.domain import WrappedDek
 
 
@@ -38,8 +38,10 @@ class DataKeyStore:
                 (record.account_id, record.dek_version, record.kek_id, record.wrapped,
                  record.created_at.isoformat())) == 1
 
-    def overwrite(self, records: Iterable[WrappedDek]) -> int:
-        """Store re-wrapped keys or tombstones over the existing rows, in place."""
+    def overwrite(self, records: Iterable[WrappedDek], purges: list[dict] | None = None) -> int:
+        """Store re-wrapped keys or tombstones over the existing rows, in place. When
+        tombstones were written, the physical purge that follows is appended to
+        ``purges`` (the deletion receipt lists it)."""
         records = list(records)
         if not records:
             return 0
@@ -52,8 +54,12 @@ class DataKeyStore:
                 "WHERE account_id = ? AND dek_version = ?",
                 [(r.kek_id, r.wrapped, r.destroyed_at.isoformat() if r.destroyed_at else None,
                   r.account_id, r.dek_version) for r in records])
+            if any(r.destroyed for r in records):
+                record_erasure(tx)
         if any(r.destroyed for r in records):
             # The old page images also sit in the write-ahead log (SQLite: checkpoint) or in
-            # dead tuples (PostgreSQL: the small key table is rewritten by VACUUM FULL).
-            self.db.purge_erased(("data_keys",), rewrite=True)
+            # dead tuples and WAL (PostgreSQL: VACUUM FULL of the small key table, WAL segments removed).
+            purge = self.db.purge_erased(("data_keys",))
+            if purges is not None:
+                purges.append({**purge, "action": f"wrapped key overwritten by a tombstone; {purge['action']}"})
         return len(records)

@@ -1,0 +1,55 @@
+"""The Envoy edge's external authorizer (``/v1/edge/authorize/<package.Service>/<Method>``).
+
+The optional Envoy front proxy (deploy/helm/hearth/templates/envoy.yaml) transcodes
+HTTP/JSON to gRPC and sends the call straight to a service. The services accept only
+calls that carry a principal signed with the mesh key, which Envoy does not hold; so
+Envoy's ``ext_authz`` filter asks this route first, with the caller's credentials
+(``X-API-Key`` or ``Authorization: Bearer``) and the gRPC path it is about to call
+appended to the prefix. The gateway authenticates the caller as for its own routes,
+checks the permission matrix for that RPC (the same one the service enforces) and
+answers 200 with the principal's signed metadata (``x-hearth-principal``,
+``x-hearth-role``, ``x-hearth-token``), which Envoy adds to the upstream call; a
+refusal is the gateway's usual 401/403 JSON, which Envoy returns to the client.
+
+Why the gateway and not Envoy alone: one place holds the API keys, the JWT settings and
+the permission matrix, so an Envoy-routed call can never be allowed what the gateway
+would refuse. The response carries a signed token only for an RPC the caller may make.
+"""
+
+from __future__ import annotations
+
+import re
+
+from fastapi import APIRouter, Request, Response
+
+from services.common import permissions
+from services.common.errors import InvalidArgument, PermissionDenied
+from services.common.identity import Role
+
+PREFIX = "/v1/edge/authorize"
+# /<package.Service>/<Method>, e.g. /hearth.clustering.v1.ClusteringService/GetHousehold
+GRPC_PATH = re.compile(r"^/(hearth\.[a-z]+\.v1\.[A-Za-z]+)/([A-Za-z]+)$")
+
+
+def router(authenticator, limiter) -> APIRouter:
+    api = APIRouter()
+
+    # Envoy's ext_authz sends the original method (POST for gRPC) and the path after the
+    # prefix; accept the verbs it may forward.
+    @api.api_route(PREFIX + "/{grpc_path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"],
+                   include_in_schema=False)
+    async def authorize(grpc_path: str, request: Request) -> Response:
+        full_method = "/" + grpc_path.split("?", 1)[0]
+        target = f"rpc {full_method}"
+        # Credentials first: an anonymous caller learns nothing about which paths exist.
+        who = authenticator.authenticate(request.headers, target)
+        if not GRPC_PATH.match(full_method):
+            raise InvalidArgument("must be /<hearth package.Service>/<Method>", "path")
+        if who.role == Role.SERVICE:
+            # The edge is for clients; service principals call each other directly.
+            raise PermissionDenied(f"{who.id}: service principals do not call through the edge", "principal")
+        permissions.authorize_rpc(who, full_method)
+        await limiter.check(who, target)
+        return Response(status_code=200, headers=dict(who.metadata()))
+
+    return api

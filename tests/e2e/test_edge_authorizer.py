@@ -1,0 +1,96 @@
+"""The Envoy edge's authorization hop through real processes (no Envoy binary can be
+installed here, so the test plays Envoy's ext_authz part): the gateway's
+/v1/edge/authorize/<gRPC path> authenticates the caller and checks the permission
+matrix; the metadata it answers with is exactly what a service needs to accept the
+call Envoy then makes straight to it."""
+
+from __future__ import annotations
+
+import grpc
+import httpx
+import pytest
+
+from hearth.clustering.v1 import clustering_pb2 as cpb
+from hearth.clustering.v1 import clustering_pb2_grpc as cpb_grpc
+from hearth.feedback.v1 import feedback_pb2 as fpb
+from hearth.feedback.v1 import feedback_pb2_grpc as fpb_grpc
+from services.common.identity import PRINCIPAL_KEY, ROLE_KEY, TOKEN_KEY
+from services.testing.mesh import Mesh, write_api_key
+
+GET_HOUSEHOLD = "/hearth.clustering.v1.ClusteringService/GetHousehold"
+SET_FLAG = "/hearth.feedback.v1.FeedbackService/SetFlag"
+GET_EXPERIMENT = "/hearth.feedback.v1.FeedbackService/GetExperiment"
+
+
+@pytest.fixture(scope="module")
+def edge_mesh(tmp_path_factory):
+    base = tmp_path_factory.mktemp("edge-mesh")
+    mesh = Mesh.on_free_ports(base / "var", log_dir=base / "logs",
+                              process_env={"gateway": {"HEARTH_EDGE_AUTHORIZER": "true"}})
+    mesh.data_dir.mkdir(parents=True)
+    keys = mesh.data_dir / "gateway-keys.json"
+    mesh.api_key = write_api_key(keys, "ops-alice", "admin")
+    mesh.analyst_key = write_api_key(keys, "analyst-bob", "analyst")
+    mesh.start()
+    try:
+        mesh.wait_healthy(120)
+        yield mesh
+    finally:
+        mesh.stop()
+
+
+def _authorize(mesh, path: str, headers: dict[str, str]) -> httpx.Response:
+    # Envoy's ext_authz HTTP service: the original method (POST for gRPC) and path,
+    # appended to the configured path_prefix, with the allowed client headers.
+    return httpx.post(f"{mesh.url}/v1/edge/authorize{path}", headers=headers, timeout=30)
+
+
+def test_authorized_metadata_lets_the_direct_call_through(edge_mesh):
+    mesh = edge_mesh
+    answer = _authorize(mesh, GET_HOUSEHOLD, {"X-API-Key": mesh.api_key})
+    assert answer.status_code == 200, answer.text
+    metadata = [(k, answer.headers[k]) for k in (PRINCIPAL_KEY, ROLE_KEY, TOKEN_KEY)]
+    assert dict(metadata)[PRINCIPAL_KEY] == "ops-alice" and dict(metadata)[ROLE_KEY] == "admin"
+    with grpc.insecure_channel(f"127.0.0.1:{mesh.grpc_ports['clustering']}") as channel:
+        stub = cpb_grpc.ClusteringServiceStub(channel)
+        request = cpb.GetHouseholdRequest(account_id="edge-unknown-household")
+        # Without the authorizer's metadata the service refuses the call...
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.GetHousehold(request, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # ...with it, the call is served (an unknown household is NOT_FOUND, not refused).
+        with pytest.raises(grpc.RpcError) as served:
+            stub.GetHousehold(request, metadata=metadata, timeout=30)
+        assert served.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_the_permission_matrix_decides_per_rpc(edge_mesh):
+    mesh = edge_mesh
+    analyst = {"X-API-Key": mesh.analyst_key}
+    allowed = _authorize(mesh, GET_EXPERIMENT, analyst)
+    assert allowed.status_code == 200, allowed.text
+    with grpc.insecure_channel(f"127.0.0.1:{mesh.grpc_ports['feedback']}") as channel:
+        metadata = [(k, allowed.headers[k]) for k in (PRINCIPAL_KEY, ROLE_KEY, TOKEN_KEY)]
+        reply = fpb_grpc.FeedbackServiceStub(channel).GetExperiment(fpb.GetExperimentRequest(), metadata=metadata,
+                                                                    timeout=30)
+        assert reply.traffic  # the split, control included
+    denied = _authorize(mesh, SET_FLAG, analyst)
+    assert denied.status_code == 403, denied.text
+    assert PRINCIPAL_KEY not in denied.headers and TOKEN_KEY not in denied.headers
+    # A data key goes to the stores only: not even an admin gets it through the edge.
+    internal = _authorize(mesh, "/hearth.privacy.v1.Keys/GetDataKey", {"X-API-Key": mesh.api_key})
+    assert internal.status_code == 403 and TOKEN_KEY not in internal.headers
+
+
+@pytest.mark.parametrize("path, headers, status", [
+    (GET_HOUSEHOLD, {}, 401),
+    (GET_HOUSEHOLD, {"X-API-Key": "hk_not-a-key"}, 401),
+    ("/hearth.clustering.v1.ClusteringService/NoSuchMethod", None, 403),
+    ("/not-a-grpc-path", None, 422),
+    ("/not-a-grpc-path", {}, 401),
+    ("/hearth.clustering.v1.ClusteringService/GetHousehold/extra", None, 422),
+])
+def test_bad_requests_get_no_token(edge_mesh, path, headers, status):
+    answer = _authorize(edge_mesh, path, {"X-API-Key": edge_mesh.api_key} if headers is None else headers)
+    assert answer.status_code == status, answer.text
+    assert TOKEN_KEY not in answer.headers
