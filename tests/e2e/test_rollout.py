@@ -19,6 +19,7 @@ from hearth.feedback.v1 import feedback_pb2_grpc as fpb_grpc
 from services.common.identity import PRINCIPAL_KEY, ROLE_KEY, TOKEN_KEY, Principal, Role, ServiceTokenSigner
 from services.common.pbutil import float_to_ts
 from services.testing.mesh import ROOT, Mesh, free_port, write_api_key
+from tests.helpers.waiting import SLOW_MACHINE_S
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def rollout_mesh(tmp_path_factory):
     mesh.api_key = write_api_key(mesh.data_dir / "gateway-keys.json", "rollout-bot", "admin")
     mesh.start()
     try:
-        mesh.wait_healthy(120)
+        mesh.wait_healthy(SLOW_MACHINE_S)
         yield mesh
     finally:
         mesh.stop()
@@ -73,21 +74,24 @@ def _flag_audit_reasons(client: httpx.Client) -> list[str]:
     return [json.dumps(e) for e in r.json()["records"]]
 
 
+@pytest.mark.timeout(600)
 def test_controller_steps_the_challenger_and_rolls_back_on_low_accuracy(rollout_mesh):
     mesh = rollout_mesh
     controller = _spawn(mesh, "run", "--gateway", mesh.url, "--challenger", "kmeans", "--control", "gmm",
-                        "--steps", "10,50", "--hold-s", "120", "--check-s", "0.3", "--sustain-s", "0.5",
+                        "--steps", "10,50", "--hold-s", "600", "--check-s", "0.3", "--sustain-s", "0.5",
                         "--min-samples", "5")
     try:
         with _client(mesh) as client:
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + SLOW_MACHINE_S
             while client.get("/v1/experiment").json()["traffic"].get("kmeans") != 10.0:
                 assert controller.poll() is None, controller.stderr.read()
                 assert time.monotonic() < deadline, "the first step never came"
                 time.sleep(0.2)
             # The challenger is wrong on every labelled prediction: accuracy 0 < 65 %.
             _log_wrong_predictions(mesh, "kmeans", 6, "roll-ctl")
-            out, err = controller.communicate(timeout=60)
+            # Each of the controller's checks is a GET /v1/experiment that the feedback
+            # service answers with a fresh comparison: seconds apiece on a loaded machine.
+            out, err = controller.communicate(timeout=2 * SLOW_MACHINE_S)
             assert controller.returncode == 3, err
             result = json.loads(out.strip().splitlines()[-1])
             assert result["outcome"] == "rolled_back" and result["steps"] == [10.0]
@@ -110,7 +114,7 @@ def test_alertmanager_webhook_rolls_back_on_a_firing_rollback_alert_only(rollout
                   env={"HEARTH_ROLLOUT_WEBHOOK_TOKEN": "am-secret"})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + SLOW_MACHINE_S
         while True:
             assert hook.poll() is None, hook.stderr.read()
             try:
