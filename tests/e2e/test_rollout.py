@@ -10,15 +10,11 @@ import subprocess
 import sys
 import time
 
-import grpc
 import httpx
 import pytest
 
-from hearth.feedback.v1 import feedback_pb2 as fpb
-from hearth.feedback.v1 import feedback_pb2_grpc as fpb_grpc
-from services.common.identity import PRINCIPAL_KEY, ROLE_KEY, TOKEN_KEY, Principal, Role, ServiceTokenSigner
-from services.common.pbutil import float_to_ts
 from services.testing.mesh import ROOT, Mesh, free_port, write_api_key
+from tests.helpers.mesh_calls import log_predictions, prediction
 from tests.helpers.waiting import SLOW_MACHINE_S
 
 
@@ -51,15 +47,8 @@ def _spawn(mesh, *args: str, env: dict | None = None) -> subprocess.Popen:
 def _log_wrong_predictions(mesh, variant: str, n: int, prefix: str) -> None:
     """n predictions of ``variant`` as the clustering service logs them, then feedback
     saying each was wrong: the variant's accuracy becomes 0."""
-    principal = Principal("svc:clustering", Role.SERVICE)
-    token = ServiceTokenSigner(mesh.service_token_key.encode()).sign(principal)
-    metadata = [(PRINCIPAL_KEY, principal.id), (ROLE_KEY, principal.role.value), (TOKEN_KEY, token)]
-    with grpc.insecure_channel(f"127.0.0.1:{mesh.grpc_ports['feedback']}") as channel:
-        fpb_grpc.FeedbackServiceStub(channel).RecordPrediction(fpb.RecordPredictionRequest(predictions=[
-            fpb.Prediction(prediction_id=f"{prefix}-{i}", account_id=f"{prefix}-acc-{i}", session_id="s",
-                           person_id="p1", probabilities={"p1": 0.9, "p2": 0.1}, model_variant=variant,
-                           model_version=1, ts=float_to_ts(time.time() - 600), household_size=2)
-            for i in range(n)]), metadata=metadata, timeout=10)
+    log_predictions(mesh, [prediction(f"{prefix}-{i}", f"{prefix}-acc-{i}", variant=variant,
+                                      probabilities={"p1": 0.9, "p2": 0.1}) for i in range(n)])
     with _client(mesh) as client:
         for i in range(n):
             r = client.post("/v1/feedback", json={"feedback_id": f"{prefix}-fb-{i}", "prediction_id": f"{prefix}-{i}",
