@@ -77,8 +77,9 @@ def start_service(tmp_path):
     started = []
 
     def start(name: str, **overrides):
-        running, _ = serve_service(name, config.load(service_name=name, data_dir=tmp_path / name, **overrides),
-                                   overrides.get("grpc_port") or 0)
+        settings = config.load(config.service_settings_class(name), service_name=name, data_dir=tmp_path / name,
+                               **overrides)
+        running, _ = serve_service(name, settings, overrides.get("grpc_port") or 0)
         channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
         started.append((running, channel))
         return running, channel

@@ -117,7 +117,17 @@ CONFIDENCE_MAP_Y = np.array([0.0, 0.0, 0.0321, 0.4, 0.4, 0.4862, 0.4862, 0.4862,
 SINGLE_PERSON_CONFIDENCE = 0.8467
 
 
-def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None) -> np.ndarray:
+# The same for households whose sessions carry device ids (device evidence first,
+# persons.py): fitted on the TUNING worlds only — batch fits and time-ordered streams
+# pooled — by `python -m bench.accuracy --calibrate-confidence`. Bare vectors (no device
+# ids: Hearth's own simulator, AssignSessions with vectors) keep the map above.
+# (48 households, 7216 multi-person + 3774 one-person-model session answers, 2026-12-03)
+DEVICE_CONFIDENCE_MAP_X = np.array([0.2922, 0.3276, 0.363, 0.3984, 0.4338, 0.4692, 0.5045, 0.5399, 0.5753, 0.6107, 0.6461, 0.6815, 0.7169, 0.7523, 0.7877, 0.8231, 0.8584, 0.8938, 0.9292, 0.9646, 1.0])
+DEVICE_CONFIDENCE_MAP_Y = np.array([0.0, 0.0, 0.0, 0.4412, 0.4427, 0.4427, 0.4427, 0.4653, 0.5152, 0.5152, 0.5152, 0.5378, 0.6067, 0.6077, 0.6918, 0.7517, 0.7517, 0.7517, 0.7925, 0.8156, 1.0])
+DEVICE_SINGLE_PERSON_CONFIDENCE = 0.708
+
+
+def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None, device: bool = False) -> np.ndarray:
     """(N, K) probabilities with the top label mapped through the confidence map and
     the other persons rescaled to share the rest (never below 1/K, so the argmax is
     kept for two persons). ``n_live`` (N,): persons per row when rows are padded (the
@@ -129,10 +139,12 @@ def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None) -> np.
     rows = np.arange(P.shape[0])
     idx = P.argmax(axis=1)
     top = P[rows, idx]
-    new_top = np.interp(top, CONFIDENCE_MAP_X, CONFIDENCE_MAP_Y).astype(P.dtype)
+    xs, ys, one = ((DEVICE_CONFIDENCE_MAP_X, DEVICE_CONFIDENCE_MAP_Y, DEVICE_SINGLE_PERSON_CONFIDENCE) if device
+                   else (CONFIDENCE_MAP_X, CONFIDENCE_MAP_Y, SINGLE_PERSON_CONFIDENCE))
+    new_top = np.interp(top, xs, ys).astype(P.dtype)
     new_top = np.maximum(new_top, 1.0 / np.maximum(n_live, 1))
     single = n_live <= 1
-    new_top[single] = SINGLE_PERSON_CONFIDENCE
+    new_top[single] = one
     rest = np.maximum(1.0 - top, 1e-12)
     out = P * ((1.0 - new_top) / rest)[:, None]
     out[rows, idx] = new_top
@@ -779,7 +791,8 @@ class HouseholdModel:
         else:
             P = self._proba(self._augment(X, slots))
             if self.calibrated and self.mixture is not None:
-                P = calibrate_confidence(P)
+                # device map: the sessions carry device ids the model knows
+                P = calibrate_confidence(P, device=bool(self.device_evidence and (slots >= 0).any()))
             ids = tuple(self.person_ids)
             strategy = self.active_variant
         idx = P.argmax(axis=1)
