@@ -629,6 +629,12 @@ class Verify:
                              "acknowledged_lost": None, "note": "not applicable on SQLite (run --backend postgres)"})
         self.results["faults"] = rows
 
+    # How long a fault run waits for the mesh to come back after the restore. The wait
+    # ends as soon as /health has been 200 for 2 s, so only a slow recovery uses it: a
+    # restarted service on a loaded 2-core machine (load ~20) took over 110 s, and then
+    # the row said "never recovered" (recover_s None) instead of how long it took.
+    RECOVERY_WAIT_S = 300.0
+
     def under_load(self, inject, restore, hold: bool = True, label: str = "") -> dict:
         """Steady open-loop traffic; ``inject`` at t0 (after a quiet lead-in), ``restore``
         after the hold (or as soon as the fault is detected when ``hold`` is False, like
@@ -636,7 +642,7 @@ class Verify:
         p = self.profile
         # Long enough for a slow recovery; stopped (SIGUSR1) once the mesh is healthy
         # again for a while.
-        duration = p.fault_pre_s + p.fault_hold_s + 120.0
+        duration = p.fault_pre_s + p.fault_hold_s + self.RECOVERY_WAIT_S + 10.0
         started_file = self.out / "runs" / f"fault-{self.run_counter + 1}.started"
         spec = self.spec(mix=FAULT_MIX, mode="open", rate=self.steady_rate(p.fault_rate), duration_s=duration,
                          timeout_s=8.0,
@@ -679,7 +685,7 @@ class Verify:
         t_restore = time.time()
         restore()
         # Recovered: /health 200 for 2 s in a row, at least fault_post_s after the restore.
-        deadline = t_restore + 110.0
+        deadline = t_restore + self.RECOVERY_WAIT_S
         while time.time() < deadline:
             recent = [code for t, code in health if t > time.time() - 2.0]
             if time.time() - t_restore >= p.fault_post_s and len(recent) >= 10 and all(c == 200 for c in recent):
