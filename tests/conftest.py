@@ -79,7 +79,8 @@ def start_service(tmp_path):
         from services.common import config
         from services.common.server import build_server
 
-        settings = config.load(service_name=name, data_dir=tmp_path / name, **overrides)
+        settings = config.load(config.service_settings_class(name), service_name=name, data_dir=tmp_path / name,
+                               **overrides)
         module = importlib.import_module(f"services.{name}.__main__")
         servicers, closers = module.build(settings)
 
