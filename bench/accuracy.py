@@ -287,6 +287,39 @@ def calibrate_confidence(quick: bool) -> dict:
             "single_person_households": len(single)}
 
 
+def calibrate_device_confidence(quick: bool) -> dict:
+    """The device-evidence confidence map (DEVICE_CONFIDENCE_MAP_X/Y,
+    DEVICE_SINGLE_PERSON_CONFIDENCE in model.py): the same isotonic fit, on the TUNING
+    worlds only (sessions with device ids), pooling each session's confidence from a
+    batch fit and at its arrival in a time-ordered stream (the way the service sees
+    them)."""
+    from sklearn.isotonic import IsotonicRegression
+    hs = worlds.generate(worlds.TUNING, worlds_per_family=1 if quick else 2,
+                         households_per_world=4 if quick else 8)
+    conf, correct, single = [], [], []
+    for h in hs:
+        runs = [worlds_eval.hearth_batch(h, calibrated=False), worlds_eval.hearth_stream(h, calibrated=False)[:2]]
+        for labels, P in runs:
+            ok = matched_correct(h.person, labels)
+            top = P[np.arange(P.shape[0]), labels]
+            live = (P > 0).sum(axis=1)
+            single.append(ok[live <= 1])
+            conf.append(top[live > 1])
+            correct.append(ok[live > 1])
+    x, y = np.concatenate(conf), np.concatenate(correct).astype(float)
+    iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(x, y)
+    grid = np.linspace(x.min(), 1.0, 21)
+    knots_y = np.maximum.accumulate(iso.predict(grid))
+    single_ok = np.concatenate(single)
+    single_acc = float(single_ok.mean()) if single_ok.size else 1.0
+    log(f"device confidence map: x {np.round(grid, 4).tolist()} y {np.round(knots_y, 4).tolist()} "
+        f"single-person {single_acc:.4f} ({single_ok.size} sessions)")
+    return {"device_confidence_map_x": np.round(grid, 4).tolist(),
+            "device_confidence_map_y": np.round(knots_y, 4).tolist(),
+            "device_single_person_confidence": round(single_acc, 4), "sessions": int(x.size),
+            "single_person_sessions": int(single_ok.size), "households": len(hs)}
+
+
 def run_worlds(quick: bool) -> dict:
     """The randomized world families, REPORTING split only (never tuned on)."""
     split = worlds.REPORTING
@@ -322,7 +355,8 @@ def main() -> None:
         print(json.dumps(calibrate(args.quick)))
         return
     if args.calibrate_confidence:
-        print(json.dumps(calibrate_confidence(args.quick)))
+        print(json.dumps({"bare": calibrate_confidence(args.quick),
+                          "device": calibrate_device_confidence(args.quick)}))
         return
     if args.worlds_only:
         print(json.dumps({"worlds": run_worlds(args.quick), "elapsed_s": round(time.time() - t0, 1),

@@ -75,16 +75,14 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
 
-    from bench._servers import Postgres
+    from services.testing.servers import PostgresServer
     from services.clustering.migrations import MIGRATIONS
     from services.common.storage.sql import PostgresDatabase, migrate
 
     results = []
     with tempfile.TemporaryDirectory(prefix="hearth-bench-purge-") as tmp:
-        Path(tmp).chmod(0o755)   # the postgres user (as root: runuser) must reach its data dir
-        pg = Postgres(Path(tmp) / "pg")
-        pg.init()
-        pg.start()
+        Path(tmp).chmod(0o755)   # the postgres user (as root) must reach its data dir
+        pg = PostgresServer(Path(tmp) / "pg").init().start()   # production settings, tied to this run
         try:
             import psycopg
 

@@ -46,9 +46,9 @@ import httpx
 import numpy as np
 
 from bench._common import cpu_model, log
-from bench._servers import Postgres, Redis, free_port
 from services.common.child_process import spawn_tied
-from services.testing.mesh import SERVICE_MODULES, Mesh, write_api_key
+from services.testing.mesh import SERVICE_MODULES, Mesh, free_port, write_api_key
+from services.testing.servers import MissingServer, PostgresServer, RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
 MIXED = {"assign_session": 0.35, "assign_vector": 0.25, "household": 0.15, "events": 0.15,
@@ -179,8 +179,8 @@ class Verify:
     profile: Profile
     out: Path
     mesh: Mesh | None = None
-    postgres: Postgres | None = None
-    redis: Redis | None = None
+    postgres: PostgresServer | None = None
+    redis: RedisServer | None = None
     floor_procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     floor_url: str = ""
     api_key: str = ""
@@ -228,10 +228,14 @@ class Verify:
                "HEARTH_RATE_LIMIT_DEFAULT": json.dumps({"per_s": 1_000_000, "burst": 1_000_000}),
                "HEARTH_FAULT_GMM_NUMERICAL": GMM_FAULT_PREFIX}
         if self.args.backend == "postgres":
-            self.postgres = Postgres(self.out / "pg")
-            self.postgres.init()
-            self.postgres.start()
-            self.redis = Redis()
+            # Tied to this run like the mesh (PR_SET_PDEATHSIG; as root PostgreSQL runs as
+            # the postgres user without runuser, which would clear the death signal).
+            try:
+                self.postgres = PostgresServer(self.out / "pg", max_connections=300)
+                self.redis = RedisServer()
+            except MissingServer as exc:
+                raise SystemExit(f"--backend postgres: {exc}") from None
+            self.postgres.init().start()
             self.redis.start()
             env.update({"HEARTH_STORAGE": "postgres", "HEARTH_POSTGRES_DSN": self.postgres.dsn,
                         "HEARTH_REDIS_URL": self.redis.url})

@@ -13,16 +13,21 @@ import pytest
 
 from services.common.identity import Principal, Role
 from tests.helpers.servers import running_postgres, running_redis
-# Re-exported: tests/e2e/test_outages_e2e.py starts its own PostgreSQL with these.
-from tests.helpers.servers import _postgres_user, find_pg_bin as _find_pg_bin  # noqa: F401
 
 ADMIN = Principal("test-admin", Role.ADMIN)
 
 
 @pytest.fixture(scope="session")
-def postgres_dsn():
+def postgres_server():
+    """The session's PostgreSQL cluster (``.dsn``, ``.data_dir``), tied to this process:
+    the kernel kills the postmaster if pytest dies, so a crashed run leaves no server."""
     with running_postgres() as pg:
-        yield pg.dsn
+        yield pg
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn(postgres_server):
+    return postgres_server.dsn
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +79,8 @@ def start_service(tmp_path):
         from services.common import config
         from services.common.server import build_server
 
-        settings = config.load(service_name=name, data_dir=tmp_path / name, **overrides)
+        settings = config.load(config.service_settings_class(name), service_name=name, data_dir=tmp_path / name,
+                               **overrides)
         module = importlib.import_module(f"services.{name}.__main__")
         servicers, closers = module.build(settings)
 

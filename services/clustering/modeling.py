@@ -9,7 +9,8 @@ Policy (why it is shaped like this):
 * New sessions are folded in by micro-batches of ``MICRO_BATCH`` (incremental EM on
   sufficient statistics for the GMM, 1/(n+1) steps for k-means), not one by one.
 * Each micro-batch also feeds the drift detector, whose reference is the last full
-  refit; a severe alarm (``recluster``) refits at once and restarts the reference.
+  refit; every alarm refits at once and restarts the reference (see _check_drift),
+  and the model's own join/leave re-selections are stored as composition events.
 * Two replicas may update one household concurrently: the store's compare-and-swap
   makes the loser re-read and redo its update on top of the winner's, so no update is
   lost (tests/integration/test_clustering_service.py).

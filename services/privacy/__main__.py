@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from hearth.privacy.v1 import privacy_pb2_grpc as pb_grpc
 from services.common.server import run_service
-from services.common.storage.cache import open_cache
+from services.common.storage.cache import erase_prefix, open_cache
 from services.common.storage.sql import open_database
 from services.privacy.consent.app import ConsentApp
 from services.privacy.audit.app import build_audit
@@ -29,6 +29,7 @@ NAME = "privacy"
 
 def build(settings):
     """The four rooms on one database, each servicer given what it uses."""
+    settings = privacy_settings(settings)
     db = open_database(settings, NAME)
     store = ConsentStore(db, open_cache(settings, NAME))
     store.migrate()   # every room's tables: one schema history (migrations.py)
@@ -36,7 +37,7 @@ def build(settings):
     # The audit log, and this process's audit sink appending to it locally.
     audit, _, audit_closers = build_audit(settings, db)
     # Deletion jobs, receipts, export and data keys; the worker resumes unfinished jobs.
-    deletion, keys, peers = build_deletion(privacy_settings(settings), db, store)
+    deletion, keys, peers = build_deletion(settings, db, store)
     deletion.start()
     return ([(pb_grpc.add_DeletionServicer_to_server, DeletionServicer(deletion, consent, keys), DELETION),
              (pb_grpc.add_ConsentServicer_to_server, ConsentServicer(consent), CONSENT),
@@ -57,8 +58,7 @@ def build_deletion(settings, db, store):
                             settings.deletion_max_attempts),
         lease_s=settings.deletion_lease_s, poll_s=settings.deletion_poll_s,
         retention_days=settings.retention_days, retention_check_s=settings.retention_check_s,
-        on_local_erase=lambda scope: store.cache.delete_prefix(
-            "" if scope.all_accounts else f"{scope.account_id}:", strict=True))
+        on_local_erase=lambda scope: erase_prefix(store.cache, "" if scope.all_accounts else f"{scope.account_id}:"))
     return deletion, keys, peers
 
 

@@ -12,8 +12,16 @@ then, in the restored privacy database:
   (request id ``restore:<old job id>``), so the deletion worker erases the household in
   every service again when the mesh starts (Erase is idempotent).
 
+The ledger normally comes from the privacy database being replaced. When that database
+itself is lost, the off-site copy written by ``hearth ledger export`` (the chart runs it
+every few minutes next to the snapshots) takes its place: ``restore --ledger FILE``
+merges it in, and a restore without any ledger is refused unless explicitly accepted
+(``--accept-no-ledger``), so a lost privacy database never silently resurrects
+households deleted after the snapshot.
+
     hearth backup --out DIR [--keep N]            snapshot now (online), prune old ones
-    hearth restore SNAPSHOT_DIR                   services stopped; then start them
+    hearth ledger export --out FILE               the deletion ledger, for off-site copies
+    hearth restore SNAPSHOT_DIR [--ledger FILE]   services stopped; then start them
 Configuration comes from the usual HEARTH_STORAGE / HEARTH_DATA_DIR / HEARTH_POSTGRES_DSN.
 """
 
@@ -50,6 +58,71 @@ def read_ledger(db: Database) -> Ledger:
         shredded = tx.query("SELECT DISTINCT account_id FROM data_keys WHERE destroyed_at IS NOT NULL")
     jobs = {r[0]: json.loads(r[1]) for r in rows if r[2] != JobState.FAILED.value}
     return Ledger(jobs, {r[0] for r in shredded})
+
+
+LEDGER_FORMAT = "hearth-deletion-ledger/1"
+
+
+def _ledger_body(ledger: Ledger) -> dict:
+    return {"jobs": ledger.jobs, "shredded_accounts": sorted(ledger.shredded_accounts)}
+
+
+def _digest(body: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_ledger_file(ledger: Ledger, path: Path, exported_at: float | None = None) -> dict:
+    """Write ``ledger`` as an off-site export: JSON with a format tag and the SHA-256 of
+    its content, written to a temporary file, fsynced and renamed (a reader never sees
+    half a ledger), mode 0600 (it names the deleted households: a suppression list)."""
+    import os
+
+    body = _ledger_body(ledger)
+    document = {"format": LEDGER_FORMAT, "exported_at": exported_at if exported_at is not None else time.time(),
+                **body, "sha256": _digest(body)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump(document, out, sort_keys=True)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+    return {"ledger": str(path), "jobs": len(ledger.jobs), "shredded_accounts": len(ledger.shredded_accounts),
+            "exported_at": document["exported_at"], "sha256": document["sha256"]}
+
+
+def read_ledger_file(path: Path) -> Ledger:
+    """An off-site ledger export; ValueError naming the file when it is not one or its
+    checksum does not match (a truncated or edited copy must not be trusted silently)."""
+    try:
+        document = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--ledger {path}: not readable as a ledger export ({exc})") from None
+    if not isinstance(document, dict) or document.get("format") != LEDGER_FORMAT:
+        raise ValueError(f"--ledger {path}: not a {LEDGER_FORMAT} file")
+    body = {"jobs": document.get("jobs"), "shredded_accounts": document.get("shredded_accounts")}
+    if not isinstance(body["jobs"], dict) or not isinstance(body["shredded_accounts"], list):
+        raise ValueError(f"--ledger {path}: jobs / shredded_accounts missing")
+    if _digest(body) != document.get("sha256"):
+        raise ValueError(f"--ledger {path}: checksum mismatch (truncated or modified copy)")
+    return Ledger(body["jobs"], set(body["shredded_accounts"]))
+
+
+def merge_ledgers(*ledgers: Ledger) -> Ledger:
+    """Union: a deletion any copy knows is re-applied (a job id in several copies keeps
+    the most advanced state: completed over running over pending)."""
+    rank = {JobState.COMPLETED.value: 3, JobState.RUNNING.value: 2, JobState.PENDING.value: 1}
+    jobs: dict[str, dict] = {}
+    shredded: set[str] = set()
+    for ledger in ledgers:
+        shredded |= ledger.shredded_accounts
+        for job_id, data in ledger.jobs.items():
+            if rank.get(data.get("state"), 0) >= rank.get(jobs.get(job_id, {}).get("state"), 0):
+                jobs[job_id] = data
+    return Ledger(jobs, shredded)
 
 
 def reapply_ledger(db: Database, ledger: Ledger, now: datetime | None = None) -> dict:
@@ -90,6 +163,32 @@ def _privacy_db(settings) -> Database:
     return db
 
 
+def _privacy_db_exists(settings) -> bool:
+    """Whether there is a privacy database to read the ledger from (PostgreSQL: its
+    schema has the deletion_jobs table; SQLite: the file exists)."""
+    if settings.storage != "postgres":
+        return (Path(settings.data_dir) / "privacy.db").exists()
+    import psycopg
+
+    with psycopg.connect(settings.postgres_dsn) as conn:
+        row = conn.execute("SELECT to_regclass('hearth_privacy.deletion_jobs')").fetchone()
+    return row is not None and row[0] is not None
+
+
+def run_ledger_export(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if not _privacy_db_exists(settings):
+        raise ValueError("no privacy database to export the deletion ledger from "
+                         "(HEARTH_STORAGE / HEARTH_DATA_DIR / HEARTH_POSTGRES_DSN)")
+    db = _privacy_db(settings)
+    try:
+        ledger = read_ledger(db)
+    finally:
+        db.close()
+    print(json.dumps(write_ledger_file(ledger, Path(args.out))))
+    return 0
+
+
 def run_backup(args: argparse.Namespace) -> int:
     settings = _settings(args)
     out = Path(args.out)
@@ -110,15 +209,22 @@ def run_restore(args: argparse.Namespace) -> int:
     if snap.backend != settings.storage:
         raise ValueError(f"snapshot is {snap.backend}, HEARTH_STORAGE is {settings.storage}")
     snap.verify()
-    # The ledger of the database being replaced: read it before anything is overwritten.
+    # The ledger of the database being replaced: read it before anything is overwritten;
+    # merged with the off-site exports given (all of them: a deletion any copy knows).
+    offsite = [read_ledger_file(Path(p)) for p in args.ledger or ()]
     ledger = Ledger({}, set())
-    current_exists = settings.storage == "postgres" or (Path(settings.data_dir) / "privacy.db").exists()
+    current_exists = _privacy_db_exists(settings)
     if current_exists:
         db = _privacy_db(settings)
         try:
             ledger = read_ledger(db)
         finally:
             db.close()
+    elif not offsite and not args.accept_no_ledger:
+        raise ValueError("the privacy database to be replaced is gone, so the deletions made since the snapshot "
+                         "are unknown: pass --ledger FILE (the off-site `hearth ledger export`), or "
+                         "--accept-no-ledger to restore anyway")
+    ledger = merge_ledgers(ledger, *offsite)
     if snap.backend == "postgres":
         restored = snapshots.restore_postgres(snap, settings.postgres_dsn)
     else:
@@ -130,7 +236,8 @@ def run_restore(args: argparse.Namespace) -> int:
         db.close()
     print(json.dumps({"restored": restored, "snapshot_taken_at": snap.taken_at,
                       "snapshot_age_s": round(time.time() - snap.taken_at, 3),
-                      "ledger_jobs": len(ledger.jobs), **report,
+                      "ledger_jobs": len(ledger.jobs), "ledger_sources": (["database"] if current_exists else [])
+                      + [str(p) for p in args.ledger or ()], **report,
                       "restore_s": round(time.monotonic() - started, 3)}))
     return 0
 
@@ -145,4 +252,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                                                     "re-applying every deletion since")
     restore.add_argument("snapshot", help="a hearth-<timestamp>/ directory written by `hearth backup`")
     restore.add_argument("--data-dir", help="SQLite data directory (default HEARTH_DATA_DIR)")
+    restore.add_argument("--ledger", action="append", metavar="FILE",
+                         help="an off-site deletion ledger (`hearth ledger export`); repeatable, merged")
+    restore.add_argument("--accept-no-ledger", action="store_true",
+                         help="restore even though neither the privacy database nor --ledger says what was "
+                              "deleted since the snapshot")
     restore.set_defaults(func=run_restore)
+    ledger = subparsers.add_parser("ledger", help="the deletion ledger (for restores after losing the privacy db)")
+    commands = ledger.add_subparsers(dest="ledger_command", required=True)
+    export = commands.add_parser("export", help="write every deletion job and shredded key to FILE (atomic)")
+    export.add_argument("--out", required=True, help="the file to (over)write, e.g. on the off-site volume")
+    export.add_argument("--data-dir", help="SQLite data directory (default HEARTH_DATA_DIR)")
+    export.set_defaults(func=run_ledger_export)

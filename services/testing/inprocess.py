@@ -89,7 +89,6 @@ def start(data_dir: Path, *, storage: str = "sqlite", postgres_dsn: str = "", re
     """Build and start ``services`` on free ports. ``privacy``: overrides of
     ``PrivacySettings`` (the retention purge is off unless given)."""
     from services.testing.mesh import free_port
-    from services.privacy.settings import PrivacySettings
 
     ports = {s: free_port() for s in SERVICES}
     addresses = {s: f"127.0.0.1:{p}" for s, p in ports.items()}
@@ -97,10 +96,7 @@ def start(data_dir: Path, *, storage: str = "sqlite", postgres_dsn: str = "", re
                   metrics_port=0, **{f"{s}_addr": a for s, a in addresses.items()})
     mesh = InProcessMesh(addresses, ports=ports)
     for name in services:
-        if name == "privacy":
-            mesh.settings[name] = config.load(PrivacySettings, service_name=name,
-                                              **{"retention_check_s": 0.0, **common, **dict(privacy or {})})
-        else:
-            mesh.settings[name] = config.load(config.ServiceSettings, service_name=name, **common)
+        own = {"retention_check_s": 0.0, **dict(privacy or {})} if name == "privacy" else {}
+        mesh.settings[name] = config.load(config.service_settings_class(name), service_name=name, **common, **own)
         mesh.start_service(name)
     return mesh

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 import socket
 import subprocess
@@ -26,7 +27,32 @@ SERVICE_MODULES = ("clustering", "attribution", "privacy", "feedback")
 ROOT = Path(__file__).resolve().parents[2]   # the repository
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999   # Linux's default
+
+
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing is bound to now, for a server started next.
+
+    Chosen at random *below* the kernel's ephemeral range: every outgoing connection on
+    the machine (load generators, database clients, other test runs) takes its local port
+    from that range, so a port picked there can be taken between this check and the
+    server's bind — a process that then exits at start-up with "address in use". Falls
+    back to a kernel-chosen port where the range leaves no room."""
+    low, _ = _ephemeral_ports()
+    if low > 12000:
+        for _ in range(100):
+            port = random.randrange(10000, low)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -114,7 +140,8 @@ class Mesh:
         while time.monotonic() < deadline:
             for name, proc in self.processes.items():
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with code {proc.returncode} during start-up")
+                    raise RuntimeError(f"{name} exited with code {proc.returncode} during start-up"
+                                       f"{self.log_tail(name)}")
             try:
                 r = httpx.get(self.url + "/health", timeout=2.0)
                 last = r.json()
@@ -124,6 +151,13 @@ class Mesh:
                 last = exc
             time.sleep(0.2)
         raise TimeoutError(f"mesh not healthy after {timeout_s}s: {last}")
+
+    def log_tail(self, name: str, chars: int = 2000) -> str:
+        """The end of a process's log (when the mesh keeps logs), to say why it died."""
+        path = self.log_dir / f"{name}.log" if self.log_dir is not None else None
+        if path is None or not path.exists():
+            return ""
+        return f"; the end of {path}:\n" + path.read_bytes()[-chars:].decode(errors="replace")
 
     def stop_process(self, name: str, timeout_s: float = 10.0) -> None:
         proc = self.processes.pop(name, None)

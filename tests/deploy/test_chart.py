@@ -264,10 +264,13 @@ def test_shutdown_budget_covers_prestop_sleep_and_the_drain_grace(render):
 
 def _settings_classes() -> dict[str, type]:
     """The settings class each process validates its environment with."""
+    from services.attribution.settings import AttributionSettings
+    from services.clustering.settings import ClusteringSettings
     from services.feedback.settings import FeedbackSettings
     from services.privacy.settings import PrivacySettings
 
-    return {"privacy": PrivacySettings, "feedback": FeedbackSettings}
+    return {"privacy": PrivacySettings, "feedback": FeedbackSettings, "clustering": ClusteringSettings,
+            "attribution": AttributionSettings}
 
 
 SETTINGS_CLASSES = _settings_classes()
@@ -531,7 +534,7 @@ def test_object_names_fit_a_dns_label_even_for_a_long_release_name(helm, helm_en
 def test_backup_cronjob_snapshots_postgres_into_the_claim(render):
     assert not by_kind(render(), "CronJob")
     objects = render(values_files=(PRODUCTION_VALUES,))
-    (cron,) = by_kind(objects, "CronJob").values()
+    cron = by_kind(objects, "CronJob")["hearth-backup"]
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
     pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]
@@ -562,7 +565,7 @@ def test_each_component_runs_under_its_own_service_account_without_a_token(rende
         assert accounts[component_name(component)]["automountServiceAccountToken"] is False
         names.add(pod["serviceAccountName"])
     assert len(names) == len(COMPONENTS)
-    (cron,) = by_kind(objects, "CronJob").values()
+    cron = by_kind(objects, "CronJob")["hearth-backup"]
     assert cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["serviceAccountName"] in accounts
 
 

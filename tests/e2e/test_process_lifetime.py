@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -106,3 +108,67 @@ def test_children_of_a_killed_pytest_die_with_it(tmp_path):
         for pid in json.loads(pids_file.read_text())["all"] if pids_file.exists() else []:
             if _alive(pid):  # never leave anything behind, even when the assertion failed
                 os.kill(pid, signal.SIGKILL)
+
+
+VERIFY_OWNER = '''
+import json, os, sys, time
+from pathlib import Path
+
+from bench.verify import PostgresServer, RedisServer
+
+# As `make verify --backend postgres` starts them (production settings, fsync on).
+pg = PostgresServer(Path(sys.argv[1]), max_connections=300).init().start()
+rd = RedisServer().start()
+Path(sys.argv[2] + ".tmp").write_text(json.dumps({"postmaster": pg.proc.pid, "redis": rd.proc.pid}))
+os.rename(sys.argv[2] + ".tmp", sys.argv[2])
+time.sleep(600)
+'''
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def test_the_postgresql_and_redis_of_a_killed_verify_run_die_with_it(tmp_path):
+    """bench.verify used to start PostgreSQL through runuser, which clears the death
+    signal: a killed verify run left the server running. It now uses the same tied
+    servers as the tests (services/testing/servers.py)."""
+    pids_file = tmp_path / "pids.json"
+    base = Path(tempfile.mkdtemp(prefix="hearth-pg-verify-"))   # the postgres user can enter it
+    owner = subprocess.Popen([sys.executable, "-c", VERIFY_OWNER, str(base), str(pids_file)],
+                             cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    pids: dict = {}
+    try:
+        deadline = time.monotonic() + 180
+        while not pids_file.exists():
+            assert owner.poll() is None, owner.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "PostgreSQL and Redis did not start in time"
+            time.sleep(0.2)
+        pids = json.loads(pids_file.read_text())
+        servers = [pids["postmaster"], pids["redis"], *_children(pids["postmaster"])]
+        assert len(servers) >= 2 + 3 and all(_alive(p) for p in servers)   # + checkpointer, walwriter, ...
+
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait(10)
+        deadline = time.monotonic() + 60
+        while (alive := [p for p in servers if _alive(p)]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive, {p: Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in alive}
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+        for pid in [pids.get("postmaster"), pids.get("redis")]:
+            if pid and _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(base, ignore_errors=True)

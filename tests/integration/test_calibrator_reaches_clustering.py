@@ -37,7 +37,7 @@ def feedback_server(tmp_path):
 
     running = build_server("feedback", register, port=0)
     running.on_stop.extend(closers)
-    yield running, servicers[0][1].app
+    yield running, servicers[0][1]   # the servicer holds the rooms (intake, calibration, experiments)
     running.stop(0)
 
 
@@ -53,21 +53,21 @@ def _over_confident_feedback(app, variant: str, n: int = 600) -> None:
         items.append(PredictionRecord(f"c{i}", f"acc-{i % 31}", f"s{i}", top, probs, variant, 1,
                                       NOW - 7200, False, k))
         labels.append((f"c{i}", top, f"p{int(stream.labels[i]) + 1}"))
-    app.record_predictions(items)
+    app.intake.record_predictions(items)
     for pid, top, truth in labels:
         if truth == top:
-            app.record_feedback(f"f-{pid}", pid, SignalKind.PROFILE_CONFIRMED, None, NOW - 60)
+            app.intake.record_feedback(f"f-{pid}", pid, SignalKind.PROFILE_CONFIRMED, None, NOW - 60)
         else:
-            app.record_feedback(f"f-{pid}", pid, SignalKind.PROFILE_CORRECTED, truth, NOW - 60)
+            app.intake.record_feedback(f"f-{pid}", pid, SignalKind.PROFILE_CORRECTED, truth, NOW - 60)
 
 
 def test_feedback_changes_the_confidence_later_assignments_return(feedback_server, database):
     running, feedback_app = feedback_server
     peer = FeedbackPeer(f"127.0.0.1:{running.port}")
     # Nothing fitted yet: the peer's call is allowed and answers "no calibrator".
-    assert peer._stub.GetCalibrator(fpb.GetCalibratorRequest(variant="gmm")).version == 0
+    assert peer.peer.call("GetCalibrator", fpb.GetCalibratorRequest(variant="gmm")).version == 0
     _over_confident_feedback(feedback_app, "gmm")
-    fitted = feedback_app.recalibrate(["gmm"])
+    fitted = feedback_app.calibration.recalibrate(["gmm"])
     assert fitted["gmm"].method != "identity"
 
     clustering = _app(database)

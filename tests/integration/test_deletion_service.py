@@ -145,6 +145,10 @@ def test_device_scope_erases_that_device_everywhere_and_receipt_verifies(mesh, s
     assert receipt["total_count"] == 9 and receipt["requested_by"] == {"principal": "olivia",
                                                                        "role": "privacy_officer"}
     assert verify_cli(mesh, job.receipt_json, tmp_path) == 0
+    # The privacy service's own step is in the receipt too: its cached copies of the
+    # device's household (none outside a household deletion's key) are gone.
+    assert [(p["store"], p["where"]) for p in receipt["services"]["privacy"]["purges"]] == [
+        ("memory", f"hearth:privacy:{acct}:*")]
 
 
 def test_forged_receipt_is_rejected_by_cli_and_service(mesh, stubs, tmp_path):
@@ -208,6 +212,16 @@ def test_household_scope_leaves_no_remnant_and_shreds_the_key_of_old_copies(mesh
     _, job = delete(stubs, common_pb2.ErasureScope(account_id=acct, household=True))
     assert job.state == ppb.JOB_STATE_COMPLETED, job
     assert counts(job)["privacy"] == {"data_keys": 1}
+    # What the privacy service purged itself is signed into the receipt, where and when:
+    # its cached copies, then the destroyed key, overwritten and checkpointed out of the WAL.
+    receipt = json.loads(job.receipt_json)["receipt"]
+    own = receipt["services"]["privacy"]["purges"]
+    assert [p["store"] for p in own] == ["memory", "sqlite"] and all(p["complete"] for p in own), own
+    assert own[0]["where"] == f"hearth:privacy:{acct}:*"
+    assert own[1]["where"].endswith("privacy.db") and "tombstone" in own[1]["action"], own[1]
+    assert "wal_checkpoint(TRUNCATE)" in own[1]["action"]
+    assert all(receipt["requested_at"] <= p["at"] <= receipt["completed_at"] for p in own), own
+    assert verify_cli(mesh, job.receipt_json, tmp_path) == 0
     for service, table in [("clustering", "events"), ("clustering", "sessions"), ("clustering", "devices"),
                            ("attribution", "touchpoints"), ("feedback", "predictions")]:
         assert rows(mesh, service, f"SELECT COUNT(*) FROM {table} WHERE account_id = ?", (acct,)) == [(0,)], table

@@ -50,6 +50,8 @@ MODEL_FORMAT_VERSION = 1
 MIN_SESSIONS = 10
 BIC_PENALTY = 1.0         # multiplier of BIC's parameter charge (tuned on TUNING worlds)
 RESELECT_EVERY = 10       # new sessions between checks of the number of persons
+SHARED_ONLY_BIC_PENALTY = 1.0  # see HouseholdModel._penalty
+DEVICE_CRITERION: str | None = "bic"  # see HouseholdModel._criterion
 DEVICE_REFIT_EVERY = 40   # with personal devices: sessions between device-first refits of the buffer
 RECENT_WINDOW = 40        # sessions a newcomer / a leaver is looked for in
 BUFFER_CAP = 1000         # sessions the re-selection refits on (the newest)
@@ -115,7 +117,17 @@ CONFIDENCE_MAP_Y = np.array([0.0, 0.0, 0.0321, 0.4, 0.4, 0.4862, 0.4862, 0.4862,
 SINGLE_PERSON_CONFIDENCE = 0.8467
 
 
-def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None) -> np.ndarray:
+# The same for households whose sessions carry device ids (device evidence first,
+# persons.py): fitted on the TUNING worlds only — batch fits and time-ordered streams
+# pooled — by `python -m bench.accuracy --calibrate-confidence`. Bare vectors (no device
+# ids: Hearth's own simulator, AssignSessions with vectors) keep the map above.
+# (48 households, 7216 multi-person + 3774 one-person-model session answers, 2026-12-03)
+DEVICE_CONFIDENCE_MAP_X = np.array([0.2922, 0.3276, 0.363, 0.3984, 0.4338, 0.4692, 0.5045, 0.5399, 0.5753, 0.6107, 0.6461, 0.6815, 0.7169, 0.7523, 0.7877, 0.8231, 0.8584, 0.8938, 0.9292, 0.9646, 1.0])
+DEVICE_CONFIDENCE_MAP_Y = np.array([0.0, 0.0, 0.0, 0.4412, 0.4427, 0.4427, 0.4427, 0.4653, 0.5152, 0.5152, 0.5152, 0.5378, 0.6067, 0.6077, 0.6918, 0.7517, 0.7517, 0.7517, 0.7925, 0.8156, 1.0])
+DEVICE_SINGLE_PERSON_CONFIDENCE = 0.708
+
+
+def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None, device: bool = False) -> np.ndarray:
     """(N, K) probabilities with the top label mapped through the confidence map and
     the other persons rescaled to share the rest (never below 1/K, so the argmax is
     kept for two persons). ``n_live`` (N,): persons per row when rows are padded (the
@@ -127,10 +139,12 @@ def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None) -> np.
     rows = np.arange(P.shape[0])
     idx = P.argmax(axis=1)
     top = P[rows, idx]
-    new_top = np.interp(top, CONFIDENCE_MAP_X, CONFIDENCE_MAP_Y).astype(P.dtype)
+    xs, ys, one = ((DEVICE_CONFIDENCE_MAP_X, DEVICE_CONFIDENCE_MAP_Y, DEVICE_SINGLE_PERSON_CONFIDENCE) if device
+                   else (CONFIDENCE_MAP_X, CONFIDENCE_MAP_Y, SINGLE_PERSON_CONFIDENCE))
+    new_top = np.interp(top, xs, ys).astype(P.dtype)
     new_top = np.maximum(new_top, 1.0 / np.maximum(n_live, 1))
     single = n_live <= 1
-    new_top[single] = SINGLE_PERSON_CONFIDENCE
+    new_top[single] = one
     rest = np.maximum(1.0 - top, 1e-12)
     out = P * ((1.0 - new_top) / rest)[:, None]
     out[rows, idx] = new_top
@@ -423,6 +437,29 @@ class HouseholdModel:
         slots = np.rint(Xa[:, F.FEATURE_DIM]).astype(np.int64)
         return personal_device_groups(Xa[:, :F.FEATURE_DIM], slots)
 
+    def _device_ids_known(self, X: np.ndarray) -> bool:
+        return (self.device_evidence and X.shape[1] == F.FEATURE_DIM + 1
+                and bool((X[:, F.FEATURE_DIM] >= 0).any()))
+
+    def _criterion(self, X: np.ndarray) -> str:
+        """Model-selection criterion. ``bic_eff`` below SMALL_HOUSEHOLD sessions was
+        chosen for bare vectors, where a kid's tablet is only a device *type*; with
+        device ids a personal device is its own evidence and the small-sample criterion
+        splits one person's first sessions by kind (DEVICE_CRITERION, TUNING worlds)."""
+        if self._device_ids_known(X):
+            return DEVICE_CRITERION or _criterion(X.shape[0])
+        return _criterion(X.shape[0])
+
+    def _penalty(self, X: np.ndarray) -> float:
+        """BIC's parameter-charge multiplier. Device ids known but no personal device
+        (every session on a TV, console, ...): nothing but content and hours says there
+        is more than one person, and the mixture splits one person's sessions by kind
+        (docs/clustering.md), so a second person must explain more
+        (SHARED_ONLY_BIC_PENALTY, tuned on the TUNING worlds)."""
+        if self._device_ids_known(X) and not (self._device_groups(X) >= 0).any():
+            return max(self.bic_penalty, SHARED_ONLY_BIC_PENALTY)
+        return self.bic_penalty
+
     def _fit_gmm(self, X: np.ndarray, labels: list[str | None] | None, label_names: list[str],
                  keys: np.ndarray) -> None:
         if label_names:
@@ -437,7 +474,7 @@ class HouseholdModel:
         self.device_group_count = int(clamp.max()) + 1 if not label_names else 0
         if clamp.max() < 0:
             self.mixture = fit_select_k(X, self.k_max, self.family, self.seed, self.n_init,
-                                        criterion=_criterion(X.shape[0]), keys=keys, penalty=self.bic_penalty,
+                                        criterion=self._criterion(X), keys=keys, penalty=self._penalty(X),
                                         extra_inits=self._device_inits(X)).model
             self._reset_buffer(X, keys)
             return
@@ -447,7 +484,7 @@ class HouseholdModel:
         best: tuple[float, Mixture] | None = None
         # Candidate 1: the unsupervised solution with its components renamed after the
         # labels they hold most of (so a few labels never do worse than none).
-        free = fit_select_k(X, self.k_max, self.family, self.seed, self.n_init, criterion=_criterion(X.shape[0]))
+        free = fit_select_k(X, self.k_max, self.family, self.seed, self.n_init, criterion=self._criterion(X))
         pred = free.model.predict_proba(X).argmax(axis=1)
         k_free = free.model.n_components
         counts = np.zeros((L, k_free))
@@ -459,7 +496,7 @@ class HouseholdModel:
             rename = np.empty(k_free, dtype=np.int64)
             rename[order + rest] = np.arange(k_free)
             m, _ = fit_em(X, k_free, self.family, rng, clamp=clamp, keys=keys, init_labels=rename[pred])
-            best = (m.score(X, _criterion(X.shape[0])), m)
+            best = (m.score(X, self._criterion(X)), m)
         # Candidates 2: label means as seeds plus k-means++ seeds for unlabelled persons.
         for k in range(L, max(L, min(self.k_max, X.shape[0])) + 1):
             centers = [Z[clamp == j].mean(axis=0) for j in range(L)]
@@ -468,7 +505,7 @@ class HouseholdModel:
             C = np.array(centers)
             init = ((Z[:, None, :] - C[None]) ** 2).sum(axis=2).argmin(axis=1)
             m, _ = fit_em(X, k, self.family, rng, clamp=clamp, keys=keys, init_labels=init)
-            score = m.score(X, _criterion(X.shape[0]))
+            score = m.score(X, self._criterion(X))
             if best is None or score < best[0]:
                 best = (score, m)
         assert best is not None
@@ -629,14 +666,14 @@ class HouseholdModel:
         lj = mix.log_joint(X)
         current = lj.argmax(axis=1)
         rng = np.random.default_rng(self.seed + n)
-        crit = _criterion(n)
+        crit = self._criterion(X)
 
         def refit(k_new: int, init: np.ndarray) -> tuple[float, Mixture] | None:
             try:
                 m, _ = fit_em(X, k_new, self.family, rng, keys=self.buffer_keys, init_labels=init, max_iter=40)
             except (MixtureNumericalError, ValueError):
                 return None
-            return m.score(X, crit, self.bic_penalty), m
+            return m.score(X, crit, self._penalty(X)), m
 
         base = refit(k, current)
         if base is None:
@@ -754,7 +791,8 @@ class HouseholdModel:
         else:
             P = self._proba(self._augment(X, slots))
             if self.calibrated and self.mixture is not None:
-                P = calibrate_confidence(P)
+                # device map: the sessions carry device ids the model knows
+                P = calibrate_confidence(P, device=bool(self.device_evidence and (slots >= 0).any()))
             ids = tuple(self.person_ids)
             strategy = self.active_variant
         idx = P.argmax(axis=1)

@@ -200,3 +200,16 @@ def open_cache(settings, service: str) -> Cache:
     cache = RedisCache(settings.redis_url, service)
     health_report.register("redis", cache.ping)
     return cache
+
+
+def erase_prefix(cache: Cache, prefix: str) -> dict:
+    """Delete every key under ``prefix`` for an erasure (strict: raises ``Unavailable``
+    while Redis is unreachable, so the deletion job retries) and describe it as a purge
+    step of the deletion receipt: ``{"store", "where", "action", "at", "complete"}``."""
+    started = time.time()
+    removed = cache.delete_prefix(prefix, strict=True)
+    namespace = getattr(cache, "_ns", "")
+    return {"store": "redis" if isinstance(cache, RedisCache) else "memory",
+            "where": f"{namespace}{prefix}*", "action": f"DEL ({removed} keys)", "at": started,
+            "complete": True}
+

@@ -94,27 +94,25 @@ class GrpcPeers:
     permission matrix decides who may read a household) on the data-holding services."""
 
     def __init__(self, addresses: Mapping[str, str], erase_timeout_s: float, export_timeout_s: float = 30.0) -> None:
-        from services.common.client import peer_channel
+        from services.common.client import Peer
 
-        self._channels = {s: peer_channel(addresses[s], "privacy", erase_timeout_s) for s in PEER_SERVICES}
-        self._stubs = {s: common_pb2_grpc.DataHolderStub(channel) for s, channel in self._channels.items()}
-        self._erase_timeout = erase_timeout_s
+        self._peers = {s: Peer(addresses[s], "privacy", common_pb2_grpc.DataHolderStub, erase_timeout_s)
+                       for s in PEER_SERVICES}
         self._export_timeout = export_timeout_s
-        self._me = identity.service_principal("privacy")
 
     def erase(self, service: str, scope: common_pb2.ErasureScope, job_id: str) -> common_pb2.ErasureResult:
-        with identity.acting_as(self._me):
-            request = common_pb2.EraseRequest(scope=scope, job_id=job_id)
-            return self._stubs[service].Erase(request, timeout=self._erase_timeout).result
+        request = common_pb2.EraseRequest(scope=scope, job_id=job_id)
+        return self._peers[service].call("Erase", request).result
 
     def export(self, service: str, account_id: str) -> dict:
         request = common_pb2.ExportAccountRequest(account_id=account_id)
-        response = self._stubs[service].ExportAccount(request, timeout=self._export_timeout)
+        response = self._peers[service].call("ExportAccount", request, timeout_s=self._export_timeout,
+                                             on_behalf_of_caller=True)
         return json.loads(response.json)
 
     def close(self) -> None:
-        for channel in self._channels.values():
-            channel.close()
+        for peer in self._peers.values():
+            peer.close()
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -136,7 +134,7 @@ class DeletionCoordinator:
                  signing_key: Ed25519PrivateKey, *, policy: RetryPolicy = RetryPolicy(),
                  lease_s: float = 30.0, poll_s: float = 1.0, workers: int = 4,
                  retention_days: float = 90.0, retention_check_s: float = 0.0,
-                 on_local_erase: Callable[[ErasureScope], None] | None = None,
+                 on_local_erase: Callable[[ErasureScope], Mapping[str, Any] | None] | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.jobs = jobs
         self.peers = peers
@@ -328,9 +326,10 @@ class DeletionCoordinator:
 
     def _erase(self, service: str, job: DeletionJob) -> tuple[ServiceDeletion, dict[str, int], bool]:
         if service == "privacy":
-            ids = self._erase_local(job)
+            ids, local_purges = self._erase_local(job)
             counts = {"data_keys": len(ids)} if ids else {}
-            return ServiceDeletion(len(ids), ids_digest(ids).hex()), counts, not ids
+            purges = tuple({**p, "at": format_ts(datetime.fromtimestamp(p["at"], UTC))} for p in local_purges)
+            return ServiceDeletion(len(ids), ids_digest(ids).hex(), purges), counts, not ids
         result = self.peers.erase(service, erasure.scope_to_pb(job.scope), job.job_id)
         counts = {k: int(v) for k, v in sorted(result.deleted_counts.items()) if v}
         purges = tuple({"store": p.store, "where": p.location, "action": p.action,
@@ -339,18 +338,23 @@ class DeletionCoordinator:
         return (ServiceDeletion(sum(counts.values()), result.deleted_ids_sha256.hex(), purges), counts,
                 bool(result.already_erased))
 
-    def _erase_local(self, job: DeletionJob) -> list[str]:
-        """The privacy service's own part: a household deletion crypto-shreds the data
-        key (after every other service erased, so nothing is left to read with it)."""
+    def _erase_local(self, job: DeletionJob) -> tuple[list[str], list[dict]]:
+        """The privacy service's own part: its cached copies of the scope (consent
+        answers) go, and a household deletion crypto-shreds the data key (after every
+        other service erased, so nothing is left to read with it). Returns the ids of
+        the destroyed keys and the purge steps (epoch ``at``) for the receipt."""
         scope = job.scope
+        purges: list[dict] = []
         if self._on_local_erase is not None:
-            self._on_local_erase(scope)
+            cache_purge = self._on_local_erase(scope)
+            if cache_purge:
+                purges.append(dict(cache_purge))
         if scope.kind != "household" or self.keys is None:
-            return []
-        ids = self.keys.shred(scope.account_id)
+            return [], purges
+        ids = self.keys.shred(scope.account_id, purges)
         if ids:
             self._audit(audit.KEY_DESTROYED, job, details={"job_id": job.job_id, "keys": len(ids)})
-        return ids
+        return ids, purges
 
     # ---- retention -----------------------------------------------------------------------
 

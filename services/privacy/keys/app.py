@@ -142,16 +142,17 @@ class KeyService:
             except KeyNotFoundError as exc:
                 raise NotFound(str(exc), "dek_version" if version else "account_id") from None
 
-    def shred(self, account_id: str) -> list[str]:
+    def shred(self, account_id: str, purges: list[dict] | None = None) -> list[str]:
         """Destroy every DEK version of the household; returns the ids of the destroyed
-        keys (``data_key:<account>:v<n>``) for the deletion receipt. Idempotent."""
+        keys (``data_key:<account>:v<n>``) for the deletion receipt, and appends the
+        physical purge of the old wrapped keys to ``purges``. Idempotent."""
         with self._lock:
             self._refresh(account_id, force=True)
             if not self.ring.records(account_id):
                 return []
             already = {r.dek_version for r in self.ring.records(account_id) if r.destroyed}
             tombstones = self.ring.destroy_dek(account_id, self._clock())
-            self.store.overwrite([t for t in tombstones if t.dek_version not in already])
+            self.store.overwrite([t for t in tombstones if t.dek_version not in already], purges)
         return [f"data_key:{account_id}:v{t.dek_version}" for t in tombstones
                 if t.dek_version not in already]
 

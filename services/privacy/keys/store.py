@@ -38,8 +38,10 @@ class DataKeyStore:
                 (record.account_id, record.dek_version, record.kek_id, record.wrapped,
                  record.created_at.isoformat())) == 1
 
-    def overwrite(self, records: Iterable[WrappedDek]) -> int:
-        """Store re-wrapped keys or tombstones over the existing rows, in place."""
+    def overwrite(self, records: Iterable[WrappedDek], purges: list[dict] | None = None) -> int:
+        """Store re-wrapped keys or tombstones over the existing rows, in place. When
+        tombstones were written, the physical purge that follows is appended to
+        ``purges`` (the deletion receipt lists it)."""
         records = list(records)
         if not records:
             return 0
@@ -57,5 +59,7 @@ class DataKeyStore:
         if any(r.destroyed for r in records):
             # The old page images also sit in the write-ahead log (SQLite: checkpoint) or in
             # dead tuples and WAL (PostgreSQL: VACUUM FULL of the small key table, WAL segments removed).
-            self.db.purge_erased(("data_keys",))
+            purge = self.db.purge_erased(("data_keys",))
+            if purges is not None:
+                purges.append({**purge, "action": f"wrapped key overwritten by a tombstone; {purge['action']}"})
         return len(records)

@@ -1,0 +1,87 @@
+"""The restore drill when the privacy database itself is lost, through real processes:
+the deletion ledger exported off-site (`hearth ledger export`) after a deletion made
+after the snapshot is what keeps that household deleted. Without any ledger the restore
+is refused, never silently resurrecting it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import httpx
+
+from services.testing.mesh import ROOT, Mesh, write_api_key
+from tests.e2e.test_restore_drill import DAY, _event_count, _events, _hearth, _rows
+
+
+def _hearth_fails(mesh: Mesh, *args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=ROOT, env=mesh.env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    return done.stderr
+
+
+def test_offsite_ledger_keeps_later_deletions_deleted_after_losing_the_privacy_database(tmp_path):
+    mesh = Mesh.on_free_ports(tmp_path / "var", log_dir=tmp_path / "logs")
+    mesh.data_dir.mkdir(parents=True)
+    key = write_api_key(mesh.data_dir / "gateway-keys.json", "drill-admin", "admin")
+    backups, offsite = tmp_path / "backups", tmp_path / "offsite"
+    t0 = time.time() - 3 * DAY
+    mesh.start()
+    try:
+        mesh.wait_healthy(120)
+        with httpx.Client(base_url=mesh.url, headers={"X-API-Key": key}, timeout=30) as client:
+            for account in ("ledger-keep", "ledger-gone"):
+                assert client.post("/v1/events", json={"events": _events(account, t0, 6)}).status_code == 200
+            snapshot = _hearth(mesh, "backup", "--out", str(backups))
+            r = client.post("/v1/delete", json={"scope": {"kind": "household", "account_id": "ledger-gone"},
+                                                "reason": "gdpr_art17"})
+            assert r.status_code == 202, r.text
+            deleted_job = r.json()["job_id"]
+            deadline = time.monotonic() + 60
+            while client.get(f"/v1/delete/{deleted_job}").json()["state"] != "completed":
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            # The off-site export, as the chart's CronJob writes it while the mesh runs.
+            exported = _hearth(mesh, "ledger", "export", "--out", str(offsite / "deletion-ledger.json"))
+            assert exported["jobs"] >= 1 and exported["shredded_accounts"] >= 1
+        mesh.stop()
+        ledger_file = offsite / "deletion-ledger.json"
+        assert oct(ledger_file.stat().st_mode & 0o777) == "0o600"
+        assert deleted_job in json.loads(ledger_file.read_text())["jobs"]
+
+        # The node is lost together with the privacy database (and its WAL).
+        for suffix in ("", "-wal", "-shm"):
+            (mesh.data_dir / f"privacy.db{suffix}").unlink(missing_ok=True)
+        # No ledger anywhere: refused, naming the way out.
+        assert "--ledger" in _hearth_fails(mesh, "restore", snapshot["snapshot"])
+        # A tampered copy is refused too.
+        tampered = offsite / "tampered.json"
+        document = json.loads(ledger_file.read_text())
+        document["shredded_accounts"] = []
+        tampered.write_text(json.dumps(document))
+        assert "checksum" in _hearth_fails(mesh, "restore", snapshot["snapshot"], "--ledger", str(tampered))
+        assert not (mesh.data_dir / "privacy.db").exists()
+
+        report = _hearth(mesh, "restore", snapshot["snapshot"], "--ledger", str(ledger_file))
+        assert report["ledger_sources"] == [str(ledger_file)]
+        assert [j["replaces"] for j in report["requeued_jobs"]] == [deleted_job]
+        assert report["keys_tombstoned"] >= 1
+        keys = _rows(mesh.data_dir / "privacy.db", "SELECT wrapped, destroyed_at FROM data_keys WHERE account_id = ?",
+                     ("ledger-gone",))
+        assert keys and all(bytes(w) == b"" and d for w, d in keys)
+
+        mesh.start()
+        mesh.wait_healthy(120)
+        with httpx.Client(base_url=mesh.url, headers={"X-API-Key": key}, timeout=30) as client:
+            (requeued,) = report["requeued_jobs"]
+            deadline = time.monotonic() + 60
+            while client.get(f"/v1/delete/{requeued['job_id']}").json()["state"] != "completed":
+                assert time.monotonic() < deadline, client.get(f"/v1/delete/{requeued['job_id']}").json()
+                time.sleep(0.1)
+            assert client.get("/v1/household/ledger-gone").status_code == 404
+            assert _event_count(client, "ledger-keep") == 6
+    finally:
+        mesh.stop()

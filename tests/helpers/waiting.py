@@ -1,0 +1,49 @@
+"""Waiting on conditions the way a robust client does, for tests that run through real
+processes on a machine that may be heavily loaded (CI shares 2 cores with other work).
+
+Deadlines here are generous on purpose: a test waits for a *condition* and returns as
+soon as it holds, so a long deadline costs nothing when the machine is idle and only
+turns a slow pass under load into a pass instead of a spurious failure. What the tests
+assert is unchanged: the condition must still hold in the end.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import httpx
+
+T = TypeVar("T")
+
+# How long a test waits for a condition that normally holds within a second or two.
+# Start-up of a Python service (imports, migrations) takes 10-40 s at load ~20 on 2 cores.
+SLOW_MACHINE_S = 120.0
+
+
+def wait_for(predicate: Callable[[], T], timeout_s: float = SLOW_MACHINE_S, what: str = "",
+             interval_s: float = 0.2) -> T:
+    """Poll ``predicate`` until it returns something truthy (returned), or fail naming
+    ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            assert value, f"timed out after {timeout_s:g} s waiting for {what or predicate}"
+            return value
+        time.sleep(interval_s)
+
+
+def retry_after_503(send: Callable[[], httpx.Response], timeout_s: float = SLOW_MACHINE_S) -> httpx.Response:
+    """Send a request again while the gateway answers 503 with ``Retry-After`` (the
+    documented contract: a dependency is briefly unavailable, retry after that many
+    seconds), until ``timeout_s``; returns the last response. Any other answer, or a 503
+    without ``Retry-After``, is returned at once for the test to judge."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        response = send()
+        retry_after = response.headers.get("retry-after", "")
+        if response.status_code != 503 or not retry_after.isdigit() or time.monotonic() > deadline:
+            return response
+        time.sleep(min(float(retry_after), max(0.0, deadline - time.monotonic())))
