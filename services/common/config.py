@@ -194,7 +194,12 @@ class ServiceSettings(MeshSettings):
     grpc_port: int | None = None        # None: the service's default from DEFAULT_PORTS
     metrics_port: int | None = None     # 0 disables the metrics HTTP server
     max_workers: int = 16
-    grace_seconds: float = 5.0
+    # On SIGTERM, how long calls in flight may run before the server cancels them. Any
+    # call under way at the signal has less than the gateway's deadline left
+    # (HEARTH_RPC_TIMEOUT_S, 10 s), so a grace at least that long never cuts a call its
+    # caller still waits for: it finishes (durably) or its caller has given up. 5 s cut
+    # IngestEvents streams slowed by a loaded machine (the gateway answered 499).
+    grace_seconds: float = 10.0
     # How often database, Redis and peers are checked for the health report.
     health_check_interval_s: float = 2.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

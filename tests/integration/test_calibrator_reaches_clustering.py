@@ -6,7 +6,6 @@ fell back to the identity map and feedback never changed any assignment."""
 
 from __future__ import annotations
 
-import importlib
 import time
 
 import numpy as np
@@ -15,7 +14,7 @@ import pytest
 from hearth.feedback.v1 import feedback_pb2 as fpb
 from services.clustering.peers import FeedbackPeer
 from services.common import config
-from services.common.server import build_server
+from services.testing.inprocess import serve_service
 from services.feedback.domain.evaluation import synthetic_stream
 from services.feedback.domain.signals import SignalKind
 from services.feedback.store import PredictionRecord
@@ -27,16 +26,7 @@ NOW = time.time()
 
 @pytest.fixture
 def feedback_server(tmp_path):
-    settings = config.load(service_name="feedback", data_dir=tmp_path / "feedback")
-    servicers, closers = importlib.import_module("services.feedback.__main__").build(settings)
-
-    def register(server):
-        for add, servicer, _ in servicers:
-            add(servicer, server)
-        return [full for _, _, full in servicers]
-
-    running = build_server("feedback", register, port=0)
-    running.on_stop.extend(closers)
+    running, servicers = serve_service("feedback", config.load(service_name="feedback", data_dir=tmp_path / "feedback"))
     yield running, servicers[0][1]   # the servicer holds the rooms (intake, calibration, experiments)
     running.stop(0)
 

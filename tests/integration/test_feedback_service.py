@@ -4,7 +4,6 @@ server, recalibration on held-out data, erasure."""
 
 from __future__ import annotations
 
-import importlib
 import time
 
 import numpy as np
@@ -12,10 +11,10 @@ import pytest
 from prometheus_client import REGISTRY
 
 from services.common import config
+from services.testing.inprocess import serve_service
 from services.common.erasure import ErasureScope, ids_digest
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound
 from services.common.identity import Principal, Role
-from services.common.server import build_server
 from services.feedback.app import FeedbackApp, FeedbackPolicy
 from services.feedback.domain.evaluation import synthetic_stream
 from services.feedback.domain.metrics import expected_calibration_error
@@ -104,16 +103,7 @@ def test_kill_switch_sends_everyone_to_control_and_keeps_the_split(database):
 
 @pytest.fixture
 def clustering_server(tmp_path):
-    settings = config.load(service_name="clustering", data_dir=tmp_path / "clustering")
-    servicers, closers = importlib.import_module("services.clustering.__main__").build(settings)
-
-    def register(server):
-        for add, servicer, _ in servicers:
-            add(servicer, server)
-        return [full for _, _, full in servicers]
-
-    running = build_server("clustering", register, port=0)
-    running.on_stop.extend(closers)
+    running, _ = serve_service("clustering", config.load(service_name="clustering", data_dir=tmp_path / "clustering"))
     yield running
     running.stop(0)
 
