@@ -155,22 +155,22 @@ def service_path(data: dict[str, np.ndarray], seed: int) -> dict:
                                           int(data["household_size"][i])))
             truth = int(labels[i])
             feedback.append((f"pr{i}", top, truth))
-        app.record_predictions(items)
+        app.intake.record_predictions(items)
         for pid, top, truth in feedback:
             if truth == top:
-                app.record_feedback(f"f{pid}", pid, SignalKind.PROFILE_CONFIRMED, None, now - 60)
+                app.intake.record_feedback(f"f{pid}", pid, SignalKind.PROFILE_CONFIRMED, None, now - 60)
             else:
-                app.record_feedback(f"f{pid}", pid, SignalKind.PROFILE_CORRECTED, f"p{truth}", now - 60)
+                app.intake.record_feedback(f"f{pid}", pid, SignalKind.PROFILE_CORRECTED, f"p{truth}", now - 60)
         record_s = time.perf_counter() - started
-        app.drain_refits(5)
+        app.triggers.drain_refits(5)
         t0 = time.perf_counter()
-        fitted = app.recalibrate()
+        fitted = app.calibration.recalibrate()
         recalibrate_s = time.perf_counter() - t0
         held = ~mask
         after = probs[held].copy()
         for variant in fitted:
             in_variant = variants[held] == variant
-            after[in_variant] = app.apply_calibration(variant, probs[held][in_variant])
+            after[in_variant] = app.calibration.apply_calibration(variant, probs[held][in_variant])
         summary = calibration_summary(after, labels[held])
         triggers = len(store.triggers())
         app.close()

@@ -61,13 +61,13 @@ def create_floor_app(echo_addr: str):
     from fastapi import FastAPI
 
     from hearth.clustering.v1 import clustering_pb2 as cpb
-    from services.common.tls import CHANNEL_OPTIONS
+    from services.common.tls import channel_options
 
     state: dict = {}
 
     @asynccontextmanager
     async def lifespan(_app):
-        channel = grpc.aio.insecure_channel(echo_addr, options=CHANNEL_OPTIONS)
+        channel = grpc.aio.insecure_channel(echo_addr, options=channel_options())
         state["echo"] = channel.unary_unary(ECHO_METHOD)
         yield
         await channel.close()

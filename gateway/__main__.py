@@ -23,6 +23,7 @@ def uvicorn_options(log_level: str) -> dict:
 
 def main() -> None:
     settings = config.load(GatewaySettings)   # exits naming a bad or unknown HEARTH_* variable
+    config.configure_process(settings)        # service tokens, mutual TLS, log pseudonyms
     # /metrics on its own port (settings.metrics_port), like the services.
     telemetry.setup_telemetry("gateway", settings.trace_export, settings.log_level,
                               settings.metrics_port or None, settings.host)

@@ -33,7 +33,7 @@ class ServiceClients:
     async def start(self) -> None:
         for name in SERVICES:
             # Mutual TLS when HEARTH_TLS_* is configured, plaintext otherwise (tls.aio_channel).
-            channel = tls.aio_channel(self._addresses[name], options=tls.CHANNEL_OPTIONS)
+            channel = tls.aio_channel(self._addresses[name], options=tls.channel_options())
             self._channels[name] = channel
             # One stub per process; privacy serves four services (Deletion, Consent, AuditLog, Keys).
             self.stubs[name] = ProcessStub(channel, stub_classes(name))

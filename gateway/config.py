@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from services.common.config import HearthSettings
+from services.common.config import MeshSettings
 from services.common.permissions import route_permission
 from gateway.clients import SERVICES as UPSTREAMS   # each has its own admission limit
 from services.common.telemetry import check_trace_export
@@ -33,7 +33,7 @@ class AdmissionSpec(BaseModel):
     queue_timeout_s: float = Field(ge=0, le=60)
 
 
-class GatewaySettings(HearthSettings):
+class GatewaySettings(MeshSettings):
 
     host: str = "127.0.0.1"
     gateway_port: int = 8080
@@ -58,8 +58,6 @@ class GatewaySettings(HearthSettings):
     feedback_addr: str = "127.0.0.1:50054"
     # Deadline of every gateway -> service call; health checks use their own, shorter one.
     rpc_timeout_s: float = 10.0
-    # Read by services/common/tls.CHANNEL_OPTIONS; declared here so a typo fails at start.
-    grpc_lb_policy: Literal["pick_first", "round_robin"] = "pick_first"
     health_timeout_s: float = 1.0
 
     # API keys: a JSON file, see gateway/auth.py for the format (ids, hashes, revocation).

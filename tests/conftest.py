@@ -4,17 +4,26 @@ FAILS the tests that need it (never skips): CI must not pass while a backend goe
 
 from __future__ import annotations
 
-import importlib
 import os
 import time
 
 import grpc
 import pytest
 
+from services.common import config
 from services.common.identity import Principal, Role
+from services.testing.inprocess import serve_service
 from tests.helpers.servers import running_postgres, running_redis
 
 ADMIN = Principal("test-admin", Role.ADMIN)
+
+# Test data carries fixed past dates (2026-01-01 ...). The privacy service's scheduled retention
+# purge (90 days; requested at start-up and at every hour boundary) erases them from a running
+# mesh: at start-up it races a test's first writes, and a test that crosses the hour loses its
+# data half-way (seen as rare failures of feedback and rollout tests). Meshes and in-process
+# servers started by tests therefore run without the schedule; retention itself is tested in
+# tests/integration/test_deletion_service.py. A test that wants the schedule sets the variable.
+os.environ.setdefault("HEARTH_RETENTION_CHECK_S", "0")
 
 
 @pytest.fixture(scope="session")
@@ -76,20 +85,9 @@ def start_service(tmp_path):
     started = []
 
     def start(name: str, **overrides):
-        from services.common import config
-        from services.common.server import build_server
-
-        settings = config.load(service_name=name, data_dir=tmp_path / name, **overrides)
-        module = importlib.import_module(f"services.{name}.__main__")
-        servicers, closers = module.build(settings)
-
-        def register(server):
-            for add, servicer, _ in servicers:
-                add(servicer, server)
-            return [full for _, _, full in servicers]
-
-        running = build_server(name, register, port=overrides.get("grpc_port") or 0)
-        running.on_stop.extend(closers)
+        settings = config.load(config.service_settings_class(name), service_name=name, data_dir=tmp_path / name,
+                               **overrides)
+        running, _ = serve_service(name, settings, overrides.get("grpc_port") or 0)
         channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
         started.append((running, channel))
         return running, channel

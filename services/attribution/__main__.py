@@ -11,6 +11,7 @@ from services.common.consent import ConsentChecker
 from services.common.erasure import data_holder
 from services.common.field_crypto import FieldCipher
 from services.common.server import run_service
+from services.attribution.settings import AttributionSettings, attribution_settings
 from services.common.storage.cache import open_cache
 from services.common.storage.sql import open_database
 
@@ -18,6 +19,7 @@ NAME = "attribution"
 
 
 def build(settings):
+    settings = attribution_settings(settings)
     db = open_database(settings, NAME)
     # Sensitive columns encrypted with the household's data key from privacy (GetDataKey).
     cipher = FieldCipher.remote(settings.privacy_addr, NAME, timeout_s=settings.peer_timeout_s)
@@ -29,8 +31,8 @@ def build(settings):
     servicer = AttributionServicer(app)
     return ([(pb_grpc.add_AttributionServiceServicer_to_server, servicer, SERVICE_NAME),
              data_holder(NAME, app)],
-            [consent.close, cipher.close, db.close])
+            [resolver.close, consent.close, cipher.close, db.close])
 
 
 if __name__ == "__main__":
-    run_service(NAME, build)
+    run_service(NAME, build, AttributionSettings)

@@ -1,7 +1,7 @@
 """Person resolution for attribution: which person of a household was behind each
 touchpoint (and device-bound conversion), asked of the clustering service.
 
-Only this module talks to clustering, through the generated stub with a deadline;
+Only this module talks to clustering, through a ``Peer`` (services/common/client.py);
 ResolvePersons is a read, so it is retried on UNAVAILABLE."""
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from typing import Protocol
 
 from hearth.clustering.v1 import clustering_pb2 as cpb
 from hearth.clustering.v1 import clustering_pb2_grpc as cpb_grpc
-from services.common.client import call_idempotent, peer_channel
-from services.common.identity import acting_as, service_principal
+from services.common.client import Peer
 from services.common.pbutil import float_to_ts
 
 MAX_INSTANTS_PER_CALL = 10_000
@@ -24,7 +23,7 @@ class PersonResolver(Protocol):
 
 class ClusteringResolver:
     def __init__(self, address: str, timeout_s: float = 5.0) -> None:
-        self._stub = cpb_grpc.ClusteringServiceStub(peer_channel(address, "attribution", timeout_s))
+        self._peer = Peer(address, "attribution", cpb_grpc.ClusteringServiceStub, timeout_s)
 
     def resolve(self, instants: Sequence[tuple[str, str, float]]) -> list[dict[str, float]]:
         out: list[dict[str, float]] = []
@@ -32,12 +31,14 @@ class ClusteringResolver:
             chunk = instants[lo:lo + MAX_INSTANTS_PER_CALL]
             request = cpb.ResolvePersonsRequest(instants=[
                 cpb.DeviceInstant(account_id=a, device_id=d, ts=float_to_ts(t)) for a, d, t in chunk])
-            # Persons are resolved as the attribution service itself: an analyst may run
-            # attribution but may not read who watched what (see docs/security.md).
-            with acting_as(service_principal("attribution")):
-                response = call_idempotent(lambda: self._stub.ResolvePersons(request))
+            # Persons are resolved as the attribution service itself (Peer.call's default):
+            # an analyst may run attribution but may not read who watched what (docs/security.md).
+            response = self._peer.call("ResolvePersons", request, idempotent=True)
             out.extend({p.person_id: p.probability for p in r.probabilities} for r in response.persons)
         return out
+
+    def close(self) -> None:
+        self._peer.close()
 
 
 class NoResolver:

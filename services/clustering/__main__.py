@@ -19,6 +19,7 @@ from services.common.consent import ConsentChecker
 from services.common.erasure import data_holder
 from services.common.field_crypto import FieldCipher
 from services.common.server import run_service
+from services.clustering.settings import ClusteringSettings, clustering_settings
 from services.common.storage.cache import open_cache
 from services.common.storage.sql import open_database
 
@@ -64,6 +65,7 @@ class _Stopped(Exception):
 
 
 def build(settings):
+    settings = clustering_settings(settings)
     db = open_database(settings, NAME)
     # Sensitive fields encrypted with the household's data key from privacy (GetDataKey);
     # consent checked with privacy's GetConsent (cached a few seconds).
@@ -91,8 +93,8 @@ def build(settings):
     servicer = ClusteringServicer(app)
     return ([(pb_grpc.add_ClusteringServiceServicer_to_server, servicer, SERVICE_NAME),
              data_holder(NAME, app)],
-            [stop.set, app.close, consent.close, cipher.close, db.close])
+            [stop.set, app.close, feedback.close, consent.close, cipher.close, db.close])
 
 
 if __name__ == "__main__":
-    run_service(NAME, build)
+    run_service(NAME, build, ClusteringSettings)

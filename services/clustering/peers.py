@@ -13,8 +13,7 @@ from collections.abc import Sequence
 from hearth.feedback.v1 import feedback_pb2 as fpb
 from hearth.feedback.v1 import feedback_pb2_grpc as fpb_grpc
 from services.clustering.prediction_log import PredictionRecord
-from services.common.client import call_idempotent, peer_channel
-from services.common.identity import acting_as, service_principal
+from services.common.client import Peer
 from services.common.pbutil import float_to_ts
 from services.common.calibration import IDENTITY, Calibrator
 
@@ -26,8 +25,7 @@ CACHE_TTL_S = 60.0
 class FeedbackPeer:
     def __init__(self, address: str, timeout_s: float = 2.0, calibrator_cache_s: float = CACHE_TTL_S) -> None:
         self._calibrator_ttl_s = calibrator_cache_s
-        self._stub = fpb_grpc.FeedbackServiceStub(peer_channel(address, "clustering", timeout_s))
-        self._me = service_principal("clustering")
+        self.peer = Peer(address, "clustering", fpb_grpc.FeedbackServiceStub, timeout_s)
         self._lock = threading.Lock()
         self._variants: dict[str, tuple[float, str]] = {}
         self._calibrators: dict[str, tuple[float, Calibrator]] = {}
@@ -40,8 +38,7 @@ class FeedbackPeer:
             household_size=r.household_size, device_id=r.device_id,
             **({"session_start": float_to_ts(r.session_start), "session_end": float_to_ts(r.session_end)}
                if r.session_start is not None and r.session_end is not None else {})) for r in records])
-        with acting_as(self._me):   # idempotent by prediction_id: safe to retry
-            call_idempotent(lambda: self._stub.RecordPrediction(request))
+        self.peer.call("RecordPrediction", request, idempotent=True)   # idempotent by prediction_id
 
     def variant_of(self, account_id: str) -> str:
         now = time.monotonic()
@@ -50,8 +47,7 @@ class FeedbackPeer:
         if hit and now - hit[0] < CACHE_TTL_S:
             return hit[1]
         try:
-            with acting_as(self._me):
-                variant = self._stub.GetExperiment(fpb.GetExperimentRequest(account_id=account_id)).variant
+            variant = self.peer.call("GetExperiment", fpb.GetExperimentRequest(account_id=account_id)).variant
         except Exception as exc:  # noqa: BLE001 - feedback down: serve the control variant
             log.debug("variant lookup failed: %s", exc)
             variant = DEFAULT_VARIANT
@@ -69,8 +65,7 @@ class FeedbackPeer:
         if hit and now - hit[0] < self._calibrator_ttl_s:
             return hit[1]
         try:
-            with acting_as(self._me):
-                response = self._stub.GetCalibrator(fpb.GetCalibratorRequest(variant=variant))
+            response = self.peer.call("GetCalibrator", fpb.GetCalibratorRequest(variant=variant))
             calibrator = Calibrator.from_json(response.calibrator_json) if response.version else IDENTITY
         except Exception as exc:  # noqa: BLE001 - keep the last known calibrator (or none)
             log.debug("calibrator fetch failed: %s", exc)
@@ -78,3 +73,6 @@ class FeedbackPeer:
         with self._lock:
             self._calibrators[variant] = (now, calibrator)
         return calibrator
+
+    def close(self) -> None:
+        self.peer.close()

@@ -559,20 +559,16 @@ class GrpcAuditTransport:
 
     def __init__(self, address: str, component: str, timeout_s: float = 5.0) -> None:
         from hearth.privacy.v1 import privacy_pb2_grpc
-        from services.common.client import peer_channel
+        from services.common.client import Peer
 
-        self._channel = peer_channel(address, component, timeout_s)
-        self._stub = privacy_pb2_grpc.AuditLogStub(self._channel)
-        self._as = identity.service_principal(component)
-        self._timeout = timeout_s
+        self._peer = Peer(address, component, privacy_pb2_grpc.AuditLogStub, timeout_s)
 
     def send(self, records: Sequence[AuditRecord]) -> None:
-        request = to_append_request(records)
-        with identity.acting_as(self._as):
-            self._stub.AppendAudit(request, timeout=self._timeout)
+        # Not retried here: the sink retries (and keeps an outbox) itself.
+        self._peer.call("AppendAudit", to_append_request(records))
 
     def close(self) -> None:
-        self._channel.close()
+        self._peer.close()
 
 
 def to_append_request(records: Sequence[AuditRecord]):

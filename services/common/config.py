@@ -12,9 +12,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import ValidationError, field_validator, model_validator
+from pydantic import SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.common.identity import DEFAULT_TOKEN_TTL_S, MIN_KEY_CHARS
 from services.common.telemetry import check_trace_export
 
 ENV_PREFIX = "HEARTH_"
@@ -46,21 +47,12 @@ class HearthSettings(BaseSettings):
 # the variables of ALL components, because one environment (a compose file, the test
 # mesh, a shell) often serves several, and a variable meant for the gateway is not a
 # typo in the clustering service. Imported by name: config imports no component.
-SETTINGS_MODULES = ("services.common.config", "services.feedback.settings", "services.privacy.settings",
-                    "gateway.config")
+SETTINGS_MODULES = ("services.common.config", "services.clustering.settings", "services.attribution.settings",
+                    "services.feedback.settings", "services.privacy.settings", "gateway.config")
 
-# HEARTH_* variables read outside the settings classes, each by the one function that
-# takes it as an explicit input (and validates it, naming it), or by tooling around
-# the processes rather than by the processes themselves.
+# HEARTH_* variables no Hearth process reads: tooling around the processes (tests, CI,
+# benchmarks, the rollout CLI). Every variable a process reads is a settings field.
 OTHER_VARIABLES: dict[str, str] = {
-    "HEARTH_SERVICE_TOKEN_KEY": "services/common/identity.py signer_from_env",
-    "HEARTH_SERVICE_TOKEN_TTL_S": "services/common/identity.py signer_from_env",
-    "HEARTH_TLS_CERT": "services/common/tls.py material_from_env",
-    "HEARTH_TLS_KEY": "services/common/tls.py material_from_env",
-    "HEARTH_TLS_CA": "services/common/tls.py material_from_env",
-    "HEARTH_TLS_SERVER_NAME": "services/common/tls.py material_from_env",
-    "HEARTH_AUDIT_SIGNING_KEY": "services/privacy/audit/app.py load_signing_key",
-    "HEARTH_AUDIT_SIGNING_KEY_FILE": "services/privacy/audit/app.py load_signing_key",
     "HEARTH_SHARED_DATA": "tests and .ci/run: where external test data lives",
     "HEARTH_PROVISION_DRY_RUN": "scripts/provision.sh",
     "HEARTH_BENCH_POSTGRES_DSN": "bench/: the PostgreSQL a benchmark uses",
@@ -107,14 +99,107 @@ def check_environment(environ: Mapping[str, str] | None = None) -> None:
         raise ConfigError("invalid configuration: unknown variable(s)\n" + "\n".join(lines))
 
 
-class ServiceSettings(HearthSettings):
+class MeshSettings(HearthSettings):
+    """What every process of the mesh reads, services and gateway alike: how it proves
+    who it is to its peers (service tokens, mutual TLS), how its clients balance, and
+    the key of the pseudonyms in its logs. The bootstrap hands them to identity, tls
+    and telemetry once (``configure_process``); those modules read no environment."""
+
+    # Mesh secret signing service tokens (identity.py); empty: a random per-process key.
+    service_token_key: SecretStr = SecretStr("")
+    service_token_ttl_s: float = DEFAULT_TOKEN_TTL_S
+    # Mutual TLS between processes (tls.py): all three files, or none.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    tls_server_name: str = ""
+    # Key of log/trace pseudonyms (telemetry.pseudonym); empty: derived from the token key.
+    log_pseudonym_key: SecretStr = SecretStr("")
+    # tls.channel_options(): round_robin spreads calls over every address a name resolves to.
+    grpc_lb_policy: Literal["pick_first", "round_robin"] = "pick_first"
+
+    @field_validator("service_token_ttl_s")
+    @classmethod
+    def _token_ttl(cls, value: float) -> float:
+        if not 0 < value <= 86400:
+            raise ValueError("must be seconds in (0, 86400]")
+        return value
+
+    @field_validator("service_token_key")
+    @classmethod
+    def _token_key(cls, value: SecretStr) -> SecretStr:
+        if value.get_secret_value() and len(value.get_secret_value()) < MIN_KEY_CHARS:
+            raise ValueError(f"must be at least {MIN_KEY_CHARS} characters (e.g. python -c 'import secrets; "
+                             "print(secrets.token_urlsafe(32))')")
+        return value
+
+
+def mesh_settings() -> MeshSettings:
+    """The mesh settings from the environment, for a process (or test) that did not go
+    through a bootstrap; ConfigError naming the variable when one is bad."""
+    return _build(MeshSettings, {})
+
+
+def service_settings_class(service: str) -> type["ServiceSettings"]:
+    """The settings class of a service: the ServiceSettings subclass its
+    ``services/<service>/settings.py`` defines for it (plain ServiceSettings if none)."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"services.{service}.settings")
+    except ModuleNotFoundError:
+        return ServiceSettings
+    for value in vars(module).values():
+        if (isinstance(value, type) and issubclass(value, ServiceSettings) and value is not ServiceSettings
+                and value.__module__ == module.__name__
+                and value.model_fields["service_name"].default == service):
+            return value
+    return ServiceSettings
+
+
+def settings_from(environ: Mapping[str, str], settings_cls: type[BaseSettings] = MeshSettings):
+    """Settings from an explicit ``{"HEARTH_X": value}`` mapping (values there win over
+    the environment); ConfigError naming the variable. For tools and tests."""
+    unknown = [name for name in environ if not name.startswith(ENV_PREFIX)]
+    if unknown:
+        raise ConfigError(f"invalid configuration:\n  {unknown[0]}: not a Hearth setting")
+    return _build(settings_cls, {name[len(ENV_PREFIX):].lower(): value for name, value in environ.items()})
+
+
+def configure_process(settings: MeshSettings) -> None:
+    """Hand the mesh settings to the modules that use them (once, from the bootstrap):
+    the service-token signer, the TLS material and channel options, the pseudonym key.
+    A partial or unreadable TLS configuration stops the process naming the variable."""
+    from services.common import identity, telemetry, tls
+
+    identity.configure_service_tokens(identity.signer_from_settings(settings))
+    tls.configure(tls.material_from_settings(settings), settings.grpc_lb_policy)
+    telemetry.configure_pseudonym_key(settings.log_pseudonym_key.get_secret_value()
+                                      or settings.service_token_key.get_secret_value())
+
+
+def specialise(settings: "ServiceSettings", settings_cls: type["ServiceSettings"]):
+    """``settings`` as ``settings_cls`` (a service's own class): itself when it is one,
+    else its values plus the class's own variables from the environment (harnesses and
+    tests build plain ServiceSettings)."""
+    if isinstance(settings, settings_cls):
+        return settings
+    return load(settings_cls, **settings.model_dump())
+
+
+class ServiceSettings(MeshSettings):
 
     service_name: str = "clustering"
     host: str = "127.0.0.1"
     grpc_port: int | None = None        # None: the service's default from DEFAULT_PORTS
     metrics_port: int | None = None     # 0 disables the metrics HTTP server
     max_workers: int = 16
-    grace_seconds: float = 5.0
+    # On SIGTERM, how long calls in flight may run before the server cancels them. Any
+    # call under way at the signal has less than the gateway's deadline left
+    # (HEARTH_RPC_TIMEOUT_S, 10 s), so a grace at least that long never cuts a call its
+    # caller still waits for: it finishes (durably) or its caller has given up. 5 s cut
+    # IngestEvents streams slowed by a loaded machine (the gateway answered 499).
+    grace_seconds: float = 10.0
     # How often database, Redis and peers are checked for the health report.
     health_check_interval_s: float = 2.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -135,26 +220,6 @@ class ServiceSettings(HearthSettings):
     privacy_addr: str = "127.0.0.1:50053"
     feedback_addr: str = "127.0.0.1:50054"
     peer_timeout_s: float = 5.0
-    # Read by services/common/tls.CHANNEL_OPTIONS; declared here so a typo fails at start.
-    grpc_lb_policy: Literal["pick_first", "round_robin"] = "pick_first"
-
-    # Clustering / session builder.
-    session_gap_s: float = 1800.0
-    lateness_tolerance_s: float = 6 * 3600.0
-    # Cold start (< 10 sessions): "account", "population_prior" (falls back to account
-    # until enough households exist to learn the prior) or "heuristic".
-    cold_start: Literal["account", "population_prior", "heuristic"] = "population_prior"
-    population_prior_refresh_s: float = 3600.0
-    # How long clustering applies a calibrator fetched from feedback before asking again
-    # (the assign path never waits for feedback; a recalibration shows within this).
-    calibrator_cache_s: float = 60.0
-    # Genre vocabulary: aliases "name=genre,..." onto the feature genres (docs/features.md);
-    # a name outside it is counted in "other" and reported ("other"), or refused ("reject").
-    genre_aliases: str = ""
-    unknown_genres: Literal["other", "reject"] = "other"
-    # Fault injection for `make verify` (never set in production): households whose id
-    # starts with this prefix get a GMM fit that fails numerically (k-means fallback).
-    fault_gmm_numerical: str = ""
 
     @field_validator("grpc_port", "metrics_port")
     @classmethod
@@ -163,8 +228,7 @@ class ServiceSettings(HearthSettings):
             raise ValueError("must be a port number in 0..65535")
         return value
 
-    @field_validator("session_gap_s", "lateness_tolerance_s", "grace_seconds", "peer_timeout_s",
-                     "calibrator_cache_s")
+    @field_validator("grace_seconds", "peer_timeout_s")
     @classmethod
     def _positive(cls, value: float) -> float:
         if value <= 0:
@@ -193,8 +257,12 @@ class ServiceSettings(HearthSettings):
 
 def load(settings_cls: type[BaseSettings] = ServiceSettings, **overrides):
     """Build settings from the environment (and overrides); exit with a clear message
-    naming the variable on any invalid value."""
+    naming the variable on any invalid value or any HEARTH_* variable no component reads."""
     check_environment()
+    return _build(settings_cls, overrides)
+
+
+def _build(settings_cls: type[BaseSettings], overrides: Mapping[str, object]):
     try:
         return settings_cls(**overrides)
     except ValidationError as exc:

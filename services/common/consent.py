@@ -79,20 +79,16 @@ class ConsentChecker:
         """A checker asking the privacy service's ``GetConsent`` as ``svc:<calling_service>``
         (service principals hold read_consent; the human behind the request may not)."""
         from hearth.privacy.v1 import privacy_pb2, privacy_pb2_grpc
-        from services.common import identity
-        from services.common.client import call_idempotent, peer_channel
+        from services.common.client import Peer
 
-        channel = peer_channel(privacy_addr, calling_service, timeout_s)
-        stub = privacy_pb2_grpc.ConsentStub(channel)
-        me = identity.service_principal(calling_service)
+        peer = Peer(privacy_addr, calling_service, privacy_pb2_grpc.ConsentStub, timeout_s)
 
         def fetch(account_id: str) -> ConsentAnswer:
-            with identity.acting_as(me):
-                r = call_idempotent(lambda: stub.GetConsent(
-                    privacy_pb2.GetConsentRequest(account_id=account_id), timeout=timeout_s), attempts=2)
+            r = peer.call("GetConsent", privacy_pb2.GetConsentRequest(account_id=account_id),
+                          idempotent=True, attempts=2)
             return ConsentAnswer(processing=r.processing, attribution=r.attribution)
 
-        return cls(fetch, ttl_s=ttl_s, stale_ttl_s=stale_ttl_s, close=channel.close)
+        return cls(fetch, ttl_s=ttl_s, stale_ttl_s=stale_ttl_s, close=peer.close)
 
     def answer(self, account_id: str) -> ConsentAnswer:
         now = self._clock()

@@ -88,23 +88,19 @@ class FieldCipher:
                ttl_s: float = DEFAULT_TTL_S) -> "FieldCipher":
         """Keys from the privacy service's ``GetDataKey``, as ``svc:<calling_service>``."""
         from hearth.privacy.v1 import privacy_pb2, privacy_pb2_grpc
-        from services.common import identity
-        from services.common.client import call_idempotent, peer_channel
+        from services.common.client import Peer
 
-        channel = peer_channel(privacy_addr, calling_service, timeout_s)
-        stub = privacy_pb2_grpc.KeysStub(channel)
-        me = identity.service_principal(calling_service)
+        peer = Peer(privacy_addr, calling_service, privacy_pb2_grpc.KeysStub, timeout_s)
 
         def fetch(account_id: str, version: int) -> tuple[int, bytes]:
             request = privacy_pb2.GetDataKeyRequest(account_id=account_id, dek_version=version)
             try:
-                with identity.acting_as(me):
-                    r = call_idempotent(lambda: stub.GetDataKey(request, timeout=timeout_s))
+                r = peer.call("GetDataKey", request, idempotent=True)
             except grpc.RpcError as exc:
                 raise _error_from_rpc(exc) from None
             return int(r.dek_version), bytes(r.dek)
 
-        return cls(fetch, ttl_s=ttl_s, close=channel.close)
+        return cls(fetch, ttl_s=ttl_s, close=peer.close)
 
     # ---- keys ------------------------------------------------------------------------
 

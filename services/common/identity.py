@@ -36,7 +36,6 @@ import contextvars
 import hashlib
 import hmac
 import logging
-import os
 import secrets
 import threading
 import time
@@ -220,43 +219,33 @@ _signer: ServiceTokenSigner | None = None
 _signer_lock = threading.Lock()
 
 
-def signer_from_env(environ: dict[str, str] | None = None) -> ServiceTokenSigner:
-    """The signer configured by ``HEARTH_SERVICE_TOKEN_KEY`` / ``_TTL_S``; a random
-    per-process key when the key is unset. Raises ConfigError naming the variable."""
-    from services.common.config import ConfigError
-
-    env = os.environ if environ is None else environ
-    raw_ttl = env.get(TOKEN_TTL_ENV, "")
-    try:
-        ttl = float(raw_ttl) if raw_ttl else DEFAULT_TOKEN_TTL_S
-        if not 0 < ttl <= 86400:
-            raise ValueError
-    except ValueError:
-        raise ConfigError(f"invalid configuration:\n  {TOKEN_TTL_ENV}: must be seconds in (0, 86400]") from None
-    key = env.get(TOKEN_KEY_ENV, "")
+def signer_from_settings(settings) -> ServiceTokenSigner:
+    """The signer of ``settings.service_token_key`` / ``service_token_ttl_s``
+    (``config.MeshSettings``, validated there); a random per-process key when the key
+    is unset."""
+    key = settings.service_token_key.get_secret_value()
     if not key:
         log.warning("%s is not set: signing with a random per-process key, so only callers in "
                     "this process can authenticate (set it, or configure mutual TLS)", TOKEN_KEY_ENV)
-        return ServiceTokenSigner(secrets.token_bytes(32), ttl)
-    if len(key) < MIN_KEY_CHARS:
-        raise ConfigError(f"invalid configuration:\n  {TOKEN_KEY_ENV}: must be at least "
-                          f"{MIN_KEY_CHARS} characters (e.g. python -c 'import secrets; "
-                          "print(secrets.token_urlsafe(32))')")
-    return ServiceTokenSigner(key.encode(), ttl)
+        return ServiceTokenSigner(secrets.token_bytes(32), settings.service_token_ttl_s)
+    return ServiceTokenSigner(key.encode(), settings.service_token_ttl_s)
 
 
 def service_token_signer() -> ServiceTokenSigner:
-    """The process-wide signer, built from the environment on first use."""
+    """The process-wide signer: the bootstrap's (``config.configure_process``), else
+    built once from the mesh settings in the environment."""
     global _signer
     if _signer is None:
         with _signer_lock:
             if _signer is None:
-                _signer = signer_from_env()
+                from services.common.config import mesh_settings
+
+                _signer = signer_from_settings(mesh_settings())
     return _signer
 
 
 def configure_service_tokens(signer: ServiceTokenSigner | None) -> None:
-    """Replace the process-wide signer (``None``: rebuild from the environment on next use)."""
+    """Replace the process-wide signer (``None``: rebuild from the mesh settings on next use)."""
     global _signer
     with _signer_lock:
         _signer = signer

@@ -272,10 +272,9 @@ def serve(service: str, register: Callable[[grpc.Server], Iterable[str]], settin
     """Run a service until SIGTERM/SIGINT: telemetry, server, graceful stop."""
     telemetry.setup_telemetry(service, settings.trace_export, settings.log_level,
                               settings.resolved_metrics_port, settings.host)
-    # Peer authentication is checked before binding: mutual TLS when HEARTH_TLS_* is set,
-    # and the service-token key is validated now rather than at the first call.
-    material = tls.material_from_env()
-    identity.service_token_signer()
+    # Peer authentication is configured before binding: mutual TLS when HEARTH_TLS_* is
+    # set (config.configure_process, called by run_service), else signed service tokens.
+    material = tls.current_material()
     running = build_server(service, register, host=settings.host,
                            port=settings.resolved_grpc_port, max_workers=settings.max_workers,
                            credentials=tls.server_credentials(material) if material else None)
@@ -300,13 +299,16 @@ def serve(service: str, register: Callable[[grpc.Server], Iterable[str]], settin
 
 def run_service(name: str, build: Callable, settings_cls: type | None = None) -> None:
     """Entry point shared by every ``python -m services.<name>``: load and validate the
-    configuration once (``settings_cls``, the service's settings class; the shared
-    ``ServiceSettings`` by default; an unknown or bad HEARTH_* variable stops the process
+    configuration once (``settings_cls``, default the service's own settings class,
+    ``config.service_settings_class``; an unknown or bad HEARTH_* variable stops the process
     naming it), let ``build(settings)`` wire the service (returning
     ``[(add_servicer_fn, servicer, full_service_name)], [closers]``), then serve()."""
     from services.common import config
 
-    settings = config.load(settings_cls or config.ServiceSettings, service_name=name)
+    settings = config.load(settings_cls or config.service_settings_class(name), service_name=name)
+    # Service tokens, mutual TLS, channel options and log pseudonyms from these settings:
+    # nothing else in the process reads the environment.
+    config.configure_process(settings)
     # Logging (JSON), tracing and /metrics before build(): what build() logs (generated
     # development keys, a worker resuming jobs) is JSON too. serve() finds it done.
     telemetry.setup_telemetry(name, settings.trace_export, settings.log_level,

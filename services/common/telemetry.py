@@ -265,6 +265,18 @@ def current_trace_id() -> str:
 _PSEUDONYM_KEY: bytes | None = None
 
 
+def configure_pseudonym_key(configured: str) -> None:
+    """The key of ``pseudonym``: derived from ``configured`` (the bootstrap passes
+    HEARTH_LOG_PSEUDONYM_KEY, else the mesh secret), a random per-process key when empty."""
+    import hashlib
+    import hmac
+    import secrets
+
+    global _PSEUDONYM_KEY
+    _PSEUDONYM_KEY = (hmac.new(configured.encode(), b"hearth-log-pseudonym-v1", hashlib.sha256).digest()
+                      if configured else secrets.token_bytes(32))
+
+
 def pseudonym(value: str) -> str:
     """The id as it may appear in logs and traces: ``ps_`` + 16 hex of a keyed HMAC.
 
@@ -276,12 +288,11 @@ def pseudonym(value: str) -> str:
     from the mesh secret ``HEARTH_SERVICE_TOKEN_KEY``, else a random key per process."""
     import hashlib
     import hmac
-    import os
-    import secrets
 
-    global _PSEUDONYM_KEY
     if _PSEUDONYM_KEY is None:
-        configured = os.environ.get("HEARTH_LOG_PSEUDONYM_KEY") or os.environ.get("HEARTH_SERVICE_TOKEN_KEY")
-        _PSEUDONYM_KEY = (hmac.new(configured.encode(), b"hearth-log-pseudonym-v1", hashlib.sha256).digest()
-                          if configured else secrets.token_bytes(32))
+        from services.common.config import mesh_settings
+
+        settings = mesh_settings()
+        configure_pseudonym_key(settings.log_pseudonym_key.get_secret_value()
+                                or settings.service_token_key.get_secret_value())
     return "ps_" + hmac.new(_PSEUDONYM_KEY, value.encode(), hashlib.sha256).hexdigest()[:16]

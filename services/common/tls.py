@@ -16,7 +16,6 @@ call must carry a signed service token (``services.common.identity``).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,13 +35,13 @@ class TlsMaterial:
     server_name: str = ""
 
 
-def material_from_env(environ: dict[str, str] | None = None) -> TlsMaterial | None:
-    """Read the three files named by the environment, or ``None`` when none is set.
-    A partial or unreadable configuration raises ConfigError naming the variable."""
+def material_from_settings(settings) -> TlsMaterial | None:
+    """Read the three files ``settings`` (``config.MeshSettings``) names, or ``None``
+    when none is set. A partial or unreadable configuration raises ConfigError naming
+    the variable."""
     from services.common.config import ConfigError
 
-    env = os.environ if environ is None else environ
-    paths = {name: env.get(name, "") for name in (CERT_ENV, KEY_ENV, CA_ENV)}
+    paths = {CERT_ENV: settings.tls_cert, KEY_ENV: settings.tls_key, CA_ENV: settings.tls_ca}
     if not any(paths.values()):
         return None
     missing = [name for name, value in paths.items() if not value]
@@ -57,7 +56,31 @@ def material_from_env(environ: dict[str, str] | None = None) -> TlsMaterial | No
             raise ConfigError(f"invalid configuration:\n  {name}: cannot read {value}: {exc.strerror}") from None
         if b"-----BEGIN" not in data[name]:
             raise ConfigError(f"invalid configuration:\n  {name}: {value} is not a PEM file")
-    return TlsMaterial(data[CERT_ENV], data[KEY_ENV], data[CA_ENV], env.get(SERVER_NAME_ENV, ""))
+    return TlsMaterial(data[CERT_ENV], data[KEY_ENV], data[CA_ENV], settings.tls_server_name)
+
+
+# What the bootstrap configured (config.configure_process); until then, each use reads
+# the mesh settings from the environment (a test or tool that built no bootstrap).
+_configured: tuple[TlsMaterial | None, str] | None = None
+
+
+def configure(material: TlsMaterial | None, lb_policy: str = "pick_first") -> None:
+    global _configured
+    _configured = (material, lb_policy)
+
+
+def _current() -> tuple[TlsMaterial | None, str]:
+    if _configured is not None:
+        return _configured
+    from services.common.config import mesh_settings
+
+    settings = mesh_settings()
+    return material_from_settings(settings), settings.grpc_lb_policy
+
+
+def current_material() -> TlsMaterial | None:
+    """This process's TLS material (None: plaintext)."""
+    return _current()[0]
 
 
 def server_credentials(material: TlsMaterial) -> grpc.ServerCredentials:
@@ -83,7 +106,7 @@ def channel(address: str, options: list[tuple[str, object]] | None = None,
             material: TlsMaterial | None = None) -> grpc.Channel:
     """A blocking channel: mutual TLS when ``material`` (default: from the environment)
     is configured, else plaintext."""
-    material = material if material is not None else material_from_env()
+    material = material if material is not None else current_material()
     if material is None:
         return grpc.insecure_channel(address, options=options)
     return grpc.secure_channel(address, channel_credentials(material), options=_options(material, options))
@@ -92,7 +115,7 @@ def channel(address: str, options: list[tuple[str, object]] | None = None,
 def aio_channel(address: str, options: list[tuple[str, object]] | None = None,
                 material: TlsMaterial | None = None) -> grpc.aio.Channel:
     """The same for grpc.aio (the gateway)."""
-    material = material if material is not None else material_from_env()
+    material = material if material is not None else current_material()
     if material is None:
         return grpc.aio.insecure_channel(address, options=options)
     return grpc.aio.secure_channel(address, channel_credentials(material),
@@ -114,8 +137,13 @@ def peer_verified(context: grpc.ServicerContext) -> bool:
 # max_connection_age makes clients re-resolve as replicas come and go. The default,
 # pick_first, reconnects at once when its single backend restarts (round_robin fails
 # fast while every backend is down), which suits one address per service (make run).
-CHANNEL_OPTIONS: list[tuple[str, object]] = [
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.lb_policy_name", os.environ.get("HEARTH_GRPC_LB_POLICY", "pick_first")),
-]
+def channel_options() -> list[tuple[str, object]]:
+    return [
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ("grpc.lb_policy_name", _current()[1]),
+        # Reconnect attempts to a peer that is down back off 1 s x1.6 up to gRPC's default
+        # 120 s, so a peer down for a minute could stay unused for another minute after it
+        # came back; capped at 5 s, a restarted peer is used again within 5 s.
+        ("grpc.max_reconnect_backoff_ms", 5000),
+    ]

@@ -32,10 +32,10 @@ def build(settings):
     auditor = PrivacyFlagAuditor(settings.privacy_addr, settings.feedback_audit_timeout_s)
     app = FeedbackApp(store, policy_from(settings), refits=refits, auditor=auditor)
     app.start_periodic(settings.feedback_check_interval_s)
-    servicer = FeedbackServicer(app)
+    servicer = FeedbackServicer(app.intake, app.calibration, app.experiments)
     # Stop order: background work first (it uses the channels and the database).
     return ([(pb_grpc.add_FeedbackServiceServicer_to_server, servicer, SERVICE_NAME),
-             data_holder(NAME, app)],
+             data_holder(NAME, app.intake)],
             [app.close, refits.close, auditor.close, db.close])
 
 

@@ -5,7 +5,7 @@ combined by ``signals.interpret_feedback`` (strongest labelled signal wins, else
 implicit ones vote), and its probability vector becomes one row of a zero-padded matrix
 whose **column 0 is the predicted person** (the stored ``person_id``), followed by the
 other persons in name order. The service only accepts predictions whose ``person_id``
-is a most probable person (app.validate_predictions), and ``argmax`` breaks ties to the
+is a most probable person (intake.validate_predictions), and ``argmax`` breaks ties to the
 lowest index, so the domain's "predicted = argmax" convention and the stored predicted
 person always agree, ties included.
 """

@@ -22,7 +22,7 @@ from hearth.common.v1 import common_pb2
 from hearth.privacy.v1 import privacy_pb2 as ppb
 from hearth.privacy.v1 import privacy_pb2_grpc as ppb_grpc
 from services.common import identity
-from services.common.client import call_idempotent, peer_channel
+from services.common.client import Peer
 from services.common.pbutil import float_to_ts
 from services.common.telemetry import pseudonym
 
@@ -48,15 +48,12 @@ class ClusteringRefitClient:
     DEADLINE_EXCEEDED are retried with backoff (``call_idempotent``)."""
 
     def __init__(self, address: str, timeout_s: float = 30.0) -> None:
-        self._channel = peer_channel(address, SERVICE, timeout_s)
-        self._stub = cpb_grpc.ClusteringServiceStub(self._channel)
-        self._timeout = timeout_s
+        self._peer = Peer(address, SERVICE, cpb_grpc.ClusteringServiceStub, timeout_s)
 
     def refit(self, account_id: str, reason: str) -> str:
         request = cpb.RefitRequest(account_id=account_id, reason=reason)
         try:
-            with identity.acting_as(identity.service_principal(SERVICE)):
-                call_idempotent(lambda: self._stub.Refit(request, timeout=self._timeout))
+            self._peer.call("Refit", request, idempotent=True)
         except Exception as exc:  # noqa: BLE001 - the result is recorded, never raised
             name = _status_name(exc)
             log.warning("Refit of %s failed: %s", pseudonym(account_id), name)
@@ -69,8 +66,7 @@ class ClusteringRefitClient:
         request = cpb.RecordLabelsRequest(labels=[cpb.SessionLabel(
             account_id=account_id, session_id=session_id, person_id=person_id, source=source)])
         try:
-            with identity.acting_as(identity.service_principal(SERVICE)):
-                call_idempotent(lambda: self._stub.RecordLabels(request, timeout=self._timeout))
+            self._peer.call("RecordLabels", request, idempotent=True)
         except Exception as exc:  # noqa: BLE001 - recorded in the log; the feedback is stored
             name = _status_name(exc)
             log.warning("RecordLabels for %s failed: %s", pseudonym(account_id), name)
@@ -78,7 +74,7 @@ class ClusteringRefitClient:
         return "OK"
 
     def close(self) -> None:
-        self._channel.close()
+        self._peer.close()
 
 
 @dataclass(frozen=True)
@@ -99,6 +95,20 @@ class FlagAuditor(Protocol):
     def audit_flag_change(self, change: FlagChange) -> str: ...
 
     def close(self) -> None: ...
+
+
+def audit_flag_change(auditor: FlagAuditor | None, change: FlagChange) -> str:
+    """The audit hook of every flag change (experiment flags, calibrator choices): the
+    privacy audit log when configured (PrivacyFlagAuditor), else only the local ``flags``
+    history ("LOCAL_ONLY"). Never raises: the change is stored; the result says what
+    happened to its audit record."""
+    if auditor is None:
+        return "LOCAL_ONLY"
+    try:
+        return auditor.audit_flag_change(change)
+    except Exception:  # noqa: BLE001 - the change is stored; the audit outcome says what happened
+        log.exception("audit hook failed for flags version %d", change.version)
+        return "UNKNOWN"
 
 
 _ROLE_PB = {role: common_pb2.Role.Value(f"ROLE_{role.name}") for role in identity.Role}
@@ -125,9 +135,7 @@ class PrivacyFlagAuditor:
     and reason in the feedback service's own ``flags`` history."""
 
     def __init__(self, address: str, timeout_s: float = 2.0) -> None:
-        self._channel = peer_channel(address, SERVICE, timeout_s)
-        self._stub = ppb_grpc.AuditLogStub(self._channel)
-        self._timeout = timeout_s
+        self._peer = Peer(address, SERVICE, ppb_grpc.AuditLogStub, timeout_s)
 
     def audit_flag_change(self, change: FlagChange) -> str:
         from opentelemetry import trace
@@ -136,8 +144,7 @@ class PrivacyFlagAuditor:
         trace_id = format(context.trace_id, "032x") if context.is_valid else ""
         request = ppb.AppendAuditRequest(records=[flag_change_record(change, trace_id)])
         try:
-            with identity.acting_as(identity.service_principal(SERVICE)):
-                self._stub.AppendAudit(request, timeout=self._timeout)
+            self._peer.call("AppendAudit", request)
         except Exception as exc:  # noqa: BLE001 - recorded next to the flag version
             name = _status_name(exc)
             log.warning("flag change %s v%d not audited by privacy: %s", change.experiment, change.version, name)
@@ -145,7 +152,7 @@ class PrivacyFlagAuditor:
         return "OK"
 
     def close(self) -> None:
-        self._channel.close()
+        self._peer.close()
 
 
 class RecordingRefits:

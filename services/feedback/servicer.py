@@ -9,7 +9,9 @@ from hearth.feedback.v1 import feedback_pb2_grpc as pb_grpc
 from services.common import identity
 from services.common.errors import InvalidArgument
 from services.common.pbutil import float_to_ts, ts_to_float
-from services.feedback.app import FeedbackApp
+from services.feedback.calibration import Calibration
+from services.feedback.experiments import Experiments
+from services.feedback.intake import Intake
 from services.feedback.domain.signals import SignalKind
 from services.feedback.store import PredictionRecord
 
@@ -38,12 +40,18 @@ def _finite_or_nan(value: float | None) -> float:
 
 
 class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
-    def __init__(self, app: FeedbackApp) -> None:
-        self.app = app
+    """One RPC, one room: intake (RecordPrediction, RecordFeedback), calibration
+    (GetCalibrator, GetCalibration, ListCalibrators, ActivateCalibrator), experiments
+    (GetExperiment, SetFlag)."""
+
+    def __init__(self, intake: Intake, calibration: Calibration, experiments: Experiments) -> None:
+        self.intake = intake
+        self.calibration = calibration
+        self.experiments = experiments
 
     def RecordPrediction(self, request, context) -> pb.RecordPredictionResponse:
         items = [prediction_from_pb(p, f"predictions[{i}]") for i, p in enumerate(request.predictions)]
-        accepted, duplicates = self.app.record_predictions(items)
+        accepted, duplicates = self.intake.record_predictions(items)
         return pb.RecordPredictionResponse(accepted=accepted, duplicates=duplicates)
 
     def RecordFeedback(self, request, context) -> pb.RecordFeedbackResponse:
@@ -51,18 +59,18 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
         if kind is None:
             raise InvalidArgument("is required: one of EXPLICIT_CONFIRM, EXPLICIT_CORRECT, IMPLICIT_CONTINUE, "
                                   "IMPLICIT_ABANDON, IMPLICIT_SWITCH_PROFILE", "kind")
-        duplicate, weight = self.app.record_feedback(
+        duplicate, weight = self.intake.record_feedback(
             request.feedback_id, request.prediction_id, kind, request.true_person_id or None,
             ts_to_float(request, "ts", "ts", required=False))
         return pb.RecordFeedbackResponse(duplicate=duplicate, weight=weight)
 
     def GetCalibrator(self, request, context) -> pb.GetCalibratorResponse:
-        version, calibrator = self.app.calibrator_for(request.variant)
+        version, calibrator = self.calibration.calibrator_for(request.variant)
         return pb.GetCalibratorResponse(variant=request.variant, version=version, method=calibrator.method,
                                         calibrator_json=calibrator.to_json())
 
     def GetCalibration(self, request, context) -> pb.GetCalibrationResponse:
-        report = self.app.calibration_report(request.group_by, request.bins)
+        report = self.calibration.report(request.group_by, request.bins)
         return pb.GetCalibrationResponse(
             calibrator_version=report.calibrator_version,
             groups=[pb.CalibrationGroup(
@@ -73,19 +81,19 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
                       for b in g.bins]) for g in report.groups])
 
     def GetExperiment(self, request, context) -> pb.GetExperimentResponse:
-        view = self.app.experiment(request.account_id)
+        view = self.experiments.experiment(request.account_id)
         return pb.GetExperimentResponse(
             variant=view.variant, traffic=view.traffic, kill_switch=view.kill_switch, p_value=view.p_value,
             results=[pb.VariantResult(variant=r.variant, n=r.n, accuracy=r.accuracy, brier=r.brier)
                      for r in view.results])
 
     def SetFlag(self, request, context) -> pb.SetFlagResponse:
-        version = self.app.set_flags(dict(request.traffic), request.kill_switch, request.reason,
-                                     identity.current_principal())
+        version = self.experiments.set_flags(dict(request.traffic), request.kill_switch, request.reason,
+                                             identity.current_principal())
         return pb.SetFlagResponse(version=version)
 
     def ListCalibrators(self, request, context) -> pb.ListCalibratorsResponse:
-        h = self.app.calibrator_choices.history(request.variant)
+        h = self.calibration.choices.history(request.variant)
         return pb.ListCalibratorsResponse(
             variant=h.variant, current_version=h.current_version, held=h.held, choice_version=h.choice_version,
             reason=h.reason, versions=[pb.CalibratorVersion(version=v.version, method=v.method, n=v.n,
@@ -93,7 +101,7 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
                                        for v in h.versions])
 
     def ActivateCalibrator(self, request, context) -> pb.ActivateCalibratorResponse:
-        c = self.app.calibrator_choices.activate(request.variant, request.version, request.hold, request.reason,
-                                                 identity.current_principal())
+        c = self.calibration.choices.activate(request.variant, request.version, request.hold, request.reason,
+                                              identity.current_principal())
         return pb.ActivateCalibratorResponse(variant=c.variant, version=c.version,
                                              previous_version=c.previous_version, choice_version=c.choice_version)

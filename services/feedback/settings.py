@@ -85,8 +85,6 @@ class FeedbackSettings(ServiceSettings):
 def feedback_settings(settings: ServiceSettings) -> FeedbackSettings:
     """The feedback settings for ``settings`` (tests build plain ServiceSettings): its
     values, plus the HEARTH_FEEDBACK_* variables from the environment."""
-    if isinstance(settings, FeedbackSettings):
-        return settings
     from services.common import config
 
-    return config.load(FeedbackSettings, **settings.model_dump())
+    return config.specialise(settings, FeedbackSettings)

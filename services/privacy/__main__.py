@@ -29,6 +29,7 @@ NAME = "privacy"
 
 def build(settings):
     """The four rooms on one database, each servicer given what it uses."""
+    settings = privacy_settings(settings)
     db = open_database(settings, NAME)
     store = ConsentStore(db, open_cache(settings, NAME))
     store.migrate()   # every room's tables: one schema history (migrations.py)
@@ -36,7 +37,7 @@ def build(settings):
     # The audit log, and this process's audit sink appending to it locally.
     audit, _, audit_closers = build_audit(settings, db)
     # Deletion jobs, receipts, export and data keys; the worker resumes unfinished jobs.
-    deletion, keys, peers = build_deletion(privacy_settings(settings), db, store)
+    deletion, keys, peers = build_deletion(settings, db, store)
     deletion.start()
     return ([(pb_grpc.add_DeletionServicer_to_server, DeletionServicer(deletion, consent, keys), DELETION),
              (pb_grpc.add_ConsentServicer_to_server, ConsentServicer(consent), CONSENT),

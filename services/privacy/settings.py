@@ -3,6 +3,7 @@ variables, validated at start (a bad value names the variable).
 
 | variable | default | meaning |
 |---|---|---|
+| `HEARTH_AUDIT_SIGNING_KEY` / `_FILE` | dev: generated | Ed25519 key signing audit tree heads, or a file holding it (services/privacy/audit/app.py) |
 | `HEARTH_RECEIPT_SIGNING_KEY` | dev: generated | Ed25519 key signing deletion receipts (PKCS#8 PEM or base64 of the 32-byte seed) |
 | `HEARTH_KEKS` | dev: generated | master keys `id=<base64 32 bytes>,...` wrapping the per-household data keys |
 | `HEARTH_ACTIVE_KEK` | the only/first KEK | id of the KEK new data keys are wrapped with |
@@ -21,13 +22,15 @@ production must configure both (from a secret store).
 
 from __future__ import annotations
 
-from pydantic import field_validator
+from pydantic import SecretStr, field_validator
 
 from services.common.config import ServiceSettings
 
 
 class PrivacySettings(ServiceSettings):
     service_name: str = "privacy"
+    audit_signing_key: SecretStr = SecretStr("")
+    audit_signing_key_file: str = ""
     receipt_signing_key: str = ""
     keks: str = ""
     active_kek: str = ""
@@ -65,8 +68,6 @@ class PrivacySettings(ServiceSettings):
 
 def privacy_settings(settings: ServiceSettings) -> PrivacySettings:
     """The privacy settings for ``settings`` plus the variables above from the environment."""
-    if isinstance(settings, PrivacySettings):
-        return settings
     from services.common import config
 
-    return config.load(PrivacySettings, **settings.model_dump())
+    return config.specialise(settings, PrivacySettings)

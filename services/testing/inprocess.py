@@ -22,6 +22,23 @@ from services.common.server import RunningServer, build_server
 SERVICES = ("privacy", "clustering", "attribution", "feedback")
 
 
+def serve_service(name: str, settings: Any, port: int = 0) -> tuple[RunningServer, list]:
+    """Build service ``name`` as its ``__main__`` does and serve it on ``port`` (0: any
+    free one); returns the running server (its stores close when it stops) and the
+    ``(add, servicer, full_name)`` entries it serves."""
+    module = importlib.import_module(f"services.{name}.__main__")
+    servicers, closers = module.build(settings)
+
+    def register(server: grpc.Server) -> list[str]:
+        for add, servicer, _ in servicers:
+            add(servicer, server)
+        return [full for _, _, full in servicers]
+
+    running = build_server(name, register, port=port, max_workers=16)
+    running.on_stop.extend(closers)
+    return running, servicers
+
+
 @dataclass
 class InProcessMesh:
     addresses: dict[str, str]
@@ -33,16 +50,7 @@ class InProcessMesh:
 
     def start_service(self, name: str) -> None:
         """Build ``name`` as its ``__main__`` does and serve it on its port."""
-        module = importlib.import_module(f"services.{name}.__main__")
-        servicers, closers = module.build(self.settings[name])
-
-        def register(server: grpc.Server) -> list[str]:
-            for add, servicer, _ in servicers:
-                add(servicer, server)
-            return [full for _, _, full in servicers]
-
-        running = build_server(name, register, port=self.ports[name], max_workers=16)
-        running.on_stop.extend(closers)
+        running, servicers = serve_service(name, self.settings[name], self.ports[name])
         self.servers[name] = running
         self.servicers[name] = servicers[0][1]
 
@@ -89,7 +97,6 @@ def start(data_dir: Path, *, storage: str = "sqlite", postgres_dsn: str = "", re
     """Build and start ``services`` on free ports. ``privacy``: overrides of
     ``PrivacySettings`` (the retention purge is off unless given)."""
     from services.testing.mesh import free_port
-    from services.privacy.settings import PrivacySettings
 
     ports = {s: free_port() for s in SERVICES}
     addresses = {s: f"127.0.0.1:{p}" for s, p in ports.items()}
@@ -97,10 +104,7 @@ def start(data_dir: Path, *, storage: str = "sqlite", postgres_dsn: str = "", re
                   metrics_port=0, **{f"{s}_addr": a for s, a in addresses.items()})
     mesh = InProcessMesh(addresses, ports=ports)
     for name in services:
-        if name == "privacy":
-            mesh.settings[name] = config.load(PrivacySettings, service_name=name,
-                                              **{"retention_check_s": 0.0, **common, **dict(privacy or {})})
-        else:
-            mesh.settings[name] = config.load(config.ServiceSettings, service_name=name, **common)
+        own = {"retention_check_s": 0.0, **dict(privacy or {})} if name == "privacy" else {}
+        mesh.settings[name] = config.load(config.service_settings_class(name), service_name=name, **common, **own)
         mesh.start_service(name)
     return mesh

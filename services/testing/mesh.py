@@ -159,7 +159,9 @@ class Mesh:
             return ""
         return f"; the end of {path}:\n" + path.read_bytes()[-chars:].decode(errors="replace")
 
-    def stop_process(self, name: str, timeout_s: float = 10.0) -> None:
+    def stop_process(self, name: str, timeout_s: float = 30.0) -> None:
+        # SIGTERM, then SIGKILL after timeout_s: longer than HEARTH_GRACE_SECONDS (10 s) and
+        # the closers after it, so a graceful stop is never cut short here.
         proc = self.processes.pop(name, None)
         if proc is not None:
             stop_group(proc, timeout_s)

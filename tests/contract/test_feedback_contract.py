@@ -4,6 +4,7 @@ production ``build``): every RPC, its errors with status code and field."""
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 
@@ -200,3 +201,28 @@ def test_erase_counts_digest_idempotency_and_errors(stub):
     assert error_of(stub.data, "Erase", common_pb2.EraseRequest()) == (grpc.StatusCode.INVALID_ARGUMENT, "scope")
     assert error_of(stub.data, "Erase", common_pb2.EraseRequest(scope=common_pb2.ErasureScope(account_id="acc-1"))) == (
         grpc.StatusCode.INVALID_ARGUMENT, "scope.target")
+
+
+def test_export_account_over_grpc_holds_the_households_predictions_and_feedback(stub):
+    call(stub, "RecordPrediction", fpb.RecordPredictionRequest(predictions=[
+        prediction("x1"), prediction("x2"), prediction("y1", account="acc-other")]))
+    call(stub, "RecordFeedback", feedback("fx1", "x1"))
+    document = json.loads(call(stub.data, "ExportAccount", common_pb2.ExportAccountRequest(account_id="acc-1")).json)
+    assert sorted(p["prediction_id"] for p in document["predictions"]) == ["x1", "x2"]
+    assert [f["feedback_id"] for f in document["feedback"]] == ["fx1"]
+    assert error_of(stub.data, "ExportAccount", common_pb2.ExportAccountRequest(account_id="acc 1")) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "account_id")
+
+
+def test_calibrators_are_listed_and_rolled_back_over_grpc(stub):
+    listed = call(stub, "ListCalibrators", fpb.ListCalibratorsRequest(variant="kmeans"))
+    assert (listed.current_version, listed.held, list(listed.versions)) == (0, False, [])
+    # Version 0 is "none" (identity): allowed, and holds automatic refits.
+    chosen = call(stub, "ActivateCalibrator", fpb.ActivateCalibratorRequest(
+        variant="kmeans", version=0, hold=True, reason="identity while the refit is checked"))
+    assert (chosen.version, chosen.choice_version) == (0, 1)
+    assert call(stub, "ListCalibrators", fpb.ListCalibratorsRequest(variant="kmeans")).held
+    assert error_of(stub, "ActivateCalibrator", fpb.ActivateCalibratorRequest(
+        variant="kmeans", version=9, hold=True, reason="no such version"))[0] == grpc.StatusCode.NOT_FOUND
+    assert error_of(stub, "ActivateCalibrator", fpb.ActivateCalibratorRequest(
+        variant="kmeans", version=0, hold=False, reason="")) == (grpc.StatusCode.INVALID_ARGUMENT, "reason")

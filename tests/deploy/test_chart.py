@@ -264,10 +264,13 @@ def test_shutdown_budget_covers_prestop_sleep_and_the_drain_grace(render):
 
 def _settings_classes() -> dict[str, type]:
     """The settings class each process validates its environment with."""
+    from services.attribution.settings import AttributionSettings
+    from services.clustering.settings import ClusteringSettings
     from services.feedback.settings import FeedbackSettings
     from services.privacy.settings import PrivacySettings
 
-    return {"privacy": PrivacySettings, "feedback": FeedbackSettings}
+    return {"privacy": PrivacySettings, "feedback": FeedbackSettings, "clustering": ClusteringSettings,
+            "attribution": AttributionSettings}
 
 
 SETTINGS_CLASSES = _settings_classes()

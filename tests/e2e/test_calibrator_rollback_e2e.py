@@ -56,8 +56,11 @@ def _feedback(mesh, client: httpx.Client, start: int, n: int) -> None:
                            person_id="p1", probabilities={"p1": 0.9, "p2": 0.1}, model_variant="kmeans",
                            model_version=1, ts=float_to_ts(time.time() - 600), household_size=2)
             for i in range(start, start + n)]), metadata=_service_metadata(mesh), timeout=30)
+    # Recent timestamps: the privacy service's retention purge erases older feedback, which
+    # would shrink the data the refits count.
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 60))
     for i in range(start, start + n):
-        body = {"feedback_id": f"cal-fb-{i}", "prediction_id": f"cal-{i}", "ts": "2026-01-01T00:00:00Z",
+        body = {"feedback_id": f"cal-fb-{i}", "prediction_id": f"cal-{i}", "ts": now,
                 **({"kind": "explicit_correct", "true_person_id": "p2"} if i % 2 == 0 else
                    {"kind": "explicit_confirm"})}
         r = client.post("/v1/feedback", json=body)

@@ -14,16 +14,12 @@ import shutil
 import subprocess
 import time
 
-import grpc
 import httpx
 import pytest
 import yaml
 
-from hearth.feedback.v1 import feedback_pb2 as fpb
-from hearth.feedback.v1 import feedback_pb2_grpc as fpb_grpc
-from services.common.identity import PRINCIPAL_KEY, ROLE_KEY, TOKEN_KEY, Principal, Role, ServiceTokenSigner
-from services.common.pbutil import float_to_ts
 from services.testing.mesh import ROOT, SERVICE_MODULES, Mesh, free_port, write_api_key
+from tests.helpers.mesh_calls import log_predictions, prediction
 
 DASHBOARDS = ROOT / "deploy" / "helm" / "hearth" / "dashboards"
 RULES = ROOT / "deploy" / "prometheus" / "hearth.rules.yaml"
@@ -95,15 +91,7 @@ def scraped_mesh(tmp_path_factory):
 
 
 def _log_prediction(mesh, prediction_id: str, account: str) -> None:
-    principal = Principal("svc:clustering", Role.SERVICE)
-    token = ServiceTokenSigner(mesh.service_token_key.encode()).sign(principal)
-    metadata = [(PRINCIPAL_KEY, principal.id), (ROLE_KEY, principal.role.value), (TOKEN_KEY, token)]
-    with grpc.insecure_channel(f"127.0.0.1:{mesh.grpc_ports['feedback']}") as channel:
-        fpb_grpc.FeedbackServiceStub(channel).RecordPrediction(fpb.RecordPredictionRequest(predictions=[
-            fpb.Prediction(prediction_id=prediction_id, account_id=account, session_id="s-dash", person_id="p1",
-                           probabilities={"p1": 0.7, "p2": 0.3}, model_variant="kmeans", model_version=1,
-                           ts=float_to_ts(time.time() - 600), household_size=2)]),
-            metadata=metadata, timeout=10)
+    log_predictions(mesh, [prediction(prediction_id, account, session_id="s-dash")])
 
 
 def _drive_traffic(mesh) -> None:

@@ -4,16 +4,10 @@ back, flags changed at run time."""
 
 from __future__ import annotations
 
-import time
-
-import grpc
 import httpx
 import pytest
 
-from hearth.feedback.v1 import feedback_pb2 as fpb
-from hearth.feedback.v1 import feedback_pb2_grpc as fpb_grpc
-from services.common.identity import PRINCIPAL_KEY, ROLE_KEY, TOKEN_KEY, Principal, Role, ServiceTokenSigner
-from services.common.pbutil import float_to_ts
+from tests.helpers.mesh_calls import log_predictions, prediction
 
 
 @pytest.fixture
@@ -23,16 +17,7 @@ def client(mesh):
 
 
 def _log_prediction(mesh, prediction_id: str, account: str) -> None:
-    """RecordPrediction as svc:clustering, signed with the mesh's service token key."""
-    principal = Principal("svc:clustering", Role.SERVICE)
-    token = ServiceTokenSigner(mesh.service_token_key.encode()).sign(principal)
-    metadata = [(PRINCIPAL_KEY, principal.id), (ROLE_KEY, principal.role.value), (TOKEN_KEY, token)]
-    with grpc.insecure_channel(f"127.0.0.1:{mesh.grpc_ports['feedback']}") as channel:
-        fpb_grpc.FeedbackServiceStub(channel).RecordPrediction(fpb.RecordPredictionRequest(predictions=[
-            fpb.Prediction(prediction_id=prediction_id, account_id=account, session_id="s-e2e", person_id="p1",
-                           probabilities={"p1": 0.7, "p2": 0.3}, model_variant="kmeans", model_version=1,
-                           ts=float_to_ts(time.time() - 600), household_size=2)]),
-            metadata=metadata, timeout=10)
+    log_predictions(mesh, [prediction(prediction_id, account, session_id="s-e2e")])
 
 
 def test_feedback_calibration_and_flags_over_http(client, mesh):

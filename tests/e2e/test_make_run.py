@@ -19,34 +19,9 @@ from pathlib import Path
 import httpx
 
 from services.common.child_process import spawn_tied
+from tests.helpers.processes import alive, descendants
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"  # a zombie has exited; only its parent's wait is missing
 
 
 def test_make_run_serves_the_printed_examples_and_dies_with_its_launcher(tmp_path):
@@ -87,18 +62,18 @@ def test_make_run_serves_the_printed_examples_and_dies_with_its_launcher(tmp_pat
         body = r.json()
         assert body["account_id"] == "acc-1" and body["devices"][0]["device_id"] == "tv-1", r.text
 
-        run_py += [p for p in _descendants(launcher.pid)
+        run_py += [p for p in descendants(launcher.pid)
                    if "scripts/run.py" in Path(f"/proc/{p}/cmdline").read_bytes().decode()]
         assert len(run_py) == 1
-        mesh = _descendants(run_py[0])
+        mesh = descendants(run_py[0])
         assert len(mesh) >= 5, "four services and the gateway"
 
         os.kill(launcher.pid, signal.SIGKILL)   # the launcher dies; nobody sends Ctrl-C
         launcher.wait(10)
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and any(_alive(p) for p in [*run_py, *mesh]):
+        while time.monotonic() < deadline and any(alive(p) for p in [*run_py, *mesh]):
             time.sleep(0.5)
-        left = [p for p in [*run_py, *mesh] if _alive(p)]
+        left = [p for p in [*run_py, *mesh] if alive(p)]
         assert left == [], f"still running after the launcher died: {left}\n" + "".join(lines)
         try:
             httpx.get(f"{url}/health", timeout=2)
@@ -108,7 +83,7 @@ def test_make_run_serves_the_printed_examples_and_dies_with_its_launcher(tmp_pat
     finally:
         if launcher.poll() is None:
             launcher.kill()
-        for pid in [*run_py, *_descendants(launcher.pid)]:  # the mesh is tied to run.py
+        for pid in [*run_py, *descendants(launcher.pid)]:  # the mesh is tied to run.py
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.helpers.processes import alive, descendants
+
 ROOT = Path(__file__).resolve().parents[2]
 
 INNER_TEST = '''
@@ -29,24 +31,7 @@ import psycopg
 import redis
 
 from services.testing.mesh import Mesh, write_api_key
-
-
-def _descendants(pid):
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
+from tests.helpers.processes import descendants
 
 
 def test_start_everything_then_wait(tmp_path, postgres_dsn, redis_url):
@@ -59,19 +44,11 @@ def test_start_everything_then_wait(tmp_path, postgres_dsn, redis_url):
         mesh.wait_healthy(180)
         Path(os.environ["PIDS_FILE"] + ".tmp").write_text(json.dumps({
             "mesh": [p.pid for p in mesh.processes.values()],
-            "all": _descendants(os.getpid()),
+            "all": descendants(os.getpid()),
         }))
         os.rename(os.environ["PIDS_FILE"] + ".tmp", os.environ["PIDS_FILE"])
         time.sleep(600)
 '''
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"  # a zombie has exited; only its parent's wait is missing
 
 
 def test_children_of_a_killed_pytest_die_with_it(tmp_path):
@@ -93,20 +70,20 @@ def test_children_of_a_killed_pytest_die_with_it(tmp_path):
         assert len(pids["mesh"]) == 5
         # The mesh, the postmaster with its backends and auxiliary processes, redis-server.
         assert set(pids["mesh"]) <= set(pids["all"]) and len(pids["all"]) >= 5 + 1 + 3 + 1
-        assert all(_alive(pid) for pid in pids["mesh"])
+        assert all(alive(pid) for pid in pids["mesh"])
 
         os.kill(run.pid, signal.SIGKILL)
         run.wait(10)
         deadline = time.monotonic() + 30
-        while (alive := [pid for pid in pids["all"] if _alive(pid)]) and time.monotonic() < deadline:
+        while (survivors := [pid for pid in pids["all"] if alive(pid)]) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not alive, {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:80] for pid in alive}
+        assert not survivors, {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:80] for pid in survivors}
     finally:
         if run.poll() is None:
             run.kill()
             run.wait()
         for pid in json.loads(pids_file.read_text())["all"] if pids_file.exists() else []:
-            if _alive(pid):  # never leave anything behind, even when the assertion failed
+            if alive(pid):  # never leave anything behind, even when the assertion failed
                 os.kill(pid, signal.SIGKILL)
 
 
@@ -123,19 +100,6 @@ Path(sys.argv[2] + ".tmp").write_text(json.dumps({"postmaster": pg.proc.pid, "re
 os.rename(sys.argv[2] + ".tmp", sys.argv[2])
 time.sleep(600)
 '''
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry))
-    return out
 
 
 def test_the_postgresql_and_redis_of_a_killed_verify_run_die_with_it(tmp_path):
@@ -155,20 +119,20 @@ def test_the_postgresql_and_redis_of_a_killed_verify_run_die_with_it(tmp_path):
             assert time.monotonic() < deadline, "PostgreSQL and Redis did not start in time"
             time.sleep(0.2)
         pids = json.loads(pids_file.read_text())
-        servers = [pids["postmaster"], pids["redis"], *_children(pids["postmaster"])]
-        assert len(servers) >= 2 + 3 and all(_alive(p) for p in servers)   # + checkpointer, walwriter, ...
+        servers = [pids["postmaster"], pids["redis"], *descendants(pids["postmaster"])]
+        assert len(servers) >= 2 + 3 and all(alive(p) for p in servers)   # + checkpointer, walwriter, ...
 
         os.kill(owner.pid, signal.SIGKILL)
         owner.wait(10)
         deadline = time.monotonic() + 60
-        while (alive := [p for p in servers if _alive(p)]) and time.monotonic() < deadline:
+        while (survivors := [p for p in servers if alive(p)]) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not alive, {p: Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in alive}
+        assert not survivors, {p: Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in survivors}
     finally:
         if owner.poll() is None:
             owner.kill()
             owner.wait()
         for pid in [pids.get("postmaster"), pids.get("redis")]:
-            if pid and _alive(pid):
+            if pid and alive(pid):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(base, ignore_errors=True)

@@ -6,7 +6,6 @@ fell back to the identity map and feedback never changed any assignment."""
 
 from __future__ import annotations
 
-import importlib
 import time
 
 import numpy as np
@@ -15,7 +14,7 @@ import pytest
 from hearth.feedback.v1 import feedback_pb2 as fpb
 from services.clustering.peers import FeedbackPeer
 from services.common import config
-from services.common.server import build_server
+from services.testing.inprocess import serve_service
 from services.feedback.domain.evaluation import synthetic_stream
 from services.feedback.domain.signals import SignalKind
 from services.feedback.store import PredictionRecord
@@ -27,17 +26,8 @@ NOW = time.time()
 
 @pytest.fixture
 def feedback_server(tmp_path):
-    settings = config.load(service_name="feedback", data_dir=tmp_path / "feedback")
-    servicers, closers = importlib.import_module("services.feedback.__main__").build(settings)
-
-    def register(server):
-        for add, servicer, _ in servicers:
-            add(servicer, server)
-        return [full for _, _, full in servicers]
-
-    running = build_server("feedback", register, port=0)
-    running.on_stop.extend(closers)
-    yield running, servicers[0][1].app
+    running, servicers = serve_service("feedback", config.load(service_name="feedback", data_dir=tmp_path / "feedback"))
+    yield running, servicers[0][1]   # the servicer holds the rooms (intake, calibration, experiments)
     running.stop(0)
 
 
@@ -53,21 +43,21 @@ def _over_confident_feedback(app, variant: str, n: int = 600) -> None:
         items.append(PredictionRecord(f"c{i}", f"acc-{i % 31}", f"s{i}", top, probs, variant, 1,
                                       NOW - 7200, False, k))
         labels.append((f"c{i}", top, f"p{int(stream.labels[i]) + 1}"))
-    app.record_predictions(items)
+    app.intake.record_predictions(items)
     for pid, top, truth in labels:
         if truth == top:
-            app.record_feedback(f"f-{pid}", pid, SignalKind.PROFILE_CONFIRMED, None, NOW - 60)
+            app.intake.record_feedback(f"f-{pid}", pid, SignalKind.PROFILE_CONFIRMED, None, NOW - 60)
         else:
-            app.record_feedback(f"f-{pid}", pid, SignalKind.PROFILE_CORRECTED, truth, NOW - 60)
+            app.intake.record_feedback(f"f-{pid}", pid, SignalKind.PROFILE_CORRECTED, truth, NOW - 60)
 
 
 def test_feedback_changes_the_confidence_later_assignments_return(feedback_server, database):
     running, feedback_app = feedback_server
     peer = FeedbackPeer(f"127.0.0.1:{running.port}")
     # Nothing fitted yet: the peer's call is allowed and answers "no calibrator".
-    assert peer._stub.GetCalibrator(fpb.GetCalibratorRequest(variant="gmm")).version == 0
+    assert peer.peer.call("GetCalibrator", fpb.GetCalibratorRequest(variant="gmm")).version == 0
     _over_confident_feedback(feedback_app, "gmm")
-    fitted = feedback_app.recalibrate(["gmm"])
+    fitted = feedback_app.calibration.recalibrate(["gmm"])
     assert fitted["gmm"].method != "identity"
 
     clustering = _app(database)

@@ -30,78 +30,78 @@ def add_feedback(app: FeedbackApp, start: int, count: int, variant: str = "kmean
     """``count`` predictions of ``variant`` at confidence 0.9 of which ~half are wrong."""
     for i in range(start, start + count):
         pid = f"{variant}-{i}"
-        app.record_predictions([PredictionRecord(pid, f"acc-{i % 7}", f"s-{pid}", "p1", {"p1": 0.9, "p2": 0.1},
+        app.intake.record_predictions([PredictionRecord(pid, f"acc-{i % 7}", f"s-{pid}", "p1", {"p1": 0.9, "p2": 0.1},
                                                  variant, 1, NOW - 3600, False, 2)])
         wrong = i % 2 == 0
-        app.record_feedback(f"f-{pid}", pid, SignalKind.PROFILE_CORRECTED if wrong else SignalKind.PROFILE_CONFIRMED,
+        app.intake.record_feedback(f"f-{pid}", pid, SignalKind.PROFILE_CORRECTED if wrong else SignalKind.PROFILE_CONFIRMED,
                             "p2" if wrong else None, NOW - 60)
 
 
 def test_rollback_puts_an_earlier_version_in_force_and_holds_refits_until_released(database):
     app = make_app(database)
     add_feedback(app, 0, 30)
-    assert set(app.recalibrate_if_due()) == {"kmeans"}
+    assert set(app.calibration.recalibrate_if_due()) == {"kmeans"}
     add_feedback(app, 30, 30)
-    assert set(app.recalibrate_if_due()) == {"kmeans"}
-    history = app.calibrator_choices.history("kmeans")
+    assert set(app.calibration.recalibrate_if_due()) == {"kmeans"}
+    history = app.calibration.choices.history("kmeans")
     assert (history.current_version, history.held, [v.version for v in history.versions]) == (2, False, [2, 1])
     assert [v.n for v in history.versions] == [60, 30]
     v1_json = app.store.calibrator_versions("kmeans")[1].calibrator_json
 
-    choice = app.calibrator_choices.activate("kmeans", 1, True, "v2 fitted on a bad week", ADMIN)
+    choice = app.calibration.choices.activate("kmeans", 1, True, "v2 fitted on a bad week", ADMIN)
     assert (choice.version, choice.previous_version, choice.choice_version) == (1, 2, 1)
-    version, calibrator = app.calibrator_for("kmeans")
+    version, calibrator = app.calibration.calibrator_for("kmeans")
     assert version == 1 and calibrator.to_json() == app.store.calibrator_versions("kmeans")[1].calibrator_json
-    assert app.calibrator_version() == "kmeans:1"
+    assert app.calibration.calibrator_version() == "kmeans:1"
     assert json.loads(v1_json)["version"] == 1
 
     # Held: neither the schedule nor a cohort trigger's recalibration replaces it.
     add_feedback(app, 60, 40)
-    assert app.recalibrate_if_due() == {} and app.recalibrate() == {}
-    assert app.calibrator_for("kmeans")[0] == 1
-    assert [v.version for v in app.calibrator_choices.history("kmeans").versions] == [2, 1]
+    assert app.calibration.recalibrate_if_due() == {} and app.calibration.recalibrate() == {}
+    assert app.calibration.calibrator_for("kmeans")[0] == 1
+    assert [v.version for v in app.calibration.choices.history("kmeans").versions] == [2, 1]
 
     # A restart keeps the choice and the hold.
     restarted = make_app(database)
-    held = restarted.calibrator_choices.history("kmeans")
+    held = restarted.calibration.choices.history("kmeans")
     assert (held.current_version, held.held, held.choice_version, held.reason) == (
         1, True, 1, "v2 fitted on a bad week")
-    assert restarted.recalibrate_if_due() == {}
+    assert restarted.calibration.recalibrate_if_due() == {}
 
     # Release: the version in force stays until the next due refit, which then runs.
-    released = restarted.calibrator_choices.activate("kmeans", 1, False, "bad week understood", ADMIN)
+    released = restarted.calibration.choices.activate("kmeans", 1, False, "bad week understood", ADMIN)
     assert (released.version, released.previous_version, released.choice_version) == (1, 1, 2)
-    assert set(restarted.recalibrate_if_due()) == {"kmeans"}
-    after = restarted.calibrator_choices.history("kmeans")
+    assert set(restarted.calibration.recalibrate_if_due()) == {"kmeans"}
+    after = restarted.calibration.choices.history("kmeans")
     assert (after.current_version, after.held) == (3, False)
 
     # Audited through the flag-change hook, one record per choice, with reason and principal.
-    audited = app.auditor.changes + restarted.auditor.changes
+    audited = app.experiments.auditor.changes + restarted.experiments.auditor.changes
     assert [(c.experiment, c.version, c.reason, c.principal.id) for c in audited] == [
         ("calibrator:kmeans", 1, "v2 fitted on a bad week", "ops-alice"),
         ("calibrator:kmeans", 2, "bad week understood", "ops-alice")]
     assert json.loads(audited[0].flags_json) == {"version": 1, "hold": True, "previous_version": 2}
     assert restarted.store.current_flags("calibrator:kmeans").audit_result == "OK"
     # The experiment's own flags are untouched by calibrator choices.
-    assert app.flags().version == 0
+    assert app.experiments.flags().version == 0
 
 
 def test_rollback_to_none_applies_the_raw_confidences(database):
     app = make_app(database)
     add_feedback(app, 0, 30)
-    app.recalibrate_if_due()
-    assert app.calibrator_for("kmeans")[0] == 1
-    choice = app.calibrator_choices.activate("kmeans", 0, True, "identity until refit is fixed", ADMIN)
+    app.calibration.recalibrate_if_due()
+    assert app.calibration.calibrator_for("kmeans")[0] == 1
+    choice = app.calibration.choices.activate("kmeans", 0, True, "identity until refit is fixed", ADMIN)
     assert (choice.version, choice.previous_version) == (0, 1)
-    assert app.calibrator_for("kmeans")[0] == 0
-    assert app.apply_calibration("kmeans", [[0.9, 0.1]]).tolist() == [[0.9, 0.1]]
-    history = app.calibrator_choices.history("kmeans")
+    assert app.calibration.calibrator_for("kmeans")[0] == 0
+    assert app.calibration.apply_calibration("kmeans", [[0.9, 0.1]]).tolist() == [[0.9, 0.1]]
+    history = app.calibration.choices.history("kmeans")
     assert (history.current_version, history.held, len(history.versions)) == (0, True, 1)
     add_feedback(app, 30, 30)
-    assert app.recalibrate_if_due() == {}
+    assert app.calibration.recalibrate_if_due() == {}
     # Roll forward again to the stored version.
-    assert app.calibrator_choices.activate("kmeans", 1, False, "forward", ADMIN).version == 1
-    assert app.calibrator_for("kmeans")[0] == 1
+    assert app.calibration.choices.activate("kmeans", 1, False, "forward", ADMIN).version == 1
+    assert app.calibration.calibrator_for("kmeans")[0] == 1
 
 
 @pytest.mark.parametrize("variant, version, reason, error, field", [
@@ -116,18 +116,18 @@ def test_bad_choices_are_refused_naming_the_field_and_change_nothing(database, v
                                                                      field):
     app = make_app(database)
     add_feedback(app, 0, 30)
-    app.recalibrate_if_due()
+    app.calibration.recalibrate_if_due()
     with pytest.raises(error) as info:
-        app.calibrator_choices.activate(variant, version, True, reason, ADMIN)
+        app.calibration.choices.activate(variant, version, True, reason, ADMIN)
     assert info.value.field == field
-    history = app.calibrator_choices.history("kmeans")
+    history = app.calibration.choices.history("kmeans")
     assert (history.current_version, history.held, history.choice_version) == (1, False, 0)
-    assert app.auditor.changes == []
+    assert app.experiments.auditor.changes == []
 
 
 def test_listing_an_unknown_variant_is_not_found(database):
     app = make_app(database)
     with pytest.raises(NotFound) as info:
-        app.calibrator_choices.history("dbscan")
+        app.calibration.choices.history("dbscan")
     assert info.value.field == "variant"
-    assert app.calibrator_choices.history("gmm").versions == []  # known, nothing fitted yet
+    assert app.calibration.choices.history("gmm").versions == []  # known, nothing fitted yet

@@ -4,7 +4,6 @@ server, recalibration on held-out data, erasure."""
 
 from __future__ import annotations
 
-import importlib
 import time
 
 import numpy as np
@@ -12,10 +11,10 @@ import pytest
 from prometheus_client import REGISTRY
 
 from services.common import config
+from services.testing.inprocess import serve_service
 from services.common.erasure import ErasureScope, ids_digest
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound
 from services.common.identity import Principal, Role
-from services.common.server import build_server
 from services.feedback.app import FeedbackApp, FeedbackPolicy
 from services.feedback.domain.evaluation import synthetic_stream
 from services.feedback.domain.metrics import expected_calibration_error
@@ -39,7 +38,7 @@ def record(app: FeedbackApp, pid: str, account: str = "acc-1", probs=None, perso
            variant: str = "kmeans", ts: float | None = None, size: int = 0, cold: bool = False,
            device: str = "") -> None:
     probs = probs or {"p1": 0.9, "p2": 0.1}
-    app.record_predictions([PredictionRecord(pid, account, f"s-{pid}", person, probs, variant, 1,
+    app.intake.record_predictions([PredictionRecord(pid, account, f"s-{pid}", person, probs, variant, 1,
                                              ts or NOW - 3600, cold, size, device)])
 
 
@@ -54,15 +53,15 @@ def test_feedback_is_idempotent_by_id(database):
     app = make_app(database)
     record(app, "a")
     before = sample("hearth_feedback_total", {"kind": "profile_confirmed"})
-    assert app.record_feedback("f1", "a", SignalKind.PROFILE_CONFIRMED, None, NOW - 60) == (False, 1.0)
-    assert app.record_feedback("f1", "a", SignalKind.PROFILE_CONFIRMED, None, NOW - 60) == (True, 1.0)
+    assert app.intake.record_feedback("f1", "a", SignalKind.PROFILE_CONFIRMED, None, NOW - 60) == (False, 1.0)
+    assert app.intake.record_feedback("f1", "a", SignalKind.PROFILE_CONFIRMED, None, NOW - 60) == (True, 1.0)
     assert sample("hearth_feedback_total", {"kind": "profile_confirmed"}) == before + 1
     assert len(app.store.feedback_joined()) == 1
     with pytest.raises(AlreadyExists) as info:
-        app.record_feedback("f1", "a", SignalKind.PROFILE_CORRECTED, "p2", NOW - 60)
+        app.intake.record_feedback("f1", "a", SignalKind.PROFILE_CORRECTED, "p2", NOW - 60)
     assert info.value.field == "feedback_id"
     with pytest.raises(NotFound) as missing:
-        app.record_feedback("f2", "nope", SignalKind.PROFILE_CONFIRMED, None, None)
+        app.intake.record_feedback("f2", "nope", SignalKind.PROFILE_CONFIRMED, None, None)
     assert missing.value.field == "prediction_id"
     assert app.store.counts() == (1, 1)
 
@@ -72,14 +71,14 @@ def test_feedback_is_idempotent_by_id(database):
 
 def test_flags_survive_a_restart(database):
     app = make_app(database)
-    assert app.flags().version == 0
-    assert app.set_flags({"kmeans": 70.0, "gmm": 30.0}, False, "start the test", ADMIN) == 1
-    assert app.set_flags({}, True, "incident", ADMIN) == 2
+    assert app.experiments.flags().version == 0
+    assert app.experiments.set_flags({"kmeans": 70.0, "gmm": 30.0}, False, "start the test", ADMIN) == 1
+    assert app.experiments.set_flags({}, True, "incident", ADMIN) == 2
     restarted = make_app(database)  # a new store and app on the same database
-    flags = restarted.flags()
+    flags = restarted.experiments.flags()
     assert (flags.version, dict(flags.traffic), flags.kill_switch) == (2, {"gmm": 30.0}, True)
-    assert restarted.set_flags({}, False, "incident over", ADMIN) == 3
-    audited = app.auditor.changes + restarted.auditor.changes
+    assert restarted.experiments.set_flags({}, False, "incident over", ADMIN) == 3
+    audited = app.experiments.auditor.changes + restarted.experiments.auditor.changes
     assert [(c.version, c.previous_version, c.principal.id) for c in audited] == [
         (1, 0, "ops-alice"), (2, 1, "ops-alice"), (3, 2, "ops-alice")]
     stored = restarted.store.current_flags("model-variant")
@@ -89,14 +88,14 @@ def test_flags_survive_a_restart(database):
 def test_kill_switch_sends_everyone_to_control_and_keeps_the_split(database):
     app = make_app(database)
     accounts = [f"acc-{i}" for i in range(4000)]
-    app.set_flags({"kmeans": 50.0, "gmm": 50.0}, False, "even split", ADMIN)
-    split = assign_variants(app.flags(), accounts)
+    app.experiments.set_flags({"kmeans": 50.0, "gmm": 50.0}, False, "even split", ADMIN)
+    split = assign_variants(app.experiments.flags(), accounts)
     assert abs((split == "gmm").mean() - 0.5) < 0.03
-    app.set_flags({}, True, "kill", ADMIN)
-    assert set(assign_variants(app.flags(), accounts)) == {"kmeans"}
-    assert all(app.experiment(a).variant == "kmeans" for a in accounts[:50])
-    app.set_flags({}, False, "restore", ADMIN)
-    assert np.array_equal(assign_variants(app.flags(), accounts), split)
+    app.experiments.set_flags({}, True, "kill", ADMIN)
+    assert set(assign_variants(app.experiments.flags(), accounts)) == {"kmeans"}
+    assert all(app.experiments.experiment(a).variant == "kmeans" for a in accounts[:50])
+    app.experiments.set_flags({}, False, "restore", ADMIN)
+    assert np.array_equal(assign_variants(app.experiments.flags(), accounts), split)
 
 
 # ----------------------------------------------------------------------------- triggers
@@ -104,16 +103,7 @@ def test_kill_switch_sends_everyone_to_control_and_keeps_the_split(database):
 
 @pytest.fixture
 def clustering_server(tmp_path):
-    settings = config.load(service_name="clustering", data_dir=tmp_path / "clustering")
-    servicers, closers = importlib.import_module("services.clustering.__main__").build(settings)
-
-    def register(server):
-        for add, servicer, _ in servicers:
-            add(servicer, server)
-        return [full for _, _, full in servicers]
-
-    running = build_server("clustering", register, port=0)
-    running.on_stop.extend(closers)
+    running, _ = serve_service("clustering", config.load(service_name="clustering", data_dir=tmp_path / "clustering"))
     yield running
     running.stop(0)
 
@@ -122,7 +112,7 @@ def _wrong_streak(app: FeedbackApp, account: str, n: int) -> None:
     """n confident predictions (0.95) that the household corrects: disagreement."""
     for i in range(n):
         record(app, f"{account}-w{i}", account=account, probs={"p1": 0.95, "p2": 0.05})
-        app.record_feedback(f"{account}-fw{i}", f"{account}-w{i}", SignalKind.PROFILE_CORRECTED, "p2", NOW - 100 + i)
+        app.intake.record_feedback(f"{account}-fw{i}", f"{account}-w{i}", SignalKind.PROFILE_CORRECTED, "p2", NOW - 100 + i)
 
 
 def test_disagreement_fires_once_and_refit_reaches_clustering(database, clustering_server):
@@ -136,7 +126,7 @@ def test_disagreement_fires_once_and_refit_reaches_clustering(database, clusteri
     fired_before = sample("hearth_retrain_triggers_total", {"kind": "disagreement"})
     try:
         _wrong_streak(app, "acc-bad", 3)
-        app.drain_refits(20)
+        app.triggers.drain_refits(20)
     finally:
         app.close()
         refits.close()
@@ -159,7 +149,7 @@ def test_refit_failure_is_recorded_and_never_fails_feedback(database):
     app = FeedbackApp(store, refits=refits)
     try:
         _wrong_streak(app, "acc-x", 3)  # no exception although clustering is unreachable
-        app.drain_refits(20)
+        app.triggers.drain_refits(20)
     finally:
         app.close()
         refits.close()
@@ -169,15 +159,15 @@ def test_refit_failure_is_recorded_and_never_fails_feedback(database):
 def test_disagreement_needs_fresh_evidence_after_a_trigger(database):
     app = make_app(database)
     _wrong_streak(app, "acc-2", 5)  # fires at the 3rd; the 4th and 5th alone are only 2
-    app.drain_refits(10)
+    app.triggers.drain_refits(10)
     assert len(app.store.triggers("acc-2")) == 1
-    assert [c[0] for c in app.refits.calls] == ["acc-2"]
+    assert [c[0] for c in app.triggers.refits.calls] == ["acc-2"]
     # Confirmations never fire, and implicit signals (weight < 0.5) do not count.
     record(app, "ok-1", account="acc-3")
-    app.record_feedback("fok", "ok-1", SignalKind.PROFILE_CONFIRMED, None, NOW - 10)
+    app.intake.record_feedback("fok", "ok-1", SignalKind.PROFILE_CONFIRMED, None, NOW - 10)
     for i in range(4):
         record(app, f"ab-{i}", account="acc-3")
-        app.record_feedback(f"fab-{i}", f"ab-{i}", SignalKind.ABANDONED_QUICKLY, None, NOW - 5 + i)
+        app.intake.record_feedback(f"fab-{i}", f"ab-{i}", SignalKind.ABANDONED_QUICKLY, None, NOW - 5 + i)
     assert app.store.triggers("acc-3") == []
 
 
@@ -192,12 +182,12 @@ def _feed_stream(app: FeedbackApp, stream, rows, prefix: str) -> None:
         items.append(PredictionRecord(f"{prefix}{i}", f"acc-{i % 97}", f"s{i}", top, probs,
                                       str(stream.variants[i]), 1, NOW - 7200, bool(stream.cold_start[i]), k))
         labels.append((f"{prefix}{i}", top, f"p{int(stream.labels[i]) + 1}"))
-    app.record_predictions(items)
+    app.intake.record_predictions(items)
     for pid, top, truth in labels:
         if truth == top:
-            app.record_feedback(f"f-{pid}", pid, SignalKind.PROFILE_CONFIRMED, None, NOW - 60)
+            app.intake.record_feedback(f"f-{pid}", pid, SignalKind.PROFILE_CONFIRMED, None, NOW - 60)
         else:
-            app.record_feedback(f"f-{pid}", pid, SignalKind.PROFILE_CORRECTED, truth, NOW - 60)
+            app.intake.record_feedback(f"f-{pid}", pid, SignalKind.PROFILE_CORRECTED, truth, NOW - 60)
 
 
 def test_miscalibrated_stream_fires_a_cohort_trigger_then_recalibration_holds(database):
@@ -207,14 +197,14 @@ def test_miscalibrated_stream_fires_a_cohort_trigger_then_recalibration_holds(da
     stream = synthetic_stream(400, seed=3, variant_distortion={"kmeans": 0.5})  # over-confident
     _feed_stream(app, stream, range(400), "m")
     fired_before = sample("hearth_retrain_triggers_total", {"kind": "ece"})
-    fired = app.check_triggers()
+    fired = app.triggers.check_triggers()
     assert ("ece", "all") in {(t.kind, t.key) for t in fired}
     assert all(t.value > t.threshold for t in fired)
     assert sample("hearth_retrain_triggers_total", {"kind": "ece"}) >= fired_before + 1
     assert not any(t.refit_requested for t in app.store.triggers("all"))  # cohorts are not households
     # The trigger refitted the calibrator; checked again, nothing new is out of sample: quiet.
-    assert app.calibrator_version() == "kmeans:1"
-    assert app.check_triggers() == []
+    assert app.calibration.calibrator_version() == "kmeans:1"
+    assert app.triggers.check_triggers() == []
 
 
 def test_recalibration_lowers_ece_on_held_out_predictions(database):
@@ -222,32 +212,32 @@ def test_recalibration_lowers_ece_on_held_out_predictions(database):
     stream = synthetic_stream(3000, seed=11, variant_distortion={"kmeans": 0.45})
     train = range(600)
     _feed_stream(app, stream, train, "r")
-    fitted = app.recalibrate()
+    fitted = app.calibration.recalibrate()
     assert set(fitted) == {"kmeans"} and fitted["kmeans"].method != "identity"
     held_out = np.arange(600, 3000)
     probs = stream.probs[held_out]
     correct = (probs.argmax(axis=1) == stream.labels[held_out]).astype(float)
     before = expected_calibration_error(probs.max(axis=1), correct)
-    after_probs = app.apply_calibration("kmeans", probs)
+    after_probs = app.calibration.apply_calibration("kmeans", probs)
     assert np.array_equal(after_probs.argmax(axis=1), probs.argmax(axis=1))  # who, unchanged
     after = expected_calibration_error(after_probs.max(axis=1), correct)
     assert before > 0.05 and after < before / 3, (before, after)
     # Versioned: a second fit is version 2; rolling back re-applies version 1.
-    app.recalibrate()
-    assert app.calibrator_version() == "kmeans:2"
-    app.calibrator_choices.activate("kmeans", 1, True, "roll back to v1", ADMIN)
-    assert app.calibrator_version() == "kmeans:1"
-    assert np.allclose(app.apply_calibration("kmeans", probs), after_probs)
+    app.calibration.recalibrate()
+    assert app.calibration.calibrator_version() == "kmeans:2"
+    app.calibration.choices.activate("kmeans", 1, True, "roll back to v1", ADMIN)
+    assert app.calibration.calibrator_version() == "kmeans:1"
+    assert np.allclose(app.calibration.apply_calibration("kmeans", probs), after_probs)
     with pytest.raises(NotFound):
-        app.calibrator_choices.activate("kmeans", 9, True, "no such version", ADMIN)
+        app.calibration.choices.activate("kmeans", 9, True, "no such version", ADMIN)
 
 
 def test_calibration_report_before_and_after(database):
     app = make_app(database)
     stream = synthetic_stream(300, seed=5, variant_distortion={"kmeans": 0.5, "gmm": 1.0})
     _feed_stream(app, stream, range(300), "c")
-    app.recalibrate()
-    report = app.calibration_report("variant", 0)
+    app.calibration.recalibrate()
+    report = app.calibration.report("variant", 0)
     groups = {g.group: g for g in report.groups}
     assert set(groups) == {"gmm", "kmeans", "calibrated:gmm", "calibrated:kmeans"}
     assert report.calibrator_version == "gmm:1,kmeans:1"
@@ -256,7 +246,7 @@ def test_calibration_report_before_and_after(database):
     assert all(1 <= len(g.bins) <= 10 and all(b["count"] > 0 for b in g.bins) for g in report.groups)
     assert sum(b["count"] for b in groups["kmeans"].bins) == groups["kmeans"].summary.n
     with pytest.raises(InvalidArgument):
-        app.calibration_report("country", 0)
+        app.calibration.report("country", 0)
 
 
 # ----------------------------------------------------------------------------- erasure
@@ -268,23 +258,23 @@ def test_erase_person_and_window_with_counts_and_idempotency(database):
     record(app, "q2", person="p2", probs={"p1": 0.3, "p2": 0.7}, ts=NOW - 4000)
     record(app, "q3", person="p1", ts=NOW - 3000)
     record(app, "z1", account="acc-z", person="p2", probs={"p1": 0.3, "p2": 0.7}, ts=NOW - 4000)
-    app.record_feedback("h1", "q1", SignalKind.PROFILE_CONFIRMED, None, NOW - 100)
-    app.record_feedback("h2", "q2", SignalKind.CONTINUED_RECOMMENDATION, None, NOW - 100)
-    app.record_feedback("h3", "q3", SignalKind.PROFILE_CORRECTED, "p2", NOW - 2000)  # names p2
-    app.record_feedback("h4", "z1", SignalKind.PROFILE_CONFIRMED, None, NOW - 100)
+    app.intake.record_feedback("h1", "q1", SignalKind.PROFILE_CONFIRMED, None, NOW - 100)
+    app.intake.record_feedback("h2", "q2", SignalKind.CONTINUED_RECOMMENDATION, None, NOW - 100)
+    app.intake.record_feedback("h3", "q3", SignalKind.PROFILE_CORRECTED, "p2", NOW - 2000)  # names p2
+    app.intake.record_feedback("h4", "z1", SignalKind.PROFILE_CONFIRMED, None, NOW - 100)
 
-    person = app.erase(ErasureScope("acc-1", "person", person_id="p2"))
+    person = app.intake.erase(ErasureScope("acc-1", "person", person_id="p2"))
     assert person.deleted_counts == {"predictions": 1, "feedback": 2}
     assert sorted(person.deleted_ids) == ["feedback:h2", "feedback:h3", "predictions:q2"]
-    assert app.erase(ErasureScope("acc-1", "person", person_id="p2")).empty
+    assert app.intake.erase(ErasureScope("acc-1", "person", person_id="p2")).empty
 
-    window = app.erase(ErasureScope("acc-1", "window", start=NOW - 5500, end=NOW - 4500))
+    window = app.intake.erase(ErasureScope("acc-1", "window", start=NOW - 5500, end=NOW - 4500))
     assert sorted(window.deleted_ids) == ["feedback:h1", "predictions:q1"]
-    assert app.erase(ErasureScope("acc-1", "window", start=NOW - 5500, end=NOW - 4500)).empty
+    assert app.intake.erase(ErasureScope("acc-1", "window", start=NOW - 5500, end=NOW - 4500)).empty
     assert [j.prediction.prediction_id for j in app.store.feedback_joined()] == ["z1"]
     assert app.store.prediction("q3") is not None  # outside the window, its feedback gone with p2
 
-    device = app.erase(ErasureScope("acc-1", "device", device_id="tv-1"))  # q3: device unknown, taken
+    device = app.intake.erase(ErasureScope("acc-1", "device", device_id="tv-1"))  # q3: device unknown, taken
     assert device.deleted_counts == {"predictions": 1}
     assert ids_digest(device.deleted_ids) == ids_digest(["predictions:q3"])
     assert app.store.prediction("z1") is not None
@@ -294,7 +284,7 @@ def test_erase_device_takes_only_that_devices_predictions(database):
     app = make_app(database)
     record(app, "d1", device="tv-1")
     record(app, "d2", device="phone-1")
-    app.record_feedback("fd1", "d1", SignalKind.PROFILE_CONFIRMED, None, NOW - 100)
-    out = app.erase(ErasureScope("acc-1", "device", device_id="tv-1"))
+    app.intake.record_feedback("fd1", "d1", SignalKind.PROFILE_CONFIRMED, None, NOW - 100)
+    out = app.intake.erase(ErasureScope("acc-1", "device", device_id="tv-1"))
     assert sorted(out.deleted_ids) == ["feedback:fd1", "predictions:d1"]
     assert app.store.prediction("d2") is not None and app.store.prediction("d2").device_id == "phone-1"

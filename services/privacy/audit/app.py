@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -70,20 +70,18 @@ SERVICE = "privacy"
 _SERVICE_READS = frozenset({EventType.READ_HOUSEHOLD, EventType.EXPORT})
 
 
-def load_signing_key(environ: Mapping[str, str] | None = None,
-                     data_dir: str | Path = "var") -> Ed25519PrivateKey:
-    """The tree-head signing key per the module docstring; ConfigError naming the
-    variable when it is set but unusable."""
-    env = os.environ if environ is None else environ
-    if env.get(KEY_ENV):
+def load_signing_key(configured: str = "", key_file: str = "", data_dir: str | Path = "var") -> Ed25519PrivateKey:
+    """The tree-head signing key per the module docstring (``configured`` and
+    ``key_file`` are the two settings, PrivacySettings.audit_signing_key / _file);
+    ConfigError naming the variable when one is set but unusable."""
+    if configured:
         try:
-            return load_private_key(env[KEY_ENV], argument=KEY_ENV)
+            return load_private_key(configured, argument=KEY_ENV)
         except ValueError as exc:
             raise ConfigError(f"invalid configuration:\n  {KEY_ENV}: {exc}") from None
-    if env.get(KEY_FILE_ENV):
-        path = Path(env[KEY_FILE_ENV])
+    if key_file:
         try:
-            return load_private_key(path.read_text(), argument=KEY_FILE_ENV)
+            return load_private_key(Path(key_file).read_text(), argument=KEY_FILE_ENV)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"invalid configuration:\n  {KEY_FILE_ENV}: {exc}") from None
     path = Path(data_dir) / DEV_KEY_NAME
@@ -223,7 +221,8 @@ class LocalAuditTransport:
 def build_audit(settings, db: Database) -> tuple[AuditApp, AuditSink, list]:
     """Open the audit log on ``db`` (migrated), install the process's local audit sink,
     and return (app, sink, closers in the order they must run)."""
-    app = AuditApp(db, load_signing_key(data_dir=settings.data_dir))
+    app = AuditApp(db, load_signing_key(settings.audit_signing_key.get_secret_value(),
+                                        settings.audit_signing_key_file, settings.data_dir))
     sink = AuditSink(LocalAuditTransport(app), component=SERVICE)
     audit_client.install(sink)
     if not app.writer.healthy_at_start:

@@ -94,27 +94,25 @@ class GrpcPeers:
     permission matrix decides who may read a household) on the data-holding services."""
 
     def __init__(self, addresses: Mapping[str, str], erase_timeout_s: float, export_timeout_s: float = 30.0) -> None:
-        from services.common.client import peer_channel
+        from services.common.client import Peer
 
-        self._channels = {s: peer_channel(addresses[s], "privacy", erase_timeout_s) for s in PEER_SERVICES}
-        self._stubs = {s: common_pb2_grpc.DataHolderStub(channel) for s, channel in self._channels.items()}
-        self._erase_timeout = erase_timeout_s
+        self._peers = {s: Peer(addresses[s], "privacy", common_pb2_grpc.DataHolderStub, erase_timeout_s)
+                       for s in PEER_SERVICES}
         self._export_timeout = export_timeout_s
-        self._me = identity.service_principal("privacy")
 
     def erase(self, service: str, scope: common_pb2.ErasureScope, job_id: str) -> common_pb2.ErasureResult:
-        with identity.acting_as(self._me):
-            request = common_pb2.EraseRequest(scope=scope, job_id=job_id)
-            return self._stubs[service].Erase(request, timeout=self._erase_timeout).result
+        request = common_pb2.EraseRequest(scope=scope, job_id=job_id)
+        return self._peers[service].call("Erase", request).result
 
     def export(self, service: str, account_id: str) -> dict:
         request = common_pb2.ExportAccountRequest(account_id=account_id)
-        response = self._stubs[service].ExportAccount(request, timeout=self._export_timeout)
+        response = self._peers[service].call("ExportAccount", request, timeout_s=self._export_timeout,
+                                             on_behalf_of_caller=True)
         return json.loads(response.json)
 
     def close(self) -> None:
-        for channel in self._channels.values():
-            channel.close()
+        for peer in self._peers.values():
+            peer.close()
 
 
 def _retryable(exc: BaseException) -> bool:

@@ -1,6 +1,7 @@
 """Settings: one base class, unknown HEARTH_* variables stop the process naming them,
-and the environment is read only by the settings code (and the few functions listed
-in config.OTHER_VARIABLES, each of which validates what it reads)."""
+and the environment is read only by the settings code: identity, TLS, the audit signing
+key and log pseudonyms get their values from the settings the bootstrap loaded
+(config.OTHER_VARIABLES lists only tooling around the processes)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from gateway.config import GatewaySettings
+from services.attribution.settings import AttributionSettings
+from services.clustering.settings import ClusteringSettings
 from services.common import config
 from services.feedback.settings import FeedbackSettings
 from services.privacy.settings import PrivacySettings
@@ -21,11 +24,51 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_every_component_settings_class_shares_the_strict_base():
-    for cls in (config.ServiceSettings, FeedbackSettings, PrivacySettings, GatewaySettings):
-        assert issubclass(cls, config.HearthSettings)
+    for cls in (config.ServiceSettings, ClusteringSettings, AttributionSettings, FeedbackSettings,
+                PrivacySettings, GatewaySettings):
+        assert issubclass(cls, config.MeshSettings) and issubclass(cls, config.HearthSettings)
         assert cls.model_config["extra"] == "forbid" and cls.model_config["frozen"]
     with pytest.raises(config.ConfigError, match="HEARTH_SESSION_GAPP_S"):
-        config.load(service_name="clustering", session_gapp_s=10)   # a misspelt override
+        config.load(ClusteringSettings, service_name="clustering", session_gapp_s=10)   # a misspelt override
+    with pytest.raises(config.ConfigError, match="HEARTH_SESSION_GAP_S: Value error, must be > 0"):
+        config.load(ClusteringSettings, service_name="clustering", session_gap_s=0)
+
+
+def test_identity_tls_audit_signing_and_pseudonym_variables_are_settings_fields():
+    # Read by the processes, so declared on a settings class (validated at start), not
+    # listed among the variables that only tooling reads.
+    process_variables = {"HEARTH_SERVICE_TOKEN_KEY", "HEARTH_SERVICE_TOKEN_TTL_S", "HEARTH_TLS_CERT",
+                         "HEARTH_TLS_KEY", "HEARTH_TLS_CA", "HEARTH_TLS_SERVER_NAME", "HEARTH_LOG_PSEUDONYM_KEY",
+                         "HEARTH_GRPC_LB_POLICY", "HEARTH_AUDIT_SIGNING_KEY", "HEARTH_AUDIT_SIGNING_KEY_FILE"}
+    fields = {config.ENV_PREFIX + f.upper() for cls in (GatewaySettings, PrivacySettings) for f in cls.model_fields}
+    assert process_variables <= fields
+    assert not process_variables & set(config.OTHER_VARIABLES)
+    assert {"HEARTH_SESSION_GAP_S", "HEARTH_COLD_START"} <= config.known_variables()
+    assert "session_gap_s" not in config.ServiceSettings.model_fields   # clustering's own
+
+
+def test_the_bootstrap_hands_the_pseudonym_key_to_telemetry():
+    import hashlib
+    import hmac
+
+    from services.common import telemetry
+
+    previous = telemetry._PSEUDONYM_KEY
+    try:
+        config.configure_process(config.settings_from({"HEARTH_LOG_PSEUDONYM_KEY": "p" * 40,
+                                                       "HEARTH_SERVICE_TOKEN_KEY": "k" * 40}))
+        key = hmac.new(b"p" * 40, b"hearth-log-pseudonym-v1", hashlib.sha256).digest()
+        assert telemetry.pseudonym("acct-1") == "ps_" + hmac.new(key, b"acct-1", hashlib.sha256).hexdigest()[:16]
+        config.configure_process(config.settings_from({"HEARTH_LOG_PSEUDONYM_KEY": "",
+                                                       "HEARTH_SERVICE_TOKEN_KEY": "k" * 40}))
+        key = hmac.new(b"k" * 40, b"hearth-log-pseudonym-v1", hashlib.sha256).digest()
+        assert telemetry.pseudonym("acct-1") == "ps_" + hmac.new(key, b"acct-1", hashlib.sha256).hexdigest()[:16]
+    finally:
+        from services.common import identity, tls
+
+        telemetry._PSEUDONYM_KEY = previous
+        identity.configure_service_tokens(None)
+        tls._configured = None
 
 
 def test_unknown_variable_is_refused_with_a_suggestion(monkeypatch):
@@ -67,12 +110,10 @@ def _environment_reads(path: Path) -> list[int]:
     return lines
 
 
-# The modules allowed to read the environment: the settings code, the functions
-# config.OTHER_VARIABLES names (each reads its own variables and validates them), and
-# telemetry.py for OpenTelemetry's standard OTEL_* variables (read as the SDK reads them).
+# The modules allowed to read the environment: the settings code, and telemetry.py for
+# OpenTelemetry's standard OTEL_* variables (read as the SDK reads them).
 ENVIRONMENT_READERS = {
-    "services/common/config.py", "services/common/identity.py", "services/common/tls.py",
-    "services/privacy/audit/app.py", "services/common/telemetry.py",
+    "services/common/config.py", "services/common/telemetry.py",
     "services/rollout.py",   # an operator CLI, not a service process (OTHER_VARIABLES)
 }
 

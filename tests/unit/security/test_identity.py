@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
-from services.common import identity
+from services.common import config, identity
 from services.common.config import ConfigError
 from services.common.errors import Unauthenticated
 from services.common.identity import Principal, Role, ServiceTokenSigner
@@ -119,15 +119,22 @@ def test_key_and_ttl_are_validated():
         ServiceTokenSigner(KEY, ttl_s=0)
 
 
+def signer_from_env(env: dict[str, str]) -> ServiceTokenSigner:
+    """What a process builds at start from these variables (config.configure_process)."""
+    return identity.signer_from_settings(config.settings_from(
+        {"HEARTH_SERVICE_TOKEN_KEY": "", **env}))
+
+
 def test_environment_key_must_be_long_enough():
     with pytest.raises(ConfigError, match="HEARTH_SERVICE_TOKEN_KEY"):
-        identity.signer_from_env({"HEARTH_SERVICE_TOKEN_KEY": "too-short"})
+        signer_from_env({"HEARTH_SERVICE_TOKEN_KEY": "too-short"})
     with pytest.raises(ConfigError, match="HEARTH_SERVICE_TOKEN_TTL_S"):
-        identity.signer_from_env({"HEARTH_SERVICE_TOKEN_KEY": "k" * 40, "HEARTH_SERVICE_TOKEN_TTL_S": "-1"})
+        signer_from_env({"HEARTH_SERVICE_TOKEN_KEY": "k" * 40, "HEARTH_SERVICE_TOKEN_TTL_S": "-1"})
+    assert signer_from_env({"HEARTH_SERVICE_TOKEN_KEY": "k" * 40, "HEARTH_SERVICE_TOKEN_TTL_S": "60"}).ttl_s == 60
 
 
 def test_without_a_configured_key_two_processes_do_not_trust_each_other():
-    a, b = identity.signer_from_env({}), identity.signer_from_env({})
+    a, b = signer_from_env({}), signer_from_env({})
     with pytest.raises(Unauthenticated):
         b.verify("alice", "analyst", a.sign(ALICE))
     a.verify("alice", "analyst", a.sign(ALICE))
@@ -135,7 +142,7 @@ def test_without_a_configured_key_two_processes_do_not_trust_each_other():
 
 def test_same_configured_key_in_two_processes_interoperates():
     env = {"HEARTH_SERVICE_TOKEN_KEY": "m" * 40}
-    a, b = identity.signer_from_env(env), identity.signer_from_env(env)
+    a, b = signer_from_env(env), signer_from_env(env)
     b.verify("alice", "analyst", a.sign(ALICE))
 
 

@@ -38,9 +38,15 @@ def certs(tmp_path_factory):
 
 
 def material(directory: Path, name: str, ca_dir: Path | None = None) -> tls.TlsMaterial:
-    return tls.material_from_env({tls.CERT_ENV: str(directory / f"{name}.pem"),
-                                  tls.KEY_ENV: str(directory / f"{name}-key.pem"),
-                                  tls.CA_ENV: str((ca_dir or directory) / "ca.pem")})
+    return material_from_env({tls.CERT_ENV: str(directory / f"{name}.pem"),
+                              tls.KEY_ENV: str(directory / f"{name}-key.pem"),
+                              tls.CA_ENV: str((ca_dir or directory) / "ca.pem")})
+
+
+def material_from_env(env: dict[str, str]) -> tls.TlsMaterial | None:
+    """What a process reads at start from these variables (config.configure_process)."""
+    blank = {tls.CERT_ENV: "", tls.KEY_ENV: "", tls.CA_ENV: "", tls.SERVER_NAME_ENV: ""}
+    return tls.material_from_settings(config.settings_from({**blank, **env}))
 
 
 def test_certificates_chain_to_the_ca_and_serve_both_ends(certs):
@@ -66,14 +72,14 @@ def test_rerunning_keeps_the_ca_and_existing_certificates(certs, tmp_path):
 
 
 def test_partial_or_unreadable_tls_configuration_names_the_variable(tmp_path):
-    assert tls.material_from_env({}) is None
+    assert material_from_env({}) is None
     with pytest.raises(ConfigError, match="HEARTH_TLS_CA"):
-        tls.material_from_env({tls.CERT_ENV: "a", tls.KEY_ENV: "b"})
+        material_from_env({tls.CERT_ENV: "a", tls.KEY_ENV: "b"})
     with pytest.raises(ConfigError, match="HEARTH_TLS_CERT"):
-        tls.material_from_env({tls.CERT_ENV: str(tmp_path / "nope.pem"), tls.KEY_ENV: "b", tls.CA_ENV: "c"})
+        material_from_env({tls.CERT_ENV: str(tmp_path / "nope.pem"), tls.KEY_ENV: "b", tls.CA_ENV: "c"})
     (tmp_path / "x.pem").write_text("not pem")
     with pytest.raises(ConfigError, match="not a PEM"):
-        tls.material_from_env({tls.CERT_ENV: str(tmp_path / "x.pem"), tls.KEY_ENV: str(tmp_path / "x.pem"),
+        material_from_env({tls.CERT_ENV: str(tmp_path / "x.pem"), tls.KEY_ENV: str(tmp_path / "x.pem"),
                                tls.CA_ENV: str(tmp_path / "x.pem")})
 
 

@@ -1,0 +1,48 @@
+"""Settings of the clustering service: the shared ``ServiceSettings`` plus its own
+variables, validated at start (a bad value names the variable).
+
+| variable | default | meaning |
+|---|---|---|
+| `HEARTH_SESSION_GAP_S` | 1800 | a device's events further apart than this start a new session |
+| `HEARTH_LATENESS_TOLERANCE_S` | 21600 | events this far behind their device's newest are still placed; older ones are `rejected_late` |
+| `HEARTH_COLD_START` | `population_prior` | households with < 10 sessions: `account`, `population_prior` (falls back to `account` until enough households exist to learn the prior) or `heuristic` |
+| `HEARTH_POPULATION_PRIOR_REFRESH_S` | 3600 | how often the population prior is relearnt from stored households |
+| `HEARTH_CALIBRATOR_CACHE_S` | 60 | how long a calibrator fetched from feedback is applied before asking again (the assign path never waits for feedback; a recalibration shows within this) |
+| `HEARTH_GENRE_ALIASES` | empty | `name=genre,...`: callers' genre names mapped onto the feature genres (docs/features.md) |
+| `HEARTH_UNKNOWN_GENRES` | `other` | a genre outside the vocabulary: counted in `other` and reported (`other`), or refused (`reject`) |
+| `HEARTH_FAULT_GMM_NUMERICAL` | empty | fault injection for `make verify`, never set in production: households whose id starts with this prefix get a GMM fit that fails numerically (k-means fallback) |
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import field_validator
+
+from services.common.config import ServiceSettings
+
+
+class ClusteringSettings(ServiceSettings):
+    service_name: str = "clustering"
+    session_gap_s: float = 1800.0
+    lateness_tolerance_s: float = 6 * 3600.0
+    cold_start: Literal["account", "population_prior", "heuristic"] = "population_prior"
+    population_prior_refresh_s: float = 3600.0
+    calibrator_cache_s: float = 60.0
+    genre_aliases: str = ""
+    unknown_genres: Literal["other", "reject"] = "other"
+    fault_gmm_numerical: str = ""
+
+    @field_validator("session_gap_s", "lateness_tolerance_s", "population_prior_refresh_s", "calibrator_cache_s")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be > 0")
+        return value
+
+
+def clustering_settings(settings: ServiceSettings) -> ClusteringSettings:
+    """The clustering settings for ``settings`` plus the variables above from the environment."""
+    from services.common import config
+
+    return config.specialise(settings, ClusteringSettings)

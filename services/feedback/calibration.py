@@ -1,0 +1,210 @@
+"""Calibration room of the feedback service: the labelled dataset, the calibrator in
+force per model variant (GetCalibrator), refitting calibrators (recalibrate, and on a
+schedule recalibrate_if_due), the calibration report (GetCalibration) and the gauges.
+
+Every other room reads the dataset and calibrated confidences through this one."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from services.common.errors import InvalidArgument
+from services.feedback import instruments
+from services.feedback.calibrator_choice import CalibratorChoices
+from services.feedback.dataset import LabelledPredictions, build_dataset
+from services.feedback.domain.metrics import (
+    CalibrationSummary,
+    cohort_labels,
+    reliability_table,
+    summaries_by_group,
+)
+from services.feedback.domain.recalibration import IDENTITY, Calibrator, FeedbackSample, fit_calibrator
+from services.feedback.policy import FeedbackPolicy
+from services.feedback.store import FeedbackStore
+
+log = logging.getLogger("hearth.feedback")
+
+DEFAULT_REPORT_BINS = 10  # the proto's "0 = 10"
+MAX_REPORT_BINS = 100
+GROUP_BY = ("", "variant", "household_size", "cold_start")
+CALIBRATED_PREFIX = "calibrated:"
+
+
+@dataclass(frozen=True)
+class GroupReport:
+    """One group of a calibration report; ``bins`` are the non-empty reliability bins as
+    dicts (lower, upper, count, mean_confidence, accuracy)."""
+
+    group: str
+    summary: CalibrationSummary
+    bins: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class CalibrationReport:
+    groups: list[GroupReport]
+    calibrator_version: str
+
+
+class Calibration:
+    def __init__(self, store: FeedbackStore, policy: FeedbackPolicy, choices: CalibratorChoices, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.policy = policy
+        # Roll back / hold calibrators (calibrator_choice.py: ListCalibrators, ActivateCalibrator).
+        self.choices = choices
+        self.clock = clock
+
+    def dataset(self) -> LabelledPredictions:
+        return build_dataset(self.store.feedback_joined(), self.policy.weights)
+
+    def current_calibrators(self) -> dict[str, Calibrator]:
+        return {v: Calibrator.from_json(c.calibrator_json) for v, c in self.store.current_calibrators().items()}
+
+    def apply_calibration(self, variant: str, probs: Any) -> NDArray[np.float64]:
+        """Recalibrated probability vectors of ``variant`` under its current calibrator
+        (identity when none was fitted yet)."""
+        return self.current_calibrators().get(variant, IDENTITY).apply(probs)
+
+    def calibrated_probs(self, data: LabelledPredictions, stored: Mapping | None = None) -> NDArray[np.float64]:
+        stored = self.store.current_calibrators() if stored is None else stored
+        out = data.probs.copy()
+        for variant, entry in stored.items():
+            rows = data.variants == variant
+            if rows.any():
+                out[rows] = Calibrator.from_json(entry.calibrator_json).apply(data.probs[rows])
+        return out
+
+    def calibrator_for(self, variant: str) -> tuple[int, Calibrator]:
+        """The calibrator in force for ``variant`` and its version (0 = identity)."""
+        if not variant or len(variant) > 64:
+            raise InvalidArgument("must be a variant name of 1-64 characters", "variant")
+        stored = self.store.current_calibrators().get(variant)
+        if stored is None:
+            return 0, IDENTITY
+        return stored.version, Calibrator.from_json(stored.calibrator_json)
+
+    def calibrator_version(self) -> str:
+        """``"<variant>:<version>,..."`` of the calibrators in force, sorted; "" before the first fit."""
+        return ",".join(f"{v}:{c.version}" for v, c in sorted(self.store.current_calibrators().items()))
+
+    def recalibrate(self, variants: Sequence[str] | None = None) -> dict[str, Calibrator]:
+        """Fit one calibrator per variant on all its feedback so far (``fit_calibrator``:
+        identity, temperature or isotonic by cross-validated ECE), store it as the
+        variant's next version and make it current. Returns what was stored. Variants
+        an operator holds (calibrator_choice.py: after a rollback) are left alone."""
+        data = self.dataset()
+        fitted: dict[str, Calibrator] = {}
+        if not len(data):
+            return fitted
+        now = self.clock()
+        present = sorted(set(data.variants.tolist()))
+        held = self.choices.held_variants(present)
+        for variant in present:
+            if (variants is not None and variant not in variants) or variant in held:
+                continue
+            rows = data.variants == variant
+            sample = FeedbackSample.create(data.probs[rows], labels=data.labels[rows], correct=data.correct[rows],
+                                           weights=data.weights[rows])
+            version = self.store.next_calibrator_version(variant)
+            calibrator = fit_calibrator(sample, version=version)
+            calibrator = replace(calibrator, training={**calibrator.training, "fitted_at": now,
+                                                       "received_through": float(data.received_at[rows].max())})
+            if self.store.save_calibrator(variant, version, calibrator.to_json(), now):
+                fitted[variant] = calibrator
+                log.info("calibrator fitted", extra={"fields": {"variant": variant, "version": version,
+                                                                "method": calibrator.method, "n": len(sample)}})
+        return fitted
+
+    def recalibrate_if_due(self) -> dict[str, Calibrator]:
+        """Recalibrate the variants with at least ``recalibrate_min_new`` feedback rows
+        more than their current calibrator was fitted on."""
+        data = self.dataset()
+        if not len(data):
+            return {}
+        current = self.current_calibrators()
+        names, counts = np.unique(data.variants, return_counts=True)
+        due = [str(v) for v, n in zip(names, counts)
+               if n - int(current[v].training.get("n", 0) if v in current else 0) >= self.policy.recalibrate_min_new]
+        return self.recalibrate(due) if due else {}
+
+    def report(self, group_by: str, bins: int) -> CalibrationReport:
+        """Metrics and reliability bins per group, before (group name as is) and after
+        the current calibrators (``calibrated:<group>``)."""
+        if group_by not in GROUP_BY:
+            raise InvalidArgument(f"must be one of {list(GROUP_BY)}", "group_by")
+        if isinstance(bins, bool) or not isinstance(bins, int) or not 0 <= bins <= MAX_REPORT_BINS:
+            raise InvalidArgument(f"must be in 0..{MAX_REPORT_BINS} (0 = {DEFAULT_REPORT_BINS})", "bins")
+        n_bins = bins or DEFAULT_REPORT_BINS
+        stored = self.store.current_calibrators()
+        version = ",".join(f"{v}:{c.version}" for v, c in sorted(stored.items()))
+        data = self.dataset()
+        if not len(data):
+            return CalibrationReport([], version)
+        names = _group_names(data, group_by)
+        groups = (_group_reports(names, data.probs, data, n_bins, "")
+                  + _group_reports(names, self.calibrated_probs(data, stored), data, n_bins, CALIBRATED_PREFIX))
+        label = group_by or "all"
+        for g in groups:
+            prefix = CALIBRATED_PREFIX if g.group.startswith(CALIBRATED_PREFIX) else ""
+            name = g.group.removeprefix(CALIBRATED_PREFIX)
+            gauge_group = prefix + ("all" if not group_by else f"{label}={name}")
+            instruments.CALIBRATION_BRIER.labels(gauge_group).set(g.summary.brier)
+            instruments.CALIBRATION_ECE.labels(gauge_group).set(g.summary.ece)
+        return CalibrationReport(groups, version)
+
+    def refresh_gauges(self) -> None:
+        predictions, with_feedback = self.store.counts()
+        instruments.FEEDBACK_RATE.set(with_feedback / predictions if predictions else 0.0)
+        data = self.dataset()
+        if not len(data):
+            return
+        calibrated = self.calibrated_probs(data)
+        groups = {"all": np.ones(len(data), dtype=bool)}
+        for v in np.unique(data.variants):
+            groups[f"variant={v}"] = data.variants == v
+        cohorts = cohort_labels(data.household_size, data.cold_start)
+        for c in np.unique(cohorts):
+            groups[f"cohort={c}"] = cohorts == c
+        for prefix, probs in (("", data.probs), (CALIBRATED_PREFIX, calibrated)):
+            confidence = probs.max(axis=1)
+            for name, rows in groups.items():
+                w = data.weights[rows]
+                brier = float(np.dot(w, (confidence[rows] - data.correct[rows]) ** 2) / w.sum())
+                table = reliability_table(confidence[rows], data.correct[rows], w)
+                instruments.CALIBRATION_BRIER.labels(prefix + name).set(brier)
+                instruments.CALIBRATION_ECE.labels(prefix + name).set(table.ece)
+        for v in np.unique(data.variants):
+            rows = data.variants == v
+            accuracy = float(np.dot(data.weights[rows], data.correct[rows]) / data.weights[rows].sum())
+            instruments.VARIANT_ACCURACY.labels(str(v)).set(accuracy)
+
+
+def _group_names(data: LabelledPredictions, group_by: str) -> NDArray[np.str_]:
+    if group_by == "variant":
+        return data.variants
+    if group_by == "household_size":
+        return data.household_size.astype(str)
+    if group_by == "cold_start":
+        return np.where(data.cold_start, "cold", "warm")
+    return np.full(len(data), "all")
+
+
+def _group_reports(names: NDArray[np.str_], probs: NDArray[np.float64], data: LabelledPredictions,
+                   n_bins: int, prefix: str) -> list[GroupReport]:
+    summaries = summaries_by_group(names, probs, data.labels, data.correct, data.weights, n_bins)
+    confidence = probs.max(axis=1)
+    reports = []
+    for name, summary in summaries.items():
+        rows = names == name
+        table = reliability_table(confidence[rows], data.correct[rows], data.weights[rows], n_bins)
+        bins = [r for r in table.to_records() if r["count"] > 0]
+        reports.append(GroupReport(prefix + name, summary, bins))
+    return reports

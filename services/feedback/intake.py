@@ -1,0 +1,130 @@
+"""Intake room of the feedback service: predictions from clustering
+(RecordPrediction), feedback signals from clients (RecordFeedback, which hands labels
+and the household's disagreement check to the triggers room), and the household's data
+under the erasure contract (Erase, ExportAccount)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from services.common.erasure import ErasureOutcome, ErasureScope
+from services.common.errors import InvalidArgument
+from services.common.ids import check_id, check_ts
+from services.common.telemetry import pseudonym
+from services.feedback import instruments
+from services.feedback.domain.signals import SignalKind
+from services.feedback.policy import FeedbackPolicy
+from services.feedback.store import FeedbackItem, FeedbackStore, PredictionRecord
+from services.feedback.triggers import Triggers
+
+log = logging.getLogger("hearth.feedback")
+
+MAX_PREDICTIONS_PER_BATCH = 10_000
+UNSPECIFIED_VARIANT = "unspecified"
+
+
+def validate_predictions(items: list[PredictionRecord]) -> list[PredictionRecord]:
+    """Check every prediction; a household size of 0 (proto default) becomes the number
+    of persons in the vector and an empty ``model_variant`` becomes ``"unspecified"``
+    (its own calibrator and experiment arm; clustering should name its variant). The predicted ``person_id`` must be a most probable person
+    (ties allowed): metrics take the arg-max as the prediction (dataset.py)."""
+    if len(items) > MAX_PREDICTIONS_PER_BATCH:
+        raise InvalidArgument(f"at most {MAX_PREDICTIONS_PER_BATCH} per batch", "predictions")
+    out = []
+    for i, p in enumerate(items):
+        path = f"predictions[{i}]"
+        check_id(p.prediction_id, f"{path}.prediction_id")
+        check_id(p.account_id, f"{path}.account_id")
+        check_id(p.session_id, f"{path}.session_id")
+        check_id(p.person_id, f"{path}.person_id")
+        check_ts(p.ts, f"{path}.ts")
+        if not p.probabilities or len(p.probabilities) > 16:
+            raise InvalidArgument("must hold 1-16 persons", f"{path}.probabilities")
+        total = 0.0
+        for person, prob in p.probabilities.items():
+            check_id(person, f"{path}.probabilities")
+            if not (math.isfinite(prob) and 0.0 <= prob <= 1.0):
+                raise InvalidArgument("each probability must be in [0, 1]", f"{path}.probabilities")
+            total += prob
+        # One person may carry less than 1 (the rest: a member the model has not seen yet).
+        if total - 1.0 > 1e-3 or (len(p.probabilities) > 1 and 1.0 - total > 1e-3):
+            raise InvalidArgument("probabilities must sum to 1 (at most 1 for one person)",
+                                  f"{path}.probabilities")
+        if p.person_id not in p.probabilities:
+            raise InvalidArgument("must be one of the persons in probabilities", f"{path}.person_id")
+        if p.probabilities[p.person_id] < max(p.probabilities.values()):
+            raise InvalidArgument("must be a most probable person of probabilities", f"{path}.person_id")
+        if p.model_variant:
+            check_id(p.model_variant, f"{path}.model_variant")
+        else:
+            p = replace(p, model_variant=UNSPECIFIED_VARIANT)
+        if p.device_id:
+            check_id(p.device_id, f"{path}.device_id")
+        if p.model_version < 0:
+            raise InvalidArgument("must be >= 0", f"{path}.model_version")
+        if p.household_size < 0 or p.household_size > 64:
+            raise InvalidArgument("must be in 0..64 (0 = the number of persons)", f"{path}.household_size")
+        out.append(p if p.household_size else replace(p, household_size=len(p.probabilities)))
+    return out
+
+
+class Intake:
+    def __init__(self, store: FeedbackStore, policy: FeedbackPolicy, triggers: Triggers, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.policy = policy
+        self.triggers = triggers
+        self.clock = clock
+
+    def record_predictions(self, items: list[PredictionRecord]) -> tuple[int, int]:
+        return self.store.record_predictions(validate_predictions(items))
+
+    def record_feedback(self, feedback_id: str, prediction_id: str, kind: SignalKind,
+                        true_person_id: str | None, ts: float | None) -> tuple[bool, float]:
+        """Store one signal; returns (duplicate, weight). Then checks the household's
+        disagreement trigger (a failure there is logged, never fails the call)."""
+        check_id(feedback_id, "feedback_id")
+        check_id(prediction_id, "prediction_id")
+        kind = SignalKind(kind)
+        if kind == SignalKind.PROFILE_HINT:
+            raise InvalidArgument("profile hints arrive with events, not as feedback", "kind")
+        now = self.clock()
+        ts = now if ts is None else check_ts(ts, "ts")
+        needs_person = kind in (SignalKind.PROFILE_CORRECTED, SignalKind.PROFILE_SWITCHED)
+        if needs_person:
+            check_id(true_person_id, "true_person_id")
+        elif true_person_id and kind != SignalKind.PROFILE_CONFIRMED:
+            raise InvalidArgument(f"must be empty for {kind.value}", "true_person_id")
+        weight = self.policy.weights.of(kind)
+        prediction = self.store.prediction(prediction_id)
+        if prediction is not None:
+            if kind == SignalKind.PROFILE_CONFIRMED and true_person_id and true_person_id != prediction.person_id:
+                raise InvalidArgument("a confirmation names the predicted person; use EXPLICIT_CORRECT",
+                                      "true_person_id")
+            if kind == SignalKind.PROFILE_CORRECTED and true_person_id == prediction.person_id:
+                raise InvalidArgument("names the predicted person; use EXPLICIT_CONFIRM", "true_person_id")
+        stored_person = true_person_id if needs_person else None
+        prediction, duplicate = self.store.record_feedback(
+            FeedbackItem(feedback_id, prediction_id, kind.value, stored_person, weight, ts), received_at=now)
+        if not duplicate:
+            instruments.FEEDBACK_TOTAL.labels(kind.value).inc()
+            self.triggers.forward_label(prediction, kind, stored_person)
+            try:
+                self.triggers.check_household(prediction.account_id)
+            except Exception:  # noqa: BLE001 - the feedback is stored; the next one re-checks
+                log.exception("household trigger check failed for %s", pseudonym(prediction.account_id))
+        return duplicate, weight
+
+    # ------------------------------------------------------------------ erasure contract (DataHolder)
+
+    def export_account(self, account_id: str) -> dict:
+        """Everything held for one account, for privacy's household export (docs/privacy.md)."""
+        return self.store.export_account(account_id)
+
+    def erase(self, scope: ErasureScope, job_id: str = "") -> ErasureOutcome:
+        """What each scope kind deletes here: FeedbackStore.erase."""
+        return self.store.erase(scope)

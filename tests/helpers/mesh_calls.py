@@ -1,0 +1,37 @@
+"""Calls a test makes into a running mesh as one of its services would, signed with the
+mesh's service-token key (what the permission interceptor checks), for the parts of the
+system that only services may call (e.g. RecordPrediction, which clustering makes)."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from hearth.feedback.v1 import feedback_pb2 as fpb
+from hearth.feedback.v1 import feedback_pb2_grpc as fpb_grpc
+from services.common.identity import PRINCIPAL_KEY, ROLE_KEY, TOKEN_KEY, Principal, Role, ServiceTokenSigner
+from services.common.pbutil import float_to_ts
+
+
+def acting_as_service(mesh, service: str) -> list[tuple[str, str]]:
+    """gRPC metadata of a call made as ``svc:<service>``."""
+    principal = Principal(f"svc:{service}", Role.SERVICE)
+    token = ServiceTokenSigner(mesh.service_token_key.encode()).sign(principal)
+    return [(PRINCIPAL_KEY, principal.id), (ROLE_KEY, principal.role.value), (TOKEN_KEY, token)]
+
+
+def prediction(prediction_id: str, account: str, *, session_id: str = "s", variant: str = "kmeans",
+               probabilities: dict[str, float] | None = None, age_s: float = 600) -> fpb.Prediction:
+    """A logged prediction of person p1 in a 2-person household, made ``age_s`` ago."""
+    return fpb.Prediction(prediction_id=prediction_id, account_id=account, session_id=session_id, person_id="p1",
+                          probabilities=probabilities or {"p1": 0.7, "p2": 0.3}, model_variant=variant,
+                          model_version=1, ts=float_to_ts(time.time() - age_s), household_size=2)
+
+
+def log_predictions(mesh, predictions: list[fpb.Prediction]) -> None:
+    """RecordPrediction as svc:clustering, as the clustering service logs what it answered."""
+    with grpc.insecure_channel(f"127.0.0.1:{mesh.grpc_ports['feedback']}") as channel:
+        fpb_grpc.FeedbackServiceStub(channel).RecordPrediction(
+            fpb.RecordPredictionRequest(predictions=predictions), metadata=acting_as_service(mesh, "clustering"),
+            timeout=30)
