@@ -6,7 +6,8 @@ object on the last stdout line: {"default": {...}, "easy": {...}, "hard": {...},
 bench/worlds.py (REPORTING split only) beside majority, device heuristic, sklearn
 GMM+BIC, k-means with the true k and a supervised oracle (bench/_worlds_eval.py);
 ``--worlds-only`` / ``--no-worlds`` run one part, ``--calibrate-confidence`` fits the
-model's confidence map on the TUNING worlds.
+model's confidence maps: for bare vectors (TUNING worlds + simulator seeds 500) and for
+sessions with device ids (TUNING worlds only, batch and stream pooled).
 
 Seeds: evaluation households use seeds 1000+ (never used for tuning); the temperature
 and the drift thresholds shipped in the code were calibrated with ``--calibrate`` on

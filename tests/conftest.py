@@ -17,6 +17,14 @@ from tests.helpers.servers import running_postgres, running_redis
 
 ADMIN = Principal("test-admin", Role.ADMIN)
 
+# Test data carries fixed past dates (2026-01-01 ...). The privacy service's scheduled retention
+# purge (90 days; requested at start-up and at every hour boundary) erases them from a running
+# mesh: at start-up it races a test's first writes, and a test that crosses the hour loses its
+# data half-way (seen as rare failures of feedback and rollout tests). Meshes and in-process
+# servers started by tests therefore run without the schedule; retention itself is tested in
+# tests/integration/test_deletion_service.py. A test that wants the schedule sets the variable.
+os.environ.setdefault("HEARTH_RETENTION_CHECK_S", "0")
+
 
 @pytest.fixture(scope="session")
 def postgres_server():

@@ -79,18 +79,19 @@ def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-def post_sessions(client, account: str, device: str, tag: str, start: float, n: int, *, kids: bool = False) -> None:
-    """``n`` one-event sessions (3 h apart) whose every free value carries ``zr<tag>``."""
+def post_sessions(client, account: str, device: str, tag: str, start: float, n: int, *, kids: bool = False,
+                  every_s: float = 3 * 3600) -> None:
+    """``n`` one-event sessions (``every_s`` apart) whose every free value carries ``zr<tag>``."""
     body = {"events": [{
         "event_id": f"zr{tag}-e{i}", "account_id": account, "device_id": device,
-        "device_type": "tablet" if kids else "tv", "ts": _iso(start + i * 3 * 3600), "kind": "play_start",
+        "device_type": "tablet" if kids else "tv", "ts": _iso(start + i * every_s), "kind": "play_start",
         "title_id": f"zr{tag}-title", "series_id": f"zr{tag}-series", "genres": ["kids" if kids else "drama"],
         "duration_s": 1200 if kids else 3600, "maturity": "kids" if kids else "adult", "country": "FR",
         "profile_hint": f"zr{tag}-hint"} for i in range(n)]}
     r = client.post("/v1/events", json=body)
     assert r.status_code == 200, r.text
     touch = {"touchpoints": [{"touchpoint_id": f"zr{tag}-t{i}", "account_id": account, "device_id": device,
-                              "ts": _iso(start + i * 3 * 3600), "channel": "email",
+                              "ts": _iso(start + i * every_s), "channel": "email",
                               "campaign": f"zr{tag}-campaign"} for i in range(2)]}
     r = client.post("/v1/touchpoints", json=touch)
     assert r.status_code == 200, r.text
@@ -263,9 +264,12 @@ def test_window_scope_leaves_no_byte_of_the_sessions_nor_of_what_was_derived(rme
 def test_person_scope_leaves_no_byte_of_the_persons_sessions(rmesh, client, control):
     adult, child = f"P{RUN}a", f"P{RUN}c"
     account = f"acP{RUN}"
-    start = time.time() - 8 * DAY
-    post_sessions(client, account, f"dv{adult}", adult, start, 7)
-    post_sessions(client, account, f"dv{child}", child, start + 1800, 7, kids=True)
+    # Two people the person model tells apart: an adult on the TV late in the evening, a
+    # child on the tablet after school, one session a day each (the model merges devices
+    # whose hours match into one person).
+    midnight = (time.time() // DAY - 9) * DAY
+    post_sessions(client, account, f"dv{adult}", adult, midnight + 21 * 3600, 7, every_s=DAY)
+    post_sessions(client, account, f"dv{child}", child, midnight + 16 * 3600, 7, kids=True, every_s=DAY)
     deadline = time.monotonic() + 60
     while True:   # the model is fitted in the background once there are enough sessions
         h = household(client, account)

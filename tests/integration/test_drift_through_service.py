@@ -96,6 +96,6 @@ def test_habits_shifting_trigger_a_refit_through_the_service(stub):
     assert alarms, "the habit shift raised no drift alarm"
     assert REFITS.labels("drift")._value.get() > refits_before
     first_alarm = min(d.detected_at.seconds for d in alarms)
-    assert after.status.last_refit.seconds > before.status.last_refit.seconds
+    assert after.status.last_refit.ToNanoseconds() > before.status.last_refit.ToNanoseconds()
     late = {s.person_id for s in after.sessions if s.start.seconds > max(first_alarm, T0 + 60 * DAY)}
     assert len(late) == 1                                   # the shifted member is one person

@@ -19,6 +19,10 @@ probability for every person.
   across households, with a sparse household-level Dirichlet on persona weights) or
   ``"heuristic"`` (kids content = a child, otherwise one person per device type). The
   answer names the strategy and the sessions still needed for the full model.
+* Device evidence first (``device_ids`` given): personal devices become person groups
+  (one person's devices merged, persons.py) whose sessions are clamped in EM; shared
+  devices' sessions and TV-only members are explained around them; a stream refits
+  device-first when the groups change (docs/clustering.md).
 * Labels (e.g. a profile_hint): labelled sessions are clamped to their person during EM
   (semi-supervised EM); each distinct label is its own person, and keeps its id.
 * Serialisation: ``to_bytes``/``from_bytes`` — an ``.npz`` archive (no pickle) holding

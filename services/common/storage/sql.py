@@ -321,11 +321,12 @@ class PostgresDatabase:
         after the migrations, so columns added later are covered. Statistics sampled
         before this rule existed stay until a superuser deletes them (docs/privacy.md §11)."""
         with self.transaction() as tx:
+            tx.execute("SELECT pg_advisory_xact_lock(7262781)")   # replicas starting together: one at a time
             columns = tx.query(
                 "SELECT c.relname, a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
                 "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = ? AND c.relname = ANY(?) "
-                "AND a.attnum > 0 AND NOT a.attisdropped AND COALESCE(a.attstattarget, -1) <> 0",
-                (self.schema, list(tables)))
+                "AND a.attnum > 0 AND NOT a.attisdropped AND COALESCE(a.attstattarget, -1) <> 0 "
+                "ORDER BY c.relname, a.attnum", (self.schema, list(tables)))
             for table, column in columns:
                 tx.execute(f'ALTER TABLE "{self.schema}"."{table}" ALTER COLUMN "{column}" SET STATISTICS 0')
 
