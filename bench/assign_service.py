@@ -42,14 +42,21 @@ def _seed(mesh: Mesh, key: str, households: int, days: int, timeout_s: float) ->
     vectors: dict[str, np.ndarray] = {}
     with httpx.Client(base_url=mesh.url, headers={"X-API-Key": key}, timeout=60) as c:
         for account in accounts:
-            r = c.post("/v1/events", json={"events": household_events(account, rng, days)})
+            events = household_events(account, rng, days)
+            while (r := c.post("/v1/events", json={"events": events})).status_code == 503:
+                time.sleep(float(r.headers.get("Retry-After", "1")))  # admission control
             r.raise_for_status()
         deadline = time.monotonic() + timeout_s
         pending = list(accounts)
         while pending and time.monotonic() < deadline:
             still = []
             for account in pending:
-                h = c.get(f"/v1/household/{account}").json()
+                r = c.get(f"/v1/household/{account}")
+                if r.status_code in (429, 503):  # overloaded while fitting: ask again later
+                    still.append(account)
+                    continue
+                r.raise_for_status()
+                h = r.json()
                 closed = [s["feature_vector"] for s in h["sessions"] if s["feature_vector"]]
                 if h["model_version"] > 0 and h["status"]["sessions_pending"] == 0 and closed:
                     vectors[account] = np.asarray(closed, dtype=np.float32)
