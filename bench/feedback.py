@@ -82,9 +82,15 @@ def aligned(probs: np.ndarray, truth: np.ndarray, n_persons: int) -> tuple[np.nd
     for j in range(k):
         if column_of[j] < 0:
             column_of[j] = next(spare)
-    width = max(MAX_PERSONS * 2, n_persons + k)
+    width = max(MAX_PERSONS * 2, n_persons + k + 1)
     out = np.zeros((n, width))
     out[:, column_of] = probs
+    # A one-person model leaves mass for a member it has not seen (its row sums to < 1,
+    # docs/clustering.md); padded into a wider matrix that mass belongs to a person none of the
+    # columns name, so it gets a column of its own rather than vanishing.
+    unseen = 1.0 - probs.sum(axis=1)
+    if k == 1 and np.any(unseen > 1e-9):
+        out[:, n_persons + k] = np.clip(unseen, 0.0, 1.0)
     return out, truth.astype(np.int64)
 
 
