@@ -21,29 +21,13 @@ from dataclasses import dataclass, fields
 from prometheus_client import Counter, Gauge
 
 from services.common.batching import GroupCommitter
+from services.common.predictions import PredictionRecord  # noqa: F401 - re-exported
 from services.common.storage.sql import Database, Tx
 
 log = logging.getLogger("hearth.clustering.predictions")
 FORWARDED = Counter("hearth_predictions_forwarded_total", "Predictions delivered to the feedback service")
 FORWARD_FAILURES = Counter("hearth_prediction_forward_failures_total", "Failed deliveries (retried)")
 OUTBOX_DEPTH = Gauge("hearth_prediction_outbox_depth", "Predictions waiting for delivery")
-
-
-@dataclass(frozen=True)
-class PredictionRecord:
-    prediction_id: str
-    account_id: str
-    session_id: str
-    person_id: str
-    probabilities: dict[str, float]
-    model_variant: str
-    model_version: int
-    ts: float
-    cold_start: bool
-    household_size: int
-    device_id: str = ""
-    session_start: float | None = None   # None: a bare feature vector, no stored session
-    session_end: float | None = None
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import AlreadyExists, NotFound
+from services.common.predictions import PredictionRecord  # noqa: F401 - re-exported
 from services.common.storage.cache import Cache, MemoryCache
 from services.common.storage.sql import Database, Tx, migrate, record_erasure
 from services.feedback.migrations import MIGRATIONS
@@ -21,24 +22,6 @@ from services.feedback.migrations import MIGRATIONS
 # Every table an erasure deletes from (purged physically after it: Database.purge_erased;
 # kept out of PostgreSQL's planner statistics: migrate(personal_tables=...)).
 _ERASED_TABLES = ("predictions", "feedback", "triggers")
-
-
-@dataclass(frozen=True)
-class PredictionRecord:
-    prediction_id: str
-    account_id: str
-    session_id: str
-    person_id: str
-    probabilities: dict[str, float]
-    model_variant: str
-    model_version: int
-    ts: float
-    cold_start: bool
-    household_size: int
-    device_id: str = ""   # "" = unknown (older clients): a device erasure then takes the household's
-    # The session the prediction is about (None = unknown: a window erasure then goes by ts).
-    session_start: float | None = None
-    session_end: float | None = None
 
 
 @dataclass(frozen=True)

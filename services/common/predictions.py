@@ -1,0 +1,28 @@
+"""The prediction record: one assignment as clustering logs it and feedback stores it.
+
+One type for both sides of ``RecordPrediction`` (clustering's durable outbox row and the
+feedback service's prediction log hold the same fields), so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PredictionRecord:
+    prediction_id: str
+    account_id: str
+    session_id: str
+    person_id: str
+    probabilities: dict[str, float]
+    model_variant: str
+    model_version: int
+    ts: float
+    cold_start: bool
+    household_size: int
+    device_id: str = ""   # "" = unknown (older clients): a device erasure then takes the household's
+    # The session the prediction is about (None = a bare feature vector or unknown: a window
+    # erasure then goes by ts).
+    session_start: float | None = None
+    session_end: float | None = None
