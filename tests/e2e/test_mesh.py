@@ -202,7 +202,11 @@ def test_assign_through_the_gateway(client):
     assert r.status_code == 200, r.text
     answer = r.json()
     assert answer["person_id"] in {p["person_id"] for p in answer["probabilities"]}
-    assert abs(sum(p["probability"] for p in answer["probabilities"]) - 1) < 1e-6
+    total = sum(p["probability"] for p in answer["probabilities"])
+    if len(answer["probabilities"]) > 1:
+        assert abs(total - 1) < 1e-6, answer
+    else:  # one person so far: the rest is a member not seen yet (docs/clustering.md)
+        assert 0.5 < total <= 1.0, answer
     assert answer["prediction_id"].startswith("pr-") and answer["model_version"] >= 1
     by_vector = client.post("/v1/assign", json={"account_id": "e2e-assign", "feature_vector": session["feature_vector"]})
     assert by_vector.status_code == 200 and by_vector.json()["person_id"] == answer["person_id"]
