@@ -15,6 +15,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,3 +171,22 @@ class Mesh:
     def stop(self) -> None:
         for name in ["gateway", *SERVICE_MODULES]:
             self.stop_process(name)
+
+
+@contextmanager
+def running_mesh(base: Path, keys: dict[str, str] | None = None, timeout_s: float = 180.0,
+                 **mesh_kwargs) -> Iterator[Mesh]:
+    """A mesh of its own on free ports under ``base`` (data in var/, logs in logs/), with an
+    API key per ``{principal: role}`` (``mesh.keys[principal]``; the first one also as
+    ``mesh.api_key``), healthy before it is yielded and stopped afterwards."""
+    mesh = Mesh.on_free_ports(base / "var", log_dir=base / "logs", **mesh_kwargs)
+    mesh.data_dir.mkdir(parents=True, exist_ok=True)
+    mesh.keys = {principal: write_api_key(mesh.data_dir / "gateway-keys.json", principal, role)
+                 for principal, role in (keys or {"e2e-admin": "admin"}).items()}
+    mesh.api_key = next(iter(mesh.keys.values()))
+    mesh.start()
+    try:
+        mesh.wait_healthy(timeout_s)
+        yield mesh
+    finally:
+        mesh.stop()

@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-from services.testing.mesh import Mesh, write_api_key
+from services.testing.mesh import running_mesh
 from tests.e2e.test_mesh import _iso
 from tests.helpers.households import household_events
 
@@ -31,19 +31,11 @@ def calibration_mesh(tmp_path_factory):
     """A mesh of its own: feedback checks every second and refits its calibrator after
     100 new feedback rows, clustering re-fetches calibrators every second, and the
     refit triggers stay quiet (their refits would change the model under the probes)."""
-    base = tmp_path_factory.mktemp("calibration-mesh")
-    m = Mesh.on_free_ports(base / "var", log_dir=base / "logs", extra_env={
-        "HEARTH_FEEDBACK_CHECK_INTERVAL_S": "1", "HEARTH_FEEDBACK_RECALIBRATE_MIN_NEW": "100",
-        "HEARTH_FEEDBACK_MIN_COHORT_SAMPLES": "1000000", "HEARTH_FEEDBACK_DISAGREEMENT_COUNT": "1000",
-        "HEARTH_FEEDBACK_DISAGREEMENT_WINDOW": "1000", "HEARTH_CALIBRATOR_CACHE_S": "1"})
-    m.data_dir.mkdir(parents=True)
-    m.api_key = write_api_key(m.data_dir / "gateway-keys.json", "e2e-admin", "admin")
-    m.start()
-    try:
-        m.wait_healthy(180)
+    with running_mesh(tmp_path_factory.mktemp("calibration-mesh"), extra_env={
+            "HEARTH_FEEDBACK_CHECK_INTERVAL_S": "1", "HEARTH_FEEDBACK_RECALIBRATE_MIN_NEW": "100",
+            "HEARTH_FEEDBACK_MIN_COHORT_SAMPLES": "1000000", "HEARTH_FEEDBACK_DISAGREEMENT_COUNT": "1000",
+            "HEARTH_FEEDBACK_DISAGREEMENT_WINDOW": "1000", "HEARTH_CALIBRATOR_CACHE_S": "1"}) as m:
         yield m
-    finally:
-        m.stop()
 
 
 def _send(c: httpx.Client, method: str, path: str, deadline_s: float = 60.0, ok=(200,), **kwargs) -> httpx.Response:

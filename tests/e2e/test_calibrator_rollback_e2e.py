@@ -18,34 +18,21 @@ import pytest
 
 from hearth.feedback.v1 import feedback_pb2 as fpb
 from hearth.feedback.v1 import feedback_pb2_grpc as fpb_grpc
-from services.common.identity import PRINCIPAL_KEY, ROLE_KEY, TOKEN_KEY, Principal, Role, ServiceTokenSigner
 from services.common.pbutil import float_to_ts
-from services.testing.mesh import ROOT, Mesh, write_api_key
+from services.testing.mesh import ROOT, running_mesh
+from tests.helpers.mesh_calls import acting_as_service
 
 MIN_NEW = 20
 
 
 @pytest.fixture(scope="module")
 def calibration_mesh(tmp_path_factory):
-    base = tmp_path_factory.mktemp("calibrator-mesh")
-    mesh = Mesh.on_free_ports(base / "var", log_dir=base / "logs",
-                              extra_env={"HEARTH_FEEDBACK_CHECK_INTERVAL_S": "0.5",
-                                         "HEARTH_FEEDBACK_RECALIBRATE_MIN_NEW": str(MIN_NEW)})
-    mesh.data_dir.mkdir(parents=True)
-    mesh.api_key = write_api_key(mesh.data_dir / "gateway-keys.json", "ops-alice", "admin")
-    mesh.analyst_key = write_api_key(mesh.data_dir / "gateway-keys.json", "analyst-bob", "analyst")
-    mesh.start()
-    try:
-        mesh.wait_healthy(120)
+    with running_mesh(tmp_path_factory.mktemp("calibrator-mesh"),
+                      {"ops-alice": "admin", "analyst-bob": "analyst"}, timeout_s=120,
+                      extra_env={"HEARTH_FEEDBACK_CHECK_INTERVAL_S": "0.5",
+                                 "HEARTH_FEEDBACK_RECALIBRATE_MIN_NEW": str(MIN_NEW)}) as mesh:
+        mesh.analyst_key = mesh.keys["analyst-bob"]
         yield mesh
-    finally:
-        mesh.stop()
-
-
-def _service_metadata(mesh) -> list[tuple[str, str]]:
-    principal = Principal("svc:clustering", Role.SERVICE)
-    token = ServiceTokenSigner(mesh.service_token_key.encode()).sign(principal)
-    return [(PRINCIPAL_KEY, principal.id), (ROLE_KEY, principal.role.value), (TOKEN_KEY, token)]
 
 
 def _feedback(mesh, client: httpx.Client, start: int, n: int) -> None:
@@ -55,7 +42,7 @@ def _feedback(mesh, client: httpx.Client, start: int, n: int) -> None:
             fpb.Prediction(prediction_id=f"cal-{i}", account_id=f"cal-acc-{i % 5}", session_id=f"s-{i}",
                            person_id="p1", probabilities={"p1": 0.9, "p2": 0.1}, model_variant="kmeans",
                            model_version=1, ts=float_to_ts(time.time() - 600), household_size=2)
-            for i in range(start, start + n)]), metadata=_service_metadata(mesh), timeout=30)
+            for i in range(start, start + n)]), metadata=acting_as_service(mesh, "clustering"), timeout=30)
     # Recent timestamps: the privacy service's retention purge erases older feedback, which
     # would shrink the data the refits count.
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 60))
@@ -95,7 +82,7 @@ def _cli(mesh, *args: str) -> dict:
 def _served_version(mesh) -> int:
     with grpc.insecure_channel(f"127.0.0.1:{mesh.grpc_ports['feedback']}") as channel:
         return fpb_grpc.FeedbackServiceStub(channel).GetCalibrator(
-            fpb.GetCalibratorRequest(variant="kmeans"), metadata=_service_metadata(mesh), timeout=30).version
+            fpb.GetCalibratorRequest(variant="kmeans"), metadata=acting_as_service(mesh, "clustering"), timeout=30).version
 
 
 def test_calibrator_rollback_and_release_through_the_cli(calibration_mesh):

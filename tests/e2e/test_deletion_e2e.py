@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from services.testing.mesh import ROOT, Mesh, write_api_key
+from tests.helpers.waiting import deletion_job
 
 DAY = 86400.0
 RUN = uuid.uuid4().hex[:6]  # PostgreSQL schemas outlive a mesh: keep accounts unique per run
@@ -81,14 +82,7 @@ def delete(client, scope: dict, timeout_s: float = 60.0) -> dict:
 
 
 def poll(client, job_id: str, timeout_s: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        r = client.get(f"/v1/delete/{job_id}")
-        assert r.status_code == 200, r.text
-        body = r.json()
-        if body["state"] in ("completed", "failed") or time.monotonic() > deadline:
-            return body
-        time.sleep(0.05)
+    return deletion_job(client, job_id, timeout_s)
 
 
 # ---- raw-store remnant scan ------------------------------------------------------------------

@@ -15,7 +15,7 @@ from hearth.clustering.v1 import clustering_pb2_grpc as cpb_grpc
 from hearth.feedback.v1 import feedback_pb2 as fpb
 from hearth.feedback.v1 import feedback_pb2_grpc as fpb_grpc
 from services.common.identity import PRINCIPAL_KEY, ROLE_KEY, TOKEN_KEY
-from services.testing.mesh import Mesh, write_api_key
+from services.testing.mesh import running_mesh
 
 GET_HOUSEHOLD = "/hearth.clustering.v1.ClusteringService/GetHousehold"
 SET_FLAG = "/hearth.feedback.v1.FeedbackService/SetFlag"
@@ -25,18 +25,10 @@ GET_EXPERIMENT = "/hearth.feedback.v1.FeedbackService/GetExperiment"
 @pytest.fixture(scope="module")
 def edge_mesh(tmp_path_factory):
     base = tmp_path_factory.mktemp("edge-mesh")
-    mesh = Mesh.on_free_ports(base / "var", log_dir=base / "logs",
-                              process_env={"gateway": {"HEARTH_EDGE_AUTHORIZER": "true"}})
-    mesh.data_dir.mkdir(parents=True)
-    keys = mesh.data_dir / "gateway-keys.json"
-    mesh.api_key = write_api_key(keys, "ops-alice", "admin")
-    mesh.analyst_key = write_api_key(keys, "analyst-bob", "analyst")
-    mesh.start()
-    try:
-        mesh.wait_healthy(120)
+    with running_mesh(base, {"ops-alice": "admin", "analyst-bob": "analyst"}, timeout_s=120,
+                      process_env={"gateway": {"HEARTH_EDGE_AUTHORIZER": "true"}}) as mesh:
+        mesh.analyst_key = mesh.keys["analyst-bob"]
         yield mesh
-    finally:
-        mesh.stop()
 
 
 def _authorize(mesh, path: str, headers: dict[str, str]) -> httpx.Response:

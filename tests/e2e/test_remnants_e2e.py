@@ -32,6 +32,7 @@ import pytest
 
 from services.testing.mesh import Mesh, write_api_key
 from tests.helpers.servers import PURGEABLE_WAL, data_dir_files, relation_names, running_postgres, running_redis
+from tests.helpers.waiting import deletion_job
 
 DAY = 86400.0
 RUN = uuid.uuid4().hex[:6]
@@ -116,13 +117,9 @@ def assign_all(client, account: str) -> dict:
 def delete(client, scope: dict, timeout_s: float = 90.0) -> dict:
     r = client.post("/v1/delete", json={"scope": scope, "reason": "gdpr_art17"})
     assert r.status_code == 202, r.text
-    deadline = time.monotonic() + timeout_s
-    while True:
-        body = client.get(f"/v1/delete/{r.json()['job_id']}").json()
-        if body["state"] in ("completed", "failed") or time.monotonic() > deadline:
-            assert body["state"] == "completed", body
-            return body
-        time.sleep(0.1)
+    body = deletion_job(client, r.json()["job_id"], timeout_s)
+    assert body["state"] == "completed", body
+    return body
 
 
 def wait_delivered(rmesh, client, account: str, n: int, timeout_s: float = 30.0) -> None:

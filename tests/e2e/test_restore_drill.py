@@ -19,6 +19,7 @@ import time
 import httpx
 
 from services.testing.mesh import ROOT, Mesh, write_api_key
+from tests.helpers.waiting import deletion_job
 
 DAY = 86400.0
 
@@ -104,10 +105,8 @@ def test_restore_drill_keeps_later_deletions_deleted_and_measures_rpo_rto(tmp_pa
         rto_s = time.monotonic() - started
         with httpx.Client(base_url=mesh.url, headers={"X-API-Key": key}, timeout=30) as client:
             (requeued,) = report["requeued_jobs"]
-            deadline = time.monotonic() + 60
-            while client.get(f"/v1/delete/{requeued['job_id']}").json()["state"] != "completed":
-                assert time.monotonic() < deadline, client.get(f"/v1/delete/{requeued['job_id']}").json()
-                time.sleep(0.1)
+            job = deletion_job(client, requeued["job_id"], 60)
+            assert job["state"] == "completed", job
             assert client.get("/v1/household/drill-gone").status_code == 404
             # Data from before the snapshot is back; what was written after it is the RPO.
             assert _event_count(client, "drill-keep") == 6

@@ -14,6 +14,7 @@ import httpx
 
 from services.testing.mesh import ROOT, Mesh, write_api_key
 from tests.e2e.test_restore_drill import DAY, _event_count, _events, _hearth, _rows
+from tests.helpers.waiting import deletion_job
 
 
 def _hearth_fails(mesh: Mesh, *args: str) -> str:
@@ -40,10 +41,7 @@ def test_offsite_ledger_keeps_later_deletions_deleted_after_losing_the_privacy_d
                                                 "reason": "gdpr_art17"})
             assert r.status_code == 202, r.text
             deleted_job = r.json()["job_id"]
-            deadline = time.monotonic() + 60
-            while client.get(f"/v1/delete/{deleted_job}").json()["state"] != "completed":
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+            assert deletion_job(client, deleted_job, 60)["state"] == "completed"
             # The off-site export, as the chart's CronJob writes it while the mesh runs.
             exported = _hearth(mesh, "ledger", "export", "--out", str(offsite / "deletion-ledger.json"))
             assert exported["jobs"] >= 1 and exported["shredded_accounts"] >= 1
@@ -77,10 +75,8 @@ def test_offsite_ledger_keeps_later_deletions_deleted_after_losing_the_privacy_d
         mesh.wait_healthy(120)
         with httpx.Client(base_url=mesh.url, headers={"X-API-Key": key}, timeout=30) as client:
             (requeued,) = report["requeued_jobs"]
-            deadline = time.monotonic() + 60
-            while client.get(f"/v1/delete/{requeued['job_id']}").json()["state"] != "completed":
-                assert time.monotonic() < deadline, client.get(f"/v1/delete/{requeued['job_id']}").json()
-                time.sleep(0.1)
+            job = deletion_job(client, requeued["job_id"], 60)
+            assert job["state"] == "completed", job
             assert client.get("/v1/household/ledger-gone").status_code == 404
             assert _event_count(client, "ledger-keep") == 6
     finally:

@@ -47,3 +47,16 @@ def retry_after_503(send: Callable[[], httpx.Response], timeout_s: float = SLOW_
         if response.status_code != 503 or not retry_after.isdigit() or time.monotonic() > deadline:
             return response
         time.sleep(min(float(retry_after), max(0.0, deadline - time.monotonic())))
+
+
+def deletion_job(client: httpx.Client, job_id: str, timeout_s: float = SLOW_MACHINE_S) -> dict:
+    """Poll ``GET /v1/delete/{job_id}`` until the job has finished (completed or failed) and
+    return its body; after ``timeout_s`` the last body is returned for the test to judge."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        r = client.get(f"/v1/delete/{job_id}")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        if body["state"] in ("completed", "failed") or time.monotonic() > deadline:
+            return body
+        time.sleep(0.05)
