@@ -155,30 +155,31 @@ def test_sigterm_drains_in_flight_requests_and_restart_keeps_data(client, mesh):
         stop.set()
         for w in workers:
             w.join(60)
-    # The gateway stays ready (one service down must not take the whole HTTP API out of
-    # the Kubernetes Service): /health is 200 DEGRADED and names the service; its routes
-    # answer 503 with Retry-After, the other services' routes keep working.
-    health = client.get("/health")
-    assert health.status_code == 200, health.text
-    assert health.json()["status"] == "DEGRADED"
-    assert health.json()["services"]["clustering"].startswith("UNREACHABLE")
-    assert health.json()["services"]["attribution"] == "SERVING"
-    down = client.get("/v1/household/e2e-acc-1")
-    assert down.status_code == 503 and down.headers["retry-after"].isdigit(), down.text
-    up = client.post("/v1/touchpoints", json={"touchpoints": [{
-        "touchpoint_id": "e2e-while-clustering-down", "account_id": "e2e-acc-1", "device_id": "tv",
-        "ts": _iso(time.time() - 3600), "channel": "email", "campaign": "c"}]})
-    assert up.status_code == 200, up.text
-    in_flight = [r for r in results if r[0] < signal_at[0] < r[1]]
-    assert in_flight, "no request was under way at the signal"
-    # Nothing under way is cut: a call in flight at the signal finishes (200) within the
-    # grace (HEARTH_GRACE_SECONDS >= the gateway's deadline); one arriving after it is
-    # refused cleanly (503). A 499 (CANCELLED by the stopping server) or a 5xx fails.
-    assert {r[2] for r in results} <= {200, 503}, unexpected[:3]
-    assert any(r[2] == 200 for r in in_flight), "nothing under way at the signal was drained"
-
-    mesh.start_service("clustering")
-    mesh.wait_healthy(60)
+    try:
+        # The gateway stays ready (one service down must not take the whole HTTP API out of
+        # the Kubernetes Service): /health is 200 DEGRADED and names the service; its routes
+        # answer 503 with Retry-After, the other services' routes keep working.
+        health = client.get("/health")
+        assert health.status_code == 200, health.text
+        assert health.json()["status"] == "DEGRADED"
+        assert health.json()["services"]["clustering"].startswith("UNREACHABLE")
+        assert health.json()["services"]["attribution"] == "SERVING"
+        down = client.get("/v1/household/e2e-acc-1")
+        assert down.status_code == 503 and down.headers["retry-after"].isdigit(), down.text
+        up = client.post("/v1/touchpoints", json={"touchpoints": [{
+            "touchpoint_id": "e2e-while-clustering-down", "account_id": "e2e-acc-1", "device_id": "tv",
+            "ts": _iso(time.time() - 3600), "channel": "email", "campaign": "c"}]})
+        assert up.status_code == 200, up.text
+        in_flight = [r for r in results if r[0] < signal_at[0] < r[1]]
+        assert in_flight, "no request was under way at the signal"
+        # Nothing under way is cut: a call in flight at the signal finishes (200) within the
+        # grace (HEARTH_GRACE_SECONDS >= the gateway's deadline); one arriving after it is
+        # refused cleanly (503). A 499 (CANCELLED by the stopping server) or a 5xx fails.
+        assert {r[2] for r in results} <= {200, 503}, unexpected[:3]
+        assert any(r[2] == 200 for r in in_flight), "nothing under way at the signal was drained"
+    finally:  # the module's later tests share this mesh: restart clustering even on a failure
+        mesh.start_service("clustering")
+        mesh.wait_healthy(60)
     household = client.get(f"/v1/household/{account}")
     assert household.status_code == 200
     stored_devices = {s["device_id"] for s in household.json()["sessions"]}
