@@ -93,3 +93,32 @@ def test_the_gateway_answers_a_call_its_upstream_cancelled_with_503_and_retry_af
     assert response.status_code == 503
     assert response.headers["retry-after"].isdigit()
     assert json.loads(response.body)["error"]["code"] == "cancelled"
+
+
+def test_calls_queued_in_grpc_core_at_the_signal_are_refused_not_cancelled(slow_server):
+    """The 499 of the SIGTERM e2e test, made deterministic: calls that reached the server
+    but were not yet handed to a handler (the serve loop held up, as on a busy machine)
+    when the stop began. grpcio's server.stop() cancels such calls at once whatever the
+    grace (grpc/grpc#41785); the drain keeps serving until they are refused UNAVAILABLE.
+    Holding ``server._state.lock`` (grpcio's own, pinned version) is what holds the loop."""
+    running, call, entered, release = slow_server
+    under_way = call.future(b"x", timeout=30)
+    assert entered.wait(10)
+    with running.server._state.lock:       # the serve loop cannot hand calls to handlers
+        queued = [call.future(b"q", timeout=30) for _ in range(4)]
+        time.sleep(0.5)                     # they have reached the server's core
+        stopper = threading.Thread(target=running.stop, args=(15,))
+        stopper.start()
+        deadline = time.monotonic() + 5
+        while not running.drain.draining and time.monotonic() < deadline:
+            time.sleep(0.01)
+    codes = []
+    for future in queued:
+        with pytest.raises(grpc.RpcError) as refused:
+            future.result(timeout=10)
+        codes.append(refused.value.code())
+    assert codes == [grpc.StatusCode.UNAVAILABLE] * 4
+    release.set()
+    assert under_way.result(timeout=10) == b"done"
+    stopper.join(10)
+    assert not stopper.is_alive()
