@@ -43,10 +43,14 @@ class SessionPerson:
 _RECORD_FIELDS = tuple(f.name for f in fields(PredictionRecord))
 
 
+# The records are plain str/float/int/dict values built by the service: no cycle check.
+_ENCODE = json.JSONEncoder(check_circular=False, separators=(",", ":")).encode
+
+
 def _payload(record: PredictionRecord) -> str:
     """The outbox row's JSON (what ``PredictionRecord(**json.loads(...))`` reads back);
     a flat dict, not ``asdict``, whose deep copy cost more than the insert."""
-    return json.dumps({name: getattr(record, name) for name in _RECORD_FIELDS})
+    return _ENCODE({name: getattr(record, name) for name in _RECORD_FIELDS})
 
 
 class PredictionLog:
@@ -82,8 +86,9 @@ class PredictionLog:
 
     def _store(self, items: Sequence[PredictionRecord | SessionPerson]) -> int:
         now = time.time()
-        records = [i for i in items if isinstance(i, PredictionRecord)]
-        persons = [i for i in items if isinstance(i, SessionPerson)]
+        records, persons = [], []
+        for item in items:
+            (records if type(item) is PredictionRecord else persons).append(item)
         with self._db.transaction() as tx:
             stored = tx.executemany(
                 "INSERT INTO prediction_outbox (prediction_id, account_id, session_id, payload, created_at) "
