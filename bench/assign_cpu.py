@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -65,12 +66,29 @@ def thread_cpu(pid: int) -> dict[tuple[int, str], tuple[float, float]]:
     return out
 
 
-def thread_split(before: dict, after: dict, completed: int) -> dict[str, dict[str, float]]:
-    """CPU ms per assign by thread name (threads of one name summed), user and system."""
+def python_thread_names(pid: int) -> dict[int, str]:
+    """Native thread id -> Python thread name (``py-spy dump``), numbered pool threads
+    under one name ("clustering-rpc_3" -> "clustering-rpc")."""
+    try:
+        out = subprocess.run([str(Path(sys.executable).parent / "py-spy"), "dump", "-p", str(pid)],
+                             capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    names = {}
+    for m in re.finditer(r'^Thread (0x[0-9a-fA-F]+|\d+) \([^)]*\): "([^"]*)"', out, re.M):
+        tid = int(m.group(1), 0)
+        names[tid] = re.sub(r"(_\d+|-\d+|\s*\(\w+\))$", "", m.group(2))
+    return names
+
+
+def thread_split(before: dict, after: dict, completed: int, names: dict[int, str] | None = None
+                 ) -> dict[str, dict[str, float]]:
+    """CPU ms per assign by thread name (threads of one name summed), user and system;
+    ``names`` maps native ids to Python thread names (else the OS name, "python")."""
     split: dict[str, list[float]] = {}
     for key, (user, system) in after.items():
         u0, s0 = before.get(key, (0.0, 0.0))
-        acc = split.setdefault(key[1], [0.0, 0.0])
+        acc = split.setdefault((names or {}).get(key[0], key[1]), [0.0, 0.0])
         acc[0] += user - u0
         acc[1] += system - s0
     rows = {name: {"user": round(1000 * u / completed, 3), "system": round(1000 * s / completed, 3)}
@@ -209,6 +227,7 @@ class Side:
         wall = time.time() - wall0
         after = {n: proc_sample(pid) for n, pid in pids.items()}
         threads1 = {n: thread_cpu(pids[n]) for n in threads0}
+        names = {n: python_thread_names(pids[n]) for n in threads0}
         for spy in spies:
             spy.wait(60)
         raw = json.loads(out_path.read_text())
@@ -220,7 +239,7 @@ class Side:
         run = {"assigns_per_s": summary["achieved"], "errors": summary["errors"], "p50_ms": summary["p50_ms"],
                "p99_ms": summary["p99_ms"], "wall_s": round(wall, 1), "cpu_ms_per_assign": cpu,
                "profiled": profile_dir is not None,
-               "threads": {n: thread_split(threads0[n], threads1[n], completed) for n in threads0}}
+               "threads": {n: thread_split(threads0[n], threads1[n], completed, names[n]) for n in threads0}}
         if profile_dir is None:
             self.runs.append(run)
         log(f"  {self.label}: {summary['achieved']} assigns/s, errors {summary['errors']}, CPU ms/assign {cpu}")
