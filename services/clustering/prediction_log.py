@@ -104,7 +104,9 @@ class PredictionLog:
         with self._db.transaction(readonly=True) as tx:
             rows = tx.query("SELECT prediction_id, payload FROM prediction_outbox "
                             "ORDER BY created_at, prediction_id LIMIT ?", (self._batch,))
-            depth = tx.query("SELECT COUNT(*) FROM prediction_outbox")[0][0]
+            # A short page is the whole outbox: count only when there may be more.
+            depth = len(rows) if len(rows) < self._batch else \
+                tx.query("SELECT COUNT(*) FROM prediction_outbox")[0][0]
         OUTBOX_DEPTH.set(depth)
         if not rows or self._send is None:
             return 0

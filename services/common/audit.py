@@ -577,13 +577,13 @@ def to_append_request(records: Sequence[AuditRecord]):
     from services.common.pbutil import float_to_ts
 
     out = privacy_pb2.AppendAuditRequest()
+    add = out.records.add   # built in place (append would copy each record)
     for r in records:
-        out.records.append(privacy_pb2.AuditRecord(
-            ts=float_to_ts(r.ts), event_type=r.event_type,
+        add(ts=float_to_ts(r.ts), event_type=r.event_type,
             principal=common_pb2.Principal(id=r.principal,
                                            role=common_pb2.Role.Value("ROLE_" + r.role.upper())),
             resource=r.resource, outcome=r.outcome, trace_id=r.trace_id,
-            details_json=r.details_json, record_id=r.record_id))
+            details_json=r.details_json, record_id=r.record_id)
     return out
 
 
