@@ -66,7 +66,7 @@ class AuditWriter:
         self._max_delay = max_delay_s
         self._clock = clock
         self._state = AuditState()
-        self._tree = merkle.MerkleTree()
+        self._tree = merkle.MerkleTree(leaf_source=self._stored_leaf_hashes)
         self._tree_lock = threading.Lock()
         self._latest_sth: SignedTreeHead | None = None
         self._committer: GroupCommitter[Chunk] | None = None
@@ -106,7 +106,7 @@ class AuditWriter:
             leaves = tx.query("SELECT leaf_hash FROM audit_entries WHERE seq < ? ORDER BY seq",
                               (state.size,))
         raw = b"".join(bytes(r[0]) for r in leaves)
-        tree = merkle.MerkleTree()
+        tree = merkle.MerkleTree(leaf_source=self._stored_leaf_hashes)
         healthy = len(raw) == state.size * merkle.HASH_SIZE and all(
             len(r[0]) == merkle.HASH_SIZE for r in leaves)
         if healthy:
@@ -128,6 +128,15 @@ class AuditWriter:
                 self._latest_sth = sth
         self.healthy_at_start = healthy
         self._tree_matches_state = healthy
+
+    def _stored_leaf_hashes(self, start: int, end: int) -> bytes:
+        """Leaf hashes of seqs [start, end) from the table: the proof tree keeps only the
+        upper levels of complete chunks in memory (merkle.MerkleTree) and reads a chunk's
+        leaves back for a proof, checking them against the chunk root it kept."""
+        with self.db.transaction(readonly=True) as tx:
+            rows = tx.query("SELECT leaf_hash FROM audit_entries WHERE seq >= ? AND seq < ? ORDER BY seq",
+                            (start, end))
+        return b"".join(bytes(r[0]) for r in rows)
 
     def _load_ids(self, size: int) -> None:
         """The id window from the table: the ids of the last ``dedup_window`` entries;
