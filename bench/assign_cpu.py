@@ -35,6 +35,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -228,8 +229,12 @@ class Side:
         after = {n: proc_sample(pid) for n, pid in pids.items()}
         threads1 = {n: thread_cpu(pids[n]) for n in threads0}
         names = {n: python_thread_names(pids[n]) for n in threads0}
-        for spy in spies:
-            spy.wait(60)
+        for spy in spies:   # py-spy lags on a loaded machine: SIGINT makes it write what it has
+            try:
+                spy.wait(seconds + 60)
+            except subprocess.TimeoutExpired:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(60)
         raw = json.loads(out_path.read_text())
         summary = summarise(raw, spec)
         completed = max(1, summary["completed"])
