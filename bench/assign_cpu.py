@@ -251,6 +251,9 @@ class Side:
         return run
 
     def summary(self) -> dict:
+        if not self.runs:   # --repeats 0: only the profile was wanted
+            return {"cpu_ms_per_assign": {}, "assigns_per_s": None, "errors": 0,
+                    "idle_cpu_ms_per_s": self.idle_cpu, "runs": []}
         names = sorted({n for r in self.runs for n in r["cpu_ms_per_assign"]})
         return {"cpu_ms_per_assign": {n: round(statistics.median(r["cpu_ms_per_assign"][n] for r in self.runs
                                                                  if n in r["cpu_ms_per_assign"]), 3)

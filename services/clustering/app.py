@@ -279,7 +279,7 @@ class ClusteringApp:
         for r in range(probabilities.shape[0]):
             probs = {pid: float(p) for pid, p in zip(batch.person_ids, probabilities[r])}
             pid = batch.person_ids[int(idx[r])]
-            prediction_id = "pr-" + os.urandom(16).hex()   # 128 random bits, as uuid4 (a tenth of its cost)
+            prediction_id = "pr-" + os.urandom(16).hex()   # 128 random bits, as uuid4 (a fifth of its cost)
             answers.append(AssignmentOut(pid, float(probabilities[r, idx[r]]), probs, variant, version, cold,
                                          batch.sessions_until_model, prediction_id))
             records.append(PredictionRecord(prediction_id, account_id, session_ids[r] or prediction_id, pid,
