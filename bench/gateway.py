@@ -87,7 +87,7 @@ def thread_cpu(pid: int) -> dict[str, float]:
             stat = (task / "stat").read_text()
         except OSError:
             continue
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        name = "main" if task.name == str(pid) else stat[stat.index("(") + 1:stat.rindex(")")]
         fields = stat[stat.rindex(")") + 2:].split()
         out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / TICK
     return out
@@ -121,7 +121,7 @@ def profile_gateway(v: Verify, target: str, url: str, process: str, pid: int, se
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     raw = out / f"{target}.txt"
     recorder = subprocess.Popen([py_spy, "record", "-p", str(pid), "-r", "200", "-d", str(int(seconds)),
-                                 "-f", "raw", "-o", str(raw), "--nonblocking"],
+                                 "-f", "raw", "-o", str(raw), "--nonblocking", *(["--gil"] if os.environ.get("BENCH_PY_SPY_GIL") else [])],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)
     run = one_run(v, target, url, process, seconds, concurrency)

@@ -57,8 +57,55 @@ def _json_content_type(value: str | None) -> bool:
     return media == JSON_MEDIA_TYPE or (media.startswith("application/") and media.endswith("+json"))
 
 
+class LeanEndpoint:
+    """The short path of one lean route: ``parse`` a raw body (None: not for the short
+    path), then ``respond``."""
+
+    def __init__(self, route, plan) -> None:
+        self.route = route
+        self.body_field, self.dependencies, self.response_type = plan
+        self.endpoint = route.dependant.call
+        self.response_field = route.response_field
+        self.status_code = route.status_code or 200
+
+    def parse(self, content_type: str | None, raw: bytes):
+        """The validated body model, or None when FastAPI's handler must answer (not
+        JSON, empty, malformed, invalid: its error answers are the documented ones)."""
+        if not raw or not _json_content_type(content_type):
+            return None
+        try:
+            decoded = json.loads(raw)
+        except (ValueError, RecursionError):   # ValueError: JSONDecodeError, bytes not UTF-8
+            return None
+        body, errors = self.body_field.validate(decoded, {}, loc=("body",))
+        return None if errors else body
+
+    async def respond(self, request: Request, body) -> Response:
+        kwargs = {self.body_field.name: body}
+        for name, call, request_param in self.dependencies:
+            kwargs[name] = await call(**{request_param: request})
+        result = await self.endpoint(**kwargs)
+        if isinstance(result, Response):
+            return result
+        if type(result) is not self.response_type:
+            # Not the declared model: FastAPI's own validation and serialisation.
+            content = await serialize_response(field=self.response_field, response_content=result)
+            return JSONResponse(content, status_code=self.status_code)
+        # The declared model, built by the endpoint: serialised once, by the same
+        # pydantic serializer FastAPI uses, without dumping and re-validating it first.
+        return Response(self.response_field.serialize_json(result, by_alias=True),
+                        status_code=self.status_code, media_type=JSON_MEDIA_TYPE)
+
+
+def lean_endpoint(route) -> LeanEndpoint | None:
+    """The short path of ``route`` (an APIRoute, or FastAPI's per-inclusion view of one)
+    when it has the lean shape, else None."""
+    plan = _lean_plan(route)
+    return LeanEndpoint(route, plan) if plan is not None else None
+
+
 class LeanRoute(APIRoute):
-    """An APIRoute whose handler takes the short path above when the route's shape allows."""
+    """An APIRoute whose handler takes the short path when the route's shape allows."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         generic = super().get_route_handler()
@@ -66,46 +113,19 @@ class LeanRoute(APIRoute):
         # include_router() settings merged in), as FastAPI's own get_route_handler reads it.
         effective = _EFFECTIVE_ROUTE.get() if _EFFECTIVE_ROUTE is not None else None
         route = effective if effective is not None and effective.original_route is self else self
-        plan = _lean_plan(route)
-        if plan is None:
+        lean = lean_endpoint(route)
+        if lean is None:
             return generic
-        body_field, dependencies, response_type = plan
-        body_name = body_field.name
-        endpoint = route.dependant.call
-        response_field = route.response_field
-        status_code = route.status_code or 200
         overrides = route.dependency_overrides_provider
 
         async def handler(request: Request) -> Response:
             if overrides is not None and getattr(overrides, "dependency_overrides", None):
                 return await generic(request)
-            if not _json_content_type(request.headers.get("content-type")):
+            # The body is cached on the request: the generic handler reuses it.
+            body = lean.parse(request.headers.get("content-type"), await request.body())
+            if body is None:
                 return await generic(request)
-            raw = await request.body()   # cached on the request: the generic handler reuses it
-            if not raw:
-                return await generic(request)
-            try:
-                decoded = json.loads(raw)
-            except (ValueError, RecursionError):
-                # ValueError covers JSONDecodeError and bytes that are not UTF-8.
-                return await generic(request)
-            body, errors = body_field.validate(decoded, {}, loc=("body",))
-            if errors:
-                return await generic(request)
-            kwargs = {body_name: body}
-            for name, call, request_param in dependencies:
-                kwargs[name] = await call(**{request_param: request})
-            result = await endpoint(**kwargs)
-            if isinstance(result, Response):
-                return result
-            if type(result) is not response_type:
-                # Not the declared model: FastAPI's own validation and serialisation.
-                content = await serialize_response(field=response_field, response_content=result)
-                return JSONResponse(content, status_code=status_code)
-            # The declared model, built by the endpoint: serialised once, by the same
-            # pydantic serializer FastAPI uses, without dumping and re-validating it first.
-            return Response(response_field.serialize_json(result, by_alias=True), status_code=status_code,
-                            media_type=JSON_MEDIA_TYPE)
+            return await lean.respond(request, body)
 
         return handler
 
@@ -155,3 +175,99 @@ class _NoModel:
 
 
 _NO_MODEL = _NoModel
+
+
+class FastLane:
+    """ASGI middleware: a request for a lean route with a complete JSON body goes straight
+    to that route's short path, past FastAPI's own middleware stack, router and request
+    wrapper (about half of what was left of the gateway's framework CPU per request after
+    ``LeanRoute``; docs/benchmarks.md, "bench-gateway").
+
+    It sits inside the admission and observe middlewares (admission slot, span, metrics,
+    access log and the Content-Length limit apply unchanged) and takes only requests
+    with a ``Content-Length`` within ``max_body_bytes`` whose body the route's model
+    accepts. Everything else — chunked bodies, other content types, malformed or invalid
+    bodies, dependency overrides, any other route — goes on to the application with the
+    body replayed, so FastAPI's handler answers it as before. Exceptions from the short
+    path go to the application's own exception handlers (the one error table), and
+    anything they do not handle propagates to the observe middleware's JSON 500, as it
+    would from FastAPI's stack.
+
+    ``routes`` maps (method, path) to the route's LeanEndpoint; only routes without path
+    parameters are lean, so the path is matched exactly, as the router would."""
+
+    def __init__(self, app, routes: dict[tuple[str, str], LeanEndpoint], exception_handlers: dict,
+                 max_body_bytes: int, overrides_provider=None) -> None:
+        self.app = app
+        self.routes = routes
+        self.exception_handlers = exception_handlers
+        self.max_body_bytes = max_body_bytes
+        self.overrides_provider = overrides_provider
+
+    def _handler_for(self, exc: Exception):
+        for cls in type(exc).__mro__:
+            handler = self.exception_handlers.get(cls)
+            if handler is not None:
+                return handler
+        return None
+
+    async def __call__(self, scope, receive, send) -> None:
+        lean = self.routes.get((scope.get("method"), scope.get("path"))) if scope["type"] == "http" else None
+        if lean is None or (self.overrides_provider is not None
+                            and getattr(self.overrides_provider, "dependency_overrides", None)):
+            await self.app(scope, receive, send)
+            return
+        content_type = length = None
+        for name, value in scope["headers"]:
+            if name == b"content-type":
+                content_type = value.decode("latin-1")
+            elif name == b"content-length":
+                length = value
+        if length is None or not length.isdigit() or int(length) > self.max_body_bytes:
+            await self.app(scope, receive, send)
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return   # the client went away mid-body: nothing to answer, nothing done
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        raw = b"".join(chunks)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": raw, "more_body": False}
+            return await receive()
+
+        body = lean.parse(content_type, raw) if len(raw) <= self.max_body_bytes else None
+        if body is None:
+            await self.app(scope, replay, send)
+            return
+        scope["route"] = lean.route   # as the router would: the observe middleware labels by it
+        request = Request(scope, replay, send)
+        try:
+            response = await lean.respond(request, body)
+        except Exception as exc:
+            handler = self._handler_for(exc)
+            if handler is None:
+                raise
+            response = await handler(request, exc)
+        await response(scope, replay, send)
+
+
+def fast_lane_routes(routes) -> dict[tuple[str, str], LeanEndpoint]:
+    """(method, path) -> short path, for the LeanRoutes among ``routes`` that have the
+    lean shape (as declared: include them without prefix or router-level settings)."""
+    table = {}
+    for route in routes:
+        if isinstance(route, LeanRoute) and "{" not in route.path:
+            lean = lean_endpoint(route)
+            if lean is not None:
+                for method in route.methods:
+                    table[(method, route.path)] = lean
+    return table

@@ -12,7 +12,7 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.lean import LeanRoute, _lean_plan
+from gateway.lean import FastLane, LeanRoute, _lean_plan, fast_lane_routes
 
 
 class In(BaseModel):
@@ -39,7 +39,7 @@ async def caller(request: Request) -> str:
     return who
 
 
-def build(route_class: type[APIRoute]) -> FastAPI:
+def build(route_class: type[APIRoute], fast_lane: bool = False, seen: list | None = None) -> FastAPI:
     app = FastAPI()
     api = APIRouter(route_class=route_class)
 
@@ -58,6 +58,14 @@ def build(route_class: type[APIRoute]) -> FastAPI:
         return {"name": body.name, "who": who}
 
     app.include_router(api)
+    if seen is not None:
+        @app.middleware("http")
+        async def inside_fast_lane(request, call_next):   # sees only what the fast lane passes on
+            seen.append(request.url.path)
+            return await call_next(request)
+    if fast_lane:
+        app.add_middleware(FastLane, routes=fast_lane_routes(api.routes), exception_handlers=app.exception_handlers,
+                           max_body_bytes=1024, overrides_provider=app)
     return app
 
 
@@ -77,6 +85,7 @@ REQUESTS = [
     ("/sum", {"content": b"[" * 100_000 + b"]" * 100_000}, {"content-type": "application/json"}),
     ("/dict", {"content": b'{"name": "a"}'}, {"content-type": "application/json"}),
     ("/plain", {"content": b'{"name": "a"}'}, {"content-type": "application/json"}),
+    ("/sum", {"content": b'{"name": "a", "values": [' + b"1," * 600 + b'1]}'}, {"content-type": "application/json"}),
 ]
 
 
@@ -85,11 +94,11 @@ REQUESTS = [
 def test_lean_answers_like_fastapi(path, kwargs, headers, with_caller):
     headers = {**headers, **({"x-caller": "alice"} if with_caller else {})}
     answers = []
-    for route_class in (APIRoute, LeanRoute):
-        with TestClient(build(route_class)) as client:
+    for route_class, fast_lane in ((APIRoute, False), (LeanRoute, False), (LeanRoute, True)):
+        with TestClient(build(route_class, fast_lane)) as client:
             r = client.post(path, headers=headers, **kwargs)
             answers.append((r.status_code, r.headers.get("content-type"), r.json()))
-    assert answers[0] == answers[1]
+    assert answers[0] == answers[1] == answers[2]
 
 
 def test_valid_body_takes_the_short_path_and_runs_the_dependency_once(monkeypatch):
@@ -106,8 +115,9 @@ def test_valid_body_takes_the_short_path_and_runs_the_dependency_once(monkeypatc
     assert calls == ["bob"]
 
 
-def test_endpoint_errors_propagate_to_the_app_handlers():
-    app = build(LeanRoute)
+@pytest.mark.parametrize("fast_lane", [False, True])
+def test_endpoint_errors_propagate_to_the_app_handlers(fast_lane):
+    app = build(LeanRoute, fast_lane)
 
     @app.exception_handler(ValueError)
     async def on_value_error(_request, exc):
@@ -135,3 +145,29 @@ def test_only_body_and_request_dependency_routes_are_lean():
     shapes = {c.path: _lean_plan(c) is not None for r in app.router.routes
               if hasattr(r, "effective_route_contexts") for c in r.effective_route_contexts()}
     assert shapes == {"/q": False, "/b": True}
+
+
+def test_fast_lane_takes_complete_json_bodies_past_fastapis_stack(monkeypatch):
+    import fastapi.routing
+
+    seen = []
+    app = build(LeanRoute, fast_lane=True, seen=seen)
+
+    async def no_generic_handler(**_kwargs):
+        raise AssertionError("FastAPI's dependency solving ran")
+
+    monkeypatch.setattr(fastapi.routing, "solve_dependencies", no_generic_handler)
+    with TestClient(app) as client:
+        r = client.post("/sum", json={"name": "a", "values": [2]}, headers={"x-caller": "d"})
+        assert r.status_code == 200 and r.json() == {"name": "a", "total": 2.0, "caller": "d"}
+        assert seen == []
+        monkeypatch.undo()
+        r = client.post("/sum", json={"name": "a", "values": "x"}, headers={"x-caller": "d"})
+        assert r.status_code == 422 and seen == ["/sum"]
+
+
+def test_fast_lane_leaves_unhandled_errors_to_the_outer_layers():
+    app = build(LeanRoute, fast_lane=True)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.post("/sum", json={"name": "boom"}, headers={"x-caller": "e"})
+    assert r.status_code == 500
