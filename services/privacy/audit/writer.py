@@ -37,7 +37,7 @@ from services.common.storage.sql import Database
 from services.privacy.audit import merkle
 from services.privacy.audit.domain import AuditEntry, AuditState, SignedTreeHead, canonical_json, entry_hashes, sign_tree_head
 from services.privacy.audit.rows import Chunk, insert_rows, record_to_entry
-from services.privacy.keys.signing import Ed25519PrivateKey
+from services.privacy.keys.signing import Ed25519PrivateKey, key_id
 
 log = logging.getLogger("hearth.privacy.audit")
 
@@ -60,6 +60,7 @@ class AuditWriter:
         self.db = db
         self._key = signing_key
         self.public_key = signing_key.public_key()
+        self._key_id = key_id(signing_key)
         self._after_commit = after_commit
         self._max_batch = max_batch
         self._max_delay = max_delay_s
@@ -300,7 +301,7 @@ class AuditWriter:
                 new_state = AuditState(seq, chains[-1], tree.frontier())
         if not speculative:
             new_state = AuditState(seq, chains[-1], state.frontier.extend(leaf_bytes))
-        sth = sign_tree_head(new_state, self._key, datetime.fromtimestamp(self._clock(), UTC))
+        sth = sign_tree_head(new_state, self._key, datetime.fromtimestamp(self._clock(), UTC), self._key_id)
         rows = [(s, *cols, data, leaf, chain)
                 for s, cols, data, leaf, chain in zip(range(first, seq), columns, canonical, leaves, chains)]
         try:
