@@ -21,6 +21,7 @@ from gateway.auth import Authenticator
 from gateway.clients import ServiceClients
 from gateway.config import GatewaySettings
 from gateway.errors import RETRY_AFTER_S, error_response, from_hearth_error, from_rpc_error
+from gateway.lean import FastLane, fast_lane_routes
 from gateway.ratelimit import install_request_limits
 from gateway.routes import attribution as attribution_routes
 from gateway.routes import audit as audit_routes
@@ -201,6 +202,12 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         app.include_router(router)
     if settings.edge_authorizer:
         app.include_router(edge_routes.router(authenticator, limiter))
+    # Inside the observe middleware, outside the body-size one: complete JSON bodies for the
+    # lean routes skip FastAPI's stack (gateway/lean.py); the routers above are included
+    # without prefix or router-level dependencies, so each route is exactly as declared.
+    app.add_middleware(FastLane, routes=fast_lane_routes(r for rs in routes_by_service.values() for r in rs),
+                       exception_handlers=app.exception_handlers, max_body_bytes=settings.max_body_bytes,
+                       overrides_provider=app)
     app.add_middleware(ObserveMiddleware, tracer=tracer, max_body_bytes=settings.max_body_bytes,
                        access_log=settings.access_log)
     if settings.admission_enabled:
