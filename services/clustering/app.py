@@ -7,9 +7,9 @@ import base64
 import binascii
 import json
 import logging
+import os
 import queue
 import threading
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
