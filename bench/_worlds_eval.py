@@ -283,7 +283,9 @@ def _block(hs, idx, results, stream, comp=None) -> dict:
 
 
 def run(hs: list[WorldHousehold], log=lambda m: None, held_out: tuple[str, ...] = (),
-        periodic_baseline: bool = True) -> dict:
+        periodic_baseline: bool = True, streaming: bool = True) -> dict:
+    """Every method on ``hs``. ``streaming=False``: the batch fit and the baselines only
+    (no time-ordered stream, no composition scores) — the quick loop for batch-model work."""
     import time
     t0 = time.time()
     results: dict[str, tuple[list, list | None]] = {}
@@ -298,6 +300,19 @@ def run(hs: list[WorldHousehold], log=lambda m: None, held_out: tuple[str, ...] 
         out = [fn(h) for h in hs]
         results[name] = ([o[0] for o in out], [o[1] for o in out])
         log(f"[worlds] {name} {time.time() - t0:.0f}s")
+    if not streaming:
+        report = {"all": _block(hs, list(range(len(hs))), results, None)}
+        for fam in sorted({h.family for h in hs}):
+            report[fam] = _block(hs, [i for i, h in enumerate(hs) if h.family == fam], results, None)
+        if held_out and any(h.family in held_out for h in hs):
+            report["held_out_families"] = _block(hs, [i for i, h in enumerate(hs) if h.family in held_out],
+                                                 results, None)
+            report["held_out_families"]["families"] = list(held_out)
+        report["by_household_size"] = {
+            str(k): _block(hs, [i for i, h in enumerate(hs) if h.n_persons == k], results, None)
+            for k in sorted({h.n_persons for h in hs})}
+        report["elapsed_s"] = round(time.time() - t0, 1)
+        return report
     s_preds, s_probs, s_events = [], [], []
     for h in hs:
         p, q, ev = hearth_stream(h)

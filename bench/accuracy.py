@@ -321,7 +321,7 @@ def calibrate_device_confidence(quick: bool) -> dict:
             "single_person_sessions": int(single_ok.size), "households": len(hs)}
 
 
-def run_worlds(quick: bool) -> dict:
+def run_worlds(quick: bool, streaming: bool = True) -> dict:
     """The randomized world families, REPORTING split only (never tuned on)."""
     split = worlds.REPORTING
     n_worlds = 1 if quick else split.worlds_per_family
@@ -329,7 +329,7 @@ def run_worlds(quick: bool) -> dict:
     log(f"[worlds] generating {len(split.families) * n_worlds * n_house} households "
         f"({n_worlds} worlds x {n_house} households per family, split {split.name!r}, seed {split.seed})")
     hs = worlds.generate(split, worlds_per_family=n_worlds, households_per_world=n_house)
-    block = worlds_eval.run(hs, log, held_out=worlds.HELD_OUT_FAMILIES)
+    block = worlds_eval.run(hs, log, held_out=worlds.HELD_OUT_FAMILIES, streaming=streaming)
     block["split"] = {"name": split.name, "seed": split.seed, "families": list(split.families),
                       "held_out_families": list(worlds.HELD_OUT_FAMILIES),
                       "tuning_families": list(worlds.TUNING.families), "tuning_seed": worlds.TUNING.seed,
@@ -348,6 +348,8 @@ def main() -> None:
     ap.add_argument("--worlds-only", action="store_true",
                     help="only the randomized world families (bench/worlds.py)")
     ap.add_argument("--no-worlds", action="store_true", help="only Hearth's own simulator")
+    ap.add_argument("--batch-only", action="store_true",
+                    help="with --worlds-only: the batch fit and baselines, no streaming part")
     ap.add_argument("--calibrate-confidence", action="store_true",
                     help="fit the confidence map on the TUNING worlds (prints it)")
     args = ap.parse_args()
@@ -360,7 +362,7 @@ def main() -> None:
                           "device": calibrate_device_confidence(args.quick)}))
         return
     if args.worlds_only:
-        print(json.dumps({"worlds": run_worlds(args.quick), "elapsed_s": round(time.time() - t0, 1),
+        print(json.dumps({"worlds": run_worlds(args.quick, streaming=not args.batch_only), "elapsed_s": round(time.time() - t0, 1),
                           "quick": args.quick}))
         return
     n_acc = 15 if args.quick else 100
