@@ -21,6 +21,7 @@ from gateway.auth import Authenticator
 from gateway.clients import ServiceClients
 from gateway.config import GatewaySettings
 from gateway.errors import RETRY_AFTER_S, error_response, from_hearth_error, from_rpc_error
+from gateway.lean import FastLane, fast_lane_routes
 from gateway.ratelimit import install_request_limits
 from gateway.routes import attribution as attribution_routes
 from gateway.routes import audit as audit_routes
@@ -54,6 +55,10 @@ class ObserveMiddleware:
         self.tracer = tracer
         self.max_body_bytes = max_body_bytes
         self.access_log = access_log
+        # Metric children by label values: prometheus_client's labels() validates and locks
+        # on every call; the set of (route template, method, status) is small and fixed.
+        self._requests: dict[tuple[str, str, int], object] = {}
+        self._durations: dict[tuple[str, str], object] = {}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -95,15 +100,20 @@ class ObserveMiddleware:
             otel_context.detach(token)
             label = getattr(scope.get("route"), "path", "unmatched")
             span.update_name(f"{method} {label}")
-            span.set_attribute("http.route", label)
-            span.set_attribute("http.status_code", status)
+            span.set_attributes({"http.route": label, "http.status_code": status})
             if status >= 500:
                 span.set_status(Status(StatusCode.ERROR))
             span.end()
             elapsed = time.perf_counter() - started
-            HTTP_REQUESTS.labels(label, method, str(status)).inc()
-            HTTP_DURATION.labels(label, method).observe(elapsed)
-            if self.access_log:
+            counter = self._requests.get((label, method, status))
+            if counter is None:
+                counter = self._requests[(label, method, status)] = HTTP_REQUESTS.labels(label, method, str(status))
+            counter.inc()
+            histogram = self._durations.get((label, method))
+            if histogram is None:
+                histogram = self._durations[(label, method)] = HTTP_DURATION.labels(label, method)
+            histogram.observe(elapsed)
+            if self.access_log and ACCESS_LOG.isEnabledFor(logging.INFO):
                 ACCESS_LOG.info("%s %s %d", method, label, status, extra={"fields": {
                     "method": method, "route": label, "status": status,
                     "duration_ms": round(elapsed * 1000, 3), "trace_id": trace_header.decode()}})
@@ -201,6 +211,12 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         app.include_router(router)
     if settings.edge_authorizer:
         app.include_router(edge_routes.router(authenticator, limiter))
+    # Inside the observe middleware, outside the body-size one: complete JSON bodies for the
+    # lean routes skip FastAPI's stack (gateway/lean.py); the routers above are included
+    # without prefix or router-level dependencies, so each route is exactly as declared.
+    app.add_middleware(FastLane, routes=fast_lane_routes(r for rs in routes_by_service.values() for r in rs),
+                       exception_handlers=app.exception_handlers, max_body_bytes=settings.max_body_bytes,
+                       overrides_provider=app)
     app.add_middleware(ObserveMiddleware, tracer=tracer, max_body_bytes=settings.max_body_bytes,
                        access_log=settings.access_log)
     if settings.admission_enabled:

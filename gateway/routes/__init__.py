@@ -4,9 +4,10 @@ caller and checks the permission matrix for that route."""
 
 from __future__ import annotations
 
-from fastapi import Path
+from fastapi import APIRouter, Path
 
 from gateway import models
+from gateway.lean import LeanRoute
 from services.common.ids import ID_PATTERN, MAX_ID_CHARS
 
 ACCOUNT_PATH = Path(..., min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)
@@ -21,3 +22,9 @@ ERROR_RESPONSES = {
     429: {"model": models.ErrorOut, "description": "rate limit exceeded; see the Retry-After header"},
     503: {"model": models.ErrorOut, "description": "a service is unavailable"},
 }
+
+
+def api_router() -> APIRouter:
+    """The router every route module uses: its JSON-body routes get the lean handler
+    (gateway/lean.py), the rest FastAPI's."""
+    return APIRouter(route_class=LeanRoute)

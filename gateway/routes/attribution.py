@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
 from gateway.models import Id, Strict, Timestamp, WindowBound
-from gateway.routes import ERROR_RESPONSES
+from gateway.routes import ERROR_RESPONSES, api_router
 from hearth.attribution.v1 import attribution_pb2 as apb
 from hearth.common.v1 import common_pb2
 from services.common.identity import Principal
@@ -163,7 +163,7 @@ def _result(x: apb.AttributionResult) -> AttributionResultOut:
 
 
 def router(clients, access) -> APIRouter:
-    api = APIRouter()
+    api = api_router()
 
     @api.post("/v1/touchpoints", response_model=RecordedOut, responses=ERROR_RESPONSES,
               summary="Record marketing touchpoints (idempotent by touchpoint_id)")

@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from gateway.models import WindowBound
-from gateway.routes import ERROR_RESPONSES, ID_PATTERN
+from gateway.routes import ERROR_RESPONSES, ID_PATTERN, api_router
 from hearth.privacy.v1 import privacy_pb2 as ppb
 from services.common.identity import Principal
 from services.common.pbutil import float_to_ts
@@ -54,7 +54,7 @@ def _record_out(r: ppb.AuditRecord) -> AuditRecordOut:
 
 
 def router(clients, access) -> APIRouter:
-    api = APIRouter()
+    api = api_router()
 
     @api.get("/v1/audit", response_model=AuditPageOut, responses=ERROR_RESPONSES,
              summary="Query the audit log (filters combine with AND; pages by seq)")

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field, model_validator
 
 from gateway import models
-from gateway.routes import ACCOUNT_PATH, ERROR_RESPONSES
+from gateway.routes import ACCOUNT_PATH, ERROR_RESPONSES, api_router
 from hearth.clustering.v1 import clustering_pb2 as cpb
 from services.clustering.domain import features as F
 from services.common.errors import InvalidArgument
@@ -113,7 +113,7 @@ _COLD_NAMES = {cpb.COLD_START_STRATEGY_ACCOUNT: "account", cpb.COLD_START_STRATE
 
 
 def router(clients, access) -> APIRouter:
-    api = APIRouter()
+    api = api_router()
 
     @api.post("/v1/events", response_model=models.IngestOut, responses=ERROR_RESPONSES,
               summary="Ingest a batch of viewing events (idempotent by event_id)")

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Path, Query
 from pydantic import BaseModel, Field
 
 from gateway import models
-from gateway.routes import ERROR_RESPONSES, ID_PATTERN
+from gateway.routes import ERROR_RESPONSES, ID_PATTERN, api_router
 from hearth.feedback.v1 import feedback_pb2 as fpb
 from services.common.identity import Principal
 from services.common.pbutil import float_to_ts
@@ -133,7 +133,7 @@ def _nullable(value: float) -> float | None:
 
 
 def router(clients, access) -> APIRouter:
-    api = APIRouter()
+    api = api_router()
 
     @api.post("/v1/feedback", response_model=FeedbackOut, responses={**ERROR_RESPONSES, **NOT_FOUND, **CONFLICT},
               summary="Explicit or implicit feedback on a prediction (idempotent by feedback_id)")

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from gateway import models
 from gateway.models import Id, Strict
-from gateway.routes import ACCOUNT_PATH, ERROR_RESPONSES, ID_PATTERN
+from gateway.routes import ACCOUNT_PATH, ERROR_RESPONSES, ID_PATTERN, api_router
 from hearth.common.v1 import common_pb2
 from hearth.privacy.v1 import privacy_pb2 as ppb
 from services.common.erasure import ErasureScope, scope_from_pb, scope_to_pb
@@ -134,7 +134,7 @@ def deletion_to_json(r: ppb.GetDeletionResponse) -> DeletionOut:
 
 
 def router(clients, access) -> APIRouter:
-    api = APIRouter()
+    api = api_router()
 
     @api.post("/v1/delete", status_code=202, response_model=DeleteAcceptedOut, responses=ERROR_RESPONSES,
               summary="Request the deletion of a device, person, household or time window (durable job)")

@@ -7,10 +7,10 @@ import base64
 import binascii
 import json
 import logging
+import os
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -182,19 +182,21 @@ class ClusteringApp:
         check_id(account_id, "account_id")
         self.require_processing([account_id])
         device_id = ""
+        label = None
         if session_id:
             check_id(session_id, "session_id")
-            session = self.store.session(account_id, session_id)
+            # The session and its feedback label in one read transaction.
+            session, feedback_label = self.store.labelled_session(account_id, session_id)
             vector, device_id = session.features, session.device_id
             span = (session.start_ts, session.end_ts)
+            label = feedback_label if feedback_label is not None else session.label
         if vector is None:
             raise InvalidArgument("a session_id or a feature_vector is required", "session")
         # The session's person is stored with the prediction in one group commit when
         # the prediction log can (one fsync for a batch of concurrent assignments).
         together = bool(session_id) and self.predictions is not None and self.predictions.writes_session_persons
         (out,) = self._assign_rows(account_id, np.asarray(vector, dtype=np.float64)[None, :],
-                                   [session_id], [device_id],
-                                   [self._label_of(account_id, session) if session_id else None],
+                                   [session_id], [device_id], [label],
                                    [span if session_id else None], record_persons=together)
         if session_id and not together:
             self.store.set_persons(account_id, {session_id: out.person_id}, {session_id: out.probabilities})
@@ -228,9 +230,6 @@ class ClusteringApp:
             self.predictions.record(records)
         return out  # type: ignore[return-value]
 
-    def _label_of(self, account_id: str, session) -> str | None:
-        return self.store.labels(account_id).get(session.session_id, session.label)
-
     def _assign_rows(self, account_id: str, X: np.ndarray, session_ids: list[str],
                      device_ids: list[str], labels: list[str | None] | None = None,
                      spans: list[tuple[float, float] | None] | None = None,
@@ -249,7 +248,7 @@ class ClusteringApp:
     def _check_vectors(X: np.ndarray) -> np.ndarray:
         if X.ndim != 2 or X.shape[1] != F.FEATURE_DIM:
             raise InvalidArgument(f"feature vectors must have {F.FEATURE_DIM} float32 values", "feature_vector")
-        if not np.all(np.isfinite(X)):
+        if not np.isfinite(X).all():
             raise InvalidArgument("feature vectors must be finite", "feature_vector")
         return X
 
@@ -280,7 +279,7 @@ class ClusteringApp:
         for r in range(probabilities.shape[0]):
             probs = {pid: float(p) for pid, p in zip(batch.person_ids, probabilities[r])}
             pid = batch.person_ids[int(idx[r])]
-            prediction_id = "pr-" + uuid.uuid4().hex
+            prediction_id = "pr-" + os.urandom(16).hex()   # 128 random bits, as uuid4 (a fifth of its cost)
             answers.append(AssignmentOut(pid, float(probabilities[r, idx[r]]), probs, variant, version, cold,
                                          batch.sessions_until_model, prediction_id))
             records.append(PredictionRecord(prediction_id, account_id, session_ids[r] or prediction_id, pid,

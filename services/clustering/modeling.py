@@ -91,11 +91,13 @@ class ModelKeeper:
 
     def load(self, account_id: str) -> tuple[int, Envelope | None]:
         """(version, envelope) of the stored model; decoded models are cached per version."""
-        stored = self.store.get_model(account_id)
-        if stored is None:
-            return 0, None
         with self._lock:
             hit = self._decoded.get(account_id)
+        # The store is asked every time (another replica may have saved a newer
+        # version); the blob is decrypted only when the version is not the cached one.
+        stored = self.store.get_model(account_id, decoded_version=hit[0] if hit else 0)
+        if stored is None:
+            return 0, None
         if hit and hit[0] == stored.version:
             return hit
         try:

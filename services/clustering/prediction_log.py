@@ -43,10 +43,14 @@ class SessionPerson:
 _RECORD_FIELDS = tuple(f.name for f in fields(PredictionRecord))
 
 
+# The records are plain str/float/int/dict values built by the service: no cycle check.
+_ENCODE = json.JSONEncoder(check_circular=False, separators=(",", ":")).encode
+
+
 def _payload(record: PredictionRecord) -> str:
     """The outbox row's JSON (what ``PredictionRecord(**json.loads(...))`` reads back);
     a flat dict, not ``asdict``, whose deep copy cost more than the insert."""
-    return json.dumps({name: getattr(record, name) for name in _RECORD_FIELDS})
+    return _ENCODE({name: getattr(record, name) for name in _RECORD_FIELDS})
 
 
 class PredictionLog:
@@ -82,8 +86,9 @@ class PredictionLog:
 
     def _store(self, items: Sequence[PredictionRecord | SessionPerson]) -> int:
         now = time.time()
-        records = [i for i in items if isinstance(i, PredictionRecord)]
-        persons = [i for i in items if isinstance(i, SessionPerson)]
+        records, persons = [], []
+        for item in items:
+            (records if type(item) is PredictionRecord else persons).append(item)
         with self._db.transaction() as tx:
             stored = tx.executemany(
                 "INSERT INTO prediction_outbox (prediction_id, account_id, session_id, payload, created_at) "
@@ -99,7 +104,9 @@ class PredictionLog:
         with self._db.transaction(readonly=True) as tx:
             rows = tx.query("SELECT prediction_id, payload FROM prediction_outbox "
                             "ORDER BY created_at, prediction_id LIMIT ?", (self._batch,))
-            depth = tx.query("SELECT COUNT(*) FROM prediction_outbox")[0][0]
+            # A short page is the whole outbox: count only when there may be more.
+            depth = len(rows) if len(rows) < self._batch else \
+                tx.query("SELECT COUNT(*) FROM prediction_outbox")[0][0]
         OUTBOX_DEPTH.set(depth)
         if not rows or self._send is None:
             return 0

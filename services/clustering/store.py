@@ -118,6 +118,10 @@ def _event_from_row(r: Sequence) -> ViewingEvent:
                         country=r[11], vpn=bool(r[12]), profile_hint=r[13])
 
 
+# person -> probability maps the service built itself: sorted keys, no cycle check.
+_encode_probabilities = json.JSONEncoder(sort_keys=True, check_circular=False).encode
+
+
 class ClusteringStore:
     def __init__(self, db: Database, cache: Cache | None = None, *, gap_s: float = 1800.0,
                  lateness_tolerance_s: float = 6 * 3600.0, cipher: FieldCipher | None = None,
@@ -354,16 +358,25 @@ class ClusteringStore:
         return int(rows[0][0])
 
     def session(self, account_id: str, session_id: str) -> StoredSession:
+        return self.labelled_session(account_id, session_id)[0]
+
+    def labelled_session(self, account_id: str, session_id: str) -> tuple[StoredSession, str | None]:
+        """The session and its feedback label (None = none), in one read transaction:
+        what an assignment by session id reads."""
         with self.db.transaction(readonly=True) as tx:
             rows = tx.query(
-                "SELECT session_id, account_id, device_id, device_type, start_ts, end_ts, event_count, "
-                "watch_seconds, feature_version, features, label, person_id FROM sessions "
-                "WHERE account_id = ? AND session_id = ?", (account_id, session_id))
-            if not rows:
-                raise NotFound(f"unknown session {session_id!r} for this account", "session_id")
-            mark = tx.query("SELECT last_ts FROM devices WHERE account_id = ? AND device_id = ?",
-                            (account_id, rows[0][2]))
-        return self._session_from_row(rows[0], float(mark[0][0]) if mark else 0.0, time.time())
+                "SELECT s.session_id, s.account_id, s.device_id, s.device_type, s.start_ts, s.end_ts, "
+                "s.event_count, s.watch_seconds, s.feature_version, s.features, s.label, s.person_id, "
+                "d.last_ts, l.person_id FROM sessions s "
+                "LEFT JOIN devices d ON d.account_id = s.account_id AND d.device_id = s.device_id "
+                "LEFT JOIN session_labels l ON l.account_id = s.account_id AND l.session_id = s.session_id "
+                "WHERE s.account_id = ? AND s.session_id = ?", (account_id, session_id))
+        if not rows:
+            raise NotFound(f"unknown session {session_id!r} for this account", "session_id")
+        row = rows[0]
+        mark = row[12]
+        return (self._session_from_row(row[:12], float(mark) if mark is not None else 0.0, time.time()),
+                row[13])
 
     def set_persons(self, account_id: str, persons: dict[str, str],
                     probabilities: dict[str, dict[str, float]] | None = None) -> None:
@@ -378,7 +391,7 @@ class ClusteringStore:
         commit, so one fsync covers a batch of assignments and their predictions."""
         tx.executemany(
             "UPDATE sessions SET person_id = ?, person_probs = ? WHERE account_id = ? AND session_id = ?",
-            [(p, json.dumps(probs, sort_keys=True) if probs is not None else None, a, s)
+            [(p, _encode_probabilities(probs) if probs is not None else None, a, s)
              for a, s, p, probs in rows])
 
     def accounts_with_sessions(self, min_sessions: int, limit: int | None) -> list[str]:
@@ -448,7 +461,11 @@ class ClusteringStore:
 
     # ---- household models (compare-and-swap, cached) -------------------------------
 
-    def get_model(self, account_id: str) -> StoredModel | None:
+    def get_model(self, account_id: str, decoded_version: int = 0) -> StoredModel | None:
+        """The stored model. ``decoded_version``: the version the caller holds decoded
+        already; when the stored one is that version its blob is not decrypted (every
+        assignment checks the version; only a new version needs the blob) and comes back
+        as ``b""``."""
         # The blob is sealed under the household's data key in the SQL store and in the
         # cache alike (it holds feature statistics and profile hints): crypto-shredded
         # with the household, and no plaintext copy in Redis.
@@ -456,15 +473,17 @@ class ClusteringStore:
         if cached is not None:
             version, vlen = struct.unpack_from("<qH", cached)
             return StoredModel(version, cached[10:10 + vlen].decode(),
-                               self._open_model(account_id, cached[10 + vlen:]))
+                               b"" if decoded_version and version == decoded_version
+                               else self._open_model(account_id, cached[10 + vlen:]))
         with self.db.transaction(readonly=True) as tx:
             rows = tx.query("SELECT version, variant, model FROM household_models WHERE account_id = ?",
                             (account_id,))
         if not rows:
             return None
-        sealed = bytes(rows[0][2])
-        self._cache_model(account_id, int(rows[0][0]), rows[0][1], sealed)
-        return StoredModel(int(rows[0][0]), rows[0][1], self._open_model(account_id, sealed))
+        version, sealed = int(rows[0][0]), bytes(rows[0][2])
+        self._cache_model(account_id, version, rows[0][1], sealed)
+        return StoredModel(version, rows[0][1], b"" if decoded_version and version == decoded_version
+                           else self._open_model(account_id, sealed))
 
     def save_model(self, account_id: str, expected_version: int, variant: str, blob: bytes) -> int:
         """Store a new model version if the stored one is still ``expected_version``

@@ -46,10 +46,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,7 +280,7 @@ def make_record(event_type: str, resource: str = "", outcome: str = SUCCESS,
         principal=_text(principal.id, "principal", allow_empty=False),
         role=identity.Role(principal.role).value, resource=_text(resource, "resource"),
         outcome=outcome, trace_id=_text(trace_id, "trace_id"), details_json=details_json,
-        record_id=uuid.uuid4().hex)
+        record_id=os.urandom(16).hex())   # 128 random bits like uuid4, at a fifth of its cost
 
 
 class AuditSink:
@@ -577,13 +577,13 @@ def to_append_request(records: Sequence[AuditRecord]):
     from services.common.pbutil import float_to_ts
 
     out = privacy_pb2.AppendAuditRequest()
+    add = out.records.add   # built in place (append would copy each record)
     for r in records:
-        out.records.append(privacy_pb2.AuditRecord(
-            ts=float_to_ts(r.ts), event_type=r.event_type,
+        add(ts=float_to_ts(r.ts), event_type=r.event_type,
             principal=common_pb2.Principal(id=r.principal,
                                            role=common_pb2.Role.Value("ROLE_" + r.role.upper())),
             resource=r.resource, outcome=r.outcome, trace_id=r.trace_id,
-            details_json=r.details_json, record_id=r.record_id))
+            details_json=r.details_json, record_id=r.record_id)
     return out
 
 

@@ -41,6 +41,7 @@ Decisions (the reasons are repeated in docs/security.md):
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import sys
 from enum import Enum
@@ -180,6 +181,7 @@ RPCS: dict[str, dict[str, Permission]] = {
 _PARAM = re.compile(r"\{[^{}/]*\}")
 
 
+@functools.lru_cache(maxsize=4096)   # the gateway asks for the same few routes on every request
 def normalize_route(route: str) -> str:
     """``"get  /v1/x/{id}/"`` -> ``"GET /v1/x/{}"``: upper-case method, one space,
     parameters unnamed, no trailing slash."""

@@ -107,6 +107,36 @@ def test_model_compare_and_swap_and_cache(store):
     assert (model.version, model.variant, model.blob) == (2, "kmeans", b"two")
 
 
+def test_model_blob_is_skipped_only_for_the_version_the_caller_holds(store, database):
+    store.ingest([ev(0, T0)])
+    store.save_model("acc-1", 0, "gmm", b"one")
+    assert store.save_model("acc-1", 1, "kmeans", b"two") == 2
+    held = store.get_model("acc-1", decoded_version=2)          # from the cache
+    assert (held.version, held.variant, held.blob) == (2, "kmeans", b"")
+    store.cache.delete("model:acc-1")
+    assert store.get_model("acc-1", decoded_version=2).blob == b""   # from the table
+    assert store.get_model("acc-1", decoded_version=1).blob == b"two"
+    # Another replica (its own store and cache) saves a newer version: whoever holds
+    # version 2 gets the new blob, never a stale answer.
+    other = ClusteringStore(database, gap_s=1800, lateness_tolerance_s=6 * 3600)
+    assert other.save_model("acc-1", 2, "gmm", b"three") == 3
+    store.cache.delete("model:acc-1")
+    newer = store.get_model("acc-1", decoded_version=2)
+    assert (newer.version, newer.blob) == (3, b"three")
+
+
+def test_labelled_session_reads_the_session_and_its_feedback_label(store):
+    store.ingest([ev(0, T0), ev(1, T0 + 60), ev(2, T0 + 7200, device="phone-1", device_type="mobile")])
+    sessions = {s.device_id: s.session_id for s in store.household("acc-1").sessions}
+    session, label = store.labelled_session("acc-1", sessions["tv-1"])
+    assert (session.session_id, session.event_count, label) == (sessions["tv-1"], 2, None)
+    assert store.record_labels([("acc-1", sessions["tv-1"], "p2", "test")]) == (1, 0)
+    assert store.labelled_session("acc-1", sessions["tv-1"])[1] == "p2"
+    assert store.labelled_session("acc-1", sessions["phone-1"])[1] is None
+    with pytest.raises(NotFound):
+        store.labelled_session("acc-1", "no-such-session")
+
+
 def test_concurrent_updates_of_one_household_both_survive(store):
     """Two writers append to one model blob with read-modify-CAS; neither is lost."""
     store.ingest([ev(0, T0)])

@@ -551,14 +551,16 @@ def sth_payload(
 
 
 def sign_tree_head(
-    state: AuditState, private_key: Ed25519PrivateKey, timestamp: datetime
+    state: AuditState, private_key: Ed25519PrivateKey, timestamp: datetime, kid: str = ""
 ) -> SignedTreeHead:
-    """Sign (size, Merkle root, chain head, timestamp) of ``state`` with Ed25519."""
+    """Sign (size, Merkle root, chain head, timestamp) of ``state`` with Ed25519.
+    ``kid``: ``key_id(private_key)`` when the caller has it (the writer signs a head per
+    committed batch, and deriving the public key to hash it cost as much as the rest)."""
     if not isinstance(state, AuditState):
         raise ValueError(f"state: expected AuditState, got {type(state).__name__}")
     if not isinstance(private_key, Ed25519PrivateKey):
         raise ValueError("private_key: expected an Ed25519 private key")
-    kid = key_id(private_key)
+    kid = kid or key_id(private_key)
     root = state.root
     payload = sth_payload(state.size, root, state.chain_head, timestamp, kid)
     return SignedTreeHead(

@@ -34,7 +34,7 @@ empty tree (m == 0) is the empty proof; the RFC leaves both cases to the impleme
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -209,6 +209,11 @@ def merkle_root(leaf_hashes: object) -> bytes:
 # --------------------------------------------------------------------------- full tree
 
 
+class LeafSourceMismatch(ValueError):
+    """The stored leaf hashes a pruned ``MerkleTree`` read back do not hash to the chunk
+    root it kept in memory: the stored rows were altered after they were appended."""
+
+
 class MerkleTree:
     """Append-only Merkle tree keeping every perfect aligned node, for proofs.
 
@@ -216,12 +221,32 @@ class MerkleTree:
     2^j leaves starting at multiples of 2^j. Only complete subtrees are stored, so the
     tree for any *prefix* size m <= size is still fully described, and proofs against
     historical tree heads need no extra state.
+
+    Kept whole, the tree costs about 64 bytes per leaf for as long as the process runs:
+    an audit log appending a few thousand entries a second grows by hundreds of MB an
+    hour (the soak of issue 11). Given a ``leaf_source`` (leaf hashes ``[start, end)``
+    read back from where they are stored), the tree keeps only the levels from
+    ``resident_level`` up plus the nodes of the last, incomplete chunk of
+    ``2**resident_level`` leaves (about ``64 / 2**resident_level`` bytes per leaf);
+    a node below that level in a complete chunk is recomputed from the chunk's stored
+    leaves, which must hash to the chunk root kept in memory (``LeafSourceMismatch``
+    otherwise). Pruning happens at the start of the next ``extend``, so ``truncate``
+    back to the size before the last ``extend`` (the audit writer's undo of a failed
+    commit) never needs the source.
     """
 
-    __slots__ = ("_levels",)
+    __slots__ = ("_levels", "_offsets", "_leaf_source", "_resident_level", "_chunk_cache")
 
-    def __init__(self) -> None:
+    def __init__(self, *, leaf_source: Callable[[int, int], bytes] | None = None,
+                 resident_level: int = 10) -> None:
+        if isinstance(resident_level, bool) or not isinstance(resident_level, int) or resident_level < 1:
+            raise ValueError(f"resident_level: expected an int >= 1, got {resident_level!r}")
         self._levels: list[bytearray] = [bytearray()]
+        # Index of the first node each level still holds (0 unless pruned).
+        self._offsets: list[int] = [0]
+        self._leaf_source = leaf_source
+        self._resident_level = resident_level
+        self._chunk_cache: tuple[int, MerkleTree] | None = None
 
     @classmethod
     def from_leaf_hashes(cls, leaf_hashes: object) -> MerkleTree:
@@ -237,20 +262,30 @@ class MerkleTree:
 
     @property
     def size(self) -> int:
-        return len(self._levels[0]) // HASH_SIZE
+        return self._offsets[0] + len(self._levels[0]) // HASH_SIZE
 
     def __len__(self) -> int:
         return self.size
 
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of hashes held in memory."""
+        return sum(len(level) for level in self._levels)
+
+    def _count(self, level: int) -> int:
+        return self._offsets[level] + len(self._levels[level]) // HASH_SIZE
+
     def leaf_hashes(self) -> np.ndarray:
         """A copy of the leaf hashes as an (n, 32) uint8 array."""
-        return np.frombuffer(bytes(self._levels[0]), dtype=np.uint8).reshape(-1, HASH_SIZE)
+        pruned = self._offsets[0]
+        raw = (self._stored_leaves(0, pruned) if pruned else b"") + bytes(self._levels[0])
+        return np.frombuffer(raw, dtype=np.uint8).reshape(-1, HASH_SIZE)
 
     def leaf_hash_at(self, index: int) -> bytes:
         index = _check_size(index, "index")
         if index >= self.size:
             raise ValueError(f"index: {index} out of range for tree size {self.size}")
-        return bytes(self._levels[0][index * HASH_SIZE : (index + 1) * HASH_SIZE])
+        return self._node(0, index)
 
     def append(self, leaf_hash_: bytes) -> None:
         """Append one leaf hash; O(log n) hashing in the worst case, O(1) amortised."""
@@ -261,21 +296,40 @@ class MerkleTree:
         raw = hashes_to_bytes(leaf_hashes)
         if not raw:
             return
+        self._prune()
         self._levels[0] += raw
         level = 0
         while True:
-            below = self._levels[level]
+            below = self._count(level)
             if level + 1 == len(self._levels):
-                if len(below) < 2 * HASH_SIZE:
+                if below < 2:
                     break
                 self._levels.append(bytearray())
-            above = self._levels[level + 1]
-            have = len(above) // HASH_SIZE
-            want = len(below) // (2 * HASH_SIZE)
+                self._offsets.append(0)
+            have = self._count(level + 1)
+            want = below // 2
             if want == have:
                 break
-            above += _hash_pairs(memoryview(below)[have * 2 * HASH_SIZE : want * 2 * HASH_SIZE])
+            # Pruning keeps whole chunks, so the children of the first missing parent
+            # are still held: 2 * have >= the level's offset.
+            first = 2 * have - self._offsets[level]
+            self._levels[level + 1] += _hash_pairs(
+                memoryview(self._levels[level])[first * HASH_SIZE : (first + 2 * (want - have)) * HASH_SIZE])
             level += 1
+
+    def _prune(self) -> None:
+        """Drop the nodes below ``resident_level`` of every complete chunk (only when
+        the leaves can be read back)."""
+        if self._leaf_source is None:
+            return
+        top = self._resident_level
+        chunk_start = (self.size >> top) << top
+        for level in range(min(top, len(self._levels))):
+            keep_from = chunk_start >> level
+            drop = keep_from - self._offsets[level]
+            if drop > 0:
+                del self._levels[level][: drop * HASH_SIZE]
+                self._offsets[level] = keep_from
 
     def truncate(self, size: int) -> None:
         """Drop every leaf from ``size`` on (and the nodes over them): undoes an
@@ -284,8 +338,23 @@ class MerkleTree:
         size = _check_size(size, "size")
         if size > self.size:
             raise ValueError(f"size: {size} exceeds the tree's size {self.size}")
+        self._chunk_cache = None
+        if size < self._offsets[0]:
+            # Into a pruned chunk: keep the levels above it, rebuild that chunk's lower
+            # levels from its stored leaves.
+            top = self._resident_level
+            chunk_start = (size >> top) << top
+            leaves = self._stored_leaves(chunk_start, size)
+            for level in range(len(self._levels)):
+                if level < top:
+                    self._levels[level] = bytearray()
+                    self._offsets[level] = chunk_start >> level
+                else:
+                    del self._levels[level][(size >> level) * HASH_SIZE :]
+            self.extend(leaves)
+            return
         for level, nodes in enumerate(self._levels):
-            del nodes[(size >> level) * HASH_SIZE :]
+            del nodes[max(0, (size >> level) - self._offsets[level]) * HASH_SIZE :]
 
     def frontier(self, tree_size: int | None = None) -> Frontier:
         """The ``Frontier`` of the first ``tree_size`` leaves (default: all), read from
@@ -297,11 +366,36 @@ class MerkleTree:
                       for j in range(n.bit_length() - 1, -1, -1) if n >> j & 1)
         return Frontier(n, roots)
 
+    def _stored_leaves(self, start: int, end: int) -> bytes:
+        if self._leaf_source is None:
+            raise ValueError(f"leaves {start}..{end}: pruned, and the tree has no leaf_source")
+        raw = bytes(self._leaf_source(start, end))
+        if len(raw) != (end - start) * HASH_SIZE:
+            raise LeafSourceMismatch(f"leaves {start}..{end}: the source returned {len(raw) // HASH_SIZE} "
+                                     f"of {end - start} leaf hashes")
+        return raw
+
+    def _chunk(self, chunk: int) -> MerkleTree:
+        """The full tree of a complete, pruned chunk, read back and checked against its
+        root (the last one is cached: a proof visits at most two chunks)."""
+        if self._chunk_cache is not None and self._chunk_cache[0] == chunk:
+            return self._chunk_cache[1]
+        top = self._resident_level
+        tree = MerkleTree.from_leaf_hashes(self._stored_leaves(chunk << top, (chunk + 1) << top))
+        if tree.root() != self._node(top, chunk):
+            raise LeafSourceMismatch(f"leaves {chunk << top}..{(chunk + 1) << top}: the stored leaf "
+                                     "hashes do not match the tree (the stored rows were altered)")
+        self._chunk_cache = (chunk, tree)
+        return tree
+
     # -- subtree roots ---------------------------------------------------------------
 
     def _node(self, level: int, index: int) -> bytes:
-        buf = self._levels[level]
-        return bytes(buf[index * HASH_SIZE : (index + 1) * HASH_SIZE])
+        held = index - self._offsets[level]
+        if held < 0:   # in a pruned chunk
+            shift = self._resident_level - level
+            return self._chunk(index >> shift)._node(level, index - (index >> shift << shift))
+        return bytes(self._levels[level][held * HASH_SIZE : (held + 1) * HASH_SIZE])
 
     def _range_root(self, start: int, end: int) -> bytes:
         """MTH(D[start:end]). ``start`` must be a multiple of the largest power of two

@@ -4,6 +4,8 @@ verification of the stored rows against the latest signed tree head."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -13,6 +15,16 @@ from services.privacy.audit.domain import (AuditEntry, LogVerification, SignedTr
 from services.privacy.audit.rows import StoredEntry, columns_match, entry_from_canonical
 from services.privacy.audit.store import AuditStore
 from services.privacy.audit.writer import AuditWriter
+
+
+@contextmanager
+def _stored_rows_checked() -> Iterator[None]:
+    """The proof tree reads older leaf hashes back from the table (merkle.MerkleTree):
+    rows altered since they were appended fail the proof as the shortened tree does."""
+    try:
+        yield
+    except merkle.LeafSourceMismatch as exc:
+        raise FailedPrecondition(f"the stored rows were altered (run VerifyAudit): {exc}", "tree_size") from None
 
 
 @dataclass(frozen=True)
@@ -51,8 +63,9 @@ class AuditProofs:
             if sth.tree_size > self._writer.tree.size:
                 raise FailedPrecondition("the proof tree is shorter than the signed log: the "
                                          "stored rows were altered (run VerifyAudit)", "tree_size")
-            path = self._writer.tree.inclusion_proof(seq, sth.tree_size)
-            leaf = self._writer.tree.leaf_hash_at(seq)
+            with _stored_rows_checked():
+                path = self._writer.tree.inclusion_proof(seq, sth.tree_size)
+                leaf = self._writer.tree.leaf_hash_at(seq)
         return sth, path, leaf, self._store.entry(seq)
 
     def consistency_proof(self, old_size: int, tree_size: int = 0) -> tuple[SignedTreeHead, list[bytes], SignedTreeHead | None]:
@@ -65,7 +78,8 @@ class AuditProofs:
             if sth.tree_size > self._writer.tree.size:
                 raise FailedPrecondition("the proof tree is shorter than the signed log: the "
                                          "stored rows were altered (run VerifyAudit)", "tree_size")
-            path = self._writer.tree.consistency_proof(old_size, sth.tree_size)
+            with _stored_rows_checked():
+                path = self._writer.tree.consistency_proof(old_size, sth.tree_size)
         return sth, path, self._store.sth_at(old_size) if old_size else None
 
     def verify(self) -> AuditVerification:

@@ -37,7 +37,7 @@ from services.common.storage.sql import Database
 from services.privacy.audit import merkle
 from services.privacy.audit.domain import AuditEntry, AuditState, SignedTreeHead, canonical_json, entry_hashes, sign_tree_head
 from services.privacy.audit.rows import Chunk, insert_rows, record_to_entry
-from services.privacy.keys.signing import Ed25519PrivateKey
+from services.privacy.keys.signing import Ed25519PrivateKey, key_id
 
 log = logging.getLogger("hearth.privacy.audit")
 
@@ -60,12 +60,13 @@ class AuditWriter:
         self.db = db
         self._key = signing_key
         self.public_key = signing_key.public_key()
+        self._key_id = key_id(signing_key)
         self._after_commit = after_commit
         self._max_batch = max_batch
         self._max_delay = max_delay_s
         self._clock = clock
         self._state = AuditState()
-        self._tree = merkle.MerkleTree()
+        self._tree = merkle.MerkleTree(leaf_source=self._stored_leaf_hashes)
         self._tree_lock = threading.Lock()
         self._latest_sth: SignedTreeHead | None = None
         self._committer: GroupCommitter[Chunk] | None = None
@@ -105,7 +106,7 @@ class AuditWriter:
             leaves = tx.query("SELECT leaf_hash FROM audit_entries WHERE seq < ? ORDER BY seq",
                               (state.size,))
         raw = b"".join(bytes(r[0]) for r in leaves)
-        tree = merkle.MerkleTree()
+        tree = merkle.MerkleTree(leaf_source=self._stored_leaf_hashes)
         healthy = len(raw) == state.size * merkle.HASH_SIZE and all(
             len(r[0]) == merkle.HASH_SIZE for r in leaves)
         if healthy:
@@ -127,6 +128,15 @@ class AuditWriter:
                 self._latest_sth = sth
         self.healthy_at_start = healthy
         self._tree_matches_state = healthy
+
+    def _stored_leaf_hashes(self, start: int, end: int) -> bytes:
+        """Leaf hashes of seqs [start, end) from the table: the proof tree keeps only the
+        upper levels of complete chunks in memory (merkle.MerkleTree) and reads a chunk's
+        leaves back for a proof, checking them against the chunk root it kept."""
+        with self.db.transaction(readonly=True) as tx:
+            rows = tx.query("SELECT leaf_hash FROM audit_entries WHERE seq >= ? AND seq < ? ORDER BY seq",
+                            (start, end))
+        return b"".join(bytes(r[0]) for r in rows)
 
     def _load_ids(self, size: int) -> None:
         """The id window from the table: the ids of the last ``dedup_window`` entries;
@@ -291,7 +301,7 @@ class AuditWriter:
                 new_state = AuditState(seq, chains[-1], tree.frontier())
         if not speculative:
             new_state = AuditState(seq, chains[-1], state.frontier.extend(leaf_bytes))
-        sth = sign_tree_head(new_state, self._key, datetime.fromtimestamp(self._clock(), UTC))
+        sth = sign_tree_head(new_state, self._key, datetime.fromtimestamp(self._clock(), UTC), self._key_id)
         rows = [(s, *cols, data, leaf, chain)
                 for s, cols, data, leaf, chain in zip(range(first, seq), columns, canonical, leaves, chains)]
         try:

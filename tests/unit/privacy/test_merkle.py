@@ -378,3 +378,101 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
         merkle.Frontier.from_bytes((3).to_bytes(8, "big") + bytes(32))
     # an index outside the tree is a failed proof, not an exception
     assert not merkle.verify_inclusion(bytes(32), 4, 4, [], bytes(32))
+
+
+# --------------------------------------------------------------------------- pruned tree (leaves read back)
+
+
+class _Stored:
+    """Leaf hashes 'in the database', counting the reads a pruned tree makes."""
+
+    def __init__(self) -> None:
+        self.raw = bytearray()
+        self.reads = 0
+
+    def __call__(self, start: int, end: int) -> bytes:
+        self.reads += 1
+        return bytes(self.raw[start * 32 : end * 32])
+
+
+@given(st.integers(0, 700), st.integers(1, 4), st.data())
+@settings(max_examples=40, deadline=None)
+def test_pruned_tree_answers_like_the_full_tree(n, resident_level, data):
+    """Appended in random batches (each stored before the next, like the audit writer),
+    a tree that keeps only levels >= resident_level gives the same roots, frontiers,
+    leaves and proofs for every size as the tree that keeps everything."""
+    hashes = [merkle.leaf_hash(x) for x in leaves_of(n)]
+    stored = _Stored()
+    pruned = merkle.MerkleTree(leaf_source=stored, resident_level=resident_level)
+    pos = 0
+    while pos < n:
+        step = data.draw(st.integers(1, 40))
+        batch = b"".join(hashes[pos : pos + step])
+        pruned.extend(batch)
+        stored.raw += batch
+        pos += len(batch) // 32
+    full = merkle.MerkleTree.from_leaf_hashes(b"".join(hashes))
+    assert pruned.size == n and pruned.root() == full.root()
+    assert np.array_equal(pruned.leaf_hashes(), full.leaf_hashes())
+    for _ in range(5 if n else 0):
+        size = data.draw(st.integers(1, n))
+        i = data.draw(st.integers(0, size - 1))
+        m = data.draw(st.integers(0, size))
+        assert pruned.root(size) == full.root(size)
+        assert pruned.frontier(size) == full.frontier(size)
+        assert pruned.leaf_hash_at(i) == hashes[i]
+        assert pruned.inclusion_proof(i, size) == full.inclusion_proof(i, size)
+        assert pruned.consistency_proof(m, size) == full.consistency_proof(m, size)
+    # Truncating (into a pruned chunk or not) and appending again gives the same tree.
+    cut = data.draw(st.integers(0, n))
+    pruned.truncate(cut)
+    stored.raw = stored.raw[: cut * 32]
+    assert pruned.size == cut and pruned.root() == full.root(cut)
+    pruned.extend(b"".join(hashes[cut:]))
+    assert pruned.root() == full.root()
+
+
+def test_pruned_tree_memory_stays_bounded_and_proofs_read_one_chunk():
+    stored = _Stored()
+    tree = merkle.MerkleTree(leaf_source=stored, resident_level=10)
+    full_bytes = []
+    for batch in range(200):   # 200 batches of 500 leaves, like a busy audit writer
+        raw = b"".join(hashlib.sha256(b"%d-%d" % (batch, i)).digest() for i in range(500))
+        tree.extend(raw)
+        stored.raw += raw
+        full_bytes.append(tree.resident_bytes)
+    n = tree.size
+    assert n == 100_000
+    # ~64 bytes per leaf kept whole (6.4 MB); pruned: 64 bytes per 1024 leaves plus one
+    # chunk of at most 2 * 1024 leaves' nodes and the batch appended last.
+    assert tree.resident_bytes < 64 * (n // 1024) + 2 * 64 * 1024 + 64 * 500
+    assert max(full_bytes[100:]) < 300_000
+    stored.reads = 0
+    proof = tree.inclusion_proof(5, n)
+    assert merkle.verify_inclusion(tree.leaf_hash_at(5), 5, n, proof, tree.root())
+    assert stored.reads == 1   # the proof's chunk, read once (leaf_hash_at hit the cache)
+    old = 54_321
+    proof = tree.consistency_proof(old, n)
+    assert merkle.verify_consistency(old, n, tree.root(old), tree.root(), proof)
+
+
+def test_pruned_tree_refuses_altered_stored_leaves():
+    stored = _Stored()
+    tree = merkle.MerkleTree(leaf_source=stored, resident_level=3)
+    raw = b"".join(merkle.leaf_hash(x) for x in leaves_of(40))
+    for k in range(0, 40, 8):
+        tree.extend(raw[k * 32 : (k + 8) * 32])
+        stored.raw += raw[k * 32 : (k + 8) * 32]
+    stored.raw[3 * 32] ^= 1   # a stored leaf hash altered after its append
+    with pytest.raises(merkle.LeafSourceMismatch, match="altered"):
+        tree.inclusion_proof(3, 40)
+    stored.raw = stored.raw[: 20 * 32]   # rows deleted
+    with pytest.raises(merkle.LeafSourceMismatch, match="source returned"):
+        tree.inclusion_proof(17, 40)
+    # a tree without a source never prunes
+    whole = merkle.MerkleTree(resident_level=3)
+    whole.extend(raw)
+    whole.extend(raw)
+    assert whole.resident_bytes >= 80 * 32
+    with pytest.raises(ValueError, match="resident_level"):
+        merkle.MerkleTree(resident_level=0)

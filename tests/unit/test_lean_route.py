@@ -1,0 +1,173 @@
+"""gateway/lean.py: the lean handler answers exactly what FastAPI's own handler answers.
+
+The same routes are declared twice, once on FastAPI's APIRoute and once on LeanRoute, and
+every request below is sent to both: status, body and content type must be identical
+(valid bodies take the short path; everything else falls back to FastAPI's handler)."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.routing import APIRoute
+from fastapi.testclient import TestClient
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.lean import FastLane, LeanRoute, _lean_plan, fast_lane_routes
+
+
+class In(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(min_length=1, max_length=8)
+    values: list[float] = Field(default_factory=list, max_length=3)
+
+
+class Out(BaseModel):
+    name: str
+    total: float
+    caller: str
+
+
+calls: list[str] = []
+
+
+async def caller(request: Request) -> str:
+    who = request.headers.get("x-caller")
+    if who is None:
+        from fastapi import HTTPException
+        raise HTTPException(401, "no caller")
+    calls.append(who)
+    return who
+
+
+def build(route_class: type[APIRoute], fast_lane: bool = False, seen: list | None = None) -> FastAPI:
+    app = FastAPI()
+    api = APIRouter(route_class=route_class)
+
+    @api.post("/sum", response_model=Out)
+    async def total(body: In, who: str = Depends(caller)):
+        if body.name == "boom":
+            raise ValueError("endpoint failure")
+        return Out(name=body.name, total=sum(body.values), caller=who)
+
+    @api.post("/dict", response_model=Out, status_code=201)
+    async def as_dict(body: In, who: str = Depends(caller)):
+        return {"name": body.name, "total": 1, "caller": who, "extra": "dropped"}
+
+    @api.post("/plain")
+    async def plain(body: In, who: str = Depends(caller)):
+        return {"name": body.name, "who": who}
+
+    app.include_router(api)
+    if seen is not None:
+        @app.middleware("http")
+        async def inside_fast_lane(request, call_next):   # sees only what the fast lane passes on
+            seen.append(request.url.path)
+            return await call_next(request)
+    if fast_lane:
+        app.add_middleware(FastLane, routes=fast_lane_routes(api.routes), exception_handlers=app.exception_handlers,
+                           max_body_bytes=1024, overrides_provider=app)
+    return app
+
+
+REQUESTS = [
+    ("/sum", {"content": b'{"name": "a", "values": [1, 2.5]}'}, {"content-type": "application/json"}),
+    ("/sum", {"content": b'{"name": "a"}'}, {"content-type": "application/json; charset=utf-8"}),
+    ("/sum", {"content": b'{"name": "a"}'}, {"content-type": "application/merge-patch+json"}),
+    ("/sum", {"content": b'{"name": "a"}'}, {}),                                   # no content type
+    ("/sum", {"content": b'{"name": "a"}'}, {"content-type": "text/plain"}),
+    ("/sum", {"content": b""}, {"content-type": "application/json"}),              # no body
+    ("/sum", {"content": b'{"name": '}, {"content-type": "application/json"}),     # malformed JSON
+    ("/sum", {"content": b"\xff\xfe"}, {"content-type": "application/json"}),      # not UTF-8
+    ("/sum", {"content": b'{"name": "toolongname"}'}, {"content-type": "application/json"}),
+    ("/sum", {"content": b'{"name": "a", "values": ["1"]}'}, {"content-type": "application/json"}),
+    ("/sum", {"content": b'{"name": "a", "other": 1}'}, {"content-type": "application/json"}),
+    ("/sum", {"content": b'[1, 2]'}, {"content-type": "application/json"}),
+    ("/sum", {"content": b"[" * 100_000 + b"]" * 100_000}, {"content-type": "application/json"}),
+    ("/dict", {"content": b'{"name": "a"}'}, {"content-type": "application/json"}),
+    ("/plain", {"content": b'{"name": "a"}'}, {"content-type": "application/json"}),
+    ("/sum", {"content": b'{"name": "a", "values": [' + b"1," * 600 + b'1]}'}, {"content-type": "application/json"}),
+]
+
+
+@pytest.mark.parametrize("with_caller", [True, False])
+@pytest.mark.parametrize("path,kwargs,headers", REQUESTS)
+def test_lean_answers_like_fastapi(path, kwargs, headers, with_caller):
+    headers = {**headers, **({"x-caller": "alice"} if with_caller else {})}
+    answers = []
+    for route_class, fast_lane in ((APIRoute, False), (LeanRoute, False), (LeanRoute, True)):
+        with TestClient(build(route_class, fast_lane)) as client:
+            r = client.post(path, headers=headers, **kwargs)
+            answers.append((r.status_code, r.headers.get("content-type"), r.json()))
+    assert answers[0] == answers[1] == answers[2]
+
+
+def test_valid_body_takes_the_short_path_and_runs_the_dependency_once(monkeypatch):
+    import fastapi.routing
+
+    async def no_generic_handler(**_kwargs):
+        raise AssertionError("FastAPI's dependency solving ran: the short path was not taken")
+
+    monkeypatch.setattr(fastapi.routing, "solve_dependencies", no_generic_handler)
+    calls.clear()
+    with TestClient(build(LeanRoute)) as client:
+        r = client.post("/sum", json={"name": "a", "values": [1]}, headers={"x-caller": "bob"})
+    assert r.status_code == 200 and r.json() == {"name": "a", "total": 1.0, "caller": "bob"}
+    assert calls == ["bob"]
+
+
+@pytest.mark.parametrize("fast_lane", [False, True])
+def test_endpoint_errors_propagate_to_the_app_handlers(fast_lane):
+    app = build(LeanRoute, fast_lane)
+
+    @app.exception_handler(ValueError)
+    async def on_value_error(_request, exc):
+        from fastapi.responses import JSONResponse
+        return JSONResponse({"error": str(exc)}, status_code=418)
+
+    with TestClient(app) as client:
+        r = client.post("/sum", json={"name": "boom"}, headers={"x-caller": "c"})
+    assert r.status_code == 418 and r.json() == {"error": "endpoint failure"}
+
+
+def test_only_body_and_request_dependency_routes_are_lean():
+    app = FastAPI()
+    api = APIRouter(route_class=LeanRoute)
+
+    @api.get("/q")
+    async def with_query(limit: int = 5):
+        return {"limit": limit}
+
+    @api.post("/b")
+    async def with_body(body: In, who: str = Depends(caller)):
+        return {}
+
+    app.include_router(api)
+    shapes = {c.path: _lean_plan(c) is not None for r in app.router.routes
+              if hasattr(r, "effective_route_contexts") for c in r.effective_route_contexts()}
+    assert shapes == {"/q": False, "/b": True}
+
+
+def test_fast_lane_takes_complete_json_bodies_past_fastapis_stack(monkeypatch):
+    import fastapi.routing
+
+    seen = []
+    app = build(LeanRoute, fast_lane=True, seen=seen)
+
+    async def no_generic_handler(**_kwargs):
+        raise AssertionError("FastAPI's dependency solving ran")
+
+    monkeypatch.setattr(fastapi.routing, "solve_dependencies", no_generic_handler)
+    with TestClient(app) as client:
+        r = client.post("/sum", json={"name": "a", "values": [2]}, headers={"x-caller": "d"})
+        assert r.status_code == 200 and r.json() == {"name": "a", "total": 2.0, "caller": "d"}
+        assert seen == []
+        monkeypatch.undo()
+        r = client.post("/sum", json={"name": "a", "values": "x"}, headers={"x-caller": "d"})
+        assert r.status_code == 422 and seen == ["/sum"]
+
+
+def test_fast_lane_leaves_unhandled_errors_to_the_outer_layers():
+    app = build(LeanRoute, fast_lane=True)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.post("/sum", json={"name": "boom"}, headers={"x-caller": "e"})
+    assert r.status_code == 500
