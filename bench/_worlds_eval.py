@@ -319,19 +319,21 @@ def _block(hs, idx, results, stream, comp=None) -> dict:
     return block
 
 
-def _one_household(h: WorldHousehold, periodic: bool) -> dict:
+def _one_household(h: WorldHousehold, periodic: bool, streaming: bool = True) -> dict:
     """Every method on one household (a unit of work for the process pool)."""
     out = {"hearth": hearth_batch(h)}
     for name, fn in BASELINES.items():
         out[name] = fn(h)
-    out["stream"] = hearth_stream(h)
-    out["periodic"] = periodic_refit_stream(h) if periodic else None
+    out["stream"] = hearth_stream(h) if streaming else None
+    out["periodic"] = periodic_refit_stream(h) if periodic and streaming else None
     return out
 
 
 def run(hs: list[WorldHousehold], log=lambda m: None, held_out: tuple[str, ...] = (),
-        periodic_baseline: bool = True, workers: int = 1) -> dict:
-    """``workers`` > 1: households are scored in that many processes (each household's
+        periodic_baseline: bool = True, streaming: bool = True, workers: int = 1) -> dict:
+    """Every method on ``hs``. ``streaming=False``: the batch fit and the baselines only
+    (no time-ordered stream, no composition scores) — the quick loop for batch-model work.
+    ``workers`` > 1: households are scored in that many processes (each household's
     figures do not depend on the others', so the report is the same)."""
     import time
     from concurrent.futures import ProcessPoolExecutor
@@ -342,16 +344,30 @@ def run(hs: list[WorldHousehold], log=lambda m: None, held_out: tuple[str, ...] 
     stable = [i for i, h in enumerate(hs) if not h.changes][:len(changed)]
     chosen = set(changed + stable) if periodic_baseline else set()
     flags = [i in chosen for i in range(len(hs))]
+    streams = [streaming] * len(hs)
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            outs = list(pool.map(_one_household, hs, flags))
+            outs = list(pool.map(_one_household, hs, flags, streams))
     else:
-        outs = [_one_household(h, f) for h, f in zip(hs, flags)]
+        outs = [_one_household(h, f, streaming) for h, f in zip(hs, flags)]
     log(f"[worlds] every method on {len(hs)} households ({workers} processes) {time.time() - t0:.0f}s")
     results: dict[str, tuple[list, list | None]] = {}
     for name in ("hearth", *BASELINES):
         results[name] = ([o[name][0] for o in outs], [o[name][1] for o in outs])
     probs = results["hearth"][1]
+    if not streaming:
+        report = {"all": _block(hs, list(range(len(hs))), results, None)}
+        for fam in sorted({h.family for h in hs}):
+            report[fam] = _block(hs, [i for i, h in enumerate(hs) if h.family == fam], results, None)
+        if held_out and any(h.family in held_out for h in hs):
+            report["held_out_families"] = _block(hs, [i for i, h in enumerate(hs) if h.family in held_out],
+                                                 results, None)
+            report["held_out_families"]["families"] = list(held_out)
+        report["by_household_size"] = {
+            str(k): _block(hs, [i for i, h in enumerate(hs) if h.n_persons == k], results, None)
+            for k in sorted({h.n_persons for h in hs})}
+        report["elapsed_s"] = round(time.time() - t0, 1)
+        return report
     s_preds, s_probs, s_events = ([o["stream"][k] for o in outs] for k in range(3))
     periodic = [o["periodic"] for o in outs]
     stream = (s_preds, s_probs)

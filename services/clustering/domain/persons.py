@@ -37,7 +37,14 @@ MIN_DEVICE_SESSIONS = 5   # a personal device with fewer sessions is not (yet) a
 # 30 / 0.6: 0.747, 30 / 0.7: 0.751, 100 / 0.65: 0.751.
 MERGE_AUC = 0.7
 RIDGE = 30.0              # ridge penalty on standardised features
+# Households without a personal device: two persons the mixture found are kept apart
+# only while their viewing *hours* (two-hour bins, by weekend, and the weekday) tell them
+# apart out of sample (leave-one-out AUC >= SHARED_ONLY_SPLIT_AUC); see
+# merge_by_viewing_hours. Tuned on the TUNING worlds (docs/clustering.md).
+SHARED_ONLY_SPLIT_AUC = 0.6
 _HOUR_CENTRES = np.arange(0.0, 24.0, 2.0) + 1.0
+# person_features' first columns: hour bins, hour bins at weekends, weekend flag, weekday.
+_RHYTHM_COLUMNS = slice(0, 2 * _HOUR_CENTRES.size + 1 + 2)
 
 
 def person_features(X: np.ndarray) -> np.ndarray:
@@ -122,3 +129,41 @@ def personal_device_groups(X: np.ndarray, slots: np.ndarray, merge_auc: float = 
     for g, m in enumerate(members):
         group[np.isin(slots, m)] = g
     return group
+
+
+def least_separable_pair(Z: np.ndarray, labels: np.ndarray, ridge: float = RIDGE) -> tuple[float, int, int]:
+    """(AUC, a, b), a < b: the two labels whose sessions are hardest to tell apart on
+    ``Z`` (leave-one-out AUC of ridge regression, as for device groups).
+    (1.0, -1, -1) with fewer than two labels."""
+    names = np.unique(labels)
+    best = (1.0, -1, -1)
+    for i in range(names.size):
+        for j in range(i + 1, names.size):
+            both = (labels == names[i]) | (labels == names[j])
+            auc = loo_auc(_standardised(Z[both]), (labels[both] == names[i]).astype(np.float64), ridge)
+            if auc < best[0]:
+                best = (auc, int(names[i]), int(names[j]))
+    return best
+
+
+def merge_by_viewing_hours(X: np.ndarray, labels: np.ndarray, min_auc: float | None = None) -> np.ndarray | None:
+    """For a household whose sessions carry no identity (shared devices only): the
+    labels with the least hour-separable pair of persons merged, renumbered 0..k-2, or
+    None when every pair is told apart by its viewing hours (AUC >= ``min_auc``,
+    default SHARED_ONLY_SPLIT_AUC).
+
+    Why hours: with nothing but content and timing to go on, the mixture also splits one
+    person's sessions by *kind* (long binges vs single titles, genre lumps), and those
+    kinds are told apart by content and length, not by when they are watched. Two
+    people sharing a TV differ in when they watch as well (different hours or days), so
+    a split whose parts watch at the same times is taken for one person."""
+    min_auc = SHARED_ONLY_SPLIT_AUC if min_auc is None else min_auc
+    labels = np.asarray(labels)
+    if np.unique(labels).size < 2:
+        return None
+    Z = person_features(X)[:, _RHYTHM_COLUMNS]
+    auc, a, b = least_separable_pair(Z, labels)
+    if auc >= min_auc:
+        return None
+    merged = np.where(labels == b, a, labels)
+    return np.unique(merged, return_inverse=True)[1]

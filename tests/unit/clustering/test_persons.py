@@ -102,3 +102,35 @@ def test_a_member_with_a_new_phone_is_found_in_the_stream_and_keeps_the_old_ids(
     assert set(ids[late & (person == 1)]) == {"p2"}
     restored = HouseholdModel.from_bytes(m.to_bytes())
     assert restored.device_group_count == m.device_group_count == 2
+
+
+def test_a_split_by_kind_at_the_same_hours_is_merged_a_split_by_hours_is_kept():
+    """merge_by_viewing_hours: one person's two kinds of sessions (long crime binges and
+    short comedies, at the same evening hours) are one person; two people who watch at
+    different hours stay two."""
+    rng = np.random.default_rng(5)
+    _, a = persona_sessions(rng, 60, 60, 21, "tv", {"crime": 2, "drama": 1}, minutes=150)
+    _, b = persona_sessions(rng, 60, 60, 21, "tv", {"comedy": 2}, minutes=25)
+    kinds = np.repeat([0, 1], 60)
+    merged = persons.merge_by_viewing_hours(np.vstack((a, b)), kinds)
+    assert merged is not None and (merged == 0).all()
+    _, c = persona_sessions(rng, 60, 60, 9, "tv", {"comedy": 2}, minutes=25)
+    assert persons.merge_by_viewing_hours(np.vstack((a, c)), kinds) is None
+    # three found, two of them one person's kinds: exactly that pair is merged
+    three = persons.merge_by_viewing_hours(np.vstack((a, b, c)), np.repeat([0, 1, 2], 60))
+    assert three is not None and three.max() == 1
+    assert np.unique(three[:120]).size == 1 and np.unique(three[120:]).size == 1 and three[0] != three[-1]
+
+
+def test_tv_only_single_person_with_two_kinds_of_viewing_stays_single():
+    """Device ids known, no personal device: one person who watches crime binges and
+    short comedies on the TV at the same hours is one person; two people on the TV at
+    different hours are two."""
+    rng = np.random.default_rng(6)
+    parts = [(*persona_sessions(rng, 70, 90, 21, "tv", {"crime": 2, "drama": 1}, minutes=150), "tv", 0),
+             (*persona_sessions(rng, 70, 90, 21, "tv", {"comedy": 2}, minutes=25), "tv", 0)]
+    _, X, dev, _ = household(parts)
+    assert HouseholdModel().fit(X, device_ids=dev).n_persons == 1
+    parts[1] = (*persona_sessions(rng, 70, 90, 9, "tv", {"comedy": 2}, minutes=25), "tv", 1)
+    _, X, dev, _ = household(parts)
+    assert HouseholdModel().fit(X, device_ids=dev).n_persons == 2
