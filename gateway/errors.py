@@ -21,7 +21,11 @@ HTTP_BY_GRPC: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.UNIMPLEMENTED: 501,
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-    grpc.StatusCode.CANCELLED: 499,
+    # An AioRpcError with CANCELLED is never the HTTP client's doing (a client that goes away
+    # cancels the handler's task, which raises CancelledError instead): the upstream or its
+    # transport dropped the call — a stopping server's core cancels calls it had not yet
+    # handed to a handler (services/common/server.Drain). Like UNAVAILABLE: 503, retry.
+    grpc.StatusCode.CANCELLED: 503,
 }
 
 

@@ -198,7 +198,8 @@ class ServiceSettings(MeshSettings):
     # call under way at the signal has less than the gateway's deadline left
     # (HEARTH_RPC_TIMEOUT_S, 10 s), so a grace at least that long never cuts a call its
     # caller still waits for: it finishes (durably) or its caller has given up. 5 s cut
-    # IngestEvents streams slowed by a loaded machine (the gateway answered 499).
+    # IngestEvents streams slowed by a loaded machine. Calls starting during the grace are
+    # refused UNAVAILABLE (server.Drain); the server stops once the last call has finished.
     grace_seconds: float = 10.0
     # How often database, Redis and peers are checked for the health report.
     health_check_interval_s: float = 2.0

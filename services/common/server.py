@@ -4,7 +4,8 @@ Every service gets the same things: grpc.health.v1 health, server reflection, an
 interceptors for tracing, metrics, principal and errors (outermost first, so a span and
 its metrics cover the whole call, and errors are mapped before they are counted). On
 SIGTERM/SIGINT the health status turns NOT_SERVING first (load balancers stop sending),
-then the server stops with a grace period for calls in flight.
+the server drains (calls under way finish, calls arriving are refused UNAVAILABLE), and only
+then is the gRPC server stopped (``RunningServer.stop``, ``Drain``).
 """
 
 from __future__ import annotations
@@ -104,15 +105,65 @@ def _map_error(exc: BaseException, context: grpc.ServicerContext, method: str) -
     context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
 
+class Drain:
+    """Counts the calls under way and, once ``begin()`` is called, refuses new ones.
+
+    Why the server is not simply stopped with a grace period: grpcio's core cancels
+    (CANCELLED, at once, whatever the grace) every call that has reached the server but
+    is not yet matched to a handler when ``server.stop()`` runs (grpc/grpc#41785: the
+    Python server asks the core for one call per method at a time, so on a busy machine
+    calls queue there). Those calls never ran, yet their callers saw CANCELLED (the
+    gateway answered 499). So on SIGTERM the server keeps accepting and answers every
+    call that starts from then on UNAVAILABLE (nothing done, retry elsewhere or later)
+    while the calls under way finish, and stops the gRPC server only when none is left:
+    the server's loop has then long caught up with the core's queue, so only a call
+    arriving in the very instant of the stop can still be cancelled (the gateway answers
+    such a call 503, like any call its upstream dropped: gateway/errors.py)."""
+
+    def __init__(self) -> None:
+        self._idle = threading.Condition()
+        self._running = 0
+        self.draining = False
+
+    def enter(self) -> bool:
+        """Count a call that starts now; False (and not counted) while draining."""
+        with self._idle:
+            if self.draining:
+                return False
+            self._running += 1
+            return True
+
+    def exit(self) -> None:
+        with self._idle:
+            self._running -= 1
+            if self._running == 0:
+                self._idle.notify_all()
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    def begin(self) -> None:
+        with self._idle:
+            self.draining = True
+
+    def wait_idle(self, timeout: float) -> int:
+        """Wait up to ``timeout`` s for the calls under way to finish; how many are left."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._running == 0, timeout=max(timeout, 0.0))
+            return self._running
+
+
 class HearthInterceptor(grpc.ServerInterceptor):
     """Tracing -> metrics -> principal -> error mapping, for every RPC kind.
 
     One class rather than four because the order is part of the contract and the
     streaming cases need the same generator wrapping for each concern."""
 
-    def __init__(self, service: str) -> None:
+    def __init__(self, service: str, drain: Drain | None = None) -> None:
         self._service = service
         self._tracer = telemetry.tracer("hearth.grpc")
+        self._drain = drain or Drain()
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -120,7 +171,7 @@ class HearthInterceptor(grpc.ServerInterceptor):
         if method.startswith(_OPEN_SERVICES):
             return handler
         short = method.rsplit("/", 1)[-1]
-        service, tracer = self._service, self._tracer
+        service, tracer, drain = self._service, self._tracer, self._drain
 
         def around(fn, request, context: grpc.ServicerContext, resp_stream: bool):
             metadata = context.invocation_metadata()
@@ -132,8 +183,11 @@ class HearthInterceptor(grpc.ServerInterceptor):
             ctx_token = otel_context.attach(trace.set_span_in_context(span, parent))
             principal_token = None
             principal = None
+            counted = False
 
             def finish(code: grpc.StatusCode) -> None:
+                if counted:
+                    drain.exit()
                 name = code.name
                 RPC_DURATION = telemetry.RPC_DURATION
                 RPC_DURATION.labels(service, short).observe(time.perf_counter() - started)
@@ -153,6 +207,11 @@ class HearthInterceptor(grpc.ServerInterceptor):
                 return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
 
             try:
+                counted = drain.enter()
+                if not counted:
+                    # Started after SIGTERM: refused before any work, so the caller may
+                    # retry it (another replica, or this service once it is back).
+                    context.abort(grpc.StatusCode.UNAVAILABLE, f"{service} is shutting down")
                 remaining = context.time_remaining()
                 if remaining is not None and remaining <= 0:
                     # Queued behind other work past the caller's deadline: the caller has
@@ -222,13 +281,27 @@ class RunningServer:
     service_names: list[str] = field(default_factory=list)
     on_stop: list[Callable[[], None]] = field(default_factory=list)
     monitor: health_report.DependencyMonitor | None = None
+    drain: Drain = field(default_factory=Drain)
 
     def stop(self, grace: float = 5.0) -> None:
+        """NOT_SERVING, then drain (see ``Drain``): calls under way get up to ``grace``
+        seconds to finish, calls starting meanwhile are refused UNAVAILABLE; then the
+        gRPC server stops, cancelling whatever still runs when the grace is over."""
+        deadline = time.monotonic() + grace
         if self.monitor is not None:
             self.monitor.stop()
         for name in ["", *self.service_names]:
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.server.stop(grace).wait()
+        self.drain.begin()
+        running = self.drain.running
+        left = self.drain.wait_idle(deadline - time.monotonic())
+        if left:
+            log.warning("grace of %.1fs over: cancelling %d calls still running", grace, left)
+        else:
+            log.info("drained: %d calls under way finished in %.2fs", running,
+                     grace - (deadline - time.monotonic()))
+        # A little time even when the grace is spent, for refusals being answered right now.
+        self.server.stop(min(grace, max(deadline - time.monotonic(), 0.5))).wait()
         for callback in self.on_stop:
             callback()
 
@@ -238,9 +311,11 @@ def build_server(service: str, register: Callable[[grpc.Server], Iterable[str]],
                  credentials: grpc.ServerCredentials | None = None) -> RunningServer:
     """Create and start a server: ``register(server)`` adds the servicers and returns
     their full service names (for health and reflection). ``port=0`` picks a free port."""
+    drain = Drain()
+    telemetry.RPC_IN_FLIGHT.labels(service).set_function(lambda: drain.running)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"{service}-rpc"),
-        interceptors=[HearthInterceptor(service)],
+        interceptors=[HearthInterceptor(service, drain)],
         options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
                  ("grpc.max_send_message_length", 64 * 1024 * 1024),
                  ("grpc.so_reuseport", 0),
@@ -264,7 +339,7 @@ def build_server(service: str, register: Callable[[grpc.Server], Iterable[str]],
     server.start()
     for name in ["", *names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, bound, health_servicer, names)
+    return RunningServer(server, bound, health_servicer, names, drain=drain)
 
 
 def serve(service: str, register: Callable[[grpc.Server], Iterable[str]], settings,
@@ -285,7 +360,7 @@ def serve(service: str, register: Callable[[grpc.Server], Iterable[str]], settin
     stop_requested = threading.Event()
 
     def request_stop(signum, _frame):
-        log.info("signal %s: NOT_SERVING, stopping with %.1fs grace", signum, settings.grace_seconds)
+        log.info("signal %s: NOT_SERVING, draining with %.1fs grace", signum, settings.grace_seconds)
         stop_requested.set()
 
     signal.signal(signal.SIGTERM, request_stop)

@@ -51,6 +51,9 @@ RPC_DURATION = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.09, 0.1, 0.11, 0.15, 0.25, 0.5,
              1, 2.5, 5, 10),
 )
+# Calls being served (set from the server's Drain): after SIGTERM it falls to 0 as the
+# calls under way finish, which is when the gRPC server is stopped.
+RPC_IN_FLIGHT = Gauge("hearth_rpc_in_flight", "RPCs being served now", ["service"])
 # Bucket edges at the alert thresholds (90 ms p95, 110 ms p99, 150 ms rollback) so the
 # quantiles the alerts compare are not interpolated across a 100-250 ms bucket.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.09, 0.1, 0.11, 0.15, 0.25, 0.5,

@@ -5,21 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from services.testing.mesh import Mesh, write_api_key
+from services.testing.mesh import running_mesh
 
 
 @pytest.fixture(scope="session")
 def mesh(tmp_path_factory):
     base = tmp_path_factory.mktemp("mesh")
     spans = base / "spans.jsonl"
-    m = Mesh.on_free_ports(base / "var", log_dir=base / "logs",
-                           extra_env={"HEARTH_TRACE_EXPORT": f"jsonl:{spans}"})
-    m.data_dir.mkdir(parents=True)
-    m.api_key = write_api_key(m.data_dir / "gateway-keys.json", "e2e-admin", "admin")
-    m.spans_path = spans
-    m.start()
-    try:
-        m.wait_healthy(120)
+    with running_mesh(base, {"e2e-admin": "admin"}, timeout_s=120,
+                      extra_env={"HEARTH_TRACE_EXPORT": f"jsonl:{spans}"}) as m:
+        m.spans_path = spans
         yield m
-    finally:
-        m.stop()

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.testing.mesh import ROOT, Mesh, write_api_key
+from services.testing.mesh import ROOT, running_mesh
 from tests.helpers.waiting import deletion_job
 
 DAY = 86400.0
@@ -35,17 +35,10 @@ def dmesh(request, tmp_path_factory):
     if request.param == "postgres":
         env.update(HEARTH_STORAGE="postgres", HEARTH_POSTGRES_DSN=request.getfixturevalue("postgres_dsn"),
                    HEARTH_REDIS_URL=request.getfixturevalue("redis_url"))
-    m = Mesh.on_free_ports(base / "var", log_dir=base / "logs", extra_env=env)
-    m.data_dir.mkdir(parents=True)
-    m.api_key = write_api_key(m.data_dir / "gateway-keys.json", "olivia", "admin")
-    m.backend = request.param
-    m.env_extra = env
-    m.start()
-    try:
-        m.wait_healthy(120)
+    with running_mesh(base, {"olivia": "admin"}, timeout_s=120, extra_env=env) as m:
+        m.backend = request.param
+        m.env_extra = env
         yield m
-    finally:
-        m.stop()
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from services.testing.mesh import Mesh, write_api_key
+from services.testing.mesh import running_mesh
 from tests.helpers.otlp import OtlpReceiver, tree_roots
 
 SPAN_KIND_SERVER = 2
@@ -27,20 +27,15 @@ def traced_mesh(tmp_path_factory):
     common = {"HEARTH_TRACE_EXPORT": "otlp", "OTEL_BSP_SCHEDULE_DELAY": "100",
               "OTEL_TRACES_SAMPLER": "parentbased_always_on",
               "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=e2e"}
-    mesh = Mesh.on_free_ports(
-        base / "var", log_dir=base / "logs",
-        extra_env={**common, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
-                   "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.grpc_port}"},
-        process_env={"gateway": {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-                                 "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.http_port}"}})
-    mesh.data_dir.mkdir(parents=True)
-    mesh.api_key = write_api_key(mesh.data_dir / "gateway-keys.json", "otlp-admin", "admin")
-    mesh.start()
     try:
-        mesh.wait_healthy(120)
-        yield mesh, receiver
+        with running_mesh(
+                base, {"otlp-admin": "admin"}, timeout_s=120,
+                extra_env={**common, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+                           "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.grpc_port}"},
+                process_env={"gateway": {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+                                         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.http_port}"}}) as mesh:
+            yield mesh, receiver
     finally:
-        mesh.stop()
         receiver.stop()
 
 

@@ -20,7 +20,7 @@ import uuid
 import httpx
 import pytest
 
-from services.testing.mesh import Mesh, write_api_key
+from services.testing.mesh import running_mesh
 from services.testing.servers import MissingServer, PostgresServer, RedisServer
 from tests.helpers.waiting import SLOW_MACHINE_S, retry_after_503, wait_for
 
@@ -48,15 +48,8 @@ def omesh(servers, tmp_path_factory):
     base = tmp_path_factory.mktemp("outages")
     env = {"HEARTH_STORAGE": "postgres", "HEARTH_POSTGRES_DSN": pg.dsn, "HEARTH_REDIS_URL": rd.url,
            "HEARTH_RETENTION_CHECK_S": "0", "HEARTH_HEALTH_CHECK_INTERVAL_S": "0.5"}
-    m = Mesh.on_free_ports(base / "var", log_dir=base / "logs", extra_env=env)
-    m.data_dir.mkdir(parents=True)
-    m.api_key = write_api_key(m.data_dir / "gateway-keys.json", "olivia", "admin")
-    m.start()
-    try:
-        m.wait_healthy(SLOW_MACHINE_S)
+    with running_mesh(base, {"olivia": "admin"}, timeout_s=SLOW_MACHINE_S, extra_env=env) as m:
         yield m
-    finally:
-        m.stop()
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.testing.mesh import Mesh, write_api_key
+from services.testing.mesh import running_mesh
 from tests.helpers.servers import PURGEABLE_WAL, data_dir_files, relation_names, running_postgres, running_redis
 from tests.helpers.waiting import deletion_job
 
@@ -58,16 +58,10 @@ def rmesh(request, tmp_path_factory):
 
 
 def _running_mesh(base: Path, env: dict, *, backend: str, pg=None, redis_dir=None, process_env=None):
-    m = Mesh.on_free_ports(base / "var", log_dir=base / "logs", extra_env=env, process_env=process_env or {})
-    m.data_dir.mkdir(parents=True)
-    m.api_key = write_api_key(m.data_dir / "gateway-keys.json", "olivia", "admin")
-    m.backend, m.env_extra, m.spans_path, m.pg, m.redis_dir = backend, env, base / "spans.jsonl", pg, redis_dir
-    m.start()
-    try:
-        m.wait_healthy(120)
+    with running_mesh(base, {"olivia": "admin"}, timeout_s=120, extra_env=env,
+                      process_env=process_env or {}) as m:
+        m.backend, m.env_extra, m.spans_path, m.pg, m.redis_dir = backend, env, base / "spans.jsonl", pg, redis_dir
         yield m
-    finally:
-        m.stop()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from services.testing.mesh import ROOT, Mesh, free_port, write_api_key
+from services.testing.mesh import ROOT, free_port, running_mesh
 from tests.helpers.mesh_calls import log_predictions, prediction
 from tests.helpers.waiting import SLOW_MACHINE_S
 
@@ -21,17 +21,10 @@ from tests.helpers.waiting import SLOW_MACHINE_S
 @pytest.fixture(scope="module")
 def rollout_mesh(tmp_path_factory):
     base = tmp_path_factory.mktemp("rollout-mesh")
-    mesh = Mesh.on_free_ports(base / "var", log_dir=base / "logs",
-                              extra_env={"HEARTH_FEEDBACK_CONTROL_VARIANT": "gmm",
-                                         "HEARTH_FEEDBACK_VARIANTS": "kmeans,gmm"})
-    mesh.data_dir.mkdir(parents=True)
-    mesh.api_key = write_api_key(mesh.data_dir / "gateway-keys.json", "rollout-bot", "admin")
-    mesh.start()
-    try:
-        mesh.wait_healthy(SLOW_MACHINE_S)
+    with running_mesh(base, {"rollout-bot": "admin"}, timeout_s=SLOW_MACHINE_S,
+                      extra_env={"HEARTH_FEEDBACK_CONTROL_VARIANT": "gmm",
+                                 "HEARTH_FEEDBACK_VARIANTS": "kmeans,gmm"}) as mesh:
         yield mesh
-    finally:
-        mesh.stop()
 
 
 def _client(mesh) -> httpx.Client:
