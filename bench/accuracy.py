@@ -321,7 +321,7 @@ def calibrate_device_confidence(quick: bool) -> dict:
             "single_person_sessions": int(single_ok.size), "households": len(hs)}
 
 
-def run_worlds(quick: bool, streaming: bool = True) -> dict:
+def run_worlds(quick: bool, streaming: bool = True, workers: int = 2) -> dict:
     """The randomized world families, REPORTING split only (never tuned on)."""
     split = worlds.REPORTING
     n_worlds = 1 if quick else split.worlds_per_family
@@ -329,7 +329,7 @@ def run_worlds(quick: bool, streaming: bool = True) -> dict:
     log(f"[worlds] generating {len(split.families) * n_worlds * n_house} households "
         f"({n_worlds} worlds x {n_house} households per family, split {split.name!r}, seed {split.seed})")
     hs = worlds.generate(split, worlds_per_family=n_worlds, households_per_world=n_house)
-    block = worlds_eval.run(hs, log, held_out=worlds.HELD_OUT_FAMILIES, streaming=streaming)
+    block = worlds_eval.run(hs, log, held_out=worlds.HELD_OUT_FAMILIES, streaming=streaming, workers=workers)
     block["split"] = {"name": split.name, "seed": split.seed, "families": list(split.families),
                       "held_out_families": list(worlds.HELD_OUT_FAMILIES),
                       "tuning_families": list(worlds.TUNING.families), "tuning_seed": worlds.TUNING.seed,
@@ -338,6 +338,12 @@ def run_worlds(quick: bool, streaming: bool = True) -> dict:
     log(f"[worlds] hearth acc {a['session_accuracy']:.3f} (best simple {a['best_simple_baseline_accuracy']:.3f}, "
         f"oracle {a['baselines']['supervised_oracle']['session_accuracy']:.3f}, gap closed {a['gap_closed']:.2f}) "
         f"size exact {a['household_size_exact']:.2f} single kept {a['single_person_kept']} ece {a['ece']:.3f}")
+    if not streaming:
+        return block
+    st, fb, cc = a["streaming"], a["after_feedback"], a["composition_change"]
+    log(f"[worlds] streaming acc {st['session_accuracy']:.3f} ece {st['ece']:.3f}; ece after feedback batch "
+        f"{fb['batch']['ece_after']:.3f} streaming {fb['streaming']['ece_after']:.3f}; join/leave detected "
+        f"{cc['detection_rate']} at {cc['false_alarms_per_household_quarter']} false alarms per household-quarter")
     return block
 
 
@@ -352,6 +358,8 @@ def main() -> None:
                     help="with --worlds-only: the batch fit and baselines, no streaming part")
     ap.add_argument("--calibrate-confidence", action="store_true",
                     help="fit the confidence map on the TUNING worlds (prints it)")
+    ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                    help="processes scoring the world households (same figures for any number)")
     args = ap.parse_args()
     t0 = time.time()
     if args.calibrate:
@@ -362,7 +370,8 @@ def main() -> None:
                           "device": calibrate_device_confidence(args.quick)}))
         return
     if args.worlds_only:
-        print(json.dumps({"worlds": run_worlds(args.quick, streaming=not args.batch_only), "elapsed_s": round(time.time() - t0, 1),
+        print(json.dumps({"worlds": run_worlds(args.quick, streaming=not args.batch_only, workers=args.workers),
+                          "elapsed_s": round(time.time() - t0, 1),
                           "quick": args.quick}))
         return
     n_acc = 15 if args.quick else 100
@@ -405,7 +414,7 @@ def main() -> None:
         block["difficulty"] = level
         report[name] = block
     if not args.no_worlds:
-        report["worlds"] = run_worlds(args.quick)
+        report["worlds"] = run_worlds(args.quick, workers=args.workers)
     report["elapsed_s"] = round(time.time() - t0, 1)
     report["quick"] = args.quick
     print(json.dumps(report))
