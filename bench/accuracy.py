@@ -46,7 +46,7 @@ from sklearn.mixture import GaussianMixture  # noqa: E402
 from bench import _worlds_eval as worlds_eval, worlds  # noqa: E402
 from bench._clustering_eval import brier_ece_parts, ece, matched_correct  # noqa: E402
 from services.clustering.domain import drift as D  # noqa: E402
-from services.clustering.domain.model import HouseholdModel, PopulationPrior  # noqa: E402
+from services.clustering.domain.model import YOUNG_MODEL_SESSIONS, HouseholdModel, PopulationPrior  # noqa: E402
 from services.clustering.domain.simulator import (  # noqa: E402
     BASE_EPOCH, DAY_S, DIFFICULTY_LEVELS, DRIFT_TYPES, simulate_household, simulate_population,
 )
@@ -293,17 +293,22 @@ def calibrate_device_confidence(quick: bool) -> dict:
     DEVICE_SINGLE_PERSON_CONFIDENCE in model.py): the same isotonic fit, on the TUNING
     worlds only (sessions with device ids), pooling each session's confidence from a
     batch fit and at its arrival in a time-ordered stream (the way the service sees
-    them)."""
+    them), from models that have seen at least YOUNG_MODEL_SESSIONS sessions."""
     from sklearn.isotonic import IsotonicRegression
     hs = worlds.generate(worlds.TUNING, worlds_per_family=1 if quick else 2,
                          households_per_world=4 if quick else 8)
     conf, correct, single = [], [], []
     for h in hs:
-        runs = [worlds_eval.hearth_batch(h, calibrated=False), worlds_eval.hearth_stream(h, calibrated=False)[:2]]
-        for labels, P in runs:
-            ok = matched_correct(h.person, labels)
-            top = P[np.arange(P.shape[0]), labels]
-            live = (P > 0).sum(axis=1)
+        # Answers of a model that has seen fewer than YOUNG_MODEL_SESSIONS sessions go
+        # through the young map (fitted on its own); this map is for the mature ones:
+        # batch fits of households with that many sessions and stream answers from then on.
+        mature = np.arange(h.n_sessions) >= YOUNG_MODEL_SESSIONS
+        runs = [(worlds_eval.hearth_batch(h, calibrated=False), np.full(h.n_sessions, h.n_sessions >= YOUNG_MODEL_SESSIONS)),
+                (worlds_eval.hearth_stream(h, calibrated=False)[:2], mature)]
+        for (labels, P), keep in runs:
+            ok = matched_correct(h.person, labels)[keep]
+            top = P[np.arange(P.shape[0]), labels][keep]
+            live = (P > 0).sum(axis=1)[keep]
             single.append(ok[live <= 1])
             conf.append(top[live > 1])
             correct.append(ok[live > 1])

@@ -1,6 +1,13 @@
 """The gateway's one gRPC client module: it owns the channels (grpc.aio) and every
 outbound call goes through ``call`` with a deadline, the principal and the trace
-context in metadata."""
+context in metadata.
+
+Why not ``services.common.client.Peer``: Peer is the services' synchronous client, which
+acts as the calling service (or the principal of the RPC being served, taken from a
+thread-local). The gateway runs on asyncio and every call carries the HTTP caller's own
+principal, passed explicitly; it shares the rest with Peer (``ProcessStub`` and
+``stub_classes`` for the stubs, ``tls`` for the channels, ``telemetry`` for the context),
+and never retries: a retry is the HTTP client's decision (503 + Retry-After)."""
 
 from __future__ import annotations
 

@@ -141,12 +141,15 @@ SINGLE_PERSON_CONFIDENCE = 0.8467
 
 # The same for households whose sessions carry device ids (device evidence first,
 # persons.py): fitted on the TUNING worlds only — batch fits and time-ordered streams
-# pooled — by `python -m bench.accuracy --calibrate-confidence`. Bare vectors (no device
-# ids: Hearth's own simulator, AssignSessions with vectors) keep the map above.
-# (48 households, 7216 multi-person + 3774 one-person-model session answers, 2026-12-03)
+# pooled, answers of models that have seen at least YOUNG_MODEL_SESSIONS sessions (the
+# younger ones have their own map below) — by `python -m bench.accuracy
+# --calibrate-confidence`. Bare vectors (no device ids: Hearth's own simulator,
+# AssignSessions with vectors) keep the map above. Refitted after the hours-separability
+# merge changed the batch fits (48 households, 6987 multi-person + 795 one-person-model
+# session answers, 2026-12-03)
 DEVICE_CONFIDENCE_MAP_X = np.array([0.2922, 0.3276, 0.363, 0.3984, 0.4338, 0.4692, 0.5045, 0.5399, 0.5753, 0.6107, 0.6461, 0.6815, 0.7169, 0.7523, 0.7877, 0.8231, 0.8584, 0.8938, 0.9292, 0.9646, 1.0])
-DEVICE_CONFIDENCE_MAP_Y = np.array([0.0, 0.0, 0.0, 0.4412, 0.4427, 0.4427, 0.4427, 0.4653, 0.5152, 0.5152, 0.5152, 0.5378, 0.6067, 0.6077, 0.6918, 0.7517, 0.7517, 0.7517, 0.7925, 0.8156, 1.0])
-DEVICE_SINGLE_PERSON_CONFIDENCE = 0.708
+DEVICE_CONFIDENCE_MAP_Y = np.array([0.0, 0.0, 0.0, 0.375, 0.4222, 0.4222, 0.4222, 0.4596, 0.5096, 0.5096, 0.5096, 0.5673, 0.6126, 0.6126, 0.6842, 0.7632, 0.7681, 0.7681, 0.7681, 0.8083, 1.0])
+DEVICE_SINGLE_PERSON_CONFIDENCE = 0.7006
 
 # A young model (fewer than YOUNG_MODEL_SESSIONS sessions seen, device ids known) is
 # wrong more often than a mature one at the same posterior: in a time-ordered stream
