@@ -47,7 +47,7 @@ from pathlib import Path
 import httpx
 
 from bench._common import cpu_model, log
-from bench.verify import ASSIGN_ONLY, TICK, household_events, proc_sample, summarise
+from bench.verify import ASSIGN_ONLY, TICK, proc_sample, seed_fitted_households, summarise
 from services.common.child_process import spawn_tied
 from services.testing.mesh import Mesh, write_api_key
 
@@ -97,46 +97,15 @@ def thread_split(before: dict, after: dict, completed: int, names: dict[int, str
     return dict(sorted(rows.items(), key=lambda kv: -(kv[1]["user"] + kv[1]["system"])))
 
 
-class TreeMesh(Mesh):
-    """The mesh run from another source tree (``root``): the processes start there, so
-    ``python -m services.x`` imports that tree's modules (its directory is sys.path[0])."""
-
-    root: Path = ROOT
-
-    def env(self) -> dict[str, str]:
-        env = super().env()
-        env["PYTHONPATH"] = str(self.root)
-        return env
-
-    def _spawn(self, name: str, module: str, env: dict[str, str]) -> None:
-        out = None
-        if self.log_dir is not None:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            out = open(self.log_dir / f"{name}.log", "ab")
-        env = {**env, **self.process_env.get(name, {})}
-        self.processes[name] = spawn_tied([sys.executable, "-m", module], cwd=self.root, env=env,
-                                          stdout=out, stderr=out)
-
-
-def extract(ref: str, into: Path) -> Path:
-    """The tree of commit ``ref`` in ``into``, with this checkout's generated protos."""
-    into.mkdir(parents=True)
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    shutil.copytree(ROOT / "hearth", into / "hearth")
-    return into
-
-
 class Side:
     """One mesh, seeded, and the runs measured on it."""
 
     def __init__(self, label: str, root: Path, base: Path) -> None:
         self.label = label
-        self.mesh = TreeMesh.on_free_ports(base / "var", log_dir=base / "logs", extra_env={
+        self.mesh = Mesh.on_free_ports(base / "var", log_dir=base / "logs", root=root, extra_env={
             "HEARTH_LOG_LEVEL": "WARNING",
             # Capacity, not the per-client token buckets, is measured.
             "HEARTH_RATE_LIMIT_DEFAULT": json.dumps({"per_s": 1_000_000, "burst": 1_000_000})})
-        self.mesh.root = root
         self.base = base
         self.mesh.data_dir.mkdir(parents=True, exist_ok=True)
         self.api_key = write_api_key(self.mesh.data_dir / "gateway-keys.json", "bench-admin", "admin")
@@ -151,31 +120,11 @@ class Side:
         rng = random.Random(11)
         accounts = [f"hh-{i:04d}" for i in range(households)]
         with httpx.Client(base_url=self.mesh.url, headers={"X-API-Key": self.api_key}, timeout=60) as c:
-            for account in accounts:
-                while (r := c.post("/v1/events", json={"events": household_events(account, rng, days)})
-                       ).status_code in (429, 503):
-                    time.sleep(float(r.headers.get("Retry-After", "1")))
-                r.raise_for_status()
-            deadline = time.monotonic() + timeout_s
-            pending = list(accounts)
-            while pending and time.monotonic() < deadline:
-                still = []
-                for account in pending:
-                    r = c.get(f"/v1/household/{account}")
-                    if r.status_code in (429, 503):
-                        still.append(account)
-                        continue
-                    r.raise_for_status()
-                    h = r.json()
-                    closed = [s for s in h["sessions"] if s["feature_vector"]]
-                    if h["model_version"] > 0 and closed:
-                        self.households.append({"account_id": account, "sessions": [s["session_id"] for s in closed],
-                                                "vector": closed[0]["feature_vector"], "devices": []})
-                    else:
-                        still.append(account)
-                pending = still
-                if pending:
-                    time.sleep(0.5)
+            fitted = seed_fitted_households(c, accounts, rng, days, timeout_s)
+        for account, h in fitted.items():
+            closed = [s for s in h["sessions"] if s["feature_vector"]]
+            self.households.append({"account_id": account, "sessions": [s["session_id"] for s in closed],
+                                    "vector": closed[0]["feature_vector"], "devices": []})
         if len(self.households) < households // 2:
             raise RuntimeError(f"{self.label}: only {len(self.households)} of {households} households got a model")
 

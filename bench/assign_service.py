@@ -27,7 +27,7 @@ import httpx
 import numpy as np
 
 from bench._common import log
-from bench.verify import household_events, proc_sample
+from bench.verify import proc_sample, seed_fitted_households
 from hearth.clustering.v1 import clustering_pb2 as cpb
 from hearth.clustering.v1 import clustering_pb2_grpc as cpb_grpc
 from services.clustering.domain import features as F
@@ -39,32 +39,10 @@ def _seed(mesh: Mesh, key: str, households: int, days: int, timeout_s: float) ->
     """account -> (n, FEATURE_DIM) float32 vectors of its closed sessions, once fitted."""
     rng = random.Random(7)
     accounts = [f"bench-hh-{i:04d}" for i in range(households)]
-    vectors: dict[str, np.ndarray] = {}
     with httpx.Client(base_url=mesh.url, headers={"X-API-Key": key}, timeout=60) as c:
-        for account in accounts:
-            events = household_events(account, rng, days)
-            while (r := c.post("/v1/events", json={"events": events})).status_code == 503:
-                time.sleep(float(r.headers.get("Retry-After", "1")))  # admission control
-            r.raise_for_status()
-        deadline = time.monotonic() + timeout_s
-        pending = list(accounts)
-        while pending and time.monotonic() < deadline:
-            still = []
-            for account in pending:
-                r = c.get(f"/v1/household/{account}")
-                if r.status_code in (429, 503):  # overloaded while fitting: ask again later
-                    still.append(account)
-                    continue
-                r.raise_for_status()
-                h = r.json()
-                closed = [s["feature_vector"] for s in h["sessions"] if s["feature_vector"]]
-                if h["model_version"] > 0 and h["status"]["sessions_pending"] == 0 and closed:
-                    vectors[account] = np.asarray(closed, dtype=np.float32)
-                else:
-                    still.append(account)
-            pending = still
-            if pending:
-                time.sleep(0.5)
+        fitted = seed_fitted_households(c, accounts, rng, days, timeout_s)
+    vectors = {account: np.asarray([s["feature_vector"] for s in h["sessions"] if s["feature_vector"]],
+                                   dtype=np.float32) for account, h in fitted.items()}
     if len(vectors) < households // 2:
         raise RuntimeError(f"only {len(vectors)} of {households} households got a model in {timeout_s} s")
     return vectors

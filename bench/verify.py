@@ -145,6 +145,40 @@ def household_events(account: str, rng: random.Random, days: int, n_persons: int
             return events
 
 
+
+def seed_fitted_households(client: httpx.Client, accounts: list[str], rng: random.Random, days: int,
+                           timeout_s: float) -> dict[str, dict]:
+    """Post each account's events (``household_events``), waiting as told when the gateway
+    answers 429/503, then poll ``GET /v1/household`` until each has a fitted model, nothing
+    pending and closed sessions; returns account -> that household answer for those that
+    got there within ``timeout_s``."""
+    for account in accounts:
+        events = household_events(account, rng, days)
+        while (r := client.post("/v1/events", json={"events": events})).status_code in (429, 503):
+            time.sleep(float(r.headers.get("Retry-After", "1")))   # rate limit / admission control
+        r.raise_for_status()
+    fitted: dict[str, dict] = {}
+    deadline = time.monotonic() + timeout_s
+    pending = list(accounts)
+    while pending and time.monotonic() < deadline:
+        still = []
+        for account in pending:
+            r = client.get(f"/v1/household/{account}")
+            if r.status_code in (429, 503):   # overloaded while fitting: ask again later
+                still.append(account)
+                continue
+            r.raise_for_status()
+            h = r.json()
+            if h["model_version"] > 0 and h["status"]["sessions_pending"] == 0 and any(
+                    s["feature_vector"] for s in h["sessions"]):
+                fitted[account] = h
+            else:
+                still.append(account)
+        pending = still
+        if pending:
+            time.sleep(0.5)
+    return fitted
+
 def _household_events(account: str, rng: random.Random, days: int, n_persons: int | None) -> list[dict]:
     n_persons = n_persons or rng.choice((1, 2, 2, 3, 3, 4))
     personas = rng.sample(PERSONAS, n_persons)

@@ -102,6 +102,8 @@ class Mesh:
     # The mesh secret that signs the principal on every internal call (a fresh one per
     # mesh; extra_env may override it, e.g. to let a test sign its own calls).
     service_token_key: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    # The source tree the processes run from (bench.assign_cpu runs an older commit's tree).
+    root: Path = ROOT
 
     @classmethod
     def on_free_ports(cls, data_dir: Path, **kwargs) -> "Mesh":
@@ -120,7 +122,7 @@ class Mesh:
             "HEARTH_GATEWAY_PORT": str(self.gateway_port),
             "HEARTH_SERVICE_TOKEN_KEY": self.service_token_key,
             **{f"HEARTH_{s.upper()}_ADDR": f"127.0.0.1:{p}" for s, p in self.grpc_ports.items()},
-            "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+            "PYTHONPATH": str(self.root) + os.pathsep + env.get("PYTHONPATH", ""),
         })
         env.update(self.extra_env)
         return env
@@ -133,7 +135,7 @@ class Mesh:
         env = {**env, **self.process_env.get(name, {})}
         # Tied to this process: killed by the kernel if it dies (a crashed test run or
         # `make run` killed with -9 leaves nothing behind).
-        self.processes[name] = spawn_tied([sys.executable, "-m", module], cwd=ROOT, env=env,
+        self.processes[name] = spawn_tied([sys.executable, "-m", module], cwd=self.root, env=env,
                                           stdout=out, stderr=out)
 
     def start_service(self, name: str) -> None:
