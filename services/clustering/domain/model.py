@@ -169,8 +169,10 @@ YOUNG_DEVICE_SINGLE_PERSON_CONFIDENCE = 0.548
 def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None, device: bool = False,
                          young: bool = False) -> np.ndarray:
     """(N, K) probabilities with the top label mapped through the confidence map and
-    the other persons rescaled to share the rest (never below 1/K, so the argmax is
-    kept for two persons). ``n_live`` (N,): persons per row when rows are padded (the
+    the other persons rescaled to share the rest. The new top is floored just above
+    p2 / (1 - top + p2) (p2 = the runner-up), where the rescaled runner-up would tie: the
+    map says how sure the answer is, never who it is (with three or more persons a low
+    map value could otherwise hand the answer to the runner-up). ``n_live`` (N,): persons per row when rows are padded (the
     batch scorer). A row of a one-person model becomes SINGLE_PERSON_CONFIDENCE: the
     remaining mass belongs to nobody the model knows yet (an unseen member), so such a
     row sums to less than one. ``young`` (with ``device``): the maps of a model that has
@@ -188,6 +190,9 @@ def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None, device
         xs, ys, one = CONFIDENCE_MAP_X, CONFIDENCE_MAP_Y, SINGLE_PERSON_CONFIDENCE
     new_top = np.interp(top, xs, ys).astype(P.dtype)
     new_top = np.maximum(new_top, 1.0 / np.maximum(n_live, 1))
+    if P.shape[1] > 1:
+        runner_up = np.partition(P, -2, axis=1)[:, -2]
+        new_top = np.maximum(new_top, runner_up / np.maximum(1.0 - top + runner_up, 1e-12) * (1.0 + 1e-6))
     single = n_live <= 1
     new_top[single] = one
     rest = np.maximum(1.0 - top, 1e-12)

@@ -29,6 +29,15 @@ identity's is not eligible: ECE is blind to a map that pushes confidences to 0 o
 in sparse regions, the likelihood is not.
 The result is a versioned, JSON-serialisable ``Calibrator`` (its type lives in
 ``services/common/calibration.py``, shared with the clustering service that applies it).
+
+``fit_segmented_calibrator`` adds what one pooled map cannot do (the mesh pools the
+answers of young and mature models, which are wrong at different rates at the same
+confidence): given the number of sessions each prediction's model had seen, it fits,
+after the pooled map, a residual map per model-age segment (chosen the same way, so a
+segment keeps the pooled map unless its own feedback shows it helps out of sample) and
+a shift of the one-person confidence per segment (a one-person answer's only number:
+the weighted mean of correct - confidence, shrunk toward no shift by
+``ONE_PERSON_PRIOR_WEIGHT`` pseudo-answers).
 """
 
 from __future__ import annotations
@@ -43,12 +52,16 @@ from scipy.optimize import minimize_scalar
 from sklearn.isotonic import IsotonicRegression
 
 from services.common.calibration import (  # noqa: F401  (re-exported: the shared calibrator type)
+    ALL_AGES,
     CALIBRATOR_SCHEMA,
     IDENTITY,
     METHODS,
     Calibrator,
     apply_temperature,
     apply_top_label_map,
+    one_person_rows,
+    segment_names,
+    segment_of,
 )
 from services.feedback.domain.errors import InvalidArgument
 from services.feedback.domain.metrics import (
@@ -64,6 +77,11 @@ from services.feedback.domain.metrics import (
 
 TEMPERATURE_BOUNDS = (0.05, 20.0)
 MIN_SAMPLES_TO_FIT = 50  # below this, cross-validation cannot tell methods apart: keep identity
+# Model-age segments (sessions the model had seen): clustering's young-model boundary
+# (services/clustering/domain/model.py YOUNG_MODEL_SESSIONS), where its confidence
+# changes source; feedback only needs the edge, carried in the calibrator it serves.
+DEFAULT_SEGMENT_EDGES = (60,)
+ONE_PERSON_PRIOR_WEIGHT = 10.0
 _NLL_FLOOR = 1e-12
 Method = Literal["identity", "temperature", "isotonic"]
 Criterion = Literal["ece", "nll"]
@@ -205,6 +223,9 @@ def fit_calibrator(
         raise InvalidArgument("methods", f"must be a non-empty subset of {METHODS}, got {list(methods)!r}")
     if criterion not in ("ece", "nll"):
         raise InvalidArgument("criterion", f"must be 'ece' or 'nll', got {criterion!r}")
+    # One-person answers (a single positive entry) are not moved by a map between persons
+    # (fit_segmented_calibrator shifts them); a fit on them would only blur the others.
+    sample = sample.subset((sample.probs > 0).sum(axis=1) > 1)
     training: dict[str, Any] = {"n": len(sample), "weight": float(sample.weights.sum()), "criterion": criterion}
     if len(sample) < max(min_samples, n_folds):
         training["reason"] = f"too few samples ({len(sample)} < {max(min_samples, n_folds)})"
@@ -220,3 +241,63 @@ def fit_calibrator(
     chosen = _fit_method(best, sample, version)
     training["cv"] = scores
     return Calibrator(version, chosen.method, chosen.parameters, training)
+
+
+def fit_one_person_shift(confidence: ArrayLike, correct: ArrayLike, weights: ArrayLike,
+                         prior_weight: float = ONE_PERSON_PRIOR_WEIGHT) -> float:
+    """Shift of one-person confidences: weighted mean of (correct - confidence), shrunk
+    toward 0 by ``prior_weight`` pseudo-answers that agree with the confidence as it is."""
+    c, y, w = (np.asarray(a, dtype=np.float64) for a in (confidence, correct, weights))
+    return float(np.dot(w, y - c) / (w.sum() + prior_weight))
+
+
+def fit_segmented_calibrator(
+    sample: FeedbackSample,
+    model_sessions: ArrayLike,
+    segment_edges: Sequence[int] = DEFAULT_SEGMENT_EDGES,
+    version: int = 1,
+    criterion: Criterion = "ece",
+    n_folds: int = 5,
+    n_bins: int = DEFAULT_BINS,
+    seed: int = 0,
+    min_samples: int = MIN_SAMPLES_TO_FIT,
+    one_person_prior: float = ONE_PERSON_PRIOR_WEIGHT,
+) -> Calibrator:
+    """The pooled map (``fit_calibrator`` on every multi-person answer), then per model-age
+    segment a residual map on the pooled map's output (chosen by ``fit_calibrator``:
+    identity unless it helps out of sample) and a one-person shift. ``model_sessions``
+    (n,): sessions each prediction's model had seen, 0 = unknown (pooled map only; those
+    one-person rows take the shift fitted on every one-person answer, ``"all"``)."""
+    edges = tuple(int(e) for e in segment_edges)
+    ages = np.asarray(model_sessions, dtype=np.int64).reshape(-1)
+    if ages.shape[0] != len(sample):
+        raise InvalidArgument("model_sessions", f"must have one value per prediction ({len(sample)})")
+    pooled = fit_calibrator(sample, version, criterion=criterion, n_folds=n_folds, n_bins=n_bins, seed=seed,
+                            min_samples=min_samples)
+    segment = segment_of(ages, edges)
+    names = segment_names(edges)
+    single = one_person_rows(sample.probs)
+    multi = (sample.probs > 0).sum(axis=1) > 1
+    after_pooled = pooled.apply(sample.probs)
+    parts: dict[str, Calibrator] = {}
+    shifts: dict[str, float] = {}
+    report: dict[str, Any] = {}
+    for i, name in enumerate(names):
+        rows = multi & (segment == i)
+        part = fit_calibrator(FeedbackSample(after_pooled[rows], sample.labels[rows], sample.correct[rows],
+                                             sample.weights[rows]),
+                              version, criterion=criterion, n_folds=n_folds, n_bins=n_bins, seed=seed,
+                              min_samples=min_samples)
+        if part.method != "identity":
+            parts[name] = part
+        report[name] = {"n": int(rows.sum()), "method": part.method, "one_person_n": int((single & (segment == i)).sum())}
+    for name, rows in [*((n, single & (segment == i)) for i, n in enumerate(names)), (ALL_AGES, single)]:
+        if rows.any():
+            shift = fit_one_person_shift(sample.probs[rows].max(axis=1), sample.correct[rows], sample.weights[rows],
+                                         one_person_prior)
+            shifts[name] = round(float(np.clip(shift, -1.0, 1.0)), 6)
+    # "n" is what the pooled map was fitted on (multi-person answers); "n_all" every
+    # prediction with feedback (what the service counts to decide when to refit).
+    training = {**pooled.training, "n_all": len(sample), "segments": report,
+                "one_person_prior_weight": one_person_prior}
+    return Calibrator(version, pooled.method, pooled.parameters, training, edges, parts, shifts)
