@@ -208,7 +208,9 @@ def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None, device
     new_top = np.maximum(new_top, 1.0 / np.maximum(n_live, 1))
     if P.shape[1] > 1:
         runner_up = np.partition(P, -2, axis=1)[:, -2]
-        new_top = np.maximum(new_top, runner_up / np.maximum(1.0 - top + runner_up, 1e-12) * (1.0 + 1e-6))
+        # (the rest is at least the runner-up: float32 rounding can make 1 - top smaller)
+        rest_mass = np.maximum(1.0 - top, runner_up)
+        new_top = np.maximum(new_top, runner_up / np.maximum(rest_mass + runner_up, 1e-12) * (1.0 + 1e-6))
     single = n_live <= 1
     new_top[single] = one
     rest = np.maximum(1.0 - top, 1e-12)
