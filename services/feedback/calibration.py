@@ -25,7 +25,15 @@ from services.feedback.domain.metrics import (
     reliability_table,
     summaries_by_group,
 )
-from services.feedback.domain.recalibration import IDENTITY, Calibrator, FeedbackSample, fit_segmented_calibrator
+from services.feedback.domain.recalibration import (
+    DEFAULT_SEGMENT_EDGES,
+    IDENTITY,
+    Calibrator,
+    FeedbackSample,
+    fit_segmented_calibrator,
+    segment_names,
+    segment_of,
+)
 from services.feedback.policy import FeedbackPolicy
 from services.feedback.store import FeedbackStore
 
@@ -33,7 +41,7 @@ log = logging.getLogger("hearth.feedback")
 
 DEFAULT_REPORT_BINS = 10  # the proto's "0 = 10"
 MAX_REPORT_BINS = 100
-GROUP_BY = ("", "variant", "household_size", "cold_start")
+GROUP_BY = ("", "variant", "household_size", "cold_start", "model_age")
 CALIBRATED_PREFIX = "calibrated:"
 
 
@@ -200,6 +208,9 @@ def _group_names(data: LabelledPredictions, group_by: str) -> NDArray[np.str_]:
         return data.household_size.astype(str)
     if group_by == "cold_start":
         return np.where(data.cold_start, "cold", "warm")
+    if group_by == "model_age":   # the calibrators' segments; "unknown" = recorded without it
+        names = np.array([*segment_names(DEFAULT_SEGMENT_EDGES), "unknown"])
+        return names[segment_of(data.model_sessions, DEFAULT_SEGMENT_EDGES)]
     return np.full(len(data), "all")
 
 
