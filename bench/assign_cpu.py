@@ -59,10 +59,10 @@ from pathlib import Path
 
 import httpx
 
-from bench._common import cpu_model, log
+from bench._common import answers_health, cpu_model, log
 from bench.floor import start_floor
 from bench.verify import ASSIGN_ONLY, TICK, proc_sample, seed_fitted_households, summarise
-from services.common.child_process import spawn_tied
+from services.common.child_process import spawn_tied, stop_group
 from services.testing.mesh import SERVICE_MODULES, Mesh, free_port, write_api_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,18 +77,6 @@ def extract(ref: str, into: Path) -> Path:
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     shutil.copytree(ROOT / "hearth", into / "hearth")
     return into
-
-
-def wait_http(url: str, what: str, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"{what} did not answer /health within {timeout_s:.0f}s")
 
 
 def thread_cpu(pid: int) -> dict[tuple[int, str], tuple[float, float]]:
@@ -314,7 +302,8 @@ class Harness:
         self.others.append(spawn_tied([sys.executable, "-m", "gateway"], cwd=tree, env=env,
                                       stdout=log_file, stderr=log_file))
         url = f"http://127.0.0.1:{port}"
-        wait_http(url, f"the gateway of {ref} (see gateway-baseline.log)")
+        if not answers_health(url):
+            raise RuntimeError(f"the gateway of {ref} did not start (see {self.work}/gateway-baseline.log)")
         return url
 
     def setup(self) -> None:
@@ -344,12 +333,7 @@ class Harness:
         for mesh in self.meshes:
             mesh.stop()
         for proc in self.others:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop_group(proc, 15.0)
 
 
 def report(args: argparse.Namespace, targets: list[Target], profiles: dict, load0: float, wall_s: float) -> dict:

@@ -97,8 +97,7 @@ def start_floor(log_dir: Path, timeout_s: float = 60.0) -> tuple[dict[str, subpr
     """Start the floor's two processes on free ports (logs in ``log_dir``), tied to this
     process (PR_SET_PDEATHSIG, like the mesh: a killed benchmark leaves no floor server
     behind); returns them by role and the floor's URL once it answers /health."""
-    import httpx
-
+    from bench._common import answers_health
     from services.common.child_process import spawn_tied
     from services.testing.mesh import free_port
 
@@ -113,13 +112,8 @@ def start_floor(log_dir: Path, timeout_s: float = 60.0) -> tuple[dict[str, subpr
                                  stdout=open(log_dir / f"floor-{role}.log", "ab"), stderr=subprocess.STDOUT)
         time.sleep(0.3)
     url = f"http://127.0.0.1:{http_port}"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return procs, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
+    if answers_health(url, timeout_s):
+        return procs, url
     for proc in procs.values():
         proc.kill()
     raise RuntimeError(f"the transport floor did not start (see {log_dir}/floor-*.log)")

@@ -51,9 +51,9 @@ import numpy as np
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench._common import cpu_model, log
+from bench._common import answers_health, cpu_model, log
 from bench.floor import start_floor
-from services.common.child_process import spawn_tied
+from services.common.child_process import spawn_tied, stop_group
 from services.testing.mesh import SERVICE_MODULES, Mesh, free_port, write_api_key
 from services.testing.servers import MissingServer, PostgresServer, RedisServer
 
@@ -301,14 +301,7 @@ class Verify:
                                                       "HEARTH_GATEWAY_PORT": str(self.replica_ports["gateway"])})
         self.mesh.wait_healthy(180)
         for url in self.gateway_urls:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(url + "/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.3)
+            answers_health(url)
 
     @property
     def gateway_urls(self) -> list[str]:
@@ -328,12 +321,7 @@ class Verify:
                 self.mesh.stop_process(name)   # the scale-out replicas
             self.mesh.stop()
         for proc in self.floor_procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop_group(proc)
         for server in (self.redis, self.postgres):
             if server is not None:
                 server.stop()
