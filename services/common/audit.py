@@ -247,27 +247,36 @@ def _text(value: object, name: str, *, allow_empty: bool = True) -> str:
     return value if len(value) <= MAX_TEXT else value[: MAX_TEXT - 1] + "…"
 
 
-def make_record(event_type: str, resource: str = "", outcome: str = SUCCESS,
-                details: Mapping[str, Any] | None = None, *,
-                principal: identity.Principal | None = None, trace_id: str | None = None,
-                ts: float | None = None, fallback_service: str = "unknown") -> AuditRecord:
-    """Validate and build a record; principal and trace id default to the current
-    context. Raises ValueError naming the argument (a programming error: audit calls
-    are written in code, not taken from requests)."""
-    if event_type not in EVENT_TYPES:
-        raise ValueError(f"event_type: {event_type!r} is not one of {sorted(EVENT_TYPES)}")
-    outcome = OUTCOME_ALIASES.get(outcome, outcome)
-    if outcome not in OUTCOMES:
-        raise ValueError(f"outcome: {outcome!r} is not one of {sorted(OUTCOMES)}")
+def details_to_json(details: Mapping[str, Any] | None) -> str:
+    """``details`` frozen as the record stores them (sorted keys, compact, no NaN);
+    ValueError naming ``details`` when they are not a JSON-serialisable mapping."""
     if details is None:
         details = {}
     if not isinstance(details, Mapping):
         raise ValueError(f"details: expected a mapping, got {type(details).__name__}")
     try:
-        details_json = json.dumps(dict(details), sort_keys=True, separators=(",", ":"),
-                                  ensure_ascii=False, allow_nan=False)
+        return json.dumps(dict(details), sort_keys=True, separators=(",", ":"),
+                          ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"details: not JSON-serialisable ({exc})") from None
+
+
+def make_record(event_type: str, resource: str = "", outcome: str = SUCCESS,
+                details: Mapping[str, Any] | None = None, *,
+                principal: identity.Principal | None = None, trace_id: str | None = None,
+                ts: float | None = None, fallback_service: str = "unknown",
+                details_json: str | None = None) -> AuditRecord:
+    """Validate and build a record; principal and trace id default to the current
+    context. Raises ValueError naming the argument (a programming error: audit calls
+    are written in code, not taken from requests). ``details_json``: the details already
+    frozen by ``details_to_json`` (then ``details`` is ignored)."""
+    if event_type not in EVENT_TYPES:
+        raise ValueError(f"event_type: {event_type!r} is not one of {sorted(EVENT_TYPES)}")
+    outcome = OUTCOME_ALIASES.get(outcome, outcome)
+    if outcome not in OUTCOMES:
+        raise ValueError(f"outcome: {outcome!r} is not one of {sorted(OUTCOMES)}")
+    if details_json is None:
+        details_json = details_to_json(details)
     if principal is None:
         try:
             principal = identity.current_principal()
@@ -752,16 +761,34 @@ def record_rpc(component: str, method: str, request: object,
         event_type = event_for(method, code)
         if event_type is None:
             return
-        details: dict[str, str] = {"rpc": method.lstrip("/"), "code": code.name, "component": component}
         if principal is None:
             pid, role = _claimed(metadata)
             principal = identity.Principal(pid or ANONYMOUS, identity.Role(UNAUTHENTICATED_ROLE))
-            details["authenticated"] = "false"
-            details["claimed_role"] = role
-        _sink.record(event_type, _resource_of(request), outcome_for(code), details,
-                     principal=principal, trace_id=trace_id)
+            details_json = details_to_json({"rpc": method.lstrip("/"), "code": code.name, "component": component,
+                                            "authenticated": "false", "claimed_role": role})
+        else:
+            details_json = _rpc_details_json(component, method, code)
+        sink = _sink
+        sink.submit(make_record(event_type, _resource_of(request), outcome_for(code), principal=principal,
+                                trace_id=trace_id, fallback_service=sink.component, details_json=details_json))
     except Exception:  # noqa: BLE001
         log.exception("auditing %s failed", method)
+
+
+# (component, method, status) -> the details JSON of an authenticated RPC's record: the
+# same few strings for every call of a method, frozen once instead of per RPC.
+_RPC_DETAILS: dict[tuple[str, str, grpc.StatusCode], str] = {}
+
+
+def _rpc_details_json(component: str, method: str, code: grpc.StatusCode) -> str:
+    key = (component, method, code)
+    known = _RPC_DETAILS.get(key)
+    if known is None:
+        if len(_RPC_DETAILS) > 4096:   # bounded: unknown methods are refused before here
+            _RPC_DETAILS.clear()
+        known = _RPC_DETAILS[key] = details_to_json(
+            {"rpc": method.lstrip("/"), "code": code.name, "component": component})
+    return known
 
 
 def security_listener(component: str) -> Callable[[identity.SecurityEvent], None]:
