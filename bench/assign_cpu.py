@@ -97,6 +97,16 @@ def thread_split(before: dict, after: dict, completed: int, names: dict[int, str
     return dict(sorted(rows.items(), key=lambda kv: -(kv[1]["user"] + kv[1]["system"])))
 
 
+def extract(ref: str, into: Path) -> Path:
+    """The tree of commit ``ref`` in ``into``, with this checkout's generated protos
+    (``--baseline``; the mesh then runs from that tree: ``Mesh(root=...)``)."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    shutil.copytree(ROOT / "hearth", into / "hearth")
+    return into
+
+
 class Side:
     """One mesh, seeded, and the runs measured on it."""
 
