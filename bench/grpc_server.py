@@ -1,7 +1,7 @@
 """What serving one unary RPC costs the server process, by gRPC server kind (issue #11).
 
     python -m bench.grpc_server [--seconds 6] [--rounds 3] [--concurrency 16]
-                                [--variants sync16,sync4,aio,aio-pool,hearth]
+                                [--variants sync16,sync4,aio,aio-pool,hearth] [--baseline REF]
 
 A question the assign hot path raised: clustering spends ~0.4 ms per assign in grpcio's
 sync server loop (``_serve``, the thread that takes every call's events from the core and
@@ -21,6 +21,9 @@ server, or fewer threads, be cheaper? Each variant is an echo server in its own 
   transport keeps the records in memory), the echo registered as clustering's
   ``AssignSession`` (audited as ``assign``).
 
+``--baseline REF`` adds ``hearth@REF``: the ``hearth`` variant served from commit REF's
+tree (``git archive``; this file copied in), to measure a change of the interceptor.
+
 The client (this process, grpc.aio, ``--concurrency`` calls in flight, a 200-byte
 request with a signed gateway principal and a W3C traceparent, as the gateway sends)
 drives each variant closed loop for ``--seconds``; the server's CPU (utime + stime from
@@ -35,11 +38,13 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent import futures
@@ -160,10 +165,12 @@ def _metadata():
             ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"))
 
 
-def measure(variant: str, seconds: float, concurrency: int) -> dict:
+def measure(variant: str, seconds: float, concurrency: int, trees: dict[str, Path] | None = None) -> dict:
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "bench.grpc_server", "serve", variant, str(port)],
-                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    name, _, ref = variant.partition("@")
+    root = (trees or {}).get(ref, ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "bench.grpc_server", "serve", name, str(port)],
+                            cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
     try:
         metadata = _metadata()
         # Warm-up calls first (inside _drive), then the measured window.
@@ -187,18 +194,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--baseline", default="", help="git commit whose build_server runs as hearth@REF")
     args = parser.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         parser.error(f"--variants: unknown {unknown}, known {list(VARIANTS)}")
     os.environ.setdefault("HEARTH_SERVICE_TOKEN_KEY", os.urandom(32).hex())
-    runs: dict[str, list[dict]] = {v: [] for v in variants}
-    for r in range(args.rounds):
-        for variant in variants:
-            run = measure(variant, args.seconds, args.concurrency)
-            runs[variant].append(run)
-            log(f"round {r + 1} {variant}: {run}")
+    with tempfile.TemporaryDirectory(prefix="hearth-grpc-server-") as tmp:
+        trees = {}
+        if args.baseline:
+            from bench.assign_cpu import extract
+
+            trees[args.baseline] = extract(args.baseline, Path(tmp) / "baseline")
+            shutil.copy(Path(__file__), trees[args.baseline] / "bench" / "grpc_server.py")
+            variants.append(f"hearth@{args.baseline}")
+        runs: dict[str, list[dict]] = {v: [] for v in variants}
+        for r in range(args.rounds):
+            for variant in variants:
+                run = measure(variant, args.seconds, args.concurrency, trees)
+                runs[variant].append(run)
+                log(f"round {r + 1} {variant}: {run}")
     report = {"machine": {"cpus": os.cpu_count(), "cpu_model": cpu_model(), "load_average": os.getloadavg()},
               "seconds": args.seconds, "rounds": args.rounds, "concurrency": args.concurrency,
               "variants": {v: {"cpu_us_per_call": statistics.median(x["cpu_us_per_call"] for x in rs),
