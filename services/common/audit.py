@@ -47,9 +47,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,8 +327,16 @@ class AuditSink:
         self._spool_failures = 0
         self._next_drain = 0.0
         self.spooled = 0
-        self._queue: queue.Queue[AuditRecord] = queue.Queue(max_queue)
-        self._lock = threading.Condition()
+        # The queue is a deque under the sink's lock, not a queue.Queue: Queue.put wakes
+        # the waiting sink thread on every record (a thread switch per audited RPC, the
+        # largest item of the server interceptor's cost); here the thread is woken only
+        # when a record arrives at an empty queue or a batch fills, and otherwise
+        # collects what arrived during its max_delay_s window.
+        self._items: deque[AuditRecord] = deque()
+        self._max_queue = max_queue
+        mutex = threading.RLock()
+        self._lock = threading.Condition(mutex)      # counters; flush() waits on it
+        self._arrived = threading.Condition(mutex)   # the sink thread waits on it
         self._accepted = 0      # records put on the queue
         self._finished = 0      # records sent or dropped by the thread
         self.sent = 0
@@ -353,13 +361,13 @@ class AuditSink:
             self._drop(1, "closed")
             return False
         with self._lock:
-            try:
-                self._queue.put_nowait(record)
-            except queue.Full:
-                full = True
-            else:
-                full = False
+            queued = len(self._items)
+            full = queued >= self._max_queue
+            if not full:
+                self._items.append(record)
                 self._accepted += 1
+                if queued == 0 or queued + 1 >= self._max_batch:
+                    self._arrived.notify()
         if full:
             self._drop(1, "queue_full")
             log.warning("audit queue full: record dropped", extra={"fields": {
@@ -417,22 +425,24 @@ class AuditSink:
             self._lock.notify_all()
 
     def _take_batch(self) -> list[AuditRecord]:
-        try:
-            first = self._queue.get(timeout=0.1)
-        except queue.Empty:
-            return []
-        batch = [first]
-        deadline = time.monotonic() + self._max_delay
-        while len(batch) < self._max_batch:
-            remaining = deadline - time.monotonic()
-            try:
-                batch.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
-            except queue.Empty:
-                break
-        return batch
+        """Up to ``max_batch`` records: waits up to 0.1 s for a first one, then up to
+        ``max_delay_s`` for the batch to fill (not while stopping)."""
+        with self._lock:
+            if not self._items:
+                self._arrived.wait(0.1)
+                if not self._items:
+                    return []
+            deadline = time.monotonic() + self._max_delay
+            while len(self._items) < self._max_batch and not self._stop.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._arrived.wait(remaining)
+            items = self._items
+            return [items.popleft() for _ in range(min(len(items), self._max_batch))]
 
     def _run(self) -> None:
-        while not (self._stop.is_set() and self._queue.empty()):
+        while not (self._stop.is_set() and not self._items):
             batch = self._take_batch()
             if batch:
                 try:

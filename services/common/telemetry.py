@@ -297,12 +297,12 @@ def pseudonym(value: str, *, cache: bool = False) -> str:
     logs, an operator computes its pseudonym with the key), and without the key it
     cannot be turned back into the id. Key: ``HEARTH_LOG_PSEUDONYM_KEY``, else derived
     from the mesh secret ``HEARTH_SERVICE_TOKEN_KEY``, else a random key per process."""
-    import hashlib
-    import hmac
-
     known = _PSEUDONYMS.get(value) if cache else None
     if known is not None:
         return known
+    import hashlib
+    import hmac
+
     if _PSEUDONYM_KEY is None:
         from services.common.config import mesh_settings
 
