@@ -613,9 +613,7 @@ class HouseholdModel:
             if best is None or score < best[0]:
                 best = (score, m)
         assert best is not None
-        self.mixture = best[1]
-        if not label_names:
-            self.mixture = self._place_shared_sessions(X, clamp, self.mixture, keys)
+        self.mixture = best[1] if label_names else self._place_shared_sessions(X, clamp, best[1], keys)
         self._label_components = L
         self._reset_buffer(X, keys)
 
@@ -624,18 +622,31 @@ class HouseholdModel:
         """Device-first fit: re-estimate the persons with the sessions whose person is
         not known (shared devices) placed by a classifier trained on those whose person
         is (the personal-device groups, plus the sessions of persons without a device as
-        EM placed them), one M-step from its probabilities (placement.py). EM alone lets
-        the shared sessions pull a person with few personal-device sessions towards a
-        kind of viewing. TUNING worlds (28 households with a group and >= 2 persons):
-        session accuracy 0.729 -> 0.758 (docs/clustering.md)."""
+        EM placed them), one M-step (placement.py). A session keeps EM's responsibilities
+        where the classifier picks the same person and takes the classifier's
+        probabilities where it picks another, so a household EM already separates keeps
+        its fit exactly. EM alone lets the shared sessions pull a person with few
+        personal-device sessions towards a kind of viewing. TUNING worlds (28 households
+        with a group and >= 2 persons): session accuracy 0.729 -> 0.759
+        (docs/clustering.md)."""
         if not PLACE_SHARED_SESSIONS or mixture.n_components < 2:
             return mixture
-        R = discriminative_responsibilities(X[:, :F.FEATURE_DIM], groups, mixture.log_joint(X).argmax(axis=1),
-                                            mixture.n_components)
+        lj = mixture.log_joint(X)
+        post = np.exp(lj - logsumexp(lj, axis=1, keepdims=True))
+        R = discriminative_responsibilities(X[:, :F.FEATURE_DIM], groups, lj.argmax(axis=1), mixture.n_components)
         if R is None:
             return mixture
-        placed = Mixture.from_responsibilities(self.family, X, R, keys)
-        placed.prune()
+        known = groups >= 0
+        moved = (R.argmax(axis=1) != post.argmax(axis=1)) & ~known
+        if not moved.any() or not np.all(np.isfinite(R)):
+            return mixture
+        post[moved] = R[moved]
+        post[known] = R[known]  # the groups' sessions stay clamped (one-hot)
+        try:
+            placed = Mixture.from_responsibilities(self.family, X, post, keys)
+            placed.prune()
+        except MixtureNumericalError:
+            return mixture  # EM's fit stands
         return placed
 
     def _merge_same_hours(self, X: np.ndarray, mixture: Mixture, keys: np.ndarray) -> Mixture:
