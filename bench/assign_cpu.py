@@ -1,30 +1,43 @@
-"""CPU per assign of every process of the running mesh, optionally beside another commit's
-mesh in the same run (issue #11: the clustering and audit share of an assign).
+"""CPU per assign of every process of the running mesh, beside the transport floor and an
+older commit's mesh or gateway, in one run (issue #11: where an assign's CPU goes).
 
-    python -m bench.assign_cpu [--households 30] [--seconds 15] [--repeats 3]
-                               [--concurrency 16] [--baseline REF] [--profile DIR]
+    python -m bench.assign_cpu [--households 30] [--days 30] [--seconds 15] [--repeats 3]
+                               [--concurrency 16] [--floor] [--baseline REF]
+                               [--baseline-gateway REF] [--profile DIR]
+                               [--profile-processes clustering,privacy,gateway] [--gil]
+    python -m bench.assign_cpu --top FILE
 
-Starts the mesh (every service and the gateway as their own processes, SQLite, as
-`make run`), seeds households through the public HTTP API, waits for their models, then
-runs closed-loop assign traffic (``bench.verify``'s assign mix: half by session id, half
-by feature vector, through the gateway with an API key) in its own process
-(bench/loadgen.py) and reads each process's /proc utime+stime over the run: CPU
-milliseconds per completed assign, per process. On a shared machine this is the stable
-figure (throughput moves with the neighbours' load; the CPU one request costs does not).
+The one harness behind `make bench-assign-cpu` and `make bench-gateway` (bench/gateway.py
+maps its options onto this one). It starts the mesh (every service and the gateway as
+their own processes, SQLite, as `make run`), seeds households through the public HTTP API
+(``bench.verify.seed_fitted_households``), then runs closed-loop ``POST /v1/assign``
+(``bench.verify``'s assign mix: half by session id, half by feature vector, with an API
+key) from its own process (bench/loadgen.py) against each *target* in turn, ``--repeats``
+rounds, interleaved so that a change of machine load hits every target alike; it reads
+each process's /proc utime+stime over every run. CPU milliseconds per completed assign is
+the stable figure on a shared machine (throughput moves with the neighbours' load; the CPU
+one request costs does not). The targets:
 
-``--baseline REF`` also starts a second mesh from the git commit REF (extracted with
-``git archive`` into a temporary directory; the generated protobuf code of this checkout
-is copied in, so REF must have the same protos), seeds it the same way, and alternates
-the runs (baseline, candidate, baseline, ...): the report gives both medians and their
-ratio, measured under the same machine load.
+* ``candidate``: this checkout's mesh;
+* ``floor`` (``--floor``): the transport floor (bench/floor.py: FastAPI on the gateway's
+  uvicorn settings, one grpc.aio call to an echo server, no Hearth logic); every target is
+  then also quoted over it (saturation, gateway CPU over the floor's HTTP process CPU);
+* ``baseline`` (``--baseline REF``): a second whole mesh run from commit REF's tree
+  (``git archive``; this checkout's generated protobuf code is copied in, so REF must have
+  the same protos), seeded the same way;
+* ``gateway-baseline`` (``--baseline-gateway REF``): REF's gateway alone, in front of the
+  candidate's services, so two gateways are compared on the same services and data.
 
-``--profile DIR`` records the candidate's clustering and privacy processes with py-spy
-(``record --format raw``, 100 Hz, idle frames dropped) during one extra run and writes
-the collapsed stacks to DIR, then again with ``--gil`` (Python CPU only) (summarise them with ``python -m bench.assign_cpu --top FILE``).
+Per run it also splits the CPU of the gateway, clustering and privacy by thread (Python
+thread names from ``py-spy dump``), and reads each process's idle CPU before the rounds.
+``--profile DIR`` records ``--profile-processes`` of the candidate (and of the other
+targets' gateways) with py-spy (``record -f raw``, idle frames dropped) during one extra
+run each, ``--gil`` for Python CPU only; ``--top FILE`` summarises such a file.
 
-Prints one JSON object last: ``{"candidate": {...}, "baseline": {...}, "ratio": {...}}``
-where each side is ``{"cpu_ms_per_assign": {process: median}, "assigns_per_s": median,
-"runs": [...]}``.
+Prints one JSON object last: ``{"targets": {label: {"cpu_ms_per_assign": {process:
+median}, "assigns_per_s": median, "errors", "idle_cpu_ms_per_s", "threads", "runs"}},
+"candidate": <its target>, "baseline": ..., "ratio": {process: candidate/baseline},
+"over_floor": {label: {"saturation", "gateway_cpu", "total_cpu"}}, "profiles": ...}``.
 """
 
 from __future__ import annotations
@@ -35,29 +48,45 @@ import os
 import random
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-from bench._common import cpu_model, log
+from bench._common import answers_health, cpu_model, log
+from bench.floor import start_floor
 from bench.verify import ASSIGN_ONLY, TICK, proc_sample, seed_fitted_households, summarise
-from services.common.child_process import spawn_tied
-from services.testing.mesh import Mesh, write_api_key
+from services.common.child_process import spawn_tied, stop_group
+from services.testing.mesh import SERVICE_MODULES, Mesh, free_port, write_api_key
 
 ROOT = Path(__file__).resolve().parents[1]
+# The processes whose CPU is split by thread in every run (when the target has them).
+THREAD_SPLIT = ("gateway", "clustering", "privacy")
+
+
+def extract(ref: str, into: Path) -> Path:
+    """The tree of commit ``ref`` in ``into``, with this checkout's generated protos."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    shutil.copytree(ROOT / "hearth", into / "hearth")
+    return into
 
 
 def thread_cpu(pid: int) -> dict[tuple[int, str], tuple[float, float]]:
     """(thread id, name) -> (user, system) CPU seconds of every thread of a process."""
     out = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return out
+    for task in tasks:
         try:
             comm = (task / "comm").read_text().strip()
             fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
@@ -67,18 +96,20 @@ def thread_cpu(pid: int) -> dict[tuple[int, str], tuple[float, float]]:
     return out
 
 
+def py_spy() -> str:
+    return shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+
+
 def python_thread_names(pid: int) -> dict[int, str]:
     """Native thread id -> Python thread name (``py-spy dump``), numbered pool threads
     under one name ("clustering-rpc_3" -> "clustering-rpc")."""
     try:
-        out = subprocess.run([str(Path(sys.executable).parent / "py-spy"), "dump", "-p", str(pid)],
-                             capture_output=True, text=True, timeout=60).stdout
+        out = subprocess.run([py_spy(), "dump", "-p", str(pid)], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.TimeoutExpired):
         return {}
     names = {}
     for m in re.finditer(r'^Thread (0x[0-9a-fA-F]+|\d+) \([^)]*\): "([^"]*)"', out, re.M):
-        tid = int(m.group(1), 0)
-        names[tid] = re.sub(r"(_\d+|-\d+|\s*\(\w+\))$", "", m.group(2))
+        names[int(m.group(1), 0)] = re.sub(r"(_\d+|-\d+|\s*\(\w+\))$", "", m.group(2))
     return names
 
 
@@ -97,204 +128,301 @@ def thread_split(before: dict, after: dict, completed: int, names: dict[int, str
     return dict(sorted(rows.items(), key=lambda kv: -(kv[1]["user"] + kv[1]["system"])))
 
 
-class Side:
-    """One mesh, seeded, and the runs measured on it."""
+def profile_summary(raw: str, top: int = 25) -> dict:
+    """py-spy's collapsed stacks (``-f raw``): the share of samples per frame, as the
+    innermost frame (self) and anywhere on the stack (total)."""
+    self_samples: Counter = Counter()
+    total_samples: Counter = Counter()
+    n = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        k = int(count)
+        n += k
+        frames = stack.split(";")
+        self_samples[frames[-1]] += k
+        for frame in set(frames):
+            total_samples[frame] += k
+    share = lambda c: {f: round(100 * s / n, 1) for f, s in c.most_common(top)}  # noqa: E731
+    return {"samples": n, "self_pct": share(self_samples) if n else {}, "total_pct": share(total_samples) if n else {}}
 
-    def __init__(self, label: str, root: Path, base: Path) -> None:
-        self.label = label
-        self.mesh = Mesh.on_free_ports(base / "var", log_dir=base / "logs", root=root, extra_env={
-            "HEARTH_LOG_LEVEL": "WARNING",
-            # Capacity, not the per-client token buckets, is measured.
-            "HEARTH_RATE_LIMIT_DEFAULT": json.dumps({"per_s": 1_000_000, "burst": 1_000_000})})
-        self.base = base
-        self.mesh.data_dir.mkdir(parents=True, exist_ok=True)
-        self.api_key = write_api_key(self.mesh.data_dir / "gateway-keys.json", "bench-admin", "admin")
-        self.households: list[dict] = []
-        self.runs: list[dict] = []
-        self.idle_cpu: dict[str, float] = {}
 
-    def start(self) -> None:
-        self.mesh.start()
+def median(values) -> float | None:
+    values = [x for x in values if x is not None]
+    return round(statistics.median(values), 3) if values else None
 
-    def seed(self, households: int, days: int, timeout_s: float = 600.0) -> None:
-        rng = random.Random(11)
-        accounts = [f"hh-{i:04d}" for i in range(households)]
-        with httpx.Client(base_url=self.mesh.url, headers={"X-API-Key": self.api_key}, timeout=60) as c:
-            fitted = seed_fitted_households(c, accounts, rng, days, timeout_s)
-        for account, h in fitted.items():
-            closed = [s for s in h["sessions"] if s["feature_vector"]]
-            self.households.append({"account_id": account, "sessions": [s["session_id"] for s in closed],
-                                    "vector": closed[0]["feature_vector"], "devices": []})
-        if len(self.households) < households // 2:
-            raise RuntimeError(f"{self.label}: only {len(self.households)} of {households} households got a model")
 
-    def warm(self, n: int = 50) -> None:
-        """A few assignments of every household (decoded-model caches, keys, consent)."""
-        with httpx.Client(base_url=self.mesh.url, headers={"X-API-Key": self.api_key}, timeout=60) as c:
-            for i in range(n):
-                h = self.households[i % len(self.households)]
-                c.post("/v1/assign", json={"account_id": h["account_id"], "session_id": h["sessions"][0]})
+@dataclass
+class Target:
+    """One thing assigns are sent to, and the processes whose CPU its assigns cost."""
 
-    def idle(self, seconds: float = 5.0) -> dict[str, float]:
+    label: str
+    url: str
+    api_key: str
+    households: list[dict]
+    processes: dict[str, int]            # name -> pid; "gateway" is the HTTP process
+    mix: dict = field(default_factory=lambda: dict(ASSIGN_ONLY))
+    runs: list[dict] = field(default_factory=list)
+    idle_cpu: dict[str, float] = field(default_factory=dict)
+
+    def idle(self, seconds: float = 5.0) -> None:
         """CPU milliseconds per second of every process with no traffic (background
         threads: health checks, the prior rebuild, forwarders): what each process costs
         whatever the load, so a low assign rate on a busy machine inflates its per-assign
         figure by this divided by the rate."""
-        pids = {name: p.pid for name, p in self.mesh.processes.items()}
-        before = {n: proc_sample(pid) for n, pid in pids.items()}
+        before = {n: proc_sample(pid) for n, pid in self.processes.items()}
         time.sleep(seconds)
-        after = {n: proc_sample(pid) for n, pid in pids.items()}
+        after = {n: proc_sample(pid) for n, pid in self.processes.items()}
         self.idle_cpu = {n: round(1000 * (after[n][0] - before[n][0]) / seconds, 2)
-                         for n in pids if before.get(n) and after.get(n)}
+                         for n in self.processes if before.get(n) and after.get(n)}
         log(f"  {self.label}: idle CPU ms/s {self.idle_cpu}")
-        return self.idle_cpu
 
-    def run(self, seconds: float, concurrency: int, seed: int, profile_dir: Path | None = None,
-            gil: bool = False) -> dict:
-        spec = {"url": self.mesh.url, "urls": [self.mesh.url], "api_key": self.api_key, "households": self.households,
-                "seed": seed, "timeout_s": 10.0, "max_connections": 512, "mix": ASSIGN_ONLY, "mode": "closed",
+    def run(self, seconds: float, concurrency: int, seed: int, work: Path, profile_dir: Path | None = None,
+            profile_processes: tuple[str, ...] = (), gil: bool = False) -> dict:
+        spec = {"url": self.url, "urls": [self.url], "api_key": self.api_key, "households": self.households,
+                "seed": seed, "timeout_s": 10.0, "max_connections": 512, "mix": self.mix, "mode": "closed",
                 "concurrency": concurrency, "duration_s": seconds}
-        runs = self.base / "runs"
-        runs.mkdir(parents=True, exist_ok=True)
-        spec_path, out_path = runs / f"{seed:03d}-spec.json", runs / f"{seed:03d}-result.json"
+        work.mkdir(parents=True, exist_ok=True)
+        spec_path, out_path = work / f"{seed:03d}-spec.json", work / f"{seed:03d}-result.json"
         spec_path.write_text(json.dumps(spec))
-        pids = {name: p.pid for name, p in self.mesh.processes.items()}
         spies = []
         if profile_dir is not None:
             profile_dir.mkdir(parents=True, exist_ok=True)
-            for name in ("clustering", "privacy", "gateway"):
-                spies.append(subprocess.Popen(
-                    [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pids[name]), "-r", "100",
-                     "-d", str(int(seconds)), "-f", "raw", *(["--gil"] if gil else []),
-                     "-o", str(profile_dir / f"{name}{'-gil' if gil else ''}.txt")],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        threads0 = {n: thread_cpu(pids[n]) for n in ("clustering", "privacy")}
-        before = {n: proc_sample(pid) for n, pid in pids.items()}
+            for name in profile_processes:
+                if name in self.processes:
+                    path = profile_dir / f"{self.label}-{name}{'-gil' if gil else ''}.txt"
+                    spies.append((name, path, subprocess.Popen(
+                        [py_spy(), "record", "-p", str(self.processes[name]), "-r", "100", "-d", str(int(seconds)),
+                         "-f", "raw", "--nonblocking", *(["--gil"] if gil else []), "-o", str(path)],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+            time.sleep(0.5)
+        split = {n: pid for n, pid in self.processes.items() if n in THREAD_SPLIT}
+        threads0 = {n: thread_cpu(pid) for n, pid in split.items()}
+        before = {n: proc_sample(pid) for n, pid in self.processes.items()}
         wall0 = time.time()
         gen = spawn_tied([sys.executable, "-m", "bench.loadgen", str(spec_path), str(out_path)],
                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         gen.wait()
         wall = time.time() - wall0
-        after = {n: proc_sample(pid) for n, pid in pids.items()}
-        threads1 = {n: thread_cpu(pids[n]) for n in threads0}
-        names = {n: python_thread_names(pids[n]) for n in threads0}
-        for spy in spies:   # py-spy lags on a loaded machine: SIGINT makes it write what it has
+        after = {n: proc_sample(pid) for n, pid in self.processes.items()}
+        threads1 = {n: thread_cpu(pid) for n, pid in split.items()}
+        names = {n: python_thread_names(pid) for n, pid in split.items()}
+        profiles = {}
+        for name, path, spy in spies:   # py-spy lags on a loaded machine: SIGINT makes it write what it has
             try:
                 spy.wait(seconds + 60)
             except subprocess.TimeoutExpired:
-                spy.send_signal(signal.SIGINT)
+                spy.send_signal(2)
                 spy.wait(60)
+            profiles[name] = profile_summary(path.read_text() if path.exists() else "")
         raw = json.loads(out_path.read_text())
         summary = summarise(raw, spec)
         completed = max(1, summary["completed"])
         cpu = {n: round(1000 * (after[n][0] - before[n][0]) / completed, 3)
-               for n in pids if before.get(n) and after.get(n)}
-        cpu["loadgen"] = round(1000 * raw["generator"]["cpu_s"] / completed, 3)
+               for n in self.processes if before.get(n) and after.get(n)}
         run = {"assigns_per_s": summary["achieved"], "errors": summary["errors"], "p50_ms": summary["p50_ms"],
                "p99_ms": summary["p99_ms"], "wall_s": round(wall, 1), "cpu_ms_per_assign": cpu,
-               "profiled": profile_dir is not None,
-               "threads": {n: thread_split(threads0[n], threads1[n], completed, names[n]) for n in threads0}}
+               "total_cpu_ms": round(sum(cpu.values()), 3),
+               "loadgen_cpu_ms": round(1000 * raw["generator"]["cpu_s"] / completed, 3),
+               "threads": {n: thread_split(threads0[n], threads1[n], completed, names[n]) for n in split}}
         if profile_dir is None:
             self.runs.append(run)
+        else:
+            run["profiles"] = profiles
         log(f"  {self.label}: {summary['achieved']} assigns/s, errors {summary['errors']}, CPU ms/assign {cpu}")
         return run
 
     def summary(self) -> dict:
-        if not self.runs:   # --repeats 0: only the profile was wanted
-            return {"cpu_ms_per_assign": {}, "assigns_per_s": None, "errors": 0,
-                    "idle_cpu_ms_per_s": self.idle_cpu, "runs": []}
         names = sorted({n for r in self.runs for n in r["cpu_ms_per_assign"]})
-        return {"cpu_ms_per_assign": {n: round(statistics.median(r["cpu_ms_per_assign"][n] for r in self.runs
-                                                                 if n in r["cpu_ms_per_assign"]), 3)
-                                      for n in names},
-                "assigns_per_s": round(statistics.median(r["assigns_per_s"] for r in self.runs), 1),
+        threads = {p: {t: median(r["threads"].get(p, {}).get(t, {}).get("user", 0)
+                                 + r["threads"].get(p, {}).get(t, {}).get("system", 0) for r in self.runs)
+                       for t in sorted({t for r in self.runs for t in r["threads"].get(p, {})})}
+                   for p in sorted({p for r in self.runs for p in r["threads"]})}
+        return {"cpu_ms_per_assign": {n: median(r["cpu_ms_per_assign"].get(n) for r in self.runs) for n in names},
+                "total_cpu_ms_per_assign": median(r["total_cpu_ms"] for r in self.runs),
+                "assigns_per_s": median(r["assigns_per_s"] for r in self.runs),
                 "errors": sum(r["errors"] for r in self.runs), "idle_cpu_ms_per_s": self.idle_cpu,
-                "runs": self.runs}
+                "threads_cpu_ms_per_assign": threads, "runs": self.runs}
+
+
+class Harness:
+    """The meshes, the floor and the baseline gateway of one run; stops all it started."""
+
+    def __init__(self, work: Path, args: argparse.Namespace) -> None:
+        self.work, self.args = work, args
+        self.meshes: list[Mesh] = []
+        self.others: list[subprocess.Popen] = []
+        self.targets: list[Target] = []
+
+    def start_mesh(self, label: str, root: Path) -> tuple[Mesh, str]:
+        base = self.work / label.replace(" ", "-")
+        mesh = Mesh.on_free_ports(base / "var", log_dir=base / "logs", root=root, extra_env={
+            "HEARTH_LOG_LEVEL": "WARNING",
+            # Capacity, not the per-client token buckets, is measured.
+            "HEARTH_RATE_LIMIT_DEFAULT": json.dumps({"per_s": 1_000_000, "burst": 1_000_000})})
+        mesh.data_dir.mkdir(parents=True, exist_ok=True)
+        api_key = write_api_key(mesh.data_dir / "gateway-keys.json", "bench-admin", "admin")
+        self.meshes.append(mesh)
+        mesh.start()
+        return mesh, api_key
+
+    def seed(self, mesh: Mesh, api_key: str, label: str) -> list[dict]:
+        started = time.monotonic()
+        accounts = [f"hh-{i:04d}" for i in range(self.args.households)]
+        with httpx.Client(base_url=mesh.url, headers={"X-API-Key": api_key}, timeout=60) as c:
+            fitted = seed_fitted_households(c, accounts, random.Random(11), self.args.days, 600.0)
+            households = []
+            for account, h in fitted.items():
+                closed = [s for s in h["sessions"] if s["feature_vector"]]
+                households.append({"account_id": account, "sessions": [s["session_id"] for s in closed],
+                                   "vector": closed[0]["feature_vector"], "devices": []})
+            if len(households) < max(1, self.args.households // 2):
+                raise RuntimeError(f"{label}: only {len(households)} of {self.args.households} households got a model")
+            for i in range(50):   # decoded-model caches, keys, consent: warm before measuring
+                h = households[i % len(households)]
+                c.post("/v1/assign", json={"account_id": h["account_id"], "session_id": h["sessions"][0]})
+        log(f"{label}: {len(households)} households seeded in {time.monotonic() - started:.0f}s")
+        return households
+
+    def start_floor(self) -> Target:
+        procs, url = start_floor(self.work / "floor-logs")
+        self.others.extend(procs.values())
+        return Target("floor", url, "", [], {"gateway": procs["gateway"].pid, "echo": procs["echo"].pid},
+                      mix={"floor_assign": 1.0})
+
+    def start_old_gateway(self, ref: str, mesh: Mesh) -> str:
+        """REF's gateway in front of ``mesh``'s services, with the same keys and settings."""
+        tree = extract(ref, self.work / "gateway-baseline-tree")
+        port = free_port()
+        env = {**mesh.env(), "PYTHONPATH": str(tree), "HEARTH_GATEWAY_PORT": str(port),
+               "HEARTH_METRICS_PORT": str(free_port())}
+        log_file = open(self.work / "gateway-baseline.log", "ab")
+        # cwd = the old tree: `python -m` puts the working directory first on sys.path.
+        self.others.append(spawn_tied([sys.executable, "-m", "gateway"], cwd=tree, env=env,
+                                      stdout=log_file, stderr=log_file))
+        url = f"http://127.0.0.1:{port}"
+        if not answers_health(url):
+            raise RuntimeError(f"the gateway of {ref} did not start (see {self.work}/gateway-baseline.log)")
+        return url
+
+    def setup(self) -> None:
+        a = self.args
+        sides = [("candidate", ROOT)]
+        if a.baseline:
+            sides.insert(0, ("baseline", extract(a.baseline, self.work / "baseline-tree")))
+        started = [(label, *self.start_mesh(label, root)) for label, root in sides]
+        floor = self.start_floor() if a.floor else None
+        for _, mesh, _ in started:
+            mesh.wait_healthy(180)
+        for label, mesh, api_key in started:
+            households = self.seed(mesh, api_key, label)
+            pids = {name: p.pid for name, p in mesh.processes.items()}
+            self.targets.append(Target(label, mesh.url, api_key, households, pids))
+        if a.baseline_gateway:
+            cand = self.targets[-1]
+            mesh = self.meshes[-1]
+            url = self.start_old_gateway(a.baseline_gateway, mesh)
+            services = {n: pid for n, pid in cand.processes.items() if n in SERVICE_MODULES}
+            self.targets.insert(-1, Target("gateway-baseline", url, cand.api_key, cand.households,
+                                           {"gateway": self.others[-1].pid, **services}))
+        if floor is not None:
+            self.targets.insert(0, floor)
 
     def stop(self) -> None:
-        self.mesh.stop()
+        for mesh in self.meshes:
+            mesh.stop()
+        for proc in self.others:
+            stop_group(proc, 15.0)
 
 
-def top(path: Path, n: int = 40) -> None:
-    """Inclusive share of the samples per function of py-spy's collapsed stacks."""
-    inclusive: Counter[str] = Counter()
-    own: Counter[str] = Counter()
-    total = 0
-    for line in path.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack:
-            continue
-        k = int(count)
-        total += k
-        frames = stack.split(";")
-        own[frames[-1]] += k
-        for frame in set(frames):
-            inclusive[frame] += k
-    print(f"{path}: {total} samples; inclusive:")
-    for frame, k in inclusive.most_common(n):
-        print(f"{100 * k / total:6.1f} %  {frame}")
-    print("own (leaf):")
-    for frame, k in own.most_common(n // 2):
-        print(f"{100 * k / total:6.1f} %  {frame}")
+def report(args: argparse.Namespace, targets: list[Target], profiles: dict, load0: float, wall_s: float) -> dict:
+    summaries = {t.label: t.summary() for t in targets}
+    out = {"machine": {"cpus": os.cpu_count(), "cpu_model": cpu_model(), "load_average_before": round(load0, 2),
+                       "load_average_after": round(os.getloadavg()[0], 2)},
+           "households": args.households, "seconds": args.seconds, "repeats": args.repeats,
+           "concurrency": args.concurrency, "baseline_ref": args.baseline or None,
+           "baseline_gateway_ref": args.baseline_gateway or None,
+           "targets": summaries, "candidate": summaries["candidate"], "profiles": profiles,
+           "wall_s": round(wall_s, 1)}
+    if "baseline" in summaries:
+        base, cand = summaries["baseline"], summaries["candidate"]
+        out["baseline"] = base
+        out["ratio"] = {n: round(v / base["cpu_ms_per_assign"][n], 3)
+                        for n, v in cand["cpu_ms_per_assign"].items() if v and base["cpu_ms_per_assign"].get(n)}
+    floor = summaries.get("floor")
+    if floor and floor["assigns_per_s"] and floor["cpu_ms_per_assign"].get("gateway"):
+        out["over_floor"] = {
+            label: {"saturation": round(s["assigns_per_s"] / floor["assigns_per_s"], 3),
+                    "gateway_cpu": round(s["cpu_ms_per_assign"]["gateway"] / floor["cpu_ms_per_assign"]["gateway"], 2),
+                    "total_cpu": round(s["total_cpu_ms_per_assign"] / floor["total_cpu_ms_per_assign"], 2)}
+            for label, s in summaries.items() if label != "floor" and s["assigns_per_s"]}
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="CPU per assign of every process of the mesh, beside the floor "
+                                            "and an older commit")
+    p.add_argument("--households", type=int, default=30)
+    p.add_argument("--days", type=int, default=30)
+    p.add_argument("--seconds", type=float, default=15.0)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--floor", action="store_true", help="measure the transport floor in the same rounds")
+    p.add_argument("--baseline", default="", help="git commit whose whole mesh runs beside this checkout's")
+    p.add_argument("--baseline-gateway", default="",
+                   help="git commit whose gateway runs in front of this checkout's services")
+    p.add_argument("--profile", type=Path, default=None, help="py-spy the targets into this directory")
+    p.add_argument("--profile-processes", default="clustering,privacy,gateway")
+    p.add_argument("--profile-seconds", type=float, default=None, help="default: --seconds")
+    p.add_argument("--gil", action="store_true", help="with --profile: only the thread holding the GIL")
+    p.add_argument("--out", type=Path, default=None, help="keep the meshes' logs and runs here")
+    p.add_argument("--top", type=Path, default=None, help="summarise a py-spy raw file and exit")
+    return p
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description="CPU per assign of every process of the mesh")
-    parser.add_argument("--households", type=int, default=30)
-    parser.add_argument("--days", type=int, default=30)
-    parser.add_argument("--seconds", type=float, default=15.0)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--baseline", default="", help="git commit to measure beside this checkout")
-    parser.add_argument("--profile", type=Path, default=None, help="py-spy the candidate into this directory")
-    parser.add_argument("--top", type=Path, default=None, help="summarise a py-spy raw file and exit")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     if args.top:
-        top(args.top)
-        return {}
+        summary = profile_summary(args.top.read_text(), top=40)
+        print(json.dumps(summary))
+        return summary
+    load0, started = os.getloadavg()[0], time.time()
     with tempfile.TemporaryDirectory(prefix="hearth-assign-cpu-") as tmp:
-        tmp_path = Path(tmp)
-        sides = [Side("candidate", ROOT, tmp_path / "candidate")]
-        if args.baseline:
-            sides.insert(0, Side(f"baseline {args.baseline}", extract(args.baseline, tmp_path / "baseline-tree"),
-                                 tmp_path / "baseline"))
+        work = (args.out or Path(tmp)).resolve()
+        harness = Harness(work, args)
+        profiles: dict = {}
         try:
-            for side in sides:
-                side.start()
-            for side in sides:
-                side.mesh.wait_healthy(180)
-            for side in sides:
-                started = time.monotonic()
-                side.seed(args.households, args.days)
-                side.warm()
-                log(f"{side.label}: {len(side.households)} households seeded in {time.monotonic() - started:.0f}s")
-            for side in sides:
-                side.idle()
+            harness.setup()
+            targets = harness.targets
+            # One short warm-up of each target (imports, connections, caches) that is not counted.
             seed = 0
-            for _ in range(args.repeats):
-                for side in sides:
-                    seed += 1
-                    side.run(args.seconds, args.concurrency, seed)
-            if args.profile is not None:
+            for t in targets:
                 seed += 1
-                sides[-1].run(args.seconds, args.concurrency, seed, profile_dir=args.profile)
-                seed += 1   # Python CPU only: samples of the thread holding the GIL
-                sides[-1].run(args.seconds, args.concurrency, seed, profile_dir=args.profile, gil=True)
+                t.run(2.0, args.concurrency, seed, work / "runs")
+                t.runs.clear()
+            for t in targets:
+                t.idle()
+            for r in range(args.repeats):
+                log(f"round {r + 1}/{args.repeats}")
+                for t in targets:
+                    seed += 1
+                    t.run(args.seconds, args.concurrency, seed, work / "runs")
+            if args.profile is not None:
+                wanted = tuple(filter(None, args.profile_processes.split(",")))
+                for t in targets:
+                    seed += 1
+                    # Another target's services are the candidate's: profile only its gateway.
+                    procs = wanted if t.label in ("candidate", "baseline") else tuple(p for p in wanted if p == "gateway")
+                    profiles[t.label] = t.run(args.profile_seconds or args.seconds, args.concurrency, seed,
+                                              work / "runs", profile_dir=args.profile, profile_processes=procs,
+                                              gil=args.gil)["profiles"]
+                (args.profile / "summary.json").write_text(json.dumps(profiles, indent=1))
         finally:
-            for side in sides:
-                side.stop()
-    report = {"machine": {"cpus": os.cpu_count(), "cpu_model": cpu_model(),
-                          "load_average": os.getloadavg()},
-              "households": args.households, "seconds": args.seconds, "repeats": args.repeats,
-              "concurrency": args.concurrency, "candidate": sides[-1].summary()}
-    if args.baseline:
-        base, cand = sides[0].summary(), report["candidate"]
-        report["baseline"] = base
-        report["baseline_ref"] = args.baseline
-        report["ratio"] = {n: round(cand["cpu_ms_per_assign"][n] / base["cpu_ms_per_assign"][n], 3)
-                           for n in cand["cpu_ms_per_assign"] if base["cpu_ms_per_assign"].get(n)}
-    print(json.dumps(report))
-    return report
+            harness.stop()
+        out = report(args, harness.targets, profiles, load0, time.time() - started)
+    print(json.dumps(out))
+    return out
 
 
 if __name__ == "__main__":

@@ -20,8 +20,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
+import time
 from concurrent import futures
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 # The gateway's own request model, at module level so FastAPI resolves the annotation.
 from gateway.routes.clustering import AssignIn
@@ -87,6 +91,32 @@ def create_floor_app(echo_addr: str):
         return {"status": "SERVING"}
 
     return app
+
+
+def start_floor(log_dir: Path, timeout_s: float = 60.0) -> tuple[dict[str, subprocess.Popen], str]:
+    """Start the floor's two processes on free ports (logs in ``log_dir``), tied to this
+    process (PR_SET_PDEATHSIG, like the mesh: a killed benchmark leaves no floor server
+    behind); returns them by role and the floor's URL once it answers /health."""
+    from bench._common import answers_health
+    from services.common.child_process import spawn_tied
+    from services.testing.mesh import free_port
+
+    root = Path(__file__).resolve().parents[1]
+    echo_port, http_port = free_port(), free_port()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    procs = {}
+    for role, argv in (("echo", ["--port", str(echo_port)]),
+                       ("gateway", ["--port", str(http_port), "--echo-addr", f"127.0.0.1:{echo_port}"])):
+        procs[role] = spawn_tied([sys.executable, "-m", "bench.floor", role, *argv], cwd=root, env=env,
+                                 stdout=open(log_dir / f"floor-{role}.log", "ab"), stderr=subprocess.STDOUT)
+        time.sleep(0.3)
+    url = f"http://127.0.0.1:{http_port}"
+    if answers_health(url, timeout_s):
+        return procs, url
+    for proc in procs.values():
+        proc.kill()
+    raise RuntimeError(f"the transport floor did not start (see {log_dir}/floor-*.log)")
 
 
 def main() -> None:

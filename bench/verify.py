@@ -14,7 +14,10 @@ realistic households through the public HTTP API, then:
    100 to 1,389 req/s, latency measured from each request's *scheduled* send time
    (bench/loadgen.py: no coordinated omission); assign-only saturation (closed loop),
    p99 at half the floor's saturation rate and errors at 1,000 req/s; CPU seconds per
-   request and RSS of every process, and the load generator's own CPU.
+   request and RSS of every process, and the load generator's own CPU and send lag. Every
+   run (and the soak and the faults) begins on a quiet mesh (``Verify.settle``: outboxes
+   empty, nothing in flight, the mesh idle), and the admission A/B, which restarts the
+   gateway and overloads the mesh, runs after the mixed ladder, so no row depends on it.
 3. **Soak**: a steady rate for ``--soak-min`` minutes, RSS of every process sampled, the
    least-squares slopes after warm-up and over the last third, and a leak verdict (still
    growing over both: a bounded cache filling up flattens).
@@ -46,8 +49,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from bench._common import cpu_model, log
-from services.common.child_process import spawn_tied
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench._common import answers_health, cpu_model, log
+from bench.floor import start_floor
+from services.common.child_process import spawn_tied, stop_group
 from services.testing.mesh import SERVICE_MODULES, Mesh, free_port, write_api_key
 from services.testing.servers import MissingServer, PostgresServer, RedisServer
 
@@ -67,6 +73,13 @@ SHARED_LIMIT = {"per_s": 0.05, "burst": 6}
 # MB/h and this fraction of the process per hour (noise on a flat process is a few MB).
 LEAK_MB_PER_H = 10.0
 LEAK_FRACTION_PER_H = 0.05
+# A run starts from a quiet mesh (Verify.settle): these gauges summed over every process
+# at 0, and the mesh's processes together using less CPU than this (idle: ~0.05 cores).
+BACKLOG_METRICS = ("hearth_prediction_outbox_depth", "hearth_audit_outbox_depth", "hearth_rpc_in_flight",
+                   "hearth_gateway_in_flight", "hearth_gateway_admission_queued")
+QUIET_CORES = 0.25
+# A run whose generator sent its requests later than this (p99 of send lag) says so.
+GENERATOR_LAG_MS = 100.0
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -111,6 +124,10 @@ def proc_sample(pid: int) -> tuple[float, float] | None:
     except (OSError, IndexError, ValueError):
         return None
     return (int(fields[11]) + int(fields[12])) / TICK, rss_pages * PAGE / 2**20
+
+
+def _quiet(state: dict) -> bool:
+    return state["cores"] < QUIET_CORES and not any(state["backlog"].values())
 
 
 def percentile(values, q: float) -> float | None:
@@ -242,27 +259,7 @@ class Verify:
         return pids
 
     def start_floor(self) -> None:
-        echo_port, http_port = free_port(), free_port()
-        logs = self.out / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        for role, argv in (("echo", ["--port", str(echo_port)]),
-                           ("gateway", ["--port", str(http_port), "--echo-addr", f"127.0.0.1:{echo_port}"])):
-            # Tied to this process (PR_SET_PDEATHSIG), like the mesh: a killed verify run, or
-            # a killed test running --quick, leaves no floor server behind.
-            self.floor_procs[role] = spawn_tied(
-                [sys.executable, "-m", "bench.floor", role, *argv], cwd=ROOT, env=env,
-                stdout=open(logs / f"floor-{role}.log", "ab"), stderr=subprocess.STDOUT)
-            time.sleep(0.3)
-        self.floor_url = f"http://127.0.0.1:{http_port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.floor_url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise RuntimeError("the transport floor did not start (see logs/floor-*.log)")
+        self.floor_procs, self.floor_url = start_floor(self.out / "logs")
 
     def start_mesh(self) -> None:
         env = {"HEARTH_LOG_LEVEL": "WARNING",
@@ -304,14 +301,7 @@ class Verify:
                                                       "HEARTH_GATEWAY_PORT": str(self.replica_ports["gateway"])})
         self.mesh.wait_healthy(180)
         for url in self.gateway_urls:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(url + "/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.3)
+            answers_health(url)
 
     @property
     def gateway_urls(self) -> list[str]:
@@ -331,12 +321,7 @@ class Verify:
                 self.mesh.stop_process(name)   # the scale-out replicas
             self.mesh.stop()
         for proc in self.floor_procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop_group(proc)
         for server in (self.redis, self.postgres):
             if server is not None:
                 server.stop()
@@ -409,13 +394,53 @@ class Verify:
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         return proc, out_path
 
-    def settle(self, timeout_s: float = 90.0) -> None:
-        """Wait until the mesh has worked off any backlog of the previous run (three
-        assignments in a row answered within 100 ms), so runs do not bleed into each
-        other."""
+    def metrics_ports(self) -> dict[str, int]:
+        ports = {"gateway": self.mesh.gateway_metrics_port, **self.mesh.metrics_ports}
+        if "clustering-metrics" in self.replica_ports:
+            ports["clustering-2"] = self.replica_ports["clustering-metrics"]
+        return ports
+
+    def mesh_state(self, window_s: float = 1.0) -> dict:
+        """What the mesh is still doing: the CPU its processes use together over
+        ``window_s`` (cores) and the work waiting in it (BACKLOG_METRICS summed over every
+        process's /metrics: outbox rows not yet delivered, RPCs in flight, requests queued
+        or holding an admission slot)."""
+        pids = self.pids()
+        before = {n: proc_sample(pid) for n, pid in pids.items()}
+        t0 = time.monotonic()
+        time.sleep(window_s)
+        after = {n: proc_sample(pid) for n, pid in pids.items()}
+        elapsed = time.monotonic() - t0
+        cores = {n: round((after[n][0] - before[n][0]) / elapsed, 3) for n in pids if before[n] and after[n]}
+        backlog = dict.fromkeys(BACKLOG_METRICS, 0.0)
+        for port in self.metrics_ports().values():
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+            except httpx.HTTPError:
+                continue
+            for family in text_string_to_metric_families(text):
+                if family.name in backlog:
+                    backlog[family.name] += sum(s.value for s in family.samples if s.name == family.name)
+        return {"cores": round(sum(cores.values()), 3), "cores_by_process": cores,
+                "backlog": {k: int(v) for k, v in backlog.items()}}
+
+    def settle(self, timeout_s: float = 120.0) -> dict:
+        """Wait until the mesh is quiet again after the previous run, so every run starts
+        from the same state: nothing left in an outbox or in flight, the mesh's processes
+        together under QUIET_CORES of CPU (an overload leaves work behind that the fast
+        answers of an assign probe do not show: audit and prediction outboxes to deliver,
+        refits), then three assignments in a row answered within 100 ms. Returns how long
+        it waited and the state it ended in (``quiet`` False when ``timeout_s`` ran out)."""
         h = self.households[0]
         body = {"account_id": h["account_id"], "session_id": h["sessions"][0]}
-        deadline, good = time.monotonic() + timeout_s, 0
+        started = time.monotonic()
+        deadline, good = started + timeout_s, 0
+        # Bounded apart from the probe below: a mesh that never quiets (a background rebuild
+        # on a loaded machine) starts the run anyway, marked as not quiet.
+        quiet_by = started + min(timeout_s, 10.0 if self.args.quick else 45.0)
+        state = self.mesh_state()
+        while time.monotonic() < quiet_by and not _quiet(state):
+            state = self.mesh_state()
         with self.client() as c:
             while good < 3 and time.monotonic() < deadline:
                 t = time.perf_counter()
@@ -425,13 +450,15 @@ class Verify:
                     ok = False
                 good = good + 1 if ok and time.perf_counter() - t < 0.1 else 0
                 time.sleep(0.2)
+        return {"waited_s": round(time.monotonic() - started, 1), "quiet": _quiet(state) and good >= 3,
+                "cores": state["cores"], "backlog": state["backlog"]}
 
     def run_load(self, label: str, spec: dict, include_floor: bool = False) -> dict:
+        settled = None
         if self.households and spec["url"] == self.mesh.url:
-            t = time.monotonic()
-            self.settle()
-            if time.monotonic() - t > 2:
-                log(f"  (waited {time.monotonic() - t:.0f}s for the previous run's backlog to drain)")
+            settled = self.settle()
+            if settled["waited_s"] > 2 or not settled["quiet"]:
+                log(f"  (waited {settled['waited_s']:.0f}s for the previous run's backlog to drain: {settled})")
         pids = self.pids(include_floor)
         before = {n: proc_sample(pid) for n, pid in pids.items()}
         wall0 = time.time()
@@ -443,6 +470,7 @@ class Verify:
         raw = json.loads(out_path.read_text())
         summary = summarise(raw, spec)
         summary["label"] = label
+        summary["settled"] = settled   # the state the mesh was in when the run began
         summary["_acks"] = raw["acks"]
         processes = {}
         for name in pids:
@@ -542,9 +570,9 @@ class Verify:
                                                                    duration_s=p.step_s, victims=victims)))
             self.check_acks(runs[-1])
         self.results["mixed_runs"] = runs
-        self.results["open_loop"] = [{k: r[k] for k in ("rate", "achieved", "p50_ms", "p95_ms", "p99_ms", "max_ms",
-                                                        "errors", "errors_by_status", "acknowledged_lost")}
-                                     for r in runs]
+        self.results["open_loop"] = [{**{k: r[k] for k in ("rate", "achieved", "p50_ms", "p95_ms", "p99_ms", "max_ms",
+                                                           "errors", "errors_by_status", "acknowledged_lost")},
+                                      **_run_conditions(r)} for r in runs]
         self.results["mixed_saturation_rps"] = max((r["achieved"] for r in runs
                                                     if r["errors"] == 0 and (r["p99_ms"] or 1e9) < 1000), default=0)
 
@@ -606,6 +634,7 @@ class Verify:
         minutes = self.args.soak_min
         rate = self.args.soak_rate or self.steady_rate(p.soak_rate)
         log(f"soak: {rate}/s for {minutes} min")
+        settled = self.settle()
         victims = self.take_victims(max(0, int(rate * minutes * 60 * MIXED["delete"])))
         spec = self.spec(mix=MIXED, mode="open", rate=rate, duration_s=minutes * 60, victims=victims)
         pids = self.pids()
@@ -641,7 +670,7 @@ class Verify:
                             for slope in (slopes, late_slopes))) for n in slopes}
         self.results["soak"] = {"minutes": minutes, "rate": rate, "rss_slope_mb_per_h": slopes,
                                 "rss_slope_last_third_mb_per_h": late_slopes, "rss_growth_after_warmup_mb": growth, "leak": any(leak.values()),
-                                "leak_by_process": leak, "p99_ms": summary["p99_ms"], "errors": summary["errors"],
+                                "leak_by_process": leak, "settled": settled, "p99_ms": summary["p99_ms"], "errors": summary["errors"],
                                 "achieved": summary["achieved"], "acknowledged_lost": summary["acknowledged_lost"],
                                 "samples": {n: [[round(a, 1), round(b, 1)] for a, b in pts] for n, pts in samples.items()}}
         log(f"  soak: slopes {slopes} last third {late_slopes} leak {any(leak.values())} p99 {summary['p99_ms']} errors {summary['errors']}")
@@ -649,6 +678,7 @@ class Verify:
     # ---- failure recovery --------------------------------------------------------------
 
     def fault_phase(self) -> None:
+        self.results["faults_settled"] = self.settle()
         faults = []
         if self.redis is not None:
             faults.append(("Redis killed", self.fault_redis))
@@ -1004,6 +1034,16 @@ def summarise(raw: dict, spec: dict) -> dict:
             "errors_by_status": errors, "by_op": by_op, "error_samples": raw.get("error_samples", {})}
 
 
+def _run_conditions(run: dict) -> dict:
+    """Whether a run measured the mesh: it began on a quiet mesh (``settled``), and its
+    generator kept the schedule (a lag beyond GENERATOR_LAG_MS means the generator, starved
+    of CPU, sent late: its latencies and timeouts are partly its own)."""
+    lag = run["processes"]["loadgen"]["lag_p99_ms"]
+    settled = run.get("settled") or {}
+    return {"generator_lag_p99_ms": lag, "generator_bound": lag > GENERATOR_LAG_MS,
+            "started_quiet": settled.get("quiet"), "settle_wait_s": settled.get("waited_s")}
+
+
 def _r(x):
     return None if x is None else round(x, 2)
 
@@ -1132,11 +1172,14 @@ def _load_lines(report: dict, r: dict) -> list[str]:
               f"503 p50 {a['p50_ms_503_at_1000']} ms, 200 p99 {a['p99_ms_200_at_1000']} ms.", "",
               *_admission_lines(report.get("admission")),
               "## Mixed traffic, open loop (latency from scheduled send)", "",
-              "| offered | achieved | p50 ms | p95 ms | p99 ms | max ms | errors | acknowledged lost |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| offered | achieved | p50 ms | p95 ms | p99 ms | max ms | errors | acknowledged lost "
+              "| generator lag p99 ms | began on a quiet mesh (waited s) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for x in report["open_loop"]:
         lines.append(f"| {x['rate']} | {x['achieved']} | {x['p50_ms']} | {x['p95_ms']} | {x['p99_ms']} | "
-                     f"{x['max_ms']} | {x['errors']} {x['errors_by_status'] or ''} | {x['acknowledged_lost']} |")
+                     f"{x['max_ms']} | {x['errors']} {x['errors_by_status'] or ''} | {x['acknowledged_lost']} | "
+                     f"{x.get('generator_lag_p99_ms')}{' (generator-bound)' if x.get('generator_bound') else ''} | "
+                     f"{'yes' if x.get('started_quiet') else 'NO'} ({x.get('settle_wait_s')}) |")
     lines += ["", "CPU ms per request by process (the generator is `loadgen`, its own process):", "",
               "| run | " + " | ".join(sorted({n for v in report["cpu_ms_per_request"].values() for n in v})) + " |"]
     names = sorted({n for v in report["cpu_ms_per_request"].values() for n in v})
@@ -1213,13 +1256,16 @@ def main(argv: list[str] | None = None) -> dict:
             v.floor_phase()
             phase("assign")
             v.assign_phase()
+            phase("mixed")
+            v.mixed_phase()
+            # After the mixed ladder, never before it: the A/B restarts the gateway twice and
+            # overloads the mesh, and the rows the report compares from run to run must not
+            # depend on whether it ran (each run also waits for a quiet mesh: Verify.settle).
             # Not in --quick: its 2 s steps end before an overload without the limit reaches the
             # clients' 10 s timeout, so the A/B would show nothing (and the suite's run stays short).
             if "admission" not in skip and not args.quick:
                 phase("admission")
                 v.admission_phase()
-            phase("mixed")
-            v.mixed_phase()
         phase("soak")
         if "soak" in skip:
             v.results["soak"] = {"minutes": 0, "rate": 0, "rss_slope_mb_per_h": {}, "leak": False, "p99_ms": None,

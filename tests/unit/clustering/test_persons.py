@@ -134,3 +134,49 @@ def test_tv_only_single_person_with_two_kinds_of_viewing_stays_single():
     parts[1] = (*persona_sessions(rng, 70, 90, 9, "tv", {"comedy": 2}, minutes=25), "tv", 1)
     _, X, dev, _ = household(parts)
     assert HouseholdModel().fit(X, device_ids=dev).n_persons == 2
+
+
+def test_auc_z_measures_an_auc_against_its_chance_spread_at_the_session_counts():
+    """0.6 is chance for 20 + 20 sessions and far beyond it for 200 + 200; 0.5 is 0."""
+    assert persons.auc_z(0.5, 100, 100) == 0.0
+    assert persons.auc_z(0.6, 20, 20) < 1.2
+    assert persons.auc_z(0.6, 200, 200) > 3.4
+    assert persons.auc_z(0.6, 200, 200) > persons.auc_z(0.6, 50, 50) > persons.auc_z(0.6, 20, 20)
+    assert persons.auc_z(0.7, 0, 10) == 0.0
+
+
+def test_two_tv_only_people_whose_hours_overlap_are_two_with_many_sessions():
+    """Device ids known, no personal device: two people on the TV, 200 sessions each,
+    whose evenings are only 25 minutes apart (different tastes). Their hours tell them
+    apart with a leave-one-out AUC under 0.6 — the old fixed bar merged them — but that
+    is more than three standard deviations above chance at 400 sessions: two persons,
+    each mostly their own."""
+    rng = np.random.default_rng(2)
+    parts = [(*persona_sessions(rng, 200, 120, 21.0, "tv", {"crime": 2, "drama": 1}), "tv", 0),
+             (*persona_sessions(rng, 200, 120, 21.4, "tv", {"comedy": 2, "family": 1}), "tv", 1)]
+    _, X, dev, person = household(parts)
+    Z = persons.person_features(X)[:, persons._RHYTHM_COLUMNS]
+    auc, _, _ = persons.least_separable_pair(Z, person)
+    z, _, _ = persons.least_separable_pair(Z, person, by_z=True)
+    assert auc < 0.6 and z > persons.SHARED_ONLY_SPLIT_Z
+    m = HouseholdModel().fit(X, device_ids=dev)
+    assert m.n_persons == 2
+    pred = np.array(m.assign_batch(X, device_ids=dev).person())
+    majority = []
+    for k in (0, 1):
+        values, counts = np.unique(pred[person == k], return_counts=True)
+        assert counts.max() / (person == k).sum() > 0.8
+        majority.append(values[counts.argmax()])
+    assert majority[0] != majority[1]
+
+
+def test_small_tv_only_single_person_with_two_kinds_stays_single():
+    """40 sessions of one person on the TV, crime binges and short comedies at the same
+    hours: the readier BIC proposes a split, the hours (at chance for 20 + 20 sessions)
+    take it back — one person, as with 140 sessions."""
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        parts = [(*persona_sessions(rng, 20, 40, 21, "tv", {"crime": 2, "drama": 1}, minutes=150), "tv", 0),
+                 (*persona_sessions(rng, 20, 40, 21, "tv", {"comedy": 2}, minutes=25), "tv", 0)]
+        _, X, dev, _ = household(parts)
+        assert HouseholdModel().fit(X, device_ids=dev).n_persons == 1, seed
