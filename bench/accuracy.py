@@ -338,6 +338,12 @@ def fit_device_confidence(answers: list[dict], one_person_prior: float = 20.0) -
         iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(x, y)
         grid = np.linspace(x.min(), 1.0, 21 if name == "mature" else 11)
         knots_y = np.maximum.accumulate(iso.predict(grid))
+        # The last knot (a posterior of 1.0): the accuracy of the whole top grid cell, not
+        # the isotonic fit's last block, which on a few hundred young answers can be a
+        # handful that were all right and would let a young model say 1.0.
+        top_cell = x >= grid[-2]
+        if top_cell.any():
+            knots_y[-1] = max(knots_y[-2], float(y[top_cell].mean()))
         sel = ones[:, 0] == (name == "young")
         overall = float(ones[sel, 2].mean())
         bucket = np.searchsorted(edges, ones[:, 1], side="left")

@@ -159,15 +159,15 @@ SINGLE_PERSON_CONFIDENCE = 0.8467
 # and each model's age). Bare vectors (no device ids: Hearth's own simulator,
 # AssignSessions with vectors) keep the map above. Fitted on 48 TUNING households
 # (2026-12-03; the counts are in docs/clustering.md, "Confidence").
-DEVICE_CONFIDENCE_MAP_X = np.array([0.2922, 0.3276, 0.363, 0.3984, 0.4338, 0.4692, 0.5045, 0.5399, 0.5753, 0.6107, 0.6461, 0.6815, 0.7169, 0.7523, 0.7877, 0.8231, 0.8584, 0.8938, 0.9292, 0.9646, 1.0])
-DEVICE_CONFIDENCE_MAP_Y = np.array([0.0, 0.0, 0.0, 0.375, 0.4222, 0.4222, 0.4222, 0.4596, 0.5057, 0.5082, 0.5082, 0.5619, 0.613, 0.613, 0.6881, 0.7652, 0.7681, 0.7681, 0.7681, 0.8068, 1.0])
-DEVICE_SINGLE_PERSON_CONFIDENCE = 0.6927
+DEVICE_CONFIDENCE_MAP_X = np.array([0.285, 0.3208, 0.3565, 0.3923, 0.428, 0.4638, 0.4995, 0.5353, 0.571, 0.6068, 0.6425, 0.6783, 0.714, 0.7498, 0.7855, 0.8213, 0.857, 0.8928, 0.9285, 0.9643, 1.0])
+DEVICE_CONFIDENCE_MAP_Y = np.array([0.0, 0.0, 0.1698, 0.2667, 0.5333, 0.5555, 0.5555, 0.5555, 0.5555, 0.5555, 0.5555, 0.5968, 0.7112, 0.7112, 0.7354, 0.7721, 0.8133, 0.8301, 0.8428, 0.864, 0.895])
+DEVICE_SINGLE_PERSON_CONFIDENCE = 0.6955
 # A one-person answer is less sure the more devices the household uses: on the TUNING
 # answers a one-person model with 3 or more known devices was right far less often than
 # one with 1-2 (stream: 0.52 vs 0.76), so its confidence comes from a table by the devices
 # the model knows (ONE_PERSON_DEVICE_EDGES: <= 2, >= 3), per model age.
 ONE_PERSON_DEVICE_EDGES = (2,)
-DEVICE_SINGLE_PERSON_CONFIDENCE_BY_DEVICES = (0.7419, 0.5143)
+DEVICE_SINGLE_PERSON_CONFIDENCE_BY_DEVICES = (0.7502, 0.5145)
 
 # A young model (fewer than YOUNG_MODEL_SESSIONS sessions seen, device ids known) is
 # wrong more often than a mature one at the same posterior: in a time-ordered stream
@@ -177,8 +177,8 @@ DEVICE_SINGLE_PERSON_CONFIDENCE_BY_DEVICES = (0.7419, 0.5143)
 # tell a short complete history from the start of a long one). Cold-start answers (one
 # person, before MIN_SESSIONS) say what a young one-person answer says.
 YOUNG_MODEL_SESSIONS = 60
-YOUNG_DEVICE_CONFIDENCE_MAP_X = np.array([0.4801, 0.5321, 0.5841, 0.6361, 0.6881, 0.74, 0.792, 0.844, 0.896, 0.948, 1.0])
-YOUNG_DEVICE_CONFIDENCE_MAP_Y = np.array([0.0, 0.3625, 0.3625, 0.3625, 0.3625, 0.3625, 0.375, 0.6136, 0.6212, 0.7368, 1.0])
+YOUNG_DEVICE_CONFIDENCE_MAP_X = np.array([0.3555, 0.42, 0.4844, 0.5489, 0.6133, 0.6778, 0.7422, 0.8067, 0.8711, 0.9356, 1.0])
+YOUNG_DEVICE_CONFIDENCE_MAP_Y = np.array([0.0, 0.0, 0.2857, 0.2857, 0.4375, 0.5111, 0.5111, 0.5929, 0.5929, 0.75, 0.7962])
 YOUNG_DEVICE_SINGLE_PERSON_CONFIDENCE = 0.7549
 YOUNG_DEVICE_SINGLE_PERSON_CONFIDENCE_BY_DEVICES = (0.8356, 0.567)
 
