@@ -7,7 +7,7 @@ PROTOS := $(shell find protos -name '*.proto')
 
 .DEFAULT_GOAL := help
 .PHONY: help run test protos venv test-unit test-contract test-integration test-e2e lint \
-        provision bench-accuracy bench-assign bench-assign-cpu bench-attribution bench-privacy bench-pg-purge bench-feedback bench-gateway bench-audit-memory verify clean check-protos
+        provision bench-accuracy bench-assign bench-assign-cpu bench-attribution bench-privacy bench-pg-purge bench-feedback bench-gateway bench-grpc-server bench-audit-memory verify clean check-protos
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -64,6 +64,9 @@ bench-assign-cpu: hearth/__init__.py ## CPU per assign of every mesh process (JS
 
 bench-gateway: hearth/__init__.py ## gateway CPU per assign beside the transport floor (JSON; ARGS="--baseline REF|--py-spy DIR")
 	$(PY) -m bench.gateway $(ARGS)
+
+bench-grpc-server: hearth/__init__.py ## server CPU per unary call by gRPC server kind: sync, aio, Hearth's interceptor (JSON; ARGS="--baseline REF")
+	$(PY) -m bench.grpc_server $(ARGS)
 
 bench-audit-memory: hearth/__init__.py ## heap growth per audit entry of the audit writer, proof tree pruned vs whole (JSON; ARGS=--quick)
 	$(PY) -m bench.audit_memory $(ARGS)

@@ -193,17 +193,22 @@ def summarise(hs: list[WorldHousehold], preds: list[np.ndarray], probs: list[np.
     return out
 
 
-def after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], seed: int = 0) -> dict:
-    """ECE after feedback, the way the mesh does it: the feedback service's calibrator
-    (``fit_calibrator``: identity, temperature or isotonic by cross-validated ECE) is
+def after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], ages: list[np.ndarray] | None = None,
+                   seed: int = 0) -> dict:
+    """ECE after feedback, the way the mesh does it: the feedback service's calibrator is
     fitted on the answers of a random DEFAULT_FEEDBACK_RATE (3.75 %) of all sessions,
     each with the model person its true person is matched to (or "someone else" when
-    the model has no such person); clustering applies it to every answer that is a
-    full distribution (services/clustering/app.py: a one-person answer keeps its mass
-    for an unseen member and is left alone). Scored on the other 96.25 %."""
+    the model has no such person), and clustering applies it to every answer. Scored on
+    the other 96.25 %.
+
+    ``ages`` (per household, per session: the sessions the model had seen when it
+    answered, which clustering records with each prediction): the calibrator is
+    ``fit_segmented_calibrator`` (a pooled map, then per model-age segment a residual map
+    and a one-person shift). ``ece_after_pooled`` is the pooled map alone (what the mesh
+    did before predictions carried the model's age), on the same sample."""
     from services.feedback.domain.evaluation import DEFAULT_FEEDBACK_RATE, feedback_mask
     from services.feedback.domain.metrics import UNKNOWN_LABEL
-    from services.feedback.domain.recalibration import FeedbackSample, fit_calibrator
+    from services.feedback.domain.recalibration import FeedbackSample, fit_calibrator, fit_segmented_calibrator
 
     width = max(P.shape[1] for P in probs)
     rows, labels, correct = [], [], []
@@ -215,19 +220,30 @@ def after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], seed: int 
         labels.append(np.array([column_of.get(int(t), UNKNOWN_LABEL) for t in h.person]))
         correct.append(m[pred] == h.person)
     P, y, ok = np.vstack(rows), np.concatenate(labels), np.concatenate(correct)
-    full = (np.abs(P.sum(axis=1) - 1.0) <= 1e-3) & ((P > 0).sum(axis=1) > 1)
+    age = np.concatenate(ages) if ages is not None else np.zeros(P.shape[0], dtype=np.int64)
     fed = feedback_mask(P.shape[0], DEFAULT_FEEDBACK_RATE, seed)
-    sample = fed & full
-    calibrator = fit_calibrator(FeedbackSample.create(P[sample], labels=y[sample], correct=ok[sample].astype(float)))
-    after = P.copy()
-    after[full] = calibrator.apply(P[full])
+    sample = FeedbackSample.create(P[fed], labels=y[fed], correct=ok[fed].astype(float))
     held = ~fed
-    conf_after = after[held].max(axis=1)
-    correct_after = (after[held].argmax(axis=1) == P[held].argmax(axis=1)) & ok[held]
-    return {"feedback_rate": DEFAULT_FEEDBACK_RATE, "feedback_sessions": int(fed.sum()),
-            "feedback_used": int(sample.sum()), "calibrator": calibrator.method,
-            "ece_before": ece(P[held].max(axis=1), ok[held]), "ece_after": ece(conf_after, correct_after),
-            "held_out_sessions": int(held.sum())}
+    out = {"feedback_rate": DEFAULT_FEEDBACK_RATE, "feedback_sessions": int(fed.sum()),
+           "ece_before": ece(P[held].max(axis=1), ok[held]), "held_out_sessions": int(held.sum())}
+    for key, calibrator in (("pooled", fit_calibrator(sample)),
+                            ("segmented", fit_segmented_calibrator(sample, age[fed]))):
+        after = calibrator.apply(P[held], age[held])
+        correct_after = (after.argmax(axis=1) == P[held].argmax(axis=1)) & ok[held]
+        out[f"ece_after_{key}"] = ece(after.max(axis=1), correct_after)
+        out[f"calibrator_{key}"] = {"method": calibrator.method, "segments": {
+            n: c.method for n, c in calibrator.segments.items()}, "one_person": calibrator.one_person}
+    out["feedback_used"] = int(sample.probs.shape[0])
+    out["ece_after"] = out["ece_after_segmented" if ages is not None else "ece_after_pooled"]
+    return out
+
+
+def model_ages(hs: list[WorldHousehold], mode: str, batch: int = STREAM_BATCH) -> list[np.ndarray]:
+    """Per session, the sessions the model had seen when it answered: every session of the
+    household in a batch fit; in a stream, every session up to its arrival batch."""
+    if mode == "batch":
+        return [np.full(h.n_sessions, h.n_sessions, dtype=np.int64) for h in hs]
+    return [np.minimum((np.arange(h.n_sessions) // batch + 1) * batch, h.n_sessions) for h in hs]
 
 
 def gap_closed(acc: float, majority_acc: float, oracle_acc: float) -> float | None:
@@ -374,8 +390,8 @@ def run(hs: list[WorldHousehold], log=lambda m: None, held_out: tuple[str, ...] 
     comp = {"hearth": s_events, "periodic_refit": periodic}
     all_idx = list(range(len(hs)))
     report = {"all": _block(hs, all_idx, results, stream, comp)}
-    report["all"]["after_feedback"] = {"batch": after_feedback(hs, probs),
-                                       "streaming": after_feedback(hs, s_probs)}
+    report["all"]["after_feedback"] = {"batch": after_feedback(hs, probs, model_ages(hs, "batch")),
+                                       "streaming": after_feedback(hs, s_probs, model_ages(hs, "stream"))}
     for fam in sorted({h.family for h in hs}):
         report[fam] = _block(hs, [i for i, h in enumerate(hs) if h.family == fam], results, stream, comp)
     if held_out:

@@ -289,41 +289,77 @@ def calibrate_confidence(quick: bool) -> dict:
 
 
 def calibrate_device_confidence(quick: bool) -> dict:
-    """The device-evidence confidence map (DEVICE_CONFIDENCE_MAP_X/Y,
-    DEVICE_SINGLE_PERSON_CONFIDENCE in model.py): the same isotonic fit, on the TUNING
-    worlds only (sessions with device ids), pooling each session's confidence from a
-    batch fit and at its arrival in a time-ordered stream (the way the service sees
-    them), from models that have seen at least YOUNG_MODEL_SESSIONS sessions."""
-    from sklearn.isotonic import IsotonicRegression
+    """The device-evidence confidence maps of model.py, fitted on the TUNING worlds only
+    (sessions with device ids): each session's uncalibrated answer from a batch fit and
+    at its arrival in a time-ordered stream, pooled (bench/_confidence.py, the way the
+    service sees them), split by the model's age:
+
+    * DEVICE_CONFIDENCE_MAP_X/Y and YOUNG_DEVICE_CONFIDENCE_MAP_X/Y: isotonic regression
+      of "the answer is right" on the top-label probability, answers of models that had
+      seen >= / < YOUNG_MODEL_SESSIONS sessions;
+    * the one-person answer (DEVICE_/YOUNG_DEVICE_SINGLE_PERSON_CONFIDENCE and their
+      tables by the devices the model knows, ONE_PERSON_DEVICE_EDGES): the share of such
+      answers that were right, per bucket shrunk toward the age's share by
+      ONE_PERSON_PRIOR pseudo-answers."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from bench._confidence import household_answers
     hs = worlds.generate(worlds.TUNING, worlds_per_family=1 if quick else 2,
                          households_per_world=4 if quick else 8)
-    conf, correct, single = [], [], []
-    for h in hs:
-        # Answers of a model that has seen fewer than YOUNG_MODEL_SESSIONS sessions go
-        # through the young map (fitted on its own); this map is for the mature ones:
-        # batch fits of households with that many sessions and stream answers from then on.
-        mature = np.arange(h.n_sessions) >= YOUNG_MODEL_SESSIONS
-        runs = [(worlds_eval.hearth_batch(h, calibrated=False), np.full(h.n_sessions, h.n_sessions >= YOUNG_MODEL_SESSIONS)),
-                (worlds_eval.hearth_stream(h, calibrated=False)[:2], mature)]
-        for (labels, P), keep in runs:
-            ok = matched_correct(h.person, labels)[keep]
-            top = P[np.arange(P.shape[0]), labels][keep]
-            live = (P > 0).sum(axis=1)[keep]
-            single.append(ok[live <= 1])
-            conf.append(top[live > 1])
-            correct.append(ok[live > 1])
-    x, y = np.concatenate(conf), np.concatenate(correct).astype(float)
-    iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(x, y)
-    grid = np.linspace(x.min(), 1.0, 21)
-    knots_y = np.maximum.accumulate(iso.predict(grid))
-    single_ok = np.concatenate(single)
-    single_acc = float(single_ok.mean()) if single_ok.size else 1.0
-    log(f"device confidence map: x {np.round(grid, 4).tolist()} y {np.round(knots_y, 4).tolist()} "
-        f"single-person {single_acc:.4f} ({single_ok.size} sessions)")
-    return {"device_confidence_map_x": np.round(grid, 4).tolist(),
-            "device_confidence_map_y": np.round(knots_y, 4).tolist(),
-            "device_single_person_confidence": round(single_acc, 4), "sessions": int(x.size),
-            "single_person_sessions": int(single_ok.size), "households": len(hs)}
+    with ProcessPoolExecutor(max(1, min(2, os.cpu_count() or 1))) as pool:
+        answers = list(pool.map(household_answers, hs))
+    return {"households": len(hs), **fit_device_confidence(answers)}
+
+
+def fit_device_confidence(answers: list[dict], one_person_prior: float = 20.0) -> dict:
+    """calibrate_device_confidence's fit on raw answers (bench/_confidence.household_answers)."""
+    from sklearn.isotonic import IsotonicRegression
+
+    from bench._confidence import COLD_ONE, MIXTURE
+    from services.clustering.domain.model import ONE_PERSON_DEVICE_EDGES
+    multi = {"young": ([], []), "mature": ([], [])}
+    one = []   # (young, devices, right)
+    for ans in answers:
+        for a in (ans["batch"], ans["stream"]):
+            live = (a.P > 0).sum(axis=1)
+            top = a.P.max(axis=1)
+            young = a.age < YOUNG_MODEL_SESSIONS
+            for name, sel in (("young", young), ("mature", ~young)):
+                rows = a.device & (a.kind == MIXTURE) & (live > 1) & sel
+                multi[name][0].append(top[rows])
+                multi[name][1].append(a.correct[rows])
+            rows = a.device & (((a.kind == MIXTURE) & (live <= 1)) | (a.kind == COLD_ONE))
+            one.append(np.c_[young[rows], a.devices[rows], a.correct[rows]])
+    ones = np.vstack(one).astype(float)
+    edges = np.asarray(ONE_PERSON_DEVICE_EDGES)
+    out: dict = {}
+    for name in ("mature", "young"):
+        x, y = np.concatenate(multi[name][0]), np.concatenate(multi[name][1]).astype(float)
+        iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(x, y)
+        grid = np.linspace(x.min(), 1.0, 21 if name == "mature" else 11)
+        knots_y = np.maximum.accumulate(iso.predict(grid))
+        # The last knot (a posterior of 1.0): the accuracy of the whole top grid cell, not
+        # the isotonic fit's last block, which on a few hundred young answers can be a
+        # handful that were all right and would let a young model say 1.0.
+        top_cell = x >= grid[-2]
+        if top_cell.any():
+            knots_y[-1] = max(knots_y[-2], float(y[top_cell].mean()))
+        sel = ones[:, 0] == (name == "young")
+        overall = float(ones[sel, 2].mean())
+        bucket = np.searchsorted(edges, ones[:, 1], side="left")
+        table = [float((ones[sel & (bucket == b), 2].sum() + one_person_prior * overall)
+                       / ((sel & (bucket == b)).sum() + one_person_prior)) for b in range(edges.size + 1)]
+        prefix = "young_" if name == "young" else ""
+        out[f"{prefix}device_confidence_map_x"] = np.round(grid, 4).tolist()
+        out[f"{prefix}device_confidence_map_y"] = np.round(knots_y, 4).tolist()
+        out[f"{prefix}device_single_person_confidence"] = round(overall, 4)
+        out[f"{prefix}device_single_person_confidence_by_devices"] = [round(t, 4) for t in table]
+        out[f"{prefix}sessions"] = int(x.size)
+        out[f"{prefix}single_person_answers"] = int(sel.sum())
+        log(f"{name} device confidence map: x {out[f'{prefix}device_confidence_map_x']} "
+            f"y {out[f'{prefix}device_confidence_map_y']} one-person {overall:.4f} by devices {table} "
+            f"({x.size} multi-person, {int(sel.sum())} one-person answers)")
+    return out
 
 
 def run_worlds(quick: bool, streaming: bool = True, workers: int = 2) -> dict:
@@ -363,6 +399,8 @@ def main() -> None:
                     help="with --worlds-only: the batch fit and baselines, no streaming part")
     ap.add_argument("--calibrate-confidence", action="store_true",
                     help="fit the confidence map on the TUNING worlds (prints it)")
+    ap.add_argument("--device-maps-only", action="store_true",
+                    help="with --calibrate-confidence: only the device-evidence maps (not the bare-vector map)")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                     help="processes scoring the world households (same figures for any number)")
     args = ap.parse_args()
@@ -371,7 +409,7 @@ def main() -> None:
         print(json.dumps(calibrate(args.quick)))
         return
     if args.calibrate_confidence:
-        print(json.dumps({"bare": calibrate_confidence(args.quick),
+        print(json.dumps({**({} if args.device_maps_only else {"bare": calibrate_confidence(args.quick)}),
                           "device": calibrate_device_confidence(args.quick)}))
         return
     if args.worlds_only:

@@ -3,7 +3,7 @@ older commit's mesh or gateway, in one run (issue #11: where an assign's CPU goe
 
     python -m bench.assign_cpu [--households 30] [--days 30] [--seconds 15] [--repeats 3]
                                [--concurrency 16] [--floor] [--baseline REF]
-                               [--baseline-gateway REF] [--profile DIR]
+                               [--baseline-gateway REF] [--candidate-env K=V,...] [--profile DIR]
                                [--profile-processes clustering,privacy,gateway] [--gil]
     python -m bench.assign_cpu --top FILE
 
@@ -18,7 +18,9 @@ each process's /proc utime+stime over every run. CPU milliseconds per completed 
 the stable figure on a shared machine (throughput moves with the neighbours' load; the CPU
 one request costs does not). The targets:
 
-* ``candidate``: this checkout's mesh;
+* ``candidate``: this checkout's mesh (``--candidate-env K=V,...``: with these variables set in
+  its processes only, e.g. ``--baseline HEAD --candidate-env MALLOC_ARENA_MAX=2`` for what a
+  setting costs);
 * ``floor`` (``--floor``): the transport floor (bench/floor.py: FastAPI on the gateway's
   uvicorn settings, one grpc.aio call to an echo server, no Hearth logic); every target is
   then also quoted over it (saturation, gateway CPU over the floor's HTTP process CPU);
@@ -148,6 +150,17 @@ def profile_summary(raw: str, top: int = 25) -> dict:
     return {"samples": n, "self_pct": share(self_samples) if n else {}, "total_pct": share(total_samples) if n else {}}
 
 
+def parse_env(text: str) -> dict[str, str]:
+    """``K=V,K=V`` (``--candidate-env``) as a dict; a pair without ``=`` is refused."""
+    env = {}
+    for pair in filter(None, text.split(",")):
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--candidate-env: {pair!r} is not KEY=VALUE")
+        env[key.strip()] = value.strip()
+    return env
+
+
 def median(values) -> float | None:
     values = [x for x in values if x is not None]
     return round(statistics.median(values), 3) if values else None
@@ -255,12 +268,12 @@ class Harness:
         self.others: list[subprocess.Popen] = []
         self.targets: list[Target] = []
 
-    def start_mesh(self, label: str, root: Path) -> tuple[Mesh, str]:
+    def start_mesh(self, label: str, root: Path, env: dict[str, str] | None = None) -> tuple[Mesh, str]:
         base = self.work / label.replace(" ", "-")
         mesh = Mesh.on_free_ports(base / "var", log_dir=base / "logs", root=root, extra_env={
             "HEARTH_LOG_LEVEL": "WARNING",
             # Capacity, not the per-client token buckets, is measured.
-            "HEARTH_RATE_LIMIT_DEFAULT": json.dumps({"per_s": 1_000_000, "burst": 1_000_000})})
+            "HEARTH_RATE_LIMIT_DEFAULT": json.dumps({"per_s": 1_000_000, "burst": 1_000_000}), **(env or {})})
         mesh.data_dir.mkdir(parents=True, exist_ok=True)
         api_key = write_api_key(mesh.data_dir / "gateway-keys.json", "bench-admin", "admin")
         self.meshes.append(mesh)
@@ -311,7 +324,8 @@ class Harness:
         sides = [("candidate", ROOT)]
         if a.baseline:
             sides.insert(0, ("baseline", extract(a.baseline, self.work / "baseline-tree")))
-        started = [(label, *self.start_mesh(label, root)) for label, root in sides]
+        envs = {"candidate": parse_env(a.candidate_env)}
+        started = [(label, *self.start_mesh(label, root, envs.get(label))) for label, root in sides]
         floor = self.start_floor() if a.floor else None
         for _, mesh, _ in started:
             mesh.wait_healthy(180)
@@ -342,7 +356,7 @@ def report(args: argparse.Namespace, targets: list[Target], profiles: dict, load
                        "load_average_after": round(os.getloadavg()[0], 2)},
            "households": args.households, "seconds": args.seconds, "repeats": args.repeats,
            "concurrency": args.concurrency, "baseline_ref": args.baseline or None,
-           "baseline_gateway_ref": args.baseline_gateway or None,
+           "baseline_gateway_ref": args.baseline_gateway or None, "candidate_env": parse_env(args.candidate_env),
            "targets": summaries, "candidate": summaries["candidate"], "profiles": profiles,
            "wall_s": round(wall_s, 1)}
     if "baseline" in summaries:
@@ -372,6 +386,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default="", help="git commit whose whole mesh runs beside this checkout's")
     p.add_argument("--baseline-gateway", default="",
                    help="git commit whose gateway runs in front of this checkout's services")
+    p.add_argument("--candidate-env", default="",
+                   help="K=V,K=V set for the candidate mesh's processes only (with --baseline HEAD: the same "
+                        "code with and without a setting, e.g. allocator variables)")
     p.add_argument("--profile", type=Path, default=None, help="py-spy the targets into this directory")
     p.add_argument("--profile-processes", default="clustering,privacy,gateway")
     p.add_argument("--profile-seconds", type=float, default=None, help="default: --seconds")

@@ -22,7 +22,7 @@ Variant = Annotated[str, Field(min_length=1, max_length=64, pattern=ID_PATTERN)]
 VariantPath = Annotated[str, Path(min_length=1, max_length=64, pattern=ID_PATTERN)]
 FeedbackKindName = Literal["explicit_confirm", "explicit_correct", "implicit_continue", "implicit_abandon",
                            "implicit_switch_profile"]
-GroupBy = Literal["", "variant", "household_size", "cold_start"]
+GroupBy = Literal["", "variant", "household_size", "cold_start", "model_age"]
 
 NOT_FOUND = {404: {"model": models.ErrorOut, "description": "unknown prediction"}}
 CONFLICT = {409: {"model": models.ErrorOut, "description": "feedback_id already used for another feedback, "

@@ -261,13 +261,18 @@ class ClusteringApp:
         variant = model.variant
         cold = batch.strategy.removeprefix("cold_start:") if batch.strategy.startswith("cold_start") else ""
         probabilities = batch.probabilities
-        if not cold:  # recalibrated confidences (feedback service), argmax preserved
-            # Rows of a one-person model sum to SINGLE_PERSON_CONFIDENCE < 1 on purpose (the
-            # rest is an unseen member); the calibrator maps full distributions only.
-            full = np.abs(probabilities.sum(axis=1) - 1.0) <= 1e-3
-            if full.any():
-                probabilities = np.array(probabilities, dtype=np.float64, copy=True)
-                probabilities[full] = self.calibrator_of(variant).apply(probabilities[full])
+        model_sessions = int(model.n_sessions)
+        # Recalibrated confidences (feedback service), argmax preserved, per the model's age
+        # (services/common/calibration.py): distributions over persons through its maps, a
+        # one-person answer (sums to < 1 on purpose: the rest is an unseen member) by its
+        # shift. Cold-start answers over several persons (population personas) are left as is.
+        calibrate = np.ones(probabilities.shape[0], dtype=bool)
+        if cold:
+            calibrate = (probabilities > 0).sum(axis=1) == 1
+        if calibrate.any():
+            probabilities = np.array(probabilities, dtype=np.float64, copy=True)
+            probabilities[calibrate] = self.calibrator_of(variant).apply(
+                probabilities[calibrate], np.full(int(calibrate.sum()), model_sessions))
         # Constrained assignment: a session whose person is known (label) is that person.
         for r, label in enumerate(labels or []):
             known = known_person(model, label)
@@ -284,7 +289,8 @@ class ClusteringApp:
                                          batch.sessions_until_model, prediction_id))
             records.append(PredictionRecord(prediction_id, account_id, session_ids[r] or prediction_id, pid,
                                             probs, variant, version, now, bool(cold), len(batch.person_ids),
-                                            device_ids[r], *((spans or [None] * len(session_ids))[r] or (None, None))))
+                                            device_ids[r], *((spans or [None] * len(session_ids))[r] or (None, None)),
+                                            model_sessions))
         return answers, records
 
     # ---- households, refit, labels ----------------------------------------------------

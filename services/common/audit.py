@@ -47,9 +47,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,27 +247,36 @@ def _text(value: object, name: str, *, allow_empty: bool = True) -> str:
     return value if len(value) <= MAX_TEXT else value[: MAX_TEXT - 1] + "…"
 
 
-def make_record(event_type: str, resource: str = "", outcome: str = SUCCESS,
-                details: Mapping[str, Any] | None = None, *,
-                principal: identity.Principal | None = None, trace_id: str | None = None,
-                ts: float | None = None, fallback_service: str = "unknown") -> AuditRecord:
-    """Validate and build a record; principal and trace id default to the current
-    context. Raises ValueError naming the argument (a programming error: audit calls
-    are written in code, not taken from requests)."""
-    if event_type not in EVENT_TYPES:
-        raise ValueError(f"event_type: {event_type!r} is not one of {sorted(EVENT_TYPES)}")
-    outcome = OUTCOME_ALIASES.get(outcome, outcome)
-    if outcome not in OUTCOMES:
-        raise ValueError(f"outcome: {outcome!r} is not one of {sorted(OUTCOMES)}")
+def details_to_json(details: Mapping[str, Any] | None) -> str:
+    """``details`` frozen as the record stores them (sorted keys, compact, no NaN);
+    ValueError naming ``details`` when they are not a JSON-serialisable mapping."""
     if details is None:
         details = {}
     if not isinstance(details, Mapping):
         raise ValueError(f"details: expected a mapping, got {type(details).__name__}")
     try:
-        details_json = json.dumps(dict(details), sort_keys=True, separators=(",", ":"),
-                                  ensure_ascii=False, allow_nan=False)
+        return json.dumps(dict(details), sort_keys=True, separators=(",", ":"),
+                          ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"details: not JSON-serialisable ({exc})") from None
+
+
+def make_record(event_type: str, resource: str = "", outcome: str = SUCCESS,
+                details: Mapping[str, Any] | None = None, *,
+                principal: identity.Principal | None = None, trace_id: str | None = None,
+                ts: float | None = None, fallback_service: str = "unknown",
+                details_json: str | None = None) -> AuditRecord:
+    """Validate and build a record; principal and trace id default to the current
+    context. Raises ValueError naming the argument (a programming error: audit calls
+    are written in code, not taken from requests). ``details_json``: the details already
+    frozen by ``details_to_json`` (then ``details`` is ignored)."""
+    if event_type not in EVENT_TYPES:
+        raise ValueError(f"event_type: {event_type!r} is not one of {sorted(EVENT_TYPES)}")
+    outcome = OUTCOME_ALIASES.get(outcome, outcome)
+    if outcome not in OUTCOMES:
+        raise ValueError(f"outcome: {outcome!r} is not one of {sorted(OUTCOMES)}")
+    if details_json is None:
+        details_json = details_to_json(details)
     if principal is None:
         try:
             principal = identity.current_principal()
@@ -318,8 +327,16 @@ class AuditSink:
         self._spool_failures = 0
         self._next_drain = 0.0
         self.spooled = 0
-        self._queue: queue.Queue[AuditRecord] = queue.Queue(max_queue)
-        self._lock = threading.Condition()
+        # The queue is a deque under the sink's lock, not a queue.Queue: Queue.put wakes
+        # the waiting sink thread on every record (a thread switch per audited RPC, the
+        # largest item of the server interceptor's cost); here the thread is woken only
+        # when a record arrives at an empty queue or a batch fills, and otherwise
+        # collects what arrived during its max_delay_s window.
+        self._items: deque[AuditRecord] = deque()
+        self._max_queue = max_queue
+        mutex = threading.RLock()
+        self._lock = threading.Condition(mutex)      # counters; flush() waits on it
+        self._arrived = threading.Condition(mutex)   # the sink thread waits on it
         self._accepted = 0      # records put on the queue
         self._finished = 0      # records sent or dropped by the thread
         self.sent = 0
@@ -344,13 +361,13 @@ class AuditSink:
             self._drop(1, "closed")
             return False
         with self._lock:
-            try:
-                self._queue.put_nowait(record)
-            except queue.Full:
-                full = True
-            else:
-                full = False
+            queued = len(self._items)
+            full = queued >= self._max_queue
+            if not full:
+                self._items.append(record)
                 self._accepted += 1
+                if queued == 0 or queued + 1 >= self._max_batch:
+                    self._arrived.notify()
         if full:
             self._drop(1, "queue_full")
             log.warning("audit queue full: record dropped", extra={"fields": {
@@ -408,22 +425,24 @@ class AuditSink:
             self._lock.notify_all()
 
     def _take_batch(self) -> list[AuditRecord]:
-        try:
-            first = self._queue.get(timeout=0.1)
-        except queue.Empty:
-            return []
-        batch = [first]
-        deadline = time.monotonic() + self._max_delay
-        while len(batch) < self._max_batch:
-            remaining = deadline - time.monotonic()
-            try:
-                batch.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
-            except queue.Empty:
-                break
-        return batch
+        """Up to ``max_batch`` records: waits up to 0.1 s for a first one, then up to
+        ``max_delay_s`` for the batch to fill (not while stopping)."""
+        with self._lock:
+            if not self._items:
+                self._arrived.wait(0.1)
+                if not self._items:
+                    return []
+            deadline = time.monotonic() + self._max_delay
+            while len(self._items) < self._max_batch and not self._stop.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._arrived.wait(remaining)
+            items = self._items
+            return [items.popleft() for _ in range(min(len(items), self._max_batch))]
 
     def _run(self) -> None:
-        while not (self._stop.is_set() and self._queue.empty()):
+        while not (self._stop.is_set() and not self._items):
             batch = self._take_batch()
             if batch:
                 try:
@@ -752,16 +771,34 @@ def record_rpc(component: str, method: str, request: object,
         event_type = event_for(method, code)
         if event_type is None:
             return
-        details: dict[str, str] = {"rpc": method.lstrip("/"), "code": code.name, "component": component}
         if principal is None:
             pid, role = _claimed(metadata)
             principal = identity.Principal(pid or ANONYMOUS, identity.Role(UNAUTHENTICATED_ROLE))
-            details["authenticated"] = "false"
-            details["claimed_role"] = role
-        _sink.record(event_type, _resource_of(request), outcome_for(code), details,
-                     principal=principal, trace_id=trace_id)
+            details_json = details_to_json({"rpc": method.lstrip("/"), "code": code.name, "component": component,
+                                            "authenticated": "false", "claimed_role": role})
+        else:
+            details_json = _rpc_details_json(component, method, code)
+        sink = _sink
+        sink.submit(make_record(event_type, _resource_of(request), outcome_for(code), principal=principal,
+                                trace_id=trace_id, fallback_service=sink.component, details_json=details_json))
     except Exception:  # noqa: BLE001
         log.exception("auditing %s failed", method)
+
+
+# (component, method, status) -> the details JSON of an authenticated RPC's record: the
+# same few strings for every call of a method, frozen once instead of per RPC.
+_RPC_DETAILS: dict[tuple[str, str, grpc.StatusCode], str] = {}
+
+
+def _rpc_details_json(component: str, method: str, code: grpc.StatusCode) -> str:
+    key = (component, method, code)
+    known = _RPC_DETAILS.get(key)
+    if known is None:
+        if len(_RPC_DETAILS) > 4096:   # bounded: unknown methods are refused before here
+            _RPC_DETAILS.clear()
+        known = _RPC_DETAILS[key] = details_to_json(
+            {"rpc": method.lstrip("/"), "code": code.name, "component": component})
+    return known
 
 
 def security_listener(component: str) -> Callable[[identity.SecurityEvent], None]:

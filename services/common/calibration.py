@@ -8,6 +8,26 @@ needs neither feedback's code nor scikit-learn.
 
 Conventions: ``probs`` is an ``(n, K)`` matrix (a 1-D vector is one row), rows finite,
 in [0, 1], summing to 1 within ``ROW_SUM_TOLERANCE``; a probability of exactly 0 stays 0.
+A **one-person row** (exactly one positive entry, below 1: the answer of a model that
+knows one person, the rest being a member it has not seen; zero-padded columns allowed)
+may sum to less than one.
+
+**Segments by model age.** A model that has seen few sessions is wrong more often than
+a mature one at the same confidence (it may not have met every member yet), and the
+mesh pools the answers of both. A calibrator may therefore carry, besides its pooled
+map (``method``/``parameters``, fitted on every answer with feedback), per *model-age
+segment* (``segment_edges``: the number of sessions the model had seen, e.g. ``[60]`` =
+``sessions:0-59`` and ``sessions:60+``):
+
+* ``segments[name]``: a calibrator applied *after* the pooled map to the multi-person
+  rows of that segment (a residual correction; absent = the pooled map alone);
+* ``one_person[name]``: a shift of the confidence of one-person rows of that segment
+  (their only number; the pooled map cannot move it), ``one_person["all"]`` for rows
+  whose model age is unknown.
+
+Rows whose model age is unknown (0: predictions recorded before clustering sent it)
+get the pooled map only. A reader that predates segments ignores these keys and applies
+the pooled map: the JSON keeps ``schema`` 1.
 """
 
 from __future__ import annotations
@@ -23,6 +43,9 @@ from services.common.errors import InvalidArgument
 
 CALIBRATOR_SCHEMA = 1
 METHODS: tuple[str, ...] = ("identity", "temperature", "isotonic")
+ALL_AGES = "all"               # one_person key for rows whose model age is unknown
+ONE_PERSON_MAX = 0.995         # a shifted one-person confidence stays below 1 (it is not a label)
+ONE_PERSON_MIN = 0.01
 ROW_SUM_TOLERANCE = 1e-3  # the same slack the feedback service accepts at ingest; float32 sums are ~1e-7 * K off
 
 FloatArray = NDArray[np.float64]
@@ -46,11 +69,11 @@ def as_probability_matrix(probs: ArrayLike, field: str = "probs") -> FloatArray:
         if matrix.min() < 0.0 or matrix.max() > 1.0:
             raise InvalidArgument("values must lie in [0, 1]", field)
         row_sums = matrix.sum(axis=1)
-        # A one-person model's row may sum to less than one: the rest is a member the model
-        # has not seen yet (clustering's confidence map, docs/clustering.md). With two or
-        # more persons a row is a distribution over them.
-        off = (row_sums - 1.0 > ROW_SUM_TOLERANCE) if matrix.shape[1] == 1 else (
-            np.abs(row_sums - 1.0) > ROW_SUM_TOLERANCE)
+        # A one-person row may sum to less than one: the rest is a member the model has not
+        # seen yet (clustering's confidence map, docs/clustering.md); zero-padded columns
+        # do not make it a distribution. With two or more persons a row is a distribution.
+        one_person = (matrix > 0).sum(axis=1) <= 1
+        off = (row_sums - 1.0 > ROW_SUM_TOLERANCE) | (~one_person & (1.0 - row_sums > ROW_SUM_TOLERANCE))
         bad = np.flatnonzero(off)
         if bad.size:
             raise InvalidArgument(f"row {int(bad[0])} sums to {row_sums[bad[0]]:.6g}, not 1 (tolerance {ROW_SUM_TOLERANCE})", field)
@@ -95,6 +118,24 @@ def apply_top_label_map(probs: FloatArray, x_points: FloatArray, y_points: Float
     return out / out.sum(axis=1, keepdims=True)
 
 
+def one_person_rows(matrix: FloatArray) -> NDArray[np.bool_]:
+    """Rows that are a one-person answer: exactly one positive entry, below 1 (see module doc)."""
+    return ((matrix > 0).sum(axis=1) == 1) & (matrix.max(axis=1, initial=0.0) < 1.0 - 1e-9)
+
+
+def segment_names(edges: tuple[int, ...] | list[int]) -> list[str]:
+    """Names of the model-age segments ``edges`` cut: ``[60]`` -> ``sessions:0-59``, ``sessions:60+``."""
+    lows = [0, *edges]
+    return [f"sessions:{lo}-{hi - 1}" for lo, hi in zip(lows, edges)] + [f"sessions:{lows[-1]}+"]
+
+
+def segment_of(model_sessions: ArrayLike, edges: tuple[int, ...] | list[int]) -> NDArray[np.int64]:
+    """(n,) segment index of each row by the sessions its model had seen; -1 = unknown (<= 0)."""
+    ages = np.asarray(model_sessions, dtype=np.int64).reshape(-1)
+    index = np.searchsorted(np.asarray(edges, dtype=np.int64), ages, side="right")
+    return np.where(ages > 0, index, -1)
+
+
 @dataclass(frozen=True)
 class Calibrator:
     """A versioned recalibration map for one model (variant).
@@ -103,12 +144,16 @@ class Calibrator:
     ``{}`` / ``{"temperature": T}`` / ``{"x": [...], "y": [...]}`` (isotonic breakpoints,
     x strictly increasing in [0, 1], y non-decreasing in [0, 1]). ``training``: free-form
     provenance (sample size, cross-validated scores) kept for operators.
+    ``segment_edges`` / ``segments`` / ``one_person``: the per-model-age parts (module doc).
     """
 
     version: int
     method: str
     parameters: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    segment_edges: tuple[int, ...] = ()
+    segments: dict[str, "Calibrator"] = field(default_factory=dict)
+    one_person: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 0:
@@ -130,16 +175,51 @@ class Calibrator:
                 raise InvalidArgument("must be strictly increasing within [0, 1]", "parameters.x")
             if np.any(np.diff(y) < -1e-12) or y.min() < 0 or y.max() > 1:
                 raise InvalidArgument("must be non-decreasing within [0, 1]", "parameters.y")
+        edges = self.segment_edges
+        if any(isinstance(e, bool) or not isinstance(e, int) for e in edges) or any(
+                b <= a for a, b in zip((0, *edges), edges)):
+            raise InvalidArgument("must be strictly increasing positive integers", "segment_edges")
+        names = set(segment_names(edges)) if edges else set()
+        for name, part in self.segments.items():
+            if name not in names or not isinstance(part, Calibrator) or part.segments or part.one_person:
+                raise InvalidArgument(f"{name!r} is not a plain calibrator of a segment of {list(edges)}",
+                                      "segments")
+        for name, shift in self.one_person.items():
+            if name not in names | {ALL_AGES}:
+                raise InvalidArgument(f"{name!r} is not a segment of {list(edges)} nor {ALL_AGES!r}", "one_person")
+            if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not -1.0 <= shift <= 1.0:
+                raise InvalidArgument(f"must be a number in [-1, 1], got {shift!r}", f"one_person.{name}")
 
-    def apply(self, probs: ArrayLike) -> FloatArray:
-        """Recalibrated probability vectors (same shape as given; a 1-D vector stays 1-D)."""
+    def apply(self, probs: ArrayLike, model_sessions: ArrayLike | None = None) -> FloatArray:
+        """Recalibrated probability vectors (same shape as given; a 1-D vector stays 1-D).
+        ``model_sessions`` (n,): sessions each row's model had seen (0 / None: unknown),
+        which picks the row's segment (module doc)."""
         one_vector = np.ndim(probs) == 1
         matrix = as_probability_matrix(probs)
-        if matrix.shape[1] == 1:
-            # One known person: nothing to redistribute between persons, and its confidence
-            # already comes from the out-of-sample map; feedback cannot learn a better one
-            # from labels that can only name that person.
-            return matrix[0].copy() if one_vector else matrix.copy()
+        n = matrix.shape[0]
+        ages = np.zeros(n, dtype=np.int64) if model_sessions is None else np.asarray(model_sessions).reshape(-1)
+        if ages.shape[0] != n:
+            raise InvalidArgument(f"must have one value per row ({n}), got {ages.shape[0]}", "model_sessions")
+        segment = segment_of(ages, self.segment_edges) if self.segment_edges else np.full(n, -1)
+        names = segment_names(self.segment_edges) if self.segment_edges else []
+        single = one_person_rows(matrix)
+        out = matrix.copy()
+        multi = ~single & ((matrix > 0).sum(axis=1) > 1)
+        if multi.any():
+            out[multi] = self._apply_pooled(matrix[multi])
+            for i, name in enumerate(names):
+                rows = multi & (segment == i)
+                if name in self.segments and rows.any():
+                    out[rows] = self.segments[name]._apply_pooled(out[rows])
+        if single.any() and self.one_person:
+            shift = np.array([self.one_person.get(names[s] if s >= 0 else ALL_AGES, 0.0) for s in segment[single]])
+            rows = np.flatnonzero(single)
+            top = out[rows].argmax(axis=1)
+            out[rows, top] = np.clip(out[rows, top] + shift, ONE_PERSON_MIN, ONE_PERSON_MAX)
+        return out[0] if one_vector else out
+
+    def _apply_pooled(self, matrix: FloatArray) -> FloatArray:
+        """The pooled map on rows that are distributions over two or more persons."""
         if self.method == "temperature":
             out = apply_temperature(matrix, float(self.parameters["temperature"]))
         elif self.method == "isotonic":
@@ -150,16 +230,24 @@ class Calibrator:
             )
         else:
             out = matrix.copy()
-        return out[0] if one_vector else out
+        return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "schema": CALIBRATOR_SCHEMA,
             "version": self.version,
             "method": self.method,
             "parameters": self.parameters,
             "training": self.training,
         }
+        if self.segment_edges:
+            out["segment_edges"] = list(self.segment_edges)
+            out["segments"] = {name: {"method": c.method, "parameters": c.parameters, "training": c.training}
+                               for name, c in self.segments.items()}
+            out["one_person"] = dict(self.one_person)
+        elif self.one_person:
+            out["one_person"] = dict(self.one_person)
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, allow_nan=False)
@@ -177,7 +265,19 @@ class Calibrator:
         training = data.get("training", {})
         if not isinstance(parameters, dict) or not isinstance(training, dict):
             raise InvalidArgument("parameters and training must be objects", "parameters")
-        return cls(version=data["version"], method=data["method"], parameters=parameters, training=training)
+        edges = data.get("segment_edges", [])
+        segments = data.get("segments", {})
+        one_person = data.get("one_person", {})
+        if not isinstance(edges, list) or not isinstance(segments, dict) or not isinstance(one_person, dict):
+            raise InvalidArgument("segment_edges must be a list, segments and one_person objects", "segments")
+        parts = {}
+        for name, part in segments.items():
+            if not isinstance(part, dict) or "method" not in part:
+                raise InvalidArgument(f"{name!r} must be an object with a method", "segments")
+            parts[name] = cls(version=data["version"], method=part["method"],
+                              parameters=part.get("parameters", {}), training=part.get("training", {}))
+        return cls(version=data["version"], method=data["method"], parameters=parameters, training=training,
+                   segment_edges=tuple(edges), segments=parts, one_person=one_person)
 
     @classmethod
     def from_json(cls, text: str) -> "Calibrator":
@@ -186,9 +286,6 @@ class Calibrator:
         except json.JSONDecodeError as exc:
             raise InvalidArgument(f"is not valid JSON ({exc.msg})", "calibrator") from None
         return cls.from_dict(data)
-
-
-IDENTITY = Calibrator(version=0, method="identity")
 
 
 IDENTITY = Calibrator(version=0, method="identity")

@@ -26,3 +26,6 @@ class PredictionRecord:
     # erasure then goes by ts).
     session_start: float | None = None
     session_end: float | None = None
+    # Sessions the model had seen when it answered (0 = unknown): feedback calibrates
+    # young and mature models' answers apart (services/common/calibration.py).
+    model_sessions: int = 0

@@ -164,22 +164,44 @@ class HearthInterceptor(grpc.ServerInterceptor):
         self._service = service
         self._tracer = telemetry.tracer("hearth.grpc")
         self._drain = drain or Drain()
+        # grpcio calls intercept_service for every RPC. The wrapped handler depends only
+        # on the method and the servicer's handler, so it is built once per method (and
+        # rebuilt should the registered handler ever change): building it per call
+        # (closures, a tolerant deserialiser, a new RpcMethodHandler) cost more than
+        # most of what it wraps.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         method = handler_call_details.method
-        if method.startswith(_OPEN_SERVICES):
+        if method.startswith(_OPEN_SERVICES) or handler is None:
             return handler
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap_method(method, handler)
+        if len(self._wrapped) > 4096:   # bounded: unknown methods get no handler above
+            self._wrapped.clear()
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap_method(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         short = method.rsplit("/", 1)[-1]
         service, tracer, drain = self._service, self._tracer, self._drain
+        # The method's metric series, resolved once (``labels()`` takes a lock and
+        # builds a key per call); per status code on first use.
+        duration = telemetry.RPC_DURATION.labels(service, short)
+        requests: dict[grpc.StatusCode, object] = {}
+        errors: dict[grpc.StatusCode, object] = {}
+        span_attributes = {"rpc.system": "grpc", "rpc.method": short, "rpc.service": method.split("/")[1]}
+        span_name = method.lstrip("/")
 
         def around(fn, request, context: grpc.ServicerContext, resp_stream: bool):
             metadata = context.invocation_metadata()
             parent = telemetry.extract_context(metadata)
             started = time.perf_counter()
-            span = tracer.start_span(method.lstrip("/"), context=parent, kind=SpanKind.SERVER,
-                                     attributes={"rpc.system": "grpc", "rpc.method": short,
-                                                 "rpc.service": method.split("/")[1]})
+            span = tracer.start_span(span_name, context=parent, kind=SpanKind.SERVER,
+                                     attributes=span_attributes)
             ctx_token = otel_context.attach(trace.set_span_in_context(span, parent))
             principal_token = None
             principal = None
@@ -188,13 +210,17 @@ class HearthInterceptor(grpc.ServerInterceptor):
             def finish(code: grpc.StatusCode) -> None:
                 if counted:
                     drain.exit()
-                name = code.name
-                RPC_DURATION = telemetry.RPC_DURATION
-                RPC_DURATION.labels(service, short).observe(time.perf_counter() - started)
-                telemetry.RPC_REQUESTS.labels(service, short, name).inc()
+                duration.observe(time.perf_counter() - started)
+                counter = requests.get(code)
+                if counter is None:
+                    counter = requests[code] = telemetry.RPC_REQUESTS.labels(service, short, code.name)
+                counter.inc()
                 if code != grpc.StatusCode.OK:
-                    telemetry.RPC_ERRORS.labels(service, short, name).inc()
-                    span.set_status(Status(StatusCode.ERROR, name))
+                    counter = errors.get(code)
+                    if counter is None:
+                        counter = errors[code] = telemetry.RPC_ERRORS.labels(service, short, code.name)
+                    counter.inc()
+                    span.set_status(Status(StatusCode.ERROR, code.name))
                 span.set_attribute("rpc.grpc.status_code", code.value[0])
                 trace_ctx = span.get_span_context()
                 # The one place every RPC is audited (event type from audit.RPC_EVENTS).
@@ -222,7 +248,7 @@ class HearthInterceptor(grpc.ServerInterceptor):
                     metadata, peer_verified=tls.peer_verified(context), component=service)
                 principal_token = identity.set_current(principal)
                 permissions.authorize_rpc(principal, method)
-                span.set_attribute("hearth.principal", telemetry.pseudonym(principal.id))
+                span.set_attribute("hearth.principal", telemetry.pseudonym(principal.id, cache=True))
                 job_id = getattr(request, "job_id", "")
                 if job_id and isinstance(job_id, str):
                     # Erase calls of a deletion job (and any job-driven RPC) are findable by job.

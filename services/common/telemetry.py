@@ -278,9 +278,17 @@ def configure_pseudonym_key(configured: str) -> None:
     global _PSEUDONYM_KEY
     _PSEUDONYM_KEY = (hmac.new(configured.encode(), b"hearth-log-pseudonym-v1", hashlib.sha256).digest()
                       if configured else secrets.token_bytes(32))
+    _PSEUDONYMS.clear()
 
 
-def pseudonym(value: str) -> str:
+# principal id -> pseudonym under the current key (``pseudonym(..., cache=True)``): every
+# RPC's span names its principal, and the principals of a mesh are few (services, API
+# keys), so the HMAC is computed once per principal. Household ids are never cached (an
+# erased household leaves nothing in memory).
+_PSEUDONYMS: dict[str, str] = {}
+
+
+def pseudonym(value: str, *, cache: bool = False) -> str:
     """The id as it may appear in logs and traces: ``ps_`` + 16 hex of a keyed HMAC.
 
     Logs and trace files are not rewritten when a household is erased, so they never
@@ -289,6 +297,9 @@ def pseudonym(value: str) -> str:
     logs, an operator computes its pseudonym with the key), and without the key it
     cannot be turned back into the id. Key: ``HEARTH_LOG_PSEUDONYM_KEY``, else derived
     from the mesh secret ``HEARTH_SERVICE_TOKEN_KEY``, else a random key per process."""
+    known = _PSEUDONYMS.get(value) if cache else None
+    if known is not None:
+        return known
     import hashlib
     import hmac
 
@@ -298,4 +309,10 @@ def pseudonym(value: str) -> str:
         settings = mesh_settings()
         configure_pseudonym_key(settings.log_pseudonym_key.get_secret_value()
                                 or settings.service_token_key.get_secret_value())
-    return "ps_" + hmac.new(_PSEUDONYM_KEY, value.encode(), hashlib.sha256).hexdigest()[:16]
+    key = _PSEUDONYM_KEY
+    out = "ps_" + hmac.new(key, value.encode(), hashlib.sha256).hexdigest()[:16]
+    if cache and key is _PSEUDONYM_KEY:   # not if the key changed meanwhile
+        if len(_PSEUDONYMS) > 4096:        # bounded: principals are many only under attack
+            _PSEUDONYMS.clear()
+        _PSEUDONYMS[value] = out
+    return out

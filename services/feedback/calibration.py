@@ -25,7 +25,15 @@ from services.feedback.domain.metrics import (
     reliability_table,
     summaries_by_group,
 )
-from services.feedback.domain.recalibration import IDENTITY, Calibrator, FeedbackSample, fit_calibrator
+from services.feedback.domain.recalibration import (
+    DEFAULT_SEGMENT_EDGES,
+    IDENTITY,
+    Calibrator,
+    FeedbackSample,
+    fit_segmented_calibrator,
+    segment_names,
+    segment_of,
+)
 from services.feedback.policy import FeedbackPolicy
 from services.feedback.store import FeedbackStore
 
@@ -33,7 +41,7 @@ log = logging.getLogger("hearth.feedback")
 
 DEFAULT_REPORT_BINS = 10  # the proto's "0 = 10"
 MAX_REPORT_BINS = 100
-GROUP_BY = ("", "variant", "household_size", "cold_start")
+GROUP_BY = ("", "variant", "household_size", "cold_start", "model_age")
 CALIBRATED_PREFIX = "calibrated:"
 
 
@@ -68,10 +76,11 @@ class Calibration:
     def current_calibrators(self) -> dict[str, Calibrator]:
         return {v: Calibrator.from_json(c.calibrator_json) for v, c in self.store.current_calibrators().items()}
 
-    def apply_calibration(self, variant: str, probs: Any) -> NDArray[np.float64]:
+    def apply_calibration(self, variant: str, probs: Any, model_sessions: Any = None) -> NDArray[np.float64]:
         """Recalibrated probability vectors of ``variant`` under its current calibrator
-        (identity when none was fitted yet)."""
-        return self.current_calibrators().get(variant, IDENTITY).apply(probs)
+        (identity when none was fitted yet); ``model_sessions`` per row picks its model-age
+        segment (None: unknown, the pooled map)."""
+        return self.current_calibrators().get(variant, IDENTITY).apply(probs, model_sessions)
 
     def calibrated_probs(self, data: LabelledPredictions, stored: Mapping | None = None) -> NDArray[np.float64]:
         stored = self.store.current_calibrators() if stored is None else stored
@@ -79,7 +88,8 @@ class Calibration:
         for variant, entry in stored.items():
             rows = data.variants == variant
             if rows.any():
-                out[rows] = Calibrator.from_json(entry.calibrator_json).apply(data.probs[rows])
+                out[rows] = Calibrator.from_json(entry.calibrator_json).apply(data.probs[rows],
+                                                                              data.model_sessions[rows])
         return out
 
     def calibrator_for(self, variant: str) -> tuple[int, Calibrator]:
@@ -96,10 +106,12 @@ class Calibration:
         return ",".join(f"{v}:{c.version}" for v, c in sorted(self.store.current_calibrators().items()))
 
     def recalibrate(self, variants: Sequence[str] | None = None) -> dict[str, Calibrator]:
-        """Fit one calibrator per variant on all its feedback so far (``fit_calibrator``:
-        identity, temperature or isotonic by cross-validated ECE), store it as the
-        variant's next version and make it current. Returns what was stored. Variants
-        an operator holds (calibrator_choice.py: after a rollback) are left alone."""
+        """Fit one calibrator per variant on all its feedback so far
+        (``fit_segmented_calibrator``: a pooled map — identity, temperature or isotonic by
+        cross-validated ECE — then per model-age segment a residual map and a one-person
+        shift), store it as the variant's next version and make it current. Returns what
+        was stored. Variants an operator holds (calibrator_choice.py: after a rollback)
+        are left alone."""
         data = self.dataset()
         fitted: dict[str, Calibrator] = {}
         if not len(data):
@@ -114,7 +126,7 @@ class Calibration:
             sample = FeedbackSample.create(data.probs[rows], labels=data.labels[rows], correct=data.correct[rows],
                                            weights=data.weights[rows])
             version = self.store.next_calibrator_version(variant)
-            calibrator = fit_calibrator(sample, version=version)
+            calibrator = fit_segmented_calibrator(sample, data.model_sessions[rows], version=version)
             calibrator = replace(calibrator, training={**calibrator.training, "fitted_at": now,
                                                        "received_through": float(data.received_at[rows].max())})
             if self.store.save_calibrator(variant, version, calibrator.to_json(), now):
@@ -131,8 +143,10 @@ class Calibration:
             return {}
         current = self.current_calibrators()
         names, counts = np.unique(data.variants, return_counts=True)
-        due = [str(v) for v, n in zip(names, counts)
-               if n - int(current[v].training.get("n", 0) if v in current else 0) >= self.policy.recalibrate_min_new]
+        def fitted_on(v: str) -> int:
+            training = current[v].training if v in current else {}
+            return int(training.get("n_all", training.get("n", 0)))
+        due = [str(v) for v, n in zip(names, counts) if n - fitted_on(v) >= self.policy.recalibrate_min_new]
         return self.recalibrate(due) if due else {}
 
     def report(self, group_by: str, bins: int) -> CalibrationReport:
@@ -194,6 +208,9 @@ def _group_names(data: LabelledPredictions, group_by: str) -> NDArray[np.str_]:
         return data.household_size.astype(str)
     if group_by == "cold_start":
         return np.where(data.cold_start, "cold", "warm")
+    if group_by == "model_age":   # the calibrators' segments; "unknown" = recorded without it
+        names = np.array([*segment_names(DEFAULT_SEGMENT_EDGES), "unknown"])
+        return names[segment_of(data.model_sessions, DEFAULT_SEGMENT_EDGES)]
     return np.full(len(data), "all")
 
 

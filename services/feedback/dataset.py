@@ -38,7 +38,8 @@ class LabelledPredictions:
     person or ``UNKNOWN_LABEL``; ``correct`` 0/1; ``weights`` evidence weights;
     ``variants``, ``household_size``, ``cold_start``, ``account_ids``, ``prediction_ids``;
     ``ts`` the latest feedback time (client clock) and ``received_at`` the latest storage
-    time (server clock) per prediction."""
+    time (server clock) per prediction; ``model_sessions`` the sessions the prediction's
+    model had seen (0 = unknown)."""
 
     probs: NDArray[np.float64]
     labels: NDArray[np.int64]
@@ -51,6 +52,7 @@ class LabelledPredictions:
     prediction_ids: NDArray[np.str_]
     ts: NDArray[np.float64]
     received_at: NDArray[np.float64]
+    model_sessions: NDArray[np.int64]
 
     def __len__(self) -> int:
         return int(self.prediction_ids.shape[0])
@@ -63,7 +65,7 @@ class LabelledPredictions:
         return LabelledPredictions(
             self.probs[rows], self.labels[rows], self.correct[rows], self.weights[rows], self.variants[rows],
             self.household_size[rows], self.cold_start[rows], self.account_ids[rows], self.prediction_ids[rows],
-            self.ts[rows], self.received_at[rows])
+            self.ts[rows], self.received_at[rows], self.model_sessions[rows])
 
 
 def persons_of(prediction: PredictionRecord) -> list[str]:
@@ -119,4 +121,5 @@ def build_dataset(rows: Sequence[FeedbackJoined], weights: SignalWeights = Signa
         prediction_ids=np.array([ids[i] for i in order], dtype=str).reshape(-1),
         ts=np.array([latest_ts[ids[i]] for i in order], dtype=np.float64).reshape(-1),
         received_at=np.array([latest_received[ids[i]] for i in order], dtype=np.float64).reshape(-1),
+        model_sessions=np.array([chosen[i].model_sessions for i in order], dtype=np.int64).reshape(-1),
     )

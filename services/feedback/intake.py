@@ -66,6 +66,8 @@ def validate_predictions(items: list[PredictionRecord]) -> list[PredictionRecord
             check_id(p.device_id, f"{path}.device_id")
         if p.model_version < 0:
             raise InvalidArgument("must be >= 0", f"{path}.model_version")
+        if p.model_sessions < 0:
+            raise InvalidArgument("must be >= 0 (0 = unknown)", f"{path}.model_sessions")
         if p.household_size < 0 or p.household_size > 64:
             raise InvalidArgument("must be in 0..64 (0 = the number of persons)", f"{path}.household_size")
         out.append(p if p.household_size else replace(p, household_size=len(p.probabilities)))

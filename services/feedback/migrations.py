@@ -86,4 +86,9 @@ ALTER TABLE predictions ADD COLUMN device_id TEXT NOT NULL DEFAULT ''
 ALTER TABLE predictions ADD COLUMN session_start {double};
 ALTER TABLE predictions ADD COLUMN session_end {double}
 """),
+    # Migration 5: the sessions the model had seen when it answered (0 = unknown, rows
+    # stored before), so calibrators are fitted per model-age segment.
+    Migration(5, "model age of each prediction", """
+ALTER TABLE predictions ADD COLUMN model_sessions {bigint} NOT NULL DEFAULT 0
+"""),
 ]

@@ -84,13 +84,14 @@ class StoredTrigger:
 
 _PREDICTION_COLUMNS = ("p.prediction_id, p.account_id, p.session_id, p.person_id, p.probabilities, "
                        "p.model_variant, p.model_version, p.ts, p.cold_start, p.household_size, p.device_id, "
-                       "p.session_start, p.session_end")
+                       "p.session_start, p.session_end, p.model_sessions")
 
 
 def _prediction(row: Sequence) -> PredictionRecord:
     return PredictionRecord(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5], int(row[6]),
                             float(row[7]), bool(row[8]), int(row[9]), row[10] or "",
-                            None if row[11] is None else float(row[11]), None if row[12] is None else float(row[12]))
+                            None if row[11] is None else float(row[11]), None if row[12] is None else float(row[12]),
+                            int(row[13] or 0))
 
 
 def _trigger(row: Sequence) -> StoredTrigger:
@@ -117,10 +118,12 @@ class FeedbackStore:
             accepted = tx.executemany(
                 "INSERT INTO predictions (prediction_id, account_id, session_id, person_id, probabilities, "
                 "model_variant, model_version, ts, cold_start, household_size, device_id, session_start, "
-                "session_end) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (prediction_id) DO NOTHING",
+                "session_end, model_sessions) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (prediction_id) DO NOTHING",
                 [(p.prediction_id, p.account_id, p.session_id, p.person_id,
                   json.dumps(p.probabilities, sort_keys=True), p.model_variant, p.model_version, p.ts,
-                  int(p.cold_start), p.household_size, p.device_id, p.session_start, p.session_end)
+                  int(p.cold_start), p.household_size, p.device_id, p.session_start, p.session_end,
+                  p.model_sessions)
                  for p in items])
         return accepted, len(items) - accepted
 

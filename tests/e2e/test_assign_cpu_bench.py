@@ -68,3 +68,11 @@ def test_profile_summary_shares_of_self_and_total_samples():
     assert s["self_pct"] == {"assign": 60.0, "audit": 30.0, "idle": 10.0}
     assert s["total_pct"]["main"] == 100.0 and s["total_pct"]["serve"] == 90.0
     assert assign_cpu.profile_summary("")["samples"] == 0
+
+
+def test_candidate_env_is_parsed_and_a_malformed_pair_refused():
+    assert assign_cpu.parse_env("MALLOC_ARENA_MAX=2, MALLOC_TRIM_THRESHOLD_=131072") == {
+        "MALLOC_ARENA_MAX": "2", "MALLOC_TRIM_THRESHOLD_": "131072"}
+    assert assign_cpu.parse_env("") == {}
+    with pytest.raises(SystemExit, match="not KEY=VALUE"):
+        assign_cpu.parse_env("MALLOC_ARENA_MAX")

@@ -111,6 +111,7 @@ def test_feedback_recalibrates_the_confidence_assignments_return(calibration_mes
             time.sleep(1.0)
         after = _assign(c, probes)
         calibration = c.get("/v1/calibration", params={"group_by": "variant"})
+        by_age = c.get("/v1/calibration", params={"group_by": "model_age"})
 
     assert [a["model_version"] for a in after] == [b["model_version"] for b in before]   # same model...
     assert [a["person_id"] for a in after] == [b["person_id"] for b in before]           # ...same persons
@@ -122,3 +123,8 @@ def test_feedback_recalibrates_the_confidence_assignments_return(calibration_mes
     assert calibration.status_code == 200, calibration.text
     groups = {g["group"]: g for g in calibration.json()["groups"]}
     assert "calibrated:gmm" in groups and groups["gmm"]["n"] >= PROBES
+    # Every prediction reached feedback with its model's age (clustering -> feedback), the
+    # key of the calibrator's segments: none is "unknown".
+    assert by_age.status_code == 200, by_age.text
+    ages = {g["group"]: g["n"] for g in by_age.json()["groups"] if not g["group"].startswith("calibrated:")}
+    assert "unknown" not in ages and sum(ages.values()) >= PROBES and all(a.startswith("sessions:") for a in ages), ages

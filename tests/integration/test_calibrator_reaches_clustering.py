@@ -83,3 +83,59 @@ def test_feedback_changes_the_confidence_later_assignments_return(feedback_serve
     assert [a.person_id for a in after] == [b.person_id for b in before]    # who: unchanged
     moved = [abs(a.confidence - b.confidence) for a, b in zip(after, before)]
     assert max(moved) > 0.01                             # how sure: recalibrated
+
+
+def _answers_by_age(app, n: int = 900) -> None:
+    """Predictions recorded over gRPC-shaped records: young models (30 sessions) that are
+    far more confident than right, mature ones (400 sessions) that are calibrated, and
+    young one-person answers (0.55) that are right 90 % of the time."""
+    rng = np.random.default_rng(4)
+    items, feedback = [], []
+    for i in range(n):
+        kind = i % 3
+        if kind == 2:
+            probs, top, truth, age = {"p1": 0.55}, "p1", ("p1" if rng.random() < 0.9 else "p9"), 30
+        else:
+            c = float(rng.uniform(0.55, 0.95))
+            probs, top, age = {"p1": c, "p2": 1.0 - c}, "p1", (30 if kind == 0 else 400)
+            right = rng.random() < (c - 0.35 if kind == 0 else c)
+            truth = "p1" if right else "p2"
+        items.append(PredictionRecord(f"a{i}", f"acc-{i % 17}", f"s{i}", top, probs, "gmm", 1, NOW - 7200,
+                                      False, len(probs), model_sessions=age))
+        feedback.append((f"a{i}", top, truth))
+    app.intake.record_predictions(items)
+    for pid, top, truth in feedback:
+        kind = SignalKind.PROFILE_CONFIRMED if truth == top else SignalKind.PROFILE_CORRECTED
+        app.intake.record_feedback(f"f-{pid}", pid, kind, None if truth == top else truth, NOW - 60)
+
+
+def test_the_calibrator_clustering_applies_depends_on_the_model_age(feedback_server, database):
+    running, feedback_app = feedback_server
+    _answers_by_age(feedback_app)
+    stored = feedback_app.calibration.store.prediction("a0")
+    assert stored.model_sessions == 30                     # the model age is stored with the prediction
+    fitted = feedback_app.calibration.recalibrate(["gmm"])["gmm"]
+    assert fitted.segment_edges == (60,) and fitted.one_person["sessions:0-59"] > 0.2
+
+    peer = FeedbackPeer(f"127.0.0.1:{running.port}")
+    calibrator = peer.calibrator("gmm")                    # over gRPC, as clustering fetches it
+    assert calibrator.segment_edges == (60,) and calibrator.one_person == fitted.one_person
+    two = np.array([[0.9, 0.1]])
+    young, mature = calibrator.apply(two, [30])[0, 0], calibrator.apply(two, [400])[0, 0]
+    assert young < mature - 0.1, (young, mature)           # the young model's 0.9 means less
+    assert calibrator.apply(np.array([[0.55]]), [30])[0, 0] > 0.75   # its one-person answer more
+
+    # ClusteringApp records the model's age with every prediction and applies the
+    # calibrator for it (a model of 0 sessions would be "unknown": the pooled map).
+    clustering = _app(database)
+    events, _ = household_events("acc-age", ("kid", "parent"), days=25, start_ts=T0, seed=2)
+    clustering.store.ingest(events)
+    clustering.keeper.refresh("acc-age")
+    model = clustering.keeper.load("acc-age")[1].model
+    X = np.array([s.features for s in clustering.store.closed_sessions("acc-age")][:5], dtype=np.float64)
+    batch = model.assign_batch(X)
+    clustering.calibrator_of = peer.calibrator
+    answers, records = clustering._answer("acc-age", 1, model, batch, [""] * 5, [""] * 5)
+    assert {r.model_sessions for r in records} == {model.n_sessions} and model.n_sessions > 0
+    expected = calibrator.apply(batch.probabilities, np.full(5, model.n_sessions))
+    assert [a.confidence for a in answers] == pytest.approx(expected.max(axis=1).tolist())

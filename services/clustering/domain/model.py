@@ -166,51 +166,74 @@ SINGLE_PERSON_CONFIDENCE = 0.8467
 # persons.py): fitted on the TUNING worlds only — batch fits and time-ordered streams
 # pooled, answers of models that have seen at least YOUNG_MODEL_SESSIONS sessions (the
 # younger ones have their own map below) — by `python -m bench.accuracy
-# --calibrate-confidence`. Bare vectors (no device ids: Hearth's own simulator,
-# AssignSessions with vectors) keep the map above. Refitted after the hours-separability
-# merge changed the batch fits (48 households, 6987 multi-person + 795 one-person-model
-# session answers, 2026-12-03)
-DEVICE_CONFIDENCE_MAP_X = np.array([0.2922, 0.3276, 0.363, 0.3984, 0.4338, 0.4692, 0.5045, 0.5399, 0.5753, 0.6107, 0.6461, 0.6815, 0.7169, 0.7523, 0.7877, 0.8231, 0.8584, 0.8938, 0.9292, 0.9646, 1.0])
-DEVICE_CONFIDENCE_MAP_Y = np.array([0.0, 0.0, 0.0, 0.375, 0.4222, 0.4222, 0.4222, 0.4596, 0.5096, 0.5096, 0.5096, 0.5673, 0.6126, 0.6126, 0.6842, 0.7632, 0.7681, 0.7681, 0.7681, 0.8083, 1.0])
-DEVICE_SINGLE_PERSON_CONFIDENCE = 0.7006
+# --calibrate-confidence --device-maps-only` (bench/_confidence.py gives the raw answers
+# and each model's age). Bare vectors (no device ids: Hearth's own simulator,
+# AssignSessions with vectors) keep the map above. Fitted on 48 TUNING households
+# (2026-12-03; the counts are in docs/clustering.md, "Confidence").
+DEVICE_CONFIDENCE_MAP_X = np.array([0.285, 0.3208, 0.3565, 0.3923, 0.428, 0.4638, 0.4995, 0.5353, 0.571, 0.6068, 0.6425, 0.6783, 0.714, 0.7498, 0.7855, 0.8213, 0.857, 0.8928, 0.9285, 0.9643, 1.0])
+DEVICE_CONFIDENCE_MAP_Y = np.array([0.0, 0.0, 0.1698, 0.2667, 0.5333, 0.5555, 0.5555, 0.5555, 0.5555, 0.5555, 0.5555, 0.5968, 0.7112, 0.7112, 0.7354, 0.7721, 0.8133, 0.8301, 0.8428, 0.864, 0.895])
+DEVICE_SINGLE_PERSON_CONFIDENCE = 0.6955
+# A one-person answer is less sure the more devices the household uses: on the TUNING
+# answers a one-person model with 3 or more known devices was right far less often than
+# one with 1-2 (stream: 0.52 vs 0.76), so its confidence comes from a table by the devices
+# the model knows (ONE_PERSON_DEVICE_EDGES: <= 2, >= 3), per model age.
+ONE_PERSON_DEVICE_EDGES = (2,)
+DEVICE_SINGLE_PERSON_CONFIDENCE_BY_DEVICES = (0.7502, 0.5145)
 
 # A young model (fewer than YOUNG_MODEL_SESSIONS sessions seen, device ids known) is
 # wrong more often than a mature one at the same posterior: in a time-ordered stream
-# the early answers come from a model that has not yet seen every member, and a
-# one-person answer there is right about half the time. Fitted on the answers at
-# arrival of the TUNING worlds' streams before session 60 (55 households: those with a
-# member joining or leaving and as many stable ones, reweighted to the split's mix;
-# 489 multi-person and 2629 one-person answers, 2026-12-03); the map's top end is
-# capped at the accuracy measured there (a posterior of 1.0 was right 0.66-0.75 of
-# the time). Cold-start answers (one person, before MIN_SESSIONS) say the same.
+# the early answers come from a model that has not yet seen every member. Fitted the
+# same way as the map above on the answers of models younger than that (batch fits of
+# short households and stream answers before session 60, pooled: the service cannot
+# tell a short complete history from the start of a long one). Cold-start answers (one
+# person, before MIN_SESSIONS) say what a young one-person answer says.
 YOUNG_MODEL_SESSIONS = 60
-YOUNG_DEVICE_CONFIDENCE_MAP_X = np.array([0.3892, 0.4503, 0.5114, 0.5725, 0.6335, 0.6946, 0.7557, 0.8168, 0.8778, 0.9389, 1.0])
-YOUNG_DEVICE_CONFIDENCE_MAP_Y = np.array([0.0, 0.0, 0.2693, 0.3132, 0.3132, 0.3758, 0.5218, 0.6007, 0.6007, 0.7542, 0.7542])
-YOUNG_DEVICE_SINGLE_PERSON_CONFIDENCE = 0.548
+YOUNG_DEVICE_CONFIDENCE_MAP_X = np.array([0.3555, 0.42, 0.4844, 0.5489, 0.6133, 0.6778, 0.7422, 0.8067, 0.8711, 0.9356, 1.0])
+YOUNG_DEVICE_CONFIDENCE_MAP_Y = np.array([0.0, 0.0, 0.2857, 0.2857, 0.4375, 0.5111, 0.5111, 0.5929, 0.5929, 0.75, 0.7962])
+YOUNG_DEVICE_SINGLE_PERSON_CONFIDENCE = 0.7549
+YOUNG_DEVICE_SINGLE_PERSON_CONFIDENCE_BY_DEVICES = (0.8356, 0.567)
+
+
+def one_person_confidence(young: bool, devices: int | None) -> float:
+    """How sure a one-person answer of a model with device evidence is: by model age and
+    the number of devices the model knows (None: the age's overall figure)."""
+    if devices is None:
+        return YOUNG_DEVICE_SINGLE_PERSON_CONFIDENCE if young else DEVICE_SINGLE_PERSON_CONFIDENCE
+    table = YOUNG_DEVICE_SINGLE_PERSON_CONFIDENCE_BY_DEVICES if young else DEVICE_SINGLE_PERSON_CONFIDENCE_BY_DEVICES
+    return float(table[int(np.searchsorted(ONE_PERSON_DEVICE_EDGES, devices, side="left"))])
 
 
 def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None, device: bool = False,
-                         young: bool = False) -> np.ndarray:
+                         young: bool = False, devices: int | None = None) -> np.ndarray:
     """(N, K) probabilities with the top label mapped through the confidence map and
-    the other persons rescaled to share the rest (never below 1/K, so the argmax is
-    kept for two persons). ``n_live`` (N,): persons per row when rows are padded (the
+    the other persons rescaled to share the rest. The new top is floored just above
+    p2 / (1 - top + p2) (p2 = the runner-up), where the rescaled runner-up would tie: the
+    map says how sure the answer is, never who it is (with three or more persons a low
+    map value could otherwise hand the answer to the runner-up). ``n_live`` (N,): persons per row when rows are padded (the
     batch scorer). A row of a one-person model becomes SINGLE_PERSON_CONFIDENCE: the
     remaining mass belongs to nobody the model knows yet (an unseen member), so such a
     row sums to less than one. ``young`` (with ``device``): the maps of a model that has
-    seen fewer than YOUNG_MODEL_SESSIONS sessions."""
+    seen fewer than YOUNG_MODEL_SESSIONS sessions; ``devices`` (with ``device``): the
+    devices the model knows, which sets a one-person answer's confidence
+    (``one_person_confidence``)."""
     if n_live is None:
         n_live = np.full(P.shape[0], P.shape[1])
     rows = np.arange(P.shape[0])
     idx = P.argmax(axis=1)
     top = P[rows, idx]
     if device and young:
-        xs, ys, one = YOUNG_DEVICE_CONFIDENCE_MAP_X, YOUNG_DEVICE_CONFIDENCE_MAP_Y, YOUNG_DEVICE_SINGLE_PERSON_CONFIDENCE
+        xs, ys, one = YOUNG_DEVICE_CONFIDENCE_MAP_X, YOUNG_DEVICE_CONFIDENCE_MAP_Y, one_person_confidence(True, devices)
     elif device:
-        xs, ys, one = DEVICE_CONFIDENCE_MAP_X, DEVICE_CONFIDENCE_MAP_Y, DEVICE_SINGLE_PERSON_CONFIDENCE
+        xs, ys, one = DEVICE_CONFIDENCE_MAP_X, DEVICE_CONFIDENCE_MAP_Y, one_person_confidence(False, devices)
     else:
         xs, ys, one = CONFIDENCE_MAP_X, CONFIDENCE_MAP_Y, SINGLE_PERSON_CONFIDENCE
     new_top = np.interp(top, xs, ys).astype(P.dtype)
     new_top = np.maximum(new_top, 1.0 / np.maximum(n_live, 1))
+    if P.shape[1] > 1:
+        runner_up = np.partition(P, -2, axis=1)[:, -2]
+        # (the rest is at least the runner-up: float32 rounding can make 1 - top smaller)
+        rest_mass = np.maximum(1.0 - top, runner_up)
+        new_top = np.maximum(new_top, runner_up / np.maximum(rest_mass + runner_up, 1e-12) * (1.0 + 1e-6))
     single = n_live <= 1
     new_top[single] = one
     rest = np.maximum(1.0 - top, 1e-12)
@@ -602,9 +625,7 @@ class HouseholdModel:
             if best is None or score < best[0]:
                 best = (score, m)
         assert best is not None
-        self.mixture = best[1]
-        if not label_names:
-            self.mixture = self._place_shared_sessions(X, clamp, self.mixture, keys)
+        self.mixture = best[1] if label_names else self._place_shared_sessions(X, clamp, best[1], keys)
         self._label_components = L
         self._reset_buffer(X, keys)
 
@@ -613,18 +634,31 @@ class HouseholdModel:
         """Device-first fit: re-estimate the persons with the sessions whose person is
         not known (shared devices) placed by a classifier trained on those whose person
         is (the personal-device groups, plus the sessions of persons without a device as
-        EM placed them), one M-step from its probabilities (placement.py). EM alone lets
-        the shared sessions pull a person with few personal-device sessions towards a
-        kind of viewing. TUNING worlds (28 households with a group and >= 2 persons):
-        session accuracy 0.729 -> 0.758 (docs/clustering.md)."""
+        EM placed them), one M-step (placement.py). A session keeps EM's responsibilities
+        where the classifier picks the same person and takes the classifier's
+        probabilities where it picks another, so a household EM already separates keeps
+        its fit exactly. EM alone lets the shared sessions pull a person with few
+        personal-device sessions towards a kind of viewing. TUNING worlds (28 households
+        with a group and >= 2 persons): session accuracy 0.729 -> 0.759
+        (docs/clustering.md)."""
         if not PLACE_SHARED_SESSIONS or mixture.n_components < 2:
             return mixture
-        R = discriminative_responsibilities(X[:, :F.FEATURE_DIM], groups, mixture.log_joint(X).argmax(axis=1),
-                                            mixture.n_components)
+        lj = mixture.log_joint(X)
+        post = np.exp(lj - logsumexp(lj, axis=1, keepdims=True))
+        R = discriminative_responsibilities(X[:, :F.FEATURE_DIM], groups, lj.argmax(axis=1), mixture.n_components)
         if R is None:
             return mixture
-        placed = Mixture.from_responsibilities(self.family, X, R, keys)
-        placed.prune()
+        known = groups >= 0
+        moved = (R.argmax(axis=1) != post.argmax(axis=1)) & ~known
+        if not moved.any() or not np.all(np.isfinite(R)):
+            return mixture
+        post[moved] = R[moved]
+        post[known] = R[known]  # the groups' sessions stay clamped (one-hot)
+        try:
+            placed = Mixture.from_responsibilities(self.family, X, post, keys)
+            placed.prune()
+        except MixtureNumericalError:
+            return mixture  # EM's fit stands
         return placed
 
     def _merge_same_hours(self, X: np.ndarray, mixture: Mixture, keys: np.ndarray) -> Mixture:
@@ -1062,13 +1096,14 @@ class HouseholdModel:
             strategy = f"cold_start:{self._cold_strategy()}"
             if self.calibrated and P.shape[1] == 1 and self.device_evidence and (slots >= 0).any():
                 # one person for now: as sure as a young one-person model is right
-                P = np.full_like(P, YOUNG_DEVICE_SINGLE_PERSON_CONFIDENCE)
+                P = np.full_like(P, one_person_confidence(True, len(self.device_ids)))
         else:
             P = self._proba(self._augment(X, slots))
             if self.calibrated and self.mixture is not None:
                 # device map: the sessions carry device ids the model knows
                 P = calibrate_confidence(P, device=bool(self.device_evidence and (slots >= 0).any()),
-                                         young=self.n_sessions < YOUNG_MODEL_SESSIONS)
+                                         young=self.n_sessions < YOUNG_MODEL_SESSIONS,
+                                         devices=len(self.device_ids))
             ids = tuple(self.person_ids)
             strategy = self.active_variant
         idx = P.argmax(axis=1)

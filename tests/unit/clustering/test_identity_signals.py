@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from services.clustering.domain import features as F
-from services.clustering.domain.model import DEVICE_SINGLE_PERSON_CONFIDENCE, HouseholdModel
+from services.clustering.domain.model import HouseholdModel, one_person_confidence
 
 DAY = 86_400.0
 EPOCH = 1_735_689_600.0
@@ -88,8 +88,12 @@ def test_single_person_household_stays_single_in_batch_and_stream():
         m.update(X[a:a + 5], device_ids=dev[a:a + 5])
     assert m.n_persons == 1 and not [e for e in m.composition_events if e["kind"] == "join"]
     one = m.assign_batch(X[:3], device_ids=dev[:3])
-    # A one-person model does not claim certainty it has not earned.
-    assert np.allclose(one.confidence, DEVICE_SINGLE_PERSON_CONFIDENCE) and DEVICE_SINGLE_PERSON_CONFIDENCE < 1.0
+    # A one-person model does not claim certainty it has not earned (two devices known),
+    # and would claim less with more devices (more room for a member it has not met).
+    assert len(m.device_ids) == 2
+    assert np.allclose(one.confidence, one_person_confidence(False, 2)) and one_person_confidence(False, 2) < 1.0
+    assert one_person_confidence(False, 4) < one_person_confidence(False, 2)
+    assert one_person_confidence(True, 4) < one_person_confidence(True, 2)
 
 
 def test_a_new_member_is_found_in_a_time_ordered_stream():

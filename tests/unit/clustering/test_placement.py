@@ -99,3 +99,31 @@ def test_without_device_ids_nothing_changes(monkeypatch):
     monkeypatch.setattr(model_module, "PLACE_SHARED_SESSIONS", True)
     on = HouseholdModel().fit(X).assign_batch(X).probabilities
     np.testing.assert_array_equal(off, on)
+
+
+def test_a_household_em_already_separates_keeps_its_fit_exactly(monkeypatch):
+    """Where the classifier picks the same person as EM for every shared session, the
+    step changes nothing (same statistics, same ledger), so exact unlearning and the
+    answers of clearly separated households are what EM gave."""
+    _, X, dev, _ = two_phone_owners_sharing_a_tv()
+    monkeypatch.setattr(model_module, "PLACE_SHARED_SESSIONS", False)
+    off = HouseholdModel().fit(X, device_ids=dev)
+    monkeypatch.setattr(model_module, "PLACE_SHARED_SESSIONS", True)
+    on = HouseholdModel().fit(X, device_ids=dev)
+    np.testing.assert_array_equal(off.mixture.stats, on.mixture.stats)
+    np.testing.assert_array_equal(off.mixture.ledger_resp, on.mixture.ledger_resp)
+
+
+def test_a_failing_re_estimate_leaves_the_fit_consistent(monkeypatch):
+    """If the M-step from the classifier's placement fails numerically, EM's fit stands
+    and the persons still match the mixture's components."""
+    h = worlds.generate(worlds.TUNING, families=("bingers",), worlds_per_family=1, households_per_world=3)[2]
+
+    def broken(*args, **kwargs):
+        raise model_module.MixtureNumericalError("injected")
+
+    monkeypatch.setattr(model_module.Mixture, "from_responsibilities", classmethod(lambda cls, *a, **k: broken()))
+    m = HouseholdModel().fit(h.features, device_ids=h.device_id)
+    assert m.mixture is not None and len(m.person_ids) == m.mixture.n_components >= 2
+    b = m.assign_batch(h.features, device_ids=h.device_id)
+    assert b.probabilities.shape == (h.n_sessions, len(m.person_ids))

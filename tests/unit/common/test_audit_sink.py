@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import grpc
 import pytest
@@ -40,6 +41,33 @@ def test_records_arrive_in_bounded_batches_and_flush_waits_for_them():
     assert max(transport.calls) <= 100
     assert [r.resource for r in transport.records] == [f"household:a{i}" for i in range(1050)]
     assert len({r.record_id for r in transport.records}) == 1050
+
+
+def test_records_of_one_window_go_in_one_batch_and_a_full_batch_does_not_wait():
+    # The sink thread is woken when a record reaches an empty queue or a batch fills,
+    # not per record: what arrives during the max_delay_s window is one send.
+    transport = _Recording()
+    sink = AuditSink(transport, component="t-window", max_batch=50, max_delay_s=0.5)
+    try:
+        for i in range(20):
+            sink.record(audit.READ_HOUSEHOLD, f"household:w{i}", principal=ALICE)
+        assert sink.flush(5)
+        assert transport.calls == [20]
+        # A full batch is sent at once, long before a 30 s window would end.
+        slow = AuditSink(transport, component="t-window-full", max_batch=10, max_delay_s=30)
+        started = time.monotonic()
+        for i in range(10):
+            slow.record(audit.READ_HOUSEHOLD, f"household:f{i}", principal=ALICE)
+        assert slow.flush(5) and time.monotonic() - started < 5
+        assert transport.calls == [20, 10]
+        slow.close()
+        # And a lone record waits at most about the window.
+        started = time.monotonic()
+        sink.record(audit.READ_HOUSEHOLD, "household:lone", principal=ALICE)
+        assert sink.flush(5) and time.monotonic() - started < 2.5
+        assert transport.calls == [20, 10, 1]
+    finally:
+        sink.close()
 
 
 def test_principal_and_trace_come_from_the_context():

@@ -219,3 +219,47 @@ def test_acting_as_switches_the_outbound_principal_inside_the_block_only():
         assert identity.current_principal() == ALICE
     finally:
         identity.reset_current(token)
+
+
+# --- the verified-token cache (issue #11: one HMAC per token, not per call) -------------
+
+def test_a_token_verified_once_is_not_re_hashed_on_the_next_calls(signer, monkeypatch):
+    token = signer.sign(ALICE)
+    signer.verify("alice", "analyst", token)
+    macs = []
+    real_mac = signer._mac
+    monkeypatch.setattr(signer, "_mac", lambda *a: macs.append(a) or real_mac(*a))
+    for _ in range(3):
+        signer.verify("alice", "analyst", token)
+    assert macs == []
+
+
+@pytest.mark.parametrize("pid,role", [("alice", "admin"), ("bob", "analyst"), ("alice ", "analyst")])
+def test_a_verified_token_stays_bound_to_its_principal_and_role(signer, pid, role):
+    token = signer.sign(ALICE)
+    signer.verify("alice", "analyst", token)   # now cached
+    with pytest.raises(Unauthenticated) as info:
+        signer.verify(pid, role, token)
+    assert reason_of(info) == "bad_token_signature"
+    signer.verify("alice", "analyst", token)   # the refusal did not evict or poison it
+
+
+def test_a_cached_token_still_expires(signer):
+    token = signer.sign(ALICE)
+    signer.verify("alice", "analyst", token)
+    signer.clock.now += 300 + identity.CLOCK_SKEW_S + 1
+    with pytest.raises(Unauthenticated) as info:
+        signer.verify("alice", "analyst", token)
+    assert reason_of(info) == "expired_token"
+
+
+def test_a_forgery_of_a_verified_token_is_refused():
+    s = ServiceTokenSigner(KEY, clock=Clock())
+    token = s.sign(ALICE)
+    s.verify("alice", "analyst", token)
+    for i in range(len(token)):
+        replacement = "A" if token[i] != "A" else "B"
+        with pytest.raises(Unauthenticated):
+            s.verify("alice", "analyst", token[:i] + replacement + token[i + 1:])
+    with pytest.raises(Unauthenticated):
+        ServiceTokenSigner(b"y" * 32, clock=Clock()).verify("alice", "analyst", token)

@@ -1,0 +1,107 @@
+"""Raw (uncalibrated) answers of Hearth on world households, with what the service knows
+when it answers: the model's age (sessions it has seen), whether the answer is a
+one-person / cold-start one, and whether the sessions carry device ids the model knows.
+
+``python -m bench.accuracy --calibrate-confidence`` fits the confidence maps of
+services/clustering/domain/model.py on these answers (TUNING worlds only), and the
+feedback benchmark (``bench/_worlds_eval.after_feedback``) gives the feedback service the
+same model age the mesh records with each prediction.
+
+Two ways of answering, as in bench/_worlds_eval.py: ``batch`` (one fit on every session,
+then every session assigned) and ``stream`` (sessions in time order, STREAM_BATCH at a
+time, folded in with ``update`` and answered at arrival).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from bench._clustering_eval import match
+from bench.worlds import WorldHousehold
+from services.clustering.domain.model import HouseholdModel
+
+STREAM_BATCH = 5
+
+
+@dataclass
+class RawAnswers:
+    """One household's answers in one mode (rows = sessions in order).
+
+    ``P``: (n, K) uncalibrated probabilities (stream: persons over the whole run, a
+    column per person id ever answered); ``pred``: argmax column; ``age``: sessions the
+    model had seen when it answered; ``kind``: 0 mixture (calibrated by the maps),
+    1 cold-start one-person answer, 2 other cold-start / k-means (left as is);
+    ``device``: the device map applies (model with device evidence, known device ids)."""
+
+    P: np.ndarray
+    pred: np.ndarray
+    age: np.ndarray
+    kind: np.ndarray
+    device: np.ndarray
+    correct: np.ndarray
+    labels: np.ndarray  # column of the true person's matched model person, -1 none
+    devices: np.ndarray | None = None  # devices the model knew when it answered
+    groups: np.ndarray | None = None   # personal-device person groups at its last fit
+
+
+MIXTURE, COLD_ONE, OTHER = 0, 1, 2
+
+
+def _meta(m: HouseholdModel, out, device_ids) -> tuple[int, bool]:
+    slots = m._known_slots(device_ids, len(device_ids))
+    device = bool(m.device_evidence and (slots >= 0).any())
+    if out.strategy.startswith("cold_start"):
+        kind = COLD_ONE if out.probabilities.shape[1] == 1 and device else OTHER
+    else:
+        kind = MIXTURE if m.mixture is not None else OTHER
+    return kind, device
+
+
+def _finish(h: WorldHousehold, P: np.ndarray, age, kind, device, devices, groups) -> RawAnswers:
+    pred = P.argmax(axis=1)
+    m = match(h.person, pred, P.shape[1])
+    column_of = {int(person): c for c, person in enumerate(m) if person >= 0}
+    labels = np.array([column_of.get(int(t), -1) for t in h.person])
+    return RawAnswers(P, pred, np.asarray(age, dtype=np.int64), np.asarray(kind, dtype=np.int8),
+                      np.asarray(device, dtype=bool), m[pred] == h.person, labels,
+                      np.asarray(devices, dtype=np.int64), np.asarray(groups, dtype=np.int64))
+
+
+def batch_answers(h: WorldHousehold) -> RawAnswers:
+    m = HouseholdModel(calibrated=False).fit(h.features, device_ids=h.device_id)
+    out = m.assign_batch(h.features, device_ids=h.device_id)
+    kind, device = _meta(m, out, list(h.device_id))
+    n = h.n_sessions
+    return _finish(h, out.probabilities, np.full(n, m.n_sessions), np.full(n, kind), np.full(n, device),
+                   np.full(n, len(m.device_ids)), np.full(n, m.device_group_count))
+
+
+def stream_answers(h: WorldHousehold, batch: int = STREAM_BATCH) -> RawAnswers:
+    m = HouseholdModel(calibrated=False)
+    probs: list[dict[str, float]] = []
+    age, kind, device, devices, groups = [], [], [], [], []
+    for a in range(0, h.n_sessions, batch):
+        b = min(a + batch, h.n_sessions)
+        m.update(h.features[a:b], device_ids=h.device_id[a:b])
+        out = m.assign_batch(h.features[a:b], device_ids=h.device_id[a:b])
+        k, d = _meta(m, out, list(h.device_id[a:b]))
+        for r in range(b - a):
+            probs.append({pid: float(p) for pid, p in zip(out.person_ids, out.probabilities[r])})
+        age += [m.n_sessions] * (b - a)
+        kind += [k] * (b - a)
+        device += [d] * (b - a)
+        devices += [len(m.device_ids)] * (b - a)
+        groups += [m.device_group_count] * (b - a)
+    names = sorted({k for p in probs for k in p})
+    col = {n: i for i, n in enumerate(names)}
+    P = np.zeros((h.n_sessions, len(names)))
+    for r, p in enumerate(probs):
+        for k, v in p.items():
+            P[r, col[k]] = v
+    return _finish(h, P, age, kind, device, devices, groups)
+
+
+def household_answers(h: WorldHousehold) -> dict[str, RawAnswers]:
+    return {"batch": batch_answers(h), "stream": stream_answers(h)}
