@@ -18,6 +18,7 @@ Policy (why it is shaped like this):
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import threading
@@ -168,7 +169,7 @@ class ModelKeeper:
                     or current.included > len(snap.sessions) or current.model.variant != variant:
                 reason = force or ("new" if current is None else "sessions_changed"
                                    if current.model.variant == variant else "variant_changed")
-                base = current.model if current else None
+                base = _private_copy(current.model) if current else None
                 if retire:
                     base = base or self.new_model(variant)
                     base.retire_person(retire)
@@ -210,7 +211,7 @@ class ModelKeeper:
 
     def _update(self, current: Envelope, snap: Snapshot) -> Envelope:
         lo = current.included
-        model = current.model
+        model = _private_copy(current.model)
         labels = snap.labels[lo:]
         before = model.fallback_count
         model.update(snap.X[lo:], labels=labels if any(labels) else None, device_ids=snap.device_ids[lo:])
@@ -253,6 +254,17 @@ class ModelKeeper:
             return
         persons, probs = persons_for(envelope.model, sessions, snap.labels[start:], snap.X[start:])
         self.store.set_persons(account_id, persons, probs)
+
+
+def _private_copy(model: HouseholdModel) -> HouseholdModel:
+    """A copy of a cached model to update or refit. The cached one is what readers
+    (assign, GetHousehold) are using at this moment; changed in place, a reader could
+    see a refit's new persons with the old person ids (an IndexError, seen once the
+    streaming newcomer test made updates longer), and a save that loses its CAS would
+    leave the cache holding an update that was never stored. The population prior is
+    shared, not copied (read-only, and the largest part)."""
+    prior = model.population_prior
+    return copy.deepcopy(model, {id(prior): prior} if prior is not None else None)
 
 
 def _composition_rows(model: HouseholdModel, sessions_before: int, snap: Snapshot) -> list[DriftRow]:

@@ -12,6 +12,8 @@ PERSONAS = {
     "kid": ("tablet-1", "tablet", 16, ("kids", "animation"), "kids", "cartoon"),
     "parent": ("tv-1", "tv", 21, ("drama", "crime"), "adult", "thriller"),
     "teen": ("phone-1", "mobile", 23, ("scifi", "action"), "teen", "anime"),
+    # shares the parent's TV, in the morning, other genres: only hours and content tell
+    "grandparent": ("tv-1", "tv", 10, ("documentary", "news"), "adult", "nature"),
 }
 
 

@@ -293,3 +293,22 @@ def test_the_population_prior_rebuild_is_paced_serves_meanwhile_and_stops_at_shu
     loop.join(10)
     assert not loop.is_alive() and time.monotonic() - stopped < 5
     assert app.keeper.population_prior is None
+
+
+def test_a_refresh_never_changes_the_model_readers_hold(household):
+    """Readers (assign, GetHousehold) use the cached decoded model while the background
+    refresh folds new sessions in or refits. The refresh must work on its own copy:
+    changed in place, a reader could see a refit's new persons with the old person ids
+    (an IndexError in GetHousehold). The model a reader loaded keeps its sessions, its
+    persons and its bytes after a fold-in and after a full refit."""
+    app, _, version, _ = household
+    held_version, held = app.keeper.load("acc-h")
+    assert held_version == version
+    before = (held.model.n_sessions, tuple(held.model.person_ids), held.model.to_bytes())
+    more, _ = household_events("acc-h", ("kid", "parent", "teen"), days=6, start_ts=T0 + 30 * 86400, seed=9)
+    app.store.ingest(more)
+    v, fresh = app.keeper.refresh("acc-h")
+    assert v == version + 1 and fresh.model.n_sessions > before[0]     # folded in...
+    v, refit = app.keeper.refresh("acc-h", force="test")
+    assert v == version + 2
+    assert (held.model.n_sessions, tuple(held.model.person_ids), held.model.to_bytes()) == before  # ...elsewhere

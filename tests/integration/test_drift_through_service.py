@@ -78,6 +78,51 @@ def test_a_member_joining_is_found_and_reported_as_drift(stub):
     assert len(kid) == 1 and kid.isdisjoint(parent)          # the newcomer is a person of their own
 
 
+def test_a_newcomer_on_a_shared_tv_is_found_within_30_sessions_and_ids_stay(stub):
+    """Two members (the parent on the TV, the kid on a tablet) for 40 days, then a
+    grandparent starts watching the parent's TV in the mornings. No new device says
+    so: the model's newcomer test must find them while the events stream in. Through
+    the service: a composition drift event no later than the 30th session after the
+    grandparent's first, three persons, the parent's and the kid's ids unchanged, and
+    the grandparent's later sessions a person of their own."""
+    account = "acc-newcomer"
+    events, truth = household_events(account, ("parent", "kid"), days=40, start_ts=T0, seed=3)
+    _send(stub, events)
+    two = _settled(stub, account)
+    assert two.status.persons == 2 and not two.drift_events
+    parent = {s.person_id for s in two.sessions if s.device_id == "tv-1"}
+    kid = {s.person_id for s in two.sessions if s.device_id == "tablet-1"}
+    assert len(parent) == len(kid) == 1 and parent != kid
+
+    starts = []
+    for day in range(40, 64, 2):
+        batch, day_truth = household_events(account, ("parent", "kid", "grandparent"), days=2,
+                                            start_ts=T0 + day * DAY, seed=100 + day)
+        starts += day_truth
+        _send(stub, batch)
+        _settled(stub, account)
+    after = _settled(stub, account)
+    starts.sort(key=lambda t: t[1])
+    first_new = next(i for i, (who, _) in enumerate(starts) if who == "grandparent")
+    deadline = starts[min(first_new + 30, len(starts) - 1)][1]
+    joins = [d for d in after.drift_events if d.drift_type == "composition" and d.refit_triggered]
+    assert joins, "the newcomer was not reported"
+    assert starts[first_new][1] - 60 <= min(d.detected_at.seconds for d in joins) <= deadline
+    assert after.status.persons == 3
+    late = T0 + 56 * DAY
+    by_person = {}
+    for s in after.sessions:
+        if s.start.seconds > late:
+            hour = ((s.start.seconds - T0) % DAY) / 3600   # start_ts + hour (households.py)
+            who = "grandparent" if s.device_id == "tv-1" and hour < 15 else (
+                "parent" if s.device_id == "tv-1" else "kid")
+            by_person.setdefault(who, []).append(s.person_id)
+    assert set(by_person["parent"]) == parent and set(by_person["kid"]) == kid   # ids stay
+    newcomer = by_person["grandparent"]
+    top = max(set(newcomer), key=newcomer.count)
+    assert top not in parent | kid and newcomer.count(top) >= 0.8 * len(newcomer)
+
+
 def test_habits_shifting_trigger_a_refit_through_the_service(stub):
     account = "acc-shift"
     refits_before = REFITS.labels("drift")._value.get()
