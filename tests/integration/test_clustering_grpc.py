@@ -85,7 +85,11 @@ def test_assign_sessions_streams_one_answer_per_vector_like_assign_session(stub)
         probabilities = {p.person_id: p.probability for p in got.probabilities}
         assert sum(probabilities.values()) == pytest.approx(1.0)
         assert got.person_id == max(probabilities, key=probabilities.get)
-        one = call(stub.AssignSession, cpb.AssignSessionRequest(account_id=ACC, session_id=session.session_id))
+        # The same bare vector through AssignSession: the same scorer, so the same answer. (By
+        # session id the stored session's device is evidence too, which a bare vector lacks.)
+        one = call(stub.AssignSession, cpb.AssignSessionRequest(
+            account_id=ACC, feature_vector=session.feature_vector,
+            feature_schema_version=session.feature_schema_version))
         assert one.assignment.person_id == got.person_id
         # The batch path scores in float32 (assign_many): equal to ~1e-6, not bit for bit.
         assert one.assignment.confidence == pytest.approx(got.confidence, abs=1e-5)
