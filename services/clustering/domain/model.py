@@ -171,14 +171,14 @@ SINGLE_PERSON_CONFIDENCE = 0.8467
 # AssignSessions with vectors) keep the map above. Fitted on 48 TUNING households
 # (2026-12-03; the counts are in docs/clustering.md, "Confidence").
 DEVICE_CONFIDENCE_MAP_X = np.array([0.285, 0.3208, 0.3565, 0.3923, 0.428, 0.4638, 0.4995, 0.5353, 0.571, 0.6068, 0.6425, 0.6783, 0.714, 0.7498, 0.7855, 0.8213, 0.857, 0.8928, 0.9285, 0.9643, 1.0])
-DEVICE_CONFIDENCE_MAP_Y = np.array([0.0, 0.0, 0.1698, 0.2667, 0.5333, 0.5555, 0.5555, 0.5555, 0.5555, 0.5555, 0.5555, 0.5968, 0.7112, 0.7112, 0.7354, 0.7721, 0.8133, 0.8301, 0.8428, 0.864, 0.895])
-DEVICE_SINGLE_PERSON_CONFIDENCE = 0.6955
+DEVICE_CONFIDENCE_MAP_Y = np.array([0.0, 0.0, 0.1698, 0.2667, 0.5333, 0.5557, 0.5557, 0.5557, 0.5557, 0.5557, 0.5557, 0.5968, 0.7097, 0.7097, 0.7322, 0.766, 0.8119, 0.8293, 0.8293, 0.8724, 0.8903])
+DEVICE_SINGLE_PERSON_CONFIDENCE = 0.6951
 # A one-person answer is less sure the more devices the household uses: on the TUNING
 # answers a one-person model with 3 or more known devices was right far less often than
 # one with 1-2 (stream: 0.52 vs 0.76), so its confidence comes from a table by the devices
 # the model knows (ONE_PERSON_DEVICE_EDGES: <= 2, >= 3), per model age.
 ONE_PERSON_DEVICE_EDGES = (2,)
-DEVICE_SINGLE_PERSON_CONFIDENCE_BY_DEVICES = (0.7502, 0.5145)
+DEVICE_SINGLE_PERSON_CONFIDENCE_BY_DEVICES = (0.7552, 0.5145)
 
 # A young model (fewer than YOUNG_MODEL_SESSIONS sessions seen, device ids known) is
 # wrong more often than a mature one at the same posterior: in a time-ordered stream
@@ -189,9 +189,9 @@ DEVICE_SINGLE_PERSON_CONFIDENCE_BY_DEVICES = (0.7502, 0.5145)
 # person, before MIN_SESSIONS) say what a young one-person answer says.
 YOUNG_MODEL_SESSIONS = 60
 YOUNG_DEVICE_CONFIDENCE_MAP_X = np.array([0.3555, 0.42, 0.4844, 0.5489, 0.6133, 0.6778, 0.7422, 0.8067, 0.8711, 0.9356, 1.0])
-YOUNG_DEVICE_CONFIDENCE_MAP_Y = np.array([0.0, 0.0, 0.2857, 0.2857, 0.4375, 0.5111, 0.5111, 0.5929, 0.5929, 0.75, 0.7962])
-YOUNG_DEVICE_SINGLE_PERSON_CONFIDENCE = 0.7549
-YOUNG_DEVICE_SINGLE_PERSON_CONFIDENCE_BY_DEVICES = (0.8356, 0.567)
+YOUNG_DEVICE_CONFIDENCE_MAP_Y = np.array([0.0, 0.0, 0.3143, 0.3143, 0.4375, 0.5, 0.5, 0.5989, 0.5989, 0.5989, 0.75])
+YOUNG_DEVICE_SINGLE_PERSON_CONFIDENCE = 0.7572
+YOUNG_DEVICE_SINGLE_PERSON_CONFIDENCE_BY_DEVICES = (0.8357, 0.5747)
 
 
 def one_person_confidence(young: bool, devices: int | None) -> float:
