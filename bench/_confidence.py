@@ -19,10 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from bench._clustering_eval import match
+from bench._worlds_eval import STREAM_BATCH, columns, stream_steps
 from bench.worlds import WorldHousehold
 from services.clustering.domain.model import HouseholdModel
-
-STREAM_BATCH = 5
 
 
 @dataclass
@@ -79,13 +78,9 @@ def batch_answers(h: WorldHousehold) -> RawAnswers:
 
 
 def stream_answers(h: WorldHousehold, batch: int = STREAM_BATCH) -> RawAnswers:
-    m = HouseholdModel(calibrated=False)
     probs: list[dict[str, float]] = []
     age, kind, device, devices, groups = [], [], [], [], []
-    for a in range(0, h.n_sessions, batch):
-        b = min(a + batch, h.n_sessions)
-        m.update(h.features[a:b], device_ids=h.device_id[a:b])
-        out = m.assign_batch(h.features[a:b], device_ids=h.device_id[a:b])
+    for a, b, m, out, _ in stream_steps(h, batch, calibrated=False):
         k, d = _meta(m, out, list(h.device_id[a:b]))
         for r in range(b - a):
             probs.append({pid: float(p) for pid, p in zip(out.person_ids, out.probabilities[r])})
@@ -94,13 +89,7 @@ def stream_answers(h: WorldHousehold, batch: int = STREAM_BATCH) -> RawAnswers:
         device += [d] * (b - a)
         devices += [len(m.device_ids)] * (b - a)
         groups += [m.device_group_count] * (b - a)
-    names = sorted({k for p in probs for k in p})
-    col = {n: i for i, n in enumerate(names)}
-    P = np.zeros((h.n_sessions, len(names)))
-    for r, p in enumerate(probs):
-        for k, v in p.items():
-            P[r, col[k]] = v
-    return _finish(h, P, age, kind, device, devices, groups)
+    return _finish(h, columns(probs), age, kind, device, devices, groups)
 
 
 def household_answers(h: WorldHousehold) -> dict[str, RawAnswers]:
