@@ -1,7 +1,6 @@
 """Raw (uncalibrated) answers of Hearth on world households, with what the service knows
 when it answers: the model's age (sessions it has seen), whether it has folded sessions
-in since its last full fit (HouseholdModel.folded_in), whether the session was on a
-personal device type, whether the answer is a
+in since its last full fit (HouseholdModel.folded_in), whether the answer is a
 one-person / cold-start one, and whether the sessions carry device ids the model knows.
 
 ``python -m bench.accuracy --calibrate-confidence`` fits the confidence maps of
@@ -24,7 +23,6 @@ from bench._clustering_eval import match
 from bench._worlds_eval import STREAM_BATCH, columns, stream_steps
 from bench.worlds import WorldHousehold
 from services.clustering.domain.model import HouseholdModel
-from services.clustering.domain.persons import is_personal
 
 
 @dataclass
@@ -47,7 +45,6 @@ class RawAnswers:
     devices: np.ndarray | None = None  # devices the model knew when it answered
     groups: np.ndarray | None = None   # personal-device person groups at its last fit
     streamed: np.ndarray | None = None  # it had folded sessions in since its last full fit
-    personal: np.ndarray | None = None  # the session was on a personal device type
 
 
 MIXTURE, COLD_ONE, OTHER = 0, 1, 2
@@ -71,7 +68,7 @@ def _finish(h: WorldHousehold, P: np.ndarray, age, kind, device, devices, groups
     return RawAnswers(P, pred, np.asarray(age, dtype=np.int64), np.asarray(kind, dtype=np.int8),
                       np.asarray(device, dtype=bool), m[pred] == h.person, labels,
                       np.asarray(devices, dtype=np.int64), np.asarray(groups, dtype=np.int64),
-                      np.asarray(streamed, dtype=bool), is_personal(h.features))
+                      np.asarray(streamed, dtype=bool))
 
 
 def batch_answers(h: WorldHousehold) -> RawAnswers:

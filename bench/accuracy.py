@@ -298,7 +298,7 @@ def calibrate_device_confidence(quick: bool) -> dict:
     * DEVICE_CONFIDENCE_MAPS: isotonic regression of "the answer is right" on the
       top-label probability of multi-person answers, one map per
       model.device_map_name (models of >= YOUNG_MODEL_SESSIONS sessions: fitted at once
-      or streamed, times a personal or a shared device; younger models: one map);
+      or streamed; younger models: one map);
     * ONE_PERSON_CONFIDENCE, per group (fitted at once; streamed and young, with the
       cold-start answers; streamed and mature): the share of such answers that were
       right, and a table by the devices the model knows (ONE_PERSON_DEVICE_EDGES), each
@@ -307,7 +307,10 @@ def calibrate_device_confidence(quick: bool) -> dict:
     from concurrent.futures import ProcessPoolExecutor
 
     from bench._confidence import household_answers
-    hs = worlds.generate(worlds.TUNING, worlds_per_family=1 if quick else 2,
+    # 96 households (every TUNING world, 8 households each): with 48 the maps of the
+    # fitted-at-once and streamed answers apart each rested on too few households
+    # (leave-one-world-out: a map fitted on 72 households beats one on 24).
+    hs = worlds.generate(worlds.TUNING, worlds_per_family=1 if quick else 4,
                          households_per_world=4 if quick else 8)
     with ProcessPoolExecutor(max(1, min(2, os.cpu_count() or 1))) as pool:
         answers = list(pool.map(household_answers, hs))
@@ -332,7 +335,7 @@ def fit_device_confidence(answers: list[dict], one_person_prior: float = ONE_PER
             top = a.P.max(axis=1)
             young = a.age < YOUNG_MODEL_SESSIONS
             rows = a.device & (a.kind == MIXTURE) & (live > 1)
-            names = np.array([device_map_name(y, s, p) for y, s, p in zip(young, a.streamed, a.personal)])
+            names = np.array([device_map_name(y, s) for y, s in zip(young, a.streamed)])
             for name in multi:
                 multi[name][0].append(top[rows & (names == name)])
                 multi[name][1].append(a.correct[rows & (names == name)])

@@ -48,7 +48,7 @@ from services.clustering.domain.gmm import (
     RHYTHM_BINS,
 )
 from services.clustering.domain.kmeans import IncrementalKMeans, fit_select_k_kmeans, kmeans_plus_plus
-from services.clustering.domain.persons import is_personal, merge_by_viewing_hours, personal_device_groups
+from services.clustering.domain.persons import merge_by_viewing_hours, personal_device_groups
 from services.clustering.domain.placement import discriminative_responsibilities
 
 MODEL_FORMAT_VERSION = 1
@@ -181,17 +181,16 @@ SINGLE_PERSON_CONFIDENCE = 0.8467
 #   0.752 at 0.79), and a streamed one-person model far less often (0.68 vs 0.95): a fit
 #   on every session keeps one person almost only for a one-person household, a stream
 #   has one person until it meets the second. Pooling the two made streams
-#   overconfident (REPORTING ECE 0.088) and batch fits underconfident;
-# * whether the session was on a personal device (mobile, tablet, desktop) or a shared
-#   one: at a posterior >= 0.95 personal-device answers were right 0.95 (batch) / 0.94
-#   (stream), shared-device ones 0.86 / 0.73.
+#   overconfident (REPORTING ECE 0.088) and batch fits underconfident.
+# (Tried and not kept: a map per device type besides. Personal-device answers are right
+# more often at the same posterior, but with five maps each was fitted on too few
+# households: leave-one-world-out on 96 TUNING households, ECE batch 0.067 -> 0.081,
+# stream 0.061 -> 0.070; docs/clustering.md, "Confidence".)
 YOUNG_MODEL_SESSIONS = 60
 DEVICE_CONFIDENCE_MAPS: dict[str, tuple[list[float], list[float]]] = {
-    "fitted_personal": ([0.285, 0.3208, 0.3565, 0.3923, 0.428, 0.4638, 0.4995, 0.5353, 0.571, 0.6068, 0.6425, 0.6783, 0.714, 0.7498, 0.7855, 0.8213, 0.857, 0.8928, 0.9285, 0.9643, 1.0], [0.0, 0.0, 0.1698, 0.2667, 0.5333, 0.5557, 0.5557, 0.5557, 0.5557, 0.5557, 0.5557, 0.5968, 0.7097, 0.7097, 0.7322, 0.766, 0.8119, 0.8293, 0.8293, 0.8724, 0.8903]),
-    "fitted_shared": ([0.285, 0.3208, 0.3565, 0.3923, 0.428, 0.4638, 0.4995, 0.5353, 0.571, 0.6068, 0.6425, 0.6783, 0.714, 0.7498, 0.7855, 0.8213, 0.857, 0.8928, 0.9285, 0.9643, 1.0], [0.0, 0.0, 0.1698, 0.2667, 0.5333, 0.5557, 0.5557, 0.5557, 0.5557, 0.5557, 0.5557, 0.5968, 0.7097, 0.7097, 0.7322, 0.766, 0.8119, 0.8293, 0.8293, 0.8724, 0.8903]),
-    "streamed_personal": ([0.285, 0.3208, 0.3565, 0.3923, 0.428, 0.4638, 0.4995, 0.5353, 0.571, 0.6068, 0.6425, 0.6783, 0.714, 0.7498, 0.7855, 0.8213, 0.857, 0.8928, 0.9285, 0.9643, 1.0], [0.0, 0.0, 0.1698, 0.2667, 0.5333, 0.5557, 0.5557, 0.5557, 0.5557, 0.5557, 0.5557, 0.5968, 0.7097, 0.7097, 0.7322, 0.766, 0.8119, 0.8293, 0.8293, 0.8724, 0.8903]),
-    "streamed_shared": ([0.285, 0.3208, 0.3565, 0.3923, 0.428, 0.4638, 0.4995, 0.5353, 0.571, 0.6068, 0.6425, 0.6783, 0.714, 0.7498, 0.7855, 0.8213, 0.857, 0.8928, 0.9285, 0.9643, 1.0], [0.0, 0.0, 0.1698, 0.2667, 0.5333, 0.5557, 0.5557, 0.5557, 0.5557, 0.5557, 0.5557, 0.5968, 0.7097, 0.7097, 0.7322, 0.766, 0.8119, 0.8293, 0.8293, 0.8724, 0.8903]),
-    "young": ([0.3555, 0.42, 0.4844, 0.5489, 0.6133, 0.6778, 0.7422, 0.8067, 0.8711, 0.9356, 1.0], [0.0, 0.0, 0.3143, 0.3143, 0.4375, 0.5, 0.5, 0.5989, 0.5989, 0.5989, 0.75]),
+    "fitted": ([0.2567, 0.2939, 0.331, 0.3682, 0.4054, 0.4425, 0.4797, 0.5169, 0.554, 0.5912, 0.6284, 0.6655, 0.7027, 0.7398, 0.777, 0.8142, 0.8513, 0.8885, 0.9257, 0.9628, 1.0], [0.0, 0.2034, 0.2034, 0.2034, 0.3534, 0.5164, 0.5164, 0.5325, 0.5325, 0.5325, 0.5325, 0.5325, 0.6813, 0.6813, 0.7569, 0.7782, 0.8004, 0.8249, 0.8447, 0.8945, 0.8969]),
+    "streamed": ([0.2724, 0.3088, 0.3452, 0.3815, 0.4179, 0.4543, 0.4907, 0.5271, 0.5634, 0.5998, 0.6362, 0.6726, 0.709, 0.7453, 0.7817, 0.8181, 0.8545, 0.8909, 0.9272, 0.9636, 1.0], [0.0, 0.0, 0.2121, 0.2121, 0.4231, 0.522, 0.522, 0.544, 0.544, 0.544, 0.5596, 0.615, 0.6479, 0.6667, 0.6915, 0.7565, 0.7619, 0.7619, 0.7758, 0.7801, 0.8441]),
+    "young": ([0.3555, 0.42, 0.4844, 0.5489, 0.6133, 0.6778, 0.7422, 0.8067, 0.8711, 0.9356, 1.0], [0.0, 0.25, 0.3333, 0.3333, 0.3808, 0.6167, 0.6167, 0.6636, 0.6636, 0.7, 0.7937]),
 }
 # A one-person answer's confidence: how often such answers were right on the same data,
 # per group ("fitted": fitted at once, any age — a one-person batch fit is rare, 15 TUNING
@@ -203,17 +202,15 @@ DEVICE_CONFIDENCE_MAPS: dict[str, tuple[list[float], list[float]]] = {
 # one-person answer says.
 ONE_PERSON_DEVICE_EDGES = (2,)
 ONE_PERSON_CONFIDENCE: dict[str, tuple[float, tuple[float, ...]]] = {
-    "fitted": (0.6951, (0.7552, 0.5145)),
-    "young": (0.7572, (0.8357, 0.5747)),
-    "mature": (0.6951, (0.7552, 0.5145)),
+    "fitted": (0.7674, (0.8241, 0.6205)),
+    "young": (0.6501, (0.7281, 0.5341)),
+    "mature": (0.521, (0.5898, 0.4428)),
 }
 
 
-def device_map_name(young: bool, streamed: bool, personal: bool) -> str:
-    """Which of DEVICE_CONFIDENCE_MAPS answers a session (see above)."""
-    if young:
-        return "young"
-    return f"{'streamed' if streamed else 'fitted'}_{'personal' if personal else 'shared'}"
+def device_map_name(young: bool, streamed: bool) -> str:
+    """Which of DEVICE_CONFIDENCE_MAPS answers (see above)."""
+    return "young" if young else "streamed" if streamed else "fitted"
 
 
 def one_person_confidence(young: bool, devices: int | None, streamed: bool = True) -> float:
@@ -227,8 +224,7 @@ def one_person_confidence(young: bool, devices: int | None, streamed: bool = Tru
 
 
 def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None, device: bool = False,
-                         young: bool = False, devices: int | None = None, streamed: bool = True,
-                         personal: np.ndarray | None = None) -> np.ndarray:
+                         young: bool = False, devices: int | None = None, streamed: bool = True) -> np.ndarray:
     """(N, K) probabilities with the top label mapped through the confidence map and
     the other persons rescaled to share the rest. The new top is floored just above
     p2 / (1 - top + p2) (p2 = the runner-up), where the rescaled runner-up would tie: the
@@ -238,24 +234,19 @@ def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None, device
     remaining mass belongs to nobody the model knows yet (an unseen member), so such a
     row sums to less than one. With ``device``: ``young`` (the model has seen fewer than
     YOUNG_MODEL_SESSIONS sessions), ``streamed`` (it has folded sessions in since its last
-    full fit, HouseholdModel.folded_in), ``personal`` (N,) (the session was on a personal
-    device type; None: none was) and ``devices`` (the devices it knows) choose the map
-    (``device_map_name``) and the one-person confidence (``one_person_confidence``)."""
+    full fit, HouseholdModel.folded_in) and ``devices`` (the devices it knows) choose the
+    map (``device_map_name``) and the one-person confidence (``one_person_confidence``)."""
     if n_live is None:
         n_live = np.full(P.shape[0], P.shape[1])
     rows = np.arange(P.shape[0])
     idx = P.argmax(axis=1)
     top = P[rows, idx]
     if device:
-        personal = np.zeros(P.shape[0], dtype=bool) if personal is None else np.asarray(personal, dtype=bool)
-        new_top = np.empty_like(top)
-        for kind in (True, False):
-            xs, ys = DEVICE_CONFIDENCE_MAPS[device_map_name(young, streamed, kind)]
-            new_top[personal == kind] = np.interp(top[personal == kind], xs, ys)
+        xs, ys = DEVICE_CONFIDENCE_MAPS[device_map_name(young, streamed)]
         one = one_person_confidence(young, devices, streamed)
     else:
-        new_top = np.interp(top, CONFIDENCE_MAP_X, CONFIDENCE_MAP_Y).astype(P.dtype)
-        one = SINGLE_PERSON_CONFIDENCE
+        xs, ys, one = CONFIDENCE_MAP_X, CONFIDENCE_MAP_Y, SINGLE_PERSON_CONFIDENCE
+    new_top = np.interp(top, xs, ys).astype(P.dtype)
     new_top = np.maximum(new_top, 1.0 / np.maximum(n_live, 1))
     if P.shape[1] > 1:
         runner_up = np.partition(P, -2, axis=1)[:, -2]
@@ -1140,8 +1131,7 @@ class HouseholdModel:
                 # device map: the sessions carry device ids the model knows
                 P = calibrate_confidence(P, device=bool(self.device_evidence and (slots >= 0).any()),
                                          young=self.n_sessions < YOUNG_MODEL_SESSIONS,
-                                         devices=len(self.device_ids), streamed=self.folded_in > 0,
-                                         personal=is_personal(X))
+                                         devices=len(self.device_ids), streamed=self.folded_in > 0)
             ids = tuple(self.person_ids)
             strategy = self.active_variant
         idx = P.argmax(axis=1)

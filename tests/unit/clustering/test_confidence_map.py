@@ -18,8 +18,7 @@ def test_the_map_keeps_the_answer_and_a_distribution(rows, device, young, stream
     P /= P.sum(axis=1, keepdims=True)
     P[np.arange(len(P)), P.argmax(axis=1)] += 1e-6   # a strict top (ties are the caller's)
     P /= P.sum(axis=1, keepdims=True)
-    personal = np.arange(len(P)) % 2 == 0
-    out = calibrate_confidence(P, (P > 0).sum(axis=1), device=device, young=young, streamed=streamed, personal=personal)
+    out = calibrate_confidence(P, (P > 0).sum(axis=1), device=device, young=young, streamed=streamed)
     np.testing.assert_array_equal(out.argmax(axis=1), P.argmax(axis=1))
     np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-9)
     assert not out[P == 0].any()
@@ -57,26 +56,19 @@ def _constant_maps(monkeypatch) -> dict[str, float]:
 
 def test_a_fit_on_every_session_and_a_stream_answer_through_their_own_maps(monkeypatch):
     """Which map answers is what the model knows: its age, whether it has folded sessions
-    in since its last full fit (streamed), and the session's device type."""
+    in since its last full fit (streamed)."""
     from services.clustering.domain.model import HouseholdModel
-    from services.clustering.domain.persons import is_personal
     values = _constant_maps(monkeypatch)
     X, dev = _two_people_with_phones_and_a_tv()
     fitted = HouseholdModel().fit(X, device_ids=dev)
     assert fitted.n_persons == 2 and fitted.folded_in == 0
-    personal = is_personal(X)
-    assert personal.any() and (~personal).any()
-    out = fitted.assign_batch(X, device_ids=dev)
-    np.testing.assert_allclose(out.confidence[personal], values["fitted_personal"])
-    np.testing.assert_allclose(out.confidence[~personal], values["fitted_shared"])
+    np.testing.assert_allclose(fitted.assign_batch(X, device_ids=dev).confidence, values["fitted"])
 
     streamed = HouseholdModel().fit(X[:100], device_ids=dev[:100])
     for a in range(100, X.shape[0], 5):
         streamed.update(X[a:a + 5], device_ids=dev[a:a + 5])
     assert streamed.folded_in == X.shape[0] - 100 and streamed.n_persons == 2
-    out = streamed.assign_batch(X, device_ids=dev)
-    np.testing.assert_allclose(out.confidence[personal], values["streamed_personal"])
-    np.testing.assert_allclose(out.confidence[~personal], values["streamed_shared"])
+    np.testing.assert_allclose(streamed.assign_batch(X, device_ids=dev).confidence, values["streamed"])
 
     young = HouseholdModel().fit(X[:40], device_ids=dev[:40])
     if young.n_persons > 1:
@@ -84,8 +76,7 @@ def test_a_fit_on_every_session_and_a_stream_answer_through_their_own_maps(monke
     # a full refit makes it a fitted model again
     streamed.fit(X, device_ids=dev)
     assert streamed.folded_in == 0
-    np.testing.assert_allclose(streamed.assign_batch(X, device_ids=dev).confidence[personal],
-                               values["fitted_personal"])
+    np.testing.assert_allclose(streamed.assign_batch(X, device_ids=dev).confidence, values["fitted"])
 
 
 def test_how_the_model_came_about_survives_its_bytes():
@@ -114,8 +105,7 @@ def test_a_model_stored_before_it_knew_how_it_came_about_answers_as_streamed(mon
     np.savez(buf, **z)
     old = HouseholdModel.from_bytes(buf.getvalue())
     assert old.folded_in == X.shape[0]
-    assert set(np.round(old.assign_batch(X, device_ids=dev).confidence, 6)) <= {
-        round(values["streamed_personal"], 6), round(values["streamed_shared"], 6)}
+    np.testing.assert_allclose(old.assign_batch(X, device_ids=dev).confidence, values["streamed"])
 
 
 def test_a_one_person_answer_of_a_fit_on_every_session_has_its_own_figure():
