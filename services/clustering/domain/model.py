@@ -203,8 +203,8 @@ DEVICE_CONFIDENCE_MAPS: dict[str, tuple[list[float], list[float]]] = {
 # one-person answer says.
 ONE_PERSON_DEVICE_EDGES = (2,)
 ONE_PERSON_CONFIDENCE: dict[str, tuple[float, tuple[float, ...]]] = {
-    "fitted": (0.7674, (0.8241, 0.6205)),
-    "young": (0.6501, (0.7281, 0.5341)),
+    "fitted": (0.7368, (0.8015, 0.5956)),
+    "young": (0.6469, (0.7267, 0.5276)),
     "mature": (0.521, (0.5898, 0.4428)),
 }
 
