@@ -33,6 +33,7 @@ probability for every person.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from collections.abc import Sequence
@@ -73,6 +74,22 @@ GROUP_BIC_PENALTY = 0.75
 # Device-first fits: shared-device sessions placed by a per-household classifier trained
 # on the personal-device groups' sessions, then one M-step (_place_shared_sessions).
 PLACE_SHARED_SESSIONS = True
+# Block weights of the scorer a device-first fit answers with (_with_placed_weights),
+# as multipliers of the family's own: the hours (rhythm cells) count far more, the
+# genre mix and the Gaussian blocks (lengths, shares) less. Only the weights change, not
+# the statistics (each block's maximiser does not depend on its weight), so the persons,
+# the ledger and exact unlearning are untouched; it is how much each kind of evidence
+# counts when a session is given to one of the persons. Why: on a shared TV what tells
+# members apart is *when* they watch more than what or how long, and with the fit's
+# weights the scorer still split the TV by kind. TUNING worlds (144 households; the 105
+# device-first fits re-scored offline, batch accuracy): family weights 0.719; rhythm
+# 1.5 / genre 0.5 / Gaussian 0.5: 0.730; rhythm 2.5: 0.735; 4: 0.738; 6: 0.742; 8:
+# 0.743; 12: 0.738 (personal-device sessions start to follow the hours rather than the
+# device); genre 0.35 or 0.7 and Gaussian 0.5 or 0.7 beside rhythm 5-6: <= the choice;
+# device, slot and binge blocks x0.5 / x2: within 0.002. Every one of the 4 TUNING
+# worlds gains (0.747/0.714/0.649/0.757 -> 0.774/0.742/0.662/0.778). Households without
+# a personal device: re-weighting them too gained 0.002 (not kept). docs/clustering.md.
+PLACED_BLOCK_WEIGHTS = {"rhythm_weight": 6.0, "genre_weight": 0.5, "gauss_weight": 0.35}
 DEVICE_REFIT_EVERY = 40   # with personal devices: sessions between device-first refits of the buffer
 RECENT_WINDOW = 40        # recent sessions whose worst-explained seed a newcomer (_reselect)
 BUFFER_CAP = 1000         # sessions the re-selection refits on (the newest)
@@ -663,7 +680,10 @@ class HouseholdModel:
             if best is None or score < best[0]:
                 best = (score, m)
         assert best is not None
-        self.mixture = best[1] if label_names else self._place_shared_sessions(X, clamp, best[1], keys)
+        if label_names:
+            self.mixture = best[1]
+        else:
+            self.mixture = self._with_placed_weights(self._place_shared_sessions(X, clamp, best[1], keys))
         self._label_components = L
         self._reset_buffer(X, keys)
 
@@ -698,6 +718,21 @@ class HouseholdModel:
         except MixtureNumericalError:
             return mixture  # EM's fit stands
         return placed
+
+    def _with_placed_weights(self, mixture: Mixture) -> Mixture:
+        """The same persons (statistics, ledger) scored with PLACED_BLOCK_WEIGHTS times
+        the family's block weights. The model's own family (``self.family``: later fits,
+        the re-selection, the batch scorer's grouping) is unchanged; the mixture keeps its
+        weights through incremental updates and is stored with them (to_bytes)."""
+        if not dataclasses.is_dataclass(mixture.family):
+            return mixture
+        fam = mixture.family
+        weighted = dataclasses.replace(fam, **{name: getattr(fam, name) * factor
+                                               for name, factor in PLACED_BLOCK_WEIGHTS.items()})
+        out = Mixture(weighted, mixture.stats.copy())
+        out.ledger_keys = mixture.ledger_keys.copy()
+        out.ledger_resp = None if mixture.ledger_resp is None else mixture.ledger_resp.copy()
+        return out
 
     def _merge_same_hours(self, X: np.ndarray, mixture: Mixture, keys: np.ndarray) -> Mixture:
         """Device ids known, no personal device: while two of the persons found watch at
@@ -1247,6 +1282,10 @@ class HouseholdModel:
             "variant": self.variant, "k_max": self.k_max, "cold_start": self.cold_start,
             "temperature": self.temperature, "seed": self.seed, "n_init": self.n_init,
             "family": _family_meta(self.family), "person_ids": self.person_ids,
+            # the mixture's block weights when they are not the family's (device-first
+            # fits, _with_placed_weights); absent in models stored before them
+            "mixture_family": (_family_meta(self.mixture.family)
+                               if self.mixture is not None and self.mixture.family != self.family else None),
             "next_person": self.next_person, "id_offset": self.id_offset, "retired": sorted(self.retired),
             "fallback": self.fallback,
             "fallback_count": self.fallback_count, "label_map": self.label_map,
@@ -1313,7 +1352,8 @@ class HouseholdModel:
         if "buffer" in z:
             m.buffer, m.buffer_keys = z["buffer"], z["buffer_keys"]
         if "stats" in z:
-            mix = Mixture(m.family, z["stats"])
+            fam = TypedSession(**meta["mixture_family"]) if meta.get("mixture_family") else m.family
+            mix = Mixture(fam, z["stats"])
             mix.ledger_keys = z["ledger_keys"]
             mix.ledger_resp = z["ledger_resp"]
             m.mixture = mix
