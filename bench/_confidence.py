@@ -1,5 +1,6 @@
 """Raw (uncalibrated) answers of Hearth on world households, with what the service knows
-when it answers: the model's age (sessions it has seen), whether the answer is a
+when it answers: the model's age (sessions it has seen), whether it has folded sessions
+in since its last full fit (HouseholdModel.folded_in), whether the answer is a
 one-person / cold-start one, and whether the sessions carry device ids the model knows.
 
 ``python -m bench.accuracy --calibrate-confidence`` fits the confidence maps of
@@ -19,10 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from bench._clustering_eval import match
+from bench._worlds_eval import STREAM_BATCH, columns, stream_steps
 from bench.worlds import WorldHousehold
 from services.clustering.domain.model import HouseholdModel
-
-STREAM_BATCH = 5
 
 
 @dataclass
@@ -44,6 +44,7 @@ class RawAnswers:
     labels: np.ndarray  # column of the true person's matched model person, -1 none
     devices: np.ndarray | None = None  # devices the model knew when it answered
     groups: np.ndarray | None = None   # personal-device person groups at its last fit
+    streamed: np.ndarray | None = None  # it had folded sessions in since its last full fit
 
 
 MIXTURE, COLD_ONE, OTHER = 0, 1, 2
@@ -59,14 +60,15 @@ def _meta(m: HouseholdModel, out, device_ids) -> tuple[int, bool]:
     return kind, device
 
 
-def _finish(h: WorldHousehold, P: np.ndarray, age, kind, device, devices, groups) -> RawAnswers:
+def _finish(h: WorldHousehold, P: np.ndarray, age, kind, device, devices, groups, streamed) -> RawAnswers:
     pred = P.argmax(axis=1)
     m = match(h.person, pred, P.shape[1])
     column_of = {int(person): c for c, person in enumerate(m) if person >= 0}
     labels = np.array([column_of.get(int(t), -1) for t in h.person])
     return RawAnswers(P, pred, np.asarray(age, dtype=np.int64), np.asarray(kind, dtype=np.int8),
                       np.asarray(device, dtype=bool), m[pred] == h.person, labels,
-                      np.asarray(devices, dtype=np.int64), np.asarray(groups, dtype=np.int64))
+                      np.asarray(devices, dtype=np.int64), np.asarray(groups, dtype=np.int64),
+                      np.asarray(streamed, dtype=bool))
 
 
 def batch_answers(h: WorldHousehold) -> RawAnswers:
@@ -75,17 +77,13 @@ def batch_answers(h: WorldHousehold) -> RawAnswers:
     kind, device = _meta(m, out, list(h.device_id))
     n = h.n_sessions
     return _finish(h, out.probabilities, np.full(n, m.n_sessions), np.full(n, kind), np.full(n, device),
-                   np.full(n, len(m.device_ids)), np.full(n, m.device_group_count))
+                   np.full(n, len(m.device_ids)), np.full(n, m.device_group_count), np.full(n, m.folded_in > 0))
 
 
 def stream_answers(h: WorldHousehold, batch: int = STREAM_BATCH) -> RawAnswers:
-    m = HouseholdModel(calibrated=False)
     probs: list[dict[str, float]] = []
-    age, kind, device, devices, groups = [], [], [], [], []
-    for a in range(0, h.n_sessions, batch):
-        b = min(a + batch, h.n_sessions)
-        m.update(h.features[a:b], device_ids=h.device_id[a:b])
-        out = m.assign_batch(h.features[a:b], device_ids=h.device_id[a:b])
+    age, kind, device, devices, groups, streamed = [], [], [], [], [], []
+    for a, b, m, out, _ in stream_steps(h, batch, calibrated=False):
         k, d = _meta(m, out, list(h.device_id[a:b]))
         for r in range(b - a):
             probs.append({pid: float(p) for pid, p in zip(out.person_ids, out.probabilities[r])})
@@ -94,13 +92,8 @@ def stream_answers(h: WorldHousehold, batch: int = STREAM_BATCH) -> RawAnswers:
         device += [d] * (b - a)
         devices += [len(m.device_ids)] * (b - a)
         groups += [m.device_group_count] * (b - a)
-    names = sorted({k for p in probs for k in p})
-    col = {n: i for i, n in enumerate(names)}
-    P = np.zeros((h.n_sessions, len(names)))
-    for r, p in enumerate(probs):
-        for k, v in p.items():
-            P[r, col[k]] = v
-    return _finish(h, P, age, kind, device, devices, groups)
+        streamed += [m.folded_in > 0] * (b - a)
+    return _finish(h, columns(probs), age, kind, device, devices, groups, streamed)
 
 
 def household_answers(h: WorldHousehold) -> dict[str, RawAnswers]:

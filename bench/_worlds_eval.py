@@ -48,31 +48,47 @@ def hearth_batch(h: WorldHousehold, **kw):
     return b.person_index, b.probabilities
 
 
+def stream_steps(h: WorldHousehold, batch: int = STREAM_BATCH, **kw):
+    """The time-ordered stream the service sees: sessions arrive ``batch`` at a time, are
+    folded in with ``HouseholdModel.update`` and answered at arrival. Yields, per
+    arrival, (first session, end, the model after the update, its answers, the
+    composition events that update raised) — the one loop behind ``hearth_stream`` and
+    bench/_confidence.stream_answers."""
+    m = HouseholdModel(**kw)
+    for a in range(0, h.n_sessions, batch):
+        b = min(a + batch, h.n_sessions)
+        before = len(m.composition_events)
+        m.update(h.features[a:b], device_ids=h.device_id[a:b])
+        out = m.assign_batch(h.features[a:b], device_ids=h.device_id[a:b])
+        yield a, b, m, out, m.composition_events[before:]
+
+
+def columns(probs: list[dict[str, float]], names: list[str] | None = None) -> np.ndarray:
+    """Per-session {person id: probability} -> (n, persons) with a column per id (sorted
+    ``names`` when not given), 0 where an answer did not know that person."""
+    names = sorted({k for p in probs for k in p}) if names is None else names
+    col = {n: i for i, n in enumerate(names)}
+    P = np.zeros((len(probs), len(names)))
+    for r, p in enumerate(probs):
+        for k, v in p.items():
+            P[r, col[k]] = v
+    return P
+
+
 def hearth_stream(h: WorldHousehold, batch: int = STREAM_BATCH, **kw):
     """Sessions arrive ``batch`` at a time; returns (labels at arrival, probabilities at
     arrival padded to a common width, composition events [(session index, kind)])."""
-    m = HouseholdModel(**kw)
     ids: list[str] = []
     probs: list[dict[str, float]] = []
     events: list[tuple[int, str]] = []
-    for a in range(0, h.n_sessions, batch):
-        b = min(a + batch, h.n_sessions)
-        before = len(m.composition_events) if hasattr(m, "composition_events") else 0
-        m.update(h.features[a:b], device_ids=h.device_id[a:b])
-        for ev in getattr(m, "composition_events", [])[before:]:
-            events.append((b, ev["kind"]))
-        out = m.assign_batch(h.features[a:b], device_ids=h.device_id[a:b])
+    for a, b, _, out, new_events in stream_steps(h, batch, **kw):
+        events += [(b, ev["kind"]) for ev in new_events]
         for r in range(b - a):
             ids.append(out.person_ids[int(out.person_index[r])])
             probs.append({pid: float(p) for pid, p in zip(out.person_ids, out.probabilities[r])})
     names = sorted(set(ids) | {k for p in probs for k in p})
     col = {n: i for i, n in enumerate(names)}
-    labels = np.array([col[i] for i in ids])
-    P = np.zeros((h.n_sessions, len(names)))
-    for r, p in enumerate(probs):
-        for k, v in p.items():
-            P[r, col[k]] = v
-    return labels, P, events
+    return np.array([col[i] for i in ids]), columns(probs, names), events
 
 
 def periodic_refit_stream(h: WorldHousehold, every: int = 50):
@@ -193,6 +209,9 @@ def summarise(hs: list[WorldHousehold], preds: list[np.ndarray], probs: list[np.
     return out
 
 
+MORE_FEEDBACK_RATES = (0.15, 0.5)   # after_feedback's context: larger labelled shares
+
+
 def after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], ages: list[np.ndarray] | None = None,
                    seed: int = 0) -> dict:
     """ECE after feedback, the way the mesh does it: the feedback service's calibrator is
@@ -235,6 +254,20 @@ def after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], ages: list
             n: c.method for n, c in calibrator.segments.items()}, "one_person": calibrator.one_person}
     out["feedback_used"] = int(sample.probs.shape[0])
     out["ece_after"] = out["ece_after_segmented" if ages is not None else "ece_after_pooled"]
+    # What the target asks of a sample of this size: the same calibrator fitted on a
+    # larger labelled share (scored on the rest), and the ECE that answers drawn right
+    # with exactly their stated confidence would still show on as many held-out
+    # answers (binning noise: no calibrator gets below it).
+    by_rate = {}
+    for rate in MORE_FEEDBACK_RATES:
+        more = feedback_mask(P.shape[0], rate, seed)
+        fitted = fit_segmented_calibrator(FeedbackSample.create(P[more], labels=y[more], correct=ok[more].astype(float)),
+                                          age[more])
+        by_rate[str(rate)] = ece(fitted.apply(P[~more], age[~more]).max(axis=1), ok[~more])
+    out["ece_after_by_feedback_rate"] = by_rate
+    conf = P[held].max(axis=1)
+    draws = np.random.default_rng(seed)
+    out["ece_floor_calibrated"] = float(np.mean([ece(conf, draws.random(conf.size) < conf) for _ in range(5)]))
     return out
 
 

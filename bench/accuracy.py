@@ -291,52 +291,69 @@ def calibrate_confidence(quick: bool) -> dict:
 def calibrate_device_confidence(quick: bool) -> dict:
     """The device-evidence confidence maps of model.py, fitted on the TUNING worlds only
     (sessions with device ids): each session's uncalibrated answer from a batch fit and
-    at its arrival in a time-ordered stream, pooled (bench/_confidence.py, the way the
-    service sees them), split by the model's age:
+    at its arrival in a time-ordered stream (bench/_confidence.py, the way the service
+    sees them), split by what the service knows when it answers: the model's age and
+    whether it has folded sessions in since its last full fit ("streamed"):
 
-    * DEVICE_CONFIDENCE_MAP_X/Y and YOUNG_DEVICE_CONFIDENCE_MAP_X/Y: isotonic regression
-      of "the answer is right" on the top-label probability, answers of models that had
-      seen >= / < YOUNG_MODEL_SESSIONS sessions;
-    * the one-person answer (DEVICE_/YOUNG_DEVICE_SINGLE_PERSON_CONFIDENCE and their
-      tables by the devices the model knows, ONE_PERSON_DEVICE_EDGES): the share of such
-      answers that were right, per bucket shrunk toward the age's share by
-      ONE_PERSON_PRIOR pseudo-answers."""
+    * DEVICE_CONFIDENCE_MAPS: isotonic regression of "the answer is right" on the
+      top-label probability of multi-person answers, one map per
+      model.device_map_name (models of >= YOUNG_MODEL_SESSIONS sessions: fitted at once
+      or streamed; younger models: one map);
+    * ONE_PERSON_CONFIDENCE, per group (fitted at once; streamed and young, with the
+      cold-start answers; streamed and mature): the share of such answers that were
+      right, and a table by the devices the model knows (ONE_PERSON_DEVICE_EDGES), each
+      bucket shrunk toward the group's share by ONE_PERSON_PRIOR pseudo-answers.
+    Printed in the form model.py holds them."""
     from concurrent.futures import ProcessPoolExecutor
 
     from bench._confidence import household_answers
-    hs = worlds.generate(worlds.TUNING, worlds_per_family=1 if quick else 2,
+    # 96 households (every TUNING world, 8 households each): with 48 the maps of the
+    # fitted-at-once and streamed answers apart each rested on too few households
+    # (leave-one-world-out: a map fitted on 72 households beats one on 24).
+    hs = worlds.generate(worlds.TUNING, worlds_per_family=1 if quick else 4,
                          households_per_world=4 if quick else 8)
     with ProcessPoolExecutor(max(1, min(2, os.cpu_count() or 1))) as pool:
         answers = list(pool.map(household_answers, hs))
     return {"households": len(hs), **fit_device_confidence(answers)}
 
 
-def fit_device_confidence(answers: list[dict], one_person_prior: float = 20.0) -> dict:
+ONE_PERSON_PRIOR = 20.0
+YOUNG_MAP_KNOTS, MATURE_MAP_KNOTS = 11, 21   # grid of a map: fewer young answers
+
+
+def fit_device_confidence(answers: list[dict], one_person_prior: float = ONE_PERSON_PRIOR) -> dict:
     """calibrate_device_confidence's fit on raw answers (bench/_confidence.household_answers)."""
     from sklearn.isotonic import IsotonicRegression
 
     from bench._confidence import COLD_ONE, MIXTURE
-    from services.clustering.domain.model import ONE_PERSON_DEVICE_EDGES
-    multi = {"young": ([], []), "mature": ([], [])}
-    one = []   # (young, devices, right)
+    from services.clustering.domain.model import DEVICE_CONFIDENCE_MAPS, ONE_PERSON_DEVICE_EDGES, device_map_name
+    multi: dict[str, tuple[list, list]] = {name: ([], []) for name in DEVICE_CONFIDENCE_MAPS}
+    one: dict[str, list] = {name: [] for name in ("fitted", "young", "mature")}   # (devices, right)
     for ans in answers:
         for a in (ans["batch"], ans["stream"]):
             live = (a.P > 0).sum(axis=1)
             top = a.P.max(axis=1)
             young = a.age < YOUNG_MODEL_SESSIONS
-            for name, sel in (("young", young), ("mature", ~young)):
-                rows = a.device & (a.kind == MIXTURE) & (live > 1) & sel
-                multi[name][0].append(top[rows])
-                multi[name][1].append(a.correct[rows])
-            rows = a.device & (((a.kind == MIXTURE) & (live <= 1)) | (a.kind == COLD_ONE))
-            one.append(np.c_[young[rows], a.devices[rows], a.correct[rows]])
-    ones = np.vstack(one).astype(float)
+            rows = a.device & (a.kind == MIXTURE) & (live > 1)
+            names = np.array([device_map_name(y, s) for y, s in zip(young, a.streamed)])
+            for name in multi:
+                multi[name][0].append(top[rows & (names == name)])
+                multi[name][1].append(a.correct[rows & (names == name)])
+            cold = a.kind == COLD_ONE
+            rows = a.device & (((a.kind == MIXTURE) & (live <= 1)) | cold)
+            for name, sel in (("fitted", ~a.streamed & ~cold), ("young", (a.streamed & young) | cold),
+                              ("mature", a.streamed & ~young & ~cold)):
+                one[name].append(np.c_[a.devices[rows & sel], a.correct[rows & sel]])
     edges = np.asarray(ONE_PERSON_DEVICE_EDGES)
-    out: dict = {}
-    for name in ("mature", "young"):
+    maps, counts, tables = {}, {}, {}
+    empty = [f"map {n!r}" for n in multi if not sum(v.size for v in multi[n][0])] + \
+        [f"one-person group {n!r}" for n in one if not sum(v.shape[0] for v in one[n])]
+    if empty:   # a NaN in model.py would answer NaN confidences
+        raise ValueError(f"no answers for {', '.join(empty)}: fit on more households")
+    for name in multi:
         x, y = np.concatenate(multi[name][0]), np.concatenate(multi[name][1]).astype(float)
         iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(x, y)
-        grid = np.linspace(x.min(), 1.0, 21 if name == "mature" else 11)
+        grid = np.linspace(x.min(), 1.0, YOUNG_MAP_KNOTS if name == "young" else MATURE_MAP_KNOTS)
         knots_y = np.maximum.accumulate(iso.predict(grid))
         # The last knot (a posterior of 1.0): the accuracy of the whole top grid cell, not
         # the isotonic fit's last block, which on a few hundred young answers can be a
@@ -344,22 +361,20 @@ def fit_device_confidence(answers: list[dict], one_person_prior: float = 20.0) -
         top_cell = x >= grid[-2]
         if top_cell.any():
             knots_y[-1] = max(knots_y[-2], float(y[top_cell].mean()))
-        sel = ones[:, 0] == (name == "young")
-        overall = float(ones[sel, 2].mean())
-        bucket = np.searchsorted(edges, ones[:, 1], side="left")
-        table = [float((ones[sel & (bucket == b), 2].sum() + one_person_prior * overall)
-                       / ((sel & (bucket == b)).sum() + one_person_prior)) for b in range(edges.size + 1)]
-        prefix = "young_" if name == "young" else ""
-        out[f"{prefix}device_confidence_map_x"] = np.round(grid, 4).tolist()
-        out[f"{prefix}device_confidence_map_y"] = np.round(knots_y, 4).tolist()
-        out[f"{prefix}device_single_person_confidence"] = round(overall, 4)
-        out[f"{prefix}device_single_person_confidence_by_devices"] = [round(t, 4) for t in table]
-        out[f"{prefix}sessions"] = int(x.size)
-        out[f"{prefix}single_person_answers"] = int(sel.sum())
-        log(f"{name} device confidence map: x {out[f'{prefix}device_confidence_map_x']} "
-            f"y {out[f'{prefix}device_confidence_map_y']} one-person {overall:.4f} by devices {table} "
-            f"({x.size} multi-person, {int(sel.sum())} one-person answers)")
-    return out
+        maps[name] = (np.round(grid, 4).tolist(), np.round(knots_y, 4).tolist())
+        counts[name] = int(x.size)
+        log(f"{name} device confidence map: x {maps[name][0]} y {maps[name][1]} "
+            f"({x.size} multi-person answers, right {y.mean():.3f} at confidence {x.mean():.3f} raw)")
+    for name, rows in one.items():
+        ones = np.vstack(rows).astype(float)
+        overall = float(ones[:, 1].mean())
+        bucket = np.searchsorted(edges, ones[:, 0], side="left")
+        table = [float((ones[bucket == b, 1].sum() + one_person_prior * overall)
+                       / ((bucket == b).sum() + one_person_prior)) for b in range(edges.size + 1)]
+        tables[name] = (round(overall, 4), tuple(round(t, 4) for t in table))
+        counts[f"one_person_{name}"] = int(ones.shape[0])
+        log(f"{name} one-person confidence {overall:.4f} by devices {tables[name][1]} ({ones.shape[0]} answers)")
+    return {"device_confidence_maps": maps, "one_person_confidence": tables, "answers": counts}
 
 
 def run_worlds(quick: bool, streaming: bool = True, workers: int = 2) -> dict:

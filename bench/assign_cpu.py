@@ -2,7 +2,8 @@
 older commit's mesh or gateway, in one run (issue #11: where an assign's CPU goes).
 
     python -m bench.assign_cpu [--households 30] [--days 30] [--seconds 15] [--repeats 3]
-                               [--concurrency 16] [--floor] [--baseline REF]
+                               [--concurrency 16] [--warmup-seconds 2] [--idle-seconds 5]
+                               [--floor] [--baseline REF]
                                [--baseline-gateway REF] [--candidate-env K=V,...] [--profile DIR]
                                [--profile-processes clustering,privacy,gateway] [--gil]
     python -m bench.assign_cpu --top FILE
@@ -56,6 +57,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -329,8 +331,11 @@ class Harness:
         floor = self.start_floor() if a.floor else None
         for _, mesh, _ in started:
             mesh.wait_healthy(180)
-        for label, mesh, api_key in started:
-            households = self.seed(mesh, api_key, label)
+        # Both meshes at once: seeding mostly waits for each mesh's background fits, so the
+        # second mesh's wait overlaps the first's instead of following it.
+        with ThreadPoolExecutor(len(started)) as pool:
+            seeded = list(pool.map(lambda s: self.seed(s[1], s[2], s[0]), started))
+        for (label, mesh, api_key), households in zip(started, seeded):
             pids = {name: p.pid for name, p in mesh.processes.items()}
             self.targets.append(Target(label, mesh.url, api_key, households, pids))
         if a.baseline_gateway:
@@ -382,6 +387,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=15.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--warmup-seconds", type=float, default=2.0,
+                   help="the uncounted warm-up run of each target (imports, connections, caches)")
+    p.add_argument("--idle-seconds", type=float, default=5.0,
+                   help="how long each target's idle CPU is measured before the rounds")
     p.add_argument("--floor", action="store_true", help="measure the transport floor in the same rounds")
     p.add_argument("--baseline", default="", help="git commit whose whole mesh runs beside this checkout's")
     p.add_argument("--baseline-gateway", default="",
@@ -416,10 +425,10 @@ def main(argv: list[str] | None = None) -> dict:
             seed = 0
             for t in targets:
                 seed += 1
-                t.run(2.0, args.concurrency, seed, work / "runs")
+                t.run(args.warmup_seconds, args.concurrency, seed, work / "runs")
                 t.runs.clear()
             for t in targets:
-                t.idle()
+                t.idle(args.idle_seconds)
             for r in range(args.repeats):
                 log(f"round {r + 1}/{args.repeats}")
                 for t in targets:

@@ -6,7 +6,8 @@ happened to earlier requests, and its latency is measured from that scheduled in
 not from when it was actually sent. A slow server therefore cannot slow the generator
 down and hide its own slowness (no coordinated omission): time a request spends waiting
 for a free connection, or behind a late timer, counts. The generator also reports its
-own lag (actual send minus scheduled send), so a run where the generator itself fell
+own lag (actual send minus scheduled send), overall and per request (``lag_ms``: latency
+minus it is the time from the actual send), so a run where the generator itself fell
 behind is visible.
 
 Closed loop (``mode: closed``): ``concurrency`` workers each send the next request as
@@ -96,12 +97,14 @@ class Recorder:
         self.status: list[str] = []
         self.op: list[str] = []
         self.lag_ms: list[float] = []
+        self.sent_lag_ms: list[float] = []   # per request, in the order of t / lat_ms / status
         self.acks: list[dict] = []
         self.error_samples: dict[str, list[str]] = {}
 
-    def add(self, t_rel: float, lat_ms: float, status: str, op: str) -> None:
+    def add(self, t_rel: float, lat_ms: float, status: str, op: str, lag_ms: float = 0.0) -> None:
         self.t.append(round(t_rel, 4))
         self.lat_ms.append(round(lat_ms, 3))
+        self.sent_lag_ms.append(round(lag_ms, 3))
         self.status.append(status)
         self.op.append(op)
 
@@ -131,8 +134,12 @@ async def run(spec: dict) -> dict:
     headers = {"X-API-Key": spec["api_key"]} if spec.get("api_key") else {}
     timeout_s = float(spec.get("timeout_s", 10.0))
     duration = float(spec["duration_s"])
+    # Idle connections are dropped after 4 s, before the gateway's uvicorn closes them (its
+    # keep-alive timeout is 5 s; aiohttp's default 15 s): a connection idle between the two
+    # was reused just as the server closed it, a "conn_error" (ServerDisconnectedError) that
+    # the server never saw, in bursts whenever the generator fell behind on a busy machine.
     connector = aiohttp.TCPConnector(limit=int(spec.get("max_connections", 512)), force_close=False,
-                                     ttl_dns_cache=None)
+                                     ttl_dns_cache=None, keepalive_timeout=4.0)
     loop = asyncio.get_running_loop()
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     wall0 = time.time()
@@ -154,7 +161,7 @@ async def run(spec: dict) -> dict:
                 if len(samples) < 3:
                     samples.append(f"{request[0]}: {body['error_body']}")
                 body = None
-            rec.add(scheduled - t0, (done - scheduled) * 1000, status, request[0])
+            rec.add(scheduled - t0, (done - scheduled) * 1000, status, request[0], (sent - scheduled) * 1000)
             if body is not None and request[0] == "events":
                 rec.acks.append({"account_id": request[3]["events"][0]["account_id"],
                                  "event_ids": [e["event_id"] for e in request[3]["events"]],
@@ -194,7 +201,8 @@ async def run(spec: dict) -> dict:
             await asyncio.gather(*(worker() for _ in range(int(spec["concurrency"]))))
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     lag = sorted(rec.lag_ms) or [0.0]
-    return {"requests": {"t": rec.t, "lat_ms": rec.lat_ms, "status": rec.status, "op": rec.op},
+    return {"requests": {"t": rec.t, "lat_ms": rec.lat_ms, "status": rec.status, "op": rec.op,
+                         "lag_ms": rec.sent_lag_ms},
             "acks": rec.acks, "t0_wall": wall_t0, "error_samples": rec.error_samples,
             "generator": {"cpu_s": (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime),
                           "wall_s": time.time() - wall0,

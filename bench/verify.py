@@ -107,7 +107,7 @@ FULL = Profile(households=100, victims=120, attribution_accounts=30, days=30, st
                fault_rate=50, fault_pre_s=3.0, fault_hold_s=8.0, fault_post_s=12.0)
 QUICK = Profile(households=12, victims=6, attribution_accounts=4, days=20, step_s=2.0, saturation_s=3.0,
                 concurrency=16, ladder=(50, 150), soak_rate=30, soak_warmup_frac=0.3,
-                fault_rate=20, fault_pre_s=1.0, fault_hold_s=2.0, fault_post_s=4.0)
+                fault_rate=20, fault_pre_s=1.0, fault_hold_s=2.0, fault_post_s=2.0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -299,6 +299,8 @@ class Verify:
             self.mesh._spawn("clustering-2", "services.clustering", replica_env)
             self.mesh._spawn("gateway-2", "gateway", {**self.mesh.env(),
                                                       "HEARTH_GATEWAY_PORT": str(self.replica_ports["gateway"])})
+
+    def wait_mesh(self) -> None:
         self.mesh.wait_healthy(180)
         for url in self.gateway_urls:
             answers_health(url)
@@ -441,8 +443,15 @@ class Verify:
         state = self.mesh_state()
         while time.monotonic() < quiet_by and not _quiet(state):
             state = self.mesh_state()
+        # --quick (the test suite's run, on a machine shared with the rest of the suite): one
+        # fast answer, and the probing bounded too. Three in a row under 100 ms can take
+        # minutes when the *machine* is busy though the mesh is idle (its backlog and CPU
+        # above say so), and quick figures are not benchmark results.
+        wanted = 1 if self.args.quick else 3
+        if self.args.quick:
+            deadline = min(deadline, time.monotonic() + 10.0)
         with self.client() as c:
-            while good < 3 and time.monotonic() < deadline:
+            while good < wanted and time.monotonic() < deadline:
                 t = time.perf_counter()
                 try:
                     ok = c.post("/v1/assign", json=body, timeout=15).status_code == 200
@@ -450,7 +459,7 @@ class Verify:
                     ok = False
                 good = good + 1 if ok and time.perf_counter() - t < 0.1 else 0
                 time.sleep(0.2)
-        return {"waited_s": round(time.monotonic() - started, 1), "quiet": _quiet(state) and good >= 3,
+        return {"waited_s": round(time.monotonic() - started, 1), "quiet": _quiet(state) and good >= wanted,
                 "cores": state["cores"], "backlog": state["backlog"]}
 
     def run_load(self, label: str, spec: dict, include_floor: bool = False) -> dict:
@@ -1213,7 +1222,7 @@ def _admission_lines(a: dict | None) -> list[str]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Load, soak and failure-recovery verification of the mesh")
     parser.add_argument("--quick", action="store_true", help="under 3 minutes (the test suite's run)")
-    parser.add_argument("--soak-min", type=float, default=None, help="soak minutes (default 10; quick 0.25)")
+    parser.add_argument("--soak-min", type=float, default=None, help="soak minutes (default 10; quick 0.15)")
     parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
     parser.add_argument("--replicas", type=int, choices=(1, 2), default=1)
     parser.add_argument("--out", type=Path, default=None)
@@ -1227,7 +1236,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--replicas 2 needs --backend postgres (replicas share PostgreSQL and Redis)")
     profile = QUICK if args.quick else FULL
     if args.soak_min is None:
-        args.soak_min = 0.25 if args.quick else 10.0
+        args.soak_min = 0.15 if args.quick else 10.0   # quick: ~6 RSS samples after its warm-up
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     # Absolute: PostgreSQL (--backend postgres) resolves its socket directory from its data directory.
     out = (args.out or ROOT / "var" / "verify" / stamp).resolve()
@@ -1246,9 +1255,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     try:
         phase("start")
-        if "load" not in skip:
-            v.start_floor()
         v.start_mesh()
+        if "load" not in skip:
+            v.start_floor()   # while the mesh's processes start: the floor is a separate pair
+        v.wait_mesh()
         phase("seed")
         v.seed()
         if "load" not in skip:

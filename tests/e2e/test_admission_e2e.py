@@ -83,7 +83,10 @@ def test_overload_gets_fast_503s_and_goodput_stays_near_capacity(tmp_path):
             # Three times that, open loop.
             over = _load(tmp_path, f"overload-{round_}", {**spec, "mode": "open", "rate": max(30.0, 3 * capacities[-1]),
                                                            "duration_s": duration, "seed": 10 + round_})
-            status, lat = np.array(over["status"]), np.array(over["lat_ms"])
+            # The gateway's answer time runs from the actual send: on a busy machine the
+            # generator itself falls behind its schedule (seen: 3.6 s), which is its lag, not
+            # the gateway's (the schedule-based latency, bench/loadgen.py, includes it).
+            status, lat = np.array(over["status"]), np.array(over["lat_ms"]) - np.array(over["lag_ms"])
             statuses |= set(status)
             refused += list(lat[status == "503"])
             served += list(lat[status == "200"])
@@ -96,7 +99,8 @@ def test_overload_gets_fast_503s_and_goodput_stays_near_capacity(tmp_path):
         assert statuses <= {"200", "503"}, statuses
         assert len(refused) > 0.3 * (len(refused) + len(served))
         # Fast: a refusal waits at most the queue timeout (0.25 s) plus the gateway's own
-        # handling; nothing gets near the 10 s deadline of the old collapse.
+        # handling; nothing gets near the 10 s deadline of the old collapse (both from the
+        # request's send).
         assert np.median(refused) < 1000, np.percentile(refused, [50, 99])
         assert np.percentile(served, 99) < 5000, np.percentile(served, [50, 99])
         # Goodput stays near capacity: the admitted requests are served at about the rate

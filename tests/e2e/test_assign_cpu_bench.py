@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_one_harness_measures_floor_mesh_baseline_mesh_and_baseline_gateway(tmp_path):
     run = subprocess.run([sys.executable, "-m", "bench.assign_cpu", "--floor", "--baseline", "HEAD",
                           "--baseline-gateway", "HEAD", "--households", "3", "--days", "10", "--seconds", "2",
-                          "--repeats", "1", "--concurrency", "4", "--out", str(tmp_path / "work")],
+                          "--repeats", "1", "--concurrency", "4", "--warmup-seconds", "1", "--idle-seconds", "1",
+                          "--out", str(tmp_path / "work")],
                          cwd=ROOT, capture_output=True, text=True, timeout=840)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import time
+from datetime import datetime
 
 import httpx
 import pytest
@@ -20,6 +21,7 @@ import yaml
 
 from services.testing.mesh import ROOT, SERVICE_MODULES, Mesh, free_port, write_api_key
 from tests.helpers.mesh_calls import log_predictions, prediction
+from tests.helpers.waiting import SLOW_MACHINE_S, wait_for
 
 DASHBOARDS = ROOT / "deploy" / "helm" / "hearth" / "dashboards"
 RULES = ROOT / "deploy" / "prometheus" / "hearth.rules.yaml"
@@ -70,7 +72,7 @@ def scraped_mesh(tmp_path_factory):
     try:
         mesh.wait_healthy(120)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + SLOW_MACHINE_S
         while True:
             assert prom.poll() is None, (base / "logs" / "prometheus.log").read_text()
             try:
@@ -124,7 +126,7 @@ def _drive_traffic(mesh) -> None:
         job = c.post("/v1/delete", json={"scope": {"kind": "device", "account_id": "dash-acc",
                                                    "device_id": "tv-1"}, "reason": "dashboards"})
         assert job.status_code == 202
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + SLOW_MACHINE_S
         while c.get(f"/v1/delete/{job.json()['job_id']}").json()["state"] not in ("completed", "failed"):
             assert time.monotonic() < deadline
             time.sleep(0.1)
@@ -140,19 +142,39 @@ def _query(url: str, expr: str) -> dict:
     return body["data"]
 
 
+def _last_scrapes(url: str) -> dict[str, float]:
+    """Each healthy target's last scrape (epoch seconds), by scrape URL."""
+    targets = httpx.get(url + "/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+    return {t["scrapeUrl"]: _epoch(t["lastScrape"]) for t in targets if t["health"] == "up"}
+
+
+def _epoch(rfc3339: str) -> float:
+    # Prometheus gives nanoseconds ("...:05.723715405+01:00" or "...Z"); datetime takes
+    # at most microseconds.
+    stamp, frac, zone = re.fullmatch(r"([^.]+?)(\.\d+)?(Z|[+-]\d\d:\d\d)", rfc3339).groups()
+    zone = "+00:00" if zone == "Z" else zone
+    return datetime.fromisoformat(stamp + zone).timestamp() + float(frac or 0)
+
+
+def _scraped_after(url: str, since: dict[str, float] | float) -> dict[str, float] | None:
+    """The last scrapes, once all five targets are up and each was scraped after ``since``
+    (one time for all, or per target)."""
+    scrapes = _last_scrapes(url)
+    after = all(t > (since[u] if isinstance(since, dict) else since) for u, t in scrapes.items())
+    return scrapes if len(scrapes) == 5 and after else None
+
+
 def test_every_panel_query_evaluates_against_live_metrics(scraped_mesh):
     mesh, url = scraped_mesh
     _drive_traffic(mesh)
-    # Two scrapes after the last request, so every rate() has two samples.
-    deadline = time.monotonic() + 30
-    while True:
-        up = _query(url, "sum(up)")["result"]
-        if up and float(up[0]["value"][1]) == 5 and \
-                _query(url, "count(hearth_deletion_jobs_finished_total{state=\"completed\"} > 0)")["result"]:
-            break
-        assert time.monotonic() < deadline, "targets not all up / not scraped"
-        time.sleep(0.5)
-    time.sleep(3)
+    traffic_done = time.time()
+    # Two scrapes of every target after the last request, so every rate() has two samples:
+    # read from Prometheus's own scrape times (a fixed sleep fell short when scrapes lagged
+    # on a loaded machine).
+    first = wait_for(lambda: _scraped_after(url, traffic_done), what="a scrape of all 5 targets after the traffic")
+    wait_for(lambda: _scraped_after(url, first), what="a second scrape of all 5 targets")
+    wait_for(lambda: _query(url, "count(hearth_deletion_jobs_finished_total{state=\"completed\"} > 0)")["result"],
+             what="the finished deletion job scraped")
     exposed = set(httpx.get(url + "/api/v1/label/__name__/values", timeout=10).json()["data"])
 
     dashboards = {p.stem: json.loads(p.read_text()) for p in sorted(DASHBOARDS.glob("*.json"))}
@@ -178,7 +200,7 @@ def test_every_panel_query_evaluates_against_live_metrics(scraped_mesh):
 
 def test_alert_rules_evaluate_without_errors_on_live_series(scraped_mesh):
     _mesh, url = scraped_mesh
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + SLOW_MACHINE_S
     while True:
         groups = httpx.get(url + "/api/v1/rules", timeout=10).json()["data"]["groups"]
         rules = [r for g in groups for r in g["rules"]]

@@ -9,6 +9,8 @@ import time
 import httpx
 import pytest
 
+from tests.helpers.waiting import SLOW_MACHINE_S
+
 HOUR = 3600
 
 
@@ -179,7 +181,7 @@ def test_sigterm_drains_in_flight_requests_and_restart_keeps_data(client, mesh):
         for attempt in range(3):
             if attempt:   # no call was inside clustering at the signal: the drain went untested
                 mesh.start_service("clustering")
-                mesh.wait_healthy(60)
+                mesh.wait_healthy(SLOW_MACHINE_S)
             attempt_results, signal_at, signal_ns = _post_batches_through_sigterm(mesh, account, attempt)
             results += attempt_results
             # Clustering's own spans say which calls it was serving when the signal came.
@@ -211,7 +213,7 @@ def test_sigterm_drains_in_flight_requests_and_restart_keeps_data(client, mesh):
         assert sum(1 for r in in_flight if r[2] == 200) >= len(drained), in_flight
     finally:  # the module's later tests share this mesh: restart clustering even on a failure
         mesh.start_service("clustering")
-        mesh.wait_healthy(60)
+        mesh.wait_healthy(SLOW_MACHINE_S)
     household = client.get(f"/v1/household/{account}")
     assert household.status_code == 200
     stored_devices = {s["device_id"] for s in household.json()["sessions"]}

@@ -109,7 +109,8 @@ def test_the_middleware_answers_503_overloaded_with_retry_after_and_skips_unback
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
             first = asyncio.create_task(c.get("/v1/household/a-1"))
-            await asyncio.sleep(0.05)
+            while gate.in_flight == 0:      # the first request holds the one slot (not a fixed
+                await asyncio.sleep(0.001)  # sleep: a stalled loop made the second one take it)
             refused = await c.get("/v1/household/a-2")
             assert refused.status_code == 503
             assert refused.headers["Retry-After"] == str(OVERLOAD_RETRY_AFTER_S)

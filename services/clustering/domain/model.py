@@ -177,48 +177,68 @@ SINGLE_PERSON_CONFIDENCE = 0.8467
 
 
 # The same for households whose sessions carry device ids (device evidence first,
-# persons.py): fitted on the TUNING worlds only — batch fits and time-ordered streams
-# pooled, answers of models that have seen at least YOUNG_MODEL_SESSIONS sessions (the
-# younger ones have their own map below) — by `python -m bench.accuracy
+# persons.py): fitted on the TUNING worlds only — each session's answer from a batch fit
+# and at its arrival in a time-ordered stream — by `python -m bench.accuracy
 # --calibrate-confidence --device-maps-only` (bench/_confidence.py gives the raw answers
-# and each model's age). Bare vectors (no device ids: Hearth's own simulator,
-# AssignSessions with vectors) keep the map above. Fitted on 48 TUNING households
-# (2026-12-03; the counts are in docs/clustering.md, "Confidence").
-DEVICE_CONFIDENCE_MAP_X = np.array([0.285, 0.3208, 0.3565, 0.3923, 0.428, 0.4638, 0.4995, 0.5353, 0.571, 0.6068, 0.6425, 0.6783, 0.714, 0.7498, 0.7855, 0.8213, 0.857, 0.8928, 0.9285, 0.9643, 1.0])
-DEVICE_CONFIDENCE_MAP_Y = np.array([0.0, 0.0, 0.1698, 0.2667, 0.5333, 0.5557, 0.5557, 0.5557, 0.5557, 0.5557, 0.5557, 0.5968, 0.7097, 0.7097, 0.7322, 0.766, 0.8119, 0.8293, 0.8293, 0.8724, 0.8903])
-DEVICE_SINGLE_PERSON_CONFIDENCE = 0.6951
-# A one-person answer is less sure the more devices the household uses: on the TUNING
-# answers a one-person model with 3 or more known devices was right far less often than
-# one with 1-2 (stream: 0.52 vs 0.76), so its confidence comes from a table by the devices
-# the model knows (ONE_PERSON_DEVICE_EDGES: <= 2, >= 3), per model age.
-ONE_PERSON_DEVICE_EDGES = (2,)
-DEVICE_SINGLE_PERSON_CONFIDENCE_BY_DEVICES = (0.7552, 0.5145)
-
-# A young model (fewer than YOUNG_MODEL_SESSIONS sessions seen, device ids known) is
-# wrong more often than a mature one at the same posterior: in a time-ordered stream
-# the early answers come from a model that has not yet seen every member. Fitted the
-# same way as the map above on the answers of models younger than that (batch fits of
-# short households and stream answers before session 60, pooled: the service cannot
-# tell a short complete history from the start of a long one). Cold-start answers (one
-# person, before MIN_SESSIONS) say what a young one-person answer says.
+# and what the service knows when it answers). Bare vectors (no device ids: Hearth's own
+# simulator, AssignSessions with vectors) keep the map above. The counts are in
+# docs/clustering.md, "Confidence".
+#
+# What the service knows when it answers sets which map an answer goes through
+# (``device_map_name``):
+# * the model's age (YOUNG_MODEL_SESSIONS): a young model has often not met every member
+#   (one map for young models: a batch fit with several persons and under 60 sessions is
+#   rare, 39 TUNING answers);
+# * whether it was fitted on every session at once or has folded sessions in since
+#   (HouseholdModel.folded_in > 0, "streamed"). At the same posterior a streamed answer
+#   is right less often (TUNING, models of >= 60 sessions: 0.705 at confidence 0.80 vs
+#   0.752 at 0.79), and a streamed one-person model far less often (0.68 vs 0.95): a fit
+#   on every session keeps one person almost only for a one-person household, a stream
+#   has one person until it meets the second. Pooling the two made streams
+#   overconfident (REPORTING ECE 0.088) and batch fits underconfident.
+# (Tried and not kept: a map per device type besides. Personal-device answers are right
+# more often at the same posterior, but with five maps each was fitted on too few
+# households: leave-one-world-out on 96 TUNING households, ECE batch 0.067 -> 0.081,
+# stream 0.061 -> 0.070; docs/clustering.md, "Confidence".)
 YOUNG_MODEL_SESSIONS = 60
-YOUNG_DEVICE_CONFIDENCE_MAP_X = np.array([0.3555, 0.42, 0.4844, 0.5489, 0.6133, 0.6778, 0.7422, 0.8067, 0.8711, 0.9356, 1.0])
-YOUNG_DEVICE_CONFIDENCE_MAP_Y = np.array([0.0, 0.0, 0.3143, 0.3143, 0.4375, 0.5, 0.5, 0.5989, 0.5989, 0.5989, 0.75])
-YOUNG_DEVICE_SINGLE_PERSON_CONFIDENCE = 0.7572
-YOUNG_DEVICE_SINGLE_PERSON_CONFIDENCE_BY_DEVICES = (0.8357, 0.5747)
+DEVICE_CONFIDENCE_MAPS: dict[str, tuple[list[float], list[float]]] = {
+    "fitted": ([0.2567, 0.2939, 0.331, 0.3682, 0.4054, 0.4425, 0.4797, 0.5169, 0.554, 0.5912, 0.6284, 0.6655, 0.7027, 0.7398, 0.777, 0.8142, 0.8513, 0.8885, 0.9257, 0.9628, 1.0], [0.0, 0.2034, 0.2034, 0.2034, 0.3534, 0.5164, 0.5164, 0.5325, 0.5325, 0.5325, 0.5325, 0.5325, 0.6813, 0.6813, 0.7569, 0.7782, 0.8004, 0.8249, 0.8447, 0.8945, 0.8969]),
+    "streamed": ([0.2724, 0.3088, 0.3452, 0.3815, 0.4179, 0.4543, 0.4907, 0.5271, 0.5634, 0.5998, 0.6362, 0.6726, 0.709, 0.7453, 0.7817, 0.8181, 0.8545, 0.8909, 0.9272, 0.9636, 1.0], [0.0, 0.0, 0.2121, 0.2121, 0.4231, 0.522, 0.522, 0.544, 0.544, 0.544, 0.5596, 0.615, 0.6479, 0.6667, 0.6915, 0.7565, 0.7619, 0.7619, 0.7758, 0.7801, 0.8441]),
+    "young": ([0.3555, 0.42, 0.4844, 0.5489, 0.6133, 0.6778, 0.7422, 0.8067, 0.8711, 0.9356, 1.0], [0.0, 0.25, 0.3333, 0.3333, 0.3808, 0.6167, 0.6167, 0.6636, 0.6636, 0.7, 0.7937]),
+}
+# A one-person answer's confidence: how often such answers were right on the same data,
+# per group ("fitted": fitted at once, any age — a one-person batch fit is rare, 15 TUNING
+# households; "young" / "mature": streamed, by age) as (overall, (by the devices the model
+# knows: ONE_PERSON_DEVICE_EDGES, <= 2 and >= 3)); a one-person model that has seen several
+# devices is more often missing a member (TUNING stream 0.76 vs 0.52). Each bucket is
+# shrunk toward its group's figure by bench/accuracy.ONE_PERSON_PRIOR pseudo-answers.
+# Cold-start answers (one person, before MIN_SESSIONS) say what a young streamed
+# one-person answer says.
+ONE_PERSON_DEVICE_EDGES = (2,)
+ONE_PERSON_CONFIDENCE: dict[str, tuple[float, tuple[float, ...]]] = {
+    "fitted": (0.7674, (0.8241, 0.6205)),
+    "young": (0.6501, (0.7281, 0.5341)),
+    "mature": (0.521, (0.5898, 0.4428)),
+}
 
 
-def one_person_confidence(young: bool, devices: int | None) -> float:
-    """How sure a one-person answer of a model with device evidence is: by model age and
-    the number of devices the model knows (None: the age's overall figure)."""
+def device_map_name(young: bool, streamed: bool) -> str:
+    """Which of DEVICE_CONFIDENCE_MAPS answers (see above)."""
+    return "young" if young else "streamed" if streamed else "fitted"
+
+
+def one_person_confidence(young: bool, devices: int | None, streamed: bool = True) -> float:
+    """How sure a one-person answer of a model with device evidence is: by how the model
+    came about (``streamed``: sessions folded in since its last full fit; then by its
+    age) and the number of devices it knows (None: the group's overall figure)."""
+    overall, table = ONE_PERSON_CONFIDENCE["young" if streamed and young else "mature" if streamed else "fitted"]
     if devices is None:
-        return YOUNG_DEVICE_SINGLE_PERSON_CONFIDENCE if young else DEVICE_SINGLE_PERSON_CONFIDENCE
-    table = YOUNG_DEVICE_SINGLE_PERSON_CONFIDENCE_BY_DEVICES if young else DEVICE_SINGLE_PERSON_CONFIDENCE_BY_DEVICES
+        return overall
     return float(table[int(np.searchsorted(ONE_PERSON_DEVICE_EDGES, devices, side="left"))])
 
 
 def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None, device: bool = False,
-                         young: bool = False, devices: int | None = None) -> np.ndarray:
+                         young: bool = False, devices: int | None = None, streamed: bool = True) -> np.ndarray:
     """(N, K) probabilities with the top label mapped through the confidence map and
     the other persons rescaled to share the rest. The new top is floored just above
     p2 / (1 - top + p2) (p2 = the runner-up), where the rescaled runner-up would tie: the
@@ -226,19 +246,18 @@ def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None, device
     map value could otherwise hand the answer to the runner-up). ``n_live`` (N,): persons per row when rows are padded (the
     batch scorer). A row of a one-person model becomes SINGLE_PERSON_CONFIDENCE: the
     remaining mass belongs to nobody the model knows yet (an unseen member), so such a
-    row sums to less than one. ``young`` (with ``device``): the maps of a model that has
-    seen fewer than YOUNG_MODEL_SESSIONS sessions; ``devices`` (with ``device``): the
-    devices the model knows, which sets a one-person answer's confidence
-    (``one_person_confidence``)."""
+    row sums to less than one. With ``device``: ``young`` (the model has seen fewer than
+    YOUNG_MODEL_SESSIONS sessions), ``streamed`` (it has folded sessions in since its last
+    full fit, HouseholdModel.folded_in) and ``devices`` (the devices it knows) choose the
+    map (``device_map_name``) and the one-person confidence (``one_person_confidence``)."""
     if n_live is None:
         n_live = np.full(P.shape[0], P.shape[1])
     rows = np.arange(P.shape[0])
     idx = P.argmax(axis=1)
     top = P[rows, idx]
-    if device and young:
-        xs, ys, one = YOUNG_DEVICE_CONFIDENCE_MAP_X, YOUNG_DEVICE_CONFIDENCE_MAP_Y, one_person_confidence(True, devices)
-    elif device:
-        xs, ys, one = DEVICE_CONFIDENCE_MAP_X, DEVICE_CONFIDENCE_MAP_Y, one_person_confidence(False, devices)
+    if device:
+        xs, ys = DEVICE_CONFIDENCE_MAPS[device_map_name(young, streamed)]
+        one = one_person_confidence(young, devices, streamed)
     else:
         xs, ys, one = CONFIDENCE_MAP_X, CONFIDENCE_MAP_Y, SINGLE_PERSON_CONFIDENCE
     new_top = np.interp(top, xs, ys).astype(P.dtype)
@@ -432,9 +451,18 @@ class HouseholdModel:
         self.joined: set[str] = set()    # persons reported as having joined
         self.birth_statistics: dict | None = None  # the last newcomer check's figures (not stored)
         self.n_sessions = 0
+        self.fit_sessions = 0   # n_sessions at the last full fit (fit()); see folded_in
         self.next_key = 0
 
     # -- state --------------------------------------------------------------------
+    @property
+    def folded_in(self) -> int:
+        """Sessions folded in one batch at a time (``update``) since the last full fit on
+        every session (``fit``): 0 right after a fit (a household imported at once, or
+        refitted), growing in a stream. Its answers are wrong more often at the same
+        posterior, so the confidence maps tell the two apart (calibrate_confidence)."""
+        return max(0, self.n_sessions - self.fit_sessions)
+
     @property
     def active_variant(self) -> str:
         """What answers now: "gmm", "kmeans" or "cold_start"."""
@@ -511,7 +539,7 @@ class HouseholdModel:
         if keys.shape[0] != n:
             raise ValueError(f"keys ({keys.shape[0]}) must match features ({n})")
         labels = self._check_labels(labels, n)
-        self.n_sessions = n
+        self.n_sessions = self.fit_sessions = n
         self.next_key = int(keys.max()) + 1 if n else 0
         # A full refit reflects only the sessions it is given: a label (profile hint) no
         # session carries any more, e.g. after an erasure, leaves the model (unlearning).
@@ -1140,14 +1168,14 @@ class HouseholdModel:
             strategy = f"cold_start:{self._cold_strategy()}"
             if self.calibrated and P.shape[1] == 1 and self.device_evidence and (slots >= 0).any():
                 # one person for now: as sure as a young one-person model is right
-                P = np.full_like(P, one_person_confidence(True, len(self.device_ids)))
+                P = np.full_like(P, one_person_confidence(True, len(self.device_ids), streamed=True))
         else:
             P = self._proba(self._augment(X, slots))
             if self.calibrated and self.mixture is not None:
                 # device map: the sessions carry device ids the model knows
                 P = calibrate_confidence(P, device=bool(self.device_evidence and (slots >= 0).any()),
                                          young=self.n_sessions < YOUNG_MODEL_SESSIONS,
-                                         devices=len(self.device_ids))
+                                         devices=len(self.device_ids), streamed=self.folded_in > 0)
             ids = tuple(self.person_ids)
             strategy = self.active_variant
         idx = P.argmax(axis=1)
@@ -1261,7 +1289,7 @@ class HouseholdModel:
             "calibrated": self.calibrated,
             "since_check": self.since_check, "composition_events": self.composition_events,
             "device_evidence": self.device_evidence, "device_group_count": self.device_group_count,
-            "since_refit": self.since_refit,
+            "since_refit": self.since_refit, "fit_sessions": self.fit_sessions,
             "inactive": sorted(self.inactive), "joined": sorted(self.joined),
         }
         arrays: dict[str, np.ndarray] = {"cold_X": self.cold_X, "cold_slots": self.cold_slots,
@@ -1310,6 +1338,9 @@ class HouseholdModel:
         m.device_evidence = bool(meta.get("device_evidence", False))
         m.device_group_count = int(meta.get("device_group_count", 0))
         m.since_refit = int(meta.get("since_refit", 0))
+        # Stored before fit_sessions existed: how the model came about is unknown, and
+        # the streamed maps (the less sure ones) are the safer answer.
+        m.fit_sessions = int(meta.get("fit_sessions", 0))
         m.composition_events = list(meta.get("composition_events", []))
         m.inactive = set(meta.get("inactive", []))
         m.joined = set(meta.get("joined", []))
