@@ -193,7 +193,8 @@ SINGLE_PERSON_CONFIDENCE = 0.8467
 #   (one map for young models: a batch fit with several persons and under 60 sessions is
 #   rare, 39 TUNING answers);
 # * whether it was fitted on every session at once or has folded sessions in since
-#   (HouseholdModel.folded_in > 0, "streamed"). At the same posterior a streamed answer
+#   (HouseholdModel.streamed: more sessions folded in than fitted). At the same
+#   posterior a streamed answer
 #   is right less often (TUNING, models of >= 60 sessions: 0.705 at confidence 0.80 vs
 #   0.752 at 0.79), and a streamed one-person model far less often (0.68 vs 0.95): a fit
 #   on every session keeps one person almost only for a one-person household, a stream
@@ -219,8 +220,8 @@ DEVICE_CONFIDENCE_MAPS: dict[str, tuple[list[float], list[float]]] = {
 # one-person answer says.
 ONE_PERSON_DEVICE_EDGES = (2,)
 ONE_PERSON_CONFIDENCE: dict[str, tuple[float, tuple[float, ...]]] = {
-    "fitted": (0.7674, (0.8241, 0.6205)),
-    "young": (0.6501, (0.7281, 0.5341)),
+    "fitted": (0.7368, (0.8015, 0.5956)),
+    "young": (0.6469, (0.7267, 0.5276)),
     "mature": (0.521, (0.5898, 0.4428)),
 }
 
@@ -251,7 +252,7 @@ def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None, device
     remaining mass belongs to nobody the model knows yet (an unseen member), so such a
     row sums to less than one. With ``device``: ``young`` (the model has seen fewer than
     YOUNG_MODEL_SESSIONS sessions), ``streamed`` (it has folded sessions in since its last
-    full fit, HouseholdModel.folded_in) and ``devices`` (the devices it knows) choose the
+    full fit than that fit had, HouseholdModel.streamed) and ``devices`` (the devices it knows) choose the
     map (``device_map_name``) and the one-person confidence (``one_person_confidence``)."""
     if n_live is None:
         n_live = np.full(P.shape[0], P.shape[1])
@@ -462,9 +463,18 @@ class HouseholdModel:
     def folded_in(self) -> int:
         """Sessions folded in one batch at a time (``update``) since the last full fit on
         every session (``fit``): 0 right after a fit (a household imported at once, or
-        refitted), growing in a stream. Its answers are wrong more often at the same
-        posterior, so the confidence maps tell the two apart (calibrate_confidence)."""
+        refitted), growing in a stream."""
         return max(0, self.n_sessions - self.fit_sessions)
+
+    @property
+    def streamed(self) -> bool:
+        """Most of what the model has seen was folded in after its last full fit (more
+        sessions than that fit had): a stream followed from its start (the first fit is
+        at MIN_SESSIONS). Such answers are wrong more often at the same posterior, so the
+        confidence maps tell them apart (calibrate_confidence). A household imported at
+        once and then followed stays "fitted" until the stream outweighs the import: a
+        few sessions folded into a model of hundreds do not make it a young stream's."""
+        return self.folded_in > self.fit_sessions
 
     @property
     def active_variant(self) -> str:
@@ -1166,7 +1176,7 @@ class HouseholdModel:
                 # device map: the sessions carry device ids the model knows
                 P = calibrate_confidence(P, device=bool(self.device_evidence and (slots >= 0).any()),
                                          young=self.n_sessions < YOUNG_MODEL_SESSIONS,
-                                         devices=len(self.device_ids), streamed=self.folded_in > 0)
+                                         devices=len(self.device_ids), streamed=self.streamed)
             ids = tuple(self.person_ids)
             strategy = self.active_variant
         idx = P.argmax(axis=1)
