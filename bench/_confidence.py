@@ -1,6 +1,6 @@
 """Raw (uncalibrated) answers of Hearth on world households, with what the service knows
 when it answers: the model's age (sessions it has seen), whether it has folded sessions
-in since its last full fit (HouseholdModel.folded_in), whether the answer is a
+in since its last full fit (HouseholdModel.streamed), whether the answer is a
 one-person / cold-start one, and whether the sessions carry device ids the model knows.
 
 ``python -m bench.accuracy --calibrate-confidence`` fits the confidence maps of
@@ -44,7 +44,7 @@ class RawAnswers:
     labels: np.ndarray  # column of the true person's matched model person, -1 none
     devices: np.ndarray | None = None  # devices the model knew when it answered
     groups: np.ndarray | None = None   # personal-device person groups at its last fit
-    streamed: np.ndarray | None = None  # it had folded sessions in since its last full fit
+    streamed: np.ndarray | None = None  # HouseholdModel.streamed when it answered
 
 
 MIXTURE, COLD_ONE, OTHER = 0, 1, 2
@@ -77,7 +77,7 @@ def batch_answers(h: WorldHousehold) -> RawAnswers:
     kind, device = _meta(m, out, list(h.device_id))
     n = h.n_sessions
     return _finish(h, out.probabilities, np.full(n, m.n_sessions), np.full(n, kind), np.full(n, device),
-                   np.full(n, len(m.device_ids)), np.full(n, m.device_group_count), np.full(n, m.folded_in > 0))
+                   np.full(n, len(m.device_ids)), np.full(n, m.device_group_count), np.full(n, m.streamed))
 
 
 def stream_answers(h: WorldHousehold, batch: int = STREAM_BATCH) -> RawAnswers:
@@ -92,7 +92,7 @@ def stream_answers(h: WorldHousehold, batch: int = STREAM_BATCH) -> RawAnswers:
         device += [d] * (b - a)
         devices += [len(m.device_ids)] * (b - a)
         groups += [m.device_group_count] * (b - a)
-        streamed += [m.folded_in > 0] * (b - a)
+        streamed += [m.streamed] * (b - a)
     return _finish(h, columns(probs), age, kind, device, devices, groups, streamed)
 
 

@@ -209,6 +209,9 @@ def summarise(hs: list[WorldHousehold], preds: list[np.ndarray], probs: list[np.
     return out
 
 
+MORE_FEEDBACK_RATES = (0.15, 0.5)   # after_feedback's context: larger labelled shares
+
+
 def after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], ages: list[np.ndarray] | None = None,
                    seed: int = 0) -> dict:
     """ECE after feedback, the way the mesh does it: the feedback service's calibrator is
@@ -251,6 +254,20 @@ def after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], ages: list
             n: c.method for n, c in calibrator.segments.items()}, "one_person": calibrator.one_person}
     out["feedback_used"] = int(sample.probs.shape[0])
     out["ece_after"] = out["ece_after_segmented" if ages is not None else "ece_after_pooled"]
+    # What the target asks of a sample of this size: the same calibrator fitted on a
+    # larger labelled share (scored on the rest), and the ECE that answers drawn right
+    # with exactly their stated confidence would still show on as many held-out
+    # answers (binning noise: no calibrator gets below it).
+    by_rate = {}
+    for rate in MORE_FEEDBACK_RATES:
+        more = feedback_mask(P.shape[0], rate, seed)
+        fitted = fit_segmented_calibrator(FeedbackSample.create(P[more], labels=y[more], correct=ok[more].astype(float)),
+                                          age[more])
+        by_rate[str(rate)] = ece(fitted.apply(P[~more], age[~more]).max(axis=1), ok[~more])
+    out["ece_after_by_feedback_rate"] = by_rate
+    conf = P[held].max(axis=1)
+    draws = np.random.default_rng(seed)
+    out["ece_floor_calibrated"] = float(np.mean([ece(conf, draws.random(conf.size) < conf) for _ in range(5)]))
     return out
 
 

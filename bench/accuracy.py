@@ -346,6 +346,10 @@ def fit_device_confidence(answers: list[dict], one_person_prior: float = ONE_PER
                 one[name].append(np.c_[a.devices[rows & sel], a.correct[rows & sel]])
     edges = np.asarray(ONE_PERSON_DEVICE_EDGES)
     maps, counts, tables = {}, {}, {}
+    empty = [f"map {n!r}" for n in multi if not sum(v.size for v in multi[n][0])] + \
+        [f"one-person group {n!r}" for n in one if not sum(v.shape[0] for v in one[n])]
+    if empty:   # a NaN in model.py would answer NaN confidences
+        raise ValueError(f"no answers for {', '.join(empty)}: fit on more households")
     for name in multi:
         x, y = np.concatenate(multi[name][0]), np.concatenate(multi[name][1]).astype(float)
         iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(x, y)

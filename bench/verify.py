@@ -1222,7 +1222,7 @@ def _admission_lines(a: dict | None) -> list[str]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Load, soak and failure-recovery verification of the mesh")
     parser.add_argument("--quick", action="store_true", help="under 3 minutes (the test suite's run)")
-    parser.add_argument("--soak-min", type=float, default=None, help="soak minutes (default 10; quick 0.25)")
+    parser.add_argument("--soak-min", type=float, default=None, help="soak minutes (default 10; quick 0.15)")
     parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
     parser.add_argument("--replicas", type=int, choices=(1, 2), default=1)
     parser.add_argument("--out", type=Path, default=None)
@@ -1236,7 +1236,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--replicas 2 needs --backend postgres (replicas share PostgreSQL and Redis)")
     profile = QUICK if args.quick else FULL
     if args.soak_min is None:
-        args.soak_min = 0.25 if args.quick else 10.0
+        args.soak_min = 0.15 if args.quick else 10.0   # quick: ~6 RSS samples after its warm-up
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     # Absolute: PostgreSQL (--backend postgres) resolves its socket directory from its data directory.
     out = (args.out or ROOT / "var" / "verify" / stamp).resolve()

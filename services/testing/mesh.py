@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,7 +184,14 @@ class Mesh:
             stop_group(proc, timeout_s)
 
     def stop(self) -> None:
-        for name in ["gateway", *SERVICE_MODULES]:
+        """The gateway first (no new requests reach the services), then the services all at
+        once: each drains and exits on its own, so stopping them one after the other only
+        added up their exit times (~1-2 s each on a loaded machine, for every mesh a test
+        run starts)."""
+        self.stop_process("gateway")
+        with ThreadPoolExecutor(len(SERVICE_MODULES)) as pool:
+            list(pool.map(self.stop_process, [name for name in SERVICE_MODULES if name in self.processes]))
+        for name in list(self.processes):   # anything else a caller spawned (replicas)
             self.stop_process(name)
 
 

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from services.testing.mesh import ROOT, running_mesh
-from tests.helpers.waiting import deletion_job
+from tests.helpers.waiting import SLOW_MACHINE_S, deletion_job
 
 DAY = 86400.0
 RUN = uuid.uuid4().hex[:6]  # PostgreSQL schemas outlive a mesh: keep accounts unique per run
@@ -192,7 +192,7 @@ def test_job_interrupted_by_stopping_clustering_finishes_after_restart(dmesh, cl
         r = client.post("/v1/delete", json={"scope": {"kind": "household", "account_id": acct}})
         assert r.status_code == 202, r.text
         job_id = r.json()["job_id"]
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + SLOW_MACHINE_S
         while True:
             body = client.get(f"/v1/delete/{job_id}").json()
             clustering = next(s for s in body["services"] if s["service"] == "clustering")

@@ -41,7 +41,7 @@ def test_offsite_ledger_keeps_later_deletions_deleted_after_losing_the_privacy_d
                                                 "reason": "gdpr_art17"})
             assert r.status_code == 202, r.text
             deleted_job = r.json()["job_id"]
-            assert deletion_job(client, deleted_job, 60)["state"] == "completed"
+            assert deletion_job(client, deleted_job)["state"] == "completed"
             # The off-site export, as the chart's CronJob writes it while the mesh runs.
             exported = _hearth(mesh, "ledger", "export", "--out", str(offsite / "deletion-ledger.json"))
             assert exported["jobs"] >= 1 and exported["shredded_accounts"] >= 1
@@ -75,7 +75,7 @@ def test_offsite_ledger_keeps_later_deletions_deleted_after_losing_the_privacy_d
         mesh.wait_healthy(120)
         with httpx.Client(base_url=mesh.url, headers={"X-API-Key": key}, timeout=30) as client:
             (requeued,) = report["requeued_jobs"]
-            job = deletion_job(client, requeued["job_id"], 60)
+            job = deletion_job(client, requeued["job_id"])
             assert job["state"] == "completed", job
             assert client.get("/v1/household/ledger-gone").status_code == 404
             assert _event_count(client, "ledger-keep") == 6

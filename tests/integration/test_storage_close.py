@@ -18,6 +18,7 @@ import pytest
 
 from services.common.errors import Unavailable
 from services.common.storage.sql import PostgresDatabase, SqliteDatabase
+from tests.helpers.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -116,8 +117,11 @@ def test_close_waits_for_a_transaction_in_flight_then_refuses_new_ones(tmp_path)
     assert inside.wait(10)
     closer = threading.Thread(target=db.close)
     closer.start()
+    # close() has begun (a fixed 0.2 s sleep let a slow machine ask for the next transaction
+    # before the closer had run, and that one was not refused) ...
+    wait_for(lambda: db._closed, what="close() to begin", interval_s=0.01)
     time.sleep(0.2)
-    assert closer.is_alive()  # waiting for the transaction in flight, not closing under it
+    assert closer.is_alive()  # ... and waits for the transaction in flight, not closing under it
     with pytest.raises(Unavailable):
         with db.transaction():
             pass

@@ -13,6 +13,7 @@ import pytest
 
 from services.common.identity import Role
 from services.testing.mesh import free_port
+from tests.helpers.waiting import SLOW_MACHINE_S
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,7 +32,7 @@ def https_gateway(security_mesh, tmp_path_factory):
            "HEARTH_HTTPS_KEY": str(directory / "gateway-key.pem")}
     mesh._spawn("gateway-https", "gateway", env)
     url = f"https://localhost:{port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + SLOW_MACHINE_S
     try:
         while True:
             try:

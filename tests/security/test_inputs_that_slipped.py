@@ -18,6 +18,7 @@ from hearth.privacy.v1 import privacy_pb2 as ppb
 from services.common import identity
 from services.common.errors import ERROR_FIELD_KEY
 from services.common.identity import Principal, Role, ServiceTokenSigner
+from tests.helpers.waiting import SLOW_MACHINE_S
 
 from .test_input import event, iso
 
@@ -197,7 +198,7 @@ def _refusals(client: httpx.Client, event_type: str, target: str) -> int:
 
 
 def _wait_for(client, event_type, target, at_least) -> int:
-    deadline = time.monotonic() + 20  # the gateway's audit sink sends in batches
+    deadline = time.monotonic() + SLOW_MACHINE_S  # the gateway's audit sink sends in batches
     while (now := _refusals(client, event_type, target)) < at_least and time.monotonic() < deadline:
         time.sleep(0.2)
     return now

@@ -33,6 +33,7 @@ probability for every person.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from collections.abc import Sequence
@@ -48,7 +49,9 @@ from services.clustering.domain.gmm import (
     RHYTHM_BINS,
 )
 from services.clustering.domain.kmeans import IncrementalKMeans, fit_select_k_kmeans, kmeans_plus_plus
-from services.clustering.domain.persons import merge_by_viewing_hours, personal_device_groups
+from services.clustering.domain.persons import (
+    hour_seedings, merge_by_viewing_hours, novel_sessions, personal_device_groups,
+)
 from services.clustering.domain.placement import discriminative_responsibilities
 
 MODEL_FORMAT_VERSION = 1
@@ -64,7 +67,19 @@ SHARED_ONLY_BIC_PENALTY = 1.0  # see HouseholdModel._penalty
 # kept 1.00 both. Checked on the 19 of worlds 2-3: 0.16 / 0.590 -> 0.16 / 0.593, two
 # households one person closer, single kept 2 of 2 (see HouseholdModel._penalty).
 SHARED_ONLY_MERGED_BIC_PENALTY = 0.75
+# No personal device, batch fit: seedings by viewing hours compete with the k-means++
+# ones (persons.hour_seedings). TUNING worlds, the 39 such households: size exact
+# 0.487 -> 0.538, accuracy 0.721 -> 0.724, single-person kept 1.00 -> 1.00.
+HOUR_SEEDINGS = True
 DEVICE_CRITERION: str | None = "bic"  # see HouseholdModel._criterion
+# With personal-device groups: the share of the shared-device sessions least like the
+# groups' own that seed a TV-only member (HouseholdModel._tv_only_seedings). TUNING
+# worlds, the 105 households with groups (size exact / accuracy; baseline 0.638 /
+# 0.763): 0.2: 0.648 / 0.765 (four households one person closer, none further);
+# 0.3: 0.648 / 0.764; 0.5: 0.629 / 0.764; 0.3 with a second seeded person split by
+# hours: 0.648 / 0.764; the seeded candidate at a lower BIC charge than the others
+# (0.5 or 0.6) over-splits: 0.448 / 0.543.
+TV_ONLY_SHARE = 0.2
 # With personal-device groups: BIC's parameter charge for the candidates (groups plus
 # persons without a device). TUNING worlds (72 households, 2 worlds x 12 per tuning
 # family): 1.0: accuracy 0.706, size exact 0.68; 0.75: 0.704 / 0.75 (households with
@@ -73,6 +88,22 @@ GROUP_BIC_PENALTY = 0.75
 # Device-first fits: shared-device sessions placed by a per-household classifier trained
 # on the personal-device groups' sessions, then one M-step (_place_shared_sessions).
 PLACE_SHARED_SESSIONS = True
+# Block weights of the scorer a device-first fit answers with (_with_placed_weights),
+# as multipliers of the family's own: the hours (rhythm cells) count far more, the
+# genre mix and the Gaussian blocks (lengths, shares) less. Only the weights change, not
+# the statistics (each block's maximiser does not depend on its weight), so the persons,
+# the ledger and exact unlearning are untouched; it is how much each kind of evidence
+# counts when a session is given to one of the persons. Why: on a shared TV what tells
+# members apart is *when* they watch more than what or how long, and with the fit's
+# weights the scorer still split the TV by kind. TUNING worlds (144 households; the 105
+# device-first fits re-scored offline, batch accuracy): family weights 0.719; rhythm
+# 1.5 / genre 0.5 / Gaussian 0.5: 0.730; rhythm 2.5: 0.735; 4: 0.738; 6: 0.742; 8:
+# 0.743; 12: 0.738 (personal-device sessions start to follow the hours rather than the
+# device); genre 0.35 or 0.7 and Gaussian 0.5 or 0.7 beside rhythm 5-6: <= the choice;
+# device, slot and binge blocks x0.5 / x2: within 0.002. Every one of the 4 TUNING
+# worlds gains (0.747/0.714/0.649/0.757 -> 0.774/0.742/0.662/0.778). Households without
+# a personal device: re-weighting them too gained 0.002 (not kept). docs/clustering.md.
+PLACED_BLOCK_WEIGHTS = {"rhythm_weight": 6.0, "genre_weight": 0.5, "gauss_weight": 0.35}
 DEVICE_REFIT_EVERY = 40   # with personal devices: sessions between device-first refits of the buffer
 RECENT_WINDOW = 40        # recent sessions whose worst-explained seed a newcomer (_reselect)
 BUFFER_CAP = 1000         # sessions the re-selection refits on (the newest)
@@ -178,7 +209,8 @@ SINGLE_PERSON_CONFIDENCE = 0.8467
 #   (one map for young models: a batch fit with several persons and under 60 sessions is
 #   rare, 39 TUNING answers);
 # * whether it was fitted on every session at once or has folded sessions in since
-#   (HouseholdModel.folded_in > 0, "streamed"). At the same posterior a streamed answer
+#   (HouseholdModel.streamed: more sessions folded in than fitted). At the same
+#   posterior a streamed answer
 #   is right less often (TUNING, models of >= 60 sessions: 0.705 at confidence 0.80 vs
 #   0.752 at 0.79), and a streamed one-person model far less often (0.68 vs 0.95): a fit
 #   on every session keeps one person almost only for a one-person household, a stream
@@ -204,8 +236,8 @@ DEVICE_CONFIDENCE_MAPS: dict[str, tuple[list[float], list[float]]] = {
 # one-person answer says.
 ONE_PERSON_DEVICE_EDGES = (2,)
 ONE_PERSON_CONFIDENCE: dict[str, tuple[float, tuple[float, ...]]] = {
-    "fitted": (0.7674, (0.8241, 0.6205)),
-    "young": (0.6501, (0.7281, 0.5341)),
+    "fitted": (0.7368, (0.8015, 0.5956)),
+    "young": (0.6469, (0.7267, 0.5276)),
     "mature": (0.521, (0.5898, 0.4428)),
 }
 
@@ -236,7 +268,7 @@ def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None, device
     remaining mass belongs to nobody the model knows yet (an unseen member), so such a
     row sums to less than one. With ``device``: ``young`` (the model has seen fewer than
     YOUNG_MODEL_SESSIONS sessions), ``streamed`` (it has folded sessions in since its last
-    full fit, HouseholdModel.folded_in) and ``devices`` (the devices it knows) choose the
+    full fit than that fit had, HouseholdModel.streamed) and ``devices`` (the devices it knows) choose the
     map (``device_map_name``) and the one-person confidence (``one_person_confidence``)."""
     if n_live is None:
         n_live = np.full(P.shape[0], P.shape[1])
@@ -447,9 +479,18 @@ class HouseholdModel:
     def folded_in(self) -> int:
         """Sessions folded in one batch at a time (``update``) since the last full fit on
         every session (``fit``): 0 right after a fit (a household imported at once, or
-        refitted), growing in a stream. Its answers are wrong more often at the same
-        posterior, so the confidence maps tell the two apart (calibrate_confidence)."""
+        refitted), growing in a stream."""
         return max(0, self.n_sessions - self.fit_sessions)
+
+    @property
+    def streamed(self) -> bool:
+        """Most of what the model has seen was folded in after its last full fit (more
+        sessions than that fit had): a stream followed from its start (the first fit is
+        at MIN_SESSIONS). Such answers are wrong more often at the same posterior, so the
+        confidence maps tell them apart (calibrate_confidence). A household imported at
+        once and then followed stays "fitted" until the stream outweighs the import: a
+        few sessions folded into a model of hundreds do not make it a young stream's."""
+        return self.folded_in > self.fit_sessions
 
     @property
     def active_variant(self) -> str:
@@ -617,10 +658,13 @@ class HouseholdModel:
         self.device_group_count = int(clamp.max()) + 1 if not label_names else 0
         if clamp.max() < 0:
             merge = self._device_ids_known(X)
+            # With the hours merge to follow, seedings by viewing hours compete too
+            # (persons.hour_seedings, HOUR_SEEDINGS).
+            hours = hour_seedings(X[:, :F.FEATURE_DIM], self.k_max, self.seed) if merge and HOUR_SEEDINGS else []
             self.mixture = fit_select_k(X, self.k_max, self.family, self.seed, self.n_init,
                                         criterion=self._criterion(X), keys=keys,
                                         penalty=self._penalty(X, hours_merge_follows=merge),
-                                        extra_inits=self._device_inits(X)).model
+                                        extra_inits=self._device_inits(X) + hours).model
             if merge:
                 self.mixture = self._merge_same_hours(X, self.mixture, keys)
             self._reset_buffer(X, keys)
@@ -655,10 +699,40 @@ class HouseholdModel:
             score = m.score(X, self._criterion(X), GROUP_BIC_PENALTY)
             if best is None or score < best[0]:
                 best = (score, m)
+        # Candidates 3: persons who only use shared devices, seeded from the shared
+        # sessions least like the groups' own (_tv_only_seedings).
+        for init in ([] if label_names else self._tv_only_seedings(X, clamp)):
+            m, _ = fit_em(X, int(init.max()) + 1, self.family, rng, clamp=clamp, keys=keys, init_labels=init)
+            score = m.score(X, self._criterion(X), GROUP_BIC_PENALTY)
+            if score < best[0]:
+                best = (score, m)
         assert best is not None
-        self.mixture = best[1] if label_names else self._place_shared_sessions(X, clamp, best[1], keys)
+        if label_names:
+            self.mixture = best[1]
+        else:
+            self.mixture = self._with_placed_weights(self._place_shared_sessions(X, clamp, best[1], keys))
         self._label_components = L
         self._reset_buffer(X, keys)
+
+    def _tv_only_seedings(self, X: np.ndarray, groups: np.ndarray) -> list[np.ndarray]:
+        """A seeding for the device-first fit with one person beside the L
+        personal-device groups: every session starts with its nearest group, except the
+        TV_ONLY_SHARE of the shared-device sessions that look least like the groups' own
+        sessions out of sample (persons.novel_sessions), which start as the new person.
+        Why: the k-means++ seedings of extra persons start from splits of the owners' TV
+        sessions by kind, so a member who only watches the TV was rarely born (TUNING:
+        48 of the 105 households with groups have one; 28 were counted too low); a device
+        owner's TV sessions resemble their phone sessions, a TV-only member's do not.
+        BIC weighs this candidate like the others (docs/clustering.md, 4d)."""
+        L = int(groups.max()) + 1
+        novel = novel_sessions(X[:, :F.FEATURE_DIM], groups >= 0, TV_ONLY_SHARE)
+        if not novel.size or L >= self.k_max:
+            return []
+        Z = standardise(self.family.seed_features(X))
+        C = np.array([Z[groups == j].mean(axis=0) for j in range(L)])
+        init = ((Z[:, None, :] - C[None]) ** 2).sum(axis=2).argmin(axis=1)
+        init[novel] = L
+        return [init]
 
     def _place_shared_sessions(self, X: np.ndarray, groups: np.ndarray, mixture: Mixture,
                                keys: np.ndarray) -> Mixture:
@@ -691,6 +765,21 @@ class HouseholdModel:
         except MixtureNumericalError:
             return mixture  # EM's fit stands
         return placed
+
+    def _with_placed_weights(self, mixture: Mixture) -> Mixture:
+        """The same persons (statistics, ledger) scored with PLACED_BLOCK_WEIGHTS times
+        the family's block weights. The model's own family (``self.family``: later fits,
+        the re-selection, the batch scorer's grouping) is unchanged; the mixture keeps its
+        weights through incremental updates and is stored with them (to_bytes)."""
+        if not dataclasses.is_dataclass(mixture.family):
+            return mixture
+        fam = mixture.family
+        weighted = dataclasses.replace(fam, **{name: getattr(fam, name) * factor
+                                               for name, factor in PLACED_BLOCK_WEIGHTS.items()})
+        out = Mixture(weighted, mixture.stats.copy())
+        out.ledger_keys = mixture.ledger_keys.copy()
+        out.ledger_resp = None if mixture.ledger_resp is None else mixture.ledger_resp.copy()
+        return out
 
     def _merge_same_hours(self, X: np.ndarray, mixture: Mixture, keys: np.ndarray) -> Mixture:
         """Device ids known, no personal device: while two of the persons found watch at
@@ -1135,7 +1224,7 @@ class HouseholdModel:
                 # device map: the sessions carry device ids the model knows
                 P = calibrate_confidence(P, device=bool(self.device_evidence and (slots >= 0).any()),
                                          young=self.n_sessions < YOUNG_MODEL_SESSIONS,
-                                         devices=len(self.device_ids), streamed=self.folded_in > 0)
+                                         devices=len(self.device_ids), streamed=self.streamed)
             ids = tuple(self.person_ids)
             strategy = self.active_variant
         idx = P.argmax(axis=1)
@@ -1241,6 +1330,10 @@ class HouseholdModel:
             "variant": self.variant, "k_max": self.k_max, "cold_start": self.cold_start,
             "temperature": self.temperature, "seed": self.seed, "n_init": self.n_init,
             "family": _family_meta(self.family), "person_ids": self.person_ids,
+            # the mixture's block weights when they are not the family's (device-first
+            # fits, _with_placed_weights); absent in models stored before them
+            "mixture_family": (_family_meta(self.mixture.family)
+                               if self.mixture is not None and self.mixture.family != self.family else None),
             "next_person": self.next_person, "id_offset": self.id_offset, "retired": sorted(self.retired),
             "fallback": self.fallback,
             "fallback_count": self.fallback_count, "label_map": self.label_map,
@@ -1307,7 +1400,8 @@ class HouseholdModel:
         if "buffer" in z:
             m.buffer, m.buffer_keys = z["buffer"], z["buffer_keys"]
         if "stats" in z:
-            mix = Mixture(m.family, z["stats"])
+            fam = TypedSession(**meta["mixture_family"]) if meta.get("mixture_family") else m.family
+            mix = Mixture(fam, z["stats"])
             mix.ledger_keys = z["ledger_keys"]
             mix.ledger_resp = z["ledger_resp"]
             m.mixture = mix

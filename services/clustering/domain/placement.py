@@ -18,8 +18,9 @@ is known — the personal-device groups' sessions — plus, for a person without
 responsibilities of every other session, and the mixture's statistics are re-estimated
 from them once (one M-step; ``discriminative_responsibilities`` returns the
 responsibilities, model.py builds the mixture). The answer is still the mixture's
-linear scorer, so assignment cost, the batch scorer and the stored model format do not
-change. Why a classifier and not more EM: it is fitted only on evidence of who watched
+linear scorer, so assignment cost and the batch scorer do not change (model.py then
+gives that scorer its own block weights, PLACED_BLOCK_WEIGHTS, stored in the model
+header). Why a classifier and not more EM: it is fitted only on evidence of who watched
 (the clamped sessions), so the shared sessions cannot pull a person's parameters
 towards a kind of viewing; the M-step afterwards lets the shared sessions inform the
 persons' hours and tastes without re-deciding who they belong to. Measured on the

@@ -229,3 +229,39 @@ def test_single_person_stream_keeps_one_id_at_every_arrival():
             m.update(h.features[a:a + 5], device_ids=h.device_id[a:a + 5])
             ids |= set(m.assign_batch(h.features[a:a + 5], device_ids=h.device_id[a:a + 5]).person())
         assert len(ids) == 1, (h.household_id, ids)
+
+
+def test_novel_sessions_are_the_tv_only_members_not_the_owners_tv_sessions():
+    """A phone owner who also watches the TV (same hours and tastes on both) and a
+    member who only watches the TV, at other hours and with other tastes: the shared
+    sessions least like the phone's are the TV-only member's, the owner's TV sessions
+    are not among them."""
+    rng = np.random.default_rng(11)
+    parts = [(*persona_sessions(rng, 60, 60, 21, "mobile", {"drama": 2, "crime": 1}), "phone", 0),
+             (*persona_sessions(rng, 40, 60, 21, "tv", {"drama": 2, "crime": 1}), "tv", 0),
+             (*persona_sessions(rng, 20, 60, 16, "tv", {"comedy": 2, "family": 1}), "tv", 1)]
+    _, X, dev, person = household(parts)
+    known = dev == "phone"
+    novel = persons.novel_sessions(X, known, 0.2)
+    assert novel.size == 12 and not known[novel].any()           # a fifth of the 60 TV sessions
+    assert (person[novel] == 1).all()
+    # too few sessions on either side: nothing is proposed
+    assert persons.novel_sessions(X[:15], known[:15], 0.2).size == 0
+
+
+def test_hour_seedings_split_two_tv_viewers_by_when_they_watch():
+    """Two people on one TV, one in the morning and one late at night, each with two
+    kinds of viewing: the two-person seeding by viewing hours is the two people (the
+    kinds do not show in it); two seedings (hour bins alone, and with the weekday
+    columns) per number of persons 2..k_max."""
+    rng = np.random.default_rng(3)
+    parts = [(*persona_sessions(rng, 30, 60, 8, "tv", {"crime": 2}, minutes=150), "tv", 0),
+             (*persona_sessions(rng, 30, 60, 8, "tv", {"comedy": 2}, minutes=20), "tv", 0),
+             (*persona_sessions(rng, 30, 60, 22, "tv", {"crime": 2}, minutes=150), "tv", 1),
+             (*persona_sessions(rng, 30, 60, 22, "tv", {"comedy": 2}, minutes=20), "tv", 1)]
+    _, X, _, person = household(parts)
+    seedings = persons.hour_seedings(X, 4)
+    assert [int(s.max()) + 1 for s in seedings] == [2, 2, 3, 3, 4, 4]
+    two = seedings[0]
+    assert np.unique(two[person == 0]).size == 1 and np.unique(two[person == 1]).size == 1
+    assert two[person == 0][0] != two[person == 1][0]

@@ -127,3 +127,48 @@ def test_a_failing_re_estimate_leaves_the_fit_consistent(monkeypatch):
     assert m.mixture is not None and len(m.person_ids) == m.mixture.n_components >= 2
     b = m.assign_batch(h.features, device_ids=h.device_id)
     assert b.probabilities.shape == (h.n_sessions, len(m.person_ids))
+
+
+def test_device_first_fit_scores_with_the_placed_block_weights(monkeypatch):
+    """The device-first fit answers with PLACED_BLOCK_WEIGHTS times the family's block
+    weights: the same statistics and ledger as with the family's own weights (the
+    persons do not change, unlearning stays exact), other answers, and the weights
+    survive an incremental update and a round trip through the stored bytes."""
+    h = worlds.generate(worlds.TUNING, families=("bingers",), worlds_per_family=1, households_per_world=3)[2]
+    monkeypatch.setattr(model_module, "PLACED_BLOCK_WEIGHTS", {})
+    plain = HouseholdModel().fit(h.features, device_ids=h.device_id)
+    monkeypatch.setattr(model_module, "PLACED_BLOCK_WEIGHTS",
+                        {"rhythm_weight": 1.5, "genre_weight": 0.5, "gauss_weight": 0.5})
+    m = HouseholdModel().fit(h.features, device_ids=h.device_id)
+    np.testing.assert_array_equal(plain.mixture.stats, m.mixture.stats)
+    np.testing.assert_array_equal(plain.mixture.ledger_resp, m.mixture.ledger_resp)
+    fam = m.mixture.family
+    assert (fam.rhythm_weight, fam.genre_weight, fam.gauss_weight) == (
+        1.5 * m.family.rhythm_weight, 0.5 * m.family.genre_weight, 0.5 * m.family.gauss_weight)
+    assert m.family == plain.family  # later fits and the batch scorer's grouping use the family as before
+    a = m.assign_batch(h.features, device_ids=h.device_id).probabilities
+    b = plain.assign_batch(h.features, device_ids=h.device_id).probabilities
+    assert np.abs(a - b).max() > 1e-3
+    again = HouseholdModel.from_bytes(m.to_bytes())
+    assert again.mixture.family == fam
+    m.update(h.features[:5], device_ids=h.device_id[:5])
+    assert m.mixture.family == fam
+
+
+def test_models_stored_before_the_placed_weights_load_with_the_family_weights():
+    """Bytes without the mixture's own family (stored before it existed) load with the
+    model family's weights, as they were fitted."""
+    import io
+    import json
+    h = worlds.generate(worlds.TUNING, families=("bingers",), worlds_per_family=1, households_per_world=3)[2]
+    m = HouseholdModel().fit(h.features, device_ids=h.device_id)
+    z = np.load(io.BytesIO(m.to_bytes()), allow_pickle=False)
+    meta = json.loads(bytes(z["meta"]).decode())
+    assert meta["mixture_family"]["rhythm_weight"] != meta["family"]["rhythm_weight"]
+    del meta["mixture_family"]
+    arrays = {k: z[k] for k in z.files if k != "meta"}
+    buf = io.BytesIO()
+    np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
+    old = HouseholdModel.from_bytes(buf.getvalue())
+    assert old.mixture.family == old.family
+    np.testing.assert_array_equal(old.mixture.stats, m.mixture.stats)
