@@ -49,7 +49,9 @@ from services.clustering.domain.gmm import (
     RHYTHM_BINS,
 )
 from services.clustering.domain.kmeans import IncrementalKMeans, fit_select_k_kmeans, kmeans_plus_plus
-from services.clustering.domain.persons import merge_by_viewing_hours, personal_device_groups
+from services.clustering.domain.persons import (
+    hour_seedings, merge_by_viewing_hours, novel_sessions, personal_device_groups,
+)
 from services.clustering.domain.placement import discriminative_responsibilities
 
 MODEL_FORMAT_VERSION = 1
@@ -65,7 +67,19 @@ SHARED_ONLY_BIC_PENALTY = 1.0  # see HouseholdModel._penalty
 # kept 1.00 both. Checked on the 19 of worlds 2-3: 0.16 / 0.590 -> 0.16 / 0.593, two
 # households one person closer, single kept 2 of 2 (see HouseholdModel._penalty).
 SHARED_ONLY_MERGED_BIC_PENALTY = 0.75
+# No personal device, batch fit: seedings by viewing hours compete with the k-means++
+# ones (persons.hour_seedings). TUNING worlds, the 39 such households: size exact
+# 0.487 -> 0.538, accuracy 0.721 -> 0.724, single-person kept 1.00 -> 1.00.
+HOUR_SEEDINGS = True
 DEVICE_CRITERION: str | None = "bic"  # see HouseholdModel._criterion
+# With personal-device groups: the share of the shared-device sessions least like the
+# groups' own that seed a TV-only member (HouseholdModel._tv_only_seedings). TUNING
+# worlds, the 105 households with groups (size exact / accuracy; baseline 0.638 /
+# 0.763): 0.2: 0.648 / 0.765 (four households one person closer, none further);
+# 0.3: 0.648 / 0.764; 0.5: 0.629 / 0.764; 0.3 with a second seeded person split by
+# hours: 0.648 / 0.764; the seeded candidate at a lower BIC charge than the others
+# (0.5 or 0.6) over-splits: 0.448 / 0.543.
+TV_ONLY_SHARE = 0.2
 # With personal-device groups: BIC's parameter charge for the candidates (groups plus
 # persons without a device). TUNING worlds (72 households, 2 worlds x 12 per tuning
 # family): 1.0: accuracy 0.706, size exact 0.68; 0.75: 0.704 / 0.75 (households with
@@ -118,6 +132,8 @@ LEAVE_MAX_RATIO = 0.25    # a leaver's share after / before the change point
 # the newcomer test 0.40 (join 0.38) at 0.36.
 BIRTH_GLR_H = 5.0
 BIRTH_MIN_GAIN = 3.0
+STREAM_GROUP_MIN_Z = 3.0  # streaming refits: two devices are two persons only this far above chance
+STREAM_GROUP_YOUNG = 60   # ... while the buffer holds fewer sessions than this
 NEWCOMER_GRACE = 100      # sessions a reported newcomer is kept through refits (_drops_newcomer)
 DEVICE_SLOTS = 16  # distinct device ids a household model tells apart (more: judged by type)
 K_MAX = 6
@@ -588,14 +604,15 @@ class HouseholdModel:
         self.cold_slots = np.zeros(0, dtype=np.int64)
         return self
 
-    def _device_groups(self, Xa: np.ndarray) -> np.ndarray:
+    def _device_groups(self, Xa: np.ndarray, min_z: float = 0.0) -> np.ndarray:
         """(N,) personal-device person group per session (-1: no identity), see persons.py;
-        all -1 when the model does not use device evidence or no slot is known."""
+        all -1 when the model does not use device evidence or no slot is known.
+        ``min_z``: persons.personal_device_groups' z-bar (the streaming refits)."""
         if not (self.device_evidence and getattr(self.family, "device_slots", 0)
                 and Xa.shape[1] == F.FEATURE_DIM + 1):
             return np.full(Xa.shape[0], -1, dtype=np.int64)
         slots = np.rint(Xa[:, F.FEATURE_DIM]).astype(np.int64)
-        return personal_device_groups(Xa[:, :F.FEATURE_DIM], slots)
+        return personal_device_groups(Xa[:, :F.FEATURE_DIM], slots, min_z=min_z)
 
     def _device_ids_known(self, X: np.ndarray) -> bool:
         return (self.device_evidence and X.shape[1] == F.FEATURE_DIM + 1
@@ -628,7 +645,7 @@ class HouseholdModel:
         return self.bic_penalty
 
     def _fit_gmm(self, X: np.ndarray, labels: list[str | None] | None, label_names: list[str],
-                 keys: np.ndarray) -> None:
+                 keys: np.ndarray, group_min_z: float = 0.0) -> None:
         if label_names:
             # Semi-supervised: component j < L is label_names[j]; labelled sessions clamped.
             index = {name: j for j, name in enumerate(label_names)}
@@ -637,14 +654,17 @@ class HouseholdModel:
             # Device evidence first: the sessions of each personal-device group are one
             # person (clamped); shared-device sessions are explained by EM, and persons
             # without a personal device are extra components when BIC wants them.
-            clamp = self._device_groups(X)
+            clamp = self._device_groups(X, group_min_z)
         self.device_group_count = int(clamp.max()) + 1 if not label_names else 0
         if clamp.max() < 0:
             merge = self._device_ids_known(X)
+            # With the hours merge to follow, seedings by viewing hours compete too
+            # (persons.hour_seedings, HOUR_SEEDINGS).
+            hours = hour_seedings(X[:, :F.FEATURE_DIM], self.k_max, self.seed) if merge and HOUR_SEEDINGS else []
             self.mixture = fit_select_k(X, self.k_max, self.family, self.seed, self.n_init,
                                         criterion=self._criterion(X), keys=keys,
                                         penalty=self._penalty(X, hours_merge_follows=merge),
-                                        extra_inits=self._device_inits(X)).model
+                                        extra_inits=self._device_inits(X) + hours).model
             if merge:
                 self.mixture = self._merge_same_hours(X, self.mixture, keys)
             self._reset_buffer(X, keys)
@@ -679,6 +699,13 @@ class HouseholdModel:
             score = m.score(X, self._criterion(X), GROUP_BIC_PENALTY)
             if best is None or score < best[0]:
                 best = (score, m)
+        # Candidates 3: persons who only use shared devices, seeded from the shared
+        # sessions least like the groups' own (_tv_only_seedings).
+        for init in ([] if label_names else self._tv_only_seedings(X, clamp)):
+            m, _ = fit_em(X, int(init.max()) + 1, self.family, rng, clamp=clamp, keys=keys, init_labels=init)
+            score = m.score(X, self._criterion(X), GROUP_BIC_PENALTY)
+            if score < best[0]:
+                best = (score, m)
         assert best is not None
         if label_names:
             self.mixture = best[1]
@@ -686,6 +713,26 @@ class HouseholdModel:
             self.mixture = self._with_placed_weights(self._place_shared_sessions(X, clamp, best[1], keys))
         self._label_components = L
         self._reset_buffer(X, keys)
+
+    def _tv_only_seedings(self, X: np.ndarray, groups: np.ndarray) -> list[np.ndarray]:
+        """A seeding for the device-first fit with one person beside the L
+        personal-device groups: every session starts with its nearest group, except the
+        TV_ONLY_SHARE of the shared-device sessions that look least like the groups' own
+        sessions out of sample (persons.novel_sessions), which start as the new person.
+        Why: the k-means++ seedings of extra persons start from splits of the owners' TV
+        sessions by kind, so a member who only watches the TV was rarely born (TUNING:
+        48 of the 105 households with groups have one; 28 were counted too low); a device
+        owner's TV sessions resemble their phone sessions, a TV-only member's do not.
+        BIC weighs this candidate like the others (docs/clustering.md, 4d)."""
+        L = int(groups.max()) + 1
+        novel = novel_sessions(X[:, :F.FEATURE_DIM], groups >= 0, TV_ONLY_SHARE)
+        if not novel.size or L >= self.k_max:
+            return []
+        Z = standardise(self.family.seed_features(X))
+        C = np.array([Z[groups == j].mean(axis=0) for j in range(L)])
+        init = ((Z[:, None, :] - C[None]) ** 2).sum(axis=2).argmin(axis=1)
+        init[novel] = L
+        return [init]
 
     def _place_shared_sessions(self, X: np.ndarray, groups: np.ndarray, mixture: Mixture,
                                keys: np.ndarray) -> Mixture:
@@ -873,7 +920,8 @@ class HouseholdModel:
         X = self._buffer_X()
         if X.shape[0] < MIN_SESSIONS:
             return False
-        groups = int(self._device_groups(X).max()) + 1
+        min_z = STREAM_GROUP_MIN_Z if X.shape[0] < STREAM_GROUP_YOUNG else 0.0
+        groups = int(self._device_groups(X, min_z).max()) + 1
         if groups == 0 and self.device_group_count == 0:
             return False
         self.since_refit += RESELECT_EVERY
@@ -884,7 +932,7 @@ class HouseholdModel:
         old_post = self._proba(X, temperature=1.0)
         kept = (self.mixture, self.device_group_count, self.next_person)
         try:
-            self._fit_gmm(X, None, [], self.buffer_keys.copy())
+            self._fit_gmm(X, None, [], self.buffer_keys.copy(), group_min_z=min_z)
         except MixtureNumericalError:
             return True  # keep the current mixture; the service's refit will retry
         # A refit that renames or re-counts persons is not itself a member joining or
