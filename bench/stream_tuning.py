@@ -57,6 +57,7 @@ def _one(h: worlds.WorldHousehold, trace: bool = False) -> dict:
     return {"id": h.household_id, "family": h.family, "persons": h.n_persons, "sessions": h.n_sessions,
             "change": (change.kind, change.session_index) if change else None, "quarters": quarters,
             "correct": matched_correct(h.person, labels).tolist(),
+            "accuracy": float(matched_correct(h.person, labels).mean()),
             "ids_used": int(np.unique(labels).size), "events": events, "checks": checks}
 
 

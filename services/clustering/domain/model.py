@@ -132,6 +132,8 @@ LEAVE_MAX_RATIO = 0.25    # a leaver's share after / before the change point
 # the newcomer test 0.40 (join 0.38) at 0.36.
 BIRTH_GLR_H = 5.0
 BIRTH_MIN_GAIN = 3.0
+STREAM_GROUP_MIN_Z = 3.0  # streaming refits: two devices are two persons only this far above chance
+STREAM_GROUP_YOUNG = 60   # ... while the buffer holds fewer sessions than this
 NEWCOMER_GRACE = 100      # sessions a reported newcomer is kept through refits (_drops_newcomer)
 DEVICE_SLOTS = 16  # distinct device ids a household model tells apart (more: judged by type)
 K_MAX = 6
@@ -602,14 +604,15 @@ class HouseholdModel:
         self.cold_slots = np.zeros(0, dtype=np.int64)
         return self
 
-    def _device_groups(self, Xa: np.ndarray) -> np.ndarray:
+    def _device_groups(self, Xa: np.ndarray, min_z: float = 0.0) -> np.ndarray:
         """(N,) personal-device person group per session (-1: no identity), see persons.py;
-        all -1 when the model does not use device evidence or no slot is known."""
+        all -1 when the model does not use device evidence or no slot is known.
+        ``min_z``: persons.personal_device_groups' z-bar (the streaming refits)."""
         if not (self.device_evidence and getattr(self.family, "device_slots", 0)
                 and Xa.shape[1] == F.FEATURE_DIM + 1):
             return np.full(Xa.shape[0], -1, dtype=np.int64)
         slots = np.rint(Xa[:, F.FEATURE_DIM]).astype(np.int64)
-        return personal_device_groups(Xa[:, :F.FEATURE_DIM], slots)
+        return personal_device_groups(Xa[:, :F.FEATURE_DIM], slots, min_z=min_z)
 
     def _device_ids_known(self, X: np.ndarray) -> bool:
         return (self.device_evidence and X.shape[1] == F.FEATURE_DIM + 1
@@ -642,7 +645,7 @@ class HouseholdModel:
         return self.bic_penalty
 
     def _fit_gmm(self, X: np.ndarray, labels: list[str | None] | None, label_names: list[str],
-                 keys: np.ndarray) -> None:
+                 keys: np.ndarray, group_min_z: float = 0.0) -> None:
         if label_names:
             # Semi-supervised: component j < L is label_names[j]; labelled sessions clamped.
             index = {name: j for j, name in enumerate(label_names)}
@@ -651,7 +654,7 @@ class HouseholdModel:
             # Device evidence first: the sessions of each personal-device group are one
             # person (clamped); shared-device sessions are explained by EM, and persons
             # without a personal device are extra components when BIC wants them.
-            clamp = self._device_groups(X)
+            clamp = self._device_groups(X, group_min_z)
         self.device_group_count = int(clamp.max()) + 1 if not label_names else 0
         if clamp.max() < 0:
             merge = self._device_ids_known(X)
@@ -917,7 +920,8 @@ class HouseholdModel:
         X = self._buffer_X()
         if X.shape[0] < MIN_SESSIONS:
             return False
-        groups = int(self._device_groups(X).max()) + 1
+        min_z = STREAM_GROUP_MIN_Z if X.shape[0] < STREAM_GROUP_YOUNG else 0.0
+        groups = int(self._device_groups(X, min_z).max()) + 1
         if groups == 0 and self.device_group_count == 0:
             return False
         self.since_refit += RESELECT_EVERY
@@ -928,7 +932,7 @@ class HouseholdModel:
         old_post = self._proba(X, temperature=1.0)
         kept = (self.mixture, self.device_group_count, self.next_person)
         try:
-            self._fit_gmm(X, None, [], self.buffer_keys.copy())
+            self._fit_gmm(X, None, [], self.buffer_keys.copy(), group_min_z=min_z)
         except MixtureNumericalError:
             return True  # keep the current mixture; the service's refit will retry
         # A refit that renames or re-counts persons is not itself a member joining or

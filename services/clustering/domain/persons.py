@@ -104,14 +104,18 @@ def loo_auc(Z: np.ndarray, y: np.ndarray, ridge: float = RIDGE) -> float:
 
 
 def personal_device_groups(X: np.ndarray, slots: np.ndarray, merge_auc: float = MERGE_AUC,
-                           min_sessions: int = MIN_DEVICE_SESSIONS) -> np.ndarray:
+                           min_sessions: int = MIN_DEVICE_SESSIONS, min_z: float = 0.0) -> np.ndarray:
     """(N,) person group of each session, -1 for sessions that carry no identity
     (shared device types, unknown slot, a personal device with < ``min_sessions``).
     Groups are numbered 0..G-1 in order of first appearance of their devices.
 
     A slot is personal when most of its sessions are of a personal type. Greedy
     agglomeration: repeatedly merge the pair of groups whose sessions are least
-    distinguishable (lowest leave-one-out AUC), while that AUC < ``merge_auc``."""
+    distinguishable (lowest leave-one-out AUC), while that AUC < ``merge_auc``.
+    ``min_z`` > 0: a pair is also merged while its AUC is less than ``min_z`` spreads
+    above chance (``auc_z``) — a fixed AUC is chance for devices with a handful of
+    sessions each (the start of a stream, model.STREAM_GROUP_MIN_Z); 0 (the default)
+    leaves the fixed bar alone."""
     X = np.asarray(X, dtype=np.float64)
     slots = np.asarray(slots, dtype=np.int64)
     personal = is_personal(X)
@@ -133,10 +137,11 @@ def personal_device_groups(X: np.ndarray, slots: np.ndarray, merge_auc: float = 
                     if key not in auc:
                         both = masks[a] | masks[b]
                         auc[key] = loo_auc(Z[both], masks[a][both].astype(np.float64))
-                    if best is None or auc[key] < best[0]:
+                    mergeable = (auc[key] < merge_auc
+                                 or auc_z(auc[key], int(masks[a].sum()), int(masks[b].sum())) < min_z)
+                    if mergeable and (best is None or auc[key] < best[0]):
                         best = (auc[key], a, b)
-            assert best is not None
-            if best[0] >= merge_auc:
+            if best is None:
                 break
             _, a, b = best
             members[a] = members[a] + members[b]

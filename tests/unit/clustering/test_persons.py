@@ -182,6 +182,55 @@ def test_small_tv_only_single_person_with_two_kinds_stays_single():
         assert HouseholdModel().fit(X, device_ids=dev).n_persons == 1, seed
 
 
+def _tuning_household(family: str, world: int, index: int):
+    """One household of the TUNING split (bench/worlds.py; a prefix is the same households)."""
+    from bench import worlds
+    hs = worlds.generate(worlds.TUNING, families=(family,), worlds_per_family=world + 1,
+                         households_per_world=index + 1)
+    return next(h for h in hs if h.household_id == f"{family[:4]}{world}h{index}")
+
+
+def test_a_z_bar_keeps_few_sessions_of_one_persons_two_devices_together():
+    """A single person's desktop and phone (TUNING household mobi2h0): after 30 sessions
+    (11 and 16 on them) the fixed AUC bar tells the devices apart (AUC 0.75, only 2.2
+    spreads above chance), the z-bar does not; with all 57 sessions both agree on one."""
+    h = _tuning_household("mobile_first", 2, 0)
+    assert h.n_persons == 1
+    slots = _slots(h.device_id)
+    X = h.features.astype(np.float64)
+    assert persons.personal_device_groups(X[:30], slots[:30]).max() + 1 == 2
+    assert persons.personal_device_groups(X[:30], slots[:30], min_z=3.0).max() + 1 == 1
+    assert persons.personal_device_groups(X, slots).max() + 1 == 1
+    assert persons.personal_device_groups(X, slots, min_z=3.0).max() + 1 == 1
+
+
+def test_the_z_bar_does_not_merge_two_persons_phones_that_are_told_apart():
+    """Two people's phones with 50 sessions each and different hours and tastes: apart with
+    or without the z-bar (min_z 0 is the fixed bar unchanged)."""
+    rng = np.random.default_rng(4)
+    parts = [(*persona_sessions(rng, 50, 60, 21, "mobile", {"drama": 2, "crime": 1}), "phone-a", 0),
+             (*persona_sessions(rng, 50, 60, 8, "mobile", {"kids": 2, "animation": 1}, kids=0.9), "phone-b", 1)]
+    _, X, dev, _ = household(parts)
+    for min_z in (0.0, 3.0):
+        assert persons.personal_device_groups(X, _slots(dev), min_z=min_z).max() + 1 == 2
+
+
+def test_single_person_stream_keeps_one_id_at_every_arrival():
+    """Streaming single-person kept (issue #10): the two TUNING single-person households
+    whose streams split (a person's devices told apart on their first 20-30 sessions by
+    the fixed AUC bar, one id for the desktop and one for the phone) answer every session,
+    at its arrival five at a time, with one id."""
+    for family, world, index in (("mobile_first", 2, 0), ("bingers", 2, 1)):
+        h = _tuning_household(family, world, index)
+        assert h.n_persons == 1
+        m = HouseholdModel()
+        ids: set[str] = set()
+        for a in range(0, h.n_sessions, 5):
+            m.update(h.features[a:a + 5], device_ids=h.device_id[a:a + 5])
+            ids |= set(m.assign_batch(h.features[a:a + 5], device_ids=h.device_id[a:a + 5]).person())
+        assert len(ids) == 1, (h.household_id, ids)
+
+
 def test_novel_sessions_are_the_tv_only_members_not_the_owners_tv_sessions():
     """A phone owner who also watches the TV (same hours and tastes on both) and a
     member who only watches the TV, at other hours and with other tastes: the shared
