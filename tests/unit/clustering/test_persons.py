@@ -265,3 +265,21 @@ def test_hour_seedings_split_two_tv_viewers_by_when_they_watch():
     two = seedings[0]
     assert np.unique(two[person == 0]).size == 1 and np.unique(two[person == 1]).size == 1
     assert two[person == 0][0] != two[person == 1][0]
+
+
+def test_the_tv_only_seeding_starts_the_new_person_on_the_tv_only_members_sessions():
+    """The device-first fit's extra seeding (HouseholdModel._tv_only_seedings): one phone
+    owner (who also watches the TV) is one group; the new person starts on the TV-only
+    member's sessions, the phone's sessions start with their group."""
+    rng = np.random.default_rng(11)
+    parts = [(*persona_sessions(rng, 60, 60, 21, "mobile", {"drama": 2, "crime": 1}), "phone", 0),
+             (*persona_sessions(rng, 40, 60, 21, "tv", {"drama": 2, "crime": 1}), "tv", 0),
+             (*persona_sessions(rng, 20, 60, 16, "tv", {"comedy": 2, "family": 1}), "tv", 1)]
+    _, X, dev, person = household(parts)
+    m = HouseholdModel()
+    Xa = m._augment(X, m.slots_for(dev, X.shape[0]))
+    groups = m._device_groups(Xa)
+    assert groups.max() == 0
+    (init,) = m._tv_only_seedings(Xa, groups)
+    assert (init[dev == "phone"] == 0).all()
+    assert (person[init == 1] == 1).all() and (init == 1).sum() == 12
