@@ -284,8 +284,10 @@ def gap_closed(acc: float, majority_acc: float, oracle_acc: float) -> float | No
     return float((acc - majority_acc) / gap) if gap > 1e-9 else None
 
 
-def composition_scores(hs: list[WorldHousehold], events: list[list[tuple[int, str]] | None]) -> dict:
-    """``events`` None for a household = not run (excluded)."""
+def composition_scores(hs: list[WorldHousehold], events: list[list[tuple[int, str]] | None],
+                       warmup: int = WARMUP_SESSIONS) -> dict:
+    """``events`` None for a household = not run (excluded). False alarms are counted,
+    and household-quarters measured, from session ``warmup`` on."""
     detected, delays, by_kind = [], [], {"join": [], "leave": []}
     false_alarms, quarters = 0, 0.0
     for h, evs in zip(hs, events):
@@ -300,9 +302,9 @@ def composition_scores(hs: list[WorldHousehold], events: list[list[tuple[int, st
             if ok:
                 delays.append(hits[0] - c.session_index)
         else:
-            if h.n_sessions > WARMUP_SESSIONS:
-                false_alarms += sum(1 for i, _ in evs if i > WARMUP_SESSIONS)
-                span = h.start_ts[-1] - h.start_ts[WARMUP_SESSIONS]
+            if h.n_sessions > warmup:
+                false_alarms += sum(1 for i, _ in evs if i > warmup)
+                span = h.start_ts[-1] - h.start_ts[warmup]
                 quarters += max(span, 0.0) / QUARTER_S
     return {
         "detection_rate": float(np.mean(detected)) if detected else None,

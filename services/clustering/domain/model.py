@@ -50,6 +50,7 @@ from services.clustering.domain.gmm import (
 )
 from services.clustering.domain.kmeans import IncrementalKMeans, fit_select_k_kmeans, kmeans_plus_plus
 from services.clustering.domain.persons import (
+    PERSONAL_TYPE_INDEX,
     hour_seedings, merge_by_viewing_hours, novel_sessions, personal_device_groups,
 )
 from services.clustering.domain.placement import discriminative_responsibilities
@@ -134,6 +135,9 @@ BIRTH_GLR_H = 5.0
 BIRTH_MIN_GAIN = 3.0
 STREAM_GROUP_MIN_Z = 3.0  # streaming refits: two devices are two persons only this far above chance
 STREAM_GROUP_YOUNG = 60   # ... while the buffer holds fewer sessions than this
+# A personal device first seen after a change point (_detect_new_device): a join when its
+# share's log-likelihood ratio reaches DEVICE_JOIN_H (inf: off).
+DEVICE_JOIN_H = float("inf")
 NEWCOMER_GRACE = 100      # sessions a reported newcomer is kept through refits (_drops_newcomer)
 DEVICE_SLOTS = 16  # distinct device ids a household model tells apart (more: judged by type)
 K_MAX = 6
@@ -307,6 +311,29 @@ def _share_change_llr(old: np.ndarray, n_old: int, new: np.ndarray, n_new: int) 
     return np.maximum(ll(old, n_old) + ll(new, n_new) - ll(old + new, n_old + n_new), 0.0)
 
 
+def new_personal_devices(slots: np.ndarray, personal: np.ndarray, n_old: int, min_sessions: float,
+                         replaced_ratio: float) -> dict[int, float]:
+    """Personal-device slots first seen after the change point ``n_old`` sessions into
+    ``slots`` (per session, -1 unknown; ``personal``: the session was on a mobile,
+    tablet or desktop) with at least ``min_sessions`` sessions since, each with the
+    two-segment log-likelihood ratio of its share (zero before). Empty when a personal
+    device that was in use before (share >= 0.1) fell to at most ``replaced_ratio`` of
+    its share after the same change point: one device replacing another is a member
+    changing phones, not a member joining."""
+    n_new = slots.size - n_old
+    if n_old <= 0 or n_new <= 0:
+        return {}
+    used = np.unique(slots[personal & (slots >= 0)])
+    old = np.array([np.count_nonzero(slots[:n_old] == s) for s in used], dtype=np.float64)
+    new = np.array([np.count_nonzero(slots[n_old:] == s) for s in used], dtype=np.float64)
+    share_old, share_new = old / n_old, new / n_new
+    if np.any((share_old >= 0.1) & (share_new <= replaced_ratio * share_old)):
+        return {}
+    llr = _share_change_llr(old, n_old, new, n_new)
+    fresh = (old == 0) & (new >= min_sessions)
+    return {int(s): float(v) for s, v, f in zip(used, llr, fresh) if f}
+
+
 class ModelFormatError(ValueError):
     """Bytes that are not a HouseholdModel of a supported format version."""
 
@@ -469,6 +496,7 @@ class HouseholdModel:
         self.composition_events: list[dict] = []
         self.inactive: set[str] = set()  # persons reported as having left
         self.joined: set[str] = set()    # persons reported as having joined
+        self.joined_devices: set[int] = set()  # device slots reported as a newcomer's (_detect_new_device)
         self.birth_statistics: dict | None = None  # the last newcomer check's figures (not stored)
         self.n_sessions = 0
         self.fit_sessions = 0   # n_sessions at the last full fit (fit()); see folded_in
@@ -1121,6 +1149,38 @@ class HouseholdModel:
                 self._composition_event("leave", born=[], gone=[pid])
             elif pid in self.inactive and since[j] >= 2.0:
                 self.inactive.discard(pid)  # back again: a later absence is news again
+        self._detect_new_device()
+
+    def _detect_new_device(self) -> None:
+        """A member joining with a phone, tablet or computer of their own: a personal
+        device first seen after a change point (and not replacing one that went quiet
+        then, new_personal_devices) whose share passes DEVICE_JOIN_H. The share test
+        above needs the newcomer to be a person of the mixture whose posterior mass
+        sits after the change point, and the mixture, which does not know time, also
+        gives that person some of the older shared-device sessions; the device does
+        not blur. Reported once per device, as a join of the person who takes most of
+        its sessions (unless that person's join was already reported)."""
+        mix = self.mixture
+        X = self._buffer_X()
+        if mix is None or not np.isfinite(DEVICE_JOIN_H) or not self._device_ids_known(X):
+            return
+        n = X.shape[0]
+        slots = np.rint(X[:, F.FEATURE_DIM]).astype(np.int64)
+        personal = np.isin(X[:, F.DEVICE].argmax(axis=1), PERSONAL_TYPE_INDEX)
+        best: dict[int, float] = {}
+        for r in CHANGE_LOOKBACK:
+            if n - r >= CHANGE_MIN_HISTORY:
+                for slot, llr in new_personal_devices(slots, personal, n - r, JOIN_MIN_SESSIONS,
+                                                      LEAVE_MAX_RATIO).items():
+                    best[slot] = max(best.get(slot, 0.0), llr)
+        for slot, llr in sorted(best.items()):
+            if llr < DEVICE_JOIN_H or slot in self.joined_devices:
+                continue
+            self.joined_devices.add(slot)
+            pid = self.person_ids[int(mix.predict_proba(X[slots == slot]).sum(axis=0).argmax())]
+            if pid not in self.joined:
+                self.joined.add(pid)
+                self._composition_event("join", born=[pid], gone=[])
 
     def _composition_statistics(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """Per person (join log-likelihood ratio, leave log-likelihood ratio, sessions
@@ -1344,6 +1404,7 @@ class HouseholdModel:
             "device_evidence": self.device_evidence, "device_group_count": self.device_group_count,
             "since_refit": self.since_refit, "fit_sessions": self.fit_sessions,
             "inactive": sorted(self.inactive), "joined": sorted(self.joined),
+            "joined_devices": sorted(self.joined_devices),
         }
         arrays: dict[str, np.ndarray] = {"cold_X": self.cold_X, "cold_slots": self.cold_slots,
                                          "buffer": self.buffer, "buffer_keys": self.buffer_keys}
@@ -1397,6 +1458,7 @@ class HouseholdModel:
         m.composition_events = list(meta.get("composition_events", []))
         m.inactive = set(meta.get("inactive", []))
         m.joined = set(meta.get("joined", []))
+        m.joined_devices = {int(x) for x in meta.get("joined_devices", [])}
         if "buffer" in z:
             m.buffer, m.buffer_keys = z["buffer"], z["buffer_keys"]
         if "stats" in z:
