@@ -32,11 +32,14 @@ from sklearn.model_selection import StratifiedKFold
 from bench._clustering_eval import brier_ece_parts, ece, match, matched_correct
 from bench.worlds import PERSONAL_TYPES, WorldHousehold
 from services.clustering.domain import features as F
-from services.clustering.domain.model import HouseholdModel
+from services.clustering.domain.model import CHANGE_LOOKBACK, CHANGE_MIN_HISTORY, HouseholdModel
 
 STREAM_BATCH = 5          # sessions per arrival in the streaming run
 DETECTION_WINDOW = 30     # sessions after a change within which detection counts
-WARMUP_SESSIONS = 40      # composition events before this are model building, not alarms
+# Composition events from the first session the share test can fire at (a change point
+# with CHANGE_MIN_HISTORY sessions before it and the nearest lookback after it) count as
+# false alarms in a stable household; 40 while that was later than 40.
+WARMUP_SESSIONS = min(40, CHANGE_MIN_HISTORY + min(CHANGE_LOOKBACK) - 1)
 QUARTER_S = 91 * 86_400.0
 
 

@@ -33,8 +33,7 @@ import numpy as np
 from bench import _worlds_eval as E
 from bench import worlds
 from bench._clustering_eval import matched_correct
-from services.clustering.domain import features as F, model as model_module
-from services.clustering.domain.persons import PERSONAL_TYPE_INDEX
+from services.clustering.domain import model as model_module
 
 TRACE_LOOKBACK = (10, 15, 20, 25, 30, 40)
 TRACE_MIN_HISTORY = 10
@@ -50,16 +49,7 @@ def _masses(m: model_module.HouseholdModel) -> dict | None:
     P = mix.predict_proba(X)
     cum = np.vstack((np.zeros((1, P.shape[1])), np.cumsum(P, axis=0)))
     looks = [r for r in TRACE_LOOKBACK if n - r >= TRACE_MIN_HISTORY]
-    devices = {}
-    if m._device_ids_known(X):
-        slots = np.rint(X[:, F.FEATURE_DIM]).astype(np.int64)
-        personal = np.isin(X[:, F.DEVICE].argmax(axis=1), PERSONAL_TYPE_INDEX)
-        for r in looks:
-            found = model_module.new_personal_devices(slots, personal, n - r, model_module.JOIN_MIN_SESSIONS,
-                                                      model_module.LEAVE_MAX_RATIO)
-            devices[str(r)] = {str(s): [llr, m.person_ids[int(P[slots == s].sum(axis=0).argmax())]]
-                               for s, llr in found.items()}
-    return {"n": n, "ids": list(m.person_ids), "devices": devices,
+    return {"n": n, "ids": list(m.person_ids),
             "old": {str(r): cum[n - r].round(4).tolist() for r in looks},
             "new": {str(r): (cum[n] - cum[n - r]).round(4).tolist() for r in looks}}
 
@@ -96,7 +86,7 @@ def select(hs: list[worlds.WorldHousehold], limit: int | None) -> list[worlds.Wo
 class Thresholds:
     """The share test's and the newcomer test's thresholds (model.py names)."""
     join_h: float = model_module.CHANGE_GLR_H
-    leave_h: float = model_module.CHANGE_GLR_H
+    leave_h: float = model_module.LEAVE_GLR_H
     min_history: int = model_module.CHANGE_MIN_HISTORY
     lookback: tuple[int, ...] = model_module.CHANGE_LOOKBACK
     join_min_sessions: float = model_module.JOIN_MIN_SESSIONS
@@ -105,7 +95,6 @@ class Thresholds:
     leave_max_ratio: float = model_module.LEAVE_MAX_RATIO
     birth_h: float = float("inf")
     birth_min_gain: float = model_module.BIRTH_MIN_GAIN
-    device_h: float = model_module.DEVICE_JOIN_H
 
 
 def _arrays(c: dict, r: int) -> tuple[np.ndarray, np.ndarray]:
@@ -118,7 +107,7 @@ def _arrays(c: dict, r: int) -> tuple[np.ndarray, np.ndarray]:
 def replay(o: dict, t: Thresholds) -> list[tuple[int, str]]:
     """The composition events ``_detect_composition`` would have raised on this traced
     stream with thresholds ``t`` (plus the newcomer test's, approximately)."""
-    joined, inactive, joined_devices, events = set(), set(), set(), []
+    joined, inactive, events = set(), set(), []
     for c in o["checks"]:
         if "n" not in c:
             continue
@@ -149,17 +138,6 @@ def replay(o: dict, t: Thresholds) -> list[tuple[int, str]]:
                 events.append((c["at"], "leave"))
             elif pid in inactive and since[j] >= 2.0:
                 inactive.discard(pid)
-        best: dict[str, tuple[float, str]] = {}
-        for r in looks:
-            for slot, (llr, pid) in c.get("devices", {}).get(str(r), {}).items():
-                if llr > best.get(slot, (-1.0, ""))[0]:
-                    best[slot] = (llr, pid)
-        for slot, (llr, pid) in sorted(best.items()):
-            if llr >= t.device_h and slot not in joined_devices:
-                joined_devices.add(slot)
-                if pid not in joined:
-                    joined.add(pid)
-                    events.append((c["at"], "join"))
     return events
 
 

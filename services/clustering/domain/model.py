@@ -50,7 +50,6 @@ from services.clustering.domain.gmm import (
 )
 from services.clustering.domain.kmeans import IncrementalKMeans, fit_select_k_kmeans, kmeans_plus_plus
 from services.clustering.domain.persons import (
-    PERSONAL_TYPE_INDEX,
     hour_seedings, merge_by_viewing_hours, novel_sessions, personal_device_groups,
 )
 from services.clustering.domain.placement import discriminative_responsibilities
@@ -116,9 +115,16 @@ RESELECT_HYSTERESIS = 40.0  # BIC units a new person count must win by (stable i
 # issue #10 states, <= 1 false alarm per household per quarter: detection within 30
 # sessions 0.40 at 0.36 false alarms (JOIN_MIN_RATIO 2: 0.48 at 0.99, at the budget's
 # edge; change points up to 40 back: 0.32 at 0.18).
-CHANGE_GLR_H = 4.0        # log-likelihood ratio (nats) a share change must reach
+# Re-chosen 2026-12-04 on two TUNING seeds pooled (20260001 + 20260002: 46 changes, 88
+# stable household-quarters; `bench.stream_tuning --trace --no-birth`, swept offline):
+# the most detection at <= 1 false alarm per household-quarter is a leave bar of 6 nats
+# (joins stay at 4) and change points from 10 sessions of history on (40: the 11 of 25
+# seed-1 changes before session 40 could not be seen): 0.43 at 0.90, against 0.50 at 1.64
+# with the earlier 4 / 4 / 40 (leave bar 4 with history 10: 0.52 at 1.32).
+CHANGE_GLR_H = 4.0        # log-likelihood ratio (nats) a join's share change must reach
+LEAVE_GLR_H = 6.0         # ... and a leave's (a person's share falls by chance more often)
 CHANGE_LOOKBACK = (10, 15, 20, 25, 30)  # candidate change points: sessions back from the newest
-CHANGE_MIN_HISTORY = 40   # buffered sessions before a change point (the "before" segment)
+CHANGE_MIN_HISTORY = 10   # buffered sessions before a change point (the "before" segment)
 JOIN_MIN_SESSIONS = 4.0   # a newcomer's expected sessions since the change point
 JOIN_MIN_RATIO = 8.0      # a newcomer's share after / before the change point
 LEAVE_MIN_OLD_SHARE = 0.1  # a leaver's share before the change point
@@ -135,9 +141,6 @@ BIRTH_GLR_H = 5.0
 BIRTH_MIN_GAIN = 3.0
 STREAM_GROUP_MIN_Z = 3.0  # streaming refits: two devices are two persons only this far above chance
 STREAM_GROUP_YOUNG = 60   # ... while the buffer holds fewer sessions than this
-# A personal device first seen after a change point (_detect_new_device): a join when its
-# share's log-likelihood ratio reaches DEVICE_JOIN_H (inf: off).
-DEVICE_JOIN_H = float("inf")
 NEWCOMER_GRACE = 100      # sessions a reported newcomer is kept through refits (_drops_newcomer)
 DEVICE_SLOTS = 16  # distinct device ids a household model tells apart (more: judged by type)
 K_MAX = 6
@@ -311,29 +314,6 @@ def _share_change_llr(old: np.ndarray, n_old: int, new: np.ndarray, n_new: int) 
     return np.maximum(ll(old, n_old) + ll(new, n_new) - ll(old + new, n_old + n_new), 0.0)
 
 
-def new_personal_devices(slots: np.ndarray, personal: np.ndarray, n_old: int, min_sessions: float,
-                         replaced_ratio: float) -> dict[int, float]:
-    """Personal-device slots first seen after the change point ``n_old`` sessions into
-    ``slots`` (per session, -1 unknown; ``personal``: the session was on a mobile,
-    tablet or desktop) with at least ``min_sessions`` sessions since, each with the
-    two-segment log-likelihood ratio of its share (zero before). Empty when a personal
-    device that was in use before (share >= 0.1) fell to at most ``replaced_ratio`` of
-    its share after the same change point: one device replacing another is a member
-    changing phones, not a member joining."""
-    n_new = slots.size - n_old
-    if n_old <= 0 or n_new <= 0:
-        return {}
-    used = np.unique(slots[personal & (slots >= 0)])
-    old = np.array([np.count_nonzero(slots[:n_old] == s) for s in used], dtype=np.float64)
-    new = np.array([np.count_nonzero(slots[n_old:] == s) for s in used], dtype=np.float64)
-    share_old, share_new = old / n_old, new / n_new
-    if np.any((share_old >= 0.1) & (share_new <= replaced_ratio * share_old)):
-        return {}
-    llr = _share_change_llr(old, n_old, new, n_new)
-    fresh = (old == 0) & (new >= min_sessions)
-    return {int(s): float(v) for s, v, f in zip(used, llr, fresh) if f}
-
-
 class ModelFormatError(ValueError):
     """Bytes that are not a HouseholdModel of a supported format version."""
 
@@ -496,7 +476,6 @@ class HouseholdModel:
         self.composition_events: list[dict] = []
         self.inactive: set[str] = set()  # persons reported as having left
         self.joined: set[str] = set()    # persons reported as having joined
-        self.joined_devices: set[int] = set()  # device slots reported as a newcomer's (_detect_new_device)
         self.birth_statistics: dict | None = None  # the last newcomer check's figures (not stored)
         self.n_sessions = 0
         self.fit_sessions = 0   # n_sessions at the last full fit (fit()); see folded_in
@@ -1128,7 +1107,7 @@ class HouseholdModel:
         person's share rose at least JOIN_MIN_RATIO-fold, with >= JOIN_MIN_SESSIONS
         sessions since; a leave: a common person (>= LEAVE_MIN_OLD_SHARE) whose share
         fell to at most LEAVE_MAX_RATIO of it. Each is reported once, as a composition event, when
-        the ratio reaches CHANGE_GLR_H.
+        the ratio reaches CHANGE_GLR_H (a join) or LEAVE_GLR_H (a leave).
 
         Why a share test and not the refits' person count: a refit also splits one
         person's sessions by kind or renames persons (each was a false alarm), and
@@ -1144,43 +1123,11 @@ class HouseholdModel:
             if join_llr[j] >= CHANGE_GLR_H and pid not in self.joined:
                 self.joined.add(pid)
                 self._composition_event("join", born=[pid], gone=[])
-            if leave_llr[j] >= CHANGE_GLR_H and pid not in self.inactive:
+            if leave_llr[j] >= LEAVE_GLR_H and pid not in self.inactive:
                 self.inactive.add(pid)
                 self._composition_event("leave", born=[], gone=[pid])
             elif pid in self.inactive and since[j] >= 2.0:
                 self.inactive.discard(pid)  # back again: a later absence is news again
-        self._detect_new_device()
-
-    def _detect_new_device(self) -> None:
-        """A member joining with a phone, tablet or computer of their own: a personal
-        device first seen after a change point (and not replacing one that went quiet
-        then, new_personal_devices) whose share passes DEVICE_JOIN_H. The share test
-        above needs the newcomer to be a person of the mixture whose posterior mass
-        sits after the change point, and the mixture, which does not know time, also
-        gives that person some of the older shared-device sessions; the device does
-        not blur. Reported once per device, as a join of the person who takes most of
-        its sessions (unless that person's join was already reported)."""
-        mix = self.mixture
-        X = self._buffer_X()
-        if mix is None or not np.isfinite(DEVICE_JOIN_H) or not self._device_ids_known(X):
-            return
-        n = X.shape[0]
-        slots = np.rint(X[:, F.FEATURE_DIM]).astype(np.int64)
-        personal = np.isin(X[:, F.DEVICE].argmax(axis=1), PERSONAL_TYPE_INDEX)
-        best: dict[int, float] = {}
-        for r in CHANGE_LOOKBACK:
-            if n - r >= CHANGE_MIN_HISTORY:
-                for slot, llr in new_personal_devices(slots, personal, n - r, JOIN_MIN_SESSIONS,
-                                                      LEAVE_MAX_RATIO).items():
-                    best[slot] = max(best.get(slot, 0.0), llr)
-        for slot, llr in sorted(best.items()):
-            if llr < DEVICE_JOIN_H or slot in self.joined_devices:
-                continue
-            self.joined_devices.add(slot)
-            pid = self.person_ids[int(mix.predict_proba(X[slots == slot]).sum(axis=0).argmax())]
-            if pid not in self.joined:
-                self.joined.add(pid)
-                self._composition_event("join", born=[pid], gone=[])
 
     def _composition_statistics(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """Per person (join log-likelihood ratio, leave log-likelihood ratio, sessions
@@ -1404,7 +1351,6 @@ class HouseholdModel:
             "device_evidence": self.device_evidence, "device_group_count": self.device_group_count,
             "since_refit": self.since_refit, "fit_sessions": self.fit_sessions,
             "inactive": sorted(self.inactive), "joined": sorted(self.joined),
-            "joined_devices": sorted(self.joined_devices),
         }
         arrays: dict[str, np.ndarray] = {"cold_X": self.cold_X, "cold_slots": self.cold_slots,
                                          "buffer": self.buffer, "buffer_keys": self.buffer_keys}
@@ -1458,7 +1404,6 @@ class HouseholdModel:
         m.composition_events = list(meta.get("composition_events", []))
         m.inactive = set(meta.get("inactive", []))
         m.joined = set(meta.get("joined", []))
-        m.joined_devices = {int(x) for x in meta.get("joined_devices", [])}
         if "buffer" in z:
             m.buffer, m.buffer_keys = z["buffer"], z["buffer_keys"]
         if "stats" in z:

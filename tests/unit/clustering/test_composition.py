@@ -122,21 +122,3 @@ def test_no_newcomer_is_born_in_a_stable_tv_only_household():
     _, X, dev, _ = household(parts)
     _, events = _stream(X, dev)
     assert events == []
-
-
-def test_a_personal_device_first_seen_after_the_change_point_is_a_candidate_join():
-    """new_personal_devices: slot 2 (a phone) first appears after session 40 of 60; slot
-    0 (the TV, not personal) and slot 1 (a phone used all along) are no candidates."""
-    slots = np.array([0, 1] * 20 + [0, 1, 2, 2] * 5)
-    personal = slots != 0
-    found = M.new_personal_devices(slots, personal, 40, 4.0, 0.25)
-    assert set(found) == {2} and found[2] > M.CHANGE_GLR_H
-    assert M.new_personal_devices(slots, personal, 40, 11.0, 0.25) == {}   # too few sessions since
-    assert M.new_personal_devices(slots[:40], personal[:40], 40, 4.0, 0.25) == {}   # nothing after
-
-
-def test_a_replaced_phone_is_not_a_candidate_join():
-    """A member changes phones: slot 1 stops at the change point as slot 2 starts — one
-    member, a new device id, nobody joining."""
-    slots = np.array([0, 1] * 20 + [0, 2] * 10)
-    assert M.new_personal_devices(slots, slots != 0, 40, 4.0, 0.25) == {}
