@@ -212,6 +212,25 @@ def summarise(hs: list[WorldHousehold], preds: list[np.ndarray], probs: list[np.
 MORE_FEEDBACK_RATES = (0.15, 0.5)   # after_feedback's context: larger labelled shares
 
 
+def pooled_answers(persons: list[np.ndarray], probs: list[np.ndarray], ages: list[np.ndarray] | None = None):
+    """Every household's answers in one pool, as the mesh pools them: (P zero-padded to a
+    common width, the column of the true person's matched model person or UNKNOWN_LABEL,
+    answer right, model age (0 = unknown))."""
+    from services.feedback.domain.metrics import UNKNOWN_LABEL
+    width = max(P.shape[1] for P in probs)
+    rows, labels, correct = [], [], []
+    for person, P in zip(persons, probs):
+        pred = P.argmax(axis=1)
+        m = match(person, pred, P.shape[1])
+        column_of = {int(p): c for c, p in enumerate(m) if p >= 0}
+        rows.append(np.pad(P, ((0, 0), (0, width - P.shape[1]))))
+        labels.append(np.array([column_of.get(int(t), UNKNOWN_LABEL) for t in person]))
+        correct.append(m[pred] == person)
+    P, y, ok = np.vstack(rows), np.concatenate(labels), np.concatenate(correct)
+    age = np.concatenate(ages) if ages is not None else np.zeros(P.shape[0], dtype=np.int64)
+    return P, y, ok, age
+
+
 def after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], ages: list[np.ndarray] | None = None,
                    seed: int = 0) -> dict:
     """ECE after feedback, the way the mesh does it: the feedback service's calibrator is
@@ -226,20 +245,9 @@ def after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], ages: list
     and a one-person shift). ``ece_after_pooled`` is the pooled map alone (what the mesh
     did before predictions carried the model's age), on the same sample."""
     from services.feedback.domain.evaluation import DEFAULT_FEEDBACK_RATE, feedback_mask
-    from services.feedback.domain.metrics import UNKNOWN_LABEL
     from services.feedback.domain.recalibration import FeedbackSample, fit_calibrator, fit_segmented_calibrator
 
-    width = max(P.shape[1] for P in probs)
-    rows, labels, correct = [], [], []
-    for h, P in zip(hs, probs):
-        pred = P.argmax(axis=1)
-        m = match(h.person, pred, P.shape[1])
-        column_of = {int(person): c for c, person in enumerate(m) if person >= 0}
-        rows.append(np.pad(P, ((0, 0), (0, width - P.shape[1]))))
-        labels.append(np.array([column_of.get(int(t), UNKNOWN_LABEL) for t in h.person]))
-        correct.append(m[pred] == h.person)
-    P, y, ok = np.vstack(rows), np.concatenate(labels), np.concatenate(correct)
-    age = np.concatenate(ages) if ages is not None else np.zeros(P.shape[0], dtype=np.int64)
+    P, y, ok, age = pooled_answers([h.person for h in hs], probs, ages)
     fed = feedback_mask(P.shape[0], DEFAULT_FEEDBACK_RATE, seed)
     sample = FeedbackSample.create(P[fed], labels=y[fed], correct=ok[fed].astype(float))
     held = ~fed
