@@ -240,12 +240,17 @@ def after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], ages: list
     the other 96.25 %.
 
     ``ages`` (per household, per session: the sessions the model had seen when it
-    answered, which clustering records with each prediction): the calibrator is
-    ``fit_segmented_calibrator`` (a pooled map, then per model-age segment a residual map
-    and a one-person shift). ``ece_after_pooled`` is the pooled map alone (what the mesh
-    did before predictions carried the model's age), on the same sample."""
+    answered, which clustering records with each prediction): the calibrator is the
+    service's, ``fit_feedback_calibrator`` (a shrunk shift of the confidence level, per
+    model-age segment and kind of answer a further shrunk shift, a map of the shape only
+    when it beats the level out of fold by two standard errors). Beside it on the same
+    sample: ``ece_after_segmented``, the calibrator the service fitted until 2026-12-04
+    (``fit_segmented_calibrator``: a map chosen by cross-validation, per age a residual
+    map and a one-person shift shrunk by 10 pseudo-answers), and ``ece_after_pooled``,
+    its pooled map alone."""
     from services.feedback.domain.evaluation import DEFAULT_FEEDBACK_RATE, feedback_mask
-    from services.feedback.domain.recalibration import FeedbackSample, fit_calibrator, fit_segmented_calibrator
+    from services.feedback.domain.recalibration import (FeedbackSample, fit_calibrator, fit_feedback_calibrator,
+                                                        fit_segmented_calibrator)
 
     P, y, ok, age = pooled_answers([h.person for h in hs], probs, ages)
     fed = feedback_mask(P.shape[0], DEFAULT_FEEDBACK_RATE, seed)
@@ -254,14 +259,17 @@ def after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], ages: list
     out = {"feedback_rate": DEFAULT_FEEDBACK_RATE, "feedback_sessions": int(fed.sum()),
            "ece_before": ece(P[held].max(axis=1), ok[held]), "held_out_sessions": int(held.sum())}
     for key, calibrator in (("pooled", fit_calibrator(sample)),
-                            ("segmented", fit_segmented_calibrator(sample, age[fed]))):
+                            ("segmented", fit_segmented_calibrator(sample, age[fed])),
+                            ("service", fit_feedback_calibrator(sample, age[fed]))):
         after = calibrator.apply(P[held], age[held])
         correct_after = (after.argmax(axis=1) == P[held].argmax(axis=1)) & ok[held]
         out[f"ece_after_{key}"] = ece(after.max(axis=1), correct_after)
         out[f"calibrator_{key}"] = {"method": calibrator.method, "segments": {
-            n: c.method for n, c in calibrator.segments.items()}, "one_person": calibrator.one_person}
+            n: c.method for n, c in calibrator.segments.items()}, "one_person": calibrator.one_person,
+            **({"shift": calibrator.training.get("shift"), "gate": calibrator.training.get("gate")}
+               if key == "service" else {})}
     out["feedback_used"] = int(sample.probs.shape[0])
-    out["ece_after"] = out["ece_after_segmented" if ages is not None else "ece_after_pooled"]
+    out["ece_after"] = out["ece_after_service" if ages is not None else "ece_after_pooled"]
     # What the target asks of a sample of this size: the same calibrator fitted on a
     # larger labelled share (scored on the rest), and the ECE that answers drawn right
     # with exactly their stated confidence would still show on as many held-out
@@ -269,8 +277,8 @@ def after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], ages: list
     by_rate = {}
     for rate in MORE_FEEDBACK_RATES:
         more = feedback_mask(P.shape[0], rate, seed)
-        fitted = fit_segmented_calibrator(FeedbackSample.create(P[more], labels=y[more], correct=ok[more].astype(float)),
-                                          age[more])
+        fitted = fit_feedback_calibrator(FeedbackSample.create(P[more], labels=y[more], correct=ok[more].astype(float)),
+                                         age[more])
         by_rate[str(rate)] = ece(fitted.apply(P[~more], age[~more]).max(axis=1), ok[~more])
     out["ece_after_by_feedback_rate"] = by_rate
     conf = P[held].max(axis=1)

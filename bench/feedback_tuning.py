@@ -71,7 +71,9 @@ def _load(files: list[str]) -> list[tuple[str, tuple]]:
 def candidates() -> dict:
     """name -> fit(sample, ages) -> Calibrator."""
     from services.feedback.domain.recalibration import fit_calibrator, fit_segmented_calibrator
-    out = {"identity": None, "pooled_map": lambda s, a: fit_calibrator(s, criterion="brier")}
+    from services.feedback.domain.recalibration import fit_feedback_calibrator
+    out = {"identity": None, "pooled_map": lambda s, a: fit_calibrator(s, criterion="brier"),
+           "service": fit_feedback_calibrator}
     for prior in (10, 30, 100, 300):
         out[f"segmented_prior{prior}"] = (lambda p: lambda s, a: fit_segmented_calibrator(s, a, one_person_prior=p))(prior)
     for prior in (30, 100, 300):

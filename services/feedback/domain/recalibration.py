@@ -305,18 +305,24 @@ def fit_level_calibrator(
     if model_sessions is None or segment_prior is None or not edges:
         return common
     segment = segment_of(model_sessions, edges)
+    single = one_person_rows(sample.probs)
     parts: dict[str, Calibrator] = {}
     shifts = {ALL_AGES: common.one_person[ALL_AGES]}
     report = {}
     for i, name in enumerate(segment_names(edges)):
-        rows = segment == i
-        extra = fit_one_person_shift(c[rows] + shift, y[rows], w[rows], segment_prior) if rows.any() else 0.0
-        shifts[name] = round(float(np.clip(shift + extra, -1.0, 1.0)), 6)
-        # A segment's multi-person answers go through the common map, then this residual one.
+        # Per segment, its multi-person answers (a residual map after the common one) and
+        # its one-person answers (their shift) each move from the common shift only as
+        # far as their own feedback outweighs segment_prior pseudo-answers.
+        multi = (segment == i) & ~single
+        extra = fit_one_person_shift(c[multi] + shift, y[multi], w[multi], segment_prior) if multi.any() else 0.0
         if extra != 0.0:
-            parts[name] = level_calibrator(extra, version=version)
-            parts[name] = Calibrator(version, parts[name].method, parts[name].parameters)
-        report[name] = {"n": int(rows.sum()), "shift": shifts[name]}
+            part = level_calibrator(extra, version=version)
+            parts[name] = Calibrator(version, part.method, part.parameters)
+        one = (segment == i) & single
+        one_extra = fit_one_person_shift(c[one] + shift, y[one], w[one], segment_prior) if one.any() else 0.0
+        shifts[name] = round(float(np.clip(shift + one_extra, -1.0, 1.0)), 6)
+        report[name] = {"n": int(multi.sum()), "shift": round(float(shift + extra), 6), "one_person_n": int(one.sum()),
+                        "one_person_shift": shifts[name]}
     return Calibrator(version, common.method, common.parameters, {**training, "segments": report}, edges, parts,
                       shifts)
 
