@@ -30,6 +30,14 @@ in sparse regions, the likelihood is not.
 The result is a versioned, JSON-serialisable ``Calibrator`` (its type lives in
 ``services/common/calibration.py``, shared with the clustering service that applies it).
 
+``fit_feedback_calibrator`` is what the service fits: ``fit_level_calibrator`` (one shift
+of every answer's confidence, the mean of correct - confidence shrunk toward none by
+``LEVEL_PRIOR`` pseudo-answers; per model-age segment and kind of answer a further shift
+shrunk toward it by ``LEVEL_SEGMENT_PRIOR``), unless a map of the shape beats that level
+out of fold by ``SHAPE_GATE_SE`` standard errors (``shape_gain``); then
+``fit_segmented_calibrator``. With a few hundred answers a map of the shape was mostly
+noise and the level is what they show (docs/feedback.md, "What the service fits").
+
 ``fit_segmented_calibrator`` adds what one pooled map cannot do (the mesh pools the
 answers of young and mature models, which are wrong at different rates at the same
 confidence): given the number of sessions each prediction's model had seen, it fits,
