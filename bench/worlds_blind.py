@@ -495,14 +495,17 @@ def make_household(world: BlindWorld, rng: np.random.Generator, household_id: st
         if 0 < idx < len(sessions) and ((change[0] == "join" and after_has and not before_has)
                                         or (change[0] == "leave" and before_has and not after_has)):
             changes.append(CompositionChange(change[0], relabel[change[1]], idx))
+    # Share of the genre labels (event x genre) in the kept sessions that Hearth's
+    # vocabulary does not know (the session builder counts them per name and event).
+    labels_of = {e.event_id: len(set(e.genres)) for e in valid}
     n_unknown = sum(c for s in sessions for _, c in s.unknown_genres)
-    n_genre_events = sum(len(s.event_ids) for s in sessions)
+    n_labels = sum(labels_of[eid] for s in sessions for eid in s.event_ids)
     return WorldHousehold(
         household_id=household_id, family=fam.name, world_id=world.world_id,
         features=np.vstack([s.features for s in sessions]).astype(np.float32), person=person_arr,
         device_id=np.array([s.device_id for s in sessions]), device_type=np.array([s.device_type for s in sessions]),
         start_ts=start, watch_seconds=np.array([s.watch_seconds for s in sessions]),
-        unknown_genre_share=n_unknown / max(n_genre_events, 1), changes=changes)
+        unknown_genre_share=n_unknown / max(n_labels, 1), changes=changes)
 
 
 def generate(families: tuple[str, ...] | None = None, worlds_per_family: int = 3, households_per_world: int = 4,
