@@ -120,7 +120,10 @@ class Calibration:
         present = sorted(set(data.variants.tolist()))
         held = self.choices.held_variants(present)
         for variant in present:
-            if (variants is not None and variant not in variants) or variant in held:
+            if variants is not None and variant not in variants:
+                continue
+            if variant in held:
+                instruments.CALIBRATOR_REFITS_HELD.labels(variant).inc()
                 continue
             rows = data.variants == variant
             sample = FeedbackSample.create(data.probs[rows], labels=data.labels[rows], correct=data.correct[rows],
