@@ -210,6 +210,7 @@ def summarise(hs: list[WorldHousehold], preds: list[np.ndarray], probs: list[np.
 
 
 MORE_FEEDBACK_RATES = (0.15, 0.5)   # after_feedback's context: larger labelled shares
+FEEDBACK_DRAWS = 20                 # ... and as many other random feedback samples
 
 
 def pooled_answers(persons: list[np.ndarray], probs: list[np.ndarray], ages: list[np.ndarray] | None = None):
@@ -281,6 +282,22 @@ def after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], ages: list
                                          age[more])
         by_rate[str(rate)] = ece(fitted.apply(P[~more], age[~more]).max(axis=1), ok[~more])
     out["ece_after_by_feedback_rate"] = by_rate
+    # One random 3.75 % sample fixes the level of the rest only to about +-0.023: the
+    # figure above is one draw. The same on FEEDBACK_DRAWS other draws (the calibrator
+    # the service fits, and the one it fitted before), to read it against.
+    draws_after: dict[str, list[float]] = {"service": [], "segmented": [], "before": []}
+    for d in range(1, FEEDBACK_DRAWS + 1):
+        fed_d = feedback_mask(P.shape[0], DEFAULT_FEEDBACK_RATE, seed + d)
+        sample_d = FeedbackSample.create(P[fed_d], labels=y[fed_d], correct=ok[fed_d].astype(float))
+        draws_after["before"].append(ece(P[~fed_d].max(axis=1), ok[~fed_d]))
+        for key, fit in (("service", fit_feedback_calibrator), ("segmented", fit_segmented_calibrator)):
+            after = fit(sample_d, age[fed_d]).apply(P[~fed_d], age[~fed_d])
+            right = (after.argmax(axis=1) == P[~fed_d].argmax(axis=1)) & ok[~fed_d]
+            draws_after[key].append(ece(after.max(axis=1), right))
+    out["ece_after_draws"] = {key: {"draws": FEEDBACK_DRAWS, "mean": float(np.mean(v)), "median": float(np.median(v)),
+                                    "p10": float(np.quantile(v, 0.1)), "p90": float(np.quantile(v, 0.9)),
+                                    "share_at_most_0.02": float(np.mean(np.asarray(v) <= 0.02))}
+                              for key, v in draws_after.items()}
     conf = P[held].max(axis=1)
     draws = np.random.default_rng(seed)
     out["ece_floor_calibrated"] = float(np.mean([ece(conf, draws.random(conf.size) < conf) for _ in range(5)]))
