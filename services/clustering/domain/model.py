@@ -50,7 +50,7 @@ from services.clustering.domain.gmm import (
 )
 from services.clustering.domain.kmeans import IncrementalKMeans, fit_select_k_kmeans, kmeans_plus_plus
 from services.clustering.domain.persons import (
-    MERGE_AUC, hour_seedings, merge_by_viewing_hours, novel_sessions, personal_device_groups,
+    hour_seedings, merge_by_viewing_hours, novel_sessions, personal_device_groups,
 )
 from services.clustering.domain.placement import discriminative_responsibilities
 
@@ -132,17 +132,9 @@ LEAVE_MAX_RATIO = 0.25    # a leaver's share after / before the change point
 # the newcomer test 0.40 (join 0.38) at 0.36.
 BIRTH_GLR_H = 5.0
 BIRTH_MIN_GAIN = 3.0
-# The batch fit (HouseholdModel.fit: a household imported or refitted at once) merges two
-# personal devices' groups while telling them apart has a leave-one-out AUC below this;
-# streaming refits keep persons.MERGE_AUC (0.7). Why higher in batch: one owner's two
-# devices were kept apart more often than two owners' devices were merged. TUNING
-# (python -m bench.size_tuning's fits; worlds 0-3 / fresh worlds 4-7, 144 households
-# each), size exact 0.618 / 0.556 -> 0.618 / 0.583, accuracy 0.772 / 0.772 -> 0.772 /
-# 0.778, single-person kept 0.929 / 0.857 -> 0.964 / 0.886; 0.65: 0.590 / 0.535. In
-# streams it cost accuracy (40 TUNING streams 0.622 -> 0.613), so they keep 0.7.
-BATCH_GROUP_MERGE_AUC = 0.75
 STREAM_GROUP_MIN_Z = 3.0  # streaming refits: two devices are two persons only this far above chance
 STREAM_GROUP_YOUNG = 60   # ... while the buffer holds fewer sessions than this
+STREAM_RESELECT_HOURS = True  # re-selection: a new person must show in the viewing hours (no personal device)
 NEWCOMER_GRACE = 100      # sessions a reported newcomer is kept through refits (_drops_newcomer)
 DEVICE_SLOTS = 16  # distinct device ids a household model tells apart (more: judged by type)
 K_MAX = 6
@@ -564,15 +556,12 @@ class HouseholdModel:
 
     def fit(self, X: np.ndarray, labels: Sequence[str | None] | None = None,
             keys: np.ndarray | None = None, device_ids: Sequence[str] | None = None, *,
-            inject_gmm_failure: bool = False,
-            group_merge_auc: float = BATCH_GROUP_MERGE_AUC) -> HouseholdModel:
+            inject_gmm_failure: bool = False) -> HouseholdModel:
         """Full refit on all of the household's sessions (ids stay stable).
         ``device_ids`` (one per session, optional) lets the model use device identity.
         ``inject_gmm_failure``: the GMM fit raises ``MixtureNumericalError`` as a real
         numerical failure would (fault injection, HEARTH_FAULT_GMM_NUMERICAL), so the
-        k-means fallback can be exercised end to end. ``group_merge_auc``: the AUC bar
-        below which two personal devices are one person (the batch bar; a stream's first
-        fit, from ``update``, passes the streaming refits' persons.MERGE_AUC)."""
+        k-means fallback can be exercised end to end."""
         X = _check_X(X)
         n = X.shape[0]
         slots = self.slots_for(device_ids, n)
@@ -599,7 +588,7 @@ class HouseholdModel:
             try:
                 if inject_gmm_failure:
                     raise MixtureNumericalError("injected numerical failure (fault injection)")
-                self._fit_gmm(Xa, labels, label_names, keys, group_merge_auc=group_merge_auc)
+                self._fit_gmm(Xa, labels, label_names, keys)
                 self.kmeans = None
                 self.fallback = False
             except MixtureNumericalError:
@@ -616,16 +605,15 @@ class HouseholdModel:
         self.cold_slots = np.zeros(0, dtype=np.int64)
         return self
 
-    def _device_groups(self, Xa: np.ndarray, min_z: float = 0.0, merge_auc: float = MERGE_AUC) -> np.ndarray:
+    def _device_groups(self, Xa: np.ndarray, min_z: float = 0.0) -> np.ndarray:
         """(N,) personal-device person group per session (-1: no identity), see persons.py;
         all -1 when the model does not use device evidence or no slot is known.
-        ``min_z``: persons.personal_device_groups' z-bar (the streaming refits);
-        ``merge_auc``: its AUC bar (BATCH_GROUP_MERGE_AUC in the batch fit)."""
+        ``min_z``: persons.personal_device_groups' z-bar (the streaming refits)."""
         if not (self.device_evidence and getattr(self.family, "device_slots", 0)
                 and Xa.shape[1] == F.FEATURE_DIM + 1):
             return np.full(Xa.shape[0], -1, dtype=np.int64)
         slots = np.rint(Xa[:, F.FEATURE_DIM]).astype(np.int64)
-        return personal_device_groups(Xa[:, :F.FEATURE_DIM], slots, merge_auc=merge_auc, min_z=min_z)
+        return personal_device_groups(Xa[:, :F.FEATURE_DIM], slots, min_z=min_z)
 
     def _device_ids_known(self, X: np.ndarray) -> bool:
         return (self.device_evidence and X.shape[1] == F.FEATURE_DIM + 1
@@ -658,8 +646,7 @@ class HouseholdModel:
         return self.bic_penalty
 
     def _fit_gmm(self, X: np.ndarray, labels: list[str | None] | None, label_names: list[str],
-                 keys: np.ndarray, group_min_z: float = 0.0,
-                 group_merge_auc: float = BATCH_GROUP_MERGE_AUC) -> None:
+                 keys: np.ndarray, group_min_z: float = 0.0) -> None:
         if label_names:
             # Semi-supervised: component j < L is label_names[j]; labelled sessions clamped.
             index = {name: j for j, name in enumerate(label_names)}
@@ -668,7 +655,7 @@ class HouseholdModel:
             # Device evidence first: the sessions of each personal-device group are one
             # person (clamped); shared-device sessions are explained by EM, and persons
             # without a personal device are extra components when BIC wants them.
-            clamp = self._device_groups(X, group_min_z, group_merge_auc)
+            clamp = self._device_groups(X, group_min_z)
         self.device_group_count = int(clamp.max()) + 1 if not label_names else 0
         if clamp.max() < 0:
             merge = self._device_ids_known(X)
@@ -839,7 +826,7 @@ class HouseholdModel:
                 all_keys = np.arange(self.cold_X.shape[0], dtype=np.int64)
                 known = self.device_ids
                 cold_devices = [known[s] if s >= 0 else "" for s in self.cold_slots]
-                self.fit(self.cold_X, keys=all_keys, device_ids=cold_devices, group_merge_auc=MERGE_AUC)
+                self.fit(self.cold_X, keys=all_keys, device_ids=cold_devices)
             return self
         self.n_sessions += n
         if self.mixture is not None:
@@ -946,7 +933,7 @@ class HouseholdModel:
         old_post = self._proba(X, temperature=1.0)
         kept = (self.mixture, self.device_group_count, self.next_person)
         try:
-            self._fit_gmm(X, None, [], self.buffer_keys.copy(), group_min_z=min_z, group_merge_auc=MERGE_AUC)
+            self._fit_gmm(X, None, [], self.buffer_keys.copy(), group_min_z=min_z)
         except MixtureNumericalError:
             return True  # keep the current mixture; the service's refit will retry
         # A refit that renames or re-counts persons is not itself a member joining or
@@ -1025,6 +1012,12 @@ class HouseholdModel:
             old_post = mix.predict_proba(X)
             new = options[best_k][1]
             new.prune()
+            if (STREAM_RESELECT_HOURS and new.n_components > k and self._device_ids_known(X)
+                    and not (self._device_groups(X) >= 0).any()
+                    and merge_by_viewing_hours(X[:, :F.FEATURE_DIM], new.log_joint(X).argmax(axis=1)) is not None):
+                # No personal device: as in the batch fit (_merge_same_hours), persons
+                # whose viewing hours do not tell them apart are one person split by kind.
+                return
             next_person = self.next_person
             new_ids = self._match_ids(old_ids, old_post, new.predict_proba(X), [])
             if self._drops_newcomer(old_ids, new_ids):

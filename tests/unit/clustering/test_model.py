@@ -238,28 +238,3 @@ def test_model_persisted_with_the_joint_family_still_loads_and_answers(household
     r = HouseholdModel.from_bytes(buf.getvalue())
     assert r.family.binge_lengths == "joint"
     np.testing.assert_array_equal(r.assign_batch(h.features).probabilities, m.assign_batch(h.features).probabilities)
-
-
-def test_batch_fit_groups_devices_at_the_batch_bar_and_streams_at_the_stream_bar(monkeypatch):
-    """HouseholdModel.fit merges personal devices below BATCH_GROUP_MERGE_AUC (0.75);
-    streaming refits keep persons.MERGE_AUC (0.7): docs/clustering.md 4f."""
-    from bench import worlds as W
-    from services.clustering.domain import model as M, persons
-
-    assert M.BATCH_GROUP_MERGE_AUC > persons.MERGE_AUC
-    seen: list[float] = []
-    real = M.personal_device_groups
-
-    def recording(X, slots, merge_auc=persons.MERGE_AUC, **kw):
-        seen.append(merge_auc)
-        return real(X, slots, merge_auc=merge_auc, **kw)
-
-    monkeypatch.setattr(M, "personal_device_groups", recording)
-    h = W.generate(W.TUNING, families=("mobile_first",), worlds_per_family=1, households_per_world=3)[2]
-    M.HouseholdModel().fit(h.features, device_ids=h.device_id)
-    assert M.BATCH_GROUP_MERGE_AUC in seen
-    seen.clear()
-    m = M.HouseholdModel()
-    for a in range(0, min(h.n_sessions, 120), 5):
-        m.update(h.features[a:a + 5], device_ids=h.device_id[a:a + 5])
-    assert seen and set(seen) == {persons.MERGE_AUC}
