@@ -92,7 +92,7 @@ class BlindFamily:
     kid_chance: tuple[float, float]        # a member after the first two is a child
     overlap: tuple[float, float]           # share of a member's taste vector the household shares
     phone: tuple[float, float]             # an adult owns a phone
-    laptop: tuple[float, float]            # an adult owns a laptop / desktop
+    laptop: tuple[float, float]            # an adult owns a second screen (own tablet or desktop)
     personal_share: tuple[float, float]    # an owner's sessions on own devices
     two_tvs: float                         # chance the household has a second TV
     console: float                         # chance of a console (used by some members)
@@ -339,7 +339,7 @@ def _session_times(m: _Member, world: BlindWorld, rng: np.random.Generator) -> l
 
 def _device_for(m: _Member, world: BlindWorld, t: float, rng: np.random.Generator, hid: str) -> tuple[str, str]:
     travelling = m.trip is not None and m.trip[0] <= t < m.trip[1]
-    personal = [v for v in m.devices.values()]
+    personal = list(m.devices.values())
     if travelling:
         if not personal or rng.random() < 0.3:
             return f"{hid}-m{m.index}-hotel{int(m.trip[0])}", "other"

@@ -134,6 +134,7 @@ BIRTH_GLR_H = 5.0
 BIRTH_MIN_GAIN = 3.0
 STREAM_GROUP_MIN_Z = 3.0  # streaming refits: two devices are two persons only this far above chance
 STREAM_GROUP_YOUNG = 60   # ... while the buffer holds fewer sessions than this
+STREAM_RESELECT_HOURS = True  # re-selection: a new person must show in the viewing hours (no personal device)
 NEWCOMER_GRACE = 100      # sessions a reported newcomer is kept through refits (_drops_newcomer)
 DEVICE_SLOTS = 16  # distinct device ids a household model tells apart (more: judged by type)
 K_MAX = 6
@@ -1011,6 +1012,12 @@ class HouseholdModel:
             old_post = mix.predict_proba(X)
             new = options[best_k][1]
             new.prune()
+            if (STREAM_RESELECT_HOURS and new.n_components > k and self._device_ids_known(X)
+                    and not (self._device_groups(X) >= 0).any()
+                    and merge_by_viewing_hours(X[:, :F.FEATURE_DIM], new.log_joint(X).argmax(axis=1)) is not None):
+                # No personal device: as in the batch fit (_merge_same_hours), persons
+                # whose viewing hours do not tell them apart are one person split by kind.
+                return
             next_person = self.next_person
             new_ids = self._match_ids(old_ids, old_post, new.predict_proba(X), [])
             if self._drops_newcomer(old_ids, new_ids):

@@ -130,3 +130,16 @@ def test_outside_genre_names_reach_the_sessions_as_unknown():
     shares = [h.unknown_genre_share for h in B.generate(families=("sharers",), worlds_per_family=2,
                                                           households_per_world=1)]
     assert max(shares) > 0.05 and all(0.0 <= x <= 1.0 for x in shares)
+
+
+def test_the_shared_evaluation_scores_them_beside_every_baseline():
+    from bench import _worlds_eval as E
+    hs = B.generate(families=("solo",), worlds_per_family=1, households_per_world=2)
+    report = E.run(hs, streaming=False)
+    block = report["all"]
+    assert set(block["baselines"]) == set(E.BASELINES)
+    assert block["households"] == 2 and block["sessions"] == sum(h.n_sessions for h in hs)
+    assert 0.0 <= block["session_accuracy"] <= 1.0
+    oracle = block["baselines"]["supervised_oracle"]["session_accuracy"]
+    assert oracle >= block["baselines"]["majority"]["session_accuracy"]
+    assert set(report["by_household_size"]) == {str(h.n_persons) for h in hs}
