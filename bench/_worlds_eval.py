@@ -213,6 +213,26 @@ def summarise(hs: list[WorldHousehold], preds: list[np.ndarray], probs: list[np.
 
 
 MORE_FEEDBACK_RATES = (0.15, 0.5)   # after_feedback's context: larger labelled shares
+FEEDBACK_DRAWS = 20                 # ... and as many other random feedback samples
+
+
+def pooled_answers(persons: list[np.ndarray], probs: list[np.ndarray], ages: list[np.ndarray] | None = None):
+    """Every household's answers in one pool, as the mesh pools them: (P zero-padded to a
+    common width, the column of the true person's matched model person or UNKNOWN_LABEL,
+    answer right, model age (0 = unknown))."""
+    from services.feedback.domain.metrics import UNKNOWN_LABEL
+    width = max(P.shape[1] for P in probs)
+    rows, labels, correct = [], [], []
+    for person, P in zip(persons, probs):
+        pred = P.argmax(axis=1)
+        m = match(person, pred, P.shape[1])
+        column_of = {int(p): c for c, p in enumerate(m) if p >= 0}
+        rows.append(np.pad(P, ((0, 0), (0, width - P.shape[1]))))
+        labels.append(np.array([column_of.get(int(t), UNKNOWN_LABEL) for t in person]))
+        correct.append(m[pred] == person)
+    P, y, ok = np.vstack(rows), np.concatenate(labels), np.concatenate(correct)
+    age = np.concatenate(ages) if ages is not None else np.zeros(P.shape[0], dtype=np.int64)
+    return P, y, ok, age
 
 
 def after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], ages: list[np.ndarray] | None = None,
@@ -224,39 +244,36 @@ def after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], ages: list
     the other 96.25 %.
 
     ``ages`` (per household, per session: the sessions the model had seen when it
-    answered, which clustering records with each prediction): the calibrator is
-    ``fit_segmented_calibrator`` (a pooled map, then per model-age segment a residual map
-    and a one-person shift). ``ece_after_pooled`` is the pooled map alone (what the mesh
-    did before predictions carried the model's age), on the same sample."""
+    answered, which clustering records with each prediction): the calibrator is the
+    service's, ``fit_feedback_calibrator`` (a shrunk shift of the confidence level, per
+    model-age segment and kind of answer a further shrunk shift, a map of the shape only
+    when it beats the level out of fold by two standard errors). Beside it on the same
+    sample: ``ece_after_segmented``, the calibrator the service fitted until 2026-12-04
+    (``fit_segmented_calibrator``: a map chosen by cross-validation, per age a residual
+    map and a one-person shift shrunk by 10 pseudo-answers), and ``ece_after_pooled``,
+    its pooled map alone."""
     from services.feedback.domain.evaluation import DEFAULT_FEEDBACK_RATE, feedback_mask
-    from services.feedback.domain.metrics import UNKNOWN_LABEL
-    from services.feedback.domain.recalibration import FeedbackSample, fit_calibrator, fit_segmented_calibrator
+    from services.feedback.domain.recalibration import (FeedbackSample, fit_calibrator, fit_feedback_calibrator,
+                                                        fit_segmented_calibrator)
 
-    width = max(P.shape[1] for P in probs)
-    rows, labels, correct = [], [], []
-    for h, P in zip(hs, probs):
-        pred = P.argmax(axis=1)
-        m = match(h.person, pred, P.shape[1])
-        column_of = {int(person): c for c, person in enumerate(m) if person >= 0}
-        rows.append(np.pad(P, ((0, 0), (0, width - P.shape[1]))))
-        labels.append(np.array([column_of.get(int(t), UNKNOWN_LABEL) for t in h.person]))
-        correct.append(m[pred] == h.person)
-    P, y, ok = np.vstack(rows), np.concatenate(labels), np.concatenate(correct)
-    age = np.concatenate(ages) if ages is not None else np.zeros(P.shape[0], dtype=np.int64)
+    P, y, ok, age = pooled_answers([h.person for h in hs], probs, ages)
     fed = feedback_mask(P.shape[0], DEFAULT_FEEDBACK_RATE, seed)
     sample = FeedbackSample.create(P[fed], labels=y[fed], correct=ok[fed].astype(float))
     held = ~fed
     out = {"feedback_rate": DEFAULT_FEEDBACK_RATE, "feedback_sessions": int(fed.sum()),
            "ece_before": ece(P[held].max(axis=1), ok[held]), "held_out_sessions": int(held.sum())}
     for key, calibrator in (("pooled", fit_calibrator(sample)),
-                            ("segmented", fit_segmented_calibrator(sample, age[fed]))):
+                            ("segmented", fit_segmented_calibrator(sample, age[fed])),
+                            ("service", fit_feedback_calibrator(sample, age[fed]))):
         after = calibrator.apply(P[held], age[held])
         correct_after = (after.argmax(axis=1) == P[held].argmax(axis=1)) & ok[held]
         out[f"ece_after_{key}"] = ece(after.max(axis=1), correct_after)
         out[f"calibrator_{key}"] = {"method": calibrator.method, "segments": {
-            n: c.method for n, c in calibrator.segments.items()}, "one_person": calibrator.one_person}
+            n: c.method for n, c in calibrator.segments.items()}, "one_person": calibrator.one_person,
+            **({"shift": calibrator.training.get("shift"), "gate": calibrator.training.get("gate")}
+               if key == "service" else {})}
     out["feedback_used"] = int(sample.probs.shape[0])
-    out["ece_after"] = out["ece_after_segmented" if ages is not None else "ece_after_pooled"]
+    out["ece_after"] = out["ece_after_service" if ages is not None else "ece_after_pooled"]
     # What the target asks of a sample of this size: the same calibrator fitted on a
     # larger labelled share (scored on the rest), and the ECE that answers drawn right
     # with exactly their stated confidence would still show on as many held-out
@@ -264,10 +281,26 @@ def after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], ages: list
     by_rate = {}
     for rate in MORE_FEEDBACK_RATES:
         more = feedback_mask(P.shape[0], rate, seed)
-        fitted = fit_segmented_calibrator(FeedbackSample.create(P[more], labels=y[more], correct=ok[more].astype(float)),
-                                          age[more])
+        fitted = fit_feedback_calibrator(FeedbackSample.create(P[more], labels=y[more], correct=ok[more].astype(float)),
+                                         age[more])
         by_rate[str(rate)] = ece(fitted.apply(P[~more], age[~more]).max(axis=1), ok[~more])
     out["ece_after_by_feedback_rate"] = by_rate
+    # One random 3.75 % sample fixes the level of the rest only to about +-0.023: the
+    # figure above is one draw. The same on FEEDBACK_DRAWS other draws (the calibrator
+    # the service fits, and the one it fitted before), to read it against.
+    draws_after: dict[str, list[float]] = {"service": [], "segmented": [], "before": []}
+    for d in range(1, FEEDBACK_DRAWS + 1):
+        fed_d = feedback_mask(P.shape[0], DEFAULT_FEEDBACK_RATE, seed + d)
+        sample_d = FeedbackSample.create(P[fed_d], labels=y[fed_d], correct=ok[fed_d].astype(float))
+        draws_after["before"].append(ece(P[~fed_d].max(axis=1), ok[~fed_d]))
+        for key, fit in (("service", fit_feedback_calibrator), ("segmented", fit_segmented_calibrator)):
+            after = fit(sample_d, age[fed_d]).apply(P[~fed_d], age[~fed_d])
+            right = (after.argmax(axis=1) == P[~fed_d].argmax(axis=1)) & ok[~fed_d]
+            draws_after[key].append(ece(after.max(axis=1), right))
+    out["ece_after_draws"] = {key: {"draws": FEEDBACK_DRAWS, "mean": float(np.mean(v)), "median": float(np.median(v)),
+                                    "p10": float(np.quantile(v, 0.1)), "p90": float(np.quantile(v, 0.9)),
+                                    "share_at_most_0.02": float(np.mean(np.asarray(v) <= 0.02))}
+                              for key, v in draws_after.items()}
     conf = P[held].max(axis=1)
     draws = np.random.default_rng(seed)
     out["ece_floor_calibrated"] = float(np.mean([ece(conf, draws.random(conf.size) < conf) for _ in range(5)]))

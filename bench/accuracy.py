@@ -2,10 +2,13 @@
 
 Prints progress and the scikit-learn GMM+BIC reference line to stderr and ONE JSON
 object on the last stdout line: {"default": {...}, "easy": {...}, "hard": {...},
-"worlds": {...}}. The "worlds" block scores the randomized world families of
+"worlds": {...}, "worlds_blind": {...}}. The "worlds" block scores the randomized world families of
 bench/worlds.py (REPORTING split only) beside majority, device heuristic, sklearn
 GMM+BIC, k-means with the true k and a supervised oracle (bench/_worlds_eval.py);
-``--worlds-only`` / ``--no-worlds`` run one part, ``--calibrate-confidence`` fits the
+``--worlds-only`` / ``--no-worlds`` run one part. "worlds_blind" scores the same way the
+households of bench/worlds_blind.py, a second generator written without reading the
+model (seed BLIND_SEED, report only, never tuned on; ``--blind-only`` runs it alone;
+``--no-worlds`` leaves it out too). ``--calibrate-confidence`` fits the
 model's confidence maps: for bare vectors (TUNING worlds + simulator seeds 500) and for
 sessions with device ids (TUNING worlds only, batch and stream pooled).
 
@@ -43,7 +46,7 @@ from sklearn.cluster import KMeans  # noqa: E402
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score  # noqa: E402
 from sklearn.mixture import GaussianMixture  # noqa: E402
 
-from bench import _worlds_eval as worlds_eval, worlds  # noqa: E402
+from bench import _worlds_eval as worlds_eval, worlds, worlds_blind  # noqa: E402
 from bench._clustering_eval import brier_ece_parts, ece, matched_correct  # noqa: E402
 from services.clustering.domain import drift as D  # noqa: E402
 from services.clustering.domain.model import YOUNG_MODEL_SESSIONS, HouseholdModel, PopulationPrior  # noqa: E402
@@ -445,16 +448,39 @@ def run_worlds(quick: bool, streaming: bool = True, workers: int = 2) -> dict:
                       "held_out_families": list(worlds.HELD_OUT_FAMILIES),
                       "tuning_families": list(worlds.TUNING.families), "tuning_seed": worlds.TUNING.seed,
                       "worlds_per_family": n_worlds, "households_per_world": n_house}
+    log_worlds_summary("worlds", block, streaming)
+    return block
+
+
+def log_worlds_summary(tag: str, block: dict, streaming: bool) -> None:
     a = block["all"]
-    log(f"[worlds] hearth acc {a['session_accuracy']:.3f} (best simple {a['best_simple_baseline_accuracy']:.3f}, "
+    log(f"[{tag}] hearth acc {a['session_accuracy']:.3f} (best simple {a['best_simple_baseline_accuracy']:.3f}, "
         f"oracle {a['baselines']['supervised_oracle']['session_accuracy']:.3f}, gap closed {a['gap_closed']:.2f}) "
         f"size exact {a['household_size_exact']:.2f} single kept {a['single_person_kept']} ece {a['ece']:.3f}")
     if not streaming:
-        return block
+        return
     st, fb, cc = a["streaming"], a["after_feedback"], a["composition_change"]
-    log(f"[worlds] streaming acc {st['session_accuracy']:.3f} ece {st['ece']:.3f}; ece after feedback batch "
-        f"{fb['batch']['ece_after']:.3f} streaming {fb['streaming']['ece_after']:.3f}; join/leave detected "
+    log(f"[{tag}] streaming acc {st['session_accuracy']:.3f} ece {st['ece']:.3f}; ece after feedback batch "
+        f"{fb['batch']['ece_after']:.3f} streaming {fb['streaming']['ece_after']:.3f} (mean of "
+        f"{fb['batch']['ece_after_draws']['service']['draws']} other draws {fb['batch']['ece_after_draws']['service']['mean']:.3f}"
+        f" / {fb['streaming']['ece_after_draws']['service']['mean']:.3f}); join/leave detected "
         f"{cc['detection_rate']} at {cc['false_alarms_per_household_quarter']} false alarms per household-quarter")
+
+
+def run_blind(quick: bool, streaming: bool = True, workers: int = 2) -> dict:
+    """The blind worlds (bench/worlds_blind.py: a second generator written without
+    reading the model), seed BLIND_SEED, REPORT ONLY: never tune on this block."""
+    n_worlds, n_house = (1, 2) if quick else (3, 4)
+    hs = worlds_blind.generate(worlds_per_family=n_worlds, households_per_world=n_house)
+    log(f"[blind] {len(hs)} households ({n_worlds} worlds x {n_house} households per family, "
+        f"seed {worlds_blind.BLIND_SEED}, report only)")
+    block = worlds_eval.run(hs, log, streaming=streaming, workers=workers)
+    block["split"] = {"generator": "bench/worlds_blind.py", "seed": worlds_blind.BLIND_SEED,
+                      "families": list(worlds_blind.FAMILIES), "worlds_per_family": n_worlds,
+                      "households_per_world": n_house, "report_only": True,
+                      "unknown_genre_share": round(float(np.mean([h.unknown_genre_share for h in hs])), 3),
+                      "households_with_composition_change": sum(bool(h.changes) for h in hs)}
+    log_worlds_summary("blind", block, streaming)
     return block
 
 
@@ -465,8 +491,10 @@ def main() -> None:
     ap.add_argument("--worlds-only", action="store_true",
                     help="only the randomized world families (bench/worlds.py)")
     ap.add_argument("--no-worlds", action="store_true", help="only Hearth's own simulator")
+    ap.add_argument("--blind-only", action="store_true",
+                    help="only the blind worlds (bench/worlds_blind.py, report only)")
     ap.add_argument("--batch-only", action="store_true",
-                    help="with --worlds-only: the batch fit and baselines, no streaming part")
+                    help="with --worlds-only / --blind-only: the batch fit and baselines, no streaming part")
     ap.add_argument("--calibrate-confidence", action="store_true",
                     help="fit the confidence map on the TUNING worlds (prints it)")
     ap.add_argument("--device-maps-only", action="store_true",
@@ -481,6 +509,10 @@ def main() -> None:
     if args.calibrate_confidence:
         print(json.dumps({**({} if args.device_maps_only else {"bare": calibrate_confidence(args.quick)}),
                           "device": calibrate_device_confidence(args.quick)}))
+        return
+    if args.blind_only:
+        print(json.dumps({"worlds_blind": run_blind(args.quick, streaming=not args.batch_only, workers=args.workers),
+                          "elapsed_s": round(time.time() - t0, 1), "quick": args.quick}))
         return
     if args.worlds_only:
         print(json.dumps({"worlds": run_worlds(args.quick, streaming=not args.batch_only, workers=args.workers),
@@ -528,6 +560,7 @@ def main() -> None:
         report[name] = block
     if not args.no_worlds:
         report["worlds"] = run_worlds(args.quick, workers=args.workers)
+        report["worlds_blind"] = run_blind(args.quick, workers=args.workers)
     report["elapsed_s"] = round(time.time() - t0, 1)
     report["quick"] = args.quick
     print(json.dumps(report))

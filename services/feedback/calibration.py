@@ -30,7 +30,7 @@ from services.feedback.domain.recalibration import (
     IDENTITY,
     Calibrator,
     FeedbackSample,
-    fit_segmented_calibrator,
+    fit_feedback_calibrator,
     segment_names,
     segment_of,
 )
@@ -107,9 +107,9 @@ class Calibration:
 
     def recalibrate(self, variants: Sequence[str] | None = None) -> dict[str, Calibrator]:
         """Fit one calibrator per variant on all its feedback so far
-        (``fit_segmented_calibrator``: a pooled map — identity, temperature or isotonic by
-        cross-validated ECE — then per model-age segment a residual map and a one-person
-        shift), store it as the variant's next version and make it current. Returns what
+        (``fit_feedback_calibrator``: one shrunk shift of the confidence level, per model-age
+        segment and kind of answer a further shrunk shift; a map of the shape only when it
+        beats the level out of fold by two standard errors), store it as the variant's next version and make it current. Returns what
         was stored. Variants an operator holds (calibrator_choice.py: after a rollback)
         are left alone."""
         data = self.dataset()
@@ -120,13 +120,16 @@ class Calibration:
         present = sorted(set(data.variants.tolist()))
         held = self.choices.held_variants(present)
         for variant in present:
-            if (variants is not None and variant not in variants) or variant in held:
+            if variants is not None and variant not in variants:
+                continue
+            if variant in held:
+                instruments.CALIBRATOR_REFITS_HELD.labels(variant).inc()
                 continue
             rows = data.variants == variant
             sample = FeedbackSample.create(data.probs[rows], labels=data.labels[rows], correct=data.correct[rows],
                                            weights=data.weights[rows])
             version = self.store.next_calibrator_version(variant)
-            calibrator = fit_segmented_calibrator(sample, data.model_sessions[rows], version=version)
+            calibrator = fit_feedback_calibrator(sample, data.model_sessions[rows], version=version)
             calibrator = replace(calibrator, training={**calibrator.training, "fitted_at": now,
                                                        "received_through": float(data.received_at[rows].max())})
             if self.store.save_calibrator(variant, version, calibrator.to_json(), now):

@@ -13,6 +13,9 @@ periodic check, GetCalibration and GetExperiment.
   ``calibrated:`` prefix after the current calibrator of each variant.
 - ``hearth_variant_accuracy{variant}``: weighted accuracy per model variant.
 - ``hearth_retrain_triggers_total{kind}``: triggers fired (brier, ece, disagreement, drift).
+- ``hearth_calibrator_refits_held_total{variant}``: recalibrations that were due but not
+  fitted because an operator holds the variant (after ``hearth calibrator rollback``,
+  until ``release``): tells an operator the hold is what keeps the calibrator old.
 """
 
 from __future__ import annotations
@@ -29,3 +32,5 @@ RETRAIN_TRIGGERS = Counter("hearth_retrain_triggers_total", "Retraining triggers
 # increase() sees (a series born at 1 would look like no change).
 for _kind in ("brier", "ece", "disagreement", "drift"):
     RETRAIN_TRIGGERS.labels(_kind)
+CALIBRATOR_REFITS_HELD = Counter("hearth_calibrator_refits_held_total",
+                                 "Due recalibrations not fitted because the variant is held", ["variant"])

@@ -27,24 +27,24 @@ from tests.conftest import ADMIN
 CASES = {
     "clustering": ("hearth.clustering.v1.ClusteringService",
                    lambda ch: cpb_grpc.ClusteringServiceStub(ch).GetHousehold(
-                       cpb.GetHouseholdRequest(account_id="unknown-acc"), metadata=ADMIN.metadata(), timeout=5),
+                       cpb.GetHouseholdRequest(account_id="unknown-acc"), metadata=ADMIN.metadata(), timeout=30),
                    grpc.StatusCode.NOT_FOUND, "account_id"),
     "attribution": ("hearth.attribution.v1.AttributionService",
                     lambda ch: apb_grpc.AttributionServiceStub(ch).RecordTouchpoints(
                         apb.RecordTouchpointsRequest(touchpoints=[apb.Touchpoint(
                             touchpoint_id="tp 1", account_id="a", device_id="d", channel="search",
-                            ts=float_to_ts(1.7e9))]), metadata=ADMIN.metadata(), timeout=5),
+                            ts=float_to_ts(1.7e9))]), metadata=ADMIN.metadata(), timeout=30),
                     grpc.StatusCode.INVALID_ARGUMENT, "touchpoints[0].touchpoint_id"),
     "privacy": ("hearth.privacy.v1.Consent",
                 lambda ch: ppb_grpc.ConsentStub(ch).GetConsent(
-                    ppb.GetConsentRequest(account_id=""), metadata=ADMIN.metadata(), timeout=5),
+                    ppb.GetConsentRequest(account_id=""), metadata=ADMIN.metadata(), timeout=30),
                 grpc.StatusCode.INVALID_ARGUMENT, "account_id"),
     "feedback": ("hearth.feedback.v1.FeedbackService",
                  lambda ch: fpb_grpc.FeedbackServiceStub(ch).RecordPrediction(
                      fpb.RecordPredictionRequest(predictions=[fpb.Prediction(
                          prediction_id="p1", account_id="a", session_id="s", person_id="p1",
                          probabilities={"p1": 0.5, "p2": 0.2}, ts=float_to_ts(1.7e9))]),
-                     metadata=ADMIN.metadata(), timeout=5),
+                     metadata=ADMIN.metadata(), timeout=30),
                  grpc.StatusCode.INVALID_ARGUMENT, "predictions[0].probabilities"),
 }
 
@@ -65,13 +65,13 @@ def test_each_process_serves_exactly_its_services_and_health_for_each(start_serv
     _, channel = start_service(name)
     reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
     listed, = list(reflection.ServerReflectionInfo(
-        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=30))
     names = {s.name for s in listed.list_services_response.service}
     assert names - {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
                     "grpc.reflection.v1.ServerReflection"} == SERVED[name]
     health = health_pb2_grpc.HealthStub(channel)
     for service in SERVED[name]:
-        response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=30)
         assert response.status == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -81,7 +81,7 @@ def test_health_is_serving(start_service, name):
     stub = health_pb2_grpc.HealthStub(channel)
     full_name = CASES[name][0]
     for service in ("", full_name):
-        response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=30)
         assert response.status == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -92,7 +92,7 @@ def test_reflection_lists_and_describes_the_service(start_service, name):
     full_name = CASES[name][0]
     requests = [reflection_pb2.ServerReflectionRequest(list_services=""),
                 reflection_pb2.ServerReflectionRequest(file_containing_symbol=full_name)]
-    listed, described = list(stub.ServerReflectionInfo(iter(requests), timeout=5))
+    listed, described = list(stub.ServerReflectionInfo(iter(requests), timeout=30))
     names = {s.name for s in listed.list_services_response.service}
     assert {full_name, "grpc.health.v1.Health"} <= names
     proto = descriptor_pb2.FileDescriptorProto.FromString(
@@ -123,10 +123,10 @@ def test_call_without_principal_is_refused(start_service):
     _, channel = start_service("clustering")
     stub = cpb_grpc.ClusteringServiceStub(channel)
     with pytest.raises(grpc.RpcError) as info:
-        stub.GetHousehold(cpb.GetHouseholdRequest(account_id="a"), timeout=5)
+        stub.GetHousehold(cpb.GetHouseholdRequest(account_id="a"), timeout=30)
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with pytest.raises(grpc.RpcError) as info:
-        stub.GetHousehold(cpb.GetHouseholdRequest(account_id="a"), timeout=5,
+        stub.GetHousehold(cpb.GetHouseholdRequest(account_id="a"), timeout=30,
                           metadata=[("x-hearth-principal", "x"), ("x-hearth-role", "superuser")])
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
@@ -140,7 +140,7 @@ def test_latency_histogram_per_rpc(start_service):
     event = cpb.ViewingEvent(event_id="e1", account_id="acc", device_id="tv", ts=float_to_ts(1.76e9),
                              device_type=cpb.DEVICE_TYPE_TV, kind=cpb.EVENT_KIND_PLAY_START, duration_s=10)
     response = stub.IngestEvents(iter([cpb.IngestEventsRequest(events=[event])]),
-                                 metadata=ADMIN.metadata(), timeout=5)
+                                 metadata=ADMIN.metadata(), timeout=30)
     assert response.accepted == 1
     assert REGISTRY.get_sample_value("hearth_rpc_duration_seconds_count", labels) == before + 1
 
@@ -154,9 +154,9 @@ def test_bad_event_in_stream_rejects_whole_stream(start_service):
                            kind=cpb.EVENT_KIND_PLAY_START)  # device_type missing
     with pytest.raises(grpc.RpcError) as info:
         stub.IngestEvents(iter([cpb.IngestEventsRequest(events=[good]), cpb.IngestEventsRequest(events=[bad])]),
-                          metadata=ADMIN.metadata(), timeout=5)
+                          metadata=ADMIN.metadata(), timeout=30)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert dict(info.value.trailing_metadata())[ERROR_FIELD_KEY] == "events[1].device_type"
     with pytest.raises(grpc.RpcError) as info:
-        stub.GetHousehold(cpb.GetHouseholdRequest(account_id="acc"), metadata=ADMIN.metadata(), timeout=5)
+        stub.GetHousehold(cpb.GetHouseholdRequest(account_id="acc"), metadata=ADMIN.metadata(), timeout=30)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND  # nothing of the stream was stored

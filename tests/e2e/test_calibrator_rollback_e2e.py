@@ -85,6 +85,15 @@ def _served_version(mesh) -> int:
             fpb.GetCalibratorRequest(variant="kmeans"), metadata=acting_as_service(mesh, "clustering"), timeout=30).version
 
 
+def _refits_held(mesh) -> float:
+    """hearth_calibrator_refits_held_total{variant="kmeans"} on the feedback service (0 before any)."""
+    text = httpx.get(f"http://127.0.0.1:{mesh.metrics_ports['feedback']}/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith('hearth_calibrator_refits_held_total{variant="kmeans"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def test_calibrator_rollback_and_release_through_the_cli(calibration_mesh):
     mesh = calibration_mesh
     with httpx.Client(base_url=mesh.url, headers={"X-API-Key": mesh.api_key}, timeout=30) as client:
@@ -99,8 +108,14 @@ def test_calibrator_rollback_and_release_through_the_cli(calibration_mesh):
         assert (rolled["version"], rolled["previous_version"]) == (1, 2)
         assert _served_version(mesh) == 1
         # Held: another batch of due feedback fits nothing while the checks keep running.
+        # Wait until a check has seen it due and held it back twice (the counter), so the
+        # assertion below is about the hold, not about a check that had not run yet.
+        held_before = _refits_held(mesh)
         _feedback(mesh, client, 200, MIN_NEW + 4)
-        time.sleep(3.0)  # six check intervals
+        deadline = time.monotonic() + 90
+        while _refits_held(mesh) < held_before + 2:
+            assert time.monotonic() < deadline, "no check held the due refit within 90 s"
+            time.sleep(0.3)
         listing = _listing(client)
         assert (listing["current_version"], listing["held"], len(listing["versions"])) == (1, True, 2)
         assert listing["reason"] == "v2 was fitted on a bad week"

@@ -72,7 +72,9 @@ def test_feedback_changes_the_confidence_later_assignments_return(feedback_serve
     pairs = rng.integers(0, len(every), (200, 2))
     blended = 0.5 * (X[pairs[:, 0]] + X[pairs[:, 1]])
     answers = clustering.assign_many(["acc-cal"], blended)
-    order = np.argsort([a.confidence for a in answers])[:20]
+    # The 20 answers nearest 0.8: a level shift cannot move a near tie (the predicted
+    # person must stay on top) and a temperature barely moves a confidence of 0.9999.
+    order = np.argsort([abs(a.confidence - 0.8) for a in answers])[:20]
     before = [answers[i] for i in order]
     assert min(b.confidence for b in before) < 0.95
 
@@ -115,7 +117,10 @@ def test_the_calibrator_clustering_applies_depends_on_the_model_age(feedback_ser
     stored = feedback_app.calibration.store.prediction("a0")
     assert stored.model_sessions == 30                     # the model age is stored with the prediction
     fitted = feedback_app.calibration.recalibrate(["gmm"])["gmm"]
-    assert fitted.segment_edges == (60,) and fitted.one_person["sessions:0-59"] > 0.2
+    # Young one-person answers are right 0.35 more often than they say, on 300 answers: their
+    # shift moves from the common one by about half of that (LEVEL_SEGMENT_PRIOR = 300
+    # pseudo-answers hold it there).
+    assert fitted.segment_edges == (60,) and fitted.one_person["sessions:0-59"] > 0.12
 
     peer = FeedbackPeer(f"127.0.0.1:{running.port}")
     calibrator = peer.calibrator("gmm")                    # over gRPC, as clustering fetches it
@@ -123,7 +128,7 @@ def test_the_calibrator_clustering_applies_depends_on_the_model_age(feedback_ser
     two = np.array([[0.9, 0.1]])
     young, mature = calibrator.apply(two, [30])[0, 0], calibrator.apply(two, [400])[0, 0]
     assert young < mature - 0.1, (young, mature)           # the young model's 0.9 means less
-    assert calibrator.apply(np.array([[0.55]]), [30])[0, 0] > 0.75   # its one-person answer more
+    assert calibrator.apply(np.array([[0.55]]), [30])[0, 0] > 0.65   # its one-person answer more
 
     # ClusteringApp records the model's age with every prediction and applies the
     # calibrator for it (a model of 0 sessions would be "unknown": the pooled map).

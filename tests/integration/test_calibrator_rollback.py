@@ -8,6 +8,7 @@ import json
 import time
 
 import pytest
+from prometheus_client import REGISTRY
 
 from services.common.errors import InvalidArgument, NotFound
 from services.common.identity import Principal, Role
@@ -57,7 +58,11 @@ def test_rollback_puts_an_earlier_version_in_force_and_holds_refits_until_releas
 
     # Held: neither the schedule nor a cohort trigger's recalibration replaces it.
     add_feedback(app, 60, 40)
+    def held_count() -> float:
+        return REGISTRY.get_sample_value("hearth_calibrator_refits_held_total", {"variant": "kmeans"}) or 0.0
+    held_before = held_count()
     assert app.calibration.recalibrate_if_due() == {} and app.calibration.recalibrate() == {}
+    assert held_count() == held_before + 2  # each held-back refit is counted for operators
     assert app.calibration.calibrator_for("kmeans")[0] == 1
     assert [v.version for v in app.calibration.choices.history("kmeans").versions] == [2, 1]
 

@@ -241,8 +241,13 @@ def test_calibration_report_before_and_after(database):
     groups = {g.group: g for g in report.groups}
     assert set(groups) == {"gmm", "kmeans", "calibrated:gmm", "calibrated:kmeans"}
     assert report.calibrator_version == "gmm:1,kmeans:1"
-    # In sample, the calibrated kmeans (strongly over-confident) must be much better.
-    assert groups["calibrated:kmeans"].summary.ece < groups["kmeans"].summary.ece / 2
+    # In sample, the calibrated kmeans (strongly over-confident) must be better: its
+    # confidence moves toward its accuracy (~150 answers: the level shift is shrunk toward
+    # none by LEVEL_PRIOR = 100 pseudo-answers, so it closes a good part of the gap, not all).
+    raw, calibrated = groups["kmeans"].summary, groups["calibrated:kmeans"].summary
+    assert calibrated.ece < raw.ece
+    gap_before = raw.mean_confidence - raw.accuracy
+    assert gap_before > 0.05 and 0 <= calibrated.mean_confidence - calibrated.accuracy < 0.7 * gap_before
     assert all(1 <= len(g.bins) <= 10 and all(b["count"] > 0 for b in g.bins) for g in report.groups)
     assert sum(b["count"] for b in groups["kmeans"].bins) == groups["kmeans"].summary.n
     with pytest.raises(InvalidArgument):

@@ -146,6 +146,7 @@ BIRTH_MIN_HISTORY = 40
 BIRTH_MIN_GAIN = 3.0
 STREAM_GROUP_MIN_Z = 3.0  # streaming refits: two devices are two persons only this far above chance
 STREAM_GROUP_YOUNG = 60   # ... while the buffer holds fewer sessions than this
+STREAM_RESELECT_HOURS = True  # re-selection: a new person must show in the viewing hours (no personal device)
 NEWCOMER_GRACE = 100      # sessions a reported newcomer is kept through refits (_drops_newcomer)
 DEVICE_SLOTS = 16  # distinct device ids a household model tells apart (more: judged by type)
 K_MAX = 6
@@ -235,7 +236,7 @@ SINGLE_PERSON_CONFIDENCE = 0.8467
 YOUNG_MODEL_SESSIONS = 60
 DEVICE_CONFIDENCE_MAPS: dict[str, tuple[list[float], list[float]]] = {
     "fitted": ([0.3252, 0.359, 0.3927, 0.4264, 0.4602, 0.4939, 0.5277, 0.5614, 0.5951, 0.6289, 0.6626, 0.6964, 0.7301, 0.7638, 0.7976, 0.8313, 0.865, 0.8988, 0.9325, 0.9663, 1.0], [0.0, 0.2895, 0.35, 0.35, 0.3889, 0.4928, 0.5714, 0.587, 0.587, 0.6148, 0.6944, 0.6944, 0.6944, 0.7418, 0.7619, 0.8407, 0.8407, 0.8407, 0.902, 0.9399, 0.9399]),
-    "streamed": ([0.2895, 0.325, 0.3605, 0.3961, 0.4316, 0.4671, 0.5026, 0.5382, 0.5737, 0.6092, 0.6447, 0.6803, 0.7158, 0.7513, 0.7868, 0.8224, 0.8579, 0.8934, 0.9289, 0.9645, 1.0], [0.0, 0.0, 0.2879, 0.2879, 0.2879, 0.46, 0.5031, 0.5031, 0.5031, 0.5031, 0.5775, 0.5775, 0.6408, 0.6849, 0.7092, 0.7092, 0.75, 0.7915, 0.8037, 0.8599, 0.8599]),
+    "streamed": ([0.2895, 0.325, 0.3605, 0.3961, 0.4316, 0.4671, 0.5026, 0.5382, 0.5737, 0.6092, 0.6447, 0.6803, 0.7158, 0.7513, 0.7868, 0.8224, 0.8579, 0.8934, 0.9289, 0.9645, 1.0], [0.0, 0.0, 0.2879, 0.2879, 0.2879, 0.46, 0.5042, 0.5042, 0.5042, 0.5042, 0.5742, 0.5742, 0.6375, 0.6892, 0.7084, 0.7084, 0.7469, 0.7844, 0.807, 0.8666, 0.8666]),
     "young": ([0.5021, 0.5519, 0.6017, 0.6515, 0.7013, 0.7511, 0.8009, 0.8506, 0.9004, 0.9502, 1.0], [0.0, 0.5625, 0.5625, 0.619, 0.619, 0.619, 0.7065, 0.7065, 0.7196, 0.7982, 0.8342]),
 }
 # A one-person answer's confidence: how often such answers were right on the same data,
@@ -250,7 +251,7 @@ ONE_PERSON_DEVICE_EDGES = (2,)
 ONE_PERSON_CONFIDENCE: dict[str, tuple[float, tuple[float, ...]]] = {
     "fitted": (0.7244, (0.804, 0.5707)),
     "young": (0.6192, (0.7227, 0.4951)),
-    "mature": (0.5185, (0.5897, 0.4292)),
+    "mature": (0.5207, (0.5893, 0.4293)),
 }
 
 
@@ -1023,6 +1024,12 @@ class HouseholdModel:
             old_post = mix.predict_proba(X)
             new = options[best_k][1]
             new.prune()
+            if (STREAM_RESELECT_HOURS and new.n_components > k and self._device_ids_known(X)
+                    and not (self._device_groups(X) >= 0).any()
+                    and merge_by_viewing_hours(X[:, :F.FEATURE_DIM], new.log_joint(X).argmax(axis=1)) is not None):
+                # No personal device: as in the batch fit (_merge_same_hours), persons
+                # whose viewing hours do not tell them apart are one person split by kind.
+                return
             next_person = self.next_person
             new_ids = self._match_ids(old_ids, old_post, new.predict_proba(X), [])
             if self._drops_newcomer(old_ids, new_ids):

@@ -30,6 +30,14 @@ in sparse regions, the likelihood is not.
 The result is a versioned, JSON-serialisable ``Calibrator`` (its type lives in
 ``services/common/calibration.py``, shared with the clustering service that applies it).
 
+``fit_feedback_calibrator`` is what the service fits: ``fit_level_calibrator`` (one shift
+of every answer's confidence, the mean of correct - confidence shrunk toward none by
+``LEVEL_PRIOR`` pseudo-answers; per model-age segment and kind of answer a further shift
+shrunk toward it by ``LEVEL_SEGMENT_PRIOR``), unless a map of the shape beats that level
+out of fold by ``SHAPE_GATE_SE`` standard errors (``shape_gain``); then
+``fit_segmented_calibrator``. With a few hundred answers a map of the shape was mostly
+noise and the level is what they show (docs/feedback.md, "What the service fits").
+
 ``fit_segmented_calibrator`` adds what one pooled map cannot do (the mesh pools the
 answers of young and mature models, which are wrong at different rates at the same
 confidence): given the number of sessions each prediction's model had seen, it fits,
@@ -43,7 +51,7 @@ the weighted mean of correct - confidence, shrunk toward no shift by
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -268,6 +276,122 @@ def fit_one_person_shift(confidence: ArrayLike, correct: ArrayLike, weights: Arr
     return float(np.dot(w, y - c) / (w.sum() + prior_weight))
 
 
+LEVEL_GRID = np.linspace(0.0, 1.0, 101)
+
+
+def level_calibrator(shift: float, one_person_shift: float | None = None, version: int = 1,
+                     training: dict[str, Any] | None = None) -> Calibrator:
+    """A calibrator that moves every answer's confidence by ``shift`` (multi-person answers:
+    the top label, as an isotonic map c -> clip(c + shift); one-person answers: their
+    shift, ``one_person_shift`` when given)."""
+    y = np.clip(LEVEL_GRID + shift, 0.0, 1.0)
+    one = shift if one_person_shift is None else one_person_shift
+    method = "identity" if shift == 0.0 else "isotonic"
+    params = {} if shift == 0.0 else {"x": LEVEL_GRID.round(6).tolist(), "y": y.round(6).tolist()}
+    return Calibrator(version, method, params, training or {}, one_person={ALL_AGES: round(float(one), 6)})
+
+
+def fit_level_calibrator(
+    sample: FeedbackSample,
+    model_sessions: ArrayLike | None = None,
+    segment_edges: Sequence[int] = DEFAULT_SEGMENT_EDGES,
+    version: int = 1,
+    prior: float = 100.0,
+    segment_prior: float | None = 300.0,
+) -> Calibrator:
+    """One shift of every answer's confidence, the weighted mean of (correct - confidence)
+    shrunk toward no shift by ``prior`` pseudo-answers; with ``model_sessions`` and
+    ``segment_prior``, per model-age segment a further shift of that segment's answers,
+    shrunk toward the common one by ``segment_prior`` pseudo-answers."""
+    c, y, w = sample.probs.max(axis=1), sample.correct, sample.weights
+    shift = fit_one_person_shift(c, y, w, prior)
+    edges = tuple(int(e) for e in segment_edges)
+    training: dict[str, Any] = {"n": len(sample), "n_all": len(sample), "weight": float(w.sum()),
+                                "method": "level", "prior": prior, "segment_prior": segment_prior,
+                                "shift": round(float(shift), 6)}
+    common = level_calibrator(shift, version=version, training=training)
+    if model_sessions is None or segment_prior is None or not edges:
+        return common
+    segment = segment_of(model_sessions, edges)
+    single = one_person_rows(sample.probs)
+    parts: dict[str, Calibrator] = {}
+    shifts = {ALL_AGES: common.one_person[ALL_AGES]}
+    report = {}
+    for i, name in enumerate(segment_names(edges)):
+        # Per segment, its multi-person answers (a residual map after the common one) and
+        # its one-person answers (their shift) each move from the common shift only as
+        # far as their own feedback outweighs segment_prior pseudo-answers.
+        multi = (segment == i) & ~single
+        extra = fit_one_person_shift(c[multi] + shift, y[multi], w[multi], segment_prior) if multi.any() else 0.0
+        if extra != 0.0:
+            part = level_calibrator(extra, version=version)
+            parts[name] = Calibrator(version, part.method, part.parameters)
+        one = (segment == i) & single
+        one_extra = fit_one_person_shift(c[one] + shift, y[one], w[one], segment_prior) if one.any() else 0.0
+        shifts[name] = round(float(np.clip(shift + one_extra, -1.0, 1.0)), 6)
+        report[name] = {"n": int(multi.sum()), "shift": round(float(shift + extra), 6), "one_person_n": int(one.sum()),
+                        "one_person_shift": shifts[name]}
+    return Calibrator(version, common.method, common.parameters, {**training, "segments": report}, edges, parts,
+                      shifts)
+
+
+def shape_gain(sample: FeedbackSample, prior: float, n_folds: int = 5, seed: int = 0) -> tuple[float, float, str]:
+    """How much a map of the shape (temperature or isotonic, the better one out of fold)
+    beats the level shift out of fold: (mean per-answer top-label Brier gain, its standard
+    error, the method). ``sample``: multi-person answers."""
+    n = len(sample)
+    folds = np.array_split(np.random.default_rng(seed).permutation(n), n_folds)
+    err = {m: np.zeros(n) for m in ("level", "temperature", "isotonic")}
+    for held_out in folds:
+        train = np.ones(n, dtype=bool)
+        train[held_out] = False
+        fit_on, test = sample.subset(train), sample.subset(held_out)
+        shift = fit_one_person_shift(fit_on.probs.max(axis=1), fit_on.correct, fit_on.weights, prior)
+        fitted = {"level": level_calibrator(shift), "temperature": _fit_method("temperature", fit_on, 0),
+                  "isotonic": _fit_method("isotonic", fit_on, 0)}
+        for m, cal in fitted.items():
+            err[m][held_out] = (cal.apply(test.probs).max(axis=1) - test.correct) ** 2
+    w = sample.weights / sample.weights.sum()
+    best = min(("temperature", "isotonic"), key=lambda m: float(np.dot(w, err[m])))
+    gain = err["level"] - err[best]
+    mean = float(np.dot(w, gain))
+    se = float(np.sqrt(np.dot(w, (gain - mean) ** 2) / max(n - 1, 1)))
+    return mean, se, best
+
+
+LEVEL_PRIOR = 100.0          # pseudo-answers holding the common shift at none (chosen on TUNING)
+LEVEL_SEGMENT_PRIOR = 300.0  # ... holding a model-age segment's shift at the common one
+SHAPE_GATE_SE = 2.0          # a map of the shape only when it beats the level by this many standard errors
+
+
+def fit_feedback_calibrator(
+    sample: FeedbackSample,
+    model_sessions: ArrayLike,
+    segment_edges: Sequence[int] = DEFAULT_SEGMENT_EDGES,
+    version: int = 1,
+    prior: float = LEVEL_PRIOR,
+    segment_prior: float = LEVEL_SEGMENT_PRIOR,
+    gate: float = SHAPE_GATE_SE,
+    n_folds: int = 5,
+    seed: int = 0,
+) -> Calibrator:
+    """What the service fits: the level shift (``fit_level_calibrator``) unless a map of the
+    shape beats it out of fold by ``gate`` standard errors on the multi-person answers;
+    then ``fit_segmented_calibrator`` (pooled map, per-age residual maps, one-person
+    shifts shrunk toward the common one)."""
+    level = fit_level_calibrator(sample, model_sessions, segment_edges, version, prior, segment_prior)
+    multi = (sample.probs > 0).sum(axis=1) > 1
+    gate_report: dict[str, Any] = {"gate_se": gate}
+    if multi.sum() >= max(MIN_SAMPLES_TO_FIT, n_folds):
+        gain, se, method = shape_gain(sample.subset(multi), prior, n_folds, seed)
+        gate_report.update({"shape_gain": round(gain, 6), "shape_gain_se": round(se, 6), "shape_method": method})
+        if gain > gate * se:
+            shaped = fit_segmented_calibrator(sample, model_sessions, segment_edges, version, seed=seed,
+                                              one_person_prior=prior, segment_prior=segment_prior)
+            return replace(shaped, training={**shaped.training, "gate": gate_report})
+    return replace(level, training={**level.training, "gate": gate_report})
+
+
 def fit_segmented_calibrator(
     sample: FeedbackSample,
     model_sessions: ArrayLike,
@@ -280,6 +404,7 @@ def fit_segmented_calibrator(
     min_samples: int = MIN_SAMPLES_TO_FIT,
     one_person_prior: float = ONE_PERSON_PRIOR_WEIGHT,
     methods: Sequence[str] = METHODS,
+    segment_prior: float | None = None,
 ) -> Calibrator:
     """The pooled map (``fit_calibrator`` on every multi-person answer), then per model-age
     segment a residual map on the pooled map's output (chosen by ``fit_calibrator``:
@@ -316,11 +441,19 @@ def fit_segmented_calibrator(
         if part.method != "identity":
             parts[name] = part
         report[name] = {"n": int(rows.sum()), "method": part.method, "one_person_n": int((single & (segment == i)).sum())}
-    for name, rows in [*((n, single & (segment == i)) for i, n in enumerate(names)), (ALL_AGES, single)]:
+    if single.any():
+        shifts[ALL_AGES] = fit_one_person_shift(sample.probs[single].max(axis=1), sample.correct[single],
+                                                sample.weights[single], one_person_prior)
+    for i, name in enumerate(names):
+        rows = single & (segment == i)
         if rows.any():
-            shift = fit_one_person_shift(sample.probs[rows].max(axis=1), sample.correct[rows], sample.weights[rows],
-                                         one_person_prior)
-            shifts[name] = round(float(np.clip(shift, -1.0, 1.0)), 6)
+            # A segment's shift is shrunk toward every age's shift (segment_prior
+            # pseudo-answers), and that one toward no shift (one_person_prior).
+            toward = shifts[ALL_AGES] if segment_prior is not None else 0.0
+            weight = segment_prior if segment_prior is not None else one_person_prior
+            shifts[name] = toward + fit_one_person_shift(
+                sample.probs[rows].max(axis=1) + toward, sample.correct[rows], sample.weights[rows], weight)
+    shifts = {n: round(float(np.clip(v, -1.0, 1.0)), 6) for n, v in shifts.items()}
     # "n" is what the pooled map was fitted on (multi-person answers); "n_all" every
     # prediction with feedback (what the service counts to decide when to refit).
     training = {**pooled.training, "n_all": len(sample), "segments": report,

@@ -231,6 +231,40 @@ def test_single_person_stream_keeps_one_id_at_every_arrival():
         assert len(ids) == 1, (h.household_id, ids)
 
 
+def test_tv_only_single_person_stream_is_not_split_by_kind_in_the_reselection():
+    """A single person who only watches the TV (TUNING-seed household bing5h9, 135
+    sessions): the stream's BIC re-selection proposed a second and a third person at
+    sessions 80 and 120 (kinds of viewing at the same hours); as in the batch fit, a new
+    person whose hours do not tell them apart is not taken, so every session keeps one id.
+    Two TV-only people at different hours are still two in a stream (next test)."""
+    h = _tuning_household("bingers", 5, 9)
+    assert h.n_persons == 1 and set(h.device_type) == {"tv"}
+    m = HouseholdModel()
+    ids: set[str] = set()
+    for a in range(0, h.n_sessions, 5):
+        m.update(h.features[a:a + 5], device_ids=h.device_id[a:a + 5])
+        ids |= set(m.assign_batch(h.features[a:a + 5], device_ids=h.device_id[a:a + 5]).person())
+    assert len(ids) == 1, ids
+
+
+def test_two_tv_only_people_at_different_hours_are_two_in_a_stream():
+    """The reselection's hours test does not hold back a real second person: two people on
+    one TV, mornings and late evenings, arriving five sessions at a time, end as two
+    persons, each answered mostly with their own id."""
+    rng = np.random.default_rng(5)
+    parts = [(*persona_sessions(rng, 90, 90, 8, "tv", {"crime": 2, "drama": 1}), "tv", 0),
+             (*persona_sessions(rng, 90, 90, 22, "tv", {"comedy": 2, "family": 1}), "tv", 1)]
+    _, X, dev, person = household(parts)
+    m = HouseholdModel()
+    for a in range(0, X.shape[0], 5):
+        m.update(X[a:a + 5], device_ids=dev[a:a + 5])
+    assert m.n_persons == 2
+    pred = np.array(m.assign_batch(X, device_ids=dev).person())
+    own = [np.unique(pred[person == k], return_counts=True) for k in (0, 1)]
+    assert all(c.max() / c.sum() > 0.8 for _, c in own)
+    assert own[0][0][own[0][1].argmax()] != own[1][0][own[1][1].argmax()]
+
+
 def test_novel_sessions_are_the_tv_only_members_not_the_owners_tv_sessions():
     """A phone owner who also watches the TV (same hours and tastes on both) and a
     member who only watches the TV, at other hours and with other tastes: the shared

@@ -1,0 +1,295 @@
+"""Tuning harness for the person count (household size), on the TUNING worlds only.
+
+``python -m bench.size_tuning [--worlds A:B] [--other-worlds C:D] [--workers N]`` fits
+Hearth once per TUNING household (bench/worlds.py, seed 20260001, the tuning families;
+worlds A..B-1 of each family, and C..D-1 as fresh worlds of the same seed) exactly as
+``HouseholdModel.fit`` does, records every candidate mixture the fit weighs (the
+device-first candidates beside personal-device groups, or the unsupervised ones per k
+without a personal device), describes each candidate by what a count rule could use,
+and scores count rules on them:
+
+- ``bic``: the rule in the model (lowest BIC at the model's charge; the shared-only
+  path's hours merge and the device-first placement come after it and are not replayed);
+- ``learned_candidate``: a conditional logit over a household's candidates (which one
+  has the true number of persons), trained on the households of some worlds;
+- ``learned_step``: a logistic regression of "fewer / as many / more persons than BIC
+  chose" from the BIC choice and its neighbours at k - 1 and k + 1.
+
+The learned rules are judged leave-one-family-out within worlds A..B and trained on
+A..B / tested on C..D and the reverse (an outside evaluator generates households
+differently, so a rule must transfer between families and worlds, not fit our
+generator). Candidate features: the per-session log-likelihood gain over the smallest
+candidate, BIC's parameter charge per session, persons beyond the smallest candidate,
+the least separable pair of persons by viewing hours and by all who-features (leave-one-
+out AUC z, ``persons.auc_z``), the smallest person's share, persons born without a
+personal device. Truth is used only to label and score. Last stdout line: one JSON
+object. It never reads the REPORTING split (docs/clustering.md 4e records the result).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from concurrent.futures import ProcessPoolExecutor  # noqa: E402
+
+import numpy as np  # noqa: E402
+from scipy.optimize import minimize  # noqa: E402
+from sklearn.linear_model import LogisticRegression  # noqa: E402
+from sklearn.pipeline import make_pipeline  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+
+from bench import worlds  # noqa: E402
+from bench._clustering_eval import matched_correct  # noqa: E402
+from services.clustering.domain import features as F, gmm as G, model as M, persons as P  # noqa: E402
+
+CANDIDATE_FEATURES = ("loglik_gain_per_session", "bic_charge_per_session", "extra_persons",
+                      "hours_z_min", "who_z_min", "smallest_share_x_k", "born_persons")
+
+
+@contextlib.contextmanager
+def _recording_fits(log: list[dict]):
+    """Record every EM fit (and the phase of HouseholdModel.fit it belongs to) while
+    the block runs: the candidates are the model's own, not a re-implementation."""
+    phase = ["fit"]
+    fit_em, select, tv = G.fit_em, M.fit_select_k, M.HouseholdModel._tv_only_seedings
+
+    def recorded(X, k, family, rng, *a, **kw):
+        m, trace = fit_em(X, k, family, rng, *a, **kw)
+        log.append({"phase": phase[0], "clamped": kw.get("clamp") is not None, "ll": float(trace[-1]), "mixture": m})
+        return m, trace
+
+    def in_select(*a, **kw):
+        outer, phase[0] = phase[0], "select"
+        try:
+            return select(*a, **kw)
+        finally:
+            phase[0] = outer
+
+    def in_tv(self, *a, **kw):
+        phase[0] = "tv"
+        return tv(self, *a, **kw)
+
+    def after_selection(name):
+        original = getattr(M.HouseholdModel, name)
+
+        def wrapped(self, *a, **kw):
+            phase[0] = "after"
+            return original(self, *a, **kw)
+        return original, wrapped
+
+    patches = [after_selection("_place_shared_sessions"), after_selection("_merge_same_hours")]
+    G.fit_em = M.fit_em = recorded
+    M.fit_select_k = in_select
+    M.HouseholdModel._tv_only_seedings = in_tv
+    for original, wrapped in patches:
+        setattr(M.HouseholdModel, original.__name__, wrapped)
+    try:
+        yield
+    finally:
+        G.fit_em = M.fit_em = fit_em
+        M.fit_select_k = select
+        M.HouseholdModel._tv_only_seedings = tv
+        for original, _ in patches:
+            setattr(M.HouseholdModel, original.__name__, original)
+
+
+def _pair_z_min(Z: np.ndarray, labels: np.ndarray) -> float:
+    """The least separable pair of persons' leave-one-out AUC z on ``Z`` (inf: one person)."""
+    return P.least_separable_pair(Z, labels, by_z=True)[0]
+
+
+def household_candidates(h: worlds.WorldHousehold) -> dict:
+    """The household's candidate mixtures as the model weighs them, described."""
+    log: list[dict] = []
+    with _recording_fits(log):
+        model = M.HouseholdModel().fit(h.features, device_ids=h.device_id)
+    pred = model.assign_batch(h.features, device_ids=h.device_id).person_index
+    slots = model.slots_for(h.device_id, h.n_sessions)
+    Xa = model._augment(h.features, slots)
+    X = Xa[:, :F.FEATURE_DIM].astype(np.float64)
+    groups = model._device_groups(Xa)
+    device_first = bool((groups >= 0).any())
+    n = h.n_sessions
+    if device_first:
+        fits = [c for c in log if c["phase"] in ("fit", "tv") and c["clamped"]]
+        penalty = M.GROUP_BIC_PENALTY
+    else:  # fit_select_k keeps the best likelihood per k
+        best: dict[int, dict] = {}
+        for c in log:
+            k = c["mixture"].n_components
+            if c["phase"] == "select" and (k not in best or c["ll"] > best[k]["ll"]):
+                best[k] = c
+        fits = list(best.values())
+        penalty = model._penalty(Xa, hours_merge_follows=model._device_ids_known(Xa))
+    hours, who = P.viewing_hours(X), P.person_features(X)
+    rows = []
+    for c in fits:
+        mix = c["mixture"]
+        labels = np.unique(mix.log_joint(Xa).argmax(axis=1), return_inverse=True)[1]
+        k = int(labels.max()) + 1
+        ll = mix.log_likelihood(Xa)
+        rows.append({
+            "k": k, "loglik": ll, "charge": mix.n_params() * np.log(n),
+            "bic": -2.0 * ll + penalty * mix.n_params() * np.log(n),
+            "hours_z_min": _pair_z_min(hours, labels), "who_z_min": _pair_z_min(who, labels),
+            "smallest_share": float(np.bincount(labels).min() / n),
+            "born": int(sum(not (groups[labels == j] >= 0).any() for j in range(k))) if device_first else 0,
+            "accuracy": float(matched_correct(h.person, labels).mean())})
+    return {"household": h.household_id, "family": h.family, "world": h.world_id, "sessions": n,
+            "device_first": device_first, "true": h.n_persons, "fitted": int(np.unique(pred).size),
+            "fitted_accuracy": float(matched_correct(h.person, pred).mean()), "candidates": rows}
+
+
+def candidate_matrix(hh: dict) -> np.ndarray:
+    """(candidates, CANDIDATE_FEATURES) for one household."""
+    c = hh["candidates"]
+    n = hh["sessions"]
+    ll0 = min(r["loglik"] for r in c)
+    k0 = min(r["k"] for r in c)
+    return np.array([[(r["loglik"] - ll0) / n, r["charge"] / n, r["k"] - k0,
+                      float(np.clip(r["hours_z_min"], -3, 8)), float(np.clip(r["who_z_min"], -3, 12)),
+                      r["smallest_share"] * r["k"], r["born"]] for r in c])
+
+
+class CandidateLogit:
+    """Conditional logit: P(candidate) ∝ exp(w · standardised features); trained to put
+    its mass on the candidates with the true number of persons (L2 ``l2``)."""
+
+    def __init__(self, l2: float = 1.0) -> None:
+        self.l2 = l2
+
+    def fit(self, hhs: list[dict]) -> CandidateLogit:
+        data = [(candidate_matrix(h), np.array([r["k"] == h["true"] for r in h["candidates"]])) for h in hhs]
+        data = [(A, y) for A, y in data if y.any() and not y.all()]
+        stacked = np.concatenate([A for A, _ in data])
+        self.mu, self.sd = stacked.mean(axis=0), stacked.std(axis=0) + 1e-9
+
+        def loss(w):
+            total, grad = self.l2 * (w @ w), 2.0 * self.l2 * w
+            for A, y in data:
+                Z = (A - self.mu) / self.sd
+                s = Z @ w
+                p = np.exp(s - s.max())
+                p /= p.sum()
+                py = p[y].sum()
+                total -= np.log(py + 1e-300)
+                grad -= (np.where(y, p, 0.0) / (py + 1e-300) - p) @ Z
+            return total, grad
+        self.w = minimize(loss, np.zeros(stacked.shape[1]), jac=True, method="L-BFGS-B").x
+        return self
+
+    def choose(self, hh: dict) -> dict:
+        return hh["candidates"][int((((candidate_matrix(hh) - self.mu) / self.sd) @ self.w).argmax())]
+
+
+def _bic_choice(hh: dict) -> dict:
+    return min(hh["candidates"], key=lambda r: r["bic"])
+
+
+def _best_at(hh: dict, k: int) -> dict | None:
+    at = [r for r in hh["candidates"] if r["k"] == k]
+    return min(at, key=lambda r: r["bic"]) if at else None
+
+
+def _step_features(hh: dict) -> np.ndarray:
+    b = _bic_choice(hh)
+    f = [np.log(hh["sessions"]), float(hh["device_first"]), b["k"], float(np.clip(b["hours_z_min"], -3, 8)),
+         float(np.clip(b["who_z_min"], -3, 12)), b["smallest_share"] * b["k"]]
+    for k in (b["k"] + 1, b["k"] - 1):
+        c = _best_at(hh, k)
+        f += ([10.0, 8.0, 12.0, 1.0, 0.0] if c is None else
+              [(c["bic"] - b["bic"]) / hh["sessions"], float(np.clip(c["hours_z_min"], -3, 8)),
+               float(np.clip(c["who_z_min"], -3, 12)), c["smallest_share"] * c["k"], 1.0])
+    return np.array(f)
+
+
+class StepRule:
+    """Logistic regression of sign(true k - BIC's k) on the BIC choice and its
+    neighbours; moves to the best-BIC candidate at k -/+ 1 when it says so."""
+
+    def fit(self, hhs: list[dict]) -> StepRule:
+        y = np.array([int(np.sign(h["true"] - _bic_choice(h)["k"])) for h in hhs])
+        self.clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.3, max_iter=2000))
+        self.clf.fit(np.array([_step_features(h) for h in hhs]), y)
+        return self
+
+    def choose(self, hh: dict) -> dict:
+        b = _bic_choice(hh)
+        step = int(self.clf.predict(_step_features(hh)[None])[0])
+        return (_best_at(hh, b["k"] + step) or b) if step else b
+
+
+RULES = {"learned_candidate": CandidateLogit, "learned_step": StepRule}
+
+
+def score(hhs: list[dict], choose) -> dict:
+    chosen = [choose(h) for h in hhs]
+    return {"households": len(hhs),
+            "size_exact": round(float(np.mean([c["k"] == h["true"] for c, h in zip(chosen, hhs)])), 3),
+            "under": int(sum(c["k"] < h["true"] for c, h in zip(chosen, hhs))),
+            "over": int(sum(c["k"] > h["true"] for c, h in zip(chosen, hhs))),
+            "candidate_accuracy": round(float(np.mean([c["accuracy"] for c in chosen])), 3)}
+
+
+def evaluate(a: list[dict], b: list[dict]) -> dict:
+    """Every rule on worlds A (leave-one-family-out) and across A <-> B."""
+    out: dict = {"fitted_model": {name: {"size_exact": round(float(np.mean([h["fitted"] == h["true"] for h in s])), 3),
+                                         "accuracy": round(float(np.mean([h["fitted_accuracy"] for h in s])), 3)}
+                                  for name, s in (("A", a), ("B", b)) if s},
+                 "reachable": round(float(np.mean([any(r["k"] == h["true"] for r in h["candidates"])
+                                                   for h in a])), 3)}
+    for path, keep in (("all", lambda h: True), ("device_first", lambda h: h["device_first"]),
+                       ("shared_only", lambda h: not h["device_first"])):
+        sa, sb = [h for h in a if keep(h)], [h for h in b if keep(h)]
+        block = {"bic": {"A": score(sa, _bic_choice), **({"B": score(sb, _bic_choice)} if sb else {})}}
+        for name, rule in RULES.items():
+            lofo = {}
+            for fam in sorted({h["family"] for h in sa}):
+                test = [h for h in sa if h["family"] == fam]
+                train = [h for h in sa if h["family"] != fam]
+                if len(test) >= 5 and len(train) >= 10:
+                    lofo[fam] = {"rule": score(test, rule().fit(train).choose), "bic": score(test, _bic_choice)}
+            block[name] = {"A_in_sample": score(sa, rule().fit(sa).choose), "A_leave_one_family_out": lofo}
+            if sb:
+                block[name]["train_A_test_B"] = score(sb, rule().fit(sa).choose)
+                block[name]["train_B_test_A"] = score(sa, rule().fit(sb).choose)
+        out[path] = block
+    return out
+
+
+def _worlds(spec: str) -> list[worlds.WorldHousehold]:
+    lo, hi = (int(x) for x in spec.split(":"))
+    hs = worlds.generate(worlds.TUNING, worlds_per_family=hi)
+    return [h for h in hs if lo <= int(h.world_id.rsplit("-w", 1)[1]) < hi]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--worlds", default="0:4", help="TUNING worlds A (per family), lo:hi")
+    ap.add_argument("--other-worlds", default="4:8", help="fresh TUNING-seed worlds B, lo:hi ('' for none)")
+    ap.add_argument("--workers", type=int, default=1)
+    args = ap.parse_args()
+    t0 = time.time()
+    with ProcessPoolExecutor(args.workers) as pool:
+        a = list(pool.map(household_candidates, _worlds(args.worlds)))
+        b = list(pool.map(household_candidates, _worlds(args.other_worlds))) if args.other_worlds else []
+    report = {"worlds_A": args.worlds, "worlds_B": args.other_worlds, **evaluate(a, b),
+              "elapsed_s": round(time.time() - t0, 1)}
+    for path in ("all", "device_first", "shared_only"):
+        for name, r in report[path].items():
+            if name == "bic":
+                print(f"{path:13s} bic               A {r['A']}  B {r.get('B')}")
+            else:
+                print(f"{path:13s} {name:17s} LOFO {[(f, v['rule']['size_exact'], v['bic']['size_exact']) for f, v in r['A_leave_one_family_out'].items()]}"
+                      f"  A->B {r.get('train_A_test_B', {}).get('size_exact')}  B->A {r.get('train_B_test_A', {}).get('size_exact')}")
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""What the feedback service fits (fit_feedback_calibrator): a shrunk shift of the
+confidence level, per model-age segment and kind of answer a further shrunk shift, and a
+map of the shape only when it beats the level out of fold by SHAPE_GATE_SE standard errors."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from services.common.calibration import Calibrator
+from services.feedback.domain.evaluation import synthetic_stream
+from services.feedback.domain.metrics import expected_calibration_error
+from services.feedback.domain.recalibration import (
+    LEVEL_PRIOR,
+    FeedbackSample,
+    fit_feedback_calibrator,
+    fit_level_calibrator,
+    level_calibrator,
+)
+
+
+def _two_person(n: int, seed: int, bias: float):
+    """Two-person answers whose confidence is ``bias`` above how often they are right."""
+    rng = np.random.default_rng(seed)
+    c = rng.uniform(0.55, 0.95, n)
+    right = rng.random(n) < np.clip(c - bias, 0, 1)
+    return np.c_[c, 1 - c], right.astype(float)
+
+
+def test_the_level_shift_is_the_mean_miss_shrunk_by_its_prior():
+    probs, right = _two_person(400, 1, bias=0.15)
+    cal = fit_level_calibrator(FeedbackSample.create(probs, correct=right))
+    expected = float(np.sum(right - probs.max(axis=1)) / (400 + LEVEL_PRIOR))
+    assert abs(cal.training["shift"] - expected) < 1e-6 and expected < -0.1
+    out = cal.apply(probs)
+    # ... floored where the runner-up would tie (who it is never changes)
+    np.testing.assert_allclose(out.max(axis=1), np.maximum(probs.max(axis=1) + expected, 0.5), atol=1e-6)
+    assert (out.argmax(axis=1) == probs.argmax(axis=1)).all()
+    # A one-person answer moves by the same shift; padding stays padding.
+    one = cal.apply(np.array([[0.8, 0.0, 0.0]]))
+    assert abs(one[0, 0] - (0.8 + expected)) < 1e-6 and not one[0, 1:].any()
+
+
+def test_a_calibrated_sample_barely_moves_and_more_feedback_moves_it_further():
+    probs, right = _two_person(300, 2, bias=0.0)
+    assert abs(fit_level_calibrator(FeedbackSample.create(probs, correct=right)).training["shift"]) < 0.03
+    few, many = (fit_level_calibrator(FeedbackSample.create(*_two_person(n, 3, bias=0.2)[:1],
+                                                            correct=_two_person(n, 3, bias=0.2)[1]))
+                 for n in (50, 2000))
+    assert -0.2 < many.training["shift"] < few.training["shift"] < -0.02
+
+
+def test_per_age_and_kind_shifts_move_from_the_common_one_only_as_far_as_their_feedback_says():
+    young, young_right = _two_person(600, 4, bias=0.2)      # young models over-confident
+    mature, mature_right = _two_person(600, 5, bias=0.0)    # mature ones calibrated
+    probs = np.vstack([young, mature])
+    right = np.concatenate([young_right, mature_right])
+    ages = np.r_[np.full(600, 30), np.full(600, 400)]
+    cal = fit_level_calibrator(FeedbackSample.create(probs, correct=right), ages)
+    two = np.array([[0.8, 0.2]])
+    young_conf, mature_conf = cal.apply(two, [30])[0, 0], cal.apply(two, [400])[0, 0]
+    assert young_conf < mature_conf - 0.05
+    assert abs(mature_conf - 0.8) < 0.08
+    again = Calibrator.from_json(cal.to_json())
+    np.testing.assert_allclose(again.apply(probs, ages), cal.apply(probs, ages))
+
+
+def test_a_distortion_of_the_shape_passes_the_gate_and_a_level_one_does_not():
+    # Much feedback from a strongly over-confident model (temperature-type distortion):
+    # a map of the shape beats a level shift by far.
+    stream = synthetic_stream(3000, seed=11, variant_distortion={"m": 0.3}, cold_start_rate=0.0)
+    right = (stream.probs.argmax(axis=1) == stream.labels).astype(float)
+    sample = FeedbackSample.create(stream.probs, labels=stream.labels, correct=right)
+    shaped = fit_feedback_calibrator(sample, np.full(3000, 400))
+    gate = shaped.training["gate"]
+    assert gate["shape_gain"] > gate["gate_se"] * gate["shape_gain_se"]
+    assert shaped.method in ("temperature", "isotonic") and shaped.training.get("method") != "level"
+    before = expected_calibration_error(stream.probs.max(axis=1), right)
+    after = expected_calibration_error(shaped.apply(stream.probs, np.full(3000, 400)).max(axis=1), right)
+    assert after < before / 2
+    # Answers off by a constant: the level shift is all there is to fix.
+    probs, right = _two_person(400, 6, bias=0.1)
+    level = fit_feedback_calibrator(FeedbackSample.create(probs, correct=right), np.full(400, 400))
+    assert level.training["method"] == "level" and level.training["shift"] < -0.05
+
+
+def test_a_level_calibrator_is_identity_at_no_shift():
+    cal = level_calibrator(0.0)
+    probs = np.array([[0.7, 0.3], [0.6, 0.0]])
+    np.testing.assert_allclose(cal.apply(probs), probs)
