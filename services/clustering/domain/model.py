@@ -115,9 +115,18 @@ RESELECT_HYSTERESIS = 40.0  # BIC units a new person count must win by (stable i
 # issue #10 states, <= 1 false alarm per household per quarter: detection within 30
 # sessions 0.40 at 0.36 false alarms (JOIN_MIN_RATIO 2: 0.48 at 0.99, at the budget's
 # edge; change points up to 40 back: 0.32 at 0.18).
-CHANGE_GLR_H = 4.0        # log-likelihood ratio (nats) a share change must reach
+# Re-chosen 2026-12-04 on two TUNING seeds pooled (20260001 + 20260002: 46 changes, 88
+# stable household-quarters; `bench.stream_tuning --trace --no-birth`, swept offline):
+# the most detection at <= 1 false alarm per household-quarter is a leave bar of 6 nats
+# (joins stay at 4) and change points from 10 sessions of history on (40: the 11 of 25
+# seed-1 changes before session 40 could not be seen): 0.43 at 0.90, against 0.50 at 1.64
+# with the earlier 4 / 4 / 40 (leave bar 4 with history 10: 0.52 at 1.32). The newcomer
+# test keeps 40 (BIRTH_MIN_HISTORY: at 10 it split a single-person stream), which the
+# offline replay puts at 0.37 at 0.81 pooled (0.56 at 0.59 seed 1, 0.14 at 1.01 seed 2).
+CHANGE_GLR_H = 4.0        # log-likelihood ratio (nats) a join's share change must reach
+LEAVE_GLR_H = 6.0         # ... and a leave's (a person's share falls by chance more often)
 CHANGE_LOOKBACK = (10, 15, 20, 25, 30)  # candidate change points: sessions back from the newest
-CHANGE_MIN_HISTORY = 40   # buffered sessions before a change point (the "before" segment)
+CHANGE_MIN_HISTORY = 10   # buffered sessions before a change point (the "before" segment)
 JOIN_MIN_SESSIONS = 4.0   # a newcomer's expected sessions since the change point
 JOIN_MIN_RATIO = 8.0      # a newcomer's share after / before the change point
 LEAVE_MIN_OLD_SHARE = 0.1  # a leaver's share before the change point
@@ -131,6 +140,9 @@ LEAVE_MAX_RATIO = 0.25    # a leaver's share after / before the change point
 # false alarms per household-quarter; 4 / 0: 0.48 at 0.90; 6 / 3: 0.44 at 0.45; without
 # the newcomer test 0.40 (join 0.38) at 0.36.
 BIRTH_GLR_H = 5.0
+# The newcomer test keeps 40 sessions before its change points: with the share test's 10
+# it split single-person TUNING streams (bing2h1) at 20-40 sessions.
+BIRTH_MIN_HISTORY = 40
 BIRTH_MIN_GAIN = 3.0
 STREAM_GROUP_MIN_Z = 3.0  # streaming refits: two devices are two persons only this far above chance
 STREAM_GROUP_YOUNG = 60   # ... while the buffer holds fewer sessions than this
@@ -1047,7 +1059,7 @@ class HouseholdModel:
             return
         X = self._buffer_X()
         n = X.shape[0]
-        looks = [r for r in CHANGE_LOOKBACK if n - r >= CHANGE_MIN_HISTORY]
+        looks = [r for r in CHANGE_LOOKBACK if n - r >= BIRTH_MIN_HISTORY]
         if not looks:
             return
         k = mix.n_components
@@ -1107,7 +1119,7 @@ class HouseholdModel:
         person's share rose at least JOIN_MIN_RATIO-fold, with >= JOIN_MIN_SESSIONS
         sessions since; a leave: a common person (>= LEAVE_MIN_OLD_SHARE) whose share
         fell to at most LEAVE_MAX_RATIO of it. Each is reported once, as a composition event, when
-        the ratio reaches CHANGE_GLR_H.
+        the ratio reaches CHANGE_GLR_H (a join) or LEAVE_GLR_H (a leave).
 
         Why a share test and not the refits' person count: a refit also splits one
         person's sessions by kind or renames persons (each was a false alarm), and
@@ -1123,7 +1135,7 @@ class HouseholdModel:
             if join_llr[j] >= CHANGE_GLR_H and pid not in self.joined:
                 self.joined.add(pid)
                 self._composition_event("join", born=[pid], gone=[])
-            if leave_llr[j] >= CHANGE_GLR_H and pid not in self.inactive:
+            if leave_llr[j] >= LEAVE_GLR_H and pid not in self.inactive:
                 self.inactive.add(pid)
                 self._composition_event("leave", born=[], gone=[pid])
             elif pid in self.inactive and since[j] >= 2.0:
