@@ -32,11 +32,14 @@ from sklearn.model_selection import StratifiedKFold
 from bench._clustering_eval import brier_ece_parts, ece, match, matched_correct
 from bench.worlds import PERSONAL_TYPES, WorldHousehold
 from services.clustering.domain import features as F
-from services.clustering.domain.model import HouseholdModel
+from services.clustering.domain.model import CHANGE_LOOKBACK, CHANGE_MIN_HISTORY, HouseholdModel
 
 STREAM_BATCH = 5          # sessions per arrival in the streaming run
 DETECTION_WINDOW = 30     # sessions after a change within which detection counts
-WARMUP_SESSIONS = 40      # composition events before this are model building, not alarms
+# Composition events from the first session the share test can fire at (a change point
+# with CHANGE_MIN_HISTORY sessions before it and the nearest lookback after it) count as
+# false alarms in a stable household; 40 while that was later than 40.
+WARMUP_SESSIONS = min(40, CHANGE_MIN_HISTORY + min(CHANGE_LOOKBACK) - 1)
 QUARTER_S = 91 * 86_400.0
 
 
@@ -317,8 +320,10 @@ def gap_closed(acc: float, majority_acc: float, oracle_acc: float) -> float | No
     return float((acc - majority_acc) / gap) if gap > 1e-9 else None
 
 
-def composition_scores(hs: list[WorldHousehold], events: list[list[tuple[int, str]] | None]) -> dict:
-    """``events`` None for a household = not run (excluded)."""
+def composition_scores(hs: list[WorldHousehold], events: list[list[tuple[int, str]] | None],
+                       warmup: int = WARMUP_SESSIONS) -> dict:
+    """``events`` None for a household = not run (excluded). False alarms are counted,
+    and household-quarters measured, from session ``warmup`` on."""
     detected, delays, by_kind = [], [], {"join": [], "leave": []}
     false_alarms, quarters = 0, 0.0
     for h, evs in zip(hs, events):
@@ -333,9 +338,9 @@ def composition_scores(hs: list[WorldHousehold], events: list[list[tuple[int, st
             if ok:
                 delays.append(hits[0] - c.session_index)
         else:
-            if h.n_sessions > WARMUP_SESSIONS:
-                false_alarms += sum(1 for i, _ in evs if i > WARMUP_SESSIONS)
-                span = h.start_ts[-1] - h.start_ts[WARMUP_SESSIONS]
+            if h.n_sessions > warmup:
+                false_alarms += sum(1 for i, _ in evs if i > warmup)
+                span = h.start_ts[-1] - h.start_ts[warmup]
                 quarters += max(span, 0.0) / QUARTER_S
     return {
         "detection_rate": float(np.mean(detected)) if detected else None,

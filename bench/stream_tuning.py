@@ -1,17 +1,23 @@
 """Tuning harness for streaming and composition change, on the TUNING worlds only.
 
-``python -m bench.stream_tuning [--households N] [--workers W] [--trace]`` streams the
-TUNING split's households (bench/worlds.py, seed 20260001; every household with a
-member joining or leaving, then stable ones up to N) through ``HouseholdModel.update``
-five sessions at a time, as ``bench/_worlds_eval.hearth_stream`` does, and prints on the
-last line a JSON object: streaming session accuracy, single-person kept, and join/leave
-detection within 30 sessions with false alarms per household-quarter
-(``_worlds_eval.composition_scores``), plus per-household traces. ``--trace`` also
-records, at every check of the persons, the newcomer test's figures
-(``HouseholdModel.birth_statistics``) and the share test's largest join and leave
-ratios, so thresholds can be swept offline (``sweep``): up to the first event of a
-household the stream does not depend on them. It never reads the REPORTING split:
-choices are made here, figures are reported by ``python -m bench.accuracy --worlds-only``.
+``python -m bench.stream_tuning [--households N] [--workers W] [--trace] [--no-birth]``
+streams the TUNING split's households (bench/worlds.py, seed 20260001; every household
+with a member joining or leaving, then stable ones up to N; ``--seed`` for extra
+TUNING-seed worlds) through ``_worlds_eval.stream_steps`` — the loop the accuracy bench
+uses — and prints on the last line a JSON object: streaming session accuracy,
+single-person kept, and join/leave detection within 30 sessions with false alarms per
+household-quarter (``_worlds_eval.composition_scores``), plus per-household traces.
+
+``--trace`` also records, at every check of the persons, each person's posterior mass
+before and after every candidate change point (``TRACE_LOOKBACK`` sessions back, at
+least ``TRACE_MIN_HISTORY`` sessions before it) and the newcomer test's figures
+(``HouseholdModel.birth_statistics``). The share test only reads the model, so with the
+newcomer test off (``--no-birth``: it still computes its figures, it only never adds a
+person) the stream does not depend on any composition threshold, and ``sweep`` replays
+``_detect_composition`` exactly for any thresholds (the newcomer test's firing is then
+approximated: where it would have fired, without the person it would have added).
+It never reads the REPORTING split: choices are made here, figures are reported by
+``python -m bench.accuracy --worlds-only``.
 """
 
 from __future__ import annotations
@@ -20,44 +26,51 @@ import argparse
 import json
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
 from bench import _worlds_eval as E
 from bench import worlds
 from bench._clustering_eval import matched_correct
-from services.clustering.domain.model import HouseholdModel
+from services.clustering.domain import model as model_module
+
+TRACE_LOOKBACK = (10, 15, 20, 25, 30, 40)
+TRACE_MIN_HISTORY = 10
 
 
-def _stream(h: worlds.WorldHousehold, trace: bool) -> tuple[np.ndarray, list, list]:
-    m = HouseholdModel()
-    ids, events, checks = [], [], []
-    for a in range(0, h.n_sessions, E.STREAM_BATCH):
-        b = min(a + E.STREAM_BATCH, h.n_sessions)
-        before = len(m.composition_events)
-        m.birth_statistics = None
-        m.update(h.features[a:b], device_ids=h.device_id[a:b])
-        events += [(b, ev["kind"]) for ev in m.composition_events[before:]]
-        if trace and m.mixture is not None and m.since_check == 0:
-            stats = m._composition_statistics()
-            checks.append({"at": b, "persons": m.n_persons, "birth": m.birth_statistics,
-                           "join": float(stats[0].max()) if stats else 0.0,
-                           "leave": float(stats[1].max()) if stats else 0.0})
-        out = m.assign_batch(h.features[a:b], device_ids=h.device_id[a:b])
-        ids += [out.person_ids[int(i)] for i in out.person_index]
-    names = {n: i for i, n in enumerate(sorted(set(ids)))}
-    return np.array([names[i] for i in ids]), events, checks
+def _masses(m: model_module.HouseholdModel) -> dict | None:
+    """Per person and candidate change point: posterior mass before / after it."""
+    mix = m.mixture
+    if mix is None:
+        return None
+    X = m._buffer_X()
+    n = X.shape[0]
+    P = mix.predict_proba(X)
+    cum = np.vstack((np.zeros((1, P.shape[1])), np.cumsum(P, axis=0)))
+    looks = [r for r in TRACE_LOOKBACK if n - r >= TRACE_MIN_HISTORY]
+    return {"n": n, "ids": list(m.person_ids),
+            "old": {str(r): cum[n - r].round(4).tolist() for r in looks},
+            "new": {str(r): (cum[n] - cum[n - r]).round(4).tolist() for r in looks}}
 
 
 def _one(h: worlds.WorldHousehold, trace: bool = False) -> dict:
-    labels, events, checks = _stream(h, trace)
+    ids, events, checks = [], [], []
+    for a, b, m, out, new_events in E.stream_steps(h):
+        events += [(b, ev["kind"]) for ev in new_events]
+        if trace and m.mixture is not None and m.since_check == 0 and b >= 2 * model_module.MIN_SESSIONS:
+            checks.append({"at": b, "persons": m.n_persons, "birth": m.birth_statistics, **(_masses(m) or {})})
+        m.birth_statistics = None
+        ids += [out.person_ids[int(i)] for i in out.person_index]
+    names = {n: i for i, n in enumerate(sorted(set(ids)))}
+    labels = np.array([names[i] for i in ids])
     change = h.changes[0] if h.changes else None
     t = h.start_ts
     quarters = (t[-1] - t[E.WARMUP_SESSIONS]) / E.QUARTER_S if h.n_sessions > E.WARMUP_SESSIONS else 0.0
+    correct = matched_correct(h.person, labels)
     return {"id": h.household_id, "family": h.family, "persons": h.n_persons, "sessions": h.n_sessions,
             "change": (change.kind, change.session_index) if change else None, "quarters": quarters,
-            "correct": matched_correct(h.person, labels).tolist(),
-            "accuracy": float(matched_correct(h.person, labels).mean()),
+            "correct": correct.tolist(), "accuracy": float(correct.mean()),
             "ids_used": int(np.unique(labels).size), "events": events, "checks": checks}
 
 
@@ -69,37 +82,95 @@ def select(hs: list[worlds.WorldHousehold], limit: int | None) -> list[worlds.Wo
     return changed + stable
 
 
-def sweep(outs: list[dict], join_h: float, min_gain: float, leave_h: float, gain_key: str = "gain",
-          share_join_h: float = 4.0) -> dict:
-    """Detection and false alarms had the thresholds been these (first event per household
-    exact; later events of a household approximated by the recorded checks)."""
-    hit, kinds, alarms, quarters = [], {"join": [], "leave": []}, 0, 0.0
-    for o in outs:
-        fired = [c["at"] for c in o["checks"]
-                 if (c["birth"] and c["birth"]["llr"] >= join_h and c["birth"][gain_key] >= min_gain)
-                 or c["leave"] >= leave_h or c["join"] >= share_join_h]
-        if o["change"]:
-            kind, at = o["change"]
-            ok = any(at <= f <= at + E.DETECTION_WINDOW for f in fired)
-            hit.append(ok)
-            kinds[kind].append(ok)
-        else:
-            alarms += min(len([f for f in fired if f > E.WARMUP_SESSIONS]), 1 + int(o["quarters"]))
-            quarters += o["quarters"]
-    return {"join_h": join_h, "min_gain": min_gain, "leave_h": leave_h, "detected": float(np.mean(hit)),
-            "join": float(np.mean(kinds["join"])), "leave": float(np.mean(kinds["leave"])),
-            "false_alarms_per_household_quarter": alarms / quarters}
+@dataclass(frozen=True)
+class Thresholds:
+    """The share test's and the newcomer test's thresholds (model.py names)."""
+    join_h: float = model_module.CHANGE_GLR_H
+    leave_h: float = model_module.LEAVE_GLR_H
+    min_history: int = model_module.CHANGE_MIN_HISTORY
+    lookback: tuple[int, ...] = model_module.CHANGE_LOOKBACK
+    join_min_sessions: float = model_module.JOIN_MIN_SESSIONS
+    join_min_ratio: float = model_module.JOIN_MIN_RATIO
+    leave_min_old_share: float = model_module.LEAVE_MIN_OLD_SHARE
+    leave_max_ratio: float = model_module.LEAVE_MAX_RATIO
+    birth_h: float = float("inf")
+    birth_min_gain: float = model_module.BIRTH_MIN_GAIN
+
+
+def _arrays(c: dict, r: int) -> tuple[np.ndarray, np.ndarray]:
+    cache = c.setdefault("_arrays", {})
+    if r not in cache:
+        cache[r] = (np.array(c["old"][str(r)]), np.array(c["new"][str(r)]))
+    return cache[r]
+
+
+def replay(o: dict, t: Thresholds) -> list[tuple[int, str]]:
+    """The composition events ``_detect_composition`` would have raised on this traced
+    stream with thresholds ``t`` (plus the newcomer test's, approximately)."""
+    joined, inactive, events = set(), set(), []
+    for c in o["checks"]:
+        if "n" not in c:
+            continue
+        n = c["n"]
+        looks = [r for r in t.lookback if n - r >= t.min_history and str(r) in c["old"]]
+        b = c["birth"]
+        if b and b["llr"] >= t.birth_h and b["gain"] >= t.birth_min_gain and n - max(t.lookback) >= 0:
+            events.append((c["at"], "join"))
+        if not looks or (len(c["ids"]) < 2 and not inactive):
+            continue
+        join = np.zeros(len(c["ids"]))
+        leave = np.zeros(len(c["ids"]))
+        for r in looks:
+            old, new = _arrays(c, r)
+            llr = model_module._share_change_llr(old, n - r, new, r)
+            share_old, share_new = old / (n - r), new / r
+            up = (new >= t.join_min_sessions) & (share_new >= t.join_min_ratio * share_old)
+            down = (share_old >= t.leave_min_old_share) & (share_new <= t.leave_max_ratio * share_old)
+            join = np.maximum(join, np.where(up, llr, 0.0))
+            leave = np.maximum(leave, np.where(down, llr, 0.0))
+        since = np.array(c["new"][str(looks[0])])
+        for j, pid in enumerate(c["ids"]):
+            if join[j] >= t.join_h and pid not in joined:
+                joined.add(pid)
+                events.append((c["at"], "join"))
+            if leave[j] >= t.leave_h and pid not in inactive:
+                inactive.add(pid)
+                events.append((c["at"], "leave"))
+            elif pid in inactive and since[j] >= 2.0:
+                inactive.discard(pid)
+    return events
+
+
+def sweep(outs: list[dict], hs: list[worlds.WorldHousehold], t: Thresholds) -> dict:
+    """composition_scores had the thresholds been ``t`` (traces of a --trace run); false
+    alarms counted from the first session the share test can fire at, when that is
+    before the bench's warm-up."""
+    warmup = min(E.WARMUP_SESSIONS, t.min_history + min(t.lookback) - 1)
+    return E.composition_scores(hs, [replay(o, t) for o in outs], warmup=warmup)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--households", type=int, default=None,
-                    help="changed households plus stable ones up to this many (default: all 144)")
+                    help="changed households plus stable ones up to this many (default: all)")
+    ap.add_argument("--seed", type=int, default=worlds.TUNING.seed,
+                    help="TUNING-split seed (default the TUNING split; never the REPORTING seed)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--trace", action="store_true")
+    ap.add_argument("--no-birth", action="store_true", help="the newcomer test computes but never adds a person")
+    ap.add_argument("--min-history", type=int, default=None, help="override CHANGE_MIN_HISTORY for this run")
+    ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
+    if args.seed == worlds.REPORTING.seed:
+        raise SystemExit("--seed: the REPORTING seed is never used for tuning")
+    if args.no_birth:
+        model_module.BIRTH_GLR_H = float("inf")
+    if args.min_history is not None:
+        model_module.CHANGE_MIN_HISTORY = args.min_history
     t0 = time.time()
-    hs = select(worlds.generate(worlds.TUNING), args.households)
+    split = worlds.TUNING if args.seed == worlds.TUNING.seed else worlds.Split(
+        **{**worlds.TUNING.__dict__, "seed": args.seed})
+    hs = select(worlds.generate(split), args.households)
     traces = [args.trace] * len(hs)
     if args.workers > 1:
         with ProcessPoolExecutor(args.workers) as pool:
@@ -109,11 +180,16 @@ def main() -> None:
     scores = E.composition_scores(hs, [o["events"] for o in outs])
     correct = np.concatenate([o["correct"] for o in outs])
     single = [o["ids_used"] == 1 for o in outs if o["persons"] == 1]
-    print(json.dumps({"split": "tuning", "households": len(hs), "streaming_accuracy": float(correct.mean()),
+    doc = json.dumps({"split": "tuning", "seed": args.seed, "households": len(hs),
+                      "streaming_accuracy": float(correct.mean()),
                       "single_person_kept": float(np.mean(single)) if single else None,
                       "composition_change": scores,
                       "households_detail": [{k: v for k, v in o.items() if k != "correct"} for o in outs],
-                      "elapsed_s": round(time.time() - t0, 1)}))
+                      "elapsed_s": round(time.time() - t0, 1)})
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(doc + "\n")
+    print(doc)
 
 
 if __name__ == "__main__":
