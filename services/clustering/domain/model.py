@@ -224,7 +224,7 @@ SINGLE_PERSON_CONFIDENCE = 0.8467
 # * whether it was fitted on every session at once or has folded sessions in since
 #   (HouseholdModel.streamed: more sessions folded in than fitted). At the same
 #   posterior a streamed answer
-#   is right less often (TUNING, models of >= 60 sessions: 0.713 at confidence 0.81 vs
+#   is right less often (TUNING, models of >= 60 sessions: 0.714 at confidence 0.81 vs
 #   0.769 at 0.79, at the last refit), and a streamed one-person model far less often (0.68 vs 0.95): a fit
 #   on every session keeps one person almost only for a one-person household, a stream
 #   has one person until it meets the second. Pooling the two made streams
