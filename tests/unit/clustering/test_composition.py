@@ -122,3 +122,37 @@ def test_no_newcomer_is_born_in_a_stable_tv_only_household():
     _, X, dev, _ = household(parts)
     _, events = _stream(X, dev)
     assert events == []
+
+
+def test_the_offline_replay_applies_the_join_and_leave_bars_once_per_person():
+    """bench.stream_tuning.replay re-runs _detect_composition's decisions on traced
+    masses: a person whose share went 0 -> 8 of 10 is a join at the join bar, one whose
+    share went 40 % -> 0 a leave only at a leave bar it reaches, each reported once."""
+    from bench import stream_tuning as S
+
+    check = {"at": 60, "n": 60, "ids": ["p1", "p2", "p3"], "birth": None,
+             "old": {"10": [30.0, 0.0, 20.0]}, "new": {"10": [2.0, 8.0, 0.0]}}
+    trace = {"checks": [check, {**check, "at": 70}]}
+    llr = _share_change_llr(np.array([0.0, 20.0]), 50, np.array([8.0, 0.0]), 10)
+    both = S.replay(trace, S.Thresholds(join_h=4.0, leave_h=float(llr[1]) - 0.1, lookback=(10,)))
+    assert both == [(60, "join"), (60, "leave")]
+    only_join = S.replay(trace, S.Thresholds(join_h=4.0, leave_h=float(llr[1]) + 0.1, lookback=(10,)))
+    assert only_join == [(60, "join")]
+    assert S.replay(trace, S.Thresholds(min_history=51, lookback=(10,))) == []   # too little before
+
+
+def test_drift_is_scored_per_household_quarter_beside_baselines():
+    """bench.accuracy._drift_scores: the first alarm at or after the change is a detection
+    (its delay counted); an earlier one is a miss; every alarm of a stable household is a
+    false alarm, per 91 monitored days."""
+    from bench.accuracy import _drift_scores
+
+    runs = [("behavioural", 100, [90, 130], 50.0),   # first alarm before the change: missed
+            ("sudden", 100, [110], 50.0),            # found after 10 sessions
+            (None, None, [60, 80], 91.0),            # two false alarms in one quarter
+            (None, None, [], 91.0)]
+    s = _drift_scores(runs)
+    assert s["detection_rate"] == 0.5
+    assert s["detection_rate_by_type"]["behavioural"] == 0.0 and s["detection_rate_by_type"]["sudden"] == 1.0
+    assert s["mean_delay_sessions"]["sudden"] == 10.0
+    assert s["false_alarms_per_household_quarter"] == 1.0 and s["stable_household_quarters"] == 2.0
