@@ -50,7 +50,8 @@ from services.clustering.domain.gmm import (
 )
 from services.clustering.domain.kmeans import IncrementalKMeans, fit_select_k_kmeans, kmeans_plus_plus
 from services.clustering.domain.persons import (
-    hour_seedings, merge_by_viewing_hours, novel_sessions, personal_device_groups,
+    MERGE_AUC, _standardised, hour_seedings, loo_auc, merge_by_viewing_hours, novel_sessions,
+    person_features, personal_device_groups,
 )
 from services.clustering.domain.placement import discriminative_responsibilities
 
@@ -143,6 +144,15 @@ BIRTH_GLR_H = 5.0
 # The newcomer test keeps 40 sessions before its change points: with the share test's 10
 # it split single-person TUNING streams (bing2h1) at 20-40 sessions.
 BIRTH_MIN_HISTORY = 40
+TRACE_ANCHORED = False  # bench/stream_tuning --trace: record the new-device newcomer test's figures
+# A newcomer with a device of their own (HouseholdModel._newcomer_on_new_device). TUNING
+# worlds, seeds 20260001 + 20260002 (docs/clustering.md, "A newcomer's own device").
+NEW_DEVICE_LOOKBACK = (10, 20, 30)  # windows: the last r sessions
+NEW_DEVICE_MIN_HISTORY = 10  # sessions before the window
+NEW_DEVICE_MIN_SESSIONS = 5  # sessions in the window on devices first seen in it
+NEW_DEVICE_MIN_MASS = 3.0    # the newcomer's sessions in the window
+NEW_DEVICE_GAIN = 30.0       # nats above the best earlier window's gain
+NEW_DEVICE_QUIET = 30        # sessions after a reported join in which this test does not run
 BIRTH_MIN_GAIN = 3.0
 STREAM_GROUP_MIN_Z = 3.0  # streaming refits: two devices are two persons only this far above chance
 STREAM_GROUP_YOUNG = 60   # ... while the buffer holds fewer sessions than this
@@ -856,7 +866,10 @@ class HouseholdModel:
                     self.since_check = 0
                     if not self._refit_on_device_evidence():
                         self._reselect()
+                    persons = self.mixture.n_components
                     self._birth_of_newcomer()
+                    if self.mixture.n_components == persons:
+                        self._newcomer_on_new_device()
                     self._detect_composition()
             except MixtureNumericalError:
                 # Incremental step failed: k-means on the new sessions with as many
@@ -1061,6 +1074,10 @@ class HouseholdModel:
         n = X.shape[0]
         looks = [r for r in CHANGE_LOOKBACK if n - r >= BIRTH_MIN_HISTORY]
         if not looks:
+            if TRACE_ANCHORED and n - min(CHANGE_LOOKBACK) >= CHANGE_MIN_HISTORY:
+                lj = mix.log_joint(X)
+                self.birth_statistics = {"llr": 0.0, "mass": 0.0, "lookback": 0.0, "gain": 0.0,
+                                         "anchored": self._traced_new_device(X, lj.argmax(axis=1))}
             return
         k = mix.n_components
         window = max(looks)
@@ -1097,7 +1114,8 @@ class HouseholdModel:
         # session): a person split off by kind explains them barely better.
         theirs = recent[P[recent] > 0.5]
         gain = float((logsumexp(cand.log_joint(X[theirs]), axis=1) - fit_now[theirs]).mean()) if theirs.size else 0.0
-        self.birth_statistics = {"llr": best[0], "mass": best[1], "lookback": best[2], "gain": gain}
+        self.birth_statistics = {"llr": best[0], "mass": best[1], "lookback": best[2], "gain": gain,
+                                 "anchored": self._traced_new_device(X, current) if TRACE_ANCHORED else []}
         if best[0] < BIRTH_GLR_H or gain < BIRTH_MIN_GAIN:
             return
         old_ids = list(self.person_ids)
@@ -1110,6 +1128,143 @@ class HouseholdModel:
             self.joined.add(pid)
         if born:
             self._composition_event("join", born=born, gone=[])
+
+    def _window_newcomer(self, X: np.ndarray, current: np.ndarray, ll_ref: np.ndarray, a: int, b: int,
+                         rng: np.random.Generator) -> tuple[float, float, int, Mixture] | None:
+        """The buffer refitted with one more person who owns only sessions a..b-1, seeded
+        from the quarter of them the current persons (refitted: ``ll_ref``) explain
+        worst and from every session there on a device first seen in the window.
+        Returns (gain in nats over the buffer, the new person's sessions in the window,
+        sessions on first-seen devices in it, the mixture) or None when EM fails."""
+        n, k = X.shape[0], self.mixture.n_components
+        span = np.arange(a, b)
+        init = current.copy()
+        init[span[np.argsort(ll_ref[span])[:max(4, (b - a) // 4)]]] = k
+        new_dev = 0
+        if X.shape[1] == F.FEATURE_DIM + 1:
+            slots = np.rint(X[:, F.FEATURE_DIM]).astype(np.int64)
+            fresh = [sl for sl in set(slots[span].tolist()) - set(slots[:a].tolist()) if sl >= 0]
+            on_new = (np.arange(n) >= a) & (np.arange(n) < b) & np.isin(slots, fresh)
+            init[on_new] = k
+            new_dev = int(on_new.sum())
+        spans = np.tile(np.array([0, n]), (k + 1, 1))
+        spans[k] = (a, b)
+        try:
+            cand, _ = fit_em(X, k + 1, self.family, rng, keys=self.buffer_keys, init_labels=init,
+                             max_iter=40, spans=spans)
+        except (MixtureNumericalError, ValueError):
+            return None
+        lj = cand.log_joint(X)
+        lj[:a, k] = -np.inf
+        lj[b:, k] = -np.inf
+        lse = logsumexp(lj, axis=1)
+        return float((lse - ll_ref).sum()), float(np.exp(lj[span, k] - lse[span]).sum()), new_dev, cand
+
+    def _traced_new_device(self, X: np.ndarray, current: np.ndarray) -> list[dict]:
+        return [{k: v for k, v in st.items() if k != "_mixture"}
+                for st in self._new_device_statistics(X, current, every=True)]
+
+    def _new_device_statistics(self, X: np.ndarray, current: np.ndarray,
+                               every: bool = False) -> list[dict]:
+        """Per window length r in NEW_DEVICE_LOOKBACK (at least NEW_DEVICE_MIN_HISTORY
+        sessions before it): a newcomer who owns only the last r sessions
+        (_window_newcomer) against newcomers who own only one of the up to three
+        windows of r sessions before it (the same test where nobody joined: a binge
+        run or one member's busy week gains there as much). Only windows with at least
+        NEW_DEVICE_MIN_SESSIONS sessions on devices first seen in them, unless
+        ``every`` (the tuning trace)."""
+        n, k = X.shape[0], self.mixture.n_components
+        rng = np.random.default_rng(self.seed + n + 2)
+        out: list[dict] = []
+        ref = None
+        for r in NEW_DEVICE_LOOKBACK:
+            if n - r < NEW_DEVICE_MIN_HISTORY:
+                continue
+            if not every:
+                slots = np.rint(X[:, F.FEATURE_DIM]).astype(np.int64)
+                fresh = [sl for sl in set(slots[n - r:].tolist()) - set(slots[:n - r].tolist()) if sl >= 0]
+                if np.isin(slots[n - r:], fresh).sum() < NEW_DEVICE_MIN_SESSIONS:
+                    continue
+            if ref is None:
+                try:
+                    ref, _ = fit_em(X, k, self.family, rng, keys=self.buffer_keys, init_labels=current, max_iter=40)
+                except (MixtureNumericalError, ValueError):
+                    return out
+                ll_ref = logsumexp(ref.log_joint(X), axis=1)
+            now = self._window_newcomer(X, current, ll_ref, n - r, n, rng)
+            if now is None:
+                continue
+            earlier = [self._window_newcomer(X, current, ll_ref, n - (j + 1) * r, n - j * r, rng)
+                       for j in (1, 2, 3) if n - (j + 1) * r >= 0]
+            out.append({"r": r, "gain": round(now[0], 3), "mass": round(now[1], 3),
+                        "new_device_sessions": now[2], "gain_free": None,
+                        "earlier": [round(e[0], 3) for e in earlier if e is not None], "_mixture": now[3]})
+        return out
+
+    def _newcomer_on_new_device(self) -> None:
+        """A member who joined with a device of their own: sessions on a device first
+        seen in the last r sessions (at least NEW_DEVICE_MIN_SESSIONS) that one more
+        person owning only those r sessions explains by at least NEW_DEVICE_GAIN nats
+        more than such a person explains any earlier window of r sessions, taking at
+        least JOIN_MIN_SESSIONS - 1 of them. Not a phone replaced: a new device that
+        persons.personal_device_groups puts with a device seen before the window is an
+        existing member's. Kept: ids matched, the join reported at once (as
+        _birth_of_newcomer). Not within NEW_DEVICE_QUIET sessions of another join (the
+        newcomer just added is still on a "new" device)."""
+        mix = self.mixture
+        if mix is None or mix.n_components >= self.k_max:
+            return
+        X = self._buffer_X()
+        if X.shape[1] != F.FEATURE_DIM + 1 or not self._device_ids_known(X):
+            return
+        recent_join = [ev for ev in self.composition_events if ev["kind"] == "join"
+                       and self.n_sessions - int(ev["session_count"]) <= NEW_DEVICE_QUIET]
+        if recent_join:
+            return
+        n = X.shape[0]
+        current = mix.log_joint(X).argmax(axis=1)
+        for st in self._new_device_statistics(X, current):
+            null = max(st["earlier"], default=0.0)
+            if st["mass"] < NEW_DEVICE_MIN_MASS or st["gain"] - null < NEW_DEVICE_GAIN:
+                continue
+            if self._new_device_is_old_member(X, n - st["r"]):
+                return
+            old_ids = list(self.person_ids)
+            old_post = mix.predict_proba(X)
+            cand = st["_mixture"]
+            cand.prune()
+            self.mixture = cand
+            self.person_ids = self._match_ids(old_ids, old_post, cand.predict_proba(X), [])
+            born = [pid for pid in self.person_ids if pid not in old_ids]
+            for pid in born:
+                self.joined.add(pid)
+            if born:
+                self._composition_event("join", born=born, gone=[])
+            return
+
+    def _new_device_is_old_member(self, X: np.ndarray, tau: int) -> bool:
+        """Do the sessions on devices first seen from ``tau`` on look like one current
+        person's sessions before ``tau`` — a phone replaced, or a second device of
+        someone already here, not a newcomer? Held-out test as persons.py's device
+        grouping: the leave-one-out AUC of telling them apart (who-features, no device
+        block) below persons.MERGE_AUC for some person (hard assignment by the model)."""
+        slots = np.rint(X[:, F.FEATURE_DIM]).astype(np.int64)
+        old_slots = set(slots[:tau].tolist())
+        fresh = [sl for sl in set(slots[tau:].tolist()) - old_slots if sl >= 0]
+        on_new = np.flatnonzero(np.isin(slots, fresh))
+        if on_new.size < 2:
+            return False
+        Z = _standardised(person_features(X[:, :F.FEATURE_DIM]))
+        owner = self.mixture.log_joint(X[:tau]).argmax(axis=1)
+        for j in np.unique(owner):
+            theirs = np.flatnonzero(owner == j)
+            if theirs.size < 2:
+                continue
+            rows = np.concatenate((on_new, theirs))
+            y = np.concatenate((np.ones(on_new.size), np.zeros(theirs.size)))
+            if loo_auc(Z[rows], y) < MERGE_AUC:
+                return True
+        return False
 
     def _detect_composition(self) -> None:
         """Did a member join or leave? Each person's share of the buffered sessions
