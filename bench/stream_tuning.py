@@ -16,6 +16,10 @@ newcomer test off (``--no-birth``: it still computes its figures, it only never 
 person) the stream does not depend on any composition threshold, and ``sweep`` replays
 ``_detect_composition`` exactly for any thresholds (the newcomer test's firing is then
 approximated: where it would have fired, without the person it would have added).
+``--trace`` also records the new-device newcomer test's figures for every window
+(``HouseholdModel._new_device_statistics``, even where it would not run) and ``replay``
+applies its ``anchored_*`` thresholds; ``--no-new-device`` turns that test off (the
+baseline it is compared with).
 It never reads the REPORTING split: choices are made here, figures are reported by
 ``python -m bench.accuracy --worlds-only``.
 """
