@@ -320,6 +320,7 @@ def calibrate_confidence(quick: bool) -> dict:
     out of sample for the households it will serve — on the TUNING worlds and the
     simulator's calibration seeds (500), never on the reporting worlds."""
     from sklearn.isotonic import IsotonicRegression
+    from sklearn.linear_model import LogisticRegression
     hs = worlds.generate(worlds.TUNING, worlds_per_family=1 if quick else 2,
                          households_per_world=4 if quick else 8)
     sim = simulate_population(10 if quick else 40, seed=500, difficulty=DIFFICULTY_LEVELS["default"])
@@ -358,9 +359,9 @@ def calibrate_device_confidence(quick: bool) -> dict:
       model.device_map_name (models of >= YOUNG_MODEL_SESSIONS sessions: fitted at once
       or streamed; younger models: one map);
     * ONE_PERSON_CONFIDENCE, per group (fitted at once; streamed and young, with the
-      cold-start answers; streamed and mature): the share of such answers that were
-      right, and a table by the devices the model knows (ONE_PERSON_DEVICE_EDGES), each
-      bucket shrunk toward the group's share by ONE_PERSON_PRIOR pseudo-answers.
+      cold-start answers; streamed and mature): a logistic regression of "the answer is
+      right" on the answer's one-person evidence (model.ONE_PERSON_EVIDENCE), L2 with
+      ONE_PERSON_C (scikit-learn's C).
     Printed in the form model.py holds them."""
     from concurrent.futures import ProcessPoolExecutor
 
@@ -375,18 +376,19 @@ def calibrate_device_confidence(quick: bool) -> dict:
     return {"households": len(hs), **fit_device_confidence(answers)}
 
 
-ONE_PERSON_PRIOR = 20.0
+ONE_PERSON_C = 1.0   # leave-one-world-out on TUNING: C = 0.1 and 1 alike (docs/clustering.md)
 YOUNG_MAP_KNOTS, MATURE_MAP_KNOTS = 11, 21   # grid of a map: fewer young answers
 
 
-def fit_device_confidence(answers: list[dict], one_person_prior: float = ONE_PERSON_PRIOR) -> dict:
+def fit_device_confidence(answers: list[dict], one_person_c: float = ONE_PERSON_C) -> dict:
     """calibrate_device_confidence's fit on raw answers (bench/_confidence.household_answers)."""
     from sklearn.isotonic import IsotonicRegression
+    from sklearn.linear_model import LogisticRegression
 
     from bench._confidence import COLD_ONE, MIXTURE
-    from services.clustering.domain.model import DEVICE_CONFIDENCE_MAPS, ONE_PERSON_DEVICE_EDGES, device_map_name
+    from services.clustering.domain.model import DEVICE_CONFIDENCE_MAPS, ONE_PERSON_EVIDENCE, device_map_name
     multi: dict[str, tuple[list, list]] = {name: ([], []) for name in DEVICE_CONFIDENCE_MAPS}
-    one: dict[str, list] = {name: [] for name in ("fitted", "young", "mature")}   # (devices, right)
+    one: dict[str, list] = {name: [] for name in ("fitted", "young", "mature")}   # (evidence..., right)
     for ans in answers:
         for a in (ans["batch"], ans["stream"]):
             live = (a.P > 0).sum(axis=1)
@@ -401,8 +403,7 @@ def fit_device_confidence(answers: list[dict], one_person_prior: float = ONE_PER
             rows = a.device & (((a.kind == MIXTURE) & (live <= 1)) | cold)
             for name, sel in (("fitted", ~a.streamed & ~cold), ("young", (a.streamed & young) | cold),
                               ("mature", a.streamed & ~young & ~cold)):
-                one[name].append(np.c_[a.devices[rows & sel], a.correct[rows & sel]])
-    edges = np.asarray(ONE_PERSON_DEVICE_EDGES)
+                one[name].append(np.c_[a.evidence[rows & sel], a.correct[rows & sel]])
     maps, counts, tables = {}, {}, {}
     empty = [f"map {n!r}" for n in multi if not sum(v.size for v in multi[n][0])] + \
         [f"one-person group {n!r}" for n in one if not sum(v.shape[0] for v in one[n])]
@@ -425,13 +426,16 @@ def fit_device_confidence(answers: list[dict], one_person_prior: float = ONE_PER
             f"({x.size} multi-person answers, right {y.mean():.3f} at confidence {x.mean():.3f} raw)")
     for name, rows in one.items():
         ones = np.vstack(rows).astype(float)
-        overall = float(ones[:, 1].mean())
-        bucket = np.searchsorted(edges, ones[:, 0], side="left")
-        table = [float((ones[bucket == b, 1].sum() + one_person_prior * overall)
-                       / ((bucket == b).sum() + one_person_prior)) for b in range(edges.size + 1)]
-        tables[name] = (round(overall, 4), tuple(round(t, 4) for t in table))
+        x, y = ones[:, :len(ONE_PERSON_EVIDENCE)], ones[:, -1]
+        if np.unique(y).size < 2:   # all right (or all wrong): no slope to fit
+            intercept, coef = float(np.log((y.sum() + 1.0) / (y.size - y.sum() + 1.0))), np.zeros(x.shape[1])
+        else:
+            lr = LogisticRegression(C=one_person_c, max_iter=1000).fit(x, y)
+            intercept, coef = float(lr.intercept_[0]), lr.coef_[0]
+        tables[name] = (round(intercept, 4), tuple(round(float(c), 4) for c in coef))
         counts[f"one_person_{name}"] = int(ones.shape[0])
-        log(f"{name} one-person confidence {overall:.4f} by devices {tables[name][1]} ({ones.shape[0]} answers)")
+        log(f"{name} one-person confidence: intercept {tables[name][0]} coefficients "
+            f"{dict(zip(ONE_PERSON_EVIDENCE, tables[name][1]))} ({ones.shape[0]} answers, right {y.mean():.3f})")
     return {"device_confidence_maps": maps, "one_person_confidence": tables, "answers": counts}
 
 

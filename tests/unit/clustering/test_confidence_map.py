@@ -114,8 +114,26 @@ def test_a_model_stored_before_it_knew_how_it_came_about_answers_as_streamed(mon
 
 
 def test_a_one_person_answer_of_a_fit_on_every_session_has_its_own_figure():
-    from services.clustering.domain.model import ONE_PERSON_CONFIDENCE, one_person_confidence
-    assert one_person_confidence(False, 1, streamed=False) == ONE_PERSON_CONFIDENCE["fitted"][1][0]
-    assert one_person_confidence(True, 5, streamed=False) == ONE_PERSON_CONFIDENCE["fitted"][1][1]
-    assert one_person_confidence(True, 1, streamed=True) == ONE_PERSON_CONFIDENCE["young"][1][0]
-    assert one_person_confidence(False, None, streamed=True) == ONE_PERSON_CONFIDENCE["mature"][0]
+    from services.clustering.domain.model import (ONE_PERSON_CONFIDENCE, one_person_confidence,
+                                                  one_person_evidence, one_person_group)
+    assert one_person_group(young=True, streamed=False) == one_person_group(young=False, streamed=False) == "fitted"
+    assert one_person_group(young=True, streamed=True) == "young"
+    assert one_person_group(young=False, streamed=True) == "mature"
+    ev = one_person_evidence(200, 2, np.array([0.6]), np.array([True]))
+    for group, (intercept, coef) in ONE_PERSON_CONFIDENCE.items():
+        young, streamed = {"fitted": (False, False), "young": (True, True), "mature": (False, True)}[group]
+        expected = 1.0 / (1.0 + np.exp(-(intercept + ev[0] @ np.asarray(coef))))
+        np.testing.assert_allclose(one_person_confidence(ev, young, streamed), [expected])
+
+
+def test_one_person_evidence_is_clipped_to_what_the_fit_saw():
+    from services.clustering.domain.model import (ONE_PERSON_LOG_SESSIONS, ONE_PERSON_MAX_DEVICES,
+                                                  one_person_evidence)
+    ev = one_person_evidence(10**7, 40, np.array([0.0, 1.0]), np.array([False, True]))
+    assert ev.shape == (2, 4)
+    np.testing.assert_allclose(ev[:, 0], ONE_PERSON_LOG_SESSIONS[1])
+    np.testing.assert_allclose(ev[:, 1], ONE_PERSON_MAX_DEVICES)
+    assert np.isfinite(ev).all() and ev[1, 2] == 0.0 and ev[0, 2] < ev[1, 2]
+    np.testing.assert_array_equal(ev[:, 3], [0.0, 1.0])
+    assert one_person_evidence(1, 0, np.array([0.5]), np.array([False]))[0, 0] == ONE_PERSON_LOG_SESSIONS[0]
+

@@ -88,12 +88,24 @@ def test_single_person_household_stays_single_in_batch_and_stream():
         m.update(X[a:a + 5], device_ids=dev[a:a + 5])
     assert m.n_persons == 1 and not [e for e in m.composition_events if e["kind"] == "join"]
     one = m.assign_batch(X[:3], device_ids=dev[:3])
-    # A one-person model does not claim certainty it has not earned (two devices known),
-    # and would claim less with more devices (more room for a member it has not met).
+    # A one-person model does not claim certainty it has not earned: its confidence comes
+    # from its evidence for one person (sessions seen, devices known, how much of the
+    # household's viewing is on the session's device, whether that device is personal).
     assert len(m.device_ids) == 2
-    assert np.allclose(one.confidence, one_person_confidence(False, 2)) and one_person_confidence(False, 2) < 1.0
-    assert one_person_confidence(False, 4) < one_person_confidence(False, 2)
-    assert one_person_confidence(True, 4) < one_person_confidence(True, 2)
+    evidence = m.one_person_evidence(X[:3], m._known_slots(list(dev[:3]), 3))
+    np.testing.assert_allclose(evidence[:, 0], np.log(X.shape[0]))
+    np.testing.assert_allclose(evidence[:, 1], 2.0)
+    np.testing.assert_allclose(one.confidence, one_person_confidence(evidence, young=False, streamed=m.streamed))
+    assert (one.confidence < 1.0).all()
+    # ... and would claim less with more devices (more room for a member it has not met)
+    # and for a session on a device the household seldom uses, in every group.
+    more_devices, seldom_used = evidence.copy(), evidence.copy()
+    more_devices[:, 1] = 4.0
+    seldom_used[:, 2] = np.log(0.02)
+    for young, streamed in ((False, False), (True, True), (False, True)):
+        base = one_person_confidence(evidence, young, streamed)
+        assert (one_person_confidence(more_devices, young, streamed) < base).all()
+        assert (one_person_confidence(seldom_used, young, streamed) < base).all()
 
 
 def test_a_new_member_is_found_in_a_time_ordered_stream():
