@@ -424,9 +424,14 @@ def fit_device_confidence(answers: list[dict], one_person_c: float = ONE_PERSON_
         counts[name] = int(x.size)
         log(f"{name} device confidence map: x {maps[name][0]} y {maps[name][1]} "
             f"({x.size} multi-person answers, right {y.mean():.3f} at confidence {x.mean():.3f} raw)")
+    every = np.vstack([r for rows in one.values() for r in rows]).astype(float)
+    # the range of sessions seen the fit rests on (model.ONE_PERSON_LOG_SESSIONS): answers
+    # of models outside it are judged at its edge
+    log_sessions = (round(float(every[:, 0].min()), 4), round(float(every[:, 0].max()), 4))
     for name, rows in one.items():
         ones = np.vstack(rows).astype(float)
         x, y = ones[:, :len(ONE_PERSON_EVIDENCE)], ones[:, -1]
+        x[:, 0] = np.clip(x[:, 0], *log_sessions)
         if np.unique(y).size < 2:   # all right (or all wrong): no slope to fit
             intercept, coef = float(np.log((y.sum() + 1.0) / (y.size - y.sum() + 1.0))), np.zeros(x.shape[1])
         else:
@@ -436,7 +441,8 @@ def fit_device_confidence(answers: list[dict], one_person_c: float = ONE_PERSON_
         counts[f"one_person_{name}"] = int(ones.shape[0])
         log(f"{name} one-person confidence: intercept {tables[name][0]} coefficients "
             f"{dict(zip(ONE_PERSON_EVIDENCE, tables[name][1]))} ({ones.shape[0]} answers, right {y.mean():.3f})")
-    return {"device_confidence_maps": maps, "one_person_confidence": tables, "answers": counts}
+    return {"device_confidence_maps": maps, "one_person_confidence": tables, "one_person_log_sessions": log_sessions,
+            "answers": counts}
 
 
 def run_worlds(quick: bool, streaming: bool = True, workers: int = 2) -> dict:

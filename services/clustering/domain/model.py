@@ -254,7 +254,10 @@ DEVICE_CONFIDENCE_MAPS: dict[str, tuple[list[float], list[float]]] = {
 # households (docs/clustering.md, "Confidence").
 ONE_PERSON_EVIDENCE = ("log_sessions", "devices", "log_device_share", "personal_device")
 ONE_PERSON_MAX_DEVICES = 6                          # more devices: judged as 6
-ONE_PERSON_LOG_SESSIONS = (float(np.log(5)), float(np.log(BUFFER_CAP)))   # fitted range
+# Sessions seen (log) outside the range the fit saw are judged at its edge: TUNING's
+# one-person answers come from models of 5-136 sessions, and a slope fitted there says
+# nothing about a model of thousands (the streamed one would fall toward 0).
+ONE_PERSON_LOG_SESSIONS = (1.6094, 4.9127)
 ONE_PERSON_CONFIDENCE: dict[str, tuple[float, tuple[float, ...]]] = {
     "fitted": (2.0432, (0.1331, -0.7438, 0.0951, 1.0981)),
     "young": (1.3161, (0.0963, -0.4129, 0.4586, 0.7868)),
@@ -278,8 +281,7 @@ def one_person_evidence(n_sessions: int, devices: int, device_share: np.ndarray,
     ``device_share`` (N,) the share of the model's sessions on the session's device (> 0),
     ``personal`` (N,) whether that device is a personal one."""
     n = np.asarray(device_share).shape[0]
-    lo, hi = ONE_PERSON_LOG_SESSIONS
-    return np.column_stack((np.full(n, np.clip(np.log(max(n_sessions, 1)), lo, hi)),
+    return np.column_stack((np.full(n, np.log(max(n_sessions, 1))),
                             np.full(n, float(min(max(devices, 1), ONE_PERSON_MAX_DEVICES))),
                             np.log(np.clip(device_share, 1e-6, 1.0)),
                             np.asarray(personal, dtype=np.float64)))
@@ -290,7 +292,9 @@ def one_person_confidence(evidence: np.ndarray, young: bool, streamed: bool = Tr
     ``evidence`` (one_person_evidence) and how the model came about (``streamed``:
     sessions folded in since its last full fit; then by its age)."""
     intercept, coef = ONE_PERSON_CONFIDENCE[one_person_group(young, streamed)]
-    return 1.0 / (1.0 + np.exp(-(intercept + np.asarray(evidence, dtype=np.float64) @ np.asarray(coef))))
+    evidence = np.array(evidence, dtype=np.float64)
+    evidence[:, 0] = np.clip(evidence[:, 0], *ONE_PERSON_LOG_SESSIONS)
+    return 1.0 / (1.0 + np.exp(-(intercept + evidence @ np.asarray(coef))))
 
 
 def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None, device: bool = False,
