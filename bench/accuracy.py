@@ -347,7 +347,7 @@ def calibrate_confidence(quick: bool) -> dict:
             "single_person_households": len(single)}
 
 
-def calibrate_device_confidence(quick: bool) -> dict:
+def calibrate_device_confidence(quick: bool, leave_one_world_out: bool = False) -> dict:
     """The device-evidence confidence maps of model.py, fitted on the TUNING worlds only
     (sessions with device ids): each session's uncalibrated answer from a batch fit and
     at its arrival in a time-ordered stream (bench/_confidence.py, the way the service
@@ -373,7 +373,50 @@ def calibrate_device_confidence(quick: bool) -> dict:
                          households_per_world=4 if quick else 8)
     with ProcessPoolExecutor(max(1, min(2, os.cpu_count() or 1))) as pool:
         answers = list(pool.map(household_answers, hs))
-    return {"households": len(hs), **fit_device_confidence(answers)}
+    out = {"households": len(hs), **fit_device_confidence(answers)}
+    if leave_one_world_out:
+        out["leave_one_world_out"] = score_leave_one_world_out([h.world_id for h in hs], answers)
+    return out
+
+
+def score_leave_one_world_out(world_ids: list[str], answers: list[dict]) -> dict:
+    """How the fit does on worlds it has not seen: per world index (every family's w-th
+    world held out together), the maps and one-person fit on the other worlds, scored on
+    the held-out households' answers (the maps' top-label value floored at 1 / persons,
+    as calibrate_confidence does; answers the maps leave alone kept raw). ECE of every
+    answer per mode, and ECE / Brier of the one-person answers."""
+    from bench._clustering_eval import ece
+    from bench._confidence import COLD_ONE, MIXTURE
+    from services.clustering.domain.model import device_map_name, one_person_group
+    fold = np.array([w.rsplit("-w", 1)[1] for w in world_ids])
+    scored: dict[str, list] = {"batch": [], "stream": []}
+    for held in np.unique(fold):
+        fit = fit_device_confidence([a for a, f in zip(answers, fold) if f != held])
+        lo, hi = fit["one_person_log_sessions"]
+        for ans in (a for a, f in zip(answers, fold) if f == held):
+            for mode in scored:
+                a = ans[mode]
+                conf = a.P.max(axis=1).copy()
+                live = (a.P > 0).sum(axis=1)
+                young, cold = a.age < YOUNG_MODEL_SESSIONS, a.kind == COLD_ONE
+                one = a.device & (((a.kind == MIXTURE) & (live <= 1)) | cold)
+                for i in np.flatnonzero(a.device & (a.kind == MIXTURE) & (live > 1)):
+                    xs, ys = fit["device_confidence_maps"][device_map_name(bool(young[i]), bool(a.streamed[i]))]
+                    conf[i] = max(float(np.interp(conf[i], xs, ys)), 1.0 / live[i])
+                for i in np.flatnonzero(one):
+                    intercept, coef = fit["one_person_confidence"][
+                        one_person_group(bool(young[i] or cold[i]), bool(a.streamed[i] or cold[i]))]
+                    x = np.r_[np.clip(a.evidence[i, 0], lo, hi), a.evidence[i, 1:]]
+                    conf[i] = 1.0 / (1.0 + np.exp(-(intercept + x @ np.asarray(coef))))
+                scored[mode].append((conf, a.correct, one))
+    out = {}
+    for mode, parts in scored.items():
+        c, y, one = (np.concatenate([p[k] for p in parts]) for k in range(3))
+        out[mode] = {"ece": round(ece(c, y), 4), "one_person_answers": int(one.sum()),
+                     "one_person_ece": round(ece(c[one], y[one]), 4),
+                     "one_person_brier": round(float(np.mean((c[one] - y[one]) ** 2)), 4)}
+        log(f"leave-one-world-out {mode}: {out[mode]}")
+    return out
 
 
 ONE_PERSON_C = 1.0   # leave-one-world-out on TUNING: C = 0.1 and 1 alike (docs/clustering.md)
@@ -509,6 +552,9 @@ def main() -> None:
                     help="fit the confidence map on the TUNING worlds (prints it)")
     ap.add_argument("--device-maps-only", action="store_true",
                     help="with --calibrate-confidence: only the device-evidence maps (not the bare-vector map)")
+    ap.add_argument("--leave-one-world-out", action="store_true",
+                    help="with --calibrate-confidence: also score the device fit on each TUNING world index "
+                         "fitted on the others")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                     help="processes scoring the world households (same figures for any number)")
     args = ap.parse_args()
@@ -518,7 +564,7 @@ def main() -> None:
         return
     if args.calibrate_confidence:
         print(json.dumps({**({} if args.device_maps_only else {"bare": calibrate_confidence(args.quick)}),
-                          "device": calibrate_device_confidence(args.quick)}))
+                          "device": calibrate_device_confidence(args.quick, args.leave_one_world_out)}))
         return
     if args.blind_only:
         print(json.dumps({"worlds_blind": run_blind(args.quick, streaming=not args.batch_only, workers=args.workers),
