@@ -259,9 +259,9 @@ ONE_PERSON_MAX_DEVICES = 6                          # more devices: judged as 6
 # nothing about a model of thousands (the streamed one would fall toward 0).
 ONE_PERSON_LOG_SESSIONS = (1.6094, 4.9127)
 ONE_PERSON_CONFIDENCE: dict[str, tuple[float, tuple[float, ...]]] = {
-    "fitted": (2.0432, (0.1331, -0.7438, 0.0951, 1.0981)),
-    "young": (1.3161, (0.0963, -0.4129, 0.4586, 0.7868)),
-    "mature": (5.5589, (-1.0964, -0.3027, 0.3169, 1.2835)),
+    "fitted": (2.0036, (0.0722, -0.5822, 0.0777, 0.5219)),
+    "young": (1.3981, (0.0353, -0.371, 0.2587, 0.3585)),
+    "mature": (0.7931, (-0.079, -0.165, 0.0024, 0.1554)),
 }
 
 
