@@ -63,7 +63,7 @@ def _meta(m: HouseholdModel, out, device_ids) -> tuple[int, bool]:
 
 
 def _evidence(m: HouseholdModel, X: np.ndarray, device_ids) -> np.ndarray:
-    return m.one_person_evidence(X, m._known_slots(list(device_ids), X.shape[0]))
+    return m.one_person_evidence(X.shape[0])
 
 
 def _finish(h: WorldHousehold, P: np.ndarray, age, kind, device, devices, groups, streamed,

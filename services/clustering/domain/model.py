@@ -50,7 +50,7 @@ from services.clustering.domain.gmm import (
 )
 from services.clustering.domain.kmeans import IncrementalKMeans, fit_select_k_kmeans, kmeans_plus_plus
 from services.clustering.domain.persons import (
-    hour_seedings, is_personal, merge_by_viewing_hours, novel_sessions, personal_device_groups,
+    hour_seedings, merge_by_viewing_hours, novel_sessions, personal_device_groups,
 )
 from services.clustering.domain.placement import discriminative_responsibilities
 
@@ -239,29 +239,28 @@ DEVICE_CONFIDENCE_MAPS: dict[str, tuple[list[float], list[float]]] = {
     "streamed": ([0.2895, 0.325, 0.3605, 0.3961, 0.4316, 0.4671, 0.5026, 0.5382, 0.5737, 0.6092, 0.6447, 0.6803, 0.7158, 0.7513, 0.7868, 0.8224, 0.8579, 0.8934, 0.9289, 0.9645, 1.0], [0.0, 0.0, 0.2879, 0.2879, 0.2879, 0.46, 0.5042, 0.5042, 0.5042, 0.5042, 0.5742, 0.5742, 0.6375, 0.6892, 0.7084, 0.7084, 0.7469, 0.7844, 0.807, 0.8666, 0.8666]),
     "young": ([0.5021, 0.5519, 0.6017, 0.6515, 0.7013, 0.7511, 0.8009, 0.8506, 0.9004, 0.9502, 1.0], [0.0, 0.5625, 0.5625, 0.619, 0.619, 0.619, 0.7065, 0.7065, 0.7196, 0.7982, 0.8342]),
 }
-# A one-person answer's confidence: how likely "the only person the model knows" is right
-# for this session, from the evidence the model has for one person, as a logistic
-# regression per group ("fitted": fitted at once, any age — a one-person batch fit is
-# rare; "young" / "mature": streamed, by age; cold-start answers are young) on
-# ONE_PERSON_EVIDENCE: the sessions it has seen (log), the devices it knows, the share of
-# its sessions on this session's device (log: a session on a device the household seldom
-# uses is more often a member the model has not met) and whether that device is a
-# personal one. A constant per group (as until 2026-12-04) said the same for a plainly
-# one-person household and one whose other members are missing (blind worlds 0.804 /
-# 0.571 whatever the evidence). Fitted on the TUNING worlds only by `python -m
-# bench.accuracy --calibrate-confidence --device-maps-only` (bench._confidence records
-# the evidence with each answer); chosen by leave-one-world-out on the 96 TUNING
-# households (docs/clustering.md, "Confidence").
-ONE_PERSON_EVIDENCE = ("log_sessions", "devices", "log_device_share", "personal_device")
+# A one-person answer's confidence: how likely "the only person the model knows" is right,
+# from the evidence the model has for one person, as a logistic regression per group
+# ("fitted": fitted at once, any age — a one-person batch fit is rare; "young" /
+# "mature": streamed, by age; cold-start answers are young) on ONE_PERSON_EVIDENCE: the
+# sessions it has seen (log) and the devices it knows (more devices, more room for a
+# member it has not met). A constant per group (as until 2026-12-04) said the same for
+# every one-person household (blind worlds 0.804 / 0.571 whatever the evidence). Fitted
+# on the TUNING worlds only by `python -m bench.accuracy --calibrate-confidence
+# --device-maps-only` (bench._confidence records the evidence with each answer); chosen
+# by leave-one-world-out on TUNING and on fresh TUNING-seed worlds (per-session evidence —
+# the session's device share, a personal device — sharpened the Brier score but made ECE
+# worse on worlds the fit had not seen; docs/clustering.md, "Confidence").
+ONE_PERSON_EVIDENCE = ("log_sessions", "devices")
 ONE_PERSON_MAX_DEVICES = 6                          # more devices: judged as 6
 # Sessions seen (log) outside the range the fit saw are judged at its edge: TUNING's
 # one-person answers come from models of 5-136 sessions, and a slope fitted there says
 # nothing about a model of thousands (the streamed one would fall toward 0).
 ONE_PERSON_LOG_SESSIONS = (1.6094, 4.9127)
 ONE_PERSON_CONFIDENCE: dict[str, tuple[float, tuple[float, ...]]] = {
-    "fitted": (2.0036, (0.0722, -0.5822, 0.0777, 0.5219)),
-    "young": (1.3981, (0.0353, -0.371, 0.2587, 0.3585)),
-    "mature": (0.7931, (-0.079, -0.165, 0.0024, 0.1554)),
+    "fitted": (2.3659, (0.0422, -0.6366)),
+    "young": (1.5499, (0.0372, -0.4546)),
+    "mature": (5.2871, (-1.0563, -0.2737)),
 }
 
 
@@ -275,16 +274,11 @@ def one_person_group(young: bool, streamed: bool) -> str:
     return "young" if streamed and young else "mature" if streamed else "fitted"
 
 
-def one_person_evidence(n_sessions: int, devices: int, device_share: np.ndarray,
-                        personal: np.ndarray) -> np.ndarray:
-    """(N, len(ONE_PERSON_EVIDENCE)) the evidence of a one-person answer per session:
-    ``device_share`` (N,) the share of the model's sessions on the session's device (> 0),
-    ``personal`` (N,) whether that device is a personal one."""
-    n = np.asarray(device_share).shape[0]
-    return np.column_stack((np.full(n, np.log(max(n_sessions, 1))),
-                            np.full(n, float(min(max(devices, 1), ONE_PERSON_MAX_DEVICES))),
-                            np.log(np.clip(device_share, 1e-6, 1.0)),
-                            np.asarray(personal, dtype=np.float64)))
+def one_person_evidence(n_sessions: int, devices: int, n: int = 1) -> np.ndarray:
+    """(n, len(ONE_PERSON_EVIDENCE)) the evidence of a one-person answer (the same for
+    each of ``n`` sessions): the sessions the model has seen (log) and the devices it
+    knows (at most ONE_PERSON_MAX_DEVICES)."""
+    return np.tile([np.log(max(n_sessions, 1)), float(min(max(devices, 1), ONE_PERSON_MAX_DEVICES))], (n, 1))
 
 
 def one_person_confidence(evidence: np.ndarray, young: bool, streamed: bool = True) -> np.ndarray:
@@ -1247,20 +1241,10 @@ class HouseholdModel:
         index = {d: i for i, d in enumerate(self.device_ids)}
         return np.array([index.get(d, -1) for d in device_ids], dtype=np.int64)
 
-    def one_person_evidence(self, X: np.ndarray, slots: np.ndarray) -> np.ndarray:
-        """The evidence a one-person answer's confidence rests on (ONE_PERSON_EVIDENCE) for
-        sessions ``X`` on device ``slots`` (_known_slots): the sessions the model has seen,
-        the devices it knows, the share of its recent sessions (the buffer; in cold start
-        every session) on each session's device — at least one session's worth, so a
-        device it has not seen counts as seen once — and whether that is a personal one."""
-        if self.active_variant == "cold_start":
-            seen = np.asarray(self.cold_slots, dtype=np.int64)
-        else:
-            seen = self.buffer[:, F.FEATURE_DIM].astype(np.int64) if self.buffer.shape[0] else np.zeros(0, np.int64)
-        counts = np.bincount(seen[seen >= 0], minlength=max(len(self.device_ids), 1))
-        on_device = np.where(slots >= 0, counts[np.clip(slots, 0, counts.size - 1)], 0)
-        share = np.maximum(on_device, 1) / max(seen.shape[0], 1)
-        return one_person_evidence(self.n_sessions, len(self.device_ids), share, is_personal(X))
+    def one_person_evidence(self, n: int) -> np.ndarray:
+        """The evidence a one-person answer's confidence rests on (ONE_PERSON_EVIDENCE), for
+        ``n`` sessions: the sessions the model has seen, the devices it knows."""
+        return one_person_evidence(self.n_sessions, len(self.device_ids), n)
 
     def _proba(self, X: np.ndarray, temperature: float | None = None) -> np.ndarray:
         if self.mixture is not None:
@@ -1280,14 +1264,14 @@ class HouseholdModel:
             strategy = f"cold_start:{self._cold_strategy()}"
             if self.calibrated and P.shape[1] == 1 and self.device_evidence and (slots >= 0).any():
                 # one person for now: as sure as a young one-person model is right
-                P = one_person_confidence(self.one_person_evidence(X, slots), True, streamed=True)[:, None].astype(P.dtype)
+                P = one_person_confidence(self.one_person_evidence(X.shape[0]), True, streamed=True)[:, None].astype(P.dtype)
         else:
             P = self._proba(self._augment(X, slots))
             if self.calibrated and self.mixture is not None:
                 # device map: the sessions carry device ids the model knows
                 device = bool(self.device_evidence and (slots >= 0).any())
                 young = self.n_sessions < YOUNG_MODEL_SESSIONS
-                one = (one_person_confidence(self.one_person_evidence(X, slots), young, self.streamed)
+                one = (one_person_confidence(self.one_person_evidence(X.shape[0]), young, self.streamed)
                        if device and P.shape[1] == 1 else None)
                 P = calibrate_confidence(P, device=device, young=young, one_person=one, streamed=self.streamed)
             ids = tuple(self.person_ids)

@@ -63,29 +63,29 @@ def test_the_recorded_one_person_evidence_is_what_the_model_answers_from():
     raw = C.batch_answers(h)
     from services.clustering.domain.model import HouseholdModel
     m = HouseholdModel(calibrated=False).fit(h.features, device_ids=h.device_id)
-    expected = m.one_person_evidence(h.features, m._known_slots(list(h.device_id), h.n_sessions))
-    np.testing.assert_allclose(raw.evidence, expected)
+    np.testing.assert_allclose(raw.evidence, m.one_person_evidence(h.n_sessions))
     stream = C.stream_answers(h)
     assert stream.evidence.shape == (h.n_sessions, len(ONE_PERSON_EVIDENCE)) and np.isfinite(stream.evidence).all()
     # answered at arrival: the sessions-seen evidence grows with the stream
-    assert np.all(np.diff(stream.evidence[:, 0]) >= 0) and stream.evidence[0, 0] < stream.evidence[-1, 0]
+    np.testing.assert_allclose(stream.evidence[:, 0], np.log(stream.age))
+    assert np.all(np.diff(stream.evidence[:, 1]) >= 0)
 
 
 def test_the_one_person_fit_follows_the_evidence():
-    """One-person answers that are right on the household's main device and wrong on a
-    seldom-used one: the fitted confidence rises with the device's share."""
+    """One-person answers that are right for models knowing one device and often wrong
+    for models knowing five: the fitted confidence falls with the devices known."""
     answers = [C.household_answers(h) for h in _households(3)]
     rng = np.random.default_rng(0)
     extra = []
     for young, streamed, age in ((True, True, 30), (False, True, 120), (False, False, 120)):
         n = 400
-        share = rng.choice([0.05, 0.7], n)
-        right = rng.random(n) < np.where(share > 0.5, 0.95, 0.3)
-        evidence = np.column_stack((np.full(n, np.log(age)), np.full(n, 2.0), np.log(share), np.zeros(n)))
+        devices = rng.choice([1, 5], n)
+        right = rng.random(n) < np.where(devices == 1, 0.95, 0.3)
+        evidence = np.column_stack((np.full(n, np.log(age)), devices.astype(float)))
         one = C.RawAnswers(np.ones((n, 1)), np.zeros(n, np.int64), np.full(n, age), np.zeros(n, np.int8),
-                           np.ones(n, bool), right, np.zeros(n, np.int64), np.full(n, 2), np.zeros(n, np.int64),
+                           np.ones(n, bool), right, np.zeros(n, np.int64), devices, np.zeros(n, np.int64),
                            np.full(n, streamed), evidence)
         extra.append({"batch": one, "stream": one})
     out = fit_device_confidence(answers + extra)
     for intercept, coef in out["one_person_confidence"].values():
-        assert coef[ONE_PERSON_EVIDENCE.index("log_device_share")] > 0.3
+        assert coef[ONE_PERSON_EVIDENCE.index("devices")] < -0.3

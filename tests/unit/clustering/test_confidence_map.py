@@ -119,7 +119,7 @@ def test_a_one_person_answer_of_a_fit_on_every_session_has_its_own_figure():
     assert one_person_group(young=True, streamed=False) == one_person_group(young=False, streamed=False) == "fitted"
     assert one_person_group(young=True, streamed=True) == "young"
     assert one_person_group(young=False, streamed=True) == "mature"
-    ev = one_person_evidence(60, 2, np.array([0.6]), np.array([True]))   # within the fitted range
+    ev = one_person_evidence(60, 2)   # within the fitted range
     for group, (intercept, coef) in ONE_PERSON_CONFIDENCE.items():
         young, streamed = {"fitted": (False, False), "young": (True, True), "mature": (False, True)}[group]
         expected = 1.0 / (1.0 + np.exp(-(intercept + ev[0] @ np.asarray(coef))))
@@ -129,19 +129,15 @@ def test_a_one_person_answer_of_a_fit_on_every_session_has_its_own_figure():
 def test_one_person_evidence_outside_what_the_fit_saw_is_judged_at_its_edge():
     from services.clustering.domain.model import (ONE_PERSON_LOG_SESSIONS, ONE_PERSON_MAX_DEVICES,
                                                   one_person_confidence, one_person_evidence)
-    ev = one_person_evidence(10**7, 40, np.array([0.0, 1.0]), np.array([False, True]))
-    assert ev.shape == (2, 4)
+    ev = one_person_evidence(10**7, 40, n=2)
+    assert ev.shape == (2, 2)
     np.testing.assert_allclose(ev[:, 0], np.log(10**7))
     np.testing.assert_allclose(ev[:, 1], ONE_PERSON_MAX_DEVICES)
-    assert np.isfinite(ev).all() and ev[1, 2] == 0.0 and ev[0, 2] < ev[1, 2]
-    np.testing.assert_array_equal(ev[:, 3], [0.0, 1.0])
-    at_edge = one_person_evidence(int(round(np.exp(ONE_PERSON_LOG_SESSIONS[1]))), 40, np.array([0.0, 1.0]),
-                                  np.array([False, True]))
+    at_edge = one_person_evidence(int(round(np.exp(ONE_PERSON_LOG_SESSIONS[1]))), 40, n=2)
+    few = one_person_evidence(1, 1)
+    low_edge = one_person_evidence(int(round(np.exp(ONE_PERSON_LOG_SESSIONS[0]))), 1)
     for young, streamed in ((False, False), (True, True), (False, True)):
         np.testing.assert_allclose(one_person_confidence(ev, young, streamed),
                                    one_person_confidence(at_edge, young, streamed), rtol=1e-3)
-        few = one_person_evidence(1, 1, np.array([1.0]), np.array([False]))
-        low_edge = one_person_evidence(int(round(np.exp(ONE_PERSON_LOG_SESSIONS[0]))), 1, np.array([1.0]),
-                                       np.array([False]))
         np.testing.assert_allclose(one_person_confidence(few, young, streamed),
                                    one_person_confidence(low_edge, young, streamed), rtol=1e-3)
