@@ -180,7 +180,7 @@ def _u(rng: np.random.Generator, r: tuple) -> float:
     return float(rng.uniform(lo, hi))
 
 
-def make_world(family: str, rng: np.random.Generator, world_id: str) -> World:
+def make_world(family: str, rng: np.random.Generator, world_id: str, unknown_genre_share: float = 0.0) -> World:
     spec = FAMILIES[family]
     params = {name: _u(rng, getattr(spec, name)) for name in (
         "personal_device_p", "extra_personal_p", "shared_use", "n_shared", "shared_device_sharing",
@@ -205,7 +205,22 @@ def make_world(family: str, rng: np.random.Generator, world_id: str) -> World:
         if t < n_series:
             series[t] = t
     popularity = rng.pareto(1.2, n_titles) + 1.0
+    if unknown_genre_share > 0:
+        genres = _rename_to_unknown(genres, unknown_genre_share, rng)
     return World(family, world_id, params, genres, series, maturity, popularity / popularity.sum())
+
+
+def _rename_to_unknown(genres: list[tuple[str, ...]], share: float, rng: np.random.Generator
+                       ) -> list[tuple[str, ...]]:
+    """The catalogue as a caller with its own genre names sends it: each vocabulary
+    genre is, with probability ``share``, renamed in every title to a name Hearth's
+    vocabulary does not know (``drama~``), as a service whose genre list differs from
+    Hearth's would send it. Members' tastes are over the underlying genres, so the
+    person structure is unchanged; only the names Hearth sees differ. Drawn after
+    everything else of the world, from the world's generator: with ``share = 0`` (the
+    default, REPORTING) the world is exactly the one generated without the knob."""
+    renamed = {g for g in CATALOGUE_GENRES[:18] if rng.random() < share}
+    return [tuple(f"{g}~" if g in renamed else g for g in title) for title in genres]
 
 
 @dataclass
@@ -226,7 +241,8 @@ class _Member:
 
 def _title_weights(world: World, taste: np.ndarray, is_kid: bool) -> np.ndarray:
     gi = {g: i for i, g in enumerate(CATALOGUE_GENRES)}
-    score = np.array([np.mean([taste[gi[g]] for g in gs]) for gs in world.catalogue_genres])
+    # a renamed genre ("drama~1", the unknown-genre knob) is still its underlying genre to a member's taste
+    score = np.array([np.mean([taste[gi[g.partition("~")[0]]] for g in gs]) for gs in world.catalogue_genres])
     w = world.catalogue_popularity * score ** 2
     if is_kid:
         w = w * np.where(world.catalogue_maturity == 0, 20.0, np.where(world.catalogue_maturity == 1, 0.5, 0.02))
@@ -391,9 +407,12 @@ def make_household(world: World, rng: np.random.Generator, household_id: str,
 
 
 def generate(split: Split, families: tuple[str, ...] | None = None, worlds_per_family: int | None = None,
-             households_per_world: int | None = None) -> list[WorldHousehold]:
+             households_per_world: int | None = None, unknown_genre_share: float = 0.0) -> list[WorldHousehold]:
     """Households of a split. Household (family f, world w, household i) depends only on
-    (split.seed, f, w, i): asking for fewer households gives a prefix of the same ones."""
+    (split.seed, f, w, i): asking for fewer households gives a prefix of the same ones.
+    ``unknown_genre_share`` > 0 (a tuning knob; see ``_rename_to_unknown``) renames that
+    share of the catalogue's genres to names outside the vocabulary: the same members,
+    devices and sessions, only the genre names differ."""
     fams = families or split.families
     unknown = [f for f in fams if f not in split.families]
     if unknown:
@@ -406,7 +425,7 @@ def generate(split: Split, families: tuple[str, ...] | None = None, worlds_per_f
         for w in range(n_worlds):
             ss = np.random.SeedSequence([split.seed, fam_index, w])
             world_ss, *house_ss = ss.spawn(1 + n_house)
-            world = make_world(f, np.random.default_rng(world_ss), f"{split.name}-{f}-w{w}")
+            world = make_world(f, np.random.default_rng(world_ss), f"{split.name}-{f}-w{w}", unknown_genre_share)
             for i, hs in enumerate(house_ss):
                 out.append(make_household(world, np.random.default_rng(hs), f"{f[:4]}{w}h{i}"))
     return out

@@ -148,7 +148,8 @@ class ModelStatusOut(BaseModel):
     settled: bool = Field(description="true when nothing is pending: assignments will not move until new sessions")
     unknown_genres: dict[str, int] = Field(default_factory=dict, description=(
         "genre names the household's events carried that the genre vocabulary does not know, with how many "
-        "events carry each (counted in the `other` genre; HEARTH_GENRE_ALIASES maps a name to a feature genre)"))
+        "events carry each (counted in a genre slot chosen by a hash of the name and in `other`; "
+        "HEARTH_GENRE_ALIASES maps a name to a feature genre)"))
 
 
 class HouseholdOut(BaseModel):

@@ -72,7 +72,8 @@ def build(settings):
     cipher = FieldCipher.remote(settings.privacy_addr, NAME, timeout_s=settings.peer_timeout_s)
     consent = ConsentChecker.remote(settings.privacy_addr, NAME, timeout_s=settings.peer_timeout_s)
     try:
-        vocabulary = GenreVocabulary.parse(settings.genre_aliases)
+        vocabulary = GenreVocabulary.parse(settings.genre_aliases,
+                                           unknown="other" if settings.unknown_genres == "other" else "hash")
     except ValueError as exc:
         raise ConfigError(f"invalid configuration:\n  HEARTH_GENRE_ALIASES: {exc}") from None
     store = ClusteringStore(db, open_cache(settings, NAME), gap_s=settings.session_gap_s,

@@ -36,7 +36,7 @@ MAX_LABELS = 10_000
 # No label per genre name: callers choose the names, so a label would be unbounded.
 UNKNOWN_GENRE_EVENTS = Counter("hearth_unknown_genre_events_total",
                                "Events received carrying a genre name outside the genre vocabulary")
-UNKNOWN_GENRE_POLICIES = ("other", "reject")
+UNKNOWN_GENRE_POLICIES = ("hash", "other", "reject")
 
 
 @dataclass
@@ -91,12 +91,13 @@ class AssignmentOut:
 class ClusteringApp:
     def __init__(self, store: ClusteringStore, consent: ConsentChecker | None = None, *,
                  keeper: ModelKeeper | None = None, predictions: PredictionLog | None = None,
-                 calibrator_of=None, background: bool = True, unknown_genres: str = "other") -> None:
+                 calibrator_of=None, background: bool = True, unknown_genres: str = "hash") -> None:
         if unknown_genres not in UNKNOWN_GENRE_POLICIES:
             raise ValueError(f"unknown_genres must be one of {UNKNOWN_GENRE_POLICIES}, got {unknown_genres!r}")
         self.store = store
-        # A genre name outside the vocabulary: "other" = counted in the "other" slot and
-        # reported (metric, model status); "reject" = the ingest is refused naming it.
+        # A genre name outside the vocabulary: "hash" / "other" = counted (in a hashed
+        # genre slot / in "other": the store's vocabulary places it) and reported
+        # (metric, model status); "reject" = the ingest is refused naming it.
         self.unknown_genres = unknown_genres
         # Consent (privacy service); None = not enforced (unit tests).
         self.consent = consent

@@ -158,8 +158,15 @@ class ModelKeeper:
         """Bring the stored model up to date with the stored sessions. ``force`` (a
         reason) makes it a full refit; ``retire`` is an erased person whose id must not
         come back. Returns the (version, envelope) now stored."""
+        # Sessions stored under an older feature schema are rebuilt first; when that
+        # changed vectors (unknown genre names), the model fitted on the old ones is
+        # refitted. (A crash between the two leaves the old model until the household's
+        # next full refit: its sessions are already current.)
+        upgraded = self.store.upgrade_feature_vectors(account_id) > 0
         for _ in range(CAS_ATTEMPTS):
             version, current = self.load(account_id)
+            if upgraded and current is not None and not force:
+                force = "feature_schema"
             snap = self.snapshot(account_id)
             if not snap.sessions and current is None:
                 return version, None

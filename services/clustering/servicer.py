@@ -67,7 +67,9 @@ def assignment_to_pb(a: AssignmentOut) -> pb.Assignment:
 
 
 def _vectors(data: bytes, schema_version: int, field: str) -> np.ndarray:
-    if schema_version not in (0, F.FEATURE_SCHEMA_VERSION):
+    # Schema 1 vectors have schema 2's layout (they pooled unknown genre names in
+    # "other"): a caller still sending them is scored, as the model would any session.
+    if schema_version not in (0, F.POOLED_UNKNOWN_SCHEMA_VERSION, F.FEATURE_SCHEMA_VERSION):
         raise InvalidArgument(f"unsupported feature schema version {schema_version} "
                               f"(this service: {F.FEATURE_SCHEMA_VERSION})", "feature_schema_version")
     try:

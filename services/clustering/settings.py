@@ -9,7 +9,7 @@ variables, validated at start (a bad value names the variable).
 | `HEARTH_POPULATION_PRIOR_REFRESH_S` | 3600 | how often the population prior is relearnt from stored households |
 | `HEARTH_CALIBRATOR_CACHE_S` | 60 | how long a calibrator fetched from feedback is applied before asking again (the assign path never waits for feedback; a recalibration shows within this) |
 | `HEARTH_GENRE_ALIASES` | empty | `name=genre,...`: callers' genre names mapped onto the feature genres (docs/features.md) |
-| `HEARTH_UNKNOWN_GENRES` | `other` | a genre outside the vocabulary: counted in `other` and reported (`other`), or refused (`reject`) |
+| `HEARTH_UNKNOWN_GENRES` | `hash` | a genre outside the vocabulary: counted in a genre slot chosen by a stable hash of its name and reported (`hash`), counted in `other` and reported (`other`, feature schema 1), or refused (`reject`) |
 | `HEARTH_FAULT_GMM_NUMERICAL` | empty | fault injection for `make verify`, never set in production: households whose id starts with this prefix get a GMM fit that fails numerically (k-means fallback) |
 """
 
@@ -30,7 +30,7 @@ class ClusteringSettings(ServiceSettings):
     population_prior_refresh_s: float = 3600.0
     calibrator_cache_s: float = 60.0
     genre_aliases: str = ""
-    unknown_genres: Literal["other", "reject"] = "other"
+    unknown_genres: Literal["hash", "other", "reject"] = "hash"
     fault_gmm_numerical: str = ""
 
     @field_validator("session_gap_s", "lateness_tolerance_s", "population_prior_refresh_s", "calibrator_cache_s")

@@ -267,6 +267,31 @@ class ClusteringStore:
               if s.unknown_genres else None) for s in sessions])
         return len(sessions)
 
+    def upgrade_feature_vectors(self, account_id: str) -> int:
+        """Rebuild from the stored events the account's sessions whose vectors were built
+        under another feature schema than this store's vocabulary builds (schema 1
+        pooled every unknown genre name in ``other``; schema 2 hashes each into a slot).
+        Only an unknown name makes the two differ, but sessions stored before unknown
+        names were recorded per session cannot tell, so every stale device is rebuilt
+        from its oldest stale session on (same events, same session ids: persons are
+        kept). Idempotent, so replicas racing or a crash midway do no harm. Returns how
+        many rebuilt sessions carry an unknown name: their vectors changed, and a model
+        fitted on the old ones should be refitted."""
+        version = self.vocabulary.feature_version
+        check = ("SELECT device_id, MIN(start_ts) FROM sessions WHERE account_id = ? AND feature_version <> ? "
+                 "GROUP BY device_id")
+        with self.db.transaction(readonly=True) as tx:
+            if not tx.query(check, (account_id, version)):
+                return 0
+        changed = 0
+        with self.db.transaction() as tx:
+            for device, since in tx.query(check, (account_id, version)):
+                self._rebuild_sessions(tx, account_id, device, float(since))
+                changed += int(tx.query("SELECT COUNT(*) FROM sessions WHERE account_id = ? AND device_id = ? "
+                                        "AND start_ts >= ? AND unknown_genres IS NOT NULL",
+                                        (account_id, device, float(since)))[0][0])
+        return changed
+
     # ---- reads ----------------------------------------------------------------------
 
     def unknown_genres(self, account_id: str) -> dict[str, int]:

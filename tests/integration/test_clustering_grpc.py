@@ -98,6 +98,12 @@ def test_assign_sessions_streams_one_answer_per_vector_like_assign_session(stub)
     bad = cpb.AssignSessionsRequest(batch_id="b3", account_ids=[ACC], feature_vectors=vectors[:7],
                                     feature_schema_version=sessions[0].feature_schema_version)
     assert error_of(stub.AssignSessions, iter([bad])) == (grpc.StatusCode.INVALID_ARGUMENT, "feature_vectors")
+    # Schema 1 vectors (same layout, unknown genres pooled in "other") are still scored;
+    # an unknown schema is refused naming the field.
+    v1 = cpb.AssignSessionsRequest(batch_id="b4", account_ids=[ACC], feature_vectors=vectors, feature_schema_version=1)
+    assert [len(a.assignments) for a in call(stub.AssignSessions, iter([v1]))] == [5]
+    v9 = cpb.AssignSessionsRequest(batch_id="b5", account_ids=[ACC], feature_vectors=vectors, feature_schema_version=9)
+    assert error_of(stub.AssignSessions, iter([v9])) == (grpc.StatusCode.INVALID_ARGUMENT, "feature_schema_version")
 
 
 def test_record_labels_counts_known_and_unknown_sessions_and_the_label_wins(stub):

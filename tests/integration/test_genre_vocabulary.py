@@ -1,7 +1,8 @@
 """The genre vocabulary through the running clustering service (real gRPC server with
 privacy for consent and data keys): aliases configured by settings reach their feature
-genre, names outside the vocabulary are counted (hearth_unknown_genre_events_total) and
-reported per household in the model status — or refused, naming the field, when the
+genre, names outside the vocabulary are counted (hearth_unknown_genre_events_total),
+keep their identity in the vectors (a hashed genre slot) and are reported per household
+in the model status — or refused, naming the field, when the
 operator chose HEARTH_UNKNOWN_GENRES=reject. A bad alias stops the service at start."""
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ def test_unknown_genres_are_counted_and_reported_aliases_reach_their_genre(start
     X = np.vstack([np.frombuffer(s.feature_vector, dtype="<f4") for s in h.sessions if s.closed])
     genres = X[:, F.GENRE]
     assert genres[:, F.GENRES.index("scifi")].sum() > 0          # the alias reached its genre
-    assert genres[:, F.GENRES.index("other")].sum() > 0          # the unknown name still counts
+    assert genres[:, F.GENRES.index("other")].sum() > 0          # the unknown name still counts,
+    assert genres[:, F.hashed_genre_slot("k_drama")].sum() > 0   # in its own (hashed) slot too
+    assert {s.feature_schema_version for s in h.sessions} == {F.FEATURE_SCHEMA_VERSION}
     assert np.allclose(genres.sum(axis=1), 1.0, atol=1e-5)
 
 

@@ -74,7 +74,8 @@ def test_features_encode_time_device_genres_and_binge():
 
 def test_genre_vocabulary_aliases_and_unknown_genres_are_named_not_lost():
     """Aliases reach their feature genre (any case); a name outside the vocabulary keeps
-    its watch time (in ``other``) and the session names it with its event count."""
+    its watch time (its hashed slot and ``other``) and the session names it with its
+    event count."""
     vocabulary = F.GenreVocabulary.parse("sci-fi=scifi, Anime=animation")
     events = [ev(0, T0, genres=("Sci-Fi",), duration_s=100.0),
               ev(1, T0 + 60, genres=("anime", "k_drama"), duration_s=100.0),
@@ -85,8 +86,12 @@ def test_genre_vocabulary_aliases_and_unknown_genres_are_named_not_lost():
     assert genres[F.GENRES.index("scifi")] == pytest.approx(100 / 500)
     assert genres[F.GENRES.index("animation")] == pytest.approx(50 / 500)
     assert genres[F.GENRES.index("drama")] == pytest.approx(100 / 500)
-    assert genres[F.GENRES.index("other")] == pytest.approx(250 / 500)
+    k_drama = F.hashed_genre_slot("k_drama")
+    assert k_drama not in {F.GENRES.index(g) for g in ("scifi", "animation", "drama", "other")}
+    assert genres[k_drama] == pytest.approx(F.UNKNOWN_HASHED_SHARE * 250 / 500)
+    assert genres[F.GENRES.index("other")] == pytest.approx((1 - F.UNKNOWN_HASHED_SHARE) * 250 / 500)
     assert s.unknown_genres == (("k_drama", 2),)                    # events per (normalised) name
+    assert s.feature_version == F.FEATURE_SCHEMA_VERSION == 2
     (plain,) = build_sessions(events)                               # the default vocabulary
     assert dict(plain.unknown_genres) == {"sci-fi": 1, "anime": 1, "k_drama": 2}
     for spec, word in (("western", "name=genre"), ("western=cowboys", "not a feature genre"), ("=drama", "empty")):
@@ -174,3 +179,42 @@ def test_split_by_gap_vectorised_matches_definition():
     ts = np.array([0, 10, 100, 105, 400.0])
     assert split_by_gap(ts, 50).tolist() == [0, 2, 4]
     assert split_by_gap(np.array([]), 50).tolist() == []
+
+
+def test_different_unknown_genres_keep_their_identity_and_the_pooling_policy_does_not():
+    """Two members watching different unknown genres get different genre mixes under the
+    default vocabulary (hashed slots), the same under ``unknown="other"`` (schema 1)."""
+    a, b = "telenovela", "bollywood"
+    assert F.hashed_genre_slot(a) != F.hashed_genre_slot(b)
+    for vocabulary, differ, version in ((F.DEFAULT_VOCABULARY, True, 2), (F.GenreVocabulary(unknown="other"), False, 1)):
+        (sa,) = build_sessions([ev(0, T0, genres=(a,), duration_s=600.0)], vocabulary=vocabulary)
+        (sb,) = build_sessions([ev(1, T0, genres=(b,), duration_s=600.0)], vocabulary=vocabulary)
+        assert sa.features[F.GENRE].sum() == pytest.approx(1.0) and sb.features[F.GENRE].sum() == pytest.approx(1.0)
+        assert (not np.allclose(sa.features[F.GENRE], sb.features[F.GENRE])) is differ
+        assert sa.feature_version == sb.feature_version == version
+    # a name is its normalised form: case and spaces do not move it
+    assert F.DEFAULT_VOCABULARY.placements(" TeleNovela ") == F.DEFAULT_VOCABULARY.placements(a)
+    with pytest.raises(ValueError, match="one of"):
+        F.GenreVocabulary(unknown="drop")
+    with pytest.raises(ValueError, match="hashed_share"):
+        F.GenreVocabulary(hashed_share=0.0)
+
+
+PINNED_SLOTS = ["adventure", "family", "horror", "reality"]
+
+
+def test_the_hashed_slot_of_a_name_is_the_same_in_every_process():
+    """Stored vectors and models depend on where a name lands: the hash must not be
+    Python's per-process salted ``hash`` (a fresh interpreter with another hash seed
+    agrees), and the slots of these names are pinned (a change is a schema change)."""
+    import os
+    import subprocess
+    import sys
+
+    names = ("k_drama", "anime", "telenovela", "true_crime")
+    code = ("from services.clustering.domain.features import hashed_genre_slot as h; "
+            f"print([h(n) for n in {names!r}])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout.strip()
+    assert out == str([F.hashed_genre_slot(n) for n in names])
+    assert [F.GENRES[F.hashed_genre_slot(n)] for n in names] == PINNED_SLOTS

@@ -1,4 +1,4 @@
-"""Session feature vectors, schema version 1.
+"""Session feature vectors, schema version 2.
 
 A closed session becomes one float32 vector of ``FEATURE_DIM`` numbers. The schema is
 versioned (``FEATURE_SCHEMA_VERSION``); a change to the layout below must bump it, and
@@ -14,7 +14,9 @@ Layout (index: meaning):
 10-28 genre mix weighted by watch time (sums to 1 when any genre is given),
       slots ``GENRES``; a caller's genre names reach a slot through the
       ``GenreVocabulary`` (configurable aliases); a name it does not know still
-      counts, in ``other``, and is counted and reported (see GenreVocabulary)
+      counts, half in a slot chosen by a stable hash of the name and half in
+      ``other`` (schema 2; schema 1 pooled all of it in ``other``), and is counted
+      and reported
 29    kids share: fraction of watch time rated ``kids``
 30    teen share: fraction of watch time rated ``teen``
 31    log1p(total watch minutes)
@@ -35,12 +37,22 @@ once from column arrays (used by the simulator and bulk rebuilds);
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
-FEATURE_SCHEMA_VERSION = 1
+# 2: a genre name outside the vocabulary lands in a slot chosen by a stable hash of the
+# name (1: every such name in ``other``). The layout is the same; a version-1 vector
+# differs from its version-2 rebuild only in sessions that carried an unknown name.
+FEATURE_SCHEMA_VERSION = 2
+POOLED_UNKNOWN_SCHEMA_VERSION = 1
+UNKNOWN_GENRE_POLICIES = ("hash", "other")  # how a vocabulary places an unknown name
+# Under "hash": the share of an unknown name's watch time in its hashed slot; the rest
+# stays in ``other`` (chosen on TUNING worlds, docs/features.md "Unknown genre names").
+UNKNOWN_HASHED_SHARE = 0.5
 
 DEVICE_TYPES: tuple[str, ...] = ("tv", "mobile", "tablet", "desktop", "console", "other")
 GENRES: tuple[str, ...] = (
@@ -77,17 +89,34 @@ assert len(FEATURE_NAMES) == FEATURE_DIM
 BINGE_EPISODES = 3  # episodes of one series in one session that make it a binge
 
 
+@lru_cache(maxsize=4096)
+def hashed_genre_slot(name: str) -> int:
+    """The genre slot of a name outside the vocabulary: a stable hash (BLAKE2b of the
+    normalised name, not Python's per-process ``hash``) over all ``len(GENRES)`` slots,
+    so the same name lands in the same slot in every process and release."""
+    digest = hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % len(GENRES)
+
+
 class GenreVocabulary:
     """Which feature slot a caller's genre name lands in: the slot names ``GENRES``
     themselves plus configured aliases (``"sci-fi=scifi,anime=animation"``), matched
     case-insensitively. A name outside the vocabulary is *unknown*: its watch time
-    still counts — in ``other``, so that a member who watches it stays apart from one
-    who does not — and ``unknown`` names it so the service can count and report it
-    (an operator then maps it with an alias, or the service refuses it; see the
-    clustering settings). The genre block stays ``len(GENRES)`` wide whatever the
-    vocabulary, so vectors and models keep one layout."""
+    still counts, and ``unknown`` names it so the service can count and report it (an
+    operator then maps it with an alias, or the service refuses it; see the clustering
+    settings). With ``unknown="hash"`` (the default) ``hashed_share`` of it counts in
+    the slot ``hashed_genre_slot`` gives and the rest in ``other``, so two members who
+    watch *different* unknown genres stay apart (each name keeps its identity, up to
+    sharing a slot with other names); ``unknown="other"`` pools every unknown name in ``other`` (schema 1's behaviour:
+    a member who watches unknown genres stays apart from one who does not, but not
+    from one who watches other unknown genres). The genre block stays ``len(GENRES)``
+    wide whatever the vocabulary, so vectors and models keep one layout (why not extra
+    hashed slots: docs/features.md)."""
 
-    def __init__(self, aliases: dict[str, str] | None = None) -> None:
+    def __init__(self, aliases: dict[str, str] | None = None, unknown: str = "hash",
+                 hashed_share: float = UNKNOWN_HASHED_SHARE) -> None:
+        if unknown not in UNKNOWN_GENRE_POLICIES:
+            raise ValueError(f"unknown genres must be placed by one of {UNKNOWN_GENRE_POLICIES}, got {unknown!r}")
         index = dict(_GENRE_INDEX)
         for alias, slot in (aliases or {}).items():
             name, target = alias.strip().lower(), slot.strip().lower()
@@ -99,9 +128,15 @@ class GenreVocabulary:
             index[name] = _GENRE_INDEX[target]
         self._index = index
         self.aliases = {k: GENRES[v] for k, v in index.items() if k not in _GENRE_INDEX}
+        self.hashes_unknown = unknown == "hash"
+        if not 0.0 < hashed_share <= 1.0:
+            raise ValueError(f"hashed_share must be in (0, 1], got {hashed_share!r}")
+        self.hashed_share = hashed_share if self.hashes_unknown else 0.0
+        # the schema version of the vectors this vocabulary builds
+        self.feature_version = FEATURE_SCHEMA_VERSION if self.hashes_unknown else POOLED_UNKNOWN_SCHEMA_VERSION
 
     @classmethod
-    def parse(cls, spec: str) -> "GenreVocabulary":
+    def parse(cls, spec: str, unknown: str = "hash") -> "GenreVocabulary":
         """``"name=slot,name=slot"`` (the HEARTH_GENRE_ALIASES form); "" = no aliases."""
         aliases = {}
         for entry in (e for e in spec.split(",") if e.strip()):
@@ -109,11 +144,26 @@ class GenreVocabulary:
             if not sep:
                 raise ValueError(f"alias {entry.strip()!r} must be name=genre")
             aliases[name] = slot
-        return cls(aliases)
+        return cls(aliases, unknown)
 
-    def slot(self, genre: str) -> int:
-        """Index in the genre block; an unknown name gives ``other``'s."""
-        return self._index.get(genre.strip().lower(), _GENRE_INDEX["other"])
+    def placements(self, genre: str) -> tuple[tuple[int, float], ...]:
+        """Where a name's watch time counts: (slot index in the genre block, share of its
+        time) pairs, shares summing to 1. A known name: its slot. An unknown one under
+        "hash": ``hashed_share`` in its hashed slot, the rest in ``other`` (the measured
+        compromise: hashed slots are shared with known genres, so all of it there blurs
+        them on worlds with few unknown names; docs/features.md); under "other": all in
+        ``other``."""
+        name = genre.strip().lower()
+        found = self._index.get(name)
+        if found is not None:
+            return ((found, 1.0),)
+        other = _GENRE_INDEX["other"]
+        if not self.hashes_unknown:
+            return ((other, 1.0),)
+        hashed = hashed_genre_slot(name)
+        if self.hashed_share >= 1.0 or hashed == other:
+            return ((hashed, 1.0),)
+        return ((hashed, self.hashed_share), (other, 1.0 - self.hashed_share))
 
     def unknown(self, genres: Iterable[str]) -> list[str]:
         """The names among ``genres`` that the vocabulary does not know, in the form an
@@ -125,10 +175,6 @@ class GenreVocabulary:
 def device_index(device_type: str) -> int:
     """Index of a device type in the one-hot block; unknown types count as ``other``."""
     return _DEVICE_INDEX.get(device_type, _DEVICE_INDEX["other"])
-
-
-def genre_index(genre: str) -> int:
-    return DEFAULT_VOCABULARY.slot(genre)
 
 
 def features_matrix(
@@ -192,7 +238,7 @@ class WatchItem:
 def session_features(start_ts: float, device_type: str, items: Iterable[WatchItem],
                      vocabulary: GenreVocabulary | None = None) -> np.ndarray:
     """One session's feature vector (FEATURE_DIM float32)."""
-    slot = (vocabulary or DEFAULT_VOCABULARY).slot
+    placements = (vocabulary or DEFAULT_VOCABULARY).placements
     genre_seconds = np.zeros(len(GENRES))
     kids = teen = total = 0.0
     titles: set[str] = set()
@@ -206,7 +252,8 @@ def session_features(start_ts: float, device_type: str, items: Iterable[WatchIte
         if item.genres:
             share = seconds / len(item.genres)
             for g in item.genres:
-                genre_seconds[slot(g)] += share
+                for index, weight in placements(g):
+                    genre_seconds[index] += share * weight
         if item.maturity == "kids":
             kids += seconds
         elif item.maturity == "teen":

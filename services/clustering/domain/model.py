@@ -242,19 +242,28 @@ DEVICE_CONFIDENCE_MAPS: dict[str, tuple[list[float], list[float]]] = {
     "streamed": ([0.2895, 0.325, 0.3605, 0.3961, 0.4316, 0.4671, 0.5026, 0.5382, 0.5737, 0.6092, 0.6447, 0.6803, 0.7158, 0.7513, 0.7868, 0.8224, 0.8579, 0.8934, 0.9289, 0.9645, 1.0], [0.0, 0.0, 0.2879, 0.2879, 0.2879, 0.46, 0.5042, 0.5042, 0.5042, 0.5042, 0.5742, 0.5742, 0.6375, 0.6892, 0.7084, 0.7084, 0.7469, 0.7844, 0.807, 0.8666, 0.8666]),
     "young": ([0.5021, 0.5519, 0.6017, 0.6515, 0.7013, 0.7511, 0.8009, 0.8506, 0.9004, 0.9502, 1.0], [0.0, 0.5625, 0.5625, 0.619, 0.619, 0.619, 0.7065, 0.7065, 0.7196, 0.7982, 0.8342]),
 }
-# A one-person answer's confidence: how often such answers were right on the same data,
-# per group ("fitted": fitted at once, any age — a one-person batch fit is rare, 15 TUNING
-# households; "young" / "mature": streamed, by age) as (overall, (by the devices the model
-# knows: ONE_PERSON_DEVICE_EDGES, <= 2 and >= 3)); a one-person model that has seen several
-# devices is more often missing a member (TUNING stream 0.76 vs 0.52). Each bucket is
-# shrunk toward its group's figure by bench/accuracy.ONE_PERSON_PRIOR pseudo-answers.
-# Cold-start answers (one person, before MIN_SESSIONS) say what a young streamed
-# one-person answer says.
-ONE_PERSON_DEVICE_EDGES = (2,)
+# A one-person answer's confidence: how likely "the only person the model knows" is right,
+# from the evidence the model has for one person, as a logistic regression per group
+# ("fitted": fitted at once, any age — a one-person batch fit is rare; "young" /
+# "mature": streamed, by age; cold-start answers are young) on ONE_PERSON_EVIDENCE: the
+# sessions it has seen (log) and the devices it knows (more devices, more room for a
+# member it has not met). A constant per group (as until 2026-12-04) said the same for
+# every one-person household (blind worlds 0.804 / 0.571 whatever the evidence). Fitted
+# on the TUNING worlds only by `python -m bench.accuracy --calibrate-confidence
+# --device-maps-only` (bench._confidence records the evidence with each answer); chosen
+# by leave-one-world-out on TUNING and on fresh TUNING-seed worlds (per-session evidence —
+# the session's device share, a personal device — sharpened the Brier score but made ECE
+# worse on worlds the fit had not seen; docs/clustering.md, "Confidence").
+ONE_PERSON_EVIDENCE = ("log_sessions", "devices")
+ONE_PERSON_MAX_DEVICES = 6                          # more devices: judged as 6
+# Sessions seen (log) outside the range the fit saw are judged at its edge: TUNING's
+# one-person answers come from models of 5-136 sessions, and a slope fitted there says
+# nothing about a model of thousands (the streamed one would fall toward 0).
+ONE_PERSON_LOG_SESSIONS = (1.6094, 4.9127)
 ONE_PERSON_CONFIDENCE: dict[str, tuple[float, tuple[float, ...]]] = {
-    "fitted": (0.7244, (0.804, 0.5707)),
-    "young": (0.6192, (0.7227, 0.4951)),
-    "mature": (0.5207, (0.5893, 0.4293)),
+    "fitted": (2.3659, (0.0422, -0.6366)),
+    "young": (1.5499, (0.0372, -0.4546)),
+    "mature": (5.2871, (-1.0563, -0.2737)),
 }
 
 
@@ -263,18 +272,31 @@ def device_map_name(young: bool, streamed: bool) -> str:
     return "young" if young else "streamed" if streamed else "fitted"
 
 
-def one_person_confidence(young: bool, devices: int | None, streamed: bool = True) -> float:
-    """How sure a one-person answer of a model with device evidence is: by how the model
-    came about (``streamed``: sessions folded in since its last full fit; then by its
-    age) and the number of devices it knows (None: the group's overall figure)."""
-    overall, table = ONE_PERSON_CONFIDENCE["young" if streamed and young else "mature" if streamed else "fitted"]
-    if devices is None:
-        return overall
-    return float(table[int(np.searchsorted(ONE_PERSON_DEVICE_EDGES, devices, side="left"))])
+def one_person_group(young: bool, streamed: bool) -> str:
+    """Which of ONE_PERSON_CONFIDENCE answers (see above)."""
+    return "young" if streamed and young else "mature" if streamed else "fitted"
+
+
+def one_person_evidence(n_sessions: int, devices: int, n: int = 1) -> np.ndarray:
+    """(n, len(ONE_PERSON_EVIDENCE)) the evidence of a one-person answer (the same for
+    each of ``n`` sessions): the sessions the model has seen (log) and the devices it
+    knows (at most ONE_PERSON_MAX_DEVICES)."""
+    return np.tile([np.log(max(n_sessions, 1)), float(min(max(devices, 1), ONE_PERSON_MAX_DEVICES))], (n, 1))
+
+
+def one_person_confidence(evidence: np.ndarray, young: bool, streamed: bool = True) -> np.ndarray:
+    """(N,) how sure a one-person answer of a model with device evidence is, from its
+    ``evidence`` (one_person_evidence) and how the model came about (``streamed``:
+    sessions folded in since its last full fit; then by its age)."""
+    intercept, coef = ONE_PERSON_CONFIDENCE[one_person_group(young, streamed)]
+    evidence = np.array(evidence, dtype=np.float64)
+    evidence[:, 0] = np.clip(evidence[:, 0], *ONE_PERSON_LOG_SESSIONS)
+    return 1.0 / (1.0 + np.exp(-(intercept + evidence @ np.asarray(coef))))
 
 
 def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None, device: bool = False,
-                         young: bool = False, devices: int | None = None, streamed: bool = True) -> np.ndarray:
+                         young: bool = False, one_person: np.ndarray | None = None,
+                         streamed: bool = True) -> np.ndarray:
     """(N, K) probabilities with the top label mapped through the confidence map and
     the other persons rescaled to share the rest. The new top is floored just above
     p2 / (1 - top + p2) (p2 = the runner-up), where the rescaled runner-up would tie: the
@@ -283,9 +305,10 @@ def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None, device
     batch scorer). A row of a one-person model becomes SINGLE_PERSON_CONFIDENCE: the
     remaining mass belongs to nobody the model knows yet (an unseen member), so such a
     row sums to less than one. With ``device``: ``young`` (the model has seen fewer than
-    YOUNG_MODEL_SESSIONS sessions), ``streamed`` (it has folded sessions in since its last
-    full fit than that fit had, HouseholdModel.streamed) and ``devices`` (the devices it knows) choose the
-    map (``device_map_name``) and the one-person confidence (``one_person_confidence``)."""
+    YOUNG_MODEL_SESSIONS sessions) and ``streamed`` (it has folded sessions in since its last
+    full fit than that fit had, HouseholdModel.streamed) choose the map
+    (``device_map_name``); ``one_person`` (N,): what a one-person row says instead
+    (``one_person_confidence`` of its evidence; None: SINGLE_PERSON_CONFIDENCE)."""
     if n_live is None:
         n_live = np.full(P.shape[0], P.shape[1])
     rows = np.arange(P.shape[0])
@@ -293,9 +316,9 @@ def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None, device
     top = P[rows, idx]
     if device:
         xs, ys = DEVICE_CONFIDENCE_MAPS[device_map_name(young, streamed)]
-        one = one_person_confidence(young, devices, streamed)
     else:
-        xs, ys, one = CONFIDENCE_MAP_X, CONFIDENCE_MAP_Y, SINGLE_PERSON_CONFIDENCE
+        xs, ys = CONFIDENCE_MAP_X, CONFIDENCE_MAP_Y
+    one = SINGLE_PERSON_CONFIDENCE if one_person is None else np.asarray(one_person)
     new_top = np.interp(top, xs, ys).astype(P.dtype)
     new_top = np.maximum(new_top, 1.0 / np.maximum(n_live, 1))
     if P.shape[1] > 1:
@@ -304,7 +327,7 @@ def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None, device
         rest_mass = np.maximum(1.0 - top, runner_up)
         new_top = np.maximum(new_top, runner_up / np.maximum(rest_mass + runner_up, 1e-12) * (1.0 + 1e-6))
     single = n_live <= 1
-    new_top[single] = one
+    new_top[single] = one if np.ndim(one) == 0 else one[single]
     rest = np.maximum(1.0 - top, 1e-12)
     out = P * ((1.0 - new_top) / rest)[:, None]
     out[rows, idx] = new_top
@@ -1250,6 +1273,11 @@ class HouseholdModel:
         index = {d: i for i, d in enumerate(self.device_ids)}
         return np.array([index.get(d, -1) for d in device_ids], dtype=np.int64)
 
+    def one_person_evidence(self, n: int) -> np.ndarray:
+        """The evidence a one-person answer's confidence rests on (ONE_PERSON_EVIDENCE), for
+        ``n`` sessions: the sessions the model has seen, the devices it knows."""
+        return one_person_evidence(self.n_sessions, len(self.device_ids), n)
+
     def _proba(self, X: np.ndarray, temperature: float | None = None) -> np.ndarray:
         if self.mixture is not None:
             t = self.temperature if temperature is None else temperature
@@ -1268,14 +1296,16 @@ class HouseholdModel:
             strategy = f"cold_start:{self._cold_strategy()}"
             if self.calibrated and P.shape[1] == 1 and self.device_evidence and (slots >= 0).any():
                 # one person for now: as sure as a young one-person model is right
-                P = np.full_like(P, one_person_confidence(True, len(self.device_ids), streamed=True))
+                P = one_person_confidence(self.one_person_evidence(X.shape[0]), True, streamed=True)[:, None].astype(P.dtype)
         else:
             P = self._proba(self._augment(X, slots))
             if self.calibrated and self.mixture is not None:
                 # device map: the sessions carry device ids the model knows
-                P = calibrate_confidence(P, device=bool(self.device_evidence and (slots >= 0).any()),
-                                         young=self.n_sessions < YOUNG_MODEL_SESSIONS,
-                                         devices=len(self.device_ids), streamed=self.streamed)
+                device = bool(self.device_evidence and (slots >= 0).any())
+                young = self.n_sessions < YOUNG_MODEL_SESSIONS
+                one = (one_person_confidence(self.one_person_evidence(X.shape[0]), young, self.streamed)
+                       if device and P.shape[1] == 1 else None)
+                P = calibrate_confidence(P, device=device, young=young, one_person=one, streamed=self.streamed)
             ids = tuple(self.person_ids)
             strategy = self.active_variant
         idx = P.argmax(axis=1)

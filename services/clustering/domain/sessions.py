@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.clustering.domain.events import ViewingEvent
-from services.clustering.domain.features import DEFAULT_VOCABULARY, FEATURE_SCHEMA_VERSION, GenreVocabulary, WatchItem, session_features
+from services.clustering.domain.features import DEFAULT_VOCABULARY, GenreVocabulary, WatchItem, session_features
 
 DEFAULT_GAP_S = 1800.0
 
@@ -44,7 +44,8 @@ class Session:
     feature_version: int
     label: str | None               # the most frequent profile_hint, if any
     # Genre names outside the vocabulary, with how many of the session's events carry
-    # each (sorted by name); counted in ``other`` in the features, reported by the service.
+    # each (sorted by name); counted in their hashed genre slots (or `other`, see
+    # GenreVocabulary) in the features, reported by the service.
     unknown_genres: tuple[tuple[str, int], ...] = ()
 
     def is_closed(self, watermark: float, now: float, gap_s: float = DEFAULT_GAP_S) -> bool:
@@ -104,7 +105,7 @@ def build_sessions(events: Sequence[ViewingEvent], gap_s: float = DEFAULT_GAP_S,
             event_ids=tuple(e.event_id for e in group),
             watch_seconds=float(sum(e.duration_s for e in group)),
             features=session_features(first.ts, device_type, items, vocabulary),
-            feature_version=FEATURE_SCHEMA_VERSION,
+            feature_version=vocabulary.feature_version,
             label=min(hints, key=lambda h: (-hints[h], h)) if hints else None,
             unknown_genres=tuple(sorted(unknown.items())),
         ))

@@ -46,3 +46,20 @@ def test_households_come_from_the_session_builder_with_truth_and_devices():
         assert np.all(np.diff(h.start_ts) >= 0)
         assert set(h.person.tolist()) == set(range(h.n_persons))
         assert h.device_id.shape == (h.n_sessions,) and h.device_slots().max() < len(set(h.device_id))
+
+
+def test_the_unknown_genre_knob_renames_genres_only_and_is_off_by_default():
+    """``unknown_genre_share`` (TUNING worlds with many names outside the vocabulary)
+    keeps the households — members, sessions, devices — and only renames genres; off
+    (the default, what REPORTING uses) the world is exactly the one without the knob."""
+    rng = lambda: np.random.default_rng(7)  # noqa: E731
+    plain, off, on = (W.make_world("living_room", rng(), "w", **kw)
+                      for kw in ({}, {"unknown_genre_share": 0.0}, {"unknown_genre_share": 1.0}))
+    assert off.catalogue_genres == plain.catalogue_genres
+    assert all(g.endswith("~") for title in on.catalogue_genres for g in title if g not in W.CATALOGUE_GENRES[18:])
+    assert [tuple(g.rstrip("~") for g in t) for t in on.catalogue_genres] == plain.catalogue_genres
+    a = W.make_household(plain, np.random.default_rng(3), "h")
+    b = W.make_household(on, np.random.default_rng(3), "h")
+    assert (a.person == b.person).all() and (a.start_ts == b.start_ts).all() and (a.device_id == b.device_id).all()
+    assert b.unknown_genre_share > max(0.9, a.unknown_genre_share)
+    assert not np.allclose(a.features, b.features)                  # the names reach the vectors
