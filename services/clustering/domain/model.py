@@ -146,6 +146,9 @@ BIRTH_MIN_HISTORY = 40
 BIRTH_MIN_GAIN = 3.0
 STREAM_GROUP_MIN_Z = 3.0  # streaming refits: two devices are two persons only this far above chance
 STREAM_GROUP_YOUNG = 60   # ... while the buffer holds fewer sessions than this
+STREAM_SHARED_REFIT = True    # no personal device: refit the buffer as the batch fit does
+STREAM_SHARED_RESELECT = False  # ... and the BIC re-selection between those refits
+STREAM_SHARED_HYSTERESIS = 40.0  # BIC units a new person count must win by in that refit
 STREAM_RESELECT_HOURS = True  # re-selection: a new person must show in the viewing hours (no personal device)
 NEWCOMER_GRACE = 100      # sessions a reported newcomer is kept through refits (_drops_newcomer)
 DEVICE_SLOTS = 16  # distinct device ids a household model tells apart (more: judged by type)
@@ -958,17 +961,21 @@ class HouseholdModel:
             return False
         min_z = STREAM_GROUP_MIN_Z if X.shape[0] < STREAM_GROUP_YOUNG else 0.0
         groups = int(self._device_groups(X, min_z).max()) + 1
-        if groups == 0 and self.device_group_count == 0:
+        shared_only = groups == 0 and self.device_group_count == 0
+        if shared_only and not (STREAM_SHARED_REFIT and self._device_ids_known(X)):
             return False
         self.since_refit += RESELECT_EVERY
         if groups == self.device_group_count and self.since_refit < DEVICE_REFIT_EVERY:
-            return True
+            return not (shared_only and STREAM_SHARED_RESELECT)
         self.since_refit = 0
         old_ids = list(self.person_ids)
         old_post = self._proba(X, temperature=1.0)
         kept = (self.mixture, self.device_group_count, self.next_person)
         try:
-            self._fit_gmm(X, None, [], self.buffer_keys.copy(), group_min_z=min_z)
+            if shared_only:
+                self._refit_shared_only(X, self.buffer_keys.copy())
+            else:
+                self._fit_gmm(X, None, [], self.buffer_keys.copy(), group_min_z=min_z)
         except MixtureNumericalError:
             return True  # keep the current mixture; the service's refit will retry
         # A refit that renames or re-counts persons is not itself a member joining or
@@ -980,6 +987,31 @@ class HouseholdModel:
             return True
         self.person_ids = new_ids
         return True
+
+    def _refit_shared_only(self, X: np.ndarray, keys: np.ndarray) -> None:
+        """Streaming, device ids known but no personal device: refit the buffer as the
+        batch fit does (hour seedings, SHARED_ONLY_MERGED_BIC_PENALTY, then the
+        viewing-hours merge), seeded also from the current persons, and move to another
+        person count only when it wins by STREAM_SHARED_HYSTERESIS BIC units (ids stay
+        put on noise; a single viewer is not split on one borderline refit). Why: the
+        BIC re-selection it replaces had neither the hour seedings nor the hours merge
+        and, at charge 1.0, under-counted (docs/clustering.md, streaming)."""
+        assert self.mixture is not None
+        k = self.mixture.n_components
+        current = self.mixture.log_joint(X).argmax(axis=1)
+        _, current = np.unique(current, return_inverse=True)
+        crit = self._criterion(X)
+        penalty = self._penalty(X, hours_merge_follows=True)
+        inits = [current] + (hour_seedings(X[:, :F.FEATURE_DIM], self.k_max, self.seed) if HOUR_SEEDINGS else [])
+        sel = fit_select_k(X, self.k_max, self.family, self.seed, self.n_init, criterion=crit, keys=keys,
+                           penalty=penalty, extra_inits=inits)
+        mixture = sel.model
+        if sel.k != k and k in sel.scores and sel.scores[sel.k] > sel.scores[k] - STREAM_SHARED_HYSTERESIS:
+            mixture = fit_select_k(X, k, self.family, self.seed, self.n_init, criterion=crit, keys=keys,
+                                   penalty=penalty, k_min=k, extra_inits=inits).model
+        self.mixture = self._merge_same_hours(X, mixture, keys)
+        self.device_group_count = 0
+        self._reset_buffer(X, keys)
 
     def _drops_newcomer(self, old_ids: list[str], new_ids: list[str]) -> bool:
         """Would this refit lose a person whose join was reported less than
