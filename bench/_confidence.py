@@ -1,7 +1,8 @@
 """Raw (uncalibrated) answers of Hearth on world households, with what the service knows
 when it answers: the model's age (sessions it has seen), whether it has folded sessions
 in since its last full fit (HouseholdModel.streamed), whether the answer is a
-one-person / cold-start one, and whether the sessions carry device ids the model knows.
+one-person / cold-start one, whether the sessions carry device ids the model knows, and
+the evidence a one-person answer's confidence rests on (HouseholdModel.one_person_evidence).
 
 ``python -m bench.accuracy --calibrate-confidence`` fits the confidence maps of
 services/clustering/domain/model.py on these answers (TUNING worlds only), and the
@@ -45,6 +46,7 @@ class RawAnswers:
     devices: np.ndarray | None = None  # devices the model knew when it answered
     groups: np.ndarray | None = None   # personal-device person groups at its last fit
     streamed: np.ndarray | None = None  # HouseholdModel.streamed when it answered
+    evidence: np.ndarray | None = None  # (n, len(ONE_PERSON_EVIDENCE)) one-person evidence
 
 
 MIXTURE, COLD_ONE, OTHER = 0, 1, 2
@@ -60,7 +62,12 @@ def _meta(m: HouseholdModel, out, device_ids) -> tuple[int, bool]:
     return kind, device
 
 
-def _finish(h: WorldHousehold, P: np.ndarray, age, kind, device, devices, groups, streamed) -> RawAnswers:
+def _evidence(m: HouseholdModel, X: np.ndarray, device_ids) -> np.ndarray:
+    return m.one_person_evidence(X.shape[0])
+
+
+def _finish(h: WorldHousehold, P: np.ndarray, age, kind, device, devices, groups, streamed,
+            evidence) -> RawAnswers:
     pred = P.argmax(axis=1)
     m = match(h.person, pred, P.shape[1])
     column_of = {int(person): c for c, person in enumerate(m) if person >= 0}
@@ -68,7 +75,7 @@ def _finish(h: WorldHousehold, P: np.ndarray, age, kind, device, devices, groups
     return RawAnswers(P, pred, np.asarray(age, dtype=np.int64), np.asarray(kind, dtype=np.int8),
                       np.asarray(device, dtype=bool), m[pred] == h.person, labels,
                       np.asarray(devices, dtype=np.int64), np.asarray(groups, dtype=np.int64),
-                      np.asarray(streamed, dtype=bool))
+                      np.asarray(streamed, dtype=bool), np.asarray(evidence, dtype=np.float64))
 
 
 def batch_answers(h: WorldHousehold) -> RawAnswers:
@@ -77,12 +84,13 @@ def batch_answers(h: WorldHousehold) -> RawAnswers:
     kind, device = _meta(m, out, list(h.device_id))
     n = h.n_sessions
     return _finish(h, out.probabilities, np.full(n, m.n_sessions), np.full(n, kind), np.full(n, device),
-                   np.full(n, len(m.device_ids)), np.full(n, m.device_group_count), np.full(n, m.streamed))
+                   np.full(n, len(m.device_ids)), np.full(n, m.device_group_count), np.full(n, m.streamed),
+                   _evidence(m, h.features, h.device_id))
 
 
 def stream_answers(h: WorldHousehold, batch: int = STREAM_BATCH) -> RawAnswers:
     probs: list[dict[str, float]] = []
-    age, kind, device, devices, groups, streamed = [], [], [], [], [], []
+    age, kind, device, devices, groups, streamed, evidence = [], [], [], [], [], [], []
     for a, b, m, out, _ in stream_steps(h, batch, calibrated=False):
         k, d = _meta(m, out, list(h.device_id[a:b]))
         for r in range(b - a):
@@ -93,7 +101,8 @@ def stream_answers(h: WorldHousehold, batch: int = STREAM_BATCH) -> RawAnswers:
         devices += [len(m.device_ids)] * (b - a)
         groups += [m.device_group_count] * (b - a)
         streamed += [m.streamed] * (b - a)
-    return _finish(h, columns(probs), age, kind, device, devices, groups, streamed)
+        evidence.append(_evidence(m, h.features[a:b], h.device_id[a:b]))
+    return _finish(h, columns(probs), age, kind, device, devices, groups, streamed, np.vstack(evidence))
 
 
 def household_answers(h: WorldHousehold) -> dict[str, RawAnswers]:

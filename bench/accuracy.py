@@ -323,6 +323,7 @@ def calibrate_confidence(quick: bool) -> dict:
     out of sample for the households it will serve — on the TUNING worlds and the
     simulator's calibration seeds (500), never on the reporting worlds."""
     from sklearn.isotonic import IsotonicRegression
+    from sklearn.linear_model import LogisticRegression
     hs = worlds.generate(worlds.TUNING, worlds_per_family=1 if quick else 2,
                          households_per_world=4 if quick else 8)
     sim = simulate_population(10 if quick else 40, seed=500, difficulty=DIFFICULTY_LEVELS["default"])
@@ -349,7 +350,7 @@ def calibrate_confidence(quick: bool) -> dict:
             "single_person_households": len(single)}
 
 
-def calibrate_device_confidence(quick: bool) -> dict:
+def calibrate_device_confidence(quick: bool, leave_one_world_out: bool = False) -> dict:
     """The device-evidence confidence maps of model.py, fitted on the TUNING worlds only
     (sessions with device ids): each session's uncalibrated answer from a batch fit and
     at its arrival in a time-ordered stream (bench/_confidence.py, the way the service
@@ -361,9 +362,9 @@ def calibrate_device_confidence(quick: bool) -> dict:
       model.device_map_name (models of >= YOUNG_MODEL_SESSIONS sessions: fitted at once
       or streamed; younger models: one map);
     * ONE_PERSON_CONFIDENCE, per group (fitted at once; streamed and young, with the
-      cold-start answers; streamed and mature): the share of such answers that were
-      right, and a table by the devices the model knows (ONE_PERSON_DEVICE_EDGES), each
-      bucket shrunk toward the group's share by ONE_PERSON_PRIOR pseudo-answers.
+      cold-start answers; streamed and mature): a logistic regression of "the answer is
+      right" on the answer's one-person evidence (model.ONE_PERSON_EVIDENCE), L2 with
+      ONE_PERSON_C (scikit-learn's C).
     Printed in the form model.py holds them."""
     from concurrent.futures import ProcessPoolExecutor
 
@@ -375,21 +376,65 @@ def calibrate_device_confidence(quick: bool) -> dict:
                          households_per_world=4 if quick else 8)
     with ProcessPoolExecutor(max(1, min(2, os.cpu_count() or 1))) as pool:
         answers = list(pool.map(household_answers, hs))
-    return {"households": len(hs), **fit_device_confidence(answers)}
+    out = {"households": len(hs), **fit_device_confidence(answers)}
+    if leave_one_world_out:
+        out["leave_one_world_out"] = score_leave_one_world_out([h.world_id for h in hs], answers)
+    return out
 
 
-ONE_PERSON_PRIOR = 20.0
+def score_leave_one_world_out(world_ids: list[str], answers: list[dict]) -> dict:
+    """How the fit does on worlds it has not seen: per world index (every family's w-th
+    world held out together), the maps and one-person fit on the other worlds, scored on
+    the held-out households' answers (the maps' top-label value floored at 1 / persons,
+    as calibrate_confidence does; answers the maps leave alone kept raw). ECE of every
+    answer per mode, and ECE / Brier of the one-person answers."""
+    from bench._clustering_eval import ece
+    from bench._confidence import COLD_ONE, MIXTURE
+    from services.clustering.domain.model import device_map_name, one_person_group
+    fold = np.array([w.rsplit("-w", 1)[1] for w in world_ids])
+    scored: dict[str, list] = {"batch": [], "stream": []}
+    for held in np.unique(fold):
+        fit = fit_device_confidence([a for a, f in zip(answers, fold) if f != held])
+        lo, hi = fit["one_person_log_sessions"]
+        for ans in (a for a, f in zip(answers, fold) if f == held):
+            for mode in scored:
+                a = ans[mode]
+                conf = a.P.max(axis=1).copy()
+                live = (a.P > 0).sum(axis=1)
+                young, cold = a.age < YOUNG_MODEL_SESSIONS, a.kind == COLD_ONE
+                one = a.device & (((a.kind == MIXTURE) & (live <= 1)) | cold)
+                for i in np.flatnonzero(a.device & (a.kind == MIXTURE) & (live > 1)):
+                    xs, ys = fit["device_confidence_maps"][device_map_name(bool(young[i]), bool(a.streamed[i]))]
+                    conf[i] = max(float(np.interp(conf[i], xs, ys)), 1.0 / live[i])
+                for i in np.flatnonzero(one):
+                    intercept, coef = fit["one_person_confidence"][
+                        one_person_group(bool(young[i] or cold[i]), bool(a.streamed[i] or cold[i]))]
+                    x = np.r_[np.clip(a.evidence[i, 0], lo, hi), a.evidence[i, 1:]]
+                    conf[i] = 1.0 / (1.0 + np.exp(-(intercept + x @ np.asarray(coef))))
+                scored[mode].append((conf, a.correct, one))
+    out = {}
+    for mode, parts in scored.items():
+        c, y, one = (np.concatenate([p[k] for p in parts]) for k in range(3))
+        out[mode] = {"ece": round(ece(c, y), 4), "one_person_answers": int(one.sum()),
+                     "one_person_ece": round(ece(c[one], y[one]), 4),
+                     "one_person_brier": round(float(np.mean((c[one] - y[one]) ** 2)), 4)}
+        log(f"leave-one-world-out {mode}: {out[mode]}")
+    return out
+
+
+ONE_PERSON_C = 1.0   # C = 0.1 and 0.01 no better on TUNING (docs/clustering.md, "Confidence")
 YOUNG_MAP_KNOTS, MATURE_MAP_KNOTS = 11, 21   # grid of a map: fewer young answers
 
 
-def fit_device_confidence(answers: list[dict], one_person_prior: float = ONE_PERSON_PRIOR) -> dict:
+def fit_device_confidence(answers: list[dict], one_person_c: float = ONE_PERSON_C) -> dict:
     """calibrate_device_confidence's fit on raw answers (bench/_confidence.household_answers)."""
     from sklearn.isotonic import IsotonicRegression
+    from sklearn.linear_model import LogisticRegression
 
     from bench._confidence import COLD_ONE, MIXTURE
-    from services.clustering.domain.model import DEVICE_CONFIDENCE_MAPS, ONE_PERSON_DEVICE_EDGES, device_map_name
+    from services.clustering.domain.model import DEVICE_CONFIDENCE_MAPS, ONE_PERSON_EVIDENCE, device_map_name
     multi: dict[str, tuple[list, list]] = {name: ([], []) for name in DEVICE_CONFIDENCE_MAPS}
-    one: dict[str, list] = {name: [] for name in ("fitted", "young", "mature")}   # (devices, right)
+    one: dict[str, list] = {name: [] for name in ("fitted", "young", "mature")}   # (evidence..., right)
     for ans in answers:
         for a in (ans["batch"], ans["stream"]):
             live = (a.P > 0).sum(axis=1)
@@ -404,8 +449,7 @@ def fit_device_confidence(answers: list[dict], one_person_prior: float = ONE_PER
             rows = a.device & (((a.kind == MIXTURE) & (live <= 1)) | cold)
             for name, sel in (("fitted", ~a.streamed & ~cold), ("young", (a.streamed & young) | cold),
                               ("mature", a.streamed & ~young & ~cold)):
-                one[name].append(np.c_[a.devices[rows & sel], a.correct[rows & sel]])
-    edges = np.asarray(ONE_PERSON_DEVICE_EDGES)
+                one[name].append(np.c_[a.evidence[rows & sel], a.correct[rows & sel]])
     maps, counts, tables = {}, {}, {}
     empty = [f"map {n!r}" for n in multi if not sum(v.size for v in multi[n][0])] + \
         [f"one-person group {n!r}" for n in one if not sum(v.shape[0] for v in one[n])]
@@ -426,16 +470,25 @@ def fit_device_confidence(answers: list[dict], one_person_prior: float = ONE_PER
         counts[name] = int(x.size)
         log(f"{name} device confidence map: x {maps[name][0]} y {maps[name][1]} "
             f"({x.size} multi-person answers, right {y.mean():.3f} at confidence {x.mean():.3f} raw)")
+    every = np.vstack([r for rows in one.values() for r in rows]).astype(float)
+    # the range of sessions seen the fit rests on (model.ONE_PERSON_LOG_SESSIONS): answers
+    # of models outside it are judged at its edge
+    log_sessions = (round(float(every[:, 0].min()), 4), round(float(every[:, 0].max()), 4))
     for name, rows in one.items():
         ones = np.vstack(rows).astype(float)
-        overall = float(ones[:, 1].mean())
-        bucket = np.searchsorted(edges, ones[:, 0], side="left")
-        table = [float((ones[bucket == b, 1].sum() + one_person_prior * overall)
-                       / ((bucket == b).sum() + one_person_prior)) for b in range(edges.size + 1)]
-        tables[name] = (round(overall, 4), tuple(round(t, 4) for t in table))
+        x, y = ones[:, :len(ONE_PERSON_EVIDENCE)], ones[:, -1]
+        x[:, 0] = np.clip(x[:, 0], *log_sessions)
+        if np.unique(y).size < 2:   # all right (or all wrong): no slope to fit
+            intercept, coef = float(np.log((y.sum() + 1.0) / (y.size - y.sum() + 1.0))), np.zeros(x.shape[1])
+        else:
+            lr = LogisticRegression(C=one_person_c, max_iter=1000).fit(x, y)
+            intercept, coef = float(lr.intercept_[0]), lr.coef_[0]
+        tables[name] = (round(intercept, 4), tuple(round(float(c), 4) for c in coef))
         counts[f"one_person_{name}"] = int(ones.shape[0])
-        log(f"{name} one-person confidence {overall:.4f} by devices {tables[name][1]} ({ones.shape[0]} answers)")
-    return {"device_confidence_maps": maps, "one_person_confidence": tables, "answers": counts}
+        log(f"{name} one-person confidence: intercept {tables[name][0]} coefficients "
+            f"{dict(zip(ONE_PERSON_EVIDENCE, tables[name][1]))} ({ones.shape[0]} answers, right {y.mean():.3f})")
+    return {"device_confidence_maps": maps, "one_person_confidence": tables, "one_person_log_sessions": log_sessions,
+            "answers": counts}
 
 
 def run_worlds(quick: bool, streaming: bool = True, workers: int = 2) -> dict:
@@ -504,6 +557,9 @@ def main() -> None:
                     help="with --calibrate-confidence: only the device-evidence maps (not the bare-vector map)")
     ap.add_argument("--periodic-baseline", action="store_true",
                     help="with --quick: also run the periodic-refit drift baseline (always on in a full run)")
+    ap.add_argument("--leave-one-world-out", action="store_true",
+                    help="with --calibrate-confidence: also score the device fit on each TUNING world index "
+                         "fitted on the others")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                     help="processes scoring the world households (same figures for any number)")
     args = ap.parse_args()
@@ -517,7 +573,7 @@ def main() -> None:
         return
     if args.calibrate_confidence:
         print(json.dumps({**({} if args.device_maps_only else {"bare": calibrate_confidence(args.quick)}),
-                          "device": calibrate_device_confidence(args.quick)}))
+                          "device": calibrate_device_confidence(args.quick, args.leave_one_world_out)}))
         return
     if args.blind_only:
         print(json.dumps({"worlds_blind": run_blind(args.quick, streaming=not args.batch_only, workers=args.workers),

@@ -14,8 +14,9 @@ Layout (index: meaning):
 10-28 genre mix weighted by watch time (sums to 1 when any genre is given),
       slots ``GENRES``; a caller's genre names reach a slot through the
       ``GenreVocabulary`` (configurable aliases); a name it does not know still
-      counts, in a slot chosen by a stable hash of the name (schema 2; schema 1
-      pooled every unknown name in ``other``), and is counted and reported
+      counts, half in a slot chosen by a stable hash of the name and half in
+      ``other`` (schema 2; schema 1 pooled all of it in ``other``), and is counted
+      and reported
 29    kids share: fraction of watch time rated ``kids``
 30    teen share: fraction of watch time rated ``teen``
 31    log1p(total watch minutes)
@@ -103,10 +104,10 @@ class GenreVocabulary:
     case-insensitively. A name outside the vocabulary is *unknown*: its watch time
     still counts, and ``unknown`` names it so the service can count and report it (an
     operator then maps it with an alias, or the service refuses it; see the clustering
-    settings). With ``unknown="hash"`` (the default) it counts in the slot
-    ``hashed_genre_slot`` gives, so two members who watch *different* unknown genres
-    stay apart (each name keeps its identity, up to sharing a slot with other names);
-    ``unknown="other"`` pools every unknown name in ``other`` (schema 1's behaviour:
+    settings). With ``unknown="hash"`` (the default) ``hashed_share`` of it counts in
+    the slot ``hashed_genre_slot`` gives and the rest in ``other``, so two members who
+    watch *different* unknown genres stay apart (each name keeps its identity, up to
+    sharing a slot with other names); ``unknown="other"`` pools every unknown name in ``other`` (schema 1's behaviour:
     a member who watches unknown genres stays apart from one who does not, but not
     from one who watches other unknown genres). The genre block stays ``len(GENRES)``
     wide whatever the vocabulary, so vectors and models keep one layout (why not extra

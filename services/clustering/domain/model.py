@@ -155,6 +155,9 @@ NEW_DEVICE_QUIET = 30        # sessions after a reported join in which this test
 BIRTH_MIN_GAIN = 3.0
 STREAM_GROUP_MIN_Z = 3.0  # streaming refits: two devices are two persons only this far above chance
 STREAM_GROUP_YOUNG = 60   # ... while the buffer holds fewer sessions than this
+STREAM_SHARED_REFIT = True    # no personal device: refit the buffer as the batch fit does
+STREAM_SHARED_RESELECT = False  # ... and the BIC re-selection between those refits
+STREAM_SHARED_HYSTERESIS = 40.0  # BIC units a new person count must win by in that refit
 STREAM_RESELECT_HOURS = True  # re-selection: a new person must show in the viewing hours (no personal device)
 NEWCOMER_GRACE = 100      # sessions a reported newcomer is kept through refits (_drops_newcomer)
 DEVICE_SLOTS = 16  # distinct device ids a household model tells apart (more: judged by type)
@@ -244,23 +247,32 @@ SINGLE_PERSON_CONFIDENCE = 0.8467
 # stream 0.061 -> 0.070; docs/clustering.md, "Confidence".)
 YOUNG_MODEL_SESSIONS = 60
 DEVICE_CONFIDENCE_MAPS: dict[str, tuple[list[float], list[float]]] = {
-    "fitted": ([0.3252, 0.359, 0.3927, 0.4264, 0.4602, 0.4939, 0.5277, 0.5614, 0.5951, 0.6289, 0.6626, 0.6964, 0.7301, 0.7638, 0.7976, 0.8313, 0.865, 0.8988, 0.9325, 0.9663, 1.0], [0.0, 0.2895, 0.35, 0.35, 0.3889, 0.4928, 0.5714, 0.587, 0.587, 0.6148, 0.6944, 0.6944, 0.6944, 0.7418, 0.7619, 0.8407, 0.8407, 0.8407, 0.902, 0.9399, 0.9399]),
-    "streamed": ([0.2895, 0.325, 0.3605, 0.3961, 0.4316, 0.4671, 0.5026, 0.5382, 0.5737, 0.6092, 0.6447, 0.6803, 0.7158, 0.7513, 0.7868, 0.8224, 0.8579, 0.8934, 0.9289, 0.9645, 1.0], [0.0, 0.0, 0.2879, 0.2879, 0.2879, 0.46, 0.5042, 0.5042, 0.5042, 0.5042, 0.5742, 0.5742, 0.6375, 0.6892, 0.7084, 0.7084, 0.7469, 0.7844, 0.807, 0.8666, 0.8666]),
-    "young": ([0.5021, 0.5519, 0.6017, 0.6515, 0.7013, 0.7511, 0.8009, 0.8506, 0.9004, 0.9502, 1.0], [0.0, 0.5625, 0.5625, 0.619, 0.619, 0.619, 0.7065, 0.7065, 0.7196, 0.7982, 0.8342]),
+    "fitted": ([0.3252, 0.359, 0.3927, 0.4264, 0.4602, 0.4939, 0.5277, 0.5614, 0.5951, 0.6289, 0.6626, 0.6964, 0.7301, 0.7638, 0.7976, 0.8313, 0.865, 0.8988, 0.9325, 0.9663, 1.0], [0.0, 0.34, 0.34, 0.3657, 0.4308, 0.4377, 0.4798, 0.5885, 0.6, 0.6182, 0.657, 0.657, 0.6991, 0.6991, 0.7778, 0.8022, 0.8273, 0.8464, 0.9032, 0.9427, 0.9427]),
+    "streamed": ([0.2939, 0.3293, 0.3646, 0.3999, 0.4352, 0.4705, 0.5058, 0.5411, 0.5764, 0.6117, 0.647, 0.6823, 0.7176, 0.7529, 0.7882, 0.8235, 0.8588, 0.8941, 0.9294, 0.9647, 1.0], [0.2143, 0.2143, 0.2143, 0.2143, 0.3243, 0.3333, 0.5014, 0.5014, 0.5014, 0.5656, 0.5714, 0.5998, 0.6216, 0.6387, 0.6871, 0.6871, 0.7437, 0.7677, 0.8293, 0.8652, 0.8652]),
+    "young": ([0.5005, 0.5505, 0.6004, 0.6504, 0.7003, 0.7503, 0.8002, 0.8502, 0.9001, 0.9501, 1.0], [0.0, 0.5143, 0.5143, 0.52, 0.6522, 0.7, 0.7, 0.7, 0.7019, 0.7727, 0.8583]),
 }
-# A one-person answer's confidence: how often such answers were right on the same data,
-# per group ("fitted": fitted at once, any age — a one-person batch fit is rare, 15 TUNING
-# households; "young" / "mature": streamed, by age) as (overall, (by the devices the model
-# knows: ONE_PERSON_DEVICE_EDGES, <= 2 and >= 3)); a one-person model that has seen several
-# devices is more often missing a member (TUNING stream 0.76 vs 0.52). Each bucket is
-# shrunk toward its group's figure by bench/accuracy.ONE_PERSON_PRIOR pseudo-answers.
-# Cold-start answers (one person, before MIN_SESSIONS) say what a young streamed
-# one-person answer says.
-ONE_PERSON_DEVICE_EDGES = (2,)
+# A one-person answer's confidence: how likely "the only person the model knows" is right,
+# from the evidence the model has for one person, as a logistic regression per group
+# ("fitted": fitted at once, any age — a one-person batch fit is rare; "young" /
+# "mature": streamed, by age; cold-start answers are young) on ONE_PERSON_EVIDENCE: the
+# sessions it has seen (log) and the devices it knows (more devices, more room for a
+# member it has not met). A constant per group (as until 2026-12-04) said the same for
+# every one-person household (blind worlds 0.804 / 0.571 whatever the evidence). Fitted
+# on the TUNING worlds only by `python -m bench.accuracy --calibrate-confidence
+# --device-maps-only` (bench._confidence records the evidence with each answer); chosen
+# by leave-one-world-out on TUNING and on fresh TUNING-seed worlds (per-session evidence —
+# the session's device share, a personal device — sharpened the Brier score but made ECE
+# worse on worlds the fit had not seen; docs/clustering.md, "Confidence").
+ONE_PERSON_EVIDENCE = ("log_sessions", "devices")
+ONE_PERSON_MAX_DEVICES = 6                          # more devices: judged as 6
+# Sessions seen (log) outside the range the fit saw are judged at its edge: TUNING's
+# one-person answers come from models of 5-137 sessions, and a slope fitted there says
+# nothing about a model of thousands (the streamed one would fall toward 0).
+ONE_PERSON_LOG_SESSIONS = (1.6094, 4.92)
 ONE_PERSON_CONFIDENCE: dict[str, tuple[float, tuple[float, ...]]] = {
-    "fitted": (0.7244, (0.804, 0.5707)),
-    "young": (0.6192, (0.7227, 0.4951)),
-    "mature": (0.5207, (0.5893, 0.4293)),
+    "fitted": (2.4848, (-0.1234, -0.4888)),
+    "young": (1.2649, (0.0926, -0.4152)),
+    "mature": (4.118, (-0.7619, -0.2815)),
 }
 
 
@@ -269,18 +281,31 @@ def device_map_name(young: bool, streamed: bool) -> str:
     return "young" if young else "streamed" if streamed else "fitted"
 
 
-def one_person_confidence(young: bool, devices: int | None, streamed: bool = True) -> float:
-    """How sure a one-person answer of a model with device evidence is: by how the model
-    came about (``streamed``: sessions folded in since its last full fit; then by its
-    age) and the number of devices it knows (None: the group's overall figure)."""
-    overall, table = ONE_PERSON_CONFIDENCE["young" if streamed and young else "mature" if streamed else "fitted"]
-    if devices is None:
-        return overall
-    return float(table[int(np.searchsorted(ONE_PERSON_DEVICE_EDGES, devices, side="left"))])
+def one_person_group(young: bool, streamed: bool) -> str:
+    """Which of ONE_PERSON_CONFIDENCE answers (see above)."""
+    return "young" if streamed and young else "mature" if streamed else "fitted"
+
+
+def one_person_evidence(n_sessions: int, devices: int, n: int = 1) -> np.ndarray:
+    """(n, len(ONE_PERSON_EVIDENCE)) the evidence of a one-person answer (the same for
+    each of ``n`` sessions): the sessions the model has seen (log) and the devices it
+    knows (at most ONE_PERSON_MAX_DEVICES)."""
+    return np.tile([np.log(max(n_sessions, 1)), float(min(max(devices, 1), ONE_PERSON_MAX_DEVICES))], (n, 1))
+
+
+def one_person_confidence(evidence: np.ndarray, young: bool, streamed: bool = True) -> np.ndarray:
+    """(N,) how sure a one-person answer of a model with device evidence is, from its
+    ``evidence`` (one_person_evidence) and how the model came about (``streamed``:
+    sessions folded in since its last full fit; then by its age)."""
+    intercept, coef = ONE_PERSON_CONFIDENCE[one_person_group(young, streamed)]
+    evidence = np.array(evidence, dtype=np.float64)
+    evidence[:, 0] = np.clip(evidence[:, 0], *ONE_PERSON_LOG_SESSIONS)
+    return 1.0 / (1.0 + np.exp(-(intercept + evidence @ np.asarray(coef))))
 
 
 def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None, device: bool = False,
-                         young: bool = False, devices: int | None = None, streamed: bool = True) -> np.ndarray:
+                         young: bool = False, one_person: np.ndarray | None = None,
+                         streamed: bool = True) -> np.ndarray:
     """(N, K) probabilities with the top label mapped through the confidence map and
     the other persons rescaled to share the rest. The new top is floored just above
     p2 / (1 - top + p2) (p2 = the runner-up), where the rescaled runner-up would tie: the
@@ -289,9 +314,10 @@ def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None, device
     batch scorer). A row of a one-person model becomes SINGLE_PERSON_CONFIDENCE: the
     remaining mass belongs to nobody the model knows yet (an unseen member), so such a
     row sums to less than one. With ``device``: ``young`` (the model has seen fewer than
-    YOUNG_MODEL_SESSIONS sessions), ``streamed`` (it has folded sessions in since its last
-    full fit than that fit had, HouseholdModel.streamed) and ``devices`` (the devices it knows) choose the
-    map (``device_map_name``) and the one-person confidence (``one_person_confidence``)."""
+    YOUNG_MODEL_SESSIONS sessions) and ``streamed`` (it has folded sessions in since its last
+    full fit than that fit had, HouseholdModel.streamed) choose the map
+    (``device_map_name``); ``one_person`` (N,): what a one-person row says instead
+    (``one_person_confidence`` of its evidence; None: SINGLE_PERSON_CONFIDENCE)."""
     if n_live is None:
         n_live = np.full(P.shape[0], P.shape[1])
     rows = np.arange(P.shape[0])
@@ -299,9 +325,9 @@ def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None, device
     top = P[rows, idx]
     if device:
         xs, ys = DEVICE_CONFIDENCE_MAPS[device_map_name(young, streamed)]
-        one = one_person_confidence(young, devices, streamed)
     else:
-        xs, ys, one = CONFIDENCE_MAP_X, CONFIDENCE_MAP_Y, SINGLE_PERSON_CONFIDENCE
+        xs, ys = CONFIDENCE_MAP_X, CONFIDENCE_MAP_Y
+    one = SINGLE_PERSON_CONFIDENCE if one_person is None else np.asarray(one_person)
     new_top = np.interp(top, xs, ys).astype(P.dtype)
     new_top = np.maximum(new_top, 1.0 / np.maximum(n_live, 1))
     if P.shape[1] > 1:
@@ -310,7 +336,7 @@ def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None, device
         rest_mass = np.maximum(1.0 - top, runner_up)
         new_top = np.maximum(new_top, runner_up / np.maximum(rest_mass + runner_up, 1e-12) * (1.0 + 1e-6))
     single = n_live <= 1
-    new_top[single] = one
+    new_top[single] = one if np.ndim(one) == 0 else one[single]
     rest = np.maximum(1.0 - top, 1e-12)
     out = P * ((1.0 - new_top) / rest)[:, None]
     out[rows, idx] = new_top
@@ -947,17 +973,21 @@ class HouseholdModel:
             return False
         min_z = STREAM_GROUP_MIN_Z if X.shape[0] < STREAM_GROUP_YOUNG else 0.0
         groups = int(self._device_groups(X, min_z).max()) + 1
-        if groups == 0 and self.device_group_count == 0:
+        shared_only = groups == 0 and self.device_group_count == 0
+        if shared_only and not (STREAM_SHARED_REFIT and self._device_ids_known(X)):
             return False
         self.since_refit += RESELECT_EVERY
         if groups == self.device_group_count and self.since_refit < DEVICE_REFIT_EVERY:
-            return True
+            return not (shared_only and STREAM_SHARED_RESELECT)
         self.since_refit = 0
         old_ids = list(self.person_ids)
         old_post = self._proba(X, temperature=1.0)
         kept = (self.mixture, self.device_group_count, self.next_person)
         try:
-            self._fit_gmm(X, None, [], self.buffer_keys.copy(), group_min_z=min_z)
+            if shared_only:
+                self._refit_shared_only(X, self.buffer_keys.copy())
+            else:
+                self._fit_gmm(X, None, [], self.buffer_keys.copy(), group_min_z=min_z)
         except MixtureNumericalError:
             return True  # keep the current mixture; the service's refit will retry
         # A refit that renames or re-counts persons is not itself a member joining or
@@ -969,6 +999,31 @@ class HouseholdModel:
             return True
         self.person_ids = new_ids
         return True
+
+    def _refit_shared_only(self, X: np.ndarray, keys: np.ndarray) -> None:
+        """Streaming, device ids known but no personal device: refit the buffer as the
+        batch fit does (hour seedings, SHARED_ONLY_MERGED_BIC_PENALTY, then the
+        viewing-hours merge), seeded also from the current persons, and move to another
+        person count only when it wins by STREAM_SHARED_HYSTERESIS BIC units (ids stay
+        put on noise; a single viewer is not split on one borderline refit). Why: the
+        BIC re-selection it replaces had neither the hour seedings nor the hours merge
+        and, at charge 1.0, under-counted (docs/clustering.md, streaming)."""
+        assert self.mixture is not None
+        k = self.mixture.n_components
+        current = self.mixture.log_joint(X).argmax(axis=1)
+        _, current = np.unique(current, return_inverse=True)
+        crit = self._criterion(X)
+        penalty = self._penalty(X, hours_merge_follows=True)
+        inits = [current] + (hour_seedings(X[:, :F.FEATURE_DIM], self.k_max, self.seed) if HOUR_SEEDINGS else [])
+        sel = fit_select_k(X, self.k_max, self.family, self.seed, self.n_init, criterion=crit, keys=keys,
+                           penalty=penalty, extra_inits=inits)
+        mixture = sel.model
+        if sel.k != k and k in sel.scores and sel.scores[sel.k] > sel.scores[k] - STREAM_SHARED_HYSTERESIS:
+            mixture = fit_select_k(X, k, self.family, self.seed, self.n_init, criterion=crit, keys=keys,
+                                   penalty=penalty, k_min=k, extra_inits=inits).model
+        self.mixture = self._merge_same_hours(X, mixture, keys)
+        self.device_group_count = 0
+        self._reset_buffer(X, keys)
 
     def _drops_newcomer(self, old_ids: list[str], new_ids: list[str]) -> bool:
         """Would this refit lose a person whose join was reported less than
@@ -1371,6 +1426,11 @@ class HouseholdModel:
         index = {d: i for i, d in enumerate(self.device_ids)}
         return np.array([index.get(d, -1) for d in device_ids], dtype=np.int64)
 
+    def one_person_evidence(self, n: int) -> np.ndarray:
+        """The evidence a one-person answer's confidence rests on (ONE_PERSON_EVIDENCE), for
+        ``n`` sessions: the sessions the model has seen, the devices it knows."""
+        return one_person_evidence(self.n_sessions, len(self.device_ids), n)
+
     def _proba(self, X: np.ndarray, temperature: float | None = None) -> np.ndarray:
         if self.mixture is not None:
             t = self.temperature if temperature is None else temperature
@@ -1389,14 +1449,16 @@ class HouseholdModel:
             strategy = f"cold_start:{self._cold_strategy()}"
             if self.calibrated and P.shape[1] == 1 and self.device_evidence and (slots >= 0).any():
                 # one person for now: as sure as a young one-person model is right
-                P = np.full_like(P, one_person_confidence(True, len(self.device_ids), streamed=True))
+                P = one_person_confidence(self.one_person_evidence(X.shape[0]), True, streamed=True)[:, None].astype(P.dtype)
         else:
             P = self._proba(self._augment(X, slots))
             if self.calibrated and self.mixture is not None:
                 # device map: the sessions carry device ids the model knows
-                P = calibrate_confidence(P, device=bool(self.device_evidence and (slots >= 0).any()),
-                                         young=self.n_sessions < YOUNG_MODEL_SESSIONS,
-                                         devices=len(self.device_ids), streamed=self.streamed)
+                device = bool(self.device_evidence and (slots >= 0).any())
+                young = self.n_sessions < YOUNG_MODEL_SESSIONS
+                one = (one_person_confidence(self.one_person_evidence(X.shape[0]), young, self.streamed)
+                       if device and P.shape[1] == 1 else None)
+                P = calibrate_confidence(P, device=device, young=young, one_person=one, streamed=self.streamed)
             ids = tuple(self.person_ids)
             strategy = self.active_variant
         idx = P.argmax(axis=1)

@@ -10,7 +10,8 @@ from bench import _confidence as C
 from bench import worlds as W
 from bench._worlds_eval import hearth_stream
 from bench.accuracy import fit_device_confidence
-from services.clustering.domain.model import DEVICE_CONFIDENCE_MAPS, MIN_SESSIONS, ONE_PERSON_CONFIDENCE
+from services.clustering.domain.model import (DEVICE_CONFIDENCE_MAPS, MIN_SESSIONS, ONE_PERSON_CONFIDENCE,
+                                              ONE_PERSON_EVIDENCE)
 
 
 def _households(n: int = 3):
@@ -46,11 +47,45 @@ def test_the_fit_gives_every_map_and_one_person_group_or_says_which_it_lacks():
         one = s.P[:, [0]] * 0 + 0.9
         s_one = C.RawAnswers(one, np.zeros(len(one), dtype=np.int64), np.full(len(one), 100), np.zeros(len(one), np.int8),
                              np.ones(len(one), bool), np.ones(len(one), bool), np.zeros(len(one), np.int64),
-                             np.full(len(one), 2), np.zeros(len(one), np.int64), np.ones(len(one), bool))
+                             np.full(len(one), 2), np.zeros(len(one), np.int64), np.ones(len(one), bool),
+                             s.evidence)
         out = fit_device_confidence(answers + [{"batch": mature["batch"], "stream": s_one}])
     assert set(out["device_confidence_maps"]) == set(DEVICE_CONFIDENCE_MAPS)
     assert set(out["one_person_confidence"]) == set(ONE_PERSON_CONFIDENCE)
     for xs, ys in out["device_confidence_maps"].values():
         assert np.all(np.diff(xs) > 0) and np.all(np.diff(ys) >= 0) and 0.0 <= ys[0] and ys[-1] <= 1.0
-    for overall, table in out["one_person_confidence"].values():
-        assert 0.0 <= overall <= 1.0 and len(table) == 2 and np.isfinite(table).all()
+    for intercept, coef in out["one_person_confidence"].values():
+        assert np.isfinite(intercept) and len(coef) == len(ONE_PERSON_EVIDENCE) and np.isfinite(coef).all()
+
+
+def test_the_recorded_one_person_evidence_is_what_the_model_answers_from():
+    h = _households(1)[0]
+    raw = C.batch_answers(h)
+    from services.clustering.domain.model import HouseholdModel
+    m = HouseholdModel(calibrated=False).fit(h.features, device_ids=h.device_id)
+    np.testing.assert_allclose(raw.evidence, m.one_person_evidence(h.n_sessions))
+    stream = C.stream_answers(h)
+    assert stream.evidence.shape == (h.n_sessions, len(ONE_PERSON_EVIDENCE)) and np.isfinite(stream.evidence).all()
+    # answered at arrival: the sessions-seen evidence grows with the stream
+    np.testing.assert_allclose(stream.evidence[:, 0], np.log(stream.age))
+    assert np.all(np.diff(stream.evidence[:, 1]) >= 0)
+
+
+def test_the_one_person_fit_follows_the_evidence():
+    """One-person answers that are right for models knowing one device and often wrong
+    for models knowing five: the fitted confidence falls with the devices known."""
+    answers = [C.household_answers(h) for h in _households(3)]
+    rng = np.random.default_rng(0)
+    extra = []
+    for young, streamed, age in ((True, True, 30), (False, True, 120), (False, False, 120)):
+        n = 400
+        devices = rng.choice([1, 5], n)
+        right = rng.random(n) < np.where(devices == 1, 0.95, 0.3)
+        evidence = np.column_stack((np.full(n, np.log(age)), devices.astype(float)))
+        one = C.RawAnswers(np.ones((n, 1)), np.zeros(n, np.int64), np.full(n, age), np.zeros(n, np.int8),
+                           np.ones(n, bool), right, np.zeros(n, np.int64), devices, np.zeros(n, np.int64),
+                           np.full(n, streamed), evidence)
+        extra.append({"batch": one, "stream": one})
+    out = fit_device_confidence(answers + extra)
+    for intercept, coef in out["one_person_confidence"].values():
+        assert coef[ONE_PERSON_EVIDENCE.index("devices")] < -0.3

@@ -114,8 +114,30 @@ def test_a_model_stored_before_it_knew_how_it_came_about_answers_as_streamed(mon
 
 
 def test_a_one_person_answer_of_a_fit_on_every_session_has_its_own_figure():
-    from services.clustering.domain.model import ONE_PERSON_CONFIDENCE, one_person_confidence
-    assert one_person_confidence(False, 1, streamed=False) == ONE_PERSON_CONFIDENCE["fitted"][1][0]
-    assert one_person_confidence(True, 5, streamed=False) == ONE_PERSON_CONFIDENCE["fitted"][1][1]
-    assert one_person_confidence(True, 1, streamed=True) == ONE_PERSON_CONFIDENCE["young"][1][0]
-    assert one_person_confidence(False, None, streamed=True) == ONE_PERSON_CONFIDENCE["mature"][0]
+    from services.clustering.domain.model import (ONE_PERSON_CONFIDENCE, one_person_confidence,
+                                                  one_person_evidence, one_person_group)
+    assert one_person_group(young=True, streamed=False) == one_person_group(young=False, streamed=False) == "fitted"
+    assert one_person_group(young=True, streamed=True) == "young"
+    assert one_person_group(young=False, streamed=True) == "mature"
+    ev = one_person_evidence(60, 2)   # within the fitted range
+    for group, (intercept, coef) in ONE_PERSON_CONFIDENCE.items():
+        young, streamed = {"fitted": (False, False), "young": (True, True), "mature": (False, True)}[group]
+        expected = 1.0 / (1.0 + np.exp(-(intercept + ev[0] @ np.asarray(coef))))
+        np.testing.assert_allclose(one_person_confidence(ev, young, streamed), [expected])
+
+
+def test_one_person_evidence_outside_what_the_fit_saw_is_judged_at_its_edge():
+    from services.clustering.domain.model import (ONE_PERSON_LOG_SESSIONS, ONE_PERSON_MAX_DEVICES,
+                                                  one_person_confidence, one_person_evidence)
+    ev = one_person_evidence(10**7, 40, n=2)
+    assert ev.shape == (2, 2)
+    np.testing.assert_allclose(ev[:, 0], np.log(10**7))
+    np.testing.assert_allclose(ev[:, 1], ONE_PERSON_MAX_DEVICES)
+    at_edge = one_person_evidence(int(round(np.exp(ONE_PERSON_LOG_SESSIONS[1]))), 40, n=2)
+    few = one_person_evidence(1, 1)
+    low_edge = one_person_evidence(int(round(np.exp(ONE_PERSON_LOG_SESSIONS[0]))), 1)
+    for young, streamed in ((False, False), (True, True), (False, True)):
+        np.testing.assert_allclose(one_person_confidence(ev, young, streamed),
+                                   one_person_confidence(at_edge, young, streamed), rtol=1e-3)
+        np.testing.assert_allclose(one_person_confidence(few, young, streamed),
+                                   one_person_confidence(low_edge, young, streamed), rtol=1e-3)

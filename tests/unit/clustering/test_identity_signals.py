@@ -88,13 +88,20 @@ def test_single_person_household_stays_single_in_batch_and_stream():
         m.update(X[a:a + 5], device_ids=dev[a:a + 5])
     assert m.n_persons == 1 and not [e for e in m.composition_events if e["kind"] == "join"]
     one = m.assign_batch(X[:3], device_ids=dev[:3])
-    # A one-person model does not claim certainty it has not earned (two devices known),
-    # and would claim less with more devices (more room for a member it has not met).
+    # A one-person model does not claim certainty it has not earned: its confidence comes
+    # from its evidence for one person (the sessions it has seen, the devices it knows).
     assert len(m.device_ids) == 2
-    assert np.allclose(one.confidence, one_person_confidence(False, 2)) and one_person_confidence(False, 2) < 1.0
-    assert one_person_confidence(False, 4) < one_person_confidence(False, 2)
-    assert one_person_confidence(True, 4) < one_person_confidence(True, 2)
-
+    evidence = m.one_person_evidence(3)
+    np.testing.assert_allclose(evidence, [[np.log(X.shape[0]), 2.0]] * 3)
+    np.testing.assert_allclose(one.confidence, one_person_confidence(evidence, young=False, streamed=m.streamed))
+    assert (one.confidence < 1.0).all()
+    # ... and would claim less with more devices (more room for a member it has not met),
+    # in every group.
+    more_devices = evidence.copy()
+    more_devices[:, 1] = 4.0
+    for young, streamed in ((False, False), (True, True), (False, True)):
+        assert (one_person_confidence(more_devices, young, streamed)
+                < one_person_confidence(evidence, young, streamed) - 0.02).all()
 
 def test_a_new_member_is_found_in_a_time_ordered_stream():
     """Sessions arrive five at a time; after 60 days a second person starts watching on
