@@ -146,6 +146,9 @@ BIRTH_MIN_HISTORY = 40
 BIRTH_MIN_GAIN = 3.0
 STREAM_GROUP_MIN_Z = 3.0  # streaming refits: two devices are two persons only this far above chance
 STREAM_GROUP_YOUNG = 60   # ... while the buffer holds fewer sessions than this
+STREAM_SHARED_REFIT = True    # no personal device: refit the buffer as the batch fit does
+STREAM_SHARED_RESELECT = False  # ... and the BIC re-selection between those refits
+STREAM_SHARED_HYSTERESIS = 40.0  # BIC units a new person count must win by in that refit
 STREAM_RESELECT_HOURS = True  # re-selection: a new person must show in the viewing hours (no personal device)
 NEWCOMER_GRACE = 100      # sessions a reported newcomer is kept through refits (_drops_newcomer)
 DEVICE_SLOTS = 16  # distinct device ids a household model tells apart (more: judged by type)
@@ -235,9 +238,9 @@ SINGLE_PERSON_CONFIDENCE = 0.8467
 # stream 0.061 -> 0.070; docs/clustering.md, "Confidence".)
 YOUNG_MODEL_SESSIONS = 60
 DEVICE_CONFIDENCE_MAPS: dict[str, tuple[list[float], list[float]]] = {
-    "fitted": ([0.3252, 0.359, 0.3927, 0.4264, 0.4602, 0.4939, 0.5277, 0.5614, 0.5951, 0.6289, 0.6626, 0.6964, 0.7301, 0.7638, 0.7976, 0.8313, 0.865, 0.8988, 0.9325, 0.9663, 1.0], [0.0, 0.2895, 0.35, 0.35, 0.3889, 0.4928, 0.5714, 0.587, 0.587, 0.6148, 0.6944, 0.6944, 0.6944, 0.7418, 0.7619, 0.8407, 0.8407, 0.8407, 0.902, 0.9399, 0.9399]),
-    "streamed": ([0.2895, 0.325, 0.3605, 0.3961, 0.4316, 0.4671, 0.5026, 0.5382, 0.5737, 0.6092, 0.6447, 0.6803, 0.7158, 0.7513, 0.7868, 0.8224, 0.8579, 0.8934, 0.9289, 0.9645, 1.0], [0.0, 0.0, 0.2879, 0.2879, 0.2879, 0.46, 0.5042, 0.5042, 0.5042, 0.5042, 0.5742, 0.5742, 0.6375, 0.6892, 0.7084, 0.7084, 0.7469, 0.7844, 0.807, 0.8666, 0.8666]),
-    "young": ([0.5021, 0.5519, 0.6017, 0.6515, 0.7013, 0.7511, 0.8009, 0.8506, 0.9004, 0.9502, 1.0], [0.0, 0.5625, 0.5625, 0.619, 0.619, 0.619, 0.7065, 0.7065, 0.7196, 0.7982, 0.8342]),
+    "fitted": ([0.3252, 0.359, 0.3927, 0.4264, 0.4602, 0.4939, 0.5277, 0.5614, 0.5951, 0.6289, 0.6626, 0.6964, 0.7301, 0.7638, 0.7976, 0.8313, 0.865, 0.8988, 0.9325, 0.9663, 1.0], [0.0, 0.34, 0.34, 0.3657, 0.4308, 0.4377, 0.4798, 0.5885, 0.6, 0.6182, 0.657, 0.657, 0.6991, 0.6991, 0.7778, 0.8022, 0.8273, 0.8464, 0.9032, 0.9427, 0.9427]),
+    "streamed": ([0.2939, 0.3293, 0.3646, 0.3999, 0.4352, 0.4705, 0.5058, 0.5411, 0.5764, 0.6117, 0.647, 0.6823, 0.7176, 0.7529, 0.7882, 0.8235, 0.8588, 0.8941, 0.9294, 0.9647, 1.0], [0.2143, 0.2143, 0.2143, 0.2143, 0.3243, 0.3333, 0.5014, 0.5014, 0.5014, 0.5656, 0.5714, 0.5998, 0.6216, 0.6387, 0.6871, 0.6871, 0.7437, 0.7677, 0.8293, 0.8652, 0.8652]),
+    "young": ([0.5005, 0.5505, 0.6004, 0.6504, 0.7003, 0.7503, 0.8002, 0.8502, 0.9001, 0.9501, 1.0], [0.0, 0.5143, 0.5143, 0.52, 0.6522, 0.7, 0.7, 0.7, 0.7019, 0.7727, 0.8583]),
 }
 # A one-person answer's confidence: how likely "the only person the model knows" is right,
 # from the evidence the model has for one person, as a logistic regression per group
@@ -254,13 +257,13 @@ DEVICE_CONFIDENCE_MAPS: dict[str, tuple[list[float], list[float]]] = {
 ONE_PERSON_EVIDENCE = ("log_sessions", "devices")
 ONE_PERSON_MAX_DEVICES = 6                          # more devices: judged as 6
 # Sessions seen (log) outside the range the fit saw are judged at its edge: TUNING's
-# one-person answers come from models of 5-136 sessions, and a slope fitted there says
+# one-person answers come from models of 5-137 sessions, and a slope fitted there says
 # nothing about a model of thousands (the streamed one would fall toward 0).
-ONE_PERSON_LOG_SESSIONS = (1.6094, 4.9127)
+ONE_PERSON_LOG_SESSIONS = (1.6094, 4.92)
 ONE_PERSON_CONFIDENCE: dict[str, tuple[float, tuple[float, ...]]] = {
-    "fitted": (2.3659, (0.0422, -0.6366)),
-    "young": (1.5499, (0.0372, -0.4546)),
-    "mature": (5.2871, (-1.0563, -0.2737)),
+    "fitted": (2.4848, (-0.1234, -0.4888)),
+    "young": (1.2649, (0.0926, -0.4152)),
+    "mature": (4.118, (-0.7619, -0.2815)),
 }
 
 
@@ -958,17 +961,21 @@ class HouseholdModel:
             return False
         min_z = STREAM_GROUP_MIN_Z if X.shape[0] < STREAM_GROUP_YOUNG else 0.0
         groups = int(self._device_groups(X, min_z).max()) + 1
-        if groups == 0 and self.device_group_count == 0:
+        shared_only = groups == 0 and self.device_group_count == 0
+        if shared_only and not (STREAM_SHARED_REFIT and self._device_ids_known(X)):
             return False
         self.since_refit += RESELECT_EVERY
         if groups == self.device_group_count and self.since_refit < DEVICE_REFIT_EVERY:
-            return True
+            return not (shared_only and STREAM_SHARED_RESELECT)
         self.since_refit = 0
         old_ids = list(self.person_ids)
         old_post = self._proba(X, temperature=1.0)
         kept = (self.mixture, self.device_group_count, self.next_person)
         try:
-            self._fit_gmm(X, None, [], self.buffer_keys.copy(), group_min_z=min_z)
+            if shared_only:
+                self._refit_shared_only(X, self.buffer_keys.copy())
+            else:
+                self._fit_gmm(X, None, [], self.buffer_keys.copy(), group_min_z=min_z)
         except MixtureNumericalError:
             return True  # keep the current mixture; the service's refit will retry
         # A refit that renames or re-counts persons is not itself a member joining or
@@ -980,6 +987,31 @@ class HouseholdModel:
             return True
         self.person_ids = new_ids
         return True
+
+    def _refit_shared_only(self, X: np.ndarray, keys: np.ndarray) -> None:
+        """Streaming, device ids known but no personal device: refit the buffer as the
+        batch fit does (hour seedings, SHARED_ONLY_MERGED_BIC_PENALTY, then the
+        viewing-hours merge), seeded also from the current persons, and move to another
+        person count only when it wins by STREAM_SHARED_HYSTERESIS BIC units (ids stay
+        put on noise; a single viewer is not split on one borderline refit). Why: the
+        BIC re-selection it replaces had neither the hour seedings nor the hours merge
+        and, at charge 1.0, under-counted (docs/clustering.md, streaming)."""
+        assert self.mixture is not None
+        k = self.mixture.n_components
+        current = self.mixture.log_joint(X).argmax(axis=1)
+        _, current = np.unique(current, return_inverse=True)
+        crit = self._criterion(X)
+        penalty = self._penalty(X, hours_merge_follows=True)
+        inits = [current] + (hour_seedings(X[:, :F.FEATURE_DIM], self.k_max, self.seed) if HOUR_SEEDINGS else [])
+        sel = fit_select_k(X, self.k_max, self.family, self.seed, self.n_init, criterion=crit, keys=keys,
+                           penalty=penalty, extra_inits=inits)
+        mixture = sel.model
+        if sel.k != k and k in sel.scores and sel.scores[sel.k] > sel.scores[k] - STREAM_SHARED_HYSTERESIS:
+            mixture = fit_select_k(X, k, self.family, self.seed, self.n_init, criterion=crit, keys=keys,
+                                   penalty=penalty, k_min=k, extra_inits=inits).model
+        self.mixture = self._merge_same_hours(X, mixture, keys)
+        self.device_group_count = 0
+        self._reset_buffer(X, keys)
 
     def _drops_newcomer(self, old_ids: list[str], new_ids: list[str]) -> bool:
         """Would this refit lose a person whose join was reported less than
