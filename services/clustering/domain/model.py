@@ -603,12 +603,13 @@ class HouseholdModel:
 
     def fit(self, X: np.ndarray, labels: Sequence[str | None] | None = None,
             keys: np.ndarray | None = None, device_ids: Sequence[str] | None = None, *,
-            inject_gmm_failure: bool = False) -> HouseholdModel:
+            inject_gmm_failure: bool = False, group_min_z: float = 0.0) -> HouseholdModel:
         """Full refit on all of the household's sessions (ids stay stable).
         ``device_ids`` (one per session, optional) lets the model use device identity.
         ``inject_gmm_failure``: the GMM fit raises ``MixtureNumericalError`` as a real
         numerical failure would (fault injection, HEARTH_FAULT_GMM_NUMERICAL), so the
-        k-means fallback can be exercised end to end."""
+        k-means fallback can be exercised end to end. ``group_min_z``: the device
+        groups' z-bar (persons.personal_device_groups; the stream's first fit)."""
         X = _check_X(X)
         n = X.shape[0]
         slots = self.slots_for(device_ids, n)
@@ -635,7 +636,7 @@ class HouseholdModel:
             try:
                 if inject_gmm_failure:
                     raise MixtureNumericalError("injected numerical failure (fault injection)")
-                self._fit_gmm(Xa, labels, label_names, keys)
+                self._fit_gmm(Xa, labels, label_names, keys, group_min_z=group_min_z)
                 self.kmeans = None
                 self.fallback = False
             except MixtureNumericalError:
@@ -873,7 +874,10 @@ class HouseholdModel:
                 all_keys = np.arange(self.cold_X.shape[0], dtype=np.int64)
                 known = self.device_ids
                 cold_devices = [known[s] if s >= 0 else "" for s in self.cold_slots]
-                self.fit(self.cold_X, keys=all_keys, device_ids=cold_devices)
+                # The stream's first fit is of a young buffer: its device groups need
+                # the streaming refits' z-bar (a person's two devices with 5 sessions
+                # each were two persons at the fixed bar: TUNING mobi2h0).
+                self.fit(self.cold_X, keys=all_keys, device_ids=cold_devices, group_min_z=STREAM_GROUP_MIN_Z)
             return self
         self.n_sessions += n
         if self.mixture is not None:
