@@ -209,7 +209,8 @@ def _drift_scores(runs: list[tuple[str | None, int | None, list[int], float]]) -
             "stable_household_quarters": round(quarters, 2)}
 
 
-def run_drift(level: float, n_stable: int, n_per_type: int, seed: int, days: int = 90) -> dict:
+def run_drift(level: float, n_stable: int, n_per_type: int, seed: int, days: int = 90,
+              periodic_baseline: bool = True) -> dict:
     rng_seq = np.random.SeedSequence(seed)
     children = rng_seq.spawn(n_stable + n_per_type * len(DRIFT_TYPES))
     false_alarms = checked_stable = 0
@@ -231,7 +232,8 @@ def run_drift(level: float, n_stable: int, n_per_type: int, seed: int, days: int
         change = h.drift[0].session_index if dtype is not None and h.drift else None
         if dtype is None or change is not None:
             hearth_runs.append((dtype, change, alarms, monitored_days))
-            periodic_runs.append((dtype, change, periodic_refit_alarms(h, ref_end), monitored_days))
+            if periodic_baseline:
+                periodic_runs.append((dtype, change, periodic_refit_alarms(h, ref_end), monitored_days))
         if dtype is None:
             checked_stable += 1
             false_alarms += alarm is not None
@@ -264,7 +266,8 @@ def run_drift(level: float, n_stable: int, n_per_type: int, seed: int, days: int
         # its detection), beside a detector that never alarms and periodic refits.
         "drift_per_quarter": {"hearth": _drift_scores(hearth_runs),
                               "no_change": _drift_scores([(t, c, [], d) for t, c, _, d in hearth_runs]),
-                              "periodic_refit": _drift_scores(periodic_runs)},
+                              # None when skipped (--quick without --periodic-baseline)
+                              "periodic_refit": _drift_scores(periodic_runs) if periodic_baseline else None},
         "drift_thresholds": {"cusum_h": D.DEFAULT_THRESHOLDS.cusum_h,
                              "kl_threshold": D.DEFAULT_THRESHOLDS.kl_threshold,
                              "mmd_threshold": D.DEFAULT_THRESHOLDS.mmd_threshold,
@@ -552,12 +555,18 @@ def main() -> None:
                     help="fit the confidence map on the TUNING worlds (prints it)")
     ap.add_argument("--device-maps-only", action="store_true",
                     help="with --calibrate-confidence: only the device-evidence maps (not the bare-vector map)")
+    ap.add_argument("--periodic-baseline", action="store_true",
+                    help="with --quick: also run the periodic-refit drift baseline (always on in a full run)")
     ap.add_argument("--leave-one-world-out", action="store_true",
                     help="with --calibrate-confidence: also score the device fit on each TUNING world index "
                          "fitted on the others")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                     help="processes scoring the world households (same figures for any number)")
     args = ap.parse_args()
+    # The periodic-refit drift baseline refits every simulated drift household from
+    # scratch every 50 sessions: it made `--quick --no-worlds` take 274 s instead of 46 s,
+    # so the quick loop skips it unless asked; a full run always has it.
+    periodic = args.periodic_baseline or not args.quick
     t0 = time.time()
     if args.calibrate:
         print(json.dumps(calibrate(args.quick)))
@@ -600,7 +609,7 @@ def main() -> None:
         block["accuracy_labels_0pct_same_households"] = float(np.concatenate(
             [matched_correct(h.person, p) for h, p in zip(hs[:n_lab], preds[:n_lab])]).mean())
         log(f"[{name}] labels/cold done ({time.time() - t0:.0f}s)")
-        block.update(run_drift(level, n_stable, n_type, seed + 2))
+        block.update(run_drift(level, n_stable, n_type, seed + 2, periodic_baseline=periodic))
         log(f"[{name}] drift done ({time.time() - t0:.0f}s)")
         g_preds, g_probs = sklearn_gmm_bic(hs)
         gmm_ref = summarise(hs, g_preds, g_probs)

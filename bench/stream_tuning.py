@@ -16,6 +16,10 @@ newcomer test off (``--no-birth``: it still computes its figures, it only never 
 person) the stream does not depend on any composition threshold, and ``sweep`` replays
 ``_detect_composition`` exactly for any thresholds (the newcomer test's firing is then
 approximated: where it would have fired, without the person it would have added).
+``--trace`` also records the new-device newcomer test's figures for every window
+(``HouseholdModel._new_device_statistics``, even where it would not run) and ``replay``
+applies its ``anchored_*`` thresholds; ``--no-new-device`` turns that test off (the
+baseline it is compared with).
 It never reads the REPORTING split: choices are made here, figures are reported by
 ``python -m bench.accuracy --worlds-only``.
 """
@@ -95,6 +99,34 @@ class Thresholds:
     leave_max_ratio: float = model_module.LEAVE_MAX_RATIO
     birth_h: float = float("inf")
     birth_min_gain: float = model_module.BIRTH_MIN_GAIN
+    anchored_h: float = float("inf")      # the anchored newcomer test's total gain (nats)
+    anchored_min_mass: float = 4.0        # ... the newcomer's sessions since the change point
+    anchored_min_history: int = 10        # ... sessions before the change point
+    anchored_max_free: float = float("inf")  # ... gain of the free newcomer / anchored gain at most this
+    anchored_lookback: tuple[int, ...] = (10, 20, 30)
+    anchored_null: str = "max"            # the gain minus the earlier windows' "max" / "mean" / "none"
+    anchored_min_earlier: int = 1         # ... earlier windows needed
+    anchored_min_new_device: int = 0      # ... sessions on personal devices first seen in the window
+
+
+def anchored_fires(b: dict | None, n: int, t: Thresholds) -> bool:
+    """Would the anchored newcomer test have added a person at this check?"""
+    for a in (b or {}).get("anchored", []):
+        if a["r"] not in t.anchored_lookback or n - a["r"] < t.anchored_min_history:
+            continue
+        earlier = a.get("earlier", [])
+        if len(earlier) < t.anchored_min_earlier:
+            continue
+        null = {"max": max(earlier, default=0.0), "mean": float(np.mean(earlier)) if earlier else 0.0,
+                "none": 0.0}[t.anchored_null]
+        if a["mass"] < t.anchored_min_mass or a["gain"] - null < t.anchored_h:
+            continue
+        if a["new_device_sessions"] < t.anchored_min_new_device:
+            continue
+        if a["gain_free"] is not None and a["gain_free"] > t.anchored_max_free * a["gain"]:
+            continue
+        return True
+    return False
 
 
 def _arrays(c: dict, r: int) -> tuple[np.ndarray, np.ndarray]:
@@ -108,14 +140,18 @@ def replay(o: dict, t: Thresholds) -> list[tuple[int, str]]:
     """The composition events ``_detect_composition`` would have raised on this traced
     stream with thresholds ``t`` (plus the newcomer test's, approximately)."""
     joined, inactive, events = set(), set(), []
+    last_birth = -10 ** 9
     for c in o["checks"]:
         if "n" not in c:
             continue
         n = c["n"]
         looks = [r for r in t.lookback if n - r >= t.min_history and str(r) in c["old"]]
         b = c["birth"]
-        if b and b["llr"] >= t.birth_h and b["gain"] >= t.birth_min_gain and n - max(t.lookback) >= 0:
+        fires = b and b["llr"] >= t.birth_h and b["gain"] >= t.birth_min_gain and n - max(t.lookback) >= 0
+        # A newcomer once added is in the model: the next checks would not add them again.
+        if (fires or anchored_fires(b, n, t)) and c["at"] - last_birth > 30:
             events.append((c["at"], "join"))
+            last_birth = c["at"]
         if not looks or (len(c["ids"]) < 2 and not inactive):
             continue
         join = np.zeros(len(c["ids"]))
@@ -158,13 +194,19 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--trace", action="store_true")
     ap.add_argument("--no-birth", action="store_true", help="the newcomer test computes but never adds a person")
+    ap.add_argument("--no-new-device", action="store_true",
+                    help="the new-device newcomer test never adds a person (the baseline without it)")
     ap.add_argument("--min-history", type=int, default=None, help="override CHANGE_MIN_HISTORY for this run")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
     if args.seed == worlds.REPORTING.seed:
         raise SystemExit("--seed: the REPORTING seed is never used for tuning")
+    if args.trace:
+        model_module.TRACE_ANCHORED = True
     if args.no_birth:
         model_module.BIRTH_GLR_H = float("inf")
+    if args.no_new_device:
+        model_module.NEW_DEVICE_GAIN = float("inf")
     if args.min_history is not None:
         model_module.CHANGE_MIN_HISTORY = args.min_history
     t0 = time.time()

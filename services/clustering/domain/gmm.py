@@ -612,10 +612,13 @@ def standardise(X: np.ndarray, floor: float = 0.05) -> np.ndarray:
 
 def fit_em(X: np.ndarray, k: int, family: Family, rng: np.random.Generator,
            clamp: np.ndarray | None = None, max_iter: int = 200, tol: float = 1e-5,
-           keys: np.ndarray | None = None, init_labels: np.ndarray | None = None) -> tuple[Mixture, list[float]]:
+           keys: np.ndarray | None = None, init_labels: np.ndarray | None = None,
+           spans: np.ndarray | None = None) -> tuple[Mixture, list[float]]:
     """Batch EM for ``k`` components from a k-means++ seeding (hard assignment to the
     nearest seed on standardised features). Labelled sessions (``clamp`` >= 0) keep
-    their component. Returns the model and the log-likelihood trace (non-decreasing up
+    their component. ``spans`` (k, 2): component j owns only rows spans[j, 0] <=
+    i < spans[j, 1] (rows in time order: a member who joined at spans[j, 0], model.py's
+    newcomer test). Returns the model and the log-likelihood trace (non-decreasing up
     to round-off; that is EM's guarantee). Stops when the gain per session < ``tol``."""
     X = _check_matrix(X)
     n = X.shape[0]
@@ -635,10 +638,19 @@ def fit_em(X: np.ndarray, k: int, family: Family, rng: np.random.Generator,
     # component starts dead; EM decides.
     R = 0.98 * R + 0.02 / k
     R = _apply_clamp(R, clamp)
+    outside = None
+    if spans is not None:
+        spans = np.asarray(spans, dtype=np.int64)
+        rows = np.arange(n)[:, None]
+        outside = (rows < spans[None, :, 0]) | (rows >= spans[None, :, 1])
+        R[outside] = 0.0
+        R /= R.sum(axis=1, keepdims=True)
     model = Mixture(family, R.T @ Phi)
     trace: list[float] = []
     for _ in range(max_iter):
         lj = Phi @ model.W.T + model.log_weights
+        if outside is not None:
+            lj[outside] = -np.inf
         lse = logsumexp(lj, axis=1, keepdims=True)
         ll = float(lse.sum())
         if not np.isfinite(ll):

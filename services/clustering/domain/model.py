@@ -143,6 +143,15 @@ BIRTH_GLR_H = 5.0
 # The newcomer test keeps 40 sessions before its change points: with the share test's 10
 # it split single-person TUNING streams (bing2h1) at 20-40 sessions.
 BIRTH_MIN_HISTORY = 40
+TRACE_ANCHORED = False  # bench/stream_tuning --trace: record the new-device newcomer test's figures
+# A newcomer with a device of their own (HouseholdModel._newcomer_on_new_device). TUNING
+# worlds, seeds 20260001 + 20260002 (docs/clustering.md, "A newcomer's own device").
+NEW_DEVICE_LOOKBACK = (10, 20, 30)  # windows: the last r sessions
+NEW_DEVICE_MIN_HISTORY = 10  # sessions before the window
+NEW_DEVICE_MIN_SESSIONS = 5  # sessions in the window on devices first seen in it
+NEW_DEVICE_MIN_MASS = 3.0    # the newcomer's sessions in the window
+NEW_DEVICE_GAIN = 30.0       # nats above the best earlier window's gain
+NEW_DEVICE_QUIET = 30        # sessions after a reported join in which this test does not run
 BIRTH_MIN_GAIN = 3.0
 STREAM_GROUP_MIN_Z = 3.0  # streaming refits: two devices are two persons only this far above chance
 STREAM_GROUP_YOUNG = 60   # ... while the buffer holds fewer sessions than this
@@ -594,12 +603,13 @@ class HouseholdModel:
 
     def fit(self, X: np.ndarray, labels: Sequence[str | None] | None = None,
             keys: np.ndarray | None = None, device_ids: Sequence[str] | None = None, *,
-            inject_gmm_failure: bool = False) -> HouseholdModel:
+            inject_gmm_failure: bool = False, group_min_z: float = 0.0) -> HouseholdModel:
         """Full refit on all of the household's sessions (ids stay stable).
         ``device_ids`` (one per session, optional) lets the model use device identity.
         ``inject_gmm_failure``: the GMM fit raises ``MixtureNumericalError`` as a real
         numerical failure would (fault injection, HEARTH_FAULT_GMM_NUMERICAL), so the
-        k-means fallback can be exercised end to end."""
+        k-means fallback can be exercised end to end. ``group_min_z``: the device
+        groups' z-bar (persons.personal_device_groups; the stream's first fit)."""
         X = _check_X(X)
         n = X.shape[0]
         slots = self.slots_for(device_ids, n)
@@ -626,7 +636,7 @@ class HouseholdModel:
             try:
                 if inject_gmm_failure:
                     raise MixtureNumericalError("injected numerical failure (fault injection)")
-                self._fit_gmm(Xa, labels, label_names, keys)
+                self._fit_gmm(Xa, labels, label_names, keys, group_min_z=group_min_z)
                 self.kmeans = None
                 self.fallback = False
             except MixtureNumericalError:
@@ -864,7 +874,10 @@ class HouseholdModel:
                 all_keys = np.arange(self.cold_X.shape[0], dtype=np.int64)
                 known = self.device_ids
                 cold_devices = [known[s] if s >= 0 else "" for s in self.cold_slots]
-                self.fit(self.cold_X, keys=all_keys, device_ids=cold_devices)
+                # The stream's first fit is of a young buffer: its device groups need
+                # the streaming refits' z-bar (a person's two devices with 5 sessions
+                # each were two persons at the fixed bar: TUNING mobi2h0).
+                self.fit(self.cold_X, keys=all_keys, device_ids=cold_devices, group_min_z=STREAM_GROUP_MIN_Z)
             return self
         self.n_sessions += n
         if self.mixture is not None:
@@ -882,7 +895,10 @@ class HouseholdModel:
                     self.since_check = 0
                     if not self._refit_on_device_evidence():
                         self._reselect()
+                    persons = self.mixture.n_components
                     self._birth_of_newcomer()
+                    if self.mixture.n_components == persons:
+                        self._newcomer_on_new_device()
                     self._detect_composition()
             except MixtureNumericalError:
                 # Incremental step failed: k-means on the new sessions with as many
@@ -1116,6 +1132,10 @@ class HouseholdModel:
         n = X.shape[0]
         looks = [r for r in CHANGE_LOOKBACK if n - r >= BIRTH_MIN_HISTORY]
         if not looks:
+            if TRACE_ANCHORED and n - min(CHANGE_LOOKBACK) >= CHANGE_MIN_HISTORY:
+                lj = mix.log_joint(X)
+                self.birth_statistics = {"llr": 0.0, "mass": 0.0, "lookback": 0.0, "gain": 0.0,
+                                         "anchored": self._traced_new_device(X, lj.argmax(axis=1))}
             return
         k = mix.n_components
         window = max(looks)
@@ -1152,7 +1172,8 @@ class HouseholdModel:
         # session): a person split off by kind explains them barely better.
         theirs = recent[P[recent] > 0.5]
         gain = float((logsumexp(cand.log_joint(X[theirs]), axis=1) - fit_now[theirs]).mean()) if theirs.size else 0.0
-        self.birth_statistics = {"llr": best[0], "mass": best[1], "lookback": best[2], "gain": gain}
+        self.birth_statistics = {"llr": best[0], "mass": best[1], "lookback": best[2], "gain": gain,
+                                 "anchored": self._traced_new_device(X, current) if TRACE_ANCHORED else []}
         if best[0] < BIRTH_GLR_H or gain < BIRTH_MIN_GAIN:
             return
         old_ids = list(self.person_ids)
@@ -1165,6 +1186,142 @@ class HouseholdModel:
             self.joined.add(pid)
         if born:
             self._composition_event("join", born=born, gone=[])
+
+    def _window_newcomer(self, X: np.ndarray, current: np.ndarray, ll_ref: np.ndarray, a: int, b: int,
+                         rng: np.random.Generator) -> tuple[float, float, int, Mixture] | None:
+        """The buffer refitted with one more person who owns only sessions a..b-1, seeded
+        from the quarter of them the current persons (refitted: ``ll_ref``) explain
+        worst and from every session there on a device first seen in the window.
+        Returns (gain in nats over the buffer, the new person's sessions in the window,
+        sessions on first-seen devices in it, the mixture) or None when EM fails."""
+        n, k = X.shape[0], self.mixture.n_components
+        span = np.arange(a, b)
+        init = current.copy()
+        init[span[np.argsort(ll_ref[span])[:max(4, (b - a) // 4)]]] = k
+        new_dev = 0
+        if X.shape[1] == F.FEATURE_DIM + 1:
+            on_new = (np.arange(n) >= a) & (np.arange(n) < b) & self._on_fresh_personal_device(X, a, b)
+            init[on_new] = k
+            new_dev = int(on_new.sum())
+        spans = np.tile(np.array([0, n]), (k + 1, 1))
+        spans[k] = (a, b)
+        try:
+            cand, _ = fit_em(X, k + 1, self.family, rng, keys=self.buffer_keys, init_labels=init,
+                             max_iter=40, spans=spans)
+        except (MixtureNumericalError, ValueError):
+            return None
+        lj = cand.log_joint(X)
+        lj[:a, k] = -np.inf
+        lj[b:, k] = -np.inf
+        lse = logsumexp(lj, axis=1)
+        return float((lse - ll_ref).sum()), float(np.exp(lj[span, k] - lse[span]).sum()), new_dev, cand
+
+    def _traced_new_device(self, X: np.ndarray, current: np.ndarray) -> list[dict]:
+        return [{k: v for k, v in st.items() if k != "_mixture"}
+                for st in self._new_device_statistics(X, current, every=True)]
+
+    def _new_device_statistics(self, X: np.ndarray, current: np.ndarray,
+                               every: bool = False) -> list[dict]:
+        """Per window length r in NEW_DEVICE_LOOKBACK (at least NEW_DEVICE_MIN_HISTORY
+        sessions before it): a newcomer who owns only the last r sessions
+        (_window_newcomer) against newcomers who own only one of the up to three
+        windows of r sessions before it (the same test where nobody joined: a binge
+        run or one member's busy week gains there as much). Only windows with at least
+        NEW_DEVICE_MIN_SESSIONS sessions on devices first seen in them, unless
+        ``every`` (the tuning trace)."""
+        n, k = X.shape[0], self.mixture.n_components
+        rng = np.random.default_rng(self.seed + n + 2)
+        out: list[dict] = []
+        ref = None
+        for r in NEW_DEVICE_LOOKBACK:
+            if n - r < NEW_DEVICE_MIN_HISTORY:
+                continue
+            if not every and self._on_fresh_personal_device(X, n - r, n)[n - r:].sum() < NEW_DEVICE_MIN_SESSIONS:
+                continue
+            if ref is None:
+                try:
+                    ref, _ = fit_em(X, k, self.family, rng, keys=self.buffer_keys, init_labels=current, max_iter=40)
+                except (MixtureNumericalError, ValueError):
+                    return out
+                ll_ref = logsumexp(ref.log_joint(X), axis=1)
+            now = self._window_newcomer(X, current, ll_ref, n - r, n, rng)
+            if now is None:
+                continue
+            earlier = [self._window_newcomer(X, current, ll_ref, n - (j + 1) * r, n - j * r, rng)
+                       for j in (1, 2, 3) if n - (j + 1) * r >= 0]
+            out.append({"r": r, "gain": round(now[0], 3), "mass": round(now[1], 3),
+                        "new_device_sessions": now[2], "gain_free": None,
+                        "earlier": [round(e[0], 3) for e in earlier if e is not None], "_mixture": now[3]})
+        return out
+
+    @staticmethod
+    def _on_fresh_personal_device(X: np.ndarray, a: int, b: int) -> np.ndarray:
+        """(N,) sessions on a personal device (mostly mobile, tablet, desktop sessions)
+        first seen among sessions a..b-1. A second TV or a console first used later says
+        nothing about who watches (a TV-only single person was split by it)."""
+        slots = np.rint(X[:, F.FEATURE_DIM]).astype(np.int64)
+        dtype = X[:, F.DEVICE].argmax(axis=1)
+        personal_types = [F.DEVICE_TYPES.index(t) for t in ("mobile", "tablet", "desktop")]
+        fresh = [sl for sl in set(slots[a:b].tolist()) - set(slots[:a].tolist())
+                 if sl >= 0 and np.isin(dtype[slots == sl], personal_types).mean() > 0.5]
+        return np.isin(slots, fresh)
+
+    def _newcomer_on_new_device(self) -> None:
+        """A member who joined with a device of their own: sessions on a personal device
+        first seen in the last r sessions (at least NEW_DEVICE_MIN_SESSIONS) that one more
+        person owning only those r sessions explains by at least NEW_DEVICE_GAIN nats
+        more than such a person explains any earlier window of r sessions, taking at
+        least JOIN_MIN_SESSIONS - 1 of them. Not a phone replaced: a new device that
+        persons.personal_device_groups puts with a device seen before the window is an
+        existing member's. Kept: ids matched, the join reported at once (as
+        _birth_of_newcomer). Not within NEW_DEVICE_QUIET sessions of another join (the
+        newcomer just added is still on a "new" device)."""
+        mix = self.mixture
+        if mix is None or mix.n_components >= self.k_max:
+            return
+        X = self._buffer_X()
+        if X.shape[1] != F.FEATURE_DIM + 1 or not self._device_ids_known(X):
+            return
+        recent_join = [ev for ev in self.composition_events if ev["kind"] == "join"
+                       and self.n_sessions - int(ev["session_count"]) <= NEW_DEVICE_QUIET]
+        if recent_join:
+            return
+        n = X.shape[0]
+        current = mix.log_joint(X).argmax(axis=1)
+        for st in self._new_device_statistics(X, current):
+            null = max(st["earlier"], default=0.0)
+            if st["mass"] < NEW_DEVICE_MIN_MASS or st["gain"] - null < NEW_DEVICE_GAIN:
+                continue
+            if self._new_device_is_old_member(X, n - st["r"]):
+                return
+            old_ids = list(self.person_ids)
+            old_post = mix.predict_proba(X)
+            cand = st["_mixture"]
+            cand.prune()
+            self.mixture = cand
+            self.person_ids = self._match_ids(old_ids, old_post, cand.predict_proba(X), [])
+            born = [pid for pid in self.person_ids if pid not in old_ids]
+            for pid in born:
+                self.joined.add(pid)
+            if born:
+                self._composition_event("join", born=born, gone=[])
+            return
+
+    def _new_device_is_old_member(self, X: np.ndarray, tau: int) -> bool:
+        """Is every personal device first seen from ``tau`` on grouped (persons.py's
+        held-out test, fixed bar) with a device seen before it — a phone replaced or a
+        second device of someone already here, not a newcomer? (Tried on TUNING: the
+        new device's sessions against each current person's earlier sessions, held-out
+        AUC < persons.MERGE_AUC: fewer joins found on both seeds, no fewer false alarms
+        — a handful of sessions gives that AUC no power.)"""
+        groups = self._device_groups(X)
+        slots = np.rint(X[:, F.FEATURE_DIM]).astype(np.int64)
+        old_slots = set(slots[:tau].tolist())
+        fresh = [sl for sl in set(slots[tau:].tolist()) - old_slots if sl >= 0]
+        fresh_groups = {int(g) for g in groups[np.isin(slots, fresh)] if g >= 0}
+        if not fresh_groups:
+            return False   # the new devices are shared ones or too new to group: no evidence either way
+        return all(bool(np.isin(slots[groups == g], list(old_slots)).any()) for g in fresh_groups)
 
     def _detect_composition(self) -> None:
         """Did a member join or leave? Each person's share of the buffered sessions

@@ -37,6 +37,7 @@ MIN_DEVICE_SESSIONS = 5   # a personal device with fewer sessions is not (yet) a
 # family, batch session accuracy): ridge 3 / AUC 0.6: 0.737, 3 / 0.7: 0.742,
 # 30 / 0.6: 0.747, 30 / 0.7: 0.751, 100 / 0.65: 0.751.
 MERGE_AUC = 0.7
+SUCCESSOR_Z = 6.0         # a device taking over from one of its type is another person's only this far above chance
 RIDGE = 30.0              # ridge penalty on standardised features
 # Households without a personal device: two persons the mixture found are kept apart
 # only while their viewing *hours* (two-hour bins, by weekend, and the weekday) tell them
@@ -104,7 +105,8 @@ def loo_auc(Z: np.ndarray, y: np.ndarray, ridge: float = RIDGE) -> float:
 
 
 def personal_device_groups(X: np.ndarray, slots: np.ndarray, merge_auc: float = MERGE_AUC,
-                           min_sessions: int = MIN_DEVICE_SESSIONS, min_z: float = 0.0) -> np.ndarray:
+                           min_sessions: int = MIN_DEVICE_SESSIONS, min_z: float = 0.0,
+                           successor_z: float | None = None) -> np.ndarray:
     """(N,) person group of each session, -1 for sessions that carry no identity
     (shared device types, unknown slot, a personal device with < ``min_sessions``).
     Groups are numbered 0..G-1 in order of first appearance of their devices.
@@ -115,9 +117,12 @@ def personal_device_groups(X: np.ndarray, slots: np.ndarray, merge_auc: float = 
     ``min_z`` > 0: a pair is also merged while its AUC is less than ``min_z`` spreads
     above chance (``auc_z``) — a fixed AUC is chance for devices with a handful of
     sessions each (the start of a stream, model.STREAM_GROUP_MIN_Z); 0 (the default)
-    leaves the fixed bar alone."""
+    leaves the fixed bar alone. A device that takes over from another of the same
+    type (a phone replaced) is first pooled with it (_pool_successors, ``successor_z``,
+    default SUCCESSOR_Z; 0 turns it off)."""
     X = np.asarray(X, dtype=np.float64)
     slots = np.asarray(slots, dtype=np.int64)
+    successor_z = SUCCESSOR_Z if successor_z is None else successor_z
     personal = is_personal(X)
     group = np.full(X.shape[0], -1, dtype=np.int64)
     devices = [int(s) for s in dict.fromkeys(slots[slots >= 0].tolist())
@@ -127,6 +132,8 @@ def personal_device_groups(X: np.ndarray, slots: np.ndarray, merge_auc: float = 
     members = [[s] for s in devices]
     if len(members) > 1:
         Z = _standardised(person_features(X))
+        if successor_z > 0:
+            members = _pool_successors(X, Z, slots, members, merge_auc, successor_z)
         auc: dict[tuple[int, int], float] = {}
         while len(members) > 1:
             masks = [np.isin(slots, m) for m in members]
@@ -150,6 +157,36 @@ def personal_device_groups(X: np.ndarray, slots: np.ndarray, merge_auc: float = 
     for g, m in enumerate(members):
         group[np.isin(slots, m)] = g
     return group
+
+
+def _pool_successors(X: np.ndarray, Z: np.ndarray, slots: np.ndarray, members: list[list[int]],
+                     merge_auc: float, successor_z: float) -> list[list[int]]:
+    """A personal device whose first session comes after the last session of another
+    personal device of the same type (rows in time order) takes over from it — a phone
+    replaced gets a new device id — and is pooled with it unless their sessions are told
+    apart: leave-one-out AUC >= ``merge_auc`` and at least ``successor_z`` spreads above
+    chance (auc_z). Why: the greedy merge compares the new phone's few sessions with
+    every device, and the owner's old phone (stopped) and their other devices were
+    split three ways by the fixed bar, then merged back under the new phone's id
+    (TUNING households with a phone replaced half-way, docs/clustering.md). A newcomer's
+    phone after a leaver's is still a person of its own when their habits differ."""
+    dtype = X[:, F.DEVICE].argmax(axis=1)
+    rows = {s: np.flatnonzero(slots == s) for m in members for s in m}
+    kind = {s: int(np.bincount(dtype[r]).argmax()) for s, r in rows.items()}
+    out: list[list[int]] = []
+    for m in members:
+        s = m[0]
+        before = [c for c in out if kind[c[-1]] == kind[s] and rows[c[-1]][-1] < rows[s][0]]
+        if before:
+            c = max(before, key=lambda c: rows[c[-1]][-1])
+            a, b = np.isin(slots, c), slots == s
+            both = a | b
+            auc = loo_auc(Z[both], a[both].astype(np.float64))
+            if auc < merge_auc or auc_z(auc, int(a.sum()), int(b.sum())) < successor_z:
+                c.append(s)
+                continue
+        out.append(list(m))
+    return out
 
 
 def auc_z(auc: float, n_a: int, n_b: int) -> float:

@@ -156,3 +156,44 @@ def test_drift_is_scored_per_household_quarter_beside_baselines():
     assert s["detection_rate_by_type"]["behavioural"] == 0.0 and s["detection_rate_by_type"]["sudden"] == 1.0
     assert s["mean_delay_sessions"]["sudden"] == 10.0
     assert s["false_alarms_per_household_quarter"] == 1.0 and s["stable_household_quarters"] == 2.0
+
+
+def test_an_early_newcomer_with_a_phone_of_their_own_is_reported_within_30_sessions(monkeypatch):
+    """A TUNING-world household (bench/worlds.py, seed 20260001, mobi1h6: two members, the
+    second joins at session 14 and watches only on a phone of their own). Too early for
+    the share-based newcomer test (40 sessions of history): the new-device newcomer test
+    (_newcomer_on_new_device) reports the join within 30 sessions; without it nothing is
+    reported."""
+    from bench import _worlds_eval as E
+    from bench import worlds
+
+    h = next(h for h in worlds.generate(worlds.TUNING, families=("mobile_first",))
+             if h.household_id == "mobi1h6")
+    change = h.changes[0]
+    assert change.kind == "join" and change.session_index < 40
+
+    def joins() -> list[int]:
+        return [b for _, b, _, _, evs in E.stream_steps(h) for ev in evs if ev["kind"] == "join"]
+
+    found = joins()
+    assert found and change.session_index <= found[0] <= change.session_index + E.DETECTION_WINDOW
+    monkeypatch.setattr(M, "NEW_DEVICE_GAIN", float("inf"))
+    assert joins() == []
+
+
+def test_a_replaced_phone_is_not_taken_for_a_newcomer_with_a_device_of_their_own():
+    """The new-device newcomer test's guard (_new_device_is_old_member): a phone replaced on
+    day 45 (a new device id, the same habits) is grouped with the old phone, so it is an
+    existing member's; a newcomer's own phone (other hours and genres) is not."""
+    rng = np.random.default_rng(52)
+    parts = [(*persona_sessions(rng, 50, 45, 20, "mobile", {"comedy": 2, "drama": 1}), "phone-a", 0),
+             (*persona_sessions(rng, 50, 45, 20, "mobile", {"comedy": 2, "drama": 1}, start_day=45), "phone-a2", 0),
+             (*persona_sessions(rng, 90, 90, 23, "mobile", {"horror": 2, "scifi": 1}), "phone-b", 1)]
+    _, X, dev, _ = household(parts)
+    m = HouseholdModel().fit(X, device_ids=dev)
+    assert m._new_device_is_old_member(m._buffer_X(), int(np.flatnonzero(dev == "phone-a2")[0]))
+    parts[1] = (*persona_sessions(rng, 50, 45, 9, "mobile", {"kids": 2, "animation": 1}, kids=0.9,
+                                  start_day=45), "phone-c", 2)
+    _, X, dev, _ = household(parts)
+    m = HouseholdModel().fit(X, device_ids=dev)
+    assert not m._new_device_is_old_member(m._buffer_X(), int(np.flatnonzero(dev == "phone-c")[0]))

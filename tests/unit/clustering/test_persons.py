@@ -337,3 +337,45 @@ def test_tv_only_stream_refits_as_the_batch_fit_does():
     names = {pid: j for j, pid in enumerate(sorted(set(ids)))}
     accuracy = matched_correct(h.person, np.array([names[i] for i in ids])).mean()
     assert len(names) == 2 and accuracy >= 0.75, (names, accuracy)
+
+
+def _phone_replaced(h):
+    """The household with its busiest phone replaced half-way (its later sessions on a new
+    device id), as a user who gets a new phone."""
+    import dataclasses
+    dev = np.array(h.device_id, dtype=object)
+    phones = [d for d in np.unique(dev) if h.device_type[dev == d][0] == "mobile"]
+    d = max(phones, key=lambda d: (dev == d).sum())
+    rows = np.flatnonzero(dev == d)
+    dev[rows[rows.size // 2:]] = d + "-new"
+    return dataclasses.replace(h, device_id=dev.astype(str))
+
+
+def test_a_replaced_phone_stays_its_owners_in_a_stream():
+    """A single person whose phone is replaced half-way (TUNING household bing0h5, 51
+    sessions, the new phone a new device id): the new phone takes over from the old one
+    (persons._pool_successors), so the stream answers every session with one id; it
+    used two when the new phone was compared with every device on its own."""
+    h = _phone_replaced(_tuning_household("bingers", 0, 5))
+    assert h.n_persons == 1
+    m = HouseholdModel()
+    ids: set[str] = set()
+    for a in range(0, h.n_sessions, 5):
+        m.update(h.features[a:a + 5], device_ids=h.device_id[a:a + 5])
+        ids |= set(m.assign_batch(h.features[a:a + 5], device_ids=h.device_id[a:a + 5]).person())
+    assert len(ids) == 1, ids
+
+
+def test_a_newcomers_phone_after_a_leavers_is_not_pooled_with_it():
+    """A member who leaves (their phone stops) and a newcomer whose phone starts after it,
+    with other hours and tastes: the new phone does not take over the leaver's person;
+    the same owner's replacement phone does."""
+    rng = np.random.default_rng(7)
+    old = persona_sessions(rng, 40, 30, 8, "mobile", {"kids": 2, "animation": 1}, kids=0.9)
+    new = persona_sessions(rng, 40, 30, 22, "mobile", {"horror": 2, "crime": 1}, start_day=31)
+    same = persona_sessions(rng, 40, 30, 8, "mobile", {"kids": 2, "animation": 1}, kids=0.9, start_day=31)
+    for successor, apart in ((new, True), (same, False)):
+        _, X, dev, _ = household([(*old, "phone-old", 0), (*successor, "phone-new", 1)])
+        groups = persons.personal_device_groups(X, _slots(dev))
+        assert (groups.max() + 1 == 2) == apart
+        assert np.unique(groups[dev == "phone-new"]).size == 1
