@@ -15,25 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from functools import partial
 
 import bench.worlds as worlds
 from bench import _worlds_eval
 from services.clustering.domain.features import GenreVocabulary
-from services.clustering.domain.sessions import build_sessions
 
 
 def households(share: float, unknown: str, n_worlds: int, n_households: int):
     """TUNING households whose sessions the ``unknown`` placement built."""
-    saved = worlds.build_sessions
     placement, _, hashed = unknown.partition(":")
     vocabulary = GenreVocabulary(unknown=placement, **({"hashed_share": float(hashed)} if hashed else {}))
-    worlds.build_sessions = partial(build_sessions, vocabulary=vocabulary)
-    try:
-        return worlds.generate(worlds.TUNING, worlds_per_family=n_worlds, households_per_world=n_households,
-                               unknown_genre_share=share)
-    finally:
-        worlds.build_sessions = saved
+    return worlds.generate(worlds.TUNING, worlds_per_family=n_worlds, households_per_world=n_households,
+                           unknown_genre_share=share, vocabulary=vocabulary)
 
 
 def main(argv=None) -> int:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from services.clustering.domain.events import ViewingEvent, validate_batch
-from services.clustering.domain.features import FEATURE_DIM
+from services.clustering.domain.features import FEATURE_DIM, GenreVocabulary
 from services.clustering.domain.sessions import build_sessions
 
 DAY_S = 86_400.0
@@ -252,7 +252,7 @@ def _title_weights(world: World, taste: np.ndarray, is_kid: bool) -> np.ndarray:
 
 
 def make_household(world: World, rng: np.random.Generator, household_id: str,
-                   force_size: int | None = None) -> WorldHousehold:
+                   force_size: int | None = None, vocabulary: GenreVocabulary | None = None) -> WorldHousehold:
     p = world.params
     size = force_size or int(rng.choice(np.arange(1, 7), p=p["size_p"]))
     days = float(p["days"])
@@ -371,10 +371,10 @@ def make_household(world: World, rng: np.random.Generator, household_id: str,
         by_device.setdefault(ev.device_id, []).append(ev)
     sessions = []
     for evs in by_device.values():
-        sessions.extend(build_sessions(evs))
+        sessions.extend(build_sessions(evs, vocabulary=vocabulary))
     sessions.sort(key=lambda s: (s.start_ts, s.session_id))
     if not sessions:
-        return make_household(world, rng, household_id, force_size)
+        return make_household(world, rng, household_id, force_size, vocabulary)
     dur = {ev.event_id: ev.duration_s for ev in events}
     person = np.empty(len(sessions), dtype=np.int64)
     for i, s in enumerate(sessions):
@@ -407,12 +407,14 @@ def make_household(world: World, rng: np.random.Generator, household_id: str,
 
 
 def generate(split: Split, families: tuple[str, ...] | None = None, worlds_per_family: int | None = None,
-             households_per_world: int | None = None, unknown_genre_share: float = 0.0) -> list[WorldHousehold]:
+             households_per_world: int | None = None, unknown_genre_share: float = 0.0,
+             vocabulary: GenreVocabulary | None = None) -> list[WorldHousehold]:
     """Households of a split. Household (family f, world w, household i) depends only on
     (split.seed, f, w, i): asking for fewer households gives a prefix of the same ones.
     ``unknown_genre_share`` > 0 (a tuning knob; see ``_rename_to_unknown``) renames that
     share of the catalogue's genres to names outside the vocabulary: the same members,
-    devices and sessions, only the genre names differ."""
+    devices and sessions, only the genre names differ. ``vocabulary``: the session
+    builder's (default: the service's default, feature schema 2)."""
     fams = families or split.families
     unknown = [f for f in fams if f not in split.families]
     if unknown:
@@ -427,5 +429,5 @@ def generate(split: Split, families: tuple[str, ...] | None = None, worlds_per_f
             world_ss, *house_ss = ss.spawn(1 + n_house)
             world = make_world(f, np.random.default_rng(world_ss), f"{split.name}-{f}-w{w}", unknown_genre_share)
             for i, hs in enumerate(house_ss):
-                out.append(make_household(world, np.random.default_rng(hs), f"{f[:4]}{w}h{i}"))
+                out.append(make_household(world, np.random.default_rng(hs), f"{f[:4]}{w}h{i}", vocabulary=vocabulary))
     return out

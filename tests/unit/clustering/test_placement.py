@@ -9,10 +9,15 @@ import pytest
 from bench import worlds
 from bench._clustering_eval import matched_correct
 from services.clustering.domain import model as model_module
+from services.clustering.domain.features import GenreVocabulary
 from services.clustering.domain.model import HouseholdModel
 from services.clustering.domain.persons import is_personal
 from services.clustering.domain.placement import discriminative_responsibilities
 from tests.unit.clustering.test_identity_signals import household, persona_sessions
+
+# The TUNING household these tests were written on, with its sessions built under feature
+# schema 1 (unknown genre names in ``other``) as when the case was found.
+SCHEMA_1 = GenreVocabulary(unknown="other")
 
 
 def two_phone_owners_sharing_a_tv(seed: int = 11):
@@ -79,7 +84,8 @@ def test_placement_fixes_em_drift_on_a_tuning_household(monkeypatch):
     supervised classifier tells apart 0.97 of the time): EM alone placed the TVs'
     sessions 0.56 right, pulling the owner with few phone sessions towards a kind of
     viewing; the classifier trained on the phones' sessions places them far better."""
-    h = worlds.generate(worlds.TUNING, families=("bingers",), worlds_per_family=1, households_per_world=3)[2]
+    h = worlds.generate(worlds.TUNING, families=("bingers",), worlds_per_family=1, households_per_world=3,
+                        vocabulary=SCHEMA_1)[2]
     assert h.n_persons == 2 and (~is_personal(h.features)).sum() > 30
     without, _ = _shared_accuracy(h, False, monkeypatch)
     with_step, m = _shared_accuracy(h, True, monkeypatch)
@@ -117,7 +123,8 @@ def test_a_household_em_already_separates_keeps_its_fit_exactly(monkeypatch):
 def test_a_failing_re_estimate_leaves_the_fit_consistent(monkeypatch):
     """If the M-step from the classifier's placement fails numerically, EM's fit stands
     and the persons still match the mixture's components."""
-    h = worlds.generate(worlds.TUNING, families=("bingers",), worlds_per_family=1, households_per_world=3)[2]
+    h = worlds.generate(worlds.TUNING, families=("bingers",), worlds_per_family=1, households_per_world=3,
+                        vocabulary=SCHEMA_1)[2]
 
     def broken(*args, **kwargs):
         raise model_module.MixtureNumericalError("injected")
@@ -134,7 +141,8 @@ def test_device_first_fit_scores_with_the_placed_block_weights(monkeypatch):
     weights: the same statistics and ledger as with the family's own weights (the
     persons do not change, unlearning stays exact), other answers, and the weights
     survive an incremental update and a round trip through the stored bytes."""
-    h = worlds.generate(worlds.TUNING, families=("bingers",), worlds_per_family=1, households_per_world=3)[2]
+    h = worlds.generate(worlds.TUNING, families=("bingers",), worlds_per_family=1, households_per_world=3,
+                        vocabulary=SCHEMA_1)[2]
     monkeypatch.setattr(model_module, "PLACED_BLOCK_WEIGHTS", {})
     plain = HouseholdModel().fit(h.features, device_ids=h.device_id)
     monkeypatch.setattr(model_module, "PLACED_BLOCK_WEIGHTS",
@@ -160,7 +168,8 @@ def test_models_stored_before_the_placed_weights_load_with_the_family_weights():
     model family's weights, as they were fitted."""
     import io
     import json
-    h = worlds.generate(worlds.TUNING, families=("bingers",), worlds_per_family=1, households_per_world=3)[2]
+    h = worlds.generate(worlds.TUNING, families=("bingers",), worlds_per_family=1, households_per_world=3,
+                        vocabulary=SCHEMA_1)[2]
     m = HouseholdModel().fit(h.features, device_ids=h.device_id)
     z = np.load(io.BytesIO(m.to_bytes()), allow_pickle=False)
     meta = json.loads(bytes(z["meta"]).decode())
