@@ -1176,8 +1176,13 @@ class HouseholdModel:
                                  "anchored": self._traced_new_device(X, current) if TRACE_ANCHORED else []}
         if best[0] < BIRTH_GLR_H or gain < BIRTH_MIN_GAIN:
             return
+        self._adopt_newcomer(X, cand)
+
+    def _adopt_newcomer(self, X: np.ndarray, cand: Mixture) -> None:
+        """Keep a fit with one more person (either newcomer test): ids matched to the
+        current persons, the new one marked joined and the join reported at once."""
         old_ids = list(self.person_ids)
-        old_post = mix.predict_proba(X)
+        old_post = self.mixture.predict_proba(X)
         cand.prune()
         self.mixture = cand
         self.person_ids = self._match_ids(old_ids, old_post, cand.predict_proba(X), [])
@@ -1300,17 +1305,7 @@ class HouseholdModel:
                 continue
             if self._new_device_is_old_member(X, n - st["r"]):
                 return
-            old_ids = list(self.person_ids)
-            old_post = mix.predict_proba(X)
-            cand = st["_mixture"]
-            cand.prune()
-            self.mixture = cand
-            self.person_ids = self._match_ids(old_ids, old_post, cand.predict_proba(X), [])
-            born = [pid for pid in self.person_ids if pid not in old_ids]
-            for pid in born:
-                self.joined.add(pid)
-            if born:
-                self._composition_event("join", born=born, gone=[])
+            self._adopt_newcomer(X, st["_mixture"])
             return
 
     def _new_device_is_old_member(self, X: np.ndarray, tau: int) -> bool:

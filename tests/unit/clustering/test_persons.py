@@ -16,6 +16,17 @@ def _slots(dev):
     return np.argsort(np.argsort(first))[inverse]
 
 
+def _ids_answered_in_a_stream(h) -> set[str]:
+    """Every person id a stream answers, sessions arriving five at a time and each
+    answered at its arrival (as the service sees them)."""
+    m = HouseholdModel()
+    ids: set[str] = set()
+    for a in range(0, h.n_sessions, 5):
+        m.update(h.features[a:a + 5], device_ids=h.device_id[a:a + 5])
+        ids |= set(m.assign_batch(h.features[a:a + 5], device_ids=h.device_id[a:a + 5]).person())
+    return ids
+
+
 def test_loo_auc_separates_different_sessions_and_not_alike_ones():
     rng = np.random.default_rng(0)
     Z = rng.normal(size=(200, 5))
@@ -226,11 +237,7 @@ def test_single_person_stream_keeps_one_id_at_every_arrival():
     for family, world, index in (("mobile_first", 2, 0), ("bingers", 2, 1)):
         h = _tuning_household(family, world, index)
         assert h.n_persons == 1
-        m = HouseholdModel()
-        ids: set[str] = set()
-        for a in range(0, h.n_sessions, 5):
-            m.update(h.features[a:a + 5], device_ids=h.device_id[a:a + 5])
-            ids |= set(m.assign_batch(h.features[a:a + 5], device_ids=h.device_id[a:a + 5]).person())
+        ids = _ids_answered_in_a_stream(h)
         assert len(ids) == 1, (h.household_id, ids)
 
 
@@ -242,11 +249,7 @@ def test_tv_only_single_person_stream_is_not_split_by_kind_in_the_reselection():
     Two TV-only people at different hours are still two in a stream (next test)."""
     h = _tuning_household("bingers", 5, 9)
     assert h.n_persons == 1 and set(h.device_type) == {"tv"}
-    m = HouseholdModel()
-    ids: set[str] = set()
-    for a in range(0, h.n_sessions, 5):
-        m.update(h.features[a:a + 5], device_ids=h.device_id[a:a + 5])
-        ids |= set(m.assign_batch(h.features[a:a + 5], device_ids=h.device_id[a:a + 5]).person())
+    ids = _ids_answered_in_a_stream(h)
     assert len(ids) == 1, ids
 
 
@@ -361,11 +364,7 @@ def test_a_replaced_phone_stays_its_owners_in_a_stream():
     used two when the new phone was compared with every device on its own."""
     h = _phone_replaced(_tuning_household("bingers", 0, 5))
     assert h.n_persons == 1
-    m = HouseholdModel()
-    ids: set[str] = set()
-    for a in range(0, h.n_sessions, 5):
-        m.update(h.features[a:a + 5], device_ids=h.device_id[a:a + 5])
-        ids |= set(m.assign_batch(h.features[a:a + 5], device_ids=h.device_id[a:a + 5]).person())
+    ids = _ids_answered_in_a_stream(h)
     assert len(ids) == 1, ids
 
 
