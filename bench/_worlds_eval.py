@@ -325,6 +325,7 @@ def composition_scores(hs: list[WorldHousehold], events: list[list[tuple[int, st
     """``events`` None for a household = not run (excluded). False alarms are counted,
     and household-quarters measured, from session ``warmup`` on."""
     detected, delays, by_kind = [], [], {"join": [], "leave": []}
+    same_kind = []
     false_alarms, quarters = 0, 0.0
     for h, evs in zip(hs, events):
         if evs is None:
@@ -334,6 +335,7 @@ def composition_scores(hs: list[WorldHousehold], events: list[list[tuple[int, st
             hits = [i for i, _ in evs if c.session_index <= i <= c.session_index + DETECTION_WINDOW]
             ok = bool(hits)
             detected.append(ok)
+            same_kind.append(any(k == c.kind for i, k in evs if c.session_index <= i <= c.session_index + DETECTION_WINDOW))
             by_kind[c.kind].append(ok)
             if ok:
                 delays.append(hits[0] - c.session_index)
@@ -345,6 +347,9 @@ def composition_scores(hs: list[WorldHousehold], events: list[list[tuple[int, st
     return {
         "detection_rate": float(np.mean(detected)) if detected else None,
         "detection_rate_by_kind": {k: (float(np.mean(v)) if v else None) for k, v in by_kind.items()},
+        # The detection rate counts any event in the window; this one only an event of
+        # the change's own kind (a join reported for a member who left is not counted).
+        "detection_rate_same_kind": float(np.mean(same_kind)) if same_kind else None,
         "mean_delay_sessions": float(np.mean(delays)) if delays else None,
         "false_alarms_per_household_quarter": false_alarms / quarters if quarters else None,
         "changes": len(detected), "stable_household_quarters": round(quarters, 2),

@@ -520,7 +520,8 @@ def log_worlds_summary(tag: str, block: dict, streaming: bool) -> None:
         f"{fb['batch']['ece_after']:.3f} streaming {fb['streaming']['ece_after']:.3f} (mean of "
         f"{fb['batch']['ece_after_draws']['service']['draws']} other draws {fb['batch']['ece_after_draws']['service']['mean']:.3f}"
         f" / {fb['streaming']['ece_after_draws']['service']['mean']:.3f}); join/leave detected "
-        f"{cc['detection_rate']} at {cc['false_alarms_per_household_quarter']} false alarms per household-quarter")
+        f"{cc['detection_rate']} (same kind {cc['detection_rate_same_kind']}) at "
+        f"{cc['false_alarms_per_household_quarter']} false alarms per household-quarter")
 
 
 def run_blind(quick: bool, streaming: bool = True, workers: int = 2) -> dict:
