@@ -257,16 +257,21 @@ def after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], ages: list
 
     ``ages`` (per household, per session: the sessions the model had seen when it
     answered, which clustering records with each prediction): the calibrator is the
-    service's, ``fit_feedback_calibrator`` (a shrunk shift of the confidence level, per
+    service's, ``fit_feedback_calibrator`` (a shift of the confidence level applied only
+    as far as it exceeds its own noise, per
     model-age segment and kind of answer a further shrunk shift, a map of the shape only
     when it beats the level out of fold by two standard errors). Beside it on the same
     sample: ``ece_after_segmented``, the calibrator the service fitted until 2026-12-04
     (``fit_segmented_calibrator``: a map chosen by cross-validation, per age a residual
-    map and a one-person shift shrunk by 10 pseudo-answers), and ``ece_after_pooled``,
-    its pooled map alone."""
+    map and a one-person shift shrunk by 10 pseudo-answers), ``ece_after_level_prior``, the
+    service's until 2026-12-04 16:00 UTC (the common shift shrunk by 100 pseudo-answers
+    whatever its evidence), and ``ece_after_pooled``, the segmented fit's pooled map alone."""
     from services.feedback.domain.evaluation import DEFAULT_FEEDBACK_RATE, feedback_mask
     from services.feedback.domain.recalibration import (FeedbackSample, fit_calibrator, fit_feedback_calibrator,
                                                         fit_segmented_calibrator)
+
+    def fit_level_prior_calibrator(sample, model_sessions):
+        return fit_feedback_calibrator(sample, model_sessions, noise_multiple=None)
 
     P, y, ok, age = pooled_answers([h.person for h in hs], probs, ages)
     fed = feedback_mask(P.shape[0], DEFAULT_FEEDBACK_RATE, seed)
@@ -276,6 +281,7 @@ def after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], ages: list
            "ece_before": ece(P[held].max(axis=1), ok[held]), "held_out_sessions": int(held.sum())}
     for key, calibrator in (("pooled", fit_calibrator(sample)),
                             ("segmented", fit_segmented_calibrator(sample, age[fed])),
+                            ("level_prior", fit_level_prior_calibrator(sample, age[fed])),
                             ("service", fit_feedback_calibrator(sample, age[fed]))):
         after = calibrator.apply(P[held], age[held])
         correct_after = (after.argmax(axis=1) == P[held].argmax(axis=1)) & ok[held]
@@ -283,7 +289,7 @@ def after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], ages: list
         out[f"calibrator_{key}"] = {"method": calibrator.method, "segments": {
             n: c.method for n, c in calibrator.segments.items()}, "one_person": calibrator.one_person,
             **({"shift": calibrator.training.get("shift"), "gate": calibrator.training.get("gate")}
-               if key == "service" else {})}
+               if key in ("service", "level_prior") else {})}
     out["feedback_used"] = int(sample.probs.shape[0])
     out["ece_after"] = out["ece_after_service" if ages is not None else "ece_after_pooled"]
     # What the target asks of a sample of this size: the same calibrator fitted on a
@@ -300,12 +306,13 @@ def after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], ages: list
     # One random 3.75 % sample fixes the level of the rest only to about +-0.023: the
     # figure above is one draw. The same on FEEDBACK_DRAWS other draws (the calibrator
     # the service fits, and the one it fitted before), to read it against.
-    draws_after: dict[str, list[float]] = {"service": [], "segmented": [], "before": []}
+    draws_after: dict[str, list[float]] = {"service": [], "level_prior": [], "segmented": [], "before": []}
     for d in range(1, FEEDBACK_DRAWS + 1):
         fed_d = feedback_mask(P.shape[0], DEFAULT_FEEDBACK_RATE, seed + d)
         sample_d = FeedbackSample.create(P[fed_d], labels=y[fed_d], correct=ok[fed_d].astype(float))
         draws_after["before"].append(ece(P[~fed_d].max(axis=1), ok[~fed_d]))
-        for key, fit in (("service", fit_feedback_calibrator), ("segmented", fit_segmented_calibrator)):
+        for key, fit in (("service", fit_feedback_calibrator), ("level_prior", fit_level_prior_calibrator),
+                         ("segmented", fit_segmented_calibrator)):
             after = fit(sample_d, age[fed_d]).apply(P[~fed_d], age[~fed_d])
             right = (after.argmax(axis=1) == P[~fed_d].argmax(axis=1)) & ok[~fed_d]
             draws_after[key].append(ece(after.max(axis=1), right))
@@ -337,6 +344,7 @@ def composition_scores(hs: list[WorldHousehold], events: list[list[tuple[int, st
     """``events`` None for a household = not run (excluded). False alarms are counted,
     and household-quarters measured, from session ``warmup`` on."""
     detected, delays, by_kind = [], [], {"join": [], "leave": []}
+    same_kind = []
     false_alarms, quarters = 0, 0.0
     for h, evs in zip(hs, events):
         if evs is None:
@@ -346,6 +354,7 @@ def composition_scores(hs: list[WorldHousehold], events: list[list[tuple[int, st
             hits = [i for i, _ in evs if c.session_index <= i <= c.session_index + DETECTION_WINDOW]
             ok = bool(hits)
             detected.append(ok)
+            same_kind.append(any(k == c.kind for i, k in evs if c.session_index <= i <= c.session_index + DETECTION_WINDOW))
             by_kind[c.kind].append(ok)
             if ok:
                 delays.append(hits[0] - c.session_index)
@@ -357,6 +366,9 @@ def composition_scores(hs: list[WorldHousehold], events: list[list[tuple[int, st
     return {
         "detection_rate": float(np.mean(detected)) if detected else None,
         "detection_rate_by_kind": {k: (float(np.mean(v)) if v else None) for k, v in by_kind.items()},
+        # The detection rate counts any event in the window; this one only an event of
+        # the change's own kind (a join reported for a member who left is not counted).
+        "detection_rate_same_kind": float(np.mean(same_kind)) if same_kind else None,
         "mean_delay_sessions": float(np.mean(delays)) if delays else None,
         "false_alarms_per_household_quarter": false_alarms / quarters if quarters else None,
         "changes": len(detected), "stable_household_quarters": round(quarters, 2),

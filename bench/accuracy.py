@@ -523,8 +523,10 @@ def log_worlds_summary(tag: str, block: dict, streaming: bool) -> None:
     log(f"[{tag}] streaming acc {st['session_accuracy']:.3f} ece {st['ece']:.3f}; ece after feedback batch "
         f"{fb['batch']['ece_after']:.3f} streaming {fb['streaming']['ece_after']:.3f} (mean of "
         f"{fb['batch']['ece_after_draws']['service']['draws']} other draws {fb['batch']['ece_after_draws']['service']['mean']:.3f}"
-        f" / {fb['streaming']['ece_after_draws']['service']['mean']:.3f}); join/leave detected "
-        f"{cc['detection_rate']} at {cc['false_alarms_per_household_quarter']} false alarms per household-quarter")
+        f" / {fb['streaming']['ece_after_draws']['service']['mean']:.3f}; binning floor "
+        f"{fb['batch']['ece_floor_calibrated']:.3f} / {fb['streaming']['ece_floor_calibrated']:.3f}); join/leave detected "
+        f"{cc['detection_rate']} (same kind {cc['detection_rate_same_kind']}) at "
+        f"{cc['false_alarms_per_household_quarter']} false alarms per household-quarter")
 
 
 def run_blind(quick: bool, streaming: bool = True, workers: int = 2) -> dict:
