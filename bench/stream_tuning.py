@@ -58,12 +58,28 @@ def _masses(m: model_module.HouseholdModel) -> dict | None:
             "new": {str(r): (cum[n] - cum[n - r]).round(4).tolist() for r in looks}}
 
 
+def _member_masses(m: model_module.HouseholdModel, h: worlds.WorldHousehold, b: int) -> dict:
+    """Diagnosis only (truth): each person's posterior mass on the changed member's
+    sessions so far, before and after the change (buffer row i = session i while the
+    buffer holds every session)."""
+    if not h.changes or m.buffer.shape[0] != b:
+        return {}
+    c = h.changes[0]
+    P = m.mixture.predict_proba(m._buffer_X())
+    mine = h.person[:b] == c.person
+    after = np.arange(b) >= c.session_index
+    return {"member": {"before": P[mine & ~after].sum(axis=0).round(3).tolist(),
+                       "after": P[mine & after].sum(axis=0).round(3).tolist(),
+                       "others_after": P[~mine & after].sum(axis=0).round(3).tolist()}}
+
+
 def _one(h: worlds.WorldHousehold, trace: bool = False) -> dict:
     ids, events, checks = [], [], []
     for a, b, m, out, new_events in E.stream_steps(h):
         events += [(b, ev["kind"]) for ev in new_events]
         if trace and m.mixture is not None and m.since_check == 0 and b >= 2 * model_module.MIN_SESSIONS:
-            checks.append({"at": b, "persons": m.n_persons, "birth": m.birth_statistics, **(_masses(m) or {})})
+            checks.append({"at": b, "persons": m.n_persons, "birth": m.birth_statistics, **(_masses(m) or {}),
+                           **_member_masses(m, h, b)})
         m.birth_statistics = None
         ids += [out.person_ids[int(i)] for i in out.person_index]
     names = {n: i for i, n in enumerate(sorted(set(ids)))}

@@ -141,6 +141,35 @@ def test_the_offline_replay_applies_the_join_and_leave_bars_once_per_person():
     assert S.replay(trace, S.Thresholds(min_history=51, lookback=(10,))) == []   # too little before
 
 
+def test_composition_scores_count_any_event_in_the_window_and_say_which_were_of_the_right_kind():
+    """bench._worlds_eval.composition_scores: an event within DETECTION_WINDOW sessions
+    after the change detects it whatever its kind (detection_rate); the same-kind rate
+    counts only an event of the change's own kind; an event before the change or after
+    the window is not a detection; every event of a stable household after the warm-up
+    is a false alarm, per 91 monitored days."""
+    from bench._worlds_eval import DETECTION_WINDOW, QUARTER_S, composition_scores
+    from bench.worlds import CompositionChange, WorldHousehold
+
+    def household(change, n=200):
+        return WorldHousehold("h", "f", "w", np.zeros((n, 1), np.float32), np.zeros(n, int),
+                              np.array(["tv"] * n), np.array(["tv"] * n),
+                              np.arange(n) * QUARTER_S / (n - 1), np.ones(n), 0.0,
+                              [change] if change else [])
+
+    hs = [household(CompositionChange("join", 1, 100)), household(CompositionChange("leave", 1, 100)),
+          household(CompositionChange("join", 1, 100)), household(None)]
+    events = [[(110, "leave")],                          # found, but as the wrong kind
+              [(90, "leave"), (120, "leave")],           # the one before the change does not count
+              [(100 + DETECTION_WINDOW + 5, "join")],    # too late
+              [(10, "join"), (60, "join")]]              # warm-up 19: one false alarm
+    s = composition_scores(hs, events, warmup=19)
+    assert s["detection_rate"] == 2 / 3 and s["detection_rate_same_kind"] == 1 / 3
+    assert s["detection_rate_by_kind"] == {"join": 0.5, "leave": 1.0}
+    assert s["mean_delay_sessions"] == 15.0
+    assert abs(s["stable_household_quarters"] - (199 - 19) / 199) < 0.01
+    assert abs(s["false_alarms_per_household_quarter"] - 1 / ((199 - 19) / 199)) < 0.01
+
+
 def test_drift_is_scored_per_household_quarter_beside_baselines():
     """bench.accuracy._drift_scores: the first alarm at or after the change is a detection
     (its delay counted); an earlier one is a miss; every alarm of a stable household is a
