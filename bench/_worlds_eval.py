@@ -78,20 +78,32 @@ def columns(probs: list[dict[str, float]], names: list[str] | None = None) -> np
     return P
 
 
-def hearth_stream(h: WorldHousehold, batch: int = STREAM_BATCH, **kw):
+def hearth_stream(h: WorldHousehold, batch: int = STREAM_BATCH, settled: bool = False, **kw):
     """Sessions arrive ``batch`` at a time; returns (labels at arrival, probabilities at
-    arrival padded to a common width, composition events [(session index, kind)])."""
+    arrival padded to a common width, composition events [(session index, kind)]).
+
+    ``settled=True`` adds a fourth item: (labels, probabilities) of every session from the
+    model as it stands after the last arrival — what ``GET /v1/household`` serves once the
+    stream has settled, since the service re-records every session's person with the
+    current model after each update (``ModelKeeper._record_persons``). The at-arrival
+    answers are the stricter figure (an early session is answered by a young model);
+    the settled ones are what a caller reading the household back sees."""
     ids: list[str] = []
     probs: list[dict[str, float]] = []
     events: list[tuple[int, str]] = []
-    for a, b, _, out, new_events in stream_steps(h, batch, **kw):
+    m = None
+    for a, b, m, out, new_events in stream_steps(h, batch, **kw):
         events += [(b, ev["kind"]) for ev in new_events]
         for r in range(b - a):
             ids.append(out.person_ids[int(out.person_index[r])])
             probs.append({pid: float(p) for pid, p in zip(out.person_ids, out.probabilities[r])})
     names = sorted(set(ids) | {k for p in probs for k in p})
     col = {n: i for i, n in enumerate(names)}
-    return np.array([col[i] for i in ids]), columns(probs, names), events
+    at_arrival = (np.array([col[i] for i in ids]), columns(probs, names), events)
+    if not settled:
+        return at_arrival
+    final = m.assign_batch(h.features, device_ids=h.device_id)
+    return (*at_arrival, (final.person_index, final.probabilities))
 
 
 def periodic_refit_stream(h: WorldHousehold, every: int = 50):
@@ -409,6 +421,10 @@ def _block(hs, idx, results, stream, comp=None) -> dict:
         s = summarise(sub, pick(stream[0]), pick(stream[1]))
         s["gap_closed"] = gap_closed(s["session_accuracy"], maj, orc)
         block["streaming"] = s
+        if len(stream) > 2:
+            settled = summarise(sub, pick(stream[2]), pick(stream[3]))
+            settled["gap_closed"] = gap_closed(settled["session_accuracy"], maj, orc)
+            block["streaming_settled"] = settled
     if comp is not None:
         block["composition_change"] = composition_scores(sub, pick(comp["hearth"]))
         block["composition_change_baselines"] = {
@@ -423,7 +439,9 @@ def _one_household(h: WorldHousehold, periodic: bool, streaming: bool = True) ->
     out = {"hearth": hearth_batch(h)}
     for name, fn in BASELINES.items():
         out[name] = fn(h)
-    out["stream"] = hearth_stream(h) if streaming else None
+    stream = hearth_stream(h, settled=True) if streaming else None
+    out["stream"] = stream[:3] if stream else None
+    out["stream_settled"] = stream[3] if stream else None
     out["periodic"] = periodic_refit_stream(h) if periodic and streaming else None
     return out
 
@@ -468,7 +486,8 @@ def run(hs: list[WorldHousehold], log=lambda m: None, held_out: tuple[str, ...] 
         return report
     s_preds, s_probs, s_events = ([o["stream"][k] for o in outs] for k in range(3))
     periodic = [o["periodic"] for o in outs]
-    stream = (s_preds, s_probs)
+    settled = [o["stream_settled"] for o in outs]
+    stream = (s_preds, s_probs, [x[0] for x in settled], [x[1] for x in settled])
     comp = {"hearth": s_events, "periodic_refit": periodic}
     all_idx = list(range(len(hs)))
     report = {"all": _block(hs, all_idx, results, stream, comp)}

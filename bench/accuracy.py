@@ -516,6 +516,10 @@ def log_worlds_summary(tag: str, block: dict, streaming: bool) -> None:
     if not streaming:
         return
     st, fb, cc = a["streaming"], a["after_feedback"], a["composition_change"]
+    se = a["streaming_settled"]
+    log(f"[{tag}] streaming settled (the final model on every session, as GET /v1/household serves it) acc "
+        f"{se['session_accuracy']:.3f} size exact {se['household_size_exact']:.2f} single kept "
+        f"{se['single_person_kept']} ece {se['ece']:.3f}")
     log(f"[{tag}] streaming acc {st['session_accuracy']:.3f} ece {st['ece']:.3f}; ece after feedback batch "
         f"{fb['batch']['ece_after']:.3f} streaming {fb['streaming']['ece_after']:.3f} (mean of "
         f"{fb['batch']['ece_after_draws']['service']['draws']} other draws {fb['batch']['ece_after_draws']['service']['mean']:.3f}"

@@ -124,6 +124,9 @@ def candidates() -> dict:
         out[f"evidence{m:g}_common"] = (lambda q: lambda s, a: fit_level_calibrator(
             s, a, segment_prior=None, noise_multiple=q))(m)
         out[f"evidence{m:g}_gated"] = (lambda q: lambda s, a: fit_feedback_calibrator(s, a, noise_multiple=q))(m)
+    for m in (3.0, 4.0, 6.0):   # the common shift beyond 2 se^2, each cell only beyond m of its own
+        out[f"evidence2_cellev{m:g}"] = (lambda q: lambda s, a: fit_feedback_calibrator(
+            s, a, noise_multiple=2.0, cell_noise_multiple=q))(m)
     for tau in (0.01, 0.02, 0.03, 0.05):
         out[f"eb_tau{tau:g}"] = (lambda t: lambda s, a: fit_level_calibrator(s, a, prior_variance=t * t))(tau)
     for prior in (10, 30, 100):

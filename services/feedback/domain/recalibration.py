@@ -418,6 +418,7 @@ def fit_feedback_calibrator(
     n_folds: int = 5,
     seed: int = 0,
     noise_multiple: float | None = LEVEL_NOISE_MULTIPLE,
+    cell_noise_multiple: float | None = None,
 ) -> Calibrator:
     """What the service fits: the level shift (``fit_level_calibrator``: the common shift
     by ``fit_evidence_shift`` with ``noise_multiple``, or shrunk by ``prior`` pseudo-answers
@@ -425,7 +426,8 @@ def fit_feedback_calibrator(
     unless a map of the shape beats it out of fold by ``gate`` standard errors on the
     multi-person answers; then ``fit_segmented_calibrator`` (pooled map, per-age residual
     maps, one-person shifts shrunk toward the common one)."""
-    level = fit_level_calibrator(sample, model_sessions, segment_edges, version, prior, segment_prior, noise_multiple)
+    level = fit_level_calibrator(sample, model_sessions, segment_edges, version, prior, segment_prior, noise_multiple,
+                                 cell_noise_multiple=cell_noise_multiple)
     multi = (sample.probs > 0).sum(axis=1) > 1
     gate_report: dict[str, Any] = {"gate_se": gate}
     if multi.sum() >= max(MIN_SAMPLES_TO_FIT, n_folds):
