@@ -382,6 +382,19 @@ class ClusteringStore:
                 (account_id, now, now, self.gap_s))
         return int(rows[0][0])
 
+    def closed_sessions_before(self, account_id: str, session: StoredSession, now: float | None = None) -> int:
+        """How many closed sessions come before ``session`` in the order models are fitted
+        on (closed_sessions: start time, then id): its position in a model's sessions."""
+        now = time.time() if now is None else now
+        with self.db.transaction(readonly=True) as tx:
+            rows = tx.query(
+                "SELECT COUNT(*) FROM sessions s JOIN devices d ON d.account_id = s.account_id "
+                "AND d.device_id = s.device_id WHERE s.account_id = ? "
+                "AND (s.start_ts < ? OR (s.start_ts = ? AND s.session_id < ?)) "
+                "AND (CASE WHEN d.last_ts > ? THEN d.last_ts ELSE ? END) - s.end_ts > ?",
+                (account_id, session.start_ts, session.start_ts, session.session_id, now, now, self.gap_s))
+        return int(rows[0][0])
+
     def session(self, account_id: str, session_id: str) -> StoredSession:
         return self.labelled_session(account_id, session_id)[0]
 

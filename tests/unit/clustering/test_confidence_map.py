@@ -141,3 +141,24 @@ def test_one_person_evidence_outside_what_the_fit_saw_is_judged_at_its_edge():
                                    one_person_confidence(at_edge, young, streamed), rtol=1e-3)
         np.testing.assert_allclose(one_person_confidence(few, young, streamed),
                                    one_person_confidence(low_edge, young, streamed), rtol=1e-3)
+
+
+def test_a_streamed_model_answers_the_sessions_it_includes_through_the_settled_map(monkeypatch):
+    """A streamed model's in-sample answers (sessions it already includes, what the
+    keeper re-records) go through the "settled" map; new arrivals keep the streamed map;
+    a model fitted on every session keeps its own map whatever ``included`` says."""
+    from services.clustering.domain.model import HouseholdModel, device_map_name
+    values = _constant_maps(monkeypatch)
+    X, dev = _two_people_with_phones_and_a_tv()
+    m = HouseholdModel().fit(X[:40], device_ids=dev[:40])
+    for a in range(40, X.shape[0], 5):
+        m.update(X[a:a + 5], device_ids=dev[a:a + 5])
+    assert m.streamed and m.n_persons == 2
+    included = np.arange(X.shape[0]) < X.shape[0] - 5
+    out = m.assign_batch(X, device_ids=dev, included=included)
+    np.testing.assert_allclose(out.confidence[included], values["settled"])
+    np.testing.assert_allclose(out.confidence[~included], values["streamed"])
+    np.testing.assert_allclose(m.assign_batch(X, device_ids=dev).confidence, values["streamed"])
+    assert device_map_name(young=True, streamed=True, settled=True) == "young"
+    m.fit(X, device_ids=dev)
+    np.testing.assert_allclose(m.assign_batch(X, device_ids=dev, included=True).confidence, values["fitted"])
