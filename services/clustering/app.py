@@ -242,7 +242,7 @@ class ClusteringApp:
         X = self._check_vectors(X)
         version, envelope = self._model(account_id)
         included = bool(stored is not None and stored.closed and envelope.model.streamed
-                        and self.store.closed_sessions_before(account_id, stored) < envelope.included)
+                        and self.store.closed_session_count(account_id, before=stored) < envelope.included)
         batch = envelope.model.assign_batch(X, device_ids=device_ids, included=included)
         answers, records = self._answer(account_id, version, envelope.model, batch, session_ids, device_ids,
                                         labels, spans)
