@@ -255,10 +255,9 @@ SINGLE_PERSON_CONFIDENCE = 0.8467
 #   under-confident (REPORTING ECE 0.071, mean confidence 0.666 at accuracy 0.737).
 #   Fitted on the streamed model after the last arrival answering the sessions it had
 #   folded in before (bench._confidence.settled_answers); leave-one-world-out on the 96
-#   TUNING households, settled ECE 0.067 -> 0.048, batch and at-arrival unchanged (their
-#   maps never see these answers). Young and fitted models keep their maps (a fit's
-#   answers are all in-sample already), and so do one-person answers (the same answer
-#   in-sample or not; docs/clustering.md, "Confidence").
+#   TUNING households, settled ECE 0.067 -> 0.048 (-> 0.040 with the settled one-person
+#   group below), batch and at-arrival unchanged (their maps never see these answers).
+#   Young and fitted models keep their maps (a fit's answers are all in-sample already).
 # (Tried and not kept: a map per device type besides. Personal-device answers are right
 # more often at the same posterior, but with five maps each was fitted on too few
 # households: leave-one-world-out on 96 TUNING households, ECE batch 0.067 -> 0.081,
@@ -282,6 +281,12 @@ DEVICE_CONFIDENCE_MAPS: dict[str, tuple[list[float], list[float]]] = {
 # by leave-one-world-out on TUNING and on fresh TUNING-seed worlds (per-session evidence —
 # the session's device share, a personal device — sharpened the Brier score but made ECE
 # worse on worlds the fit had not seen; docs/clustering.md, "Confidence").
+# "settled": a streamed model's one-person answer about a session it already includes
+# (any age; bench._confidence.settled_answers): an old session is the main person's more
+# often than the newest (a member who joined shows up in the recent sessions first), and
+# a household still at one person at the end of a stream is mostly a real single
+# (TUNING leave-one-world-out, settled one-person ECE 0.180 -> 0.145; fitted on the ends
+# of the TUNING streams only, 1980 answers of some 37 households).
 ONE_PERSON_EVIDENCE = ("log_sessions", "devices")
 ONE_PERSON_MAX_DEVICES = 6                          # more devices: judged as 6
 # Sessions seen (log) outside the range the fit saw are judged at its edge: TUNING's
@@ -292,6 +297,7 @@ ONE_PERSON_CONFIDENCE: dict[str, tuple[float, tuple[float, ...]]] = {
     "fitted": (2.5593, (-0.1347, -0.4979)),
     "young": (1.4002, (0.0849, -0.4587)),
     "mature": (4.3287, (-0.7727, -0.3679)),
+    "settled": (10.9887, (-1.8445, -0.8536)),
 }
 
 
@@ -301,9 +307,10 @@ def device_map_name(young: bool, streamed: bool, settled: bool = False) -> str:
     return "young" if young else ("settled" if settled else "streamed") if streamed else "fitted"
 
 
-def one_person_group(young: bool, streamed: bool) -> str:
-    """Which of ONE_PERSON_CONFIDENCE answers (see above)."""
-    return "young" if streamed and young else "mature" if streamed else "fitted"
+def one_person_group(young: bool, streamed: bool, settled: bool = False) -> str:
+    """Which of ONE_PERSON_CONFIDENCE answers (see above); ``settled``: about a session
+    the streamed model already includes (any age)."""
+    return ("settled" if settled else "young" if young else "mature") if streamed else "fitted"
 
 
 def one_person_evidence(n_sessions: int, devices: int, n: int = 1) -> np.ndarray:
@@ -313,14 +320,24 @@ def one_person_evidence(n_sessions: int, devices: int, n: int = 1) -> np.ndarray
     return np.tile([np.log(max(n_sessions, 1)), float(min(max(devices, 1), ONE_PERSON_MAX_DEVICES))], (n, 1))
 
 
-def one_person_confidence(evidence: np.ndarray, young: bool, streamed: bool = True) -> np.ndarray:
+def one_person_confidence(evidence: np.ndarray, young: bool, streamed: bool = True,
+                          settled: bool | np.ndarray = False) -> np.ndarray:
     """(N,) how sure a one-person answer of a model with device evidence is, from its
     ``evidence`` (one_person_evidence) and how the model came about (``streamed``:
-    sessions folded in since its last full fit; then by its age)."""
-    intercept, coef = ONE_PERSON_CONFIDENCE[one_person_group(young, streamed)]
+    sessions folded in since its last full fit; then by its age, or ``settled`` (bool
+    or (N,)): about a session it already includes)."""
     evidence = np.array(evidence, dtype=np.float64)
     evidence[:, 0] = np.clip(evidence[:, 0], *ONE_PERSON_LOG_SESSIONS)
-    return 1.0 / (1.0 + np.exp(-(intercept + evidence @ np.asarray(coef))))
+
+    def logistic(group: str, ev: np.ndarray) -> np.ndarray:
+        intercept, coef = ONE_PERSON_CONFIDENCE[group]
+        return 1.0 / (1.0 + np.exp(-(intercept + ev @ np.asarray(coef))))
+
+    out = logistic(one_person_group(young, streamed), evidence)
+    settled = np.broadcast_to(np.asarray(settled, dtype=bool), out.shape)
+    if streamed and settled.any():
+        out[settled] = logistic("settled", evidence[settled])
+    return out
 
 
 def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None, device: bool = False,
@@ -1490,7 +1507,7 @@ class HouseholdModel:
                 # device map: the sessions carry device ids the model knows
                 device = bool(self.device_evidence and (slots >= 0).any())
                 young = self.n_sessions < YOUNG_MODEL_SESSIONS
-                one = (one_person_confidence(self.one_person_evidence(X.shape[0]), young, self.streamed)
+                one = (one_person_confidence(self.one_person_evidence(X.shape[0]), young, self.streamed, included)
                        if device and P.shape[1] == 1 else None)
                 P = calibrate_confidence(P, device=device, young=young, one_person=one, streamed=self.streamed,
                                          settled=included)

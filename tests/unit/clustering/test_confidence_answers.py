@@ -137,7 +137,8 @@ def _one_person_answers(n: int = 200) -> list[dict]:
 
 def test_settled_answers_fit_only_the_settled_map():
     """The batch and at-arrival maps and one-person groups are the same with or without
-    the settled answers (they learn only the "settled" map); without them there is none."""
+    the settled answers (they learn only the "settled" map and one-person group);
+    without them there are none."""
     answers = [C.household_answers(h, settled=True) for h in _households(6)]
     with_settled = fit_device_confidence(answers + _one_person_answers())
     without = fit_device_confidence([{k: a[k] for k in ("batch", "stream")} for a in answers] + _one_person_answers())
@@ -145,4 +146,8 @@ def test_settled_answers_fit_only_the_settled_map():
     assert set(without["device_confidence_maps"]) == set(DEVICE_CONFIDENCE_MAPS) - {"settled"}
     for name, value in without["device_confidence_maps"].items():
         assert with_settled["device_confidence_maps"][name] == value
-    assert with_settled["one_person_confidence"] == without["one_person_confidence"]
+    assert set(with_settled["one_person_confidence"]) == set(ONE_PERSON_CONFIDENCE)
+    assert set(without["one_person_confidence"]) == set(ONE_PERSON_CONFIDENCE) - {"settled"}
+    for name, value in without["one_person_confidence"].items():
+        assert with_settled["one_person_confidence"][name] == value
+    assert with_settled["one_person_log_sessions"] == without["one_person_log_sessions"]
