@@ -19,7 +19,9 @@ approximated: where it would have fired, without the person it would have added)
 ``--trace`` also records the new-device newcomer test's figures for every window
 (``HouseholdModel._new_device_statistics``, even where it would not run) and ``replay``
 applies its ``anchored_*`` thresholds; ``--no-new-device`` turns that test off (the
-baseline it is compared with).
+baseline it is compared with). ``--trace`` also records, for a household with a change,
+each person's posterior mass on the changed member's sessions before and after it (truth,
+for the diagnosis only); ``--diagnose F`` classifies the misses of such a run (``diagnose``).
 It never reads the REPORTING split: choices are made here, figures are reported by
 ``python -m bench.accuracy --worlds-only``.
 """
@@ -201,6 +203,45 @@ def sweep(outs: list[dict], hs: list[worlds.WorldHousehold], t: Thresholds) -> d
     return E.composition_scores(hs, [replay(o, t) for o in outs], warmup=warmup)
 
 
+def diagnose(outs: list[dict], hs: list[worlds.WorldHousehold]) -> dict:
+    """Why each change of a --trace run was missed (truth: the ``member`` masses), the
+    first class that fits: found within the window; found 31-50 sessions after; a
+    newcomer with at most 4 of the 30 sessions after the join; no person of their own in
+    the model within the window (a newcomer: with two or more persons, one takes at least
+    half of the member's post-change mass and the member is at least half of that
+    person's; a leaver: with two or more persons, one holds 60 % of their sessions);
+    else a person of their own whose share test stayed below its bar."""
+    by_id = {h.household_id: h for h in hs}
+    counts: dict[str, dict[str, int]] = {"join": {}, "leave": {}}
+    for o in outs:
+        if not o["change"]:
+            continue
+        kind, c = o["change"]
+        h = by_id[o["id"]]
+        if any(c <= a <= c + E.DETECTION_WINDOW for a, _ in o["events"]):
+            cls = "detected"
+        elif any(c + E.DETECTION_WINDOW < a <= c + 50 for a, _ in o["events"]):
+            cls = "found 31-50 sessions after"
+        elif kind == "join" and (h.person[c:c + E.DETECTION_WINDOW] == h.changes[0].person).sum() <= 4:
+            cls = "at most 4 sessions in the 30 after"
+        else:
+            own = False
+            for ch in o["checks"]:
+                if "member" not in ch or not c <= ch["at"] <= c + E.DETECTION_WINDOW or ch["persons"] < 2:
+                    continue
+                m = ch["member"]
+                if kind == "join":
+                    aft, oth = np.array(m["after"]), np.array(m["others_after"])
+                    j = int(aft.argmax())
+                    own |= aft.sum() >= 2 and aft[j] >= 0.5 * aft.sum() and aft[j] >= 0.5 * (aft[j] + oth[j])
+                else:
+                    bef = np.array(m["before"])
+                    own |= bef.max() >= 0.6 * max(bef.sum(), 1e-9)
+            cls = "own person, below the bar" if own else "no person of their own"
+        counts[kind][cls] = counts[kind].get(cls, 0) + 1
+    return counts
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--households", type=int, default=None,
@@ -214,6 +255,8 @@ def main() -> None:
                     help="the new-device newcomer test never adds a person (the baseline without it)")
     ap.add_argument("--min-history", type=int, default=None, help="override CHANGE_MIN_HISTORY for this run")
     ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--diagnose", default=None, metavar="TRACE_JSON",
+                    help="only classify the misses of an earlier --trace --out file (its seed)")
     args = ap.parse_args()
     if args.seed == worlds.REPORTING.seed:
         raise SystemExit("--seed: the REPORTING seed is never used for tuning")
@@ -225,6 +268,13 @@ def main() -> None:
         model_module.NEW_DEVICE_GAIN = float("inf")
     if args.min_history is not None:
         model_module.CHANGE_MIN_HISTORY = args.min_history
+    if args.diagnose:
+        doc = json.load(open(args.diagnose))
+        split = worlds.TUNING if doc["seed"] == worlds.TUNING.seed else worlds.Split(
+            **{**worlds.TUNING.__dict__, "seed": doc["seed"]})
+        hs = select(worlds.generate(split), doc["households"])
+        print(json.dumps(diagnose(doc["households_detail"], hs)))
+        return
     t0 = time.time()
     split = worlds.TUNING if args.seed == worlds.TUNING.seed else worlds.Split(
         **{**worlds.TUNING.__dict__, "seed": args.seed})

@@ -232,3 +232,32 @@ def test_a_replaced_phone_is_not_taken_for_a_newcomer_with_a_device_of_their_own
     _, X, dev, _ = household(parts)
     m = HouseholdModel().fit(X, device_ids=dev)
     assert not m._new_device_is_old_member(m._buffer_X(), int(np.flatnonzero(dev == "phone-c")[0]))
+
+
+def test_the_tuning_diagnosis_puts_each_missed_change_in_the_first_class_that_fits():
+    """bench.stream_tuning.diagnose (TUNING traces, truth read only to classify): found in
+    the window; found late; a newcomer with at most 4 sessions in the 30 after; a
+    newcomer the model gives a person of their own (whose share test stayed below its
+    bar) or not."""
+    from bench import stream_tuning as S
+    from bench.worlds import CompositionChange, WorldHousehold
+
+    def household(hid, kind, person):
+        n = person.size
+        return WorldHousehold(hid, "f", "w", np.zeros((n, 1), np.float32), person, np.array(["tv"] * n),
+                              np.array(["tv"] * n), np.arange(n, dtype=float), np.ones(n), 0.0,
+                              [CompositionChange(kind, 1, 50)])
+
+    busy = np.r_[np.zeros(50, int), np.tile([0, 1], 40)]           # 15 newcomer sessions in the 30 after
+    quiet = np.r_[np.zeros(50, int), [1, 1, 1], np.zeros(77, int)]  # 3 of them
+    own = {"at": 70, "persons": 2, "member": {"before": [0.0, 0.0], "after": [1.0, 9.0], "others_after": [10.0, 1.0]}}
+    none = {"at": 70, "persons": 2, "member": {"before": [0.0, 0.0], "after": [8.0, 2.0], "others_after": [10.0, 1.0]}}
+    hs = [household(f"h{i}", "join", p) for i, p in enumerate([busy, busy, quiet, busy, busy])]
+    outs = [{"id": "h0", "change": ("join", 50), "events": [(70, "leave")], "checks": []},
+            {"id": "h1", "change": ("join", 50), "events": [(90, "join")], "checks": []},
+            {"id": "h2", "change": ("join", 50), "events": [], "checks": [own]},
+            {"id": "h3", "change": ("join", 50), "events": [], "checks": [own]},
+            {"id": "h4", "change": ("join", 50), "events": [], "checks": [none]}]
+    assert S.diagnose(outs, hs)["join"] == {"detected": 1, "found 31-50 sessions after": 1,
+                                            "at most 4 sessions in the 30 after": 1,
+                                            "own person, below the bar": 1, "no person of their own": 1}
