@@ -254,6 +254,7 @@ def main() -> None:
     ap.add_argument("--no-new-device", action="store_true",
                     help="the new-device newcomer test never adds a person (the baseline without it)")
     ap.add_argument("--min-history", type=int, default=None, help="override CHANGE_MIN_HISTORY for this run")
+    ap.add_argument("--leave-h", type=float, default=None, help="override LEAVE_GLR_H for this run")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--diagnose", default=None, metavar="TRACE_JSON",
                     help="only classify the misses of an earlier --trace --out file (its seed)")
@@ -268,6 +269,8 @@ def main() -> None:
         model_module.NEW_DEVICE_GAIN = float("inf")
     if args.min_history is not None:
         model_module.CHANGE_MIN_HISTORY = args.min_history
+    if args.leave_h is not None:
+        model_module.LEAVE_GLR_H = args.leave_h
     if args.diagnose:
         doc = json.load(open(args.diagnose))
         split = worlds.TUNING if doc["seed"] == worlds.TUNING.seed else worlds.Split(
