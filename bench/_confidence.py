@@ -17,6 +17,7 @@ time, folded in with ``update`` and answered at arrival).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -48,6 +49,7 @@ class RawAnswers:
     streamed: np.ndarray | None = None  # HouseholdModel.streamed when it answered
     evidence: np.ndarray | None = None  # (n, len(ONE_PERSON_EVIDENCE)) one-person evidence
     included: np.ndarray | None = None  # (settled answers) sessions folded in before the answer
+    checkpoint: np.ndarray | None = None  # (settled answers) the stream's fraction when answered
 
 
 MIXTURE, COLD_ONE, OTHER = 0, 1, 2
@@ -89,12 +91,20 @@ def batch_answers(h: WorldHousehold) -> RawAnswers:
                    _evidence(m, h.features, h.device_id))
 
 
-def stream_answers(h: WorldHousehold, batch: int = STREAM_BATCH, last: list | None = None) -> RawAnswers:
-    """``last``: given a list, (the model after the last arrival, that arrival's first
-    session) is appended to it (settled_answers)."""
+# Where in each stream the settled answers are recorded (fractions of its sessions): a
+# caller reads a household back at any point of its life, not only at the end (a map
+# fitted on the ends of the TUNING streams alone was over-confident earlier on:
+# docs/clustering.md, "Confidence").
+SETTLED_AT = (0.25, 0.5, 0.75, 1.0)
+
+
+def stream_answers(h: WorldHousehold, batch: int = STREAM_BATCH, settled: list | None = None) -> RawAnswers:
+    """``settled``: given a list, the settled answers (settled_answers) at each of
+    SETTLED_AT are appended to it."""
     probs: list[dict[str, float]] = []
     age, kind, device, devices, groups, streamed, evidence = [], [], [], [], [], [], []
-    a, m = 0, None
+    n = h.n_sessions
+    stops = {max(batch, int(n * f) // batch * batch) if f < 1 else n: f for f in SETTLED_AT}
     for a, b, m, out, _ in stream_steps(h, batch, calibrated=False):
         k, d = _meta(m, out, list(h.device_id[a:b]))
         for r in range(b - a):
@@ -106,32 +116,46 @@ def stream_answers(h: WorldHousehold, batch: int = STREAM_BATCH, last: list | No
         groups += [m.device_group_count] * (b - a)
         streamed += [m.streamed] * (b - a)
         evidence.append(_evidence(m, h.features[a:b], h.device_id[a:b]))
-    if last is not None:
-        last.append((m, a))
+        if settled is not None and b in stops and a > 0:
+            settled.append(settled_answers(h, m, a, b, stops[b]))
     return _finish(h, columns(probs), age, kind, device, devices, groups, streamed, np.vstack(evidence))
 
 
-def settled_answers(h: WorldHousehold, m: HouseholdModel, first_of_last: int) -> RawAnswers:
-    """The streamed model ``m`` as it stands after the last arrival (stream_answers'
-    ``last``), answering every session: what GET /v1/household serves once the stream
-    has settled (ModelKeeper._record_persons re-records every session after each
-    update). ``included``: the sessions it folded in before the last arrival (from
-    ``first_of_last`` on, the last arrival's, answered at arrival as in stream_answers),
-    the answers the "settled" map is fitted on."""
-    out = m.assign_batch(h.features, device_ids=h.device_id)
-    kind, device = _meta(m, out, list(h.device_id))
-    n = h.n_sessions
-    ans = _finish(h, out.probabilities, np.full(n, m.n_sessions), np.full(n, kind), np.full(n, device),
-                  np.full(n, len(m.device_ids)), np.full(n, m.device_group_count), np.full(n, m.streamed),
-                  m.one_person_evidence(n))
-    ans.included = np.arange(n) < first_of_last
+def settled_answers(h: WorldHousehold, m: HouseholdModel, first_of_last: int, end: int,
+                    checkpoint: float = 1.0) -> RawAnswers:
+    """The streamed model ``m`` just after an arrival (sessions ``first_of_last`` to
+    ``end``), answering every session so far: what GET /v1/household serves at that
+    moment (ModelKeeper._record_persons re-records every session after each update).
+    ``included``: the sessions it had folded in before that arrival (the arrival's own
+    are answered at arrival, as in stream_answers), the answers the "settled" map and
+    one-person group are fitted on; ``checkpoint``: the stream's fraction."""
+    out = m.assign_batch(h.features[:end], device_ids=h.device_id[:end])
+    kind, device = _meta(m, out, list(h.device_id[:end]))
+    ans = _finish(SimpleNamespace(person=h.person[:end]), out.probabilities, np.full(end, m.n_sessions),
+                  np.full(end, kind), np.full(end, device), np.full(end, len(m.device_ids)),
+                  np.full(end, m.device_group_count), np.full(end, m.streamed), m.one_person_evidence(end))
+    ans.included = np.arange(end) < first_of_last
+    ans.checkpoint = np.full(end, checkpoint)
     return ans
 
 
+def _stacked(parts: list[RawAnswers]) -> RawAnswers:
+    """Several answer sets as one (rows stacked, P padded with zeros to the widest)."""
+    width = max(p.P.shape[1] for p in parts)
+    out = RawAnswers(np.vstack([np.pad(p.P, ((0, 0), (0, width - p.P.shape[1]))) for p in parts]),
+                     *(np.concatenate([getattr(p, f) for p in parts])
+                       for f in ("pred", "age", "kind", "device", "correct", "labels", "devices", "groups",
+                                 "streamed")),
+                     np.vstack([p.evidence for p in parts]))
+    out.included = np.concatenate([p.included for p in parts])
+    out.checkpoint = np.concatenate([p.checkpoint for p in parts])
+    return out
+
+
 def household_answers(h: WorldHousehold, settled: bool = False) -> dict[str, RawAnswers]:
-    """``settled``: also the settled answers (key "settled", settled_answers)."""
-    last: list = []
-    out = {"batch": batch_answers(h), "stream": stream_answers(h, last=last)}
+    """``settled``: also the settled answers at each of SETTLED_AT, stacked (key "settled")."""
+    parts: list[RawAnswers] = []
+    out = {"batch": batch_answers(h), "stream": stream_answers(h, settled=parts if settled else None)}
     if settled:
-        out["settled"] = settled_answers(h, *last[0])
+        out["settled"] = _stacked(parts)
     return out

@@ -411,17 +411,19 @@ def score_leave_one_world_out(world_ids: list[str], answers: list[dict]) -> dict
                     conf[i] = max(float(np.interp(conf[i], xs, ys)), 1.0 / live[i])
                 for i in np.flatnonzero(one):
                     intercept, coef = fit["one_person_confidence"][
-                        one_person_group(bool(young[i] or cold[i]), bool(a.streamed[i] or cold[i]),
-                                         bool(settled[i] and not cold[i]))]
+                        one_person_group(bool(young[i] or cold[i]), bool(a.streamed[i] or cold[i]))]
                     x = np.r_[np.clip(a.evidence[i, 0], lo, hi), a.evidence[i, 1:]]
                     conf[i] = 1.0 / (1.0 + np.exp(-(intercept + x @ np.asarray(coef))))
-                scored[mode].append((conf, a.correct, one))
+                at = a.checkpoint if a.checkpoint is not None else np.full(a.P.shape[0], np.nan)
+                scored[mode].append((conf, a.correct, one, at))
     out = {}
     for mode, parts in scored.items():
-        c, y, one = (np.concatenate([p[k] for p in parts]) for k in range(3))
+        c, y, one, at = (np.concatenate([p[k] for p in parts]) for k in range(4))
         out[mode] = {"ece": round(ece(c, y), 4), "one_person_answers": int(one.sum()),
                      "one_person_ece": round(ece(c[one], y[one]), 4),
                      "one_person_brier": round(float(np.mean((c[one] - y[one]) ** 2)), 4)}
+        if not np.isnan(at).all():   # settled answers: also where in the stream
+            out[mode]["ece_at"] = {f"{f:g}": round(ece(c[at == f], y[at == f]), 4) for f in np.unique(at)}
         log(f"leave-one-world-out {mode}: {out[mode]}")
     return out
 
@@ -440,8 +442,7 @@ def fit_device_confidence(answers: list[dict], one_person_c: float = ONE_PERSON_
     # the "settled" map only when settled answers were recorded (household_answers(settled=True))
     multi: dict[str, tuple[list, list]] = {name: ([], []) for name in DEVICE_CONFIDENCE_MAPS
                                            if name != "settled" or any("settled" in a for a in answers)}
-    one: dict[str, list] = {name: [] for name in ("fitted", "young", "mature")   # (evidence..., right)
-                            + (("settled",) if "settled" in multi else ())}
+    one: dict[str, list] = {name: [] for name in ("fitted", "young", "mature")}   # (evidence..., right)
     for ans in answers:
         for mode in ("batch", "stream", "settled"):
             if mode not in ans:
@@ -453,14 +454,11 @@ def fit_device_confidence(answers: list[dict], one_person_c: float = ONE_PERSON_
             rows = a.device & (a.kind == MIXTURE) & (live > 1)
             names = np.array([device_map_name(y, s, mode == "settled") for y, s in zip(young, a.streamed)])
             if mode == "settled":
-                # only the "settled" map and one-person group learn from them (sessions the
-                # streamed model had already included; a young or fitted model's
-                # multi-person answers and a fitted model's one-person ones keep their own)
-                settled = a.included & a.streamed & (a.kind == MIXTURE) & a.device
-                multi["settled"][0].append(top[rows & settled & (names == "settled")])
-                multi["settled"][1].append(a.correct[rows & settled & (names == "settled")])
-                ones = settled & (live <= 1)
-                one["settled"].append(np.c_[a.evidence[ones], a.correct[ones]])
+                # only the "settled" map learns from them (sessions a streamed mature model
+                # had already included; the other answers keep their own maps and groups)
+                rows &= a.included & (names == "settled")
+                multi["settled"][0].append(top[rows])
+                multi["settled"][1].append(a.correct[rows])
                 continue
             for name in multi:
                 multi[name][0].append(top[rows & (names == name)])
@@ -490,7 +488,7 @@ def fit_device_confidence(answers: list[dict], one_person_c: float = ONE_PERSON_
         counts[name] = int(x.size)
         log(f"{name} device confidence map: x {maps[name][0]} y {maps[name][1]} "
             f"({x.size} multi-person answers, right {y.mean():.3f} at confidence {x.mean():.3f} raw)")
-    every = np.vstack([r for name, rows in one.items() if name != "settled" for r in rows]).astype(float)
+    every = np.vstack([r for rows in one.values() for r in rows]).astype(float)
     # the range of sessions seen the fit rests on (model.ONE_PERSON_LOG_SESSIONS): answers
     # of models outside it are judged at its edge
     log_sessions = (round(float(every[:, 0].min()), 4), round(float(every[:, 0].max()), 4))

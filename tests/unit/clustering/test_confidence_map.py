@@ -119,14 +119,11 @@ def test_a_one_person_answer_of_a_fit_on_every_session_has_its_own_figure():
     assert one_person_group(young=True, streamed=False) == one_person_group(young=False, streamed=False) == "fitted"
     assert one_person_group(young=True, streamed=True) == "young"
     assert one_person_group(young=False, streamed=True) == "mature"
-    assert one_person_group(young=True, streamed=True, settled=True) == "settled"
-    assert one_person_group(young=False, streamed=False, settled=True) == "fitted"
     ev = one_person_evidence(60, 2)   # within the fitted range
     for group, (intercept, coef) in ONE_PERSON_CONFIDENCE.items():
-        young, streamed, settled = {"fitted": (False, False, False), "young": (True, True, False),
-                                    "mature": (False, True, False), "settled": (False, True, True)}[group]
+        young, streamed = {"fitted": (False, False), "young": (True, True), "mature": (False, True)}[group]
         expected = 1.0 / (1.0 + np.exp(-(intercept + ev[0] @ np.asarray(coef))))
-        np.testing.assert_allclose(one_person_confidence(ev, young, streamed, settled), [expected])
+        np.testing.assert_allclose(one_person_confidence(ev, young, streamed), [expected])
 
 
 def test_one_person_evidence_outside_what_the_fit_saw_is_judged_at_its_edge():
@@ -166,22 +163,3 @@ def test_a_streamed_model_answers_the_sessions_it_includes_through_the_settled_m
     m.fit(X, device_ids=dev)
     np.testing.assert_allclose(m.assign_batch(X, device_ids=dev, included=True).confidence, values["fitted"])
 
-
-def test_a_streamed_one_person_answer_about_an_included_session_has_the_settled_figure(monkeypatch):
-    from services.clustering.domain import model as M
-    from tests.unit.clustering.test_identity_signals import household, persona_sessions
-    # every one-person group a constant of its own (no slope): the answer says its group
-    intercepts = {name: -1.0 + 0.5 * i for i, name in enumerate(M.ONE_PERSON_CONFIDENCE)}
-    monkeypatch.setattr(M, "ONE_PERSON_CONFIDENCE", {n: (v, (0.0, 0.0)) for n, v in intercepts.items()})
-    value = {n: 1.0 / (1.0 + np.exp(-v)) for n, v in intercepts.items()}
-    rng = np.random.default_rng(11)
-    ts, X = persona_sessions(rng, 120, 60, 21, "tv", {"drama": 2, "crime": 1})
-    _, X, dev, _ = household([(ts, X, "tv", 0)])
-    m = M.HouseholdModel()
-    for a in range(0, X.shape[0], 5):
-        m.update(X[a:a + 5], device_ids=dev[a:a + 5])
-    assert m.n_persons == 1 and m.streamed and m.n_sessions >= M.YOUNG_MODEL_SESSIONS
-    included = np.arange(X.shape[0]) < X.shape[0] - 5
-    out = m.assign_batch(X, device_ids=dev, included=included)
-    np.testing.assert_allclose(out.confidence[included], value["settled"])
-    np.testing.assert_allclose(out.confidence[~included], value["mature"])
