@@ -78,20 +78,32 @@ def columns(probs: list[dict[str, float]], names: list[str] | None = None) -> np
     return P
 
 
-def hearth_stream(h: WorldHousehold, batch: int = STREAM_BATCH, **kw):
+def hearth_stream(h: WorldHousehold, batch: int = STREAM_BATCH, settled: bool = False, **kw):
     """Sessions arrive ``batch`` at a time; returns (labels at arrival, probabilities at
-    arrival padded to a common width, composition events [(session index, kind)])."""
+    arrival padded to a common width, composition events [(session index, kind)]).
+
+    ``settled=True`` adds a fourth item: (labels, probabilities) of every session from the
+    model as it stands after the last arrival — what ``GET /v1/household`` serves once the
+    stream has settled, since the service re-records every session's person with the
+    current model after each update (``ModelKeeper._record_persons``). The at-arrival
+    answers are the stricter figure (an early session is answered by a young model);
+    the settled ones are what a caller reading the household back sees."""
     ids: list[str] = []
     probs: list[dict[str, float]] = []
     events: list[tuple[int, str]] = []
-    for a, b, _, out, new_events in stream_steps(h, batch, **kw):
+    m = None
+    for a, b, m, out, new_events in stream_steps(h, batch, **kw):
         events += [(b, ev["kind"]) for ev in new_events]
         for r in range(b - a):
             ids.append(out.person_ids[int(out.person_index[r])])
             probs.append({pid: float(p) for pid, p in zip(out.person_ids, out.probabilities[r])})
     names = sorted(set(ids) | {k for p in probs for k in p})
     col = {n: i for i, n in enumerate(names)}
-    return np.array([col[i] for i in ids]), columns(probs, names), events
+    at_arrival = (np.array([col[i] for i in ids]), columns(probs, names), events)
+    if not settled:
+        return at_arrival
+    final = m.assign_batch(h.features, device_ids=h.device_id)
+    return (*at_arrival, (final.person_index, final.probabilities))
 
 
 def periodic_refit_stream(h: WorldHousehold, every: int = 50):
@@ -245,16 +257,21 @@ def after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], ages: list
 
     ``ages`` (per household, per session: the sessions the model had seen when it
     answered, which clustering records with each prediction): the calibrator is the
-    service's, ``fit_feedback_calibrator`` (a shrunk shift of the confidence level, per
+    service's, ``fit_feedback_calibrator`` (a shift of the confidence level applied only
+    as far as it exceeds its own noise, per
     model-age segment and kind of answer a further shrunk shift, a map of the shape only
     when it beats the level out of fold by two standard errors). Beside it on the same
     sample: ``ece_after_segmented``, the calibrator the service fitted until 2026-12-04
     (``fit_segmented_calibrator``: a map chosen by cross-validation, per age a residual
-    map and a one-person shift shrunk by 10 pseudo-answers), and ``ece_after_pooled``,
-    its pooled map alone."""
+    map and a one-person shift shrunk by 10 pseudo-answers), ``ece_after_level_prior``, the
+    service's until 2026-12-04 16:00 UTC (the common shift shrunk by 100 pseudo-answers
+    whatever its evidence), and ``ece_after_pooled``, the segmented fit's pooled map alone."""
     from services.feedback.domain.evaluation import DEFAULT_FEEDBACK_RATE, feedback_mask
     from services.feedback.domain.recalibration import (FeedbackSample, fit_calibrator, fit_feedback_calibrator,
                                                         fit_segmented_calibrator)
+
+    def fit_level_prior_calibrator(sample, model_sessions):
+        return fit_feedback_calibrator(sample, model_sessions, noise_multiple=None)
 
     P, y, ok, age = pooled_answers([h.person for h in hs], probs, ages)
     fed = feedback_mask(P.shape[0], DEFAULT_FEEDBACK_RATE, seed)
@@ -264,6 +281,7 @@ def after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], ages: list
            "ece_before": ece(P[held].max(axis=1), ok[held]), "held_out_sessions": int(held.sum())}
     for key, calibrator in (("pooled", fit_calibrator(sample)),
                             ("segmented", fit_segmented_calibrator(sample, age[fed])),
+                            ("level_prior", fit_level_prior_calibrator(sample, age[fed])),
                             ("service", fit_feedback_calibrator(sample, age[fed]))):
         after = calibrator.apply(P[held], age[held])
         correct_after = (after.argmax(axis=1) == P[held].argmax(axis=1)) & ok[held]
@@ -271,7 +289,7 @@ def after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], ages: list
         out[f"calibrator_{key}"] = {"method": calibrator.method, "segments": {
             n: c.method for n, c in calibrator.segments.items()}, "one_person": calibrator.one_person,
             **({"shift": calibrator.training.get("shift"), "gate": calibrator.training.get("gate")}
-               if key == "service" else {})}
+               if key in ("service", "level_prior") else {})}
     out["feedback_used"] = int(sample.probs.shape[0])
     out["ece_after"] = out["ece_after_service" if ages is not None else "ece_after_pooled"]
     # What the target asks of a sample of this size: the same calibrator fitted on a
@@ -288,12 +306,13 @@ def after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], ages: list
     # One random 3.75 % sample fixes the level of the rest only to about +-0.023: the
     # figure above is one draw. The same on FEEDBACK_DRAWS other draws (the calibrator
     # the service fits, and the one it fitted before), to read it against.
-    draws_after: dict[str, list[float]] = {"service": [], "segmented": [], "before": []}
+    draws_after: dict[str, list[float]] = {"service": [], "level_prior": [], "segmented": [], "before": []}
     for d in range(1, FEEDBACK_DRAWS + 1):
         fed_d = feedback_mask(P.shape[0], DEFAULT_FEEDBACK_RATE, seed + d)
         sample_d = FeedbackSample.create(P[fed_d], labels=y[fed_d], correct=ok[fed_d].astype(float))
         draws_after["before"].append(ece(P[~fed_d].max(axis=1), ok[~fed_d]))
-        for key, fit in (("service", fit_feedback_calibrator), ("segmented", fit_segmented_calibrator)):
+        for key, fit in (("service", fit_feedback_calibrator), ("level_prior", fit_level_prior_calibrator),
+                         ("segmented", fit_segmented_calibrator)):
             after = fit(sample_d, age[fed_d]).apply(P[~fed_d], age[~fed_d])
             right = (after.argmax(axis=1) == P[~fed_d].argmax(axis=1)) & ok[~fed_d]
             draws_after[key].append(ece(after.max(axis=1), right))
@@ -325,6 +344,7 @@ def composition_scores(hs: list[WorldHousehold], events: list[list[tuple[int, st
     """``events`` None for a household = not run (excluded). False alarms are counted,
     and household-quarters measured, from session ``warmup`` on."""
     detected, delays, by_kind = [], [], {"join": [], "leave": []}
+    same_kind = []
     false_alarms, quarters = 0, 0.0
     for h, evs in zip(hs, events):
         if evs is None:
@@ -334,6 +354,7 @@ def composition_scores(hs: list[WorldHousehold], events: list[list[tuple[int, st
             hits = [i for i, _ in evs if c.session_index <= i <= c.session_index + DETECTION_WINDOW]
             ok = bool(hits)
             detected.append(ok)
+            same_kind.append(any(k == c.kind for i, k in evs if c.session_index <= i <= c.session_index + DETECTION_WINDOW))
             by_kind[c.kind].append(ok)
             if ok:
                 delays.append(hits[0] - c.session_index)
@@ -345,6 +366,9 @@ def composition_scores(hs: list[WorldHousehold], events: list[list[tuple[int, st
     return {
         "detection_rate": float(np.mean(detected)) if detected else None,
         "detection_rate_by_kind": {k: (float(np.mean(v)) if v else None) for k, v in by_kind.items()},
+        # The detection rate counts any event in the window; this one only an event of
+        # the change's own kind (a join reported for a member who left is not counted).
+        "detection_rate_same_kind": float(np.mean(same_kind)) if same_kind else None,
         "mean_delay_sessions": float(np.mean(delays)) if delays else None,
         "false_alarms_per_household_quarter": false_alarms / quarters if quarters else None,
         "changes": len(detected), "stable_household_quarters": round(quarters, 2),
@@ -397,6 +421,10 @@ def _block(hs, idx, results, stream, comp=None) -> dict:
         s = summarise(sub, pick(stream[0]), pick(stream[1]))
         s["gap_closed"] = gap_closed(s["session_accuracy"], maj, orc)
         block["streaming"] = s
+        if len(stream) > 2:
+            settled = summarise(sub, pick(stream[2]), pick(stream[3]))
+            settled["gap_closed"] = gap_closed(settled["session_accuracy"], maj, orc)
+            block["streaming_settled"] = settled
     if comp is not None:
         block["composition_change"] = composition_scores(sub, pick(comp["hearth"]))
         block["composition_change_baselines"] = {
@@ -411,7 +439,9 @@ def _one_household(h: WorldHousehold, periodic: bool, streaming: bool = True) ->
     out = {"hearth": hearth_batch(h)}
     for name, fn in BASELINES.items():
         out[name] = fn(h)
-    out["stream"] = hearth_stream(h) if streaming else None
+    stream = hearth_stream(h, settled=True) if streaming else None
+    out["stream"] = stream[:3] if stream else None
+    out["stream_settled"] = stream[3] if stream else None
     out["periodic"] = periodic_refit_stream(h) if periodic and streaming else None
     return out
 
@@ -456,7 +486,8 @@ def run(hs: list[WorldHousehold], log=lambda m: None, held_out: tuple[str, ...] 
         return report
     s_preds, s_probs, s_events = ([o["stream"][k] for o in outs] for k in range(3))
     periodic = [o["periodic"] for o in outs]
-    stream = (s_preds, s_probs)
+    settled = [o["stream_settled"] for o in outs]
+    stream = (s_preds, s_probs, [x[0] for x in settled], [x[1] for x in settled])
     comp = {"hearth": s_events, "periodic_refit": periodic}
     all_idx = list(range(len(hs)))
     report = {"all": _block(hs, all_idx, results, stream, comp)}

@@ -516,11 +516,17 @@ def log_worlds_summary(tag: str, block: dict, streaming: bool) -> None:
     if not streaming:
         return
     st, fb, cc = a["streaming"], a["after_feedback"], a["composition_change"]
+    se = a["streaming_settled"]
+    log(f"[{tag}] streaming settled (the final model on every session, as GET /v1/household serves it) acc "
+        f"{se['session_accuracy']:.3f} size exact {se['household_size_exact']:.2f} single kept "
+        f"{se['single_person_kept']} ece {se['ece']:.3f}")
     log(f"[{tag}] streaming acc {st['session_accuracy']:.3f} ece {st['ece']:.3f}; ece after feedback batch "
         f"{fb['batch']['ece_after']:.3f} streaming {fb['streaming']['ece_after']:.3f} (mean of "
         f"{fb['batch']['ece_after_draws']['service']['draws']} other draws {fb['batch']['ece_after_draws']['service']['mean']:.3f}"
-        f" / {fb['streaming']['ece_after_draws']['service']['mean']:.3f}); join/leave detected "
-        f"{cc['detection_rate']} at {cc['false_alarms_per_household_quarter']} false alarms per household-quarter")
+        f" / {fb['streaming']['ece_after_draws']['service']['mean']:.3f}; binning floor "
+        f"{fb['batch']['ece_floor_calibrated']:.3f} / {fb['streaming']['ece_floor_calibrated']:.3f}); join/leave detected "
+        f"{cc['detection_rate']} (same kind {cc['detection_rate_same_kind']}) at "
+        f"{cc['false_alarms_per_household_quarter']} false alarms per household-quarter")
 
 
 def run_blind(quick: bool, streaming: bool = True, workers: int = 2) -> dict:

@@ -13,6 +13,10 @@ answers), draws ``--draws`` random 3.75 % feedback samples, fits each calibrator
 candidate on the sample and scores ECE on the other answers; prints mean, median and
 90th percentile per candidate and mode, JSON on the last line.
 
+``python -m bench.feedback_tuning ceiling FILE [FILE ...]``: per pool, no feedback, the
+levels fitted on every answer (what unlimited feedback gives a level calibrator) and the
+binning floor.
+
 It never reads the REPORTING split: choices are made here, figures are reported by
 ``python -m bench.accuracy --worlds-only``.
 """
@@ -73,7 +77,9 @@ def candidates() -> dict:
     from services.feedback.domain.recalibration import fit_calibrator, fit_segmented_calibrator
     from services.feedback.domain.recalibration import fit_feedback_calibrator
     out = {"identity": None, "pooled_map": lambda s, a: fit_calibrator(s, criterion="brier"),
-           "service": fit_feedback_calibrator}
+           "service": fit_feedback_calibrator,
+           # the service until 2026-12-04 16:00 UTC: the common shift shrunk by 100 pseudo-answers
+           "level_first_prior100": lambda s, a: fit_feedback_calibrator(s, a, noise_multiple=None)}
     for prior in (10, 30, 100, 300):
         out[f"segmented_prior{prior}"] = (lambda p: lambda s, a: fit_segmented_calibrator(s, a, one_person_prior=p))(prior)
     for prior in (30, 100, 300):
@@ -101,10 +107,28 @@ def candidates() -> dict:
     from services.feedback.domain.recalibration import fit_feedback_calibrator
     for k in (50, 100):
         for g in (1.0, 2.0, 3.0):
-            out[f"gated{k}_se{g:g}"] = (lambda p, q: lambda s, a: fit_feedback_calibrator(s, a, prior=p, gate=q))(k, g)
+            out[f"gated{k}_se{g:g}"] = (lambda p, q: lambda s, a: fit_feedback_calibrator(
+                s, a, prior=p, gate=q, noise_multiple=None))(k, g)
     for k in (50, 200):
         for kk in (50, 200):
             out[f"level{k}_kind{kk}"] = level(k, kk)
+    # Shifts applied only as far as the evidence exceeds its own noise (positive-part
+    # shrinkage, noise multiple m), with or without the age x kind cells; and the linear
+    # empirical-Bayes posterior mean with the miss's prior s.d. tau fixed.
+    for m in (0.5, 1.0, 2.0, 3.0):   # common shift by evidence, cells as named
+        out[f"evidence{m:g}"] = (lambda q: lambda s, a: fit_level_calibrator(s, a, noise_multiple=q,
+                                                                           cell_noise_multiple=q))(m)
+        for kk in (300, 1000):
+            out[f"evidence{m:g}_cells{kk}"] = (lambda q, r: lambda s, a: fit_level_calibrator(
+                s, a, noise_multiple=q, segment_prior=r))(m, kk)
+        out[f"evidence{m:g}_common"] = (lambda q: lambda s, a: fit_level_calibrator(
+            s, a, segment_prior=None, noise_multiple=q))(m)
+        out[f"evidence{m:g}_gated"] = (lambda q: lambda s, a: fit_feedback_calibrator(s, a, noise_multiple=q))(m)
+    for m in (3.0, 4.0, 6.0):   # the common shift beyond 2 se^2, each cell only beyond m of its own
+        out[f"evidence2_cellev{m:g}"] = (lambda q: lambda s, a: fit_feedback_calibrator(
+            s, a, noise_multiple=2.0, cell_noise_multiple=q))(m)
+    for tau in (0.01, 0.02, 0.03, 0.05):
+        out[f"eb_tau{tau:g}"] = (lambda t: lambda s, a: fit_level_calibrator(s, a, prior_variance=t * t))(tau)
     for prior in (10, 30, 100):
         for seg in (30, 100):
             out[f"hier_prior{prior}_seg{seg}"] = (lambda p, q: lambda s, a: fit_segmented_calibrator(
@@ -157,6 +181,26 @@ def sweep(files: list[str], draws: int, names: list[str] | None = None, distort:
     return report
 
 
+def ceiling(files: list[str]) -> dict:
+    """Per pool, what no calibrator of the level can beat: ECE with the common level and
+    with a level per age x kind cell fitted on *every* answer (unlimited feedback), beside
+    no feedback and the binning floor (answers drawn right with exactly their confidence)."""
+    from bench._clustering_eval import ece
+    from services.feedback.domain.recalibration import FeedbackSample, fit_level_calibrator
+    report = {}
+    for key, (P, y, ok, age) in _load(files):
+        every = FeedbackSample.create(P, labels=y, correct=ok.astype(float))
+        conf, rng = P.max(axis=1), np.random.default_rng(0)
+        report[key] = {"answers": int(P.shape[0]), "no_feedback": round(ece(conf, ok), 4),
+                       "common_level": round(ece(fit_level_calibrator(every, age, prior=0, segment_prior=None)
+                                                 .apply(P, age).max(axis=1), ok), 4),
+                       "cell_levels": round(ece(fit_level_calibrator(every, age, prior=0, segment_prior=0)
+                                                .apply(P, age).max(axis=1), ok), 4),
+                       "floor": round(float(np.mean([ece(conf, rng.random(conf.size) < conf) for _ in range(20)])), 4)}
+        print(key, report[key], flush=True)
+    return report
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -174,8 +218,12 @@ def main() -> None:
                    help="confidence shifts applied to the answers first (a world the maps misjudge)")
     s.add_argument("--young-distort", type=float, nargs="*", default=[],
                    help="the same, only for answers of models that had seen under 60 sessions")
+    e = sub.add_parser("ceiling")
+    e.add_argument("files", nargs="+")
     args = ap.parse_args()
-    if args.command == "collect":
+    if args.command == "ceiling":
+        print(json.dumps(ceiling(args.files)))
+    elif args.command == "collect":
         collect(args.first_world, args.worlds, args.households, args.workers, args.out)
     else:
         print(json.dumps(sweep(args.files, args.draws, args.only, tuple(args.distort), tuple(args.young_distort))))

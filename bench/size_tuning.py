@@ -24,6 +24,13 @@ the least separable pair of persons by viewing hours and by all who-features (le
 out AUC z, ``persons.auc_z``), the smallest person's share, persons born without a
 personal device. Truth is used only to label and score. Last stdout line: one JSON
 object. It never reads the REPORTING split (docs/clustering.md 4e records the result).
+
+``--diagnose`` instead fits each household once as the model does and says where the
+count goes wrong (``count_error_cause``): too few or too many persons, on which path
+(personal-device groups or shared devices only), and why — one owner's devices kept
+apart, two owners' devices merged, a member without a personal device of their own not
+born, a born person who is not there — with the missed members' sessions and devices
+(docs/clustering.md 4g).
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from sklearn.pipeline import make_pipeline  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 
 from bench import worlds  # noqa: E402
-from bench._clustering_eval import matched_correct  # noqa: E402
+from bench._clustering_eval import match, matched_correct  # noqa: E402
 from services.clustering.domain import features as F, gmm as G, model as M, persons as P  # noqa: E402
 
 CANDIDATE_FEATURES = ("loglik_gain_per_session", "bic_charge_per_session", "extra_persons",
@@ -263,6 +270,70 @@ def evaluate(a: list[dict], b: list[dict]) -> dict:
     return out
 
 
+def count_error_cause(true_k: int, fitted_k: int, device_first: bool, owners: int, groups: int,
+                      missed_without_device: int) -> str:
+    """Why a household's person count is wrong (``exact`` when it is not). ``owners``:
+    true persons who own a personal device the model can see (>= MIN_DEVICE_SESSIONS
+    sessions, most of them theirs); ``groups``: the model's personal-device groups;
+    ``missed_without_device``: true persons left without a fitted person of their own
+    (Hungarian match) who own no such device."""
+    if fitted_k == true_k:
+        return "exact"
+    side = "under" if fitted_k < true_k else "over"
+    if not device_first:
+        return f"shared_only_{side}"
+    if side == "over":
+        return "owner_devices_apart" if groups > owners else "born_not_there"
+    if groups < owners:
+        return "owners_merged"
+    return "member_without_device_not_born" if missed_without_device else "other_under"
+
+
+def diagnose_household(h: worlds.WorldHousehold) -> dict:
+    """The model's batch fit of one household beside its truth (see count_error_cause)."""
+    model = M.HouseholdModel().fit(h.features, device_ids=h.device_id)
+    pred = model.assign_batch(h.features, device_ids=h.device_id).person_index
+    slots = model.slots_for(h.device_id, h.n_sessions)
+    groups = model._device_groups(model._augment(h.features, slots))
+    personal = P.is_personal(h.features)
+    owned = np.zeros(int(h.person.max()) + 1, dtype=np.int64)  # person numbers may skip one
+    for d in np.unique(slots):
+        on = slots == d
+        if on.sum() >= P.MIN_DEVICE_SESSIONS and personal[on].mean() > 0.5:
+            owner, count = np.unique(h.person[on], return_counts=True)
+            if count.max() > 0.5 * on.sum():
+                owned[owner[count.argmax()]] += 1
+    matched = set(match(h.person, pred).tolist())
+    missed = [{"sessions": int((h.person == p).sum()), "own_devices": int(owned[p])}
+              for p in np.unique(h.person).tolist() if p not in matched]
+    fitted, n_groups = int(np.unique(pred).size), int(groups.max()) + 1
+    return {"household": h.household_id, "family": h.family, "sessions": h.n_sessions, "true": h.n_persons,
+            "fitted": fitted, "groups": n_groups, "owners": int((owned > 0).sum()),
+            "accuracy": float(matched_correct(h.person, pred).mean()), "missed": missed,
+            "cause": count_error_cause(h.n_persons, fitted, n_groups > 0, int((owned > 0).sum()), n_groups,
+                                       sum(m["own_devices"] == 0 for m in missed))}
+
+
+def diagnosis(rows: list[dict]) -> dict:
+    """Counts of ``diagnose_household`` rows: causes, and by true size and path."""
+    def block(rs):
+        return {"households": len(rs), "size_exact": round(float(np.mean([r["fitted"] == r["true"] for r in rs])), 3),
+                "under": sum(r["fitted"] < r["true"] for r in rs), "over": sum(r["fitted"] > r["true"] for r in rs),
+                "accuracy": round(float(np.mean([r["accuracy"] for r in rs])), 4)}
+    missed = [m for r in rows for m in r["missed"] if r["fitted"] < r["true"]]
+    return {"all": block(rows),
+            "causes": {c: sum(r["cause"] == c for r in rows) for c in sorted({r["cause"] for r in rows})},
+            "by_path": {name: block(rs) for name, rs in
+                        (("device_first", [r for r in rows if r["groups"] > 0]),
+                         ("shared_only", [r for r in rows if r["groups"] == 0])) if rs},
+            "by_true_size": {str(k): block([r for r in rows if r["true"] == k]) for k in sorted({r["true"] for r in rows})},
+            "single_kept": round(float(np.mean([r["fitted"] == 1 for r in rows if r["true"] == 1])), 3),
+            "missed_members_of_under_counts": {
+                "members": len(missed), "without_own_device": sum(m["own_devices"] == 0 for m in missed),
+                "sessions_quartiles": [int(q) for q in np.quantile([m["sessions"] for m in missed], [0.25, 0.5, 0.75])]
+                if missed else []}}
+
+
 def _worlds(spec: str) -> list[worlds.WorldHousehold]:
     lo, hi = (int(x) for x in spec.split(":"))
     hs = worlds.generate(worlds.TUNING, worlds_per_family=hi)
@@ -274,8 +345,20 @@ def main() -> None:
     ap.add_argument("--worlds", default="0:4", help="TUNING worlds A (per family), lo:hi")
     ap.add_argument("--other-worlds", default="4:8", help="fresh TUNING-seed worlds B, lo:hi ('' for none)")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--diagnose", action="store_true", help="where the fitted count goes wrong (worlds A and B)")
     args = ap.parse_args()
     t0 = time.time()
+    if args.diagnose:
+        with ProcessPoolExecutor(args.workers) as pool:
+            a = list(pool.map(diagnose_household, _worlds(args.worlds)))
+            b = list(pool.map(diagnose_household, _worlds(args.other_worlds))) if args.other_worlds else []
+        report = {"worlds_A": args.worlds, "worlds_B": args.other_worlds, "A": diagnosis(a),
+                  **({"B": diagnosis(b)} if b else {}), "elapsed_s": round(time.time() - t0, 1)}
+        for name in ("A", "B"):
+            if name in report:
+                print(name, report[name]["all"], report[name]["causes"])
+        print(json.dumps(report))
+        return
     with ProcessPoolExecutor(args.workers) as pool:
         a = list(pool.map(household_candidates, _worlds(args.worlds)))
         b = list(pool.map(household_candidates, _worlds(args.other_worlds))) if args.other_worlds else []

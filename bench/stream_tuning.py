@@ -19,7 +19,9 @@ approximated: where it would have fired, without the person it would have added)
 ``--trace`` also records the new-device newcomer test's figures for every window
 (``HouseholdModel._new_device_statistics``, even where it would not run) and ``replay``
 applies its ``anchored_*`` thresholds; ``--no-new-device`` turns that test off (the
-baseline it is compared with).
+baseline it is compared with). ``--trace`` also records, for a household with a change,
+each person's posterior mass on the changed member's sessions before and after it (truth,
+for the diagnosis only); ``--diagnose F`` classifies the misses of such a run (``diagnose``).
 ``--paths`` logs every change of the persons with the stream path that made it and the
 session count (``person_changes``; the refit, the re-selection, either newcomer test), and
 ``singles_split`` names the single-person households answered with more than one id;
@@ -90,13 +92,29 @@ def record_person_changes() -> None:
         setattr(model_module.HouseholdModel, name, wrapped)
 
 
+def _member_masses(m: model_module.HouseholdModel, h: worlds.WorldHousehold, b: int) -> dict:
+    """Diagnosis only (truth): each person's posterior mass on the changed member's
+    sessions so far, before and after the change (buffer row i = session i while the
+    buffer holds every session)."""
+    if not h.changes or m.buffer.shape[0] != b:
+        return {}
+    c = h.changes[0]
+    P = m.mixture.predict_proba(m._buffer_X())
+    mine = h.person[:b] == c.person
+    after = np.arange(b) >= c.session_index
+    return {"member": {"before": P[mine & ~after].sum(axis=0).round(3).tolist(),
+                       "after": P[mine & after].sum(axis=0).round(3).tolist(),
+                       "others_after": P[~mine & after].sum(axis=0).round(3).tolist()}}
+
+
 def _one(h: worlds.WorldHousehold, trace: bool = False) -> dict:
     ids, events, checks = [], [], []
     _person_changes.clear()
     for a, b, m, out, new_events in E.stream_steps(h):
         events += [(b, ev["kind"]) for ev in new_events]
         if trace and m.mixture is not None and m.since_check == 0 and b >= 2 * model_module.MIN_SESSIONS:
-            checks.append({"at": b, "persons": m.n_persons, "birth": m.birth_statistics, **(_masses(m) or {})})
+            checks.append({"at": b, "persons": m.n_persons, "birth": m.birth_statistics, **(_masses(m) or {}),
+                           **_member_masses(m, h, b)})
         m.birth_statistics = None
         ids += [out.person_ids[int(i)] for i in out.person_index]
     names = {n: i for i, n in enumerate(sorted(set(ids)))}
@@ -219,6 +237,45 @@ def sweep(outs: list[dict], hs: list[worlds.WorldHousehold], t: Thresholds) -> d
     return E.composition_scores(hs, [replay(o, t) for o in outs], warmup=warmup)
 
 
+def diagnose(outs: list[dict], hs: list[worlds.WorldHousehold]) -> dict:
+    """Why each change of a --trace run was missed (truth: the ``member`` masses), the
+    first class that fits: found within the window; found 31-50 sessions after; a
+    newcomer with at most 4 of the 30 sessions after the join; no person of their own in
+    the model within the window (a newcomer: with two or more persons, one takes at least
+    half of the member's post-change mass and the member is at least half of that
+    person's; a leaver: with two or more persons, one holds 60 % of their sessions);
+    else a person of their own whose share test stayed below its bar."""
+    by_id = {h.household_id: h for h in hs}
+    counts: dict[str, dict[str, int]] = {"join": {}, "leave": {}}
+    for o in outs:
+        if not o["change"]:
+            continue
+        kind, c = o["change"]
+        h = by_id[o["id"]]
+        if any(c <= a <= c + E.DETECTION_WINDOW for a, _ in o["events"]):
+            cls = "detected"
+        elif any(c + E.DETECTION_WINDOW < a <= c + 50 for a, _ in o["events"]):
+            cls = "found 31-50 sessions after"
+        elif kind == "join" and (h.person[c:c + E.DETECTION_WINDOW] == h.changes[0].person).sum() <= 4:
+            cls = "at most 4 sessions in the 30 after"
+        else:
+            own = False
+            for ch in o["checks"]:
+                if "member" not in ch or not c <= ch["at"] <= c + E.DETECTION_WINDOW or ch["persons"] < 2:
+                    continue
+                m = ch["member"]
+                if kind == "join":
+                    aft, oth = np.array(m["after"]), np.array(m["others_after"])
+                    j = int(aft.argmax())
+                    own |= aft.sum() >= 2 and aft[j] >= 0.5 * aft.sum() and aft[j] >= 0.5 * (aft[j] + oth[j])
+                else:
+                    bef = np.array(m["before"])
+                    own |= bef.max() >= 0.6 * max(bef.sum(), 1e-9)
+            cls = "own person, below the bar" if own else "no person of their own"
+        counts[kind][cls] = counts[kind].get(cls, 0) + 1
+    return counts
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--households", type=int, default=None,
@@ -239,6 +296,8 @@ def main() -> None:
                     help="more TUNING-seed worlds (a prefix of the same households); e.g. 16 for 576 households")
     ap.add_argument("--singles", action="store_true", help="only the single-person households")
     ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--diagnose", default=None, metavar="TRACE_JSON",
+                    help="only classify the misses of an earlier --trace --out file (its seed)")
     args = ap.parse_args()
     if args.seed == worlds.REPORTING.seed:
         raise SystemExit("--seed: the REPORTING seed is never used for tuning")
@@ -254,6 +313,13 @@ def main() -> None:
         record_person_changes()
     if args.confirm_rise:
         model_module.STREAM_CONFIRM_RISE = True
+    if args.diagnose:
+        doc = json.load(open(args.diagnose))
+        split = worlds.TUNING if doc["seed"] == worlds.TUNING.seed else worlds.Split(
+            **{**worlds.TUNING.__dict__, "seed": doc["seed"]})
+        hs = select(worlds.generate(split), doc["households"])
+        print(json.dumps(diagnose(doc["households_detail"], hs)))
+        return
     t0 = time.time()
     split = worlds.TUNING if args.seed == worlds.TUNING.seed else worlds.Split(
         **{**worlds.TUNING.__dict__, "seed": args.seed})

@@ -31,9 +31,10 @@ The result is a versioned, JSON-serialisable ``Calibrator`` (its type lives in
 ``services/common/calibration.py``, shared with the clustering service that applies it).
 
 ``fit_feedback_calibrator`` is what the service fits: ``fit_level_calibrator`` (one shift
-of every answer's confidence, the mean of correct - confidence shrunk toward none by
-``LEVEL_PRIOR`` pseudo-answers; per model-age segment and kind of answer a further shift
-shrunk toward it by ``LEVEL_SEGMENT_PRIOR``), unless a map of the shape beats that level
+of every answer's confidence, the mean of correct - confidence applied only as far as
+it exceeds its own noise, ``fit_evidence_shift`` with ``LEVEL_NOISE_MULTIPLE``; per
+model-age segment and kind of answer a further shift shrunk toward it by
+``LEVEL_SEGMENT_PRIOR`` pseudo-answers), unless a map of the shape beats that level
 out of fold by ``SHAPE_GATE_SE`` standard errors (``shape_gain``); then
 ``fit_segmented_calibrator``. With a few hundred answers a map of the shape was mostly
 noise and the level is what they show (docs/feedback.md, "What the service fits").
@@ -276,6 +277,32 @@ def fit_one_person_shift(confidence: ArrayLike, correct: ArrayLike, weights: Arr
     return float(np.dot(w, y - c) / (w.sum() + prior_weight))
 
 
+def fit_evidence_shift(confidence: ArrayLike, correct: ArrayLike, weights: ArrayLike,
+                       noise_multiple: float = 1.0, prior_variance: float | None = None) -> float:
+    """Shift of confidences applied only as far as the feedback shows it beyond its own
+    noise: the weighted mean d of (correct - confidence) times max(0, 1 - m se^2 / d^2)
+    (positive-part James-Stein shrinkage toward no shift, ``noise_multiple`` m), se^2 =
+    sum w^2 c (1 - c) / (sum w)^2 the variance d would have if every answer were right
+    with exactly its confidence. With m = 1 this is the empirical-Bayes posterior mean
+    d tau^2 / (tau^2 + se^2) with the miss's prior variance tau^2 estimated from the
+    sample itself as max(0, d^2 - se^2). A miss within m^(1/2) standard errors of none is
+    left alone, so feedback cannot move well-calibrated answers by more than what is left
+    of the noise past that cut; a miss several standard errors wide is corrected nearly
+    in full. ``prior_variance`` tau^2 given instead: the linear posterior mean (tried on
+    TUNING with tau fixed, not used by the service)."""
+    c, y, w = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (confidence, correct, weights))
+    total = w.sum()
+    if c.size < 2 or total <= 0.0:
+        return 0.0
+    d = float(np.dot(w, y - c) / total)
+    var = float(np.dot(w * w, c * (1.0 - c)) / total ** 2)
+    if prior_variance is not None:
+        return d * prior_variance / (prior_variance + var)
+    if d == 0.0:
+        return 0.0
+    return d * max(0.0, 1.0 - noise_multiple * var / (d * d))
+
+
 LEVEL_GRID = np.linspace(0.0, 1.0, 101)
 
 
@@ -298,16 +325,28 @@ def fit_level_calibrator(
     version: int = 1,
     prior: float = 100.0,
     segment_prior: float | None = 300.0,
+    noise_multiple: float | None = None,
+    prior_variance: float | None = None,
+    cell_noise_multiple: float | None = None,
 ) -> Calibrator:
     """One shift of every answer's confidence, the weighted mean of (correct - confidence)
     shrunk toward no shift by ``prior`` pseudo-answers; with ``model_sessions`` and
     ``segment_prior``, per model-age segment a further shift of that segment's answers,
-    shrunk toward the common one by ``segment_prior`` pseudo-answers."""
+    shrunk toward the common one by ``segment_prior`` pseudo-answers. With
+    ``noise_multiple`` every shift is instead shrunk by its own evidence
+    (``fit_evidence_shift``): the priors are then unused."""
     c, y, w = sample.probs.max(axis=1), sample.correct, sample.weights
-    shift = fit_one_person_shift(c, y, w, prior)
+
+    def shrunk(conf, right, weight, pseudo_answers, multiple):
+        if multiple is not None or prior_variance is not None:
+            return fit_evidence_shift(conf, right, weight, multiple or 1.0, prior_variance)
+        return fit_one_person_shift(conf, right, weight, pseudo_answers)
+
+    shift = shrunk(c, y, w, prior, noise_multiple)
     edges = tuple(int(e) for e in segment_edges)
     training: dict[str, Any] = {"n": len(sample), "n_all": len(sample), "weight": float(w.sum()),
                                 "method": "level", "prior": prior, "segment_prior": segment_prior,
+                                "noise_multiple": noise_multiple,
                                 "shift": round(float(shift), 6)}
     common = level_calibrator(shift, version=version, training=training)
     if model_sessions is None or segment_prior is None or not edges:
@@ -322,12 +361,12 @@ def fit_level_calibrator(
         # its one-person answers (their shift) each move from the common shift only as
         # far as their own feedback outweighs segment_prior pseudo-answers.
         multi = (segment == i) & ~single
-        extra = fit_one_person_shift(c[multi] + shift, y[multi], w[multi], segment_prior) if multi.any() else 0.0
+        extra = shrunk(c[multi] + shift, y[multi], w[multi], segment_prior, cell_noise_multiple) if multi.any() else 0.0
         if extra != 0.0:
             part = level_calibrator(extra, version=version)
             parts[name] = Calibrator(version, part.method, part.parameters)
         one = (segment == i) & single
-        one_extra = fit_one_person_shift(c[one] + shift, y[one], w[one], segment_prior) if one.any() else 0.0
+        one_extra = shrunk(c[one] + shift, y[one], w[one], segment_prior, cell_noise_multiple) if one.any() else 0.0
         shifts[name] = round(float(np.clip(shift + one_extra, -1.0, 1.0)), 6)
         report[name] = {"n": int(multi.sum()), "shift": round(float(shift + extra), 6), "one_person_n": int(one.sum()),
                         "one_person_shift": shifts[name]}
@@ -335,7 +374,8 @@ def fit_level_calibrator(
                       shifts)
 
 
-def shape_gain(sample: FeedbackSample, prior: float, n_folds: int = 5, seed: int = 0) -> tuple[float, float, str]:
+def shape_gain(sample: FeedbackSample, prior: float, n_folds: int = 5, seed: int = 0,
+               noise_multiple: float | None = None) -> tuple[float, float, str]:
     """How much a map of the shape (temperature or isotonic, the better one out of fold)
     beats the level shift out of fold: (mean per-answer top-label Brier gain, its standard
     error, the method). ``sample``: multi-person answers."""
@@ -346,7 +386,9 @@ def shape_gain(sample: FeedbackSample, prior: float, n_folds: int = 5, seed: int
         train = np.ones(n, dtype=bool)
         train[held_out] = False
         fit_on, test = sample.subset(train), sample.subset(held_out)
-        shift = fit_one_person_shift(fit_on.probs.max(axis=1), fit_on.correct, fit_on.weights, prior)
+        conf = fit_on.probs.max(axis=1)
+        shift = (fit_evidence_shift(conf, fit_on.correct, fit_on.weights, noise_multiple) if noise_multiple is not None
+                 else fit_one_person_shift(conf, fit_on.correct, fit_on.weights, prior))
         fitted = {"level": level_calibrator(shift), "temperature": _fit_method("temperature", fit_on, 0),
                   "isotonic": _fit_method("isotonic", fit_on, 0)}
         for m, cal in fitted.items():
@@ -359,7 +401,8 @@ def shape_gain(sample: FeedbackSample, prior: float, n_folds: int = 5, seed: int
     return mean, se, best
 
 
-LEVEL_PRIOR = 100.0          # pseudo-answers holding the common shift at none (chosen on TUNING)
+LEVEL_NOISE_MULTIPLE = 2.0   # the common shift: only as far as it exceeds its noise (fit_evidence_shift; TUNING)
+LEVEL_PRIOR = 100.0          # pseudo-answers holding a map of the shape's one-person shifts at none
 LEVEL_SEGMENT_PRIOR = 300.0  # ... holding a model-age segment's shift at the common one
 SHAPE_GATE_SE = 2.0          # a map of the shape only when it beats the level by this many standard errors
 
@@ -374,16 +417,21 @@ def fit_feedback_calibrator(
     gate: float = SHAPE_GATE_SE,
     n_folds: int = 5,
     seed: int = 0,
+    noise_multiple: float | None = LEVEL_NOISE_MULTIPLE,
+    cell_noise_multiple: float | None = None,
 ) -> Calibrator:
-    """What the service fits: the level shift (``fit_level_calibrator``) unless a map of the
-    shape beats it out of fold by ``gate`` standard errors on the multi-person answers;
-    then ``fit_segmented_calibrator`` (pooled map, per-age residual maps, one-person
-    shifts shrunk toward the common one)."""
-    level = fit_level_calibrator(sample, model_sessions, segment_edges, version, prior, segment_prior)
+    """What the service fits: the level shift (``fit_level_calibrator``: the common shift
+    by ``fit_evidence_shift`` with ``noise_multiple``, or shrunk by ``prior`` pseudo-answers
+    when it is None; per age and kind of answer shrunk toward it by ``segment_prior``)
+    unless a map of the shape beats it out of fold by ``gate`` standard errors on the
+    multi-person answers; then ``fit_segmented_calibrator`` (pooled map, per-age residual
+    maps, one-person shifts shrunk toward the common one)."""
+    level = fit_level_calibrator(sample, model_sessions, segment_edges, version, prior, segment_prior, noise_multiple,
+                                 cell_noise_multiple=cell_noise_multiple)
     multi = (sample.probs > 0).sum(axis=1) > 1
     gate_report: dict[str, Any] = {"gate_se": gate}
     if multi.sum() >= max(MIN_SAMPLES_TO_FIT, n_folds):
-        gain, se, method = shape_gain(sample.subset(multi), prior, n_folds, seed)
+        gain, se, method = shape_gain(sample.subset(multi), prior, n_folds, seed, noise_multiple)
         gate_report.update({"shape_gain": round(gain, 6), "shape_gain_se": round(se, 6), "shape_method": method})
         if gain > gate * se:
             shaped = fit_segmented_calibrator(sample, model_sessions, segment_edges, version, seed=seed,

@@ -141,6 +141,35 @@ def test_the_offline_replay_applies_the_join_and_leave_bars_once_per_person():
     assert S.replay(trace, S.Thresholds(min_history=51, lookback=(10,))) == []   # too little before
 
 
+def test_composition_scores_count_any_event_in_the_window_and_say_which_were_of_the_right_kind():
+    """bench._worlds_eval.composition_scores: an event within DETECTION_WINDOW sessions
+    after the change detects it whatever its kind (detection_rate); the same-kind rate
+    counts only an event of the change's own kind; an event before the change or after
+    the window is not a detection; every event of a stable household after the warm-up
+    is a false alarm, per 91 monitored days."""
+    from bench._worlds_eval import DETECTION_WINDOW, QUARTER_S, composition_scores
+    from bench.worlds import CompositionChange, WorldHousehold
+
+    def household(change, n=200):
+        return WorldHousehold("h", "f", "w", np.zeros((n, 1), np.float32), np.zeros(n, int),
+                              np.array(["tv"] * n), np.array(["tv"] * n),
+                              np.arange(n) * QUARTER_S / (n - 1), np.ones(n), 0.0,
+                              [change] if change else [])
+
+    hs = [household(CompositionChange("join", 1, 100)), household(CompositionChange("leave", 1, 100)),
+          household(CompositionChange("join", 1, 100)), household(None)]
+    events = [[(110, "leave")],                          # found, but as the wrong kind
+              [(90, "leave"), (120, "leave")],           # the one before the change does not count
+              [(100 + DETECTION_WINDOW + 5, "join")],    # too late
+              [(10, "join"), (60, "join")]]              # warm-up 19: one false alarm
+    s = composition_scores(hs, events, warmup=19)
+    assert s["detection_rate"] == 2 / 3 and s["detection_rate_same_kind"] == 1 / 3
+    assert s["detection_rate_by_kind"] == {"join": 0.5, "leave": 1.0}
+    assert s["mean_delay_sessions"] == 15.0
+    assert abs(s["stable_household_quarters"] - (199 - 19) / 199) < 0.01
+    assert abs(s["false_alarms_per_household_quarter"] - 1 / ((199 - 19) / 199)) < 0.01
+
+
 def test_drift_is_scored_per_household_quarter_beside_baselines():
     """bench.accuracy._drift_scores: the first alarm at or after the change is a detection
     (its delay counted); an earlier one is a miss; every alarm of a stable household is a
@@ -227,3 +256,32 @@ def test_the_stream_tuning_harness_logs_which_path_changed_the_persons(monkeypat
     rises = [c for c in S._person_changes if c["persons"][1] > c["persons"][0]]
     assert rises and rises[0]["at"] > 40 and rises[0]["path"] in {p.strip("_") for p in S.PERSON_PATHS}
     assert len(S._person_changes) == len({(c["at"], c["path"]) for c in S._person_changes})
+
+
+def test_the_tuning_diagnosis_puts_each_missed_change_in_the_first_class_that_fits():
+    """bench.stream_tuning.diagnose (TUNING traces, truth read only to classify): found in
+    the window; found late; a newcomer with at most 4 sessions in the 30 after; a
+    newcomer the model gives a person of their own (whose share test stayed below its
+    bar) or not."""
+    from bench import stream_tuning as S
+    from bench.worlds import CompositionChange, WorldHousehold
+
+    def household(hid, kind, person):
+        n = person.size
+        return WorldHousehold(hid, "f", "w", np.zeros((n, 1), np.float32), person, np.array(["tv"] * n),
+                              np.array(["tv"] * n), np.arange(n, dtype=float), np.ones(n), 0.0,
+                              [CompositionChange(kind, 1, 50)])
+
+    busy = np.r_[np.zeros(50, int), np.tile([0, 1], 40)]           # 15 newcomer sessions in the 30 after
+    quiet = np.r_[np.zeros(50, int), [1, 1, 1], np.zeros(77, int)]  # 3 of them
+    own = {"at": 70, "persons": 2, "member": {"before": [0.0, 0.0], "after": [1.0, 9.0], "others_after": [10.0, 1.0]}}
+    none = {"at": 70, "persons": 2, "member": {"before": [0.0, 0.0], "after": [8.0, 2.0], "others_after": [10.0, 1.0]}}
+    hs = [household(f"h{i}", "join", p) for i, p in enumerate([busy, busy, quiet, busy, busy])]
+    outs = [{"id": "h0", "change": ("join", 50), "events": [(70, "leave")], "checks": []},
+            {"id": "h1", "change": ("join", 50), "events": [(90, "join")], "checks": []},
+            {"id": "h2", "change": ("join", 50), "events": [], "checks": [own]},
+            {"id": "h3", "change": ("join", 50), "events": [], "checks": [own]},
+            {"id": "h4", "change": ("join", 50), "events": [], "checks": [none]}]
+    assert S.diagnose(outs, hs)["join"] == {"detected": 1, "found 31-50 sessions after": 1,
+                                            "at most 4 sessions in the 30 after": 1,
+                                            "own person, below the bar": 1, "no person of their own": 1}

@@ -8,7 +8,7 @@ import numpy as np
 
 from bench import _confidence as C
 from bench import worlds as W
-from bench._worlds_eval import hearth_stream
+from bench._worlds_eval import hearth_stream, stream_steps
 from bench.accuracy import fit_device_confidence
 from services.clustering.domain.model import (DEVICE_CONFIDENCE_MAPS, MIN_SESSIONS, ONE_PERSON_CONFIDENCE,
                                               ONE_PERSON_EVIDENCE)
@@ -89,3 +89,21 @@ def test_the_one_person_fit_follows_the_evidence():
     out = fit_device_confidence(answers + extra)
     for intercept, coef in out["one_person_confidence"].values():
         assert coef[ONE_PERSON_EVIDENCE.index("devices")] < -0.3
+
+
+def test_the_settled_stream_answers_every_session_with_the_final_model():
+    """What GET /v1/household serves once a stream has settled: every session, earliest
+    included, answered by the model after the last arrival — not the young model that
+    answered it at arrival."""
+    h = _households(1)[0]
+    labels, P, events, (settled, settled_P) = hearth_stream(h, settled=True)
+    again = hearth_stream(h)
+    np.testing.assert_array_equal(labels, again[0])   # settled= changes nothing at arrival
+    assert settled.shape == (h.n_sessions,) and settled_P.shape[0] == h.n_sessions
+    # (a one-person model's one column is its calibrated confidence, not 1.0: rows may sum below 1)
+    assert np.all((settled_P >= 0) & (settled_P <= 1)) and np.all(settled_P.sum(axis=1) <= 1 + 1e-9)
+    np.testing.assert_array_equal(settled, settled_P.argmax(axis=1))
+    *_, final, _, _ = list(stream_steps(h))[-1]
+    assert settled_P.shape[1] == final.n_persons
+    # the final model's answers, every session included (the service re-records them all)
+    np.testing.assert_array_equal(settled, final.assign_batch(h.features, device_ids=h.device_id).person_index)

@@ -46,3 +46,29 @@ def test_candidate_logit_learns_a_feature_that_tells_the_true_count():
     assert S.score(test, rule.choose)["size_exact"] == 1.0
     # BIC alone, on the same candidates, always takes the largest: wrong for three of four.
     assert S.score(test, S._bic_choice)["size_exact"] == 0.25
+
+
+def test_count_error_cause_names_each_kind_of_wrong_count():
+    assert S.count_error_cause(3, 3, True, 2, 2, 0) == "exact"
+    assert S.count_error_cause(3, 2, False, 0, 0, 2) == "shared_only_under"
+    assert S.count_error_cause(1, 2, False, 0, 0, 0) == "shared_only_over"
+    assert S.count_error_cause(2, 3, True, 2, 3, 0) == "owner_devices_apart"
+    assert S.count_error_cause(2, 3, True, 2, 2, 0) == "born_not_there"
+    assert S.count_error_cause(3, 2, True, 3, 2, 0) == "owners_merged"
+    assert S.count_error_cause(3, 2, True, 2, 2, 1) == "member_without_device_not_born"
+    assert S.count_error_cause(3, 2, True, 2, 2, 0) == "other_under"
+
+
+def test_diagnosis_of_a_household_agrees_with_the_models_fit_and_its_truth():
+    h = W.generate(W.TUNING, families=("mobile_first",), worlds_per_family=1, households_per_world=3)[2]
+    row = S.diagnose_household(h)
+    fitted = M.HouseholdModel().fit(h.features, device_ids=h.device_id)
+    assert row["fitted"] == np.unique(fitted.assign_batch(h.features, device_ids=h.device_id).person_index).size
+    assert row["true"] == h.n_persons
+    # A missed member is one the Hungarian match leaves without a fitted person: at least
+    # true - fitted of them.
+    assert len(row["missed"]) >= h.n_persons - row["fitted"]
+    assert sum(m["sessions"] for m in row["missed"]) <= h.n_sessions
+    summary = S.diagnosis([row, {**row, "fitted": row["true"] + 1, "cause": "born_not_there"}])
+    assert summary["all"]["households"] == 2 and summary["all"]["over"] >= 1
+    assert sum(summary["causes"].values()) == 2

@@ -1,5 +1,6 @@
-"""What the feedback service fits (fit_feedback_calibrator): a shrunk shift of the
-confidence level, per model-age segment and kind of answer a further shrunk shift, and a
+"""What the feedback service fits (fit_feedback_calibrator): a shift of the
+confidence level applied only as far as it exceeds its noise, per model-age segment and kind
+of answer a further shrunk shift, and a
 map of the shape only when it beats the level out of fold by SHAPE_GATE_SE standard errors."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from services.feedback.domain.metrics import expected_calibration_error
 from services.feedback.domain.recalibration import (
     LEVEL_PRIOR,
     FeedbackSample,
+    fit_evidence_shift,
     fit_feedback_calibrator,
     fit_level_calibrator,
     level_calibrator,
@@ -87,3 +89,44 @@ def test_a_level_calibrator_is_identity_at_no_shift():
     cal = level_calibrator(0.0)
     probs = np.array([[0.7, 0.3], [0.6, 0.0]])
     np.testing.assert_allclose(cal.apply(probs), probs)
+
+
+def test_an_evidence_shift_stays_at_none_within_the_noise_and_corrects_a_clear_miss_nearly_in_full():
+    # 300 calibrated answers: their mean miss is noise (about +-0.025), and the shift
+    # applied is at most what exceeds it — none in most samples.
+    shifts = []
+    for seed in range(40):
+        probs, right = _two_person(300, 100 + seed, bias=0.0)
+        shifts.append(fit_evidence_shift(probs.max(axis=1), right, np.ones(300)))
+    shifts = np.abs(shifts)
+    assert np.mean(shifts == 0.0) > 0.5 and shifts.max() < 0.06
+    # The pseudo-answer prior moves every such sample; the evidence shift moves them less.
+    pseudo = [abs(fit_level_calibrator(FeedbackSample.create(*_two_person(300, 100 + s, bias=0.0)[:1],
+                                                             correct=_two_person(300, 100 + s, bias=0.0)[1]))
+                  .training["shift"]) for s in range(40)]
+    assert np.mean(shifts) < 0.5 * np.mean(pseudo)
+    # A miss of 0.15 on the same number of answers is ~6 standard errors: corrected ~97 %.
+    probs, right = _two_person(300, 7, bias=0.15)
+    raw = float(np.mean(right - probs.max(axis=1)))
+    shift = fit_evidence_shift(probs.max(axis=1), right, np.ones(300))
+    assert raw < -0.1 and raw < shift < 0.9 * raw
+    # Weights count: the same answers at a tenth of the weight are as much evidence of the
+    # level (the mean is weighted), and a single answer is none.
+    assert abs(fit_evidence_shift(probs.max(axis=1), right, np.full(300, 0.1)) - shift) < 1e-9
+    assert fit_evidence_shift([0.9], [0.0], [1.0]) == 0.0
+
+
+def test_the_service_leaves_calibrated_answers_alone_and_still_corrects_a_clear_miss():
+    # The common shift: a miss within sqrt(2) standard errors is no miss (the age cells
+    # still move by what their answers outweigh LEVEL_SEGMENT_PRIOR pseudo-answers by).
+    common, moved = [], []
+    for seed in range(20):
+        probs, right = _two_person(300, 200 + seed, bias=0.0)
+        cal = fit_feedback_calibrator(FeedbackSample.create(probs, correct=right), np.full(300, 400))
+        common.append(cal.training["shift"])
+        moved.append(np.abs(cal.apply(probs, np.full(300, 400)) - probs).max())
+    assert np.mean(np.asarray(common) == 0.0) >= 0.7 and np.median(moved) < 0.02 and max(moved) < 0.06
+    probs, right = _two_person(300, 8, bias=0.15)    # ~5 standard errors: corrected ~90 %
+    raw = float(np.mean(right - probs.max(axis=1)))
+    cal = fit_feedback_calibrator(FeedbackSample.create(probs, correct=right), np.full(300, 400))
+    assert raw < -0.1 and raw < cal.training["shift"] < 0.85 * raw
