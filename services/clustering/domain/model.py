@@ -166,10 +166,13 @@ STREAM_SHARED_RESELECT = False  # ... and the BIC re-selection between those ref
 STREAM_SHARED_HYSTERESIS = 40.0  # BIC units a new person count must win by in that refit
 STREAM_RESELECT_HOURS = True  # re-selection: a new person must show in the viewing hours (no personal device)
 # Streaming refits: more persons only when the refit without the newest sessions or the
-# next one agrees. Off: on TUNING it keeps more single-person streams single (worlds 4-15:
-# 0.872 -> 0.923) but every real second person waits a check (accuracy 0.637 -> 0.628,
-# joins/leaves 0.44 -> 0.40; docs/clustering.md, streaming). bench.stream_tuning --confirm-rise.
-STREAM_CONFIRM_RISE = False
+# next one agrees (a transient split of one borderline refit answered sessions with a
+# second id for good). TUNING, `bench.stream_tuning --paths [--no-confirm-rise]` (main
+# f14dd27 merged): single-person kept 0.964 -> 1.00 (28; 145 of worlds 0-15: 0.890 -> 0.938),
+# joins/leaves within 30 sessions 0.48 -> 0.48 at 0.61 -> 0.58 false alarms per
+# household-quarter; the cost: streaming accuracy 0.640 -> 0.632 (every real second person
+# found by a refit waits a check unless the look back agrees). docs/clustering.md, step 5.
+STREAM_CONFIRM_RISE = True
 NEWCOMER_GRACE = 100      # sessions a reported newcomer is kept through refits (_drops_newcomer)
 DEVICE_SLOTS = 16  # distinct device ids a household model tells apart (more: judged by type)
 K_MAX = 6
