@@ -26,7 +26,7 @@ for the diagnosis only); ``--diagnose F`` classifies the misses of such a run (`
 session count (``person_changes``; the refit, the re-selection, either newcomer test), and
 ``singles_split`` names the single-person households answered with more than one id;
 ``--worlds-per-family 16 --singles`` streams the single-person households of more
-TUNING-seed worlds; ``--no-confirm-rise`` turns ``STREAM_CONFIRM_RISE`` off.
+TUNING-seed worlds; ``--confirm-rise`` turns ``STREAM_CONFIRM_RISE`` on.
 It never reads the REPORTING split: choices are made here, figures are reported by
 ``python -m bench.accuracy --worlds-only``.
 """
@@ -290,8 +290,8 @@ def main() -> None:
     ap.add_argument("--min-history", type=int, default=None, help="override CHANGE_MIN_HISTORY for this run")
     ap.add_argument("--paths", action="store_true",
                     help="log every change of the persons with the path that made it (person_changes)")
-    ap.add_argument("--no-confirm-rise", action="store_true",
-                    help="streaming refits: a rise in persons is taken at once (STREAM_CONFIRM_RISE off)")
+    ap.add_argument("--confirm-rise", action="store_true",
+                    help="streaming refits: a rise in persons waits for a second refit (STREAM_CONFIRM_RISE on)")
     ap.add_argument("--worlds-per-family", type=int, default=None,
                     help="more TUNING-seed worlds (a prefix of the same households); e.g. 16 for 576 households")
     ap.add_argument("--singles", action="store_true", help="only the single-person households")
@@ -311,8 +311,8 @@ def main() -> None:
         model_module.CHANGE_MIN_HISTORY = args.min_history
     if args.paths:
         record_person_changes()
-    if args.no_confirm_rise:
-        model_module.STREAM_CONFIRM_RISE = False
+    if args.confirm_rise:
+        model_module.STREAM_CONFIRM_RISE = True
     if args.diagnose:
         doc = json.load(open(args.diagnose))
         split = worlds.TUNING if doc["seed"] == worlds.TUNING.seed else worlds.Split(

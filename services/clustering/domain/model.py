@@ -166,13 +166,14 @@ STREAM_SHARED_RESELECT = False  # ... and the BIC re-selection between those ref
 STREAM_SHARED_HYSTERESIS = 40.0  # BIC units a new person count must win by in that refit
 STREAM_RESELECT_HOURS = True  # re-selection: a new person must show in the viewing hours (no personal device)
 # Streaming refits: more persons only when the refit without the newest sessions or the
-# next one agrees (a transient split of one borderline refit answered sessions with a
-# second id for good). TUNING, `bench.stream_tuning --paths [--no-confirm-rise]` (main
-# f14dd27 merged): single-person kept 0.964 -> 1.00 (28; 145 of worlds 0-15: 0.890 -> 0.938),
-# joins/leaves within 30 sessions 0.48 -> 0.48 at 0.61 -> 0.58 false alarms per
-# household-quarter; the cost: streaming accuracy 0.640 -> 0.632 (every real second person
-# found by a refit waits a check unless the look back agrees). docs/clustering.md, step 5.
-STREAM_CONFIRM_RISE = True
+# next one agrees (a transient split of one borderline refit answers sessions with a second
+# id for good). Off: on TUNING (`bench.stream_tuning --paths [--confirm-rise]`, main
+# f14dd27 merged) single-person kept 0.964 -> 1.00 (28; 145 of worlds 0-15: 0.890 ->
+# 0.938), joins/leaves 0.48 -> 0.48, but streaming accuracy 0.640 -> 0.632 (every real
+# second person waits a check) and on main 54ed2a9 detection 0.44 -> 0.40; REPORTING,
+# measured once with it on: singles 0.889 unchanged, accuracy and detection lower
+# (docs/clustering.md, step 5; docs/benchmarks.md).
+STREAM_CONFIRM_RISE = False
 NEWCOMER_GRACE = 100      # sessions a reported newcomer is kept through refits (_drops_newcomer)
 DEVICE_SLOTS = 16  # distinct device ids a household model tells apart (more: judged by type)
 K_MAX = 6
