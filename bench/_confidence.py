@@ -47,6 +47,7 @@ class RawAnswers:
     groups: np.ndarray | None = None   # personal-device person groups at its last fit
     streamed: np.ndarray | None = None  # HouseholdModel.streamed when it answered
     evidence: np.ndarray | None = None  # (n, len(ONE_PERSON_EVIDENCE)) one-person evidence
+    included: np.ndarray | None = None  # (settled answers) sessions folded in before the answer
 
 
 MIXTURE, COLD_ONE, OTHER = 0, 1, 2
@@ -88,9 +89,12 @@ def batch_answers(h: WorldHousehold) -> RawAnswers:
                    _evidence(m, h.features, h.device_id))
 
 
-def stream_answers(h: WorldHousehold, batch: int = STREAM_BATCH) -> RawAnswers:
+def stream_answers(h: WorldHousehold, batch: int = STREAM_BATCH, last: list | None = None) -> RawAnswers:
+    """``last``: given a list, (the model after the last arrival, that arrival's first
+    session) is appended to it (settled_answers)."""
     probs: list[dict[str, float]] = []
     age, kind, device, devices, groups, streamed, evidence = [], [], [], [], [], [], []
+    a, m = 0, None
     for a, b, m, out, _ in stream_steps(h, batch, calibrated=False):
         k, d = _meta(m, out, list(h.device_id[a:b]))
         for r in range(b - a):
@@ -102,8 +106,32 @@ def stream_answers(h: WorldHousehold, batch: int = STREAM_BATCH) -> RawAnswers:
         groups += [m.device_group_count] * (b - a)
         streamed += [m.streamed] * (b - a)
         evidence.append(_evidence(m, h.features[a:b], h.device_id[a:b]))
+    if last is not None:
+        last.append((m, a))
     return _finish(h, columns(probs), age, kind, device, devices, groups, streamed, np.vstack(evidence))
 
 
-def household_answers(h: WorldHousehold) -> dict[str, RawAnswers]:
-    return {"batch": batch_answers(h), "stream": stream_answers(h)}
+def settled_answers(h: WorldHousehold, m: HouseholdModel, first_of_last: int) -> RawAnswers:
+    """The streamed model ``m`` as it stands after the last arrival (stream_answers'
+    ``last``), answering every session: what GET /v1/household serves once the stream
+    has settled (ModelKeeper._record_persons re-records every session after each
+    update). ``included``: the sessions it folded in before the last arrival (from
+    ``first_of_last`` on, the last arrival's, answered at arrival as in stream_answers),
+    the answers the "settled" map is fitted on."""
+    out = m.assign_batch(h.features, device_ids=h.device_id)
+    kind, device = _meta(m, out, list(h.device_id))
+    n = h.n_sessions
+    ans = _finish(h, out.probabilities, np.full(n, m.n_sessions), np.full(n, kind), np.full(n, device),
+                  np.full(n, len(m.device_ids)), np.full(n, m.device_group_count), np.full(n, m.streamed),
+                  m.one_person_evidence(n))
+    ans.included = np.arange(n) < first_of_last
+    return ans
+
+
+def household_answers(h: WorldHousehold, settled: bool = False) -> dict[str, RawAnswers]:
+    """``settled``: also the settled answers (key "settled", settled_answers)."""
+    last: list = []
+    out = {"batch": batch_answers(h), "stream": stream_answers(h, last=last)}
+    if settled:
+        out["settled"] = settled_answers(h, *last[0])
+    return out

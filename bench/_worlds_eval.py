@@ -85,13 +85,14 @@ def hearth_stream(h: WorldHousehold, batch: int = STREAM_BATCH, settled: bool = 
     ``settled=True`` adds a fourth item: (labels, probabilities) of every session from the
     model as it stands after the last arrival — what ``GET /v1/household`` serves once the
     stream has settled, since the service re-records every session's person with the
-    current model after each update (``ModelKeeper._record_persons``). The at-arrival
+    current model after each update (``ModelKeeper._record_persons``; the sessions it
+    had included through the "settled" confidence map). The at-arrival
     answers are the stricter figure (an early session is answered by a young model);
     the settled ones are what a caller reading the household back sees."""
     ids: list[str] = []
     probs: list[dict[str, float]] = []
     events: list[tuple[int, str]] = []
-    m = None
+    m, a = None, 0
     for a, b, m, out, new_events in stream_steps(h, batch, **kw):
         events += [(b, ev["kind"]) for ev in new_events]
         for r in range(b - a):
@@ -102,7 +103,9 @@ def hearth_stream(h: WorldHousehold, batch: int = STREAM_BATCH, settled: bool = 
     at_arrival = (np.array([col[i] for i in ids]), columns(probs, names), events)
     if not settled:
         return at_arrival
-    final = m.assign_batch(h.features, device_ids=h.device_id)
+    # the sessions folded in before the last arrival are answered as included ones (the
+    # "settled" confidence map), the last arrival's at arrival, as the keeper records them
+    final = m.assign_batch(h.features, device_ids=h.device_id, included=np.arange(h.n_sessions) < a)
     return (*at_arrival, (final.person_index, final.probabilities))
 
 

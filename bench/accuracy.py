@@ -367,6 +367,7 @@ def calibrate_device_confidence(quick: bool, leave_one_world_out: bool = False) 
       ONE_PERSON_C (scikit-learn's C).
     Printed in the form model.py holds them."""
     from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
 
     from bench._confidence import household_answers
     # 96 households (every TUNING world, 8 households each): with 48 the maps of the
@@ -375,7 +376,7 @@ def calibrate_device_confidence(quick: bool, leave_one_world_out: bool = False) 
     hs = worlds.generate(worlds.TUNING, worlds_per_family=1 if quick else 4,
                          households_per_world=4 if quick else 8)
     with ProcessPoolExecutor(max(1, min(2, os.cpu_count() or 1))) as pool:
-        answers = list(pool.map(household_answers, hs))
+        answers = list(pool.map(partial(household_answers, settled=True), hs))
     out = {"households": len(hs), **fit_device_confidence(answers)}
     if leave_one_world_out:
         out["leave_one_world_out"] = score_leave_one_world_out([h.world_id for h in hs], answers)
@@ -392,23 +393,26 @@ def score_leave_one_world_out(world_ids: list[str], answers: list[dict]) -> dict
     from bench._confidence import COLD_ONE, MIXTURE
     from services.clustering.domain.model import device_map_name, one_person_group
     fold = np.array([w.rsplit("-w", 1)[1] for w in world_ids])
-    scored: dict[str, list] = {"batch": [], "stream": []}
+    scored: dict[str, list] = {"batch": [], "stream": [], **({"settled": []} if "settled" in answers[0] else {})}
     for held in np.unique(fold):
         fit = fit_device_confidence([a for a, f in zip(answers, fold) if f != held])
         lo, hi = fit["one_person_log_sessions"]
         for ans in (a for a, f in zip(answers, fold) if f == held):
             for mode in scored:
                 a = ans[mode]
+                settled = a.included if mode == "settled" else np.zeros(a.P.shape[0], dtype=bool)
                 conf = a.P.max(axis=1).copy()
                 live = (a.P > 0).sum(axis=1)
                 young, cold = a.age < YOUNG_MODEL_SESSIONS, a.kind == COLD_ONE
                 one = a.device & (((a.kind == MIXTURE) & (live <= 1)) | cold)
                 for i in np.flatnonzero(a.device & (a.kind == MIXTURE) & (live > 1)):
-                    xs, ys = fit["device_confidence_maps"][device_map_name(bool(young[i]), bool(a.streamed[i]))]
+                    xs, ys = fit["device_confidence_maps"][device_map_name(bool(young[i]), bool(a.streamed[i]),
+                                                                           bool(settled[i]))]
                     conf[i] = max(float(np.interp(conf[i], xs, ys)), 1.0 / live[i])
                 for i in np.flatnonzero(one):
                     intercept, coef = fit["one_person_confidence"][
-                        one_person_group(bool(young[i] or cold[i]), bool(a.streamed[i] or cold[i]))]
+                        one_person_group(bool(young[i] or cold[i]), bool(a.streamed[i] or cold[i]),
+                                         bool(settled[i] and not cold[i]))]
                     x = np.r_[np.clip(a.evidence[i, 0], lo, hi), a.evidence[i, 1:]]
                     conf[i] = 1.0 / (1.0 + np.exp(-(intercept + x @ np.asarray(coef))))
                 scored[mode].append((conf, a.correct, one))
@@ -433,15 +437,31 @@ def fit_device_confidence(answers: list[dict], one_person_c: float = ONE_PERSON_
 
     from bench._confidence import COLD_ONE, MIXTURE
     from services.clustering.domain.model import DEVICE_CONFIDENCE_MAPS, ONE_PERSON_EVIDENCE, device_map_name
-    multi: dict[str, tuple[list, list]] = {name: ([], []) for name in DEVICE_CONFIDENCE_MAPS}
-    one: dict[str, list] = {name: [] for name in ("fitted", "young", "mature")}   # (evidence..., right)
+    # the "settled" map only when settled answers were recorded (household_answers(settled=True))
+    multi: dict[str, tuple[list, list]] = {name: ([], []) for name in DEVICE_CONFIDENCE_MAPS
+                                           if name != "settled" or any("settled" in a for a in answers)}
+    one: dict[str, list] = {name: [] for name in ("fitted", "young", "mature")   # (evidence..., right)
+                            + (("settled",) if "settled" in multi else ())}
     for ans in answers:
-        for a in (ans["batch"], ans["stream"]):
+        for mode in ("batch", "stream", "settled"):
+            if mode not in ans:
+                continue
+            a = ans[mode]
             live = (a.P > 0).sum(axis=1)
             top = a.P.max(axis=1)
             young = a.age < YOUNG_MODEL_SESSIONS
             rows = a.device & (a.kind == MIXTURE) & (live > 1)
-            names = np.array([device_map_name(y, s) for y, s in zip(young, a.streamed)])
+            names = np.array([device_map_name(y, s, mode == "settled") for y, s in zip(young, a.streamed)])
+            if mode == "settled":
+                # only the "settled" map and one-person group learn from them (sessions the
+                # streamed model had already included; a young or fitted model's
+                # multi-person answers and a fitted model's one-person ones keep their own)
+                settled = a.included & a.streamed & (a.kind == MIXTURE) & a.device
+                multi["settled"][0].append(top[rows & settled & (names == "settled")])
+                multi["settled"][1].append(a.correct[rows & settled & (names == "settled")])
+                ones = settled & (live <= 1)
+                one["settled"].append(np.c_[a.evidence[ones], a.correct[ones]])
+                continue
             for name in multi:
                 multi[name][0].append(top[rows & (names == name)])
                 multi[name][1].append(a.correct[rows & (names == name)])
@@ -470,7 +490,7 @@ def fit_device_confidence(answers: list[dict], one_person_c: float = ONE_PERSON_
         counts[name] = int(x.size)
         log(f"{name} device confidence map: x {maps[name][0]} y {maps[name][1]} "
             f"({x.size} multi-person answers, right {y.mean():.3f} at confidence {x.mean():.3f} raw)")
-    every = np.vstack([r for rows in one.values() for r in rows]).astype(float)
+    every = np.vstack([r for name, rows in one.items() if name != "settled" for r in rows]).astype(float)
     # the range of sessions seen the fit rests on (model.ONE_PERSON_LOG_SESSIONS): answers
     # of models outside it are judged at its edge
     log_sessions = (round(float(every[:, 0].min()), 4), round(float(every[:, 0].max()), 4))

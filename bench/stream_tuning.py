@@ -295,6 +295,7 @@ def main() -> None:
     ap.add_argument("--worlds-per-family", type=int, default=None,
                     help="more TUNING-seed worlds (a prefix of the same households); e.g. 16 for 576 households")
     ap.add_argument("--singles", action="store_true", help="only the single-person households")
+    ap.add_argument("--leave-h", type=float, default=None, help="override LEAVE_GLR_H for this run")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--diagnose", default=None, metavar="TRACE_JSON",
                     help="only classify the misses of an earlier --trace --out file (its seed)")
@@ -313,6 +314,8 @@ def main() -> None:
         record_person_changes()
     if args.confirm_rise:
         model_module.STREAM_CONFIRM_RISE = True
+    if args.leave_h is not None:
+        model_module.LEAVE_GLR_H = args.leave_h
     if args.diagnose:
         doc = json.load(open(args.diagnose))
         split = worlds.TUNING if doc["seed"] == worlds.TUNING.seed else worlds.Split(

@@ -25,7 +25,7 @@ from services.clustering.batch_scoring import score_households
 from services.clustering.household import Envelope
 from services.clustering.modeling import ModelKeeper, known_person, persons_for
 from services.clustering.prediction_log import PredictionLog, PredictionRecord, SessionPerson
-from services.clustering.store import ClusteringStore, HouseholdView, IngestResult
+from services.clustering.store import ClusteringStore, HouseholdView, IngestResult, StoredSession
 from services.common.consent import ConsentChecker
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import InvalidArgument, NotFound
@@ -184,6 +184,7 @@ class ClusteringApp:
         self.require_processing([account_id])
         device_id = ""
         label = None
+        session = None
         if session_id:
             check_id(session_id, "session_id")
             # The session and its feedback label in one read transaction.
@@ -198,7 +199,7 @@ class ClusteringApp:
         together = bool(session_id) and self.predictions is not None and self.predictions.writes_session_persons
         (out,) = self._assign_rows(account_id, np.asarray(vector, dtype=np.float64)[None, :],
                                    [session_id], [device_id], [label],
-                                   [span if session_id else None], record_persons=together)
+                                   [span if session_id else None], record_persons=together, stored=session)
         if session_id and not together:
             self.store.set_persons(account_id, {session_id: out.person_id}, {session_id: out.probabilities})
         return out
@@ -234,10 +235,15 @@ class ClusteringApp:
     def _assign_rows(self, account_id: str, X: np.ndarray, session_ids: list[str],
                      device_ids: list[str], labels: list[str | None] | None = None,
                      spans: list[tuple[float, float] | None] | None = None,
-                     record_persons: bool = False) -> list[AssignmentOut]:
+                     record_persons: bool = False, stored: StoredSession | None = None) -> list[AssignmentOut]:
+        """``stored``: the one stored session X is (AssignSession by id): if the model
+        already includes it, it is answered as the keeper re-records it (the "settled"
+        confidence map), not as a new arrival."""
         X = self._check_vectors(X)
         version, envelope = self._model(account_id)
-        batch = envelope.model.assign_batch(X, device_ids=device_ids)
+        included = bool(stored is not None and stored.closed and envelope.model.streamed
+                        and self.store.closed_session_count(account_id, before=stored) < envelope.included)
+        batch = envelope.model.assign_batch(X, device_ids=device_ids, included=included)
         answers, records = self._answer(account_id, version, envelope.model, batch, session_ids, device_ids,
                                         labels, spans)
         if self.predictions is not None:   # durable before we answer

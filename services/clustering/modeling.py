@@ -182,6 +182,7 @@ class ModelKeeper:
                     base.retire_person(retire)
                 envelope = self.fit(snap, base, variant, account_id)
                 REFITS.labels(reason).inc()
+                answered_before = len(snap.sessions)   # a full fit includes every session
             else:
                 new = len(snap.sessions) - current.included
                 cold = current.model.n_sessions < MIN_SESSIONS
@@ -193,6 +194,7 @@ class ModelKeeper:
                     self._record_persons(account_id, snap, current, start=current.included)
                     return version, current
                 sessions_before = current.model.n_sessions
+                answered_before = current.included   # the rest arrive now
                 envelope = self._update(current, snap)
                 drift = self._check_drift(envelope, snap)
                 drift += _composition_rows(envelope.model, sessions_before, snap)
@@ -212,7 +214,7 @@ class ModelKeeper:
                 DRIFT_EVENTS.labels(row.drift_type).inc()
             with self._lock:
                 self._decoded[account_id] = (new_version, envelope)
-            self._record_persons(account_id, snap, envelope)
+            self._record_persons(account_id, snap, envelope, included=answered_before)
             return new_version, envelope
         raise Conflict(f"household model of {account_id!r} kept changing; try again", "account_id")
 
@@ -253,13 +255,19 @@ class ModelKeeper:
         envelope.drift_checked = len(snap.sessions)
         return rows
 
-    def _record_persons(self, account_id: str, snap: Snapshot, envelope: Envelope, start: int = 0) -> None:
+    def _record_persons(self, account_id: str, snap: Snapshot, envelope: Envelope, start: int = 0,
+                        included: int = 0) -> None:
         """Store each session's person and probabilities (what ResolvePersons and
-        GetHousehold serve); ``start``: only sessions from that position on."""
+        GetHousehold serve); ``start``: only sessions from that position on;
+        ``included``: the first sessions the model included before this update, whose
+        answers are re-recorded through the "settled" confidence map (in-sample answers
+        of a streamed model are right more often than at arrival at the same posterior);
+        the others are answered at arrival."""
         sessions = snap.sessions[start:]
         if not sessions:
             return
-        persons, probs = persons_for(envelope.model, sessions, snap.labels[start:], snap.X[start:])
+        persons, probs = persons_for(envelope.model, sessions, snap.labels[start:], snap.X[start:],
+                                     included=np.arange(start, len(snap.sessions)) < included)
         self.store.set_persons(account_id, persons, probs)
 
 
@@ -290,12 +298,14 @@ def _composition_rows(model: HouseholdModel, sessions_before: int, snap: Snapsho
 
 
 def persons_for(model: HouseholdModel, sessions: list[StoredSession], labels: list[str | None],
-                X: np.ndarray | None = None) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
+                X: np.ndarray | None = None, included: bool | np.ndarray = False,
+                ) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
     """Each session's person and probabilities under ``model`` (one vectorised call;
-    device ids as evidence), a labelled session being its labelled person."""
+    device ids as evidence), a labelled session being its labelled person; ``included``
+    (bool or per session): sessions the model already includes (HouseholdModel.assign_batch)."""
     if X is None:
         X = np.vstack([s.features for s in sessions]).astype(np.float64)
-    batch = model.assign_batch(X, device_ids=[s.device_id for s in sessions])
+    batch = model.assign_batch(X, device_ids=[s.device_id for s in sessions], included=included)
     ids = batch.person_ids
     persons = {s.session_id: ids[int(i)] for s, i in zip(sessions, batch.person_index)}
     probs = {s.session_id: {pid: round(float(p), 6) for pid, p in zip(ids, row)}

@@ -369,17 +369,24 @@ class ClusteringStore:
         sessions = [self._session_from_row(r, float(marks.get(r[2], 0.0)), now) for r in rows]
         return [s for s in sessions if s.closed]
 
-    def closed_session_count(self, account_id: str, now: float | None = None) -> int:
+    def closed_session_count(self, account_id: str, now: float | None = None,
+                             before: StoredSession | None = None) -> int:
         """How many of the account's sessions are closed (a session is closed one
         inactivity gap after its last event, by the later of the device watermark and
-        the clock) — without decrypting any vector."""
+        the clock) — without decrypting any vector. ``before``: only those before that
+        session in the order models are fitted on (closed_sessions: start time, then
+        id), i.e. its position in a model's sessions."""
         now = time.time() if now is None else now
+        earlier, args = "", ()
+        if before is not None:
+            earlier = "AND (s.start_ts < ? OR (s.start_ts = ? AND s.session_id < ?)) "
+            args = (before.start_ts, before.start_ts, before.session_id)
         with self.db.transaction() as tx:
             rows = tx.query(
                 "SELECT COUNT(*) FROM sessions s JOIN devices d ON d.account_id = s.account_id "
-                "AND d.device_id = s.device_id WHERE s.account_id = ? "
+                "AND d.device_id = s.device_id WHERE s.account_id = ? " + earlier +
                 "AND (CASE WHEN d.last_ts > ? THEN d.last_ts ELSE ? END) - s.end_ts > ?",
-                (account_id, now, now, self.gap_s))
+                (account_id, *args, now, now, self.gap_s))
         return int(rows[0][0])
 
     def session(self, account_id: str, session_id: str) -> StoredSession:

@@ -256,6 +256,17 @@ SINGLE_PERSON_CONFIDENCE = 0.8467
 #   on every session keeps one person almost only for a one-person household, a stream
 #   has one person until it meets the second. Pooling the two made streams
 #   overconfident (REPORTING ECE 0.088) and batch fits underconfident.
+# * whether the session is one the model already includes ("settled": ModelKeeper
+#   re-records every included session after each update, what GET /v1/household and
+#   ResolvePersons serve). A streamed model's in-sample answers are right more often
+#   than its at-arrival ones at the same posterior (TUNING, 7690 answers: 0.761 at raw
+#   0.802, vs 0.739 at 0.815 at arrival), so through the streamed map they were
+#   under-confident (REPORTING ECE 0.071, mean confidence 0.666 at accuracy 0.737).
+#   Fitted on the streamed model after the last arrival answering the sessions it had
+#   folded in before (bench._confidence.settled_answers); leave-one-world-out on the 96
+#   TUNING households, settled ECE 0.067 -> 0.048 (-> 0.040 with the settled one-person
+#   group below), batch and at-arrival unchanged (their maps never see these answers).
+#   Young and fitted models keep their maps (a fit's answers are all in-sample already).
 # (Tried and not kept: a map per device type besides. Personal-device answers are right
 # more often at the same posterior, but with five maps each was fitted on too few
 # households: leave-one-world-out on 96 TUNING households, ECE batch 0.067 -> 0.081,
@@ -264,6 +275,7 @@ YOUNG_MODEL_SESSIONS = 60
 DEVICE_CONFIDENCE_MAPS: dict[str, tuple[list[float], list[float]]] = {
     "fitted": ([0.3252, 0.359, 0.3927, 0.4264, 0.4602, 0.4939, 0.5277, 0.5614, 0.5951, 0.6289, 0.6626, 0.6964, 0.7301, 0.7638, 0.7976, 0.8313, 0.865, 0.8988, 0.9325, 0.9663, 1.0], [0.0, 0.34, 0.34, 0.3657, 0.4308, 0.4377, 0.4798, 0.5885, 0.6, 0.6182, 0.657, 0.657, 0.6991, 0.6991, 0.7778, 0.8022, 0.8273, 0.8464, 0.9032, 0.9427, 0.9427]),
     "streamed": ([0.2939, 0.3293, 0.3646, 0.3999, 0.4352, 0.4705, 0.5058, 0.5411, 0.5764, 0.6117, 0.647, 0.6823, 0.7176, 0.7529, 0.7882, 0.8235, 0.8588, 0.8941, 0.9294, 0.9647, 1.0], [0.2195, 0.2195, 0.2195, 0.2195, 0.3289, 0.3289, 0.4937, 0.4937, 0.4937, 0.5088, 0.5979, 0.5979, 0.6136, 0.6701, 0.6996, 0.6996, 0.7586, 0.7788, 0.8043, 0.8697, 0.8744]),
+    "settled": ([0.3175, 0.3516, 0.3857, 0.4199, 0.454, 0.4881, 0.5222, 0.5564, 0.5905, 0.6246, 0.6587, 0.6929, 0.727, 0.7611, 0.7952, 0.8294, 0.8635, 0.8976, 0.9317, 0.9659, 1.0], [0.0, 0.34, 0.34, 0.3973, 0.3973, 0.3973, 0.5298, 0.5298, 0.5608, 0.5608, 0.5994, 0.6178, 0.6178, 0.6858, 0.7317, 0.7611, 0.8011, 0.8155, 0.8676, 0.9029, 0.9199]),
     "young": ([0.4798, 0.5318, 0.5839, 0.6359, 0.6879, 0.7399, 0.7919, 0.8439, 0.896, 0.948, 1.0], [0.2, 0.4714, 0.4714, 0.4714, 0.5261, 0.6071, 0.6502, 0.6502, 0.6502, 0.6667, 0.8216]),
 }
 # A one-person answer's confidence: how likely "the only person the model knows" is right,
@@ -278,6 +290,12 @@ DEVICE_CONFIDENCE_MAPS: dict[str, tuple[list[float], list[float]]] = {
 # by leave-one-world-out on TUNING and on fresh TUNING-seed worlds (per-session evidence —
 # the session's device share, a personal device — sharpened the Brier score but made ECE
 # worse on worlds the fit had not seen; docs/clustering.md, "Confidence").
+# "settled": a streamed model's one-person answer about a session it already includes
+# (any age; bench._confidence.settled_answers): an old session is the main person's more
+# often than the newest (a member who joined shows up in the recent sessions first), and
+# a household still at one person at the end of a stream is mostly a real single
+# (TUNING leave-one-world-out, settled one-person ECE 0.180 -> 0.145; fitted on the ends
+# of the TUNING streams only, 1980 answers of some 37 households).
 ONE_PERSON_EVIDENCE = ("log_sessions", "devices")
 ONE_PERSON_MAX_DEVICES = 6                          # more devices: judged as 6
 # Sessions seen (log) outside the range the fit saw are judged at its edge: TUNING's
@@ -288,17 +306,20 @@ ONE_PERSON_CONFIDENCE: dict[str, tuple[float, tuple[float, ...]]] = {
     "fitted": (2.6549, (-0.1621, -0.488)),
     "young": (1.2657, (0.1273, -0.4393)),
     "mature": (5.1251, (-1.0123, -0.2409)),
+    "settled": (10.9887, (-1.8445, -0.8536)),
 }
 
 
-def device_map_name(young: bool, streamed: bool) -> str:
-    """Which of DEVICE_CONFIDENCE_MAPS answers (see above)."""
-    return "young" if young else "streamed" if streamed else "fitted"
+def device_map_name(young: bool, streamed: bool, settled: bool = False) -> str:
+    """Which of DEVICE_CONFIDENCE_MAPS answers (see above); ``settled``: the session is
+    one the model already includes (see "settled" above)."""
+    return "young" if young else ("settled" if settled else "streamed") if streamed else "fitted"
 
 
-def one_person_group(young: bool, streamed: bool) -> str:
-    """Which of ONE_PERSON_CONFIDENCE answers (see above)."""
-    return "young" if streamed and young else "mature" if streamed else "fitted"
+def one_person_group(young: bool, streamed: bool, settled: bool = False) -> str:
+    """Which of ONE_PERSON_CONFIDENCE answers (see above); ``settled``: about a session
+    the streamed model already includes (any age)."""
+    return ("settled" if settled else "young" if young else "mature") if streamed else "fitted"
 
 
 def one_person_evidence(n_sessions: int, devices: int, n: int = 1) -> np.ndarray:
@@ -308,19 +329,29 @@ def one_person_evidence(n_sessions: int, devices: int, n: int = 1) -> np.ndarray
     return np.tile([np.log(max(n_sessions, 1)), float(min(max(devices, 1), ONE_PERSON_MAX_DEVICES))], (n, 1))
 
 
-def one_person_confidence(evidence: np.ndarray, young: bool, streamed: bool = True) -> np.ndarray:
+def one_person_confidence(evidence: np.ndarray, young: bool, streamed: bool = True,
+                          settled: bool | np.ndarray = False) -> np.ndarray:
     """(N,) how sure a one-person answer of a model with device evidence is, from its
     ``evidence`` (one_person_evidence) and how the model came about (``streamed``:
-    sessions folded in since its last full fit; then by its age)."""
-    intercept, coef = ONE_PERSON_CONFIDENCE[one_person_group(young, streamed)]
+    sessions folded in since its last full fit; then by its age, or ``settled`` (bool
+    or (N,)): about a session it already includes)."""
     evidence = np.array(evidence, dtype=np.float64)
     evidence[:, 0] = np.clip(evidence[:, 0], *ONE_PERSON_LOG_SESSIONS)
-    return 1.0 / (1.0 + np.exp(-(intercept + evidence @ np.asarray(coef))))
+
+    def logistic(group: str, ev: np.ndarray) -> np.ndarray:
+        intercept, coef = ONE_PERSON_CONFIDENCE[group]
+        return 1.0 / (1.0 + np.exp(-(intercept + ev @ np.asarray(coef))))
+
+    out = logistic(one_person_group(young, streamed), evidence)
+    settled = np.broadcast_to(np.asarray(settled, dtype=bool), out.shape)
+    if streamed and settled.any():
+        out[settled] = logistic("settled", evidence[settled])
+    return out
 
 
 def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None, device: bool = False,
                          young: bool = False, one_person: np.ndarray | None = None,
-                         streamed: bool = True) -> np.ndarray:
+                         streamed: bool = True, settled: bool | np.ndarray = False) -> np.ndarray:
     """(N, K) probabilities with the top label mapped through the confidence map and
     the other persons rescaled to share the rest. The new top is floored just above
     p2 / (1 - top + p2) (p2 = the runner-up), where the rescaled runner-up would tie: the
@@ -332,7 +363,9 @@ def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None, device
     YOUNG_MODEL_SESSIONS sessions) and ``streamed`` (it has folded sessions in since its last
     full fit than that fit had, HouseholdModel.streamed) choose the map
     (``device_map_name``); ``one_person`` (N,): what a one-person row says instead
-    (``one_person_confidence`` of its evidence; None: SINGLE_PERSON_CONFIDENCE)."""
+    (``one_person_confidence`` of its evidence; None: SINGLE_PERSON_CONFIDENCE);
+    ``settled`` (bool or (N,)): rows about sessions the model already includes, which
+    a streamed mature model answers through the "settled" map instead."""
     if n_live is None:
         n_live = np.full(P.shape[0], P.shape[1])
     rows = np.arange(P.shape[0])
@@ -344,6 +377,10 @@ def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None, device
         xs, ys = CONFIDENCE_MAP_X, CONFIDENCE_MAP_Y
     one = SINGLE_PERSON_CONFIDENCE if one_person is None else np.asarray(one_person)
     new_top = np.interp(top, xs, ys).astype(P.dtype)
+    settled = np.broadcast_to(np.asarray(settled, dtype=bool), top.shape)
+    if device and settled.any() and device_map_name(young, streamed, True) == "settled":
+        sx, sy = DEVICE_CONFIDENCE_MAPS["settled"]
+        new_top[settled] = np.interp(top[settled], sx, sy)
     new_top = np.maximum(new_top, 1.0 / np.maximum(n_live, 1))
     if P.shape[1] > 1:
         runner_up = np.partition(P, -2, axis=1)[:, -2]
@@ -1499,9 +1536,12 @@ class HouseholdModel:
         assert self.kmeans is not None
         return self.kmeans.predict_proba(X[:, :F.FEATURE_DIM], KMEANS_TEMPERATURE if temperature is None else temperature)
 
-    def assign_batch(self, X: np.ndarray, device_ids: Sequence[str] | None = None) -> BatchAssignment:
+    def assign_batch(self, X: np.ndarray, device_ids: Sequence[str] | None = None,
+                     included: bool | np.ndarray = False) -> BatchAssignment:
         """Vectorised assignment of many sessions of this household (``device_ids``
-        optional: a device the model has not seen is judged by its type only)."""
+        optional: a device the model has not seen is judged by its type only;
+        ``included`` (bool or (N,)): the sessions the model already includes, whose
+        answers go through the "settled" confidence map, see DEVICE_CONFIDENCE_MAPS)."""
         X = _check_X(X)
         slots = self._known_slots(device_ids, X.shape[0])
         until = max(0, MIN_SESSIONS - self.n_sessions)
@@ -1517,9 +1557,10 @@ class HouseholdModel:
                 # device map: the sessions carry device ids the model knows
                 device = bool(self.device_evidence and (slots >= 0).any())
                 young = self.n_sessions < YOUNG_MODEL_SESSIONS
-                one = (one_person_confidence(self.one_person_evidence(X.shape[0]), young, self.streamed)
+                one = (one_person_confidence(self.one_person_evidence(X.shape[0]), young, self.streamed, included)
                        if device and P.shape[1] == 1 else None)
-                P = calibrate_confidence(P, device=device, young=young, one_person=one, streamed=self.streamed)
+                P = calibrate_confidence(P, device=device, young=young, one_person=one, streamed=self.streamed,
+                                         settled=included)
             ids = tuple(self.person_ids)
             strategy = self.active_variant
         idx = P.argmax(axis=1)

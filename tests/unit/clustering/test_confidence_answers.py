@@ -36,20 +36,21 @@ def test_the_raw_stream_answers_are_the_scored_streams_answers():
 
 
 def test_the_fit_gives_every_map_and_one_person_group_or_says_which_it_lacks():
-    answers = [C.household_answers(h) for h in _households(3)]
+    answers = [C.household_answers(h, settled=True) for h in _households(3)]
     try:
         out = fit_device_confidence(answers)
     except ValueError as exc:   # three households rarely have a one-person model of >= 60 streamed sessions
         assert "no answers for" in str(exc) and ("map" in str(exc) or "one-person group" in str(exc))
         # the groups it has are fitted: with one of each kind added it succeeds
-        mature = C.household_answers(_households(1)[0])
+        mature = C.household_answers(_households(1)[0], settled=True)
         s = mature["stream"]
         one = s.P[:, [0]] * 0 + 0.9
         s_one = C.RawAnswers(one, np.zeros(len(one), dtype=np.int64), np.full(len(one), 100), np.zeros(len(one), np.int8),
                              np.ones(len(one), bool), np.ones(len(one), bool), np.zeros(len(one), np.int64),
                              np.full(len(one), 2), np.zeros(len(one), np.int64), np.ones(len(one), bool),
                              s.evidence)
-        out = fit_device_confidence(answers + [{"batch": mature["batch"], "stream": s_one}])
+        out = fit_device_confidence(answers + [{"batch": mature["batch"], "stream": s_one,
+                                                "settled": mature["settled"]}])
     assert set(out["device_confidence_maps"]) == set(DEVICE_CONFIDENCE_MAPS)
     assert set(out["one_person_confidence"]) == set(ONE_PERSON_CONFIDENCE)
     for xs, ys in out["device_confidence_maps"].values():
@@ -107,3 +108,46 @@ def test_the_settled_stream_answers_every_session_with_the_final_model():
     assert settled_P.shape[1] == final.n_persons
     # the final model's answers, every session included (the service re-records them all)
     np.testing.assert_array_equal(settled, final.assign_batch(h.features, device_ids=h.device_id).person_index)
+
+
+def test_the_settled_answers_are_the_last_model_on_the_sessions_it_had_included():
+    h = _households(1)[0]
+    raw = C.household_answers(h, settled=True)
+    ans = raw["settled"]
+    _, _, _, (settled, _) = hearth_stream(h, settled=True)
+    np.testing.assert_array_equal(ans.pred, settled)   # the same persons as the scored view
+    last_arrival = (h.n_sessions - 1) // C.STREAM_BATCH * C.STREAM_BATCH
+    np.testing.assert_array_equal(ans.included, np.arange(h.n_sessions) < last_arrival)
+    assert (ans.age == h.n_sessions).all()
+
+
+def _one_person_answers(n: int = 200) -> list[dict]:
+    """Synthetic one-person answers of each group (few real households have them all)."""
+    rng = np.random.default_rng(1)
+    extra = []
+    for streamed, age in ((True, 30), (True, 120), (False, 120)):
+        devices = rng.choice([1, 5], n)
+        evidence = np.column_stack((np.full(n, np.log(age)), devices.astype(float)))
+        one = C.RawAnswers(np.ones((n, 1)), np.zeros(n, np.int64), np.full(n, age), np.zeros(n, np.int8),
+                           np.ones(n, bool), rng.random(n) < 0.7, np.zeros(n, np.int64), devices,
+                           np.zeros(n, np.int64), np.full(n, streamed), evidence)
+        extra.append({"batch": one, "stream": one})
+    return extra
+
+
+def test_settled_answers_fit_only_the_settled_map():
+    """The batch and at-arrival maps and one-person groups are the same with or without
+    the settled answers (they learn only the "settled" map and one-person group);
+    without them there are none."""
+    answers = [C.household_answers(h, settled=True) for h in _households(6)]
+    with_settled = fit_device_confidence(answers + _one_person_answers())
+    without = fit_device_confidence([{k: a[k] for k in ("batch", "stream")} for a in answers] + _one_person_answers())
+    assert set(with_settled["device_confidence_maps"]) == set(DEVICE_CONFIDENCE_MAPS)
+    assert set(without["device_confidence_maps"]) == set(DEVICE_CONFIDENCE_MAPS) - {"settled"}
+    for name, value in without["device_confidence_maps"].items():
+        assert with_settled["device_confidence_maps"][name] == value
+    assert set(with_settled["one_person_confidence"]) == set(ONE_PERSON_CONFIDENCE)
+    assert set(without["one_person_confidence"]) == set(ONE_PERSON_CONFIDENCE) - {"settled"}
+    for name, value in without["one_person_confidence"].items():
+        assert with_settled["one_person_confidence"][name] == value
+    assert with_settled["one_person_log_sessions"] == without["one_person_log_sessions"]

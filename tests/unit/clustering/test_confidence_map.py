@@ -119,11 +119,14 @@ def test_a_one_person_answer_of_a_fit_on_every_session_has_its_own_figure():
     assert one_person_group(young=True, streamed=False) == one_person_group(young=False, streamed=False) == "fitted"
     assert one_person_group(young=True, streamed=True) == "young"
     assert one_person_group(young=False, streamed=True) == "mature"
+    assert one_person_group(young=True, streamed=True, settled=True) == "settled"
+    assert one_person_group(young=False, streamed=False, settled=True) == "fitted"
     ev = one_person_evidence(60, 2)   # within the fitted range
     for group, (intercept, coef) in ONE_PERSON_CONFIDENCE.items():
-        young, streamed = {"fitted": (False, False), "young": (True, True), "mature": (False, True)}[group]
+        young, streamed, settled = {"fitted": (False, False, False), "young": (True, True, False),
+                                    "mature": (False, True, False), "settled": (False, True, True)}[group]
         expected = 1.0 / (1.0 + np.exp(-(intercept + ev[0] @ np.asarray(coef))))
-        np.testing.assert_allclose(one_person_confidence(ev, young, streamed), [expected])
+        np.testing.assert_allclose(one_person_confidence(ev, young, streamed, settled), [expected])
 
 
 def test_one_person_evidence_outside_what_the_fit_saw_is_judged_at_its_edge():
@@ -141,3 +144,44 @@ def test_one_person_evidence_outside_what_the_fit_saw_is_judged_at_its_edge():
                                    one_person_confidence(at_edge, young, streamed), rtol=1e-3)
         np.testing.assert_allclose(one_person_confidence(few, young, streamed),
                                    one_person_confidence(low_edge, young, streamed), rtol=1e-3)
+
+
+def test_a_streamed_model_answers_the_sessions_it_includes_through_the_settled_map(monkeypatch):
+    """A streamed model's in-sample answers (sessions it already includes, what the
+    keeper re-records) go through the "settled" map; new arrivals keep the streamed map;
+    a model fitted on every session keeps its own map whatever ``included`` says."""
+    from services.clustering.domain.model import HouseholdModel, device_map_name
+    values = _constant_maps(monkeypatch)
+    X, dev = _two_people_with_phones_and_a_tv()
+    m = HouseholdModel().fit(X[:40], device_ids=dev[:40])
+    for a in range(40, X.shape[0], 5):
+        m.update(X[a:a + 5], device_ids=dev[a:a + 5])
+    assert m.streamed and m.n_persons == 2
+    included = np.arange(X.shape[0]) < X.shape[0] - 5
+    out = m.assign_batch(X, device_ids=dev, included=included)
+    np.testing.assert_allclose(out.confidence[included], values["settled"])
+    np.testing.assert_allclose(out.confidence[~included], values["streamed"])
+    np.testing.assert_allclose(m.assign_batch(X, device_ids=dev).confidence, values["streamed"])
+    assert device_map_name(young=True, streamed=True, settled=True) == "young"
+    m.fit(X, device_ids=dev)
+    np.testing.assert_allclose(m.assign_batch(X, device_ids=dev, included=True).confidence, values["fitted"])
+
+
+def test_a_streamed_one_person_answer_about_an_included_session_has_the_settled_figure(monkeypatch):
+    from services.clustering.domain import model as M
+    from tests.unit.clustering.test_identity_signals import household, persona_sessions
+    # every one-person group a constant of its own (no slope): the answer says its group
+    intercepts = {name: -1.0 + 0.5 * i for i, name in enumerate(M.ONE_PERSON_CONFIDENCE)}
+    monkeypatch.setattr(M, "ONE_PERSON_CONFIDENCE", {n: (v, (0.0, 0.0)) for n, v in intercepts.items()})
+    value = {n: 1.0 / (1.0 + np.exp(-v)) for n, v in intercepts.items()}
+    rng = np.random.default_rng(11)
+    ts, X = persona_sessions(rng, 120, 60, 21, "tv", {"drama": 2, "crime": 1})
+    _, X, dev, _ = household([(ts, X, "tv", 0)])
+    m = M.HouseholdModel()
+    for a in range(0, X.shape[0], 5):
+        m.update(X[a:a + 5], device_ids=dev[a:a + 5])
+    assert m.n_persons == 1 and m.streamed and m.n_sessions >= M.YOUNG_MODEL_SESSIONS
+    included = np.arange(X.shape[0]) < X.shape[0] - 5
+    out = m.assign_batch(X, device_ids=dev, included=included)
+    np.testing.assert_allclose(out.confidence[included], value["settled"])
+    np.testing.assert_allclose(out.confidence[~included], value["mature"])
