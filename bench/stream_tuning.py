@@ -22,6 +22,11 @@ applies its ``anchored_*`` thresholds; ``--no-new-device`` turns that test off (
 baseline it is compared with). ``--trace`` also records, for a household with a change,
 each person's posterior mass on the changed member's sessions before and after it (truth,
 for the diagnosis only); ``--diagnose F`` classifies the misses of such a run (``diagnose``).
+``--paths`` logs every change of the persons with the stream path that made it and the
+session count (``person_changes``; the refit, the re-selection, either newcomer test), and
+``singles_split`` names the single-person households answered with more than one id;
+``--worlds-per-family 16 --singles`` streams the single-person households of more
+TUNING-seed worlds; ``--confirm-rise`` turns ``STREAM_CONFIRM_RISE`` on.
 It never reads the REPORTING split: choices are made here, figures are reported by
 ``python -m bench.accuracy --worlds-only``.
 """
@@ -60,6 +65,33 @@ def _masses(m: model_module.HouseholdModel) -> dict | None:
             "new": {str(r): (cum[n] - cum[n - r]).round(4).tolist() for r in looks}}
 
 
+# The stream's paths that change the persons (``--paths``): refits (device-first or, with
+# no personal device, as the batch fit), the BIC re-selection, the two newcomer tests.
+PERSON_PATHS = ("_refit_on_device_evidence", "_reselect", "_birth_of_newcomer", "_newcomer_on_new_device")
+_person_changes: list[dict] = []
+
+
+def record_person_changes() -> None:
+    """Wrap the stream's person-changing paths so that every change of the persons is
+    logged with the session count and the path that made it (which path split a
+    single-person stream, and when). Install before the worker processes fork."""
+    for name in PERSON_PATHS:
+        orig = getattr(model_module.HouseholdModel, name)
+        if getattr(orig, "_records_person_changes", False):
+            continue
+
+        def wrapped(self, *args, _orig=orig, _name=name, **kw):
+            before = (list(self.person_ids), self.device_group_count)
+            result = _orig(self, *args, **kw)
+            if (list(self.person_ids), self.device_group_count) != before:
+                _person_changes.append({"at": int(self.n_sessions), "path": _name.strip("_"),
+                                        "persons": [len(before[0]), len(self.person_ids)],
+                                        "device_groups": [before[1], self.device_group_count]})
+            return result
+        wrapped._records_person_changes = True
+        setattr(model_module.HouseholdModel, name, wrapped)
+
+
 def _member_masses(m: model_module.HouseholdModel, h: worlds.WorldHousehold, b: int) -> dict:
     """Diagnosis only (truth): each person's posterior mass on the changed member's
     sessions so far, before and after the change (buffer row i = session i while the
@@ -77,6 +109,7 @@ def _member_masses(m: model_module.HouseholdModel, h: worlds.WorldHousehold, b: 
 
 def _one(h: worlds.WorldHousehold, trace: bool = False) -> dict:
     ids, events, checks = [], [], []
+    _person_changes.clear()
     for a, b, m, out, new_events in E.stream_steps(h):
         events += [(b, ev["kind"]) for ev in new_events]
         if trace and m.mixture is not None and m.since_check == 0 and b >= 2 * model_module.MIN_SESSIONS:
@@ -93,7 +126,8 @@ def _one(h: worlds.WorldHousehold, trace: bool = False) -> dict:
     return {"id": h.household_id, "family": h.family, "persons": h.n_persons, "sessions": h.n_sessions,
             "change": (change.kind, change.session_index) if change else None, "quarters": quarters,
             "correct": correct.tolist(), "accuracy": float(correct.mean()),
-            "ids_used": int(np.unique(labels).size), "events": events, "checks": checks}
+            "ids_used": int(np.unique(labels).size), "events": events, "checks": checks,
+            "person_changes": list(_person_changes)}
 
 
 def select(hs: list[worlds.WorldHousehold], limit: int | None) -> list[worlds.WorldHousehold]:
@@ -254,6 +288,13 @@ def main() -> None:
     ap.add_argument("--no-new-device", action="store_true",
                     help="the new-device newcomer test never adds a person (the baseline without it)")
     ap.add_argument("--min-history", type=int, default=None, help="override CHANGE_MIN_HISTORY for this run")
+    ap.add_argument("--paths", action="store_true",
+                    help="log every change of the persons with the path that made it (person_changes)")
+    ap.add_argument("--confirm-rise", action="store_true",
+                    help="streaming refits: a rise in persons waits for a second refit (STREAM_CONFIRM_RISE on)")
+    ap.add_argument("--worlds-per-family", type=int, default=None,
+                    help="more TUNING-seed worlds (a prefix of the same households); e.g. 16 for 576 households")
+    ap.add_argument("--singles", action="store_true", help="only the single-person households")
     ap.add_argument("--leave-h", type=float, default=None, help="override LEAVE_GLR_H for this run")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--diagnose", default=None, metavar="TRACE_JSON",
@@ -269,6 +310,10 @@ def main() -> None:
         model_module.NEW_DEVICE_GAIN = float("inf")
     if args.min_history is not None:
         model_module.CHANGE_MIN_HISTORY = args.min_history
+    if args.paths:
+        record_person_changes()
+    if args.confirm_rise:
+        model_module.STREAM_CONFIRM_RISE = True
     if args.leave_h is not None:
         model_module.LEAVE_GLR_H = args.leave_h
     if args.diagnose:
@@ -281,7 +326,9 @@ def main() -> None:
     t0 = time.time()
     split = worlds.TUNING if args.seed == worlds.TUNING.seed else worlds.Split(
         **{**worlds.TUNING.__dict__, "seed": args.seed})
-    hs = select(worlds.generate(split), args.households)
+    hs = select(worlds.generate(split, worlds_per_family=args.worlds_per_family), args.households)
+    if args.singles:
+        hs = [h for h in hs if h.n_persons == 1]
     traces = [args.trace] * len(hs)
     if args.workers > 1:
         with ProcessPoolExecutor(args.workers) as pool:
@@ -294,6 +341,7 @@ def main() -> None:
     doc = json.dumps({"split": "tuning", "seed": args.seed, "households": len(hs),
                       "streaming_accuracy": float(correct.mean()),
                       "single_person_kept": float(np.mean(single)) if single else None,
+                      "singles_split": [o["id"] for o in outs if o["persons"] == 1 and o["ids_used"] > 1],
                       "composition_change": scores,
                       "households_detail": [{k: v for k, v in o.items() if k != "correct"} for o in outs],
                       "elapsed_s": round(time.time() - t0, 1)})

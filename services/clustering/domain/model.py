@@ -165,6 +165,15 @@ STREAM_SHARED_REFIT = True    # no personal device: refit the buffer as the batc
 STREAM_SHARED_RESELECT = False  # ... and the BIC re-selection between those refits
 STREAM_SHARED_HYSTERESIS = 40.0  # BIC units a new person count must win by in that refit
 STREAM_RESELECT_HOURS = True  # re-selection: a new person must show in the viewing hours (no personal device)
+# Streaming refits: more persons only when the refit without the newest sessions or the
+# next one agrees (a transient split of one borderline refit answers sessions with a second
+# id for good). Off: on TUNING (`bench.stream_tuning --paths [--confirm-rise]`, main
+# f14dd27 merged) single-person kept 0.964 -> 1.00 (28; 145 of worlds 0-15: 0.890 ->
+# 0.938), joins/leaves 0.48 -> 0.48, but streaming accuracy 0.640 -> 0.632 (every real
+# second person waits a check) and on main 54ed2a9 detection 0.44 -> 0.40; REPORTING,
+# measured once with it on: singles 0.889 unchanged, accuracy and detection lower
+# (docs/clustering.md, step 5; docs/benchmarks.md).
+STREAM_CONFIRM_RISE = False
 NEWCOMER_GRACE = 100      # sessions a reported newcomer is kept through refits (_drops_newcomer)
 DEVICE_SLOTS = 16  # distinct device ids a household model tells apart (more: judged by type)
 K_MAX = 6
@@ -541,6 +550,7 @@ class HouseholdModel:
         self.buffer_keys = np.zeros(0, dtype=np.int64)
         self.since_check = 0
         self.since_refit = 0
+        self.rise_pending = False  # a streaming refit's rise in persons awaits the next check (_refit_on_device_evidence)
         self.composition_events: list[dict] = []
         self.inactive: set[str] = set()  # persons reported as having left
         self.joined: set[str] = set()    # persons reported as having joined
@@ -1008,17 +1018,17 @@ class HouseholdModel:
         if shared_only and not (STREAM_SHARED_REFIT and self._device_ids_known(X)):
             return False
         self.since_refit += RESELECT_EVERY
-        if groups == self.device_group_count and self.since_refit < DEVICE_REFIT_EVERY:
+        confirming = self.rise_pending
+        if groups == self.device_group_count and self.since_refit < DEVICE_REFIT_EVERY and not confirming:
             return not (shared_only and STREAM_SHARED_RESELECT)
         self.since_refit = 0
+        self.rise_pending = False
         old_ids = list(self.person_ids)
         old_post = self._proba(X, temperature=1.0)
         kept = (self.mixture, self.device_group_count, self.next_person)
+        keys = self.buffer_keys.copy()
         try:
-            if shared_only:
-                self._refit_shared_only(X, self.buffer_keys.copy())
-            else:
-                self._fit_gmm(X, None, [], self.buffer_keys.copy(), group_min_z=min_z)
+            self._refit_buffer(X, keys, shared_only)
         except MixtureNumericalError:
             return True  # keep the current mixture; the service's refit will retry
         # A refit that renames or re-counts persons is not itself a member joining or
@@ -1028,8 +1038,48 @@ class HouseholdModel:
         if self._drops_newcomer(old_ids, new_ids):
             self.mixture, self.device_group_count, self.next_person = kept
             return True
+        if (STREAM_CONFIRM_RISE and not confirming and len(new_ids) > len(old_ids)
+                and not self._rise_seen_before(X, keys, shared_only, kept[0], len(new_ids))):
+            # More persons, found on this refit only: kept when the refit at the next
+            # check, with RESELECT_EVERY more sessions, finds them too. A session keeps the
+            # id it got on arrival, so a person found on one borderline refit and merged
+            # back on the next splits a single person's stream for good.
+            self.mixture, self.device_group_count, self.next_person = kept
+            self.rise_pending = True
+            return True
         self.person_ids = new_ids
         return True
+
+    def _refit_buffer(self, X: np.ndarray, keys: np.ndarray, shared_only: bool) -> None:
+        """The streaming refit of buffered sessions ``X``: as the batch fit without
+        personal devices (_refit_shared_only), device-first otherwise (the young z-bar
+        while the buffer is young)."""
+        if shared_only:
+            self._refit_shared_only(X, keys)
+        else:
+            min_z = STREAM_GROUP_MIN_Z if X.shape[0] < STREAM_GROUP_YOUNG else 0.0
+            self._fit_gmm(X, None, [], keys, group_min_z=min_z)
+
+    def _rise_seen_before(self, X: np.ndarray, keys: np.ndarray, shared_only: bool, current: Mixture,
+                          persons: int) -> bool:
+        """Would the same refit without the newest RESELECT_EVERY sessions (the buffer at
+        the last check) have found ``persons`` persons as well? Then the rise is not one
+        refit's borderline call and is taken at once; otherwise it waits for the next
+        check. The model's state is left as it was."""
+        n = X.shape[0] - RESELECT_EVERY
+        if n < MIN_SESSIONS:
+            return False
+        state = (self.mixture, self.device_group_count, self.buffer, self.buffer_keys, self.since_check,
+                 getattr(self, "_label_components", 0))
+        try:
+            self.mixture = current
+            self._refit_buffer(X[:n], keys[:n], shared_only)
+            return self.mixture.n_components >= persons
+        except MixtureNumericalError:
+            return False
+        finally:
+            (self.mixture, self.device_group_count, self.buffer, self.buffer_keys, self.since_check,
+             self._label_components) = state
 
     def _refit_shared_only(self, X: np.ndarray, keys: np.ndarray) -> None:
         """Streaming, device ids known but no personal device: refit the buffer as the
@@ -1613,6 +1663,7 @@ class HouseholdModel:
             "since_check": self.since_check, "composition_events": self.composition_events,
             "device_evidence": self.device_evidence, "device_group_count": self.device_group_count,
             "since_refit": self.since_refit, "fit_sessions": self.fit_sessions,
+            "rise_pending": self.rise_pending,
             "inactive": sorted(self.inactive), "joined": sorted(self.joined),
         }
         arrays: dict[str, np.ndarray] = {"cold_X": self.cold_X, "cold_slots": self.cold_slots,
@@ -1661,6 +1712,7 @@ class HouseholdModel:
         m.device_evidence = bool(meta.get("device_evidence", False))
         m.device_group_count = int(meta.get("device_group_count", 0))
         m.since_refit = int(meta.get("since_refit", 0))
+        m.rise_pending = bool(meta.get("rise_pending", False))
         # Stored before fit_sessions existed: how the model came about is unknown, and
         # the streamed maps (the less sure ones) are the safer answer.
         m.fit_sessions = int(meta.get("fit_sessions", 0))

@@ -234,6 +234,30 @@ def test_a_replaced_phone_is_not_taken_for_a_newcomer_with_a_device_of_their_own
     assert not m._new_device_is_old_member(m._buffer_X(), int(np.flatnonzero(dev == "phone-c")[0]))
 
 
+def test_the_stream_tuning_harness_logs_which_path_changed_the_persons(monkeypatch):
+    """bench.stream_tuning --paths: every change of the persons is logged with the session
+    count and the path that made it; a stream of two people on their own phones, the
+    second from session 40, logs a change that adds a person after 40 sessions."""
+    from bench import stream_tuning as S
+
+    for name in S.PERSON_PATHS:   # the wrappers are taken off again after the test
+        monkeypatch.setattr(HouseholdModel, name, getattr(HouseholdModel, name))
+    S.record_person_changes()
+    S.record_person_changes()   # idempotent: one log entry per change, not two
+    rng = np.random.default_rng(7)
+    parts = [(*persona_sessions(rng, 80, 60, 21, "mobile", {"drama": 2, "crime": 1}), "phone-a", 0),
+             (*persona_sessions(rng, 40, 30, 8, "mobile", {"kids": 2, "animation": 1}, kids=0.9, start_day=30.0),
+              "phone-b", 1)]
+    _, X, dev, _ = household(parts)
+    S._person_changes.clear()
+    m = HouseholdModel()
+    for a in range(0, X.shape[0], 5):
+        m.update(X[a:a + 5], device_ids=dev[a:a + 5])
+    rises = [c for c in S._person_changes if c["persons"][1] > c["persons"][0]]
+    assert rises and rises[0]["at"] > 40 and rises[0]["path"] in {p.strip("_") for p in S.PERSON_PATHS}
+    assert len(S._person_changes) == len({(c["at"], c["path"]) for c in S._person_changes})
+
+
 def test_the_tuning_diagnosis_puts_each_missed_change_in_the_first_class_that_fits():
     """bench.stream_tuning.diagnose (TUNING traces, truth read only to classify): found in
     the window; found late; a newcomer with at most 4 sessions in the 30 after; a
