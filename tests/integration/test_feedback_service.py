@@ -242,8 +242,8 @@ def test_calibration_report_before_and_after(database):
     assert set(groups) == {"gmm", "kmeans", "calibrated:gmm", "calibrated:kmeans"}
     assert report.calibrator_version == "gmm:1,kmeans:1"
     # In sample, the calibrated kmeans (strongly over-confident) must be better: its
-    # confidence moves toward its accuracy (~150 answers: the level shift is shrunk toward
-    # none by LEVEL_PRIOR = 100 pseudo-answers, so it closes a good part of the gap, not all).
+    # confidence moves toward its accuracy (~150 answers: the level shift is applied as far
+    # as it exceeds its own noise, fit_evidence_shift, so it closes most of the gap, not all).
     raw, calibrated = groups["kmeans"].summary, groups["calibrated:kmeans"].summary
     assert calibrated.ece < raw.ece
     gap_before = raw.mean_confidence - raw.accuracy
