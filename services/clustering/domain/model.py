@@ -499,6 +499,15 @@ def _heuristic_key(X: np.ndarray) -> np.ndarray:
     return np.where(X[:, F.KIDS_SHARE] >= 0.5, -1, dev)
 
 
+def _persons_of_groups(pred: np.ndarray, clamp: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(groups, persons): each clamped group 0..L-1 (device group or label) with the
+    predicted person 0..k-1 holding most of its sessions, one person per group
+    (Hungarian on the counts; with L > k only k groups get one)."""
+    counts = np.zeros((int(clamp.max()) + 1, k))
+    np.add.at(counts, (clamp[clamp >= 0], pred[clamp >= 0]), 1.0)
+    return linear_sum_assignment(-counts)
+
+
 class HouseholdModel:
     """See module docstring. Not thread-safe; the store serialises updates (CAS)."""
 
@@ -771,9 +780,7 @@ class HouseholdModel:
         free = fit_select_k(X, self.k_max, self.family, self.seed, self.n_init, criterion=self._criterion(X))
         pred = free.model.predict_proba(X).argmax(axis=1)
         k_free = free.model.n_components
-        counts = np.zeros((L, k_free))
-        np.add.at(counts, (clamp[clamp >= 0], pred[clamp >= 0]), 1.0)
-        rows, cols = linear_sum_assignment(-counts)
+        rows, cols = _persons_of_groups(pred, clamp, k_free)
         order = [int(c) for _, c in sorted(zip(rows, cols))] if L <= k_free else []
         if order:
             rest = [c for c in range(k_free) if c not in order]
@@ -806,9 +813,9 @@ class HouseholdModel:
                       keys: np.ndarray, group_min_z: float) -> None:
         """Feedback labels (the true person of a few sessions). Component j < L is
         label_names[j]. With device ids the labels name the persons of the unlabelled,
-        device-first fit instead of refitting around them. Why: the clamped EM search this replaces started from label
-        means and a bare BIC fit, dropping the device groups, the hour seedings and the
-        shared-only charge; in the mesh feedback reaches clustering (RecordLabels) and
+        device-first fit instead of refitting around them. Why: the clamped EM search
+        this replaces started from label means and a bare BIC fit, dropping the device
+        groups, the hour seedings and the shared-only charge; in the mesh feedback reaches clustering (RecordLabels) and
         refits the household, so 3.75 % of sessions labelled made it worse than none —
         TUNING (144 households, labels on a random 3.75 %, the other sessions scored):
         accuracy 0.741 without labels, 0.653 with them (ECE 0.018 -> 0.133); named, 0.731
@@ -843,9 +850,7 @@ class HouseholdModel:
         R = free.predict_proba(X)
         k = R.shape[1]
         pred = R.argmax(axis=1)
-        counts = np.zeros((L, k))
-        np.add.at(counts, (clamp[clamp >= 0], pred[clamp >= 0]), 1.0)
-        rows, cols = linear_sum_assignment(-counts)
+        rows, cols = _persons_of_groups(pred, clamp, k)
         if L > k:
             label_of = np.full(k, -1)
             label_of[cols] = rows            # every person of the fit gets a label here
