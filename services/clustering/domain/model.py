@@ -57,6 +57,9 @@ from services.clustering.domain.placement import discriminative_responsibilities
 MODEL_FORMAT_VERSION = 1
 MIN_SESSIONS = 10
 BIC_PENALTY = 1.0         # multiplier of BIC's parameter charge (tuned on TUNING worlds)
+# A person's second rhythm bin is reported as a peak hour only when it holds at least this
+# share of the top bin's mass (profiles(); a readable summary, not used by the fit).
+PEAK_SECOND_SHARE = 0.5
 RESELECT_EVERY = 10       # new sessions between checks of the number of persons
 SHARED_ONLY_BIC_PENALTY = 1.0  # see HouseholdModel._penalty
 # No personal device, batch fit: BIC's charge when the hours-separability merge
@@ -1748,7 +1751,13 @@ class HouseholdModel:
             hour = float(np.mod(np.arctan2(m[F.HOUR.start], m[F.HOUR.start + 1]) * 24 / (2 * np.pi), 24))
             if cells is not None:
                 by_bin = cells[j].sum(axis=0)
-                peak_hours = [int(b * 24 / RHYTHM_BINS) for b in np.argsort(by_bin)[::-1][:2] if by_bin[b] > 0]
+                # A second peak only when it is one: the person's posterior mass on other
+                # persons' sessions puts a little weight in every bin they use, and a
+                # morning-only watcher was shown "peak hours 8, 20" for 6 % of a TV
+                # neighbour's evenings.
+                top = np.argsort(by_bin)[::-1][:2]
+                peak_hours = [int(b * 24 / RHYTHM_BINS) for b in top
+                              if by_bin[b] > 0 and by_bin[b] >= PEAK_SECOND_SHARE * by_bin[top[0]]]
                 weekend_share = float(cells[j, 1].sum() / max(cells[j].sum(), 1e-12))
             else:
                 peak_hours, weekend_share = [int(hour)], None
