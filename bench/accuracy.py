@@ -394,12 +394,14 @@ def score_held_out(folds: list[str], answers: list[dict], name: str, families: l
     households' answers (the maps' top-label value moved by its device-group shift and
     floored at 1 / persons, as calibrate_confidence does; answers the maps leave alone
     kept raw). ECE of every answer per mode and per family, ECE / Brier of the one-person
-    answers."""
+    answers, and per mode the correlation over households of confidence − accuracy (their
+    multi-person answers) with their HOUSEHOLD_EVIDENCE: what the shift has left."""
     from bench._clustering_eval import ece
     from bench._confidence import COLD_ONE, MIXTURE
     from services.clustering.domain import model as M
     fold, families = np.asarray(folds), np.asarray(families)
     scored: dict[str, list] = {"batch": [], "stream": [], **({"settled": []} if "settled" in answers[0] else {})}
+    gaps: dict[str, list] = {mode: [] for mode in scored}   # per household: confidence - accuracy, evidence
     for held in np.unique(fold):
         fit = fit_device_confidence([a for a, f in zip(answers, fold) if f != held])
         lo, hi = fit["one_person_log_sessions"]
@@ -424,6 +426,10 @@ def score_held_out(folds: list[str], answers: list[dict], name: str, families: l
                     conf[i] = 1.0 / (1.0 + np.exp(-(intercept + x @ np.asarray(coef))))
                 at = a.checkpoint if a.checkpoint is not None else np.full(a.P.shape[0], np.nan)
                 scored[mode].append((conf, a.correct, one, at, np.full(conf.size, family)))
+                multi = a.device & (a.kind == MIXTURE) & (live > 1)
+                if multi.sum() >= 10:   # the household's miscalibration beside its evidence
+                    gaps[mode].append((conf[multi].mean() - a.correct[multi].mean(),
+                                       *M.household_evidence(a.groups[multi], live[multi]).mean(axis=0)))
     out = {}
     for mode, parts in scored.items():
         c, y, one, at, family = (np.concatenate([p[k] for p in parts]) for k in range(5))
@@ -436,6 +442,12 @@ def score_held_out(folds: list[str], answers: list[dict], name: str, families: l
                                            "confidence_minus_accuracy": round(float(c[family == f].mean()
                                                                                     - y[family == f].mean()), 4)}
                                   for f in np.unique(family)}
+        # what is left of the per-household miscalibration that the shift's evidence
+        # follows (about -0.5 for the device-group share with pooled maps, on TUNING)
+        g = np.array(gaps[mode])
+        out[mode]["household_gap_correlation"] = {
+            name: round(float(np.corrcoef(g[:, 0], g[:, 1 + j])[0, 1]), 3) if g[:, 1 + j].std() > 0 else None
+            for j, name in enumerate(M.HOUSEHOLD_EVIDENCE)}
         log(f"{name} {mode}: {out[mode]}")
     return out
 
