@@ -224,3 +224,12 @@ def test_the_household_shift_never_changes_who_and_bare_vectors_keep_their_map()
         np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-9)
     # the bare-vector map (no device ids) knows nothing of device groups
     np.testing.assert_array_equal(calibrate_confidence(P, live, device_groups=2), calibrate_confidence(P, live))
+
+
+def test_every_device_map_has_its_household_shift():
+    """A map added without its shift would fail every answer through it (KeyError):
+    --calibrate-confidence --device-maps-only fits one per map."""
+    from services.clustering.domain.model import DEVICE_CONFIDENCE_MAPS, DEVICE_CONFIDENCE_SHIFT, HOUSEHOLD_EVIDENCE
+    assert set(DEVICE_CONFIDENCE_SHIFT) == set(DEVICE_CONFIDENCE_MAPS)
+    for intercept, coef in DEVICE_CONFIDENCE_SHIFT.values():
+        assert np.isfinite(intercept) and len(coef) == len(HOUSEHOLD_EVIDENCE) and np.isfinite(coef).all()
