@@ -350,7 +350,8 @@ def calibrate_confidence(quick: bool) -> dict:
             "single_person_households": len(single)}
 
 
-def calibrate_device_confidence(quick: bool, leave_one_world_out: bool = False) -> dict:
+def calibrate_device_confidence(quick: bool, leave_one_world_out: bool = False,
+                                leave_one_family_out: bool = False) -> dict:
     """The device-evidence confidence maps of model.py, fitted on the TUNING worlds only
     (sessions with device ids): each session's uncalibrated answer from a batch fit and
     at its arrival in a time-ordered stream (bench/_confidence.py, the way the service
@@ -378,26 +379,33 @@ def calibrate_device_confidence(quick: bool, leave_one_world_out: bool = False) 
     with ProcessPoolExecutor(max(1, min(2, os.cpu_count() or 1))) as pool:
         answers = list(pool.map(partial(household_answers, settled=True), hs))
     out = {"households": len(hs), **fit_device_confidence(answers)}
-    if leave_one_world_out:
-        out["leave_one_world_out"] = score_leave_one_world_out([h.world_id for h in hs], answers)
+    if leave_one_world_out:   # every family's w-th world held out together
+        out["leave_one_world_out"] = score_held_out([h.world_id.rsplit("-w", 1)[1] for h in hs], answers,
+                                                    "leave-one-world-out", [h.family for h in hs])
+    if leave_one_family_out:  # a family the fit has never seen, as REPORTING's and blind's are
+        out["leave_one_family_out"] = score_held_out([h.family for h in hs], answers, "leave-one-family-out",
+                                                     [h.family for h in hs])
     return out
 
 
-def score_leave_one_world_out(world_ids: list[str], answers: list[dict]) -> dict:
-    """How the fit does on worlds it has not seen: per world index (every family's w-th
-    world held out together), the maps and one-person fit on the other worlds, scored on
-    the held-out households' answers (the maps' top-label value floored at 1 / persons,
-    as calibrate_confidence does; answers the maps leave alone kept raw). ECE of every
-    answer per mode, and ECE / Brier of the one-person answers."""
+def score_held_out(folds: list[str], answers: list[dict], name: str, families: list[str]) -> dict:
+    """How the fit does on households it has not seen: per fold (a world index, a
+    family), the maps and one-person fit on the other folds, scored on the held-out
+    households' answers (the maps' top-label value moved by its device-group shift and
+    floored at 1 / persons, as calibrate_confidence does; answers the maps leave alone
+    kept raw). ECE of every answer per mode and per family, ECE / Brier of the one-person
+    answers, and per mode the correlation over households of confidence − accuracy (their
+    multi-person answers) with their HOUSEHOLD_EVIDENCE: what the shift has left."""
     from bench._clustering_eval import ece
     from bench._confidence import COLD_ONE, MIXTURE
-    from services.clustering.domain.model import device_map_name, one_person_group
-    fold = np.array([w.rsplit("-w", 1)[1] for w in world_ids])
+    from services.clustering.domain import model as M
+    fold, families = np.asarray(folds), np.asarray(families)
     scored: dict[str, list] = {"batch": [], "stream": [], **({"settled": []} if "settled" in answers[0] else {})}
+    gaps: dict[str, list] = {mode: [] for mode in scored}   # per household: confidence - accuracy, evidence
     for held in np.unique(fold):
         fit = fit_device_confidence([a for a, f in zip(answers, fold) if f != held])
         lo, hi = fit["one_person_log_sessions"]
-        for ans in (a for a, f in zip(answers, fold) if f == held):
+        for ans, family in ((a, g) for a, f, g in zip(answers, fold, families) if f == held):
             for mode in scored:
                 a = ans[mode]
                 settled = a.included if mode == "settled" else np.zeros(a.P.shape[0], dtype=bool)
@@ -406,25 +414,41 @@ def score_leave_one_world_out(world_ids: list[str], answers: list[dict]) -> dict
                 young, cold = a.age < YOUNG_MODEL_SESSIONS, a.kind == COLD_ONE
                 one = a.device & (((a.kind == MIXTURE) & (live <= 1)) | cold)
                 for i in np.flatnonzero(a.device & (a.kind == MIXTURE) & (live > 1)):
-                    xs, ys = fit["device_confidence_maps"][device_map_name(bool(young[i]), bool(a.streamed[i]),
-                                                                           bool(settled[i]))]
-                    conf[i] = max(float(np.interp(conf[i], xs, ys)), 1.0 / live[i])
+                    map_name = M.device_map_name(bool(young[i]), bool(a.streamed[i]), bool(settled[i]))
+                    xs, ys = fit["device_confidence_maps"][map_name]
+                    value = M.shifted_confidence(np.interp(conf[i], xs, ys), M.household_shift(
+                        a.groups[i], live[i], fit["device_confidence_shift"][map_name]))
+                    conf[i] = max(float(value), 1.0 / live[i])
                 for i in np.flatnonzero(one):
                     intercept, coef = fit["one_person_confidence"][
-                        one_person_group(bool(young[i] or cold[i]), bool(a.streamed[i] or cold[i]))]
+                        M.one_person_group(bool(young[i] or cold[i]), bool(a.streamed[i] or cold[i]))]
                     x = np.r_[np.clip(a.evidence[i, 0], lo, hi), a.evidence[i, 1:]]
                     conf[i] = 1.0 / (1.0 + np.exp(-(intercept + x @ np.asarray(coef))))
                 at = a.checkpoint if a.checkpoint is not None else np.full(a.P.shape[0], np.nan)
-                scored[mode].append((conf, a.correct, one, at))
+                scored[mode].append((conf, a.correct, one, at, np.full(conf.size, family)))
+                multi = a.device & (a.kind == MIXTURE) & (live > 1)
+                if multi.sum() >= 10:   # the household's miscalibration beside its evidence
+                    gaps[mode].append((conf[multi].mean() - a.correct[multi].mean(),
+                                       *M.household_evidence(a.groups[multi], live[multi]).mean(axis=0)))
     out = {}
     for mode, parts in scored.items():
-        c, y, one, at = (np.concatenate([p[k] for p in parts]) for k in range(4))
+        c, y, one, at, family = (np.concatenate([p[k] for p in parts]) for k in range(5))
         out[mode] = {"ece": round(ece(c, y), 4), "one_person_answers": int(one.sum()),
                      "one_person_ece": round(ece(c[one], y[one]), 4),
                      "one_person_brier": round(float(np.mean((c[one] - y[one]) ** 2)), 4)}
         if not np.isnan(at).all():   # settled answers: also where in the stream
             out[mode]["ece_at"] = {f"{f:g}": round(ece(c[at == f], y[at == f]), 4) for f in np.unique(at)}
-        log(f"leave-one-world-out {mode}: {out[mode]}")
+        out[mode]["by_family"] = {str(f): {"ece": round(ece(c[family == f], y[family == f]), 4),
+                                           "confidence_minus_accuracy": round(float(c[family == f].mean()
+                                                                                    - y[family == f].mean()), 4)}
+                                  for f in np.unique(family)}
+        # what is left of the per-household miscalibration that the shift's evidence
+        # follows (about -0.5 for the device-group share with pooled maps, on TUNING)
+        g = np.array(gaps[mode])
+        out[mode]["household_gap_correlation"] = {
+            name: round(float(np.corrcoef(g[:, 0], g[:, 1 + j])[0, 1]), 3) if g[:, 1 + j].std() > 0 else None
+            for j, name in enumerate(M.HOUSEHOLD_EVIDENCE)}
+        log(f"{name} {mode}: {out[mode]}")
     return out
 
 
@@ -438,10 +462,11 @@ def fit_device_confidence(answers: list[dict], one_person_c: float = ONE_PERSON_
     from sklearn.linear_model import LogisticRegression
 
     from bench._confidence import COLD_ONE, MIXTURE
-    from services.clustering.domain.model import DEVICE_CONFIDENCE_MAPS, ONE_PERSON_EVIDENCE, device_map_name
+    from services.clustering.domain.model import (
+        DEVICE_CONFIDENCE_MAPS, HOUSEHOLD_EVIDENCE, ONE_PERSON_EVIDENCE, device_map_name, household_evidence)
     # the "settled" map only when settled answers were recorded (household_answers(settled=True))
-    multi: dict[str, tuple[list, list]] = {name: ([], []) for name in DEVICE_CONFIDENCE_MAPS
-                                           if name != "settled" or any("settled" in a for a in answers)}
+    multi: dict[str, tuple[list, list, list]] = {name: ([], [], []) for name in DEVICE_CONFIDENCE_MAPS
+                                                 if name != "settled" or any("settled" in a for a in answers)}
     one: dict[str, list] = {name: [] for name in ("fitted", "young", "mature")}   # (evidence..., right)
     for ans in answers:
         for mode in ("batch", "stream", "settled"):
@@ -453,22 +478,23 @@ def fit_device_confidence(answers: list[dict], one_person_c: float = ONE_PERSON_
             young = a.age < YOUNG_MODEL_SESSIONS
             rows = a.device & (a.kind == MIXTURE) & (live > 1)
             names = np.array([device_map_name(y, s, mode == "settled") for y, s in zip(young, a.streamed)])
+            household = household_evidence(a.groups, live)
             if mode == "settled":
                 # only the "settled" map learns from them (sessions a streamed mature model
                 # had already included; the other answers keep their own maps and groups)
                 rows &= a.included & (names == "settled")
-                multi["settled"][0].append(top[rows])
-                multi["settled"][1].append(a.correct[rows])
+                for column, values in zip(multi["settled"], (top, a.correct, household)):
+                    column.append(values[rows])
                 continue
             for name in multi:
-                multi[name][0].append(top[rows & (names == name)])
-                multi[name][1].append(a.correct[rows & (names == name)])
+                for column, values in zip(multi[name], (top, a.correct, household)):
+                    column.append(values[rows & (names == name)])
             cold = a.kind == COLD_ONE
             rows = a.device & (((a.kind == MIXTURE) & (live <= 1)) | cold)
             for name, sel in (("fitted", ~a.streamed & ~cold), ("young", (a.streamed & young) | cold),
                               ("mature", a.streamed & ~young & ~cold)):
                 one[name].append(np.c_[a.evidence[rows & sel], a.correct[rows & sel]])
-    maps, counts, tables = {}, {}, {}
+    maps, shifts, counts, tables = {}, {}, {}, {}
     empty = [f"map {n!r}" for n in multi if not sum(v.size for v in multi[n][0])] + \
         [f"one-person group {n!r}" for n in one if not sum(v.shape[0] for v in one[n])]
     if empty:   # a NaN in model.py would answer NaN confidences
@@ -486,8 +512,12 @@ def fit_device_confidence(answers: list[dict], one_person_c: float = ONE_PERSON_
             knots_y[-1] = max(knots_y[-2], float(y[top_cell].mean()))
         maps[name] = (np.round(grid, 4).tolist(), np.round(knots_y, 4).tolist())
         counts[name] = int(x.size)
+        household = np.vstack(multi[name][2])
+        shifts[name] = fit_household_shift(np.interp(x, *maps[name]), household, y)
         log(f"{name} device confidence map: x {maps[name][0]} y {maps[name][1]} "
-            f"({x.size} multi-person answers, right {y.mean():.3f} at confidence {x.mean():.3f} raw)")
+            f"({x.size} multi-person answers, right {y.mean():.3f} at confidence {x.mean():.3f} raw); "
+            f"logit shift: intercept {shifts[name][0]}, per unit of "
+            f"{dict(zip(HOUSEHOLD_EVIDENCE, shifts[name][1]))} (on average {np.round(household.mean(axis=0), 3)})")
     every = np.vstack([r for rows in one.values() for r in rows]).astype(float)
     # the range of sessions seen the fit rests on (model.ONE_PERSON_LOG_SESSIONS): answers
     # of models outside it are judged at its edge
@@ -505,8 +535,32 @@ def fit_device_confidence(answers: list[dict], one_person_c: float = ONE_PERSON_
         counts[f"one_person_{name}"] = int(ones.shape[0])
         log(f"{name} one-person confidence: intercept {tables[name][0]} coefficients "
             f"{dict(zip(ONE_PERSON_EVIDENCE, tables[name][1]))} ({ones.shape[0]} answers, right {y.mean():.3f})")
-    return {"device_confidence_maps": maps, "one_person_confidence": tables, "one_person_log_sessions": log_sessions,
-            "answers": counts}
+    return {"device_confidence_maps": maps, "device_confidence_shift": shifts, "one_person_confidence": tables,
+            "one_person_log_sessions": log_sessions, "answers": counts}
+
+
+HOUSEHOLD_SHIFT_L2 = 1.0   # ridge on the coefficients (TUNING, share alone: 300 no better out of sample; docs/benchmarks.md)
+
+
+def fit_household_shift(mapped: np.ndarray, evidence: np.ndarray, right: np.ndarray,
+                        l2: float = HOUSEHOLD_SHIFT_L2) -> tuple[float, tuple[float, ...]]:
+    """model.DEVICE_CONFIDENCE_SHIFT of one map: (intercept, coefficients) of a logistic
+    regression of "the answer is right" on the household ``evidence``
+    (model.household_evidence) with the logit of the map's value as offset (the map's
+    own slope kept)."""
+    from scipy.optimize import minimize
+    from scipy.special import expit, logit
+    offset = logit(np.clip(mapped, 1e-4, 1.0 - 1e-4))
+    A = np.column_stack((np.ones(len(right)), evidence))
+
+    def loss(w):
+        eta = offset + A @ w
+        residual = expit(eta) - right
+        ridge = np.r_[0.0, w[1:]]   # the intercept is not shrunk
+        return (np.sum(np.logaddexp(0.0, eta) - right * eta) + 0.5 * l2 * ridge @ ridge,
+                A.T @ residual + l2 * ridge)
+    w = minimize(loss, np.zeros(A.shape[1]), jac=True, method="L-BFGS-B").x
+    return round(float(w[0]), 4), tuple(round(float(c), 4) for c in w[1:])
 
 
 def run_worlds(quick: bool, streaming: bool = True, workers: int = 2) -> dict:
@@ -594,6 +648,9 @@ def main() -> None:
     ap.add_argument("--leave-one-world-out", action="store_true",
                     help="with --calibrate-confidence: also score the device fit on each TUNING world index "
                          "fitted on the others")
+    ap.add_argument("--leave-one-family-out", action="store_true",
+                    help="with --calibrate-confidence: also score the device fit on each TUNING family "
+                         "fitted on the other two (unseen families are what REPORTING and blind test)")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                     help="processes scoring the world households (same figures for any number)")
     args = ap.parse_args()
@@ -607,7 +664,8 @@ def main() -> None:
         return
     if args.calibrate_confidence:
         print(json.dumps({**({} if args.device_maps_only else {"bare": calibrate_confidence(args.quick)}),
-                          "device": calibrate_device_confidence(args.quick, args.leave_one_world_out)}))
+                          "device": calibrate_device_confidence(args.quick, args.leave_one_world_out,
+                                                                              args.leave_one_family_out)}))
         return
     if args.blind_only:
         print(json.dumps({"worlds_blind": run_blind(args.quick, streaming=not args.batch_only, workers=args.workers),

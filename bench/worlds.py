@@ -157,6 +157,19 @@ class WorldHousehold:
     watch_seconds: np.ndarray
     unknown_genre_share: float
     changes: list[CompositionChange] = field(default_factory=list)
+    # Per session: its last event's time (the session builder's end_ts) and the series ids
+    # its events carry (sorted). None for households built by hand in tests. Evidence the
+    # 35 features do not hold: which sessions overlap in time, which continue a series
+    # (bench.evidence_probe measures what each says about persons).
+    end_ts: np.ndarray | None = None
+    series: tuple[tuple[str, ...], ...] | None = None
+
+    @staticmethod
+    def session_series(sessions, events) -> tuple[tuple[str, ...], ...]:
+        """The series ids each session's events carry (sorted; empty when none): the
+        ``series`` field from the session builder's output and the events it was given."""
+        series_of = {ev.event_id: ev.series_id for ev in events if ev.series_id}
+        return tuple(tuple(sorted({series_of[e] for e in s.event_ids if e in series_of})) for s in sessions)
 
     @property
     def n_sessions(self) -> int:
@@ -403,7 +416,8 @@ def make_household(world: World, rng: np.random.Generator, household_id: str,
     assert X.shape[1] == FEATURE_DIM
     return WorldHousehold(household_id, world.family, world.world_id, X, person,
                           np.array([s.device_id for s in sessions]), np.array([s.device_type for s in sessions]),
-                          starts, np.array([s.watch_seconds for s in sessions]), unknown_share, changes)
+                          starts, np.array([s.watch_seconds for s in sessions]), unknown_share, changes,
+                          np.array([s.end_ts for s in sessions]), WorldHousehold.session_series(sessions, events))
 
 
 def generate(split: Split, families: tuple[str, ...] | None = None, worlds_per_family: int | None = None,

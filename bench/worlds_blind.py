@@ -505,6 +505,7 @@ def make_household(world: BlindWorld, rng: np.random.Generator, household_id: st
         features=np.vstack([s.features for s in sessions]).astype(np.float32), person=person_arr,
         device_id=np.array([s.device_id for s in sessions]), device_type=np.array([s.device_type for s in sessions]),
         start_ts=start, watch_seconds=np.array([s.watch_seconds for s in sessions]),
+        end_ts=np.array([s.end_ts for s in sessions]), series=WorldHousehold.session_series(sessions, valid),
         unknown_genre_share=n_unknown / max(n_labels, 1), changes=changes)
 
 

@@ -124,7 +124,8 @@ class SessionOut(BaseModel):
 class PersonOut(BaseModel):
     person_id: str
     session_count: int
-    peak_hours: list[int]
+    peak_hours: list[int] = Field(description="start of each 2-hour UTC bin where the person mostly watches: "
+                                  "the top bin, and the second when it holds at least half as many sessions")
     peak_days: list[str]
     devices: list[str]
     top_genres: list[str]

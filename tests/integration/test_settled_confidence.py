@@ -19,12 +19,18 @@ from tests.helpers.households import household_events
 T0 = time.time() - 90 * 86400
 
 
-@pytest.fixture
-def flat_maps(monkeypatch) -> dict[str, float]:
-    """Every device map flat at its own value: a stored probability says which map made it."""
+@pytest.fixture(params=[False, True], ids=["map", "map-and-household-shift"])
+def flat_maps(monkeypatch, request) -> dict[str, float]:
+    """Every device map flat at its own value: a stored probability says which map made it.
+    With the household shift (DEVICE_CONFIDENCE_SHIFT) a constant one per map, so the
+    keeper's stored answers show it was applied to each kind of answer."""
+    from scipy.special import expit, logit
     values = {name: 0.51 + 0.04 * i for i, name in enumerate(M.DEVICE_CONFIDENCE_MAPS)}
     monkeypatch.setattr(M, "DEVICE_CONFIDENCE_MAPS", {n: ([0.0, 1.0], [v, v]) for n, v in values.items()})
-    return values
+    intercepts = {n: 0.1 * (i + 1) if request.param else 0.0 for i, n in enumerate(values)}
+    monkeypatch.setattr(M, "DEVICE_CONFIDENCE_SHIFT",
+                        {n: (intercepts[n], (0.0,) * len(M.HOUSEHOLD_EVIDENCE)) for n in values})
+    return {n: float(expit(logit(v) + intercepts[n])) for n, v in values.items()}
 
 
 def test_included_sessions_are_stored_and_answered_through_the_settled_map(database, flat_maps):

@@ -9,9 +9,9 @@ import numpy as np
 from bench import _confidence as C
 from bench import worlds as W
 from bench._worlds_eval import hearth_stream, stream_steps
-from bench.accuracy import fit_device_confidence
-from services.clustering.domain.model import (DEVICE_CONFIDENCE_MAPS, MIN_SESSIONS, ONE_PERSON_CONFIDENCE,
-                                              ONE_PERSON_EVIDENCE)
+from bench.accuracy import fit_device_confidence, fit_household_shift
+from services.clustering.domain.model import (DEVICE_CONFIDENCE_MAPS, HOUSEHOLD_EVIDENCE, MIN_SESSIONS,
+                                              ONE_PERSON_CONFIDENCE, ONE_PERSON_EVIDENCE, household_evidence)
 
 
 def _households(n: int = 3):
@@ -57,6 +57,26 @@ def test_the_fit_gives_every_map_and_one_person_group_or_says_which_it_lacks():
         assert np.all(np.diff(xs) > 0) and np.all(np.diff(ys) >= 0) and 0.0 <= ys[0] and ys[-1] <= 1.0
     for intercept, coef in out["one_person_confidence"].values():
         assert np.isfinite(intercept) and len(coef) == len(ONE_PERSON_EVIDENCE) and np.isfinite(coef).all()
+    assert set(out["device_confidence_shift"]) == set(DEVICE_CONFIDENCE_MAPS)
+    for intercept, coef in out["device_confidence_shift"].values():
+        assert np.isfinite(intercept) and len(coef) == len(HOUSEHOLD_EVIDENCE) and np.isfinite(coef).all()
+
+
+def test_the_household_shift_recovers_how_much_more_often_device_backed_answers_are_right():
+    """Answers mapped to the same value, right more often where every person has a
+    device of their own: the fit finds that shift (and none where there is none)."""
+    rng = np.random.default_rng(3)
+    n = 20000
+    mapped = rng.uniform(0.4, 0.95, n)
+    groups = rng.integers(0, 4, n)
+    persons = rng.integers(2, 5, n)
+    evidence = household_evidence(groups, persons)
+    truth = (-0.6, (1.2, 0.0))
+    p = 1.0 / (1.0 + np.exp(-(np.log(mapped / (1 - mapped)) + truth[0] + evidence @ np.asarray(truth[1]))))
+    intercept, coef = fit_household_shift(mapped, evidence, (rng.random(n) < p).astype(float))
+    assert abs(intercept - truth[0]) < 0.25 and abs(coef[0] - truth[1][0]) < 0.25 and abs(coef[1]) < 0.1
+    intercept, coef = fit_household_shift(mapped, evidence, (rng.random(n) < mapped).astype(float))
+    assert abs(intercept) < 0.25 and np.abs(coef).max() < 0.15
 
 
 def test_the_recorded_one_person_evidence_is_what_the_model_answers_from():

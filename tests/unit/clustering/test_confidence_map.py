@@ -51,6 +51,9 @@ def _constant_maps(monkeypatch) -> dict[str, float]:
     values = {name: 0.51 + 0.04 * i for i, name in enumerate(M.DEVICE_CONFIDENCE_MAPS)}
     monkeypatch.setattr(M, "DEVICE_CONFIDENCE_MAPS",
                         {name: ([0.0, 1.0], [v, v]) for name, v in values.items()})
+    # no household shift either: the value is the map's own
+    monkeypatch.setattr(M, "DEVICE_CONFIDENCE_SHIFT",
+                        {name: (0.0, (0.0,) * len(M.HOUSEHOLD_EVIDENCE)) for name in M.DEVICE_CONFIDENCE_MAPS})
     return values
 
 
@@ -163,3 +166,70 @@ def test_a_streamed_model_answers_the_sessions_it_includes_through_the_settled_m
     m.fit(X, device_ids=dev)
     np.testing.assert_allclose(m.assign_batch(X, device_ids=dev, included=True).confidence, values["fitted"])
 
+
+
+def test_a_household_whose_persons_have_their_own_devices_moves_the_maps_answer(monkeypatch):
+    """The maps are pooled over households; the shift moves a map's value by what the
+    model knows of the household when it answers: the share of its persons backed by a
+    personal-device group and the persons it knows (every kind of answer, settled too)."""
+    from scipy.special import expit, logit
+
+    from services.clustering.domain import model as M
+    values = _constant_maps(monkeypatch)
+    shift = {"fitted": (0.2, (1.0, -0.1)), "streamed": (-0.3, (0.5, 0.0)), "settled": (0.3, (-0.5, 0.2)),
+             "young": (0.0, (0.0, 0.0))}
+    monkeypatch.setattr(M, "DEVICE_CONFIDENCE_SHIFT", shift)
+
+    def expected(name: str, share: float, persons: int) -> float:
+        intercept, (per_share, per_person) = shift[name]
+        return float(expit(logit(values[name]) + intercept + per_share * share + per_person * persons))
+
+    X, dev = _two_people_with_phones_and_a_tv()
+    m = M.HouseholdModel().fit(X, device_ids=dev)
+    assert m.n_persons == 2 and m.device_group_count == 2 and not m.streamed
+    np.testing.assert_allclose(m.assign_batch(X, device_ids=dev).confidence, expected("fitted", 1.0, 2), rtol=1e-6)
+    m.device_group_count = 1    # one person of two backed by a phone
+    np.testing.assert_allclose(m.assign_batch(X, device_ids=dev).confidence, expected("fitted", 0.5, 2), rtol=1e-6)
+
+    s = M.HouseholdModel().fit(X[:40], device_ids=dev[:40])
+    for a in range(40, X.shape[0], 5):
+        s.update(X[a:a + 5], device_ids=dev[a:a + 5])
+    assert s.streamed and s.n_persons == 2
+    share = min(s.device_group_count / 2, 1.0)
+    included = np.arange(X.shape[0]) < X.shape[0] - 5
+    out = s.assign_batch(X, device_ids=dev, included=included)
+    np.testing.assert_allclose(out.confidence[included], expected("settled", share, 2), rtol=1e-6)
+    np.testing.assert_allclose(out.confidence[~included], expected("streamed", share, 2), rtol=1e-6)
+
+
+def test_household_evidence_is_a_share_of_persons_and_the_persons_capped():
+    from services.clustering.domain.model import HOUSEHOLD_MAX_PERSONS, household_evidence
+    ev = household_evidence(3, np.array([2, 4, 1, 0, 40]))
+    np.testing.assert_allclose(ev[:, 0], [1.0, 0.75, 1.0, 1.0, 3 / 40])
+    np.testing.assert_allclose(ev[:, 1], [2, 4, 1, 1, HOUSEHOLD_MAX_PERSONS])
+    # the shift the model applies is the fit's regression on that evidence, written out
+    from services.clustering.domain.model import household_shift
+    shift = (-0.4, (1.3, 0.2))
+    np.testing.assert_allclose(household_shift(3, np.array([2, 4, 1, 0, 40]), shift),
+                               shift[0] + ev @ np.asarray(shift[1]))
+
+
+def test_the_household_shift_never_changes_who_and_bare_vectors_keep_their_map():
+    P = np.array([[0.40, 0.35, 0.25], [0.9, 0.1, 0.0], [0.6, 0.4, 0.0]])
+    live = np.array([3, 2, 2])
+    for groups in (0, 1, 2, 5):
+        out = calibrate_confidence(P, live, device=True, streamed=True, device_groups=groups,
+                                   settled=np.array([True, False, True]))
+        np.testing.assert_array_equal(out.argmax(axis=1), P.argmax(axis=1))
+        np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-9)
+    # the bare-vector map (no device ids) knows nothing of device groups
+    np.testing.assert_array_equal(calibrate_confidence(P, live, device_groups=2), calibrate_confidence(P, live))
+
+
+def test_every_device_map_has_its_household_shift():
+    """A map added without its shift would fail every answer through it (KeyError):
+    --calibrate-confidence --device-maps-only fits one per map."""
+    from services.clustering.domain.model import DEVICE_CONFIDENCE_MAPS, DEVICE_CONFIDENCE_SHIFT, HOUSEHOLD_EVIDENCE
+    assert set(DEVICE_CONFIDENCE_SHIFT) == set(DEVICE_CONFIDENCE_MAPS)
+    for intercept, coef in DEVICE_CONFIDENCE_SHIFT.values():
+        assert np.isfinite(intercept) and len(coef) == len(HOUSEHOLD_EVIDENCE) and np.isfinite(coef).all()

@@ -139,3 +139,24 @@ def test_device_ids_survive_serialisation_and_unknown_devices_score_by_type():
                                m.assign_batch(X, device_ids=dev).probabilities)
     unknown = m.assign_batch(X, device_ids=["never-seen"] * len(X))
     np.testing.assert_allclose(unknown.probabilities, m.assign_batch(X).probabilities)
+
+
+def test_profiles_report_each_persons_own_peaks_devices_and_genres():
+    """What GET /v1/household shows a caller about each person: a morning-only phone
+    watcher has one peak hour (not the TV neighbour's evening, whose sessions it holds a
+    few percent of), a TV watcher with two real peaks has both, and each has its own
+    device type and genres."""
+    rng = np.random.default_rng(7)
+    morning = persona_sessions(rng, 60, 60, 8.9, "mobile", {"news": 1.0})
+    evening = persona_sessions(rng, 40, 60, 21.0, "tv", {"drama": 1.0})
+    lunch = persona_sessions(rng, 30, 60, 13.0, "tv", {"drama": 1.0})
+    ts, X, dev, person = household([(*morning, "phone-a", 0), (*evening, "tv-1", 1), (*lunch, "tv-1", 1)])
+    model = HouseholdModel(seed=0).fit(X, device_ids=list(dev))
+    profiles = model.profiles()
+    assert len(profiles) == 2
+    by_device = {max(p["devices"], key=p["devices"].get): p for p in profiles}
+    phone, tv = by_device["mobile"], by_device["tv"]
+    assert phone["rhythm"]["peak_hours_utc"] == [8]
+    assert sorted(tv["rhythm"]["peak_hours_utc"]) == [12, 20]
+    assert phone["top_genres"][0] == "news" and tv["top_genres"][0] == "drama"
+    assert round(phone["sessions"] + tv["sessions"]) == 130

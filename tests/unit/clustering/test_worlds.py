@@ -63,3 +63,15 @@ def test_the_unknown_genre_knob_renames_genres_only_and_is_off_by_default():
     assert (a.person == b.person).all() and (a.start_ts == b.start_ts).all() and (a.device_id == b.device_id).all()
     assert b.unknown_genre_share > max(0.9, a.unknown_genre_share)
     assert not np.allclose(a.features, b.features)                  # the names reach the vectors
+
+
+def test_households_carry_each_sessions_end_and_series():
+    """end_ts and series come from the session builder's sessions and their events: a
+    session ends at or after it starts, and a binge family's households carry series ids
+    (the evidence bench.evidence_probe measures)."""
+    hs = W.generate(W.TUNING, families=("bingers",), worlds_per_family=1, households_per_world=2)
+    for h in hs:
+        assert h.end_ts.shape == (h.n_sessions,) and np.all(h.end_ts >= h.start_ts)
+        assert len(h.series) == h.n_sessions
+        assert all(list(s) == sorted(set(s)) for s in h.series)
+    assert any(s for h in hs for s in h.series)
