@@ -906,7 +906,11 @@ class HouseholdModel:
             # (the existing simulator, 5 % labelled: 0.954 / 0.960 / 0.860 by difficulty,
             # against 0.887 / 0.951 / 0.834 when the labels only name persons).
             self.mixture = self._best_clamped(X, clamp, keys, tv_only_seedings=False)
-        self.device_group_count = 0
+            self.device_group_count = 0
+        # (with device ids the device-first fit set device_group_count and the labels only
+        # name its persons: its personal-device groups still back them, and the confidence
+        # maps' household shift reads them — zeroed, a household's answers moved as if it
+        # had no personal device once it got feedback)
         self._label_components = len(label_names)
         self._reset_buffer(X, keys)
 

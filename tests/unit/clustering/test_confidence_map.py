@@ -233,3 +233,20 @@ def test_every_device_map_has_its_household_shift():
     assert set(DEVICE_CONFIDENCE_SHIFT) == set(DEVICE_CONFIDENCE_MAPS)
     for intercept, coef in DEVICE_CONFIDENCE_SHIFT.values():
         assert np.isfinite(intercept) and len(coef) == len(HOUSEHOLD_EVIDENCE) and np.isfinite(coef).all()
+
+
+def test_labels_that_name_the_fits_persons_leave_its_answers_as_they_were():
+    """Feedback labels that name the device-first fit's persons only rename them: every
+    session's probabilities are the unlabelled fit's (the same distribution over persons,
+    confidence maps included: the fit's personal-device groups still back its persons)."""
+    from services.clustering.domain.model import HouseholdModel
+    X, dev = _two_people_with_phones_and_a_tv()
+    free = HouseholdModel().fit(X, device_ids=dev)
+    groups = free.device_group_count
+    assert free.n_persons == 2 and groups == 2
+    first = free.assign_batch(X, device_ids=dev).person_index
+    labels = [f"m{p}" if i % 20 == 0 else None for i, p in enumerate(first)]
+    named = HouseholdModel().fit(X, labels=labels, device_ids=dev)
+    assert named.device_group_count == groups
+    np.testing.assert_allclose(np.sort(named.assign_batch(X, device_ids=dev).probabilities, axis=1),
+                               np.sort(free.assign_batch(X, device_ids=dev).probabilities, axis=1), atol=1e-9)
