@@ -22,8 +22,6 @@ reported per household per quarter (91 days) of monitored time.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.linear_model import LogisticRegression
@@ -32,7 +30,6 @@ from sklearn.mixture import GaussianMixture
 from sklearn.model_selection import StratifiedKFold
 
 from bench._clustering_eval import brier_ece_parts, ece, match, matched_correct
-from bench.evidence_probe import series_links
 from bench.worlds import PERSONAL_TYPES, WorldHousehold
 from services.clustering.domain import features as F
 from services.clustering.domain.model import CHANGE_LOOKBACK, CHANGE_MIN_HISTORY, HouseholdModel
@@ -48,16 +45,9 @@ QUARTER_S = 91 * 86_400.0
 
 # ---- methods ---------------------------------------------------------------------------
 
-# HEARTH_BENCH_SERIES_LINKS=1: the batch fit and its answers also get the household's
-# series continuation links (bench.evidence_probe.series_links; HouseholdModel.fit's
-# ``series_links``). Off by default: the service does not pass them yet.
-SERIES_LINKS = os.environ.get("HEARTH_BENCH_SERIES_LINKS", "") == "1"
-
-
-def hearth_batch(h: WorldHousehold, series: bool | None = None, **kw):
-    links = series_links(h) if (SERIES_LINKS if series is None else series) else None
-    m = HouseholdModel(**kw).fit(h.features, device_ids=h.device_id, series_links=links)
-    b = m.assign_batch(h.features, device_ids=h.device_id, series_links=links)
+def hearth_batch(h: WorldHousehold, **kw):
+    m = HouseholdModel(**kw).fit(h.features, device_ids=h.device_id)
+    b = m.assign_batch(h.features, device_ids=h.device_id)
     return b.person_index, b.probabilities
 
 

@@ -53,7 +53,6 @@ from services.clustering.domain.persons import (
     hour_seedings, merge_by_viewing_hours, novel_sessions, personal_device_groups,
 )
 from services.clustering.domain.placement import discriminative_responsibilities
-from services.clustering.domain.series import check_links, linked_posterior
 
 MODEL_FORMAT_VERSION = 1
 MIN_SESSIONS = 10
@@ -75,13 +74,6 @@ SHARED_ONLY_MERGED_BIC_PENALTY = 0.75
 # ones (persons.hour_seedings). TUNING worlds, the 39 such households: size exact
 # 0.487 -> 0.538, accuracy 0.721 -> 0.724, single-person kept 1.00 -> 1.00.
 HOUR_SEEDINGS = True
-# Series continuation links (``fit(series_links=...)``, domain/series.py): the Potts
-# weight of a link in the batch fit's E-step (nats, untempered log joint) and in the
-# answers (on the tempered scale, log_joint / temperature), and the EM iterations with the
-# term after the fit's own selection. Chosen on TUNING (docs/benchmarks.md, session 10).
-SERIES_FIT_WEIGHT = 1.27
-SERIES_ANSWER_WEIGHT = 1.27
-SERIES_FIT_ITERS = 5
 DEVICE_CRITERION: str | None = "bic"  # see HouseholdModel._criterion
 # With personal-device groups: the share of the shared-device sessions least like the
 # groups' own that seed a TV-only member (HouseholdModel._tv_only_seedings). TUNING
@@ -718,20 +710,15 @@ class HouseholdModel:
 
     def fit(self, X: np.ndarray, labels: Sequence[str | None] | None = None,
             keys: np.ndarray | None = None, device_ids: Sequence[str] | None = None, *,
-            inject_gmm_failure: bool = False, group_min_z: float = 0.0,
-            series_links: np.ndarray | None = None) -> HouseholdModel:
+            inject_gmm_failure: bool = False, group_min_z: float = 0.0) -> HouseholdModel:
         """Full refit on all of the household's sessions (ids stay stable).
         ``device_ids`` (one per session, optional) lets the model use device identity.
         ``inject_gmm_failure``: the GMM fit raises ``MixtureNumericalError`` as a real
         numerical failure would (fault injection, HEARTH_FAULT_GMM_NUMERICAL), so the
         k-means fallback can be exercised end to end. ``group_min_z``: the device
-        groups' z-bar (persons.personal_device_groups; the stream's first fit).
-        ``series_links`` ((L, 2) session index pairs, optional): sessions that continue a
-        series (domain/series.py); the fit's persons are refined with their Potts term
-        (_refine_with_links). None: the fit is exactly the one without links."""
+        groups' z-bar (persons.personal_device_groups; the stream's first fit)."""
         X = _check_X(X)
         n = X.shape[0]
-        series_links = check_links(series_links, n)
         slots = self.slots_for(device_ids, n)
         keys = np.arange(n, dtype=np.int64) if keys is None else np.asarray(keys, dtype=np.int64)
         if keys.shape[0] != n:
@@ -757,8 +744,6 @@ class HouseholdModel:
                 if inject_gmm_failure:
                     raise MixtureNumericalError("injected numerical failure (fault injection)")
                 self._fit_gmm(Xa, labels, label_names, keys, group_min_z=group_min_z)
-                if series_links is not None and series_links.shape[0]:
-                    self._refine_with_links(Xa, series_links, keys, group_min_z)
                 self.kmeans = None
                 self.fallback = False
             except MixtureNumericalError:
@@ -774,28 +759,6 @@ class HouseholdModel:
         self.cold_X = np.zeros((0, F.FEATURE_DIM))
         self.cold_slots = np.zeros(0, dtype=np.int64)
         return self
-
-    def _refine_with_links(self, X: np.ndarray, links: np.ndarray, keys: np.ndarray,
-                           group_min_z: float) -> None:
-        """EM from the selected fit with the series links' Potts term in the E-step
-        (mean field, domain/series.py), SERIES_FIT_ITERS iterations: persons form around
-        series chains. The personal-device groups stay clamped (they keep priority over
-        a link); a person left with no session is dropped. The count is the selection's
-        (or fewer): the links move sessions between the persons it found."""
-        assert self.mixture is not None
-        clamp = self._device_groups(X, group_min_z) if self.device_group_count > 0 else None
-        mixture = self.mixture
-        for _ in range(SERIES_FIT_ITERS):
-            if mixture.n_components < 2:
-                break
-            R = linked_posterior(mixture.log_joint(X), links, SERIES_FIT_WEIGHT, clamp)
-            try:
-                refit = Mixture.from_responsibilities(mixture.family, X, R, keys)
-            except MixtureNumericalError:
-                break  # the fit without the links' last step stands
-            refit.prune()  # the groups are persons 0..L-1 and hold their sessions: never pruned
-            mixture = refit
-        self.mixture = mixture
 
     def _device_groups(self, Xa: np.ndarray, min_z: float = 0.0) -> np.ndarray:
         """(N,) personal-device person group per session (-1: no identity), see persons.py;
@@ -1685,17 +1648,12 @@ class HouseholdModel:
         return self.kmeans.predict_proba(X[:, :F.FEATURE_DIM], KMEANS_TEMPERATURE if temperature is None else temperature)
 
     def assign_batch(self, X: np.ndarray, device_ids: Sequence[str] | None = None,
-                     included: bool | np.ndarray = False,
-                     series_links: np.ndarray | None = None) -> BatchAssignment:
+                     included: bool | np.ndarray = False) -> BatchAssignment:
         """Vectorised assignment of many sessions of this household (``device_ids``
         optional: a device the model has not seen is judged by its type only;
         ``included`` (bool or (N,)): the sessions the model already includes, whose
-        answers go through the "settled" confidence map, see DEVICE_CONFIDENCE_MAPS;
-        ``series_links`` ((L, 2) pairs of rows of ``X``): the series links among these
-        sessions, whose Potts term joins the mixture's posterior (domain/series.py,
-        SERIES_ANSWER_WEIGHT) before the confidence maps)."""
+        answers go through the "settled" confidence map, see DEVICE_CONFIDENCE_MAPS)."""
         X = _check_X(X)
-        series_links = check_links(series_links, X.shape[0])
         slots = self._known_slots(device_ids, X.shape[0])
         until = max(0, MIN_SESSIONS - self.n_sessions)
         if self.active_variant == "cold_start":
@@ -1705,11 +1663,7 @@ class HouseholdModel:
                 # one person for now: as sure as a young one-person model is right
                 P = one_person_confidence(self.one_person_evidence(X.shape[0]), True, streamed=True)[:, None].astype(P.dtype)
         else:
-            if series_links is not None and self.mixture is not None:
-                P = linked_posterior(self.mixture.log_joint(self._augment(X, slots)) / self.temperature,
-                                     series_links, SERIES_ANSWER_WEIGHT)
-            else:
-                P = self._proba(self._augment(X, slots))
+            P = self._proba(self._augment(X, slots))
             if self.calibrated and self.mixture is not None:
                 # device map: the sessions carry device ids the model knows
                 device = bool(self.device_evidence and (slots >= 0).any())
