@@ -109,6 +109,66 @@ def hearth_stream(h: WorldHousehold, batch: int = STREAM_BATCH, settled: bool = 
     return (*at_arrival, (final.person_index, final.probabilities))
 
 
+def feedback_labels(h: WorldHousehold, fed: np.ndarray, upto: int | None = None) -> list[str | None]:
+    """The labels explicit feedback gives (the true person of each ``fed`` session),
+    None elsewhere; the first ``upto`` sessions (all by default)."""
+    upto = h.n_sessions if upto is None else upto
+    return [f"m{p}" if f else None for p, f in zip(h.person[:upto], fed[:upto])]
+
+
+def hearth_batch_fed(h: WorldHousehold, fed: np.ndarray, **kw) -> np.ndarray:
+    """(n, persons) every session's answer once feedback on the ``fed`` sessions has
+    reached clustering: the household refitted with their true persons as labels
+    (feedback -> forward_label -> RecordLabels -> a full refit with every label)."""
+    m = HouseholdModel(**kw).fit(h.features, labels=feedback_labels(h, fed), device_ids=h.device_id)
+    return m.assign_batch(h.features, device_ids=h.device_id).probabilities
+
+
+NEW_MEMBER_ID = 1000   # hearth_stream_fed: a labelled member without an id gets p1000 + member
+
+
+def hearth_stream_fed(h: WorldHousehold, fed: np.ndarray, batch: int = STREAM_BATCH, **kw) -> np.ndarray:
+    """The time-ordered stream with feedback as the mesh runs it: each session is answered
+    at its arrival; a ``fed`` session's feedback follows its answer and reaches
+    clustering as a label, which refits the household on every session so far with
+    every label so far (ModelKeeper.refresh(force="labels")) before the next arrival is
+    folded in. Returns the at-arrival answers (n, persons), columns as hearth_stream's.
+
+    The label is a person id, as the feedback service forwards it (the predicted id when
+    confirmed, the caller's id of the true person when corrected): a member keeps the
+    id the household's answers have given them most often among the persons it answers
+    with now (cold-start persons included; taken the first time they are labelled, one
+    id per member); a member with no id of their own yet gets a fresh id (a person the
+    model has not met; an id, as feedback forwards only ids: a name and an id could both
+    stand for one person, which the model does not expect)."""
+    ids: list[str] = []
+    probs: list[dict[str, float]] = []
+    labels: list[str | None] = [None] * h.n_sessions
+    id_of: dict[int, str] = {}
+    for a, b, m, out, _ in stream_steps(h, batch, **kw):
+        for r in range(b - a):
+            ids.append(out.person_ids[int(out.person_index[r])])
+            probs.append({pid: float(p) for pid, p in zip(out.person_ids, out.probabilities[r])})
+        if not fed[a:b].any():
+            continue
+        for i in np.flatnonzero(fed[a:b]) + a:
+            true = int(h.person[i])
+            if true not in id_of:
+                answered = [pid for pid, t in zip(ids, h.person[:b]) if t == true
+                            and pid in out.person_ids and pid not in id_of.values()]
+                # (a member the household has no id for: the caller names a fresh one)
+                id_of[true] = max(set(answered), key=answered.count) if answered else f"p{NEW_MEMBER_ID + true}"
+            labels[i] = id_of[true]
+        # ModelKeeper.fit: a label that is a person id keeps that id
+        for lab in {lab for lab in labels[:b] if lab and lab.startswith("p") and lab[1:].isdigit()}:
+            if lab not in m.label_map:
+                m.label_map[lab] = lab
+                m.next_person = max(m.next_person, int(lab[1:]) + 1)
+        # refitted in place: stream_steps folds the next arrival into this model
+        m.fit(h.features[:b], labels=labels[:b], device_ids=h.device_id[:b])
+    return columns(probs, sorted(set(ids) | {k for p in probs for k in p}))
+
+
 def periodic_refit_stream(h: WorldHousehold, every: int = 50):
     """Baseline for composition change: a full refit every ``every`` sessions (k
     re-selected); a change of the person count counts as a composition event."""
@@ -256,7 +316,10 @@ def after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], ages: list
     fitted on the answers of a random DEFAULT_FEEDBACK_RATE (3.75 %) of all sessions,
     each with the model person its true person is matched to (or "someone else" when
     the model has no such person), and clustering applies it to every answer. Scored on
-    the other 96.25 %.
+    the other 96.25 %. This is the calibrator alone, on answers of households never
+    refitted with the labels; ``run`` adds the whole loop (``mesh_after_feedback``: the
+    labels refit the households too) as ``mesh``, makes its mean ``ece_after`` and keeps
+    this function's ``ece_after`` as ``ece_after_calibrator_only``.
 
     ``ages`` (per household, per session: the sessions the model had seen when it
     answered, which clustering records with each prediction): the calibrator is the
@@ -327,6 +390,60 @@ def after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], ages: list
     draws = np.random.default_rng(seed)
     out["ece_floor_calibrated"] = float(np.mean([ece(conf, draws.random(conf.size) < conf) for _ in range(5)]))
     return out
+
+
+FEEDBACK_MESH_DRAWS = 3   # draws of the whole loop (each refits every household: see run)
+
+
+def feedback_draws(hs: list[WorldHousehold], draws: int = FEEDBACK_MESH_DRAWS, seed: int = 0) -> list[list[np.ndarray]]:
+    """Per household, the sessions that get feedback in each of ``draws`` draws: the
+    pooled masks after_feedback draws (seed, seed + 1, ...: the benchmark's own draw and
+    the first of its other draws) cut back into households, so the whole loop and the
+    calibrator alone are scored on the same feedback."""
+    from services.feedback.domain.evaluation import DEFAULT_FEEDBACK_RATE, feedback_mask
+    edges = np.cumsum([0] + [h.n_sessions for h in hs])
+    masks = [feedback_mask(int(edges[-1]), DEFAULT_FEEDBACK_RATE, seed + d) for d in range(draws)]
+    return [[m[edges[i]:edges[i + 1]] for m in masks] for i in range(len(hs))]
+
+
+def mesh_after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], fed_probs: list[list[np.ndarray]],
+                        fed: list[list[np.ndarray]], ages: list[np.ndarray], sample_before: bool) -> dict:
+    """ECE after feedback as the mesh runs the whole loop, per draw of ``fed`` (per
+    household, per draw: the sessions with feedback) and as the mean over draws, on the
+    sessions without feedback:
+
+    * ``no_feedback``: the answers without any feedback (``probs``);
+    * ``calibrator_only``: the feedback service's calibrator applied to them (what
+      ``ece_after_draws`` scores; the mesh's answers until labels reached clustering);
+    * ``labels_only``: the answers of the households refitted with the labels
+      (``fed_probs``, per household per draw);
+    * ``mesh`` (the figure): the calibrator applied to the refitted households' answers.
+
+    The calibrator is fitted on the fed sessions' answers as the feedback service
+    recorded them, i.e. as served before their feedback: ``sample_before`` (batch fits:
+    every session was answered before any feedback) from ``probs``, else (streams: each
+    session is answered at arrival, after the feedback on earlier ones) from
+    ``fed_probs``."""
+    from services.feedback.domain.recalibration import FeedbackSample, fit_feedback_calibrator
+    persons = [h.person for h in hs]
+    P0, y0, ok0, age = pooled_answers(persons, probs, ages)
+    rows: dict[str, list[float]] = {"no_feedback": [], "calibrator_only": [], "labels_only": [], "mesh": [],
+                                    "accuracy_no_feedback": [], "accuracy_after": []}
+    for d in range(len(fed[0])):
+        fed_d = np.concatenate([f[d] for f in fed])
+        P1, y1, ok1, _ = pooled_answers(persons, [p[d] for p in fed_probs], ages)
+        Ps, ys, oks = (P0, y0, ok0) if sample_before else (P1, y1, ok1)
+        calibrator = fit_feedback_calibrator(
+            FeedbackSample.create(Ps[fed_d], labels=ys[fed_d], correct=oks[fed_d].astype(float)), age[fed_d])
+        held = ~fed_d
+        rows["no_feedback"].append(ece(P0[held].max(axis=1), ok0[held]))
+        rows["calibrator_only"].append(ece(calibrator.apply(P0[held], age[held]).max(axis=1), ok0[held]))
+        rows["labels_only"].append(ece(P1[held].max(axis=1), ok1[held]))
+        rows["mesh"].append(ece(calibrator.apply(P1[held], age[held]).max(axis=1), ok1[held]))
+        rows["accuracy_no_feedback"].append(float(ok0[held].mean()))
+        rows["accuracy_after"].append(float(ok1[held].mean()))
+    return {"draws": len(fed[0]), "calibrator_sample": "before feedback" if sample_before else "as served",
+            **{k: float(np.mean(v)) for k, v in rows.items()}, "per_draw": rows}
 
 
 def model_ages(hs: list[WorldHousehold], mode: str, batch: int = STREAM_BATCH) -> list[np.ndarray]:
@@ -437,8 +554,11 @@ def _block(hs, idx, results, stream, comp=None) -> dict:
     return block
 
 
-def _one_household(h: WorldHousehold, periodic: bool, streaming: bool = True) -> dict:
-    """Every method on one household (a unit of work for the process pool)."""
+def _one_household(h: WorldHousehold, periodic: bool, streaming: bool = True,
+                   fed: list[np.ndarray] | None = None) -> dict:
+    """Every method on one household (a unit of work for the process pool); ``fed``
+    (per feedback draw, the sessions with feedback): also the batch fit and the stream
+    with that feedback's labels (hearth_batch_fed, hearth_stream_fed)."""
     out = {"hearth": hearth_batch(h)}
     for name, fn in BASELINES.items():
         out[name] = fn(h)
@@ -446,15 +566,21 @@ def _one_household(h: WorldHousehold, periodic: bool, streaming: bool = True) ->
     out["stream"] = stream[:3] if stream else None
     out["stream_settled"] = stream[3] if stream else None
     out["periodic"] = periodic_refit_stream(h) if periodic and streaming else None
+    out["fed_batch"] = [hearth_batch_fed(h, f) for f in fed or []]
+    out["fed_stream"] = [hearth_stream_fed(h, f) for f in fed or []]
     return out
 
 
 def run(hs: list[WorldHousehold], log=lambda m: None, held_out: tuple[str, ...] = (),
-        periodic_baseline: bool = True, streaming: bool = True, workers: int = 1) -> dict:
+        periodic_baseline: bool = True, streaming: bool = True, workers: int = 1,
+        feedback_mesh_draws: int = FEEDBACK_MESH_DRAWS) -> dict:
     """Every method on ``hs``. ``streaming=False``: the batch fit and the baselines only
-    (no time-ordered stream, no composition scores) — the quick loop for batch-model work.
-    ``workers`` > 1: households are scored in that many processes (each household's
-    figures do not depend on the others', so the report is the same)."""
+    (no time-ordered stream, no composition scores, no feedback) — the quick loop for
+    batch-model work. ``workers`` > 1: households are scored in that many processes (each
+    household's figures do not depend on the others', so the report is the same).
+    ``feedback_mesh_draws``: feedback draws of the whole loop (after_feedback's
+    ``mesh``; each draw is a batch fit and a stream with label refits per household,
+    about a fifth of the run's time on REPORTING)."""
     import time
     from concurrent.futures import ProcessPoolExecutor
     t0 = time.time()
@@ -464,11 +590,12 @@ def run(hs: list[WorldHousehold], log=lambda m: None, held_out: tuple[str, ...] 
     # on REPORTING) and the two rates were not comparable.
     flags = [periodic_baseline] * len(hs)
     streams = [streaming] * len(hs)
+    fed = feedback_draws(hs, feedback_mesh_draws) if streaming and feedback_mesh_draws else [None] * len(hs)
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            outs = list(pool.map(_one_household, hs, flags, streams))
+            outs = list(pool.map(_one_household, hs, flags, streams, fed))
     else:
-        outs = [_one_household(h, f, streaming) for h, f in zip(hs, flags)]
+        outs = [_one_household(h, f, streaming, d) for h, f, d in zip(hs, flags, fed)]
     log(f"[worlds] every method on {len(hs)} households ({workers} processes) {time.time() - t0:.0f}s")
     results: dict[str, tuple[list, list | None]] = {}
     for name in ("hearth", *BASELINES):
@@ -496,6 +623,18 @@ def run(hs: list[WorldHousehold], log=lambda m: None, held_out: tuple[str, ...] 
     report = {"all": _block(hs, all_idx, results, stream, comp)}
     report["all"]["after_feedback"] = {"batch": after_feedback(hs, probs, model_ages(hs, "batch")),
                                        "streaming": after_feedback(hs, s_probs, model_ages(hs, "stream"))}
+    if feedback_mesh_draws:
+        # The whole loop as the mesh runs it (label refits + calibrator) is the figure;
+        # the calibrator alone (the answers of households never refitted with the
+        # labels) stays beside it as ece_after_calibrator_only.
+        for mode, before, key, sample_before in (("batch", probs, "fed_batch", True),
+                                                 ("streaming", s_probs, "fed_stream", False)):
+            block = report["all"]["after_feedback"][mode]
+            block["mesh"] = mesh_after_feedback(hs, before, [o[key] for o in outs], fed,
+                                                model_ages(hs, "batch" if mode == "batch" else "stream"),
+                                                sample_before)
+            block["ece_after_calibrator_only"] = block["ece_after"]
+            block["ece_after"] = block["mesh"]["mesh"]
     for fam in sorted({h.family for h in hs}):
         report[fam] = _block(hs, [i for i, h in enumerate(hs) if h.family == fam], results, stream, comp)
     if held_out:

@@ -592,8 +592,18 @@ def log_worlds_summary(tag: str, block: dict, streaming: bool) -> None:
     log(f"[{tag}] streaming settled (the final model on every session, as GET /v1/household serves it) acc "
         f"{se['session_accuracy']:.3f} size exact {se['household_size_exact']:.2f} single kept "
         f"{se['single_person_kept']} ece {se['ece']:.3f}")
-    log(f"[{tag}] streaming acc {st['session_accuracy']:.3f} ece {st['ece']:.3f}; ece after feedback batch "
-        f"{fb['batch']['ece_after']:.3f} streaming {fb['streaming']['ece_after']:.3f} (mean of "
+    mesh = {m: fb[m].get("mesh") for m in ("batch", "streaming")}
+    if mesh["batch"]:
+        log(f"[{tag}] ece after feedback on 3.75 %, the mesh's whole loop (label refits + calibrator), mean of "
+            f"{mesh['batch']['draws']} draws: batch {mesh['batch']['mesh']:.3f} streaming {mesh['streaming']['mesh']:.3f} "
+            f"(no feedback {mesh['batch']['no_feedback']:.3f} / {mesh['streaming']['no_feedback']:.3f}, labels only "
+            f"{mesh['batch']['labels_only']:.3f} / {mesh['streaming']['labels_only']:.3f}, calibrator only "
+            f"{mesh['batch']['calibrator_only']:.3f} / {mesh['streaming']['calibrator_only']:.3f}; accuracy of the "
+            f"other sessions {mesh['batch']['accuracy_no_feedback']:.3f} -> {mesh['batch']['accuracy_after']:.3f} / "
+            f"{mesh['streaming']['accuracy_no_feedback']:.3f} -> {mesh['streaming']['accuracy_after']:.3f})")
+    log(f"[{tag}] streaming acc {st['session_accuracy']:.3f} ece {st['ece']:.3f}; ece after feedback, calibrator "
+        f"alone, batch {fb['batch'].get('ece_after_calibrator_only', fb['batch']['ece_after']):.3f} streaming "
+        f"{fb['streaming'].get('ece_after_calibrator_only', fb['streaming']['ece_after']):.3f} (mean of "
         f"{fb['batch']['ece_after_draws']['service']['draws']} other draws {fb['batch']['ece_after_draws']['service']['mean']:.3f}"
         f" / {fb['streaming']['ece_after_draws']['service']['mean']:.3f}; binning floor "
         f"{fb['batch']['ece_floor_calibrated']:.3f} / {fb['streaming']['ece_floor_calibrated']:.3f}); join/leave detected "

@@ -1,82 +1,83 @@
-"""What feedback labels do to a household's answers, on the randomized worlds.
+"""What explicit feedback does to a household's answers in the mesh, on the randomized worlds.
 
-In the mesh, explicit feedback (a confirmed or corrected person) is forwarded to
-clustering as a label (``RecordLabels``) and the household is refitted with it. This
-fits every household of a split twice — without labels, and with the true person as the
-label of a random ``--rate`` of its sessions (3.75 % by default, the issue's feedback
-share) — and scores the *other* sessions of each: accuracy (matched persons) and ECE. ``after_feedback`` is the whole of
-what the mesh does with that feedback: the feedback service's calibrator
-(``fit_feedback_calibrator``), fitted on the answers the fed sessions had *before* the
-feedback, applied to the answers of the households refitted with the labels — beside the
-calibrator alone (what ``bench.accuracy``'s ``after_feedback`` scores) and the labels alone.
-One feedback draw (seed 7 + household index).
+In the mesh, explicit feedback (a confirmed or corrected person) does two things: the
+feedback service fits a calibrator on the fed sessions' answers (clustering applies it,
+GetCalibrator), and the label reaches clustering (forward_label -> RecordLabels), which
+refits the household with every label so far. This scores the whole loop
+(``bench._worlds_eval.mesh_after_feedback``: the same code as ``bench.accuracy``'s
+``after_feedback`` ``mesh`` block) on the sessions without feedback, for a batch fit (a
+household imported at once, then fed) and a time-ordered stream (each session answered
+at arrival; each feedback refits the household before the next arrival), beside no
+feedback, the labels alone and the calibrator alone; mean over ``--draws`` random 3.75 %
+feedback samples (``feedback_draws``: the pooled draws of ``after_feedback``).
 
-``python -m bench.label_feedback [--split tuning|reporting] [--rate R] [--workers W]``
-prints one JSON object on its last line. Choices are made on ``tuning``; ``reporting``
-is read to report only.
+``python -m bench.label_feedback [--split tuning|reporting] [--first-world W --worlds N
+--households H] [--draws D] [--workers W] [--batch-only]`` prints one JSON object on its
+last line. Choices are made on ``tuning`` (worlds from 4 on have never been seen by the
+confidence maps, which are fitted on TUNING worlds 0-3); ``reporting`` is read to
+report only.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
+from bench import _worlds_eval as E
 from bench import worlds
-from bench._clustering_eval import ece, matched_correct
-from services.clustering.domain.model import HouseholdModel
 
 
-def _one(args: tuple[worlds.WorldHousehold, int, float]) -> dict:
-    h, seed, rate = args
-    fed = np.random.default_rng(seed).random(h.n_sessions) < rate
-    out: dict = {"fed": fed}
-    for name, labels in (("without_labels", None),
-                         ("with_labels", [f"m{p}" if f else None for p, f in zip(h.person, fed)])):
-        m = HouseholdModel().fit(h.features, labels=labels, device_ids=h.device_id)
-        b = m.assign_batch(h.features, device_ids=h.device_id)
-        rest = ~fed
-        out[name] = (matched_correct(h.person[rest], b.person_index[rest]), b.probabilities[rest].max(axis=1))
-        out[name + "_P"] = b.probabilities
+def _one(args: tuple[worlds.WorldHousehold, list[np.ndarray], bool]) -> dict:
+    h, fed, streaming = args
+    out = {"batch": E.hearth_batch(h)[1], "fed_batch": [E.hearth_batch_fed(h, f) for f in fed]}
+    if streaming:
+        out["stream"] = E.hearth_stream(h)[1]
+        out["fed_stream"] = [E.hearth_stream_fed(h, f) for f in fed]
     return out
 
 
-def _after_feedback(hs: list[worlds.WorldHousehold], outs: list[dict]) -> dict[str, float]:
-    from bench._worlds_eval import pooled_answers
-    from services.feedback.domain.recalibration import FeedbackSample, fit_feedback_calibrator
-    fed = np.concatenate([o["fed"] for o in outs])
-    ages = [np.full(h.n_sessions, h.n_sessions) for h in hs]   # batch fits: every session seen
-    persons = [h.person for h in hs]
-    P0, y0, ok0, age = pooled_answers(persons, [o["without_labels_P"] for o in outs], ages)
-    P1, _, ok1, _ = pooled_answers(persons, [o["with_labels_P"] for o in outs], ages)
-    calibrator = fit_feedback_calibrator(FeedbackSample.create(P0[fed], labels=y0[fed], correct=ok0[fed].astype(float)),
-                                         age[fed])
-    rest = ~fed
-    return {"no_feedback": ece(P0[rest].max(axis=1), ok0[rest]),
-            "calibrator_only": ece(calibrator.apply(P0[rest], age[rest]).max(axis=1), ok0[rest]),
-            "labels_only": ece(P1[rest].max(axis=1), ok1[rest]),
-            "labels_and_calibrator": ece(calibrator.apply(P1[rest], age[rest]).max(axis=1), ok1[rest])}
+def households(split: str, first_world: int, n_worlds: int | None, n_house: int | None) -> list[worlds.WorldHousehold]:
+    """The split's households of worlds ``first_world`` .. ``first_world + n_worlds - 1``."""
+    s = worlds.TUNING if split == "tuning" else worlds.REPORTING
+    n_worlds = n_worlds or s.worlds_per_family
+    n_house = n_house or s.households_per_world
+    hs = worlds.generate(s, worlds_per_family=first_world + n_worlds, households_per_world=n_house)
+    per_family = (first_world + n_worlds) * n_house   # generate's order: family, world, household
+    return [h for i, h in enumerate(hs) if i % per_family >= first_world * n_house]
+
+
+def run(hs: list[worlds.WorldHousehold], draws: int, workers: int, streaming: bool = True) -> dict:
+    fed = E.feedback_draws(hs, draws)
+    with ProcessPoolExecutor(workers) as pool:
+        outs = list(pool.map(_one, [(h, f, streaming) for h, f in zip(hs, fed)]))
+    report = {"batch": E.mesh_after_feedback(hs, [o["batch"] for o in outs], [o["fed_batch"] for o in outs], fed,
+                                             E.model_ages(hs, "batch"), sample_before=True)}
+    if streaming:
+        report["streaming"] = E.mesh_after_feedback(hs, [o["stream"] for o in outs], [o["fed_stream"] for o in outs],
+                                                    fed, E.model_ages(hs, "stream"), sample_before=False)
+    return report
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--split", choices=("tuning", "reporting"), default="tuning")
-    ap.add_argument("--rate", type=float, default=0.0375)
+    ap.add_argument("--first-world", type=int, default=0)
+    ap.add_argument("--worlds", type=int, default=None, help="worlds per family (default: the split's)")
+    ap.add_argument("--households", type=int, default=None, help="households per world (default: the split's)")
+    ap.add_argument("--draws", type=int, default=E.FEEDBACK_MESH_DRAWS)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch-only", action="store_true", help="no streams (a fifth of the time)")
     args = ap.parse_args()
-    split = worlds.TUNING if args.split == "tuning" else worlds.REPORTING
-    hs = worlds.generate(split)
-    with ProcessPoolExecutor(args.workers) as pool:
-        outs = list(pool.map(_one, [(h, 7 + i, args.rate) for i, h in enumerate(hs)]))
-    report: dict = {"split": args.split, "households": len(hs), "label_rate": args.rate}
-    for name in ("without_labels", "with_labels"):
-        correct = np.concatenate([o[name][0] for o in outs]).astype(float)
-        conf = np.concatenate([o[name][1] for o in outs])
-        report[name] = {"session_accuracy": float(correct.mean()), "mean_confidence": float(conf.mean()),
-                        "ece": ece(conf, correct), "sessions": int(correct.size)}
-    report["after_feedback_ece"] = _after_feedback(hs, outs)
+    t0 = time.time()
+    hs = households(args.split, args.first_world, args.worlds, args.households)
+    report = {"split": args.split, "first_world": args.first_world, "households": len(hs),
+              "sessions": int(sum(h.n_sessions for h in hs)), "draws": args.draws,
+              **run(hs, args.draws, args.workers, streaming=not args.batch_only)}
+    report["elapsed_s"] = round(time.time() - t0, 1)
     print(json.dumps(report))
 
 

@@ -34,6 +34,7 @@ It never reads the REPORTING split: choices are made here, figures are reported 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -109,11 +110,14 @@ def _member_masses(m: model_module.HouseholdModel, h: worlds.WorldHousehold, b: 
 
 def _one(h: worlds.WorldHousehold, trace: bool = False) -> dict:
     ids, events, checks = [], [], []
+    arrival_persons: list[int] = []   # persons of the model that answered each session (0: cold start)
     _person_changes.clear()
     for a, b, m, out, new_events in E.stream_steps(h):
         events += [(b, ev["kind"]) for ev in new_events]
+        arrival_persons += [0 if m.active_variant == "cold_start" else m.n_persons] * (b - a)
         if trace and m.mixture is not None and m.since_check == 0 and b >= 2 * model_module.MIN_SESSIONS:
-            checks.append({"at": b, "persons": m.n_persons, "birth": m.birth_statistics, **(_masses(m) or {}),
+            checks.append({"at": b, "persons": m.n_persons, "birth": m.birth_statistics,
+                           "heldout": m.heldout_statistics, **(_masses(m) or {}),
                            **_member_masses(m, h, b)})
         m.birth_statistics = None
         ids += [out.person_ids[int(i)] for i in out.person_index]
@@ -123,11 +127,18 @@ def _one(h: worlds.WorldHousehold, trace: bool = False) -> dict:
     t = h.start_ts
     quarters = (t[-1] - t[E.WARMUP_SESSIONS]) / E.QUARTER_S if h.n_sessions > E.WARMUP_SESSIONS else 0.0
     correct = matched_correct(h.person, labels)
+    extra = {}
+    if trace:
+        # the loss decomposition of ``diagnose`` compares each answer with the batch fit's
+        batch_labels, _ = E.hearth_batch(h)
+        extra = {"arrival_persons": arrival_persons,
+                 "arrival_correct": correct.astype(int).tolist(),
+                 "batch_correct": matched_correct(h.person, np.asarray(batch_labels)).astype(int).tolist()}
     return {"id": h.household_id, "family": h.family, "persons": h.n_persons, "sessions": h.n_sessions,
             "change": (change.kind, change.session_index) if change else None, "quarters": quarters,
             "correct": correct.tolist(), "accuracy": float(correct.mean()),
             "ids_used": int(np.unique(labels).size), "events": events, "checks": checks,
-            "person_changes": list(_person_changes)}
+            "person_changes": list(_person_changes), **extra}
 
 
 def select(hs: list[worlds.WorldHousehold], limit: int | None) -> list[worlds.WorldHousehold]:
@@ -276,6 +287,152 @@ def diagnose(outs: list[dict], hs: list[worlds.WorldHousehold]) -> dict:
     return counts
 
 
+def oracle_events(h: worlds.WorldHousehold, t: Thresholds = Thresholds()) -> list[tuple[int, str]]:
+    """The share test of ``_detect_composition`` run on the TRUE persons (each session's
+    posterior one-hot on its member) at the stream's checks (every RESELECT_EVERY
+    sessions from 2 * MIN_SESSIONS): the composition events a stream whose persons were
+    exactly the household's members would raise. The ceiling of the share test."""
+    P = np.eye(h.n_persons)[h.person]
+    cum = np.vstack((np.zeros((1, h.n_persons)), np.cumsum(P, axis=0)))
+    joined, inactive, events = set(), set(), []
+    for n in range(2 * model_module.MIN_SESSIONS, h.n_sessions + 1, model_module.RESELECT_EVERY):
+        looks = [r for r in t.lookback if n - r >= t.min_history]
+        if not looks:
+            continue
+        join = np.zeros(h.n_persons)
+        leave = np.zeros(h.n_persons)
+        for r in looks:
+            old, new = cum[n - r], cum[n] - cum[n - r]
+            llr = model_module._share_change_llr(old, n - r, new, r)
+            share_old, share_new = old / (n - r), new / r
+            up = (new >= t.join_min_sessions) & (share_new >= t.join_min_ratio * share_old)
+            down = (share_old >= t.leave_min_old_share) & (share_new <= t.leave_max_ratio * share_old)
+            join = np.maximum(join, np.where(up, llr, 0.0))
+            leave = np.maximum(leave, np.where(down, llr, 0.0))
+        since = cum[n] - cum[n - looks[0]]
+        for j in range(h.n_persons):
+            if join[j] >= t.join_h and j not in joined:
+                joined.add(j)
+                events.append((n, "join"))
+            if leave[j] >= t.leave_h and j not in inactive:
+                inactive.add(j)
+                events.append((n, "leave"))
+            elif j in inactive and since[j] >= 2.0:
+                inactive.discard(j)
+    return events
+
+
+def ceiling(hs: list[worlds.WorldHousehold]) -> dict:
+    """Given the true persons, how many changes can be detected within the window at
+    all: the changed member's sessions in the window (a newcomer's in the 30 after the
+    join, a leaver's in the 30 before the leave), and the share test on the true persons
+    (``oracle_events``: detection and false alarms per household-quarter, the ceiling of
+    tuning the persons alone at the current bars)."""
+    window = E.DETECTION_WINDOW
+    sessions: dict[str, list[int]] = {"join": [], "leave": []}
+    for h in hs:
+        if h.changes:
+            c = h.changes[0]
+            seg = slice(c.session_index, c.session_index + window) if c.kind == "join" else \
+                slice(max(c.session_index - window, 0), c.session_index)
+            sessions[c.kind].append(int((h.person[seg] == c.person).sum()))
+    oracle = E.composition_scores(hs, [oracle_events(h) for h in hs])
+    # the best the share test could do on the true persons at the budget, over its bars
+    best = None
+    for join_h, leave_h, ratio, leave_ratio in ((a, b, c, d) for a in (3.0, 4.0, 6.0, 8.0)
+                                                for b in (4.0, 6.0, 8.0, 12.0) for c in (4.0, 8.0)
+                                                for d in (0.25, 0.5)):
+        t = Thresholds(join_h=join_h, leave_h=leave_h, join_min_ratio=ratio, leave_max_ratio=leave_ratio)
+        sc = E.composition_scores(hs, [oracle_events(h, t) for h in hs])
+        fa = sc["false_alarms_per_household_quarter"] or 0.0
+        if sc["detection_rate"] is None:
+            break
+        if fa <= 1.0 and (best is None or sc["detection_rate"] > best["detection_rate"]):
+            best = {"detection_rate": sc["detection_rate"], "false_alarms_per_household_quarter": fa,
+                    "join_h": join_h, "leave_h": leave_h, "join_min_ratio": ratio, "leave_max_ratio": leave_ratio}
+    return {"true_persons_best_bars_within_budget": best,"member_sessions_in_window": {k: {"n": len(v), "at_most_4": sum(x <= 4 for x in v),
+                                               "median": float(np.median(v)) if v else None}
+                                           for k, v in sessions.items()},
+            "true_persons_share_test": {k: oracle[k] for k in (
+                "detection_rate", "detection_rate_by_kind", "detection_rate_same_kind",
+                "false_alarms_per_household_quarter", "changes", "stable_household_quarters")}}
+
+
+def arrival_loss(outs: list[dict], hs: list[worlds.WorldHousehold]) -> dict | None:
+    """Where the answers at arrival lose to the batch fit of the same household (a
+    --trace run: each session's arrival and batch correctness, the persons of the model
+    that answered it). Every session falls in one class: answered in cold start (before
+    the first fit); answered by a model with fewer persons than members seen so far
+    (with >= 3 sessions by then: a late birth); else enough persons (stale parameters,
+    renames, over-splits). Loss = (batch right - arrival right) / all sessions, so the
+    three sum to the batch - arrival gap."""
+    by_id = {h.household_id: h for h in hs}
+    rows = [o for o in outs if "arrival_correct" in o]
+    if not rows:
+        return None
+    total = sum(len(o["arrival_correct"]) for o in rows)
+    acc = {c: {"sessions": 0, "arrival_right": 0, "batch_right": 0} for c in ("cold", "late", "enough")}
+    late_shared_only = 0
+    for o in rows:
+        h = by_id[o["id"]]
+        shared_only = not np.isin(h.device_type, worlds.PERSONAL_TYPES).any()
+        counts = np.zeros(h.n_persons, dtype=int)
+        for i, (p, ar, br) in enumerate(zip(o["arrival_persons"], o["arrival_correct"], o["batch_correct"])):
+            counts[h.person[i]] += 1
+            seen = int((counts >= 3).sum())
+            cls = "cold" if p == 0 else "late" if p < seen else "enough"
+            acc[cls]["sessions"] += 1
+            acc[cls]["arrival_right"] += ar
+            acc[cls]["batch_right"] += br
+            late_shared_only += (br - ar) if cls == "late" and shared_only else 0
+    out = {}
+    for c, v in acc.items():
+        out[c] = {"share": round(v["sessions"] / total, 3),
+                  "arrival_acc": round(v["arrival_right"] / max(v["sessions"], 1), 3),
+                  "batch_acc": round(v["batch_right"] / max(v["sessions"], 1), 3),
+                  "loss": round((v["batch_right"] - v["arrival_right"]) / total, 4)}
+    out["late"]["loss_households_without_personal_device"] = round(late_shared_only / total, 4)
+    out["arrival_acc"] = round(sum(v["arrival_right"] for v in acc.values()) / total, 4)
+    out["batch_acc"] = round(sum(v["batch_right"] for v in acc.values()) / total, 4)
+    return out
+
+
+def heldout_sweep(outs: list[dict], hs: list[worlds.WorldHousehold], gains=(0.0, 10.0, 20.0, 40.0),
+                  zs=(2.0, 2.5, 3.0, 3.5, 4.0), runs=(1, 2, 3)) -> list[dict]:
+    """Offline choice of the held-out birth test's bars on a --trace run made with it
+    computing but never adding (``--heldout-gain inf``; up to its first firing the stream
+    does not depend on the bars): per (gain, hours z) bar, the first check where it would
+    fire in each household — single-person households split (bad), and in households of
+    two or more whether the model then had fewer persons than members seen with >= 3
+    sessions (an earlier birth: good) or not (a split). ``runs``: the bars must hold at
+    that many checks in a row (hysteresis)."""
+    by_id = {h.household_id: h for h in hs}
+    rows = []
+    for g, z, run in ((g, z, r) for g in gains for z in zs for r in runs):
+        if True:
+            singles = early = split = 0
+            for o in outs:
+                h = by_id[o["id"]]
+                streak = 0
+                for c in o["checks"]:
+                    st = c.get("heldout")
+                    ok = bool(st) and st["gain"] >= g and st["hours_z"] >= z and st["mass"] >= model_module.HELDOUT_MIN_MASS
+                    streak = streak + 1 if ok else 0
+                    if streak < run:
+                        continue
+                    seen = int((np.bincount(h.person[:c["at"]], minlength=h.n_persons) >= 3).sum())
+                    if h.n_persons == 1:
+                        singles += 1
+                    elif st["persons"] < seen:
+                        early += 1
+                    else:
+                        split += 1
+                    break
+            rows.append({"gain": g, "hours_z": z, "checks_in_a_row": run, "singles_split": singles, "earlier_births": early,
+                         "births_at_enough_persons": split})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--households", type=int, default=None,
@@ -296,6 +453,10 @@ def main() -> None:
                     help="more TUNING-seed worlds (a prefix of the same households); e.g. 16 for 576 households")
     ap.add_argument("--singles", action="store_true", help="only the single-person households")
     ap.add_argument("--leave-h", type=float, default=None, help="override LEAVE_GLR_H for this run")
+    ap.add_argument("--heldout-gain", type=float, default=None,
+                    help="turn the held-out birth test on (STREAM_HELDOUT_BIRTH) with this HELDOUT_BIRTH_GAIN "
+                         "(inf: it computes its figures for heldout_sweep, never adds a person)")
+    ap.add_argument("--heldout-z", type=float, default=None, help="override HELDOUT_HOURS_Z for this run")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--diagnose", default=None, metavar="TRACE_JSON",
                     help="only classify the misses of an earlier --trace --out file (its seed)")
@@ -316,12 +477,26 @@ def main() -> None:
         model_module.STREAM_CONFIRM_RISE = True
     if args.leave_h is not None:
         model_module.LEAVE_GLR_H = args.leave_h
+    if args.heldout_gain is not None:
+        model_module.STREAM_HELDOUT_BIRTH = True
+        model_module.HELDOUT_BIRTH_GAIN = args.heldout_gain
+    if args.heldout_z is not None:
+        model_module.HELDOUT_HOURS_Z = args.heldout_z
     if args.diagnose:
-        doc = json.load(open(args.diagnose))
-        split = worlds.TUNING if doc["seed"] == worlds.TUNING.seed else worlds.Split(
-            **{**worlds.TUNING.__dict__, "seed": doc["seed"]})
-        hs = select(worlds.generate(split), doc["households"])
-        print(json.dumps(diagnose(doc["households_detail"], hs)))
+        # one or more --trace files (comma-separated), their households pooled
+        outs, hs = [], []
+        for path in args.diagnose.split(","):
+            doc = json.load(open(path))
+            split = worlds.TUNING if doc["seed"] == worlds.TUNING.seed else worlds.Split(
+                **{**worlds.TUNING.__dict__, "seed": doc["seed"]})
+            sel = select(worlds.generate(split, worlds_per_family=doc.get("worlds_per_family")),
+                         doc.get("limit", doc["households"]))
+            sel = [h for h in sel if h.n_persons == 1] if doc.get("singles") else sel
+            # ids repeat across seeds: each household named by its seed as well
+            hs += [dataclasses.replace(h, household_id=f"{doc['seed']}:{h.household_id}") for h in sel]
+            outs += [{**o, "id": f"{doc['seed']}:{o['id']}"} for o in doc["households_detail"]]
+        print(json.dumps({"misses": diagnose(outs, hs), "ceiling": ceiling(hs),
+                          "arrival_loss": arrival_loss(outs, hs), "heldout_sweep": heldout_sweep(outs, hs)}))
         return
     t0 = time.time()
     split = worlds.TUNING if args.seed == worlds.TUNING.seed else worlds.Split(
@@ -338,7 +513,8 @@ def main() -> None:
     scores = E.composition_scores(hs, [o["events"] for o in outs])
     correct = np.concatenate([o["correct"] for o in outs])
     single = [o["ids_used"] == 1 for o in outs if o["persons"] == 1]
-    doc = json.dumps({"split": "tuning", "seed": args.seed, "households": len(hs),
+    doc = json.dumps({"split": "tuning", "seed": args.seed, "households": len(hs), "limit": args.households,
+                      "worlds_per_family": args.worlds_per_family, "singles": args.singles,
                       "streaming_accuracy": float(correct.mean()),
                       "single_person_kept": float(np.mean(single)) if single else None,
                       "singles_split": [o["id"] for o in outs if o["persons"] == 1 and o["ids_used"] > 1],

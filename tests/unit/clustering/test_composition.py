@@ -285,3 +285,79 @@ def test_the_tuning_diagnosis_puts_each_missed_change_in_the_first_class_that_fi
     assert S.diagnose(outs, hs)["join"] == {"detected": 1, "found 31-50 sessions after": 1,
                                             "at most 4 sessions in the 30 after": 1,
                                             "own person, below the bar": 1, "no person of their own": 1}
+
+
+def _world_household(hid, person, kind=None, at=50, types=None):
+    from bench.worlds import CompositionChange, WorldHousehold
+    n = person.size
+    types = np.array(["tv"] * n) if types is None else types
+    return WorldHousehold(hid, "f", "w", np.zeros((n, 1), np.float32), person, types, types,
+                          np.arange(n) * 86_400.0, np.ones(n), 0.0,
+                          [CompositionChange(kind, 1, at)] if kind else [])
+
+
+def test_the_ceiling_runs_the_share_test_on_the_true_persons():
+    """bench.stream_tuning.oracle_events / ceiling (the detection a stream whose persons
+    were the true members would reach): a member who joins at session 50 and watches
+    every other session after is a join within the window; one who leaves at 50 after
+    half of the sessions is a leave; a newcomer with 3 sessions in the 30 after is not
+    detected and is counted as having at most 4; a stable household raises nothing."""
+    from bench import stream_tuning as S
+
+    join = np.r_[np.zeros(50, int), np.tile([0, 1], 40)]
+    leave = np.r_[np.tile([0, 1], 25), np.zeros(80, int)]
+    quiet = np.r_[np.zeros(50, int), [1, 1, 1], np.zeros(77, int)]
+    stable = np.tile([0, 1], 65)
+    hs = [_world_household("j", join, "join"), _world_household("l", leave, "leave"),
+          _world_household("q", quiet, "join"), _world_household("s", stable)]
+    events = [S.oracle_events(h) for h in hs]
+    assert any(k == "join" and 50 <= at <= 80 for at, k in events[0])
+    assert any(k == "leave" and 50 <= at <= 80 for at, k in events[1])
+    assert not any(50 <= at <= 80 for at, _ in events[2])
+    assert events[3] == []
+    c = S.ceiling(hs)
+    assert c["true_persons_share_test"]["detection_rate"] == 2 / 3
+    assert c["true_persons_share_test"]["false_alarms_per_household_quarter"] == 0.0
+    assert c["member_sessions_in_window"]["join"] == {"n": 2, "at_most_4": 1, "median": 9.0}
+
+
+def test_the_arrival_loss_puts_each_session_in_one_class_and_the_losses_sum_to_the_gap():
+    """bench.stream_tuning.arrival_loss: a session answered in cold start, by a model with
+    fewer persons than members seen (>= 3 sessions each), or by one with enough; each
+    class's loss is its (batch right - arrival right) over all sessions, so the three
+    add up to the batch fit's lead."""
+    from bench import stream_tuning as S
+
+    person = np.array([0, 0, 0, 1, 1, 1, 1, 0, 1, 0])
+    h = _world_household("h", person)
+    out = {"id": "h", "arrival_persons": [0, 0, 1, 1, 1, 1, 1, 2, 2, 2],
+           "arrival_correct": [1, 0, 1, 0, 0, 0, 1, 1, 1, 0], "batch_correct": [1, 1, 1, 1, 1, 0, 1, 1, 1, 1]}
+    loss = S.arrival_loss([out], [h])
+    # sessions 0-1 cold; 2-4 one person with one member seen (enough); 5-6 one person for
+    # two members seen (late); 7-9 two persons (enough)
+    assert loss["cold"]["share"] == 0.2 and loss["cold"]["loss"] == 0.1
+    assert loss["late"]["share"] == 0.2 and loss["late"]["loss"] == 0.0
+    assert loss["enough"]["loss"] == 0.3
+    assert loss["late"]["loss_households_without_personal_device"] == 0.0
+    total = sum(loss[c]["loss"] for c in ("cold", "late", "enough"))
+    assert abs(total - (loss["batch_acc"] - loss["arrival_acc"])) < 1e-9
+
+
+def test_the_heldout_sweep_says_where_the_birth_test_would_first_fire():
+    """bench.stream_tuning.heldout_sweep (traces with the held-out birth test computing
+    only): a single-person household whose test passes the bars is a split; a
+    two-person one counted short at that check an earlier birth; the bars must hold at
+    ``checks_in_a_row`` checks running."""
+    from bench import stream_tuning as S
+
+    single = _world_household("s", np.zeros(60, int))
+    pair = _world_household("p", np.tile([0, 1], 30))
+    st = {"gain": 30.0, "hours_z": 4.0, "mass": 10.0, "persons": 1}
+    weak = {**st, "hours_z": 1.0}
+    outs = [{"id": "s", "checks": [{"at": 30, "heldout": st}, {"at": 40, "heldout": weak}]},
+            {"id": "p", "checks": [{"at": 30, "heldout": st}, {"at": 40, "heldout": st}]}]
+    rows = {(r["gain"], r["hours_z"], r["checks_in_a_row"]): r
+            for r in S.heldout_sweep(outs, [single, pair], gains=(20.0, 40.0), zs=(3.0,), runs=(1, 2))}
+    assert rows[20.0, 3.0, 1]["singles_split"] == 1 and rows[20.0, 3.0, 1]["earlier_births"] == 1
+    assert rows[20.0, 3.0, 2]["singles_split"] == 0 and rows[20.0, 3.0, 2]["earlier_births"] == 1
+    assert rows[40.0, 3.0, 1]["singles_split"] == 0 and rows[40.0, 3.0, 1]["earlier_births"] == 0

@@ -407,3 +407,40 @@ def test_a_pending_rise_in_persons_is_stored_with_the_model():
     m.rise_pending = True
     assert HouseholdModel.from_bytes(m.to_bytes()).rise_pending is True
     assert HouseholdModel.from_bytes(HouseholdModel().to_bytes()).rise_pending is False
+
+
+def test_the_heldout_birth_test_when_on_finds_a_second_tv_viewer_earlier_and_keeps_a_single_single(monkeypatch):
+    """_birth_by_heldout (STREAM_HELDOUT_BIRTH, measured on TUNING and off: it split more
+    single-person streams than it gained, docs/clustering.md): switched on, two people on
+    one TV at different hours, arriving five sessions at a time, are two persons from
+    session 30 (the refits alone: 50), the born person is remembered with the model (the
+    refits' grace), and one person's two kinds of viewing at the same hours stay one id."""
+    from services.clustering.domain import model as model_module
+
+    def first_two(on: bool) -> tuple[int | None, HouseholdModel]:
+        monkeypatch.setattr(model_module, "STREAM_HELDOUT_BIRTH", on)
+        rng = np.random.default_rng(5)
+        parts = [(*persona_sessions(rng, 90, 90, 8, "tv", {"crime": 2, "drama": 1}), "tv", 0),
+                 (*persona_sessions(rng, 90, 90, 22, "tv", {"comedy": 2, "family": 1}), "tv", 1)]
+        _, X, dev, _ = household(parts)
+        m, first = HouseholdModel(), None
+        for a in range(0, X.shape[0], 5):
+            m.update(X[a:a + 5], device_ids=dev[a:a + 5])
+            if first is None and m.mixture is not None and m.n_persons >= 2:
+                first = a + 5
+        return first, m
+
+    off, _ = first_two(False)
+    on, m = first_two(True)
+    assert on is not None and off is not None and on < off and on <= 30, (on, off)
+    assert m.born and HouseholdModel.from_bytes(m.to_bytes()).born == m.born
+    rng = np.random.default_rng(5)
+    parts = [(*persona_sessions(rng, 120, 90, 21, "tv", {"crime": 2, "drama": 1}, minutes=150), "tv", 0),
+             (*persona_sessions(rng, 120, 90, 21, "tv", {"comedy": 2}, minutes=25), "tv", 0)]
+    _, X, dev, _ = household(parts)
+    m = HouseholdModel()
+    ids: set[str] = set()
+    for a in range(0, X.shape[0], 5):
+        m.update(X[a:a + 5], device_ids=dev[a:a + 5])
+        ids |= set(m.assign_batch(X[a:a + 5], device_ids=dev[a:a + 5]).person())
+    assert len(ids) == 1, ids

@@ -1,0 +1,57 @@
+"""bench._worlds_eval's after_feedback scores what the mesh does with explicit feedback:
+the label refits the household (forward_label -> RecordLabels -> a full refit) and the
+feedback service's calibrator recalibrates the answers (mesh_after_feedback)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bench import _worlds_eval as E
+from bench import worlds as W
+from services.feedback.domain.evaluation import DEFAULT_FEEDBACK_RATE, feedback_mask
+
+
+def _households(n: int = 2):
+    return W.generate(W.TUNING, families=("mobile_first",), worlds_per_family=1, households_per_world=n)
+
+
+def test_feedback_draws_are_the_pooled_draws_cut_into_households():
+    hs = _households(3)
+    fed = E.feedback_draws(hs, draws=2, seed=4)
+    total = sum(h.n_sessions for h in hs)
+    for d in range(2):
+        np.testing.assert_array_equal(np.concatenate([f[d] for f in fed]),
+                                      feedback_mask(total, DEFAULT_FEEDBACK_RATE, 4 + d))
+    assert [f[0].size for f in fed] == [h.n_sessions for h in hs]
+
+
+def test_the_fed_stream_is_the_stream_until_feedback_then_refitted():
+    h = _households(2)[1]   # 156 sessions, two persons
+    _, P, _ = E.hearth_stream(h)
+    none = np.zeros(h.n_sessions, dtype=bool)
+    np.testing.assert_allclose(E.hearth_stream_fed(h, none), P)
+    fed = none.copy()
+    fed[[70, 90]] = True
+    P_fed = E.hearth_stream_fed(h, fed)
+    # the answers up to the first feedback are the stream's own
+    first = (70 // E.STREAM_BATCH + 1) * E.STREAM_BATCH
+    np.testing.assert_allclose(P_fed[:first, :P.shape[1]], P[:first])
+    # after it the household was refitted: the answers differ (a full fit, not a fold-in)
+    assert P_fed.shape != P.shape or not np.allclose(P_fed[first:], P[first:])
+
+
+def test_the_whole_loop_scores_the_refitted_answers_with_the_calibrator():
+    hs = _households(2)
+    fed = E.feedback_draws(hs, draws=2)
+    probs = [E.hearth_batch(h)[1] for h in hs]
+    ages = E.model_ages(hs, "batch")
+    same = E.mesh_after_feedback(hs, probs, [[p, p] for p in probs], fed, ages, sample_before=True)
+    # labels that change nothing: the loop is the calibrator alone
+    assert same["labels_only"] == same["no_feedback"] and same["mesh"] == same["calibrator_only"]
+    assert same["draws"] == 2 and len(same["per_draw"]["mesh"]) == 2
+    # labels that make every answer sure of its person: scored on those answers
+    sure = [np.eye(p.shape[1])[p.argmax(axis=1)] for p in probs]
+    loop = E.mesh_after_feedback(hs, probs, [[s, s] for s in sure], fed, ages, sample_before=True)
+    assert loop["labels_only"] != same["labels_only"] and loop["no_feedback"] == same["no_feedback"]
+    acc = loop["accuracy_after"]
+    assert abs(loop["labels_only"] - (1.0 - acc)) < 1e-9   # every answer at 1.0: ECE = 1 - accuracy
