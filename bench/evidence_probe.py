@@ -16,7 +16,13 @@ base rate), and the likelihood ratio in favour of "the same person" (< 1: "diffe
 persons"). A link is worth building on only when its ratio is far from 1 on TUNING; the blind
 worlds are read to see whether it would carry over, never to choose.
 
-    python -m bench.evidence_probe [--blind] [--json out.json]
+``--given-fit`` asks what a link says *beyond the model*: the batch fit without links
+(``_worlds_eval.hearth_batch``) answers every session, and the same-person share of the
+series links and of random pairs is split by whether the fit put the two sessions in one
+person. A link can only move answers where it disagrees with the fit, so the share that
+matters is the one among pairs the fit split (docs/benchmarks.md, session 10).
+
+    python -m bench.evidence_probe [--blind] [--given-fit] [--workers N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -92,13 +98,59 @@ def probe(households: list[WorldHousehold], seed: int = 0) -> dict:
     return out
 
 
+def given_fit(households: list[WorldHousehold], answers: list[np.ndarray], seed: int = 0) -> dict:
+    """Same-person share of the series links and of random pairs of sessions (multi-person
+    households), split by whether ``answers`` (per household, the fit's person index of
+    each session) put the two sessions in one person; the likelihood ratio of a link
+    within each split (> 1: the link still says "same person" beyond the fit)."""
+    rng = np.random.default_rng(seed)
+    link_true, link_fit, base_true, base_fit = [], [], [], []
+    for h, pred in zip(households, answers):
+        if h.n_persons < 2:
+            continue
+        links = series_links(h)
+        link_true.append(h.person[links[:, 0]] == h.person[links[:, 1]])
+        link_fit.append(pred[links[:, 0]] == pred[links[:, 1]])
+        a, b = rng.integers(0, h.n_sessions, (2, BASE_PAIRS_PER_HOUSEHOLD))
+        keep = a != b
+        base_true.append(h.person[a[keep]] == h.person[b[keep]])
+        base_fit.append(pred[a[keep]] == pred[b[keep]])
+    lt, lf, bt, bf = (np.concatenate(x) for x in (link_true, link_fit, base_true, base_fit))
+    out: dict = {"links": int(lt.size), "fit_joins_link": round(float(lf.mean()), 3)}
+    for name, split_l, split_b in (("fit_same", lf, bf), ("fit_split", ~lf, ~bf)):
+        if not (split_l.any() and split_b.any()):
+            out[name] = {"links": int(split_l.sum())}
+            continue
+        share, base = float(lt[split_l].mean()), float(bt[split_b].mean())
+        odds = share / max(1 - share, 1e-9)
+        out[name] = {"links": int(split_l.sum()), "same_person": round(share, 3), "base_same_person": round(base, 3),
+                     "likelihood_ratio_same": round(odds / max(base / max(1 - base, 1e-9), 1e-9), 2)}
+    return out
+
+
+def _fit_answers(households: list[WorldHousehold], workers: int) -> list[np.ndarray]:
+    from concurrent.futures import ProcessPoolExecutor
+
+    from bench._worlds_eval import hearth_batch
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            return [r[0] for r in pool.map(hearth_batch, households)]
+    return [hearth_batch(h)[0] for h in households]
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--blind", action="store_true", help="also the blind worlds (report only)")
+    ap.add_argument("--given-fit", action="store_true",
+                    help="also the series links' same-person share given the batch fit's answers (TUNING)")
+    ap.add_argument("--workers", type=int, default=1, help="processes for --given-fit's fits")
     ap.add_argument("--json", help="write the report here as well")
     args = ap.parse_args(argv)
     t0 = time.time()
-    report = {"tuning": probe(worlds.generate(worlds.TUNING))}
+    tuning = worlds.generate(worlds.TUNING)
+    report = {"tuning": probe(tuning)}
+    if args.given_fit:
+        report["tuning"]["series_given_fit"] = given_fit(tuning, _fit_answers(tuning, args.workers))
     if args.blind:
         from bench import worlds_blind
         report["blind"] = probe([h for h in worlds_blind.generate() if h is not None])

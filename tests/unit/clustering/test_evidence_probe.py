@@ -42,3 +42,22 @@ def test_probe_reports_the_same_person_share_against_the_base_rate():
     assert 0.3 < report["base_same_person"] < 0.7
     assert report["series_continuation"]["likelihood_ratio_same"] > 100
     assert report["overlap"]["likelihood_ratio_same"] < 0.01
+
+
+def test_given_fit_splits_the_link_shares_by_the_fits_answer():
+    # two persons alternate; a fit that answers by blocks of four sessions (half
+    # right); the series links join one person's sessions, so among the pairs the fit
+    # split the links are still all "same person": the link says more than the fit
+    n = 40
+    person = np.arange(n) % 2
+    start = np.arange(n) * 100.0
+    series = [(f"s{p}",) for p in person]
+    h = household(start, start + 50, ["tv"] * n, person, series)
+    answers = (np.arange(n) // 4) % 2
+    out = P.given_fit([h], [answers])
+    assert out["links"] == n - 2
+    assert out["fit_split"]["same_person"] == 1.0 and out["fit_same"]["same_person"] == 1.0
+    assert out["fit_split"]["links"] > 0 and out["fit_split"]["likelihood_ratio_same"] > 100
+    # a fit that answers the truth: every link it joins is the same person, none split
+    truth = P.given_fit([h], [person])
+    assert truth["fit_same"]["links"] == n - 2 and truth["fit_split"] == {"links": 0}
