@@ -579,8 +579,9 @@ def run(hs: list[WorldHousehold], log=lambda m: None, held_out: tuple[str, ...] 
     batch-model work. ``workers`` > 1: households are scored in that many processes (each
     household's figures do not depend on the others', so the report is the same).
     ``feedback_mesh_draws``: feedback draws of the whole loop (after_feedback's
-    ``mesh``; each draw is a batch fit and a stream with label refits per household,
-    about a fifth of the run's time on REPORTING)."""
+    ``mesh``; each draw is a batch fit and a stream with label refits per household:
+    on 12 TUNING households the three draws took 2.2 times the CPU of everything else;
+    0: the calibrator alone, as before)."""
     import time
     from concurrent.futures import ProcessPoolExecutor
     t0 = time.time()

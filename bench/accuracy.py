@@ -563,7 +563,8 @@ def fit_household_shift(mapped: np.ndarray, evidence: np.ndarray, right: np.ndar
     return round(float(w[0]), 4), tuple(round(float(c), 4) for c in w[1:])
 
 
-def run_worlds(quick: bool, streaming: bool = True, workers: int = 2) -> dict:
+def run_worlds(quick: bool, streaming: bool = True, workers: int = 2,
+               feedback_draws: int = worlds_eval.FEEDBACK_MESH_DRAWS) -> dict:
     """The randomized world families, REPORTING split only (never tuned on)."""
     split = worlds.REPORTING
     n_worlds = 1 if quick else split.worlds_per_family
@@ -571,7 +572,8 @@ def run_worlds(quick: bool, streaming: bool = True, workers: int = 2) -> dict:
     log(f"[worlds] generating {len(split.families) * n_worlds * n_house} households "
         f"({n_worlds} worlds x {n_house} households per family, split {split.name!r}, seed {split.seed})")
     hs = worlds.generate(split, worlds_per_family=n_worlds, households_per_world=n_house)
-    block = worlds_eval.run(hs, log, held_out=worlds.HELD_OUT_FAMILIES, streaming=streaming, workers=workers)
+    block = worlds_eval.run(hs, log, held_out=worlds.HELD_OUT_FAMILIES, streaming=streaming, workers=workers,
+                            feedback_mesh_draws=feedback_draws)
     block["split"] = {"name": split.name, "seed": split.seed, "families": list(split.families),
                       "held_out_families": list(worlds.HELD_OUT_FAMILIES),
                       "tuning_families": list(worlds.TUNING.families), "tuning_seed": worlds.TUNING.seed,
@@ -611,14 +613,15 @@ def log_worlds_summary(tag: str, block: dict, streaming: bool) -> None:
         f"{cc['false_alarms_per_household_quarter']} false alarms per household-quarter")
 
 
-def run_blind(quick: bool, streaming: bool = True, workers: int = 2) -> dict:
+def run_blind(quick: bool, streaming: bool = True, workers: int = 2,
+              feedback_draws: int = worlds_eval.FEEDBACK_MESH_DRAWS) -> dict:
     """The blind worlds (bench/worlds_blind.py: a second generator written without
     reading the model), seed BLIND_SEED, REPORT ONLY: never tune on this block."""
     n_worlds, n_house = (1, 2) if quick else (3, 4)
     hs = worlds_blind.generate(worlds_per_family=n_worlds, households_per_world=n_house)
     log(f"[blind] {len(hs)} households ({n_worlds} worlds x {n_house} households per family, "
         f"seed {worlds_blind.BLIND_SEED}, report only)")
-    block = worlds_eval.run(hs, log, streaming=streaming, workers=workers)
+    block = worlds_eval.run(hs, log, streaming=streaming, workers=workers, feedback_mesh_draws=feedback_draws)
     block["split"] = {"generator": "bench/worlds_blind.py", "seed": worlds_blind.BLIND_SEED,
                       "families": list(worlds_blind.FAMILIES), "worlds_per_family": n_worlds,
                       "households_per_world": n_house, "report_only": True,
@@ -653,6 +656,9 @@ def main() -> None:
                          "fitted on the other two (unseen families are what REPORTING and blind test)")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                     help="processes scoring the world households (same figures for any number)")
+    ap.add_argument("--feedback-draws", type=int, default=worlds_eval.FEEDBACK_MESH_DRAWS,
+                    help="draws of the whole feedback loop in after_feedback (each refits every household "
+                         "twice more: 3 draws about triple the worlds' CPU time; 0: the calibrator alone, as before)")
     args = ap.parse_args()
     # The periodic-refit drift baseline refits every simulated drift household from
     # scratch every 50 sessions: it made `--quick --no-worlds` take 274 s instead of 46 s,
@@ -668,11 +674,13 @@ def main() -> None:
                                                                               args.leave_one_family_out)}))
         return
     if args.blind_only:
-        print(json.dumps({"worlds_blind": run_blind(args.quick, streaming=not args.batch_only, workers=args.workers),
+        print(json.dumps({"worlds_blind": run_blind(args.quick, streaming=not args.batch_only, workers=args.workers,
+                                                    feedback_draws=args.feedback_draws),
                           "elapsed_s": round(time.time() - t0, 1), "quick": args.quick}))
         return
     if args.worlds_only:
-        print(json.dumps({"worlds": run_worlds(args.quick, streaming=not args.batch_only, workers=args.workers),
+        print(json.dumps({"worlds": run_worlds(args.quick, streaming=not args.batch_only, workers=args.workers,
+                                               feedback_draws=args.feedback_draws),
                           "elapsed_s": round(time.time() - t0, 1),
                           "quick": args.quick}))
         return

@@ -55,3 +55,12 @@ def test_the_whole_loop_scores_the_refitted_answers_with_the_calibrator():
     assert loop["labels_only"] != same["labels_only"] and loop["no_feedback"] == same["no_feedback"]
     acc = loop["accuracy_after"]
     assert abs(loop["labels_only"] - (1.0 - acc)) < 1e-9   # every answer at 1.0: ECE = 1 - accuracy
+
+
+def test_the_benchmark_reports_the_whole_loop_as_ece_after_and_the_calibrator_beside_it():
+    hs = _households(1)   # one 44-session household: cheap
+    alone = E.run(hs, periodic_baseline=False, feedback_mesh_draws=0)["all"]["after_feedback"]["batch"]
+    assert "mesh" not in alone and "ece_after_calibrator_only" not in alone
+    loop = E.run(hs, periodic_baseline=False, feedback_mesh_draws=1)["all"]["after_feedback"]["batch"]
+    assert loop["ece_after"] == loop["mesh"]["mesh"] and loop["mesh"]["draws"] == 1
+    assert loop["ece_after_calibrator_only"] == alone["ece_after"]
