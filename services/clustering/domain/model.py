@@ -737,7 +737,7 @@ class HouseholdModel:
         keys = np.arange(n, dtype=np.int64) if keys is None else np.asarray(keys, dtype=np.int64)
         if keys.shape[0] != n:
             raise ValueError(f"keys ({keys.shape[0]}) must match features ({n})")
-        labels = self._check_labels(labels, n)
+        labels = self._labels_by_person(self._check_labels(labels, n))
         self.n_sessions = self.fit_sessions = n
         self.next_key = int(keys.max()) + 1 if n else 0
         # A full refit reflects only the sessions it is given: a label (profile hint) no
@@ -1696,6 +1696,18 @@ class HouseholdModel:
         if len(labels) != n:
             raise ValueError(f"labels ({len(labels)}) must match features ({n})")
         return labels
+
+    def _labels_by_person(self, labels: list[str | None] | None) -> list[str | None] | None:
+        """One label name per person: names that ``label_map`` sends to one person id are
+        replaced by the first of them (sorted). A profile hint ("alice" -> p2) and a
+        feedback label naming the id itself ("p2" -> p2) were two labelled components
+        with one id, whose probabilities then collapsed into one answer."""
+        if not labels or not self.label_map:
+            return labels
+        owner: dict[str, str] = {}
+        for name in sorted(self.label_map):
+            owner.setdefault(self.label_map[name], name)
+        return [None if lab is None else owner.get(self.label_map.get(lab, ""), lab) for lab in labels]
 
     def _posterior_for_matching(self, X: np.ndarray) -> np.ndarray | None:
         if self.active_variant == "cold_start" or not self.person_ids:

@@ -160,3 +160,28 @@ def test_profiles_report_each_persons_own_peaks_devices_and_genres():
     assert sorted(tv["rhythm"]["peak_hours_utc"]) == [12, 20]
     assert phone["top_genres"][0] == "news" and tv["top_genres"][0] == "drama"
     assert round(phone["sessions"] + tv["sessions"]) == 130
+
+
+def test_a_profile_hint_and_feedback_naming_its_person_stay_one_person():
+    """Profile hint "alice" names a person (say p1); later feedback labels other sessions
+    with the id p1 itself (the keeper maps a person-id label to itself, as
+    ModelKeeper.fit does). Both name one person: the refit keeps one p1, not two
+    components sharing the id."""
+    rng = np.random.default_rng(3)
+    a = persona_sessions(rng, 60, 60, 8.0, "mobile", {"news": 1.0})
+    b = persona_sessions(rng, 60, 60, 21.0, "tv", {"drama": 1.0})
+    ts, X, dev, person = household([(*a, "phone-a", 0), (*b, "tv-1", 1)])
+    hinted = np.flatnonzero(person == 0)[:6]
+    labels = [None] * len(ts)
+    for i in hinted:
+        labels[i] = "alice"
+    model = HouseholdModel(seed=0).fit(X, labels=labels, device_ids=list(dev))
+    alice = model.label_map["alice"]
+    for i in np.flatnonzero(person == 0)[10:14]:
+        labels[i] = alice                      # feedback: "it was <alice's id>"
+    model.label_map[alice] = alice
+    model.fit(X, labels=labels, device_ids=list(dev))
+    assert len(model.person_ids) == len(set(model.person_ids)) == 2
+    answers = model.assign_batch(X, device_ids=list(dev))
+    got = np.array(answers.person_ids)[answers.probabilities.argmax(axis=1)]
+    assert set(got[person == 0]) == {alice}
