@@ -199,6 +199,23 @@ def _arrays(c: dict, r: int) -> tuple[np.ndarray, np.ndarray]:
     return cache[r]
 
 
+def _share_test_scores(looks, counts_of, n: int, t) -> tuple[np.ndarray, np.ndarray]:
+    """The stream's join / leave scores at ``n`` sessions: per person, the largest
+    share-change log-likelihood ratio over the lookbacks ``looks`` that passes the join
+    (leave) gate. ``counts_of(r)`` gives (sessions before the last r, sessions in them)
+    per person."""
+    join = leave = 0.0            # scores are floored at zero: a share that moved the other way
+    for r in looks:
+        old, new = counts_of(r)
+        llr = model_module._share_change_llr(old, n - r, new, r)
+        share_old, share_new = old / (n - r), new / r
+        up = (new >= t.join_min_sessions) & (share_new >= t.join_min_ratio * share_old)
+        down = (share_old >= t.leave_min_old_share) & (share_new <= t.leave_max_ratio * share_old)
+        join = np.maximum(join, np.where(up, llr, 0.0))
+        leave = np.maximum(leave, np.where(down, llr, 0.0))
+    return join, leave
+
+
 def replay(o: dict, t: Thresholds) -> list[tuple[int, str]]:
     """The composition events ``_detect_composition`` would have raised on this traced
     stream with thresholds ``t`` (plus the newcomer test's, approximately)."""
@@ -217,16 +234,7 @@ def replay(o: dict, t: Thresholds) -> list[tuple[int, str]]:
             last_birth = c["at"]
         if not looks or (len(c["ids"]) < 2 and not inactive):
             continue
-        join = np.zeros(len(c["ids"]))
-        leave = np.zeros(len(c["ids"]))
-        for r in looks:
-            old, new = _arrays(c, r)
-            llr = model_module._share_change_llr(old, n - r, new, r)
-            share_old, share_new = old / (n - r), new / r
-            up = (new >= t.join_min_sessions) & (share_new >= t.join_min_ratio * share_old)
-            down = (share_old >= t.leave_min_old_share) & (share_new <= t.leave_max_ratio * share_old)
-            join = np.maximum(join, np.where(up, llr, 0.0))
-            leave = np.maximum(leave, np.where(down, llr, 0.0))
+        join, leave = _share_test_scores(looks, lambda r: _arrays(c, r), n, t)
         since = np.array(c["new"][str(looks[0])])
         for j, pid in enumerate(c["ids"]):
             if join[j] >= t.join_h and pid not in joined:
@@ -299,16 +307,7 @@ def oracle_events(h: worlds.WorldHousehold, t: Thresholds = Thresholds()) -> lis
         looks = [r for r in t.lookback if n - r >= t.min_history]
         if not looks:
             continue
-        join = np.zeros(h.n_persons)
-        leave = np.zeros(h.n_persons)
-        for r in looks:
-            old, new = cum[n - r], cum[n] - cum[n - r]
-            llr = model_module._share_change_llr(old, n - r, new, r)
-            share_old, share_new = old / (n - r), new / r
-            up = (new >= t.join_min_sessions) & (share_new >= t.join_min_ratio * share_old)
-            down = (share_old >= t.leave_min_old_share) & (share_new <= t.leave_max_ratio * share_old)
-            join = np.maximum(join, np.where(up, llr, 0.0))
-            leave = np.maximum(leave, np.where(down, llr, 0.0))
+        join, leave = _share_test_scores(looks, lambda r: (cum[n - r], cum[n] - cum[n - r]), n, t)
         since = cum[n] - cum[n - looks[0]]
         for j in range(h.n_persons):
             if join[j] >= t.join_h and j not in joined:
