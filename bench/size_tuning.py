@@ -495,7 +495,9 @@ def diagnosis(rows: list[dict]) -> dict:
                         (("device_first", [r for r in rows if r["groups"] > 0]),
                          ("shared_only", [r for r in rows if r["groups"] == 0])) if rs},
             "by_true_size": {str(k): block([r for r in rows if r["true"] == k]) for k in sorted({r["true"] for r in rows})},
-            "single_kept": round(float(np.mean([r["fitted"] == 1 for r in rows if r["true"] == 1])), 3),
+            # None, not NaN, when the rows hold no single-person household
+            "single_kept": (round(float(np.mean(singles)), 3)
+                            if (singles := [r["fitted"] == 1 for r in rows if r["true"] == 1]) else None),
             "missed_members_of_under_counts": {
                 "members": len(missed), "without_own_device": sum(m["own_devices"] == 0 for m in missed),
                 "sessions_quartiles": [int(q) for q in np.quantile([m["sessions"] for m in missed], [0.25, 0.5, 0.75])]

@@ -73,6 +73,8 @@ def test_diagnosis_of_a_household_agrees_with_the_models_fit_and_its_truth():
     summary = S.diagnosis([row, {**row, "fitted": row["true"] + 1, "cause": "born_not_there"}])
     assert summary["all"]["households"] == 2 and summary["all"]["over"] >= 1
     assert sum(summary["causes"].values()) == 2
+    # single-person households kept: a share when there are some, None (not NaN) when not
+    assert summary["single_kept"] == (None if row["true"] > 1 else 0.5)
 
 
 def test_heldout_folds_are_time_blocks_dealt_round_robin():
