@@ -164,8 +164,9 @@ def hearth_stream_fed(h: WorldHousehold, fed: np.ndarray, batch: int = STREAM_BA
             if lab not in m.label_map:
                 m.label_map[lab] = lab
                 m.next_person = max(m.next_person, int(lab[1:]) + 1)
-        # refitted in place: stream_steps folds the next arrival into this model
-        m.fit(h.features[:b], labels=labels[:b], device_ids=h.device_id[:b])
+        # refitted in place (ModelKeeper.refresh(force="labels")): stream_steps folds the
+        # next arrival into this model
+        m.refit_for_labels(h.features[:b], labels=labels[:b], device_ids=h.device_id[:b])
     return columns(probs, sorted(set(ids) | {k for p in probs for k in p}))
 
 

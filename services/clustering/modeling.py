@@ -131,11 +131,13 @@ class ModelKeeper:
         return HouseholdModel(variant, cold_start=self.cold_start, population_prior=self.population_prior,
                               seed=self.seed)
 
-    def fit(self, snap: Snapshot, base: HouseholdModel | None, variant: str, account_id: str = "") -> Envelope:
+    def fit(self, snap: Snapshot, base: HouseholdModel | None, variant: str, account_id: str = "",
+            for_labels: bool = False) -> Envelope:
         """Full fit on every closed session. Starting from ``base`` keeps person ids
         stable (new components are matched to the old persons); the parameters depend
         only on the sessions, so after an erasure this *is* the model fitted without
-        the erased sessions."""
+        the erased sessions. ``for_labels``: the refit is for feedback labels
+        (HouseholdModel.refit_for_labels: a streamed household stays a stream's)."""
         model = base if base is not None else self.new_model(variant)
         model.variant = variant
         model.population_prior = self.population_prior
@@ -146,8 +148,9 @@ class ModelKeeper:
                 model.next_person = max(model.next_person, int(label[1:]) + 1)
         had_fallbacks = model.fallback_count
         if snap.sessions:
-            model.fit(snap.X, labels=snap.labels if any(snap.labels) else None, device_ids=snap.device_ids,
-                      inject_gmm_failure=bool(self.gmm_fault_prefix) and account_id.startswith(self.gmm_fault_prefix))
+            refit = model.refit_for_labels if for_labels else model.fit
+            refit(snap.X, labels=snap.labels if any(snap.labels) else None, device_ids=snap.device_ids,
+                  inject_gmm_failure=bool(self.gmm_fault_prefix) and account_id.startswith(self.gmm_fault_prefix))
         if model.fallback_count > had_fallbacks:
             GMM_FALLBACKS.inc()
         n = len(snap.sessions)
@@ -180,7 +183,7 @@ class ModelKeeper:
                 if retire:
                     base = base or self.new_model(variant)
                     base.retire_person(retire)
-                envelope = self.fit(snap, base, variant, account_id)
+                envelope = self.fit(snap, base, variant, account_id, for_labels=reason == "labels")
                 REFITS.labels(reason).inc()
                 answered_before = len(snap.sessions)   # a full fit includes every session
             else:

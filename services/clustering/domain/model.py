@@ -164,6 +164,13 @@ NEW_DEVICE_QUIET = 30        # sessions after a reported join in which this test
 BIRTH_MIN_GAIN = 3.0
 STREAM_GROUP_MIN_Z = 3.0  # streaming refits: two devices are two persons only this far above chance
 STREAM_GROUP_YOUNG = 60   # ... while the buffer holds fewer sessions than this
+# Feedback labels in a stream (HouseholdModel.refit_for_labels, the cold-start fit, update):
+# each switch chosen on TUNING (bench.label_feedback, docs/benchmarks.md session 11).
+LABEL_REFIT_KEEPS_STREAM = True   # a label refit of a streamed model leaves it "streamed"
+LABEL_REFIT_YOUNG_Z = True        # ... with the stream's young z-bar while it is young
+COLD_FIT_KEEPS_LABELS = True      # labels given before the first fit reach that fit
+RESELECT_WITH_LABELS = False      # update re-selects persons once labels exist
+LABEL_STREAM_NAMES_ONLY = False   # a stream's labels that name its persons only bind to them (no refit)
 STREAM_SHARED_REFIT = True    # no personal device: refit the buffer as the batch fit does
 STREAM_SHARED_RESELECT = False  # ... and the BIC re-selection between those refits
 STREAM_SHARED_HYSTERESIS = 40.0  # BIC units a new person count must win by in that refit
@@ -625,6 +632,7 @@ class HouseholdModel:
         self.label_map: dict[str, str] = {}
         self.cold_X = np.zeros((0, F.FEATURE_DIM))
         self.cold_slots = np.zeros(0, dtype=np.int64)
+        self.cold_labels: list[str | None] = []  # labels of cold_X's sessions (feedback before the first fit)
         self.device_ids: list[str] = []  # device slot i is device_ids[i]
         # Re-selection of the number of persons as sessions accumulate (see _reselect):
         # the recent sessions the check refits on, and what it decided.
@@ -747,6 +755,7 @@ class HouseholdModel:
         if n < MIN_SESSIONS:
             self.cold_X = X.copy()
             self.cold_slots = slots.copy()
+            self.cold_labels = list(labels) if labels else []
             self.mixture = self.kmeans = None
             return self
         Xa = self._augment(X, slots)
@@ -772,6 +781,40 @@ class HouseholdModel:
         self.person_ids = self._match_ids(old_ids, old_post, new_post, label_names)
         self.cold_X = np.zeros((0, F.FEATURE_DIM))
         self.cold_slots = np.zeros(0, dtype=np.int64)
+        self.cold_labels = []
+        return self
+
+    def refit_for_labels(self, X: np.ndarray, labels: Sequence[str | None] | None = None,
+                         keys: np.ndarray | None = None, device_ids: Sequence[str] | None = None,
+                         **kw) -> HouseholdModel:
+        """A full refit because feedback labelled sessions (the service's
+        ``refresh(force="labels")``). A streamed model stays a stream's: its answers
+        keep going through the streamed confidence maps (LABEL_REFIT_KEEPS_STREAM; after
+        a label refit they went through the "fitted" map, fitted on in-sample answers of
+        fits on every session, and a stream's at-arrival answers are wrong more often at
+        the same posterior), and while it is young its device groups need the stream's
+        z-bar, as its own refits use (LABEL_REFIT_YOUNG_Z). A model fitted at once
+        (nothing folded in since) is refitted as a batch fit."""
+        stream = self.folded_in > 0 or (self.active_variant == "cold_start" and self.n_sessions > 0)
+        if LABEL_STREAM_NAMES_ONLY and stream and self.mixture is not None and labels is not None \
+                and all(lab is None or self.label_map.get(lab) in self.person_ids for lab in labels) \
+                and _check_X(X).shape[0] >= self.n_sessions:
+            # Every label names a person the stream already answers with: the label binds
+            # to that person (label_map; the service answers a labelled session as its
+            # label) and the stream's persons stay as they are. Sessions not folded in
+            # yet are folded in now, as the service counts them included after this.
+            lo = self.n_sessions
+            if X.shape[0] > lo:
+                self.update(X[lo:], labels=list(labels)[lo:],
+                            device_ids=None if device_ids is None else list(device_ids)[lo:])
+            return self
+        fit_sessions = self.fit_sessions
+        n = _check_X(X).shape[0]
+        if LABEL_REFIT_YOUNG_Z and stream and n < STREAM_GROUP_YOUNG:
+            kw.setdefault("group_min_z", STREAM_GROUP_MIN_Z)
+        self.fit(X, labels, keys, device_ids, **kw)
+        if LABEL_REFIT_KEEPS_STREAM and stream and self.active_variant != "cold_start" and fit_sessions:
+            self.fit_sessions = min(fit_sessions, n)
         return self
 
     def _device_groups(self, Xa: np.ndarray, min_z: float = 0.0) -> np.ndarray:
@@ -1051,6 +1094,8 @@ class HouseholdModel:
         if self.active_variant == "cold_start":
             self.cold_X = np.vstack((self.cold_X, X))
             self.cold_slots = np.concatenate((self.cold_slots, slots))
+            self.cold_labels = (self.cold_labels + [None] * (self.cold_X.shape[0] - n - len(self.cold_labels))
+                                + (labels or [None] * n))
             self.n_sessions += n
             if self.cold_X.shape[0] >= MIN_SESSIONS:
                 all_keys = np.arange(self.cold_X.shape[0], dtype=np.int64)
@@ -1059,7 +1104,11 @@ class HouseholdModel:
                 # The stream's first fit is of a young buffer: its device groups need
                 # the streaming refits' z-bar (a person's two devices with 5 sessions
                 # each were two persons at the fixed bar: TUNING mobi2h0).
-                self.fit(self.cold_X, keys=all_keys, device_ids=cold_devices, group_min_z=STREAM_GROUP_MIN_Z)
+                # Feedback given before this fit names its persons (COLD_FIT_KEEPS_LABELS;
+                # dropped, the person id the caller confirmed was renamed by the fit).
+                cold_labels = self.cold_labels if COLD_FIT_KEEPS_LABELS and any(self.cold_labels) else None
+                self.fit(self.cold_X, labels=cold_labels, keys=all_keys, device_ids=cold_devices,
+                         group_min_z=STREAM_GROUP_MIN_Z)
             return self
         self.n_sessions += n
         if self.mixture is not None:
@@ -1073,7 +1122,7 @@ class HouseholdModel:
                 self.mixture.partial_fit(Xa, keys, clamp)
                 self._buffer_add(Xa, keys)
                 self.since_check += n
-                if self.reselect and self.since_check >= RESELECT_EVERY and not self.label_map:
+                if self.reselect and self.since_check >= RESELECT_EVERY and (RESELECT_WITH_LABELS or not self.label_map):
                     self.since_check = 0
                     if not self._refit_on_device_evidence():
                         self._reselect()
@@ -1908,6 +1957,7 @@ class HouseholdModel:
             "rise_pending": self.rise_pending,
             "inactive": sorted(self.inactive), "joined": sorted(self.joined), "born": self.born,
         }
+        meta["cold_labels"] = self.cold_labels
         arrays: dict[str, np.ndarray] = {"cold_X": self.cold_X, "cold_slots": self.cold_slots,
                                          "buffer": self.buffer, "buffer_keys": self.buffer_keys}
         if self.mixture is not None:
@@ -1944,6 +1994,7 @@ class HouseholdModel:
         m.n_sessions, m.next_key = meta["n_sessions"], meta["next_key"]
         m.cold_X = z["cold_X"]
         m.cold_slots = z["cold_slots"] if "cold_slots" in z else np.full(m.cold_X.shape[0], -1, dtype=np.int64)
+        m.cold_labels = list(meta.get("cold_labels", []))
         m.device_ids = list(meta.get("device_ids", []))
         m.bic_penalty = float(meta.get("bic_penalty", 1.0))
         m.reselect = bool(meta.get("reselect", False))
