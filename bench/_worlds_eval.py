@@ -159,14 +159,12 @@ def hearth_stream_fed(h: WorldHousehold, fed: np.ndarray, batch: int = STREAM_BA
                 # (a member the household has no id for: the caller names a fresh one)
                 id_of[true] = max(set(answered), key=answered.count) if answered else f"p{NEW_MEMBER_ID + true}"
             labels[i] = id_of[true]
-        # ModelKeeper.fit: a label that is a person id keeps that id
-        for lab in {lab for lab in labels[:b] if lab and lab.startswith("p") and lab[1:].isdigit()}:
-            if lab not in m.label_map:
-                m.label_map[lab] = lab
-                m.next_person = max(m.next_person, int(lab[1:]) + 1)
-        # refitted in place (ModelKeeper.refresh(force="labels")): stream_steps folds the
-        # next arrival into this model
-        m.refit_for_labels(h.features[:b], labels=labels[:b], device_ids=h.device_id[:b])
+        # ModelKeeper.refresh(force="labels"): a label that is a person id keeps that id; a
+        # stream binds the labels to its persons, anything else (a young model fitted
+        # once, a cold start) is refitted in place (stream_steps folds the next arrival in)
+        m.bind_id_labels(labels[:b])
+        if not m.binds_labels:
+            m.fit(h.features[:b], labels=labels[:b], device_ids=h.device_id[:b])
     return columns(probs, sorted(set(ids) | {k for p in probs for k in p}))
 
 

@@ -12,7 +12,7 @@ feedback, the labels alone and the calibrator alone; mean over ``--draws`` rando
 feedback samples (``feedback_draws``: the pooled draws of ``after_feedback``).
 
 ``python -m bench.label_feedback [--split tuning|reporting] [--first-world W --worlds N
---households H] [--draws D] [--workers W] [--batch-only]`` prints one JSON object on its
+--households H] [--draws D] [--workers W] [--batch-only | --stream-only]`` prints one JSON object on its
 last line. Choices are made on ``tuning`` (worlds from 4 on have never been seen by the
 confidence maps, which are fitted on TUNING worlds 0-3); ``reporting`` is read to
 report only.
@@ -31,9 +31,9 @@ from bench import _worlds_eval as E
 from bench import worlds
 
 
-def _one(args: tuple[worlds.WorldHousehold, list[np.ndarray], bool]) -> dict:
-    h, fed, streaming = args
-    out = {"batch": E.hearth_batch(h)[1], "fed_batch": [E.hearth_batch_fed(h, f) for f in fed]}
+def _one(args: tuple[worlds.WorldHousehold, list[np.ndarray], bool, bool]) -> dict:
+    h, fed, streaming, batch = args
+    out = {"batch": E.hearth_batch(h)[1], "fed_batch": [E.hearth_batch_fed(h, f) for f in fed]} if batch else {}
     if streaming:
         out["stream"] = E.hearth_stream(h)[1]
         out["fed_stream"] = [E.hearth_stream_fed(h, f) for f in fed]
@@ -50,12 +50,14 @@ def households(split: str, first_world: int, n_worlds: int | None, n_house: int 
     return [h for i, h in enumerate(hs) if i % per_family >= first_world * n_house]
 
 
-def run(hs: list[worlds.WorldHousehold], draws: int, workers: int, streaming: bool = True) -> dict:
+def run(hs: list[worlds.WorldHousehold], draws: int, workers: int, streaming: bool = True, batch: bool = True) -> dict:
     fed = E.feedback_draws(hs, draws)
     with ProcessPoolExecutor(workers) as pool:
-        outs = list(pool.map(_one, [(h, f, streaming) for h, f in zip(hs, fed)]))
-    report = {"batch": E.mesh_after_feedback(hs, [o["batch"] for o in outs], [o["fed_batch"] for o in outs], fed,
-                                             E.model_ages(hs, "batch"), sample_before=True)}
+        outs = list(pool.map(_one, [(h, f, streaming, batch) for h, f in zip(hs, fed)]))
+    report = {}
+    if batch:
+        report["batch"] = E.mesh_after_feedback(hs, [o["batch"] for o in outs], [o["fed_batch"] for o in outs], fed,
+                                                E.model_ages(hs, "batch"), sample_before=True)
     if streaming:
         report["streaming"] = E.mesh_after_feedback(hs, [o["stream"] for o in outs], [o["fed_stream"] for o in outs],
                                                     fed, E.model_ages(hs, "stream"), sample_before=False)
@@ -71,12 +73,13 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=E.FEEDBACK_MESH_DRAWS)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-only", action="store_true", help="no streams (a fifth of the time)")
+    ap.add_argument("--stream-only", action="store_true", help="no batch fits (the stream side's choices)")
     args = ap.parse_args()
     t0 = time.time()
     hs = households(args.split, args.first_world, args.worlds, args.households)
     report = {"split": args.split, "first_world": args.first_world, "households": len(hs),
               "sessions": int(sum(h.n_sessions for h in hs)), "draws": args.draws,
-              **run(hs, args.draws, args.workers, streaming=not args.batch_only)}
+              **run(hs, args.draws, args.workers, streaming=not args.batch_only, batch=not args.stream_only)}
     report["elapsed_s"] = round(time.time() - t0, 1)
     print(json.dumps(report))
 

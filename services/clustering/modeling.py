@@ -131,26 +131,19 @@ class ModelKeeper:
         return HouseholdModel(variant, cold_start=self.cold_start, population_prior=self.population_prior,
                               seed=self.seed)
 
-    def fit(self, snap: Snapshot, base: HouseholdModel | None, variant: str, account_id: str = "",
-            for_labels: bool = False) -> Envelope:
+    def fit(self, snap: Snapshot, base: HouseholdModel | None, variant: str, account_id: str = "") -> Envelope:
         """Full fit on every closed session. Starting from ``base`` keeps person ids
         stable (new components are matched to the old persons); the parameters depend
         only on the sessions, so after an erasure this *is* the model fitted without
-        the erased sessions. ``for_labels``: the refit is for feedback labels
-        (HouseholdModel.refit_for_labels: a streamed household stays a stream's)."""
+        the erased sessions."""
         model = base if base is not None else self.new_model(variant)
         model.variant = variant
         model.population_prior = self.population_prior
-        # Feedback labels name persons by their ids: keep those ids for them.
-        for label in {lab for lab in snap.labels if lab}:
-            if _PERSON_ID.fullmatch(label) and label not in model.label_map:
-                model.label_map[label] = label
-                model.next_person = max(model.next_person, int(label[1:]) + 1)
+        model.bind_id_labels(snap.labels)   # feedback labels name persons by their ids: keep them
         had_fallbacks = model.fallback_count
         if snap.sessions:
-            refit = model.refit_for_labels if for_labels else model.fit
-            refit(snap.X, labels=snap.labels if any(snap.labels) else None, device_ids=snap.device_ids,
-                  inject_gmm_failure=bool(self.gmm_fault_prefix) and account_id.startswith(self.gmm_fault_prefix))
+            model.fit(snap.X, labels=snap.labels if any(snap.labels) else None, device_ids=snap.device_ids,
+                      inject_gmm_failure=bool(self.gmm_fault_prefix) and account_id.startswith(self.gmm_fault_prefix))
         if model.fallback_count > had_fallbacks:
             GMM_FALLBACKS.inc()
         n = len(snap.sessions)
@@ -175,15 +168,25 @@ class ModelKeeper:
                 return version, None
             variant = self.variant_of(account_id)
             drift: list[DriftRow] = []
-            if current is None or force or current.first_session_id != snap.first_id \
-                    or current.included > len(snap.sessions) or current.model.variant != variant:
+            sessions_kept = current is not None and current.first_session_id == snap.first_id \
+                and current.included <= len(snap.sessions) and current.model.variant == variant
+            if force == "labels" and sessions_kept and current.model.binds_labels:
+                # A stream is not refitted for feedback (HouseholdModel.binds_labels):
+                # the labels bind to its persons; its drift reference and the sessions
+                # still to fold in stay as they were.
+                model = _private_copy(current.model)
+                model.bind_id_labels(snap.labels)
+                envelope = Envelope(model, current.included, current.reference_end, current.drift_checked,
+                                    current.first_session_id, current.last_refit)
+                answered_before = current.included
+            elif not sessions_kept or force:
                 reason = force or ("new" if current is None else "sessions_changed"
                                    if current.model.variant == variant else "variant_changed")
                 base = _private_copy(current.model) if current else None
                 if retire:
                     base = base or self.new_model(variant)
                     base.retire_person(retire)
-                envelope = self.fit(snap, base, variant, account_id, for_labels=reason == "labels")
+                envelope = self.fit(snap, base, variant, account_id)
                 REFITS.labels(reason).inc()
                 answered_before = len(snap.sessions)   # a full fit includes every session
             else:

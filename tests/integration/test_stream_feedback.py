@@ -1,11 +1,14 @@
 """Feedback on a streamed household, through the service (ClusteringApp.record_labels ->
-ModelKeeper.refresh(force="labels")), on real stores: the label refit leaves the
-household a stream's (its new arrivals keep the streamed confidence maps), and a label
-given before the first fit names a person of that fit with the id the caller gave."""
+ModelKeeper.refresh(force="labels")), on real stores: a stream is not refitted — the
+labels bind to its persons and every other session keeps its person and probability (a
+full refit mid-stream answered the household worse than no feedback) — and a label given
+before the first fit names a person of that fit with the id the caller gave."""
 
 from __future__ import annotations
 
 import time
+
+import numpy as np
 
 from services.clustering.app import ClusteringApp
 from services.clustering.domain.model import MIN_SESSIONS
@@ -32,19 +35,28 @@ def _stream(app: ClusteringApp, account: str, days: range, seed: int) -> None:
         app.keeper.refresh(account)
 
 
-def test_a_label_on_a_streamed_household_keeps_it_streamed(database):
+def test_feedback_on_a_stream_binds_to_its_persons_and_leaves_the_rest(database):
     app = _app(database)
     _stream(app, "acc-s", range(30), seed=4)
-    _, envelope = app.keeper.load("acc-s")
-    assert envelope.model.streamed
-    fit_sessions = envelope.model.fit_sessions
-    session = app.store.closed_sessions("acc-s")[-1]
-    label = [("acc-s", session.session_id, session.person_id, "feedback:profile_confirmed")]
-    assert app.record_labels(label) == (1, 0)
-    _, envelope = app.keeper.load("acc-s")
-    assert envelope.model.streamed and envelope.model.fit_sessions == fit_sessions
-    assert {s.session_id: s.person_id for s in app.store.closed_sessions("acc-s")}[session.session_id] \
-        == session.person_id
+    version, envelope = app.keeper.load("acc-s")
+    assert envelope.model.streamed and envelope.model.n_persons >= 2
+    stats = envelope.model.mixture.stats.copy()
+    before, _ = app.household("acc-s", 1000)
+    person_of = {s.session_id: s.person_id for s in before.sessions}
+    confirmed, corrected = before.sessions[-1], before.sessions[-2]
+    other = next(p for p in envelope.model.person_ids if p != corrected.person_id)
+    labels = [("acc-s", confirmed.session_id, confirmed.person_id, "feedback:profile_confirmed"),
+              ("acc-s", corrected.session_id, other, "feedback:profile_corrected")]
+    assert app.record_labels(labels) == (2, 0)
+    version_after, envelope = app.keeper.load("acc-s")
+    assert version_after == version + 1 and envelope.model.streamed
+    np.testing.assert_array_equal(envelope.model.mixture.stats, stats)      # not refitted
+    after, _ = app.household("acc-s", 1000)
+    stored = {s.session_id: s.person_id for s in after.sessions}
+    assert stored[confirmed.session_id] == confirmed.person_id and stored[corrected.session_id] == other
+    assert after.person_probability[corrected.session_id] == 1.0
+    others = [s for s in after.sessions if s.session_id not in (confirmed.session_id, corrected.session_id)]
+    assert others and all(stored[s.session_id] == person_of[s.session_id] for s in others)
 
 
 def test_a_label_before_the_first_fit_keeps_the_callers_person_id(database):

@@ -164,13 +164,6 @@ NEW_DEVICE_QUIET = 30        # sessions after a reported join in which this test
 BIRTH_MIN_GAIN = 3.0
 STREAM_GROUP_MIN_Z = 3.0  # streaming refits: two devices are two persons only this far above chance
 STREAM_GROUP_YOUNG = 60   # ... while the buffer holds fewer sessions than this
-# Feedback labels in a stream (HouseholdModel.refit_for_labels, the cold-start fit, update):
-# each switch chosen on TUNING (bench.label_feedback, docs/benchmarks.md session 11).
-LABEL_REFIT_KEEPS_STREAM = True   # a label refit of a streamed model leaves it "streamed"
-LABEL_REFIT_YOUNG_Z = True        # ... with the stream's young z-bar while it is young
-COLD_FIT_KEEPS_LABELS = True      # labels given before the first fit reach that fit
-RESELECT_WITH_LABELS = False      # update re-selects persons once labels exist
-LABEL_STREAM_NAMES_ONLY = False   # a stream's labels that name its persons only bind to them (no refit)
 STREAM_SHARED_REFIT = True    # no personal device: refit the buffer as the batch fit does
 STREAM_SHARED_RESELECT = False  # ... and the BIC re-selection between those refits
 STREAM_SHARED_HYSTERESIS = 40.0  # BIC units a new person count must win by in that refit
@@ -760,38 +753,30 @@ class HouseholdModel:
         self.cold_labels = []
         return self
 
-    def refit_for_labels(self, X: np.ndarray, labels: Sequence[str | None] | None = None,
-                         keys: np.ndarray | None = None, device_ids: Sequence[str] | None = None,
-                         **kw) -> HouseholdModel:
-        """A full refit because feedback labelled sessions (the service's
-        ``refresh(force="labels")``). A streamed model stays a stream's: its answers
-        keep going through the streamed confidence maps (LABEL_REFIT_KEEPS_STREAM; after
-        a label refit they went through the "fitted" map, fitted on in-sample answers of
-        fits on every session, and a stream's at-arrival answers are wrong more often at
-        the same posterior), and while it is young its device groups need the stream's
-        z-bar, as its own refits use (LABEL_REFIT_YOUNG_Z). A model fitted at once
-        (nothing folded in since) is refitted as a batch fit."""
-        stream = self.folded_in > 0 or (self.active_variant == "cold_start" and self.n_sessions > 0)
-        if LABEL_STREAM_NAMES_ONLY and stream and self.mixture is not None and labels is not None \
-                and all(lab is None or self.label_map.get(lab) in self.person_ids for lab in labels) \
-                and _check_X(X).shape[0] >= self.n_sessions:
-            # Every label names a person the stream already answers with: the label binds
-            # to that person (label_map; the service answers a labelled session as its
-            # label) and the stream's persons stay as they are. Sessions not folded in
-            # yet are folded in now, as the service counts them included after this.
-            lo = self.n_sessions
-            if X.shape[0] > lo:
-                self.update(X[lo:], labels=list(labels)[lo:],
-                            device_ids=None if device_ids is None else list(device_ids)[lo:])
-            return self
-        fit_sessions = self.fit_sessions
-        n = _check_X(X).shape[0]
-        if LABEL_REFIT_YOUNG_Z and stream and n < STREAM_GROUP_YOUNG:
-            kw.setdefault("group_min_z", STREAM_GROUP_MIN_Z)
-        self.fit(X, labels, keys, device_ids, **kw)
-        if LABEL_REFIT_KEEPS_STREAM and stream and self.active_variant != "cold_start" and fit_sessions:
-            self.fit_sessions = min(fit_sessions, n)
-        return self
+    @property
+    def binds_labels(self) -> bool:
+        """Feedback labels bind to this model's persons instead of refitting it
+        (ModelKeeper.refresh(force="labels")): a stream (sessions folded in since its
+        last full fit) answered by its mixture. A label naming one of its persons binds to
+        that person (the service answers the labelled session as its label); one naming
+        a person it lacks waits for the stream's next full refit; its persons, its
+        re-selections and the confidence maps it answers through stay what they would be
+        without feedback. Why: every label made a full refit mid-stream, after which new
+        arrivals went through the "fitted" map and the other sessions were answered worse
+        than with no feedback (TUNING worlds 4-7, 3 draws of 3.75 %: accuracy 0.685 ->
+        0.641, ECE labels only 0.032 -> 0.086; bound: 0.685, 0.032; docs/benchmarks.md,
+        session 11). Any other model is refitted with the labels (a household fitted at
+        once: _fit_labelled; before the first fit the labels wait in ``cold_labels``)."""
+        return self.folded_in > 0 and self.mixture is not None
+
+    def bind_id_labels(self, labels: Sequence[str | None] | None) -> None:
+        """Feedback labels name persons by their ids (the predicted id when confirmed,
+        the caller's id when corrected): each such label stands for that id."""
+        for label in {lab for lab in labels or () if lab}:
+            if label.startswith("p") and label[1:].isdigit() and label not in self.label_map:
+                self.label_map[label] = label
+                self.next_person = max(self.next_person, int(label[1:]) + 1)
+
 
     def _device_groups(self, Xa: np.ndarray, min_z: float = 0.0) -> np.ndarray:
         """(N,) personal-device person group per session (-1: no identity), see persons.py;
@@ -1080,9 +1065,9 @@ class HouseholdModel:
                 # The stream's first fit is of a young buffer: its device groups need
                 # the streaming refits' z-bar (a person's two devices with 5 sessions
                 # each were two persons at the fixed bar: TUNING mobi2h0).
-                # Feedback given before this fit names its persons (COLD_FIT_KEEPS_LABELS;
-                # dropped, the person id the caller confirmed was renamed by the fit).
-                cold_labels = self.cold_labels if COLD_FIT_KEEPS_LABELS and any(self.cold_labels) else None
+                # Feedback given before this fit names its persons (dropped, the person
+                # id the caller gave was renamed by the fit).
+                cold_labels = self.cold_labels if any(self.cold_labels) else None
                 self.fit(self.cold_X, labels=cold_labels, keys=all_keys, device_ids=cold_devices,
                          group_min_z=STREAM_GROUP_MIN_Z)
             return self
@@ -1098,7 +1083,10 @@ class HouseholdModel:
                 self.mixture.partial_fit(Xa, keys, clamp)
                 self._buffer_add(Xa, keys)
                 self.since_check += n
-                if self.reselect and self.since_check >= RESELECT_EVERY and (RESELECT_WITH_LABELS or not self.label_map):
+                # Labels do not stop the checks: a labelled stream re-selects its persons
+                # and looks for newcomers as an unlabelled one does (it stopped once the
+                # model had labels, and a stream with feedback fell behind one without).
+                if self.reselect and self.since_check >= RESELECT_EVERY:
                     self.since_check = 0
                     if not self._refit_on_device_evidence():
                         self._reselect()

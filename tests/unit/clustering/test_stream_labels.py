@@ -1,6 +1,7 @@
-"""Feedback labels in a streamed household (HouseholdModel.refit_for_labels, the
-cold-start fit): a label refit of a stream leaves it a stream's, and a label given
-before the first fit reaches that fit with the person id the caller gave."""
+"""Feedback labels in a streamed household (HouseholdModel.binds_labels, the cold-start
+fit, update): a stream binds labels to its persons instead of refitting, keeps checking
+its persons once it has labels, and a label given before the first fit reaches that fit
+with the person id the caller gave."""
 
 from __future__ import annotations
 
@@ -25,33 +26,16 @@ def _streamed(h, upto: int, batch: int = 5) -> HouseholdModel:
     return m
 
 
-def test_a_label_refit_of_a_stream_keeps_it_streamed(household):
+def test_a_stream_binds_labels_and_a_model_fitted_at_once_is_refitted(household):
     h, n = household, 100
     m = _streamed(h, n)
-    assert m.streamed
-    labels: list[str | None] = [None] * n
-    labels[n - 1] = m.person_ids[0]
-    m.label_map[labels[n - 1]] = labels[n - 1]     # ModelKeeper.fit: an id label keeps its id
-    m.refit_for_labels(h.features[:n], labels=labels, device_ids=h.device_id[:n])
-    assert m.streamed and m.n_sessions == n
-    assert m.label_map[labels[n - 1]] in m.person_ids
-    # and a plain refit is still a fit on every session (answered as fitted)
-    m.fit(h.features[:n], labels=labels, device_ids=h.device_id[:n])
-    assert not m.streamed
-
-
-def test_a_label_refit_of_a_model_fitted_at_once_is_a_batch_fit(household):
-    h = household
-    labels = [None] * h.n_sessions
-    labels[3] = "p1"
-    a = HouseholdModel().fit(h.features, device_ids=h.device_id)
-    b = HouseholdModel().fit(h.features, device_ids=h.device_id)
-    a.label_map["p1"] = b.label_map["p1"] = "p1"
-    a.refit_for_labels(h.features, labels=labels, device_ids=h.device_id)
-    b.fit(h.features, labels=labels, device_ids=h.device_id)
-    assert not a.streamed
-    np.testing.assert_array_equal(a.assign_batch(h.features, device_ids=h.device_id).probabilities,
-                                  b.assign_batch(h.features, device_ids=h.device_id).probabilities)
+    assert m.streamed and m.binds_labels
+    m.bind_id_labels([None, m.person_ids[0], "alice", "p12"])
+    assert m.label_map[m.person_ids[0]] == m.person_ids[0] and m.label_map["p12"] == "p12"
+    assert "alice" not in m.label_map and m.next_person >= 13     # names are not ids; ids are not reused
+    m.fit(h.features[:n], device_ids=h.device_id[:n])
+    assert not m.binds_labels                                      # fitted at once: labels refit it
+    assert not HouseholdModel().binds_labels                      # a cold start waits for its first fit
 
 
 def test_a_label_before_the_first_fit_names_a_person_of_that_fit(household):
@@ -88,15 +72,12 @@ def test_cold_labels_survive_a_round_trip_through_bytes(household):
     assert "p3" in r.person_ids
 
 
-def test_the_cold_fit_without_the_switch_drops_the_label(household, monkeypatch):
-    """What COLD_FIT_KEEPS_LABELS repairs (the old behaviour, kept as a switch for the
-    TUNING comparison)."""
-    monkeypatch.setattr(M, "COLD_FIT_KEEPS_LABELS", False)
-    h = household
-    m = HouseholdModel()
-    labels: list[str | None] = [None] * 4
-    labels[0] = "p7"
-    m.label_map["p7"] = "p7"
-    m.fit(h.features[:4], labels=labels, device_ids=h.device_id[:4])
-    m.update(h.features[4:MIN_SESSIONS], device_ids=h.device_id[4:MIN_SESSIONS])
-    assert "p7" not in m.label_map
+def test_a_labelled_stream_still_checks_its_persons(household):
+    """update re-selects the persons (and looks for newcomers) once labels exist, as it
+    does without them (it stopped once the model had labels)."""
+    h, n = household, 100
+    m = _streamed(h, n)
+    m.label_map[m.person_ids[0]] = m.person_ids[0]
+    m.since_check = 0
+    m.update(h.features[n:n + M.RESELECT_EVERY], device_ids=h.device_id[n:n + M.RESELECT_EVERY])
+    assert m.since_check == 0     # the check ran (it resets the count)
