@@ -277,3 +277,59 @@ def test_labels_for_more_persons_than_the_fit_found_become_persons():
     m = HouseholdModel().fit(h.features, labels=labels, device_ids=h.device_id)
     assert set(m.label_map) == {"a", "b"} and m.n_persons >= 2
     assert len({m.label_map["a"], m.label_map["b"]}) == 2 and set(m.label_map.values()) <= set(m.person_ids)
+
+
+def _tuning_device_household():
+    from bench import worlds
+    from services.clustering.domain.features import GenreVocabulary
+    # a bingers household with two phone owners sharing TVs (test_placement.py's case)
+    return worlds.generate(worlds.TUNING, families=("bingers",), worlds_per_family=1, households_per_world=3,
+                           vocabulary=GenreVocabulary(unknown="other"))[2]
+
+
+@pytest.mark.parametrize("device_first", [True, False])
+def test_the_fit_ends_on_one_em_iteration(monkeypatch, device_first):
+    """The unlabelled fit ends on END_FIT_EM_ITERS plain EM iterations from the fit it
+    selected: on the device-first path after the placement, in its placed scorer, with
+    the personal-device groups clamped; without device ids from the selected mixture."""
+    from services.clustering.domain import model as model_module
+    from services.clustering.domain.persons import personal_device_groups
+    h = _tuning_device_household()
+    X, dev = h.features, (h.device_id if device_first else None)
+    monkeypatch.setattr(model_module, "END_FIT_EM_ITERS", 0)
+    before = HouseholdModel().fit(X, device_ids=dev)
+    monkeypatch.setattr(model_module, "END_FIT_EM_ITERS", 1)
+    after = HouseholdModel().fit(X, device_ids=dev)
+    Xa = before._augment(X, before.slots_for(dev, X.shape[0]))
+    clamp = None
+    if device_first:
+        slots = np.rint(Xa[:, -1]).astype(np.int64)
+        clamp = personal_device_groups(X, slots)
+        assert clamp.max() >= 1 and after.mixture.family == before.mixture.family  # the placed scorer
+    expected = gmm.em_iterations(before.mixture, Xa, 1, clamp=clamp, keys=np.arange(X.shape[0]))
+    expected.prune()
+    np.testing.assert_allclose(after.mixture.stats, expected.stats, rtol=1e-9, atol=1e-9)
+    assert np.abs(after.mixture.stats - before.mixture.stats).max() > 1e-3  # the step moved the persons
+    if device_first:   # the groups' sessions keep their person
+        known = clamp >= 0
+        np.testing.assert_array_equal(after.mixture.ledger_resp[known].argmax(axis=1), clamp[known])
+        assert set(np.unique(after.mixture.ledger_resp[known])) == {0.0, 1.0}
+    # exact unlearning still holds on the refined ledger
+    after.remove_sessions(np.arange(20), X[:20], device_ids=None if dev is None else dev[:20])
+    assert after.mixture.ledger_keys.min() == 20
+
+
+def test_a_failing_end_of_fit_em_keeps_the_selected_fit(monkeypatch):
+    from services.clustering.domain import model as model_module
+    h = _tuning_device_household()
+    monkeypatch.setattr(model_module, "END_FIT_EM_ITERS", 0)
+    before = HouseholdModel().fit(h.features, device_ids=h.device_id)
+    monkeypatch.setattr(model_module, "END_FIT_EM_ITERS", 1)
+
+    def broken(*args, **kwargs):
+        raise gmm.MixtureNumericalError("injected")
+
+    monkeypatch.setattr(model_module, "em_iterations", broken)
+    after = HouseholdModel().fit(h.features, device_ids=h.device_id)
+    np.testing.assert_array_equal(after.mixture.stats, before.mixture.stats)
+    assert len(after.person_ids) == after.mixture.n_components
