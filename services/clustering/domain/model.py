@@ -45,8 +45,8 @@ from scipy.special import expit, logit, logsumexp, xlogy
 
 from services.clustering.domain import features as F
 from services.clustering.domain.gmm import (
-    Mixture, MixtureNumericalError, TypedSession, em_iterations, fit_em, fit_select_k, rhythm_cells,
-    standardise, RHYTHM_BINS,
+    Mixture, MixtureNumericalError, TypedSession, fit_em, fit_select_k, rhythm_cells, standardise,
+    RHYTHM_BINS,
 )
 from services.clustering.domain.kmeans import IncrementalKMeans, fit_select_k_kmeans, kmeans_plus_plus
 from services.clustering.domain.persons import (
@@ -107,10 +107,6 @@ PLACE_SHARED_SESSIONS = True
 # worlds gains (0.747/0.714/0.649/0.757 -> 0.774/0.742/0.662/0.778). Households without
 # a personal device: re-weighting them too gained 0.002 (not kept). docs/clustering.md.
 PLACED_BLOCK_WEIGHTS = {"rhythm_weight": 6.0, "genre_weight": 0.5, "gauss_weight": 0.35}
-# Plain EM iterations at the end of the unlabelled fit (every path, after the device-first
-# placement and its scorer weights; _end_of_fit_em). Chosen on TUNING, docs/benchmarks.md
-# session 11 ("One EM iteration at the end of the batch fit").
-END_FIT_EM_ITERS = 1
 DEVICE_REFIT_EVERY = 40   # with personal devices: sessions between device-first refits of the buffer
 RECENT_WINDOW = 40        # recent sessions whose worst-explained seed a newcomer (_reselect)
 BUFFER_CAP = 1000         # sessions the re-selection refits on (the newest)
@@ -839,34 +835,12 @@ class HouseholdModel:
                                         extra_inits=self._device_inits(X) + hours).model
             if merge:
                 self.mixture = self._merge_same_hours(X, self.mixture, keys)
-            self.mixture = self._end_of_fit_em(X, self.mixture, None, keys)
             self._reset_buffer(X, keys)
             return
         best = self._best_clamped(X, clamp, keys, tv_only_seedings=True)
-        placed = self._with_placed_weights(self._place_shared_sessions(X, clamp, best, keys))
-        self.mixture = self._end_of_fit_em(X, placed, clamp, keys)
+        self.mixture = self._with_placed_weights(self._place_shared_sessions(X, clamp, best, keys))
         self._label_components = int(clamp.max()) + 1
         self._reset_buffer(X, keys)
-
-    @staticmethod
-    def _end_of_fit_em(X: np.ndarray, mixture: Mixture, clamp: np.ndarray | None,
-                       keys: np.ndarray) -> Mixture:
-        """END_FIT_EM_ITERS plain EM iterations from the selected fit (the device groups,
-        ``clamp``, stay clamped; on the device-first path the E-step uses the placed
-        scorer weights). Why: the device-first fit ends on a step that is not EM's fixed
-        point (the placement is one M-step from a classifier's answers, and the persons
-        answer with other block weights than EM fitted them with); one more E/M step in
-        the scorer the model answers with lets each person's parameters agree with the
-        sessions it is now given. On the other paths the fit is EM's own fixed point (up
-        to its tolerance) and the step moves little. A numerical failure keeps the fit."""
-        if END_FIT_EM_ITERS <= 0 or mixture.n_components < 2:
-            return mixture
-        try:
-            refined = em_iterations(mixture, X, END_FIT_EM_ITERS, clamp=clamp, keys=keys)
-        except MixtureNumericalError:
-            return mixture
-        refined.prune()  # a device group holds its clamped sessions: never pruned
-        return refined
 
     def _best_clamped(self, X: np.ndarray, clamp: np.ndarray, keys: np.ndarray,
                       tv_only_seedings: bool) -> Mixture:

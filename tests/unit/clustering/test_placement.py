@@ -87,9 +87,6 @@ def test_placement_fixes_em_drift_on_a_tuning_household(monkeypatch):
     h = worlds.generate(worlds.TUNING, families=("bingers",), worlds_per_family=1, households_per_world=3,
                         vocabulary=SCHEMA_1)[2]
     assert h.n_persons == 2 and (~is_personal(h.features)).sum() > 30
-    # the placement alone (the end-of-fit EM iteration after it moves EM's fit as well:
-    # test_model.py, test_the_fit_ends_on_one_em_iteration)
-    monkeypatch.setattr(model_module, "END_FIT_EM_ITERS", 0)
     without, _ = _shared_accuracy(h, False, monkeypatch)
     with_step, m = _shared_accuracy(h, True, monkeypatch)
     assert with_step >= without + 0.1, (without, with_step)
@@ -146,9 +143,6 @@ def test_device_first_fit_scores_with_the_placed_block_weights(monkeypatch):
     survive an incremental update and a round trip through the stored bytes."""
     h = worlds.generate(worlds.TUNING, families=("bingers",), worlds_per_family=1, households_per_world=3,
                         vocabulary=SCHEMA_1)[2]
-    # the weights alone: the end-of-fit EM iteration's E-step uses the placed scorer, so
-    # with it the persons' statistics follow the weights too (test_model.py)
-    monkeypatch.setattr(model_module, "END_FIT_EM_ITERS", 0)
     monkeypatch.setattr(model_module, "PLACED_BLOCK_WEIGHTS", {})
     plain = HouseholdModel().fit(h.features, device_ids=h.device_id)
     monkeypatch.setattr(model_module, "PLACED_BLOCK_WEIGHTS",
