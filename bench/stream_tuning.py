@@ -26,7 +26,7 @@ for the diagnosis only); ``--diagnose F`` classifies the misses of such a run (`
 session count (``person_changes``; the refit, the re-selection, either newcomer test), and
 ``singles_split`` names the single-person households answered with more than one id;
 ``--worlds-per-family 16 --singles`` streams the single-person households of more
-TUNING-seed worlds; ``--confirm-rise`` turns ``STREAM_CONFIRM_RISE`` on.
+TUNING-seed worlds.
 It never reads the REPORTING split: choices are made here, figures are reported by
 ``python -m bench.accuracy --worlds-only``.
 """
@@ -117,7 +117,7 @@ def _one(h: worlds.WorldHousehold, trace: bool = False) -> dict:
         arrival_persons += [0 if m.active_variant == "cold_start" else m.n_persons] * (b - a)
         if trace and m.mixture is not None and m.since_check == 0 and b >= 2 * model_module.MIN_SESSIONS:
             checks.append({"at": b, "persons": m.n_persons, "birth": m.birth_statistics,
-                           "heldout": m.heldout_statistics, **(_masses(m) or {}),
+                           **(_masses(m) or {}),
                            **_member_masses(m, h, b)})
         m.birth_statistics = None
         ids += [out.person_ids[int(i)] for i in out.person_index]
@@ -396,42 +396,6 @@ def arrival_loss(outs: list[dict], hs: list[worlds.WorldHousehold]) -> dict | No
     return out
 
 
-def heldout_sweep(outs: list[dict], hs: list[worlds.WorldHousehold], gains=(0.0, 10.0, 20.0, 40.0),
-                  zs=(2.0, 2.5, 3.0, 3.5, 4.0), runs=(1, 2, 3)) -> list[dict]:
-    """Offline choice of the held-out birth test's bars on a --trace run made with it
-    computing but never adding (``--heldout-gain inf``; up to its first firing the stream
-    does not depend on the bars): per (gain, hours z) bar, the first check where it would
-    fire in each household — single-person households split (bad), and in households of
-    two or more whether the model then had fewer persons than members seen with >= 3
-    sessions (an earlier birth: good) or not (a split). ``runs``: the bars must hold at
-    that many checks in a row (hysteresis)."""
-    by_id = {h.household_id: h for h in hs}
-    rows = []
-    for g, z, run in ((g, z, r) for g in gains for z in zs for r in runs):
-        if True:
-            singles = early = split = 0
-            for o in outs:
-                h = by_id[o["id"]]
-                streak = 0
-                for c in o["checks"]:
-                    st = c.get("heldout")
-                    ok = bool(st) and st["gain"] >= g and st["hours_z"] >= z and st["mass"] >= model_module.HELDOUT_MIN_MASS
-                    streak = streak + 1 if ok else 0
-                    if streak < run:
-                        continue
-                    seen = int((np.bincount(h.person[:c["at"]], minlength=h.n_persons) >= 3).sum())
-                    if h.n_persons == 1:
-                        singles += 1
-                    elif st["persons"] < seen:
-                        early += 1
-                    else:
-                        split += 1
-                    break
-            rows.append({"gain": g, "hours_z": z, "checks_in_a_row": run, "singles_split": singles, "earlier_births": early,
-                         "births_at_enough_persons": split})
-    return rows
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--households", type=int, default=None,
@@ -446,16 +410,10 @@ def main() -> None:
     ap.add_argument("--min-history", type=int, default=None, help="override CHANGE_MIN_HISTORY for this run")
     ap.add_argument("--paths", action="store_true",
                     help="log every change of the persons with the path that made it (person_changes)")
-    ap.add_argument("--confirm-rise", action="store_true",
-                    help="streaming refits: a rise in persons waits for a second refit (STREAM_CONFIRM_RISE on)")
     ap.add_argument("--worlds-per-family", type=int, default=None,
                     help="more TUNING-seed worlds (a prefix of the same households); e.g. 16 for 576 households")
     ap.add_argument("--singles", action="store_true", help="only the single-person households")
     ap.add_argument("--leave-h", type=float, default=None, help="override LEAVE_GLR_H for this run")
-    ap.add_argument("--heldout-gain", type=float, default=None,
-                    help="turn the held-out birth test on (STREAM_HELDOUT_BIRTH) with this HELDOUT_BIRTH_GAIN "
-                         "(inf: it computes its figures for heldout_sweep, never adds a person)")
-    ap.add_argument("--heldout-z", type=float, default=None, help="override HELDOUT_HOURS_Z for this run")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--diagnose", default=None, metavar="TRACE_JSON",
                     help="only classify the misses of an earlier --trace --out file (its seed)")
@@ -472,15 +430,8 @@ def main() -> None:
         model_module.CHANGE_MIN_HISTORY = args.min_history
     if args.paths:
         record_person_changes()
-    if args.confirm_rise:
-        model_module.STREAM_CONFIRM_RISE = True
     if args.leave_h is not None:
         model_module.LEAVE_GLR_H = args.leave_h
-    if args.heldout_gain is not None:
-        model_module.STREAM_HELDOUT_BIRTH = True
-        model_module.HELDOUT_BIRTH_GAIN = args.heldout_gain
-    if args.heldout_z is not None:
-        model_module.HELDOUT_HOURS_Z = args.heldout_z
     if args.diagnose:
         # one or more --trace files (comma-separated), their households pooled
         outs, hs = [], []
@@ -495,7 +446,7 @@ def main() -> None:
             hs += [dataclasses.replace(h, household_id=f"{doc['seed']}:{h.household_id}") for h in sel]
             outs += [{**o, "id": f"{doc['seed']}:{o['id']}"} for o in doc["households_detail"]]
         print(json.dumps({"misses": diagnose(outs, hs), "ceiling": ceiling(hs),
-                          "arrival_loss": arrival_loss(outs, hs), "heldout_sweep": heldout_sweep(outs, hs)}))
+                          "arrival_loss": arrival_loss(outs, hs)}))
         return
     t0 = time.time()
     split = worlds.TUNING if args.seed == worlds.TUNING.seed else worlds.Split(

@@ -168,28 +168,7 @@ STREAM_SHARED_REFIT = True    # no personal device: refit the buffer as the batc
 STREAM_SHARED_RESELECT = False  # ... and the BIC re-selection between those refits
 STREAM_SHARED_HYSTERESIS = 40.0  # BIC units a new person count must win by in that refit
 STREAM_RESELECT_HOURS = True  # re-selection: a new person must show in the viewing hours (no personal device)
-# Streaming refits: more persons only when the refit without the newest sessions or the
-# next one agrees (a transient split of one borderline refit answers sessions with a second
-# id for good). Off: on TUNING (`bench.stream_tuning --paths [--confirm-rise]`, main
-# f14dd27 merged) single-person kept 0.964 -> 1.00 (28; 145 of worlds 0-15: 0.890 ->
-# 0.938), joins/leaves 0.48 -> 0.48, but streaming accuracy 0.640 -> 0.632 (every real
-# second person waits a check) and on main 54ed2a9 detection 0.44 -> 0.40; REPORTING,
-# measured once with it on: singles 0.889 unchanged, accuracy and detection lower
-# (docs/clustering.md, step 5; docs/benchmarks.md).
-STREAM_CONFIRM_RISE = False
 NEWCOMER_GRACE = 100      # sessions a reported newcomer is kept through refits (_drops_newcomer)
-# A person the stream has not modelled yet (_birth_by_heldout): at every check one more
-# person is seeded from the buffered sessions the model explains worst, and kept when
-# the buffer's two halves (alternate sessions) each predict the other better with that
-# person than without, by HELDOUT_BIRTH_GAIN nats in all, and the new person holds
-# HELDOUT_MIN_MASS sessions. Held-out likelihood, not BIC over the whole buffer: the
-# refits' BIC charges a person's full parameter count against their few early sessions,
-# so streams answered with too few persons (TUNING, bench.stream_tuning --diagnose).
-STREAM_HELDOUT_BIRTH = False
-HELDOUT_BIRTH_GAIN = 20.0
-HELDOUT_MIN_SESSIONS = 20  # buffered sessions before the test runs
-HELDOUT_MIN_MASS = 4.0
-HELDOUT_HOURS_Z = 3.5      # ... and the new person's viewing hours are told apart (persons.auc_z)
 DEVICE_SLOTS = 16  # distinct device ids a household model tells apart (more: judged by type)
 K_MAX = 6
 MATCH_MIN_OVERLAP = 0.3
@@ -632,13 +611,10 @@ class HouseholdModel:
         self.buffer_keys = np.zeros(0, dtype=np.int64)
         self.since_check = 0
         self.since_refit = 0
-        self.rise_pending = False  # a streaming refit's rise in persons awaits the next check (_refit_on_device_evidence)
         self.composition_events: list[dict] = []
         self.inactive: set[str] = set()  # persons reported as having left
         self.joined: set[str] = set()    # persons reported as having joined
-        self.born: dict[str, int] = {}   # persons born by _birth_by_heldout: session count at birth
         self.birth_statistics: dict | None = None  # the last newcomer check's figures (not stored)
-        self.heldout_statistics: dict | None = None  # the last held-out birth test's figures (not stored)
         self.n_sessions = 0
         self.fit_sessions = 0   # n_sessions at the last full fit (fit()); see folded_in
         self.next_key = 0
@@ -1077,7 +1053,6 @@ class HouseholdModel:
                     self.since_check = 0
                     if not self._refit_on_device_evidence():
                         self._reselect()
-                    self._birth_by_heldout()
                     persons = self.mixture.n_components
                     self._birth_of_newcomer()
                     if self.mixture.n_components == persons:
@@ -1164,11 +1139,9 @@ class HouseholdModel:
         if shared_only and not (STREAM_SHARED_REFIT and self._device_ids_known(X)):
             return False
         self.since_refit += RESELECT_EVERY
-        confirming = self.rise_pending
-        if groups == self.device_group_count and self.since_refit < DEVICE_REFIT_EVERY and not confirming:
+        if groups == self.device_group_count and self.since_refit < DEVICE_REFIT_EVERY:
             return not (shared_only and STREAM_SHARED_RESELECT)
         self.since_refit = 0
-        self.rise_pending = False
         old_ids = list(self.person_ids)
         old_post = self._proba(X, temperature=1.0)
         kept = (self.mixture, self.device_group_count, self.next_person)
@@ -1184,15 +1157,6 @@ class HouseholdModel:
         if self._drops_newcomer(old_ids, new_ids):
             self.mixture, self.device_group_count, self.next_person = kept
             return True
-        if (STREAM_CONFIRM_RISE and not confirming and len(new_ids) > len(old_ids)
-                and not self._rise_seen_before(X, keys, shared_only, kept[0], len(new_ids))):
-            # More persons, found on this refit only: kept when the refit at the next
-            # check, with RESELECT_EVERY more sessions, finds them too. A session keeps the
-            # id it got on arrival, so a person found on one borderline refit and merged
-            # back on the next splits a single person's stream for good.
-            self.mixture, self.device_group_count, self.next_person = kept
-            self.rise_pending = True
-            return True
         self.person_ids = new_ids
         return True
 
@@ -1205,27 +1169,6 @@ class HouseholdModel:
         else:
             min_z = STREAM_GROUP_MIN_Z if X.shape[0] < STREAM_GROUP_YOUNG else 0.0
             self._fit_gmm(X, None, [], keys, group_min_z=min_z)
-
-    def _rise_seen_before(self, X: np.ndarray, keys: np.ndarray, shared_only: bool, current: Mixture,
-                          persons: int) -> bool:
-        """Would the same refit without the newest RESELECT_EVERY sessions (the buffer at
-        the last check) have found ``persons`` persons as well? Then the rise is not one
-        refit's borderline call and is taken at once; otherwise it waits for the next
-        check. The model's state is left as it was."""
-        n = X.shape[0] - RESELECT_EVERY
-        if n < MIN_SESSIONS:
-            return False
-        state = (self.mixture, self.device_group_count, self.buffer, self.buffer_keys, self.since_check,
-                 getattr(self, "_label_components", 0))
-        try:
-            self.mixture = current
-            self._refit_buffer(X[:n], keys[:n], shared_only)
-            return self.mixture.n_components >= persons
-        except MixtureNumericalError:
-            return False
-        finally:
-            (self.mixture, self.device_group_count, self.buffer, self.buffer_keys, self.since_check,
-             self._label_components) = state
 
     def _refit_shared_only(self, X: np.ndarray, keys: np.ndarray) -> None:
         """Streaming, device ids known but no personal device: refit the buffer as the
@@ -1261,7 +1204,6 @@ class HouseholdModel:
         their sessions, decides again)."""
         recent = {pid for ev in self.composition_events if ev["kind"] == "join"
                   and self.n_sessions - int(ev["session_count"]) < NEWCOMER_GRACE for pid in ev["born"]}
-        recent |= {pid for pid, at in self.born.items() if self.n_sessions - at < NEWCOMER_GRACE}
         return any(pid in old_ids and pid not in new_ids for pid in recent)
 
     def _reselect(self) -> None:
@@ -1332,83 +1274,6 @@ class HouseholdModel:
                 return
             self.mixture = new
             self.person_ids = new_ids
-
-    def _heldout_gain(self, X: np.ndarray, current: np.ndarray, init: np.ndarray, k: int,
-                      rng: np.random.Generator) -> float:
-        """Held-out log-likelihood gain (nats) of k+1 persons (seeded ``init``) over k
-        (seeded ``current``): each half of the sessions (alternate ones, so both halves
-        span the whole history) fitted and the other half scored, summed over both."""
-        half = np.arange(X.shape[0]) % 2 == 0
-        gain = 0.0
-        for train in (half, ~half):
-            base, _ = fit_em(X[train], k, self.family, rng, init_labels=current[train], max_iter=40)
-            cand, _ = fit_em(X[train], k + 1, self.family, rng, init_labels=init[train], max_iter=40)
-            test = X[~train]
-            gain += float((logsumexp(cand.log_joint(test), axis=1) - logsumexp(base.log_joint(test), axis=1)).sum())
-        return gain
-
-    @staticmethod
-    def _hours_apart(X: np.ndarray, labels: np.ndarray, new: int) -> float:
-        """How far person ``new``'s viewing hours are told apart from each other
-        person's (the least ``auc_z`` of the leave-one-out AUC on viewing_hours, as the
-        batch fit's hours merge); -inf when they hold no session."""
-        mine = labels == new
-        if not mine.any():
-            return -np.inf
-        H = viewing_hours(X[:, :F.FEATURE_DIM])
-        z = np.inf
-        for j in np.unique(labels[~mine]):
-            both = mine | (labels == j)
-            auc = loo_auc(standardise(H[both], floor=1e-3), mine[both].astype(np.float64))
-            z = min(z, auc_z(auc, int(mine.sum()), int((labels == j).sum())))
-        return float(z)
-
-    def _birth_by_heldout(self) -> None:
-        """A member the stream has not modelled yet (there all along or new), born when
-        out-of-sample evidence wants them: one more person seeded from the quarter of the
-        buffer the model explains worst, kept when held-out likelihood (_heldout_gain)
-        rises by HELDOUT_BIRTH_GAIN nats and the fit of the whole buffer gives them
-        HELDOUT_MIN_MASS sessions. Why: the refits' BIC (in-sample, a person's full
-        parameter charge against few sessions) and the newcomer tests (a share that
-        rises from nothing) leave a member who watched from the start unmodelled for
-        tens of sessions, and every session answered meanwhile goes to someone else
-        (docs/clustering.md, streaming). No join is reported here: whether the person
-        is new is _detect_composition's call (their share before and after)."""
-        mix = self.mixture
-        self.heldout_statistics = None
-        if not STREAM_HELDOUT_BIRTH or mix is None:
-            return
-        X = self._buffer_X()
-        n = X.shape[0]
-        if n < HELDOUT_MIN_SESSIONS:
-            return
-        lj = mix.log_joint(X)
-        _, current = np.unique(lj.argmax(axis=1), return_inverse=True)
-        k = int(current.max()) + 1
-        if k >= self.k_max or mix.n_components >= self.k_max:
-            return
-        fit_now = logsumexp(lj, axis=1)
-        init = current.copy()
-        init[np.argsort(fit_now)[:max(4, n // 4)]] = k
-        rng = np.random.default_rng(self.seed + n + 2)
-        try:
-            gain = self._heldout_gain(X, current, init, k, rng)
-            cand, _ = fit_em(X, k + 1, self.family, rng, keys=self.buffer_keys, init_labels=init, max_iter=40)
-        except (MixtureNumericalError, ValueError):
-            return
-        labels = cand.log_joint(X).argmax(axis=1)
-        z = self._hours_apart(X, labels, k)
-        self.heldout_statistics = {"gain": gain, "persons": k, "hours_z": z,
-                                   "mass": float(cand.counts[k]) if cand.n_components > k else 0.0}
-        if gain < HELDOUT_BIRTH_GAIN or z < HELDOUT_HOURS_Z:
-            return
-        if cand.n_components != k + 1 or not cand.alive.all() or cand.counts.min() < HELDOUT_MIN_MASS:
-            return
-        old_ids = list(self.person_ids)
-        old_post = mix.predict_proba(X)
-        self.mixture = cand
-        self.person_ids = self._match_ids(old_ids, old_post, cand.predict_proba(X), [])
-        self.born.update({pid: self.n_sessions for pid in self.person_ids if pid not in old_ids})
 
     def _birth_of_newcomer(self) -> None:
         """A member who started watching recently, modelled as soon as the evidence
@@ -1905,8 +1770,7 @@ class HouseholdModel:
             "since_check": self.since_check, "composition_events": self.composition_events,
             "device_evidence": self.device_evidence, "device_group_count": self.device_group_count,
             "since_refit": self.since_refit, "fit_sessions": self.fit_sessions,
-            "rise_pending": self.rise_pending,
-            "inactive": sorted(self.inactive), "joined": sorted(self.joined), "born": self.born,
+            "inactive": sorted(self.inactive), "joined": sorted(self.joined),
         }
         arrays: dict[str, np.ndarray] = {"cold_X": self.cold_X, "cold_slots": self.cold_slots,
                                          "buffer": self.buffer, "buffer_keys": self.buffer_keys}
@@ -1954,14 +1818,12 @@ class HouseholdModel:
         m.device_evidence = bool(meta.get("device_evidence", False))
         m.device_group_count = int(meta.get("device_group_count", 0))
         m.since_refit = int(meta.get("since_refit", 0))
-        m.rise_pending = bool(meta.get("rise_pending", False))
         # Stored before fit_sessions existed: how the model came about is unknown, and
         # the streamed maps (the less sure ones) are the safer answer.
         m.fit_sessions = int(meta.get("fit_sessions", 0))
         m.composition_events = list(meta.get("composition_events", []))
         m.inactive = set(meta.get("inactive", []))
         m.joined = set(meta.get("joined", []))
-        m.born = {str(k): int(v) for k, v in meta.get("born", {}).items()}
         if "buffer" in z:
             m.buffer, m.buffer_keys = z["buffer"], z["buffer_keys"]
         if "stats" in z:

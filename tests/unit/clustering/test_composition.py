@@ -342,22 +342,3 @@ def test_the_arrival_loss_puts_each_session_in_one_class_and_the_losses_sum_to_t
     total = sum(loss[c]["loss"] for c in ("cold", "late", "enough"))
     assert abs(total - (loss["batch_acc"] - loss["arrival_acc"])) < 1e-9
 
-
-def test_the_heldout_sweep_says_where_the_birth_test_would_first_fire():
-    """bench.stream_tuning.heldout_sweep (traces with the held-out birth test computing
-    only): a single-person household whose test passes the bars is a split; a
-    two-person one counted short at that check an earlier birth; the bars must hold at
-    ``checks_in_a_row`` checks running."""
-    from bench import stream_tuning as S
-
-    single = _world_household("s", np.zeros(60, int))
-    pair = _world_household("p", np.tile([0, 1], 30))
-    st = {"gain": 30.0, "hours_z": 4.0, "mass": 10.0, "persons": 1}
-    weak = {**st, "hours_z": 1.0}
-    outs = [{"id": "s", "checks": [{"at": 30, "heldout": st}, {"at": 40, "heldout": weak}]},
-            {"id": "p", "checks": [{"at": 30, "heldout": st}, {"at": 40, "heldout": st}]}]
-    rows = {(r["gain"], r["hours_z"], r["checks_in_a_row"]): r
-            for r in S.heldout_sweep(outs, [single, pair], gains=(20.0, 40.0), zs=(3.0,), runs=(1, 2))}
-    assert rows[20.0, 3.0, 1]["singles_split"] == 1 and rows[20.0, 3.0, 1]["earlier_births"] == 1
-    assert rows[20.0, 3.0, 2]["singles_split"] == 0 and rows[20.0, 3.0, 2]["earlier_births"] == 1
-    assert rows[40.0, 3.0, 1]["singles_split"] == 0 and rows[40.0, 3.0, 1]["earlier_births"] == 0

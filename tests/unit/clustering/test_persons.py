@@ -383,57 +383,10 @@ def test_a_newcomers_phone_after_a_leavers_is_not_pooled_with_it():
         assert np.unique(groups[dev == "phone-new"]).size == 1
 
 
-def test_a_rise_in_persons_that_waits_for_a_second_refit_keeps_a_single_stream_single(monkeypatch):
-    """STREAM_CONFIRM_RISE (off: it delays real second persons, docs/clustering.md):
-    TUNING-seed household bing7h6, one person with a tablet, a desktop and a TV (73
-    sessions), is split by the device-first refit at session 40 (a TV-only person born
-    beside the tablet) and answered with two ids; when a rise in persons must also be
-    found by the refit without the newest ten sessions or by the next one, every session
-    is answered with one id."""
-    from bench import worlds
-    from services.clustering.domain import model as model_module
-    hs = worlds.generate(worlds.TUNING, families=("bingers",), worlds_per_family=8, households_per_world=7)
-    h = next(h for h in hs if h.household_id == "bing7h6")
-    assert h.n_persons == 1
-    assert len(_ids_answered_in_a_stream(h)) == 2
-    monkeypatch.setattr(model_module, "STREAM_CONFIRM_RISE", True)
-    assert len(_ids_answered_in_a_stream(h)) == 1
-
-
-def test_a_pending_rise_in_persons_is_stored_with_the_model():
-    """The service stores the model between arrivals: a rise waiting for its second refit
-    (rise_pending) must survive to_bytes / from_bytes, or the next check would not refit."""
-    m = HouseholdModel()
-    m.rise_pending = True
-    assert HouseholdModel.from_bytes(m.to_bytes()).rise_pending is True
-    assert HouseholdModel.from_bytes(HouseholdModel().to_bytes()).rise_pending is False
-
-
-def test_the_heldout_birth_test_when_on_finds_a_second_tv_viewer_earlier_and_keeps_a_single_single(monkeypatch):
-    """_birth_by_heldout (STREAM_HELDOUT_BIRTH, measured on TUNING and off: it split more
-    single-person streams than it gained, docs/clustering.md): switched on, two people on
-    one TV at different hours, arriving five sessions at a time, are two persons from
-    session 30 (the refits alone: 50), the born person is remembered with the model (the
-    refits' grace), and one person's two kinds of viewing at the same hours stay one id."""
-    from services.clustering.domain import model as model_module
-
-    def first_two(on: bool) -> tuple[int | None, HouseholdModel]:
-        monkeypatch.setattr(model_module, "STREAM_HELDOUT_BIRTH", on)
-        rng = np.random.default_rng(5)
-        parts = [(*persona_sessions(rng, 90, 90, 8, "tv", {"crime": 2, "drama": 1}), "tv", 0),
-                 (*persona_sessions(rng, 90, 90, 22, "tv", {"comedy": 2, "family": 1}), "tv", 1)]
-        _, X, dev, _ = household(parts)
-        m, first = HouseholdModel(), None
-        for a in range(0, X.shape[0], 5):
-            m.update(X[a:a + 5], device_ids=dev[a:a + 5])
-            if first is None and m.mixture is not None and m.n_persons >= 2:
-                first = a + 5
-        return first, m
-
-    off, _ = first_two(False)
-    on, m = first_two(True)
-    assert on is not None and off is not None and on < off and on <= 30, (on, off)
-    assert m.born and HouseholdModel.from_bytes(m.to_bytes()).born == m.born
+def test_one_persons_two_kinds_of_viewing_on_one_tv_stay_one_id_in_a_stream():
+    """One viewer on the TV at the same hours, long crime/drama evenings and short
+    comedies, arriving five sessions at a time: every answer names one person (the
+    stream's refits must not split a single viewer along genre lines)."""
     rng = np.random.default_rng(5)
     parts = [(*persona_sessions(rng, 120, 90, 21, "tv", {"crime": 2, "drama": 1}, minutes=150), "tv", 0),
              (*persona_sessions(rng, 120, 90, 21, "tv", {"comedy": 2}, minutes=25), "tv", 0)]
