@@ -43,3 +43,36 @@ def test_confirming_feedback_leaves_the_other_answers_as_they_were(database):
     for s in others:
         assert after.person_probability[s.session_id] == pytest.approx(before.person_probability[s.session_id],
                                                                        abs=1e-6)
+
+
+def test_a_correction_to_a_person_the_model_lacks_adds_that_person_and_nothing_else(database):
+    """Feedback naming a person id the household's model does not have (a correction to
+    someone new) makes that person: it answers its labelled session, and every other
+    session keeps the person it had — the new person starts as its labels' share of the
+    person holding its labels (1 of 4 here) and takes only sessions like its labels
+    (HouseholdModel._labels_add_persons), not its parent's sessions wholesale."""
+    store = ClusteringStore(database)
+    store.migrate()
+    app = ClusteringApp(store, keeper=ModelKeeper(store, lambda _a: "gmm"), background=False)
+    events, _ = household_events("acc-n", ("kid", "parent", "teen"), days=40, start_ts=T0, seed=1)
+    store.ingest(events)
+    _, envelope = app.keeper.refresh("acc-n")
+    assert envelope.model.n_persons == 3
+    before, _ = app.household("acc-n", 1000)
+    person_of = {s.session_id: s.person_id for s in before.sessions}
+    sessions_of: dict[str, list[str]] = {}
+    for s in before.sessions:
+        sessions_of.setdefault(s.person_id, []).append(s.session_id)
+    parent = max(sessions_of, key=lambda p: len(sessions_of[p]))
+    labels = [("acc-n", sids[0], pid, "feedback:profile_confirmed") for pid, sids in sessions_of.items()]
+    labels += [("acc-n", sid, parent, "feedback:profile_confirmed") for sid in sessions_of[parent][1:4]]
+    corrected = sessions_of[parent][4]
+    labels.append(("acc-n", corrected, "p9", "feedback:profile_corrected"))
+    assert app.record_labels(labels) == (len(labels), 0)
+    _, envelope = app.keeper.load("acc-n")
+    assert envelope.model.n_persons == 4 and "p9" in envelope.model.person_ids
+    after, _ = app.household("acc-n", 1000)
+    labelled = {sid for _, sid, _, _ in labels}
+    assert {s.person_id for s in after.sessions if s.session_id == corrected} == {"p9"}
+    others = [s for s in after.sessions if s.session_id not in labelled]
+    assert len(others) > 90 and all(s.person_id == person_of[s.session_id] for s in others)

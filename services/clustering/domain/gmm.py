@@ -605,6 +605,24 @@ def _apply_clamp(R: np.ndarray, clamp: np.ndarray | None) -> np.ndarray:
     return R
 
 
+def em_iterations(model: Mixture, X: np.ndarray, iters: int, clamp: np.ndarray | None = None,
+                  keys: np.ndarray | None = None) -> Mixture:
+    """``iters`` plain EM iterations from ``model`` (its own family and block weights in
+    the E-step; ``clamp`` >= 0 keeps a session's component), as a new mixture whose
+    ledger holds the last responsibilities (``keys``). Empty components are not dropped
+    here (the caller prunes). Raises MixtureNumericalError as fit_em does; ``model`` is
+    left as it was."""
+    X = _check_matrix(X)
+    out = model
+    for _ in range(iters):
+        lj = out.log_joint(X)
+        lse = logsumexp(lj, axis=1, keepdims=True)
+        if not np.all(np.isfinite(lse)):
+            raise MixtureNumericalError("log-likelihood is not finite")
+        out = Mixture.from_responsibilities(model.family, X, _apply_clamp(np.exp(lj - lse), clamp), keys)
+    return out
+
+
 def standardise(X: np.ndarray, floor: float = 0.05) -> np.ndarray:
     """Columns to zero mean and unit spread (spread floored) for k-means++ seeding."""
     return (X - X.mean(axis=0)) / np.maximum(X.std(axis=0), floor)

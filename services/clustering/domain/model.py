@@ -45,8 +45,8 @@ from scipy.special import expit, logit, logsumexp, xlogy
 
 from services.clustering.domain import features as F
 from services.clustering.domain.gmm import (
-    Mixture, MixtureNumericalError, TypedSession, fit_em, fit_select_k, rhythm_cells, standardise,
-    RHYTHM_BINS,
+    Mixture, MixtureNumericalError, TypedSession, em_iterations, fit_em, fit_select_k, rhythm_cells,
+    standardise, RHYTHM_BINS,
 )
 from services.clustering.domain.kmeans import IncrementalKMeans, fit_select_k_kmeans, kmeans_plus_plus
 from services.clustering.domain.persons import (
@@ -169,6 +169,12 @@ STREAM_SHARED_RESELECT = False  # ... and the BIC re-selection between those ref
 STREAM_SHARED_HYSTERESIS = 40.0  # BIC units a new person count must win by in that refit
 STREAM_RESELECT_HOURS = True  # re-selection: a new person must show in the viewing hours (no personal device)
 NEWCOMER_GRACE = 100      # sessions a reported newcomer is kept through refits (_drops_newcomer)
+# Labels that name a person the fit missed (_labels_add_persons): EM iterations that let
+# the person split off its parent take the sessions like its labels. TUNING worlds 4-7,
+# batch, 5 draws (bench.label_feedback --batch-only): 3 / 4 / 5 / 10 iterations, whole
+# feedback loop's ECE 0.055 / 0.052 / 0.049 / 0.049, other sessions right 0.770 / 0.769 /
+# 0.769 / 0.766 (no feedback 0.768; the old rule 0.049, 0.755); worlds 8-11 confirmed.
+LABEL_SEED_EM_ITERS = 5
 DEVICE_SLOTS = 16  # distinct device ids a household model tells apart (more: judged by type)
 K_MAX = 6
 MATCH_MIN_OVERLAP = 0.3
@@ -924,30 +930,61 @@ class HouseholdModel:
         takes the person holding most of its sessions, one person per label (nothing is
         refitted; a labelled session is answered as its label wherever the service
         knows it). With more labels than persons the fit missed someone the labels
-        know: the fit's persons keep their sessions, each label left without a person
-        becomes one seeded by its labelled sessions, and EM with the labelled sessions
-        clamped settles the rest (TUNING: those 24 of 144 households answer 0.563 of
-        their other sessions right, 0.594 if the labels were ignored and 0.550 with the
-        search this replaces; the person a caller named exists either way)."""
+        know: ``_labels_add_persons``."""
         L = int(clamp.max()) + 1
-        R = free.predict_proba(X)
-        k = R.shape[1]
-        pred = R.argmax(axis=1)
+        k = free.n_components
+        pred = free.predict_proba(X).argmax(axis=1)
         rows, cols = _persons_of_groups(pred, clamp, k)
         if L > k:
-            label_of = np.full(k, -1)
-            label_of[cols] = rows            # every person of the fit gets a label here
-            init = label_of[pred]
-            init[clamp >= 0] = clamp[clamp >= 0]
-            mixture, _ = fit_em(X, L, self.family, np.random.default_rng(self.seed), clamp=clamp, keys=keys,
-                                init_labels=init)
-            return mixture
+            return self._labels_add_persons(X, free, clamp, keys, pred, rows, cols)
         order = [int(c) for _, c in sorted(zip(rows, cols))]
         perm = order + [c for c in range(k) if c not in order]
         named = Mixture(free.family, free.stats[perm].copy())
         named.ledger_keys = free.ledger_keys.copy()
         named.ledger_resp = None if free.ledger_resp is None else free.ledger_resp[:, perm].copy()
         return named
+
+    def _labels_add_persons(self, X: np.ndarray, free: Mixture, clamp: np.ndarray, keys: np.ndarray,
+                            pred: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> Mixture:
+        """The labels name more persons than ``free`` found: each of the fit's persons is
+        named after the label holding most of its sessions (``rows``, ``cols``), and each
+        label left over becomes a person split off the fit's person holding most of its
+        labelled sessions (its parent). The new person starts with its labelled sessions
+        and its labels' share of the parent's responsibilities (its labels among the
+        labelled sessions the parent holds: with labels on a random sample of sessions,
+        what the labels say of its size), the parent keeps the rest, every other person
+        keeps the fit's responsibilities, and LABEL_SEED_EM_ITERS EM iterations with the
+        labelled sessions clamped let it take the sessions that resemble its labels.
+
+        Why: the rule this replaces seeded the new person with its few labelled sessions
+        alone and ran EM to convergence from there, without the device-first fit's
+        placement: it took a third of the household's other sessions, most of them
+        wrongly, at high confidence (TUNING worlds 8–11, the 73 household-draws where
+        labels add a person: their other sessions 0.624 right without feedback, 0.563
+        with it). Starting from the fit, with the new person's size taken from its
+        labels and few iterations, it takes the sessions like its labels and leaves the
+        rest as the fit had them (0.634; docs/benchmarks.md, session 11)."""
+        L = int(clamp.max()) + 1
+        n, k = X.shape[0], free.n_components
+        R = free.ledger_resp
+        if R is None or R.shape[0] != n or not np.array_equal(free.ledger_keys, keys):
+            R = free.predict_proba(X)
+        label_of = np.full(k, -1, dtype=np.int64)
+        label_of[cols] = rows                # every person of the fit gets a label here
+        resp = np.zeros((n, L))
+        resp[:, label_of] = R
+        labelled = clamp >= 0
+        held = np.zeros((L, k))              # labelled sessions per label and fit person
+        np.add.at(held, (clamp[labelled], pred[labelled]), 1.0)
+        for j in sorted(set(range(L)) - set(label_of.tolist())):
+            parent = int(held[j].argmax())
+            share = held[j, parent] / held[:, parent].sum()
+            resp[:, j] += share * R[:, parent]
+            resp[:, label_of[parent]] -= share * R[:, parent]
+        resp[labelled] = 0.0
+        resp[labelled, clamp[labelled]] = 1.0
+        seeded = Mixture.from_responsibilities(free.family, X, resp, keys)
+        return em_iterations(seeded, X, LABEL_SEED_EM_ITERS, clamp=clamp, keys=keys)
 
     def _tv_only_seedings(self, X: np.ndarray, groups: np.ndarray) -> list[np.ndarray]:
         """A seeding for the device-first fit with one person beside the L

@@ -192,3 +192,36 @@ def test_typed_family_options_are_checked():
         gmm.TypedSession(binge_lengths="separate")
     with pytest.raises(ValueError, match="rhythm"):
         gmm.TypedSession(rhythm="hours")
+
+
+def test_em_iterations_continue_fit_em_exactly_and_keep_the_clamp():
+    """em_iterations(m, X, j) from a model fit_em stopped after i iterations is the model
+    fit_em stops after i + j (the same E- and M-steps); clamped sessions keep their
+    component; the ledger holds the last responsibilities, so unlearning stays exact;
+    the model it started from is left as it was."""
+    rng = np.random.default_rng(3)
+    X, _ = blobs(rng, 3, sep=2.0)
+    clamp = np.full(X.shape[0], -1)
+    clamp[:5] = 2
+    fam = gmm.GaussianDiag()
+    keys = np.arange(X.shape[0])
+    start, _ = gmm.fit_em(X, 3, fam, np.random.default_rng(0), clamp=clamp, max_iter=2, tol=0.0, keys=keys)
+    before = start.stats.copy()
+    more = gmm.em_iterations(start, X, 3, clamp=clamp, keys=keys)
+    ref, _ = gmm.fit_em(X, 3, fam, np.random.default_rng(0), clamp=clamp, max_iter=5, tol=0.0, keys=keys)
+    np.testing.assert_allclose(more.stats, ref.stats, rtol=1e-10, atol=1e-10)
+    np.testing.assert_array_equal(start.stats, before)
+    assert np.abs(more.stats - before).max() > 1e-6   # the iterations moved the model
+    np.testing.assert_array_equal(more.ledger_resp[:5], np.tile([0.0, 0.0, 1.0], (5, 1)))
+    more.remove_sessions(keys[10:], X[10:])
+    np.testing.assert_allclose(more.stats, more.ledger_resp.T @ fam.phi(X[:10]), atol=1e-9)
+    assert gmm.em_iterations(start, X, 0) is start
+
+
+def test_em_iterations_raise_the_numerical_error_of_a_broken_model():
+    rng = np.random.default_rng(1)
+    X, _ = blobs(rng, 2)
+    m, _ = gmm.fit_em(X, 2, gmm.GaussianDiag(), rng)
+    m.W[0, 0] = np.nan
+    with pytest.raises(gmm.MixtureNumericalError):
+        gmm.em_iterations(m, X, 1)
