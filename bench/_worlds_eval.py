@@ -130,9 +130,11 @@ NEW_MEMBER_ID = 1000   # hearth_stream_fed: a labelled member without an id gets
 def hearth_stream_fed(h: WorldHousehold, fed: np.ndarray, batch: int = STREAM_BATCH, **kw) -> np.ndarray:
     """The time-ordered stream with feedback as the mesh runs it: each session is answered
     at its arrival; a ``fed`` session's feedback follows its answer and reaches
-    clustering as a label, which refits the household on every session so far with
-    every label so far (ModelKeeper.refresh(force="labels")) before the next arrival is
-    folded in. Returns the at-arrival answers (n, persons), columns as hearth_stream's.
+    clustering as a label before the next arrival is folded in
+    (ModelKeeper.refresh(force="labels")): a stream binds the labels to its persons
+    (HouseholdModel.binds_labels); a model not streaming yet (a cold start, a model
+    fitted just now) is refitted on every session so far with every label so far.
+    Returns the at-arrival answers (n, persons), columns as hearth_stream's.
 
     The label is a person id, as the feedback service forwards it (the predicted id when
     confirmed, the caller's id of the true person when corrected): a member keeps the

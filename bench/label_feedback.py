@@ -3,17 +3,18 @@
 In the mesh, explicit feedback (a confirmed or corrected person) does two things: the
 feedback service fits a calibrator on the fed sessions' answers (clustering applies it,
 GetCalibrator), and the label reaches clustering (forward_label -> RecordLabels), which
-refits the household with every label so far. This scores the whole loop
+refits a household fitted at once with every label so far and binds a stream's labels to
+its persons. This scores the whole loop
 (``bench._worlds_eval.mesh_after_feedback``: the same code as ``bench.accuracy``'s
 ``after_feedback`` ``mesh`` block) on the sessions without feedback, for a batch fit (a
 household imported at once, then fed) and a time-ordered stream (each session answered
-at arrival; each feedback refits the household before the next arrival), beside no
+at arrival; each feedback reaches the model before the next arrival), beside no
 feedback, the labels alone and the calibrator alone; mean over ``--draws`` random 3.75 %
 feedback samples (``feedback_draws``: the pooled draws of ``after_feedback``).
 
 ``python -m bench.label_feedback [--split tuning|reporting] [--first-world W --worlds N
---households H] [--draws D] [--workers W] [--batch-only | --stream-only]`` prints one JSON object on its
-last line. Choices are made on ``tuning`` (worlds from 4 on have never been seen by the
+--households H] [--draws D] [--workers W] [--batch-only | --stream-only]`` prints one
+JSON object on its last line. Choices are made on ``tuning`` (worlds from 4 on have never been seen by the
 confidence maps, which are fitted on TUNING worlds 0-3); ``reporting`` is read to
 report only.
 """

@@ -25,19 +25,16 @@ def test_feedback_draws_are_the_pooled_draws_cut_into_households():
     assert [f[0].size for f in fed] == [h.n_sessions for h in hs]
 
 
-def test_the_fed_stream_is_the_stream_until_feedback_then_refitted():
+def test_the_fed_stream_binds_its_labels_and_answers_as_the_stream():
     h = _households(2)[1]   # 156 sessions, two persons
     _, P, _ = E.hearth_stream(h)
     none = np.zeros(h.n_sessions, dtype=bool)
     np.testing.assert_allclose(E.hearth_stream_fed(h, none), P)
     fed = none.copy()
     fed[[70, 90]] = True
-    P_fed = E.hearth_stream_fed(h, fed)
-    # the answers up to the first feedback are the stream's own
-    first = (70 // E.STREAM_BATCH + 1) * E.STREAM_BATCH
-    np.testing.assert_allclose(P_fed[:first, :P.shape[1]], P[:first])
-    # after it the household was refitted: the answers differ (a full fit, not a fold-in)
-    assert P_fed.shape != P.shape or not np.allclose(P_fed[first:], P[first:])
+    # feedback on a stream binds to its persons (HouseholdModel.binds_labels): every
+    # answer is the stream's own (a full refit at each label answered differently)
+    np.testing.assert_allclose(E.hearth_stream_fed(h, fed), P)
 
 
 def test_the_whole_loop_scores_the_refitted_answers_with_the_calibrator():
