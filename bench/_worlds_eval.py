@@ -366,8 +366,7 @@ def after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], ages: list
     by_rate = {}
     for rate in MORE_FEEDBACK_RATES:
         more = feedback_mask(P.shape[0], rate, seed)
-        fitted = fit_feedback_calibrator(FeedbackSample.create(P[more], labels=y[more], correct=ok[more].astype(float)),
-                                         age[more])
+        fitted = service_calibrator(P, y, ok, age, more)
         by_rate[str(rate)] = ece(fitted.apply(P[~more], age[~more]).max(axis=1), ok[~more])
     out["ece_after_by_feedback_rate"] = by_rate
     # One random 3.75 % sample fixes the level of the rest only to about +-0.023: the
@@ -425,7 +424,6 @@ def mesh_after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], fed_p
     every session was answered before any feedback) from ``probs``, else (streams: each
     session is answered at arrival, after the feedback on earlier ones) from
     ``fed_probs``."""
-    from services.feedback.domain.recalibration import FeedbackSample, fit_feedback_calibrator
     persons = [h.person for h in hs]
     P0, y0, ok0, age = pooled_answers(persons, probs, ages)
     rows: dict[str, list[float]] = {"no_feedback": [], "calibrator_only": [], "labels_only": [], "mesh": [],
@@ -434,8 +432,7 @@ def mesh_after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], fed_p
         fed_d = np.concatenate([f[d] for f in fed])
         P1, y1, ok1, _ = pooled_answers(persons, [p[d] for p in fed_probs], ages)
         Ps, ys, oks = (P0, y0, ok0) if sample_before else (P1, y1, ok1)
-        calibrator = fit_feedback_calibrator(
-            FeedbackSample.create(Ps[fed_d], labels=ys[fed_d], correct=oks[fed_d].astype(float)), age[fed_d])
+        calibrator = service_calibrator(Ps, ys, oks, age, fed_d)
         held = ~fed_d
         rows["no_feedback"].append(ece(P0[held].max(axis=1), ok0[held]))
         rows["calibrator_only"].append(ece(calibrator.apply(P0[held], age[held]).max(axis=1), ok0[held]))
@@ -445,6 +442,15 @@ def mesh_after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], fed_p
         rows["accuracy_after"].append(float(ok1[held].mean()))
     return {"draws": len(fed[0]), "calibrator_sample": "before feedback" if sample_before else "as served",
             **{k: float(np.mean(v)) for k, v in rows.items()}, "per_draw": rows}
+
+
+def service_calibrator(P: np.ndarray, labels: np.ndarray, correct: np.ndarray, age: np.ndarray,
+                       fed: np.ndarray):
+    """The calibrator the feedback service fits on the ``fed`` rows of pooled answers
+    (pooled_answers: probabilities, label columns, right or not, model ages)."""
+    from services.feedback.domain.recalibration import FeedbackSample, fit_feedback_calibrator
+    return fit_feedback_calibrator(
+        FeedbackSample.create(P[fed], labels=labels[fed], correct=correct[fed].astype(float)), age[fed])
 
 
 def model_ages(hs: list[WorldHousehold], mode: str, batch: int = STREAM_BATCH) -> list[np.ndarray]:

@@ -35,7 +35,6 @@ def carry_over(hs: list[WorldHousehold], draws: int, workers: int = 2) -> dict:
     """ECE of the at-arrival and settled answers of the sessions without feedback, without
     and with the calibrator (mean and median over ``draws``)."""
     from services.feedback.domain.evaluation import DEFAULT_FEEDBACK_RATE, feedback_mask
-    from services.feedback.domain.recalibration import FeedbackSample, fit_feedback_calibrator
     with ProcessPoolExecutor(workers) as pool:
         outs = list(pool.map(_answers, hs))
     persons = [h.person for h in hs]
@@ -45,8 +44,7 @@ def carry_over(hs: list[WorldHousehold], draws: int, workers: int = 2) -> dict:
     rows: dict[str, list[float]] = {"arrival": [], "arrival_calibrated": [], "settled": [], "settled_calibrated": []}
     for d in range(draws):
         fed = feedback_mask(Pa.shape[0], DEFAULT_FEEDBACK_RATE, d)
-        calibrator = fit_feedback_calibrator(
-            FeedbackSample.create(Pa[fed], labels=ya[fed], correct=oka[fed].astype(float)), age_a[fed])
+        calibrator = E.service_calibrator(Pa, ya, oka, age_a, fed)
         held = ~fed
         rows["arrival"].append(ece(Pa[held].max(axis=1), oka[held]))
         rows["arrival_calibrated"].append(ece(calibrator.apply(Pa[held], age_a[held]).max(axis=1), oka[held]))

@@ -18,13 +18,19 @@ from tests.helpers.households import household_events
 T0 = time.time() - 90 * 86400
 
 
-def test_confirming_feedback_leaves_the_other_answers_as_they_were(database):
+def _fitted_household(database, account: str, seed: int):
+    """A three-person household's 40 days ingested at once and fitted: (app, envelope)."""
     store = ClusteringStore(database)
     store.migrate()
     app = ClusteringApp(store, keeper=ModelKeeper(store, lambda _a: "gmm"), background=False)
-    events, _ = household_events("acc-l", ("kid", "parent", "teen"), days=40, start_ts=T0, seed=3)
+    events, _ = household_events(account, ("kid", "parent", "teen"), days=40, start_ts=T0, seed=seed)
     store.ingest(events)
-    _, envelope = app.keeper.refresh("acc-l")
+    _, envelope = app.keeper.refresh(account)
+    return app, envelope
+
+
+def test_confirming_feedback_leaves_the_other_answers_as_they_were(database):
+    app, envelope = _fitted_household(database, "acc-l", seed=3)
     groups = envelope.model.device_group_count
     assert envelope.model.n_persons >= 2 and groups >= 1
     before, _ = app.household("acc-l", 1000)
@@ -51,12 +57,7 @@ def test_a_correction_to_a_person_the_model_lacks_adds_that_person_and_nothing_e
     session keeps the person it had — the new person starts as its labels' share of the
     person holding its labels (1 of 4 here) and takes only sessions like its labels
     (HouseholdModel._labels_add_persons), not its parent's sessions wholesale."""
-    store = ClusteringStore(database)
-    store.migrate()
-    app = ClusteringApp(store, keeper=ModelKeeper(store, lambda _a: "gmm"), background=False)
-    events, _ = household_events("acc-n", ("kid", "parent", "teen"), days=40, start_ts=T0, seed=1)
-    store.ingest(events)
-    _, envelope = app.keeper.refresh("acc-n")
+    app, envelope = _fitted_household(database, "acc-n", seed=1)
     assert envelope.model.n_persons == 3
     before, _ = app.household("acc-n", 1000)
     person_of = {s.session_id: s.person_id for s in before.sessions}
