@@ -81,3 +81,17 @@ def test_a_labelled_stream_still_checks_its_persons(household):
     m.since_check = 0
     m.update(h.features[n:n + M.RESELECT_EVERY], device_ids=h.device_id[n:n + M.RESELECT_EVERY])
     assert m.since_check == 0     # the check ran (it resets the count)
+
+
+def test_a_streaming_refit_never_loses_a_person_a_label_names():
+    """Streams re-select their persons when labels exist (session 11): a refit or
+    re-selection that would merge away a person a label names (a profile hint, a
+    feedback id) is skipped, as one that would drop a fresh newcomer; dropping an
+    unnamed person is the refit's own call."""
+    from services.clustering.domain.model import HouseholdModel
+    m = HouseholdModel()
+    m.label_map = {"alice": "p1", "p4": "p4"}
+    assert m._drops_kept_person(["p1", "p2"], ["p2"])
+    assert m._drops_kept_person(["p2", "p4"], ["p2", "p5"])
+    assert not m._drops_kept_person(["p1", "p2"], ["p1"])
+    assert not m._drops_kept_person(["p1", "p2"], ["p1", "p3"])
