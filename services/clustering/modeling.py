@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -30,7 +29,7 @@ import numpy as np
 from prometheus_client import Counter
 
 from services.clustering.domain.drift import build_detector
-from services.clustering.domain.model import MIN_SESSIONS, HouseholdModel, PopulationPrior
+from services.clustering.domain.model import MIN_SESSIONS, PERSON_ID, HouseholdModel, PopulationPrior
 from services.clustering.household import MICRO_BATCH, MIN_DRIFT_REFERENCE, Envelope
 from services.clustering.store import ClusteringStore, DriftRow, StoredSession
 from services.common.errors import Conflict
@@ -49,7 +48,6 @@ for _outcome in ("persons_changed", "persons_unchanged"):
     DRIFT_REFITS.labels(_outcome)
 for _drift_type in ("composition", "seasonal", "behavioural"):   # domain/drift.py's kinds
     DRIFT_EVENTS.labels(_drift_type)
-_PERSON_ID = re.compile(r"^p\d+$")
 CAS_ATTEMPTS = 8
 
 
@@ -330,5 +328,5 @@ def known_person(model: HouseholdModel, label: str | None) -> str | None:
     are names the model maps to ids), or None when unknown to the model."""
     if not label:
         return None
-    pid = model.label_map.get(label, label if _PERSON_ID.fullmatch(label) else None)
+    pid = model.label_map.get(label, label if PERSON_ID.fullmatch(label) else None)
     return pid if pid in model.person_ids else None

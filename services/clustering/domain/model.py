@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -175,6 +176,7 @@ NEWCOMER_GRACE = 100      # sessions a reported newcomer is kept through refits 
 # feedback loop's ECE 0.055 / 0.052 / 0.049 / 0.049, other sessions right 0.770 / 0.769 /
 # 0.769 / 0.766 (no feedback 0.768; the old rule 0.049, 0.755); worlds 8-11 confirmed.
 LABEL_SEED_EM_ITERS = 5
+PERSON_ID = re.compile(r"p[0-9]+")   # a person id (_new_id); a label that is one names that person
 DEVICE_SLOTS = 16  # distinct device ids a household model tells apart (more: judged by type)
 K_MAX = 6
 MATCH_MIN_OVERLAP = 0.3
@@ -779,7 +781,7 @@ class HouseholdModel:
         """Feedback labels name persons by their ids (the predicted id when confirmed,
         the caller's id when corrected): each such label stands for that id."""
         for label in {lab for lab in labels or () if lab}:
-            if label.startswith("p") and label[1:].isdigit() and label not in self.label_map:
+            if PERSON_ID.fullmatch(label) and label not in self.label_map:
                 self.label_map[label] = label
                 self.next_person = max(self.next_person, int(label[1:]) + 1)
 
