@@ -280,19 +280,25 @@ class ClusteringApp:
             probabilities = np.array(probabilities, dtype=np.float64, copy=True)
             probabilities[calibrate] = self.calibrator_of(variant).apply(
                 probabilities[calibrate], np.full(int(calibrate.sum()), model_sessions))
-        # Constrained assignment: a session whose person is known (label) is that person.
+        # Constrained assignment: a session whose person is known (label) is that person,
+        # also one the model reserved an id for but has not fitted yet (known_person).
+        labelled: dict[int, str] = {}
         for r, label in enumerate(labels or []):
             known = known_person(model, label)
             if known is not None:
+                labelled[r] = known
                 probabilities[r] = np.array([1.0 if p == known else 0.0 for p in batch.person_ids])
         idx = probabilities.argmax(axis=1)
         now = time.time()
         answers, records = [], []
         for r in range(probabilities.shape[0]):
-            probs = {pid: float(p) for pid, p in zip(batch.person_ids, probabilities[r])}
-            pid = batch.person_ids[int(idx[r])]
+            if r in labelled and labelled[r] not in batch.person_ids:
+                pid, probs = labelled[r], {labelled[r]: 1.0}
+            else:
+                pid = batch.person_ids[int(idx[r])]
+                probs = {p: float(v) for p, v in zip(batch.person_ids, probabilities[r])}
             prediction_id = "pr-" + os.urandom(16).hex()   # 128 random bits, as uuid4 (a fifth of its cost)
-            answers.append(AssignmentOut(pid, float(probabilities[r, idx[r]]), probs, variant, version, cold,
+            answers.append(AssignmentOut(pid, probs[pid], probs, variant, version, cold,
                                          batch.sessions_until_model, prediction_id))
             records.append(PredictionRecord(prediction_id, account_id, session_ids[r] or prediction_id, pid,
                                             probs, variant, version, now, bool(cold), len(batch.person_ids),
