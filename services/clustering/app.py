@@ -320,12 +320,18 @@ class ClusteringApp:
         extras.sessions_pending = closed
         extras.unknown_genres = self.store.unknown_genres(account_id)
         if envelope is not None:
-            extras.persons = envelope.model.profiles()
+            # Persons a label named that the model has not fitted yet (a stream waits for
+            # its next full refit) are persons of the household too: their labelled
+            # sessions already show them. Listed with their sessions and no profile.
+            reserved = envelope.model.reserved_person_ids()
+            sessions_of = self.store.person_session_counts(account_id, reserved)
+            extras.persons = envelope.model.profiles() + [{"person_id": p, "sessions": sessions_of[p]}
+                                                          for p in reserved]
             extras.model_variant = envelope.model.active_variant
             extras.sessions_in_model = envelope.included
             extras.sessions_pending = max(closed - envelope.included, 0)
             extras.last_refit = envelope.last_refit
-            extras.n_persons = envelope.model.n_persons
+            extras.n_persons = envelope.model.n_persons + len(reserved)
             view = self._with_fresh_persons(account_id, view, envelope)
         return view, extras
 

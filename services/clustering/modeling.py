@@ -333,4 +333,4 @@ def known_person(model: HouseholdModel, label: str | None) -> str | None:
     pid = model.label_map.get(label, label if PERSON_ID.fullmatch(label) else None)
     if pid in model.person_ids:
         return pid
-    return pid if label in model.label_map and pid not in model.retired else None
+    return pid if label in model.label_map and pid in model.reserved_person_ids() else None

@@ -100,7 +100,10 @@ def test_a_label_naming_a_person_the_stream_lacks_shows_at_once_and_keeps_its_id
     np.testing.assert_array_equal(envelope.model.mixture.stats, stats)
     grandma = envelope.model.label_map["grandma"]
     assert grandma not in person_of.values() and grandma != "p42" and grandma not in envelope.model.person_ids
-    after, _ = app.household("acc-n", 1000)
+    after, extras = app.household("acc-n", 1000)
+    listed = {p["person_id"]: p for p in extras.persons}
+    assert listed["p42"]["sessions"] == 1 and listed[grandma]["sessions"] == 1      # listed, sessions counted
+    assert extras.n_persons == envelope.model.n_persons + 2 == len(extras.persons)
     stored = {s.session_id: s.person_id for s in after.sessions}
     assert stored[by_id.session_id] == "p42" and after.person_probability[by_id.session_id] == 1.0
     assert stored[by_name.session_id] == grandma and after.person_probability[by_name.session_id] == 1.0
@@ -112,5 +115,8 @@ def test_a_label_naming_a_person_the_stream_lacks_shows_at_once_and_keeps_its_id
     app.refit("acc-n", "requested")
     _, envelope = app.keeper.load("acc-n")
     assert not envelope.model.streamed and envelope.model.label_map["grandma"] == grandma
-    refitted = {s.session_id: s.person_id for s in app.household("acc-n", 1000)[0].sessions}
+    view, extras = app.household("acc-n", 1000)
+    refitted = {s.session_id: s.person_id for s in view.sessions}
     assert refitted[by_id.session_id] == "p42" and refitted[by_name.session_id] == grandma
+    listed = [p["person_id"] for p in extras.persons]
+    assert listed.count("p42") == 1 and listed.count(grandma) == 1 and extras.n_persons == len(listed)

@@ -787,6 +787,13 @@ class HouseholdModel:
                 self.label_map[label] = label
                 self.next_person = max(self.next_person, int(label[1:]) + 1)
 
+    def reserved_person_ids(self) -> list[str]:
+        """Persons a label names that the model has not fitted (yet): reserve_label_ids'
+        ids in a stream, a caller's id before the first fit. The service answers their
+        labelled sessions as them and lists them with the household's persons."""
+        return sorted({pid for pid in self.label_map.values()
+                       if pid not in self.person_ids and pid not in self.retired})
+
     def reserve_label_ids(self, labels: Sequence[str | None] | None) -> None:
         """Every label names a person id now, fitted or not: an id stands for itself
         (bind_id_labels), a name the model has not met gets a new id. For a stream
