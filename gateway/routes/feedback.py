@@ -40,6 +40,9 @@ class FeedbackIn(models.Strict):
                                                         "implicit_switch_profile")
     ts: models.Timestamp | None = Field(None, description="when it happened (default: now); RFC 3339, "
                                                           "2000-01-01 to 10 minutes from now")
+    unprompted: bool = Field(False, description="the user volunteered it (a 'not me' button) rather than answering a "
+                                                "prompt shown whether or not the answer was right: it names the person "
+                                                "but stays out of calibration (docs/feedback.md)")
 
 
 class FeedbackOut(BaseModel):
@@ -141,7 +144,7 @@ def router(clients, access) -> APIRouter:
         request = fpb.RecordFeedbackRequest(
             feedback_id=body.feedback_id, prediction_id=body.prediction_id,
             kind=fpb.FeedbackKind.Value("FEEDBACK_KIND_" + body.kind.upper()),
-            true_person_id=body.true_person_id or "")
+            true_person_id=body.true_person_id or "", unprompted=body.unprompted)
         if body.ts is not None:
             request.ts.CopyFrom(float_to_ts(body.ts.timestamp()))
         r = await clients.call("feedback", "RecordFeedback", request, who)

@@ -71,7 +71,11 @@ class Calibration:
         self.clock = clock
 
     def dataset(self) -> LabelledPredictions:
-        return build_dataset(self.store.feedback_joined(), self.policy.weights)
+        """The feedback calibration learns from (and reports, and experiments compare):
+        what was asked for. Volunteered feedback (a "not me" button) exists because the
+        answer was wrong, so a calibrator fitted on it would learn that answers are wrong
+        far more often than they are, and push every confidence down."""
+        return build_dataset(self.store.feedback_joined(prompted_only=True), self.policy.weights)
 
     def current_calibrators(self) -> dict[str, Calibrator]:
         return {v: Calibrator.from_json(c.calibrator_json) for v, c in self.store.current_calibrators().items()}

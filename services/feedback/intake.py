@@ -86,9 +86,11 @@ class Intake:
         return self.store.record_predictions(validate_predictions(items))
 
     def record_feedback(self, feedback_id: str, prediction_id: str, kind: SignalKind,
-                        true_person_id: str | None, ts: float | None) -> tuple[bool, float]:
+                        true_person_id: str | None, ts: float | None, unprompted: bool = False) -> tuple[bool, float]:
         """Store one signal; returns (duplicate, weight). Then checks the household's
-        disagreement trigger (a failure there is logged, never fails the call)."""
+        disagreement trigger (a failure there is logged, never fails the call).
+        ``unprompted``: volunteered, not asked for — a label and a disagreement like any
+        other, but never in calibration (Calibration.dataset)."""
         check_id(feedback_id, "feedback_id")
         check_id(prediction_id, "prediction_id")
         kind = SignalKind(kind)
@@ -111,7 +113,8 @@ class Intake:
                 raise InvalidArgument("names the predicted person; use EXPLICIT_CONFIRM", "true_person_id")
         stored_person = true_person_id if needs_person else None
         prediction, duplicate = self.store.record_feedback(
-            FeedbackItem(feedback_id, prediction_id, kind.value, stored_person, weight, ts), received_at=now)
+            FeedbackItem(feedback_id, prediction_id, kind.value, stored_person, weight, ts, unprompted),
+            received_at=now)
         if not duplicate:
             instruments.FEEDBACK_TOTAL.labels(kind.value).inc()
             self.triggers.forward_label(prediction, kind, stored_person)

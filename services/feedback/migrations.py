@@ -91,4 +91,9 @@ ALTER TABLE predictions ADD COLUMN session_end {double}
     Migration(5, "model age of each prediction", """
 ALTER TABLE predictions ADD COLUMN model_sessions {bigint} NOT NULL DEFAULT 0
 """),
+    # Migration 6: feedback the user volunteered (RecordFeedbackRequest.unprompted) is
+    # kept out of calibration; rows stored before were all treated as prompted.
+    Migration(6, "unprompted feedback", """
+ALTER TABLE feedback ADD COLUMN unprompted INTEGER NOT NULL DEFAULT 0
+"""),
 ]

@@ -62,7 +62,7 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
                                   "IMPLICIT_ABANDON, IMPLICIT_SWITCH_PROFILE", "kind")
         duplicate, weight = self.intake.record_feedback(
             request.feedback_id, request.prediction_id, kind, request.true_person_id or None,
-            ts_to_float(request, "ts", "ts", required=False))
+            ts_to_float(request, "ts", "ts", required=False), request.unprompted)
         return pb.RecordFeedbackResponse(duplicate=duplicate, weight=weight)
 
     def GetCalibrator(self, request, context) -> pb.GetCalibratorResponse:

@@ -35,6 +35,7 @@ class FeedbackItem:
     true_person_id: str | None
     weight: float
     ts: float
+    unprompted: bool = False   # volunteered, not asked for: out of calibration (docs/feedback.md)
 
 
 @dataclass(frozen=True)
@@ -156,22 +157,24 @@ class FeedbackStore:
             prediction = _prediction(rows[0])
             inserted = tx.execute(
                 "INSERT INTO feedback (feedback_id, prediction_id, account_id, kind, true_person_id, weight, "
-                "ts, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (feedback_id) DO NOTHING",
+                "ts, received_at, unprompted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (feedback_id) DO NOTHING",
                 (item.feedback_id, item.prediction_id, prediction.account_id, item.kind, item.true_person_id,
-                 item.weight, item.ts, received_at))
+                 item.weight, item.ts, received_at, int(item.unprompted)))
             if inserted:
                 return prediction, False
-            existing = tx.query("SELECT prediction_id, kind, true_person_id FROM feedback WHERE feedback_id = ?",
-                                (item.feedback_id,))
-        if existing and tuple(existing[0]) != (item.prediction_id, item.kind, item.true_person_id):
+            existing = tx.query("SELECT prediction_id, kind, true_person_id, unprompted FROM feedback "
+                                "WHERE feedback_id = ?", (item.feedback_id,))
+        if existing and (*existing[0][:3], bool(existing[0][3])) != (item.prediction_id, item.kind,
+                                                                      item.true_person_id, item.unprompted):
             raise AlreadyExists("already used for a different feedback", "feedback_id")
         return prediction, True
 
-    def feedback_joined(self, account_id: str | None = None, received_after: float | None = None
-                        ) -> list[FeedbackJoined]:
+    def feedback_joined(self, account_id: str | None = None, received_after: float | None = None,
+                        prompted_only: bool = False) -> list[FeedbackJoined]:
         """Every feedback signal with its prediction, optionally of one account and/or
-        received strictly after a time; ordered by received_at then feedback_id."""
-        where, params = [], []
+        received strictly after a time and/or only what was asked for (``prompted_only``:
+        not FeedbackItem.unprompted); ordered by received_at then feedback_id."""
+        where, params = ["f.unprompted = 0"] if prompted_only else [], []
         if account_id is not None:
             where.append("f.account_id = ?")
             params.append(account_id)
@@ -320,8 +323,8 @@ class FeedbackStore:
         with self.db.transaction() as tx:
             predictions = tx.query(f"SELECT {_PREDICTION_COLUMNS} FROM predictions p WHERE p.account_id = ? "
                                    "ORDER BY p.ts, p.prediction_id", (account_id,))
-            feedback = tx.query("SELECT feedback_id, prediction_id, kind, true_person_id, weight, ts, received_at "
-                                "FROM feedback WHERE account_id = ? ORDER BY ts, feedback_id", (account_id,))
+            feedback = tx.query("SELECT feedback_id, prediction_id, kind, true_person_id, weight, ts, received_at, "
+                                "unprompted FROM feedback WHERE account_id = ? ORDER BY ts, feedback_id", (account_id,))
             triggers = tx.query(f"SELECT {_TRIGGER_COLUMNS} FROM triggers WHERE scope = 'household' "
                                 "AND scope_key = ? ORDER BY trigger_id", (account_id,))
         return {
@@ -331,7 +334,8 @@ class FeedbackStore:
                              "household_size": p.household_size}
                             for p in map(_prediction, predictions)],
             "feedback": [{"feedback_id": r[0], "prediction_id": r[1], "kind": r[2], "true_person_id": r[3],
-                          "weight": float(r[4]), "ts": float(r[5]), "received_at": float(r[6])} for r in feedback],
+                          "weight": float(r[4]), "ts": float(r[5]), "received_at": float(r[6]),
+                          "unprompted": bool(r[7])} for r in feedback],
             "triggers": [{"trigger_id": t.trigger_id, "kind": t.kind, "value": t.value, "threshold": t.threshold,
                           "n": t.n, "ts": t.ts, "refit_result": t.refit_result} for t in map(_trigger, triggers)],
         }

@@ -40,6 +40,15 @@ def test_feedback_calibration_and_flags_over_http(client, mesh):
     assert groups["kmeans"]["n"] >= 1 and groups["kmeans"]["bins"]
     assert client.get("/v1/calibration", params={"group_by": "country"}).status_code == 422
 
+    # a volunteered correction ("not me") is stored, but calibration does not count it
+    _log_prediction(mesh, "e2e-pred-2", "e2e-fb-acc")
+    volunteered = {**body, "feedback_id": "e2e-fb-4", "prediction_id": "e2e-pred-2", "unprompted": True}
+    assert client.post("/v1/feedback", json=volunteered).json() == {"duplicate": False, "weight": 1.0}
+    again = client.get("/v1/calibration", params={"group_by": "variant", "bins": 5}).json()
+    assert {g["group"]: g["n"] for g in again["groups"]}["kmeans"] == groups["kmeans"]["n"]
+    vague = client.post("/v1/feedback", json={**volunteered, "feedback_id": "e2e-fb-5", "unprompted": "maybe"})
+    assert vague.status_code == 422 and vague.json()["error"]["field"] == "unprompted"
+
     put = client.put("/v1/experiment", json={"traffic": {"kmeans": 60, "gmm": 40}, "kill_switch": False,
                                              "reason": "e2e split"})
     assert put.status_code == 200, put.text

@@ -232,6 +232,48 @@ def test_recalibration_lowers_ece_on_held_out_predictions(database):
         app.calibration.choices.activate("kmeans", 9, True, "no such version", ADMIN)
 
 
+def test_unprompted_corrections_name_persons_but_stay_out_of_calibration(database):
+    # A calibrated stream (distortion 1, no cold starts): prompted feedback on a random
+    # sample, and the users' volunteered "not me" corrections of wrong answers.
+    thresholds = TriggerThresholds(disagreement_count=3, disagreement_window=3)
+    app = make_app(database, thresholds=thresholds)
+    stream = synthetic_stream(2000, seed=21, variant_distortion={"kmeans": 1.0}, cold_start_rate=0.0)
+    _feed_stream(app, stream, range(400), "q")
+    volunteered = [i for i in range(400, 1200) if stream.probs[i].argmax() != stream.labels[i]]
+    for i in volunteered:
+        k = int(stream.household_size[i])
+        probs = {f"p{j + 1}": float(stream.probs[i, j]) for j in range(k)}
+        top = f"p{int(np.argmax(stream.probs[i, :k])) + 1}"
+        app.intake.record_predictions([PredictionRecord(f"v{i}", "acc-v", f"s{i}", top, probs, "kmeans", 1,
+                                                        NOW - 7200, False, k)])
+        app.intake.record_feedback(f"f-v{i}", f"v{i}", SignalKind.PROFILE_CORRECTED,
+                                   f"p{int(stream.labels[i]) + 1}", NOW - 60, unprompted=True)
+    assert len(volunteered) > 100
+    # they are corrections like any other for the household (its disagreement trigger)...
+    assert [t.kind for t in app.store.triggers("acc-v")] and app.store.triggers("acc-v")[0].kind == "disagreement"
+    assert app.store.export_account("acc-v")["feedback"][0]["unprompted"] is True
+    # ... but calibration learns from the prompted sample only
+    assert len(app.calibration.dataset()) == 400 and len(app.store.feedback_joined()) == 400 + len(volunteered)
+    app.calibration.recalibrate()
+    held_out = np.arange(1200, 2000)
+    probs = stream.probs[held_out]
+    correct = (probs.argmax(axis=1) == stream.labels[held_out]).astype(float)
+    before = expected_calibration_error(probs.max(axis=1), correct)
+    after = expected_calibration_error(app.calibration.apply_calibration("kmeans", probs).max(axis=1), correct)
+    # what a calibrator fitted on every row would have done: every confidence pushed down
+    from services.feedback.dataset import build_dataset
+    from services.feedback.domain.recalibration import FeedbackSample, fit_feedback_calibrator
+    every = build_dataset(app.store.feedback_joined())
+    biased = fit_feedback_calibrator(FeedbackSample.create(every.probs, labels=every.labels, correct=every.correct,
+                                                           weights=every.weights), every.model_sessions)
+    with_volunteered = expected_calibration_error(biased.apply(probs).max(axis=1), correct)
+    assert after <= before + 0.02 < with_volunteered, (before, after, with_volunteered)
+    # the flag is part of the fact an id names
+    with pytest.raises(AlreadyExists):
+        app.intake.record_feedback(f"f-v{volunteered[0]}", f"v{volunteered[0]}", SignalKind.PROFILE_CORRECTED,
+                                   f"p{int(stream.labels[volunteered[0]]) + 1}", NOW - 60, unprompted=False)
+
+
 def test_calibration_report_before_and_after(database):
     app = make_app(database)
     stream = synthetic_stream(300, seed=5, variant_distortion={"kmeans": 0.5, "gmm": 1.0})
