@@ -145,7 +145,8 @@ class ModelStatusOut(BaseModel):
     sessions_in_model: int = Field(description="closed sessions the model has folded in")
     sessions_pending: int = Field(description="closed sessions not yet folded in (they already carry persons)")
     last_refit: datetime | None = Field(None, description="last fit on every session")
-    persons: int
+    persons: int = Field(description="persons the household's answers name: the model's, and any a feedback label "
+                                     "named that the model has not fitted yet (listed without a profile)")
     settled: bool = Field(description="true when nothing is pending: assignments will not move until new sessions")
     unknown_genres: dict[str, int] = Field(default_factory=dict, description=(
         "genre names the household's events carried that the genre vocabulary does not know, with how many "

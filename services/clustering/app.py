@@ -280,19 +280,25 @@ class ClusteringApp:
             probabilities = np.array(probabilities, dtype=np.float64, copy=True)
             probabilities[calibrate] = self.calibrator_of(variant).apply(
                 probabilities[calibrate], np.full(int(calibrate.sum()), model_sessions))
-        # Constrained assignment: a session whose person is known (label) is that person.
+        # Constrained assignment: a session whose person is known (label) is that person,
+        # also one the model reserved an id for but has not fitted yet (known_person).
+        labelled: dict[int, str] = {}
         for r, label in enumerate(labels or []):
             known = known_person(model, label)
             if known is not None:
+                labelled[r] = known
                 probabilities[r] = np.array([1.0 if p == known else 0.0 for p in batch.person_ids])
         idx = probabilities.argmax(axis=1)
         now = time.time()
         answers, records = [], []
         for r in range(probabilities.shape[0]):
-            probs = {pid: float(p) for pid, p in zip(batch.person_ids, probabilities[r])}
-            pid = batch.person_ids[int(idx[r])]
+            if r in labelled and labelled[r] not in batch.person_ids:
+                pid, probs = labelled[r], {labelled[r]: 1.0}
+            else:
+                pid = batch.person_ids[int(idx[r])]
+                probs = {p: float(v) for p, v in zip(batch.person_ids, probabilities[r])}
             prediction_id = "pr-" + os.urandom(16).hex()   # 128 random bits, as uuid4 (a fifth of its cost)
-            answers.append(AssignmentOut(pid, float(probabilities[r, idx[r]]), probs, variant, version, cold,
+            answers.append(AssignmentOut(pid, probs[pid], probs, variant, version, cold,
                                          batch.sessions_until_model, prediction_id))
             records.append(PredictionRecord(prediction_id, account_id, session_ids[r] or prediction_id, pid,
                                             probs, variant, version, now, bool(cold), len(batch.person_ids),
@@ -314,12 +320,18 @@ class ClusteringApp:
         extras.sessions_pending = closed
         extras.unknown_genres = self.store.unknown_genres(account_id)
         if envelope is not None:
-            extras.persons = envelope.model.profiles()
+            # Persons a label named that the model has not fitted yet (a stream waits for
+            # its next full refit) are persons of the household too: their labelled
+            # sessions already show them. Listed with their sessions and no profile.
+            reserved = envelope.model.reserved_person_ids()
+            sessions_of = self.store.person_session_counts(account_id, reserved)
+            extras.persons = envelope.model.profiles() + [{"person_id": p, "sessions": sessions_of[p]}
+                                                          for p in reserved]
             extras.model_variant = envelope.model.active_variant
             extras.sessions_in_model = envelope.included
             extras.sessions_pending = max(closed - envelope.included, 0)
             extras.last_refit = envelope.last_refit
-            extras.n_persons = envelope.model.n_persons
+            extras.n_persons = envelope.model.n_persons + len(reserved)
             view = self._with_fresh_persons(account_id, view, envelope)
         return view, extras
 

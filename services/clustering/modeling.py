@@ -223,7 +223,7 @@ class ModelKeeper:
             # the labels bind to its persons; its drift reference and the sessions
             # still to fold in stay as they were.
             model = _private_copy(current.model)
-            model.bind_id_labels(snap.labels)
+            model.reserve_label_ids(snap.labels)
             envelope = Envelope(model, current.included, current.reference_end, current.drift_checked,
                                 current.first_session_id, current.last_refit)
             return Step(envelope, True, 0, current.included, [], "")
@@ -364,8 +364,12 @@ def persons_for(model: HouseholdModel, sessions: list[StoredSession], labels: li
 
 def known_person(model: HouseholdModel, label: str | None) -> str | None:
     """The person id a label stands for (feedback labels are person ids; profile hints
-    are names the model maps to ids), or None when unknown to the model."""
+    are names the model maps to ids), or None when unknown to the model. A person a
+    stream has reserved an id for but not fitted yet (HouseholdModel.reserve_label_ids)
+    is known: the caller said who it was, and the next full refit keeps that id."""
     if not label:
         return None
     pid = model.label_map.get(label, label if PERSON_ID.fullmatch(label) else None)
-    return pid if pid in model.person_ids else None
+    if pid in model.person_ids:
+        return pid
+    return pid if label in model.label_map and pid in model.reserved_person_ids() else None

@@ -455,6 +455,17 @@ class ClusteringStore:
                 accepted += 1
         return accepted, unknown
 
+    def person_session_counts(self, account_id: str, person_ids: Sequence[str]) -> dict[str, int]:
+        """Closed or open sessions whose recorded person is one of ``person_ids``."""
+        if not person_ids:
+            return {}
+        marks = ", ".join("?" * len(person_ids))
+        with self.db.transaction(readonly=True) as tx:
+            rows = tx.query(f"SELECT person_id, COUNT(*) FROM sessions WHERE account_id = ? AND person_id IN ({marks}) "
+                            "GROUP BY person_id", (account_id, *person_ids))
+        counts = {str(p): int(n) for p, n in rows}
+        return {pid: counts.get(pid, 0) for pid in person_ids}
+
     def labels(self, account_id: str) -> dict[str, str]:
         """Session id -> known person (feedback labels)."""
         with self.db.transaction(readonly=True) as tx:

@@ -79,3 +79,44 @@ def test_a_label_before_the_first_fit_keeps_the_callers_person_id(database):
     stored = {s.session_id: s.person_id for s in app.store.closed_sessions("acc-c")}
     assert stored[first[0].session_id] == "p7"
     assert app.assign("acc-c", session_id=first[0].session_id).probabilities["p7"] == 1.0
+
+
+def test_a_label_naming_a_person_the_stream_lacks_shows_at_once_and_keeps_its_id(database):
+    app = _app(database)
+    _stream(app, "acc-n", range(30), seed=6)
+    version, envelope = app.keeper.load("acc-n")
+    assert envelope.model.streamed
+    stats = envelope.model.mixture.stats.copy()
+    assert "p42" not in envelope.model.person_ids
+    before, _ = app.household("acc-n", 1000)
+    person_of = {s.session_id: s.person_id for s in before.sessions}
+    by_id, by_name = before.sessions[-1], before.sessions[-3]
+    # a caller's id the household has never had, and a name (a new member) on another session
+    labels = [("acc-n", by_id.session_id, "p42", "feedback:profile_corrected"),
+              ("acc-n", by_name.session_id, "grandma", "feedback:profile_corrected")]
+    assert app.record_labels(labels) == (2, 0)
+    _, envelope = app.keeper.load("acc-n")
+    assert envelope.model.streamed                                          # still not refitted
+    np.testing.assert_array_equal(envelope.model.mixture.stats, stats)
+    grandma = envelope.model.label_map["grandma"]
+    assert grandma not in person_of.values() and grandma != "p42" and grandma not in envelope.model.person_ids
+    after, extras = app.household("acc-n", 1000)
+    listed = {p["person_id"]: p for p in extras.persons}
+    assert listed["p42"]["sessions"] == 1 and listed[grandma]["sessions"] == 1      # listed, sessions counted
+    assert extras.n_persons == envelope.model.n_persons + 2 == len(extras.persons)
+    stored = {s.session_id: s.person_id for s in after.sessions}
+    assert stored[by_id.session_id] == "p42" and after.person_probability[by_id.session_id] == 1.0
+    assert stored[by_name.session_id] == grandma and after.person_probability[by_name.session_id] == 1.0
+    others = [s for s in after.sessions if s.session_id not in (by_id.session_id, by_name.session_id)]
+    assert others and all(stored[s.session_id] == person_of[s.session_id] for s in others)
+    answer = app.assign("acc-n", session_id=by_name.session_id)
+    assert answer.person_id == grandma and answer.probabilities == {grandma: 1.0}
+    # the next full refit gives the labelled persons the ids the household already showed
+    app.refit("acc-n", "requested")
+    _, envelope = app.keeper.load("acc-n")
+    assert not envelope.model.streamed and envelope.model.label_map["grandma"] == grandma
+    view, extras = app.household("acc-n", 1000)
+    refitted = {s.session_id: s.person_id for s in view.sessions}
+    assert refitted[by_id.session_id] == "p42" and refitted[by_name.session_id] == grandma
+    listed = [p["person_id"] for p in extras.persons]
+    assert listed.count("p42") == 1 and listed.count(grandma) == 1 and extras.n_persons == len(listed)

@@ -779,11 +779,31 @@ class HouseholdModel:
 
     def bind_id_labels(self, labels: Sequence[str | None] | None) -> None:
         """Feedback labels name persons by their ids (the predicted id when confirmed,
-        the caller's id when corrected): each such label stands for that id."""
+        the caller's id when corrected): each such label stands for that id — except an
+        erased person's (retire_person: a retired id is never handed out again; such a
+        label is then a name like any other)."""
         for label in {lab for lab in labels or () if lab}:
-            if PERSON_ID.fullmatch(label) and label not in self.label_map:
+            if PERSON_ID.fullmatch(label) and label not in self.label_map and label not in self.retired:
                 self.label_map[label] = label
                 self.next_person = max(self.next_person, int(label[1:]) + 1)
+
+    def reserved_person_ids(self) -> list[str]:
+        """Persons a label names that the model has not fitted (yet): reserve_label_ids'
+        ids in a stream, a caller's id before the first fit. The service answers their
+        labelled sessions as them and lists them with the household's persons."""
+        return sorted({pid for pid in self.label_map.values()
+                       if pid not in self.person_ids and pid not in self.retired})
+
+    def reserve_label_ids(self, labels: Sequence[str | None] | None) -> None:
+        """Every label names a person id now, fitted or not: an id stands for itself
+        (bind_id_labels), a name the model has not met gets a new id. For a stream
+        (binds_labels), which is not refitted for feedback: a session labelled with a
+        person the stream lacks used to show its old person until the next full refit;
+        now the service answers it as the reserved id (modeling.known_person), and that
+        refit gives the labelled person the same id (_match_ids keeps label_map's ids)."""
+        self.bind_id_labels(labels)
+        for label in sorted({lab for lab in labels or () if lab and lab not in self.label_map}):
+            self.label_map[label] = self._new_id()
 
 
     def _device_groups(self, Xa: np.ndarray, min_z: float = 0.0) -> np.ndarray:

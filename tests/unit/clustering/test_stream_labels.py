@@ -38,6 +38,22 @@ def test_a_stream_binds_labels_and_a_model_fitted_at_once_is_refitted(household)
     assert not HouseholdModel().binds_labels                      # a cold start waits for its first fit
 
 
+def test_a_stream_reserves_ids_for_persons_it_lacks_and_never_answers_a_retired_one(household):
+    from services.clustering.modeling import known_person
+    h, n = household, 100
+    m = _streamed(h, n)
+    m.reserve_label_ids([None, m.person_ids[0], "bob", "p12", "alice", "bob"])
+    assert m.label_map["p12"] == "p12" and m.label_map["alice"] == "p13" and m.label_map["bob"] == "p14"
+    assert m.label_map[m.person_ids[0]] == m.person_ids[0] and m.next_person == 15
+    assert {"p12", "p13", "p14"}.isdisjoint(m.person_ids)                    # reserved, not fitted
+    assert [known_person(m, lab) for lab in ("p12", "alice", "bob", "carol", "p99")] == \
+        ["p12", "p13", "p14", None, None]                                   # unlabelled ids stay unknown
+    m.retire_person("p13")                                                   # an erased person's id is gone
+    assert known_person(m, "alice") is None and known_person(m, "p13") is None
+    m.reserve_label_ids(["p13"])                          # a label naming the erased id is a name now
+    assert m.label_map["p13"] == "p15" and known_person(m, "p13") == "p15"
+
+
 def test_a_label_before_the_first_fit_names_a_person_of_that_fit(household):
     h = household
     first = MIN_SESSIONS // 2
