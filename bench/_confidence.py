@@ -11,7 +11,7 @@ same model age the mesh records with each prediction.
 
 Two ways of answering, as in bench/_worlds_eval.py: ``batch`` (one fit on every session,
 then every session assigned) and ``stream`` (sessions in time order, STREAM_BATCH at a
-time, folded in with ``update`` and answered at arrival).
+time, each arrival one refresh of the clustering service: _worlds_eval.ServiceStream).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from bench._clustering_eval import match
-from bench._worlds_eval import STREAM_BATCH, columns, stream_steps
+from bench._worlds_eval import STREAM_BATCH, ServiceStream, columns
 from bench.worlds import WorldHousehold
 from services.clustering.domain.model import HouseholdModel
 
@@ -105,7 +105,8 @@ def stream_answers(h: WorldHousehold, batch: int = STREAM_BATCH, settled: list |
     age, kind, device, devices, groups, streamed, evidence = [], [], [], [], [], [], []
     n = h.n_sessions
     stops = {max(batch, int(n * f) // batch * batch) if f < 1 else n: f for f in SETTLED_AT}
-    for a, b, m, out, _ in stream_steps(h, batch, calibrated=False):
+    stream = ServiceStream(h, calibrated=False)
+    for a, b, m, out, _ in stream.arrivals(batch):
         k, d = _meta(m, out, list(h.device_id[a:b]))
         for r in range(b - a):
             probs.append({pid: float(p) for pid, p in zip(out.person_ids, out.probabilities[r])})
@@ -117,24 +118,23 @@ def stream_answers(h: WorldHousehold, batch: int = STREAM_BATCH, settled: list |
         streamed += [m.streamed] * (b - a)
         evidence.append(_evidence(m, h.features[a:b], h.device_id[a:b]))
         if settled is not None and b in stops and a > 0:
-            settled.append(settled_answers(h, m, a, b, stops[b]))
+            settled.append(settled_answers(h, stream, b, stops[b]))
     return _finish(h, columns(probs), age, kind, device, devices, groups, streamed, np.vstack(evidence))
 
 
-def settled_answers(h: WorldHousehold, m: HouseholdModel, first_of_last: int, end: int,
-                    checkpoint: float = 1.0) -> RawAnswers:
-    """The streamed model ``m`` just after an arrival (sessions ``first_of_last`` to
-    ``end``), answering every session so far: what GET /v1/household serves at that
-    moment (ModelKeeper._record_persons re-records every session after each update).
-    ``included``: the sessions it had folded in before that arrival (the arrival's own
-    are answered at arrival, as in stream_answers), the answers the "settled" map and
-    one-person group are fitted on; ``checkpoint``: the stream's fraction."""
-    out = m.assign_batch(h.features[:end], device_ids=h.device_id[:end])
+def settled_answers(h: WorldHousehold, stream: ServiceStream, end: int, checkpoint: float = 1.0) -> RawAnswers:
+    """The stream's sessions so far (``end``) as the service has recorded them just after
+    that arrival: what GET /v1/household serves at that moment (ServiceStream.settled:
+    the last saved model; ``included``: the sessions it had included before its last
+    save, the answers the "settled" map and one-person group are fitted on, the others
+    answered at arrival, as in stream_answers); ``checkpoint``: the stream's fraction."""
+    m = stream.envelope.model
+    out = stream.settled(end)
     kind, device = _meta(m, out, list(h.device_id[:end]))
     ans = _finish(SimpleNamespace(person=h.person[:end]), out.probabilities, np.full(end, m.n_sessions),
                   np.full(end, kind), np.full(end, device), np.full(end, len(m.device_ids)),
                   np.full(end, m.device_group_count), np.full(end, m.streamed), m.one_person_evidence(end))
-    ans.included = np.arange(end) < first_of_last
+    ans.included = np.arange(end) < min(stream.included, end)
     ans.checkpoint = np.full(end, checkpoint)
     return ans
 

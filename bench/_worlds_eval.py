@@ -32,9 +32,16 @@ from sklearn.model_selection import StratifiedKFold
 from bench._clustering_eval import brier_ece_parts, ece, match, matched_correct
 from bench.worlds import PERSONAL_TYPES, WorldHousehold
 from services.clustering.domain import features as F
-from services.clustering.domain.model import CHANGE_LOOKBACK, CHANGE_MIN_HISTORY, HouseholdModel
+from services.clustering.domain.model import CHANGE_LOOKBACK, CHANGE_MIN_HISTORY, MIN_SESSIONS, HouseholdModel
+from services.clustering.household import MICRO_BATCH, Envelope
+from services.clustering.modeling import ModelKeeper, Snapshot
+from services.clustering.store import StoredSession
 
-STREAM_BATCH = 5          # sessions per arrival in the streaming run
+# Sessions per arrival in the streaming run, each arrival one refresh of the service: 1,
+# as a household's sessions close one at a time and every ingest that touches a session
+# queues a refresh (ClusteringApp.ingest); the keeper folds them in by MICRO_BATCH.
+# (5 until session 12, when the harness folded every arrival in itself.)
+STREAM_BATCH = 1
 DETECTION_WINDOW = 30     # sessions after a change within which detection counts
 # Composition events from the first session the share test can fire at (a change point
 # with CHANGE_MIN_HISTORY sessions before it and the nearest lookback after it) count as
@@ -51,19 +58,89 @@ def hearth_batch(h: WorldHousehold, **kw):
     return b.person_index, b.probabilities
 
 
+class ServiceStream:
+    """One household streamed through the clustering service's own refresh decision
+    (``ModelKeeper.advance``, services/clustering/modeling.py), without its store: each
+    arrival of ``batch`` sessions is one refresh, so sessions are folded in by
+    micro-batches of MICRO_BATCH (household.py), a smaller arrival is answered by the
+    current model, the drift detector runs on every fold and each of its alarms refits
+    the household in full, and feedback labels bind to a stream or refit it
+    (``record_labels`` = RecordLabels -> refresh(force="labels")).
+
+    Why the keeper's decision and not the keeper on a real store: the keeper's
+    decision does not touch the store (reading sessions, saving the envelope and
+    recording persons do), and the store would add writes of every session's persons
+    per arrival to a benchmark of thousands of households; ``advance`` is the one
+    copy of "what a refresh does" both call. Until session 12 this loop called
+    HouseholdModel.update every 5 sessions itself: no micro-batches, no drift refits,
+    no answers by a model that had not folded the arrival in (docs/benchmarks.md,
+    "the streams are the service's").
+
+    The answers it gives are the keeper's: at arrival, a session's first recorded
+    answer (the model after that refresh; ``included`` False); ``settled()``: what the
+    household's sessions are recorded as now (the last saved model, the sessions it had
+    included before its last save through the "settled" map). Labels are not applied to
+    the answers (persons_for answers a labelled session as its label; the benchmarks
+    score the sessions without feedback and every first answer comes before its
+    session's feedback)."""
+
+    def __init__(self, h: WorldHousehold, **model_options) -> None:
+        self.h = h
+        self.keeper = ModelKeeper(None, lambda _account: "gmm", model_options=model_options)
+        n = h.n_sessions
+        self.X = h.features.astype(np.float64)   # as ModelKeeper.snapshot reads them
+        self.sessions = [StoredSession(f"s{i:05d}", h.household_id, str(h.device_id[i]), str(h.device_type[i]),
+                                       float(h.start_ts[i]), float(h.start_ts[i]), 1, float(h.watch_seconds[i]),
+                                       0, self.X[i], None, None, True) for i in range(n)]
+        self.labels: list[str | None] = [None] * n
+        self.envelope: Envelope | None = None
+        self.included = 0            # the last saved refresh's Step.included
+        self.drift: list[tuple[int, str]] = []   # (sessions so far, drift type) of every drift event stored
+        self.refits: list[tuple[int, str]] = []  # (sessions so far, reason) of every full refit
+
+    def _snapshot(self, b: int) -> Snapshot:
+        return Snapshot(self.sessions[:b], self.X[:b], self.labels[:b], self.h.start_ts[:b])
+
+    def _refresh(self, b: int, force: str = "") -> HouseholdModel:
+        step = self.keeper.advance(self.envelope, self._snapshot(b), "gmm", force=force)
+        if step.save:
+            self.envelope, self.included = step.envelope, step.included
+            self.drift += [(b, d.drift_type) for d in step.drift if d.drift_type != "composition"]
+            if step.refit:
+                self.refits.append((b, step.refit))
+        return step.envelope.model
+
+    def arrivals(self, batch: int = STREAM_BATCH):
+        """Per arrival: (first session, end, the model that answered it, its answers,
+        the composition events raised since the previous arrival)."""
+        events_seen = 0
+        for a in range(0, self.h.n_sessions, batch):
+            b = min(a + batch, self.h.n_sessions)
+            m = self._refresh(b)
+            out = m.assign_batch(self.X[a:b], device_ids=self.h.device_id[a:b])
+            yield a, b, m, out, m.composition_events[events_seen:]
+            events_seen = len(m.composition_events)
+
+    def record_labels(self, labels: list[str | None], b: int) -> None:
+        """Feedback reaches clustering as labels of the first ``b`` sessions
+        (RecordLabels -> ModelKeeper.refresh(force="labels"))."""
+        self.labels[:b] = labels[:b]
+        self._refresh(b, force="labels")
+
+    def settled(self, end: int | None = None):
+        """What the service has recorded for the first ``end`` sessions (all: None) now."""
+        end = self.h.n_sessions if end is None else end
+        return self.envelope.model.assign_batch(self.X[:end], device_ids=self.h.device_id[:end],
+                                                included=np.arange(end) < self.included)
+
+
 def stream_steps(h: WorldHousehold, batch: int = STREAM_BATCH, **kw):
-    """The time-ordered stream the service sees: sessions arrive ``batch`` at a time, are
-    folded in with ``HouseholdModel.update`` and answered at arrival. Yields, per
-    arrival, (first session, end, the model after the update, its answers, the
-    composition events that update raised) — the one loop behind ``hearth_stream`` and
+    """The time-ordered stream the service sees (ServiceStream: arrivals of ``batch``
+    sessions, each one refresh of the clustering service). Yields, per arrival, (first
+    session, end, the model that answered it, its answers, the composition events
+    since the previous arrival) — the one loop behind ``hearth_stream`` and
     bench/_confidence.stream_answers."""
-    m = HouseholdModel(**kw)
-    for a in range(0, h.n_sessions, batch):
-        b = min(a + batch, h.n_sessions)
-        before = len(m.composition_events)
-        m.update(h.features[a:b], device_ids=h.device_id[a:b])
-        out = m.assign_batch(h.features[a:b], device_ids=h.device_id[a:b])
-        yield a, b, m, out, m.composition_events[before:]
+    yield from ServiceStream(h, **kw).arrivals(batch)
 
 
 def columns(probs: list[dict[str, float]], names: list[str] | None = None) -> np.ndarray:
@@ -92,8 +169,8 @@ def hearth_stream(h: WorldHousehold, batch: int = STREAM_BATCH, settled: bool = 
     ids: list[str] = []
     probs: list[dict[str, float]] = []
     events: list[tuple[int, str]] = []
-    m, a = None, 0
-    for a, b, m, out, new_events in stream_steps(h, batch, **kw):
+    stream = ServiceStream(h, **kw)
+    for a, b, m, out, new_events in stream.arrivals(batch):
         events += [(b, ev["kind"]) for ev in new_events]
         for r in range(b - a):
             ids.append(out.person_ids[int(out.person_index[r])])
@@ -103,9 +180,9 @@ def hearth_stream(h: WorldHousehold, batch: int = STREAM_BATCH, settled: bool = 
     at_arrival = (np.array([col[i] for i in ids]), columns(probs, names), events)
     if not settled:
         return at_arrival
-    # the sessions folded in before the last arrival are answered as included ones (the
-    # "settled" confidence map), the last arrival's at arrival, as the keeper records them
-    final = m.assign_batch(h.features, device_ids=h.device_id, included=np.arange(h.n_sessions) < a)
+    # what the keeper has recorded once the stream ends: the sessions its last saved
+    # model had included before that save through the "settled" map, the rest at arrival
+    final = stream.settled()
     return (*at_arrival, (final.person_index, final.probabilities))
 
 
@@ -147,7 +224,8 @@ def hearth_stream_fed(h: WorldHousehold, fed: np.ndarray, batch: int = STREAM_BA
     probs: list[dict[str, float]] = []
     labels: list[str | None] = [None] * h.n_sessions
     id_of: dict[int, str] = {}
-    for a, b, m, out, _ in stream_steps(h, batch, **kw):
+    stream = ServiceStream(h, **kw)
+    for a, b, m, out, _ in stream.arrivals(batch):
         for r in range(b - a):
             ids.append(out.person_ids[int(out.person_index[r])])
             probs.append({pid: float(p) for pid, p in zip(out.person_ids, out.probabilities[r])})
@@ -161,12 +239,10 @@ def hearth_stream_fed(h: WorldHousehold, fed: np.ndarray, batch: int = STREAM_BA
                 # (a member the household has no id for: the caller names a fresh one)
                 id_of[true] = max(set(answered), key=answered.count) if answered else f"p{NEW_MEMBER_ID + true}"
             labels[i] = id_of[true]
-        # ModelKeeper.refresh(force="labels"): a label that is a person id keeps that id; a
-        # stream binds the labels to its persons, anything else (a young model fitted
-        # once, a cold start) is refitted in place (stream_steps folds the next arrival in)
-        m.bind_id_labels(labels[:b])
-        if not m.binds_labels:
-            m.fit(h.features[:b], labels=labels[:b], device_ids=h.device_id[:b])
+        # RecordLabels -> ModelKeeper.refresh(force="labels"): a stream binds the labels
+        # to its persons, anything else (a young model fitted once, a cold start) is
+        # refitted on every session so far with every label
+        stream.record_labels(labels, b)
     return columns(probs, sorted(set(ids) | {k for p in probs for k in p}))
 
 
@@ -455,10 +531,29 @@ def service_calibrator(P: np.ndarray, labels: np.ndarray, correct: np.ndarray, a
 
 def model_ages(hs: list[WorldHousehold], mode: str, batch: int = STREAM_BATCH) -> list[np.ndarray]:
     """Per session, the sessions the model had seen when it answered: every session of the
-    household in a batch fit; in a stream, every session up to its arrival batch."""
+    household in a batch fit; in a stream (ServiceStream), the sessions the keeper had
+    folded in when it first answered the session's arrival (stream_ages)."""
     if mode == "batch":
         return [np.full(h.n_sessions, h.n_sessions, dtype=np.int64) for h in hs]
-    return [np.minimum((np.arange(h.n_sessions) // batch + 1) * batch, h.n_sessions) for h in hs]
+    return [stream_ages(h.n_sessions, batch) for h in hs]
+
+
+def stream_ages(n: int, batch: int = STREAM_BATCH) -> np.ndarray:
+    """(n,) the model's sessions when each session's arrival was answered in a stream of
+    arrivals of ``batch``: the keeper folds an arrival in while the model is cold
+    (fewer than MIN_SESSIONS) and once MICRO_BATCH sessions wait, else answers it with
+    the model as it is (ModelKeeper.advance; a drift refit also includes every session,
+    so it does not change the age; tests/unit/clustering/test_service_stream.py checks
+    these ages against the stream's own models). A labels refit (feedback on a model
+    that does not bind labels) folds in early and is not followed here."""
+    ages = np.empty(n, dtype=np.int64)
+    included = 0
+    for a in range(0, n, batch):
+        b = min(a + batch, n)
+        if included < MIN_SESSIONS or b - included >= MICRO_BATCH:
+            included = b
+        ages[a:b] = included
+    return ages
 
 
 def gap_closed(acc: float, majority_acc: float, oracle_acc: float) -> float | None:

@@ -67,7 +67,7 @@ def _load(files: list[str]) -> list[tuple[str, tuple]]:
         for mode in ("batch", "stream"):
             probs = [r[mode] for r in rows]
             ages = [np.full(len(p), len(p)) if mode == "batch" else
-                    np.minimum((np.arange(len(p)) // E.STREAM_BATCH + 1) * E.STREAM_BATCH, len(p)) for p in persons]
+                    E.stream_ages(len(p)) for p in persons]
             out.append((f"{path}:{mode}", E.pooled_answers(persons, probs, ages)))
     return out
 

@@ -3,10 +3,13 @@
 ``python -m bench.stream_tuning [--households N] [--workers W] [--trace] [--no-birth]``
 streams the TUNING split's households (bench/worlds.py, seed 20260001; every household
 with a member joining or leaving, then stable ones up to N; ``--seed`` for extra
-TUNING-seed worlds) through ``_worlds_eval.stream_steps`` — the loop the accuracy bench
-uses — and prints on the last line a JSON object: streaming session accuracy,
-single-person kept, and join/leave detection within 30 sessions with false alarms per
-household-quarter (``_worlds_eval.composition_scores``), plus per-household traces.
+TUNING-seed worlds) through ``_worlds_eval.ServiceStream`` — the clustering service's own
+refresh decision, the loop the accuracy bench uses; ``--arrival`` sessions per refresh —
+and prints on the last line a JSON object: streaming session accuracy, single-person
+kept, join/leave detection within 30 sessions with false alarms per household-quarter
+(``_worlds_eval.composition_scores``), accuracy / ECE / size exact / singles kept at
+arrival and as recorded at the end (``settled``), how often the service's drift alarms
+and refits ran (``service_paths``), plus per-household traces.
 
 ``--trace`` also records, at every check of the persons, each person's posterior mass
 before and after every candidate change point (``TRACE_LOOKBACK`` sessions back, at
@@ -108,12 +111,15 @@ def _member_masses(m: model_module.HouseholdModel, h: worlds.WorldHousehold, b: 
                        "others_after": P[~mine & after].sum(axis=0).round(3).tolist()}}
 
 
-def _one(h: worlds.WorldHousehold, trace: bool = False) -> dict:
+def _one(h: worlds.WorldHousehold, trace: bool = False, arrival: int = E.STREAM_BATCH) -> dict:
     ids, events, checks = [], [], []
+    probs: list[dict[str, float]] = []
     arrival_persons: list[int] = []   # persons of the model that answered each session (0: cold start)
     _person_changes.clear()
-    for a, b, m, out, new_events in E.stream_steps(h):
+    stream = E.ServiceStream(h)
+    for a, b, m, out, new_events in stream.arrivals(arrival):
         events += [(b, ev["kind"]) for ev in new_events]
+        probs += [{pid: float(p) for pid, p in zip(out.person_ids, row)} for row in out.probabilities]
         arrival_persons += [0 if m.active_variant == "cold_start" else m.n_persons] * (b - a)
         if trace and m.mixture is not None and m.since_check == 0 and b >= 2 * model_module.MIN_SESSIONS:
             checks.append({"at": b, "persons": m.n_persons, "birth": m.birth_statistics,
@@ -121,8 +127,9 @@ def _one(h: worlds.WorldHousehold, trace: bool = False) -> dict:
                            **_member_masses(m, h, b)})
         m.birth_statistics = None
         ids += [out.person_ids[int(i)] for i in out.person_index]
-    names = {n: i for i, n in enumerate(sorted(set(ids)))}
+    names = {n: i for i, n in enumerate(sorted(set(ids) | {k for p in probs for k in p}))}
     labels = np.array([names[i] for i in ids])
+    settled = stream.settled()
     change = h.changes[0] if h.changes else None
     t = h.start_ts
     quarters = (t[-1] - t[E.WARMUP_SESSIONS]) / E.QUARTER_S if h.n_sessions > E.WARMUP_SESSIONS else 0.0
@@ -138,7 +145,12 @@ def _one(h: worlds.WorldHousehold, trace: bool = False) -> dict:
             "change": (change.kind, change.session_index) if change else None, "quarters": quarters,
             "correct": correct.tolist(), "accuracy": float(correct.mean()),
             "ids_used": int(np.unique(labels).size), "events": events, "checks": checks,
-            "person_changes": list(_person_changes), **extra}
+            "person_changes": list(_person_changes),
+            # the service's own paths: its drift alarms (sessions so far, type) and full
+            # refits (sessions so far, reason), and the answers for the summaries
+            "drift_alarms": stream.drift, "refits": stream.refits,
+            "_answers": (labels, E.columns(probs, sorted(names)), settled.person_index, settled.probabilities),
+            **extra}
 
 
 def select(hs: list[worlds.WorldHousehold], limit: int | None) -> list[worlds.WorldHousehold]:
@@ -396,6 +408,32 @@ def arrival_loss(outs: list[dict], hs: list[worlds.WorldHousehold]) -> dict | No
     return out
 
 
+def _summary(hs, preds, probs) -> dict:
+    s = E.summarise(hs, preds, probs)
+    return {k: round(s[k], 4) for k in ("session_accuracy", "ece", "mean_confidence", "household_size_exact",
+                                        "single_person_kept")}
+
+
+def service_paths(outs: list[dict], hs: list[worlds.WorldHousehold]) -> dict:
+    """How often the service's own paths ran: drift alarms (each refits the household)
+    per stable household-quarter from the warm-up on and within the detection window of
+    a change, and full refits by reason."""
+    stable = [o for o, h in zip(outs, hs) if not h.changes]
+    quarters = sum(o["quarters"] for o in stable)
+    alarms = sum(1 for o in stable for at, _ in o["drift_alarms"] if at > E.WARMUP_SESSIONS)
+    changed = [(o, h.changes[0]) for o, h in zip(outs, hs) if h.changes]
+    within = [any(c.session_index <= at <= c.session_index + E.DETECTION_WINDOW for at, _ in o["drift_alarms"])
+              for o, c in changed]
+    reasons: dict[str, int] = {}
+    for o in outs:
+        for _, r in o["refits"]:
+            reasons[r] = reasons.get(r, 0) + 1
+    return {"drift_alarms_per_stable_household_quarter": alarms / quarters if quarters else None,
+            "changes_with_a_drift_alarm_in_window": float(np.mean(within)) if within else None,
+            "households_with_a_drift_alarm": sum(bool(o["drift_alarms"]) for o in outs),
+            "refits": reasons}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--households", type=int, default=None,
@@ -403,6 +441,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=worlds.TUNING.seed,
                     help="TUNING-split seed (default the TUNING split; never the REPORTING seed)")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--arrival", type=int, default=E.STREAM_BATCH,
+                    help="sessions per arrival (one service refresh each)")
     ap.add_argument("--trace", action="store_true")
     ap.add_argument("--no-birth", action="store_true", help="the newcomer test computes but never adds a person")
     ap.add_argument("--no-new-device", action="store_true",
@@ -455,11 +495,13 @@ def main() -> None:
     if args.singles:
         hs = [h for h in hs if h.n_persons == 1]
     traces = [args.trace] * len(hs)
+    arrivals = [args.arrival] * len(hs)
     if args.workers > 1:
         with ProcessPoolExecutor(args.workers) as pool:
-            outs = list(pool.map(_one, hs, traces, chunksize=1))
+            outs = list(pool.map(_one, hs, traces, arrivals, chunksize=1))
     else:
-        outs = [_one(h, t) for h, t in zip(hs, traces)]
+        outs = [_one(h, t, r) for h, t, r in zip(hs, traces, arrivals)]
+    answers = [o.pop("_answers") for o in outs]
     scores = E.composition_scores(hs, [o["events"] for o in outs])
     correct = np.concatenate([o["correct"] for o in outs])
     single = [o["ids_used"] == 1 for o in outs if o["persons"] == 1]
@@ -469,6 +511,12 @@ def main() -> None:
                       "single_person_kept": float(np.mean(single)) if single else None,
                       "singles_split": [o["id"] for o in outs if o["persons"] == 1 and o["ids_used"] > 1],
                       "composition_change": scores,
+                      "arrival": args.arrival,
+                      # at arrival and as recorded at the stream's end (settled): accuracy,
+                      # ECE, size exact, singles kept (_worlds_eval.summarise)
+                      "at_arrival": _summary(hs, [x[0] for x in answers], [x[1] for x in answers]),
+                      "settled": _summary(hs, [x[2] for x in answers], [x[3] for x in answers]),
+                      "service_paths": service_paths(outs, hs),
                       "households_detail": [{k: v for k, v in o.items() if k != "correct"} for o in outs],
                       "elapsed_s": round(time.time() - t0, 1)})
     if args.out:

@@ -52,6 +52,23 @@ CAS_ATTEMPTS = 8
 
 
 @dataclass
+class Step:
+    """What one refresh does (ModelKeeper.advance): ``envelope`` is the model to store
+    (``save``) or, unchanged, the current one; the persons of sessions from
+    ``answer_from`` on are (re-)recorded with it, those before ``included`` through the
+    "settled" map (sessions the model had included before this refresh), the others at
+    arrival; ``drift``: the drift events to store; ``refit``: the reason of a full refit
+    ("" when none; "drift" for a drift alarm's)."""
+
+    envelope: Envelope
+    save: bool
+    answer_from: int
+    included: int
+    drift: list[DriftRow]
+    refit: str
+
+
+@dataclass
 class Snapshot:
     """The household's closed sessions as the model sees them."""
 
@@ -74,8 +91,11 @@ class Snapshot:
 class ModelKeeper:
     def __init__(self, store: ClusteringStore, variant_of: Callable[[str], str],
                  population_prior: PopulationPrior | None = None, cold_start: str = "population_prior",
-                 seed: int = 0, gmm_fault_prefix: str = "") -> None:
+                 seed: int = 0, gmm_fault_prefix: str = "", model_options: dict | None = None) -> None:
         self.store = store
+        # Further HouseholdModel arguments of every new model (the benchmarks' raw,
+        # uncalibrated answers: {"calibrated": False}); the service passes none.
+        self.model_options = model_options or {}
         # Fault injection (HEARTH_FAULT_GMM_NUMERICAL): households whose id starts with
         # this prefix get a GMM fit that fails numerically; "" = off.
         self.gmm_fault_prefix = gmm_fault_prefix
@@ -127,7 +147,7 @@ class ModelKeeper:
 
     def new_model(self, variant: str) -> HouseholdModel:
         return HouseholdModel(variant, cold_start=self.cold_start, population_prior=self.population_prior,
-                              seed=self.seed)
+                              seed=self.seed, **self.model_options)
 
     def fit(self, snap: Snapshot, base: HouseholdModel | None, variant: str, account_id: str = "") -> Envelope:
         """Full fit on every closed session. Starting from ``base`` keeps person ids
@@ -162,65 +182,84 @@ class ModelKeeper:
             if upgraded and current is not None and not force:
                 force = "feature_schema"
             snap = self.snapshot(account_id)
-            if not snap.sessions and current is None:
+            step = self.advance(current, snap, self.variant_of(account_id), force=force, retire=retire,
+                                account_id=account_id)
+            if step is None:
                 return version, None
-            variant = self.variant_of(account_id)
-            drift: list[DriftRow] = []
-            sessions_kept = current is not None and current.first_session_id == snap.first_id \
-                and current.included <= len(snap.sessions) and current.model.variant == variant
-            if force == "labels" and sessions_kept and current.model.binds_labels:
-                # A stream is not refitted for feedback (HouseholdModel.binds_labels):
-                # the labels bind to its persons; its drift reference and the sessions
-                # still to fold in stay as they were.
-                model = _private_copy(current.model)
-                model.reserve_label_ids(snap.labels)
-                envelope = Envelope(model, current.included, current.reference_end, current.drift_checked,
-                                    current.first_session_id, current.last_refit)
-                answered_before = current.included
-            elif not sessions_kept or force:
-                reason = force or ("new" if current is None else "sessions_changed"
-                                   if current.model.variant == variant else "variant_changed")
-                base = _private_copy(current.model) if current else None
-                if retire:
-                    base = base or self.new_model(variant)
-                    base.retire_person(retire)
-                envelope = self.fit(snap, base, variant, account_id)
-                REFITS.labels(reason).inc()
-                answered_before = len(snap.sessions)   # a full fit includes every session
-            else:
-                new = len(snap.sessions) - current.included
-                cold = current.model.n_sessions < MIN_SESSIONS
-                if new <= 0:
-                    return version, current
-                if new < MICRO_BATCH and not cold:
-                    # Not enough to fold into the model yet, but the new sessions get
-                    # their persons now (the current model assigns them).
-                    self._record_persons(account_id, snap, current, start=current.included)
-                    return version, current
-                sessions_before = current.model.n_sessions
-                answered_before = current.included   # the rest arrive now
-                envelope = self._update(current, snap)
-                drift = self._check_drift(envelope, snap)
-                drift += _composition_rows(envelope.model, sessions_before, snap)
-                if any(d.refit_triggered and d.drift_type != "composition" for d in drift):
-                    persons_before = tuple(envelope.model.person_ids)
-                    envelope = self.fit(snap, envelope.model, variant, account_id)
-                    REFITS.labels("drift").inc()
-                    DRIFT_REFITS.labels("persons_unchanged" if tuple(envelope.model.person_ids) == persons_before
-                                        else "persons_changed").inc()
+            if not step.save:
+                self._record_persons(account_id, snap, step.envelope, start=step.answer_from)
+                return version, current
             try:
-                new_version = self.store.save_model(account_id, version, envelope.model.active_variant,
-                                                    envelope.to_bytes())
+                new_version = self.store.save_model(account_id, version, step.envelope.model.active_variant,
+                                                    step.envelope.to_bytes())
             except Conflict:
                 continue  # another replica updated it: redo on top of theirs
-            for row in drift:
+            for row in step.drift:
                 self.store.add_drift_event(account_id, row)
                 DRIFT_EVENTS.labels(row.drift_type).inc()
             with self._lock:
-                self._decoded[account_id] = (new_version, envelope)
-            self._record_persons(account_id, snap, envelope, included=answered_before)
-            return new_version, envelope
+                self._decoded[account_id] = (new_version, step.envelope)
+            self._record_persons(account_id, snap, step.envelope, included=step.included)
+            return new_version, step.envelope
         raise Conflict(f"household model of {account_id!r} kept changing; try again", "account_id")
+
+    def advance(self, current: Envelope | None, snap: Snapshot, variant: str, *, force: str = "",
+                retire: str = "", account_id: str = "") -> Step | None:
+        """What one refresh does to the household's model, without the store: given the
+        stored envelope (None: no model yet) and the closed sessions, the envelope to
+        store and which answers to record (Step); None when there is nothing to model.
+        Why apart from ``refresh``: the streaming benchmark (bench/_worlds_eval.
+        stream_steps) calls this same decision on world households, so every stream
+        figure is the service's path (micro-batches, answers of smaller arrivals with
+        the current model, drift-alarm refits, feedback binding or refitting) and not
+        a second copy of it that could drift apart from it."""
+        if not snap.sessions and current is None:
+            return None
+        drift: list[DriftRow] = []
+        sessions_kept = current is not None and current.first_session_id == snap.first_id \
+            and current.included <= len(snap.sessions) and current.model.variant == variant
+        if force == "labels" and sessions_kept and current.model.binds_labels:
+            # A stream is not refitted for feedback (HouseholdModel.binds_labels):
+            # the labels bind to its persons; its drift reference and the sessions
+            # still to fold in stay as they were.
+            model = _private_copy(current.model)
+            model.reserve_label_ids(snap.labels)
+            envelope = Envelope(model, current.included, current.reference_end, current.drift_checked,
+                                current.first_session_id, current.last_refit)
+            return Step(envelope, True, 0, current.included, [], "")
+        if not sessions_kept or force:
+            reason = force or ("new" if current is None else "sessions_changed"
+                               if current.model.variant == variant else "variant_changed")
+            base = _private_copy(current.model) if current else None
+            if retire:
+                base = base or self.new_model(variant)
+                base.retire_person(retire)
+            envelope = self.fit(snap, base, variant, account_id)
+            REFITS.labels(reason).inc()
+            # a full fit includes every session
+            return Step(envelope, True, 0, len(snap.sessions), [], reason)
+        new = len(snap.sessions) - current.included
+        cold = current.model.n_sessions < MIN_SESSIONS
+        if new <= 0:
+            return Step(current, False, len(snap.sessions), 0, [], "")
+        if new < MICRO_BATCH and not cold:
+            # Not enough to fold into the model yet, but the new sessions get their
+            # persons now (the current model assigns them, at arrival).
+            return Step(current, False, current.included, 0, [], "")
+        sessions_before = current.model.n_sessions
+        envelope = self._update(current, snap)
+        drift = self._check_drift(envelope, snap)
+        drift += _composition_rows(envelope.model, sessions_before, snap)
+        refit = ""
+        if any(d.refit_triggered and d.drift_type != "composition" for d in drift):
+            persons_before = tuple(envelope.model.person_ids)
+            envelope = self.fit(snap, envelope.model, variant, account_id)
+            REFITS.labels("drift").inc()
+            DRIFT_REFITS.labels("persons_unchanged" if tuple(envelope.model.person_ids) == persons_before
+                                else "persons_changed").inc()
+            refit = "drift"
+        # the sessions before this update were included; the rest arrive now
+        return Step(envelope, True, 0, current.included, drift, refit)
 
     def _update(self, current: Envelope, snap: Snapshot) -> Envelope:
         lo = current.included

@@ -8,7 +8,7 @@ import numpy as np
 
 from bench import _confidence as C
 from bench import worlds as W
-from bench._worlds_eval import hearth_stream, stream_steps
+from bench._worlds_eval import ServiceStream, hearth_stream, stream_ages, stream_steps
 from bench.accuracy import fit_device_confidence, fit_household_shift
 from services.clustering.domain.model import (DEVICE_CONFIDENCE_MAPS, HOUSEHOLD_EVIDENCE, MIN_SESSIONS,
                                               ONE_PERSON_CONFIDENCE, ONE_PERSON_EVIDENCE, household_evidence)
@@ -25,8 +25,8 @@ def test_the_raw_stream_answers_are_the_scored_streams_answers():
     # the maps change how sure an answer is, never who it is: the same person per session
     np.testing.assert_array_equal(raw.pred, labels)
     np.testing.assert_array_equal(raw.P > 0, P > 0)
-    # answered at arrival: the model's age is the sessions folded in so far
-    assert raw.age[0] == C.STREAM_BATCH and raw.age[-1] == h.n_sessions
+    # answered at arrival: the model's age is the sessions the service had folded in
+    np.testing.assert_array_equal(raw.age, stream_ages(h.n_sessions))
     # the first full fit is at MIN_SESSIONS; the stream's model is "streamed" once more
     # sessions were folded in after it than it had
     assert not raw.streamed[(raw.age >= MIN_SESSIONS) & (raw.age <= 2 * MIN_SESSIONS)].any()
@@ -138,13 +138,17 @@ def test_the_settled_answers_are_the_last_model_on_the_sessions_it_had_included(
     end = ans.checkpoint == 1.0
     _, _, _, (settled, _) = hearth_stream(h, settled=True)
     np.testing.assert_array_equal(ans.pred[end], settled)   # the same persons as the scored view
-    last_arrival = (h.n_sessions - 1) // C.STREAM_BATCH * C.STREAM_BATCH
-    np.testing.assert_array_equal(ans.included[end], np.arange(h.n_sessions) < last_arrival)
-    assert (ans.age[end] == h.n_sessions).all()
+    stream = ServiceStream(h)
+    for *_, in stream.arrivals():
+        pass
+    # the keeper's last save folded in a micro-batch: the sessions before it were included
+    assert 0 < stream.included < h.n_sessions
+    np.testing.assert_array_equal(ans.included[end], np.arange(h.n_sessions) < stream.included)
+    assert (ans.age[end] == stream.envelope.model.n_sessions).all()
     # earlier in the stream: a younger model answering the sessions it had seen so far
     half = ans.checkpoint == 0.5
-    assert 0 < half.sum() < h.n_sessions and (ans.age[half] == half.sum()).all()
-    assert ans.included[half].sum() == half.sum() - C.STREAM_BATCH
+    assert 0 < half.sum() < h.n_sessions and (ans.age[half] == stream_ages(h.n_sessions)[half.sum() - 1]).all()
+    assert 0 < ans.included[half].sum() < ans.age[half][0]
 
 
 def _one_person_answers(n: int = 200) -> list[dict]:
