@@ -83,7 +83,7 @@ def _finish(h: WorldHousehold, P: np.ndarray, age, kind, device, devices, groups
 
 def batch_answers(h: WorldHousehold) -> RawAnswers:
     m = HouseholdModel(calibrated=False).fit(h.features, device_ids=h.device_id)
-    out = m.assign_batch(h.features, device_ids=h.device_id)
+    out = m.assign_batch(h.features, device_ids=h.device_id, included=True)
     kind, device = _meta(m, out, list(h.device_id))
     n = h.n_sessions
     return _finish(h, out.probabilities, np.full(n, m.n_sessions), np.full(n, kind), np.full(n, device),

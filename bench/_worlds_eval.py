@@ -54,7 +54,7 @@ QUARTER_S = 91 * 86_400.0
 
 def hearth_batch(h: WorldHousehold, **kw):
     m = HouseholdModel(**kw).fit(h.features, device_ids=h.device_id)
-    b = m.assign_batch(h.features, device_ids=h.device_id)
+    b = m.assign_batch(h.features, device_ids=h.device_id, included=True)   # every session is in the fit
     return b.person_index, b.probabilities
 
 
@@ -95,6 +95,7 @@ class ServiceStream:
         self.labels: list[str | None] = [None] * n
         self.envelope: Envelope | None = None
         self.included = 0            # the last saved refresh's Step.included
+        self._included_now = 0       # the last refresh's
         self.drift: list[tuple[int, str]] = []   # (sessions so far, drift type) of every drift event stored
         self.refits: list[tuple[int, str]] = []  # (sessions so far, reason) of every full refit
 
@@ -103,6 +104,7 @@ class ServiceStream:
 
     def _refresh(self, b: int, force: str = "") -> HouseholdModel:
         step = self.keeper.advance(self.envelope, self._snapshot(b), "gmm", force=force)
+        self._included_now = step.included
         if step.save:
             self.envelope, self.included = step.envelope, step.included
             self.drift += [(b, d.drift_type) for d in step.drift if d.drift_type != "composition"]
@@ -110,14 +112,21 @@ class ServiceStream:
                 self.refits.append((b, step.refit))
         return step.envelope.model
 
-    def arrivals(self, batch: int = STREAM_BATCH):
+    def arrivals(self, batch: int = STREAM_BATCH, first: int = 0):
         """Per arrival: (first session, end, the model that answered it, its answers,
-        the composition events raised since the previous arrival)."""
+        the composition events raised since the previous arrival). ``first`` > 0: the
+        first arrival is that many sessions (a household imported with its history, then
+        followed; its first full fit is the drift reference)."""
         events_seen = 0
-        for a in range(0, self.h.n_sessions, batch):
-            b = min(a + batch, self.h.n_sessions)
+        n = self.h.n_sessions
+        starts = [0, *range(first, n, batch)] if 0 < first < n else range(0, n, batch)
+        for i, a in enumerate(starts):
+            b = min(starts[i + 1] if i + 1 < len(starts) else a + batch, n)
             m = self._refresh(b)
-            out = m.assign_batch(self.X[a:b], device_ids=self.h.device_id[a:b])
+            # the keeper records the arrival with the sessions its model includes (a
+            # full fit's, e.g. an import's) through the "settled" map, the rest at arrival
+            out = m.assign_batch(self.X[a:b], device_ids=self.h.device_id[a:b],
+                                 included=np.arange(a, b) < self._included_now)
             yield a, b, m, out, m.composition_events[events_seen:]
             events_seen = len(m.composition_events)
 
@@ -198,7 +207,7 @@ def hearth_batch_fed(h: WorldHousehold, fed: np.ndarray, **kw) -> np.ndarray:
     reached clustering: the household refitted with their true persons as labels
     (feedback -> forward_label -> RecordLabels -> a full refit with every label)."""
     m = HouseholdModel(**kw).fit(h.features, labels=feedback_labels(h, fed), device_ids=h.device_id)
-    return m.assign_batch(h.features, device_ids=h.device_id).probabilities
+    return m.assign_batch(h.features, device_ids=h.device_id, included=True).probabilities
 
 
 NEW_MEMBER_ID = 1000   # hearth_stream_fed: a labelled member without an id gets p1000 + member

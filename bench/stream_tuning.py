@@ -111,13 +111,13 @@ def _member_masses(m: model_module.HouseholdModel, h: worlds.WorldHousehold, b: 
                        "others_after": P[~mine & after].sum(axis=0).round(3).tolist()}}
 
 
-def _one(h: worlds.WorldHousehold, trace: bool = False, arrival: int = E.STREAM_BATCH) -> dict:
+def _one(h: worlds.WorldHousehold, trace: bool = False, arrival: int = E.STREAM_BATCH, first: int = 0) -> dict:
     ids, events, checks = [], [], []
     probs: list[dict[str, float]] = []
     arrival_persons: list[int] = []   # persons of the model that answered each session (0: cold start)
     _person_changes.clear()
     stream = E.ServiceStream(h)
-    for a, b, m, out, new_events in stream.arrivals(arrival):
+    for a, b, m, out, new_events in stream.arrivals(arrival, first):
         events += [(b, ev["kind"]) for ev in new_events]
         probs += [{pid: float(p) for pid, p in zip(out.person_ids, row)} for row in out.probabilities]
         arrival_persons += [0 if m.active_variant == "cold_start" else m.n_persons] * (b - a)
@@ -443,6 +443,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--arrival", type=int, default=E.STREAM_BATCH,
                     help="sessions per arrival (one service refresh each)")
+    ap.add_argument("--import-first", type=int, default=0,
+                    help="the first arrival is this many sessions (a household imported with its history)")
     ap.add_argument("--trace", action="store_true")
     ap.add_argument("--no-birth", action="store_true", help="the newcomer test computes but never adds a person")
     ap.add_argument("--no-new-device", action="store_true",
@@ -496,11 +498,12 @@ def main() -> None:
         hs = [h for h in hs if h.n_persons == 1]
     traces = [args.trace] * len(hs)
     arrivals = [args.arrival] * len(hs)
+    firsts = [args.import_first] * len(hs)
     if args.workers > 1:
         with ProcessPoolExecutor(args.workers) as pool:
-            outs = list(pool.map(_one, hs, traces, arrivals, chunksize=1))
+            outs = list(pool.map(_one, hs, traces, arrivals, firsts, chunksize=1))
     else:
-        outs = [_one(h, t, r) for h, t, r in zip(hs, traces, arrivals)]
+        outs = [_one(h, t, r, f) for h, t, r, f in zip(hs, traces, arrivals, firsts)]
     answers = [o.pop("_answers") for o in outs]
     scores = E.composition_scores(hs, [o["events"] for o in outs])
     correct = np.concatenate([o["correct"] for o in outs])
@@ -511,7 +514,7 @@ def main() -> None:
                       "single_person_kept": float(np.mean(single)) if single else None,
                       "singles_split": [o["id"] for o in outs if o["persons"] == 1 and o["ids_used"] > 1],
                       "composition_change": scores,
-                      "arrival": args.arrival,
+                      "arrival": args.arrival, "import_first": args.import_first,
                       # at arrival and as recorded at the stream's end (settled): accuracy,
                       # ECE, size exact, singles kept (_worlds_eval.summarise)
                       "at_arrival": _summary(hs, [x[0] for x in answers], [x[1] for x in answers]),

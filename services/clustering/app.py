@@ -238,10 +238,11 @@ class ClusteringApp:
                      record_persons: bool = False, stored: StoredSession | None = None) -> list[AssignmentOut]:
         """``stored``: the one stored session X is (AssignSession by id): if the model
         already includes it, it is answered as the keeper re-records it (the "settled"
-        confidence map), not as a new arrival."""
+        confidence map of a stream, the "fitted" one of a model fitted at once), not as
+        a new arrival."""
         X = self._check_vectors(X)
         version, envelope = self._model(account_id)
-        included = bool(stored is not None and stored.closed and envelope.model.streamed
+        included = bool(stored is not None and stored.closed
                         and self.store.closed_session_count(account_id, before=stored) < envelope.included)
         batch = envelope.model.assign_batch(X, device_ids=device_ids, included=included)
         answers, records = self._answer(account_id, version, envelope.model, batch, session_ids, device_ids,

@@ -69,12 +69,20 @@ def test_included_sessions_are_stored_and_answered_through_the_settled_map(datab
     # AssignSession by id: an included session is answered as stored
     assert app.assign("acc-s", session_id=old.session_id).confidence == pytest.approx(flat_maps["settled"])
     # one more day (less than a micro-batch): stored and answered, not yet included
-    late = household_events("acc-s", ("kid", "parent", "teen"), days=1, start_ts=T0 + 41 * 86400, seed=4)[0]
+    assert_one_more_day_is_answered_at_arrival(app, store, "acc-s", envelope.included, flat_maps["streamed"])
+
+
+def assert_one_more_day_is_answered_at_arrival(app: ClusteringApp, store: ClusteringStore, account: str,
+                                               included: int, at_arrival: float) -> dict[str, float]:
+    """One more day of the household's events (fewer sessions than a micro-batch): its
+    sessions are stored and answered through the at-arrival map, not folded in. Returns
+    the stored probabilities (GetHousehold)."""
+    late = household_events(account, ("kid", "parent", "teen"), days=1, start_ts=T0 + 41 * 86400, seed=4)[0]
     store.ingest(late)
-    _, after = app.keeper.refresh("acc-s")
-    pending = store.closed_sessions("acc-s")[after.included:]
-    assert after.included == envelope.included and pending
-    view, _ = app.household("acc-s", 1000)
-    np.testing.assert_allclose([view.person_probability[s.session_id] for s in pending], flat_maps["streamed"],
-                               atol=1e-6)
-    assert app.assign("acc-s", session_id=pending[0].session_id).confidence == pytest.approx(flat_maps["streamed"])
+    _, after = app.keeper.refresh(account)
+    pending = store.closed_sessions(account)[after.included:]
+    assert after.included == included and pending
+    view, _ = app.household(account, 1000)
+    np.testing.assert_allclose([view.person_probability[s.session_id] for s in pending], at_arrival, atol=1e-6)
+    assert app.assign(account, session_id=pending[0].session_id).confidence == pytest.approx(at_arrival)
+    return view.person_probability

@@ -65,14 +65,19 @@ def test_a_fit_on_every_session_and_a_stream_answer_through_their_own_maps(monke
     X, dev = _two_people_with_phones_and_a_tv()
     fitted = HouseholdModel().fit(X, device_ids=dev)
     assert fitted.n_persons == 2 and fitted.folded_in == 0
-    np.testing.assert_allclose(fitted.assign_batch(X, device_ids=dev).confidence, values["fitted"])
+    np.testing.assert_allclose(fitted.assign_batch(X, device_ids=dev, included=True).confidence, values["fitted"])
+    # a session the fit did not include is answered at arrival (session 12)
+    np.testing.assert_allclose(fitted.assign_batch(X, device_ids=dev).confidence, values["streamed"])
 
     # a household imported at once and then followed: a few sessions folded into the
-    # fit do not make it a stream's model; once the stream outweighs the import they do
+    # fit do not make it a stream's model (the sessions it includes keep the fitted
+    # map); once the stream outweighs the import they do
     streamed = HouseholdModel().fit(X[:80], device_ids=dev[:80])
     streamed.update(X[80:90], device_ids=dev[80:90])
     assert streamed.folded_in == 10 and not streamed.streamed
-    np.testing.assert_allclose(streamed.assign_batch(X, device_ids=dev).confidence, values["fitted"])
+    mixed = streamed.assign_batch(X, device_ids=dev, included=np.arange(X.shape[0]) < 90).confidence
+    np.testing.assert_allclose(mixed[:90], values["fitted"])
+    np.testing.assert_allclose(mixed[90:], values["streamed"])
     for a in range(90, X.shape[0], 5):
         streamed.update(X[a:a + 5], device_ids=dev[a:a + 5])
     assert streamed.folded_in == X.shape[0] - 80 > 80 and streamed.streamed and streamed.n_persons == 2
@@ -84,7 +89,7 @@ def test_a_fit_on_every_session_and_a_stream_answer_through_their_own_maps(monke
     # a full refit makes it a fitted model again
     streamed.fit(X, device_ids=dev)
     assert streamed.folded_in == 0 and not streamed.streamed
-    np.testing.assert_allclose(streamed.assign_batch(X, device_ids=dev).confidence, values["fitted"])
+    np.testing.assert_allclose(streamed.assign_batch(X, device_ids=dev, included=True).confidence, values["fitted"])
 
 
 def test_how_the_model_came_about_survives_its_bytes():
@@ -187,9 +192,13 @@ def test_a_household_whose_persons_have_their_own_devices_moves_the_maps_answer(
     X, dev = _two_people_with_phones_and_a_tv()
     m = M.HouseholdModel().fit(X, device_ids=dev)
     assert m.n_persons == 2 and m.device_group_count == 2 and not m.streamed
-    np.testing.assert_allclose(m.assign_batch(X, device_ids=dev).confidence, expected("fitted", 1.0, 2), rtol=1e-6)
+    np.testing.assert_allclose(m.assign_batch(X, device_ids=dev, included=True).confidence,
+                               expected("fitted", 1.0, 2), rtol=1e-6)
     m.device_group_count = 1    # one person of two backed by a phone
-    np.testing.assert_allclose(m.assign_batch(X, device_ids=dev).confidence, expected("fitted", 0.5, 2), rtol=1e-6)
+    np.testing.assert_allclose(m.assign_batch(X, device_ids=dev, included=True).confidence,
+                               expected("fitted", 0.5, 2), rtol=1e-6)
+    # at arrival (sessions the fit did not include): the at-arrival map, shifted as its own
+    np.testing.assert_allclose(m.assign_batch(X, device_ids=dev).confidence, expected("streamed", 0.5, 2), rtol=1e-6)
 
     s = M.HouseholdModel().fit(X[:40], device_ids=dev[:40])
     for a in range(40, X.shape[0], 5):

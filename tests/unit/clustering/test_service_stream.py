@@ -45,3 +45,21 @@ def test_the_stream_keeps_the_keepers_envelope_and_its_first_fit():
     # a stream followed from its first session has a reference of 2 * MIN_SESSIONS:
     # below MIN_DRIFT_REFERENCE, so its drift detector never runs (docs/clustering.md)
     assert env.reference_end == 2 * MIN_SESSIONS < MIN_DRIFT_REFERENCE and stream.drift == []
+
+
+def test_a_mature_fitted_model_answers_sessions_it_does_not_include_at_arrival():
+    h = W.generate(W.TUNING, families=("mobile_first",), worlds_per_family=1, households_per_world=3)[1]
+    from services.clustering.domain.model import HouseholdModel
+    m = HouseholdModel().fit(h.features, device_ids=h.device_id)
+    assert not m.streamed and m.n_sessions >= 60 and m.n_persons > 1
+    inside = m.assign_batch(h.features, device_ids=h.device_id, included=True)
+    arriving = m.assign_batch(h.features, device_ids=h.device_id)
+    raw = HouseholdModel(calibrated=False).fit(h.features, device_ids=h.device_id).assign_batch(
+        h.features, device_ids=h.device_id)
+    multi = raw.probabilities.max(axis=1) < 1
+    # the same persons; the confidence of the two maps ("fitted" vs the at-arrival "streamed")
+    np.testing.assert_array_equal(inside.person_index, arriving.person_index)
+    assert not np.allclose(inside.confidence[multi], arriving.confidence[multi])
+    mixed = m.assign_batch(h.features, device_ids=h.device_id, included=np.arange(h.n_sessions) < 20)
+    np.testing.assert_allclose(mixed.confidence[:20], inside.confidence[:20])
+    np.testing.assert_allclose(mixed.confidence[20:], arriving.confidence[20:])
