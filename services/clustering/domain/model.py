@@ -610,6 +610,10 @@ class HouseholdModel:
         self.fallback = False
         self.fallback_count = 0
         self.label_map: dict[str, str] = {}
+        # Ids reserve_label_ids reserved for persons a stream lacks: {id: {"keys": the
+        # labelled sessions' keys, "after": the first id number handed out after}}; a
+        # person the stream later finds on those sessions takes the id (_adopt_reserved_ids).
+        self.reserved_keys: dict[str, dict] = {}
         self.cold_X = np.zeros((0, F.FEATURE_DIM))
         self.cold_slots = np.zeros(0, dtype=np.int64)
         self.cold_labels: list[str | None] = []  # labels of cold_X's sessions (feedback before the first fit)
@@ -729,6 +733,7 @@ class HouseholdModel:
         # session carries any more, e.g. after an erasure, leaves the model (unlearning).
         present = {lab for lab in labels if lab is not None} if labels else set()
         self.label_map = {k: v for k, v in self.label_map.items() if k in present}
+        self.reserved_keys = {}   # a full fit gives labelled persons their ids itself (_match_ids)
         if n < MIN_SESSIONS:
             self.cold_X = X.copy()
             self.cold_slots = slots.copy()
@@ -804,6 +809,55 @@ class HouseholdModel:
         self.bind_id_labels(labels)
         for label in sorted({lab for lab in labels or () if lab and lab not in self.label_map}):
             self.label_map[label] = self._new_id()
+        # The labelled sessions of each reserved person, by key: a stream's session keys
+        # are its positions (the first fit numbers them 0.., update continues), which is
+        # how the keeper's labels are aligned.
+        for pid in self.reserved_person_ids():
+            keys = [i for i, lab in enumerate(labels or ()) if lab and self.label_map.get(lab) == pid]
+            entry = self.reserved_keys.setdefault(pid, {"after": self.next_person})
+            entry["keys"] = keys
+
+    def _adopt_reserved_ids(self) -> None:
+        """A person the stream found on its own (born after the label reserved an id)
+        who holds most of that id's labelled sessions in the buffer takes the reserved
+        id. Why: the stream's newcomer test names a member it finds with a fresh id, and
+        the member the caller had already named then showed under two ids — the label's
+        on the labelled sessions, the fresh one on the rest — until a full refit, which a
+        stream may never get. A person named by a label, or there before the label, is
+        never renamed."""
+        if not self.reserved_keys or self.mixture is None or not self.buffer_keys.size:
+            return
+        row_of = {int(k): i for i, k in enumerate(self.buffer_keys)}
+        owner = None
+        named = set(self.label_map.values())
+        for pid in sorted(self.reserved_keys):
+            entry = self.reserved_keys[pid]
+            if pid not in self.reserved_person_ids():
+                del self.reserved_keys[pid]   # fitted, retired or no longer labelled
+                continue
+            rows = [row_of[k] for k in entry.get("keys", []) if k in row_of]
+            if not rows:
+                continue
+            if owner is None:
+                owner = self.mixture.log_joint(self._buffer_X()).argmax(axis=1)
+            held = np.bincount(owner[rows], minlength=len(self.person_ids))
+            j = int(held.argmax())
+            found = self.person_ids[j]
+            if (2 * held[j] > len(rows) and found not in named and PERSON_ID.fullmatch(found)
+                    and int(found[1:]) >= int(entry["after"])):
+                self._rename_person(found, pid)
+                named.add(pid)
+                del self.reserved_keys[pid]
+
+    def _rename_person(self, old: str, new: str) -> None:
+        self.person_ids = [new if p == old else p for p in self.person_ids]
+        for ids in (self.joined, self.inactive):
+            if old in ids:
+                ids.discard(old)
+                ids.add(new)
+        for event in self.composition_events:
+            event["born"] = [new if p == old else p for p in event.get("born", [])]
+            event["gone"] = [new if p == old else p for p in event.get("gone", [])]
 
 
     def _device_groups(self, Xa: np.ndarray, min_z: float = 0.0) -> np.ndarray:
@@ -1154,6 +1208,7 @@ class HouseholdModel:
                     if self.mixture.n_components == persons:
                         self._newcomer_on_new_device()
                     self._detect_composition()
+                    self._adopt_reserved_ids()
             except MixtureNumericalError:
                 # Incremental step failed: k-means on the new sessions with as many
                 # persons as before answers until the service refits on all sessions.
@@ -1890,6 +1945,7 @@ class HouseholdModel:
             "device_evidence": self.device_evidence, "device_group_count": self.device_group_count,
             "since_refit": self.since_refit, "fit_sessions": self.fit_sessions,
             "inactive": sorted(self.inactive), "joined": sorted(self.joined),
+            "reserved_keys": self.reserved_keys,
         }
         meta["cold_labels"] = self.cold_labels
         arrays: dict[str, np.ndarray] = {"cold_X": self.cold_X, "cold_slots": self.cold_slots,
@@ -1945,6 +2001,7 @@ class HouseholdModel:
         m.composition_events = list(meta.get("composition_events", []))
         m.inactive = set(meta.get("inactive", []))
         m.joined = set(meta.get("joined", []))
+        m.reserved_keys = dict(meta.get("reserved_keys", {}))
         if "buffer" in z:
             m.buffer, m.buffer_keys = z["buffer"], z["buffer_keys"]
         if "stats" in z:

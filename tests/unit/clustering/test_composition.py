@@ -342,3 +342,36 @@ def test_the_arrival_loss_puts_each_session_in_one_class_and_the_losses_sum_to_t
     total = sum(loss[c]["loss"] for c in ("cold", "late", "enough"))
     assert abs(total - (loss["batch_acc"] - loss["arrival_acc"])) < 1e-9
 
+
+
+def test_a_member_the_caller_named_keeps_that_id_when_the_stream_finds_them():
+    """The newcomer household above; feedback names the newcomer ("grandpa") on their
+    second session, before the stream has found them: the id reserved for the name is
+    the id the stream's newcomer gets (HouseholdModel._adopt_reserved_ids), not a fresh
+    one beside it; the phone owners keep theirs."""
+    rng = np.random.default_rng(41)
+    parts = [(*persona_sessions(rng, 90, 100, 20, "mobile", {"comedy": 2, "drama": 1}), "phone-a", 0),
+             (*persona_sessions(rng, 30, 100, 20, "tv", {"comedy": 2, "drama": 1}), "tv", 0),
+             (*persona_sessions(rng, 90, 100, 23, "mobile", {"horror": 2, "scifi": 1}), "phone-b", 1),
+             (*persona_sessions(rng, 45, 40, 10, "tv", {"documentary": 2, "news": 1}, start_day=60), "tv", 2)]
+    _, X, dev, person = household(parts)
+    second_new = int(np.flatnonzero(person == 2)[1])
+    labels: list[str | None] = [None] * X.shape[0]
+    labels[second_new] = "grandpa"
+    m, reserved, persons_then = HouseholdModel(), None, None
+    for a in range(0, X.shape[0], 5):
+        m.update(X[a:a + 5], device_ids=dev[a:a + 5])
+        if reserved is None and a + 5 > second_new:
+            persons_then = list(m.person_ids)
+            m.reserve_label_ids(labels[:a + 5])       # what the keeper does for a stream's feedback
+            reserved = m.label_map["grandpa"]
+            assert reserved not in m.person_ids
+        if reserved is not None:                       # serialised between arrivals, as stored
+            m = HouseholdModel.from_bytes(m.to_bytes())
+    joins = [e for e in m.composition_events if e["kind"] == "join"]
+    assert len(joins) == 1 and joins[0]["born"] == [reserved] and reserved in m.person_ids
+    assert set(persons_then) <= set(m.person_ids)     # nobody there before was renamed
+    later = np.arange(X.shape[0]) > second_new + 30
+    ids = np.array(m.assign_batch(X, device_ids=dev).person())
+    assert np.mean(ids[later & (person == 2)] == reserved) > 0.8
+    assert m.reserved_keys == {}
