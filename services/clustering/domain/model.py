@@ -239,9 +239,12 @@ SINGLE_PERSON_CONFIDENCE = 0.8467
 
 # The same for households whose sessions carry device ids (device evidence first,
 # persons.py): fitted on the TUNING worlds only — each session's answer from a batch fit
-# and at its arrival in a time-ordered stream — by `python -m bench.accuracy
+# and at its arrival in the service's stream — by `python -m bench.accuracy
 # --calibrate-confidence --device-maps-only` (bench/_confidence.py gives the raw answers
-# and what the service knows when it answers). Bare vectors (no device ids: Hearth's own
+# and what the service knows when it answers), on the first 12 TUNING worlds (288
+# households, bench.accuracy.CONFIDENCE_FIT_WORLDS; worlds 0-3 until session 12: on fresh
+# TUNING worlds a fit on 12 worlds beat one on 4 in every mode, docs/benchmarks.md
+# "Confidence on worlds nobody has seen"). Bare vectors (no device ids: Hearth's own
 # simulator, AssignSessions with vectors) keep the map above. The counts are in
 # docs/clustering.md, "Confidence".
 #
@@ -277,10 +280,10 @@ SINGLE_PERSON_CONFIDENCE = 0.8467
 # stream 0.061 -> 0.070; docs/clustering.md, "Confidence".)
 YOUNG_MODEL_SESSIONS = 60
 DEVICE_CONFIDENCE_MAPS: dict[str, tuple[list[float], list[float]]] = {
-    "fitted": ([0.3252, 0.359, 0.3927, 0.4264, 0.4602, 0.4939, 0.5277, 0.5614, 0.5951, 0.6289, 0.6626, 0.6964, 0.7301, 0.7638, 0.7976, 0.8313, 0.865, 0.8988, 0.9325, 0.9663, 1.0], [0.0, 0.34, 0.34, 0.3657, 0.4308, 0.4377, 0.4798, 0.5885, 0.6, 0.6182, 0.657, 0.657, 0.6991, 0.6991, 0.7778, 0.8022, 0.8273, 0.8464, 0.9032, 0.9427, 0.9427]),
-    "streamed": ([0.2939, 0.3293, 0.3646, 0.3999, 0.4352, 0.4705, 0.5058, 0.5411, 0.5764, 0.6117, 0.647, 0.6823, 0.7176, 0.7529, 0.7882, 0.8235, 0.8588, 0.8941, 0.9294, 0.9647, 1.0], [0.2195, 0.2195, 0.2195, 0.2195, 0.3289, 0.3289, 0.4937, 0.4937, 0.4937, 0.5088, 0.5979, 0.5979, 0.6136, 0.6701, 0.6996, 0.6996, 0.7586, 0.7788, 0.8043, 0.8697, 0.8744]),
-    "settled": ([0.2815, 0.3174, 0.3533, 0.3892, 0.4252, 0.4611, 0.497, 0.533, 0.5689, 0.6048, 0.6407, 0.6767, 0.7126, 0.7485, 0.7844, 0.8204, 0.8563, 0.8922, 0.9281, 0.9641, 1.0], [0.0, 0.25, 0.3333, 0.3833, 0.4517, 0.4517, 0.5615, 0.5615, 0.5822, 0.5822, 0.5822, 0.6478, 0.6478, 0.6852, 0.7098, 0.7605, 0.7821, 0.8049, 0.8462, 0.9059, 0.9061]),
-    "young": ([0.4798, 0.5318, 0.5839, 0.6359, 0.6879, 0.7399, 0.7919, 0.8439, 0.896, 0.948, 1.0], [0.2, 0.4714, 0.4714, 0.4714, 0.5261, 0.6071, 0.6502, 0.6502, 0.6502, 0.6667, 0.8216]),
+    "fitted": ([0.2566, 0.2938, 0.3309, 0.3681, 0.4053, 0.4425, 0.4796, 0.5168, 0.554, 0.5911, 0.6283, 0.6655, 0.7026, 0.7398, 0.777, 0.8142, 0.8513, 0.8885, 0.9257, 0.9628, 1.0], [0.0, 0.2, 0.3582, 0.3674, 0.3674, 0.4172, 0.4617, 0.5129, 0.5835, 0.5835, 0.6045, 0.6504, 0.6504, 0.7032, 0.7513, 0.7927, 0.8205, 0.8508, 0.8889, 0.922, 0.922]),
+    "streamed": ([0.243, 0.2809, 0.3187, 0.3566, 0.3944, 0.4323, 0.4701, 0.508, 0.5458, 0.5837, 0.6215, 0.6594, 0.6972, 0.7351, 0.7729, 0.8108, 0.8486, 0.8865, 0.9243, 0.9622, 1.0], [0.0, 0.1304, 0.1304, 0.342, 0.342, 0.3933, 0.4286, 0.4713, 0.4713, 0.5417, 0.5714, 0.5831, 0.6488, 0.6539, 0.7045, 0.725, 0.7582, 0.7792, 0.8266, 0.8405, 0.8405]),
+    "settled": ([0.2456, 0.2833, 0.321, 0.3587, 0.3964, 0.4342, 0.4719, 0.5096, 0.5473, 0.5851, 0.6228, 0.6605, 0.6982, 0.7359, 0.7737, 0.8114, 0.8491, 0.8868, 0.9246, 0.9623, 1.0], [0.0, 0.0, 0.2564, 0.345, 0.4118, 0.4188, 0.4192, 0.4806, 0.493, 0.5431, 0.575, 0.5923, 0.6367, 0.6642, 0.7055, 0.7285, 0.7797, 0.7986, 0.8315, 0.8718, 0.8718]),
+    "young": ([0.3475, 0.4127, 0.478, 0.5432, 0.6085, 0.6737, 0.739, 0.8042, 0.8695, 0.9347, 1.0], [0.0, 0.08, 0.08, 0.461, 0.461, 0.5882, 0.6213, 0.6213, 0.6596, 0.7708, 0.8342]),
 }
 # A one-person answer's confidence: how likely "the only person the model knows" is right,
 # from the evidence the model has for one person, as a logistic regression per group
@@ -297,13 +300,13 @@ DEVICE_CONFIDENCE_MAPS: dict[str, tuple[list[float], list[float]]] = {
 ONE_PERSON_EVIDENCE = ("log_sessions", "devices")
 ONE_PERSON_MAX_DEVICES = 6                          # more devices: judged as 6
 # Sessions seen (log) outside the range the fit saw are judged at its edge: TUNING's
-# one-person answers come from models of 5-137 sessions, and a slope fitted there says
+# one-person answers come from models of 1-249 sessions, and a slope fitted there says
 # nothing about a model of thousands (the streamed one would fall toward 0).
-ONE_PERSON_LOG_SESSIONS = (1.6094, 4.92)
+ONE_PERSON_LOG_SESSIONS = (0.0, 5.5175)
 ONE_PERSON_CONFIDENCE: dict[str, tuple[float, tuple[float, ...]]] = {
-    "fitted": (2.6549, (-0.1621, -0.488)),
-    "young": (1.2657, (0.1273, -0.4393)),
-    "mature": (5.1251, (-1.0123, -0.2409)),
+    "fitted": (1.8919, (0.0006, -0.4765)),
+    "young": (0.9605, (0.1331, -0.3646)),
+    "mature": (2.1335, (-0.299, -0.2516)),
 }
 
 
@@ -328,10 +331,10 @@ ONE_PERSON_CONFIDENCE: dict[str, tuple[float, tuple[float, ...]]] = {
 HOUSEHOLD_EVIDENCE = ("device_group_share", "persons")
 HOUSEHOLD_MAX_PERSONS = 6                           # more persons: judged as 6
 DEVICE_CONFIDENCE_SHIFT: dict[str, tuple[float, tuple[float, ...]]] = {
-    "fitted": (-0.9712, (1.2682, 0.0256)),
-    "streamed": (-1.2263, (0.9378, 0.1816)),
-    "settled": (-1.2058, (1.1017, 0.129)),
-    "young": (0.5305, (0.5706, -0.3919)),
+    "fitted": (-1.3099, (1.0359, 0.2161)),
+    "streamed": (-1.2899, (0.9996, 0.1981)),
+    "settled": (-1.0913, (1.106, 0.125)),
+    "young": (-0.3094, (0.7545, -0.0924)),
 }
 
 
