@@ -120,3 +120,26 @@ def test_a_label_naming_a_person_the_stream_lacks_shows_at_once_and_keeps_its_id
     assert refitted[by_id.session_id] == "p42" and refitted[by_name.session_id] == grandma
     listed = [p["person_id"] for p in extras.persons]
     assert listed.count("p42") == 1 and listed.count(grandma) == 1 and extras.n_persons == len(listed)
+
+
+def test_erasing_a_person_only_a_label_named_takes_their_session_and_their_id(database):
+    from services.common.erasure import ErasureScope
+    app = _app(database)
+    _stream(app, "acc-e", range(30), seed=7)
+    before, _ = app.household("acc-e", 1000)
+    named = before.sessions[-2]
+    assert app.record_labels([("acc-e", named.session_id, "p42", "feedback:profile_corrected")]) == (1, 0)
+    assert {s.session_id: s.person_id for s in app.household("acc-e", 1000)[0].sessions}[named.session_id] == "p42"
+    outcome = app.erase(ErasureScope("acc-e", "person", person_id="p42"))
+    assert outcome.deleted_counts["sessions"] == 1                       # only the session the label named
+    after, extras = app.household("acc-e", 1000)
+    assert named.session_id not in {s.session_id for s in after.sessions}
+    assert len(after.sessions) == len(before.sessions) - 1
+    assert "p42" not in {p["person_id"] for p in extras.persons} | {s.person_id for s in after.sessions}
+    _, envelope = app.keeper.load("acc-e")
+    assert "p42" in envelope.model.retired and envelope.model.reserved_person_ids() == []
+    # the id never comes back: a later label naming it is a name, given a new id
+    other = after.sessions[-1]
+    app.record_labels([("acc-e", other.session_id, "p42", "feedback:profile_corrected")])
+    shown = {s.session_id: s.person_id for s in app.household("acc-e", 1000)[0].sessions}[other.session_id]
+    assert shown != "p42" and shown.startswith("p")
