@@ -143,3 +143,22 @@ def test_erasing_a_person_only_a_label_named_takes_their_session_and_their_id(da
     app.record_labels([("acc-e", other.session_id, "p42", "feedback:profile_corrected")])
     shown = {s.session_id: s.person_id for s in app.household("acc-e", 1000)[0].sessions}[other.session_id]
     assert shown != "p42" and shown.startswith("p")
+
+
+def test_a_volunteered_label_is_marked_for_the_fit(database):
+    """RecordLabels' source ending in ":unprompted" (feedback forwards a volunteered
+    correction so) reaches the fit as ``volunteered`` (HouseholdModel._labels_add_persons
+    then lets it name a person without sizing it); other labels are not marked."""
+    from services.common.predictions import feedback_label_source
+    app = _app(database)
+    events, _ = household_events("acc-u", PERSONS, days=20, start_ts=T0, seed=8)
+    app.store.ingest(events)
+    app.keeper.refresh("acc-u")
+    sessions = app.store.closed_sessions("acc-u")
+    assert app.keeper.snapshot("acc-u").volunteered is None
+    app.record_labels([("acc-u", sessions[3].session_id, "p42", feedback_label_source("profile_corrected", True)),
+                       ("acc-u", sessions[5].session_id, "p1", feedback_label_source("profile_confirmed", False))])
+    snap = app.keeper.snapshot("acc-u")
+    assert np.flatnonzero(snap.volunteered).tolist() == [3] and snap.labels[3] == "p42" and snap.labels[5] == "p1"
+    _, envelope = app.keeper.load("acc-u")
+    assert "p42" in envelope.model.person_ids          # fitted at once: the label refits it, naming p42
