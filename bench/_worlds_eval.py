@@ -136,6 +136,11 @@ class ServiceStream:
         self.labels[:b] = labels[:b]
         self._refresh(b, force="labels")
 
+    def refit(self, b: int, reason: str) -> None:
+        """A Refit request (the feedback service's household trigger) on the first ``b``
+        sessions: ModelKeeper.refresh(force=reason), a full refit with every label."""
+        self._refresh(b, force=reason)
+
     def settled(self, end: int | None = None):
         """What the service has recorded for the first ``end`` sessions (all: None) now."""
         end = self.h.n_sessions if end is None else end
@@ -228,11 +233,18 @@ def hearth_stream_fed(h: WorldHousehold, fed: np.ndarray, batch: int = STREAM_BA
     with now (cold-start persons included; taken the first time they are labelled, one
     id per member); a member with no id of their own yet gets a fresh id (a person the
     model has not met; an id, as feedback forwards only ids: a name and an id could both
-    stand for one person, which the model does not expect)."""
+    stand for one person, which the model does not expect).
+
+    The feedback service's household disagreement trigger runs on the same feedback
+    (services/feedback/domain/triggers.disagreement_triggers: 3 of the last 5 wrong,
+    since its last trigger) and its Refit refits the household in full (``ServiceStream.
+    refit``), as in the mesh."""
+    from services.feedback.domain.triggers import disagreement_triggers
     ids: list[str] = []
     probs: list[dict[str, float]] = []
     labels: list[str | None] = [None] * h.n_sessions
     id_of: dict[int, str] = {}
+    verdicts: list[bool] = []   # feedback since the last disagreement trigger: was the answer right?
     stream = ServiceStream(h, **kw)
     for a, b, m, out, _ in stream.arrivals(batch):
         for r in range(b - a):
@@ -252,6 +264,12 @@ def hearth_stream_fed(h: WorldHousehold, fed: np.ndarray, batch: int = STREAM_BA
         # to its persons, anything else (a young model fitted once, a cold start) is
         # refitted on every session so far with every label
         stream.record_labels(labels, b)
+        # the feedback service's household trigger on the same feedback (k of the last n
+        # said the answer was wrong, counted since its last trigger) asks for a Refit
+        verdicts += [ids[i] == labels[i] for i in np.flatnonzero(fed[a:b]) + a]
+        if disagreement_triggers([h.household_id] * len(verdicts), verdicts, np.arange(len(verdicts))):
+            stream.refit(b, "disagreement")
+            verdicts = []
     return columns(probs, sorted(set(ids) | {k for p in probs for k in p}))
 
 

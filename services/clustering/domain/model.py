@@ -716,9 +716,13 @@ class HouseholdModel:
 
     def fit(self, X: np.ndarray, labels: Sequence[str | None] | None = None,
             keys: np.ndarray | None = None, device_ids: Sequence[str] | None = None, *,
-            inject_gmm_failure: bool = False, group_min_z: float = 0.0) -> HouseholdModel:
+            inject_gmm_failure: bool = False, group_min_z: float = 0.0,
+            volunteered: np.ndarray | None = None) -> HouseholdModel:
         """Full refit on all of the household's sessions (ids stay stable).
         ``device_ids`` (one per session, optional) lets the model use device identity.
+        ``volunteered`` (one bool per session, optional): labels the user gave without
+        being asked (feedback's ``unprompted``), which name persons but say nothing of
+        their size (_labels_add_persons).
         ``inject_gmm_failure``: the GMM fit raises ``MixtureNumericalError`` as a real
         numerical failure would (fault injection, HEARTH_FAULT_GMM_NUMERICAL), so the
         k-means fallback can be exercised end to end. ``group_min_z``: the device
@@ -751,7 +755,7 @@ class HouseholdModel:
             try:
                 if inject_gmm_failure:
                     raise MixtureNumericalError("injected numerical failure (fault injection)")
-                self._fit_gmm(Xa, labels, label_names, keys, group_min_z=group_min_z)
+                self._fit_gmm(Xa, labels, label_names, keys, group_min_z=group_min_z, volunteered=volunteered)
                 self.kmeans = None
                 self.fallback = False
             except MixtureNumericalError:
@@ -904,9 +908,9 @@ class HouseholdModel:
         return self.bic_penalty
 
     def _fit_gmm(self, X: np.ndarray, labels: list[str | None] | None, label_names: list[str],
-                 keys: np.ndarray, group_min_z: float = 0.0) -> None:
+                 keys: np.ndarray, group_min_z: float = 0.0, volunteered: np.ndarray | None = None) -> None:
         if label_names:
-            self._fit_labelled(X, labels, label_names, keys, group_min_z)
+            self._fit_labelled(X, labels, label_names, keys, group_min_z, volunteered)
             return
         # Device evidence first: the sessions of each personal-device group are one
         # person (clamped); shared-device sessions are explained by EM, and persons
@@ -974,7 +978,7 @@ class HouseholdModel:
         return best[1]
 
     def _fit_labelled(self, X: np.ndarray, labels: list[str | None], label_names: list[str],
-                      keys: np.ndarray, group_min_z: float) -> None:
+                      keys: np.ndarray, group_min_z: float, volunteered: np.ndarray | None = None) -> None:
         """Feedback labels (the true person of a few sessions). Component j < L is
         label_names[j]. With device ids the labels name the persons of the unlabelled,
         device-first fit instead of refitting around them. Why: the clamped EM search
@@ -989,7 +993,7 @@ class HouseholdModel:
         if self._device_ids_known(X):
             self._fit_gmm(X, None, [], keys, group_min_z=group_min_z)
             assert self.mixture is not None
-            self.mixture = self._labels_name_persons(X, self.mixture, clamp, keys)
+            self.mixture = self._labels_name_persons(X, self.mixture, clamp, keys, volunteered)
         else:
             # Bare vectors (no device ids): the clamped search is what labels add there
             # (the existing simulator, 5 % labelled: 0.954 / 0.960 / 0.860 by difficulty,
@@ -1004,7 +1008,7 @@ class HouseholdModel:
         self._reset_buffer(X, keys)
 
     def _labels_name_persons(self, X: np.ndarray, free: Mixture, clamp: np.ndarray,
-                             keys: np.ndarray) -> Mixture:
+                             keys: np.ndarray, volunteered: np.ndarray | None = None) -> Mixture:
         """``free`` with its persons reordered so that person j < L is label j: each label
         takes the person holding most of its sessions, one person per label (nothing is
         refitted; a labelled session is answered as its label wherever the service
@@ -1015,7 +1019,7 @@ class HouseholdModel:
         pred = free.predict_proba(X).argmax(axis=1)
         rows, cols = _persons_of_groups(pred, clamp, k)
         if L > k:
-            return self._labels_add_persons(X, free, clamp, keys, pred, rows, cols)
+            return self._labels_add_persons(X, free, clamp, keys, pred, rows, cols, volunteered)
         order = [int(c) for _, c in sorted(zip(rows, cols))]
         perm = order + [c for c in range(k) if c not in order]
         named = Mixture(free.family, free.stats[perm].copy())
@@ -1024,7 +1028,8 @@ class HouseholdModel:
         return named
 
     def _labels_add_persons(self, X: np.ndarray, free: Mixture, clamp: np.ndarray, keys: np.ndarray,
-                            pred: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> Mixture:
+                            pred: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+                            volunteered: np.ndarray | None = None) -> Mixture:
         """The labels name more persons than ``free`` found: each of the fit's persons is
         named after the label holding most of its sessions (``rows``, ``cols``), and each
         label left over becomes a person split off the fit's person holding most of its
@@ -1042,7 +1047,13 @@ class HouseholdModel:
         labels add a person: their other sessions 0.624 right without feedback, 0.563
         with it). Starting from the fit, with the new person's size taken from its
         labels and few iterations, it takes the sessions like its labels and leaves the
-        rest as the fit had them (0.634; docs/benchmarks.md, session 11)."""
+        rest as the fit had them (0.634; docs/benchmarks.md, session 11).
+
+        The share is read from the labels on a random sample only: ``volunteered``
+        labels (a "not me" the user gave unasked) exist because the answer was wrong
+        and over-state how much of the parent is someone else — a person named only by
+        them starts with its labelled sessions (share 0) and the EM iterations let it
+        take what resembles them (lead, session 12)."""
         L = int(clamp.max()) + 1
         n, k = X.shape[0], free.n_components
         R = free.ledger_resp
@@ -1055,9 +1066,13 @@ class HouseholdModel:
         labelled = clamp >= 0
         held = np.zeros((L, k))              # labelled sessions per label and fit person
         np.add.at(held, (clamp[labelled], pred[labelled]), 1.0)
+        sampled = labelled if volunteered is None else labelled & ~np.asarray(volunteered, dtype=bool)
+        held_sampled = np.zeros((L, k))      # ... of the labels on a random sample
+        np.add.at(held_sampled, (clamp[sampled], pred[sampled]), 1.0)
         for j in sorted(set(range(L)) - set(label_of.tolist())):
             parent = int(held[j].argmax())
-            share = held[j, parent] / held[:, parent].sum()
+            sampled_there = held_sampled[:, parent].sum()
+            share = held_sampled[j, parent] / sampled_there if sampled_there else 0.0
             resp[:, j] += share * R[:, parent]
             resp[:, label_of[parent]] -= share * R[:, parent]
         resp[labelled] = 0.0

@@ -71,3 +71,23 @@ def test_the_benchmark_reports_the_whole_loop_as_ece_after_and_the_calibrator_be
     loop = E.run(hs, periodic_baseline=False, feedback_mesh_draws=1)["all"]["after_feedback"]["batch"]
     assert loop["ece_after"] == loop["mesh"]["mesh"] and loop["mesh"]["draws"] == 1
     assert loop["ece_after_calibrator_only"] == alone["ece_after"]
+
+
+def test_the_fed_stream_runs_the_feedback_services_disagreement_refit(monkeypatch):
+    """Wrong answers the feedback confirms (3 of the last 5) make the feedback service ask
+    clustering for a Refit, as in the mesh: the fed stream refits the household then."""
+    hs = W.generate(W.TUNING, worlds_per_family=1, households_per_world=3)
+    fed = E.feedback_draws(hs, 1)
+    i = next(i for i, h in enumerate(hs) if h.household_id == "mobi0h2")
+    calls = []
+    refit = E.ServiceStream.refit
+    monkeypatch.setattr(E.ServiceStream, "refit", lambda self, b, reason: calls.append((b, reason)) or
+                        refit(self, b, reason))
+    with_trigger = E.hearth_stream_fed(hs[i], fed[i][0])
+    assert calls and all(reason == "disagreement" for _, reason in calls)
+    monkeypatch.setattr(E.ServiceStream, "refit", lambda self, b, reason: None)
+    without = E.hearth_stream_fed(hs[i], fed[i][0])
+    first = calls[0][0]
+    # the answers before the first refit are the same; after it they are the refitted model's
+    np.testing.assert_allclose(with_trigger[:first, :without.shape[1]][:, :1], without[:first, :1])
+    assert with_trigger.shape != without.shape or not np.allclose(with_trigger[first:], without[first:])
