@@ -140,8 +140,9 @@ class ServiceStream:
         self._refresh(b, force="labels")
 
     def refit(self, b: int, reason: str) -> None:
-        """A Refit request (the feedback service's household trigger) on the first ``b``
-        sessions: ModelKeeper.refresh(force=reason), a full refit with every label."""
+        """A Refit request (e.g. the feedback service's household trigger) on the first
+        ``b`` sessions: ModelKeeper.refresh(force=reason) — a full refit with every
+        label, except a feedback trigger's on a stream, which binds its labels."""
         self._refresh(b, force=reason)
 
     def settled(self, end: int | None = None):
@@ -242,6 +243,7 @@ def hearth_stream_fed(h: WorldHousehold, fed: np.ndarray, batch: int = STREAM_BA
     (services/feedback/domain/triggers.disagreement_triggers: 3 of the last 5 wrong,
     since its last trigger) and its Refit refits the household in full (``ServiceStream.
     refit``), as in the mesh."""
+    from services.common.refit_reasons import feedback_trigger_reason
     from services.feedback.domain.triggers import disagreement_triggers
     ids: list[str] = []
     probs: list[dict[str, float]] = []
@@ -271,7 +273,7 @@ def hearth_stream_fed(h: WorldHousehold, fed: np.ndarray, batch: int = STREAM_BA
         # said the answer was wrong, counted since its last trigger) asks for a Refit
         verdicts += [ids[i] == labels[i] for i in np.flatnonzero(fed[a:b]) + a]
         if disagreement_triggers([h.household_id] * len(verdicts), verdicts, np.arange(len(verdicts))):
-            stream.refit(b, "disagreement")
+            stream.refit(b, feedback_trigger_reason(0, ": disagreement"))
             verdicts = []
     return columns(probs, sorted(set(ids) | {k for p in probs for k in p}))
 
