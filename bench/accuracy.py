@@ -10,7 +10,8 @@ households of bench/worlds_blind.py, a second generator written without reading 
 model (seed BLIND_SEED, report only, never tuned on; ``--blind-only`` runs it alone;
 ``--no-worlds`` leaves it out too). ``--calibrate-confidence`` fits the
 model's confidence maps: for bare vectors (TUNING worlds + simulator seeds 500) and for
-sessions with device ids (TUNING worlds only, batch and stream pooled).
+sessions with device ids (TUNING worlds ``--fit-worlds``, default CONFIDENCE_FIT_WORLDS,
+batch and stream pooled; ``--fresh-worlds`` also scores the fit on fresh TUNING worlds).
 
 Seeds: evaluation households use seeds 1000+ (never used for tuning); the temperature
 and the drift thresholds shipped in the code were calibrated with ``--calibrate`` on
@@ -350,8 +351,47 @@ def calibrate_confidence(quick: bool) -> dict:
             "single_person_households": len(single)}
 
 
+# The TUNING worlds (of each family, 8 households each) the device maps are fitted on,
+# and the fresh TUNING-seed worlds ``--fresh-worlds`` scores them on by default. The
+# first 12 worlds (288 households) since session 12: on fresh TUNING worlds a fit on 12
+# world indices beat one on 4 in every mode (24 paired draws of fit and fresh worlds; 16
+# worlds added nothing), docs/benchmarks.md "Confidence on worlds nobody has seen".
+# bench.feedback_tuning and bench.settled_feedback take their fresh worlds from 12 on.
+CONFIDENCE_FIT_WORLDS = tuple(range(12))
+CONFIDENCE_FRESH_WORLDS = tuple(range(12, 24))
+CONFIDENCE_HOUSEHOLDS_PER_WORLD = 8
+
+
+def world_indices(spec: str) -> tuple[int, ...]:
+    """World indices from "a:b" ranges and single numbers, comma separated ("0:4,12:20")."""
+    out: list[int] = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        lo, sep, hi = part.partition(":")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f"world indices {spec!r}: want ranges a:b or numbers, comma separated")
+        out += range(int(lo), int(hi)) if sep else [int(lo)]
+    if not out or len(set(out)) != len(out):
+        raise ValueError(f"world indices {spec!r}: empty or repeated")
+    return tuple(out)
+
+
+def tuning_answers(world_ids: tuple[int, ...], households_per_world: int) -> tuple[list, list[dict]]:
+    """The TUNING households of those worlds and their raw answers (bench/_confidence.py,
+    settled answers included), two processes."""
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
+    from bench._confidence import household_answers
+    hs = worlds.generate(worlds.TUNING, households_per_world=households_per_world, world_indices=world_ids)
+    with ProcessPoolExecutor(max(1, min(2, os.cpu_count() or 1))) as pool:
+        return hs, list(pool.map(partial(household_answers, settled=True), hs))
+
+
 def calibrate_device_confidence(quick: bool, leave_one_world_out: bool = False,
-                                leave_one_family_out: bool = False) -> dict:
+                                leave_one_family_out: bool = False,
+                                fit_worlds: tuple[int, ...] = CONFIDENCE_FIT_WORLDS,
+                                fresh_worlds: tuple[int, ...] | None = None,
+                                households_per_world: int = CONFIDENCE_HOUSEHOLDS_PER_WORLD) -> dict:
     """The device-evidence confidence maps of model.py, fitted on the TUNING worlds only
     (sessions with device ids): each session's uncalibrated answer from a batch fit and
     at its arrival in a time-ordered stream (bench/_confidence.py, the way the service
@@ -366,70 +406,121 @@ def calibrate_device_confidence(quick: bool, leave_one_world_out: bool = False,
       cold-start answers; streamed and mature): a logistic regression of "the answer is
       right" on the answer's one-person evidence (model.ONE_PERSON_EVIDENCE), L2 with
       ONE_PERSON_C (scikit-learn's C).
-    Printed in the form model.py holds them."""
-    from concurrent.futures import ProcessPoolExecutor
-    from functools import partial
-
-    from bench._confidence import household_answers
-    # 96 households (every TUNING world, 8 households each): with 48 the maps of the
-    # fitted-at-once and streamed answers apart each rested on too few households
-    # (leave-one-world-out: a map fitted on 72 households beats one on 24).
-    hs = worlds.generate(worlds.TUNING, worlds_per_family=1 if quick else 4,
-                         households_per_world=4 if quick else 8)
-    with ProcessPoolExecutor(max(1, min(2, os.cpu_count() or 1))) as pool:
-        answers = list(pool.map(partial(household_answers, settled=True), hs))
-    out = {"households": len(hs), **fit_device_confidence(answers)}
+    Printed in the form model.py holds them. ``fresh_worlds``: also the fit scored on
+    those TUNING worlds (never fitted on), pooled and per family, and leave-one-family-out
+    on them (fitted on two families of ``fit_worlds``, scored on the third's fresh worlds:
+    neither the family nor the world seen, as an outside evaluator's households are)."""
+    if quick:
+        fit_worlds, households_per_world = fit_worlds[:1], 4
+    t0 = time.time()
+    hs, answers = tuning_answers(fit_worlds, households_per_world)
+    out = {"households": len(hs), "fit_worlds": list(fit_worlds), **fit_device_confidence(answers),
+           "answers_s": round(time.time() - t0, 1)}
+    log(f"{len(hs)} households of TUNING worlds {list(fit_worlds)} answered in {out['answers_s']} s")
+    families = [h.family for h in hs]
     if leave_one_world_out:   # every family's w-th world held out together
         out["leave_one_world_out"] = score_held_out([h.world_id.rsplit("-w", 1)[1] for h in hs], answers,
-                                                    "leave-one-world-out", [h.family for h in hs])
+                                                    "leave-one-world-out", families)
     if leave_one_family_out:  # a family the fit has never seen, as REPORTING's and blind's are
-        out["leave_one_family_out"] = score_held_out([h.family for h in hs], answers, "leave-one-family-out",
-                                                     [h.family for h in hs])
+        out["leave_one_family_out"] = score_held_out(families, answers, "leave-one-family-out", families)
+    if fresh_worlds:
+        if set(fresh_worlds) & set(fit_worlds):
+            raise ValueError(f"fresh worlds {sorted(set(fresh_worlds) & set(fit_worlds))} are fitted on")
+        fresh_hs, fresh = tuning_answers(fresh_worlds, households_per_world)
+        fresh_families = [h.family for h in fresh_hs]
+        out["fresh_worlds"] = {"worlds": list(fresh_worlds), "households": len(fresh_hs),
+                               **score_fresh(answers, fresh, fresh_families, "fresh worlds")}
+        out["fresh_worlds_leave_one_family_out"] = score_held_out(
+            families, answers, "fresh worlds, leave-one-family-out", families, fresh=fresh,
+            fresh_folds=fresh_families, fresh_families=fresh_families)
     return out
 
 
-def score_held_out(folds: list[str], answers: list[dict], name: str, families: list[str]) -> dict:
-    """How the fit does on households it has not seen: per fold (a world index, a
-    family), the maps and one-person fit on the other folds, scored on the held-out
-    households' answers (the maps' top-label value moved by its device-group shift and
-    floored at 1 / persons, as calibrate_confidence does; answers the maps leave alone
-    kept raw). ECE of every answer per mode and per family, ECE / Brier of the one-person
-    answers, and per mode the correlation over households of confidence − accuracy (their
-    multi-person answers) with their HOUSEHOLD_EVIDENCE: what the shift has left."""
-    from bench._clustering_eval import ece
+def held_out_confidence(fit: dict, a, settled_mode: bool) -> tuple[np.ndarray, np.ndarray]:
+    """What a fit (fit_device_confidence's dict) answers for one household's raw answers
+    ``a`` (bench._confidence.RawAnswers of one mode; ``settled_mode``: the settled
+    answers, whose included sessions go through the "settled" map): (confidence of each
+    answer, which answers are one-person ones). The maps' top-label value moved by its
+    device-group shift and floored at 1 / persons, as model.calibrate_confidence does;
+    one-person answers from their group's evidence; answers the maps leave alone raw."""
     from bench._confidence import COLD_ONE, MIXTURE
     from services.clustering.domain import model as M
+    lo, hi = fit["one_person_log_sessions"]
+    settled = a.included if settled_mode else np.zeros(a.P.shape[0], dtype=bool)
+    conf = a.P.max(axis=1).copy()
+    live = (a.P > 0).sum(axis=1)
+    young, cold = a.age < YOUNG_MODEL_SESSIONS, a.kind == COLD_ONE
+    one = a.device & (((a.kind == MIXTURE) & (live <= 1)) | cold)
+    multi = a.device & (a.kind == MIXTURE) & (live > 1)
+    names = np.array([M.device_map_name(bool(y), bool(s), bool(t)) for y, s, t in zip(young, a.streamed, settled)])
+    for map_name, (xs, ys) in fit["device_confidence_maps"].items():
+        rows = multi & (names == map_name)
+        value = M.shifted_confidence(np.interp(conf[rows], xs, ys), M.household_shift(
+            a.groups[rows], live[rows], fit["device_confidence_shift"][map_name]))
+        conf[rows] = np.maximum(value, 1.0 / live[rows])
+    groups = np.array([M.one_person_group(bool(y or c), bool(s or c)) for y, s, c in zip(young, a.streamed, cold)])
+    for group, (intercept, coef) in fit["one_person_confidence"].items():
+        rows = one & (groups == group)
+        x = np.column_stack((np.clip(a.evidence[rows, 0], lo, hi), a.evidence[rows, 1:]))
+        conf[rows] = 1.0 / (1.0 + np.exp(-(intercept + x @ np.asarray(coef))))
+    return conf, one
+
+
+def _score_with(fit: dict, answers: list[dict], families, scored: dict, gaps: dict) -> None:
+    """Append each household's answers through ``fit`` to ``scored`` / ``gaps`` (per mode)."""
+    from bench._confidence import MIXTURE
+    from services.clustering.domain import model as M
+    for ans, family in zip(answers, families):
+        for mode in scored:
+            a = ans[mode]
+            conf, one = held_out_confidence(fit, a, mode == "settled")
+            at = a.checkpoint if a.checkpoint is not None else np.full(a.P.shape[0], np.nan)
+            scored[mode].append((conf, a.correct, one, at, np.full(conf.size, family)))
+            live = (a.P > 0).sum(axis=1)
+            multi = a.device & (a.kind == MIXTURE) & (live > 1)
+            if multi.sum() >= 10:   # the household's miscalibration beside its evidence
+                gaps[mode].append((conf[multi].mean() - a.correct[multi].mean(),
+                                   *M.household_evidence(a.groups[multi], live[multi]).mean(axis=0)))
+
+
+def score_held_out(folds: list[str], answers: list[dict], name: str, families: list[str],
+                   fresh: list[dict] | None = None, fresh_folds: list[str] | None = None,
+                   fresh_families: list[str] | None = None) -> dict:
+    """How the fit does on households it has not seen: per fold (a world index, a
+    family), the maps and one-person fit on the other folds, scored on the held-out
+    households' answers (held_out_confidence). With ``fresh`` (answers of households of
+    other worlds, never fitted on): each fold's fit is scored on the fresh households of
+    that fold instead (``fresh_folds``; leave-one-family-out on fresh worlds: a family and
+    worlds the fit has never seen). ECE of every answer per mode and per family (and the
+    worst family), ECE / Brier of the one-person answers, and per mode the correlation
+    over households of confidence − accuracy (their multi-person answers) with their
+    HOUSEHOLD_EVIDENCE: what the shift has left."""
     fold, families = np.asarray(folds), np.asarray(families)
     scored: dict[str, list] = {"batch": [], "stream": [], **({"settled": []} if "settled" in answers[0] else {})}
     gaps: dict[str, list] = {mode: [] for mode in scored}   # per household: confidence - accuracy, evidence
     for held in np.unique(fold):
         fit = fit_device_confidence([a for a, f in zip(answers, fold) if f != held])
-        lo, hi = fit["one_person_log_sessions"]
-        for ans, family in ((a, g) for a, f, g in zip(answers, fold, families) if f == held):
-            for mode in scored:
-                a = ans[mode]
-                settled = a.included if mode == "settled" else np.zeros(a.P.shape[0], dtype=bool)
-                conf = a.P.max(axis=1).copy()
-                live = (a.P > 0).sum(axis=1)
-                young, cold = a.age < YOUNG_MODEL_SESSIONS, a.kind == COLD_ONE
-                one = a.device & (((a.kind == MIXTURE) & (live <= 1)) | cold)
-                for i in np.flatnonzero(a.device & (a.kind == MIXTURE) & (live > 1)):
-                    map_name = M.device_map_name(bool(young[i]), bool(a.streamed[i]), bool(settled[i]))
-                    xs, ys = fit["device_confidence_maps"][map_name]
-                    value = M.shifted_confidence(np.interp(conf[i], xs, ys), M.household_shift(
-                        a.groups[i], live[i], fit["device_confidence_shift"][map_name]))
-                    conf[i] = max(float(value), 1.0 / live[i])
-                for i in np.flatnonzero(one):
-                    intercept, coef = fit["one_person_confidence"][
-                        M.one_person_group(bool(young[i] or cold[i]), bool(a.streamed[i] or cold[i]))]
-                    x = np.r_[np.clip(a.evidence[i, 0], lo, hi), a.evidence[i, 1:]]
-                    conf[i] = 1.0 / (1.0 + np.exp(-(intercept + x @ np.asarray(coef))))
-                at = a.checkpoint if a.checkpoint is not None else np.full(a.P.shape[0], np.nan)
-                scored[mode].append((conf, a.correct, one, at, np.full(conf.size, family)))
-                multi = a.device & (a.kind == MIXTURE) & (live > 1)
-                if multi.sum() >= 10:   # the household's miscalibration beside its evidence
-                    gaps[mode].append((conf[multi].mean() - a.correct[multi].mean(),
-                                       *M.household_evidence(a.groups[multi], live[multi]).mean(axis=0)))
+        if fresh is None:
+            test = [(a, g) for a, f, g in zip(answers, fold, families) if f == held]
+        else:
+            test = [(a, g) for a, f, g in zip(fresh, fresh_folds, fresh_families) if f == held]
+        _score_with(fit, [a for a, _ in test], [g for _, g in test], scored, gaps)
+    return summarise_scored(scored, gaps, name)
+
+
+def score_fresh(answers: list[dict], fresh: list[dict], fresh_families: list[str], name: str) -> dict:
+    """One fit on every household of ``answers``, scored on the ``fresh`` households
+    (other worlds, never fitted on), as score_held_out reports."""
+    scored: dict[str, list] = {"batch": [], "stream": [], **({"settled": []} if "settled" in answers[0] else {})}
+    gaps: dict[str, list] = {mode: [] for mode in scored}
+    _score_with(fit_device_confidence(answers), fresh, fresh_families, scored, gaps)
+    return summarise_scored(scored, gaps, name)
+
+
+def summarise_scored(scored: dict, gaps: dict, name: str) -> dict:
+    """score_held_out's figures from the scored answers (per mode)."""
+    from bench._clustering_eval import ece
+    from services.clustering.domain import model as M
     out = {}
     for mode, parts in scored.items():
         c, y, one, at, family = (np.concatenate([p[k] for p in parts]) for k in range(5))
@@ -442,12 +533,13 @@ def score_held_out(folds: list[str], answers: list[dict], name: str, families: l
                                            "confidence_minus_accuracy": round(float(c[family == f].mean()
                                                                                     - y[family == f].mean()), 4)}
                                   for f in np.unique(family)}
+        out[mode]["worst_family_ece"] = max(v["ece"] for v in out[mode]["by_family"].values())
         # what is left of the per-household miscalibration that the shift's evidence
         # follows (about -0.5 for the device-group share with pooled maps, on TUNING)
         g = np.array(gaps[mode])
         out[mode]["household_gap_correlation"] = {
-            name: round(float(np.corrcoef(g[:, 0], g[:, 1 + j])[0, 1]), 3) if g[:, 1 + j].std() > 0 else None
-            for j, name in enumerate(M.HOUSEHOLD_EVIDENCE)}
+            n: round(float(np.corrcoef(g[:, 0], g[:, 1 + j])[0, 1]), 3) if len(g) > 2 and g[:, 1 + j].std() > 0
+            else None for j, n in enumerate(M.HOUSEHOLD_EVIDENCE)}
         log(f"{name} {mode}: {out[mode]}")
     return out
 
@@ -456,19 +548,51 @@ ONE_PERSON_C = 1.0   # C = 0.1 and 0.01 no better on TUNING (docs/clustering.md,
 YOUNG_MAP_KNOTS, MATURE_MAP_KNOTS = 11, 21   # grid of a map: fewer young answers
 
 
-def fit_device_confidence(answers: list[dict], one_person_c: float = ONE_PERSON_C) -> dict:
-    """calibrate_device_confidence's fit on raw answers (bench/_confidence.household_answers)."""
+MAP_FORMS = ("isotonic", "logistic", "beta")
+
+
+def smooth_map(x: np.ndarray, y: np.ndarray, grid: np.ndarray, form: str,
+               weight: np.ndarray | None = None) -> np.ndarray:
+    """A confidence map's values at ``grid`` from answers at raw top-label probability
+    ``x`` that were right (``y``): "isotonic" (a step function, as many steps as the
+    answers support), "logistic" (Platt: logit of the value linear in the logit of x) or
+    "beta" (Kull et al.'s beta calibration: linear in log x and log(1 - x)); the two
+    parametric forms are smooth and have 2-3 parameters. Non-decreasing in x."""
     from sklearn.isotonic import IsotonicRegression
+    from sklearn.linear_model import LogisticRegression
+    if form == "isotonic":
+        iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(x, y, sample_weight=weight)
+        return np.maximum.accumulate(iso.predict(grid))
+    if form not in MAP_FORMS:
+        raise ValueError(f"map form {form!r}: one of {MAP_FORMS}")
+
+    def design(v):
+        v = np.clip(v, 1e-4, 1.0 - 1e-4)
+        return (np.log(v / (1.0 - v))[:, None] if form == "logistic"
+                else np.column_stack((np.log(v), -np.log(1.0 - v))))
+    lr = LogisticRegression(C=1e6, max_iter=1000).fit(design(x), y, sample_weight=weight)
+    return np.maximum.accumulate(lr.predict_proba(design(grid))[:, 1])
+
+
+def fit_device_confidence(answers: list[dict], one_person_c: float = ONE_PERSON_C, form: str = "isotonic",
+                          mature_knots: int | None = None, weights: list[float] | None = None,
+                          shift_l2: float | None = None, weighted: tuple[str, ...] | None = None) -> dict:
+    """calibrate_device_confidence's fit on raw answers (bench/_confidence.household_answers).
+    ``form``: how each map is fitted (smooth_map); ``mature_knots``: grid of the maps of
+    older models (MATURE_MAP_KNOTS); ``weights``: per household (e.g. each family's
+    households summing to the same), every answer of the household weighted so, in the
+    maps named in ``weighted`` only (None: every map and one-person group);
+    ``shift_l2``: the household shift's ridge (HOUSEHOLD_SHIFT_L2)."""
     from sklearn.linear_model import LogisticRegression
 
     from bench._confidence import COLD_ONE, MIXTURE
     from services.clustering.domain.model import (
         DEVICE_CONFIDENCE_MAPS, HOUSEHOLD_EVIDENCE, ONE_PERSON_EVIDENCE, device_map_name, household_evidence)
     # the "settled" map only when settled answers were recorded (household_answers(settled=True))
-    multi: dict[str, tuple[list, list, list]] = {name: ([], [], []) for name in DEVICE_CONFIDENCE_MAPS
-                                                 if name != "settled" or any("settled" in a for a in answers)}
-    one: dict[str, list] = {name: [] for name in ("fitted", "young", "mature")}   # (evidence..., right)
-    for ans in answers:
+    multi: dict[str, tuple[list, ...]] = {name: ([], [], [], []) for name in DEVICE_CONFIDENCE_MAPS
+                                          if name != "settled" or any("settled" in a for a in answers)}
+    one: dict[str, list] = {name: [] for name in ("fitted", "young", "mature")}   # (evidence..., right, weight)
+    for ans, weight in zip(answers, weights if weights is not None else [1.0] * len(answers)):
         for mode in ("batch", "stream", "settled"):
             if mode not in ans:
                 continue
@@ -479,21 +603,25 @@ def fit_device_confidence(answers: list[dict], one_person_c: float = ONE_PERSON_
             rows = a.device & (a.kind == MIXTURE) & (live > 1)
             names = np.array([device_map_name(y, s, mode == "settled") for y, s in zip(young, a.streamed)])
             household = household_evidence(a.groups, live)
+            w = np.full(live.size, float(weight))
+            if weighted is not None:   # the weight where the map of the answer is named
+                w = np.where(np.isin(np.array([device_map_name(y, s, mode == "settled")
+                                               for y, s in zip(young, a.streamed)]), weighted), w, 1.0)
             if mode == "settled":
                 # only the "settled" map learns from them (sessions a streamed mature model
                 # had already included; the other answers keep their own maps and groups)
                 rows &= a.included & (names == "settled")
-                for column, values in zip(multi["settled"], (top, a.correct, household)):
+                for column, values in zip(multi["settled"], (top, a.correct, household, w)):
                     column.append(values[rows])
                 continue
             for name in multi:
-                for column, values in zip(multi[name], (top, a.correct, household)):
+                for column, values in zip(multi[name], (top, a.correct, household, w)):
                     column.append(values[rows & (names == name)])
             cold = a.kind == COLD_ONE
             rows = a.device & (((a.kind == MIXTURE) & (live <= 1)) | cold)
             for name, sel in (("fitted", ~a.streamed & ~cold), ("young", (a.streamed & young) | cold),
                               ("mature", a.streamed & ~young & ~cold)):
-                one[name].append(np.c_[a.evidence[rows & sel], a.correct[rows & sel]])
+                one[name].append(np.c_[a.evidence[rows & sel], a.correct[rows & sel], w[rows & sel]])
     maps, shifts, counts, tables = {}, {}, {}, {}
     empty = [f"map {n!r}" for n in multi if not sum(v.size for v in multi[n][0])] + \
         [f"one-person group {n!r}" for n in one if not sum(v.shape[0] for v in one[n])]
@@ -501,19 +629,20 @@ def fit_device_confidence(answers: list[dict], one_person_c: float = ONE_PERSON_
         raise ValueError(f"no answers for {', '.join(empty)}: fit on more households")
     for name in multi:
         x, y = np.concatenate(multi[name][0]), np.concatenate(multi[name][1]).astype(float)
-        iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(x, y)
-        grid = np.linspace(x.min(), 1.0, YOUNG_MAP_KNOTS if name == "young" else MATURE_MAP_KNOTS)
-        knots_y = np.maximum.accumulate(iso.predict(grid))
+        w = np.concatenate(multi[name][3])
+        grid = np.linspace(x.min(), 1.0, YOUNG_MAP_KNOTS if name == "young" else mature_knots or MATURE_MAP_KNOTS)
+        knots_y = smooth_map(x, y, grid, form, w)
         # The last knot (a posterior of 1.0): the accuracy of the whole top grid cell, not
         # the isotonic fit's last block, which on a few hundred young answers can be a
         # handful that were all right and would let a young model say 1.0.
         top_cell = x >= grid[-2]
         if top_cell.any():
-            knots_y[-1] = max(knots_y[-2], float(y[top_cell].mean()))
+            knots_y[-1] = max(knots_y[-2], float(np.average(y[top_cell], weights=w[top_cell])))
         maps[name] = (np.round(grid, 4).tolist(), np.round(knots_y, 4).tolist())
         counts[name] = int(x.size)
         household = np.vstack(multi[name][2])
-        shifts[name] = fit_household_shift(np.interp(x, *maps[name]), household, y)
+        shifts[name] = fit_household_shift(np.interp(x, *maps[name]), household, y,
+                                           HOUSEHOLD_SHIFT_L2 if shift_l2 is None else shift_l2, w)
         log(f"{name} device confidence map: x {maps[name][0]} y {maps[name][1]} "
             f"({x.size} multi-person answers, right {y.mean():.3f} at confidence {x.mean():.3f} raw); "
             f"logit shift: intercept {shifts[name][0]}, per unit of "
@@ -524,12 +653,12 @@ def fit_device_confidence(answers: list[dict], one_person_c: float = ONE_PERSON_
     log_sessions = (round(float(every[:, 0].min()), 4), round(float(every[:, 0].max()), 4))
     for name, rows in one.items():
         ones = np.vstack(rows).astype(float)
-        x, y = ones[:, :len(ONE_PERSON_EVIDENCE)], ones[:, -1]
+        x, y, w = ones[:, :len(ONE_PERSON_EVIDENCE)], ones[:, -2], ones[:, -1]
         x[:, 0] = np.clip(x[:, 0], *log_sessions)
         if np.unique(y).size < 2:   # all right (or all wrong): no slope to fit
             intercept, coef = float(np.log((y.sum() + 1.0) / (y.size - y.sum() + 1.0))), np.zeros(x.shape[1])
         else:
-            lr = LogisticRegression(C=one_person_c, max_iter=1000).fit(x, y)
+            lr = LogisticRegression(C=one_person_c, max_iter=1000).fit(x, y, sample_weight=w / w.mean())
             intercept, coef = float(lr.intercept_[0]), lr.coef_[0]
         tables[name] = (round(intercept, 4), tuple(round(float(c), 4) for c in coef))
         counts[f"one_person_{name}"] = int(ones.shape[0])
@@ -543,21 +672,24 @@ HOUSEHOLD_SHIFT_L2 = 1.0   # ridge on the coefficients (TUNING, share alone: 300
 
 
 def fit_household_shift(mapped: np.ndarray, evidence: np.ndarray, right: np.ndarray,
-                        l2: float = HOUSEHOLD_SHIFT_L2) -> tuple[float, tuple[float, ...]]:
+                        l2: float = HOUSEHOLD_SHIFT_L2,
+                        weight: np.ndarray | None = None) -> tuple[float, tuple[float, ...]]:
     """model.DEVICE_CONFIDENCE_SHIFT of one map: (intercept, coefficients) of a logistic
     regression of "the answer is right" on the household ``evidence``
     (model.household_evidence) with the logit of the map's value as offset (the map's
-    own slope kept)."""
+    own slope kept). ``weight``: per answer (scaled to a mean of 1, so the ridge weighs
+    the same)."""
     from scipy.optimize import minimize
     from scipy.special import expit, logit
     offset = logit(np.clip(mapped, 1e-4, 1.0 - 1e-4))
     A = np.column_stack((np.ones(len(right)), evidence))
+    weight = np.ones(len(right)) if weight is None else np.asarray(weight, dtype=np.float64) / np.mean(weight)
 
     def loss(w):
         eta = offset + A @ w
-        residual = expit(eta) - right
+        residual = weight * (expit(eta) - right)
         ridge = np.r_[0.0, w[1:]]   # the intercept is not shrunk
-        return (np.sum(np.logaddexp(0.0, eta) - right * eta) + 0.5 * l2 * ridge @ ridge,
+        return (np.sum(weight * (np.logaddexp(0.0, eta) - right * eta)) + 0.5 * l2 * ridge @ ridge,
                 A.T @ residual + l2 * ridge)
     w = minimize(loss, np.zeros(A.shape[1]), jac=True, method="L-BFGS-B").x
     return round(float(w[0]), 4), tuple(round(float(c), 4) for c in w[1:])
@@ -654,6 +786,12 @@ def main() -> None:
     ap.add_argument("--leave-one-family-out", action="store_true",
                     help="with --calibrate-confidence: also score the device fit on each TUNING family "
                          "fitted on the other two (unseen families are what REPORTING and blind test)")
+    ap.add_argument("--fit-worlds", type=world_indices, default=CONFIDENCE_FIT_WORLDS,
+                    help="with --calibrate-confidence: the TUNING world indices the device maps are fitted on "
+                         "(e.g. 0:4,12:20; default CONFIDENCE_FIT_WORLDS)")
+    ap.add_argument("--fresh-worlds", type=world_indices, nargs="?", const=CONFIDENCE_FRESH_WORLDS, default=None,
+                    help="with --calibrate-confidence: also score the device fit on these fresh TUNING worlds "
+                         "(default CONFIDENCE_FRESH_WORLDS), pooled, per family and leaving each family out")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                     help="processes scoring the world households (same figures for any number)")
     ap.add_argument("--feedback-draws", type=int, default=worlds_eval.FEEDBACK_MESH_DRAWS,
@@ -671,7 +809,8 @@ def main() -> None:
     if args.calibrate_confidence:
         print(json.dumps({**({} if args.device_maps_only else {"bare": calibrate_confidence(args.quick)}),
                           "device": calibrate_device_confidence(args.quick, args.leave_one_world_out,
-                                                                              args.leave_one_family_out)}))
+                                                                args.leave_one_family_out, args.fit_worlds,
+                                                                args.fresh_worlds)}))
         return
     if args.blind_only:
         print(json.dumps({"worlds_blind": run_blind(args.quick, streaming=not args.batch_only, workers=args.workers,

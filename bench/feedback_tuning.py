@@ -1,9 +1,10 @@
 """Tuning harness for the feedback calibrator (ECE after feedback), on TUNING-seed worlds only.
 
-``python -m bench.feedback_tuning collect --out FILE [--first-world 4 --worlds 4
+``python -m bench.feedback_tuning collect --out FILE [--first-world 12 --worlds 4
 --households 5]`` answers the sessions of fresh TUNING-seed worlds (bench/worlds.py,
 seed 20260001, worlds ``first-world`` .. of the three TUNING families; the confidence
-maps of model.py are fitted on worlds 0-3, so from world 4 on the maps have never seen
+maps of model.py are fitted on worlds 0-11 since session 12 (0-3 before: figures quoted
+for worlds 4-11 predate that), so from world 12 on the maps have never seen
 the world, as on REPORTING) the way ``bench/_worlds_eval`` does — a batch fit and a
 time-ordered stream, calibrated answers with the model's age — and stores them.
 
@@ -206,7 +207,7 @@ def main() -> None:
     sub = ap.add_subparsers(dest="command", required=True)
     c = sub.add_parser("collect")
     c.add_argument("--out", required=True)
-    c.add_argument("--first-world", type=int, default=4)
+    c.add_argument("--first-world", type=int, default=12)   # bench.accuracy.CONFIDENCE_FIT_WORLDS: 0-11
     c.add_argument("--worlds", type=int, default=4)
     c.add_argument("--households", type=int, default=5)
     c.add_argument("--workers", type=int, default=1)

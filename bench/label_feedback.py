@@ -14,8 +14,8 @@ feedback samples (``feedback_draws``: the pooled draws of ``after_feedback``).
 
 ``python -m bench.label_feedback [--split tuning|reporting] [--first-world W --worlds N
 --households H] [--draws D] [--workers W] [--batch-only | --stream-only]`` prints one
-JSON object on its last line. Choices are made on ``tuning`` (worlds from 4 on have never been seen by the
-confidence maps, which are fitted on TUNING worlds 0-3); ``reporting`` is read to
+JSON object on its last line. Choices are made on ``tuning`` (worlds from 12 on have never been seen by the
+confidence maps, which are fitted on TUNING worlds 0-11 since session 12, 0-3 before); ``reporting`` is read to
 report only.
 """
 

@@ -9,7 +9,9 @@ their settled answers at the end of each stream (with the final model's age), ov
 ``--draws`` draws. docs/feedback.md, "The settled answers are not passed through the
 calibrator", quotes it.
 
-    python -m bench.settled_feedback [--first-world 4 --worlds 4 --households 5] [--draws 20]
+    python -m bench.settled_feedback [--first-world 12 --worlds 4 --households 5] [--draws 20]
+
+(the confidence maps are fitted on TUNING worlds 0-11 since session 12, 0-3 before)
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def carry_over(hs: list[WorldHousehold], draws: int, workers: int = 2) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--first-world", type=int, default=4)
+    ap.add_argument("--first-world", type=int, default=12)   # bench.accuracy.CONFIDENCE_FIT_WORLDS: 0-11
     ap.add_argument("--worlds", type=int, default=4)
     ap.add_argument("--households", type=int, default=5, help="households per world")
     ap.add_argument("--draws", type=int, default=20)

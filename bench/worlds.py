@@ -26,6 +26,7 @@ families tuning never saw are listed in ``HELD_OUT_FAMILIES`` and reported apart
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -422,13 +423,16 @@ def make_household(world: World, rng: np.random.Generator, household_id: str,
 
 def generate(split: Split, families: tuple[str, ...] | None = None, worlds_per_family: int | None = None,
              households_per_world: int | None = None, unknown_genre_share: float = 0.0,
-             vocabulary: GenreVocabulary | None = None) -> list[WorldHousehold]:
+             vocabulary: GenreVocabulary | None = None,
+             world_indices: Sequence[int] | None = None) -> list[WorldHousehold]:
     """Households of a split. Household (family f, world w, household i) depends only on
     (split.seed, f, w, i): asking for fewer households gives a prefix of the same ones.
     ``unknown_genre_share`` > 0 (a tuning knob; see ``_rename_to_unknown``) renames that
     share of the catalogue's genres to names outside the vocabulary: the same members,
     devices and sessions, only the genre names differ. ``vocabulary``: the session
-    builder's (default: the service's default, feature schema 2)."""
+    builder's (default: the service's default, feature schema 2). ``world_indices``: these
+    worlds of each family instead of the first ``worlds_per_family`` (world w is the same
+    household set whichever others are asked for)."""
     fams = families or split.families
     unknown = [f for f in fams if f not in split.families]
     if unknown:
@@ -438,7 +442,7 @@ def generate(split: Split, families: tuple[str, ...] | None = None, worlds_per_f
     out = []
     for f in fams:
         fam_index = list(FAMILIES).index(f)
-        for w in range(n_worlds):
+        for w in (range(n_worlds) if world_indices is None else world_indices):
             ss = np.random.SeedSequence([split.seed, fam_index, w])
             world_ss, *house_ss = ss.spawn(1 + n_house)
             world = make_world(f, np.random.default_rng(world_ss), f"{split.name}-{f}-w{w}", unknown_genre_share)

@@ -77,6 +77,8 @@ class Snapshot:
     X: np.ndarray
     labels: list[str | None]
     timestamps: np.ndarray
+    # per session: its label was volunteered (feedback's unprompted), None when none was
+    volunteered: np.ndarray | None = None
 
     @property
     def device_ids(self) -> list[str]:
@@ -142,7 +144,9 @@ class ModelKeeper:
         X = (np.vstack([s.features for s in sessions]).astype(np.float64) if sessions
              else np.zeros((0, 0)))
         labels = [feedback_labels.get(s.session_id, s.label) for s in sessions]
-        return Snapshot(sessions, X, labels, np.array([s.start_ts for s in sessions]))
+        unasked = self.store.volunteered_label_sessions(account_id) if feedback_labels else set()
+        volunteered = np.array([s.session_id in unasked for s in sessions], dtype=bool) if unasked else None
+        return Snapshot(sessions, X, labels, np.array([s.start_ts for s in sessions]), volunteered)
 
     # ---- writing --------------------------------------------------------------------
 
@@ -162,6 +166,7 @@ class ModelKeeper:
         had_fallbacks = model.fallback_count
         if snap.sessions:
             model.fit(snap.X, labels=snap.labels if any(snap.labels) else None, device_ids=snap.device_ids,
+                      volunteered=snap.volunteered,
                       inject_gmm_failure=bool(self.gmm_fault_prefix) and account_id.startswith(self.gmm_fault_prefix))
         if model.fallback_count > had_fallbacks:
             GMM_FALLBACKS.inc()

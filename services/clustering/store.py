@@ -26,6 +26,7 @@ from services.clustering.migrations import MIGRATIONS
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import Conflict, NotFound
 from services.common.field_crypto import FieldCipher
+from services.common.predictions import UNPROMPTED_LABEL_SUFFIX
 from services.common.storage.cache import Cache, MemoryCache
 from services.common.storage.sql import Database, Tx, migrate, record_erasure
 
@@ -465,6 +466,14 @@ class ClusteringStore:
                             "GROUP BY person_id", (account_id, *person_ids))
         counts = {str(p): int(n) for p, n in rows}
         return {pid: counts.get(pid, 0) for pid in person_ids}
+
+    def volunteered_label_sessions(self, account_id: str) -> set[str]:
+        """Sessions whose label the user volunteered (RecordLabels source ending in
+        ``:unprompted``, as feedback forwards an unprompted correction)."""
+        with self.db.transaction(readonly=True) as tx:
+            rows = tx.query("SELECT session_id FROM session_labels WHERE account_id = ? AND source LIKE ?",
+                            (account_id, "%" + UNPROMPTED_LABEL_SUFFIX))
+        return {r[0] for r in rows}
 
     def labels(self, account_id: str) -> dict[str, str]:
         """Session id -> known person (feedback labels)."""

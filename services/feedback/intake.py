@@ -117,7 +117,7 @@ class Intake:
             received_at=now)
         if not duplicate:
             instruments.FEEDBACK_TOTAL.labels(kind.value).inc()
-            self.triggers.forward_label(prediction, kind, stored_person)
+            self.triggers.forward_label(prediction, kind, stored_person, unprompted)
             try:
                 self.triggers.check_household(prediction.account_id)
             except Exception:  # noqa: BLE001 - the feedback is stored; the next one re-checks

@@ -25,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import numpy as np
 
+from services.common.predictions import feedback_label_source
 from services.common.refit_reasons import feedback_trigger_reason
 from services.feedback import instruments
 from services.feedback.calibration import Calibration
@@ -115,16 +116,18 @@ class Triggers:
                                feedback_trigger_reason(trigger.trigger_id, f" (retry): {trigger.kind}"))
         return len(pending)
 
-    def forward_label(self, prediction, kind: SignalKind, true_person: str | None) -> None:
+    def forward_label(self, prediction, kind: SignalKind, true_person: str | None, unprompted: bool = False) -> None:
         """Explicit feedback names the person of a stored session: hand it to clustering
-        as a label (its semi-supervised fit uses it). Vector-only predictions have no
-        stored session (their session id is the prediction id) and are skipped."""
+        as a label (its semi-supervised fit uses it), marked when the user volunteered it
+        (``unprompted``: it names a person, it does not say how large their share is).
+        Vector-only predictions have no stored session (their session id is the
+        prediction id) and are skipped."""
         person = prediction.person_id if kind == SignalKind.PROFILE_CONFIRMED else true_person
         if (self.refits is None or person is None or not hasattr(self.refits, "record_label")
                 or prediction.session_id == prediction.prediction_id):
             return
         future = self._executor.submit(self.refits.record_label, prediction.account_id,
-                                       prediction.session_id, person, f"feedback:{kind.value}")
+                                       prediction.session_id, person, feedback_label_source(kind.value, unprompted))
         with self._lock:
             self._in_flight[f"label:{prediction.prediction_id}"] = future
         future.add_done_callback(lambda _f: self._drop_in_flight(f"label:{prediction.prediction_id}"))

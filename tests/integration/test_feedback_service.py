@@ -252,8 +252,27 @@ def test_unprompted_corrections_name_persons_but_stay_out_of_calibration(databas
     # they are corrections like any other for the household (its disagreement trigger)...
     assert [t.kind for t in app.store.triggers("acc-v")] and app.store.triggers("acc-v")[0].kind == "disagreement"
     assert app.store.export_account("acc-v")["feedback"][0]["unprompted"] is True
+    # ... forwarded to clustering as labels marked volunteered ...
+    class Labels:
+        def __init__(self):
+            self.sources = []
+
+        def record_label(self, account, session, person, source):
+            self.sources.append(source)
+
+        def refit(self, account, reason):
+            return "OK"
+    app.triggers.refits = labels = Labels()
+    app.intake.record_predictions([PredictionRecord("lab-1", "acc-v", "s-lab-1", "p1", {"p1": 0.9, "p2": 0.1},
+                                                    "kmeans", 1, NOW - 3600, False, 2)])
+    app.intake.record_feedback("f-lab-1", "lab-1", SignalKind.PROFILE_CORRECTED, "p2", NOW - 50, unprompted=True)
+    app.intake.record_predictions([PredictionRecord("lab-2", "acc-v", "s-lab-2", "p1", {"p1": 0.9, "p2": 0.1},
+                                                    "kmeans", 1, NOW - 3600, False, 2)])
+    app.intake.record_feedback("f-lab-2", "lab-2", SignalKind.PROFILE_CORRECTED, "p2", NOW - 50)
+    app.triggers.drain_refits(20)
+    assert labels.sources == ["feedback:profile_corrected:unprompted", "feedback:profile_corrected"]
     # ... but calibration learns from the prompted sample only
-    assert len(app.calibration.dataset()) == 400 and len(app.store.feedback_joined()) == 400 + len(volunteered)
+    assert len(app.calibration.dataset()) == 401 and len(app.store.feedback_joined()) == 402 + len(volunteered)
     app.calibration.recalibrate()
     held_out = np.arange(1200, 2000)
     probs = stream.probs[held_out]

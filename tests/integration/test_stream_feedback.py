@@ -122,6 +122,48 @@ def test_a_label_naming_a_person_the_stream_lacks_shows_at_once_and_keeps_its_id
     assert listed.count("p42") == 1 and listed.count(grandma) == 1 and extras.n_persons == len(listed)
 
 
+def test_erasing_a_person_only_a_label_named_takes_their_session_and_their_id(database):
+    from services.common.erasure import ErasureScope
+    app = _app(database)
+    _stream(app, "acc-e", range(30), seed=7)
+    before, _ = app.household("acc-e", 1000)
+    named = before.sessions[-2]
+    assert app.record_labels([("acc-e", named.session_id, "p42", "feedback:profile_corrected")]) == (1, 0)
+    assert {s.session_id: s.person_id for s in app.household("acc-e", 1000)[0].sessions}[named.session_id] == "p42"
+    outcome = app.erase(ErasureScope("acc-e", "person", person_id="p42"))
+    assert outcome.deleted_counts["sessions"] == 1                       # only the session the label named
+    after, extras = app.household("acc-e", 1000)
+    assert named.session_id not in {s.session_id for s in after.sessions}
+    assert len(after.sessions) == len(before.sessions) - 1
+    assert "p42" not in {p["person_id"] for p in extras.persons} | {s.person_id for s in after.sessions}
+    _, envelope = app.keeper.load("acc-e")
+    assert "p42" in envelope.model.retired and envelope.model.reserved_person_ids() == []
+    # the id never comes back: a later label naming it is a name, given a new id
+    other = after.sessions[-1]
+    app.record_labels([("acc-e", other.session_id, "p42", "feedback:profile_corrected")])
+    shown = {s.session_id: s.person_id for s in app.household("acc-e", 1000)[0].sessions}[other.session_id]
+    assert shown != "p42" and shown.startswith("p")
+
+
+def test_a_volunteered_label_is_marked_for_the_fit(database):
+    """RecordLabels' source ending in ":unprompted" (feedback forwards a volunteered
+    correction so) reaches the fit as ``volunteered`` (HouseholdModel._labels_add_persons
+    then lets it name a person without sizing it); other labels are not marked."""
+    from services.common.predictions import feedback_label_source
+    app = _app(database)
+    events, _ = household_events("acc-u", PERSONS, days=20, start_ts=T0, seed=8)
+    app.store.ingest(events)
+    app.keeper.refresh("acc-u")
+    sessions = app.store.closed_sessions("acc-u")
+    assert app.keeper.snapshot("acc-u").volunteered is None
+    app.record_labels([("acc-u", sessions[3].session_id, "p42", feedback_label_source("profile_corrected", True)),
+                       ("acc-u", sessions[5].session_id, "p1", feedback_label_source("profile_confirmed", False))])
+    snap = app.keeper.snapshot("acc-u")
+    assert np.flatnonzero(snap.volunteered).tolist() == [3] and snap.labels[3] == "p42" and snap.labels[5] == "p1"
+    _, envelope = app.keeper.load("acc-u")
+    assert "p42" in envelope.model.person_ids          # fitted at once: the label refits it, naming p42
+
+
 def test_a_feedback_triggers_refit_binds_a_stream_and_a_requested_one_refits(database):
     """The feedback service's household trigger (3 of the last 5 answers said wrong) asks
     for a Refit: a stream is not refitted for it (its labels are bound already), as for

@@ -239,9 +239,12 @@ SINGLE_PERSON_CONFIDENCE = 0.8467
 
 # The same for households whose sessions carry device ids (device evidence first,
 # persons.py): fitted on the TUNING worlds only — each session's answer from a batch fit
-# and at its arrival in a time-ordered stream — by `python -m bench.accuracy
+# and at its arrival in the service's stream — by `python -m bench.accuracy
 # --calibrate-confidence --device-maps-only` (bench/_confidence.py gives the raw answers
-# and what the service knows when it answers). Bare vectors (no device ids: Hearth's own
+# and what the service knows when it answers), on the first 12 TUNING worlds (288
+# households, bench.accuracy.CONFIDENCE_FIT_WORLDS; worlds 0-3 until session 12: on fresh
+# TUNING worlds a fit on 12 worlds beat one on 4 in every mode, docs/benchmarks.md
+# "Confidence on worlds nobody has seen"). Bare vectors (no device ids: Hearth's own
 # simulator, AssignSessions with vectors) keep the map above. The counts are in
 # docs/clustering.md, "Confidence".
 #
@@ -277,10 +280,10 @@ SINGLE_PERSON_CONFIDENCE = 0.8467
 # stream 0.061 -> 0.070; docs/clustering.md, "Confidence".)
 YOUNG_MODEL_SESSIONS = 60
 DEVICE_CONFIDENCE_MAPS: dict[str, tuple[list[float], list[float]]] = {
-    "fitted": ([0.3252, 0.359, 0.3927, 0.4264, 0.4602, 0.4939, 0.5277, 0.5614, 0.5951, 0.6289, 0.6626, 0.6964, 0.7301, 0.7638, 0.7976, 0.8313, 0.865, 0.8988, 0.9325, 0.9663, 1.0], [0.0, 0.34, 0.34, 0.3657, 0.4308, 0.4377, 0.4798, 0.5885, 0.6, 0.6182, 0.657, 0.657, 0.6991, 0.6991, 0.7778, 0.8022, 0.8273, 0.8464, 0.9032, 0.9427, 0.9427]),
-    "streamed": ([0.2939, 0.3293, 0.3646, 0.3999, 0.4352, 0.4705, 0.5058, 0.5411, 0.5764, 0.6117, 0.647, 0.6823, 0.7176, 0.7529, 0.7882, 0.8235, 0.8588, 0.8941, 0.9294, 0.9647, 1.0], [0.2195, 0.2195, 0.2195, 0.2195, 0.3289, 0.3289, 0.4937, 0.4937, 0.4937, 0.5088, 0.5979, 0.5979, 0.6136, 0.6701, 0.6996, 0.6996, 0.7586, 0.7788, 0.8043, 0.8697, 0.8744]),
-    "settled": ([0.2815, 0.3174, 0.3533, 0.3892, 0.4252, 0.4611, 0.497, 0.533, 0.5689, 0.6048, 0.6407, 0.6767, 0.7126, 0.7485, 0.7844, 0.8204, 0.8563, 0.8922, 0.9281, 0.9641, 1.0], [0.0, 0.25, 0.3333, 0.3833, 0.4517, 0.4517, 0.5615, 0.5615, 0.5822, 0.5822, 0.5822, 0.6478, 0.6478, 0.6852, 0.7098, 0.7605, 0.7821, 0.8049, 0.8462, 0.9059, 0.9061]),
-    "young": ([0.4798, 0.5318, 0.5839, 0.6359, 0.6879, 0.7399, 0.7919, 0.8439, 0.896, 0.948, 1.0], [0.2, 0.4714, 0.4714, 0.4714, 0.5261, 0.6071, 0.6502, 0.6502, 0.6502, 0.6667, 0.8216]),
+    "fitted": ([0.2566, 0.2938, 0.3309, 0.3681, 0.4053, 0.4425, 0.4796, 0.5168, 0.554, 0.5911, 0.6283, 0.6655, 0.7026, 0.7398, 0.777, 0.8142, 0.8513, 0.8885, 0.9257, 0.9628, 1.0], [0.0, 0.2, 0.3582, 0.3674, 0.3674, 0.4172, 0.4617, 0.5129, 0.5835, 0.5835, 0.6045, 0.6504, 0.6504, 0.7032, 0.7513, 0.7927, 0.8205, 0.8508, 0.8889, 0.922, 0.922]),
+    "streamed": ([0.243, 0.2809, 0.3187, 0.3566, 0.3944, 0.4323, 0.4701, 0.508, 0.5458, 0.5837, 0.6215, 0.6594, 0.6972, 0.7351, 0.7729, 0.8108, 0.8486, 0.8865, 0.9243, 0.9622, 1.0], [0.0, 0.1304, 0.1304, 0.342, 0.342, 0.3933, 0.4286, 0.4713, 0.4713, 0.5417, 0.5714, 0.5831, 0.6488, 0.6539, 0.7045, 0.725, 0.7582, 0.7792, 0.8266, 0.8405, 0.8405]),
+    "settled": ([0.2456, 0.2833, 0.321, 0.3587, 0.3964, 0.4342, 0.4719, 0.5096, 0.5473, 0.5851, 0.6228, 0.6605, 0.6982, 0.7359, 0.7737, 0.8114, 0.8491, 0.8868, 0.9246, 0.9623, 1.0], [0.0, 0.0, 0.2564, 0.345, 0.4118, 0.4188, 0.4192, 0.4806, 0.493, 0.5431, 0.575, 0.5923, 0.6367, 0.6642, 0.7055, 0.7285, 0.7797, 0.7986, 0.8315, 0.8718, 0.8718]),
+    "young": ([0.3475, 0.4127, 0.478, 0.5432, 0.6085, 0.6737, 0.739, 0.8042, 0.8695, 0.9347, 1.0], [0.0, 0.08, 0.08, 0.461, 0.461, 0.5882, 0.6213, 0.6213, 0.6596, 0.7708, 0.8342]),
 }
 # A one-person answer's confidence: how likely "the only person the model knows" is right,
 # from the evidence the model has for one person, as a logistic regression per group
@@ -297,13 +300,13 @@ DEVICE_CONFIDENCE_MAPS: dict[str, tuple[list[float], list[float]]] = {
 ONE_PERSON_EVIDENCE = ("log_sessions", "devices")
 ONE_PERSON_MAX_DEVICES = 6                          # more devices: judged as 6
 # Sessions seen (log) outside the range the fit saw are judged at its edge: TUNING's
-# one-person answers come from models of 5-137 sessions, and a slope fitted there says
+# one-person answers come from models of 1-249 sessions, and a slope fitted there says
 # nothing about a model of thousands (the streamed one would fall toward 0).
-ONE_PERSON_LOG_SESSIONS = (1.6094, 4.92)
+ONE_PERSON_LOG_SESSIONS = (0.0, 5.5175)
 ONE_PERSON_CONFIDENCE: dict[str, tuple[float, tuple[float, ...]]] = {
-    "fitted": (2.6549, (-0.1621, -0.488)),
-    "young": (1.2657, (0.1273, -0.4393)),
-    "mature": (5.1251, (-1.0123, -0.2409)),
+    "fitted": (1.8919, (0.0006, -0.4765)),
+    "young": (0.9605, (0.1331, -0.3646)),
+    "mature": (2.1335, (-0.299, -0.2516)),
 }
 
 
@@ -328,10 +331,10 @@ ONE_PERSON_CONFIDENCE: dict[str, tuple[float, tuple[float, ...]]] = {
 HOUSEHOLD_EVIDENCE = ("device_group_share", "persons")
 HOUSEHOLD_MAX_PERSONS = 6                           # more persons: judged as 6
 DEVICE_CONFIDENCE_SHIFT: dict[str, tuple[float, tuple[float, ...]]] = {
-    "fitted": (-0.9712, (1.2682, 0.0256)),
-    "streamed": (-1.2263, (0.9378, 0.1816)),
-    "settled": (-1.2058, (1.1017, 0.129)),
-    "young": (0.5305, (0.5706, -0.3919)),
+    "fitted": (-1.3099, (1.0359, 0.2161)),
+    "streamed": (-1.2899, (0.9996, 0.1981)),
+    "settled": (-1.0913, (1.106, 0.125)),
+    "young": (-0.3094, (0.7545, -0.0924)),
 }
 
 
@@ -713,9 +716,13 @@ class HouseholdModel:
 
     def fit(self, X: np.ndarray, labels: Sequence[str | None] | None = None,
             keys: np.ndarray | None = None, device_ids: Sequence[str] | None = None, *,
-            inject_gmm_failure: bool = False, group_min_z: float = 0.0) -> HouseholdModel:
+            inject_gmm_failure: bool = False, group_min_z: float = 0.0,
+            volunteered: np.ndarray | None = None) -> HouseholdModel:
         """Full refit on all of the household's sessions (ids stay stable).
         ``device_ids`` (one per session, optional) lets the model use device identity.
+        ``volunteered`` (one bool per session, optional): labels the user gave without
+        being asked (feedback's ``unprompted``), which name persons but say nothing of
+        their size (_labels_add_persons).
         ``inject_gmm_failure``: the GMM fit raises ``MixtureNumericalError`` as a real
         numerical failure would (fault injection, HEARTH_FAULT_GMM_NUMERICAL), so the
         k-means fallback can be exercised end to end. ``group_min_z``: the device
@@ -748,7 +755,7 @@ class HouseholdModel:
             try:
                 if inject_gmm_failure:
                     raise MixtureNumericalError("injected numerical failure (fault injection)")
-                self._fit_gmm(Xa, labels, label_names, keys, group_min_z=group_min_z)
+                self._fit_gmm(Xa, labels, label_names, keys, group_min_z=group_min_z, volunteered=volunteered)
                 self.kmeans = None
                 self.fallback = False
             except MixtureNumericalError:
@@ -901,9 +908,9 @@ class HouseholdModel:
         return self.bic_penalty
 
     def _fit_gmm(self, X: np.ndarray, labels: list[str | None] | None, label_names: list[str],
-                 keys: np.ndarray, group_min_z: float = 0.0) -> None:
+                 keys: np.ndarray, group_min_z: float = 0.0, volunteered: np.ndarray | None = None) -> None:
         if label_names:
-            self._fit_labelled(X, labels, label_names, keys, group_min_z)
+            self._fit_labelled(X, labels, label_names, keys, group_min_z, volunteered)
             return
         # Device evidence first: the sessions of each personal-device group are one
         # person (clamped); shared-device sessions are explained by EM, and persons
@@ -971,7 +978,7 @@ class HouseholdModel:
         return best[1]
 
     def _fit_labelled(self, X: np.ndarray, labels: list[str | None], label_names: list[str],
-                      keys: np.ndarray, group_min_z: float) -> None:
+                      keys: np.ndarray, group_min_z: float, volunteered: np.ndarray | None = None) -> None:
         """Feedback labels (the true person of a few sessions). Component j < L is
         label_names[j]. With device ids the labels name the persons of the unlabelled,
         device-first fit instead of refitting around them. Why: the clamped EM search
@@ -986,7 +993,7 @@ class HouseholdModel:
         if self._device_ids_known(X):
             self._fit_gmm(X, None, [], keys, group_min_z=group_min_z)
             assert self.mixture is not None
-            self.mixture = self._labels_name_persons(X, self.mixture, clamp, keys)
+            self.mixture = self._labels_name_persons(X, self.mixture, clamp, keys, volunteered)
         else:
             # Bare vectors (no device ids): the clamped search is what labels add there
             # (the existing simulator, 5 % labelled: 0.954 / 0.960 / 0.860 by difficulty,
@@ -1001,7 +1008,7 @@ class HouseholdModel:
         self._reset_buffer(X, keys)
 
     def _labels_name_persons(self, X: np.ndarray, free: Mixture, clamp: np.ndarray,
-                             keys: np.ndarray) -> Mixture:
+                             keys: np.ndarray, volunteered: np.ndarray | None = None) -> Mixture:
         """``free`` with its persons reordered so that person j < L is label j: each label
         takes the person holding most of its sessions, one person per label (nothing is
         refitted; a labelled session is answered as its label wherever the service
@@ -1012,7 +1019,7 @@ class HouseholdModel:
         pred = free.predict_proba(X).argmax(axis=1)
         rows, cols = _persons_of_groups(pred, clamp, k)
         if L > k:
-            return self._labels_add_persons(X, free, clamp, keys, pred, rows, cols)
+            return self._labels_add_persons(X, free, clamp, keys, pred, rows, cols, volunteered)
         order = [int(c) for _, c in sorted(zip(rows, cols))]
         perm = order + [c for c in range(k) if c not in order]
         named = Mixture(free.family, free.stats[perm].copy())
@@ -1021,7 +1028,8 @@ class HouseholdModel:
         return named
 
     def _labels_add_persons(self, X: np.ndarray, free: Mixture, clamp: np.ndarray, keys: np.ndarray,
-                            pred: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> Mixture:
+                            pred: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+                            volunteered: np.ndarray | None = None) -> Mixture:
         """The labels name more persons than ``free`` found: each of the fit's persons is
         named after the label holding most of its sessions (``rows``, ``cols``), and each
         label left over becomes a person split off the fit's person holding most of its
@@ -1039,7 +1047,13 @@ class HouseholdModel:
         labels add a person: their other sessions 0.624 right without feedback, 0.563
         with it). Starting from the fit, with the new person's size taken from its
         labels and few iterations, it takes the sessions like its labels and leaves the
-        rest as the fit had them (0.634; docs/benchmarks.md, session 11)."""
+        rest as the fit had them (0.634; docs/benchmarks.md, session 11).
+
+        The share is read from the labels on a random sample only: ``volunteered``
+        labels (a "not me" the user gave unasked) exist because the answer was wrong
+        and over-state how much of the parent is someone else — a person named only by
+        them starts with its labelled sessions (share 0) and the EM iterations let it
+        take what resembles them (lead, session 12)."""
         L = int(clamp.max()) + 1
         n, k = X.shape[0], free.n_components
         R = free.ledger_resp
@@ -1052,9 +1066,13 @@ class HouseholdModel:
         labelled = clamp >= 0
         held = np.zeros((L, k))              # labelled sessions per label and fit person
         np.add.at(held, (clamp[labelled], pred[labelled]), 1.0)
+        sampled = labelled if volunteered is None else labelled & ~np.asarray(volunteered, dtype=bool)
+        held_sampled = np.zeros((L, k))      # ... of the labels on a random sample
+        np.add.at(held_sampled, (clamp[sampled], pred[sampled]), 1.0)
         for j in sorted(set(range(L)) - set(label_of.tolist())):
             parent = int(held[j].argmax())
-            share = held[j, parent] / held[:, parent].sum()
+            sampled_there = held_sampled[:, parent].sum()
+            share = held_sampled[j, parent] / sampled_there if sampled_there else 0.0
             resp[:, j] += share * R[:, parent]
             resp[:, label_of[parent]] -= share * R[:, parent]
         resp[labelled] = 0.0

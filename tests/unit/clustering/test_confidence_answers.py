@@ -177,3 +177,98 @@ def test_settled_answers_fit_only_the_settled_map():
         assert with_settled["device_confidence_maps"][name] == value
     assert with_settled["one_person_confidence"] == without["one_person_confidence"]
     assert with_settled["one_person_log_sessions"] == without["one_person_log_sessions"]
+
+
+def test_a_smooth_map_recovers_a_known_calibration_and_never_falls():
+    """Answers right with probability expit(0.6 logit(x) - 0.3) (over-confident raw
+    posteriors): the logistic and beta maps find that curve, the isotonic map follows it
+    in steps; every form is non-decreasing and an unknown form is refused."""
+    from bench.accuracy import smooth_map
+    rng = np.random.default_rng(5)
+    x = rng.uniform(0.35, 0.999, 40000)
+    truth = 1.0 / (1.0 + np.exp(-(0.6 * np.log(x / (1 - x)) - 0.3)))
+    y = (rng.random(x.size) < truth).astype(float)
+    grid = np.linspace(0.4, 0.99, 12)
+    want = 1.0 / (1.0 + np.exp(-(0.6 * np.log(grid / (1 - grid)) - 0.3)))
+    for form, tol in (("logistic", 0.02), ("beta", 0.03), ("isotonic", 0.06)):
+        got = smooth_map(x, y, grid, form)
+        assert np.all(np.diff(got) >= 0), form
+        assert np.abs(got - want).max() < tol, (form, np.round(got - want, 3))
+    # weights: answers weighted twice count twice (the same fit as repeating them)
+    w = rng.choice([1.0, 2.0], x.size)
+    doubled = np.concatenate([np.arange(x.size), np.flatnonzero(w == 2.0)])
+    np.testing.assert_allclose(smooth_map(x, y, grid, "logistic", w), smooth_map(x[doubled], y[doubled], grid, "logistic"),
+                               atol=1e-4)
+    import pytest
+    with pytest.raises(ValueError, match="map form"):
+        smooth_map(x, y, grid, "spline")
+
+
+def test_held_out_confidence_answers_as_the_service_would():
+    """held_out_confidence (what the held-out and fresh-world scores read): a
+    multi-person answer through its map (by age, streamed, settled) moved by its shift and
+    floored at 1 / persons; a one-person answer from its group's evidence; the rest raw."""
+    from bench.accuracy import held_out_confidence
+    n = 6
+    P = np.array([[0.7, 0.3], [0.9, 0.1], [0.5, 0.5], [1.0, 0.0], [0.6, 0.4], [0.8, 0.2]])
+    age = np.array([30, 100, 100, 100, 100, 100])
+    kind = np.array([0, 0, 0, 0, 2, 0], np.int8)
+    a = C.RawAnswers(P, P.argmax(axis=1), age, kind, np.array([1, 1, 1, 1, 1, 0], bool), np.ones(n, bool),
+                     np.zeros(n, np.int64), np.full(n, 2), np.full(n, 2), np.ones(n, bool),
+                     np.column_stack((np.log(age), np.full(n, 2.0))))
+    a.included = np.array([0, 1, 0, 1, 0, 0], bool)
+    flat = ([0.0, 1.0], [0.2, 0.2])    # every answer through it says 0.2 before the floor
+    fit = {"device_confidence_maps": {"young": ([0.0, 1.0], [0.0, 1.0]), "streamed": ([0.0, 1.0], [0.0, 1.0]),
+                                      "settled": flat, "fitted": flat},
+           "device_confidence_shift": {n_: (0.0, (0.0, 0.0)) for n_ in ("young", "streamed", "settled", "fitted")},
+           "one_person_confidence": {g: (0.0, (0.0, 0.0)) for g in ("fitted", "young", "mature")},
+           "one_person_log_sessions": (1.0, 5.0)}
+    fit["device_confidence_shift"]["streamed"] = (np.log(3.0), (0.0, 0.0))   # odds x 3
+    fit["one_person_confidence"]["mature"] = (np.log(4.0), (0.0, 0.0))       # 0.8
+    conf, one = held_out_confidence(fit, a, settled_mode=False)
+    np.testing.assert_allclose(conf[0], 0.7)                        # young map: identity
+    np.testing.assert_allclose(conf[1], 0.9 * 3 / (0.9 * 3 + 0.1))  # streamed map, shifted
+    np.testing.assert_allclose(conf[2], 0.75)                       # 0.5 shifted, above the floor
+    np.testing.assert_allclose(conf[3], 0.8)                        # one live person: the mature group
+    assert one.tolist() == [False, False, False, True, False, False]
+    np.testing.assert_allclose(conf[4:], [0.6, 0.8])                # k-means and no device: raw
+    settled, _ = held_out_confidence(fit, a, settled_mode=True)
+    np.testing.assert_allclose(settled[1], 0.5)                     # included: settled map 0.2, floored at 1/2
+    np.testing.assert_allclose(settled[[0, 2, 3]], conf[[0, 2, 3]])  # young / not included / one-person: as before
+
+
+def test_world_indices_reads_ranges_and_numbers_and_refuses_the_rest():
+    import pytest
+
+    from bench.accuracy import world_indices
+    assert world_indices("0:4,12:14") == (0, 1, 2, 3, 12, 13)
+    assert world_indices("7") == (7,) and world_indices("2:4, 9") == (2, 3, 9)
+    for bad in ("", "a:b", "0:", "-1:3", "0:4,3"):
+        with pytest.raises(ValueError, match="world indices"):
+            world_indices(bad)
+
+
+def test_chosen_worlds_are_the_same_households_as_a_prefix_run():
+    """generate(world_indices=...) gives world w's households whichever worlds are asked for."""
+    some = W.generate(W.TUNING, families=("bingers",), households_per_world=2, world_indices=(2, 0))
+    prefix = W.generate(W.TUNING, families=("bingers",), worlds_per_family=3, households_per_world=2)
+    by_id = {h.household_id: h for h in prefix}
+    assert [h.world_id.rsplit("-w", 1)[1] for h in some] == ["2", "2", "0", "0"]
+    for h in some:
+        np.testing.assert_array_equal(h.features, by_id[h.household_id].features)
+
+
+def test_household_weights_reach_only_the_maps_they_are_meant_for():
+    """Weights per household (e.g. each household counting the same) move the maps named
+    in ``weighted`` and leave the others as the unweighted fit has them."""
+    answers = [C.household_answers(h, settled=True) for h in _households(6)] + _one_person_answers()
+    plain = fit_device_confidence(answers)
+    weights = [1.0 / a["batch"].P.shape[0] for a in answers]
+    settled_only = fit_device_confidence(answers, weights=weights, weighted=("settled",))
+    everywhere = fit_device_confidence(answers, weights=weights)
+    for name in DEVICE_CONFIDENCE_MAPS:
+        if name != "settled":
+            assert settled_only["device_confidence_maps"][name] == plain["device_confidence_maps"][name]
+    assert settled_only["one_person_confidence"] == plain["one_person_confidence"]
+    assert settled_only["device_confidence_maps"]["settled"] == everywhere["device_confidence_maps"]["settled"]
+    assert everywhere["device_confidence_maps"]["settled"] != plain["device_confidence_maps"]["settled"]

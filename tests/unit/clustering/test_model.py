@@ -326,3 +326,26 @@ def test_labels_that_add_a_person_do_not_make_the_other_sessions_worse():
             with_labels.append(matched_correct(h.person, m1.assign_batch(h.features, device_ids=h.device_id).person_index)[~f])
     assert len(with_labels) >= 15
     assert np.concatenate(with_labels).mean() >= np.concatenate(without).mean()
+
+
+def test_volunteered_labels_name_a_person_but_do_not_size_it(monkeypatch):
+    """The household above with label "b" volunteered (a "not me" the user gave unasked,
+    feedback's unprompted): the person it names starts with its labelled session only,
+    not with its labels' share of the parent, since volunteered corrections exist
+    because the answer was wrong and say nothing of the person's size."""
+    from bench import worlds as W
+    from services.clustering.domain import model as M
+    h = next(h for h in W.generate(W.TUNING, families=("mobile_first",), worlds_per_family=2, households_per_world=5)
+             if h.n_persons == 1)
+    labels: list[str | None] = [None] * h.n_sessions
+    labels[0], labels[1], labels[2], labels[-1] = "a", "a", "a", "b"
+    volunteered = np.zeros(h.n_sessions, dtype=bool)
+    volunteered[-1] = True
+    monkeypatch.setattr(M, "LABEL_SEED_EM_ITERS", 0)
+    m = HouseholdModel().fit(h.features, labels=labels, device_ids=h.device_id, volunteered=volunteered)
+    np.testing.assert_allclose(m.mixture.counts, [h.n_sessions - 1, 1], rtol=1e-9)
+    assert m.person_ids.index(m.label_map["b"]) == 1
+    # prompted, the same label sizes it (the test above): 1 of the 4 labels the parent holds
+    prompted = HouseholdModel().fit(h.features, labels=labels, device_ids=h.device_id,
+                                    volunteered=np.zeros(h.n_sessions, dtype=bool))
+    np.testing.assert_allclose(prompted.mixture.counts, [0.75 * (h.n_sessions - 4) + 3, 0.25 * (h.n_sessions - 4) + 1])
