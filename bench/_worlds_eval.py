@@ -63,9 +63,11 @@ class ServiceStream:
     (``ModelKeeper.advance``, services/clustering/modeling.py), without its store: each
     arrival of ``batch`` sessions is one refresh, so sessions are folded in by
     micro-batches of MICRO_BATCH (household.py), a smaller arrival is answered by the
-    current model, the drift detector runs on every fold and each of its alarms refits
-    the household in full, and feedback labels bind to a stream or refit it
-    (``record_labels`` = RecordLabels -> refresh(force="labels")).
+    current model, the drift detector runs on every fold once its reference has
+    MIN_DRIFT_REFERENCE sessions (never in a stream followed from its first session:
+    its reference is 20; an import's is its first fit) and each of its alarms refits the
+    household in full, feedback labels bind to a stream or refit it (``record_labels``
+    = RecordLabels -> refresh(force="labels")) and a Refit request refits it (``refit``).
 
     Why the keeper's decision and not the keeper on a real store: the keeper's
     decision does not touch the store (reading sessions, saving the envelope and
@@ -77,7 +79,8 @@ class ServiceStream:
     "the streams are the service's").
 
     The answers it gives are the keeper's: at arrival, a session's first recorded
-    answer (the model after that refresh; ``included`` False); ``settled()``: what the
+    answer (the model after that refresh; through the at-arrival map unless that
+    refresh was a full fit that includes it); ``settled()``: what the
     household's sessions are recorded as now (the last saved model, the sessions it had
     included before its last save through the "settled" map). Labels are not applied to
     the answers (persons_for answers a labelled session as its label; the benchmarks
@@ -137,8 +140,9 @@ class ServiceStream:
         self._refresh(b, force="labels")
 
     def refit(self, b: int, reason: str) -> None:
-        """A Refit request (the feedback service's household trigger) on the first ``b``
-        sessions: ModelKeeper.refresh(force=reason), a full refit with every label."""
+        """A Refit request (e.g. the feedback service's household trigger) on the first
+        ``b`` sessions: ModelKeeper.refresh(force=reason) — a full refit with every
+        label, except a feedback trigger's on a stream, which binds its labels."""
         self._refresh(b, force=reason)
 
     def settled(self, end: int | None = None):
@@ -239,6 +243,7 @@ def hearth_stream_fed(h: WorldHousehold, fed: np.ndarray, batch: int = STREAM_BA
     (services/feedback/domain/triggers.disagreement_triggers: 3 of the last 5 wrong,
     since its last trigger) and its Refit refits the household in full (``ServiceStream.
     refit``), as in the mesh."""
+    from services.common.refit_reasons import feedback_trigger_reason
     from services.feedback.domain.triggers import disagreement_triggers
     ids: list[str] = []
     probs: list[dict[str, float]] = []
@@ -268,7 +273,7 @@ def hearth_stream_fed(h: WorldHousehold, fed: np.ndarray, batch: int = STREAM_BA
         # said the answer was wrong, counted since its last trigger) asks for a Refit
         verdicts += [ids[i] == labels[i] for i in np.flatnonzero(fed[a:b]) + a]
         if disagreement_triggers([h.household_id] * len(verdicts), verdicts, np.arange(len(verdicts))):
-            stream.refit(b, "disagreement")
+            stream.refit(b, feedback_trigger_reason(0, ": disagreement"))
             verdicts = []
     return columns(probs, sorted(set(ids) | {k for p in probs for k in p}))
 

@@ -33,6 +33,7 @@ from services.clustering.domain.model import MIN_SESSIONS, PERSON_ID, HouseholdM
 from services.clustering.household import MICRO_BATCH, MIN_DRIFT_REFERENCE, Envelope
 from services.clustering.store import ClusteringStore, DriftRow, StoredSession
 from services.common.errors import Conflict
+from services.common.refit_reasons import is_feedback_trigger
 from services.common.telemetry import pseudonym
 
 log = logging.getLogger("hearth.clustering.modeling")
@@ -223,10 +224,14 @@ class ModelKeeper:
         drift: list[DriftRow] = []
         sessions_kept = current is not None and current.first_session_id == snap.first_id \
             and current.included <= len(snap.sessions) and current.model.variant == variant
-        if force == "labels" and sessions_kept and current.model.binds_labels:
+        if (force == "labels" or is_feedback_trigger(force)) and sessions_kept and current.model.binds_labels:
             # A stream is not refitted for feedback (HouseholdModel.binds_labels):
             # the labels bind to its persons; its drift reference and the sessions
-            # still to fold in stay as they were.
+            # still to fold in stay as they were. Nor for the feedback service's Refit
+            # (its household disagreement trigger): on TUNING worlds 4-7 (144 fed
+            # streams, 3 draws each) that refit cost the other sessions 0.019 / 0.034
+            # of accuracy and the labels-only ECE rose 0.032 -> 0.038 / 0.040 -> 0.068
+            # (docs/benchmarks.md, session 12).
             model = _private_copy(current.model)
             model.reserve_label_ids(snap.labels)
             envelope = Envelope(model, current.included, current.reference_end, current.drift_checked,

@@ -26,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 import numpy as np
 
 from services.common.predictions import feedback_label_source
+from services.common.refit_reasons import feedback_trigger_reason
 from services.feedback import instruments
 from services.feedback.calibration import Calibration
 from services.feedback.dataset import build_dataset
@@ -103,8 +104,8 @@ class Triggers:
         instruments.RETRAIN_TRIGGERS.labels(trigger.kind).inc()
         log.info("retraining trigger", extra={"fields": {**trigger.to_dict(), "trigger_id": trigger_id}})
         if refit:
-            reason = (f"feedback trigger {trigger_id}: {trigger.kind} {trigger.value:g} >= "
-                      f"{trigger.threshold:g} over {trigger.n} feedback items")
+            reason = feedback_trigger_reason(trigger_id, f": {trigger.kind} {trigger.value:g} >= "
+                                             f"{trigger.threshold:g} over {trigger.n} feedback items")
             self._submit_refit(trigger_id, trigger.key, reason)
         return trigger_id
 
@@ -112,7 +113,7 @@ class Triggers:
         pending = self.store.pending_refits() if self.refits is not None else []
         for trigger in pending:
             self._submit_refit(trigger.trigger_id, trigger.scope_key,
-                               f"feedback trigger {trigger.trigger_id} (retry): {trigger.kind}")
+                               feedback_trigger_reason(trigger.trigger_id, f" (retry): {trigger.kind}"))
         return len(pending)
 
     def forward_label(self, prediction, kind: SignalKind, true_person: str | None, unprompted: bool = False) -> None:

@@ -162,3 +162,22 @@ def test_a_volunteered_label_is_marked_for_the_fit(database):
     assert np.flatnonzero(snap.volunteered).tolist() == [3] and snap.labels[3] == "p42" and snap.labels[5] == "p1"
     _, envelope = app.keeper.load("acc-u")
     assert "p42" in envelope.model.person_ids          # fitted at once: the label refits it, naming p42
+
+
+def test_a_feedback_triggers_refit_binds_a_stream_and_a_requested_one_refits(database):
+    """The feedback service's household trigger (3 of the last 5 answers said wrong) asks
+    for a Refit: a stream is not refitted for it (its labels are bound already), as for
+    the labels themselves; an operator's Refit still refits in full."""
+    from services.common.refit_reasons import feedback_trigger_reason
+    app = _app(database)
+    _stream(app, "acc-t", range(30), seed=4)
+    version, envelope = app.keeper.load("acc-t")
+    assert envelope.model.streamed and envelope.model.binds_labels
+    stats = envelope.model.mixture.stats.copy()
+    app.refit("acc-t", feedback_trigger_reason(7, ": disagreement 3 >= 3 over 5 feedback items"))
+    _, kept = app.keeper.load("acc-t")
+    assert kept.model.streamed and kept.included == envelope.included
+    np.testing.assert_array_equal(kept.model.mixture.stats, stats)      # not refitted
+    app.refit("acc-t", "requested by an operator")
+    _, refitted = app.keeper.load("acc-t")
+    assert not refitted.model.streamed and refitted.model.folded_in == 0
