@@ -77,18 +77,25 @@ def test_a_reported_join_survives_serialisation_and_is_not_reported_twice():
     assert not [e for e in restored.composition_events[before:] if e["kind"] == "join"]
 
 
-def test_a_newcomer_on_the_shared_tv_is_born_and_reported_within_30_sessions():
+def _newcomer_household():
     """Two phone owners who also use the TV; after 60 days a third member starts
-    watching, on the TV only, at other hours and other genres. No device says so: the
-    newcomer test (_birth_of_newcomer) must model them, report one join within 30
-    sessions of their first session, leave the first two persons' ids alone and give
-    the newcomer's later sessions an id of their own."""
+    watching, on the TV only, at other hours and other genres: (X, devices, person)."""
     rng = np.random.default_rng(41)
     parts = [(*persona_sessions(rng, 90, 100, 20, "mobile", {"comedy": 2, "drama": 1}), "phone-a", 0),
              (*persona_sessions(rng, 30, 100, 20, "tv", {"comedy": 2, "drama": 1}), "tv", 0),
              (*persona_sessions(rng, 90, 100, 23, "mobile", {"horror": 2, "scifi": 1}), "phone-b", 1),
              (*persona_sessions(rng, 45, 40, 10, "tv", {"documentary": 2, "news": 1}, start_day=60), "tv", 2)]
     _, X, dev, person = household(parts)
+    return X, dev, person
+
+
+def test_a_newcomer_on_the_shared_tv_is_born_and_reported_within_30_sessions():
+    """Two phone owners who also use the TV; after 60 days a third member starts
+    watching, on the TV only, at other hours and other genres. No device says so: the
+    newcomer test (_birth_of_newcomer) must model them, report one join within 30
+    sessions of their first session, leave the first two persons' ids alone and give
+    the newcomer's later sessions an id of their own."""
+    X, dev, person = _newcomer_household()
     first_new = int(np.flatnonzero(person == 2)[0])
     m = HouseholdModel()
     ids, events = [], []
@@ -349,12 +356,7 @@ def test_a_member_the_caller_named_keeps_that_id_when_the_stream_finds_them():
     second session, before the stream has found them: the id reserved for the name is
     the id the stream's newcomer gets (HouseholdModel._adopt_reserved_ids), not a fresh
     one beside it; the phone owners keep theirs."""
-    rng = np.random.default_rng(41)
-    parts = [(*persona_sessions(rng, 90, 100, 20, "mobile", {"comedy": 2, "drama": 1}), "phone-a", 0),
-             (*persona_sessions(rng, 30, 100, 20, "tv", {"comedy": 2, "drama": 1}), "tv", 0),
-             (*persona_sessions(rng, 90, 100, 23, "mobile", {"horror": 2, "scifi": 1}), "phone-b", 1),
-             (*persona_sessions(rng, 45, 40, 10, "tv", {"documentary": 2, "news": 1}, start_day=60), "tv", 2)]
-    _, X, dev, person = household(parts)
+    X, dev, person = _newcomer_household()
     second_new = int(np.flatnonzero(person == 2)[1])
     labels: list[str | None] = [None] * X.shape[0]
     labels[second_new] = "grandpa"
