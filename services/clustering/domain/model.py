@@ -803,8 +803,10 @@ class HouseholdModel:
         """Persons a label names that the model has not fitted (yet): reserve_label_ids'
         ids in a stream, a caller's id before the first fit. The service answers their
         labelled sessions as them and lists them with the household's persons."""
-        return sorted({pid for pid in self.label_map.values()
-                       if pid not in self.person_ids and pid not in self.retired})
+        unfitted = {pid for pid in self.label_map.values() if pid not in self.person_ids and pid not in self.retired}
+        if unfitted and self.active_variant == "cold_start":
+            unfitted -= set(self._cold_persons()[0])   # the cold-start answers' persons are fitted ones
+        return sorted(unfitted)
 
     def reserve_label_ids(self, labels: Sequence[str | None] | None) -> None:
         """Every label names a person id now, fitted or not: an id stands for itself

@@ -111,3 +111,13 @@ def test_a_streaming_refit_never_loses_a_person_a_label_names():
     assert m._drops_kept_person(["p2", "p4"], ["p2", "p5"])
     assert not m._drops_kept_person(["p1", "p2"], ["p1"])
     assert not m._drops_kept_person(["p1", "p2"], ["p1", "p3"])
+
+
+def test_a_cold_start_persons_id_named_by_a_label_is_not_reserved_again(household):
+    h = household
+    m = HouseholdModel()
+    m.update(h.features[:3], device_ids=h.device_id[:3])
+    assert m.active_variant == "cold_start"
+    answered = m.assign_batch(h.features[:1], device_ids=h.device_id[:1]).person_ids[0]
+    m.bind_id_labels([answered, "p9"])             # a confirmation of a cold answer, a caller's new id
+    assert m.reserved_person_ids() == ["p9"]       # the confirmed person is one the model answers with
