@@ -245,7 +245,9 @@ class ModelKeeper:
                 base = base or self.new_model(variant)
                 base.retire_person(retire)
             envelope = self.fit(snap, base, variant, account_id)
-            REFITS.labels(reason).inc()
+            REFITS.labels(refit_reason_label(reason)).inc()
+            if reason != refit_reason_label(reason):   # the caller's words go to the log
+                log.info("refit of %s: %s", pseudonym(account_id), reason[:200])
             # a full fit includes every session
             return Step(envelope, True, 0, len(snap.sessions), [], reason)
         new = len(snap.sessions) - current.included
@@ -322,6 +324,24 @@ class ModelKeeper:
         persons, probs = persons_for(envelope.model, sessions, snap.labels[start:], snap.X[start:],
                                      included=np.arange(start, len(snap.sessions)) < included)
         self.store.set_persons(account_id, persons, probs)
+
+
+# The keeper's own reasons for a full refit; any other is a Refit request's free text.
+REFIT_REASONS = ("new", "sessions_changed", "variant_changed", "labels", "erasure", "feature_schema", "drift")
+
+
+def refit_reason_label(reason: str) -> str:
+    """hearth_model_refits_total's ``reason``: the keeper's own reasons as they are, a
+    feedback trigger's Refit "feedback_trigger", any other Refit "requested". Why: the
+    Refit RPC's reason is free text (an operator's words, a trigger's id and figures),
+    and every distinct label value is a new time series in Prometheus."""
+    if reason in REFIT_REASONS:
+        return reason
+    return "feedback_trigger" if is_feedback_trigger(reason) else "requested"
+
+
+for _reason in (*REFIT_REASONS, "feedback_trigger", "requested"):   # every series from the start
+    REFITS.labels(_reason)
 
 
 def _private_copy(model: HouseholdModel) -> HouseholdModel:

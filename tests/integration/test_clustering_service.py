@@ -89,6 +89,27 @@ def test_refit_keeps_person_ids(household):
     assert agree >= 0.97
 
 
+def test_a_refits_free_text_reason_is_not_a_metric_label(household):
+    """The Refit RPC's reason is an operator's words or a feedback trigger's id and
+    figures: hearth_model_refits_total counts it as "requested" / "feedback_trigger",
+    never as a series of its own (each distinct label value is a new time series)."""
+    from prometheus_client import REGISTRY
+
+    from services.common.refit_reasons import feedback_trigger_reason
+    app, *_ = household
+
+    def count(reason: str) -> float:
+        return REGISTRY.get_sample_value("hearth_model_refits_total", {"reason": reason}) or 0.0
+    requested, triggered = count("requested"), count("feedback_trigger")
+    app.refit("acc-h", "ops ticket 4711: customer says the kids are mixed up")
+    app.refit("acc-h", feedback_trigger_reason(17, ": disagreement 3 >= 3"))   # fitted at once: refits
+    assert count("requested") == requested + 1 and count("feedback_trigger") == triggered + 1
+    reasons = {s.labels["reason"] for metric in REGISTRY.collect() if metric.name == "hearth_model_refits"
+               for s in metric.samples if "reason" in s.labels}
+    assert reasons <= {"new", "sessions_changed", "variant_changed", "labels", "erasure", "feature_schema",
+                       "drift", "feedback_trigger", "requested"}, reasons
+
+
 def test_new_sessions_fold_in_by_micro_batches(household):
     app, _, version, envelope = household
     more, _ = household_events("acc-h", ("kid", "parent", "teen"), days=6, start_ts=T0 + 30 * 86400, seed=9)
