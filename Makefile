@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(shell find protos -name '*.proto')
 
 .DEFAULT_GOAL := help
-.PHONY: help run test protos venv test-unit test-contract test-integration test-e2e lint \
+.PHONY: help run test protos venv test-unit test-contract test-integration test-e2e \
         provision bench-accuracy bench-assign bench-assign-cpu bench-attribution bench-privacy bench-pg-purge bench-feedback bench-gateway bench-grpc-server bench-audit-memory verify clean check-protos
 
 help: ## list the targets

@@ -243,7 +243,7 @@ def hearth_stream_fed(h: WorldHousehold, fed: np.ndarray, batch: int = STREAM_BA
     (services/feedback/domain/triggers.disagreement_triggers: 3 of the last 5 wrong,
     since its last trigger) and its Refit refits the household in full (``ServiceStream.
     refit``), as in the mesh."""
-    from services.common.refit_reasons import feedback_trigger_reason
+    from services.common.feedback_to_clustering import feedback_trigger_reason
     from services.feedback.domain.triggers import disagreement_triggers
     ids: list[str] = []
     probs: list[dict[str, float]] = []
