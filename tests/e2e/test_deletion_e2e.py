@@ -163,6 +163,23 @@ def test_each_scope_end_to_end_leaves_no_remnant(dmesh, client):
     assert job["receipt"]["receipt"]["scope"] == {"kind": "household", "account_id": acct}
     assert remnants(dmesh, acct) == {}
 
+    # An erased household stays erased: events and touchpoints that arrive later (in flight
+    # during the job, or a client still sending) are refused, naming the account once, and
+    # nothing is written for them.
+    late = {"event_id": f"{acct}-late", "account_id": acct, "device_id": "tv-9", "device_type": "tv",
+            "ts": _iso(t0 + 4 * DAY), "kind": "play_start", "title_id": "title-late", "genres": ["drama"],
+            "duration_s": 60, "maturity": "adult"}
+    for path, body in (("/v1/events", {"events": [late]}),
+                       ("/v1/touchpoints", {"touchpoints": [{"touchpoint_id": f"{acct}-late", "account_id": acct,
+                                                             "device_id": "tv-9", "ts": _iso(t0 + 4 * DAY),
+                                                             "channel": "email", "campaign": "late"}]})):
+        r = client.post(path, json=body)
+        assert r.status_code == 412, (path, r.text)
+        error = r.json()["error"]
+        assert error["field"] == "account_id" and "erased" in error["message"], error
+        assert error["message"].count("account_id") == 1, error
+    assert remnants(dmesh, acct) == {}
+
 
 def test_receipt_verifies_offline_and_a_forgery_does_not(dmesh, client, tmp_path):
     acct = f"e2e-rcpt-{RUN}"
