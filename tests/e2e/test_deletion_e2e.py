@@ -147,6 +147,9 @@ def test_each_scope_end_to_end_leaves_no_remnant(dmesh, client):
     assert by["clustering"]["deleted_counts"] == {"events": 4, "sessions": 1, "devices": 1}
     assert by["attribution"]["deleted_counts"] == {"touchpoints": 1}
     assert remnants(dmesh, acct, "tv-1") == {}
+    # A device erasure does not close the household: the same device may send again.
+    post_events(client, acct, "tv-1", t0 + 2 * DAY, 2, prefix=f"{acct}-again")
+    assert remnants(dmesh, acct, "tv-1")
 
     job = delete(client, {"kind": "person", "account_id": acct, "person_id": "p2"})
     assert job["state"] == "completed", job
