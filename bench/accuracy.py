@@ -48,7 +48,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score  #
 from sklearn.mixture import GaussianMixture  # noqa: E402
 
 from bench import _worlds_eval as worlds_eval, worlds, worlds_blind  # noqa: E402
-from bench._clustering_eval import brier_ece_parts, ece, matched_correct  # noqa: E402
+from bench._clustering_eval import brier_ece_parts, ece, matched_correct, probability_figures  # noqa: E402
 from services.clustering.domain import drift as D  # noqa: E402
 from services.clustering.domain.model import YOUNG_MODEL_SESSIONS, HouseholdModel, PopulationPrior  # noqa: E402
 from services.clustering.domain.simulator import (  # noqa: E402
@@ -78,13 +78,7 @@ def summarise(hs, preds, probs=None) -> dict:
         "sessions": int(allc.size), "households": len(hs),
     }
     if probs is not None:
-        parts = [brier_ece_parts(h.person, P) for h, P in zip(hs, probs)]
-        b = np.concatenate([p[0] for p in parts])
-        conf = np.concatenate([p[1] for p in parts])
-        corr = np.concatenate([p[2] for p in parts])
-        out["brier"] = float(b.mean())
-        out["brier_top_label"] = float(np.mean((conf - corr) ** 2))
-        out["ece"] = ece(conf, corr)
+        out.update(probability_figures([h.person for h in hs], probs))
     return out
 
 
