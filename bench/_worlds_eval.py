@@ -29,7 +29,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.mixture import GaussianMixture
 from sklearn.model_selection import StratifiedKFold
 
-from bench._clustering_eval import brier_ece_parts, ece, match, matched_correct
+from bench._clustering_eval import ece, match, matched_correct, probability_figures
 from bench.worlds import PERSONAL_TYPES, WorldHousehold
 from services.clustering.domain import features as F
 from services.clustering.domain.model import CHANGE_LOOKBACK, CHANGE_MIN_HISTORY, MIN_SESSIONS, HouseholdModel
@@ -248,7 +248,7 @@ def hearth_stream_fed(h: WorldHousehold, fed: np.ndarray, batch: int = STREAM_BA
     (services/feedback/domain/triggers.disagreement_triggers: 3 of the last 5 wrong,
     since its last trigger) and its Refit refits the household in full (``ServiceStream.
     refit``), as in the mesh."""
-    from services.common.refit_reasons import feedback_trigger_reason
+    from services.common.feedback_to_clustering import feedback_trigger_reason
     from services.feedback.domain.triggers import disagreement_triggers
     ids: list[str] = []
     probs: list[dict[str, float]] = []
@@ -390,14 +390,7 @@ def summarise(hs: list[WorldHousehold], preds: list[np.ndarray], probs: list[np.
         "sessions": int(allc.size), "households": len(hs),
     }
     if probs is not None:
-        parts = [brier_ece_parts(h.person, P) for h, P in zip(hs, probs)]
-        b = np.concatenate([p[0] for p in parts])
-        conf = np.concatenate([p[1] for p in parts])
-        corr = np.concatenate([p[2] for p in parts])
-        out["brier"] = float(b.mean())
-        out["brier_top_label"] = float(np.mean((conf - corr) ** 2))
-        out["ece"] = ece(conf, corr)
-        out["mean_confidence"] = float(conf.mean())
+        out.update(probability_figures([h.person for h in hs], probs))
     return out
 
 

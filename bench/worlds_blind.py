@@ -416,10 +416,13 @@ def _session_events(m: _Member, world: BlindWorld, t: float, device, rng, hid, s
 
 
 def make_household(world: BlindWorld, rng: np.random.Generator, household_id: str,
-                   keep_events: bool = False) -> WorldHousehold | None:
+                   viewer_taste=None, keep_events: bool = False) -> WorldHousehold | None:
     """One household's sessions through the real validation and session builder, with the
     person each session belongs to (majority of its watch seconds). None when the draw
-    left fewer than MIN_SESSIONS sessions (the caller draws again)."""
+    left fewer than MIN_SESSIONS sessions (the caller draws again). ``viewer_taste``
+    (kid: bool, guest: bool) -> probabilities over the catalogue: each member's and guest's
+    taste comes from it instead of the latent factors (bench/worlds_movielens.py: real
+    viewers)."""
     fam = world.family
     sizes, weights = zip(*fam.sizes)
     size = int(rng.choice(sizes, p=np.array(weights) / sum(weights)))
@@ -433,6 +436,9 @@ def make_household(world: BlindWorld, rng: np.random.Generator, household_id: st
     shared = rng.normal(size=world.dims)
     members = [_make_member(world, rng, i, kids[i], shared, tvs, has_console, kids_tablet, household_id)
                for i in range(size)]
+    if viewer_taste is not None:
+        for m in members:
+            m.taste = viewer_taste(m.kid, False)
     change = None
     if size >= 2 and rng.random() < world.change:
         who = int(rng.integers(1, size))
@@ -456,9 +462,12 @@ def make_household(world: BlindWorld, rng: np.random.Generator, household_id: st
         host = members[int(rng.integers(size))]
         day = rng.uniform(0, world.days - 1)
         t = np.floor(day) * DAY_S + (rng.uniform(19, 22.5) - world.utc_offset_h) * HOUR_S
-        guest = rng.normal(size=world.dims)
-        score = world.item_popularity + 1.5 * (world.item_vectors @ guest) / np.sqrt(world.dims)
-        taste = np.exp(score - score.max())
+        if viewer_taste is None:
+            guest = rng.normal(size=world.dims)
+            score = world.item_popularity + 1.5 * (world.item_vectors @ guest) / np.sqrt(world.dims)
+            taste = np.exp(score - score.max())
+        else:
+            taste = viewer_taste(False, True)
         for k in range(int(1 + rng.poisson(0.5))):
             new = _session_events(host, world, t + k * 2.5 * HOUR_S, (tvs[0], "tv"), rng, household_id, seq,
                                   progress, taste / taste.sum())
@@ -532,7 +541,7 @@ def generate(families: tuple[str, ...] | None = None, worlds_per_family: int = 3
                 rng = np.random.default_rng(h_seq)
                 for attempt in range(20):
                     hh = make_household(world, rng, f"{world.world_id}-h{h}" + (f"r{attempt}" if attempt else ""),
-                                        keep_events)
+                                        keep_events=keep_events)
                     if hh is not None:
                         out.append(hh)
                         break

@@ -33,7 +33,7 @@ from services.clustering.domain.model import MIN_SESSIONS, PERSON_ID, HouseholdM
 from services.clustering.household import MICRO_BATCH, MIN_DRIFT_REFERENCE, Envelope
 from services.clustering.store import ClusteringStore, DriftRow, StoredSession
 from services.common.errors import Conflict
-from services.common.refit_reasons import is_feedback_trigger
+from services.common.feedback_to_clustering import is_feedback_trigger
 from services.common.telemetry import pseudonym
 
 log = logging.getLogger("hearth.clustering.modeling")

@@ -95,7 +95,7 @@ def test_a_refits_free_text_reason_is_not_a_metric_label(household):
     never as a series of its own (each distinct label value is a new time series)."""
     from prometheus_client import REGISTRY
 
-    from services.common.refit_reasons import feedback_trigger_reason
+    from services.common.feedback_to_clustering import feedback_trigger_reason
     app, *_ = household
 
     def count(reason: str) -> float:
