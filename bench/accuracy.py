@@ -8,7 +8,9 @@ GMM+BIC, k-means with the true k and a supervised oracle (bench/_worlds_eval.py)
 ``--worlds-only`` / ``--no-worlds`` run one part. "worlds_blind" scores the same way the
 households of bench/worlds_blind.py, a second generator written without reading the
 model (seed BLIND_SEED, report only, never tuned on; ``--blind-only`` runs it alone;
-``--no-worlds`` leaves it out too). ``--calibrate-confidence`` fits the
+``--no-worlds`` leaves it out too). ``--movielens-only`` scores real viewers the same way
+(bench/worlds_movielens.py: MovieLens 100K users merged into accounts, report only; the
+data is fetched once, it is not in the repository). ``--calibrate-confidence`` fits the
 model's confidence maps: for bare vectors (TUNING worlds + simulator seeds 500) and for
 sessions with device ids (TUNING worlds ``--fit-worlds``, default CONFIDENCE_FIT_WORLDS,
 batch and stream pooled; ``--fresh-worlds`` also scores the fit on fresh TUNING worlds).
@@ -47,8 +49,8 @@ from sklearn.cluster import KMeans  # noqa: E402
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score  # noqa: E402
 from sklearn.mixture import GaussianMixture  # noqa: E402
 
-from bench import _worlds_eval as worlds_eval, worlds, worlds_blind  # noqa: E402
-from bench._clustering_eval import brier_ece_parts, ece, matched_correct  # noqa: E402
+from bench import _worlds_eval as worlds_eval, worlds, worlds_blind, worlds_movielens  # noqa: E402
+from bench._clustering_eval import brier_ece_parts, ece, matched_correct, probability_figures  # noqa: E402
 from services.clustering.domain import drift as D  # noqa: E402
 from services.clustering.domain.model import YOUNG_MODEL_SESSIONS, HouseholdModel, PopulationPrior  # noqa: E402
 from services.clustering.domain.simulator import (  # noqa: E402
@@ -78,13 +80,7 @@ def summarise(hs, preds, probs=None) -> dict:
         "sessions": int(allc.size), "households": len(hs),
     }
     if probs is not None:
-        parts = [brier_ece_parts(h.person, P) for h, P in zip(hs, probs)]
-        b = np.concatenate([p[0] for p in parts])
-        conf = np.concatenate([p[1] for p in parts])
-        corr = np.concatenate([p[2] for p in parts])
-        out["brier"] = float(b.mean())
-        out["brier_top_label"] = float(np.mean((conf - corr) ** 2))
-        out["ece"] = ece(conf, corr)
+        out.update(probability_figures([h.person for h in hs], probs))
     return out
 
 
@@ -771,22 +767,34 @@ def log_worlds_summary(tag: str, block: dict, streaming: bool) -> None:
         f"{cc['false_alarms_per_household_quarter']} false alarms per household-quarter")
 
 
-def run_blind(quick: bool, streaming: bool = True, workers: int = 2,
-              feedback_draws: int = worlds_eval.FEEDBACK_MESH_DRAWS) -> dict:
-    """The blind worlds (bench/worlds_blind.py: a second generator written without
-    reading the model), seed BLIND_SEED, REPORT ONLY: never tune on this block."""
+def run_report_only(tag: str, generator, seed: int, quick: bool, streaming: bool = True, workers: int = 2,
+                    feedback_draws: int = worlds_eval.FEEDBACK_MESH_DRAWS) -> dict:
+    """Households of a generator nobody tuned on (``generator.generate``: its families,
+    worlds and households), scored as the worlds are. REPORT ONLY: never tune on it."""
     n_worlds, n_house = (1, 2) if quick else (3, 4)
-    hs = worlds_blind.generate(worlds_per_family=n_worlds, households_per_world=n_house)
-    log(f"[blind] {len(hs)} households ({n_worlds} worlds x {n_house} households per family, "
-        f"seed {worlds_blind.BLIND_SEED}, report only)")
+    hs = generator.generate(worlds_per_family=n_worlds, households_per_world=n_house)
+    log(f"[{tag}] {len(hs)} households ({n_worlds} worlds x {n_house} households per family, "
+        f"seed {seed}, report only)")
     block = worlds_eval.run(hs, log, streaming=streaming, workers=workers, feedback_mesh_draws=feedback_draws)
-    block["split"] = {"generator": "bench/worlds_blind.py", "seed": worlds_blind.BLIND_SEED,
+    block["split"] = {"generator": f"bench/{generator.__name__.rsplit('.', 1)[-1]}.py", "seed": seed,
                       "families": list(worlds_blind.FAMILIES), "worlds_per_family": n_worlds,
                       "households_per_world": n_house, "report_only": True,
                       "unknown_genre_share": round(float(np.mean([h.unknown_genre_share for h in hs])), 3),
                       "households_with_composition_change": sum(bool(h.changes) for h in hs)}
-    log_worlds_summary("blind", block, streaming)
+    log_worlds_summary(tag, block, streaming)
     return block
+
+
+def run_blind(quick: bool, **kw) -> dict:
+    """The blind worlds (bench/worlds_blind.py: a second generator written without
+    reading the model), seed BLIND_SEED."""
+    return run_report_only("blind", worlds_blind, worlds_blind.BLIND_SEED, quick, **kw)
+
+
+def run_movielens(quick: bool, **kw) -> dict:
+    """Real viewers (bench/worlds_movielens.py: MovieLens 100K users merged into accounts,
+    the blind generator's times and devices), seed MOVIELENS_SEED."""
+    return run_report_only("movielens", worlds_movielens, worlds_movielens.MOVIELENS_SEED, quick, **kw)
 
 
 def main() -> None:
@@ -798,8 +806,12 @@ def main() -> None:
     ap.add_argument("--no-worlds", action="store_true", help="only Hearth's own simulator")
     ap.add_argument("--blind-only", action="store_true",
                     help="only the blind worlds (bench/worlds_blind.py, report only)")
+    ap.add_argument("--movielens-only", action="store_true",
+                    help="only real viewers: MovieLens 100K users merged into accounts (bench/worlds_movielens.py, "
+                         "report only; the data: python -m bench.worlds_movielens --fetch)")
     ap.add_argument("--batch-only", action="store_true",
-                    help="with --worlds-only / --blind-only: the batch fit and baselines, no streaming part")
+                    help="with --worlds-only / --blind-only / --movielens-only: the batch fit and baselines, "
+                         "no streaming part")
     ap.add_argument("--calibrate-confidence", action="store_true",
                     help="fit the confidence map on the TUNING worlds (prints it)")
     ap.add_argument("--device-maps-only", action="store_true",
@@ -838,9 +850,10 @@ def main() -> None:
                                                                 args.leave_one_family_out, args.fit_worlds,
                                                                 args.fresh_worlds)}))
         return
-    if args.blind_only:
-        print(json.dumps({"worlds_blind": run_blind(args.quick, streaming=not args.batch_only, workers=args.workers,
-                                                    feedback_draws=args.feedback_draws),
+    if args.blind_only or args.movielens_only:
+        key, run = ("worlds_blind", run_blind) if args.blind_only else ("worlds_movielens", run_movielens)
+        print(json.dumps({key: run(args.quick, streaming=not args.batch_only, workers=args.workers,
+                                   feedback_draws=args.feedback_draws),
                           "elapsed_s": round(time.time() - t0, 1), "quick": args.quick}))
         return
     if args.worlds_only:
