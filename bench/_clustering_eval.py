@@ -41,6 +41,17 @@ def brier_ece_parts(truth: np.ndarray, P: np.ndarray) -> tuple[np.ndarray, np.nd
     return brier, conf, correct
 
 
+def probability_figures(truths, probs) -> dict:
+    """Brier (multi-class and top-label) and ECE over households: ``truths`` the true
+    person of each session per household, ``probs`` the (sessions, persons) answers."""
+    parts = [brier_ece_parts(truth, P) for truth, P in zip(truths, probs)]
+    brier = np.concatenate([p[0] for p in parts])
+    conf = np.concatenate([p[1] for p in parts])
+    correct = np.concatenate([p[2] for p in parts])
+    return {"brier": float(brier.mean()), "brier_top_label": float(np.mean((conf - correct) ** 2)),
+            "ece": ece(conf, correct), "mean_confidence": float(conf.mean())}
+
+
 def ece(conf: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
     """Expected calibration error of the top label, equal-width bins."""
     if conf.size == 0:

@@ -29,7 +29,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.mixture import GaussianMixture
 from sklearn.model_selection import StratifiedKFold
 
-from bench._clustering_eval import brier_ece_parts, ece, match, matched_correct
+from bench._clustering_eval import ece, match, matched_correct, probability_figures
 from bench.worlds import PERSONAL_TYPES, WorldHousehold
 from services.clustering.domain import features as F
 from services.clustering.domain.model import CHANGE_LOOKBACK, CHANGE_MIN_HISTORY, MIN_SESSIONS, HouseholdModel
@@ -115,16 +115,21 @@ class ServiceStream:
                 self.refits.append((b, step.refit))
         return step.envelope.model
 
-    def arrivals(self, batch: int = STREAM_BATCH, first: int = 0):
+    def arrivals(self, batch: int = STREAM_BATCH, first: int = 0, ends: list[int] | None = None):
         """Per arrival: (first session, end, the model that answered it, its answers,
         the composition events raised since the previous arrival). ``first`` > 0: the
         first arrival is that many sessions (a household imported with its history, then
-        followed; its first full fit is the drift reference)."""
+        followed; its first full fit is the drift reference). ``ends``: the arrivals'
+        ends instead (increasing session counts, e.g. the sessions a client's requests had
+        closed: bench.api_accuracy)."""
         events_seen = 0
         n = self.h.n_sessions
-        starts = [0, *range(first, n, batch)] if 0 < first < n else range(0, n, batch)
+        if ends is not None:
+            starts = [0, *ends[:-1]]
+        else:
+            starts = [0, *range(first, n, batch)] if 0 < first < n else range(0, n, batch)
         for i, a in enumerate(starts):
-            b = min(starts[i + 1] if i + 1 < len(starts) else a + batch, n)
+            b = min(starts[i + 1] if i + 1 < len(starts) else (ends[-1] if ends is not None else a + batch), n)
             m = self._refresh(b)
             # the keeper records the arrival with the sessions its model includes (a
             # full fit's, e.g. an import's) through the "settled" map, the rest at arrival
@@ -243,7 +248,7 @@ def hearth_stream_fed(h: WorldHousehold, fed: np.ndarray, batch: int = STREAM_BA
     (services/feedback/domain/triggers.disagreement_triggers: 3 of the last 5 wrong,
     since its last trigger) and its Refit refits the household in full (``ServiceStream.
     refit``), as in the mesh."""
-    from services.common.refit_reasons import feedback_trigger_reason
+    from services.common.feedback_to_clustering import feedback_trigger_reason
     from services.feedback.domain.triggers import disagreement_triggers
     ids: list[str] = []
     probs: list[dict[str, float]] = []
@@ -385,14 +390,7 @@ def summarise(hs: list[WorldHousehold], preds: list[np.ndarray], probs: list[np.
         "sessions": int(allc.size), "households": len(hs),
     }
     if probs is not None:
-        parts = [brier_ece_parts(h.person, P) for h, P in zip(hs, probs)]
-        b = np.concatenate([p[0] for p in parts])
-        conf = np.concatenate([p[1] for p in parts])
-        corr = np.concatenate([p[2] for p in parts])
-        out["brier"] = float(b.mean())
-        out["brier_top_label"] = float(np.mean((conf - corr) ** 2))
-        out["ece"] = ece(conf, corr)
-        out["mean_confidence"] = float(conf.mean())
+        out.update(probability_figures([h.person for h in hs], probs))
     return out
 
 

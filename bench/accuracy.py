@@ -8,7 +8,9 @@ GMM+BIC, k-means with the true k and a supervised oracle (bench/_worlds_eval.py)
 ``--worlds-only`` / ``--no-worlds`` run one part. "worlds_blind" scores the same way the
 households of bench/worlds_blind.py, a second generator written without reading the
 model (seed BLIND_SEED, report only, never tuned on; ``--blind-only`` runs it alone;
-``--no-worlds`` leaves it out too). ``--calibrate-confidence`` fits the
+``--no-worlds`` leaves it out too). ``--movielens-only`` scores real viewers the same way
+(bench/worlds_movielens.py: MovieLens 100K users merged into accounts, report only; the
+data is fetched once, it is not in the repository). ``--calibrate-confidence`` fits the
 model's confidence maps: for bare vectors (TUNING worlds + simulator seeds 500) and for
 sessions with device ids (TUNING worlds ``--fit-worlds``, default CONFIDENCE_FIT_WORLDS,
 batch and stream pooled; ``--fresh-worlds`` also scores the fit on fresh TUNING worlds).
@@ -47,8 +49,8 @@ from sklearn.cluster import KMeans  # noqa: E402
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score  # noqa: E402
 from sklearn.mixture import GaussianMixture  # noqa: E402
 
-from bench import _worlds_eval as worlds_eval, worlds, worlds_blind  # noqa: E402
-from bench._clustering_eval import brier_ece_parts, ece, matched_correct  # noqa: E402
+from bench import _worlds_eval as worlds_eval, worlds, worlds_blind, worlds_movielens  # noqa: E402
+from bench._clustering_eval import brier_ece_parts, ece, matched_correct, probability_figures  # noqa: E402
 from services.clustering.domain import drift as D  # noqa: E402
 from services.clustering.domain.model import YOUNG_MODEL_SESSIONS, HouseholdModel, PopulationPrior  # noqa: E402
 from services.clustering.domain.simulator import (  # noqa: E402
@@ -78,13 +80,7 @@ def summarise(hs, preds, probs=None) -> dict:
         "sessions": int(allc.size), "households": len(hs),
     }
     if probs is not None:
-        parts = [brier_ece_parts(h.person, P) for h, P in zip(hs, probs)]
-        b = np.concatenate([p[0] for p in parts])
-        conf = np.concatenate([p[1] for p in parts])
-        corr = np.concatenate([p[2] for p in parts])
-        out["brier"] = float(b.mean())
-        out["brier_top_label"] = float(np.mean((conf - corr) ** 2))
-        out["ece"] = ece(conf, corr)
+        out.update(probability_figures([h.person for h in hs], probs))
     return out
 
 
@@ -402,8 +398,9 @@ def calibrate_device_confidence(quick: bool, leave_one_world_out: bool = False,
       top-label probability of multi-person answers, one map per
       model.device_map_name (models of >= YOUNG_MODEL_SESSIONS sessions: fitted at once
       or streamed; younger models: one map);
-    * ONE_PERSON_CONFIDENCE, per group (fitted at once; streamed and young, with the
-      cold-start answers; streamed and mature): a logistic regression of "the answer is
+    * ONE_PERSON_CONFIDENCE, per model.one_person_group (a full fit of more sessions than
+      a stream's first; a stream's first fit, young streamed models and cold starts;
+      streamed and mature; one_person_answers): a logistic regression of "the answer is
       right" on the answer's one-person evidence (model.ONE_PERSON_EVIDENCE), L2 with
       ONE_PERSON_C (scikit-learn's C).
     Printed in the form model.py holds them. ``fresh_worlds``: also the fit scored on
@@ -443,14 +440,14 @@ def held_out_confidence(fit: dict, a, settled_mode: bool) -> tuple[np.ndarray, n
     answer, which answers are one-person ones). The maps' top-label value moved by its
     device-group shift and floored at 1 / persons, as model.calibrate_confidence does;
     one-person answers from their group's evidence; answers the maps leave alone raw."""
-    from bench._confidence import COLD_ONE, MIXTURE
+    from bench._confidence import MIXTURE
     from services.clustering.domain import model as M
     lo, hi = fit["one_person_log_sessions"]
     settled = a.included if settled_mode else np.zeros(a.P.shape[0], dtype=bool)
     conf = a.P.max(axis=1).copy()
     live = (a.P > 0).sum(axis=1)
-    young, cold = a.age < YOUNG_MODEL_SESSIONS, a.kind == COLD_ONE
-    one = a.device & (((a.kind == MIXTURE) & (live <= 1)) | cold)
+    young = a.age < YOUNG_MODEL_SESSIONS
+    one, groups = one_person_answers(a)
     multi = a.device & (a.kind == MIXTURE) & (live > 1)
     names = np.array([M.device_map_name(bool(y), bool(s), bool(t)) for y, s, t in zip(young, a.streamed, settled)])
     for map_name, (xs, ys) in fit["device_confidence_maps"].items():
@@ -458,12 +455,28 @@ def held_out_confidence(fit: dict, a, settled_mode: bool) -> tuple[np.ndarray, n
         value = M.shifted_confidence(np.interp(conf[rows], xs, ys), M.household_shift(
             a.groups[rows], live[rows], fit["device_confidence_shift"][map_name]))
         conf[rows] = np.maximum(value, 1.0 / live[rows])
-    groups = np.array([M.one_person_group(bool(y or c), bool(s or c)) for y, s, c in zip(young, a.streamed, cold)])
     for group, (intercept, coef) in fit["one_person_confidence"].items():
         rows = one & (groups == group)
         x = np.column_stack((np.clip(a.evidence[rows, 0], lo, hi), a.evidence[rows, 1:]))
-        conf[rows] = 1.0 / (1.0 + np.exp(-(intercept + x @ np.asarray(coef))))
+        conf[rows] = np.minimum(1.0 / (1.0 + np.exp(-(intercept + x @ np.asarray(coef)))), M.ONE_PERSON_MAX_CONFIDENCE)
     return conf, one
+
+
+def one_person_answers(a) -> tuple[np.ndarray, np.ndarray]:
+    """Of one household's raw answers ``a`` (bench._confidence.RawAnswers): which are
+    one-person answers the one-person confidence gives (a model with device evidence that
+    knows one person, or a cold start's one person), and each answer's
+    model.one_person_group (cold starts are young streams')."""
+    from bench._confidence import COLD_ONE, MIXTURE
+    from services.clustering.domain.model import one_person_group
+    live = (a.P > 0).sum(axis=1)
+    cold = a.kind == COLD_ONE
+    one = a.device & (((a.kind == MIXTURE) & (live <= 1)) | cold)
+    young = (a.age < YOUNG_MODEL_SESSIONS) | cold
+    fits = a.fit_sessions if a.fit_sessions is not None else [None] * live.size
+    groups = np.array([one_person_group(bool(y), bool(s or c), None if f is None else int(f))
+                       for y, s, c, f in zip(young, a.streamed, cold, fits)])
+    return one, groups
 
 
 def _score_with(fit: dict, answers: list[dict], families, scored: dict, gaps: dict) -> None:
@@ -475,7 +488,9 @@ def _score_with(fit: dict, answers: list[dict], families, scored: dict, gaps: di
             a = ans[mode]
             conf, one = held_out_confidence(fit, a, mode == "settled")
             at = a.checkpoint if a.checkpoint is not None else np.full(a.P.shape[0], np.nan)
-            scored[mode].append((conf, a.correct, one, at, np.full(conf.size, family)))
+            _, group = one_person_answers(a)
+            persons = a.persons_so_far if a.persons_so_far is not None else np.zeros(conf.size, dtype=np.int64)
+            scored[mode].append((conf, a.correct, one, at, np.full(conf.size, family), group, persons))
             live = (a.P > 0).sum(axis=1)
             multi = a.device & (a.kind == MIXTURE) & (live > 1)
             if multi.sum() >= 10:   # the household's miscalibration beside its evidence
@@ -523,10 +538,18 @@ def summarise_scored(scored: dict, gaps: dict, name: str) -> dict:
     from services.clustering.domain import model as M
     out = {}
     for mode, parts in scored.items():
-        c, y, one, at, family = (np.concatenate([p[k] for p in parts]) for k in range(5))
+        c, y, one, at, family, group, persons = (np.concatenate([p[k] for p in parts]) for k in range(7))
         out[mode] = {"ece": round(ece(c, y), 4), "one_person_answers": int(one.sum()),
                      "one_person_ece": round(ece(c[one], y[one]), 4),
                      "one_person_brier": round(float(np.mean((c[one] - y[one]) ** 2)), 4)}
+        # the one-person answers by group (model.one_person_group) and by whether the
+        # sessions so far truly have one person (a one-person answer in a larger household
+        # is a model that has not found the others: what its confidence must price)
+        out[mode]["one_person_by"] = {
+            key: {"answers": int(sel.sum()), "confidence": round(float(c[sel].mean()), 4),
+                  "accuracy": round(float(y[sel].mean()), 4), "ece": round(ece(c[sel], y[sel]), 4)}
+            for key, sel in [(g, one & (group == g)) for g in np.unique(group[one])]
+            + [("one person", one & (persons == 1)), ("more persons", one & (persons > 1))] if sel.any()}
         if not np.isnan(at).all():   # settled answers: also where in the stream
             out[mode]["ece_at"] = {f"{f:g}": round(ece(c[at == f], y[at == f]), 4) for f in np.unique(at)}
         out[mode]["by_family"] = {str(f): {"ece": round(ece(c[family == f], y[family == f]), 4),
@@ -585,7 +608,7 @@ def fit_device_confidence(answers: list[dict], one_person_c: float = ONE_PERSON_
     ``shift_l2``: the household shift's ridge (HOUSEHOLD_SHIFT_L2)."""
     from sklearn.linear_model import LogisticRegression
 
-    from bench._confidence import COLD_ONE, MIXTURE
+    from bench._confidence import MIXTURE
     from services.clustering.domain.model import (
         DEVICE_CONFIDENCE_MAPS, HOUSEHOLD_EVIDENCE, ONE_PERSON_EVIDENCE, device_map_name, household_evidence)
     # the "settled" map only when settled answers were recorded (household_answers(settled=True))
@@ -617,11 +640,10 @@ def fit_device_confidence(answers: list[dict], one_person_c: float = ONE_PERSON_
             for name in multi:
                 for column, values in zip(multi[name], (top, a.correct, household, w)):
                     column.append(values[rows & (names == name)])
-            cold = a.kind == COLD_ONE
-            rows = a.device & (((a.kind == MIXTURE) & (live <= 1)) | cold)
-            for name, sel in (("fitted", ~a.streamed & ~cold), ("young", (a.streamed & young) | cold),
-                              ("mature", a.streamed & ~young & ~cold)):
-                one[name].append(np.c_[a.evidence[rows & sel], a.correct[rows & sel], w[rows & sel]])
+            rows, group = one_person_answers(a)
+            for name in one:
+                sel = rows & (group == name)
+                one[name].append(np.c_[a.evidence[sel], a.correct[sel], w[sel]])
     maps, shifts, counts, tables = {}, {}, {}, {}
     empty = [f"map {n!r}" for n in multi if not sum(v.size for v in multi[n][0])] + \
         [f"one-person group {n!r}" for n in one if not sum(v.shape[0] for v in one[n])]
@@ -745,22 +767,34 @@ def log_worlds_summary(tag: str, block: dict, streaming: bool) -> None:
         f"{cc['false_alarms_per_household_quarter']} false alarms per household-quarter")
 
 
-def run_blind(quick: bool, streaming: bool = True, workers: int = 2,
-              feedback_draws: int = worlds_eval.FEEDBACK_MESH_DRAWS) -> dict:
-    """The blind worlds (bench/worlds_blind.py: a second generator written without
-    reading the model), seed BLIND_SEED, REPORT ONLY: never tune on this block."""
+def run_report_only(tag: str, generator, seed: int, quick: bool, streaming: bool = True, workers: int = 2,
+                    feedback_draws: int = worlds_eval.FEEDBACK_MESH_DRAWS) -> dict:
+    """Households of a generator nobody tuned on (``generator.generate``: its families,
+    worlds and households), scored as the worlds are. REPORT ONLY: never tune on it."""
     n_worlds, n_house = (1, 2) if quick else (3, 4)
-    hs = worlds_blind.generate(worlds_per_family=n_worlds, households_per_world=n_house)
-    log(f"[blind] {len(hs)} households ({n_worlds} worlds x {n_house} households per family, "
-        f"seed {worlds_blind.BLIND_SEED}, report only)")
+    hs = generator.generate(worlds_per_family=n_worlds, households_per_world=n_house)
+    log(f"[{tag}] {len(hs)} households ({n_worlds} worlds x {n_house} households per family, "
+        f"seed {seed}, report only)")
     block = worlds_eval.run(hs, log, streaming=streaming, workers=workers, feedback_mesh_draws=feedback_draws)
-    block["split"] = {"generator": "bench/worlds_blind.py", "seed": worlds_blind.BLIND_SEED,
+    block["split"] = {"generator": f"bench/{generator.__name__.rsplit('.', 1)[-1]}.py", "seed": seed,
                       "families": list(worlds_blind.FAMILIES), "worlds_per_family": n_worlds,
                       "households_per_world": n_house, "report_only": True,
                       "unknown_genre_share": round(float(np.mean([h.unknown_genre_share for h in hs])), 3),
                       "households_with_composition_change": sum(bool(h.changes) for h in hs)}
-    log_worlds_summary("blind", block, streaming)
+    log_worlds_summary(tag, block, streaming)
     return block
+
+
+def run_blind(quick: bool, **kw) -> dict:
+    """The blind worlds (bench/worlds_blind.py: a second generator written without
+    reading the model), seed BLIND_SEED."""
+    return run_report_only("blind", worlds_blind, worlds_blind.BLIND_SEED, quick, **kw)
+
+
+def run_movielens(quick: bool, **kw) -> dict:
+    """Real viewers (bench/worlds_movielens.py: MovieLens 100K users merged into accounts,
+    the blind generator's times and devices), seed MOVIELENS_SEED."""
+    return run_report_only("movielens", worlds_movielens, worlds_movielens.MOVIELENS_SEED, quick, **kw)
 
 
 def main() -> None:
@@ -772,8 +806,12 @@ def main() -> None:
     ap.add_argument("--no-worlds", action="store_true", help="only Hearth's own simulator")
     ap.add_argument("--blind-only", action="store_true",
                     help="only the blind worlds (bench/worlds_blind.py, report only)")
+    ap.add_argument("--movielens-only", action="store_true",
+                    help="only real viewers: MovieLens 100K users merged into accounts (bench/worlds_movielens.py, "
+                         "report only; the data: python -m bench.worlds_movielens --fetch)")
     ap.add_argument("--batch-only", action="store_true",
-                    help="with --worlds-only / --blind-only: the batch fit and baselines, no streaming part")
+                    help="with --worlds-only / --blind-only / --movielens-only: the batch fit and baselines, "
+                         "no streaming part")
     ap.add_argument("--calibrate-confidence", action="store_true",
                     help="fit the confidence map on the TUNING worlds (prints it)")
     ap.add_argument("--device-maps-only", action="store_true",
@@ -812,9 +850,10 @@ def main() -> None:
                                                                 args.leave_one_family_out, args.fit_worlds,
                                                                 args.fresh_worlds)}))
         return
-    if args.blind_only:
-        print(json.dumps({"worlds_blind": run_blind(args.quick, streaming=not args.batch_only, workers=args.workers,
-                                                    feedback_draws=args.feedback_draws),
+    if args.blind_only or args.movielens_only:
+        key, run = ("worlds_blind", run_blind) if args.blind_only else ("worlds_movielens", run_movielens)
+        print(json.dumps({key: run(args.quick, streaming=not args.batch_only, workers=args.workers,
+                                   feedback_draws=args.feedback_draws),
                           "elapsed_s": round(time.time() - t0, 1), "quick": args.quick}))
         return
     if args.worlds_only:

@@ -415,10 +415,14 @@ def _session_events(m: _Member, world: BlindWorld, t: float, device, rng, hid, s
     return ev
 
 
-def make_household(world: BlindWorld, rng: np.random.Generator, household_id: str) -> WorldHousehold | None:
+def make_household(world: BlindWorld, rng: np.random.Generator, household_id: str,
+                   viewer_taste=None, keep_events: bool = False) -> WorldHousehold | None:
     """One household's sessions through the real validation and session builder, with the
     person each session belongs to (majority of its watch seconds). None when the draw
-    left fewer than MIN_SESSIONS sessions (the caller draws again)."""
+    left fewer than MIN_SESSIONS sessions (the caller draws again). ``viewer_taste``
+    (kid: bool, guest: bool) -> probabilities over the catalogue: each member's and guest's
+    taste comes from it instead of the latent factors (bench/worlds_movielens.py: real
+    viewers)."""
     fam = world.family
     sizes, weights = zip(*fam.sizes)
     size = int(rng.choice(sizes, p=np.array(weights) / sum(weights)))
@@ -432,6 +436,9 @@ def make_household(world: BlindWorld, rng: np.random.Generator, household_id: st
     shared = rng.normal(size=world.dims)
     members = [_make_member(world, rng, i, kids[i], shared, tvs, has_console, kids_tablet, household_id)
                for i in range(size)]
+    if viewer_taste is not None:
+        for m in members:
+            m.taste = viewer_taste(m.kid, False)
     change = None
     if size >= 2 and rng.random() < world.change:
         who = int(rng.integers(1, size))
@@ -455,9 +462,12 @@ def make_household(world: BlindWorld, rng: np.random.Generator, household_id: st
         host = members[int(rng.integers(size))]
         day = rng.uniform(0, world.days - 1)
         t = np.floor(day) * DAY_S + (rng.uniform(19, 22.5) - world.utc_offset_h) * HOUR_S
-        guest = rng.normal(size=world.dims)
-        score = world.item_popularity + 1.5 * (world.item_vectors @ guest) / np.sqrt(world.dims)
-        taste = np.exp(score - score.max())
+        if viewer_taste is None:
+            guest = rng.normal(size=world.dims)
+            score = world.item_popularity + 1.5 * (world.item_vectors @ guest) / np.sqrt(world.dims)
+            taste = np.exp(score - score.max())
+        else:
+            taste = viewer_taste(False, True)
         for k in range(int(1 + rng.poisson(0.5))):
             new = _session_events(host, world, t + k * 2.5 * HOUR_S, (tvs[0], "tv"), rng, household_id, seq,
                                   progress, taste / taste.sum())
@@ -476,6 +486,7 @@ def make_household(world: BlindWorld, rng: np.random.Generator, household_id: st
     if len(sessions) < MIN_SESSIONS:
         return None
     duration = {e.event_id: e.duration_s for e in valid}
+    ev_of = {e.event_id: e for e in valid}
     person = []
     for s in sessions:
         secs: dict[int, float] = defaultdict(float)
@@ -506,11 +517,15 @@ def make_household(world: BlindWorld, rng: np.random.Generator, household_id: st
         device_id=np.array([s.device_id for s in sessions]), device_type=np.array([s.device_type for s in sessions]),
         start_ts=start, watch_seconds=np.array([s.watch_seconds for s in sessions]),
         end_ts=np.array([s.end_ts for s in sessions]), series=WorldHousehold.session_series(sessions, valid),
-        unknown_genre_share=n_unknown / max(n_labels, 1), changes=changes)
+        unknown_genre_share=n_unknown / max(n_labels, 1), changes=changes,
+        # the valid events of the kept sessions, in time order (what a client posts)
+        **({"events": tuple(sorted((e for s in sessions for e in (ev_of[eid] for eid in s.event_ids)),
+                                   key=lambda e: (e.ts, e.event_id))),
+            "session_ids": tuple(s.session_id for s in sessions)} if keep_events else {}))
 
 
 def generate(families: tuple[str, ...] | None = None, worlds_per_family: int = 3, households_per_world: int = 4,
-             seed: int = BLIND_SEED) -> list[WorldHousehold]:
+             seed: int = BLIND_SEED, keep_events: bool = False) -> list[WorldHousehold]:
     """Households of every family (``FAMILIES`` order), world by world. Deterministic: the
     same arguments give the same households, and fewer households per world give a
     prefix of each world's households."""
@@ -525,7 +540,8 @@ def generate(families: tuple[str, ...] | None = None, worlds_per_family: int = 3
             for h, h_seq in enumerate(house_seq.spawn(households_per_world)):
                 rng = np.random.default_rng(h_seq)
                 for attempt in range(20):
-                    hh = make_household(world, rng, f"{world.world_id}-h{h}" + (f"r{attempt}" if attempt else ""))
+                    hh = make_household(world, rng, f"{world.world_id}-h{h}" + (f"r{attempt}" if attempt else ""),
+                                        keep_events=keep_events)
                     if hh is not None:
                         out.append(hh)
                         break

@@ -175,8 +175,15 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             except HearthError as refusal:
                 return from_hearth_error(refusal)
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        parts = [p for p in first.get("loc", ()) if p not in ("body", "path", "query")]
-        field = ""
+        loc = tuple(first.get("loc", ()))
+        if first.get("type") == "json_invalid":
+            # loc is ("body", character offset): the offset is not a field, the body is.
+            where = f" at character {loc[1]}" if len(loc) > 1 else ""
+            reason = (first.get("ctx") or {}).get("error", "")
+            return error_response(422, "invalid_argument",
+                                  f"body is not valid JSON{where}" + (f": {reason}" if reason else ""), "body")
+        parts = [p for p in loc if p not in ("body", "path", "query")]
+        field = "body" if loc[:1] == ("body",) and not parts else ""   # the body as a whole (missing, not an object)
         for p in parts:
             field += f"[{p}]" if isinstance(p, int) else (f".{p}" if field else str(p))
         return error_response(422, "invalid_argument", first.get("msg", "invalid"), field)

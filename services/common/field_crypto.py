@@ -184,7 +184,9 @@ class FieldCipher:
 
 def _error_from_rpc(exc: grpc.RpcError) -> HearthError:
     code = exc.code() if isinstance(exc.code(), grpc.StatusCode) else None
-    details = exc.details() or "data key service error"
+    # The keys service's message already reads "account_id: ..." (HearthError.__str__);
+    # the error made here names the field again, so the prefix is dropped once.
+    details = (exc.details() or "data key service error").removeprefix("account_id: ")
     if code == grpc.StatusCode.FAILED_PRECONDITION:
         return FailedPrecondition(details, "account_id")
     if code == grpc.StatusCode.NOT_FOUND:

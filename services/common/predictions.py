@@ -30,14 +30,3 @@ class PredictionRecord:
     # young and mature models' answers apart (services/common/calibration.py).
     model_sessions: int = 0
 
-
-# A label feedback forwards to clustering (RecordLabels' ``source``) ends with this when
-# the user volunteered it (RecordFeedbackRequest.unprompted): clustering then lets it name
-# a person but not size one (HouseholdModel._labels_add_persons). One definition for both
-# sides of the call.
-UNPROMPTED_LABEL_SUFFIX = ":unprompted"
-
-
-def feedback_label_source(kind: str, unprompted: bool) -> str:
-    """RecordLabels' ``source`` of a label forwarded from feedback of ``kind``."""
-    return f"feedback:{kind}" + (UNPROMPTED_LABEL_SUFFIX if unprompted else "")

@@ -25,8 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import numpy as np
 
-from services.common.predictions import feedback_label_source
-from services.common.refit_reasons import feedback_trigger_reason
+from services.common.feedback_to_clustering import feedback_label_source, feedback_trigger_reason
 from services.feedback import instruments
 from services.feedback.calibration import Calibration
 from services.feedback.dataset import build_dataset

@@ -147,6 +147,9 @@ def test_each_scope_end_to_end_leaves_no_remnant(dmesh, client):
     assert by["clustering"]["deleted_counts"] == {"events": 4, "sessions": 1, "devices": 1}
     assert by["attribution"]["deleted_counts"] == {"touchpoints": 1}
     assert remnants(dmesh, acct, "tv-1") == {}
+    # A device erasure does not close the household: the same device may send again.
+    post_events(client, acct, "tv-1", t0 + 2 * DAY, 2, prefix=f"{acct}-again")
+    assert remnants(dmesh, acct, "tv-1")
 
     job = delete(client, {"kind": "person", "account_id": acct, "person_id": "p2"})
     assert job["state"] == "completed", job
@@ -161,6 +164,23 @@ def test_each_scope_end_to_end_leaves_no_remnant(dmesh, client):
     job = delete(client, {"kind": "household", "account_id": acct})
     assert job["state"] == "completed", job
     assert job["receipt"]["receipt"]["scope"] == {"kind": "household", "account_id": acct}
+    assert remnants(dmesh, acct) == {}
+
+    # An erased household stays erased: events and touchpoints that arrive later (in flight
+    # during the job, or a client still sending) are refused, naming the account once, and
+    # nothing is written for them.
+    late = {"event_id": f"{acct}-late", "account_id": acct, "device_id": "tv-9", "device_type": "tv",
+            "ts": _iso(t0 + 4 * DAY), "kind": "play_start", "title_id": "title-late", "genres": ["drama"],
+            "duration_s": 60, "maturity": "adult"}
+    for path, body in (("/v1/events", {"events": [late]}),
+                       ("/v1/touchpoints", {"touchpoints": [{"touchpoint_id": f"{acct}-late", "account_id": acct,
+                                                             "device_id": "tv-9", "ts": _iso(t0 + 4 * DAY),
+                                                             "channel": "email", "campaign": "late"}]})):
+        r = client.post(path, json=body)
+        assert r.status_code == 412, (path, r.text)
+        error = r.json()["error"]
+        assert error["field"] == "account_id" and "erased" in error["message"], error
+        assert error["message"].count("account_id") == 1, error
     assert remnants(dmesh, acct) == {}
 
 

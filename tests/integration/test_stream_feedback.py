@@ -149,7 +149,7 @@ def test_a_volunteered_label_is_marked_for_the_fit(database):
     """RecordLabels' source ending in ":unprompted" (feedback forwards a volunteered
     correction so) reaches the fit as ``volunteered`` (HouseholdModel._labels_add_persons
     then lets it name a person without sizing it); other labels are not marked."""
-    from services.common.predictions import feedback_label_source
+    from services.common.feedback_to_clustering import feedback_label_source
     app = _app(database)
     events, _ = household_events("acc-u", PERSONS, days=20, start_ts=T0, seed=8)
     app.store.ingest(events)
@@ -168,7 +168,7 @@ def test_a_feedback_triggers_refit_binds_a_stream_and_a_requested_one_refits(dat
     """The feedback service's household trigger (3 of the last 5 answers said wrong) asks
     for a Refit: a stream is not refitted for it (its labels are bound already), as for
     the labels themselves; an operator's Refit still refits in full."""
-    from services.common.refit_reasons import feedback_trigger_reason
+    from services.common.feedback_to_clustering import feedback_trigger_reason
     app = _app(database)
     _stream(app, "acc-t", range(30), seed=4)
     version, envelope = app.keeper.load("acc-t")

@@ -77,7 +77,7 @@ def test_the_fed_stream_runs_the_feedback_services_disagreement_refit(monkeypatc
     """Wrong answers the feedback confirms (3 of the last 5) make the feedback service ask
     clustering for a Refit, as in the mesh: the fed stream sends it to the keeper, which
     binds a stream's labels instead of refitting it (a model not streaming is refitted)."""
-    from services.common.refit_reasons import is_feedback_trigger
+    from services.common.feedback_to_clustering import is_feedback_trigger
     hs = W.generate(W.TUNING, worlds_per_family=1, households_per_world=3)
     fed = E.feedback_draws(hs, 1)
     i = next(i for i, h in enumerate(hs) if h.household_id == "mobi0h2")
