@@ -213,7 +213,9 @@ def singles_diagnosis(outs: list[dict]) -> dict:
                      "sessions": o["sessions"], "sessions_shown_split": o["sessions_shown_split"],
                      "final_persons": o["final_persons"],
                      "outcome": "kept" if o["final_persons"] > 1 else "dropped"})
-    n = max(len(singles), 1)
+    if not singles:
+        return {"households": 0}
+    n = len(singles)
     by_path: dict[str, dict[str, int]] = {}
     for r in rows:
         d = by_path.setdefault(r["path"], {"households": 0, "dropped": 0, "kept": 0})
@@ -486,8 +488,8 @@ def arrival_loss(outs: list[dict], hs: list[worlds.WorldHousehold]) -> dict | No
 
 def _summary(hs, preds, probs) -> dict:
     s = E.summarise(hs, preds, probs)
-    return {k: round(s[k], 4) for k in ("session_accuracy", "ece", "mean_confidence", "household_size_exact",
-                                        "single_person_kept")}
+    return {k: None if s[k] is None else round(s[k], 4)   # no single-person household: None
+            for k in ("session_accuracy", "ece", "mean_confidence", "household_size_exact", "single_person_kept")}
 
 
 def service_paths(outs: list[dict], hs: list[worlds.WorldHousehold]) -> dict:
