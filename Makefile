@@ -7,7 +7,7 @@ PROTOS := $(shell find protos -name '*.proto')
 
 .DEFAULT_GOAL := help
 .PHONY: help run test protos venv test-unit test-contract test-integration test-e2e \
-        provision bench-accuracy bench-movielens bench-assign bench-assign-cpu bench-attribution bench-privacy bench-pg-purge bench-feedback bench-gateway bench-grpc-server bench-audit-memory verify clean check-protos
+        provision bench-accuracy bench-api-accuracy bench-movielens bench-assign bench-assign-cpu bench-attribution bench-privacy bench-pg-purge bench-feedback bench-gateway bench-grpc-server bench-audit-memory verify clean check-protos
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ test-e2e: hearth/__init__.py ## end-to-end tests only (real processes)
 
 bench-accuracy: hearth/__init__.py ## clustering accuracy vs ground truth and scikit-learn (JSON)
 	OMP_NUM_THREADS=1 $(PY) -m bench.accuracy
+
+bench-api-accuracy: hearth/__init__.py ## accuracy through the public API of a running mesh beside the in-process figures (JSON; ARGS=--quick)
+	OMP_NUM_THREADS=1 $(PY) -m bench.api_accuracy $(ARGS)
 
 bench-movielens: hearth/__init__.py ## clustering on real viewers: MovieLens 100K users merged into accounts (JSON; fetches the data into var/ once)
 	$(PY) -m pip install --quiet -e '.[dev,movielens]' --config-settings editable_mode=compat

@@ -115,16 +115,21 @@ class ServiceStream:
                 self.refits.append((b, step.refit))
         return step.envelope.model
 
-    def arrivals(self, batch: int = STREAM_BATCH, first: int = 0):
+    def arrivals(self, batch: int = STREAM_BATCH, first: int = 0, ends: list[int] | None = None):
         """Per arrival: (first session, end, the model that answered it, its answers,
         the composition events raised since the previous arrival). ``first`` > 0: the
         first arrival is that many sessions (a household imported with its history, then
-        followed; its first full fit is the drift reference)."""
+        followed; its first full fit is the drift reference). ``ends``: the arrivals'
+        ends instead (increasing session counts, e.g. the sessions a client's requests had
+        closed: bench.api_accuracy)."""
         events_seen = 0
         n = self.h.n_sessions
-        starts = [0, *range(first, n, batch)] if 0 < first < n else range(0, n, batch)
+        if ends is not None:
+            starts = [0, *ends[:-1]]
+        else:
+            starts = [0, *range(first, n, batch)] if 0 < first < n else range(0, n, batch)
         for i, a in enumerate(starts):
-            b = min(starts[i + 1] if i + 1 < len(starts) else a + batch, n)
+            b = min(starts[i + 1] if i + 1 < len(starts) else (ends[-1] if ends is not None else a + batch), n)
             m = self._refresh(b)
             # the keeper records the arrival with the sessions its model includes (a
             # full fit's, e.g. an import's) through the "settled" map, the rest at arrival

@@ -164,6 +164,12 @@ class WorldHousehold:
     # (bench.evidence_probe measures what each says about persons).
     end_ts: np.ndarray | None = None
     series: tuple[tuple[str, ...], ...] | None = None
+    # The raw events behind the sessions, in time order (what a client posts to
+    # POST /v1/events; bench.api_accuracy), and each session's id as the session builder
+    # gives it. Kept only when the generator is asked to (``keep_events``): they are many
+    # times the size of the features and the other benchmarks pickle households.
+    events: tuple[ViewingEvent, ...] | None = None
+    session_ids: tuple[str, ...] | None = None
 
     @staticmethod
     def session_series(sessions, events) -> tuple[tuple[str, ...], ...]:
@@ -266,7 +272,8 @@ def _title_weights(world: World, taste: np.ndarray, is_kid: bool) -> np.ndarray:
 
 
 def make_household(world: World, rng: np.random.Generator, household_id: str,
-                   force_size: int | None = None, vocabulary: GenreVocabulary | None = None) -> WorldHousehold:
+                   force_size: int | None = None, vocabulary: GenreVocabulary | None = None,
+                   keep_events: bool = False) -> WorldHousehold:
     p = world.params
     size = force_size or int(rng.choice(np.arange(1, 7), p=p["size_p"]))
     days = float(p["days"])
@@ -388,7 +395,7 @@ def make_household(world: World, rng: np.random.Generator, household_id: str,
         sessions.extend(build_sessions(evs, vocabulary=vocabulary))
     sessions.sort(key=lambda s: (s.start_ts, s.session_id))
     if not sessions:
-        return make_household(world, rng, household_id, force_size, vocabulary)
+        return make_household(world, rng, household_id, force_size, vocabulary, keep_events)
     dur = {ev.event_id: ev.duration_s for ev in events}
     person = np.empty(len(sessions), dtype=np.int64)
     for i, s in enumerate(sessions):
@@ -418,13 +425,15 @@ def make_household(world: World, rng: np.random.Generator, household_id: str,
     return WorldHousehold(household_id, world.family, world.world_id, X, person,
                           np.array([s.device_id for s in sessions]), np.array([s.device_type for s in sessions]),
                           starts, np.array([s.watch_seconds for s in sessions]), unknown_share, changes,
-                          np.array([s.end_ts for s in sessions]), WorldHousehold.session_series(sessions, events))
+                          np.array([s.end_ts for s in sessions]), WorldHousehold.session_series(sessions, events),
+                          *((tuple(sorted(events, key=lambda e: (e.ts, e.event_id))),
+                             tuple(s.session_id for s in sessions)) if keep_events else ()))
 
 
 def generate(split: Split, families: tuple[str, ...] | None = None, worlds_per_family: int | None = None,
              households_per_world: int | None = None, unknown_genre_share: float = 0.0,
              vocabulary: GenreVocabulary | None = None,
-             world_indices: Sequence[int] | None = None) -> list[WorldHousehold]:
+             world_indices: Sequence[int] | None = None, keep_events: bool = False) -> list[WorldHousehold]:
     """Households of a split. Household (family f, world w, household i) depends only on
     (split.seed, f, w, i): asking for fewer households gives a prefix of the same ones.
     ``unknown_genre_share`` > 0 (a tuning knob; see ``_rename_to_unknown``) renames that
@@ -432,7 +441,8 @@ def generate(split: Split, families: tuple[str, ...] | None = None, worlds_per_f
     devices and sessions, only the genre names differ. ``vocabulary``: the session
     builder's (default: the service's default, feature schema 2). ``world_indices``: these
     worlds of each family instead of the first ``worlds_per_family`` (world w is the same
-    household set whichever others are asked for)."""
+    household set whichever others are asked for). ``keep_events``: each household also
+    carries its raw events and session ids (WorldHousehold.events; the same households)."""
     fams = families or split.families
     unknown = [f for f in fams if f not in split.families]
     if unknown:
@@ -447,5 +457,6 @@ def generate(split: Split, families: tuple[str, ...] | None = None, worlds_per_f
             world_ss, *house_ss = ss.spawn(1 + n_house)
             world = make_world(f, np.random.default_rng(world_ss), f"{split.name}-{f}-w{w}", unknown_genre_share)
             for i, hs in enumerate(house_ss):
-                out.append(make_household(world, np.random.default_rng(hs), f"{f[:4]}{w}h{i}", vocabulary=vocabulary))
+                out.append(make_household(world, np.random.default_rng(hs), f"{f[:4]}{w}h{i}", vocabulary=vocabulary,
+                                          keep_events=keep_events))
     return out

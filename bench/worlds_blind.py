@@ -416,7 +416,7 @@ def _session_events(m: _Member, world: BlindWorld, t: float, device, rng, hid, s
 
 
 def make_household(world: BlindWorld, rng: np.random.Generator, household_id: str,
-                   viewer_taste=None) -> WorldHousehold | None:
+                   viewer_taste=None, keep_events: bool = False) -> WorldHousehold | None:
     """One household's sessions through the real validation and session builder, with the
     person each session belongs to (majority of its watch seconds). None when the draw
     left fewer than MIN_SESSIONS sessions (the caller draws again). ``viewer_taste``
@@ -486,6 +486,7 @@ def make_household(world: BlindWorld, rng: np.random.Generator, household_id: st
     if len(sessions) < MIN_SESSIONS:
         return None
     duration = {e.event_id: e.duration_s for e in valid}
+    ev_of = {e.event_id: e for e in valid}
     person = []
     for s in sessions:
         secs: dict[int, float] = defaultdict(float)
@@ -516,11 +517,15 @@ def make_household(world: BlindWorld, rng: np.random.Generator, household_id: st
         device_id=np.array([s.device_id for s in sessions]), device_type=np.array([s.device_type for s in sessions]),
         start_ts=start, watch_seconds=np.array([s.watch_seconds for s in sessions]),
         end_ts=np.array([s.end_ts for s in sessions]), series=WorldHousehold.session_series(sessions, valid),
-        unknown_genre_share=n_unknown / max(n_labels, 1), changes=changes)
+        unknown_genre_share=n_unknown / max(n_labels, 1), changes=changes,
+        # the valid events of the kept sessions, in time order (what a client posts)
+        **({"events": tuple(sorted((e for s in sessions for e in (ev_of[eid] for eid in s.event_ids)),
+                                   key=lambda e: (e.ts, e.event_id))),
+            "session_ids": tuple(s.session_id for s in sessions)} if keep_events else {}))
 
 
 def generate(families: tuple[str, ...] | None = None, worlds_per_family: int = 3, households_per_world: int = 4,
-             seed: int = BLIND_SEED) -> list[WorldHousehold]:
+             seed: int = BLIND_SEED, keep_events: bool = False) -> list[WorldHousehold]:
     """Households of every family (``FAMILIES`` order), world by world. Deterministic: the
     same arguments give the same households, and fewer households per world give a
     prefix of each world's households."""
@@ -535,7 +540,8 @@ def generate(families: tuple[str, ...] | None = None, worlds_per_family: int = 3
             for h, h_seq in enumerate(house_seq.spawn(households_per_world)):
                 rng = np.random.default_rng(h_seq)
                 for attempt in range(20):
-                    hh = make_household(world, rng, f"{world.world_id}-h{h}" + (f"r{attempt}" if attempt else ""))
+                    hh = make_household(world, rng, f"{world.world_id}-h{h}" + (f"r{attempt}" if attempt else ""),
+                                        keep_events=keep_events)
                     if hh is not None:
                         out.append(hh)
                         break

@@ -147,7 +147,10 @@ class ModelStatusOut(BaseModel):
     last_refit: datetime | None = Field(None, description="last fit on every session")
     persons: int = Field(description="persons the household's answers name: the model's, and any a feedback label "
                                      "named that the model has not fitted yet (listed without a profile)")
-    settled: bool = Field(description="true when nothing is pending: assignments will not move until new sessions")
+    settled: bool = Field(description="true when the model has caught up with the stored sessions: nothing pending, "
+                          "or fewer than 10 pending on a model past its cold start (they carry the current "
+                          "model's answers and are folded in with later sessions); assignments move only when "
+                          "new sessions or labels arrive")
     unknown_genres: dict[str, int] = Field(default_factory=dict, description=(
         "genre names the household's events carried that the genre vocabulary does not know, with how many "
         "events carry each (counted in a genre slot chosen by a hash of the name and in `other`; "

@@ -251,10 +251,9 @@ class ModelKeeper:
             # a full fit includes every session
             return Step(envelope, True, 0, len(snap.sessions), [], reason)
         new = len(snap.sessions) - current.included
-        cold = current.model.n_sessions < MIN_SESSIONS
         if new <= 0:
             return Step(current, False, len(snap.sessions), 0, [], "")
-        if new < MICRO_BATCH and not cold:
+        if not folds_in(current, len(snap.sessions)):
             # Not enough to fold into the model yet, but the new sessions get their
             # persons now (the current model assigns them, at arrival).
             return Step(current, False, current.included, 0, [], "")
@@ -324,6 +323,17 @@ class ModelKeeper:
         persons, probs = persons_for(envelope.model, sessions, snap.labels[start:], snap.X[start:],
                                      included=np.arange(start, len(snap.sessions)) < included)
         self.store.set_persons(account_id, persons, probs)
+
+
+def folds_in(envelope: Envelope, closed: int) -> bool:
+    """Whether a refresh of a household with ``closed`` closed sessions (and the same
+    first session) folds new ones into ``envelope``'s model: a model in its cold start
+    folds in every arrival, a warm one waits until MICRO_BATCH sessions are new and
+    answers fewer with the model as it is. Not folding in is the settled state: the
+    answers move only when more sessions (or labels) arrive (GET /v1/household's
+    ``status.settled``)."""
+    new = closed - envelope.included
+    return new > 0 and (new >= MICRO_BATCH or envelope.model.n_sessions < MIN_SESSIONS)
 
 
 # The keeper's own reasons for a full refit; any other is a Refit request's free text.

@@ -85,7 +85,7 @@ def household_to_pb(view: HouseholdView, extras) -> pb.GetHouseholdResponse:
         truncated=bool(extras.next_page_token), total_sessions=view.total_sessions,
         status=pb.ModelStatus(model_version=extras.model_version, sessions_in_model=extras.sessions_in_model,
                               sessions_pending=extras.sessions_pending, persons=extras.n_persons,
-                              settled=extras.model_version > 0 and extras.sessions_pending == 0,
+                              settled=extras.settled,
                               unknown_genres=[pb.GenreCount(genre=g, events=n)
                                               for g, n in extras.unknown_genres.items()]))
     if extras.last_refit:

@@ -259,6 +259,40 @@ def test_sessions_arriving_a_few_at_a_time_get_persons_before_the_micro_batch(ho
     assert extras.sessions_pending == len(fresh)
 
 
+def test_status_says_settled_once_the_keeper_has_nothing_to_fold_in(household):
+    """GetHousehold's status.settled is what a caller waits for after posting events. A
+    warm model leaves fewer than MICRO_BATCH new sessions out until more arrive (they
+    carry its answers): that is settled, or a caller that has sent its last events would
+    wait for ever (bench.api_accuracy saw it on every household: "settled" meant "nothing
+    pending"). A micro-batch's worth waiting is not settled until the refresh folds it in."""
+    from services.clustering.household import MICRO_BATCH
+    from services.clustering.servicer import household_to_pb
+
+    app, _, version, _ = household
+
+    def status():
+        return household_to_pb(*app.household("acc-h", 500)).status
+
+    assert status().settled and status().sessions_pending == 0
+    more, _ = household_events("acc-h", ("kid", "parent", "teen"), days=12, start_ts=T0 + 30 * 86400, seed=9)
+    days = sorted({int(e.ts // 86400) for e in more})
+    few = [e for e in more if int(e.ts // 86400) == days[0]]
+    app.store.ingest(few)
+    app.keeper.refresh("acc-h")
+    now = status()
+    assert 0 < now.sessions_pending < MICRO_BATCH and now.model_version == version
+    assert now.settled                                   # nothing the keeper would fold in
+    answered = {s.session_id: s.person_id for s in household_to_pb(*app.household("acc-h", 500)).sessions}
+    app.keeper.refresh("acc-h")
+    assert {s.session_id: s.person_id for s in household_to_pb(*app.household("acc-h", 500)).sessions} == answered
+    app.store.ingest(more)                               # a micro-batch's worth and more
+    waiting = status()
+    assert waiting.sessions_pending >= MICRO_BATCH and not waiting.settled
+    app.keeper.refresh("acc-h")
+    folded = status()
+    assert folded.settled and folded.sessions_pending == 0 and folded.model_version == version + 1
+
+
 def test_a_forged_page_token_is_refused_naming_the_field(household):
     from services.common.errors import InvalidArgument
 

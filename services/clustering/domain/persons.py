@@ -104,6 +104,15 @@ def loo_auc(Z: np.ndarray, y: np.ndarray, ridge: float = RIDGE) -> float:
     return float((ranks[:pos.size].sum() - pos.size * (pos.size + 1) / 2) / (pos.size * neg.size))
 
 
+def personal_slots(X: np.ndarray, slots: np.ndarray, min_sessions: int = MIN_DEVICE_SESSIONS) -> list[int]:
+    """The personal devices among ``slots`` (in order of first appearance): a slot with at
+    least ``min_sessions`` sessions, most of them of a personal device type."""
+    slots = np.asarray(slots, dtype=np.int64)
+    personal = is_personal(X)
+    return [int(s) for s in dict.fromkeys(slots[slots >= 0].tolist())
+            if (slots == s).sum() >= min_sessions and personal[slots == s].mean() > 0.5]
+
+
 def personal_device_groups(X: np.ndarray, slots: np.ndarray, merge_auc: float = MERGE_AUC,
                            min_sessions: int = MIN_DEVICE_SESSIONS, min_z: float = 0.0,
                            successor_z: float | None = None) -> np.ndarray:
@@ -123,10 +132,8 @@ def personal_device_groups(X: np.ndarray, slots: np.ndarray, merge_auc: float = 
     X = np.asarray(X, dtype=np.float64)
     slots = np.asarray(slots, dtype=np.int64)
     successor_z = SUCCESSOR_Z if successor_z is None else successor_z
-    personal = is_personal(X)
     group = np.full(X.shape[0], -1, dtype=np.int64)
-    devices = [int(s) for s in dict.fromkeys(slots[slots >= 0].tolist())
-               if (slots == s).sum() >= min_sessions and personal[slots == s].mean() > 0.5]
+    devices = personal_slots(X, slots, min_sessions)
     if not devices:
         return group
     members = [[s] for s in devices]
