@@ -132,9 +132,10 @@ def make_world(family: worlds_blind.BlindFamily, rng: np.random.Generator, world
 
 
 def generate(families: tuple[str, ...] | None = None, worlds_per_family: int = 3, households_per_world: int = 4,
-             seed: int = MOVIELENS_SEED, ml: MovieLens | None = None) -> list[WorldHousehold]:
+             seed: int = MOVIELENS_SEED, ml: MovieLens | None = None, keep_events: bool = False) -> list[WorldHousehold]:
     """Households of every blind family, world by world, each member a real viewer.
-    Deterministic for the same arguments and data."""
+    Deterministic for the same arguments and data. ``keep_events``: each household also
+    carries its raw events (for bench.api_accuracy), as in the other generators."""
     ml = ml or load()
     kids, adults = np.flatnonzero(ml.age < ADULT_AGE), np.flatnonzero(ml.age >= ADULT_AGE)
     out = []
@@ -157,7 +158,7 @@ def generate(families: tuple[str, ...] | None = None, worlds_per_family: int = 3
                             taken.add(v)
                         return ml.taste[v]
                     hh = worlds_blind.make_household(world, rng, f"{world.world_id}-h{h}" + (f"r{attempt}" if attempt else ""),
-                                                     viewer_taste=viewer_taste)
+                                                     viewer_taste=viewer_taste, keep_events=keep_events)
                     if hh is not None:
                         out.append(hh)
                         break
