@@ -51,8 +51,8 @@ from services.clustering.domain.gmm import (
 )
 from services.clustering.domain.kmeans import IncrementalKMeans, fit_select_k_kmeans, kmeans_plus_plus
 from services.clustering.domain.persons import (
-    auc_z, hour_seedings, is_personal, loo_auc, merge_by_viewing_hours, novel_sessions, personal_device_groups,
-    personal_slots, viewing_hours,
+    auc_z, differ_in_hours, hour_seedings, is_personal, loo_auc, merge_by_viewing_hours, novel_sessions,
+    personal_device_groups, personal_slots, viewing_hours,
 )
 from services.clustering.domain.placement import discriminative_responsibilities
 
@@ -171,6 +171,9 @@ STREAM_SHARED_RESELECT = False  # ... and the BIC re-selection between those ref
 STREAM_SHARED_HYSTERESIS = 40.0  # BIC units a new person count must win by in that refit
 STREAM_RESELECT_HOURS = True  # re-selection: a new person must show in the viewing hours (no personal device)
 NEWCOMER_GRACE = 100      # sessions a reported newcomer is kept through refits (_drops_kept_person)
+# The newcomer test (_birth_of_newcomer): the person it adds must differ from everyone
+# else by viewing hours (persons.differ_in_hours) at this z. 0: off.
+BIRTH_HOURS_Z = 2.0
 # Labels that name a person the fit missed (_labels_add_persons): EM iterations that let
 # the person split off its parent take the sessions like its labels. TUNING worlds 4-7,
 # batch, 5 draws (bench.label_feedback --batch-only): 3 / 4 / 5 / 10 iterations, whole
@@ -1542,6 +1545,9 @@ class HouseholdModel:
         self.birth_statistics = {"llr": best[0], "mass": best[1], "lookback": best[2], "gain": gain,
                                  "anchored": self._traced_new_device(X, current) if TRACE_ANCHORED else []}
         if best[0] < BIRTH_GLR_H or gain < BIRTH_MIN_GAIN:
+            return
+        if BIRTH_HOURS_Z > 0 and not differ_in_hours(X[:, :F.FEATURE_DIM], cand.log_joint(X).argmax(axis=1) == k,
+                                                     BIRTH_HOURS_Z):
             return
         self._adopt_newcomer(X, cand)
 

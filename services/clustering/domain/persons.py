@@ -293,3 +293,18 @@ def novel_sessions(X: np.ndarray, known: np.ndarray, share: float) -> np.ndarray
     score = loo_predictions(_standardised(person_features(X)), (~known).astype(np.float64))
     cut = np.quantile(score[unknown], 1.0 - share)
     return unknown[score[unknown] >= cut]
+
+
+def differ_in_hours(X: np.ndarray, who: np.ndarray, min_z: float) -> bool:
+    """Are the sessions marked ``who`` told apart from all the others by *when* they are
+    watched (viewing_hours; leave-one-out AUC at least ``min_z`` spreads above chance,
+    auc_z)? The stream's newcomer test asks it of the person it would add: a member who
+    joins watches at hours of their own (or on days of their own), while a binge run or a
+    new kind of viewing by someone already there falls at that person's usual hours.
+    False with fewer than two sessions on either side."""
+    who = np.asarray(who, dtype=bool)
+    n_a, n_b = int(who.sum()), int((~who).sum())
+    if n_a < 2 or n_b < 2:
+        return False
+    auc = loo_auc(_standardised(viewing_hours(X)), who.astype(np.float64))
+    return auc_z(auc, n_a, n_b) >= min_z
