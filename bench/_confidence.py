@@ -50,6 +50,8 @@ class RawAnswers:
     evidence: np.ndarray | None = None  # (n, len(ONE_PERSON_EVIDENCE)) one-person evidence
     included: np.ndarray | None = None  # (settled answers) sessions folded in before the answer
     checkpoint: np.ndarray | None = None  # (settled answers) the stream's fraction when answered
+    fit_sessions: np.ndarray | None = None  # the sessions of the model's last full fit when it answered
+    persons_so_far: np.ndarray | None = None  # true persons among the sessions so far (diagnosis, never evidence)
 
 
 MIXTURE, COLD_ONE, OTHER = 0, 1, 2
@@ -70,7 +72,7 @@ def _evidence(m: HouseholdModel, X: np.ndarray, device_ids) -> np.ndarray:
 
 
 def _finish(h: WorldHousehold, P: np.ndarray, age, kind, device, devices, groups, streamed,
-            evidence) -> RawAnswers:
+            evidence, fit_sessions, persons_so_far) -> RawAnswers:
     pred = P.argmax(axis=1)
     m = match(h.person, pred, P.shape[1])
     column_of = {int(person): c for c, person in enumerate(m) if person >= 0}
@@ -78,7 +80,9 @@ def _finish(h: WorldHousehold, P: np.ndarray, age, kind, device, devices, groups
     return RawAnswers(P, pred, np.asarray(age, dtype=np.int64), np.asarray(kind, dtype=np.int8),
                       np.asarray(device, dtype=bool), m[pred] == h.person, labels,
                       np.asarray(devices, dtype=np.int64), np.asarray(groups, dtype=np.int64),
-                      np.asarray(streamed, dtype=bool), np.asarray(evidence, dtype=np.float64))
+                      np.asarray(streamed, dtype=bool), np.asarray(evidence, dtype=np.float64),
+                      fit_sessions=np.asarray(fit_sessions, dtype=np.int64),
+                      persons_so_far=np.asarray(persons_so_far, dtype=np.int64))
 
 
 def batch_answers(h: WorldHousehold) -> RawAnswers:
@@ -88,7 +92,8 @@ def batch_answers(h: WorldHousehold) -> RawAnswers:
     n = h.n_sessions
     return _finish(h, out.probabilities, np.full(n, m.n_sessions), np.full(n, kind), np.full(n, device),
                    np.full(n, len(m.device_ids)), np.full(n, m.device_group_count), np.full(n, m.streamed),
-                   _evidence(m, h.features, h.device_id))
+                   _evidence(m, h.features, h.device_id), np.full(n, m.fit_sessions),
+                   np.full(n, np.unique(h.person).size))
 
 
 # Where in each stream the settled answers are recorded (fractions of its sessions): a
@@ -102,7 +107,7 @@ def stream_answers(h: WorldHousehold, batch: int = STREAM_BATCH, settled: list |
     """``settled``: given a list, the settled answers (settled_answers) at each of
     SETTLED_AT are appended to it."""
     probs: list[dict[str, float]] = []
-    age, kind, device, devices, groups, streamed, evidence = [], [], [], [], [], [], []
+    age, kind, device, devices, groups, streamed, evidence, fit_sessions, ends = [], [], [], [], [], [], [], [], []
     n = h.n_sessions
     stops = {max(batch, int(n * f) // batch * batch) if f < 1 else n: f for f in SETTLED_AT}
     stream = ServiceStream(h, calibrated=False)
@@ -117,9 +122,15 @@ def stream_answers(h: WorldHousehold, batch: int = STREAM_BATCH, settled: list |
         groups += [m.device_group_count] * (b - a)
         streamed += [m.streamed] * (b - a)
         evidence.append(_evidence(m, h.features[a:b], h.device_id[a:b]))
+        fit_sessions += [m.fit_sessions] * (b - a)
+        ends += [b] * (b - a)
         if settled is not None and b in stops and a > 0:
             settled.append(settled_answers(h, stream, b, stops[b]))
-    return _finish(h, columns(probs), age, kind, device, devices, groups, streamed, np.vstack(evidence))
+    # the true persons among the sessions up to each answer's arrival (its end)
+    firsts = np.sort(np.unique(h.person, return_index=True)[1])
+    persons_so_far = np.searchsorted(firsts, np.asarray(ends), side="left")
+    return _finish(h, columns(probs), age, kind, device, devices, groups, streamed, np.vstack(evidence),
+                   fit_sessions, persons_so_far)
 
 
 def settled_answers(h: WorldHousehold, stream: ServiceStream, end: int, checkpoint: float = 1.0) -> RawAnswers:
@@ -133,7 +144,8 @@ def settled_answers(h: WorldHousehold, stream: ServiceStream, end: int, checkpoi
     kind, device = _meta(m, out, list(h.device_id[:end]))
     ans = _finish(SimpleNamespace(person=h.person[:end]), out.probabilities, np.full(end, m.n_sessions),
                   np.full(end, kind), np.full(end, device), np.full(end, len(m.device_ids)),
-                  np.full(end, m.device_group_count), np.full(end, m.streamed), m.one_person_evidence(end))
+                  np.full(end, m.device_group_count), np.full(end, m.streamed), m.one_person_evidence(end),
+                  np.full(end, m.fit_sessions), np.full(end, np.unique(h.person[:end]).size))
     ans.included = np.arange(end) < min(stream.included, end)
     ans.checkpoint = np.full(end, checkpoint)
     return ans
@@ -149,6 +161,8 @@ def _stacked(parts: list[RawAnswers]) -> RawAnswers:
                      np.vstack([p.evidence for p in parts]))
     out.included = np.concatenate([p.included for p in parts])
     out.checkpoint = np.concatenate([p.checkpoint for p in parts])
+    out.fit_sessions = np.concatenate([p.fit_sessions for p in parts])
+    out.persons_so_far = np.concatenate([p.persons_so_far for p in parts])
     return out
 
 

@@ -398,8 +398,9 @@ def calibrate_device_confidence(quick: bool, leave_one_world_out: bool = False,
       top-label probability of multi-person answers, one map per
       model.device_map_name (models of >= YOUNG_MODEL_SESSIONS sessions: fitted at once
       or streamed; younger models: one map);
-    * ONE_PERSON_CONFIDENCE, per group (fitted at once; streamed and young, with the
-      cold-start answers; streamed and mature): a logistic regression of "the answer is
+    * ONE_PERSON_CONFIDENCE, per model.one_person_group (a full fit of more sessions than
+      a stream's first; a stream's first fit, young streamed models and cold starts;
+      streamed and mature; one_person_answers): a logistic regression of "the answer is
       right" on the answer's one-person evidence (model.ONE_PERSON_EVIDENCE), L2 with
       ONE_PERSON_C (scikit-learn's C).
     Printed in the form model.py holds them. ``fresh_worlds``: also the fit scored on
@@ -439,14 +440,14 @@ def held_out_confidence(fit: dict, a, settled_mode: bool) -> tuple[np.ndarray, n
     answer, which answers are one-person ones). The maps' top-label value moved by its
     device-group shift and floored at 1 / persons, as model.calibrate_confidence does;
     one-person answers from their group's evidence; answers the maps leave alone raw."""
-    from bench._confidence import COLD_ONE, MIXTURE
+    from bench._confidence import MIXTURE
     from services.clustering.domain import model as M
     lo, hi = fit["one_person_log_sessions"]
     settled = a.included if settled_mode else np.zeros(a.P.shape[0], dtype=bool)
     conf = a.P.max(axis=1).copy()
     live = (a.P > 0).sum(axis=1)
-    young, cold = a.age < YOUNG_MODEL_SESSIONS, a.kind == COLD_ONE
-    one = a.device & (((a.kind == MIXTURE) & (live <= 1)) | cold)
+    young = a.age < YOUNG_MODEL_SESSIONS
+    one, groups = one_person_answers(a)
     multi = a.device & (a.kind == MIXTURE) & (live > 1)
     names = np.array([M.device_map_name(bool(y), bool(s), bool(t)) for y, s, t in zip(young, a.streamed, settled)])
     for map_name, (xs, ys) in fit["device_confidence_maps"].items():
@@ -454,12 +455,28 @@ def held_out_confidence(fit: dict, a, settled_mode: bool) -> tuple[np.ndarray, n
         value = M.shifted_confidence(np.interp(conf[rows], xs, ys), M.household_shift(
             a.groups[rows], live[rows], fit["device_confidence_shift"][map_name]))
         conf[rows] = np.maximum(value, 1.0 / live[rows])
-    groups = np.array([M.one_person_group(bool(y or c), bool(s or c)) for y, s, c in zip(young, a.streamed, cold)])
     for group, (intercept, coef) in fit["one_person_confidence"].items():
         rows = one & (groups == group)
         x = np.column_stack((np.clip(a.evidence[rows, 0], lo, hi), a.evidence[rows, 1:]))
-        conf[rows] = 1.0 / (1.0 + np.exp(-(intercept + x @ np.asarray(coef))))
+        conf[rows] = np.minimum(1.0 / (1.0 + np.exp(-(intercept + x @ np.asarray(coef)))), M.ONE_PERSON_MAX_CONFIDENCE)
     return conf, one
+
+
+def one_person_answers(a) -> tuple[np.ndarray, np.ndarray]:
+    """Of one household's raw answers ``a`` (bench._confidence.RawAnswers): which are
+    one-person answers the one-person confidence gives (a model with device evidence that
+    knows one person, or a cold start's one person), and each answer's
+    model.one_person_group (cold starts are young streams')."""
+    from bench._confidence import COLD_ONE, MIXTURE
+    from services.clustering.domain.model import one_person_group
+    live = (a.P > 0).sum(axis=1)
+    cold = a.kind == COLD_ONE
+    one = a.device & (((a.kind == MIXTURE) & (live <= 1)) | cold)
+    young = (a.age < YOUNG_MODEL_SESSIONS) | cold
+    fits = a.fit_sessions if a.fit_sessions is not None else [None] * live.size
+    groups = np.array([one_person_group(bool(y), bool(s or c), None if f is None else int(f))
+                       for y, s, c, f in zip(young, a.streamed, cold, fits)])
+    return one, groups
 
 
 def _score_with(fit: dict, answers: list[dict], families, scored: dict, gaps: dict) -> None:
@@ -471,7 +488,9 @@ def _score_with(fit: dict, answers: list[dict], families, scored: dict, gaps: di
             a = ans[mode]
             conf, one = held_out_confidence(fit, a, mode == "settled")
             at = a.checkpoint if a.checkpoint is not None else np.full(a.P.shape[0], np.nan)
-            scored[mode].append((conf, a.correct, one, at, np.full(conf.size, family)))
+            _, group = one_person_answers(a)
+            persons = a.persons_so_far if a.persons_so_far is not None else np.zeros(conf.size, dtype=np.int64)
+            scored[mode].append((conf, a.correct, one, at, np.full(conf.size, family), group, persons))
             live = (a.P > 0).sum(axis=1)
             multi = a.device & (a.kind == MIXTURE) & (live > 1)
             if multi.sum() >= 10:   # the household's miscalibration beside its evidence
@@ -519,10 +538,18 @@ def summarise_scored(scored: dict, gaps: dict, name: str) -> dict:
     from services.clustering.domain import model as M
     out = {}
     for mode, parts in scored.items():
-        c, y, one, at, family = (np.concatenate([p[k] for p in parts]) for k in range(5))
+        c, y, one, at, family, group, persons = (np.concatenate([p[k] for p in parts]) for k in range(7))
         out[mode] = {"ece": round(ece(c, y), 4), "one_person_answers": int(one.sum()),
                      "one_person_ece": round(ece(c[one], y[one]), 4),
                      "one_person_brier": round(float(np.mean((c[one] - y[one]) ** 2)), 4)}
+        # the one-person answers by group (model.one_person_group) and by whether the
+        # sessions so far truly have one person (a one-person answer in a larger household
+        # is a model that has not found the others: what its confidence must price)
+        out[mode]["one_person_by"] = {
+            key: {"answers": int(sel.sum()), "confidence": round(float(c[sel].mean()), 4),
+                  "accuracy": round(float(y[sel].mean()), 4), "ece": round(ece(c[sel], y[sel]), 4)}
+            for key, sel in [(g, one & (group == g)) for g in np.unique(group[one])]
+            + [("one person", one & (persons == 1)), ("more persons", one & (persons > 1))] if sel.any()}
         if not np.isnan(at).all():   # settled answers: also where in the stream
             out[mode]["ece_at"] = {f"{f:g}": round(ece(c[at == f], y[at == f]), 4) for f in np.unique(at)}
         out[mode]["by_family"] = {str(f): {"ece": round(ece(c[family == f], y[family == f]), 4),
@@ -581,7 +608,7 @@ def fit_device_confidence(answers: list[dict], one_person_c: float = ONE_PERSON_
     ``shift_l2``: the household shift's ridge (HOUSEHOLD_SHIFT_L2)."""
     from sklearn.linear_model import LogisticRegression
 
-    from bench._confidence import COLD_ONE, MIXTURE
+    from bench._confidence import MIXTURE
     from services.clustering.domain.model import (
         DEVICE_CONFIDENCE_MAPS, HOUSEHOLD_EVIDENCE, ONE_PERSON_EVIDENCE, device_map_name, household_evidence)
     # the "settled" map only when settled answers were recorded (household_answers(settled=True))
@@ -613,11 +640,10 @@ def fit_device_confidence(answers: list[dict], one_person_c: float = ONE_PERSON_
             for name in multi:
                 for column, values in zip(multi[name], (top, a.correct, household, w)):
                     column.append(values[rows & (names == name)])
-            cold = a.kind == COLD_ONE
-            rows = a.device & (((a.kind == MIXTURE) & (live <= 1)) | cold)
-            for name, sel in (("fitted", ~a.streamed & ~cold), ("young", (a.streamed & young) | cold),
-                              ("mature", a.streamed & ~young & ~cold)):
-                one[name].append(np.c_[a.evidence[rows & sel], a.correct[rows & sel], w[rows & sel]])
+            rows, group = one_person_answers(a)
+            for name in one:
+                sel = rows & (group == name)
+                one[name].append(np.c_[a.evidence[sel], a.correct[sel], w[sel]])
     maps, shifts, counts, tables = {}, {}, {}, {}
     empty = [f"map {n!r}" for n in multi if not sum(v.size for v in multi[n][0])] + \
         [f"one-person group {n!r}" for n in one if not sum(v.shape[0] for v in one[n])]

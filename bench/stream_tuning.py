@@ -29,7 +29,15 @@ for the diagnosis only); ``--diagnose F`` classifies the misses of such a run (`
 session count (``person_changes``; the refit, the re-selection, either newcomer test), and
 ``singles_split`` names the single-person households answered with more than one id;
 ``--worlds-per-family 16 --singles`` streams the single-person households of more
-TUNING-seed worlds.
+TUNING-seed worlds. With ``--paths`` the output's ``singles`` (``singles_diagnosis``) says,
+for every single-person stream that ever showed a second person, by which path it was
+first added (a device group more, a person born beside the device groups, the shared-only
+refit, the newcomer tests), at which session, how many sessions the extra ids answered and
+whether the stream ended on one person again; and singles kept by each definition: ids
+answered at arrival (``bench.accuracy``'s streaming figure), the settled answers, the final
+model's person count (the size GET /v1/household reports) and never shown split. Each
+logged change carries the posterior mass of the persons it added (``born_mass``) and, for
+the diagnosis only, the members with >= 3 sessions so far (``members_seen``).
 It never reads the REPORTING split: choices are made here, figures are reported by
 ``python -m bench.accuracy --worlds-only``.
 """
@@ -88,9 +96,15 @@ def record_person_changes() -> None:
             before = (list(self.person_ids), self.device_group_count)
             result = _orig(self, *args, **kw)
             if (list(self.person_ids), self.device_group_count) != before:
+                # the posterior mass (sessions) of each person the change brought in, over
+                # the buffer: a born person's support at birth
+                born = [j for j, pid in enumerate(self.person_ids) if pid not in before[0]]
+                mass = (self.mixture.predict_proba(self._buffer_X())[:, born].sum(axis=0).round(1).tolist()
+                        if born and self.mixture is not None else [])
                 _person_changes.append({"at": int(self.n_sessions), "path": _name.strip("_"),
                                         "persons": [len(before[0]), len(self.person_ids)],
-                                        "device_groups": [before[1], self.device_group_count]})
+                                        "device_groups": [before[1], self.device_group_count],
+                                        "born_mass": mass})
             return result
         wrapped._records_person_changes = True
         setattr(model_module.HouseholdModel, name, wrapped)
@@ -130,6 +144,9 @@ def _one(h: worlds.WorldHousehold, trace: bool = False, arrival: int = E.STREAM_
     names = {n: i for i, n in enumerate(sorted(set(ids) | {k for p in probs for k in p}))}
     labels = np.array([names[i] for i in ids])
     settled = stream.settled()
+    # what a caller of GET /v1/household sees: the persons of the model stored after each
+    # arrival (its count is the household's size there), and at the end
+    shown = np.array(arrival_persons)
     change = h.changes[0] if h.changes else None
     t = h.start_ts
     quarters = (t[-1] - t[E.WARMUP_SESSIONS]) / E.QUARTER_S if h.n_sessions > E.WARMUP_SESSIONS else 0.0
@@ -145,12 +162,73 @@ def _one(h: worlds.WorldHousehold, trace: bool = False, arrival: int = E.STREAM_
             "change": (change.kind, change.session_index) if change else None, "quarters": quarters,
             "correct": correct.tolist(), "accuracy": float(correct.mean()),
             "ids_used": int(np.unique(labels).size), "events": events, "checks": checks,
-            "person_changes": list(_person_changes),
+            "id_sessions": {i: ids.count(i) for i in dict.fromkeys(ids)},
+            "final_persons": int(stream.envelope.model.n_persons),
+            "settled_ids": int(np.unique(settled.person_index).size),
+            "sessions_shown_split": int((shown > 1).sum()),
+            # each change with the members (>= 3 sessions so far) it was made among (truth,
+            # for the diagnosis only: was a rise in persons a real member?)
+            "person_changes": [{**c, "members_seen": int((np.bincount(h.person[:c["at"]]) >= 3).sum())}
+                               for c in _person_changes],
             # the service's own paths: its drift alarms (sessions so far, type) and full
             # refits (sessions so far, reason), and the answers for the summaries
             "drift_alarms": stream.drift, "refits": stream.refits,
             "_answers": (labels, E.columns(probs, sorted(names)), settled.person_index, settled.probabilities),
             **extra}
+
+
+def rise_path(change: dict) -> str:
+    """The kind of a logged rise in persons (``--paths``), for the singles diagnosis."""
+    path, (g0, g1) = change["path"], change["device_groups"]
+    if path == "refit_on_device_evidence":
+        if g0 == g1 == 0:
+            return "shared-only refit"
+        if g1 > g0 and g0 > 0:
+            return "device refit: a device group more (one owner's devices told apart)"
+        return "device refit: a person born beside the device groups"
+    return {"birth_of_newcomer": "newcomer test", "newcomer_on_new_device": "new-device newcomer test",
+            "reselect": "BIC re-selection"}.get(path, path)
+
+
+def singles_diagnosis(outs: list[dict]) -> dict:
+    """The single-person streams of a ``--paths`` run: which ever showed a second person,
+    by which path (the first rise in persons), when (sessions so far), how many sessions
+    were answered with the extra ids, and whether the stream ended on one person again
+    (the id answered, then dropped) or kept two. Beside it, singles kept by each
+    definition: ids answered at arrival (``bench.accuracy``'s streaming figure), ids in
+    the settled answers (the final model on every session), the final model's person
+    count (the household size GET /v1/household reports at the end), and never shown as
+    more than one person at any arrival."""
+    singles = [o for o in outs if o["persons"] == 1]
+    rows = []
+    for o in singles:
+        rises = [c for c in o["person_changes"] if c["persons"][1] > c["persons"][0]]
+        if o["ids_used"] == 1 and o["final_persons"] == 1 and o["sessions_shown_split"] == 0:
+            continue
+        first = rises[0] if rises else None
+        top = max(o["id_sessions"].values())
+        rows.append({"id": o["id"], "path": rise_path(first) if first else "first fit",
+                     "at": first["at"] if first else None, "rises": len(rises),
+                     "ids_at_arrival": o["ids_used"], "extra_id_sessions": o["sessions"] - top,
+                     "sessions": o["sessions"], "sessions_shown_split": o["sessions_shown_split"],
+                     "final_persons": o["final_persons"],
+                     "outcome": "kept" if o["final_persons"] > 1 else "dropped"})
+    if not singles:
+        return {"households": 0}
+    n = len(singles)
+    by_path: dict[str, dict[str, int]] = {}
+    for r in rows:
+        d = by_path.setdefault(r["path"], {"households": 0, "dropped": 0, "kept": 0})
+        d["households"] += 1
+        d[r["outcome"]] += 1
+    return {"households": len(singles),
+            "kept_ids_at_arrival": sum(o["ids_used"] == 1 for o in singles) / n,
+            "kept_settled_ids": sum(o["settled_ids"] == 1 for o in singles) / n,
+            "kept_final_model": sum(o["final_persons"] == 1 for o in singles) / n,
+            "kept_never_shown_split": sum(o["sessions_shown_split"] == 0 for o in singles) / n,
+            "sessions_shown_split": sum(o["sessions_shown_split"] for o in singles) / max(
+                sum(o["sessions"] for o in singles), 1),
+            "by_path": by_path, "households_split": rows}
 
 
 def select(hs: list[worlds.WorldHousehold], limit: int | None) -> list[worlds.WorldHousehold]:
@@ -410,8 +488,8 @@ def arrival_loss(outs: list[dict], hs: list[worlds.WorldHousehold]) -> dict | No
 
 def _summary(hs, preds, probs) -> dict:
     s = E.summarise(hs, preds, probs)
-    return {k: round(s[k], 4) for k in ("session_accuracy", "ece", "mean_confidence", "household_size_exact",
-                                        "single_person_kept")}
+    return {k: None if s[k] is None else round(s[k], 4)   # no single-person household: None
+            for k in ("session_accuracy", "ece", "mean_confidence", "household_size_exact", "single_person_kept")}
 
 
 def service_paths(outs: list[dict], hs: list[worlds.WorldHousehold]) -> dict:
@@ -520,6 +598,7 @@ def main() -> None:
                       "at_arrival": _summary(hs, [x[0] for x in answers], [x[1] for x in answers]),
                       "settled": _summary(hs, [x[2] for x in answers], [x[3] for x in answers]),
                       "service_paths": service_paths(outs, hs),
+                      "singles": singles_diagnosis(outs) if args.paths else None,
                       "households_detail": [{k: v for k, v in o.items() if k != "correct"} for o in outs],
                       "elapsed_s": round(time.time() - t0, 1)})
     if args.out:

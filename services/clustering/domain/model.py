@@ -51,7 +51,8 @@ from services.clustering.domain.gmm import (
 )
 from services.clustering.domain.kmeans import IncrementalKMeans, fit_select_k_kmeans, kmeans_plus_plus
 from services.clustering.domain.persons import (
-    auc_z, hour_seedings, loo_auc, merge_by_viewing_hours, novel_sessions, personal_device_groups, viewing_hours,
+    auc_z, differ_in_hours, hour_seedings, is_personal, loo_auc, merge_by_viewing_hours, novel_sessions,
+    personal_device_groups, personal_slots, viewing_hours,
 )
 from services.clustering.domain.placement import discriminative_responsibilities
 
@@ -170,6 +171,9 @@ STREAM_SHARED_RESELECT = False  # ... and the BIC re-selection between those ref
 STREAM_SHARED_HYSTERESIS = 40.0  # BIC units a new person count must win by in that refit
 STREAM_RESELECT_HOURS = True  # re-selection: a new person must show in the viewing hours (no personal device)
 NEWCOMER_GRACE = 100      # sessions a reported newcomer is kept through refits (_drops_kept_person)
+# The newcomer test (_birth_of_newcomer): the person it adds must differ from everyone
+# else by viewing hours (persons.differ_in_hours) at this z. 0: off.
+BIRTH_HOURS_Z = 2.0
 # Labels that name a person the fit missed (_labels_add_persons): EM iterations that let
 # the person split off its parent take the sessions like its labels. TUNING worlds 4-7,
 # batch, 5 draws (bench.label_feedback --batch-only): 3 / 4 / 5 / 10 iterations, whole
@@ -287,26 +291,40 @@ DEVICE_CONFIDENCE_MAPS: dict[str, tuple[list[float], list[float]]] = {
 }
 # A one-person answer's confidence: how likely "the only person the model knows" is right,
 # from the evidence the model has for one person, as a logistic regression per group
-# ("fitted": fitted at once, any age — a one-person batch fit is rare; "young" /
-# "mature": streamed, by age; cold-start answers are young) on ONE_PERSON_EVIDENCE: the
-# sessions it has seen (log) and the devices it knows (more devices, more room for a
-# member it has not met). A constant per group (as until 2026-12-04) said the same for
-# every one-person household (blind worlds 0.804 / 0.571 whatever the evidence). Fitted
+# (one_person_group: "fitted" — a full fit on more sessions than a stream's first fit, at
+# any age; "young" — a stream's first fit, a young streamed model, a cold start; "mature"
+# — streamed, older) on ONE_PERSON_EVIDENCE: the sessions it has seen (log), the devices
+# it knows, its personal devices (persons.personal_slots of its recent sessions, the
+# buffer) and the share of its recent sessions on a personal device type. Why these
+# groups (session 13): until then "fitted" was every model not streamed, so a stream's
+# first fit at MIN_SESSIONS sessions (right 0.62 on fresh TUNING worlds) was pooled with
+# batch fits of whole households (right 0.80), whose evidence points the other way — a
+# batch fit that keeps one person with more devices is more often a real single (a shared
+# TV hides a second member, a phone and a laptop of one person do not), a young stream
+# with more devices more often has a member it has not met — and the fit's coefficients
+# followed whichever mix a fit's worlds had (the intercept 0.76-2.41 from fit to fit).
+# Why the personal-device evidence: on fresh TUNING worlds it separates real singles from
+# households whose others the model has not found (batch, AUC of "one person" 0.68 / 0.73
+# for personal devices / their share; devices and sessions point the wrong way). Fitted
 # on the TUNING worlds only by `python -m bench.accuracy --calibrate-confidence
 # --device-maps-only` (bench._confidence records the evidence with each answer); chosen
-# by leave-one-world-out on TUNING and on fresh TUNING-seed worlds (per-session evidence —
-# the session's device share, a personal device — sharpened the Brier score but made ECE
-# worse on worlds the fit had not seen; docs/clustering.md, "Confidence").
-ONE_PERSON_EVIDENCE = ("log_sessions", "devices")
-ONE_PERSON_MAX_DEVICES = 6                          # more devices: judged as 6
+# on fresh TUNING worlds and leaving a family out (docs/clustering.md, "Confidence";
+# docs/benchmarks.md, session 13).
+ONE_PERSON_EVIDENCE = ("log_sessions", "devices", "personal_devices", "personal_share")
+ONE_PERSON_MAX_DEVICES = 6                          # more devices (or personal devices): judged as 6
 # Sessions seen (log) outside the range the fit saw are judged at its edge: TUNING's
 # one-person answers come from models of 1-249 sessions, and a slope fitted there says
 # nothing about a model of thousands (the streamed one would fall toward 0).
 ONE_PERSON_LOG_SESSIONS = (0.0, 5.5175)
+# Nor is a one-person answer ever surer than this: the fit's steepest slopes (a full fit's
+# sessions, personal devices) extrapolate toward 1.0 for a model of ten-odd sessions on one
+# phone, where TUNING's batch fits were right 0.97 (15 households). A guard, not a choice:
+# on fresh TUNING worlds and leaving a family out, caps of 0.95-0.99 and none score alike.
+ONE_PERSON_MAX_CONFIDENCE = 0.99
 ONE_PERSON_CONFIDENCE: dict[str, tuple[float, tuple[float, ...]]] = {
-    "fitted": (1.8919, (0.0006, -0.4765)),
-    "young": (0.9605, (0.1331, -0.3646)),
-    "mature": (2.1335, (-0.299, -0.2516)),
+    "fitted": (7.347, (-1.2717, -0.3108, -1.3369, 4.7169)),
+    "young": (1.0352, (0.171, -0.5788, 0.243, 0.7073)),
+    "mature": (1.8789, (-0.2305, -0.4338, -0.1784, 2.894)),
 }
 
 
@@ -366,26 +384,35 @@ def device_map_name(young: bool, streamed: bool, settled: bool = False) -> str:
     return "young" if young else ("settled" if settled else "streamed") if streamed else "fitted"
 
 
-def one_person_group(young: bool, streamed: bool) -> str:
-    """Which of ONE_PERSON_CONFIDENCE answers (see above)."""
-    return "young" if streamed and young else "mature" if streamed else "fitted"
+def one_person_group(young: bool, streamed: bool, fit_sessions: int | None = None) -> str:
+    """Which of ONE_PERSON_CONFIDENCE answers (see above): ``fit_sessions``, the sessions
+    of the model's last full fit (None: a full fit of its own); a stream's first fit, at
+    MIN_SESSIONS, is a young stream's, not a fit of the whole household."""
+    if not streamed and (fit_sessions is None or fit_sessions > MIN_SESSIONS):
+        return "fitted"
+    return "young" if young or not streamed else "mature"
 
 
-def one_person_evidence(n_sessions: int, devices: int, n: int = 1) -> np.ndarray:
+def one_person_evidence(n_sessions: int, devices: int, n: int = 1, personal_devices: int = 0,
+                        personal_share: float = 0.0) -> np.ndarray:
     """(n, len(ONE_PERSON_EVIDENCE)) the evidence of a one-person answer (the same for
-    each of ``n`` sessions): the sessions the model has seen (log) and the devices it
-    knows (at most ONE_PERSON_MAX_DEVICES)."""
-    return np.tile([np.log(max(n_sessions, 1)), float(min(max(devices, 1), ONE_PERSON_MAX_DEVICES))], (n, 1))
+    each of ``n`` sessions): the sessions the model has seen (log), the devices it knows
+    and its personal devices (each at most ONE_PERSON_MAX_DEVICES), and the share of its
+    recent sessions on a personal device type."""
+    return np.tile([np.log(max(n_sessions, 1)), float(min(max(devices, 1), ONE_PERSON_MAX_DEVICES)),
+                    float(min(personal_devices, ONE_PERSON_MAX_DEVICES)), float(personal_share)], (n, 1))
 
 
-def one_person_confidence(evidence: np.ndarray, young: bool, streamed: bool = True) -> np.ndarray:
+def one_person_confidence(evidence: np.ndarray, young: bool, streamed: bool = True,
+                          fit_sessions: int | None = None) -> np.ndarray:
     """(N,) how sure a one-person answer of a model with device evidence is, from its
-    ``evidence`` (one_person_evidence) and how the model came about (``streamed``:
-    sessions folded in since its last full fit; then by its age)."""
-    intercept, coef = ONE_PERSON_CONFIDENCE[one_person_group(young, streamed)]
+    ``evidence`` (one_person_evidence) and how the model came about (one_person_group:
+    ``streamed``, sessions folded in since its last full fit, of ``fit_sessions``; then
+    by its age)."""
+    intercept, coef = ONE_PERSON_CONFIDENCE[one_person_group(young, streamed, fit_sessions)]
     evidence = np.array(evidence, dtype=np.float64)
     evidence[:, 0] = np.clip(evidence[:, 0], *ONE_PERSON_LOG_SESSIONS)
-    return 1.0 / (1.0 + np.exp(-(intercept + evidence @ np.asarray(coef))))
+    return np.minimum(expit(intercept + evidence @ np.asarray(coef)), ONE_PERSON_MAX_CONFIDENCE)
 
 
 def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None, device: bool = False,
@@ -1519,6 +1546,9 @@ class HouseholdModel:
                                  "anchored": self._traced_new_device(X, current) if TRACE_ANCHORED else []}
         if best[0] < BIRTH_GLR_H or gain < BIRTH_MIN_GAIN:
             return
+        if BIRTH_HOURS_Z > 0 and not differ_in_hours(X[:, :F.FEATURE_DIM], cand.log_joint(X).argmax(axis=1) == k,
+                                                     BIRTH_HOURS_Z):
+            return
         self._adopt_newcomer(X, cand)
 
     def _adopt_newcomer(self, X: np.ndarray, cand: Mixture) -> None:
@@ -1788,8 +1818,15 @@ class HouseholdModel:
 
     def one_person_evidence(self, n: int) -> np.ndarray:
         """The evidence a one-person answer's confidence rests on (ONE_PERSON_EVIDENCE), for
-        ``n`` sessions: the sessions the model has seen, the devices it knows."""
-        return one_person_evidence(self.n_sessions, len(self.device_ids), n)
+        ``n`` sessions: the sessions the model has seen, the devices it knows, and of its
+        recent sessions (the buffer; before the first fit, the cold-start sessions) its
+        personal devices and the share on a personal device type."""
+        if self.buffer.shape[0]:
+            X, slots = self.buffer[:, :F.FEATURE_DIM], np.rint(self.buffer[:, F.FEATURE_DIM]).astype(np.int64)
+        else:
+            X, slots = self.cold_X, self.cold_slots
+        personal = (len(personal_slots(X, slots)), float(is_personal(X).mean())) if X.shape[0] else (0, 0.0)
+        return one_person_evidence(self.n_sessions, len(self.device_ids), n, *personal)
 
     def _proba(self, X: np.ndarray, temperature: float | None = None) -> np.ndarray:
         if self.mixture is not None:
@@ -1821,7 +1858,8 @@ class HouseholdModel:
                 # device map: the sessions carry device ids the model knows
                 device = bool(self.device_evidence and (slots >= 0).any())
                 young = self.n_sessions < YOUNG_MODEL_SESSIONS
-                one = (one_person_confidence(self.one_person_evidence(X.shape[0]), young, self.streamed)
+                one = (one_person_confidence(self.one_person_evidence(X.shape[0]), young, self.streamed,
+                                             self.fit_sessions)
                        if device and P.shape[1] == 1 else None)
                 raw = P
                 P = calibrate_confidence(raw, device=device, young=young, one_person=one, streamed=self.streamed,

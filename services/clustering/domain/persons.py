@@ -104,6 +104,15 @@ def loo_auc(Z: np.ndarray, y: np.ndarray, ridge: float = RIDGE) -> float:
     return float((ranks[:pos.size].sum() - pos.size * (pos.size + 1) / 2) / (pos.size * neg.size))
 
 
+def personal_slots(X: np.ndarray, slots: np.ndarray, min_sessions: int = MIN_DEVICE_SESSIONS) -> list[int]:
+    """The personal devices among ``slots`` (in order of first appearance): a slot with at
+    least ``min_sessions`` sessions, most of them of a personal device type."""
+    slots = np.asarray(slots, dtype=np.int64)
+    personal = is_personal(X)
+    return [int(s) for s in dict.fromkeys(slots[slots >= 0].tolist())
+            if (slots == s).sum() >= min_sessions and personal[slots == s].mean() > 0.5]
+
+
 def personal_device_groups(X: np.ndarray, slots: np.ndarray, merge_auc: float = MERGE_AUC,
                            min_sessions: int = MIN_DEVICE_SESSIONS, min_z: float = 0.0,
                            successor_z: float | None = None) -> np.ndarray:
@@ -123,10 +132,8 @@ def personal_device_groups(X: np.ndarray, slots: np.ndarray, merge_auc: float = 
     X = np.asarray(X, dtype=np.float64)
     slots = np.asarray(slots, dtype=np.int64)
     successor_z = SUCCESSOR_Z if successor_z is None else successor_z
-    personal = is_personal(X)
     group = np.full(X.shape[0], -1, dtype=np.int64)
-    devices = [int(s) for s in dict.fromkeys(slots[slots >= 0].tolist())
-               if (slots == s).sum() >= min_sessions and personal[slots == s].mean() > 0.5]
+    devices = personal_slots(X, slots, min_sessions)
     if not devices:
         return group
     members = [[s] for s in devices]
@@ -286,3 +293,18 @@ def novel_sessions(X: np.ndarray, known: np.ndarray, share: float) -> np.ndarray
     score = loo_predictions(_standardised(person_features(X)), (~known).astype(np.float64))
     cut = np.quantile(score[unknown], 1.0 - share)
     return unknown[score[unknown] >= cut]
+
+
+def differ_in_hours(X: np.ndarray, who: np.ndarray, min_z: float) -> bool:
+    """Are the sessions marked ``who`` told apart from all the others by *when* they are
+    watched (viewing_hours; leave-one-out AUC at least ``min_z`` spreads above chance,
+    auc_z)? The stream's newcomer test asks it of the person it would add: a member who
+    joins watches at hours of their own (or on days of their own), while a binge run or a
+    new kind of viewing by someone already there falls at that person's usual hours.
+    False with fewer than two sessions on either side."""
+    who = np.asarray(who, dtype=bool)
+    n_a, n_b = int(who.sum()), int((~who).sum())
+    if n_a < 2 or n_b < 2:
+        return False
+    auc = loo_auc(_standardised(viewing_hours(X)), who.astype(np.float64))
+    return auc_z(auc, n_a, n_b) >= min_z

@@ -377,3 +377,30 @@ def test_a_member_the_caller_named_keeps_that_id_when_the_stream_finds_them():
     ids = np.array(m.assign_batch(X, device_ids=dev).person())
     assert np.mean(ids[later & (person == 2)] == reserved) > 0.8
     assert m.reserved_keys == {}
+
+
+def test_the_singles_diagnosis_names_each_split_singles_path_and_outcome():
+    """bench.stream_tuning.singles_diagnosis (--paths): a single-person stream that showed
+    a second person is listed with the path of its first rise, when, how many sessions the
+    extra ids answered and whether it ended on one person; singles kept is given by each
+    definition (ids at arrival, settled ids, the final model's count, never shown split)."""
+    from bench import stream_tuning as S
+
+    def out(hid, changes, ids, final, shown, settled_ids=None):
+        return {"id": hid, "persons": 1, "sessions": sum(ids.values()), "ids_used": len(ids), "id_sessions": ids,
+                "final_persons": final, "settled_ids": settled_ids or final, "sessions_shown_split": shown,
+                "person_changes": changes}
+
+    rise = {"at": 60, "path": "birth_of_newcomer", "persons": [1, 2], "device_groups": [1, 1]}
+    refit = {"at": 40, "path": "refit_on_device_evidence", "persons": [1, 2], "device_groups": [1, 2]}
+    outs = [out("a", [], {"p1": 50}, 1, 0),
+            out("b", [rise], {"p1": 60, "p2": 2}, 2, 2),
+            out("c", [refit, {**refit, "at": 50, "persons": [2, 1]}], {"p1": 40, "p2": 8}, 1, 10),
+            {**out("d", [], {"p1": 30}, 1, 0), "persons": 2}]
+    d = S.singles_diagnosis(outs)
+    assert d["households"] == 3 and d["kept_ids_at_arrival"] == 1 / 3 and d["kept_final_model"] == 2 / 3
+    assert d["kept_never_shown_split"] == 1 / 3
+    rows = {r["id"]: r for r in d["households_split"]}
+    assert rows["b"]["path"] == "newcomer test" and rows["b"]["outcome"] == "kept" and rows["b"]["extra_id_sessions"] == 2
+    assert rows["c"]["path"].startswith("device refit: a device group more") and rows["c"]["outcome"] == "dropped"
+    assert rows["c"]["at"] == 40

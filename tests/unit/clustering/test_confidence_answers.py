@@ -90,6 +90,24 @@ def test_the_recorded_one_person_evidence_is_what_the_model_answers_from():
     # answered at arrival: the sessions-seen evidence grows with the stream
     np.testing.assert_allclose(stream.evidence[:, 0], np.log(stream.age))
     assert np.all(np.diff(stream.evidence[:, 1]) >= 0)
+    assert ((stream.evidence[:, 3] >= 0) & (stream.evidence[:, 3] <= 1)).all()
+    # what the model knew of how it came about: a stream's first fit is at MIN_SESSIONS
+    assert (stream.fit_sessions[stream.age >= MIN_SESSIONS] >= MIN_SESSIONS).all()
+    assert (raw.fit_sessions == h.n_sessions).all()
+
+
+def test_a_streams_first_fit_is_judged_with_the_young_streams_not_the_batch_fits():
+    """The fit and the scorer group one-person answers as the model does
+    (model.one_person_group): a model not streamed whose last full fit is a stream's
+    first (MIN_SESSIONS sessions) with the young ones, a full fit of more with "fitted"."""
+    from bench.accuracy import one_person_answers
+    n = 4
+    a = C.RawAnswers(np.ones((n, 1)), np.zeros(n, np.int64), np.array([15, 15, 80, 80]), np.zeros(n, np.int8),
+                     np.ones(n, bool), np.ones(n, bool), np.zeros(n, np.int64), np.full(n, 2), np.zeros(n, np.int64),
+                     np.array([False, False, False, True]), np.zeros((n, 4)))
+    a.fit_sessions = np.array([MIN_SESSIONS, 15, 80, MIN_SESSIONS])
+    one, groups = one_person_answers(a)
+    assert one.all() and groups.tolist() == ["young", "fitted", "fitted", "mature"]
 
 
 def test_the_one_person_fit_follows_the_evidence():
@@ -102,7 +120,7 @@ def test_the_one_person_fit_follows_the_evidence():
         n = 400
         devices = rng.choice([1, 5], n)
         right = rng.random(n) < np.where(devices == 1, 0.95, 0.3)
-        evidence = np.column_stack((np.full(n, np.log(age)), devices.astype(float)))
+        evidence = np.column_stack((np.full(n, np.log(age)), devices.astype(float), np.zeros(n), np.zeros(n)))
         one = C.RawAnswers(np.ones((n, 1)), np.zeros(n, np.int64), np.full(n, age), np.zeros(n, np.int8),
                            np.ones(n, bool), right, np.zeros(n, np.int64), devices, np.zeros(n, np.int64),
                            np.full(n, streamed), evidence)
@@ -157,7 +175,7 @@ def _one_person_answers(n: int = 200) -> list[dict]:
     extra = []
     for streamed, age in ((True, 30), (True, 120), (False, 120)):
         devices = rng.choice([1, 5], n)
-        evidence = np.column_stack((np.full(n, np.log(age)), devices.astype(float)))
+        evidence = np.column_stack((np.full(n, np.log(age)), devices.astype(float), np.zeros(n), np.zeros(n)))
         one = C.RawAnswers(np.ones((n, 1)), np.zeros(n, np.int64), np.full(n, age), np.zeros(n, np.int8),
                            np.ones(n, bool), rng.random(n) < 0.7, np.zeros(n, np.int64), devices,
                            np.zeros(n, np.int64), np.full(n, streamed), evidence)
@@ -215,16 +233,16 @@ def test_held_out_confidence_answers_as_the_service_would():
     kind = np.array([0, 0, 0, 0, 2, 0], np.int8)
     a = C.RawAnswers(P, P.argmax(axis=1), age, kind, np.array([1, 1, 1, 1, 1, 0], bool), np.ones(n, bool),
                      np.zeros(n, np.int64), np.full(n, 2), np.full(n, 2), np.ones(n, bool),
-                     np.column_stack((np.log(age), np.full(n, 2.0))))
+                     np.column_stack((np.log(age), np.full(n, 2.0), np.zeros(n), np.zeros(n))))
     a.included = np.array([0, 1, 0, 1, 0, 0], bool)
     flat = ([0.0, 1.0], [0.2, 0.2])    # every answer through it says 0.2 before the floor
     fit = {"device_confidence_maps": {"young": ([0.0, 1.0], [0.0, 1.0]), "streamed": ([0.0, 1.0], [0.0, 1.0]),
                                       "settled": flat, "fitted": flat},
            "device_confidence_shift": {n_: (0.0, (0.0, 0.0)) for n_ in ("young", "streamed", "settled", "fitted")},
-           "one_person_confidence": {g: (0.0, (0.0, 0.0)) for g in ("fitted", "young", "mature")},
+           "one_person_confidence": {g: (0.0, (0.0, 0.0, 0.0, 0.0)) for g in ("fitted", "young", "mature")},
            "one_person_log_sessions": (1.0, 5.0)}
     fit["device_confidence_shift"]["streamed"] = (np.log(3.0), (0.0, 0.0))   # odds x 3
-    fit["one_person_confidence"]["mature"] = (np.log(4.0), (0.0, 0.0))       # 0.8
+    fit["one_person_confidence"]["mature"] = (np.log(4.0), (0.0, 0.0, 0.0, 0.0))   # 0.8
     conf, one = held_out_confidence(fit, a, settled_mode=False)
     np.testing.assert_allclose(conf[0], 0.7)                        # young map: identity
     np.testing.assert_allclose(conf[1], 0.9 * 3 / (0.9 * 3 + 0.1))  # streamed map, shifted

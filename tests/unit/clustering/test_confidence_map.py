@@ -122,26 +122,34 @@ def test_a_model_stored_before_it_knew_how_it_came_about_answers_as_streamed(mon
 
 
 def test_a_one_person_answer_of_a_fit_on_every_session_has_its_own_figure():
-    from services.clustering.domain.model import (ONE_PERSON_CONFIDENCE, one_person_confidence,
-                                                  one_person_evidence, one_person_group)
+    """A full fit of the household (more sessions than a stream's first fit) is "fitted"
+    at any age; a stream's first fit, at MIN_SESSIONS, answers as a young stream does —
+    pooled with batch fits, its answers (right far less often, and with the devices
+    pointing the other way) set the batch fits' figure."""
+    from services.clustering.domain.model import (MIN_SESSIONS, ONE_PERSON_CONFIDENCE, ONE_PERSON_MAX_CONFIDENCE,
+                                                  one_person_confidence, one_person_evidence, one_person_group)
     assert one_person_group(young=True, streamed=False) == one_person_group(young=False, streamed=False) == "fitted"
-    assert one_person_group(young=True, streamed=True) == "young"
-    assert one_person_group(young=False, streamed=True) == "mature"
-    ev = one_person_evidence(60, 2)   # within the fitted range
+    assert one_person_group(young=True, streamed=False, fit_sessions=MIN_SESSIONS + 1) == "fitted"
+    assert one_person_group(young=True, streamed=False, fit_sessions=MIN_SESSIONS) == "young"
+    assert one_person_group(young=True, streamed=True, fit_sessions=MIN_SESSIONS) == "young"
+    assert one_person_group(young=False, streamed=True, fit_sessions=MIN_SESSIONS) == "mature"
+    ev = one_person_evidence(60, 2, personal_devices=1, personal_share=0.5)   # within the fitted range
+    assert ev.shape == (1, 4)
     for group, (intercept, coef) in ONE_PERSON_CONFIDENCE.items():
         young, streamed = {"fitted": (False, False), "young": (True, True), "mature": (False, True)}[group]
-        expected = 1.0 / (1.0 + np.exp(-(intercept + ev[0] @ np.asarray(coef))))
+        expected = min(1.0 / (1.0 + np.exp(-(intercept + ev[0] @ np.asarray(coef)))), ONE_PERSON_MAX_CONFIDENCE)
         np.testing.assert_allclose(one_person_confidence(ev, young, streamed), [expected])
 
 
 def test_one_person_evidence_outside_what_the_fit_saw_is_judged_at_its_edge():
     from services.clustering.domain.model import (ONE_PERSON_LOG_SESSIONS, ONE_PERSON_MAX_DEVICES,
                                                   one_person_confidence, one_person_evidence)
-    ev = one_person_evidence(10**7, 40, n=2)
-    assert ev.shape == (2, 2)
+    ev = one_person_evidence(10**7, 40, n=2, personal_devices=30, personal_share=0.5)
+    assert ev.shape == (2, 4)
     np.testing.assert_allclose(ev[:, 0], np.log(10**7))
-    np.testing.assert_allclose(ev[:, 1], ONE_PERSON_MAX_DEVICES)
-    at_edge = one_person_evidence(int(round(np.exp(ONE_PERSON_LOG_SESSIONS[1]))), 40, n=2)
+    np.testing.assert_allclose(ev[:, 1:3], ONE_PERSON_MAX_DEVICES)
+    at_edge = one_person_evidence(int(round(np.exp(ONE_PERSON_LOG_SESSIONS[1]))), 40, n=2, personal_devices=30,
+                                  personal_share=0.5)
     few = one_person_evidence(1, 1)
     low_edge = one_person_evidence(int(round(np.exp(ONE_PERSON_LOG_SESSIONS[0]))), 1)
     for young, streamed in ((False, False), (True, True), (False, True)):
@@ -149,6 +157,53 @@ def test_one_person_evidence_outside_what_the_fit_saw_is_judged_at_its_edge():
                                    one_person_confidence(at_edge, young, streamed), rtol=1e-3)
         np.testing.assert_allclose(one_person_confidence(few, young, streamed),
                                    one_person_confidence(low_edge, young, streamed), rtol=1e-3)
+
+
+def test_a_one_person_answer_is_never_sure_and_thin_evidence_is_far_from_it(monkeypatch):
+    """Whatever the fit says, a one-person answer stays below ONE_PERSON_MAX_CONFIDENCE
+    (a fit's slopes extrapolate toward 1.0); with the committed fit, a young model that
+    has seen a handful of sessions is far from sure, and one whose recent sessions are all
+    on a personal device is surer than one whose are all on a shared TV, in every group
+    (on TUNING a real single's sessions sit on their own devices)."""
+    from services.clustering.domain import model as M
+    thin = M.one_person_evidence(3, 1)
+    assert (M.one_person_confidence(thin, young=True, streamed=True) < 0.85).all()
+    for young, streamed in ((False, False), (True, True), (False, True)):
+        on_tv = M.one_person_evidence(100, 2, personal_devices=0, personal_share=0.0)
+        on_phone = M.one_person_evidence(100, 2, personal_devices=0, personal_share=1.0)
+        assert (M.one_person_confidence(on_phone, young, streamed) > M.one_person_confidence(on_tv, young, streamed)).all()
+    monkeypatch.setitem(M.ONE_PERSON_CONFIDENCE, "fitted", (40.0, (0.0, 0.0, 0.0, 0.0)))
+    np.testing.assert_allclose(M.one_person_confidence(thin, young=False, streamed=False), M.ONE_PERSON_MAX_CONFIDENCE)
+
+
+def test_one_person_evidence_reads_the_personal_devices_of_the_recent_sessions():
+    """A model's one-person evidence: its sessions (log), devices, the personal devices
+    of its recent sessions (a phone with MIN_DEVICE_SESSIONS sessions or more; a tablet
+    with fewer is not yet one) and their share on personal device types; before the first
+    fit, from the cold-start sessions."""
+    from services.clustering.domain import features as F
+    from services.clustering.domain.model import MIN_SESSIONS, HouseholdModel
+    from services.clustering.domain.persons import MIN_DEVICE_SESSIONS
+    rng = np.random.default_rng(4)
+    kinds = np.array(["tv"] * 26 + ["mobile"] * 12 + ["tablet"] * (MIN_DEVICE_SESSIONS - 3))
+    n = kinds.size
+    X = np.zeros((n, F.FEATURE_DIM))
+    hour = rng.uniform(18, 23, n)
+    X[:, 0], X[:, 1] = np.sin(2 * np.pi * hour / 24), np.cos(2 * np.pi * hour / 24)
+    X[:, 2], X[:, 3] = 0.0, 1.0
+    X[np.arange(n), F.DEVICE.start + np.array([F.DEVICE_TYPES.index(k) for k in kinds])] = 1.0
+    X[:, F.GENRE.start] = 1.0
+    X[:, F.LOG_MINUTES] = np.log1p(rng.uniform(30, 90, n))
+    devices = np.array([{"tv": "tv1", "mobile": "phone1", "tablet": "tab1"}[k] for k in kinds])
+    m = HouseholdModel().fit(X, device_ids=devices)
+    ev = m.one_person_evidence(2)
+    np.testing.assert_allclose(ev, [[np.log(n), 3.0, 1.0, (n - 26) / n]] * 2)
+    cold = HouseholdModel()
+    cold.update(X[-(MIN_SESSIONS - 4):], device_ids=devices[-(MIN_SESSIONS - 4):])
+    assert cold.active_variant == "cold_start"
+    ev = cold.one_person_evidence(1)
+    # the cold start's sessions: a phone with 4 sessions is not yet a person's, every one is personal
+    np.testing.assert_allclose(ev, [[np.log(MIN_SESSIONS - 4), 2.0, 0.0, 1.0]])
 
 
 def test_a_streamed_model_answers_the_sessions_it_includes_through_the_settled_map(monkeypatch):

@@ -89,18 +89,20 @@ def test_single_person_household_stays_single_in_batch_and_stream():
     assert m.n_persons == 1 and not [e for e in m.composition_events if e["kind"] == "join"]
     one = m.assign_batch(X[:3], device_ids=dev[:3])
     # A one-person model does not claim certainty it has not earned: its confidence comes
-    # from its evidence for one person (the sessions it has seen, the devices it knows).
+    # from its evidence for one person (the sessions it has seen, the devices it knows,
+    # its personal devices and the share of its sessions on them).
     assert len(m.device_ids) == 2
     evidence = m.one_person_evidence(3)
-    np.testing.assert_allclose(evidence, [[np.log(X.shape[0]), 2.0]] * 3)
-    np.testing.assert_allclose(one.confidence, one_person_confidence(evidence, young=False, streamed=m.streamed))
+    np.testing.assert_allclose(evidence, [[np.log(X.shape[0]), 2.0, 1.0, on_phone.mean()]] * 3)
+    np.testing.assert_allclose(one.confidence, one_person_confidence(evidence, young=False, streamed=m.streamed,
+                                                                     fit_sessions=m.fit_sessions))
     assert (one.confidence < 1.0).all()
-    # ... and would claim less with more devices (more room for a member it has not met),
-    # in every group.
-    more_devices = evidence.copy()
-    more_devices[:, 1] = 4.0
+    # ... and would claim less if its sessions were all on the shared TV (a second member
+    # the model has not met hides there), in every group.
+    on_tv = evidence.copy()
+    on_tv[:, 2:] = 0.0
     for young, streamed in ((False, False), (True, True), (False, True)):
-        assert (one_person_confidence(more_devices, young, streamed)
+        assert (one_person_confidence(on_tv, young, streamed)
                 < one_person_confidence(evidence, young, streamed) - 0.02).all()
 
 def test_a_new_member_is_found_in_a_time_ordered_stream():

@@ -397,3 +397,17 @@ def test_one_persons_two_kinds_of_viewing_on_one_tv_stay_one_id_in_a_stream():
         m.update(X[a:a + 5], device_ids=dev[a:a + 5])
         ids |= set(m.assign_batch(X[a:a + 5], device_ids=dev[a:a + 5]).person())
     assert len(ids) == 1, ids
+
+
+def test_a_newcomer_must_differ_in_viewing_hours_a_binge_of_someone_there_does_not():
+    """persons.differ_in_hours (the stream newcomer test's check): eight recent crime
+    binges of a TV viewer who always watches at 21h are not told apart from their other
+    sessions by when they are watched; eight sessions of someone watching at 10h are."""
+    rng = np.random.default_rng(11)
+    _, usual = persona_sessions(rng, 60, 60, 21, "tv", {"comedy": 2, "drama": 1})
+    _, binge = persona_sessions(rng, 8, 3, 21, "tv", {"crime": 3}, minutes=150, start_day=60)
+    _, morning = persona_sessions(rng, 8, 6, 10, "tv", {"documentary": 2, "news": 1}, start_day=60)
+    newcomer = np.r_[np.zeros(60, bool), np.ones(8, bool)]
+    assert not persons.differ_in_hours(np.vstack((usual, binge)), newcomer, 2.0)
+    assert persons.differ_in_hours(np.vstack((usual, morning)), newcomer, 2.0)
+    assert not persons.differ_in_hours(np.vstack((usual, morning))[:61], newcomer[:61], 2.0)  # one session
