@@ -192,6 +192,7 @@ class ApiRun:
     sessions_served: int = 0
     variant: str = ""
     post_s: list[float] = field(default_factory=list)
+    settle_after_post_s: list[float] = field(default_factory=list)   # POST answered -> status settled
 
 
 def _answers(sessions: list[dict]) -> dict[str, tuple[str, float]]:
@@ -212,6 +213,7 @@ def stream_household(api: Api, h: WorldHousehold, page: int = 100, cut: str = "m
         if not run.ends or end > run.ends[-1]:
             run.ends.append(end)
         since = req[0].ts - GAP_S   # a session the request extended may start a gap before it
+        posted = time.perf_counter()
         sessions, status = api.household_since(account, since, page)
         for sid, answer in _answers(sessions).items():
             run.first_read.setdefault(sid, answer)
@@ -222,6 +224,7 @@ def stream_household(api: Api, h: WorldHousehold, page: int = 100, cut: str = "m
             time.sleep(POLL_S)
             sessions, status = api.household_since(account, since, page)
         run.catch_up_waits += waited
+        run.settle_after_post_s.append(time.perf_counter() - posted)
         for sid, answer in _answers(sessions).items():
             run.at_arrival.setdefault(sid, answer)
     t0 = time.monotonic()
@@ -358,6 +361,11 @@ def evaluate(tag: str, hs: list[WorldHousehold], runs: list[ApiRun], workers: in
     block["catch_up_waits"] = int(sum(r.catch_up_waits for r in runs))
     block["requests"] = int(sum(r.requests for r in runs))
     block["post_ms_p50"] = float(np.median(np.concatenate([r.post_s for r in runs])) * 1000)
+    # how long after a POST is answered the household reads as settled (reads included)
+    waits = np.concatenate([r.settle_after_post_s for r in runs]) * 1000
+    block["settled_after_post_ms"] = {q: float(np.quantile(waits, v)) for q, v in
+                                      (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0))}
+    block["settled_after_last_post_s_max"] = float(max(r.settle_s for r in runs))
     return block
 
 

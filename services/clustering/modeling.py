@@ -90,6 +90,10 @@ class Snapshot:
     def first_id(self) -> str:
         return self.sessions[0].session_id if self.sessions else ""
 
+    @property
+    def last_id(self) -> str:
+        return self.sessions[-1].session_id if self.sessions else ""
+
 
 class ModelKeeper:
     def __init__(self, store: ClusteringStore, variant_of: Callable[[str], str],
@@ -172,7 +176,7 @@ class ModelKeeper:
             GMM_FALLBACKS.inc()
         n = len(snap.sessions)
         return Envelope(model, included=n, reference_end=n, drift_checked=n, first_session_id=snap.first_id,
-                        last_refit=time.time())
+                        last_refit=time.time(), last_included_id=snap.last_id)
 
     def refresh(self, account_id: str, *, force: str = "", retire: str = "") -> tuple[int, Envelope | None]:
         """Bring the stored model up to date with the stored sessions. ``force`` (a
@@ -223,7 +227,8 @@ class ModelKeeper:
             return None
         drift: list[DriftRow] = []
         sessions_kept = current is not None and current.first_session_id == snap.first_id \
-            and current.included <= len(snap.sessions) and current.model.variant == variant
+            and current.included <= len(snap.sessions) and current.model.variant == variant \
+            and _included_in_place(current, snap)
         if (force == "labels" or is_feedback_trigger(force)) and sessions_kept and current.model.binds_labels:
             # A stream is not refitted for feedback (HouseholdModel.binds_labels):
             # the labels bind to its persons; its drift reference and the sessions
@@ -235,7 +240,7 @@ class ModelKeeper:
             model = _private_copy(current.model)
             model.reserve_label_ids(snap.labels)
             envelope = Envelope(model, current.included, current.reference_end, current.drift_checked,
-                                current.first_session_id, current.last_refit)
+                                current.first_session_id, current.last_refit, current.last_included_id)
             return Step(envelope, True, 0, current.included, [], "")
         if not sessions_kept or force:
             reason = force or ("new" if current is None else "sessions_changed"
@@ -284,7 +289,7 @@ class ModelKeeper:
         if current.model.n_sessions >= MIN_SESSIONS and reference_end < MIN_SESSIONS:
             reference_end = len(snap.sessions)   # the first full model is the reference
         return Envelope(model, len(snap.sessions), reference_end, current.drift_checked, snap.first_id,
-                        current.last_refit)
+                        current.last_refit, snap.last_id)
 
     def _check_drift(self, envelope: Envelope, snap: Snapshot) -> list[DriftRow]:
         ref = envelope.reference_end
@@ -323,6 +328,20 @@ class ModelKeeper:
         persons, probs = persons_for(envelope.model, sessions, snap.labels[start:], snap.X[start:],
                                      included=np.arange(start, len(snap.sessions)) < included)
         self.store.set_persons(account_id, persons, probs)
+
+
+def _included_in_place(current: Envelope, snap: Snapshot) -> bool:
+    """The sessions the model included still hold their positions: the one at its last
+    included position is the one it included last. Sessions are ordered by start, but
+    close one gap after their END (by the clock): a TV session of 20:00-23:00 closes after
+    a phone session of 21:00-21:30 and lands before it. Checking only the first session
+    (as until session 13) let such a session shift every later position: the keeper
+    folded the session before it in twice, never folded it in, and never recorded its
+    person (ResolvePersons answered nothing for it). A shift refits, like any other
+    change of the session list."""
+    if not current.last_included_id or current.included == 0:
+        return True
+    return snap.sessions[current.included - 1].session_id == current.last_included_id
 
 
 def folds_in(envelope: Envelope, closed: int) -> bool:

@@ -293,6 +293,41 @@ def test_status_says_settled_once_the_keeper_has_nothing_to_fold_in(household):
     assert folded.settled and folded.sessions_pending == 0 and folded.model_version == version + 1
 
 
+def test_a_session_that_closes_after_later_starting_ones_were_folded_in_is_modelled_and_assigned(household):
+    """Live traffic: sessions are ordered by start but close one gap after their end, so a
+    long TV session closes after shorter phone sessions that started later and were
+    already folded in, and lands before them. The keeper used to check only the first
+    session: every later position shifted by one, the last phone session was folded in
+    twice, the TV session never, and no refresh recorded its person."""
+    from dataclasses import replace as with_
+
+    from services.clustering.domain.events import ViewingEvent
+    from services.clustering.household import MICRO_BATCH
+
+    app, _, version, envelope = household
+    now = time.time()
+    tv = [ViewingEvent(f"live-tv-{i}", "acc-h", "tv-live", "tv", now - 3 * 3600 + i * 620, "heartbeat",
+                       f"film-{i}", None, ("drama",), 600.0, "adult") for i in range(16)]
+    assert now - tv[-1].ts < 1800 < now + 540 - tv[-1].ts     # open now, closed by an event in 9 minutes
+    # two sessions on each of five phones, all after the TV session started, all closed
+    phone = [ViewingEvent(f"live-ph-{d}-{k}-{j}", "acc-h", f"phone-live-{d}", "mobile",
+                          now - 2.9 * 3600 + d * 120 + k * 2400 + j * 60, "heartbeat", f"clip-{d}-{k}", None,
+                          ("comedy",), 60.0, "teen")
+             for d in range(5) for k in range(2) for j in range(2)]
+    app.store.ingest(tv + phone)
+    folded_version, folded = app.keeper.refresh("acc-h")
+    assert folded_version == version + 1 and folded.included == envelope.included + MICRO_BATCH
+    tv_session = next(s for s in app.store.household("acc-h", 10_000).sessions if s.device_id == "tv-live")
+    assert not tv_session.closed
+    app.store.ingest([with_(tv[-1], event_id="live-tv-next", ts=now + 540)])   # the device's next event
+    _, after = app.keeper.refresh("acc-h")
+    closed = app.store.closed_sessions("acc-h")
+    assert tv_session.session_id in {s.session_id for s in closed}
+    assert after.included == len(closed) and after.model.n_sessions == len(closed)   # refitted on every session
+    stored = {s.session_id: s.person_id for s in closed}
+    assert stored[tv_session.session_id] in after.model.person_ids
+
+
 def test_a_forged_page_token_is_refused_naming_the_field(household):
     from services.common.errors import InvalidArgument
 

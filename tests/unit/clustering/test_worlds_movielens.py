@@ -31,7 +31,7 @@ def tiny(tmp_path_factory):
         w.writeheader()
         for film in films:
             w.writerow({"movie_title": f"film {film['movie_id']}", **{g: 0 for g in M.GENRES}, **film})
-    adults, kids = range(1, 9), range(9, 14)
+    adults, kids = range(1, 17), range(17, 27)   # each half: 8 adults, 5 children
     with open(d / "viewers.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["user_id", "age", "gender", "occupation", "zip_code"])
         w.writeheader()
@@ -48,14 +48,14 @@ def tiny(tmp_path_factory):
 
 
 def test_the_tables_load_as_documented(tiny):
-    assert tiny.taste.shape == (13, 6)
+    assert tiny.taste.shape == (26, 6)
     assert np.allclose(tiny.taste.sum(axis=1), 1.0)
     # Viewer 1 rated films 1-3 with 3, 4 and 5 stars: watched in that proportion, nothing else.
     assert np.allclose(tiny.taste[0, :3], np.array([3, 4, 5]) / 12) and not tiny.taste[0, 3:].any()
     assert tiny.genres[0] == ("Horror",) and tiny.genres[4] == ("Animation", "Children's")
     assert tiny.genres[5] == ("unknown",)
     assert tiny.maturity[3] == tiny.maturity[4] == "kids" and tiny.maturity[0] == "adult"
-    assert (tiny.age < M.ADULT_AGE).sum() == 5
+    assert (tiny.age < M.ADULT_AGE).sum() == 10
 
 
 def _genre_slots(h) -> np.ndarray:
@@ -85,7 +85,6 @@ def test_a_childs_slot_gets_a_viewer_under_18(tiny):
             block = h.features[tablet][:, GENRE_BLOCK]
             slots = set(block[block.sum(axis=1) > 0].argmax(axis=1).tolist())
             assert horror_slot not in slots, (h.household_id, slots)   # children's films only
-        assert h.n_persons <= 8 + 5
     assert tablets >= 1
 
 
@@ -107,3 +106,15 @@ def test_its_seed_is_not_a_seed_of_another_generator():
     from bench import worlds as W
     from bench import worlds_blind as B
     assert M.MOVIELENS_SEED not in {W.TUNING.seed, W.REPORTING.seed, B.BLIND_SEED}
+
+
+def test_the_tuning_and_reporting_halves_share_no_viewer(tiny):
+    halves = {split: M.viewers_of(tiny, split) for split in M.SPLITS}
+    seen = [set(np.concatenate(halves[split]).tolist()) for split in M.SPLITS]
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    assert {int(tiny.viewer_id[i]) % 2 for i in seen[0]} != {int(tiny.viewer_id[i]) % 2 for i in seen[1]}
+    for split, (kids, adults) in halves.items():
+        assert (tiny.age[kids] < M.ADULT_AGE).all() and (tiny.age[adults] >= M.ADULT_AGE).all()
+    a = M.generate(families=("couples",), worlds_per_family=1, households_per_world=1, ml=tiny)
+    b = M.generate(families=("couples",), worlds_per_family=1, households_per_world=1, ml=tiny, split="tuning")
+    assert a[0].household_id != b[0].household_id   # the world ids name the split
