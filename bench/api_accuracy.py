@@ -271,7 +271,8 @@ def as_columns(ids: list[str | None], probs: list[float]) -> tuple[np.ndarray, n
     missing = len(names)
     labels = np.array([col[i] if i is not None else missing for i in ids], dtype=np.int64)
     P = np.zeros((len(ids), missing + 1))
-    P[np.arange(len(ids)), labels] = [p if i is not None else 0.0 for i, p in zip(ids, probs)]
+    # an unanswered session's "probability" is a hair above 0, so that its top label is its own
+    P[np.arange(len(ids)), labels] = [p if i is not None else 1e-9 for i, p in zip(ids, probs)]
     return labels, P
 
 
