@@ -44,7 +44,7 @@ test-e2e: hearth/__init__.py ## end-to-end tests only (real processes)
 bench-accuracy: hearth/__init__.py ## clustering accuracy vs ground truth and scikit-learn (JSON)
 	OMP_NUM_THREADS=1 $(PY) -m bench.accuracy
 
-bench-api-accuracy: hearth/__init__.py ## accuracy through the public API of a running mesh beside the in-process figures (JSON; ARGS=--quick)
+bench-api-accuracy: hearth/__init__.py ## accuracy through the public API of a running mesh beside the in-process figures (JSON; ARGS="--quick|--full --cut quiet")
 	OMP_NUM_THREADS=1 $(PY) -m bench.api_accuracy $(ARGS)
 
 bench-movielens: hearth/__init__.py ## clustering on real viewers: MovieLens 100K users merged into accounts (JSON; fetches the data into var/ once)
