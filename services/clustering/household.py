@@ -11,9 +11,8 @@ by (start, session id). Anything that could shift those positions (an erasure, l
 events rebuilding a session, a session that closes after later-starting ones were folded
 in: overlapping sessions on two devices) makes the service refit from scratch instead,
 which is also what makes erasure exact: the model after a deletion *is* the model fitted
-on the remaining sessions. The envelope keeps the first session's id, the id at its
-last included position and the number of events in the included sessions to see such a
-shift (or an included session that grew).
+on the remaining sessions. The envelope keeps the first session's id and the id at its
+last included position to see such a shift.
 """
 
 from __future__ import annotations
@@ -40,17 +39,12 @@ class Envelope:
     # the session at position included - 1 when saved: detects a session inserted before it
     # ("" = an envelope saved before this was kept: not checked)
     last_included_id: str = ""
-    # the events in sessions [0, included) when saved: detects an included session that
-    # later events extended without moving it (a day's batch cut in the middle of a
-    # session: its first part was folded in; -1 = saved before this was kept: not checked)
-    included_events: int = -1
 
     def to_bytes(self) -> bytes:
         header = json.dumps({"v": ENVELOPE_VERSION, "included": self.included,
                              "reference_end": self.reference_end, "drift_checked": self.drift_checked,
                              "first_session_id": self.first_session_id,
-                             "last_refit": self.last_refit, "last_included_id": self.last_included_id,
-                             "included_events": self.included_events}).encode()
+                             "last_refit": self.last_refit, "last_included_id": self.last_included_id}).encode()
         return struct.pack("<I", len(header)) + header + self.model.to_bytes()
 
     @classmethod
@@ -61,5 +55,4 @@ class Envelope:
             raise ValueError(f"unsupported household envelope version {header.get('v')}")
         return cls(HouseholdModel.from_bytes(data[4 + n:], prior), header["included"],
                    header["reference_end"], header["drift_checked"], header.get("first_session_id", ""),
-                   float(header.get("last_refit", 0.0)), header.get("last_included_id", ""),
-                   int(header.get("included_events", -1)))
+                   float(header.get("last_refit", 0.0)), header.get("last_included_id", ""))

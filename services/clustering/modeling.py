@@ -94,10 +94,6 @@ class Snapshot:
     def last_id(self) -> str:
         return self.sessions[-1].session_id if self.sessions else ""
 
-    def events_before(self, position: int) -> int:
-        """How many events the sessions [0, position) hold."""
-        return sum(s.event_count for s in self.sessions[:position])
-
 
 class ModelKeeper:
     def __init__(self, store: ClusteringStore, variant_of: Callable[[str], str],
@@ -180,8 +176,7 @@ class ModelKeeper:
             GMM_FALLBACKS.inc()
         n = len(snap.sessions)
         return Envelope(model, included=n, reference_end=n, drift_checked=n, first_session_id=snap.first_id,
-                        last_refit=time.time(), last_included_id=snap.last_id,
-                        included_events=snap.events_before(n))
+                        last_refit=time.time(), last_included_id=snap.last_id)
 
     def refresh(self, account_id: str, *, force: str = "", retire: str = "") -> tuple[int, Envelope | None]:
         """Bring the stored model up to date with the stored sessions. ``force`` (a
@@ -245,8 +240,7 @@ class ModelKeeper:
             model = _private_copy(current.model)
             model.reserve_label_ids(snap.labels)
             envelope = Envelope(model, current.included, current.reference_end, current.drift_checked,
-                                current.first_session_id, current.last_refit, current.last_included_id,
-                                current.included_events)
+                                current.first_session_id, current.last_refit, current.last_included_id)
             return Step(envelope, True, 0, current.included, [], "")
         if not sessions_kept or force:
             reason = force or ("new" if current is None else "sessions_changed"
@@ -295,7 +289,7 @@ class ModelKeeper:
         if current.model.n_sessions >= MIN_SESSIONS and reference_end < MIN_SESSIONS:
             reference_end = len(snap.sessions)   # the first full model is the reference
         return Envelope(model, len(snap.sessions), reference_end, current.drift_checked, snap.first_id,
-                        current.last_refit, snap.last_id, snap.events_before(len(snap.sessions)))
+                        current.last_refit, snap.last_id)
 
     def _check_drift(self, envelope: Envelope, snap: Snapshot) -> list[DriftRow]:
         ref = envelope.reference_end
@@ -337,28 +331,17 @@ class ModelKeeper:
 
 
 def _included_in_place(current: Envelope, snap: Snapshot) -> bool:
-    """The sessions the model included are still the ones it included: the one at its
-    last included position is the one it included last, and together they hold as many
-    events as when they were folded in. Either change refits, like any other change of
-    the session list.
-
-    Why the position: sessions are ordered by start, but close one gap after their END
-    (by the clock): a TV session of 20:00-23:00 closes after a phone session of
-    21:00-21:30 and lands before it. Checking only the first session (as until session
-    13) let such a session shift every later position: the keeper folded the session
-    before it in twice, never folded it in, and never recorded its person.
-
-    Why the events: history posted a day per request closes a session still going on at
-    midnight at once (the clock is far past its events), the model folds in its first
-    part, and the next day's events extend it under the same id (its start did not move).
-    Until session 14 the model kept the first part's vector for good; through the API
-    that cost up to 0.015 accuracy and 0.03 ECE against the same households posted in
-    whole sessions (docs/benchmarks.md)."""
-    if current.included == 0:
+    """The sessions the model included still hold their positions: the one at its last
+    included position is the one it included last. Sessions are ordered by start, but
+    close one gap after their END (by the clock): a TV session of 20:00-23:00 closes after
+    a phone session of 21:00-21:30 and lands before it. Checking only the first session
+    (as until session 13) let such a session shift every later position: the keeper
+    folded the session before it in twice, never folded it in, and never recorded its
+    person (ResolvePersons answered nothing for it). A shift refits, like any other
+    change of the session list."""
+    if not current.last_included_id or current.included == 0:
         return True
-    if current.last_included_id and snap.sessions[current.included - 1].session_id != current.last_included_id:
-        return False
-    return current.included_events < 0 or snap.events_before(current.included) == current.included_events
+    return snap.sessions[current.included - 1].session_id == current.last_included_id
 
 
 def folds_in(envelope: Envelope, closed: int) -> bool:

@@ -328,39 +328,6 @@ def test_a_session_that_closes_after_later_starting_ones_were_folded_in_is_model
     assert stored[tv_session.session_id] in after.model.person_ids
 
 
-def test_a_folded_in_session_that_later_events_extend_is_modelled_whole(database):
-    """History posted a day per request: a session still going on at the cut is closed at
-    once (the clock is far past its events) and folded in with its first part; the next
-    request's events extend it under the same id. The keeper used to keep the first
-    part's vector for good (a few new sessions are not even a micro-batch); now the grown
-    session refits, so the model is the one fitted on the sessions as they now are."""
-    app = _app(database)
-    events, _ = household_events("acc-cut", ("kid", "parent"), days=20, start_ts=T0, seed=3)
-    events.sort(key=lambda e: e.ts)
-    device = events[-1].device_id
-    cut = events[-1].ts                      # inside that device's last session (2-4 events, 10 min apart)
-    app.store.ingest([e for e in events if e.ts < cut])
-    _, before = app.keeper.refresh("acc-cut")
-    split = max((s for s in app.store.closed_sessions("acc-cut") if s.device_id == device),
-                key=lambda s: s.start_ts)
-    assert before.included == len(app.store.closed_sessions("acc-cut"))
-
-    app.store.ingest([e for e in events if e.ts >= cut])
-    _, after = app.keeper.refresh("acc-cut")
-    sessions = app.store.closed_sessions("acc-cut")
-    grown = next(s for s in sessions if s.session_id == split.session_id)
-    assert grown.event_count > split.event_count                    # the same session, extended
-    assert after.included == len(sessions)
-    X = np.vstack([s.features for s in sessions]).astype(np.float64)
-    fresh = HouseholdModel("gmm").fit(X, device_ids=[s.device_id for s in sessions])
-    ours, theirs = after.model.assign_batch(X).probabilities, fresh.assign_batch(X).probabilities
-    assert ours.shape == theirs.shape
-    cols = [int(np.argmax([np.abs(ours[:, i] - theirs[:, j]).sum() < 1e-6 for j in range(theirs.shape[1])]))
-            for i in range(ours.shape[1])]
-    assert np.max(np.abs(ours - theirs[:, cols])) < 1e-9
-    assert after.included_events == sum(s.event_count for s in sessions)
-
-
 def test_a_forged_page_token_is_refused_naming_the_field(household):
     from services.common.errors import InvalidArgument
 
