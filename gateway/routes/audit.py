@@ -66,7 +66,7 @@ def router(clients, access) -> APIRouter:
             outcome: OutcomeName = Query(""),
             start: WindowBound | None = Query(None, description="ts >= start (RFC 3339, 1970-01-01 to 2100-01-01)"),
             end: WindowBound | None = Query(None, description="ts < end (RFC 3339, 1970-01-01 to 2100-01-01)"),
-            after_seq: int | None = Query(None, ge=-1, description="entries with seq > after_seq"),
+            after_seq: int | None = Query(None, ge=-1, le=2**63 - 1, description="entries with seq > after_seq"),
             limit: int = Query(100, ge=1, le=10_000),
             who: Principal = Depends(access("GET /v1/audit"))):
         request = ppb.QueryAuditRequest(

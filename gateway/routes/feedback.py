@@ -117,7 +117,7 @@ class CalibratorsOut(BaseModel):
 
 
 class CalibratorChoiceIn(models.Strict):
-    version: int = Field(ge=0, description="a stored version to put in force (roll back or forward); "
+    version: int = Field(ge=0, le=2**63 - 1, description="a stored version to put in force (roll back or forward); "
                                            "0 = none, the raw model confidences")
     hold: bool = Field(True, description="keep it: automatic refits skip the variant until a change with "
                                          "hold=false releases it")

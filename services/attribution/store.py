@@ -35,6 +35,8 @@ class AttributionStore:
     def record_touchpoints(self, items: Sequence[Touchpoint]) -> tuple[int, int]:
         """Store new touchpoints; returns (accepted, duplicates). Idempotent by id."""
         with self.db.transaction() as tx:
+            for account in sorted({t.account_id for t in items}):
+                tx.lock_household(account)
             accepted = tx.executemany(
                 "INSERT INTO touchpoints (touchpoint_id, account_id, device_id, ts, channel, campaign, "
                 "person_id) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (account_id, touchpoint_id) DO NOTHING",
@@ -43,7 +45,13 @@ class AttributionStore:
         return accepted, len(items) - accepted
 
     def record_conversions(self, items: Sequence[Conversion]) -> tuple[int, int]:
+        """Store new conversions; returns (accepted, duplicates). Refused (nothing stored)
+        when a household was erased: its key is destroyed."""
         with self.db.transaction() as tx:
+            for account in sorted({c.account_id for c in items}):
+                tx.lock_household(account)
+                if self.cipher is not None:
+                    self.cipher.require_live(account)
             accepted = tx.executemany(
                 "INSERT INTO conversions (conversion_id, account_id, ts, kind, value, device_id) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (account_id, conversion_id) DO NOTHING",
@@ -94,6 +102,14 @@ class AttributionStore:
         cached = "attribution:" if scope.all_accounts else f"attribution:{account}"
         self.cache.delete_prefix(cached, strict=True)  # Redis down: fail (retried) before deleting
         with self.db.transaction() as tx:
+            if not scope.all_accounts:
+                tx.lock_household(account)
+            if self.cipher is not None and scope.kind == "household":
+                # Drop the cached data key under the write lock: a write that comes
+                # after this transaction must fetch the key, which a household deletion
+                # has shredded first (privacy's HOUSEHOLD_STAGES), so it is refused;
+                # one before it is deleted here.
+                self.cipher.forget(account)
             if scope.kind == "household":
                 tp_where, tp_params = "account_id = ?", [account]
                 cv_where, cv_params = "account_id = ?", [account]
@@ -126,7 +142,7 @@ class AttributionStore:
         outcome.purges.append(self.db.purge_erased(_ERASED_TABLES))
         self.cache.delete_prefix(cached)
         if self.cipher is not None and scope.kind == "household":
-            self.cipher.forget(account)  # its data key is being destroyed (crypto-shredding)
+            self.cipher.forget(account)  # and any a read fetched meanwhile (the key is shredded)
         return outcome
 
     def export_account(self, account_id: str) -> dict:

@@ -188,6 +188,8 @@ class ClusteringStore:
             batch.events.append(e)
         accepted = duplicates = late = touched = 0
         with self.db.transaction() as tx:
+            for account in sorted({account for account, _ in by_device}):
+                tx.lock_household(account)
             for (account, device), batch in sorted(by_device.items()):
                 row = tx.query("SELECT last_ts FROM devices WHERE account_id = ? AND device_id = ?",
                                (account, device))
@@ -544,6 +546,7 @@ class ClusteringStore:
         new_version = expected_version + 1
         blob = self._seal(account_id, "model", blob)
         with self.db.transaction() as tx:
+            tx.lock_household(account_id)   # the EXISTS below must see an erasure in flight
             if expected_version == 0:
                 # Only while the household still has sessions: a model computed just
                 # before an erasure must not come back after it (no remnant).
@@ -582,6 +585,14 @@ class ClusteringStore:
         # copy it cannot remove (Unavailable: the deletion job retries).
         self._drop_cached_models(scope, strict=True)
         with self.db.transaction() as tx:
+            if not scope.all_accounts:
+                tx.lock_household(account)
+            if self.cipher is not None and scope.kind == "household":
+                # Drop the cached data key under the write lock: a write that comes
+                # after this transaction must fetch the key, which a household deletion
+                # has shredded first (privacy's HOUSEHOLD_STAGES), so it is refused;
+                # one before it is deleted here.
+                self.cipher.forget(account)
             if scope.kind == "household":
                 for table, key in (("events", "event_id"), ("sessions", "session_id")):
                     ids = [r[0] for r in tx.query(f"SELECT {key} FROM {table} WHERE account_id = ?", (account,))]
@@ -661,7 +672,7 @@ class ClusteringStore:
         out.purges.append(self.purge_erased())
         self._drop_cached_models(scope)
         if self.cipher is not None and scope.kind == "household":
-            self.cipher.forget(account)  # its data key is being destroyed (crypto-shredding)
+            self.cipher.forget(account)  # and any a read fetched meanwhile (the key is shredded)
         return out
 
     def _drop_cached_models(self, scope: ErasureScope, strict: bool = False) -> None:

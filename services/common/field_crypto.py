@@ -119,6 +119,13 @@ class FieldCipher:
             self._keys[(account_id, got_version)] = (now, got_version, cipher)
         return got_version, cipher
 
+    def require_live(self, account_id: str) -> None:
+        """Raise FailedPrecondition (field ``account_id``) when the household was erased
+        (its key destroyed); for a store about to keep data of the household that it does
+        not encrypt (a conversion carries no sensitive column, yet stored under an erased
+        account id it would bring the household back)."""
+        self._key(account_id, 0)
+
     def forget(self, account_id: str) -> None:
         """Drop every cached key of the household (called by a store's Erase)."""
         with self._lock:

@@ -18,7 +18,6 @@ import pytest
 
 from hearth.clustering.v1 import clustering_pb2 as cpb
 from hearth.clustering.v1 import clustering_pb2_grpc as cpb_grpc
-from services.clustering.household import MICRO_BATCH
 from services.clustering.modeling import DRIFT_EVENTS, REFITS
 from tests.helpers.households import household_events
 from tests.integration.test_clustering_grpc import NOWHERE, _pb, call
@@ -40,12 +39,12 @@ def _send(stub, events) -> None:
 
 
 def _settled(stub, account: str, timeout_s: float = 120.0) -> cpb.GetHouseholdResponse:
-    """The household once the background refresh has caught up (fewer than a
-    micro-batch of sessions left out of the model)."""
+    """The household once the background refresh has caught up: the service says its
+    assignments have settled (what a caller is told to wait for, docs/operations.md)."""
     deadline = time.monotonic() + timeout_s
     while True:
         h = call(stub.GetHousehold, cpb.GetHouseholdRequest(account_id=account, max_sessions=10_000))
-        if h.model_version > 0 and h.status.sessions_pending < MICRO_BATCH:
+        if h.model_version > 0 and h.status.settled:
             return h
         assert time.monotonic() < deadline, f"model of {account} did not catch up: {h.status}"
         time.sleep(0.2)

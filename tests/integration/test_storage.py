@@ -55,6 +55,36 @@ def test_failed_transaction_writes_nothing(database):
         assert tx.query("SELECT COUNT(*) FROM t") == [(0,)]
 
 
+def test_a_household_lock_makes_an_erasure_wait_for_a_write_in_flight(database):
+    """A write holding the household lock commits before an erasure of that household
+    deletes: the erasure's DELETE sees its rows. Without the lock, PostgreSQL's read
+    committed lets the DELETE miss rows inserted but not yet committed, and they stay
+    after the erasure (a device that keeps sending during a household deletion)."""
+    import threading
+
+    migrate(database, [Migration(1, "t", "CREATE TABLE t (account_id TEXT, n INTEGER)")])
+    inserted, erasing_done = threading.Event(), threading.Event()
+
+    def erase():
+        inserted.wait(10)
+        with database.transaction() as tx:
+            tx.lock_household("hh-1")
+            tx.execute("DELETE FROM t WHERE account_id = ?", ("hh-1",))
+        erasing_done.set()
+
+    eraser = threading.Thread(target=erase)
+    eraser.start()
+    with database.transaction() as tx:
+        tx.lock_household("hh-1")
+        tx.execute("INSERT INTO t (account_id, n) VALUES (?, ?)", ("hh-1", 1))
+        inserted.set()
+        assert not erasing_done.wait(0.5)          # the erasure waits for this write
+    eraser.join(10)
+    assert erasing_done.is_set()
+    with database.transaction() as tx:
+        assert tx.query("SELECT COUNT(*) FROM t WHERE account_id = ?", ("hh-1",)) == [(0,)]
+
+
 def test_ingest_builds_sessions_and_ignores_duplicates(store):
     events = [ev(i, T0 + i * 600) for i in range(4)] + [ev(10, T0 + 10_000)]
     result = store.ingest(events)

@@ -182,6 +182,19 @@ def test_lax_coercion_is_refused_naming_the_field(admin, field, value):
     assert response.json()["error"]["field"] == f"events[0].{field}"
 
 
+@pytest.mark.parametrize("value", [2**63, 10**30])
+def test_integers_beyond_int64_are_422_naming_the_field_not_500(admin, officer, value):
+    """Found by fuzzing a running mesh with huge integers (session 14): the protobuf
+    encoder's ValueError on an int64 field came back as a 500."""
+    response = admin.put("/v1/calibrators/gmm", json={"version": value, "hold": True, "reason": "sec-slip"})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["field"] == "version"
+    response = officer.get("/v1/audit", params={"after_seq": value})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["field"] == "after_seq"
+    assert officer.get("/v1/audit", params={"after_seq": 2**63 - 1}).status_code == 200   # the largest is served
+
+
 @pytest.mark.parametrize("body,field", [({"processing": "no", "attribution": True}, "processing"),
                                         ({"processing": True, "attribution": 0}, "attribution")])
 def test_consent_flags_must_be_json_booleans(officer, body, field):
