@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from services.attribution.domain.records import Conversion, Touchpoint
 from services.attribution.migrations import MIGRATIONS
 from services.common.erasure import ErasureOutcome, ErasureScope
-from services.common.field_crypto import FieldCipher
+from services.common.field_crypto import FieldCipher, drop_keys_of_erased_households, note_household_erased
 from services.common.storage.cache import Cache, MemoryCache
 from services.common.storage.sql import Database, migrate, record_erasure
 
@@ -37,6 +37,7 @@ class AttributionStore:
         with self.db.transaction() as tx:
             for account in sorted({t.account_id for t in items}):
                 tx.lock_household(account)
+            drop_keys_of_erased_households(tx, self.cipher)
             accepted = tx.executemany(
                 "INSERT INTO touchpoints (touchpoint_id, account_id, device_id, ts, channel, campaign, "
                 "person_id) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (account_id, touchpoint_id) DO NOTHING",
@@ -48,8 +49,11 @@ class AttributionStore:
         """Store new conversions; returns (accepted, duplicates). Refused (nothing stored)
         when a household was erased: its key is destroyed."""
         with self.db.transaction() as tx:
-            for account in sorted({c.account_id for c in items}):
+            accounts = sorted({c.account_id for c in items})
+            for account in accounts:
                 tx.lock_household(account)
+            drop_keys_of_erased_households(tx, self.cipher)
+            for account in accounts:
                 if self.cipher is not None:
                     self.cipher.require_live(account)
             accepted = tx.executemany(
@@ -111,6 +115,7 @@ class AttributionStore:
                 # one before it is deleted here.
                 self.cipher.forget(account)
             if scope.kind == "household":
+                note_household_erased(tx)
                 tp_where, tp_params = "account_id = ?", [account]
                 cv_where, cv_params = "account_id = ?", [account]
             elif scope.kind == "device":

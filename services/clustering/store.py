@@ -25,7 +25,7 @@ from services.clustering.domain.sessions import Session, build_sessions
 from services.clustering.migrations import MIGRATIONS
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import Conflict, NotFound
-from services.common.field_crypto import FieldCipher
+from services.common.field_crypto import FieldCipher, drop_keys_of_erased_households, note_household_erased
 from services.common.feedback_to_clustering import UNPROMPTED_LABEL_SUFFIX
 from services.common.storage.cache import Cache, MemoryCache
 from services.common.storage.sql import Database, Tx, migrate, record_erasure
@@ -190,6 +190,7 @@ class ClusteringStore:
         with self.db.transaction() as tx:
             for account in sorted({account for account, _ in by_device}):
                 tx.lock_household(account)
+            drop_keys_of_erased_households(tx, self.cipher)
             for (account, device), batch in sorted(by_device.items()):
                 row = tx.query("SELECT last_ts FROM devices WHERE account_id = ? AND device_id = ?",
                                (account, device))
@@ -446,6 +447,8 @@ class ClusteringStore:
         accepted = unknown = 0
         now = time.time()
         with self.db.transaction() as tx:
+            for account in sorted({label[0] for label in labels}):
+                tx.lock_household(account)   # the session check below must see an erasure in flight
             for account, session_id, person, source in labels:
                 if not tx.query("SELECT 1 FROM sessions WHERE account_id = ? AND session_id = ?",
                                 (account, session_id)):
@@ -594,6 +597,7 @@ class ClusteringStore:
                 # one before it is deleted here.
                 self.cipher.forget(account)
             if scope.kind == "household":
+                note_household_erased(tx)
                 for table, key in (("events", "event_id"), ("sessions", "session_id")):
                     ids = [r[0] for r in tx.query(f"SELECT {key} FROM {table} WHERE account_id = ?", (account,))]
                     tx.execute(f"DELETE FROM {table} WHERE account_id = ?", (account,))

@@ -85,6 +85,63 @@ def test_a_household_lock_makes_an_erasure_wait_for_a_write_in_flight(database):
         assert tx.query("SELECT COUNT(*) FROM t WHERE account_id = ?", ("hh-1",)) == [(0,)]
 
 
+def _two_replicas(database, store_class):
+    """Two replicas of a store on one database, each with its own cached data keys, and
+    the key ring behind them (privacy's)."""
+    from services.common.field_crypto import FieldCipher
+    from services.privacy.keys.domain import KeyRing, generate_kek
+    from tests.helpers.keys import ring_fetcher
+
+    ring = KeyRing([generate_kek("k1")], "k1")
+    replicas = [store_class(database, cipher=FieldCipher(ring_fetcher(ring, []))) for _ in range(2)]
+    replicas[0].migrate()
+    return ring, replicas
+
+
+def _erase_on_the_first(ring, replicas, account):
+    """A household deletion as the job runs it: the key shredded first, then the Erase,
+    which reaches one replica only."""
+    from services.common.erasure import ErasureScope
+    from tests.helpers.keys import NOW
+
+    ring.destroy_dek(account, NOW)
+    replicas[0].erase(ErasureScope(account, "household"))
+
+
+def test_a_clustering_replica_that_did_not_run_the_erase_cannot_keep_writing_for_the_household(database):
+    """The other replica still has the household's key cached. Its next write must be
+    refused and leave nothing: the Erase bumped the store's household_erasures count, and
+    a write that sees it move drops its cached keys and has to fetch the destroyed one
+    (with only the erasing replica forgetting its key, the other went on writing for up
+    to a minute)."""
+    from services.common.errors import FailedPrecondition
+
+    ring, replicas = _two_replicas(database, ClusteringStore)
+    replicas[1].ingest([ev(0, T0, account="acc-r"), ev(1, T0, account="acc-other")])     # both keys cached
+    _erase_on_the_first(ring, replicas, "acc-r")
+    with pytest.raises(FailedPrecondition):
+        replicas[1].ingest([ev(2, T0 + 60, account="acc-r")])
+    with database.transaction() as tx:
+        for table in ("events", "sessions", "devices"):
+            assert tx.query(f"SELECT COUNT(*) FROM {table} WHERE account_id = ?", ("acc-r",)) == [(0,)], table
+    assert replicas[1].ingest([ev(3, T0 + 60, account="acc-other")]).accepted == 1   # other households go on
+
+
+def test_an_attribution_replica_that_did_not_run_the_erase_cannot_keep_writing_for_the_household(database):
+    from services.common.errors import FailedPrecondition
+
+    ring, replicas = _two_replicas(database, AttributionStore)
+    replicas[1].record_touchpoints([Touchpoint("tp-0", "acc-r", "tv-1", T0, "email", "c")])   # key cached
+    _erase_on_the_first(ring, replicas, "acc-r")
+    with pytest.raises(FailedPrecondition):
+        replicas[1].record_touchpoints([Touchpoint("tp-1", "acc-r", "tv-1", T0 + 60, "email", "c")])
+    with pytest.raises(FailedPrecondition):
+        replicas[1].record_conversions([Conversion("cv-1", "acc-r", T0 + 60, "purchase", 1.0, "tv-1")])
+    with database.transaction() as tx:
+        for table in ("touchpoints", "conversions"):
+            assert tx.query(f"SELECT COUNT(*) FROM {table} WHERE account_id = ?", ("acc-r",)) == [(0,)], table
+
+
 def test_ingest_builds_sessions_and_ignores_duplicates(store):
     events = [ev(i, T0 + i * 600) for i in range(4)] + [ev(10, T0 + 10_000)]
     result = store.ingest(events)
