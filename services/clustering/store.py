@@ -535,10 +535,11 @@ class ClusteringStore:
         with self.db.transaction(readonly=True) as tx:
             rows = tx.query("SELECT version, variant, model FROM household_models WHERE account_id = ?",
                             (account_id,))
+            erasures = self._household_erasures(tx)
         if not rows:
             return None
         version, sealed = int(rows[0][0]), bytes(rows[0][2])
-        self._cache_model(account_id, version, rows[0][1], sealed)
+        self._cache_model(account_id, version, rows[0][1], sealed, erasures)
         return StoredModel(version, rows[0][1], b"" if decoded_version and version == decoded_version
                            else self._open_model(account_id, sealed))
 
@@ -563,17 +564,31 @@ class ClusteringStore:
                     "UPDATE household_models SET version = ?, variant = ?, model = ?, updated_at = ? "
                     "WHERE account_id = ? AND version = ?",
                     (new_version, variant, blob, time.time(), account_id, expected_version))
+            erasures = self._household_erasures(tx)
         if changed != 1:
             self.cache.delete(f"model:{account_id}")
             raise Conflict(f"household model of {account_id!r} changed since version {expected_version}",
                            "model_version")
-        self._cache_model(account_id, new_version, variant, blob)
+        self._cache_model(account_id, new_version, variant, blob, erasures)
         return new_version
 
-    def _cache_model(self, account_id: str, version: int, variant: str, sealed: bytes) -> None:
+    def _cache_model(self, account_id: str, version: int, variant: str, sealed: bytes, erasures: int) -> None:
+        """Cache a model read or saved in a transaction that saw ``erasures`` household
+        erasures. A household Erase that commits after that transaction drops the cached
+        model after its commit, but this write to the cache may come later still (another
+        replica, a slow thread): so the count is read again once the model is cached, and
+        if an erasure happened meanwhile the entry is dropped. Otherwise a sealed model
+        stayed in Redis under a key naming the erased account until its TTL ran out."""
         name = variant.encode()
-        self.cache.set(f"model:{account_id}", struct.pack("<qH", version, len(name)) + name + sealed,
-                       MODEL_CACHE_TTL_S)
+        key = f"model:{account_id}"
+        self.cache.set(key, struct.pack("<qH", version, len(name)) + name + sealed, MODEL_CACHE_TTL_S)
+        with self.db.transaction(readonly=True) as tx:
+            if self._household_erasures(tx) != erasures:
+                self.cache.delete(key)
+
+    @staticmethod
+    def _household_erasures(tx: Tx) -> int:
+        return int(tx.query("SELECT epoch FROM household_erasures WHERE id = 1")[0][0])
 
     # ---- erasure -------------------------------------------------------------------
 

@@ -195,6 +195,48 @@ def test_model_compare_and_swap_and_cache(store):
     assert (model.version, model.variant, model.blob) == (2, "kmeans", b"two")
 
 
+class _EraseWhileCaching:
+    """The store's real cache, with a household erased (by another replica) at the moment
+    the store writes a model into it: after its read or save committed, before the entry
+    lands."""
+
+    def __init__(self, cache, erase) -> None:
+        self._cache, self._erase, self.fired = cache, erase, False
+
+    def set(self, key, value, ttl_s=None):
+        if key.startswith("model:") and not self.fired:
+            self.fired = True
+            self._erase()
+        return self._cache.set(key, value, ttl_s)
+
+    def __getattr__(self, name):
+        return getattr(self._cache, name)
+
+
+@pytest.mark.parametrize("path", ["read", "save"])
+def test_a_model_cached_while_its_household_is_erased_does_not_stay_in_the_cache(database, cache, path):
+    """Erase drops the cached model after its commit, but a model read or saved just
+    before it may reach the cache after that: the store checks the household-erasure
+    count again once it cached, and drops the entry (a sealed model under a key naming
+    the erased account stayed until its TTL)."""
+    from services.common.erasure import ErasureScope
+
+    eraser = ClusteringStore(database, cache, gap_s=1800)
+    eraser.migrate()
+    eraser.ingest([ev(0, T0, account="acc-c")])
+    version = eraser.save_model("acc-c", 0, "gmm", b"model")
+    cache.delete("model:acc-c")
+    hooked = _EraseWhileCaching(cache, lambda: eraser.erase(ErasureScope("acc-c", "household")))
+    reader = ClusteringStore(database, hooked, gap_s=1800)
+    if path == "read":
+        assert reader.get_model("acc-c").version == version      # read before the erase committed
+    else:
+        assert reader.save_model("acc-c", version, "gmm", b"newer") == version + 1
+    assert hooked.fired
+    assert cache.get("model:acc-c") is None
+    assert eraser.get_model("acc-c") is None
+
+
 def test_model_blob_is_skipped_only_for_the_version_the_caller_holds(store, database):
     store.ingest([ev(0, T0)])
     store.save_model("acc-1", 0, "gmm", b"one")
