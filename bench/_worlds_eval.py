@@ -48,6 +48,17 @@ DETECTION_WINDOW = 30     # sessions after a change within which detection count
 # false alarms in a stable household; 40 while that was later than 40.
 WARMUP_SESSIONS = min(40, CHANGE_MIN_HISTORY + min(CHANGE_LOOKBACK) - 1)
 QUARTER_S = 91 * 86_400.0
+DAY_S = 86_400.0
+
+
+def daily_ends(start_ts: np.ndarray) -> list[int]:
+    """The arrivals of a client that posts a UTC day of events per request
+    (bench.api_accuracy.daily_requests, midnight cuts): after each day's request, the
+    sessions started by its end (the sessions started before the next midnight), for
+    ``ServiceStream.arrivals(ends=...)``. (A session going on at midnight is split by the
+    API's cut; here it stays whole, as with the quiet cuts.)"""
+    days = np.unique(np.floor(np.asarray(start_ts, dtype=np.float64) / DAY_S))
+    return [int(e) for e in np.searchsorted(start_ts, (days + 1.0) * DAY_S, side="left")]
 
 
 # ---- methods ---------------------------------------------------------------------------
@@ -98,7 +109,7 @@ class ServiceStream:
         self.labels: list[str | None] = [None] * n
         self.envelope: Envelope | None = None
         self.included = 0            # the last saved refresh's Step.included
-        self._included_now = 0       # the last refresh's
+        self.included_now = 0       # the last refresh's
         self.drift: list[tuple[int, str]] = []   # (sessions so far, drift type) of every drift event stored
         self.refits: list[tuple[int, str]] = []  # (sessions so far, reason) of every full refit
 
@@ -107,7 +118,7 @@ class ServiceStream:
 
     def _refresh(self, b: int, force: str = "") -> HouseholdModel:
         step = self.keeper.advance(self.envelope, self._snapshot(b), "gmm", force=force)
-        self._included_now = step.included
+        self.included_now = step.included
         if step.save:
             self.envelope, self.included = step.envelope, step.included
             self.drift += [(b, d.drift_type) for d in step.drift if d.drift_type != "composition"]
@@ -134,7 +145,7 @@ class ServiceStream:
             # the keeper records the arrival with the sessions its model includes (a
             # full fit's, e.g. an import's) through the "settled" map, the rest at arrival
             out = m.assign_batch(self.X[a:b], device_ids=self.h.device_id[a:b],
-                                 included=np.arange(a, b) < self._included_now)
+                                 included=np.arange(a, b) < self.included_now)
             yield a, b, m, out, m.composition_events[events_seen:]
             events_seen = len(m.composition_events)
 

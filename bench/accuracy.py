@@ -356,6 +356,21 @@ def calibrate_confidence(quick: bool) -> dict:
 CONFIDENCE_FIT_WORLDS = tuple(range(12))
 CONFIDENCE_FRESH_WORLDS = tuple(range(12, 24))
 CONFIDENCE_HOUSEHOLDS_PER_WORLD = 8
+# Fitted on besides (session 14): the real viewers' TUNING half (60 households), each
+# weighing CONFIDENCE_MOVIELENS_WEIGHT synthetic ones, and every stream also answered a day
+# per arrival (the API's backfill pattern). Chosen on TUNING only (maps fitted on worlds
+# 0-11 + the real viewers' tuning half; scored leaving a family out, on fresh worlds 12-23
+# and leaving a real viewers' world out), ECE batch / at arrival / settled / a day per
+# arrival, against the fit on the synthetic worlds alone and one session per arrival:
+# fresh 0.044/0.045/0.015/0.068 -> 0.026/0.038/0.020/0.033, family left out
+# 0.042/0.032/0.046/0.063 -> 0.029/0.025/0.034/0.019, real viewers
+# 0.061/0.056/0.044/0.089 -> 0.046/0.044/0.029/0.044 (weight 4: 0.030/0.041/0.028/0.036
+# fresh, 0.042/0.050/0.030/0.054 real; 16: 0.026/0.038/0.022/0.035, 0.043/0.044/0.034/0.041;
+# weight 8 without the daily answers: a day per arrival 0.059 fresh, 0.070 real).
+# docs/benchmarks.md, session 14.
+CONFIDENCE_MOVIELENS = True
+CONFIDENCE_MOVIELENS_WEIGHT = 8.0
+CONFIDENCE_DAILY = True
 
 
 def world_indices(spec: str) -> tuple[int, ...]:
@@ -371,23 +386,39 @@ def world_indices(spec: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def tuning_answers(world_ids: tuple[int, ...], households_per_world: int) -> tuple[list, list[dict]]:
-    """The TUNING households of those worlds and their raw answers (bench/_confidence.py,
-    settled answers included), two processes."""
+def answers_of(hs: list, daily: bool = False) -> list[dict]:
+    """Raw answers (bench/_confidence.household_answers, settled answers included;
+    ``daily``: and a day per arrival) of these households, two processes."""
     from concurrent.futures import ProcessPoolExecutor
     from functools import partial
 
     from bench._confidence import household_answers
-    hs = worlds.generate(worlds.TUNING, households_per_world=households_per_world, world_indices=world_ids)
     with ProcessPoolExecutor(max(1, min(2, os.cpu_count() or 1))) as pool:
-        return hs, list(pool.map(partial(household_answers, settled=True), hs))
+        return list(pool.map(partial(household_answers, settled=True, daily=daily), hs))
+
+
+def tuning_answers(world_ids: tuple[int, ...], households_per_world: int,
+                   daily: bool = False) -> tuple[list, list[dict]]:
+    """The TUNING households of those worlds and their raw answers (answers_of)."""
+    hs = worlds.generate(worlds.TUNING, households_per_world=households_per_world, world_indices=world_ids)
+    return hs, answers_of(hs, daily)
+
+
+def movielens_tuning_answers(quick: bool, daily: bool = False) -> tuple[list, list[dict]]:
+    """The real viewers' TUNING half (bench/worlds_movielens.py, split="tuning": viewers of
+    even MovieLens ids, 60 households; --quick 10) and their raw answers (answers_of)."""
+    hs = worlds_movielens.generate(split="tuning", worlds_per_family=1 if quick else 3,
+                                   households_per_world=2 if quick else 4)
+    return hs, answers_of(hs, daily)
 
 
 def calibrate_device_confidence(quick: bool, leave_one_world_out: bool = False,
                                 leave_one_family_out: bool = False,
                                 fit_worlds: tuple[int, ...] = CONFIDENCE_FIT_WORLDS,
                                 fresh_worlds: tuple[int, ...] | None = None,
-                                households_per_world: int = CONFIDENCE_HOUSEHOLDS_PER_WORLD) -> dict:
+                                households_per_world: int = CONFIDENCE_HOUSEHOLDS_PER_WORLD,
+                                movielens: bool = CONFIDENCE_MOVIELENS, daily: bool = CONFIDENCE_DAILY,
+                                movielens_weight: float = CONFIDENCE_MOVIELENS_WEIGHT) -> dict:
     """The device-evidence confidence maps of model.py, fitted on the TUNING worlds only
     (sessions with device ids): each session's uncalibrated answer from a batch fit and
     at its arrival in a time-ordered stream (bench/_confidence.py, the way the service
@@ -406,37 +437,61 @@ def calibrate_device_confidence(quick: bool, leave_one_world_out: bool = False,
     Printed in the form model.py holds them. ``fresh_worlds``: also the fit scored on
     those TUNING worlds (never fitted on), pooled and per family, and leave-one-family-out
     on them (fitted on two families of ``fit_worlds``, scored on the third's fresh worlds:
-    neither the family nor the world seen, as an outside evaluator's households are)."""
+    neither the family nor the world seen, as an outside evaluator's households are).
+
+    ``movielens``: the real viewers' TUNING half (movielens_tuning_answers) is fitted on
+    too, each of its households weighing ``movielens_weight`` synthetic ones, and scored
+    leaving each of its worlds out (fitted on the synthetic households and its other
+    worlds; beside the fit on the synthetic households alone). ``daily``: every
+    household's stream is also answered a day per arrival (the "daily" answers: the maps
+    are fitted on both arrival patterns and scored on each)."""
     if quick:
         fit_worlds, households_per_world = fit_worlds[:1], 4
     t0 = time.time()
-    hs, answers = tuning_answers(fit_worlds, households_per_world)
-    out = {"households": len(hs), "fit_worlds": list(fit_worlds), **fit_device_confidence(answers),
-           "answers_s": round(time.time() - t0, 1)}
-    log(f"{len(hs)} households of TUNING worlds {list(fit_worlds)} answered in {out['answers_s']} s")
+    hs, answers = tuning_answers(fit_worlds, households_per_world, daily)
     families = [h.family for h in hs]
+    weights = [1.0] * len(hs)
+    ml: list[dict] = []
+    if movielens:
+        ml_hs, ml = movielens_tuning_answers(quick, daily)
+        weights += [movielens_weight] * len(ml)
+    out = {"households": len(hs), "movielens_households": len(ml), "movielens_weight": movielens_weight,
+           "daily": daily, "fit_worlds": list(fit_worlds), **fit_device_confidence(answers + ml, weights=weights),
+           "answers_s": round(time.time() - t0, 1)}
+    log(f"{len(hs)} households of TUNING worlds {list(fit_worlds)} (+ {len(ml)} real viewers' TUNING) "
+        f"answered in {out['answers_s']} s")
+    extra = (ml, [movielens_weight] * len(ml))   # fitted on in every fold of the synthetic scores
     if leave_one_world_out:   # every family's w-th world held out together
         out["leave_one_world_out"] = score_held_out([h.world_id.rsplit("-w", 1)[1] for h in hs], answers,
-                                                    "leave-one-world-out", families)
+                                                    "leave-one-world-out", families, extra=extra)
     if leave_one_family_out:  # a family the fit has never seen, as REPORTING's and blind's are
-        out["leave_one_family_out"] = score_held_out(families, answers, "leave-one-family-out", families)
+        out["leave_one_family_out"] = score_held_out(families, answers, "leave-one-family-out", families,
+                                                     extra=extra)
+    if movielens:   # real viewers the fit has not seen: fitted on the synthetic ones alone, and with the others
+        ml_families = [h.family for h in ml_hs]
+        out["movielens_synthetic_fit"] = score_fresh(answers, ml, ml_families, "real viewers, synthetic fit")
+        out["movielens_leave_one_world_out"] = score_held_out(
+            [h.world_id.rsplit("-w", 1)[1] for h in ml_hs], ml, "real viewers, leave-one-world-out", ml_families,
+            extra=(answers, [1.0 / movielens_weight] * len(answers)))
     if fresh_worlds:
         if set(fresh_worlds) & set(fit_worlds):
             raise ValueError(f"fresh worlds {sorted(set(fresh_worlds) & set(fit_worlds))} are fitted on")
-        fresh_hs, fresh = tuning_answers(fresh_worlds, households_per_world)
+        fresh_hs, fresh = tuning_answers(fresh_worlds, households_per_world, daily)
         fresh_families = [h.family for h in fresh_hs]
         out["fresh_worlds"] = {"worlds": list(fresh_worlds), "households": len(fresh_hs),
-                               **score_fresh(answers, fresh, fresh_families, "fresh worlds")}
+                               **score_fresh(answers + ml, fresh, fresh_families, "fresh worlds", weights)}
         out["fresh_worlds_leave_one_family_out"] = score_held_out(
             families, answers, "fresh worlds, leave-one-family-out", families, fresh=fresh,
-            fresh_folds=fresh_families, fresh_families=fresh_families)
+            fresh_folds=fresh_families, fresh_families=fresh_families, extra=extra)
     return out
 
 
 def held_out_confidence(fit: dict, a, settled_mode: bool) -> tuple[np.ndarray, np.ndarray]:
     """What a fit (fit_device_confidence's dict) answers for one household's raw answers
     ``a`` (bench._confidence.RawAnswers of one mode; ``settled_mode``: the settled
-    answers, whose included sessions go through the "settled" map): (confidence of each
+    answers, or an arrival's answers with the sessions its refresh included: the included
+    sessions of a streamed mature model go through the "settled" map, as the keeper
+    records them): (confidence of each
     answer, which answers are one-person ones). The maps' top-label value moved by its
     device-group shift and floored at 1 / persons, as model.calibrate_confidence does;
     one-person answers from their group's evidence; answers the maps leave alone raw."""
@@ -486,7 +541,7 @@ def _score_with(fit: dict, answers: list[dict], families, scored: dict, gaps: di
     for ans, family in zip(answers, families):
         for mode in scored:
             a = ans[mode]
-            conf, one = held_out_confidence(fit, a, mode == "settled")
+            conf, one = held_out_confidence(fit, a, a.included is not None)
             at = a.checkpoint if a.checkpoint is not None else np.full(a.P.shape[0], np.nan)
             _, group = one_person_answers(a)
             persons = a.persons_so_far if a.persons_so_far is not None else np.zeros(conf.size, dtype=np.int64)
@@ -498,23 +553,30 @@ def _score_with(fit: dict, answers: list[dict], families, scored: dict, gaps: di
                                    *M.household_evidence(a.groups[multi], live[multi]).mean(axis=0)))
 
 
+def _modes(answers: list[dict]) -> dict[str, list]:
+    return {mode: [] for mode in ("batch", "stream", "settled", "daily") if mode in answers[0]}
+
+
 def score_held_out(folds: list[str], answers: list[dict], name: str, families: list[str],
                    fresh: list[dict] | None = None, fresh_folds: list[str] | None = None,
-                   fresh_families: list[str] | None = None) -> dict:
+                   fresh_families: list[str] | None = None,
+                   extra: tuple[list[dict], list[float]] = ([], [])) -> dict:
     """How the fit does on households it has not seen: per fold (a world index, a
     family), the maps and one-person fit on the other folds, scored on the held-out
     households' answers (held_out_confidence). With ``fresh`` (answers of households of
     other worlds, never fitted on): each fold's fit is scored on the fresh households of
     that fold instead (``fresh_folds``; leave-one-family-out on fresh worlds: a family and
-    worlds the fit has never seen). ECE of every answer per mode and per family (and the
+    worlds the fit has never seen). ``extra``: (answers, their weights) fitted on in every
+    fold besides (the real viewers' with the synthetic ones). ECE of every answer per mode and per family (and the
     worst family), ECE / Brier of the one-person answers, and per mode the correlation
     over households of confidence − accuracy (their multi-person answers) with their
     HOUSEHOLD_EVIDENCE: what the shift has left."""
     fold, families = np.asarray(folds), np.asarray(families)
-    scored: dict[str, list] = {"batch": [], "stream": [], **({"settled": []} if "settled" in answers[0] else {})}
+    scored = _modes(answers)
     gaps: dict[str, list] = {mode: [] for mode in scored}   # per household: confidence - accuracy, evidence
     for held in np.unique(fold):
-        fit = fit_device_confidence([a for a, f in zip(answers, fold) if f != held])
+        kept = [a for a, f in zip(answers, fold) if f != held]
+        fit = fit_device_confidence(kept + extra[0], weights=[1.0] * len(kept) + list(extra[1]))
         if fresh is None:
             test = [(a, g) for a, f, g in zip(answers, fold, families) if f == held]
         else:
@@ -523,12 +585,13 @@ def score_held_out(folds: list[str], answers: list[dict], name: str, families: l
     return summarise_scored(scored, gaps, name)
 
 
-def score_fresh(answers: list[dict], fresh: list[dict], fresh_families: list[str], name: str) -> dict:
-    """One fit on every household of ``answers``, scored on the ``fresh`` households
-    (other worlds, never fitted on), as score_held_out reports."""
-    scored: dict[str, list] = {"batch": [], "stream": [], **({"settled": []} if "settled" in answers[0] else {})}
+def score_fresh(answers: list[dict], fresh: list[dict], fresh_families: list[str], name: str,
+                weights: list[float] | None = None) -> dict:
+    """One fit on every household of ``answers`` (``weights`` per household), scored on
+    the ``fresh`` households (other worlds, never fitted on), as score_held_out reports."""
+    scored = _modes(fresh)
     gaps: dict[str, list] = {mode: [] for mode in scored}
-    _score_with(fit_device_confidence(answers), fresh, fresh_families, scored, gaps)
+    _score_with(fit_device_confidence(answers, weights=weights), fresh, fresh_families, scored, gaps)
     return summarise_scored(scored, gaps, name)
 
 
@@ -616,7 +679,7 @@ def fit_device_confidence(answers: list[dict], one_person_c: float = ONE_PERSON_
                                           if name != "settled" or any("settled" in a for a in answers)}
     one: dict[str, list] = {name: [] for name in ("fitted", "young", "mature")}   # (evidence..., right, weight)
     for ans, weight in zip(answers, weights if weights is not None else [1.0] * len(answers)):
-        for mode in ("batch", "stream", "settled"):
+        for mode in ("batch", "stream", "settled", "daily"):
             if mode not in ans:
                 continue
             a = ans[mode]
@@ -624,12 +687,14 @@ def fit_device_confidence(answers: list[dict], one_person_c: float = ONE_PERSON_
             top = a.P.max(axis=1)
             young = a.age < YOUNG_MODEL_SESSIONS
             rows = a.device & (a.kind == MIXTURE) & (live > 1)
-            names = np.array([device_map_name(y, s, mode == "settled") for y, s in zip(young, a.streamed)])
+            # the map each answer is recorded through (an arrival's sessions that its
+            # refresh included, as the keeper records them)
+            included = a.included if a.included is not None else np.zeros(live.size, dtype=bool)
+            names = np.array([device_map_name(y, s, bool(t)) for y, s, t in zip(young, a.streamed, included)])
             household = household_evidence(a.groups, live)
             w = np.full(live.size, float(weight))
             if weighted is not None:   # the weight where the map of the answer is named
-                w = np.where(np.isin(np.array([device_map_name(y, s, mode == "settled")
-                                               for y, s in zip(young, a.streamed)]), weighted), w, 1.0)
+                w = np.where(np.isin(names, weighted), w, 1.0)
             if mode == "settled":
                 # only the "settled" map learns from them (sessions a streamed mature model
                 # had already included; the other answers keep their own maps and groups)
@@ -830,6 +895,14 @@ def main() -> None:
     ap.add_argument("--fresh-worlds", type=world_indices, nargs="?", const=CONFIDENCE_FRESH_WORLDS, default=None,
                     help="with --calibrate-confidence: also score the device fit on these fresh TUNING worlds "
                          "(default CONFIDENCE_FRESH_WORLDS), pooled, per family and leaving each family out")
+    ap.add_argument("--movielens", action=argparse.BooleanOptionalAction, default=CONFIDENCE_MOVIELENS,
+                    help="with --calibrate-confidence: fit on the real viewers' TUNING half too (bench/"
+                         "worlds_movielens.py split='tuning') and score it leaving each of its worlds out")
+    ap.add_argument("--movielens-weight", type=float, default=CONFIDENCE_MOVIELENS_WEIGHT,
+                    help="with --movielens: what one real viewers' household weighs in the fit (synthetic: 1)")
+    ap.add_argument("--daily", action=argparse.BooleanOptionalAction, default=CONFIDENCE_DAILY,
+                    help="with --calibrate-confidence: also answer every stream a day per arrival "
+                         "(bench._worlds_eval.daily_ends), fit and score on both arrival patterns")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                     help="processes scoring the world households (same figures for any number)")
     ap.add_argument("--feedback-draws", type=int, default=worlds_eval.FEEDBACK_MESH_DRAWS,
@@ -848,7 +921,9 @@ def main() -> None:
         print(json.dumps({**({} if args.device_maps_only else {"bare": calibrate_confidence(args.quick)}),
                           "device": calibrate_device_confidence(args.quick, args.leave_one_world_out,
                                                                 args.leave_one_family_out, args.fit_worlds,
-                                                                args.fresh_worlds)}))
+                                                                args.fresh_worlds, movielens=args.movielens,
+                                                                daily=args.daily,
+                                                                movielens_weight=args.movielens_weight)}))
         return
     if args.blind_only or args.movielens_only:
         key, run = ("worlds_blind", run_blind) if args.blind_only else ("worlds_movielens", run_movielens)

@@ -1,5 +1,6 @@
 """Versioned schema of the attribution service."""
 
+from services.common.field_crypto import HOUSEHOLD_ERASURES_SQL
 from services.common.storage.sql import Migration
 
 MIGRATIONS = [
@@ -58,4 +59,8 @@ DROP TABLE conversions;
 ALTER TABLE conversions_v2 RENAME TO conversions;
 CREATE INDEX IF NOT EXISTS conversions_account_ts ON conversions (account_id, ts)
 """),
+    # How many households this store has erased: a write reads it and drops cached data
+    # keys when it moved, so a replica that did not run a household's Erase cannot keep
+    # writing for it (services/common/field_crypto.py, docs/privacy.md "Order").
+    Migration(3, "household erasures", HOUSEHOLD_ERASURES_SQL),
 ]

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from services.attribution.domain.records import Conversion, Touchpoint
 from services.attribution.migrations import MIGRATIONS
 from services.common.erasure import ErasureOutcome, ErasureScope
-from services.common.field_crypto import FieldCipher
+from services.common.field_crypto import FieldCipher, drop_keys_of_erased_households, note_household_erased
 from services.common.storage.cache import Cache, MemoryCache
 from services.common.storage.sql import Database, migrate, record_erasure
 
@@ -35,6 +35,9 @@ class AttributionStore:
     def record_touchpoints(self, items: Sequence[Touchpoint]) -> tuple[int, int]:
         """Store new touchpoints; returns (accepted, duplicates). Idempotent by id."""
         with self.db.transaction() as tx:
+            for account in sorted({t.account_id for t in items}):
+                tx.lock_household(account)
+            drop_keys_of_erased_households(tx, self.cipher)
             accepted = tx.executemany(
                 "INSERT INTO touchpoints (touchpoint_id, account_id, device_id, ts, channel, campaign, "
                 "person_id) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (account_id, touchpoint_id) DO NOTHING",
@@ -43,7 +46,16 @@ class AttributionStore:
         return accepted, len(items) - accepted
 
     def record_conversions(self, items: Sequence[Conversion]) -> tuple[int, int]:
+        """Store new conversions; returns (accepted, duplicates). Refused (nothing stored)
+        when a household was erased: its key is destroyed."""
         with self.db.transaction() as tx:
+            accounts = sorted({c.account_id for c in items})
+            for account in accounts:
+                tx.lock_household(account)
+            drop_keys_of_erased_households(tx, self.cipher)
+            for account in accounts:
+                if self.cipher is not None:
+                    self.cipher.require_live(account)
             accepted = tx.executemany(
                 "INSERT INTO conversions (conversion_id, account_id, ts, kind, value, device_id) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (account_id, conversion_id) DO NOTHING",
@@ -94,7 +106,16 @@ class AttributionStore:
         cached = "attribution:" if scope.all_accounts else f"attribution:{account}"
         self.cache.delete_prefix(cached, strict=True)  # Redis down: fail (retried) before deleting
         with self.db.transaction() as tx:
+            if not scope.all_accounts:
+                tx.lock_household(account)
+            if self.cipher is not None and scope.kind == "household":
+                # Drop the cached data key under the write lock: a write that comes
+                # after this transaction must fetch the key, which a household deletion
+                # has shredded first (privacy's HOUSEHOLD_STAGES), so it is refused;
+                # one before it is deleted here.
+                self.cipher.forget(account)
             if scope.kind == "household":
+                note_household_erased(tx)
                 tp_where, tp_params = "account_id = ?", [account]
                 cv_where, cv_params = "account_id = ?", [account]
             elif scope.kind == "device":
@@ -126,7 +147,7 @@ class AttributionStore:
         outcome.purges.append(self.db.purge_erased(_ERASED_TABLES))
         self.cache.delete_prefix(cached)
         if self.cipher is not None and scope.kind == "household":
-            self.cipher.forget(account)  # its data key is being destroyed (crypto-shredding)
+            self.cipher.forget(account)  # and any a read fetched meanwhile (the key is shredded)
         return outcome
 
     def export_account(self, account_id: str) -> dict:

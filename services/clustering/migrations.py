@@ -1,5 +1,6 @@
 """Versioned schema of the clustering service (applied at start by storage.sql.migrate)."""
 
+from services.common.field_crypto import HOUSEHOLD_ERASURES_SQL
 from services.common.storage.sql import Migration
 
 MIGRATIONS = [
@@ -121,4 +122,8 @@ CREATE INDEX IF NOT EXISTS events_device_ts ON events (account_id, device_id, ts
     Migration(6, "unknown genres per session", """
 ALTER TABLE sessions ADD COLUMN unknown_genres TEXT
 """),
+    # How many households this store has erased: a write reads it and drops cached data
+    # keys when it moved, so a replica that did not run a household's Erase cannot keep
+    # writing for it (services/common/field_crypto.py, docs/privacy.md "Order").
+    Migration(7, "household erasures", HOUSEHOLD_ERASURES_SQL),
 ]

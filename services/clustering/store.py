@@ -25,7 +25,7 @@ from services.clustering.domain.sessions import Session, build_sessions
 from services.clustering.migrations import MIGRATIONS
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import Conflict, NotFound
-from services.common.field_crypto import FieldCipher
+from services.common.field_crypto import FieldCipher, drop_keys_of_erased_households, note_household_erased
 from services.common.feedback_to_clustering import UNPROMPTED_LABEL_SUFFIX
 from services.common.storage.cache import Cache, MemoryCache
 from services.common.storage.sql import Database, Tx, migrate, record_erasure
@@ -188,6 +188,9 @@ class ClusteringStore:
             batch.events.append(e)
         accepted = duplicates = late = touched = 0
         with self.db.transaction() as tx:
+            for account in sorted({account for account, _ in by_device}):
+                tx.lock_household(account)
+            drop_keys_of_erased_households(tx, self.cipher)
             for (account, device), batch in sorted(by_device.items()):
                 row = tx.query("SELECT last_ts FROM devices WHERE account_id = ? AND device_id = ?",
                                (account, device))
@@ -444,6 +447,8 @@ class ClusteringStore:
         accepted = unknown = 0
         now = time.time()
         with self.db.transaction() as tx:
+            for account in sorted({label[0] for label in labels}):
+                tx.lock_household(account)   # the session check below must see an erasure in flight
             for account, session_id, person, source in labels:
                 if not tx.query("SELECT 1 FROM sessions WHERE account_id = ? AND session_id = ?",
                                 (account, session_id)):
@@ -530,10 +535,11 @@ class ClusteringStore:
         with self.db.transaction(readonly=True) as tx:
             rows = tx.query("SELECT version, variant, model FROM household_models WHERE account_id = ?",
                             (account_id,))
+            erasures = self._household_erasures(tx)
         if not rows:
             return None
         version, sealed = int(rows[0][0]), bytes(rows[0][2])
-        self._cache_model(account_id, version, rows[0][1], sealed)
+        self._cache_model(account_id, version, rows[0][1], sealed, erasures)
         return StoredModel(version, rows[0][1], b"" if decoded_version and version == decoded_version
                            else self._open_model(account_id, sealed))
 
@@ -544,6 +550,7 @@ class ClusteringStore:
         new_version = expected_version + 1
         blob = self._seal(account_id, "model", blob)
         with self.db.transaction() as tx:
+            tx.lock_household(account_id)   # the EXISTS below must see an erasure in flight
             if expected_version == 0:
                 # Only while the household still has sessions: a model computed just
                 # before an erasure must not come back after it (no remnant).
@@ -557,17 +564,31 @@ class ClusteringStore:
                     "UPDATE household_models SET version = ?, variant = ?, model = ?, updated_at = ? "
                     "WHERE account_id = ? AND version = ?",
                     (new_version, variant, blob, time.time(), account_id, expected_version))
+            erasures = self._household_erasures(tx)
         if changed != 1:
             self.cache.delete(f"model:{account_id}")
             raise Conflict(f"household model of {account_id!r} changed since version {expected_version}",
                            "model_version")
-        self._cache_model(account_id, new_version, variant, blob)
+        self._cache_model(account_id, new_version, variant, blob, erasures)
         return new_version
 
-    def _cache_model(self, account_id: str, version: int, variant: str, sealed: bytes) -> None:
+    def _cache_model(self, account_id: str, version: int, variant: str, sealed: bytes, erasures: int) -> None:
+        """Cache a model read or saved in a transaction that saw ``erasures`` household
+        erasures. A household Erase that commits after that transaction drops the cached
+        model after its commit, but this write to the cache may come later still (another
+        replica, a slow thread): so the count is read again once the model is cached, and
+        if an erasure happened meanwhile the entry is dropped. Otherwise a sealed model
+        stayed in Redis under a key naming the erased account until its TTL ran out."""
         name = variant.encode()
-        self.cache.set(f"model:{account_id}", struct.pack("<qH", version, len(name)) + name + sealed,
-                       MODEL_CACHE_TTL_S)
+        key = f"model:{account_id}"
+        self.cache.set(key, struct.pack("<qH", version, len(name)) + name + sealed, MODEL_CACHE_TTL_S)
+        with self.db.transaction(readonly=True) as tx:
+            if self._household_erasures(tx) != erasures:
+                self.cache.delete(key)
+
+    @staticmethod
+    def _household_erasures(tx: Tx) -> int:
+        return int(tx.query("SELECT epoch FROM household_erasures WHERE id = 1")[0][0])
 
     # ---- erasure -------------------------------------------------------------------
 
@@ -582,7 +603,16 @@ class ClusteringStore:
         # copy it cannot remove (Unavailable: the deletion job retries).
         self._drop_cached_models(scope, strict=True)
         with self.db.transaction() as tx:
+            if not scope.all_accounts:
+                tx.lock_household(account)
+            if self.cipher is not None and scope.kind == "household":
+                # Drop the cached data key under the write lock: a write that comes
+                # after this transaction must fetch the key, which a household deletion
+                # has shredded first (privacy's HOUSEHOLD_STAGES), so it is refused;
+                # one before it is deleted here.
+                self.cipher.forget(account)
             if scope.kind == "household":
+                note_household_erased(tx)
                 for table, key in (("events", "event_id"), ("sessions", "session_id")):
                     ids = [r[0] for r in tx.query(f"SELECT {key} FROM {table} WHERE account_id = ?", (account,))]
                     tx.execute(f"DELETE FROM {table} WHERE account_id = ?", (account,))
@@ -661,7 +691,7 @@ class ClusteringStore:
         out.purges.append(self.purge_erased())
         self._drop_cached_models(scope)
         if self.cipher is not None and scope.kind == "household":
-            self.cipher.forget(account)  # its data key is being destroyed (crypto-shredding)
+            self.cipher.forget(account)  # and any a read fetched meanwhile (the key is shredded)
         return out
 
     def _drop_cached_models(self, scope: ErasureScope, strict: bool = False) -> None:

@@ -82,6 +82,7 @@ class FieldCipher:
         # (account, version) -> (fetched_at, cipher); version 0 caches "newest".
         self._keys: dict[tuple[str, int], tuple[float, int, AESGCM]] = {}
         self._lock = threading.Lock()
+        self._erasure_epoch: int | None = None   # the store's household_erasures.epoch last seen
 
     @classmethod
     def remote(cls, privacy_addr: str, calling_service: str, *, timeout_s: float = 5.0,
@@ -118,6 +119,23 @@ class FieldCipher:
             self._keys[(account_id, version)] = (now, got_version, cipher)
             self._keys[(account_id, got_version)] = (now, got_version, cipher)
         return got_version, cipher
+
+    def require_live(self, account_id: str) -> None:
+        """Raise FailedPrecondition (field ``account_id``) when the household was erased
+        (its key destroyed); for a store about to keep data of the household that it does
+        not encrypt (a conversion carries no sensitive column, yet stored under an erased
+        account id it would bring the household back)."""
+        self._key(account_id, 0)
+
+    def sync_erasures(self, epoch: int) -> None:
+        """Drop every cached key when the store's count of household erasures moved: one
+        replica's Erase cannot reach the keys the other replicas of the store have
+        cached, and with a household's key cached a replica could go on writing for it
+        after its deletion (see ``drop_keys_of_erased_households``)."""
+        with self._lock:
+            if epoch != self._erasure_epoch:
+                self._keys.clear()
+                self._erasure_epoch = epoch
 
     def forget(self, account_id: str) -> None:
         """Drop every cached key of the household (called by a store's Erase)."""
@@ -194,3 +212,28 @@ def _error_from_rpc(exc: grpc.RpcError) -> HearthError:
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return Unavailable("data key service unavailable", "account_id")
     return HearthError(f"data key service: {details}", "account_id")
+
+
+# ---- household erasures across replicas ----------------------------------------------
+# A store that writes household data keeps, in its own database (shared by its
+# replicas), how many households it has erased. A household Erase bumps it in its
+# transaction; every write transaction reads it under the household lock and drops the
+# replica's cached keys when it moved, so the write has to fetch the household's key,
+# which a household deletion has destroyed before any store erases (privacy's
+# HOUSEHOLD_STAGES): a replica that did not run the Erase cannot keep writing for the
+# household on a cached key. The table holds one number and no account id.
+HOUSEHOLD_ERASURES_SQL = """
+CREATE TABLE household_erasures (id INTEGER PRIMARY KEY, epoch {bigint} NOT NULL);
+INSERT INTO household_erasures (id, epoch) VALUES (1, 0)
+"""
+
+
+def note_household_erased(tx) -> None:
+    """In a household Erase's transaction."""
+    tx.execute("UPDATE household_erasures SET epoch = epoch + 1 WHERE id = 1")
+
+
+def drop_keys_of_erased_households(tx, cipher: "FieldCipher | None") -> None:
+    """In a write transaction, after ``tx.lock_household`` of the households it writes."""
+    if cipher is not None:
+        cipher.sync_erasures(int(tx.query("SELECT epoch FROM household_erasures WHERE id = 1")[0][0]))

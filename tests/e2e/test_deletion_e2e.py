@@ -184,6 +184,58 @@ def test_each_scope_end_to_end_leaves_no_remnant(dmesh, client):
     assert remnants(dmesh, acct) == {}
 
 
+def test_a_client_that_keeps_sending_during_a_household_deletion_leaves_nothing(dmesh, client):
+    """The attacker's (or a chatty device's) view of a deletion: events, touchpoints and
+    conversions keep arriving while the household's job runs and after it completed.
+    Nothing sent after completion is accepted, and once sending stops nothing of the
+    household is in any store. Until session 14 the key was shredded last: writes landing
+    between clustering's erase and the shred re-fetched the live key, the store kept it
+    cached, and in 2 of 6 tries through the gateway the household took events for
+    seconds after its job completed (docs/privacy.md, "Order")."""
+    import threading
+
+    acct, t0 = f"e2e-chatty-{RUN}", time.time() - 3 * DAY
+    post_events(client, acct, "tv-1", t0, 20)
+    sent: list[tuple[float, str, int]] = []          # (sent at, path, status)
+    stop = threading.Event()
+
+    def keep_sending() -> None:
+        with httpx.Client(base_url=dmesh.url, headers={"X-API-Key": dmesh.api_key}, timeout=30) as c:
+            i = 0
+            while not stop.is_set():
+                ts = _iso(t0 + DAY + i * 60)
+                for path, body in (
+                        ("/v1/events", {"events": [{"event_id": f"{acct}-s{i}", "account_id": acct,
+                                                    "device_id": "tv-chatty", "device_type": "tv", "ts": ts,
+                                                    "kind": "heartbeat", "title_id": "t", "genres": ["drama"],
+                                                    "duration_s": 60, "maturity": "adult"}]}),
+                        ("/v1/touchpoints", {"touchpoints": [{"touchpoint_id": f"{acct}-tp{i}", "account_id": acct,
+                                                             "device_id": "tv-chatty", "ts": ts, "channel": "email",
+                                                             "campaign": "c"}]}),
+                        ("/v1/conversions", {"conversions": [{"conversion_id": f"{acct}-cv{i}", "account_id": acct,
+                                                             "ts": ts, "kind": "purchase", "value": 1.0,
+                                                             "device_id": "tv-chatty"}]})):
+                    at = time.time()
+                    sent.append((at, path, c.post(path, json=body).status_code))
+                i += 1
+
+    sender = threading.Thread(target=keep_sending, daemon=True)
+    sender.start()
+    time.sleep(1.0)
+    job = delete(client, {"kind": "household", "account_id": acct})
+    completed = time.time()
+    assert job["state"] == "completed", job
+    time.sleep(2.0)
+    stop.set()
+    sender.join(30)
+    during = [status for at, _, status in sent if at < completed]
+    after = [(path, status) for at, path, status in sent if at > completed]
+    assert 200 in during and after, (len(during), len(after))      # it did keep sending throughout
+    assert not [x for x in after if x[1] == 200], after[:5]
+    assert {status for _, status in after} <= {412, 429}, sorted({s for _, s in after})
+    assert remnants(dmesh, acct) == {}
+
+
 def test_receipt_verifies_offline_and_a_forgery_does_not(dmesh, client, tmp_path):
     acct = f"e2e-rcpt-{RUN}"
     post_events(client, acct, "tv-1", time.time() - DAY, 2)

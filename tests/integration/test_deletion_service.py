@@ -251,6 +251,52 @@ def test_household_scope_leaves_no_remnant_and_shreds_the_key_of_old_copies(mesh
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+def test_events_sent_while_the_household_is_erased_are_refused_or_erased_with_it(mesh, stubs, monkeypatch):
+    """A device keeps sending while its household's deletion runs: here an event lands
+    right after each service's Erase returns. Whatever lands must be refused or erased
+    with the rest, and the household must refuse data once the job is done. Until
+    session 14 the key was shredded last: an event landing after clustering's Erase
+    fetched the still-live key, was stored, and the store kept that key cached for up to
+    a minute, so the household took events for that long after its job completed (seen
+    through the gateway: 404 events accepted in the 8 s after completion, their device id
+    left in clustering.db)."""
+    acct, t0 = "hh-streaming", time.time() - 2 * DAY
+    ingest(stubs, events(acct, "tv-1", t0, 5))
+    peers = mesh.servicers["privacy"].deletion.peers
+    erase, landed = peers.erase, []
+
+    def erase_then_a_late_event(service, scope, job_id):
+        result = erase(service, scope, job_id)
+        try:
+            ingest(stubs, events(acct, f"tv-late-{service}", time.time() - 600, 2))
+            landed.append((service, "stored"))
+        except grpc.RpcError as exc:
+            landed.append((service, exc.code()))
+        return result
+
+    monkeypatch.setattr(peers, "erase", erase_then_a_late_event)
+    _, job = delete(stubs, common_pb2.ErasureScope(account_id=acct, household=True))
+    assert job.state == ppb.JOB_STATE_COMPLETED, job
+    assert {service for service, _ in landed} == {"attribution", "feedback", "clustering"}
+    # the last store to erase took nothing more: the key was already gone
+    assert dict(landed)["clustering"] == grpc.StatusCode.FAILED_PRECONDITION, landed
+    for table in ("events", "sessions", "devices"):
+        assert rows(mesh, "clustering", f"SELECT COUNT(*) FROM {table} WHERE account_id = ?", (acct,)) == [(0,)], \
+            (table, landed)
+    with pytest.raises(grpc.RpcError) as err:
+        ingest(stubs, events(acct, "tv-1", time.time() - 300, 1, prefix="after"))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    # Nor do the household's conversions come back: they carry no encrypted column, so
+    # until session 14 attribution stored them under the erased account id.
+    with pytest.raises(grpc.RpcError) as err:
+        stubs["att"].RecordConversions(apb.RecordConversionsRequest(conversions=[
+            apb.Conversion(conversion_id="after-c1", account_id=acct, ts=float_to_ts(time.time() - 60),
+                           kind="purchase", value=9.0, device_id="tv-1")]))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert dict(err.value.trailing_metadata() or ()).get(ERROR_FIELD_KEY) == "account_id"
+    assert rows(mesh, "attribution", "SELECT COUNT(*) FROM conversions WHERE account_id = ?", (acct,)) == [(0,)]
+
+
 def test_plaintext_is_not_in_the_raw_stores(mesh, stubs):
     acct = "enc-acct"
     ingest(stubs, events(acct, "tv-1", time.time() - DAY, 2))

@@ -55,6 +55,93 @@ def test_failed_transaction_writes_nothing(database):
         assert tx.query("SELECT COUNT(*) FROM t") == [(0,)]
 
 
+def test_a_household_lock_makes_an_erasure_wait_for_a_write_in_flight(database):
+    """A write holding the household lock commits before an erasure of that household
+    deletes: the erasure's DELETE sees its rows. Without the lock, PostgreSQL's read
+    committed lets the DELETE miss rows inserted but not yet committed, and they stay
+    after the erasure (a device that keeps sending during a household deletion)."""
+    import threading
+
+    migrate(database, [Migration(1, "t", "CREATE TABLE t (account_id TEXT, n INTEGER)")])
+    inserted, erasing_done = threading.Event(), threading.Event()
+
+    def erase():
+        inserted.wait(10)
+        with database.transaction() as tx:
+            tx.lock_household("hh-1")
+            tx.execute("DELETE FROM t WHERE account_id = ?", ("hh-1",))
+        erasing_done.set()
+
+    eraser = threading.Thread(target=erase)
+    eraser.start()
+    with database.transaction() as tx:
+        tx.lock_household("hh-1")
+        tx.execute("INSERT INTO t (account_id, n) VALUES (?, ?)", ("hh-1", 1))
+        inserted.set()
+        assert not erasing_done.wait(0.5)          # the erasure waits for this write
+    eraser.join(10)
+    assert erasing_done.is_set()
+    with database.transaction() as tx:
+        assert tx.query("SELECT COUNT(*) FROM t WHERE account_id = ?", ("hh-1",)) == [(0,)]
+
+
+def _two_replicas(database, store_class):
+    """Two replicas of a store on one database, each with its own cached data keys, and
+    the key ring behind them (privacy's)."""
+    from services.common.field_crypto import FieldCipher
+    from services.privacy.keys.domain import KeyRing, generate_kek
+    from tests.helpers.keys import ring_fetcher
+
+    ring = KeyRing([generate_kek("k1")], "k1")
+    replicas = [store_class(database, cipher=FieldCipher(ring_fetcher(ring, []))) for _ in range(2)]
+    replicas[0].migrate()
+    return ring, replicas
+
+
+def _erase_on_the_first(ring, replicas, account):
+    """A household deletion as the job runs it: the key shredded first, then the Erase,
+    which reaches one replica only."""
+    from services.common.erasure import ErasureScope
+    from tests.helpers.keys import NOW
+
+    ring.destroy_dek(account, NOW)
+    replicas[0].erase(ErasureScope(account, "household"))
+
+
+def test_a_clustering_replica_that_did_not_run_the_erase_cannot_keep_writing_for_the_household(database):
+    """The other replica still has the household's key cached. Its next write must be
+    refused and leave nothing: the Erase bumped the store's household_erasures count, and
+    a write that sees it move drops its cached keys and has to fetch the destroyed one
+    (with only the erasing replica forgetting its key, the other went on writing for up
+    to a minute)."""
+    from services.common.errors import FailedPrecondition
+
+    ring, replicas = _two_replicas(database, ClusteringStore)
+    replicas[1].ingest([ev(0, T0, account="acc-r"), ev(1, T0, account="acc-other")])     # both keys cached
+    _erase_on_the_first(ring, replicas, "acc-r")
+    with pytest.raises(FailedPrecondition):
+        replicas[1].ingest([ev(2, T0 + 60, account="acc-r")])
+    with database.transaction() as tx:
+        for table in ("events", "sessions", "devices"):
+            assert tx.query(f"SELECT COUNT(*) FROM {table} WHERE account_id = ?", ("acc-r",)) == [(0,)], table
+    assert replicas[1].ingest([ev(3, T0 + 60, account="acc-other")]).accepted == 1   # other households go on
+
+
+def test_an_attribution_replica_that_did_not_run_the_erase_cannot_keep_writing_for_the_household(database):
+    from services.common.errors import FailedPrecondition
+
+    ring, replicas = _two_replicas(database, AttributionStore)
+    replicas[1].record_touchpoints([Touchpoint("tp-0", "acc-r", "tv-1", T0, "email", "c")])   # key cached
+    _erase_on_the_first(ring, replicas, "acc-r")
+    with pytest.raises(FailedPrecondition):
+        replicas[1].record_touchpoints([Touchpoint("tp-1", "acc-r", "tv-1", T0 + 60, "email", "c")])
+    with pytest.raises(FailedPrecondition):
+        replicas[1].record_conversions([Conversion("cv-1", "acc-r", T0 + 60, "purchase", 1.0, "tv-1")])
+    with database.transaction() as tx:
+        for table in ("touchpoints", "conversions"):
+            assert tx.query(f"SELECT COUNT(*) FROM {table} WHERE account_id = ?", ("acc-r",)) == [(0,)], table
+
+
 def test_ingest_builds_sessions_and_ignores_duplicates(store):
     events = [ev(i, T0 + i * 600) for i in range(4)] + [ev(10, T0 + 10_000)]
     result = store.ingest(events)
@@ -106,6 +193,48 @@ def test_model_compare_and_swap_and_cache(store):
     assert store.save_model("acc-1", 1, "kmeans", b"two") == 2
     model = store.get_model("acc-1")
     assert (model.version, model.variant, model.blob) == (2, "kmeans", b"two")
+
+
+class _EraseWhileCaching:
+    """The store's real cache, with a household erased (by another replica) at the moment
+    the store writes a model into it: after its read or save committed, before the entry
+    lands."""
+
+    def __init__(self, cache, erase) -> None:
+        self._cache, self._erase, self.fired = cache, erase, False
+
+    def set(self, key, value, ttl_s=None):
+        if key.startswith("model:") and not self.fired:
+            self.fired = True
+            self._erase()
+        return self._cache.set(key, value, ttl_s)
+
+    def __getattr__(self, name):
+        return getattr(self._cache, name)
+
+
+@pytest.mark.parametrize("path", ["read", "save"])
+def test_a_model_cached_while_its_household_is_erased_does_not_stay_in_the_cache(database, cache, path):
+    """Erase drops the cached model after its commit, but a model read or saved just
+    before it may reach the cache after that: the store checks the household-erasure
+    count again once it cached, and drops the entry (a sealed model under a key naming
+    the erased account stayed until its TTL)."""
+    from services.common.erasure import ErasureScope
+
+    eraser = ClusteringStore(database, cache, gap_s=1800)
+    eraser.migrate()
+    eraser.ingest([ev(0, T0, account="acc-c")])
+    version = eraser.save_model("acc-c", 0, "gmm", b"model")
+    cache.delete("model:acc-c")
+    hooked = _EraseWhileCaching(cache, lambda: eraser.erase(ErasureScope("acc-c", "household")))
+    reader = ClusteringStore(database, hooked, gap_s=1800)
+    if path == "read":
+        assert reader.get_model("acc-c").version == version      # read before the erase committed
+    else:
+        assert reader.save_model("acc-c", version, "gmm", b"newer") == version + 1
+    assert hooked.fired
+    assert cache.get("model:acc-c") is None
+    assert eraser.get_model("acc-c") is None
 
 
 def test_model_blob_is_skipped_only_for_the_version_the_caller_holds(store, database):

@@ -43,6 +43,10 @@ class Tx(Protocol):
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int: ...
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int: ...
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]: ...
+    def lock_household(self, account_id: str) -> None:
+        """Hold the household until the transaction ends: a household's writes and its
+        erasure run one after the other, so no write can commit rows the erasure did not
+        see (docs/privacy.md, "An erased household stays erased")."""
 
 
 class Database(Protocol):
@@ -65,6 +69,9 @@ class _SqliteTx:
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         return self._conn.execute(sql, tuple(params)).fetchall()
+
+    def lock_household(self, account_id: str) -> None:
+        """Nothing to do: BEGIN IMMEDIATE already serialises every write transaction."""
 
 
 class SqliteDatabase:
@@ -204,6 +211,11 @@ class _PostgresTx:
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         self._cur.execute(_PLACEHOLDER.sub("%s", sql), tuple(params))
         return self._cur.fetchall()
+
+    def lock_household(self, account_id: str) -> None:
+        """A transaction-scoped advisory lock on the household (read committed lets a
+        DELETE miss rows another transaction has inserted but not yet committed)."""
+        self._cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", ("household:" + account_id,))
 
 
 class PostgresDatabase:

@@ -71,9 +71,25 @@ OLDEST_OPEN_JOB_AGE = Gauge("hearth_deletion_oldest_open_job_age_seconds",
                             "Age of the oldest deletion job not yet completed or failed (0: none)")
 
 # Erase order: one stage after the other; services within a stage in this order.
+# Attribution's person scope resolves touchpoints with clustering's person assignments,
+# so clustering erases after attribution.
 STAGES: tuple[tuple[str, ...], ...] = (("attribution", "feedback"), ("clustering",), ("privacy",))
+# A household deletion shreds its data key FIRST. A device that keeps sending while the
+# job runs must not be able to write after a store erased the household: once the key
+# is destroyed no store can fetch it again, and each store's Erase drops the copy it
+# had cached, so every write either lands before that store's Erase (and is erased by
+# it) or is refused (FAILED_PRECONDITION). With the key shredded last (until session
+# 14), a write landing between a store's Erase and the shred fetched the live key and
+# kept it cached for up to a minute: the household took data after its job completed.
+# Erasing a household needs no key (its rows go by account id), so nothing is lost.
+HOUSEHOLD_STAGES: tuple[tuple[str, ...], ...] = (("privacy",), *STAGES[:-1])
 PEER_SERVICES = ("clustering", "attribution", "feedback")
 SERVICE_ORDER = tuple(s for stage in STAGES for s in stage)
+
+
+def stages_for(scope: ErasureScope) -> tuple[tuple[str, ...], ...]:
+    """The erase order of a job of this scope."""
+    return HOUSEHOLD_STAGES if scope.kind == "household" else STAGES
 RETENTION_REASON = "retention"
 _FATAL_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
                           grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE})
@@ -304,7 +320,7 @@ class DeletionCoordinator:
         return stored
 
     def _stage(self, job: DeletionJob) -> tuple[str, ...]:
-        for stage in STAGES:
+        for stage in stages_for(job.scope):
             open_ = tuple(s for s in stage if s in job.services
                           and job.services[s].status is not ServiceStatus.CONFIRMED)
             if open_:
@@ -340,9 +356,9 @@ class DeletionCoordinator:
 
     def _erase_local(self, job: DeletionJob) -> tuple[list[str], list[dict]]:
         """The privacy service's own part: its cached copies of the scope (consent
-        answers) go, and a household deletion crypto-shreds the data key (after every
-        other service erased, so nothing is left to read with it). Returns the ids of
-        the destroyed keys and the purge steps (epoch ``at``) for the receipt."""
+        answers) go, and a household deletion crypto-shreds the data key (before the
+        other services erase: HOUSEHOLD_STAGES). Returns the ids of the destroyed keys
+        and the purge steps (epoch ``at``) for the receipt."""
         scope = job.scope
         purges: list[dict] = []
         if self._on_local_erase is not None:

@@ -290,3 +290,67 @@ def test_household_weights_reach_only_the_maps_they_are_meant_for():
     assert settled_only["one_person_confidence"] == plain["one_person_confidence"]
     assert settled_only["device_confidence_maps"]["settled"] == everywhere["device_confidence_maps"]["settled"]
     assert everywhere["device_confidence_maps"]["settled"] != plain["device_confidence_maps"]["settled"]
+
+
+def test_daily_arrivals_end_at_each_midnight_after_a_session_started():
+    """A client posting a UTC day per request: after each day, the sessions started by
+    its end (bench.api_accuracy.daily_requests with midnight cuts)."""
+    from bench._worlds_eval import DAY_S, daily_ends
+    day0 = 20_000 * DAY_S
+    starts = np.array([day0 + 3600, day0 + 7200, day0 + DAY_S + 10, day0 + 3 * DAY_S + 5, day0 + 3 * DAY_S + 6])
+    assert daily_ends(starts) == [2, 3, 5]
+    h = _households(1)[0]
+    ends = daily_ends(h.start_ts)
+    assert ends[-1] == h.n_sessions and np.all(np.diff(ends) > 0)
+    assert len(ends) == np.unique(np.floor(h.start_ts / DAY_S)).size
+
+
+def test_daily_answers_are_the_streams_on_the_daily_arrivals_and_say_what_was_folded_in():
+    """The "daily" answers are ServiceStream's on the daily arrivals (same person per
+    session), and ``included`` marks the arrivals whose refresh included them (a full
+    fit's: the first one, a refit), as the keeper records them."""
+    from bench._worlds_eval import daily_ends
+    h = _households(1)[0]
+    daily = C.household_answers(h, daily=True)["daily"]
+    ends = daily_ends(h.start_ts)
+    labels, included = [], []
+    s = ServiceStream(h)
+    for a, b, _m, out, _ in s.arrivals(ends=ends):
+        labels += [out.person_ids[int(k)] for k in out.person_index]
+        included += (np.arange(a, b) < s.included_now).tolist()
+    names = sorted(set(labels))
+    np.testing.assert_array_equal(daily.included, included)
+    assert daily.included[:ends[0]].all()           # the household's first refresh fits what it has
+    # the same partition of the sessions into persons (columns are ids sorted either way)
+    np.testing.assert_array_equal(daily.pred, [names.index(x) for x in labels])
+    # answered at arrival by the model of the day's refresh: fewer refreshes than sessions
+    assert len(np.unique(daily.age)) <= len(ends) < h.n_sessions
+
+
+def test_the_fit_reads_the_daily_answers_in_the_at_arrival_maps_only():
+    """Daily answers add to the at-arrival maps' and one-person groups' answers; the
+    "settled" map keeps the settled answers alone."""
+    answers = [C.household_answers(h, settled=True, daily=True) for h in _households(6)] + _one_person_answers()
+    without = fit_device_confidence([{k: v for k, v in a.items() if k != "daily"} for a in answers])
+    both = fit_device_confidence(answers)
+    assert both["answers"]["young"] > without["answers"]["young"]
+    assert both["answers"]["settled"] == without["answers"]["settled"]
+    assert both["answers"]["one_person_young"] >= without["answers"]["one_person_young"]
+    assert both["device_confidence_maps"]["young"] != without["device_confidence_maps"]["young"]
+
+
+def test_held_out_scores_fit_the_extra_households_in_every_fold_and_score_only_the_held_out():
+    """score_held_out's ``extra`` (the real viewers' households beside the synthetic ones):
+    fitted on in every fold with their weight, never scored."""
+    from bench.accuracy import one_person_answers, score_held_out
+    answers = [C.household_answers(h, settled=True) for h in _households(6)]
+    extra = _one_person_answers()
+    folds = ["a", "a", "a", "b", "b", "b"]
+    light = score_held_out(folds, answers, "t", ["f"] * 6, extra=(extra, [1.0] * len(extra)))
+    heavy = score_held_out(folds, answers, "t", ["f"] * 6, extra=(extra, [50.0] * len(extra)))
+    for mode in ("batch", "stream"):
+        held_out_ones = sum(int(one_person_answers(a[mode])[0].sum()) for a in answers)
+        assert light[mode]["one_person_answers"] == heavy[mode]["one_person_answers"] == held_out_ones
+    assert set(light) == {"batch", "stream", "settled"}
+    # the weight reaches the fits: the extra one-person answers (right 0.7) pull harder
+    assert any(light[m]["ece"] != heavy[m]["ece"] for m in light)

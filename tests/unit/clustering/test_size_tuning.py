@@ -75,6 +75,43 @@ def test_diagnosis_of_a_household_agrees_with_the_models_fit_and_its_truth():
     assert sum(summary["causes"].values()) == 2
     # single-person households kept: a share when there are some, None (not NaN) when not
     assert summary["single_kept"] == (None if row["true"] > 1 else 0.5)
+    # sessions lost: the model's and the device heuristic's wrong sessions, by cause
+    wrong = int(h.n_sessions - round(row["accuracy"] * h.n_sessions))
+    assert row["lost"] == wrong and 0 <= row["heuristic_lost"] <= h.n_sessions
+    assert summary["sessions_lost"]["born_not_there"] == {"lost": wrong, "heuristic_lost": row["heuristic_lost"],
+                                                          "sessions": h.n_sessions}
+    assert summary["session_accuracy"] == round(1.0 - wrong / h.n_sessions, 4)
+
+
+def test_diagnosis_counts_two_person_households_answered_as_one_and_their_lost_sessions():
+    base = {"family": "f", "sessions": 100, "groups": 1, "owners": 1, "accuracy": 0.7, "missed": [],
+            "heuristic_lost": 40}
+    rows = [{**base, "household": "a", "true": 2, "fitted": 1, "lost": 30, "cause": "member_without_device_not_born"},
+            {**base, "household": "b", "true": 2, "fitted": 2, "lost": 10, "cause": "exact"},
+            {**base, "household": "c", "true": 3, "fitted": 1, "lost": 50, "cause": "owners_merged"}]
+    summary = S.diagnosis(rows)
+    assert summary["two_persons_answered_as_one"] == {"households": 1, "lost": 30}
+    assert summary["sessions_lost"]["owners_merged"] == {"lost": 50, "heuristic_lost": 40, "sessions": 100}
+    assert summary["session_accuracy"] == 0.7 and summary["heuristic_session_accuracy"] == 0.6
+
+
+def test_movielens_tuning_worlds_are_the_even_half(monkeypatch):
+    """--movielens-tuning draws the real viewers' TUNING half (split="tuning"), never the
+    reported one, and keeps the worlds asked for."""
+    from bench import worlds_movielens
+
+    calls = []
+
+    def fake_generate(worlds_per_family, split):
+        calls.append((worlds_per_family, split))
+        return [W.WorldHousehold(f"movielens-tuning-solo-w{w}-h0", "solo", f"movielens-tuning-solo-w{w}",
+                                 np.zeros((1, 1)), np.zeros(1), np.array(["d"]), np.array(["tv"]), np.zeros(1),
+                                 np.zeros(1), 0.0) for w in range(worlds_per_family)]
+
+    monkeypatch.setattr(worlds_movielens, "generate", fake_generate)
+    hs = S._worlds("1:3", movielens=True)
+    assert calls == [(3, "tuning")]
+    assert [h.world_id for h in hs] == ["movielens-tuning-solo-w1", "movielens-tuning-solo-w2"]
 
 
 def test_heldout_folds_are_time_blocks_dealt_round_robin():

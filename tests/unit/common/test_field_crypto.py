@@ -13,8 +13,7 @@ from hypothesis import strategies as st
 from services.common.errors import FailedPrecondition
 from services.common.field_crypto import FieldCipher, FieldDecryptionError, encrypted_length
 from services.privacy.keys.domain import KeyDestroyedError, KeyRing, generate_kek
-
-NOW = datetime(2026, 1, 1, tzinfo=UTC)
+from tests.helpers.keys import NOW, ring_fetcher
 
 
 class Clock:
@@ -23,23 +22,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.t
-
-
-def ring_fetcher(ring: KeyRing, calls: list):
-    """A fetcher like privacy's GetDataKey over a real KeyRing (creates the key on demand)."""
-
-    def fetch(account: str, version: int) -> tuple[int, bytes]:
-        calls.append((account, version))
-        if version == 0 and not ring.has_dek(account):
-            if ring.is_destroyed(account):
-                raise FailedPrecondition("destroyed", "account_id")
-            ring.create_dek(account, NOW)
-        try:
-            return ring.data_key(account, version or None)
-        except KeyDestroyedError:
-            raise FailedPrecondition("destroyed", "account_id") from None
-
-    return fetch
 
 
 @pytest.fixture
