@@ -278,6 +278,7 @@ def test_events_sent_while_the_household_is_erased_are_refused_or_erased_with_it
     _, job = delete(stubs, common_pb2.ErasureScope(account_id=acct, household=True))
     assert job.state == ppb.JOB_STATE_COMPLETED, job
     assert {service for service, _ in landed} == {"attribution", "feedback", "clustering"}
+    assert [s.service for s in job.services] == ["privacy", "attribution", "feedback", "clustering"]  # erase order
     # the last store to erase took nothing more: the key was already gone
     assert dict(landed)["clustering"] == grpc.StatusCode.FAILED_PRECONDITION, landed
     for table in ("events", "sessions", "devices"):

@@ -84,7 +84,6 @@ STAGES: tuple[tuple[str, ...], ...] = (("attribution", "feedback"), ("clustering
 # Erasing a household needs no key (its rows go by account id), so nothing is lost.
 HOUSEHOLD_STAGES: tuple[tuple[str, ...], ...] = (("privacy",), *STAGES[:-1])
 PEER_SERVICES = ("clustering", "attribution", "feedback")
-SERVICE_ORDER = tuple(s for stage in STAGES for s in stage)
 
 
 def stages_for(scope: ErasureScope) -> tuple[tuple[str, ...], ...]:

@@ -13,7 +13,7 @@ from services.common.erasure import scope_from_pb, scope_to_pb
 from services.common.errors import InvalidArgument
 from services.common.pbutil import float_to_ts
 from services.privacy.consent.app import ConsentApp
-from services.privacy.deletion.app import SERVICE_ORDER, DeletionCoordinator, export_household
+from services.privacy.deletion.app import DeletionCoordinator, export_household, stages_for
 from services.privacy.deletion.domain import JobState, ServiceStatus
 from services.privacy.deletion.store import StoredJob
 from services.privacy.keys.app import KeyService
@@ -31,7 +31,9 @@ def job_to_pb(stored: StoredJob) -> pb.GetDeletionResponse:
                                  receipt_json=stored.receipt_json or "")
     if job.completed_at is not None:
         out.completed_at.CopyFrom(float_to_ts(job.completed_at.timestamp()))
-    for name in sorted(job.services, key=lambda s: SERVICE_ORDER.index(s) if s in SERVICE_ORDER else 99):
+    # The services in the order the job erases them (a household's key is shredded first).
+    order = [s for stage in stages_for(job.scope) for s in stage]
+    for name in sorted(job.services, key=lambda s: order.index(s) if s in order else len(order)):
         progress = job.services[name]
         confirmation = pb.ServiceConfirmation(service=name, confirmed=progress.status is ServiceStatus.CONFIRMED,
                                               attempts=progress.attempts, last_error=progress.last_error)
