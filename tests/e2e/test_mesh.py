@@ -189,6 +189,10 @@ def test_sigterm_drains_in_flight_requests_and_restart_keeps_data(client, mesh):
     reaching it later are refused cleanly (503), never a 499, another 5xx or a dropped
     connection; every acknowledged batch is there after the restart."""
     account, results, drained, signal_at = "e2e-drain", [], [], 0.0
+    # A household stored before any of this, to find again after the restart (the test
+    # brings its own: it used another test's household and failed when run alone).
+    before = "e2e-drain-before"
+    assert client.post("/v1/events", json={"events": _events(before, time.time() - 2 * 86400, 3)}).status_code == 200
     try:
         for attempt in range(3):
             if attempt:   # no call was inside clustering at the signal: the drain went untested
@@ -208,10 +212,10 @@ def test_sigterm_drains_in_flight_requests_and_restart_keeps_data(client, mesh):
         assert health.json()["status"] == "DEGRADED"
         assert health.json()["services"]["clustering"].startswith("UNREACHABLE")
         assert health.json()["services"]["attribution"] == "SERVING"
-        down = client.get("/v1/household/e2e-acc-1")
+        down = client.get(f"/v1/household/{before}")
         assert down.status_code == 503 and down.headers["retry-after"].isdigit(), down.text
         up = client.post("/v1/touchpoints", json={"touchpoints": [{
-            "touchpoint_id": "e2e-while-clustering-down", "account_id": "e2e-acc-1", "device_id": "tv",
+            "touchpoint_id": "e2e-while-clustering-down", "account_id": before, "device_id": "tv",
             "ts": _iso(time.time() - 3600), "channel": "email", "campaign": "c"}]})
         assert up.status_code == 200, up.text
         # Nothing under way is cut: every call clustering was serving at the signal finished
@@ -231,7 +235,7 @@ def test_sigterm_drains_in_flight_requests_and_restart_keeps_data(client, mesh):
     stored_devices = {s["device_id"] for s in household.json()["sessions"]}
     acknowledged = {r[3] for r in results if r[2] == 200}
     assert acknowledged <= stored_devices, sorted(acknowledged - stored_devices)
-    assert client.get("/v1/household/e2e-acc-1").status_code == 200
+    assert client.get(f"/v1/household/{before}").status_code == 200
 
 
 def test_assign_through_the_gateway(client):
