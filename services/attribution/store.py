@@ -53,9 +53,8 @@ class AttributionStore:
             for account in accounts:
                 tx.lock_household(account)
             drop_keys_of_erased_households(tx, self.cipher)
-            for account in accounts:
-                if self.cipher is not None:
-                    self.cipher.require_live(account)
+            for account in accounts if self.cipher is not None else ():
+                self.cipher.require_live(account)
             accepted = tx.executemany(
                 "INSERT INTO conversions (conversion_id, account_id, ts, kind, value, device_id) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (account_id, conversion_id) DO NOTHING",

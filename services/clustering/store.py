@@ -25,7 +25,8 @@ from services.clustering.domain.sessions import Session, build_sessions
 from services.clustering.migrations import MIGRATIONS
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import Conflict, NotFound
-from services.common.field_crypto import FieldCipher, drop_keys_of_erased_households, note_household_erased
+from services.common.field_crypto import (FieldCipher, drop_keys_of_erased_households, household_erasures,
+                                         note_household_erased)
 from services.common.feedback_to_clustering import UNPROMPTED_LABEL_SUFFIX
 from services.common.storage.cache import Cache, MemoryCache
 from services.common.storage.sql import Database, Tx, migrate, record_erasure
@@ -535,7 +536,7 @@ class ClusteringStore:
         with self.db.transaction(readonly=True) as tx:
             rows = tx.query("SELECT version, variant, model FROM household_models WHERE account_id = ?",
                             (account_id,))
-            erasures = self._household_erasures(tx)
+            erasures = household_erasures(tx)
         if not rows:
             return None
         version, sealed = int(rows[0][0]), bytes(rows[0][2])
@@ -564,7 +565,7 @@ class ClusteringStore:
                     "UPDATE household_models SET version = ?, variant = ?, model = ?, updated_at = ? "
                     "WHERE account_id = ? AND version = ?",
                     (new_version, variant, blob, time.time(), account_id, expected_version))
-            erasures = self._household_erasures(tx)
+            erasures = household_erasures(tx)
         if changed != 1:
             self.cache.delete(f"model:{account_id}")
             raise Conflict(f"household model of {account_id!r} changed since version {expected_version}",
@@ -583,12 +584,8 @@ class ClusteringStore:
         key = f"model:{account_id}"
         self.cache.set(key, struct.pack("<qH", version, len(name)) + name + sealed, MODEL_CACHE_TTL_S)
         with self.db.transaction(readonly=True) as tx:
-            if self._household_erasures(tx) != erasures:
+            if household_erasures(tx) != erasures:
                 self.cache.delete(key)
-
-    @staticmethod
-    def _household_erasures(tx: Tx) -> int:
-        return int(tx.query("SELECT epoch FROM household_erasures WHERE id = 1")[0][0])
 
     # ---- erasure -------------------------------------------------------------------
 

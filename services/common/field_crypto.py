@@ -233,7 +233,12 @@ def note_household_erased(tx) -> None:
     tx.execute("UPDATE household_erasures SET epoch = epoch + 1 WHERE id = 1")
 
 
+def household_erasures(tx) -> int:
+    """How many households the store has erased (read in the caller's transaction)."""
+    return int(tx.query("SELECT epoch FROM household_erasures WHERE id = 1")[0][0])
+
+
 def drop_keys_of_erased_households(tx, cipher: "FieldCipher | None") -> None:
     """In a write transaction, after ``tx.lock_household`` of the households it writes."""
     if cipher is not None:
-        cipher.sync_erasures(int(tx.query("SELECT epoch FROM household_erasures WHERE id = 1")[0][0]))
+        cipher.sync_erasures(household_erasures(tx))
