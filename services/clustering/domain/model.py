@@ -657,6 +657,12 @@ class HouseholdModel:
         self.calibrated = calibrated
         self.device_evidence = device_evidence
         self.device_group_count = 0  # personal-device person groups at the last fit (persons.py)
+        # The last full fit's labels named persons the unlabelled fit had not found, so
+        # its persons were shaped by them (_labels_add_persons; the persons kept through
+        # the stream that follows). The service then answers without the feedback
+        # calibrator (ClusteringApp._answer), which was fitted on answers served before
+        # such labels (docs/clustering.md, "feedback calibrator").
+        self.persons_from_labels = False
         self.mixture: Mixture | None = None
         self.kmeans: IncrementalKMeans | None = None
         self.person_ids: list[str] = []
@@ -796,6 +802,7 @@ class HouseholdModel:
         present = {lab for lab in labels if lab is not None} if labels else set()
         self.label_map = {k: v for k, v in self.label_map.items() if k in present}
         self.reserved_keys = {}   # a full fit gives labelled persons their ids itself (_match_ids)
+        self.persons_from_labels = False   # set again by this fit's labels (_labels_add_persons)
         if n < MIN_SESSIONS:
             self.cold_X = X.copy()
             self.cold_slots = slots.copy()
@@ -814,6 +821,7 @@ class HouseholdModel:
                 self.kmeans = None
                 self.fallback = False
             except MixtureNumericalError:
+                self.persons_from_labels = False   # the k-means persons know no labels
                 self.fallback = True
                 self.fallback_count += 1
                 self.mixture = None
@@ -1121,7 +1129,10 @@ class HouseholdModel:
         0.009 of accuracy (0.024 at 5 iterations); with the check it gains 0.002, and on
         the synthetic TUNING worlds it keeps the gain (worlds 4-7 +0.004, 8-11 +0.006,
         against +0.005 / +0.007 without it; docs/benchmarks.md, session 14).
-        ``LABEL_GROWTH_CHECK`` False: the grown persons are always kept."""
+        ``LABEL_GROWTH_CHECK`` False: the grown persons are always kept.
+
+        Either way the model's persons now come from labels: ``persons_from_labels``."""
+        self.persons_from_labels = True
         grown = self._split_off_label_persons(X, free, clamp, keys, pred, rows, cols, volunteered, LABEL_SEED_EM_ITERS)
         if LABEL_GROWTH_CHECK and self._held_out_label_gain(X, free, clamp, keys, pred, rows, cols, volunteered) < 0:
             return self._split_off_label_persons(X, free, clamp, keys, pred, rows, cols,
@@ -2081,7 +2092,7 @@ class HouseholdModel:
             "device_evidence": self.device_evidence, "device_group_count": self.device_group_count,
             "since_refit": self.since_refit, "fit_sessions": self.fit_sessions,
             "inactive": sorted(self.inactive), "joined": sorted(self.joined),
-            "reserved_keys": self.reserved_keys,
+            "reserved_keys": self.reserved_keys, "persons_from_labels": self.persons_from_labels,
         }
         meta["cold_labels"] = self.cold_labels
         arrays: dict[str, np.ndarray] = {"cold_X": self.cold_X, "cold_slots": self.cold_slots,
@@ -2138,6 +2149,8 @@ class HouseholdModel:
         m.inactive = set(meta.get("inactive", []))
         m.joined = set(meta.get("joined", []))
         m.reserved_keys = dict(meta.get("reserved_keys", {}))
+        # Stored before the flag existed: answered with the calibrator, as they were.
+        m.persons_from_labels = bool(meta.get("persons_from_labels", False))
         if "buffer" in z:
             m.buffer, m.buffer_keys = z["buffer"], z["buffer_keys"]
         if "stats" in z:

@@ -279,6 +279,37 @@ def test_labels_for_more_persons_than_the_fit_found_become_persons():
     assert len({m.label_map["a"], m.label_map["b"]}) == 2 and set(m.label_map.values()) <= set(m.person_ids)
 
 
+def test_a_model_whose_persons_labels_added_says_so_through_its_bytes_and_a_refit():
+    """persons_from_labels (the service then answers without the feedback calibrator,
+    ClusteringApp._answer): set by labels naming more persons than the fit found, kept
+    through the stream's updates and the model's bytes, cleared by a refit whose labels
+    add nobody; bytes stored before the flag existed read as not shaped by labels."""
+    import io
+    import json
+
+    from bench import worlds as W
+    h = next(h for h in W.generate(W.TUNING, families=("mobile_first",), worlds_per_family=2, households_per_world=5)
+             if h.n_persons == 1)
+    labels: list[str | None] = [None] * h.n_sessions
+    n = h.n_sessions - 10
+    labels[0], labels[1], labels[n - 1], labels[n - 2] = "a", "a", "b", "b"
+    m = HouseholdModel().fit(h.features[:n], labels=labels[:n], device_ids=h.device_id[:n])
+    assert m.persons_from_labels and not HouseholdModel().fit(h.features, device_ids=h.device_id).persons_from_labels
+    m.update(h.features[n:], device_ids=h.device_id[n:])
+    back = HouseholdModel.from_bytes(m.to_bytes())
+    assert back.persons_from_labels and back.folded_in == 10
+    # labels that only name the fit's one person: not shaped by them
+    only_a = [lab if lab == "a" else None for lab in labels]
+    assert not back.fit(h.features, labels=only_a, device_ids=h.device_id).persons_from_labels
+    z = dict(np.load(io.BytesIO(m.to_bytes())))
+    meta = json.loads(bytes(z["meta"]).decode())
+    del meta["persons_from_labels"]
+    z["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **z)
+    assert not HouseholdModel.from_bytes(buf.getvalue()).persons_from_labels
+
+
 def test_a_person_the_labels_add_starts_as_its_labels_share_of_its_parent(monkeypatch):
     """Labels naming a person the fit missed split that person off the fit's person
     holding its labels (its parent): before any EM iteration it holds its labelled
