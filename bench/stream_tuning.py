@@ -38,6 +38,12 @@ answered at arrival (``bench.accuracy``'s streaming figure), the settled answers
 model's person count (the size GET /v1/household reports) and never shown split. Each
 logged change carries the posterior mass of the persons it added (``born_mass``) and, for
 the diagnosis only, the members with >= 3 sessions so far (``members_seen``).
+``--change-suite W`` streams the join/leave suite instead (``change_suite``: W worlds per
+TUNING family on the suite's own TUNING seed, 8 households with a member joining or
+leaving forced and 6 stable ones per world); every run's ``by_evidence`` (and
+``--diagnose``) says detection and delay per kind of change and kind of evidence the
+member leaves (``change_evidence``), and, on a ``--trace`` run, whether the model held
+as many persons as members in the window.
 It never reads the REPORTING split: choices are made here, figures are reported by
 ``python -m bench.accuracy --worlds-only``.
 """
@@ -654,8 +660,6 @@ def main() -> None:
                     help="more TUNING-seed worlds (a prefix of the same households); e.g. 16 for 576 households")
     ap.add_argument("--singles", action="store_true", help="only the single-person households")
     ap.add_argument("--leave-h", type=float, default=None, help="override LEAVE_GLR_H for this run")
-    ap.add_argument("--shared-newcomer", type=float, default=None, metavar="NATS",
-                    help="override SHARED_NEWCOMER_GAIN (the window newcomer test on shared devices only)")
     ap.add_argument("--change-suite", type=int, default=None, metavar="W",
                     help="the join/leave suite (change_suite): W worlds per TUNING family, its own TUNING seed")
     ap.add_argument("--out", default=None, help="also write the JSON here")
@@ -678,8 +682,6 @@ def main() -> None:
         record_person_changes()
     if args.leave_h is not None:
         model_module.LEAVE_GLR_H = args.leave_h
-    if args.shared_newcomer is not None:
-        model_module.SHARED_NEWCOMER_GAIN = args.shared_newcomer
     if args.diagnose:
         # one or more --trace files (comma-separated), their households pooled
         outs, hs = [], []

@@ -163,13 +163,6 @@ NEW_DEVICE_MIN_SESSIONS = 1  # sessions in the window on devices first seen in i
 NEW_DEVICE_MIN_MASS = 3.0    # the newcomer's sessions in the window
 NEW_DEVICE_GAIN = 15.0       # nats above the best earlier window's gain
 NEW_DEVICE_QUIET = 30        # sessions after a reported join in which this test does not run
-# The same window test for a newcomer on the shared devices only (no personal device first
-# seen in the window): a larger margin over the earlier windows, more of the newcomer's
-# sessions, more history, and the newcomer's sessions told apart by their viewing hours
-# (BIRTH_HOURS_Z). inf = off (measured on TUNING, docs/benchmarks.md, session 15).
-SHARED_NEWCOMER_GAIN = float("inf")
-SHARED_NEWCOMER_MIN_MASS = 8.0
-SHARED_NEWCOMER_MIN_HISTORY = 30
 BIRTH_MIN_GAIN = 3.0
 STREAM_GROUP_MIN_Z = 3.0  # streaming refits: two devices are two persons only this far above chance
 STREAM_GROUP_YOUNG = 60   # ... while the buffer holds fewer sessions than this
@@ -1699,9 +1692,7 @@ class HouseholdModel:
         for r in NEW_DEVICE_LOOKBACK:
             if n - r < NEW_DEVICE_MIN_HISTORY:
                 continue
-            fresh = int(self._on_fresh_personal_device(X, n - r, n)[n - r:].sum())
-            if not every and fresh < NEW_DEVICE_MIN_SESSIONS and (
-                    SHARED_NEWCOMER_GAIN == float("inf") or n - r < SHARED_NEWCOMER_MIN_HISTORY):
+            if not every and self._on_fresh_personal_device(X, n - r, n)[n - r:].sum() < NEW_DEVICE_MIN_SESSIONS:
                 continue
             if ref is None:
                 try:
@@ -1761,21 +1752,6 @@ class HouseholdModel:
             if not st["earlier"]:
                 continue
             null = max(st["earlier"])
-            if st["new_device_sessions"] < NEW_DEVICE_MIN_SESSIONS:
-                # on the shared devices only: no device says someone new is here, so a
-                # larger margin, more sessions, and hours of their own
-                if (st["mass"] < SHARED_NEWCOMER_MIN_MASS or st["gain"] - null < SHARED_NEWCOMER_GAIN
-                        or n - st["r"] < SHARED_NEWCOMER_MIN_HISTORY):
-                    continue
-                cand = st["_mixture"]
-                newcomer = mix.n_components   # _window_newcomer's extra person, owning the window only
-                lj = cand.log_joint(X)
-                lj[:n - st["r"], newcomer] = -np.inf
-                if BIRTH_HOURS_Z > 0 and not differ_in_hours(X[:, :F.FEATURE_DIM], lj.argmax(axis=1) == newcomer,
-                                                             BIRTH_HOURS_Z):
-                    continue
-                self._adopt_newcomer(X, cand)
-                return
             if st["mass"] < NEW_DEVICE_MIN_MASS or st["gain"] - null < NEW_DEVICE_GAIN:
                 continue
             if self._new_device_is_old_member(X, n - st["r"]):
