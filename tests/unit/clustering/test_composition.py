@@ -443,3 +443,30 @@ def test_the_change_suite_is_tuning_only_and_its_evidence_classes_read_the_truth
             assert (ev["on_fresh_personal_device"] > 0) <= bool(fresh)
         assert S.evidence_class(ev) in {"at most 4 sessions", "own personal device",
                                         "shared devices, hours apart (>= 3 h)", "shared devices, same hours"}
+
+
+def test_a_suite_joiner_with_a_phone_of_their_own_is_found_through_the_service_path():
+    """A TUNING change-suite household (smobi0c5: two members, the second joining at
+    session 31 with a phone of their own) streamed one session per arrival through the
+    clustering service's refresh path (ModelKeeper.advance, bench._worlds_eval.ServiceStream):
+    a join is reported within 30 sessions of the change, and by_evidence files it as a
+    joiner on their own personal device, detected, with its delay."""
+    from bench import _worlds_eval as E
+    from bench import stream_tuning as S
+
+    h = next(h for h in S.change_suite(1) if h.household_id == "smobi0c5")
+    c = h.changes[0]
+    assert c.kind == "join" and h.n_persons == 2
+    ev = S.change_evidence(h)
+    assert S.evidence_class(ev) == "own personal device" and ev["on_fresh_personal_device"] >= 2
+    stream = E.ServiceStream(h)
+    events = []
+    for _, b, _, _, new in stream.arrivals(1):
+        events += [(b, e["kind"]) for e in new]
+        if b >= c.session_index + E.DETECTION_WINDOW:
+            break
+    joins = [at for at, kind in events if kind == "join"]
+    assert joins and c.session_index <= joins[0] <= c.session_index + E.DETECTION_WINDOW
+    out = {"id": h.household_id, "events": events, "checks": []}
+    row = S.by_evidence([out], [h])["join: own personal device"]
+    assert row["changes"] == 1 and row["detected"] == 1 and row["mean_delay"] == joins[0] - c.session_index
