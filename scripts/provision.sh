@@ -84,6 +84,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-if [ "$need_user" = 1 ]; then
+# Debian's postgresql package creates the user itself: look again after installing (on a
+# machine with nothing, a blind useradd failed here with "user 'postgres' already exists").
+if [ "$need_user" = 1 ] && ! id postgres >/dev/null 2>&1; then
   useradd --system --no-create-home postgres
 fi

@@ -82,6 +82,22 @@ def test_root_installs_what_is_missing_with_apt_then_is_a_no_op(tmp_path):
     assert again.returncode == 0 and not log.exists(), (again.stderr, log.read_text() if log.exists() else "")
 
 
+def test_user_the_postgresql_package_created_is_not_added_again(tmp_path):
+    """Debian's postgresql package creates the postgres user when it is installed; on a machine
+    with neither, useradd after apt-get failed with "already exists" and stopped make test."""
+    log, env = _machine(tmp_path, uid=0, present={"npm", "promtool", "g++"}, postgres_user=False)
+    # The install creates the user, as Debian's postgresql package does (this machine's own
+    # PostgreSQL binaries are found by the script's glob, so another missing package stands in).
+    apt = Path(env["PATH"]) / "apt-get"
+    body = apt.read_text().rstrip().removesuffix("exit 0")
+    apt.write_text(body + f'[ "$1" = install ] && /bin/touch {tmp_path / "postgres-user"}\nexit 0\n')
+    done = _run(env)
+    assert done.returncode == 0, done.stderr
+    calls = log.read_text().splitlines()
+    assert any(call.startswith("apt-get install") for call in calls)
+    assert not any(call.startswith("useradd") for call in calls)
+
+
 def test_not_root_prints_the_one_command_and_fails_without_changing_anything(tmp_path):
     log, env = _machine(tmp_path, uid=1000, present={"npm", "promtool"}, postgres_user=False)
     done = _run(env)
