@@ -626,10 +626,14 @@ def gap_closed(acc: float, majority_acc: float, oracle_acc: float) -> float | No
 def composition_scores(hs: list[WorldHousehold], events: list[list[tuple[int, str]] | None],
                        warmup: int = WARMUP_SESSIONS) -> dict:
     """``events`` None for a household = not run (excluded). False alarms are counted,
-    and household-quarters measured, from session ``warmup`` on."""
+    and household-quarters measured, from session ``warmup`` on. Detection, delay and
+    false alarms are also given by type (a join / a leave; a false alarm's type is the
+    kind of event raised in a household without a change)."""
     detected, delays, by_kind = [], [], {"join": [], "leave": []}
+    delays_by_kind: dict[str, list[int]] = {"join": [], "leave": []}
     same_kind = []
     false_alarms, quarters = 0, 0.0
+    false_by_kind = {"join": 0, "leave": 0}
     for h, evs in zip(hs, events):
         if evs is None:
             continue
@@ -642,9 +646,13 @@ def composition_scores(hs: list[WorldHousehold], events: list[list[tuple[int, st
             by_kind[c.kind].append(ok)
             if ok:
                 delays.append(hits[0] - c.session_index)
+                delays_by_kind[c.kind].append(hits[0] - c.session_index)
         else:
             if h.n_sessions > warmup:
-                false_alarms += sum(1 for i, _ in evs if i > warmup)
+                late = [k for i, k in evs if i > warmup]
+                false_alarms += len(late)
+                for k in late:
+                    false_by_kind[k] = false_by_kind.get(k, 0) + 1
                 span = h.start_ts[-1] - h.start_ts[warmup]
                 quarters += max(span, 0.0) / QUARTER_S
     return {
@@ -654,8 +662,12 @@ def composition_scores(hs: list[WorldHousehold], events: list[list[tuple[int, st
         # the change's own kind (a join reported for a member who left is not counted).
         "detection_rate_same_kind": float(np.mean(same_kind)) if same_kind else None,
         "mean_delay_sessions": float(np.mean(delays)) if delays else None,
+        "mean_delay_sessions_by_kind": {k: (float(np.mean(v)) if v else None) for k, v in delays_by_kind.items()},
         "false_alarms_per_household_quarter": false_alarms / quarters if quarters else None,
-        "changes": len(detected), "stable_household_quarters": round(quarters, 2),
+        "false_alarms_per_household_quarter_by_kind": {k: (v / quarters if quarters else None)
+                                                       for k, v in false_by_kind.items()},
+        "changes": len(detected), "changes_by_kind": {k: len(v) for k, v in by_kind.items()},
+        "stable_household_quarters": round(quarters, 2),
         "window_sessions": DETECTION_WINDOW,
     }
 
