@@ -387,6 +387,26 @@ def test_labels_whose_held_out_sessions_the_grown_persons_miss_add_a_person_of_t
     assert (grown.assign_batch(h.features, device_ids=h.device_id).person_index[rest] == b).sum() >= 3
 
 
+def test_a_household_that_grew_from_its_first_sessions_keeps_the_persons_its_labels_grow():
+    """The held-out label check applies to households fitted at once only: the labels of
+    the test above on a household whose model started below MIN_SESSIONS (a stream,
+    grew_from_cold, kept through its bytes and refits) grow "b" as without the check."""
+    from bench import worlds as W
+    h = next(h for h in W.generate(W.TUNING, families=("mobile_first",), worlds_per_family=2, households_per_world=5)
+             if h.n_persons == 1)
+    labels: list[str | None] = [None] * h.n_sessions
+    for j, i in enumerate(np.random.default_rng(0).choice(h.n_sessions, 12, replace=False)):
+        labels[i] = "a" if j % 4 else "b"
+    rest = np.array([lab is None for lab in labels])
+    young = HouseholdModel().fit(h.features[:5], device_ids=h.device_id[:5])
+    assert young.grew_from_cold and not HouseholdModel().fit(h.features, device_ids=h.device_id).grew_from_cold
+    streamed = HouseholdModel.from_bytes(young.to_bytes())
+    streamed.fit(h.features, labels=labels, device_ids=h.device_id)
+    assert streamed.grew_from_cold and streamed.persons_from_labels
+    b = streamed.person_ids.index(streamed.label_map["b"])
+    assert (streamed.assign_batch(h.features, device_ids=h.device_id).person_index[rest] == b).sum() >= 3
+
+
 def test_volunteered_labels_name_a_person_but_do_not_size_it(monkeypatch):
     """The household above with label "b" volunteered (a "not me" the user gave unasked,
     feedback's unprompted): the person it names starts with its labelled session only,
