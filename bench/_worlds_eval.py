@@ -227,25 +227,31 @@ def feedback_labels(h: WorldHousehold, fed: np.ndarray, upto: int | None = None)
     return [f"m{p}" if f else None for p, f in zip(h.person[:upto], fed[:upto])]
 
 
-def hearth_batch_fed(h: WorldHousehold, fed: np.ndarray, **kw) -> np.ndarray:
-    """(n, persons) every session's answer once feedback on the ``fed`` sessions has
+def hearth_batch_fed(h: WorldHousehold, fed: np.ndarray, **kw) -> tuple[np.ndarray, np.ndarray]:
+    """((n, persons) every session's answer once feedback on the ``fed`` sessions has
     reached clustering: the household refitted with their true persons as labels
-    (feedback -> forward_label -> RecordLabels -> a full refit with every label)."""
+    (feedback -> forward_label -> RecordLabels -> a full refit with every label),
+    (n,) whether the service applies the feedback calibrator to each answer: not when
+    the labels added persons (HouseholdModel.persons_from_labels, ClusteringApp._answer))."""
     m = HouseholdModel(**kw).fit(h.features, labels=feedback_labels(h, fed), device_ids=h.device_id)
-    return m.assign_batch(h.features, device_ids=h.device_id, included=True).probabilities
+    return (m.assign_batch(h.features, device_ids=h.device_id, included=True).probabilities,
+            np.full(h.n_sessions, not m.persons_from_labels))
 
 
 NEW_MEMBER_ID = 1000   # hearth_stream_fed: a labelled member without an id gets p1000 + member
 
 
-def hearth_stream_fed(h: WorldHousehold, fed: np.ndarray, batch: int = STREAM_BATCH, **kw) -> np.ndarray:
+def hearth_stream_fed(h: WorldHousehold, fed: np.ndarray, batch: int = STREAM_BATCH,
+                      **kw) -> tuple[np.ndarray, np.ndarray]:
     """The time-ordered stream with feedback as the mesh runs it: each session is answered
     at its arrival; a ``fed`` session's feedback follows its answer and reaches
     clustering as a label before the next arrival is folded in
     (ModelKeeper.refresh(force="labels")): a stream binds the labels to its persons
     (HouseholdModel.binds_labels); a model not streaming yet (a cold start, a model
     fitted just now) is refitted on every session so far with every label so far.
-    Returns the at-arrival answers (n, persons), columns as hearth_stream's.
+    Returns the at-arrival answers (n, persons), columns as hearth_stream's, and (n,)
+    whether the service applies the feedback calibrator to each (not when the model that
+    answered it has persons labels added: HouseholdModel.persons_from_labels).
 
     The label is a person id, as the feedback service forwards it (the predicted id when
     confirmed, the caller's id of the true person when corrected): a member keeps the
@@ -263,11 +269,13 @@ def hearth_stream_fed(h: WorldHousehold, fed: np.ndarray, batch: int = STREAM_BA
     from services.feedback.domain.triggers import disagreement_triggers
     ids: list[str] = []
     probs: list[dict[str, float]] = []
+    calibrated = np.ones(h.n_sessions, dtype=bool)
     labels: list[str | None] = [None] * h.n_sessions
     id_of: dict[int, str] = {}
     verdicts: list[bool] = []   # feedback since the last disagreement trigger: was the answer right?
     stream = ServiceStream(h, **kw)
     for a, b, m, out, _ in stream.arrivals(batch):
+        calibrated[a:b] = not m.persons_from_labels
         for r in range(b - a):
             ids.append(out.person_ids[int(out.person_index[r])])
             probs.append({pid: float(p) for pid, p in zip(out.person_ids, out.probabilities[r])})
@@ -291,7 +299,7 @@ def hearth_stream_fed(h: WorldHousehold, fed: np.ndarray, batch: int = STREAM_BA
         if disagreement_triggers([h.household_id] * len(verdicts), verdicts, np.arange(len(verdicts))):
             stream.refit(b, feedback_trigger_reason(0, ": disagreement"))
             verdicts = []
-    return columns(probs, sorted(set(ids) | {k for p in probs for k in p}))
+    return columns(probs, sorted(set(ids) | {k for p in probs for k in p})), calibrated
 
 
 def periodic_refit_stream(h: WorldHousehold, every: int = 50):
@@ -524,7 +532,8 @@ def feedback_draws(hs: list[WorldHousehold], draws: int = FEEDBACK_MESH_DRAWS, s
 
 
 def mesh_after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], fed_probs: list[list[np.ndarray]],
-                        fed: list[list[np.ndarray]], ages: list[np.ndarray], sample_before: bool) -> dict:
+                        fed: list[list[np.ndarray]], ages: list[np.ndarray], sample_before: bool,
+                        fed_calibrated: list[list[np.ndarray]] | None = None) -> dict:
     """ECE after feedback as the mesh runs the whole loop, per draw of ``fed`` (per
     household, per draw: the sessions with feedback) and as the mean over draws, on the
     sessions without feedback:
@@ -534,7 +543,12 @@ def mesh_after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], fed_p
       ``ece_after_draws`` scores; the mesh's answers until labels reached clustering);
     * ``labels_only``: the answers of the households refitted with the labels
       (``fed_probs``, per household per draw);
-    * ``mesh`` (the figure): the calibrator applied to the refitted households' answers.
+    * ``mesh`` (the figure): the calibrator applied to the refitted households' answers
+      where the service applies it (``fed_calibrated``, per household per draw, per
+      session; None = everywhere): not to the answers of models whose persons labels
+      added (HouseholdModel.persons_from_labels, ClusteringApp._answer);
+    * ``mesh_calibrator_everywhere``: the calibrator applied to every refitted answer
+      (the service until session 15), beside it.
 
     The calibrator is fitted on the fed sessions' answers as the feedback service
     recorded them, i.e. as served before their feedback: ``sample_before`` (batch fits:
@@ -544,17 +558,24 @@ def mesh_after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], fed_p
     persons = [h.person for h in hs]
     P0, y0, ok0, age = pooled_answers(persons, probs, ages)
     rows: dict[str, list[float]] = {"no_feedback": [], "calibrator_only": [], "labels_only": [], "mesh": [],
-                                    "accuracy_no_feedback": [], "accuracy_after": []}
+                                    "mesh_calibrator_everywhere": [], "accuracy_no_feedback": [],
+                                    "accuracy_after": [], "share_uncalibrated": []}
     for d in range(len(fed[0])):
         fed_d = np.concatenate([f[d] for f in fed])
         P1, y1, ok1, _ = pooled_answers(persons, [p[d] for p in fed_probs], ages)
+        calibrated = (np.ones(fed_d.size, dtype=bool) if fed_calibrated is None
+                      else np.concatenate([c[d] for c in fed_calibrated]))
         Ps, ys, oks = (P0, y0, ok0) if sample_before else (P1, y1, ok1)
         calibrator = service_calibrator(Ps, ys, oks, age, fed_d)
         held = ~fed_d
         rows["no_feedback"].append(ece(P0[held].max(axis=1), ok0[held]))
         rows["calibrator_only"].append(ece(calibrator.apply(P0[held], age[held]).max(axis=1), ok0[held]))
         rows["labels_only"].append(ece(P1[held].max(axis=1), ok1[held]))
-        rows["mesh"].append(ece(calibrator.apply(P1[held], age[held]).max(axis=1), ok1[held]))
+        everywhere = calibrator.apply(P1[held], age[held])
+        rows["mesh_calibrator_everywhere"].append(ece(everywhere.max(axis=1), ok1[held]))
+        served = np.where(calibrated[held][:, None], everywhere, P1[held])
+        rows["mesh"].append(ece(served.max(axis=1), ok1[held]))
+        rows["share_uncalibrated"].append(float(1.0 - calibrated[held].mean()))
         rows["accuracy_no_feedback"].append(float(ok0[held].mean()))
         rows["accuracy_after"].append(float(ok1[held].mean()))
     return {"draws": len(fed[0]), "calibrator_sample": "before feedback" if sample_before else "as served",
@@ -605,10 +626,14 @@ def gap_closed(acc: float, majority_acc: float, oracle_acc: float) -> float | No
 def composition_scores(hs: list[WorldHousehold], events: list[list[tuple[int, str]] | None],
                        warmup: int = WARMUP_SESSIONS) -> dict:
     """``events`` None for a household = not run (excluded). False alarms are counted,
-    and household-quarters measured, from session ``warmup`` on."""
+    and household-quarters measured, from session ``warmup`` on. Detection, delay and
+    false alarms are also given by type (a join / a leave; a false alarm's type is the
+    kind of event raised in a household without a change)."""
     detected, delays, by_kind = [], [], {"join": [], "leave": []}
+    delays_by_kind: dict[str, list[int]] = {"join": [], "leave": []}
     same_kind = []
     false_alarms, quarters = 0, 0.0
+    false_by_kind = {"join": 0, "leave": 0}
     for h, evs in zip(hs, events):
         if evs is None:
             continue
@@ -621,9 +646,13 @@ def composition_scores(hs: list[WorldHousehold], events: list[list[tuple[int, st
             by_kind[c.kind].append(ok)
             if ok:
                 delays.append(hits[0] - c.session_index)
+                delays_by_kind[c.kind].append(hits[0] - c.session_index)
         else:
             if h.n_sessions > warmup:
-                false_alarms += sum(1 for i, _ in evs if i > warmup)
+                late = [k for i, k in evs if i > warmup]
+                false_alarms += len(late)
+                for k in late:
+                    false_by_kind[k] = false_by_kind.get(k, 0) + 1
                 span = h.start_ts[-1] - h.start_ts[warmup]
                 quarters += max(span, 0.0) / QUARTER_S
     return {
@@ -633,8 +662,12 @@ def composition_scores(hs: list[WorldHousehold], events: list[list[tuple[int, st
         # the change's own kind (a join reported for a member who left is not counted).
         "detection_rate_same_kind": float(np.mean(same_kind)) if same_kind else None,
         "mean_delay_sessions": float(np.mean(delays)) if delays else None,
+        "mean_delay_sessions_by_kind": {k: (float(np.mean(v)) if v else None) for k, v in delays_by_kind.items()},
         "false_alarms_per_household_quarter": false_alarms / quarters if quarters else None,
-        "changes": len(detected), "stable_household_quarters": round(quarters, 2),
+        "false_alarms_per_household_quarter_by_kind": {k: (v / quarters if quarters else None)
+                                                       for k, v in false_by_kind.items()},
+        "changes": len(detected), "changes_by_kind": {k: len(v) for k, v in by_kind.items()},
+        "stable_household_quarters": round(quarters, 2),
         "window_sessions": DETECTION_WINDOW,
     }
 
@@ -709,7 +742,7 @@ def _one_household(h: WorldHousehold, periodic: bool, streaming: bool = True,
     out["stream"] = stream[:3] if stream else None
     out["stream_settled"] = stream[3] if stream else None
     out["periodic"] = periodic_refit_stream(h) if periodic and streaming else None
-    out["fed_batch"] = [hearth_batch_fed(h, f) for f in fed or []]
+    out["fed_batch"] = [hearth_batch_fed(h, f) for f in fed or []]     # (answers, calibrated)
     out["fed_stream"] = [hearth_stream_fed(h, f) for f in fed or []]
     return out
 
@@ -774,9 +807,9 @@ def run(hs: list[WorldHousehold], log=lambda m: None, held_out: tuple[str, ...] 
         for mode, before, key, sample_before in (("batch", probs, "fed_batch", True),
                                                  ("streaming", s_probs, "fed_stream", False)):
             block = report["all"]["after_feedback"][mode]
-            block["mesh"] = mesh_after_feedback(hs, before, [o[key] for o in outs], fed,
+            block["mesh"] = mesh_after_feedback(hs, before, [[p for p, _ in o[key]] for o in outs], fed,
                                                 model_ages(hs, "batch" if mode == "batch" else "stream"),
-                                                sample_before)
+                                                sample_before, [[c for _, c in o[key]] for o in outs])
             block["ece_after_calibrator_only"] = block["ece_after"]
             block["ece_after"] = block["mesh"]["mesh"]
     for fam in sorted({h.family for h in hs}):

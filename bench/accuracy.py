@@ -906,6 +906,24 @@ def log_worlds_summary(tag: str, block: dict, streaming: bool) -> None:
         f"{fb['batch']['ece_floor_calibrated']:.3f} / {fb['streaming']['ece_floor_calibrated']:.3f}); join/leave detected "
         f"{cc['detection_rate']} (same kind {cc['detection_rate_same_kind']}) at "
         f"{cc['false_alarms_per_household_quarter']} false alarms per household-quarter")
+    log_composition_by_type(tag, cc, a.get("composition_change_baselines") or {})
+
+
+def log_composition_by_type(tag: str, hearth: dict, baselines: dict) -> None:
+    """Join/leave detection within the window, mean delay and false alarms per
+    household-quarter, each by type (join / leave), Hearth beside the no-change and
+    periodic-refit baselines on the same households."""
+    def fmt(x, spec=".2f"):
+        return "-" if x is None else format(x, spec)
+
+    for name, sc in (("hearth", hearth), *baselines.items()):
+        det, dly = sc["detection_rate_by_kind"], sc.get("mean_delay_sessions_by_kind") or {}
+        fa = sc.get("false_alarms_per_household_quarter_by_kind") or {}
+        n = sc.get("changes_by_kind") or {}
+        log(f"[{tag}] join/leave {name}: " + "; ".join(
+            f"{k} detected {fmt(det.get(k))} of {n.get(k, '?')} delay {fmt(dly.get(k), '.1f')} false alarms "
+            f"{fmt(fa.get(k))}" for k in ("join", "leave"))
+            + f" (per household-quarter, {sc['stable_household_quarters']} stable)")
 
 
 def run_report_only(tag: str, generator, seed: int, quick: bool, streaming: bool = True, workers: int = 2,

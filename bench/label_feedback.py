@@ -62,12 +62,14 @@ def run(hs: list[worlds.WorldHousehold], draws: int, workers: int, streaming: bo
     with ProcessPoolExecutor(workers) as pool:
         outs = list(pool.map(_one, [(h, f, streaming, batch) for h, f in zip(hs, fed)]))
     report = {}
-    if batch:
-        report["batch"] = E.mesh_after_feedback(hs, [o["batch"] for o in outs], [o["fed_batch"] for o in outs], fed,
-                                                E.model_ages(hs, "batch"), sample_before=True)
-    if streaming:
-        report["streaming"] = E.mesh_after_feedback(hs, [o["stream"] for o in outs], [o["fed_stream"] for o in outs],
-                                                    fed, E.model_ages(hs, "stream"), sample_before=False)
+    for mode, before, key, ages, sample_before in (("batch", "batch", "fed_batch", "batch", True),
+                                                   ("streaming", "stream", "fed_stream", "stream", False)):
+        if (batch, streaming)[mode == "streaming"]:
+            # each fed answer set is (answers, where the service applies the calibrator)
+            report[mode] = E.mesh_after_feedback(hs, [o[before] for o in outs],
+                                                 [[p for p, _ in o[key]] for o in outs], fed,
+                                                 E.model_ages(hs, ages), sample_before,
+                                                 [[c for _, c in o[key]] for o in outs])
     return report
 
 

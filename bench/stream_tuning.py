@@ -38,6 +38,12 @@ answered at arrival (``bench.accuracy``'s streaming figure), the settled answers
 model's person count (the size GET /v1/household reports) and never shown split. Each
 logged change carries the posterior mass of the persons it added (``born_mass``) and, for
 the diagnosis only, the members with >= 3 sessions so far (``members_seen``).
+``--change-suite W`` streams the join/leave suite instead (``change_suite``: W worlds per
+TUNING family on the suite's own TUNING seed, 8 households with a member joining or
+leaving forced and 6 stable ones per world); every run's ``by_evidence`` (and
+``--diagnose``) says detection and delay per kind of change and kind of evidence the
+member leaves (``change_evidence``), and, on a ``--trace`` run, whether the model held
+as many persons as members in the window.
 It never reads the REPORTING split: choices are made here, figures are reported by
 ``python -m bench.accuracy --worlds-only``.
 """
@@ -56,6 +62,7 @@ import numpy as np
 from bench import _worlds_eval as E
 from bench import worlds
 from bench._clustering_eval import matched_correct
+from services.clustering.domain import features as F
 from services.clustering.domain import model as model_module
 
 TRACE_LOOKBACK = (10, 15, 20, 25, 30, 40)
@@ -229,6 +236,125 @@ def singles_diagnosis(outs: list[dict]) -> dict:
             "sessions_shown_split": sum(o["sessions_shown_split"] for o in singles) / max(
                 sum(o["sessions"] for o in singles), 1),
             "by_path": by_path, "households_split": rows}
+
+
+# The join/leave suite (``--change-suite W``): TUNING families only, its own TUNING seed
+# (never the REPORTING one), W worlds per family; in each world SUITE_CHANGED households
+# of 2-4 members with a member joining or leaving forced (the world's own generator and
+# parameters otherwise: a joiner has a personal device of their own as often as the
+# world's members do) and SUITE_STABLE households drawn as the world draws them with no
+# change, so that detection and false alarms are measured on the same worlds. The regular
+# TUNING split has 46 changes on two seeds (13 joins on seed 2): a choice made on a
+# handful of joins did not carry over to REPORTING.
+SUITE_SEED = 20_260_015
+SUITE_CHANGED = 8
+SUITE_STABLE = 6
+
+
+def change_suite(worlds_per_family: int, seed: int = SUITE_SEED) -> list[worlds.WorldHousehold]:
+    """The join/leave suite's households (see SUITE_SEED): changed ones first."""
+    if seed == worlds.REPORTING.seed:
+        raise ValueError("the change suite never uses the REPORTING seed")
+    changed, stable = [], []
+    for f in worlds.TUNING.families:
+        fam_index = list(worlds.FAMILIES).index(f)
+        for w in range(worlds_per_family):
+            world_ss, *house_ss = np.random.SeedSequence([seed, fam_index, w]).spawn(
+                1 + 4 * SUITE_CHANGED + SUITE_STABLE)
+            world = worlds.make_world(f, np.random.default_rng(world_ss), f"suite-{f}-w{w}")
+            forced = dataclasses.replace(world, params={**world.params, "join_leave_p": 1.0})
+            quiet = dataclasses.replace(world, params={**world.params, "join_leave_p": 0.0})
+            made = 0
+            for i, ss in enumerate(house_ss[SUITE_STABLE:]):
+                if made == SUITE_CHANGED:
+                    break
+                rng = np.random.default_rng(ss)
+                h = worlds.make_household(forced, rng, f"s{f[:4]}{w}c{i}", force_size=int(rng.integers(2, 5)))
+                if h.changes:   # a change too early or late in the stream is not kept by the generator
+                    changed.append(h)
+                    made += 1
+            stable += [worlds.make_household(quiet, np.random.default_rng(ss), f"s{f[:4]}{w}s{i}")
+                       for i, ss in enumerate(house_ss[:SUITE_STABLE])]
+    return changed + stable
+
+
+def change_evidence(h: worlds.WorldHousehold) -> dict | None:
+    """Truth, for the diagnosis only: what the changed member's sessions carry that the
+    others' do not, in the 30 sessions after a join (before a leave): how many there are,
+    how many on a personal device of their own first seen then (a join) / used by
+    nobody else (a leave), on shared devices, and how far their viewing hours sit from
+    the others' (circular distance of the mean hour, hours) and their genre mix (total
+    variation distance of the mean genre vectors)."""
+    if not h.changes:
+        return None
+    c = h.changes[0]
+    w = E.DETECTION_WINDOW
+    seg = np.arange(c.session_index, min(c.session_index + w, h.n_sessions)) if c.kind == "join" else \
+        np.arange(max(c.session_index - w, 0), c.session_index)
+    mine = h.person == c.person
+    in_seg = np.zeros(h.n_sessions, bool)
+    in_seg[seg] = True
+    personal = np.isin(h.device_type, worlds.PERSONAL_TYPES)
+    others_devices = set(h.device_id[~mine].tolist())
+    before_devices = set(h.device_id[:c.session_index].tolist())
+    own_dev = np.array([d not in others_devices for d in h.device_id]) & personal
+    fresh = np.array([d not in before_devices for d in h.device_id]) & personal
+    hour = ((h.start_ts % 86_400) / 3600.0) * (2 * np.pi / 24)
+
+    def mean_hour(sel):
+        return np.angle(np.exp(1j * hour[sel]).mean()) * 24 / (2 * np.pi) if sel.any() else np.nan
+
+    gap = abs(mean_hour(mine) - mean_hour(~mine)) % 24
+    gen = h.features[:, F.GENRE]
+    tv = 0.5 * float(np.abs(gen[mine].mean(axis=0) - gen[~mine].mean(axis=0)).sum()) if (~mine).any() else 0.0
+    return {"kind": c.kind, "at": c.session_index,
+            "member_sessions_in_window": int((mine & in_seg).sum()),
+            "on_own_personal_device": int((mine & in_seg & own_dev).sum()),
+            "on_fresh_personal_device": int((mine & in_seg & fresh).sum()) if c.kind == "join" else None,
+            "on_shared": int((mine & in_seg & ~personal).sum()),
+            "hour_gap": round(float(min(gap, 24 - gap)), 2), "genre_tv": round(tv, 3)}
+
+
+def evidence_class(ev: dict) -> str:
+    """The kind of evidence a change leaves in its window (``change_evidence``)."""
+    if ev["member_sessions_in_window"] <= 4:
+        return "at most 4 sessions"
+    own = ev["on_fresh_personal_device"] if ev["kind"] == "join" else ev["on_own_personal_device"]
+    if own >= 2:
+        return "own personal device"
+    return "shared devices, hours apart (>= 3 h)" if ev["hour_gap"] >= 3 else "shared devices, same hours"
+
+
+def by_evidence(outs: list[dict], hs: list[worlds.WorldHousehold]) -> dict:
+    """Detection within the window (any event / same kind) and delay per kind of change
+    and kind of evidence (``evidence_class``), and which stream paths raised the first
+    event in the window."""
+    by_id = {h.household_id: h for h in hs}
+    rows: dict[str, dict] = {}
+    for o in outs:
+        h = by_id[o["id"]]
+        ev = change_evidence(h)
+        if ev is None:
+            continue
+        c = ev["at"]
+        hits = [(a, k) for a, k in o["events"] if c <= a <= c + E.DETECTION_WINDOW]
+        keys = [f"{ev['kind']}: {evidence_class(ev)}"]
+        # a --trace run: did the model ever hold as many persons as the members with
+        # >= 3 sessions by the window's end, at a check in the window? ("short": never)
+        held = [ch["persons"] for ch in o["checks"] if c <= ch["at"] <= c + E.DETECTION_WINDOW]
+        if held:
+            members = int((np.bincount(h.person[:c + E.DETECTION_WINDOW]) >= 3).sum())
+            keys.append(f"{ev['kind']}: model {'short' if max(held) < members else 'enough'} in the window")
+        for key in keys:
+            r = rows.setdefault(key, {"changes": 0, "detected": 0, "same_kind": 0, "delays": []})
+            r["changes"] += 1
+            r["detected"] += bool(hits)
+            r["same_kind"] += any(k == ev["kind"] for _, k in hits)
+            if hits:
+                r["delays"].append(hits[0][0] - c)
+    return {k: {**{x: v[x] for x in ("changes", "detected", "same_kind")},
+                "mean_delay": round(float(np.mean(v["delays"])), 1) if v["delays"] else None}
+            for k, v in sorted(rows.items())}
 
 
 def select(hs: list[worlds.WorldHousehold], limit: int | None) -> list[worlds.WorldHousehold]:
@@ -534,10 +660,14 @@ def main() -> None:
                     help="more TUNING-seed worlds (a prefix of the same households); e.g. 16 for 576 households")
     ap.add_argument("--singles", action="store_true", help="only the single-person households")
     ap.add_argument("--leave-h", type=float, default=None, help="override LEAVE_GLR_H for this run")
+    ap.add_argument("--change-suite", type=int, default=None, metavar="W",
+                    help="the join/leave suite (change_suite): W worlds per TUNING family, its own TUNING seed")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--diagnose", default=None, metavar="TRACE_JSON",
                     help="only classify the misses of an earlier --trace --out file (its seed)")
     args = ap.parse_args()
+    if args.change_suite and args.seed == worlds.TUNING.seed:
+        args.seed = SUITE_SEED
     if args.seed == worlds.REPORTING.seed:
         raise SystemExit("--seed: the REPORTING seed is never used for tuning")
     if args.trace:
@@ -559,19 +689,25 @@ def main() -> None:
             doc = json.load(open(path))
             split = worlds.TUNING if doc["seed"] == worlds.TUNING.seed else worlds.Split(
                 **{**worlds.TUNING.__dict__, "seed": doc["seed"]})
-            sel = select(worlds.generate(split, worlds_per_family=doc.get("worlds_per_family")),
-                         doc.get("limit", doc["households"]))
-            sel = [h for h in sel if h.n_persons == 1] if doc.get("singles") else sel
+            sel = change_suite(doc["change_suite"], doc["seed"]) if doc.get("change_suite") else select(
+                worlds.generate(split, worlds_per_family=doc.get("worlds_per_family")),
+                doc.get("limit", doc["households"]))
+            # "singles" was both the --singles flag and, with --paths, the singles diagnosis
+            # (a dict, truthy): the flag is now "singles_only"
+            only_singles = doc.get("singles_only", doc.get("singles") is True)
+            sel = [h for h in sel if h.n_persons == 1] if only_singles else sel
             # ids repeat across seeds: each household named by its seed as well
             hs += [dataclasses.replace(h, household_id=f"{doc['seed']}:{h.household_id}") for h in sel]
             outs += [{**o, "id": f"{doc['seed']}:{o['id']}"} for o in doc["households_detail"]]
-        print(json.dumps({"misses": diagnose(outs, hs), "ceiling": ceiling(hs),
+        print(json.dumps({"misses": diagnose(outs, hs), "by_evidence": by_evidence(outs, hs),
+                          "ceiling": ceiling(hs),
                           "arrival_loss": arrival_loss(outs, hs)}))
         return
     t0 = time.time()
     split = worlds.TUNING if args.seed == worlds.TUNING.seed else worlds.Split(
         **{**worlds.TUNING.__dict__, "seed": args.seed})
-    hs = select(worlds.generate(split, worlds_per_family=args.worlds_per_family), args.households)
+    hs = change_suite(args.change_suite, args.seed) if args.change_suite else select(
+        worlds.generate(split, worlds_per_family=args.worlds_per_family), args.households)
     if args.singles:
         hs = [h for h in hs if h.n_persons == 1]
     traces = [args.trace] * len(hs)
@@ -587,11 +723,12 @@ def main() -> None:
     correct = np.concatenate([o["correct"] for o in outs])
     single = [o["ids_used"] == 1 for o in outs if o["persons"] == 1]
     doc = json.dumps({"split": "tuning", "seed": args.seed, "households": len(hs), "limit": args.households,
-                      "worlds_per_family": args.worlds_per_family, "singles": args.singles,
+                      "worlds_per_family": args.worlds_per_family, "singles_only": args.singles,
                       "streaming_accuracy": float(correct.mean()),
                       "single_person_kept": float(np.mean(single)) if single else None,
                       "singles_split": [o["id"] for o in outs if o["persons"] == 1 and o["ids_used"] > 1],
-                      "composition_change": scores,
+                      "composition_change": scores, "change_suite": args.change_suite,
+                      "by_evidence": by_evidence(outs, hs),
                       "arrival": args.arrival, "import_first": args.import_first,
                       # at arrival and as recorded at the stream's end (settled): accuracy,
                       # ECE, size exact, singles kept (_worlds_eval.summarise)

@@ -77,3 +77,55 @@ def test_a_correction_to_a_person_the_model_lacks_adds_that_person_and_nothing_e
     assert {s.person_id for s in after.sessions if s.session_id == corrected} == {"p9"}
     others = [s for s in after.sessions if s.session_id not in labelled]
     assert len(others) > 90 and all(s.person_id == person_of[s.session_id] for s in others)
+
+
+def _correction_to_a_new_person(app, account: str) -> tuple[list, set[str]]:
+    """Labels confirming each person of the household once, three more of the largest
+    person, and one of its sessions corrected to a person the model lacks (p9): the
+    labels add a person (HouseholdModel._labels_add_persons). (labels, labelled ids)"""
+    before, _ = app.household(account, 1000)
+    sessions_of: dict[str, list[str]] = {}
+    for s in before.sessions:
+        sessions_of.setdefault(s.person_id, []).append(s.session_id)
+    parent = max(sessions_of, key=lambda p: len(sessions_of[p]))
+    labels = [(account, sids[0], pid, "feedback:profile_confirmed") for pid, sids in sessions_of.items()]
+    labels += [(account, sid, parent, "feedback:profile_confirmed") for sid in sessions_of[parent][1:4]]
+    labels.append((account, sessions_of[parent][4], "p9", "feedback:profile_corrected"))
+    return labels, {sid for _, sid, _, _ in labels}
+
+
+def test_answers_of_a_model_whose_persons_labels_added_skip_the_feedback_calibrator(database):
+    """The feedback calibrator learnt from answers served before the labels; once labels
+    add a person the model says so (persons_from_labels, stored with it and read back
+    by a fresh service on the same database) and its answers are served without the
+    calibrator — answers of a model the labels only named keep it. Real store, the
+    RecordLabels and AssignSession paths."""
+    from services.common.calibration import IDENTITY, Calibrator
+    softer = Calibrator(1, "temperature", {"temperature": 3.0})   # moves every multi-person answer
+
+    def fresh(calibrator):   # a new service process: nothing cached, the model read from the store
+        store = ClusteringStore(database)
+        return ClusteringApp(store, keeper=ModelKeeper(store, lambda _a: "gmm"), background=False,
+                             calibrator_of=lambda _variant: calibrator)
+
+    app, envelope = _fitted_household(database, "acc-c", seed=1)
+    assert envelope.model.n_persons == 3 and not envelope.model.persons_from_labels
+    labels, labelled = _correction_to_a_new_person(app, "acc-c")
+    view, _ = app.household("acc-c", 1000)
+    other = next(s.session_id for s in view.sessions if s.session_id not in labelled and s.closed)
+    plain, calibrated = fresh(IDENTITY).assign("acc-c", session_id=other), fresh(softer).assign("acc-c", session_id=other)
+    assert calibrated.person_id == plain.person_id and calibrated.confidence < plain.confidence - 0.01
+
+    # labels that only name the model's persons: it is not shaped by them, the calibrator applies
+    assert app.record_labels(labels[:3]) == (3, 0)
+    assert not fresh(IDENTITY).keeper.load("acc-c")[1].model.persons_from_labels
+    assert fresh(softer).assign("acc-c", session_id=other).confidence < fresh(IDENTITY).assign(
+        "acc-c", session_id=other).confidence - 0.01
+
+    # a correction to a person the model lacks adds that person: answered without the calibrator
+    assert app.record_labels(labels) == (len(labels), 0)
+    _, stored = fresh(IDENTITY).keeper.load("acc-c")
+    assert stored.model.persons_from_labels and "p9" in stored.model.person_ids
+    plain, served = fresh(IDENTITY).assign("acc-c", session_id=other), fresh(softer).assign("acc-c", session_id=other)
+    assert served.probabilities == pytest.approx(plain.probabilities, abs=1e-12)
+    assert max(plain.probabilities.values()) < 1.0   # an answer the calibrator would have moved

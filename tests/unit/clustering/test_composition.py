@@ -4,6 +4,7 @@ persons (HouseholdModel._detect_composition, issue #10)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from services.clustering.domain import model as M
 from services.clustering.domain.model import HouseholdModel, _share_change_llr
@@ -175,6 +176,12 @@ def test_composition_scores_count_any_event_in_the_window_and_say_which_were_of_
     assert s["mean_delay_sessions"] == 15.0
     assert abs(s["stable_household_quarters"] - (199 - 19) / 199) < 0.01
     assert abs(s["false_alarms_per_household_quarter"] - 1 / ((199 - 19) / 199)) < 0.01
+    # by type: the delay of the leave found (the join found was found by a leave event,
+    # 10 sessions late), and the one false alarm was a join
+    assert s["mean_delay_sessions_by_kind"] == {"join": 10.0, "leave": 20.0}
+    assert s["changes_by_kind"] == {"join": 2, "leave": 1}
+    assert s["false_alarms_per_household_quarter_by_kind"]["leave"] == 0.0
+    assert abs(s["false_alarms_per_household_quarter_by_kind"]["join"] - s["false_alarms_per_household_quarter"]) < 1e-12
 
 
 def test_drift_is_scored_per_household_quarter_beside_baselines():
@@ -404,3 +411,62 @@ def test_the_singles_diagnosis_names_each_split_singles_path_and_outcome():
     assert rows["b"]["path"] == "newcomer test" and rows["b"]["outcome"] == "kept" and rows["b"]["extra_id_sessions"] == 2
     assert rows["c"]["path"].startswith("device refit: a device group more") and rows["c"]["outcome"] == "dropped"
     assert rows["c"]["at"] == 40
+
+
+def test_the_change_suite_is_tuning_only_and_its_evidence_classes_read_the_truth():
+    """bench.stream_tuning.change_suite: households of the TUNING families on its own
+    seed (never the REPORTING one), changed ones first, each with one join or leave of
+    2-4 members, then stable ones without any; change_evidence counts the changed
+    member's sessions in the window and on a personal device first seen after a join."""
+    from bench import stream_tuning as S
+    from bench import worlds
+
+    with pytest.raises(ValueError):
+        S.change_suite(1, worlds.REPORTING.seed)
+    hs = S.change_suite(1)
+    changed = [h for h in hs if h.changes]
+    assert len(changed) == 3 * S.SUITE_CHANGED and hs[:len(changed)] == changed
+    assert all(2 <= h.n_persons <= 4 for h in changed)
+    assert not [h for h in hs[len(changed):] if h.changes]
+    assert {h.family for h in hs} == set(worlds.TUNING.families)
+    for h in changed:
+        ev = S.change_evidence(h)
+        c = h.changes[0]
+        seg = slice(c.session_index, c.session_index + 30) if c.kind == "join" else \
+            slice(max(c.session_index - 30, 0), c.session_index)
+        assert ev["member_sessions_in_window"] == int((h.person[seg] == c.person).sum())
+        if c.kind == "join":
+            # a joiner's devices of their own are first seen after the join
+            mine = h.device_id[h.person == c.person]
+            fresh = [d for d in set(mine) if d not in set(h.device_id[:c.session_index])]
+            assert ev["on_fresh_personal_device"] <= ev["member_sessions_in_window"]
+            assert (ev["on_fresh_personal_device"] > 0) <= bool(fresh)
+        assert S.evidence_class(ev) in {"at most 4 sessions", "own personal device",
+                                        "shared devices, hours apart (>= 3 h)", "shared devices, same hours"}
+
+
+def test_a_suite_joiner_with_a_phone_of_their_own_is_found_through_the_service_path():
+    """A TUNING change-suite household (smobi0c5: two members, the second joining at
+    session 31 with a phone of their own) streamed one session per arrival through the
+    clustering service's refresh path (ModelKeeper.advance, bench._worlds_eval.ServiceStream):
+    a join is reported within 30 sessions of the change, and by_evidence files it as a
+    joiner on their own personal device, detected, with its delay."""
+    from bench import _worlds_eval as E
+    from bench import stream_tuning as S
+
+    h = next(h for h in S.change_suite(1) if h.household_id == "smobi0c5")
+    c = h.changes[0]
+    assert c.kind == "join" and h.n_persons == 2
+    ev = S.change_evidence(h)
+    assert S.evidence_class(ev) == "own personal device" and ev["on_fresh_personal_device"] >= 2
+    stream = E.ServiceStream(h)
+    events = []
+    for _, b, _, _, new in stream.arrivals(1):
+        events += [(b, e["kind"]) for e in new]
+        if b >= c.session_index + E.DETECTION_WINDOW:
+            break
+    joins = [at for at, kind in events if kind == "join"]
+    assert joins and c.session_index <= joins[0] <= c.session_index + E.DETECTION_WINDOW
+    out = {"id": h.household_id, "events": events, "checks": []}
+    row = S.by_evidence([out], [h])["join: own personal device"]
+    assert row["changes"] == 1 and row["detected"] == 1 and row["mean_delay"] == joins[0] - c.session_index

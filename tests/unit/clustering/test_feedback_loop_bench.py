@@ -29,14 +29,17 @@ def test_the_fed_stream_binds_its_labels_and_answers_as_the_stream():
     h = _households(2)[1]   # 156 sessions, two persons
     _, P, _ = E.hearth_stream(h)
     none = np.zeros(h.n_sessions, dtype=bool)
-    np.testing.assert_allclose(E.hearth_stream_fed(h, none), P)
+    unfed, calibrated = E.hearth_stream_fed(h, none)
+    np.testing.assert_allclose(unfed, P)
+    assert calibrated.all()   # no labels: every answer goes through the feedback calibrator
     fed = none.copy()
     fed[[70, 90]] = True
     # feedback on a stream binds to its persons (HouseholdModel.binds_labels): every
     # answer is the stream's own person (a full refit at each label answered
     # differently); the probabilities move only a little, as the keeper folds the two
     # labelled sessions in clamped to their persons at its next micro-batch
-    fed_P = E.hearth_stream_fed(h, fed)
+    fed_P, calibrated = E.hearth_stream_fed(h, fed)
+    assert calibrated.all()   # bound labels add no person (persons_from_labels)
     np.testing.assert_array_equal(fed_P.argmax(axis=1), P.argmax(axis=1))
     np.testing.assert_allclose(fed_P, P, atol=0.01)
     stream = E.ServiceStream(h)
@@ -64,6 +67,23 @@ def test_the_whole_loop_scores_the_refitted_answers_with_the_calibrator():
     assert abs(loop["labels_only"] - (1.0 - acc)) < 1e-9   # every answer at 1.0: ECE = 1 - accuracy
 
 
+def test_the_whole_loop_leaves_answers_of_label_shaped_models_uncalibrated():
+    """Answers the service serves without the calibrator (a model whose persons labels
+    added: fed_calibrated False) are scored as they are; the calibrator applied to every
+    answer stays beside them (mesh_calibrator_everywhere)."""
+    hs = _households(2)
+    fed = E.feedback_draws(hs, draws=2)
+    probs = [E.hearth_batch(h)[1] for h in hs]
+    ages = E.model_ages(hs, "batch")
+    fed_probs = [[p, p] for p in probs]
+    everywhere = E.mesh_after_feedback(hs, probs, fed_probs, fed, ages, sample_before=True)
+    assert everywhere["mesh"] == everywhere["mesh_calibrator_everywhere"] == everywhere["calibrator_only"]
+    nowhere = E.mesh_after_feedback(hs, probs, fed_probs, fed, ages, sample_before=True,
+                                    fed_calibrated=[[np.zeros(h.n_sessions, dtype=bool)] * 2 for h in hs])
+    assert nowhere["mesh"] == nowhere["labels_only"] and nowhere["share_uncalibrated"] == 1.0
+    assert nowhere["mesh_calibrator_everywhere"] == everywhere["mesh"] != nowhere["mesh"]
+
+
 def test_the_benchmark_reports_the_whole_loop_as_ece_after_and_the_calibrator_beside_it():
     hs = _households(1)   # one 44-session household: cheap
     alone = E.run(hs, periodic_baseline=False, feedback_mesh_draws=0)["all"]["after_feedback"]["batch"]
@@ -89,12 +109,12 @@ def test_the_fed_stream_runs_the_feedback_services_disagreement_refit(monkeypatc
         streams.append(self)
         refit(self, b, reason)
     monkeypatch.setattr(E.ServiceStream, "refit", recorded)
-    with_trigger = E.hearth_stream_fed(hs[i], fed[i][0])
+    with_trigger, _ = E.hearth_stream_fed(hs[i], fed[i][0])
     assert calls and all(is_feedback_trigger(reason) for _, reason, _ in calls)
     # a stream's labels were bound, not refitted; a model not streaming was refitted
     refitted = {b for b, reason in streams[0].refits if is_feedback_trigger(reason)}
     assert refitted == {b for b, _, binds in calls if not binds}
     monkeypatch.setattr(E.ServiceStream, "refit", lambda self, b, reason: None)
-    without = E.hearth_stream_fed(hs[i], fed[i][0])
+    without, _ = E.hearth_stream_fed(hs[i], fed[i][0])
     if not refitted:
         np.testing.assert_allclose(with_trigger, without)
