@@ -38,7 +38,8 @@ class RawAnswers:
     ``P``: (n, K) uncalibrated probabilities (stream: persons over the whole run, a
     column per person id ever answered); ``pred``: argmax column; ``age``: sessions the
     model had seen when it answered; ``kind``: 0 mixture (calibrated by the maps),
-    1 cold-start one-person answer, 2 other cold-start / k-means (left as is);
+    1 cold-start one-person answer, 2 k-means or no device evidence (left as is),
+    3 cold-start answer among several persons (COLD_MULTI);
     ``device``: the device map applies (model with device evidence, known device ids)."""
 
     P: np.ndarray
@@ -56,16 +57,18 @@ class RawAnswers:
     checkpoint: np.ndarray | None = None  # (settled answers) the stream's fraction when answered
     fit_sessions: np.ndarray | None = None  # the sessions of the model's last full fit when it answered
     persons_so_far: np.ndarray | None = None  # true persons among the sessions so far (diagnosis, never evidence)
+    shares: np.ndarray | None = None  # (n, 2) the answered person's and the largest person's share of the model's sessions
+    known: np.ndarray | None = None   # the session's device is one the model knows (its own answer, per row)
 
 
-MIXTURE, COLD_ONE, OTHER = 0, 1, 2
+MIXTURE, COLD_ONE, OTHER, COLD_MULTI = 0, 1, 2, 3
 
 
 def _meta(m: HouseholdModel, out, device_ids) -> tuple[int, bool]:
     slots = m._known_slots(device_ids, len(device_ids))
     device = bool(m.device_evidence and (slots >= 0).any())
     if out.strategy.startswith("cold_start"):
-        kind = COLD_ONE if out.probabilities.shape[1] == 1 and device else OTHER
+        kind = (COLD_ONE if out.probabilities.shape[1] == 1 else COLD_MULTI) if device else OTHER
     else:
         kind = MIXTURE if m.mixture is not None else OTHER
     return kind, device
@@ -75,8 +78,23 @@ def _evidence(m: HouseholdModel, X: np.ndarray, device_ids) -> np.ndarray:
     return m.one_person_evidence(X.shape[0])
 
 
+def _known(m: HouseholdModel, device_ids) -> np.ndarray:
+    """Per session: its device is one the model knows (with device evidence)."""
+    return (m._known_slots(list(device_ids), len(device_ids)) >= 0) & bool(m.device_evidence)
+
+
+def _shares(m: HouseholdModel, out) -> np.ndarray:
+    """(n, 2) of each answer: the answered person's share of the model's sessions and
+    the largest person's share (NaN without a mixture: cold start, k-means)."""
+    n = out.probabilities.shape[0]
+    if m.mixture is None or m.mixture.counts.size != out.probabilities.shape[1]:
+        return np.full((n, 2), np.nan)
+    share = m.mixture.counts / max(float(m.mixture.counts.sum()), 1e-12)
+    return np.column_stack((share[out.person_index], np.full(n, share.max())))
+
+
 def _finish(h: WorldHousehold, P: np.ndarray, age, kind, device, devices, groups, streamed,
-            evidence, fit_sessions, persons_so_far) -> RawAnswers:
+            evidence, fit_sessions, persons_so_far, shares, known) -> RawAnswers:
     pred = P.argmax(axis=1)
     m = match(h.person, pred, P.shape[1])
     column_of = {int(person): c for c, person in enumerate(m) if person >= 0}
@@ -86,7 +104,9 @@ def _finish(h: WorldHousehold, P: np.ndarray, age, kind, device, devices, groups
                       np.asarray(devices, dtype=np.int64), np.asarray(groups, dtype=np.int64),
                       np.asarray(streamed, dtype=bool), np.asarray(evidence, dtype=np.float64),
                       fit_sessions=np.asarray(fit_sessions, dtype=np.int64),
-                      persons_so_far=np.asarray(persons_so_far, dtype=np.int64))
+                      persons_so_far=np.asarray(persons_so_far, dtype=np.int64),
+                      shares=np.asarray(shares, dtype=np.float64).reshape(-1, 2),
+                      known=np.asarray(known, dtype=bool))
 
 
 def batch_answers(h: WorldHousehold) -> RawAnswers:
@@ -97,7 +117,7 @@ def batch_answers(h: WorldHousehold) -> RawAnswers:
     return _finish(h, out.probabilities, np.full(n, m.n_sessions), np.full(n, kind), np.full(n, device),
                    np.full(n, len(m.device_ids)), np.full(n, m.device_group_count), np.full(n, m.streamed),
                    _evidence(m, h.features, h.device_id), np.full(n, m.fit_sessions),
-                   np.full(n, np.unique(h.person).size))
+                   np.full(n, np.unique(h.person).size), _shares(m, out), _known(m, h.device_id))
 
 
 # Where in each stream the settled answers are recorded (fractions of its sessions): a
@@ -117,6 +137,8 @@ def stream_answers(h: WorldHousehold, batch: int = STREAM_BATCH, settled: list |
     ServiceStream.arrivals answers them)."""
     probs: list[dict[str, float]] = []
     age, kind, device, devices, groups, streamed, evidence, fit_sessions, ends = [], [], [], [], [], [], [], [], []
+    shares: list[np.ndarray] = []
+    known: list[np.ndarray] = []
     included: list[np.ndarray] = []
     n = h.n_sessions
     stops = {max(batch, int(n * f) // batch * batch) if f < 1 else n: f for f in SETTLED_AT}
@@ -133,6 +155,8 @@ def stream_answers(h: WorldHousehold, batch: int = STREAM_BATCH, settled: list |
         groups += [m.device_group_count] * (b - a)
         streamed += [m.streamed] * (b - a)
         evidence.append(_evidence(m, h.features[a:b], h.device_id[a:b]))
+        shares.append(_shares(m, out))
+        known.append(_known(m, h.device_id[a:b]))
         fit_sessions += [m.fit_sessions] * (b - a)
         ends += [b] * (b - a)
         if settled is not None and b in stops and a > 0:
@@ -141,7 +165,7 @@ def stream_answers(h: WorldHousehold, batch: int = STREAM_BATCH, settled: list |
     firsts = np.sort(np.unique(h.person, return_index=True)[1])
     persons_so_far = np.searchsorted(firsts, np.asarray(ends), side="left")
     out = _finish(h, columns(probs), age, kind, device, devices, groups, streamed, np.vstack(evidence),
-                  fit_sessions, persons_so_far)
+                  fit_sessions, persons_so_far, np.vstack(shares), np.concatenate(known))
     out.included = np.concatenate(included)
     return out
 
@@ -158,7 +182,8 @@ def settled_answers(h: WorldHousehold, stream: ServiceStream, end: int, checkpoi
     ans = _finish(SimpleNamespace(person=h.person[:end]), out.probabilities, np.full(end, m.n_sessions),
                   np.full(end, kind), np.full(end, device), np.full(end, len(m.device_ids)),
                   np.full(end, m.device_group_count), np.full(end, m.streamed), m.one_person_evidence(end),
-                  np.full(end, m.fit_sessions), np.full(end, np.unique(h.person[:end]).size))
+                  np.full(end, m.fit_sessions), np.full(end, np.unique(h.person[:end]).size), _shares(m, out),
+                  _known(m, h.device_id[:end]))
     ans.included = np.arange(end) < min(stream.included, end)
     ans.checkpoint = np.full(end, checkpoint)
     return ans
@@ -176,6 +201,8 @@ def _stacked(parts: list[RawAnswers]) -> RawAnswers:
     out.checkpoint = np.concatenate([p.checkpoint for p in parts])
     out.fit_sessions = np.concatenate([p.fit_sessions for p in parts])
     out.persons_so_far = np.concatenate([p.persons_so_far for p in parts])
+    out.shares = np.vstack([p.shares for p in parts])
+    out.known = np.concatenate([p.known for p in parts])
     return out
 
 
@@ -190,3 +217,27 @@ def household_answers(h: WorldHousehold, settled: bool = False, daily: bool = Fa
     if daily:
         out["daily"] = stream_answers(h, arrival_ends=daily_ends(h.start_ts))
     return out
+
+
+def cold_start_answers(h: WorldHousehold, prior) -> dict[str, np.ndarray]:
+    """The cold start's answers with a population prior (``prior``: model.PopulationPrior,
+    the service's default strategy "population_prior"): each of the household's first
+    MIN_SESSIONS - 1 sessions answered on its arrival, after it was folded in (as the
+    keeper answers), uncalibrated. Returns per answer its top probability ("top"), the
+    persons it chose among ("persons") and whether it was right ("correct": persons
+    matched to the true ones over these answers, as _finish does). The benchmarks'
+    streams (ServiceStream) have no prior, so they never meet these answers."""
+    from services.clustering.domain.model import MIN_SESSIONS
+    m = HouseholdModel(calibrated=False, population_prior=prior)
+    n = min(MIN_SESSIONS - 1, h.n_sessions)
+    probs: list[dict[str, float]] = []
+    persons = []
+    for b in range(1, n + 1):
+        m.update(h.features[b - 1:b], device_ids=[h.device_id[b - 1]])
+        out = m.assign_batch(h.features[b - 1:b], device_ids=[h.device_id[b - 1]], included=True)
+        probs.append({pid: float(p) for pid, p in zip(out.person_ids, out.probabilities[0])})
+        persons.append(out.probabilities.shape[1])
+    P = columns(probs)
+    pred = P.argmax(axis=1)
+    matched = match(h.person[:n], pred, P.shape[1])
+    return {"top": P.max(axis=1), "persons": np.asarray(persons), "correct": matched[pred] == h.person[:n]}

@@ -452,6 +452,7 @@ def calibrate_device_confidence(quick: bool, leave_one_world_out: bool = False,
     families = [h.family for h in hs]
     weights = [1.0] * len(hs)
     ml: list[dict] = []
+    ml_hs: list = []
     if movielens:
         ml_hs, ml = movielens_tuning_answers(quick, daily)
         weights += [movielens_weight] * len(ml)
@@ -473,6 +474,7 @@ def calibrate_device_confidence(quick: bool, leave_one_world_out: bool = False,
         out["movielens_leave_one_world_out"] = score_held_out(
             [h.world_id.rsplit("-w", 1)[1] for h in ml_hs], ml, "real viewers, leave-one-world-out", ml_families,
             extra=(answers, [1.0 / movielens_weight] * len(answers)))
+    out["cold_start"] = fit_cold_start_confidence(hs, ml_hs if movielens else [], movielens_weight)
     if fresh_worlds:
         if set(fresh_worlds) & set(fit_worlds):
             raise ValueError(f"fresh worlds {sorted(set(fresh_worlds) & set(fit_worlds))} are fitted on")
@@ -483,6 +485,53 @@ def calibrate_device_confidence(quick: bool, leave_one_world_out: bool = False,
         out["fresh_worlds_leave_one_family_out"] = score_held_out(
             families, answers, "fresh worlds, leave-one-family-out", families, fresh=fresh,
             fresh_folds=fresh_families, fresh_families=fresh_families, extra=extra)
+    return out
+
+
+# The population prior of the cold-start fit: as many TUNING households as the service's
+# ClusteringApp.build_population_prior reads (max_households).
+COLD_START_PRIOR_HOUSEHOLDS = 200
+
+
+def fit_cold_start_confidence(hs: list, ml_hs: list, ml_weight: float) -> dict:
+    """model.COLD_START_CONFIDENCE: how often a cold start's answer among several persons
+    is right (bench._confidence.cold_start_answers, with a population prior fitted on the
+    first COLD_START_PRIOR_HOUSEHOLDS of ``hs``, as the service fits its prior), over the
+    TUNING households ``hs`` and the real viewers' ``ml_hs`` (each weighing ``ml_weight``),
+    a Laplace-smoothed share weighted per household. Scored leaving each TUNING family out
+    (the share of the others and the real viewers) and on the real viewers from the
+    synthetic households alone: ECE of those answers, raw and through the figure."""
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
+    from bench._clustering_eval import ece
+    from bench._confidence import cold_start_answers
+    from services.clustering.domain.model import PopulationPrior
+    prior = PopulationPrior.fit([h.features for h in hs[:COLD_START_PRIOR_HOUSEHOLDS]])
+    with ProcessPoolExecutor(max(1, min(2, os.cpu_count() or 1))) as pool:
+        answers = list(pool.map(partial(cold_start_answers, prior=prior), hs + ml_hs))
+    weights = np.array([1.0] * len(hs) + [ml_weight] * len(ml_hs))
+    source = np.array([h.family for h in hs] + ["real viewers"] * len(ml_hs))
+
+    def share(sel: np.ndarray) -> float:
+        right = sum(w * a["correct"][a["persons"] > 1].sum() for a, w, s in zip(answers, weights, sel) if s)
+        n = sum(w * (a["persons"] > 1).sum() for a, w, s in zip(answers, weights, sel) if s)
+        return float((right + 1.0) / (n + 2.0))
+
+    def scored(sel: np.ndarray, value: float) -> dict:
+        top = np.concatenate([a["top"][a["persons"] > 1] for a, s in zip(answers, sel) if s])
+        right = np.concatenate([a["correct"][a["persons"] > 1] for a, s in zip(answers, sel) if s])
+        return {"answers": int(top.size), "accuracy": round(float(right.mean()), 4),
+                "raw_confidence": round(float(top.mean()), 4), "ece_raw": round(ece(top, right), 4),
+                "confidence": round(value, 4), "ece": round(ece(np.full(top.size, value), right), 4)}
+    out = {"cold_start_confidence": round(share(np.ones(len(answers), dtype=bool)), 4),
+           "answers": int(sum((a["persons"] > 1).sum() for a in answers)),
+           "one_of_several_share": round(float(sum((a["persons"] > 1).sum() for a in answers)
+                                               / max(sum(a["persons"].size for a in answers), 1)), 4)}
+    out["leave_one_family_out"] = {f: scored(source == f, share(source != f)) for f in np.unique(source[:len(hs)])}
+    if ml_hs:
+        out["real_viewers_synthetic_fit"] = scored(source == "real viewers", share(source != "real viewers"))
+    log(f"cold start (population prior): {out}")
     return out
 
 
@@ -503,18 +552,32 @@ def held_out_confidence(fit: dict, a, settled_mode: bool) -> tuple[np.ndarray, n
     live = (a.P > 0).sum(axis=1)
     young = a.age < YOUNG_MODEL_SESSIONS
     one, groups = one_person_answers(a)
-    multi = a.device & (a.kind == MIXTURE) & (live > 1)
+    unknown = new_device_answers(a)
+    multi = a.device & (a.kind == MIXTURE) & (live > 1) & ~unknown
     names = np.array([M.device_map_name(bool(y), bool(s), bool(t)) for y, s, t in zip(young, a.streamed, settled)])
     for map_name, (xs, ys) in fit["device_confidence_maps"].items():
         rows = multi & (names == map_name)
         value = M.shifted_confidence(np.interp(conf[rows], xs, ys), M.household_shift(
-            a.groups[rows], live[rows], fit["device_confidence_shift"][map_name]))
+            a.groups[rows], live[rows], fit["device_confidence_shift"][map_name], a.age[rows]))
         conf[rows] = np.maximum(value, 1.0 / live[rows])
     for group, (intercept, coef) in fit["one_person_confidence"].items():
         rows = one & (groups == group)
         x = np.column_stack((np.clip(a.evidence[rows, 0], lo, hi), a.evidence[rows, 1:]))
         conf[rows] = np.minimum(1.0 / (1.0 + np.exp(-(intercept + x @ np.asarray(coef)))), M.ONE_PERSON_MAX_CONFIDENCE)
+    values = fit["new_device_confidence"]
+    conf[unknown] = np.where(live[unknown] <= 1, values["one_person"],
+                             np.maximum(values["several"], 1.0 / np.maximum(live[unknown], 1)))
     return conf, one
+
+
+def new_device_answers(a) -> np.ndarray:
+    """Of one household's raw answers ``a``: the answers about a session on a device the
+    model (a mixture with device evidence) did not know when it answered
+    (model.new_device_confidence gives them)."""
+    from bench._confidence import MIXTURE
+    if a.known is None:
+        return np.zeros(a.P.shape[0], dtype=bool)
+    return (a.kind == MIXTURE) & ~a.known
 
 
 def one_person_answers(a) -> tuple[np.ndarray, np.ndarray]:
@@ -526,7 +589,7 @@ def one_person_answers(a) -> tuple[np.ndarray, np.ndarray]:
     from services.clustering.domain.model import one_person_group
     live = (a.P > 0).sum(axis=1)
     cold = a.kind == COLD_ONE
-    one = a.device & (((a.kind == MIXTURE) & (live <= 1)) | cold)
+    one = a.device & (((a.kind == MIXTURE) & (live <= 1)) | cold) & ~new_device_answers(a)
     young = (a.age < YOUNG_MODEL_SESSIONS) | cold
     fits = a.fit_sessions if a.fit_sessions is not None else [None] * live.size
     groups = np.array([one_person_group(bool(y), bool(s or c), None if f is None else int(f))
@@ -547,10 +610,10 @@ def _score_with(fit: dict, answers: list[dict], families, scored: dict, gaps: di
             persons = a.persons_so_far if a.persons_so_far is not None else np.zeros(conf.size, dtype=np.int64)
             scored[mode].append((conf, a.correct, one, at, np.full(conf.size, family), group, persons))
             live = (a.P > 0).sum(axis=1)
-            multi = a.device & (a.kind == MIXTURE) & (live > 1)
+            multi = a.device & (a.kind == MIXTURE) & (live > 1) & ~new_device_answers(a)
             if multi.sum() >= 10:   # the household's miscalibration beside its evidence
                 gaps[mode].append((conf[multi].mean() - a.correct[multi].mean(),
-                                   *M.household_evidence(a.groups[multi], live[multi]).mean(axis=0)))
+                                   *M.household_evidence(a.groups[multi], live[multi], a.age[multi]).mean(axis=0)))
 
 
 def _modes(answers: list[dict]) -> dict[str, list]:
@@ -678,6 +741,7 @@ def fit_device_confidence(answers: list[dict], one_person_c: float = ONE_PERSON_
     multi: dict[str, tuple[list, ...]] = {name: ([], [], [], []) for name in DEVICE_CONFIDENCE_MAPS
                                           if name != "settled" or any("settled" in a for a in answers)}
     one: dict[str, list] = {name: [] for name in ("fitted", "young", "mature")}   # (evidence..., right, weight)
+    new_device: dict[str, list] = {"one_person": [], "several": []}   # (right, weight)
     for ans, weight in zip(answers, weights if weights is not None else [1.0] * len(answers)):
         for mode in ("batch", "stream", "settled", "daily"):
             if mode not in ans:
@@ -686,12 +750,13 @@ def fit_device_confidence(answers: list[dict], one_person_c: float = ONE_PERSON_
             live = (a.P > 0).sum(axis=1)
             top = a.P.max(axis=1)
             young = a.age < YOUNG_MODEL_SESSIONS
-            rows = a.device & (a.kind == MIXTURE) & (live > 1)
+            unknown = new_device_answers(a)
+            rows = a.device & (a.kind == MIXTURE) & (live > 1) & ~unknown
             # the map each answer is recorded through (an arrival's sessions that its
             # refresh included, as the keeper records them)
             included = a.included if a.included is not None else np.zeros(live.size, dtype=bool)
             names = np.array([device_map_name(y, s, bool(t)) for y, s, t in zip(young, a.streamed, included)])
-            household = household_evidence(a.groups, live)
+            household = household_evidence(a.groups, live, a.age)
             w = np.full(live.size, float(weight))
             if weighted is not None:   # the weight where the map of the answer is named
                 w = np.where(np.isin(names, weighted), w, 1.0)
@@ -705,6 +770,8 @@ def fit_device_confidence(answers: list[dict], one_person_c: float = ONE_PERSON_
             for name in multi:
                 for column, values in zip(multi[name], (top, a.correct, household, w)):
                     column.append(values[rows & (names == name)])
+            for name, sel in (("one_person", unknown & (live <= 1)), ("several", unknown & (live > 1))):
+                new_device[name].append(np.c_[a.correct[sel], w[sel]])
             rows, group = one_person_answers(a)
             for name in one:
                 sel = rows & (group == name)
@@ -751,8 +818,17 @@ def fit_device_confidence(answers: list[dict], one_person_c: float = ONE_PERSON_
         counts[f"one_person_{name}"] = int(ones.shape[0])
         log(f"{name} one-person confidence: intercept {tables[name][0]} coefficients "
             f"{dict(zip(ONE_PERSON_EVIDENCE, tables[name][1]))} ({ones.shape[0]} answers, right {y.mean():.3f})")
+    # a session on a device the model did not know: how often such answers were right
+    # (model.NEW_DEVICE_CONFIDENCE; a Laplace-smoothed share, weighted)
+    new_device_values = {}
+    for name, parts in new_device.items():
+        rw = np.vstack(parts) if parts else np.zeros((0, 2))
+        new_device_values[name] = round(float((rw[:, 0] @ rw[:, 1] + 1.0) / (rw[:, 1].sum() + 2.0)), 4)
+        counts[f"new_device_{name}"] = int(rw.shape[0])
+    log(f"new-device confidence: {new_device_values} ({counts['new_device_one_person']} one-person, "
+        f"{counts['new_device_several']} several-person answers)")
     return {"device_confidence_maps": maps, "device_confidence_shift": shifts, "one_person_confidence": tables,
-            "one_person_log_sessions": log_sessions, "answers": counts}
+            "one_person_log_sessions": log_sessions, "new_device_confidence": new_device_values, "answers": counts}
 
 
 HOUSEHOLD_SHIFT_L2 = 1.0   # ridge on the coefficients (TUNING, share alone: 300 no better out of sample; docs/benchmarks.md)

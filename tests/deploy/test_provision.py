@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "provision.sh"
 PROVIDES = {"redis-server": "redis-server", "prometheus": "promtool", "npm": "npm", "postgresql": "initdb",
-            "g++": "g++"}
+            "g++": "g++", "git": "git"}
 
 
 def _shim(path: Path, body: str) -> None:
@@ -73,7 +73,7 @@ def test_root_installs_what_is_missing_with_apt_then_is_a_no_op(tmp_path):
     assert calls[0].startswith("apt-get update -qq")  # update first
     install = calls[1].split()
     assert install[:3] == ["apt-get", "install", "-y"] and "DEBIAN_FRONTEND=noninteractive" in install
-    assert {"redis-server", "prometheus"} <= set(install) and "npm" not in install
+    assert {"redis-server", "prometheus", "git"} <= set(install) and "npm" not in install
     assert calls[2] == "useradd --system --no-create-home postgres"
     assert "redis-server" in done.stderr  # says what it installs
 
@@ -85,7 +85,7 @@ def test_root_installs_what_is_missing_with_apt_then_is_a_no_op(tmp_path):
 def test_user_the_postgresql_package_created_is_not_added_again(tmp_path):
     """Debian's postgresql package creates the postgres user when it is installed; on a machine
     with neither, useradd after apt-get failed with "already exists" and stopped make test."""
-    log, env = _machine(tmp_path, uid=0, present={"npm", "promtool", "g++"}, postgres_user=False)
+    log, env = _machine(tmp_path, uid=0, present={"npm", "promtool", "g++", "git"}, postgres_user=False)
     # The install creates the user, as Debian's postgresql package does (this machine's own
     # PostgreSQL binaries are found by the script's glob, so another missing package stands in).
     apt = Path(env["PATH"]) / "apt-get"
@@ -109,7 +109,8 @@ def test_not_root_prints_the_one_command_and_fails_without_changing_anything(tmp
 
 
 def test_not_root_with_everything_present_passes(tmp_path):
-    log, env = _machine(tmp_path, uid=1000, present={"npm", "promtool", "redis-server", "g++"}, postgres_user=False)
+    log, env = _machine(tmp_path, uid=1000, present={"npm", "promtool", "redis-server", "g++", "git"},
+                        postgres_user=False)
     done = _run(env)
     assert done.returncode == 0, done.stderr
     assert not log.exists() and done.stderr == ""
@@ -125,7 +126,7 @@ def test_venv_scope_installs_only_what_the_virtualenv_needs(tmp_path):
     calls = log.read_text().splitlines()
     install = calls[1].split()
     assert "g++" in install
-    assert not {"redis-server", "prometheus", "npm", "postgresql"} & set(install)
+    assert not {"redis-server", "prometheus", "npm", "postgresql", "git"} & set(install)
     assert not any(call.startswith("useradd") for call in calls)
 
     log.unlink()

@@ -240,7 +240,7 @@ def test_held_out_confidence_answers_as_the_service_would():
                                       "settled": flat, "fitted": flat},
            "device_confidence_shift": {n_: (0.0, (0.0, 0.0)) for n_ in ("young", "streamed", "settled", "fitted")},
            "one_person_confidence": {g: (0.0, (0.0, 0.0, 0.0, 0.0)) for g in ("fitted", "young", "mature")},
-           "one_person_log_sessions": (1.0, 5.0)}
+           "one_person_log_sessions": (1.0, 5.0), "new_device_confidence": {"one_person": 0.2, "several": 0.1}}
     fit["device_confidence_shift"]["streamed"] = (np.log(3.0), (0.0, 0.0))   # odds x 3
     fit["one_person_confidence"]["mature"] = (np.log(4.0), (0.0, 0.0, 0.0, 0.0))   # 0.8
     conf, one = held_out_confidence(fit, a, settled_mode=False)
@@ -253,6 +253,12 @@ def test_held_out_confidence_answers_as_the_service_would():
     settled, _ = held_out_confidence(fit, a, settled_mode=True)
     np.testing.assert_allclose(settled[1], 0.5)                     # included: settled map 0.2, floored at 1/2
     np.testing.assert_allclose(settled[[0, 2, 3]], conf[[0, 2, 3]])  # young / not included / one-person: as before
+    # sessions on a device the model did not know: the new-device values (floored at 1 / persons)
+    a.known = np.array([1, 0, 1, 0, 1, 1], bool)
+    unknown, one = held_out_confidence(fit, a, settled_mode=False)
+    np.testing.assert_allclose(unknown[[1, 3]], [0.5, 0.2])
+    np.testing.assert_allclose(unknown[[0, 2, 4, 5]], conf[[0, 2, 4, 5]])
+    assert not one[3]
 
 
 def test_world_indices_reads_ranges_and_numbers_and_refuses_the_rest():
@@ -354,3 +360,55 @@ def test_held_out_scores_fit_the_extra_households_in_every_fold_and_score_only_t
     assert set(light) == {"batch", "stream", "settled"}
     # the weight reaches the fits: the extra one-person answers (right 0.7) pull harder
     assert any(light[m]["ece"] != heavy[m]["ece"] for m in light)
+
+
+def test_the_fit_learns_how_often_answers_about_unknown_devices_are_right_and_keeps_them_out_of_the_maps():
+    """Answers about a session on a device the model did not know go to
+    new_device_confidence (a smoothed share right, per one- or several-person answer,
+    weighted by household) and nowhere else."""
+    answers = [C.household_answers(h, settled=True) for h in _households(6)] + _one_person_answers()
+    n = len(answers)
+
+    def copy(ans):
+        return {mode: C.RawAnswers(**{f: getattr(a, f) for f in a.__dataclass_fields__}) for mode, a in ans.items()}
+    def mapped(a):
+        known = a.known if a.known is not None else np.zeros(a.P.shape[0], bool)
+        return np.flatnonzero(known & a.device & (a.kind == C.MIXTURE) & ((a.P > 0).sum(axis=1) > 1))
+    chosen = max(answers, key=lambda ans: mapped(ans["stream"]).size)
+    same, extra = copy(chosen), copy(chosen)
+    s = extra["stream"]
+    several = mapped(s)[:20]
+    assert several.size == 20
+    s.known = s.known.copy()
+    s.known[several] = False
+    s.correct = s.correct.copy()
+    s.correct[several[:5]] = True
+    s.correct[several[5:]] = False
+    base = fit_device_confidence(answers + [same], weights=[1.0] * n + [2.0])
+    out = fit_device_confidence(answers + [extra], weights=[1.0] * n + [2.0])
+    assert out["answers"]["new_device_several"] == base["answers"]["new_device_several"] + 20
+    assert out["answers"]["new_device_one_person"] == base["answers"]["new_device_one_person"]
+    assert out["new_device_confidence"]["one_person"] == base["new_device_confidence"]["one_person"]
+    if base["answers"]["new_device_several"] == 0:   # the smoothed, weighted share of the 20
+        np.testing.assert_allclose(out["new_device_confidence"]["several"], (5 * 2 + 1) / (20 * 2 + 2), atol=1e-4)
+    # the maps no longer see them
+    maps = ("young", "streamed", "fitted")
+    assert sum(out["answers"][m] for m in maps) == sum(base["answers"][m] for m in maps) - 20
+
+
+def test_the_cold_start_figure_is_how_often_answers_among_several_persons_were_right():
+    """model.COLD_START_CONFIDENCE's fit: a population prior fitted on the households (as
+    the service fits its own), each household's first sessions answered at arrival by
+    the cold start, the share right of the answers that named one of several persons."""
+    from bench.accuracy import fit_cold_start_confidence
+    from services.clustering.domain.model import PopulationPrior
+    hs = _households(4)
+    out = fit_cold_start_confidence(hs, [], 8.0)
+    prior = PopulationPrior.fit([h.features for h in hs])
+    answers = [C.cold_start_answers(h, prior) for h in hs]
+    for h, a in zip(hs, answers):
+        assert a["top"].size == a["persons"].size == a["correct"].size == min(MIN_SESSIONS - 1, h.n_sessions)
+    several = np.concatenate([a["correct"][a["persons"] > 1] for a in answers])
+    assert out["answers"] == several.size > 0
+    assert out["cold_start_confidence"] == round((several.sum() + 1.0) / (several.size + 2.0), 4)
+    assert set(out["leave_one_family_out"]) == {"mobile_first"}

@@ -314,3 +314,73 @@ def test_labels_that_name_the_fits_persons_leave_its_answers_as_they_were():
     assert named.device_group_count == groups
     np.testing.assert_allclose(np.sort(named.assign_batch(X, device_ids=dev).probabilities, axis=1),
                                np.sort(free.assign_batch(X, device_ids=dev).probabilities, axis=1), atol=1e-9)
+
+
+def test_a_session_on_a_device_the_model_does_not_know_says_how_often_such_answers_are_right(monkeypatch):
+    """A session on a device the model has not met is judged by its device type only and
+    is often a member the model has not met: its answer says NEW_DEVICE_CONFIDENCE (of a
+    one-person or a several-person model), names the same person as before, and leaves
+    the answers about known devices and bare vectors as they were."""
+    from services.clustering.domain import model as M
+    monkeypatch.setattr(M, "NEW_DEVICE_CONFIDENCE", {"one_person": 0.23, "several": 0.61})
+    X, dev = _two_people_with_phones_and_a_tv()
+    m = M.HouseholdModel().fit(X, device_ids=dev)
+    assert m.n_persons == 2
+    known = m.assign_batch(X[:6], device_ids=dev[:6])
+    mixed = list(dev[:6])
+    mixed[2] = mixed[4] = "a-laptop-never-seen"
+    out = m.assign_batch(X[:6], device_ids=mixed)
+    new = np.array([False, False, True, False, True, False])
+    raw = M.HouseholdModel(calibrated=False).fit(X, device_ids=dev).assign_batch(X[:6], device_ids=mixed)
+    np.testing.assert_array_equal(out.person_index, raw.person_index)            # never who
+    np.testing.assert_allclose(out.confidence[new], 0.61)
+    np.testing.assert_allclose(out.probabilities[new].sum(axis=1), 1.0)
+    np.testing.assert_allclose(out.confidence[~new], known.confidence[~new])
+    # every session on unknown devices (until now: the bare-vector map)
+    alone = m.assign_batch(X[:3], device_ids=["a-laptop-never-seen"] * 3)
+    np.testing.assert_allclose(alone.confidence, 0.61)
+    # bare vectors (no device ids) keep their map
+    bare = M.HouseholdModel().fit(X)
+    np.testing.assert_allclose(bare.assign_batch(X[:6]).confidence,
+                               calibrate_confidence(M.HouseholdModel(calibrated=False).fit(X).assign_batch(X[:6])
+                                                    .probabilities, device=False)
+                               .max(axis=1), rtol=1e-6)
+    # a one-person model: the one-person value, the rest left to a member it has not met
+    mine = np.asarray(dev) == "phone-a"
+    one = M.HouseholdModel().fit(X[mine], device_ids=np.asarray(dev)[mine])
+    assert one.n_persons == 1
+    ans = one.assign_batch(X[:2], device_ids=["phone-a", "a-laptop-never-seen"])
+    assert ans.confidence[1] == 0.23 and ans.confidence[0] != 0.23
+
+
+def test_the_sessions_per_person_evidence_is_the_log_of_the_models_sessions_per_person(monkeypatch):
+    from services.clustering.domain import model as M
+    monkeypatch.setattr(M, "HOUSEHOLD_EVIDENCE", ("device_group_share", "persons", "log_sessions_per_person"))
+    ev = M.household_evidence(1, np.array([2, 4, 1]), np.array([100, 100, 0]))
+    np.testing.assert_allclose(ev[:, 2], np.log([50.0, 25.0, 1.0]))
+    np.testing.assert_allclose(ev[:, :2], [[0.5, 2], [0.25, 4], [1.0, 1]])
+
+
+def test_a_cold_starts_answer_among_several_persons_says_how_often_such_answers_are_right(monkeypatch):
+    """With a population prior (the service's default cold start) a household's first
+    sessions can name several persons at a raw posterior near 1; with device ids they say
+    COLD_START_CONFIDENCE (floored at 1 / persons), never another person; bare vectors
+    keep the raw posterior."""
+    from services.clustering.domain import model as M
+    monkeypatch.setattr(M, "COLD_START_CONFIDENCE", 0.8)
+    X, dev = _two_people_with_phones_and_a_tv()
+    dev = np.asarray(dev)
+    prior = M.PopulationPrior.fit([X], n_personas=4)
+    first = np.concatenate([np.flatnonzero(dev == "phone-a")[:3], np.flatnonzero(dev == "phone-b")[:3]])
+    calibrated, raw, bare = (M.HouseholdModel(calibrated=c, population_prior=prior) for c in (True, False, True))
+    for m in (calibrated, raw):
+        m.update(X[first], device_ids=list(dev[first]))
+    bare.update(X[first])
+    out = calibrated.assign_batch(X[first], device_ids=list(dev[first]))
+    before = raw.assign_batch(X[first], device_ids=list(dev[first]))
+    assert out.strategy == "cold_start:population_prior" and out.probabilities.shape[1] > 1
+    np.testing.assert_array_equal(out.person_index, before.person_index)
+    np.testing.assert_allclose(out.confidence, max(0.8, 1.0 / out.probabilities.shape[1]), rtol=1e-5)
+    np.testing.assert_allclose(out.probabilities.sum(axis=1), 1.0)
+    assert (before.confidence > 0.9).all()
+    np.testing.assert_allclose(bare.assign_batch(X[first]).probabilities, before.probabilities)
