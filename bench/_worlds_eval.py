@@ -32,7 +32,8 @@ from sklearn.model_selection import StratifiedKFold
 from bench._clustering_eval import ece, match, matched_correct, probability_figures
 from bench.worlds import PERSONAL_TYPES, WorldHousehold
 from services.clustering.domain import features as F
-from services.clustering.domain.model import CHANGE_LOOKBACK, CHANGE_MIN_HISTORY, MIN_SESSIONS, HouseholdModel
+from services.clustering.domain.model import (CHANGE_LOOKBACK, CHANGE_MIN_HISTORY, MIN_SESSIONS, HouseholdModel,
+                                             feedback_calibrator_rows)
 from services.clustering.household import MICRO_BATCH, Envelope
 from services.clustering.modeling import ModelKeeper, Snapshot
 from services.clustering.store import StoredSession
@@ -231,11 +232,11 @@ def hearth_batch_fed(h: WorldHousehold, fed: np.ndarray, **kw) -> tuple[np.ndarr
     """((n, persons) every session's answer once feedback on the ``fed`` sessions has
     reached clustering: the household refitted with their true persons as labels
     (feedback -> forward_label -> RecordLabels -> a full refit with every label),
-    (n,) whether the service applies the feedback calibrator to each answer: not when
-    the labels added persons (HouseholdModel.persons_from_labels, ClusteringApp._answer))."""
+    (n,) whether the service applies the feedback calibrator to each answer
+    (feedback_calibrator_rows, as ClusteringApp._answer))."""
     m = HouseholdModel(**kw).fit(h.features, labels=feedback_labels(h, fed), device_ids=h.device_id)
-    return (m.assign_batch(h.features, device_ids=h.device_id, included=True).probabilities,
-            np.full(h.n_sessions, not m.persons_from_labels))
+    out = m.assign_batch(h.features, device_ids=h.device_id, included=True)
+    return out.probabilities, feedback_calibrator_rows(m, out)
 
 
 NEW_MEMBER_ID = 1000   # hearth_stream_fed: a labelled member without an id gets p1000 + member
@@ -250,8 +251,9 @@ def hearth_stream_fed(h: WorldHousehold, fed: np.ndarray, batch: int = STREAM_BA
     (HouseholdModel.binds_labels); a model not streaming yet (a cold start, a model
     fitted just now) is refitted on every session so far with every label so far.
     Returns the at-arrival answers (n, persons), columns as hearth_stream's, and (n,)
-    whether the service applies the feedback calibrator to each (not when the model that
-    answered it has persons labels added: HouseholdModel.persons_from_labels).
+    whether the service applies the feedback calibrator to each (feedback_calibrator_rows
+    of the model that answered it: not a cold start's answer over several persons, nor a
+    model whose persons labels added).
 
     The label is a person id, as the feedback service forwards it (the predicted id when
     confirmed, the caller's id of the true person when corrected): a member keeps the
@@ -275,7 +277,7 @@ def hearth_stream_fed(h: WorldHousehold, fed: np.ndarray, batch: int = STREAM_BA
     verdicts: list[bool] = []   # feedback since the last disagreement trigger: was the answer right?
     stream = ServiceStream(h, **kw)
     for a, b, m, out, _ in stream.arrivals(batch):
-        calibrated[a:b] = not m.persons_from_labels
+        calibrated[a:b] = feedback_calibrator_rows(m, out)
         for r in range(b - a):
             ids.append(out.person_ids[int(out.person_index[r])])
             probs.append({pid: float(p) for pid, p in zip(out.person_ids, out.probabilities[r])})

@@ -20,7 +20,7 @@ from prometheus_client import Counter
 from services.clustering.domain import features as F
 from services.clustering.domain.events import ViewingEvent
 from services.common.ids import check_id
-from services.clustering.domain.model import MIN_SESSIONS, PopulationPrior
+from services.clustering.domain.model import MIN_SESSIONS, PopulationPrior, feedback_calibrator_rows
 from services.clustering.batch_scoring import score_households
 from services.clustering.household import Envelope
 from services.clustering.modeling import ModelKeeper, folds_in, known_person, persons_for
@@ -275,15 +275,9 @@ class ClusteringApp:
         # Recalibrated confidences (feedback service), argmax preserved, per the model's age
         # (services/common/calibration.py): distributions over persons through its maps, a
         # one-person answer (sums to < 1 on purpose: the rest is an unseen member) by its
-        # shift. Cold-start answers over several persons (population personas) are left as is,
-        # and so are the answers of a model whose persons labels added (persons_from_labels):
-        # the calibrator learnt from answers served before such labels, which the labels
-        # then changed (on real viewers 40-54 % of the answers; applied to them, the
-        # calibrator fitted on the old answers moved the others the wrong way:
-        # docs/benchmarks.md, issue #10 session 15).
-        calibrate = np.full(probabilities.shape[0], not model.persons_from_labels)
-        if cold:
-            calibrate &= (probabilities > 0).sum(axis=1) == 1
+        # shift; which rows: feedback_calibrator_rows (not a cold start's answer over several
+        # persons, nor a model whose persons labels added).
+        calibrate = feedback_calibrator_rows(model, batch)
         if calibrate.any():
             probabilities = np.array(probabilities, dtype=np.float64, copy=True)
             probabilities[calibrate] = self.calibrator_of(variant).apply(

@@ -637,6 +637,19 @@ class BatchAssignment:
         return [self.person_ids[i] for i in self.person_index]
 
 
+def feedback_calibrator_rows(model: "HouseholdModel", answer: BatchAssignment) -> np.ndarray:
+    """(N,) which of ``answer``'s rows the feedback service's calibrator recalibrates
+    (ClusteringApp._answer; the benchmarks score the same rows through this function):
+    not a cold start's answer over several persons (population personas), and none of a
+    model whose persons labels added (``persons_from_labels``): the calibrator learnt from
+    answers served before such labels, which the labels then changed (on real viewers
+    40-54 % of the answers; docs/benchmarks.md, issue #10 session 15)."""
+    rows = np.full(answer.probabilities.shape[0], not model.persons_from_labels)
+    if answer.strategy.startswith("cold_start"):
+        rows &= (answer.probabilities > 0).sum(axis=1) == 1
+    return rows
+
+
 class PopulationPrior:
     """Persona mixture learned across households (pooled sessions), used as a Bayesian
     prior for cold start. ``sparsity`` < 1 is the Dirichlet concentration on a
