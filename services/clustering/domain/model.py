@@ -2013,10 +2013,12 @@ class HouseholdModel:
         return np.array([index.get(d, -1) for d in device_ids], dtype=np.int64)
 
     def _unknown_device_rows(self, device_ids: Sequence[str] | None, slots: np.ndarray) -> np.ndarray:
-        """Sessions that carry a device id this model (with device evidence) does not know."""
+        """Sessions that carry a device id this model (with device evidence) does not know.
+        An empty id is no device id (a bare vector: AssignSession by vector), judged as
+        before, not as a new device."""
         if device_ids is None or not self.device_evidence:
             return np.zeros(slots.shape[0], dtype=bool)
-        return slots < 0
+        return (slots < 0) & np.array([bool(d) for d in device_ids], dtype=bool)
 
     def one_person_evidence(self, n: int) -> np.ndarray:
         """The evidence a one-person answer's confidence rests on (ONE_PERSON_EVIDENCE), for
