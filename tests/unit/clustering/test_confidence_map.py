@@ -359,6 +359,9 @@ def test_the_sessions_per_person_evidence_is_the_log_of_the_models_sessions_per_
     ev = M.household_evidence(1, np.array([2, 4, 1]), np.array([100, 100, 0]))
     np.testing.assert_allclose(ev[:, 2], np.log([50.0, 25.0, 1.0]))
     np.testing.assert_allclose(ev[:, :2], [[0.5, 2], [0.25, 4], [1.0, 1]])
+    shift = (-0.4, (1.3, 0.2, 0.5))   # the shift then rests on the three columns
+    np.testing.assert_allclose(M.household_shift(1, np.array([2, 4, 1]), shift, np.array([100, 100, 0])),
+                               shift[0] + ev @ np.asarray(shift[1]))
 
 
 def test_a_cold_starts_answer_among_several_persons_says_how_often_such_answers_are_right(monkeypatch):
