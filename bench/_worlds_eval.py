@@ -547,8 +547,9 @@ def mesh_after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], fed_p
       (``fed_probs``, per household per draw);
     * ``mesh`` (the figure): the calibrator applied to the refitted households' answers
       where the service applies it (``fed_calibrated``, per household per draw, per
-      session; None = everywhere): not to the answers of models whose persons labels
-      added (HouseholdModel.persons_from_labels, ClusteringApp._answer);
+      session; None = everywhere): model.feedback_calibrator_rows, the service's rule
+      (not a model whose persons labels added, nor a cold start's answer over several
+      persons);
     * ``mesh_calibrator_everywhere``: the calibrator applied to every refitted answer
       (the service until session 15), beside it.
 
