@@ -398,10 +398,14 @@ def answers_of(hs: list, daily: bool = False, priors: dict | None = None) -> lis
     from concurrent.futures import ProcessPoolExecutor
     from functools import partial
 
-    from bench._confidence import household_answers
     with ProcessPoolExecutor(max(1, min(2, os.cpu_count() or 1))) as pool:
-        return list(pool.map(partial(household_answers, settled=True, daily=daily), hs,
+        return list(pool.map(partial(_household_answers, daily=daily), hs,
                              [(priors or {}).get(h.world_id) for h in hs]))
+
+
+def _household_answers(h, prior, daily: bool) -> dict:
+    from bench._confidence import household_answers
+    return household_answers(h, settled=True, daily=daily, prior=prior)
 
 
 # The TUNING answers the maps are fitted on come with their worlds' population priors,
