@@ -8,7 +8,7 @@ import numpy as np
 
 from services.clustering.domain import persons
 from services.clustering.domain.model import HouseholdModel
-from tests.unit.clustering.test_identity_signals import household, persona_sessions
+from tests.unit.clustering.test_identity_signals import first_join, household, persona_sessions, stream_in_fives
 
 
 def _slots(dev):
@@ -98,15 +98,8 @@ def test_a_member_with_a_new_phone_is_found_in_the_stream_and_keeps_the_old_ids(
               "phone-b", 1)]
     _, X, dev, person = household(parts)
     first_new = int(np.flatnonzero(person == 1)[0])
-    m = HouseholdModel()
-    ids, found_at = [], None
-    for a in range(0, X.shape[0], 5):
-        before = len(m.composition_events)
-        m.update(X[a:a + 5], device_ids=dev[a:a + 5])
-        if found_at is None and any(e["kind"] == "join" for e in m.composition_events[before:]):
-            found_at = a + 5
-        ids += m.assign_batch(X[a:a + 5], device_ids=dev[a:a + 5]).person()
-    ids = np.array(ids)
+    m, ids, events = stream_in_fives(X, dev)
+    found_at = first_join(events)
     assert found_at is not None and first_new <= found_at <= first_new + 30
     assert set(ids[person == 0]) == {"p1"}
     late = np.arange(len(ids)) >= found_at + 5
