@@ -39,6 +39,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -659,17 +660,35 @@ class BatchAssignment:
         return [self.person_ids[i] for i in self.person_index]
 
 
-def feedback_calibrator_rows(model: "HouseholdModel", answer: BatchAssignment) -> np.ndarray:
-    """(N,) which of ``answer``'s rows the feedback service's calibrator recalibrates
-    (ClusteringApp._answer; the benchmarks score the same rows through this function):
-    not a cold start's answer over several persons (population personas), and none of a
-    model whose persons labels added (``persons_from_labels``): the calibrator learnt from
-    answers served before such labels, which the labels then changed (on real viewers
-    40-54 % of the answers; docs/benchmarks.md, issue #10 session 15)."""
-    rows = np.full(answer.probabilities.shape[0], not model.persons_from_labels)
+LABEL_SHAPED_GROUP = "persons_from_labels"   # calibration group of a model whose persons labels added
+
+
+class FeedbackCalibration(NamedTuple):
+    """Which rows of an answer the feedback service's calibrator recalibrates, and the
+    calibration group they belong to (``feedback_calibrator_rows``)."""
+    rows: np.ndarray   # (N,) bool
+    group: str         # "" (the default group) or LABEL_SHAPED_GROUP
+
+
+def feedback_calibrator_rows(model: "HouseholdModel", answer: BatchAssignment) -> FeedbackCalibration:
+    """The one rule (ClusteringApp._answer applies it; the benchmarks score the same rows
+    and groups through this function) for which of ``answer``'s rows the feedback
+    service's calibrator recalibrates and with which group's calibrator:
+
+    * rows: all but a cold start's answer over several persons (population personas,
+      which no feedback describes);
+    * group: ``LABEL_SHAPED_GROUP`` for a model whose persons labels added
+      (``persons_from_labels``), "" otherwise. The households labels reshape are the
+      under-counted ones, over-confident before and after their labels, while the rest
+      are under-confident (docs/benchmarks.md, issue #10 sessions 15-16): one calibrator
+      fitted on both serves neither, so the feedback service fits one per group (the
+      group travels with each prediction record) and falls back to the pooled one for a
+      group with too little feedback (services/feedback/domain/recalibration.py
+      ``fit_grouped_calibrator``)."""
+    rows = np.ones(answer.probabilities.shape[0], dtype=bool)
     if answer.strategy.startswith("cold_start"):
         rows &= (answer.probabilities > 0).sum(axis=1) == 1
-    return rows
+    return FeedbackCalibration(rows, LABEL_SHAPED_GROUP if model.persons_from_labels else "")
 
 
 class PopulationPrior:
