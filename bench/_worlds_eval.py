@@ -22,6 +22,9 @@ reported per household per quarter (91 days) of monitored time.
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import NamedTuple
+
 import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.linear_model import LogisticRegression
@@ -264,32 +267,42 @@ def feedback_labels(h: WorldHousehold, fed: np.ndarray, upto: int | None = None)
     return [f"m{p}" if f else None for p, f in zip(h.person[:upto], fed[:upto])]
 
 
-def hearth_batch_fed(h: WorldHousehold, fed: np.ndarray, **kw) -> tuple[np.ndarray, np.ndarray]:
-    """((n, persons) every session's answer once feedback on the ``fed`` sessions has
-    reached clustering: the household refitted with their true persons as labels
-    (feedback -> forward_label -> RecordLabels -> a full refit with every label),
-    (n,) whether the service applies the feedback calibrator to each answer
-    (feedback_calibrator_rows, as ClusteringApp._answer))."""
+class FedAnswers(NamedTuple):
+    """A household's answers once feedback reached clustering (hearth_batch_fed,
+    hearth_stream_fed), with what ClusteringApp._answer decides for each through
+    feedback_calibrator_rows: whether the feedback calibrator applies and the
+    calibration group clustering stamps on it (the prediction record's)."""
+    probs: np.ndarray        # (n, persons)
+    calibrated: np.ndarray   # (n,) bool
+    groups: np.ndarray       # (n,) str
+
+
+def hearth_batch_fed(h: WorldHousehold, fed: np.ndarray, **kw) -> FedAnswers:
+    """Every session's answer once feedback on the ``fed`` sessions has reached
+    clustering: the household refitted with their true persons as labels
+    (feedback -> forward_label -> RecordLabels -> a full refit with every label), with
+    the calibrator's rows and group (feedback_calibrator_rows, as ClusteringApp._answer)."""
     m = HouseholdModel(**kw).fit(h.features, labels=feedback_labels(h, fed), device_ids=h.device_id)
     out = m.assign_batch(h.features, device_ids=h.device_id, included=True)
-    return out.probabilities, feedback_calibrator_rows(m, out)
+    rows, group = feedback_calibrator_rows(m, out)
+    return FedAnswers(out.probabilities, rows, np.full(h.n_sessions, group, dtype=object))
 
 
 NEW_MEMBER_ID = 1000   # hearth_stream_fed: a labelled member without an id gets p1000 + member
 
 
-def hearth_stream_fed(h: WorldHousehold, fed: np.ndarray, batch: int = STREAM_BATCH,
-                      **kw) -> tuple[np.ndarray, np.ndarray]:
+def hearth_stream_fed(h: WorldHousehold, fed: np.ndarray, batch: int = STREAM_BATCH, **kw) -> FedAnswers:
     """The time-ordered stream with feedback as the mesh runs it: each session is answered
     at its arrival; a ``fed`` session's feedback follows its answer and reaches
     clustering as a label before the next arrival is folded in
     (ModelKeeper.refresh(force="labels")): a stream binds the labels to its persons
     (HouseholdModel.binds_labels); a model not streaming yet (a cold start, a model
     fitted just now) is refitted on every session so far with every label so far.
-    Returns the at-arrival answers (n, persons), columns as hearth_stream's, and (n,)
-    whether the service applies the feedback calibrator to each (feedback_calibrator_rows
-    of the model that answered it: not a cold start's answer over several persons, nor a
-    model whose persons labels added).
+    Returns the at-arrival answers (n, persons), columns as hearth_stream's, with whether
+    the service applies the feedback calibrator to each and the group it stamps on it
+    (feedback_calibrator_rows of the model that answered it: not a cold start's answer
+    over several persons; group ``persons_from_labels`` for a model whose persons labels
+    added).
 
     The label is a person id, as the feedback service forwards it (the predicted id when
     confirmed, the caller's id of the true person when corrected): a member keeps the
@@ -308,12 +321,13 @@ def hearth_stream_fed(h: WorldHousehold, fed: np.ndarray, batch: int = STREAM_BA
     ids: list[str] = []
     probs: list[dict[str, float]] = []
     calibrated = np.ones(h.n_sessions, dtype=bool)
+    groups = np.full(h.n_sessions, "", dtype=object)
     labels: list[str | None] = [None] * h.n_sessions
     id_of: dict[int, str] = {}
     verdicts: list[bool] = []   # feedback since the last disagreement trigger: was the answer right?
     stream = ServiceStream(h, **kw)
     for a, b, m, out, _ in stream.arrivals(batch):
-        calibrated[a:b] = feedback_calibrator_rows(m, out)
+        calibrated[a:b], groups[a:b] = feedback_calibrator_rows(m, out)
         for r in range(b - a):
             ids.append(out.person_ids[int(out.person_index[r])])
             probs.append({pid: float(p) for pid, p in zip(out.person_ids, out.probabilities[r])})
@@ -337,7 +351,7 @@ def hearth_stream_fed(h: WorldHousehold, fed: np.ndarray, batch: int = STREAM_BA
         if disagreement_triggers([h.household_id] * len(verdicts), verdicts, np.arange(len(verdicts))):
             stream.refit(b, feedback_trigger_reason(0, ": disagreement"))
             verdicts = []
-    return columns(probs, sorted(set(ids) | {k for p in probs for k in p})), calibrated
+    return FedAnswers(columns(probs, sorted(set(ids) | {k for p in probs for k in p})), calibrated, groups)
 
 
 def periodic_refit_stream(h: WorldHousehold, every: int = 50):
@@ -569,9 +583,9 @@ def feedback_draws(hs: list[WorldHousehold], draws: int = FEEDBACK_MESH_DRAWS, s
     return [[m[edges[i]:edges[i + 1]] for m in masks] for i in range(len(hs))]
 
 
-def mesh_after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], fed_probs: list[list[np.ndarray]],
+def mesh_after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], fed_answers: list[list[FedAnswers]],
                         fed: list[list[np.ndarray]], ages: list[np.ndarray], sample_before: bool,
-                        fed_calibrated: list[list[np.ndarray]] | None = None) -> dict:
+                        min_group: int | None = None, group_of: str | None = None) -> dict:
     """ECE after feedback as the mesh runs the whole loop, per draw of ``fed`` (per
     household, per draw: the sessions with feedback) and as the mean over draws, on the
     sessions without feedback:
@@ -580,54 +594,97 @@ def mesh_after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], fed_p
     * ``calibrator_only``: the feedback service's calibrator applied to them (what
       ``ece_after_draws`` scores; the mesh's answers until labels reached clustering);
     * ``labels_only``: the answers of the households refitted with the labels
-      (``fed_probs``, per household per draw);
-    * ``mesh`` (the figure): the calibrator applied to the refitted households' answers
-      where the service applies it (``fed_calibrated``, per household per draw, per
-      session; None = everywhere): model.feedback_calibrator_rows, the service's rule
-      (not a model whose persons labels added, nor a cold start's answer over several
-      persons);
-    * ``mesh_calibrator_everywhere``: the calibrator applied to every refitted answer
-      (the service until session 15), beside it.
+      (``fed_answers``, per household per draw: FedAnswers);
+    * ``mesh`` (the figure): the service's grouped calibrator (``grouped_service_calibrator``,
+      recalibration.fit_grouped_calibrator on the groups feedback_groups gives) applied to
+      the refitted households' answers where and with the group the service applies it
+      (FedAnswers.calibrated / .groups: model.feedback_calibrator_rows, the one rule of
+      ClusteringApp._answer);
+    * beside it, the same answers under the designs before it: ``mesh_calibrator_everywhere``
+      (one pooled calibrator on every answer, the service until session 15) and
+      ``mesh_skip_label_shaped`` (the pooled one, label-shaped answers left uncalibrated:
+      session 15).
 
     The calibrator is fitted on the fed sessions' answers as the feedback service
     recorded them, i.e. as served before their feedback: ``sample_before`` (batch fits:
-    every session was answered before any feedback) from ``probs``, else (streams: each
-    session is answered at arrival, after the feedback on earlier ones) from
-    ``fed_probs``."""
+    every session was answered before any feedback, by a model no label had shaped:
+    group "") from ``probs``, else (streams: each session is answered at arrival, after
+    the feedback on earlier ones) from the fed answers with their groups. ``min_group``
+    / ``group_of``: the service's MIN_GROUP_FEEDBACK / FEEDBACK_GROUP_OF unless given
+    (bench/feedback_tuning.py groups sweeps them on TUNING)."""
+    from services.feedback.domain.recalibration import FEEDBACK_GROUP_OF, MIN_GROUP_FEEDBACK
+    min_group = MIN_GROUP_FEEDBACK if min_group is None else min_group
+    group_of = FEEDBACK_GROUP_OF if group_of is None else group_of
     persons = [h.person for h in hs]
     P0, y0, ok0, age = pooled_answers(persons, probs, ages)
+    account = np.concatenate([np.full(h.n_sessions, h.household_id, dtype=object) for h in hs])
     rows: dict[str, list[float]] = {"no_feedback": [], "calibrator_only": [], "labels_only": [], "mesh": [],
-                                    "mesh_calibrator_everywhere": [], "accuracy_no_feedback": [],
-                                    "accuracy_after": [], "share_uncalibrated": []}
+                                    "mesh_calibrator_everywhere": [], "mesh_skip_label_shaped": [],
+                                    "accuracy_no_feedback": [], "accuracy_after": [], "share_uncalibrated": [],
+                                    "share_label_shaped": [], "groups_with_own_calibrator": []}
+    gaps: dict[str, list[float]] = {}
     for d in range(len(fed[0])):
         fed_d = np.concatenate([f[d] for f in fed])
-        P1, y1, ok1, _ = pooled_answers(persons, [p[d] for p in fed_probs], ages)
-        calibrated = (np.ones(fed_d.size, dtype=bool) if fed_calibrated is None
-                      else np.concatenate([c[d] for c in fed_calibrated]))
+        answers = [a[d] for a in fed_answers]
+        P1, y1, ok1, _ = pooled_answers(persons, [a.probs for a in answers], ages)
+        calibrated = np.concatenate([a.calibrated for a in answers])
+        group = np.concatenate([a.groups for a in answers]).astype(str)
+        # the group each fed answer was stamped with when served, and each household's now
+        # (its newest answer's: the feedback service's current group of an account)
+        answered = np.full(fed_d.size, "", dtype=object) if sample_before else group
+        current = {h.household_id: str(a.groups[-1]) for h, a in zip(hs, answers)}
         Ps, ys, oks = (P0, y0, ok0) if sample_before else (P1, y1, ok1)
-        calibrator = service_calibrator(Ps, ys, oks, age, fed_d)
+        calibrator = grouped_service_calibrator(Ps, ys, oks, age, fed_d, answered, account, current,
+                                                min_group, group_of)
+        pooled = replace(calibrator, groups={})
         held = ~fed_d
         rows["no_feedback"].append(ece(P0[held].max(axis=1), ok0[held]))
-        rows["calibrator_only"].append(ece(calibrator.apply(P0[held], age[held]).max(axis=1), ok0[held]))
+        rows["calibrator_only"].append(ece(pooled.apply(P0[held], age[held]).max(axis=1), ok0[held]))
         rows["labels_only"].append(ece(P1[held].max(axis=1), ok1[held]))
-        everywhere = calibrator.apply(P1[held], age[held])
+        everywhere = pooled.apply(P1[held], age[held])
         rows["mesh_calibrator_everywhere"].append(ece(everywhere.max(axis=1), ok1[held]))
-        served = np.where(calibrated[held][:, None], everywhere, P1[held])
+        on = calibrated[held]
+        label_shaped = group[held] != ""
+        skip = np.where((on & ~label_shaped)[:, None], everywhere, P1[held])
+        rows["mesh_skip_label_shaped"].append(ece(skip.max(axis=1), ok1[held]))
+        served = np.where(on[:, None], calibrator.apply(P1[held], age[held], group[held]), P1[held])
         rows["mesh"].append(ece(served.max(axis=1), ok1[held]))
-        rows["share_uncalibrated"].append(float(1.0 - calibrated[held].mean()))
+        rows["share_uncalibrated"].append(float(1.0 - on.mean()))
+        rows["share_label_shaped"].append(float(label_shaped.mean()))
+        rows["groups_with_own_calibrator"].append(float(len(calibrator.groups)))
         rows["accuracy_no_feedback"].append(float(ok0[held].mean()))
         rows["accuracy_after"].append(float(ok1[held].mean()))
+        # what is left, per group: mean confidence minus accuracy of the served answers
+        for name in np.unique(group[held]):
+            g = group[held] == name
+            gaps.setdefault(name or "default", []).append(float(served[g].max(axis=1).mean() - ok1[held][g].mean()))
     return {"draws": len(fed[0]), "calibrator_sample": "before feedback" if sample_before else "as served",
-            **{k: float(np.mean(v)) for k, v in rows.items()}, "per_draw": rows}
+            "min_group": min_group, "group_of": group_of,
+            **{k: float(np.mean(v)) for k, v in rows.items()},
+            "overconfidence_by_group": {k: round(float(np.mean(v)), 4) for k, v in gaps.items()}, "per_draw": rows}
 
 
 def service_calibrator(P: np.ndarray, labels: np.ndarray, correct: np.ndarray, age: np.ndarray,
                        fed: np.ndarray):
-    """The calibrator the feedback service fits on the ``fed`` rows of pooled answers
-    (pooled_answers: probabilities, label columns, right or not, model ages)."""
+    """The pooled calibrator the feedback service fits on the ``fed`` rows of pooled
+    answers (pooled_answers: probabilities, label columns, right or not, model ages)."""
     from services.feedback.domain.recalibration import FeedbackSample, fit_feedback_calibrator
     return fit_feedback_calibrator(
         FeedbackSample.create(P[fed], labels=labels[fed], correct=correct[fed].astype(float)), age[fed])
+
+
+def grouped_service_calibrator(P: np.ndarray, labels: np.ndarray, correct: np.ndarray, age: np.ndarray,
+                               fed: np.ndarray, answered: np.ndarray, account: np.ndarray,
+                               current: dict[str, str], min_group: int, group_of: str):
+    """The calibrator the feedback service fits per variant (Calibration.recalibrate) on
+    the ``fed`` rows: recalibration.fit_grouped_calibrator on the groups
+    recalibration.feedback_groups gives (``answered``: each answer's stamped group;
+    ``current``: each account's group now, used when ``group_of`` says so)."""
+    from services.feedback.domain.recalibration import FeedbackSample, feedback_groups, fit_grouped_calibrator
+    groups = feedback_groups(answered[fed], account[fed], current, group_of)
+    return fit_grouped_calibrator(
+        FeedbackSample.create(P[fed], labels=labels[fed], correct=correct[fed].astype(float)), age[fed], groups,
+        min_group=min_group)
 
 
 def model_ages(hs: list[WorldHousehold], mode: str, batch: int = STREAM_BATCH) -> list[np.ndarray]:
@@ -782,7 +839,7 @@ def _one_household(h: WorldHousehold, periodic: bool, streaming: bool = True,
     out["stream"] = stream[:3] if stream else None
     out["stream_settled"] = stream[3] if stream else None
     out["periodic"] = periodic_refit_stream(h) if periodic and streaming else None
-    out["fed_batch"] = [hearth_batch_fed(h, f, population_prior=prior) for f in fed or []]  # (answers, calibrated)
+    out["fed_batch"] = [hearth_batch_fed(h, f, population_prior=prior) for f in fed or []]   # FedAnswers
     out["fed_stream"] = [hearth_stream_fed(h, f, population_prior=prior) for f in fed or []]
     return out
 
@@ -851,9 +908,9 @@ def run(hs: list[WorldHousehold], log=lambda m: None, held_out: tuple[str, ...] 
         for mode, before, key, sample_before in (("batch", probs, "fed_batch", True),
                                                  ("streaming", s_probs, "fed_stream", False)):
             block = report["all"]["after_feedback"][mode]
-            block["mesh"] = mesh_after_feedback(hs, before, [[p for p, _ in o[key]] for o in outs], fed,
+            block["mesh"] = mesh_after_feedback(hs, before, [o[key] for o in outs], fed,
                                                 model_ages(hs, "batch" if mode == "batch" else "stream"),
-                                                sample_before, [[c for _, c in o[key]] for o in outs])
+                                                sample_before)
             block["ece_after_calibrator_only"] = block["ece_after"]
             block["ece_after"] = block["mesh"]["mesh"]
     for fam in sorted({h.family for h in hs}):

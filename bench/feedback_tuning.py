@@ -18,6 +18,13 @@ candidate on the sample and scores ECE on the other answers; prints mean, median
 levels fitted on every answer (what unlimited feedback gives a level calibrator) and the
 binning floor.
 
+``python -m bench.feedback_tuning groups --split tuning|movielens-tuning [--first-world 12
+--worlds 4 --households 5] [--mode batch|stream] [--draws 3] [--cache FILE]``: the whole loop
+(``bench.label_feedback``'s per-household work, cached in ``--cache``) scored by
+``_worlds_eval.mesh_after_feedback`` under every (FEEDBACK_GROUP_OF, MIN_GROUP_FEEDBACK)
+pair of the calibrator per group; beside each, the pooled calibrator everywhere and the
+session-15 skip, and the mean over-confidence per group that is left.
+
 It never reads the REPORTING split: choices are made here, figures are reported by
 ``python -m bench.accuracy --worlds-only``.
 """
@@ -202,6 +209,42 @@ def ceiling(files: list[str]) -> dict:
     return report
 
 
+GROUP_MINIMA = (0, 25, 50, 100, 200, 400)
+
+
+def groups(split: str, first_world: int, n_worlds: int | None, households: int | None, mode: str, draws: int,
+           cache: str | None) -> dict:
+    """The calibrator per group's choices on a TUNING split (module doc, ``groups``)."""
+    import os
+    from bench import label_feedback as LF
+    from services.feedback.domain.recalibration import GROUP_OF_CHOICES
+    if split not in ("tuning", "movielens-tuning"):
+        raise SystemExit("groups: choices are made on tuning or movielens-tuning only")
+    hs = LF.households(split, first_world, n_worlds, households)
+    fed = E.feedback_draws(hs, draws)
+    if cache and os.path.exists(cache):
+        with open(cache, "rb") as f:
+            outs = pickle.load(f)
+    else:
+        outs = [LF._one((h, f, mode == "stream", mode == "batch")) for h, f in zip(hs, fed)]
+        if cache:
+            with open(cache, "wb") as f:
+                pickle.dump(outs, f)
+    before, key, sample_before = ("batch", "fed_batch", True) if mode == "batch" else ("stream", "fed_stream", False)
+    ages = E.model_ages(hs, mode)
+    table = {}
+    for group_of in GROUP_OF_CHOICES:
+        for minimum in GROUP_MINIMA:
+            r = E.mesh_after_feedback(hs, [o[before] for o in outs], [o[key] for o in outs], fed, ages,
+                                      sample_before, minimum, group_of)
+            table[f"{group_of}:{minimum}"] = {
+                **{k: round(r[k], 4) for k in ("mesh", "mesh_calibrator_everywhere", "mesh_skip_label_shaped",
+                                                "no_feedback", "share_label_shaped", "groups_with_own_calibrator")},
+                "overconfidence_by_group": r["overconfidence_by_group"]}
+    return {"split": split, "first_world": first_world, "mode": mode, "households": len(hs), "draws": draws,
+            "groups": table}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -221,8 +264,19 @@ def main() -> None:
                    help="the same, only for answers of models that had seen under 60 sessions")
     e = sub.add_parser("ceiling")
     e.add_argument("files", nargs="+")
+    g = sub.add_parser("groups")
+    g.add_argument("--split", choices=("tuning", "movielens-tuning"), default="tuning")
+    g.add_argument("--first-world", type=int, default=12)
+    g.add_argument("--worlds", type=int, default=None)
+    g.add_argument("--households", type=int, default=None)
+    g.add_argument("--mode", choices=("batch", "stream"), default="batch")
+    g.add_argument("--draws", type=int, default=E.FEEDBACK_MESH_DRAWS)
+    g.add_argument("--cache", default=None, help="pickle of the per-household work (reused when present)")
     args = ap.parse_args()
-    if args.command == "ceiling":
+    if args.command == "groups":
+        print(json.dumps(groups(args.split, args.first_world, args.worlds, args.households, args.mode, args.draws,
+                                args.cache)))
+    elif args.command == "ceiling":
         print(json.dumps(ceiling(args.files)))
     elif args.command == "collect":
         collect(args.first_world, args.worlds, args.households, args.workers, args.out)

@@ -65,11 +65,10 @@ def run(hs: list[worlds.WorldHousehold], draws: int, workers: int, streaming: bo
     for mode, before, key, ages, sample_before in (("batch", "batch", "fed_batch", "batch", True),
                                                    ("streaming", "stream", "fed_stream", "stream", False)):
         if (batch, streaming)[mode == "streaming"]:
-            # each fed answer set is (answers, where the service applies the calibrator)
-            report[mode] = E.mesh_after_feedback(hs, [o[before] for o in outs],
-                                                 [[p for p, _ in o[key]] for o in outs], fed,
-                                                 E.model_ages(hs, ages), sample_before,
-                                                 [[c for _, c in o[key]] for o in outs])
+            # each fed answer set is E.FedAnswers (answers, where the service applies the
+            # calibrator, the group it stamps on each)
+            report[mode] = E.mesh_after_feedback(hs, [o[before] for o in outs], [o[key] for o in outs], fed,
+                                                 E.model_ages(hs, ages), sample_before)
     return report
 
 

@@ -40,7 +40,11 @@ count goes wrong (``count_error_cause``): too few or too many persons, on which 
 apart, two owners' devices merged, a member without a personal device of their own not
 born, a born person who is not there — with the missed members' sessions and devices
 (docs/clustering.md 4g), and how many sessions each cause costs beside the device
-heuristic's on the same households (``sessions_lost``; docs/clustering.md 4k).
+heuristic's on the same households (``sessions_lost``; docs/clustering.md 4k), the
+evidence each missed member of an under-count leaves (``member_evidence``: a personal
+device of their own, or only shared devices at other hours / at the same hours with
+another taste / the same taste), counted by true size (``missed_by_evidence``), and every
+household's row (``rows``, to set a stream's final count beside the batch fit's).
 ``--movielens-tuning`` takes worlds A and B from the real viewers' TUNING half (even
 MovieLens ids, bench/worlds_movielens.py ``split="tuning"``) instead; ``--group-merge-auc``
 sets the device-merge bar (persons.MERGE_AUC) of every fit of the run.
@@ -461,6 +465,34 @@ def count_error_cause(true_k: int, fitted_k: int, device_first: bool, owners: in
     return "member_without_device_not_born" if missed_without_device else "other_under"
 
 
+MEMBER_HOUR_GAP = 3.0   # hours between mean viewing hours that count as "other hours" (as stream_tuning)
+MEMBER_TASTE_GAP = 0.3  # total variation between mean genre mixes that counts as "taste apart"
+
+
+def member_evidence(h: worlds.WorldHousehold, person: int, owns_device: bool) -> str:
+    """Truth, for the diagnosis only: the evidence a member leaves that the rest of the
+    household's sessions do not — a personal device of their own (``owns_device``, the
+    diagnosis's own definition), else only shared devices at other hours (circular mean
+    hour >= MEMBER_HOUR_GAP away from the others'), else at the same hours with a taste
+    apart (genre mix total variation >= MEMBER_TASTE_GAP) or the same taste."""
+    if owns_device:
+        return "own personal device"
+    mine = h.person == person
+    if not (~mine).any():
+        return "alone"
+    hour = ((h.start_ts % 86_400) / 3600.0) * (2 * np.pi / 24)
+
+    def mean_hour(sel):
+        return np.angle(np.exp(1j * hour[sel]).mean()) * 24 / (2 * np.pi)
+
+    gap = abs(mean_hour(mine) - mean_hour(~mine)) % 24
+    if min(gap, 24 - gap) >= MEMBER_HOUR_GAP:
+        return "shared, other hours"
+    gen = h.features[:, F.GENRE]
+    taste = 0.5 * float(np.abs(gen[mine].mean(axis=0) - gen[~mine].mean(axis=0)).sum())
+    return "shared, same hours, taste apart" if taste >= MEMBER_TASTE_GAP else "shared, same hours, same taste"
+
+
 def diagnose_household(h: worlds.WorldHousehold) -> dict:
     """The model's batch fit of one household beside its truth (see count_error_cause)."""
     model = M.HouseholdModel().fit(h.features, device_ids=h.device_id)
@@ -476,7 +508,8 @@ def diagnose_household(h: worlds.WorldHousehold) -> dict:
             if count.max() > 0.5 * on.sum():
                 owned[owner[count.argmax()]] += 1
     matched = set(match(h.person, pred).tolist())
-    missed = [{"sessions": int((h.person == p).sum()), "own_devices": int(owned[p])}
+    missed = [{"sessions": int((h.person == p).sum()), "own_devices": int(owned[p]),
+               "evidence": member_evidence(h, p, owned[p] > 0)}
               for p in np.unique(h.person).tolist() if p not in matched]
     fitted, n_groups = int(np.unique(pred).size), int(groups.max()) + 1
     correct = matched_correct(h.person, pred)
@@ -522,6 +555,12 @@ def diagnosis(rows: list[dict]) -> dict:
             # None, not NaN, when the rows hold no single-person household
             "single_kept": (round(float(np.mean(singles)), 3)
                             if (singles := [r["fitted"] == 1 for r in rows if r["true"] == 1]) else None),
+            # the evidence each missed member of an under-count leaves (member_evidence), by
+            # the household's true size
+            "missed_by_evidence": {str(k): {e: sum(m["evidence"] == e for r in rows if r["true"] == k
+                                                   and r["fitted"] < r["true"] for m in r["missed"])
+                                            for e in sorted({m["evidence"] for m in missed})}
+                                   for k in sorted({r["true"] for r in rows if r["fitted"] < r["true"]})},
             "missed_members_of_under_counts": {
                 "members": len(missed), "without_own_device": sum(m["own_devices"] == 0 for m in missed),
                 "sessions_quartiles": [int(q) for q in np.quantile([m["sessions"] for m in missed], [0.25, 0.5, 0.75])]
@@ -573,6 +612,9 @@ def main() -> None:
             b = list(pool.map(diagnose_household, _worlds(args.other_worlds, args.movielens_tuning))) if args.other_worlds else []
         report = {"worlds_A": args.worlds, "worlds_B": args.other_worlds, "A": diagnosis(a),
                   **({"B": diagnosis(b)} if b else {}), "count_rules_measured": COUNT_RULES_MEASURED,
+                  # per household (the stream's diagnosis compares its final count with these)
+                  "rows": [{k: r[k] for k in ("household", "true", "fitted", "groups", "cause", "missed")}
+                           for r in a + b],
                   "elapsed_s": round(time.time() - t0, 1)}
         for name in ("A", "B"):
             if name in report:

@@ -276,13 +276,15 @@ class ClusteringApp:
         # Recalibrated confidences (feedback service), argmax preserved, per the model's age
         # (services/common/calibration.py): distributions over persons through its maps, a
         # one-person answer (sums to < 1 on purpose: the rest is an unseen member) by its
-        # shift; which rows: feedback_calibrator_rows (not a cold start's answer over several
-        # persons, nor a model whose persons labels added).
-        calibrate = feedback_calibrator_rows(model, batch)
+        # shift; which rows and with which group's calibrator: feedback_calibrator_rows (not
+        # a cold start's answer over several persons; a model whose persons labels added is
+        # its own group). The group is recorded with each prediction so that feedback fits
+        # the group's calibrator on the group's answers.
+        calibrate, group = feedback_calibrator_rows(model, batch)
         if calibrate.any():
             probabilities = np.array(probabilities, dtype=np.float64, copy=True)
             probabilities[calibrate] = self.calibrator_of(variant).apply(
-                probabilities[calibrate], np.full(int(calibrate.sum()), model_sessions))
+                probabilities[calibrate], np.full(int(calibrate.sum()), model_sessions), group)
         # Constrained assignment: a session whose person is known (label) is that person,
         # also one the model reserved an id for but has not fitted yet (known_person).
         labelled: dict[int, str] = {}
@@ -306,7 +308,7 @@ class ClusteringApp:
             records.append(PredictionRecord(prediction_id, account_id, session_ids[r] or prediction_id, pid,
                                             probs, variant, version, now, bool(cold), len(batch.person_ids),
                                             device_ids[r], *((spans or [None] * len(session_ids))[r] or (None, None)),
-                                            model_sessions))
+                                            model_sessions, group))
         return answers, records
 
     # ---- households, refit, labels ----------------------------------------------------

@@ -36,6 +36,7 @@ class FeedbackPeer:
             person_id=r.person_id, probabilities=r.probabilities, model_variant=r.model_variant,
             model_version=r.model_version, ts=float_to_ts(r.ts), cold_start=r.cold_start,
             household_size=r.household_size, device_id=r.device_id, model_sessions=r.model_sessions,
+            calibration_group=r.calibration_group,
             **({"session_start": float_to_ts(r.session_start), "session_end": float_to_ts(r.session_end)}
                if r.session_start is not None and r.session_end is not None else {})) for r in records])
         self.peer.call("RecordPrediction", request, idempotent=True)   # idempotent by prediction_id

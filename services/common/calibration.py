@@ -26,7 +26,15 @@ segment* (``segment_edges``: the number of sessions the model had seen, e.g. ``[
   whose model age is unknown.
 
 Rows whose model age is unknown (0: predictions recorded before clustering sent it)
-get the pooled map only. A reader that predates segments ignores these keys and applies
+get the pooled map only.
+
+**Groups.** A calibrator may also carry ``groups[name]``: a whole calibrator (itself
+segmented by age) for the rows of one *calibration group*, fitted on that group's
+feedback alone. Clustering stamps every answer with its group
+(``services/clustering/domain/model.feedback_calibrator_rows``: "" by default,
+``persons_from_labels`` for a model whose persons labels added) and applies the group's
+calibrator; a row whose group has none (too little feedback, or a group the calibrator
+does not know) gets the top-level one, fitted on every group's feedback pooled. A reader that predates segments ignores these keys and applies
 the pooled map: the JSON keeps ``schema`` 1.
 """
 
@@ -46,6 +54,7 @@ METHODS: tuple[str, ...] = ("identity", "temperature", "isotonic")
 ALL_AGES = "all"               # one_person key for rows whose model age is unknown
 ONE_PERSON_MAX = 0.995         # a shifted one-person confidence stays below 1 (it is not a label)
 ONE_PERSON_MIN = 0.01
+MAX_GROUP_LENGTH = 128        # a calibration group's name (the prediction record's calibration_group, an id)
 ROW_SUM_TOLERANCE = 1e-3  # the same slack the feedback service accepts at ingest; float32 sums are ~1e-7 * K off
 
 FloatArray = NDArray[np.float64]
@@ -154,6 +163,7 @@ class Calibrator:
     segment_edges: tuple[int, ...] = ()
     segments: dict[str, "Calibrator"] = field(default_factory=dict)
     one_person: dict[str, float] = field(default_factory=dict)
+    groups: dict[str, "Calibrator"] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 0:
@@ -189,17 +199,44 @@ class Calibrator:
                 raise InvalidArgument(f"{name!r} is not a segment of {list(edges)} nor {ALL_AGES!r}", "one_person")
             if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not -1.0 <= shift <= 1.0:
                 raise InvalidArgument(f"must be a number in [-1, 1], got {shift!r}", f"one_person.{name}")
+        for name, part in self.groups.items():
+            if not isinstance(name, str) or len(name) > MAX_GROUP_LENGTH:
+                raise InvalidArgument(f"group names are strings of at most {MAX_GROUP_LENGTH} characters", "groups")
+            if not isinstance(part, Calibrator) or part.groups:
+                raise InvalidArgument(f"{name!r} must be a calibrator without groups of its own", "groups")
 
-    def apply(self, probs: ArrayLike, model_sessions: ArrayLike | None = None) -> FloatArray:
+    def apply(self, probs: ArrayLike, model_sessions: ArrayLike | None = None,
+              groups: ArrayLike | str | None = None) -> FloatArray:
         """Recalibrated probability vectors (same shape as given; a 1-D vector stays 1-D).
         ``model_sessions`` (n,): sessions each row's model had seen (0 / None: unknown),
-        which picks the row's segment (module doc)."""
+        which picks the row's segment; ``groups`` (n,) or one name for every row: each
+        row's calibration group, which picks the group's calibrator when this one has it
+        (None: the top-level one; module doc)."""
         one_vector = np.ndim(probs) == 1
         matrix = as_probability_matrix(probs)
         n = matrix.shape[0]
         ages = np.zeros(n, dtype=np.int64) if model_sessions is None else np.asarray(model_sessions).reshape(-1)
         if ages.shape[0] != n:
             raise InvalidArgument(f"must have one value per row ({n}), got {ages.shape[0]}", "model_sessions")
+        if groups is not None and self.groups:
+            names = np.full(n, groups, dtype=object) if isinstance(groups, str) else np.asarray(groups).reshape(-1)
+            if names.shape[0] != n:
+                raise InvalidArgument(f"must have one value per row ({n}), got {names.shape[0]}", "groups")
+            own = np.isin(names, list(self.groups))
+            out = np.empty_like(matrix)
+            if (~own).any():
+                out[~own] = self._apply_ungrouped(matrix[~own], ages[~own])
+            for name, part in self.groups.items():
+                rows = names == name
+                if rows.any():
+                    out[rows] = part._apply_ungrouped(matrix[rows], ages[rows])
+            return out[0] if one_vector else out
+        out = self._apply_ungrouped(matrix, ages)
+        return out[0] if one_vector else out
+
+    def _apply_ungrouped(self, matrix: FloatArray, ages: NDArray[np.int64]) -> FloatArray:
+        """This calibrator's own maps (pooled, per age) on validated rows, groups aside."""
+        n = matrix.shape[0]
         segment = segment_of(ages, self.segment_edges) if self.segment_edges else np.full(n, -1)
         names = segment_names(self.segment_edges) if self.segment_edges else []
         single = one_person_rows(matrix)
@@ -216,7 +253,7 @@ class Calibrator:
             rows = np.flatnonzero(single)
             top = out[rows].argmax(axis=1)
             out[rows, top] = np.clip(out[rows, top] + shift, ONE_PERSON_MIN, ONE_PERSON_MAX)
-        return out[0] if one_vector else out
+        return out
 
     def _apply_pooled(self, matrix: FloatArray) -> FloatArray:
         """The pooled map on rows that are distributions over two or more persons."""
@@ -247,6 +284,8 @@ class Calibrator:
             out["one_person"] = dict(self.one_person)
         elif self.one_person:
             out["one_person"] = dict(self.one_person)
+        if self.groups:
+            out["groups"] = {name: c.to_dict() for name, c in self.groups.items()}
         return out
 
     def to_json(self) -> str:
@@ -276,8 +315,15 @@ class Calibrator:
                 raise InvalidArgument(f"{name!r} must be an object with a method", "segments")
             parts[name] = cls(version=data["version"], method=part["method"],
                               parameters=part.get("parameters", {}), training=part.get("training", {}))
+        groups = data.get("groups", {})
+        if not isinstance(groups, dict):
+            raise InvalidArgument("must be an object", "groups")
+        for name, part in groups.items():
+            if not isinstance(part, dict) or "groups" in part:
+                raise InvalidArgument(f"{name!r} must be a calibrator object without groups", "groups")
         return cls(version=data["version"], method=data["method"], parameters=parameters, training=training,
-                   segment_edges=tuple(edges), segments=parts, one_person=one_person)
+                   segment_edges=tuple(edges), segments=parts, one_person=one_person,
+                   groups={name: cls.from_dict({**part, "version": data["version"]}) for name, part in groups.items()})
 
     @classmethod
     def from_json(cls, text: str) -> "Calibrator":

@@ -29,4 +29,8 @@ class PredictionRecord:
     # Sessions the model had seen when it answered (0 = unknown): feedback calibrates
     # young and mature models' answers apart (services/common/calibration.py).
     model_sessions: int = 0
+    # The calibration group clustering put the answer in ("" = the default group;
+    # services/clustering/domain/model.feedback_calibrator_rows): feedback fits one
+    # calibrator per group (services/feedback/domain/recalibration.fit_grouped_calibrator).
+    calibration_group: str = ""
 

@@ -30,7 +30,9 @@ from services.feedback.domain.recalibration import (
     IDENTITY,
     Calibrator,
     FeedbackSample,
-    fit_feedback_calibrator,
+    FEEDBACK_GROUP_OF,
+    feedback_groups,
+    fit_grouped_calibrator,
     segment_names,
     segment_of,
 )
@@ -41,7 +43,7 @@ log = logging.getLogger("hearth.feedback")
 
 DEFAULT_REPORT_BINS = 10  # the proto's "0 = 10"
 MAX_REPORT_BINS = 100
-GROUP_BY = ("", "variant", "household_size", "cold_start", "model_age")
+GROUP_BY = ("", "variant", "household_size", "cold_start", "model_age", "calibration_group")
 CALIBRATED_PREFIX = "calibrated:"
 
 
@@ -80,11 +82,13 @@ class Calibration:
     def current_calibrators(self) -> dict[str, Calibrator]:
         return {v: Calibrator.from_json(c.calibrator_json) for v, c in self.store.current_calibrators().items()}
 
-    def apply_calibration(self, variant: str, probs: Any, model_sessions: Any = None) -> NDArray[np.float64]:
+    def apply_calibration(self, variant: str, probs: Any, model_sessions: Any = None,
+                          groups: Any = None) -> NDArray[np.float64]:
         """Recalibrated probability vectors of ``variant`` under its current calibrator
         (identity when none was fitted yet); ``model_sessions`` per row picks its model-age
-        segment (None: unknown, the pooled map)."""
-        return self.current_calibrators().get(variant, IDENTITY).apply(probs, model_sessions)
+        segment (None: unknown, the pooled map), ``groups`` its calibration group's
+        calibrator (None: the pooled one)."""
+        return self.current_calibrators().get(variant, IDENTITY).apply(probs, model_sessions, groups)
 
     def calibrated_probs(self, data: LabelledPredictions, stored: Mapping | None = None) -> NDArray[np.float64]:
         stored = self.store.current_calibrators() if stored is None else stored
@@ -92,8 +96,8 @@ class Calibration:
         for variant, entry in stored.items():
             rows = data.variants == variant
             if rows.any():
-                out[rows] = Calibrator.from_json(entry.calibrator_json).apply(data.probs[rows],
-                                                                              data.model_sessions[rows])
+                out[rows] = Calibrator.from_json(entry.calibrator_json).apply(
+                    data.probs[rows], data.model_sessions[rows], data.calibration_groups[rows])
         return out
 
     def calibrator_for(self, variant: str) -> tuple[int, Calibrator]:
@@ -113,9 +117,11 @@ class Calibration:
         """Fit one calibrator per variant on all its feedback so far
         (``fit_feedback_calibrator``: one shrunk shift of the confidence level, per model-age
         segment and kind of answer a further shrunk shift; a map of the shape only when it
-        beats the level out of fold by two standard errors), store it as the variant's next version and make it current. Returns what
-        was stored. Variants an operator holds (calibrator_choice.py: after a rollback)
-        are left alone."""
+        beats the level out of fold by two standard errors), and inside it one per
+        calibration group with at least MIN_GROUP_FEEDBACK answers (``fit_grouped_calibrator``;
+        a group with fewer gets the pooled one), store it as the variant's next version
+        and make it current. Returns what was stored. Variants an operator holds
+        (calibrator_choice.py: after a rollback) are left alone."""
         data = self.dataset()
         fitted: dict[str, Calibrator] = {}
         if not len(data):
@@ -133,7 +139,9 @@ class Calibration:
             sample = FeedbackSample.create(data.probs[rows], labels=data.labels[rows], correct=data.correct[rows],
                                            weights=data.weights[rows])
             version = self.store.next_calibrator_version(variant)
-            calibrator = fit_feedback_calibrator(sample, data.model_sessions[rows], version=version)
+            groups = feedback_groups(data.calibration_groups[rows], data.account_ids[rows],
+                                     self._current_groups(data.account_ids[rows]))
+            calibrator = fit_grouped_calibrator(sample, data.model_sessions[rows], groups, version=version)
             calibrator = replace(calibrator, training={**calibrator.training, "fitted_at": now,
                                                        "received_through": float(data.received_at[rows].max())})
             if self.store.save_calibrator(variant, version, calibrator.to_json(), now):
@@ -141,6 +149,13 @@ class Calibration:
                 log.info("calibrator fitted", extra={"fields": {"variant": variant, "version": version,
                                                                 "method": calibrator.method, "n": len(sample)}})
         return fitted
+
+    def _current_groups(self, account_ids: Any) -> dict[str, str] | None:
+        """Each account's calibration group now (its newest prediction's), when feedback is
+        fitted in the household's current group (FEEDBACK_GROUP_OF)."""
+        if FEEDBACK_GROUP_OF != "household":
+            return None
+        return self.store.current_calibration_groups(sorted(set(np.asarray(account_ids).tolist())))
 
     def recalibrate_if_due(self) -> dict[str, Calibrator]:
         """Recalibrate the variants with at least ``recalibrate_min_new`` feedback rows
@@ -218,6 +233,8 @@ def _group_names(data: LabelledPredictions, group_by: str) -> NDArray[np.str_]:
     if group_by == "model_age":   # the calibrators' segments; "unknown" = recorded without it
         names = np.array([*segment_names(DEFAULT_SEGMENT_EDGES), "unknown"])
         return names[segment_of(data.model_sessions, DEFAULT_SEGMENT_EDGES)]
+    if group_by == "calibration_group":   # the calibrators' groups; "default" = the group ""
+        return np.where(data.calibration_groups == "", "default", data.calibration_groups)
     return np.full(len(data), "all")
 
 

@@ -39,7 +39,8 @@ class LabelledPredictions:
     ``variants``, ``household_size``, ``cold_start``, ``account_ids``, ``prediction_ids``;
     ``ts`` the latest feedback time (client clock) and ``received_at`` the latest storage
     time (server clock) per prediction; ``model_sessions`` the sessions the prediction's
-    model had seen (0 = unknown)."""
+    model had seen (0 = unknown); ``calibration_groups`` the group clustering put it in
+    ("" = the default group)."""
 
     probs: NDArray[np.float64]
     labels: NDArray[np.int64]
@@ -53,6 +54,7 @@ class LabelledPredictions:
     ts: NDArray[np.float64]
     received_at: NDArray[np.float64]
     model_sessions: NDArray[np.int64]
+    calibration_groups: NDArray[np.str_]
 
     def __len__(self) -> int:
         return int(self.prediction_ids.shape[0])
@@ -65,7 +67,7 @@ class LabelledPredictions:
         return LabelledPredictions(
             self.probs[rows], self.labels[rows], self.correct[rows], self.weights[rows], self.variants[rows],
             self.household_size[rows], self.cold_start[rows], self.account_ids[rows], self.prediction_ids[rows],
-            self.ts[rows], self.received_at[rows], self.model_sessions[rows])
+            self.ts[rows], self.received_at[rows], self.model_sessions[rows], self.calibration_groups[rows])
 
 
 def persons_of(prediction: PredictionRecord) -> list[str]:
@@ -122,4 +124,5 @@ def build_dataset(rows: Sequence[FeedbackJoined], weights: SignalWeights = Signa
         ts=np.array([latest_ts[ids[i]] for i in order], dtype=np.float64).reshape(-1),
         received_at=np.array([latest_received[ids[i]] for i in order], dtype=np.float64).reshape(-1),
         model_sessions=np.array([chosen[i].model_sessions for i in order], dtype=np.int64).reshape(-1),
+        calibration_groups=np.array([chosen[i].calibration_group for i in order], dtype=object).reshape(-1).astype(str),
     )

@@ -68,6 +68,8 @@ def validate_predictions(items: list[PredictionRecord]) -> list[PredictionRecord
             raise InvalidArgument("must be >= 0", f"{path}.model_version")
         if p.model_sessions < 0:
             raise InvalidArgument("must be >= 0 (0 = unknown)", f"{path}.model_sessions")
+        if p.calibration_group:   # "" = the default group
+            check_id(p.calibration_group, f"{path}.calibration_group")
         if p.household_size < 0 or p.household_size > 64:
             raise InvalidArgument("must be in 0..64 (0 = the number of persons)", f"{path}.household_size")
         out.append(p if p.household_size else replace(p, household_size=len(p.probabilities)))

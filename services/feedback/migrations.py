@@ -96,4 +96,10 @@ ALTER TABLE predictions ADD COLUMN model_sessions {bigint} NOT NULL DEFAULT 0
     Migration(6, "unprompted feedback", """
 ALTER TABLE feedback ADD COLUMN unprompted INTEGER NOT NULL DEFAULT 0
 """),
+    # Migration 7: the calibration group clustering put each answer in ("" = the default
+    # group, also every row stored before), so a calibrator is fitted per group. Part of
+    # the prediction row, so an erasure that deletes the row deletes it too.
+    Migration(7, "calibration group of each prediction", """
+ALTER TABLE predictions ADD COLUMN calibration_group TEXT NOT NULL DEFAULT ''
+"""),
 ]

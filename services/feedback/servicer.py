@@ -33,7 +33,7 @@ def prediction_from_pb(p: pb.Prediction, path: str) -> PredictionRecord:
                             ts_to_float(p, "ts", f"{path}.ts"), p.cold_start, p.household_size, p.device_id,
                             ts_to_float(p, "session_start", f"{path}.session_start", required=False),
                             ts_to_float(p, "session_end", f"{path}.session_end", required=False),
-                            p.model_sessions)
+                            p.model_sessions, p.calibration_group)
 
 
 def _finite_or_nan(value: float | None) -> float:

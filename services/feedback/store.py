@@ -85,14 +85,14 @@ class StoredTrigger:
 
 _PREDICTION_COLUMNS = ("p.prediction_id, p.account_id, p.session_id, p.person_id, p.probabilities, "
                        "p.model_variant, p.model_version, p.ts, p.cold_start, p.household_size, p.device_id, "
-                       "p.session_start, p.session_end, p.model_sessions")
+                       "p.session_start, p.session_end, p.model_sessions, p.calibration_group")
 
 
 def _prediction(row: Sequence) -> PredictionRecord:
     return PredictionRecord(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5], int(row[6]),
                             float(row[7]), bool(row[8]), int(row[9]), row[10] or "",
                             None if row[11] is None else float(row[11]), None if row[12] is None else float(row[12]),
-                            int(row[13] or 0))
+                            int(row[13] or 0), row[14] or "")
 
 
 def _trigger(row: Sequence) -> StoredTrigger:
@@ -119,12 +119,12 @@ class FeedbackStore:
             accepted = tx.executemany(
                 "INSERT INTO predictions (prediction_id, account_id, session_id, person_id, probabilities, "
                 "model_variant, model_version, ts, cold_start, household_size, device_id, session_start, "
-                "session_end, model_sessions) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "session_end, model_sessions, calibration_group) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (prediction_id) DO NOTHING",
                 [(p.prediction_id, p.account_id, p.session_id, p.person_id,
                   json.dumps(p.probabilities, sort_keys=True), p.model_variant, p.model_version, p.ts,
                   int(p.cold_start), p.household_size, p.device_id, p.session_start, p.session_end,
-                  p.model_sessions)
+                  p.model_sessions, p.calibration_group)
                  for p in items])
         return accepted, len(items) - accepted
 
@@ -265,6 +265,23 @@ class FeedbackStore:
                             "WHERE variant = ? ORDER BY version DESC", (variant,))
         return [StoredCalibrator(r[0], int(r[1]), r[2], float(r[3])) for r in rows]
 
+    def current_calibration_groups(self, account_ids: Sequence[str], chunk: int = 500) -> dict[str, str]:
+        """Each account's calibration group now: that of its newest prediction (the model
+        that answers it now stamped it; predictions_account index). Accounts without
+        predictions are absent."""
+        out: dict[str, str] = {}
+        accounts = list(account_ids)
+        with self.db.transaction() as tx:
+            for start in range(0, len(accounts), chunk):
+                part = accounts[start:start + chunk]
+                rows = tx.query(
+                    f"SELECT p.account_id, p.calibration_group FROM predictions p "
+                    f"WHERE p.account_id IN ({', '.join('?' * len(part))}) AND p.ts = "
+                    "(SELECT MAX(q.ts) FROM predictions q WHERE q.account_id = p.account_id) "
+                    "ORDER BY p.account_id, p.prediction_id", part)
+                out.update({r[0]: r[1] or "" for r in rows})   # ties on ts: the last prediction id
+        return out
+
     def current_calibrators(self) -> dict[str, StoredCalibrator]:
         with self.db.transaction() as tx:
             rows = tx.query("SELECT c.variant, c.version, c.calibrator_json, c.fitted_at FROM calibrators c "
@@ -331,7 +348,7 @@ class FeedbackStore:
             "predictions": [{"prediction_id": p.prediction_id, "session_id": p.session_id, "person_id": p.person_id,
                              "probabilities": p.probabilities, "model_variant": p.model_variant,
                              "model_version": p.model_version, "ts": p.ts, "cold_start": p.cold_start,
-                             "household_size": p.household_size}
+                             "household_size": p.household_size, "calibration_group": p.calibration_group}
                             for p in map(_prediction, predictions)],
             "feedback": [{"feedback_id": r[0], "prediction_id": r[1], "kind": r[2], "true_person_id": r[3],
                           "weight": float(r[4]), "ts": float(r[5]), "received_at": float(r[6]),

@@ -144,3 +144,33 @@ def test_the_calibrator_clustering_applies_depends_on_the_model_age(feedback_ser
     assert {r.model_sessions for r in records} == {model.n_sessions} and model.n_sessions > 0
     expected = calibrator.apply(batch.probabilities, np.full(5, model.n_sessions))
     assert [a.confidence for a in answers] == pytest.approx(expected.max(axis=1).tolist())
+
+
+def test_the_calibration_group_crosses_the_wire_both_ways(feedback_server):
+    """RecordPrediction carries each answer's calibration group (clustering's
+    FeedbackPeer.send_predictions, as svc:clustering) into the feedback store, and
+    GetCalibrator's calibrator carries the calibrator per group back."""
+    from services.clustering.domain.model import LABEL_SHAPED_GROUP
+    running, feedback_app = feedback_server
+    peer = FeedbackPeer(f"127.0.0.1:{running.port}")
+    rng = np.random.default_rng(5)
+    records, verdicts = [], []
+    for i in range(400):
+        group = LABEL_SHAPED_GROUP if i % 2 else ""
+        c = float(rng.uniform(0.55, 0.95))
+        right = rng.random() < (c - 0.25 if group else min(c + 0.1, 1.0))
+        records.append(PredictionRecord(f"w{i}", f"acc-w{i % 13}{'l' if group else 'd'}", f"s{i}", "p1", {"p1": c, "p2": 1.0 - c},
+                                        "gmm", 1, NOW - 7200, False, 2, "tv-1", NOW - 7300, NOW - 7250, 400, group))
+        verdicts.append((f"w{i}", right))
+    for start in range(0, len(records), 100):
+        peer.send_predictions(records[start:start + 100])
+    assert feedback_app.intake.store.prediction("w1").calibration_group == LABEL_SHAPED_GROUP
+    assert feedback_app.intake.store.prediction("w0").calibration_group == ""
+    for pid, right in verdicts:
+        kind = SignalKind.PROFILE_CONFIRMED if right else SignalKind.PROFILE_CORRECTED
+        feedback_app.intake.record_feedback(f"f-{pid}", pid, kind, None if right else "p2", NOW - 60)
+    fitted = feedback_app.calibration.recalibrate(["gmm"])["gmm"]
+    fetched = peer.calibrator("gmm")
+    assert set(fetched.groups) == {"", LABEL_SHAPED_GROUP} and fetched.groups == fitted.groups
+    answer = np.array([[0.8, 0.2]])
+    assert fetched.apply(answer, [400], LABEL_SHAPED_GROUP)[0, 0] < 0.8 < fetched.apply(answer, [400], "")[0, 0]

@@ -39,6 +39,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -110,6 +111,17 @@ PLACE_SHARED_SESSIONS = True
 # a personal device: re-weighting them too gained 0.002 (not kept). docs/clustering.md.
 PLACED_BLOCK_WEIGHTS = {"rhythm_weight": 6.0, "genre_weight": 0.5, "gauss_weight": 0.35}
 DEVICE_REFIT_EVERY = 40   # with personal devices: sessions between device-first refits of the buffer
+# Sessions between a model's first fit and its first periodic refit of the buffer (then
+# every DEVICE_REFIT_EVERY). A stream's first fit is of 10 sessions and keeps their count
+# (mostly one person) until that refit, which came at 50 sessions; the batch fit of the
+# same households counts right more often than the settled stream, whose refits came late
+# or at other session counts (docs/benchmarks.md, count, session 16). TUNING, chosen on
+# `bench.stream_tuning` seed 20260001 (144 households) and checked on seed 20260002 (80)
+# and the 145 single-person households of worlds 0-15: 40 -> 20 settled size exact
+# 0.500 -> 0.549 / 0.475 -> 0.500, at arrival 0.444 -> 0.479 / 0.438 -> 0.463, streaming
+# accuracy 0.6370 -> 0.6367 / 0.6676 -> 0.6694, singles kept 0.964 / 0.824 unchanged
+# (0.903 -> 0.897 of 145), joins/leaves unchanged.
+FIRST_REFIT_AFTER = 20
 RECENT_WINDOW = 40        # recent sessions whose worst-explained seed a newcomer (_reselect)
 BUFFER_CAP = 1000         # sessions the re-selection refits on (the newest)
 RESELECT_HYSTERESIS = 40.0  # BIC units a new person count must win by (stable ids)
@@ -548,17 +560,20 @@ def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None, device
             new_top[settled] = shifted_confidence(np.interp(top[settled], sx, sy),
                                                   household_shift(device_groups, n_live[settled],
                                                                   DEVICE_CONFIDENCE_SHIFT["settled"], sessions))
-    return _with_top(P, new_top, n_live, one)
+    return _with_top(P, new_top, n_live, one, idx)
 
 
-def _with_top(P: np.ndarray, new_top: np.ndarray, n_live: np.ndarray, single_top: np.ndarray) -> np.ndarray:
+def _with_top(P: np.ndarray, new_top: np.ndarray, n_live: np.ndarray, single_top: np.ndarray | float,
+              idx: np.ndarray | None = None) -> np.ndarray:
     """(N, K) ``P`` with its top label's probability set to ``new_top`` (floored at 1 /
     persons and just above where the rescaled runner-up would tie: a confidence says
     how sure the answer is, never who it is) and the other persons rescaled to share
     the rest; a one-person row's top becomes ``single_top`` (its rest belongs to nobody
-    the model knows)."""
+    the model knows). ``idx``: P's argmax when the caller has it (this runs with every
+    answer: the single assign's p50 is ~100 µs, and each repeated numpy call is ~1 %)."""
     rows = np.arange(P.shape[0])
-    idx = P.argmax(axis=1)
+    if idx is None:
+        idx = P.argmax(axis=1)
     top = P[rows, idx]
     new_top = np.maximum(np.asarray(new_top, dtype=P.dtype), 1.0 / np.maximum(n_live, 1))
     if P.shape[1] > 1:
@@ -567,7 +582,8 @@ def _with_top(P: np.ndarray, new_top: np.ndarray, n_live: np.ndarray, single_top
         rest_mass = np.maximum(1.0 - top, runner_up)
         new_top = np.maximum(new_top, runner_up / np.maximum(rest_mass + runner_up, 1e-12) * (1.0 + 1e-6))
     single = n_live <= 1
-    new_top[single] = np.broadcast_to(single_top, new_top.shape)[single]
+    if single.any():
+        new_top[single] = single_top if np.ndim(single_top) == 0 else np.asarray(single_top)[single]
     rest = np.maximum(1.0 - top, 1e-12)
     out = P * ((1.0 - new_top) / rest)[:, None]
     out[rows, idx] = new_top
@@ -644,17 +660,35 @@ class BatchAssignment:
         return [self.person_ids[i] for i in self.person_index]
 
 
-def feedback_calibrator_rows(model: "HouseholdModel", answer: BatchAssignment) -> np.ndarray:
-    """(N,) which of ``answer``'s rows the feedback service's calibrator recalibrates
-    (ClusteringApp._answer; the benchmarks score the same rows through this function):
-    not a cold start's answer over several persons (population personas), and none of a
-    model whose persons labels added (``persons_from_labels``): the calibrator learnt from
-    answers served before such labels, which the labels then changed (on real viewers
-    40-54 % of the answers; docs/benchmarks.md, issue #10 session 15)."""
-    rows = np.full(answer.probabilities.shape[0], not model.persons_from_labels)
+LABEL_SHAPED_GROUP = "persons_from_labels"   # calibration group of a model whose persons labels added
+
+
+class FeedbackCalibration(NamedTuple):
+    """Which rows of an answer the feedback service's calibrator recalibrates, and the
+    calibration group they belong to (``feedback_calibrator_rows``)."""
+    rows: np.ndarray   # (N,) bool
+    group: str         # "" (the default group) or LABEL_SHAPED_GROUP
+
+
+def feedback_calibrator_rows(model: "HouseholdModel", answer: BatchAssignment) -> FeedbackCalibration:
+    """The one rule (ClusteringApp._answer applies it; the benchmarks score the same rows
+    and groups through this function) for which of ``answer``'s rows the feedback
+    service's calibrator recalibrates and with which group's calibrator:
+
+    * rows: all but a cold start's answer over several persons (population personas,
+      which no feedback describes);
+    * group: ``LABEL_SHAPED_GROUP`` for a model whose persons labels added
+      (``persons_from_labels``), "" otherwise. The households labels reshape are the
+      under-counted ones, over-confident before and after their labels, while the rest
+      are under-confident (docs/benchmarks.md, issue #10 sessions 15-16): one calibrator
+      fitted on both serves neither, so the feedback service fits one per group (the
+      group travels with each prediction record) and falls back to the pooled one for a
+      group with too little feedback (services/feedback/domain/recalibration.py
+      ``fit_grouped_calibrator``)."""
+    rows = np.ones(answer.probabilities.shape[0], dtype=bool)
     if answer.strategy.startswith("cold_start"):
         rows &= (answer.probabilities > 0).sum(axis=1) == 1
-    return rows
+    return FeedbackCalibration(rows, LABEL_SHAPED_GROUP if model.persons_from_labels else "")
 
 
 class PopulationPrior:
@@ -820,7 +854,7 @@ class HouseholdModel:
         self.buffer = np.zeros((0, F.FEATURE_DIM + 1), dtype=np.float32)
         self.buffer_keys = np.zeros(0, dtype=np.int64)
         self.since_check = 0
-        self.since_refit = 0
+        self.since_refit = DEVICE_REFIT_EVERY - FIRST_REFIT_AFTER   # the first refit sooner
         self.composition_events: list[dict] = []
         self.inactive: set[str] = set()  # persons reported as having left
         self.joined: set[str] = set()    # persons reported as having joined
@@ -1549,8 +1583,9 @@ class HouseholdModel:
         """Streaming with device evidence: refit the buffer device-first (as ``fit``
         does) when its personal-device groups changed — a new personal device with
         enough sessions, or two devices now seen to be one person's — and every
-        DEVICE_REFIT_EVERY sessions otherwise, so a member who only uses the TV can be
-        born. Ids are matched to the old persons. False when the household has no
+        DEVICE_REFIT_EVERY sessions otherwise (the first FIRST_REFIT_AFTER sessions after
+        the first fit), so a member who only uses the TV can be born. Ids are matched to
+        the old persons. False when the household has no
         personal-device group (the BIC re-selection then runs instead)."""
         X = self._buffer_X()
         if X.shape[0] < MIN_SESSIONS:

@@ -56,7 +56,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
-from numpy.typing import ArrayLike
+from numpy.typing import ArrayLike, NDArray
 from scipy.optimize import minimize_scalar
 from sklearn.isotonic import IsotonicRegression
 
@@ -438,6 +438,68 @@ def fit_feedback_calibrator(
                                               one_person_prior=prior, segment_prior=segment_prior)
             return replace(shaped, training={**shaped.training, "gate": gate_report})
     return replace(level, training={**level.training, "gate": gate_report})
+
+
+# A calibration group gets its own calibrator from this many feedback answers, else the
+# pooled one (TUNING, session 16: 25 and 50 best and equal on worlds 12-15 and real viewers'
+# tuning half; 100 loses the label-shaped group's own calibrator on worlds, 200 on both).
+MIN_GROUP_FEEDBACK = 50
+# Which group a feedback answer is fitted in: "answered" = the group clustering stamped on
+# it when it was served; "household" = its household's group now (its newest prediction's).
+# "household" (TUNING, session 16): the feedback that reshaped a household was given on
+# answers served before its labels, in the default group; they describe the households
+# labels reshape (under-counted, over-confident), so they are fitted with them, and the
+# default group's calibrator learns from the households that stay in it.
+FEEDBACK_GROUP_OF = "household"
+GROUP_OF_CHOICES = ("answered", "household")
+
+
+def fit_grouped_calibrator(
+    sample: FeedbackSample,
+    model_sessions: ArrayLike,
+    groups: ArrayLike,
+    min_group: int = MIN_GROUP_FEEDBACK,
+    version: int = 1,
+) -> Calibrator:
+    """What the service fits per variant: ``fit_feedback_calibrator`` on every answer
+    with feedback (the pooled calibrator, the top level), and the same fit on each
+    calibration group's answers alone (``groups`` (n,): each answer's group, as
+    clustering stamped it, ``feedback_groups``) for every group with at least
+    ``min_group`` of them; a group with fewer, or one clustering names later, gets the
+    pooled calibrator (services/common/calibration.py, "Groups"). With one group only,
+    its calibrator would be the pooled one: none is stored."""
+    names = np.asarray(groups, dtype=object).reshape(-1).astype(str)
+    ages = np.asarray(model_sessions).reshape(-1)
+    if names.shape[0] != len(sample) or ages.shape[0] != len(sample):
+        raise InvalidArgument("groups", f"must have one value per answer ({len(sample)})")
+    pooled = fit_feedback_calibrator(sample, ages, version=version)
+    present, counts = np.unique(names, return_counts=True)
+    parts: dict[str, Calibrator] = {}
+    report: dict[str, Any] = {}
+    for name, count in zip(present.tolist(), counts.tolist()):
+        own = count >= min_group and present.size > 1
+        if own:
+            rows = names == name
+            parts[name] = fit_feedback_calibrator(sample.subset(rows), ages[rows], version=version)
+        report[name] = {"n": int(count), "own": bool(own),
+                        **({"shift": parts[name].training.get("shift")} if own else {})}
+    return replace(pooled, groups=parts,
+                   training={**pooled.training, "groups": report, "min_group": int(min_group)})
+
+
+def feedback_groups(answered: ArrayLike, account_ids: ArrayLike, current: dict[str, str] | None,
+                    group_of: str = FEEDBACK_GROUP_OF) -> NDArray:
+    """(n,) the calibration group each feedback answer is fitted in. ``answered``: the
+    group clustering stamped on it; with ``group_of`` "household", ``current`` (account ->
+    group of the account's newest prediction): the household's group now, which the
+    answer takes instead (docs/feedback.md, "Calibration groups")."""
+    if group_of not in GROUP_OF_CHOICES:
+        raise InvalidArgument("group_of", f"must be one of {GROUP_OF_CHOICES}, got {group_of!r}")
+    out = np.asarray(answered, dtype=object).reshape(-1).copy()
+    if group_of == "household" and current:
+        accounts = np.asarray(account_ids, dtype=object).reshape(-1)
+        out = np.array([current.get(a, g) for a, g in zip(accounts, out)], dtype=object)
+    return out
 
 
 def fit_segmented_calibrator(

@@ -8,7 +8,7 @@ import pytest
 
 from services.clustering.domain import model as M
 from services.clustering.domain.model import HouseholdModel, _share_change_llr
-from tests.unit.clustering.test_identity_signals import household, persona_sessions
+from tests.unit.clustering.test_identity_signals import household, persona_sessions, stream_in_fives
 
 
 def _stream(X, dev, batch=5):
@@ -98,14 +98,7 @@ def test_a_newcomer_on_the_shared_tv_is_born_and_reported_within_30_sessions():
     the newcomer's later sessions an id of their own."""
     X, dev, person = _newcomer_household()
     first_new = int(np.flatnonzero(person == 2)[0])
-    m = HouseholdModel()
-    ids, events = [], []
-    for a in range(0, X.shape[0], 5):
-        before = len(m.composition_events)
-        m.update(X[a:a + 5], device_ids=dev[a:a + 5])
-        events += [(a + 5, e) for e in m.composition_events[before:]]
-        ids += m.assign_batch(X[a:a + 5], device_ids=dev[a:a + 5]).person()
-    ids = np.array(ids)
+    m, ids, events = stream_in_fives(X, dev)
     joins = [(at, e) for at, e in events if e["kind"] == "join"]
     assert len(joins) == 1 and first_new <= joins[0][0] <= first_new + 30
     assert not [e for _, e in events if e["kind"] == "leave"]

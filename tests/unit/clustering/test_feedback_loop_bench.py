@@ -29,17 +29,18 @@ def test_the_fed_stream_binds_its_labels_and_answers_as_the_stream():
     h = _households(2)[1]   # 156 sessions, two persons
     _, P, _ = E.hearth_stream(h)
     none = np.zeros(h.n_sessions, dtype=bool)
-    unfed, calibrated = E.hearth_stream_fed(h, none)
+    unfed, calibrated, groups = E.hearth_stream_fed(h, none)
     np.testing.assert_allclose(unfed, P)
     assert calibrated.all()   # no labels: every answer goes through the feedback calibrator
+    assert set(groups) == {""}
     fed = none.copy()
     fed[[70, 90]] = True
     # feedback on a stream binds to its persons (HouseholdModel.binds_labels): every
     # answer is the stream's own person (a full refit at each label answered
     # differently); the probabilities move only a little, as the keeper folds the two
     # labelled sessions in clamped to their persons at its next micro-batch
-    fed_P, calibrated = E.hearth_stream_fed(h, fed)
-    assert calibrated.all()   # bound labels add no person (persons_from_labels)
+    fed_P, calibrated, groups = E.hearth_stream_fed(h, fed)
+    assert calibrated.all() and set(groups) == {""}   # bound labels add no person (persons_from_labels)
     np.testing.assert_array_equal(fed_P.argmax(axis=1), P.argmax(axis=1))
     np.testing.assert_allclose(fed_P, P, atol=0.01)
     stream = E.ServiceStream(h)
@@ -50,38 +51,61 @@ def test_the_fed_stream_binds_its_labels_and_answers_as_the_stream():
     assert stream.envelope.model.label_map == {"p1": "p1"}
 
 
+def _as_served(P: np.ndarray, group: str = "", calibrated: bool = True) -> E.FedAnswers:
+    return E.FedAnswers(P, np.full(P.shape[0], calibrated), np.full(P.shape[0], group, dtype=object))
+
+
 def test_the_whole_loop_scores_the_refitted_answers_with_the_calibrator():
     hs = _households(2)
     fed = E.feedback_draws(hs, draws=2)
     probs = [E.hearth_batch(h)[1] for h in hs]
     ages = E.model_ages(hs, "batch")
-    same = E.mesh_after_feedback(hs, probs, [[p, p] for p in probs], fed, ages, sample_before=True)
+    same = E.mesh_after_feedback(hs, probs, [[_as_served(p)] * 2 for p in probs], fed, ages, sample_before=True)
     # labels that change nothing: the loop is the calibrator alone
     assert same["labels_only"] == same["no_feedback"] and same["mesh"] == same["calibrator_only"]
     assert same["draws"] == 2 and len(same["per_draw"]["mesh"]) == 2
     # labels that make every answer sure of its person: scored on those answers
     sure = [np.eye(p.shape[1])[p.argmax(axis=1)] for p in probs]
-    loop = E.mesh_after_feedback(hs, probs, [[s, s] for s in sure], fed, ages, sample_before=True)
+    loop = E.mesh_after_feedback(hs, probs, [[_as_served(s)] * 2 for s in sure], fed, ages, sample_before=True)
     assert loop["labels_only"] != same["labels_only"] and loop["no_feedback"] == same["no_feedback"]
     acc = loop["accuracy_after"]
     assert abs(loop["labels_only"] - (1.0 - acc)) < 1e-9   # every answer at 1.0: ECE = 1 - accuracy
 
 
-def test_the_whole_loop_leaves_answers_of_label_shaped_models_uncalibrated():
-    """Answers the service serves without the calibrator (a model whose persons labels
-    added: fed_calibrated False) are scored as they are; the calibrator applied to every
-    answer stays beside them (mesh_calibrator_everywhere)."""
+def test_the_whole_loop_calibrates_each_group_with_the_services_grouped_calibrator():
+    """The loop's answers are served as ClusteringApp._answer serves them: each with the
+    calibrator of the group it was stamped with (FedAnswers.groups), fitted by the
+    feedback service's own fit_grouped_calibrator on the groups feedback_groups gives;
+    answers left uncalibrated (FedAnswers.calibrated False) are scored as they are; the
+    designs before it (one calibrator everywhere, label-shaped answers skipped) beside."""
+    from services.clustering.domain.model import LABEL_SHAPED_GROUP
     hs = _households(2)
     fed = E.feedback_draws(hs, draws=2)
     probs = [E.hearth_batch(h)[1] for h in hs]
     ages = E.model_ages(hs, "batch")
-    fed_probs = [[p, p] for p in probs]
-    everywhere = E.mesh_after_feedback(hs, probs, fed_probs, fed, ages, sample_before=True)
+    plain = [[_as_served(p)] * 2 for p in probs]
+    everywhere = E.mesh_after_feedback(hs, probs, plain, fed, ages, sample_before=True)
     assert everywhere["mesh"] == everywhere["mesh_calibrator_everywhere"] == everywhere["calibrator_only"]
-    nowhere = E.mesh_after_feedback(hs, probs, fed_probs, fed, ages, sample_before=True,
-                                    fed_calibrated=[[np.zeros(h.n_sessions, dtype=bool)] * 2 for h in hs])
+    assert everywhere["mesh_skip_label_shaped"] == everywhere["mesh"] and everywhere["share_label_shaped"] == 0.0
+    nowhere = E.mesh_after_feedback(hs, probs, [[_as_served(p, calibrated=False)] * 2 for p in probs], fed, ages,
+                                    sample_before=True)
     assert nowhere["mesh"] == nowhere["labels_only"] and nowhere["share_uncalibrated"] == 1.0
-    assert nowhere["mesh_calibrator_everywhere"] == everywhere["mesh"] != nowhere["mesh"]
+    # the second household label-shaped: with the feedback fitted in the household's group
+    # now and no minimum, each group gets its own calibrator (served answers differ from
+    # the pooled calibrator's); with an unreachable minimum, the pooled one serves both
+    shaped = [[_as_served(probs[0])] * 2, [_as_served(probs[1], LABEL_SHAPED_GROUP)] * 2]
+    own = E.mesh_after_feedback(hs, probs, shaped, fed, ages, sample_before=True, min_group=1, group_of="household")
+    assert own["groups_with_own_calibrator"] == 2.0 and 0 < own["share_label_shaped"] < 1
+    assert own["mesh"] != own["mesh_calibrator_everywhere"]
+    assert own["mesh_skip_label_shaped"] != own["mesh_calibrator_everywhere"]
+    pooled = E.mesh_after_feedback(hs, probs, shaped, fed, ages, sample_before=True, min_group=10 ** 9,
+                                   group_of="household")
+    assert pooled["groups_with_own_calibrator"] == 0.0 and pooled["mesh"] == pooled["mesh_calibrator_everywhere"]
+    # answered before any label (a batch's feedback sample), every fed answer is in the
+    # default group: the label-shaped answers fall back to the pooled calibrator
+    answered = E.mesh_after_feedback(hs, probs, shaped, fed, ages, sample_before=True, min_group=1,
+                                     group_of="answered")
+    assert answered["groups_with_own_calibrator"] == 0.0 and answered["mesh"] == pooled["mesh"]
 
 
 def test_the_benchmark_reports_the_whole_loop_as_ece_after_and_the_calibrator_beside_it():
@@ -109,12 +133,12 @@ def test_the_fed_stream_runs_the_feedback_services_disagreement_refit(monkeypatc
         streams.append(self)
         refit(self, b, reason)
     monkeypatch.setattr(E.ServiceStream, "refit", recorded)
-    with_trigger, _ = E.hearth_stream_fed(hs[i], fed[i][0])
+    with_trigger = E.hearth_stream_fed(hs[i], fed[i][0]).probs
     assert calls and all(is_feedback_trigger(reason) for _, reason, _ in calls)
     # a stream's labels were bound, not refitted; a model not streaming was refitted
     refitted = {b for b, reason in streams[0].refits if is_feedback_trigger(reason)}
     assert refitted == {b for b, _, binds in calls if not binds}
     monkeypatch.setattr(E.ServiceStream, "refit", lambda self, b, reason: None)
-    without, _ = E.hearth_stream_fed(hs[i], fed[i][0])
+    without = E.hearth_stream_fed(hs[i], fed[i][0]).probs
     if not refitted:
         np.testing.assert_allclose(with_trigger, without)

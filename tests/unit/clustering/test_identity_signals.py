@@ -34,6 +34,24 @@ def household(parts):
     return ts[order], X[order], dev[order], person[order]
 
 
+def stream_in_fives(X, dev):
+    """The sessions arriving five at a time, as the service folds them in: (the model,
+    each session's person at arrival, [(sessions seen, composition event)])."""
+    m = HouseholdModel()
+    ids, events = [], []
+    for a in range(0, X.shape[0], 5):
+        before = len(m.composition_events)
+        m.update(X[a:a + 5], device_ids=dev[a:a + 5])
+        events += [(a + 5, e) for e in m.composition_events[before:]]
+        ids += m.assign_batch(X[a:a + 5], device_ids=dev[a:a + 5]).person()
+    return m, np.array(ids), events
+
+
+def first_join(events):
+    """Sessions seen when the first join fired (None: never)."""
+    return next((at for at, e in events if e["kind"] == "join"), None)
+
+
 def test_personal_devices_are_evidence_of_persons():
     """Two people with close habits (evening hours three hours apart, the same genres), each
     on their own phone. Device identity is what separates them: with device ids the
@@ -115,16 +133,9 @@ def test_a_new_member_is_found_in_a_time_ordered_stream():
                                 start_day=60), "tablet", 1)]
     ts, X, dev, person = household(parts)
     first_new = int(np.flatnonzero(person == 1)[0])
-    m = HouseholdModel()
-    ids, found_at = [], None
-    for a in range(0, X.shape[0], 5):
-        before = len(m.composition_events)
-        m.update(X[a:a + 5], device_ids=dev[a:a + 5])
-        if found_at is None and any(e["kind"] == "join" for e in m.composition_events[before:]):
-            found_at = a + 5
-        ids += m.assign_batch(X[a:a + 5], device_ids=dev[a:a + 5]).person()
+    m, ids, events = stream_in_fives(X, dev)
+    found_at = first_join(events)
     assert found_at is not None and first_new <= found_at <= first_new + 30
-    ids = np.array(ids)
     late = np.arange(len(ids)) >= found_at
     newcomer = set(ids[late & (person == 1)])
     assert len(newcomer) == 1 and newcomer.isdisjoint(set(ids[late & (person == 0)]))

@@ -310,24 +310,27 @@ def test_a_model_whose_persons_labels_added_says_so_through_its_bytes_and_a_refi
     assert not HouseholdModel.from_bytes(buf.getvalue()).persons_from_labels
 
 
-def test_feedback_calibrator_rows_leave_population_personas_and_label_shaped_models_alone(prior, households):
-    """The rows the service recalibrates with the feedback calibrator (ClusteringApp._answer)
-    and the benchmarks score the same way: a cold start's answer over several population
-    personas is left as is, a one-person cold start and a fitted model are recalibrated,
-    and nothing of a model whose persons labels added."""
-    from services.clustering.domain.model import feedback_calibrator_rows
+def test_feedback_calibrator_rows_leave_population_personas_alone_and_group_label_shaped_models(prior, households):
+    """The rows the service recalibrates with the feedback calibrator and the group whose
+    calibrator it uses (ClusteringApp._answer), which the benchmarks score the same way:
+    a cold start's answer over several population personas is left as is, a one-person
+    cold start and a fitted model are recalibrated in the default group, and every answer
+    of a model whose persons labels added in the label-shaped group."""
+    from services.clustering.domain.model import LABEL_SHAPED_GROUP, feedback_calibrator_rows
     X = households[0].features
     cold = HouseholdModel(cold_start="population_prior", population_prior=prior).fit(X[:6])
     out = cold.assign_batch(X[:6])
     several = (out.probabilities > 0).sum(axis=1) > 1
     assert out.strategy == "cold_start:population_prior" and several.any()
-    assert np.array_equal(feedback_calibrator_rows(cold, out), ~several)
+    rows, group = feedback_calibrator_rows(cold, out)
+    assert np.array_equal(rows, ~several) and group == ""
     one = HouseholdModel(cold_start="account").fit(X[:6])
-    assert feedback_calibrator_rows(one, one.assign_batch(X[:6])).all()
+    assert feedback_calibrator_rows(one, one.assign_batch(X[:6])).rows.all()
     fitted = HouseholdModel().fit(X)
-    assert feedback_calibrator_rows(fitted, fitted.assign_batch(X)).all()
+    assert feedback_calibrator_rows(fitted, fitted.assign_batch(X)).rows.all()
     fitted.persons_from_labels = True
-    assert not feedback_calibrator_rows(fitted, fitted.assign_batch(X)).any()
+    rows, group = feedback_calibrator_rows(fitted, fitted.assign_batch(X))
+    assert rows.all() and group == LABEL_SHAPED_GROUP
 
 
 def test_a_person_the_labels_add_starts_as_its_labels_share_of_its_parent(monkeypatch):

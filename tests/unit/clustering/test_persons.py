@@ -8,7 +8,7 @@ import numpy as np
 
 from services.clustering.domain import persons
 from services.clustering.domain.model import HouseholdModel
-from tests.unit.clustering.test_identity_signals import household, persona_sessions
+from tests.unit.clustering.test_identity_signals import first_join, household, persona_sessions, stream_in_fives
 
 
 def _slots(dev):
@@ -98,15 +98,8 @@ def test_a_member_with_a_new_phone_is_found_in_the_stream_and_keeps_the_old_ids(
               "phone-b", 1)]
     _, X, dev, person = household(parts)
     first_new = int(np.flatnonzero(person == 1)[0])
-    m = HouseholdModel()
-    ids, found_at = [], None
-    for a in range(0, X.shape[0], 5):
-        before = len(m.composition_events)
-        m.update(X[a:a + 5], device_ids=dev[a:a + 5])
-        if found_at is None and any(e["kind"] == "join" for e in m.composition_events[before:]):
-            found_at = a + 5
-        ids += m.assign_batch(X[a:a + 5], device_ids=dev[a:a + 5]).person()
-    ids = np.array(ids)
+    m, ids, events = stream_in_fives(X, dev)
+    found_at = first_join(events)
     assert found_at is not None and first_new <= found_at <= first_new + 30
     assert set(ids[person == 0]) == {"p1"}
     late = np.arange(len(ids)) >= found_at + 5
@@ -411,3 +404,25 @@ def test_a_newcomer_must_differ_in_viewing_hours_a_binge_of_someone_there_does_n
     assert not persons.differ_in_hours(np.vstack((usual, binge)), newcomer, 2.0)
     assert persons.differ_in_hours(np.vstack((usual, morning)), newcomer, 2.0)
     assert not persons.differ_in_hours(np.vstack((usual, morning))[:61], newcomer[:61], 2.0)  # one session
+
+
+def test_a_streams_first_refit_of_the_buffer_comes_twenty_sessions_after_its_first_fit(monkeypatch):
+    """The stream's first fit (10 sessions) keeps its person count until the buffer is
+    refitted; that refit came DEVICE_REFIT_EVERY = 40 sessions later (at 50), so short
+    streams kept the first fit's count and the settled count fell behind the batch fit's
+    (docs/benchmarks.md, count, session 16). Now FIRST_REFIT_AFTER = 20: at 30 sessions,
+    then every 40."""
+    from services.clustering.domain import model as M
+    h = _tuning_household("bingers", 2, 0)   # two TV viewers, no personal device
+    refits: list[int] = []
+    original = M.HouseholdModel._refit_buffer
+
+    def spy(self, *args, **kwargs):
+        refits.append(self.n_sessions)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(M.HouseholdModel, "_refit_buffer", spy)
+    m = HouseholdModel()
+    for a in range(0, 75, 5):
+        m.update(h.features[a:a + 5], device_ids=h.device_id[a:a + 5])
+    assert refits == [30, 70], refits

@@ -235,3 +235,45 @@ def test_accept_from_two_never_splits_a_household_bic_counted_as_one():
     assert S.AcceptRule().fit(train).choose(single(6.0, 1))["k"] == 2
     assert S.AcceptFromTwo().fit(train).choose(single(6.0, 1))["k"] == 1
     assert S.AcceptFromTwo().fit(train).choose(_household("b", "b-w0", 3, 6.0))["k"] == 3
+
+
+def _two_viewers(hours_b: float, genre_b: int) -> W.WorldHousehold:
+    """Two members on one TV: member 0 at 20:00 watching genre 0, member 1 at ``hours_b``
+    watching genre ``genre_b``."""
+    from services.clustering.domain import features as F
+    n = 40
+    person = np.repeat([0, 1], n // 2)
+    X = np.zeros((n, F.FEATURE_DIM), dtype=np.float32)
+    X[person == 0, F.GENRE.start] = 1.0
+    X[person == 1, F.GENRE.start + genre_b] = 1.0
+    day = np.arange(n) * 86_400.0
+    start = day + np.where(person == 0, 20.0, hours_b) * 3600.0
+    return W.WorldHousehold("h", "f", "w", X, person, np.array(["tv"] * n), np.array(["tv"] * n),
+                            start, np.full(n, 3600.0), 0.0)
+
+
+def test_member_evidence_names_what_a_missed_member_leaves():
+    assert S.member_evidence(_two_viewers(20.0, 0), 1, owns_device=True) == "own personal device"
+    assert S.member_evidence(_two_viewers(9.0, 0), 1, owns_device=False) == "shared, other hours"
+    # 22:00 against 20:00 is under MEMBER_HOUR_GAP: the same hours; then the genre mix decides
+    assert S.member_evidence(_two_viewers(22.0, 1), 1, owns_device=False) == "shared, same hours, taste apart"
+    assert S.member_evidence(_two_viewers(22.0, 0), 1, owns_device=False) == "shared, same hours, same taste"
+    # the hour is circular: 23:00 and 01:00 are 2 hours apart, not 22
+    h = _two_viewers(1.0, 0)
+    h.start_ts[h.person == 0] += 3 * 3600.0
+    assert S.member_evidence(h, 1, owns_device=False) == "shared, same hours, same taste"
+
+
+def test_diagnosis_counts_missed_members_by_evidence_and_true_size():
+    base = {"family": "f", "sessions": 100, "groups": 0, "owners": 0, "accuracy": 0.7, "lost": 30,
+            "heuristic_lost": 40, "cause": "shared_only_under"}
+    miss = {"sessions": 20, "own_devices": 0}
+    rows = [{**base, "household": "a", "true": 2, "fitted": 1, "missed": [{**miss, "evidence": "shared, other hours"}]},
+            {**base, "household": "b", "true": 3, "fitted": 1,
+             "missed": [{**miss, "evidence": "shared, other hours"}, {**miss, "evidence": "own personal device"}]},
+            # an over-count's unmatched members are not "missed" by an under-count
+            {**base, "household": "c", "true": 2, "fitted": 3, "cause": "born_not_there",
+             "missed": [{**miss, "evidence": "own personal device"}]}]
+    by = S.diagnosis(rows)["missed_by_evidence"]
+    assert by == {"2": {"own personal device": 0, "shared, other hours": 1},
+                  "3": {"own personal device": 1, "shared, other hours": 1}}
