@@ -112,16 +112,13 @@ PLACE_SHARED_SESSIONS = True
 PLACED_BLOCK_WEIGHTS = {"rhythm_weight": 6.0, "genre_weight": 0.5, "gauss_weight": 0.35}
 DEVICE_REFIT_EVERY = 40   # with personal devices: sessions between device-first refits of the buffer
 # Sessions between a model's first fit and its first periodic refit of the buffer (then
-# every DEVICE_REFIT_EVERY). A stream's first fit is of 10 sessions and keeps their count
-# (mostly one person) until that refit, which came at 50 sessions; the batch fit of the
-# same households counts right more often than the settled stream, whose refits came late
-# or at other session counts (docs/benchmarks.md, count, session 16). TUNING, chosen on
-# `bench.stream_tuning` seed 20260001 (144 households) and checked on seed 20260002 (80)
-# and the 145 single-person households of worlds 0-15: 40 -> 20 settled size exact
-# 0.500 -> 0.549 / 0.475 -> 0.500, at arrival 0.444 -> 0.479 / 0.438 -> 0.463, streaming
-# accuracy 0.6370 -> 0.6367 / 0.6676 -> 0.6694, singles kept 0.964 / 0.824 unchanged
-# (0.903 -> 0.897 of 145), joins/leaves unchanged.
-FIRST_REFIT_AFTER = 20
+# every DEVICE_REFIT_EVERY). Measured at 20 (the first refit at 30 sessions instead of 50)
+# on TUNING, session 16, and not kept: settled size exact 0.500 -> 0.549 (bench.stream_tuning
+# seed 20260001, 144) and 0.475 -> 0.500 (seed 20260002, 80), but the short streams it was
+# meant for did not change (the gains were shared-only refits moved to other session counts),
+# and on the real viewers' TUNING half (80 streamed households) settled size exact fell
+# 0.488 -> 0.463 and one single viewer of 16 was split (docs/benchmarks.md, count, session 16).
+FIRST_REFIT_AFTER = 40
 RECENT_WINDOW = 40        # recent sessions whose worst-explained seed a newcomer (_reselect)
 BUFFER_CAP = 1000         # sessions the re-selection refits on (the newest)
 RESELECT_HYSTERESIS = 40.0  # BIC units a new person count must win by (stable ids)
@@ -854,7 +851,7 @@ class HouseholdModel:
         self.buffer = np.zeros((0, F.FEATURE_DIM + 1), dtype=np.float32)
         self.buffer_keys = np.zeros(0, dtype=np.int64)
         self.since_check = 0
-        self.since_refit = DEVICE_REFIT_EVERY - FIRST_REFIT_AFTER   # the first refit sooner
+        self.since_refit = DEVICE_REFIT_EVERY - FIRST_REFIT_AFTER
         self.composition_events: list[dict] = []
         self.inactive: set[str] = set()  # persons reported as having left
         self.joined: set[str] = set()    # persons reported as having joined
@@ -1584,7 +1581,7 @@ class HouseholdModel:
         does) when its personal-device groups changed — a new personal device with
         enough sessions, or two devices now seen to be one person's — and every
         DEVICE_REFIT_EVERY sessions otherwise (the first FIRST_REFIT_AFTER sessions after
-        the first fit), so a member who only uses the TV can be born. Ids are matched to
+        the first fit; the same 40), so a member who only uses the TV can be born. Ids are matched to
         the old persons. False when the household has no
         personal-device group (the BIC re-selection then runs instead)."""
         X = self._buffer_X()
