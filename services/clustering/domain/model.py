@@ -433,15 +433,18 @@ NEW_DEVICE_CONFIDENCE: dict[str, float] = {"one_person": 0.5342, "several": 0.20
 # A cold start's answer among several persons (the "population_prior" strategy, the
 # service's default: each persona of the prior the household's first sessions use is a
 # person) says how often such answers were right, floored at 1 / persons. Until session
-# 15 they passed raw: TUNING households' first nine sessions with a prior fitted on 200
-# TUNING households (as the service builds it), 80 % of cold answers named one of
-# several persons at raw 0.99 and were right 0.52 (fresh TUNING worlds 0.52, the real
-# viewers' tuning half 0.53); the benchmarks' streams never met them (their keeper has no
-# prior). Neither the posterior nor the persons nor the sessions seen separate right
-# from wrong out of sample (a logistic fit in persons and the posterior's logit: ECE on
-# fresh worlds 0.003 -> 0.024 / 0.032 against one figure), so one figure. Fitted on TUNING
-# by `python -m bench.accuracy --calibrate-confidence --device-maps-only`
-# (bench._confidence.cold_start_answers).
+# 15 they passed raw (0.99). Neither the posterior nor the persons nor the sessions seen
+# separate right from wrong out of sample (a logistic fit in persons and the posterior's
+# logit: ECE on fresh worlds 0.003 -> 0.024 / 0.032 against one figure), so one figure.
+# Since session 16 the benchmarks' streams answer cold starts from their world's prior
+# as the service does (bench/_worlds_eval.world_priors), and the figure is fitted on
+# those streams' cold answers, right against the persons matched over the whole stream
+# as the benchmark scores them: 0.29-0.34 (4,808 TUNING + real-viewer answers), where
+# session 15's run of the first nine sessions alone, matched among themselves, said 0.53.
+# TUNING, a family left out, ECE at arrival / a day per arrival: 0.53 -> 0.32 gives
+# 0.027 / 0.027 -> 0.022 / 0.022; the real viewers, a world left out, 0.048 / 0.048 ->
+# 0.040 / 0.040 (docs/benchmarks.md, session 16). Fitted on TUNING by `python -m
+# bench.accuracy --calibrate-confidence --device-maps-only` (fit_device_confidence).
 COLD_START_CONFIDENCE = 0.32
 
 
