@@ -493,6 +493,24 @@ def member_evidence(h: worlds.WorldHousehold, person: int, owns_device: bool) ->
     return "shared, same hours, taste apart" if taste >= MEMBER_TASTE_GAP else "shared, same hours, same taste"
 
 
+def hours_z_against_host(h: worlds.WorldHousehold, pred: np.ndarray, person: int) -> float:
+    """Truth, for the diagnosis only: how far a missed member's viewing hours are told
+    apart (``persons.auc_z`` of the leave-one-out AUC on ``persons.viewing_hours``) from
+    the other sessions of the fitted person that took most of theirs. At or above
+    ``persons.SHARED_ONLY_SPLIT_Z`` the shared-only hours merge would have kept the
+    member had BIC proposed them; below it, the hours alone do not show them."""
+    mine = h.person == person
+    host = np.bincount(pred[mine]).argmax()
+    rest = (pred == host) & ~mine
+    if rest.sum() < 2 or mine.sum() < 2:
+        return float("nan")
+    both = mine | rest
+    Z = P.viewing_hours(h.features[both])
+    Z = (Z - Z.mean(axis=0)) / np.maximum(Z.std(axis=0), 1e-3)
+    auc = P.loo_auc(Z, mine[both].astype(np.float64))
+    return round(P.auc_z(auc, int(mine.sum()), int(rest.sum())), 2)
+
+
 def diagnose_household(h: worlds.WorldHousehold) -> dict:
     """The model's batch fit of one household beside its truth (see count_error_cause)."""
     model = M.HouseholdModel().fit(h.features, device_ids=h.device_id)
@@ -509,7 +527,8 @@ def diagnose_household(h: worlds.WorldHousehold) -> dict:
                 owned[owner[count.argmax()]] += 1
     matched = set(match(h.person, pred).tolist())
     missed = [{"sessions": int((h.person == p).sum()), "own_devices": int(owned[p]),
-               "evidence": member_evidence(h, p, owned[p] > 0)}
+               "evidence": member_evidence(h, p, owned[p] > 0),
+               "hours_z": hours_z_against_host(h, pred, p)}
               for p in np.unique(h.person).tolist() if p not in matched]
     fitted, n_groups = int(np.unique(pred).size), int(groups.max()) + 1
     correct = matched_correct(h.person, pred)
@@ -561,6 +580,13 @@ def diagnosis(rows: list[dict]) -> dict:
                                                    and r["fitted"] < r["true"] for m in r["missed"])
                                             for e in sorted({m["evidence"] for m in missed})}
                                    for k in sorted({r["true"] for r in rows if r["fitted"] < r["true"]})},
+            # of those members, how many the hours tell apart from the fitted person that
+            # took their sessions (hours_z_against_host >= the shared-only merge's bar)
+            "missed_hours_apart": {e: {"members": len(zs), "hours_z_at_bar": sum(z >= P.SHARED_ONLY_SPLIT_Z for z in zs),
+                                       "hours_z_median": round(float(np.median(zs)), 2) if zs else None}
+                                   for e in sorted({m["evidence"] for m in missed})
+                                   for zs in [[m["hours_z"] for m in missed if m["evidence"] == e
+                                               and np.isfinite(m.get("hours_z", np.nan))]]},
             "missed_members_of_under_counts": {
                 "members": len(missed), "without_own_device": sum(m["own_devices"] == 0 for m in missed),
                 "sessions_quartiles": [int(q) for q in np.quantile([m["sessions"] for m in missed], [0.25, 0.5, 0.75])]
