@@ -111,6 +111,14 @@ PLACE_SHARED_SESSIONS = True
 # a personal device: re-weighting them too gained 0.002 (not kept). docs/clustering.md.
 PLACED_BLOCK_WEIGHTS = {"rhythm_weight": 6.0, "genre_weight": 0.5, "gauss_weight": 0.35}
 DEVICE_REFIT_EVERY = 40   # with personal devices: sessions between device-first refits of the buffer
+# Sessions between a model's first fit and its first periodic refit of the buffer (then
+# every DEVICE_REFIT_EVERY). Measured at 20 (the first refit at 30 sessions instead of 50)
+# on TUNING, session 16, and not kept: settled size exact 0.500 -> 0.549 (bench.stream_tuning
+# seed 20260001, 144) and 0.475 -> 0.500 (seed 20260002, 80), but the short streams it was
+# meant for did not change (the gains were shared-only refits moved to other session counts),
+# and on the real viewers' TUNING half (80 streamed households) settled size exact fell
+# 0.488 -> 0.463 and one single viewer of 16 was split (docs/benchmarks.md, count, session 16).
+FIRST_REFIT_AFTER = 40
 RECENT_WINDOW = 40        # recent sessions whose worst-explained seed a newcomer (_reselect)
 BUFFER_CAP = 1000         # sessions the re-selection refits on (the newest)
 RESELECT_HYSTERESIS = 40.0  # BIC units a new person count must win by (stable ids)
@@ -733,6 +741,27 @@ class PopulationPrior:
         return cls(Mixture(TypedSession(**meta["family"]), z["stats"]), meta["sparsity"])
 
 
+# The population prior is learnt from at most PRIOR_MAX_HOUSEHOLDS stored households (the
+# first by account id) with a full model's worth of sessions (MIN_SESSIONS), and only
+# once PRIOR_MIN_HOUSEHOLDS of them exist: fewer would give personas of a handful of
+# people, and the cold start falls back to the account strategy meanwhile.
+PRIOR_MAX_HOUSEHOLDS = 200
+PRIOR_MIN_HOUSEHOLDS = 20
+
+
+def population_prior(households: Sequence[np.ndarray]) -> PopulationPrior | None:
+    """The prior the service's cold start uses, from the stored households' session
+    matrices in account-id order (ClusteringApp.build_population_prior reads them; the
+    benchmarks' streams pass a world's established households, bench/_worlds_eval.
+    world_priors): the first PRIOR_MAX_HOUSEHOLDS with >= MIN_SESSIONS sessions, None
+    while fewer than PRIOR_MIN_HOUSEHOLDS have them. One rule, so the benchmark's cold
+    start is the service's."""
+    full = [X for X in households if X.shape[0] >= MIN_SESSIONS][:PRIOR_MAX_HOUSEHOLDS]
+    if len(full) < PRIOR_MIN_HOUSEHOLDS:
+        return None
+    return PopulationPrior.fit(full)
+
+
 def _family_meta(fam: TypedSession) -> dict:
     return {k: getattr(fam, k) for k in ("genre_weight", "device_alpha", "genre_beta", "binge_alpha",
                                          "angle_pseudo", "kappa_max", "rhythm", "rhythm_alpha", "rhythm_share", "binge_lengths",
@@ -822,7 +851,7 @@ class HouseholdModel:
         self.buffer = np.zeros((0, F.FEATURE_DIM + 1), dtype=np.float32)
         self.buffer_keys = np.zeros(0, dtype=np.int64)
         self.since_check = 0
-        self.since_refit = 0
+        self.since_refit = DEVICE_REFIT_EVERY - FIRST_REFIT_AFTER
         self.composition_events: list[dict] = []
         self.inactive: set[str] = set()  # persons reported as having left
         self.joined: set[str] = set()    # persons reported as having joined
@@ -1551,8 +1580,9 @@ class HouseholdModel:
         """Streaming with device evidence: refit the buffer device-first (as ``fit``
         does) when its personal-device groups changed — a new personal device with
         enough sessions, or two devices now seen to be one person's — and every
-        DEVICE_REFIT_EVERY sessions otherwise, so a member who only uses the TV can be
-        born. Ids are matched to the old persons. False when the household has no
+        DEVICE_REFIT_EVERY sessions otherwise (the first FIRST_REFIT_AFTER sessions after
+        the first fit; the same 40), so a member who only uses the TV can be born. Ids are matched to
+        the old persons. False when the household has no
         personal-device group (the BIC re-selection then runs instead)."""
         X = self._buffer_X()
         if X.shape[0] < MIN_SESSIONS:
