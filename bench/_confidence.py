@@ -109,8 +109,8 @@ def _finish(h: WorldHousehold, P: np.ndarray, age, kind, device, devices, groups
                       known=np.asarray(known, dtype=bool))
 
 
-def batch_answers(h: WorldHousehold) -> RawAnswers:
-    m = HouseholdModel(calibrated=False).fit(h.features, device_ids=h.device_id)
+def batch_answers(h: WorldHousehold, prior=None) -> RawAnswers:
+    m = HouseholdModel(calibrated=False, population_prior=prior).fit(h.features, device_ids=h.device_id)
     out = m.assign_batch(h.features, device_ids=h.device_id, included=True)
     kind, device = _meta(m, out, list(h.device_id))
     n = h.n_sessions
@@ -128,13 +128,14 @@ SETTLED_AT = (0.25, 0.5, 0.75, 1.0)
 
 
 def stream_answers(h: WorldHousehold, batch: int = STREAM_BATCH, settled: list | None = None,
-                   arrival_ends: list[int] | None = None) -> RawAnswers:
+                   arrival_ends: list[int] | None = None, prior=None) -> RawAnswers:
     """``settled``: given a list, the settled answers (settled_answers) at each of
     SETTLED_AT are appended to it; ``arrival_ends``: the arrivals' ends instead of
     ``batch`` sessions each (ServiceStream.arrivals(ends=...)). ``included`` of the
     answers: the sessions the refresh of their arrival included (a full fit's: the
     household's first, a refit), which the keeper records as included (as
-    ServiceStream.arrivals answers them)."""
+    ServiceStream.arrivals answers them). ``prior``: the world's population prior its
+    cold start answers from (_worlds_eval.world_priors), as the service's does."""
     probs: list[dict[str, float]] = []
     age, kind, device, devices, groups, streamed, evidence, fit_sessions, ends = [], [], [], [], [], [], [], [], []
     shares: list[np.ndarray] = []
@@ -142,7 +143,7 @@ def stream_answers(h: WorldHousehold, batch: int = STREAM_BATCH, settled: list |
     included: list[np.ndarray] = []
     n = h.n_sessions
     stops = {max(batch, int(n * f) // batch * batch) if f < 1 else n: f for f in SETTLED_AT}
-    stream = ServiceStream(h, calibrated=False)
+    stream = ServiceStream(h, population_prior=prior, calibrated=False)
     for a, b, m, out, _ in stream.arrivals(batch, ends=arrival_ends):
         included.append(np.arange(a, b) < stream.included_now)
         k, d = _meta(m, out, list(h.device_id[a:b]))
@@ -206,38 +207,17 @@ def _stacked(parts: list[RawAnswers]) -> RawAnswers:
     return out
 
 
-def household_answers(h: WorldHousehold, settled: bool = False, daily: bool = False) -> dict[str, RawAnswers]:
+def household_answers(h: WorldHousehold, settled: bool = False, daily: bool = False,
+                      prior=None) -> dict[str, RawAnswers]:
     """``settled``: also the settled answers at each of SETTLED_AT, stacked (key "settled");
     ``daily``: also the stream's at-arrival answers when a day arrives per refresh (key
-    "daily", _worlds_eval.daily_ends)."""
+    "daily", _worlds_eval.daily_ends); ``prior``: the world's population prior
+    (_worlds_eval.world_priors) every mode's cold start answers from."""
     parts: list[RawAnswers] = []
-    out = {"batch": batch_answers(h), "stream": stream_answers(h, settled=parts if settled else None)}
+    out = {"batch": batch_answers(h, prior), "stream": stream_answers(h, settled=parts if settled else None,
+                                                                      prior=prior)}
     if settled:
         out["settled"] = _stacked(parts)
     if daily:
-        out["daily"] = stream_answers(h, arrival_ends=daily_ends(h.start_ts))
+        out["daily"] = stream_answers(h, arrival_ends=daily_ends(h.start_ts), prior=prior)
     return out
-
-
-def cold_start_answers(h: WorldHousehold, prior) -> dict[str, np.ndarray]:
-    """The cold start's answers with a population prior (``prior``: model.PopulationPrior,
-    the service's default strategy "population_prior"): each of the household's first
-    MIN_SESSIONS - 1 sessions answered on its arrival, after it was folded in (as the
-    keeper answers), uncalibrated. Returns per answer its top probability ("top"), the
-    persons it chose among ("persons") and whether it was right ("correct": persons
-    matched to the true ones over these answers, as _finish does). The benchmarks'
-    streams (ServiceStream) have no prior, so they never meet these answers."""
-    from services.clustering.domain.model import MIN_SESSIONS
-    m = HouseholdModel(calibrated=False, population_prior=prior)
-    n = min(MIN_SESSIONS - 1, h.n_sessions)
-    probs: list[dict[str, float]] = []
-    persons = []
-    for b in range(1, n + 1):
-        m.update(h.features[b - 1:b], device_ids=[h.device_id[b - 1]])
-        out = m.assign_batch(h.features[b - 1:b], device_ids=[h.device_id[b - 1]], included=True)
-        probs.append({pid: float(p) for pid, p in zip(out.person_ids, out.probabilities[0])})
-        persons.append(out.probabilities.shape[1])
-    P = columns(probs)
-    pred = P.argmax(axis=1)
-    matched = match(h.person[:n], pred, P.shape[1])
-    return {"top": P.max(axis=1), "persons": np.asarray(persons), "correct": matched[pred] == h.person[:n]}

@@ -36,7 +36,7 @@ from bench._clustering_eval import ece, match, matched_correct, probability_figu
 from bench.worlds import PERSONAL_TYPES, WorldHousehold
 from services.clustering.domain import features as F
 from services.clustering.domain.model import (CHANGE_LOOKBACK, CHANGE_MIN_HISTORY, MIN_SESSIONS, HouseholdModel,
-                                             feedback_calibrator_rows)
+                                             PopulationPrior, feedback_calibrator_rows, population_prior)
 from services.clustering.household import MICRO_BATCH, Envelope
 from services.clustering.modeling import ModelKeeper, Snapshot
 from services.clustering.store import StoredSession
@@ -65,10 +65,41 @@ def daily_ends(start_ts: np.ndarray) -> list[int]:
     return [int(e) for e in np.searchsorted(start_ts, (days + 1.0) * DAY_S, side="left")]
 
 
+# ---- the cold start's population prior -----------------------------------------------
+
+# A world's established households: the accounts its service already holds when the
+# scored households arrive. The scored households are the newcomers: each is answered
+# from its first session, when it has fewer than MIN_SESSIONS sessions stored and so is
+# never in the prior (model.population_prior takes households with MIN_SESSIONS), and
+# the prior the service answers its cold start with is learnt from the others. 40: twice
+# the service's PRIOR_MIN_HOUSEHOLDS, ~5,000 sessions for the prior's 12 personas;
+# the service's 200 cost 4 extra minutes of generation per REPORTING run.
+WORLD_POPULATION = 40
+
+
+def world_priors(scored: list[WorldHousehold], generate) -> dict[str, PopulationPrior | None]:
+    """Per world of ``scored``: the population prior its service would answer cold starts
+    with (model.population_prior, the service's rule) over the world's established
+    households in household-id order. ``generate(households_per_world)`` is the call that
+    made ``scored`` with more households per world: every generator gives a prefix of the
+    same households for fewer, so the households past the scored ones are the same
+    world's others, never a scored one (and never a label: only their features)."""
+    per_world: dict[str, int] = {}
+    for h in scored:
+        per_world[h.world_id] = per_world.get(h.world_id, 0) + 1
+    scored_ids = {h.household_id for h in scored}
+    stored: dict[str, list[WorldHousehold]] = {w: [] for w in per_world}
+    for h in generate(max(per_world.values()) + WORLD_POPULATION):
+        if h.world_id in stored and h.household_id not in scored_ids:
+            stored[h.world_id].append(h)
+    return {w: population_prior([h.features for h in sorted(hh, key=lambda h: h.household_id)])
+            for w, hh in stored.items()}
+
+
 # ---- methods ---------------------------------------------------------------------------
 
-def hearth_batch(h: WorldHousehold, **kw):
-    m = HouseholdModel(**kw).fit(h.features, device_ids=h.device_id)
+def hearth_batch(h: WorldHousehold, population_prior: PopulationPrior | None = None, **kw):
+    m = HouseholdModel(population_prior=population_prior, **kw).fit(h.features, device_ids=h.device_id)
     b = m.assign_batch(h.features, device_ids=h.device_id, included=True)   # every session is in the fit
     return b.person_index, b.probabilities
 
@@ -102,9 +133,14 @@ class ServiceStream:
     score the sessions without feedback and every first answer comes before its
     session's feedback)."""
 
-    def __init__(self, h: WorldHousehold, **model_options) -> None:
+    def __init__(self, h: WorldHousehold, population_prior: PopulationPrior | None = None,
+                 **model_options) -> None:
         self.h = h
-        self.keeper = ModelKeeper(None, lambda _account: "gmm", model_options=model_options)
+        # population_prior: the service's cold start (its default strategy) answers from
+        # the prior of the households it holds (world_priors); None: the account strategy,
+        # as the service answers until it has PRIOR_MIN_HOUSEHOLDS to learn one from
+        self.keeper = ModelKeeper(None, lambda _account: "gmm", population_prior=population_prior,
+                                  model_options=model_options)
         n = h.n_sessions
         self.X = h.features.astype(np.float64)   # as ModelKeeper.snapshot reads them
         self.sessions = [StoredSession(f"s{i:05d}", h.household_id, str(h.device_id[i]), str(h.device_type[i]),
@@ -791,25 +827,27 @@ def _block(hs, idx, results, stream, comp=None) -> dict:
 
 
 def _one_household(h: WorldHousehold, periodic: bool, streaming: bool = True,
-                   fed: list[np.ndarray] | None = None) -> dict:
+                   fed: list[np.ndarray] | None = None, prior: PopulationPrior | None = None) -> dict:
     """Every method on one household (a unit of work for the process pool); ``fed``
     (per feedback draw, the sessions with feedback): also the batch fit and the stream
-    with that feedback's labels (hearth_batch_fed, hearth_stream_fed)."""
-    out = {"hearth": hearth_batch(h)}
+    with that feedback's labels (hearth_batch_fed, hearth_stream_fed); ``prior``: its
+    world's population prior (world_priors), which every Hearth path's cold start uses."""
+    out = {"hearth": hearth_batch(h, population_prior=prior)}
     for name, fn in BASELINES.items():
         out[name] = fn(h)
-    stream = hearth_stream(h, settled=True) if streaming else None
+    stream = hearth_stream(h, settled=True, population_prior=prior) if streaming else None
     out["stream"] = stream[:3] if stream else None
     out["stream_settled"] = stream[3] if stream else None
     out["periodic"] = periodic_refit_stream(h) if periodic and streaming else None
-    out["fed_batch"] = [hearth_batch_fed(h, f) for f in fed or []]     # FedAnswers
-    out["fed_stream"] = [hearth_stream_fed(h, f) for f in fed or []]
+    out["fed_batch"] = [hearth_batch_fed(h, f, population_prior=prior) for f in fed or []]   # FedAnswers
+    out["fed_stream"] = [hearth_stream_fed(h, f, population_prior=prior) for f in fed or []]
     return out
 
 
 def run(hs: list[WorldHousehold], log=lambda m: None, held_out: tuple[str, ...] = (),
         periodic_baseline: bool = True, streaming: bool = True, workers: int = 1,
-        feedback_mesh_draws: int = FEEDBACK_MESH_DRAWS) -> dict:
+        feedback_mesh_draws: int = FEEDBACK_MESH_DRAWS,
+        priors: dict[str, PopulationPrior | None] | None = None) -> dict:
     """Every method on ``hs``. ``streaming=False``: the batch fit and the baselines only
     (no time-ordered stream, no composition scores, no feedback) — the quick loop for
     batch-model work. ``workers`` > 1: households are scored in that many processes (each
@@ -817,7 +855,9 @@ def run(hs: list[WorldHousehold], log=lambda m: None, held_out: tuple[str, ...] 
     ``feedback_mesh_draws``: feedback draws of the whole loop (after_feedback's
     ``mesh``; each draw is a batch fit and a stream with label refits per household:
     on 12 TUNING households the three draws took 2.2 times the CPU of everything else;
-    0: the calibrator alone, as before)."""
+    0: the calibrator alone, as before). ``priors``: per world id, the population prior
+    its service answers cold starts with (world_priors); None: none (the account
+    strategy, as the benchmarks streamed until session 16)."""
     import time
     from concurrent.futures import ProcessPoolExecutor
     t0 = time.time()
@@ -828,11 +868,12 @@ def run(hs: list[WorldHousehold], log=lambda m: None, held_out: tuple[str, ...] 
     flags = [periodic_baseline] * len(hs)
     streams = [streaming] * len(hs)
     fed = feedback_draws(hs, feedback_mesh_draws) if streaming and feedback_mesh_draws else [None] * len(hs)
+    prior_of = [(priors or {}).get(h.world_id) for h in hs]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            outs = list(pool.map(_one_household, hs, flags, streams, fed))
+            outs = list(pool.map(_one_household, hs, flags, streams, fed, prior_of))
     else:
-        outs = [_one_household(h, f, streaming, d) for h, f, d in zip(hs, flags, fed)]
+        outs = [_one_household(h, f, streaming, d, p) for h, f, d, p in zip(hs, flags, fed, prior_of)]
     log(f"[worlds] every method on {len(hs)} households ({workers} processes) {time.time() - t0:.0f}s")
     results: dict[str, tuple[list, list | None]] = {}
     for name in ("hearth", *BASELINES):

@@ -391,30 +391,45 @@ def world_indices(spec: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def answers_of(hs: list, daily: bool = False) -> list[dict]:
+def answers_of(hs: list, daily: bool = False, priors: dict | None = None) -> list[dict]:
     """Raw answers (bench/_confidence.household_answers, settled answers included;
-    ``daily``: and a day per arrival) of these households, two processes."""
+    ``daily``: and a day per arrival) of these households, two processes; ``priors``:
+    per world id, the population prior its cold starts answer from (world_priors)."""
     from concurrent.futures import ProcessPoolExecutor
     from functools import partial
 
-    from bench._confidence import household_answers
     with ProcessPoolExecutor(max(1, min(2, os.cpu_count() or 1))) as pool:
-        return list(pool.map(partial(household_answers, settled=True, daily=daily), hs))
+        return list(pool.map(partial(_household_answers, daily=daily), hs,
+                             [(priors or {}).get(h.world_id) for h in hs]))
+
+
+def _household_answers(h, prior, daily: bool) -> dict:
+    from bench._confidence import household_answers
+    return household_answers(h, settled=True, daily=daily, prior=prior)
+
+
+# The TUNING answers the maps are fitted on come with their worlds' population priors,
+# as the service's cold start answers (the maps see what it serves): session 16.
+CONFIDENCE_POPULATION_PRIOR = True
 
 
 def tuning_answers(world_ids: tuple[int, ...], households_per_world: int,
                    daily: bool = False) -> tuple[list, list[dict]]:
     """The TUNING households of those worlds and their raw answers (answers_of)."""
-    hs = worlds.generate(worlds.TUNING, households_per_world=households_per_world, world_indices=world_ids)
-    return hs, answers_of(hs, daily)
+    def generate(n):
+        return worlds.generate(worlds.TUNING, households_per_world=n, world_indices=world_ids)
+    hs = generate(households_per_world)
+    return hs, answers_of(hs, daily, cold_start_priors(hs, generate, CONFIDENCE_POPULATION_PRIOR))
 
 
 def movielens_tuning_answers(quick: bool, daily: bool = False) -> tuple[list, list[dict]]:
     """The real viewers' TUNING half (bench/worlds_movielens.py, split="tuning": viewers of
     even MovieLens ids, 60 households; --quick 10) and their raw answers (answers_of)."""
-    hs = worlds_movielens.generate(split="tuning", worlds_per_family=1 if quick else 3,
-                                   households_per_world=2 if quick else 4)
-    return hs, answers_of(hs, daily)
+    def generate(n):
+        return worlds_movielens.generate(split="tuning", worlds_per_family=1 if quick else 3,
+                                         households_per_world=n)
+    hs = generate(2 if quick else 4)
+    return hs, answers_of(hs, daily, cold_start_priors(hs, generate, CONFIDENCE_POPULATION_PRIOR))
 
 
 def calibrate_device_confidence(quick: bool, leave_one_world_out: bool = False,
@@ -479,7 +494,7 @@ def calibrate_device_confidence(quick: bool, leave_one_world_out: bool = False,
         out["movielens_leave_one_world_out"] = score_held_out(
             [h.world_id.rsplit("-w", 1)[1] for h in ml_hs], ml, "real viewers, leave-one-world-out", ml_families,
             extra=(answers, [1.0 / movielens_weight] * len(answers)))
-    out["cold_start"] = fit_cold_start_confidence(hs, ml_hs if movielens else [], movielens_weight)
+    out["cold_start"] = fit_cold_start_confidence(answers + ml, families + ["real viewers"] * len(ml), weights)
     if fresh_worlds:
         if set(fresh_worlds) & set(fit_worlds):
             raise ValueError(f"fresh worlds {sorted(set(fresh_worlds) & set(fit_worlds))} are fitted on")
@@ -493,48 +508,43 @@ def calibrate_device_confidence(quick: bool, leave_one_world_out: bool = False,
     return out
 
 
-# The population prior of the cold-start fit: as many TUNING households as the service's
-# ClusteringApp.build_population_prior reads (max_households).
-COLD_START_PRIOR_HOUSEHOLDS = 200
-
-
-def fit_cold_start_confidence(hs: list, ml_hs: list, ml_weight: float) -> dict:
-    """model.COLD_START_CONFIDENCE: how often a cold start's answer among several persons
-    is right (bench._confidence.cold_start_answers, with a population prior fitted on the
-    first COLD_START_PRIOR_HOUSEHOLDS of ``hs``, as the service fits its prior), over the
-    TUNING households ``hs`` and the real viewers' ``ml_hs`` (each weighing ``ml_weight``),
-    a Laplace-smoothed share weighted per household. Scored leaving each TUNING family out
-    (the share of the others and the real viewers) and on the real viewers from the
-    synthetic households alone: ECE of those answers, raw and through the figure."""
-    from concurrent.futures import ProcessPoolExecutor
-    from functools import partial
-
+def fit_cold_start_confidence(answers: list[dict], sources: list[str], weights: list[float]) -> dict:
+    """model.COLD_START_CONFIDENCE, scored: how often a cold start's answer among several
+    persons is right (cold_multi_answers of the TUNING answers, every mode but the
+    settled one: the streams' cold starts answer from their world's population prior as
+    the service's do, _worlds_eval.world_priors; "right" against the persons matched over
+    the whole stream, as the benchmarks score them), a Laplace-smoothed share weighted
+    per household (``weights``) — fit_device_confidence's "cold_start_confidence". Scored
+    leaving each TUNING family (``sources``) out, and on the real viewers ("real
+    viewers") from the synthetic households alone: ECE of those answers, raw and through
+    the figure. (Until session 16 a separate run of each household's first nine sessions
+    with one prior fitted on 200 TUNING households of every world.)"""
     from bench._clustering_eval import ece
-    from bench._confidence import cold_start_answers
-    from services.clustering.domain.model import PopulationPrior
-    prior = PopulationPrior.fit([h.features for h in hs[:COLD_START_PRIOR_HOUSEHOLDS]])
-    with ProcessPoolExecutor(max(1, min(2, os.cpu_count() or 1))) as pool:
-        answers = list(pool.map(partial(cold_start_answers, prior=prior), hs + ml_hs))
-    weights = np.array([1.0] * len(hs) + [ml_weight] * len(ml_hs))
-    source = np.array([h.family for h in hs] + ["real viewers"] * len(ml_hs))
+    source = np.asarray(sources)
+    modes = ("batch", "stream", "daily")
+    rows = [[(ans[m], cold_multi_answers(ans[m])) for m in modes if m in ans] for ans in answers]
 
     def share(sel: np.ndarray) -> float:
-        right = sum(w * a["correct"][a["persons"] > 1].sum() for a, w, s in zip(answers, weights, sel) if s)
-        n = sum(w * (a["persons"] > 1).sum() for a, w, s in zip(answers, weights, sel) if s)
+        right = sum(w * a.correct[r].sum() for parts, w, s in zip(rows, weights, sel) if s for a, r in parts)
+        n = sum(w * r.sum() for parts, w, s in zip(rows, weights, sel) if s for _, r in parts)
         return float((right + 1.0) / (n + 2.0))
 
     def scored(sel: np.ndarray, value: float) -> dict:
-        top = np.concatenate([a["top"][a["persons"] > 1] for a, s in zip(answers, sel) if s])
-        right = np.concatenate([a["correct"][a["persons"] > 1] for a, s in zip(answers, sel) if s])
+        top = np.concatenate([a.P.max(axis=1)[r] for parts, s in zip(rows, sel) if s for a, r in parts])
+        right = np.concatenate([a.correct[r] for parts, s in zip(rows, sel) if s for a, r in parts])
+        if not top.size:
+            return {"answers": 0}
         return {"answers": int(top.size), "accuracy": round(float(right.mean()), 4),
                 "raw_confidence": round(float(top.mean()), 4), "ece_raw": round(ece(top, right), 4),
                 "confidence": round(value, 4), "ece": round(ece(np.full(top.size, value), right), 4)}
-    out = {"cold_start_confidence": round(share(np.ones(len(answers), dtype=bool)), 4),
-           "answers": int(sum((a["persons"] > 1).sum() for a in answers)),
-           "one_of_several_share": round(float(sum((a["persons"] > 1).sum() for a in answers)
-                                               / max(sum(a["persons"].size for a in answers), 1)), 4)}
-    out["leave_one_family_out"] = {f: scored(source == f, share(source != f)) for f in np.unique(source[:len(hs)])}
-    if ml_hs:
+    every = np.ones(len(answers), dtype=bool)
+    n_cold = sum(int(r.sum()) for parts in rows for _, r in parts)
+    n_all = sum(a.P.shape[0] for parts in rows for a, _ in parts)
+    out = {"cold_start_confidence": round(share(every), 4), "answers": n_cold,
+           "share_of_answers": round(n_cold / max(n_all, 1), 4)}
+    out["leave_one_family_out"] = {str(f): scored(source == f, share(source != f))
+                                   for f in np.unique(source[source != "real viewers"])}
+    if (source == "real viewers").any():
         out["real_viewers_synthetic_fit"] = scored(source == "real viewers", share(source != "real viewers"))
     log(f"cold start (population prior): {out}")
     return out
@@ -572,7 +582,17 @@ def held_out_confidence(fit: dict, a, settled_mode: bool) -> tuple[np.ndarray, n
     values = fit["new_device_confidence"]
     conf[unknown] = np.where(live[unknown] <= 1, values["one_person"],
                              np.maximum(values["several"], 1.0 / np.maximum(live[unknown], 1)))
+    cold = cold_multi_answers(a)   # a cold start's answer among several persons (floored at 1 / persons)
+    conf[cold] = np.maximum(fit["cold_start_confidence"], 1.0 / live[cold])
     return conf, one
+
+
+def cold_multi_answers(a) -> np.ndarray:
+    """Of one household's raw answers ``a``: a cold start's answers among several persons
+    (its world's population prior) that model.COLD_START_CONFIDENCE gives (with device
+    evidence, as model.assign_batch calibrates them)."""
+    from bench._confidence import COLD_MULTI
+    return a.device & (a.kind == COLD_MULTI)
 
 
 def new_device_answers(a) -> np.ndarray:
@@ -747,6 +767,7 @@ def fit_device_confidence(answers: list[dict], one_person_c: float = ONE_PERSON_
                                           if name != "settled" or any("settled" in a for a in answers)}
     one: dict[str, list] = {name: [] for name in ("fitted", "young", "mature")}   # (evidence..., right, weight)
     new_device: dict[str, list] = {"one_person": [], "several": []}   # (right, weight)
+    cold: list[np.ndarray] = []   # (right, weight) of cold starts' answers among several persons
     for ans, weight in zip(answers, weights if weights is not None else [1.0] * len(answers)):
         for mode in ("batch", "stream", "settled", "daily"):
             if mode not in ans:
@@ -777,6 +798,8 @@ def fit_device_confidence(answers: list[dict], one_person_c: float = ONE_PERSON_
                     column.append(values[rows & (names == name)])
             for name, sel in (("one_person", unknown & (live <= 1)), ("several", unknown & (live > 1))):
                 new_device[name].append(np.c_[a.correct[sel], w[sel]])
+            sel = cold_multi_answers(a)
+            cold.append(np.c_[a.correct[sel], w[sel]])
             rows, group = one_person_answers(a)
             for name in one:
                 sel = rows & (group == name)
@@ -832,8 +855,15 @@ def fit_device_confidence(answers: list[dict], one_person_c: float = ONE_PERSON_
         counts[f"new_device_{name}"] = int(rw.shape[0])
     log(f"new-device confidence: {new_device_values} ({counts['new_device_one_person']} one-person, "
         f"{counts['new_device_several']} several-person answers)")
+    # a cold start's answer among several persons (the world's population prior): how
+    # often such answers were right (model.COLD_START_CONFIDENCE; Laplace-smoothed, weighted)
+    rw = np.vstack(cold)
+    cold_value = round(float((rw[:, 0] @ rw[:, 1] + 1.0) / (rw[:, 1].sum() + 2.0)), 4)
+    counts["cold_start_several"] = int(rw.shape[0])
+    log(f"cold-start confidence (answers among several persons): {cold_value} ({rw.shape[0]} answers)")
     return {"device_confidence_maps": maps, "device_confidence_shift": shifts, "one_person_confidence": tables,
-            "one_person_log_sessions": log_sessions, "new_device_confidence": new_device_values, "answers": counts}
+            "one_person_log_sessions": log_sessions, "new_device_confidence": new_device_values,
+            "cold_start_confidence": cold_value, "answers": counts}
 
 
 HOUSEHOLD_SHIFT_L2 = 1.0   # ridge on the coefficients (TUNING, share alone: 300 no better out of sample; docs/benchmarks.md)
@@ -863,8 +893,24 @@ def fit_household_shift(mapped: np.ndarray, evidence: np.ndarray, right: np.ndar
     return round(float(w[0]), 4), tuple(round(float(c), 4) for c in w[1:])
 
 
+def cold_start_priors(hs: list, generate, population_prior: bool) -> dict | None:
+    """Per world of ``hs``, the population prior its service answers cold starts with
+    (worlds_eval.world_priors over the world's established households; ``generate(n)``:
+    the generator call of ``hs`` with n households per world); None with
+    ``population_prior`` False (--no-population-prior: the account strategy, the
+    benchmarks' cold start until session 16)."""
+    if not population_prior:
+        return None
+    import time
+    t0 = time.time()
+    priors = worlds_eval.world_priors(hs, generate)
+    log(f"[worlds] population priors of {len(priors)} worlds ({worlds_eval.WORLD_POPULATION} established "
+        f"households each, {sum(p is not None for p in priors.values())} built) {time.time() - t0:.0f}s")
+    return priors
+
+
 def run_worlds(quick: bool, streaming: bool = True, workers: int = 2,
-               feedback_draws: int = worlds_eval.FEEDBACK_MESH_DRAWS) -> dict:
+               feedback_draws: int = worlds_eval.FEEDBACK_MESH_DRAWS, population_prior: bool = True) -> dict:
     """The randomized world families, REPORTING split only (never tuned on)."""
     split = worlds.REPORTING
     n_worlds = 1 if quick else split.worlds_per_family
@@ -872,12 +918,15 @@ def run_worlds(quick: bool, streaming: bool = True, workers: int = 2,
     log(f"[worlds] generating {len(split.families) * n_worlds * n_house} households "
         f"({n_worlds} worlds x {n_house} households per family, split {split.name!r}, seed {split.seed})")
     hs = worlds.generate(split, worlds_per_family=n_worlds, households_per_world=n_house)
+    priors = cold_start_priors(hs, lambda n: worlds.generate(split, worlds_per_family=n_worlds, households_per_world=n),
+                               population_prior)
     block = worlds_eval.run(hs, log, held_out=worlds.HELD_OUT_FAMILIES, streaming=streaming, workers=workers,
-                            feedback_mesh_draws=feedback_draws)
+                            feedback_mesh_draws=feedback_draws, priors=priors)
     block["split"] = {"name": split.name, "seed": split.seed, "families": list(split.families),
                       "held_out_families": list(worlds.HELD_OUT_FAMILIES),
                       "tuning_families": list(worlds.TUNING.families), "tuning_seed": worlds.TUNING.seed,
-                      "worlds_per_family": n_worlds, "households_per_world": n_house}
+                      "worlds_per_family": n_worlds, "households_per_world": n_house,
+                      "cold_start_prior_households": worlds_eval.WORLD_POPULATION if priors else 0}
     log_worlds_summary("worlds", block, streaming)
     return block
 
@@ -932,19 +981,23 @@ def log_composition_by_type(tag: str, hearth: dict, baselines: dict) -> None:
 
 
 def run_report_only(tag: str, generator, seed: int, quick: bool, streaming: bool = True, workers: int = 2,
-                    feedback_draws: int = worlds_eval.FEEDBACK_MESH_DRAWS) -> dict:
+                    feedback_draws: int = worlds_eval.FEEDBACK_MESH_DRAWS, population_prior: bool = True) -> dict:
     """Households of a generator nobody tuned on (``generator.generate``: its families,
     worlds and households), scored as the worlds are. REPORT ONLY: never tune on it."""
     n_worlds, n_house = (1, 2) if quick else (3, 4)
     hs = generator.generate(worlds_per_family=n_worlds, households_per_world=n_house)
     log(f"[{tag}] {len(hs)} households ({n_worlds} worlds x {n_house} households per family, "
         f"seed {seed}, report only)")
-    block = worlds_eval.run(hs, log, streaming=streaming, workers=workers, feedback_mesh_draws=feedback_draws)
+    priors = cold_start_priors(hs, lambda n: generator.generate(worlds_per_family=n_worlds, households_per_world=n),
+                               population_prior)
+    block = worlds_eval.run(hs, log, streaming=streaming, workers=workers, feedback_mesh_draws=feedback_draws,
+                            priors=priors)
     block["split"] = {"generator": f"bench/{generator.__name__.rsplit('.', 1)[-1]}.py", "seed": seed,
                       "families": list(worlds_blind.FAMILIES), "worlds_per_family": n_worlds,
                       "households_per_world": n_house, "report_only": True,
                       "unknown_genre_share": round(float(np.mean([h.unknown_genre_share for h in hs])), 3),
-                      "households_with_composition_change": sum(bool(h.changes) for h in hs)}
+                      "households_with_composition_change": sum(bool(h.changes) for h in hs),
+                      "cold_start_prior_households": worlds_eval.WORLD_POPULATION if priors else 0}
     log_worlds_summary(tag, block, streaming)
     return block
 
@@ -976,6 +1029,10 @@ def main() -> None:
     ap.add_argument("--batch-only", action="store_true",
                     help="with --worlds-only / --blind-only / --movielens-only: the batch fit and baselines, "
                          "no streaming part")
+    ap.add_argument("--population-prior", action=argparse.BooleanOptionalAction, default=True,
+                    help="the worlds' cold starts answer from their world's population prior, as the service's "
+                         "default does (bench/_worlds_eval.world_priors); --no-population-prior: the account "
+                         "strategy, the benchmarks' cold start until session 16")
     ap.add_argument("--calibrate-confidence", action="store_true",
                     help="fit the confidence map on the TUNING worlds (prints it)")
     ap.add_argument("--device-maps-only", action="store_true",
@@ -1027,12 +1084,13 @@ def main() -> None:
     if args.blind_only or args.movielens_only:
         key, run = ("worlds_blind", run_blind) if args.blind_only else ("worlds_movielens", run_movielens)
         print(json.dumps({key: run(args.quick, streaming=not args.batch_only, workers=args.workers,
-                                   feedback_draws=args.feedback_draws),
+                                   feedback_draws=args.feedback_draws, population_prior=args.population_prior),
                           "elapsed_s": round(time.time() - t0, 1), "quick": args.quick}))
         return
     if args.worlds_only:
         print(json.dumps({"worlds": run_worlds(args.quick, streaming=not args.batch_only, workers=args.workers,
-                                               feedback_draws=args.feedback_draws),
+                                               feedback_draws=args.feedback_draws,
+                                               population_prior=args.population_prior),
                           "elapsed_s": round(time.time() - t0, 1),
                           "quick": args.quick}))
         return

@@ -20,7 +20,8 @@ from prometheus_client import Counter
 from services.clustering.domain import features as F
 from services.clustering.domain.events import ViewingEvent
 from services.common.ids import check_id
-from services.clustering.domain.model import MIN_SESSIONS, PopulationPrior, feedback_calibrator_rows
+from services.clustering.domain.model import (MIN_SESSIONS, PRIOR_MAX_HOUSEHOLDS, PopulationPrior,
+                                             feedback_calibrator_rows, population_prior)
 from services.clustering.batch_scoring import score_households
 from services.clustering.household import Envelope
 from services.clustering.modeling import ModelKeeper, folds_in, known_person, persons_for
@@ -387,23 +388,20 @@ class ClusteringApp:
     def set_population_prior(self, prior: PopulationPrior | None) -> None:
         self.keeper.population_prior = prior
 
-    def build_population_prior(self, max_households: int = 200,
-                               pace: Callable[[float], object] | None = None) -> PopulationPrior | None:
+    def build_population_prior(self, pace: Callable[[float], object] | None = None) -> PopulationPrior | None:
         """Persona mixture over households that have a full model's worth of sessions
-        (the Bayesian prior of the population cold-start strategy). ``pace(seconds)`` is
-        called after each household's read with the time it took, so a caller can
-        throttle the rebuild against the requests being served (__main__ does)."""
+        (the Bayesian prior of the population cold-start strategy; which households and
+        when: model.population_prior, the rule the benchmarks' streams share).
+        ``pace(seconds)`` is called after each household's read with the time it took,
+        so a caller can throttle the rebuild against the requests being served
+        (__main__ does)."""
         matrices = []
-        for account in self.store.accounts_with_sessions(MIN_SESSIONS, max_households):
+        for account in self.store.accounts_with_sessions(MIN_SESSIONS, PRIOR_MAX_HOUSEHOLDS):
             started = time.perf_counter()
-            snap = self.keeper.snapshot(account)
-            if len(snap.sessions) >= MIN_SESSIONS:
-                matrices.append(snap.X)
+            matrices.append(self.keeper.snapshot(account).X)
             if pace is not None:
                 pace(time.perf_counter() - started)
-        if len(matrices) < 20:
-            return None
-        return PopulationPrior.fit(matrices)
+        return population_prior(matrices)
 
     # ---- other reads, erasure ---------------------------------------------------------
 

@@ -405,3 +405,47 @@ def test_a_refresh_never_changes_the_model_readers_hold(household):
     v, refit = app.keeper.refresh("acc-h", force="test")
     assert v == version + 2
     assert (held.model.n_sessions, tuple(held.model.person_ids), held.model.to_bytes()) == before  # ...elsewhere
+
+
+def test_the_benchmarks_cold_start_is_the_services_for_the_same_stored_households(database, monkeypatch):
+    """bench/_worlds_eval's streams answer a newcomer's first sessions as the service
+    does: the population prior learnt from the same stored households (the world's
+    others; model.population_prior, one rule) and the same cold answers, persons and
+    probabilities, as ClusteringApp gives over a real store."""
+    import bench._worlds_eval as E
+    from bench import worlds as W
+    from services.clustering.domain.model import MIN_SESSIONS, PRIOR_MIN_HOUSEHOLDS
+
+    monkeypatch.setattr(E, "WORLD_POPULATION", PRIOR_MIN_HOUSEHOLDS)
+
+    def generate(n):
+        return W.generate(W.TUNING, families=("mobile_first",), worlds_per_family=1, households_per_world=n,
+                          keep_events=True)
+    established = generate(1 + PRIOR_MIN_HOUSEHOLDS)
+    newcomer, others = established[0], established[1:]
+    app = _app(database)
+    for h in others[:-1]:
+        app.store.ingest(h.events)
+    assert app.build_population_prior() is None   # one household short of the service's minimum
+    app.store.ingest(others[-1].events)
+    served_prior = app.build_population_prior()
+    bench_prior = E.world_priors([newcomer], generate)[newcomer.world_id]
+    assert served_prior is not None and bench_prior is not None
+    np.testing.assert_allclose(served_prior.mixture.stats, bench_prior.mixture.stats, rtol=1e-6, atol=1e-6)
+    app.set_population_prior(served_prior)
+
+    # the newcomer's first k whole sessions (every one ended before the next starts)
+    k = next(k for k in range(MIN_SESSIONS - 1, 2, -1) if newcomer.end_ts[:k].max() < newcomer.start_ts[k])
+    app.store.ingest([e for e in newcomer.events if e.ts < newcomer.start_ts[k]])
+    app.keeper.refresh(newcomer.household_id)
+    sessions = app.store.closed_sessions(newcomer.household_id)
+    assert [s.session_id for s in sessions] == list(newcomer.session_ids[:k])
+    served = [app.assign(newcomer.household_id, session_id=s.session_id) for s in sessions]
+
+    _, _, model, out, _ = next(E.ServiceStream(newcomer, population_prior=bench_prior).arrivals(ends=[k]))
+    assert out.strategy == "cold_start:population_prior" and {a.cold_start for a in served} == {"population_prior"}
+    assert len(out.person_ids) > 1   # the prior's personas: a cold start among several persons
+    assert [a.person_id for a in served] == [out.person_ids[i] for i in out.person_index]
+    for answer, probs in zip(served, out.probabilities):
+        assert set(answer.probabilities) == set(out.person_ids)
+        np.testing.assert_allclose([answer.probabilities[p] for p in out.person_ids], probs, atol=1e-6)

@@ -741,6 +741,27 @@ class PopulationPrior:
         return cls(Mixture(TypedSession(**meta["family"]), z["stats"]), meta["sparsity"])
 
 
+# The population prior is learnt from at most PRIOR_MAX_HOUSEHOLDS stored households (the
+# first by account id) with a full model's worth of sessions (MIN_SESSIONS), and only
+# once PRIOR_MIN_HOUSEHOLDS of them exist: fewer would give personas of a handful of
+# people, and the cold start falls back to the account strategy meanwhile.
+PRIOR_MAX_HOUSEHOLDS = 200
+PRIOR_MIN_HOUSEHOLDS = 20
+
+
+def population_prior(households: Sequence[np.ndarray]) -> PopulationPrior | None:
+    """The prior the service's cold start uses, from the stored households' session
+    matrices in account-id order (ClusteringApp.build_population_prior reads them; the
+    benchmarks' streams pass a world's established households, bench/_worlds_eval.
+    world_priors): the first PRIOR_MAX_HOUSEHOLDS with >= MIN_SESSIONS sessions, None
+    while fewer than PRIOR_MIN_HOUSEHOLDS have them. One rule, so the benchmark's cold
+    start is the service's."""
+    full = [X for X in households if X.shape[0] >= MIN_SESSIONS][:PRIOR_MAX_HOUSEHOLDS]
+    if len(full) < PRIOR_MIN_HOUSEHOLDS:
+        return None
+    return PopulationPrior.fit(full)
+
+
 def _family_meta(fam: TypedSession) -> dict:
     return {k: getattr(fam, k) for k in ("genre_weight", "device_alpha", "genre_beta", "binge_alpha",
                                          "angle_pseudo", "kappa_max", "rhythm", "rhythm_alpha", "rhythm_share", "binge_lengths",

@@ -240,7 +240,8 @@ def test_held_out_confidence_answers_as_the_service_would():
                                       "settled": flat, "fitted": flat},
            "device_confidence_shift": {n_: (0.0, (0.0, 0.0)) for n_ in ("young", "streamed", "settled", "fitted")},
            "one_person_confidence": {g: (0.0, (0.0, 0.0, 0.0, 0.0)) for g in ("fitted", "young", "mature")},
-           "one_person_log_sessions": (1.0, 5.0), "new_device_confidence": {"one_person": 0.2, "several": 0.1}}
+           "one_person_log_sessions": (1.0, 5.0), "new_device_confidence": {"one_person": 0.2, "several": 0.1},
+           "cold_start_confidence": 0.6}
     fit["device_confidence_shift"]["streamed"] = (np.log(3.0), (0.0, 0.0))   # odds x 3
     fit["one_person_confidence"]["mature"] = (np.log(4.0), (0.0, 0.0, 0.0, 0.0))   # 0.8
     conf, one = held_out_confidence(fit, a, settled_mode=False)
@@ -259,6 +260,13 @@ def test_held_out_confidence_answers_as_the_service_would():
     np.testing.assert_allclose(unknown[[1, 3]], [0.5, 0.2])
     np.testing.assert_allclose(unknown[[0, 2, 4, 5]], conf[[0, 2, 4, 5]])
     assert not one[3]
+    # a cold start's answer among several persons (with device evidence): the cold-start
+    # figure, floored at 1 / persons; without device evidence raw, as the model leaves it
+    a.known, a.kind = None, np.array([3, 0, 0, 0, 2, 3], np.int8)
+    cold, _ = held_out_confidence(fit, a, settled_mode=False)
+    np.testing.assert_allclose(cold[[0, 5]], [0.6, 0.8])
+    fit["cold_start_confidence"] = 0.3
+    np.testing.assert_allclose(held_out_confidence(fit, a, settled_mode=False)[0][0], 0.5)
 
 
 def test_world_indices_reads_ranges_and_numbers_and_refuses_the_rest():
@@ -396,19 +404,26 @@ def test_the_fit_learns_how_often_answers_about_unknown_devices_are_right_and_ke
     assert sum(out["answers"][m] for m in maps) == sum(base["answers"][m] for m in maps) - 20
 
 
-def test_the_cold_start_figure_is_how_often_answers_among_several_persons_were_right():
-    """model.COLD_START_CONFIDENCE's fit: a population prior fitted on the households (as
-    the service fits its own), each household's first sessions answered at arrival by
-    the cold start, the share right of the answers that named one of several persons."""
-    from bench.accuracy import fit_cold_start_confidence
-    from services.clustering.domain.model import PopulationPrior
-    hs = _households(4)
-    out = fit_cold_start_confidence(hs, [], 8.0)
-    prior = PopulationPrior.fit([h.features for h in hs])
-    answers = [C.cold_start_answers(h, prior) for h in hs]
-    for h, a in zip(hs, answers):
-        assert a["top"].size == a["persons"].size == a["correct"].size == min(MIN_SESSIONS - 1, h.n_sessions)
-    several = np.concatenate([a["correct"][a["persons"] > 1] for a in answers])
-    assert out["answers"] == several.size > 0
-    assert out["cold_start_confidence"] == round((several.sum() + 1.0) / (several.size + 2.0), 4)
+def test_the_cold_start_figure_is_how_often_the_streams_answers_among_several_persons_were_right(monkeypatch):
+    """model.COLD_START_CONFIDENCE's fit: the TUNING streams' cold starts answer from
+    their world's population prior (as the service's do), and the figure is the share
+    right of the answers that named one of several persons, every mode but the settled."""
+    import bench._worlds_eval as E
+    from bench.accuracy import cold_multi_answers, fit_cold_start_confidence
+    monkeypatch.setattr(E, "WORLD_POPULATION", 20)
+    hs = _households(3)
+    priors = E.world_priors(hs, _households)
+    assert list(priors) == [hs[0].world_id] and priors[hs[0].world_id] is not None
+    answers = [C.household_answers(h, settled=True, prior=priors[h.world_id]) for h in hs]
+    out = fit_cold_start_confidence(answers, [h.family for h in hs], [1.0] * len(hs))
+    right = n = 0
+    for ans in answers:
+        cold = ans["stream"].age < MIN_SESSIONS
+        # the stream's first sessions are the prior's cold start: among several persons, with device ids
+        assert (ans["stream"].kind[cold] == C.COLD_MULTI).any()
+        for mode in ("batch", "stream"):
+            rows = cold_multi_answers(ans[mode])
+            right, n = right + ans[mode].correct[rows].sum(), n + rows.sum()
+    assert out["answers"] == n > 0
+    assert out["cold_start_confidence"] == round((right + 1.0) / (n + 2.0), 4)
     assert set(out["leave_one_family_out"]) == {"mobile_first"}
