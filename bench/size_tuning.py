@@ -43,8 +43,10 @@ born, a born person who is not there — with the missed members' sessions and d
 heuristic's on the same households (``sessions_lost``; docs/clustering.md 4k), the
 evidence each missed member of an under-count leaves (``member_evidence``: a personal
 device of their own, or only shared devices at other hours / at the same hours with
-another taste / the same taste), counted by true size (``missed_by_evidence``), and every
-household's row (``rows``, to set a stream's final count beside the batch fit's).
+another taste / the same taste), counted by true size (``missed_by_evidence``), how far
+their viewing hours are told apart from the fitted person that took them
+(``hours_z_against_host``, ``missed_hours_apart``), and every household's row (``rows``,
+to set a stream's final count beside the batch fit's).
 ``--movielens-tuning`` takes worlds A and B from the real viewers' TUNING half (even
 MovieLens ids, bench/worlds_movielens.py ``split="tuning"``) instead; ``--group-merge-auc``
 sets the device-merge bar (persons.MERGE_AUC) of every fit of the run.
@@ -602,7 +604,10 @@ COUNT_RULES_MEASURED = (
     "learned acceptance of one more person (device-first, leave one world / family out "
     "0.64-0.65 vs BIC 0.63, A->B 0.59 vs 0.62): `--heldout`, docs/clustering.md 4h; the device-merge "
     "bar 0.6 / 0.65 instead of 0.7 on real viewers' and synthetic TUNING worlds (gains on one set of "
-    "real viewers' worlds only, loses on the synthetic ones): `--group-merge-auc`, docs/clustering.md 4k")
+    "real viewers' worlds only, loses on the synthetic ones): `--group-merge-auc`, docs/clustering.md 4k; "
+    "session 16 (docs/benchmarks.md, count): the shared-only charge 0.4-0.75 x hours bar 1.5-2.5 (every step "
+    "to more persons splits singles as fast as it finds members), an hours split of a fitted person judged in "
+    "sample (single viewers' own hours split as cleanly), the stream's first refit at 30 (a phase, not a mechanism)")
 
 
 def _worlds(spec: str, movielens: bool = False) -> list[worlds.WorldHousehold]:
