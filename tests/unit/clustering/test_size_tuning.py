@@ -277,3 +277,20 @@ def test_diagnosis_counts_missed_members_by_evidence_and_true_size():
     by = S.diagnosis(rows)["missed_by_evidence"]
     assert by == {"2": {"own personal device": 0, "shared, other hours": 1},
                   "3": {"own personal device": 1, "shared, other hours": 1}}
+
+
+def test_hours_z_against_host_tells_a_member_at_other_hours_from_one_at_the_same():
+    """A missed member whose sessions a fitted person took: told apart from that person's
+    other sessions by the hours when they watch at other hours, not when at the same."""
+    rng = np.random.default_rng(0)
+    apart, alike = _two_viewers(9.0, 0), _two_viewers(20.0, 1)
+    from services.clustering.domain import features as F
+    for h in (apart, alike):   # an hour of scatter, and the hour written into the features
+        h.start_ts[:] += rng.uniform(-3600.0, 3600.0, h.n_sessions)
+        angle = 2.0 * np.pi * (h.start_ts % 86_400.0) / 86_400.0
+        h.features[:, F.HOUR] = np.column_stack((np.sin(angle), np.cos(angle)))
+    one_person = np.zeros(40, dtype=np.int64)   # the fit took everyone as one person
+    assert S.hours_z_against_host(apart, one_person, 1) >= 3.0
+    assert S.hours_z_against_host(alike, one_person, 1) < 2.0
+    # a member the fit gave a person of their own has no host's other sessions to compare
+    assert np.isnan(S.hours_z_against_host(apart, apart.person.copy(), 1))
