@@ -56,6 +56,10 @@ from services.clustering.domain.model import YOUNG_MODEL_SESSIONS, HouseholdMode
 from services.clustering.domain.simulator import (  # noqa: E402
     BASE_EPOCH, DAY_S, DIFFICULTY_LEVELS, DRIFT_TYPES, simulate_household, simulate_population,
 )
+from services.clustering.settings import ClusteringSettings  # noqa: E402
+
+# The worlds' streams answer cold starts as the service does by default (HEARTH_COLD_START).
+SERVICE_COLD_START_PRIOR = ClusteringSettings.model_fields["cold_start"].default == "population_prior"
 
 warnings.filterwarnings("ignore")
 
@@ -910,7 +914,8 @@ def cold_start_priors(hs: list, generate, population_prior: bool) -> dict | None
 
 
 def run_worlds(quick: bool, streaming: bool = True, workers: int = 2,
-               feedback_draws: int = worlds_eval.FEEDBACK_MESH_DRAWS, population_prior: bool = True) -> dict:
+               feedback_draws: int = worlds_eval.FEEDBACK_MESH_DRAWS,
+               population_prior: bool = SERVICE_COLD_START_PRIOR) -> dict:
     """The randomized world families, REPORTING split only (never tuned on)."""
     split = worlds.REPORTING
     n_worlds = 1 if quick else split.worlds_per_family
@@ -981,7 +986,8 @@ def log_composition_by_type(tag: str, hearth: dict, baselines: dict) -> None:
 
 
 def run_report_only(tag: str, generator, seed: int, quick: bool, streaming: bool = True, workers: int = 2,
-                    feedback_draws: int = worlds_eval.FEEDBACK_MESH_DRAWS, population_prior: bool = True) -> dict:
+                    feedback_draws: int = worlds_eval.FEEDBACK_MESH_DRAWS,
+                    population_prior: bool = SERVICE_COLD_START_PRIOR) -> dict:
     """Households of a generator nobody tuned on (``generator.generate``: its families,
     worlds and households), scored as the worlds are. REPORT ONLY: never tune on it."""
     n_worlds, n_house = (1, 2) if quick else (3, 4)
@@ -1029,10 +1035,11 @@ def main() -> None:
     ap.add_argument("--batch-only", action="store_true",
                     help="with --worlds-only / --blind-only / --movielens-only: the batch fit and baselines, "
                          "no streaming part")
-    ap.add_argument("--population-prior", action=argparse.BooleanOptionalAction, default=True,
-                    help="the worlds' cold starts answer from their world's population prior, as the service's "
-                         "default does (bench/_worlds_eval.world_priors); --no-population-prior: the account "
-                         "strategy, the benchmarks' cold start until session 16")
+    ap.add_argument("--population-prior", action=argparse.BooleanOptionalAction, default=SERVICE_COLD_START_PRIOR,
+                    help="the worlds' cold starts answer from their world's population prior "
+                         "(bench/_worlds_eval.world_priors), as a service with HEARTH_COLD_START=population_prior "
+                         "does; --no-population-prior: the account strategy. Default: the service's default "
+                         f"({'--population-prior' if SERVICE_COLD_START_PRIOR else '--no-population-prior'})")
     ap.add_argument("--calibrate-confidence", action="store_true",
                     help="fit the confidence map on the TUNING worlds (prints it)")
     ap.add_argument("--device-maps-only", action="store_true",

@@ -5,7 +5,7 @@ variables, validated at start (a bad value names the variable).
 |---|---|---|
 | `HEARTH_SESSION_GAP_S` | 1800 | a device's events further apart than this start a new session |
 | `HEARTH_LATENESS_TOLERANCE_S` | 21600 | events this far behind their device's newest are still placed; older ones are `rejected_late` |
-| `HEARTH_COLD_START` | `population_prior` | households with < 10 sessions: `account`, `population_prior` (falls back to `account` until enough households exist to learn the prior) or `heuristic` |
+| `HEARTH_COLD_START` | `account` | households with < 10 sessions: `account` (one person until the first fit), `population_prior` (the prior's personas; falls back to `account` until enough households exist to learn the prior) or `heuristic` (docs/clustering.md, "Cold start": why `account` is the default) |
 | `HEARTH_POPULATION_PRIOR_REFRESH_S` | 3600 | how often the population prior is relearnt from stored households |
 | `HEARTH_CALIBRATOR_CACHE_S` | 60 | how long a calibrator fetched from feedback is applied before asking again (the assign path never waits for feedback; a recalibration shows within this) |
 | `HEARTH_GENRE_ALIASES` | empty | `name=genre,...`: callers' genre names mapped onto the feature genres (docs/features.md) |
@@ -26,7 +26,12 @@ class ClusteringSettings(ServiceSettings):
     service_name: str = "clustering"
     session_gap_s: float = 1800.0
     lateness_tolerance_s: float = 6 * 3600.0
-    cold_start: Literal["account", "population_prior", "heuristic"] = "population_prior"
+    # "account" since session 16: on TUNING streams (bench/_worlds_eval, 48 households,
+    # every world's own population prior) the prior's personas gave a household's first
+    # sessions person ids the first fit never keeps, at arrival: accuracy 0.666 against
+    # 0.692, size exact 0.17 / 0.63, single-person households kept 0.00 / 1.00, ECE equal
+    # (docs/clustering.md, "Cold start").
+    cold_start: Literal["account", "population_prior", "heuristic"] = "account"
     population_prior_refresh_s: float = 3600.0
     calibrator_cache_s: float = 60.0
     genre_aliases: str = ""
