@@ -12,8 +12,12 @@ at arrival; each feedback reaches the model before the next arrival), beside no
 feedback, the labels alone and the calibrator alone; mean over ``--draws`` random 3.75 %
 feedback samples (``feedback_draws``: the pooled draws of ``after_feedback``).
 
+Cold starts answer from the world's population prior (``priors``: E.world_priors, as
+``bench.accuracy`` since session 16); ``--no-population-prior`` gives the account cold start
+this tool used before.
+
 ``python -m bench.label_feedback [--split tuning|reporting|movielens-tuning] [--first-world W --worlds N
---households H] [--draws D] [--workers W] [--batch-only | --stream-only]`` prints one
+--households H] [--draws D] [--workers W] [--batch-only | --stream-only] [--no-population-prior]`` prints one
 JSON object on its last line. Choices are made on ``tuning`` (worlds from 12 on have never been seen by the
 confidence maps, which are fitted on TUNING worlds 0-11 since session 12, 0-3 before); ``reporting`` is read to
 report only.
@@ -32,13 +36,31 @@ from bench import _worlds_eval as E
 from bench import worlds, worlds_movielens
 
 
-def _one(args: tuple[worlds.WorldHousehold, list[np.ndarray], bool, bool]) -> dict:
-    h, fed, streaming, batch = args
-    out = {"batch": E.hearth_batch(h)[1], "fed_batch": [E.hearth_batch_fed(h, f) for f in fed]} if batch else {}
+def _one(args: tuple) -> dict:
+    """One household's answers without and with each draw's feedback; ``args``: (household,
+    draws, streaming, batch[, its world's population prior]) — the prior every Hearth path's
+    cold start uses, as bench.accuracy's (E._one_household)."""
+    h, fed, streaming, batch, *rest = args
+    kw = {"population_prior": rest[0]} if rest else {}
+    out = {"batch": E.hearth_batch(h, **kw)[1], "fed_batch": [E.hearth_batch_fed(h, f, **kw) for f in fed]} \
+        if batch else {}
     if streaming:
-        out["stream"] = E.hearth_stream(h)[1]
-        out["fed_stream"] = [E.hearth_stream_fed(h, f) for f in fed]
+        out["stream"] = E.hearth_stream(h, **kw)[1]
+        out["fed_stream"] = [E.hearth_stream_fed(h, f, **kw) for f in fed]
     return out
+
+
+def priors(split: str, first_world: int, n_worlds: int | None, hs: list[worlds.WorldHousehold]) -> dict:
+    """Per world of ``hs``, its population prior (E.world_priors over the world's other
+    households, as bench.accuracy's cold_start_priors)."""
+    if split == "movielens-tuning":
+        n_worlds = n_worlds or 3
+        return E.world_priors(hs, lambda n: worlds_movielens.generate(
+            worlds_per_family=first_world + n_worlds, households_per_world=n, split="tuning"))
+    s = worlds.TUNING if split == "tuning" else worlds.REPORTING
+    n_worlds = n_worlds or s.worlds_per_family
+    return E.world_priors(hs, lambda n: worlds.generate(s, worlds_per_family=first_world + n_worlds,
+                                                        households_per_world=n))
 
 
 def households(split: str, first_world: int, n_worlds: int | None, n_house: int | None) -> list[worlds.WorldHousehold]:
@@ -57,10 +79,15 @@ def households(split: str, first_world: int, n_worlds: int | None, n_house: int 
     return [h for i, h in enumerate(hs) if i % per_family >= first_world * n_house]
 
 
-def run(hs: list[worlds.WorldHousehold], draws: int, workers: int, streaming: bool = True, batch: bool = True) -> dict:
+def run(hs: list[worlds.WorldHousehold], draws: int, workers: int, streaming: bool = True, batch: bool = True,
+        world_prior: dict | None = None) -> dict:
+    """``world_prior``: per world, its population prior (``priors``); None: no prior (the
+    account cold start, this tool's until session 16)."""
     fed = E.feedback_draws(hs, draws)
+    work = [(h, f, streaming, batch, *((world_prior.get(h.world_id),) if world_prior is not None else ()))
+            for h, f in zip(hs, fed)]
     with ProcessPoolExecutor(workers) as pool:
-        outs = list(pool.map(_one, [(h, f, streaming, batch) for h, f in zip(hs, fed)]))
+        outs = list(pool.map(_one, work))
     report = {}
     for mode, before, key, ages, sample_before in (("batch", "batch", "fed_batch", "batch", True),
                                                    ("streaming", "stream", "fed_stream", "stream", False)):
@@ -82,12 +109,17 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-only", action="store_true", help="no streams (a fifth of the time)")
     ap.add_argument("--stream-only", action="store_true", help="no batch fits (the stream side's choices)")
+    ap.add_argument("--no-population-prior", action="store_true",
+                    help="cold starts without the world's population prior (the account strategy)")
     args = ap.parse_args()
     t0 = time.time()
     hs = households(args.split, args.first_world, args.worlds, args.households)
+    world_prior = None if args.no_population_prior else priors(args.split, args.first_world, args.worlds, hs)
     report = {"split": args.split, "first_world": args.first_world, "households": len(hs),
               "sessions": int(sum(h.n_sessions for h in hs)), "draws": args.draws,
-              **run(hs, args.draws, args.workers, streaming=not args.batch_only, batch=not args.stream_only)}
+              "population_prior": world_prior is not None,
+              **run(hs, args.draws, args.workers, streaming=not args.batch_only, batch=not args.stream_only,
+                    world_prior=world_prior)}
     report["elapsed_s"] = round(time.time() - t0, 1)
     print(json.dumps(report))
 
