@@ -412,28 +412,27 @@ def _household_answers(h, prior, daily: bool) -> dict:
     return household_answers(h, settled=True, daily=daily, prior=prior)
 
 
-# The TUNING answers the maps are fitted on come with their worlds' population priors,
-# as the service's cold start answers (the maps see what it serves): session 16.
-CONFIDENCE_POPULATION_PRIOR = True
-
-
 def tuning_answers(world_ids: tuple[int, ...], households_per_world: int,
-                   daily: bool = False) -> tuple[list, list[dict]]:
-    """The TUNING households of those worlds and their raw answers (answers_of)."""
+                   daily: bool = False, population_prior: bool = SERVICE_COLD_START_PRIOR) -> tuple[list, list[dict]]:
+    """The TUNING households of those worlds and their raw answers (answers_of); their
+    cold starts answer as the service's default does (``population_prior``: from their
+    worlds' priors, the maps then see what a service with HEARTH_COLD_START=
+    population_prior serves and COLD_START_CONFIDENCE is fitted; session 16)."""
     def generate(n):
         return worlds.generate(worlds.TUNING, households_per_world=n, world_indices=world_ids)
     hs = generate(households_per_world)
-    return hs, answers_of(hs, daily, cold_start_priors(hs, generate, CONFIDENCE_POPULATION_PRIOR))
+    return hs, answers_of(hs, daily, cold_start_priors(hs, generate, population_prior))
 
 
-def movielens_tuning_answers(quick: bool, daily: bool = False) -> tuple[list, list[dict]]:
+def movielens_tuning_answers(quick: bool, daily: bool = False,
+                             population_prior: bool = SERVICE_COLD_START_PRIOR) -> tuple[list, list[dict]]:
     """The real viewers' TUNING half (bench/worlds_movielens.py, split="tuning": viewers of
     even MovieLens ids, 60 households; --quick 10) and their raw answers (answers_of)."""
     def generate(n):
         return worlds_movielens.generate(split="tuning", worlds_per_family=1 if quick else 3,
                                          households_per_world=n)
     hs = generate(2 if quick else 4)
-    return hs, answers_of(hs, daily, cold_start_priors(hs, generate, CONFIDENCE_POPULATION_PRIOR))
+    return hs, answers_of(hs, daily, cold_start_priors(hs, generate, population_prior))
 
 
 def calibrate_device_confidence(quick: bool, leave_one_world_out: bool = False,
@@ -442,7 +441,8 @@ def calibrate_device_confidence(quick: bool, leave_one_world_out: bool = False,
                                 fresh_worlds: tuple[int, ...] | None = None,
                                 households_per_world: int = CONFIDENCE_HOUSEHOLDS_PER_WORLD,
                                 movielens: bool = CONFIDENCE_MOVIELENS, daily: bool = CONFIDENCE_DAILY,
-                                movielens_weight: float = CONFIDENCE_MOVIELENS_WEIGHT) -> dict:
+                                movielens_weight: float = CONFIDENCE_MOVIELENS_WEIGHT,
+                                population_prior: bool = SERVICE_COLD_START_PRIOR) -> dict:
     """The device-evidence confidence maps of model.py, fitted on the TUNING worlds only
     (sessions with device ids): each session's uncalibrated answer from a batch fit and
     at its arrival in a time-ordered stream (bench/_confidence.py, the way the service
@@ -472,13 +472,13 @@ def calibrate_device_confidence(quick: bool, leave_one_world_out: bool = False,
     if quick:
         fit_worlds, households_per_world = fit_worlds[:1], 4
     t0 = time.time()
-    hs, answers = tuning_answers(fit_worlds, households_per_world, daily)
+    hs, answers = tuning_answers(fit_worlds, households_per_world, daily, population_prior)
     families = [h.family for h in hs]
     weights = [1.0] * len(hs)
     ml: list[dict] = []
     ml_hs: list = []
     if movielens:
-        ml_hs, ml = movielens_tuning_answers(quick, daily)
+        ml_hs, ml = movielens_tuning_answers(quick, daily, population_prior)
         weights += [movielens_weight] * len(ml)
     out = {"households": len(hs), "movielens_households": len(ml), "movielens_weight": movielens_weight,
            "daily": daily, "fit_worlds": list(fit_worlds), **fit_device_confidence(answers + ml, weights=weights),
@@ -502,7 +502,7 @@ def calibrate_device_confidence(quick: bool, leave_one_world_out: bool = False,
     if fresh_worlds:
         if set(fresh_worlds) & set(fit_worlds):
             raise ValueError(f"fresh worlds {sorted(set(fresh_worlds) & set(fit_worlds))} are fitted on")
-        fresh_hs, fresh = tuning_answers(fresh_worlds, households_per_world, daily)
+        fresh_hs, fresh = tuning_answers(fresh_worlds, households_per_world, daily, population_prior)
         fresh_families = [h.family for h in fresh_hs]
         out["fresh_worlds"] = {"worlds": list(fresh_worlds), "households": len(fresh_hs),
                                **score_fresh(answers + ml, fresh, fresh_families, "fresh worlds", weights)}
@@ -544,7 +544,7 @@ def fit_cold_start_confidence(answers: list[dict], sources: list[str], weights: 
     every = np.ones(len(answers), dtype=bool)
     n_cold = sum(int(r.sum()) for parts in rows for _, r in parts)
     n_all = sum(a.P.shape[0] for parts in rows for a, _ in parts)
-    out = {"cold_start_confidence": round(share(every), 4), "answers": n_cold,
+    out = {"cold_start_confidence": round(share(every), 4) if n_cold else None, "answers": n_cold,
            "share_of_answers": round(n_cold / max(n_all, 1), 4)}
     out["leave_one_family_out"] = {str(f): scored(source == f, share(source != f))
                                    for f in np.unique(source[source != "real viewers"])}
@@ -587,7 +587,8 @@ def held_out_confidence(fit: dict, a, settled_mode: bool) -> tuple[np.ndarray, n
     conf[unknown] = np.where(live[unknown] <= 1, values["one_person"],
                              np.maximum(values["several"], 1.0 / np.maximum(live[unknown], 1)))
     cold = cold_multi_answers(a)   # a cold start's answer among several persons (floored at 1 / persons)
-    conf[cold] = np.maximum(fit["cold_start_confidence"], 1.0 / live[cold])
+    value = fit["cold_start_confidence"] if fit.get("cold_start_confidence") is not None else M.COLD_START_CONFIDENCE
+    conf[cold] = np.maximum(value, 1.0 / live[cold])
     return conf, one
 
 
@@ -861,8 +862,10 @@ def fit_device_confidence(answers: list[dict], one_person_c: float = ONE_PERSON_
         f"{counts['new_device_several']} several-person answers)")
     # a cold start's answer among several persons (the world's population prior): how
     # often such answers were right (model.COLD_START_CONFIDENCE; Laplace-smoothed, weighted)
+    # (None without such answers: a cold start by the account strategy, the service's
+    # default since session 16; the figure is refitted with --population-prior)
     rw = np.vstack(cold)
-    cold_value = round(float((rw[:, 0] @ rw[:, 1] + 1.0) / (rw[:, 1].sum() + 2.0)), 4)
+    cold_value = round(float((rw[:, 0] @ rw[:, 1] + 1.0) / (rw[:, 1].sum() + 2.0)), 4) if rw.shape[0] else None
     counts["cold_start_several"] = int(rw.shape[0])
     log(f"cold-start confidence (answers among several persons): {cold_value} ({rw.shape[0]} answers)")
     return {"device_confidence_maps": maps, "device_confidence_shift": shifts, "one_person_confidence": tables,
@@ -1086,7 +1089,8 @@ def main() -> None:
                                                                 args.leave_one_family_out, args.fit_worlds,
                                                                 args.fresh_worlds, movielens=args.movielens,
                                                                 daily=args.daily,
-                                                                movielens_weight=args.movielens_weight)}))
+                                                                movielens_weight=args.movielens_weight,
+                                                                population_prior=args.population_prior)}))
         return
     if args.blind_only or args.movielens_only:
         key, run = ("worlds_blind", run_blind) if args.blind_only else ("worlds_movielens", run_movielens)
