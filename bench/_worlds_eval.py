@@ -39,6 +39,7 @@ from services.clustering.domain.model import (CHANGE_LOOKBACK, CHANGE_MIN_HISTOR
                                              PopulationPrior, feedback_calibrator_rows, population_prior)
 from services.clustering.household import MICRO_BATCH, Envelope
 from services.clustering.modeling import ModelKeeper, Snapshot
+from services.clustering.settings import ClusteringSettings
 from services.clustering.store import StoredSession
 
 # Sessions per arrival in the streaming run, each arrival one refresh of the service: 1,
@@ -75,6 +76,10 @@ def daily_ends(start_ts: np.ndarray) -> list[int]:
 # the service's PRIOR_MIN_HOUSEHOLDS, ~5,000 sessions for the prior's 12 personas;
 # the service's 200 cost 4 extra minutes of generation per REPORTING run.
 WORLD_POPULATION = 40
+# Whether the service's default cold start (HEARTH_COLD_START) answers from a population
+# prior: the benchmarks' cold starts follow the default (bench.accuracy, bench.label_feedback;
+# --population-prior / --no-population-prior choose).
+SERVICE_COLD_START_PRIOR = ClusteringSettings.model_fields["cold_start"].default == "population_prior"
 
 
 def world_priors(scored: list[WorldHousehold], generate) -> dict[str, PopulationPrior | None]:

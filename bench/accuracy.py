@@ -56,10 +56,8 @@ from services.clustering.domain.model import YOUNG_MODEL_SESSIONS, HouseholdMode
 from services.clustering.domain.simulator import (  # noqa: E402
     BASE_EPOCH, DAY_S, DIFFICULTY_LEVELS, DRIFT_TYPES, simulate_household, simulate_population,
 )
-from services.clustering.settings import ClusteringSettings  # noqa: E402
 
-# The worlds' streams answer cold starts as the service does by default (HEARTH_COLD_START).
-SERVICE_COLD_START_PRIOR = ClusteringSettings.model_fields["cold_start"].default == "population_prior"
+SERVICE_COLD_START_PRIOR = worlds_eval.SERVICE_COLD_START_PRIOR
 
 warnings.filterwarnings("ignore")
 
@@ -904,8 +902,8 @@ def cold_start_priors(hs: list, generate, population_prior: bool) -> dict | None
     """Per world of ``hs``, the population prior its service answers cold starts with
     (worlds_eval.world_priors over the world's established households; ``generate(n)``:
     the generator call of ``hs`` with n households per world); None with
-    ``population_prior`` False (--no-population-prior: the account strategy, the
-    benchmarks' cold start until session 16)."""
+    ``population_prior`` False (--no-population-prior: the account strategy, the service's
+    default cold start since session 16)."""
     if not population_prior:
         return None
     import time

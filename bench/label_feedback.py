@@ -12,12 +12,12 @@ at arrival; each feedback reaches the model before the next arrival), beside no
 feedback, the labels alone and the calibrator alone; mean over ``--draws`` random 3.75 %
 feedback samples (``feedback_draws``: the pooled draws of ``after_feedback``).
 
-Cold starts answer from the world's population prior (``priors``: E.world_priors, as
-``bench.accuracy`` since session 16); ``--no-population-prior`` gives the account cold start
-this tool used before.
+Cold starts answer as the service's default does (E.SERVICE_COLD_START_PRIOR: the account
+strategy since session 16); ``--population-prior`` gives each world's population prior
+(``priors``: E.world_priors), as a service with HEARTH_COLD_START=population_prior answers.
 
 ``python -m bench.label_feedback [--split tuning|reporting|movielens-tuning] [--first-world W --worlds N
---households H] [--draws D] [--workers W] [--batch-only | --stream-only] [--no-population-prior]`` prints one
+--households H] [--draws D] [--workers W] [--batch-only | --stream-only] [--[no-]population-prior]`` prints one
 JSON object on its last line. Choices are made on ``tuning`` (worlds from 12 on have never been seen by the
 confidence maps, which are fitted on TUNING worlds 0-11 since session 12, 0-3 before); ``reporting`` is read to
 report only.
@@ -109,12 +109,13 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-only", action="store_true", help="no streams (a fifth of the time)")
     ap.add_argument("--stream-only", action="store_true", help="no batch fits (the stream side's choices)")
-    ap.add_argument("--no-population-prior", action="store_true",
-                    help="cold starts without the world's population prior (the account strategy)")
+    ap.add_argument("--population-prior", action=argparse.BooleanOptionalAction, default=E.SERVICE_COLD_START_PRIOR,
+                    help="cold starts from the world's population prior (HEARTH_COLD_START=population_prior); "
+                         "default: the service's default cold start")
     args = ap.parse_args()
     t0 = time.time()
     hs = households(args.split, args.first_world, args.worlds, args.households)
-    world_prior = None if args.no_population_prior else priors(args.split, args.first_world, args.worlds, hs)
+    world_prior = None if not args.population_prior else priors(args.split, args.first_world, args.worlds, hs)
     report = {"split": args.split, "first_world": args.first_world, "households": len(hs),
               "sessions": int(sum(h.n_sessions for h in hs)), "draws": args.draws,
               "population_prior": world_prior is not None,

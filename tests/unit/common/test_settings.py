@@ -130,11 +130,13 @@ def test_only_the_settings_code_reads_the_environment():
 def test_the_default_cold_start_is_one_person_and_the_benchmark_follows_it(monkeypatch):
     """HEARTH_COLD_START defaults to "account" (session 16: the population prior's personas
     named persons the first fit never keeps; docs/clustering.md, "Cold start"), the variable
-    still chooses, and bench.accuracy's streams answer cold starts as the default does."""
+    still chooses, and the benchmarks' streams answer cold starts as the default does."""
     from bench import accuracy
     monkeypatch.delenv("HEARTH_COLD_START", raising=False)
     assert ClusteringSettings().cold_start == "account"
     monkeypatch.setenv("HEARTH_COLD_START", "population_prior")
     assert ClusteringSettings().cold_start == "population_prior"
     assert accuracy.SERVICE_COLD_START_PRIOR is False
+    from bench import _worlds_eval
+    assert accuracy.SERVICE_COLD_START_PRIOR is _worlds_eval.SERVICE_COLD_START_PRIOR   # bench.label_feedback's too
     assert accuracy.run_worlds.__defaults__[-1] is False and accuracy.run_report_only.__defaults__[-1] is False
