@@ -50,31 +50,33 @@ def _one(args: tuple) -> dict:
     return out
 
 
+def _generator(split: str, first_world: int, n_worlds: int | None):
+    """(generate(households_per_world), worlds per family) of the split's worlds 0 ..
+    ``first_world + n_worlds - 1`` (``movielens-tuning``: real viewers of the tuning half,
+    bench/worlds_movielens.py); every generator gives a prefix of the same households for
+    fewer per world, which ``priors`` relies on."""
+    if split == "movielens-tuning":
+        n_worlds = n_worlds or 3
+        return (lambda n: worlds_movielens.generate(worlds_per_family=first_world + n_worlds,
+                                                    households_per_world=n, split="tuning")), n_worlds
+    s = worlds.TUNING if split == "tuning" else worlds.REPORTING
+    n_worlds = n_worlds or s.worlds_per_family
+    return (lambda n: worlds.generate(s, worlds_per_family=first_world + n_worlds, households_per_world=n)), n_worlds
+
+
 def priors(split: str, first_world: int, n_worlds: int | None, hs: list[worlds.WorldHousehold]) -> dict:
     """Per world of ``hs``, its population prior (E.world_priors over the world's other
     households, as bench.accuracy's cold_start_priors)."""
-    if split == "movielens-tuning":
-        n_worlds = n_worlds or 3
-        return E.world_priors(hs, lambda n: worlds_movielens.generate(
-            worlds_per_family=first_world + n_worlds, households_per_world=n, split="tuning"))
-    s = worlds.TUNING if split == "tuning" else worlds.REPORTING
-    n_worlds = n_worlds or s.worlds_per_family
-    return E.world_priors(hs, lambda n: worlds.generate(s, worlds_per_family=first_world + n_worlds,
-                                                        households_per_world=n))
+    return E.world_priors(hs, _generator(split, first_world, n_worlds)[0])
 
 
 def households(split: str, first_world: int, n_worlds: int | None, n_house: int | None) -> list[worlds.WorldHousehold]:
     """The split's households of worlds ``first_world`` .. ``first_world + n_worlds - 1``
     (``movielens-tuning``: real viewers of the tuning half, bench/worlds_movielens.py)."""
-    if split == "movielens-tuning":
-        n_worlds, n_house = n_worlds or 3, n_house or 4
-        hs = worlds_movielens.generate(worlds_per_family=first_world + n_worlds, households_per_world=n_house,
-                                       split="tuning")
-    else:
-        s = worlds.TUNING if split == "tuning" else worlds.REPORTING
-        n_worlds = n_worlds or s.worlds_per_family
-        n_house = n_house or s.households_per_world
-        hs = worlds.generate(s, worlds_per_family=first_world + n_worlds, households_per_world=n_house)
+    generate, n_worlds = _generator(split, first_world, n_worlds)
+    n_house = n_house or (4 if split == "movielens-tuning"
+                          else (worlds.TUNING if split == "tuning" else worlds.REPORTING).households_per_world)
+    hs = generate(n_house)
     per_family = (first_world + n_worlds) * n_house   # generate's order: family, world, household
     return [h for i, h in enumerate(hs) if i % per_family >= first_world * n_house]
 
