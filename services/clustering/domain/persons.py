@@ -308,3 +308,94 @@ def differ_in_hours(X: np.ndarray, who: np.ndarray, min_z: float) -> bool:
         return False
     auc = loo_auc(_standardised(viewing_hours(X)), who.astype(np.float64))
     return auc_z(auc, n_a, n_b) >= min_z
+
+
+
+def taste(X: np.ndarray) -> np.ndarray:
+    """The columns that say *what* a person watches: the genre mix and the kids / teen
+    shares (not lengths or binges, which are a person's kinds of viewing, nor device or
+    hours). (N, 21)."""
+    X = np.asarray(X, dtype=np.float64)
+    return np.hstack((X[:, F.GENRE], X[:, F.KIDS_SHARE:F.TEEN_SHARE + 1]))
+
+
+# hours_apart_part, a person with device sessions: the free sessions at hours their own
+# device sessions seldom hold — above this quantile of the device sessions' scores.
+ANCHOR_QUANTILE = 0.9
+
+
+def hours_apart_part(X: np.ndarray, mine: np.ndarray, free: np.ndarray, seed: int = 0
+                     ) -> tuple[np.ndarray, float, float]:
+    """Where a member hidden in a fitted person (``mine``) would be: the person's
+    sessions on shared devices (``free``: not clamped to a personal-device group) at
+    hours apart from the rest of theirs. With >= 10 clamped and >= 10 free sessions,
+    the free sessions whose leave-one-out score of "free vs clamped" on
+    ``viewing_hours`` is above the ANCHOR_QUANTILE of the clamped sessions' scores (at
+    hours the person's own devices seldom see); otherwise the free sessions of the half
+    of a 2-means split on the two-hour bins that holds fewer clamped sessions (the
+    smaller half when none is clamped). Returns (part mask over all rows, hours z, taste
+    z): ``auc_z`` of the leave-one-out AUC of the part against the person's other
+    sessions on ``viewing_hours``, and ``cross_fitted_taste_z`` of the part. The part is
+    chosen by hours alone and the taste is judged out of sample, so a single viewer's
+    evening TV and morning phone (apart in hours, not in what they watch) are not split.
+    An empty part and zeros when a side has fewer than two sessions."""
+    mine, free = np.asarray(mine, dtype=bool), np.asarray(free, dtype=bool)
+    part = np.zeros(mine.size, dtype=bool)
+    idx = np.flatnonzero(mine)
+    if idx.size < 4:
+        return part, 0.0, 0.0
+    hours = _standardised(viewing_hours(X[idx]))
+    clamped = ~free[idx]
+    if clamped.sum() >= 10 and (~clamped).sum() >= 10:
+        score = loo_predictions(hours, (~clamped).astype(np.float64))
+        part[idx[~clamped & (score > np.quantile(score[clamped], ANCHOR_QUANTILE))]] = True
+    else:
+        bins = hours[:, :_HOUR_CENTRES.size]
+        km = IncrementalKMeans.fit(bins, 2, seed=seed)
+        if km.n_components < 2:
+            return part, 0.0, 0.0
+        half = km.predict(bins)
+        share = [clamped[half == c].mean() if (half == c).any() else 1.0 for c in (0, 1)]
+        size = [(half == c).sum() for c in (0, 1)]
+        c = int(np.lexsort((size, share))[0])
+        part[idx[(half == c) & ~clamped]] = True
+    y = part[idx]
+    n_a, n_b = int(y.sum()), int((~y).sum())
+    if n_a < 2 or n_b < 2:
+        return np.zeros(mine.size, dtype=bool), 0.0, 0.0
+    return part, auc_z(loo_auc(hours, y.astype(np.float64)), n_a, n_b), cross_fitted_taste_z(X[idx], y)
+
+
+def _mann_whitney_z(a: np.ndarray, b: np.ndarray) -> float:
+    """``auc_z`` of the rank AUC of ``a`` over ``b`` (ties split)."""
+    both = np.concatenate((a, b))
+    order = np.argsort(both, kind="stable")
+    ranks = np.empty(both.size)
+    ranks[order] = np.arange(1, both.size + 1)
+    _, inverse = np.unique(both, return_inverse=True)
+    ranks = (np.bincount(inverse, ranks) / np.bincount(inverse))[inverse]   # mid-ranks for ties
+    u = ranks[:a.size].sum() - a.size * (a.size + 1) / 2
+    return auc_z(float(u / (a.size * b.size)), a.size, b.size)
+
+
+def cross_fitted_taste_z(X: np.ndarray, y: np.ndarray, block: int = 8) -> float:
+    """Is the taste of the sessions ``y`` (rows in time order) apart from the others',
+    out of sample? Blocks of ``block`` consecutive sessions are dealt to two halves; the
+    difference of the two sides' mean ``taste`` learnt on one half is the direction
+    along which the other half's sessions are ranked (Mann-Whitney, as ``auc_z``), and
+    the two halves' z's are combined (sum / sqrt 2). Why cross-fitted: in sample, a
+    classifier over 21 taste columns finds differences in any split; why blocks:
+    consecutive sessions (a binge run, a series) share genres, so a session-level
+    permutation would take one series for a taste. 0 with fewer than two sessions of a
+    side in a half."""
+    y = np.asarray(y, dtype=bool)
+    T = taste(X)
+    fold = (np.arange(y.size) // block) % 2
+    zs = []
+    for f in (0, 1):
+        tr, te = fold != f, fold == f
+        if min((y & tr).sum(), (~y & tr).sum(), (y & te).sum(), (~y & te).sum()) < 2:
+            return 0.0
+        proj = T[te] @ (T[tr & y].mean(axis=0) - T[tr & ~y].mean(axis=0))
+        zs.append(_mann_whitney_z(proj[y[te]], proj[~y[te]]))
+    return float(sum(zs) / np.sqrt(2.0))
