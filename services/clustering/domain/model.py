@@ -52,8 +52,7 @@ from services.clustering.domain.gmm import (
 )
 from services.clustering.domain.kmeans import IncrementalKMeans, fit_select_k_kmeans, kmeans_plus_plus
 from services.clustering.domain.persons import (
-    auc_z, differ_in_hours, hour_seedings, hours_apart_part, is_personal, loo_auc, merge_by_viewing_hours,
-    novel_sessions,
+    auc_z, differ_in_hours, hour_seedings, is_personal, loo_auc, merge_by_viewing_hours, novel_sessions,
     personal_device_groups, personal_slots, viewing_hours,
 )
 from services.clustering.domain.placement import discriminative_responsibilities
@@ -92,17 +91,6 @@ TV_ONLY_SHARE = 0.2
 # family): 1.0: accuracy 0.706, size exact 0.68; 0.75: 0.704 / 0.75 (households with
 # personal devices 0.67 -> 0.77); 0.5: 0.675 / 0.62; 1.5: 0.697 / 0.60.
 GROUP_BIC_PENALTY = 0.75
-# After the batch fit: a member hidden in a fitted person — their shared-device sessions
-# at hours apart from the rest of that person's sessions, with another taste — is split
-# off and the fit redone with one more person (_split_hidden_members,
-# persons.hours_apart_part). Accepted only when the hours tell the part apart (z >=
-# HIDDEN_SPLIT_HOURS_Z), its taste does too (HIDDEN_SPLIT_TASTE_Z: the split is chosen by
-# hours alone, so this is out-of-sample evidence) and it holds HIDDEN_SPLIT_MIN_SESSIONS.
-HIDDEN_MEMBER_SPLIT = True
-HIDDEN_SPLIT_HOURS_Z = 2.0
-HIDDEN_SPLIT_TASTE_Z = 2.0
-HIDDEN_SPLIT_MIN_SESSIONS = 10
-HIDDEN_SPLIT_MAX = 1      # persons a fit may add this way
 # Device-first fits: shared-device sessions placed by a per-household classifier trained
 # on the personal-device groups' sessions, then one M-step (_place_shared_sessions).
 PLACE_SHARED_SESSIONS = True
@@ -1176,14 +1164,10 @@ class HouseholdModel:
                                         extra_inits=self._device_inits(X) + hours).model
             if merge:
                 self.mixture = self._merge_same_hours(X, self.mixture, keys)
-                if HIDDEN_MEMBER_SPLIT:
-                    self.mixture = self._split_hidden_members(X, clamp, self.mixture, keys)
             self._reset_buffer(X, keys)
             return
         best = self._best_clamped(X, clamp, keys, tv_only_seedings=True)
         self.mixture = self._with_placed_weights(self._place_shared_sessions(X, clamp, best, keys))
-        if HIDDEN_MEMBER_SPLIT:
-            self.mixture = self._split_hidden_members(X, clamp, self.mixture, keys)
         self._label_components = int(clamp.max()) + 1
         self._reset_buffer(X, keys)
 
@@ -1452,54 +1436,6 @@ class HouseholdModel:
         out.ledger_keys = mixture.ledger_keys.copy()
         out.ledger_resp = None if mixture.ledger_resp is None else mixture.ledger_resp.copy()
         return out
-
-    def _split_hidden_members(self, X: np.ndarray, clamp: np.ndarray, mixture: Mixture,
-                              keys: np.ndarray) -> Mixture:
-        """After the batch fit: for each person, the shared-device sessions at hours apart
-        from the rest of theirs (persons.hours_apart_part) are proposed as one more
-        person; the proposal whose taste is told apart most is taken when its hours z,
-        taste z and size pass the HIDDEN_SPLIT_* bars, and the fit is redone from it
-        (device groups clamped and the shared sessions placed again, or, without a
-        personal device, kept only while the hours merge does not take it back). Why:
-        the members the count misses watch the shared TV at other hours than the
-        person they are merged into (docs/clustering.md, count), and no candidate BIC
-        weighs starts from them; a single viewer's evening TV and morning phone differ
-        in hours but not in taste."""
-        rng = np.random.default_rng(self.seed)
-        Xf = X[:, :F.FEATURE_DIM]
-        free = clamp < 0
-        device_first = bool((clamp >= 0).any())
-        for _ in range(HIDDEN_SPLIT_MAX):
-            k = mixture.n_components
-            if k >= self.k_max:
-                break
-            labels = mixture.log_joint(X).argmax(axis=1)
-            best = None
-            for p in range(k):
-                part, hz, tz = hours_apart_part(Xf, labels == p, free, self.seed)
-                if (part.sum() >= HIDDEN_SPLIT_MIN_SESSIONS and hz >= HIDDEN_SPLIT_HOURS_Z
-                        and tz >= HIDDEN_SPLIT_TASTE_Z and (best is None or tz > best[0])):
-                    best = (tz, part)
-            if best is None:
-                break
-            init = labels.copy()
-            init[best[1]] = k
-            try:
-                m, _ = fit_em(X, k + 1, self.family, rng, clamp=clamp if device_first else None,
-                              keys=keys, init_labels=init)
-                m.prune()
-                if m.n_components <= k:
-                    break
-                if device_first:
-                    m = self._with_placed_weights(self._place_shared_sessions(X, clamp, m, keys))
-                elif merge_by_viewing_hours(Xf, m.log_joint(X).argmax(axis=1)) is not None:
-                    break
-            except MixtureNumericalError:
-                break
-            if m.n_components <= k:
-                break
-            mixture = m
-        return mixture
 
     def _merge_same_hours(self, X: np.ndarray, mixture: Mixture, keys: np.ndarray) -> Mixture:
         """Device ids known, no personal device: while two of the persons found watch at
