@@ -23,7 +23,9 @@ binning floor.
 (``bench.label_feedback``'s per-household work, cached in ``--cache``) scored by
 ``_worlds_eval.mesh_after_feedback`` under every (FEEDBACK_GROUP_OF, MIN_GROUP_FEEDBACK)
 pair of the calibrator per group; beside each, the pooled calibrator everywhere and the
-session-15 skip, and the mean over-confidence per group that is left.
+session-15 skip, the mean over-confidence per group that is left, the binning floor of the
+served and unfed answers (``mesh_floor``, ``no_feedback_floor``: ``ece_floor``) and the exact
+level per group (``mesh_level_per_group_ceiling``: what unlimited feedback gives a level).
 
 It never reads the REPORTING split: choices are made here, figures are reported by
 ``python -m bench.accuracy --worlds-only``.
