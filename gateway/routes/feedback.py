@@ -4,14 +4,17 @@ listed and rolled back."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from datetime import datetime, timezone
 from typing import Annotated, Literal
 
+import grpc
 from fastapi import APIRouter, Depends, Path, Query
 from pydantic import BaseModel, Field
 
 from gateway import models
+from gateway.errors import rpc_error_field
 from gateway.routes import ERROR_RESPONSES, ID_PATTERN, api_router
 from hearth.feedback.v1 import feedback_pb2 as fpb
 from services.common.identity import Principal
@@ -24,7 +27,9 @@ FeedbackKindName = Literal["explicit_confirm", "explicit_correct", "implicit_con
                            "implicit_switch_profile"]
 GroupBy = Literal["", "variant", "household_size", "cold_start", "model_age"]
 
-NOT_FOUND = {404: {"model": models.ErrorOut, "description": "unknown prediction"}}
+CALIBRATOR_NOT_FOUND = {404: {"model": models.ErrorOut, "description": "unknown variant, or no such calibrator version"}}
+PREDICTION_NOT_FOUND = {404: {"model": models.ErrorOut,
+                              "description": "unknown prediction, still unknown after HEARTH_FEEDBACK_PREDICTION_WAIT_S"}}
 CONFLICT = {409: {"model": models.ErrorOut, "description": "feedback_id already used for another feedback, "
                                                            "or a concurrent flag change"}}
 
@@ -135,10 +140,32 @@ def _nullable(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def router(clients, access) -> APIRouter:
+async def _record_feedback(clients, request: fpb.RecordFeedbackRequest, who: Principal, wait_s: float):
+    """RecordFeedback, retried while the feedback service does not know the prediction yet,
+    for at most ``wait_s``. Clustering logs a prediction durably before it answers and
+    forwards it to feedback a moment later, so feedback given at once on an id the mesh
+    has just handed out would be refused as unknown; an id that is still unknown after
+    the wait gets the 404 (field ``prediction_id``). Other errors are not retried."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    delay = 0.05
+    while True:
+        try:
+            return await clients.call("feedback", "RecordFeedback", request, who)
+        except grpc.aio.AioRpcError as exc:
+            unknown_prediction = (exc.code() == grpc.StatusCode.NOT_FOUND
+                                  and rpc_error_field(exc) == "prediction_id")
+            if not unknown_prediction or loop.time() + delay > deadline:
+                raise
+        await asyncio.sleep(delay)
+        delay = min(2 * delay, 0.4)
+
+
+def router(clients, access, prediction_wait_s: float = 2.0) -> APIRouter:
     api = api_router()
 
-    @api.post("/v1/feedback", response_model=FeedbackOut, responses={**ERROR_RESPONSES, **NOT_FOUND, **CONFLICT},
+    @api.post("/v1/feedback", response_model=FeedbackOut,
+              responses={**ERROR_RESPONSES, **PREDICTION_NOT_FOUND, **CONFLICT},
               summary="Explicit or implicit feedback on a prediction (idempotent by feedback_id)")
     async def post_feedback(body: FeedbackIn, who: Principal = Depends(access("POST /v1/feedback"))):
         request = fpb.RecordFeedbackRequest(
@@ -147,7 +174,7 @@ def router(clients, access) -> APIRouter:
             true_person_id=body.true_person_id or "", unprompted=body.unprompted)
         if body.ts is not None:
             request.ts.CopyFrom(float_to_ts(body.ts.timestamp()))
-        r = await clients.call("feedback", "RecordFeedback", request, who)
+        r = await _record_feedback(clients, request, who, prediction_wait_s)
         return FeedbackOut(duplicate=r.duplicate, weight=r.weight)
 
     @api.get("/v1/calibration", response_model=CalibrationOut, responses=ERROR_RESPONSES,
@@ -182,7 +209,7 @@ def router(clients, access) -> APIRouter:
             traffic=body.traffic, kill_switch=body.kill_switch, reason=body.reason), who)
         return FlagsOut(version=r.version)
 
-    @api.get("/v1/calibrators/{variant}", response_model=CalibratorsOut, responses={**ERROR_RESPONSES, **NOT_FOUND},
+    @api.get("/v1/calibrators/{variant}", response_model=CalibratorsOut, responses={**ERROR_RESPONSES, **CALIBRATOR_NOT_FOUND},
              summary="Every stored calibrator version of a variant, the one in force, and whether refits are held")
     async def get_calibrators(variant: VariantPath, who: Principal = Depends(access("GET /v1/calibrators/{variant}"))):
         r = await clients.call("feedback", "ListCalibrators", fpb.ListCalibratorsRequest(variant=variant), who)
@@ -193,7 +220,7 @@ def router(clients, access) -> APIRouter:
                                   for v in r.versions])
 
     @api.put("/v1/calibrators/{variant}", response_model=CalibratorChoiceOut,
-             responses={**ERROR_RESPONSES, **NOT_FOUND, **CONFLICT},
+             responses={**ERROR_RESPONSES, **CALIBRATOR_NOT_FOUND, **CONFLICT},
              summary="Put a stored calibrator version in force (roll back), hold or release refits (audited)")
     async def put_calibrator(variant: VariantPath, body: CalibratorChoiceIn,
                              who: Principal = Depends(access("PUT /v1/calibrators/{variant}"))):
