@@ -140,29 +140,52 @@ def _nullable(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-async def _record_feedback(clients, request: fpb.RecordFeedbackRequest, who: Principal, wait_s: float):
-    """RecordFeedback, retried while the feedback service does not know the prediction yet,
-    for at most ``wait_s``. Clustering logs a prediction durably before it answers and
-    forwards it to feedback a moment later, so feedback given at once on an id the mesh
-    has just handed out would be refused as unknown; an id that is still unknown after
-    the wait gets the 404 (field ``prediction_id``). Other errors are not retried."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait_s
-    delay = 0.05
-    while True:
+class PredictionWait:
+    """POST /v1/feedback on a prediction the feedback service does not know yet: retried for
+    at most ``wait_s``. Clustering logs a prediction durably before it answers and forwards
+    it to feedback a moment later, so feedback given at once on an id the mesh has just
+    handed out would be refused as unknown; an id still unknown after the wait gets the 404
+    (field ``prediction_id``). Other errors are not retried.
+
+    At most ``max_waiting`` requests wait at once; past that the 404 is answered at once. A
+    waiting request holds one of the gateway's admission slots for the feedback service
+    (HEARTH_ADMISSION_*, 32 by default), so a burst of unknown ids must not starve real
+    feedback of them."""
+
+    def __init__(self, wait_s: float, max_waiting: int = 8) -> None:
+        self.wait_s = wait_s
+        self.max_waiting = max_waiting
+        self.waiting = 0
+
+    async def record(self, clients, request: fpb.RecordFeedbackRequest, who: Principal):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_s
+        delay = 0.05
+        holds_slot = False
         try:
-            return await clients.call("feedback", "RecordFeedback", request, who)
-        except grpc.aio.AioRpcError as exc:
-            unknown_prediction = (exc.code() == grpc.StatusCode.NOT_FOUND
-                                  and rpc_error_field(exc) == "prediction_id")
-            if not unknown_prediction or loop.time() + delay > deadline:
-                raise
-        await asyncio.sleep(delay)
-        delay = min(2 * delay, 0.4)
+            while True:
+                try:
+                    return await clients.call("feedback", "RecordFeedback", request, who)
+                except grpc.aio.AioRpcError as exc:
+                    unknown_prediction = (exc.code() == grpc.StatusCode.NOT_FOUND
+                                          and rpc_error_field(exc) == "prediction_id")
+                    if not unknown_prediction or loop.time() + delay > deadline:
+                        raise
+                    if not holds_slot:
+                        if self.waiting >= self.max_waiting:
+                            raise
+                        self.waiting += 1
+                        holds_slot = True
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 0.4)
+        finally:
+            if holds_slot:
+                self.waiting -= 1
 
 
 def router(clients, access, prediction_wait_s: float = 2.0) -> APIRouter:
     api = api_router()
+    prediction_wait = PredictionWait(prediction_wait_s)
 
     @api.post("/v1/feedback", response_model=FeedbackOut,
               responses={**ERROR_RESPONSES, **PREDICTION_NOT_FOUND, **CONFLICT},
@@ -174,7 +197,7 @@ def router(clients, access, prediction_wait_s: float = 2.0) -> APIRouter:
             true_person_id=body.true_person_id or "", unprompted=body.unprompted)
         if body.ts is not None:
             request.ts.CopyFrom(float_to_ts(body.ts.timestamp()))
-        r = await _record_feedback(clients, request, who, prediction_wait_s)
+        r = await prediction_wait.record(clients, request, who)
         return FeedbackOut(duplicate=r.duplicate, weight=r.weight)
 
     @api.get("/v1/calibration", response_model=CalibrationOut, responses=ERROR_RESPONSES,
