@@ -32,7 +32,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.mixture import GaussianMixture
 from sklearn.model_selection import StratifiedKFold
 
-from bench._clustering_eval import ece, match, matched_correct, probability_figures
+from bench._clustering_eval import ece, ece_floor, match, matched_correct, probability_figures
 from bench.worlds import PERSONAL_TYPES, WorldHousehold
 from services.clustering.domain import features as F
 from services.clustering.domain.model import (CHANGE_LOOKBACK, CHANGE_MIN_HISTORY, MIN_SESSIONS, HouseholdModel,
@@ -568,9 +568,7 @@ def after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], ages: list
                                     "p10": float(np.quantile(v, 0.1)), "p90": float(np.quantile(v, 0.9)),
                                     "share_at_most_0.02": float(np.mean(np.asarray(v) <= 0.02))}
                               for key, v in draws_after.items()}
-    conf = P[held].max(axis=1)
-    draws = np.random.default_rng(seed)
-    out["ece_floor_calibrated"] = float(np.mean([ece(conf, draws.random(conf.size) < conf) for _ in range(5)]))
+    out["ece_floor_calibrated"] = ece_floor(P[held].max(axis=1), reps=5, seed=seed)
     return out
 
 
@@ -609,6 +607,13 @@ def mesh_after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], fed_a
       (one pooled calibrator on every answer, the service until session 15) and
       ``mesh_skip_label_shaped`` (the pooled one, label-shaped answers left uncalibrated:
       session 15).
+    * to read them against: ``mesh_floor`` / ``no_feedback_floor``, the ECE's own noise on
+      the served / unfed answers' confidences (``ece_floor``: answers drawn right with
+      exactly their confidence; no calibrator gets below it), and
+      ``mesh_level_per_group_ceiling``, the answers before the feedback calibrator with each
+      calibration group moved by its own mean (confidence - right) on the scored answers
+      themselves: what a level per group would give with unlimited feedback (fb17,
+      session 17: above 0.02 on every TUNING sample, so the level is not what is left).
 
     The calibrator is fitted on the fed sessions' answers as the feedback service
     recorded them, i.e. as served before their feedback: ``sample_before`` (batch fits:
@@ -626,7 +631,8 @@ def mesh_after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], fed_a
     rows: dict[str, list[float]] = {"no_feedback": [], "calibrator_only": [], "labels_only": [], "mesh": [],
                                     "mesh_calibrator_everywhere": [], "mesh_skip_label_shaped": [],
                                     "accuracy_no_feedback": [], "accuracy_after": [], "share_uncalibrated": [],
-                                    "share_label_shaped": [], "groups_with_own_calibrator": []}
+                                    "share_label_shaped": [], "groups_with_own_calibrator": [],
+                                    "mesh_floor": [], "no_feedback_floor": [], "mesh_level_per_group_ceiling": []}
     gaps: dict[str, list[float]] = {}
     for d in range(len(fed[0])):
         fed_d = np.concatenate([f[d] for f in fed])
@@ -654,6 +660,13 @@ def mesh_after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], fed_a
         rows["mesh_skip_label_shaped"].append(ece(skip.max(axis=1), ok1[held]))
         served = np.where(on[:, None], calibrator.apply(P1[held], age[held], group[held]), P1[held])
         rows["mesh"].append(ece(served.max(axis=1), ok1[held]))
+        rows["mesh_floor"].append(ece_floor(served.max(axis=1), seed=d))
+        rows["no_feedback_floor"].append(ece_floor(P0[held].max(axis=1), seed=d))
+        level = P1[held].max(axis=1)
+        for name in np.unique(group[held]):
+            g = group[held] == name
+            level[g] = np.clip(level[g] - (level[g].mean() - ok1[held][g].mean()), 0.0, 1.0)
+        rows["mesh_level_per_group_ceiling"].append(ece(level, ok1[held]))
         rows["share_uncalibrated"].append(float(1.0 - on.mean()))
         rows["share_label_shaped"].append(float(label_shaped.mean()))
         rows["groups_with_own_calibrator"].append(float(len(calibrator.groups)))

@@ -957,7 +957,10 @@ def log_worlds_summary(tag: str, block: dict, streaming: bool) -> None:
             f"{mesh['batch']['labels_only']:.3f} / {mesh['streaming']['labels_only']:.3f}, calibrator only "
             f"{mesh['batch']['calibrator_only']:.3f} / {mesh['streaming']['calibrator_only']:.3f}; accuracy of the "
             f"other sessions {mesh['batch']['accuracy_no_feedback']:.3f} -> {mesh['batch']['accuracy_after']:.3f} / "
-            f"{mesh['streaming']['accuracy_no_feedback']:.3f} -> {mesh['streaming']['accuracy_after']:.3f})")
+            f"{mesh['streaming']['accuracy_no_feedback']:.3f} -> {mesh['streaming']['accuracy_after']:.3f}; "
+            f"binning floor {mesh['batch']['mesh_floor']:.3f} / {mesh['streaming']['mesh_floor']:.3f}, a level per "
+            f"group fitted on the scored answers {mesh['batch']['mesh_level_per_group_ceiling']:.3f} / "
+            f"{mesh['streaming']['mesh_level_per_group_ceiling']:.3f})")
     log(f"[{tag}] streaming acc {st['session_accuracy']:.3f} ece {st['ece']:.3f}; ece after feedback, calibrator "
         f"alone, batch {fb['batch'].get('ece_after_calibrator_only', fb['batch']['ece_after']):.3f} streaming "
         f"{fb['streaming'].get('ece_after_calibrator_only', fb['streaming']['ece_after']):.3f} (mean of "

@@ -23,7 +23,9 @@ binning floor.
 (``bench.label_feedback``'s per-household work, cached in ``--cache``) scored by
 ``_worlds_eval.mesh_after_feedback`` under every (FEEDBACK_GROUP_OF, MIN_GROUP_FEEDBACK)
 pair of the calibrator per group; beside each, the pooled calibrator everywhere and the
-session-15 skip, and the mean over-confidence per group that is left.
+session-15 skip, the mean over-confidence per group that is left, the binning floor of the
+served and unfed answers (``mesh_floor``, ``no_feedback_floor``: ``ece_floor``) and the exact
+level per group (``mesh_level_per_group_ceiling``: what unlimited feedback gives a level).
 
 It never reads the REPORTING split: choices are made here, figures are reported by
 ``python -m bench.accuracy --worlds-only``.
@@ -193,18 +195,18 @@ def ceiling(files: list[str]) -> dict:
     """Per pool, what no calibrator of the level can beat: ECE with the common level and
     with a level per age x kind cell fitted on *every* answer (unlimited feedback), beside
     no feedback and the binning floor (answers drawn right with exactly their confidence)."""
-    from bench._clustering_eval import ece
+    from bench._clustering_eval import ece, ece_floor
     from services.feedback.domain.recalibration import FeedbackSample, fit_level_calibrator
     report = {}
     for key, (P, y, ok, age) in _load(files):
         every = FeedbackSample.create(P, labels=y, correct=ok.astype(float))
-        conf, rng = P.max(axis=1), np.random.default_rng(0)
+        conf = P.max(axis=1)
         report[key] = {"answers": int(P.shape[0]), "no_feedback": round(ece(conf, ok), 4),
                        "common_level": round(ece(fit_level_calibrator(every, age, prior=0, segment_prior=None)
                                                  .apply(P, age).max(axis=1), ok), 4),
                        "cell_levels": round(ece(fit_level_calibrator(every, age, prior=0, segment_prior=0)
                                                 .apply(P, age).max(axis=1), ok), 4),
-                       "floor": round(float(np.mean([ece(conf, rng.random(conf.size) < conf) for _ in range(20)])), 4)}
+                       "floor": round(ece_floor(conf, reps=20, seed=0), 4)}
         print(key, report[key], flush=True)
     return report
 
@@ -239,7 +241,8 @@ def groups(split: str, first_world: int, n_worlds: int | None, households: int |
                                       sample_before, minimum, group_of)
             table[f"{group_of}:{minimum}"] = {
                 **{k: round(r[k], 4) for k in ("mesh", "mesh_calibrator_everywhere", "mesh_skip_label_shaped",
-                                                "no_feedback", "share_label_shaped", "groups_with_own_calibrator")},
+                                                "no_feedback", "share_label_shaped", "groups_with_own_calibrator",
+                                                "mesh_floor", "no_feedback_floor", "mesh_level_per_group_ceiling")},
                 "overconfidence_by_group": r["overconfidence_by_group"]}
     return {"split": split, "first_world": first_world, "mode": mode, "households": len(hs), "draws": draws,
             "groups": table}

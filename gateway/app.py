@@ -213,7 +213,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     routes_by_service: dict[str, list] = {}
     for module, service in ((clustering_routes, "clustering"), (attribution_routes, "attribution"),
                             (feedback_routes, "feedback"), (audit_routes, "privacy"), (privacy_routes, "privacy")):
-        router = module.router(clients, access)
+        options = {"prediction_wait_s": settings.feedback_prediction_wait_s} if module is feedback_routes else {}
+        router = module.router(clients, access, **options)
         routes_by_service.setdefault(service, []).extend(router.routes)
         app.include_router(router)
     if settings.edge_authorizer:

@@ -59,6 +59,12 @@ class GatewaySettings(MeshSettings):
     # Deadline of every gateway -> service call; health checks use their own, shorter one.
     rpc_timeout_s: float = 10.0
     health_timeout_s: float = 1.0
+    # POST /v1/feedback on a prediction the feedback service does not know yet waits up to
+    # this long for it: clustering logs every prediction durably before answering and
+    # forwards it to feedback a moment later (every 0.2 s), so feedback sent at once after
+    # /v1/assign would otherwise get a 404 for an id the mesh has just handed out.
+    # 0 answers the 404 at once (a caller then retries it, as gRPC callers do).
+    feedback_prediction_wait_s: float = Field(2.0, ge=0, le=30)
 
     # API keys: a JSON file, see gateway/auth.py for the format (ids, hashes, revocation).
     # Only SHA-256 hashes are ever stored; the file is re-read when it changes: its

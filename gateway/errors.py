@@ -47,6 +47,11 @@ def _pairs(metadata) -> list[tuple[str, str]]:
     return [(item[0], item[1]) for item in metadata or ()]
 
 
+def rpc_error_field(exc: grpc.aio.AioRpcError) -> str:
+    """The request field a service's error names (empty when it names none)."""
+    return {k: v for k, v in _pairs(exc.trailing_metadata())}.get(ERROR_FIELD_KEY, "")
+
+
 def from_rpc_error(exc: grpc.aio.AioRpcError) -> JSONResponse:
     trailing = {k: v for k, v in _pairs(exc.trailing_metadata())}
     code = exc.code()

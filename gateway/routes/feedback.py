@@ -4,14 +4,17 @@ listed and rolled back."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from datetime import datetime, timezone
 from typing import Annotated, Literal
 
+import grpc
 from fastapi import APIRouter, Depends, Path, Query
 from pydantic import BaseModel, Field
 
 from gateway import models
+from gateway.errors import rpc_error_field
 from gateway.routes import ERROR_RESPONSES, ID_PATTERN, api_router
 from hearth.feedback.v1 import feedback_pb2 as fpb
 from services.common.identity import Principal
@@ -24,7 +27,9 @@ FeedbackKindName = Literal["explicit_confirm", "explicit_correct", "implicit_con
                            "implicit_switch_profile"]
 GroupBy = Literal["", "variant", "household_size", "cold_start", "model_age"]
 
-NOT_FOUND = {404: {"model": models.ErrorOut, "description": "unknown prediction"}}
+CALIBRATOR_NOT_FOUND = {404: {"model": models.ErrorOut, "description": "unknown variant, or no such calibrator version"}}
+PREDICTION_NOT_FOUND = {404: {"model": models.ErrorOut,
+                              "description": "unknown prediction, still unknown after HEARTH_FEEDBACK_PREDICTION_WAIT_S"}}
 CONFLICT = {409: {"model": models.ErrorOut, "description": "feedback_id already used for another feedback, "
                                                            "or a concurrent flag change"}}
 
@@ -135,10 +140,55 @@ def _nullable(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def router(clients, access) -> APIRouter:
-    api = api_router()
+class PredictionWait:
+    """POST /v1/feedback on a prediction the feedback service does not know yet: retried for
+    at most ``wait_s``. Clustering logs a prediction durably before it answers and forwards
+    it to feedback a moment later, so feedback given at once on an id the mesh has just
+    handed out would be refused as unknown; an id still unknown after the wait gets the 404
+    (field ``prediction_id``). Other errors are not retried.
 
-    @api.post("/v1/feedback", response_model=FeedbackOut, responses={**ERROR_RESPONSES, **NOT_FOUND, **CONFLICT},
+    At most ``max_waiting`` requests wait at once; past that the 404 is answered at once. A
+    waiting request holds one of the gateway's admission slots for the feedback service
+    (HEARTH_ADMISSION_*, 32 by default), so a burst of unknown ids must not starve real
+    feedback of them."""
+
+    def __init__(self, wait_s: float, max_waiting: int = 8) -> None:
+        self.wait_s = wait_s
+        self.max_waiting = max_waiting
+        self.waiting = 0
+
+    async def record(self, clients, request: fpb.RecordFeedbackRequest, who: Principal):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_s
+        delay = 0.05
+        holds_slot = False
+        try:
+            while True:
+                try:
+                    return await clients.call("feedback", "RecordFeedback", request, who)
+                except grpc.aio.AioRpcError as exc:
+                    unknown_prediction = (exc.code() == grpc.StatusCode.NOT_FOUND
+                                          and rpc_error_field(exc) == "prediction_id")
+                    if not unknown_prediction or loop.time() + delay > deadline:
+                        raise
+                    if not holds_slot:
+                        if self.waiting >= self.max_waiting:
+                            raise
+                        self.waiting += 1
+                        holds_slot = True
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 0.4)
+        finally:
+            if holds_slot:
+                self.waiting -= 1
+
+
+def router(clients, access, prediction_wait_s: float = 2.0) -> APIRouter:
+    api = api_router()
+    prediction_wait = PredictionWait(prediction_wait_s)
+
+    @api.post("/v1/feedback", response_model=FeedbackOut,
+              responses={**ERROR_RESPONSES, **PREDICTION_NOT_FOUND, **CONFLICT},
               summary="Explicit or implicit feedback on a prediction (idempotent by feedback_id)")
     async def post_feedback(body: FeedbackIn, who: Principal = Depends(access("POST /v1/feedback"))):
         request = fpb.RecordFeedbackRequest(
@@ -147,7 +197,7 @@ def router(clients, access) -> APIRouter:
             true_person_id=body.true_person_id or "", unprompted=body.unprompted)
         if body.ts is not None:
             request.ts.CopyFrom(float_to_ts(body.ts.timestamp()))
-        r = await clients.call("feedback", "RecordFeedback", request, who)
+        r = await prediction_wait.record(clients, request, who)
         return FeedbackOut(duplicate=r.duplicate, weight=r.weight)
 
     @api.get("/v1/calibration", response_model=CalibrationOut, responses=ERROR_RESPONSES,
@@ -182,7 +232,7 @@ def router(clients, access) -> APIRouter:
             traffic=body.traffic, kill_switch=body.kill_switch, reason=body.reason), who)
         return FlagsOut(version=r.version)
 
-    @api.get("/v1/calibrators/{variant}", response_model=CalibratorsOut, responses={**ERROR_RESPONSES, **NOT_FOUND},
+    @api.get("/v1/calibrators/{variant}", response_model=CalibratorsOut, responses={**ERROR_RESPONSES, **CALIBRATOR_NOT_FOUND},
              summary="Every stored calibrator version of a variant, the one in force, and whether refits are held")
     async def get_calibrators(variant: VariantPath, who: Principal = Depends(access("GET /v1/calibrators/{variant}"))):
         r = await clients.call("feedback", "ListCalibrators", fpb.ListCalibratorsRequest(variant=variant), who)
@@ -193,7 +243,7 @@ def router(clients, access) -> APIRouter:
                                   for v in r.versions])
 
     @api.put("/v1/calibrators/{variant}", response_model=CalibratorChoiceOut,
-             responses={**ERROR_RESPONSES, **NOT_FOUND, **CONFLICT},
+             responses={**ERROR_RESPONSES, **CALIBRATOR_NOT_FOUND, **CONFLICT},
              summary="Put a stored calibrator version in force (roll back), hold or release refits (audited)")
     async def put_calibrator(variant: VariantPath, body: CalibratorChoiceIn,
                              who: Principal = Depends(access("PUT /v1/calibrators/{variant}"))):

@@ -8,6 +8,7 @@ variables, validated at start (a bad value names the variable).
 | `HEARTH_COLD_START` | `account` | households with < 10 sessions: `account` (one person until the first fit), `population_prior` (the prior's personas; falls back to `account` until enough households exist to learn the prior) or `heuristic` (docs/clustering.md, "Cold start": why `account` is the default) |
 | `HEARTH_POPULATION_PRIOR_REFRESH_S` | 3600 | how often the population prior is relearnt from stored households |
 | `HEARTH_CALIBRATOR_CACHE_S` | 60 | how long a calibrator fetched from feedback is applied before asking again (the assign path never waits for feedback; a recalibration shows within this) |
+| `HEARTH_PREDICTION_FORWARD_INTERVAL_S` | 0.2 | how often logged predictions are forwarded to feedback; the gateway's `POST /v1/feedback` waits up to `HEARTH_FEEDBACK_PREDICTION_WAIT_S` (2 s) for one not forwarded yet, so keep this well below it |
 | `HEARTH_GENRE_ALIASES` | empty | `name=genre,...`: callers' genre names mapped onto the feature genres (docs/features.md) |
 | `HEARTH_UNKNOWN_GENRES` | `hash` | a genre outside the vocabulary: counted in a genre slot chosen by a stable hash of its name and reported (`hash`), counted in `other` and reported (`other`, feature schema 1), or refused (`reject`) |
 | `HEARTH_FAULT_GMM_NUMERICAL` | empty | fault injection for `make verify`, never set in production: households whose id starts with this prefix get a GMM fit that fails numerically (k-means fallback) |
@@ -37,8 +38,13 @@ class ClusteringSettings(ServiceSettings):
     genre_aliases: str = ""
     unknown_genres: Literal["hash", "other", "reject"] = "hash"
     fault_gmm_numerical: str = ""
+    # How often the prediction log forwards logged predictions to feedback (a caller's
+    # feedback on a prediction not yet forwarded waits for it at the gateway,
+    # HEARTH_FEEDBACK_PREDICTION_WAIT_S; keep this well below that wait).
+    prediction_forward_interval_s: float = 0.2
 
-    @field_validator("session_gap_s", "lateness_tolerance_s", "population_prior_refresh_s", "calibrator_cache_s")
+    @field_validator("session_gap_s", "lateness_tolerance_s", "population_prior_refresh_s", "calibrator_cache_s",
+                     "prediction_forward_interval_s")
     @classmethod
     def _positive(cls, value: float) -> float:
         if value <= 0:

@@ -142,3 +142,37 @@ def test_the_fed_stream_runs_the_feedback_services_disagreement_refit(monkeypatc
     without = E.hearth_stream_fed(hs[i], fed[i][0]).probs
     if not refitted:
         np.testing.assert_allclose(with_trigger, without)
+
+
+def test_the_ece_floor_is_the_ece_of_answers_right_with_exactly_their_confidence():
+    """bench._clustering_eval.ece_floor: the ECE's own noise on a sample's confidences, which
+    every after-feedback figure is read against (fb17, session 17)."""
+    from bench._clustering_eval import ece, ece_floor
+    conf = np.random.default_rng(3).uniform(0.4, 1.0, 2000)
+    rng = np.random.default_rng(7)
+    expected = np.mean([ece(conf, rng.random(conf.size) < conf) for _ in range(5)])
+    assert ece_floor(conf, reps=5, seed=7) == expected                  # the inline figure it replaces
+    assert ece_floor(conf, seed=1) == ece_floor(conf, seed=1)           # one generator per seed
+    assert 0.005 < ece_floor(conf) < 0.04
+    assert ece_floor(np.tile(conf, 25)) < ece_floor(conf) / 3            # noise falls with the sample
+    assert ece_floor(np.ones(500)) == 0.0 and ece_floor(np.zeros(500)) == 0.0
+
+
+def test_the_whole_loop_reports_its_noise_floor_and_what_a_level_per_group_would_reach():
+    """mesh_after_feedback gives, beside the served figure, the binning floor of the served and
+    unfed answers and the ECE of a level per calibration group fitted on the scored answers
+    themselves (the most any level calibrator could do)."""
+    from bench._clustering_eval import ece_floor
+    hs = _households(2)
+    fed = E.feedback_draws(hs, draws=2)
+    probs = [E.hearth_batch(h)[1] for h in hs]
+    ages = E.model_ages(hs, "batch")
+    same = E.mesh_after_feedback(hs, probs, [[_as_served(p)] * 2 for p in probs], fed, ages, sample_before=True)
+    assert 0.0 < same["mesh_floor"] < same["mesh"] + 0.05 and 0.0 < same["no_feedback_floor"]
+    held = ~np.concatenate([f[0] for f in fed])
+    unfed = np.vstack([np.pad(p, ((0, 0), (0, 3 - p.shape[1]))) for p in probs])[held].max(axis=1)
+    assert same["per_draw"]["no_feedback_floor"][0] == ece_floor(unfed, seed=0)
+    # every answer sure of its person: one level moves them all to the accuracy, one bin, ECE 0
+    sure = [np.eye(p.shape[1])[p.argmax(axis=1)] for p in probs]
+    loop = E.mesh_after_feedback(hs, probs, [[_as_served(s)] * 2 for s in sure], fed, ages, sample_before=True)
+    assert loop["labels_only"] > 0.01 and loop["mesh_level_per_group_ceiling"] < 1e-12
