@@ -237,10 +237,12 @@ def test_pods_run_non_root_with_a_read_only_root_filesystem(render):
             volumes = {v["name"]: v for v in pod["volumes"]}
             mounts = {m["mountPath"]: m["name"] for m in container(deployment_of(objects, component))["volumeMounts"]}
             assert "emptyDir" in volumes[mounts["/tmp"]], "/tmp must be a writable emptyDir"
-            if component in GRPC_SERVICES:
-                # The services write under HEARTH_DATA_DIR (SQLite, the privacy public key).
-                data_dir = effective_env(deployment_of(objects, component), objects)["HEARTH_DATA_DIR"]
-                assert "emptyDir" in volumes[mounts[data_dir]], f"{component}: {data_dir} must be writable"
+            # Every process writes under HEARTH_DATA_DIR: the services their SQLite files
+            # and the privacy public key, all of them (the gateway too) the audit outbox
+            # opened at start (a read-only data dir stopped the gateway at start).
+            data_dir = effective_env(deployment_of(objects, component), objects)["HEARTH_DATA_DIR"]
+            assert data_dir in mounts, f"{component}: {data_dir} is on the read-only root filesystem"
+            assert "emptyDir" in volumes[mounts[data_dir]], f"{component}: {data_dir} must be writable"
 
 
 def test_shutdown_budget_covers_prestop_sleep_and_the_drain_grace(render):
