@@ -33,6 +33,12 @@ HTTP_BY_GRPC: dict[grpc.StatusCode, int] = {
 # is down or restarting: docs/operations.md, "Outages").
 RETRY_AFTER_S = 2
 
+# What a client is told when the transport (not a service) failed a call.
+TRANSPORT_MESSAGES = {
+    grpc.StatusCode.UNAVAILABLE: "a service this request needs is unavailable; retry after Retry-After seconds",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "a service this request needs did not answer in time",
+}
+
 
 def error_response(status: int, code: str, message: str, field: str = "",
                    headers: dict[str, str] | None = None) -> JSONResponse:
@@ -59,6 +65,11 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> JSONResponse:
     message = exc.details() or code.name.lower()
     if status >= 500 and code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         message = "upstream error"  # never leak internals of a failing service
+    elif status >= 500 and ERROR_CODE_KEY not in trailing:
+        # Not a service's own error (those carry their code) but gRPC's transport: its text
+        # names internal addresses ("failed to connect to all addresses; ... ipv4:10.0.3.7:50051:
+        # Connection refused"), which a client must not learn.
+        message = TRANSPORT_MESSAGES.get(code, "upstream error")
     return error_response(status, trailing.get(ERROR_CODE_KEY, code.name.lower()), message,
                           trailing.get(ERROR_FIELD_KEY, ""))
 

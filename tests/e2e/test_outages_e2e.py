@@ -115,6 +115,11 @@ def test_audit_records_wait_in_the_disk_outbox_while_privacy_is_down_and_none_is
     assert client.get(f"/v1/household/{account}").status_code == 200   # data key cached (<= 60 s)
 
     omesh.stop_process("privacy")
+    # A route of the stopped service: 503 + Retry-After, and gRPC's transport text (which
+    # names the service's internal address) is not passed on to the client.
+    down = client.put(f"/v1/consent/{account}", json={"processing": True, "attribution": True})
+    assert down.status_code == 503 and down.headers["retry-after"].isdigit(), down.text
+    assert f":{omesh.grpc_ports['privacy']}" not in down.text and "ipv4" not in down.text, down.text
     reads = 0
     t_end = time.monotonic() + 8   # far beyond the ~3 s after which records used to be dropped
     while time.monotonic() < t_end:

@@ -1,0 +1,44 @@
+"""The gateway's one error table (gateway/errors.py): what a client is told when a call
+to a service fails."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+
+from gateway.errors import from_rpc_error
+from services.common.errors import ERROR_CODE_KEY, ERROR_FIELD_KEY
+
+TRANSPORT_TEXT = ("failed to connect to all addresses; last error: UNKNOWN: ipv4:10.0.3.7:50053: "
+                  "Failed to connect to remote host: Connection refused")
+
+
+def _body(exc: grpc.aio.AioRpcError) -> tuple[int, dict]:
+    response = from_rpc_error(exc)
+    return response.status_code, json.loads(response.body)["error"]
+
+
+def test_a_transport_failure_is_503_without_the_internal_address():
+    status, error = _body(grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
+                                               grpc.aio.Metadata(), details=TRANSPORT_TEXT))
+    assert status == 503
+    assert error["code"] == "unavailable"
+    assert "10.0.3.7" not in error["message"] and "50053" not in error["message"], error
+    assert "unavailable" in error["message"]
+
+
+def test_a_deadline_is_504_without_transport_text():
+    status, error = _body(grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(),
+                                               grpc.aio.Metadata(), details="Deadline Exceeded"))
+    assert status == 504 and error["message"] == "a service this request needs did not answer in time"
+
+
+def test_a_services_own_unavailable_error_keeps_its_message_and_field():
+    trailing = grpc.aio.Metadata((ERROR_CODE_KEY, "unavailable"), (ERROR_FIELD_KEY, "account_id"))
+    status, error = _body(grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), trailing,
+        details="account_id: feedback is unavailable; no partial export is given"))
+    assert status == 503
+    assert error == {"code": "unavailable", "field": "account_id",
+                     "message": "account_id: feedback is unavailable; no partial export is given"}
