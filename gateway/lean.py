@@ -29,17 +29,19 @@ before. Routes of any other shape keep FastAPI's handler entirely.
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi import Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.datastructures import DefaultPlaceholder
 from fastapi.responses import JSONResponse
 from fastapi import routing as fastapi_routing
 from fastapi.routing import APIRoute, serialize_response
 from pydantic import BaseModel
 from starlette.responses import Response
+
+from services.common.strict_json import DuplicateKeyError, loads_unique_keys
 
 # FastAPI (0.165, pinned) hands get_route_handler the included route's merged settings
 # through this context variable; read the same way its own get_route_handler does.
@@ -74,8 +76,8 @@ class LeanEndpoint:
         if not raw or not _json_content_type(content_type):
             return None
         try:
-            decoded = json.loads(raw)
-        except (ValueError, RecursionError):   # ValueError: JSONDecodeError, bytes not UTF-8
+            decoded = loads_unique_keys(raw)
+        except (ValueError, RecursionError):   # ValueError: JSONDecodeError, a key twice, bytes not UTF-8
             return None
         body, errors = self.body_field.validate(decoded, {}, loc=("body",))
         return None if errors else body
@@ -108,7 +110,7 @@ class LeanRoute(APIRoute):
     """An APIRoute whose handler takes the short path when the route's shape allows."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        generic = super().get_route_handler()
+        generic = _refusing_ambiguous_json(super().get_route_handler())
         # The route as included (FastAPI builds one handler per inclusion, with the
         # include_router() settings merged in), as FastAPI's own get_route_handler reads it.
         effective = _EFFECTIVE_ROUTE.get() if _EFFECTIVE_ROUTE is not None else None
@@ -128,6 +130,30 @@ class LeanRoute(APIRoute):
             return await lean.respond(request, body)
 
         return handler
+
+
+def _refusing_ambiguous_json(handler: Callable[[Request], Coroutine[Any, Any, Response]]
+                             ) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+    """``handler`` behind a check that a JSON body gives no key twice. ``json.loads`` keeps
+    the last of two equal keys, other parsers (a proxy, a WAF, an audit tap) the first:
+    ``{"processing": true, "processing": false}`` would be read one way in front of the
+    gateway and the other way inside it. Refused as invalid JSON (422, field ``body``),
+    through the validation-error handler, so the credentials-first rule holds."""
+
+    async def checked(request: Request) -> Response:
+        raw = await request.body()   # cached on the request: the handler reuses it
+        if raw and _json_content_type(request.headers.get("content-type")):
+            try:
+                loads_unique_keys(raw)
+            except DuplicateKeyError as exc:
+                raise RequestValidationError([{
+                    "type": "json_invalid", "loc": ("body",), "msg": "JSON decode error", "input": {},
+                    "ctx": {"error": f"{exc} (ambiguous: each key may be given once)"}}]) from None
+            except (ValueError, RecursionError):
+                pass   # malformed: the handler's own answer
+        return await handler(request)
+
+    return checked
 
 
 def _lean_plan(route):

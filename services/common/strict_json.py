@@ -34,3 +34,9 @@ def loads_unambiguous(text: str | bytes) -> Any:
     """``json.loads`` that raises DuplicateKeyError on a repeated key, ValueError on
     NaN/Infinity and json.JSONDecodeError on malformed text."""
     return json.loads(text, object_pairs_hook=_unique, parse_constant=_no_constant)
+
+
+def loads_unique_keys(text: str | bytes) -> Any:
+    """``json.loads`` that raises DuplicateKeyError on a repeated key (at any depth) and
+    otherwise reads exactly as ``json.loads`` does (the gateway's request bodies)."""
+    return json.loads(text, object_pairs_hook=_unique)

@@ -4,6 +4,7 @@ field, or handled as docs/security.md says."""
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -201,6 +202,27 @@ def test_consent_flags_must_be_json_booleans(officer, body, field):
     response = officer.put("/v1/consent/sec-slip-consent", json=body)
     assert response.status_code == 422, response.text
     assert response.json()["error"]["field"] == field
+
+
+def test_a_json_key_given_twice_is_refused_not_read_as_the_last(security_mesh, admin, officer):
+    """{"processing": true, "processing": false}: json.loads keeps the last, a proxy or
+    another parser may keep the first. Refused (422, field body) before any service is
+    called; without credentials the same 401 as any body."""
+    doubled = b'{"processing": true, "processing": false, "attribution": true}'
+    response = officer.put("/v1/consent/sec-slip-dup", content=doubled, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["field"] == "body" and "'processing'" in error["message"], error
+    anonymous = httpx.put(security_mesh.url + "/v1/consent/sec-slip-dup", content=doubled,
+                          headers={"Content-Type": "application/json"}, timeout=10)
+    assert anonymous.status_code == 401, anonymous.text
+    # Nested (an event's field) and on a lean route: nothing stored.
+    account = "sec-slip-dup-events"
+    body = ('{"events": [' + json.dumps(event(account))[:-1] + ', "device_id": "tv-2"}]}').encode()
+    response = admin.post("/v1/events", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert "'device_id'" in response.json()["error"]["message"]
+    assert admin.get(f"/v1/household/{account}").status_code == 404
 
 
 def _refusals(client: httpx.Client, event_type: str, target: str) -> int:

@@ -101,6 +101,18 @@ def test_lean_answers_like_fastapi(path, kwargs, headers, with_caller):
     assert answers[0] == answers[1] == answers[2]
 
 
+@pytest.mark.parametrize("fast_lane", [False, True])
+@pytest.mark.parametrize("body", [b'{"name": "a", "name": "b"}', b'{"name": "a", "values": [1], "values": [2]}'])
+def test_a_key_given_twice_is_refused_not_read_as_the_last(body, fast_lane):
+    """json.loads keeps the last of two equal keys, other parsers the first: ambiguous."""
+    calls.clear()
+    with TestClient(build(LeanRoute, fast_lane)) as client:
+        r = client.post("/sum", content=body, headers={"content-type": "application/json", "x-caller": "c"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["type"] == "json_invalid" and "given once" in r.json()["detail"][0]["ctx"]["error"]
+    assert calls == []   # the endpoint never ran
+
+
 def test_valid_body_takes_the_short_path_and_runs_the_dependency_once(monkeypatch):
     import fastapi.routing
 

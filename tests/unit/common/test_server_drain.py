@@ -121,3 +121,30 @@ def test_calls_queued_in_grpc_core_at_the_signal_are_refused_not_cancelled(slow_
     assert under_way.result(timeout=10) == b"done"
     stopper.join(10)
     assert not stopper.is_alive()
+
+
+def test_the_gateway_drains_for_hearth_grace_seconds_not_a_fixed_5_s(monkeypatch):
+    """The chart sets HEARTH_GRACE_SECONDS in the gateway pod too (terminationGracePeriod
+    is computed from it); the gateway used to ignore it and cut requests in flight after
+    a fixed 5 s, shorter than its own 10 s deadline on the services it waits for."""
+    import os
+
+    import gateway.__main__ as gateway_main
+    from services.common import config as config_module
+
+    for name in [n for n in os.environ if n.startswith("HEARTH_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("HEARTH_GRACE_SECONDS", "27")
+    seen = {}
+    monkeypatch.setattr(gateway_main.uvicorn, "run", lambda app, **options: seen.update(options))
+    monkeypatch.setattr(gateway_main, "create_app", lambda settings: object())
+    monkeypatch.setattr(gateway_main.telemetry, "setup_telemetry", lambda *a, **k: None)
+    monkeypatch.setattr(config_module, "configure_process", lambda settings: None)
+    gateway_main.main()
+    assert seen["timeout_graceful_shutdown"] == 27.0
+    # The default covers the gateway's own deadline on the services (HEARTH_RPC_TIMEOUT_S).
+    from gateway.config import GatewaySettings
+
+    monkeypatch.delenv("HEARTH_GRACE_SECONDS")
+    defaults = GatewaySettings()
+    assert defaults.grace_seconds >= defaults.rpc_timeout_s
