@@ -59,6 +59,11 @@ class GatewaySettings(MeshSettings):
     # Deadline of every gateway -> service call; health checks use their own, shorter one.
     rpc_timeout_s: float = 10.0
     health_timeout_s: float = 1.0
+    # On SIGTERM, how long requests in flight may run before uvicorn cancels them (its
+    # timeout_graceful_shutdown). The same variable as the services' drain, and the same
+    # reasoning: at least rpc_timeout_s, so a request waiting on a service is not cut
+    # while the service still finishes the call. The chart sets it from shutdown.graceSeconds.
+    grace_seconds: float = 10.0
     # POST /v1/feedback on a prediction the feedback service does not know yet waits up to
     # this long for it: clustering logs every prediction durably before answering and
     # forwards it to feedback a moment later (every 0.2 s), so feedback sent at once after
@@ -122,7 +127,7 @@ class GatewaySettings(MeshSettings):
     def _trace_export(cls, value: str) -> str:
         return check_trace_export(value)
 
-    @field_validator("rpc_timeout_s", "health_timeout_s")
+    @field_validator("rpc_timeout_s", "health_timeout_s", "grace_seconds")
     @classmethod
     def _positive(cls, value: float) -> float:
         if value <= 0:

@@ -75,6 +75,10 @@ def validate_query(q: AttributeQuery) -> AttributeQuery:
         check_id(a, f"account_ids[{i}]")
     if q.method not in METHODS:
         raise InvalidArgument(f"must be one of {', '.join(METHODS)}", "method")
+    if not q.levels or not set(q.levels) <= {"household", "person"}:
+        # An enum value this server does not know came back as no level at all, and the
+        # call answered OK with no results instead of naming the field.
+        raise InvalidArgument("must be LEVEL_PERSON, LEVEL_HOUSEHOLD or LEVEL_BOTH (unspecified = both)", "level")
     if not 1 <= q.order <= 4:
         raise InvalidArgument("must be in 1..4", "markov_order")
     if not (math.isfinite(q.alpha) and 0.0 <= q.alpha <= 1.0):

@@ -18,8 +18,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
+from opentelemetry import trace
 from prometheus_client import Counter, Gauge
 
+from services.common import telemetry
 from services.common.batching import GroupCommitter
 from services.common.predictions import PredictionRecord  # noqa: F401 - re-exported
 from services.common.storage.sql import Database, Tx
@@ -47,10 +49,44 @@ _RECORD_FIELDS = tuple(f.name for f in fields(PredictionRecord))
 _ENCODE = json.JSONEncoder(check_circular=False, separators=(",", ":")).encode
 
 
-def _payload(record: PredictionRecord) -> str:
-    """The outbox row's JSON (what ``PredictionRecord(**json.loads(...))`` reads back);
-    a flat dict, not ``asdict``, whose deep copy cost more than the insert."""
-    return _ENCODE({name: getattr(record, name) for name in _RECORD_FIELDS})
+# The outbox row's key for the span that made the prediction (W3C traceparent): the
+# forwarder runs later on a thread of its own, so its RecordPrediction call is a trace of
+# its own, whose ``predictions.forward`` span links back to each request's span.
+_TRACE_KEY = "traceparent"
+# OpenTelemetry's default cap on links per span; a bigger batch links its first ones.
+MAX_LINKS = 128
+
+
+@dataclass(frozen=True, slots=True)
+class _Traced:
+    """A record queued for the outbox with the traceparent of the request that made it."""
+
+    record: PredictionRecord
+    traceparent: str
+
+
+def _traceparent() -> str:
+    ctx = trace.get_current_span().get_span_context()
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}" if ctx.is_valid else ""
+
+
+def _link(traceparent: str) -> trace.Link | None:
+    try:
+        _version, trace_id, span_id, flags = traceparent.split("-")
+        ctx = trace.SpanContext(int(trace_id, 16), int(span_id, 16), is_remote=True,
+                                trace_flags=trace.TraceFlags(int(flags, 16)))
+    except ValueError:
+        return None
+    return trace.Link(ctx) if ctx.is_valid else None
+
+
+def _payload(record: PredictionRecord, traceparent: str = "") -> str:
+    """The outbox row's JSON (what ``PredictionRecord(**json.loads(...))`` reads back,
+    less the traceparent); a flat dict, not ``asdict``, whose deep copy cost more than the insert."""
+    row = {name: getattr(record, name) for name in _RECORD_FIELDS}
+    if traceparent:
+        row[_TRACE_KEY] = traceparent
+    return _ENCODE(row)
 
 
 class PredictionLog:
@@ -64,7 +100,7 @@ class PredictionLog:
         self._send = send
         self._batch = batch
         self._interval = forward_interval_s
-        self._committer: GroupCommitter[PredictionRecord | SessionPerson] = GroupCommitter(
+        self._committer: GroupCommitter[_Traced | SessionPerson] = GroupCommitter(
             self._store, max_batch=2048, max_delay_s=0.001, name="prediction-outbox")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._forward_loop, name="prediction-forwarder", daemon=True)
@@ -80,20 +116,22 @@ class PredictionLog:
         persons); returns once they are committed."""
         if persons and self._session_writer is None:
             raise ValueError("this prediction log has no session_writer")
-        items = [*records, *persons]
+        traceparent = _traceparent()
+        items = [*(_Traced(r, traceparent) for r in records), *persons]
         if items:
             self._committer.write(items)
 
-    def _store(self, items: Sequence[PredictionRecord | SessionPerson]) -> int:
+    def _store(self, items: Sequence[_Traced | SessionPerson]) -> int:
         now = time.time()
         records, persons = [], []
         for item in items:
-            (records if type(item) is PredictionRecord else persons).append(item)
+            (records if type(item) is _Traced else persons).append(item)
         with self._db.transaction() as tx:
             stored = tx.executemany(
                 "INSERT INTO prediction_outbox (prediction_id, account_id, session_id, payload, created_at) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (prediction_id) DO NOTHING",
-                [(r.prediction_id, r.account_id, r.session_id, _payload(r), now) for r in records])
+                [(t.record.prediction_id, t.record.account_id, t.record.session_id,
+                  _payload(t.record, t.traceparent), now) for t in records])
             if persons:
                 self._session_writer(tx, [(p.account_id, p.session_id, p.person_id, p.probabilities)
                                           for p in persons])
@@ -110,7 +148,16 @@ class PredictionLog:
         OUTBOX_DEPTH.set(depth)
         if not rows or self._send is None:
             return 0
-        self._send([PredictionRecord(**json.loads(payload)) for _, payload in rows])
+        records, links = [], []
+        for _, payload in rows:
+            row = json.loads(payload)
+            link = _link(row.pop(_TRACE_KEY, ""))
+            if link is not None and len(links) < MAX_LINKS:
+                links.append(link)
+            records.append(PredictionRecord(**row))
+        with telemetry.tracer("hearth.clustering.predictions").start_as_current_span(
+                "predictions.forward", links=links, attributes={"hearth.predictions": len(records)}):
+            self._send(records)
         with self._db.transaction() as tx:
             tx.executemany("DELETE FROM prediction_outbox WHERE prediction_id = ?", [(r[0],) for r in rows])
         FORWARDED.inc(len(rows))

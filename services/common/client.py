@@ -3,6 +3,7 @@ every call; retries only for calls the caller marks idempotent."""
 
 from __future__ import annotations
 
+import contextvars
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -14,6 +15,30 @@ from services.common import identity, telemetry, tls
 
 T = TypeVar("T")
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+# The deadline (time.monotonic()) of the RPC this thread is serving, set by the server's
+# interceptor: a call to a peer made while serving it never outlives it (gRPC Python does
+# not propagate deadlines by itself). Before, every peer call got its full default
+# (HEARTH_PEER_TIMEOUT_S, 5 s, and idempotent ones up to 3 attempts) even when the
+# caller had given up long before, so an overload snowballed into dead work downstream.
+_serving_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("serving_deadline", default=None)
+
+
+def set_serving_deadline(remaining_s: float | None) -> contextvars.Token:
+    """Record the deadline of the RPC being served (``context.time_remaining()``)."""
+    return _serving_deadline.set(None if remaining_s is None else time.monotonic() + remaining_s)
+
+
+def reset_serving_deadline(token: contextvars.Token) -> None:
+    _serving_deadline.reset(token)
+
+
+def bounded_timeout(timeout_s: float) -> float:
+    """``timeout_s``, cut to what is left of the RPC being served (if any)."""
+    deadline = _serving_deadline.get()
+    if deadline is None:
+        return timeout_s
+    return min(timeout_s, max(deadline - time.monotonic(), 0.001))
 
 
 class _ClientCallDetails(grpc.ClientCallDetails):
@@ -41,7 +66,7 @@ class PeerInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientIn
                         (identity.PRINCIPAL_KEY, identity.ROLE_KEY, identity.TOKEN_KEY)]
             metadata = telemetry.inject_context(metadata + self._acting_as().metadata())
             new_details = _ClientCallDetails(
-                details.method, details.timeout if details.timeout is not None else self._timeout,
+                details.method, bounded_timeout(details.timeout if details.timeout is not None else self._timeout),
                 metadata, details.credentials, details.wait_for_ready, details.compression)
             response = continuation(new_details, request)
             if isinstance(response, grpc.Future):

@@ -26,7 +26,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from services.common import audit, health_report, identity, permissions, telemetry, tls
+from services.common import audit, client, health_report, identity, permissions, telemetry, tls
 from services.common.errors import ERROR_CODE_KEY, ERROR_FIELD_KEY, HearthError, InvalidArgument, status_for
 
 log = logging.getLogger("hearth.server")
@@ -204,6 +204,7 @@ class HearthInterceptor(grpc.ServerInterceptor):
                                      attributes=span_attributes)
             ctx_token = otel_context.attach(trace.set_span_in_context(span, parent))
             principal_token = None
+            deadline_token = None
             principal = None
             counted = False
 
@@ -244,6 +245,7 @@ class HearthInterceptor(grpc.ServerInterceptor):
                     # given up, so doing the work now only delays the calls still waiting
                     # (an overload would otherwise snowball into minutes of dead work).
                     context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before the call started")
+                deadline_token = client.set_serving_deadline(remaining)
                 principal = identity.principal_from_metadata(
                     metadata, peer_verified=tls.peer_verified(context), component=service)
                 principal_token = identity.set_current(principal)
@@ -264,16 +266,20 @@ class HearthInterceptor(grpc.ServerInterceptor):
                            else grpc.StatusCode.UNKNOWN)
                     if principal_token is not None:
                         identity.reset_current(principal_token)
+                    if deadline_token is not None:
+                        client.reset_serving_deadline(deadline_token)
                     otel_context.detach(ctx_token)
             if not resp_stream:
                 finish(code_of(context))
                 if principal_token is not None:
                     identity.reset_current(principal_token)
+                client.reset_serving_deadline(deadline_token)
                 otel_context.detach(ctx_token)
                 return result
             # Streaming responses run later, in the iterator; the token attached above
             # belongs to this frame, so detach now and re-attach while iterating.
             identity.reset_current(principal_token)
+            client.reset_serving_deadline(deadline_token)
             otel_context.detach(ctx_token)
             return _stream(result, context, span, principal, finish, code_of, method)
 
@@ -283,6 +289,7 @@ class HearthInterceptor(grpc.ServerInterceptor):
 def _stream(result: Iterable, context, span, principal, finish, code_of, method) -> Iterator:
     token = otel_context.attach(trace.set_span_in_context(span))
     p_token = identity.set_current(principal)
+    d_token = client.set_serving_deadline(context.time_remaining())
     try:
         try:
             yield from result
@@ -296,6 +303,7 @@ def _stream(result: Iterable, context, span, principal, finish, code_of, method)
     finally:
         finish(code_of(context))
         identity.reset_current(p_token)
+        client.reset_serving_deadline(d_token)
         otel_context.detach(token)
 
 

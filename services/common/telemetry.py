@@ -106,6 +106,8 @@ class JsonLinesSpanExporter(SpanExporter):
                 "start_ns": span.start_time,
                 "end_ns": span.end_time,
                 "attributes": {k: str(v) for k, v in (span.attributes or {}).items()},
+                "links": [{"trace_id": format(link.context.trace_id, "032x"),
+                           "span_id": format(link.context.span_id, "016x")} for link in span.links or ()],
             }))
         with self._lock, open(self._path, "a", encoding="utf-8") as fh:
             fh.write("\n".join(lines) + "\n")

@@ -237,10 +237,12 @@ def test_pods_run_non_root_with_a_read_only_root_filesystem(render):
             volumes = {v["name"]: v for v in pod["volumes"]}
             mounts = {m["mountPath"]: m["name"] for m in container(deployment_of(objects, component))["volumeMounts"]}
             assert "emptyDir" in volumes[mounts["/tmp"]], "/tmp must be a writable emptyDir"
-            if component in GRPC_SERVICES:
-                # The services write under HEARTH_DATA_DIR (SQLite, the privacy public key).
-                data_dir = effective_env(deployment_of(objects, component), objects)["HEARTH_DATA_DIR"]
-                assert "emptyDir" in volumes[mounts[data_dir]], f"{component}: {data_dir} must be writable"
+            # Every process writes under HEARTH_DATA_DIR: the services their SQLite files
+            # and the privacy public key, all of them (the gateway too) the audit outbox
+            # opened at start (a read-only data dir stopped the gateway at start).
+            data_dir = effective_env(deployment_of(objects, component), objects)["HEARTH_DATA_DIR"]
+            assert data_dir in mounts, f"{component}: {data_dir} is on the read-only root filesystem"
+            assert "emptyDir" in volumes[mounts[data_dir]], f"{component}: {data_dir} must be writable"
 
 
 def test_shutdown_budget_covers_prestop_sleep_and_the_drain_grace(render):
@@ -609,6 +611,31 @@ def test_tls_secrets_are_mounted_and_wired_to_the_settings(render):
     # Without the values nothing TLS is rendered.
     plain = render()
     assert "HEARTH_TLS_CERT" not in effective_env(deployment_of(plain, "clustering"), plain)
+
+
+def test_jwt_public_key_is_mounted_and_wired_to_the_gateway_settings(render, monkeypatch):
+    """RS256/ES256 JWTs need HEARTH_JWT_PUBLIC_KEY_FILE, a file: before gateway.jwtPublicKey
+    the chart had no way to put one in the pod (secretEnv gives variables only)."""
+    objects = render(set_values=("gateway.jwtPublicKey.secretName=hearth-jwt",
+                                 "gateway.env.HEARTH_JWT_ALGORITHM=RS256",
+                                 "gateway.env.HEARTH_JWT_ISSUER=https://idp.example.com",
+                                 "gateway.env.HEARTH_JWT_AUDIENCE=hearth"))
+    gateway = deployment_of(objects, "gateway")
+    env = effective_env(gateway, objects)
+    with monkeypatch.context() as patch:
+        settings = _load_settings(env, "gateway", patch)
+    assert settings.jwt_algorithm == "RS256"
+    key_file = str(settings.jwt_public_key_file)
+    mounts = {m["mountPath"]: m for m in container(gateway)["volumeMounts"]}
+    directory, _, name = key_file.rpartition("/")
+    assert mounts[directory]["readOnly"] is True
+    volumes = {v["name"]: v for v in gateway["spec"]["template"]["spec"]["volumes"]}
+    secret = volumes[mounts[directory]["name"]]["secret"]
+    assert secret["secretName"] == "hearth-jwt"
+    assert {"key": "public.pem", "path": name} in secret["items"]
+    # Off by default: no variable, no volume.
+    plain = render()
+    assert "HEARTH_JWT_PUBLIC_KEY_FILE" not in effective_env(deployment_of(plain, "gateway"), plain)
 
 
 def test_ingress_routes_to_the_public_gateway_port_only(render):

@@ -62,6 +62,37 @@ def test_events_come_back_as_sessions_with_one_trace(client, mesh):
     assert server_span["parent_span_id"] in {s["span_id"] for s in in_trace if s["service"] == "gateway"}
 
 
+def test_a_forwarded_prediction_links_back_to_the_assign_request_trace(client, mesh):
+    """Clustering forwards predictions to feedback later, from a thread of its own, so
+    RecordPrediction is a trace of its own; its ``predictions.forward`` root span links
+    to the span of the request that made each prediction (it used to be an orphan trace
+    no one could connect to the /v1/assign that caused it)."""
+    from tests.helpers.waiting import wait_for
+
+    start = time.time() - 2 * 86400
+    assert client.post("/v1/events", json={"events": _events("e2e-acc-link", start, 3)}).status_code == 200
+    session_id = client.get("/v1/household/e2e-acc-link").json()["sessions"][0]["session_id"]
+    response = client.post("/v1/assign", json={"account_id": "e2e-acc-link", "session_id": session_id})
+    assert response.status_code == 200, response.text
+    trace_id = response.headers["x-trace-id"]
+
+    def forward_span():
+        spans = [json.loads(line) for line in mesh.spans_path.read_text().splitlines() if line.strip()]
+        for span in spans:
+            if span["name"] == "predictions.forward" and any(
+                    link["trace_id"] == trace_id for link in span.get("links", ())):
+                return span, spans
+        return None
+
+    span, spans = wait_for(forward_span, what="a predictions.forward span linked to the assign trace")
+    assert span["service"] == "clustering" and span["parent_span_id"] is None
+    linked = next(link for link in span["links"] if link["trace_id"] == trace_id)
+    assert linked["span_id"] in {s["span_id"] for s in spans if s["trace_id"] == trace_id}
+    # The RecordPrediction call itself is inside the forward span's trace.
+    record = [s for s in spans if s["trace_id"] == span["trace_id"] and s["name"].endswith("RecordPrediction")]
+    assert {s["service"] for s in record} >= {"clustering", "feedback"}
+
+
 def test_unknown_household_is_404_json(client):
     response = client.get("/v1/household/nobody-here")
     assert response.status_code == 404

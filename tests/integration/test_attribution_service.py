@@ -116,6 +116,10 @@ def test_attribute_validates_fields(stubs):
         (apb.AttributeRequest(half_life_days=-1), "half_life_days"),
         (apb.AttributeRequest(sequences=["a > > b"]), "sequences[0]"),
         (apb.AttributeRequest(persona_prior_strength=float("nan")), "persona_prior_strength"),
+        # An enum value the server does not know (a newer client, a typo'd int) named,
+        # not answered OK with no results; likewise an unknown method.
+        (apb.AttributeRequest(level=99), "level"),
+        (apb.AttributeRequest(method=99), "method"),
     ]:
         with pytest.raises(grpc.RpcError) as info:
             stubs.Attribute(request, metadata=ADMIN.metadata())

@@ -265,7 +265,20 @@ class SignedReceipt:
         public = data.get("public_key", "")
         if not isinstance(public, str):
             raise ValueError("public_key: expected base64 text")
-        return cls(DeletionReceipt.from_dict(data["receipt"]), signature, public)
+        receipt = DeletionReceipt.from_dict(data["receipt"])
+        # The signature is checked against the receipt's canonical bytes, rebuilt from the
+        # parsed fields; parsing is lenient (2.0 == 2, any ISO-8601 form of an instant, extra
+        # keys in requested_by), so a receipt whose text differs from what was signed would
+        # otherwise still verify. What was received must be exactly what the bytes say.
+        try:
+            received = canonical_json(data["receipt"])
+        except (TypeError, ValueError):
+            received = b""
+        if received != receipt.canonical_bytes():
+            raise ReceiptVerificationError(
+                "receipt: its fields are not the signed canonical form (a value was rewritten "
+                "or a field added): the receipt was altered")
+        return cls(receipt, signature, public)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> SignedReceipt:

@@ -121,3 +121,77 @@ def test_calls_queued_in_grpc_core_at_the_signal_are_refused_not_cancelled(slow_
     assert under_way.result(timeout=10) == b"done"
     stopper.join(10)
     assert not stopper.is_alive()
+
+
+def test_the_gateway_drains_for_hearth_grace_seconds_not_a_fixed_5_s(monkeypatch):
+    """The chart sets HEARTH_GRACE_SECONDS in the gateway pod too (terminationGracePeriod
+    is computed from it); the gateway used to ignore it and cut requests in flight after
+    a fixed 5 s, shorter than its own 10 s deadline on the services it waits for."""
+    import os
+
+    import gateway.__main__ as gateway_main
+    from services.common import config as config_module
+
+    for name in [n for n in os.environ if n.startswith("HEARTH_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("HEARTH_GRACE_SECONDS", "27")
+    seen = {}
+    monkeypatch.setattr(gateway_main.uvicorn, "run", lambda app, **options: seen.update(options))
+    monkeypatch.setattr(gateway_main, "create_app", lambda settings: object())
+    monkeypatch.setattr(gateway_main.telemetry, "setup_telemetry", lambda *a, **k: None)
+    monkeypatch.setattr(config_module, "configure_process", lambda settings: None)
+    gateway_main.main()
+    assert seen["timeout_graceful_shutdown"] == 27.0
+    # The default covers the gateway's own deadline on the services (HEARTH_RPC_TIMEOUT_S).
+    from gateway.config import GatewaySettings
+
+    monkeypatch.delenv("HEARTH_GRACE_SECONDS")
+    defaults = GatewaySettings()
+    assert defaults.grace_seconds >= defaults.rpc_timeout_s
+
+
+def test_a_peer_call_made_while_serving_never_outlives_the_callers_deadline(monkeypatch):
+    """gRPC Python does not propagate deadlines: a service calling a peer while serving
+    an RPC gave that call its full default (HEARTH_PEER_TIMEOUT_S, 5 s here) even when
+    its own caller would give up after 0.5 s. The peer now sees what is left."""
+    from services.common.client import peer_channel
+
+    monkeypatch.setattr(identity, "principal_from_metadata",
+                        lambda *_a, **_k: Principal("svc:deadline-test", Role.SERVICE))
+    monkeypatch.setattr(permissions, "authorize_rpc", lambda *_a: None)
+    seen: list[float | None] = []
+
+    def downstream(request, context):
+        seen.append(context.time_remaining())
+        return b"ok"
+
+    def register_downstream(server):
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "deadline.Down", {"Call": grpc.unary_unary_rpc_method_handler(downstream)}),))
+        return ["deadline.Down"]
+
+    down = build_server("deadline-down", register_downstream, port=0)
+    peer = peer_channel(f"127.0.0.1:{down.port}", "deadline-up", timeout_s=5.0)
+    call_down = peer.unary_unary("/deadline.Down/Call")
+
+    def upstream(request, context):
+        return call_down(b"x")
+
+    def register_upstream(server):
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "deadline.Up", {"Call": grpc.unary_unary_rpc_method_handler(upstream)}),))
+        return ["deadline.Up"]
+
+    up = build_server("deadline-up", register_upstream, port=0)
+    channel = grpc.insecure_channel(f"127.0.0.1:{up.port}")
+    try:
+        assert channel.unary_unary("/deadline.Up/Call")(b"x", timeout=0.8) == b"ok"
+        assert seen and seen[-1] is not None and seen[-1] <= 0.8, seen
+        # Outside an RPC (background threads) the peer default still applies.
+        assert call_down(b"x") == b"ok"
+        assert seen[-1] > 4.0, seen
+    finally:
+        channel.close()
+        peer.close()
+        up.server.stop(0)
+        down.server.stop(0)

@@ -101,6 +101,24 @@ def test_any_changed_field_is_rejected(signing_key, mutate):
         verify_receipt(_tamper(signed, mutate), signing_key.public_key())
 
 
+@pytest.mark.parametrize(("old", "new"), [
+    ('"v":1}', '"v":1.0}'),                                   # 1.0 == 1 once parsed
+    ('"total_count":2,', '"total_count":2e0,'),
+    ('"completed_at":"2025-03-01T12:03:00.000000Z"', '"completed_at":"2025-03-01T12:03:00+00:00"'),
+    ('"requested_at":"2025-03-01T12:00:00.000000Z"', '"requested_at":"2025-03-01T12:00:00.0000000Z"'),
+    ('"role":"privacy_officer"}', '"role":"privacy_officer","on_behalf_of":"mallory"}'),
+])
+def test_text_that_is_not_the_signed_canonical_form_is_rejected(signing_key, old, new):
+    # The signature covers canonical bytes rebuilt from the parsed fields; a lenient parse
+    # (numbers, ISO-8601 spellings, ignored keys) once let such an altered receipt verify.
+    text = sign_receipt(make_receipt(signing_key), signing_key).to_json()
+    assert text.count(old) == 1
+    with pytest.raises(ReceiptVerificationError, match="canonical"):
+        verify_receipt(SignedReceipt.from_json(text.replace(old, new)), signing_key.public_key())
+    # the untouched text, and its whitespace-reformatted copy, still verify
+    verify_receipt(SignedReceipt.from_json(json.dumps(json.loads(text), indent=2)), signing_key.public_key())
+
+
 def test_changed_signature_is_rejected(signing_key):
     signed = sign_receipt(make_receipt(signing_key), signing_key)
     sig = bytearray(signed.signature)
