@@ -277,6 +277,30 @@ def test_verify_audit_reports_each_tampering(log, tamper, reason, first_bad):
     assert after.tree_head.tree_size == 20
 
 
+@pytest.mark.parametrize("seq, delete", [(7, False), (1030, False), (1030, True)])
+def test_a_proof_for_an_entry_whose_stored_content_was_altered_is_refused(log, seq, delete):
+    # Only the canonical bytes (and the query column) changed, not the stored leaf hash:
+    # the proof tree still holds the genuine leaf, so GetAuditProof once answered OK with
+    # the forged record beside a leaf hash that is not its hash (a client that took the
+    # returned leaf hash on trust was shown the forgery as "included").
+    log.app.append(_records(1040, who=Principal("svc:clustering", Role.SERVICE), tag="p"))
+    with log.db.transaction() as tx:
+        canonical = bytes(tx.query("SELECT canonical FROM audit_entries WHERE seq = ?", (seq,))[0][0])
+        data = json.loads(canonical)
+        data["principal"] = "mallory"
+        forged = AuditEntry.from_dict(data)
+        tx.execute("UPDATE audit_entries SET canonical = ?, principal = ? WHERE seq = ?",
+                   (forged.canonical_bytes, "mallory", seq))
+        if delete:  # a deleted row of the signed tree was NOT_FOUND "no audit entry"
+            tx.execute("DELETE FROM audit_entries WHERE seq = ?", (seq,))
+    with pytest.raises(grpc.RpcError) as err:
+        log.stub.GetAuditProof(ppb.GetAuditProofRequest(inclusion_seq=seq), metadata=ADMIN.metadata())
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "altered" in err.value.details()
+    # an untouched neighbour still gets its proof
+    r = log.stub.GetAuditProof(ppb.GetAuditProofRequest(inclusion_seq=seq + 1), metadata=ADMIN.metadata())
+    assert r.leaf_hash == rfc9162.leaf_hash(r.record.canonical)
+
+
 def test_truncation_hidden_by_deleting_tree_heads_is_still_caught_while_running(log):
     _fill(log, (5, 5, 5, 5))
     with log.db.transaction() as tx:

@@ -66,7 +66,18 @@ class AuditProofs:
             with _stored_rows_checked():
                 path = self._writer.tree.inclusion_proof(seq, sth.tree_size)
                 leaf = self._writer.tree.leaf_hash_at(seq)
-        return sth, path, leaf, self._store.entry(seq)
+        try:
+            entry = self._store.entry(seq)
+        except NotFound:  # below the signed size, so it was appended: the row was deleted
+            raise FailedPrecondition(f"the stored rows were altered (run VerifyAudit): entry {seq} "
+                                     "of the signed tree is missing", "inclusion_seq") from None
+        if merkle.leaf_hash(entry.canonical) != leaf:
+            # The proof tree holds the leaf as appended; the content is read from the row.
+            # A row whose content was rewritten (leaf hash column untouched) must not be
+            # served as proven beside a leaf hash that is not its own.
+            raise FailedPrecondition(f"the stored rows were altered (run VerifyAudit): entry {seq} "
+                                     "does not hash to its leaf in the signed tree", "inclusion_seq")
+        return sth, path, leaf, entry
 
     def consistency_proof(self, old_size: int, tree_size: int = 0) -> tuple[SignedTreeHead, list[bytes], SignedTreeHead | None]:
         """(head, proof that the tree of ``old_size`` is a prefix of the head's, the
