@@ -189,10 +189,15 @@ class AttributionApp:
                 touch_person_prob=probability_matrix(touch_probs, columns),
                 conv_person_prob=(probability_matrix([p or {} for p in conv_probs], columns)
                                   if any(conv_probs) else None))
-            if q.persona_prior_strength > 0:
-                outcome.results.extend(self._persona_smoothed(js, columns or ["p1"], q, conventions))
+            if not columns and (single or q.persona_prior_strength > 0):
+                # Nothing in the query resolved to a person (no session near any touch or
+                # conversion, or no resolver): there is no person to credit. Naming one "p1"
+                # (as until session 17) credited the household's real p1 with every journey.
+                pass
+            elif q.persona_prior_strength > 0:
+                outcome.results.extend(self._persona_smoothed(js, columns, q, conventions))
             elif single:
-                for j, pid in enumerate(columns or ["p1"]):
+                for j, pid in enumerate(columns):
                     sub = js.select(js.path_person == j)
                     if sub.paths.n_paths:
                         outcome.results.append(self._scoped("person", single, pid, sub, q, conventions))

@@ -7,6 +7,7 @@ import base64
 import binascii
 import json
 import logging
+import math
 import os
 import queue
 import threading
@@ -71,7 +72,10 @@ def decode_page_token(token: str) -> tuple[float, str] | None:
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         start, session_id = json.loads(raw)
-        if not isinstance(start, (int, float)) or isinstance(start, bool) or not isinstance(session_id, str):
+        if (not isinstance(start, (int, float)) or isinstance(start, bool) or not math.isfinite(start)
+                or not isinstance(session_id, str)):
+            # NaN / Infinity (json.loads reads them) compare differently in SQLite and
+            # PostgreSQL (an empty page or every session): never issued, so refused.
             raise ValueError("bad cursor")
         check_id(session_id, "page_token")
         return float(start), session_id

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from hearth.feedback.v1 import feedback_pb2_grpc as pb_grpc
+from services.common.consent import ConsentChecker
 from services.common.erasure import data_holder
 from services.common.server import run_service
 from services.common.storage.cache import open_cache
@@ -30,13 +31,16 @@ def build(settings):
     store.migrate()
     refits = ClusteringRefitClient(settings.clustering_addr, settings.feedback_refit_timeout_s)
     auditor = PrivacyFlagAuditor(settings.privacy_addr, settings.feedback_audit_timeout_s)
-    app = FeedbackApp(store, policy_from(settings), refits=refits, auditor=auditor)
+    # Feedback on a prediction needs the account's processing consent (privacy's GetConsent,
+    # cached a few seconds), as ingest and assignment do.
+    consent = ConsentChecker.remote(settings.privacy_addr, NAME, timeout_s=settings.peer_timeout_s)
+    app = FeedbackApp(store, policy_from(settings), refits=refits, auditor=auditor, consent=consent)
     app.start_periodic(settings.feedback_check_interval_s)
     servicer = FeedbackServicer(app.intake, app.calibration, app.experiments)
     # Stop order: background work first (it uses the channels and the database).
     return ([(pb_grpc.add_FeedbackServiceServicer_to_server, servicer, SERVICE_NAME),
              data_holder(NAME, app.intake)],
-            [app.close, refits.close, auditor.close, db.close])
+            [app.close, refits.close, auditor.close, consent.close, db.close])
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
+from services.common.consent import ConsentChecker
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import InvalidArgument
 from services.common.ids import check_id, check_ts
@@ -78,11 +79,15 @@ def validate_predictions(items: list[PredictionRecord]) -> list[PredictionRecord
 
 class Intake:
     def __init__(self, store: FeedbackStore, policy: FeedbackPolicy, triggers: Triggers, *,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, consent: ConsentChecker | None = None) -> None:
         self.store = store
         self.policy = policy
         self.triggers = triggers
         self.clock = clock
+        # Consent (privacy service): feedback names who watched and moves the household's
+        # model (labels forwarded to clustering), so it needs `processing` like ingest and
+        # assignment; None = not enforced (unit tests).
+        self.consent = consent
 
     def record_predictions(self, items: list[PredictionRecord]) -> tuple[int, int]:
         return self.store.record_predictions(validate_predictions(items))
@@ -108,6 +113,8 @@ class Intake:
         weight = self.policy.weights.of(kind)
         prediction = self.store.prediction(prediction_id)
         if prediction is not None:
+            if self.consent is not None:
+                self.consent.require([prediction.account_id])
             if kind == SignalKind.PROFILE_CONFIRMED and true_person_id and true_person_id != prediction.person_id:
                 raise InvalidArgument("a confirmation names the predicted person; use EXPLICIT_CORRECT",
                                       "true_person_id")

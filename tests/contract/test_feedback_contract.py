@@ -26,7 +26,8 @@ NOWHERE = "127.0.0.1:1"
 
 @pytest.fixture
 def stub(start_service):
-    _, channel = start_service("feedback", clustering_addr=NOWHERE, privacy_addr=NOWHERE)
+    privacy, _ = start_service("privacy")   # RecordFeedback checks the account's consent with it
+    _, channel = start_service("feedback", clustering_addr=NOWHERE, privacy_addr=f"127.0.0.1:{privacy.port}")
     stub = fpb_grpc.FeedbackServiceStub(channel)
     stub.data = common_pb2_grpc.DataHolderStub(channel)   # the erasure contract, same port
     return stub

@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from tests.helpers.mesh_calls import log_predictions, prediction
+from tests.helpers.waiting import wait_for
 
 
 @pytest.fixture
@@ -62,3 +63,25 @@ def test_feedback_calibration_and_flags_over_http(client, mesh):
     assert experiment["kill_switch"] is True and experiment["variant"] == "gmm"  # the control
     assert experiment["traffic"] == {"kmeans": 60.0, "gmm": 40.0}
     client.put("/v1/experiment", json={"kill_switch": False, "reason": "e2e done"})
+
+
+def test_feedback_needs_the_accounts_processing_consent(client, mesh):
+    """Feedback names who watched and moves the household's model (its labels go to
+    clustering): after a withdrawal it is refused like ingest and assignment, and nothing
+    is stored (until session 17 it was stored and refitted the withdrawn household)."""
+    account = "e2e-fb-withdrawn"
+    _log_prediction(mesh, "e2e-pred-withdrawn", account)
+    assert client.put(f"/v1/consent/{account}", json={"processing": False, "attribution": False}).status_code == 200
+    body = {"feedback_id": "e2e-fb-w1", "prediction_id": "e2e-pred-withdrawn", "kind": "explicit_correct",
+            "true_person_id": "p2"}
+    refused = client.post("/v1/feedback", json=body)
+    assert refused.status_code == 412, refused.text
+    assert refused.json()["error"]["field"] == "account_id"
+    export = client.get(f"/v1/household/{account}/export")
+    assert export.status_code == 200 and export.json()["services"]["feedback"]["feedback"] == []
+
+    assert client.put(f"/v1/consent/{account}", json={"processing": True, "attribution": True}).status_code == 200
+    # Consent answers are cached up to 5 s per service (docs/privacy.md, "Consent").
+    accepted = wait_for(lambda: (r := client.post("/v1/feedback", json=body)).status_code == 200 and r,
+                        what="feedback accepted again once consent is given")
+    assert accepted.json() == {"duplicate": False, "weight": 1.0}
