@@ -41,6 +41,24 @@ HTTP_REQUESTS = Counter("hearth_http_requests_total", "HTTP requests", ["route",
 HTTP_DURATION = Histogram("hearth_http_request_duration_seconds", "HTTP request time", ["route", "method"],
                           buckets=telemetry.LATENCY_BUCKETS)
 
+def _route_label(scope, status: int) -> str:
+    """The route template of a request (never the raw path: it holds account ids).
+    FastAPI's own pages (/openapi.json, /docs, /redoc) are plain Starlette routes that
+    leave no ``route`` in the scope; they have fixed paths, so they are named as such
+    (the liveness and startup probes ask for /openapi.json, and were counted as
+    "unmatched" 200s); anything else without a route is "unmatched"."""
+    route = scope.get("route")
+    if route is not None:
+        return route.path
+    app = scope.get("app")
+    path = scope.get("path")
+    if status != 404 and app is not None and path and path in {
+            getattr(app, "openapi_url", None), getattr(app, "docs_url", None), getattr(app, "redoc_url", None),
+            getattr(app, "swagger_ui_oauth2_redirect_url", None)}:
+        return path
+    return "unmatched"
+
+
 class ObserveMiddleware:
     """Outermost: a server span per request (continuing the caller's trace), the
     Content-Length limit (413), a JSON 500 for anything unhandled, Prometheus metrics
@@ -98,7 +116,7 @@ class ObserveMiddleware:
                 await error_response(500, "internal", "internal error")(scope, receive, send_observed)
         finally:
             otel_context.detach(token)
-            label = getattr(scope.get("route"), "path", "unmatched")
+            label = _route_label(scope, status)
             span.update_name(f"{method} {label}")
             span.set_attributes({"http.route": label, "http.status_code": status})
             if status >= 500:

@@ -35,7 +35,7 @@ DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 RI = "$__rate_interval"
 
 # Interactive gateway routes (the latency alerts' selection; batch routes are separate).
-INTERACTIVE = 'route!~"/v1/attribution|/v1/household/\\\\{account_id\\\\}/export|/v1/audit/export|/health|/metrics|unmatched"'
+INTERACTIVE = 'route!~"/v1/attribution|/v1/household/\\\\{account_id\\\\}/export|/v1/audit/export|/health|/metrics|/openapi.json|/docs.*|/redoc|unmatched"'
 SERVER_FAULTS = 'code=~"INTERNAL|UNKNOWN|UNAVAILABLE|DEADLINE_EXCEEDED|DATA_LOSS|UNIMPLEMENTED"'
 
 

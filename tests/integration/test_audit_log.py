@@ -451,6 +451,33 @@ def test_restart_keeps_verifying_and_appending(database, key):
         second.close()
 
 
+def test_after_a_restart_a_rewritten_row_gets_no_proof(database, key):
+    """Row content and its leaf hash rewritten together while the service was down: the
+    proof tree is rebuilt from the stored leaf hashes at start, so it no longer has the
+    signed root. GetAuditProof once answered OK with paths into that tree (which verify
+    against no signed head) instead of saying the rows were altered."""
+    migrate(database, MIGRATIONS)
+    first = Log(database, key)
+    _fill(first, (4, 6))
+    first.close()
+    with database.transaction() as tx:
+        data = json.loads(bytes(tx.query("SELECT canonical FROM audit_entries WHERE seq = 3")[0][0]))
+        data["principal"] = "mallory"
+        forged = AuditEntry.from_dict(data)
+        tx.execute("UPDATE audit_entries SET canonical = ?, principal = ?, leaf_hash = ? WHERE seq = 3",
+                   (forged.canonical_bytes, "mallory", rfc9162.leaf_hash(forged.canonical_bytes)))
+    second = Log(database, key)
+    try:
+        assert not second.verify().valid
+        for request in (ppb.GetAuditProofRequest(inclusion_seq=3), ppb.GetAuditProofRequest(inclusion_seq=8),
+                        ppb.GetAuditProofRequest(consistency_from_size=4)):
+            with pytest.raises(grpc.RpcError) as err:
+                second.stub.GetAuditProof(request, metadata=ADMIN.metadata())
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "altered" in err.value.details()
+    finally:
+        second.close()
+
+
 _WRITER = textwrap.dedent("""
     import sys, threading
     from services.common import audit

@@ -54,6 +54,14 @@ class AuditProofs:
                            "tree_size")
         return sth
 
+    def _check_signed_root(self, sth: SignedTreeHead) -> None:
+        """The proof tree is rebuilt from the stored leaf hashes at start: rows rewritten
+        while the service was down give a tree without the signed root, whose proofs verify
+        against no signed head. Say so instead of serving them (caller holds tree_lock)."""
+        if self._writer.tree.root(sth.tree_size) != sth.root:
+            raise FailedPrecondition(f"the proof tree of size {sth.tree_size} does not have the signed "
+                                     "root: the stored rows were altered (run VerifyAudit)", "tree_size")
+
     def inclusion_proof(self, seq: int, tree_size: int = 0) -> tuple[SignedTreeHead, list[bytes], bytes, StoredEntry]:
         """(head, audit path, leaf hash, entry) proving entry ``seq`` is in the head's tree."""
         sth = self._head_for(tree_size)
@@ -64,6 +72,7 @@ class AuditProofs:
                 raise FailedPrecondition("the proof tree is shorter than the signed log: the "
                                          "stored rows were altered (run VerifyAudit)", "tree_size")
             with _stored_rows_checked():
+                self._check_signed_root(sth)
                 path = self._writer.tree.inclusion_proof(seq, sth.tree_size)
                 leaf = self._writer.tree.leaf_hash_at(seq)
         try:
@@ -90,6 +99,7 @@ class AuditProofs:
                 raise FailedPrecondition("the proof tree is shorter than the signed log: the "
                                          "stored rows were altered (run VerifyAudit)", "tree_size")
             with _stored_rows_checked():
+                self._check_signed_root(sth)
                 path = self._writer.tree.consistency_proof(old_size, sth.tree_size)
         return sth, path, self._store.sth_at(old_size) if old_size else None
 

@@ -263,3 +263,23 @@ def test_rate_limits_parse_from_the_environment(monkeypatch):
     limiter = RateLimiter.from_settings(cfg)
     assert limiter.limit_for("POST /v1/events") == (20, 40)
     assert limiter.limit_for("GET /v1/calibration") == (5, 6)
+
+
+def test_fastapi_pages_are_labelled_by_their_path_and_unknown_paths_stay_unmatched(gateway_client):
+    """The gateway's liveness and startup probes GET /openapi.json; it was counted (and
+    traced) as route "unmatched" with status 200, hiding real unmatched requests among
+    probe traffic. Unknown paths keep the one "unmatched" label (no raw path: cardinality
+    and account ids)."""
+    from prometheus_client import REGISTRY
+
+    def count(route: str, status: str) -> float:
+        return REGISTRY.get_sample_value("hearth_http_requests_total",
+                                         {"route": route, "method": "GET", "status": status}) or 0.0
+
+    before = (count("/openapi.json", "200"), count("unmatched", "200"), count("unmatched", "404"))
+    assert gateway_client.get("/openapi.json").status_code == 200
+    assert gateway_client.get("/v1/no-such-route/acc-42").status_code == 404
+    after = (count("/openapi.json", "200"), count("unmatched", "200"), count("unmatched", "404"))
+    assert after[0] == before[0] + 1
+    assert after[1] == before[1]
+    assert after[2] == before[2] + 1
