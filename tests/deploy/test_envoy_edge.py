@@ -285,6 +285,11 @@ def test_edge_manifests_validate_and_mount_what_the_bootstrap_reads(render, enab
     assert envoy["ports"] == [{"name": "edge", "containerPort": listener["port"], "protocol": "TCP"}]
     assert pod["serviceAccountName"] == ENVOY and pod["automountServiceAccountToken"] is False
     assert envoy["securityContext"]["readOnlyRootFilesystem"] is True
+    # Envoy stops at once on SIGTERM (no drain): without a preStop sleep, a rollout reset
+    # the requests load balancers still sent while the endpoint removal propagated.
+    command = envoy["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep" and float(command[1]) > 0
+    assert pod["terminationGracePeriodSeconds"] > float(command[1])
 
 
 def test_network_policies_let_the_edge_reach_the_services_and_the_authorizer(enabled):
