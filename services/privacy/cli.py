@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from services.common.strict_json import DuplicateKeyError
-from services.privacy.audit.domain import parse_export, verify_log
+from services.privacy.audit.domain import AlteredExportError, parse_export, verify_log
 from services.privacy.keys.signing import key_id, load_public_key
 from services.privacy.deletion.receipts import ReceiptVerificationError, SignedReceipt, verify_receipt
 
@@ -66,7 +66,7 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
                                  argument="--public-key")
     try:
         exported = parse_export(_read_text(args.export, "EXPORT").splitlines())
-    except DuplicateKeyError as exc:  # two readings of one line: tampered, not unreadable
+    except (DuplicateKeyError, AlteredExportError) as exc:  # tampered, not unreadable
         print(f"INVALID audit log: {exc}", file=sys.stderr)
         return EXIT_INVALID
     result = verify_log(exported.entries, exported.sth, public_key,

@@ -772,6 +772,13 @@ def verify_tree_heads_consistent(
 # --------------------------------------------------------------------------- export format
 
 
+class AlteredExportError(ValueError):
+    """A line parses, but is not the canonical form of what it says (a value respelled:
+    ``1.0`` for ``1``, another spelling of a timestamp): the hashes and the signature are
+    recomputed from the parsed fields, so such a line would verify although its text is
+    not what was signed. Tampered, not unreadable."""
+
+
 @dataclass(frozen=True, slots=True)
 class ExportedLog:
     entries: list[AuditEntry]
@@ -810,10 +817,13 @@ def parse_export(lines: Iterable[str]) -> ExportedLog:
             raise ValueError(f"{where}: expected a JSON object")
         if "sth" in obj:
             sth = SignedTreeHead.from_dict(obj["sth"], argument=f"{where}.sth")
+            _check_canonical(obj["sth"], sth.to_dict(), f"{where}.sth")
             continue
         if "entry" not in obj or "chain_hash" not in obj:
             raise ValueError(f"{where}: expected 'entry' and 'chain_hash' (or 'sth')")
-        entries.append(AuditEntry.from_dict(obj["entry"], argument=f"{where}.entry"))
+        entry = AuditEntry.from_dict(obj["entry"], argument=f"{where}.entry")
+        _check_canonical(obj["entry"], entry.to_dict(), f"{where}.entry")
+        entries.append(entry)
         try:
             h = bytes.fromhex(obj["chain_hash"])
         except (TypeError, ValueError):
@@ -824,3 +834,9 @@ def parse_export(lines: Iterable[str]) -> ExportedLog:
     if sth is None:
         raise ValueError("sth: the export has no signed tree head line")
     return ExportedLog(entries, hashes, sth)
+
+
+def _check_canonical(given: Any, parsed: Mapping[str, Any], where: str) -> None:
+    if canonical_json(given) != canonical_json(parsed):
+        raise AlteredExportError(f"{where}: not the canonical form of its fields (a value was "
+                                 "respelled): the export was altered")

@@ -93,6 +93,37 @@ def test_a_json_key_given_twice_is_refused_as_tampering(files, capsys):
     assert "INVALID audit log" in err and "line 6" in err and "duplicate key 'principal'" in err
 
 
+@pytest.mark.parametrize("respell", [
+    lambda e: e.__setitem__("ts", e["ts"].replace("Z", "+00:00")),   # the same instant
+    lambda e: e.__setitem__("v", 1.0),                                # 1.0 == 1
+])
+def test_an_export_line_respelled_from_its_signed_form_is_tampering(files, capsys, respell):
+    # Leaf and chain hashes are recomputed from the parsed fields, so a line whose text
+    # is not what was signed passed (exit 0) while its value only read the same.
+    d, lines = files
+    row = json.loads(lines[5])
+    respell(row["entry"])
+    (d / "log.jsonl").write_text("\n".join(lines[:5] + [json.dumps(row)] + lines[6:]))
+    assert cli.main(["audit", "verify", str(d / "log.jsonl"), "--public-key", str(d / "pub.pem")]) == 1
+    err = capsys.readouterr().err
+    assert "INVALID audit log" in err and "line 6.entry" in err and "canonical" in err
+    sth = json.loads(lines[-1])
+    sth["sth"]["timestamp"] = sth["sth"]["timestamp"].replace("Z", "+00:00")
+    (d / "log.jsonl").write_text("\n".join(lines[:-1] + [json.dumps(sth)]))
+    assert cli.main(["audit", "verify", str(d / "log.jsonl"), "--public-key", str(d / "pub.pem")]) == 1
+    # pretty-printed (whitespace only) is still the same export
+    (d / "log.jsonl").write_text("\n".join(json.dumps(json.loads(x), sort_keys=False) for x in lines))
+    assert cli.main(["audit", "verify", str(d / "log.jsonl"), "--public-key", str(d / "pub.pem")]) == 0
+
+
+def test_a_respelled_receipt_exits_1(files, capsys):
+    d, _ = files
+    text = (d / "receipt.json").read_text()
+    (d / "respelled.json").write_text(text.replace('"v":1}', '"v":1.0}'))
+    assert cli.main(["verify-receipt", str(d / "respelled.json"), "--public-key", str(d / "pub.pem")]) == 1
+    assert "canonical" in capsys.readouterr().err
+
+
 def test_bad_input_exits_2(files, capsys):
     d, _ = files
     (d / "junk.json").write_text("{not json")
