@@ -122,7 +122,8 @@ class ClusteringApp:
 
     def require_processing(self, account_ids) -> None:
         """FAILED_PRECONDITION (field account_id) when an account withdrew consent to
-        processing; called before anything is stored (ingest, assignment)."""
+        processing; called before anything is stored or processed (ingest, assignment,
+        feedback labels, refit)."""
         if self.consent is not None:
             self.consent.require(account_ids, ("processing",))
 
@@ -370,6 +371,7 @@ class ClusteringApp:
         check_id(account_id, "account_id")
         if len(reason) > 200:
             raise InvalidArgument("at most 200 characters", "reason")
+        self.require_processing([account_id])  # a refit processes the stored sessions
         version, envelope = self.keeper.refresh(account_id, force=reason or "requested")
         if envelope is None:
             raise NotFound(f"no sessions for account {account_id!r}", "account_id")
@@ -384,6 +386,8 @@ class ClusteringApp:
             check_id(person, f"labels[{i}].person_id")
             if len(source) > 64:
                 raise InvalidArgument("at most 64 characters", f"labels[{i}].source")
+        # A label is personal data (who watched) and triggers a refit: consent first.
+        self.require_processing({a for a, *_ in labels})
         accepted, unknown = self.store.record_labels(labels)
         for account in {a for a, *_ in labels}:
             self.keeper.refresh(account, force="labels")  # labels are rare: refit with them now

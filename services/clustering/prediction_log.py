@@ -89,6 +89,14 @@ def _payload(record: PredictionRecord, traceparent: str = "") -> str:
     return _ENCODE(row)
 
 
+# The longest pause between delivery attempts while feedback is unreachable. It bounds how
+# long predictions made after feedback is back wait for delivery, so it stays below the
+# gateway's HEARTH_FEEDBACK_PREDICTION_WAIT_S (2 s): feedback sent at once on them is then
+# not refused 404. (It was 10 s: after a feedback outage of ~6 s or more, every feedback
+# sent right after its assignment got 404 for up to 10 s.)
+MAX_FORWARD_BACKOFF_S = 1.0
+
+
 class PredictionLog:
     def __init__(self, db: Database, send: Callable[[Sequence[PredictionRecord]], None] | None,
                  *, forward_interval_s: float = 0.2, batch: int = 1000,
@@ -172,8 +180,9 @@ class PredictionLog:
                 backoff = self._interval
             except Exception as exc:  # noqa: BLE001 - feedback down or DB busy: retry later
                 FORWARD_FAILURES.inc()
-                log.warning("prediction forwarding failed, will retry: %s", exc)
-                backoff = min(backoff * 2, 10.0)
+                if backoff == self._interval:   # the first of a run of failures; the metric counts all
+                    log.warning("prediction forwarding failed, will retry: %s", exc)
+                backoff = min(backoff * 2, max(self._interval, MAX_FORWARD_BACKOFF_S))
 
     def close(self) -> None:
         self._committer.close()

@@ -418,6 +418,21 @@ def test_withdrawn_consent_refuses_ingest_and_touchpoints_and_stores_nothing(mes
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+def test_withdrawn_consent_refuses_feedback_labels_and_refits(mesh, stubs):
+    # Labels (who watched a session, from feedback) were stored and refit the household
+    # model, and Refit ran, whatever the account's consent: both are processing.
+    acct = "nolabels-acct"
+    stubs["pri"].SetConsent(ppb.SetConsentRequest(account_id=acct, processing=False, attribution=True))
+    for call in (lambda: stubs["clu"].RecordLabels(cpb.RecordLabelsRequest(labels=[cpb.SessionLabel(
+                     account_id=acct, session_id="s-1", person_id="p1", source="feedback")])),
+                 lambda: stubs["clu"].Refit(cpb.RefitRequest(account_id=acct, reason="test"))):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
+        assert dict(err.value.trailing_metadata())[ERROR_FIELD_KEY] == "account_id"
+    assert rows(mesh, "clustering", "SELECT COUNT(*) FROM session_labels WHERE account_id = ?", (acct,)) == [(0,)]
+
+
 def test_export_contains_everything_ingested(mesh, stubs):
     acct, t0 = "export-acct", time.time() - 2 * DAY
     evs = events(acct, "tv-1", t0, 4) + events(acct, "ph-1", t0 + 3600 * 5, 3)
