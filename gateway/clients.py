@@ -54,14 +54,14 @@ class ServiceClients:
                    timeout_s: float | None = None):
         """Unary call with deadline, principal and trace context. Raises AioRpcError."""
         rpc: Callable[..., Awaitable] = getattr(self.stubs[service], method)
-        with self._tracer.start_as_current_span(f"{service}/{method}", kind=SpanKind.CLIENT):
+        with telemetry.safe_span(self._tracer, f"{service}/{method}", kind=SpanKind.CLIENT):
             metadata = telemetry.inject_context(principal.metadata())
             return await rpc(request, timeout=timeout_s or self._timeout, metadata=metadata)
 
     async def stream_unary(self, service: str, method: str, requests, principal: Principal,
                            timeout_s: float | None = None):
         rpc = getattr(self.stubs[service], method)
-        with self._tracer.start_as_current_span(f"{service}/{method}", kind=SpanKind.CLIENT):
+        with telemetry.safe_span(self._tracer, f"{service}/{method}", kind=SpanKind.CLIENT):
             metadata = telemetry.inject_context(principal.metadata())
             return await rpc(iter(requests), timeout=timeout_s or self._timeout, metadata=metadata)
 

@@ -163,8 +163,8 @@ class PredictionLog:
             if link is not None and len(links) < MAX_LINKS:
                 links.append(link)
             records.append(PredictionRecord(**row))
-        with telemetry.tracer("hearth.clustering.predictions").start_as_current_span(
-                "predictions.forward", links=links, attributes={"hearth.predictions": len(records)}):
+        with telemetry.safe_span(telemetry.tracer("hearth.clustering.predictions"), "predictions.forward",
+                                 links=links, attributes={"hearth.predictions": len(records)}):
             self._send(records)
         with self._db.transaction() as tx:
             tx.executemany("DELETE FROM prediction_outbox WHERE prediction_id = ?", [(r[0],) for r in rows])

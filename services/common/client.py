@@ -61,7 +61,7 @@ class PeerInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientIn
         self._tracer = telemetry.tracer("hearth.grpc.client")
 
     def _call(self, continuation, details, request):
-        with self._tracer.start_as_current_span(details.method.lstrip("/"), kind=SpanKind.CLIENT):
+        with telemetry.safe_span(self._tracer, details.method.lstrip("/"), kind=SpanKind.CLIENT):
             metadata = [m for m in (details.metadata or []) if m[0] not in
                         (identity.PRINCIPAL_KEY, identity.ROLE_KEY, identity.TOKEN_KEY)]
             metadata = telemetry.inject_context(metadata + self._acting_as().metadata())

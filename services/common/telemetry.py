@@ -16,6 +16,7 @@ exporters read the other standard variables themselves (``OTEL_EXPORTER_OTLP_END
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 
+import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
@@ -235,6 +237,28 @@ def setup_telemetry(service: str, trace_export: str = "none", log_level: str = "
 
 def tracer(name: str = "hearth") -> trace.Tracer:
     return trace.get_tracer(name)
+
+
+@contextlib.contextmanager
+def safe_span(tracer: trace.Tracer, name: str, **kwargs):
+    """``tracer.start_as_current_span`` that never copies an exception's text into the
+    span. OpenTelemetry's default records an ``exception`` event (message and stack
+    trace) and a status description ``"<type>: <message>"``; a gRPC error's message names
+    the field and often the value (``account_id: unknown account 'acc-1'``), which would
+    put household ids in clear into the trace backend (docs/privacy.md, §11). The status
+    says only the gRPC code or the exception's type."""
+    with tracer.start_as_current_span(name, record_exception=False, set_status_on_exception=False,
+                                      **kwargs) as span:
+        try:
+            yield span
+        except BaseException as exc:
+            code = exc.code() if isinstance(exc, grpc.RpcError) and hasattr(exc, "code") else None
+            if isinstance(code, grpc.StatusCode):
+                span.set_attribute("rpc.grpc.status_code", code.value[0])
+                span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
+            else:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, type(exc).__name__))
+            raise
 
 
 def inject_context(metadata: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:

@@ -57,3 +57,30 @@ def test_bad_trace_export_names_the_variable():
         config.load(service_name="clustering", trace_export="zipkin")
     with pytest.raises(ValueError, match="otlp"):
         GatewaySettings(trace_export="jsonl:")
+
+
+def test_safe_span_keeps_only_the_code_of_a_gateway_call_error():
+    """The gateway's client spans (gateway/clients.py) fail with grpc.aio errors whose
+    details name values; the span keeps the code (or the exception type), no text."""
+    import grpc
+    import pytest
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from services.common import telemetry
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("t")
+    error = grpc.aio.AioRpcError(grpc.StatusCode.NOT_FOUND, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                 details="account_id: unknown account 'acc-secret-5'")
+    with pytest.raises(grpc.aio.AioRpcError), telemetry.safe_span(tracer, "clustering/GetHousehold"):
+        raise error
+    with pytest.raises(ValueError), telemetry.safe_span(tracer, "other"):
+        raise ValueError("household acc-secret-5")
+    first, second = exporter.get_finished_spans()
+    assert first.status.description == "NOT_FOUND" and second.status.description == "ValueError"
+    assert not first.events and not second.events
+    assert "acc-secret-5" not in repr([dict(s.attributes or {}) for s in (first, second)])

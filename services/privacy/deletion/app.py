@@ -278,8 +278,8 @@ class DeletionCoordinator:
         so every pass's Erase calls, retries and restarts included, join that trace."""
         stored = self.jobs.get(job_id)
         parent = telemetry.extract_context(json.loads(stored.trace_context or "{}"))
-        with _TRACER.start_as_current_span("deletion.advance", context=parent,
-                                           attributes={"hearth.job_id": job_id}):
+        with telemetry.safe_span(_TRACER, "deletion.advance", context=parent,
+                                 attributes={"hearth.job_id": job_id}):
             return self._advance(stored)
 
     def _advance(self, stored: StoredJob) -> StoredJob:

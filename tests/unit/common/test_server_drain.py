@@ -195,3 +195,51 @@ def test_a_peer_call_made_while_serving_never_outlives_the_callers_deadline(monk
         peer.close()
         up.server.stop(0)
         down.server.stop(0)
+
+
+def test_a_failed_peer_call_leaves_no_error_text_in_its_client_span(monkeypatch):
+    """OpenTelemetry's start_as_current_span records an exception event and a status
+    description with the exception's message; a gRPC error's message names values
+    (``account_id: unknown account '...'``), so client spans carried household ids in
+    clear to the trace backend. The span keeps only the status code."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from services.common import telemetry
+    from services.common.client import peer_channel
+    from services.common.errors import NotFound
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(telemetry, "tracer", lambda name="hearth": provider.get_tracer(name))
+    monkeypatch.setattr(identity, "principal_from_metadata",
+                        lambda *_a, **_k: Principal("svc:span-test", Role.SERVICE))
+    monkeypatch.setattr(permissions, "authorize_rpc", lambda *_a: None)
+
+    def refuse(request, context):
+        raise NotFound("unknown account 'acc-secret-77'", "account_id")
+
+    def register(server):
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "spans.Refuse", {"Call": grpc.unary_unary_rpc_method_handler(refuse)}),))
+        return ["spans.Refuse"]
+
+    running = build_server("span-test", register, port=0)
+    peer = peer_channel(f"127.0.0.1:{running.port}", "span-caller", timeout_s=5.0)
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            peer.unary_unary("/spans.Refuse/Call")(b"x")
+        assert "acc-secret-77" in info.value.details()   # the caller still gets the message
+    finally:
+        peer.close()
+        running.server.stop(0)
+    from opentelemetry.trace import SpanKind
+
+    (span,) = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
+    assert span.status.description == "NOT_FOUND"
+    assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
+    exported = repr([(s.name, s.status.description, dict(s.attributes or {}),
+                      [(e.name, dict(e.attributes or {})) for e in s.events]) for s in exporter.get_finished_spans()])
+    assert "acc-secret-77" not in exported
