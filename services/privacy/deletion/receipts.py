@@ -262,6 +262,10 @@ class SignedReceipt:
             signature = base64.b64decode(data["signature"], validate=True)
         except (binascii.Error, ValueError, TypeError):
             raise ValueError("signature: expected base64") from None
+        if base64.b64encode(signature).decode("ascii") != data["signature"]:
+            # The last character of a 64-byte signature carries 4 bits the decoder ignores:
+            # a changed one would still verify. Only the canonical encoding is the signature.
+            raise ReceiptVerificationError("signature: not the canonical base64 of its bytes: altered")
         public = data.get("public_key", "")
         if not isinstance(public, str):
             raise ValueError("public_key: expected base64 text")

@@ -119,6 +119,22 @@ def test_text_that_is_not_the_signed_canonical_form_is_rejected(signing_key, old
     verify_receipt(SignedReceipt.from_json(json.dumps(json.loads(text), indent=2)), signing_key.public_key())
 
 
+def test_a_signature_respelled_in_its_unused_base64_bits_is_rejected(signing_key):
+    # 64 bytes -> 86 base64 characters + "=="; the last character's low 4 bits are
+    # padding that b64decode ignores, so "Q" -> "R" there left the signature bytes, and
+    # the verification, unchanged.
+    text = sign_receipt(make_receipt(signing_key), signing_key).to_json()
+    data = json.loads(text)
+    sig = data["signature"]
+    assert sig.endswith("==") and len(sig) == 88
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    last = alphabet.index(sig[85])
+    data["signature"] = sig[:85] + alphabet[last ^ 1] + "=="
+    assert base64.b64decode(data["signature"]) == base64.b64decode(sig)
+    with pytest.raises(ReceiptVerificationError, match="canonical base64"):
+        verify_receipt(SignedReceipt.from_json(json.dumps(data)), signing_key.public_key())
+
+
 def test_changed_signature_is_rejected(signing_key):
     signed = sign_receipt(make_receipt(signing_key), signing_key)
     sig = bytearray(signed.signature)
