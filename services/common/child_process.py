@@ -4,10 +4,18 @@ The local mesh (`make run`, the end-to-end tests) and the test fixtures (Postgre
 redis-server) start long-running servers. When the parent ends normally it stops them;
 when it is killed (SIGKILL of pytest, an OOM kill, a crashed interpreter) nothing of it
 runs any more, so the kernel has to do it: Linux's ``PR_SET_PDEATHSIG`` makes the kernel
-send the child a signal when its parent thread exits. It is set in the child between fork
-and exec, after any change of user (a change of credentials clears it), and the child
-checks that the parent did not already die before the call (then it is already an orphan
-and no signal would come).
+send the child a signal when its parent thread exits. It is set after any change of user
+(a change of credentials clears it), and the child checks that the parent did not already
+die before the call (then it is already an orphan and no signal would come).
+
+No Python code runs in the child between fork and exec. A ``preexec_fn`` makes CPython run
+every ``os.register_at_fork`` hook in the forked child — gRPC's and OpenTelemetry's among
+them — and one that waits for a lock another thread of the parent held at the fork never
+returns: a CI run hung three times for 300 s starting a mesh from a test process that also
+ran an in-process gRPC server (tests/e2e/test_otlp_tracing.py, session 17). So the child
+execs util-linux's ``setpriv --pdeathsig`` (Debian's essential util-linux), which sets the
+death signal and execs ``/bin/sh`` to check the parent and exec the command; where setpriv
+is missing (not Linux) the child is only put in its own session.
 
 Each child also gets its own session (process group), so a normal stop can signal the
 server and anything it forked as one.
@@ -15,27 +23,28 @@ server and anything it forked as one.
 
 from __future__ import annotations
 
-import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+# $0: the parent's pid; the rest: the command. $PPID is not the parent any more when the
+# parent died before setpriv's prctl (the child was re-parented): then die at once.
+_CHECK_PARENT_THEN_EXEC = 'if [ "$PPID" != "$0" ]; then kill -s "$SIG" $$; fi; exec "$@"'
 
 
-def _die_with_parent(parent_pid: int, sig: int) -> Callable[[], None]:
-    libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-
-    def preexec() -> None:  # runs in the child, after setsid/setuid, before exec
-        if libc is not None and libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
-            os._exit(127)
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os.kill(os.getpid(), sig)
-
-    return preexec
+def _tied_command(args: Sequence[str], parent_pid: int, sig: int, env: dict | None) -> list[str]:
+    """The child's argv: ``args`` behind setpriv and the parent check (module doc)."""
+    path = (env if env is not None else os.environ).get("PATH", os.defpath)
+    if shutil.which(args[0], path=path) is None:   # as Popen would: the caller learns it here
+        raise FileNotFoundError(2, "No such file or directory", args[0])
+    name = signal.Signals(sig).name.removeprefix("SIG")
+    return [_SETPRIV, f"--pdeathsig={name}", "--", "/bin/sh", "-c",
+            _CHECK_PARENT_THEN_EXEC.replace('"$SIG"', name), str(parent_pid), *args]
 
 
 def spawn_tied(args: Sequence[str], *, death_signal: int = signal.SIGKILL, **popen_kwargs: Any) -> subprocess.Popen:
@@ -43,9 +52,11 @@ def spawn_tied(args: Sequence[str], *, death_signal: int = signal.SIGKILL, **pop
     in a new session of its own. Accepts Popen's keyword arguments (``user=`` included:
     the death signal is set after the change of user)."""
     if "preexec_fn" in popen_kwargs or "start_new_session" in popen_kwargs:
-        raise TypeError("spawn_tied sets preexec_fn and start_new_session itself")
-    return subprocess.Popen(list(args), preexec_fn=_die_with_parent(os.getpid(), death_signal),
-                            start_new_session=True, **popen_kwargs)
+        raise TypeError("spawn_tied sets the death signal and start_new_session itself")
+    args = list(args)
+    if _SETPRIV is not None:
+        args = _tied_command(args, os.getpid(), death_signal, popen_kwargs.get("env"))
+    return subprocess.Popen(args, start_new_session=True, **popen_kwargs)
 
 
 def stop_group(proc: subprocess.Popen, timeout_s: float = 10.0, sig: int = signal.SIGTERM) -> None:

@@ -1,0 +1,86 @@
+"""spawn_tied (services/common/child_process.py): the child dies with its parent, and no
+Python code runs in it between fork and exec — a parent with threads (an in-process gRPC
+server, OpenTelemetry's exporter) must not be able to hang a spawn."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from services.common.child_process import _tied_command, spawn_tied, stop_group
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_spawn_runs_no_fork_hook_of_the_parent_in_the_child():
+    # A fork hook that waits for a lock another thread holds: CPython runs it in the child
+    # of a spawn with preexec_fn, which then never reaches exec (the hang of a CI run).
+    script = textwrap.dedent("""
+        import os, sys, threading
+        from services.common.child_process import spawn_tied
+        held = threading.Lock()
+        taken = threading.Event()
+        def hold():
+            held.acquire(); taken.set(); threading.Event().wait()
+        threading.Thread(target=hold, daemon=True).start()
+        taken.wait()
+        os.register_at_fork(after_in_child=held.acquire)
+        child = spawn_tied(["true"])
+        sys.exit(child.wait(timeout=20))
+    """)
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, timeout=60, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
+def test_the_child_dies_when_its_parent_is_killed():
+    script = textwrap.dedent("""
+        import sys, time
+        from services.common.child_process import spawn_tied
+        child = spawn_tied(["sleep", "60"])
+        print(child.pid, flush=True)
+        time.sleep(60)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        child_pid = int(parent.stdout.readline())
+        time.sleep(0.2)
+        assert _alive(child_pid)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while _alive(child_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child_pid)
+    finally:
+        parent.kill()
+
+
+def test_a_child_whose_parent_died_before_the_death_signal_was_set_dies_at_once():
+    # The check after setpriv's prctl: the pid it is given is not its parent any more.
+    orphan = subprocess.Popen(_tied_command(["sleep", "60"], parent_pid=1, sig=signal.SIGKILL, env=None))
+    assert orphan.wait(timeout=10) == -signal.SIGKILL
+
+
+def test_the_child_runs_the_command_itself_in_a_session_of_its_own():
+    child = spawn_tied(["sleep", "30"])
+    try:
+        time.sleep(0.3)
+        with open(f"/proc/{child.pid}/cmdline") as f:
+            assert f.read().split("\0")[:2] == ["sleep", "30"]
+        assert os.getsid(child.pid) == child.pid
+    finally:
+        stop_group(child)
+    assert child.returncode == -signal.SIGTERM
