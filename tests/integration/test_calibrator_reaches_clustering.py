@@ -25,8 +25,12 @@ NOW = time.time()
 
 
 @pytest.fixture
-def feedback_server(tmp_path):
-    running, servicers = serve_service("feedback", config.load(service_name="feedback", data_dir=tmp_path / "feedback"))
+def feedback_server(tmp_path, start_service):
+    # Feedback needs the account's processing consent: the service asks a real privacy service.
+    privacy, _ = start_service("privacy")
+    settings = config.load(config.service_settings_class("feedback"), service_name="feedback",
+                           data_dir=tmp_path / "feedback", privacy_addr=f"127.0.0.1:{privacy.port}")
+    running, servicers = serve_service("feedback", settings)
     yield running, servicers[0][1]   # the servicer holds the rooms (intake, calibration, experiments)
     running.stop(0)
 

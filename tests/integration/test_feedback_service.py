@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from services.common import config
-from services.testing.inprocess import serve_service
 from services.common.erasure import ErasureScope, ids_digest
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound
 from services.common.identity import Principal, Role
@@ -102,10 +100,11 @@ def test_kill_switch_sends_everyone_to_control_and_keeps_the_split(database):
 
 
 @pytest.fixture
-def clustering_server(tmp_path):
-    running, _ = serve_service("clustering", config.load(service_name="clustering", data_dir=tmp_path / "clustering"))
-    yield running
-    running.stop(0)
+def clustering_server(start_service):
+    # Refit needs the account's processing consent: clustering asks a real privacy service.
+    privacy, _ = start_service("privacy")
+    running, _ = start_service("clustering", privacy_addr=f"127.0.0.1:{privacy.port}")
+    return running
 
 
 def _wrong_streak(app: FeedbackApp, account: str, n: int) -> None:
