@@ -20,6 +20,17 @@ from services.common.server import build_server
 from tests.helpers.waiting import wait_for
 
 
+def _serve_one_method(server_name: str, service: str, handler):
+    """A server built by build_server (the one bootstrap) serving ``/<service>/Call``
+    with the raw-bytes ``handler``."""
+    def register(server):
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            service, {"Call": grpc.unary_unary_rpc_method_handler(handler)}),))
+        return [service]
+
+    return build_server(server_name, register, port=0)
+
+
 @pytest.fixture
 def slow_server(monkeypatch):
     """A server built by build_server with one method that runs until released. The
@@ -35,12 +46,7 @@ def slow_server(monkeypatch):
         release.wait(20)
         return b"done"
 
-    def register(server):
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            "drain.Slow", {"Call": grpc.unary_unary_rpc_method_handler(slow)}),))
-        return ["drain.Slow"]
-
-    running = build_server("drain-test", register, port=0)
+    running = _serve_one_method("drain-test", "drain.Slow", slow)
     channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
     try:
         yield running, channel.unary_unary("/drain.Slow/Call"), entered, release
@@ -165,24 +171,14 @@ def test_a_peer_call_made_while_serving_never_outlives_the_callers_deadline(monk
         seen.append(context.time_remaining())
         return b"ok"
 
-    def register_downstream(server):
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            "deadline.Down", {"Call": grpc.unary_unary_rpc_method_handler(downstream)}),))
-        return ["deadline.Down"]
-
-    down = build_server("deadline-down", register_downstream, port=0)
+    down = _serve_one_method("deadline-down", "deadline.Down", downstream)
     peer = peer_channel(f"127.0.0.1:{down.port}", "deadline-up", timeout_s=5.0)
     call_down = peer.unary_unary("/deadline.Down/Call")
 
     def upstream(request, context):
         return call_down(b"x")
 
-    def register_upstream(server):
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            "deadline.Up", {"Call": grpc.unary_unary_rpc_method_handler(upstream)}),))
-        return ["deadline.Up"]
-
-    up = build_server("deadline-up", register_upstream, port=0)
+    up = _serve_one_method("deadline-up", "deadline.Up", upstream)
     channel = grpc.insecure_channel(f"127.0.0.1:{up.port}")
     try:
         assert channel.unary_unary("/deadline.Up/Call")(b"x", timeout=0.8) == b"ok"
@@ -221,12 +217,7 @@ def test_a_failed_peer_call_leaves_no_error_text_in_its_client_span(monkeypatch)
     def refuse(request, context):
         raise NotFound("unknown account 'acc-secret-77'", "account_id")
 
-    def register(server):
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            "spans.Refuse", {"Call": grpc.unary_unary_rpc_method_handler(refuse)}),))
-        return ["spans.Refuse"]
-
-    running = build_server("span-test", register, port=0)
+    running = _serve_one_method("span-test", "spans.Refuse", refuse)
     peer = peer_channel(f"127.0.0.1:{running.port}", "span-caller", timeout_s=5.0)
     try:
         with pytest.raises(grpc.RpcError) as info:
