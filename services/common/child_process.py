@@ -11,7 +11,7 @@ die before the call (then it is already an orphan and no signal would come).
 No Python code runs in the child between fork and exec. A ``preexec_fn`` makes CPython run
 every ``os.register_at_fork`` hook in the forked child — gRPC's and OpenTelemetry's among
 them — and one that waits for a lock another thread of the parent held at the fork never
-returns: a CI run hung three times for 300 s starting a mesh from a test process that also
+returns: a CI run hung until the 300 s test timeout starting a mesh from a test process that also
 ran an in-process gRPC server (tests/e2e/test_otlp_tracing.py, session 17). So the child
 execs util-linux's ``setpriv --pdeathsig`` (Debian's essential util-linux), which sets the
 death signal and execs ``/bin/sh`` to check the parent and exec the command; where setpriv
