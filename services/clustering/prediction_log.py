@@ -53,7 +53,7 @@ _ENCODE = json.JSONEncoder(check_circular=False, separators=(",", ":")).encode
 # forwarder runs later on a thread of its own, so its RecordPrediction call is a trace of
 # its own, whose ``predictions.forward`` span links back to each request's span.
 _TRACE_KEY = "traceparent"
-# OpenTelemetry's default cap on links per span; a bigger batch links its first ones.
+# OpenTelemetry's default cap on links per span; a batch from more requests links its first ones.
 MAX_LINKS = 128
 
 
@@ -156,13 +156,13 @@ class PredictionLog:
         OUTBOX_DEPTH.set(depth)
         if not rows or self._send is None:
             return 0
-        records, links = [], []
+        records, traceparents = [], {}
         for _, payload in rows:
             row = json.loads(payload)
-            link = _link(row.pop(_TRACE_KEY, ""))
-            if link is not None and len(links) < MAX_LINKS:
-                links.append(link)
+            # One request's predictions share its traceparent: each is linked once.
+            traceparents.setdefault(row.pop(_TRACE_KEY, ""), None)
             records.append(PredictionRecord(**row))
+        links = [link for link in map(_link, traceparents) if link is not None][:MAX_LINKS]
         with telemetry.safe_span(telemetry.tracer("hearth.clustering.predictions"), "predictions.forward",
                                  links=links, attributes={"hearth.predictions": len(records)}):
             self._send(records)
