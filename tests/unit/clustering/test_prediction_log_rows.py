@@ -131,3 +131,12 @@ def test_a_request_is_one_outbox_item_weighing_its_predictions(outbox, monkeypat
     log.record([_record(f"pr-{i}") for i in range(1500)])
     assert submitted == [(1, 1500)] and len(reads) == 1
     assert log.forward_once() == 1000 and log.forward_once() == 500
+
+
+def test_a_positional_row_from_before_a_new_trailing_field_reads_with_its_default():
+    """PredictionRecord grows only at the end, with a default: a row queued by the
+    previous version (one value fewer) still forwards."""
+    record = _record("pr-short", calibration_group="")
+    row = json.dumps(["", *[getattr(record, f) for f in prediction_log._RECORD_FIELDS[:-1]]])
+    records, traceparents = prediction_log._decode([row, prediction_log._payload(record, "")])
+    assert records == [record, record] and traceparents == [""]
