@@ -7,6 +7,7 @@ store on a miss. Keys are namespaced ``hearth:<service>:``.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from typing import Protocol
@@ -77,15 +78,28 @@ class RedisCache:
     remove), so the first call after Redis answers again clears this service's whole
     namespace before anything is read from it. An erasure must not report success
     while a copy may survive: ``delete(..., strict=True)`` raises ``Unavailable``
-    instead (the deletion job retries until Redis is back)."""
+    instead (the deletion job retries until Redis is back).
+
+    A Redis that comes back by itself — a restart that reloads a snapshot or an
+    append-only file, or a failover to a replica — may hold what it held *before* the
+    last writes and erasures (a pre-unlearning model, a key an erasure had deleted), and
+    redis-py reconnects without an error the service would see. So every new connection
+    asks the server for its ``run_id`` (new on every start, its own on every replica)
+    and, when it is not the server this cache last spoke to, clears the service's
+    namespace on that connection before any command runs on it (other new connections
+    wait for it)."""
 
     def __init__(self, url: str, namespace: str, *, retry_after_s: float = 1.0,
                  socket_timeout_s: float = 0.5) -> None:
         import redis
 
         self._ns = f"hearth:{namespace}:"
+        self._server_id: bytes | None = None     # run_id of the server last spoken to
+        self._server_lock = threading.Lock()
         self._redis = redis.Redis.from_url(url, socket_timeout=socket_timeout_s,
-                                           socket_connect_timeout=socket_timeout_s)
+                                           socket_connect_timeout=socket_timeout_s,
+                                           redis_connect_func=self._on_connect)
+        self._response_error = redis.ResponseError
         self._errors = (redis.RedisError, OSError)
         self._retry_after = retry_after_s
         self._down_until = 0.0
@@ -136,6 +150,43 @@ class RedisCache:
                 log.warning("redis reachable again")
             self._reason = ""
         return result
+
+    def _on_connect(self, conn) -> None:
+        """redis-py's hook for a new connection (replacing its own handshake, which runs
+        first): a server other than the one last spoken to gets the namespace cleared."""
+        conn.on_connect()
+        conn.send_command("INFO", "server")
+        try:
+            info = conn.read_response()
+        except self._response_error as exc:   # INFO renamed or refused: no identity to compare
+            if self._server_id != b"":
+                log.warning("redis INFO refused (%s): a restart from a snapshot cannot be detected", exc)
+                self._server_id = b""
+            return
+        found = re.search(rb"run_id:(\w+)", info if isinstance(info, bytes) else str(info).encode())
+        run_id = found.group(1) if found else b""
+        with self._server_lock:
+            if self._server_id and run_id != self._server_id:
+                removed = self._clear_on(conn)
+                log.warning("redis server changed (restart or failover): namespace %s cleared (%d keys); "
+                            "a snapshot it reloaded may predate the last writes and erasures",
+                            self._ns, removed)
+            self._server_id = run_id
+
+    def _clear_on(self, conn) -> int:
+        """Delete every key of the namespace through ``conn`` (in the connect hook, where
+        the client's own commands would need the connection being set up)."""
+        cursor, doomed = b"0", []
+        while True:
+            conn.send_command("SCAN", cursor, "MATCH", self._ns + "*", "COUNT", 500)
+            cursor, keys = conn.read_response()
+            doomed += keys
+            if int(cursor) == 0:
+                break
+        for i in range(0, len(doomed), 500):
+            conn.send_command("DEL", *doomed[i:i + 500])
+            conn.read_response()
+        return len(doomed)
 
     def _clear_namespace(self) -> None:
         doomed = list(self._redis.scan_iter(match=self._ns + "*", count=500))
