@@ -33,6 +33,12 @@ def reset_serving_deadline(token: contextvars.Token) -> None:
     _serving_deadline.reset(token)
 
 
+def serving_time_left() -> float | None:
+    """Seconds left of the RPC being served (at least 1 ms), or None outside one."""
+    deadline = _serving_deadline.get()
+    return None if deadline is None else max(deadline - time.monotonic(), 0.001)
+
+
 def bounded_timeout(timeout_s: float) -> float:
     """``timeout_s``, cut to what is left of the RPC being served (if any)."""
     deadline = _serving_deadline.get()
