@@ -34,9 +34,16 @@ def reset_serving_deadline(token: contextvars.Token) -> None:
 
 
 def serving_time_left() -> float | None:
-    """Seconds left of the RPC being served (at least 1 ms), or None outside one."""
+    """Seconds left of the RPC being served (at least 1 ms), or None outside one or when
+    its caller set no deadline (gRPC then reports one centuries away)."""
     deadline = _serving_deadline.get()
-    return None if deadline is None else max(deadline - time.monotonic(), 0.001)
+    if deadline is None or deadline - time.monotonic() > NO_DEADLINE_S:
+        return None
+    return max(deadline - time.monotonic(), 0.001)
+
+
+# A deadline further away than this is no deadline (a call without one).
+NO_DEADLINE_S = 86400.0
 
 
 def bounded_timeout(timeout_s: float) -> float:

@@ -95,3 +95,13 @@ def test_outside_an_rpc_a_transaction_still_waits_for_the_lock(locked):
     started = time.monotonic()
     assert read(db, "t") == 1
     assert time.monotonic() - started >= 0.9
+
+
+def test_a_call_without_a_deadline_sets_no_statement_timeout(locked):
+    """gRPC reports a call without a deadline as one centuries away: no statement_timeout
+    (its milliseconds overflowed PostgreSQL's integer: every such call failed INTERNAL,
+    e.g. GetAuditProof from a client that set no timeout)."""
+    db, locker = locked
+    assert serving(1e18, lambda: read(db, "free")) == 1
+    threading.Timer(1.0, locker.rollback).start()
+    assert serving(1e18, lambda: read(db, "t")) == 1   # waits for the lock, as outside an RPC
