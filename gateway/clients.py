@@ -80,6 +80,15 @@ class ServiceClients:
             metadata = telemetry.inject_context(principal.metadata())
             return await rpc(iter(requests), timeout=timeout_s or self._timeout, metadata=metadata)
 
+    async def serving(self, name: str) -> bool:
+        """Whether service ``name`` answers its health check SERVING (health deadline)."""
+        try:
+            response = await self._health[name].Check(health_pb2.HealthCheckRequest(service=""),
+                                                      timeout=self._health_timeout)
+        except grpc.aio.AioRpcError:
+            return False
+        return response.status == health_pb2.HealthCheckResponse.SERVING
+
     async def health(self) -> tuple[dict[str, str], dict[str, str]]:
         """(status per service, reasons per degraded service), asked concurrently."""
         async def one(name: str, stub) -> tuple[str, str, str]:
