@@ -50,8 +50,11 @@ _RECORD_VALUES = operator.attrgetter(*_RECORD_FIELDS)
 # The records are plain str/float/int/dict values built by the service: no cycle check.
 _ENCODE = json.JSONEncoder(check_circular=False, separators=(",", ":")).encode
 
-# A row written before session 18 is a JSON object of named fields (with, since session
-# 17, the traceparent under this key); forward_once still reads those.
+# Each outbox row carries the traceparent of the request span that made the prediction:
+# the forwarder runs later on a thread of its own, so its RecordPrediction call is a trace
+# of its own, whose ``predictions.forward`` span links back to each request's span. A row
+# written before session 18 is a JSON object of named fields (with, since session 17, the
+# traceparent under this key); forward_once still reads those.
 _TRACE_KEY = "traceparent"
 # OpenTelemetry's default cap on links per span; a batch from more requests links its first ones.
 MAX_LINKS = 128
@@ -88,7 +91,7 @@ def _payload(record: PredictionRecord, traceparent: str = "") -> str:
     """The outbox row's JSON: ``[traceparent, *the record's fields in declaration order]``
     (PredictionRecord adds fields only at the end, with a default, so an older row still
     reads). A positional array, not an object of named fields: encoding, parsing and
-    storing the sixteen names cost more than the values (session 18, docs/benchmarks.md)."""
+    storing the fifteen names cost more than the values (session 18, docs/benchmarks.md)."""
     return _ENCODE((traceparent, *_RECORD_VALUES(record)))
 
 
