@@ -114,6 +114,9 @@ class GatewaySettings(MeshSettings):
     # is closed (gateway/admission.py BodyDeadline; it is read before the request takes
     # an admission slot, so a slow sender holds no slot). 8 MiB in 30 s is ~280 KB/s.
     body_timeout_s: float = Field(default=30.0, gt=0, le=600)
+    # Bytes of a request's head (request line + headers) before the gateway answers 431
+    # and closes the connection (gateway/transport.py; uvicorn and httptools set none).
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=1024 * 1024)
 
     # HTTPS for clients of the gateway (a public certificate, not the mesh CA's).
     https_cert: Path | None = None

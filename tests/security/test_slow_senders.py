@@ -80,3 +80,44 @@ def test_a_body_not_received_in_time_is_408_and_the_connection_closed(tight_gate
     assert head.startswith(b"HTTP/1.1 408"), data[:200]
     assert json.loads(body)["error"]["code"] == "request_timeout"
     assert BODY_TIMEOUT_S - 0.5 <= elapsed < BODY_TIMEOUT_S + 10
+
+
+def _read_until_closed(s: socket.socket) -> bytes:
+    data = b""
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except (ConnectionResetError, BrokenPipeError):
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_an_endless_request_head_is_431_and_the_connection_closed(security_mesh):
+    """Until session 18 the gateway buffered header lines without bound (200 MB of
+    headers on one anonymous connection: ~195 MB more memory in the gateway)."""
+    port = int(security_mesh.url.rsplit(":", 1)[1])
+    s = socket.create_connection(("127.0.0.1", port), timeout=20)
+    try:
+        s.sendall(b"GET /v1/household/acc-1 HTTP/1.1\r\nHost: gw\r\n")
+        line = b"x-pad: " + b"a" * 4000 + b"\r\n"
+        try:
+            for _ in range(2000):          # 8 MB of head, never finished
+                s.sendall(line)
+        except (ConnectionResetError, BrokenPipeError):
+            pass                           # closed by the gateway mid-way: what we want
+        data = _read_until_closed(s)
+    finally:
+        s.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431"), data[:200]
+    assert json.loads(body)["error"]["code"] == "headers_too_large"
+
+
+def test_a_head_within_the_bound_is_served(security_mesh):
+    r = httpx.get(f"{security_mesh.url}/v1/household/acc-unknown-431",
+                  headers={"X-API-Key": security_mesh.role_keys[Role.ADMIN],
+                           **{f"x-pad-{i}": "b" * 1000 for i in range(40)}}, timeout=15)
+    assert r.status_code in (200, 404), r.text
