@@ -62,6 +62,11 @@ API_KEY_HEADER = "x-api-key"
 AUTHORIZATION_HEADER = "authorization"
 MAX_API_KEY_CHARS = 256
 MAX_JWT_CHARS = 8192
+# The gateway cannot revoke a JWT (it checks no revocation list), so a token's lifetime is
+# how long a leaked token or a de-provisioned user keeps working: a token that expires
+# more than a day ahead is refused, whatever its issuer says (common issuers mint 5-60 min).
+MAX_JWT_LIFETIME_S = 24 * 3600
+_JWT_TIME_CLAIMS = ("exp", "nbf", "iat")
 PUBLIC_MESSAGE = "missing or invalid credentials"
 
 
@@ -290,6 +295,12 @@ class JwtVerifier:
         except jwt.PyJWTError as exc:
             reason = next((r for t, r in _JWT_REASONS if isinstance(exc, t)), "jwt_invalid")
             raise AuthenticationFailed(reason, field) from None
+        # PyJWT reads these with int(), so "exp": "99999999999" passed as a number; a time
+        # claim is a JSON number (RFC 7519 NumericDate) or the token is refused.
+        if any(isinstance(claims.get(name), (str, bool)) for name in _JWT_TIME_CLAIMS):
+            raise AuthenticationFailed("jwt_bad_time_claim", field)
+        if claims["exp"] - time.time() > MAX_JWT_LIFETIME_S + self._leeway:
+            raise AuthenticationFailed("jwt_lifetime_too_long", field)
         subject = claims.get("sub")
         if not isinstance(subject, str) or not valid_principal_id(subject):
             raise AuthenticationFailed("jwt_bad_subject", field)

@@ -182,6 +182,22 @@ def test_invalid_claims_are_refused(verifier, rsa_key, over, reason):
     assert fail_reason(verifier, bearer(token)) == reason
 
 
+@pytest.mark.parametrize("over,reason", [
+    ({"exp": str(int(time.time()) + 300)}, "jwt_bad_time_claim"),  # PyJWT's int() took it
+    ({"iat": str(int(time.time()))}, "jwt_bad_time_claim"),
+    ({"exp": int(time.time()) + 2 * 24 * 3600}, "jwt_lifetime_too_long"),
+    ({"exp": 10**12}, "jwt_lifetime_too_long"),   # the year 33658: accepted until session 18
+])
+def test_time_claims_are_numbers_and_a_token_lives_at_most_a_day(verifier, rsa_key, over, reason):
+    token = jwt.encode(claims(**over), rsa_key, algorithm="RS256")
+    assert fail_reason(verifier, bearer(token)) == reason
+
+
+def test_a_token_valid_for_just_under_a_day_is_accepted(verifier, rsa_key):
+    token = jwt.encode(claims(exp=int(time.time()) + 24 * 3600 - 60), rsa_key, algorithm="RS256")
+    assert verifier.authenticate(bearer(token)) == Principal("dana", Role.DATA_SCIENTIST)
+
+
 def test_alg_none_is_refused(verifier):
     token = f"{b64(json.dumps({'alg': 'none', 'typ': 'JWT'}).encode())}.{b64(json.dumps(claims()).encode())}."
     assert fail_reason(verifier, bearer(token)) == "jwt_wrong_algorithm"
