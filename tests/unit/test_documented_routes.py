@@ -1,0 +1,78 @@
+"""The README lists every HTTP route of the gateway, and every route an operator doc names
+(`METHOD /path` in backticks) is one the gateway serves or one the Envoy edge transcodes
+(a `google.api.http` rule in protos/)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from fastapi.routing import APIRoute
+
+from gateway.app import create_app
+from gateway.config import GatewaySettings
+
+ROOT = Path(__file__).resolve().parents[2]
+OPERATOR_DOCS = ["README.md", "docs/operations.md", "docs/deploy.md", "docs/security.md", "docs/privacy.md",
+                 "docs/feedback.md", "docs/features.md", "docs/attribution.md"]
+# Served by other processes: `hearth rollout webhook`, the OTLP receiver of the tests, the
+# gateway's metrics port.
+OTHER_SERVERS = {"POST /alerts", "POST /v1/traces", "GET /metrics"}
+_DOC_ROUTE = re.compile(r"`((?:GET|POST|PUT|DELETE|PATCH)(?:\|(?:GET|POST|PUT|DELETE|PATCH))*) (/[^`?\s]*)[^`]*`")
+
+
+def _norm(path: str) -> str:
+    return re.sub(r"\{[^}]*\}|<[^>]*>", "{}", path)
+
+
+def _gateway_routes() -> set[str]:
+    app = create_app(GatewaySettings(edge_authorizer=True))
+    routes, todo = set(), list(app.routes)
+    while todo:   # routers are included without a prefix (gateway/app.py)
+        route = todo.pop()
+        if isinstance(route, APIRoute):
+            path = _norm(route.path)
+            if any(type(c).__name__ == "PathConvertor" for c in route.param_convertors.values()):
+                path = path[:-2] + "{...}"   # the rest of the path, slashes included
+            routes |= {f"{method} {path}" for method in route.methods}
+        elif hasattr(route, "original_router"):
+            todo += route.original_router.routes
+    return routes
+
+
+def _proto_routes() -> set[str]:
+    rules = set()
+    for proto in (ROOT / "protos").rglob("*.proto"):
+        for method, path in re.findall(r"\b(get|post|put|delete|patch):\s*\"([^\"]+)\"", proto.read_text()):
+            rules.add(f"{method.upper()} {_norm(path)}")
+    return rules
+
+
+def _documented(doc: str) -> list[tuple[int, str]]:
+    found = []
+    for number, line in enumerate((ROOT / doc).read_text(encoding="utf-8").splitlines(), 1):
+        for methods, path in _DOC_ROUTE.findall(line):
+            found += [(number, f"{method} {_norm(path)}") for method in methods.split("|")]
+    return found
+
+
+def test_the_readme_lists_every_route_of_the_gateway():
+    listed = {route for _, route in _documented("README.md")}
+    public = {r for r in _gateway_routes() if r.split()[1].startswith(("/v1/", "/health"))
+              and not r.split()[1].startswith("/v1/edge/")}
+    assert len(public) >= 19
+    assert sorted(public - listed) == []
+
+
+def test_every_documented_route_exists():
+    known = _gateway_routes() | _proto_routes() | OTHER_SERVERS
+    assert len(_proto_routes()) >= 20
+    wrong = []
+    for doc in OPERATOR_DOCS:
+        for number, route in _documented(doc):
+            method, path = route.split(" ", 1)
+            # `GET /v1/household` names the route family of `/v1/household/{account_id}`.
+            if route not in known and not any(k.startswith(f"{method} {path.rstrip('/')}/") for k in known) \
+                    and not any(k.endswith("/{...}") and route.startswith(k[:-len("{...}")]) for k in known):
+                wrong.append(f"{doc}:{number} {route}")
+    assert wrong == []
