@@ -42,7 +42,7 @@ test-unit: hearth/__init__.py ## unit tests only
 test-e2e: hearth/__init__.py ## end-to-end tests only (real processes)
 	$(PY) -m pytest -q tests/e2e
 
-bench-accuracy: hearth/__init__.py ## clustering accuracy vs ground truth and scikit-learn (JSON)
+bench-accuracy: hearth/__init__.py ## clustering accuracy on generated households vs ground truth, beside scikit-learn, simple baselines and a supervised oracle (JSON)
 	OMP_NUM_THREADS=1 $(PY) -m bench.accuracy
 
 bench-api-accuracy: hearth/__init__.py ## accuracy through the public API of a running mesh beside the in-process figures (JSON; ARGS="--quick|--full --cut quiet")
