@@ -45,7 +45,7 @@ test-e2e: hearth/__init__.py ## end-to-end tests only (real processes)
 bench-accuracy: hearth/__init__.py ## clustering accuracy on generated households vs ground truth, beside scikit-learn, simple baselines and a supervised oracle (JSON)
 	OMP_NUM_THREADS=1 $(PY) -m bench.accuracy
 
-bench-api-accuracy: hearth/__init__.py ## accuracy through the public API of a running mesh beside the in-process figures (JSON; ARGS="--quick|--full --cut quiet")
+bench-api-accuracy: hearth/__init__.py ## accuracy through the public API of a mesh it starts (free ports) beside the in-process figures (JSON; ARGS="--quick|--full --cut quiet")
 	OMP_NUM_THREADS=1 $(PY) -m bench.api_accuracy $(ARGS)
 
 bench-movielens: hearth/__init__.py ## clustering on real viewers: MovieLens 100K users merged into accounts (JSON; fetches the data into var/ once)
