@@ -1,0 +1,38 @@
+"""Every repository path the operator docs name exists, and a `path/module.name` reference
+names something that module defines (docs/deploy.md named `tls.CHANNEL_OPTIONS`, a
+constant that had become the function `channel_options()`)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+OPERATOR_DOCS = ["README.md", "docs/operations.md", "docs/deploy.md", "docs/security.md", "docs/privacy.md",
+                 "docs/feedback.md", "docs/features.md", "docs/attribution.md"]
+_PATH = re.compile(r"(?<![\w./-])((?:services|gateway|deploy|scripts|tests|bench|docs|protos|\.ci)/[\w./<>*-]*[\w*>])")
+
+
+def _missing(reference: str) -> bool:
+    if (ROOT / reference).exists():
+        return False
+    module, _, name = reference.rpartition(".")
+    source = ROOT / f"{module}.py"
+    if not source.is_file():
+        return True
+    return not re.search(rf"^\s*(?:def|class|async def)\s+{name}\b|^{name}\s*[:=]", source.read_text(encoding="utf-8"),
+                         re.MULTILINE)
+
+
+def test_every_documented_path_exists():
+    checked, missing = 0, []
+    for doc in OPERATOR_DOCS:
+        for number, line in enumerate((ROOT / doc).read_text(encoding="utf-8").splitlines(), 1):
+            for reference in _PATH.findall(line):
+                if any(c in reference for c in "<*>"):   # a pattern (`services/<svc>/...`), not a path
+                    continue
+                checked += 1
+                if _missing(reference):
+                    missing.append(f"{doc}:{number} {reference}")
+    assert checked > 80
+    assert missing == []
