@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 
 from services.cli import build_parser
+from tests.helpers.operator_docs import OPERATOR_DOCS, ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
-OPERATOR_DOCS = ["README.md", "docs/operations.md", "docs/deploy.md", "docs/security.md", "docs/privacy.md",
-                 "docs/feedback.md", "docs/features.md", "docs/attribution.md"]
 
 
 def _shell_commands() -> list[tuple[str, str]]:

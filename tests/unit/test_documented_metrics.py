@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import importlib
 import re
-from pathlib import Path
 
 from prometheus_client import REGISTRY
+from tests.helpers.operator_docs import ROOT, doc_lines
 
-ROOT = Path(__file__).resolve().parents[2]
-OPERATOR_DOCS = ["README.md", "docs/operations.md", "docs/deploy.md", "docs/security.md", "docs/privacy.md",
-                 "docs/feedback.md", "docs/features.md", "docs/attribution.md"]
 # Where every metric is defined (imported for their module-level collectors).
 METRIC_MODULES = ["services.common.telemetry", "services.common.health_report", "services.common.storage.cache",
                   "services.common.identity", "services.common.audit", "services.clustering.modeling",
@@ -38,12 +35,6 @@ def _metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
     return found
 
 
-def _docs():
-    for doc in OPERATOR_DOCS:
-        for number, line in enumerate((ROOT / doc).read_text(encoding="utf-8").splitlines(), 1):
-            yield f"{doc}:{number}", line
-
-
 def test_every_metric_defined_in_the_code_is_imported_here():
     defined = set()
     for base in ("services", "gateway"):
@@ -56,7 +47,8 @@ def test_every_metric_defined_in_the_code_is_imported_here():
 def test_every_metric_is_documented_with_its_labels():
     metrics = _metrics()
     named, wrong = set(), []
-    for where, line in _docs():
+    for doc, number, line in doc_lines():
+        where = f"{doc}:{number}"
         for name, labels in _MENTION.findall(line):
             if name in NOT_METRICS:
                 continue

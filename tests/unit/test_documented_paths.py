@@ -5,11 +5,8 @@ constant that had become the function `channel_options()`)."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from tests.helpers.operator_docs import ROOT, doc_lines
 
-ROOT = Path(__file__).resolve().parents[2]
-OPERATOR_DOCS = ["README.md", "docs/operations.md", "docs/deploy.md", "docs/security.md", "docs/privacy.md",
-                 "docs/feedback.md", "docs/features.md", "docs/attribution.md"]
 _PATH = re.compile(r"(?<![\w./-])((?:services|gateway|deploy|scripts|tests|bench|docs|protos|\.ci)/[\w./<>*-]*[\w*>])")
 
 
@@ -26,13 +23,12 @@ def _missing(reference: str) -> bool:
 
 def test_every_documented_path_exists():
     checked, missing = 0, []
-    for doc in OPERATOR_DOCS:
-        for number, line in enumerate((ROOT / doc).read_text(encoding="utf-8").splitlines(), 1):
-            for reference in _PATH.findall(line):
-                if any(c in reference for c in "<*>"):   # a pattern (`services/<svc>/...`), not a path
-                    continue
-                checked += 1
-                if _missing(reference):
-                    missing.append(f"{doc}:{number} {reference}")
+    for doc, number, line in doc_lines():
+        for reference in _PATH.findall(line):
+            if any(c in reference for c in "<*>"):   # a pattern (`services/<svc>/...`), not a path
+                continue
+            checked += 1
+            if _missing(reference):
+                missing.append(f"{doc}:{number} {reference}")
     assert checked > 80
     assert missing == []

@@ -5,16 +5,13 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from fastapi.routing import APIRoute
 
 from gateway.app import create_app
 from gateway.config import GatewaySettings
+from tests.helpers.operator_docs import ROOT, doc_lines
 
-ROOT = Path(__file__).resolve().parents[2]
-OPERATOR_DOCS = ["README.md", "docs/operations.md", "docs/deploy.md", "docs/security.md", "docs/privacy.md",
-                 "docs/feedback.md", "docs/features.md", "docs/attribution.md"]
 # Served by other processes: `hearth rollout webhook`, the OTLP receiver of the tests, the
 # gateway's metrics port.
 OTHER_SERVERS = {"POST /alerts", "POST /v1/traces", "GET /metrics"}
@@ -48,16 +45,17 @@ def _proto_routes() -> set[str]:
     return rules
 
 
-def _documented(doc: str) -> list[tuple[int, str]]:
+def _documented(only: str | None = None) -> list[tuple[str, int, str]]:
     found = []
-    for number, line in enumerate((ROOT / doc).read_text(encoding="utf-8").splitlines(), 1):
-        for methods, path in _DOC_ROUTE.findall(line):
-            found += [(number, f"{method} {_norm(path)}") for method in methods.split("|")]
+    for doc, number, line in doc_lines():
+        if only in (None, doc):
+            for methods, path in _DOC_ROUTE.findall(line):
+                found += [(doc, number, f"{method} {_norm(path)}") for method in methods.split("|")]
     return found
 
 
 def test_the_readme_lists_every_route_of_the_gateway():
-    listed = {route for _, route in _documented("README.md")}
+    listed = {route for _, _, route in _documented("README.md")}
     public = {r for r in _gateway_routes() if r.split()[1].startswith(("/v1/", "/health"))
               and not r.split()[1].startswith("/v1/edge/")}
     assert len(public) >= 19
@@ -68,11 +66,10 @@ def test_every_documented_route_exists():
     known = _gateway_routes() | _proto_routes() | OTHER_SERVERS
     assert len(_proto_routes()) >= 20
     wrong = []
-    for doc in OPERATOR_DOCS:
-        for number, route in _documented(doc):
-            method, path = route.split(" ", 1)
-            # `GET /v1/household` names the route family of `/v1/household/{account_id}`.
-            if route not in known and not any(k.startswith(f"{method} {path.rstrip('/')}/") for k in known) \
-                    and not any(k.endswith("/{...}") and route.startswith(k[:-len("{...}")]) for k in known):
-                wrong.append(f"{doc}:{number} {route}")
+    for doc, number, route in _documented():
+        method, path = route.split(" ", 1)
+        # `GET /v1/household` names the route family of `/v1/household/{account_id}`.
+        if route not in known and not any(k.startswith(f"{method} {path.rstrip('/')}/") for k in known) \
+                and not any(k.endswith("/{...}") and route.startswith(k[:-len("{...}")]) for k in known):
+            wrong.append(f"{doc}:{number} {route}")
     assert wrong == []

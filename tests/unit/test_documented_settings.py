@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 from pydantic import BaseModel, SecretStr
 from pydantic_core import PydanticUndefined
@@ -19,8 +18,8 @@ from services.clustering.settings import ClusteringSettings
 from services.common import config
 from services.feedback.settings import FeedbackSettings
 from services.privacy.settings import PrivacySettings
+from tests.helpers.operator_docs import ROOT, doc_lines
 
-ROOT = Path(__file__).resolve().parents[2]
 OPERATIONS = ROOT / "docs" / "operations.md"
 SECTION = "## Settings: every `HEARTH_*` variable"
 COMPONENTS = {"gateway": GatewaySettings, "clustering": ClusteringSettings, "attribution": AttributionSettings,
@@ -28,10 +27,6 @@ COMPONENTS = {"gateway": GatewaySettings, "clustering": ClusteringSettings, "att
 SERVICES = ["clustering", "attribution", "privacy", "feedback"]
 # Defaults that differ per process (resolved from the service's name): their cell says so.
 PER_SERVICE = {"HEARTH_GRPC_PORT", "HEARTH_METRICS_PORT", "HEARTH_SERVICE_NAME"}
-# The docs operators read. docs/clustering.md and docs/benchmarks.md are histories: they
-# may name a benchmark flag that existed then.
-OPERATOR_DOCS = ["README.md", "docs/operations.md", "docs/deploy.md", "docs/security.md", "docs/privacy.md",
-                 "docs/feedback.md", "docs/features.md", "docs/attribution.md"]
 _ROW = re.compile(r"^\|\s*`(HEARTH_[A-Z0-9_]+)`\s*\|(.*)\|\s*$")
 
 
@@ -126,7 +121,6 @@ def test_the_docs_name_no_variable_the_code_does_not_read():
     # A name followed by `_*` or `_<...>` is a family (`HEARTH_JWT_*`), not one variable.
     pattern = re.compile(r"HEARTH_[A-Z0-9_]*[A-Z0-9](?![A-Z0-9_]*[*<])")
     unknown = []
-    for doc in OPERATOR_DOCS:
-        for number, line in enumerate((ROOT / doc).read_text(encoding="utf-8").splitlines(), 1):
-            unknown += [f"{doc}:{number} {name}" for name in pattern.findall(line) if name not in known]
+    for doc, number, line in doc_lines():
+        unknown += [f"{doc}:{number} {name}" for name in pattern.findall(line) if name not in known]
     assert unknown == []
