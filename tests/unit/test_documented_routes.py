@@ -73,3 +73,12 @@ def test_every_documented_route_exists():
                 and not any(k.endswith("/{...}") and route.startswith(k[:-len("{...}")]) for k in known):
             wrong.append(f"{doc}:{number} {route}")
     assert wrong == []
+
+
+def test_the_openapi_document_declares_the_conflicts_routes_answer():
+    # POST /v1/delete answers 409 for a request_id reused with another scope
+    # (docs/privacy.md); its OpenAPI entry did not say so until session 18.
+    paths = create_app(GatewaySettings()).openapi()["paths"]
+    assert "409" in paths["/v1/delete"]["post"]["responses"]
+    assert "409" in paths["/v1/feedback"]["post"]["responses"]
+    assert "409" in paths["/v1/experiment"]["put"]["responses"]
