@@ -33,8 +33,10 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi import Request
+from fastapi.dependencies.utils import field_annotation_is_sequence, get_flat_params
 from fastapi.exceptions import RequestValidationError
 from fastapi.datastructures import DefaultPlaceholder
+from fastapi.params import ParamTypes
 from fastapi.responses import JSONResponse
 from fastapi import routing as fastapi_routing
 from fastapi.routing import APIRoute, serialize_response
@@ -110,11 +112,11 @@ class LeanRoute(APIRoute):
     """An APIRoute whose handler takes the short path when the route's shape allows."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        generic = _refusing_ambiguous_json(super().get_route_handler())
         # The route as included (FastAPI builds one handler per inclusion, with the
         # include_router() settings merged in), as FastAPI's own get_route_handler reads it.
         effective = _EFFECTIVE_ROUTE.get() if _EFFECTIVE_ROUTE is not None else None
         route = effective if effective is not None and effective.original_route is self else self
+        generic = _refusing_ambiguous_json(_refusing_repeated_query(route, super().get_route_handler()))
         lean = lean_endpoint(route)
         if lean is None:
             return generic
@@ -151,6 +153,35 @@ def _refusing_ambiguous_json(handler: Callable[[Request], Coroutine[Any, Any, Re
                     "ctx": {"error": f"{exc} (ambiguous: each key may be given once)"}}]) from None
             except (ValueError, RecursionError):
                 pass   # malformed: the handler's own answer
+        return await handler(request)
+
+    return checked
+
+
+def _refusing_repeated_query(route, handler: Callable[[Request], Coroutine[Any, Any, Response]]
+                             ) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+    """``handler`` behind a check that no single-valued query parameter of ``route`` is
+    given twice. Starlette keeps every value and FastAPI reads the last
+    (``?limit=5&limit=500`` is ``limit=500``), other readers (a proxy's rate rule, a WAF,
+    a log filter) often the first: ambiguous, like a JSON key given twice. Refused with a
+    422 naming the parameter, through the validation-error handler (credentials first).
+    A parameter declared as a list (meant to repeat) stays allowed; parameters the route
+    does not declare are ignored, as before."""
+    single = tuple(f.alias for f in get_flat_params(route.dependant)
+                   if getattr(f.field_info, "in_", None) == ParamTypes.query
+                   and not field_annotation_is_sequence(f.field_info.annotation))
+    if not single:
+        return handler
+
+    async def checked(request: Request) -> Response:
+        query = request.query_params
+        if len(query.multi_items()) > len(query):   # some name given more than once
+            for name in single:
+                given = len(query.getlist(name))
+                if given > 1:
+                    raise RequestValidationError([{
+                        "type": "value_error", "loc": ("query", name), "input": query.getlist(name),
+                        "msg": f"given {given} times (ambiguous: each query parameter may be given once)"}])
         return await handler(request)
 
     return checked

@@ -135,6 +135,10 @@ def probability_matrix(probabilities: list[dict[str, float]], columns: list[str]
     return matrix
 
 
+# Attribution uses an account's exposures and conversions only with both consents.
+PURPOSES_NEEDED = ("processing", "attribution")
+
+
 class AttributionApp:
     def __init__(self, store: AttributionStore, resolver: PersonResolver | None = None,
                  consent: ConsentChecker | None = None) -> None:
@@ -146,7 +150,7 @@ class AttributionApp:
 
     def _require_consent(self, account_ids) -> None:
         if self.consent is not None:
-            self.consent.require(account_ids, ("processing", "attribution"))
+            self.consent.require(account_ids, PURPOSES_NEEDED)
 
     def record_touchpoints(self, items: list[Touchpoint]) -> tuple[int, int]:
         items = validate_touchpoints(items)
@@ -164,10 +168,16 @@ class AttributionApp:
 
     def attribute(self, query: AttributeQuery) -> AttributionOutcome:
         q = validate_query(query)
-        # Explicit accounts only: a pooled query over every account is not filtered by
-        # consent (documented gap, docs/privacy.md).
+        # Explicit accounts: each must have consented (a refusal names the account). Every
+        # account (no account_ids): the withdrawn ones are left out, before anything of
+        # theirs reaches the model or the person resolver (docs/privacy.md, "Consent").
         self._require_consent(q.account_ids)
+        withdrawn = (self.consent.withdrawn(PURPOSES_NEEDED)
+                     if self.consent is not None and not q.account_ids else frozenset())
         touches, conversions = self.store.load(list(q.account_ids), q.start, q.end, q.lookback_s)
+        if withdrawn:
+            touches = [t for t in touches if t.account_id not in withdrawn]
+            conversions = [c for c in conversions if c.account_id not in withdrawn]
         conventions = {"repeats": q.repeats, "include_nulls": q.include_nulls,
                        "horizon": q.horizon or None}
         outcome = AttributionOutcome()

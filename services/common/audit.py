@@ -137,6 +137,7 @@ RPC_EVENTS: dict[str, str | tuple[str, str] | None] = {
     _DEL + "ExportHousehold": EXPORT,
     _CON + "SetConsent": CONSENT_CHANGE,
     _CON + "GetConsent": None,                 # read by services on every write they audit already
+    _CON + "ListWithdrawnConsent": None,       # read by attribution for an Attribute it audits already
     _LOG + "AppendAudit": None,                # the log itself: auditing it would recurse
     _LOG + "QueryAudit": AUDIT_EXPORT,         # reads of the audit log ARE audited
     _LOG + "GetAuditProof": AUDIT_EXPORT,

@@ -19,6 +19,12 @@ Caching and staleness (the bound documented in docs/privacy.md):
   consent fails closed.
 
 An account with no explicit record is allowed (privacy's documented default).
+
+``withdrawn(purposes)`` answers the other way round, for a call over *all* accounts
+(attribution's ``Attribute`` without ``account_ids``): the ids whose consent to any of
+``purposes`` is withdrawn, from the privacy service's ``ListWithdrawnConsent`` (held by
+``svc:attribution`` only). The list is one cache entry with the same ``ttl_s`` /
+``stale_ttl_s`` bounds and the same fail-closed rule as a per-account answer.
 """
 
 from __future__ import annotations
@@ -50,27 +56,34 @@ class ConsentAnswer:
 
 
 ConsentFetcher = Callable[[str], ConsentAnswer]
+# Every account with a withdrawn purpose -> its answer (the privacy service's list).
+WithdrawnFetcher = Callable[[], dict[str, ConsentAnswer]]
+_WITHDRAWN_KEY = ("withdrawn",)   # the list's cache entry (never an account id: those are str)
 
 
 class ConsentChecker:
     """Per-account consent look-ups with a short cache (see module docstring).
 
-    ``fetch(account_id) -> ConsentAnswer`` asks the authority; it may raise
-    ``grpc.RpcError`` or ``Unavailable`` when the privacy service is unreachable."""
+    ``fetch(account_id) -> ConsentAnswer`` asks the authority; ``fetch_withdrawn()`` lists
+    the accounts with a withdrawn purpose (None: this checker cannot list them, and
+    ``withdrawn`` fails closed). Either may raise ``grpc.RpcError`` or ``Unavailable``
+    when the privacy service is unreachable."""
 
     def __init__(self, fetch: ConsentFetcher, *, ttl_s: float = DEFAULT_TTL_S,
                  stale_ttl_s: float = DEFAULT_STALE_TTL_S,
-                 clock: Callable[[], float] = time.monotonic, close: Callable[[], None] | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, close: Callable[[], None] | None = None,
+                 fetch_withdrawn: WithdrawnFetcher | None = None) -> None:
         if not ttl_s >= 0:
             raise ValueError("ttl_s: must be >= 0")
         if not stale_ttl_s >= ttl_s:
             raise ValueError("stale_ttl_s: must be >= ttl_s")
         self._fetch = fetch
+        self._fetch_withdrawn = fetch_withdrawn
         self._ttl = float(ttl_s)
         self._stale_ttl = float(stale_ttl_s)
         self._clock = clock
         self._close = close
-        self._answers: dict[str, tuple[float, ConsentAnswer]] = {}
+        self._answers: dict = {}   # account id (or _WITHDRAWN_KEY) -> (fetched at, answer)
         self._lock = threading.Lock()
 
     @classmethod
@@ -88,16 +101,43 @@ class ConsentChecker:
                           idempotent=True, attempts=2)
             return ConsentAnswer(processing=r.processing, attribution=r.attribution)
 
-        return cls(fetch, ttl_s=ttl_s, stale_ttl_s=stale_ttl_s, close=peer.close)
+        def fetch_withdrawn() -> dict[str, ConsentAnswer]:
+            listed: dict[str, ConsentAnswer] = {}
+            after = ""
+            while True:
+                r = peer.call("ListWithdrawnConsent", privacy_pb2.ListWithdrawnConsentRequest(
+                    after_account_id=after), idempotent=True, attempts=2)
+                for c in r.accounts:
+                    listed[c.account_id] = ConsentAnswer(processing=c.processing, attribution=c.attribution)
+                if not r.has_more or not r.accounts:
+                    return listed
+                after = r.accounts[-1].account_id
+
+        return cls(fetch, ttl_s=ttl_s, stale_ttl_s=stale_ttl_s, close=peer.close,
+                   fetch_withdrawn=fetch_withdrawn)
 
     def answer(self, account_id: str) -> ConsentAnswer:
+        return self._cached(account_id, lambda: self._fetch(account_id))
+
+    def withdrawn(self, purposes: Iterable[str] = ("processing",)) -> frozenset[str]:
+        """The accounts whose consent to any of ``purposes`` is withdrawn (for a call over
+        every account: leave these out). Cached and failing closed like ``answer``."""
+        purposes = self._purposes(purposes)
+        if self._fetch_withdrawn is None:
+            raise Unavailable("consent cannot be checked: no list of withdrawn accounts", "account_ids")
+        listed = self._cached(_WITHDRAWN_KEY, self._fetch_withdrawn, field="account_ids")
+        return frozenset(a for a, answer in listed.items() if not all(answer.allows(p) for p in purposes))
+
+    def _cached(self, key, fetch: Callable[[], object], field: str = "account_id"):
+        """The cached answer under ``key`` while younger than ttl_s, else ``fetch()``'s;
+        when the authority is unreachable, one younger than stale_ttl_s, else Unavailable."""
         now = self._clock()
         with self._lock:
-            cached = self._answers.get(account_id)
+            cached = self._answers.get(key)
         if cached is not None and now - cached[0] <= self._ttl:
             return cached[1]
         try:
-            fresh = self._fetch(account_id)
+            fresh = fetch()
         except (grpc.RpcError, Unavailable) as exc:
             if isinstance(exc, grpc.RpcError) and exc.code() not in (
                     grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -105,20 +145,25 @@ class ConsentChecker:
             if cached is not None and now - cached[0] <= self._stale_ttl:
                 log.warning("privacy service unreachable: using a consent answer %.0fs old", now - cached[0])
                 return cached[1]
-            raise Unavailable("consent cannot be checked: privacy service unavailable", "account_id") from None
+            raise Unavailable("consent cannot be checked: privacy service unavailable", field) from None
         with self._lock:
             if len(self._answers) > 100_000:  # bounded memory; answers are cheap to re-fetch
                 self._answers.clear()
-            self._answers[account_id] = (now, fresh)
+            self._answers[key] = (now, fresh)
         return fresh
 
-    def require(self, account_ids: Iterable[str], purposes: Iterable[str] = ("processing",)) -> None:
-        """Raise FailedPrecondition (field ``account_id``) unless every account has
-        consented to every purpose. Each distinct account is looked up once."""
+    @staticmethod
+    def _purposes(purposes: Iterable[str]) -> tuple[str, ...]:
         purposes = tuple(purposes)
         for purpose in purposes:
             if purpose not in PURPOSES:
                 raise InvalidArgument(f"unknown consent purpose {purpose!r}", "purpose")
+        return purposes
+
+    def require(self, account_ids: Iterable[str], purposes: Iterable[str] = ("processing",)) -> None:
+        """Raise FailedPrecondition (field ``account_id``) unless every account has
+        consented to every purpose. Each distinct account is looked up once."""
+        purposes = self._purposes(purposes)
         for account_id in dict.fromkeys(account_ids):
             answer = self.answer(account_id)
             for purpose in purposes:
@@ -133,6 +178,7 @@ class ConsentChecker:
                 self._answers.clear()
             else:
                 self._answers.pop(account_id, None)
+                self._answers.pop(_WITHDRAWN_KEY, None)
 
     def close(self) -> None:
         if self._close is not None:
@@ -141,7 +187,8 @@ class ConsentChecker:
 
 def allow_all() -> ConsentChecker:
     """A checker that allows everything (tools and tests that run without privacy)."""
-    return ConsentChecker(lambda _a: ConsentAnswer(True, True), ttl_s=3600.0, stale_ttl_s=3600.0)
+    return ConsentChecker(lambda _a: ConsentAnswer(True, True), ttl_s=3600.0, stale_ttl_s=3600.0,
+                          fetch_withdrawn=dict)
 
 
 __all__ = ["PURPOSES", "ConsentAnswer", "ConsentChecker", "allow_all"]

@@ -32,6 +32,10 @@ Decisions (the reasons are repeated in docs/security.md):
 * service principals read calibration (``GetCalibrator``): the clustering service
   applies the feedback service's current calibration map to every assignment it
   answers; without it the recalibration never reached a running mesh (issue #10).
+* list_withdrawn_consent (privacy ``ListWithdrawnConsent``) is for ``svc:attribution``
+  only (``ONLY_PRINCIPALS``), admin excluded: it lists every account that withdrew
+  consent, which the attribution service needs to leave those accounts out of an
+  ``Attribute`` over all accounts and nobody else does.
 * use_data_key (privacy ``GetDataKey``) is for service principals only, admin
   excluded: stores fetch a household's data key to encrypt fields at rest, and no
   person needs raw key material. rotate_keys is admin only.
@@ -67,6 +71,7 @@ class Permission(str, Enum):
     EXPORT_HOUSEHOLD = "export_household"
     SET_CONSENT = "set_consent"
     READ_CONSENT = "read_consent"
+    LIST_WITHDRAWN_CONSENT = "list_withdrawn_consent"
     APPEND_AUDIT = "append_audit"
     READ_AUDIT = "read_audit"
     RECORD_PREDICTION = "record_prediction"
@@ -84,7 +89,7 @@ P = Permission
 ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
     # Everything but use_data_key: a household's data key goes to stores only (the table
     # in docs/security.md is generated from this, so it says what the services enforce).
-    Role.ADMIN: frozenset(Permission) - {P.USE_DATA_KEY},
+    Role.ADMIN: frozenset(Permission) - {P.USE_DATA_KEY, P.LIST_WITHDRAWN_CONSENT},
     Role.ANALYST: frozenset({P.READ_ATTRIBUTION, P.READ_CALIBRATION, P.READ_EXPERIMENT}),
     Role.DATA_SCIENTIST: frozenset({
         P.READ_HOUSEHOLD, P.REFIT_MODEL, P.RESOLVE_PERSONS, P.READ_ATTRIBUTION, P.RECORD_FEEDBACK,
@@ -95,7 +100,7 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
     Role.SERVICE: frozenset({
         P.INGEST_EVENTS, P.ASSIGN_SESSIONS, P.READ_HOUSEHOLD, P.REFIT_MODEL, P.RESOLVE_PERSONS,
         P.RECORD_TOUCHPOINTS, P.RECORD_CONVERSIONS, P.ERASE_DATA, P.READ_CONSENT,
-        P.APPEND_AUDIT, P.RECORD_PREDICTION, P.RECORD_FEEDBACK, P.READ_EXPERIMENT,
+        P.LIST_WITHDRAWN_CONSENT, P.APPEND_AUDIT, P.RECORD_PREDICTION, P.RECORD_FEEDBACK, P.READ_EXPERIMENT,
         P.READ_CALIBRATION, P.USE_DATA_KEY}),
 }
 
@@ -153,6 +158,7 @@ RPCS: dict[str, dict[str, Permission]] = {
     "hearth.privacy.v1.Consent": {
         "SetConsent": P.SET_CONSENT,
         "GetConsent": P.READ_CONSENT,
+        "ListWithdrawnConsent": P.LIST_WITHDRAWN_CONSENT,
     },
     "hearth.privacy.v1.AuditLog": {
         "AppendAudit": P.APPEND_AUDIT,
@@ -178,6 +184,14 @@ RPCS: dict[str, dict[str, Permission]] = {
     },
 }
 
+# Permissions held by one service principal only, not by the whole service role: the
+# list of withdrawn accounts is what the attribution service needs to leave them out of
+# an Attribute call over all accounts; no other service (and no person: it lists every
+# account that withdrew) has a use for it.
+ONLY_PRINCIPALS: dict[Permission, frozenset[str]] = {
+    P.LIST_WITHDRAWN_CONSENT: frozenset({"svc:attribution"}),
+}
+
 _PARAM = re.compile(r"\{[^{}/]*\}")
 
 
@@ -199,6 +213,13 @@ _RPC_INDEX: dict[str, Permission] = {f"/{svc}/{m}": p for svc, methods in RPCS.i
 
 def allowed(role: Role, permission: Permission) -> bool:
     return permission in ROLE_PERMISSIONS.get(role, frozenset())
+
+
+def principal_allowed(principal: Principal, permission: Permission) -> bool:
+    """``allowed`` for the principal's role, and the principal itself where the
+    permission is held by named principals only (``ONLY_PRINCIPALS``)."""
+    only = ONLY_PRINCIPALS.get(permission)
+    return allowed(principal.role, permission) and (only is None or principal.id in only)
 
 
 def route_permission(route: str) -> Permission | None:
@@ -224,7 +245,7 @@ def authorize_rpc(principal: Principal, full_method: str) -> None:
     """Raise PermissionDenied unless ``principal`` may call ``/pkg.Service/Method``.
     An RPC missing from the matrix is refused for every role."""
     permission = rpc_permission(full_method)
-    if permission is None or not allowed(principal.role, permission):
+    if permission is None or not principal_allowed(principal, permission):
         service = full_method.split(".")[1] if full_method.count(".") >= 2 else "unknown"
         raise _deny(principal, full_method, service, permission is not None)
 
@@ -233,7 +254,7 @@ def authorize_route(principal: Principal, route: str) -> None:
     """Raise PermissionDenied unless ``principal`` may call ``"METHOD /path/template"``.
     A route missing from the matrix is refused for every role."""
     permission = route_permission(route)
-    if permission is None or not allowed(principal.role, permission):
+    if permission is None or not principal_allowed(principal, permission):
         raise _deny(principal, route, "gateway", permission is not None)
 
 
@@ -266,6 +287,10 @@ def matrix_markdown() -> str:
     for role in roles:
         granted = ", ".join(p.value for p in Permission if allowed(role, p))
         lines.append(f"| {role.value} | {granted} |")
+    if ONLY_PRINCIPALS:
+        lines += ["", "Held by the named service principals only (not by every service): "
+                  + "; ".join(f"{p.value}: " + ", ".join(f"`{n}`" for n in sorted(names))
+                              for p, names in ONLY_PRINCIPALS.items()) + "."]
     return "\n".join(lines)
 
 

@@ -57,3 +57,35 @@ def test_attribution_round_trip(mesh):
         assert bad.status_code in (400, 422) and bad.json()["error"]["field"] == "bootstrap_replicates"
         bad = client.post("/v1/attribution", json={"position_weights": [0.5, 0.5, 0.5]})
         assert bad.status_code in (400, 422) and bad.json()["error"]["field"] == "position_weights"
+
+
+def test_attribution_over_all_accounts_leaves_out_a_withdrawn_account(mesh):
+    """POST /v1/attribution without account_ids pools every account's journeys: an account
+    that withdrew its attribution consent (PUT /v1/consent) is left out within the 5 s
+    staleness bound (until session 18 its journeys were still credited)."""
+    t0 = time.time() - 3 * 86400
+    with httpx.Client(base_url=mesh.url, headers={"X-API-Key": mesh.api_key}, timeout=30) as client:
+        for account, channel in (("e2e-att-kept", "e2e_kept_ch"), ("e2e-att-gone", "e2e_gone_ch")):
+            r = client.post("/v1/touchpoints", json={"touchpoints": [{
+                "touchpoint_id": f"{account}-tp", "account_id": account, "device_id": "tv-1",
+                "ts": _iso(t0), "channel": channel, "campaign": "c"}]})
+            assert r.status_code == 200, r.text
+            r = client.post("/v1/conversions", json={"conversions": [{
+                "conversion_id": f"{account}-c", "account_id": account, "ts": _iso(t0 + 600),
+                "kind": "subscribe", "value": 1.0}]})
+            assert r.status_code == 200, r.text
+
+        def channels() -> set[str]:
+            r = client.post("/v1/attribution", json={"method": "linear", "level": "household"})
+            assert r.status_code == 200, r.text
+            (result,) = r.json()["results"]
+            return {c["channel"] for c in result["credit"]["channels"] if c["conversions"] > 0}
+
+        assert {"e2e_kept_ch", "e2e_gone_ch"} <= channels()
+        r = client.put("/v1/consent/e2e-att-gone", json={"processing": True, "attribution": False})
+        assert r.status_code == 200, r.text
+        withdrawn_at = time.monotonic()
+        while "e2e_gone_ch" in channels():
+            assert time.monotonic() - withdrawn_at < 5.0 + 2.0, "still credited past the staleness bound"
+            time.sleep(0.5)
+        assert "e2e_kept_ch" in channels()

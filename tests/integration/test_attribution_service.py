@@ -12,6 +12,8 @@ import pytest
 from hearth.attribution.v1 import attribution_pb2 as apb
 from hearth.attribution.v1 import attribution_pb2_grpc as apb_grpc
 from hearth.common.v1 import common_pb2_grpc
+from hearth.privacy.v1 import privacy_pb2 as ppb
+from hearth.privacy.v1 import privacy_pb2_grpc as ppb_grpc
 from services.clustering.domain.events import ViewingEvent
 from services.clustering.store import ClusteringStore
 from services.common.errors import ERROR_FIELD_KEY
@@ -40,11 +42,12 @@ def stubs(start_service, tmp_path):
     for day in range(5):
         _watch(store, "tv", T0 + day * 86400 + 20 * 3600, "p1")
         _watch(store, "phone", T0 + day * 86400 + 8 * 3600, "p2")
-    privacy, _ = start_service("privacy")   # attribution checks consent with it
+    privacy, privacy_channel = start_service("privacy")   # attribution checks consent with it
     _, channel = start_service("attribution", clustering_addr=f"127.0.0.1:{clustering.port}",
                                privacy_addr=f"127.0.0.1:{privacy.port}")
     stubs = apb_grpc.AttributionServiceStub(channel)
     stubs.data = common_pb2_grpc.DataHolderStub(channel)   # the erasure contract, same port
+    stubs.consent = ppb_grpc.ConsentStub(privacy_channel)
     return stubs
 
 
@@ -99,6 +102,28 @@ def test_person_level_credit_follows_each_persons_channels(stubs):
     social = {c.channel: c.conversions for c in p1.credit.channels}.get("social", 0.0)
     assert 0 < social < p1.total_conversions
     assert sum(c.conversions for c in p1.credit.channels) == pytest.approx(p1.total_conversions)
+
+
+def test_attribute_over_all_accounts_leaves_out_withdrawn_accounts(stubs):
+    """No account_ids: every account's journeys are pooled, except those of accounts whose
+    processing or attribution consent is withdrawn (until session 18 they were counted)."""
+    md = ADMIN.metadata()
+    accounts = {"acc-att-in": 3, "acc-att-no-attr": 2, "acc-att-no-proc": 4}
+    for account, n in accounts.items():
+        stubs.RecordTouchpoints(apb.RecordTouchpointsRequest(touchpoints=[apb.Touchpoint(
+            touchpoint_id=f"{account}-tp{i}", account_id=account, device_id="tv", ts=float_to_ts(T0 + i * 3600),
+            channel="search", campaign="c") for i in range(n)]), metadata=md)
+        stubs.RecordConversions(apb.RecordConversionsRequest(conversions=[apb.Conversion(
+            conversion_id=f"{account}-c{i}", account_id=account, ts=float_to_ts(T0 + i * 3600 + 60),
+            kind="subscribe", value=1.0, device_id="tv") for i in range(n)]), metadata=md)
+    stubs.consent.SetConsent(ppb.SetConsentRequest(account_id="acc-att-no-attr", processing=True,
+                                                   attribution=False), metadata=md)
+    stubs.consent.SetConsent(ppb.SetConsentRequest(account_id="acc-att-no-proc", processing=False,
+                                                   attribution=True), metadata=md)
+    response = stubs.Attribute(apb.AttributeRequest(method=apb.METHOD_MARKOV, level=apb.LEVEL_HOUSEHOLD,
+                                                    lookback_seconds=86400), metadata=md)
+    (household,) = response.results
+    assert household.total_conversions == pytest.approx(3)   # acc-att-in's only
 
 
 def test_attribute_validates_fields(stubs):

@@ -7,7 +7,7 @@ every request below is sent to both: status, body and content type must be ident
 from __future__ import annotations
 
 import pytest
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from pydantic import BaseModel, ConfigDict, Field
@@ -111,6 +111,45 @@ def test_a_key_given_twice_is_refused_not_read_as_the_last(body, fast_lane):
     assert r.status_code == 422, r.text
     assert r.json()["detail"][0]["type"] == "json_invalid" and "given once" in r.json()["detail"][0]["ctx"]["error"]
     assert calls == []   # the endpoint never ran
+
+
+def _query_app(route_class: type[APIRoute]) -> FastAPI:
+    app = FastAPI()
+    api = APIRouter(route_class=route_class)
+
+    async def page(cursor: str = Query("")) -> str:   # a query parameter of a dependency
+        return cursor
+
+    @api.get("/items")
+    async def items(limit: int = Query(10, ge=1, le=100), tag: list[str] = Query([]),
+                    cursor: str = Depends(page), who: str = Depends(caller)):
+        return {"limit": limit, "tag": tag, "cursor": cursor}
+
+    app.include_router(api)
+    return app
+
+
+@pytest.mark.parametrize("query,name", [("limit=5&limit=50", "limit"), ("limit=5&cursor=a&cursor=b", "cursor"),
+                                        ("limit=5&limit=5", "limit")])
+def test_a_query_parameter_given_twice_is_refused_not_read_as_the_last(query, name):
+    """FastAPI reads the last of two values (?limit=5&limit=50 was limit=50), other readers
+    the first: ambiguous. 422 naming the parameter; the endpoint never runs."""
+    calls.clear()
+    with TestClient(_query_app(LeanRoute)) as client:
+        r = client.get("/items?" + query, headers={"x-caller": "c"})
+    assert r.status_code == 422, r.text
+    error = r.json()["detail"][0]
+    assert error["loc"] == ["query", name] and "given 2 times" in error["msg"], error
+    assert calls == []
+    with TestClient(_query_app(APIRoute)) as client:   # what FastAPI alone does: the last value
+        assert client.get("/items?limit=5&limit=50", headers={"x-caller": "c"}).json()["limit"] == 50
+
+
+def test_a_list_query_parameter_may_repeat_and_undeclared_ones_are_ignored():
+    with TestClient(_query_app(LeanRoute)) as client:
+        r = client.get("/items?tag=a&tag=b&limit=3&other=1&other=2", headers={"x-caller": "c"})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"limit": 3, "tag": ["a", "b"], "cursor": ""}
 
 
 def test_valid_body_takes_the_short_path_and_runs_the_dependency_once(monkeypatch):

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from services.common.errors import InvalidArgument
 from services.common.ids import check_id
 from services.common.identity import current_principal
 from services.privacy.consent.store import Consent, ConsentStore
+
+
+MAX_WITHDRAWN_PAGE = 10_000
 
 
 class ConsentApp:
@@ -18,3 +22,11 @@ class ConsentApp:
     def consent(self, account_id: str) -> Consent:
         check_id(account_id, "account_id")
         return self.store.consent(account_id)
+
+    def withdrawn(self, after_account_id: str, limit: int) -> tuple[list[Consent], bool]:
+        """A page of the accounts whose processing or attribution consent is withdrawn."""
+        if after_account_id:
+            check_id(after_account_id, "after_account_id")
+        if not 0 <= limit <= MAX_WITHDRAWN_PAGE:
+            raise InvalidArgument(f"must be 0 (= {MAX_WITHDRAWN_PAGE}) to {MAX_WITHDRAWN_PAGE}", "limit")
+        return self.store.withdrawn(after_account_id, limit or MAX_WITHDRAWN_PAGE)

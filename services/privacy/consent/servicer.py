@@ -1,4 +1,4 @@
-"""gRPC adapter of the consent room: SetConsent, GetConsent."""
+"""gRPC adapter of the consent room: SetConsent, GetConsent, ListWithdrawnConsent."""
 
 from __future__ import annotations
 
@@ -18,6 +18,13 @@ class ConsentServicer(pb_grpc.ConsentServicer):
         return pb.SetConsentResponse(version=version)
 
     def GetConsent(self, request, context) -> pb.GetConsentResponse:
-        c = self._app.consent(request.account_id)
-        return pb.GetConsentResponse(account_id=c.account_id, processing=c.processing,
-                                     attribution=c.attribution, known=c.known)
+        return _consent_pb(self._app.consent(request.account_id))
+
+    def ListWithdrawnConsent(self, request, context) -> pb.ListWithdrawnConsentResponse:
+        accounts, has_more = self._app.withdrawn(request.after_account_id, request.limit)
+        return pb.ListWithdrawnConsentResponse(accounts=[_consent_pb(c) for c in accounts], has_more=has_more)
+
+
+def _consent_pb(c) -> pb.GetConsentResponse:
+    return pb.GetConsentResponse(account_id=c.account_id, processing=c.processing,
+                                 attribution=c.attribution, known=c.known)

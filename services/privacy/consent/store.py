@@ -53,3 +53,13 @@ class ConsentStore:
             # which is how a newly signed-up account starts (documented in docs/privacy.md).
             return Consent(account_id, True, True, 0, False)
         return Consent(account_id, bool(row[0][0]), bool(row[0][1]), int(row[0][2]), True)
+
+    def withdrawn(self, after_account_id: str, limit: int) -> tuple[list[Consent], bool]:
+        """Up to ``limit`` accounts with an id after ``after_account_id`` whose processing
+        or attribution consent is withdrawn, in id order, and whether more follow."""
+        with self.db.transaction() as tx:
+            rows = tx.query("SELECT account_id, processing, attribution, version FROM consent "
+                            "WHERE (processing = 0 OR attribution = 0) AND account_id > ? "
+                            "ORDER BY account_id LIMIT ?", (after_account_id, limit + 1))
+        return ([Consent(r[0], bool(r[1]), bool(r[2]), int(r[3]), True) for r in rows[:limit]],
+                len(rows) > limit)

@@ -98,3 +98,52 @@ def test_non_transient_rpc_errors_propagate():
 def test_bad_configuration():
     with pytest.raises(ValueError, match="stale_ttl_s"):
         ConsentChecker(Authority(), ttl_s=10, stale_ttl_s=5)
+
+
+class Listing:
+    """The privacy service's list of accounts with a withdrawn purpose."""
+
+    def __init__(self, authority: Authority) -> None:
+        self.authority = authority
+        self.calls = 0
+
+    def __call__(self) -> dict[str, ConsentAnswer]:
+        self.calls += 1
+        if self.authority.down:
+            raise Unavailable("privacy down")
+        return {a: c for a, c in self.authority.answers.items() if not (c.processing and c.attribution)}
+
+
+def test_withdrawn_lists_the_accounts_that_withdrew_any_of_the_purposes():
+    authority = Authority()
+    authority.answers.update({"acct-1": ConsentAnswer(True, True), "acct-2": ConsentAnswer(True, False),
+                              "acct-3": ConsentAnswer(False, True)})
+    checker = ConsentChecker(authority, fetch_withdrawn=Listing(authority))
+    assert checker.withdrawn(("processing", "attribution")) == {"acct-2", "acct-3"}
+    assert checker.withdrawn(("processing",)) == {"acct-3"}
+    with pytest.raises(InvalidArgument):
+        checker.withdrawn(("marketing",))
+
+
+def test_withdrawn_list_cached_for_ttl_then_stale_then_fails_closed():
+    authority, clock = Authority(), Clock()
+    listing = Listing(authority)
+    checker = ConsentChecker(authority, ttl_s=5.0, stale_ttl_s=60.0, clock=clock, fetch_withdrawn=listing)
+    assert checker.withdrawn() == frozenset()
+    authority.answers["acct-1"] = ConsentAnswer(False, False)
+    clock.t = 4.9
+    assert checker.withdrawn() == frozenset() and listing.calls == 1   # within the staleness bound
+    clock.t = 5.1
+    assert checker.withdrawn() == {"acct-1"}                           # the withdrawal, after ttl
+    authority.down = True
+    clock.t = 60.0
+    assert checker.withdrawn() == {"acct-1"}                           # a stale list bridges an outage
+    clock.t = 65.2
+    with pytest.raises(Unavailable) as err:
+        checker.withdrawn()                                            # then fails closed
+    assert err.value.field == "account_ids"
+
+
+def test_withdrawn_fails_closed_without_a_list():
+    with pytest.raises(Unavailable):
+        ConsentChecker(Authority()).withdrawn()

@@ -49,17 +49,30 @@ def test_every_route_the_gateway_serves_is_in_the_matrix():
     assert not missing
 
 
-def test_admin_may_do_everything_but_fetch_data_keys():
-    # Key material goes to stores only; the generated table says so (docs/security.md).
-    assert permissions.ROLE_PERMISSIONS[Role.ADMIN] == frozenset(Permission) - {Permission.USE_DATA_KEY}
+def test_admin_may_do_everything_but_fetch_data_keys_or_list_withdrawn_accounts():
+    # Key material goes to stores only, the list of withdrawn accounts to attribution only;
+    # the generated table says so (docs/security.md).
+    assert permissions.ROLE_PERMISSIONS[Role.ADMIN] == frozenset(Permission) - {
+        Permission.USE_DATA_KEY, Permission.LIST_WITHDRAWN_CONSENT}
     for rpc in proto_rpcs():
-        if rpc.endswith("/GetDataKey"):
+        if rpc.endswith(("/GetDataKey", "/ListWithdrawnConsent")):
             with pytest.raises(PermissionDenied):
                 authorize_rpc(who(Role.ADMIN), rpc)
         else:
             authorize_rpc(who(Role.ADMIN), rpc)
     for route in permissions.ROUTES:
         authorize_route(who(Role.ADMIN), route)
+
+
+def test_only_the_attribution_service_lists_withdrawn_accounts():
+    from services.common.identity import service_principal
+
+    rpc = "/hearth.privacy.v1.Consent/ListWithdrawnConsent"
+    authorize_rpc(service_principal("attribution"), rpc)
+    for other in (service_principal("clustering"), service_principal("feedback"), service_principal("privacy"),
+                  who(Role.PRIVACY_OFFICER), who(Role.ADMIN)):
+        with pytest.raises(PermissionDenied):
+            authorize_rpc(other, rpc)
 
 
 @pytest.mark.parametrize("route", ["POST /v1/delete", "GET /v1/delete/{job_id}",
