@@ -257,7 +257,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def health():
         # Readiness of the gateway: it serves while any service does (each route answers
         # 503 + Retry-After while its own service is down), so one service's outage does
-        # not take the whole HTTP API out of the Kubernetes Service.
+        # not take the whole HTTP API out of the Kubernetes Service. Open to anyone (no
+        # credentials, public port): the reasons name failing checks only, never the
+        # services' own reason text with internal addresses (gateway/clients.public_reason).
         statuses, reasons = await clients.health()
         serving = [s == "SERVING" for s in statuses.values()]
         status = ("SERVING" if all(serving) and not reasons else "DEGRADED" if any(serving) else "NOT_SERVING")

@@ -12,6 +12,7 @@ and never retries: a retry is the HTTP client's decision (503 + Retry-After)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,10 +22,23 @@ from opentelemetry.trace import SpanKind
 
 from services.common import telemetry, tls
 from services.common.client import ProcessStub, stub_classes
-from services.common.health_report import REASON_KEY
+from services.common.health_report import FAILING_KEY, REASON_KEY
 from services.common.identity import Principal
 
 SERVICES = ("clustering", "attribution", "privacy", "feedback")
+log = logging.getLogger("hearth.gateway.health")
+
+
+def public_reason(trailing: dict[str, str]) -> str:
+    """What the gateway's public ``/health`` says of a degraded service: the failing
+    checks' names ("peer privacy: failing"), never the service's own reason text, which
+    names internal addresses ("10.0.3.7:50053 unreachable") and driver messages (a
+    database host and port). ``/health`` answers anyone: the detail stays in the logs
+    and in the services' gRPC health, which only the mesh can reach."""
+    failing = trailing.get(FAILING_KEY, "")
+    if failing:
+        return "; ".join(f"{name}: failing" for name in failing.split("; ") if name)
+    return "degraded (see the service's log)" if trailing.get(REASON_KEY) else ""
 
 
 class ServiceClients:
@@ -35,6 +49,7 @@ class ServiceClients:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.stubs: dict[str, Any] = {}
         self._health: dict[str, health_pb2_grpc.HealthStub] = {}
+        self._last_detail: dict[str, str] = {}   # per service: the reason last logged
         self._tracer = telemetry.tracer("hearth.gateway.client")
 
     async def start(self) -> None:
@@ -65,6 +80,15 @@ class ServiceClients:
             metadata = telemetry.inject_context(principal.metadata())
             return await rpc(iter(requests), timeout=timeout_s or self._timeout, metadata=metadata)
 
+    async def serving(self, name: str) -> bool:
+        """Whether service ``name`` answers its health check SERVING (health deadline)."""
+        try:
+            response = await self._health[name].Check(health_pb2.HealthCheckRequest(service=""),
+                                                      timeout=self._health_timeout)
+        except grpc.aio.AioRpcError:
+            return False
+        return response.status == health_pb2.HealthCheckResponse.SERVING
+
     async def health(self) -> tuple[dict[str, str], dict[str, str]]:
         """(status per service, reasons per degraded service), asked concurrently."""
         async def one(name: str, stub) -> tuple[str, str, str]:
@@ -72,8 +96,12 @@ class ServiceClients:
                 call = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=self._health_timeout)
                 response = await call
                 trailing = {k: v for k, v in (await call.trailing_metadata() or ())}
+                detail = trailing.get(REASON_KEY, "")
+                if detail and self._last_detail.get(name) != detail:
+                    log.warning("health: %s degraded: %s", name, detail)   # operators: the full reason
+                self._last_detail[name] = detail
                 return (name, health_pb2.HealthCheckResponse.ServingStatus.Name(response.status),
-                        trailing.get(REASON_KEY, ""))
+                        public_reason(trailing))
             except grpc.aio.AioRpcError as exc:
                 return name, f"UNREACHABLE ({exc.code().name})", f"unreachable: {exc.code().name}"
 

@@ -17,6 +17,7 @@ from gateway import models
 from gateway.errors import rpc_error_field
 from gateway.routes import ERROR_RESPONSES, ID_PATTERN, api_router
 from hearth.feedback.v1 import feedback_pb2 as fpb
+from services.common.errors import Unavailable
 from services.common.identity import Principal
 from services.common.pbutil import float_to_ts
 
@@ -29,7 +30,10 @@ GroupBy = Literal["", "variant", "household_size", "cold_start", "model_age"]
 
 CALIBRATOR_NOT_FOUND = {404: {"model": models.ErrorOut, "description": "unknown variant, or no such calibrator version"}}
 PREDICTION_NOT_FOUND = {404: {"model": models.ErrorOut,
-                              "description": "unknown prediction, still unknown after HEARTH_FEEDBACK_PREDICTION_WAIT_S"}}
+                              "description": "unknown prediction, still unknown after HEARTH_FEEDBACK_PREDICTION_WAIT_S"},
+                        503: {"model": models.ErrorOut,
+                              "description": "a service is unavailable; also an unknown prediction while clustering "
+                                             "(which forwards predictions) is down: retry after Retry-After"}}
 CONFLICT = {409: {"model": models.ErrorOut, "description": "feedback_id already used for another feedback, "
                                                            "or a concurrent flag change"}}
 
@@ -150,7 +154,13 @@ class PredictionWait:
     At most ``max_waiting`` requests wait at once; past that the 404 is answered at once. A
     waiting request holds one of the gateway's admission slots for the feedback service
     (HEARTH_ADMISSION_*, 32 by default), so a burst of unknown ids must not starve real
-    feedback of them."""
+    feedback of them.
+
+    An id still unknown after the wait while clustering is not serving is a 503 with
+    Retry-After, not a 404: clustering's outbox is durable and its forwarder sends what is
+    left in it when the process starts again (services/clustering/prediction_log.py), so a
+    prediction handed out just before clustering stopped reaches feedback once clustering
+    is back — the 404 would be wrong, and final to a client that believes it."""
 
     def __init__(self, wait_s: float, max_waiting: int = 8) -> None:
         self.wait_s = wait_s
@@ -169,7 +179,13 @@ class PredictionWait:
                 except grpc.aio.AioRpcError as exc:
                     unknown_prediction = (exc.code() == grpc.StatusCode.NOT_FOUND
                                           and rpc_error_field(exc) == "prediction_id")
-                    if not unknown_prediction or loop.time() + delay > deadline:
+                    if not unknown_prediction:
+                        raise
+                    if loop.time() + delay > deadline:
+                        if not await clients.serving("clustering"):
+                            raise Unavailable("the prediction is not known yet and clustering, which forwards "
+                                              "predictions, is unavailable; retry after Retry-After seconds",
+                                              "prediction_id") from None
                         raise
                     if not holds_slot:
                         if self.waiting >= self.max_waiting:

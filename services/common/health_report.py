@@ -11,8 +11,17 @@ gRPC health service:
 * any other (Redis: the SQL store answers instead; peers: only the features that need
   them fail) leaves it SERVING but *degraded*;
 * either way the reasons travel as the trailing metadata ``hearth-health-reason`` of
-  every ``Health/Check`` answer, e.g. ``redis: redis unreachable: ConnectionError``, which
-  the gateway's ``/health`` shows per service.
+  every ``Health/Check`` answer, e.g. ``peer privacy: 10.0.3.7:50053 unreachable
+  (UNAVAILABLE)``, and the names of the failing checks alone as ``hearth-health-failing``
+  (``peer privacy``).
+
+Who reads which: a service's gRPC health is open (no principal: kubelet probes and the
+gateway ask it), but only what may connect to its gRPC port can ask — its callers in the
+mesh (NetworkPolicy; client certificates under mutual TLS), never a client of the API
+(the Envoy edge routes only Hearth's own services). The full reasons, which name internal
+addresses and carry driver text, are for those operators (and the services' logs). The
+gateway's ``/health`` is public — unauthenticated, reachable through the ingress — so it
+shows only the failing checks' names (gateway/clients.py).
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from prometheus_client import Gauge
 
 log = logging.getLogger("hearth.health")
 REASON_KEY = "hearth-health-reason"
+FAILING_KEY = "hearth-health-failing"   # the failing checks' names only: safe to show anyone
 DEPENDENCY_UP = Gauge("hearth_dependency_up", "1 when the dependency answered its last health check",
                       ["dependency"])
 
@@ -79,15 +89,17 @@ class ReportingHealthServicer(health.HealthServicer):
 
     def __init__(self) -> None:
         super().__init__(experimental_non_blocking=True)
-        self._reasons = ""
+        self._trailing: tuple[tuple[str, str], ...] = ()
 
     def set_reasons(self, reasons: list[str]) -> None:
-        self._reasons = "; ".join(reasons)
+        """``reasons`` as ``run_checks`` gives them: "<check name>: <why>" each."""
+        self._trailing = (((REASON_KEY, "; ".join(reasons)),
+                           (FAILING_KEY, "; ".join(r.split(": ", 1)[0] for r in reasons))) if reasons else ())
 
     def Check(self, request, context):  # noqa: N802 - gRPC method name
-        reasons = self._reasons
-        if reasons:
-            context.set_trailing_metadata(((REASON_KEY, reasons),))
+        trailing = self._trailing
+        if trailing:
+            context.set_trailing_metadata(trailing)
         return super().Check(request, context)
 
 

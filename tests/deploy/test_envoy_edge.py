@@ -197,6 +197,7 @@ def test_every_transcoded_service_and_route_names_what_the_descriptor_set_has(en
         assert internal not in rules and f"/{internal}/" not in routes
     assert "RecordPrediction" not in rules["hearth.feedback.v1.FeedbackService"]
     assert "AppendAudit" not in rules["hearth.privacy.v1.AuditLog"]
+    assert "ListWithdrawnConsent" not in rules["hearth.privacy.v1.Consent"]   # svc:attribution only
     # HTTP paths are unique: two methods on one verb+path would shadow each other.
     seen = [(rule.WhichOneof("pattern"), getattr(rule, rule.WhichOneof("pattern")))
             for methods in rules.values() for rule in methods.values()]

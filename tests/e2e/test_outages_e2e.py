@@ -128,6 +128,15 @@ def test_audit_records_wait_in_the_disk_outbox_while_privacy_is_down_and_none_is
         time.sleep(0.1)
     outbox = omesh.data_dir / "audit-outbox-clustering.db"
     assert outbox.exists()
+    # /health answers anyone (no credentials, and it is behind the ingress): it names the
+    # failing check ("peer privacy: failing") but not the peer's address and port, which
+    # the services' own reasons carry for the operators (until session 18 it passed
+    # "peer privacy: 127.0.0.1:<port> unreachable (UNAVAILABLE)" on to anyone).
+    health = wait_for(lambda: (lambda h: h if "peer privacy" in h.text else None)(
+        httpx.get(omesh.url + "/health", timeout=10)), what="/health naming the privacy peer")
+    assert health.status_code == 200 and health.json()["status"] == "DEGRADED", health.text
+    assert "peer privacy: failing" in health.json()["reasons"]["clustering"], health.text
+    assert f":{omesh.grpc_ports['privacy']}" not in health.text and "127.0.0.1" not in health.text, health.text
     omesh.start_service("privacy")
     omesh.wait_healthy(SLOW_MACHINE_S)
 

@@ -347,6 +347,22 @@ def test_privacy_consent_versions(database):
     assert (c.processing, c.attribution, c.version, c.known) == (False, True, 1, True)
 
 
+def test_privacy_withdrawn_consent_pages_in_id_order(database):
+    """ListWithdrawnConsent's query on both SQL backends: accounts with a withdrawn purpose
+    only, after the given id, in id order, and whether more follow."""
+    privacy = ConsentStore(database)
+    privacy.migrate()
+    for account, processing, attribution in [("acc-3", True, False), ("acc-1", False, True), ("acc-2", True, True),
+                                             ("acc-5", False, False), ("acc-4", True, True)]:
+        privacy.set_consent(account, processing, attribution, "officer")
+    privacy.set_consent("acc-4", True, False, "officer")   # withdrawn after giving it
+    page, more = privacy.withdrawn("", 2)
+    assert [(c.account_id, c.processing, c.attribution) for c in page] == [("acc-1", False, True),
+                                                                           ("acc-3", True, False)] and more
+    page, more = privacy.withdrawn("acc-3", 10)
+    assert [c.account_id for c in page] == ["acc-4", "acc-5"] and not more
+
+
 def test_feature_vectors_survive_storage_bit_exact(store):
     store.ingest([ev(i, T0 + i * 60, series_id="s1") for i in range(5)])
     stored = store.household("acc-1").sessions[0]

@@ -21,8 +21,14 @@ class FeedbackThatLearnsLate:
     """The feedback service's answers: NOT_FOUND (prediction_id) for the first ``unknown_for``
     calls of each request, then a response."""
 
-    def __init__(self, unknown_for: int, error: grpc.aio.AioRpcError | None = None) -> None:
+    def __init__(self, unknown_for: int, error: grpc.aio.AioRpcError | None = None,
+                 clustering_serving: bool = True) -> None:
         self.unknown_for, self.error, self.calls = unknown_for, error, 0
+        self.clustering_serving = clustering_serving
+
+    async def serving(self, name):
+        assert name == "clustering"
+        return self.clustering_serving
 
     async def call(self, service, method, request, who):
         assert (service, method) == ("feedback", "RecordFeedback")
@@ -53,6 +59,17 @@ def test_an_id_still_unknown_after_the_wait_is_refused_naming_the_field():
     error, waited = asyncio.run(scenario())
     assert error.code() == grpc.StatusCode.NOT_FOUND
     assert 0.1 <= waited <= 0.3 + 0.2 and clients.calls >= 3
+
+
+def test_an_id_still_unknown_while_clustering_is_down_is_unavailable_not_not_found():
+    """Clustering's outbox is durable and is forwarded when it runs again: the prediction
+    may still come, so 503 (retry), not a final 404."""
+    from services.common.errors import Unavailable
+
+    clients = FeedbackThatLearnsLate(unknown_for=10**6, clustering_serving=False)
+    with pytest.raises(Unavailable) as refused:
+        asyncio.run(PredictionWait(0.3).record(clients, None, None))
+    assert refused.value.field == "prediction_id" and clients.calls >= 3
 
 
 @pytest.mark.parametrize("code, field", [(grpc.StatusCode.NOT_FOUND, "true_person_id"),

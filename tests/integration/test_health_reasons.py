@@ -1,0 +1,63 @@
+"""What a degraded service's health says, and to whom: the full reasons (internal
+addresses, driver text) over the service's gRPC health, which only the mesh can reach;
+the failing checks' names only in the gateway's public /health (docs/operations.md,
+"Health")."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent import futures
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.clients import SERVICES, ServiceClients
+from services.common.health_report import FAILING_KEY, REASON_KEY, ReportingHealthServicer
+
+REASONS = ["peer privacy: 10.0.3.7:50053 unreachable (UNAVAILABLE)",
+           'database: OperationalError: connection to server at "hearth-postgres.prod.svc:5432" failed: '
+           "Connection refused; is the server running on that host"]
+
+
+@pytest.fixture
+def degraded():
+    servicer = ReportingHealthServicer()
+    servicer.set_reasons(REASONS)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}", servicer
+    server.stop(0)
+
+
+def test_the_services_grpc_health_carries_the_full_reasons_and_the_failing_names(degraded):
+    address, _ = degraded
+    with grpc.insecure_channel(address) as channel:
+        _, call = health_pb2_grpc.HealthStub(channel).Check.with_call(health_pb2.HealthCheckRequest(), timeout=10)
+    trailing = dict(call.trailing_metadata())
+    assert trailing[REASON_KEY] == "; ".join(REASONS)
+    assert trailing[FAILING_KEY] == "peer privacy; database"
+
+
+def test_the_gateways_health_names_the_failing_checks_never_their_addresses(degraded, caplog):
+    address, servicer = degraded
+
+    async def ask():
+        clients = ServiceClients({name: address for name in SERVICES}, 5.0, 5.0)
+        await clients.start()
+        try:
+            return await clients.health()
+        finally:
+            await clients.close()
+
+    with caplog.at_level("WARNING", logger="hearth.gateway.health"):
+        statuses, reasons = asyncio.run(ask())
+    assert set(statuses.values()) == {"SERVING"}
+    assert reasons == {name: "peer privacy: failing; database: failing" for name in SERVICES}
+    for text in ("10.0.3.7", "50053", "hearth-postgres", "5432", "Connection refused"):
+        assert text not in str(reasons)
+    assert "10.0.3.7:50053 unreachable" in caplog.text   # the operators' copy: the gateway's log
+    servicer.set_reasons([])
+    assert asyncio.run(ask())[1] == {}
