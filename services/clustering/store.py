@@ -28,7 +28,7 @@ from services.common.errors import Conflict, NotFound
 from services.common.field_crypto import (FieldCipher, drop_keys_of_erased_households, household_erasures,
                                          note_household_erased)
 from services.common.feedback_to_clustering import UNPROMPTED_LABEL_SUFFIX
-from services.common.storage.cache import Cache, MemoryCache
+from services.common.storage.cache import Cache, MemoryCache, purge_persistence
 from services.common.storage.sql import Database, Tx, migrate, record_erasure
 
 _EVENT_COLUMNS = ("event_id, account_id, device_id, device_type, ts, kind, title_id, series_id, "
@@ -687,6 +687,10 @@ class ClusteringStore:
                 record_erasure(tx)
         out.purges.append(self.purge_erased())
         self._drop_cached_models(scope)
+        # A Redis that persists keeps the dropped models in its snapshot and AOF until
+        # they are rewritten: rewrite them now. Listed before the SQL step, which the
+        # app replaces with the purge after its unlearning refit (app.erase).
+        out.purges[-1:-1] = purge_persistence(self.cache)
         if self.cipher is not None and scope.kind == "household":
             self.cipher.forget(account)  # and any a read fetched meanwhile (the key is shredded)
         return out

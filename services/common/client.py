@@ -33,6 +33,19 @@ def reset_serving_deadline(token: contextvars.Token) -> None:
     _serving_deadline.reset(token)
 
 
+def serving_time_left() -> float | None:
+    """Seconds left of the RPC being served (at least 1 ms), or None outside one or when
+    its caller set no deadline (gRPC then reports one centuries away)."""
+    deadline = _serving_deadline.get()
+    if deadline is None or deadline - time.monotonic() > NO_DEADLINE_S:
+        return None
+    return max(deadline - time.monotonic(), 0.001)
+
+
+# A deadline further away than this is no deadline (a call without one).
+NO_DEADLINE_S = 86400.0
+
+
 def bounded_timeout(timeout_s: float) -> float:
     """``timeout_s``, cut to what is left of the RPC being served (if any)."""
     deadline = _serving_deadline.get()

@@ -123,10 +123,14 @@ class PostgresServer:
 class RedisServer:
     """redis-server on a free port, without persistence (a cache: restarted empty); with
     ``snapshot_dir`` it writes ``dump.rdb`` there on ``SAVE``, uncompressed (so a raw scan
-    of the file sees every string it holds)."""
+    of the file sees every string it holds). ``settings`` are ``--name value`` over these
+    defaults (e.g. ``appendonly="yes", save="3600 1"``: a Redis that persists; a tuple
+    value is several arguments)."""
 
-    def __init__(self, snapshot_dir: Path | None = None) -> None:
+    def __init__(self, snapshot_dir: Path | None = None,
+                 settings: Mapping[str, str | tuple[str, ...]] | None = None) -> None:
         self.dir = snapshot_dir
+        self.settings = dict(settings or {})
         self.binary = shutil.which("redis-server")
         if not self.binary:
             raise MissingServer("redis-server not found: install it (apt-get install redis-server; "
@@ -144,6 +148,8 @@ class RedisServer:
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         if self.dir is not None:
             args += ["--dir", str(self.dir), "--dbfilename", "dump.rdb", "--rdbcompression", "no"]
+        args += [arg for name, value in self.settings.items()
+                 for arg in (f"--{name}", *((value,) if isinstance(value, str) else value))]
         self.proc = spawn_tied(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port)
         deadline = time.monotonic() + timeout_s

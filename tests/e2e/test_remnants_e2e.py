@@ -3,7 +3,10 @@ the deleted data is readable in any file of any store while the mesh keeps runni
 real processes: the SQLite main files and their -wal/-shm files, the services' log files
 and the trace (span) file; on PostgreSQL + Redis, every file of the PostgreSQL data
 directory (heap, TOAST, indexes, catalogs incl. ``pg_statistic``, ``pg_wal``), every Redis
-key and its value, and the snapshot Redis writes on ``SAVE``.
+key and its value, and every file of the Redis directory as Redis left it: that Redis
+persists as a stock redis.conf makes it (a save point) and with an append-only file, and
+the scan forces no save (until session 18 it ran ``SAVE`` first, which hid that the last
+snapshot and the AOF still held the erased household's cached model).
 
 Every value sent for the data to be deleted carries a marker (``zr<tag>``: event ids,
 titles, profile hints, touchpoint ids, campaigns); device ids carry ``dv<tag>``. A
@@ -50,7 +53,8 @@ def rmesh(request, tmp_path_factory):
         yield from _running_mesh(base, env, backend="sqlite")
         return
     (base / "redis").mkdir()
-    with running_postgres(**PURGEABLE_WAL) as pg, running_redis(base / "redis") as rd:
+    with running_postgres(**PURGEABLE_WAL) as pg, \
+            running_redis(base / "redis", appendonly="yes", save="3600 1") as rd:
         env.update(HEARTH_STORAGE="postgres", HEARTH_POSTGRES_DSN=pg.dsn, HEARTH_REDIS_URL=rd.url)
         privacy = {"HEARTH_POSTGRES_DSN": request.getfixturevalue("postgres_dsn")}
         yield from _running_mesh(base, env, backend="postgres", pg=pg, redis_dir=rd.dir,
@@ -165,8 +169,9 @@ def raw_sources(rmesh) -> dict[str, bytes]:
         r = redis.Redis.from_url(rmesh.env_extra["HEARTH_REDIS_URL"])
         for key in r.scan_iter("*"):
             out[f"redis:{key.decode()}"] = key + (r.dump(key) or b"")
-        r.save()   # what Redis would persist now: its snapshot file, raw
-        out["redis:dump.rdb"] = (rmesh.redis_dir / "dump.rdb").read_bytes()
+        for path in sorted(rmesh.redis_dir.rglob("*")):   # snapshot and AOF files, as Redis left them
+            if path.is_file():
+                out[f"redis:{path.relative_to(rmesh.redis_dir)}"] = path.read_bytes()
         out.update(postgres_sources(rmesh))
     return out
 
@@ -198,9 +203,10 @@ def control(rmesh, client):
 
 def assert_control_visible(rmesh, control) -> None:
     account, device, tag = control
-    if rmesh.backend == "postgres":   # the control's cached model, live and in the snapshot
+    if rmesh.backend == "postgres":   # the control's cached model, live, in the snapshot and the AOF
         hits = found(rmesh, account)
         assert f"redis:hearth:clustering:model:{account}" in hits and "redis:dump.rdb" in hits, hits
+        assert any(h.startswith("redis:appendonlydir/") for h in hits), hits
     assert any(h.startswith("clustering") for h in found(rmesh, f"zr{tag}")), "scan cannot see clustering"
     assert any(h.startswith("attribution") for h in found(rmesh, f"zr{tag}")), "scan cannot see attribution"
     assert any(h.startswith("feedback") for h in found(rmesh, device, data_only=True)), "scan cannot see feedback"
@@ -227,6 +233,9 @@ def test_device_scope_leaves_no_byte(rmesh, client, control):
         assert purges and all(p["complete"] for p in purges), services[name]
         expected = "wal_checkpoint(TRUNCATE)" if rmesh.backend == "sqlite" else "pg_switch_wal(); CHECKPOINT"
         assert expected in purges[-1]["action"] and purges[-1]["at"] >= job["receipt"]["receipt"]["requested_at"]
+    if rmesh.backend == "postgres":   # the Redis that persists rewrote its files after the erasure
+        step = next(p for p in services["clustering"]["purges"] if p["store"] == "redis")
+        assert step["complete"] and step["action"] == "BGSAVE + BGREWRITEAOF", step
     assert found(rmesh, f"dv{gone}", data_only=True) == []
     assert found(rmesh, f"zr{keep}") and found(rmesh, f"dv{keep}", data_only=True)
     assert_control_visible(rmesh, control)

@@ -68,11 +68,12 @@ def relation_names(dsn: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def running_redis(snapshot_dir: Path | None = None) -> Iterator[RedisServer]:
+def running_redis(snapshot_dir: Path | None = None, **settings: str | tuple[str, ...]) -> Iterator[RedisServer]:
     """redis-server on a free port (``.url``), no persistence; with ``snapshot_dir`` it
-    writes an uncompressed ``dump.rdb`` there on ``SAVE`` (``.dir``)."""
+    writes an uncompressed ``dump.rdb`` there on ``SAVE`` (``.dir``); ``settings`` are
+    ``--name value`` over those defaults (``appendonly="yes"``: an AOF there too)."""
     try:
-        server = RedisServer(snapshot_dir)
+        server = RedisServer(snapshot_dir, settings)
     except MissingServer as exc:
         pytest.fail(f"{exc} — the Redis tests cannot be skipped")
     try:

@@ -218,6 +218,10 @@ class _PostgresTx:
         self._cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", ("household:" + account_id,))
 
 
+# How long a transaction waits for a pooled connection (less within an RPC whose deadline is nearer).
+POOL_WAIT_S = 3.0
+
+
 class PostgresDatabase:
     """psycopg 3 with a connection pool; each service lives in its own schema so no
     service can read another's tables by accident."""
@@ -237,7 +241,7 @@ class PostgresDatabase:
         # request during the outage fails fast with Unavailable (UNAVAILABLE / 503 +
         # Retry-After) instead of timing out; the pool reconnects in the background.
         self._pool = ConnectionPool(
-            dsn, min_size=1, max_size=max_size, open=True, timeout=3.0,
+            dsn, min_size=1, max_size=max_size, open=True, timeout=POOL_WAIT_S,
             check=ConnectionPool.check_connection,
             kwargs={"options": f"-c search_path={schema}", "autocommit": False, "connect_timeout": 2},
         )
@@ -249,9 +253,21 @@ class PostgresDatabase:
         import psycopg
         from psycopg_pool import PoolClosed
 
+        from services.common.client import serving_time_left
+
+        # Within an RPC, no statement outlives the caller's deadline (session 18): one
+        # table locked by another session (a migration, a purge's VACUUM FULL, an
+        # operator's transaction) otherwise kept every request touching it waiting for
+        # the lock long after its caller had given up, each holding a pooled connection,
+        # until the pool ran dry and the service answered NOT_SERVING / 503 on every
+        # route ("database unavailable: PoolTimeout") while PostgreSQL itself was fine;
+        # when the lock went, the abandoned writes still committed.
+        left = serving_time_left()
         try:
-            with self._pool.connection() as conn:
+            with self._pool.connection(timeout=min(POOL_WAIT_S, left) if left is not None else None) as conn:
                 with conn.transaction(), conn.cursor() as cur:
+                    if left is not None:
+                        cur.execute(f"SET LOCAL statement_timeout = {max(1, int(left * 1000))}")
                     yield _PostgresTx(cur)
         except psycopg.OperationalError as exc:
             raise Unavailable(f"database unavailable: {exc.__class__.__name__}") from exc
