@@ -16,8 +16,10 @@ METRIC_MODULES = ["services.common.telemetry", "services.common.health_report", 
                   "services.common.identity", "services.common.audit", "services.clustering.modeling",
                   "services.clustering.prediction_log", "services.clustering.app", "services.feedback.instruments",
                   "services.privacy.audit.app", "services.privacy.deletion.app", "gateway.admission", "gateway.app"]
-# `hearth_*` words in the docs that are not metrics: a scrape relabel and a JWT claim.
-NOT_METRICS = {"hearth_component", "hearth_role"}
+# `hearth_*` words in the docs that are not metrics: a scrape relabel, a JWT claim, and the
+# services' PostgreSQL schemas (`hearth_<service>`; `hearth_clustering.sessions` is a table).
+NOT_METRICS = {"hearth_component", "hearth_role", "hearth_clustering", "hearth_attribution", "hearth_privacy",
+               "hearth_feedback"}
 _DEFINITION = re.compile(r"\b(?:Counter|Gauge|Histogram|Summary)\(\s*\"(hearth_[a-z0-9_]+)\"")
 _MENTION = re.compile(r"\b(hearth_[a-z0-9_]*[a-z0-9])(\{[^}]*\})?")
 
