@@ -176,3 +176,79 @@ def route_table(routers_by_service: dict[str, list]) -> list[tuple[re.Pattern, s
             if regex is not None:
                 table.append((regex, service, route.path))
     return table
+
+
+class BodyDeadline:
+    """ASGI middleware, outside admission control: receive a request's whole body
+    *before* the request takes an admission slot, within ``timeout_s``; a body not
+    complete by then is answered ``408 request_timeout`` and the connection closed.
+
+    Why: admission holds a slot of the route's service for the whole handling of a
+    request. Had the body been read inside that slot, forty anonymous connections that
+    each send headers and one byte of a ``POST /v1/events`` body (no credentials needed:
+    a body is read before authentication) held every clustering slot and queue place
+    for as long as they kept the connections open, and every caller of every
+    clustering route got 503 (session 18, docs/security.md). Now a slow body costs
+    its sender a connection, for at most ``timeout_s``, and nobody else anything.
+
+    Buffers at most ``max_body_bytes`` (+ one chunk): past that the request goes on
+    unread and the body-size limit inside answers 413 as before. Requests without a
+    body (no Content-Length or a zero one, no Transfer-Encoding) pass straight through."""
+
+    def __init__(self, app, timeout_s: float, max_body_bytes: int,
+                 count_timeout: Callable[[dict], None] | None = None) -> None:
+        if not timeout_s > 0:
+            raise ValueError("timeout_s: must be > 0")
+        self.app = app
+        self.timeout_s = timeout_s
+        self.max_body_bytes = max_body_bytes
+        self.count_timeout = count_timeout
+        self._body = json.dumps({"error": {"code": "request_timeout", "field": "body", "message":
+                                           f"request body not received within {timeout_s:g} s"}}).encode()
+        self._start = {"type": "http.response.start", "status": 408, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(self._body)).encode()),
+            (b"connection", b"close")]}
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        has_body = False
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                has_body = value.strip() not in (b"0", b"")
+            elif name == b"transfer-encoding":
+                has_body = True
+                break
+        if not has_body:
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                while more and size <= self.max_body_bytes:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return   # the client went away mid-body: nothing to answer, nothing done
+                    body = message.get("body", b"")
+                    chunks.append(body)
+                    size += len(body)
+                    more = message.get("more_body", False)
+        except TimeoutError:
+            if self.count_timeout is not None:
+                self.count_timeout(scope)
+            await send(self._start)
+            await send({"type": "http.response.body", "body": self._body})
+            return
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": more}
+            return await receive()
+
+        await self.app(scope, replay, send)

@@ -16,7 +16,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 from gateway import models
-from gateway.admission import AdmissionControl, Gate, route_table
+from gateway.admission import AdmissionControl, BodyDeadline, Gate, route_table
 from gateway.auth import Authenticator
 from gateway.clients import ServiceClients
 from gateway.config import GatewaySettings
@@ -252,6 +252,15 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                  for s in routes_by_service for spec in [settings.admission_for(s)]}
         app.add_middleware(AdmissionControl, gates=gates, routes=route_table(routes_by_service),
                            count_refusal=lambda route, method: HTTP_REQUESTS.labels(route, method, "503").inc())
+    # Outside admission: the body is received (within body_timeout_s) before a slot is taken.
+    table = route_table(routes_by_service)
+
+    def count_body_timeout(scope) -> None:
+        template = next((t for pattern, _, t in table if pattern.match(scope["path"])), "unmatched")
+        HTTP_REQUESTS.labels(template, scope["method"], "408").inc()
+
+    app.add_middleware(BodyDeadline, timeout_s=settings.body_timeout_s, max_body_bytes=settings.max_body_bytes,
+                       count_timeout=count_body_timeout)
 
     @app.get("/health", response_model=models.HealthOut, responses={503: {"model": models.HealthOut}})
     async def health():

@@ -110,6 +110,13 @@ class GatewaySettings(MeshSettings):
     admission_enabled: bool = True
     admission_default: AdmissionSpec = AdmissionSpec(max_in_flight=32, max_queue=64, queue_timeout_s=0.5)
     admission_limits: dict[str, AdmissionSpec] = Field(default_factory=dict)
+    # A request's body must arrive within this many seconds, else 408 and the connection
+    # is closed (gateway/admission.py BodyDeadline; it is read before the request takes
+    # an admission slot, so a slow sender holds no slot). 8 MiB in 30 s is ~280 KB/s.
+    body_timeout_s: float = Field(default=30.0, gt=0, le=600)
+    # Bytes of a request's head (request line + headers) before the gateway answers 431
+    # and closes the connection (gateway/transport.py; uvicorn and httptools set none).
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=1024 * 1024)
 
     # HTTPS for clients of the gateway (a public certificate, not the mesh CA's).
     https_cert: Path | None = None

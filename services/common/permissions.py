@@ -22,10 +22,11 @@ Decisions (the reasons are repeated in docs/security.md):
 * service principals ingest, assign, record touchpoints/conversions/predictions/
   feedback, append to the audit log, read consent and households and resolve persons
   (attribution builds per-person journeys with ``ResolvePersons`` — as itself, since the
-  analyst who asked may not see persons — and privacy collects exports) and call
-  ``DataHolder/Erase``: the privacy service
-  fans every deletion out to the data holders' ``Erase`` RPCs as itself, after auditing the human's
-  request (see ``identity.acting_as``).
+  analyst who asked may not see persons — and privacy collects exports).
+* erase_data (``DataHolder/Erase``) is ``svc:privacy``'s only (``ONLY_PRINCIPALS``), admin
+  excluded: the privacy service fans every deletion out to the data holders' ``Erase``
+  RPCs as itself, after auditing the human's request (see ``identity.acting_as``);
+  nobody else erases outside a deletion job.
 * ``DataHolder/ExportAccount`` on each data-holding service needs export_household: the privacy
   service gathers an export *on behalf of* the privacy officer or admin who asked, so
   the matrix (not a service role) decides who may read a whole household.
@@ -89,7 +90,7 @@ P = Permission
 ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
     # Everything but use_data_key: a household's data key goes to stores only (the table
     # in docs/security.md is generated from this, so it says what the services enforce).
-    Role.ADMIN: frozenset(Permission) - {P.USE_DATA_KEY, P.LIST_WITHDRAWN_CONSENT},
+    Role.ADMIN: frozenset(Permission) - {P.USE_DATA_KEY, P.LIST_WITHDRAWN_CONSENT, P.ERASE_DATA},
     Role.ANALYST: frozenset({P.READ_ATTRIBUTION, P.READ_CALIBRATION, P.READ_EXPERIMENT}),
     Role.DATA_SCIENTIST: frozenset({
         P.READ_HOUSEHOLD, P.REFIT_MODEL, P.RESOLVE_PERSONS, P.READ_ATTRIBUTION, P.RECORD_FEEDBACK,
@@ -188,8 +189,17 @@ RPCS: dict[str, dict[str, Permission]] = {
 # list of withdrawn accounts is what the attribution service needs to leave them out of
 # an Attribute call over all accounts; no other service (and no person: it lists every
 # account that withdrew) has a use for it.
+#
+# erase_data (each data holder's DataHolder/Erase) is the privacy service's alone: it runs a
+# deletion job's fan-out (after auditing the human's request, with retries and the signed
+# receipt) and the retention purge. Until session 18 every service principal and admin
+# held it, so a captured token of any of them (the gateway forwards an admin's on every
+# admin request; a service's rides on each of its calls), replayed straight at a data
+# holder's port within its 5 minutes, erased a household with no deletion job, consent
+# record or receipt. People delete through POST /v1/delete.
 ONLY_PRINCIPALS: dict[Permission, frozenset[str]] = {
     P.LIST_WITHDRAWN_CONSENT: frozenset({"svc:attribution"}),
+    P.ERASE_DATA: frozenset({"svc:privacy"}),
 }
 
 _PARAM = re.compile(r"\{[^{}/]*\}")

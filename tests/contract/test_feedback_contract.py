@@ -15,6 +15,7 @@ from hearth.common.v1 import common_pb2, common_pb2_grpc
 from hearth.feedback.v1 import feedback_pb2 as fpb
 from hearth.feedback.v1 import feedback_pb2_grpc as fpb_grpc
 from services.common.errors import ERROR_FIELD_KEY
+from services.common.identity import service_principal
 from services.common.pbutil import float_to_ts
 
 from .conftest import ADMIN
@@ -34,7 +35,9 @@ def stub(start_service):
 
 
 def call(stub, method: str, request):
-    return getattr(stub, method)(request, metadata=ADMIN.metadata(), timeout=10)
+    # Erase at a data holder is the privacy service's deletion fan-out (svc:privacy only).
+    who = service_principal("privacy") if method == "Erase" else ADMIN
+    return getattr(stub, method)(request, metadata=who.metadata(), timeout=10)
 
 
 def error_of(stub, method: str, request) -> tuple[grpc.StatusCode, str]:

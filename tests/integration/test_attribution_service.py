@@ -17,6 +17,7 @@ from hearth.privacy.v1 import privacy_pb2_grpc as ppb_grpc
 from services.clustering.domain.events import ViewingEvent
 from services.clustering.store import ClusteringStore
 from services.common.errors import ERROR_FIELD_KEY
+from services.common.identity import service_principal
 from services.common.pbutil import float_to_ts
 from services.common.storage.sql import SqliteDatabase
 from tests.conftest import ADMIN
@@ -158,9 +159,10 @@ def test_erase_person_removes_their_touchpoints(stubs):
         _tp("a", "tv", T0 + 20 * 3600 + 30, "tv_ad"), _tp("b", "phone", T0 + 8 * 3600 + 30, "social")]), metadata=md)
     from hearth.common.v1 import common_pb2
 
+    privacy = service_principal("privacy").metadata()   # Erase is the deletion fan-out's only
     result = stubs.data.Erase(common_pb2.EraseRequest(scope=common_pb2.ErasureScope(account_id=ACC, person_id="p2")),
-                              metadata=md).result
+                              metadata=privacy).result
     assert dict(result.deleted_counts) == {"touchpoints": 1}
     again = stubs.data.Erase(common_pb2.EraseRequest(scope=common_pb2.ErasureScope(account_id=ACC, person_id="p2")),
-                             metadata=md).result
+                             metadata=privacy).result
     assert again.already_erased

@@ -52,7 +52,9 @@ def stubs(mesh):
     return {"clu": mesh.stub("clustering", SVC), "att": mesh.stub("attribution", SVC),
             "fee": mesh.stub("feedback", SVC), "pri": mesh.stub("privacy", OFFICER),
             "admin": mesh.stub("privacy"),
-            "clu_data": mesh.stub("clustering", SVC, stub_cls=common_pb2_grpc.DataHolderStub)}
+            "clu_data": mesh.stub("clustering", SVC, stub_cls=common_pb2_grpc.DataHolderStub),
+            "privacy_data": mesh.stub("clustering", identity.service_principal("privacy"),
+                                      stub_cls=common_pb2_grpc.DataHolderStub)}
 
 
 # ---- data -----------------------------------------------------------------------------
@@ -365,8 +367,13 @@ def test_every_account_window_is_only_for_the_privacy_service(mesh, stubs):
     with pytest.raises(grpc.RpcError) as err:
         stubs["clu_data"].Erase(common_pb2.EraseRequest(scope=common_pb2.ErasureScope(account_id="*", window=window)))
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # Not even a single household's (Erase is svc:privacy's only, session 18) ...
     with pytest.raises(grpc.RpcError) as err:
-        stubs["clu_data"].Erase(common_pb2.EraseRequest(scope=common_pb2.ErasureScope(account_id="*", household=True)))
+        stubs["clu_data"].Erase(common_pb2.EraseRequest(scope=common_pb2.ErasureScope(account_id="acc-x", household=True)))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # ... and the privacy service's own "every account" Erase takes windows only.
+    with pytest.raises(grpc.RpcError) as err:
+        stubs["privacy_data"].Erase(common_pb2.EraseRequest(scope=common_pb2.ErasureScope(account_id="*", household=True)))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 

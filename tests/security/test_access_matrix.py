@@ -186,3 +186,22 @@ def test_every_service_refuses_an_unsigned_principal(channels):
         except grpc.RpcError as exc:
             by_service[service] = exc.code().name
     assert by_service == {s: "UNAUTHENTICATED" for s in SERVICES}
+
+
+def test_only_the_privacy_service_may_erase_at_a_data_holder(channels, mesh_signer):
+    """A token captured on the cluster network (an admin's, forwarded by the gateway; a
+    service's, on each of its calls) replayed straight at a data holder must not erase:
+    until session 18 admin and every service principal could call DataHolder/Erase."""
+    from hearth.common.v1 import common_pb2_grpc
+
+    request = common_pb2.EraseRequest(scope=common_pb2.ErasureScope(account_id="sec-erase-nobody", household=True),
+                                      job_id="sec-erase-job")
+    for service in DATA_HOLDERS:
+        stub = common_pb2_grpc.DataHolderStub(channels[service])
+        for principal in (Principal("sec-admin", Role.ADMIN), identity.service_principal("feedback"),
+                          identity.service_principal("attribution"), identity.service_principal("gateway"),
+                          identity.service_principal("clustering")):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Erase(request, metadata=_metadata(mesh_signer, principal), timeout=10)
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED, (service, principal)
+        stub.Erase(request, metadata=_metadata(mesh_signer, identity.service_principal("privacy")), timeout=30)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from services.common import permissions
 from services.common.errors import PermissionDenied
-from services.common.identity import Principal, Role
+from services.common.identity import Principal, Role, service_principal
 from services.common.permissions import Permission, authorize_route, authorize_rpc
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -49,13 +49,14 @@ def test_every_route_the_gateway_serves_is_in_the_matrix():
     assert not missing
 
 
-def test_admin_may_do_everything_but_fetch_data_keys_or_list_withdrawn_accounts():
-    # Key material goes to stores only, the list of withdrawn accounts to attribution only;
-    # the generated table says so (docs/security.md).
+def test_admin_may_do_everything_but_fetch_data_keys_list_withdrawn_accounts_or_erase():
+    # Key material goes to stores only, the list of withdrawn accounts to attribution only,
+    # Erase at a data holder to the privacy service's deletion fan-out only (admin deletes
+    # through RequestDeletion); the generated table says so (docs/security.md).
     assert permissions.ROLE_PERMISSIONS[Role.ADMIN] == frozenset(Permission) - {
-        Permission.USE_DATA_KEY, Permission.LIST_WITHDRAWN_CONSENT}
+        Permission.USE_DATA_KEY, Permission.LIST_WITHDRAWN_CONSENT, Permission.ERASE_DATA}
     for rpc in proto_rpcs():
-        if rpc.endswith(("/GetDataKey", "/ListWithdrawnConsent")):
+        if rpc.endswith(("/GetDataKey", "/ListWithdrawnConsent", "/Erase")):
             with pytest.raises(PermissionDenied):
                 authorize_rpc(who(Role.ADMIN), rpc)
         else:
@@ -109,7 +110,10 @@ def test_service_ingests_assigns_and_erases_but_cannot_delete_or_export():
     erase = [rpc for rpc in proto_rpcs() if rpc.endswith("/Erase")]
     assert erase == ["/hearth.common.v1.DataHolder/Erase"]  # one erasure contract
     for rpc in erase:
-        authorize_rpc(who(Role.SERVICE), rpc)
+        authorize_rpc(service_principal("privacy"), rpc)   # the deletion fan-out, and only it
+        for other in (who(Role.SERVICE), service_principal("feedback"), who(Role.ADMIN)):
+            with pytest.raises(PermissionDenied):
+                authorize_rpc(other, rpc)
         with pytest.raises(PermissionDenied):
             authorize_rpc(who(Role.PRIVACY_OFFICER), rpc)  # humans go through RequestDeletion
     for route in ("POST /v1/delete", "GET /v1/household/{account_id}/export", "GET /v1/audit"):

@@ -1,0 +1,123 @@
+"""Slow senders against the real gateway: a body trickled byte by byte must not take
+the admission slots other callers need, and is cut off after HEARTH_BODY_TIMEOUT_S
+(session 18: forty anonymous connections with one byte of body each turned every
+clustering route into 503 for as long as they stayed open)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+import pytest
+
+from services.common.identity import Role
+from services.testing.mesh import free_port
+from tests.security.conftest import _wait
+
+MAX_IN_FLIGHT, MAX_QUEUE, BODY_TIMEOUT_S = 2, 2, 3
+
+
+@pytest.fixture(scope="module")
+def tight_gateway(security_mesh):
+    """A gateway replica of the security mesh with 2 slots and 2 queue places per
+    service and a 3 s body deadline."""
+    mesh = security_mesh.mesh
+    port = free_port()
+    name = "gateway-slow-senders"
+    spec = {"max_in_flight": MAX_IN_FLIGHT, "max_queue": MAX_QUEUE, "queue_timeout_s": 0.5}
+    mesh._spawn(name, "gateway", {**mesh.env(), "HEARTH_GATEWAY_PORT": str(port),
+                                  "HEARTH_ADMISSION_DEFAULT": json.dumps(spec),
+                                  "HEARTH_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait(url, mesh.processes[name])
+        yield port, url
+    finally:
+        mesh.stop_process(name)
+
+
+def _slow_body(port: int) -> socket.socket:
+    """Headers of an anonymous POST /v1/events announcing 1000 bytes, then one byte."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(b"POST /v1/events HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+              b"Content-Length: 1000\r\n\r\n{")
+    return s
+
+
+def test_slow_bodies_hold_no_admission_slot(tight_gateway, security_mesh):
+    port, url = tight_gateway
+    held = [_slow_body(port) for _ in range(3 * (MAX_IN_FLIGHT + MAX_QUEUE))]
+    try:
+        time.sleep(0.5)
+        admin = {"X-API-Key": security_mesh.role_keys[Role.ADMIN]}
+        for _ in range(3):
+            r = httpx.get(f"{url}/v1/household/slow-senders-acc", headers=admin, timeout=15)
+            assert r.status_code in (200, 404), (r.status_code, r.text)
+            r = httpx.post(f"{url}/v1/events", headers=admin, json={"events": []}, timeout=15)
+            assert r.status_code != 503, r.text
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_a_body_not_received_in_time_is_408_and_the_connection_closed(tight_gateway):
+    port, _ = tight_gateway
+    s = _slow_body(port)
+    try:
+        started = time.monotonic()
+        data = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        elapsed = time.monotonic() - started
+    finally:
+        s.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), data[:200]
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+    assert BODY_TIMEOUT_S - 0.5 <= elapsed < BODY_TIMEOUT_S + 10
+
+
+def _read_until_closed(s: socket.socket) -> bytes:
+    data = b""
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except (ConnectionResetError, BrokenPipeError):
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_an_endless_request_head_is_431_and_the_connection_closed(security_mesh):
+    """Until session 18 the gateway buffered header lines without bound (200 MB of
+    headers on one anonymous connection: ~195 MB more memory in the gateway)."""
+    port = int(security_mesh.url.rsplit(":", 1)[1])
+    s = socket.create_connection(("127.0.0.1", port), timeout=20)
+    try:
+        s.sendall(b"GET /v1/household/acc-1 HTTP/1.1\r\nHost: gw\r\n")
+        line = b"x-pad: " + b"a" * 4000 + b"\r\n"
+        try:
+            for _ in range(2000):          # 8 MB of head, never finished
+                s.sendall(line)
+        except (ConnectionResetError, BrokenPipeError):
+            pass                           # closed by the gateway mid-way: what we want
+        data = _read_until_closed(s)
+    finally:
+        s.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431"), data[:200]
+    assert json.loads(body)["error"]["code"] == "headers_too_large"
+
+
+def test_a_head_within_the_bound_is_served(security_mesh):
+    r = httpx.get(f"{security_mesh.url}/v1/household/acc-unknown-431",
+                  headers={"X-API-Key": security_mesh.role_keys[Role.ADMIN],
+                           **{f"x-pad-{i}": "b" * 1000 for i in range(40)}}, timeout=15)
+    assert r.status_code in (200, 404), r.text
