@@ -31,6 +31,8 @@ from collections.abc import Callable
 
 from prometheus_client import Counter, Gauge
 
+from gateway.transport import replaying_receive
+
 ADMISSION_REJECTED = Counter("hearth_gateway_admission_rejected_total",
                              "Requests refused with 503 by the gateway's admission limit",
                              ["upstream", "reason"])
@@ -242,13 +244,4 @@ class BodyDeadline:
             await send(self._start)
             await send({"type": "http.response.body", "body": self._body})
             return
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": more}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying_receive(b"".join(chunks), more, receive), send)

@@ -33,6 +33,7 @@ from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.errors import error_response
+from gateway.transport import replaying_receive
 from services.common.errors import ResourceExhausted
 from services.common.identity import Principal, SecurityEvent, report_security_event
 from services.common.permissions import normalize_route
@@ -212,16 +213,7 @@ class BodySizeLimit:
             chunks.append(body)
             if not message.get("more_body", False):
                 break
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying_receive(b"".join(chunks), False, receive), send)
 
 
 _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",

@@ -19,6 +19,25 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 
 
+def replaying_receive(body: bytes, more_body: bool, receive):
+    """An ASGI ``receive`` that hands out a body already read, then defers to ``receive``.
+
+    For middleware that must read a request's body before the application does (the body
+    deadline before admission, the body-size bound): the application still reads it once,
+    through the usual message, and a disconnect after it still reaches it.
+    """
+    replayed = False
+
+    async def replay():
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": more_body}
+        return await receive()
+
+    return replay
+
+
 def bounded_httptools(max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> type[HttpToolsProtocol]:
     """A protocol class for ``uvicorn.run(http=...)`` refusing heads over ``max_header_bytes``."""
     if max_header_bytes < 1024:

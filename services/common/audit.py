@@ -802,21 +802,69 @@ def _rpc_details_json(component: str, method: str, code: grpc.StatusCode) -> str
     return known
 
 
-def security_listener(component: str) -> Callable[[identity.SecurityEvent], None]:
+# Authentication failures are audited at most this often per (reason, route): a bucket of
+# AUTH_FAILURE_AUDIT_BURST records refilled at AUTH_FAILURE_AUDIT_PER_S. Past it they are
+# counted, and the next record of the same (reason, route) says how many it stands for
+# (details.suppressed); hearth_auth_failures_total still counts every one. Until session
+# 18 each anonymous 401 appended one record to the tamper-evident log, so an anonymous
+# flood grew the audit store without bound and buried the real events (docs/security.md).
+AUTH_FAILURE_AUDIT_PER_S = 1.0
+AUTH_FAILURE_AUDIT_BURST = 10
+
+
+class _FailureBudget:
+    """Token buckets per key; ``take(key)`` -> (allowed, failures suppressed since the
+    key's last allowed one)."""
+
+    def __init__(self, per_s: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._per_s, self._burst, self._clock = per_s, burst, clock
+        self._state: dict[tuple[str, str], list[float]] = {}   # key -> [tokens, last, suppressed]
+        self._lock = threading.Lock()
+
+    def take(self, key: tuple[str, str]) -> tuple[bool, int]:
+        now = self._clock()
+        with self._lock:
+            state = self._state.get(key)
+            if state is None:
+                if len(self._state) >= 4096:   # bounded: targets and reasons are few
+                    self._state.clear()
+                state = self._state[key] = [float(self._burst), now, 0]
+            state[0] = min(float(self._burst), state[0] + (now - state[1]) * self._per_s)
+            state[1] = now
+            if state[0] < 1.0:
+                state[2] += 1
+                return False, 0
+            state[0] -= 1.0
+            suppressed, state[2] = int(state[2]), 0
+            return True, suppressed
+
+
+def security_listener(component: str, clock: Callable[[], float] = time.monotonic
+                      ) -> Callable[[identity.SecurityEvent], None]:
     """A listener for ``identity.add_security_listener`` that records authentication
     failures and permission denials of ``component`` (the gateway: refusals that never
-    reach a service). Rate-limit refusals are counted in metrics, not audited."""
+    reach a service). Rate-limit refusals are counted in metrics, not audited.
+    Authentication failures are coalesced per (reason, route) past a small budget
+    (``AUTH_FAILURE_AUDIT_*``); a denial names an authenticated principal (whose key
+    can be revoked) and is always recorded."""
+    budget = _FailureBudget(AUTH_FAILURE_AUDIT_PER_S, AUTH_FAILURE_AUDIT_BURST, clock)
 
     def listener(event: identity.SecurityEvent) -> None:
         if event.component != component:
             return
+        suppressed = 0
         if event.kind == "authentication_failed":
+            allowed, suppressed = budget.take((event.reason, event.target))
+            if not allowed:
+                return
             event_type = AUTHENTICATION_FAILURE
         elif event.kind == "permission_denied":
             event_type = PERMISSION_DENIED
         else:
             return
         details = {"reason": event.reason, "target": event.target, "component": component}
+        if suppressed:
+            details["suppressed"] = str(suppressed)
         if event.principal_id and event.role and event.kind == "permission_denied":
             principal = identity.Principal(event.principal_id, identity.Role(event.role))
         else:

@@ -234,12 +234,38 @@ def run_restore(args: argparse.Namespace) -> int:
         report = reapply_ledger(db, ledger)
     finally:
         db.close()
+    caches, cache_error = _clear_caches(settings)
+    if caches or cache_error:
+        report = {**report, "redis_keys_cleared": caches, **({"redis_error": cache_error} if cache_error else {})}
     print(json.dumps({"restored": restored, "snapshot_taken_at": snap.taken_at,
                       "snapshot_age_s": round(time.time() - snap.taken_at, 3),
                       "ledger_jobs": len(ledger.jobs), "ledger_sources": (["database"] if current_exists else [])
                       + [str(p) for p in args.ledger or ()], **report,
                       "restore_s": round(time.monotonic() - started, 3)}))
-    return 0
+    return 1 if cache_error else 0
+
+
+# The services whose Redis namespaces (``hearth:<service>:``) hold copies of their data.
+CACHED_SERVICES = ("clustering", "attribution", "privacy", "feedback")
+
+
+def _clear_caches(settings) -> tuple[dict[str, int], str]:
+    """With Redis configured, delete every service's cached copies: they are of the data
+    as it was before the restore (a household model fitted on sessions the snapshot does
+    not have, cached for up to an hour), and a service reads its cache before SQL. Found
+    in session 18: nothing cleared them, so the restored mesh served models newer than
+    its database. Returns (keys removed per service, why Redis could not be cleared)."""
+    if not settings.redis_url:
+        return {}, ""
+    from services.common.errors import Unavailable
+    from services.common.storage.cache import RedisCache
+
+    try:
+        return {service: RedisCache(settings.redis_url, service).delete_prefix("", strict=True)
+                for service in CACHED_SERVICES}, ""
+    except Unavailable as exc:
+        return {}, (f"{exc}: delete the keys hearth:<service>:* (or restart a Redis without persistence) "
+                    "before starting the services")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

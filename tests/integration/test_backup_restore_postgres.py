@@ -94,3 +94,38 @@ def test_restore_refuses_a_corrupt_snapshot(pg_env, tmp_path, capsys):
         fh.write(b"x")
     assert cli.main(["restore", snapshot]) == 2
     assert "privacy.pgdump: missing or corrupt" in capsys.readouterr().err
+
+
+def test_restore_clears_the_services_redis_copies_of_the_replaced_data(pg_env, redis_url, monkeypatch, tmp_path,
+                                                                        capsys):
+    """The services' Redis namespaces hold copies of the data as it was before the restore
+    (a model fitted on sessions the snapshot does not have, cached for up to an hour) and
+    a service reads its cache first: restore deletes them (session 18; before, nothing
+    did). Other keys in the same Redis are left alone."""
+    import redis
+
+    settings = config.load(service_name="privacy")
+    for service in ("clustering", "attribution", "feedback"):
+        open_database(settings, service).close()
+    _privacy_db(settings).close()
+    assert cli.main(["backup", "--out", str(tmp_path)]) == 0
+    snapshot = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    r = redis.Redis.from_url(redis_url)
+    r.set("hearth:clustering:model:acc-newer", b"a model newer than the snapshot")
+    r.set("hearth:feedback:calibrator", b"x")
+    r.set("someone-else:key", b"kept")
+    monkeypatch.setenv("HEARTH_REDIS_URL", redis_url)
+
+    assert cli.main(["restore", snapshot["snapshot"]]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["redis_keys_cleared"]["clustering"] == 1 and report["redis_keys_cleared"]["feedback"] == 1
+    assert r.get("hearth:clustering:model:acc-newer") is None and r.get("hearth:feedback:calibrator") is None
+    assert r.get("someone-else:key") == b"kept"
+
+    monkeypatch.setenv("HEARTH_REDIS_URL", "redis://127.0.0.1:1/0")   # unreachable: said, and exit 1
+    assert cli.main(["restore", snapshot["snapshot"]]) == 1
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "hearth:<service>:*" in report["redis_error"]
+    r.delete("someone-else:key")
+    r.close()

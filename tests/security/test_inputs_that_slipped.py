@@ -292,6 +292,36 @@ def test_a_malformed_body_from_a_role_without_the_permission_is_403_and_audited(
     assert _wait_for(admin, "permission_denied", target, before + 1) >= before + 1
 
 
+
+def test_an_anonymous_flood_is_audited_coalesced_not_one_record_each(security_mesh, admin):
+    """Until session 18 every anonymous 401 appended one record to the tamper-evident
+    audit log: an anonymous flood grew it without bound. Now each (reason, route) gets
+    AUTH_FAILURE_AUDIT_BURST records and then AUTH_FAILURE_AUDIT_PER_S, and a later one
+    says how many it stands for."""
+    from services.common import audit
+
+    target = "GET /v1/calibrators/{variant}"
+    before = _refusals(admin, "authentication_failure", target)
+    flood = 60
+    started = time.monotonic()
+    with httpx.Client(base_url=security_mesh.url, timeout=10,
+                      headers={"X-API-Key": "hk_not-a-key-of-this-mesh-flood"}) as anonymous:
+        for _ in range(flood):
+            assert anonymous.get("/v1/calibrators/v-flood").status_code == 401
+        elapsed = time.monotonic() - started
+        time.sleep(1.5 / audit.AUTH_FAILURE_AUDIT_PER_S)
+        assert anonymous.get("/v1/calibrators/v-flood").status_code == 401   # carries the count
+    bound = audit.AUTH_FAILURE_AUDIT_BURST + elapsed * audit.AUTH_FAILURE_AUDIT_PER_S + 3
+    _wait_for(admin, "authentication_failure", target, before + audit.AUTH_FAILURE_AUDIT_BURST + 1)
+    time.sleep(1.0)   # batches still on their way would only raise the count
+    page = admin.get("/v1/audit", params={"event_type": "authentication_failure",
+                                          "resource_prefix": f"route:{target}", "limit": 10_000})
+    records = page.json()["records"][before:]
+    assert audit.AUTH_FAILURE_AUDIT_BURST <= len(records) <= min(bound, flood), (len(records), bound)
+    suppressed = sum(int(r["details"].get("suppressed", "0")) for r in records)
+    assert suppressed >= 1
+    assert len(records) + suppressed <= flood + 1
+
 def _raw(channel, method, payload: bytes, md, streaming: bool):
     same = lambda b: b  # noqa: E731
     if streaming:

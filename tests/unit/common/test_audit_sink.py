@@ -380,3 +380,28 @@ def test_records_are_delivered_once_the_log_returns_while_the_process_runs(tmp_p
         threading.Event().wait(0.05)
     sink.close()
     assert [r.resource for r in log.records] == [f"r{i}" for i in range(60)]
+
+
+def test_authentication_failures_are_coalesced_per_reason_and_route(memory_sink):
+    transport, sink = memory_sink
+    now = [1000.0]
+    listener = audit.security_listener("gateway", clock=lambda: now[0])
+    flood = identity.SecurityEvent("authentication_failed", "gateway", "unknown_api_key",
+                                   target="GET /v1/household/{account_id}")
+    for _ in range(audit.AUTH_FAILURE_AUDIT_BURST + 25):
+        listener(flood)
+    # Another reason or route has its own budget; denials are never coalesced.
+    listener(identity.SecurityEvent("authentication_failed", "gateway", "jwt_expired",
+                                    target="GET /v1/household/{account_id}"))
+    for _ in range(audit.AUTH_FAILURE_AUDIT_BURST + 5):
+        listener(identity.SecurityEvent("permission_denied", "gateway", "not_in_matrix", "ana", "analyst",
+                                        "GET /v1/audit"))
+    now[0] += 1.0 / audit.AUTH_FAILURE_AUDIT_PER_S
+    listener(flood)
+    sink.flush(5)
+    records = [r for r in transport.records if r.event_type == "authentication_failure"]
+    flooded = [json.loads(r.details_json) for r in records if json.loads(r.details_json)["reason"] == "unknown_api_key"]
+    assert len(flooded) == audit.AUTH_FAILURE_AUDIT_BURST + 1
+    assert flooded[-1]["suppressed"] == "25" and "suppressed" not in flooded[0]
+    assert sum(1 for r in records if json.loads(r.details_json)["reason"] == "jwt_expired") == 1
+    assert sum(1 for r in transport.records if r.event_type == "permission_denied") == audit.AUTH_FAILURE_AUDIT_BURST + 5
