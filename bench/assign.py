@@ -13,7 +13,8 @@
   clustering process), and ``service_to_in_process_cpu_ratio``: that per-CPU-second
   figure over ``batch_sessions_per_cpu_s`` above, measured in the same run. The gap is
   what a service answer costs beyond the arithmetic: protobuf in and out, one durable
-  prediction record per answer, recalibration, consent. ``--no-service`` skips it.
+  prediction record per answer, recalibration, consent. ``--no-service`` skips it;
+  ``python -m bench.assign_service`` runs it alone.
 Prints progress to stderr and one JSON object as the last stdout line.
 """
 

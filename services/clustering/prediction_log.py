@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -43,26 +44,32 @@ class SessionPerson:
 
 
 _RECORD_FIELDS = tuple(f.name for f in fields(PredictionRecord))
+_RECORD_VALUES = operator.attrgetter(*_RECORD_FIELDS)
 
 
 # The records are plain str/float/int/dict values built by the service: no cycle check.
 _ENCODE = json.JSONEncoder(check_circular=False, separators=(",", ":")).encode
 
-
-# The outbox row's key for the span that made the prediction (W3C traceparent): the
-# forwarder runs later on a thread of its own, so its RecordPrediction call is a trace of
-# its own, whose ``predictions.forward`` span links back to each request's span.
+# Each outbox row carries the traceparent of the request span that made the prediction:
+# the forwarder runs later on a thread of its own, so its RecordPrediction call is a trace
+# of its own, whose ``predictions.forward`` span links back to each request's span. A row
+# written before session 18 is a JSON object of named fields (with, since session 17, the
+# traceparent under this key); forward_once still reads those.
 _TRACE_KEY = "traceparent"
 # OpenTelemetry's default cap on links per span; a batch from more requests links its first ones.
 MAX_LINKS = 128
 
 
-@dataclass(frozen=True, slots=True)
-class _Traced:
-    """A record queued for the outbox with the traceparent of the request that made it."""
+class _Request:
+    """One ``record`` call, queued for the outbox as one item: its predictions, its
+    sessions' persons and the traceparent of the span that made them (read once per
+    request, not per prediction)."""
 
-    record: PredictionRecord
-    traceparent: str
+    __slots__ = ("records", "persons", "traceparent")
+
+    def __init__(self, records: Sequence[PredictionRecord], persons: Sequence[SessionPerson],
+                 traceparent: str) -> None:
+        self.records, self.persons, self.traceparent = records, persons, traceparent
 
 
 def _traceparent() -> str:
@@ -81,12 +88,25 @@ def _link(traceparent: str) -> trace.Link | None:
 
 
 def _payload(record: PredictionRecord, traceparent: str = "") -> str:
-    """The outbox row's JSON (what ``PredictionRecord(**json.loads(...))`` reads back,
-    less the traceparent); a flat dict, not ``asdict``, whose deep copy cost more than the insert."""
-    row = {name: getattr(record, name) for name in _RECORD_FIELDS}
-    if traceparent:
-        row[_TRACE_KEY] = traceparent
-    return _ENCODE(row)
+    """The outbox row's JSON: ``[traceparent, *the record's fields in declaration order]``
+    (PredictionRecord adds fields only at the end, with a default, so an older row still
+    reads). A positional array, not an object of named fields: encoding, parsing and
+    storing the fifteen names cost more than the values (session 18, docs/benchmarks.md)."""
+    return _ENCODE((traceparent, *_RECORD_VALUES(record)))
+
+
+def _decode(payloads: Sequence[str]) -> tuple[list[PredictionRecord], list[str]]:
+    """Outbox payloads -> their records and the distinct traceparents, first seen first
+    (one request's predictions share one). Parsed as one JSON array, not one call a row."""
+    records, traceparents = [], {}
+    for row in json.loads("[" + ",".join(payloads) + "]"):
+        if type(row) is dict:       # written before session 18: named fields
+            traceparents[row.pop(_TRACE_KEY, "")] = None
+            records.append(PredictionRecord(**row))
+        else:
+            traceparents[row[0]] = None
+            records.append(PredictionRecord(*row[1:]))
+    return records, list(traceparents)
 
 
 # The longest pause between delivery attempts while feedback is unreachable. It bounds how
@@ -108,7 +128,7 @@ class PredictionLog:
         self._send = send
         self._batch = batch
         self._interval = forward_interval_s
-        self._committer: GroupCommitter[_Traced | SessionPerson] = GroupCommitter(
+        self._committer: GroupCommitter[_Request] = GroupCommitter(
             self._store, max_batch=2048, max_delay_s=0.001, name="prediction-outbox")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._forward_loop, name="prediction-forwarder", daemon=True)
@@ -124,22 +144,22 @@ class PredictionLog:
         persons); returns once they are committed."""
         if persons and self._session_writer is None:
             raise ValueError("this prediction log has no session_writer")
-        traceparent = _traceparent()
-        items = [*(_Traced(r, traceparent) for r in records), *persons]
-        if items:
-            self._committer.write(items)
+        n = len(records) + len(persons)
+        if n:   # one item per request, weighing what it holds towards the batch size
+            self._committer.write([_Request(records, persons, _traceparent())], weight=n)
 
-    def _store(self, items: Sequence[_Traced | SessionPerson]) -> int:
+    def _store(self, requests: Sequence[_Request]) -> int:
         now = time.time()
-        records, persons = [], []
-        for item in items:
-            (records if type(item) is _Traced else persons).append(item)
+        rows, persons = [], []
+        for request in requests:
+            traceparent = request.traceparent
+            rows += [(r.prediction_id, r.account_id, r.session_id, _payload(r, traceparent), now)
+                     for r in request.records]
+            persons += request.persons
         with self._db.transaction() as tx:
             stored = tx.executemany(
                 "INSERT INTO prediction_outbox (prediction_id, account_id, session_id, payload, created_at) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (prediction_id) DO NOTHING",
-                [(t.record.prediction_id, t.record.account_id, t.record.session_id,
-                  _payload(t.record, t.traceparent), now) for t in records])
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (prediction_id) DO NOTHING", rows)
             if persons:
                 self._session_writer(tx, [(p.account_id, p.session_id, p.person_id, p.probabilities)
                                           for p in persons])
@@ -156,12 +176,8 @@ class PredictionLog:
         OUTBOX_DEPTH.set(depth)
         if not rows or self._send is None:
             return 0
-        records, traceparents = [], {}
-        for _, payload in rows:
-            row = json.loads(payload)
-            # One request's predictions share its traceparent: each is linked once.
-            traceparents.setdefault(row.pop(_TRACE_KEY, ""), None)
-            records.append(PredictionRecord(**row))
+        records, traceparents = _decode([payload for _, payload in rows])
+        # One request's predictions share its traceparent: each request is linked once.
         links = [link for link in map(_link, traceparents) if link is not None][:MAX_LINKS]
         with telemetry.safe_span(telemetry.tracer("hearth.clustering.predictions"), "predictions.forward",
                                  links=links, attributes={"hearth.predictions": len(records)}):

@@ -99,9 +99,9 @@ class GroupCommitter(Generic[T]):
                 self._cond.notify()
             return batch.commit
 
-    def write(self, items: Sequence[T], timeout_s: float = 10.0):
-        """Submit and wait until durable."""
-        return self.submit(items).result(timeout_s)
+    def write(self, items: Sequence[T], timeout_s: float = 10.0, weight: int | None = None):
+        """Submit (``weight`` as in ``submit``) and wait until durable."""
+        return self.submit(items, weight).result(timeout_s)
 
     def close(self) -> None:
         """Flush what is queued, then stop the thread."""

@@ -2,6 +2,10 @@
 
 One type for both sides of ``RecordPrediction`` (clustering's durable outbox row and the
 feedback service's prediction log hold the same fields), so the two cannot drift apart.
+
+Clustering's outbox stores a record positionally (``[traceparent, *fields]`` in
+declaration order, services/clustering/prediction_log.py): a new field goes at the end,
+with a default, so rows queued before an upgrade still read.
 """
 
 from __future__ import annotations
