@@ -6,11 +6,11 @@ STAMP := $(VENV)/.installed
 PROTOS := $(shell find protos -name '*.proto')
 
 .DEFAULT_GOAL := help
-.PHONY: help run test protos venv test-unit test-contract test-integration test-e2e \
-        provision bench-accuracy bench-api-accuracy bench-movielens bench-assign bench-assign-cpu bench-attribution bench-privacy bench-pg-purge bench-feedback bench-gateway bench-grpc-server bench-audit-memory verify clean check-protos
+.PHONY: help run test protos venv test-unit test-e2e \
+        provision bench-accuracy bench-api-accuracy bench-movielens bench-assign bench-assign-cpu bench-attribution bench-privacy bench-pg-purge bench-feedback bench-gateway bench-grpc-server bench-audit-memory verify clean
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	bash scripts/provision.sh venv
@@ -33,7 +33,7 @@ run: hearth/__init__.py ## start the four services and the gateway on SQLite (Ct
 provision: ## install the system tools the suite needs (apt-get as root; otherwise prints the command)
 	bash scripts/provision.sh
 
-test: provision hearth/__init__.py ## the whole suite: unit, contract, storage (SQLite, PostgreSQL, Redis), e2e
+test: provision hearth/__init__.py ## the whole suite: unit, contract, integration and storage (SQLite, PostgreSQL, Redis), security, e2e, deploy
 	$(PY) -m pytest -q
 
 test-unit: hearth/__init__.py ## unit tests only
@@ -42,10 +42,10 @@ test-unit: hearth/__init__.py ## unit tests only
 test-e2e: hearth/__init__.py ## end-to-end tests only (real processes)
 	$(PY) -m pytest -q tests/e2e
 
-bench-accuracy: hearth/__init__.py ## clustering accuracy vs ground truth and scikit-learn (JSON)
+bench-accuracy: hearth/__init__.py ## clustering accuracy on generated households vs ground truth, beside scikit-learn, simple baselines and a supervised oracle (JSON)
 	OMP_NUM_THREADS=1 $(PY) -m bench.accuracy
 
-bench-api-accuracy: hearth/__init__.py ## accuracy through the public API of a running mesh beside the in-process figures (JSON; ARGS="--quick|--full --cut quiet")
+bench-api-accuracy: hearth/__init__.py ## accuracy through the public API of a mesh it starts (free ports) beside the in-process figures (JSON; ARGS="--quick|--full --cut quiet")
 	OMP_NUM_THREADS=1 $(PY) -m bench.api_accuracy $(ARGS)
 
 bench-movielens: hearth/__init__.py ## clustering on real viewers: MovieLens 100K users merged into accounts (JSON; fetches the data into var/ once)

@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     add.add_argument("principal")
     add.add_argument("role", choices=[r.value for r in Role])
     add.add_argument("--expires-at", help="ISO-8601 time with offset")
-    revoke = sub.add_parser("revoke", help="revoke a key by id (effective on the next request)")
+    revoke = sub.add_parser("revoke", help="revoke a key by id (effective within HEARTH_API_KEYS_RELOAD_S, 1 s by default)")
     revoke.add_argument("key_id")
     sub.add_parser("list", help="list key ids, principals, roles and state (never secrets)")
     args = parser.parse_args(argv)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 from datetime import timezone
 
+import grpc
 import numpy as np
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field, model_validator
 
 from gateway import models
+from gateway.errors import rpc_error_field
 from gateway.routes import ACCOUNT_PATH, ERROR_RESPONSES, api_router
 from hearth.clustering.v1 import clustering_pb2 as cpb
 from services.clustering.domain import features as F
@@ -130,9 +132,16 @@ def router(clients, access) -> APIRouter:
                             limit: int = Query(500, ge=1, le=10_000, description="sessions per page"),
                             cursor: str = Query("", max_length=512, description="next_cursor of the previous page"),
                             who: Principal = Depends(access("GET /v1/household/{account_id}"))):
-        r = await clients.call("clustering", "GetHousehold",
-                               cpb.GetHouseholdRequest(account_id=account_id, max_sessions=limit, page_token=cursor),
-                               who)
+        try:
+            r = await clients.call("clustering", "GetHousehold",
+                                   cpb.GetHouseholdRequest(account_id=account_id, max_sessions=limit, page_token=cursor),
+                                   who)
+        except grpc.aio.AioRpcError as exc:
+            # The HTTP caller sent `cursor`: name it, not the gRPC field behind it.
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and rpc_error_field(exc) == "page_token":
+                raise InvalidArgument("is not a cursor this service issued (use next_cursor of a page)",
+                                      "cursor") from None
+            raise
         return _household_to_json(r)
 
     @api.post("/v1/assign", response_model=AssignOut,

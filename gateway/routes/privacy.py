@@ -136,7 +136,9 @@ def deletion_to_json(r: ppb.GetDeletionResponse) -> DeletionOut:
 def router(clients, access) -> APIRouter:
     api = api_router()
 
-    @api.post("/v1/delete", status_code=202, response_model=DeleteAcceptedOut, responses=ERROR_RESPONSES,
+    @api.post("/v1/delete", status_code=202, response_model=DeleteAcceptedOut,
+              responses={**ERROR_RESPONSES, 409: {"model": models.ErrorOut,
+                                                  "description": "request_id already used for another scope"}},
               summary="Request the deletion of a device, person, household or time window (durable job)")
     async def post_delete(body: DeleteIn, who: Principal = Depends(access("POST /v1/delete"))):
         r = await clients.call("privacy", "RequestDeletion", ppb.RequestDeletionRequest(

@@ -59,6 +59,8 @@ OTHER_VARIABLES: dict[str, str] = {
     "HEARTH_ROLLOUT_API_KEY": "services/rollout.py: the rollout CLI's gateway key",
     "HEARTH_ROLLOUT_WEBHOOK_TOKEN": "services/rollout.py: the rollback webhook's bearer token",
     "HEARTH_ROLLOUT_CA_FILE": "services/rollout.py: CA of the gateway's HTTPS certificate",
+    "HEARTH_DRILL_CA": "scripts/fresh_machine_drill.sh: a proxy's CA bundle copied into the drill's root",
+    "HEARTH_DRILL_MIRROR": "scripts/fresh_machine_drill.sh: the Debian mirror debootstrap uses",
 }
 
 

@@ -1,0 +1,84 @@
+"""Every Prometheus metric the code defines is named in the operator docs, with its true
+labels, and the docs name no metric the code does not define. Before session 18, six
+metrics (Redis cache errors, GMM fallbacks, drift events, the prediction outbox's
+deliveries and failures, audit records spooled to disk) were in no doc."""
+
+from __future__ import annotations
+
+import importlib
+import re
+
+from prometheus_client import REGISTRY
+from tests.helpers.operator_docs import ROOT, doc_lines
+
+# Where every metric is defined (imported for their module-level collectors).
+METRIC_MODULES = ["services.common.telemetry", "services.common.health_report", "services.common.storage.cache",
+                  "services.common.identity", "services.common.audit", "services.clustering.modeling",
+                  "services.clustering.prediction_log", "services.clustering.app", "services.feedback.instruments",
+                  "services.privacy.audit.app", "services.privacy.deletion.app", "gateway.admission", "gateway.app"]
+# `hearth_*` words in the docs that are not metrics: a scrape relabel, a JWT claim, and the
+# services' PostgreSQL schemas (`hearth_<service>`; `hearth_clustering.sessions` is a table).
+NOT_METRICS = {"hearth_component", "hearth_role", "hearth_clustering", "hearth_attribution", "hearth_privacy",
+               "hearth_feedback"}
+_DEFINITION = re.compile(r"\b(?:Counter|Gauge|Histogram|Summary)\(\s*\"(hearth_[a-z0-9_]+)\"")
+_MENTION = re.compile(r"\b(hearth_[a-z0-9_]*[a-z0-9])(\{[^}]*\})?")
+
+
+def _metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Exposition name (counters with `_total`) -> (type, label names)."""
+    for module in METRIC_MODULES:
+        importlib.import_module(module)
+    found = {}
+    for collector in list(REGISTRY._collector_to_names):
+        name = getattr(collector, "_name", "")
+        if name.startswith("hearth_"):
+            kind = collector._type
+            found[name + ("_total" if kind == "counter" else "")] = (kind, tuple(collector._labelnames))
+    return found
+
+
+def test_every_metric_defined_in_the_code_is_imported_here():
+    defined = set()
+    for base in ("services", "gateway"):
+        for path in (ROOT / base).rglob("*.py"):
+            if "testing" not in path.parts:
+                defined |= set(_DEFINITION.findall(path.read_text(encoding="utf-8")))
+    assert defined and defined <= set(_metrics()), sorted(defined - set(_metrics()))
+
+
+def test_every_metric_is_documented_with_its_labels():
+    metrics = _metrics()
+    named, wrong = set(), []
+    for doc, number, line in doc_lines():
+        where = f"{doc}:{number}"
+        for name, labels in _MENTION.findall(line):
+            if name in NOT_METRICS:
+                continue
+            if name not in metrics:
+                wrong.append(f"{where} {name}: no such metric")
+                continue
+            named.add(name)
+            if labels:
+                keys = [part.split("=")[0].strip() for part in labels.strip("{}").split(",")]
+                selector = "=" in labels
+                if (selector and not set(keys) <= set(metrics[name][1])) or \
+                        (not selector and sorted(keys) != sorted(metrics[name][1])):
+                    wrong.append(f"{where} {name}{labels}: labels are {metrics[name][1]}")
+    assert wrong == []
+    assert sorted(set(metrics) - named) == [], "metrics no operator doc names"
+
+
+def test_the_alert_metrics_table_states_type_and_labels():
+    metrics = _metrics()
+    section = (ROOT / "docs" / "deploy.md").read_text(encoding="utf-8").split("### Metrics the alerts expect", 1)[1]
+    rows = 0
+    for line in section.split("\n## ", 1)[0].splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) != 4 or "hearth_" not in cells[0]:
+            continue
+        labels = sorted(x.strip() for x in re.sub(r"\([^)]*\)", "", cells[2]).split(",") if x.strip())
+        for name in re.findall(r"`(hearth_[a-z0-9_]+)`", cells[0]):
+            rows += 1
+            assert cells[1] == metrics[name][0], f"{name}: type {cells[1]}"
+            assert labels == sorted(metrics[name][1]), f"{name}: labels {labels}"
+    assert rows >= 15
