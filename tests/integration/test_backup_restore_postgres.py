@@ -112,6 +112,8 @@ def test_restore_clears_the_services_redis_copies_of_the_replaced_data(pg_env, r
     snapshot = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
     r = redis.Redis.from_url(redis_url)
+    # The Redis is the run's shared one: earlier tests may have left keys in the namespaces.
+    earlier = {service: sum(1 for _ in r.scan_iter(f"hearth:{service}:*")) for service in ("clustering", "feedback")}
     r.set("hearth:clustering:model:acc-newer", b"a model newer than the snapshot")
     r.set("hearth:feedback:calibrator", b"x")
     r.set("someone-else:key", b"kept")
@@ -119,7 +121,9 @@ def test_restore_clears_the_services_redis_copies_of_the_replaced_data(pg_env, r
 
     assert cli.main(["restore", snapshot["snapshot"]]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report["redis_keys_cleared"]["clustering"] == 1 and report["redis_keys_cleared"]["feedback"] == 1
+    assert report["redis_keys_cleared"]["clustering"] == earlier["clustering"] + 1
+    assert report["redis_keys_cleared"]["feedback"] == earlier["feedback"] + 1
+    assert not any(r.scan_iter("hearth:clustering:*")) and not any(r.scan_iter("hearth:feedback:*"))
     assert r.get("hearth:clustering:model:acc-newer") is None and r.get("hearth:feedback:calibrator") is None
     assert r.get("someone-else:key") == b"kept"
 
