@@ -43,6 +43,7 @@ from fastapi.routing import APIRoute, serialize_response
 from pydantic import BaseModel
 from starlette.responses import Response
 
+from gateway.transport import replaying_receive
 from services.common.strict_json import DuplicateKeyError, loads_unique_keys
 
 # FastAPI (0.165, pinned) hands get_route_handler the included route's merged settings
@@ -292,15 +293,7 @@ class FastLane:
             if not message.get("more_body", False):
                 break
         raw = b"".join(chunks)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": raw, "more_body": False}
-            return await receive()
-
+        replay = replaying_receive(raw, False, receive)
         body = lean.parse(content_type, raw) if len(raw) <= self.max_body_bytes else None
         if body is None:
             await self.app(scope, replay, send)
