@@ -48,10 +48,8 @@ NO_DEADLINE_S = 86400.0
 
 def bounded_timeout(timeout_s: float) -> float:
     """``timeout_s``, cut to what is left of the RPC being served (if any)."""
-    deadline = _serving_deadline.get()
-    if deadline is None:
-        return timeout_s
-    return min(timeout_s, max(deadline - time.monotonic(), 0.001))
+    left = serving_time_left()
+    return timeout_s if left is None else min(timeout_s, left)
 
 
 class _ClientCallDetails(grpc.ClientCallDetails):
