@@ -67,7 +67,7 @@ def measure(households: int = 100, days: int = 30, batch: int = 1000, messages: 
             vectors = _seed(mesh, key, households, days, timeout_s)
             log(f"service: seeded {len(vectors)} households in {time.perf_counter() - started:.0f} s")
             admin = Principal("bench-admin", Role.ADMIN)
-            token = ServiceTokenSigner(mesh.service_token_key.encode()).sign(admin)
+            token = ServiceTokenSigner(mesh.service_token_key.encode()).sign(admin, audience="clustering")
             metadata = [(PRINCIPAL_KEY, admin.id), (ROLE_KEY, admin.role.value), (TOKEN_KEY, token)]
             accounts = sorted(vectors)
             rng = np.random.default_rng(1)

@@ -161,7 +161,7 @@ def _metadata():
     from services.common import config, identity
 
     config.configure_process(config.load(config.ServiceSettings, service_name="gateway"))
-    return (*identity.service_principal("gateway").metadata(),
+    return (*identity.service_principal("gateway").metadata("clustering"),
             ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"))
 
 

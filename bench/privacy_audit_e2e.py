@@ -119,7 +119,7 @@ def run_grpc(app: AuditApp, batch: list[audit.AuditRecord], threads: int) -> flo
     running = build_server("privacy", register, port=0)
     channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
     stub = ppb_grpc.AuditLogStub(channel)
-    metadata = Principal("svc:bench", Role.SERVICE).metadata()
+    metadata = Principal("svc:bench", Role.SERVICE).metadata("privacy")
     requests = [audit.to_append_request(batch[i:i + 500]) for i in range(0, len(batch), 500)]
     try:
         started = time.perf_counter()

@@ -70,14 +70,14 @@ class ServiceClients:
         """Unary call with deadline, principal and trace context. Raises AioRpcError."""
         rpc: Callable[..., Awaitable] = getattr(self.stubs[service], method)
         with telemetry.safe_span(self._tracer, f"{service}/{method}", kind=SpanKind.CLIENT):
-            metadata = telemetry.inject_context(principal.metadata())
+            metadata = telemetry.inject_context(principal.metadata(service))
             return await rpc(request, timeout=timeout_s or self._timeout, metadata=metadata)
 
     async def stream_unary(self, service: str, method: str, requests, principal: Principal,
                            timeout_s: float | None = None):
         rpc = getattr(self.stubs[service], method)
         with telemetry.safe_span(self._tracer, f"{service}/{method}", kind=SpanKind.CLIENT):
-            metadata = telemetry.inject_context(principal.metadata())
+            metadata = telemetry.inject_context(principal.metadata(service))
             return await rpc(iter(requests), timeout=timeout_s or self._timeout, metadata=metadata)
 
     async def serving(self, name: str) -> bool:

@@ -8,7 +8,8 @@ Envoy's ``ext_authz`` filter asks this route first, with the caller's credential
 appended to the prefix. The gateway authenticates the caller as for its own routes,
 checks the permission matrix for that RPC (the same one the service enforces) and
 answers 200 with the principal's signed metadata (``x-hearth-principal``,
-``x-hearth-role``, ``x-hearth-token``), which Envoy adds to the upstream call; a
+``x-hearth-role``, ``x-hearth-token``; the token's audience is the service of the
+method's package, the one Envoy routes the call to), which Envoy adds to the upstream call; a
 refusal is the gateway's usual 401/403 JSON, which Envoy returns to the client.
 
 Why the gateway and not Envoy alone: one place holds the API keys, the JWT settings and
@@ -23,6 +24,7 @@ import re
 from fastapi import APIRouter, Request, Response
 
 from services.common import permissions
+from services.common.client import audience_of_method
 from services.common.errors import InvalidArgument, PermissionDenied
 from services.common.identity import Role
 
@@ -48,8 +50,14 @@ def router(authenticator, limiter) -> APIRouter:
         if who.role == Role.SERVICE:
             # The edge is for clients; service principals call each other directly.
             raise PermissionDenied(f"{who.id}: service principals do not call through the edge", "principal")
+        try:
+            # The token names the one service Envoy sends this call to: replayed at another
+            # service (by Envoy's caller, who may see it), it is refused there.
+            audience = audience_of_method(full_method)
+        except ValueError:
+            raise InvalidArgument("no single service serves this method", "path") from None
         permissions.authorize_rpc(who, full_method)
         await limiter.check(who, target)
-        return Response(status_code=200, headers=dict(who.metadata()))
+        return Response(status_code=200, headers=dict(who.metadata(audience)))
 
     return api

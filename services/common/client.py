@@ -4,6 +4,7 @@ every call; retries only for calls the caller marks idempotent."""
 from __future__ import annotations
 
 import contextvars
+import re
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -64,18 +65,26 @@ class _ClientCallDetails(grpc.ClientCallDetails):
 
 class PeerInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientInterceptor,
                       grpc.UnaryStreamClientInterceptor, grpc.StreamStreamClientInterceptor):
-    """Adds a client span, the trace context, the acting principal and a default deadline."""
+    """Adds a client span, the trace context, the acting principal and a default deadline.
 
-    def __init__(self, acting_as: Callable[[], identity.Principal], timeout_s: float) -> None:
+    The principal's token names its audience: ``audience`` (the component this channel
+    reaches) when given, else the service of the method's package
+    (``/hearth.<service>.v1.X/Method``). A method of ``hearth.common.v1`` (DataHolder,
+    served by several components) needs an explicit ``audience``."""
+
+    def __init__(self, acting_as: Callable[[], identity.Principal], timeout_s: float,
+                 audience: str | None = None) -> None:
         self._acting_as = acting_as
         self._timeout = timeout_s
+        self._audience = audience
         self._tracer = telemetry.tracer("hearth.grpc.client")
 
     def _call(self, continuation, details, request):
         with telemetry.safe_span(self._tracer, details.method.lstrip("/"), kind=SpanKind.CLIENT):
             metadata = [m for m in (details.metadata or []) if m[0] not in
                         (identity.PRINCIPAL_KEY, identity.ROLE_KEY, identity.TOKEN_KEY)]
-            metadata = telemetry.inject_context(metadata + self._acting_as().metadata())
+            audience = self._audience or audience_of_method(details.method)
+            metadata = telemetry.inject_context(metadata + self._acting_as().metadata(audience))
             new_details = _ClientCallDetails(
                 details.method, bounded_timeout(details.timeout if details.timeout is not None else self._timeout),
                 metadata, details.credentials, details.wait_for_ready, details.compression)
@@ -88,6 +97,21 @@ class PeerInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientIn
     intercept_stream_unary = _call
     intercept_unary_stream = _call
     intercept_stream_stream = _call
+
+
+_METHOD_PACKAGE = re.compile(r"^/hearth\.([a-z]+)\.v1\.[A-Za-z]+/[A-Za-z]+$")
+
+
+def audience_of_method(method: str | bytes) -> str:
+    """The component a gRPC method belongs to (``/hearth.clustering.v1.X/Y`` ->
+    "clustering"); ValueError for a method of ``hearth.common.v1``, which several
+    components serve, or of no Hearth package."""
+    if isinstance(method, bytes):
+        method = method.decode()
+    match = _METHOD_PACKAGE.match(method or "")
+    if match is None or match.group(1) == "common":
+        raise ValueError(f"{method}: no single component serves it; give the channel an audience")
+    return match.group(1)
 
 
 def _acting_principal(service: str) -> Callable[[], identity.Principal]:
@@ -104,11 +128,12 @@ def _acting_principal(service: str) -> Callable[[], identity.Principal]:
     return acting
 
 
-def peer_channel(address: str, calling_service: str, timeout_s: float = 5.0) -> grpc.Channel:
+def peer_channel(address: str, calling_service: str, timeout_s: float = 5.0,
+                 audience: str | None = None) -> grpc.Channel:
     # Mutual TLS when HEARTH_TLS_* is configured; the signed principal rides in metadata
-    # either way (PeerInterceptor -> Principal.metadata()).
+    # either way (PeerInterceptor -> Principal.metadata(audience)).
     channel = tls.channel(address, options=tls.channel_options())
-    return grpc.intercept_channel(channel, PeerInterceptor(_acting_principal(calling_service), timeout_s))
+    return grpc.intercept_channel(channel, PeerInterceptor(_acting_principal(calling_service), timeout_s, audience))
 
 
 class Peer:
@@ -118,10 +143,13 @@ class Peer:
     one generated stub, and ``call`` which runs an RPC with a deadline as the calling
     service's principal (``svc:<calling_service>``) or, with ``on_behalf_of_caller``,
     as the principal of the RPC being served (so the permission matrix judges the human
-    behind it). Only calls marked ``idempotent`` are retried."""
+    behind it). Only calls marked ``idempotent`` are retried. ``audience``: the component
+    at ``address``, needed only for a stub of ``hearth.common.v1`` (DataHolder); else it
+    is the stub's own service."""
 
-    def __init__(self, address: str, calling_service: str, stub_class: type, timeout_s: float = 5.0) -> None:
-        self.channel = peer_channel(address, calling_service, timeout_s)
+    def __init__(self, address: str, calling_service: str, stub_class: type, timeout_s: float = 5.0,
+                 audience: str | None = None) -> None:
+        self.channel = peer_channel(address, calling_service, timeout_s, audience)
         self.stub = stub_class(self.channel)
         self.timeout_s = timeout_s
         self._me = identity.service_principal(calling_service)

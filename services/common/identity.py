@@ -5,15 +5,19 @@ Metadata of every internal call::
 
     x-hearth-principal  the acting principal's id      (e.g. "alice", "svc:privacy")
     x-hearth-role       one of the five roles
-    x-hearth-token      "v1.<exp>.<mac>": a signed service token
+    x-hearth-token      "v2.<aud>.<exp>.<mac>": a signed service token
 
-``mac = HMAC-SHA256(key, "hearth-service-token|v1|<principal>|<role>|<exp>")`` with
-``exp`` in integer Unix seconds. The key is the mesh secret ``HEARTH_SERVICE_TOKEN_KEY``
+``mac = HMAC-SHA256(key, "hearth-service-token|v2|<principal>|<role>|<aud>|<exp>")`` with
+``exp`` in integer Unix seconds and ``aud`` the *audience*: the component the call is
+sent to ("clustering", "attribution", "privacy", "feedback"), which the receiver checks
+against its own name (``wrong_audience``), so a token captured on its way to one service
+does not replay at another. The key is the mesh secret ``HEARTH_SERVICE_TOKEN_KEY``
 (at least 32 characters), shared by the gateway and the services: whoever forwards a
-principal signs it, whoever receives one verifies it. A token binds the principal *and*
-the role, so an attacker who can reach a service port can neither invent a principal
-nor raise the role of one they have seen; a captured token can be replayed only for the
-same principal and role until it expires (``HEARTH_SERVICE_TOKEN_TTL_S``, default 300 s).
+principal signs it, whoever receives one verifies it. A token binds the principal, the
+role and the audience, so an attacker who can reach a service port can neither invent a
+principal nor raise the role of one they have seen; a captured token can be replayed
+only for the same principal and role at the same service until it expires
+(``HEARTH_SERVICE_TOKEN_TTL_S``, default 300 s).
 
 When mutual TLS is configured (see ``services.common.tls``) the transport already proves
 that the peer holds a certificate of the mesh CA; the server then trusts the forwarded
@@ -36,6 +40,7 @@ import contextvars
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 import threading
 import time
@@ -61,8 +66,10 @@ MIN_KEY_CHARS = 32
 DEFAULT_TOKEN_TTL_S = 300.0
 # Clocks of two hosts disagree a little; a token is accepted this long past its expiry.
 CLOCK_SKEW_S = 30.0
-_TOKEN_VERSION = "v1"
+_TOKEN_VERSION = "v2"
 _MAX_TOKEN_CHARS = 256
+# An audience is a component name: "clustering", "privacy", "gateway", ...
+_AUDIENCE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
 
 # ---------------------------------------------------------------------------------------
@@ -145,17 +152,19 @@ class Principal:
     id: str
     role: Role
 
-    def metadata(self) -> list[tuple[str, str]]:
-        """gRPC metadata that carries this principal to a peer, signed with the mesh key."""
+    def metadata(self, audience: str) -> list[tuple[str, str]]:
+        """gRPC metadata that carries this principal to the component ``audience`` (the
+        service the call is sent to: "clustering", "privacy", ...), signed with the mesh key."""
         return [(PRINCIPAL_KEY, self.id), (ROLE_KEY, self.role.value),
-                (TOKEN_KEY, service_token_signer().sign(self))]
+                (TOKEN_KEY, service_token_signer().sign(self, audience=audience))]
 
 
 class ServiceTokenSigner:
     """Signs and verifies service tokens (format in the module docstring).
 
-    Tokens are cached per principal and reused while more than half their lifetime
-    remains, so the hot path costs one dict look-up rather than one HMAC per call."""
+    Tokens are cached per (principal, role, audience) and reused while more than half
+    their lifetime remains, so the hot path costs one dict look-up rather than one HMAC
+    per call."""
 
     def __init__(self, key: bytes, ttl_s: float = DEFAULT_TOKEN_TTL_S,
                  clock: Callable[[], float] = time.time) -> None:
@@ -166,52 +175,64 @@ class ServiceTokenSigner:
         self._key = key
         self.ttl_s = float(ttl_s)
         self._clock = clock
-        self._cache: dict[tuple[str, str], tuple[int, str]] = {}
-        # Tokens whose signature verified, with the principal, role and expiry they were
-        # verified for: a service presents the same token on every call for half its
-        # lifetime, so the HMAC is computed once per token rather than once per call.
-        # The lifetime checks still run on every call.
-        self._verified: dict[str, tuple[str, str, int]] = {}
+        self._cache: dict[tuple[str, str, str], tuple[int, str]] = {}
+        # Tokens whose signature verified, with the principal, role, audience and expiry
+        # they were verified for: a service presents the same token on every call for half
+        # its lifetime, so the HMAC is computed once per token rather than once per call.
+        # The audience and lifetime checks still run on every call.
+        self._verified: dict[str, tuple[str, str, str, int]] = {}
 
-    def _mac(self, principal_id: str, role: str, exp: int) -> str:
-        message = f"hearth-service-token|{_TOKEN_VERSION}|{principal_id}|{role}|{exp}".encode()
+    def _mac(self, principal_id: str, role: str, audience: str, exp: int) -> str:
+        message = f"hearth-service-token|{_TOKEN_VERSION}|{principal_id}|{role}|{audience}|{exp}".encode()
         digest = hmac.new(self._key, message, hashlib.sha256).digest()
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
-    def sign(self, principal: Principal, exp: int | None = None) -> str:
-        """A token for ``principal``; ``exp`` (Unix seconds) defaults to now + ttl."""
-        now = self._clock()
-        cache_key = (principal.id, principal.role.value)
-        if exp is None:
-            cached = self._cache.get(cache_key)
-            if cached is not None and cached[0] - now > self.ttl_s / 2:
-                return cached[1]
-            exp = int(now + self.ttl_s)
-            token = f"{_TOKEN_VERSION}.{exp}.{self._mac(principal.id, principal.role.value, exp)}"
-            if len(self._cache) > 10_000:  # bounded: principals are many only under attack
-                self._cache.clear()
-            self._cache[cache_key] = (exp, token)
-            return token
-        return f"{_TOKEN_VERSION}.{exp}.{self._mac(principal.id, principal.role.value, exp)}"
+    def _token(self, principal: Principal, audience: str, exp: int) -> str:
+        return f"{_TOKEN_VERSION}.{audience}.{exp}.{self._mac(principal.id, principal.role.value, audience, exp)}"
 
-    def verify(self, principal_id: str, role: str, token: str) -> None:
+    def sign(self, principal: Principal, exp: int | None = None, *, audience: str) -> str:
+        """A token for ``principal`` to present to the component ``audience``; ``exp``
+        (Unix seconds) defaults to now + ttl."""
+        if not _AUDIENCE.match(audience or ""):
+            raise ValueError(f"audience: a component name (lower-case letters), not {audience!r}")
+        now = self._clock()
+        if exp is not None:
+            return self._token(principal, audience, exp)
+        cache_key = (principal.id, principal.role.value, audience)
+        cached = self._cache.get(cache_key)
+        if cached is not None and cached[0] - now > self.ttl_s / 2:
+            return cached[1]
+        exp = int(now + self.ttl_s)
+        token = self._token(principal, audience, exp)
+        if len(self._cache) > 10_000:  # bounded: principals are many only under attack
+            self._cache.clear()
+        self._cache[cache_key] = (exp, token)
+        return token
+
+    def verify(self, principal_id: str, role: str, token: str, *, audience: str) -> None:
         """Raise Unauthenticated (field ``x-hearth-token``) unless ``token`` was signed
-        with this key for exactly this principal and role and is within its lifetime.
-        The exception's ``reason`` attribute says why (for logs and metrics only)."""
+        with this key for exactly this principal and role, names ``audience`` (the
+        verifying component) and is within its lifetime. The exception's ``reason``
+        attribute says why (for logs and metrics only)."""
         known = self._verified.get(token) if isinstance(token, str) else None
         if known is not None and known[0] == principal_id and known[1] == role:
-            exp = known[2]
+            token_audience, exp = known[2], known[3]
         else:
             parts = token.split(".") if isinstance(token, str) and len(token) <= _MAX_TOKEN_CHARS else []
-            if len(parts) != 3 or parts[0] != _TOKEN_VERSION or not parts[1].isdigit() or len(parts[1]) > 12:
+            if (len(parts) != 4 or parts[0] != _TOKEN_VERSION or not _AUDIENCE.match(parts[1])
+                    or not parts[2].isdigit() or len(parts[2]) > 12):
                 raise _unauthenticated("malformed_token")
-            exp = int(parts[1])
-            expected = self._mac(principal_id, role, exp)
-            if not hmac.compare_digest(expected.encode(), parts[2].encode()):
+            token_audience, exp = parts[1], int(parts[2])
+            expected = self._mac(principal_id, role, token_audience, exp)
+            if not hmac.compare_digest(expected.encode(), parts[3].encode()):
                 raise _unauthenticated("bad_token_signature")
             if len(self._verified) > 10_000:  # bounded: a few tokens per peer are live at once
                 self._verified.clear()
-            self._verified[token] = (principal_id, role, exp)
+            self._verified[token] = (principal_id, role, token_audience, exp)
+        if token_audience != audience:
+            # Minted for another component: a token captured on its way to one service
+            # (or handed to a client by the edge authorizer) does not open another.
+            raise _unauthenticated("wrong_audience")
         now = self._clock()
         if now > exp + CLOCK_SKEW_S:
             raise _unauthenticated("expired_token")
@@ -267,11 +288,12 @@ _current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("pri
 
 
 def principal_from_metadata(metadata: Sequence[tuple[str, str | bytes]] | None, *,
-                            peer_verified: bool = False, component: str = "service") -> Principal:
+                            component: str, peer_verified: bool = False) -> Principal:
     """The principal of an incoming call, or Unauthenticated.
 
-    ``peer_verified``: the transport authenticated the peer (mutual TLS), so the signed
-    token is not required. Every refusal is reported as a security event."""
+    ``component``: the receiving component (its name, e.g. "privacy"), the audience a
+    token must name. ``peer_verified``: the transport authenticated the peer (mutual
+    TLS), so the signed token is not required. Every refusal is reported as a security event."""
     values = dict((k, v) for k, v in (metadata or ()) if isinstance(v, str))
     pid, role = values.get(PRINCIPAL_KEY), values.get(ROLE_KEY)
     try:
@@ -287,7 +309,7 @@ def principal_from_metadata(metadata: Sequence[tuple[str, str | bytes]] | None, 
             token = values.get(TOKEN_KEY)
             if not token:
                 raise _refusal("no service token in request metadata", TOKEN_KEY, "missing_token")
-            service_token_signer().verify(pid, role, token)
+            service_token_signer().verify(pid, role, token, audience=component)
         return principal
     except Unauthenticated as exc:
         report_security_event(SecurityEvent(

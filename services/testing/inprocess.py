@@ -62,7 +62,7 @@ class InProcessMesh:
         """A stub of ``service`` (its own API, or ``stub_cls`` such as DataHolderStub)
         whose calls act as ``acting_as`` (default: an admin)."""
         principal = acting_as or identity.Principal("test-admin", identity.Role.ADMIN)
-        channel = peer_channel(self.addresses[service], "test", timeout_s=30.0)
+        channel = peer_channel(self.addresses[service], "test", timeout_s=30.0, audience=service)
         self._channels.append(channel)
         stub = stub_cls(channel) if stub_cls is not None else ProcessStub(channel, stub_classes(service))
         return _Acting(stub, principal)

@@ -33,22 +33,22 @@ def test_lists_withdrawn_accounts_in_pages(consent):
     for account, processing, attribution in [("acc-c", False, True), ("acc-a", True, False), ("acc-b", True, True),
                                              ("acc-d", False, False), ("acc-e", True, True)]:
         consent.SetConsent(ppb.SetConsentRequest(account_id=account, processing=processing, attribution=attribution),
-                           metadata=ADMIN.metadata(), timeout=10)
+                           metadata=ADMIN.metadata("privacy"), timeout=10)
     consent.SetConsent(ppb.SetConsentRequest(account_id="acc-e", processing=True, attribution=False),
-                       metadata=ADMIN.metadata(), timeout=10)   # withdrawn after giving it
-    first = consent.ListWithdrawnConsent(ppb.ListWithdrawnConsentRequest(limit=2), metadata=ATTRIBUTION.metadata(),
+                       metadata=ADMIN.metadata("privacy"), timeout=10)   # withdrawn after giving it
+    first = consent.ListWithdrawnConsent(ppb.ListWithdrawnConsentRequest(limit=2), metadata=ATTRIBUTION.metadata("privacy"),
                                          timeout=10)
     assert [(a.account_id, a.processing, a.attribution, a.known) for a in first.accounts] == [
         ("acc-a", True, False, True), ("acc-c", False, True, True)]
     assert first.has_more
     rest = consent.ListWithdrawnConsent(ppb.ListWithdrawnConsentRequest(after_account_id="acc-c"),
-                                        metadata=ATTRIBUTION.metadata(), timeout=10)
+                                        metadata=ATTRIBUTION.metadata("privacy"), timeout=10)
     assert [a.account_id for a in rest.accounts] == ["acc-d", "acc-e"] and not rest.has_more
 
 
 def test_only_the_attribution_service_may_list(consent):
     call = (lambda who: consent.ListWithdrawnConsent(ppb.ListWithdrawnConsentRequest(),
-                                                     metadata=who.metadata(), timeout=10))
+                                                     metadata=who.metadata("privacy"), timeout=10))
     for who in (ADMIN, Principal("test-officer", Role.PRIVACY_OFFICER), service_principal("clustering"),
                 service_principal("feedback")):
         assert _error(call, who)[0] == grpc.StatusCode.PERMISSION_DENIED, who
@@ -60,5 +60,5 @@ def test_only_the_attribution_service_may_list(consent):
     (ppb.ListWithdrawnConsentRequest(after_account_id="bad id\n"), "after_account_id"),
 ])
 def test_bad_paging_is_invalid_argument_naming_the_field(consent, request_, field):
-    call = (lambda who: consent.ListWithdrawnConsent(request_, metadata=who.metadata(), timeout=10))
+    call = (lambda who: consent.ListWithdrawnConsent(request_, metadata=who.metadata("privacy"), timeout=10))
     assert _error(call, ATTRIBUTION) == (grpc.StatusCode.INVALID_ARGUMENT, field)

@@ -27,24 +27,24 @@ from tests.conftest import ADMIN
 CASES = {
     "clustering": ("hearth.clustering.v1.ClusteringService",
                    lambda ch: cpb_grpc.ClusteringServiceStub(ch).GetHousehold(
-                       cpb.GetHouseholdRequest(account_id="unknown-acc"), metadata=ADMIN.metadata(), timeout=30),
+                       cpb.GetHouseholdRequest(account_id="unknown-acc"), metadata=ADMIN.metadata("clustering"), timeout=30),
                    grpc.StatusCode.NOT_FOUND, "account_id"),
     "attribution": ("hearth.attribution.v1.AttributionService",
                     lambda ch: apb_grpc.AttributionServiceStub(ch).RecordTouchpoints(
                         apb.RecordTouchpointsRequest(touchpoints=[apb.Touchpoint(
                             touchpoint_id="tp 1", account_id="a", device_id="d", channel="search",
-                            ts=float_to_ts(1.7e9))]), metadata=ADMIN.metadata(), timeout=30),
+                            ts=float_to_ts(1.7e9))]), metadata=ADMIN.metadata("attribution"), timeout=30),
                     grpc.StatusCode.INVALID_ARGUMENT, "touchpoints[0].touchpoint_id"),
     "privacy": ("hearth.privacy.v1.Consent",
                 lambda ch: ppb_grpc.ConsentStub(ch).GetConsent(
-                    ppb.GetConsentRequest(account_id=""), metadata=ADMIN.metadata(), timeout=30),
+                    ppb.GetConsentRequest(account_id=""), metadata=ADMIN.metadata("privacy"), timeout=30),
                 grpc.StatusCode.INVALID_ARGUMENT, "account_id"),
     "feedback": ("hearth.feedback.v1.FeedbackService",
                  lambda ch: fpb_grpc.FeedbackServiceStub(ch).RecordPrediction(
                      fpb.RecordPredictionRequest(predictions=[fpb.Prediction(
                          prediction_id="p1", account_id="a", session_id="s", person_id="p1",
                          probabilities={"p1": 0.5, "p2": 0.2}, ts=float_to_ts(1.7e9))]),
-                     metadata=ADMIN.metadata(), timeout=30),
+                     metadata=ADMIN.metadata("feedback"), timeout=30),
                  grpc.StatusCode.INVALID_ARGUMENT, "predictions[0].probabilities"),
 }
 
@@ -140,7 +140,7 @@ def test_latency_histogram_per_rpc(start_service):
     event = cpb.ViewingEvent(event_id="e1", account_id="acc", device_id="tv", ts=float_to_ts(1.76e9),
                              device_type=cpb.DEVICE_TYPE_TV, kind=cpb.EVENT_KIND_PLAY_START, duration_s=10)
     response = stub.IngestEvents(iter([cpb.IngestEventsRequest(events=[event])]),
-                                 metadata=ADMIN.metadata(), timeout=30)
+                                 metadata=ADMIN.metadata("clustering"), timeout=30)
     assert response.accepted == 1
     assert REGISTRY.get_sample_value("hearth_rpc_duration_seconds_count", labels) == before + 1
 
@@ -154,9 +154,9 @@ def test_bad_event_in_stream_rejects_whole_stream(start_service):
                            kind=cpb.EVENT_KIND_PLAY_START)  # device_type missing
     with pytest.raises(grpc.RpcError) as info:
         stub.IngestEvents(iter([cpb.IngestEventsRequest(events=[good]), cpb.IngestEventsRequest(events=[bad])]),
-                          metadata=ADMIN.metadata(), timeout=30)
+                          metadata=ADMIN.metadata("clustering"), timeout=30)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert dict(info.value.trailing_metadata())[ERROR_FIELD_KEY] == "events[1].device_type"
     with pytest.raises(grpc.RpcError) as info:
-        stub.GetHousehold(cpb.GetHouseholdRequest(account_id="acc"), metadata=ADMIN.metadata(), timeout=30)
+        stub.GetHousehold(cpb.GetHouseholdRequest(account_id="acc"), metadata=ADMIN.metadata("clustering"), timeout=30)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND  # nothing of the stream was stored

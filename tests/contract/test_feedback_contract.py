@@ -37,7 +37,7 @@ def stub(start_service):
 def call(stub, method: str, request):
     # Erase at a data holder is the privacy service's deletion fan-out (svc:privacy only).
     who = service_principal("privacy") if method == "Erase" else ADMIN
-    return getattr(stub, method)(request, metadata=who.metadata(), timeout=10)
+    return getattr(stub, method)(request, metadata=who.metadata("feedback"), timeout=10)
 
 
 def error_of(stub, method: str, request) -> tuple[grpc.StatusCode, str]:

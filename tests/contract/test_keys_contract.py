@@ -33,18 +33,18 @@ def keys(start_service):
 
 def _error(fn, request, who) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as info:
-        fn(request, metadata=who.metadata(), timeout=10)
+        fn(request, metadata=who.metadata("privacy"), timeout=10)
     return info.value.code(), dict(info.value.trailing_metadata()).get(ERROR_FIELD_KEY, "")
 
 
 def test_rotation_rewraps_every_data_key_and_keeps_them_readable(keys):
-    first = keys.GetDataKey(ppb.GetDataKeyRequest(account_id="acc-1"), metadata=CLUSTERING.metadata(), timeout=10)
-    keys.GetDataKey(ppb.GetDataKeyRequest(account_id="acc-2"), metadata=CLUSTERING.metadata(), timeout=10)
+    first = keys.GetDataKey(ppb.GetDataKeyRequest(account_id="acc-1"), metadata=CLUSTERING.metadata("privacy"), timeout=10)
+    keys.GetDataKey(ppb.GetDataKeyRequest(account_id="acc-2"), metadata=CLUSTERING.metadata("privacy"), timeout=10)
     assert first.dek_version == 1 and len(first.dek) == 32
-    rotated = keys.RotateKeys(ppb.RotateKeysRequest(new_active_kek_id="k2"), metadata=ADMIN.metadata(), timeout=10)
+    rotated = keys.RotateKeys(ppb.RotateKeysRequest(new_active_kek_id="k2"), metadata=ADMIN.metadata("privacy"), timeout=10)
     assert (rotated.rewrapped, rotated.active_kek_id, list(rotated.kek_ids_in_use)) == (2, "k2", ["k2"])
     again = keys.GetDataKey(ppb.GetDataKeyRequest(account_id="acc-1", dek_version=1),
-                            metadata=CLUSTERING.metadata(), timeout=10)
+                            metadata=CLUSTERING.metadata("privacy"), timeout=10)
     assert again.dek == first.dek                      # the same data key, now under k2
 
 

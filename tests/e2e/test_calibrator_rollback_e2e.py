@@ -42,7 +42,7 @@ def _feedback(mesh, client: httpx.Client, start: int, n: int) -> None:
             fpb.Prediction(prediction_id=f"cal-{i}", account_id=f"cal-acc-{i % 5}", session_id=f"s-{i}",
                            person_id="p1", probabilities={"p1": 0.9, "p2": 0.1}, model_variant="kmeans",
                            model_version=1, ts=float_to_ts(time.time() - 600), household_size=2)
-            for i in range(start, start + n)]), metadata=acting_as_service(mesh, "clustering"), timeout=30)
+            for i in range(start, start + n)]), metadata=acting_as_service(mesh, "clustering", "feedback"), timeout=30)
     # Recent timestamps: the privacy service's retention purge erases older feedback, which
     # would shrink the data the refits count.
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 60))
@@ -82,7 +82,7 @@ def _cli(mesh, *args: str) -> dict:
 def _served_version(mesh) -> int:
     with grpc.insecure_channel(f"127.0.0.1:{mesh.grpc_ports['feedback']}") as channel:
         return fpb_grpc.FeedbackServiceStub(channel).GetCalibrator(
-            fpb.GetCalibratorRequest(variant="kmeans"), metadata=acting_as_service(mesh, "clustering"), timeout=30).version
+            fpb.GetCalibratorRequest(variant="kmeans"), metadata=acting_as_service(mesh, "clustering", "feedback"), timeout=30).version
 
 
 def _refits_held(mesh) -> float:

@@ -14,10 +14,10 @@ from services.common.identity import PRINCIPAL_KEY, ROLE_KEY, TOKEN_KEY, Princip
 from services.common.pbutil import float_to_ts
 
 
-def acting_as_service(mesh, service: str) -> list[tuple[str, str]]:
-    """gRPC metadata of a call made as ``svc:<service>``."""
+def acting_as_service(mesh, service: str, audience: str) -> list[tuple[str, str]]:
+    """gRPC metadata of a call made as ``svc:<service>`` to the component ``audience``."""
     principal = Principal(f"svc:{service}", Role.SERVICE)
-    token = ServiceTokenSigner(mesh.service_token_key.encode()).sign(principal)
+    token = ServiceTokenSigner(mesh.service_token_key.encode()).sign(principal, audience=audience)
     return [(PRINCIPAL_KEY, principal.id), (ROLE_KEY, principal.role.value), (TOKEN_KEY, token)]
 
 
@@ -33,5 +33,5 @@ def log_predictions(mesh, predictions: list[fpb.Prediction]) -> None:
     """RecordPrediction as svc:clustering, as the clustering service logs what it answered."""
     with grpc.insecure_channel(f"127.0.0.1:{mesh.grpc_ports['feedback']}") as channel:
         fpb_grpc.FeedbackServiceStub(channel).RecordPrediction(
-            fpb.RecordPredictionRequest(predictions=predictions), metadata=acting_as_service(mesh, "clustering"),
+            fpb.RecordPredictionRequest(predictions=predictions), metadata=acting_as_service(mesh, "clustering", "feedback"),
             timeout=30)

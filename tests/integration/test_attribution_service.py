@@ -66,7 +66,7 @@ def test_person_level_credit_follows_each_persons_channels(stubs):
         conversions.append(apb.Conversion(conversion_id=f"c-tv-{day}", account_id=ACC,
                                           ts=float_to_ts(base + 20 * 3600 + 200), kind="subscribe",
                                           value=10.0, device_id="tv"))
-    md = ADMIN.metadata()
+    md = ADMIN.metadata("attribution")
     assert stubs.RecordTouchpoints(apb.RecordTouchpointsRequest(touchpoints=touches), metadata=md).accepted == 10
     assert stubs.RecordConversions(apb.RecordConversionsRequest(conversions=conversions), metadata=md).accepted == 5
     response = stubs.Attribute(apb.AttributeRequest(account_ids=[ACC], method=apb.METHOD_MARKOV,
@@ -108,7 +108,7 @@ def test_person_level_credit_follows_each_persons_channels(stubs):
 def test_attribute_over_all_accounts_leaves_out_withdrawn_accounts(stubs):
     """No account_ids: every account's journeys are pooled, except those of accounts whose
     processing or attribution consent is withdrawn (until session 18 they were counted)."""
-    md = ADMIN.metadata()
+    md = ADMIN.metadata("attribution")
     accounts = {"acc-att-in": 3, "acc-att-no-attr": 2, "acc-att-no-proc": 4}
     for account, n in accounts.items():
         stubs.RecordTouchpoints(apb.RecordTouchpointsRequest(touchpoints=[apb.Touchpoint(
@@ -118,9 +118,9 @@ def test_attribute_over_all_accounts_leaves_out_withdrawn_accounts(stubs):
             conversion_id=f"{account}-c{i}", account_id=account, ts=float_to_ts(T0 + i * 3600 + 60),
             kind="subscribe", value=1.0, device_id="tv") for i in range(n)]), metadata=md)
     stubs.consent.SetConsent(ppb.SetConsentRequest(account_id="acc-att-no-attr", processing=True,
-                                                   attribution=False), metadata=md)
+                                                   attribution=False), metadata=ADMIN.metadata("privacy"))
     stubs.consent.SetConsent(ppb.SetConsentRequest(account_id="acc-att-no-proc", processing=False,
-                                                   attribution=True), metadata=md)
+                                                   attribution=True), metadata=ADMIN.metadata("privacy"))
     response = stubs.Attribute(apb.AttributeRequest(method=apb.METHOD_MARKOV, level=apb.LEVEL_HOUSEHOLD,
                                                     lookback_seconds=86400), metadata=md)
     (household,) = response.results
@@ -129,11 +129,11 @@ def test_attribute_over_all_accounts_leaves_out_withdrawn_accounts(stubs):
 
 def test_attribute_validates_fields(stubs):
     with pytest.raises(grpc.RpcError) as info:
-        stubs.Attribute(apb.AttributeRequest(markov_order=7), metadata=ADMIN.metadata())
+        stubs.Attribute(apb.AttributeRequest(markov_order=7), metadata=ADMIN.metadata("attribution"))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert dict(info.value.trailing_metadata())[ERROR_FIELD_KEY] == "markov_order"
     with pytest.raises(grpc.RpcError) as info:
-        stubs.Attribute(apb.AttributeRequest(repeats="squash"), metadata=ADMIN.metadata())
+        stubs.Attribute(apb.AttributeRequest(repeats="squash"), metadata=ADMIN.metadata("attribution"))
     assert dict(info.value.trailing_metadata())[ERROR_FIELD_KEY] == "repeats"
     for request, field in [
         (apb.AttributeRequest(bootstrap_replicates=1), "bootstrap_replicates"),
@@ -148,18 +148,18 @@ def test_attribute_validates_fields(stubs):
         (apb.AttributeRequest(method=99), "method"),
     ]:
         with pytest.raises(grpc.RpcError) as info:
-            stubs.Attribute(request, metadata=ADMIN.metadata())
+            stubs.Attribute(request, metadata=ADMIN.metadata("attribution"))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
         assert dict(info.value.trailing_metadata())[ERROR_FIELD_KEY] == field
 
 
 def test_erase_person_removes_their_touchpoints(stubs):
-    md = ADMIN.metadata()
+    md = ADMIN.metadata("attribution")
     stubs.RecordTouchpoints(apb.RecordTouchpointsRequest(touchpoints=[
         _tp("a", "tv", T0 + 20 * 3600 + 30, "tv_ad"), _tp("b", "phone", T0 + 8 * 3600 + 30, "social")]), metadata=md)
     from hearth.common.v1 import common_pb2
 
-    privacy = service_principal("privacy").metadata()   # Erase is the deletion fan-out's only
+    privacy = service_principal("privacy").metadata("attribution")   # Erase is the deletion fan-out's only
     result = stubs.data.Erase(common_pb2.EraseRequest(scope=common_pb2.ErasureScope(account_id=ACC, person_id="p2")),
                               metadata=privacy).result
     assert dict(result.deleted_counts) == {"touchpoints": 1}

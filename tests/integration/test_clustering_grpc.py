@@ -32,7 +32,7 @@ def _pb(e) -> cpb.ViewingEvent:
 
 
 def call(method, request, **kwargs):
-    return method(request, metadata=ADMIN.metadata(), timeout=60, **kwargs)
+    return method(request, metadata=ADMIN.metadata("clustering"), timeout=60, **kwargs)
 
 
 def error_of(method, request) -> tuple[grpc.StatusCode, str]:

@@ -41,7 +41,7 @@ def test_prediction_logged_feedback_labels_the_session(start_service):
     _, fch = start_service("feedback", grpc_port=ports["feedback"], **peers)
     _, cch = start_service("clustering", grpc_port=ports["clustering"], **peers)
     cstub, fstub = cpb_grpc.ClusteringServiceStub(cch), fpb_grpc.FeedbackServiceStub(fch)
-    md = ADMIN.metadata()
+    md, fmd = ADMIN.metadata("clustering"), ADMIN.metadata("feedback")
 
     events, _ = household_events("acc-loop", ("kid", "parent"), days=15, start_ts=T0, seed=5)
     request = cpb.IngestEventsRequest()
@@ -62,7 +62,7 @@ def test_prediction_logged_feedback_labels_the_session(start_service):
     # The prediction reaches the feedback service through the outbox forwarder.
     response = _wait(lambda: fstub.RecordFeedback(fpb.RecordFeedbackRequest(
         feedback_id="fb-loop-1", prediction_id=answer.prediction_id, kind=fpb.FEEDBACK_KIND_EXPLICIT_CORRECT,
-        true_person_id=other), metadata=md, timeout=10))
+        true_person_id=other), metadata=fmd, timeout=10))
     assert response.weight == 1.0
 
     def labelled():

@@ -105,9 +105,10 @@ def mesh_signer(security_mesh) -> ServiceTokenSigner:
     return ServiceTokenSigner(security_mesh.mesh.service_token_key.encode())
 
 
-def _metadata(signer: ServiceTokenSigner, principal: Principal) -> list[tuple[str, str]]:
+def _metadata(signer: ServiceTokenSigner, principal: Principal, audience: str = "clustering") -> list[tuple[str, str]]:
+    """Signed metadata of a call to ``audience`` (``_get_household``'s clustering by default)."""
     return [(identity.PRINCIPAL_KEY, principal.id), (identity.ROLE_KEY, principal.role.value),
-            (identity.TOKEN_KEY, signer.sign(principal))]
+            (identity.TOKEN_KEY, signer.sign(principal, audience=audience))]
 
 
 @pytest.mark.parametrize("role", [r for r in Role if r is not Role.ADMIN], ids=lambda r: r.value)
@@ -120,7 +121,7 @@ def test_services_refuse_every_rpc_the_role_lacks_even_with_a_valid_token(channe
             continue  # allowed calls would run the handler (e.g. Erase): not fired blindly here
         denied += 1
         try:
-            _raw_call(channels[service], full_method, descriptor, _metadata(mesh_signer, principal))
+            _raw_call(channels[service], full_method, descriptor, _metadata(mesh_signer, principal, service))
             wrong.append(f"{full_method}: succeeded")
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.PERMISSION_DENIED:
@@ -170,7 +171,7 @@ def test_an_expired_token_is_refused(channels, mesh_signer):
     principal = Principal("sec-admin", Role.ADMIN)
     old = int(time.time()) - 3600
     metadata = [(identity.PRINCIPAL_KEY, principal.id), (identity.ROLE_KEY, "admin"),
-                (identity.TOKEN_KEY, mesh_signer.sign(principal, exp=old))]
+                (identity.TOKEN_KEY, mesh_signer.sign(principal, exp=old, audience="clustering"))]
     assert _get_household(channels, metadata) == grpc.StatusCode.UNAUTHENTICATED
 
 
@@ -188,6 +189,44 @@ def test_every_service_refuses_an_unsigned_principal(channels):
     assert by_service == {s: "UNAUTHENTICATED" for s in SERVICES}
 
 
+def test_a_token_minted_for_one_service_is_refused_by_every_other(channels, mesh_signer):
+    """Tokens name their audience (session 19): one captured on its way to clustering (an
+    admin's, forwarded by the gateway) replayed at privacy, or any other pair, is
+    UNAUTHENTICATED; at the service it was minted for it still passes authentication."""
+    admin = Principal("sec-admin", Role.ADMIN)
+    first_rpc = {}
+    for service, full_method, descriptor in _rpcs():
+        first_rpc.setdefault(service, (full_method, descriptor))
+    wrong = []
+    for minted_for in SERVICES:
+        for sent_to in SERVICES:
+            full_method, descriptor = first_rpc[sent_to]
+            try:
+                _raw_call(channels[sent_to], full_method, descriptor, _metadata(mesh_signer, admin, minted_for))
+                code = "OK"
+            except grpc.RpcError as exc:
+                code = exc.code().name
+            if (code == "UNAUTHENTICATED") != (minted_for != sent_to):
+                wrong.append(f"minted for {minted_for}, sent to {sent_to} {full_method}: {code}")
+    assert not wrong, "\n".join(wrong)
+    assert _get_household(channels, _metadata(mesh_signer, admin, "privacy")) == grpc.StatusCode.UNAUTHENTICATED
+    assert _get_household(channels, _metadata(mesh_signer, admin, "clustering")) == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_privacy_token_for_one_data_holder_does_not_erase_at_another(channels, mesh_signer):
+    """svc:privacy's Erase token for clustering, replayed at attribution or feedback."""
+    from hearth.common.v1 import common_pb2_grpc
+
+    request = common_pb2.EraseRequest(scope=common_pb2.ErasureScope(account_id="sec-erase-aud", household=True),
+                                      job_id="sec-erase-aud-job")
+    for service in DATA_HOLDERS:
+        minted_for = "clustering" if service != "clustering" else "feedback"
+        with pytest.raises(grpc.RpcError) as info:
+            common_pb2_grpc.DataHolderStub(channels[service]).Erase(
+                request, metadata=_metadata(mesh_signer, identity.service_principal("privacy"), minted_for), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, service
+
+
 def test_only_the_privacy_service_may_erase_at_a_data_holder(channels, mesh_signer):
     """A token captured on the cluster network (an admin's, forwarded by the gateway; a
     service's, on each of its calls) replayed straight at a data holder must not erase:
@@ -202,6 +241,7 @@ def test_only_the_privacy_service_may_erase_at_a_data_holder(channels, mesh_sign
                           identity.service_principal("attribution"), identity.service_principal("gateway"),
                           identity.service_principal("clustering")):
             with pytest.raises(grpc.RpcError) as info:
-                stub.Erase(request, metadata=_metadata(mesh_signer, principal), timeout=10)
+                stub.Erase(request, metadata=_metadata(mesh_signer, principal, service), timeout=10)
             assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED, (service, principal)
-        stub.Erase(request, metadata=_metadata(mesh_signer, identity.service_principal("privacy")), timeout=30)
+        stub.Erase(request, metadata=_metadata(mesh_signer, identity.service_principal("privacy"), service),
+                   timeout=30)

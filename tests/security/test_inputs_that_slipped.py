@@ -44,9 +44,11 @@ def signer(security_mesh) -> ServiceTokenSigner:
     return ServiceTokenSigner(security_mesh.mesh.service_token_key.encode())
 
 
-def metadata(signer: ServiceTokenSigner, principal: Principal = Principal("sec-slip-svc", Role.ADMIN)):
+def metadata(signer: ServiceTokenSigner, principal: Principal = Principal("sec-slip-svc", Role.ADMIN),
+             audience: str = "clustering"):
+    """Signed metadata for a call to ``audience`` (the ``channel`` fixture's clustering by default)."""
     return [(identity.PRINCIPAL_KEY, principal.id), (identity.ROLE_KEY, principal.role.value),
-            (identity.TOKEN_KEY, signer.sign(principal))]
+            (identity.TOKEN_KEY, signer.sign(principal, audience=audience))]
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +138,7 @@ def test_audit_window_out_of_the_documented_range_is_invalid_argument_over_grpc(
         request = ppb.QueryAuditRequest(limit=1)
         request.window.start.seconds = -62135647200  # 0001-01-01T00:00:00+14:00
         with pytest.raises(grpc.RpcError) as info:
-            query(request, metadata=metadata(signer, Principal("sec-slip-po", Role.PRIVACY_OFFICER)), timeout=15)
+            query(request, metadata=metadata(signer, Principal("sec-slip-po", Role.PRIVACY_OFFICER), "privacy"), timeout=15)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert refused_field(info.value) == "window.start"
 
@@ -365,10 +367,10 @@ def test_admin_may_not_fetch_data_keys_and_the_table_says_so(security_mesh, sign
                               response_deserializer=ppb.GetDataKeyResponse.FromString)
         with pytest.raises(grpc.RpcError) as info:
             call(ppb.GetDataKeyRequest(account_id="sec-slip-keys"),
-                 metadata=metadata(signer, Principal("sec-slip-admin", Role.ADMIN)), timeout=15)
+                 metadata=metadata(signer, Principal("sec-slip-admin", Role.ADMIN), "privacy"), timeout=15)
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert call(ppb.GetDataKeyRequest(account_id="sec-slip-keys"),
-                    metadata=metadata(signer, Principal("svc:clustering", Role.SERVICE)), timeout=15).dek
+                    metadata=metadata(signer, Principal("svc:clustering", Role.SERVICE), "privacy"), timeout=15).dek
     assert not permissions.allowed(Role.ADMIN, permissions.Permission.USE_DATA_KEY)
     table = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
     row = next(line for line in table.splitlines() if "/GetDataKey`" in line)

@@ -111,7 +111,8 @@ class GrpcPeers:
     def __init__(self, addresses: Mapping[str, str], erase_timeout_s: float, export_timeout_s: float = 30.0) -> None:
         from services.common.client import Peer
 
-        self._peers = {s: Peer(addresses[s], "privacy", common_pb2_grpc.DataHolderStub, erase_timeout_s)
+        self._peers = {s: Peer(addresses[s], "privacy", common_pb2_grpc.DataHolderStub, erase_timeout_s,
+                                audience=s)
                        for s in PEER_SERVICES}
         self._export_timeout = export_timeout_s
 

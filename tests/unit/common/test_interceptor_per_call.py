@@ -62,7 +62,7 @@ def _count(code: str) -> float:
 
 def test_every_call_gets_its_own_record_metrics_and_status(served):
     call, transport, sink = served
-    metadata = (*identity.service_principal("gateway").metadata(),
+    metadata = (*identity.service_principal("gateway").metadata(SERVICE),
                 ("traceparent", f"00-{TRACE}-b7ad6b7169203331-01"))
     ok0, bad0 = _count("OK"), _count("INVALID_ARGUMENT")
     assert call(b"one", metadata=metadata, timeout=10) == b"one"

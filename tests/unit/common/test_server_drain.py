@@ -172,7 +172,7 @@ def test_a_peer_call_made_while_serving_never_outlives_the_callers_deadline(monk
         return b"ok"
 
     down = _serve_one_method("deadline-down", "deadline.Down", downstream)
-    peer = peer_channel(f"127.0.0.1:{down.port}", "deadline-up", timeout_s=5.0)
+    peer = peer_channel(f"127.0.0.1:{down.port}", "deadline-up", timeout_s=5.0, audience="deadline-down")
     call_down = peer.unary_unary("/deadline.Down/Call")
 
     def upstream(request, context):
@@ -218,7 +218,7 @@ def test_a_failed_peer_call_leaves_no_error_text_in_its_client_span(monkeypatch)
         raise NotFound("unknown account 'acc-secret-77'", "account_id")
 
     running = _serve_one_method("span-test", "spans.Refuse", refuse)
-    peer = peer_channel(f"127.0.0.1:{running.port}", "span-caller", timeout_s=5.0)
+    peer = peer_channel(f"127.0.0.1:{running.port}", "span-caller", timeout_s=5.0, audience="span-test")
     try:
         with pytest.raises(grpc.RpcError) as info:
             peer.unary_unary("/spans.Refuse/Call")(b"x")

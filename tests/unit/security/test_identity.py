@@ -14,6 +14,7 @@ from services.common.errors import Unauthenticated
 from services.common.identity import Principal, Role, ServiceTokenSigner
 
 KEY = b"k" * 32
+AUD = "clustering"   # the component the tokens below are minted for and verified by
 ALICE = Principal("alice", Role.ANALYST)
 
 
@@ -41,15 +42,15 @@ def reason_of(exc_info) -> str:
 
 
 def test_signed_token_verifies_for_the_same_principal_and_role(signer):
-    token = signer.sign(ALICE)
-    signer.verify("alice", "analyst", token)  # no exception
+    token = signer.sign(ALICE, audience=AUD)
+    signer.verify("alice", "analyst", token, audience=AUD)  # no exception
 
 
 @pytest.mark.parametrize("pid,role", [("alice", "admin"), ("bob", "analyst"), ("alice ", "analyst")])
 def test_token_does_not_transfer_to_another_principal_or_role(signer, pid, role):
-    token = signer.sign(ALICE)
+    token = signer.sign(ALICE, audience=AUD)
     with pytest.raises(Unauthenticated) as info:
-        signer.verify(pid, role, token)
+        signer.verify(pid, role, token, audience=AUD)
     assert reason_of(info) == "bad_token_signature"
     assert info.value.field == identity.TOKEN_KEY
 
@@ -57,33 +58,89 @@ def test_token_does_not_transfer_to_another_principal_or_role(signer, pid, role)
 def test_token_from_another_key_is_refused(signer):
     other = ServiceTokenSigner(b"x" * 32, clock=signer.clock)
     with pytest.raises(Unauthenticated) as info:
-        signer.verify("alice", "analyst", other.sign(ALICE))
+        signer.verify("alice", "analyst", other.sign(ALICE, audience=AUD), audience=AUD)
     assert reason_of(info) == "bad_token_signature"
 
 
+def test_a_token_minted_for_one_service_is_refused_by_another(signer):
+    # Captured on its way to clustering, it must not open privacy (Erase's neighbours).
+    token = signer.sign(ALICE, audience="clustering")
+    with pytest.raises(Unauthenticated) as info:
+        signer.verify("alice", "analyst", token, audience="privacy")
+    assert reason_of(info) == "wrong_audience"
+    assert info.value.field == identity.TOKEN_KEY
+    signer.verify("alice", "analyst", token, audience="clustering")   # still good where it was sent
+
+
+def test_a_verified_token_stays_bound_to_its_audience(signer):
+    token = signer.sign(ALICE, audience="clustering")
+    signer.verify("alice", "analyst", token, audience="clustering")   # now in the verified cache
+    with pytest.raises(Unauthenticated) as info:
+        signer.verify("alice", "analyst", token, audience="privacy")
+    assert reason_of(info) == "wrong_audience"
+
+
+def test_rewriting_the_audience_of_a_token_breaks_its_signature(signer):
+    token = signer.sign(ALICE, audience="clustering")
+    with pytest.raises(Unauthenticated) as info:
+        signer.verify("alice", "analyst", token.replace(".clustering.", ".privacy."), audience="privacy")
+    assert reason_of(info) == "bad_token_signature"
+
+
+def test_tokens_are_cached_per_audience(signer):
+    to_clustering = signer.sign(ALICE, audience="clustering")
+    to_privacy = signer.sign(ALICE, audience="privacy")
+    assert to_clustering != to_privacy
+    assert signer.sign(ALICE, audience="clustering") == to_clustering
+    assert signer.sign(ALICE, audience="privacy") == to_privacy
+
+
+@pytest.mark.parametrize("audience", ["", "Privacy", "a.b", "x" * 40, None])
+def test_a_token_needs_a_component_name_as_audience(signer, audience):
+    with pytest.raises(ValueError, match="audience"):
+        signer.sign(ALICE, audience=audience)
+
+
+def test_a_wrong_audience_is_reported_like_every_refusal(signer):
+    seen: list[identity.SecurityEvent] = []
+    remove = identity.add_security_listener(seen.append)
+    before = _counter("hearth_auth_failures_total", component="privacy", reason="wrong_audience")
+    try:
+        with pytest.raises(Unauthenticated):
+            identity.principal_from_metadata(ALICE.metadata("clustering"), component="privacy")
+    finally:
+        remove()
+    assert _counter("hearth_auth_failures_total", component="privacy", reason="wrong_audience") == before + 1
+    assert [(e.kind, e.component, e.reason, e.principal_id) for e in seen] == [
+        ("authentication_failed", "privacy", "wrong_audience", "alice")]
+
+
 def test_expiry_is_enforced_with_bounded_skew(signer):
-    token = signer.sign(ALICE)
+    token = signer.sign(ALICE, audience=AUD)
     signer.clock.now += 300 + identity.CLOCK_SKEW_S - 1
-    signer.verify("alice", "analyst", token)
+    signer.verify("alice", "analyst", token, audience=AUD)
     signer.clock.now += 2
     with pytest.raises(Unauthenticated) as info:
-        signer.verify("alice", "analyst", token)
+        signer.verify("alice", "analyst", token, audience=AUD)
     assert reason_of(info) == "expired_token"
 
 
 def test_a_token_valid_far_into_the_future_is_refused(signer):
     # Only a key holder could mint it, but a long-lived token is a mistake or an attack.
-    token = signer.sign(ALICE, exp=int(signer.clock.now + 86400 * 365))
+    token = signer.sign(ALICE, exp=int(signer.clock.now + 86400 * 365), audience=AUD)
     with pytest.raises(Unauthenticated) as info:
-        signer.verify("alice", "analyst", token)
+        signer.verify("alice", "analyst", token, audience=AUD)
     assert reason_of(info) == "token_lifetime_too_long"
 
 
-@pytest.mark.parametrize("token", ["", "v1", "v1.abc.def", "v2.1800000100.AAAA", "v1.1800000100",
-                                   "v1.1800000100.x.y", "v1." + "9" * 40 + ".AAAA", "v1.1.A" * 100])
+@pytest.mark.parametrize("token", ["", "v2", "v2.clustering.abc.def", "v3.clustering.1800000100.AAAA",
+                                   "v2.1800000100.AAAA", "v1.1800000100.AAAA", "v2.clustering.1800000100",
+                                   "v2.clustering.1800000100.x.y", "v2.Clustering.1800000100.AAAA",
+                                   "v2..1800000100.AAAA", "v2.clustering." + "9" * 40 + ".AAAA",
+                                   "v2.c.1.A" * 100])
 def test_malformed_tokens_are_refused(signer, token):
     with pytest.raises(Unauthenticated) as info:
-        signer.verify("alice", "analyst", token)
+        signer.verify("alice", "analyst", token, audience=AUD)
     assert reason_of(info) == "malformed_token"
 
 
@@ -92,7 +149,7 @@ def test_malformed_tokens_are_refused(signer, token):
     codec="ascii", exclude_characters="\x00"))
 def test_any_single_character_change_breaks_the_token(position, replacement):
     s = ServiceTokenSigner(KEY, clock=Clock())
-    token = s.sign(ALICE)
+    token = s.sign(ALICE, audience=AUD)
     i = position % len(token)
     if token[i] == replacement:
         return
@@ -101,15 +158,15 @@ def test_any_single_character_change_breaks_the_token(position, replacement):
     # there can decode to the same MAC only if the string is identical; compare_digest on
     # the text refuses any other string.
     with pytest.raises(Unauthenticated):
-        s.verify("alice", "analyst", forged)
+        s.verify("alice", "analyst", forged, audience=AUD)
 
 
 def test_tokens_are_cached_until_half_their_lifetime(signer):
-    first = signer.sign(ALICE)
+    first = signer.sign(ALICE, audience=AUD)
     signer.clock.now += 100
-    assert signer.sign(ALICE) == first
+    assert signer.sign(ALICE, audience=AUD) == first
     signer.clock.now += 60  # 160 s > ttl/2
-    assert signer.sign(ALICE) != first
+    assert signer.sign(ALICE, audience=AUD) != first
 
 
 def test_key_and_ttl_are_validated():
@@ -136,20 +193,20 @@ def test_environment_key_must_be_long_enough():
 def test_without_a_configured_key_two_processes_do_not_trust_each_other():
     a, b = signer_from_env({}), signer_from_env({})
     with pytest.raises(Unauthenticated):
-        b.verify("alice", "analyst", a.sign(ALICE))
-    a.verify("alice", "analyst", a.sign(ALICE))
+        b.verify("alice", "analyst", a.sign(ALICE, audience=AUD), audience=AUD)
+    a.verify("alice", "analyst", a.sign(ALICE, audience=AUD), audience=AUD)
 
 
 def test_same_configured_key_in_two_processes_interoperates():
     env = {"HEARTH_SERVICE_TOKEN_KEY": "m" * 40}
     a, b = signer_from_env(env), signer_from_env(env)
-    b.verify("alice", "analyst", a.sign(ALICE))
+    b.verify("alice", "analyst", a.sign(ALICE, audience=AUD), audience=AUD)
 
 
 # --- principal_from_metadata: what the server interceptor does -----------------------
 
 def test_metadata_round_trip(signer):
-    assert identity.principal_from_metadata(ALICE.metadata()) == ALICE
+    assert identity.principal_from_metadata(ALICE.metadata(AUD), component=AUD) == ALICE
 
 
 @pytest.mark.parametrize("metadata,field,reason", [
@@ -162,21 +219,21 @@ def test_metadata_round_trip(signer):
 ])
 def test_incomplete_metadata_is_unauthenticated(signer, metadata, field, reason):
     with pytest.raises(Unauthenticated) as info:
-        identity.principal_from_metadata(metadata)
+        identity.principal_from_metadata(metadata, component=AUD)
     assert info.value.field == field
     assert reason_of(info) == reason
 
 
 def test_escalating_the_role_next_to_a_valid_token_is_refused(signer):
-    metadata = [(k, "admin" if k == identity.ROLE_KEY else v) for k, v in ALICE.metadata()]
+    metadata = [(k, "admin" if k == identity.ROLE_KEY else v) for k, v in ALICE.metadata(AUD)]
     with pytest.raises(Unauthenticated) as info:
-        identity.principal_from_metadata(metadata)
+        identity.principal_from_metadata(metadata, component=AUD)
     assert reason_of(info) == "bad_token_signature"
 
 
 def test_a_verified_tls_peer_needs_no_token(signer):
     metadata = [(identity.PRINCIPAL_KEY, "alice"), (identity.ROLE_KEY, "analyst")]
-    assert identity.principal_from_metadata(metadata, peer_verified=True) == ALICE
+    assert identity.principal_from_metadata(metadata, component=AUD, peer_verified=True) == ALICE
 
 
 def _counter(name: str, **labels) -> float:
@@ -205,7 +262,7 @@ def test_a_failing_listener_does_not_change_the_outcome(signer):
     remove = identity.add_security_listener(broken)
     try:
         with pytest.raises(Unauthenticated):
-            identity.principal_from_metadata([])
+            identity.principal_from_metadata([], component=AUD)
     finally:
         remove()
 
@@ -224,42 +281,42 @@ def test_acting_as_switches_the_outbound_principal_inside_the_block_only():
 # --- the verified-token cache (issue #11: one HMAC per token, not per call) -------------
 
 def test_a_token_verified_once_is_not_re_hashed_on_the_next_calls(signer, monkeypatch):
-    token = signer.sign(ALICE)
-    signer.verify("alice", "analyst", token)
+    token = signer.sign(ALICE, audience=AUD)
+    signer.verify("alice", "analyst", token, audience=AUD)
     macs = []
     real_mac = signer._mac
     monkeypatch.setattr(signer, "_mac", lambda *a: macs.append(a) or real_mac(*a))
     for _ in range(3):
-        signer.verify("alice", "analyst", token)
+        signer.verify("alice", "analyst", token, audience=AUD)
     assert macs == []
 
 
 @pytest.mark.parametrize("pid,role", [("alice", "admin"), ("bob", "analyst"), ("alice ", "analyst")])
 def test_a_verified_token_stays_bound_to_its_principal_and_role(signer, pid, role):
-    token = signer.sign(ALICE)
-    signer.verify("alice", "analyst", token)   # now cached
+    token = signer.sign(ALICE, audience=AUD)
+    signer.verify("alice", "analyst", token, audience=AUD)   # now cached
     with pytest.raises(Unauthenticated) as info:
-        signer.verify(pid, role, token)
+        signer.verify(pid, role, token, audience=AUD)
     assert reason_of(info) == "bad_token_signature"
-    signer.verify("alice", "analyst", token)   # the refusal did not evict or poison it
+    signer.verify("alice", "analyst", token, audience=AUD)   # the refusal did not evict or poison it
 
 
 def test_a_cached_token_still_expires(signer):
-    token = signer.sign(ALICE)
-    signer.verify("alice", "analyst", token)
+    token = signer.sign(ALICE, audience=AUD)
+    signer.verify("alice", "analyst", token, audience=AUD)
     signer.clock.now += 300 + identity.CLOCK_SKEW_S + 1
     with pytest.raises(Unauthenticated) as info:
-        signer.verify("alice", "analyst", token)
+        signer.verify("alice", "analyst", token, audience=AUD)
     assert reason_of(info) == "expired_token"
 
 
 def test_a_forgery_of_a_verified_token_is_refused():
     s = ServiceTokenSigner(KEY, clock=Clock())
-    token = s.sign(ALICE)
-    s.verify("alice", "analyst", token)
+    token = s.sign(ALICE, audience=AUD)
+    s.verify("alice", "analyst", token, audience=AUD)
     for i in range(len(token)):
         replacement = "A" if token[i] != "A" else "B"
         with pytest.raises(Unauthenticated):
-            s.verify("alice", "analyst", token[:i] + replacement + token[i + 1:])
+            s.verify("alice", "analyst", token[:i] + replacement + token[i + 1:], audience=AUD)
     with pytest.raises(Unauthenticated):
-        ServiceTokenSigner(b"y" * 32, clock=Clock()).verify("alice", "analyst", token)
+        ServiceTokenSigner(b"y" * 32, clock=Clock()).verify("alice", "analyst", token, audience=AUD)

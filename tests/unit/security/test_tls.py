@@ -133,7 +133,7 @@ def test_without_a_client_certificate_the_handshake_fails(certs, mtls_privacy):
     credentials = grpc.ssl_channel_credentials(root_certificates=(mesh_dir / "ca.pem").read_bytes())
     with grpc.secure_channel(f"localhost:{mtls_privacy.port}", credentials) as channel:
         with pytest.raises(grpc.RpcError) as info:
-            call(channel, identity.Principal("tls-admin", identity.Role.ADMIN).metadata())
+            call(channel, identity.Principal("tls-admin", identity.Role.ADMIN).metadata("privacy"))
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
