@@ -36,7 +36,7 @@ from bench.verify import proc_sample, seed_fitted_households
 from hearth.clustering.v1 import clustering_pb2 as cpb
 from hearth.clustering.v1 import clustering_pb2_grpc as cpb_grpc
 from services.clustering.domain import features as F
-from services.common.identity import PRINCIPAL_KEY, ROLE_KEY, TOKEN_KEY, Principal, Role, ServiceTokenSigner
+from services.common.identity import PRINCIPAL_KEY, ROLE_KEY, TOKEN_KEY, Principal, Role
 from services.testing.mesh import Mesh, write_api_key
 
 
@@ -67,7 +67,7 @@ def measure(households: int = 100, days: int = 30, batch: int = 1000, messages: 
             vectors = _seed(mesh, key, households, days, timeout_s)
             log(f"service: seeded {len(vectors)} households in {time.perf_counter() - started:.0f} s")
             admin = Principal("bench-admin", Role.ADMIN)
-            token = ServiceTokenSigner(mesh.service_token_key.encode()).sign(admin, audience="clustering")
+            token = mesh.signer("gateway").sign(admin, audience="clustering")   # as the gateway forwards it
             metadata = [(PRINCIPAL_KEY, admin.id), (ROLE_KEY, admin.role.value), (TOKEN_KEY, token)]
             accounts = sorted(vectors)
             rng = np.random.default_rng(1)

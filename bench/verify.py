@@ -880,7 +880,7 @@ class Verify:
         from services.common import identity
         from services.common.client import peer_channel
 
-        os.environ["HEARTH_SERVICE_TOKEN_KEY"] = self.mesh.service_token_key
+        identity.configure_service_tokens(self.mesh.signer("gateway"))   # an admin, as the gateway forwards one
         account = self.households[0]["account_id"]
         ports = [self.mesh.grpc_ports["clustering"], self.replica_ports["clustering"]]
         stubs = [cgrpc.ClusteringServiceStub(peer_channel(f"127.0.0.1:{port}", "verify", 30.0)) for port in ports]

@@ -28,7 +28,7 @@ def uvicorn_options(log_level: str, grace_seconds: float = 10.0,
 
 def main() -> None:
     settings = config.load(GatewaySettings)   # exits naming a bad or unknown HEARTH_* variable
-    config.configure_process(settings)        # service tokens, mutual TLS, log pseudonyms
+    config.configure_process(settings, "gateway")   # service tokens, mutual TLS, log pseudonyms
     # /metrics on its own port (settings.metrics_port), like the services.
     telemetry.setup_telemetry("gateway", settings.trace_export, settings.log_level,
                               settings.metrics_port or None, settings.host)

@@ -2,8 +2,8 @@
 
 The optional Envoy front proxy (deploy/helm/hearth/templates/envoy.yaml) transcodes
 HTTP/JSON to gRPC and sends the call straight to a service. The services accept only
-calls that carry a principal signed with the mesh key, which Envoy does not hold; so
-Envoy's ``ext_authz`` filter asks this route first, with the caller's credentials
+calls that carry a principal signed with the gateway's key (service_keys.may_vouch),
+which Envoy does not hold; so Envoy's ``ext_authz`` filter asks this route first, with the caller's credentials
 (``X-API-Key`` or ``Authorization: Bearer``) and the gRPC path it is about to call
 appended to the prefix. The gateway authenticates the caller as for its own routes,
 checks the permission matrix for that RPC (the same one the service enforces) and

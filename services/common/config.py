@@ -107,7 +107,13 @@ class MeshSettings(HearthSettings):
     the key of the pseudonyms in its logs. The bootstrap hands them to identity, tls
     and telemetry once (``configure_process``); those modules read no environment."""
 
-    # Mesh secret signing service tokens (identity.py); empty: a random per-process key.
+    # A key per component (service_keys.py): this process's Ed25519 private key (PEM) and
+    # the public keys of every component (JSON keyset). Both or neither; neither and no
+    # service_token_key: a random key of the process's own (in-process calls only).
+    service_signing_key_file: str = ""
+    service_public_keys_file: str = ""
+    # Transitional: the one shared HMAC mesh secret of sessions <= 18 (identity.py), used
+    # only when the two files above are unset; every holder can mint any principal.
     service_token_key: SecretStr = SecretStr("")
     service_token_ttl_s: float = DEFAULT_TOKEN_TTL_S
     # Mutual TLS between processes (tls.py): all three files, or none.
@@ -168,13 +174,16 @@ def settings_from(environ: Mapping[str, str], settings_cls: type[BaseSettings] =
     return _build(settings_cls, {name[len(ENV_PREFIX):].lower(): value for name, value in environ.items()})
 
 
-def configure_process(settings: MeshSettings) -> None:
+def configure_process(settings: MeshSettings, component: str | None = None) -> None:
     """Hand the mesh settings to the modules that use them (once, from the bootstrap):
     the service-token signer, the TLS material and channel options, the pseudonym key.
-    A partial or unreadable TLS configuration stops the process naming the variable."""
+    A partial or unreadable TLS or signing-key configuration stops the process naming
+    the variable. ``component``: the process's name ("gateway", "privacy", ...; default
+    ``settings.service_name``), which its signing key must belong to."""
     from services.common import identity, telemetry, tls
 
-    identity.configure_service_tokens(identity.signer_from_settings(settings))
+    identity.configure_service_tokens(identity.signer_from_settings(
+        settings, component or getattr(settings, "service_name", None)))
     tls.configure(tls.material_from_settings(settings), settings.grpc_lb_policy)
     telemetry.configure_pseudonym_key(settings.log_pseudonym_key.get_secret_value()
                                       or settings.service_token_key.get_secret_value())

@@ -5,27 +5,34 @@ Metadata of every internal call::
 
     x-hearth-principal  the acting principal's id      (e.g. "alice", "svc:privacy")
     x-hearth-role       one of the five roles
-    x-hearth-token      "v2.<aud>.<exp>.<mac>": a signed service token
+    x-hearth-token      a signed service token
 
-``mac = HMAC-SHA256(key, "hearth-service-token|v2|<principal>|<role>|<aud>|<exp>")`` with
-``exp`` in integer Unix seconds and ``aud`` the *audience*: the component the call is
-sent to ("clustering", "attribution", "privacy", "feedback"), which the receiver checks
+A token binds the principal, the role, the *audience* — the component the call is sent
+to ("clustering", "attribution", "privacy", "feedback"), which the receiver checks
 against its own name (``wrong_audience``), so a token captured on its way to one service
-does not replay at another. The key is the mesh secret ``HEARTH_SERVICE_TOKEN_KEY``
-(at least 32 characters), shared by the gateway and the services: whoever forwards a
-principal signs it, whoever receives one verifies it. A token binds the principal, the
-role and the audience, so an attacker who can reach a service port can neither invent a
-principal nor raise the role of one they have seen; a captured token can be replayed
-only for the same principal and role at the same service until it expires
-(``HEARTH_SERVICE_TOKEN_TTL_S``, default 300 s).
+does not replay at another — and an expiry (``HEARTH_SERVICE_TOKEN_TTL_S``, default
+300 s). An attacker who can reach a service port can neither invent a principal nor
+raise the role of one they have seen.
+
+Who signs (``signer_from_settings``):
+
+* **a key per component** (``services.common.service_keys``, token ``v3``): each
+  component signs with its own Ed25519 private key (``HEARTH_SERVICE_SIGNING_KEY_FILE``)
+  and verifies with the public keys of all (``HEARTH_SERVICE_PUBLIC_KEYS_FILE``); a
+  ``svc:<name>`` principal is accepted only when ``<name>`` signed it, a person's only
+  from the gateway (or privacy towards the data holders) — ``service_keys.may_vouch``.
+  So a compromised gateway cannot mint ``svc:privacy``.
+* *transitional*: one shared HMAC secret ``HEARTH_SERVICE_TOKEN_KEY`` (``ServiceTokenSigner``,
+  token ``"v2.<aud>.<exp>.<mac>"`` with ``mac = HMAC-SHA256(key,
+  "hearth-service-token|v2|<principal>|<role>|<aud>|<exp>")``): every holder can sign
+  any principal. Used only when the two files are unset.
+* neither: a random key of the process's own — calls inside one process (in-process
+  tests) still work, and every remote caller is refused, the safe failure.
+  ``services.testing.mesh.Mesh`` generates a key per component for its processes.
 
 When mutual TLS is configured (see ``services.common.tls``) the transport already proves
 that the peer holds a certificate of the mesh CA; the server then trusts the forwarded
 principal without a token (``peer_verified=True``).
-
-Without ``HEARTH_SERVICE_TOKEN_KEY`` a process signs with a random key of its own: calls
-inside one process (in-process tests) still work, and every remote caller is refused —
-the safe failure. ``services.testing.mesh.Mesh`` generates and passes a key to every process.
 
 Failed authentications and permission denials are reported through
 ``report_security_event``: it counts them in Prometheus and calls every listener
@@ -41,7 +48,6 @@ import hashlib
 import hmac
 import logging
 import re
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -154,13 +160,15 @@ class Principal:
 
     def metadata(self, audience: str) -> list[tuple[str, str]]:
         """gRPC metadata that carries this principal to the component ``audience`` (the
-        service the call is sent to: "clustering", "privacy", ...), signed with the mesh key."""
+        service the call is sent to: "clustering", "privacy", ...), signed with this
+        process's key."""
         return [(PRINCIPAL_KEY, self.id), (ROLE_KEY, self.role.value),
                 (TOKEN_KEY, service_token_signer().sign(self, audience=audience))]
 
 
 class ServiceTokenSigner:
-    """Signs and verifies service tokens (format in the module docstring).
+    """Signs and verifies the transitional HMAC service tokens (format in the module
+    docstring); ``service_keys.ComponentTokenSigner`` is the per-component signer.
 
     Tokens are cached per (principal, role, audience) and reused while more than half
     their lifetime remains, so the hot path costs one dict look-up rather than one HMAC
@@ -229,17 +237,22 @@ class ServiceTokenSigner:
             if len(self._verified) > 10_000:  # bounded: a few tokens per peer are live at once
                 self._verified.clear()
             self._verified[token] = (principal_id, role, token_audience, exp)
-        if token_audience != audience:
-            # Minted for another component: a token captured on its way to one service
-            # (or handed to a client by the edge authorizer) does not open another.
-            raise _unauthenticated("wrong_audience")
-        now = self._clock()
-        if now > exp + CLOCK_SKEW_S:
-            raise _unauthenticated("expired_token")
-        if exp > now + self.ttl_s + CLOCK_SKEW_S:
-            # Only a key holder can mint it, but a token valid for a year is a mistake or
-            # an attack; either way it is refused.
-            raise _unauthenticated("token_lifetime_too_long")
+        check_audience_and_lifetime(token_audience, audience, exp, self._clock(), self.ttl_s)
+
+
+def check_audience_and_lifetime(token_audience: str, audience: str, exp: int, now: float, ttl_s: float) -> None:
+    """The checks every kind of service token makes after its signature (Unauthenticated
+    with the reason)."""
+    if token_audience != audience:
+        # Minted for another component: a token captured on its way to one service
+        # (or handed to a client by the edge authorizer) does not open another.
+        raise _unauthenticated("wrong_audience")
+    if now > exp + CLOCK_SKEW_S:
+        raise _unauthenticated("expired_token")
+    if exp > now + ttl_s + CLOCK_SKEW_S:
+        # Only a key holder can mint it, but a token valid for a year is a mistake or
+        # an attack; either way it is refused.
+        raise _unauthenticated("token_lifetime_too_long")
 
 
 def _unauthenticated(reason: str) -> Unauthenticated:
@@ -248,20 +261,55 @@ def _unauthenticated(reason: str) -> Unauthenticated:
     return error
 
 
-_signer: ServiceTokenSigner | None = None
+_signer = None   # ServiceTokenSigner or service_keys.ComponentTokenSigner
 _signer_lock = threading.Lock()
 
 
-def signer_from_settings(settings) -> ServiceTokenSigner:
-    """The signer of ``settings.service_token_key`` / ``service_token_ttl_s``
-    (``config.MeshSettings``, validated there); a random per-process key when the key
-    is unset."""
-    key = settings.service_token_key.get_secret_value()
-    if not key:
-        log.warning("%s is not set: signing with a random per-process key, so only callers in "
-                    "this process can authenticate (set it, or configure mutual TLS)", TOKEN_KEY_ENV)
-        return ServiceTokenSigner(secrets.token_bytes(32), settings.service_token_ttl_s)
-    return ServiceTokenSigner(key.encode(), settings.service_token_ttl_s)
+def signer_from_settings(settings, component: str | None = None):
+    """The process's signer from ``config.MeshSettings``:
+
+    * ``service_signing_key_file`` + ``service_public_keys_file``: this component's own
+      Ed25519 key and the keyset of all (``service_keys.ComponentTokenSigner``); with
+      ``component`` given, the key must be that component's in the keyset;
+    * else ``service_token_key`` (transitional): the shared HMAC mesh secret
+      (``ServiceTokenSigner``), logged as a warning naming the new settings;
+    * else a random Ed25519 key of the process's own: in-process calls only.
+
+    ConfigError naming the variable when they cannot be used."""
+    from services.common import service_keys
+    from services.common.config import ConfigError
+
+    signing, public = settings.service_signing_key_file, settings.service_public_keys_file
+    hmac_key = settings.service_token_key.get_secret_value()
+    ttl_s = settings.service_token_ttl_s
+    if signing or public:
+        if not (signing and public):
+            missing = service_keys.PUBLIC_KEYS_ENV if signing else service_keys.SIGNING_KEY_ENV
+            raise ConfigError(f"invalid configuration:\n  {missing}: must be set with "
+                              f"{service_keys.SIGNING_KEY_ENV if signing else service_keys.PUBLIC_KEYS_ENV}")
+        if hmac_key:
+            raise ConfigError(f"invalid configuration:\n  {TOKEN_KEY_ENV}: set with {service_keys.SIGNING_KEY_ENV}; "
+                              "a component signs with its own key only, remove the shared mesh secret")
+        try:
+            signer = service_keys.ComponentTokenSigner(
+                service_keys.load_private_key(signing), service_keys.load_keyset(public), ttl_s)
+        except service_keys.KeyError_ as exc:
+            name = service_keys.PUBLIC_KEYS_ENV if str(exc).startswith(str(public)) else service_keys.SIGNING_KEY_ENV
+            raise ConfigError(f"invalid configuration:\n  {name}: {exc}") from None
+        if component is not None and signer.component != component:
+            raise ConfigError(f"invalid configuration:\n  {service_keys.SIGNING_KEY_ENV}: the keyset lists this key "
+                              f"(kid {signer.kid}) as {signer.component}'s, not {component}'s")
+        return signer
+    if hmac_key:
+        log.warning("%s: the shared mesh secret is transitional: every process holding it (the gateway "
+                    "too) can sign any principal, svc:privacy included. Give each component its own key: "
+                    "%s and %s (docs/deploy.md)", TOKEN_KEY_ENV, service_keys.SIGNING_KEY_ENV,
+                    service_keys.PUBLIC_KEYS_ENV)
+        return ServiceTokenSigner(hmac_key.encode(), ttl_s)
+    log.warning("%s and %s are not set: signing with a random per-process key, so only callers in "
+                "this process can authenticate (set them, or configure mutual TLS)",
+                service_keys.SIGNING_KEY_ENV, service_keys.PUBLIC_KEYS_ENV)
+    return service_keys.ComponentTokenSigner.ephemeral(ttl_s)
 
 
 def service_token_signer() -> ServiceTokenSigner:

@@ -322,7 +322,8 @@ def pseudonym(value: str, *, cache: bool = False) -> str:
     same pseudonym in every process of the mesh (to follow one household through the
     logs, an operator computes its pseudonym with the key), and without the key it
     cannot be turned back into the id. Key: ``HEARTH_LOG_PSEUDONYM_KEY``, else derived
-    from the mesh secret ``HEARTH_SERVICE_TOKEN_KEY``, else a random key per process."""
+    from the transitional mesh secret ``HEARTH_SERVICE_TOKEN_KEY``, else a random key per
+    process (pseudonyms then differ between processes: the chart and ``Mesh`` set one)."""
     known = _PSEUDONYMS.get(value) if cache else None
     if known is not None:
         return known

@@ -100,9 +100,10 @@ class Mesh:
     process_env: dict[str, dict[str, str]] = field(default_factory=dict)
     log_dir: Path | None = None
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
-    # The mesh secret that signs the principal on every internal call (a fresh one per
-    # mesh; extra_env may override it, e.g. to let a test sign its own calls).
-    service_token_key: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    # The key of the ps_ pseudonyms in every process's logs (one per mesh, so a household
+    # has one pseudonym across processes).
+    log_pseudonym_key: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    _service_keys: dict[str, Path] = field(default_factory=dict, repr=False)
     # The source tree the processes run from (bench.assign_cpu runs an older commit's tree).
     root: Path = ROOT
 
@@ -121,14 +122,44 @@ class Mesh:
             "HEARTH_DATA_DIR": str(self.data_dir),
             "HEARTH_API_KEYS_FILE": str(self.data_dir / "gateway-keys.json"),
             "HEARTH_GATEWAY_PORT": str(self.gateway_port),
-            "HEARTH_SERVICE_TOKEN_KEY": self.service_token_key,
+            # Each process signs with its own component's key (added in _spawn) and
+            # verifies with every component's public key (service_keys.py).
+            "HEARTH_SERVICE_PUBLIC_KEYS_FILE": str(self.service_keys()["keyset"]),
+            "HEARTH_LOG_PSEUDONYM_KEY": self.log_pseudonym_key,
             **{f"HEARTH_{s.upper()}_ADDR": f"127.0.0.1:{p}" for s, p in self.grpc_ports.items()},
             "PYTHONPATH": str(self.root) + os.pathsep + env.get("PYTHONPATH", ""),
         })
         env.update(self.extra_env)
         return env
 
+    @property
+    def service_keys_dir(self) -> Path:
+        return self.data_dir / "service-keys"
+
+    def service_keys(self) -> dict[str, Path]:
+        """Every component's private key file and the keyset (``"keyset"``), generated
+        into the data dir on first use and kept there (``make run`` needs no setup)."""
+        from services.common import service_keys
+
+        if not self._service_keys:
+            self._service_keys.update(service_keys.generate(self.service_keys_dir))
+        return self._service_keys
+
+    def signer(self, component: str):
+        """Signs as ``component`` would (its private key), for tests and tools that call a
+        service directly: ``signer("gateway")`` for a person's principal,
+        ``signer("privacy")`` for ``svc:privacy``."""
+        from services.common import service_keys
+
+        keys = self.service_keys()
+        return service_keys.ComponentTokenSigner(service_keys.load_private_key(keys[component]),
+                                                 service_keys.load_keyset(keys["keyset"]), 300.0)
+
     def _spawn(self, name: str, module: str, env: dict[str, str]) -> None:
+        component = module.rsplit(".", 1)[-1]
+        if (component in SERVICE_MODULES or component == "gateway") and "HEARTH_SERVICE_PUBLIC_KEYS_FILE" in env:
+            # Only its own private key: the gateway process cannot sign as svc:privacy.
+            env = {"HEARTH_SERVICE_SIGNING_KEY_FILE": str(self.service_keys()[component]), **env}
         out = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)

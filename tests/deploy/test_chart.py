@@ -286,7 +286,7 @@ def _load_settings(env: dict[str, object], component: str, monkeypatch):
 
     stand_ins = {"HEARTH_POSTGRES_DSN": "postgresql://hearth:pw@db:5432/hearth",
                  "HEARTH_REDIS_URL": "redis://redis:6379/0",
-                 "HEARTH_SERVICE_TOKEN_KEY": "k" * 32,
+                 "HEARTH_LOG_PSEUDONYM_KEY": "k" * 32,
                  "HEARTH_KEKS": "k1=" + "A" * 43 + "=",
                  "HEARTH_RECEIPT_SIGNING_KEY": "B" * 43 + "=",
                  "HEARTH_AUDIT_SIGNING_KEY": "C" * 43 + "="}
@@ -347,7 +347,10 @@ def test_production_uses_postgres_redis_and_secrets_for_credentials(render):
         assert env["HEARTH_STORAGE"] == "postgres"
         assert env["HEARTH_POSTGRES_DSN"] == ("secret", "hearth-postgres", "dsn")
         assert env["HEARTH_REDIS_URL"] == ("secret", "hearth-redis", "url")
-        assert env["HEARTH_SERVICE_TOKEN_KEY"] == ("secret", "hearth-service-token", "key")
+        # The shared secret no longer signs (a key per component, mounted from a Secret:
+        # test_each_pod_mounts_only_its_own_components_signing_key); it keys the pseudonyms.
+        assert "HEARTH_SERVICE_TOKEN_KEY" not in env
+        assert env["HEARTH_LOG_PSEUDONYM_KEY"] == ("secret", "hearth-service-token", "key")
     privacy = effective_env(deployment_of(objects, "privacy"), objects)
     # One set of keys for every privacy replica, from a Secret.
     assert privacy["HEARTH_KEKS"] == ("secret", "hearth-privacy-keys", "keks")
@@ -355,7 +358,8 @@ def test_production_uses_postgres_redis_and_secrets_for_credentials(render):
     assert privacy["HEARTH_AUDIT_SIGNING_KEY"] == ("secret", "hearth-privacy-keys", "audit-signing-key")
     # No credential in a ConfigMap or a plain env value.
     for cm in by_kind(objects, "ConfigMap").values():
-        assert not {"HEARTH_POSTGRES_DSN", "HEARTH_REDIS_URL", "HEARTH_SERVICE_TOKEN_KEY"} & set(cm["data"])
+        assert not {"HEARTH_POSTGRES_DSN", "HEARTH_REDIS_URL", "HEARTH_SERVICE_TOKEN_KEY",
+                    "HEARTH_LOG_PSEUDONYM_KEY"} & set(cm["data"])
         assert not any(re.search(r"postgres(ql)?://|redis://", str(v)) for v in cm["data"].values())
 
 
@@ -464,6 +468,7 @@ def test_sqlite_with_more_than_one_replica_is_refused(render, override):
     ("services.clustering.replica=3", "at '/services/clustering': additional properties 'replica' not allowed"),
     ("tracing.protocol=http/json", "at '/tracing/protocol': value must be one of 'grpc', 'http/protobuf'"),
     ("serviceToken.secretName=", "serviceToken.secretName and serviceToken.secretKey are required"),
+    ("serviceKeys.secretPrefix=", "serviceKeys.secretPrefix, .secretKey, .publicKeysConfigMap and .publicKeysKey are required"),
     ("services.clustering.metricsPort=50051", "services.clustering: grpcPort and metricsPort must differ"),
     ("gateway.autoscaling.minReplicas=20", "gateway.autoscaling: minReplicas must be <= maxReplicas"),
     ("config.extra.LOG_LEVEL=x", "config.extra.LOG_LEVEL: keys must be HEARTH_"),
@@ -611,6 +616,30 @@ def test_tls_secrets_are_mounted_and_wired_to_the_settings(render):
     # Without the values nothing TLS is rendered.
     plain = render()
     assert "HEARTH_TLS_CERT" not in effective_env(deployment_of(plain, "clustering"), plain)
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_each_pod_mounts_only_its_own_components_signing_key(render, scenario):
+    """A key per component (session 19): the gateway's pods hold the gateway's private key
+    and no other, so a compromised gateway cannot sign as svc:privacy; every pod holds
+    every component's public key. The files are where the settings point."""
+    objects = render(**SCENARIOS[scenario])
+    for component in COMPONENTS:
+        deployment = deployment_of(objects, component)
+        env = effective_env(deployment, objects)
+        assert "HEARTH_SERVICE_TOKEN_KEY" not in env, component
+        mounts = {m["name"]: m for m in container(deployment)["volumeMounts"]}
+        volumes = deployment["spec"]["template"]["spec"]["volumes"]
+        signing_secrets = {v["secret"]["secretName"] for v in volumes
+                           if "secret" in v and v["secret"]["secretName"].startswith("hearth-signing-")}
+        assert signing_secrets == {f"hearth-signing-{component}"}, component
+        by_name = {v["name"]: v for v in volumes}
+        assert by_name["public-keys"]["configMap"]["name"] == "hearth-service-public-keys"
+        assert mounts["signing-key"]["readOnly"] and mounts["public-keys"]["readOnly"]
+        key_path = mounts["signing-key"]["mountPath"] + "/" + by_name["signing-key"]["secret"]["items"][0]["path"]
+        keys_path = mounts["public-keys"]["mountPath"] + "/" + by_name["public-keys"]["configMap"]["items"][0]["path"]
+        assert env["HEARTH_SERVICE_SIGNING_KEY_FILE"] == key_path, component
+        assert env["HEARTH_SERVICE_PUBLIC_KEYS_FILE"] == keys_path, component
 
 
 def test_jwt_public_key_is_mounted_and_wired_to_the_gateway_settings(render, monkeypatch):

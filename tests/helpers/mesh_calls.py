@@ -1,6 +1,6 @@
-"""Calls a test makes into a running mesh as one of its services would, signed with the
-mesh's service-token key (what the permission interceptor checks), for the parts of the
-system that only services may call (e.g. RecordPrediction, which clustering makes)."""
+"""Calls a test makes into a running mesh as one of its services would, signed with that
+service's own key (what the permission interceptor checks), for the parts of the system
+that only services may call (e.g. RecordPrediction, which clustering makes)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,29 @@ import grpc
 
 from hearth.feedback.v1 import feedback_pb2 as fpb
 from hearth.feedback.v1 import feedback_pb2_grpc as fpb_grpc
-from services.common.identity import PRINCIPAL_KEY, ROLE_KEY, TOKEN_KEY, Principal, Role, ServiceTokenSigner
+from services.common.identity import PRINCIPAL_KEY, ROLE_KEY, TOKEN_KEY, Principal, Role
+from services.common.service_keys import COMPONENTS
 from services.common.pbutil import float_to_ts
 
 
 def acting_as_service(mesh, service: str, audience: str) -> list[tuple[str, str]]:
     """gRPC metadata of a call made as ``svc:<service>`` to the component ``audience``."""
     principal = Principal(f"svc:{service}", Role.SERVICE)
-    token = ServiceTokenSigner(mesh.service_token_key.encode()).sign(principal, audience=audience)
+    token = mesh.signer(service).sign(principal, audience=audience)
     return [(PRINCIPAL_KEY, principal.id), (ROLE_KEY, principal.role.value), (TOKEN_KEY, token)]
+
+
+class VouchingSigner:
+    """Signs each principal with the key of the component that may vouch for it
+    (``service_keys.may_vouch``): ``svc:<component>`` with that component's own key, any
+    other principal with the gateway's (which forwards the HTTP caller's)."""
+
+    def __init__(self, mesh) -> None:
+        self._signers = {component: mesh.signer(component) for component in COMPONENTS}
+
+    def sign(self, principal: Principal, exp: int | None = None, *, audience: str) -> str:
+        name = principal.id[len("svc:"):] if principal.id.startswith("svc:") else ""
+        return self._signers[name if name in COMPONENTS else "gateway"].sign(principal, exp, audience=audience)
 
 
 def prediction(prediction_id: str, account: str, *, session_id: str = "s", variant: str = "kmeans",

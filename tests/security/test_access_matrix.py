@@ -16,7 +16,9 @@ from hearth.common.v1 import common_pb2
 from hearth.clustering.v1 import clustering_pb2 as cpb
 from hearth.clustering.v1 import clustering_pb2_grpc as cpb_grpc
 from services.common import identity, permissions
-from services.common.identity import Principal, Role, ServiceTokenSigner
+from services.common.identity import Principal, Role
+from services.common.service_keys import ComponentTokenSigner
+from tests.helpers.mesh_calls import VouchingSigner
 
 SERVICES = ("clustering", "attribution", "privacy", "feedback")
 DATA_HOLDERS = ("clustering", "attribution", "feedback")
@@ -100,12 +102,13 @@ def channels(security_mesh):
 
 
 @pytest.fixture(scope="module")
-def mesh_signer(security_mesh) -> ServiceTokenSigner:
-    """Signs like a mesh member (the test knows the mesh secret)."""
-    return ServiceTokenSigner(security_mesh.mesh.service_token_key.encode())
+def mesh_signer(security_mesh) -> VouchingSigner:
+    """Signs like the mesh member that may vouch for each principal (the test holds every
+    component's private key; each process holds only its own)."""
+    return VouchingSigner(security_mesh.mesh)
 
 
-def _metadata(signer: ServiceTokenSigner, principal: Principal, audience: str = "clustering") -> list[tuple[str, str]]:
+def _metadata(signer, principal: Principal, audience: str = "clustering") -> list[tuple[str, str]]:
     """Signed metadata of a call to ``audience`` (``_get_household``'s clustering by default)."""
     return [(identity.PRINCIPAL_KEY, principal.id), (identity.ROLE_KEY, principal.role.value),
             (identity.TOKEN_KEY, signer.sign(principal, audience=audience))]
@@ -156,7 +159,7 @@ def test_a_principal_without_a_token_is_refused(channels):
 
 
 def test_a_token_forged_with_another_key_is_refused(channels):
-    forger = ServiceTokenSigner(b"an-attacker-guess-of-the-mesh-key-0123456789")
+    forger = ComponentTokenSigner.ephemeral(300.0)   # a key of no component of this mesh
     assert _get_household(channels, _metadata(forger, Principal("sec-admin", Role.ADMIN))) == \
         grpc.StatusCode.UNAUTHENTICATED
 
@@ -224,6 +227,54 @@ def test_a_privacy_token_for_one_data_holder_does_not_erase_at_another(channels,
         with pytest.raises(grpc.RpcError) as info:
             common_pb2_grpc.DataHolderStub(channels[service]).Erase(
                 request, metadata=_metadata(mesh_signer, identity.service_principal("privacy"), minted_for), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, service
+
+
+def test_svc_privacy_signed_with_the_gateways_key_is_refused_by_every_data_holder(channels, security_mesh):
+    """A key per component (session 19): a compromised gateway signs svc:privacy with the
+    only private key it holds, its own; no data holder lets that Erase (nor authenticates
+    it: UNAUTHENTICATED, reason signer_may_not_vouch), while privacy's own key still does."""
+    from hearth.common.v1 import common_pb2_grpc
+
+    gateway, privacy = security_mesh.mesh.signer("gateway"), security_mesh.mesh.signer("privacy")
+    request = common_pb2.EraseRequest(scope=common_pb2.ErasureScope(account_id="sec-erase-gw", household=True),
+                                      job_id="sec-erase-gw-job")
+    for service in DATA_HOLDERS:
+        stub = common_pb2_grpc.DataHolderStub(channels[service])
+        for principal in (identity.service_principal("privacy"), identity.service_principal(service)):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Erase(request, metadata=_metadata(gateway, principal, service), timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, (service, principal)
+        stub.Erase(request, metadata=_metadata(privacy, identity.service_principal("privacy"), service), timeout=30)
+    # Nor for any other service's principal (here svc:clustering at clustering).
+    assert _get_household(channels, _metadata(gateway, identity.service_principal("clustering"))) == \
+        grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_the_gateway_process_holds_only_its_own_signing_key(channels, security_mesh):
+    """What the real gateway process can sign with: the one private key its environment
+    names (the gateway's, in the keyset as the gateway's), no shared mesh secret, no other
+    component's key file; a svc:privacy token made with it is refused at every data holder."""
+    from hearth.common.v1 import common_pb2_grpc
+    from pathlib import Path
+
+    from services.common import service_keys
+
+    pid = security_mesh.mesh.processes["gateway"].pid
+    env = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item)
+    assert "HEARTH_SERVICE_TOKEN_KEY" not in env
+    key_file = Path(env["HEARTH_SERVICE_SIGNING_KEY_FILE"])
+    keyset = service_keys.load_keyset(env["HEARTH_SERVICE_PUBLIC_KEYS_FILE"])
+    signer = service_keys.ComponentTokenSigner(service_keys.load_private_key(key_file), keyset, 300.0)
+    assert signer.component == "gateway"
+    others = {str(p) for name, p in security_mesh.mesh.service_keys().items() if name not in ("gateway", "keyset")}
+    assert not others & set(env.values())
+    request = common_pb2.EraseRequest(scope=common_pb2.ErasureScope(account_id="sec-erase-gw", household=True),
+                                      job_id="sec-erase-gw-proc")
+    for service in DATA_HOLDERS:
+        with pytest.raises(grpc.RpcError) as info:
+            common_pb2_grpc.DataHolderStub(channels[service]).Erase(
+                request, metadata=_metadata(signer, identity.service_principal("privacy"), service), timeout=10)
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, service
 
 

@@ -18,7 +18,8 @@ from hearth.clustering.v1 import clustering_pb2_grpc as cpb_grpc
 from hearth.privacy.v1 import privacy_pb2 as ppb
 from services.common import identity
 from services.common.errors import ERROR_FIELD_KEY
-from services.common.identity import Principal, Role, ServiceTokenSigner
+from services.common.identity import Principal, Role
+from tests.helpers.mesh_calls import VouchingSigner
 from tests.helpers.waiting import SLOW_MACHINE_S
 
 from .test_input import event, iso
@@ -40,11 +41,11 @@ def officer(security_mesh):
 
 
 @pytest.fixture(scope="module")
-def signer(security_mesh) -> ServiceTokenSigner:
-    return ServiceTokenSigner(security_mesh.mesh.service_token_key.encode())
+def signer(security_mesh) -> VouchingSigner:
+    return VouchingSigner(security_mesh.mesh)
 
 
-def metadata(signer: ServiceTokenSigner, principal: Principal = Principal("sec-slip-svc", Role.ADMIN),
+def metadata(signer: VouchingSigner, principal: Principal = Principal("sec-slip-svc", Role.ADMIN),
              audience: str = "clustering"):
     """Signed metadata for a call to ``audience`` (the ``channel`` fixture's clustering by default)."""
     return [(identity.PRINCIPAL_KEY, principal.id), (identity.ROLE_KEY, principal.role.value),

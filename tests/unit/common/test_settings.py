@@ -37,7 +37,8 @@ def test_every_component_settings_class_shares_the_strict_base():
 def test_identity_tls_audit_signing_and_pseudonym_variables_are_settings_fields():
     # Read by the processes, so declared on a settings class (validated at start), not
     # listed among the variables that only tooling reads.
-    process_variables = {"HEARTH_SERVICE_TOKEN_KEY", "HEARTH_SERVICE_TOKEN_TTL_S", "HEARTH_TLS_CERT",
+    process_variables = {"HEARTH_SERVICE_TOKEN_KEY", "HEARTH_SERVICE_TOKEN_TTL_S", "HEARTH_SERVICE_SIGNING_KEY_FILE",
+                         "HEARTH_SERVICE_PUBLIC_KEYS_FILE", "HEARTH_TLS_CERT",
                          "HEARTH_TLS_KEY", "HEARTH_TLS_CA", "HEARTH_TLS_SERVER_NAME", "HEARTH_LOG_PSEUDONYM_KEY",
                          "HEARTH_GRPC_LB_POLICY", "HEARTH_AUDIT_SIGNING_KEY", "HEARTH_AUDIT_SIGNING_KEY_FILE"}
     fields = {config.ENV_PREFIX + f.upper() for cls in (GatewaySettings, PrivacySettings) for f in cls.model_fields}

@@ -57,6 +57,7 @@ spec:
               value: {{ $svc.metricsPort | quote }}
             {{- include "hearth.commonEnv" $ctx | trim | nindent 12 }}
             {{- include "hearth.tlsEnv" $ctx | nindent 12 }}
+            {{- include "hearth.signingEnv" $ctx | nindent 12 }}
             {{- if and (eq $name "privacy") $svc.keys $svc.keys.secretName }}
             - name: HEARTH_RECEIPT_SIGNING_KEY
               valueFrom:
@@ -101,6 +102,7 @@ spec:
             - name: data
               mountPath: /var/lib/hearth
             {{- include "hearth.tlsVolumeMounts" $ctx | nindent 12 }}
+            {{- include "hearth.signingVolumeMounts" $ctx | nindent 12 }}
       volumes:
         - name: tmp
           emptyDir:
@@ -109,6 +111,7 @@ spec:
           emptyDir:
             sizeLimit: {{ $root.Values.storage.dataDir.sizeLimit }}
         {{- include "hearth.tlsVolumes" $ctx | nindent 8 }}
+        {{- include "hearth.signingVolumes" $ctx | nindent 8 }}
 ---
 apiVersion: v1
 kind: Service

@@ -119,6 +119,41 @@ clustering attribution privacy feedback gateway
 {{- end }}
 {{- end }}
 
+{{/* A signing key per component (services/common/service_keys.py): the component's own
+Ed25519 private key from Secret <serviceKeys.secretPrefix>-<component>, mounted in its
+own pods only, and every component's public key from one ConfigMap, mounted in all. */}}
+{{- define "hearth.signingEnv" -}}
+- name: HEARTH_SERVICE_SIGNING_KEY_FILE
+  value: /etc/hearth/signing/{{ .root.Values.serviceKeys.secretKey }}
+- name: HEARTH_SERVICE_PUBLIC_KEYS_FILE
+  value: /etc/hearth/public-keys/{{ .root.Values.serviceKeys.publicKeysKey }}
+{{- end }}
+
+{{- define "hearth.signingVolumeMounts" -}}
+- name: signing-key
+  mountPath: /etc/hearth/signing
+  readOnly: true
+- name: public-keys
+  mountPath: /etc/hearth/public-keys
+  readOnly: true
+{{- end }}
+
+{{- define "hearth.signingVolumes" -}}
+- name: signing-key
+  secret:
+    secretName: {{ printf "%s-%s" .root.Values.serviceKeys.secretPrefix .name }}
+    defaultMode: 0440
+    items:
+      - key: {{ .root.Values.serviceKeys.secretKey }}
+        path: {{ .root.Values.serviceKeys.secretKey }}
+- name: public-keys
+  configMap:
+    name: {{ .root.Values.serviceKeys.publicKeysConfigMap }}
+    items:
+      - key: {{ .root.Values.serviceKeys.publicKeysKey }}
+        path: {{ .root.Values.serviceKeys.publicKeysKey }}
+{{- end }}
+
 {{/* repository[:tag][@digest]; a component's image block overrides the shared one. */}}
 {{- define "hearth.image" -}}
 {{- $img := merge (dict) (.component.image | default dict) .root.Values.image }}
@@ -173,7 +208,12 @@ render time is cheaper than discovering it in a running cluster.
 {{- end }}
 {{- end }}
 {{- if not (and .Values.serviceToken.secretName .Values.serviceToken.secretKey) }}
-{{- fail "serviceToken.secretName and serviceToken.secretKey are required: without the mesh key every call between pods is refused" }}
+{{- fail "serviceToken.secretName and serviceToken.secretKey are required: the key of the log pseudonyms, one for every pod" }}
+{{- end }}
+{{- with .Values.serviceKeys }}
+{{- if not (and .secretPrefix .secretKey .publicKeysConfigMap .publicKeysKey) }}
+{{- fail "serviceKeys.secretPrefix, .secretKey, .publicKeysConfigMap and .publicKeysKey are required: each component signs the principal with its own key" }}
+{{- end }}
 {{- end }}
 {{- if .Values.redis.enabled }}
 {{- if not (and .Values.redis.secretName .Values.redis.secretKey) }}
@@ -231,7 +271,9 @@ render time is cheaper than discovering it in a running cluster.
       name: {{ $root.Values.redis.secretName }}
       key: {{ $root.Values.redis.secretKey }}
 {{- end }}
-- name: HEARTH_SERVICE_TOKEN_KEY
+# The shared secret of sessions <= 18 no longer signs anything (each component has its
+# own key, hearth.signingEnv); it keys the log pseudonyms, which stay what they were.
+- name: HEARTH_LOG_PSEUDONYM_KEY
   valueFrom:
     secretKeyRef:
       name: {{ $root.Values.serviceToken.secretName }}
