@@ -38,7 +38,7 @@ from tests.unit.privacy.test_merkle import CT_CONSISTENCY, CT_LEAVES, CT_PATHS, 
 
 ROOT = Path(__file__).resolve().parents[2]
 ANA = Principal("ana", Role.ANALYST)
-# Metadata is signed per call (ADMIN.metadata()), never once at import: service tokens
+# Metadata is signed per call (ADMIN.metadata("privacy")), never once at import: service tokens
 # expire after HEARTH_SERVICE_TOKEN_TTL_S (300 s), and a slow suite reaches this module later.
 
 
@@ -74,7 +74,7 @@ class Log:
             return self.app.writer.tree
 
     def verify(self) -> ppb.VerifyAuditResponse:
-        return self.stub.VerifyAudit(ppb.VerifyAuditRequest(), metadata=ADMIN.metadata())
+        return self.stub.VerifyAudit(ppb.VerifyAuditRequest(), metadata=ADMIN.metadata("privacy"))
 
 
 @pytest.fixture
@@ -127,7 +127,7 @@ def test_inclusion_and_consistency_proofs_verify_independently(log):
     for size in sizes:
         for seq in range(size):
             r = log.stub.GetAuditProof(ppb.GetAuditProofRequest(inclusion_seq=seq, tree_size=size),
-                                       metadata=ADMIN.metadata())
+                                       metadata=ADMIN.metadata("privacy"))
             sth = rfc9162.verify_sth_json(r.tree_head.json, r.public_key_pem)
             assert r.public_key_pem == log.pem and sth["tree_size"] == size == r.tree_head.tree_size
             assert r.leaf_hash == rfc9162.leaf_hash(r.record.canonical)
@@ -138,17 +138,17 @@ def test_inclusion_and_consistency_proofs_verify_independently(log):
             if size == sizes[-1]:
                 leaves.append(r.record.canonical)
     # the signed root is the Merkle tree hash of exactly the entries, recomputed here
-    assert rfc9162.mth(leaves) == log.stub.VerifyAudit(ppb.VerifyAuditRequest(), metadata=ADMIN.metadata()).tree_head.root_hash
+    assert rfc9162.mth(leaves) == log.stub.VerifyAudit(ppb.VerifyAuditRequest(), metadata=ADMIN.metadata("privacy")).tree_head.root_hash
     for i, old in enumerate(sizes):
         for new in sizes[i:]:
             r = log.stub.GetAuditProof(ppb.GetAuditProofRequest(consistency_from_size=old, tree_size=new),
-                                       metadata=ADMIN.metadata())
+                                       metadata=ADMIN.metadata("privacy"))
             old_sth = rfc9162.verify_sth_json(r.old_tree_head.json, log.pem)
             new_sth = rfc9162.verify_sth_json(r.tree_head.json, log.pem)
             assert rfc9162.verify_consistency(old, new, bytes.fromhex(old_sth["root"]),
                                               bytes.fromhex(new_sth["root"]), list(r.path))
     # from a size that was never signed: check against the root recomputed from the entries
-    r = log.stub.GetAuditProof(ppb.GetAuditProofRequest(consistency_from_size=5), metadata=ADMIN.metadata())
+    r = log.stub.GetAuditProof(ppb.GetAuditProofRequest(consistency_from_size=5), metadata=ADMIN.metadata("privacy"))
     assert not r.HasField("old_tree_head")
     assert rfc9162.verify_consistency(5, sizes[-1], rfc9162.mth(leaves[:5]), r.tree_head.root_hash, list(r.path))
     assert not rfc9162.verify_consistency(5, sizes[-1], rfc9162.mth(leaves[:4]), r.tree_head.root_hash, list(r.path))
@@ -170,26 +170,26 @@ def test_the_proof_tree_keeps_old_chunks_in_the_table_and_their_proofs_still_ver
     assert tree.resident_bytes < 64 * (2800 - 2048) + 64 * 4
     for seq, size in ((5, sizes[-1]), (1100, sizes[1]), (2790, sizes[-1])):
         r = log.stub.GetAuditProof(ppb.GetAuditProofRequest(inclusion_seq=seq, tree_size=size),
-                                   metadata=ADMIN.metadata())
+                                   metadata=ADMIN.metadata("privacy"))
         root = bytes.fromhex(rfc9162.verify_sth_json(r.tree_head.json, r.public_key_pem)["root"])
         assert r.leaf_hash == rfc9162.leaf_hash(r.record.canonical)
         assert rfc9162.verify_inclusion(seq, size, r.leaf_hash, list(r.path), root), seq
     r = log.stub.GetAuditProof(ppb.GetAuditProofRequest(consistency_from_size=sizes[0], tree_size=sizes[-1]),
-                               metadata=ADMIN.metadata())
+                               metadata=ADMIN.metadata("privacy"))
     assert rfc9162.verify_consistency(sizes[0], sizes[-1], bytes.fromhex(rfc9162.verify_sth_json(
         r.old_tree_head.json, log.pem)["root"]), r.tree_head.root_hash, list(r.path))
     with log.db.transaction() as tx:
         tx.execute("UPDATE audit_entries SET leaf_hash = ? WHERE seq = 5", (b"\x13" * 32,))
     # The last chunk read stays cached (checked when read): read chunk 1, then chunk 0 again.
-    log.stub.GetAuditProof(ppb.GetAuditProofRequest(inclusion_seq=1100), metadata=ADMIN.metadata())
+    log.stub.GetAuditProof(ppb.GetAuditProofRequest(inclusion_seq=1100), metadata=ADMIN.metadata("privacy"))
     with pytest.raises(grpc.RpcError) as err:
-        log.stub.GetAuditProof(ppb.GetAuditProofRequest(inclusion_seq=7), metadata=ADMIN.metadata())
+        log.stub.GetAuditProof(ppb.GetAuditProofRequest(inclusion_seq=7), metadata=ADMIN.metadata("privacy"))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "altered" in err.value.details()
 
 
 def test_proof_requests_are_validated(log):
     with pytest.raises(grpc.RpcError) as empty:
-        log.stub.GetAuditProof(ppb.GetAuditProofRequest(inclusion_seq=0), metadata=ADMIN.metadata())
+        log.stub.GetAuditProof(ppb.GetAuditProofRequest(inclusion_seq=0), metadata=ADMIN.metadata("privacy"))
     assert empty.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     _fill(log, (3, 4))
     for request, code in [(ppb.GetAuditProofRequest(inclusion_seq=7), grpc.StatusCode.INVALID_ARGUMENT),
@@ -198,7 +198,7 @@ def test_proof_requests_are_validated(log):
                           (ppb.GetAuditProofRequest(consistency_from_size=8), grpc.StatusCode.INVALID_ARGUMENT),
                           (ppb.GetAuditProofRequest(), grpc.StatusCode.INVALID_ARGUMENT)]:
         with pytest.raises(grpc.RpcError) as err:
-            log.stub.GetAuditProof(request, metadata=ADMIN.metadata())
+            log.stub.GetAuditProof(request, metadata=ADMIN.metadata("privacy"))
         assert err.value.code() == code, request
 
 
@@ -294,10 +294,10 @@ def test_a_proof_for_an_entry_whose_stored_content_was_altered_is_refused(log, s
         if delete:  # a deleted row of the signed tree was NOT_FOUND "no audit entry"
             tx.execute("DELETE FROM audit_entries WHERE seq = ?", (seq,))
     with pytest.raises(grpc.RpcError) as err:
-        log.stub.GetAuditProof(ppb.GetAuditProofRequest(inclusion_seq=seq), metadata=ADMIN.metadata())
+        log.stub.GetAuditProof(ppb.GetAuditProofRequest(inclusion_seq=seq), metadata=ADMIN.metadata("privacy"))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "altered" in err.value.details()
     # an untouched neighbour still gets its proof
-    r = log.stub.GetAuditProof(ppb.GetAuditProofRequest(inclusion_seq=seq + 1), metadata=ADMIN.metadata())
+    r = log.stub.GetAuditProof(ppb.GetAuditProofRequest(inclusion_seq=seq + 1), metadata=ADMIN.metadata("privacy"))
     assert r.leaf_hash == rfc9162.leaf_hash(r.record.canonical)
 
 
@@ -359,11 +359,11 @@ def test_append_audit_validates_every_record_before_writing_any(log):
     request = audit.to_append_request(_records(2))
     request.records[1].event_type = "bogus"
     with pytest.raises(grpc.RpcError) as err:
-        log.stub.AppendAudit(request, metadata=ADMIN.metadata())
+        log.stub.AppendAudit(request, metadata=ADMIN.metadata("privacy"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert dict(err.value.trailing_metadata())[ERROR_FIELD_KEY] == "records[1].event_type"
     assert log.verify().entries == 0
-    ok = log.stub.AppendAudit(audit.to_append_request(_records(2)), metadata=ADMIN.metadata())
+    ok = log.stub.AppendAudit(audit.to_append_request(_records(2)), metadata=ADMIN.metadata("privacy"))
     assert list(ok.seqs) == [0, 1] and ok.tree_size == 2
 
 
@@ -373,8 +373,8 @@ def test_append_audit_defaults_and_notes_the_reporter(log):
                         details={"version": "3"}),                                   # as the caller
         audit.to_append_request(_records(1)).records[0],                            # about ana
     ])
-    log.stub.AppendAudit(request, metadata=ADMIN.metadata())
-    page = log.stub.QueryAudit(ppb.QueryAuditRequest(), metadata=ADMIN.metadata())
+    log.stub.AppendAudit(request, metadata=ADMIN.metadata("privacy"))
+    page = log.stub.QueryAudit(ppb.QueryAuditRequest(), metadata=ADMIN.metadata("privacy"))
     mine, about_ana = page.records
     assert (mine.principal.id, mine.outcome, json.loads(mine.details_json)) == (
         "test-admin", "success", {"version": "3"})
@@ -384,29 +384,29 @@ def test_append_audit_defaults_and_notes_the_reporter(log):
 def test_query_filters_and_pages(log):
     # (9 exports: one below the bulk-export alert, which would add an entry)
     log.app.append(_records(30, tag="a") + _records(9, who=ADMIN, tag="b", event=audit.EXPORT))
-    page = log.stub.QueryAudit(ppb.QueryAuditRequest(principal_id="test-admin"), metadata=ADMIN.metadata())
+    page = log.stub.QueryAudit(ppb.QueryAuditRequest(principal_id="test-admin"), metadata=ADMIN.metadata("privacy"))
     assert [r.seq for r in page.records] == list(range(30, 39)) and not page.has_more
     assert {r.event_type for r in page.records} == {"export"}
-    by_prefix = log.stub.QueryAudit(ppb.QueryAuditRequest(resource_prefix="household:a-1"), metadata=ADMIN.metadata())
+    by_prefix = log.stub.QueryAudit(ppb.QueryAuditRequest(resource_prefix="household:a-1"), metadata=ADMIN.metadata("privacy"))
     assert [r.resource for r in by_prefix.records] == ["household:a-1"] + [f"household:a-1{i}" for i in range(10)]
-    by_trace = log.stub.QueryAudit(ppb.QueryAuditRequest(trace_id="b0003"), metadata=ADMIN.metadata())
+    by_trace = log.stub.QueryAudit(ppb.QueryAuditRequest(trace_id="b0003"), metadata=ADMIN.metadata("privacy"))
     assert [r.seq for r in by_trace.records] == [33]
     seen, after = [], None
     while True:
         request = ppb.QueryAuditRequest(limit=7, event_type="read_household", with_tree_head=True)
         if after is not None:
             request.after_seq = after
-        page = log.stub.QueryAudit(request, metadata=ADMIN.metadata())
+        page = log.stub.QueryAudit(request, metadata=ADMIN.metadata("privacy"))
         seen += [r.seq for r in page.records]
         assert page.tree_head.tree_size == 39
         if not page.has_more:
             break
         after = page.records[-1].seq
     assert seen == list(range(30))
-    future = log.stub.QueryAudit(ppb.QueryAuditRequest(window=_window(time.time() + 3600, None)), metadata=ADMIN.metadata())
+    future = log.stub.QueryAudit(ppb.QueryAuditRequest(window=_window(time.time() + 3600, None)), metadata=ADMIN.metadata("privacy"))
     assert list(future.records) == []
     with pytest.raises(grpc.RpcError) as err:
-        log.stub.QueryAudit(ppb.QueryAuditRequest(limit=10_001), metadata=ADMIN.metadata())
+        log.stub.QueryAudit(ppb.QueryAuditRequest(limit=10_001), metadata=ADMIN.metadata("privacy"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -424,7 +424,7 @@ def _window(start, end):
 
 def test_only_audit_readers_may_query(log):
     with pytest.raises(grpc.RpcError) as err:
-        log.stub.QueryAudit(ppb.QueryAuditRequest(), metadata=ANA.metadata())
+        log.stub.QueryAudit(ppb.QueryAuditRequest(), metadata=ANA.metadata("privacy"))
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
@@ -443,9 +443,9 @@ def test_restart_keeps_verifying_and_appending(database, key):
         assert second.app.append(_records(5, tag="after")) == list(range(10, 15))
         now = second.verify()
         assert now.valid and now.entries == 15
-        proof = second.stub.GetAuditProof(ppb.GetAuditProofRequest(consistency_from_size=10), metadata=ADMIN.metadata())
+        proof = second.stub.GetAuditProof(ppb.GetAuditProofRequest(consistency_from_size=10), metadata=ADMIN.metadata("privacy"))
         assert rfc9162.verify_consistency(10, 15, old.root_hash, now.tree_head.root_hash, list(proof.path))
-        inclusion = second.stub.GetAuditProof(ppb.GetAuditProofRequest(inclusion_seq=3), metadata=ADMIN.metadata())
+        inclusion = second.stub.GetAuditProof(ppb.GetAuditProofRequest(inclusion_seq=3), metadata=ADMIN.metadata("privacy"))
         assert rfc9162.verify_inclusion(3, 15, inclusion.leaf_hash, list(inclusion.path), now.tree_head.root_hash)
     finally:
         second.close()
@@ -472,7 +472,7 @@ def test_after_a_restart_a_rewritten_row_gets_no_proof(database, key):
         for request in (ppb.GetAuditProofRequest(inclusion_seq=3), ppb.GetAuditProofRequest(inclusion_seq=8),
                         ppb.GetAuditProofRequest(consistency_from_size=4)):
             with pytest.raises(grpc.RpcError) as err:
-                second.stub.GetAuditProof(request, metadata=ADMIN.metadata())
+                second.stub.GetAuditProof(request, metadata=ADMIN.metadata("privacy"))
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "altered" in err.value.details()
     finally:
         second.close()
@@ -589,7 +589,7 @@ def test_mass_reads_raise_one_security_alert_and_service_reads_none(database, ke
         failures = [audit.make_record(audit.AUTHENTICATION_FAILURE, "route:GET /v1/x", "denied",
                                       principal=Principal("anonymous", Role.ANALYST)) for _ in range(3)]
         opened.app.append(failures)
-        alerts = opened.stub.QueryAudit(ppb.QueryAuditRequest(event_type="security_alert"), metadata=ADMIN.metadata())
+        alerts = opened.stub.QueryAudit(ppb.QueryAuditRequest(event_type="security_alert"), metadata=ADMIN.metadata("privacy"))
         assert [(r.resource, json.loads(r.details_json)["kind"]) for r in alerts.records] == [
             ("principal:eve", "mass_household_reads"), ("principal:anonymous", "repeated_auth_failures")]
         eve = json.loads(alerts.records[0].details_json)
