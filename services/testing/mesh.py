@@ -122,15 +122,23 @@ class Mesh:
             "HEARTH_DATA_DIR": str(self.data_dir),
             "HEARTH_API_KEYS_FILE": str(self.data_dir / "gateway-keys.json"),
             "HEARTH_GATEWAY_PORT": str(self.gateway_port),
-            # Each process signs with its own component's key (added in _spawn) and
-            # verifies with every component's public key (service_keys.py).
-            "HEARTH_SERVICE_PUBLIC_KEYS_FILE": str(self.service_keys()["keyset"]),
             "HEARTH_LOG_PSEUDONYM_KEY": self.log_pseudonym_key,
+            # Each process signs with its own component's key (added in _spawn) and
+            # verifies with every component's public key (service_keys.py); a tree from
+            # before session 19 (bench.assign_cpu --baseline REF) gets the shared secret
+            # it knows instead.
+            **({"HEARTH_SERVICE_PUBLIC_KEYS_FILE": str(self.service_keys()["keyset"])} if self.component_keys
+               else {"HEARTH_SERVICE_TOKEN_KEY": self.log_pseudonym_key}),
             **{f"HEARTH_{s.upper()}_ADDR": f"127.0.0.1:{p}" for s, p in self.grpc_ports.items()},
             "PYTHONPATH": str(self.root) + os.pathsep + env.get("PYTHONPATH", ""),
         })
         env.update(self.extra_env)
         return env
+
+    @property
+    def component_keys(self) -> bool:
+        """Whether the tree the processes run from signs with a key per component."""
+        return (self.root / "services" / "common" / "service_keys.py").exists()
 
     @property
     def service_keys_dir(self) -> Path:
