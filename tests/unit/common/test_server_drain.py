@@ -145,7 +145,7 @@ def test_the_gateway_drains_for_hearth_grace_seconds_not_a_fixed_5_s(monkeypatch
     monkeypatch.setattr(gateway_main.uvicorn, "run", lambda app, **options: seen.update(options))
     monkeypatch.setattr(gateway_main, "create_app", lambda settings: object())
     monkeypatch.setattr(gateway_main.telemetry, "setup_telemetry", lambda *a, **k: None)
-    monkeypatch.setattr(config_module, "configure_process", lambda settings: None)
+    monkeypatch.setattr(config_module, "configure_process", lambda settings, component=None: None)
     gateway_main.main()
     assert seen["timeout_graceful_shutdown"] == 27.0
     # The default covers the gateway's own deadline on the services (HEARTH_RPC_TIMEOUT_S).
