@@ -5,21 +5,23 @@ from __future__ import annotations
 import uvicorn
 
 from gateway.app import create_app
-from gateway.transport import DEFAULT_MAX_HEADER_BYTES, bounded_httptools
+from gateway.transport import DEFAULT_HEAD_TIMEOUT_S, DEFAULT_MAX_HEADER_BYTES, bounded_httptools
 from gateway.config import GatewaySettings
 from services.common import config, telemetry
 
 
 def uvicorn_options(log_level: str, grace_seconds: float = 10.0,
-                    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> dict:
+                    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+                    head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S) -> dict:
     """The uvicorn settings of the gateway (the transport floor in bench/floor.py uses
     the same, so the two are comparable): uvloop and httptools, the C event loop and
     HTTP parser, measured cheaper per request than asyncio and h11 (docs/benchmarks.md);
     uvicorn's own access log off (the gateway writes its own, with trace ids, hearth.access).
     On SIGTERM requests in flight get ``grace_seconds`` (HEARTH_GRACE_SECONDS) to finish.
     httptools through ``gateway.transport``: a request head over ``max_header_bytes``
-    (HEARTH_MAX_HEADER_BYTES) is a 431 and the connection closed."""
-    return {"loop": "uvloop", "http": bounded_httptools(max_header_bytes), "log_level": log_level.lower(), "access_log": False,
+    (HEARTH_MAX_HEADER_BYTES) is a 431 and the connection closed, one not complete within
+    ``head_timeout_s`` (HEARTH_HEAD_TIMEOUT_S) a 408 (uvicorn has no setting for either)."""
+    return {"loop": "uvloop", "http": bounded_httptools(max_header_bytes, head_timeout_s), "log_level": log_level.lower(), "access_log": False,
             "timeout_graceful_shutdown": grace_seconds, "server_header": False,
             # No logging config of uvicorn's own: its loggers propagate to the root
             # handler setup_telemetry installed, so its lines are JSON like every other.
@@ -40,7 +42,8 @@ def main() -> None:
         if path is not None and not path.is_file():
             raise SystemExit(f"invalid configuration:\n  {name}: no such file {path}")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.gateway_port,
-                **uvicorn_options(settings.log_level, settings.grace_seconds, settings.max_header_bytes), **tls)
+                **uvicorn_options(settings.log_level, settings.grace_seconds, settings.max_header_bytes,
+                                 settings.head_timeout_s), **tls)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,10 @@ class GatewaySettings(MeshSettings):
     # Bytes of a request's head (request line + headers) before the gateway answers 431
     # and closes the connection (gateway/transport.py; uvicorn and httptools set none).
     max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=1024 * 1024)
+    # A request's head must be complete within this many seconds of the gateway starting to
+    # wait for it (a new connection, or the end of the previous response), else 408 and the
+    # connection closed (gateway/transport.py; uvicorn and httptools set no such deadline).
+    head_timeout_s: float = Field(default=10.0, gt=0, le=600)
 
     # HTTPS for clients of the gateway (a public certificate, not the mesh CA's).
     https_cert: Path | None = None
