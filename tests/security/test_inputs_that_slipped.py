@@ -352,6 +352,30 @@ def test_a_principals_403_flood_is_audited_coalesced_not_one_record_each(securit
     assert len(records) + suppressed <= flood + 1
 
 
+def test_a_client_chosen_traceparent_never_becomes_the_audit_records_trace_id(security_mesh, admin):
+    """Until session 19 the gateway continued a client's ``traceparent``: the client chose
+    the trace id of its request's records in the tamper-evident audit log (to collide
+    with, or pose as, another request's trace). Now the gateway starts its own trace (the
+    client's is a span link) and the records carry the id of ``x-trace-id``."""
+    chosen = "5ec0c1e5ec0c1e5ec0c1e5ec0c1e5ec0"
+    response = admin.get("/v1/household/sec-slip-trace",
+                         headers={"traceparent": f"00-{chosen}-00f067aa0ba902b7-01"})
+    assert response.status_code in (200, 404), response.text
+    ours = response.headers["x-trace-id"]
+    assert ours != chosen
+
+    def by_trace(trace_id):
+        page = admin.get("/v1/audit", params={"trace_id": trace_id, "limit": 100})
+        assert page.status_code == 200, page.text
+        return page.json()["records"]
+
+    deadline = time.monotonic() + SLOW_MACHINE_S
+    while not by_trace(ours) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert any(r["resource"].endswith("sec-slip-trace") for r in by_trace(ours)), by_trace(ours)
+    assert by_trace(chosen) == []
+
+
 def _raw(channel, method, payload: bytes, md, streaming: bool):
     same = lambda b: b  # noqa: E731
     if streaming:
