@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import uvicorn
 
 from gateway.app import create_app
@@ -41,9 +43,29 @@ def main() -> None:
     for name, path in (("HEARTH_HTTPS_CERT", settings.https_cert), ("HEARTH_HTTPS_KEY", settings.https_key)):
         if path is not None and not path.is_file():
             raise SystemExit(f"invalid configuration:\n  {name}: no such file {path}")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.gateway_port,
-                **uvicorn_options(settings.log_level, settings.grace_seconds, settings.max_header_bytes,
-                                 settings.head_timeout_s), **tls)
+    options = uvicorn_options(settings.log_level, settings.grace_seconds, settings.max_header_bytes,
+                              settings.head_timeout_s)
+    if not settings.edge_authorizer_port:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.gateway_port, **options, **tls)
+        return
+    # The Envoy edge's authorizer on a listener of its own (gateway/routes/edge.py): one
+    # server, one app and event loop, two sockets; the app tells them apart by port.
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=settings.host,
+                                           port=settings.gateway_port, **options, **tls))
+    server.run(sockets=[listening_socket(settings.host, settings.gateway_port),
+                        listening_socket(settings.host, settings.edge_authorizer_port)])
+    if not server.started:
+        raise SystemExit(3)   # uvicorn.run's startup-failure status
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A bound TCP socket for ``uvicorn.Server.run(sockets=...)`` (uvicorn listens on it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
 
 
 if __name__ == "__main__":

@@ -257,7 +257,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         router = module.router(clients, access, **options)
         routes_by_service.setdefault(service, []).extend(router.routes)
         app.include_router(router)
-    if settings.edge_authorizer:
+    if settings.edge_authorizer_port:
+        # Served on its own listener only (edge_routes.ListenerSplit, added last below).
         app.include_router(edge_routes.router(authenticator, limiter))
     # Inside the observe middleware, outside the body-size one: complete JSON bodies for the
     # lean routes skip FastAPI's stack (gateway/lean.py); the routers above are included
@@ -283,6 +284,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     app.add_middleware(BodyDeadline, timeout_s=settings.body_timeout_s, max_body_bytes=settings.max_body_bytes,
                        count_timeout=count_body_timeout)
+    if settings.edge_authorizer_port:
+        # Outermost: the public port never serves the edge authorizer, its port nothing else.
+        app.add_middleware(edge_routes.ListenerSplit, authorizer_port=settings.edge_authorizer_port)
 
     @app.get("/health", response_model=models.HealthOut, responses={503: {"model": models.HealthOut}})
     async def health():
