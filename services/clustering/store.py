@@ -23,6 +23,7 @@ from services.clustering.domain.events import ViewingEvent
 from services.clustering.domain.features import DEFAULT_VOCABULARY, GenreVocabulary
 from services.clustering.domain.sessions import Session, build_sessions
 from services.clustering.migrations import MIGRATIONS
+from services.clustering.prediction_log import erase_pending
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import Conflict, NotFound
 from services.common.field_crypto import (FieldCipher, drop_keys_of_erased_households, household_erasures,
@@ -37,7 +38,7 @@ MODEL_CACHE_TTL_S = 3600.0
 # Every table an erasure deletes from (purged physically after it: Database.purge_erased;
 # kept out of PostgreSQL's planner statistics: migrate(personal_tables=...)).
 _ERASED_TABLES = ("events", "sessions", "devices", "household_models", "drift_events",
-                  "prediction_outbox", "session_labels")
+                  "prediction_outbox", "prediction_chunks", "session_labels")
 
 
 @dataclass(frozen=True)
@@ -667,13 +668,11 @@ class ClusteringStore:
             # Predictions not yet delivered to the feedback service are data too.
             sessions = out.deleted_ids_of("sessions")
             if scope.kind == "household":
-                pending = [r[0] for r in tx.query("SELECT prediction_id FROM prediction_outbox WHERE account_id = ?",
-                                                  (account,))]
+                pending = erase_pending(tx, lambda acct, _session: acct == account, account)
             else:
                 where, params = ("1 = 1", []) if scope.all_accounts else ("account_id = ?", [account])
-                pending = [r[0] for r in tx.query("SELECT prediction_id, session_id FROM prediction_outbox "
-                                                  f"WHERE {where}", params) if r[1] in sessions]
-            tx.executemany("DELETE FROM prediction_outbox WHERE prediction_id = ?", [(p,) for p in pending])
+                pending = erase_pending(tx, lambda acct, session: (scope.all_accounts or acct == account)
+                                        and session in sessions, None if scope.all_accounts else account)
             out.add("pending_predictions", pending)
             if scope.kind == "household":
                 labelled = [r[0] for r in tx.query("SELECT session_id FROM session_labels WHERE account_id = ?",
