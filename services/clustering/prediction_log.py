@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import os
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -113,6 +115,61 @@ def to_request(records: Iterable[PredictionRecord]) -> fpb.RecordPredictionReque
         calibration_group=r.calibration_group,
         **({"session_start": float_to_ts(r.session_start), "session_end": float_to_ts(r.session_end)}
            if r.session_start is not None and r.session_end is not None else {})) for r in records])
+
+
+# The fields that differ between a household's predictions in one request; the others are
+# serialized once per distinct value (``_encode``). Their numbers in feedback.proto's
+# Prediction: 1, 3, 4 and 5 (a map<string, double>: entries of key 1, value 2).
+_VARYING = ("prediction_id", "session_id", "person_id", "probabilities")
+_SHARED_FIELDS = tuple(f for f in _RECORD_FIELDS if f not in _VARYING)
+_SHARED = operator.attrgetter(*_SHARED_FIELDS)
+_DOUBLE = struct.Struct("<d").pack
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _string(tag: bytes, value: str) -> bytes:
+    if not value:              # proto3 leaves an empty string out
+        return b""
+    data = value.encode()
+    return tag + _varint(len(data)) + data
+
+
+def _encode(records: Iterable[PredictionRecord]) -> bytes:
+    """``to_request(records).SerializeToString()``, without a message a record: what it
+    parses as is the same request (tests/unit/clustering/test_prediction_log_rows.py holds
+    the two equal). A household's predictions in one request share every field but the
+    four of ``_VARYING``: the shared ones are serialized once per distinct value by
+    ``to_request`` itself (a field added to PredictionRecord and Prediction comes along),
+    the four are written here; a map entry's key is encoded once per person id."""
+    shared: dict[tuple, bytes] = {}
+    entries: dict[str, bytes] = {}
+    out = []
+    for r in records:
+        key = _SHARED(r)
+        head = shared.get(key)
+        if head is None:
+            blank = PredictionRecord(prediction_id="", session_id="", person_id="", probabilities={},
+                                     **dict(zip(_SHARED_FIELDS, key)))
+            head = shared[key] = to_request([blank]).predictions[0].SerializeToString()
+        parts = [head, _string(b"\x0a", r.prediction_id), _string(b"\x1a", r.session_id),
+                 _string(b"\x22", r.person_id)]
+        for person, probability in r.probabilities.items():
+            prefix = entries.get(person)
+            if prefix is None:
+                name = _string(b"\x0a", person) if person else b""
+                prefix = entries[person] = b"\x2a" + _varint(len(name) + 9) + name + b"\x11"
+            parts.append(prefix + _DOUBLE(probability))
+        message = b"".join(parts)
+        out.append(b"\x0a" + _varint(len(message)) + message)   # RecordPredictionRequest.predictions = 1
+    return b"".join(out)
 
 
 def _decode(payloads: Sequence[str]) -> tuple[list[PredictionRecord], list[str]]:
@@ -221,7 +278,7 @@ class PredictionLog:
         def close() -> None:   # ids sort in commit order among the chunks of one commit (one created_at)
             rows.append((f"{len(rows):04d}-{os.urandom(16).hex()}", now, len(records),
                          _accounts(r.account_id for r in records), " ".join(filter(None, traceparents)),
-                         to_request(records).SerializeToString()))
+                         _encode(records)))
 
         for request in requests:
             todo = request.records

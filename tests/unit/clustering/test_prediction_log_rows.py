@@ -205,3 +205,22 @@ def test_a_positional_row_from_before_a_new_trailing_field_reads_with_its_defaul
     row = json.dumps(["", *[getattr(record, f) for f in prediction_log._RECORD_FIELDS[:-1]]])
     records, traceparents = prediction_log._decode([row, _session18_row(record)])
     assert records == [record, record] and traceparents == [""]
+
+
+def test_the_chunk_encoder_writes_what_to_request_serializes():
+    """_encode writes the request's bytes itself (a household's shared fields once): what
+    they parse as must be to_request's message for every shape of record — empty and long
+    ids (a two-byte length), several households and times, spans, no or one person, zeros."""
+    long_id = "x" * 128
+    records = [_record("pr-1"), _record("pr-2", account_id="acc-2", person_id="p1"),
+               _record("pr-3", session_id="s-3", device_id="tv", session_start=1.5e9, session_end=1.5e9 + 2.5),
+               _record(long_id, account_id=long_id, session_id=long_id, person_id=long_id,
+                       probabilities={long_id: 1.0, "p0": 0.0}),
+               _record("pr-5", probabilities={}, person_id="", model_variant="", model_version=0, ts=0.0,
+                       household_size=0, model_sessions=0, calibration_group="", cold_start=True),
+               _record("pr-6", ts=1796516599.999999999, probabilities={"p1": 5e-324, "p2": -0.0}),
+               _record("pr-7", account_id="acc-2", person_id="p1")]
+    encoded = fpb.RecordPredictionRequest.FromString(prediction_log._encode(records))
+    assert encoded == prediction_log.to_request(records)
+    assert [p.prediction_id for p in encoded.predictions] == [r.prediction_id for r in records]
+    assert prediction_log._encode([]) == b""
