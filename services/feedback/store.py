@@ -371,7 +371,9 @@ class FeedbackStore:
         unknown (recorded before predictions carried one: kept conservative), with their
         feedback. person: the predictions of that predicted person,
         their feedback, and every feedback naming the person as the true one. window:
-        predictions made in [start, end), their feedback, and feedback given in it.
+        the predictions about the sessions the window overlaps (whenever made; without
+        session times, by their own time in [start, end)), their feedback, and feedback
+        given in it.
         """
         account = scope.account_id
         outcome = ErasureOutcome()
