@@ -14,17 +14,17 @@ from gateway.routes.attribution import AttributionIn
 from services.attribution.domain.api import METHODS, attribute
 from services.attribution.domain.markov import MarkovConventions
 from services.cli import build_parser
-from tests.helpers.operator_docs import ROOT
+from tests.helpers.operator_docs import doc_text
 
-DOC = ROOT / "docs" / "attribution.md"
+DOC = "docs/attribution.md"
 
 
 def _text() -> str:
-    return DOC.read_text(encoding="utf-8")
+    return doc_text(DOC)
 
 
 def _flat() -> str:
-    return re.sub(r"\s+", " ", _text())
+    return doc_text(DOC, flat=True)
 
 
 def _ask_rows() -> list[tuple[str, str, str]]:

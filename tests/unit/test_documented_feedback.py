@@ -22,17 +22,17 @@ from services.feedback.domain.triggers import TriggerThresholds
 from services.feedback.servicer import KIND_BY_PB
 from services.common.config import ServiceSettings
 from services.feedback.settings import FeedbackSettings
-from tests.helpers.operator_docs import ROOT
+from tests.helpers.operator_docs import doc_text
 
-DOC = ROOT / "docs" / "feedback.md"
+DOC = "docs/feedback.md"
 
 
 def _text() -> str:
-    return DOC.read_text(encoding="utf-8")
+    return doc_text(DOC)
 
 
 def _flat() -> str:
-    return re.sub(r"\s+", " ", _text())
+    return doc_text(DOC, flat=True)
 
 
 def _section(title: str) -> str:

@@ -26,17 +26,17 @@ from services.privacy.keys.app import KeyService
 from services.privacy.keys.domain import generate_kek
 from services.privacy.keys.store import DataKeyStore
 from services.privacy.migrations import MIGRATIONS
-from tests.helpers.operator_docs import ROOT
+from tests.helpers.operator_docs import doc_text
 
-DOC = ROOT / "docs" / "privacy.md"
+DOC = "docs/privacy.md"
 
 
 def _text() -> str:
-    return DOC.read_text(encoding="utf-8")
+    return doc_text(DOC)
 
 
 def _flat() -> str:
-    return re.sub(r"\s+", " ", _text())
+    return doc_text(DOC, flat=True)
 
 
 def _row(name: str) -> str:
@@ -135,7 +135,7 @@ def test_the_defaults_these_docs_state_beside_a_setting_are_the_codes():
     fields = _settings_variables()
     checked = []
     for doc in ("privacy.md", "feedback.md", "attribution.md"):
-        flat = re.sub(r"\s+", " ", (ROOT / "docs" / doc).read_text(encoding="utf-8"))
+        flat = doc_text(f"docs/{doc}", flat=True)
         for name, number, unit in _STATED.findall(flat):
             value = float(number.rstrip(".")) * (60 if unit == "min" else 1)
             defaults = {float(f.default) for f in fields[name]}
