@@ -142,3 +142,18 @@ def test_the_defaults_these_docs_state_beside_a_setting_are_the_codes():
             assert defaults == {value}, f"docs/{doc}: {name} stated {number} {unit}, the code's default {defaults}"
             checked.append(name)
     assert len(checked) >= 8
+
+
+def test_get_v1_audit_filters_by_any_principal_the_log_holds():
+    # §1: GET /v1/audit takes "the same filters" as QueryAudit; the doc's example principal
+    # is an e-mail, which the gateway refused (422) until session 19.
+    from gateway.app import create_app
+    from gateway.config import GatewaySettings
+    from services.common.ids import valid_principal_id
+
+    example = re.search(r'"principal":"([^"]+)"', _text()).group(1)
+    assert valid_principal_id(example) and "@" in example
+    operation = create_app(GatewaySettings()).openapi()["paths"]["/v1/audit"]["get"]
+    (parameter,) = [p for p in operation["parameters"] if p["name"] == "principal_id"]
+    schema = next(s for s in parameter["schema"].get("anyOf", [parameter["schema"]]) if "pattern" in s)
+    assert re.fullmatch(schema["pattern"].strip("^$"), example)
