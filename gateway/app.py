@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 from gateway import models
@@ -20,7 +20,7 @@ from gateway.admission import AdmissionControl, BodyDeadline, Gate, route_table
 from gateway.auth import Authenticator
 from gateway.clients import ServiceClients
 from gateway.config import GatewaySettings
-from gateway.errors import RETRY_AFTER_S, error_response, from_hearth_error, from_rpc_error
+from gateway.errors import RETRY_AFTER_S, declare_errors, error_response, from_hearth_error, from_rpc_error
 from gateway.lean import FastLane, fast_lane_routes
 from gateway.ratelimit import install_request_limits
 from gateway.routes import attribution as attribution_routes
@@ -59,10 +59,30 @@ def _route_label(scope, status: int) -> str:
     return "unmatched"
 
 
+def client_trace_link(headers: dict[str, str]) -> list[Link]:
+    """The client's ``traceparent`` as a span link, never as the parent.
+
+    The gateway is where callers from outside meet the mesh, so every request starts a
+    trace of its own here (Hearth's trace id, returned in ``x-trace-id``). Until session 19
+    it continued the client's ``traceparent``, so a client chose the trace id stored in
+    every audit record of its request (the tamper-evident log, which is never rewritten):
+    it could collide with or pose as another request's trace, or put 16 bytes of its own
+    choosing into a log that outlives erasure; its sampled flag also decided whether the
+    mesh traced the request (forcing every request into the collector, or hiding its own).
+    A link keeps the client's trace joinable (trace UIs follow links) without letting it
+    name ours. ``tracestate`` and ``baggage`` from the client are dropped: they would ride
+    on every call into the mesh.
+    """
+    client = trace.get_current_span(propagate.extract(headers)).get_span_context()
+    if not client.is_valid:
+        return []
+    return [Link(client, {"hearth.link": "client_traceparent"})]
+
+
 class ObserveMiddleware:
-    """Outermost: a server span per request (continuing the caller's trace), the
-    Content-Length limit (413), a JSON 500 for anything unhandled, Prometheus metrics
-    and the ``x-trace-id`` response header.
+    """Outermost: a server span per request (a new trace; the caller's ``traceparent`` is a
+    link, ``client_trace_link``), the Content-Length limit (413), a JSON 500 for anything
+    unhandled, Prometheus metrics and the ``x-trace-id`` response header.
 
     Plain ASGI rather than ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware
     runs every request through an extra task group and memory streams, which the
@@ -84,13 +104,15 @@ class ObserveMiddleware:
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         method = scope["method"]
-        parent = propagate.extract(headers)
+        links = client_trace_link(headers) if "traceparent" in headers else None
         started = time.perf_counter()
         # Named after the route template once routed, never the raw path: paths carry
         # account ids, and trace files are not rewritten when a household is erased.
-        span = self.tracer.start_span(method, context=parent, kind=SpanKind.SERVER,
+        # A root span: the client's trace is a link, never the parent (client_trace_link).
+        root = otel_context.Context()
+        span = self.tracer.start_span(method, context=root, kind=SpanKind.SERVER, links=links,
                                       attributes={"http.method": method})
-        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        token = otel_context.attach(trace.set_span_in_context(span, root))
         trace_header = format(span.get_span_context().trace_id, "032x").encode()
         status = 500
         response_started = False
@@ -164,7 +186,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     # FastAPI's native telemetry is off: it would open a second, unconnected root span
     # (and its own metrics) around the `observe` middleware below, which is the one
-    # server span per request and continues the caller's traceparent. (Its span would
+    # server span per request (a new trace, linking the caller's traceparent). (Its span would
     # also record the raw path, ``url.path``, and paths carry account ids that trace
     # files must not keep: docs/privacy.md, "What erased means".)
     app = FastAPI(title="Hearth gateway", version="1.0.0", lifespan=lifespan,
@@ -235,7 +257,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         router = module.router(clients, access, **options)
         routes_by_service.setdefault(service, []).extend(router.routes)
         app.include_router(router)
-    if settings.edge_authorizer:
+    if settings.edge_authorizer_port:
+        # Served on its own listener only (edge_routes.ListenerSplit, added last below).
         app.include_router(edge_routes.router(authenticator, limiter))
     # Inside the observe middleware, outside the body-size one: complete JSON bodies for the
     # lean routes skip FastAPI's stack (gateway/lean.py); the routers above are included
@@ -261,6 +284,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     app.add_middleware(BodyDeadline, timeout_s=settings.body_timeout_s, max_body_bytes=settings.max_body_bytes,
                        count_timeout=count_body_timeout)
+    if settings.edge_authorizer_port:
+        # Outermost: the public port never serves the edge authorizer, its port nothing else.
+        app.add_middleware(edge_routes.ListenerSplit, authorizer_port=settings.edge_authorizer_port)
 
     @app.get("/health", response_model=models.HealthOut, responses={503: {"model": models.HealthOut}})
     async def health():
@@ -275,6 +301,18 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         body = models.HealthOut(status=status, services=statuses, reasons=reasons)
         return JSONResponse(body.model_dump(), status_code=503 if status == "NOT_SERVING" else 200,
                             headers={"Retry-After": str(RETRY_AFTER_S)} if status == "NOT_SERVING" else None)
+
+    # /openapi.json declares every error status each route can answer, with the shared
+    # error body, from the one table in gateway/errors.py (not per route by hand: until
+    # session 19 the routes listed theirs and none declared 408, 431, 502 or 504).
+    openapi_of_routes = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            declare_errors(openapi_of_routes(), protected_routes)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     if not settings.metrics_port:
         # One-port mode only; normally python -m gateway serves /metrics on its own port.

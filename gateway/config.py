@@ -44,9 +44,13 @@ class GatewaySettings(MeshSettings):
     # One JSON line per request (logger hearth.access): method, route template (never the
     # raw path: it holds account ids), status, duration, trace id.
     access_log: bool = True
-    # Serve /v1/edge/authorize/... for the Envoy edge's ext_authz (gateway/routes/edge.py):
-    # it hands out the caller's signed mesh metadata, so it is off unless Envoy runs.
-    edge_authorizer: bool = False
+    # Serve /v1/edge/authorize/... for the Envoy edge's ext_authz (gateway/routes/edge.py)
+    # on this port, and only there (0: off). It hands out the caller's signed mesh
+    # metadata, so it is off unless Envoy runs, and never on HEARTH_GATEWAY_PORT: until
+    # session 19 it was served there, and any authenticated client could fetch a mesh
+    # token and call a service port directly, past the gateway's rate limits. The chart
+    # lets only the Envoy pods reach this port (NetworkPolicy).
+    edge_authorizer_port: int = 0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     trace_export: str = "none"
     # Where the audit outbox lives (audit records wait there while privacy is unreachable).
@@ -117,12 +121,16 @@ class GatewaySettings(MeshSettings):
     # Bytes of a request's head (request line + headers) before the gateway answers 431
     # and closes the connection (gateway/transport.py; uvicorn and httptools set none).
     max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=1024 * 1024)
+    # A request's head must be complete within this many seconds of the gateway starting to
+    # wait for it (a new connection, or the end of the previous response), else 408 and the
+    # connection closed (gateway/transport.py; uvicorn and httptools set no such deadline).
+    head_timeout_s: float = Field(default=10.0, gt=0, le=600)
 
     # HTTPS for clients of the gateway (a public certificate, not the mesh CA's).
     https_cert: Path | None = None
     https_key: Path | None = None
 
-    @field_validator("gateway_port", "metrics_port")
+    @field_validator("gateway_port", "metrics_port", "edge_authorizer_port")
     @classmethod
     def _port(cls, value: int) -> int:
         if not 0 <= value <= 65535:
@@ -173,6 +181,13 @@ class GatewaySettings(MeshSettings):
 
     def admission_for(self, service: str) -> AdmissionSpec:
         return self.admission_limits.get(service, self.admission_default)
+
+    @model_validator(mode="after")
+    def _edge_authorizer_port(self) -> "GatewaySettings":
+        if self.edge_authorizer_port and self.edge_authorizer_port in (self.gateway_port, self.metrics_port):
+            raise ValueError("HEARTH_EDGE_AUTHORIZER_PORT must differ from HEARTH_GATEWAY_PORT and "
+                             "HEARTH_METRICS_PORT (the authorizer is never served on a public port)")
+        return self
 
     @model_validator(mode="after")
     def _jwt(self) -> "GatewaySettings":

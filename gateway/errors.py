@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import grpc
 from fastapi.responses import JSONResponse
 
@@ -38,6 +40,84 @@ TRANSPORT_MESSAGES = {
     grpc.StatusCode.UNAVAILABLE: "a service this request needs is unavailable; retry after Retry-After seconds",
     grpc.StatusCode.DEADLINE_EXCEEDED: "a service this request needs did not answer in time",
 }
+
+
+# Every status the gateway answers with the JSON error body (models.ErrorOut), and what it
+# means; the one source of the error responses /openapi.json declares (declare_errors).
+ERROR_STATUSES: dict[int, str] = {
+    400: "the body is not parseable (e.g. nested too deeply, or Content-Encoding set)",
+    401: "missing or invalid credentials",
+    403: "the caller's role may not use this route",
+    404: "not found",
+    408: "the request head (HEARTH_HEAD_TIMEOUT_S) or body (HEARTH_BODY_TIMEOUT_S) did not "
+         "arrive in time; the connection is closed",
+    409: "conflicts with the current state",
+    412: "a precondition failed (e.g. consent withdrawn)",
+    413: "request body too large",
+    422: "invalid input; `error.field` names the field",
+    429: "rate limit exceeded; see the Retry-After header",
+    431: "request head (request line and headers) too large; the connection is closed",
+    500: "internal error",
+    501: "not implemented by the service behind this route",
+    502: "a service behind this route failed",
+    503: "a service is unavailable, or the gateway is at capacity; retry after Retry-After seconds",
+    504: "a service behind this route did not answer in time",
+}
+# Answered on any route, before or around routing: the transport (408, 431,
+# gateway/transport.py), the body deadline (408), the Content-Length bound (413) and the
+# last-resort handler (500) of the outer middleware.
+TRANSPORT_STATUSES = frozenset({408, 413, 431, 500})
+# A status with no gRPC code (a code missing from HTTP_BY_GRPC) is a 502, "upstream error".
+UNMAPPED_RPC_STATUS = 502
+RESPONSE_HEADERS = {
+    401: {"WWW-Authenticate": "the accepted scheme"},
+    429: {"Retry-After": "seconds to wait before retrying"},
+    503: {"Retry-After": "seconds to wait before retrying"},
+}
+
+
+def route_error_statuses() -> frozenset[int]:
+    """Every error status of a route that authenticates its caller and calls a service:
+    the transport's, the gateway's own refusals (400 unparseable body, 401, 403, 422, 429)
+    and whatever a service's gRPC status maps to (HTTP_BY_GRPC, else 502)."""
+    from_services = {status for status in HTTP_BY_GRPC.values() if status >= 400}
+    return frozenset(TRANSPORT_STATUSES | {400, 401, 403, 422, 429} | from_services | {UNMAPPED_RPC_STATUS})
+
+
+def declare_errors(schema: dict, authenticated: set[str]) -> dict:
+    """Add to every operation of an OpenAPI ``schema`` each error status it can answer, with
+    the shared error body: ``route_error_statuses()`` on the routes in ``authenticated``
+    ("METHOD /path"), ``TRANSPORT_STATUSES`` on the others. A route's own description of a
+    status (e.g. 404 "unknown account") is kept; the body is always the error schema."""
+    from gateway.models import ErrorOut
+
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    error_schema = ErrorOut.model_json_schema(ref_template="#/components/schemas/{model}")
+    for name, definition in error_schema.pop("$defs", {}).items():
+        components.setdefault(name, definition)
+    components.setdefault("ErrorOut", error_schema)
+    body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}
+    statuses_of = {True: sorted(route_error_statuses()), False: sorted(TRANSPORT_STATUSES)}
+    for path, operations in schema.get("paths", {}).items():
+        for method, operation in operations.items():
+            responses = operation.setdefault("responses", {})
+            for status in statuses_of[f"{method.upper()} {path}" in authenticated]:
+                declared = responses.get(str(status), {})
+                # The body is always ErrorOut: FastAPI's default 422 (HTTPValidationError)
+                # is not what the gateway sends (gateway/app.py on_validation_error).
+                response = {"description": declared.get("description") or ERROR_STATUSES[status],
+                            "content": body}
+                if status in RESPONSE_HEADERS:
+                    response["headers"] = {name: {"description": text, "schema": {"type": "string"}}
+                                           for name, text in RESPONSE_HEADERS[status].items()}
+                responses[str(status)] = response
+    text = json.dumps(schema.get("paths", {}))
+    for unused in ("HTTPValidationError", "ValidationError"):
+        if f"#/components/schemas/{unused}" not in text and unused in components and not any(
+                f"#/components/schemas/{unused}" in json.dumps(other) for name, other in components.items()
+                if name != unused):
+            del components[unused]
+    return schema
 
 
 def error_response(status: int, code: str, message: str, field: str = "",

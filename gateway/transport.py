@@ -8,6 +8,19 @@ pod is killed for memory); ``HEARTH_MAX_BODY_BYTES`` bounds only the body. Past
 ``max_header_bytes`` of head the request is answered ``431`` (JSON error body) and the
 connection closed, before the application sees it. Envoy at the edge bounds headers as
 well (60 KiB by default), but the gateway's port is reachable inside the cluster.
+
+The head has a deadline too (``head_timeout_s``, HEARTH_HEAD_TIMEOUT_S). Until session 19
+a client that trickled a head (a byte a second, never finishing it) held its connection,
+and 64 KiB of buffer, for as long as it liked: httptools has no timer, and uvicorn's only
+one (``timeout_keep_alive``) runs between a response and the next request's first byte,
+never while a head is being read nor before a connection's first request (h11, uvicorn's
+other protocol, has none either; the body has its own, ``BodyDeadline``). The deadline
+runs while the gateway waits on the client for a head: from the connection's start, and
+from the end of each response, until the head is complete. Past it a head that had begun
+is answered ``408`` (JSON error body) and the connection closed; a connection that sent
+nothing since its last response is closed without a word (an unasked-for 408 on an idle
+keep-alive connection could be read as the answer to a request the client sends at that
+moment).
 """
 
 from __future__ import annotations
@@ -17,6 +30,7 @@ import json
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 DEFAULT_MAX_HEADER_BYTES = 64 * 1024
+DEFAULT_HEAD_TIMEOUT_S = 10.0
 
 
 def replaying_receive(body: bytes, more_body: bool, receive):
@@ -38,20 +52,40 @@ def replaying_receive(body: bytes, more_body: bool, receive):
     return replay
 
 
-def bounded_httptools(max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> type[HttpToolsProtocol]:
-    """A protocol class for ``uvicorn.run(http=...)`` refusing heads over ``max_header_bytes``."""
+def _close_response(status: bytes, code: str, field: str, message: str) -> bytes:
+    body = json.dumps({"error": {"code": code, "field": field, "message": message}}).encode()
+    return (b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+
+
+def bounded_httptools(max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+                      head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S) -> type[HttpToolsProtocol]:
+    """A protocol class for ``uvicorn.run(http=...)`` refusing heads over ``max_header_bytes``
+    (431) and heads not complete ``head_timeout_s`` after the gateway began waiting for
+    them (408, or a silent close if none had begun)."""
     if max_header_bytes < 1024:
         raise ValueError("max_header_bytes: at least 1024")
-    body = json.dumps({"error": {"code": "headers_too_large", "field": "headers",
-                                 "message": f"request head exceeds {max_header_bytes} bytes"}}).encode()
-    response = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-                b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+    if head_timeout_s <= 0:
+        raise ValueError("head_timeout_s: must be positive")
+    too_large = _close_response(b"431 Request Header Fields Too Large", "headers_too_large", "headers",
+                                f"request head exceeds {max_header_bytes} bytes")
+    too_slow = _close_response(b"408 Request Timeout", "request_timeout", "headers",
+                               f"request head not received within {head_timeout_s:g} s")
 
     class BoundedHttpToolsProtocol(HttpToolsProtocol):
         # Bytes received since the last head ended; counted only while a head is being
         # read (between requests, and before on_headers_complete), so bodies are not.
         _head_bytes = 0
         _in_head = True
+        _head_timer = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_head_timer()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm_head_timer()
+            super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
             if self._in_head:
@@ -60,17 +94,44 @@ def bounded_httptools(max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> type[
             # Checked after parsing: a chunk that completes a head and carries body bytes
             # (or a whole small request) has reset the count by now.
             if self._in_head and self._head_bytes > max_header_bytes and not self.transport.is_closing():
-                self.transport.write(response)
+                self._disarm_head_timer()
+                self.transport.write(too_large)
                 self.transport.close()
 
         def on_headers_complete(self) -> None:
             self._in_head = False
             self._head_bytes = 0
+            self._disarm_head_timer()
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:
             self._in_head = True
             self._head_bytes = 0
             super().on_message_complete()
+
+        def on_response_complete(self) -> None:
+            # The gateway waits on the client again unless a pipelined request (its head
+            # already complete) is next; while the application runs, no deadline runs.
+            waiting = not self.pipeline
+            super().on_response_complete()
+            if waiting and self._in_head and not self.transport.is_closing():
+                self._arm_head_timer()
+
+        def _arm_head_timer(self) -> None:
+            self._disarm_head_timer()
+            self._head_timer = self.loop.call_later(head_timeout_s, self._head_timed_out)
+
+        def _disarm_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if not self._in_head or self.transport.is_closing():
+                return
+            if self._head_bytes:
+                self.transport.write(too_slow)
+            self.transport.close()
 
     return BoundedHttpToolsProtocol

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
 from gateway.models import Id, Strict, Timestamp, WindowBound
-from gateway.routes import ERROR_RESPONSES, api_router
+from gateway.routes import api_router
 from hearth.attribution.v1 import attribution_pb2 as apb
 from hearth.common.v1 import common_pb2
 from services.common.identity import Principal
@@ -165,7 +165,7 @@ def _result(x: apb.AttributionResult) -> AttributionResultOut:
 def router(clients, access) -> APIRouter:
     api = api_router()
 
-    @api.post("/v1/touchpoints", response_model=RecordedOut, responses=ERROR_RESPONSES,
+    @api.post("/v1/touchpoints", response_model=RecordedOut,
               summary="Record marketing touchpoints (idempotent by touchpoint_id)")
     async def post_touchpoints(body: TouchpointsIn, who: Principal = Depends(access("POST /v1/touchpoints"))):
         request = apb.RecordTouchpointsRequest(touchpoints=[apb.Touchpoint(
@@ -175,7 +175,7 @@ def router(clients, access) -> APIRouter:
         r = await clients.call("attribution", "RecordTouchpoints", request, who)
         return RecordedOut(accepted=r.accepted, duplicates=r.duplicates)
 
-    @api.post("/v1/conversions", response_model=RecordedOut, responses=ERROR_RESPONSES,
+    @api.post("/v1/conversions", response_model=RecordedOut,
               summary="Record conversions (idempotent by conversion_id)")
     async def post_conversions(body: ConversionsIn, who: Principal = Depends(access("POST /v1/conversions"))):
         request = apb.RecordConversionsRequest(conversions=[apb.Conversion(
@@ -184,7 +184,7 @@ def router(clients, access) -> APIRouter:
         r = await clients.call("attribution", "RecordConversions", request, who)
         return RecordedOut(accepted=r.accepted, duplicates=r.duplicates)
 
-    @api.post("/v1/attribution", response_model=AttributionOut, responses=ERROR_RESPONSES,
+    @api.post("/v1/attribution", response_model=AttributionOut,
               summary="Credit channels per household and per person (Markov, Shapley, hybrid, heuristics)")
     async def post_attribution(body: AttributionIn, who: Principal = Depends(access("POST /v1/attribution"))):
         window = common_pb2.TimeRange()

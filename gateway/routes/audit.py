@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from gateway.models import WindowBound
-from gateway.routes import ERROR_RESPONSES, api_router
+from gateway.routes import api_router
 from hearth.privacy.v1 import privacy_pb2 as ppb
 from services.common.identity import Principal
 from services.common.ids import PRINCIPAL_ID_CHARS
@@ -57,7 +57,7 @@ def _record_out(r: ppb.AuditRecord) -> AuditRecordOut:
 def router(clients, access) -> APIRouter:
     api = api_router()
 
-    @api.get("/v1/audit", response_model=AuditPageOut, responses=ERROR_RESPONSES,
+    @api.get("/v1/audit", response_model=AuditPageOut,
              summary="Query the audit log (filters combine with AND; pages by seq)")
     async def get_audit(
             # any principal id (an e-mail as a JWT subject too: '@'); until session 19 the
@@ -86,7 +86,7 @@ def router(clients, access) -> APIRouter:
         return AuditPageOut(records=records, has_more=r.has_more,
                             next_after_seq=records[-1].seq if r.has_more and records else None)
 
-    @api.get("/v1/audit/export", responses={**ERROR_RESPONSES, 200: {
+    @api.get("/v1/audit/export", responses={200: {
                  "content": {"application/x-ndjson": {}},
                  "description": "one {\"chain_hash\", \"entry\"} object per line in seq order, then "
                                 "one {\"sth\": ...} line; verify with `hearth audit verify`"}},

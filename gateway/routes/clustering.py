@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from gateway import models
 from gateway.errors import rpc_error_field
-from gateway.routes import ACCOUNT_PATH, ERROR_RESPONSES, api_router
+from gateway.routes import ACCOUNT_PATH, api_router
 from hearth.clustering.v1 import clustering_pb2 as cpb
 from services.clustering.domain import features as F
 from services.common.errors import InvalidArgument
@@ -117,7 +117,7 @@ _COLD_NAMES = {cpb.COLD_START_STRATEGY_ACCOUNT: "account", cpb.COLD_START_STRATE
 def router(clients, access) -> APIRouter:
     api = api_router()
 
-    @api.post("/v1/events", response_model=models.IngestOut, responses=ERROR_RESPONSES,
+    @api.post("/v1/events", response_model=models.IngestOut,
               summary="Ingest a batch of viewing events (idempotent by event_id)")
     async def post_events(body: models.EventsIn, who: Principal = Depends(access("POST /v1/events"))):
         request = cpb.IngestEventsRequest(events=[_event_to_pb(e) for e in body.events])
@@ -126,7 +126,7 @@ def router(clients, access) -> APIRouter:
                                 rejected_late=r.rejected_late, sessions_touched=r.sessions_touched)
 
     @api.get("/v1/household/{account_id}", response_model=models.HouseholdOut,
-             responses={**ERROR_RESPONSES, 404: {"model": models.ErrorOut, "description": "unknown account"}},
+             responses={404: {"model": models.ErrorOut, "description": "unknown account"}},
              summary="Devices, sessions, persons and drift events of a household")
     async def get_household(account_id: str = ACCOUNT_PATH,
                             limit: int = Query(500, ge=1, le=10_000, description="sessions per page"),
@@ -145,7 +145,7 @@ def router(clients, access) -> APIRouter:
         return _household_to_json(r)
 
     @api.post("/v1/assign", response_model=AssignOut,
-              responses={**ERROR_RESPONSES, 404: {"model": models.ErrorOut, "description": "unknown account or session"}},
+              responses={404: {"model": models.ErrorOut, "description": "unknown account or session"}},
               summary="Which person of the household watched a session (with every person's probability)")
     async def post_assign(body: AssignIn, who: Principal = Depends(access("POST /v1/assign"))):
         request = cpb.AssignSessionRequest(account_id=body.account_id)

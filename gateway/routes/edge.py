@@ -14,6 +14,13 @@ refusal is the gateway's usual 401/403 JSON, which Envoy returns to the client.
 Why the gateway and not Envoy alone: one place holds the API keys, the JWT settings and
 the permission matrix, so an Envoy-routed call can never be allowed what the gateway
 would refuse. The response carries a signed token only for an RPC the caller may make.
+
+Served on a listener of its own (HEARTH_EDGE_AUTHORIZER_PORT), never on the public port:
+the answer is a mesh token, which Envoy adds to the call it makes, but a client that
+asked the route itself would get the token and could call a service port directly, past
+the gateway's rate limits (and the edge's). Until session 19 the route was on the public
+port. ``ListenerSplit`` keeps the two apart inside the one process (one app, one event
+loop, two sockets); the chart's NetworkPolicy lets only the Envoy pods reach the port.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import re
 
 from fastapi import APIRouter, Request, Response
 
+from gateway.errors import error_response
 from services.common import permissions
 from services.common.errors import InvalidArgument, PermissionDenied
 from services.common.identity import Role
@@ -53,3 +61,24 @@ def router(authenticator, limiter) -> APIRouter:
         return Response(status_code=200, headers=dict(who.metadata()))
 
     return api
+
+
+class ListenerSplit:
+    """Outermost ASGI layer when the authorizer runs: on ``authorizer_port`` only the
+    authorizer's paths are served, on every other port (the public one) never; the
+    other side gets the usual JSON 404, as for a path that does not exist. The port is the
+    listening socket's own (``scope["server"]``), which a client cannot choose."""
+
+    def __init__(self, app, authorizer_port: int) -> None:
+        self.app = app
+        self.authorizer_port = authorizer_port
+        self._not_found = error_response(404, "not_found", "Not Found")
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            server = scope.get("server") or (None, None)
+            on_authorizer = server[1] == self.authorizer_port
+            if on_authorizer != scope["path"].startswith(PREFIX + "/"):
+                await self._not_found(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

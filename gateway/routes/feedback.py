@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 
 from gateway import models
 from gateway.errors import rpc_error_field
-from gateway.routes import ERROR_RESPONSES, ID_PATTERN, api_router
+from gateway.routes import ID_PATTERN, api_router
 from hearth.feedback.v1 import feedback_pb2 as fpb
 from services.common.errors import Unavailable
 from services.common.identity import Principal
@@ -206,7 +206,7 @@ def router(clients, access, prediction_wait_s: float = 2.0) -> APIRouter:
     prediction_wait = PredictionWait(prediction_wait_s)
 
     @api.post("/v1/feedback", response_model=FeedbackOut,
-              responses={**ERROR_RESPONSES, **PREDICTION_NOT_FOUND, **CONFLICT},
+              responses={**PREDICTION_NOT_FOUND, **CONFLICT},
               summary="Explicit or implicit feedback on a prediction (idempotent by feedback_id)")
     async def post_feedback(body: FeedbackIn, who: Principal = Depends(access("POST /v1/feedback"))):
         request = fpb.RecordFeedbackRequest(
@@ -218,7 +218,7 @@ def router(clients, access, prediction_wait_s: float = 2.0) -> APIRouter:
         r = await prediction_wait.record(clients, request, who)
         return FeedbackOut(duplicate=r.duplicate, weight=r.weight)
 
-    @api.get("/v1/calibration", response_model=CalibrationOut, responses=ERROR_RESPONSES,
+    @api.get("/v1/calibration", response_model=CalibrationOut,
              summary="Brier, log loss, ECE and reliability bins, overall or by group, before and after "
                      "recalibration")
     async def get_calibration(group_by: GroupBy = Query(""), bins: int = Query(10, ge=1, le=100),
@@ -232,7 +232,7 @@ def router(clients, access, prediction_wait_s: float = 2.0) -> APIRouter:
                                                         mean_confidence=b.mean_confidence, accuracy=b.accuracy)
                                       for b in g.bins]) for g in r.groups])
 
-    @api.get("/v1/experiment", response_model=ExperimentOut, responses=ERROR_RESPONSES,
+    @api.get("/v1/experiment", response_model=ExperimentOut,
              summary="Variant of a household, traffic split, kill switch and per-variant results")
     async def get_experiment(account_id: str | None = Query(None, min_length=1, max_length=128,
                                                             pattern=ID_PATTERN),
@@ -243,14 +243,14 @@ def router(clients, access, prediction_wait_s: float = 2.0) -> APIRouter:
                              results=[VariantResultOut(variant=v.variant, n=v.n, accuracy=v.accuracy, brier=v.brier)
                                       for v in r.results], p_value=_nullable(r.p_value))
 
-    @api.put("/v1/experiment", response_model=FlagsOut, responses={**ERROR_RESPONSES, **CONFLICT},
+    @api.put("/v1/experiment", response_model=FlagsOut, responses={**CONFLICT},
              summary="Change the traffic split or the kill switch at run time (versioned, audited)")
     async def put_experiment(body: FlagsIn, who: Principal = Depends(access("PUT /v1/experiment"))):
         r = await clients.call("feedback", "SetFlag", fpb.SetFlagRequest(
             traffic=body.traffic, kill_switch=body.kill_switch, reason=body.reason), who)
         return FlagsOut(version=r.version)
 
-    @api.get("/v1/calibrators/{variant}", response_model=CalibratorsOut, responses={**ERROR_RESPONSES, **CALIBRATOR_NOT_FOUND},
+    @api.get("/v1/calibrators/{variant}", response_model=CalibratorsOut, responses={**CALIBRATOR_NOT_FOUND},
              summary="Every stored calibrator version of a variant, the one in force, and whether refits are held")
     async def get_calibrators(variant: VariantPath, who: Principal = Depends(access("GET /v1/calibrators/{variant}"))):
         r = await clients.call("feedback", "ListCalibrators", fpb.ListCalibratorsRequest(variant=variant), who)
@@ -261,7 +261,7 @@ def router(clients, access, prediction_wait_s: float = 2.0) -> APIRouter:
                                   for v in r.versions])
 
     @api.put("/v1/calibrators/{variant}", response_model=CalibratorChoiceOut,
-             responses={**ERROR_RESPONSES, **CALIBRATOR_NOT_FOUND, **CONFLICT},
+             responses={**CALIBRATOR_NOT_FOUND, **CONFLICT},
              summary="Put a stored calibrator version in force (roll back), hold or release refits (audited)")
     async def put_calibrator(variant: VariantPath, body: CalibratorChoiceIn,
                              who: Principal = Depends(access("PUT /v1/calibrators/{variant}"))):

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from gateway import models
 from gateway.models import Id, Strict
-from gateway.routes import ACCOUNT_PATH, ERROR_RESPONSES, ID_PATTERN, api_router
+from gateway.routes import ACCOUNT_PATH, ID_PATTERN, api_router
 from hearth.common.v1 import common_pb2
 from hearth.privacy.v1 import privacy_pb2 as ppb
 from services.common.erasure import ErasureScope, scope_from_pb, scope_to_pb
@@ -137,7 +137,7 @@ def router(clients, access) -> APIRouter:
     api = api_router()
 
     @api.post("/v1/delete", status_code=202, response_model=DeleteAcceptedOut,
-              responses={**ERROR_RESPONSES, 409: {"model": models.ErrorOut,
+              responses={409: {"model": models.ErrorOut,
                                                   "description": "request_id already used for another scope"}},
               summary="Request the deletion of a device, person, household or time window (durable job)")
     async def post_delete(body: DeleteIn, who: Principal = Depends(access("POST /v1/delete"))):
@@ -146,13 +146,13 @@ def router(clients, access) -> APIRouter:
         return JSONResponse(DeleteAcceptedOut(job_id=r.job_id, state=_STATES.get(r.state, "unknown")).model_dump(),
                             status_code=202, headers={"Location": f"/v1/delete/{r.job_id}"})
 
-    @api.get("/v1/delete/{job_id}", response_model=DeletionOut, responses={**ERROR_RESPONSES, **NOT_FOUND},
+    @api.get("/v1/delete/{job_id}", response_model=DeletionOut, responses={**NOT_FOUND},
              summary="State of a deletion job and, once completed, its signed receipt")
     async def get_delete(job_id: str = JOB_PATH, who: Principal = Depends(access("GET /v1/delete/{job_id}"))):
         r = await clients.call("privacy", "GetDeletion", ppb.GetDeletionRequest(job_id=job_id), who)
         return deletion_to_json(r)
 
-    @api.get("/v1/household/{account_id}/export", responses=ERROR_RESPONSES,
+    @api.get("/v1/household/{account_id}/export",
              summary="Everything Hearth holds about a household (schema hearth-household-export v1)")
     async def get_export(account_id: str = ACCOUNT_PATH,
                          who: Principal = Depends(access("GET /v1/household/{account_id}/export"))):
@@ -160,7 +160,7 @@ def router(clients, access) -> APIRouter:
                                who, timeout_s=60.0)
         return JSONResponse(json.loads(r.export_json))
 
-    @api.put("/v1/consent/{account_id}", response_model=ConsentOut, responses=ERROR_RESPONSES,
+    @api.put("/v1/consent/{account_id}", response_model=ConsentOut,
              summary="Set the account's consent flags (processing, attribution)")
     async def put_consent(body: ConsentIn, account_id: str = ACCOUNT_PATH,
                           who: Principal = Depends(access("PUT /v1/consent/{account_id}"))):

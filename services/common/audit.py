@@ -808,6 +808,11 @@ def _rpc_details_json(component: str, method: str, code: grpc.StatusCode) -> str
 # (details.suppressed); hearth_auth_failures_total still counts every one. Until session
 # 18 each anonymous 401 appended one record to the tamper-evident log, so an anonymous
 # flood grew the audit store without bound and buried the real events (docs/security.md).
+# Permission denials (403s) get the same budget per (principal, reason, route), with their
+# own buckets (hearth_access_denied_total counts every one): until session 19 each was a
+# record, so an authenticated principal calling a route it may not grew the log without
+# bound. The first AUTH_FAILURE_AUDIT_BURST of each are kept whole, so a principal probing
+# routes is still seen, by name, on every route it probes.
 AUTH_FAILURE_AUDIT_PER_S = 1.0
 AUTH_FAILURE_AUDIT_BURST = 10
 
@@ -818,10 +823,10 @@ class _FailureBudget:
 
     def __init__(self, per_s: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
         self._per_s, self._burst, self._clock = per_s, burst, clock
-        self._state: dict[tuple[str, str], list[float]] = {}   # key -> [tokens, last, suppressed]
+        self._state: dict[tuple[str, ...], list[float]] = {}   # key -> [tokens, last, suppressed]
         self._lock = threading.Lock()
 
-    def take(self, key: tuple[str, str]) -> tuple[bool, int]:
+    def take(self, key: tuple[str, ...]) -> tuple[bool, int]:
         now = self._clock()
         with self._lock:
             state = self._state.get(key)
@@ -845,9 +850,11 @@ def security_listener(component: str, clock: Callable[[], float] = time.monotoni
     failures and permission denials of ``component`` (the gateway: refusals that never
     reach a service). Rate-limit refusals are counted in metrics, not audited.
     Authentication failures are coalesced per (reason, route) past a small budget
-    (``AUTH_FAILURE_AUDIT_*``); a denial names an authenticated principal (whose key
-    can be revoked) and is always recorded."""
+    (``AUTH_FAILURE_AUDIT_*``), denials per (principal, reason, route) with the same
+    budget in buckets of their own: a principal's flood of 403s cannot use up the
+    anonymous budget, nor the reverse."""
     budget = _FailureBudget(AUTH_FAILURE_AUDIT_PER_S, AUTH_FAILURE_AUDIT_BURST, clock)
+    denials = _FailureBudget(AUTH_FAILURE_AUDIT_PER_S, AUTH_FAILURE_AUDIT_BURST, clock)
 
     def listener(event: identity.SecurityEvent) -> None:
         if event.component != component:
@@ -859,6 +866,9 @@ def security_listener(component: str, clock: Callable[[], float] = time.monotoni
                 return
             event_type = AUTHENTICATION_FAILURE
         elif event.kind == "permission_denied":
+            allowed, suppressed = denials.take((event.principal_id, event.reason, event.target))
+            if not allowed:
+                return
             event_type = PERMISSION_DENIED
         else:
             return

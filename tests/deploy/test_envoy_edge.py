@@ -143,7 +143,8 @@ def test_edge_is_opt_in(render):
     objects = render(values_files=(PRODUCTION_VALUES,))
     assert not [o for o in objects if o["metadata"]["name"] == ENVOY]
     env = effective_env(by_kind(objects, "Deployment")[component_name("gateway")], objects)
-    assert "HEARTH_EDGE_AUTHORIZER" not in env
+    assert "HEARTH_EDGE_AUTHORIZER_PORT" not in env
+    assert component_name("gateway") + "-edge-authz" not in by_kind(objects, "Service")
 
 
 def test_strict_parsing_rejects_a_misspelt_field(render, xds_protos):
@@ -233,14 +234,26 @@ def test_calls_are_authorized_by_the_gateway_before_routing(enabled):
     assert {"x-api-key", "authorization"} <= asked
     clusters = {c["name"]: c for c in parsed["clusters"]}
     authorizer = clusters[service["server_uri"]["cluster"]]
-    gateway_service = f"{component_name('gateway')}.{NAMESPACE}.svc.cluster.local"
-    assert authorizer["addresses"] == [[gateway_service, CHART_VALUES["gateway"]["service"]["port"]]]
+    # The gateway's authorizer listener, through a Service of its own: never the public port.
+    authorizer_port = CHART_VALUES["edge"]["authorizerPort"]
+    assert authorizer_port not in (CHART_VALUES["gateway"]["port"], CHART_VALUES["gateway"]["service"]["port"])
+    gateway_service = f"{component_name('gateway')}-edge-authz.{NAMESPACE}.svc.cluster.local"
+    assert authorizer["addresses"] == [[gateway_service, authorizer_port]]
+    assert f"-edge-authz.{NAMESPACE}.svc:{authorizer_port}" in service["server_uri"]["uri"]
     assert service["server_uri"]["uri"].startswith("https://")  # the gateway serves HTTPS here
     assert authorizer["tls"]["common_tls_context"]["validation_context"]["trusted_ca"]["filename"] == \
         "/etc/envoy/gateway-ca/ca.crt"
     # ... and the gateway serves the authorizer (off unless the edge runs).
     env = effective_env(by_kind(objects, "Deployment")[component_name("gateway")], objects)
-    assert env["HEARTH_EDGE_AUTHORIZER"] == "true"
+    assert env["HEARTH_EDGE_AUTHORIZER_PORT"] == str(authorizer_port)
+    deployment = by_kind(objects, "Deployment")[component_name("gateway")]
+    ports = {p["name"]: p["containerPort"] for p in deployment["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert ports["edge-authz"] == authorizer_port
+    authz_service = by_kind(objects, "Service")[component_name("gateway") + "-edge-authz"]
+    assert authz_service["spec"]["type"] == "ClusterIP"
+    assert [(p["port"], p["targetPort"]) for p in authz_service["spec"]["ports"]] == [(authorizer_port, "edge-authz")]
+    public = by_kind(objects, "Service")[component_name("gateway")]
+    assert {p["targetPort"] for p in public["spec"]["ports"]} == {"http"}
     # TLS termination with the edge's Secret; the admin interface stays on loopback.
     tls = listener["tls"]["common_tls_context"]
     assert tls["tls_certificates"][0]["certificate_chain"]["filename"] == "/etc/envoy/tls/tls.crt"
@@ -296,10 +309,25 @@ def test_edge_manifests_validate_and_mount_what_the_bootstrap_reads(render, enab
 def test_network_policies_let_the_edge_reach_the_services_and_the_authorizer(enabled):
     objects, _ = enabled
     policies = by_kind(objects, "NetworkPolicy")
-    for component in ("clustering", "attribution", "privacy", "feedback", "gateway"):
+    for component in ("clustering", "attribution", "privacy", "feedback"):
         first = policies[component_name(component)]["spec"]["ingress"][0]
         callers = {f.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component")
                    for f in first["from"]}
         assert "envoy" in callers, component
+    # The gateway: its authorizer port admits the Envoy pods and nothing else; Envoy needs
+    # (and gets) nothing of the public port.
+    authorizer_port = CHART_VALUES["edge"]["authorizerPort"]
+    rules = policies[component_name("gateway")]["spec"]["ingress"]
+    by_port = {rule["ports"][0]["port"]: rule for rule in rules}
+    authz = by_port[authorizer_port]
+    assert [p["port"] for p in authz["ports"]] == [authorizer_port]
+    (only,) = authz["from"]
+    assert list(only) == ["podSelector"]
+    assert only["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "envoy"
+    public = by_port[CHART_VALUES["gateway"]["port"]]
+    callers = {f.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component")
+               for f in public.get("from", [])}
+    assert "envoy" not in callers
+    assert all(authorizer_port not in [p["port"] for p in r["ports"]] for r in rules if r is not authz)
     (rule,) = policies[ENVOY]["spec"]["ingress"]
     assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"team": "lb"}}}]

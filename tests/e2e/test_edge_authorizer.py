@@ -15,7 +15,7 @@ from hearth.clustering.v1 import clustering_pb2_grpc as cpb_grpc
 from hearth.feedback.v1 import feedback_pb2 as fpb
 from hearth.feedback.v1 import feedback_pb2_grpc as fpb_grpc
 from services.common.identity import PRINCIPAL_KEY, ROLE_KEY, TOKEN_KEY
-from services.testing.mesh import running_mesh
+from services.testing.mesh import free_port, running_mesh
 
 GET_HOUSEHOLD = "/hearth.clustering.v1.ClusteringService/GetHousehold"
 SET_FLAG = "/hearth.feedback.v1.FeedbackService/SetFlag"
@@ -25,16 +25,40 @@ GET_EXPERIMENT = "/hearth.feedback.v1.FeedbackService/GetExperiment"
 @pytest.fixture(scope="module")
 def edge_mesh(tmp_path_factory):
     base = tmp_path_factory.mktemp("edge-mesh")
+    authorizer_port = free_port()
     with running_mesh(base, {"ops-alice": "admin", "analyst-bob": "analyst"}, timeout_s=120,
-                      process_env={"gateway": {"HEARTH_EDGE_AUTHORIZER": "true"}}) as mesh:
+                      process_env={"gateway": {"HEARTH_EDGE_AUTHORIZER_PORT": str(authorizer_port)}}) as mesh:
         mesh.analyst_key = mesh.keys["analyst-bob"]
+        mesh.authorizer_url = f"http://127.0.0.1:{authorizer_port}"
         yield mesh
 
 
 def _authorize(mesh, path: str, headers: dict[str, str]) -> httpx.Response:
     # Envoy's ext_authz HTTP service: the original method (POST for gRPC) and path,
-    # appended to the configured path_prefix, with the allowed client headers.
-    return httpx.post(f"{mesh.url}/v1/edge/authorize{path}", headers=headers, timeout=30)
+    # appended to the configured path_prefix, with the allowed client headers; on the
+    # authorizer's own port (HEARTH_EDGE_AUTHORIZER_PORT), which only Envoy reaches.
+    return httpx.post(f"{mesh.authorizer_url}/v1/edge/authorize{path}", headers=headers, timeout=30)
+
+
+def test_the_public_port_never_serves_the_authorizer_nor_its_port_anything_else(edge_mesh):
+    """Until session 19 the authorizer was a route of the public port: any authenticated
+    client could fetch a mesh token (x-hearth-token) for itself and call a service port
+    directly, past the gateway's rate limits. Now it is served on its own listener only."""
+    mesh = edge_mesh
+    admin = {"X-API-Key": mesh.api_key}
+    for method in ("POST", "GET"):
+        public = httpx.request(method, f"{mesh.url}/v1/edge/authorize{GET_HOUSEHOLD}", headers=admin, timeout=30)
+        assert public.status_code == 404, public.text
+        assert TOKEN_KEY not in public.headers and PRINCIPAL_KEY not in public.headers
+        assert public.json()["error"]["code"] == "not_found"
+    # The public port still serves its routes...
+    assert httpx.get(f"{mesh.url}/v1/household/edge-public", headers=admin, timeout=30).status_code in (200, 404)
+    assert httpx.get(f"{mesh.url}/health", timeout=30).status_code in (200, 503)
+    # ...and the authorizer's port serves the authorizer only.
+    assert _authorize(mesh, GET_HOUSEHOLD, admin).status_code == 200
+    for path in ("/v1/household/edge-public", "/health", "/openapi.json", "/v1/edge/authorize"):
+        other = httpx.get(f"{mesh.authorizer_url}{path}", headers=admin, timeout=30)
+        assert other.status_code == 404, (path, other.text)
 
 
 def test_authorized_metadata_lets_the_direct_call_through(edge_mesh):

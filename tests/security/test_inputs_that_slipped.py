@@ -322,6 +322,60 @@ def test_an_anonymous_flood_is_audited_coalesced_not_one_record_each(security_me
     assert suppressed >= 1
     assert len(records) + suppressed <= flood + 1
 
+def test_a_principals_403_flood_is_audited_coalesced_not_one_record_each(security_mesh, admin):
+    """Until session 19 every 403 appended one record: an authenticated principal calling
+    a route it may not grew the audit log without bound. Now denials are coalesced per
+    (principal, reason, route) like anonymous 401s; hearth_access_denied_total counts each."""
+    from services.common import audit
+
+    target = "PUT /v1/consent/{account_id}"
+    before = _refusals(admin, "permission_denied", target)
+    flood = 60
+    started = time.monotonic()
+    with security_mesh.client(Role.ANALYST) as analyst:
+        for _ in range(flood):
+            response = analyst.put("/v1/consent/sec-slip-denied", json={"processing": "no"})
+            assert response.status_code == 403, response.text
+        elapsed = time.monotonic() - started
+        time.sleep(1.5 / audit.AUTH_FAILURE_AUDIT_PER_S)
+        assert analyst.put("/v1/consent/sec-slip-denied", json={"processing": "no"}).status_code == 403
+    bound = audit.AUTH_FAILURE_AUDIT_BURST + elapsed * audit.AUTH_FAILURE_AUDIT_PER_S + 3
+    _wait_for(admin, "permission_denied", target, before + 2)
+    time.sleep(1.0)   # batches still on their way would only raise the count
+    page = admin.get("/v1/audit", params={"event_type": "permission_denied",
+                                          "resource_prefix": f"route:{target}", "limit": 10_000})
+    records = page.json()["records"][before:]
+    assert 2 <= len(records) <= min(bound, flood), (len(records), bound)
+    assert all(r["principal"] == records[0]["principal"] for r in records)
+    suppressed = sum(int(r["details"].get("suppressed", "0")) for r in records)
+    assert suppressed >= 1
+    assert len(records) + suppressed <= flood + 1
+
+
+def test_a_client_chosen_traceparent_never_becomes_the_audit_records_trace_id(security_mesh, admin):
+    """Until session 19 the gateway continued a client's ``traceparent``: the client chose
+    the trace id of its request's records in the tamper-evident audit log (to collide
+    with, or pose as, another request's trace). Now the gateway starts its own trace (the
+    client's is a span link) and the records carry the id of ``x-trace-id``."""
+    chosen = "5ec0c1e5ec0c1e5ec0c1e5ec0c1e5ec0"
+    response = admin.get("/v1/household/sec-slip-trace",
+                         headers={"traceparent": f"00-{chosen}-00f067aa0ba902b7-01"})
+    assert response.status_code in (200, 404), response.text
+    ours = response.headers["x-trace-id"]
+    assert ours != chosen
+
+    def by_trace(trace_id):
+        page = admin.get("/v1/audit", params={"trace_id": trace_id, "limit": 100})
+        assert page.status_code == 200, page.text
+        return page.json()["records"]
+
+    deadline = time.monotonic() + SLOW_MACHINE_S
+    while not by_trace(ours) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert any(r["resource"].endswith("sec-slip-trace") for r in by_trace(ours)), by_trace(ours)
+    assert by_trace(chosen) == []
+
+
 def _raw(channel, method, payload: bytes, md, streaming: bool):
     same = lambda b: b  # noqa: E731
     if streaming:

@@ -16,20 +16,21 @@ from services.common.identity import Role
 from services.testing.mesh import free_port
 from tests.security.conftest import _wait
 
-MAX_IN_FLIGHT, MAX_QUEUE, BODY_TIMEOUT_S = 2, 2, 3
+MAX_IN_FLIGHT, MAX_QUEUE, BODY_TIMEOUT_S, HEAD_TIMEOUT_S = 2, 2, 3, 2
 
 
 @pytest.fixture(scope="module")
 def tight_gateway(security_mesh):
     """A gateway replica of the security mesh with 2 slots and 2 queue places per
-    service and a 3 s body deadline."""
+    service, a 3 s body deadline and a 2 s head deadline."""
     mesh = security_mesh.mesh
     port = free_port()
     name = "gateway-slow-senders"
     spec = {"max_in_flight": MAX_IN_FLIGHT, "max_queue": MAX_QUEUE, "queue_timeout_s": 0.5}
     mesh._spawn(name, "gateway", {**mesh.env(), "HEARTH_GATEWAY_PORT": str(port),
                                   "HEARTH_ADMISSION_DEFAULT": json.dumps(spec),
-                                  "HEARTH_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S)})
+                                  "HEARTH_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
+                                  "HEARTH_HEAD_TIMEOUT_S": str(HEAD_TIMEOUT_S)})
     url = f"http://127.0.0.1:{port}"
     try:
         _wait(url, mesh.processes[name])
@@ -121,3 +122,103 @@ def test_a_head_within_the_bound_is_served(security_mesh):
                   headers={"X-API-Key": security_mesh.role_keys[Role.ADMIN],
                            **{f"x-pad-{i}": "b" * 1000 for i in range(40)}}, timeout=15)
     assert r.status_code in (200, 404), r.text
+
+
+def test_a_trickled_request_head_is_408_within_the_deadline_and_others_are_served(tight_gateway, security_mesh):
+    """Until session 19 a head sent a byte at a time (never finished) held its connection
+    for as long as the client liked: uvicorn's only timer runs between requests. Now it is
+    answered 408 HEARTH_HEAD_TIMEOUT_S after the connection opened, while the gateway
+    keeps serving everyone else."""
+    port, url = tight_gateway
+    admin = {"X-API-Key": security_mesh.role_keys[Role.ADMIN]}
+    tricklers = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(8)]
+    head = b"GET /v1/household/slow-head-acc HTTP/1.1\r\nHost: gw\r\nx-pad: " + b"a" * 200
+    started = time.monotonic()
+    closed_at: dict[int, float] = {}
+    data = {i: b"" for i in range(len(tricklers))}
+    try:
+        for s in tricklers:
+            s.setblocking(False)
+        sent = 0
+        while len(closed_at) < len(tricklers) and time.monotonic() - started < HEAD_TIMEOUT_S + 20:
+            for i, s in enumerate(tricklers):
+                if i in closed_at:
+                    continue
+                try:
+                    if sent < len(head):
+                        s.send(head[sent:sent + 1])
+                except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+                    pass
+                try:
+                    chunk = s.recv(4096)
+                except BlockingIOError:
+                    continue
+                except ConnectionResetError:
+                    chunk = b""
+                if chunk:
+                    data[i] += chunk
+                else:
+                    closed_at[i] = time.monotonic() - started
+            sent += 1
+            # Others are served while the heads trickle.
+            if sent % 10 == 0:
+                r = httpx.get(f"{url}/v1/household/slow-head-other", headers=admin, timeout=15)
+                assert r.status_code in (200, 404), (r.status_code, r.text)
+            time.sleep(0.1)
+    finally:
+        for s in tricklers:
+            s.close()
+    assert len(closed_at) == len(tricklers), closed_at
+    for i, answer in data.items():
+        status, _, rest = answer.partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert json.loads(rest)["error"]["code"] == "request_timeout"
+        assert HEAD_TIMEOUT_S - 0.5 <= closed_at[i] < HEAD_TIMEOUT_S + 10, closed_at
+    r = httpx.get(f"{url}/v1/household/slow-head-other", headers=admin, timeout=15)
+    assert r.status_code in (200, 404), r.text
+
+
+def test_a_connection_that_sends_nothing_is_closed_after_the_head_deadline(tight_gateway):
+    port, _ = tight_gateway
+    s = socket.create_connection(("127.0.0.1", port), timeout=HEAD_TIMEOUT_S + 20)
+    try:
+        started = time.monotonic()
+        data = _read_until_closed(s)
+        elapsed = time.monotonic() - started
+    finally:
+        s.close()
+    assert data == b""          # nothing asked, nothing answered: closed
+    assert elapsed < HEAD_TIMEOUT_S + 10
+
+
+def test_the_head_deadline_runs_again_after_each_response_not_while_the_request_is_served(tight_gateway,
+                                                                                           security_mesh):
+    """A keep-alive connection: a request whose body comes later than the head deadline
+    (but within the body's) is served — the deadline stops once a head is complete —
+    then the next head is trickled → 408 on that connection."""
+    port, _ = tight_gateway
+    key = security_mesh.role_keys[Role.ADMIN].encode()
+    s = socket.create_connection(("127.0.0.1", port), timeout=HEAD_TIMEOUT_S + 20)
+    try:
+        body = b'{"events": []}'
+        s.sendall(b"POST /v1/events HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nX-API-Key: " + key
+                  + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+        time.sleep(HEAD_TIMEOUT_S + 0.5)     # < BODY_TIMEOUT_S
+        s.sendall(body)
+        first = b""
+        while b"\r\n\r\n" not in first:
+            chunk = s.recv(65536)
+            assert chunk, first
+            first += chunk
+        assert first.startswith((b"HTTP/1.1 200", b"HTTP/1.1 422")), first[:300]   # served, not 408
+        length = int(next(line.split(b":")[1] for line in first.split(b"\r\n") if line.lower().startswith(b"content-length")))
+        while len(first.partition(b"\r\n\r\n")[2]) < length:
+            first += s.recv(65536)
+        s.sendall(b"GET /v1/household/slow-head-ka HTTP/1.1\r\n")   # and no more
+        started = time.monotonic()
+        rest = _read_until_closed(s)
+        elapsed = time.monotonic() - started
+    finally:
+        s.close()
+    assert b"HTTP/1.1 408" in rest, rest[-300:]
+    assert elapsed < HEAD_TIMEOUT_S + 10

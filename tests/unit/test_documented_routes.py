@@ -23,7 +23,7 @@ def _norm(path: str) -> str:
 
 
 def _gateway_routes() -> set[str]:
-    app = create_app(GatewaySettings(edge_authorizer=True))
+    app = create_app(GatewaySettings(edge_authorizer_port=8099))
     routes, todo = set(), list(app.routes)
     while todo:   # routers are included without a prefix (gateway/app.py)
         route = todo.pop()

@@ -8,6 +8,7 @@ import time
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from services.common import audit, identity
 from services.common.audit import AuditSink, MemoryAuditTransport, TransientAuditError
@@ -390,7 +391,7 @@ def test_authentication_failures_are_coalesced_per_reason_and_route(memory_sink)
                                    target="GET /v1/household/{account_id}")
     for _ in range(audit.AUTH_FAILURE_AUDIT_BURST + 25):
         listener(flood)
-    # Another reason or route has its own budget; denials are never coalesced.
+    # Another reason or route has its own budget, and so have denials (below).
     listener(identity.SecurityEvent("authentication_failed", "gateway", "jwt_expired",
                                     target="GET /v1/household/{account_id}"))
     for _ in range(audit.AUTH_FAILURE_AUDIT_BURST + 5):
@@ -404,4 +405,46 @@ def test_authentication_failures_are_coalesced_per_reason_and_route(memory_sink)
     assert len(flooded) == audit.AUTH_FAILURE_AUDIT_BURST + 1
     assert flooded[-1]["suppressed"] == "25" and "suppressed" not in flooded[0]
     assert sum(1 for r in records if json.loads(r.details_json)["reason"] == "jwt_expired") == 1
-    assert sum(1 for r in transport.records if r.event_type == "permission_denied") == audit.AUTH_FAILURE_AUDIT_BURST + 5
+    # The denials' own budget: an anonymous flood does not use it up.
+    assert sum(1 for r in transport.records if r.event_type == "permission_denied") == audit.AUTH_FAILURE_AUDIT_BURST
+
+
+def test_permission_denials_are_coalesced_per_principal_reason_and_route(memory_sink):
+    """Until session 19 every 403 was one audit record: an authenticated principal calling
+    a route it may not grew the tamper-evident log without bound. Now each (principal,
+    reason, route) keeps its first AUTH_FAILURE_AUDIT_BURST records whole, then one per
+    1 / AUTH_FAILURE_AUDIT_PER_S saying how many it stands for; the metric counts each."""
+    transport, sink = memory_sink
+    now = [5000.0]
+    listener = audit.security_listener("gateway", clock=lambda: now[0])
+
+    def denial(principal="ana", target="GET /v1/audit", reason="not_in_matrix"):
+        return identity.SecurityEvent("permission_denied", "gateway", reason, principal, "analyst", target)
+
+    labels = {"component": "gateway", "role": "analyst", "target": "GET /v1/audit"}
+    counted = REGISTRY.get_sample_value("hearth_access_denied_total", labels) or 0.0
+    flood = audit.AUTH_FAILURE_AUDIT_BURST + 40
+    remove = identity.add_security_listener(listener)
+    try:
+        for _ in range(flood):
+            identity.report_security_event(denial())
+        # Another principal, route or reason has a budget of its own: a flood hides no one else.
+        identity.report_security_event(denial(principal="bob"))
+        identity.report_security_event(denial(target="GET /v1/calibrators/{variant}"))
+        identity.report_security_event(denial(reason="unmapped_target"))
+        now[0] += 1.0 / audit.AUTH_FAILURE_AUDIT_PER_S
+        identity.report_security_event(denial())
+    finally:
+        remove()
+    sink.flush(5)
+    # The metric counts every refusal, the log holds the first ones and a count.
+    assert REGISTRY.get_sample_value("hearth_access_denied_total", labels) == counted + flood + 3
+    records = [(r.principal, r.resource, json.loads(r.details_json)) for r in transport.records
+               if r.event_type == "permission_denied"]
+    flooded = [d for p, res, d in records if p == "ana" and res == "route:GET /v1/audit" and d["reason"] == "not_in_matrix"]
+    assert len(flooded) == audit.AUTH_FAILURE_AUDIT_BURST + 1
+    assert all("suppressed" not in d for d in flooded[:-1]) and flooded[-1]["suppressed"] == "40"
+    assert len(records) == audit.AUTH_FAILURE_AUDIT_BURST + 1 + 3
+    assert {(p, res, d["reason"]) for p, res, d in records} >= {
+        ("bob", "route:GET /v1/audit", "not_in_matrix"), ("ana", "route:GET /v1/calibrators/{variant}", "not_in_matrix"),
+        ("ana", "route:GET /v1/audit", "unmapped_target")}

@@ -4,7 +4,8 @@ into Envoy's own API types by tests/deploy/test_envoy_edge.py (no Envoy binary o
 
 Request path: TLS termination (edge.tls.secretName) -> gRPC-JSON transcoder (HTTP/JSON
 requests on the protos' google.api.http paths become gRPC calls; native gRPC passes
-through) -> ext_authz to the gateway's /v1/edge/authorize (API key or JWT, permission
+through) -> ext_authz to the gateway's /v1/edge/authorize on its own port,
+edge.authorizerPort, which only Envoy reaches (API key or JWT, permission
 matrix; answers the signed mesh metadata the services require) -> router: one cluster
 per service, by the gRPC path /<package.Service>/<Method>.
 */}}
@@ -104,7 +105,7 @@ static_resources:
                       status_on_error: {code: ServiceUnavailable}
                       http_service:
                         server_uri:
-                          uri: {{ printf "%s://%s.%s.svc:%v" (ternary "https" "http" (not (empty $gwHttps))) (include "hearth.componentName" $gw) .Release.Namespace .Values.gateway.service.port }}
+                          uri: {{ printf "%s://%s-edge-authz.%s.svc:%v" (ternary "https" "http" (not (empty $gwHttps))) (include "hearth.componentName" $gw) .Release.Namespace $edge.authorizerPort }}
                           cluster: gateway-authorizer
                           timeout: {{ $edge.authorizerTimeout }}
                         path_prefix: /v1/edge/authorize
@@ -190,8 +191,9 @@ static_resources:
               - endpoint:
                   address:
                     socket_address:
-                      address: {{ printf "%s.%s.svc.%s" (include "hearth.componentName" $gw) .Release.Namespace .Values.mesh.clusterDomain }}
-                      port_value: {{ .Values.gateway.service.port }}
+                      # The gateway's authorizer listener (edge.authorizerPort), never its public port.
+                      address: {{ printf "%s-edge-authz.%s.svc.%s" (include "hearth.componentName" $gw) .Release.Namespace .Values.mesh.clusterDomain }}
+                      port_value: {{ $edge.authorizerPort }}
       {{- if $gwHttps }}
       transport_socket:
         name: envoy.transport_sockets.tls
