@@ -712,7 +712,8 @@ class ClusteringStore:
     def export_account(self, account_id: str) -> dict:
         """Everything held for the account, decrypted (privacy's household export):
         devices, events, sessions (feature vectors, labels, persons), the household
-        model (metadata and base64 blob) and drift events."""
+        model (metadata and base64 blob), drift events and the persons feedback named
+        for sessions (``session_labels``)."""
         with self.db.transaction(readonly=True) as tx:
             devices = tx.query("SELECT device_id, device_type, last_ts FROM devices WHERE account_id = ? "
                                "ORDER BY device_id", (account_id,))
@@ -726,6 +727,8 @@ class ClusteringStore:
                               "WHERE account_id = ?", (account_id,))
             drift = tx.query("SELECT drift_type, severity, statistic, detected_at, refit_triggered "
                              "FROM drift_events WHERE account_id = ? ORDER BY detected_at, id", (account_id,))
+            labels = tx.query("SELECT session_id, person_id, source, recorded_at FROM session_labels "
+                              "WHERE account_id = ? ORDER BY recorded_at, session_id", (account_id,))
         decoded = [self._event_from_row(r) for r in events]
         return {
             "devices": [{"device_id": r[0], "device_type": r[1], "last_ts": float(r[2])} for r in devices],
@@ -746,6 +749,10 @@ class ClusteringStore:
                                  "updated_at": float(models[0][3])} if models else None),
             "drift_events": [{"drift_type": r[0], "severity": float(r[1]), "statistic": float(r[2]),
                               "detected_at": float(r[3]), "refit_triggered": bool(r[4])} for r in drift],
+            # Who a session's viewer was, as feedback (RecordLabels) named them: held, so
+            # exported (until session 19 it was not).
+            "labels": [{"session_id": r[0], "person_id": r[1], "source": r[2], "recorded_at": float(r[3])}
+                       for r in labels],
         }
 
     @staticmethod
