@@ -25,6 +25,15 @@ ADMIN = Principal("test-admin", Role.ADMIN)
 # tests/integration/test_deletion_service.py. A test that wants the schedule sets the variable.
 os.environ.setdefault("HEARTH_RETENTION_CHECK_S", "0")
 
+# Every process of a test mesh starts at once, and the slowest (clustering: scikit-learn)
+# is up seconds after the rest. Their channels to it back off 1 s x1.6 up to 5 s between
+# reconnect attempts, and peers are re-checked every 2 s, so a mesh used to be healthy 3-6 s
+# after its last process listened (measured 4.4 s of an 18 s start; about 30 meshes per
+# run, and every restart a test makes). The same settings, shorter: retried every 0.25 s at
+# most, checked every 0.5 s. What the tests assert does not depend on either period.
+os.environ.setdefault("HEARTH_GRPC_RECONNECT_MAX_S", "0.25")
+os.environ.setdefault("HEARTH_HEALTH_CHECK_INTERVAL_S", "0.5")
+
 
 @pytest.fixture(scope="session")
 def postgres_server():

@@ -125,6 +125,15 @@ class MeshSettings(HearthSettings):
     log_pseudonym_key: SecretStr = SecretStr("")
     # tls.channel_options(): round_robin spreads calls over every address a name resolves to.
     grpc_lb_policy: Literal["pick_first", "round_robin"] = "pick_first"
+    # tls.channel_options(): the longest wait between reconnect attempts to a peer that is down.
+    grpc_reconnect_max_s: float = 5.0
+
+    @field_validator("grpc_reconnect_max_s")
+    @classmethod
+    def _reconnect_max(cls, value: float) -> float:
+        if not 0.05 <= value <= 120:
+            raise ValueError("must be seconds in [0.05, 120]")
+        return value
 
     @field_validator("service_token_ttl_s")
     @classmethod
@@ -184,7 +193,7 @@ def configure_process(settings: MeshSettings, component: str | None = None) -> N
 
     identity.configure_service_tokens(identity.signer_from_settings(
         settings, component or getattr(settings, "service_name", None)))
-    tls.configure(tls.material_from_settings(settings), settings.grpc_lb_policy)
+    tls.configure(tls.material_from_settings(settings), settings.grpc_lb_policy, settings.grpc_reconnect_max_s)
     telemetry.configure_pseudonym_key(settings.log_pseudonym_key.get_secret_value()
                                       or settings.service_token_key.get_secret_value())
 

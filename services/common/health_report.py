@@ -147,7 +147,9 @@ def peer_probe(address: str, timeout_s: float = 1.0) -> Callable[[], str]:
 
     from services.common import tls
 
-    channel = tls.channel(address)
+    # The clients' channel options: without them a peer that was down is retried up to
+    # gRPC's default 120 s apart, and health said "failing" that long after it came back.
+    channel = tls.channel(address, options=tls.channel_options())
     stub = health_pb2_grpc.HealthStub(channel)
 
     def probe() -> str:

@@ -61,21 +61,23 @@ def material_from_settings(settings) -> TlsMaterial | None:
 
 # What the bootstrap configured (config.configure_process); until then, each use reads
 # the mesh settings from the environment (a test or tool that built no bootstrap).
-_configured: tuple[TlsMaterial | None, str] | None = None
+_configured: tuple[TlsMaterial | None, str, float] | None = None
+RECONNECT_MAX_S = 5.0   # config.MeshSettings.grpc_reconnect_max_s's default
 
 
-def configure(material: TlsMaterial | None, lb_policy: str = "pick_first") -> None:
+def configure(material: TlsMaterial | None, lb_policy: str = "pick_first",
+              reconnect_max_s: float = RECONNECT_MAX_S) -> None:
     global _configured
-    _configured = (material, lb_policy)
+    _configured = (material, lb_policy, reconnect_max_s)
 
 
-def _current() -> tuple[TlsMaterial | None, str]:
+def _current() -> tuple[TlsMaterial | None, str, float]:
     if _configured is not None:
         return _configured
     from services.common.config import mesh_settings
 
     settings = mesh_settings()
-    return material_from_settings(settings), settings.grpc_lb_policy
+    return material_from_settings(settings), settings.grpc_lb_policy, settings.grpc_reconnect_max_s
 
 
 def current_material() -> TlsMaterial | None:
@@ -138,12 +140,16 @@ def peer_verified(context: grpc.ServicerContext) -> bool:
 # pick_first, reconnects at once when its single backend restarts (round_robin fails
 # fast while every backend is down), which suits one address per service (make run).
 def channel_options() -> list[tuple[str, object]]:
+    _, lb_policy, reconnect_max_s = _current()
     return [
         ("grpc.max_receive_message_length", 64 * 1024 * 1024),
         ("grpc.max_send_message_length", 64 * 1024 * 1024),
-        ("grpc.lb_policy_name", _current()[1]),
+        ("grpc.lb_policy_name", lb_policy),
         # Reconnect attempts to a peer that is down back off 1 s x1.6 up to gRPC's default
         # 120 s, so a peer down for a minute could stay unused for another minute after it
-        # came back; capped at 5 s, a restarted peer is used again within 5 s.
-        ("grpc.max_reconnect_backoff_ms", 5000),
+        # came back; capped at HEARTH_GRPC_RECONNECT_MAX_S (5 s), a restarted peer is used
+        # again within 5 s. The tests' meshes set 0.25 s: every process of a mesh starts at
+        # once, and each would otherwise see the slower-starting ones seconds late.
+        ("grpc.initial_reconnect_backoff_ms", round(1000 * min(1.0, reconnect_max_s))),
+        ("grpc.max_reconnect_backoff_ms", round(1000 * reconnect_max_s)),
     ]

@@ -57,8 +57,6 @@ from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy.optimize import minimize_scalar
-from sklearn.isotonic import IsotonicRegression
 
 from services.common.calibration import (  # noqa: F401  (re-exported: the shared calibrator type)
     ALL_AGES,
@@ -166,6 +164,8 @@ def fit_temperature(sample: FeedbackSample, objective: str | None = None) -> flo
             return top_label_nll(scaled, sample.correct, sample.weights)
         return observed_nll(scaled, sample.labels, sample.correct, sample.weights)
 
+    from scipy.optimize import minimize_scalar   # here: SciPy is ~40 % of the service's start-up
+
     low, high = np.log(TEMPERATURE_BOUNDS[0]), np.log(TEMPERATURE_BOUNDS[1])
     result = minimize_scalar(loss, bounds=(low, high), method="bounded", options={"xatol": 1e-4})
     return float(np.exp(result.x))
@@ -175,6 +175,8 @@ def fit_isotonic(sample: FeedbackSample) -> tuple[FloatArray, FloatArray]:
     """Breakpoints (x, y) of the weighted isotonic fit of correctness on top-label confidence."""
     if len(sample) == 0:
         raise InvalidArgument("sample", "needs at least one prediction with feedback")
+    from sklearn.isotonic import IsotonicRegression   # here: see fit_temperature
+
     conf = sample.probs.max(axis=1)
     model = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
     model.fit(conf, sample.correct, sample_weight=sample.weights)

@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy.stats import norm
 
 from services.feedback.domain.errors import InvalidArgument
 from services.feedback.domain.metrics import DEFAULT_BINS, as_vector, as_weights, expected_calibration_error
@@ -261,7 +260,9 @@ def two_proportion_z_test(p1: float, n1: float, p2: float, n2: float) -> tuple[f
     if variance <= 0.0:
         return 0.0, 1.0
     z = (p1 - p2) / math.sqrt(variance)
-    return z, float(2.0 * norm.sf(abs(z)))
+    # Two-sided normal tail, 2 * (1 - Phi(|z|)) = erfc(|z| / sqrt 2): scipy.stats.norm.sf to
+    # 1e-10 relative, without importing scipy.stats (a third of the service's start-up).
+    return z, math.erfc(abs(z) / math.sqrt(2.0))
 
 
 def _bootstrap_weighted_means(values: NDArray[np.float64], weights: NDArray[np.float64], n_draws: int, rng: np.random.Generator) -> NDArray[np.float64]:
