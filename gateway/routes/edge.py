@@ -32,10 +32,12 @@ from fastapi import APIRouter, Request, Response
 from gateway.errors import error_response
 from services.common import permissions
 from services.common.errors import InvalidArgument, PermissionDenied
-from services.common.identity import Role
+from services.common.identity import Role, SecurityEvent, report_security_event
 
 PREFIX = "/v1/edge/authorize"
 # /<package.Service>/<Method>, e.g. /hearth.clustering.v1.ClusteringService/GetHousehold
+# The target of a refusal for an RPC missing from the permission matrix (metrics, audit).
+UNKNOWN_RPC_TARGET = "rpc <not in the matrix>"
 GRPC_PATH = re.compile(r"^/(hearth\.[a-z]+\.v1\.[A-Za-z]+)/([A-Za-z]+)$")
 
 
@@ -56,7 +58,17 @@ def router(authenticator, limiter) -> APIRouter:
         if who.role == Role.SERVICE:
             # The edge is for clients; service principals call each other directly.
             raise PermissionDenied(f"{who.id}: service principals do not call through the edge", "principal")
-        permissions.authorize_rpc(who, full_method)
+        permission = permissions.rpc_permission(full_method)
+        if permission is None or not permissions.principal_allowed(who, permission):
+            # The gateway's refusal, reported as such: audited (coalesced per principal,
+            # reason and target like its route refusals), where authorize_rpc would name
+            # the RPC's service, whose events the gateway's audit listener skips. An RPC
+            # not in the matrix is reported under one fixed target, so the metric's
+            # label values are the matrix's RPCs, never a method name a client made up.
+            report_security_event(SecurityEvent(
+                "permission_denied", "gateway", "not_in_matrix" if permission else "unmapped_target",
+                who.id, who.role.value, target if permission else UNKNOWN_RPC_TARGET))
+            raise PermissionDenied(f"role {who.role.value} may not call {full_method}", "")
         await limiter.check(who, target)
         return Response(status_code=200, headers=dict(who.metadata()))
 

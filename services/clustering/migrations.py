@@ -126,4 +126,19 @@ ALTER TABLE sessions ADD COLUMN unknown_genres TEXT
     # keys when it moved, so a replica that did not run a household's Erase cannot keep
     # writing for it (services/common/field_crypto.py, docs/privacy.md "Order").
     Migration(7, "household erasures", HOUSEHOLD_ERASURES_SQL),
+    # The prediction outbox by chunks (session 19, services/clustering/prediction_log.py):
+    # a row holds up to a forward batch of predictions as the serialized
+    # RecordPredictionRequest feedback receives; ``accounts`` (" a b ") finds an erased
+    # household's chunks. Rows of prediction_outbox (migration 3) still forward.
+    Migration(8, "prediction outbox chunks", """
+CREATE TABLE IF NOT EXISTS prediction_chunks (
+    chunk_id TEXT PRIMARY KEY,
+    created_at {double} NOT NULL,
+    predictions INTEGER NOT NULL,
+    accounts TEXT NOT NULL,
+    traceparents TEXT NOT NULL,
+    body {blob} NOT NULL
+);
+CREATE INDEX IF NOT EXISTS prediction_chunks_created ON prediction_chunks (created_at)
+"""),
 ]

@@ -12,9 +12,8 @@ from collections.abc import Sequence
 
 from hearth.feedback.v1 import feedback_pb2 as fpb
 from hearth.feedback.v1 import feedback_pb2_grpc as fpb_grpc
-from services.clustering.prediction_log import PredictionRecord
+from services.clustering.prediction_log import PredictionRecord, to_request
 from services.common.client import Peer
-from services.common.pbutil import float_to_ts
 from services.common.calibration import IDENTITY, Calibrator
 
 log = logging.getLogger("hearth.clustering.peers")
@@ -30,16 +29,12 @@ class FeedbackPeer:
         self._variants: dict[str, tuple[float, str]] = {}
         self._calibrators: dict[str, tuple[float, Calibrator]] = {}
 
-    def send_predictions(self, records: Sequence[PredictionRecord]) -> None:
-        request = fpb.RecordPredictionRequest(predictions=[fpb.Prediction(
-            prediction_id=r.prediction_id, account_id=r.account_id, session_id=r.session_id,
-            person_id=r.person_id, probabilities=r.probabilities, model_variant=r.model_variant,
-            model_version=r.model_version, ts=float_to_ts(r.ts), cold_start=r.cold_start,
-            household_size=r.household_size, device_id=r.device_id, model_sessions=r.model_sessions,
-            calibration_group=r.calibration_group,
-            **({"session_start": float_to_ts(r.session_start), "session_end": float_to_ts(r.session_end)}
-               if r.session_start is not None and r.session_end is not None else {})) for r in records])
+    def record_predictions(self, request: fpb.RecordPredictionRequest) -> None:
+        """One RecordPrediction call (the prediction outbox's forwarder, prediction_log)."""
         self.peer.call("RecordPrediction", request, idempotent=True)   # idempotent by prediction_id
+
+    def send_predictions(self, records: Sequence[PredictionRecord]) -> None:
+        self.record_predictions(to_request(records))
 
     def variant_of(self, account_id: str) -> str:
         now = time.monotonic()

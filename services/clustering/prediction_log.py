@@ -1,12 +1,20 @@
 """The prediction log: every assignment is recorded for the feedback service without
 slowing the assign path, and nothing acknowledged is lost.
 
-Two stages. (1) An assignment's record is group-committed to the local
-``prediction_outbox`` table before the assign RPC answers (one transaction for many
-concurrent assignments), so a prediction id handed to a caller always exists durably.
-(2) A forwarder thread sends outbox rows to the feedback service in batches
-(RecordPrediction is idempotent by prediction_id, so a resend after a crash is
-harmless) and deletes them once acknowledged; while feedback is down, rows wait.
+Two stages. (1) An assignment's record is group-committed to the local outbox before the
+assign RPC answers (one transaction for many concurrent assignments), so a prediction id
+handed to a caller always exists durably. (2) A forwarder thread sends the outbox to the
+feedback service in batches (RecordPrediction is idempotent by prediction_id, so a resend
+after a crash is harmless) and deletes what was acknowledged; while feedback is down, it waits.
+
+The outbox holds chunks (``prediction_chunks``, since session 19): one row per up to a
+forward batch of predictions, its body the serialized ``RecordPredictionRequest`` the
+forwarder sends — built once, at commit, never parsed back into records or rebuilt (the
+JSON row a prediction, its parse and the protobuf built from it at forwarding were most
+of the service's CPU on AssignSessions: docs/benchmarks.md "## bench-assign"). Rows of
+``prediction_outbox`` (one JSON row a prediction, written before session 19) still forward.
+An erasure rewrites the chunks that hold the household's predictions without them
+(``erase_pending``).
 """
 
 from __future__ import annotations
@@ -14,16 +22,21 @@ from __future__ import annotations
 import json
 import logging
 import operator
+import os
+import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 
+from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import trace
 from prometheus_client import Counter, Gauge
 
+from hearth.feedback.v1 import feedback_pb2 as fpb
 from services.common import telemetry
 from services.common.batching import GroupCommitter
+from services.common.pbutil import float_to_ts
 from services.common.predictions import PredictionRecord  # noqa: F401 - re-exported
 from services.common.storage.sql import Database, Tx
 
@@ -44,17 +57,12 @@ class SessionPerson:
 
 
 _RECORD_FIELDS = tuple(f.name for f in fields(PredictionRecord))
-_RECORD_VALUES = operator.attrgetter(*_RECORD_FIELDS)
 
-
-# The records are plain str/float/int/dict values built by the service: no cycle check.
-_ENCODE = json.JSONEncoder(check_circular=False, separators=(",", ":")).encode
-
-# Each outbox row carries the traceparent of the request span that made the prediction:
-# the forwarder runs later on a thread of its own, so its RecordPrediction call is a trace
-# of its own, whose ``predictions.forward`` span links back to each request's span. A row
-# written before session 18 is a JSON object of named fields (with, since session 17, the
-# traceparent under this key); forward_once still reads those.
+# Each chunk carries the traceparents of the request spans that made its predictions: the
+# forwarder runs later on a thread of its own, so its RecordPrediction call is a trace of
+# its own, whose ``predictions.forward`` span links back to each request's span. A row of
+# prediction_outbox carries its request's traceparent first (session 18) or, before, under
+# this key of its JSON object (session 17); forward_once still reads those.
 _TRACE_KEY = "traceparent"
 # OpenTelemetry's default cap on links per span; a batch from more requests links its first ones.
 MAX_LINKS = 128
@@ -87,17 +95,88 @@ def _link(traceparent: str) -> trace.Link | None:
     return trace.Link(ctx) if ctx.is_valid else None
 
 
-def _payload(record: PredictionRecord, traceparent: str = "") -> str:
-    """The outbox row's JSON: ``[traceparent, *the record's fields in declaration order]``
-    (PredictionRecord adds fields only at the end, with a default, so an older row still
-    reads). A positional array, not an object of named fields: encoding, parsing and
-    storing the fifteen names cost more than the values (session 18, docs/benchmarks.md)."""
-    return _ENCODE((traceparent, *_RECORD_VALUES(record)))
+def to_request(records: Iterable[PredictionRecord]) -> fpb.RecordPredictionRequest:
+    """The RecordPrediction request feedback receives for these records. A request's
+    predictions share one ``ts``: its Timestamp is built once and copied."""
+    prediction = fpb.Prediction
+    stamps: dict[float, Timestamp] = {}
+
+    def stamp(seconds: float) -> Timestamp:
+        ts = stamps.get(seconds)
+        if ts is None:
+            ts = stamps[seconds] = float_to_ts(seconds)
+        return ts
+
+    return fpb.RecordPredictionRequest(predictions=[prediction(
+        prediction_id=r.prediction_id, account_id=r.account_id, session_id=r.session_id,
+        person_id=r.person_id, probabilities=r.probabilities, model_variant=r.model_variant,
+        model_version=r.model_version, ts=stamp(r.ts), cold_start=r.cold_start,
+        household_size=r.household_size, device_id=r.device_id, model_sessions=r.model_sessions,
+        calibration_group=r.calibration_group,
+        **({"session_start": float_to_ts(r.session_start), "session_end": float_to_ts(r.session_end)}
+           if r.session_start is not None and r.session_end is not None else {})) for r in records])
+
+
+# The fields that differ between a household's predictions in one request; the others are
+# serialized once per distinct value (``_encode``). Their numbers in feedback.proto's
+# Prediction: 1, 3, 4 and 5 (a map<string, double>: entries of key 1, value 2).
+_VARYING = ("prediction_id", "session_id", "person_id", "probabilities")
+_SHARED_FIELDS = tuple(f for f in _RECORD_FIELDS if f not in _VARYING)
+_SHARED = operator.attrgetter(*_SHARED_FIELDS)
+_DOUBLE = struct.Struct("<d").pack
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _string(tag: bytes, value: str) -> bytes:
+    if not value:              # proto3 leaves an empty string out
+        return b""
+    data = value.encode()
+    return tag + _varint(len(data)) + data
+
+
+def _encode(records: Iterable[PredictionRecord]) -> bytes:
+    """``to_request(records).SerializeToString()``, without a message a record: what it
+    parses as is the same request (tests/unit/clustering/test_prediction_log_rows.py holds
+    the two equal). A household's predictions in one request share every field but the
+    four of ``_VARYING``: the shared ones are serialized once per distinct value by
+    ``to_request`` itself (a field added to PredictionRecord and Prediction comes along),
+    the four are written here; a map entry's key is encoded once per person id."""
+    shared: dict[tuple, bytes] = {}
+    entries: dict[str, bytes] = {}
+    out = []
+    for r in records:
+        key = _SHARED(r)
+        head = shared.get(key)
+        if head is None:
+            blank = PredictionRecord(prediction_id="", session_id="", person_id="", probabilities={},
+                                     **dict(zip(_SHARED_FIELDS, key)))
+            head = shared[key] = to_request([blank]).predictions[0].SerializeToString()
+        parts = [head, _string(b"\x0a", r.prediction_id), _string(b"\x1a", r.session_id),
+                 _string(b"\x22", r.person_id)]
+        for person, probability in r.probabilities.items():
+            prefix = entries.get(person)
+            if prefix is None:
+                name = _string(b"\x0a", person) if person else b""
+                prefix = entries[person] = b"\x2a" + _varint(len(name) + 9) + name + b"\x11"
+            parts.append(prefix + _DOUBLE(probability))
+        message = b"".join(parts)
+        out.append(b"\x0a" + _varint(len(message)) + message)   # RecordPredictionRequest.predictions = 1
+    return b"".join(out)
 
 
 def _decode(payloads: Sequence[str]) -> tuple[list[PredictionRecord], list[str]]:
-    """Outbox payloads -> their records and the distinct traceparents, first seen first
-    (one request's predictions share one). Parsed as one JSON array, not one call a row."""
+    """prediction_outbox payloads (written before session 19) -> their records and the
+    distinct traceparents, first seen first. A payload is ``[traceparent, *the record's
+    fields in declaration order]`` (session 18; PredictionRecord adds fields only at the
+    end, with a default, so a shorter row still reads) or an object of named fields."""
     records, traceparents = [], {}
     for row in json.loads("[" + ",".join(payloads) + "]"):
         if type(row) is dict:       # written before session 18: named fields
@@ -109,6 +188,47 @@ def _decode(payloads: Sequence[str]) -> tuple[list[PredictionRecord], list[str]]
     return records, list(traceparents)
 
 
+def _like_pattern(account_id: str) -> str:
+    """A LIKE pattern (ESCAPE '\\') for chunks whose ``accounts`` (" a b ") name the account."""
+    escaped = account_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"% {escaped} %"
+
+
+def erase_pending(tx: Tx, doomed: Callable[[str, str], bool], account_id: str | None) -> list[str]:
+    """Delete the undelivered predictions ``doomed(account_id, session_id)`` selects, in the
+    erasing transaction; returns their ids. ``account_id``: the only household they can
+    belong to (None = any: the retention purge over every account). A chunk that keeps other
+    predictions is rewritten without them (``secure_delete`` zeroes the old cells)."""
+    if account_id is None:
+        legacy = tx.query("SELECT prediction_id, account_id, session_id FROM prediction_outbox")
+        chunks = tx.query("SELECT chunk_id, body FROM prediction_chunks")
+    else:
+        legacy = tx.query("SELECT prediction_id, account_id, session_id FROM prediction_outbox "
+                          "WHERE account_id = ?", (account_id,))
+        chunks = [(chunk_id, body) for chunk_id, accounts, body in tx.query(
+            "SELECT chunk_id, accounts, body FROM prediction_chunks WHERE accounts LIKE ? ESCAPE '\\'",
+            (_like_pattern(account_id),)) if account_id in accounts.split()]   # LIKE may match more (case)
+    gone = [r[0] for r in legacy if doomed(r[1], r[2])]
+    tx.executemany("DELETE FROM prediction_outbox WHERE prediction_id = ?", [(p,) for p in gone])
+    for chunk_id, body in chunks:
+        request = fpb.RecordPredictionRequest.FromString(bytes(body))
+        kept = [p for p in request.predictions if not doomed(p.account_id, p.session_id)]
+        if len(kept) == len(request.predictions):
+            continue
+        gone += [p.prediction_id for p in request.predictions if doomed(p.account_id, p.session_id)]
+        if kept:
+            tx.execute("UPDATE prediction_chunks SET predictions = ?, accounts = ?, body = ? WHERE chunk_id = ?",
+                       (len(kept), _accounts(p.account_id for p in kept),
+                        fpb.RecordPredictionRequest(predictions=kept).SerializeToString(), chunk_id))
+        else:
+            tx.execute("DELETE FROM prediction_chunks WHERE chunk_id = ?", (chunk_id,))
+    return gone
+
+
+def _accounts(account_ids: Iterable[str]) -> str:
+    return " " + " ".join(dict.fromkeys(account_ids)) + " "
+
+
 # The longest pause between delivery attempts while feedback is unreachable. It bounds how
 # long predictions made after feedback is back wait for delivery, so it stays below the
 # gateway's HEARTH_FEEDBACK_PREDICTION_WAIT_S (2 s): feedback sent at once on them is then
@@ -118,9 +238,11 @@ MAX_FORWARD_BACKOFF_S = 1.0
 
 
 class PredictionLog:
-    def __init__(self, db: Database, send: Callable[[Sequence[PredictionRecord]], None] | None,
+    def __init__(self, db: Database, send: Callable[[fpb.RecordPredictionRequest], None] | None,
                  *, forward_interval_s: float = 0.2, batch: int = 1000,
                  session_writer: Callable[[Tx, Sequence[tuple]], None] | None = None) -> None:
+        """``send`` delivers one RecordPrediction request (FeedbackPeer.record_predictions);
+        ``batch``: the most predictions in one (and in one outbox chunk)."""
         self._db = db
         # Writes (account, session, person, probabilities) rows inside the outbox's
         # transaction (ClusteringStore.write_persons); None = the caller stores them.
@@ -148,50 +270,98 @@ class PredictionLog:
         if n:   # one item per request, weighing what it holds towards the batch size
             self._committer.write([_Request(records, persons, _traceparent())], weight=n)
 
-    def _store(self, requests: Sequence[_Request]) -> int:
-        now = time.time()
-        rows, persons = [], []
+    def _chunks(self, requests: Sequence[_Request], now: float) -> list[tuple]:
+        """The group commit's predictions as outbox chunks of at most ``batch`` predictions
+        (requests that arrived together share one)."""
+        rows, records, traceparents = [], [], {}
+
+        def close() -> None:   # ids sort in commit order among the chunks of one commit (one created_at)
+            rows.append((f"{len(rows):04d}-{os.urandom(16).hex()}", now, len(records),
+                         _accounts(r.account_id for r in records), " ".join(filter(None, traceparents)),
+                         _encode(records)))
+
         for request in requests:
-            traceparent = request.traceparent
-            rows += [(r.prediction_id, r.account_id, r.session_id, _payload(r, traceparent), now)
-                     for r in request.records]
-            persons += request.persons
+            todo = request.records
+            while todo:
+                room = self._batch - len(records)
+                records += todo[:room]
+                traceparents[request.traceparent] = None
+                todo = todo[room:]
+                if len(records) >= self._batch:
+                    close()
+                    records, traceparents = [], {}
+        if records:
+            close()
+        return rows
+
+    def _store(self, requests: Sequence[_Request]) -> int:
+        rows = self._chunks(requests, time.time())
+        persons = [p for request in requests for p in request.persons]
         with self._db.transaction() as tx:
-            stored = tx.executemany(
-                "INSERT INTO prediction_outbox (prediction_id, account_id, session_id, payload, created_at) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (prediction_id) DO NOTHING", rows)
+            tx.executemany("INSERT INTO prediction_chunks (chunk_id, created_at, predictions, accounts, "
+                           "traceparents, body) VALUES (?, ?, ?, ?, ?, ?)", rows)
             if persons:
                 self._session_writer(tx, [(p.account_id, p.session_id, p.person_id, p.probabilities)
                                           for p in persons])
-        return stored
+        return sum(row[2] for row in rows)
 
     def forward_once(self) -> int:
-        """Send one batch; returns how many were delivered."""
+        """Send one batch; returns how many predictions were delivered."""
+        return self._forward()[0]
+
+    def _forward(self) -> tuple[int, bool]:
+        """One RecordPrediction call: (predictions delivered, whether more wait)."""
         with self._db.transaction(readonly=True) as tx:
-            rows = tx.query("SELECT prediction_id, payload FROM prediction_outbox "
-                            "ORDER BY created_at, prediction_id LIMIT ?", (self._batch,))
+            legacy = tx.query("SELECT prediction_id, payload FROM prediction_outbox "
+                              "ORDER BY created_at, prediction_id LIMIT ?", (self._batch,))
+            queued = tx.query("SELECT chunk_id, predictions, traceparents FROM prediction_chunks "
+                              "ORDER BY created_at, chunk_id LIMIT ?", (self._batch,))
             # A short page is the whole outbox: count only when there may be more.
-            depth = len(rows) if len(rows) < self._batch else \
-                tx.query("SELECT COUNT(*) FROM prediction_outbox")[0][0]
+            depth = (len(legacy) if len(legacy) < self._batch else
+                     tx.query("SELECT COUNT(*) FROM prediction_outbox")[0][0]) + \
+                (sum(r[1] for r in queued) if len(queued) < self._batch else
+                 tx.query("SELECT SUM(predictions) FROM prediction_chunks")[0][0])
+            chunks, bodies = [], []
+            if not legacy:                  # whole chunks, up to ``batch`` predictions (at least one)
+                n = 0
+                for chunk in queued:
+                    if chunks and n + chunk[1] > self._batch:
+                        break
+                    chunks.append(chunk)
+                    n += chunk[1]
+                if chunks:
+                    ids = [c[0] for c in chunks]
+                    found = dict(tx.query("SELECT chunk_id, body FROM prediction_chunks WHERE chunk_id IN "
+                                          f"({', '.join('?' * len(ids))})", ids))
+                    bodies = [bytes(found[i]) for i in ids]
         OUTBOX_DEPTH.set(depth)
-        if not rows or self._send is None:
-            return 0
-        records, traceparents = _decode([payload for _, payload in rows])
+        if self._send is None or not (legacy or chunks):
+            return 0, False
+        if legacy:                          # rows written before session 19 first
+            records, traceparents = _decode([payload for _, payload in legacy])
+            request = to_request(records)
+        else:   # the chunks' bodies are serialized requests: their concatenation is one
+            request = fpb.RecordPredictionRequest.FromString(b"".join(bodies))
+            traceparents = list(dict.fromkeys(tp for c in chunks for tp in c[2].split()))
         # One request's predictions share its traceparent: each request is linked once.
         links = [link for link in map(_link, traceparents) if link is not None][:MAX_LINKS]
         with telemetry.safe_span(telemetry.tracer("hearth.clustering.predictions"), "predictions.forward",
-                                 links=links, attributes={"hearth.predictions": len(records)}):
-            self._send(records)
+                                 links=links, attributes={"hearth.predictions": len(request.predictions)}):
+            self._send(request)
         with self._db.transaction() as tx:
-            tx.executemany("DELETE FROM prediction_outbox WHERE prediction_id = ?", [(r[0],) for r in rows])
-        FORWARDED.inc(len(rows))
-        return len(rows)
+            if legacy:
+                tx.executemany("DELETE FROM prediction_outbox WHERE prediction_id = ?", [(r[0],) for r in legacy])
+            else:
+                tx.executemany("DELETE FROM prediction_chunks WHERE chunk_id = ?", [(c[0],) for c in chunks])
+        delivered = len(request.predictions)
+        FORWARDED.inc(delivered)
+        return delivered, depth > delivered
 
     def _forward_loop(self) -> None:
         backoff = self._interval
         while not self._stop.wait(backoff):
             try:
-                while self.forward_once() == self._batch:
+                while self._forward()[1]:
                     pass
                 backoff = self._interval
             except Exception as exc:  # noqa: BLE001 - feedback down or DB busy: retry later

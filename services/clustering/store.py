@@ -23,6 +23,7 @@ from services.clustering.domain.events import ViewingEvent
 from services.clustering.domain.features import DEFAULT_VOCABULARY, GenreVocabulary
 from services.clustering.domain.sessions import Session, build_sessions
 from services.clustering.migrations import MIGRATIONS
+from services.clustering.prediction_log import erase_pending
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import Conflict, NotFound
 from services.common.field_crypto import (FieldCipher, drop_keys_of_erased_households, household_erasures,
@@ -37,7 +38,7 @@ MODEL_CACHE_TTL_S = 3600.0
 # Every table an erasure deletes from (purged physically after it: Database.purge_erased;
 # kept out of PostgreSQL's planner statistics: migrate(personal_tables=...)).
 _ERASED_TABLES = ("events", "sessions", "devices", "household_models", "drift_events",
-                  "prediction_outbox", "session_labels")
+                  "prediction_outbox", "prediction_chunks", "session_labels")
 
 
 @dataclass(frozen=True)
@@ -667,13 +668,11 @@ class ClusteringStore:
             # Predictions not yet delivered to the feedback service are data too.
             sessions = out.deleted_ids_of("sessions")
             if scope.kind == "household":
-                pending = [r[0] for r in tx.query("SELECT prediction_id FROM prediction_outbox WHERE account_id = ?",
-                                                  (account,))]
+                pending = erase_pending(tx, lambda acct, _session: acct == account, account)
             else:
                 where, params = ("1 = 1", []) if scope.all_accounts else ("account_id = ?", [account])
-                pending = [r[0] for r in tx.query("SELECT prediction_id, session_id FROM prediction_outbox "
-                                                  f"WHERE {where}", params) if r[1] in sessions]
-            tx.executemany("DELETE FROM prediction_outbox WHERE prediction_id = ?", [(p,) for p in pending])
+                pending = erase_pending(tx, lambda acct, session: (scope.all_accounts or acct == account)
+                                        and session in sessions, None if scope.all_accounts else account)
             out.add("pending_predictions", pending)
             if scope.kind == "household":
                 labelled = [r[0] for r in tx.query("SELECT session_id FROM session_labels WHERE account_id = ?",
@@ -713,7 +712,8 @@ class ClusteringStore:
     def export_account(self, account_id: str) -> dict:
         """Everything held for the account, decrypted (privacy's household export):
         devices, events, sessions (feature vectors, labels, persons), the household
-        model (metadata and base64 blob) and drift events."""
+        model (metadata and base64 blob), drift events and the persons feedback named
+        for sessions (``session_labels``)."""
         with self.db.transaction(readonly=True) as tx:
             devices = tx.query("SELECT device_id, device_type, last_ts FROM devices WHERE account_id = ? "
                                "ORDER BY device_id", (account_id,))
@@ -727,6 +727,8 @@ class ClusteringStore:
                               "WHERE account_id = ?", (account_id,))
             drift = tx.query("SELECT drift_type, severity, statistic, detected_at, refit_triggered "
                              "FROM drift_events WHERE account_id = ? ORDER BY detected_at, id", (account_id,))
+            labels = tx.query("SELECT session_id, person_id, source, recorded_at FROM session_labels "
+                              "WHERE account_id = ? ORDER BY recorded_at, session_id", (account_id,))
         decoded = [self._event_from_row(r) for r in events]
         return {
             "devices": [{"device_id": r[0], "device_type": r[1], "last_ts": float(r[2])} for r in devices],
@@ -747,6 +749,10 @@ class ClusteringStore:
                                  "updated_at": float(models[0][3])} if models else None),
             "drift_events": [{"drift_type": r[0], "severity": float(r[1]), "statistic": float(r[2]),
                               "detected_at": float(r[3]), "refit_triggered": bool(r[4])} for r in drift],
+            # Who a session's viewer was, as feedback (RecordLabels) named them: held, so
+            # exported (until session 19 it was not).
+            "labels": [{"session_id": r[0], "person_id": r[1], "source": r[2], "recorded_at": float(r[3])}
+                       for r in labels],
         }
 
     @staticmethod

@@ -3,9 +3,11 @@
 One type for both sides of ``RecordPrediction`` (clustering's durable outbox row and the
 feedback service's prediction log hold the same fields), so the two cannot drift apart.
 
-Clustering's outbox stores a record positionally (``[traceparent, *fields]`` in
-declaration order, services/clustering/prediction_log.py): a new field goes at the end,
-with a default, so rows queued before an upgrade still read.
+Clustering's outbox stores the RecordPrediction request's bytes since session 19
+(services/clustering/prediction_log.py: ``to_request`` maps the fields, ``_encode`` writes
+four of them itself); rows queued by session 18 hold a record positionally
+(``[traceparent, *fields]`` in declaration order): a new field goes at the end, with a
+default, so those still read.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Input: one JSON object per line (blank lines ignored)::
      "label": "p2",                          # true person: a name from persons, or an index
      "correct": false,                       # or only whether the predicted person was right
      "weight": 1.0,                          # optional evidence weight (default 1)
-     "variant": "kmeans"}                    # optional model variant
+     "variant": "kmeans"}                    # optional model variant (default "unspecified"; not "all")
 
 Each line needs ``label`` or ``correct``. Vectors of different lengths are zero-padded.
 Output in DIR: ``reliability.png`` (diagram: accuracy against confidence per bin with
@@ -48,6 +48,8 @@ from services.feedback.domain.metrics import (
     summaries_to_dict,
 )
 
+OVERALL = "all"                    # the group of every row in the table, CSV and diagram
+UNSPECIFIED_VARIANT = "unspecified"  # a row without "variant"
 CSV_COLUMNS = ("group", "bin", "lower", "upper", "count", "weight", "mean_confidence", "accuracy", "gap")
 
 
@@ -87,9 +89,14 @@ def _parse_line(number: int, line: str) -> tuple[list[float], int, float | None,
     weight = record.get("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not np.isfinite(weight) or weight < 0:
         raise InvalidArgument(f"{where}: weight", "must be a finite number >= 0")
-    variant = record.get("variant", "all")
+    # A row without a variant is "unspecified" (the service's name for an empty model_variant).
+    # "all" names the whole file's table: a variant called so (or, until session 19, the rows
+    # without one in a file that also had variants) replaced the overall table with its own.
+    variant = record.get("variant", UNSPECIFIED_VARIANT)
     if not isinstance(variant, str) or not variant:
         raise InvalidArgument(f"{where}: variant", "must be a non-empty string")
+    if variant == OVERALL:
+        raise InvalidArgument(f"{where}: variant", f"{OVERALL!r} names every row; choose another name")
     return [float(p) for p in probabilities], index, None if correct is None else float(correct), float(weight), variant
 
 
@@ -136,7 +143,7 @@ def _draw_diagram(tables: dict[str, ReliabilityTable], confidence: np.ndarray, p
     figure, (top, bottom) = plt.subplots(
         2, 1, figsize=(6.0, 7.0), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
     )
-    overall = tables["all"]
+    overall = tables[OVERALL]
     filled = overall.weight > 0
     top.bar(
         overall.lower[filled], overall.accuracy[filled], width=(overall.upper - overall.lower)[filled],
@@ -144,7 +151,7 @@ def _draw_diagram(tables: dict[str, ReliabilityTable], confidence: np.ndarray, p
     )
     for name, table in tables.items():
         rows = table.weight > 0
-        if name != "all":
+        if name != OVERALL:
             top.plot(table.mean_confidence[rows], table.accuracy[rows], marker="o", label=f"{name} (ECE {table.ece:.3f})")
     top.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
     top.set_ylabel("accuracy (predicted person right)")
@@ -169,9 +176,9 @@ def report_calibration(input_path: Path, output_dir: Path, n_bins: int = DEFAULT
     data = load_predictions(input_path)
     confidence = data["probs"].max(axis=1)
     weights = data["weights"]
-    tables = {"all": reliability_table(confidence, data["correct"], weights, n_bins, strategy)}  # type: ignore[arg-type]
+    tables = {OVERALL: reliability_table(confidence, data["correct"], weights, n_bins, strategy)}  # type: ignore[arg-type]
     variants = sorted(set(data["variants"].tolist()))
-    if variants != ["all"]:
+    if variants != [UNSPECIFIED_VARIANT]:
         for variant in variants:
             rows = data["variants"] == variant
             if weights[rows].sum() > 0:

@@ -348,7 +348,11 @@ class FeedbackStore:
             "predictions": [{"prediction_id": p.prediction_id, "session_id": p.session_id, "person_id": p.person_id,
                              "probabilities": p.probabilities, "model_variant": p.model_variant,
                              "model_version": p.model_version, "ts": p.ts, "cold_start": p.cold_start,
-                             "household_size": p.household_size, "calibration_group": p.calibration_group}
+                             "household_size": p.household_size, "calibration_group": p.calibration_group,
+                             # Held with the prediction, so exported too (until session 19 they
+                             # were not: the device and viewing times of each answer).
+                             "device_id": p.device_id, "session_start": p.session_start,
+                             "session_end": p.session_end, "model_sessions": p.model_sessions}
                             for p in map(_prediction, predictions)],
             "feedback": [{"feedback_id": r[0], "prediction_id": r[1], "kind": r[2], "true_person_id": r[3],
                           "weight": float(r[4]), "ts": float(r[5]), "received_at": float(r[6]),
@@ -367,7 +371,9 @@ class FeedbackStore:
         unknown (recorded before predictions carried one: kept conservative), with their
         feedback. person: the predictions of that predicted person,
         their feedback, and every feedback naming the person as the true one. window:
-        predictions made in [start, end), their feedback, and feedback given in it.
+        the predictions about the sessions the window overlaps (whenever made; without
+        session times, by their own time in [start, end)), their feedback, and feedback
+        given in it.
         """
         account = scope.account_id
         outcome = ErasureOutcome()

@@ -6,7 +6,7 @@ variables, validated at start (a bad value names the variable).
 | `HEARTH_AUDIT_SIGNING_KEY` / `_FILE` | dev: generated | Ed25519 key signing audit tree heads, or a file holding it (services/privacy/audit/app.py) |
 | `HEARTH_RECEIPT_SIGNING_KEY` | dev: generated | Ed25519 key signing deletion receipts (PKCS#8 PEM or base64 of the 32-byte seed) |
 | `HEARTH_KEKS` | dev: generated | master keys `id=<base64 32 bytes>,...` wrapping the per-household data keys |
-| `HEARTH_ACTIVE_KEK` | the only/first KEK | id of the KEK new data keys are wrapped with |
+| `HEARTH_ACTIVE_KEK` | the only KEK | id of the KEK new data keys are wrapped with (required with several) |
 | `HEARTH_RETENTION_DAYS` | 90 | data older than this is purged by the scheduled retention job |
 | `HEARTH_RETENTION_CHECK_S` | 3600 | how often the retention purge runs; 0 = off |
 | `HEARTH_DELETION_POLL_S` | 1.0 | the deletion worker looks for due jobs at least this often |

@@ -214,6 +214,17 @@ def test_export_account_over_grpc_holds_the_households_predictions_and_feedback(
     document = json.loads(call(stub.data, "ExportAccount", common_pb2.ExportAccountRequest(account_id="acc-1")).json)
     assert sorted(p["prediction_id"] for p in document["predictions"]) == ["x1", "x2"]
     assert [f["feedback_id"] for f in document["feedback"]] == ["fx1"]
+    # Everything the prediction row holds about the household is in the export (until
+    # session 19 its device and session times were held but not exported).
+    held = prediction("x3")
+    held.device_id, held.model_sessions = "tv-x3", 42
+    held.session_start.CopyFrom(float_to_ts(1_700_000_000.0))
+    held.session_end.CopyFrom(float_to_ts(1_700_000_600.0))
+    call(stub, "RecordPrediction", fpb.RecordPredictionRequest(predictions=[held]))
+    document = json.loads(call(stub.data, "ExportAccount", common_pb2.ExportAccountRequest(account_id="acc-1")).json)
+    x3 = next(p for p in document["predictions"] if p["prediction_id"] == "x3")
+    assert (x3["device_id"], x3["session_start"], x3["session_end"], x3["model_sessions"]) == (
+        "tv-x3", 1_700_000_000.0, 1_700_000_600.0, 42)
     assert error_of(stub.data, "ExportAccount", common_pb2.ExportAccountRequest(account_id="acc 1")) == (
         grpc.StatusCode.INVALID_ARGUMENT, "account_id")
 

@@ -6,6 +6,8 @@ call Envoy then makes straight to it."""
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import httpx
 import pytest
@@ -110,3 +112,31 @@ def test_bad_requests_get_no_token(edge_mesh, path, headers, status):
     answer = _authorize(edge_mesh, path, {"X-API-Key": edge_mesh.api_key} if headers is None else headers)
     assert answer.status_code == status, answer.text
     assert TOKEN_KEY not in answer.headers
+
+
+def test_refusals_are_audited_as_the_gateways_and_unknown_methods_make_no_metric_labels(edge_mesh):
+    """Until session 19 an authorizer refusal was reported with the RPC's service as its
+    component, so the gateway's audit listener skipped it (never audited), and an unknown
+    method's name became a label value of hearth_access_denied_total (any name a client
+    routed through Envoy chose)."""
+    mesh = edge_mesh
+    analyst = {"X-API-Key": mesh.analyst_key}
+    assert _authorize(mesh, SET_FLAG, analyst).status_code == 403
+    made_up = "/hearth.clustering.v1.ClusteringService/MadeUpMethodXyzzy"
+    assert _authorize(mesh, made_up, analyst).status_code == 403
+    admin = {"X-API-Key": mesh.api_key}
+    target = f"route:rpc {SET_FLAG}"
+    deadline = time.monotonic() + 60
+    records: list = []
+    while time.monotonic() < deadline:
+        page = httpx.get(f"{mesh.url}/v1/audit", headers=admin, timeout=30,
+                         params={"event_type": "permission_denied", "resource_prefix": target})
+        assert page.status_code == 200, page.text
+        records = page.json()["records"]
+        if records:
+            break
+        time.sleep(0.5)
+    assert records and records[0]["principal"] == "analyst-bob", records
+    metrics = httpx.get(f"http://127.0.0.1:{mesh.gateway_metrics_port}/metrics", timeout=30).text
+    assert "MadeUpMethodXyzzy" not in metrics
+    assert 'hearth_access_denied_total{component="gateway",role="analyst",target="rpc <not in the matrix>"}' in metrics

@@ -40,6 +40,10 @@ def test_feedback_calibration_and_flags_over_http(client, mesh):
     groups = {g["group"]: g for g in calibration.json()["groups"]}
     assert groups["kmeans"]["n"] >= 1 and groups["kmeans"]["bins"]
     assert client.get("/v1/calibration", params={"group_by": "country"}).status_code == 422
+    # docs/feedback.md, "Calibration groups": until session 19 the gateway refused it (422)
+    by_group = client.get("/v1/calibration", params={"group_by": "calibration_group"})
+    assert by_group.status_code == 200, by_group.text
+    assert "default" in {g["group"] for g in by_group.json()["groups"]}
 
     # a volunteered correction ("not me") is stored, but calibration does not count it
     _log_prediction(mesh, "e2e-pred-2", "e2e-fb-acc")

@@ -4,6 +4,7 @@ measurements: they may name a flag or a benchmark setting that existed then."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,3 +18,10 @@ def doc_lines() -> Iterator[tuple[str, int, str]]:
     for doc in OPERATOR_DOCS:
         for number, line in enumerate((ROOT / doc).read_text(encoding="utf-8").splitlines(), 1):
             yield doc, number, line
+
+
+def doc_text(doc: str, flat: bool = False) -> str:
+    """The text of ``doc`` (e.g. "docs/privacy.md"); ``flat``: every run of whitespace one
+    space, so a claim can be matched across the doc's line breaks."""
+    text = (ROOT / doc).read_text(encoding="utf-8")
+    return re.sub(r"\s+", " ", text) if flat else text

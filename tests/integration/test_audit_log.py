@@ -615,6 +615,32 @@ def test_a_forged_stored_tree_head_fails_a_live_verify(log, which):
     assert (after.valid, after.reason) == (False, "bad_signature"), after.message
 
 
+def test_after_a_rotation_of_the_signing_key_the_log_still_verifies(database, key):
+    # The heads signed before the rotation name the old key: their signatures cannot be
+    # checked with the new one, their content still is. Until session 19 VerifyAudit said
+    # "bad_signature" (an old head "forged") for ever after a rotation (docs/privacy.md §4).
+    migrate(database, MIGRATIONS)
+    before = Log(database, key, max_delay_s=0.001)
+    try:
+        sizes = _fill(before, (5, 5))
+        assert before.verify().valid
+    finally:
+        before.close()
+    rotated = Log(database, generate_private_key(), max_delay_s=0.001)
+    try:
+        _fill(rotated, (5,))
+        after = rotated.verify()
+        assert (after.valid, after.reason) == (True, ""), after.message
+        with rotated.db.transaction() as tx:   # an old head that lies about the log is still caught
+            sth = json.loads(tx.query("SELECT sth_json FROM audit_sth WHERE tree_size = ?", (sizes[0],))[0][0])
+            sth["root"] = "00" * 32
+            tx.execute("UPDATE audit_sth SET sth_json = ? WHERE tree_size = ?", (json.dumps(sth), sizes[0]))
+        altered = rotated.verify()
+        assert (altered.valid, altered.reason) == (False, "modified"), altered.message
+    finally:
+        rotated.close()
+
+
 def test_a_genuine_tree_head_moved_to_another_size_fails_a_live_verify(log):
     sizes = _fill(log, (5, 5, 5))
     with log.db.transaction() as tx:

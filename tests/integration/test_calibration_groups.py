@@ -20,6 +20,7 @@ from services.common.erasure import ErasureScope
 from services.common.errors import InvalidArgument
 from services.feedback.domain.recalibration import MIN_GROUP_FEEDBACK
 from services.feedback.domain.signals import SignalKind
+from services.feedback.servicer import prediction_from_pb
 from services.feedback.store import PredictionRecord
 from tests.integration.test_feedback_service import NOW, make_app
 from tests.integration.test_labelled_confidence import _correction_to_a_new_person, _fitted_household
@@ -66,7 +67,9 @@ def test_the_group_travels_from_clustering_to_feedback_and_back_as_its_own_calib
     clustering, _ = _fitted_household(database, "acc-c", seed=1)
     sent: list[PredictionRecord] = []
     # the outbox forwards by hand below (its background pass waits an hour)
-    clustering.predictions = PredictionLog(database, sent.extend, forward_interval_s=3600)
+    clustering.predictions = PredictionLog(   # what feedback's servicer reads of each forwarded request
+        database, lambda request: sent.extend(prediction_from_pb(p, "p") for p in request.predictions),
+        forward_interval_s=3600)
 
     def forwarded(session_id: str) -> PredictionRecord:
         answer = clustering.assign("acc-c", session_id=session_id)

@@ -165,6 +165,10 @@ def test_labels_flow_into_the_model(household):
     labels = [("acc-h", s.session_id, "p9", "feedback:test") for s in parents[:2]]
     labels += [("acc-h", kid.session_id, "p9", "feedback:test"), ("acc-h", "s-unknown", "p1", "feedback:test")]
     assert app.record_labels(labels) == (3, 1)
+    # the household export lists what was stored (until session 19 it left labels out)
+    exported = app.store.export_account("acc-h")["labels"]
+    assert sorted((x["session_id"], x["person_id"], x["source"]) for x in exported) == sorted(
+        (session, person, source) for _, session, person, source in labels[:3])
     relabelled = {s.session_id: s.person_id for s in app.store.closed_sessions("acc-h")}
     assert relabelled[kid.session_id] == "p9"                  # a known session is its label
     assert app.assign("acc-h", session_id=kid.session_id).probabilities["p9"] == 1.0

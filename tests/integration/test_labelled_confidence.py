@@ -117,7 +117,8 @@ def test_answers_of_a_model_whose_persons_labels_added_take_their_groups_calibra
     def served(calibrator, session_id):   # the answer and the records its prediction outbox forwards
         from services.clustering.prediction_log import PredictionLog
         app, recorded = fresh(calibrator), []
-        app.predictions = PredictionLog(database, recorded.extend, forward_interval_s=3600)
+        app.predictions = PredictionLog(database, lambda request: recorded.extend(request.predictions),
+                                        forward_interval_s=3600)
         try:
             answer = app.assign("acc-c", session_id=session_id)
             app.predictions.forward_once()

@@ -720,7 +720,13 @@ def verify_tree_head_history(
     (already verified) ``entries``: each must parse, sit in the row of its own size, carry
     a valid signature and commit to exactly the entries' root and chain head at its size.
     ``verify_log`` checks only the latest head; without this an altered or forged older
-    (or same-size) row would go unnoticed. None when all are genuine."""
+    (or same-size) row would go unnoticed. None when all are genuine.
+
+    A head that names another signing key (``key_id``: signed before the key was rotated)
+    cannot have its signature checked with ``public_key``; its size, root and chain head
+    still must be the entries' (which the latest head, signed by ``public_key``, covers).
+    Until session 19 such a head was "forged", so every VerifyAudit after a rotation of
+    the audit signing key reported ``bad_signature`` for a log nobody had touched."""
     sizes = sorted({size for size, _ in stored})
     wanted = set(sizes)
     heads: dict[int, bytes] = {}
@@ -734,12 +740,13 @@ def verify_tree_head_history(
             heads[i + 1] = prev
     tree = merkle.MerkleTree.from_leaf_hashes(bytes(leaves))  # root(size) per head: O(log n)
     roots = {size: (tree.root(size), head) for size, head in heads.items()}
+    own_key = key_id(public_key)
     for size, text in sorted(stored):
         try:
             sth = SignedTreeHead.from_dict(json.loads(text))
         except (ValueError, TypeError, json.JSONDecodeError):
             return _fail(TamperReason.BAD_SIGNATURE, None, f"stored tree head of size {size} does not parse")
-        if sth.tree_size != size or not verify_tree_head(sth, public_key):
+        if sth.tree_size != size or (sth.key_id == own_key and not verify_tree_head(sth, public_key)):
             return _fail(TamperReason.BAD_SIGNATURE, None,
                          f"stored tree head of size {size} is forged (signature or size)")
         if roots.get(size) != (sth.root, sth.chain_head):

@@ -25,10 +25,10 @@ def test_a_prediction_made_after_a_feedback_outage_is_delivered_within_the_wait(
     up = threading.Event()
     delivered: dict[str, float] = {}
 
-    def send(records):
+    def send(request):
         if not up.is_set():
             raise ConnectionError("feedback unreachable")
-        for r in records:
+        for r in request.predictions:
             delivered.setdefault(r.prediction_id, time.monotonic())
 
     log = PredictionLog(db, send, forward_interval_s=0.05)

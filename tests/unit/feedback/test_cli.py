@@ -66,6 +66,31 @@ def test_bad_input_exits_2_with_the_line(tmp_path: Path, capsys: pytest.CaptureF
     assert "sums to" in capsys.readouterr().err
 
 
+def test_rows_without_a_variant_do_not_replace_the_whole_file_table(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # Until session 19 such rows were the variant "all", whose table overwrote the table of
+    # every row (CSV, printout and diagram then showed 1 row where the file had 4).
+    source = tmp_path / "mixed.jsonl"
+    rows = [{"probabilities": [0.9, 0.1], "correct": True, "variant": "gmm"},
+            {"probabilities": [0.8, 0.2], "correct": False, "variant": "gmm"},
+            {"probabilities": [0.7, 0.3], "correct": True, "variant": "kmeans"},
+            {"probabilities": [0.6, 0.4], "correct": True}]
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "report"
+    assert cli.main(["report", "calibration", "--input", str(source), "--output", str(out), "--bins", "5"]) == 0
+    with (out / "reliability.csv").open() as handle:
+        counts: dict[str, int] = {}
+        for r in csv.DictReader(handle):
+            counts[r["group"]] = counts.get(r["group"], 0) + int(r["count"])
+    assert counts == {"all": 4, "gmm": 2, "kmeans": 1, "unspecified": 1}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["overall"]["n"] == 4 and set(summary["by_variant"]) == {"gmm", "kmeans", "unspecified"}
+    capsys.readouterr()
+    source.write_text(json.dumps({**rows[0], "variant": "all"}) + "\n")
+    assert cli.main(["report", "calibration", "--input", str(source), "--output", str(out)]) == 2
+    assert "line 1: variant" in capsys.readouterr().err
+
+
 def test_register_adds_the_command_to_a_parent_parser() -> None:
     parser = argparse.ArgumentParser(prog="hearth")
     cli.register(parser.add_subparsers(dest="command"))
