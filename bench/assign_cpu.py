@@ -310,8 +310,8 @@ class Harness:
         """REF's gateway in front of ``mesh``'s services, with the same keys and settings."""
         tree = extract(ref, self.work / "gateway-baseline-tree")
         port = free_port()
-        env = {**mesh.env(), "PYTHONPATH": str(tree), "HEARTH_GATEWAY_PORT": str(port),
-               "HEARTH_METRICS_PORT": str(free_port())}
+        env = mesh.signing_env("gateway", {**mesh.env(), "PYTHONPATH": str(tree), "HEARTH_GATEWAY_PORT": str(port),
+                                           "HEARTH_METRICS_PORT": str(free_port())})
         log_file = open(self.work / "gateway-baseline.log", "ab")
         # cwd = the old tree: `python -m` puts the working directory first on sys.path.
         self.others.append(spawn_tied([sys.executable, "-m", "gateway"], cwd=tree, env=env,

@@ -163,11 +163,16 @@ class Mesh:
         return service_keys.ComponentTokenSigner(service_keys.load_private_key(keys[component]),
                                                  service_keys.load_keyset(keys["keyset"]), 300.0)
 
-    def _spawn(self, name: str, module: str, env: dict[str, str]) -> None:
-        component = module.rsplit(".", 1)[-1]
+    def signing_env(self, component: str, env: dict[str, str]) -> dict[str, str]:
+        """``env`` for a process of ``component``: with only its own private key (the
+        gateway process cannot sign as svc:privacy). Also for a gateway started beside the
+        mesh (bench.assign_cpu --baseline-gateway)."""
         if (component in SERVICE_MODULES or component == "gateway") and "HEARTH_SERVICE_PUBLIC_KEYS_FILE" in env:
-            # Only its own private key: the gateway process cannot sign as svc:privacy.
-            env = {"HEARTH_SERVICE_SIGNING_KEY_FILE": str(self.service_keys()[component]), **env}
+            return {"HEARTH_SERVICE_SIGNING_KEY_FILE": str(self.service_keys()[component]), **env}
+        return env
+
+    def _spawn(self, name: str, module: str, env: dict[str, str]) -> None:
+        env = self.signing_env(module.rsplit(".", 1)[-1], env)
         out = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
