@@ -320,7 +320,7 @@ class PredictionLog:
             depth = (len(legacy) if len(legacy) < self._batch else
                      tx.query("SELECT COUNT(*) FROM prediction_outbox")[0][0]) + \
                 (sum(r[1] for r in queued) if len(queued) < self._batch else
-                 tx.query("SELECT SUM(predictions) FROM prediction_chunks")[0][0])
+                 tx.query("SELECT SUM(predictions) FROM prediction_chunks")[0][0] or 0)
             chunks, bodies = [], []
             if not legacy:                  # whole chunks, up to ``batch`` predictions (at least one)
                 n = 0
@@ -333,7 +333,11 @@ class PredictionLog:
                     ids = [c[0] for c in chunks]
                     found = dict(tx.query("SELECT chunk_id, body FROM prediction_chunks WHERE chunk_id IN "
                                           f"({', '.join('?' * len(ids))})", ids))
-                    bodies = [bytes(found[i]) for i in ids]
+                    # PostgreSQL reads each statement as committed so far: a chunk another
+                    # replica's forwarder delivered (or an erasure emptied) since the list
+                    # above is gone, not an error (it was a KeyError, a failure and a backoff).
+                    chunks = [c for c in chunks if c[0] in found]
+                    bodies = [bytes(found[c[0]]) for c in chunks]
         OUTBOX_DEPTH.set(depth)
         if self._send is None or not (legacy or chunks):
             return 0, False

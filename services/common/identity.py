@@ -19,7 +19,7 @@ Who signs (``signer_from_settings``):
 * **a key per component** (``services.common.service_keys``, token ``v3``): each
   component signs with its own Ed25519 private key (``HEARTH_SERVICE_SIGNING_KEY_FILE``)
   and verifies with the public keys of all (``HEARTH_SERVICE_PUBLIC_KEYS_FILE``); a
-  ``svc:<name>`` principal is accepted only when ``<name>`` signed it, a person's only
+  ``svc:<name>`` principal is accepted only when ``<name>`` signed it (role ``service``), a person's only
   from the gateway (or privacy towards the data holders) — ``service_keys.may_vouch``.
   So a compromised gateway cannot mint ``svc:privacy``.
 * *transitional*: one shared HMAC secret ``HEARTH_SERVICE_TOKEN_KEY`` (``ServiceTokenSigner``,

@@ -21,7 +21,10 @@ The receiver finds ``kid`` in the keyset (``unknown_signing_key``), checks the s
 ``identity.ServiceTokenSigner``) and then **who may vouch for whom** (``may_vouch``,
 ``signer_may_not_vouch``):
 
-* ``svc:<name>`` — only ``<name>``'s own key: the gateway cannot act as ``svc:privacy``.
+* ``svc:<name>`` — only ``<name>``'s own key, and only in the ``service`` role: the
+  gateway cannot act as ``svc:privacy``, nor a compromised data holder as
+  ``svc:clustering`` in the ``admin`` role (which would let it export any household,
+  request deletions or read the audit log at the privacy service).
 * any other principal (a person or an API-key client, authenticated at the edge) — the
   gateway's key (it forwards the HTTP caller's principal, and the edge authorizer's
   tokens are the gateway's), and the privacy service's key towards the data holders
@@ -77,13 +80,15 @@ def key_id(public: Ed25519PublicKey) -> str:
     return hashlib.sha256(_raw_public(public)).hexdigest()[:16]
 
 
-def may_vouch(signer: str, principal_id: str, audience: str) -> bool:
-    """Whether a token signed by component ``signer`` may carry ``principal_id`` to
-    ``audience`` (the rules in the module docstring)."""
+def may_vouch(signer: str, principal_id: str, audience: str, role: str) -> bool:
+    """Whether a token signed by component ``signer`` may carry ``principal_id`` in
+    ``role`` to ``audience`` (the rules in the module docstring)."""
     if signer == ANY_COMPONENT:
         return True
     if principal_id.lower().startswith("svc:"):
-        return principal_id == f"svc:{signer}"
+        # A component's own principal is a service's: with its key alone it must not
+        # raise its role (until review19 svc:clustering signed as admin was accepted).
+        return principal_id == f"svc:{signer}" and role == "service"
     return signer == "gateway" or (signer == "privacy" and audience in DATA_HOLDERS)
 
 
@@ -250,7 +255,7 @@ class ComponentTokenSigner:
             if len(self._verified) > 10_000:  # bounded: a few tokens per peer are live at once
                 self._verified.clear()
             self._verified[token] = (principal_id, role, signer, token_audience, exp)
-        if token_audience == audience and not may_vouch(signer, principal_id, audience):
+        if token_audience == audience and not may_vouch(signer, principal_id, audience, role):
             # e.g. svc:privacy signed with the gateway's key: a compromised gateway.
             raise _unauthenticated("signer_may_not_vouch")
         check_audience_and_lifetime(token_audience, audience, exp, self._clock(), self.ttl_s)

@@ -76,3 +76,75 @@ def test_a_session_erasure_takes_only_the_predictions_about_its_sessions(outbox,
     assert _stored(database)[0] == [" acc-a "]
     assert log.forward_once() == 1
     assert [p.session_id for r in requests for p in r.predictions] == ["s-2"]
+
+
+def test_a_chunk_gone_between_the_forwarders_two_reads_is_not_a_failure(outbox, database):
+    """Two replicas' forwarders on one PostgreSQL (or an erasure) may delete a chunk between
+    the forwarder's list of chunks and its read of their bodies (PostgreSQL reads each
+    statement committed so far). The forward sends what is still there; until review19 it
+    raised KeyError: a forwarding failure, a warning and a backoff."""
+    store, log, requests = outbox
+    log.record([_record("pr-1", "acc-a")])
+    log.record([_record("pr-2", "acc-b")])
+    with _racing(database, "SELECT chunk_id, body FROM prediction_chunks", " acc-a "):
+        delivered = log.forward_once()
+    sent = [p.prediction_id for r in requests for p in r.predictions]
+    assert "pr-2" in sent and delivered == len(sent)
+    assert log.forward_once() == 0
+
+
+def test_every_chunk_gone_before_the_outbox_is_counted_is_not_a_failure(outbox, database):
+    """The same when the outbox empties between the page of chunks and their count (a full
+    page: more may wait): SUM over no row is NULL (it was None + int, a TypeError)."""
+    store, _log, _requests = outbox
+    requests: list[fpb.RecordPredictionRequest] = []
+    log = PredictionLog(database, requests.append, forward_interval_s=3600, batch=1)
+    try:
+        log.record([_record("pr-1", "acc-a")])
+        with _racing(database, "SELECT SUM(predictions) FROM prediction_chunks", " acc-a "):
+            assert log.forward_once() in (0, 1)   # SQLite's snapshot still holds the chunk
+        assert log.forward_once() == 0
+    finally:
+        log.close()
+
+
+def _racing(database, before: str, accounts: str):
+    """Within the forwarder's read-only transaction, just before the query that starts
+    with ``before``, another connection deletes the chunks of ``accounts`` (another
+    replica's forwarder that delivered them) and commits."""
+    import threading
+    from contextlib import contextmanager
+
+    real = database.transaction
+
+    class Racing:
+        def __init__(self, tx) -> None:
+            self._tx = tx
+
+        def __getattr__(self, name):
+            return getattr(self._tx, name)
+
+        def query(self, sql, params=()):
+            if sql.startswith(before):
+                def other_replica() -> None:
+                    with real() as tx:
+                        tx.execute("DELETE FROM prediction_chunks WHERE accounts = ?", (accounts,))
+                worker = threading.Thread(target=other_replica)
+                worker.start()
+                worker.join()
+            return self._tx.query(sql, params)
+
+    @contextmanager
+    def racing_transaction(readonly=False):
+        with real(readonly=readonly) as tx:
+            yield Racing(tx) if readonly else tx
+
+    @contextmanager
+    def patched():
+        database.transaction = racing_transaction
+        try:
+            yield
+        finally:
+            database.transaction = real
+
+    return patched()

@@ -57,7 +57,23 @@ def reason_of(info) -> str:
     ("attribution", "alice", "privacy", False),
 ])
 def test_who_may_vouch_for_whom(signer, principal, audience, allowed):
-    assert may_vouch(signer, principal, audience) is allowed
+    role = "service" if principal.lower().startswith("svc:") else "admin"
+    assert may_vouch(signer, principal, audience, role) is allowed
+
+
+@pytest.mark.parametrize("role", [r.value for r in Role if r != Role.SERVICE])
+def test_a_component_cannot_raise_its_own_principals_role(keys, role):
+    """svc:clustering signed by clustering's key as admin (or any role but service): a
+    compromised data holder would export households and read the audit log at privacy."""
+    assert may_vouch("clustering", "svc:clustering", "privacy", "service") is True
+    assert may_vouch("clustering", "svc:clustering", "privacy", role) is False
+    raised = Principal("svc:clustering", Role(role))
+    token = signer_of(keys, "clustering").sign(raised, audience="privacy")
+    verifier = signer_of(keys, "privacy")
+    for _ in range(2):   # the second time from the verified-token cache: still refused
+        with pytest.raises(Unauthenticated) as info:
+            verifier.verify(raised.id, role, token, audience="privacy")
+        assert reason_of(info) == "signer_may_not_vouch"
 
 
 def test_a_component_signs_and_every_component_verifies(keys):
