@@ -80,10 +80,10 @@ def test_the_codes_that_fail_a_deletion_job_at_once_are_the_workers():
 
 
 def test_the_erase_order_is_the_one_described():
-    # "Attribution and feedback erase first, clustering last ... a household deletion does
-    # [the privacy part] first" (§6, Order).
-    assert deletion_app.STAGES == (("attribution", "feedback"), ("clustering",), ("privacy",))
-    assert deletion_app.HOUSEHOLD_STAGES == (("privacy",), ("attribution", "feedback"), ("clustering",))
+    # "Attribution erases first, then clustering, then feedback ... a household deletion
+    # does [the privacy part] first" (§6, Order).
+    assert deletion_app.STAGES == (("attribution",), ("clustering",), ("feedback",), ("privacy",))
+    assert deletion_app.HOUSEHOLD_STAGES == (("privacy",), ("attribution",), ("clustering",), ("feedback",))
 
 
 def _cli_lines() -> list[str]:

@@ -5,11 +5,13 @@ A job (``RequestDeletion``) is stored first, then worked on by a background work
 thread, so the request returns at once (HTTP 202) and survives the restart of any
 service, this one included:
 
-* **Order**: attribution and feedback first, then clustering, then the privacy
-  service's own part (crypto-shredding the household's data key). Attribution's
-  person scope needs clustering's person assignments (it resolves touchpoints to
-  persons through clustering's ResolvePersons), so clustering must still hold them
-  when attribution erases. Each service's Erase also clears its own caches (Redis).
+* **Order**: attribution first, then clustering, then feedback, then the privacy
+  service's own part (crypto-shredding the household's data key; a household deletion
+  does it first). Attribution's person scope needs clustering's person assignments (it
+  resolves touchpoints to persons through clustering's ResolvePersons), so clustering
+  must still hold them when attribution erases; feedback erases after clustering, which
+  forwards its answered predictions to feedback (``STAGES``). Each service's Erase also
+  clears its own caches (Redis).
 * **Retries**: a service that fails or cannot be reached is retried with exponential
   backoff (``deletion.fail_service``; ``HEARTH_DELETION_RETRY_*``) until it confirms;
   only a non-retryable answer (INVALID_ARGUMENT, PERMISSION_DENIED,
@@ -72,8 +74,13 @@ OLDEST_OPEN_JOB_AGE = Gauge("hearth_deletion_oldest_open_job_age_seconds",
 
 # Erase order: one stage after the other; services within a stage in this order.
 # Attribution's person scope resolves touchpoints with clustering's person assignments,
-# so clustering erases after attribution.
-STAGES: tuple[tuple[str, ...], ...] = (("attribution", "feedback"), ("clustering",), ("privacy",))
+# so clustering erases after attribution. Feedback erases after clustering: clustering
+# forwards the predictions it answered to feedback from a durable outbox, so a backlog
+# (feedback was down, or the forwarder was backing off) drained between feedback's erase
+# and clustering's would stay in feedback after the job completed (session 19's review;
+# until then feedback erased in the first stage). Clustering's erase takes the outbox's
+# undelivered predictions of the scope, so nothing of it is sent after that.
+STAGES: tuple[tuple[str, ...], ...] = (("attribution",), ("clustering",), ("feedback",), ("privacy",))
 # A household deletion shreds its data key FIRST. A device that keeps sending while the
 # job runs must not be able to write after a store erased the household: once the key
 # is destroyed no store can fetch it again, and each store's Erase drops the copy it
