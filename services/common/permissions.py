@@ -37,9 +37,10 @@ Decisions (the reasons are repeated in docs/security.md):
   only (``ONLY_PRINCIPALS``), admin excluded: it lists every account that withdrew
   consent, which the attribution service needs to leave those accounts out of an
   ``Attribute`` over all accounts and nobody else does.
-* use_data_key (privacy ``GetDataKey``) is for service principals only, admin
-  excluded: stores fetch a household's data key to encrypt fields at rest, and no
-  person needs raw key material. rotate_keys is admin only.
+* use_data_key (privacy ``GetDataKey``) is ``svc:clustering``'s and ``svc:attribution``'s
+  only (``ONLY_PRINCIPALS``), admin excluded: those stores fetch a household's data key to
+  encrypt fields at rest, and no person (nor an API client in the service role) needs raw
+  key material. rotate_keys is admin only.
 * admin: everything else.
 """
 
@@ -200,6 +201,13 @@ RPCS: dict[str, dict[str, Permission]] = {
 ONLY_PRINCIPALS: dict[Permission, frozenset[str]] = {
     P.LIST_WITHDRAWN_CONSENT: frozenset({"svc:attribution"}),
     P.ERASE_DATA: frozenset({"svc:privacy"}),
+    # A household's data key decrypts everything stored of it, and only the stores that
+    # encrypt fields fetch one (services/common/field_crypto.py). Until session 19 it was
+    # the whole service role's: with a key per component the gateway still vouches for
+    # API-key clients in the service role (ingestion pipelines), so a compromised gateway
+    # signing "anyone" as service fetched any household's key; only svc:<name> needs its
+    # own component's key, which the gateway does not hold.
+    P.USE_DATA_KEY: frozenset({"svc:clustering", "svc:attribution"}),
 }
 
 _PARAM = re.compile(r"\{[^{}/]*\}")

@@ -251,6 +251,26 @@ def test_svc_privacy_signed_with_the_gateways_key_is_refused_by_every_data_holde
         grpc.StatusCode.UNAUTHENTICATED
 
 
+def test_a_service_role_client_vouched_for_by_the_gateway_gets_no_data_key(channels, security_mesh):
+    """The gateway vouches for API-key clients in the service role (ingestion pipelines),
+    so a compromised gateway can sign any such principal. Until session 19 the service role
+    held use_data_key: that token fetched any household's data key from privacy. Now only
+    the stores that encrypt (svc:clustering, svc:attribution, signed with their own keys) get one."""
+    from hearth.privacy.v1 import privacy_pb2 as ppb, privacy_pb2_grpc as ppb_grpc
+
+    keys = ppb_grpc.KeysStub(channels["privacy"])
+    request = ppb.GetDataKeyRequest(account_id="sec-datakey-acct")
+    gateway = security_mesh.mesh.signer("gateway")
+    for principal in (identity.Principal("ingest-pipeline", identity.Role.SERVICE),
+                      identity.Principal("eve", identity.Role.SERVICE)):
+        with pytest.raises(grpc.RpcError) as info:
+            keys.GetDataKey(request, metadata=_metadata(gateway, principal, "privacy"), timeout=10)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED, principal
+    clustering = security_mesh.mesh.signer("clustering")
+    assert keys.GetDataKey(request, metadata=_metadata(clustering, identity.service_principal("clustering"), "privacy"),
+                           timeout=10).dek
+
+
 def test_the_gateway_process_holds_only_its_own_signing_key(channels, security_mesh):
     """What the real gateway process can sign with: the one private key its environment
     names (the gateway's, in the keyset as the gateway's), no shared mesh secret, no other
