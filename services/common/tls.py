@@ -129,15 +129,6 @@ def aio_channel(address: str, options: list[tuple[str, object]] | None = None,
                                    options=_options(material, options))
 
 
-def peer_verified(context: grpc.ServicerContext) -> bool:
-    """True when the transport authenticated the peer with a certificate (only possible
-    on a server built with ``server_credentials``, which requires one)."""
-    try:
-        return bool(context.peer_identities())
-    except Exception:  # noqa: BLE001 - a context without auth information is not verified
-        return False
-
-
 def component_of_names(common_name: str, dns_names: list[str] | tuple[str, ...]) -> str:
     """The mesh component a certificate names: ``<c>`` when its DNS names hold
     ``hearth-<c>`` or its common name is ``<c>`` / ``hearth-<c>``, for exactly one
