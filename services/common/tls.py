@@ -9,8 +9,13 @@ Variables (all three or none; ``make certs`` writes a development set under ./ce
                       the address is not one of its names (e.g. dialling an IP)
 
 With them, a service listens with TLS and *requires* a client certificate signed by the
-CA; the server interceptor then treats the peer as authenticated (``peer_verified``) and
-trusts the principal it forwards. Without them, services listen in plaintext and every
+CA, and the certificate names the component the peer is (``peer_component``: ``hearth-<c>``
+among its DNS names, or ``<c>`` as its common name). The certificate does not replace the
+signed service token: with component keys configured every call's token is verified as
+without TLS, and its signer must be the component the certificate names; without keys, a
+peer may act as its own ``svc:<c>`` on its certificate alone and nothing else
+(``identity.principal_from_metadata``; docs/security.md, "Service-to-service
+authentication"). Without them, services listen in plaintext and every
 call must carry a signed service token (``services.common.identity``).
 """
 
@@ -131,6 +136,36 @@ def peer_verified(context: grpc.ServicerContext) -> bool:
         return bool(context.peer_identities())
     except Exception:  # noqa: BLE001 - a context without auth information is not verified
         return False
+
+
+def component_of_names(common_name: str, dns_names: list[str] | tuple[str, ...]) -> str:
+    """The mesh component a certificate names: ``<c>`` when its DNS names hold
+    ``hearth-<c>`` or its common name is ``<c>`` / ``hearth-<c>``, for exactly one
+    component ``c`` of the mesh; "" when it names none or several (such a certificate
+    identifies nobody)."""
+    from services.common.service_keys import COMPONENTS
+
+    named = {c for c in COMPONENTS if f"hearth-{c}" in dns_names or common_name in (c, f"hearth-{c}")}
+    return next(iter(named)) if len(named) == 1 else ""
+
+
+def peer_component(context: grpc.ServicerContext) -> str | None:
+    """The component the peer's verified client certificate names (``component_of_names``;
+    "" when it names none), or ``None`` when the call came without TLS. ``make certs``
+    writes one certificate per process (``hearth-<name>`` among its names); the chart
+    mounts one Secret per component (docs/deploy.md, "Mesh TLS")."""
+    try:
+        auth = context.auth_context()
+    except Exception:  # noqa: BLE001 - a context without auth information is not verified
+        return None
+    if not auth or b"ssl" not in auth.get("transport_security_type", ()):
+        return None
+
+    def texts(key: str) -> list[str]:
+        return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in auth.get(key, ())]
+
+    common = texts("x509_common_name")
+    return component_of_names(common[0] if common else "", texts("peer_dns"))
 
 
 # Channel options every Hearth client uses. HEARTH_GRPC_LB_POLICY=round_robin spreads
