@@ -39,6 +39,7 @@ from hearth.feedback.v1 import feedback_pb2 as fpb
 from services.common import telemetry
 from services.common.batching import GroupCommitter
 from services.common.pbutil import float_to_ts
+from services.common.pbutil import varint as _varint
 from services.common.predictions import PredictionRecord  # noqa: F401 - re-exported
 from services.common.storage.sql import Database, Tx
 
@@ -126,15 +127,6 @@ _VARYING = ("prediction_id", "session_id", "person_id", "probabilities")
 _SHARED_FIELDS = tuple(f for f in _RECORD_FIELDS if f not in _VARYING)
 _SHARED = operator.attrgetter(*_SHARED_FIELDS)
 _DOUBLE = struct.Struct("<d").pack
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def _string(tag: bytes, value: str) -> bytes:
