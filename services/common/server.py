@@ -377,6 +377,20 @@ def build_server(service: str, register: Callable[[grpc.Server], Iterable[str]],
     return RunningServer(server, bound, health_servicer, names, drain=drain)
 
 
+def serve_health_only(health_servicer: health.HealthServicer, host: str, port: int) -> Callable[[], None]:
+    """Serve ``health_servicer`` (the service's own: it turns NOT_SERVING on SIGTERM with
+    it) in plaintext on ``port``, and nothing else — no Hearth RPC, no reflection — for
+    the kubelet's gRPC probes (``HEARTH_HEALTH_PORT``): they cannot present a client
+    certificate, so with mutual TLS they could never reach the service port (Kubernetes'
+    built-in probes take no TLS parameters). Returns the function that stops it."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if server.add_insecure_port(f"{host}:{port}") == 0:
+        raise OSError(f"could not bind {host}:{port} (HEARTH_HEALTH_PORT)")
+    server.start()
+    return lambda: server.stop(0).wait()
+
+
 def serve(service: str, register: Callable[[grpc.Server], Iterable[str]], settings,
           on_stop: Iterable[Callable[[], None]] = ()) -> None:
     """Run a service until SIGTERM/SIGINT: telemetry, server, graceful stop."""
@@ -388,6 +402,8 @@ def serve(service: str, register: Callable[[grpc.Server], Iterable[str]], settin
     running = build_server(service, register, host=settings.host,
                            port=settings.resolved_grpc_port, max_workers=settings.max_workers,
                            credentials=tls.server_credentials(material) if material else None)
+    if settings.health_port:
+        running.on_stop.append(serve_health_only(running.health, settings.host, settings.health_port))
     running.on_stop.extend(on_stop)
     # Database, Redis and peers checked every few seconds: health says what is degraded.
     running.monitor = health_report.DependencyMonitor(running.health, running.service_names,
