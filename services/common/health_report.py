@@ -38,6 +38,15 @@ from prometheus_client import Gauge
 log = logging.getLogger("hearth.health")
 REASON_KEY = "hearth-health-reason"
 FAILING_KEY = "hearth-health-failing"   # the failing checks' names only: safe to show anyone
+# The health service name kubelet's liveness and startup probes ask (the chart's
+# ``grpc: {port, service: liveness}``): SERVING from the moment the server listens until
+# the process exits, whatever the dependencies say. Liveness asks "is this process
+# alive and answering?" — never "can it serve?" (that is readiness, the "" status): with
+# liveness on "", a PostgreSQL outage longer than the liveness window (3 x 10 s) set
+# every service NOT_SERVING and kubelet restarted every service pod, which cannot help
+# and turns a database blip into a restart storm (session 20). A process too hung to
+# answer a health call still fails it.
+LIVENESS_SERVICE = "liveness"
 DEPENDENCY_UP = Gauge("hearth_dependency_up", "1 when the dependency answered its last health check",
                       ["dependency"])
 

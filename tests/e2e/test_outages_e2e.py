@@ -197,3 +197,40 @@ def test_postgres_restart_requests_get_503_with_retry_after_and_nothing_acknowle
     assert export.status_code == 200, export.text
     stored = {e["event_id"] for e in export.json()["services"]["clustering"]["events"]}
     assert set(acknowledged) <= stored, sorted(set(acknowledged) - stored)[:5]
+
+
+def _grpc_health(port: int, service: str) -> str:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            r = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        except grpc.RpcError as exc:
+            return exc.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+
+
+def test_postgres_down_takes_services_out_of_readiness_but_their_liveness_stays_serving(servers, omesh, client):
+    """What kubelet sees during a PostgreSQL outage (the chart's probes, docs/deploy.md,
+    "Probes and shutdown"): readiness (the overall "" status) NOT_SERVING, so no traffic
+    is routed to a pod that cannot answer; liveness (the "liveness" status) SERVING, so no
+    pod is restarted for its database's outage. Until session 20 the liveness probe asked
+    "" too: an outage longer than 3 x 10 s restarted every service pod."""
+    pg, _ = servers
+    ports = {s: omesh.grpc_ports[s] for s in ("clustering", "attribution", "privacy", "feedback")}
+    assert {s: _grpc_health(p, "liveness") for s, p in ports.items()} == dict.fromkeys(ports, "SERVING")
+    pg.stop()
+    try:
+        wait_for(lambda: all(_grpc_health(p, "") == "NOT_SERVING" for p in ports.values()),
+                 what="every service NOT_SERVING (readiness) with PostgreSQL down")
+        assert {s: _grpc_health(p, "liveness") for s, p in ports.items()} == dict.fromkeys(ports, "SERVING")
+        # The gateway's own probes: readiness (/health) says no service serves, liveness
+        # (/openapi.json) never depends on the mesh.
+        assert httpx.get(omesh.url + "/health", timeout=10).status_code == 503
+        assert httpx.get(omesh.url + "/openapi.json", timeout=10).status_code == 200
+    finally:
+        pg.start()
+    wait_for(lambda: all(_grpc_health(p, "") == "SERVING" for p in ports.values()),
+             what="every service SERVING again once PostgreSQL is back")
+    assert retry_after_503(lambda: client.get("/v1/calibration")).status_code == 200
