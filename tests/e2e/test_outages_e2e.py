@@ -234,3 +234,39 @@ def test_postgres_down_takes_services_out_of_readiness_but_their_liveness_stays_
     wait_for(lambda: all(_grpc_health(p, "") == "SERVING" for p in ports.values()),
              what="every service SERVING again once PostgreSQL is back")
     assert retry_after_503(lambda: client.get("/v1/calibration")).status_code == 200
+
+
+def test_postgres_hung_sets_the_services_not_serving_and_they_serve_again_when_it_resumes(servers, omesh, client):
+    """PostgreSQL hung, not down (every process of it stopped: a storage freeze, a
+    network path that drops packets): nothing refuses a connection, a query just never
+    answers. Each service's database check gets a bounded time (health_report.
+    CHECK_TIMEOUT_S); until session 20 the check's `SELECT 1` waited as long as the hang,
+    the health monitor never published again, and every service said SERVING (and
+    `hearth_dependency_up{dependency="database"}` 1, the gateway's /health SERVING) while
+    every request needing the database failed."""
+    import os
+    import signal
+
+    from tests.helpers.processes import descendants
+
+    pg, _ = servers
+    ports = {s: omesh.grpc_ports[s] for s in ("clustering", "attribution", "privacy", "feedback")}
+    wait_for(lambda: all(_grpc_health(p, "") == "SERVING" for p in ports.values()), what="every service SERVING")
+    pids = [pg.proc.pid, *descendants(pg.proc.pid)]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: all(_grpc_health(p, "") == "NOT_SERVING" for p in ports.values()),
+                 what="every service NOT_SERVING with PostgreSQL hung")
+        health = httpx.get(omesh.url + "/health", timeout=10)
+        assert health.status_code == 503 and "database: failing" in health.json()["reasons"]["clustering"], health.text
+        metrics = httpx.get(f"http://127.0.0.1:{omesh.metrics_ports['clustering']}/metrics", timeout=10).text
+        assert 'hearth_dependency_up{dependency="database"} 0.0' in metrics
+        # Liveness (the chart's probe) never follows a dependency: no pod restarted for it.
+        assert {s: _grpc_health(p, "liveness") for s, p in ports.items()} == dict.fromkeys(ports, "SERVING")
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: all(_grpc_health(p, "") == "SERVING" for p in ports.values()),
+             what="every service SERVING again once PostgreSQL resumes")
+    assert retry_after_503(lambda: client.get("/v1/calibration")).status_code == 200
