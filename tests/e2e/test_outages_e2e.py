@@ -270,3 +270,37 @@ def test_postgres_hung_sets_the_services_not_serving_and_they_serve_again_when_i
     wait_for(lambda: all(_grpc_health(p, "") == "SERVING" for p in ports.values()),
              what="every service SERVING again once PostgreSQL resumes")
     assert retry_after_503(lambda: client.get("/v1/calibration")).status_code == 200
+
+
+def test_postgres_read_only_refuses_writes_with_503_and_retry_after_and_reads_keep_working(servers, omesh, client):
+    """PostgreSQL accepting reads only — a standby the DSN still points at after a
+    failover, or `default_transaction_read_only` set while its disk is nearly full: writes
+    get 503 + Retry-After naming the cause (retry later; they land once it takes writes
+    again), reads keep answering. Until session 20 every write was 502 "upstream error"
+    (INTERNAL: nothing to retry on, a traceback logged per request)."""
+    import psycopg
+
+    pg, _ = servers
+    account = f"out-ro-{RUN}"
+    assert post_events(client, account, 3, time.time() - 2 * DAY, account).status_code == 200
+
+    def read_only(on: bool) -> None:
+        with psycopg.connect(pg.dsn, autocommit=True) as conn:
+            conn.execute(f"ALTER SYSTEM SET default_transaction_read_only = {'on' if on else 'off'}")
+            conn.execute("SELECT pg_reload_conf()")
+
+    read_only(True)
+    try:
+        n = iter(range(10_000))
+        # The reload reaches every backend within moments; the first refused write tells.
+        refused = wait_for(lambda: (lambda r: r if r.status_code != 200 else None)(
+            post_events(client, account, 1, time.time() - DAY, f"{account}-ro-{next(n)}")),
+            what="a write refused by the read-only database")
+        assert refused.status_code == 503 and refused.headers["retry-after"].isdigit(), refused.text
+        assert "read-only" in refused.json()["error"]["message"], refused.text
+        assert client.get(f"/v1/household/{account}").status_code == 200
+    finally:
+        read_only(False)
+    wait_for(lambda: post_events(client, account, 1, time.time() - DAY / 2,
+                                 f"{account}-back-{time.monotonic()}").status_code == 200,
+             what="writes accepted again")
