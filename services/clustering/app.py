@@ -12,6 +12,7 @@ import os
 import queue
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -21,8 +22,8 @@ from prometheus_client import Counter
 from services.clustering.domain import features as F
 from services.clustering.domain.events import ViewingEvent
 from services.common.ids import check_id
-from services.clustering.domain.model import (MIN_SESSIONS, PRIOR_MAX_HOUSEHOLDS, PopulationPrior,
-                                             feedback_calibrator_rows, population_prior)
+from services.clustering.domain.model import (MIN_SESSIONS, PRIOR_MAX_HOUSEHOLDS, BatchAssignment, HouseholdModel,
+                                             PopulationPrior, feedback_calibrator_rows, population_prior)
 from services.clustering.batch_scoring import score_households
 from services.clustering.household import Envelope
 from services.clustering.modeling import ModelKeeper, folds_in, known_person, persons_for
@@ -93,6 +94,34 @@ class AssignmentOut:
     cold_start: str            # "" when the full model answered, else the strategy
     sessions_until_full_model: int
     prediction_id: str
+
+
+@dataclass(frozen=True)
+class Answers:
+    """One household's answers to several sessions, column by column: what AssignSessions
+    encodes its protobuf from without an object a session (servicer.assignments_response).
+    Row ``r`` is ``AssignmentOut(person_ids[r], probabilities[r][person_ids[r]],
+    probabilities[r], model_variant, model_version, cold_start, sessions_until_full_model,
+    prediction_ids[r])`` (``outs``)."""
+
+    person_ids: list[str]
+    probabilities: list[dict[str, float]]
+    prediction_ids: list[str]
+    model_variant: str
+    model_version: int
+    cold_start: str
+    sessions_until_full_model: int
+
+    def outs(self) -> list[AssignmentOut]:
+        return [AssignmentOut(pid, probs[pid], probs, self.model_variant, self.model_version, self.cold_start,
+                              self.sessions_until_full_model, prediction_id)
+                for pid, probs, prediction_id in zip(self.person_ids, self.probabilities, self.prediction_ids)]
+
+
+def prediction_ids(n: int) -> list[str]:
+    """``n`` prediction ids of 128 random bits each (as uuid4), from one read of os.urandom."""
+    hexed = os.urandom(16 * n).hex()
+    return ["pr-" + hexed[i:i + 32] for i in range(0, 32 * n, 32)]
 
 
 class ClusteringApp:
@@ -213,9 +242,19 @@ class ClusteringApp:
         return out
 
     def assign_many(self, account_ids: list[str], X: np.ndarray) -> list[AssignmentOut]:
+        """Bare vectors of many households (AssignSessions), answered in the order of the
+        vectors (``answer_many``'s answers, one object a vector)."""
+        out: list[AssignmentOut | None] = [None] * X.shape[0]
+        for rows, answers in self.answer_many(account_ids, X):
+            for i, a in zip(rows.tolist(), answers.outs()):
+                out[i] = a
+        return out  # type: ignore[return-value]
+
+    def answer_many(self, account_ids: list[str], X: np.ndarray) -> list[tuple[np.ndarray, Answers]]:
         """Bare vectors of many households (AssignSessions): every household's model is
         loaded, then the mixture-answered ones are scored together in one vectorised
-        pass (batch_scoring); the answers come back in the order of the vectors."""
+        pass (batch_scoring) and recalibrated together (``_calibrated``); returns each
+        household's rows (indices into X) and its answers to them, in that order."""
         if len(account_ids) not in (1, X.shape[0]):
             raise InvalidArgument(f"give one account id or one per vector ({X.shape[0]})", "account_ids")
         accounts = account_ids * X.shape[0] if len(account_ids) == 1 else account_ids
@@ -227,18 +266,18 @@ class ClusteringApp:
         rows = {str(a): np.flatnonzero(inverse == i) for i, a in enumerate(unique)}
         loaded = {a: self._model(a) for a in rows}
         scored = score_households({a: env.model for a, (_, env) in loaded.items()}, rows, X)
-        out: list[AssignmentOut | None] = [None] * X.shape[0]
+        calibrated = self._calibrated([(loaded[a][1].model, scored[a]) for a in rows])
+        out: list[tuple[np.ndarray, Answers]] = []
         records: list[PredictionRecord] = []
-        for account, r in rows.items():
+        for (account, r), (probabilities, group) in zip(rows.items(), calibrated):
             version, envelope = loaded[account]
-            answers, recorded = self._answer(account, version, envelope.model, scored[account],
-                                             [""] * r.size, [""] * r.size)
+            answers, recorded = self._household_answers(account, version, envelope.model, scored[account],
+                                                        probabilities, group, [""] * r.size, [""] * r.size)
             records += recorded
-            for i, a in zip(r.tolist(), answers):
-                out[i] = a
+            out.append((r, answers))
         if self.predictions is not None:   # one durable write for the whole message
             self.predictions.record(records)
-        return out  # type: ignore[return-value]
+        return out
 
     def _assign_rows(self, account_id: str, X: np.ndarray, session_ids: list[str],
                      device_ids: list[str], labels: list[str | None] | None = None,
@@ -268,28 +307,67 @@ class ClusteringApp:
             raise InvalidArgument("feature vectors must be finite", "feature_vector")
         return X
 
+    def _calibrated(self, scored: list[tuple[HouseholdModel, BatchAssignment]]) -> list[tuple[np.ndarray, str]]:
+        """Each household's probabilities recalibrated by feedback's calibrator, argmax
+        preserved, per the model's age (services/common/calibration.py): distributions
+        over persons through its maps, a one-person answer (sums to < 1 on purpose: the
+        rest is an unseen member) by its shift; which rows and with which group's
+        calibrator: feedback_calibrator_rows (not a cold start's answer over several
+        persons; a model whose persons labels added is its own group), also returned: the
+        group is recorded with each prediction so that feedback fits the group's
+        calibrator on the group's answers.
+
+        One ``Calibrator.apply`` per variant, group and number of persons over all the
+        households' rows to recalibrate, not one a household: the calibrator maps each row
+        on its own (its model's age given per row), so the numbers are the ones a call per
+        household gives (tests/unit/clustering/test_answer_encoding.py holds them equal)."""
+        out: list[tuple[np.ndarray, str]] = []
+        together: dict[tuple[str, str, int], list[tuple[int, np.ndarray, int]]] = defaultdict(list)
+        for i, (model, batch) in enumerate(scored):
+            calibrate, group = feedback_calibrator_rows(model, batch)
+            out.append((batch.probabilities, group))
+            if calibrate.any():
+                together[(model.variant, group, batch.probabilities.shape[1])].append(
+                    (i, calibrate, int(model.n_sessions)))
+        calibrators: dict[str, Calibrator] = {}
+        for (variant, group, _k), members in together.items():
+            calibrator = calibrators.get(variant)
+            if calibrator is None:
+                calibrator = calibrators[variant] = self.calibrator_of(variant)
+            counts = [int(calibrate.sum()) for _i, calibrate, _age in members]
+            matrix = np.concatenate([scored[i][1].probabilities[calibrate] for i, calibrate, _age in members])
+            ages = np.repeat(np.array([age for _i, _c, age in members], dtype=np.int64), counts)
+            mapped = calibrator.apply(matrix, ages, group)
+            start = 0
+            for (i, calibrate, _age), n in zip(members, counts):
+                probabilities = np.array(scored[i][1].probabilities, dtype=np.float64, copy=True)
+                probabilities[calibrate] = mapped[start:start + n]
+                start += n
+                out[i] = (probabilities, group)
+        return out
+
     def _answer(self, account_id: str, version: int, model, batch, session_ids: list[str],
                 device_ids: list[str], labels: list[str | None] | None = None,
                 spans: list[tuple[float, float] | None] | None = None,
                 ) -> tuple[list[AssignmentOut], list[PredictionRecord]]:
         """A household's scored rows -> answers (recalibrated by feedback's calibrator,
         labels applied) and the prediction records the caller logs before answering."""
+        ((probabilities, group),) = self._calibrated([(model, batch)])
+        answers, records = self._household_answers(account_id, version, model, batch, probabilities, group,
+                                                   session_ids, device_ids, labels, spans)
+        return answers.outs(), records
+
+    def _household_answers(self, account_id: str, version: int, model, batch, probabilities: np.ndarray,
+                           group: str, session_ids: list[str], device_ids: list[str],
+                           labels: list[str | None] | None = None,
+                           spans: list[tuple[float, float] | None] | None = None,
+                           ) -> tuple[Answers, list[PredictionRecord]]:
+        """A household's recalibrated rows (``_calibrated``) -> its answers, labels applied,
+        and the prediction records the caller logs before answering."""
         variant = model.variant
         cold = batch.strategy.removeprefix("cold_start:") if batch.strategy.startswith("cold_start") else ""
-        probabilities = batch.probabilities
         model_sessions = int(model.n_sessions)
-        # Recalibrated confidences (feedback service), argmax preserved, per the model's age
-        # (services/common/calibration.py): distributions over persons through its maps, a
-        # one-person answer (sums to < 1 on purpose: the rest is an unseen member) by its
-        # shift; which rows and with which group's calibrator: feedback_calibrator_rows (not
-        # a cold start's answer over several persons; a model whose persons labels added is
-        # its own group). The group is recorded with each prediction so that feedback fits
-        # the group's calibrator on the group's answers.
-        calibrate, group = feedback_calibrator_rows(model, batch)
-        if calibrate.any():
-            probabilities = np.array(probabilities, dtype=np.float64, copy=True)
-            probabilities[calibrate] = self.calibrator_of(variant).apply(
-                probabilities[calibrate], np.full(int(calibrate.sum()), model_sessions), group)
+        person_ids = batch.person_ids
         # Constrained assignment: a session whose person is known (label) is that person,
         # also one the model reserved an id for but has not fitted yet (known_person).
         labelled: dict[int, str] = {}
@@ -297,24 +375,22 @@ class ClusteringApp:
             known = known_person(model, label)
             if known is not None:
                 labelled[r] = known
-                probabilities[r] = np.array([1.0 if p == known else 0.0 for p in batch.person_ids])
-        idx = probabilities.argmax(axis=1)
+                if probabilities is batch.probabilities:
+                    probabilities = np.array(probabilities, dtype=np.float64, copy=True)
+                probabilities[r] = np.array([1.0 if p == known else 0.0 for p in person_ids])
+        n = probabilities.shape[0]
+        chosen = [person_ids[i] for i in probabilities.argmax(axis=1).tolist()]
+        probs = [dict(zip(person_ids, row)) for row in probabilities.tolist()]
+        for r, known in labelled.items():
+            if known not in person_ids:
+                chosen[r], probs[r] = known, {known: 1.0}
+        ids = prediction_ids(n)
         now = time.time()
-        answers, records = [], []
-        for r in range(probabilities.shape[0]):
-            if r in labelled and labelled[r] not in batch.person_ids:
-                pid, probs = labelled[r], {labelled[r]: 1.0}
-            else:
-                pid = batch.person_ids[int(idx[r])]
-                probs = {p: float(v) for p, v in zip(batch.person_ids, probabilities[r])}
-            prediction_id = "pr-" + os.urandom(16).hex()   # 128 random bits, as uuid4 (a fifth of its cost)
-            answers.append(AssignmentOut(pid, probs[pid], probs, variant, version, cold,
-                                         batch.sessions_until_model, prediction_id))
-            records.append(PredictionRecord(prediction_id, account_id, session_ids[r] or prediction_id, pid,
-                                            probs, variant, version, now, bool(cold), len(batch.person_ids),
-                                            device_ids[r], *((spans or [None] * len(session_ids))[r] or (None, None)),
-                                            model_sessions, group))
-        return answers, records
+        size, spans = len(person_ids), spans or [None] * n
+        records = [PredictionRecord(ids[r], account_id, session_ids[r] or ids[r], chosen[r], probs[r], variant,
+                                    version, now, bool(cold), size, device_ids[r], *(spans[r] or (None, None)),
+                                    model_sessions, group) for r in range(n)]
+        return Answers(chosen, probs, ids, variant, version, cold, batch.sessions_until_model), records
 
     # ---- households, refit, labels ----------------------------------------------------
 

@@ -19,6 +19,7 @@ An erasure rewrites the chunks that hold the household's predictions without the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import operator
@@ -26,7 +27,8 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -37,6 +39,7 @@ from hearth.feedback.v1 import feedback_pb2 as fpb
 from services.common import telemetry
 from services.common.batching import GroupCommitter
 from services.common.pbutil import float_to_ts
+from services.common.pbutil import varint as _varint
 from services.common.predictions import PredictionRecord  # noqa: F401 - re-exported
 from services.common.storage.sql import Database, Tx
 
@@ -126,15 +129,6 @@ _SHARED = operator.attrgetter(*_SHARED_FIELDS)
 _DOUBLE = struct.Struct("<d").pack
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def _string(tag: bytes, value: str) -> bytes:
     if not value:              # proto3 leaves an empty string out
         return b""
@@ -194,19 +188,28 @@ def _like_pattern(account_id: str) -> str:
     return f"% {escaped} %"
 
 
-def erase_pending(tx: Tx, doomed: Callable[[str, str], bool], account_id: str | None) -> list[str]:
+def erase_pending(tx: Tx, doomed: Callable[[str, str], bool], account_id: str | None,
+                  dialect: str = "sqlite") -> list[str]:
     """Delete the undelivered predictions ``doomed(account_id, session_id)`` selects, in the
     erasing transaction; returns their ids. ``account_id``: the only household they can
     belong to (None = any: the retention purge over every account). A chunk that keeps other
-    predictions is rewritten without them (``secure_delete`` zeroes the old cells)."""
+    predictions is rewritten without them (``secure_delete`` zeroes the old cells).
+
+    A forward in flight that carries any of them is waited for, so that what it delivers
+    reaches feedback before this erasure commits (and so before feedback's own erase, which
+    the deletion job calls after clustering's): on PostgreSQL by locking the rows (``FOR
+    UPDATE``: a forwarder holds the rows it sends locked until it has deleted them,
+    ``PredictionLog._claim``; a row it delivered meanwhile is gone, not erased twice), on
+    SQLite by the caller holding ``excluding_forwards`` around the transaction."""
+    lock = " ORDER BY 1 FOR UPDATE" if dialect == "postgres" else ""   # one order: erasures never deadlock
     if account_id is None:
-        legacy = tx.query("SELECT prediction_id, account_id, session_id FROM prediction_outbox")
-        chunks = tx.query("SELECT chunk_id, body FROM prediction_chunks")
+        legacy = tx.query("SELECT prediction_id, account_id, session_id FROM prediction_outbox" + lock)
+        chunks = tx.query("SELECT chunk_id, body FROM prediction_chunks" + lock)
     else:
         legacy = tx.query("SELECT prediction_id, account_id, session_id FROM prediction_outbox "
-                          "WHERE account_id = ?", (account_id,))
+                          "WHERE account_id = ?" + lock, (account_id,))
         chunks = [(chunk_id, body) for chunk_id, accounts, body in tx.query(
-            "SELECT chunk_id, accounts, body FROM prediction_chunks WHERE accounts LIKE ? ESCAPE '\\'",
+            "SELECT chunk_id, accounts, body FROM prediction_chunks WHERE accounts LIKE ? ESCAPE '\\'" + lock,
             (_like_pattern(account_id),)) if account_id in accounts.split()]   # LIKE may match more (case)
     gone = [r[0] for r in legacy if doomed(r[1], r[2])]
     tx.executemany("DELETE FROM prediction_outbox WHERE prediction_id = ?", [(p,) for p in gone])
@@ -227,6 +230,63 @@ def erase_pending(tx: Tx, doomed: Callable[[str, str], bool], account_id: str | 
 
 def _accounts(account_ids: Iterable[str]) -> str:
     return " " + " ".join(dict.fromkeys(account_ids)) + " "
+
+
+class _ForwardGate:
+    """SQLite's exclusion between the forwarder and an erasure (one process holds the
+    database: ``SqliteDatabase``). A forward holds it from its read of the outbox until the
+    delivered rows are deleted (the send included); an erasure holds it around its
+    transaction and goes first: a forward waits while one waits, so a backlog forwarded
+    batch after batch cannot starve it. On PostgreSQL, row locks do this across replicas."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._forwarding = False
+        self._erasing = 0
+
+    @contextlib.contextmanager
+    def forwarding(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._forwarding and not self._erasing)
+            self._forwarding = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._forwarding = False
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def erasing(self) -> Iterator[None]:
+        with self._cond:
+            self._erasing += 1
+            self._cond.wait_for(lambda: not self._forwarding)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._erasing -= 1
+                self._cond.notify_all()
+
+
+_GATES: "weakref.WeakKeyDictionary[Database, _ForwardGate]" = weakref.WeakKeyDictionary()
+_GATES_LOCK = threading.Lock()
+
+
+def _gate(db: Database) -> _ForwardGate:
+    with _GATES_LOCK:
+        gate = _GATES.get(db)
+        if gate is None:
+            gate = _GATES[db] = _ForwardGate()
+        return gate
+
+
+def excluding_forwards(db: Database) -> contextlib.AbstractContextManager[None]:
+    """Hold around a transaction that calls ``erase_pending``: no forward of this process
+    is in flight meanwhile (one that read the rows before has delivered them and deleted
+    them). Only SQLite needs it; on PostgreSQL ``erase_pending`` locks the rows instead
+    (a lock of this process could not see another replica's forwarder)."""
+    return _gate(db).erasing() if db.dialect == "sqlite" else contextlib.nullcontext()
 
 
 # The longest pause between delivery attempts while feedback is unreachable. It bounds how
@@ -310,34 +370,60 @@ class PredictionLog:
         return self._forward()[0]
 
     def _forward(self) -> tuple[int, bool]:
-        """One RecordPrediction call: (predictions delivered, whether more wait)."""
-        with self._db.transaction(readonly=True) as tx:
-            legacy = tx.query("SELECT prediction_id, payload FROM prediction_outbox "
-                              "ORDER BY created_at, prediction_id LIMIT ?", (self._batch,))
-            queued = tx.query("SELECT chunk_id, predictions, traceparents FROM prediction_chunks "
-                              "ORDER BY created_at, chunk_id LIMIT ?", (self._batch,))
-            # A short page is the whole outbox: count only when there may be more.
-            depth = (len(legacy) if len(legacy) < self._batch else
-                     tx.query("SELECT COUNT(*) FROM prediction_outbox")[0][0]) + \
-                (sum(r[1] for r in queued) if len(queued) < self._batch else
-                 tx.query("SELECT SUM(predictions) FROM prediction_chunks")[0][0] or 0)
-            chunks, bodies = [], []
-            if not legacy:                  # whole chunks, up to ``batch`` predictions (at least one)
-                n = 0
-                for chunk in queued:
-                    if chunks and n + chunk[1] > self._batch:
-                        break
-                    chunks.append(chunk)
-                    n += chunk[1]
-                if chunks:
-                    ids = [c[0] for c in chunks]
-                    found = dict(tx.query("SELECT chunk_id, body FROM prediction_chunks WHERE chunk_id IN "
-                                          f"({', '.join('?' * len(ids))})", ids))
-                    # PostgreSQL reads each statement as committed so far: a chunk another
-                    # replica's forwarder delivered (or an erasure emptied) since the list
-                    # above is gone, not an error (it was a KeyError, a failure and a backoff).
-                    chunks = [c for c in chunks if c[0] in found]
-                    bodies = [bytes(found[c[0]]) for c in chunks]
+        """One RecordPrediction call: (predictions delivered, whether more wait).
+
+        The rows sent stay held until they are deleted, so that an erasure cannot commit
+        while a forward carrying its household is in flight (read before the erasure,
+        delivered after it: after feedback's own erase too, and the household's
+        predictions outlived its deletion although the receipt said erased; ``erase_pending``
+        waits). On PostgreSQL the forward is one transaction: it claims the oldest rows
+        no other replica's forwarder holds (``FOR UPDATE SKIP LOCKED``: each chunk is sent
+        by one replica; feedback's RecordPrediction is idempotent anyway), sends them and
+        deletes them before it commits; a failed send rolls back and frees them. On SQLite
+        (one process) the forward holds ``_ForwardGate`` instead: a write transaction held
+        over the send would stall every assignment's commit."""
+        if self._db.dialect == "postgres":
+            with self._db.transaction() as tx:
+                return self._deliver(*self._claim(tx, " FOR UPDATE SKIP LOCKED"), tx)
+        with _gate(self._db).forwarding():
+            with self._db.transaction(readonly=True) as tx:
+                claimed = self._claim(tx, "")
+            return self._deliver(*claimed, None)
+
+    def _claim(self, tx: Tx, lock: str) -> tuple[list, list, list, int]:
+        """The oldest undelivered predictions, up to a batch: (legacy rows, chunks, their
+        bodies, the outbox's depth)."""
+        legacy = tx.query("SELECT prediction_id, payload FROM prediction_outbox "
+                          "ORDER BY created_at, prediction_id LIMIT ?" + lock, (self._batch,))
+        queued = [] if legacy else tx.query("SELECT chunk_id, predictions, traceparents FROM prediction_chunks "
+                                            "ORDER BY created_at, chunk_id LIMIT ?" + lock, (self._batch,))
+        # A short page is the whole outbox: count only when there may be more.
+        depth = (len(legacy) if len(legacy) < self._batch else
+                 tx.query("SELECT COUNT(*) FROM prediction_outbox")[0][0]) + \
+            (sum(r[1] for r in queued) if not legacy and len(queued) < self._batch else
+             tx.query("SELECT SUM(predictions) FROM prediction_chunks")[0][0] or 0)
+        chunks, bodies = [], []
+        if not legacy:                  # whole chunks, up to ``batch`` predictions (at least one)
+            n = 0
+            for chunk in queued:
+                if chunks and n + chunk[1] > self._batch:
+                    break
+                chunks.append(chunk)
+                n += chunk[1]
+            if chunks:
+                ids = [c[0] for c in chunks]
+                found = dict(tx.query("SELECT chunk_id, body FROM prediction_chunks WHERE chunk_id IN "
+                                      f"({', '.join('?' * len(ids))})", ids))
+                # A chunk gone since the list above is not an error (it was a KeyError, a
+                # failure and a backoff): rows locked above cannot go, but a test's or an
+                # older replica's unlocked reads see each statement as committed so far.
+                chunks = [c for c in chunks if c[0] in found]
+                bodies = [bytes(found[c[0]]) for c in chunks]
+        return legacy, chunks, bodies, depth
+
+    def _deliver(self, legacy: list, chunks: list, bodies: list, depth: int, tx: Tx | None) -> tuple[int, bool]:
+        """Send what ``_claim`` returned and delete it once acknowledged (in ``tx``, the
+        claiming transaction, or in a transaction of its own)."""
         OUTBOX_DEPTH.set(depth)
         if self._send is None or not (legacy or chunks):
             return 0, False
@@ -352,7 +438,7 @@ class PredictionLog:
         with telemetry.safe_span(telemetry.tracer("hearth.clustering.predictions"), "predictions.forward",
                                  links=links, attributes={"hearth.predictions": len(request.predictions)}):
             self._send(request)
-        with self._db.transaction() as tx:
+        with contextlib.nullcontext(tx) if tx is not None else self._db.transaction() as tx:
             if legacy:
                 tx.executemany("DELETE FROM prediction_outbox WHERE prediction_id = ?", [(r[0],) for r in legacy])
             else:

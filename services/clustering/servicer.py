@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import struct
+from collections.abc import Iterable, Iterator
 
 from hearth.clustering.v1 import clustering_pb2 as pb
 from hearth.clustering.v1 import clustering_pb2_grpc as pb_grpc
 import numpy as np
 
-from services.clustering.app import AssignmentOut, ClusteringApp
+from services.clustering.app import Answers, AssignmentOut, ClusteringApp
 from services.clustering.domain import features as F
 from services.clustering.domain.events import MAX_EVENTS_PER_BATCH, ViewingEvent, validate_batch
 from services.clustering.store import HouseholdView
 from services.common.errors import InvalidArgument
-from services.common.pbutil import enum_to_name, float_to_ts, name_to_enum, ts_to_float
+from services.common.pbutil import enum_to_name, float_to_ts, length_delimited, name_to_enum, ts_to_float, varint
 
 _DEVICE = pb.DeviceType.DESCRIPTOR
 _KIND = pb.EventKind.DESCRIPTOR
@@ -64,6 +65,65 @@ def assignment_to_pb(a: AssignmentOut) -> pb.Assignment:
         probabilities=[pb.PersonProbability(person_id=k, probability=v) for k, v in a.probabilities.items()],
         model_variant=a.model_variant, model_version=a.model_version, cold_start=_COLD[a.cold_start],
         sessions_until_full_model=a.sessions_until_full_model, prediction_id=a.prediction_id)
+
+
+def _tag(message, name: str, wire_type: int = 2) -> bytes:
+    """The key of ``message``'s field ``name`` in the wire format (2: length-delimited, 1: 64-bit)."""
+    field = message.DESCRIPTOR.fields_by_name[name]
+    expected = 2 if field.type in (field.TYPE_STRING, field.TYPE_MESSAGE, field.TYPE_BYTES) else (
+        1 if field.type == field.TYPE_DOUBLE else None)
+    if wire_type != expected:
+        raise TypeError(f"{message.DESCRIPTOR.name}.{name} is not of wire type {wire_type}")
+    return varint(field.number << 3 | wire_type)
+
+
+# Wire keys of the fields of an answer that differ from session to session, which
+# assignments_response writes itself (a household's others are serialized by protobuf).
+_ASSIGNMENTS = _tag(pb.AssignSessionsResponse, "assignments")
+_BATCH_ID = _tag(pb.AssignSessionsResponse, "batch_id")
+_PERSON_ID = _tag(pb.Assignment, "person_id")
+_PROBABILITIES = _tag(pb.Assignment, "probabilities")
+_PREDICTION_ID = _tag(pb.Assignment, "prediction_id")
+_PROBABILITY_PERSON = _tag(pb.PersonProbability, "person_id")
+_CONFIDENCE = _tag(pb.Assignment, "confidence", wire_type=1)
+_PROBABILITY = _tag(pb.PersonProbability, "probability", wire_type=1)
+_DOUBLE = struct.Struct("<d").pack
+
+
+def assignments_response(batch_id: str, n: int, households: Iterable[tuple[np.ndarray, Answers]]
+                         ) -> pb.AssignSessionsResponse:
+    """The AssignSessionsResponse of ``n`` answers (``households``: each household's rows,
+    indices into the message's vectors, and its answers to them, ClusteringApp.answer_many):
+    ``AssignSessionsResponse(batch_id=..., assignments=[assignment_to_pb(a) ...])`` in the
+    vectors' order, written as the wire bytes protobuf parses (in C) instead of two messages
+    built a session. The fields a household's answers share are serialized once by
+    protobuf; a person's map entry's prefix once per person (tests/unit/clustering/
+    test_answer_encoding.py holds the result equal to assignment_to_pb's). Every field is
+    written, zeros and empty strings too: parsed, they are the same message (proto3) and
+    gRPC serializes it as protobuf would."""
+    encoded = [b""] * n
+    for rows, answers in households:
+        shared = pb.Assignment(model_variant=answers.model_variant, model_version=answers.model_version,
+                               cold_start=_COLD[answers.cold_start],
+                               sessions_until_full_model=answers.sessions_until_full_model).SerializeToString()
+        heads: dict[str, bytes] = {}
+        entries: dict[str, bytes] = {}
+        for i, pid, probs, prediction_id in zip(rows.tolist(), answers.person_ids, answers.probabilities,
+                                               answers.prediction_ids):
+            head = heads.get(pid)
+            if head is None:
+                head = heads[pid] = shared + length_delimited(_PERSON_ID, pid.encode()) + _CONFIDENCE
+            parts = [head, _DOUBLE(probs[pid])]
+            for person, probability in probs.items():
+                prefix = entries.get(person)
+                if prefix is None:
+                    name = length_delimited(_PROBABILITY_PERSON, person.encode())
+                    prefix = entries[person] = _PROBABILITIES + varint(len(name) + 9) + name + _PROBABILITY
+                parts.append(prefix)
+                parts.append(_DOUBLE(probability))
+            parts.append(length_delimited(_PREDICTION_ID, prediction_id.encode()))
+            encoded[i] = length_delimited(_ASSIGNMENTS, b"".join(parts))
+    return pb.AssignSessionsResponse.FromString(length_delimited(_BATCH_ID, batch_id.encode()) + b"".join(encoded))
 
 
 def _vectors(data: bytes, schema_version: int, field: str) -> np.ndarray:
@@ -155,9 +215,8 @@ class ClusteringServicer(pb_grpc.ClusteringServiceServicer):
     def AssignSessions(self, request_iterator, context):
         for request in request_iterator:
             vectors = _vectors(request.feature_vectors, request.feature_schema_version, "feature_vectors")
-            answers = self.app.assign_many(list(request.account_ids), vectors) if vectors.shape[0] else []
-            yield pb.AssignSessionsResponse(batch_id=request.batch_id,
-                                            assignments=[assignment_to_pb(a) for a in answers])
+            answers = self.app.answer_many(list(request.account_ids), vectors) if vectors.shape[0] else []
+            yield assignments_response(request.batch_id, vectors.shape[0], answers)
 
     def Refit(self, request: pb.RefitRequest, context) -> pb.RefitResponse:
         version, persons, sessions = self.app.refit(request.account_id, request.reason)

@@ -23,7 +23,7 @@ from services.clustering.domain.events import ViewingEvent
 from services.clustering.domain.features import DEFAULT_VOCABULARY, GenreVocabulary
 from services.clustering.domain.sessions import Session, build_sessions
 from services.clustering.migrations import MIGRATIONS
-from services.clustering.prediction_log import erase_pending
+from services.clustering.prediction_log import erase_pending, excluding_forwards
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import Conflict, NotFound
 from services.common.field_crypto import (FieldCipher, drop_keys_of_erased_households, household_erasures,
@@ -600,7 +600,9 @@ class ClusteringStore:
         # Before deleting anything: an erasure must not complete while Redis may keep a
         # copy it cannot remove (Unavailable: the deletion job retries).
         self._drop_cached_models(scope, strict=True)
-        with self.db.transaction() as tx:
+        # No forward of the prediction outbox is in flight in this process while the
+        # transaction runs (SQLite; PostgreSQL locks the rows: erase_pending).
+        with excluding_forwards(self.db), self.db.transaction() as tx:
             if not scope.all_accounts:
                 tx.lock_household(account)
             if self.cipher is not None and scope.kind == "household":
@@ -668,11 +670,12 @@ class ClusteringStore:
             # Predictions not yet delivered to the feedback service are data too.
             sessions = out.deleted_ids_of("sessions")
             if scope.kind == "household":
-                pending = erase_pending(tx, lambda acct, _session: acct == account, account)
+                pending = erase_pending(tx, lambda acct, _session: acct == account, account, self.db.dialect)
             else:
                 where, params = ("1 = 1", []) if scope.all_accounts else ("account_id = ?", [account])
                 pending = erase_pending(tx, lambda acct, session: (scope.all_accounts or acct == account)
-                                        and session in sessions, None if scope.all_accounts else account)
+                                        and session in sessions, None if scope.all_accounts else account,
+                                        self.db.dialect)
             out.add("pending_predictions", pending)
             if scope.kind == "household":
                 labelled = [r[0] for r in tx.query("SELECT session_id FROM session_labels WHERE account_id = ?",

@@ -30,9 +30,10 @@ Who signs (``signer_from_settings``):
   tests) still work, and every remote caller is refused, the safe failure.
   ``services.testing.mesh.Mesh`` generates a key per component for its processes.
 
-When mutual TLS is configured (see ``services.common.tls``) the transport already proves
-that the peer holds a certificate of the mesh CA; the server then trusts the forwarded
-principal without a token (``peer_verified=True``).
+When mutual TLS is configured (see ``services.common.tls``) the transport proves that the
+peer holds a certificate of the mesh CA naming one component; the token is still verified
+(when keys are configured) and its signer must be that component
+(``principal_from_metadata``).
 
 Failed authentications and permission denials are reported through
 ``report_security_event``: it counts them in Prometheus and calls every listener
@@ -76,6 +77,7 @@ _TOKEN_VERSION = "v2"
 _MAX_TOKEN_CHARS = 256
 # An audience is a component name: "clustering", "privacy", "gateway", ...
 _AUDIENCE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+_ANY_COMPONENT = "*"   # service_keys.ANY_COMPONENT: the signer of a process's random key
 
 
 # ---------------------------------------------------------------------------------------
@@ -218,7 +220,7 @@ class ServiceTokenSigner:
         return token
 
     def verify(self, principal_id: str, role: str, token: str, *, audience: str) -> None:
-        """Raise Unauthenticated (field ``x-hearth-token``) unless ``token`` was signed
+        """Return None (any holder of the shared secret may have signed), or raise Unauthenticated (field ``x-hearth-token``) unless ``token`` was signed
         with this key for exactly this principal and role, names ``audience`` (the
         verifying component) and is within its lifetime. The exception's ``reason``
         attribute says why (for logs and metrics only)."""
@@ -238,6 +240,7 @@ class ServiceTokenSigner:
                 self._verified.clear()
             self._verified[token] = (principal_id, role, token_audience, exp)
         check_audience_and_lifetime(token_audience, audience, exp, self._clock(), self.ttl_s)
+        return None   # the shared secret names no signer (ComponentTokenSigner.verify names it)
 
 
 def check_audience_and_lifetime(token_audience: str, audience: str, exp: int, now: float, ttl_s: float) -> None:
@@ -307,7 +310,7 @@ def signer_from_settings(settings, component: str | None = None):
                     service_keys.PUBLIC_KEYS_ENV)
         return ServiceTokenSigner(hmac_key.encode(), ttl_s)
     log.warning("%s and %s are not set: signing with a random per-process key, so only callers in "
-                "this process can authenticate (set them, or configure mutual TLS)",
+                "this process can authenticate (set them; mutual TLS alone lets a peer act only as its own svc:<component>)",
                 service_keys.SIGNING_KEY_ENV, service_keys.PUBLIC_KEYS_ENV)
     return service_keys.ComponentTokenSigner.ephemeral(ttl_s)
 
@@ -336,12 +339,32 @@ _current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("pri
 
 
 def principal_from_metadata(metadata: Sequence[tuple[str, str | bytes]] | None, *,
-                            component: str, peer_verified: bool = False) -> Principal:
+                            component: str, peer_component: str | None = None) -> Principal:
     """The principal of an incoming call, or Unauthenticated.
 
     ``component``: the receiving component (its name, e.g. "privacy"), the audience a
-    token must name. ``peer_verified``: the transport authenticated the peer (mutual
-    TLS), so the signed token is not required. Every refusal is reported as a security event."""
+    token must name. ``peer_component``: ``None`` when the call came without TLS, else
+    the component the peer's verified mesh certificate names (``tls.peer_component``;
+    "" when it names none). Every refusal is reported as a security event.
+
+    Over mutual TLS (session 20; until then a verified peer forwarded any principal
+    without a token, and the chart mounted one certificate in every pod, so any pod could
+    claim ``svc:privacy`` or any person):
+
+    * the certificate must name a component (``unidentified_peer_certificate``);
+    * with component keys (or the transitional shared secret) configured, the token is
+      verified exactly as without TLS — the certificate never replaces it, because a
+      certificate proves only which pod is calling, while the token is what proves who
+      may vouch for the principal (``service_keys.may_vouch``) — and, besides, the
+      component the certificate names must be the one that signed the token
+      (``certificate_not_signer``: a token captured from privacy's traffic and replayed
+      from clustering's pod is refused) or, with the shared secret, one that may vouch
+      for the principal (``certificate_may_not_vouch``);
+    * with no keys configured (a process's random key, which no other process knows),
+      a peer may act as its own ``svc:<name>`` (role ``service``) on a certificate
+      naming ``<name>``; every other principal needs a token this process can verify,
+      i.e. none from another process.
+    """
     values = dict((k, v) for k, v in (metadata or ()) if isinstance(v, str))
     pid, role = values.get(PRINCIPAL_KEY), values.get(ROLE_KEY)
     try:
@@ -353,11 +376,27 @@ def principal_from_metadata(metadata: Sequence[tuple[str, str | bytes]] | None, 
             principal = Principal(pid, Role(role))
         except ValueError:
             raise _refusal("unknown role", ROLE_KEY, "unknown_role") from None
-        if not peer_verified:
-            token = values.get(TOKEN_KEY)
-            if not token:
-                raise _refusal("no service token in request metadata", TOKEN_KEY, "missing_token")
-            service_token_signer().verify(pid, role, token, audience=component)
+        if peer_component is not None and not peer_component:
+            raise _refusal("the peer's certificate names no mesh component", PRINCIPAL_KEY,
+                           "unidentified_peer_certificate")
+        signer = service_token_signer()
+        keyless = getattr(signer, "component", None) == _ANY_COMPONENT
+        if peer_component and keyless and pid == f"svc:{peer_component}" and role == Role.SERVICE.value:
+            return principal   # no keys anywhere: the certificate alone proves its own component
+        token = values.get(TOKEN_KEY)
+        if not token:
+            raise _refusal("no service token in request metadata", TOKEN_KEY, "missing_token")
+        vouched_by = signer.verify(pid, role, token, audience=component)
+        if peer_component and not keyless:
+            if vouched_by is None:   # the shared secret: the token does not say who signed
+                from services.common.service_keys import may_vouch
+
+                if not may_vouch(peer_component, pid, component, role):
+                    raise _refusal("the peer's certificate may not vouch for this principal", TOKEN_KEY,
+                                   "certificate_may_not_vouch")
+            elif vouched_by != peer_component:
+                raise _refusal("the token was not signed by the component of the peer's certificate",
+                               TOKEN_KEY, "certificate_not_signer")
         return principal
     except Unauthenticated as exc:
         report_security_event(SecurityEvent(

@@ -30,6 +30,21 @@ def ts_to_float(message, field_name: str, field_path: str, required: bool = True
     return check_query_ts(value, field_path) if window else value
 
 
+def varint(n: int) -> bytes:
+    """``n`` >= 0 as a protobuf base-128 varint (wire format)."""
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def length_delimited(key: bytes, data: bytes) -> bytes:
+    """A length-delimited field (string, bytes, message) of wire key ``key`` holding ``data``."""
+    return key + varint(len(data)) + data
+
+
 def float_to_ts(seconds: float) -> Timestamp:
     ts = Timestamp()
     whole = math.floor(seconds)

@@ -248,7 +248,7 @@ class HearthInterceptor(grpc.ServerInterceptor):
                     context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before the call started")
                 deadline_token = client.set_serving_deadline(remaining)
                 principal = identity.principal_from_metadata(
-                    metadata, peer_verified=tls.peer_verified(context), component=service)
+                    metadata, peer_component=tls.peer_component(context), component=service)
                 principal_token = identity.set_current(principal)
                 permissions.authorize_rpc(principal, method)
                 span.set_attribute("hearth.principal", telemetry.pseudonym(principal.id, cache=True))

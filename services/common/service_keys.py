@@ -229,7 +229,7 @@ class ComponentTokenSigner:
         self._cache[cache_key] = (exp, token)
         return token
 
-    def verify(self, principal_id: str, role: str, token: str, *, audience: str) -> None:
+    def verify(self, principal_id: str, role: str, token: str, *, audience: str) -> str:
         from services.common.identity import _unauthenticated, check_audience_and_lifetime
 
         known = self._verified.get(token) if isinstance(token, str) else None
@@ -259,6 +259,7 @@ class ComponentTokenSigner:
             # e.g. svc:privacy signed with the gateway's key: a compromised gateway.
             raise _unauthenticated("signer_may_not_vouch")
         check_audience_and_lifetime(token_audience, audience, exp, self._clock(), self.ttl_s)
+        return signer   # the component whose key signed (identity binds it to a TLS peer's)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,6 +106,9 @@ class Mesh:
     _service_keys: dict[str, Path] = field(default_factory=dict, repr=False)
     # The source tree the processes run from (bench.assign_cpu runs an older commit's tree).
     root: Path = ROOT
+    # Mutual TLS between the processes: a development CA and one certificate per process
+    # (scripts/certs.py, as `make certs`) written here, each process given its own.
+    tls_dir: Path | None = None
 
     @classmethod
     def on_free_ports(cls, data_dir: Path, **kwargs) -> "Mesh":
@@ -171,8 +174,29 @@ class Mesh:
             return {"HEARTH_SERVICE_SIGNING_KEY_FILE": str(self.service_keys()[component]), **env}
         return env
 
+    def certificates(self) -> dict[str, Path]:
+        """With ``tls_dir``: the CA (``"ca"``) and every process's certificate, generated on
+        first use (``<name>.pem``, ``<name>-key.pem``, names ``hearth-<name>``, loopback)."""
+        import importlib.util
+
+        if self.tls_dir is None:
+            raise ValueError("tls_dir: this mesh runs without TLS")
+        spec = importlib.util.spec_from_file_location("hearth_certs_script", ROOT / "scripts" / "certs.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.generate(self.tls_dir, (*SERVICE_MODULES, "gateway"))
+
+    def tls_env(self, component: str) -> dict[str, str]:
+        """HEARTH_TLS_* for a process of ``component`` (its own certificate only), or {}."""
+        if self.tls_dir is None:
+            return {}
+        ca = self.certificates()["ca"]
+        return {"HEARTH_TLS_CERT": str(self.tls_dir / f"{component}.pem"),
+                "HEARTH_TLS_KEY": str(self.tls_dir / f"{component}-key.pem"), "HEARTH_TLS_CA": str(ca)}
+
     def _spawn(self, name: str, module: str, env: dict[str, str]) -> None:
-        env = self.signing_env(module.rsplit(".", 1)[-1], env)
+        component = module.rsplit(".", 1)[-1]
+        env = {**self.signing_env(component, env), **self.tls_env(component)}
         out = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ SCENARIOS = {
                                               "serviceMonitor.enabled=true", "prometheusRule.enabled=true",
                                               "image.digest=sha256:" + "a" * 64)),
     "tls-ingress": dict(values_files=(PRODUCTION_VALUES,), set_values=(
-        "tls.mesh.secretName=hearth-mesh-tls", "tls.https.secretName=hearth-https",
+        "tls.mesh.secretPrefix=hearth-mesh-tls", "tls.https.secretName=hearth-https",
         "ingress.enabled=true", "ingress.className=nginx", "ingress.hosts[0].host=hearth.example.com",
         "ingress.tls[0].secretName=hearth-public-tls", "ingress.tls[0].hosts[0]=hearth.example.com",
         "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.team=monitoring")),
@@ -613,7 +613,12 @@ def test_tls_secrets_are_mounted_and_wired_to_the_settings(render):
         mounts = {m["name"]: m for m in container(deployment)["volumeMounts"]}
         assert mounts["mesh-tls"]["mountPath"] == "/etc/hearth/tls/mesh" and mounts["mesh-tls"]["readOnly"]
         volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
-        assert volumes["mesh-tls"]["secret"]["secretName"] == "hearth-mesh-tls"
+        # The component's own certificate, in its pods only (session 20: one mesh
+        # certificate in every pod let any pod pass for any component over mutual TLS).
+        assert volumes["mesh-tls"]["secret"]["secretName"] == f"hearth-mesh-tls-{component}", component
+        mesh_secrets = {v["secret"]["secretName"] for v in volumes.values()
+                        if "secret" in v and v["secret"]["secretName"].startswith("hearth-mesh-tls")}
+        assert mesh_secrets == {f"hearth-mesh-tls-{component}"}, component
         assert ("HEARTH_HTTPS_CERT" in env) == (component == "gateway")
     gateway = deployment_of(objects, "gateway")
     volumes = {v["name"]: v for v in gateway["spec"]["template"]["spec"]["volumes"]}
@@ -621,6 +626,9 @@ def test_tls_secrets_are_mounted_and_wired_to_the_settings(render):
     # Without the values nothing TLS is rendered.
     plain = render()
     assert "HEARTH_TLS_CERT" not in effective_env(deployment_of(plain, "clustering"), plain)
+    # The one shared mesh certificate of sessions <= 19 is no longer a value (the schema refuses it).
+    with pytest.raises(Exception, match="secretName"):
+        render(set_values=("tls.mesh.secretName=hearth-mesh-tls",))
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))

@@ -31,7 +31,7 @@ import gen_protos  # noqa: E402
 ENVOY = component_name("envoy")
 DESCRIPTORS = ROOT / "hearth" / gen_protos.DESCRIPTOR_SET
 ENABLED = dict(values_files=(PRODUCTION_VALUES,), set_values=(
-    "edge.enabled=true", "edge.tls.secretName=hearth-edge-tls", "tls.mesh.secretName=hearth-mesh-tls",
+    "edge.enabled=true", "edge.tls.secretName=hearth-edge-tls", "tls.mesh.secretPrefix=hearth-mesh-tls",
     "tls.https.secretName=hearth-https", "edge.from[0].namespaceSelector.matchLabels.team=lb",
     "networkPolicy.gatewayFrom[0].namespaceSelector.matchLabels.team=ingress"))
 PLAIN = dict(set_values=("edge.enabled=true",))
@@ -285,7 +285,9 @@ def test_edge_manifests_validate_and_mount_what_the_bootstrap_reads(render, enab
     config_dir = envoy["command"][envoy["command"].index("-c") + 1].rsplit("/", 1)[0]
     assert volumes[mounts[config_dir]]["configMap"]["name"] == ENVOY
     assert volumes[mounts["/etc/envoy/tls"]]["secret"]["secretName"] == "hearth-edge-tls"
-    assert volumes[mounts["/etc/hearth/tls/mesh"]]["secret"]["secretName"] == "hearth-mesh-tls"
+    # The gateway's certificate: Envoy forwards the tokens the gateway's authorizer signs,
+    # and a service accepts a token only from the component the peer's certificate names.
+    assert volumes[mounts["/etc/hearth/tls/mesh"]]["secret"]["secretName"] == "hearth-mesh-tls-gateway"
     assert volumes[mounts["/etc/envoy/gateway-ca"]]["secret"]["secretName"] == "hearth-https"
     # The init container copies the descriptor set the Hearth image holds into the
     # folder the transcoder reads.

@@ -148,3 +148,47 @@ def _racing(database, before: str, accounts: str):
             database.transaction = real
 
     return patched()
+
+
+def test_a_forward_in_flight_that_carries_the_household_is_delivered_before_its_erasure(database):
+    """A forward that read a chunk before clustering's erase committed and delivers it after
+    feedback's erase left the household's predictions in feedback after the deletion job
+    completed (its receipt saying erased). The forward's send here is slow: it waits for
+    the deletion job (clustering's erase, then feedback's, as the job orders them) for up to
+    a few seconds. Without the lock the erase commits meanwhile and the job finishes before
+    the send delivers; with it the erase waits for the send, so feedback's erase takes what
+    it delivered."""
+    import threading
+
+    store = ClusteringStore(database)
+    store.migrate()
+    feedback: dict[str, str] = {}            # what feedback holds: prediction id -> account
+    sending, job_done = threading.Event(), threading.Event()
+
+    def send(request: fpb.RecordPredictionRequest) -> None:
+        sending.set()
+        job_done.wait(5.0)
+        feedback.update((p.prediction_id, p.account_id) for p in request.predictions)
+
+    log = PredictionLog(database, send, forward_interval_s=3600)
+    try:
+        log.record([_record("pr-1", "acc-a"), _record("pr-2", "acc-b"), _record("pr-3", "acc-a")])
+        forward = threading.Thread(target=log.forward_once)
+        forward.start()
+        assert sending.wait(60)
+
+        def deletion_job() -> None:
+            store.erase(ErasureScope("acc-a", ScopeKind.HOUSEHOLD))
+            for prediction_id in [p for p, account in feedback.items() if account == "acc-a"]:
+                del feedback[prediction_id]
+            job_done.set()
+
+        job = threading.Thread(target=deletion_job)
+        job.start()
+        job.join(120)
+        forward.join(120)
+        assert not job.is_alive() and not forward.is_alive()
+        assert feedback == {"pr-2": "acc-b"}
+        assert _stored(database) == ([], b"")
+    finally:
+        log.close()

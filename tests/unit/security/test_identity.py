@@ -231,9 +231,109 @@ def test_escalating_the_role_next_to_a_valid_token_is_refused(signer):
     assert reason_of(info) == "bad_token_signature"
 
 
-def test_a_verified_tls_peer_needs_no_token(signer):
-    metadata = [(identity.PRINCIPAL_KEY, "alice"), (identity.ROLE_KEY, "analyst")]
-    assert identity.principal_from_metadata(metadata, component=AUD, peer_verified=True) == ALICE
+UNSIGNED_ALICE = [(identity.PRINCIPAL_KEY, "alice"), (identity.ROLE_KEY, "analyst")]
+
+
+def test_a_verified_tls_peer_still_needs_a_token_when_keys_are_configured(signer):
+    """Until session 20 a verified certificate replaced the token: any pod of the mesh
+    forwarded any principal."""
+    with pytest.raises(Unauthenticated) as info:
+        identity.principal_from_metadata(UNSIGNED_ALICE, component=AUD, peer_component="gateway")
+    assert reason_of(info) == "missing_token"
+    assert identity.principal_from_metadata(ALICE.metadata(AUD), component=AUD, peer_component="gateway") == ALICE
+
+
+def test_with_the_shared_secret_the_certificate_must_be_one_that_may_vouch(signer):
+    for peer in ("clustering", "feedback"):   # a data holder's certificate forwarding a person
+        with pytest.raises(Unauthenticated) as info:
+            identity.principal_from_metadata(ALICE.metadata(AUD), component=AUD, peer_component=peer)
+        assert reason_of(info) == "certificate_may_not_vouch"
+    privacy = identity.service_principal("privacy")
+    with pytest.raises(Unauthenticated) as info:
+        identity.principal_from_metadata(privacy.metadata(AUD), component=AUD, peer_component="clustering")
+    assert reason_of(info) == "certificate_may_not_vouch"
+    assert identity.principal_from_metadata(privacy.metadata(AUD), component=AUD, peer_component="privacy") == privacy
+
+
+def test_a_certificate_naming_no_component_is_refused(signer):
+    with pytest.raises(Unauthenticated) as info:
+        identity.principal_from_metadata(ALICE.metadata(AUD), component=AUD, peer_component="")
+    assert reason_of(info) == "unidentified_peer_certificate"
+
+
+@pytest.fixture
+def component_keys(tmp_path):
+    from services.common import service_keys
+
+    keys = service_keys.generate(tmp_path)
+    keyset = service_keys.load_keyset(keys["keyset"])
+    signers = {c: service_keys.ComponentTokenSigner(service_keys.load_private_key(keys[c]), keyset, 300.0)
+               for c in service_keys.COMPONENTS}
+    previous = identity._signer
+    identity.configure_service_tokens(signers["attribution"])   # this process: attribution
+    yield signers
+    identity.configure_service_tokens(previous)
+
+
+def _signed(signer, principal: Principal, audience: str) -> list[tuple[str, str]]:
+    return [(identity.PRINCIPAL_KEY, principal.id), (identity.ROLE_KEY, principal.role.value),
+            (identity.TOKEN_KEY, signer.sign(principal, audience=audience))]
+
+
+def test_with_component_keys_the_certificate_must_name_the_tokens_signer(component_keys):
+    privacy = identity.service_principal("privacy")
+    captured = _signed(component_keys["privacy"], privacy, "attribution")   # a valid svc:privacy token
+    assert identity.principal_from_metadata(captured, component="attribution", peer_component="privacy") == privacy
+    for peer in ("clustering", "gateway", "feedback"):
+        with pytest.raises(Unauthenticated) as info:
+            identity.principal_from_metadata(captured, component="attribution", peer_component=peer)
+        assert reason_of(info) == "certificate_not_signer"
+    admin = Principal("alice", Role.ADMIN)
+    forwarded = _signed(component_keys["gateway"], admin, "attribution")
+    assert identity.principal_from_metadata(forwarded, component="attribution", peer_component="gateway") == admin
+    with pytest.raises(Unauthenticated) as info:
+        identity.principal_from_metadata(forwarded, component="attribution", peer_component="clustering")
+    assert reason_of(info) == "certificate_not_signer"
+    with pytest.raises(Unauthenticated) as info:   # the certificate alone: not with keys configured
+        identity.principal_from_metadata(captured[:2], component="attribution", peer_component="privacy")
+    assert reason_of(info) == "missing_token"
+
+
+def test_without_keys_a_certificate_lets_its_component_act_only_as_itself():
+    from services.common.service_keys import ComponentTokenSigner
+
+    previous = identity._signer
+    identity.configure_service_tokens(ComponentTokenSigner.ephemeral(300.0))
+    try:
+        clustering = identity.service_principal("clustering")
+        unsigned = [(identity.PRINCIPAL_KEY, "svc:clustering"), (identity.ROLE_KEY, "service")]
+        assert identity.principal_from_metadata(unsigned, component="privacy", peer_component="clustering") == clustering
+        # another process's random key signed the token it sends along: ignored for its own principal
+        other = ComponentTokenSigner.ephemeral(300.0)
+        assert identity.principal_from_metadata(_signed(other, clustering, "privacy"), component="privacy",
+                                                peer_component="clustering") == clustering
+        for metadata, peer in ((unsigned, "gateway"), (unsigned, None),
+                               ([(identity.PRINCIPAL_KEY, "svc:privacy"), (identity.ROLE_KEY, "service")], "clustering"),
+                               ([(identity.PRINCIPAL_KEY, "svc:clustering"), (identity.ROLE_KEY, "admin")], "clustering"),
+                               (UNSIGNED_ALICE, "gateway"),
+                               (_signed(other, ALICE, "privacy"), "gateway")):
+            with pytest.raises(Unauthenticated) as info:
+                identity.principal_from_metadata(metadata, component="privacy", peer_component=peer)
+            assert reason_of(info) in ("missing_token", "unknown_signing_key"), (metadata, peer)
+    finally:
+        identity.configure_service_tokens(previous)
+
+
+def test_the_component_a_certificate_names():
+    from services.common.tls import component_of_names
+
+    assert component_of_names("clustering", ["localhost", "clustering", "hearth-clustering"]) == "clustering"
+    assert component_of_names("", ["hearth-privacy"]) == "privacy"
+    assert component_of_names("hearth-gateway", []) == "gateway"
+    assert component_of_names("mesh", ["localhost", "clustering"]) == ""          # no hearth-<c>
+    assert component_of_names("", ["hearth-privacy", "hearth-gateway"]) == ""     # two: nobody
+    assert component_of_names("privacy", ["hearth-gateway"]) == ""
+    assert component_of_names("", ["hearth-intruder"]) == ""
 
 
 def _counter(name: str, **labels) -> float:
@@ -320,3 +420,27 @@ def test_a_forgery_of_a_verified_token_is_refused():
             s.verify("alice", "analyst", token[:i] + replacement + token[i + 1:], audience=AUD)
     with pytest.raises(Unauthenticated):
         ServiceTokenSigner(b"y" * 32, clock=Clock()).verify("alice", "analyst", token, audience=AUD)
+
+
+class _Context:
+    def __init__(self, key: str | None, identities: list[bytes]) -> None:
+        self._key, self._identities = key, identities
+
+    def peer_identities(self):
+        return self._identities or None
+
+    def peer_identity_key(self):
+        return self._key
+
+
+def test_the_component_of_a_peer_is_read_from_what_grpc_verified():
+    from services.common.tls import peer_component
+
+    assert peer_component(_Context(None, [])) is None                       # plaintext
+    sans = [b"localhost", b"clustering", b"hearth-clustering", b"127.0.0.1"]
+    assert peer_component(_Context("x509_subject_alternative_name", sans)) == "clustering"
+    assert peer_component(_Context("x509_subject_alternative_name", sans)) == "clustering"   # cached
+    assert peer_component(_Context("x509_common_name", [b"privacy"])) == "privacy"          # no SANs
+    # a certificate with SANs naming no component is not rescued by its common name
+    assert peer_component(_Context("x509_subject_alternative_name", [b"localhost", b"privacy"])) == ""
+    assert peer_component(_Context("x509_subject_alternative_name", [b"hearth-privacy", b"hearth-gateway"])) == ""

@@ -1,5 +1,7 @@
 """`make certs` output and mutual TLS between a client and a real service server:
-a mesh certificate is required, and a verified peer needs no service token."""
+a mesh certificate is required, and it names the component calling — on its own it lets
+that component act as itself only (no keys configured in this process); a person, or
+another component's principal, still needs a token (session 20)."""
 
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def _certs_module():
 def certs(tmp_path_factory):
     module = _certs_module()
     mesh_dir = tmp_path_factory.mktemp("certs")
-    module.generate(mesh_dir, ("privacy", "gateway"))
+    module.generate(mesh_dir, ("privacy", "gateway", "clustering", "nobody"))
     other_dir = tmp_path_factory.mktemp("other-ca")
     module.generate(other_dir, ("intruder",))
     return mesh_dir, other_dir
@@ -110,22 +112,50 @@ def call(channel: grpc.Channel, metadata=UNSIGNED):
         ppb.GetConsentRequest(account_id=""), metadata=metadata, timeout=5)
 
 
-def test_a_mesh_certificate_is_trusted_without_a_service_token(certs, mtls_privacy):
-    mesh_dir, _ = certs
-    with tls.channel(f"localhost:{mtls_privacy.port}", material=material(mesh_dir, "gateway")) as channel:
+@pytest.fixture(autouse=True)
+def keyless_process():
+    """This process signs with a random key of its own (no keys configured), as a mesh
+    running on certificates alone would."""
+    from services.common.service_keys import ComponentTokenSigner
+
+    previous = identity._signer
+    identity.configure_service_tokens(ComponentTokenSigner.ephemeral(300.0))
+    yield
+    identity.configure_service_tokens(previous)
+
+
+def _code(mesh_dir: Path, port: int, cert: str, metadata) -> grpc.StatusCode:
+    with tls.channel(f"localhost:{port}", material=material(mesh_dir, cert)) as channel:
         with pytest.raises(grpc.RpcError) as info:
-            call(channel)
+            call(channel, metadata)
+    return info.value.code()
+
+
+def test_a_certificate_alone_lets_its_component_act_as_itself(certs, mtls_privacy):
+    mesh_dir, _ = certs
+    own = [(identity.PRINCIPAL_KEY, "svc:clustering"), (identity.ROLE_KEY, "service")]
     # Past authentication and the matrix: the service itself rejects the empty account id.
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _code(mesh_dir, mtls_privacy.port, "clustering", own) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_certificate_does_not_vouch_for_a_person_or_another_component(certs, mtls_privacy):
+    """Until session 20 the admin below, sent from the gateway's certificate without a
+    token, got INVALID_ARGUMENT: any mesh certificate forwarded any principal."""
+    mesh_dir, _ = certs
+    svc_privacy = [(identity.PRINCIPAL_KEY, "svc:privacy"), (identity.ROLE_KEY, "service")]
+    assert _code(mesh_dir, mtls_privacy.port, "gateway", UNSIGNED) == grpc.StatusCode.UNAUTHENTICATED
+    assert _code(mesh_dir, mtls_privacy.port, "clustering", svc_privacy) == grpc.StatusCode.UNAUTHENTICATED
+    assert _code(mesh_dir, mtls_privacy.port, "clustering", UNSIGNED) == grpc.StatusCode.UNAUTHENTICATED
+    # a certificate of the mesh CA that names no component identifies nobody
+    own = [(identity.PRINCIPAL_KEY, "svc:nobody"), (identity.ROLE_KEY, "service")]
+    assert _code(mesh_dir, mtls_privacy.port, "nobody", own) == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_the_matrix_still_applies_to_a_verified_peer(certs, mtls_privacy):
     mesh_dir, _ = certs
-    analyst = [(identity.PRINCIPAL_KEY, "tls-analyst"), (identity.ROLE_KEY, "analyst")]
-    with tls.channel(f"localhost:{mtls_privacy.port}", material=material(mesh_dir, "gateway")) as channel:
-        with pytest.raises(grpc.RpcError) as info:
-            call(channel, analyst)
-    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # this process's own token (in-process trust), from the gateway's certificate
+    analyst = identity.Principal("tls-analyst", identity.Role.ANALYST).metadata("privacy")
+    assert _code(mesh_dir, mtls_privacy.port, "gateway", analyst) == grpc.StatusCode.PERMISSION_DENIED
 
 
 def test_without_a_client_certificate_the_handshake_fails(certs, mtls_privacy):

@@ -20,7 +20,7 @@ feedback: [hearth.feedback.v1.FeedbackService]
 {{- $root := . }}
 {{- $edge := .Values.edge }}
 {{- $services := include "hearth.envoy.services" . | fromYaml }}
-{{- $meshTls := .Values.tls.mesh.secretName }}
+{{- $meshTls := .Values.tls.mesh.secretPrefix }}
 {{- $gwHttps := .Values.tls.https.secretName }}
 {{- $gw := dict "root" . "name" "gateway" }}
 admin:
@@ -166,7 +166,9 @@ static_resources:
                       address: {{ printf "%s-headless.%s.svc.%s" (include "hearth.componentName" $ctx) $root.Release.Namespace $root.Values.mesh.clusterDomain }}
                       port_value: {{ $svc.grpcPort }}
       {{- if $meshTls }}
-      # Mutual TLS to the services with the mesh certificate.
+      # Mutual TLS to the services with the gateway's mesh certificate: Envoy forwards the
+      # tokens the gateway's authorizer signs, and a service accepts a token only from the
+      # component the peer's certificate names.
       transport_socket:
         name: envoy.transport_sockets.tls
         typed_config:

@@ -73,9 +73,13 @@ app.kubernetes.io/component: {{ .name }}
 clustering attribution privacy feedback gateway
 {{- end }}
 
-{{/* Mesh TLS (HEARTH_TLS_*) and gateway HTTPS (HEARTH_HTTPS_*) from mounted Secrets. */}}
+{{/* Mesh TLS (HEARTH_TLS_*) and gateway HTTPS (HEARTH_HTTPS_*) from mounted Secrets. The
+mesh certificate is the component's own, Secret <tls.mesh.secretPrefix>-<component>, mounted
+in its pods only: a service accepts a token only from the component the certificate names
+(services/common/identity.py), so one certificate in every pod would let any pod pass for
+any component. */}}
 {{- define "hearth.tlsEnv" -}}
-{{- if .root.Values.tls.mesh.secretName }}
+{{- if .root.Values.tls.mesh.secretPrefix }}
 - name: HEARTH_TLS_CERT
   value: /etc/hearth/tls/mesh/tls.crt
 - name: HEARTH_TLS_KEY
@@ -92,7 +96,7 @@ clustering attribution privacy feedback gateway
 {{- end }}
 
 {{- define "hearth.tlsVolumeMounts" -}}
-{{- if .root.Values.tls.mesh.secretName }}
+{{- if .root.Values.tls.mesh.secretPrefix }}
 - name: mesh-tls
   mountPath: /etc/hearth/tls/mesh
   readOnly: true
@@ -105,10 +109,10 @@ clustering attribution privacy feedback gateway
 {{- end }}
 
 {{- define "hearth.tlsVolumes" -}}
-{{- if .root.Values.tls.mesh.secretName }}
+{{- if .root.Values.tls.mesh.secretPrefix }}
 - name: mesh-tls
   secret:
-    secretName: {{ .root.Values.tls.mesh.secretName }}
+    secretName: {{ printf "%s-%s" .root.Values.tls.mesh.secretPrefix .name }}
     defaultMode: 0440
 {{- end }}
 {{- if and (eq .name "gateway") .root.Values.tls.https.secretName }}
