@@ -91,7 +91,10 @@ def test_overload_gets_fast_503s_and_goodput_stays_near_capacity(tmp_path):
             refused += list(lat[status == "503"])
             served += list(lat[status == "200"])
             goodputs.append(float((status == "200").sum()) / duration)
-        capacity, goodput = float(np.median(capacities)), float(np.median(goodputs))
+        # Each round's goodput over the capacity measured just before it: the medians of the
+        # two lists apart compare rounds minutes apart (a fresh-clone run beside other jobs,
+        # load 8-10: capacities 396/373/217, goodputs 350/178/149 — per round 0.88/0.48/0.68).
+        ratio = float(np.median(np.array(goodputs) / np.array(capacities)))
         refused, served = np.array(refused), np.array(served)
         print(f"admission e2e: capacity {capacities} goodput {goodputs} refused {len(refused)} of "
               f"{len(refused) + len(served)}, refusal p50 {np.median(refused):.1f} ms p99 {np.percentile(refused, 99):.1f} ms")
@@ -105,7 +108,7 @@ def test_overload_gets_fast_503s_and_goodput_stays_near_capacity(tmp_path):
         assert np.percentile(served, 99) < 5000, np.percentile(served, [50, 99])
         # Goodput stays near capacity: the admitted requests are served at about the rate
         # measured closed loop (without the limit it fell to 10-25 % of it: docs/benchmarks.md).
-        assert goodput >= 0.5 * capacity, (goodputs, capacities)
+        assert ratio >= 0.5, (goodputs, capacities)
 
         metrics = httpx.get(f"http://127.0.0.1:{mesh.gateway_metrics_port}/metrics").text
         rejected = sum(float(line.split()[-1]) for line in metrics.splitlines()
