@@ -89,6 +89,7 @@ spec:
           startupProbe:
             grpc:
               port: {{ $probePort }}
+              service: liveness
             {{- toYaml $probes.startup | nindent 12 }}
           readinessProbe:
             grpc:
@@ -97,6 +98,7 @@ spec:
           livenessProbe:
             grpc:
               port: {{ $probePort }}
+              service: liveness
             {{- toYaml $probes.liveness | nindent 12 }}
           {{- include "hearth.lifecycle" $root | trim | nindent 10 }}
           resources:
