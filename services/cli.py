@@ -9,6 +9,7 @@
     hearth rollout run --challenger V --steps 5,25,50,100     (guarded, automatic rollback)
     hearth rollout webhook --listen :9095                     (Alertmanager -> kill switch)
     hearth calibrator rollback --variant V --reason WHY       (earlier calibrator, refits held)
+    hearth keys rotate --to KEK_ID                            (KEK rotation: privacy's RotateKeys)
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from services.feedback import cli as feedback_cli
 from services import rollout as rollout_cli
 from services.privacy import backup as backup_cli
 from services.privacy import cli as privacy_cli
+from services.privacy.keys import cli as keys_cli   # argparse only: the command imports its client when run
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hearth", description="Hearth command-line tools")
     commands = parser.add_subparsers(dest="command", required=True)
-    for module in (attribution_cli, privacy_cli, feedback_cli, backup_cli, rollout_cli):
+    for module in (attribution_cli, privacy_cli, feedback_cli, backup_cli, rollout_cli, keys_cli):
         module.register(commands)
     return parser
 

@@ -7,6 +7,8 @@ household export, consent.
 * ``GET /v1/household/{account_id}/export`` — everything Hearth holds about the
   household (schema ``hearth-household-export`` v1, docs/privacy.md).
 * ``PUT /v1/consent/{account_id}`` — the account's consent flags.
+* ``POST /v1/keys/rotate`` — make another configured KEK active and re-wrap every data
+  key under it (privacy's ``RotateKeys``, admin only; ``hearth keys rotate``).
 """
 
 from __future__ import annotations
@@ -133,6 +135,23 @@ def deletion_to_json(r: ppb.GetDeletionResponse) -> DeletionOut:
         receipt=json.loads(r.receipt_json) if r.receipt_json else None)
 
 
+class RotateKeysIn(Strict):
+    new_active_kek_id: str = Field(..., min_length=1, max_length=128, pattern=r"^[\x21-\x7E]+$",
+                                   description="a KEK id of the privacy service's HEARTH_KEKS")
+
+
+class RotateKeysOut(BaseModel):
+    rewrapped: int = Field(description="data keys re-wrapped under the new KEK")
+    active_kek_id: str
+    kek_ids_in_use: list[str] = Field(description="KEKs still wrapping a live data key; remove an old KEK "
+                                                  "from HEARTH_KEKS once it is not listed here")
+
+
+# RotateKeys re-wraps every household's data key in one call: its deadline is the
+# largest of the gateway's routes.
+ROTATE_KEYS_TIMEOUT_S = 300.0
+
+
 def router(clients, access) -> APIRouter:
     api = api_router()
 
@@ -168,5 +187,13 @@ def router(clients, access) -> APIRouter:
             account_id=account_id, processing=body.processing, attribution=body.attribution), who)
         return ConsentOut(account_id=account_id, processing=body.processing, attribution=body.attribution,
                           version=r.version)
+
+    @api.post("/v1/keys/rotate", response_model=RotateKeysOut,
+              summary="Rotate the master key: re-wrap every household data key under another configured KEK")
+    async def rotate_keys(body: RotateKeysIn, who: Principal = Depends(access("POST /v1/keys/rotate"))):
+        r = await clients.call("privacy", "RotateKeys", ppb.RotateKeysRequest(new_active_kek_id=body.new_active_kek_id),
+                               who, timeout_s=ROTATE_KEYS_TIMEOUT_S)
+        return RotateKeysOut(rewrapped=r.rewrapped, active_kek_id=r.active_kek_id,
+                             kek_ids_in_use=list(r.kek_ids_in_use))
 
     return api

@@ -44,6 +44,7 @@ call ``AppendAudit`` synchronously instead.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import os
@@ -761,11 +762,30 @@ def event_for(method: str, code: grpc.StatusCode) -> str | None:
     return spec
 
 
+# Details the handler of the RPC being served adds to that RPC's own record
+# (``add_rpc_details``; e.g. SetConsent's old and new flags); read and cleared by
+# ``record_rpc`` when the call finishes. A gRPC worker thread keeps its context from one
+# call to the next, so ``record_rpc`` clears it on every call, audited or not.
+_rpc_details: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("audit_rpc_details",
+                                                                                      default=None)
+
+
+def add_rpc_details(**details: Any) -> None:
+    """Add ``details`` to the audit record of the RPC this thread is serving (merged over
+    the interceptor's ``rpc`` / ``code`` / ``component``, which they cannot replace).
+    Only what the audit log may hold: no personal data beyond the record's resource."""
+    current = _rpc_details.get()
+    _rpc_details.set({**(current or {}), **details})
+
+
 def record_rpc(component: str, method: str, request: object,
                principal: identity.Principal | None, metadata, code: grpc.StatusCode,
                trace_id: str) -> None:
     """Called by the server interceptor after every RPC. Never raises: auditing must not
     change the outcome of the call it describes."""
+    extra = _rpc_details.get()
+    if extra is not None:
+        _rpc_details.set(None)
     if not installed():
         return
     try:
@@ -777,6 +797,9 @@ def record_rpc(component: str, method: str, request: object,
             principal = identity.Principal(pid or ANONYMOUS, identity.Role(UNAUTHENTICATED_ROLE))
             details_json = details_to_json({"rpc": method.lstrip("/"), "code": code.name, "component": component,
                                             "authenticated": "false", "claimed_role": role})
+        elif extra:
+            details_json = details_to_json({**extra, "rpc": method.lstrip("/"), "code": code.name,
+                                            "component": component})
         else:
             details_json = _rpc_details_json(component, method, code)
         sink = _sink

@@ -28,7 +28,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 
 import grpc
@@ -38,6 +41,15 @@ from prometheus_client import Gauge
 log = logging.getLogger("hearth.health")
 REASON_KEY = "hearth-health-reason"
 FAILING_KEY = "hearth-health-failing"   # the failing checks' names only: safe to show anyone
+# The health service name kubelet's liveness and startup probes ask (the chart's
+# ``grpc: {port, service: liveness}``): SERVING from the moment the server listens until
+# the process exits, whatever the dependencies say. Liveness asks "is this process
+# alive and answering?" — never "can it serve?" (that is readiness, the "" status): with
+# liveness on "", a PostgreSQL outage longer than the liveness window (3 x 10 s) set
+# every service NOT_SERVING and kubelet restarted every service pod, which cannot help
+# and turns a database blip into a restart storm (session 20). A process too hung to
+# answer a health call still fails it.
+LIVENESS_SERVICE = "liveness"
 DEPENDENCY_UP = Gauge("hearth_dependency_up", "1 when the dependency answered its last health check",
                       ["dependency"])
 
@@ -69,19 +81,33 @@ def clear() -> None:
         _checks.clear()
 
 
-def run_checks(items: list[Check]) -> tuple[bool, list[str]]:
-    """(serving, reasons) after running each probe once."""
+# How long one check may take before it counts as failing ("no answer in N s"). Above
+# the database pool's own wait (storage.sql.POOL_WAIT_S, 3 s), so a busy but healthy pool
+# is not reported as failing; the peers' (1 s) and Redis's (0.5 s) probes end well before.
+CHECK_TIMEOUT_S = 5.0
+
+
+def _probe_reason(check: Check) -> str:
+    try:
+        return check.probe()
+    except Exception as exc:  # noqa: BLE001 - a probe that raises is a failing dependency
+        return f"{type(exc).__name__}: {exc}"[:200]
+
+
+def _publish(results: list[tuple[Check, str]]) -> tuple[bool, list[str]]:
     serving, reasons = True, []
-    for check in items:
-        try:
-            reason = check.probe()
-        except Exception as exc:  # noqa: BLE001 - a probe that raises is a failing dependency
-            reason = f"{type(exc).__name__}: {exc}"[:200]
+    for check, reason in results:
         DEPENDENCY_UP.labels(check.name).set(0 if reason else 1)
         if reason:
             reasons.append(f"{check.name}: {reason}")
             serving = serving and not check.critical
     return serving, reasons
+
+
+def run_checks(items: list[Check]) -> tuple[bool, list[str]]:
+    """(serving, reasons) after running each probe once, one after the other, each for
+    as long as it takes (tools and tests; the monitor bounds them, see DependencyMonitor)."""
+    return _publish([(check, _probe_reason(check)) for check in items])
 
 
 class ReportingHealthServicer(health.HealthServicer):
@@ -104,22 +130,58 @@ class ReportingHealthServicer(health.HealthServicer):
 
 
 class DependencyMonitor:
-    """Runs the registered checks every ``interval_s`` and publishes them (see module)."""
+    """Runs the registered checks every ``interval_s`` and publishes them (see module).
 
-    def __init__(self, servicer: ReportingHealthServicer, service_names: list[str], interval_s: float = 2.0) -> None:
+    Each check runs on a thread of a small pool and gets ``check_timeout_s``: one still
+    running then is a failing dependency ("no answer in N s"), and is not started again
+    until it returns (at most one probe per check in flight, so a hung dependency holds
+    one thread, never a growing number). Until session 20 the checks ran on the monitor's
+    own thread without a bound: with PostgreSQL hung (its processes stopped, a storage
+    freeze, a network path dropping packets) the database probe's ``SELECT 1`` waited on
+    its socket for as long as the hang lasted, the monitor never published again, and
+    every service said SERVING (``hearth_dependency_up{dependency="database"}`` 1, the
+    gateway's /health SERVING, kubelet's readiness passing) while every request needing
+    the database failed (tests/e2e/test_outages_e2e.py)."""
+
+    def __init__(self, servicer: ReportingHealthServicer, service_names: list[str], interval_s: float = 2.0,
+                 check_timeout_s: float = CHECK_TIMEOUT_S) -> None:
         self._servicer = servicer
         self._names = ["", *service_names]
         self._interval = interval_s
+        self._check_timeout = check_timeout_s
         self._stop = threading.Event()
         self._last: tuple[bool, list[str]] = (True, [])
         self._thread = threading.Thread(target=self._run, name="health-monitor", daemon=True)
+        self._probes = ThreadPoolExecutor(max_workers=8, thread_name_prefix="health-check")
+        self._in_flight: dict[str, tuple[Future, float]] = {}
 
     def start(self) -> "DependencyMonitor":
         self._thread.start()
         return self
 
+    def _run_bounded(self, items: list[Check]) -> tuple[bool, list[str]]:
+        now = time.monotonic()
+        running: list[tuple[Check, Future, float]] = []
+        for check in items:
+            future, started = self._in_flight.get(check.name, (None, now))
+            if future is None or future.done():
+                future, started = self._probes.submit(_probe_reason, check), now
+                self._in_flight[check.name] = (future, started)
+            running.append((check, future, started))
+        for _, future, started in running:   # they run at once: waiting in turn costs nothing
+            left = started + self._check_timeout - time.monotonic()
+            if left > 0:
+                futures_wait([future], timeout=left)
+        results = []
+        for check, future, started in running:
+            if future.done():
+                results.append((check, future.result()))
+            else:
+                results.append((check, f"no answer in {time.monotonic() - started:.0f} s"))
+        return _publish(results)
+
     def check_once(self) -> tuple[bool, list[str]]:
-        serving, reasons = run_checks(checks())
+        serving, reasons = self._run_bounded(checks())
         if self._stop.is_set():
             return serving, reasons   # stopping: NOT_SERVING was set by the server, keep it
         if (serving, reasons) != self._last:
@@ -138,6 +200,7 @@ class DependencyMonitor:
 
     def stop(self) -> None:
         self._stop.set()
+        self._probes.shutdown(wait=False, cancel_futures=True)   # a hung probe must not hold the exit
 
 
 def peer_probe(address: str, timeout_s: float = 1.0) -> Callable[[], str]:

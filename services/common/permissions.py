@@ -127,6 +127,7 @@ ROUTES: dict[str, Permission] = {
     "GET /v1/audit": P.READ_AUDIT,
     "GET /v1/audit/export": P.READ_AUDIT,
     "PUT /v1/consent/{account_id}": P.SET_CONSENT,
+    "POST /v1/keys/rotate": P.ROTATE_KEYS,   # `hearth keys rotate` (KEK rotation, admin)
 }
 
 # RPCs per full gRPC service name.

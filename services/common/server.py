@@ -374,6 +374,9 @@ def build_server(service: str, register: Callable[[grpc.Server], Iterable[str]],
     server.start()
     for name in ["", *names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    # Never set NOT_SERVING (not by the dependency monitor, not by the drain): see
+    # health_report.LIVENESS_SERVICE.
+    health_servicer.set(health_report.LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(server, bound, health_servicer, names, drain=drain)
 
 

@@ -219,7 +219,8 @@ def setup_telemetry(service: str, trace_export: str = "none", log_level: str = "
     _setup_done = True
     # The sampler comes from OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG (default
     # parentbased_always_on), so a sampled-out request is sampled out in every service.
-    # The provider flushes its batch processor at interpreter exit (after SIGTERM).
+    # The provider flushes its batch processor at interpreter exit (after SIGTERM; the
+    # gateway, which dies by the signal uvicorn raises again, calls flush_traces itself).
     provider = TracerProvider(resource=service_resource(service))
     processor = span_processor(trace_export)
     if processor is not None:
@@ -233,6 +234,21 @@ def setup_telemetry(service: str, trace_export: str = "none", log_level: str = "
     root.setLevel(log_level)
     if metrics_port:
         start_http_server(metrics_port, addr=host)
+
+
+def flush_traces(timeout_s: float = 5.0) -> None:
+    """Export every finished span still queued in the batch processor, now.
+
+    The services' batch is flushed by the provider's interpreter-exit hook after
+    ``serve()`` returns. The gateway never gets there: uvicorn, after its graceful
+    shutdown, raises the SIGTERM it caught again with the default handler, so the
+    process dies by the signal and no exit hook runs — the last batch of the gateway's
+    spans, the root of every trace, was lost at every stop (session 20,
+    tests/e2e/test_otlp_tracing.py). The gateway calls this at the end of its lifespan.
+    Not a shutdown: the provider keeps working (in-process tests run many apps)."""
+    flush = getattr(trace.get_tracer_provider(), "force_flush", None)
+    if flush is not None:
+        flush(int(timeout_s * 1000))
 
 
 def tracer(name: str = "hearth") -> trace.Tracer:

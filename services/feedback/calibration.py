@@ -198,7 +198,8 @@ class Calibration:
 
     def refresh_gauges(self) -> None:
         predictions, with_feedback = self.store.counts()
-        instruments.FEEDBACK_RATE.set(with_feedback / predictions if predictions else 0.0)
+        # No prediction: unknown, not 0 (instruments.FEEDBACK_RATE says why).
+        instruments.FEEDBACK_RATE.set(with_feedback / predictions if predictions else float("nan"))
         data = self.dataset()
         if not len(data):
             return

@@ -24,6 +24,11 @@ from prometheus_client import Counter, Gauge
 
 FEEDBACK_TOTAL = Counter("hearth_feedback_total", "Feedback signals stored", ["kind"])
 FEEDBACK_RATE = Gauge("hearth_feedback_rate", "Predictions with feedback / predictions")
+# Unknown (NaN) until the first periodic check finds a prediction: with no prediction
+# the rate is 0/0, not 0. Until session 20 it read 0, so every deployment without
+# predictions yet (a new environment, a staging namespace nobody drives) fired
+# HearthFeedbackRateLow after 6 h; no alert threshold compares true against NaN.
+FEEDBACK_RATE.set(float("nan"))
 CALIBRATION_BRIER = Gauge("hearth_calibration_brier", "Top-label Brier on predictions with feedback", ["group"])
 CALIBRATION_ECE = Gauge("hearth_calibration_ece", "ECE (equal width) on predictions with feedback", ["group"])
 VARIANT_ACCURACY = Gauge("hearth_variant_accuracy", "Weighted accuracy per model variant", ["variant"])

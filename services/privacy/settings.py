@@ -31,6 +31,9 @@ class PrivacySettings(ServiceSettings):
     service_name: str = "privacy"
     audit_signing_key: SecretStr = SecretStr("")
     audit_signing_key_file: str = ""
+    # Public keys the audit log's tree heads were signed with before the current key
+    # (PEM blocks or base64, comma-separated): VerifyAudit checks those heads' signatures too.
+    audit_previous_public_keys: str = ""
     receipt_signing_key: str = ""
     keks: str = ""
     active_kek: str = ""

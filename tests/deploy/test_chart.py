@@ -180,8 +180,13 @@ def test_grpc_probes_use_the_grpc_port_the_process_listens_on(render):
         assert ports["grpc"] == port
         assert effective_env(deployment, objects)["HEARTH_GRPC_PORT"] == str(port)
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert c[probe]["grpc"] == {"port": port}, (name, probe)
             assert "httpGet" not in c[probe] and "tcpSocket" not in c[probe]
+        # Readiness: the overall status (NOT_SERVING while the database fails). Startup and
+        # liveness: the process's own "liveness" status, never the dependencies' — a
+        # database outage must not restart every service pod (tests/e2e/test_outages_e2e.py).
+        assert c["readinessProbe"]["grpc"] == {"port": port}, name
+        assert c["startupProbe"]["grpc"] == {"port": port, "service": "liveness"}, name
+        assert c["livenessProbe"]["grpc"] == {"port": port, "service": "liveness"}, name
         assert c["command"] == ["python", "-m", f"services.{name}"]
         service_ports = {p["name"]: p for p in services[component_name(name)]["spec"]["ports"]}
         assert service_ports["grpc"]["port"] == port and service_ports["grpc"]["targetPort"] == "grpc"

@@ -6,6 +6,7 @@ the exported log verifies offline with the service's public key."""
 from __future__ import annotations
 
 import time
+import uuid
 
 import httpx
 import pytest
@@ -50,6 +51,28 @@ def test_an_http_request_is_audited_with_principal_role_and_trace(client):
     assert entry["details"]["rpc"] == "hearth.clustering.v1.ClusteringService/GetHousehold"
     assert entry["details"]["component"] == "clustering"
     assert len(entry["entry_hash"]) == 64
+
+
+def test_a_consent_change_is_audited_with_the_new_and_previous_flags(client):
+    """Until session 20 the consent_change record held rpc / code / component only: the
+    log could not say whether an account withdrew consent or gave it back."""
+    account = f"e2e-consent-{uuid.uuid4().hex[:12]}"
+    withdraw = client.put(f"/v1/consent/{account}", json={"processing": False, "attribution": True})
+    assert withdraw.status_code == 200, withdraw.text
+    restore = client.put(f"/v1/consent/{account}", json={"processing": True, "attribution": True})
+    assert restore.status_code == 200, restore.text
+    records = _poll(client, lambda rs: len(rs) >= 2, event_type="consent_change",
+                    resource_prefix=f"household:{account}")
+    by_trace = {r["trace_id"]: r for r in records}
+    first, second = by_trace[withdraw.headers["x-trace-id"]], by_trace[restore.headers["x-trace-id"]]
+    assert (first["principal"], first["outcome"], first["resource"]) == ("e2e-admin", "success", f"household:{account}")
+    assert {k: first["details"][k] for k in ("processing", "attribution", "version", "previous")} == {
+        "processing": False, "attribution": True, "version": 1, "previous": None}
+    assert {k: second["details"][k] for k in ("processing", "attribution", "version", "previous")} == {
+        "processing": True, "attribution": True, "version": 2,
+        "previous": {"processing": False, "attribution": True}}
+    assert second["details"]["rpc"] == "hearth.privacy.v1.Consent/SetConsent"
+    assert second["details"]["component"] == "privacy"
 
 
 def test_authentication_failures_at_the_gateway_are_audited(mesh, client):

@@ -16,7 +16,7 @@ import pytest
 
 from services.testing.mesh import running_mesh
 from tests.helpers.otlp import OtlpReceiver, tree_roots
-from tests.helpers.waiting import SLOW_MACHINE_S
+from tests.helpers.waiting import SLOW_MACHINE_S, wait_for
 
 SPAN_KIND_SERVER = 2
 
@@ -167,3 +167,42 @@ def test_every_process_logs_json_and_the_gateway_logs_each_request_with_its_trac
     assert entry["route"] == "/v1/household/{account_id}" and entry["status"] == 404
     assert entry["method"] == "GET" and entry["duration_ms"] > 0
     assert "otlp-log-acct" not in json.dumps(entry)
+
+
+def test_the_gateway_exports_its_last_spans_when_it_stops(tmp_path):
+    """A batch not yet due is exported when the gateway stops on SIGTERM. uvicorn ends
+    its graceful shutdown by raising the caught SIGTERM again, so the process dies by the
+    signal and no interpreter-exit hook runs: until session 20 the gateway's last batch —
+    the root span of every trace in it — was lost at every stop (the services' was
+    flushed). A schedule delay of 10 minutes: nothing is exported unless flushed."""
+    from services.testing.mesh import Mesh, write_api_key
+
+    receiver = OtlpReceiver().start()
+    mesh = Mesh.on_free_ports(tmp_path / "var", log_dir=tmp_path / "logs", extra_env={
+        "HEARTH_TRACE_EXPORT": "otlp", "OTEL_BSP_SCHEDULE_DELAY": "600000",
+        "OTEL_TRACES_SAMPLER": "parentbased_always_on", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.http_port}"})
+    mesh.data_dir.mkdir(parents=True)
+    write_api_key(mesh.data_dir / "gateway-keys.json", "otlp-admin", "admin")
+    try:
+        # The gateway alone: a request refused with 401 needs no service, and is traced.
+        mesh._spawn("gateway", "gateway", {**mesh.env(), "HEARTH_METRICS_PORT": str(mesh.gateway_metrics_port)})
+
+        def refused():
+            assert mesh.processes["gateway"].poll() is None, mesh.log_tail("gateway")
+            try:
+                r = httpx.get(mesh.url + "/v1/household/acc-1", headers={"X-API-Key": "hk_wrong"}, timeout=5)
+            except httpx.HTTPError:
+                return None
+            return r if r.status_code == 401 else None
+
+        r = wait_for(refused, what="the gateway answering")
+        trace_id = r.headers["x-trace-id"]
+        assert not [s for s in receiver.spans if s.trace_id == trace_id]   # still in the batch
+        mesh.stop_process("gateway")   # SIGTERM; returns once the process has exited
+        spans = wait_for(lambda: [s for s in receiver.spans if s.trace_id == trace_id], timeout_s=10,
+                         what="the gateway's span of the last request")
+        assert {(s.service, s.kind) for s in spans} == {("gateway", SPAN_KIND_SERVER)}
+    finally:
+        mesh.stop()
+        receiver.stop()

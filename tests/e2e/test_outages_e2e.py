@@ -197,3 +197,110 @@ def test_postgres_restart_requests_get_503_with_retry_after_and_nothing_acknowle
     assert export.status_code == 200, export.text
     stored = {e["event_id"] for e in export.json()["services"]["clustering"]["events"]}
     assert set(acknowledged) <= stored, sorted(set(acknowledged) - stored)[:5]
+
+
+def _grpc_health(port: int, service: str) -> str:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            r = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        except grpc.RpcError as exc:
+            return exc.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+
+
+def test_postgres_down_takes_services_out_of_readiness_but_their_liveness_stays_serving(servers, omesh, client):
+    """What kubelet sees during a PostgreSQL outage (the chart's probes, docs/deploy.md,
+    "Probes and shutdown"): readiness (the overall "" status) NOT_SERVING, so no traffic
+    is routed to a pod that cannot answer; liveness (the "liveness" status) SERVING, so no
+    pod is restarted for its database's outage. Until session 20 the liveness probe asked
+    "" too: an outage longer than 3 x 10 s restarted every service pod."""
+    pg, _ = servers
+    ports = {s: omesh.grpc_ports[s] for s in ("clustering", "attribution", "privacy", "feedback")}
+    assert {s: _grpc_health(p, "liveness") for s, p in ports.items()} == dict.fromkeys(ports, "SERVING")
+    pg.stop()
+    try:
+        wait_for(lambda: all(_grpc_health(p, "") == "NOT_SERVING" for p in ports.values()),
+                 what="every service NOT_SERVING (readiness) with PostgreSQL down")
+        assert {s: _grpc_health(p, "liveness") for s, p in ports.items()} == dict.fromkeys(ports, "SERVING")
+        # The gateway's own probes: readiness (/health) says no service serves, liveness
+        # (/openapi.json) never depends on the mesh.
+        assert httpx.get(omesh.url + "/health", timeout=10).status_code == 503
+        assert httpx.get(omesh.url + "/openapi.json", timeout=10).status_code == 200
+    finally:
+        pg.start()
+    wait_for(lambda: all(_grpc_health(p, "") == "SERVING" for p in ports.values()),
+             what="every service SERVING again once PostgreSQL is back")
+    assert retry_after_503(lambda: client.get("/v1/calibration")).status_code == 200
+
+
+def test_postgres_hung_sets_the_services_not_serving_and_they_serve_again_when_it_resumes(servers, omesh, client):
+    """PostgreSQL hung, not down (every process of it stopped: a storage freeze, a
+    network path that drops packets): nothing refuses a connection, a query just never
+    answers. Each service's database check gets a bounded time (health_report.
+    CHECK_TIMEOUT_S); until session 20 the check's `SELECT 1` waited as long as the hang,
+    the health monitor never published again, and every service said SERVING (and
+    `hearth_dependency_up{dependency="database"}` 1, the gateway's /health SERVING) while
+    every request needing the database failed."""
+    import os
+    import signal
+
+    from tests.helpers.processes import descendants
+
+    pg, _ = servers
+    ports = {s: omesh.grpc_ports[s] for s in ("clustering", "attribution", "privacy", "feedback")}
+    wait_for(lambda: all(_grpc_health(p, "") == "SERVING" for p in ports.values()), what="every service SERVING")
+    pids = [pg.proc.pid, *descendants(pg.proc.pid)]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: all(_grpc_health(p, "") == "NOT_SERVING" for p in ports.values()),
+                 what="every service NOT_SERVING with PostgreSQL hung")
+        health = httpx.get(omesh.url + "/health", timeout=10)
+        assert health.status_code == 503 and "database: failing" in health.json()["reasons"]["clustering"], health.text
+        metrics = httpx.get(f"http://127.0.0.1:{omesh.metrics_ports['clustering']}/metrics", timeout=10).text
+        assert 'hearth_dependency_up{dependency="database"} 0.0' in metrics
+        # Liveness (the chart's probe) never follows a dependency: no pod restarted for it.
+        assert {s: _grpc_health(p, "liveness") for s, p in ports.items()} == dict.fromkeys(ports, "SERVING")
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: all(_grpc_health(p, "") == "SERVING" for p in ports.values()),
+             what="every service SERVING again once PostgreSQL resumes")
+    assert retry_after_503(lambda: client.get("/v1/calibration")).status_code == 200
+
+
+def test_postgres_read_only_refuses_writes_with_503_and_retry_after_and_reads_keep_working(servers, omesh, client):
+    """PostgreSQL accepting reads only — a standby the DSN still points at after a
+    failover, or `default_transaction_read_only` set while its disk is nearly full: writes
+    get 503 + Retry-After naming the cause (retry later; they land once it takes writes
+    again), reads keep answering. Until session 20 every write was 502 "upstream error"
+    (INTERNAL: nothing to retry on, a traceback logged per request)."""
+    import psycopg
+
+    pg, _ = servers
+    account = f"out-ro-{RUN}"
+    assert post_events(client, account, 3, time.time() - 2 * DAY, account).status_code == 200
+
+    def read_only(on: bool) -> None:
+        with psycopg.connect(pg.dsn, autocommit=True) as conn:
+            conn.execute(f"ALTER SYSTEM SET default_transaction_read_only = {'on' if on else 'off'}")
+            conn.execute("SELECT pg_reload_conf()")
+
+    read_only(True)
+    try:
+        n = iter(range(10_000))
+        # The reload reaches every backend within moments; the first refused write tells.
+        refused = wait_for(lambda: (lambda r: r if r.status_code != 200 else None)(
+            post_events(client, account, 1, time.time() - DAY, f"{account}-ro-{next(n)}")),
+            what="a write refused by the read-only database")
+        assert refused.status_code == 503 and refused.headers["retry-after"].isdigit(), refused.text
+        assert "read-only" in refused.json()["error"]["message"], refused.text
+        assert client.get(f"/v1/household/{account}").status_code == 200
+    finally:
+        read_only(False)
+    wait_for(lambda: post_events(client, account, 1, time.time() - DAY / 2,
+                                 f"{account}-back-{time.monotonic()}").status_code == 200,
+             what="writes accepted again")

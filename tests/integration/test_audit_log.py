@@ -26,7 +26,8 @@ from services.common.identity import Principal, Role
 from services.common.server import build_server
 from services.common.storage.sql import migrate
 from services.privacy import cli
-from services.privacy.audit.app import SECURITY_ALERTS, AuditApp
+from services.common.config import ConfigError
+from services.privacy.audit.app import SECURITY_ALERTS, AuditApp, load_previous_public_keys
 from services.privacy.audit.servicer import AuditLogServicer
 from services.privacy.audit.domain import AuditEntry
 from services.privacy.keys.signing import generate_private_key, private_key_to_pem, public_key_to_pem
@@ -639,6 +640,64 @@ def test_after_a_rotation_of_the_signing_key_the_log_still_verifies(database, ke
         assert (altered.valid, altered.reason) == (False, "modified"), altered.message
     finally:
         rotated.close()
+
+
+def test_with_the_earlier_public_key_configured_old_heads_signatures_are_checked(database, key):
+    """HEARTH_AUDIT_PREVIOUS_PUBLIC_KEYS (session 20): without it a head signed before the
+    rotation is checked for content only, so restamping its time went unseen; with the old
+    key listed its signature is checked like the current key's."""
+    migrate(database, MIGRATIONS)
+    before = Log(database, key, max_delay_s=0.001)
+    try:
+        sizes = _fill(before, (5, 5))
+    finally:
+        before.close()
+    new_key = generate_private_key()
+    rotated = Log(database, new_key, max_delay_s=0.001)
+    try:
+        _fill(rotated, (5,))
+        with rotated.db.transaction() as tx:   # restamp an old head: its signature no longer holds
+            sth = json.loads(tx.query("SELECT sth_json FROM audit_sth WHERE tree_size = ?", (sizes[0],))[0][0])
+            sth["timestamp"] = sth["timestamp"].replace(sth["timestamp"][:4], str(int(sth["timestamp"][:4]) - 1), 1)
+            tx.execute("UPDATE audit_sth SET sth_json = ? WHERE tree_size = ?", (json.dumps(sth), sizes[0]))
+        unchecked = rotated.verify()
+        assert (unchecked.valid, unchecked.reason) == (True, ""), unchecked.message
+    finally:
+        rotated.close()
+    configured = load_previous_public_keys(public_key_to_pem(key.public_key()))
+    checked = Log(database, new_key, max_delay_s=0.001, earlier_public_keys=configured)
+    try:
+        result = checked.verify()
+        assert (result.valid, result.reason) == (False, "bad_signature"), result.message
+        assert str(sizes[0]) in result.message
+    finally:
+        checked.close()
+
+
+def test_genuine_heads_of_earlier_keys_verify_with_them_configured(database, key):
+    migrate(database, MIGRATIONS)
+    keys = [key, generate_private_key(), generate_private_key()]
+    for k in keys:
+        log = Log(database, k, max_delay_s=0.001)
+        try:
+            _fill(log, (3, 4))
+        finally:
+            log.close()
+    # PEM and base64, comma-separated, as the setting takes them
+    from services.privacy.keys.signing import public_key_raw_b64
+
+    configured = load_previous_public_keys(
+        public_key_to_pem(keys[0].public_key()) + "," + public_key_raw_b64(keys[1].public_key()))
+    assert len(configured) == 2
+    log = Log(database, keys[2], max_delay_s=0.001, earlier_public_keys=configured)
+    try:
+        result = log.verify()
+        assert (result.valid, result.reason) == (True, ""), result.message
+    finally:
+        log.close()
+    with pytest.raises(ConfigError, match="HEARTH_AUDIT_PREVIOUS_PUBLIC_KEYS"):
+        load_previous_public_keys("not-a-key")
+    assert load_previous_public_keys("") == []
 
 
 def test_a_genuine_tree_head_moved_to_another_size_fails_a_live_verify(log):

@@ -64,6 +64,21 @@ def test_feedback_is_idempotent_by_id(database):
     assert app.store.counts() == (1, 1)
 
 
+def test_the_feedback_rate_is_unknown_not_zero_while_there_is_no_prediction(database):
+    """0/0 is NaN on /metrics (no alert compares true against it): a 0 fired
+    HearthFeedbackRateLow on every deployment without predictions yet."""
+    import math
+
+    app = make_app(database)
+    app.calibration.refresh_gauges()
+    assert math.isnan(REGISTRY.get_sample_value("hearth_feedback_rate"))
+    record(app, "a")
+    record(app, "b")
+    app.intake.record_feedback("f1", "a", SignalKind.PROFILE_CONFIRMED, None, NOW - 60)
+    app.calibration.refresh_gauges()
+    assert REGISTRY.get_sample_value("hearth_feedback_rate") == 0.5
+
+
 # ----------------------------------------------------------------------------- flags
 
 

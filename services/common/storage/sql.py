@@ -74,6 +74,27 @@ class _SqliteTx:
         """Nothing to do: BEGIN IMMEDIATE already serialises every write transaction."""
 
 
+# SQLite's result codes (the primary code, the low byte) that say the database cannot
+# take the statement now, not that the statement is wrong: a full disk, a file or
+# directory made read-only, an I/O error, a lock held past the busy timeout.
+_SQLITE_UNAVAILABLE = {getattr(sqlite3, name) for name in (
+    "SQLITE_FULL", "SQLITE_READONLY", "SQLITE_IOERR", "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_CANTOPEN")}
+
+
+@contextlib.contextmanager
+def _sqlite_unavailable() -> Iterator[None]:
+    """The database cannot write now → ``Unavailable`` (gRPC UNAVAILABLE, HTTP 503 with
+    Retry-After: retry later), not an unexpected error (INTERNAL, 502 "upstream error",
+    and a traceback logged per request, as until session 20 with the data directory's
+    disk full)."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _SQLITE_UNAVAILABLE:
+            raise Unavailable(f"database unavailable: {exc}") from exc
+        raise
+
+
 class SqliteDatabase:
     """One connection per thread (sqlite3 objects are not shareable), WAL journal so
     readers never block the writer, ``synchronous=FULL`` so an acknowledged commit
@@ -147,15 +168,21 @@ class SqliteDatabase:
 
     @contextlib.contextmanager
     def transaction(self, readonly: bool = False) -> Iterator[Tx]:
-        with self._in_use() as conn:
+        with self._in_use() as conn, _sqlite_unavailable():
             conn.execute("BEGIN DEFERRED" if readonly else "BEGIN IMMEDIATE")
             try:
                 yield _SqliteTx(conn)
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:   # SQLite may have rolled back itself (SQLITE_FULL, IOERR)
+                    conn.execute("ROLLBACK")
                 raise
             else:
-                conn.execute("COMMIT")
+                try:
+                    conn.execute("COMMIT")
+                except sqlite3.Error:
+                    if conn.in_transaction:   # never leave this thread's connection inside it
+                        conn.execute("ROLLBACK")
+                    raise
 
     def purge_erased(self, tables: Sequence[str] = ()) -> dict[str, Any]:
         """Make an erasure physical (call after the erasing transaction committed).
@@ -271,6 +298,13 @@ class PostgresDatabase:
                     yield _PostgresTx(cur)
         except psycopg.OperationalError as exc:
             raise Unavailable(f"database unavailable: {exc.__class__.__name__}") from exc
+        except psycopg.errors.ReadOnlySqlTransaction as exc:
+            # A standby (a failover the DSN has not followed yet) or a database set
+            # read-only (default_transaction_read_only, e.g. while its disk is nearly
+            # full): reads work, writes wait. Until session 20 every write was INTERNAL —
+            # 502 "upstream error" and a traceback per request — with nothing to retry on.
+            raise Unavailable("database is read-only (a standby, or default_transaction_read_only): "
+                              "writes are refused until it accepts them again") from exc
         except PoolClosed as exc:  # closed while the service shuts down; in-flight use finishes
             raise Unavailable("database is closed (the service is shutting down)") from exc
 

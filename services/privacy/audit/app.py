@@ -19,7 +19,9 @@ Signing key configuration, first match wins:
                                    ``audit-signing-key.pub`` for ``hearth audit verify``.
 
 Every replica of the privacy service must use the same key; configure it explicitly
-in any deployment with more than one replica or an ephemeral disk.
+in any deployment with more than one replica or an ephemeral disk. After a rotation,
+``HEARTH_AUDIT_PREVIOUS_PUBLIC_KEYS`` lists the earlier keys' public halves so that
+VerifyAudit checks the signatures of the heads they signed (``load_previous_public_keys``).
 """
 
 from __future__ import annotations
@@ -45,8 +47,10 @@ from services.privacy.audit.writer import AuditWriter
 from services.privacy.audit.domain import AuditEntry, EventType, Role, SignedTreeHead
 from services.privacy.keys.signing import (
     Ed25519PrivateKey,
+    Ed25519PublicKey,
     generate_private_key,
     load_private_key,
+    load_public_keys,
     private_key_to_pem,
     public_key_to_pem,
 )
@@ -60,6 +64,7 @@ for _kind in SecurityEventKind:   # at 0 from the start: the first alert is an i
     SECURITY_ALERTS.labels(_kind.value)
 KEY_ENV = "HEARTH_AUDIT_SIGNING_KEY"
 KEY_FILE_ENV = "HEARTH_AUDIT_SIGNING_KEY_FILE"
+PREVIOUS_KEYS_ENV = "HEARTH_AUDIT_PREVIOUS_PUBLIC_KEYS"
 DEV_KEY_NAME = "audit-signing-key.pem"
 DEV_PUBLIC_KEY_NAME = "audit-signing-key.pub"
 SERVICE = "privacy"
@@ -109,17 +114,31 @@ def load_signing_key(configured: str = "", key_file: str = "", data_dir: str | P
     return key
 
 
+def load_previous_public_keys(configured: str) -> list[Ed25519PublicKey]:
+    """``HEARTH_AUDIT_PREVIOUS_PUBLIC_KEYS``: the public keys of earlier audit signing keys
+    (PEM blocks and/or base64 raw keys, comma-separated); ConfigError naming the variable
+    when one is unusable (a typo must not silently leave old heads unchecked)."""
+    try:
+        return load_public_keys(configured or "", argument=PREVIOUS_KEYS_ENV)
+    except ValueError as exc:
+        raise ConfigError(f"invalid configuration:\n  {exc}") from None
+
+
 class AuditApp:
     """The audit log of the privacy service. Construct after migrations; it starts the
     store (loads state, rebuilds the proof tree, starts the writer)."""
 
     def __init__(self, db: Database, signing_key: Ed25519PrivateKey, *,
-                 thresholds: DetectorThresholds | None = None, **store_options) -> None:
+                 thresholds: DetectorThresholds | None = None,
+                 earlier_public_keys: Sequence[Ed25519PublicKey] = (), **store_options) -> None:
+        """``earlier_public_keys``: the keys tree heads were signed with before
+        ``signing_key`` (``HEARTH_AUDIT_PREVIOUS_PUBLIC_KEYS``), whose signatures
+        VerifyAudit then checks too."""
         self.detector = SuspiciousActivityDetector(thresholds)
         self.alerts = 0
         self.store = AuditStore(db)
         self.writer = AuditWriter(db, signing_key, after_commit=self._detect, **store_options).start()
-        self.proofs = AuditProofs(self.store, self.writer)
+        self.proofs = AuditProofs(self.store, self.writer, earlier_public_keys)
 
     @property
     def public_key_pem(self) -> str:
@@ -222,7 +241,8 @@ def build_audit(settings, db: Database) -> tuple[AuditApp, AuditSink, list]:
     """Open the audit log on ``db`` (migrated), install the process's local audit sink,
     and return (app, sink, closers in the order they must run)."""
     app = AuditApp(db, load_signing_key(settings.audit_signing_key.get_secret_value(),
-                                        settings.audit_signing_key_file, settings.data_dir))
+                                        settings.audit_signing_key_file, settings.data_dir),
+                   earlier_public_keys=load_previous_public_keys(settings.audit_previous_public_keys))
     sink = AuditSink(LocalAuditTransport(app), component=SERVICE)
     audit_client.install(sink)
     if not app.writer.healthy_at_start:

@@ -715,6 +715,7 @@ def verify_tree_head_history(
     entries: Sequence[AuditEntry],
     stored: Sequence[tuple[int, str]],
     public_key: Ed25519PublicKey,
+    earlier_keys: Sequence[Ed25519PublicKey] = (),
 ) -> LogVerification | None:
     """Check every stored signed tree head ``(tree_size column, STH JSON)`` against the
     (already verified) ``entries``: each must parse, sit in the row of its own size, carry
@@ -726,7 +727,10 @@ def verify_tree_head_history(
     cannot have its signature checked with ``public_key``; its size, root and chain head
     still must be the entries' (which the latest head, signed by ``public_key``, covers).
     Until session 19 such a head was "forged", so every VerifyAudit after a rotation of
-    the audit signing key reported ``bad_signature`` for a log nobody had touched."""
+    the audit signing key reported ``bad_signature`` for a log nobody had touched.
+    ``earlier_keys`` (``HEARTH_AUDIT_PREVIOUS_PUBLIC_KEYS``, session 20): the keys the log
+    was signed with before; a head naming one of them has its signature checked with it
+    (a restamped or made-up head is ``bad_signature``), as a head naming ``public_key``."""
     sizes = sorted({size for size, _ in stored})
     wanted = set(sizes)
     heads: dict[int, bytes] = {}
@@ -740,13 +744,15 @@ def verify_tree_head_history(
             heads[i + 1] = prev
     tree = merkle.MerkleTree.from_leaf_hashes(bytes(leaves))  # root(size) per head: O(log n)
     roots = {size: (tree.root(size), head) for size, head in heads.items()}
-    own_key = key_id(public_key)
+    keys = {key_id(k): k for k in earlier_keys}
+    keys[key_id(public_key)] = public_key
     for size, text in sorted(stored):
         try:
             sth = SignedTreeHead.from_dict(json.loads(text))
         except (ValueError, TypeError, json.JSONDecodeError):
             return _fail(TamperReason.BAD_SIGNATURE, None, f"stored tree head of size {size} does not parse")
-        if sth.tree_size != size or (sth.key_id == own_key and not verify_tree_head(sth, public_key)):
+        signer = keys.get(sth.key_id)
+        if sth.tree_size != size or (signer is not None and not verify_tree_head(sth, signer)):
             return _fail(TamperReason.BAD_SIGNATURE, None,
                          f"stored tree head of size {size} is forged (signature or size)")
         if roots.get(size) != (sth.root, sth.chain_head):

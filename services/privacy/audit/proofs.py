@@ -35,9 +35,10 @@ class AuditVerification:
 
 
 class AuditProofs:
-    def __init__(self, store: AuditStore, writer: AuditWriter) -> None:
+    def __init__(self, store: AuditStore, writer: AuditWriter, earlier_keys=()) -> None:
         self._store = store
         self._writer = writer
+        self._earlier_keys = tuple(earlier_keys)   # HEARTH_AUDIT_PREVIOUS_PUBLIC_KEYS
 
     def _head_for(self, tree_size: int) -> SignedTreeHead:
         latest = self._writer.latest_sth()
@@ -136,7 +137,8 @@ class AuditProofs:
             return AuditVerification(LogVerification(True, None, None, "ok: empty log"), 0, None)
         result = verify_log(entries, sth, self._writer.public_key, chain_hashes=chains or None)
         if result.ok:
-            forged = verify_tree_head_history(entries, self._store.stored_tree_heads(), self._writer.public_key)
+            forged = verify_tree_head_history(entries, self._store.stored_tree_heads(), self._writer.public_key,
+                                              self._earlier_keys)
             result = result if forged is None else forged
         if result.ok and column_mismatch is not None:
             result = LogVerification(False, TamperReason.MODIFIED, column_mismatch,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from services.common import audit
 from services.common.errors import InvalidArgument
 from services.common.ids import check_id
 from services.common.identity import current_principal
@@ -16,8 +17,16 @@ class ConsentApp:
         self.store = store
 
     def set_consent(self, account_id: str, processing: bool, attribution: bool) -> int:
+        """Store the flags. The RPC's audit record (``consent_change``) carries the new
+        flags, the previous ones (``previous``: ``null`` when the account had none set,
+        i.e. both allowed) and the version: until session 20 it said only that consent
+        changed, so the log could not show when an account withdrew or gave it back."""
         check_id(account_id, "account_id")
-        return self.store.set_consent(account_id, processing, attribution, current_principal().id)
+        before, version = self.store.change_consent(account_id, processing, attribution, current_principal().id)
+        audit.add_rpc_details(
+            processing=bool(processing), attribution=bool(attribution), version=version,
+            previous={"processing": before.processing, "attribution": before.attribution} if before.known else None)
+        return version
 
     def consent(self, account_id: str) -> Consent:
         check_id(account_id, "account_id")

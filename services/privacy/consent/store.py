@@ -31,9 +31,19 @@ class ConsentStore:
         return migrate(self.db, MIGRATIONS)
 
     def set_consent(self, account_id: str, processing: bool, attribution: bool, by: str) -> int:
+        return self.change_consent(account_id, processing, attribution, by)[1]
+
+    def change_consent(self, account_id: str, processing: bool, attribution: bool,
+                       by: str) -> tuple[Consent, int]:
+        """Store the flags; returns the consent before (``known`` False: none was set,
+        i.e. both allowed) and the new version. The previous flags are read in the same
+        transaction as the write."""
         with self.db.transaction() as tx:
-            row = tx.query("SELECT version FROM consent WHERE account_id = ?", (account_id,))
+            row = tx.query("SELECT version, processing, attribution FROM consent WHERE account_id = ?",
+                           (account_id,))
             version = (int(row[0][0]) if row else 0) + 1
+            before = (Consent(account_id, bool(row[0][1]), bool(row[0][2]), int(row[0][0]), True) if row
+                      else Consent(account_id, True, True, 0, False))
             if row:
                 tx.execute("UPDATE consent SET processing = ?, attribution = ?, version = ?, "
                            "updated_at = ?, updated_by = ? WHERE account_id = ?",
@@ -42,7 +52,7 @@ class ConsentStore:
                 tx.execute("INSERT INTO consent (account_id, processing, attribution, version, "
                            "updated_at, updated_by) VALUES (?, ?, ?, ?, ?, ?)",
                            (account_id, int(processing), int(attribution), version, time.time(), by))
-        return version
+        return before, version
 
     def consent(self, account_id: str) -> Consent:
         with self.db.transaction() as tx:

@@ -163,7 +163,8 @@ class KeyService:
             try:
                 records = self.ring.rotate_kek(new_active_kek_id)
             except ValueError as exc:
-                raise InvalidArgument(str(exc), "new_active_kek_id") from None
+                # the domain's message starts with the field, which InvalidArgument adds itself
+                raise InvalidArgument(str(exc).removeprefix("new_active_kek_id: "), "new_active_kek_id") from None
             self.store.overwrite(records)
             return len(records), self.ring.active_kek_id, sorted(self.ring.kek_ids_in_use())
 

@@ -114,6 +114,19 @@ def load_public_key(config: str | bytes, *, argument: str = "public_key") -> Ed2
     return Ed25519PublicKey.from_public_bytes(_decode_raw_b64(text, argument))
 
 
+def load_public_keys(config: str | bytes, *, argument: str = "public_keys") -> list[Ed25519PublicKey]:
+    """Several Ed25519 public keys: PEM blocks one after the other and/or base64 raw keys
+    separated by commas or white space ("" -> none). ValueError naming ``argument`` and
+    the key's position when one is unusable."""
+    import re
+
+    text = _as_text(config, argument)
+    pems = re.findall(r"-----BEGIN [A-Z ]+-----.*?-----END [A-Z ]+-----", text, flags=re.S)
+    rest = re.sub(r"-----BEGIN [A-Z ]+-----.*?-----END [A-Z ]+-----", " ", text, flags=re.S)
+    items = pems + [item for item in re.split(r"[,\s]+", rest) if item]
+    return [load_public_key(item, argument=f"{argument}[{i}]") for i, item in enumerate(items)]
+
+
 def _public_raw(public_key: Ed25519PublicKey) -> bytes:
     return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 

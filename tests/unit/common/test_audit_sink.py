@@ -282,6 +282,27 @@ def test_record_rpc_takes_resource_from_the_request_and_outcome_from_the_status(
     assert (ingest.resource, ingest.outcome) == ("", "error")
 
 
+def test_a_handlers_details_go_to_its_own_rpcs_record_only(memory_sink):
+    """``add_rpc_details`` (SetConsent's flags): merged into the record of the call being
+    served, never over rpc / code / component, and gone for the thread's next call —
+    audited or not."""
+    from hearth.privacy.v1 import privacy_pb2 as ppb
+
+    transport, sink = memory_sink
+    set_consent = "/hearth.privacy.v1.Consent/SetConsent"
+    request = ppb.SetConsentRequest(account_id="acc-5")
+    audit.add_rpc_details(processing=False, attribution=True, rpc="forged")
+    audit.record_rpc("privacy", set_consent, request, ALICE, [], grpc.StatusCode.OK, "")
+    audit.add_rpc_details(processing=True)
+    audit.record_rpc("privacy", "/hearth.privacy.v1.Consent/GetConsent", request, ALICE, [], grpc.StatusCode.OK, "")
+    audit.record_rpc("privacy", set_consent, request, ALICE, [], grpc.StatusCode.OK, "")
+    sink.flush(5)
+    first, second = (json.loads(r.details_json) for r in transport.records)
+    assert first == {"processing": False, "attribution": True, "rpc": set_consent.lstrip("/"), "code": "OK",
+                     "component": "privacy"}
+    assert second == {"rpc": set_consent.lstrip("/"), "code": "OK", "component": "privacy"}
+
+
 def test_unauthenticated_calls_record_the_claimed_principal(memory_sink):
     transport, sink = memory_sink
     metadata = [(identity.PRINCIPAL_KEY, "mallory"), (identity.ROLE_KEY, "admin")]

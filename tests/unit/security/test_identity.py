@@ -420,3 +420,27 @@ def test_a_forgery_of_a_verified_token_is_refused():
             s.verify("alice", "analyst", token[:i] + replacement + token[i + 1:], audience=AUD)
     with pytest.raises(Unauthenticated):
         ServiceTokenSigner(b"y" * 32, clock=Clock()).verify("alice", "analyst", token, audience=AUD)
+
+
+class _Context:
+    def __init__(self, key: str | None, identities: list[bytes]) -> None:
+        self._key, self._identities = key, identities
+
+    def peer_identities(self):
+        return self._identities or None
+
+    def peer_identity_key(self):
+        return self._key
+
+
+def test_the_component_of_a_peer_is_read_from_what_grpc_verified():
+    from services.common.tls import peer_component
+
+    assert peer_component(_Context(None, [])) is None                       # plaintext
+    sans = [b"localhost", b"clustering", b"hearth-clustering", b"127.0.0.1"]
+    assert peer_component(_Context("x509_subject_alternative_name", sans)) == "clustering"
+    assert peer_component(_Context("x509_subject_alternative_name", sans)) == "clustering"   # cached
+    assert peer_component(_Context("x509_common_name", [b"privacy"])) == "privacy"          # no SANs
+    # a certificate with SANs naming no component is not rescued by its common name
+    assert peer_component(_Context("x509_subject_alternative_name", [b"localhost", b"privacy"])) == ""
+    assert peer_component(_Context("x509_subject_alternative_name", [b"hearth-privacy", b"hearth-gateway"])) == ""

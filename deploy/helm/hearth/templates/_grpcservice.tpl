@@ -82,6 +82,7 @@ spec:
           startupProbe:
             grpc:
               port: {{ $svc.grpcPort }}
+              service: liveness
             {{- toYaml $probes.startup | nindent 12 }}
           readinessProbe:
             grpc:
@@ -90,6 +91,7 @@ spec:
           livenessProbe:
             grpc:
               port: {{ $svc.grpcPort }}
+              service: liveness
             {{- toYaml $probes.liveness | nindent 12 }}
           {{- include "hearth.lifecycle" $root | trim | nindent 10 }}
           resources:

@@ -1,0 +1,78 @@
+"""`hearth keys rotate` against a mesh of real processes whose privacy service holds two
+KEKs: privacy's RotateKeys with the operator's own API key, through the gateway
+(`POST /v1/keys/rotate`, admin only). Until session 20 there was no HTTP route nor
+command for it: an operator had to call the privacy service's gRPC port with a token
+only a mesh component could sign."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from services.testing.mesh import ROOT, running_mesh
+from tests.helpers.waiting import SLOW_MACHINE_S
+
+KEKS = ",".join(f"{kek}={base64.b64encode(bytes([n]) * 32).decode()}" for n, kek in ((1, "k1"), (2, "k2")))
+ACCOUNTS = ("kek-acc-1", "kek-acc-2")
+
+
+@pytest.fixture(scope="module")
+def kek_mesh(tmp_path_factory):
+    with running_mesh(tmp_path_factory.mktemp("keys-rotate"), {"kek-admin": "admin", "kek-analyst": "analyst"},
+                      timeout_s=SLOW_MACHINE_S,
+                      process_env={"privacy": {"HEARTH_KEKS": KEKS, "HEARTH_ACTIVE_KEK": "k1"}}) as mesh:
+        with httpx.Client(base_url=mesh.url, headers={"X-API-Key": mesh.keys["kek-admin"]}, timeout=30) as client:
+            for account in ACCOUNTS:   # each household's data key is created (wrapped under k1) on first write
+                events = [{"event_id": f"{account}-{i}", "account_id": account, "device_id": "tv",
+                           "device_type": "tv", "ts": f"2026-01-0{i + 1}T20:00:00Z", "kind": "heartbeat",
+                           "title_id": f"title-{i}", "genres": ["drama"], "duration_s": 300} for i in range(3)]
+                r = client.post("/v1/events", json={"events": events})
+                assert r.status_code == 200, r.text
+        yield mesh
+
+
+def hearth_keys(mesh, key: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HEARTH_ROLLOUT_API_KEY": key}
+    return subprocess.run([sys.executable, "-m", "services.cli", "keys", "rotate", "--gateway", mesh.url, *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=SLOW_MACHINE_S)
+
+
+def test_an_admin_rotates_the_kek_with_hearth_keys_rotate_and_it_is_audited(kek_mesh):
+    done = hearth_keys(kek_mesh, kek_mesh.keys["kek-admin"], "--to", "k2")
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["active_kek_id"] == "k2" and answer["kek_ids_in_use"] == ["k2"], answer
+    assert answer["rewrapped"] >= len(ACCOUNTS), answer
+    again = hearth_keys(kek_mesh, kek_mesh.keys["kek-admin"], "--to", "k2")   # idempotent, as the runbook says
+    assert again.returncode == 0 and json.loads(again.stdout)["kek_ids_in_use"] == ["k2"], again.stderr
+    with httpx.Client(base_url=kek_mesh.url, headers={"X-API-Key": kek_mesh.keys["kek-admin"]}, timeout=30) as client:
+        deadline = time.monotonic() + SLOW_MACHINE_S
+        while True:
+            records = client.get("/v1/audit", params={"event_type": "key_rotation", "limit": 100}).json()["records"]
+            if len(records) >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert [(r["principal"], r["role"], r["outcome"]) for r in records][:2] == [("kek-admin", "admin", "success")] * 2
+        assert records[0]["details"]["rpc"] == "hearth.privacy.v1.Keys/RotateKeys"
+        # the households' data still reads back (their keys unwrap under k2)
+        assert client.get(f"/v1/household/{ACCOUNTS[0]}").status_code == 200
+
+
+def test_a_refusal_exits_non_zero_with_the_gateways_answer(kek_mesh):
+    analyst = hearth_keys(kek_mesh, kek_mesh.keys["kek-analyst"], "--to", "k1")
+    assert analyst.returncode == 2 and analyst.stdout == ""
+    assert "key rotation refused" in analyst.stderr and "403" in analyst.stderr, analyst.stderr
+    unknown = hearth_keys(kek_mesh, kek_mesh.keys["kek-admin"], "--to", "k9")
+    assert unknown.returncode == 2 and "422" in unknown.stderr, unknown.stderr
+    assert "new_active_kek_id: 'k9' is not configured" in unknown.stderr, unknown.stderr
+    wrong_key = hearth_keys(kek_mesh, "hk_not-a-key", "--to", "k1")
+    assert wrong_key.returncode == 2 and "401" in wrong_key.stderr, wrong_key.stderr
+    no_key = hearth_keys(kek_mesh, "", "--to", "k1")
+    assert no_key.returncode == 2 and "HEARTH_ROLLOUT_API_KEY" in no_key.stderr, no_key.stderr
