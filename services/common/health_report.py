@@ -165,7 +165,10 @@ class DependencyMonitor:
         for check in items:
             future, started = self._in_flight.get(check.name, (None, now))
             if future is None or future.done():
-                future, started = self._probes.submit(_probe_reason, check), now
+                try:
+                    future, started = self._probes.submit(_probe_reason, check), now
+                except RuntimeError:   # stop() shut the pool down meanwhile: nothing to publish
+                    return self._last
                 self._in_flight[check.name] = (future, started)
             running.append((check, future, started))
         for _, future, started in running:   # they run at once: waiting in turn costs nothing
