@@ -125,6 +125,11 @@ def _event_from_row(r: Sequence) -> ViewingEvent:
 _encode_probabilities = json.JSONEncoder(sort_keys=True, check_circular=False).encode
 
 
+# The least margin a window erasure allows between its end and the earliest session start
+# of an outbox chunk it does not read (``erase``; prediction_log.erase_pending).
+SKIP_MARGIN_FLOOR_S = 7 * 86400.0
+
+
 class ClusteringStore:
     def __init__(self, db: Database, cache: Cache | None = None, *, gap_s: float = 1800.0,
                  lateness_tolerance_s: float = 6 * 3600.0, cipher: FieldCipher | None = None,
@@ -679,7 +684,12 @@ class ClusteringStore:
                 # about it (a later event is refused if older than the device's newest one
                 # minus the tolerance; the gap added as a margin): chunks whose sessions all
                 # started after that are not read (the retention purge parsed every chunk).
-                before = scope.end + self.tolerance_s + self.gap_s \
+                # The tolerance in force now, not when the events came: a floor of a week
+                # keeps a chunk whose session was stretched back under a larger tolerance
+                # of before (the setting lowered since, or another replica's) from being
+                # skipped — a wrong skip would outlive the erasure; the retention purge's
+                # cut-off is ~90 days back, so the floor costs it nothing.
+                before = scope.end + max(self.tolerance_s, SKIP_MARGIN_FLOOR_S) + self.gap_s \
                     if scope.kind == "window" and scope.end is not None else None
                 pending = erase_pending(tx, lambda acct, session: (scope.all_accounts or acct == account)
                                         and session in sessions, None if scope.all_accounts else account,

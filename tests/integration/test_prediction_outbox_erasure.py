@@ -294,3 +294,31 @@ def test_a_window_erasure_reads_only_the_chunks_that_can_hold_its_sessions(outbo
         pass
     assert sorted(p.prediction_id for r in requests for p in r.predictions) == \
         ["pr-a", "pr-near", "pr-new-0", "pr-new-1", "pr-new-2", "pr-none"]
+
+
+def test_a_window_erasure_reads_a_chunk_whose_session_was_stretched_back_under_an_earlier_tolerance(outbox, database):
+    """The skip of test_a_window_erasure_reads_only_the_chunks_that_can_hold_its_sessions
+    reasons with the lateness tolerance in force at the erasure; events accepted under a
+    larger one before (the setting lowered since) moved a session's start further back
+    than that. A floor of a week on the margin keeps such a chunk read, and its
+    prediction erased with the session (before the floor it outlived the erasure)."""
+    day, t0 = 86400.0, 1_780_000_000.0
+    end = t0 + day
+    store, log, _requests = outbox
+    with database.transaction() as tx:
+        # The session as stored now starts before the window's end (late events, accepted
+        # under a 3-day tolerance, stretched it back); the prediction saw it start 2 days after.
+        tx.execute("INSERT INTO sessions (session_id, account_id, device_id, device_type, start_ts, end_ts, "
+                   "event_count, watch_seconds, feature_version, features, label, person_id) VALUES "
+                   "('se-stretched', 'acc-s', 'tv', 'tv', ?, ?, 2, 1800, 1, ?, NULL, 'p1')",
+                   (end - 3600, end + 2 * day + 1800, b"\0" * 8))
+        tx.execute("INSERT INTO events (event_id, account_id, device_id, device_type, ts, kind, title_id, "
+                   "series_id, genres, duration_s, maturity, country, vpn, profile_hint) VALUES "
+                   "('ev-late', 'acc-s', 'tv', 'tv', ?, 'play_start', 't', NULL, 'drama', 1800, 'adult', NULL, 0, NULL)",
+                   (end - 3600,))
+    log.record([PredictionRecord("pr-stretched", "acc-s", "se-stretched", "p1", {"p1": 0.75, "p2": 0.25}, "gmm",
+                                 3, t0 + 10 * day, False, 2, "tv", end + 2 * day, end + 2 * day + 1800)])
+    outcome = store.erase(ErasureScope("*", ScopeKind.TIME_WINDOW, end=end))
+    assert outcome.deleted_ids_of("sessions") == {"se-stretched"}
+    assert outcome.deleted_ids_of("pending_predictions") == {"pr-stretched"}
+    assert log.forward_once() == 0
