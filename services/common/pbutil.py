@@ -32,12 +32,19 @@ def ts_to_float(message, field_name: str, field_path: str, required: bool = True
 
 def varint(n: int) -> bytes:
     """``n`` >= 0 as a protobuf base-128 varint (wire format)."""
+    if 0 <= n < 0x80:           # the lengths of most strings and messages the services write
+        return _ONE_BYTE[n]
+    if n < 0x4000:
+        return bytes((n & 0x7F | 0x80, n >> 7))
     out = bytearray()
     while n > 0x7F:
         out.append(n & 0x7F | 0x80)
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+_ONE_BYTE = tuple(bytes((i,)) for i in range(0x80))
 
 
 def length_delimited(key: bytes, data: bytes) -> bytes:

@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 from scipy.special import expit, logit, logsumexp, xlogy
 
 from services.clustering.domain import features as F
@@ -782,13 +781,21 @@ def _heuristic_key(X: np.ndarray) -> np.ndarray:
     return np.where(X[:, F.KIDS_SHARE] >= 0.5, -1, dev)
 
 
+def _linear_sum_assignment(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """SciPy's Hungarian algorithm, imported at the first fit rather than at start-up
+    (scipy.optimize is ~0.25 CPU-s of a clustering process's start: docs/benchmarks.md
+    "## bench-assign", perf20); answering never needs it."""
+    from scipy.optimize import linear_sum_assignment
+    return linear_sum_assignment(cost)
+
+
 def _persons_of_groups(pred: np.ndarray, clamp: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(groups, persons): each clamped group 0..L-1 (device group or label) with the
     predicted person 0..k-1 holding most of its sessions, one person per group
     (Hungarian on the counts; with L > k only k groups get one)."""
     counts = np.zeros((int(clamp.max()) + 1, k))
     np.add.at(counts, (clamp[clamp >= 0], pred[clamp >= 0]), 1.0)
-    return linear_sum_assignment(-counts)
+    return _linear_sum_assignment(-counts)
 
 
 class HouseholdModel:
@@ -2062,7 +2069,7 @@ class HouseholdModel:
         if old_post is not None and old_ids:
             overlap = old_post.T @ new_post  # (K_old, K_new) shared mass
             mass = new_post.sum(axis=0)
-            rows, cols = linear_sum_assignment(-overlap)
+            rows, cols = _linear_sum_assignment(-overlap)
             for r, c in zip(rows, cols):
                 if (ids[c] is None and old_ids[r] not in taken and old_ids[r] not in self.retired
                         and overlap[r, c] >= MATCH_MIN_OVERLAP * mass[c]):

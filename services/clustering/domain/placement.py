@@ -34,8 +34,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 
 from services.clustering.domain.persons import person_features
 
@@ -72,6 +70,11 @@ def discriminative_responsibilities(X: np.ndarray, known: np.ndarray, assigned: 
         return None
     Z = person_features(X)
     Z = (Z - Z.mean(axis=0)) / np.maximum(Z.std(axis=0), 1e-3)
+    # Imported here, not at the top: scikit-learn is ~0.9 CPU-s of a clustering process's
+    # start-up and only a fit places sessions (docs/benchmarks.md "## bench-assign", perf20).
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf = LogisticRegression(C=c, max_iter=300).fit(Z[train], y[train])

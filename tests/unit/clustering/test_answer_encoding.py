@@ -283,3 +283,19 @@ def test_the_services_answers_are_each_households_own(tmp_path, calibrated):
             batch_id="x", account_ids=["acc-0", "nobody"], feature_vectors=F.to_bytes(X[:2]),
             feature_schema_version=F.FEATURE_SCHEMA_VERSION)]), None))
     assert len(log.records) == 300
+
+
+@pytest.mark.parametrize("length", [0, 1, 127, 128, 300, 16383, 16384, 2 ** 21 - 1, 2 ** 21])
+def test_a_length_is_written_as_protobuf_writes_it(length):
+    """pbutil.varint's fast paths (one byte below 128, two below 16384) and its loop."""
+    from hearth.feedback.v1 import feedback_pb2 as fpb
+    from services.common.pbutil import length_delimited, varint
+
+    text = "x" * length
+    if length:   # proto3 leaves an empty string and a zero out
+        assert length_delimited(b"\x0a", text.encode()) == fpb.Prediction(prediction_id=text).SerializeToString()
+        assert varint(length) == fpb.Prediction(model_version=length).SerializeToString()[1:]
+    else:
+        assert length_delimited(b"\x0a", b"") == b"\x0a\x00" and varint(0) == b"\x00"
+    with pytest.raises(ValueError):
+        varint(-1)
