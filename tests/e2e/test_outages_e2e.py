@@ -350,9 +350,20 @@ def test_a_service_whose_database_check_hangs_still_exits_on_sigterm(tmp_path_fa
             for pid in pids:
                 os.kill(pid, signal.SIGSTOP)
             try:
-                # "no answer in N s": the database probe is stuck on its socket, not failed.
-                wait_for(lambda: all("database: no answer in" in _grpc_health_reasons(p) for p in ports.values()),
-                         what="every service's database check hung (no answer) with PostgreSQL stopped")
+                # Every service NOT_SERVING, and some database probe stuck on its socket ("no
+                # answer in N s"; a service whose pooled connections are all held by hung work
+                # fails its probe with PoolTimeout instead, which holds no thread).
+                reasons: dict[str, str] = {}
+
+                def hung() -> bool:
+                    reasons.update({s: _grpc_health_reasons(p) for s, p in ports.items()})
+                    return (all("database:" in r for r in reasons.values())
+                            and any("database: no answer in" in r for r in reasons.values()))
+
+                deadline = time.monotonic() + SLOW_MACHINE_S
+                while not hung():
+                    assert time.monotonic() < deadline, f"no database probe hung with PostgreSQL stopped: {reasons}"
+                    time.sleep(0.5)
                 procs = {s: mesh.processes.pop(s) for s in ports}
                 for proc in procs.values():
                     proc.send_signal(signal.SIGTERM)
@@ -362,7 +373,7 @@ def test_a_service_whose_database_check_hangs_still_exits_on_sigterm(tmp_path_fa
                 running = [s for s, p in procs.items() if p.poll() is None]
                 for s in running:
                     procs[s].kill()
-                assert not running, f"still running 60 s after SIGTERM with PostgreSQL hung: {running}"
+                assert not running, f"still running 60 s after SIGTERM with PostgreSQL hung: {running} ({reasons})"
             finally:
                 for pid in pids:
                     os.kill(pid, signal.SIGCONT)
