@@ -63,7 +63,11 @@ _RECORD_FIELDS = tuple(f.name for f in fields(PredictionRecord))
 
 # Each chunk carries the traceparents of the request spans that made its predictions: the
 # forwarder runs later on a thread of its own, so its RecordPrediction call is a trace of
-# its own, whose ``predictions.forward`` span links back to each request's span. A row of
+# its own, whose ``predictions.forward`` span links back to each request's span. Since
+# session 20 the column says which predictions each one made: ``traceparent*n`` for a run
+# of n predictions in the body's order (``*n`` for a request without a valid span), so an
+# erasure that cuts a household's predictions out of a chunk drops the traceparents of its
+# requests too (``_kept_runs``); before, the rewritten chunk kept them. A row of
 # prediction_outbox carries its request's traceparent first (session 18) or, before, under
 # this key of its JSON object (session 17); forward_once still reads those.
 _TRACE_KEY = "traceparent"
@@ -204,28 +208,48 @@ def erase_pending(tx: Tx, doomed: Callable[[str, str], bool], account_id: str | 
     lock = " ORDER BY 1 FOR UPDATE" if dialect == "postgres" else ""   # one order: erasures never deadlock
     if account_id is None:
         legacy = tx.query("SELECT prediction_id, account_id, session_id FROM prediction_outbox" + lock)
-        chunks = tx.query("SELECT chunk_id, body FROM prediction_chunks" + lock)
+        chunks = tx.query("SELECT chunk_id, traceparents, body FROM prediction_chunks" + lock)
     else:
         legacy = tx.query("SELECT prediction_id, account_id, session_id FROM prediction_outbox "
                           "WHERE account_id = ?" + lock, (account_id,))
-        chunks = [(chunk_id, body) for chunk_id, accounts, body in tx.query(
-            "SELECT chunk_id, accounts, body FROM prediction_chunks WHERE accounts LIKE ? ESCAPE '\\'" + lock,
+        chunks = [(chunk_id, traceparents, body) for chunk_id, accounts, traceparents, body in tx.query(
+            "SELECT chunk_id, accounts, traceparents, body FROM prediction_chunks "
+            "WHERE accounts LIKE ? ESCAPE '\\'" + lock,
             (_like_pattern(account_id),)) if account_id in accounts.split()]   # LIKE may match more (case)
     gone = [r[0] for r in legacy if doomed(r[1], r[2])]
     tx.executemany("DELETE FROM prediction_outbox WHERE prediction_id = ?", [(p,) for p in gone])
-    for chunk_id, body in chunks:
+    for chunk_id, traceparents, body in chunks:
         request = fpb.RecordPredictionRequest.FromString(bytes(body))
-        kept = [p for p in request.predictions if not doomed(p.account_id, p.session_id)]
-        if len(kept) == len(request.predictions):
+        keep = [not doomed(p.account_id, p.session_id) for p in request.predictions]
+        if all(keep):
             continue
-        gone += [p.prediction_id for p in request.predictions if doomed(p.account_id, p.session_id)]
-        if kept:
-            tx.execute("UPDATE prediction_chunks SET predictions = ?, accounts = ?, body = ? WHERE chunk_id = ?",
-                       (len(kept), _accounts(p.account_id for p in kept),
+        gone += [p.prediction_id for p, k in zip(request.predictions, keep) if not k]
+        kept = [p for p, k in zip(request.predictions, keep) if k]
+        if kept:   # every column that said something of the erased predictions is rewritten
+            tx.execute("UPDATE prediction_chunks SET predictions = ?, accounts = ?, traceparents = ?, body = ? "
+                       "WHERE chunk_id = ?",
+                       (len(kept), _accounts(p.account_id for p in kept), _kept_runs(traceparents, keep),
                         fpb.RecordPredictionRequest(predictions=kept).SerializeToString(), chunk_id))
         else:
             tx.execute("DELETE FROM prediction_chunks WHERE chunk_id = ?", (chunk_id,))
     return gone
+
+
+def _kept_runs(traceparents: str, kept: Sequence[bool]) -> str:
+    """A chunk's ``traceparents`` once only its ``kept`` predictions stay: the runs shortened
+    to what they keep, the runs that keep nothing dropped. A column without run lengths
+    (written before session 20) cannot say which traceparent made which prediction: it is
+    dropped whole (the forward loses those links, the erased household its trace ids)."""
+    out, at = [], 0
+    for item in traceparents.split():
+        traceparent, star, n = item.rpartition("*")
+        if not star or not n.isdigit():
+            return ""
+        count = sum(kept[at:at + int(n)])
+        at += int(n)
+        if count:
+            out.append(f"{traceparent}*{count}")
+    return " ".join(out) if at == len(kept) else ""
 
 
 def _accounts(account_ids: Iterable[str]) -> str:
@@ -333,23 +357,22 @@ class PredictionLog:
     def _chunks(self, requests: Sequence[_Request], now: float) -> list[tuple]:
         """The group commit's predictions as outbox chunks of at most ``batch`` predictions
         (requests that arrived together share one)."""
-        rows, records, traceparents = [], [], {}
+        rows, records, runs = [], [], []
 
         def close() -> None:   # ids sort in commit order among the chunks of one commit (one created_at)
             rows.append((f"{len(rows):04d}-{os.urandom(16).hex()}", now, len(records),
-                         _accounts(r.account_id for r in records), " ".join(filter(None, traceparents)),
-                         _encode(records)))
+                         _accounts(r.account_id for r in records), " ".join(runs), _encode(records)))
 
         for request in requests:
             todo = request.records
             while todo:
                 room = self._batch - len(records)
                 records += todo[:room]
-                traceparents[request.traceparent] = None
+                runs.append(f"{request.traceparent}*{len(todo[:room])}")
                 todo = todo[room:]
                 if len(records) >= self._batch:
                     close()
-                    records, traceparents = [], {}
+                    records, runs = [], []
         if records:
             close()
         return rows
@@ -432,7 +455,7 @@ class PredictionLog:
             request = to_request(records)
         else:   # the chunks' bodies are serialized requests: their concatenation is one
             request = fpb.RecordPredictionRequest.FromString(b"".join(bodies))
-            traceparents = list(dict.fromkeys(tp for c in chunks for tp in c[2].split()))
+            traceparents = list(dict.fromkeys(item.partition("*")[0] for c in chunks for item in c[2].split()))
         # One request's predictions share its traceparent: each request is linked once.
         links = [link for link in map(_link, traceparents) if link is not None][:MAX_LINKS]
         with telemetry.safe_span(telemetry.tracer("hearth.clustering.predictions"), "predictions.forward",

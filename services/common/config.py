@@ -213,6 +213,9 @@ class ServiceSettings(MeshSettings):
     host: str = "127.0.0.1"
     grpc_port: int | None = None        # None: the service's default from DEFAULT_PORTS
     metrics_port: int | None = None     # 0 disables the metrics HTTP server
+    # A plaintext port serving grpc.health only (0: none), for the kubelet's gRPC probes,
+    # which cannot present a client certificate to a service listening with mutual TLS.
+    health_port: int = 0
     max_workers: int = 16
     # On SIGTERM, how long calls in flight may run before the server cancels them. Any
     # call under way at the signal has less than the gateway's deadline left
@@ -242,7 +245,7 @@ class ServiceSettings(MeshSettings):
     feedback_addr: str = "127.0.0.1:50054"
     peer_timeout_s: float = 5.0
 
-    @field_validator("grpc_port", "metrics_port")
+    @field_validator("grpc_port", "metrics_port", "health_port")
     @classmethod
     def _port_range(cls, value: int | None) -> int | None:
         if value is not None and not 0 <= value <= 65535:

@@ -317,6 +317,8 @@ class RunningServer:
     on_stop: list[Callable[[], None]] = field(default_factory=list)
     monitor: health_report.DependencyMonitor | None = None
     drain: Drain = field(default_factory=Drain)
+    # The workers that run this server's calls (serve_health_only checks one is free).
+    pool: futures.ThreadPoolExecutor | None = None
 
     def stop(self, grace: float = 5.0) -> None:
         """NOT_SERVING, then drain (see ``Drain``): calls under way get up to ``grace``
@@ -348,8 +350,9 @@ def build_server(service: str, register: Callable[[grpc.Server], Iterable[str]],
     their full service names (for health and reflection). ``port=0`` picks a free port."""
     drain = Drain()
     telemetry.RPC_IN_FLIGHT.labels(service).set_function(lambda: drain.running)
+    pool = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"{service}-rpc")
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"{service}-rpc"),
+        pool,
         interceptors=[HearthInterceptor(service, drain)],
         options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
                  ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -377,7 +380,43 @@ def build_server(service: str, register: Callable[[grpc.Server], Iterable[str]],
     # Never set NOT_SERVING (not by the dependency monitor, not by the drain): see
     # health_report.LIVENESS_SERVICE.
     health_servicer.set(health_report.LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, bound, health_servicer, names, drain=drain)
+    return RunningServer(server, bound, health_servicer, names, drain=drain, pool=pool)
+
+
+class _HealthThroughPool(health_pb2_grpc.HealthServicer):
+    """The service's own health answers, given only once one of the service's own
+    workers has picked up a no-op: a process whose workers are all stuck fails the probe
+    on the health-only port as it would on the service port."""
+
+    def __init__(self, health_servicer: health.HealthServicer, pool: futures.Executor | None,
+                 timeout_s: float) -> None:
+        self._health, self._pool, self._timeout_s = health_servicer, pool, timeout_s
+
+    def Check(self, request, context):
+        if self._pool is not None:
+            try:
+                self._pool.submit(lambda: None).result(timeout=self._timeout_s)
+            except (futures.TimeoutError, RuntimeError):   # busy, or shut down
+                context.abort(grpc.StatusCode.UNAVAILABLE, "no worker of the service is free")
+        return self._health.Check(request, context)
+
+
+def serve_health_only(health_servicer: health.HealthServicer, host: str, port: int,
+                      pool: futures.Executor | None = None, timeout_s: float = 1.5) -> Callable[[], None]:
+    """Serve ``health_servicer`` (the service's own: it turns NOT_SERVING on SIGTERM with
+    it) in plaintext on ``port``, and nothing else — no Hearth RPC, no reflection — for
+    the kubelet's gRPC probes (``HEARTH_HEALTH_PORT``): they cannot present a client
+    certificate, so with mutual TLS they could never reach the service port (Kubernetes'
+    built-in probes take no TLS parameters). ``Check`` answers only after one of
+    ``pool``'s workers (the service's) ran a no-op within ``timeout_s`` (below the
+    probes' 2 s), else UNAVAILABLE: a hung process still fails liveness. ``Watch`` is
+    not served. Returns the function that stops it."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
+    health_pb2_grpc.add_HealthServicer_to_server(_HealthThroughPool(health_servicer, pool, timeout_s), server)
+    if server.add_insecure_port(f"{host}:{port}") == 0:
+        raise OSError(f"could not bind {host}:{port} (HEARTH_HEALTH_PORT)")
+    server.start()
+    return lambda: server.stop(0).wait()
 
 
 def serve(service: str, register: Callable[[grpc.Server], Iterable[str]], settings,
@@ -391,6 +430,8 @@ def serve(service: str, register: Callable[[grpc.Server], Iterable[str]], settin
     running = build_server(service, register, host=settings.host,
                            port=settings.resolved_grpc_port, max_workers=settings.max_workers,
                            credentials=tls.server_credentials(material) if material else None)
+    if settings.health_port:
+        running.on_stop.append(serve_health_only(running.health, settings.host, settings.health_port, running.pool))
     running.on_stop.extend(on_stop)
     # Database, Redis and peers checked every few seconds: health says what is degraded.
     running.monitor = health_report.DependencyMonitor(running.health, running.service_names,

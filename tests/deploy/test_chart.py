@@ -626,6 +626,20 @@ def test_tls_secrets_are_mounted_and_wired_to_the_settings(render):
     # Without the values nothing TLS is rendered.
     plain = render()
     assert "HEARTH_TLS_CERT" not in effective_env(deployment_of(plain, "clustering"), plain)
+    # The kubelet's gRPC probes take no TLS parameters: with mesh TLS they go to the
+    # plaintext health-only port (until session 20 they went to the mTLS port and failed).
+    for objs, tls_on in ((objects, True), (plain, False)):
+        for component in ("clustering", "attribution", "privacy", "feedback"):
+            deployment = deployment_of(objs, component)
+            env = effective_env(deployment, objs)
+            probe_ports = {container(deployment)[probe]["grpc"]["port"]
+                           for probe in ("startupProbe", "readinessProbe", "livenessProbe")}
+            if tls_on:
+                assert probe_ports == {CHART_VALUES["grpcProbes"]["healthPort"]}, component
+                assert env["HEARTH_HEALTH_PORT"] == str(CHART_VALUES["grpcProbes"]["healthPort"]), component
+            else:
+                assert probe_ports == {CHART_VALUES["services"][component]["grpcPort"]}, component
+                assert "HEARTH_HEALTH_PORT" not in env, component
     # The one shared mesh certificate of sessions <= 19 is no longer a value (the schema refuses it).
     with pytest.raises(Exception, match="secretName"):
         render(set_values=("tls.mesh.secretName=hearth-mesh-tls",))

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from services.testing.mesh import ROOT, running_mesh
-from tests.helpers.waiting import SLOW_MACHINE_S, deletion_job
+from tests.helpers.waiting import SLOW_MACHINE_S, deletion_job, wait_for
 
 DAY = 86400.0
 RUN = uuid.uuid4().hex[:6]  # PostgreSQL schemas outlive a mesh: keep accounts unique per run
@@ -274,6 +274,57 @@ def test_job_interrupted_by_stopping_clustering_finishes_after_restart(dmesh, cl
         assert body["state"] == "running" and not clustering["confirmed"], body
     finally:
         dmesh.start_service("clustering")
+    body = poll(client, job_id)
+    assert body["state"] == "completed", body
+    assert remnants(dmesh, acct) == {}
+
+
+def test_privacy_stops_within_the_pods_grace_while_an_erase_waits_on_a_hung_peer(dmesh, client):
+    """SIGTERM to privacy while its deletion worker waits on an Erase that a hung peer
+    (clustering, SIGSTOPped) never answers: the process exits within the chart's
+    terminationGracePeriodSeconds (20 s: preStop 5 + grace 10 + margin 5) — the call is
+    cancelled, the step recorded as a retryable failure — and the job completes after the
+    restart. Until session 20 it waited out the Erase deadline (HEARTH_DELETION_ERASE_
+    TIMEOUT_S, 60 s): exit after 57 s, so Kubernetes SIGKILLed it before its audit log
+    and database were closed. (The exit still includes the gRPC server's stop, which waits
+    up to the 10 s grace for a call the frozen peer was sending when it stopped.)"""
+    import os
+    import signal
+
+    acct = f"e2e-hung-{RUN}"
+    post_events(client, acct, "tv-1", time.time() - DAY, 3)
+    clustering = dmesh.processes["clustering"]
+    os.kill(clustering.pid, signal.SIGSTOP)
+    try:
+        r = client.post("/v1/delete", json={"scope": {"kind": "household", "account_id": acct}})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+
+        def attribution_erased():   # the stage order: attribution, then clustering (hung)
+            body = client.get(f"/v1/delete/{job_id}").json()
+            return next(s for s in body["services"] if s["service"] == "attribution")["confirmed"]
+
+        wait_for(attribution_erased, what="attribution's erase confirmed")
+        privacy = dmesh.processes.pop("privacy")
+        signalled = time.monotonic()
+        privacy.send_signal(signal.SIGTERM)
+        try:
+            privacy.wait(60)
+        except subprocess.TimeoutExpired:
+            privacy.kill()
+            privacy.wait()
+        took = time.monotonic() - signalled
+        assert took < 20, f"privacy took {took:.1f} s to exit after SIGTERM{dmesh.log_tail('privacy')}"
+        # One pass of the job at a time, also once its lease (5 s here) ran out while the
+        # peer hung: until session 20 the worker claimed the job again beside its own pass
+        # still waiting, and the hung peer got the same Erase three times.
+        cancelled = [line for line in (dmesh.log_dir / "privacy.log").read_text().splitlines()
+                     if f"job {job_id}: erase in clustering failed" in line]
+        assert len(cancelled) == 1, cancelled
+    finally:
+        os.kill(clustering.pid, signal.SIGCONT)
+    dmesh.start_service("privacy")
+    dmesh.wait_healthy(SLOW_MACHINE_S)
     body = poll(client, job_id)
     assert body["state"] == "completed", body
     assert remnants(dmesh, acct) == {}

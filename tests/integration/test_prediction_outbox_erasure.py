@@ -192,3 +192,44 @@ def test_a_forward_in_flight_that_carries_the_household_is_delivered_before_its_
         assert _stored(database) == ([], b"")
     finally:
         log.close()
+
+
+def test_a_rewritten_chunk_keeps_no_trace_id_of_the_erased_household(outbox, database):
+    """A chunk names the traceparents of the requests that made its predictions. An erasure
+    that cuts a household's predictions out of a shared chunk must take its requests'
+    trace ids with them (until session 20 the rewritten row kept every traceparent): no
+    column of any row says anything of the household afterwards, and on SQLite no byte of
+    the database's files does (the purge after the erase)."""
+    from pathlib import Path
+
+    from services.clustering.prediction_log import _Request
+
+    store, log, requests = outbox
+    ids = {name: (f"{name * 4}{n:028x}", f"{name * 4}{n:012x}") for n, name in enumerate(("a1e7", "b2f8", "c3d9"))}
+    traceparent = {name: f"00-{trace}-{span}-01" for name, (trace, span) in ids.items()}
+    # One group commit: the erased household's two requests around another household's.
+    log._store([_Request([_record("pr-1", "acc-erased"), _record("pr-2", "acc-erased")], (), traceparent["a1e7"]),
+                _Request([_record("pr-3", "acc-kept")], (), traceparent["b2f8"]),
+                _Request([_record("pr-4", "acc-erased")], (), traceparent["c3d9"])])
+    with database.transaction(readonly=True) as tx:
+        before = " ".join(map(str, tx.query("SELECT * FROM prediction_chunks")))
+    assert all(trace in before for trace, _span in ids.values())      # the row names all three
+
+    outcome = store.erase(ErasureScope("acc-erased", ScopeKind.HOUSEHOLD))
+
+    assert outcome.deleted_ids_of("pending_predictions") == {"pr-1", "pr-2", "pr-4"}
+    with database.transaction(readonly=True) as tx:
+        rows = tx.query("SELECT * FROM prediction_chunks")
+    assert len(rows) == 1
+    text = " ".join(bytes(v).decode("latin-1") if isinstance(v, (bytes, memoryview)) else str(v) for v in rows[0])
+    for erased in ("acc-erased", *ids["a1e7"], *ids["c3d9"]):
+        assert erased not in text
+    assert ids["b2f8"][0] in text and "acc-kept" in text
+    if database.dialect == "sqlite":
+        files = b"".join(p.read_bytes() for p in Path(database.path).parent.glob(Path(database.path).name + "*"))
+        assert ids["b2f8"][0].encode() in files               # the scan sees the file
+        for erased in (*ids["a1e7"], *ids["c3d9"]):
+            assert erased.encode() not in files
+    assert log.forward_once() == 1
+    assert [p.prediction_id for r in requests for p in r.predictions] == ["pr-3"]
+

@@ -11,13 +11,14 @@ from __future__ import annotations
 import grpc
 import httpx
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hearth.common.v1 import common_pb2, common_pb2_grpc
 from hearth.privacy.v1 import privacy_pb2 as ppb
 from hearth.privacy.v1 import privacy_pb2_grpc as ppb_grpc
 from services.common import identity, tls
 from services.common.identity import Principal, Role
-from services.testing.mesh import running_mesh
+from services.testing.mesh import free_port, running_mesh
 from tests.helpers.waiting import deletion_job
 
 DATA_HOLDERS = ("clustering", "attribution", "feedback")
@@ -27,7 +28,10 @@ SERVICES = (*DATA_HOLDERS, "privacy")
 @pytest.fixture(scope="module")
 def tls_mesh(tmp_path_factory):
     base = tmp_path_factory.mktemp("mtls-mesh")
-    with running_mesh(base, {"mtls-admin": "admin"}, tls_dir=base / "certs") as mesh:
+    health_ports = {service: free_port() for service in SERVICES}
+    with running_mesh(base, {"mtls-admin": "admin"}, tls_dir=base / "certs",
+                      process_env={s: {"HEARTH_HEALTH_PORT": str(p)} for s, p in health_ports.items()}) as mesh:
+        mesh.health_ports = health_ports
         yield mesh
 
 
@@ -110,3 +114,20 @@ def test_a_person_without_a_token_over_mutual_tls_is_refused(tls_mesh):
         stub = ppb_grpc.ConsentStub(channel)
         assert code_of(lambda: stub.GetConsent(request, metadata=metadata(admin, gateway_key, "privacy"),
                                                timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_the_kubelets_plaintext_probe_gets_health_and_nothing_else(tls_mesh):
+    """Kubernetes' gRPC probes take no TLS parameters: against the service port (mutual
+    TLS) they never complete a handshake, so until session 20 no service pod of a release
+    with mesh TLS became ready. HEARTH_HEALTH_PORT serves grpc.health alone in plaintext."""
+    check = health_pb2.HealthCheckRequest(service="")
+    for service in SERVICES:
+        with grpc.insecure_channel(f"127.0.0.1:{tls_mesh.grpc_ports[service]}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            assert code_of(lambda: stub.Check(check, timeout=5)) == grpc.StatusCode.UNAVAILABLE, service
+        with grpc.insecure_channel(f"127.0.0.1:{tls_mesh.health_ports[service]}") as channel:
+            assert health_pb2_grpc.HealthStub(channel).Check(check, timeout=10).status == \
+                health_pb2.HealthCheckResponse.SERVING, service
+            if service in DATA_HOLDERS:   # no Hearth RPC there, even with a valid token
+                md = metadata(identity.service_principal("privacy"), tls_mesh.signer("privacy"), service)
+                assert code_of(lambda: erase(channel, md, "mtls-h")) == grpc.StatusCode.UNIMPLEMENTED, service

@@ -673,7 +673,7 @@ class FeedbackCalibration(NamedTuple):
 
 
 def feedback_calibrator_rows(model: "HouseholdModel", answer: BatchAssignment) -> FeedbackCalibration:
-    """The one rule (ClusteringApp._answer applies it; the benchmarks score the same rows
+    """The one rule (ClusteringApp._calibrated applies it; the benchmarks score the same rows
     and groups through this function) for which of ``answer``'s rows the feedback
     service's calibrator recalibrates and with which group's calibrator:
 

@@ -39,7 +39,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
@@ -97,6 +98,9 @@ def stages_for(scope: ErasureScope) -> tuple[tuple[str, ...], ...]:
     """The erase order of a job of this scope."""
     return HOUSEHOLD_STAGES if scope.kind == "household" else STAGES
 RETENTION_REASON = "retention"
+# How long close() lets a job pass finish the call it is in: inside the chart's margin
+# after the drain (terminationGracePeriodSeconds = preStop 5 + grace 10 + margin 5).
+CLOSE_TIMEOUT_S = 2.0
 _FATAL_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
                           grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE})
 
@@ -176,6 +180,9 @@ class DeletionCoordinator:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deletion-job")
+        self._advancing: set[Future] = set()
+        self._advancing_ids: set[str] = set()   # jobs a pass of this process is advancing
+        self._advancing_lock = threading.Lock()
         self._next_retention = 0.0
 
     # ---- requests ------------------------------------------------------------------------
@@ -230,12 +237,33 @@ class DeletionCoordinator:
             self._thread = threading.Thread(target=self._loop, name="deletion-worker", daemon=True)
             self._thread.start()
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Stop the worker: no new job or step starts; a pass under way stops before its
+        next service and gets ``timeout_s`` to finish the call it is in. One still waiting
+        then (a peer that does not answer: up to ``HEARTH_DELETION_ERASE_TIMEOUT_S``, 60 s)
+        is left to the caller's next closer, the peers' channels, whose closing cancels it:
+        the step is recorded as a retryable failure and the lease released, so the job
+        resumes at once after the restart. Until session 20 this waited for every call
+        under way: with a peer hung, the privacy service took 57 s to exit after SIGTERM,
+        the chart's pod was SIGKILLed at 20 s, before its audit log and database were closed
+        (tests/e2e/test_deletion_e2e.py)."""
+        deadline = time.monotonic() + timeout_s
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(10)
-        self._pool.shutdown(wait=True, cancel_futures=False)
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._advancing_lock:
+            advancing = set(self._advancing)
+        _, left = futures_wait(advancing, timeout=max(0.0, deadline - time.monotonic()))
+        if left:
+            log.warning("stopping with %d deletion job pass(es) still waiting on a peer: their calls are "
+                        "cancelled; the jobs resume after the restart", len(left))
+            # Cancel the calls now, while the database is still open: each pass records
+            # its step as a retryable failure and releases its lease (the restart takes
+            # the job at once instead of after HEARTH_DELETION_LEASE_S).
+            self.peers.close()
+            futures_wait(left, timeout=1.0)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -260,12 +288,35 @@ class DeletionCoordinator:
         now = time.time()
         futures = []
         for job_id in self.jobs.due(now):
+            if self._stop.is_set():
+                break
+            with self._advancing_lock:
+                # A pass of ours still on it (its lease ran out while a peer did not
+                # answer): never a second one beside it. Until session 20 the worker
+                # claimed such a job again at every lease expiry, so a hung peer got the
+                # same Erase from two, three, four passes of one process at once.
+                if job_id in self._advancing_ids:
+                    continue
             if self.jobs.claim(job_id, now, self.lease_s):
-                futures.append(self._pool.submit(self._advance_claimed, job_id))
+                try:
+                    future = self._pool.submit(self._advance_claimed, job_id)
+                except RuntimeError:   # the pool was shut down (close) after the check above
+                    self.jobs.release(job_id)
+                    break
+                with self._advancing_lock:
+                    self._advancing.add(future)
+                    self._advancing_ids.add(job_id)
+                future.add_done_callback(lambda f, job_id=job_id: self._done_advancing(f, job_id))
+                futures.append(future)
         if wait:
             for f in futures:
                 f.result()
         return len(futures)
+
+    def _done_advancing(self, future: Future, job_id: str) -> None:
+        with self._advancing_lock:
+            self._advancing.discard(future)
+            self._advancing_ids.discard(job_id)
 
     def _advance_claimed(self, job_id: str) -> None:
         try:
@@ -298,11 +349,16 @@ class DeletionCoordinator:
             job = start_job(job, self._clock())
             stored = self.jobs.save(stored, job, self._next_due(job))
         erasures = dict(stored.erasures)
-        while job.state is JobState.RUNNING:
+        while job.state is JobState.RUNNING and not self._stop.is_set():
             runnable = self._runnable(job)
             if not runnable:
                 break
             for service in runnable:
+                if self._stop.is_set():   # stopping: the next service waits for the restart
+                    break
+                # Held for the call about to start (another replica takes a job only once
+                # its lease has run out).
+                self.jobs.extend_lease(job.job_id, time.time(), self.lease_s)
                 receipt_json = None
                 try:
                     result, counts, already = self._erase(service, job)

@@ -119,6 +119,12 @@ class DeletionJobStore:
             return tx.execute("UPDATE deletion_jobs SET lease_until = ? WHERE job_id = ? AND lease_until < ?",
                               (now + lease_s, job_id, now)) == 1
 
+    def extend_lease(self, job_id: str, now: float, lease_s: float) -> None:
+        """The lease of a job this worker is advancing, from now (before each step)."""
+        with self.db.transaction() as tx:
+            tx.execute("UPDATE deletion_jobs SET lease_until = ? WHERE job_id = ? AND lease_until < ?",
+                       (now + lease_s, job_id, now + lease_s))
+
     def release(self, job_id: str) -> None:
         with self.db.transaction() as tx:
             tx.execute("UPDATE deletion_jobs SET lease_until = 0 WHERE job_id = ?", (job_id,))

@@ -97,8 +97,10 @@ def test_a_requests_predictions_share_its_traceparent_and_the_batch_links_each_r
         made += batch
         parents.append(_traceparent(span))
     chunks = _chunks(db)
-    # One chunk per commit: its body is the request feedback gets, its traceparent the request's.
-    assert [(c[1], c[2], c[3]) for c in chunks] == [(3, " acc-0 acc-1 ", parents[0]), (3, " acc-0 acc-1 ", parents[1])]
+    # One chunk per commit: its body is the request feedback gets, its traceparent the request's
+    # (with the number of predictions it made, since session 20).
+    assert [(c[1], c[2], c[3]) for c in chunks] == [(3, " acc-0 acc-1 ", f"{parents[0]}*3"),
+                                                    (3, " acc-0 acc-1 ", f"{parents[1]}*3")]
     assert fpb.RecordPredictionRequest.FromString(chunks[0][4]) == prediction_log.to_request(made[:3])
     assert log.forward_once() == 6
     assert len(requests) == 1 and requests[0] == prediction_log.to_request(made)
@@ -117,7 +119,7 @@ def test_optional_fields_reach_feedback_as_made(outbox):
                _record("pr-b", session_start=None, session_end=None, model_sessions=0, calibration_group="",
                        ts=1796516597.25)]
     log.record(records)                      # no span: no traceparent, no link
-    assert _chunks(db)[0][3] == ""
+    assert _chunks(db)[0][3] == "*2"
     assert log.forward_once() == 2
     for got, want in zip(_sent(requests), records, strict=True):
         _same(got, want)
@@ -189,7 +191,10 @@ def test_requests_committed_together_share_chunks_in_order_up_to_a_batch(tmp_pat
         chunks = _chunks(db)
         assert [c[1] for c in chunks] == [4, 4, 1]
         assert [c[2] for c in chunks] == [" acc-0 acc-1 ", " acc-1 acc-2 ", " acc-2 "]
-        assert chunks[0][3] == f"00-{1:032x}-{1:016x}-01 00-{2:032x}-{2:016x}-01"
+        # each request's traceparent and how many of the chunk's predictions it made, in order
+        assert [c[3] for c in chunks] == [f"00-{1:032x}-{1:016x}-01*3 00-{2:032x}-{2:016x}-01*1",
+                                          f"00-{2:032x}-{2:016x}-01*1 00-{3:032x}-{3:016x}-01*3",
+                                          f"00-{3:032x}-{3:016x}-01*1"]
         # whole chunks per call, never more than the batch
         assert [log.forward_once() for _ in range(4)] == [4, 4, 1, 0]
         assert [r.prediction_id for r in _sent(requests)] == [r.prediction_id for m in made for r in m]
@@ -224,3 +229,16 @@ def test_the_chunk_encoder_writes_what_to_request_serializes():
     assert encoded == prediction_log.to_request(records)
     assert [p.prediction_id for p in encoded.predictions] == [r.prediction_id for r in records]
     assert prediction_log._encode([]) == b""
+
+
+def test_an_erasure_keeps_the_traceparents_of_the_predictions_it_keeps_only():
+    """``_kept_runs``: each run of predictions a request made keeps its traceparent only if
+    one of them stays; a column written before session 20 (no run lengths) cannot say
+    which is whose, and goes whole."""
+    a, b, c = (f"00-{n * 32}-{n * 16}-01" for n in "abc")
+    column = f"{a}*2 *1 {b}*3 {c}*1"
+    keep = [True, False, True, False, False, False, True]
+    assert prediction_log._kept_runs(column, keep) == f"{a}*1 *1 {c}*1"
+    assert prediction_log._kept_runs(column, [False, False, True, True, True, True, False]) == f"*1 {b}*3"
+    assert prediction_log._kept_runs(f"{a} {b}", [True, False]) == ""          # before session 20
+    assert prediction_log._kept_runs(f"{a}*2", [True, False, True]) == ""      # lengths that do not add up

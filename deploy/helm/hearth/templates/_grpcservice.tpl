@@ -9,6 +9,9 @@ Called from <service>.yaml as: include "hearth.grpcService" (dict "root" $ "name
 {{- $svc := index $root.Values.services $name }}
 {{- $ctx := dict "root" $root "name" $name "component" $svc "metricsPort" $svc.metricsPort }}
 {{- $probes := $root.Values.grpcProbes }}
+{{- /* With mesh TLS the service port wants a client certificate, which the kubelet's
+     gRPC probes cannot give: they go to the plaintext health-only port. */}}
+{{- $probePort := ternary $probes.healthPort $svc.grpcPort (not (empty $root.Values.tls.mesh.secretPrefix)) }}
 apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -55,6 +58,10 @@ spec:
               value: {{ $svc.grpcPort | quote }}
             - name: HEARTH_METRICS_PORT
               value: {{ $svc.metricsPort | quote }}
+            {{- if $root.Values.tls.mesh.secretPrefix }}
+            - name: HEARTH_HEALTH_PORT
+              value: {{ $probes.healthPort | quote }}
+            {{- end }}
             {{- include "hearth.commonEnv" $ctx | trim | nindent 12 }}
             {{- include "hearth.tlsEnv" $ctx | nindent 12 }}
             {{- include "hearth.signingEnv" $ctx | nindent 12 }}
@@ -81,16 +88,16 @@ spec:
             {{- end }}
           startupProbe:
             grpc:
-              port: {{ $svc.grpcPort }}
+              port: {{ $probePort }}
               service: liveness
             {{- toYaml $probes.startup | nindent 12 }}
           readinessProbe:
             grpc:
-              port: {{ $svc.grpcPort }}
+              port: {{ $probePort }}
             {{- toYaml $probes.readiness | nindent 12 }}
           livenessProbe:
             grpc:
-              port: {{ $svc.grpcPort }}
+              port: {{ $probePort }}
               service: liveness
             {{- toYaml $probes.liveness | nindent 12 }}
           {{- include "hearth.lifecycle" $root | trim | nindent 10 }}
