@@ -164,6 +164,8 @@ class DependencyMonitor:
         for check in items:
             future, started = self._in_flight.get(check.name, (None, now))
             if future is None or future.done():
+                if self._stop.is_set():   # the server is stopping: nothing to publish, no new probe
+                    return self._last
                 future, started = _probe_on_daemon_thread(check), now
                 self._in_flight[check.name] = (future, started)
             running.append((check, future, started))

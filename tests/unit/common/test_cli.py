@@ -43,3 +43,34 @@ def test_installed_console_script_runs(tmp_path: Path):
     bad.write_text("not;a;path;file\n")
     result = subprocess.run([str(script), "attribute", str(bad)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stdout == "" and result.stderr.strip()
+
+
+def test_each_command_is_registered_by_the_module_the_table_names():
+    """COMMAND_MODULES is how `hearth X` finds X without importing every tool: a command
+    missing from it, or named with the wrong module, would not parse."""
+    import importlib
+    import argparse
+
+    from services.cli import COMMAND_MODULES
+
+    everything = set(build_parser()._subparsers._group_actions[0].choices)
+    assert everything == set(COMMAND_MODULES)
+    for command, module in COMMAND_MODULES.items():
+        only = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(module).register(only)
+        assert command in only.choices, (command, module)
+        assert set(build_parser(command)._subparsers._group_actions[0].choices) == set(only.choices)
+
+
+def test_a_command_imports_only_its_own_tool():
+    """`hearth calibrator ...` (the rollout tools, a CronJob's and a webhook's command) does
+    not load the attribution and backup tools — NumPy, SciPy, the storage drivers."""
+    probe = ("import sys\n"
+             "from services.cli import main\n"
+             "try:\n    main(['calibrator', 'list', '--help'])\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('services.attribution.cli', 'services.privacy.backup', 'scipy', 'numpy')"
+             " if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[3])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout

@@ -57,3 +57,10 @@ def test_a_hung_critical_probe_sets_not_serving_after_its_budget_and_is_not_star
     finally:
         release.set()
         monitor.stop()
+
+
+def test_a_check_racing_stop_publishes_nothing_and_raises_nothing():
+    monitor = _Monitor([Check("database", lambda: "", True)], timeout_s=1.0)
+    assert monitor.check_once() == (True, [])
+    monitor.stop()   # the server is stopping: the pool is gone
+    assert monitor.check_once() == (True, [])
