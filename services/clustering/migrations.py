@@ -141,4 +141,12 @@ CREATE TABLE IF NOT EXISTS prediction_chunks (
 );
 CREATE INDEX IF NOT EXISTS prediction_chunks_created ON prediction_chunks (created_at)
 """),
+    # The earliest session start among a chunk's predictions (NULL: one has none, or the
+    # chunk was written before): an erasure of a time window reads only the chunks that can
+    # hold predictions about the sessions it deletes (prediction_log.erase_pending; the
+    # retention purge parsed every chunk of the outbox, docs/benchmarks.md "bench-outbox-purge").
+    Migration(9, "prediction chunks' earliest session", """
+ALTER TABLE prediction_chunks ADD COLUMN session_from {double};
+CREATE INDEX IF NOT EXISTS prediction_chunks_session_from ON prediction_chunks (session_from)
+"""),
 ]

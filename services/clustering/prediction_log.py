@@ -193,11 +193,15 @@ def _like_pattern(account_id: str) -> str:
 
 
 def erase_pending(tx: Tx, doomed: Callable[[str, str], bool], account_id: str | None,
-                  dialect: str = "sqlite") -> list[str]:
+                  dialect: str = "sqlite", sessions_before: float | None = None) -> list[str]:
     """Delete the undelivered predictions ``doomed(account_id, session_id)`` selects, in the
     erasing transaction; returns their ids. ``account_id``: the only household they can
-    belong to (None = any: the retention purge over every account). A chunk that keeps other
-    predictions is rewritten without them (``secure_delete`` zeroes the old cells).
+    belong to (None = any: the retention purge over every account). ``sessions_before``:
+    none of the doomed is about a session that started at or after it, so a chunk whose
+    every prediction's session did (``session_from``, migration 9) is not read — the
+    retention purge reads the chunks about its old sessions, not the whole backlog. A chunk
+    that keeps other predictions is rewritten without them (``secure_delete`` zeroes the
+    old cells).
 
     A forward in flight that carries any of them is waited for, so that what it delivers
     reaches feedback before this erasure commits (and so before feedback's own erase, which
@@ -206,16 +210,21 @@ def erase_pending(tx: Tx, doomed: Callable[[str, str], bool], account_id: str | 
     ``PredictionLog._claim``; a row it delivered meanwhile is gone, not erased twice), on
     SQLite by the caller holding ``excluding_forwards`` around the transaction."""
     lock = " ORDER BY 1 FOR UPDATE" if dialect == "postgres" else ""   # one order: erasures never deadlock
+    where, params = ["1 = 1"], []
+    if account_id is not None:
+        where.append("accounts LIKE ? ESCAPE '\\'")
+        params.append(_like_pattern(account_id))
+    if sessions_before is not None:
+        where.append("(session_from IS NULL OR session_from < ?)")
+        params.append(sessions_before)
     if account_id is None:
         legacy = tx.query("SELECT prediction_id, account_id, session_id FROM prediction_outbox" + lock)
-        chunks = tx.query("SELECT chunk_id, traceparents, body FROM prediction_chunks" + lock)
     else:
         legacy = tx.query("SELECT prediction_id, account_id, session_id FROM prediction_outbox "
                           "WHERE account_id = ?" + lock, (account_id,))
-        chunks = [(chunk_id, traceparents, body) for chunk_id, accounts, traceparents, body in tx.query(
-            "SELECT chunk_id, accounts, traceparents, body FROM prediction_chunks "
-            "WHERE accounts LIKE ? ESCAPE '\\'" + lock,
-            (_like_pattern(account_id),)) if account_id in accounts.split()]   # LIKE may match more (case)
+    chunks = [(chunk_id, traceparents, body) for chunk_id, accounts, traceparents, body in tx.query(
+        f"SELECT chunk_id, accounts, traceparents, body FROM prediction_chunks WHERE {' AND '.join(where)}" + lock,
+        params) if account_id is None or account_id in accounts.split()]   # LIKE may match more (case)
     gone = [r[0] for r in legacy if doomed(r[1], r[2])]
     tx.executemany("DELETE FROM prediction_outbox WHERE prediction_id = ?", [(p,) for p in gone])
     for chunk_id, traceparents, body in chunks:
@@ -360,8 +369,10 @@ class PredictionLog:
         rows, records, runs = [], [], []
 
         def close() -> None:   # ids sort in commit order among the chunks of one commit (one created_at)
+            starts = [r.session_start for r in records]
             rows.append((f"{len(rows):04d}-{os.urandom(16).hex()}", now, len(records),
-                         _accounts(r.account_id for r in records), " ".join(runs), _encode(records)))
+                         _accounts(r.account_id for r in records), " ".join(runs), _encode(records),
+                         None if None in starts else min(starts)))
 
         for request in requests:
             todo = request.records
@@ -382,7 +393,7 @@ class PredictionLog:
         persons = [p for request in requests for p in request.persons]
         with self._db.transaction() as tx:
             tx.executemany("INSERT INTO prediction_chunks (chunk_id, created_at, predictions, accounts, "
-                           "traceparents, body) VALUES (?, ?, ?, ?, ?, ?)", rows)
+                           "traceparents, body, session_from) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
             if persons:
                 self._session_writer(tx, [(p.account_id, p.session_id, p.person_id, p.probabilities)
                                           for p in persons])

@@ -673,9 +673,17 @@ class ClusteringStore:
                 pending = erase_pending(tx, lambda acct, _session: acct == account, account, self.db.dialect)
             else:
                 where, params = ("1 = 1", []) if scope.all_accounts else ("account_id = ?", [account])
+                # Only predictions about the sessions deleted here go (none: nothing to read).
+                # A window deletes sessions that started before its end, and a session starts
+                # at most the lateness tolerance before its start when a prediction was made
+                # about it (a later event is refused if older than the device's newest one
+                # minus the tolerance; the gap added as a margin): chunks whose sessions all
+                # started after that are not read (the retention purge parsed every chunk).
+                before = scope.end + self.tolerance_s + self.gap_s \
+                    if scope.kind == "window" and scope.end is not None else None
                 pending = erase_pending(tx, lambda acct, session: (scope.all_accounts or acct == account)
                                         and session in sessions, None if scope.all_accounts else account,
-                                        self.db.dialect)
+                                        self.db.dialect, before) if sessions else []
             out.add("pending_predictions", pending)
             if scope.kind == "household":
                 labelled = [r[0] for r in tx.query("SELECT session_id FROM session_labels WHERE account_id = ?",

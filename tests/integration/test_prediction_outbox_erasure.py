@@ -233,3 +233,64 @@ def test_a_rewritten_chunk_keeps_no_trace_id_of_the_erased_household(outbox, dat
     assert log.forward_once() == 1
     assert [p.prediction_id for r in requests for p in r.predictions] == ["pr-3"]
 
+
+def test_a_window_erasure_reads_only_the_chunks_that_can_hold_its_sessions(outbox, database, monkeypatch):
+    """The retention purge (a window over every account) parsed every chunk of the outbox to
+    find the predictions about the sessions it deletes: after a feedback outage, the whole
+    backlog, holding SQLite's write lock meanwhile (docs/benchmarks.md "bench-outbox-purge").
+    A chunk records the earliest session start of its predictions: a window deletes
+    sessions that started before its end, and a session can have started at most the
+    lateness tolerance (plus the session gap, a margin) before the start a prediction saw,
+    so chunks whose sessions all started after that are not read. A chunk with a
+    prediction without a session start is read, as one near the boundary."""
+    from services.clustering import prediction_log
+
+    store, log, requests = outbox
+    day, t0 = 86400.0, 1_780_000_000.0
+    with database.transaction() as tx:
+        tx.execute("INSERT INTO events (event_id, account_id, device_id, device_type, ts, kind, title_id, "
+                   "series_id, genres, duration_s, maturity, country, vpn, profile_hint) VALUES "
+                   "('ev-old', 'acc-old', 'tv', 'tv', ?, 'play_start', 't', NULL, 'drama', 1800, 'adult', NULL, 0, NULL)",
+                   (t0,))
+        tx.execute("INSERT INTO sessions (session_id, account_id, device_id, device_type, start_ts, end_ts, "
+                   "event_count, watch_seconds, feature_version, features, label, person_id) VALUES "
+                   "('se-old', 'acc-old', 'tv', 'tv', ?, ?, 1, 1800, 1, ?, NULL, 'p1')", (t0, t0 + 1800, b"\0" * 8))
+
+    def made(pid: str, account: str, session: str, start: float | None) -> PredictionRecord:
+        return PredictionRecord(pid, account, session, "p1", {"p1": 0.75, "p2": 0.25}, "gmm", 3, t0 + 100 * day,
+                                False, 2, "tv", start, None if start is None else start + 1800)
+
+    end = t0 + day
+    log.record([made("pr-old", "acc-old", "se-old", t0), made("pr-a", "acc-a", "se-a", t0 + 50 * day)])
+    log.record([made(f"pr-new-{i}", "acc-b", f"se-b{i}", t0 + 60 * day + i) for i in range(3)])   # not read
+    log.record([made("pr-none", "acc-c", "se-c", None)])                            # no session start: read
+    log.record([made("pr-near", "acc-d", "se-d", end + 60)])                         # within the margin: read
+    parsed = []
+    real = prediction_log.fpb
+
+    class Request:   # feedback_pb2.RecordPredictionRequest, counting the chunks parsed
+        def __call__(self, *args, **kwargs):
+            return real.RecordPredictionRequest(*args, **kwargs)
+
+        def FromString(self, body):
+            request = real.RecordPredictionRequest.FromString(body)
+            parsed.append(sorted(p.prediction_id for p in request.predictions))
+            return request
+
+    class Counting:
+        RecordPredictionRequest = Request()
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    monkeypatch.setattr(prediction_log, "fpb", Counting())
+    outcome = store.erase(ErasureScope("*", ScopeKind.TIME_WINDOW, end=end))
+    monkeypatch.setattr(prediction_log, "fpb", real)
+
+    assert outcome.deleted_ids_of("sessions") == {"se-old"}
+    assert outcome.deleted_ids_of("pending_predictions") == {"pr-old"}
+    assert sorted(parsed) == [["pr-a", "pr-old"], ["pr-near"], ["pr-none"]]
+    while log.forward_once():
+        pass
+    assert sorted(p.prediction_id for r in requests for p in r.predictions) == \
+        ["pr-a", "pr-near", "pr-new-0", "pr-new-1", "pr-new-2", "pr-none"]
