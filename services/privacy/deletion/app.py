@@ -182,6 +182,7 @@ class DeletionCoordinator:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deletion-job")
         self._advancing: set[Future] = set()
         self._advancing_ids: set[str] = set()   # jobs a pass of this process is advancing
+        self._leases: dict[str, float] = {}     # job -> the lease token its pass holds (store.claim)
         self._advancing_lock = threading.Lock()
         self._next_retention = 0.0
 
@@ -297,11 +298,16 @@ class DeletionCoordinator:
                 # same Erase from two, three, four passes of one process at once.
                 if job_id in self._advancing_ids:
                     continue
-            if self.jobs.claim(job_id, now, self.lease_s):
+            lease = self.jobs.claim(job_id, now, self.lease_s)
+            if lease is not None:
+                with self._advancing_lock:
+                    self._leases[job_id] = lease
                 try:
                     future = self._pool.submit(self._advance_claimed, job_id)
                 except RuntimeError:   # the pool was shut down (close) after the check above
-                    self.jobs.release(job_id)
+                    with self._advancing_lock:
+                        self._leases.pop(job_id, None)
+                    self.jobs.release(job_id, lease)
                     break
                 with self._advancing_lock:
                     self._advancing.add(future)
@@ -324,8 +330,11 @@ class DeletionCoordinator:
         except Exception:  # noqa: BLE001
             log.exception("advancing deletion job %s failed", job_id)
         finally:
+            with self._advancing_lock:
+                lease = self._leases.pop(job_id, None)
             try:
-                self.jobs.release(job_id)
+                if lease is not None:
+                    self.jobs.release(job_id, lease)   # only if still ours (store.claim)
             except Exception:  # noqa: BLE001
                 log.exception("releasing deletion job %s failed", job_id)
             self._wake.set()  # a job may have become due sooner than the worker thinks
@@ -357,8 +366,11 @@ class DeletionCoordinator:
                 if self._stop.is_set():   # stopping: the next service waits for the restart
                     break
                 # Held for the call about to start (another replica takes a job only once
-                # its lease has run out).
-                self.jobs.extend_lease(job.job_id, time.time(), self.lease_s)
+                # its lease has run out); a pass whose lease ran out and was taken stops.
+                if not self._hold(job.job_id):
+                    log.warning("job %s: its lease ran out and another worker took it; this pass stops",
+                                job.job_id)
+                    return stored
                 receipt_json = None
                 try:
                     result, counts, already = self._erase(service, job)
@@ -381,6 +393,22 @@ class DeletionCoordinator:
             JOBS_FINISHED.labels("failed").inc()
             self._audit_failed(stored)
         return stored
+
+    def _hold(self, job_id: str) -> bool:
+        """Renew this pass's lease on ``job_id`` from now: False when it is no longer ours.
+        A pass that did not claim the job (``advance`` called directly by a tool or a test)
+        holds it the way it always did."""
+        with self._advancing_lock:
+            held = self._leases.get(job_id)
+        if held is None:
+            self.jobs.extend_lease(job_id, time.time(), self.lease_s)
+            return True
+        renewed = self.jobs.renew(job_id, held, time.time(), self.lease_s)
+        if renewed is None:
+            return False
+        with self._advancing_lock:
+            self._leases[job_id] = renewed
+        return True
 
     def _stage(self, job: DeletionJob) -> tuple[str, ...]:
         for stage in stages_for(job.scope):

@@ -114,20 +114,44 @@ class DeletionJobStore:
             rows = tx.query("SELECT MIN(created_at) FROM deletion_jobs WHERE state IN ('pending', 'running')")
         return float(rows[0][0]) if rows and rows[0][0] is not None else None
 
-    def claim(self, job_id: str, now: float, lease_s: float) -> bool:
+    # A lease is its expiry time, and that value is also the holder's fencing token: a
+    # claim writes ``now + lease_s`` (a replica can claim only after the previous lease ran
+    # out, so no two claims write the same value) and the holder renews and releases only
+    # the value it holds. Until session 20 renew and release matched the job alone: a pass
+    # whose lease had run out while a peer did not answer renewed or freed the lease the
+    # next replica had taken, so a third pass could claim the job beside the two.
+    def claim(self, job_id: str, now: float, lease_s: float) -> float | None:
+        """Take a job whose lease has run out: the lease held (its token), or None."""
+        until = now + lease_s
         with self.db.transaction() as tx:
-            return tx.execute("UPDATE deletion_jobs SET lease_until = ? WHERE job_id = ? AND lease_until < ?",
-                              (now + lease_s, job_id, now)) == 1
+            taken = tx.execute("UPDATE deletion_jobs SET lease_until = ? WHERE job_id = ? AND lease_until < ?",
+                               (until, job_id, now)) == 1
+        return until if taken else None
+
+    def renew(self, job_id: str, held: float, now: float, lease_s: float) -> float | None:
+        """The lease ``held`` (a claim's or a renewal's token) renewed from now; None when
+        it is no longer this holder's (it ran out and another replica claimed the job)."""
+        until = max(now + lease_s, held)
+        if until == held:
+            return held
+        with self.db.transaction() as tx:
+            kept = tx.execute("UPDATE deletion_jobs SET lease_until = ? WHERE job_id = ? AND lease_until = ?",
+                              (until, job_id, held)) == 1
+        return until if kept else None
 
     def extend_lease(self, job_id: str, now: float, lease_s: float) -> None:
-        """The lease of a job this worker is advancing, from now (before each step)."""
+        """Hold a job for ``lease_s`` from now without having claimed it (a direct
+        ``DeletionCoordinator.advance``: tools and tests); never shortens a lease."""
         with self.db.transaction() as tx:
             tx.execute("UPDATE deletion_jobs SET lease_until = ? WHERE job_id = ? AND lease_until < ?",
                        (now + lease_s, job_id, now + lease_s))
 
-    def release(self, job_id: str) -> None:
+    def release(self, job_id: str, held: float) -> bool:
+        """Free the lease ``held`` at once (the job may be claimed again); False when it
+        was no longer this holder's."""
         with self.db.transaction() as tx:
-            tx.execute("UPDATE deletion_jobs SET lease_until = 0 WHERE job_id = ?", (job_id,))
+            return tx.execute("UPDATE deletion_jobs SET lease_until = 0 WHERE job_id = ? AND lease_until = ?",
+                              (job_id, held)) == 1
 
     def for_account(self, account_id: str) -> list[StoredJob]:
         with self.db.transaction() as tx:
