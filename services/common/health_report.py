@@ -30,7 +30,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 
@@ -132,7 +132,7 @@ class ReportingHealthServicer(health.HealthServicer):
 class DependencyMonitor:
     """Runs the registered checks every ``interval_s`` and publishes them (see module).
 
-    Each check runs on a thread of a small pool and gets ``check_timeout_s``: one still
+    Each check runs on a daemon thread of its own and gets ``check_timeout_s``: one still
     running then is a failing dependency ("no answer in N s"), and is not started again
     until it returns (at most one probe per check in flight, so a hung dependency holds
     one thread, never a growing number). Until session 20 the checks ran on the monitor's
@@ -152,7 +152,6 @@ class DependencyMonitor:
         self._stop = threading.Event()
         self._last: tuple[bool, list[str]] = (True, [])
         self._thread = threading.Thread(target=self._run, name="health-monitor", daemon=True)
-        self._probes = ThreadPoolExecutor(max_workers=8, thread_name_prefix="health-check")
         self._in_flight: dict[str, tuple[Future, float]] = {}
 
     def start(self) -> "DependencyMonitor":
@@ -165,10 +164,9 @@ class DependencyMonitor:
         for check in items:
             future, started = self._in_flight.get(check.name, (None, now))
             if future is None or future.done():
-                try:
-                    future, started = self._probes.submit(_probe_reason, check), now
-                except RuntimeError:   # stop() shut the pool down meanwhile: nothing to publish
+                if self._stop.is_set():   # the server is stopping: nothing to publish, no new probe
                     return self._last
+                future, started = _probe_on_daemon_thread(check), now
                 self._in_flight[check.name] = (future, started)
             running.append((check, future, started))
         for _, future, started in running:   # they run at once: waiting in turn costs nothing
@@ -203,7 +201,23 @@ class DependencyMonitor:
 
     def stop(self) -> None:
         self._stop.set()
-        self._probes.shutdown(wait=False, cancel_futures=True)   # a hung probe must not hold the exit
+
+
+def _probe_on_daemon_thread(check: Check) -> Future:
+    """Run ``check`` on a daemon thread of its own; its reason arrives in the Future. A
+    daemon thread, not a ThreadPoolExecutor's: the interpreter joins an executor's threads
+    at exit, so a probe hung on its dependency (a stopped PostgreSQL's socket) kept a
+    SIGTERM'd service from exiting for as long as the hang lasted (review20: attribution,
+    privacy and feedback still running 60 s after SIGTERM; tests/e2e/test_outages_e2e.py).
+    At most one a check is in flight (DependencyMonitor._run_bounded)."""
+    future: Future = Future()
+    future.set_running_or_notify_cancel()
+
+    def run() -> None:
+        future.set_result(_probe_reason(check))
+
+    threading.Thread(target=run, name=f"health-check {check.name}", daemon=True).start()
+    return future
 
 
 def peer_probe(address: str, timeout_s: float = 1.0) -> Callable[[], str]:

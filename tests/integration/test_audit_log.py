@@ -707,3 +707,42 @@ def test_a_genuine_tree_head_moved_to_another_size_fails_a_live_verify(log):
         tx.execute("UPDATE audit_sth SET sth_json = ? WHERE tree_size = ?", (genuine, sizes[1]))
     after = log.verify()
     assert (after.valid, after.reason) == (False, "bad_signature"), after.message
+
+
+def test_with_earlier_keys_configured_a_head_re_signed_with_a_made_up_key_is_forged(database, key):
+    """review20: with HEARTH_AUDIT_PREVIOUS_PUBLIC_KEYS set, a pre-rotation head restamped
+    and re-signed with a key of the forger's own (its ``key_id`` naming that key) was
+    accepted — a head naming a key in neither list was checked for content only, so the
+    restamp the setting exists to catch passed by changing one more field. The setting
+    declares the log's signing keys: a head naming any other is ``bad_signature``."""
+    from datetime import timedelta
+
+    from services.privacy.audit.domain import SignedTreeHead, sth_payload
+    from services.privacy.keys.signing import key_id
+
+    migrate(database, MIGRATIONS)
+    before = Log(database, key, max_delay_s=0.001)
+    try:
+        sizes = _fill(before, (5, 5))
+    finally:
+        before.close()
+    new_key = generate_private_key()
+    configured = load_previous_public_keys(public_key_to_pem(key.public_key()))
+    rotated = Log(database, new_key, max_delay_s=0.001, earlier_public_keys=configured)
+    try:
+        _fill(rotated, (5,))
+        assert rotated.verify().valid
+        forger = generate_private_key()
+        with rotated.db.transaction() as tx:   # restamp an old head, re-signed with the forger's key
+            old = SignedTreeHead.from_dict(json.loads(
+                tx.query("SELECT sth_json FROM audit_sth WHERE tree_size = ?", (sizes[0],))[0][0]))
+            when, kid = old.timestamp - timedelta(days=365), key_id(forger.public_key())
+            forged = SignedTreeHead(old.tree_size, old.root, old.chain_head, when, kid,
+                                    forger.sign(sth_payload(old.tree_size, old.root, old.chain_head, when, kid)))
+            tx.execute("UPDATE audit_sth SET sth_json = ? WHERE tree_size = ?",
+                       (json.dumps(forged.to_dict()), sizes[0]))
+        result = rotated.verify()
+        assert (result.valid, result.reason) == (False, "bad_signature"), result.message
+        assert str(sizes[0]) in result.message and kid in result.message
+    finally:
+        rotated.close()

@@ -730,7 +730,11 @@ def verify_tree_head_history(
     the audit signing key reported ``bad_signature`` for a log nobody had touched.
     ``earlier_keys`` (``HEARTH_AUDIT_PREVIOUS_PUBLIC_KEYS``, session 20): the keys the log
     was signed with before; a head naming one of them has its signature checked with it
-    (a restamped or made-up head is ``bad_signature``), as a head naming ``public_key``."""
+    (a restamped or made-up head is ``bad_signature``), as a head naming ``public_key``;
+    and, with ``earlier_keys`` given, they and ``public_key`` are the log's signing keys: a
+    head naming any other key is ``bad_signature`` too (review20: otherwise a restamped
+    head re-signed with a key of the forger's own, its ``key_id`` naming that key, was
+    checked for content only and passed)."""
     sizes = sorted({size for size, _ in stored})
     wanted = set(sizes)
     heads: dict[int, bytes] = {}
@@ -752,6 +756,10 @@ def verify_tree_head_history(
         except (ValueError, TypeError, json.JSONDecodeError):
             return _fail(TamperReason.BAD_SIGNATURE, None, f"stored tree head of size {size} does not parse")
         signer = keys.get(sth.key_id)
+        if signer is None and earlier_keys:
+            return _fail(TamperReason.BAD_SIGNATURE, None,
+                         f"stored tree head of size {size} names signing key {sth.key_id}, neither the current "
+                         "key nor one of HEARTH_AUDIT_PREVIOUS_PUBLIC_KEYS")
         if sth.tree_size != size or (signer is not None and not verify_tree_head(sth, signer)):
             return _fail(TamperReason.BAD_SIGNATURE, None,
                          f"stored tree head of size {size} is forged (signature or size)")

@@ -37,9 +37,15 @@ class ConsentStore:
                        by: str) -> tuple[Consent, int]:
         """Store the flags; returns the consent before (``known`` False: none was set,
         i.e. both allowed) and the new version. The previous flags are read in the same
-        transaction as the write."""
+        transaction as the write, and on PostgreSQL the row is taken (``FOR UPDATE``): under
+        read committed a concurrent change (another replica's) otherwise read the same
+        row, waited at its UPDATE and wrote the same version over the first's flags, its
+        ``previous`` naming flags no longer there (review20,
+        tests/integration/test_consent_concurrent.py). SQLite's write transactions run one
+        at a time already."""
+        lock = " FOR UPDATE" if self.db.dialect == "postgres" else ""
         with self.db.transaction() as tx:
-            row = tx.query("SELECT version, processing, attribution FROM consent WHERE account_id = ?",
+            row = tx.query("SELECT version, processing, attribution FROM consent WHERE account_id = ?" + lock,
                            (account_id,))
             version = (int(row[0][0]) if row else 0) + 1
             before = (Consent(account_id, bool(row[0][1]), bool(row[0][2]), int(row[0][0]), True) if row
