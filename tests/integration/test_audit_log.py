@@ -642,17 +642,22 @@ def test_after_a_rotation_of_the_signing_key_the_log_still_verifies(database, ke
         rotated.close()
 
 
-def test_with_the_earlier_public_key_configured_old_heads_signatures_are_checked(database, key):
-    """HEARTH_AUDIT_PREVIOUS_PUBLIC_KEYS (session 20): without it a head signed before the
-    rotation is checked for content only, so restamping its time went unseen; with the old
-    key listed its signature is checked like the current key's."""
+def _heads_then_a_new_key(database, key) -> tuple[list[int], object]:
+    """Two tree heads signed with ``key`` (their sizes), then the key a rotation brings."""
     migrate(database, MIGRATIONS)
     before = Log(database, key, max_delay_s=0.001)
     try:
         sizes = _fill(before, (5, 5))
     finally:
         before.close()
-    new_key = generate_private_key()
+    return sizes, generate_private_key()
+
+
+def test_with_the_earlier_public_key_configured_old_heads_signatures_are_checked(database, key):
+    """HEARTH_AUDIT_PREVIOUS_PUBLIC_KEYS (session 20): without it a head signed before the
+    rotation is checked for content only, so restamping its time went unseen; with the old
+    key listed its signature is checked like the current key's."""
+    sizes, new_key = _heads_then_a_new_key(database, key)
     rotated = Log(database, new_key, max_delay_s=0.001)
     try:
         _fill(rotated, (5,))
@@ -720,13 +725,7 @@ def test_with_earlier_keys_configured_a_head_re_signed_with_a_made_up_key_is_for
     from services.privacy.audit.domain import SignedTreeHead, sth_payload
     from services.privacy.keys.signing import key_id
 
-    migrate(database, MIGRATIONS)
-    before = Log(database, key, max_delay_s=0.001)
-    try:
-        sizes = _fill(before, (5, 5))
-    finally:
-        before.close()
-    new_key = generate_private_key()
+    sizes, new_key = _heads_then_a_new_key(database, key)
     configured = load_previous_public_keys(public_key_to_pem(key.public_key()))
     rotated = Log(database, new_key, max_delay_s=0.001, earlier_public_keys=configured)
     try:
