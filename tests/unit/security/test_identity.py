@@ -102,15 +102,7 @@ def test_a_token_needs_a_component_name_as_audience(signer, audience):
 
 
 def test_a_wrong_audience_is_reported_like_every_refusal(signer):
-    seen: list[identity.SecurityEvent] = []
-    remove = identity.add_security_listener(seen.append)
-    before = _counter("hearth_auth_failures_total", component="privacy", reason="wrong_audience")
-    try:
-        with pytest.raises(Unauthenticated):
-            identity.principal_from_metadata(ALICE.metadata("clustering"), component="privacy")
-    finally:
-        remove()
-    assert _counter("hearth_auth_failures_total", component="privacy", reason="wrong_audience") == before + 1
+    seen = _refused_and_counted(ALICE.metadata("clustering"), "privacy", "wrong_audience")
     assert [(e.kind, e.component, e.reason, e.principal_id) for e in seen] == [
         ("authentication_failed", "privacy", "wrong_audience", "alice")]
 
@@ -340,17 +332,24 @@ def _counter(name: str, **labels) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-def test_refusals_are_counted_and_reach_listeners(signer):
+def _refused_and_counted(metadata, component: str, reason: str) -> list[identity.SecurityEvent]:
+    """``metadata`` refused at ``component``: UNAUTHENTICATED, counted once under ``reason``;
+    returns what the security listeners saw."""
     seen: list[identity.SecurityEvent] = []
     remove = identity.add_security_listener(seen.append)
-    before = _counter("hearth_auth_failures_total", component="clustering", reason="missing_token")
+    before = _counter("hearth_auth_failures_total", component=component, reason=reason)
     try:
         with pytest.raises(Unauthenticated):
-            identity.principal_from_metadata([(identity.PRINCIPAL_KEY, "mallory"), (identity.ROLE_KEY, "admin")],
-                                             component="clustering")
+            identity.principal_from_metadata(metadata, component=component)
     finally:
         remove()
-    assert _counter("hearth_auth_failures_total", component="clustering", reason="missing_token") == before + 1
+    assert _counter("hearth_auth_failures_total", component=component, reason=reason) == before + 1
+    return seen
+
+
+def test_refusals_are_counted_and_reach_listeners(signer):
+    seen = _refused_and_counted([(identity.PRINCIPAL_KEY, "mallory"), (identity.ROLE_KEY, "admin")],
+                                "clustering", "missing_token")
     assert [(e.kind, e.component, e.reason, e.principal_id, e.role) for e in seen] == [
         ("authentication_failed", "clustering", "missing_token", "mallory", "admin")]
 
