@@ -537,7 +537,10 @@ class PredictionLog:
             for piece in _pieces(request.records):
                 while len(piece):
                     room = self._batch - count
-                    taken, piece = piece[:room], piece[room:]
+                    if len(piece) <= room:   # the common case: no copy
+                        taken, piece = piece, ()
+                    else:
+                        taken, piece = piece[:room], piece[room:]
                     pieces.append(taken)
                     count += len(taken)
                     mine += len(taken)
