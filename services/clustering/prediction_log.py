@@ -426,33 +426,45 @@ class PredictionLog:
 
     def _claim(self, tx: Tx, lock: str) -> tuple[list, list, list, int]:
         """The oldest undelivered predictions, up to a batch: (legacy rows, chunks, their
-        bodies, the outbox's depth)."""
+        bodies, the outbox's depth). ``lock`` (PostgreSQL: FOR UPDATE SKIP LOCKED) holds
+        what is sent, and only that: the chunks are picked first, from a list of the
+        oldest read without a lock, whole chunks up to ``batch`` predictions, then locked;
+        a chunk another replica's forward (or an erasure) holds is skipped and the next
+        ones picked in its place. Until session 21 the list itself was locked: up to
+        ``batch`` chunks, of which only the first ones (up to ``batch`` predictions) were
+        sent, so an erasure of a household in the others waited for a send that did not
+        carry it, and another replica's forwarder skipped them."""
         legacy = tx.query("SELECT prediction_id, payload FROM prediction_outbox "
                           "ORDER BY created_at, prediction_id LIMIT ?" + lock, (self._batch,))
-        queued = [] if legacy else tx.query("SELECT chunk_id, predictions, traceparents FROM prediction_chunks "
-                                            "ORDER BY created_at, chunk_id LIMIT ?" + lock, (self._batch,))
+        queued = [] if legacy else tx.query("SELECT chunk_id, predictions FROM prediction_chunks "
+                                            "ORDER BY created_at, chunk_id LIMIT ?", (self._batch,))
         # A short page is the whole outbox: count only when there may be more.
         depth = (len(legacy) if len(legacy) < self._batch else
                  tx.query("SELECT COUNT(*) FROM prediction_outbox")[0][0]) + \
             (sum(r[1] for r in queued) if not legacy and len(queued) < self._batch else
              tx.query("SELECT SUM(predictions) FROM prediction_chunks")[0][0] or 0)
-        chunks, bodies = [], []
-        if not legacy:                  # whole chunks, up to ``batch`` predictions (at least one)
-            n = 0
-            for chunk in queued:
-                if chunks and n + chunk[1] > self._batch:
-                    break
-                chunks.append(chunk)
-                n += chunk[1]
-            if chunks:
-                ids = [c[0] for c in chunks]
-                found = dict(tx.query("SELECT chunk_id, body FROM prediction_chunks WHERE chunk_id IN "
-                                      f"({', '.join('?' * len(ids))})", ids))
-                # A chunk gone since the list above is not an error (it was a KeyError, a
-                # failure and a backoff): rows locked above cannot go, but a test's or an
-                # older replica's unlocked reads see each statement as committed so far.
-                chunks = [c for c in chunks if c[0] in found]
-                bodies = [bytes(found[c[0]]) for c in chunks]
+        chunks, bodies, n, at = [], [], 0, 0
+        while at < len(queued) and n < self._batch:   # whole chunks, up to ``batch`` predictions (at least one)
+            picked, room = [], self._batch - n
+            while at < len(queued) and ((not chunks and not picked) or queued[at][1] <= room):
+                picked.append(queued[at][0])
+                room -= queued[at][1]
+                at += 1
+            if not picked:
+                break
+            # A chunk gone since the list above is not an error (it was a KeyError, a
+            # failure and a backoff): another replica delivered it, or an erasure took it.
+            found = {r[0]: r for r in tx.query(
+                "SELECT chunk_id, body, predictions, traceparents FROM prediction_chunks WHERE chunk_id IN "
+                f"({', '.join('?' * len(picked))})" + lock, picked)}
+            for chunk_id in picked:
+                if chunk_id in found:
+                    _, body, predictions, traceparents = found[chunk_id]
+                    chunks.append((chunk_id, predictions, traceparents))
+                    bodies.append(bytes(body))
+                    n += predictions
+            if not lock or len(found) == len(picked):
+                break   # what was picked is held (a lock skips nothing, or nothing was skipped)
         return legacy, chunks, bodies, depth
 
     def _deliver(self, legacy: list, chunks: list, bodies: list, depth: int, tx: Tx | None) -> tuple[int, bool]:

@@ -86,7 +86,7 @@ def test_a_chunk_gone_between_the_forwarders_two_reads_is_not_a_failure(outbox, 
     store, log, requests = outbox
     log.record([_record("pr-1", "acc-a")])
     log.record([_record("pr-2", "acc-b")])
-    with _racing(database, "SELECT chunk_id, body FROM prediction_chunks", " acc-a "):
+    with _racing(database, "SELECT chunk_id, body, predictions, traceparents FROM prediction_chunks", " acc-a "):
         delivered = log.forward_once()
     sent = [p.prediction_id for r in requests for p in r.predictions]
     assert "pr-2" in sent and delivered == len(sent)
@@ -322,3 +322,55 @@ def test_a_window_erasure_reads_a_chunk_whose_session_was_stretched_back_under_a
     assert outcome.deleted_ids_of("sessions") == {"se-stretched"}
     assert outcome.deleted_ids_of("pending_predictions") == {"pr-stretched"}
     assert log.forward_once() == 0
+
+
+def test_a_postgres_forward_holds_only_the_chunks_it_sends(postgres_dsn):
+    """On PostgreSQL the forward holds the chunks it sends (FOR UPDATE SKIP LOCKED) until it
+    has deleted them. Until session 21 it locked up to ``batch`` chunk rows and sent only
+    the first ones, up to ``batch`` predictions: while that send hung, an erasure of a
+    household in the other locked chunks waited for it (up to ~15 s with feedback hung),
+    and another replica's forwarder skipped them. Now it locks only what it sends: the
+    erasure of a household the send does not carry goes at once, another replica sends
+    the next chunks, and each prediction is still sent once."""
+    import threading
+    import uuid
+
+    from services.common.storage.sql import PostgresDatabase
+
+    db = PostgresDatabase(postgres_dsn, f"outbox_{uuid.uuid4().hex[:10]}", max_size=6)
+    store = ClusteringStore(db)
+    store.migrate()
+    sent: list[str] = []
+    sending, release = threading.Event(), threading.Event()
+
+    def slow(request: fpb.RecordPredictionRequest) -> None:   # feedback hangs
+        sent.extend(p.prediction_id for p in request.predictions)
+        sending.set()
+        release.wait(90)
+
+    first = PredictionLog(db, slow, forward_interval_s=3600, batch=10)
+    second = PredictionLog(db, lambda r: sent.extend(p.prediction_id for p in r.predictions),
+                           forward_interval_s=3600, batch=10)
+    try:
+        for i in range(6):   # six chunks of five predictions, one household each
+            first.record([_record(f"pr-{i}-{j}", f"acc-{i}") for j in range(5)])
+        forward = threading.Thread(target=first.forward_once)
+        forward.start()
+        assert sending.wait(60)
+        assert sorted(sent) == sorted(f"pr-{i}-{j}" for i in (0, 1) for j in range(5))   # two chunks a batch
+        erase = threading.Thread(target=lambda: store.erase(ErasureScope("acc-4", ScopeKind.HOUSEHOLD)))
+        erase.start()
+        erase.join(60)
+        assert not erase.is_alive(), "the erasure of a household the hung send does not carry waited for it"
+        assert second.forward_once() == 10                    # the next two chunks, beside the hung send
+        assert sorted(sent[10:]) == sorted(f"pr-{i}-{j}" for i in (2, 3) for j in range(5))
+        release.set()
+        forward.join(60)
+        assert not forward.is_alive()
+        assert second.forward_once() == 5 and second.forward_once() == 0
+        assert sorted(sent) == sorted(f"pr-{i}-{j}" for i in (0, 1, 2, 3, 5) for j in range(5))   # once each
+    finally:
+        release.set()
+        first.close(), second.close()
+        db.close()
+
