@@ -210,20 +210,14 @@ def erase_pending(tx: Tx, doomed: Callable[[str, str], bool], account_id: str | 
     ``PredictionLog._claim``; a row it delivered meanwhile is gone, not erased twice), on
     SQLite by the caller holding ``excluding_forwards`` around the transaction."""
     lock = " ORDER BY 1 FOR UPDATE" if dialect == "postgres" else ""   # one order: erasures never deadlock
-    where, params = ["1 = 1"], []
-    if account_id is not None:
-        where.append("accounts LIKE ? ESCAPE '\\'")
-        params.append(_like_pattern(account_id))
-    if sessions_before is not None:
-        where.append("(session_from IS NULL OR session_from < ?)")
-        params.append(sessions_before)
+    where, params = _chunks_of(account_id, sessions_before)
     if account_id is None:
         legacy = tx.query("SELECT prediction_id, account_id, session_id FROM prediction_outbox" + lock)
     else:
         legacy = tx.query("SELECT prediction_id, account_id, session_id FROM prediction_outbox "
                           "WHERE account_id = ?" + lock, (account_id,))
     chunks = [(chunk_id, traceparents, body) for chunk_id, accounts, traceparents, body in tx.query(
-        f"SELECT chunk_id, accounts, traceparents, body FROM prediction_chunks WHERE {' AND '.join(where)}" + lock,
+        f"SELECT chunk_id, accounts, traceparents, body FROM prediction_chunks WHERE {where}" + lock,
         params) if account_id is None or account_id in accounts.split()]   # LIKE may match more (case)
     gone = [r[0] for r in legacy if doomed(r[1], r[2])]
     tx.executemany("DELETE FROM prediction_outbox WHERE prediction_id = ?", [(p,) for p in gone])
@@ -242,6 +236,42 @@ def erase_pending(tx: Tx, doomed: Callable[[str, str], bool], account_id: str | 
         else:
             tx.execute("DELETE FROM prediction_chunks WHERE chunk_id = ?", (chunk_id,))
     return gone
+
+
+def _chunks_of(account_id: str | None, sessions_before: float | None) -> tuple[str, list]:
+    """The WHERE clause (and its parameters) of the chunks ``erase_pending`` reads."""
+    where, params = ["1 = 1"], []
+    if account_id is not None:
+        where.append("accounts LIKE ? ESCAPE '\\'")
+        params.append(_like_pattern(account_id))
+    if sessions_before is not None:
+        where.append("(session_from IS NULL OR session_from < ?)")
+        params.append(sessions_before)
+    return " AND ".join(where), params
+
+
+def await_forwards(db: Database, account_id: str | None, sessions_before: float | None = None) -> None:
+    """PostgreSQL: wait for every forward in flight that carries rows ``erase_pending(...,
+    account_id, ..., sessions_before)`` would read, in a transaction of its own that holds
+    nothing else and ends at once. The erasing transaction calls it first, before it takes
+    the household's lock and its session rows: with feedback hung, a forward takes up to
+    ~15 s (3 attempts of HEARTH_PEER_TIMEOUT_S), and until session 21 the erasure waited
+    for it inside its transaction, holding the household (every write of it, the
+    assignments' group commit that writes its sessions' persons included) all that time.
+    It proves nothing: ``erase_pending`` still locks the rows under the erasure's own
+    locks, and waits for a forward that claimed them since (the race session 20 closed
+    stays closed); it only makes that second wait rare. SQLite's ``excluding_forwards``
+    already waits before the transaction begins."""
+    if db.dialect != "postgres":
+        return
+    where, params = _chunks_of(account_id, sessions_before)
+    with db.transaction() as tx:
+        if account_id is None:
+            tx.query("SELECT prediction_id FROM prediction_outbox ORDER BY 1 FOR UPDATE")
+        else:
+            tx.query("SELECT prediction_id FROM prediction_outbox WHERE account_id = ? ORDER BY 1 FOR UPDATE",
+                     (account_id,))
+        tx.query(f"SELECT chunk_id FROM prediction_chunks WHERE {where} ORDER BY 1 FOR UPDATE", params)
 
 
 def _kept_runs(traceparents: str, kept: Sequence[bool]) -> str:

@@ -23,7 +23,7 @@ from services.clustering.domain.events import ViewingEvent
 from services.clustering.domain.features import DEFAULT_VOCABULARY, GenreVocabulary
 from services.clustering.domain.sessions import Session, build_sessions
 from services.clustering.migrations import MIGRATIONS
-from services.clustering.prediction_log import erase_pending, excluding_forwards
+from services.clustering.prediction_log import await_forwards, erase_pending, excluding_forwards
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import Conflict, NotFound
 from services.common.field_crypto import (FieldCipher, drop_keys_of_erased_households, household_erasures,
@@ -605,8 +605,14 @@ class ClusteringStore:
         # Before deleting anything: an erasure must not complete while Redis may keep a
         # copy it cannot remove (Unavailable: the deletion job retries).
         self._drop_cached_models(scope, strict=True)
-        # No forward of the prediction outbox is in flight in this process while the
-        # transaction runs (SQLite; PostgreSQL locks the rows: erase_pending).
+        # A window erasure reads only the outbox chunks that can hold its sessions (below).
+        before = scope.end + max(self.tolerance_s, SKIP_MARGIN_FLOOR_S) + self.gap_s \
+            if scope.kind == "window" and scope.end is not None else None
+        # A forward in flight that carries the scope's predictions is waited for before
+        # the transaction takes anything (PostgreSQL; prediction_log.await_forwards), and
+        # no forward of this process is in flight while it runs (SQLite; PostgreSQL locks
+        # the rows: erase_pending).
+        await_forwards(self.db, None if scope.all_accounts else account, before)
         with excluding_forwards(self.db), self.db.transaction() as tx:
             if not scope.all_accounts:
                 tx.lock_household(account)
@@ -689,8 +695,6 @@ class ClusteringStore:
                 # of before (the setting lowered since, or another replica's) from being
                 # skipped — a wrong skip would outlive the erasure; the retention purge's
                 # cut-off is ~90 days back, so the floor costs it nothing.
-                before = scope.end + max(self.tolerance_s, SKIP_MARGIN_FLOOR_S) + self.gap_s \
-                    if scope.kind == "window" and scope.end is not None else None
                 pending = erase_pending(tx, lambda acct, session: (scope.all_accounts or acct == account)
                                         and session in sessions, None if scope.all_accounts else account,
                                         self.db.dialect, before) if sessions else []

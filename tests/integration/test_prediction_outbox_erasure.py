@@ -15,6 +15,7 @@ from services.clustering.prediction_log import PredictionLog, _RECORD_FIELDS, er
 from services.clustering.store import ClusteringStore
 from services.common.erasure import ErasureScope, ScopeKind
 from services.common.predictions import PredictionRecord
+from tests.helpers.waiting import wait_for
 
 
 def _record(pid: str, account: str, session: str = "") -> PredictionRecord:
@@ -374,3 +375,72 @@ def test_a_postgres_forward_holds_only_the_chunks_it_sends(postgres_dsn):
         first.close(), second.close()
         db.close()
 
+
+def test_an_erasure_waiting_for_a_forward_holds_nothing_of_the_household_meanwhile(database):
+    """With feedback hung, a forward carrying the household's predictions takes up to ~15 s
+    and the household's erasure waits for it (the race session 20 closed). Until session 21
+    it waited inside its transaction on PostgreSQL, holding the household's lock and its
+    deleted session rows: every write of the household (an assignment's group commit,
+    which writes its sessions' persons, with every other household's in it) waited too.
+    Now it waits before it takes anything (SQLite already did: its gate comes before the
+    write lock), and still commits only after the forward delivered."""
+    import threading
+    import time
+
+    store = ClusteringStore(database)
+    store.migrate()
+    with database.transaction() as tx:
+        tx.execute("INSERT INTO sessions (session_id, account_id, device_id, device_type, start_ts, end_ts, "
+                   "event_count, watch_seconds, feature_version, features, label, person_id) VALUES "
+                   "('se-a', 'acc-a', 'tv', 'tv', 1796500000, 1796501800, 1, 1800, 1, ?, NULL, 'p1')", (b"\0" * 8,))
+    delivered: dict[str, float] = {}
+    sending, release = threading.Event(), threading.Event()
+
+    def hung(request: fpb.RecordPredictionRequest) -> None:
+        sending.set()
+        release.wait(90)
+        delivered.update((p.prediction_id, time.monotonic()) for p in request.predictions)
+
+    log = PredictionLog(database, hung, forward_interval_s=3600)
+    erased: list[float] = []
+    try:
+        log.record([_record("pr-1", "acc-a", "se-a"), _record("pr-2", "acc-b")])
+        forward = threading.Thread(target=log.forward_once)
+        forward.start()
+        assert sending.wait(60)
+        erase = threading.Thread(target=lambda: (store.erase(ErasureScope("acc-a", ScopeKind.HOUSEHOLD)),
+                                                 erased.append(time.monotonic())))
+        erase.start()
+        wait_for(lambda: _erasure_waits(database), timeout_s=60, interval_s=0.05, what="the erasure's wait")
+
+        def household_write() -> None:   # what an assignment's group commit does for the household
+            with database.transaction() as tx:
+                tx.lock_household("acc-a")
+                tx.execute("UPDATE sessions SET person_id = 'p2' WHERE session_id = 'se-a'")
+
+        write = threading.Thread(target=household_write)
+        write.start()
+        write.join(30)
+        assert not write.is_alive(), "the household's write waited for the erasure waiting for the forward"
+        assert erase.is_alive() and not delivered       # the erasure still waits for the forward
+        release.set()
+        forward.join(60), erase.join(60)
+        assert not forward.is_alive() and not erase.is_alive()
+        assert set(delivered) == {"pr-1", "pr-2"} and erased[0] >= delivered["pr-1"]
+        with database.transaction(readonly=True) as tx:
+            assert tx.query("SELECT session_id FROM sessions WHERE account_id = 'acc-a'") == []
+    finally:
+        release.set()
+        log.close()
+
+
+def _erasure_waits(database) -> bool:
+    """An erasure waits for a forward in flight: SQLite, at the forward gate; PostgreSQL,
+    on a row lock of the outbox."""
+    if database.dialect == "sqlite":
+        from services.clustering.prediction_log import _gate
+
+        return _gate(database)._erasing > 0
+    with database.transaction(readonly=True) as tx:
+        return bool(tx.query("SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE ?",
+                             ("%prediction_chunks%FOR UPDATE",)))
