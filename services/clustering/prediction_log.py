@@ -193,8 +193,10 @@ def _like_pattern(account_id: str) -> str:
 
 
 def erase_pending(tx: Tx, doomed: Callable[[str, str], bool], account_id: str | None,
-                  dialect: str = "sqlite", sessions_before: float | None = None) -> list[str]:
-    """Delete the undelivered predictions ``doomed(account_id, session_id)`` selects, in the
+                  dialect: str = "sqlite", sessions_before: float | None = None,
+                  about: Callable[[fpb.Prediction], bool] | None = None) -> list[str]:
+    """Delete the undelivered predictions ``doomed(account_id, session_id)`` selects (and,
+    in the chunks, those ``about(prediction)`` selects by what they record), in the
     erasing transaction; returns their ids. ``account_id``: the only household they can
     belong to (None = any: the retention purge over every account). ``sessions_before``:
     none of the doomed is about a session that started at or after it, so a chunk whose
@@ -223,7 +225,8 @@ def erase_pending(tx: Tx, doomed: Callable[[str, str], bool], account_id: str | 
     tx.executemany("DELETE FROM prediction_outbox WHERE prediction_id = ?", [(p,) for p in gone])
     for chunk_id, traceparents, body in chunks:
         request = fpb.RecordPredictionRequest.FromString(bytes(body))
-        keep = [not doomed(p.account_id, p.session_id) for p in request.predictions]
+        keep = [not (doomed(p.account_id, p.session_id) or (about is not None and about(p)))
+                for p in request.predictions]
         if all(keep):
             continue
         gone += [p.prediction_id for p, k in zip(request.predictions, keep) if not k]

@@ -444,3 +444,35 @@ def _erasure_waits(database) -> bool:
     with database.transaction(readonly=True) as tx:
         return bool(tx.query("SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE ?",
                              ("%prediction_chunks%FOR UPDATE",)))
+
+
+def test_a_window_erasure_takes_the_prediction_of_a_session_merged_away(outbox, database):
+    """A late event that joins a session to the one before it (or moves its start) replaces
+    its id: a prediction made about it before, still in the outbox, names an id no session
+    has any more. A window erasure over that session's time went by the ids of the sessions
+    it deleted, so the prediction stayed and was forwarded after the erasure (feedback's
+    own window erasure goes by the session the prediction recorded: it took it only if it
+    arrived before feedback's erase). Now clustering applies the same rule."""
+    from services.clustering.domain.events import ViewingEvent
+
+    store, log, requests = outbox
+    t0 = 1_780_000_000.0
+
+    def event(n: int, ts: float) -> ViewingEvent:
+        return ViewingEvent(f"ev-{n}", "acc-m", "tv", "tv", ts, "play_start", "t", None, ("drama",), 600.0)
+
+    def sessions() -> dict[str, float]:
+        with database.transaction(readonly=True) as tx:
+            return {r[0]: float(r[1]) for r in tx.query(
+                "SELECT session_id, start_ts FROM sessions WHERE account_id = 'acc-m'")}
+
+    store.ingest([event(0, t0), event(1, t0 + 600)])
+    store.ingest([event(2, t0 + 4000), event(3, t0 + 4600)])      # 3,400 s later: a session of its own
+    later = next(sid for sid, start in sessions().items() if start == t0 + 4000)
+    log.record([PredictionRecord("pr-later", "acc-m", later, "p1", {"p1": 0.75, "p2": 0.25}, "gmm", 3,
+                                 t0 + 5300, False, 2, "tv", t0 + 4000, t0 + 5200)])
+    store.ingest([event(4, t0 + 2300)])                         # late, between them: one session
+    assert len(sessions()) == 1 and later not in sessions()
+    outcome = store.erase(ErasureScope("acc-m", ScopeKind.TIME_WINDOW, start=t0 + 3900, end=t0 + 6000))
+    assert outcome.deleted_ids_of("pending_predictions") == {"pr-later"}
+    assert log.forward_once() == 0 and requests == []
