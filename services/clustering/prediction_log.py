@@ -346,8 +346,10 @@ def _like_pattern(account_id: str) -> str:
 
 
 def erase_pending(tx: Tx, doomed: Callable[[str, str], bool], account_id: str | None,
-                  dialect: str = "sqlite", sessions_before: float | None = None) -> list[str]:
-    """Delete the undelivered predictions ``doomed(account_id, session_id)`` selects, in the
+                  dialect: str = "sqlite", sessions_before: float | None = None,
+                  about: Callable[[fpb.Prediction], bool] | None = None) -> list[str]:
+    """Delete the undelivered predictions ``doomed(account_id, session_id)`` selects (and,
+    in the chunks, those ``about(prediction)`` selects by what they record), in the
     erasing transaction; returns their ids. ``account_id``: the only household they can
     belong to (None = any: the retention purge over every account). ``sessions_before``:
     none of the doomed is about a session that started at or after it, so a chunk whose
@@ -363,26 +365,21 @@ def erase_pending(tx: Tx, doomed: Callable[[str, str], bool], account_id: str | 
     ``PredictionLog._claim``; a row it delivered meanwhile is gone, not erased twice), on
     SQLite by the caller holding ``excluding_forwards`` around the transaction."""
     lock = " ORDER BY 1 FOR UPDATE" if dialect == "postgres" else ""   # one order: erasures never deadlock
-    where, params = ["1 = 1"], []
-    if account_id is not None:
-        where.append("accounts LIKE ? ESCAPE '\\'")
-        params.append(_like_pattern(account_id))
-    if sessions_before is not None:
-        where.append("(session_from IS NULL OR session_from < ?)")
-        params.append(sessions_before)
+    where, params = _chunks_of(account_id, sessions_before)
     if account_id is None:
         legacy = tx.query("SELECT prediction_id, account_id, session_id FROM prediction_outbox" + lock)
     else:
         legacy = tx.query("SELECT prediction_id, account_id, session_id FROM prediction_outbox "
                           "WHERE account_id = ?" + lock, (account_id,))
     chunks = [(chunk_id, traceparents, body) for chunk_id, accounts, traceparents, body in tx.query(
-        f"SELECT chunk_id, accounts, traceparents, body FROM prediction_chunks WHERE {' AND '.join(where)}" + lock,
+        f"SELECT chunk_id, accounts, traceparents, body FROM prediction_chunks WHERE {where}" + lock,
         params) if account_id is None or account_id in accounts.split()]   # LIKE may match more (case)
     gone = [r[0] for r in legacy if doomed(r[1], r[2])]
     tx.executemany("DELETE FROM prediction_outbox WHERE prediction_id = ?", [(p,) for p in gone])
     for chunk_id, traceparents, body in chunks:
         request = fpb.RecordPredictionRequest.FromString(bytes(body))
-        keep = [not doomed(p.account_id, p.session_id) for p in request.predictions]
+        keep = [not (doomed(p.account_id, p.session_id) or (about is not None and about(p)))
+                for p in request.predictions]
         if all(keep):
             continue
         gone += [p.prediction_id for p, k in zip(request.predictions, keep) if not k]
@@ -395,6 +392,42 @@ def erase_pending(tx: Tx, doomed: Callable[[str, str], bool], account_id: str | 
         else:
             tx.execute("DELETE FROM prediction_chunks WHERE chunk_id = ?", (chunk_id,))
     return gone
+
+
+def _chunks_of(account_id: str | None, sessions_before: float | None) -> tuple[str, list]:
+    """The WHERE clause (and its parameters) of the chunks ``erase_pending`` reads."""
+    where, params = ["1 = 1"], []
+    if account_id is not None:
+        where.append("accounts LIKE ? ESCAPE '\\'")
+        params.append(_like_pattern(account_id))
+    if sessions_before is not None:
+        where.append("(session_from IS NULL OR session_from < ?)")
+        params.append(sessions_before)
+    return " AND ".join(where), params
+
+
+def await_forwards(db: Database, account_id: str | None, sessions_before: float | None = None) -> None:
+    """PostgreSQL: wait for every forward in flight that carries rows ``erase_pending(...,
+    account_id, ..., sessions_before)`` would read, in a transaction of its own that holds
+    nothing else and ends at once. The erasing transaction calls it first, before it takes
+    the household's lock and its session rows: with feedback hung, a forward takes up to
+    ~15 s (3 attempts of HEARTH_PEER_TIMEOUT_S), and until session 21 the erasure waited
+    for it inside its transaction, holding the household (every write of it, the
+    assignments' group commit that writes its sessions' persons included) all that time.
+    It proves nothing: ``erase_pending`` still locks the rows under the erasure's own
+    locks, and waits for a forward that claimed them since (the race session 20 closed
+    stays closed); it only makes that second wait rare. SQLite's ``excluding_forwards``
+    already waits before the transaction begins."""
+    if db.dialect != "postgres":
+        return
+    where, params = _chunks_of(account_id, sessions_before)
+    with db.transaction() as tx:
+        if account_id is None:
+            tx.query("SELECT prediction_id FROM prediction_outbox ORDER BY 1 FOR UPDATE")
+        else:
+            tx.query("SELECT prediction_id FROM prediction_outbox WHERE account_id = ? ORDER BY 1 FOR UPDATE",
+                     (account_id,))
+        tx.query(f"SELECT chunk_id FROM prediction_chunks WHERE {where} ORDER BY 1 FOR UPDATE", params)
 
 
 def _kept_runs(traceparents: str, kept: Sequence[bool]) -> str:
@@ -592,33 +625,45 @@ class PredictionLog:
 
     def _claim(self, tx: Tx, lock: str) -> tuple[list, list, list, int]:
         """The oldest undelivered predictions, up to a batch: (legacy rows, chunks, their
-        bodies, the outbox's depth)."""
+        bodies, the outbox's depth). ``lock`` (PostgreSQL: FOR UPDATE SKIP LOCKED) holds
+        what is sent, and only that: the chunks are picked first, from a list of the
+        oldest read without a lock, whole chunks up to ``batch`` predictions, then locked;
+        a chunk another replica's forward (or an erasure) holds is skipped and the next
+        ones picked in its place. Until session 21 the list itself was locked: up to
+        ``batch`` chunks, of which only the first ones (up to ``batch`` predictions) were
+        sent, so an erasure of a household in the others waited for a send that did not
+        carry it, and another replica's forwarder skipped them."""
         legacy = tx.query("SELECT prediction_id, payload FROM prediction_outbox "
                           "ORDER BY created_at, prediction_id LIMIT ?" + lock, (self._batch,))
-        queued = [] if legacy else tx.query("SELECT chunk_id, predictions, traceparents FROM prediction_chunks "
-                                            "ORDER BY created_at, chunk_id LIMIT ?" + lock, (self._batch,))
+        queued = [] if legacy else tx.query("SELECT chunk_id, predictions FROM prediction_chunks "
+                                            "ORDER BY created_at, chunk_id LIMIT ?", (self._batch,))
         # A short page is the whole outbox: count only when there may be more.
         depth = (len(legacy) if len(legacy) < self._batch else
                  tx.query("SELECT COUNT(*) FROM prediction_outbox")[0][0]) + \
             (sum(r[1] for r in queued) if not legacy and len(queued) < self._batch else
              tx.query("SELECT SUM(predictions) FROM prediction_chunks")[0][0] or 0)
-        chunks, bodies = [], []
-        if not legacy:                  # whole chunks, up to ``batch`` predictions (at least one)
-            n = 0
-            for chunk in queued:
-                if chunks and n + chunk[1] > self._batch:
-                    break
-                chunks.append(chunk)
-                n += chunk[1]
-            if chunks:
-                ids = [c[0] for c in chunks]
-                found = dict(tx.query("SELECT chunk_id, body FROM prediction_chunks WHERE chunk_id IN "
-                                      f"({', '.join('?' * len(ids))})", ids))
-                # A chunk gone since the list above is not an error (it was a KeyError, a
-                # failure and a backoff): rows locked above cannot go, but a test's or an
-                # older replica's unlocked reads see each statement as committed so far.
-                chunks = [c for c in chunks if c[0] in found]
-                bodies = [bytes(found[c[0]]) for c in chunks]
+        chunks, bodies, n, at = [], [], 0, 0
+        while at < len(queued) and n < self._batch:   # whole chunks, up to ``batch`` predictions (at least one)
+            picked, room = [], self._batch - n
+            while at < len(queued) and ((not chunks and not picked) or queued[at][1] <= room):
+                picked.append(queued[at][0])
+                room -= queued[at][1]
+                at += 1
+            if not picked:
+                break
+            # A chunk gone since the list above is not an error (it was a KeyError, a
+            # failure and a backoff): another replica delivered it, or an erasure took it.
+            found = {r[0]: r for r in tx.query(
+                "SELECT chunk_id, body, predictions, traceparents FROM prediction_chunks WHERE chunk_id IN "
+                f"({', '.join('?' * len(picked))})" + lock, picked)}
+            for chunk_id in picked:
+                if chunk_id in found:
+                    _, body, predictions, traceparents = found[chunk_id]
+                    chunks.append((chunk_id, predictions, traceparents))
+                    bodies.append(bytes(body))
+                    n += predictions
+            if not lock or len(found) == len(picked):
+                break   # what was picked is held (a lock skips nothing, or nothing was skipped)
         return legacy, chunks, bodies, depth
 
     def _deliver(self, legacy: list, chunks: list, bodies: list, depth: int, tx: Tx | None) -> tuple[int, bool]:

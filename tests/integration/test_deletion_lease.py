@@ -112,7 +112,7 @@ def test_a_holder_keeps_its_lease_while_a_peer_hangs_and_loses_it_when_killed(sh
     before each call (HEARTH_DELETION_LEASE_S 30 s against a 60 s Erase deadline): a call
     longer than the lease got a second worker's Erase beside it."""
     jobs, argv = shared_store
-    lease_s = 2.0
+    lease_s = 3.0   # renewed every 1 s: a holder's beat may come 2 s late on a loaded machine
     peers = _AnsweringPeers()
     second = DeletionCoordinator(jobs, peers, None, Ed25519PrivateKey.generate(), lease_s=lease_s)
     job_id = second.request(ErasureScope("acct-k", "household"),
@@ -137,7 +137,7 @@ def test_a_holder_keeps_its_lease_while_a_peer_hangs_and_loses_it_when_killed(sh
                  what="the killed holder's job taken over")
         taken_after = time.monotonic() - killed
         print(f"taken over {taken_after:.2f} s after the kill (lease {lease_s:g} s)")
-        assert taken_after < lease_s + 1.5, taken_after
+        assert taken_after < lease_s + 2.0, taken_after
         wait_for(lambda: jobs.get(job_id).job.state is JobState.COMPLETED, timeout_s=30,
                  what="the job completed by its new holder")
         assert peers.calls == ["attribution", "clustering", "feedback"]

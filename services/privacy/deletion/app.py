@@ -380,7 +380,7 @@ class DeletionCoordinator:
         cut off from the database for longer than the lease) is marked lost, so its pass
         stops before its next step."""
         with self._lease_lock:
-            held = list(self._leases)
+            held = [job_id for job_id, token in self._leases.items() if token != _LOST]
         for job_id in held:
             try:
                 if not self._renew(job_id):
