@@ -6,7 +6,7 @@ older commit's mesh or gateway, in one run (issue #11: where an assign's CPU goe
                                [--floor] [--baseline REF]
                                [--baseline-gateway REF] [--candidate-env K=V,...] [--profile DIR]
                                [--profile-processes clustering,privacy,gateway] [--gil]
-                               [--mix OP=W,...] [--events-per-request N]
+                               [--mix OP=W,...] [--events-per-request N] [--rate R]
     python -m bench.assign_cpu --top FILE
 
 The one harness behind `make bench-assign-cpu` and `make bench-gateway` (bench/gateway.py
@@ -36,7 +36,11 @@ one request costs does not). The targets:
 targets (the floor keeps its assign): ``--mix events=1 --events-per-request 50`` measures
 event ingest (``POST /v1/events`` of 50 new heartbeat events on one of a seeded household's
 devices, through the gateway to clustering's store); every "per assign" figure is then per
-request, and ``cpu_us_per_event`` divides each process's by ``--events-per-request``.
+request, and ``cpu_us_per_event`` divides each process's by ``--events-per-request``. Ingest
+costs more as a device's open session grows (each batch rebuilds the sessions it touches from
+their stored events), so a faster target would post more and pay more per event in a closed
+loop: ``--rate R`` sends R requests a second to every Hearth target instead (open loop), the
+same events in each.
 
 Per run it also splits the CPU of the gateway, clustering and privacy by thread (Python
 thread names from ``py-spy dump``), and reads each process's idle CPU before the rounds.
@@ -213,9 +217,11 @@ class Target:
         log(f"  {self.label}: idle CPU ms/s {self.idle_cpu}")
 
     def run(self, seconds: float, concurrency: int, seed: int, work: Path, profile_dir: Path | None = None,
-            profile_processes: tuple[str, ...] = (), gil: bool = False, events_per_request: int = 2) -> dict:
+            profile_processes: tuple[str, ...] = (), gil: bool = False, events_per_request: int = 2,
+            rate: float = 0.0) -> dict:
         spec = {"url": self.url, "urls": [self.url], "api_key": self.api_key, "households": self.households,
-                "seed": seed, "timeout_s": 10.0, "max_connections": 512, "mix": self.mix, "mode": "closed",
+                "seed": seed, "timeout_s": 10.0, "max_connections": 512, "mix": self.mix,
+                "mode": "open" if rate and self.label != "floor" else "closed", "rate": rate,
                 "concurrency": concurrency, "duration_s": seconds, "events_per_request": events_per_request,
                 "event_prefix": f"lg{seed}"}
         work.mkdir(parents=True, exist_ok=True)
@@ -383,7 +389,7 @@ def report(args: argparse.Namespace, targets: list[Target], profiles: dict, load
                        "load_average_after": round(os.getloadavg()[0], 2)},
            "households": args.households, "seconds": args.seconds, "repeats": args.repeats,
            "concurrency": args.concurrency, "mix": parse_mix(args.mix) if args.mix else dict(ASSIGN_ONLY),
-           "events_per_request": args.events_per_request, "baseline_ref": args.baseline or None,
+           "events_per_request": args.events_per_request, "rate": args.rate or None, "baseline_ref": args.baseline or None,
            "baseline_gateway_ref": args.baseline_gateway or None, "candidate_env": parse_env(args.candidate_env),
            "targets": summaries, "candidate": summaries["candidate"], "profiles": profiles,
            "wall_s": round(wall_s, 1)}
@@ -430,6 +436,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mix", default="", help="OP=W,... of bench/loadgen.py's operations instead of the assign "
                                              "mix (e.g. events=1: event ingest)")
     p.add_argument("--events-per-request", type=int, default=2, help="events a POST /v1/events carries")
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="requests a second to each Hearth target, open loop (0: closed loop, --concurrency)")
     p.add_argument("--profile", type=Path, default=None, help="py-spy the targets into this directory")
     p.add_argument("--profile-processes", default="clustering,privacy,gateway")
     p.add_argument("--profile-seconds", type=float, default=None, help="default: --seconds")
@@ -458,7 +466,7 @@ def main(argv: list[str] | None = None) -> dict:
             for t in targets:
                 seed += 1
                 t.run(args.warmup_seconds, args.concurrency, seed, work / "runs",
-                      events_per_request=args.events_per_request)
+                      events_per_request=args.events_per_request, rate=args.rate)
                 t.runs.clear()
             for t in targets:
                 t.idle(args.idle_seconds)
@@ -467,7 +475,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for t in targets:
                     seed += 1
                     t.run(args.seconds, args.concurrency, seed, work / "runs",
-                          events_per_request=args.events_per_request)
+                          events_per_request=args.events_per_request, rate=args.rate)
             if args.profile is not None:
                 wanted = tuple(filter(None, args.profile_processes.split(",")))
                 for t in targets:
@@ -476,7 +484,8 @@ def main(argv: list[str] | None = None) -> dict:
                     procs = wanted if t.label in ("candidate", "baseline") else tuple(p for p in wanted if p == "gateway")
                     profiles[t.label] = t.run(args.profile_seconds or args.seconds, args.concurrency, seed,
                                               work / "runs", profile_dir=args.profile, profile_processes=procs,
-                                              gil=args.gil, events_per_request=args.events_per_request)["profiles"]
+                                              gil=args.gil, events_per_request=args.events_per_request,
+                                              rate=args.rate)["profiles"]
                 (args.profile / "summary.json").write_text(json.dumps(profiles, indent=1))
         finally:
             harness.stop()
