@@ -24,7 +24,7 @@ from services.clustering.domain.events import ViewingEvent
 from services.clustering.domain.features import DEFAULT_VOCABULARY, GenreVocabulary
 from services.clustering.domain.sessions import Session, build_sessions
 from services.clustering.migrations import MIGRATIONS
-from services.clustering.prediction_log import await_forwards, erase_pending, excluding_forwards
+from services.clustering.prediction_log import await_forwards, erase_pending, excluding_forwards, forget_cached_heads
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import Conflict, NotFound
 from services.common.field_crypto import (FieldCipher, drop_keys_of_erased_households, household_erasures,
@@ -744,6 +744,8 @@ class ClusteringStore:
         out.purges[-1:-1] = purge_persistence(self.cache)
         if self.cipher is not None and scope.kind == "household":
             self.cipher.forget(account)  # and any a read fetched meanwhile (the key is shredded)
+        # The outbox encoder's cache of shared fields (ids, session spans) goes too.
+        forget_cached_heads()
         return out
 
     def _drop_cached_models(self, scope: ErasureScope, strict: bool = False) -> None:
