@@ -383,7 +383,9 @@ class DeletionCoordinator:
             held = [job_id for job_id, token in self._leases.items() if token != _LOST]
         for job_id in held:
             try:
-                if not self._renew(job_id):
+                # Only a lease found taken now is reported: one whose pass ended (released)
+                # since the list above is not (review21: it was, as a lease another took).
+                if self._renewal(job_id) == "lost":
                     log.warning("job %s: its lease ran out and another worker took it; this pass stops "
                                 "before its next step", job_id)
             except Exception:  # noqa: BLE001 - the next beat tries again; the lease may run out
@@ -391,13 +393,18 @@ class DeletionCoordinator:
 
     def _renew(self, job_id: str) -> bool:
         """Renew this process's lease on ``job_id`` from now: False when it is no longer ours."""
+        return self._renewal(job_id) == "renewed"
+
+    def _renewal(self, job_id: str) -> str:
+        """``_renew``'s outcome: "renewed"; "lost" (found taken by this call); "gone" (no
+        lease held: its pass released it, or it was already found lost)."""
         with self._lease_lock:
             held = self._leases.get(job_id)
             if held is None or held == _LOST:
-                return False
+                return "gone"
             renewed = self.jobs.renew(job_id, held, time.time(), self.lease_s)
             self._leases[job_id] = _LOST if renewed is None else renewed
-            return renewed is not None
+            return "lost" if renewed is None else "renewed"
 
     def advance(self, job_id: str) -> StoredJob:
         """Call every service that is due now, in stage order, storing each outcome.
