@@ -29,7 +29,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import trace
@@ -125,12 +125,21 @@ def to_request(records: Iterable[PredictionRecord]) -> fpb.RecordPredictionReque
 
 
 # The fields that differ between a household's predictions in one request; the others are
-# serialized once per distinct value (``_encode``). Their numbers in feedback.proto's
+# serialized once per distinct value (``_head``). Their numbers in feedback.proto's
 # Prediction: 1, 3, 4 and 5 (a map<string, double>: entries of key 1, value 2).
 _VARYING = ("prediction_id", "session_id", "person_id", "probabilities")
 _SHARED_FIELDS = tuple(f for f in _RECORD_FIELDS if f not in _VARYING)
 _SHARED = operator.attrgetter(*_SHARED_FIELDS)
 _DOUBLE = struct.Struct("<d").pack
+_TS_AT = _SHARED_FIELDS.index("ts")
+_TS_NUMBER = fpb.Prediction.DESCRIPTOR.fields_by_name["ts"].number
+# What ``_head`` has serialized, kept across requests (a household's shared fields are
+# the same from one AssignSessions message to the next but for ``ts``): the fields before
+# and after ``ts`` by the other shared values, and ``ts``'s own bytes by its value. Emptied
+# when full (a cache, not a record of anything).
+_HEAD_CACHE = 4096
+_HEADS: dict[tuple, tuple[bytes, bytes]] = {}
+_STAMPS: dict[float, bytes] = {}
 
 
 def _string(tag: bytes, value: str) -> bytes:
@@ -140,13 +149,45 @@ def _string(tag: bytes, value: str) -> bytes:
     return tag + _varint(len(data)) + data
 
 
+def _head(values: tuple) -> bytes:
+    """The shared fields (``values``: ``_SHARED(record)``) as ``to_request`` serializes them
+    for a record whose four varying fields are blank. Serialized by protobuf itself (a
+    field added to PredictionRecord and Prediction comes along), once per distinct value
+    of the fields but ``ts`` and once per ``ts``: a message's fields are written in the
+    order of their numbers, so the bytes of those before ``ts``, ``ts``'s and those after
+    it concatenate to the message's (tests/unit/clustering/test_prediction_runs.py)."""
+    ts = values[_TS_AT]
+    rest = values[:_TS_AT] + values[_TS_AT + 1:]
+    parts = _HEADS.get(rest)
+    if parts is None:
+        blank = PredictionRecord(prediction_id="", session_id="", person_id="", probabilities={},
+                                 **dict(zip(_SHARED_FIELDS, values)))
+        message = to_request([blank]).predictions[0]
+        before, after = fpb.Prediction(), fpb.Prediction()
+        before.CopyFrom(message)
+        after.CopyFrom(message)
+        for field, _ in message.ListFields():
+            if field.number >= _TS_NUMBER:
+                before.ClearField(field.name)
+            if field.number <= _TS_NUMBER:
+                after.ClearField(field.name)
+        if len(_HEADS) >= _HEAD_CACHE:
+            _HEADS.clear()
+        parts = _HEADS[rest] = (before.SerializeToString(), after.SerializeToString())
+    stamp = _STAMPS.get(ts)
+    if stamp is None:
+        if len(_STAMPS) >= _HEAD_CACHE:
+            _STAMPS.clear()
+        stamp = _STAMPS[ts] = fpb.Prediction(ts=float_to_ts(ts)).SerializeToString()
+    return parts[0] + stamp + parts[1]
+
+
 def _encode(records: Iterable[PredictionRecord]) -> bytes:
     """``to_request(records).SerializeToString()``, without a message a record: what it
     parses as is the same request (tests/unit/clustering/test_prediction_log_rows.py holds
     the two equal). A household's predictions in one request share every field but the
-    four of ``_VARYING``: the shared ones are serialized once per distinct value by
-    ``to_request`` itself (a field added to PredictionRecord and Prediction comes along),
-    the four are written here; a map entry's key is encoded once per person id."""
+    four of ``_VARYING``: the shared ones are serialized once per distinct value
+    (``_head``), the four are written here; a map entry's key is encoded once per person id."""
     shared: dict[tuple, bytes] = {}
     entries: dict[str, bytes] = {}
     out = []
@@ -154,9 +195,7 @@ def _encode(records: Iterable[PredictionRecord]) -> bytes:
         key = _SHARED(r)
         head = shared.get(key)
         if head is None:
-            blank = PredictionRecord(prediction_id="", session_id="", person_id="", probabilities={},
-                                     **dict(zip(_SHARED_FIELDS, key)))
-            head = shared[key] = to_request([blank]).predictions[0].SerializeToString()
+            head = shared[key] = _head(key)
         parts = [head, _string(b"\x0a", r.prediction_id), _string(b"\x1a", r.session_id),
                  _string(b"\x22", r.person_id)]
         for person, probability in r.probabilities.items():
@@ -168,6 +207,120 @@ def _encode(records: Iterable[PredictionRecord]) -> bytes:
         message = b"".join(parts)
         out.append(b"\x0a" + _varint(len(message)) + message)   # RecordPredictionRequest.predictions = 1
     return b"".join(out)
+
+
+class PredictionRun(Sequence[PredictionRecord]):
+    """The predictions of one household's answers made together (one message's rows of it,
+    ``ClusteringApp._household_answers``), held by column: every field but the four of
+    ``_VARYING`` is the same for all of them and held once (``shared``: a record whose
+    four are blank), the four as lists. It is the records it stands for (``run[i]``,
+    iteration, ``list(run)`` build them); the outbox writes its bytes without them
+    (``_encode_run``: the same bytes as ``_encode(list(run))``, tests/unit/clustering/
+    test_prediction_runs.py), which saves building a frozen dataclass a prediction and
+    reading its shared fields back."""
+
+    __slots__ = ("shared", "prediction_ids", "session_ids", "person_ids", "probabilities")
+
+    def __init__(self, shared: PredictionRecord, prediction_ids: Sequence[str], session_ids: Sequence[str],
+                 person_ids: Sequence[str], probabilities: Sequence[dict[str, float]]) -> None:
+        if not len(prediction_ids) == len(session_ids) == len(person_ids) == len(probabilities):
+            raise ValueError("a run's columns must have one value per prediction")
+        self.shared = shared
+        self.prediction_ids, self.session_ids = prediction_ids, session_ids
+        self.person_ids, self.probabilities = person_ids, probabilities
+
+    def __len__(self) -> int:
+        return len(self.prediction_ids)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return PredictionRun(self.shared, self.prediction_ids[i], self.session_ids[i], self.person_ids[i],
+                                 self.probabilities[i])
+        return replace(self.shared, prediction_id=self.prediction_ids[i], session_id=self.session_ids[i],
+                       person_id=self.person_ids[i], probabilities=self.probabilities[i])
+
+    def __repr__(self) -> str:
+        return f"PredictionRun({self.shared!r}, {len(self)} predictions)"
+
+
+class PredictionRuns(Sequence[PredictionRecord]):
+    """The predictions of one request as the runs (or lists of records) that made them:
+    what ``PredictionLog.record`` takes from ``ClusteringApp.answer_many``. A sequence of
+    the records, in order, like the list it stands for."""
+
+    __slots__ = ("pieces", "_n")
+
+    def __init__(self, pieces: Iterable[Sequence[PredictionRecord]]) -> None:
+        self.pieces = [p for p in pieces if len(p)]
+        self._n = sum(map(len, self.pieces))
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self) -> Iterator[PredictionRecord]:
+        for piece in self.pieces:
+            yield from piece
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return list(self)[i]
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError("prediction index out of range")
+        for piece in self.pieces:
+            if i < len(piece):
+                return piece[i]
+            i -= len(piece)
+        raise IndexError("prediction index out of range")   # pragma: no cover - the length said otherwise
+
+
+def _pieces(records: Sequence[PredictionRecord]) -> list[Sequence[PredictionRecord]]:
+    """A ``record`` call's predictions as the pieces the outbox encodes: its runs, or the
+    list of records it is."""
+    if isinstance(records, PredictionRuns):
+        return records.pieces
+    return [records] if len(records) else []
+
+
+def _encode_run(run: PredictionRun) -> bytes:
+    """``_encode(list(run))``: the shared fields' bytes once (``_head``), then each
+    prediction's id, session id (its id's bytes when it is the id: a bare vector's), person
+    and probabilities, as ``_encode`` writes them."""
+    head = _head(_SHARED(run.shared))
+    persons: dict[str, bytes] = {}
+    entries: dict[str, bytes] = {}
+    out = []
+    for prediction_id, session_id, person_id, probabilities in zip(
+            run.prediction_ids, run.session_ids, run.person_ids, run.probabilities):
+        pid = _string(b"\x0a", prediction_id)
+        parts = [head, pid, b"\x1a" + pid[1:] if session_id == prediction_id and pid else _string(b"\x1a", session_id)]
+        person = persons.get(person_id)
+        if person is None:
+            person = persons[person_id] = _string(b"\x22", person_id)
+        parts.append(person)
+        for name, probability in probabilities.items():
+            prefix = entries.get(name)
+            if prefix is None:
+                key = _string(b"\x0a", name) if name else b""
+                prefix = entries[name] = b"\x2a" + _varint(len(key) + 9) + key + b"\x11"
+            parts.append(prefix)
+            parts.append(_DOUBLE(probability))
+        message = b"".join(parts)
+        out.append(b"\x0a" + _varint(len(message)) + message)   # RecordPredictionRequest.predictions = 1
+    return b"".join(out)
+
+
+def _encode_piece(piece: Sequence[PredictionRecord]) -> bytes:
+    return _encode_run(piece) if isinstance(piece, PredictionRun) else _encode(piece)
+
+
+def _piece_accounts(piece: Sequence[PredictionRecord]) -> Iterable[str]:
+    return (piece.shared.account_id,) if isinstance(piece, PredictionRun) else (r.account_id for r in piece)
+
+
+def _piece_starts(piece: Sequence[PredictionRecord]) -> Iterable[float | None]:
+    return (piece.shared.session_start,) if isinstance(piece, PredictionRun) else (r.session_start for r in piece)
 
 
 def _decode(payloads: Sequence[str]) -> tuple[list[PredictionRecord], list[str]]:
@@ -389,7 +542,8 @@ class PredictionLog:
 
     def record(self, records: Sequence[PredictionRecord], persons: Sequence[SessionPerson] = ()) -> None:
         """Durably queue records (and, with a ``session_writer``, the assigned sessions'
-        persons); returns once they are committed."""
+        persons); returns once they are committed. ``records``: a list of records, a
+        ``PredictionRun`` or ``PredictionRuns`` (encoded by run, the same bytes)."""
         if persons and self._session_writer is None:
             raise ValueError("this prediction log has no session_writer")
         n = len(records) + len(persons)
@@ -398,26 +552,38 @@ class PredictionLog:
 
     def _chunks(self, requests: Sequence[_Request], now: float) -> list[tuple]:
         """The group commit's predictions as outbox chunks of at most ``batch`` predictions
-        (requests that arrived together share one)."""
-        rows, records, runs = [], [], []
+        (requests that arrived together share one); a request's runs are encoded as runs
+        (``_encode_run``), cut where a chunk ends."""
+        rows: list[tuple] = []
+        pieces: list[Sequence[PredictionRecord]] = []
+        runs: list[str] = []
+        count = 0
 
         def close() -> None:   # ids sort in commit order among the chunks of one commit (one created_at)
-            starts = [r.session_start for r in records]
-            rows.append((f"{len(rows):04d}-{os.urandom(16).hex()}", now, len(records),
-                         _accounts(r.account_id for r in records), " ".join(runs), _encode(records),
-                         None if None in starts else min(starts)))
+            starts = [start for piece in pieces for start in _piece_starts(piece)]
+            rows.append((f"{len(rows):04d}-{os.urandom(16).hex()}", now, count,
+                         _accounts(a for piece in pieces for a in _piece_accounts(piece)), " ".join(runs),
+                         b"".join(map(_encode_piece, pieces)), None if None in starts else min(starts)))
 
         for request in requests:
-            todo = request.records
-            while todo:
-                room = self._batch - len(records)
-                records += todo[:room]
-                runs.append(f"{request.traceparent}*{len(todo[:room])}")
-                todo = todo[room:]
-                if len(records) >= self._batch:
-                    close()
-                    records, runs = [], []
-        if records:
+            mine = 0   # this request's predictions in the chunk being filled
+            for piece in _pieces(request.records):
+                while len(piece):
+                    room = self._batch - count
+                    if len(piece) <= room:   # the common case: no copy
+                        taken, piece = piece, ()
+                    else:
+                        taken, piece = piece[:room], piece[room:]
+                    pieces.append(taken)
+                    count += len(taken)
+                    mine += len(taken)
+                    if count >= self._batch:
+                        runs.append(f"{request.traceparent}*{mine}")
+                        close()
+                        pieces, runs, count, mine = [], [], 0, 0
+            if mine:
+                runs.append(f"{request.traceparent}*{mine}")
+        if count:
             close()
         return rows
 
