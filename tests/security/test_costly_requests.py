@@ -1,0 +1,81 @@
+"""Requests that cost far more than their size (session 21's attacker's review), through
+the security suite's real processes: what one caller of the lowest role that may send them
+can make a service do."""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+
+import grpc
+import httpx
+import pytest
+
+from hearth.attribution.v1 import attribution_pb2 as apb
+from hearth.attribution.v1 import attribution_pb2_grpc as apb_grpc
+from services.common import identity
+from services.common.identity import Principal, Role
+from tests.helpers.mesh_calls import VouchingSigner
+from tests.helpers.waiting import wait_for
+
+from .test_input import iso
+
+ACCOUNTS = 300
+CHANNELS = 12
+
+
+@pytest.fixture(scope="module")
+def costly_accounts(security_mesh) -> list[str]:
+    """300 households with 10 touchpoints each over 12 channels and a conversion in half of
+    them: small to send (3,000 touchpoints), costly to attribute at Markov order 4 with
+    repeats kept (about 20,000 chain states) and 2,000 bootstrap replicates (each a chain
+    solve: minutes of CPU)."""
+    rng = random.Random(21)
+    accounts = [f"sec-costly-{i}" for i in range(ACCOUNTS)]
+    now = time.time()
+    touchpoints = [{"touchpoint_id": f"t{j}", "account_id": a, "device_id": "tv-1",
+                    "ts": iso(now - 86400 + j * 600), "channel": f"ch{rng.randrange(CHANNELS)}"}
+                   for a in accounts for j in range(10)]
+    conversions = [{"conversion_id": "c", "account_id": a, "ts": iso(now - 86400 + 7200), "kind": "buy",
+                    "value": 5.0} for a in accounts[::2]]
+    with security_mesh.client(Role.ADMIN) as admin:
+        for i in range(0, len(touchpoints), 1000):  # the suite's body limit is 256 KiB
+            assert admin.post("/v1/touchpoints", json={"touchpoints": touchpoints[i:i + 1000]}).status_code == 200
+        assert admin.post("/v1/conversions", json={"conversions": conversions}).status_code == 200
+    return accounts
+
+
+def _attribute_deadline_exceeded(security_mesh) -> float:
+    text = httpx.get(f"http://127.0.0.1:{security_mesh.mesh.metrics_ports['attribution']}/metrics", timeout=10).text
+    for line in text.splitlines():
+        labels = set(re.findall(r'(\w+)="([^"]*)"', line))
+        if line.startswith("hearth_rpc_requests_total{") and labels >= {
+                ("service", "attribution"), ("method", "Attribute"), ("code", "DEADLINE_EXCEEDED")}:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_attribution_stops_working_once_its_callers_deadline_has_passed(security_mesh, costly_accounts):
+    """gRPC Python cannot interrupt a handler: until session 21 an analyst's attribution
+    with 2,000 bootstrap replicates of an order-4 chain got its 504 at the gateway's 60 s
+    deadline and went on computing in an attribution worker thread for minutes (sixteen
+    such requests held every worker; the rate limit charges each one token). Now the work
+    checks its deadline between steps and stops: the RPC ends DEADLINE_EXCEEDED within
+    seconds of the deadline, not when the computation would have finished."""
+    analyst = Principal("sec-analyst", Role.ANALYST)
+    request = apb.AttributeRequest(account_ids=costly_accounts, method=apb.METHOD_HYBRID, markov_order=4,
+                                   repeats="keep", include_nulls=True, level=apb.LEVEL_HOUSEHOLD,
+                                   bootstrap_replicates=2000, bootstrap_seed=1, confidence_level=0.95,
+                                   lookback_seconds=30 * 86400)
+    metadata = [(identity.PRINCIPAL_KEY, analyst.id), (identity.ROLE_KEY, analyst.role.value),
+                (identity.TOKEN_KEY, VouchingSigner(security_mesh.mesh).sign(analyst, audience="attribution"))]
+    before = _attribute_deadline_exceeded(security_mesh)
+    with grpc.insecure_channel(f"127.0.0.1:{security_mesh.mesh.grpc_ports['attribution']}") as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            apb_grpc.AttributionServiceStub(channel).Attribute(request, metadata=metadata, timeout=3)
+    assert refused.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # Without the checks the handler ran on for minutes (about 80 s of CPU on an idle
+    # core; it would report its end only then).
+    wait_for(lambda: _attribute_deadline_exceeded(security_mesh) > before, timeout_s=30,
+             what="the attribution handler to stop after its caller's deadline")
