@@ -34,6 +34,36 @@ log = logging.getLogger("hearth.server")
 
 # RPCs that need no principal: infrastructure, not data.
 _OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+_REFLECTION = "/grpc.reflection."
+
+# Reflection streams are bounded: at most REFLECTION_STREAMS at once per process, each
+# cancelled after REFLECTION_STREAM_S. A reflection stream is a bidirectional stream whose
+# handler holds one of the service's worker threads while it waits for the client's next
+# request, and it needs no principal: until session 21 an anonymous client that opened
+# sixteen streams and sent nothing held every worker (HEARTH_MAX_WORKERS) for as long as
+# it kept them open — every RPC of the service, the gateway's included, then timed out,
+# and the health-only port's liveness check (which needs a free worker) failed. A tool
+# (grpcurl list / describe) is done in well under a second.
+REFLECTION_STREAMS = 2
+REFLECTION_STREAM_S = 10.0
+
+
+def _bounded_reflection(handler: grpc.RpcMethodHandler, slots: threading.BoundedSemaphore) -> grpc.RpcMethodHandler:
+    def serve(request_iterator, context):
+        if not slots.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"at most {REFLECTION_STREAMS} reflection streams at once; retry shortly")
+        timer = threading.Timer(REFLECTION_STREAM_S, context.cancel)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield from handler.stream_stream(request_iterator, context)
+        finally:
+            timer.cancel()
+            slots.release()
+
+    return grpc.stream_stream_rpc_method_handler(serve, request_deserializer=handler.request_deserializer,
+                                                 response_serializer=handler.response_serializer)
 
 
 class _Undecodable:
@@ -171,10 +201,16 @@ class HearthInterceptor(grpc.ServerInterceptor):
         # (closures, a tolerant deserialiser, a new RpcMethodHandler) cost more than
         # most of what it wraps.
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._reflection_slots = threading.BoundedSemaphore(REFLECTION_STREAMS)
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         method = handler_call_details.method
+        if handler is not None and method.startswith(_REFLECTION) and handler.stream_stream is not None:
+            cached = self._wrapped.get(method)
+            if cached is None or cached[0] is not handler:
+                cached = self._wrapped[method] = (handler, _bounded_reflection(handler, self._reflection_slots))
+            return cached[1]
         if method.startswith(_OPEN_SERVICES) or handler is None:
             return handler
         cached = self._wrapped.get(method)

@@ -1,11 +1,12 @@
 """Requests that cost far more than their size (session 21's attacker's review), through
 the security suite's real processes: what one caller of the lowest role that may send them
-can make a service do."""
+— or one without any credentials, at a service's gRPC port — can make a service do."""
 
 from __future__ import annotations
 
 import random
 import re
+import threading
 import time
 
 import grpc
@@ -79,3 +80,42 @@ def test_attribution_stops_working_once_its_callers_deadline_has_passed(security
     # core; it would report its end only then).
     wait_for(lambda: _attribute_deadline_exceeded(security_mesh) > before, timeout_s=30,
              what="the attribution handler to stop after its caller's deadline")
+
+
+def test_idle_reflection_streams_without_credentials_hold_no_more_than_two_workers(security_mesh):
+    """Reflection needs no principal, and its handler is a bidirectional stream that holds
+    one of the service's worker threads while it waits for the client's next request.
+    Until session 21 an anonymous client that opened twenty reflection streams on
+    clustering's port and sent nothing held all sixteen workers: the gateway's household
+    reads waited out their 10 s deadline (504), for as long as the streams stayed open.
+    Now a process serves at most two reflection streams at once (the rest are
+    RESOURCE_EXHAUSTED at once), each cancelled after
+    ``services.common.server.REFLECTION_STREAM_S`` (10 s)."""
+    from grpc_reflection.v1alpha import reflection_pb2_grpc
+
+    release = threading.Event()
+
+    def idle():
+        release.wait(120)
+        return
+        yield  # a request iterator that never sends a request
+
+    opened = [grpc.insecure_channel(f"127.0.0.1:{security_mesh.mesh.grpc_ports['clustering']}",
+                                    options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(20)]
+    try:
+        calls = [reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(idle()) for channel in opened]
+        refused = wait_for(lambda: [c for c in calls if c.done()] if sum(c.done() for c in calls) >= 18 else None,
+                           timeout_s=30, what="all but two reflection streams to be refused")
+        assert {c.code() for c in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        with security_mesh.client(Role.DATA_SCIENTIST) as client:
+            started = time.monotonic()
+            answer = client.get("/v1/household/sec-reflection-nobody")
+        assert answer.status_code == 404, answer.text
+        assert time.monotonic() - started < 8.0
+        # The two held streams end by themselves.
+        wait_for(lambda: all(c.done() for c in calls), timeout_s=60,
+                 what="the held reflection streams to be cancelled")
+    finally:
+        release.set()
+        for channel in opened:
+            channel.close()
