@@ -4,10 +4,12 @@ the security suite's real processes: what one caller of the lowest role that may
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import httpx
@@ -119,3 +121,38 @@ def test_idle_reflection_streams_without_credentials_hold_no_more_than_two_worke
         release.set()
         for channel in opened:
             channel.close()
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds the process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_body_from_a_caller_without_the_right_is_refused_before_it_is_parsed(security_mesh):
+    """Until session 21 the gateway parsed and validated a JSON body (json.loads, the
+    duplicate-key check, the schema: ~75 ms of its event loop for the suite's 256 KiB of
+    ``{"events": [{}, {}, ...]}``, 1-3 s for 8 MiB) before it looked at the credentials,
+    so an anonymous client, whom no rate limit charges, could keep the gateway's one
+    event loop busy for everyone. Now the 401 / 403 comes first and the body is never
+    parsed: twenty anonymous and twenty analyst bodies cost the gateway a fraction of
+    the CPU twenty parsed ones do (measured as the process's own CPU time, which the
+    machine's load does not change)."""
+    n = (256 * 1024 - 64) // 3
+    body = b'{"events": [' + b",".join([b"{}"] * n) + b"]}"
+    headers = {"Content-Type": "application/json"}
+    pid = security_mesh.mesh.processes["gateway"].pid
+
+    def cost(key: str | None, status: int) -> float:
+        before = _cpu_s(pid)
+        with httpx.Client(base_url=security_mesh.url, timeout=30) as client:
+            for _ in range(20):
+                answer = client.post("/v1/events", content=body,
+                                     headers={**headers, **({"X-API-Key": key} if key else {})})
+                assert answer.status_code == status, answer.text[:200]
+        return _cpu_s(pid) - before
+
+    parsed = cost(security_mesh.role_keys[Role.SERVICE], 422)     # may ingest: parsed, then refused
+    anonymous = cost(None, 401)
+    analyst = cost(security_mesh.role_keys[Role.ANALYST], 403)
+    assert anonymous < parsed / 4 and analyst < parsed / 4, (parsed, anonymous, analyst)
