@@ -15,6 +15,7 @@ import grpc
 import httpx
 import pytest
 
+from gateway import auth
 from hearth.attribution.v1 import attribution_pb2 as apb
 from hearth.attribution.v1 import attribution_pb2_grpc as apb_grpc
 from services.common import identity
@@ -156,3 +157,31 @@ def test_a_body_from_a_caller_without_the_right_is_refused_before_it_is_parsed(s
     anonymous = cost(None, 401)
     analyst = cost(security_mesh.role_keys[Role.ANALYST], 403)
     assert anonymous < parsed / 4 and analyst < parsed / 4, (parsed, anonymous, analyst)
+
+
+def test_a_body_over_the_senders_rate_limit_is_refused_before_it_is_parsed(security_mesh):
+    """The same for a principal over its rate limit: until session 21 each body was parsed
+    and validated before the 429, so the limit did not bound what its sender cost the
+    gateway. On a replica with the suite's tight limit (burst 3, a token every 4 s), a
+    fresh principal's bodies past its burst cost a fraction of a parsed one each."""
+    _, key = auth.add_key(security_mesh.keys_file, f"sec-costly-limited-{time.time_ns()}", "service")
+    url = security_mesh.limited_urls[0]
+    wait_for(lambda: httpx.get(url + "/v1/household/sec-costly-nobody", headers={"X-API-Key": key},
+                               timeout=10).status_code == 404, timeout_s=30, what="the new key to work")
+    n = (256 * 1024 - 64) // 3
+    body = b'{"events": [' + b",".join([b"{}"] * n) + b"]}"
+    pid = security_mesh.mesh.processes["gateway-limited-0"].pid
+    statuses = []
+    before = _cpu_s(pid)
+    with httpx.Client(base_url=url, timeout=30, headers={"X-API-Key": key, "Content-Type": "application/json"}) as client:
+        for _ in range(3):   # the burst: parsed (422: over the 10,000 events a batch may hold)
+            statuses.append(client.post("/v1/events", content=body).status_code)
+        parsed = (_cpu_s(pid) - before) / 3
+        before = _cpu_s(pid)
+        for _ in range(12):
+            statuses.append(client.post("/v1/events", content=body).status_code)
+        over = _cpu_s(pid) - before
+    assert statuses[:3] == [422] * 3, statuses
+    limited = statuses[3:].count(429)
+    assert limited >= 10 and set(statuses[3:]) <= {422, 429}, statuses
+    assert over < (12 - limited) * parsed + limited * parsed / 4, (parsed, over, statuses)
