@@ -218,6 +218,34 @@ def test_clusters_reach_every_pod_of_each_service_over_mutual_tls(enabled):
         assert tls["tls_certificates"][0]["certificate_chain"]["filename"] == "/etc/hearth/tls/mesh/tls.crt"
 
 
+def test_each_cluster_takes_only_its_own_components_certificate_for_the_service(enabled):
+    """A pod of the mesh CA on a hijacked service address is not the service: each cluster
+    requires the DNS name hearth-<component> (the name the services read as a peer's
+    component) among the upstream's names. Checked against real mesh certificates
+    (scripts/certs.py, one per component like the chart's Secrets) with Envoy's rule for
+    match_typed_subject_alt_names: accepted when any DNS name matches any matcher."""
+    import certs  # scripts/certs.py (on the path above)
+    from cryptography import x509
+
+    from services.common.tls import component_of_names
+
+    _, parsed = enabled
+    clusters = {c["name"]: c for c in parsed["clusters"]}
+    ca_key, ca_cert = certs.make_ca(1)
+    dns_names = {name: certs.make_leaf(name, ca_key, ca_cert, 1)[1].extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName) for name in certs.DEFAULT_NAMES}
+    for component in ("clustering", "attribution", "privacy", "feedback"):
+        upstream = clusters[component]["tls"]
+        matchers = upstream["common_tls_context"]["validation_context"].get("match_typed_subject_alt_names")
+        assert matchers, f"{component}: any certificate of the mesh CA is taken for the service"
+        assert all(m["san_type"] == "DNS" and set(m["matcher"]) == {"exact"} for m in matchers)
+        accepted = {name for name, names in dns_names.items()
+                    if any(m["matcher"]["exact"] in names for m in matchers)}
+        assert accepted == {component}
+        assert {component_of_names("", [m["matcher"]["exact"]]) for m in matchers} == {component}
+        assert upstream["sni"] == f"hearth-{component}"
+
+
 def test_calls_are_authorized_by_the_gateway_before_routing(enabled):
     objects, parsed = enabled
     (listener,) = parsed["listeners"]

@@ -168,11 +168,15 @@ static_resources:
       {{- if $meshTls }}
       # Mutual TLS to the services with the gateway's mesh certificate: Envoy forwards the
       # tokens the gateway's authorizer signs, and a service accepts a token only from the
-      # component the peer's certificate names.
+      # component the peer's certificate names. The upstream must be the component the
+      # cluster routes to: its certificate names hearth-<component> (the name the services
+      # read as the peer's component, services/common/tls.py), so another pod of the mesh
+      # CA on a hijacked address is refused before any token reaches it.
       transport_socket:
         name: envoy.transport_sockets.tls
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+          sni: {{ printf "hearth-%s" $component }}
           common_tls_context:
             alpn_protocols: [h2]
             tls_certificates:
@@ -180,6 +184,9 @@ static_resources:
                 private_key: {filename: /etc/hearth/tls/mesh/tls.key}
             validation_context:
               trusted_ca: {filename: /etc/hearth/tls/mesh/ca.crt}
+              match_typed_subject_alt_names:
+                - san_type: DNS
+                  matcher: {exact: {{ printf "hearth-%s" $component }}}
       {{- end }}
     {{- end }}
     - name: gateway-authorizer
