@@ -252,7 +252,8 @@ def test_pods_run_non_root_with_a_read_only_root_filesystem(render):
 
 def test_shutdown_budget_covers_prestop_sleep_and_the_drain_grace(render):
     """SIGKILL must not land while calls drain: terminationGracePeriodSeconds >
-    preStop sleep + HEARTH_GRACE_SECONDS (the time serve() gives calls in flight)."""
+    preStop sleep + HEARTH_GRACE_SECONDS (the time serve() gives calls in flight) + the
+    stop's bounded tail."""
     for scenario in ("default", "production"):
         objects = render(**SCENARIOS[scenario])
         for component in COMPONENTS:
@@ -263,7 +264,12 @@ def test_shutdown_budget_covers_prestop_sleep_and_the_drain_grace(render):
             sleep_s = float(command[1])
             grace_s = float(effective_env(deployment, objects)["HEARTH_GRACE_SECONDS"])
             assert sleep_s > 0 and grace_s > 0
-            assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > sleep_s + grace_s
+            # ... and the stop's bounded tail after the grace (the gRPC server's stop, one
+            # health check of the peers before the closers: RunningServer.stop).
+            from services.common.server import PEER_PROBE_TIMEOUT_S, STOP_AFTER_DRAIN_S
+
+            assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= \
+                sleep_s + grace_s + STOP_AFTER_DRAIN_S + PEER_PROBE_TIMEOUT_S
 
 
 # --- configuration: what the processes will see -------------------------------------------
