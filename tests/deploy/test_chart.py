@@ -193,11 +193,14 @@ def test_grpc_probes_use_the_grpc_port_the_process_listens_on(render):
         assert service_ports["metrics"]["port"] == CHART_VALUES["services"][name]["metricsPort"]
 
 
-def test_gateway_uses_http_probes_and_liveness_does_not_depend_on_the_mesh(render):
+def test_gateway_uses_http_probes_and_neither_depends_on_the_mesh(render):
     c = container(deployment_of(render(), "gateway"))
-    assert c["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     # /health fans out to every service: as a liveness probe, one backend outage would
-    # restart every gateway pod.
+    # restart every gateway pod; as the readiness probe (until session 21), an outage of
+    # every service (the database) took every gateway pod out of the Service, and clients
+    # got the ingress's 503 page instead of the gateway's JSON 503 with Retry-After
+    # (tests/e2e/test_routes_with_services_down.py checks the path stays 200 then).
+    assert c["readinessProbe"]["httpGet"] == {"path": "/openapi.json", "port": "http"}
     assert c["livenessProbe"]["httpGet"]["path"] != "/health"
     assert c["livenessProbe"]["httpGet"]["port"] == "http"
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {
