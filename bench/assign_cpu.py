@@ -6,6 +6,7 @@ older commit's mesh or gateway, in one run (issue #11: where an assign's CPU goe
                                [--floor] [--baseline REF]
                                [--baseline-gateway REF] [--candidate-env K=V,...] [--profile DIR]
                                [--profile-processes clustering,privacy,gateway] [--gil]
+                               [--mix OP=W,...] [--events-per-request N] [--rate R]
     python -m bench.assign_cpu --top FILE
 
 The one harness behind `make bench-assign-cpu` and `make bench-gateway` (bench/gateway.py
@@ -30,6 +31,16 @@ one request costs does not). The targets:
   the same protos), seeded the same way;
 * ``gateway-baseline`` (``--baseline-gateway REF``): REF's gateway alone, in front of the
   candidate's services, so two gateways are compared on the same services and data.
+
+``--mix`` replaces the assign mix by another of bench/loadgen.py's operations for the Hearth
+targets (the floor keeps its assign): ``--mix events=1 --events-per-request 50`` measures
+event ingest (``POST /v1/events`` of 50 new heartbeat events on one of a seeded household's
+devices, through the gateway to clustering's store); every "per assign" figure is then per
+request, and ``cpu_us_per_event`` divides each process's by ``--events-per-request``. Ingest
+costs more as a device's open session grows (each batch rebuilds the sessions it touches from
+their stored events), so a faster target would post more and pay more per event in a closed
+loop: ``--rate R`` sends R requests a second to every Hearth target instead (open loop), the
+same events in each.
 
 Per run it also splits the CPU of the gateway, clustering and privacy by thread (Python
 thread names from ``py-spy dump``), and reads each process's idle CPU before the rounds.
@@ -163,6 +174,18 @@ def parse_env(text: str) -> dict[str, str]:
     return env
 
 
+def parse_mix(text: str) -> dict[str, float]:
+    """``OP=W,OP=W`` (``--mix``): bench/loadgen.py's operations and their weights."""
+    mix = {}
+    for pair in filter(None, text.split(",")):
+        op, sep, weight = pair.partition("=")
+        try:
+            mix[op.strip()] = float(weight) if sep else 1.0
+        except ValueError:
+            raise SystemExit(f"--mix: {pair!r} is not OP=WEIGHT") from None
+    return mix
+
+
 def median(values) -> float | None:
     values = [x for x in values if x is not None]
     return round(statistics.median(values), 3) if values else None
@@ -194,10 +217,13 @@ class Target:
         log(f"  {self.label}: idle CPU ms/s {self.idle_cpu}")
 
     def run(self, seconds: float, concurrency: int, seed: int, work: Path, profile_dir: Path | None = None,
-            profile_processes: tuple[str, ...] = (), gil: bool = False) -> dict:
+            profile_processes: tuple[str, ...] = (), gil: bool = False, events_per_request: int = 2,
+            rate: float = 0.0) -> dict:
         spec = {"url": self.url, "urls": [self.url], "api_key": self.api_key, "households": self.households,
-                "seed": seed, "timeout_s": 10.0, "max_connections": 512, "mix": self.mix, "mode": "closed",
-                "concurrency": concurrency, "duration_s": seconds}
+                "seed": seed, "timeout_s": 10.0, "max_connections": 512, "mix": self.mix,
+                "mode": "open" if rate and self.label != "floor" else "closed", "rate": rate,
+                "concurrency": concurrency, "duration_s": seconds, "events_per_request": events_per_request,
+                "event_prefix": f"lg{seed}"}
         work.mkdir(parents=True, exist_ok=True)
         spec_path, out_path = work / f"{seed:03d}-spec.json", work / f"{seed:03d}-result.json"
         spec_path.write_text(json.dumps(spec))
@@ -269,6 +295,7 @@ class Harness:
         self.meshes: list[Mesh] = []
         self.others: list[subprocess.Popen] = []
         self.targets: list[Target] = []
+        self.mix = parse_mix(args.mix) if args.mix else dict(ASSIGN_ONLY)
 
     def start_mesh(self, label: str, root: Path, env: dict[str, str] | None = None) -> tuple[Mesh, str]:
         base = self.work / label.replace(" ", "-")
@@ -291,7 +318,8 @@ class Harness:
             for account, h in fitted.items():
                 closed = [s for s in h["sessions"] if s["feature_vector"]]
                 households.append({"account_id": account, "sessions": [s["session_id"] for s in closed],
-                                   "vector": closed[0]["feature_vector"], "devices": []})
+                                   "vector": closed[0]["feature_vector"],
+                                   "devices": [(d["device_id"], d["device_type"]) for d in h["devices"]]})
             if len(households) < max(1, self.args.households // 2):
                 raise RuntimeError(f"{label}: only {len(households)} of {self.args.households} households got a model")
             for i in range(50):   # decoded-model caches, keys, consent: warm before measuring
@@ -337,14 +365,14 @@ class Harness:
             seeded = list(pool.map(lambda s: self.seed(s[1], s[2], s[0]), started))
         for (label, mesh, api_key), households in zip(started, seeded):
             pids = {name: p.pid for name, p in mesh.processes.items()}
-            self.targets.append(Target(label, mesh.url, api_key, households, pids))
+            self.targets.append(Target(label, mesh.url, api_key, households, pids, mix=dict(self.mix)))
         if a.baseline_gateway:
             cand = self.targets[-1]
             mesh = self.meshes[-1]
             url = self.start_old_gateway(a.baseline_gateway, mesh)
             services = {n: pid for n, pid in cand.processes.items() if n in SERVICE_MODULES}
             self.targets.insert(-1, Target("gateway-baseline", url, cand.api_key, cand.households,
-                                           {"gateway": self.others[-1].pid, **services}))
+                                           {"gateway": self.others[-1].pid, **services}, mix=dict(self.mix)))
         if floor is not None:
             self.targets.insert(0, floor)
 
@@ -360,10 +388,17 @@ def report(args: argparse.Namespace, targets: list[Target], profiles: dict, load
     out = {"machine": {"cpus": os.cpu_count(), "cpu_model": cpu_model(), "load_average_before": round(load0, 2),
                        "load_average_after": round(os.getloadavg()[0], 2)},
            "households": args.households, "seconds": args.seconds, "repeats": args.repeats,
-           "concurrency": args.concurrency, "baseline_ref": args.baseline or None,
+           "concurrency": args.concurrency, "mix": parse_mix(args.mix) if args.mix else dict(ASSIGN_ONLY),
+           "events_per_request": args.events_per_request, "rate": args.rate or None, "baseline_ref": args.baseline or None,
            "baseline_gateway_ref": args.baseline_gateway or None, "candidate_env": parse_env(args.candidate_env),
            "targets": summaries, "candidate": summaries["candidate"], "profiles": profiles,
            "wall_s": round(wall_s, 1)}
+    if args.mix and set(parse_mix(args.mix)) == {"events"}:
+        for label, s in summaries.items():
+            if label == "floor":
+                continue
+            s["cpu_us_per_event"] = {n: round(1000 * v / args.events_per_request, 2)
+                                     for n, v in s["cpu_ms_per_assign"].items() if v is not None}
     if "baseline" in summaries:
         base, cand = summaries["baseline"], summaries["candidate"]
         out["baseline"] = base
@@ -398,6 +433,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--candidate-env", default="",
                    help="K=V,K=V set for the candidate mesh's processes only (with --baseline HEAD: the same "
                         "code with and without a setting, e.g. allocator variables)")
+    p.add_argument("--mix", default="", help="OP=W,... of bench/loadgen.py's operations instead of the assign "
+                                             "mix (e.g. events=1: event ingest)")
+    p.add_argument("--events-per-request", type=int, default=2, help="events a POST /v1/events carries")
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="requests a second to each Hearth target, open loop (0: closed loop, --concurrency)")
     p.add_argument("--profile", type=Path, default=None, help="py-spy the targets into this directory")
     p.add_argument("--profile-processes", default="clustering,privacy,gateway")
     p.add_argument("--profile-seconds", type=float, default=None, help="default: --seconds")
@@ -425,7 +465,8 @@ def main(argv: list[str] | None = None) -> dict:
             seed = 0
             for t in targets:
                 seed += 1
-                t.run(args.warmup_seconds, args.concurrency, seed, work / "runs")
+                t.run(args.warmup_seconds, args.concurrency, seed, work / "runs",
+                      events_per_request=args.events_per_request, rate=args.rate)
                 t.runs.clear()
             for t in targets:
                 t.idle(args.idle_seconds)
@@ -433,7 +474,8 @@ def main(argv: list[str] | None = None) -> dict:
                 log(f"round {r + 1}/{args.repeats}")
                 for t in targets:
                     seed += 1
-                    t.run(args.seconds, args.concurrency, seed, work / "runs")
+                    t.run(args.seconds, args.concurrency, seed, work / "runs",
+                          events_per_request=args.events_per_request, rate=args.rate)
             if args.profile is not None:
                 wanted = tuple(filter(None, args.profile_processes.split(",")))
                 for t in targets:
@@ -442,7 +484,8 @@ def main(argv: list[str] | None = None) -> dict:
                     procs = wanted if t.label in ("candidate", "baseline") else tuple(p for p in wanted if p == "gateway")
                     profiles[t.label] = t.run(args.profile_seconds or args.seconds, args.concurrency, seed,
                                               work / "runs", profile_dir=args.profile, profile_processes=procs,
-                                              gil=args.gil)["profiles"]
+                                              gil=args.gil, events_per_request=args.events_per_request,
+                                              rate=args.rate)["profiles"]
                 (args.profile / "summary.json").write_text(json.dumps(profiles, indent=1))
         finally:
             harness.stop()

@@ -16,8 +16,9 @@ throughput.
 
 The request mix (``mix``: operation -> weight) is drawn from a seeded generator over the
 seeded households in the spec. Operations: ``assign_session``, ``assign_vector``,
-``household``, ``events`` (2 new events with fresh ids; the ids of every acknowledged
-batch are written out so the caller can read them back), ``attribution``, ``delete``
+``household``, ``events`` (``events_per_request`` new events, 2 unless the spec says,
+with fresh ids; the ids of every acknowledged batch are written out so the caller can read
+them back), ``attribution``, ``delete``
 (a household erasure of one of the spec's ``victims``, each used once; when they run
 out a household read is sent instead). ``floor_assign`` is the floor's assign (no key).
 """
@@ -53,6 +54,7 @@ class Traffic:
         ops, weights = zip(*[(k, float(v)) for k, v in spec["mix"].items() if float(v) > 0])
         self.ops, self.weights = list(ops), list(weights)
         self.prefix = spec.get("event_prefix", "lg")
+        self.events_per_request = int(spec.get("events_per_request", 2))
         self.counter = 0
 
     def next(self) -> tuple[str, str, str, dict | None]:
@@ -82,10 +84,11 @@ class Traffic:
             self.counter += 1
             now = time.time()
             genres = self.rng.choice(EVENT_GENRES)
+            n = self.events_per_request   # 30 s apart, the last 30 s ago
             events = [{"event_id": f"{self.prefix}-{self.counter}-{k}", "account_id": account,
-                       "device_id": device_id, "device_type": device_type, "ts": _iso(now - 60 + 30 * k),
+                       "device_id": device_id, "device_type": device_type, "ts": _iso(now - 30 * (n - k)),
                        "kind": "heartbeat", "title_id": f"t-{self.rng.randrange(500)}",
-                       "genres": list(genres), "duration_s": 300.0, "maturity": "adult"} for k in range(2)]
+                       "genres": list(genres), "duration_s": 300.0, "maturity": "adult"} for k in range(n)]
             return op, "POST", "/v1/events", {"events": events}
         raise ValueError(f"unknown operation {op!r}")
 

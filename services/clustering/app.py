@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -27,7 +27,8 @@ from services.clustering.domain.model import (MIN_SESSIONS, PRIOR_MAX_HOUSEHOLDS
 from services.clustering.batch_scoring import score_households
 from services.clustering.household import Envelope
 from services.clustering.modeling import ModelKeeper, folds_in, known_person, persons_for
-from services.clustering.prediction_log import PredictionLog, PredictionRecord, SessionPerson
+from services.clustering.prediction_log import (PredictionLog, PredictionRecord, PredictionRun, PredictionRuns,
+                                                SessionPerson)
 from services.clustering.store import ClusteringStore, HouseholdView, IngestResult, StoredSession
 from services.common.consent import ConsentChecker
 from services.common.erasure import ErasureOutcome, ErasureScope
@@ -273,15 +274,15 @@ class ClusteringApp:
         scored = score_households({a: env.model for a, (_, env) in loaded.items()}, rows, X)
         calibrated = self._calibrated([(loaded[a][1].model, scored[a]) for a in rows])
         out: list[tuple[np.ndarray, Answers]] = []
-        records: list[PredictionRecord] = []
+        recorded: list[Sequence[PredictionRecord]] = []
         for (account, r), (probabilities, group) in zip(rows.items(), calibrated):
             version, envelope = loaded[account]
-            answers, recorded = self._household_answers(account, version, envelope.model, scored[account],
-                                                        probabilities, group, [""] * r.size, [""] * r.size)
-            records += recorded
+            answers, records = self._household_answers(account, version, envelope.model, scored[account],
+                                                       probabilities, group, [""] * r.size, [""] * r.size)
+            recorded.append(records)
             out.append((r, answers))
         if self.predictions is not None:   # one durable write for the whole message
-            self.predictions.record(records)
+            self.predictions.record(PredictionRuns(recorded))
         return out
 
     def _assign_rows(self, account_id: str, X: np.ndarray, session_ids: list[str],
@@ -366,9 +367,11 @@ class ClusteringApp:
                            group: str, session_ids: list[str], device_ids: list[str],
                            labels: list[str | None] | None = None,
                            spans: list[tuple[float, float] | None] | None = None,
-                           ) -> tuple[Answers, list[PredictionRecord]]:
+                           ) -> tuple[Answers, Sequence[PredictionRecord]]:
         """A household's recalibrated rows (``_calibrated``) -> its answers, labels applied,
-        and the prediction records the caller logs before answering."""
+        and the prediction records the caller logs before answering: a ``PredictionRun``
+        (the records by column, every field but the four that differ held once) when the
+        rows share their device and span, as a bare vector's do; else a list."""
         variant = model.variant
         cold = batch.strategy.removeprefix("cold_start:") if batch.strategy.startswith("cold_start") else ""
         model_sessions = int(model.n_sessions)
@@ -392,9 +395,15 @@ class ClusteringApp:
         ids = prediction_ids(n)
         now = time.time()
         size, spans = len(person_ids), spans or [None] * n
-        records = [PredictionRecord(ids[r], account_id, session_ids[r] or ids[r], chosen[r], probs[r], variant,
-                                    version, now, bool(cold), size, device_ids[r], *(spans[r] or (None, None)),
-                                    model_sessions, group) for r in range(n)]
+        if n and device_ids.count(device_ids[0]) == n and spans.count(spans[0]) == n:
+            shared = PredictionRecord("", account_id, "", "", {}, variant, version, now, bool(cold), size,
+                                      device_ids[0], *(spans[0] or (None, None)), model_sessions, group)
+            records: Sequence[PredictionRecord] = PredictionRun(
+                shared, ids, [s or i for s, i in zip(session_ids, ids)], chosen, probs)
+        else:
+            records = [PredictionRecord(ids[r], account_id, session_ids[r] or ids[r], chosen[r], probs[r], variant,
+                                        version, now, bool(cold), size, device_ids[r], *(spans[r] or (None, None)),
+                                        model_sessions, group) for r in range(n)]
         return Answers(chosen, probs, ids, variant, version, cold, batch.sessions_until_model), records
 
     # ---- households, refit, labels ----------------------------------------------------

@@ -29,7 +29,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import trace
@@ -125,12 +125,21 @@ def to_request(records: Iterable[PredictionRecord]) -> fpb.RecordPredictionReque
 
 
 # The fields that differ between a household's predictions in one request; the others are
-# serialized once per distinct value (``_encode``). Their numbers in feedback.proto's
+# serialized once per distinct value (``_head``). Their numbers in feedback.proto's
 # Prediction: 1, 3, 4 and 5 (a map<string, double>: entries of key 1, value 2).
 _VARYING = ("prediction_id", "session_id", "person_id", "probabilities")
 _SHARED_FIELDS = tuple(f for f in _RECORD_FIELDS if f not in _VARYING)
 _SHARED = operator.attrgetter(*_SHARED_FIELDS)
 _DOUBLE = struct.Struct("<d").pack
+_TS_AT = _SHARED_FIELDS.index("ts")
+_TS_NUMBER = fpb.Prediction.DESCRIPTOR.fields_by_name["ts"].number
+# What ``_head`` has serialized, kept across requests (a household's shared fields are
+# the same from one AssignSessions message to the next but for ``ts``): the fields before
+# and after ``ts`` by the other shared values, and ``ts``'s own bytes by its value. Emptied
+# when full (a cache, not a record of anything).
+_HEAD_CACHE = 4096
+_HEADS: dict[tuple, tuple[bytes, bytes]] = {}
+_STAMPS: dict[float, bytes] = {}
 
 
 def _string(tag: bytes, value: str) -> bytes:
@@ -140,13 +149,45 @@ def _string(tag: bytes, value: str) -> bytes:
     return tag + _varint(len(data)) + data
 
 
+def _head(values: tuple) -> bytes:
+    """The shared fields (``values``: ``_SHARED(record)``) as ``to_request`` serializes them
+    for a record whose four varying fields are blank. Serialized by protobuf itself (a
+    field added to PredictionRecord and Prediction comes along), once per distinct value
+    of the fields but ``ts`` and once per ``ts``: a message's fields are written in the
+    order of their numbers, so the bytes of those before ``ts``, ``ts``'s and those after
+    it concatenate to the message's (tests/unit/clustering/test_prediction_runs.py)."""
+    ts = values[_TS_AT]
+    rest = values[:_TS_AT] + values[_TS_AT + 1:]
+    parts = _HEADS.get(rest)
+    if parts is None:
+        blank = PredictionRecord(prediction_id="", session_id="", person_id="", probabilities={},
+                                 **dict(zip(_SHARED_FIELDS, values)))
+        message = to_request([blank]).predictions[0]
+        before, after = fpb.Prediction(), fpb.Prediction()
+        before.CopyFrom(message)
+        after.CopyFrom(message)
+        for field, _ in message.ListFields():
+            if field.number >= _TS_NUMBER:
+                before.ClearField(field.name)
+            if field.number <= _TS_NUMBER:
+                after.ClearField(field.name)
+        if len(_HEADS) >= _HEAD_CACHE:
+            _HEADS.clear()
+        parts = _HEADS[rest] = (before.SerializeToString(), after.SerializeToString())
+    stamp = _STAMPS.get(ts)
+    if stamp is None:
+        if len(_STAMPS) >= _HEAD_CACHE:
+            _STAMPS.clear()
+        stamp = _STAMPS[ts] = fpb.Prediction(ts=float_to_ts(ts)).SerializeToString()
+    return parts[0] + stamp + parts[1]
+
+
 def _encode(records: Iterable[PredictionRecord]) -> bytes:
     """``to_request(records).SerializeToString()``, without a message a record: what it
     parses as is the same request (tests/unit/clustering/test_prediction_log_rows.py holds
     the two equal). A household's predictions in one request share every field but the
-    four of ``_VARYING``: the shared ones are serialized once per distinct value by
-    ``to_request`` itself (a field added to PredictionRecord and Prediction comes along),
-    the four are written here; a map entry's key is encoded once per person id."""
+    four of ``_VARYING``: the shared ones are serialized once per distinct value
+    (``_head``), the four are written here; a map entry's key is encoded once per person id."""
     shared: dict[tuple, bytes] = {}
     entries: dict[str, bytes] = {}
     out = []
@@ -154,9 +195,7 @@ def _encode(records: Iterable[PredictionRecord]) -> bytes:
         key = _SHARED(r)
         head = shared.get(key)
         if head is None:
-            blank = PredictionRecord(prediction_id="", session_id="", person_id="", probabilities={},
-                                     **dict(zip(_SHARED_FIELDS, key)))
-            head = shared[key] = to_request([blank]).predictions[0].SerializeToString()
+            head = shared[key] = _head(key)
         parts = [head, _string(b"\x0a", r.prediction_id), _string(b"\x1a", r.session_id),
                  _string(b"\x22", r.person_id)]
         for person, probability in r.probabilities.items():
@@ -168,6 +207,120 @@ def _encode(records: Iterable[PredictionRecord]) -> bytes:
         message = b"".join(parts)
         out.append(b"\x0a" + _varint(len(message)) + message)   # RecordPredictionRequest.predictions = 1
     return b"".join(out)
+
+
+class PredictionRun(Sequence[PredictionRecord]):
+    """The predictions of one household's answers made together (one message's rows of it,
+    ``ClusteringApp._household_answers``), held by column: every field but the four of
+    ``_VARYING`` is the same for all of them and held once (``shared``: a record whose
+    four are blank), the four as lists. It is the records it stands for (``run[i]``,
+    iteration, ``list(run)`` build them); the outbox writes its bytes without them
+    (``_encode_run``: the same bytes as ``_encode(list(run))``, tests/unit/clustering/
+    test_prediction_runs.py), which saves building a frozen dataclass a prediction and
+    reading its shared fields back."""
+
+    __slots__ = ("shared", "prediction_ids", "session_ids", "person_ids", "probabilities")
+
+    def __init__(self, shared: PredictionRecord, prediction_ids: Sequence[str], session_ids: Sequence[str],
+                 person_ids: Sequence[str], probabilities: Sequence[dict[str, float]]) -> None:
+        if not len(prediction_ids) == len(session_ids) == len(person_ids) == len(probabilities):
+            raise ValueError("a run's columns must have one value per prediction")
+        self.shared = shared
+        self.prediction_ids, self.session_ids = prediction_ids, session_ids
+        self.person_ids, self.probabilities = person_ids, probabilities
+
+    def __len__(self) -> int:
+        return len(self.prediction_ids)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return PredictionRun(self.shared, self.prediction_ids[i], self.session_ids[i], self.person_ids[i],
+                                 self.probabilities[i])
+        return replace(self.shared, prediction_id=self.prediction_ids[i], session_id=self.session_ids[i],
+                       person_id=self.person_ids[i], probabilities=self.probabilities[i])
+
+    def __repr__(self) -> str:
+        return f"PredictionRun({self.shared!r}, {len(self)} predictions)"
+
+
+class PredictionRuns(Sequence[PredictionRecord]):
+    """The predictions of one request as the runs (or lists of records) that made them:
+    what ``PredictionLog.record`` takes from ``ClusteringApp.answer_many``. A sequence of
+    the records, in order, like the list it stands for."""
+
+    __slots__ = ("pieces", "_n")
+
+    def __init__(self, pieces: Iterable[Sequence[PredictionRecord]]) -> None:
+        self.pieces = [p for p in pieces if len(p)]
+        self._n = sum(map(len, self.pieces))
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self) -> Iterator[PredictionRecord]:
+        for piece in self.pieces:
+            yield from piece
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return list(self)[i]
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError("prediction index out of range")
+        for piece in self.pieces:
+            if i < len(piece):
+                return piece[i]
+            i -= len(piece)
+        raise IndexError("prediction index out of range")   # pragma: no cover - the length said otherwise
+
+
+def _pieces(records: Sequence[PredictionRecord]) -> list[Sequence[PredictionRecord]]:
+    """A ``record`` call's predictions as the pieces the outbox encodes: its runs, or the
+    list of records it is."""
+    if isinstance(records, PredictionRuns):
+        return records.pieces
+    return [records] if len(records) else []
+
+
+def _encode_run(run: PredictionRun) -> bytes:
+    """``_encode(list(run))``: the shared fields' bytes once (``_head``), then each
+    prediction's id, session id (its id's bytes when it is the id: a bare vector's), person
+    and probabilities, as ``_encode`` writes them."""
+    head = _head(_SHARED(run.shared))
+    persons: dict[str, bytes] = {}
+    entries: dict[str, bytes] = {}
+    out = []
+    for prediction_id, session_id, person_id, probabilities in zip(
+            run.prediction_ids, run.session_ids, run.person_ids, run.probabilities):
+        pid = _string(b"\x0a", prediction_id)
+        parts = [head, pid, b"\x1a" + pid[1:] if session_id == prediction_id and pid else _string(b"\x1a", session_id)]
+        person = persons.get(person_id)
+        if person is None:
+            person = persons[person_id] = _string(b"\x22", person_id)
+        parts.append(person)
+        for name, probability in probabilities.items():
+            prefix = entries.get(name)
+            if prefix is None:
+                key = _string(b"\x0a", name) if name else b""
+                prefix = entries[name] = b"\x2a" + _varint(len(key) + 9) + key + b"\x11"
+            parts.append(prefix)
+            parts.append(_DOUBLE(probability))
+        message = b"".join(parts)
+        out.append(b"\x0a" + _varint(len(message)) + message)   # RecordPredictionRequest.predictions = 1
+    return b"".join(out)
+
+
+def _encode_piece(piece: Sequence[PredictionRecord]) -> bytes:
+    return _encode_run(piece) if isinstance(piece, PredictionRun) else _encode(piece)
+
+
+def _piece_accounts(piece: Sequence[PredictionRecord]) -> Iterable[str]:
+    return (piece.shared.account_id,) if isinstance(piece, PredictionRun) else (r.account_id for r in piece)
+
+
+def _piece_starts(piece: Sequence[PredictionRecord]) -> Iterable[float | None]:
+    return (piece.shared.session_start,) if isinstance(piece, PredictionRun) else (r.session_start for r in piece)
 
 
 def _decode(payloads: Sequence[str]) -> tuple[list[PredictionRecord], list[str]]:
@@ -193,8 +346,10 @@ def _like_pattern(account_id: str) -> str:
 
 
 def erase_pending(tx: Tx, doomed: Callable[[str, str], bool], account_id: str | None,
-                  dialect: str = "sqlite", sessions_before: float | None = None) -> list[str]:
-    """Delete the undelivered predictions ``doomed(account_id, session_id)`` selects, in the
+                  dialect: str = "sqlite", sessions_before: float | None = None,
+                  about: Callable[[fpb.Prediction], bool] | None = None) -> list[str]:
+    """Delete the undelivered predictions ``doomed(account_id, session_id)`` selects (and,
+    in the chunks, those ``about(prediction)`` selects by what they record), in the
     erasing transaction; returns their ids. ``account_id``: the only household they can
     belong to (None = any: the retention purge over every account). ``sessions_before``:
     none of the doomed is about a session that started at or after it, so a chunk whose
@@ -210,26 +365,21 @@ def erase_pending(tx: Tx, doomed: Callable[[str, str], bool], account_id: str | 
     ``PredictionLog._claim``; a row it delivered meanwhile is gone, not erased twice), on
     SQLite by the caller holding ``excluding_forwards`` around the transaction."""
     lock = " ORDER BY 1 FOR UPDATE" if dialect == "postgres" else ""   # one order: erasures never deadlock
-    where, params = ["1 = 1"], []
-    if account_id is not None:
-        where.append("accounts LIKE ? ESCAPE '\\'")
-        params.append(_like_pattern(account_id))
-    if sessions_before is not None:
-        where.append("(session_from IS NULL OR session_from < ?)")
-        params.append(sessions_before)
+    where, params = _chunks_of(account_id, sessions_before)
     if account_id is None:
         legacy = tx.query("SELECT prediction_id, account_id, session_id FROM prediction_outbox" + lock)
     else:
         legacy = tx.query("SELECT prediction_id, account_id, session_id FROM prediction_outbox "
                           "WHERE account_id = ?" + lock, (account_id,))
     chunks = [(chunk_id, traceparents, body) for chunk_id, accounts, traceparents, body in tx.query(
-        f"SELECT chunk_id, accounts, traceparents, body FROM prediction_chunks WHERE {' AND '.join(where)}" + lock,
+        f"SELECT chunk_id, accounts, traceparents, body FROM prediction_chunks WHERE {where}" + lock,
         params) if account_id is None or account_id in accounts.split()]   # LIKE may match more (case)
     gone = [r[0] for r in legacy if doomed(r[1], r[2])]
     tx.executemany("DELETE FROM prediction_outbox WHERE prediction_id = ?", [(p,) for p in gone])
     for chunk_id, traceparents, body in chunks:
         request = fpb.RecordPredictionRequest.FromString(bytes(body))
-        keep = [not doomed(p.account_id, p.session_id) for p in request.predictions]
+        keep = [not (doomed(p.account_id, p.session_id) or (about is not None and about(p)))
+                for p in request.predictions]
         if all(keep):
             continue
         gone += [p.prediction_id for p, k in zip(request.predictions, keep) if not k]
@@ -242,6 +392,42 @@ def erase_pending(tx: Tx, doomed: Callable[[str, str], bool], account_id: str | 
         else:
             tx.execute("DELETE FROM prediction_chunks WHERE chunk_id = ?", (chunk_id,))
     return gone
+
+
+def _chunks_of(account_id: str | None, sessions_before: float | None) -> tuple[str, list]:
+    """The WHERE clause (and its parameters) of the chunks ``erase_pending`` reads."""
+    where, params = ["1 = 1"], []
+    if account_id is not None:
+        where.append("accounts LIKE ? ESCAPE '\\'")
+        params.append(_like_pattern(account_id))
+    if sessions_before is not None:
+        where.append("(session_from IS NULL OR session_from < ?)")
+        params.append(sessions_before)
+    return " AND ".join(where), params
+
+
+def await_forwards(db: Database, account_id: str | None, sessions_before: float | None = None) -> None:
+    """PostgreSQL: wait for every forward in flight that carries rows ``erase_pending(...,
+    account_id, ..., sessions_before)`` would read, in a transaction of its own that holds
+    nothing else and ends at once. The erasing transaction calls it first, before it takes
+    the household's lock and its session rows: with feedback hung, a forward takes up to
+    ~15 s (3 attempts of HEARTH_PEER_TIMEOUT_S), and until session 21 the erasure waited
+    for it inside its transaction, holding the household (every write of it, the
+    assignments' group commit that writes its sessions' persons included) all that time.
+    It proves nothing: ``erase_pending`` still locks the rows under the erasure's own
+    locks, and waits for a forward that claimed them since (the race session 20 closed
+    stays closed); it only makes that second wait rare. SQLite's ``excluding_forwards``
+    already waits before the transaction begins."""
+    if db.dialect != "postgres":
+        return
+    where, params = _chunks_of(account_id, sessions_before)
+    with db.transaction() as tx:
+        if account_id is None:
+            tx.query("SELECT prediction_id FROM prediction_outbox ORDER BY 1 FOR UPDATE")
+        else:
+            tx.query("SELECT prediction_id FROM prediction_outbox WHERE account_id = ? ORDER BY 1 FOR UPDATE",
+                     (account_id,))
+        tx.query(f"SELECT chunk_id FROM prediction_chunks WHERE {where} ORDER BY 1 FOR UPDATE", params)
 
 
 def _kept_runs(traceparents: str, kept: Sequence[bool]) -> str:
@@ -356,7 +542,8 @@ class PredictionLog:
 
     def record(self, records: Sequence[PredictionRecord], persons: Sequence[SessionPerson] = ()) -> None:
         """Durably queue records (and, with a ``session_writer``, the assigned sessions'
-        persons); returns once they are committed."""
+        persons); returns once they are committed. ``records``: a list of records, a
+        ``PredictionRun`` or ``PredictionRuns`` (encoded by run, the same bytes)."""
         if persons and self._session_writer is None:
             raise ValueError("this prediction log has no session_writer")
         n = len(records) + len(persons)
@@ -365,26 +552,38 @@ class PredictionLog:
 
     def _chunks(self, requests: Sequence[_Request], now: float) -> list[tuple]:
         """The group commit's predictions as outbox chunks of at most ``batch`` predictions
-        (requests that arrived together share one)."""
-        rows, records, runs = [], [], []
+        (requests that arrived together share one); a request's runs are encoded as runs
+        (``_encode_run``), cut where a chunk ends."""
+        rows: list[tuple] = []
+        pieces: list[Sequence[PredictionRecord]] = []
+        runs: list[str] = []
+        count = 0
 
         def close() -> None:   # ids sort in commit order among the chunks of one commit (one created_at)
-            starts = [r.session_start for r in records]
-            rows.append((f"{len(rows):04d}-{os.urandom(16).hex()}", now, len(records),
-                         _accounts(r.account_id for r in records), " ".join(runs), _encode(records),
-                         None if None in starts else min(starts)))
+            starts = [start for piece in pieces for start in _piece_starts(piece)]
+            rows.append((f"{len(rows):04d}-{os.urandom(16).hex()}", now, count,
+                         _accounts(a for piece in pieces for a in _piece_accounts(piece)), " ".join(runs),
+                         b"".join(map(_encode_piece, pieces)), None if None in starts else min(starts)))
 
         for request in requests:
-            todo = request.records
-            while todo:
-                room = self._batch - len(records)
-                records += todo[:room]
-                runs.append(f"{request.traceparent}*{len(todo[:room])}")
-                todo = todo[room:]
-                if len(records) >= self._batch:
-                    close()
-                    records, runs = [], []
-        if records:
+            mine = 0   # this request's predictions in the chunk being filled
+            for piece in _pieces(request.records):
+                while len(piece):
+                    room = self._batch - count
+                    if len(piece) <= room:   # the common case: no copy
+                        taken, piece = piece, ()
+                    else:
+                        taken, piece = piece[:room], piece[room:]
+                    pieces.append(taken)
+                    count += len(taken)
+                    mine += len(taken)
+                    if count >= self._batch:
+                        runs.append(f"{request.traceparent}*{mine}")
+                        close()
+                        pieces, runs, count, mine = [], [], 0, 0
+            if mine:
+                runs.append(f"{request.traceparent}*{mine}")
+        if count:
             close()
         return rows
 
@@ -426,33 +625,45 @@ class PredictionLog:
 
     def _claim(self, tx: Tx, lock: str) -> tuple[list, list, list, int]:
         """The oldest undelivered predictions, up to a batch: (legacy rows, chunks, their
-        bodies, the outbox's depth)."""
+        bodies, the outbox's depth). ``lock`` (PostgreSQL: FOR UPDATE SKIP LOCKED) holds
+        what is sent, and only that: the chunks are picked first, from a list of the
+        oldest read without a lock, whole chunks up to ``batch`` predictions, then locked;
+        a chunk another replica's forward (or an erasure) holds is skipped and the next
+        ones picked in its place. Until session 21 the list itself was locked: up to
+        ``batch`` chunks, of which only the first ones (up to ``batch`` predictions) were
+        sent, so an erasure of a household in the others waited for a send that did not
+        carry it, and another replica's forwarder skipped them."""
         legacy = tx.query("SELECT prediction_id, payload FROM prediction_outbox "
                           "ORDER BY created_at, prediction_id LIMIT ?" + lock, (self._batch,))
-        queued = [] if legacy else tx.query("SELECT chunk_id, predictions, traceparents FROM prediction_chunks "
-                                            "ORDER BY created_at, chunk_id LIMIT ?" + lock, (self._batch,))
+        queued = [] if legacy else tx.query("SELECT chunk_id, predictions FROM prediction_chunks "
+                                            "ORDER BY created_at, chunk_id LIMIT ?", (self._batch,))
         # A short page is the whole outbox: count only when there may be more.
         depth = (len(legacy) if len(legacy) < self._batch else
                  tx.query("SELECT COUNT(*) FROM prediction_outbox")[0][0]) + \
             (sum(r[1] for r in queued) if not legacy and len(queued) < self._batch else
              tx.query("SELECT SUM(predictions) FROM prediction_chunks")[0][0] or 0)
-        chunks, bodies = [], []
-        if not legacy:                  # whole chunks, up to ``batch`` predictions (at least one)
-            n = 0
-            for chunk in queued:
-                if chunks and n + chunk[1] > self._batch:
-                    break
-                chunks.append(chunk)
-                n += chunk[1]
-            if chunks:
-                ids = [c[0] for c in chunks]
-                found = dict(tx.query("SELECT chunk_id, body FROM prediction_chunks WHERE chunk_id IN "
-                                      f"({', '.join('?' * len(ids))})", ids))
-                # A chunk gone since the list above is not an error (it was a KeyError, a
-                # failure and a backoff): rows locked above cannot go, but a test's or an
-                # older replica's unlocked reads see each statement as committed so far.
-                chunks = [c for c in chunks if c[0] in found]
-                bodies = [bytes(found[c[0]]) for c in chunks]
+        chunks, bodies, n, at = [], [], 0, 0
+        while at < len(queued) and n < self._batch:   # whole chunks, up to ``batch`` predictions (at least one)
+            picked, room = [], self._batch - n
+            while at < len(queued) and ((not chunks and not picked) or queued[at][1] <= room):
+                picked.append(queued[at][0])
+                room -= queued[at][1]
+                at += 1
+            if not picked:
+                break
+            # A chunk gone since the list above is not an error (it was a KeyError, a
+            # failure and a backoff): another replica delivered it, or an erasure took it.
+            found = {r[0]: r for r in tx.query(
+                "SELECT chunk_id, body, predictions, traceparents FROM prediction_chunks WHERE chunk_id IN "
+                f"({', '.join('?' * len(picked))})" + lock, picked)}
+            for chunk_id in picked:
+                if chunk_id in found:
+                    _, body, predictions, traceparents = found[chunk_id]
+                    chunks.append((chunk_id, predictions, traceparents))
+                    bodies.append(bytes(body))
+                    n += predictions
+            if not lock or len(found) == len(picked):
+                break   # what was picked is held (a lock skips nothing, or nothing was skipped)
         return legacy, chunks, bodies, depth
 
     def _deliver(self, legacy: list, chunks: list, bodies: list, depth: int, tx: Tx | None) -> tuple[int, bool]:

@@ -14,8 +14,9 @@ import json
 import struct
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from services.clustering.domain.events import ViewingEvent
 from services.clustering.domain.features import DEFAULT_VOCABULARY, GenreVocabulary
 from services.clustering.domain.sessions import Session, build_sessions
 from services.clustering.migrations import MIGRATIONS
-from services.clustering.prediction_log import erase_pending, excluding_forwards
+from services.clustering.prediction_log import await_forwards, erase_pending, excluding_forwards
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import Conflict, NotFound
 from services.common.field_crypto import (FieldCipher, drop_keys_of_erased_households, household_erasures,
@@ -128,6 +129,31 @@ _encode_probabilities = json.JSONEncoder(sort_keys=True, check_circular=False).e
 # The least margin a window erasure allows between its end and the earliest session start
 # of an outbox chunk it does not read (``erase``; prediction_log.erase_pending).
 SKIP_MARGIN_FLOOR_S = 7 * 86400.0
+
+
+def _recorded_rule(scope: ErasureScope) -> Callable[[Any], bool]:
+    """The predictions (feedback_pb2.Prediction) a device, person or window erasure takes by
+    what they record, the rules feedback's own erasure applies: device, those made on it
+    (or on a device not recorded); person, those that predicted the person; window, those
+    about a session the window overlaps (end >= its start, start < its end) and, without
+    session times, those made within it."""
+    lo = scope.start if scope.start is not None else float("-inf")
+    hi = scope.end if scope.end is not None else float("inf")
+
+    def seconds(ts) -> float:
+        return ts.seconds + ts.nanos / 1e9
+
+    def about(p) -> bool:
+        if not (scope.all_accounts or p.account_id == scope.account_id):
+            return False
+        if scope.kind == "device":
+            return p.device_id in (scope.device_id, "")
+        if scope.kind == "person":
+            return p.person_id == scope.person_id
+        if p.HasField("session_end") and p.HasField("session_start"):
+            return seconds(p.session_end) >= lo and seconds(p.session_start) < hi
+        return lo <= seconds(p.ts) < hi
+    return about
 
 
 class ClusteringStore:
@@ -605,8 +631,14 @@ class ClusteringStore:
         # Before deleting anything: an erasure must not complete while Redis may keep a
         # copy it cannot remove (Unavailable: the deletion job retries).
         self._drop_cached_models(scope, strict=True)
-        # No forward of the prediction outbox is in flight in this process while the
-        # transaction runs (SQLite; PostgreSQL locks the rows: erase_pending).
+        # A window erasure reads only the outbox chunks that can hold its sessions (below).
+        before = scope.end + max(self.tolerance_s, SKIP_MARGIN_FLOOR_S) + self.gap_s \
+            if scope.kind == "window" and scope.end is not None else None
+        # A forward in flight that carries the scope's predictions is waited for before
+        # the transaction takes anything (PostgreSQL; prediction_log.await_forwards), and
+        # no forward of this process is in flight while it runs (SQLite; PostgreSQL locks
+        # the rows: erase_pending).
+        await_forwards(self.db, None if scope.all_accounts else account, before)
         with excluding_forwards(self.db), self.db.transaction() as tx:
             if not scope.all_accounts:
                 tx.lock_household(account)
@@ -689,11 +721,15 @@ class ClusteringStore:
                 # of before (the setting lowered since, or another replica's) from being
                 # skipped — a wrong skip would outlive the erasure; the retention purge's
                 # cut-off is ~90 days back, so the floor costs it nothing.
-                before = scope.end + max(self.tolerance_s, SKIP_MARGIN_FLOOR_S) + self.gap_s \
-                    if scope.kind == "window" and scope.end is not None else None
+                # Also the predictions the scope covers by what they record (feedback's rules:
+                # the session as the prediction saw it, its device, its person): a late event
+                # that moved a session's start, or joined it to the one before, replaced its
+                # id, so a prediction made before carries an id no session has any more
+                # (until session 21 it was left in the outbox, and forwarded after the erasure).
+                about = _recorded_rule(scope)
                 pending = erase_pending(tx, lambda acct, session: (scope.all_accounts or acct == account)
                                         and session in sessions, None if scope.all_accounts else account,
-                                        self.db.dialect, before) if sessions else []
+                                        self.db.dialect, before, about)
             out.add("pending_predictions", pending)
             if scope.kind == "household":
                 labelled = [r[0] for r in tx.query("SELECT session_id FROM session_labels WHERE account_id = ?",

@@ -13,7 +13,7 @@ variables, validated at start (a bad value names the variable).
 | `HEARTH_DELETION_RETRY_BASE_S` / `_MAX_S` | 1 / 300 | retry backoff of a service that did not confirm |
 | `HEARTH_DELETION_MAX_ATTEMPTS` | 1000 | after this many failed attempts of one service the job fails |
 | `HEARTH_DELETION_ERASE_TIMEOUT_S` | 60 | deadline of one Erase call |
-| `HEARTH_DELETION_LEASE_S` | 30 | a replica working on a job holds it this long (crash: another resumes it) |
+| `HEARTH_DELETION_LEASE_S` | 10 | a replica working on a job holds it this long, renewed every third of it while it works (crash: another resumes it within this) |
 
 Without `HEARTH_RECEIPT_SIGNING_KEY` / `HEARTH_KEKS` (development) the service generates
 the keys once, stores them under `HEARTH_DATA_DIR` with mode 0600 and logs a warning:
@@ -44,7 +44,7 @@ class PrivacySettings(ServiceSettings):
     deletion_retry_max_s: float = 300.0
     deletion_max_attempts: int = 1000
     deletion_erase_timeout_s: float = 60.0
-    deletion_lease_s: float = 30.0
+    deletion_lease_s: float = 10.0
 
     @field_validator("retention_days", "deletion_poll_s", "deletion_retry_base_s", "deletion_retry_max_s",
                      "deletion_erase_timeout_s", "deletion_lease_s")

@@ -316,9 +316,10 @@ def test_privacy_stops_within_the_pods_grace_while_an_erase_waits_on_a_hung_peer
             privacy.wait()
         took = time.monotonic() - signalled
         assert took < 20, f"privacy took {took:.1f} s to exit after SIGTERM{dmesh.log_tail('privacy')}"
-        # One pass of the job at a time, also once its lease (5 s here) ran out while the
-        # peer hung: until session 20 the worker claimed the job again beside its own pass
-        # still waiting, and the hung peer got the same Erase three times.
+        # One pass of the job at a time, also while the peer hung longer than the lease
+        # (5 s here; its heartbeat renews it, since session 21): until session 20 the
+        # worker claimed the job again beside its own pass still waiting, and the hung
+        # peer got the same Erase three times.
         cancelled = [line for line in (dmesh.log_dir / "privacy.log").read_text().splitlines()
                      if f"job {job_id}: erase in clustering failed" in line]
         assert len(cancelled) == 1, cancelled

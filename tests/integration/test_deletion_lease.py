@@ -1,22 +1,35 @@
-"""The deletion worker's lease is fenced: a pass whose lease ran out (a peer that did not
-answer for longer than HEARTH_DELETION_LEASE_S) and was claimed by another worker neither
-goes on beside it nor renews or frees the lease the other holds (real SQLite store)."""
+"""The deletion worker's lease: its holder renews it on a heartbeat, so a peer that hangs
+longer than HEARTH_DELETION_LEASE_S gets no second Erase from another worker, and a holder
+killed with SIGKILL loses the job within the lease (real processes, SQLite and PostgreSQL);
+and it is fenced: a pass whose lease ran out (its renewals did not reach the database) and
+was claimed by another worker neither goes on beside it nor renews or frees the lease the
+other holds (real SQLite store)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+import uuid
+
+import pytest
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hearth.common.v1 import common_pb2
 
-from services.common.erasure import ErasureScope
+from services.common.erasure import ErasureScope, ids_digest
 from services.common.identity import Principal
 from services.common.ids import Role
-from services.common.storage.sql import SqliteDatabase
+from services.common.errors import Unavailable
+from services.common.storage.sql import PostgresDatabase, SqliteDatabase
 from services.privacy.consent.store import ConsentStore
 from services.privacy.deletion.app import DeletionCoordinator
+from services.privacy.deletion.domain import JobState
 from services.privacy.deletion.store import DeletionJobStore
+from services.testing.mesh import ROOT
 from tests.helpers.waiting import wait_for
 
 
@@ -39,10 +52,101 @@ class _HeldPeers:
         pass
 
 
+class _AnsweringPeers:
+    """Data holders that confirm at once, recording each Erase."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def erase(self, service, scope, job_id):
+        self.calls.append(service)
+        return common_pb2.ErasureResult(service=service, deleted_ids_sha256=ids_digest([]), already_erased=True)
+
+    def export(self, service, account_id):
+        return {}
+
+    def close(self):
+        pass
+
+
+class _CutOff(DeletionJobStore):
+    """A holder's view of the store whose lease renewals fail while ``cut`` is set (a
+    replica cut off from the database, or paused): its lease runs out."""
+
+    def __init__(self, db) -> None:
+        super().__init__(db)
+        self.cut = threading.Event()
+
+    def renew(self, job_id, held, now, lease_s):
+        if self.cut.is_set():
+            raise Unavailable("the database cannot be reached")
+        return super().renew(job_id, held, now, lease_s)
+
+
 def _store(tmp_path) -> DeletionJobStore:
     db = SqliteDatabase(tmp_path / "privacy.sqlite")
     ConsentStore(db, None).migrate()
     return DeletionJobStore(db)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def shared_store(request, tmp_path):
+    """A privacy store on each backend, and the arguments that open it in another process
+    (tests/helpers/deletion_holder.py)."""
+    if request.param == "sqlite":
+        path = tmp_path / "privacy.sqlite"
+        db, argv = SqliteDatabase(path), ["sqlite", str(path)]
+    else:
+        dsn, schema = request.getfixturevalue("postgres_dsn"), f"lease_{uuid.uuid4().hex[:10]}"
+        db, argv = PostgresDatabase(dsn, schema, max_size=2), ["postgres", dsn, schema]
+    ConsentStore(db, None).migrate()
+    yield DeletionJobStore(db), argv
+    db.close()
+
+
+def test_a_holder_keeps_its_lease_while_a_peer_hangs_and_loses_it_when_killed(shared_store):
+    """A worker in its own process claims a job and its Erase hangs for three leases: its
+    heartbeat keeps the lease, so a second worker polling the store all that time never
+    claims the job (no second Erase). Then the holder is killed (SIGKILL): its job is taken
+    over within the lease and completes. Until session 21 the lease was renewed only
+    before each call (HEARTH_DELETION_LEASE_S 30 s against a 60 s Erase deadline): a call
+    longer than the lease got a second worker's Erase beside it."""
+    jobs, argv = shared_store
+    lease_s = 3.0   # renewed every 1 s: a holder's beat may come 2 s late on a loaded machine
+    peers = _AnsweringPeers()
+    second = DeletionCoordinator(jobs, peers, None, Ed25519PrivateKey.generate(), lease_s=lease_s)
+    job_id = second.request(ErasureScope("acct-k", "household"),
+                            principal=Principal("officer", Role("admin"))).job.job_id
+    holder = subprocess.Popen([sys.executable, "-m", "tests.helpers.deletion_holder", *argv, str(lease_s)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(holder.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: any(line.startswith("erase attribution") for line in lines),
+                 what="the holder's Erase (attribution, after privacy's own part)")
+        hung_until = time.monotonic() + 3 * lease_s
+        while time.monotonic() < hung_until:
+            assert second.run_due(wait=False) == 0, "a second worker claimed the job of a live holder"
+            time.sleep(0.05)
+        assert holder.poll() is None and peers.calls == []
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+        killed = time.monotonic()
+        wait_for(lambda: second.run_due(wait=False) == 1, timeout_s=30, interval_s=0.02,
+                 what="the killed holder's job taken over")
+        taken_after = time.monotonic() - killed
+        print(f"taken over {taken_after:.2f} s after the kill (lease {lease_s:g} s)")
+        assert taken_after < lease_s + 2.0, taken_after
+        wait_for(lambda: jobs.get(job_id).job.state is JobState.COMPLETED, timeout_s=30,
+                 what="the job completed by its new holder")
+        assert peers.calls == ["attribution", "clustering", "feedback"]
+        assert [line.split()[1] for line in lines] == ["attribution"]
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        second.close()
 
 
 def _lease(jobs: DeletionJobStore, job_id: str) -> float:
@@ -70,18 +174,23 @@ def test_a_lease_is_renewed_and_released_only_by_its_holder(tmp_path):
 
 def test_a_pass_whose_lease_was_taken_stops_and_leaves_the_new_holders_lease(tmp_path):
     jobs = _store(tmp_path)
+    cut_off = _CutOff(jobs.db)
     slow, other = _HeldPeers(), _HeldPeers()
-    first = DeletionCoordinator(jobs, slow, None, Ed25519PrivateKey.generate(), lease_s=0.5)
+    first = DeletionCoordinator(cut_off, slow, None, Ed25519PrivateKey.generate(), lease_s=0.5)
     second = DeletionCoordinator(jobs, other, None, Ed25519PrivateKey.generate(), lease_s=600.0)
     try:
         job_id = first.request(ErasureScope("acct-2", "household"),
                                principal=Principal("officer", Role("admin"))).job.job_id
         assert first.run_due(wait=False) == 1
         wait_for(lambda: slow.calls, timeout_s=30, what="the first pass's Erase")
-        # The first pass's lease runs out while its peer hangs; the second worker takes the job.
+        # The first pass's renewals stop reaching the database while its peer hangs (its
+        # heartbeat would keep the lease otherwise): the lease runs out, the second worker
+        # takes the job.
+        cut_off.cut.set()
         wait_for(lambda: second.run_due(wait=False) == 1, timeout_s=30, interval_s=0.05, what="the second claim")
         wait_for(lambda: other.calls, timeout_s=30, what="the second pass's Erase")
         held_by_second = _lease(jobs, job_id)
+        cut_off.cut.clear()
         slow.answer.set()    # the first pass's call answers; its lease is the second's now
         wait_for(lambda: not first._advancing, timeout_s=30, what="the first pass to end")
         # It stopped after its one call (the job moved on under it: its save conflicts, or

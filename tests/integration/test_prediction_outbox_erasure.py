@@ -15,6 +15,7 @@ from services.clustering.prediction_log import PredictionLog, _RECORD_FIELDS, er
 from services.clustering.store import ClusteringStore
 from services.common.erasure import ErasureScope, ScopeKind
 from services.common.predictions import PredictionRecord
+from tests.helpers.waiting import wait_for
 
 
 def _record(pid: str, account: str, session: str = "") -> PredictionRecord:
@@ -86,7 +87,7 @@ def test_a_chunk_gone_between_the_forwarders_two_reads_is_not_a_failure(outbox, 
     store, log, requests = outbox
     log.record([_record("pr-1", "acc-a")])
     log.record([_record("pr-2", "acc-b")])
-    with _racing(database, "SELECT chunk_id, body FROM prediction_chunks", " acc-a "):
+    with _racing(database, "SELECT chunk_id, body, predictions, traceparents FROM prediction_chunks", " acc-a "):
         delivered = log.forward_once()
     sent = [p.prediction_id for r in requests for p in r.predictions]
     assert "pr-2" in sent and delivered == len(sent)
@@ -322,3 +323,163 @@ def test_a_window_erasure_reads_a_chunk_whose_session_was_stretched_back_under_a
     assert outcome.deleted_ids_of("sessions") == {"se-stretched"}
     assert outcome.deleted_ids_of("pending_predictions") == {"pr-stretched"}
     assert log.forward_once() == 0
+
+
+def test_a_postgres_forward_holds_only_the_chunks_it_sends(postgres_dsn):
+    """On PostgreSQL the forward holds the chunks it sends (FOR UPDATE SKIP LOCKED) until it
+    has deleted them. Until session 21 it locked up to ``batch`` chunk rows and sent only
+    the first ones, up to ``batch`` predictions: while that send hung, an erasure of a
+    household in the other locked chunks waited for it (up to ~15 s with feedback hung),
+    and another replica's forwarder skipped them. Now it locks only what it sends: the
+    erasure of a household the send does not carry goes at once, another replica sends
+    the next chunks, and each prediction is still sent once."""
+    import threading
+    import uuid
+
+    from services.common.storage.sql import PostgresDatabase
+
+    db = PostgresDatabase(postgres_dsn, f"outbox_{uuid.uuid4().hex[:10]}", max_size=6)
+    store = ClusteringStore(db)
+    store.migrate()
+    sent: list[str] = []
+    sending, release = threading.Event(), threading.Event()
+
+    def slow(request: fpb.RecordPredictionRequest) -> None:   # feedback hangs
+        sent.extend(p.prediction_id for p in request.predictions)
+        sending.set()
+        release.wait(90)
+
+    first = PredictionLog(db, slow, forward_interval_s=3600, batch=10)
+    second = PredictionLog(db, lambda r: sent.extend(p.prediction_id for p in r.predictions),
+                           forward_interval_s=3600, batch=10)
+    try:
+        for i in range(6):   # six chunks of five predictions, one household each
+            first.record([_record(f"pr-{i}-{j}", f"acc-{i}") for j in range(5)])
+        forward = threading.Thread(target=first.forward_once)
+        forward.start()
+        assert sending.wait(60)
+        assert sorted(sent) == sorted(f"pr-{i}-{j}" for i in (0, 1) for j in range(5))   # two chunks a batch
+        erase = threading.Thread(target=lambda: store.erase(ErasureScope("acc-4", ScopeKind.HOUSEHOLD)))
+        erase.start()
+        erase.join(60)
+        assert not erase.is_alive(), "the erasure of a household the hung send does not carry waited for it"
+        assert second.forward_once() == 10                    # the next two chunks, beside the hung send
+        assert sorted(sent[10:]) == sorted(f"pr-{i}-{j}" for i in (2, 3) for j in range(5))
+        release.set()
+        forward.join(60)
+        assert not forward.is_alive()
+        assert second.forward_once() == 5 and second.forward_once() == 0
+        assert sorted(sent) == sorted(f"pr-{i}-{j}" for i in (0, 1, 2, 3, 5) for j in range(5))   # once each
+    finally:
+        release.set()
+        first.close(), second.close()
+        db.close()
+
+
+def test_an_erasure_waiting_for_a_forward_holds_nothing_of_the_household_meanwhile(database):
+    """With feedback hung, a forward carrying the household's predictions takes up to ~15 s
+    and the household's erasure waits for it (the race session 20 closed). Until session 21
+    it waited inside its transaction on PostgreSQL, holding the household's lock and its
+    deleted session rows: every write of the household (an assignment's group commit,
+    which writes its sessions' persons, with every other household's in it) waited too.
+    Now it waits before it takes anything (SQLite already did: its gate comes before the
+    write lock), and still commits only after the forward delivered."""
+    import threading
+    import time
+
+    store = ClusteringStore(database)
+    store.migrate()
+    with database.transaction() as tx:
+        tx.execute("INSERT INTO sessions (session_id, account_id, device_id, device_type, start_ts, end_ts, "
+                   "event_count, watch_seconds, feature_version, features, label, person_id) VALUES "
+                   "('se-a', 'acc-a', 'tv', 'tv', 1796500000, 1796501800, 1, 1800, 1, ?, NULL, 'p1')", (b"\0" * 8,))
+    delivered: dict[str, float] = {}
+    sending, release = threading.Event(), threading.Event()
+
+    def hung(request: fpb.RecordPredictionRequest) -> None:
+        sending.set()
+        release.wait(90)
+        delivered.update((p.prediction_id, time.monotonic()) for p in request.predictions)
+
+    log = PredictionLog(database, hung, forward_interval_s=3600)
+    erased: list[float] = []
+    try:
+        log.record([_record("pr-1", "acc-a", "se-a"), _record("pr-2", "acc-b")])
+        forward = threading.Thread(target=log.forward_once)
+        forward.start()
+        assert sending.wait(60)
+        erase = threading.Thread(target=lambda: (store.erase(ErasureScope("acc-a", ScopeKind.HOUSEHOLD)),
+                                                 erased.append(time.monotonic())))
+        erase.start()
+        wait_for(lambda: _erasure_waits(database), timeout_s=60, interval_s=0.05, what="the erasure's wait")
+
+        def household_write() -> None:   # what an assignment's group commit does for the household
+            with database.transaction() as tx:
+                tx.lock_household("acc-a")
+                tx.execute("UPDATE sessions SET person_id = 'p2' WHERE session_id = 'se-a'")
+
+        write = threading.Thread(target=household_write)
+        write.start()
+        write.join(30)
+        assert not write.is_alive(), "the household's write waited for the erasure waiting for the forward"
+        assert erase.is_alive() and not delivered       # the erasure still waits for the forward
+        release.set()
+        forward.join(60), erase.join(60)
+        assert not forward.is_alive() and not erase.is_alive()
+        assert set(delivered) == {"pr-1", "pr-2"} and erased[0] >= delivered["pr-1"]
+        with database.transaction(readonly=True) as tx:
+            assert tx.query("SELECT session_id FROM sessions WHERE account_id = 'acc-a'") == []
+    finally:
+        release.set()
+        log.close()
+
+
+def _erasure_waits(database) -> bool:
+    """An erasure waits for a forward in flight: SQLite, at the forward gate; PostgreSQL,
+    on a row lock of the outbox."""
+    if database.dialect == "sqlite":
+        from services.clustering.prediction_log import _gate
+
+        return _gate(database)._erasing > 0
+    with database.transaction(readonly=True) as tx:
+        return bool(tx.query("SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE ?",
+                             ("%prediction_chunks%FOR UPDATE",)))
+
+
+@pytest.mark.parametrize("scope", [ErasureScope("acc-m", ScopeKind.TIME_WINDOW, start=1_780_003_900.0,
+                                                end=1_780_006_000.0),
+                                   ErasureScope("acc-m", ScopeKind.DEVICE, device_id="tv"),
+                                   ErasureScope("acc-m", ScopeKind.PERSON, person_id="p1")],
+                         ids=["window", "device", "person"])
+def test_an_erasure_takes_the_prediction_of_a_session_merged_away(outbox, database, scope):
+    """A late event that joins a session to the one before it (or moves its start) replaces
+    its id: a prediction made about it before, still in the outbox, names an id no session
+    has any more. A window erasure over that session's time, its device's or its predicted
+    person's erasure went by the ids of the sessions they deleted, so the prediction stayed
+    and was forwarded after the erasure (feedback's own erasure goes by what the prediction
+    recorded: the session's times, its device, its person; it took it only if it arrived
+    before feedback's erase). Now clustering applies the same rules (the window since
+    session 21's first change, the device and the person since its second)."""
+    from services.clustering.domain.events import ViewingEvent
+
+    store, log, requests = outbox
+    t0 = 1_780_000_000.0
+
+    def event(n: int, ts: float) -> ViewingEvent:
+        return ViewingEvent(f"ev-{n}", "acc-m", "tv", "tv", ts, "play_start", "t", None, ("drama",), 600.0)
+
+    def sessions() -> dict[str, float]:
+        with database.transaction(readonly=True) as tx:
+            return {r[0]: float(r[1]) for r in tx.query(
+                "SELECT session_id, start_ts FROM sessions WHERE account_id = 'acc-m'")}
+
+    store.ingest([event(0, t0), event(1, t0 + 600)])
+    store.ingest([event(2, t0 + 4000), event(3, t0 + 4600)])      # 3,400 s later: a session of its own
+    later = next(sid for sid, start in sessions().items() if start == t0 + 4000)
+    log.record([PredictionRecord("pr-later", "acc-m", later, "p1", {"p1": 0.75, "p2": 0.25}, "gmm", 3,
+                                 t0 + 5300, False, 2, "tv", t0 + 4000, t0 + 5200)])
+    store.ingest([event(4, t0 + 2300)])                         # late, between them: one session
+    assert len(sessions()) == 1 and later not in sessions()
+    outcome = store.erase(scope)
+    assert outcome.deleted_ids_of("pending_predictions") == {"pr-later"}
+    assert log.forward_once() == 0 and requests == []

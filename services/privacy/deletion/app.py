@@ -19,6 +19,10 @@ service, this one included:
 * **Durability**: every confirmation is stored (compare-and-swap on the job row)
   before the next service is called; a replica claims a job with a lease, so after a
   crash the job is resumed by whoever looks next (the restarted process included).
+  The holder renews its (fenced) lease on a heartbeat, every third of the lease, also
+  while a peer's Erase is in flight: the lease can be short (a killed holder's job is
+  taken over within ``HEARTH_DELETION_LEASE_S``) while a live holder keeps it however
+  long a peer takes (``HEARTH_DELETION_ERASE_TIMEOUT_S``).
   Every Erase is idempotent, so repeating a call whose answer was lost is harmless;
   the repeat then reports ``already_erased`` and a count of 0 for that service
   (known limitation: the receipt counts what the *confirmed* call deleted).
@@ -102,6 +106,7 @@ RETENTION_REASON = "retention"
 # How long close() lets a job pass finish the call it is in: inside the chart's margin
 # after the drain (terminationGracePeriodSeconds = preStop 5 + grace 10 + margin 5).
 CLOSE_TIMEOUT_S = 2.0
+_LOST = -1.0   # a lease token no claim writes: the heartbeat found the lease taken
 _FATAL_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
                           grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE})
 
@@ -160,7 +165,7 @@ class DeletionCoordinator:
 
     def __init__(self, jobs: DeletionJobStore, peers: Peers, keys: KeyService | None,
                  signing_key: Ed25519PrivateKey, *, policy: RetryPolicy = RetryPolicy(),
-                 lease_s: float = 30.0, poll_s: float = 1.0, workers: int = 4,
+                 lease_s: float = 10.0, poll_s: float = 1.0, workers: int = 4,
                  retention_days: float = 90.0, retention_check_s: float = 0.0,
                  on_local_erase: Callable[[ErasureScope], Mapping[str, Any] | None] | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
@@ -185,8 +190,14 @@ class DeletionCoordinator:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deletion-job")
         self._advancing: set[Future] = set()
         self._advancing_ids: set[str] = set()   # jobs a pass of this process is advancing
-        self._leases: dict[str, float] = {}     # job -> the lease token its pass holds (store.claim)
+        # job -> the lease token its pass holds (store.claim), or _LOST once the heartbeat
+        # found it taken; read and written under _lease_lock, which also serialises each
+        # renewal and release with the heartbeat's (a renewal replaces the token).
+        self._leases: dict[str, float] = {}
+        self._lease_lock = threading.Lock()
         self._advancing_lock = threading.Lock()
+        self._heartbeat_thread: threading.Thread | None = None
+        self._closed = threading.Event()
         self._next_retention = 0.0
 
     # ---- requests ------------------------------------------------------------------------
@@ -268,6 +279,7 @@ class DeletionCoordinator:
             # the job at once instead of after HEARTH_DELETION_LEASE_S).
             self.peers.close()
             futures_wait(left, timeout=1.0)
+        self._closed.set()   # the heartbeat stops: a pass still waiting lets its lease run out
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -305,14 +317,13 @@ class DeletionCoordinator:
                     continue
             lease = self.jobs.claim(job_id, now, self.lease_s)
             if lease is not None:
-                with self._advancing_lock:
+                with self._lease_lock:
                     self._leases[job_id] = lease
+                self._start_heartbeat()
                 try:
                     future = self._pool.submit(self._advance_claimed, job_id)
                 except RuntimeError:   # the pool was shut down (close) after the check above
-                    with self._advancing_lock:
-                        self._leases.pop(job_id, None)
-                    self.jobs.release(job_id, lease)
+                    self._release(job_id)
                     break
                 with self._advancing_lock:
                     self._advancing.add(future)
@@ -335,14 +346,63 @@ class DeletionCoordinator:
         except Exception:  # noqa: BLE001
             log.exception("advancing deletion job %s failed", job_id)
         finally:
-            with self._advancing_lock:
-                lease = self._leases.pop(job_id, None)
             try:
-                if lease is not None:
-                    self.jobs.release(job_id, lease)   # only if still ours (store.claim)
+                self._release(job_id)
             except Exception:  # noqa: BLE001
                 log.exception("releasing deletion job %s failed", job_id)
             self._wake.set()  # a job may have become due sooner than the worker thinks
+
+    def _release(self, job_id: str) -> None:
+        """The pass on ``job_id`` is over: stop renewing its lease and free it, only if it
+        is still ours (store.claim)."""
+        with self._lease_lock:
+            lease = self._leases.pop(job_id, None)
+            if lease is not None and lease != _LOST:
+                self.jobs.release(job_id, lease)
+
+    # ---- the lease's heartbeat -----------------------------------------------------------
+
+    def _start_heartbeat(self) -> None:
+        with self._lease_lock:
+            if self._heartbeat_thread is None:
+                self._heartbeat_thread = threading.Thread(target=self._heartbeat, name="deletion-lease",
+                                                          daemon=True)
+                self._heartbeat_thread.start()
+
+    def _heartbeat(self) -> None:
+        """Renew every lease a pass of this process holds, every third of the lease, so a
+        pass waiting on a slow peer (an Erase may take HEARTH_DELETION_ERASE_TIMEOUT_S, 60 s)
+        never loses its job to another replica, and the lease can stay short: a holder
+        killed (kill -9, a lost node) stops renewing and its job is taken over within
+        ``lease_s``. Until session 21 the lease (30 s) was renewed only before each call,
+        so a call longer than it let a second replica send the same Erase, and a killed
+        holder's job waited out the 30 s."""
+        while not self._closed.wait(self.lease_s / 3.0):
+            self.renew_leases()
+
+    def renew_leases(self) -> None:
+        """One heartbeat: renew each lease held; one found taken (the holder was paused or
+        cut off from the database for longer than the lease) is marked lost, so its pass
+        stops before its next step."""
+        with self._lease_lock:
+            held = [job_id for job_id, token in self._leases.items() if token != _LOST]
+        for job_id in held:
+            try:
+                if not self._renew(job_id):
+                    log.warning("job %s: its lease ran out and another worker took it; this pass stops "
+                                "before its next step", job_id)
+            except Exception:  # noqa: BLE001 - the next beat tries again; the lease may run out
+                log.warning("job %s: renewing its lease failed", job_id, exc_info=True)
+
+    def _renew(self, job_id: str) -> bool:
+        """Renew this process's lease on ``job_id`` from now: False when it is no longer ours."""
+        with self._lease_lock:
+            held = self._leases.get(job_id)
+            if held is None or held == _LOST:
+                return False
+            renewed = self.jobs.renew(job_id, held, time.time(), self.lease_s)
+            self._leases[job_id] = _LOST if renewed is None else renewed
+            return renewed is not None
 
     def advance(self, job_id: str) -> StoredJob:
         """Call every service that is due now, in stage order, storing each outcome.
@@ -403,17 +463,12 @@ class DeletionCoordinator:
         """Renew this pass's lease on ``job_id`` from now: False when it is no longer ours.
         A pass that did not claim the job (``advance`` called directly by a tool or a test)
         holds it the way it always did."""
-        with self._advancing_lock:
-            held = self._leases.get(job_id)
-        if held is None:
+        with self._lease_lock:
+            claimed = job_id in self._leases
+        if not claimed:
             self.jobs.extend_lease(job_id, time.time(), self.lease_s)
             return True
-        renewed = self.jobs.renew(job_id, held, time.time(), self.lease_s)
-        if renewed is None:
-            return False
-        with self._advancing_lock:
-            self._leases[job_id] = renewed
-        return True
+        return self._renew(job_id)
 
     def _stage(self, job: DeletionJob) -> tuple[str, ...]:
         for stage in stages_for(job.scope):
