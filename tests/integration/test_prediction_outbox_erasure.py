@@ -446,13 +446,20 @@ def _erasure_waits(database) -> bool:
                              ("%prediction_chunks%FOR UPDATE",)))
 
 
-def test_a_window_erasure_takes_the_prediction_of_a_session_merged_away(outbox, database):
+@pytest.mark.parametrize("scope", [ErasureScope("acc-m", ScopeKind.TIME_WINDOW, start=1_780_003_900.0,
+                                                end=1_780_006_000.0),
+                                   ErasureScope("acc-m", ScopeKind.DEVICE, device_id="tv"),
+                                   ErasureScope("acc-m", ScopeKind.PERSON, person_id="p1")],
+                         ids=["window", "device", "person"])
+def test_an_erasure_takes_the_prediction_of_a_session_merged_away(outbox, database, scope):
     """A late event that joins a session to the one before it (or moves its start) replaces
     its id: a prediction made about it before, still in the outbox, names an id no session
-    has any more. A window erasure over that session's time went by the ids of the sessions
-    it deleted, so the prediction stayed and was forwarded after the erasure (feedback's
-    own window erasure goes by the session the prediction recorded: it took it only if it
-    arrived before feedback's erase). Now clustering applies the same rule."""
+    has any more. A window erasure over that session's time, its device's or its predicted
+    person's erasure went by the ids of the sessions they deleted, so the prediction stayed
+    and was forwarded after the erasure (feedback's own erasure goes by what the prediction
+    recorded: the session's times, its device, its person; it took it only if it arrived
+    before feedback's erase). Now clustering applies the same rules (the window since
+    session 21's first change, the device and the person since its second)."""
     from services.clustering.domain.events import ViewingEvent
 
     store, log, requests = outbox
@@ -473,6 +480,6 @@ def test_a_window_erasure_takes_the_prediction_of_a_session_merged_away(outbox, 
                                  t0 + 5300, False, 2, "tv", t0 + 4000, t0 + 5200)])
     store.ingest([event(4, t0 + 2300)])                         # late, between them: one session
     assert len(sessions()) == 1 and later not in sessions()
-    outcome = store.erase(ErasureScope("acc-m", ScopeKind.TIME_WINDOW, start=t0 + 3900, end=t0 + 6000))
+    outcome = store.erase(scope)
     assert outcome.deleted_ids_of("pending_predictions") == {"pr-later"}
     assert log.forward_once() == 0 and requests == []
