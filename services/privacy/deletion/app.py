@@ -55,6 +55,7 @@ from hearth.common.v1 import common_pb2, common_pb2_grpc
 from services.common import audit, erasure, identity, telemetry
 from services.common.erasure import ALL_ACCOUNTS, ErasureScope, ids_digest
 from services.common.errors import InvalidArgument, PermissionDenied, Unavailable
+from services.common.failure_log import FailureLog
 from services.privacy.audit.domain import format_ts
 from services.privacy.deletion.domain import (
     DeletionJob, JobState, RetryPolicy, ServiceStatus, build_receipt, confirm_service,
@@ -183,6 +184,8 @@ class DeletionCoordinator:
         self._clock = clock
         self._wake = threading.Event()
         self._stop = threading.Event()
+        # One traceback per run of identical failed passes (a database outage), not one a poll.
+        self.pass_failures = FailureLog(log, "deletion worker pass")
         self._thread: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deletion-job")
         self._advancing: set[Future] = set()
@@ -284,7 +287,9 @@ class DeletionCoordinator:
                 self.maybe_request_retention()
                 self.run_due(wait=False)
             except Exception:  # noqa: BLE001 - the worker must outlive any one failure
-                log.exception("deletion worker pass failed")
+                self.pass_failures.failed()
+            else:
+                self.pass_failures.succeeded()
             timeout = self.poll_s
             try:
                 due = self.jobs.next_due()
