@@ -252,3 +252,31 @@ def test_a_pass_that_ends_during_a_heartbeat_is_not_reported_as_a_lost_lease(tmp
     warned = [r.getMessage() for r in caplog.records if "another worker took it" in r.getMessage()]
     assert warned == [f"job {lost}: its lease ran out and another worker took it; this pass stops "
                       "before its next step"], warned
+
+
+def test_a_database_outage_logs_the_heartbeats_failed_renewals_once(tmp_path, caplog):
+    """The lease heartbeat is a background loop of the deletion worker: during a database
+    outage each beat's renewal of each lease held fails the same way. Like the worker's
+    passes (services/common/failure_log.py), the run logs one traceback, then a counted
+    line a minute, then one line when a renewal works again. Until review21 it logged a
+    traceback for every lease at every beat (every third of the lease: with a pass
+    waiting on a 60 s Erase, ~18 tracebacks a job)."""
+    import logging
+
+    jobs = _CutOff(_store(tmp_path).db)
+    coordinator = DeletionCoordinator(jobs, _HeldPeers(), None, Ed25519PrivateKey.generate(), lease_s=600.0)
+    ids = [coordinator.request(ErasureScope(f"acct-o{n}", "household"),
+                               principal=Principal("officer", Role("admin"))).job.job_id for n in range(2)]
+    now = time.time()
+    for job_id in ids:
+        coordinator._leases[job_id] = jobs.claim(job_id, now, 600.0)
+    jobs.cut.set()
+    with caplog.at_level(logging.WARNING, logger="hearth"):
+        for _ in range(5):
+            coordinator.renew_leases()
+        jobs.cut.clear()
+        coordinator.renew_leases()
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1, [r.getMessage() for r in tracebacks]
+    assert [r.getMessage() for r in caplog.records if "recovered" in r.getMessage()] != []
+    assert all(coordinator._leases[job_id] >= now + 600.0 for job_id in ids)   # still held, not lost

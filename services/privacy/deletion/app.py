@@ -186,6 +186,8 @@ class DeletionCoordinator:
         self._stop = threading.Event()
         # One traceback per run of identical failed passes (a database outage), not one a poll.
         self.pass_failures = FailureLog(log, "deletion worker pass")
+        # The lease heartbeat's renewals likewise (review21: a traceback a lease a beat).
+        self.renew_failures = FailureLog(log, "deletion lease renewal")
         self._thread: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deletion-job")
         self._advancing: set[Future] = set()
@@ -394,7 +396,9 @@ class DeletionCoordinator:
                     log.warning("job %s: its lease ran out and another worker took it; this pass stops "
                                 "before its next step", job_id)
             except Exception:  # noqa: BLE001 - the next beat tries again; the lease may run out
-                log.warning("job %s: renewing its lease failed", job_id, exc_info=True)
+                self.renew_failures.failed()
+            else:
+                self.renew_failures.succeeded()
 
     def _renew(self, job_id: str) -> bool:
         """Renew this process's lease on ``job_id`` from now: False when it is no longer ours."""
