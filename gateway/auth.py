@@ -342,6 +342,14 @@ class Authenticator:
     def _authenticate(self, headers) -> Principal:
         api_key = headers.get(API_KEY_HEADER)
         authorization = headers.get(AUTHORIZATION_HEADER)
+        getlist = getattr(headers, "getlist", None)   # Starlette's Headers keep every value
+        if getlist is not None:
+            # A credential header given twice: the gateway read the first, a proxy's rate
+            # rule or log filter may read the last (session 21: a valid key then a bogus
+            # one authenticated the valid one). Ambiguous, like two JSON keys.
+            for name, value in ((API_KEY_HEADER, api_key), (AUTHORIZATION_HEADER, authorization)):
+                if value is not None and len(getlist(name)) > 1:
+                    raise AuthenticationFailed("ambiguous_credentials", name)
         if api_key is not None and authorization is not None:
             raise AuthenticationFailed("ambiguous_credentials", AUTHORIZATION_HEADER)
         if api_key is not None:

@@ -44,7 +44,7 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from gateway.transport import replaying_receive
-from services.common.strict_json import DuplicateKeyError, loads_unique_keys
+from services.common.strict_json import DuplicateKeyError, NotUtf8Error, loads_unique_keys
 
 # FastAPI (0.165, pinned) hands get_route_handler the included route's merged settings
 # through this context variable; read the same way its own get_route_handler does.
@@ -137,7 +137,7 @@ class LeanRoute(APIRoute):
 
 def _refusing_ambiguous_json(handler: Callable[[Request], Coroutine[Any, Any, Response]]
                              ) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-    """``handler`` behind a check that a JSON body gives no key twice. ``json.loads`` keeps
+    """``handler`` behind a check that a JSON body is UTF-8 and gives no key twice. ``json.loads`` keeps
     the last of two equal keys, other parsers (a proxy, a WAF, an audit tap) the first:
     ``{"processing": true, "processing": false}`` would be read one way in front of the
     gateway and the other way inside it. Refused as invalid JSON (422, field ``body``),
@@ -152,6 +152,12 @@ def _refusing_ambiguous_json(handler: Callable[[Request], Coroutine[Any, Any, Re
                 raise RequestValidationError([{
                     "type": "json_invalid", "loc": ("body",), "msg": "JSON decode error", "input": {},
                     "ctx": {"error": f"{exc} (ambiguous: each key may be given once)"}}]) from None
+            except NotUtf8Error as exc:
+                # json.loads (FastAPI's too) reads UTF-16/32 bytes; readers in front of the
+                # gateway see other text: ambiguous like a key given twice (session 21).
+                raise RequestValidationError([{
+                    "type": "json_invalid", "loc": ("body",), "msg": "JSON decode error", "input": {},
+                    "ctx": {"error": str(exc)}}]) from None
             except (ValueError, RecursionError):
                 pass   # malformed: the handler's own answer
         return await handler(request)

@@ -230,6 +230,12 @@ _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
                413: "payload_too_large", 415: "unsupported_media_type", 429: "rate_limited"}
 
 
+def rate_limited_response(exc: RateLimited):
+    """429 ``rate_limited`` with ``Retry-After`` (whole seconds, at least 1)."""
+    retry = max(1, math.ceil(exc.retry_after_s))
+    return error_response(429, "rate_limited", exc.message, "", headers={"Retry-After": str(retry)})
+
+
 def install_request_limits(app: FastAPI, settings) -> RateLimiter:
     """Add the body-size middleware and the JSON error handlers for 429 (with
     Retry-After) and for Starlette's own HTTP errors (malformed body, unknown path,
@@ -240,8 +246,7 @@ def install_request_limits(app: FastAPI, settings) -> RateLimiter:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
 
     async def on_rate_limited(_request: Request, exc: RateLimited):
-        retry = max(1, math.ceil(exc.retry_after_s))
-        return error_response(429, "rate_limited", exc.message, "", headers={"Retry-After": str(retry)})
+        return rate_limited_response(exc)
 
     async def on_http_error(_request: Request, exc: StarletteHTTPException):
         code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")

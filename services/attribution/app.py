@@ -17,6 +17,7 @@ from services.attribution.domain.records import (
     Conversion, Touchpoint, validate_conversions, validate_touchpoints)
 from services.attribution.resolver import NoResolver, PersonResolver
 from services.attribution.store import AttributionStore
+from services.common.client import check_serving_deadline
 from services.common.ids import check_id
 from services.common.consent import ConsentChecker
 from services.common.erasure import ErasureOutcome, ErasureScope
@@ -260,6 +261,7 @@ class AttributionApp:
     @staticmethod
     def _scoped(scope: str, account: str, person: str, js: JourneySet, q: AttributeQuery,
                 conventions: dict, prior=None) -> ScopedReport:
+        check_serving_deadline()  # one report per household/person: stop once nobody waits
         ages_days = None if js.touch_ages is None else js.touch_ages / 86400.0
         report = attribute(
             js.paths, method=q.method, order="auto" if q.auto_order else q.order, alpha=q.alpha,

@@ -17,6 +17,7 @@ from services.clustering.store import ClusteringStore
 from services.common.config import ConfigError
 from services.common.consent import ConsentChecker
 from services.common.erasure import data_holder
+from services.common.failure_log import FailureLog
 from services.common.field_crypto import FieldCipher
 from services.common.server import run_service
 from services.clustering.settings import ClusteringSettings, clustering_settings
@@ -44,6 +45,7 @@ def _keep_population_prior_fresh(app: ClusteringApp, interval_s: float, stop: th
         if stop.wait(spent_s * (1.0 / PRIOR_REBUILD_DUTY_CYCLE - 1.0)):
             raise _Stopped
 
+    failures = FailureLog(log, "population prior build")
     while True:
         try:
             started = time.monotonic()
@@ -55,7 +57,9 @@ def _keep_population_prior_fresh(app: ClusteringApp, interval_s: float, stop: th
         except _Stopped:
             return
         except Exception:  # noqa: BLE001 - cold start falls back to account level meanwhile
-            log.exception("population prior build failed")
+            failures.failed()
+        else:
+            failures.succeeded()
         if stop.wait(interval_s):
             return
 

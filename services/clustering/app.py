@@ -33,6 +33,7 @@ from services.clustering.store import ClusteringStore, HouseholdView, IngestResu
 from services.common.consent import ConsentChecker
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import InvalidArgument, NotFound
+from services.common.failure_log import FailureLog
 from services.common.calibration import IDENTITY, Calibrator
 
 log = logging.getLogger("hearth.clustering.app")
@@ -144,6 +145,8 @@ class ClusteringApp:
         self._pending: queue.Queue[str | None] = queue.Queue()
         self._queued: set[str] = set()
         self._queued_lock = threading.Lock()
+        # One traceback per run of identical failures (a database outage), not one per account.
+        self.refresh_failures = FailureLog(log, "background model refresh")
         self._worker = threading.Thread(target=self._refresh_loop, name="model-refresh", daemon=True)
         if background:
             self._worker.start()
@@ -190,7 +193,9 @@ class ClusteringApp:
             try:
                 self.keeper.refresh(account)
             except Exception:  # noqa: BLE001 - the next ingest or assignment retries
-                log.exception("background model refresh failed for an account")
+                self.refresh_failures.failed()
+            else:
+                self.refresh_failures.succeeded()
             finally:
                 self._pending.task_done()
 

@@ -182,6 +182,15 @@ def _head(values: tuple) -> bytes:
     return parts[0] + stamp + parts[1]
 
 
+def forget_cached_heads() -> None:
+    """Drop what ``_head`` keeps across messages: its keys and bytes are households'
+    account and device ids and their sessions' first and last instants, so an erasure
+    empties it (``ClusteringStore.erase``) rather than leave them in the process until
+    the cache fills (review21)."""
+    _HEADS.clear()
+    _STAMPS.clear()
+
+
 def _encode(records: Iterable[PredictionRecord]) -> bytes:
     """``to_request(records).SerializeToString()``, without a message a record: what it
     parses as is the same request (tests/unit/clustering/test_prediction_log_rows.py holds

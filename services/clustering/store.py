@@ -24,7 +24,7 @@ from services.clustering.domain.events import ViewingEvent
 from services.clustering.domain.features import DEFAULT_VOCABULARY, GenreVocabulary
 from services.clustering.domain.sessions import Session, build_sessions
 from services.clustering.migrations import MIGRATIONS
-from services.clustering.prediction_log import await_forwards, erase_pending, excluding_forwards
+from services.clustering.prediction_log import await_forwards, erase_pending, excluding_forwards, forget_cached_heads
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import Conflict, NotFound
 from services.common.field_crypto import (FieldCipher, drop_keys_of_erased_households, household_erasures,
@@ -131,11 +131,12 @@ _encode_probabilities = json.JSONEncoder(sort_keys=True, check_circular=False).e
 SKIP_MARGIN_FLOOR_S = 7 * 86400.0
 
 
-def _window_rule(scope: ErasureScope) -> Callable[[Any], bool]:
-    """The predictions (feedback_pb2.Prediction) a window erasure takes by what they record,
-    the rule feedback's own window erasure applies: those about a session the window
-    overlaps (end >= its start, start < its end), and, without session times, those made
-    within it."""
+def _recorded_rule(scope: ErasureScope) -> Callable[[Any], bool]:
+    """The predictions (feedback_pb2.Prediction) a device, person or window erasure takes by
+    what they record, the rules feedback's own erasure applies: device, those made on it
+    (or on a device not recorded); person, those that predicted the person; window, those
+    about a session the window overlaps (end >= its start, start < its end) and, without
+    session times, those made within it."""
     lo = scope.start if scope.start is not None else float("-inf")
     hi = scope.end if scope.end is not None else float("inf")
 
@@ -145,6 +146,10 @@ def _window_rule(scope: ErasureScope) -> Callable[[Any], bool]:
     def about(p) -> bool:
         if not (scope.all_accounts or p.account_id == scope.account_id):
             return False
+        if scope.kind == "device":
+            return p.device_id in (scope.device_id, "")
+        if scope.kind == "person":
+            return p.person_id == scope.person_id
         if p.HasField("session_end") and p.HasField("session_start"):
             return seconds(p.session_end) >= lo and seconds(p.session_start) < hi
         return lo <= seconds(p.ts) < hi
@@ -716,15 +721,15 @@ class ClusteringStore:
                 # of before (the setting lowered since, or another replica's) from being
                 # skipped — a wrong skip would outlive the erasure; the retention purge's
                 # cut-off is ~90 days back, so the floor costs it nothing.
-                # A window also takes the predictions whose session, as the prediction saw it,
-                # the window overlaps (feedback's rule): a late event that moved a session's
-                # start, or joined it to the one before, replaced its id, so a prediction made
-                # before carries an id no session has any more (until session 21 it was left
-                # in the outbox, and forwarded after the erasure).
-                about = _window_rule(scope) if scope.kind == "window" else None
+                # Also the predictions the scope covers by what they record (feedback's rules:
+                # the session as the prediction saw it, its device, its person): a late event
+                # that moved a session's start, or joined it to the one before, replaced its
+                # id, so a prediction made before carries an id no session has any more
+                # (until session 21 it was left in the outbox, and forwarded after the erasure).
+                about = _recorded_rule(scope)
                 pending = erase_pending(tx, lambda acct, session: (scope.all_accounts or acct == account)
                                         and session in sessions, None if scope.all_accounts else account,
-                                        self.db.dialect, before, about) if sessions or about else []
+                                        self.db.dialect, before, about)
             out.add("pending_predictions", pending)
             if scope.kind == "household":
                 labelled = [r[0] for r in tx.query("SELECT session_id FROM session_labels WHERE account_id = ?",
@@ -744,6 +749,8 @@ class ClusteringStore:
         out.purges[-1:-1] = purge_persistence(self.cache)
         if self.cipher is not None and scope.kind == "household":
             self.cipher.forget(account)  # and any a read fetched meanwhile (the key is shredded)
+        # The outbox encoder's cache of shared fields (ids, session spans) goes too.
+        forget_cached_heads()
         return out
 
     def _drop_cached_models(self, scope: ErasureScope, strict: bool = False) -> None:

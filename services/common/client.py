@@ -4,18 +4,24 @@ every call; retries only for calls the caller marks idempotent."""
 from __future__ import annotations
 
 import contextvars
+import logging
 import re
+import threading
 import time
+import weakref
 from collections.abc import Callable
+from concurrent import futures
 from typing import TypeVar
 
 import grpc
 from opentelemetry.trace import SpanKind
 
 from services.common import identity, telemetry, tls
+from services.common.errors import DeadlineExceeded
 
 T = TypeVar("T")
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+log = logging.getLogger("hearth.client")
 
 # The deadline (time.monotonic()) of the RPC this thread is serving, set by the server's
 # interceptor: a call to a peer made while serving it never outlives it (gRPC Python does
@@ -41,6 +47,22 @@ def serving_time_left() -> float | None:
     if deadline is None or deadline - time.monotonic() > NO_DEADLINE_S:
         return None
     return max(deadline - time.monotonic(), 0.001)
+
+
+def check_serving_deadline() -> None:
+    """Raise ``DeadlineExceeded`` when the deadline of the RPC being served has passed.
+
+    gRPC Python cannot interrupt a handler: past its deadline the caller has its
+    DEADLINE_EXCEEDED, but the handler's thread runs on to the end of the work. Long
+    computations call this between steps (attribution's bootstrap replicates, removal
+    solves, order candidates, per-person reports), so dead work stops within one step
+    instead of holding a worker thread and a CPU for as long as it takes (session 21: one
+    analyst request, 2,000 bootstrap replicates of an order-4 chain, ran on for minutes
+    after its 504; sixteen such requests held every attribution worker). Outside an RPC,
+    or for a caller that set no deadline, it does nothing."""
+    deadline = _serving_deadline.get()
+    if deadline is not None and time.monotonic() > deadline:
+        raise DeadlineExceeded("the caller's deadline passed; the work was stopped")
 
 
 # A deadline further away than this is no deadline (a call without one).
@@ -73,25 +95,40 @@ class PeerInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientIn
     served by several components) needs an explicit ``audience``."""
 
     def __init__(self, acting_as: Callable[[], identity.Principal], timeout_s: float,
-                 audience: str | None = None) -> None:
+                 audience: str | None = None, link: PeerLink | None = None) -> None:
         self._acting_as = acting_as
         self._timeout = timeout_s
         self._audience = audience
         self._tracer = telemetry.tracer("hearth.grpc.client")
+        self._link = link
 
     def _call(self, continuation, details, request):
-        with telemetry.safe_span(self._tracer, details.method.lstrip("/"), kind=SpanKind.CLIENT):
-            metadata = [m for m in (details.metadata or []) if m[0] not in
-                        (identity.PRINCIPAL_KEY, identity.ROLE_KEY, identity.TOKEN_KEY)]
-            audience = self._audience or audience_of_method(details.method)
-            metadata = telemetry.inject_context(metadata + self._acting_as().metadata(audience))
-            new_details = _ClientCallDetails(
-                details.method, bounded_timeout(details.timeout if details.timeout is not None else self._timeout),
-                metadata, details.credentials, details.wait_for_ready, details.compression)
-            response = continuation(new_details, request)
-            if isinstance(response, grpc.Future):
-                response.result()  # surface errors inside the span
-            return response
+        link = self._link
+        if link is not None and not link.enter():
+            raise PeerAbandoned(link.address)
+        try:
+            with telemetry.safe_span(self._tracer, details.method.lstrip("/"), kind=SpanKind.CLIENT):
+                metadata = [m for m in (details.metadata or []) if m[0] not in
+                            (identity.PRINCIPAL_KEY, identity.ROLE_KEY, identity.TOKEN_KEY)]
+                audience = self._audience or audience_of_method(details.method)
+                metadata = telemetry.inject_context(metadata + self._acting_as().metadata(audience))
+                new_details = _ClientCallDetails(
+                    details.method,
+                    bounded_timeout(details.timeout if details.timeout is not None else self._timeout),
+                    metadata, details.credentials, details.wait_for_ready, details.compression)
+                response = continuation(new_details, request)
+                if isinstance(response, grpc.Future):
+                    response.result()  # surface errors inside the span
+                return response
+        except grpc.RpcError as exc:
+            if link is not None and link.abandoned and exc.code() == grpc.StatusCode.CANCELLED:
+                # Cancelled by abandon_hung_peers (this process is stopping and the peer
+                # did not answer): UNAVAILABLE, like any peer that cannot be reached.
+                raise PeerAbandoned(link.address) from None
+            raise
+        finally:
+            if link is not None:
+                link.exit()
 
     intercept_unary_unary = _call
     intercept_stream_unary = _call
@@ -128,12 +165,134 @@ def _acting_principal(service: str) -> Callable[[], identity.Principal]:
     return acting
 
 
+class PeerAbandoned(grpc.RpcError):
+    """UNAVAILABLE: a call to a peer this stopping process gave up on (``abandon_hung_peers``)."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(address)
+        self.address = address
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return f"peer {self.address} did not answer while this process was stopping: call cancelled"
+
+    def trailing_metadata(self):
+        return ()
+
+    def initial_metadata(self):
+        return ()
+
+    def __str__(self) -> str:
+        return self.details()
+
+
+class PeerLink:
+    """One peer channel as the stop sees it: its address, the raw channel (closing it
+    cancels every call on it), the calls in flight, and whether it was abandoned (every
+    call from then on fails at once with ``PeerAbandoned``)."""
+
+    def __init__(self, address: str, channel: grpc.Channel) -> None:
+        from grpc_health.v1 import health_pb2
+
+        self.address = address
+        self.channel = channel
+        self.abandoned = False
+        # Made now, while the channel is open, and not registered: registering a method
+        # at stop time on a channel another thread had closed crashed the process
+        # (a segfault in grpcio's _get_registered_call_handle); a closed channel's call
+        # raises ValueError instead.
+        self.health_check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check", request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString)
+        self._in_flight = 0
+        self._lock = threading.Lock()
+
+    def enter(self) -> bool:
+        with self._lock:
+            if self.abandoned:
+                return False
+            self._in_flight += 1
+            return True
+
+    def exit(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def abandon(self) -> None:
+        with self._lock:
+            self.abandoned = True
+        self.channel.close()
+
+
+# Every peer channel of this process (peer_channel), for the stop: weak, so a closed
+# Peer that nothing holds any more drops out.
+_LINKS: weakref.WeakSet[PeerLink] = weakref.WeakSet()
+_LINKS_LOCK = threading.Lock()
+
+
+def _answers(link: PeerLink, timeout_s: float) -> bool:
+    """False when the peer at ``link.address`` takes a gRPC health check and does not
+    answer it within ``timeout_s``; any answer (NOT_SERVING too: a draining peer still
+    finishes its calls) or a refused connection is not a hung peer."""
+    from grpc_health.v1 import health_pb2
+
+    try:
+        link.health_check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+    except grpc.RpcError as exc:
+        # UNAVAILABLE: nothing listens there (calls fail at once anyway); only a peer that
+        # takes the call and never answers is hung.
+        return exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED
+    except ValueError:   # the channel was closed meanwhile
+        return True
+    return True
+
+
+def abandon_hung_peers(timeout_s: float = 1.0, busy_only: bool = True) -> list[str]:
+    """For a stopping process: ask each peer (its address once; ``busy_only``: only the
+    peers this process has calls in flight to) for its gRPC health, all at once, for at
+    most ``timeout_s``; every peer that does not answer (SIGSTOPped, a partition: its
+    connection open, nothing answering) is abandoned — its channels are closed, so the
+    calls waiting on it end at once as UNAVAILABLE (``PeerAbandoned``) instead of at
+    their deadlines, and later calls fail the same way without waiting. Calls to a peer
+    that answers are left to finish. Returns the abandoned addresses."""
+    with _LINKS_LOCK:
+        links = [link for link in _LINKS if not link.abandoned]
+    by_address: dict[str, list[PeerLink]] = {}
+    for link in links:
+        by_address.setdefault(link.address, []).append(link)
+    if busy_only:
+        by_address = {a: ls for a, ls in by_address.items() if any(link.in_flight for link in ls)}
+    if not by_address:
+        return []
+    with futures.ThreadPoolExecutor(len(by_address), thread_name_prefix="peer-probe") as pool:
+        answered = dict(zip(by_address, pool.map(
+            lambda links: _answers(links[0], timeout_s), by_address.values())))
+    hung = [address for address, ok in answered.items() if not ok]
+    for address in hung:
+        calls = sum(link.in_flight for link in by_address[address])
+        log.warning("peer %s did not answer in %.1fs while stopping: cancelling its %d calls in flight",
+                    address, timeout_s, calls)
+        for link in by_address[address]:
+            link.abandon()
+    return hung
+
+
 def peer_channel(address: str, calling_service: str, timeout_s: float = 5.0,
                  audience: str | None = None) -> grpc.Channel:
     # Mutual TLS when HEARTH_TLS_* is configured; the signed principal rides in metadata
     # either way (PeerInterceptor -> Principal.metadata(audience)).
     channel = tls.channel(address, options=tls.channel_options())
-    return grpc.intercept_channel(channel, PeerInterceptor(_acting_principal(calling_service), timeout_s, audience))
+    link = PeerLink(address, channel)
+    with _LINKS_LOCK:   # as long as the interceptor (the returned channel) holds it
+        _LINKS.add(link)
+    return grpc.intercept_channel(channel, PeerInterceptor(_acting_principal(calling_service), timeout_s,
+                                                           audience, link))
 
 
 class Peer:

@@ -61,6 +61,13 @@ class ResourceExhausted(HearthError):
     code = "resource_exhausted"
 
 
+class DeadlineExceeded(HearthError):
+    """The caller's deadline passed while the work was under way: it was stopped, since
+    nobody waits for its answer (``client.check_serving_deadline``)."""
+
+    code = "deadline_exceeded"
+
+
 class Unavailable(HearthError):
     """A dependency (peer service, database) is down; retrying may succeed."""
 
@@ -78,6 +85,7 @@ STATUS_BY_ERROR: tuple[tuple[type[HearthError], grpc.StatusCode], ...] = (
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
 )
 
 ERROR_FIELD_KEY = "x-hearth-error-field"

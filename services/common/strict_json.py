@@ -36,7 +36,21 @@ def loads_unambiguous(text: str | bytes) -> Any:
     return json.loads(text, object_pairs_hook=_unique, parse_constant=_no_constant)
 
 
+class NotUtf8Error(ValueError):
+    """Bytes that are not UTF-8 text (JSON between systems is UTF-8: RFC 8259, 8.1)."""
+
+
 def loads_unique_keys(text: str | bytes) -> Any:
     """``json.loads`` that raises DuplicateKeyError on a repeated key (at any depth) and
-    otherwise reads exactly as ``json.loads`` does (the gateway's request bodies)."""
-    return json.loads(text, object_pairs_hook=_unique)
+    otherwise reads exactly as ``json.loads`` does (the gateway's request bodies), except
+    that bytes must be UTF-8 (a leading byte order mark is ignored, as RFC 8259 allows):
+    ``json.loads`` also reads UTF-16 and UTF-32 bytes, which a proxy, a WAF or an audit tap
+    in front of the gateway reads as UTF-8 — NUL-interleaved text their rules never match
+    (NotUtf8Error)."""
+    value = json.loads(text, object_pairs_hook=_unique)   # malformed: its own error, as ever
+    if isinstance(text, (bytes, bytearray)) and json.detect_encoding(text) not in ("utf-8", "utf-8-sig"):
+        # json.loads decoded by this guess (its own): NULs in the first four bytes mean
+        # UTF-16 or UTF-32 to it. ASCII text in UTF-16 is valid UTF-8 too (with NULs), so
+        # decoding as UTF-8 would not tell.
+        raise NotUtf8Error("the body is not UTF-8 text (RFC 8259: JSON between systems is UTF-8)")
+    return value

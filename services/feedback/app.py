@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 
 from services.common.consent import ConsentChecker
+from services.common.failure_log import FailureLog
 from services.feedback.calibration import Calibration
 from services.feedback.calibrator_choice import CalibratorChoices
 from services.feedback.experiments import MAX_REASON_CHARS, Experiments
@@ -48,6 +49,8 @@ class FeedbackApp:
         self.experiments = Experiments(store, policy, self.calibration, auditor=auditor, clock=clock)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # One traceback per run of identical failures of a step (a database outage).
+        self.periodic_failures = FailureLog(log, "periodic step")
 
     def periodic_check(self) -> None:
         """What the background thread runs: pending refits, cohort triggers, scheduled
@@ -57,7 +60,9 @@ class FeedbackApp:
             try:
                 step()
             except Exception:  # noqa: BLE001 - logged; the next period tries again
-                log.exception("periodic step %s failed", step.__name__)
+                self.periodic_failures.failed(key=step.__name__)
+            else:
+                self.periodic_failures.succeeded(key=step.__name__)
 
     def start_periodic(self, interval_s: float) -> None:
         if interval_s <= 0 or self._thread is not None:

@@ -193,11 +193,14 @@ def test_grpc_probes_use_the_grpc_port_the_process_listens_on(render):
         assert service_ports["metrics"]["port"] == CHART_VALUES["services"][name]["metricsPort"]
 
 
-def test_gateway_uses_http_probes_and_liveness_does_not_depend_on_the_mesh(render):
+def test_gateway_uses_http_probes_and_neither_depends_on_the_mesh(render):
     c = container(deployment_of(render(), "gateway"))
-    assert c["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     # /health fans out to every service: as a liveness probe, one backend outage would
-    # restart every gateway pod.
+    # restart every gateway pod; as the readiness probe (until session 21), an outage of
+    # every service (the database) took every gateway pod out of the Service, and clients
+    # got the ingress's 503 page instead of the gateway's JSON 503 with Retry-After
+    # (tests/e2e/test_routes_with_services_down.py checks the path stays 200 then).
+    assert c["readinessProbe"]["httpGet"] == {"path": "/openapi.json", "port": "http"}
     assert c["livenessProbe"]["httpGet"]["path"] != "/health"
     assert c["livenessProbe"]["httpGet"]["port"] == "http"
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {
@@ -252,7 +255,8 @@ def test_pods_run_non_root_with_a_read_only_root_filesystem(render):
 
 def test_shutdown_budget_covers_prestop_sleep_and_the_drain_grace(render):
     """SIGKILL must not land while calls drain: terminationGracePeriodSeconds >
-    preStop sleep + HEARTH_GRACE_SECONDS (the time serve() gives calls in flight)."""
+    preStop sleep + HEARTH_GRACE_SECONDS (the time serve() gives calls in flight) + the
+    stop's bounded tail."""
     for scenario in ("default", "production"):
         objects = render(**SCENARIOS[scenario])
         for component in COMPONENTS:
@@ -263,7 +267,12 @@ def test_shutdown_budget_covers_prestop_sleep_and_the_drain_grace(render):
             sleep_s = float(command[1])
             grace_s = float(effective_env(deployment, objects)["HEARTH_GRACE_SECONDS"])
             assert sleep_s > 0 and grace_s > 0
-            assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > sleep_s + grace_s
+            # ... and the stop's bounded tail after the grace (the gRPC server's stop, one
+            # health check of the peers before the closers: RunningServer.stop).
+            from services.common.server import PEER_PROBE_TIMEOUT_S, STOP_AFTER_DRAIN_S
+
+            assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= \
+                sleep_s + grace_s + STOP_AFTER_DRAIN_S + PEER_PROBE_TIMEOUT_S
 
 
 # --- configuration: what the processes will see -------------------------------------------

@@ -286,8 +286,9 @@ def test_privacy_stops_within_the_pods_grace_while_an_erase_waits_on_a_hung_peer
     cancelled, the step recorded as a retryable failure — and the job completes after the
     restart. Until session 20 it waited out the Erase deadline (HEARTH_DELETION_ERASE_
     TIMEOUT_S, 60 s): exit after 57 s, so Kubernetes SIGKILLed it before its audit log
-    and database were closed. (The exit still includes the gRPC server's stop, which waits
-    up to the 10 s grace for a call the frozen peer was sending when it stopped.)"""
+    and database were closed. (Until session 21 the exit also included the gRPC server's
+    stop waiting up to the 10 s grace for a call the frozen peer was sending when it
+    stopped: tests/e2e/test_stop_hung_peer_e2e.py.)"""
     import os
     import signal
 

@@ -446,13 +446,20 @@ def _erasure_waits(database) -> bool:
                              ("%prediction_chunks%FOR UPDATE",)))
 
 
-def test_a_window_erasure_takes_the_prediction_of_a_session_merged_away(outbox, database):
+@pytest.mark.parametrize("scope", [ErasureScope("acc-m", ScopeKind.TIME_WINDOW, start=1_780_003_900.0,
+                                                end=1_780_006_000.0),
+                                   ErasureScope("acc-m", ScopeKind.DEVICE, device_id="tv"),
+                                   ErasureScope("acc-m", ScopeKind.PERSON, person_id="p1")],
+                         ids=["window", "device", "person"])
+def test_an_erasure_takes_the_prediction_of_a_session_merged_away(outbox, database, scope):
     """A late event that joins a session to the one before it (or moves its start) replaces
     its id: a prediction made about it before, still in the outbox, names an id no session
-    has any more. A window erasure over that session's time went by the ids of the sessions
-    it deleted, so the prediction stayed and was forwarded after the erasure (feedback's
-    own window erasure goes by the session the prediction recorded: it took it only if it
-    arrived before feedback's erase). Now clustering applies the same rule."""
+    has any more. A window erasure over that session's time, its device's or its predicted
+    person's erasure went by the ids of the sessions they deleted, so the prediction stayed
+    and was forwarded after the erasure (feedback's own erasure goes by what the prediction
+    recorded: the session's times, its device, its person; it took it only if it arrived
+    before feedback's erase). Now clustering applies the same rules (the window since
+    session 21's first change, the device and the person since its second)."""
     from services.clustering.domain.events import ViewingEvent
 
     store, log, requests = outbox
@@ -473,6 +480,33 @@ def test_a_window_erasure_takes_the_prediction_of_a_session_merged_away(outbox, 
                                  t0 + 5300, False, 2, "tv", t0 + 4000, t0 + 5200)])
     store.ingest([event(4, t0 + 2300)])                         # late, between them: one session
     assert len(sessions()) == 1 and later not in sessions()
-    outcome = store.erase(ErasureScope("acc-m", ScopeKind.TIME_WINDOW, start=t0 + 3900, end=t0 + 6000))
+    outcome = store.erase(scope)
     assert outcome.deleted_ids_of("pending_predictions") == {"pr-later"}
     assert log.forward_once() == 0 and requests == []
+
+
+@pytest.mark.parametrize("scope", [ErasureScope("acc-c", ScopeKind.HOUSEHOLD),
+                                   ErasureScope("acc-c", ScopeKind.DEVICE, device_id="tv-c"),
+                                   ErasureScope("acc-c", ScopeKind.TIME_WINDOW, start=1_780_000_100.0,
+                                                end=1_780_000_200.0)],
+                         ids=["household", "device", "window"])
+def test_an_erasure_leaves_no_copy_of_the_household_in_the_encoders_cache(outbox, database, scope):
+    """Since session 21 the outbox's encoder keeps the shared fields' bytes of a household's
+    predictions from one message to the next (prediction_log._head, a module-level cache of
+    up to 4,096 entries): the account id, the device id and the session's first and last
+    instant, in its keys and its bytes. An erasure must not leave them behind in the
+    process once the store has erased them (review21: they stayed until 4,096 other
+    households' predictions had filled the cache: in a small deployment, for as long as
+    the process ran)."""
+    from services.clustering import prediction_log
+
+    store, log, _requests = outbox
+    log.record([PredictionRecord("pr-c", "acc-c", "s-c", "p1", {"p1": 0.75, "p2": 0.25}, "gmm", 3,
+                                 1_780_000_300.0, False, 2, "tv-c", 1_780_000_150.0, 1_780_000_180.0)])
+    cached = repr(prediction_log._HEADS).encode() + b"".join(b for parts in prediction_log._HEADS.values()
+                                                             for b in parts)
+    assert b"acc-c" in cached and b"tv-c" in cached   # what the test looks for is there to find
+    store.erase(scope)
+    cached = repr(prediction_log._HEADS).encode() + b"".join(b for parts in prediction_log._HEADS.values()
+                                                             for b in parts)
+    assert b"acc-c" not in cached and b"tv-c" not in cached and b"1780000150" not in cached

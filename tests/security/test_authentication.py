@@ -119,6 +119,22 @@ def test_key_and_bearer_together_are_refused(security_mesh):
                                    "Authorization": f"Bearer {security_mesh.jwt(Role.ADMIN)}"}))
 
 
+@pytest.mark.parametrize("header", ["X-API-Key", "Authorization"])
+def test_a_credential_header_given_twice_is_refused_not_read_as_the_first(security_mesh, header):
+    """Until session 21 a valid admin key followed by a bogus one in a second X-API-Key
+    header authenticated the admin (the gateway read the first value), while a proxy's
+    rate rule or log filter reading the last saw the bogus one; a bogus one first was
+    a 401. Ambiguous, like a JSON key given twice: 401 either way, audited and counted
+    as ambiguous_credentials."""
+    valid = (security_mesh.role_keys[Role.ADMIN] if header == "X-API-Key"
+             else f"Bearer {security_mesh.jwt(Role.ADMIN)}")
+    bogus = "hk_bogus" if header == "X-API-Key" else "Bearer x.y.z"
+    for values in ((valid, bogus), (bogus, valid), (valid, valid)):
+        response = httpx.get(security_mesh.url + ROUTE, headers=[(header, v) for v in values], timeout=10)
+        assert_401(response)
+    assert get(security_mesh, {header: valid}).status_code == 404   # one is served as ever
+
+
 def wait_until_refused(mesh, key: str, within_s: float = 3.0) -> None:
     """The gateway re-checks the keys file at most every HEARTH_API_KEYS_RELOAD_S (1 s)."""
     deadline = time.monotonic() + within_s

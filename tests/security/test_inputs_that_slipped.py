@@ -228,6 +228,32 @@ def test_a_json_key_given_twice_is_refused_not_read_as_the_last(security_mesh, a
     assert admin.get(f"/v1/household/{account}").status_code == 404
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+def test_a_json_body_not_in_utf8_is_refused_not_read(security_mesh, admin, officer, encoding):
+    """``json.loads`` (FastAPI's too) reads UTF-16 and UTF-32 bytes; a proxy, a WAF or an
+    audit tap in front of the gateway reads the body as UTF-8 (RFC 8259: JSON between
+    systems is UTF-8) and sees NUL-interleaved text that none of its rules matches. Until
+    session 21 such a body was applied: a consent withdrawal, events. Refused (422, field
+    body) before any service is called; without credentials the same 401 as any body. A
+    UTF-8 byte order mark stays accepted (RFC 8259 lets a parser ignore it)."""
+    account = f"sec-slip-enc-{encoding}"
+    body = json.dumps({"processing": False, "attribution": False}).encode(encoding)
+    response = officer.put(f"/v1/consent/{account}", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["field"] == "body" and "UTF-8" in error["message"], error
+    anonymous = httpx.put(f"{security_mesh.url}/v1/consent/{account}", content=body,
+                          headers={"Content-Type": "application/json"}, timeout=10)
+    assert anonymous.status_code == 401, anonymous.text
+    # A lean route: nothing stored.
+    events = json.dumps({"events": [event(account)]}).encode(encoding)
+    response = admin.post("/v1/events", content=events, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert admin.get(f"/v1/household/{account}").status_code == 404
+    with_bom = b"\xef\xbb\xbf" + json.dumps({"events": [event(account)]}).encode()
+    assert admin.post("/v1/events", content=with_bom, headers={"Content-Type": "application/json"}).status_code == 200
+
+
 # Every gateway route with query parameters, each with one parameter given twice.
 REPEATED_QUERIES = {
     "GET /v1/household/{account_id}": ("/v1/household/sec-slip-q?limit=5&limit=500", "limit"),

@@ -113,6 +113,23 @@ def test_a_key_given_twice_is_refused_not_read_as_the_last(body, fast_lane):
     assert calls == []   # the endpoint never ran
 
 
+@pytest.mark.parametrize("fast_lane", [False, True])
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32"])
+def test_a_body_not_in_utf8_is_refused_not_read(encoding, fast_lane):
+    """json.loads reads UTF-16/32 bytes that readers in front of the gateway see as other
+    text; refused like a key given twice (a UTF-8 byte order mark is still read)."""
+    calls.clear()
+    with TestClient(build(LeanRoute, fast_lane)) as client:
+        r = client.post("/sum", content='{"name": "a"}'.encode(encoding),
+                        headers={"content-type": "application/json", "x-caller": "c"})
+        assert r.status_code == 422, r.text
+        assert "UTF-8" in r.json()["detail"][0]["ctx"]["error"]
+        assert calls == []
+        r = client.post("/sum", content=b"\xef\xbb\xbf" + b'{"name": "a"}',
+                        headers={"content-type": "application/json", "x-caller": "c"})
+        assert r.status_code == 200, r.text
+
+
 def _query_app(route_class: type[APIRoute]) -> FastAPI:
     app = FastAPI()
     api = APIRouter(route_class=route_class)

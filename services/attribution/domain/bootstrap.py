@@ -50,6 +50,7 @@ from services.attribution.domain.markov import (
 )
 from services.attribution.domain.paths import Paths
 from services.attribution.domain.shapley import shapley_touch_fractions
+from services.common.client import check_serving_deadline
 
 MAX_REPLICATES = 10_000
 BLOCK_CELLS = 8_000_000  # unique paths x replicates per block (64 MB of float64 per matrix)
@@ -324,6 +325,7 @@ def bootstrap_replicates(
     rng = np.random.default_rng(spec.seed)
     done = 0
     for b in _blocks(n_u, b_total):
+        check_serving_deadline()
         c, nl, v = _draw(rng, units.conversions, nulls_in, units.values, b)
         sl = slice(done, done + b)
         linear_c = {m: (a @ c).T for m, a in allocation.items()}
@@ -337,6 +339,7 @@ def bootstrap_replicates(
             null_s = ws.last.T @ nl
             val_s = ws.last.T @ v
             for j in range(b):
+                check_serving_deadline()  # each replicate is a chain solve: stop once nobody waits
                 mc, mr = _markov_replicate(ws, edge_w[:, j], conv_s[:, j], null_s[:, j], val_s[:, j],
                                            conventions, horizon)
                 markov_c[done + j], markov_r[done + j] = mc, mr
@@ -344,6 +347,7 @@ def bootstrap_replicates(
             from services.attribution.domain.hybrid import smoothed_markov_attribution
 
             for j in range(b):
+                check_serving_deadline()
                 resampled = Paths(units.channels, units.offsets, c[:, j], v[:, j], nl[:, j], units.channel_names)
                 res = smoothed_markov_attribution(resampled, prior_paths, prior_strength, conventions)
                 markov_c[done + j], markov_r[done + j] = res.conversions, res.revenue

@@ -82,6 +82,7 @@ import scipy.sparse.linalg as spla
 
 from services.attribution.domain.errors import AttributionInputError
 from services.attribution.domain.paths import Paths
+from services.common.client import check_serving_deadline
 
 Repeats = Literal["collapse_states", "collapse_channels", "keep"]
 Revenue = Literal["value_chain", "conversion_share"]
@@ -488,6 +489,7 @@ def _finite_horizon(
     """
     out = []
     for col in range(rewards.shape[1]):
+        check_serving_deadline()
         r = rewards[:, col : col + 1] * keep
         f = r.copy()
         for _ in range(horizon):
@@ -505,6 +507,7 @@ def _solve_dense(
     # numpy's inverse (LAPACK gesv against I) rather than scipy's lu_solve, whose
     # per-call overhead measured 13 ms at n = 16 (100x the solve itself).
     fundamental = np.linalg.inv(m)
+    check_serving_deadline()
     x = fundamental @ rewards
     n_channels = membership.shape[1]
     drops = np.zeros((2, n_channels))
@@ -538,6 +541,7 @@ def _solve_sparse(
         a = members.indices[members.indptr[c] : members.indptr[c + 1]]
         if a.size == 0:
             continue
+        check_serving_deadline()  # one sparse solve per channel (seconds on large chains)
         keep = np.ones(n, dtype=bool)
         keep[a] = False
         kept = np.flatnonzero(keep)

@@ -33,6 +33,7 @@ import numpy as np
 from services.attribution.domain.errors import AttributionInputError
 from services.attribution.domain.markov import MAX_ORDER, MarkovConventions, _check_key_space, _state_sequences
 from services.attribution.domain.paths import Paths
+from services.common.client import check_serving_deadline
 
 DEFAULT_FOLDS = 5
 PSEUDO_JOURNEYS = 1.0
@@ -129,6 +130,7 @@ def choose_order(
     cf, nf = split_journeys(data, folds, np.random.default_rng(seed))
     per_fold: dict[int, np.ndarray] = {}
     for k in range(1, max_order + 1):
+        check_serving_deadline()
         try:
             last = _last_states(data, replace(conventions, order=k, horizon=None))
         except AttributionInputError:

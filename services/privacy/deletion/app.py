@@ -55,6 +55,7 @@ from hearth.common.v1 import common_pb2, common_pb2_grpc
 from services.common import audit, erasure, identity, telemetry
 from services.common.erasure import ALL_ACCOUNTS, ErasureScope, ids_digest
 from services.common.errors import InvalidArgument, PermissionDenied, Unavailable
+from services.common.failure_log import FailureLog
 from services.privacy.audit.domain import format_ts
 from services.privacy.deletion.domain import (
     DeletionJob, JobState, RetryPolicy, ServiceStatus, build_receipt, confirm_service,
@@ -183,6 +184,8 @@ class DeletionCoordinator:
         self._clock = clock
         self._wake = threading.Event()
         self._stop = threading.Event()
+        # One traceback per run of identical failed passes (a database outage), not one a poll.
+        self.pass_failures = FailureLog(log, "deletion worker pass")
         self._thread: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deletion-job")
         self._advancing: set[Future] = set()
@@ -284,7 +287,9 @@ class DeletionCoordinator:
                 self.maybe_request_retention()
                 self.run_due(wait=False)
             except Exception:  # noqa: BLE001 - the worker must outlive any one failure
-                log.exception("deletion worker pass failed")
+                self.pass_failures.failed()
+            else:
+                self.pass_failures.succeeded()
             timeout = self.poll_s
             try:
                 due = self.jobs.next_due()
@@ -383,7 +388,9 @@ class DeletionCoordinator:
             held = [job_id for job_id, token in self._leases.items() if token != _LOST]
         for job_id in held:
             try:
-                if not self._renew(job_id):
+                # Only a lease found taken now is reported: one whose pass ended (released)
+                # since the list above is not (review21: it was, as a lease another took).
+                if self._renewal(job_id) == "lost":
                     log.warning("job %s: its lease ran out and another worker took it; this pass stops "
                                 "before its next step", job_id)
             except Exception:  # noqa: BLE001 - the next beat tries again; the lease may run out
@@ -391,13 +398,18 @@ class DeletionCoordinator:
 
     def _renew(self, job_id: str) -> bool:
         """Renew this process's lease on ``job_id`` from now: False when it is no longer ours."""
+        return self._renewal(job_id) == "renewed"
+
+    def _renewal(self, job_id: str) -> str:
+        """``_renew``'s outcome: "renewed"; "lost" (found taken by this call); "gone" (no
+        lease held: its pass released it, or it was already found lost)."""
         with self._lease_lock:
             held = self._leases.get(job_id)
             if held is None or held == _LOST:
-                return False
+                return "gone"
             renewed = self.jobs.renew(job_id, held, time.time(), self.lease_s)
             self._leases[job_id] = _LOST if renewed is None else renewed
-            return renewed is not None
+            return "lost" if renewed is None else "renewed"
 
     def advance(self, job_id: str) -> StoredJob:
         """Call every service that is due now, in stage order, storing each outcome.

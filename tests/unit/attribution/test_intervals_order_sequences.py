@@ -336,3 +336,32 @@ def test_auto_order_flags_a_win_at_the_largest_candidate() -> None:
     sel = choose_order(_second_order_world(3000, 3), max_order=2)
     assert sel.chosen == 2 and sel.to_dict()["at_upper_bound"] is True
     assert choose_order(_second_order_world(3000, 3)).to_dict()["at_upper_bound"] is False
+
+
+# ---- the caller's deadline -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"method": "hybrid", "bootstrap": BootstrapSpec(replicates=50, seed=1)},
+    {"method": "markov", "order": "auto"},
+    {"method": "markov", "order": 2},
+])
+def test_attribution_past_the_served_rpcs_deadline_stops_with_deadline_exceeded(kwargs) -> None:
+    """Inside an RPC whose deadline has passed the work stops between steps (session 21:
+    gRPC cannot interrupt a handler, so an attribution nobody waits for ran on for
+    minutes); outside an RPC, or before the deadline, it runs as ever."""
+    from services.common import client
+    from services.common.errors import DeadlineExceeded
+
+    token = client.set_serving_deadline(-1.0)
+    try:
+        with pytest.raises(DeadlineExceeded):
+            attribute(PATHS, **kwargs)
+    finally:
+        client.reset_serving_deadline(token)
+    token = client.set_serving_deadline(60.0)
+    try:
+        assert attribute(PATHS, **kwargs).conversions.sum() > 0
+    finally:
+        client.reset_serving_deadline(token)
+    assert attribute(PATHS, **kwargs).conversions.sum() > 0

@@ -38,6 +38,7 @@ def test_defaults_resolve_per_service():
     (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
 ])
 def test_every_domain_error_has_its_status(error_type, status):
     assert errors.status_for(error_type("x", "f")) == status

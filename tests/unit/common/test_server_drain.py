@@ -234,3 +234,101 @@ def test_a_failed_peer_call_leaves_no_error_text_in_its_client_span(monkeypatch)
     exported = repr([(s.name, s.status.description, dict(s.attributes or {}),
                       [(e.name, dict(e.attributes or {})) for e in s.events]) for s in exporter.get_finished_spans()])
     assert "acc-secret-77" not in exported
+
+
+def _hung_peer_address(stack) -> str:
+    """An address that takes connections and never answers, as a SIGSTOPped peer: a
+    listening socket nobody accepts on (the kernel completes the handshake, no HTTP/2
+    settings ever come back)."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    stack.callback(sock.close)
+    return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_a_call_waiting_on_a_hung_peer_is_cancelled_and_the_stop_does_not_wait_its_grace(monkeypatch):
+    """SIGTERM while a handler waits on a peer that takes calls and never answers: the
+    drain used to wait the whole grace (here 20 s) for it. Now, after STOP_PEER_WAIT_S,
+    the peers with calls in flight are asked for their health; the hung one is abandoned,
+    its call ends UNAVAILABLE (the handler answers), later calls to it fail at once, and
+    the stop is over in a few seconds. A call to a peer that answers is left alone."""
+    import contextlib
+
+    from services.common import server as server_module
+    from services.common.client import peer_channel
+
+    monkeypatch.setattr(identity, "principal_from_metadata",
+                        lambda *_a, **_k: Principal("svc:hung-test", Role.SERVICE))
+    monkeypatch.setattr(permissions, "authorize_rpc", lambda *_a: None)
+    with contextlib.ExitStack() as stack:
+        live = _serve_one_method("hung-live", "hung.Live", lambda request, context: b"live")
+        stack.callback(lambda: live.server.stop(0))
+        hung = peer_channel(_hung_peer_address(stack), "hung-test", timeout_s=60, audience="privacy")
+        answering = peer_channel(f"127.0.0.1:{live.port}", "hung-test", timeout_s=60, audience="privacy")
+        stack.callback(hung.close)
+        stack.callback(answering.close)
+        call_hung = hung.unary_unary("/hung.Peer/Call")
+        call_live = answering.unary_unary("/hung.Live/Call")
+        entered = threading.Event()
+        seen = {}
+
+        def waits_on_the_peer(request, context):
+            assert call_live(b"x") == b"live"    # the answering peer's channel is in use too
+            entered.set()
+            try:
+                return call_hung(b"x", timeout=60)
+            except grpc.RpcError as exc:
+                seen["code"], seen["details"] = exc.code(), exc.details()
+                return b"peer gone"
+
+        running = _serve_one_method("hung-test", "hung.Up", waits_on_the_peer)
+        stack.callback(lambda: running.server.stop(0))
+        channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+        stack.callback(channel.close)
+        under_way = channel.unary_unary("/hung.Up/Call").future(b"x", timeout=60)
+        assert entered.wait(10)
+        started = time.monotonic()
+        running.stop(20)
+        took = time.monotonic() - started
+        assert took < server_module.STOP_PEER_WAIT_S + 4 * server_module.PEER_PROBE_TIMEOUT_S + 2, took
+        assert under_way.result(timeout=10) == b"peer gone"
+        assert seen["code"] == grpc.StatusCode.UNAVAILABLE and "did not answer" in seen["details"], seen
+        # Later calls to the abandoned peer fail at once; the answering one still answers.
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as later:
+            call_hung(b"x", timeout=60)
+        assert later.value.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started < 1
+        assert call_live(b"x") == b"live"
+
+
+def test_a_call_its_caller_stopped_sending_does_not_hold_the_stop_for_the_grace(slow_server):
+    """A call whose request never arrives complete (its caller froze mid-send: a
+    SIGSTOPped peer) occupies grpcio's core but never reaches a handler, so the drain does
+    not count it and the server's own stop used to wait the rest of the grace (here 20 s)
+    for it. Once no handler runs, that stop takes at most STOP_AFTER_DRAIN_S."""
+    from services.common import server as server_module
+
+    running, _call, _entered, _release = slow_server
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    never = threading.Event()
+
+    def request_that_never_comes():
+        never.wait(30)
+        yield b"x"
+
+    try:
+        # A client stream on the unary method: the call opens, its message never comes.
+        frozen = channel.stream_unary("/drain.Slow/Call").future(request_that_never_comes(), timeout=60)
+        time.sleep(0.5)    # the call has reached the server's core
+        started = time.monotonic()
+        running.stop(20)
+        took = time.monotonic() - started
+        assert took < server_module.STOP_AFTER_DRAIN_S + 2 * server_module.PEER_PROBE_TIMEOUT_S + 2, took
+        with pytest.raises(grpc.RpcError):
+            frozen.result(timeout=10)
+    finally:
+        never.set()
+        channel.close()

@@ -108,6 +108,20 @@ def test_two_credentials_at_once_are_refused(tmp_path):
     assert fail_reason(a, {"x-api-key": key, "authorization": "Bearer x.y.z"}) == "ambiguous_credentials"
 
 
+@pytest.mark.parametrize("name", ["x-api-key", "authorization"])
+def test_a_credential_header_given_twice_is_refused(tmp_path, name):
+    """The gateway reads the first value, a proxy may read the last: ambiguous (session 21)."""
+    from starlette.datastructures import Headers
+
+    path = tmp_path / "keys.json"
+    _, key = auth.add_key(path, "alice", "analyst")
+    a = Authenticator(ApiKeyStore(path))
+    first = key if name == "x-api-key" else "Bearer x.y.z"
+    headers = Headers(raw=[(name.encode(), first.encode()), (name.encode(), b"hk_bogus")])
+    assert fail_reason(a, headers) == "ambiguous_credentials"
+    assert a.authenticate(Headers(raw=[(b"x-api-key", key.encode())])).id == "alice"
+
+
 @pytest.mark.parametrize("document,field", [
     ([{"sha256": "zz", "principal": "a", "role": "admin"}], "keys[0].sha256"),
     ([{"sha256": "0" * 64, "principal": "a b", "role": "admin"}], "keys[0].principal"),

@@ -1,0 +1,187 @@
+"""Requests that cost far more than their size (session 21's attacker's review), through
+the security suite's real processes: what one caller of the lowest role that may send them
+— or one without any credentials, at a service's gRPC port — can make a service do."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+
+from gateway import auth
+from hearth.attribution.v1 import attribution_pb2 as apb
+from hearth.attribution.v1 import attribution_pb2_grpc as apb_grpc
+from services.common import identity
+from services.common.identity import Principal, Role
+from tests.helpers.mesh_calls import VouchingSigner
+from tests.helpers.waiting import wait_for
+
+from .test_input import iso
+
+ACCOUNTS = 300
+CHANNELS = 12
+
+
+@pytest.fixture(scope="module")
+def costly_accounts(security_mesh) -> list[str]:
+    """300 households with 10 touchpoints each over 12 channels and a conversion in half of
+    them: small to send (3,000 touchpoints), costly to attribute at Markov order 4 with
+    repeats kept (about 20,000 chain states) and 2,000 bootstrap replicates (each a chain
+    solve: minutes of CPU)."""
+    rng = random.Random(21)
+    accounts = [f"sec-costly-{i}" for i in range(ACCOUNTS)]
+    now = time.time()
+    touchpoints = [{"touchpoint_id": f"t{j}", "account_id": a, "device_id": "tv-1",
+                    "ts": iso(now - 86400 + j * 600), "channel": f"ch{rng.randrange(CHANNELS)}"}
+                   for a in accounts for j in range(10)]
+    conversions = [{"conversion_id": "c", "account_id": a, "ts": iso(now - 86400 + 7200), "kind": "buy",
+                    "value": 5.0} for a in accounts[::2]]
+    with security_mesh.client(Role.ADMIN) as admin:
+        for i in range(0, len(touchpoints), 1000):  # the suite's body limit is 256 KiB
+            assert admin.post("/v1/touchpoints", json={"touchpoints": touchpoints[i:i + 1000]}).status_code == 200
+        assert admin.post("/v1/conversions", json={"conversions": conversions}).status_code == 200
+    return accounts
+
+
+def _attribute_deadline_exceeded(security_mesh) -> float:
+    text = httpx.get(f"http://127.0.0.1:{security_mesh.mesh.metrics_ports['attribution']}/metrics", timeout=10).text
+    for line in text.splitlines():
+        labels = set(re.findall(r'(\w+)="([^"]*)"', line))
+        if line.startswith("hearth_rpc_requests_total{") and labels >= {
+                ("service", "attribution"), ("method", "Attribute"), ("code", "DEADLINE_EXCEEDED")}:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_attribution_stops_working_once_its_callers_deadline_has_passed(security_mesh, costly_accounts):
+    """gRPC Python cannot interrupt a handler: until session 21 an analyst's attribution
+    with 2,000 bootstrap replicates of an order-4 chain got its 504 at the gateway's 60 s
+    deadline and went on computing in an attribution worker thread for minutes (sixteen
+    such requests held every worker; the rate limit charges each one token). Now the work
+    checks its deadline between steps and stops: the RPC ends DEADLINE_EXCEEDED within
+    seconds of the deadline, not when the computation would have finished."""
+    analyst = Principal("sec-analyst", Role.ANALYST)
+    request = apb.AttributeRequest(account_ids=costly_accounts, method=apb.METHOD_HYBRID, markov_order=4,
+                                   repeats="keep", include_nulls=True, level=apb.LEVEL_HOUSEHOLD,
+                                   bootstrap_replicates=2000, bootstrap_seed=1, confidence_level=0.95,
+                                   lookback_seconds=30 * 86400)
+    metadata = [(identity.PRINCIPAL_KEY, analyst.id), (identity.ROLE_KEY, analyst.role.value),
+                (identity.TOKEN_KEY, VouchingSigner(security_mesh.mesh).sign(analyst, audience="attribution"))]
+    before = _attribute_deadline_exceeded(security_mesh)
+    with grpc.insecure_channel(f"127.0.0.1:{security_mesh.mesh.grpc_ports['attribution']}") as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            apb_grpc.AttributionServiceStub(channel).Attribute(request, metadata=metadata, timeout=3)
+    assert refused.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # Without the checks the handler ran on for minutes (about 80 s of CPU on an idle
+    # core; it would report its end only then).
+    wait_for(lambda: _attribute_deadline_exceeded(security_mesh) > before, timeout_s=30,
+             what="the attribution handler to stop after its caller's deadline")
+
+
+def test_idle_reflection_streams_without_credentials_hold_no_more_than_two_workers(security_mesh):
+    """Reflection needs no principal, and its handler is a bidirectional stream that holds
+    one of the service's worker threads while it waits for the client's next request.
+    Until session 21 an anonymous client that opened twenty reflection streams on
+    clustering's port and sent nothing held all sixteen workers: the gateway's household
+    reads waited out their 10 s deadline (504), for as long as the streams stayed open.
+    Now a process serves at most two reflection streams at once (the rest are
+    RESOURCE_EXHAUSTED at once), each cancelled after
+    ``services.common.server.REFLECTION_STREAM_S`` (10 s)."""
+    from grpc_reflection.v1alpha import reflection_pb2_grpc
+
+    release = threading.Event()
+
+    def idle():
+        release.wait(120)
+        return
+        yield  # a request iterator that never sends a request
+
+    opened = [grpc.insecure_channel(f"127.0.0.1:{security_mesh.mesh.grpc_ports['clustering']}",
+                                    options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(20)]
+    try:
+        calls = [reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(idle()) for channel in opened]
+        refused = wait_for(lambda: [c for c in calls if c.done()] if sum(c.done() for c in calls) >= 18 else None,
+                           timeout_s=30, what="all but two reflection streams to be refused")
+        assert {c.code() for c in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        with security_mesh.client(Role.DATA_SCIENTIST) as client:
+            started = time.monotonic()
+            answer = client.get("/v1/household/sec-reflection-nobody")
+        assert answer.status_code == 404, answer.text
+        assert time.monotonic() - started < 8.0
+        # The two held streams end by themselves.
+        wait_for(lambda: all(c.done() for c in calls), timeout_s=60,
+                 what="the held reflection streams to be cancelled")
+    finally:
+        release.set()
+        for channel in opened:
+            channel.close()
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds the process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_body_from_a_caller_without_the_right_is_refused_before_it_is_parsed(security_mesh):
+    """Until session 21 the gateway parsed and validated a JSON body (json.loads, the
+    duplicate-key check, the schema: ~75 ms of its event loop for the suite's 256 KiB of
+    ``{"events": [{}, {}, ...]}``, 1-3 s for 8 MiB) before it looked at the credentials,
+    so an anonymous client, whom no rate limit charges, could keep the gateway's one
+    event loop busy for everyone. Now the 401 / 403 comes first and the body is never
+    parsed: twenty anonymous and twenty analyst bodies cost the gateway a fraction of
+    the CPU twenty parsed ones do (measured as the process's own CPU time, which the
+    machine's load does not change)."""
+    n = (256 * 1024 - 64) // 3
+    body = b'{"events": [' + b",".join([b"{}"] * n) + b"]}"
+    headers = {"Content-Type": "application/json"}
+    pid = security_mesh.mesh.processes["gateway"].pid
+
+    def cost(key: str | None, status: int) -> float:
+        before = _cpu_s(pid)
+        with httpx.Client(base_url=security_mesh.url, timeout=30) as client:
+            for _ in range(20):
+                answer = client.post("/v1/events", content=body,
+                                     headers={**headers, **({"X-API-Key": key} if key else {})})
+                assert answer.status_code == status, answer.text[:200]
+        return _cpu_s(pid) - before
+
+    parsed = cost(security_mesh.role_keys[Role.SERVICE], 422)     # may ingest: parsed, then refused
+    anonymous = cost(None, 401)
+    analyst = cost(security_mesh.role_keys[Role.ANALYST], 403)
+    assert anonymous < parsed / 4 and analyst < parsed / 4, (parsed, anonymous, analyst)
+
+
+def test_a_body_over_the_senders_rate_limit_is_refused_before_it_is_parsed(security_mesh):
+    """The same for a principal over its rate limit: until session 21 each body was parsed
+    and validated before the 429, so the limit did not bound what its sender cost the
+    gateway. On a replica with the suite's tight limit (burst 3, a token every 4 s), a
+    fresh principal's bodies past its burst cost a fraction of a parsed one each."""
+    _, key = auth.add_key(security_mesh.keys_file, f"sec-costly-limited-{time.time_ns()}", "service")
+    url = security_mesh.limited_urls[0]
+    wait_for(lambda: httpx.get(url + "/v1/household/sec-costly-nobody", headers={"X-API-Key": key},
+                               timeout=10).status_code == 404, timeout_s=30, what="the new key to work")
+    n = (256 * 1024 - 64) // 3
+    body = b'{"events": [' + b",".join([b"{}"] * n) + b"]}"
+    pid = security_mesh.mesh.processes["gateway-limited-0"].pid
+    statuses = []
+    before = _cpu_s(pid)
+    with httpx.Client(base_url=url, timeout=30, headers={"X-API-Key": key, "Content-Type": "application/json"}) as client:
+        for _ in range(3):   # the burst: parsed (422: over the 10,000 events a batch may hold)
+            statuses.append(client.post("/v1/events", content=body).status_code)
+        parsed = (_cpu_s(pid) - before) / 3
+        before = _cpu_s(pid)
+        for _ in range(12):
+            statuses.append(client.post("/v1/events", content=body).status_code)
+        over = _cpu_s(pid) - before
+    assert statuses[:3] == [422] * 3, statuses
+    limited = statuses[3:].count(429)
+    assert limited >= 10 and set(statuses[3:]) <= {422, 429}, statuses
+    assert over < (12 - limited) * parsed + limited * parsed / 4, (parsed, over, statuses)
