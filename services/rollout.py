@@ -82,7 +82,10 @@ class Experiment:
         return r.json()
 
     def set_split(self, control: str, challenger: str, percent: float, reason: str) -> int:
-        traffic = {control: round(100.0 - percent, 2), challenger: percent} if percent < 100 else {challenger: 100.0}
+        # The split always names control, at 0 % for a full rollout: the experiment API
+        # refuses a split without it (422 `traffic`), so until session 21 the 100 % step of
+        # the documented `--steps 5,25,50,100` failed and the command stopped with a traceback.
+        traffic = {control: round(100.0 - percent, 2), challenger: percent}
         r = self._http.put("/v1/experiment", json={"traffic": traffic, "kill_switch": False, "reason": reason})
         r.raise_for_status()
         return r.json()["version"]

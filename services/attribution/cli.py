@@ -7,8 +7,9 @@
 
 ``register(subparsers)`` adds the subcommand to an existing argparse tree; ``main``
 runs it standalone. Output: CSV (one row per channel, largest credit first, with the
-heuristic baselines as extra columns; with ``--bootstrap N`` interval columns too) or
-the JSON of ``AttributionReport.to_dict()``; ``--plot FILE.png`` also draws the credit
+heuristic baselines as extra columns; with ``--bootstrap N`` interval columns too; the
+``--order auto`` choice and the ``--sequence`` effects on stderr) or the JSON of
+``AttributionReport.to_dict()``; ``--plot FILE.png`` also draws the credit
 with intervals per channel and method, and the transition graph (orders 1-2).
 Exit status 0 on success, 2 on bad input (message ``error: field: reason`` on stderr).
 """
@@ -147,6 +148,20 @@ def _csv_text(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def _csv_notes(details: dict[str, Any]) -> None:
+    """What the CSV's one row per channel cannot carry, on stderr: ``--order auto``'s
+    choice and each ``--sequence``'s removal effect. Until session 21 the CSV output
+    dropped both silently (only ``--format json`` had them)."""
+    chosen = details.get("order_selection")
+    if chosen:
+        print(f"order auto: chose order {chosen['chosen']} of {chosen['candidates']} by held-out log loss "
+              f"(margin {chosen['margin']:.3g} ± {chosen['margin_se']:.3g}; --format json for the details)",
+              file=sys.stderr)
+    for seq in details.get("sequences") or ():
+        print(f"sequence {seq['sequence']}: removal effect {seq['removal_effect']:.4g}, "
+              f"conversions lost {seq['conversions_lost']:.4g}, value lost {seq['value_lost']:.4g}", file=sys.stderr)
+
+
 def run_attribute(args: argparse.Namespace) -> int:
     """Handler of the ``attribute`` subcommand; returns the exit status."""
     try:
@@ -189,6 +204,8 @@ def run_attribute(args: argparse.Namespace) -> int:
         if args.format == "json"
         else _csv_text(report.rows())
     )
+    if args.format != "json":
+        _csv_notes(report.to_dict().get("details", {}))
     if args.output:
         with open(args.output, "w", encoding="utf-8") as fh:
             fh.write(text)

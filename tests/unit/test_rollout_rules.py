@@ -4,10 +4,13 @@ payloads roll back, which experiment results breach, which step lists are accept
 from __future__ import annotations
 
 import argparse
+import json
 
+import httpx
 import pytest
 
-from services.rollout import _steps, check_guards, rollback_reason
+from services.feedback.domain.variants import ExperimentFlags
+from services.rollout import Experiment, _steps, check_guards, rollback_reason
 
 
 def _alert(status="firing", action="rollback", name="HearthRollbackErrors"):
@@ -44,3 +47,22 @@ def test_bad_step_lists_are_refused(text):
 
 def test_steps_parse():
     assert _steps("5,25,50,100") == [5.0, 25.0, 50.0, 100.0]
+
+
+@pytest.mark.parametrize("percent", [5.0, 25.0, 50.0, 100.0])
+def test_every_step_of_the_default_rollout_is_a_split_the_experiment_api_accepts(percent):
+    # The body of each PUT /v1/experiment is read as the feedback service reads it
+    # (ExperimentFlags.from_split): the 100 % step sent {challenger: 100} without control
+    # and was refused with 422 until session 21.
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        flags = ExperimentFlags.from_split("model-variant", body["traffic"], control="gmm")
+        seen.append(flags.shares())
+        return httpx.Response(200, json={"version": len(seen)})
+
+    experiment = Experiment("http://gateway", "hk_test")
+    experiment._http = httpx.Client(base_url="http://gateway", transport=httpx.MockTransport(handler))
+    assert experiment.set_split("gmm", "kmeans", percent, reason="step") == 1
+    assert seen[0]["kmeans"] == percent and seen[0]["gmm"] == pytest.approx(100.0 - percent)

@@ -114,3 +114,18 @@ def test_cli_auto_order_intervals_sequences_prior_and_plot(tmp_path, capsys) -> 
             code = main(["attribute", str(f), *bad])
             assert code == 2
 
+
+
+def test_cli_csv_reports_the_chosen_order_and_the_sequences_on_stderr(tmp_path, capsys) -> None:
+    # The CSV has a row per channel only; until session 21 `--sequence` and `--order auto`
+    # printed nothing of theirs unless --format json (the README offers both with the CSV).
+    f = tmp_path / "p.csv"
+    f.write_text("path;total_conversions;total_conversion_value;total_null\n"
+                 "a > b;3;15;2\nb > c;2;8;4\na;0;0;3\nc > a > b;1;2;1\nb > a;2;6;2\n")
+    assert main(["attribute", str(f), "--order", "auto", "--sequence", "a > b", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("channel,share,conversions,revenue")
+    assert "order auto: chose order " in captured.err
+    assert "sequence a > b: removal effect " in captured.err
+    assert main(["attribute", str(f), "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
