@@ -376,14 +376,14 @@ def erase_pending(tx: Tx, doomed: Callable[[str, str], bool], account_id: str | 
     lock = " ORDER BY 1 FOR UPDATE" if dialect == "postgres" else ""   # one order: erasures never deadlock
     where, params = _chunks_of(account_id, sessions_before)
     if account_id is None:
-        legacy = tx.query("SELECT prediction_id, account_id, session_id FROM prediction_outbox" + lock)
+        legacy = tx.query("SELECT prediction_id, account_id, session_id, payload FROM prediction_outbox" + lock)
     else:
-        legacy = tx.query("SELECT prediction_id, account_id, session_id FROM prediction_outbox "
+        legacy = tx.query("SELECT prediction_id, account_id, session_id, payload FROM prediction_outbox "
                           "WHERE account_id = ?" + lock, (account_id,))
     chunks = [(chunk_id, traceparents, body) for chunk_id, accounts, traceparents, body in tx.query(
         f"SELECT chunk_id, accounts, traceparents, body FROM prediction_chunks WHERE {where}" + lock,
         params) if account_id is None or account_id in accounts.split()]   # LIKE may match more (case)
-    gone = [r[0] for r in legacy if doomed(r[1], r[2])]
+    gone = [r[0] for r in legacy if doomed(r[1], r[2]) or (about is not None and about(_legacy_prediction(r[3])))]
     tx.executemany("DELETE FROM prediction_outbox WHERE prediction_id = ?", [(p,) for p in gone])
     for chunk_id, traceparents, body in chunks:
         request = fpb.RecordPredictionRequest.FromString(bytes(body))
@@ -401,6 +401,12 @@ def erase_pending(tx: Tx, doomed: Callable[[str, str], bool], account_id: str | 
         else:
             tx.execute("DELETE FROM prediction_chunks WHERE chunk_id = ?", (chunk_id,))
     return gone
+
+
+def _legacy_prediction(payload: str) -> fpb.Prediction:
+    """A prediction_outbox row's payload as the Prediction it forwards as (for ``about``:
+    review21, the rows of before session 19 are taken by what they record too)."""
+    return to_request(_decode([payload])[0]).predictions[0]
 
 
 def _chunks_of(account_id: str | None, sessions_before: float | None) -> tuple[str, list]:
