@@ -149,23 +149,36 @@ def keyset_entry(component: str, key: Ed25519PrivateKey | Ed25519PublicKey) -> d
 
 
 def generate(directory: Path, components: tuple[str, ...] = COMPONENTS) -> dict[str, Path]:
-    """Write ``<component>.pem`` (mode 0600) per component and ``public-keys.json`` (all
-    the public keys) into ``directory``, keeping any key file already there (so a data
-    dir's keys survive restarts). Returns ``{component: private key path, "keyset": path}``."""
+    """Write ``<component>.pem`` (mode 0600) per component and ``public-keys.json`` into
+    ``directory``, keeping any key file already there (so a data dir's keys survive
+    restarts). Returns ``{component: private key path, "keyset": path}``.
+
+    The keyset never loses a key: it lists every component's key in the folder (not only
+    the ones asked for now) and keeps every entry it already listed (an earlier key kept
+    during a rotation, a key added by hand). Until session 21 ``generate DIR privacy`` on a
+    folder holding all five keys rewrote the keyset with privacy's entry alone, and a
+    ConfigMap built from it would have locked the other four components out."""
     directory.mkdir(parents=True, exist_ok=True)
+    keyset = directory / "public-keys.json"
     paths: dict[str, Path] = {}
     entries = []
-    for component in components:
+    for component in COMPONENTS:
         path = directory / f"{component}.pem"
         if path.exists():
             key = load_private_key(path)
-        else:
+        elif component in components:
             key = Ed25519PrivateKey.generate()
             path.touch(mode=0o600)
             path.write_bytes(private_pem(key))
-        paths[component] = path
+        else:
+            continue
+        if component in components:
+            paths[component] = path
         entries.append(keyset_entry(component, key))
-    keyset = directory / "public-keys.json"
+    if keyset.exists():   # a listed key that is not one of the folder's stays listed
+        listed = {entry["kid"] for entry in entries}
+        entries += [keyset_entry(key.component, key.key) for kid, key in load_keyset(keyset).items()
+                    if kid not in listed]
     text = json.dumps({"keys": entries}, indent=2) + "\n"
     if not keyset.exists() or keyset.read_text() != text:
         partial = directory / "public-keys.json.tmp"

@@ -207,6 +207,19 @@ def test_generate_keeps_existing_keys_and_writes_private_keys_0600(tmp_path):
     assert "PRIVATE" not in first["keyset"].read_text()
 
 
+def test_generating_one_components_key_keeps_every_key_the_keyset_listed(tmp_path):
+    """`generate DIR privacy` on a folder holding all five keys, after an earlier privacy
+    key was added to the keyset by hand (a rotation): every key stays listed."""
+    every = service_keys.generate(tmp_path)
+    earlier = json.loads(service_keys.generate(tmp_path / "earlier", ("privacy",))["keyset"].read_text())["keys"]
+    listed = json.loads(every["keyset"].read_text())
+    every["keyset"].write_text(json.dumps({"keys": listed["keys"] + earlier}))
+    service_keys.main(["generate", str(tmp_path), "privacy"])
+    kept = service_keys.load_keyset(every["keyset"])
+    assert {key.component for key in kept.values()} == set(service_keys.COMPONENTS)
+    assert set(kept) == {entry["kid"] for entry in listed["keys"] + earlier}
+
+
 # --- a process's signer from its settings (config.configure_process) -------------------
 
 def signer_from_env(env: dict[str, str], component: str | None = None):
