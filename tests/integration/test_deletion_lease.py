@@ -27,7 +27,7 @@ from services.common.errors import Unavailable
 from services.common.storage.sql import PostgresDatabase, SqliteDatabase
 from services.privacy.consent.store import ConsentStore
 from services.privacy.deletion.app import DeletionCoordinator
-from services.privacy.deletion.domain import JobState
+from services.privacy.deletion.domain import JobState, ServiceStatus
 from services.privacy.deletion.store import DeletionJobStore
 from services.testing.mesh import ROOT
 from tests.helpers.waiting import wait_for
@@ -280,3 +280,60 @@ def test_a_database_outage_logs_the_heartbeats_failed_renewals_once(tmp_path, ca
     assert len(tracebacks) == 1, [r.getMessage() for r in tracebacks]
     assert [r.getMessage() for r in caplog.records if "recovered" in r.getMessage()] != []
     assert all(coordinator._leases[job_id] >= now + 600.0 for job_id in ids)   # still held, not lost
+
+
+class _HangingSave(DeletionJobStore):
+    """A holder's view of the store whose save of attribution's outcome never returns
+    (a store call stuck outside the bounded Erase) until the test lets it go."""
+
+    def __init__(self, db) -> None:
+        super().__init__(db)
+        self.hanging = threading.Event()
+        self.go = threading.Event()
+
+    def save(self, stored, job, *args, **kwargs):
+        progress = job.services.get("attribution")
+        if progress is not None and progress.status is ServiceStatus.CONFIRMED:
+            self.hanging.set()
+            self.go.wait()
+        return super().save(stored, job, *args, **kwargs)
+
+
+def test_a_pass_stuck_outside_the_erase_call_loses_its_job_to_another_worker(shared_store):
+    """A pass stuck in a step outside the peer's Erase (here storing an outcome never
+    returns) is renewed by the heartbeat only for the Erase deadline plus a lease after its
+    last step: then its lease runs out and a second worker takes the job over and
+    completes it; the stuck pass, let go, stops (the job stays completed, no further Erase
+    from it). Until review21's doubt was mended the heartbeat renewed the lease of any
+    pass, progressing or not, so such a job stayed with the stuck process for good."""
+    jobs, _ = shared_store
+    lease_s, erase_timeout_s = 1.0, 1.0
+    hanging = _HangingSave(jobs.db)
+    stuck_peers, peers = _AnsweringPeers(), _AnsweringPeers()
+    first = DeletionCoordinator(hanging, stuck_peers, None, Ed25519PrivateKey.generate(), lease_s=lease_s,
+                                erase_timeout_s=erase_timeout_s)
+    second = DeletionCoordinator(jobs, peers, None, Ed25519PrivateKey.generate(), lease_s=lease_s,
+                                 erase_timeout_s=erase_timeout_s)
+    try:
+        job_id = first.request(ErasureScope("acct-s", "household"),
+                               principal=Principal("officer", Role("admin"))).job.job_id
+        assert first.run_due(wait=False) == 1
+        wait_for(hanging.hanging.is_set, timeout_s=30, what="the first pass stuck storing attribution's outcome")
+        stuck = time.monotonic()
+        wait_for(lambda: second.run_due(wait=False) == 1, timeout_s=30, interval_s=0.02,
+                 what="the stuck pass's job taken over")
+        taken_after = time.monotonic() - stuck
+        print(f"taken over {taken_after:.2f} s after the pass stuck (Erase deadline {erase_timeout_s:g} s, "
+              f"lease {lease_s:g} s)")
+        assert taken_after < erase_timeout_s + 2 * lease_s + 2.0, taken_after
+        wait_for(lambda: jobs.get(job_id).job.state is JobState.COMPLETED, timeout_s=30,
+                 what="the job completed by its new holder")
+        assert stuck_peers.calls == ["attribution"]
+        assert peers.calls == ["attribution", "clustering", "feedback"]
+        hanging.go.set()   # the stuck pass resumes: its lease is lost, it stops
+        wait_for(lambda: not first._advancing, timeout_s=30, what="the stuck pass to end")
+        assert stuck_peers.calls == ["attribution"]
+        assert jobs.get(job_id).job.state is JobState.COMPLETED
+    finally:
+        hanging.go.set()
+        first.close(), second.close()

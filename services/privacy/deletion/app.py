@@ -22,7 +22,9 @@ service, this one included:
   The holder renews its (fenced) lease on a heartbeat, every third of the lease, also
   while a peer's Erase is in flight: the lease can be short (a killed holder's job is
   taken over within ``HEARTH_DELETION_LEASE_S``) while a live holder keeps it however
-  long a peer takes (``HEARTH_DELETION_ERASE_TIMEOUT_S``).
+  long a peer takes (``HEARTH_DELETION_ERASE_TIMEOUT_S``) — but only while its pass
+  steps: a pass that has not stepped within that deadline plus a lease (stuck outside
+  the bounded Erase) is no longer renewed, and another replica takes its job over.
   Every Erase is idempotent, so repeating a call whose answer was lost is harmless;
   the repeat then reports ``already_erased`` and a count of 0 for that service
   (known limitation: the receipt counts what the *confirmed* call deleted).
@@ -165,7 +167,7 @@ class DeletionCoordinator:
 
     def __init__(self, jobs: DeletionJobStore, peers: Peers, keys: KeyService | None,
                  signing_key: Ed25519PrivateKey, *, policy: RetryPolicy = RetryPolicy(),
-                 lease_s: float = 10.0, poll_s: float = 1.0, workers: int = 4,
+                 lease_s: float = 10.0, erase_timeout_s: float = 60.0, poll_s: float = 1.0, workers: int = 4,
                  retention_days: float = 90.0, retention_check_s: float = 0.0,
                  on_local_erase: Callable[[ErasureScope], Mapping[str, Any] | None] | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
@@ -177,6 +179,10 @@ class DeletionCoordinator:
         self.public_key_pem = public_key_to_pem(signing_key.public_key())
         self.policy = policy
         self.lease_s = lease_s
+        # The longest a healthy step of a pass takes (a peer's Erase up to its deadline, then
+        # storing its outcome): the heartbeat renews a lease only while its pass stepped
+        # within this, so a pass stuck outside the bounded Erase loses its job (review21).
+        self.step_limit_s = erase_timeout_s + lease_s
         self.poll_s = poll_s
         self.retention_days = retention_days
         self.retention_check_s = retention_check_s
@@ -196,6 +202,10 @@ class DeletionCoordinator:
         # found it taken; read and written under _lease_lock, which also serialises each
         # renewal and release with the heartbeat's (a renewal replaces the token).
         self._leases: dict[str, float] = {}
+        # job -> time.monotonic() of its pass's last step (claim, renewal before a call,
+        # outcome stored), and the jobs whose pass the heartbeat found stalled (warned once).
+        self._stepped: dict[str, float] = {}
+        self._stalled: set[str] = set()
         self._lease_lock = threading.Lock()
         self._advancing_lock = threading.Lock()
         self._heartbeat_thread: threading.Thread | None = None
@@ -321,6 +331,7 @@ class DeletionCoordinator:
             if lease is not None:
                 with self._lease_lock:
                     self._leases[job_id] = lease
+                    self._stepped[job_id] = time.monotonic()
                 self._start_heartbeat()
                 try:
                     future = self._pool.submit(self._advance_claimed, job_id)
@@ -359,6 +370,8 @@ class DeletionCoordinator:
         is still ours (store.claim)."""
         with self._lease_lock:
             lease = self._leases.pop(job_id, None)
+            self._stepped.pop(job_id, None)
+            self._stalled.discard(job_id)
             if lease is not None and lease != _LOST:
                 self.jobs.release(job_id, lease)
 
@@ -385,10 +398,24 @@ class DeletionCoordinator:
     def renew_leases(self) -> None:
         """One heartbeat: renew each lease held; one found taken (the holder was paused or
         cut off from the database for longer than the lease) is marked lost, so its pass
-        stops before its next step."""
+        stops before its next step. A lease whose pass has not stepped within
+        ``step_limit_s`` (Erase deadline + lease: stuck outside the bounded call, e.g. a
+        store call that never returns) is not renewed: it runs out and another replica
+        takes the job; the pass, if it resumes, finds it lost at its next step. Until
+        review21's doubt was mended, such a pass kept its job as long as the process lived."""
+        now = time.monotonic()
         with self._lease_lock:
             held = [job_id for job_id, token in self._leases.items() if token != _LOST]
+            stalled = [job_id for job_id in held
+                       if now - self._stepped.get(job_id, now) > self.step_limit_s]
+            newly_stalled = [job_id for job_id in stalled if job_id not in self._stalled]
+            self._stalled.update(stalled)
+        for job_id in newly_stalled:
+            log.warning("job %s: its pass has not stepped for over %.0f s (Erase deadline + lease); its lease is "
+                        "no longer renewed, so another worker takes the job over", job_id, self.step_limit_s)
         for job_id in held:
+            if job_id in stalled:
+                continue
             try:
                 # Only a lease found taken now is reported: one whose pass ended (released)
                 # since the list above is not (review21: it was, as a lease another took).
@@ -401,8 +428,17 @@ class DeletionCoordinator:
                 self.renew_failures.succeeded()
 
     def _renew(self, job_id: str) -> bool:
-        """Renew this process's lease on ``job_id`` from now: False when it is no longer ours."""
+        """Renew this process's lease on ``job_id`` from now, before a step of its pass:
+        False when it is no longer ours."""
+        self._step(job_id)
         return self._renewal(job_id) == "renewed"
+
+    def _step(self, job_id: str) -> None:
+        """The pass on ``job_id`` made progress: the heartbeat renews its lease again."""
+        with self._lease_lock:
+            if job_id in self._leases:
+                self._stepped[job_id] = time.monotonic()
+                self._stalled.discard(job_id)
 
     def _renewal(self, job_id: str) -> str:
         """``_renew``'s outcome: "renewed"; "lost" (found taken by this call); "gone" (no
@@ -433,6 +469,7 @@ class DeletionCoordinator:
         if job.state is JobState.PENDING:
             job = start_job(job, self._clock())
             stored = self.jobs.save(stored, job, self._next_due(job))
+            self._step(job.job_id)
         erasures = dict(stored.erasures)
         while job.state is JobState.RUNNING and not self._stop.is_set():
             runnable = self._runnable(job)
@@ -460,6 +497,7 @@ class DeletionCoordinator:
                     job = fail_service(job, service, _describe(exc), self._clock(), self.policy,
                                        retryable=_retryable(exc))
                 stored = self.jobs.save(stored, job, self._next_due(job), erasures, receipt_json)
+                self._step(job.job_id)
                 if job.state is not JobState.RUNNING:
                     break
         if job.state is JobState.COMPLETED:
