@@ -56,7 +56,8 @@ def build_deletion(settings, db, store):
         DeletionJobStore(db), peers, keys, load_signing_key(settings.receipt_signing_key, settings.data_dir),
         policy=retry_policy(settings.deletion_retry_base_s, settings.deletion_retry_max_s,
                             settings.deletion_max_attempts),
-        lease_s=settings.deletion_lease_s, erase_timeout_s=settings.deletion_erase_timeout_s, poll_s=settings.deletion_poll_s,
+        lease_s=settings.deletion_lease_s, erase_timeout_s=settings.deletion_erase_timeout_s,
+        poll_s=settings.deletion_poll_s,
         retention_days=settings.retention_days, retention_check_s=settings.retention_check_s,
         on_local_erase=lambda scope: erase_prefix(store.cache, "" if scope.all_accounts else f"{scope.account_id}:"))
     return deletion, keys, peers
