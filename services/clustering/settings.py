@@ -5,6 +5,8 @@ variables, validated at start (a bad value names the variable).
 |---|---|---|
 | `HEARTH_SESSION_GAP_S` | 1800 | a device's events further apart than this start a new session |
 | `HEARTH_LATENESS_TOLERANCE_S` | 21600 | events this far behind their device's newest are still placed; older ones are `rejected_late` |
+| `HEARTH_RETENTION_DAYS` | 90 | read with privacy (one value for both: the chart's shared ConfigMap): while the retention purge is on, events older than now minus this are refused at ingest and counted `rejected_expired` (docs/privacy.md §7) |
+| `HEARTH_RETENTION_CHECK_S` | 3600 | read with privacy: 0 (the purge off) = no event is refused for its age |
 | `HEARTH_COLD_START` | `account` | households with < 10 sessions: `account` (one person until the first fit), `population_prior` (the prior's personas; falls back to `account` until enough households exist to learn the prior) or `heuristic` (docs/clustering.md, "Cold start": why `account` is the default) |
 | `HEARTH_POPULATION_PRIOR_REFRESH_S` | 3600 | how often the population prior is relearnt from stored households |
 | `HEARTH_CALIBRATOR_CACHE_S` | 60 | how long a calibrator fetched from feedback is applied before asking again (the assign path never waits for feedback; a recalibration shows within this) |
@@ -42,6 +44,10 @@ class ClusteringSettings(ServiceSettings):
     # feedback on a prediction not yet forwarded waits for it at the gateway,
     # HEARTH_FEEDBACK_PREDICTION_WAIT_S; keep this well below that wait).
     prediction_forward_interval_s: float = 0.2
+    # Privacy's retention settings (services/privacy/settings.py), read here too so that
+    # ingest refuses what the retention purge would erase (docs/privacy.md §7).
+    retention_days: float = 90.0
+    retention_check_s: float = 3600.0
 
     @field_validator("session_gap_s", "lateness_tolerance_s", "population_prior_refresh_s", "calibrator_cache_s",
                      "prediction_forward_interval_s")
@@ -50,6 +56,25 @@ class ClusteringSettings(ServiceSettings):
         if value <= 0:
             raise ValueError("must be > 0")
         return value
+
+    @field_validator("retention_days")
+    @classmethod
+    def _retention_positive(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError("must be > 0")
+        return value
+
+    @field_validator("retention_check_s")
+    @classmethod
+    def _non_negative(cls, value: float) -> float:
+        if not value >= 0:
+            raise ValueError("must be >= 0 (0 = off)")
+        return value
+
+    @property
+    def retention_s(self) -> float | None:
+        """The age past which ingest refuses an event; None while the purge is off."""
+        return self.retention_days * 86400.0 if self.retention_check_s > 0 else None
 
 
 def clustering_settings(settings: ServiceSettings) -> ClusteringSettings:
