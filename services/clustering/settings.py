@@ -22,10 +22,12 @@ from typing import Literal
 
 from pydantic import field_validator
 
-from services.common.config import ServiceSettings
+from services.common.config import RetentionSettings, ServiceSettings
 
 
-class ClusteringSettings(ServiceSettings):
+class ClusteringSettings(RetentionSettings):
+    # RetentionSettings: HEARTH_RETENTION_DAYS / _CHECK_S, read with privacy (ingest
+    # refuses what the retention purge would erase, docs/privacy.md §7).
     service_name: str = "clustering"
     session_gap_s: float = 1800.0
     lateness_tolerance_s: float = 6 * 3600.0
@@ -44,10 +46,6 @@ class ClusteringSettings(ServiceSettings):
     # feedback on a prediction not yet forwarded waits for it at the gateway,
     # HEARTH_FEEDBACK_PREDICTION_WAIT_S; keep this well below that wait).
     prediction_forward_interval_s: float = 0.2
-    # Privacy's retention settings (services/privacy/settings.py), read here too so that
-    # ingest refuses what the retention purge would erase (docs/privacy.md §7).
-    retention_days: float = 90.0
-    retention_check_s: float = 3600.0
 
     @field_validator("session_gap_s", "lateness_tolerance_s", "population_prior_refresh_s", "calibrator_cache_s",
                      "prediction_forward_interval_s")
@@ -56,25 +54,6 @@ class ClusteringSettings(ServiceSettings):
         if value <= 0:
             raise ValueError("must be > 0")
         return value
-
-    @field_validator("retention_days")
-    @classmethod
-    def _retention_positive(cls, value: float) -> float:
-        if not value > 0:
-            raise ValueError("must be > 0")
-        return value
-
-    @field_validator("retention_check_s")
-    @classmethod
-    def _non_negative(cls, value: float) -> float:
-        if not value >= 0:
-            raise ValueError("must be >= 0 (0 = off)")
-        return value
-
-    @property
-    def retention_s(self) -> float | None:
-        """The age past which ingest refuses an event; None while the purge is off."""
-        return self.retention_days * 86400.0 if self.retention_check_s > 0 else None
 
 
 def clustering_settings(settings: ServiceSettings) -> ClusteringSettings:
