@@ -97,6 +97,8 @@ class IngestOut(BaseModel):
     duplicates: int
     rejected_late: int
     sessions_touched: int
+    # Older than the retention window (HEARTH_RETENTION_DAYS): not stored (docs/privacy.md §7).
+    rejected_expired: int = 0
 
 
 class DeviceOut(BaseModel):

@@ -123,7 +123,8 @@ def router(clients, access) -> APIRouter:
         request = cpb.IngestEventsRequest(events=[_event_to_pb(e) for e in body.events])
         r = await clients.stream_unary("clustering", "IngestEvents", [request], who)
         return models.IngestOut(accepted=r.accepted, duplicates=r.duplicates,
-                                rejected_late=r.rejected_late, sessions_touched=r.sessions_touched)
+                                rejected_late=r.rejected_late, sessions_touched=r.sessions_touched,
+                                rejected_expired=r.rejected_expired)
 
     @api.get("/v1/household/{account_id}", response_model=models.HouseholdOut,
              responses={404: {"model": models.ErrorOut, "description": "unknown account"}},

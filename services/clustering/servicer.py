@@ -191,7 +191,8 @@ class ClusteringServicer(pb_grpc.ClusteringServiceServicer):
         result = self.app.ingest(events)
         return pb.IngestEventsResponse(accepted=result.accepted, duplicates=result.duplicates,
                                        rejected_late=result.rejected_late,
-                                       sessions_touched=result.sessions_touched)
+                                       sessions_touched=result.sessions_touched,
+                                       rejected_expired=result.rejected_expired)
 
     def GetHousehold(self, request: pb.GetHouseholdRequest, context) -> pb.GetHouseholdResponse:
         if request.max_sessions < 0 or request.max_sessions > 10_000:

@@ -48,6 +48,7 @@ class IngestResult:
     duplicates: int = 0
     rejected_late: int = 0
     sessions_touched: int = 0
+    rejected_expired: int = 0
 
 
 @dataclass(frozen=True)
@@ -159,8 +160,12 @@ def _recorded_rule(scope: ErasureScope) -> Callable[[Any], bool]:
 class ClusteringStore:
     def __init__(self, db: Database, cache: Cache | None = None, *, gap_s: float = 1800.0,
                  lateness_tolerance_s: float = 6 * 3600.0, cipher: FieldCipher | None = None,
-                 vocabulary: GenreVocabulary | None = None) -> None:
+                 vocabulary: GenreVocabulary | None = None, retention_s: float | None = None) -> None:
         self.db = db
+        # Events older than now - retention_s are refused at ingest (rejected_expired):
+        # privacy's retention purge would erase them at its next check (docs/privacy.md
+        # §7). None: no refusal (retention purge off).
+        self.retention_s = retention_s
         self.vocabulary = vocabulary or DEFAULT_VOCABULARY
         self.cache = cache or MemoryCache("clustering")
         self.gap_s = gap_s
@@ -216,6 +221,14 @@ class ClusteringStore:
     def ingest(self, events: Iterable[ViewingEvent]) -> IngestResult:
         """Store validated events and rebuild the sessions they touch, atomically."""
         by_device: dict[tuple[str, str], _DeviceBatch] = defaultdict(_DeviceBatch)
+        events = list(events)
+        expired = 0
+        if self.retention_s is not None:
+            # Refused before anything else: an expired event is not stored and moves no
+            # watermark (it would be erased by the next retention purge).
+            horizon = time.time() - self.retention_s
+            kept = [e for e in events if e.ts >= horizon]
+            expired, events = len(events) - len(kept), kept
         for e in events:
             batch = by_device[(e.account_id, e.device_id)]
             batch.events.append(e)
@@ -257,7 +270,7 @@ class ClusteringStore:
                                "VALUES (?, ?, ?, ?)", (account, device, newest.device_type, newest.ts))
                 if inserted:
                     touched += self._rebuild_sessions(tx, account, device, min(e.ts for e in on_time))
-        return IngestResult(accepted, duplicates, late, touched)
+        return IngestResult(accepted, duplicates, late, touched, rejected_expired=expired)
 
     @staticmethod
     def _new_events(tx: Tx, account: str, events: list[ViewingEvent]) -> list[ViewingEvent]:

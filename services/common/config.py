@@ -279,6 +279,34 @@ class ServiceSettings(MeshSettings):
         return self.metrics_port if self.metrics_port is not None else DEFAULT_PORTS[self.service_name][1]
 
 
+class RetentionSettings(ServiceSettings):
+    """The retention window (docs/privacy.md §7), read by privacy, whose purge erases
+    what is older, and by clustering, whose ingest refuses it (``rejected_expired``):
+    one definition, so both read the same variables alike."""
+
+    retention_days: float = 90.0
+    retention_check_s: float = 3600.0   # 0 = the purge off
+
+    @field_validator("retention_days")
+    @classmethod
+    def _retention_positive(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError("must be > 0")
+        return value
+
+    @field_validator("retention_check_s")
+    @classmethod
+    def _retention_check(cls, value: float) -> float:
+        if not value >= 0:
+            raise ValueError("must be >= 0 (0 = off)")
+        return value
+
+    @property
+    def retention_s(self) -> float | None:
+        """The age past which ingest refuses an event; None while the purge is off."""
+        return self.retention_days * 86400.0 if self.retention_check_s > 0 else None
+
+
 def load(settings_cls: type[BaseSettings] = ServiceSettings, **overrides):
     """Build settings from the environment (and overrides); exit with a clear message
     naming the variable on any invalid value or any HEARTH_* variable no component reads."""

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 from pydantic import SecretStr, field_validator
 
-from services.common.config import ServiceSettings
+from services.common.config import RetentionSettings, ServiceSettings
 
 
-class PrivacySettings(ServiceSettings):
+class PrivacySettings(RetentionSettings):
+    # RetentionSettings: HEARTH_RETENTION_DAYS / _CHECK_S (shared with clustering).
     service_name: str = "privacy"
     audit_signing_key: SecretStr = SecretStr("")
     audit_signing_key_file: str = ""
@@ -37,8 +38,6 @@ class PrivacySettings(ServiceSettings):
     receipt_signing_key: str = ""
     keks: str = ""
     active_kek: str = ""
-    retention_days: float = 90.0
-    retention_check_s: float = 3600.0
     deletion_poll_s: float = 1.0
     deletion_retry_base_s: float = 1.0
     deletion_retry_max_s: float = 300.0
@@ -46,19 +45,12 @@ class PrivacySettings(ServiceSettings):
     deletion_erase_timeout_s: float = 60.0
     deletion_lease_s: float = 10.0
 
-    @field_validator("retention_days", "deletion_poll_s", "deletion_retry_base_s", "deletion_retry_max_s",
+    @field_validator("deletion_poll_s", "deletion_retry_base_s", "deletion_retry_max_s",
                      "deletion_erase_timeout_s", "deletion_lease_s")
     @classmethod
     def _positive(cls, value: float) -> float:
         if not value > 0:
             raise ValueError("must be > 0")
-        return value
-
-    @field_validator("retention_check_s")
-    @classmethod
-    def _non_negative(cls, value: float) -> float:
-        if not value >= 0:
-            raise ValueError("must be >= 0 (0 = off)")
         return value
 
     @field_validator("deletion_max_attempts")

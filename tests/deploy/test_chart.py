@@ -737,3 +737,14 @@ def test_values_schema_accepts_the_optional_component_keys(render):
     objects = render(set_values=("services.clustering.nodeSelector.disk=ssd", "gateway.env.HEARTH_ACCESS_LOG=false",
                                  "services.feedback.autoscaling.targetMemoryUtilizationPercentage=80"))
     assert deployment_of(objects, "clustering")["spec"]["template"]["spec"]["nodeSelector"] == {"disk": "ssd"}
+
+
+def test_retention_reaches_clustering_and_privacy_alike(render):
+    """docs/privacy.md §7: clustering refuses at ingest what privacy's retention purge
+    erases, so both must read one HEARTH_RETENTION_DAYS / _CHECK_S: `config.extra` is the
+    shared ConfigMap every component reads."""
+    objects = render(set_values=("config.extra.HEARTH_RETENTION_DAYS=30",
+                                 "config.extra.HEARTH_RETENTION_CHECK_S=600"))
+    seen = {c: {k: str(v) for k, v in effective_env(deployment_of(objects, c), objects).items()
+                if k.startswith("HEARTH_RETENTION_")} for c in ("clustering", "privacy")}
+    assert seen["clustering"] == seen["privacy"] == {"HEARTH_RETENTION_DAYS": "30", "HEARTH_RETENTION_CHECK_S": "600"}

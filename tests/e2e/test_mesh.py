@@ -42,7 +42,8 @@ def test_events_come_back_as_sessions_with_one_trace(client, mesh):
     events = _events("e2e-acc-1", start, 4) + _events("e2e-acc-1", start + 5 * HOUR, 2, first=100)
     response = client.post("/v1/events", json={"events": events})
     assert response.status_code == 200, response.text
-    assert response.json() == {"accepted": 6, "duplicates": 0, "rejected_late": 0, "sessions_touched": 2}
+    assert response.json() == {"accepted": 6, "duplicates": 0, "rejected_late": 0, "sessions_touched": 2,
+                               "rejected_expired": 0}
     trace_id = response.headers["x-trace-id"]
 
     again = client.post("/v1/events", json={"events": events[:2]})

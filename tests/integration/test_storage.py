@@ -155,6 +155,30 @@ def test_ingest_builds_sessions_and_ignores_duplicates(store):
     assert view.sessions[1].features.shape == (35,)
 
 
+def test_event_older_than_retention_is_refused_as_expired_and_not_stored(database, cache):
+    """docs/privacy.md §7: an event already older than the retention window is refused at
+    ingest (the purge would erase it), counted apart, and moves no watermark; a recent
+    event of the same batch is stored."""
+    store = ClusteringStore(database, cache, gap_s=1800, lateness_tolerance_s=6 * 3600, retention_s=90 * 86400.0)
+    store.migrate()
+    now = time.time()
+    old, recent = ev(1, now - 100 * 86400, account="acc-exp"), ev(2, now - 2 * 86400, account="acc-exp")
+    result = store.ingest([old, recent])
+    assert (result.accepted, result.duplicates, result.rejected_late, result.rejected_expired) == (1, 0, 0, 1)
+    view = store.household("acc-exp")
+    assert sum(s.event_count for s in view.sessions) == 1
+    assert view.sessions[0].start_ts == recent.ts
+    assert store.ingest([old]).rejected_expired == 1                # still refused, never a duplicate
+    only_old = store.ingest([ev(3, now - 120 * 86400, account="acc-exp-2")])
+    assert (only_old.accepted, only_old.rejected_expired) == (0, 1)
+    with pytest.raises(NotFound):                                   # nothing stored: no household
+        store.household("acc-exp-2")
+    # Retention purge off (no retention_s): nothing is refused for its age.
+    keep_all = ClusteringStore(database, cache, gap_s=1800, lateness_tolerance_s=6 * 3600)
+    kept = keep_all.ingest([ev(4, now - 100 * 86400, account="acc-exp-3")])
+    assert (kept.accepted, kept.rejected_expired) == (1, 0)
+
+
 def test_late_event_within_tolerance_bridges_sessions_beyond_is_refused(store):
     store.ingest([ev(1, T0), ev(2, T0 + 3000)])                     # gap 3000 s > 1800: two sessions
     assert len(store.household("acc-1").sessions) == 2

@@ -141,3 +141,18 @@ def test_the_default_cold_start_is_one_person_and_the_benchmark_follows_it(monke
     from bench import _worlds_eval
     assert accuracy.SERVICE_COLD_START_PRIOR is _worlds_eval.SERVICE_COLD_START_PRIOR   # bench.label_feedback's too
     assert accuracy.run_worlds.__defaults__[-1] is False and accuracy.run_report_only.__defaults__[-1] is False
+
+
+def test_clustering_reads_the_retention_privacy_purges_with(monkeypatch):
+    """docs/privacy.md §7: clustering refuses at ingest what privacy's purge would erase,
+    so it reads the same two variables; the purge off (check 0) refuses nothing."""
+    for name in ("retention_days", "retention_check_s"):
+        assert name in ClusteringSettings.model_fields and name in PrivacySettings.model_fields
+    monkeypatch.setenv("HEARTH_RETENTION_DAYS", "30")
+    monkeypatch.setenv("HEARTH_RETENTION_CHECK_S", "60")
+    assert ClusteringSettings().retention_s == 30 * 86400.0
+    assert PrivacySettings().retention_days == 30
+    monkeypatch.setenv("HEARTH_RETENTION_CHECK_S", "0")
+    assert ClusteringSettings().retention_s is None
+    with pytest.raises(config.ConfigError, match="HEARTH_RETENTION_DAYS"):
+        config.load(ClusteringSettings, service_name="clustering", retention_days=0)
