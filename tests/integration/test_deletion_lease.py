@@ -204,6 +204,18 @@ def test_a_pass_whose_lease_was_taken_stops_and_leaves_the_new_holders_lease(tmp
         first.close(), second.close()
 
 
+def _holding_leases(jobs, prefix: str, n: int) -> tuple[DeletionCoordinator, list[str], float]:
+    """A coordinator (600 s leases) holding the leases of ``n`` household jobs it requested,
+    claimed at the returned time, as its passes would."""
+    coordinator = DeletionCoordinator(jobs, _HeldPeers(), None, Ed25519PrivateKey.generate(), lease_s=600.0)
+    ids = [coordinator.request(ErasureScope(f"{prefix}{i}", "household"),
+                               principal=Principal("officer", Role("admin"))).job.job_id for i in range(n)]
+    now = time.time()
+    for job_id in ids:
+        coordinator._leases[job_id] = jobs.claim(job_id, now, 600.0)
+    return coordinator, ids, now
+
+
 def test_a_pass_that_ends_during_a_heartbeat_is_not_reported_as_a_lost_lease(tmp_path, caplog):
     """The heartbeat lists the leases held, then renews them one at a time: a pass that
     ends (releases its lease) between the two is not a lease another worker took. Until
@@ -228,13 +240,8 @@ def test_a_pass_that_ends_during_a_heartbeat_is_not_reported_as_a_lost_lease(tmp
             return renewed
 
     jobs = _Racing(_store(tmp_path).db)
-    coordinator = DeletionCoordinator(jobs, _HeldPeers(), None, Ed25519PrivateKey.generate(), lease_s=600.0)
+    coordinator, ids, now = _holding_leases(jobs, "acct-h", 3)
     other = DeletionCoordinator(jobs, _HeldPeers(), None, Ed25519PrivateKey.generate(), lease_s=600.0)
-    ids = [coordinator.request(ErasureScope(f"acct-h{n}", "household"),
-                               principal=Principal("officer", Role("admin"))).job.job_id for n in range(3)]
-    now = time.time()
-    for job_id in ids:
-        coordinator._leases[job_id] = jobs.claim(job_id, now, 600.0)
     lost = ids[2]
     with jobs.db.transaction() as tx:   # its lease ran out and another worker took it
         tx.execute("UPDATE deletion_jobs SET lease_until = ? WHERE job_id = ?", (now - 1.0, lost))
@@ -264,12 +271,7 @@ def test_a_database_outage_logs_the_heartbeats_failed_renewals_once(tmp_path, ca
     import logging
 
     jobs = _CutOff(_store(tmp_path).db)
-    coordinator = DeletionCoordinator(jobs, _HeldPeers(), None, Ed25519PrivateKey.generate(), lease_s=600.0)
-    ids = [coordinator.request(ErasureScope(f"acct-o{n}", "household"),
-                               principal=Principal("officer", Role("admin"))).job.job_id for n in range(2)]
-    now = time.time()
-    for job_id in ids:
-        coordinator._leases[job_id] = jobs.claim(job_id, now, 600.0)
+    coordinator, ids, now = _holding_leases(jobs, "acct-o", 2)
     jobs.cut.set()
     with caplog.at_level(logging.WARNING, logger="hearth"):
         for _ in range(5):

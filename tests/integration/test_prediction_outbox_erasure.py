@@ -434,6 +434,14 @@ def test_an_erasure_waiting_for_a_forward_holds_nothing_of_the_household_meanwhi
         log.close()
 
 
+def _scopes_of_one_session(account: str) -> list[ErasureScope]:
+    """The window, device and person scopes that cover the tests' session of ``account``
+    on device "tv", predicted as person "p1", from 1_780_003_900 to 1_780_006_000."""
+    return [ErasureScope(account, ScopeKind.TIME_WINDOW, start=1_780_003_900.0, end=1_780_006_000.0),
+            ErasureScope(account, ScopeKind.DEVICE, device_id="tv"),
+            ErasureScope(account, ScopeKind.PERSON, person_id="p1")]
+
+
 def _erasure_waits(database) -> bool:
     """An erasure waits for a forward in flight: SQLite, at the forward gate; PostgreSQL,
     on a row lock of the outbox."""
@@ -446,11 +454,7 @@ def _erasure_waits(database) -> bool:
                              ("%prediction_chunks%FOR UPDATE",)))
 
 
-@pytest.mark.parametrize("scope", [ErasureScope("acc-m", ScopeKind.TIME_WINDOW, start=1_780_003_900.0,
-                                                end=1_780_006_000.0),
-                                   ErasureScope("acc-m", ScopeKind.DEVICE, device_id="tv"),
-                                   ErasureScope("acc-m", ScopeKind.PERSON, person_id="p1")],
-                         ids=["window", "device", "person"])
+@pytest.mark.parametrize("scope", _scopes_of_one_session("acc-m"), ids=["window", "device", "person"])
 def test_an_erasure_takes_the_prediction_of_a_session_merged_away(outbox, database, scope):
     """A late event that joins a session to the one before it (or moves its start) replaces
     its id: a prediction made about it before, still in the outbox, names an id no session
@@ -512,11 +516,7 @@ def test_an_erasure_leaves_no_copy_of_the_household_in_the_encoders_cache(outbox
     assert b"acc-c" not in cached and b"tv-c" not in cached and b"1780000150" not in cached
 
 
-@pytest.mark.parametrize("scope", [ErasureScope("acc-l", ScopeKind.TIME_WINDOW, start=1_780_003_900.0,
-                                                end=1_780_006_000.0),
-                                   ErasureScope("acc-l", ScopeKind.DEVICE, device_id="tv"),
-                                   ErasureScope("acc-l", ScopeKind.PERSON, person_id="p1")],
-                         ids=["window", "device", "person"])
+@pytest.mark.parametrize("scope", _scopes_of_one_session("acc-l"), ids=["window", "device", "person"])
 def test_a_legacy_outbox_row_is_taken_by_what_it_records_too(outbox, database, scope):
     """A row of the one-prediction-a-row table (queued before session 19, forwarded first
     after an upgrade) about a session whose id no stored session has any more (merged away
