@@ -2,8 +2,10 @@
 drift events over SQLite or PostgreSQL, with household models cached hot in Redis when
 configured.
 
-Events are the source of truth; sessions are rebuilt from them (session builder) and
-models from sessions. Every write is one transaction: an ingest either stores its
+Events are the source of truth; sessions are built from them (session builder: a batch
+that appends to a device's newest session extends its kept running state, anything else
+rebuilds the sessions it touches from their stored events — the same rows either way)
+and models from sessions. Every write is one transaction: an ingest either stores its
 events *and* the sessions they touch, or nothing.
 """
 

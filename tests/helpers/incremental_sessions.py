@@ -9,7 +9,7 @@ import json
 import random
 
 from services.clustering.domain.events import ViewingEvent
-from services.clustering.domain.sessions import build_sessions
+from services.clustering.domain.sessions import build_session_states, build_sessions
 from services.clustering.store import ClusteringStore
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
@@ -49,6 +49,14 @@ def assert_same_sessions(incremental: ClusteringStore, full: ClusteringStore, ac
     for a, b in zip(mine, theirs):
         for name, x, y in zip(names, a, b):
             assert x == y, (name, a[0], x, y)
+    assert_sessions_of_stored_events(incremental, account)
+
+
+def assert_sessions_of_stored_events(store: ClusteringStore, account: str) -> None:
+    """The store's sessions are build_sessions' of its stored events (the definition the
+    full rebuild keeps), and each device's newest session carries the running state of
+    all its events, the others none."""
+    mine = session_rows(store, account)
     newest: dict[str, tuple] = {}
     for r in mine:
         if r[2] not in newest or r[5] > newest[r[2]][5]:
@@ -56,17 +64,20 @@ def assert_same_sessions(incremental: ClusteringStore, full: ClusteringStore, ac
     for r in mine:
         if r is not newest[r[2]]:
             assert r[14] is None, r[0]
-    with incremental.db.transaction(readonly=True) as tx:
+    with store.db.transaction(readonly=True) as tx:
         stored = tx.query("SELECT event_id, account_id, device_id, device_type, ts, kind, title_id, series_id, "
                           "genres, duration_s, maturity, country, vpn, profile_hint FROM events WHERE account_id = ?",
                           (account,))
-    events = [incremental._event_from_row(r) for r in stored]
-    expected = {}
+    events = [store._event_from_row(r) for r in stored]
+    expected, states = {}, {}
     for device in {e.device_id for e in events}:
-        for s in build_sessions([e for e in events if e.device_id == device], incremental.gap_s,
-                                incremental.vocabulary):
+        mine_ = [e for e in events if e.device_id == device]
+        for s in build_sessions(mine_, store.gap_s, store.vocabulary):
             expected[s.session_id] = s
+        states[device] = build_session_states(mine_, store.gap_s, store.vocabulary)[-1].to_bytes()
     assert sorted(expected) == [r[0] for r in mine]
+    for device, r in newest.items():
+        assert r[14] in (None, states[device]), r[0]
     for r in mine:
         s = expected[r[0]]
         assert (r[3], r[4], r[5], r[6], r[7], r[8]) == (s.device_type, s.start_ts, s.end_ts, len(s.event_ids),

@@ -3,8 +3,11 @@ inactivity window form a session.
 
 Pure and deterministic: sessions are a function of the *set* of events (sorted by
 time, then event id), never of the order they arrived in, so replays, retries and
-late events give the same sessions. The store calls ``build_sessions`` on the events of
-the affected time range of a device and replaces the sessions there.
+late events give the same sessions. The store rebuilds the sessions of the affected time
+range of a device from its stored events (``build_session_states``) and replaces them
+there, or, when a batch only appends to the device's newest session, extends that
+session's kept ``SessionState`` (``extend_sessions``): both add the same events in the
+same order, so they give the same sessions to the bit.
 
 Lateness: an event older than the device's watermark (newest event time seen) minus
 the tolerance is refused by the store — by then its session may have been assigned and
@@ -82,7 +85,7 @@ class SessionState:
 
     def __init__(self, first: ViewingEvent, vocabulary: GenreVocabulary, gap_s: float) -> None:
         self.account_id, self.device_id, self.start_ts = first.account_id, first.device_id, first.ts
-        self.vocabulary, self.gap_s = vocabulary.signature, gap_s
+        self.vocabulary, self.gap_s = vocabulary.signature, float(gap_s)
         self.end_ts, self.last_event_id, self.device_type = first.ts, first.event_id, first.device_type
         self.event_count, self.watch_seconds = 0, 0.0
         self.hints: Counter = Counter()
