@@ -151,6 +151,7 @@ _STAMPS: dict[float, bytes] = {}
 _BORN: dict[tuple[int, object], float] = {}
 _cache_lock = threading.Lock()   # writes to the caches; reads take no lock
 _expiry: threading.Timer | None = None
+_expiry_due = 0.0                # when it fires (time.monotonic)
 
 
 def _string(tag: bytes, value: str) -> bytes:
@@ -200,17 +201,22 @@ def _cache(cache: dict, which: int, key, value):
             cache.clear()
         cache[key] = value
         _BORN.pop((which, key), None)
-        _BORN[(which, key)] = time.monotonic()
-        if _expiry is None:
-            _expiry = _timer(HEAD_CACHE_TTL_S)
+        now = _BORN[(which, key)] = time.monotonic()
+        if _expiry is None or _expiry_due > now + HEAD_CACHE_TTL_S:   # (the TTL was shortened)
+            if _expiry is not None:
+                _expiry.cancel()
+            _timer(HEAD_CACHE_TTL_S)
     return value
 
 
-def _timer(delay_s: float) -> threading.Timer:
-    timer = threading.Timer(max(delay_s, 0.0), _expire_heads)
-    timer.name, timer.daemon = "prediction-head-expiry", True
-    timer.start()
-    return timer
+def _timer(delay_s: float) -> None:
+    """Schedule ``_expire_heads`` in ``delay_s`` (``_cache_lock`` held)."""
+    global _expiry, _expiry_due
+    delay_s = max(delay_s, 0.0)
+    _expiry = threading.Timer(delay_s, _expire_heads)
+    _expiry.name, _expiry.daemon = "prediction-head-expiry", True
+    _expiry_due = time.monotonic() + delay_s
+    _expiry.start()
 
 
 def _expire_heads() -> None:
@@ -221,7 +227,7 @@ def _expire_heads() -> None:
         now = time.monotonic()
         for (which, key), born in list(_BORN.items()):
             if now - born < HEAD_CACHE_TTL_S:
-                _expiry = _timer(born + HEAD_CACHE_TTL_S - now)
+                _timer(born + HEAD_CACHE_TTL_S - now)
                 return
             (_HEADS, _STAMPS)[which].pop(key, None)
             del _BORN[(which, key)]
