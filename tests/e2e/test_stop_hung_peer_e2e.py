@@ -36,13 +36,27 @@ def _iso(t: float) -> str:
     return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def _in_flight(mesh, service: str) -> float:
+def _gauge(port: int, name: str, label: str, value: str) -> float:
+    """``name{label="value"}`` on the /metrics page at ``port`` (0 when unreachable)."""
     try:
-        text = httpx.get(f"http://127.0.0.1:{mesh.metrics_ports[service]}/metrics", timeout=5).text
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     except httpx.HTTPError:
         return 0.0
-    match = re.search(r'^hearth_rpc_in_flight\{service="%s"\} (\S+)$' % service, text, re.M)
+    match = re.search(r'^%s\{%s="%s"\} (\S+)$' % (name, label, value), text, re.M)
     return float(match.group(1)) if match else 0.0
+
+
+def _in_flight(mesh, service: str) -> float:
+    return _gauge(mesh.metrics_ports[service], "hearth_rpc_in_flight", "service", service)
+
+
+def _stop_timed(mesh, name: str) -> float:
+    """SIGTERM a process of the mesh; the seconds until it exited."""
+    process = mesh.processes.pop(name)
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    process.wait(60)
+    return time.monotonic() - signalled
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +82,7 @@ def test_clustering_stops_promptly_while_an_ingest_waits_on_a_frozen_privacy(hun
         # The ingest is in clustering's handler, waiting on the consent check.
         wait_for(lambda: _in_flight(mesh, "clustering") >= 1, what="clustering serving the ingest",
                  interval_s=0.05)
-        clustering = mesh.processes.pop("clustering")
-        signalled = time.monotonic()
-        clustering.send_signal(signal.SIGTERM)
-        clustering.wait(60)
-        took = time.monotonic() - signalled
+        took = _stop_timed(mesh, "clustering")
         sender.join(60)
     finally:
         os.kill(privacy.pid, signal.SIGCONT)
@@ -89,12 +99,7 @@ def test_clustering_stops_promptly_while_an_ingest_waits_on_a_frozen_privacy(hun
 
 
 def _gateway_in_flight(mesh, upstream: str) -> float:
-    try:
-        text = httpx.get(f"http://127.0.0.1:{mesh.gateway_metrics_port}/metrics", timeout=5).text
-    except httpx.HTTPError:
-        return 0.0
-    match = re.search(r'^hearth_gateway_in_flight\{upstream="%s"\} (\S+)$' % upstream, text, re.M)
-    return float(match.group(1)) if match else 0.0
+    return _gauge(mesh.gateway_metrics_port, "hearth_gateway_in_flight", "upstream", upstream)
 
 
 def test_the_gateway_stops_promptly_while_requests_wait_on_a_frozen_privacy(hung_mesh):
@@ -121,11 +126,7 @@ def test_the_gateway_stops_promptly_while_requests_wait_on_a_frozen_privacy(hung
             sender.start()
         wait_for(lambda: _gateway_in_flight(mesh, "privacy") >= 2, what="the gateway waiting on privacy",
                  interval_s=0.05)
-        gateway = mesh.processes.pop("gateway")
-        signalled = time.monotonic()
-        gateway.send_signal(signal.SIGTERM)
-        gateway.wait(60)
-        took = time.monotonic() - signalled
+        took = _stop_timed(mesh, "gateway")
         for sender in senders:
             sender.join(60)
     finally:

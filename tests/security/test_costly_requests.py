@@ -15,6 +15,7 @@ import grpc
 import httpx
 import pytest
 
+from bench.grpc_message_rss import rss_mb as _rss_mb
 from gateway import auth
 from hearth.attribution.v1 import attribution_pb2 as apb
 from hearth.attribution.v1 import attribution_pb2_grpc as apb_grpc
@@ -185,13 +186,6 @@ def test_a_body_over_the_senders_rate_limit_is_refused_before_it_is_parsed(secur
     limited = statuses[3:].count(429)
     assert limited >= 10 and set(statuses[3:]) <= {422, 429}, statuses
     assert over < (12 - limited) * parsed + limited * parsed / 4, (parsed, over, statuses)
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def _attribute_message(mib: float) -> bytes:

@@ -16,10 +16,10 @@ import pytest
 from prometheus_client import REGISTRY
 
 from hearth.clustering.v1 import clustering_pb2 as cpb
-from services.common import audit, identity, tls
-from services.common.audit import AuditSink, MemoryAuditTransport
-from services.common.identity import Principal, Role, ServiceTokenSigner
-from services.common.server import HearthInterceptor, build_server
+from services.common import identity, tls
+from services.common.identity import Principal, Role
+from services.common.server import HearthInterceptor
+from tests.helpers.interceptor import serving_clustering_methods
 
 SERVICE = "t-unread"
 METHOD = "/hearth.clustering.v1.ClusteringService/AssignSession"   # the service role's, not an analyst's
@@ -40,35 +40,16 @@ class _Counting:
 
 @pytest.fixture
 def served():
-    previous_signer = identity._signer
-    identity.configure_service_tokens(ServiceTokenSigner(b"u" * 32))
-    transport = MemoryAuditTransport()
-    sink = AuditSink(transport, component=SERVICE, max_delay_s=0)
-    previous_sink = audit.install(sink)
     deserialize = _Counting()
 
     def assign(request: cpb.AssignSessionRequest, context) -> cpb.AssignSessionResponse:
         return cpb.AssignSessionResponse(assignment=cpb.Assignment(person_id=request.account_id))
 
-    def register(server):
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            "hearth.clustering.v1.ClusteringService",
-            {"AssignSession": grpc.unary_unary_rpc_method_handler(
-                assign, request_deserializer=deserialize,
-                response_serializer=cpb.AssignSessionResponse.SerializeToString)}),))
-        return []
-
-    running = build_server(SERVICE, register, port=0)
-    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
-    try:
-        channel.address = f"127.0.0.1:{running.port}"
-        yield channel, deserialize, transport, sink
-    finally:
-        channel.close()
-        running.server.stop(0)
-        audit.install(previous_sink)
-        sink.close()
-        identity.configure_service_tokens(previous_signer)
+    with serving_clustering_methods(SERVICE, {"AssignSession": grpc.unary_unary_rpc_method_handler(
+            assign, request_deserializer=deserialize,
+            response_serializer=cpb.AssignSessionResponse.SerializeToString)}, b"u" * 32) as served:
+        served.channel.address = served.address
+        yield served.channel, deserialize, served.transport, served.sink
 
 
 def _count(code: str) -> float:
