@@ -28,7 +28,6 @@ import grpc
 from services.common import identity
 from services.common.identity import Principal, Role
 from services.testing.mesh import ROOT, running_mesh
-from tests.helpers.mesh_calls import VouchingSigner
 
 METHOD = "/hearth.attribution.v1.AttributionService/Attribute"
 
@@ -108,7 +107,7 @@ def main() -> None:
         if args.caller == "analyst":
             analyst = Principal("bench-analyst", Role.ANALYST)
             metadata = [(identity.PRINCIPAL_KEY, analyst.id), (identity.ROLE_KEY, analyst.role.value),
-                        (identity.TOKEN_KEY, VouchingSigner(mesh).sign(analyst, audience=args.service))]
+                        (identity.TOKEN_KEY, mesh.signer("gateway").sign(analyst, audience=args.service))]
         pid = mesh.processes[args.service].pid
         time.sleep(2.0)   # start-up settles
         result = measure(f"127.0.0.1:{mesh.grpc_ports[args.service]}", pid, args.calls, args.mib, metadata)
