@@ -5,33 +5,19 @@ only computing an attribution uses it, so it is imported there
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 
 from services.common.lazy_import import lazy_module
-
-ROOT = Path(__file__).resolve().parents[3]
-
-
-def _scipy_after(code: str) -> list[str]:
-    run = subprocess.run([sys.executable, "-c", code + "\nimport json, sys\nprint(json.dumps(sorted(m for m in sys.modules "
-                                                       "if m == 'scipy' or m.startswith('scipy.'))))"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+from tests.unit.clustering.test_startup_imports import _loaded_after
 
 
 def test_the_service_starts_without_scipy_and_an_attribution_imports_it():
-    assert _scipy_after("import services.attribution.__main__") == []
-    assert "scipy.sparse" in _scipy_after(
+    assert _loaded_after("import services.attribution.__main__", ("scipy",)) == []
+    assert _loaded_after(
         "from services.attribution.domain import markov\n"
         "from services.attribution.domain.paths import Paths\n"
         "paths = Paths.from_lists([['email', 'search'], ['search']], [1.0, 0.0], nulls=[0.0, 1.0])\n"
-        "print(markov.removal_effects(markov.build_chain(paths)))")
+        "print(markov.removal_effects(markov.build_chain(paths)))", ("scipy.sparse",)) == ["scipy.sparse"]
 
 
 def test_a_lazy_module_is_the_module_at_its_first_use_and_keeps_what_it_read():
