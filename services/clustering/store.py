@@ -317,7 +317,7 @@ class ClusteringStore:
                 last = None
         if last is None:
             return self._rebuild_sessions(tx, account, device, ordered[0].ts)
-        session_id = newest[0][0]
+        session_id, last_end = newest[0][0], last.end_ts
         # Whether the first event joins the newest session; if not, the full rebuild would
         # not touch it (it ends more than a gap before every new event).
         extended = not ordered[0].ts - last.end_ts > self.gap_s
@@ -327,10 +327,19 @@ class ClusteringStore:
             # The full rebuild deletes and re-inserts it: the same values, its person kept,
             # its person probabilities dropped.
             (_, _, _, device_type, _, end_ts, count, watch, version, features, label, _, unknown, state) = rows[0]
-            tx.execute("UPDATE sessions SET device_type = ?, end_ts = ?, event_count = ?, watch_seconds = ?, "
-                       "feature_version = ?, features = ?, label = ?, unknown_genres = ?, person_probs = NULL, "
-                       "state = ? WHERE session_id = ?",
-                       (device_type, end_ts, count, watch, version, features, label, unknown, state, session_id))
+            updated = tx.execute(
+                "UPDATE sessions SET device_type = ?, end_ts = ?, event_count = ?, watch_seconds = ?, "
+                "feature_version = ?, features = ?, label = ?, unknown_genres = ?, person_probs = NULL, "
+                "state = ? WHERE session_id = ? AND end_ts = ?",
+                (device_type, end_ts, count, watch, version, features, label, unknown, state, session_id,
+                 last_end))
+            if updated != 1:
+                # The row read above is gone or changed: a writer that takes no household
+                # lock (the retention purge, an Erase of every account) deleted or rebuilt
+                # it meanwhile (PostgreSQL, read committed). The full rebuild reads what it
+                # committed; extending the state read before would leave these events in
+                # no session (review22).
+                return self._rebuild_sessions(tx, account, device, ordered[0].ts)
             rows = rows[1:]
         else:
             tx.execute("UPDATE sessions SET state = NULL WHERE session_id = ?", (session_id,))

@@ -4,6 +4,7 @@ and batch split; a batch appended to a long session does not re-read it."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import tempfile
 from pathlib import Path
@@ -19,7 +20,8 @@ from services.common.erasure import ErasureScope
 from services.common.field_crypto import FieldCipher
 from services.common.storage.sql import SqliteDatabase
 from services.privacy.keys.domain import KeyRing, generate_kek
-from tests.helpers.incremental_sessions import (GAP_S, T0, FullRebuildStore, assert_same_sessions, name_persons,
+from tests.helpers.incremental_sessions import (GAP_S, T0, FullRebuildStore, assert_same_sessions,
+                                                assert_sessions_of_stored_events, name_persons,
                                                 random_event, session_rows)
 from tests.helpers.keys import ring_fetcher
 
@@ -197,3 +199,53 @@ def test_a_changed_vocabulary_or_gap_takes_the_full_rebuild(tmp_path):
         full = FullRebuildStore(full.db, gap_s=gap_s, cipher=full.cipher, vocabulary=vocabulary)
         full.ingest(events[10:])
         assert_same_sessions(after, full, ACCOUNT)
+
+
+def test_a_newest_session_replaced_under_the_batch_takes_the_full_rebuild(tmp_path):
+    """The retention purge (an Erase of account "*", privacy's, on any clustering replica)
+    takes no household lock: on PostgreSQL it can delete and rebuild a device's newest
+    session (one that started before the horizon) between an ingest's read of that
+    session's state and its UPDATE. The UPDATE then matches no row (the rebuilt session
+    starts later: another id) and, until review22, the batch's events were stored in no
+    session, for good: the next batches extended the purge's state without them. Now an
+    UPDATE that matches no row takes the full rebuild, which sees the purge's rows.
+    Simulated here in one SQLite transaction: the purge's statements run right after the
+    ingest read the newest session."""
+    rng = random.Random(5)
+    store = ClusteringStore(SqliteDatabase(tmp_path / "c.db"), gap_s=GAP_S)
+    store.migrate()
+    store.ingest([random_event(rng, ACCOUNT, i, T0 + 60.0 * i) for i in range(40)])
+    horizon = T0 + 60.0 * 20 + 1.0   # inside the one session
+    transaction = store.db.transaction
+
+    @contextlib.contextmanager
+    def purging_under_the_ingest(readonly: bool = False):
+        with transaction(readonly) as tx:
+            query = tx.query
+
+            def query_then_purge(sql, params=()):
+                rows = query(sql, params)
+                if sql.startswith("SELECT session_id, start_ts, end_ts, feature_version, state FROM sessions"):
+                    tx.query = query
+                    # What the purge's window erasure (no household lock) commits meanwhile.
+                    tx.execute("DELETE FROM events WHERE ts < ?", (horizon,))
+                    tx.execute("DELETE FROM sessions WHERE start_ts < ?", (horizon,))
+                    # Its rebuild of what remains, from the events committed before the
+                    # ingest's (it cannot see those: they are not committed yet).
+                    remaining = [store._event_from_row(r) for r in query(
+                        "SELECT event_id, account_id, device_id, device_type, ts, kind, title_id, series_id, "
+                        "genres, duration_s, maturity, country, vpn, profile_hint FROM events WHERE ts < ?",
+                        (T0 + 60.0 * 40,))]
+                    store._insert_sessions(tx, store._session_rows(
+                        build_session_states(remaining, GAP_S, store.vocabulary), {}))
+                return rows
+
+            tx.query = query_then_purge
+            yield tx
+
+    store.db.transaction = purging_under_the_ingest
+    store.ingest([random_event(rng, ACCOUNT, i, T0 + 60.0 * i) for i in (40, 41)])
+    store.db.transaction = transaction
+    assert_sessions_of_stored_events(store, ACCOUNT)
+    store.ingest([random_event(rng, ACCOUNT, 42, T0 + 60.0 * 42)])   # extends the state it left
+    assert_sessions_of_stored_events(store, ACCOUNT)
