@@ -39,7 +39,9 @@ def test_an_entry_leaves_the_cache_once_its_time_is_up_with_no_further_traffic(m
         time.sleep(0.02)
     gone = time.monotonic()
     assert b"acc-ttl-other-replica" not in _cached() and b"tv-ttl" not in _cached()
-    assert gone - written >= 0.3
+    # Not before its time, less the slack an expiry takes with it (review22: entries due
+    # within HEAD_CACHE_TTL_S / _EXPIRY_BATCHES go together, one timer for all of them).
+    assert gone - written >= 0.3 * (1 - 1 / prediction_log._EXPIRY_BATCHES)
     assert not any(key[1] == 1_780_000_300.0 for key in prediction_log._BORN)   # ts's bytes too
 
 
