@@ -258,3 +258,34 @@ def test_an_anonymous_grpc_message_is_refused_without_being_read(security_mesh):
                 (identity.TOKEN_KEY, VouchingSigner(mesh).sign(analyst, audience="attribution"))]
     assert _concurrently(address, payload, 1, metadata) == [grpc.StatusCode.INVALID_ARGUMENT]   # read, then judged
     assert _concurrently(address, _attribute_message(17), 1, metadata) == [grpc.StatusCode.RESOURCE_EXHAUSTED]
+
+
+def test_an_authorised_body_over_its_array_bound_is_refused_before_its_items_are_read(security_mesh):
+    """Until session 22 an authorised body whose array was over its bound — the service
+    role's ``{"events": [{}, {}, ...]}`` — was parsed three times (the fast lane, the
+    duplicate-key check, FastAPI) and validated twice (10,001 items each) before its 422:
+    8 MiB cost the gateway's event loop ~2.7 s. Now the array's length is checked on the
+    first parse, against the model's bound, and the same 422 (field and message) comes
+    from it. Measured against a body of the same size and shape whose big array sits
+    where no bound applies (inside an event's ``event_id``: parsed three times, as
+    before), in the gateway process's own CPU time."""
+    n = (256 * 1024 - 64) // 3
+    items = b",".join([b"{}"] * n)
+    over = b'{"events": [' + items + b"]}"
+    unbounded = b'{"events": [{"event_id": [' + items[:-3] + b"]}]}"
+    pid = security_mesh.mesh.processes["gateway"].pid
+    headers = {"Content-Type": "application/json", "X-API-Key": security_mesh.role_keys[Role.SERVICE]}
+
+    def cost(body: bytes) -> tuple[float, dict]:
+        before = _cpu_s(pid)
+        with httpx.Client(base_url=security_mesh.url, timeout=30, headers=headers) as client:
+            for _ in range(20):
+                answer = client.post("/v1/events", content=body)
+                assert answer.status_code == 422, answer.text[:200]
+        return _cpu_s(pid) - before, answer.json()
+
+    parsed, _ = cost(unbounded)
+    refused, answer = cost(over)
+    assert answer == {"error": {"code": "invalid_argument", "field": "events",
+                                "message": f"List should have at most 10000 items after validation, not {n}"}}, answer
+    assert refused < parsed * 0.6, (refused, parsed)
