@@ -3,8 +3,8 @@ a mesh of real processes, for three bodies sent by the service role:
 
 * ``over``: 8 MiB of ``{"events": [{}, {}, ...]}`` (2.8 million objects, over the 10,000
   events a batch may hold: 422 ``events``);
-* ``invalid``: 10,000 complete events each missing ``kind`` (within the bound: 422 naming
-  ``events[0].kind``);
+* ``invalid``: 10,000 (``--invalid-events``) complete events each missing ``kind`` (within
+  the bound: 422 naming ``events[0].kind``);
 * ``valid``: 20 valid events (200), with its latency.
 
     .venv/bin/python -m bench.gateway_body_bounds --rounds 5
@@ -82,11 +82,12 @@ def main() -> None:
     ap.add_argument("--baseline", type=Path, help="a second source tree, measured alternately")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--valid", type=int, default=40, help="valid requests a round")
+    ap.add_argument("--invalid-events", type=int, default=10_000, help="events of the invalid body")
     args = ap.parse_args()
     roots = {"this": ROOT} | ({"baseline": args.baseline.resolve()} if args.baseline else {})
     env = {"HEARTH_LOG_LEVEL": "WARNING", "HEARTH_RATE_LIMIT_DEFAULT": json.dumps({"per_s": 1000, "burst": 1000})}
     over = over_bound_body()
-    invalid = json.dumps({"events": events("bb-invalid", 10_000, kind=False)}).encode()
+    invalid = json.dumps({"events": events("bb-invalid", args.invalid_events, kind=False)}).encode()
     with contextlib.ExitStack() as stack:
         meshes = {}
         for name, root in roots.items():
