@@ -44,13 +44,14 @@ def over_bound_body() -> bytes:
     return b'{"events": [' + b",".join([b"{}"] * n) + b"]}"
 
 
-def events(prefix: str, n: int, kind: bool = True) -> list[dict]:
+def events(prefix: str, n: int, kind: bool = True, genres: int = 1) -> list[dict]:
     start = datetime.now(timezone.utc) - timedelta(seconds=30 * n + 3600)
     out = []
     for i in range(n):
         e = {"event_id": f"{prefix}-{i}", "account_id": f"{prefix}-acct", "device_id": "tv-1", "device_type": "tv",
              "ts": (start + timedelta(seconds=30 * i)).strftime("%Y-%m-%dT%H:%M:%SZ"), "title_id": "t1",
-             "genres": ["drama"], "duration_s": 30.0}
+             "genres": ["drama"] if genres == 1 else [f"{g:02d}-" + "g" * 45 for g in range(genres)],
+             "duration_s": 30.0}
         if kind:
             e["kind"] = "heartbeat" if i else "play_start"
         out.append(e)
@@ -83,11 +84,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--valid", type=int, default=40, help="valid requests a round")
     ap.add_argument("--invalid-events", type=int, default=10_000, help="events of the invalid body")
+    ap.add_argument("--invalid-genres", type=int, default=1, help="genres of 48 characters an invalid event holds "
+                                                                  "(12: the invalid body is ~8 MiB)")
     args = ap.parse_args()
     roots = {"this": ROOT} | ({"baseline": args.baseline.resolve()} if args.baseline else {})
     env = {"HEARTH_LOG_LEVEL": "WARNING", "HEARTH_RATE_LIMIT_DEFAULT": json.dumps({"per_s": 1000, "burst": 1000})}
     over = over_bound_body()
-    invalid = json.dumps({"events": events("bb-invalid", args.invalid_events, kind=False)}).encode()
+    invalid = json.dumps({"events": events("bb-invalid", args.invalid_events, kind=False, genres=args.invalid_genres)}).encode()
     with contextlib.ExitStack() as stack:
         meshes = {}
         for name, root in roots.items():
