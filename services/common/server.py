@@ -303,7 +303,7 @@ class HearthInterceptor(grpc.ServerInterceptor):
                     # given up, so doing the work now only delays the calls still waiting
                     # (an overload would otherwise snowball into minutes of dead work).
                     context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before the call started")
-                deadline_token = client.set_serving_deadline(remaining)
+                deadline_token = client.set_serving_deadline(remaining, context.is_active)
                 principal = identity.principal_from_metadata(
                     metadata, peer_component=tls.peer_component(context), component=service)
                 principal_token = identity.set_current(principal)
@@ -347,7 +347,7 @@ class HearthInterceptor(grpc.ServerInterceptor):
 def _stream(result: Iterable, context, span, principal, finish, code_of, method) -> Iterator:
     token = otel_context.attach(trace.set_span_in_context(span))
     p_token = identity.set_current(principal)
-    d_token = client.set_serving_deadline(context.time_remaining())
+    d_token = client.set_serving_deadline(context.time_remaining(), context.is_active)
     try:
         try:
             yield from result
