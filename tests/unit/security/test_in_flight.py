@@ -122,7 +122,8 @@ async def _request(app, key: str, gone: asyncio.Event | None = None) -> tuple[in
     async def send(message):
         sent.append(message)
 
-    await app(scope, receive, send)
+    async with asyncio.timeout(10):   # fail, never hang, when the bound is missing
+        await app(scope, receive, send)
     if not sent:
         return 0, {}, {}
     headers = {k.decode(): v.decode() for k, v in sent[0]["headers"]}
