@@ -179,18 +179,19 @@ class AttributionApp:
         # account, which households objected (docs/privacy.md, "Consent"). Every account
         # (no account_ids): the withdrawn ones are left out, before anything of theirs
         # reaches the model or the person resolver.
-        accounts = q.account_ids
+        accounts = list(q.account_ids)
         if self.consent is not None and accounts:
             if caller is None or principal_allowed(caller, Permission.READ_CONSENT):
                 self.consent.require(accounts, PURPOSES_NEEDED)
             else:
-                accounts = self.consent.consenting(accounts, PURPOSES_NEEDED)
+                # "" matches no stored account (ids are never empty): the query keeps its
+                # shape and costs what it costs for an account without data, whatever the
+                # withdrawn household holds (and the list never becomes [] = every account).
+                consenting = set(self.consent.consenting(accounts, PURPOSES_NEEDED))
+                accounts = [a if a in consenting else "" for a in accounts]
         withdrawn = (self.consent.withdrawn(PURPOSES_NEEDED)
                      if self.consent is not None and not q.account_ids else frozenset())
-        if q.account_ids and not accounts:
-            touches, conversions = [], []   # every account asked for withdrew: nothing to load
-        else:
-            touches, conversions = self.store.load(list(accounts), q.start, q.end, q.lookback_s)
+        touches, conversions = self.store.load(accounts, q.start, q.end, q.lookback_s)
         if withdrawn:
             touches = [t for t in touches if t.account_id not in withdrawn]
             conversions = [c for c in conversions if c.account_id not in withdrawn]
