@@ -204,18 +204,6 @@ class Target:
     runs: list[dict] = field(default_factory=list)
     idle_cpu: dict[str, float] = field(default_factory=dict)
 
-    def idle(self, seconds: float = 5.0) -> None:
-        """CPU milliseconds per second of every process with no traffic (background
-        threads: health checks, the prior rebuild, forwarders): what each process costs
-        whatever the load, so a low assign rate on a busy machine inflates its per-assign
-        figure by this divided by the rate."""
-        before = {n: proc_sample(pid) for n, pid in self.processes.items()}
-        time.sleep(seconds)
-        after = {n: proc_sample(pid) for n, pid in self.processes.items()}
-        self.idle_cpu = {n: round(1000 * (after[n][0] - before[n][0]) / seconds, 2)
-                         for n in self.processes if before.get(n) and after.get(n)}
-        log(f"  {self.label}: idle CPU ms/s {self.idle_cpu}")
-
     def run(self, seconds: float, concurrency: int, seed: int, work: Path, profile_dir: Path | None = None,
             profile_processes: tuple[str, ...] = (), gil: bool = False, events_per_request: int = 2,
             rate: float = 0.0) -> dict:
@@ -285,6 +273,22 @@ class Target:
                 "assigns_per_s": median(r["assigns_per_s"] for r in self.runs),
                 "errors": sum(r["errors"] for r in self.runs), "idle_cpu_ms_per_s": self.idle_cpu,
                 "threads_cpu_ms_per_assign": threads, "runs": self.runs}
+
+
+def idle_together(targets: list[Target], seconds: float) -> None:
+    """Each target's ``idle_cpu``: CPU milliseconds per second of every process with no
+    traffic (background threads: health checks, the prior rebuild, forwarders): what each
+    process costs whatever the load, so a low assign rate on a busy machine inflates its
+    per-assign figure by this divided by the rate. One window for every target: none has
+    traffic then (until session 22 each read its own ``seconds``, one after the other)."""
+    pids = {pid for t in targets for pid in t.processes.values()}
+    before = {pid: proc_sample(pid) for pid in pids}
+    time.sleep(seconds)
+    after = {pid: proc_sample(pid) for pid in pids}
+    for t in targets:
+        t.idle_cpu = {n: round(1000 * (after[pid][0] - before[pid][0]) / seconds, 2)
+                      for n, pid in t.processes.items() if before.get(pid) and after.get(pid)}
+        log(f"  {t.label}: idle CPU ms/s {t.idle_cpu}")
 
 
 class Harness:
@@ -468,8 +472,7 @@ def main(argv: list[str] | None = None) -> dict:
                 t.run(args.warmup_seconds, args.concurrency, seed, work / "runs",
                       events_per_request=args.events_per_request, rate=args.rate)
                 t.runs.clear()
-            for t in targets:
-                t.idle(args.idle_seconds)
+            idle_together(targets, args.idle_seconds)
             for r in range(args.repeats):
                 log(f"round {r + 1}/{args.repeats}")
                 for t in targets:

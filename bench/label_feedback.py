@@ -76,6 +76,9 @@ def households(split: str, first_world: int, n_worlds: int | None, n_house: int 
     generate, n_worlds = _generator(split, first_world, n_worlds)
     n_house = n_house or (4 if split == "movielens-tuning"
                           else (worlds.TUNING if split == "tuning" else worlds.REPORTING).households_per_world)
+    if split != "movielens-tuning":   # only the worlds asked for (world w is the same households either way)
+        return worlds.generate(worlds.TUNING if split == "tuning" else worlds.REPORTING, households_per_world=n_house,
+                               world_indices=range(first_world, first_world + n_worlds))
     hs = generate(n_house)
     per_family = (first_world + n_worlds) * n_house   # generate's order: family, world, household
     return [h for i, h in enumerate(hs) if i % per_family >= first_world * n_house]

@@ -221,7 +221,9 @@ def test_a_client_that_keeps_sending_during_a_household_deletion_leaves_nothing(
 
     sender = threading.Thread(target=keep_sending, daemon=True)
     sender.start()
-    time.sleep(1.0)
+    # Sending (and accepted) before the job starts; until session 22 a fixed 1 s sleep.
+    wait_for(lambda: [1 for _, path, status in sent if status == 200 and path == "/v1/conversions"],
+             what="a first round of the sender's requests accepted", interval_s=0.05)
     job = delete(client, {"kind": "household", "account_id": acct})
     completed = time.time()
     assert job["state"] == "completed", job

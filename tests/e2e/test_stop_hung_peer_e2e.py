@@ -21,7 +21,6 @@ import uuid
 
 import httpx
 
-from services.testing.mesh import running_mesh
 from tests.helpers.waiting import SLOW_MACHINE_S, wait_for
 
 RUN = uuid.uuid4().hex[:6]
@@ -43,12 +42,15 @@ def _in_flight(mesh, service: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def test_clustering_stops_promptly_while_an_ingest_waits_on_a_frozen_privacy(tmp_path):
-    with running_mesh(tmp_path, {"e2e-admin": "admin"}, timeout_s=SLOW_MACHINE_S) as mesh:
-        client = httpx.Client(base_url=mesh.url, headers={"X-API-Key": mesh.api_key}, timeout=60)
-        acct = f"e2e-stop-hung-{RUN}"
-        privacy = mesh.processes["privacy"]
-        answer: dict[str, httpx.Response] = {}
+def test_clustering_stops_promptly_while_an_ingest_waits_on_a_frozen_privacy(mesh):
+    """On the session's mesh (tests/e2e/conftest.py): privacy is resumed and clustering
+    started again whatever happens here, and the mesh is healthy before the next test."""
+    client = httpx.Client(base_url=mesh.url, headers={"X-API-Key": mesh.api_key}, timeout=60)
+    acct = f"e2e-stop-hung-{RUN}"
+    privacy = mesh.processes["privacy"]
+    answer: dict[str, httpx.Response] = {}
+    log_from = len((mesh.log_dir / "clustering.log").read_text())
+    try:
         os.kill(privacy.pid, signal.SIGSTOP)
         try:
             sender = threading.Thread(target=lambda: answer.setdefault("r", client.post("/v1/events", json={
@@ -67,7 +69,8 @@ def test_clustering_stops_promptly_while_an_ingest_waits_on_a_frozen_privacy(tmp
             sender.join(60)
         finally:
             os.kill(privacy.pid, signal.SIGCONT)
-        log = (mesh.log_dir / "clustering.log").read_text()
+        # This stop's lines only: the log file is appended to by every start of clustering.
+        log = (mesh.log_dir / "clustering.log").read_text()[log_from:]
         assert took < POD_BUDGET_AFTER_PRESTOP_S / 2, f"clustering took {took:.1f} s to exit{mesh.log_tail('clustering')}"
         assert "did not answer in" in log and "cancelling its 1 calls in flight" in log, log[-3000:]
         r = answer["r"]
@@ -75,5 +78,8 @@ def test_clustering_stops_promptly_while_an_ingest_waits_on_a_frozen_privacy(tmp
         assert r.json()["error"]["code"] == "unavailable"
         # Nothing audited is lost: the record waits in the disk outbox for the next start.
         assert "records to the disk outbox" in log
-        mesh.start_service("clustering")
+    finally:
+        client.close()
+        if "clustering" not in mesh.processes:
+            mesh.start_service("clustering")
         mesh.wait_healthy(SLOW_MACHINE_S)

@@ -4,7 +4,10 @@ service knows with each answer."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
+import pytest
 
 from bench import _confidence as C
 from bench import worlds as W
@@ -16,6 +19,25 @@ from services.clustering.domain.model import (DEVICE_CONFIDENCE_MAPS, HOUSEHOLD_
 
 def _households(n: int = 3):
     return W.generate(W.TUNING, families=("mobile_first",), worlds_per_family=1, households_per_world=n)
+
+
+@pytest.fixture(scope="module")
+def _answers_of_six():
+    """``C.household_answers(h, settled=True, daily=True)`` of ``_households(6)``, computed
+    once for the module (each took seconds, and eight tests read them)."""
+    return [C.household_answers(h, settled=True, daily=True) for h in _households(6)]
+
+
+@pytest.fixture
+def answers_of(_answers_of_six):
+    """``answers_of(n, modes)``: fresh copies of the first ``n`` households' answers with
+    the keys ``modes``: the same arrays as ``[C.household_answers(h, ...) for h in
+    _households(n)]`` (``_households(n)`` is a prefix of ``_households(6)``, and the
+    "settled" and "daily" answers are computed apart from "batch" and "stream"), so each
+    test fits on what it computed itself before, and may change its copy."""
+    def take(n: int, modes: tuple[str, ...] = ("batch", "stream", "settled")) -> list[dict]:
+        return [{k: a[k] for k in modes} for a in copy.deepcopy(_answers_of_six[:n])]
+    return take
 
 
 def test_the_raw_stream_answers_are_the_scored_streams_answers():
@@ -35,14 +57,14 @@ def test_the_raw_stream_answers_are_the_scored_streams_answers():
     assert not batch.streamed.any()
 
 
-def test_the_fit_gives_every_map_and_one_person_group_or_says_which_it_lacks():
-    answers = [C.household_answers(h, settled=True) for h in _households(3)]
+def test_the_fit_gives_every_map_and_one_person_group_or_says_which_it_lacks(answers_of):
+    answers = answers_of(3)
     try:
         out = fit_device_confidence(answers)
     except ValueError as exc:   # three households rarely have a one-person model of >= 60 streamed sessions
         assert "no answers for" in str(exc) and ("map" in str(exc) or "one-person group" in str(exc))
         # the groups it has are fitted: with one of each kind added it succeeds
-        mature = C.household_answers(_households(1)[0], settled=True)
+        mature = answers_of(1)[0]
         s = mature["stream"]
         one = s.P[:, [0]] * 0 + 0.9
         s_one = C.RawAnswers(one, np.zeros(len(one), dtype=np.int64), np.full(len(one), 100), np.zeros(len(one), np.int8),
@@ -110,10 +132,10 @@ def test_a_streams_first_fit_is_judged_with_the_young_streams_not_the_batch_fits
     assert one.all() and groups.tolist() == ["young", "fitted", "fitted", "mature"]
 
 
-def test_the_one_person_fit_follows_the_evidence():
+def test_the_one_person_fit_follows_the_evidence(answers_of):
     """One-person answers that are right for models knowing one device and often wrong
     for models knowing five: the fitted confidence falls with the devices known."""
-    answers = [C.household_answers(h) for h in _households(3)]
+    answers = answers_of(3, ("batch", "stream"))
     rng = np.random.default_rng(0)
     extra = []
     for young, streamed, age in ((True, True, 30), (False, True, 120), (False, False, 120)):
@@ -148,9 +170,9 @@ def test_the_settled_stream_answers_every_session_with_the_final_model():
     np.testing.assert_array_equal(settled, final.assign_batch(h.features, device_ids=h.device_id).person_index)
 
 
-def test_the_settled_answers_are_the_last_model_on_the_sessions_it_had_included():
+def test_the_settled_answers_are_the_last_model_on_the_sessions_it_had_included(answers_of):
     h = _households(1)[0]
-    raw = C.household_answers(h, settled=True)
+    raw = answers_of(1)[0]   # C.household_answers(h, settled=True)
     ans = raw["settled"]
     assert set(np.unique(ans.checkpoint)) == set(C.SETTLED_AT)
     end = ans.checkpoint == 1.0
@@ -183,10 +205,10 @@ def _one_person_answers(n: int = 200) -> list[dict]:
     return extra
 
 
-def test_settled_answers_fit_only_the_settled_map():
+def test_settled_answers_fit_only_the_settled_map(answers_of):
     """The batch and at-arrival maps and one-person groups are the same with or without
     the settled answers (they learn only the "settled" map); without them there is none."""
-    answers = [C.household_answers(h, settled=True) for h in _households(6)]
+    answers = answers_of(6)
     with_settled = fit_device_confidence(answers + _one_person_answers())
     without = fit_device_confidence([{k: a[k] for k in ("batch", "stream")} for a in answers] + _one_person_answers())
     assert set(with_settled["device_confidence_maps"]) == set(DEVICE_CONFIDENCE_MAPS)
@@ -290,10 +312,10 @@ def test_chosen_worlds_are_the_same_households_as_a_prefix_run():
         np.testing.assert_array_equal(h.features, by_id[h.household_id].features)
 
 
-def test_household_weights_reach_only_the_maps_they_are_meant_for():
+def test_household_weights_reach_only_the_maps_they_are_meant_for(answers_of):
     """Weights per household (e.g. each household counting the same) move the maps named
     in ``weighted`` and leave the others as the unweighted fit has them."""
-    answers = [C.household_answers(h, settled=True) for h in _households(6)] + _one_person_answers()
+    answers = answers_of(6) + _one_person_answers()
     plain = fit_device_confidence(answers)
     weights = [1.0 / a["batch"].P.shape[0] for a in answers]
     settled_only = fit_device_confidence(answers, weights=weights, weighted=("settled",))
@@ -319,13 +341,13 @@ def test_daily_arrivals_end_at_each_midnight_after_a_session_started():
     assert len(ends) == np.unique(np.floor(h.start_ts / DAY_S)).size
 
 
-def test_daily_answers_are_the_streams_on_the_daily_arrivals_and_say_what_was_folded_in():
+def test_daily_answers_are_the_streams_on_the_daily_arrivals_and_say_what_was_folded_in(answers_of):
     """The "daily" answers are ServiceStream's on the daily arrivals (same person per
     session), and ``included`` marks the arrivals whose refresh included them (a full
     fit's: the first one, a refit), as the keeper records them."""
     from bench._worlds_eval import daily_ends
     h = _households(1)[0]
-    daily = C.household_answers(h, daily=True)["daily"]
+    daily = answers_of(1, ("daily",))[0]["daily"]   # C.household_answers(h, daily=True)["daily"]
     ends = daily_ends(h.start_ts)
     labels, included = [], []
     s = ServiceStream(h)
@@ -341,10 +363,10 @@ def test_daily_answers_are_the_streams_on_the_daily_arrivals_and_say_what_was_fo
     assert len(np.unique(daily.age)) <= len(ends) < h.n_sessions
 
 
-def test_the_fit_reads_the_daily_answers_in_the_at_arrival_maps_only():
+def test_the_fit_reads_the_daily_answers_in_the_at_arrival_maps_only(answers_of):
     """Daily answers add to the at-arrival maps' and one-person groups' answers; the
     "settled" map keeps the settled answers alone."""
-    answers = [C.household_answers(h, settled=True, daily=True) for h in _households(6)] + _one_person_answers()
+    answers = answers_of(6, ("batch", "stream", "settled", "daily")) + _one_person_answers()
     without = fit_device_confidence([{k: v for k, v in a.items() if k != "daily"} for a in answers])
     both = fit_device_confidence(answers)
     assert both["answers"]["young"] > without["answers"]["young"]
@@ -353,11 +375,11 @@ def test_the_fit_reads_the_daily_answers_in_the_at_arrival_maps_only():
     assert both["device_confidence_maps"]["young"] != without["device_confidence_maps"]["young"]
 
 
-def test_held_out_scores_fit_the_extra_households_in_every_fold_and_score_only_the_held_out():
+def test_held_out_scores_fit_the_extra_households_in_every_fold_and_score_only_the_held_out(answers_of):
     """score_held_out's ``extra`` (the real viewers' households beside the synthetic ones):
     fitted on in every fold with their weight, never scored."""
     from bench.accuracy import one_person_answers, score_held_out
-    answers = [C.household_answers(h, settled=True) for h in _households(6)]
+    answers = answers_of(6)
     extra = _one_person_answers()
     folds = ["a", "a", "a", "b", "b", "b"]
     light = score_held_out(folds, answers, "t", ["f"] * 6, extra=(extra, [1.0] * len(extra)))
@@ -370,11 +392,11 @@ def test_held_out_scores_fit_the_extra_households_in_every_fold_and_score_only_t
     assert any(light[m]["ece"] != heavy[m]["ece"] for m in light)
 
 
-def test_the_fit_learns_how_often_answers_about_unknown_devices_are_right_and_keeps_them_out_of_the_maps():
+def test_the_fit_learns_how_often_answers_about_unknown_devices_are_right_and_keeps_them_out_of_the_maps(answers_of):
     """Answers about a session on a device the model did not know go to
     new_device_confidence (a smoothed share right, per one- or several-person answer,
     weighted by household) and nowhere else."""
-    answers = [C.household_answers(h, settled=True) for h in _households(6)] + _one_person_answers()
+    answers = answers_of(6) + _one_person_answers()
     n = len(answers)
 
     def copy(ans):

@@ -372,6 +372,8 @@ def test_labels_that_add_a_person_do_not_make_the_other_sessions_worse():
     for h, fed in zip(hs, E.feedback_draws(hs, 3)):
         m0 = None
         for f in fed:
+            if len(set(h.person[f])) <= 1:
+                continue        # labels of one person name no more persons than any fit has (unfitted)
             m0 = m0 or HouseholdModel().fit(h.features, device_ids=h.device_id)
             if len(set(h.person[f])) <= m0.n_persons:
                 continue        # the labels only name the fit's persons: answers unchanged
