@@ -16,6 +16,7 @@ from gateway import auth
 from gateway.app import create_app
 from gateway.config import GatewaySettings
 from gateway.ratelimit import IN_FLIGHT_REFUSED, InFlightLimits, TooManyInFlight, in_flight_table
+from gateway.transport import replaying_receive
 from hearth.attribution.v1 import attribution_pb2 as apb
 from services.common import client
 from services.common.errors import DeadlineExceeded
@@ -107,15 +108,12 @@ async def _request(app, key: str, gone: asyncio.Event | None = None) -> tuple[in
              "scheme": "http", "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8080),
              "headers": [(b"x-api-key", key.encode()), (b"content-type", b"application/json"),
                          (b"content-length", str(len(body)).encode())]}
-    received = False
 
-    async def receive():
-        nonlocal received
-        if not received:
-            received = True
-            return {"type": "http.request", "body": body, "more_body": False}
+    async def disconnect():   # after the body: only when the client goes away
         await (gone or asyncio.Event()).wait()
         return {"type": "http.disconnect"}
+
+    receive = replaying_receive(body, False, disconnect)
 
     sent = []
 
