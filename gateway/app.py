@@ -77,14 +77,18 @@ class CredentialsBeforeBody:
         self.authenticator = authenticator
         self.limiter = limiter
 
+        # The GET routes with an in-flight bound (only those are handled here among GETs:
+        # the hot household reads skip the look-up).
+        self._bounded_gets = [(p, r) for p, r in routes if "GET" in getattr(r, "methods", ())
+                              and limiter.in_flight.limit_for(f"GET {r.path}") is not None]
+
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH", "GET"):
             path = scope["path"]
-            for pattern, route in self.routes:
+            for pattern, route in (self._bounded_gets if scope["method"] == "GET" else self.routes):
                 if pattern.match(path):
                     key = f"{scope['method']} {route.path}"
-                    if key in self.protected and (scope["method"] != "GET"
-                                                  or self.limiter.in_flight.limit_for(key) is not None):
+                    if key in self.protected:
                         try:
                             who = self.authenticator.authenticate(Headers(scope=scope), key)
                             authorize_route(who, key)

@@ -101,13 +101,16 @@ def gateway(tmp_path):
     return app, upstream, alice, bob
 
 
-async def _request(app, key: str, gone: asyncio.Event | None = None) -> tuple[int, dict, dict]:
-    body = json.dumps({"method": "linear"}).encode()
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-             "path": "/v1/attribution", "raw_path": b"/v1/attribution", "query_string": b"", "root_path": "",
+async def _request(app, key: str, gone: asyncio.Event | None = None,
+                   path: str = "/v1/attribution") -> tuple[int, dict, dict]:
+    body = json.dumps({"method": "linear"}).encode() if path == "/v1/attribution" else b""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST" if body else "GET",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
              "scheme": "http", "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8080),
-             "headers": [(b"x-api-key", key.encode()), (b"content-type", b"application/json"),
-                         (b"content-length", str(len(body)).encode())]}
+             "headers": [(b"x-api-key", key.encode())] + ([(b"content-type", b"application/json"),
+                                                          (b"content-length", str(len(body)).encode())]
+                                                         if body else [])}
 
     async def disconnect():   # after the body: only when the client goes away
         await (gone or asyncio.Event()).wait()
@@ -204,5 +207,31 @@ def test_a_client_that_disconnects_has_its_request_cancelled_and_the_slot_back(g
         assert upstream.cancelled == 1                # the gRPC call was cancelled, not left to run
         upstream.release.set()
         assert (await _request(app, alice))[0] == 200
+
+    asyncio.run(run())
+
+
+def test_a_bounded_get_route_is_held_and_refused_the_same_way(tmp_path):
+    """GET routes of the table (the household export here) take their slot in
+    CredentialsBeforeBody too, from the headers."""
+    keys = tmp_path / "keys.json"
+    officer = auth.add_key(keys, "olga", "privacy_officer")[1]
+    app = create_app(GatewaySettings(api_keys_file=keys, data_dir=tmp_path, access_log=False,
+                                     in_flight_limits={"GET /v1/household/{account_id}/export": 1}))
+    upstream = Upstream()
+    upstream.error = grpc.aio.AioRpcError(grpc.StatusCode.NOT_FOUND, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                          "no such household")
+    app.state.clients.call = upstream.call
+    path = "/v1/household/h1/export"
+
+    async def run():
+        first = asyncio.ensure_future(_request(app, officer, path=path))
+        await _until(lambda: upstream.started == 1)
+        status, _, body = await _request(app, officer, path=path)
+        assert status == 429 and body["error"]["code"] == "too_many_in_flight"
+        assert "GET /v1/household/{account_id}/export" in body["error"]["message"]
+        assert (await _request(app, "hk_wrong", path=path))[0] == 401    # credentials first, as before
+        upstream.release.set()
+        assert (await first)[0] == 404 and (await _request(app, officer, path=path))[0] == 404
 
     asyncio.run(run())
