@@ -101,11 +101,19 @@ class CredentialsBeforeBody:
                             return
                         scope[_CHECKED] = (key, who)
                         if release is not None:
+                            async def send_freeing(message) -> None:
+                                # Free the slot as the answer completes, before the client can
+                                # see it: its next request on a keep-alive connection is handled
+                                # while this one's task is still unwinding, and got a 429.
+                                if message["type"] == "http.response.body" and not message.get("more_body", False):
+                                    release()
+                                await send(message)
+
                             try:
                                 if key in READ_ONLY_COSTLY:
-                                    await run_until_disconnect(self.app, scope, receive, send)
+                                    await run_until_disconnect(self.app, scope, receive, send_freeing)
                                 else:   # a write is never cut half way: its slot waits for its end
-                                    await self.app(scope, receive, send)
+                                    await self.app(scope, receive, send_freeing)
                             finally:
                                 release()
                             return

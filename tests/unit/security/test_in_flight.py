@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from gateway import auth
 from gateway.app import create_app
 from gateway.config import GatewaySettings
-from gateway.ratelimit import IN_FLIGHT_REFUSED, InFlightLimits, TooManyInFlight, in_flight_table
+from gateway.ratelimit import IN_FLIGHT_HELD, IN_FLIGHT_REFUSED, InFlightLimits, TooManyInFlight, in_flight_table
 from gateway.transport import replaying_receive
 from hearth.attribution.v1 import attribution_pb2 as apb
 from services.common import client
@@ -23,6 +23,7 @@ from services.common.errors import DeadlineExceeded
 from services.common.identity import Principal, Role
 
 ROUTE = "POST /v1/attribution"
+HELD_AT_ANSWER: list[float] = []   # slots of ROUTE held (all principals) as each answer completed
 ALICE = Principal("alice", Role.ANALYST)
 
 
@@ -121,6 +122,8 @@ async def _request(app, key: str, gone: asyncio.Event | None = None,
     sent = []
 
     async def send(message):
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            HELD_AT_ANSWER.append(IN_FLIGHT_HELD.labels(ROUTE)._value.get())
         sent.append(message)
 
     async with asyncio.timeout(10):   # fail, never hang, when the bound is missing
@@ -154,7 +157,12 @@ def test_over_the_limit_is_a_429_naming_it_and_the_slot_comes_back_with_the_answ
         await _until(lambda: upstream.started == 2)
         upstream.release.set()
         assert (await first)[0] == 200 and (await other)[0] == 200
+        held = IN_FLIGHT_HELD.labels(ROUTE)._value.get()
+        HELD_AT_ANSWER.clear()
         assert (await _request(app, alice))[0] == 200     # the slot came back
+        # ... and was free again before the answer reached the client: its next request on
+        # a keep-alive connection may be handled while this one's task still unwinds.
+        assert HELD_AT_ANSWER == [held]
 
     asyncio.run(run())
 
