@@ -6,7 +6,7 @@ older commit's mesh or gateway, in one run (issue #11: where an assign's CPU goe
                                [--floor] [--baseline REF]
                                [--baseline-gateway REF] [--candidate-env K=V,...] [--profile DIR]
                                [--profile-processes clustering,privacy,gateway] [--gil]
-                               [--mix OP=W,...] [--events-per-request N] [--rate R]
+                               [--mix OP=W,...] [--events-per-request N] [--stream-events] [--rate R]
     python -m bench.assign_cpu --top FILE
 
 The one harness behind `make bench-assign-cpu` and `make bench-gateway` (bench/gateway.py
@@ -36,11 +36,16 @@ one request costs does not). The targets:
 targets (the floor keeps its assign): ``--mix events=1 --events-per-request 50`` measures
 event ingest (``POST /v1/events`` of 50 new heartbeat events on one of a seeded household's
 devices, through the gateway to clustering's store); every "per assign" figure is then per
-request, and ``cpu_us_per_event`` divides each process's by ``--events-per-request``. Ingest
-costs more as a device's open session grows (each batch rebuilds the sessions it touches from
-their stored events), so a faster target would post more and pay more per event in a closed
-loop: ``--rate R`` sends R requests a second to every Hearth target instead (open loop), the
-same events in each.
+request, and ``cpu_us_per_event`` divides each process's by ``--events-per-request``. Each
+batch's events cover the last 30 s * N, so a device's batches overlap (each holds events
+older than the device's previous batch's last: late events), and each batch rebuilds the
+sessions it touches from their stored events: ingest costs more as a device's open session
+grows, so a faster target would post more and pay more per event in a closed loop —
+``--rate R`` sends R requests a second to every Hearth target instead (open loop), the same
+events in each. ``--stream-events`` sends each device's batches as a client streams them,
+every event after the device's previous one (spread over the time since it, millisecond
+timestamps), which the store (since session 22) adds to the newest session's kept running
+state instead (docs/clustering.md "Incremental sessions").
 
 Per run it also splits the CPU of the gateway, clustering and privacy by thread (Python
 thread names from ``py-spy dump``), and reads each process's idle CPU before the rounds.
@@ -203,6 +208,7 @@ class Target:
     mix: dict = field(default_factory=lambda: dict(ASSIGN_ONLY))
     runs: list[dict] = field(default_factory=list)
     idle_cpu: dict[str, float] = field(default_factory=dict)
+    stream_events: bool = False          # --stream-events
 
     def run(self, seconds: float, concurrency: int, seed: int, work: Path, profile_dir: Path | None = None,
             profile_processes: tuple[str, ...] = (), gil: bool = False, events_per_request: int = 2,
@@ -211,7 +217,7 @@ class Target:
                 "seed": seed, "timeout_s": 10.0, "max_connections": 512, "mix": self.mix,
                 "mode": "open" if rate and self.label != "floor" else "closed", "rate": rate,
                 "concurrency": concurrency, "duration_s": seconds, "events_per_request": events_per_request,
-                "event_prefix": f"lg{seed}"}
+                "event_prefix": f"lg{seed}", "stream_events": self.stream_events}
         work.mkdir(parents=True, exist_ok=True)
         spec_path, out_path = work / f"{seed:03d}-spec.json", work / f"{seed:03d}-result.json"
         spec_path.write_text(json.dumps(spec))
@@ -369,14 +375,16 @@ class Harness:
             seeded = list(pool.map(lambda s: self.seed(s[1], s[2], s[0]), started))
         for (label, mesh, api_key), households in zip(started, seeded):
             pids = {name: p.pid for name, p in mesh.processes.items()}
-            self.targets.append(Target(label, mesh.url, api_key, households, pids, mix=dict(self.mix)))
+            self.targets.append(Target(label, mesh.url, api_key, households, pids, mix=dict(self.mix),
+                                       stream_events=self.args.stream_events))
         if a.baseline_gateway:
             cand = self.targets[-1]
             mesh = self.meshes[-1]
             url = self.start_old_gateway(a.baseline_gateway, mesh)
             services = {n: pid for n, pid in cand.processes.items() if n in SERVICE_MODULES}
             self.targets.insert(-1, Target("gateway-baseline", url, cand.api_key, cand.households,
-                                           {"gateway": self.others[-1].pid, **services}, mix=dict(self.mix)))
+                                           {"gateway": self.others[-1].pid, **services}, mix=dict(self.mix),
+                                           stream_events=self.args.stream_events))
         if floor is not None:
             self.targets.insert(0, floor)
 
@@ -393,7 +401,8 @@ def report(args: argparse.Namespace, targets: list[Target], profiles: dict, load
                        "load_average_after": round(os.getloadavg()[0], 2)},
            "households": args.households, "seconds": args.seconds, "repeats": args.repeats,
            "concurrency": args.concurrency, "mix": parse_mix(args.mix) if args.mix else dict(ASSIGN_ONLY),
-           "events_per_request": args.events_per_request, "rate": args.rate or None, "baseline_ref": args.baseline or None,
+           "events_per_request": args.events_per_request, "stream_events": args.stream_events,
+           "rate": args.rate or None, "baseline_ref": args.baseline or None,
            "baseline_gateway_ref": args.baseline_gateway or None, "candidate_env": parse_env(args.candidate_env),
            "targets": summaries, "candidate": summaries["candidate"], "profiles": profiles,
            "wall_s": round(wall_s, 1)}
@@ -440,6 +449,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mix", default="", help="OP=W,... of bench/loadgen.py's operations instead of the assign "
                                              "mix (e.g. events=1: event ingest)")
     p.add_argument("--events-per-request", type=int, default=2, help="events a POST /v1/events carries")
+    p.add_argument("--stream-events", action="store_true",
+                   help="with --mix events: each device's batches continue its stream (every event after its "
+                        "previous one, as a client sends them); without it each batch covers the last 30 s * N, "
+                        "overlapping the device's previous batch (late events)")
     p.add_argument("--rate", type=float, default=0.0,
                    help="requests a second to each Hearth target, open loop (0: closed loop, --concurrency)")
     p.add_argument("--profile", type=Path, default=None, help="py-spy the targets into this directory")

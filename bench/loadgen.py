@@ -18,7 +18,7 @@ The request mix (``mix``: operation -> weight) is drawn from a seeded generator 
 seeded households in the spec. Operations: ``assign_session``, ``assign_vector``,
 ``household``, ``events`` (``events_per_request`` new events, 2 unless the spec says,
 with fresh ids; the ids of every acknowledged batch are written out so the caller can read
-them back), ``attribution``, ``delete``
+them back; ``stream_events``: each device's batches in time order, as a client streams them), ``attribution``, ``delete``
 (a household erasure of one of the spec's ``victims``, each used once; when they run
 out a household read is sent instead). ``floor_assign`` is the floor's assign (no key).
 """
@@ -43,6 +43,11 @@ def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
+def _iso_ms(ts: float) -> str:
+    whole = int(ts)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{round((ts - whole) * 1000):03d}Z"
+
+
 class Traffic:
     """Builds the i-th request of the mix: (op, method, path, json body, ack key)."""
 
@@ -55,6 +60,11 @@ class Traffic:
         self.ops, self.weights = list(ops), list(weights)
         self.prefix = spec.get("event_prefix", "lg")
         self.events_per_request = int(spec.get("events_per_request", 2))
+        # ``stream_events``: each device's batches continue its stream (every event after
+        # the device's previous one, as a client sends them) instead of each batch
+        # covering the last 30 s * N (which overlaps the device's previous batch).
+        self.stream_events = bool(spec.get("stream_events"))
+        self.device_last: dict[tuple[str, str], float] = {}
         self.counter = 0
 
     def next(self) -> tuple[str, str, str, dict | None]:
@@ -85,8 +95,16 @@ class Traffic:
             now = time.time()
             genres = self.rng.choice(EVENT_GENRES)
             n = self.events_per_request   # 30 s apart, the last 30 s ago
+            stamps = [_iso(now - 30 * (n - k)) for k in range(n)]
+            if self.stream_events:   # evenly after the device's last event (or the last second), to now
+                last = self.device_last.get((account, device_id), now - 1.0)
+                times = [last + (now - last) * (k + 1) / n for k in range(n)]
+                for k in range(n):   # whole milliseconds, strictly increasing
+                    times[k] = max(round(times[k], 3), round((times[k - 1] if k else last) + 0.001, 3))
+                self.device_last[(account, device_id)] = times[-1]
+                stamps = [_iso_ms(t) for t in times]
             events = [{"event_id": f"{self.prefix}-{self.counter}-{k}", "account_id": account,
-                       "device_id": device_id, "device_type": device_type, "ts": _iso(now - 30 * (n - k)),
+                       "device_id": device_id, "device_type": device_type, "ts": stamps[k],
                        "kind": "heartbeat", "title_id": f"t-{self.rng.randrange(500)}",
                        "genres": list(genres), "duration_s": 300.0, "maturity": "adult"} for k in range(n)]
             return op, "POST", "/v1/events", {"events": events}

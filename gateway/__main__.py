@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import socket
 
 import uvicorn
@@ -10,6 +12,9 @@ from gateway.app import create_app
 from gateway.transport import DEFAULT_HEAD_TIMEOUT_S, DEFAULT_MAX_HEADER_BYTES, bounded_httptools
 from gateway.config import GatewaySettings
 from services.common import config, telemetry
+from services.common.server import PEER_PROBE_TIMEOUT_S, STOP_PEER_WAIT_S
+
+log = logging.getLogger("hearth.gateway")
 
 
 def uvicorn_options(log_level: str, grace_seconds: float = 10.0,
@@ -30,6 +35,41 @@ def uvicorn_options(log_level: str, grace_seconds: float = 10.0,
             "log_config": None}
 
 
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server, whose stop also looks after requests waiting on a backend that no
+    longer answers. On SIGTERM uvicorn waits for the requests in flight (up to
+    HEARTH_GRACE_SECONDS), then cancels them — a 500 with a traceback each — and runs the
+    app's shutdown. With a backend frozen (SIGSTOP, a partition) that meant: requests to a
+    frozen attribution (60 s deadline) held the stop the whole grace and got 500s, and a
+    frozen privacy held it for the requests' 10 s deadline plus the audit sink's flush and
+    join (3 s each): 14.6 s measured, up to ~16 s, past the 15 s a pod has after its
+    preStop. Now, every ``STOP_PEER_WAIT_S`` while requests are still in flight, the
+    services they wait on are asked for their health (``PEER_PROBE_TIMEOUT_S``) and the
+    calls to one that does not answer are cancelled: their requests get 503 with
+    Retry-After (``ServiceClients.abandon_hung``), as a service's stop does with a hung
+    peer (``services.common.server.RunningServer.stop``)."""
+
+    def __init__(self, config: uvicorn.Config, clients) -> None:
+        super().__init__(config)
+        self._clients = clients
+
+    async def shutdown(self, sockets=None) -> None:
+        watcher = asyncio.create_task(self._abandon_hung_services())
+        try:
+            await super().shutdown(sockets)
+        finally:
+            watcher.cancel()
+
+    async def _abandon_hung_services(self) -> None:
+        while True:
+            await asyncio.sleep(STOP_PEER_WAIT_S)
+            try:
+                await self._clients.abandon_hung(PEER_PROBE_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - the channels closed under it: nothing left to do
+                log.debug("abandoning hung services stopped", exc_info=True)
+                return
+
+
 def main() -> None:
     settings = config.load(GatewaySettings)   # exits naming a bad or unknown HEARTH_* variable
     config.configure_process(settings, "gateway")   # service tokens, mutual TLS, log pseudonyms
@@ -45,15 +85,16 @@ def main() -> None:
             raise SystemExit(f"invalid configuration:\n  {name}: no such file {path}")
     options = uvicorn_options(settings.log_level, settings.grace_seconds, settings.max_header_bytes,
                               settings.head_timeout_s)
+    app = create_app(settings)
+    server = GatewayServer(uvicorn.Config(app, host=settings.host, port=settings.gateway_port, **options, **tls),
+                           app.state.clients)
     if not settings.edge_authorizer_port:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.gateway_port, **options, **tls)
-        return
-    # The Envoy edge's authorizer on a listener of its own (gateway/routes/edge.py): one
-    # server, one app and event loop, two sockets; the app tells them apart by port.
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=settings.host,
-                                           port=settings.gateway_port, **options, **tls))
-    server.run(sockets=[listening_socket(settings.host, settings.gateway_port),
-                        listening_socket(settings.host, settings.edge_authorizer_port)])
+        server.run()
+    else:
+        # The Envoy edge's authorizer on a listener of its own (gateway/routes/edge.py): one
+        # server, one app and event loop, two sockets; the app tells them apart by port.
+        server.run(sockets=[listening_socket(settings.host, settings.gateway_port),
+                            listening_socket(settings.host, settings.edge_authorizer_port)])
     if not server.started:
         raise SystemExit(3)   # uvicorn.run's startup-failure status
 

@@ -31,10 +31,11 @@ from gateway.routes import clustering as clustering_routes
 from gateway.routes import edge as edge_routes
 from gateway.routes import feedback as feedback_routes
 from gateway.routes import privacy as privacy_routes
-from services.common import audit, identity, telemetry
+from services.common import audit, client, identity, telemetry
 from services.common.errors import HearthError
 from services.common.identity import Principal
 from services.common.permissions import authorize_route
+from services.common.server import PEER_PROBE_TIMEOUT_S
 
 log = logging.getLogger("hearth.gateway")
 ACCESS_LOG = logging.getLogger("hearth.access")
@@ -309,6 +310,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         await limiter.close()
         remove_listener()
         audit.install(None)
+        # The audit sink sends to privacy: one that does not answer (SIGSTOPped) would hold
+        # the flush, then the join, 3 s each. Asked first (at most 1 s), a hung privacy's
+        # channel is closed, the flush fails at once and the records wait in the disk
+        # outbox for the next start, as at a service's stop (server.RunningServer.stop).
+        await asyncio.to_thread(client.abandon_hung_peers, PEER_PROBE_TIMEOUT_S, False)
         audit_sink.close(timeout_s=3.0)
         # Last: every request's span (and the audit sink's last calls) has ended. No exit
         # hook runs after this (telemetry.flush_traces says why).

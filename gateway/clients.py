@@ -27,6 +27,12 @@ from services.common.identity import Principal
 
 SERVICES = ("clustering", "attribution", "privacy", "feedback")
 log = logging.getLogger("hearth.gateway.health")
+stop_log = logging.getLogger("hearth.gateway")
+
+
+def _abandoned_error(service: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                details=f"{service} did not answer while the gateway stopped")
 
 
 def public_reason(trailing: dict[str, str]) -> str:
@@ -51,6 +57,11 @@ class ServiceClients:
         self._health: dict[str, health_pb2_grpc.HealthStub] = {}
         self._last_detail: dict[str, str] = {}   # per service: the reason last logged
         self._tracer = telemetry.tracer("hearth.gateway.client")
+        # The calls in flight per service, and those a stopping gateway abandoned because
+        # their service did not answer (abandon_hung): they end UNAVAILABLE (503).
+        self._in_flight: dict[str, set] = {name: set() for name in SERVICES}
+        self._abandoned: set = set()
+        self._hung: set[str] = set()
 
     async def start(self) -> None:
         for name in SERVICES:
@@ -71,14 +82,64 @@ class ServiceClients:
         rpc: Callable[..., Awaitable] = getattr(self.stubs[service], method)
         with telemetry.safe_span(self._tracer, f"{service}/{method}", kind=SpanKind.CLIENT):
             metadata = telemetry.inject_context(principal.metadata(service))
-            return await rpc(request, timeout=timeout_s or self._timeout, metadata=metadata)
+            return await self._tracked(service, rpc(request, timeout=timeout_s or self._timeout, metadata=metadata))
 
     async def stream_unary(self, service: str, method: str, requests, principal: Principal,
                            timeout_s: float | None = None):
         rpc = getattr(self.stubs[service], method)
         with telemetry.safe_span(self._tracer, f"{service}/{method}", kind=SpanKind.CLIENT):
             metadata = telemetry.inject_context(principal.metadata(service))
-            return await rpc(iter(requests), timeout=timeout_s or self._timeout, metadata=metadata)
+            return await self._tracked(service, rpc(iter(requests), timeout=timeout_s or self._timeout,
+                                                    metadata=metadata))
+
+    async def _tracked(self, service: str, call):
+        """Await ``call``, known as in flight to ``service`` meanwhile; one that
+        ``abandon_hung`` cancelled raises UNAVAILABLE (a 503 with Retry-After)."""
+        if service in self._hung:
+            call.cancel()
+            raise _abandoned_error(service)
+        in_flight = self._in_flight[service]
+        in_flight.add(call)
+        try:
+            return await call
+        except asyncio.CancelledError:
+            if call not in self._abandoned:
+                raise
+            raise _abandoned_error(service) from None
+        finally:
+            in_flight.discard(call)
+            self._abandoned.discard(call)
+
+    async def abandon_hung(self, timeout_s: float) -> list[str]:
+        """For a stopping gateway (gateway.__main__.GatewayServer): ask each service that
+        has calls in flight for its health, all at once, for at most ``timeout_s``; the
+        calls to one that does not answer (SIGSTOPped, a partition) are cancelled, their
+        requests answered 503 (nothing was acknowledged: the client retries elsewhere),
+        and later calls to it fail the same way at once. A service that answers (even
+        NOT_SERVING, while it drains) keeps its calls. Returns the abandoned services;
+        the same as the services' own stop does with a hung peer
+        (``services.common.client.abandon_hung_peers``)."""
+        busy = [name for name, calls in self._in_flight.items() if calls and name not in self._hung]
+        if not busy:
+            return []
+        answered = await asyncio.gather(*(self._answers(name, timeout_s) for name in busy))
+        hung = [name for name, ok in zip(busy, answered) if not ok]
+        for name in hung:
+            calls = list(self._in_flight[name])
+            stop_log.warning("%s did not answer in %.1fs while the gateway stops: cancelling its %d calls in "
+                             "flight (503)", name, timeout_s, len(calls))
+            self._hung.add(name)
+            for call in calls:
+                self._abandoned.add(call)
+                call.cancel()
+        return hung
+
+    async def _answers(self, name: str, timeout_s: float) -> bool:
+        try:
+            await self._health[name].Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+        except grpc.aio.AioRpcError:
+            return False
+        return True
 
     async def serving(self, name: str) -> bool:
         """Whether service ``name`` answers its health check SERVING (health deadline)."""

@@ -204,6 +204,16 @@ class GatewaySettings(MeshSettings):
         return self
 
     @model_validator(mode="after")
+    def _body_fits_a_message(self) -> "GatewaySettings":
+        # A body's protobuf is never larger than its JSON (keys dropped, timestamps and
+        # enums shorter): a body within HEARTH_MAX_BODY_BYTES makes a message the services
+        # read (docs/security.md, "Attacker's review (session 21)", mended item 7).
+        if self.max_body_bytes > self.grpc_max_message_bytes:
+            raise ValueError("HEARTH_MAX_BODY_BYTES must not exceed HEARTH_GRPC_MAX_MESSAGE_BYTES (a body "
+                             "makes a gRPC message of up to its size, which the services must read)")
+        return self
+
+    @model_validator(mode="after")
     def _jwt(self) -> "GatewaySettings":
         if self.jwt_algorithm is None:
             return self

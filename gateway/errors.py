@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import grpc
 from fastapi.responses import JSONResponse
@@ -138,9 +139,26 @@ def rpc_error_field(exc: grpc.aio.AioRpcError) -> str:
     return {k: v for k, v in _pairs(exc.trailing_metadata())}.get(ERROR_FIELD_KEY, "")
 
 
+# gRPC's own RESOURCE_EXHAUSTED for a message over a limit (HEARTH_GRPC_MAX_MESSAGE_BYTES):
+# the request, refused by the gateway's channel before it is sent or by the service's core
+# before it is read, is the client's (413, never "retry later"); a response over the
+# gateway's receive limit is the service's (502).
+_REQUEST_TOO_LARGE = re.compile(r"(?:CLIENT: Sent|SERVER: Received) message larger than max \((\d+) vs\. (\d+)\)")
+_RESPONSE_TOO_LARGE = "CLIENT: Received message larger than max"
+
+
 def from_rpc_error(exc: grpc.aio.AioRpcError) -> JSONResponse:
     trailing = {k: v for k, v in _pairs(exc.trailing_metadata())}
     code = exc.code()
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and ERROR_CODE_KEY not in trailing:
+        details = exc.details() or ""
+        too_large = _REQUEST_TOO_LARGE.search(details)
+        if too_large:
+            return error_response(413, "payload_too_large",
+                                  f"the request makes a message of {too_large.group(1)} bytes to a service, over "
+                                  f"the mesh's limit of {too_large.group(2)} (HEARTH_GRPC_MAX_MESSAGE_BYTES)")
+        if _RESPONSE_TOO_LARGE in details:
+            return error_response(UNMAPPED_RPC_STATUS, "resource_exhausted", "upstream error")
     status = HTTP_BY_GRPC.get(code, 502)
     message = exc.details() or code.name.lower()
     if status >= 500 and code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):

@@ -1,4 +1,4 @@
-"""The figures of docs/security.md, "Attacker's review (session 21)", items 7 and 8 (session 22):
+"""The figures of docs/security.md, "Attacker's review (session 21)", items 8 and 9 (session 22):
 one analyst's sixteen costly attributions against the per-principal in-flight bound, and an
 analyst's answers for a withdrawn account and one never seen. Starts its own mesh of real
 processes (services.testing.mesh, default settings): `OMP_NUM_THREADS=1 .venv/bin/python

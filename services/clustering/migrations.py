@@ -149,4 +149,13 @@ CREATE INDEX IF NOT EXISTS prediction_chunks_created ON prediction_chunks (creat
 ALTER TABLE prediction_chunks ADD COLUMN session_from {double};
 CREATE INDEX IF NOT EXISTS prediction_chunks_session_from ON prediction_chunks (session_from)
 """),
+    # The running state of a device's newest session (domain/sessions.py SessionState,
+    # sealed JSON: its feature sums, distinct titles and series episodes, hint and unknown
+    # genre counts, last event), NULL on every other session: a batch that only appends
+    # to that session extends it from this instead of re-reading the session's events
+    # (ClusteringStore._update_sessions, docs/clustering.md "Incremental sessions"). It
+    # goes with the session row on every erasure.
+    Migration(10, "newest session's running state", """
+ALTER TABLE sessions ADD COLUMN state {blob}
+"""),
 ]

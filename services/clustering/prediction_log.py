@@ -136,10 +136,22 @@ _TS_NUMBER = fpb.Prediction.DESCRIPTOR.fields_by_name["ts"].number
 # What ``_head`` has serialized, kept across requests (a household's shared fields are
 # the same from one AssignSessions message to the next but for ``ts``): the fields before
 # and after ``ts`` by the other shared values, and ``ts``'s own bytes by its value. Emptied
-# when full (a cache, not a record of anything).
+# when full (a cache, not a record of anything). An entry is dropped HEAD_CACHE_TTL_S
+# after it was written (``_expire_heads``, on a timer): its keys and bytes are households'
+# account and device ids and sessions' instants, and an erasure served by another replica
+# cannot empty this process's copy (``forget_cached_heads`` runs on the replica that
+# served the Erase only), so this bounds how long an erased household's bytes stay here
+# (docs/privacy.md §11, "clustering's prediction outbox").
 _HEAD_CACHE = 4096
+HEAD_CACHE_TTL_S = 10.0
 _HEADS: dict[tuple, tuple[bytes, bytes]] = {}
 _STAMPS: dict[float, bytes] = {}
+# When each entry was written (time.monotonic), oldest first: an entry is only ever
+# inserted (never replaced), so a dict's insertion order is its age order.
+_BORN: dict[tuple[int, object], float] = {}
+_cache_lock = threading.Lock()   # writes to the caches; reads take no lock
+_expiry: threading.Timer | None = None
+_expiry_due = 0.0                # when it fires (time.monotonic)
 
 
 def _string(tag: bytes, value: str) -> bytes:
@@ -171,24 +183,67 @@ def _head(values: tuple) -> bytes:
                 before.ClearField(field.name)
             if field.number <= _TS_NUMBER:
                 after.ClearField(field.name)
-        if len(_HEADS) >= _HEAD_CACHE:
-            _HEADS.clear()
-        parts = _HEADS[rest] = (before.SerializeToString(), after.SerializeToString())
+        parts = _cache(_HEADS, 0, rest, (before.SerializeToString(), after.SerializeToString()))
     stamp = _STAMPS.get(ts)
     if stamp is None:
-        if len(_STAMPS) >= _HEAD_CACHE:
-            _STAMPS.clear()
-        stamp = _STAMPS[ts] = fpb.Prediction(ts=float_to_ts(ts)).SerializeToString()
+        stamp = _cache(_STAMPS, 1, ts, fpb.Prediction(ts=float_to_ts(ts)).SerializeToString())
     return parts[0] + stamp + parts[1]
+
+
+def _cache(cache: dict, which: int, key, value):
+    """Keep ``value`` under ``key`` in ``cache`` (``_HEADS``: 0, ``_STAMPS``: 1) with its
+    time of writing, emptying the cache when full, and make sure an expiry is due."""
+    global _expiry
+    with _cache_lock:
+        if len(cache) >= _HEAD_CACHE:
+            for k in list(cache):
+                _BORN.pop((which, k), None)
+            cache.clear()
+        cache[key] = value
+        _BORN.pop((which, key), None)
+        now = _BORN[(which, key)] = time.monotonic()
+        if _expiry is None or _expiry_due > now + HEAD_CACHE_TTL_S:   # (the TTL was shortened)
+            if _expiry is not None:
+                _expiry.cancel()
+            _timer(HEAD_CACHE_TTL_S)
+    return value
+
+
+def _timer(delay_s: float) -> None:
+    """Schedule ``_expire_heads`` in ``delay_s`` (``_cache_lock`` held)."""
+    global _expiry, _expiry_due
+    delay_s = max(delay_s, 0.0)
+    _expiry = threading.Timer(delay_s, _expire_heads)
+    _expiry.name, _expiry.daemon = "prediction-head-expiry", True
+    _expiry_due = time.monotonic() + delay_s
+    _expiry.start()
+
+
+def _expire_heads() -> None:
+    """Drop the entries written HEAD_CACHE_TTL_S ago or more; come back when the oldest
+    left is due (none left: no timer until the next write)."""
+    global _expiry
+    with _cache_lock:
+        now = time.monotonic()
+        for (which, key), born in list(_BORN.items()):
+            if now - born < HEAD_CACHE_TTL_S:
+                _timer(born + HEAD_CACHE_TTL_S - now)
+                return
+            (_HEADS, _STAMPS)[which].pop(key, None)
+            del _BORN[(which, key)]
+        _expiry = None
 
 
 def forget_cached_heads() -> None:
     """Drop what ``_head`` keeps across messages: its keys and bytes are households'
     account and device ids and their sessions' first and last instants, so an erasure
     empties it (``ClusteringStore.erase``) rather than leave them in the process until
-    the cache fills (review21)."""
-    _HEADS.clear()
-    _STAMPS.clear()
+    the cache fills (review21). Other replicas' caches drop them HEAD_CACHE_TTL_S after
+    they were written (``_expire_heads``)."""
+    with _cache_lock:
+        _HEADS.clear()
+        _STAMPS.clear()
+        _BORN.clear()
 
 
 def _encode(records: Iterable[PredictionRecord]) -> bytes:

@@ -2,8 +2,10 @@
 drift events over SQLite or PostgreSQL, with household models cached hot in Redis when
 configured.
 
-Events are the source of truth; sessions are rebuilt from them (session builder) and
-models from sessions. Every write is one transaction: an ingest either stores its
+Events are the source of truth; sessions are built from them (session builder: a batch
+that appends to a device's newest session extends its kept running state, anything else
+rebuilds the sessions it touches from their stored events — the same rows either way)
+and models from sessions. Every write is one transaction: an ingest either stores its
 events *and* the sessions they touch, or nothing.
 """
 
@@ -22,7 +24,7 @@ import numpy as np
 
 from services.clustering.domain.events import ViewingEvent
 from services.clustering.domain.features import DEFAULT_VOCABULARY, GenreVocabulary
-from services.clustering.domain.sessions import Session, build_sessions
+from services.clustering.domain.sessions import SessionState, build_session_states, extend_sessions
 from services.clustering.migrations import MIGRATIONS
 from services.clustering.prediction_log import await_forwards, erase_pending, excluding_forwards, forget_cached_heads
 from services.common.erasure import ErasureOutcome, ErasureScope
@@ -183,6 +185,9 @@ class ClusteringStore:
     def _seal_text(self, account: str, field: str, text: str | None) -> str | None:
         return self.cipher.encrypt_text(account, field, text) if self.cipher else text
 
+    def _open_blob(self, account: str, field: str, stored) -> bytes:
+        return self.cipher.decrypt(account, field, bytes(stored)) if self.cipher else bytes(stored)
+
     def _open_vector(self, account: str, field: str, stored) -> bytes:
         return self.cipher.decrypt_vector(account, field, stored) if self.cipher else bytes(stored)
 
@@ -269,7 +274,7 @@ class ClusteringStore:
                     tx.execute("INSERT INTO devices (account_id, device_id, device_type, last_ts) "
                                "VALUES (?, ?, ?, ?)", (account, device, newest.device_type, newest.ts))
                 if inserted:
-                    touched += self._rebuild_sessions(tx, account, device, min(e.ts for e in on_time))
+                    touched += self._update_sessions(tx, account, device, on_time)
         return IngestResult(accepted, duplicates, late, touched, rejected_expired=expired)
 
     @staticmethod
@@ -290,9 +295,73 @@ class ClusteringStore:
                 fresh.append(e)
         return fresh
 
+    def _update_sessions(self, tx: Tx, account: str, device: str, fresh: list[ViewingEvent]) -> int:
+        """Bring the device's sessions up to date with ``fresh`` (just stored, ids new).
+        When they all sort after the device's newest session's last event (time, then
+        event id: a stream's next batch), that session's kept running state is extended
+        by them and the sessions they start are added — the cost of the batch, not of the
+        session. Anything else (a late event inside or before the newest session, a
+        session without a state: written before migration 10, or its state cleared; a
+        state kept under another vocabulary or gap) takes the full rebuild. Both give the
+        same rows (tests/unit/test_incremental_sessions.py)."""
+        ordered = sorted(fresh, key=lambda e: (e.ts, e.event_id))
+        newest = tx.query("SELECT session_id, start_ts, end_ts, feature_version, state FROM sessions "
+                          "WHERE account_id = ? AND device_id = ? ORDER BY end_ts DESC LIMIT 1", (account, device))
+        last = None
+        if newest and newest[0][4] is not None and int(newest[0][3]) == self.vocabulary.feature_version:
+            last = SessionState.from_bytes(self._open_blob(account, "session_state", newest[0][4]))
+            if not (last.vocabulary == self.vocabulary.signature and last.gap_s == self.gap_s
+                    and (last.account_id, last.device_id) == (account, device)
+                    and (last.start_ts, last.end_ts) == (float(newest[0][1]), float(newest[0][2]))
+                    and last.after(ordered[0])):
+                last = None
+        if last is None:
+            return self._rebuild_sessions(tx, account, device, ordered[0].ts)
+        session_id = newest[0][0]
+        # Whether the first event joins the newest session; if not, the full rebuild would
+        # not touch it (it ends more than a gap before every new event).
+        extended = not ordered[0].ts - last.end_ts > self.gap_s
+        states = extend_sessions(last, ordered, self.gap_s, self.vocabulary)
+        rows = self._session_rows(states if extended else states[1:], {session_id: None})
+        if extended:
+            # The full rebuild deletes and re-inserts it: the same values, its person kept,
+            # its person probabilities dropped.
+            (_, _, _, device_type, _, end_ts, count, watch, version, features, label, _, unknown, state) = rows[0]
+            tx.execute("UPDATE sessions SET device_type = ?, end_ts = ?, event_count = ?, watch_seconds = ?, "
+                       "feature_version = ?, features = ?, label = ?, unknown_genres = ?, person_probs = NULL, "
+                       "state = ? WHERE session_id = ?",
+                       (device_type, end_ts, count, watch, version, features, label, unknown, state, session_id))
+            rows = rows[1:]
+        else:
+            tx.execute("UPDATE sessions SET state = NULL WHERE session_id = ?", (session_id,))
+        self._insert_sessions(tx, rows)
+        return len(states) if extended else len(states) - 1
+
+    def _session_rows(self, states: list[SessionState], persons: dict[str, str | None]) -> list[tuple]:
+        """Session rows of ``states`` (a device's, oldest first, the last its newest), the
+        newest keeping its sealed running state; ``persons``: person ids kept by session id."""
+        rows = []
+        for i, state in enumerate(states):
+            s = state.session(self.vocabulary)
+            a = s.account_id
+            rows.append((s.session_id, a, s.device_id, s.device_type, s.start_ts, s.end_ts, state.event_count,
+                         s.watch_seconds, s.feature_version, self._seal(a, "features", s.features.astype("<f4").tobytes()),
+                         self._seal_text(a, "label", s.label), persons.get(s.session_id),
+                         self._seal_text(a, "unknown_genres", json.dumps(s.unknown_genres)) if s.unknown_genres else None,
+                         self._seal(a, "session_state", state.to_bytes()) if i == len(states) - 1 else None))
+        return rows
+
+    @staticmethod
+    def _insert_sessions(tx: Tx, rows: list[tuple]) -> None:
+        tx.executemany(
+            "INSERT INTO sessions (session_id, account_id, device_id, device_type, start_ts, end_ts, "
+            "event_count, watch_seconds, feature_version, features, label, person_id, unknown_genres, state) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
     def _rebuild_sessions(self, tx: Tx, account: str, device: str, earliest_new_ts: float) -> int:
         """Replace the sessions that events at or after ``earliest_new_ts`` can affect:
-        those ending within one gap before it, and everything after."""
+        those ending within one gap before it, and everything after (the device's newest
+        session among them, with its running state)."""
         affected = tx.query(
             "SELECT session_id, start_ts, person_id FROM sessions "
             "WHERE account_id = ? AND device_id = ? AND end_ts >= ?",
@@ -301,21 +370,16 @@ class ClusteringStore:
         persons = {r[0]: r[2] for r in affected}
         rows = tx.query(f"SELECT {_EVENT_COLUMNS} FROM events WHERE account_id = ? AND device_id = ? "
                         "AND ts >= ? ORDER BY ts, event_id", (account, device, since))
-        sessions = build_sessions([self._event_from_row(r) for r in rows], self.gap_s, self.vocabulary)
+        states = build_session_states([self._event_from_row(r) for r in rows], self.gap_s, self.vocabulary)
         if affected:
             tx.execute("DELETE FROM sessions WHERE account_id = ? AND device_id = ? AND end_ts >= ?",
                        (account, device, earliest_new_ts - self.gap_s))
-        tx.executemany(
-            "INSERT INTO sessions (session_id, account_id, device_id, device_type, start_ts, end_ts, "
-            "event_count, watch_seconds, feature_version, features, label, person_id, unknown_genres) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(s.session_id, s.account_id, s.device_id, s.device_type, s.start_ts, s.end_ts,
-              len(s.event_ids), s.watch_seconds, s.feature_version,
-              self._seal(s.account_id, "features", s.features.astype("<f4").tobytes()),
-              self._seal_text(s.account_id, "label", s.label), persons.get(s.session_id),
-              self._seal_text(s.account_id, "unknown_genres", json.dumps(s.unknown_genres))
-              if s.unknown_genres else None) for s in sessions])
-        return len(sessions)
+        # Only the newest session keeps a state: an older one's (its newest until these
+        # events started a later one) goes.
+        tx.execute("UPDATE sessions SET state = NULL WHERE account_id = ? AND device_id = ? AND state IS NOT NULL",
+                   (account, device))
+        self._insert_sessions(tx, self._session_rows(states, persons))
+        return len(states)
 
     def upgrade_feature_vectors(self, account_id: str) -> int:
         """Rebuild from the stored events the account's sessions whose vectors were built

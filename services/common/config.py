@@ -127,6 +127,16 @@ class MeshSettings(HearthSettings):
     grpc_lb_policy: Literal["pick_first", "round_robin"] = "pick_first"
     # tls.channel_options(): the longest wait between reconnect attempts to a peer that is down.
     grpc_reconnect_max_s: float = 5.0
+    # The largest request message a server reads (and a client sends): tls.max_message_bytes,
+    # server.build_server. Responses (exports) stay at 64 MiB.
+    grpc_max_message_bytes: int = 16 * 1024 * 1024
+
+    @field_validator("grpc_max_message_bytes")
+    @classmethod
+    def _max_message(cls, value: int) -> int:
+        if not 1024 * 1024 <= value <= 1024 * 1024 * 1024:
+            raise ValueError("must be bytes in [1 MiB, 1 GiB]")
+        return value
 
     @field_validator("grpc_reconnect_max_s")
     @classmethod
@@ -193,7 +203,8 @@ def configure_process(settings: MeshSettings, component: str | None = None) -> N
 
     identity.configure_service_tokens(identity.signer_from_settings(
         settings, component or getattr(settings, "service_name", None)))
-    tls.configure(tls.material_from_settings(settings), settings.grpc_lb_policy, settings.grpc_reconnect_max_s)
+    tls.configure(tls.material_from_settings(settings), settings.grpc_lb_policy, settings.grpc_reconnect_max_s,
+                  settings.grpc_max_message_bytes)
     telemetry.configure_pseudonym_key(settings.log_pseudonym_key.get_secret_value()
                                       or settings.service_token_key.get_secret_value())
 

@@ -105,25 +105,70 @@ def _refuse_undecodable(request):
     return messages()
 
 
+class _Unread:
+    """A unary request not read yet. Its handler is request-streaming (the same bytes on
+    the wire: one message, then the half-close), so grpcio runs it before it asks the
+    core for the message, and the message is read (``read``) only once the caller is
+    authenticated: an anonymous caller's bytes are never read, whatever their size —
+    what the HTTP/2 flow-control window admits before the refusal is all that is
+    buffered. A unary handler's message is read whole (up to the receive limit) before
+    any interceptor code runs: until session 22, eight anonymous 60 MiB calls took
+    attribution from 123 MB to 680 MB RSS (docs/security.md, "Attacker's review
+    (session 21)", mended item 7)."""
+
+    __slots__ = ("_messages",)
+
+    def __init__(self, messages: Iterator) -> None:
+        self._messages = messages
+
+    def read(self):
+        try:
+            return next(self._messages)
+        except StopIteration:
+            raise InvalidArgument("exactly one request message is required", "request") from None
+        except grpc.RpcError:
+            # The call ended while its message arrived: the caller cancelled it or gave up,
+            # or the message was over the receive limit (the core has answered that one
+            # RESOURCE_EXHAUSTED itself).
+            raise _CallEnded() from None
+
+
+class _CallEnded(Exception):
+    """The call was over before its message was read (counted as CANCELLED)."""
+
+
 def _wrap(handler: grpc.RpcMethodHandler, around: Callable) -> grpc.RpcMethodHandler:
     """Wrap a handler's behaviour with ``around(behaviour, request_or_iterator, context,
-    streaming_response)``; keeps the handler's (de)serialisers and kind."""
+    streaming_response)``; keeps the handler's (de)serialisers and response kind. A unary
+    request becomes a request stream whose one message ``around`` reads itself
+    (``_Unread``), after authentication."""
     if handler is None:
         return None
     if handler.unary_unary:
-        fn, factory, resp_stream = handler.unary_unary, grpc.unary_unary_rpc_method_handler, False
+        fn, factory, resp_stream = handler.unary_unary, grpc.stream_unary_rpc_method_handler, False
     elif handler.unary_stream:
-        fn, factory, resp_stream = handler.unary_stream, grpc.unary_stream_rpc_method_handler, True
+        fn, factory, resp_stream = handler.unary_stream, grpc.stream_stream_rpc_method_handler, True
     elif handler.stream_unary:
         fn, factory, resp_stream = handler.stream_unary, grpc.stream_unary_rpc_method_handler, False
     else:
         fn, factory, resp_stream = handler.stream_stream, grpc.stream_stream_rpc_method_handler, True
 
-    def behaviour(request, context):
-        return around(fn, request, context, resp_stream)
+    if handler.request_streaming:
+        def behaviour(request, context):
+            return around(fn, request, context, resp_stream)
+    else:
+        def behaviour(request_iterator, context):
+            return around(fn, _Unread(request_iterator), context, resp_stream)
 
     return factory(behaviour, request_deserializer=_tolerant(handler.request_deserializer),
                    response_serializer=handler.response_serializer)
+
+
+def _read_for_audit(request: _Unread):
+    try:
+        return request.read()
+    except Exception:  # noqa: BLE001 - no message, or the call ended: nothing to name
+        return None
 
 
 # A peer's call that failed this way means the peer is down, hung or stopping.
@@ -292,8 +337,12 @@ class HearthInterceptor(grpc.ServerInterceptor):
                 return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
 
             try:
-                counted = drain.enter()
-                if not counted:
+                unread = type(request) is _Unread
+                # A unary call is counted once its message is read (below): one whose
+                # message never comes (a caller frozen mid-send) must not hold the stop,
+                # as it did not when grpcio read the message before the handler ran.
+                counted = False if unread else drain.enter()
+                if drain.draining if unread else not counted:
                     # Started after SIGTERM: refused before any work, so the caller may
                     # retry it (another replica, or this service once it is back).
                     context.abort(grpc.StatusCode.UNAVAILABLE, f"{service} is shutting down")
@@ -304,10 +353,26 @@ class HearthInterceptor(grpc.ServerInterceptor):
                     # (an overload would otherwise snowball into minutes of dead work).
                     context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before the call started")
                 deadline_token = client.set_serving_deadline(remaining, context.is_active)
+                # Who is calling, from the metadata and the peer's certificate alone: the
+                # message of a unary call is read only after this (_Unread).
                 principal = identity.principal_from_metadata(
                     metadata, peer_component=tls.peer_component(context), component=service)
                 principal_token = identity.set_current(principal)
-                permissions.authorize_rpc(principal, method)
+                if unread:
+                    try:
+                        permissions.authorize_rpc(principal, method)
+                    except HearthError:
+                        # An authenticated caller without the right: its message (within
+                        # the receive limit) is read for the audit record's resource, as
+                        # before; the answer is the same PERMISSION_DENIED.
+                        request = _read_for_audit(request)
+                        raise
+                    request = request.read()
+                    counted = drain.enter()
+                    if not counted:
+                        context.abort(grpc.StatusCode.UNAVAILABLE, f"{service} is shutting down")
+                else:
+                    permissions.authorize_rpc(principal, method)
                 span.set_attribute("hearth.principal", telemetry.pseudonym(principal.id, cache=True))
                 job_id = getattr(request, "job_id", "")
                 if job_id and isinstance(job_id, str):
@@ -315,8 +380,12 @@ class HearthInterceptor(grpc.ServerInterceptor):
                     span.set_attribute("hearth.job_id", job_id)
                 result = fn(_refuse_undecodable(request), context)
             except BaseException as exc:  # noqa: BLE001 - every failure must get a status
+                if type(request) is _Unread:
+                    request = None   # never read: audited without a resource
                 try:
                     if isinstance(exc, Exception) and code_of(context) == grpc.StatusCode.OK:
+                        if isinstance(exc, _CallEnded):
+                            context.abort(grpc.StatusCode.CANCELLED, "the call ended before its request was read")
                         _map_error(exc, context, method)
                     raise
                 finally:
@@ -435,8 +504,10 @@ def build_server(service: str, register: Callable[[grpc.Server], Iterable[str]],
     server = grpc.server(
         pool,
         interceptors=[HearthInterceptor(service, drain)],
-        options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        # Requests up to HEARTH_GRPC_MAX_MESSAGE_BYTES (16 MiB; a larger one is
+        # RESOURCE_EXHAUSTED from the core), responses — a household's export — up to 64 MiB.
+        options=[("grpc.max_receive_message_length", tls.max_message_bytes()),
+                 ("grpc.max_send_message_length", tls.RESPONSE_MAX_BYTES),
                  ("grpc.so_reuseport", 0),
                  # Connections are recycled so round_robin clients re-resolve and spread
                  # over new replicas (a GOAWAY lets calls in flight finish within the grace).

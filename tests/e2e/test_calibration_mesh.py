@@ -20,7 +20,7 @@ import pytest
 
 from services.testing.mesh import running_mesh
 from tests.e2e.test_mesh import _iso
-from tests.helpers.households import household_events
+from tests.helpers.households import household_events, week_start_days_ago
 
 ACCOUNTS = ("e2e-cal-1", "e2e-cal-2")
 PROBES = 160
@@ -66,7 +66,7 @@ def test_feedback_recalibrates_the_confidence_assignments_return(calibration_mes
         vectors = {}
         for n, account in enumerate(ACCOUNTS):
             events, _ = household_events(account, ("kid", "parent", "teen"), days=25,
-                                         start_ts=time.time() - 40 * 86400, seed=n + 1)
+                                         start_ts=week_start_days_ago(40), seed=n + 1)
             body = [{"event_id": e.event_id, "account_id": e.account_id, "device_id": e.device_id,
                      "device_type": e.device_type, "ts": _iso(e.ts), "kind": e.kind, "title_id": e.title_id,
                      "series_id": e.series_id, "genres": list(e.genres), "duration_s": e.duration_s,

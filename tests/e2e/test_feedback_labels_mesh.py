@@ -15,7 +15,7 @@ import httpx
 
 from tests.e2e.test_calibration_mesh import _send
 from tests.e2e.test_mesh import _iso
-from tests.helpers.households import household_events
+from tests.helpers.households import household_events, week_start_days_ago
 
 ACCOUNT = "e2e-label-acc"
 DAYS = 24
@@ -30,7 +30,7 @@ def _household(c: httpx.Client) -> dict:
 def test_a_volunteered_correction_names_a_new_person_through_the_mesh(mesh):
     with httpx.Client(base_url=mesh.url, headers={"X-API-Key": mesh.api_key}, timeout=30) as c:
         events, _ = household_events(ACCOUNT, ("kid", "parent", "teen"), days=DAYS + 1,
-                                     start_ts=time.time() - 60 * 86400, seed=12)
+                                     start_ts=week_start_days_ago(60), seed=12)
         start = min(e.ts for e in events)
         for day in range(DAYS + 1):    # the last day only closes the sessions before it
             body = [{"event_id": e.event_id, "account_id": e.account_id, "device_id": e.device_id,

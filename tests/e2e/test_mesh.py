@@ -271,9 +271,9 @@ def test_sigterm_drains_in_flight_requests_and_restart_keeps_data(client, mesh):
 
 
 def test_assign_through_the_gateway(client):
-    from tests.helpers.households import household_events
+    from tests.helpers.households import household_events, week_start_days_ago
 
-    events, _ = household_events("e2e-assign", ("kid", "parent"), days=12, start_ts=time.time() - 20 * 86400)
+    events, _ = household_events("e2e-assign", ("kid", "parent"), days=12, start_ts=week_start_days_ago(20))
     body = [{"event_id": e.event_id, "account_id": e.account_id, "device_id": e.device_id,
              "device_type": e.device_type, "ts": _iso(e.ts), "kind": e.kind, "title_id": e.title_id,
              "series_id": e.series_id, "genres": list(e.genres), "duration_s": e.duration_s,

@@ -15,7 +15,7 @@ from hearth.clustering.v1 import clustering_pb2_grpc as cpb_grpc
 from services.common.errors import ERROR_FIELD_KEY
 from services.common.identity import Principal, Role
 from services.common.pbutil import float_to_ts
-from tests.helpers.households import household_events
+from tests.helpers.households import household_events, week_start_days_ago
 
 ACC = "acc-grpc"
 ADMIN = Principal("test-admin", Role.ADMIN)
@@ -48,7 +48,7 @@ def stub(start_service):
     privacy, _ = start_service("privacy")
     _, channel = start_service("clustering", privacy_addr=f"127.0.0.1:{privacy.port}", feedback_addr=NOWHERE)
     stub = cpb_grpc.ClusteringServiceStub(channel)
-    events, _ = household_events(ACC, ("kid", "parent", "teen"), days=25, start_ts=time.time() - 60 * 86400, seed=1)
+    events, _ = household_events(ACC, ("kid", "parent", "teen"), days=25, start_ts=week_start_days_ago(60), seed=1)
     response = call(stub.IngestEvents, iter([cpb.IngestEventsRequest(events=[_pb(e) for e in events])]))
     assert response.accepted == len(events)
     return stub
@@ -129,7 +129,7 @@ def test_assign_sessions_scores_many_households_in_one_vectorised_pass(stub, mon
     session (the batch path is float32)."""
     import services.clustering.batch_scoring as batch_scoring
 
-    t0 = time.time() - 60 * 86400
+    t0 = week_start_days_ago(60)
     for account, persons, days in (("acc-grpc-2", ("kid", "parent"), 20), ("acc-grpc-cold", ("parent",), 7)):
         events, _ = household_events(account, persons, days=days, start_ts=t0, seed=3)
         call(stub.IngestEvents, iter([cpb.IngestEventsRequest(events=[_pb(e) for e in events])]))
@@ -169,7 +169,7 @@ def test_sessions_arriving_one_at_a_time_after_a_fit_have_persons_at_once(stub):
     call(stub.Refit, cpb.RefitRequest(account_id=ACC, reason="test"))
     fitted = call(stub.GetHousehold, cpb.GetHouseholdRequest(account_id=ACC, max_sessions=10_000))
     known = {s.session_id for s in fitted.sessions}
-    more, _ = household_events(ACC, ("kid", "parent", "teen"), days=4, start_ts=time.time() - 20 * 86400, seed=5)
+    more, _ = household_events(ACC, ("kid", "parent", "teen"), days=4, start_ts=week_start_days_ago(20), seed=5)
     starts = sorted({e.event_id.rsplit("-", 1)[0] for e in more})
     for n, start in enumerate(starts[:6], 1):
         call(stub.IngestEvents, iter([cpb.IngestEventsRequest(

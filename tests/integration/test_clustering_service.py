@@ -15,9 +15,9 @@ from services.clustering.domain.model import HouseholdModel
 from services.clustering.modeling import ModelKeeper
 from services.clustering.store import ClusteringStore
 from services.common.erasure import ErasureScope
-from tests.helpers.households import household_events
+from tests.helpers.households import household_events, week_start_days_ago
 
-T0 = time.time() - 60 * 86400
+T0 = week_start_days_ago(60)
 
 
 def _app(database, variant="gmm") -> ClusteringApp:

@@ -19,10 +19,10 @@ import pytest
 from hearth.clustering.v1 import clustering_pb2 as cpb
 from hearth.clustering.v1 import clustering_pb2_grpc as cpb_grpc
 from services.clustering.modeling import DRIFT_EVENTS, REFITS
-from tests.helpers.households import household_events
+from tests.helpers.households import household_events, week_start_days_ago
 from tests.integration.test_clustering_grpc import NOWHERE, _pb, call
 
-T0 = time.time() - 120 * 86400
+T0 = week_start_days_ago(120)
 DAY = 86400
 
 

@@ -5,7 +5,6 @@ refitted — on each SQL backend."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 
 import numpy as np
@@ -14,9 +13,9 @@ from services.clustering.domain import features as F
 from services.clustering.domain.sessions import build_sessions
 from services.clustering.modeling import REFITS, ModelKeeper
 from services.clustering.store import ClusteringStore
-from tests.helpers.households import household_events
+from tests.helpers.households import household_events, week_start_days_ago
 
-T0 = time.time() - 40 * 86400
+T0 = week_start_days_ago(40)
 
 
 def test_schema_1_sessions_are_rebuilt_and_the_model_refitted(database):

@@ -14,9 +14,9 @@ from hearth.feedback.v1 import feedback_pb2 as fpb
 from hearth.feedback.v1 import feedback_pb2_grpc as fpb_grpc
 from services.common.pbutil import float_to_ts
 from tests.conftest import ADMIN
-from tests.helpers.households import household_events
+from tests.helpers.households import household_events, week_start_days_ago
 
-T0 = time.time() - 40 * 86400
+T0 = week_start_days_ago(40)
 
 
 def _wait(fn, timeout_s=20.0):

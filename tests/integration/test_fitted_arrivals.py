@@ -6,8 +6,6 @@ id). Real store (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -15,11 +13,11 @@ from services.clustering.app import ClusteringApp
 from services.clustering.domain import model as M
 from services.clustering.modeling import ModelKeeper
 from services.clustering.store import ClusteringStore
-from tests.helpers.households import household_events
+from tests.helpers.households import household_events, week_start_days_ago
 from tests.integration.test_settled_confidence import assert_one_more_day_is_answered_at_arrival
 from tests.integration.test_settled_confidence import flat_maps  # noqa: F401 - the fixture
 
-T0 = time.time() - 90 * 86400
+T0 = week_start_days_ago(90)
 
 
 def test_an_imported_household_answers_new_sessions_at_arrival(database, flat_maps):  # noqa: F811

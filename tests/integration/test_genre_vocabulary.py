@@ -7,7 +7,6 @@ operator chose HEARTH_UNKNOWN_GENRES=reject. A bad alias stops the service at st
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 
 import grpc
@@ -19,10 +18,10 @@ from hearth.clustering.v1 import clustering_pb2_grpc as cpb_grpc
 from services.clustering.app import UNKNOWN_GENRE_EVENTS
 from services.clustering.domain import features as F
 from services.common.config import ConfigError
-from tests.helpers.households import household_events
+from tests.helpers.households import household_events, week_start_days_ago
 from tests.integration.test_clustering_grpc import NOWHERE, _pb, call, error_of
 
-T0 = time.time() - 30 * 86400
+T0 = week_start_days_ago(30)
 
 
 def _clustering(start_service, **settings):

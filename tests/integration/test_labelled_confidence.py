@@ -6,16 +6,14 @@ Real store, the RecordLabels path (ClusteringApp.record_labels -> a full refit).
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from services.clustering.app import ClusteringApp
 from services.clustering.modeling import ModelKeeper
 from services.clustering.store import ClusteringStore
-from tests.helpers.households import household_events
+from tests.helpers.households import household_events, week_start_days_ago
 
-T0 = time.time() - 90 * 86400
+T0 = week_start_days_ago(90)
 
 
 def _fitted_household(database, account: str, seed: int):

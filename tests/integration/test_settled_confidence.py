@@ -5,8 +5,6 @@ Real store (SQLite and PostgreSQL), events ingested day by day as a stream."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -14,9 +12,9 @@ from services.clustering.app import ClusteringApp
 from services.clustering.domain import model as M
 from services.clustering.modeling import ModelKeeper
 from services.clustering.store import ClusteringStore
-from tests.helpers.households import household_events
+from tests.helpers.households import household_events, week_start_days_ago
 
-T0 = time.time() - 90 * 86400
+T0 = week_start_days_ago(90)
 
 
 @pytest.fixture(params=[False, True], ids=["map", "map-and-household-shift"])

@@ -451,3 +451,53 @@ def test_resolve_persons_picks_the_session_near_each_instant(store):
     assert resolved[0] == (first.session_id, {"p1": 0.9, "p2": 0.1})
     assert resolved[1] == (second.session_id, {"p2": 1.0})       # 10 min before it: within one gap
     assert resolved[2] == ("", {}) and resolved[3] == ("", {})
+
+
+def test_streamed_batches_extend_the_newest_session_as_the_full_rebuild_builds_it(database):
+    """Session 22: a batch that appends to a device's newest session extends its kept
+    (sealed) running state instead of re-reading the session's events. On both backends,
+    random streams in small batches — mostly in time order, some events late (inside a
+    session, before it, bridging two), ids repeated, persons named, windows and persons
+    erased between — leave exactly build_sessions' sessions of the stored events, the
+    newest of each device carrying the running state of its events (opened with the
+    household's key); a household erasure leaves no session row, so no state."""
+    import random
+
+    from services.common.erasure import ErasureScope
+    from services.common.field_crypto import FieldCipher
+    from services.privacy.keys.domain import KeyRing, generate_kek
+    from tests.helpers.incremental_sessions import assert_sessions_of_stored_events, random_event
+    from tests.helpers.keys import ring_fetcher
+
+    store = ClusteringStore(database, gap_s=1800, cipher=FieldCipher(ring_fetcher(KeyRing([generate_kek("k1")], "k1"),
+                                                                                  [])))
+    store.migrate()
+    for seed in range(3):
+        rng, account = random.Random(seed), f"acc-inc-{seed}"
+        events = [random_event(rng, account, i, T0 + 600.0 * rng.randint(0, 30) + rng.choice((0.0, 0.5)),
+                               device=rng.choice(("tv-1", "ph-1"))) for i in range(50)]
+        events.sort(key=lambda e: (e.ts, e.event_id))
+        for _ in range(4):   # some arrive late
+            events.insert(rng.randrange(len(events)), events.pop(rng.randrange(len(events))))
+        n = 0
+        while events:
+            batch = events[:rng.randint(1, 4)]
+            events = events[len(batch):]
+            store.ingest(batch + ([batch[0]] if rng.random() < 0.1 else []))   # a repeated id now and then
+            n += 1
+            if n in (3, 8):
+                store.set_persons(account, {s.session_id: f"p{n}" for s in store.household(account).sessions})
+            elif n == 10 and seed == 0:   # (an erasure purges physically: seconds on PostgreSQL)
+                lo = T0 + 600.0 * rng.randint(0, 30)
+                store.erase(ErasureScope(account, "window", start=lo, end=lo + 1200.0))
+            elif n == 10 and seed == 1:
+                store.erase(ErasureScope(account, "person", person_id="p8"))
+            assert_sessions_of_stored_events(store, account)
+    with database.transaction() as tx:
+        kept = tx.query("SELECT COUNT(*) FROM sessions WHERE account_id = ? AND state IS NOT NULL", ("acc-inc-1",))
+        assert kept[0][0] >= 1
+    store.erase(ErasureScope("acc-inc-1", "household"))
+    with database.transaction() as tx:
+        assert tx.query("SELECT COUNT(*) FROM sessions WHERE account_id = ?", ("acc-inc-1",)) == [(0,)]
+        assert tx.query("SELECT COUNT(*) FROM sessions WHERE account_id = ? AND state IS NOT NULL",
+                        ("acc-inc-2",))[0][0] >= 1

@@ -6,17 +6,15 @@ before the first fit names a person of that fit with the id the caller gave."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from services.clustering.app import ClusteringApp
 from services.clustering.domain.model import MIN_SESSIONS
 from services.clustering.modeling import ModelKeeper
 from services.clustering.store import ClusteringStore
-from tests.helpers.households import household_events
+from tests.helpers.households import household_events, week_start_days_ago
 
-T0 = time.time() - 90 * 86400
+T0 = week_start_days_ago(90)
 PERSONS = ("kid", "parent", "teen")
 
 

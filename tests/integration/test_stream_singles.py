@@ -11,16 +11,15 @@ adds must now also differ from everyone else by *when* they watch
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from services.clustering.app import ClusteringApp
 from services.clustering.domain.events import ViewingEvent
 from services.clustering.modeling import ModelKeeper
 from services.clustering.store import ClusteringStore
+from tests.helpers.households import week_start_days_ago
 
-T0 = time.time() - 150 * 86400
+T0 = week_start_days_ago(150)
 DAY = 86400
 # who: (hour, genres, series, titles per session)
 VIEWING = {"comedies": (21, ("comedy", "drama"), "sitcom", (1, 3)),

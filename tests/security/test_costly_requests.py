@@ -17,6 +17,7 @@ import grpc
 import httpx
 import pytest
 
+from bench.grpc_message_rss import rss_mb as _rss_mb
 from gateway import auth
 from hearth.attribution.v1 import attribution_pb2 as apb
 from hearth.attribution.v1 import attribution_pb2_grpc as apb_grpc
@@ -289,3 +290,75 @@ def test_an_analyst_cannot_tell_a_withdrawn_account_from_one_never_seen(security
         assert pooled == answer(["sec-oracle-kept", "sec-oracle-never"]) and pooled[0] == 200
         (result,) = [r for r in json.loads(pooled[1])["results"] if r["scope"] == "household"]
         assert result["total_conversions"] == 1 and "sec-oracle-gone-ch" not in pooled[1]
+
+
+def _attribute_message(mib: float) -> bytes:
+    """An AttributeRequest of ``mib`` MiB: one account id of that length (invalid, so an
+    authorised caller gets INVALID_ARGUMENT once it has been read)."""
+    return apb.AttributeRequest(account_ids=["a" * int(mib * 1024 * 1024)]).SerializeToString()
+
+
+def _peak_rss_growth_mb(pid: int, send) -> tuple[float, list]:
+    """How far the process's RSS rose above its level before while ``send()`` ran (polled
+    every 2 ms), and what ``send`` returned."""
+    before = _rss_mb(pid)
+    peak, done = [before], threading.Event()
+
+    def poll():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mb(pid))
+            time.sleep(0.002)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        result = send()
+        time.sleep(0.2)
+    finally:
+        done.set()
+        poller.join()
+    return peak[0] - before, result
+
+
+def _concurrently(address: str, payload: bytes, calls: int, metadata=()) -> list:
+    codes = []
+
+    def one():
+        with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", -1)]) as channel:
+            try:
+                channel.unary_unary("/hearth.attribution.v1.AttributionService/Attribute")(
+                    payload, metadata=metadata, timeout=30)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+
+    threads = [threading.Thread(target=one) for _ in range(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return codes
+
+
+def test_an_anonymous_grpc_message_is_refused_without_being_read(security_mesh):
+    """gRPC reads a unary request whole before a handler (and the interceptor that
+    authenticates) runs: until session 22 eight anonymous 60 MiB ``Attribute`` calls took
+    attribution from 103 MB to 637 MB RSS (each answered UNAUTHENTICATED). Now a unary
+    method is served by a request-streaming handler that authenticates from the metadata
+    first and reads the message only for a caller it knows: four anonymous 15 MiB messages
+    (under the 16 MiB receive limit, so only the authentication keeps them out) leave the
+    process's RSS within a few MB, where reading them cost ~60-120 MB; an analyst's
+    messages of the same size are read (and refused for what they hold), and one over the
+    limit is RESOURCE_EXHAUSTED."""
+    mesh = security_mesh.mesh
+    address, pid = f"127.0.0.1:{mesh.grpc_ports['attribution']}", mesh.processes["attribution"].pid
+    payload = _attribute_message(15)
+    growth, codes = _peak_rss_growth_mb(pid, lambda: _concurrently(address, payload, 4))
+    assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 4
+    assert growth < 30, f"RSS rose {growth:.0f} MB for 4 anonymous 15 MiB messages: they were read"
+
+    analyst = Principal("sec-analyst", Role.ANALYST)
+    metadata = [(identity.PRINCIPAL_KEY, analyst.id), (identity.ROLE_KEY, analyst.role.value),
+                (identity.TOKEN_KEY, VouchingSigner(mesh).sign(analyst, audience="attribution"))]
+    assert _concurrently(address, payload, 1, metadata) == [grpc.StatusCode.INVALID_ARGUMENT]   # read, then judged
+    assert _concurrently(address, _attribute_message(17), 1, metadata) == [grpc.StatusCode.RESOURCE_EXHAUSTED]

@@ -42,3 +42,25 @@ def test_a_services_own_unavailable_error_keeps_its_message_and_field():
     assert status == 503
     assert error == {"code": "unavailable", "field": "account_id",
                      "message": "account_id: feedback is unavailable; no partial export is given"}
+
+
+def test_a_request_message_over_the_grpc_limit_is_413_not_429():
+    """gRPC's own RESOURCE_EXHAUSTED for a message over HEARTH_GRPC_MAX_MESSAGE_BYTES — the
+    gateway's channel refusing to send it, or the service's core refusing to read it — is the
+    client's request: 413 (a 429 would tell it to retry the same request later)."""
+    for details in ("CLIENT: Sent message larger than max (20971525 vs. 16777216)",
+                    "SERVER: Received message larger than max (20971525 vs. 16777216)"):
+        status, error = _body(grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(),
+                                                   grpc.aio.Metadata(), details=details))
+        assert status == 413 and error["code"] == "payload_too_large", (details, error)
+        assert "20971525" in error["message"] and "HEARTH_GRPC_MAX_MESSAGE_BYTES" in error["message"]
+    # A response over the gateway's receive limit is the service's doing: 502.
+    status, error = _body(grpc.aio.AioRpcError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), grpc.aio.Metadata(),
+        details="CLIENT: Received message larger than max (70000000 vs. 67108864)"))
+    assert status == 502 and error["message"] == "upstream error"
+    # A service's own RESOURCE_EXHAUSTED (with its error code) keeps its 429.
+    status, error = _body(grpc.aio.AioRpcError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(),
+        grpc.aio.Metadata((ERROR_CODE_KEY, "resource_exhausted"), (ERROR_FIELD_KEY, "")), details="busy"))
+    assert status == 429

@@ -38,6 +38,7 @@ once from column arrays (used by the simulator and bulk rebuilds);
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -134,6 +135,11 @@ class GenreVocabulary:
         self.hashed_share = hashed_share if self.hashes_unknown else 0.0
         # the schema version of the vectors this vocabulary builds
         self.feature_version = FEATURE_SCHEMA_VERSION if self.hashes_unknown else POOLED_UNKNOWN_SCHEMA_VERSION
+        # Names every placement: running sums (``FeatureSums``) kept under one vocabulary
+        # are not extended under another (an alias added since would place the session's
+        # earlier events differently on a rebuild).
+        self.signature = hashlib.blake2b(json.dumps(
+            [sorted(index.items()), self.hashes_unknown, self.hashed_share]).encode(), digest_size=8).hexdigest()
 
     @classmethod
     def parse(cls, spec: str, unknown: str = "hash") -> "GenreVocabulary":
@@ -235,39 +241,86 @@ class WatchItem:
     vpn: bool
 
 
-def session_features(start_ts: float, device_type: str, items: Iterable[WatchItem],
-                     vocabulary: GenreVocabulary | None = None) -> np.ndarray:
-    """One session's feature vector (FEATURE_DIM float32)."""
-    placements = (vocabulary or DEFAULT_VOCABULARY).placements
-    genre_seconds = np.zeros(len(GENRES))
-    kids = teen = total = 0.0
-    titles: set[str] = set()
-    episodes_per_series: dict[str, set[str]] = {}
-    n_items = vpn_items = 0
-    for item in items:
-        n_items += 1
-        vpn_items += bool(item.vpn)
+class FeatureSums:
+    """What a session's feature vector is computed from, summed event by event in the
+    order the events are added (``session_features`` adds a session's in time order,
+    then event id): watch seconds per genre slot, kids/teen/total seconds, the distinct
+    titles, each series' distinct episodes (up to ``BINGE_EPISODES``: the binge flag only
+    asks whether one reached it), events and VPN events. A float sum depends on the order
+    of its terms, so the same events added in the same order give the same bits, and
+    ``to_dict``/``from_dict`` keep every float exactly (JSON writes a float's repr).
+
+    The clustering store keeps one (sealed) per device's newest session, so a batch that
+    only appends to it adds its events instead of re-reading the session's
+    (services/clustering/store.py, docs/clustering.md "Incremental sessions")."""
+
+    __slots__ = ("genre_seconds", "kids", "teen", "total", "titles", "series", "items", "vpn_items")
+
+    def __init__(self) -> None:
+        self.genre_seconds = [0.0] * len(GENRES)
+        self.kids = self.teen = self.total = 0.0
+        self.titles: set[str] = set()
+        self.series: dict[str, set[str]] = {}
+        self.items = self.vpn_items = 0
+
+    def add(self, item: WatchItem, placements) -> None:
+        """Count one event (``placements``: the vocabulary's ``placements``)."""
+        self.items += 1
+        self.vpn_items += bool(item.vpn)
         seconds = max(float(item.duration_s), 0.0)
-        total += seconds
+        self.total += seconds
         if item.genres:
             share = seconds / len(item.genres)
+            genre_seconds = self.genre_seconds
             for g in item.genres:
                 for index, weight in placements(g):
                     genre_seconds[index] += share * weight
         if item.maturity == "kids":
-            kids += seconds
+            self.kids += seconds
         elif item.maturity == "teen":
-            teen += seconds
+            self.teen += seconds
         if item.title_id:
-            titles.add(item.title_id)
+            self.titles.add(item.title_id)
             if item.series_id:
-                episodes_per_series.setdefault(item.series_id, set()).add(item.title_id)
-    binge = float(any(len(eps) >= BINGE_EPISODES for eps in episodes_per_series.values()))
-    return features_matrix(
-        np.array([start_ts]), np.array([device_index(device_type)]), genre_seconds[None, :],
-        np.array([kids]), np.array([teen]), np.array([total]), np.array([binge]),
-        np.array([len(titles)]), np.array([vpn_items / n_items if n_items else 0.0]),
-    )[0]
+                episodes = self.series.setdefault(item.series_id, set())
+                if len(episodes) < BINGE_EPISODES:
+                    episodes.add(item.title_id)
+
+    def features(self, start_ts: float, device_type: str) -> np.ndarray:
+        """The session's feature vector (FEATURE_DIM float32)."""
+        binge = float(any(len(eps) >= BINGE_EPISODES for eps in self.series.values()))
+        return features_matrix(
+            np.array([start_ts]), np.array([device_index(device_type)]), np.array([self.genre_seconds]),
+            np.array([self.kids]), np.array([self.teen]), np.array([self.total]), np.array([binge]),
+            np.array([len(self.titles)]), np.array([self.vpn_items / self.items if self.items else 0.0]),
+        )[0]
+
+    def to_dict(self) -> dict:
+        return {"genre_seconds": self.genre_seconds, "kids": self.kids, "teen": self.teen, "total": self.total,
+                "titles": sorted(self.titles), "series": {k: sorted(v) for k, v in sorted(self.series.items())},
+                "items": self.items, "vpn_items": self.vpn_items}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FeatureSums":
+        sums = cls()
+        if len(d["genre_seconds"]) != len(GENRES):
+            raise ValueError("genre sums of another layout")
+        sums.genre_seconds = [float(x) for x in d["genre_seconds"]]
+        sums.kids, sums.teen, sums.total = float(d["kids"]), float(d["teen"]), float(d["total"])
+        sums.titles = set(d["titles"])
+        sums.series = {k: set(v) for k, v in d["series"].items()}
+        sums.items, sums.vpn_items = int(d["items"]), int(d["vpn_items"])
+        return sums
+
+
+def session_features(start_ts: float, device_type: str, items: Iterable[WatchItem],
+                     vocabulary: GenreVocabulary | None = None) -> np.ndarray:
+    """One session's feature vector (FEATURE_DIM float32)."""
+    placements = (vocabulary or DEFAULT_VOCABULARY).placements
+    sums = FeatureSums()
+    for item in items:
+        sums.add(item, placements)
+    return sums.features(start_ts, device_type)
 
 
 DEFAULT_VOCABULARY = GenreVocabulary()

@@ -3,8 +3,11 @@ inactivity window form a session.
 
 Pure and deterministic: sessions are a function of the *set* of events (sorted by
 time, then event id), never of the order they arrived in, so replays, retries and
-late events give the same sessions. The store calls ``build_sessions`` on the events of
-the affected time range of a device and replaces the sessions there.
+late events give the same sessions. The store rebuilds the sessions of the affected time
+range of a device from its stored events (``build_session_states``) and replaces them
+there, or, when a batch only appends to the device's newest session, extends that
+session's kept ``SessionState`` (``extend_sessions``): both add the same events in the
+same order, so they give the same sessions to the bit.
 
 Lateness: an event older than the device's watermark (newest event time seen) minus
 the tolerance is refused by the store — by then its session may have been assigned and
@@ -18,6 +21,7 @@ the wall clock is more than one gap past its last event.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.clustering.domain.events import ViewingEvent
-from services.clustering.domain.features import DEFAULT_VOCABULARY, GenreVocabulary, WatchItem, session_features
+from services.clustering.domain.features import DEFAULT_VOCABULARY, FeatureSums, GenreVocabulary, WatchItem
 
 DEFAULT_GAP_S = 1800.0
 
@@ -68,45 +72,126 @@ def split_by_gap(ts_sorted: np.ndarray, gap_s: float) -> np.ndarray:
     return np.concatenate(([0], breaks))
 
 
-def build_sessions(events: Sequence[ViewingEvent], gap_s: float = DEFAULT_GAP_S,
-                   vocabulary: GenreVocabulary | None = None) -> list[Session]:
-    """Sessions of events from ONE (account, device); duplicates by event_id ignored.
-    ``vocabulary``: how genre names reach the feature slots (default: the slot names)."""
+class SessionState:
+    """A session as events are added to it in time order (then event id): what its
+    ``Session`` is computed from, and nothing more. ``build_sessions`` folds a device's
+    events into these; the store keeps the newest one of a device (sealed, ``to_bytes``)
+    so that events appended after it are added to it (``extend_sessions``) instead of
+    the whole session being rebuilt from its stored events. Both add the same events in
+    the same order, so the sessions are the same to the bit (tests/unit/test_incremental_sessions.py)."""
+
+    __slots__ = ("account_id", "device_id", "start_ts", "end_ts", "last_event_id", "device_type",
+                 "event_count", "watch_seconds", "hints", "unknown", "sums", "vocabulary", "gap_s")
+
+    def __init__(self, first: ViewingEvent, vocabulary: GenreVocabulary, gap_s: float) -> None:
+        self.account_id, self.device_id, self.start_ts = first.account_id, first.device_id, first.ts
+        self.vocabulary, self.gap_s = vocabulary.signature, float(gap_s)
+        self.end_ts, self.last_event_id, self.device_type = first.ts, first.event_id, first.device_type
+        self.event_count, self.watch_seconds = 0, 0.0
+        self.hints: Counter = Counter()
+        self.unknown: Counter = Counter()
+        self.sums = FeatureSums()
+        self.add(first, vocabulary)
+
+    def add(self, e: ViewingEvent, vocabulary: GenreVocabulary) -> None:
+        """Count ``e``, which comes after every event counted so far."""
+        self.end_ts, self.last_event_id = e.ts, e.event_id
+        # The device type of the latest event wins: a device is re-typed rarely, and
+        # the newest report is the most likely to be right.
+        self.device_type = e.device_type
+        self.event_count += 1
+        self.watch_seconds += e.duration_s
+        if e.profile_hint:
+            self.hints[e.profile_hint] += 1
+        if e.genres:
+            self.unknown.update(set(vocabulary.unknown(e.genres)))
+        self.sums.add(WatchItem(e.ts, e.title_id, e.series_id, e.genres, e.duration_s, e.maturity, e.vpn),
+                      vocabulary.placements)
+
+    def after(self, e: ViewingEvent) -> bool:
+        """Whether ``e`` sorts after every event counted (time, then event id)."""
+        return (e.ts, e.event_id) > (self.end_ts, self.last_event_id)
+
+    def session(self, vocabulary: GenreVocabulary, event_ids: tuple[str, ...] = ()) -> Session:
+        hints = self.hints
+        return Session(
+            session_id=session_id_for(self.account_id, self.device_id, self.start_ts),
+            account_id=self.account_id,
+            device_id=self.device_id,
+            device_type=self.device_type,
+            start_ts=self.start_ts,
+            end_ts=self.end_ts,
+            event_ids=event_ids,
+            watch_seconds=float(self.watch_seconds),
+            features=self.sums.features(self.start_ts, self.device_type),
+            feature_version=vocabulary.feature_version,
+            label=min(hints, key=lambda h: (-hints[h], h)) if hints else None,
+            unknown_genres=tuple(sorted(self.unknown.items())),
+        )
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({
+            "account_id": self.account_id, "device_id": self.device_id, "start_ts": self.start_ts,
+            "end_ts": self.end_ts, "last_event_id": self.last_event_id, "device_type": self.device_type,
+            "event_count": self.event_count, "watch_seconds": self.watch_seconds,
+            "hints": dict(sorted(self.hints.items())), "unknown": dict(sorted(self.unknown.items())),
+            "sums": self.sums.to_dict(), "vocabulary": self.vocabulary, "gap_s": self.gap_s,
+        }, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "SessionState":
+        d = json.loads(data)
+        state = cls.__new__(cls)
+        state.account_id, state.device_id = d["account_id"], d["device_id"]
+        state.start_ts, state.end_ts = float(d["start_ts"]), float(d["end_ts"])
+        state.last_event_id, state.device_type = d["last_event_id"], d["device_type"]
+        state.event_count, state.watch_seconds = int(d["event_count"]), float(d["watch_seconds"])
+        state.hints, state.unknown = Counter(d["hints"]), Counter(d["unknown"])
+        state.sums = FeatureSums.from_dict(d["sums"])
+        state.vocabulary, state.gap_s = d["vocabulary"], float(d["gap_s"])
+        return state
+
+
+def extend_sessions(last: SessionState | None, ordered: Sequence[ViewingEvent], gap_s: float,
+                    vocabulary: GenreVocabulary) -> list[SessionState]:
+    """The sessions ``ordered`` (sorted by time, then event id, ids unique, all after
+    ``last``'s events) make after ``last``: ``last`` extended (it is modified, and is
+    the first element) when the first event is within one gap of its end, then every
+    session they start. A gap longer than ``gap_s`` between consecutive events starts a
+    new session."""
+    states = [last] if last is not None else []
+    current = last
+    for e in ordered:
+        if current is None or e.ts - current.end_ts > gap_s:
+            current = SessionState(e, vocabulary, gap_s)
+            states.append(current)
+        else:
+            current.add(e, vocabulary)
+    return states
+
+
+def build_session_states(events: Sequence[ViewingEvent], gap_s: float = DEFAULT_GAP_S,
+                         vocabulary: GenreVocabulary | None = None) -> list[SessionState]:
+    """``build_sessions``' sessions as their running states (oldest first)."""
     vocabulary = vocabulary or DEFAULT_VOCABULARY
     if gap_s <= 0:
         raise ValueError("gap_s must be > 0")
     unique = {e.event_id: e for e in events}
     ordered = sorted(unique.values(), key=lambda e: (e.ts, e.event_id))
-    if not ordered:
-        return []
-    if len({(e.account_id, e.device_id) for e in ordered}) != 1:
+    if len({(e.account_id, e.device_id) for e in ordered}) > 1:
         raise ValueError("events must all belong to one (account_id, device_id)")
-    ts = np.fromiter((e.ts for e in ordered), dtype=np.float64, count=len(ordered))
-    starts = split_by_gap(ts, gap_s)
-    ends = np.append(starts[1:], len(ordered))
-    sessions = []
-    for a, b in zip(starts.tolist(), ends.tolist()):
-        group = ordered[a:b]
-        first = group[0]
-        # The device type of the latest event wins: a device is re-typed rarely, and
-        # the newest report is the most likely to be right.
-        device_type = group[-1].device_type
-        items = [WatchItem(e.ts, e.title_id, e.series_id, e.genres, e.duration_s, e.maturity, e.vpn)
-                 for e in group]
-        hints = Counter(e.profile_hint for e in group if e.profile_hint)
-        unknown = Counter(g for e in group for g in set(vocabulary.unknown(e.genres)))
-        sessions.append(Session(
-            session_id=session_id_for(first.account_id, first.device_id, first.ts),
-            account_id=first.account_id,
-            device_id=first.device_id,
-            device_type=device_type,
-            start_ts=first.ts,
-            end_ts=group[-1].ts,
-            event_ids=tuple(e.event_id for e in group),
-            watch_seconds=float(sum(e.duration_s for e in group)),
-            features=session_features(first.ts, device_type, items, vocabulary),
-            feature_version=vocabulary.feature_version,
-            label=min(hints, key=lambda h: (-hints[h], h)) if hints else None,
-            unknown_genres=tuple(sorted(unknown.items())),
-        ))
+    return extend_sessions(None, ordered, gap_s, vocabulary)
+
+
+def build_sessions(events: Sequence[ViewingEvent], gap_s: float = DEFAULT_GAP_S,
+                   vocabulary: GenreVocabulary | None = None) -> list[Session]:
+    """Sessions of events from ONE (account, device); duplicates by event_id ignored.
+    ``vocabulary``: how genre names reach the feature slots (default: the slot names)."""
+    vocabulary = vocabulary or DEFAULT_VOCABULARY
+    states = build_session_states(events, gap_s, vocabulary)
+    ids = sorted(({e.event_id: e for e in events}).values(), key=lambda e: (e.ts, e.event_id))
+    sessions, at = [], 0
+    for state in states:
+        sessions.append(state.session(vocabulary, tuple(e.event_id for e in ids[at:at + state.event_count])))
+        at += state.event_count
     return sessions

@@ -13,11 +13,10 @@ import grpc
 import pytest
 from prometheus_client import REGISTRY
 
-from services.common import audit, identity, telemetry
-from services.common.audit import AuditSink, MemoryAuditTransport
+from services.common import identity, telemetry
 from services.common.errors import InvalidArgument
-from services.common.identity import ServiceTokenSigner
-from services.common.server import HearthInterceptor, build_server
+from services.common.server import HearthInterceptor
+from tests.helpers.interceptor import serving_clustering_methods
 
 SERVICE = "t-intercept"
 METHOD = "/hearth.clustering.v1.ClusteringService/AssignSession"   # audited as "assign"
@@ -26,33 +25,14 @@ TRACE = "0af7651916cd43dd8448eb211c80319c"
 
 @pytest.fixture
 def served():
-    previous_signer = identity._signer
-    identity.configure_service_tokens(ServiceTokenSigner(b"s" * 32))
-    transport = MemoryAuditTransport()
-    sink = AuditSink(transport, component=SERVICE, max_delay_s=0)
-    previous_sink = audit.install(sink)
-
     def handler(request: bytes, context) -> bytes:
         if request == b"bad":
             raise InvalidArgument("bad request", "session")
         return request
 
-    def register(server):
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            "hearth.clustering.v1.ClusteringService",
-            {"AssignSession": grpc.unary_unary_rpc_method_handler(handler)}),))
-        return []
-
-    running = build_server(SERVICE, register, port=0)
-    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
-    try:
-        yield channel.unary_unary(METHOD), transport, sink
-    finally:
-        channel.close()
-        running.server.stop(0)
-        audit.install(previous_sink)
-        sink.close()
-        identity.configure_service_tokens(previous_signer)
+    with serving_clustering_methods(SERVICE, {"AssignSession": grpc.unary_unary_rpc_method_handler(handler)},
+                                    b"s" * 32) as served:
+        yield served.channel.unary_unary(METHOD), served.transport, served.sink
 
 
 def _count(code: str) -> float:

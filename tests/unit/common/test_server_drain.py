@@ -142,8 +142,14 @@ def test_the_gateway_drains_for_hearth_grace_seconds_not_a_fixed_5_s(monkeypatch
         monkeypatch.delenv(name)
     monkeypatch.setenv("HEARTH_GRACE_SECONDS", "27")
     seen = {}
-    monkeypatch.setattr(gateway_main.uvicorn, "run", lambda app, **options: seen.update(options))
-    monkeypatch.setattr(gateway_main, "create_app", lambda settings: object())
+
+    def run(server, sockets=None):   # GatewayServer (uvicorn's server with the gateway's stop)
+        seen["timeout_graceful_shutdown"] = server.config.timeout_graceful_shutdown
+        server.started = True
+
+    monkeypatch.setattr(gateway_main.GatewayServer, "run", run)
+    app = type("App", (), {"state": type("State", (), {"clients": None})()})()
+    monkeypatch.setattr(gateway_main, "create_app", lambda settings: app)
     monkeypatch.setattr(gateway_main.telemetry, "setup_telemetry", lambda *a, **k: None)
     monkeypatch.setattr(config_module, "configure_process", lambda settings, component=None: None)
     gateway_main.main()

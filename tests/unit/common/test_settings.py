@@ -156,3 +156,18 @@ def test_clustering_reads_the_retention_privacy_purges_with(monkeypatch):
     assert ClusteringSettings().retention_s is None
     with pytest.raises(config.ConfigError, match="HEARTH_RETENTION_DAYS"):
         config.load(ClusteringSettings, service_name="clustering", retention_days=0)
+
+
+def test_the_grpc_message_limit_is_a_mesh_setting_the_gateways_body_limit_must_fit():
+    """HEARTH_GRPC_MAX_MESSAGE_BYTES (16 MiB): the largest request message a server reads and
+    a client sends. A gateway body's protobuf is never larger than its JSON, so a gateway
+    whose HEARTH_MAX_BODY_BYTES exceeds it could forward a body no service reads: refused at
+    start, naming both."""
+    assert config.MeshSettings.model_fields["grpc_max_message_bytes"].default == 16 * 1024 * 1024
+    assert config.load(GatewaySettings, max_body_bytes=16 * 1024 * 1024).max_body_bytes == 16 * 1024 * 1024
+    with pytest.raises(config.ConfigError, match="HEARTH_MAX_BODY_BYTES must not exceed HEARTH_GRPC_MAX_MESSAGE_BYTES"):
+        config.load(GatewaySettings, max_body_bytes=32 * 1024 * 1024)
+    assert config.load(GatewaySettings, max_body_bytes=32 * 1024 * 1024,
+                       grpc_max_message_bytes=32 * 1024 * 1024).grpc_max_message_bytes == 32 * 1024 * 1024
+    with pytest.raises(config.ConfigError, match="HEARTH_GRPC_MAX_MESSAGE_BYTES"):
+        config.load(ClusteringSettings, service_name="clustering", grpc_max_message_bytes=1000)

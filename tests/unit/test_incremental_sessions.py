@@ -1,0 +1,199 @@
+"""The incremental session update (ClusteringStore._update_sessions, domain/sessions.py
+SessionState) gives the full rebuild's sessions, field by field, for any arrival order
+and batch split; a batch appended to a long session does not re-read it."""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from services.clustering.domain.events import ViewingEvent
+from services.clustering.domain.features import GenreVocabulary
+from services.clustering.domain.sessions import SessionState, build_session_states, build_sessions
+from services.clustering.store import ClusteringStore
+from services.common.erasure import ErasureScope
+from services.common.field_crypto import FieldCipher
+from services.common.storage.sql import SqliteDatabase
+from services.privacy.keys.domain import KeyRing, generate_kek
+from tests.helpers.incremental_sessions import (GAP_S, T0, FullRebuildStore, assert_same_sessions, name_persons,
+                                                random_event, session_rows)
+from tests.helpers.keys import ring_fetcher
+
+ACCOUNT = "acc-1"
+
+
+def _stores(root: Path, tolerance_s: float, vocabulary: GenreVocabulary | None = None):
+    ring = KeyRing([generate_kek("k1")], "k1")
+    out = []
+    for name, cls in (("incremental", ClusteringStore), ("full", FullRebuildStore)):
+        store = cls(SqliteDatabase(root / f"{name}.db"), gap_s=GAP_S, lateness_tolerance_s=tolerance_s,
+                    cipher=FieldCipher(ring_fetcher(ring, [])), vocabulary=vocabulary)
+        store.migrate()
+        out.append(store)
+    return out
+
+
+# Events: (time step, event id, device, seed of its other fields, fraction of a step).
+# Steps of 600 s against a gap of 1,800 s: sessions split, touch at exactly one gap,
+# share instants (the event id orders them) and are bridged by late events; ids repeat.
+_event = st.tuples(st.integers(0, 40), st.integers(0, 60), st.sampled_from(("tv-1", "tv-1", "ph-1")),
+                   st.integers(0, 2**32 - 1), st.sampled_from((0.0, 0.0, 0.25, 0.5)))
+# What happens between: the next batch of the stream (its size), persons named (an
+# assignment), a window or a person erased.
+_op = st.one_of(
+    st.tuples(st.just("batch"), st.integers(1, 8)),
+    st.tuples(st.just("batch"), st.integers(1, 3)),
+    st.tuples(st.just("persons"), st.integers(0, 3)),
+    st.tuples(st.just("erase_window"), st.integers(0, 40), st.integers(1, 6)),
+    st.tuples(st.just("erase_person"), st.integers(0, 3)),
+)
+
+
+def _arrival(events: list, order: str, moves: list[tuple[int, int]]) -> list[ViewingEvent]:
+    """The events in their order of arrival: as drawn ("random"), in time order as a
+    client streams them ("stream"), or in time order with some arriving late ("late":
+    each move takes an event to a later position)."""
+    out = [random_event(random.Random(seed), ACCOUNT, i, T0 + 600.0 * (step + frac), device=device)
+           for step, i, device, seed, frac in events]
+    if order != "random":
+        out.sort(key=lambda e: (e.ts, e.event_id))
+    if order == "late":
+        for a, b in moves:
+            a, b = a % len(out), b % len(out)
+            if a < b:
+                out.insert(b, out.pop(a))
+    return out
+
+
+def _run(events: list[ViewingEvent], ops, tolerance_s: float) -> None:
+    # In memory-backed storage where there is one: SQLite's fsyncs are not what is tested.
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if Path("/dev/shm").is_dir() else None) as root:
+        stores = _stores(Path(root), tolerance_s)
+        for op in [*ops, ("batch", len(events))]:
+            if op[0] == "batch":
+                batch, events = events[:op[1]], events[op[1]:]
+                if not batch:
+                    continue
+                results = [store.ingest(batch) for store in stores]
+                assert results[0] == results[1]
+            elif op[0] == "persons":
+                name_persons(stores, ACCOUNT, str(op[1]))
+            elif op[0] == "erase_window":
+                lo = T0 + 600.0 * op[1]
+                for store in stores:
+                    store.erase(ErasureScope(ACCOUNT, "window", start=lo, end=lo + 600.0 * op[2]))
+            else:
+                for store in stores:
+                    store.erase(ErasureScope(ACCOUNT, "person", person_id=f"p-{op[1]}"))
+            assert_same_sessions(*stores, ACCOUNT)
+        for store in stores:
+            store.db.close()
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_event, min_size=1, max_size=40), st.sampled_from(("stream", "stream", "late", "random")),
+       st.lists(st.tuples(st.integers(0, 39), st.integers(0, 39)), max_size=4),
+       st.lists(_op, min_size=1, max_size=14), st.sampled_from((1e9, 3600.0)))
+def test_incremental_sessions_equal_the_full_rebuild(events, order, moves, ops, tolerance_s):
+    """Random streams (ties, duplicate ids, late events inside, before and between
+    sessions, bridges, two devices) in random orders, cut into random batches, with
+    persons named and windows and persons erased between them: after every operation the
+    incremental store's sessions equal the full rebuild's field by field (features to the
+    byte, labels, unknown genres, persons, person probabilities, the newest session's
+    running state) and build_sessions' of the stored events."""
+    _run(_arrival(events, order, moves), ops, tolerance_s)
+
+
+def test_a_stream_of_small_batches_equals_one_batch(tmp_path):
+    """A long session posted two events at a time (the incremental path every time
+    after the first) equals the full rebuild's and the same events posted at once."""
+    rng = random.Random(7)
+    events = [random_event(rng, ACCOUNT, i, T0 + 30.0 * i + (3000.0 if i >= 150 else 0.0)) for i in range(200)]
+    stores = _stores(tmp_path, 1e9)
+    for start in range(0, len(events), 2):
+        for store in stores:
+            store.ingest(events[start:start + 2])
+    assert_same_sessions(*stores, ACCOUNT)
+    (tmp_path / "once").mkdir()
+    once = _stores(tmp_path / "once", 1e9)[1]
+    once.ingest(events)
+    assert session_rows(stores[0], ACCOUNT) == session_rows(once, ACCOUNT)
+    assert len(session_rows(once, ACCOUNT)) == 2
+
+
+class _CountingCipher(FieldCipher):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.opened = 0
+
+    def decrypt(self, account_id, field, blob):
+        self.opened += 1
+        return super().decrypt(account_id, field, blob)
+
+    def decrypt_text(self, account_id, field, stored):
+        self.opened += 1
+        return super().decrypt_text(account_id, field, stored)
+
+
+def test_a_batch_appended_to_a_long_session_does_not_reopen_its_events(tmp_path):
+    """The cost of a batch is the batch's: two heartbeats appended to a 300-event open
+    session open one sealed value (the session's running state), not the session's 1,500
+    sealed event fields (the full rebuild opened every one at every batch)."""
+    ring = KeyRing([generate_kek("k1")], "k1")
+    cipher = _CountingCipher(ring_fetcher(ring, []))
+    store = ClusteringStore(SqliteDatabase(tmp_path / "c.db"), gap_s=GAP_S, cipher=cipher)
+    store.migrate()
+    rng = random.Random(3)
+    store.ingest([random_event(rng, ACCOUNT, i, T0 + 30.0 * i) for i in range(300)])
+    cipher.opened = 0
+    result = store.ingest([random_event(rng, ACCOUNT, i, T0 + 30.0 * i) for i in (300, 301)])
+    assert result.accepted == 2 and result.sessions_touched == 1
+    assert cipher.opened == 1
+    # A late event inside the session takes the full rebuild, and the next append is
+    # incremental again.
+    store.ingest([random_event(rng, ACCOUNT, 999, T0 + 15.0)])
+    cipher.opened = 0
+    store.ingest([random_event(rng, ACCOUNT, 302, T0 + 30.0 * 302)])
+    assert cipher.opened == 1
+
+
+def test_the_running_state_round_trips_every_float():
+    rng = random.Random(11)
+    events = [random_event(rng, ACCOUNT, i, T0 + 7.3 * i) for i in range(40)]
+    vocabulary = GenreVocabulary({"sci-fi": "scifi"})
+    (state,) = build_session_states(events, GAP_S, vocabulary)
+    again = SessionState.from_bytes(state.to_bytes())
+    assert again.to_bytes() == state.to_bytes()
+    (session,) = build_sessions(events, GAP_S, vocabulary)
+    assert again.session(vocabulary).features.tobytes() == session.features.tobytes()
+    assert again.vocabulary != GenreVocabulary().signature     # an alias changes the placements
+
+
+def test_a_changed_vocabulary_or_gap_takes_the_full_rebuild(tmp_path):
+    """Running sums kept under one vocabulary (or gap) are not extended under another:
+    the sessions are those the full rebuild under the new one gives (an alias placing
+    the session's earlier unknown names, a shorter gap splitting it)."""
+    ring = KeyRing([generate_kek("k1")], "k1")
+    rng = random.Random(5)
+    steps = (0, 300, 600, 900, 1200, 1500, 1800, 2100, 2160, 2220, 2280, 2340)
+    events = [random_event(rng, ACCOUNT, i, T0 + step) for i, step in enumerate(steps)]
+    assert any("anime" in e.genres for e in events[:10])
+    for n, (vocabulary, gap_s) in enumerate(((GenreVocabulary({"anime": "animation", "telenovela": "drama"}), GAP_S),
+                                             (None, 120.0))):
+        db = SqliteDatabase(tmp_path / f"{n}.db")
+        before = ClusteringStore(db, gap_s=GAP_S, cipher=FieldCipher(ring_fetcher(ring, [])))
+        before.migrate()
+        before.ingest(events[:10])
+        after = ClusteringStore(db, gap_s=gap_s, cipher=FieldCipher(ring_fetcher(ring, [])), vocabulary=vocabulary)
+        after.ingest(events[10:])
+        full = FullRebuildStore(SqliteDatabase(tmp_path / f"{n}-full.db"), gap_s=GAP_S,
+                                cipher=FieldCipher(ring_fetcher(ring, [])))
+        full.migrate()
+        full.ingest(events[:10])
+        full = FullRebuildStore(full.db, gap_s=gap_s, cipher=full.cipher, vocabulary=vocabulary)
+        full.ingest(events[10:])
+        assert_same_sessions(after, full, ACCOUNT)
