@@ -3,7 +3,7 @@
 pydantic validates a bounded list item by item and refuses it once it has validated one
 item more than its ``max_length`` allows, so an over-bound array costs up to ``max_length
 + 1`` item validations, and the route's generic path parsed the body two more times
-before that (docs/security.md, "Attacker's review (session 21)", item 8). ``BodyBounds``
+before that (docs/security.md, "Attacker's review (session 21)", item 10). ``BodyBounds``
 reads a model's bounded arrays (lists and mappings with ``max_length``, at any depth:
 ``events``, an event's ``genres``, ``touchpoints``, ``account_ids``, ...) once, and
 ``check`` walks the parsed JSON along them: the first array longer than its bound is

@@ -1,6 +1,6 @@
 """gateway/body_bounds.py: an array over its bound is refused from the parsed JSON, with the
 error pydantic gives for it, before any of its items is validated (docs/security.md,
-"Attacker's review (session 21)", item 8)."""
+"Attacker's review (session 21)", item 10)."""
 
 from __future__ import annotations
 
