@@ -360,7 +360,7 @@ class HearthInterceptor(grpc.ServerInterceptor):
                     # given up, so doing the work now only delays the calls still waiting
                     # (an overload would otherwise snowball into minutes of dead work).
                     context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before the call started")
-                deadline_token = client.set_serving_deadline(remaining)
+                deadline_token = client.set_serving_deadline(remaining, context.is_active)
                 # Who is calling, from the metadata and the peer's certificate alone: the
                 # message of a unary call is read only after this (_Unread).
                 principal = identity.principal_from_metadata(
@@ -424,7 +424,7 @@ class HearthInterceptor(grpc.ServerInterceptor):
 def _stream(result: Iterable, context, span, principal, finish, code_of, method) -> Iterator:
     token = otel_context.attach(trace.set_span_in_context(span))
     p_token = identity.set_current(principal)
-    d_token = client.set_serving_deadline(context.time_remaining())
+    d_token = client.set_serving_deadline(context.time_remaining(), context.is_active)
     try:
         try:
             yield from result

@@ -36,7 +36,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse as sp
 
 from services.attribution.domain.errors import AttributionInputError
 from services.attribution.domain.heuristics import HEURISTICS, HeuristicParams, credited_values, touch_fractions
@@ -51,6 +50,10 @@ from services.attribution.domain.markov import (
 from services.attribution.domain.paths import Paths
 from services.attribution.domain.shapley import shapley_touch_fractions
 from services.common.client import check_serving_deadline
+from services.common.lazy_import import lazy_module
+
+# scipy.sparse is imported at its first use: the service starts without it (services/common/lazy_import.py)
+sp = lazy_module("scipy.sparse")
 
 MAX_REPLICATES = 10_000
 BLOCK_CELLS = 8_000_000  # unique paths x replicates per block (64 MB of float64 per matrix)

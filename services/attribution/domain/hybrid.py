@@ -36,7 +36,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse as sp
 
 from services.attribution.domain.errors import AttributionInputError
 from services.attribution.domain.markov import (
@@ -48,6 +47,10 @@ from services.attribution.domain.markov import (
     solve_removal_effects,
 )
 from services.attribution.domain.paths import Paths, concat_paths
+from services.common.lazy_import import lazy_module
+
+# scipy.sparse is imported at its first use: the service starts without it (services/common/lazy_import.py)
+sp = lazy_module("scipy.sparse")
 
 
 def check_alpha(alpha: float) -> float:

@@ -77,12 +77,15 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-import scipy.sparse as sp
-import scipy.sparse.linalg as spla
 
 from services.attribution.domain.errors import AttributionInputError
 from services.attribution.domain.paths import Paths
 from services.common.client import check_serving_deadline
+from services.common.lazy_import import lazy_module
+
+# scipy.sparse is imported at its first use: the service starts without it (services/common/lazy_import.py)
+sp = lazy_module("scipy.sparse")
+spla = lazy_module("scipy.sparse.linalg")
 
 Repeats = Literal["collapse_states", "collapse_channels", "keep"]
 Revenue = Literal["value_chain", "conversion_share"]

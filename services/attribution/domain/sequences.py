@@ -28,12 +28,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
-import scipy.sparse.linalg as spla
 
 from services.attribution.domain.errors import AttributionInputError
 from services.attribution.domain.markov import MarkovChain, MarkovConventions, build_chain
 from services.attribution.domain.paths import Paths
+from services.common.lazy_import import lazy_module
+
+# scipy.sparse is imported at its first use: the service starts without it (services/common/lazy_import.py)
+sp = lazy_module("scipy.sparse")
+spla = lazy_module("scipy.sparse.linalg")
 
 MAX_SEQUENCES = 50
 MAX_SEQUENCE_LENGTH = 10

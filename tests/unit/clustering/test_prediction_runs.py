@@ -134,7 +134,7 @@ def _same(a: bytes, b: bytes) -> None:
 # ---- the tests --------------------------------------------------------------------------
 
 @given(st.lists(_run(), max_size=6))
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 def test_a_run_encodes_to_the_bytes_of_its_records(runs):
     """Each run's bytes are session 20's for the records it stands for, and a run is those
     records (iteration, indexing, slices)."""
@@ -158,7 +158,7 @@ def test_a_run_encodes_to_the_bytes_of_its_records(runs):
 @given(st.lists(st.tuples(st.lists(_run(), max_size=4), st.booleans(),
                           st.sampled_from(["", "00-" + "a" * 32 + "-" + "b" * 16 + "-01"])), max_size=5),
        st.sampled_from([1, 2, 3, 5, 1000]))
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 def test_the_chunks_are_session_20s(requests, batch):
     """A group commit's requests, some as runs (AssignSessions), some as lists of records
     (AssignSession and the other callers), cut into chunks of ``batch`` predictions: the

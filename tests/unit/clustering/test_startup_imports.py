@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[3]
 HEAVY = ("sklearn", "scipy.optimize", "scipy.stats", "pandas")
 
 
-def _loaded_after(code: str) -> list[str]:
-    run = subprocess.run([sys.executable, "-c", code + f"\nimport json, sys\nprint(json.dumps([m for m in {HEAVY!r} "
+def _loaded_after(code: str, modules: tuple[str, ...] = HEAVY) -> list[str]:
+    """Which of ``modules`` a fresh interpreter has imported after running ``code``."""
+    run = subprocess.run([sys.executable, "-c", code + f"\nimport json, sys\nprint(json.dumps([m for m in {modules!r} "
                                                       "if m in sys.modules]))"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
