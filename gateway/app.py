@@ -41,6 +41,8 @@ log = logging.getLogger("hearth.gateway")
 ACCESS_LOG = logging.getLogger("hearth.access")
 
 HTTP_REQUESTS = Counter("hearth_http_requests_total", "HTTP requests", ["route", "method", "status"])
+CANCELLED_ON_DISCONNECT = Counter("hearth_gateway_cancelled_on_disconnect_total",
+                                  "Costly read requests cancelled because their client disconnected first")
 HTTP_DURATION = Histogram("hearth_http_request_duration_seconds", "HTTP request time", ["route", "method"],
                           buckets=telemetry.LATENCY_BUCKETS)
 
@@ -60,7 +62,14 @@ class CredentialsBeforeBody:
     ``{"events": [{}, {}, ...]}`` (2.6 million objects) cost the gateway's event loop 1-3 s
     of CPU and ~200 MB before its 401 — every other request waited behind it, and no
     rate limit applies to a caller without credentials; and a principal over its rate
-    limit had each body parsed before its 429."""
+    limit had each body parsed before its 429.
+
+    A costly route (``RateLimiter.in_flight``: attribution, the exports, key rotation; GET
+    ones too) also takes one of the principal's in-flight slots of the route here, or is
+    answered 429 ``too_many_in_flight``; the slot is held until the request is done and
+    given back on every path (answer, error, cancellation). A read-only one is cancelled
+    when its client disconnects (``run_until_disconnect``: the gRPC call is cancelled and
+    the service stops the work), so the slot is not held for dead work (session 22)."""
 
     def __init__(self, app, routes, protected: set[str], authenticator: Authenticator, limiter) -> None:
         self.app = app
@@ -69,17 +78,22 @@ class CredentialsBeforeBody:
         self.authenticator = authenticator
         self.limiter = limiter
 
+        # The GET routes with an in-flight bound (only those are handled here among GETs:
+        # the hot household reads skip the look-up).
+        self._bounded_gets = [(p, r) for p, r in routes if "GET" in getattr(r, "methods", ())
+                              and limiter.in_flight.limit_for(f"GET {r.path}") is not None]
+
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH", "GET"):
             path = scope["path"]
-            for pattern, route in self.routes:
+            for pattern, route in (self._bounded_gets if scope["method"] == "GET" else self.routes):
                 if pattern.match(path):
                     key = f"{scope['method']} {route.path}"
                     if key in self.protected:
                         try:
                             who = self.authenticator.authenticate(Headers(scope=scope), key)
                             authorize_route(who, key)
-                            await self.limiter.check(who, key)
+                            release = await self.limiter.admit(who, key)
                         except HearthError as refusal:
                             scope["route"] = route   # labelled by its template, as when routed
                             answer = (rate_limited_response(refusal) if isinstance(refusal, RateLimited)
@@ -87,8 +101,72 @@ class CredentialsBeforeBody:
                             await answer(scope, receive, send)
                             return
                         scope[_CHECKED] = (key, who)
+                        if release is not None:
+                            async def send_freeing(message) -> None:
+                                # Free the slot as the answer completes, before the client can
+                                # see it: its next request on a keep-alive connection is handled
+                                # while this one's task is still unwinding, and got a 429.
+                                if message["type"] == "http.response.body" and not message.get("more_body", False):
+                                    release()
+                                await send(message)
+
+                            try:
+                                if key in READ_ONLY_COSTLY:
+                                    await run_until_disconnect(self.app, scope, receive, send_freeing)
+                                else:   # a write is never cut half way: its slot waits for its end
+                                    await self.app(scope, receive, send_freeing)
+                            finally:
+                                release()
+                            return
                     break
         await self.app(scope, receive, send)
+
+
+# Costly routes that change nothing: cancelled when their client goes away.
+READ_ONLY_COSTLY = frozenset({"POST /v1/attribution", "GET /v1/household/{account_id}/export",
+                              "GET /v1/audit/export", "GET /v1/household/{account_id}", "GET /v1/calibration",
+                              "GET /v1/audit"})
+
+
+async def run_until_disconnect(app, scope, receive, send) -> None:
+    """Run the ASGI ``app`` for this request, cancelling it if the client disconnects
+    before the response is complete. uvicorn does not cancel a request's task when its
+    client goes away: the handler (and the gRPC call it awaits, and the service's work)
+    ran on to the end or to the deadline. Here one task reads ``receive`` for the app
+    (the body, already received by ``BodyDeadline``) and then waits for the disconnect."""
+    messages: asyncio.Queue = asyncio.Queue()
+    completed = False
+
+    async def pump() -> None:
+        while True:
+            message = await receive()
+            messages.put_nowait(message)
+            if message["type"] == "http.disconnect":
+                return
+
+    async def app_send(message) -> None:
+        nonlocal completed
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            completed = True
+        await send(message)
+
+    handler = asyncio.ensure_future(app(scope, messages.get, app_send))
+    listener = asyncio.ensure_future(pump())
+    try:
+        await asyncio.wait((handler, listener), return_when=asyncio.FIRST_COMPLETED)
+        if not handler.done() and not completed:
+            handler.cancel()    # the client is gone: nobody reads the answer
+            CANCELLED_ON_DISCONNECT.inc()
+        try:
+            await handler
+        except asyncio.CancelledError:
+            if not handler.cancelled() or asyncio.current_task().cancelling():
+                raise
+    finally:
+        listener.cancel()
+        if not handler.done():   # this request itself was cancelled (server shutdown, a timeout)
+            handler.cancel()
+            await asyncio.wait((handler,))   # the upstream call cancelled before the slot is given back
 
 
 def _route_label(scope, status: int) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StrictInt, field_validator, model_validator
 
 from services.common.config import MeshSettings
 from services.common.permissions import route_permission
@@ -103,6 +103,12 @@ class GatewaySettings(MeshSettings):
     rate_limit_default: RateLimitSpec = RateLimitSpec(per_s=50, burst=100)
     rate_limits: dict[str, RateLimitSpec] = Field(default_factory=dict)
     redis_url: str = ""
+    # Requests one principal may have in flight per costly route at this gateway replica
+    # (gateway/ratelimit.py DEFAULT_IN_FLIGHT_LIMITS: attribution, the two exports 2 each,
+    # key rotation 1); past it 429 too_many_in_flight. Overrides per route on top of that
+    # table, 0 = no bound, e.g. HEARTH_IN_FLIGHT_LIMITS='{"POST /v1/attribution": 4}'.
+    # Off with rate_limit_enabled=false.
+    in_flight_limits: dict[str, StrictInt] = Field(default_factory=dict)
 
     # Admission control per upstream service (gateway/admission.py): past these bounds the
     # gateway answers 503 "overloaded" + Retry-After at once instead of queueing into
@@ -163,12 +169,20 @@ class GatewaySettings(MeshSettings):
             raise ValueError("must be between 0 and 300 seconds")
         return value
 
-    @field_validator("rate_limits")
+    @field_validator("rate_limits", "in_flight_limits")
     @classmethod
-    def _known_routes(cls, value: dict[str, RateLimitSpec]) -> dict[str, RateLimitSpec]:
+    def _known_routes(cls, value: dict) -> dict:
         unknown = [route for route in value if route_permission(route) is None]
         if unknown:
             raise ValueError(f"unknown route(s) {unknown}: use 'METHOD /path' as in the permission matrix")
+        return value
+
+    @field_validator("in_flight_limits")
+    @classmethod
+    def _in_flight_bounds(cls, value: dict[str, int]) -> dict[str, int]:
+        bad = [route for route, limit in value.items() if not 0 <= limit <= 100_000]
+        if bad:
+            raise ValueError(f"{bad}: a limit is 0 (none) .. 100000")
         return value
 
     @field_validator("admission_limits")

@@ -19,9 +19,13 @@ parses and validates takes the short path:
     -> the dependencies, in declaration order -> the endpoint
     -> the returned model serialised once, straight to JSON bytes.
 
-Anything else (no body, another content type, JSON that does not parse, a body that
-fails validation, a dependency override, an answer that is not the declared model) goes
-to FastAPI's own handler for that request, so every error answer (422 naming the field,
+A body with an array longer than its model allows (``events``, ``touchpoints``, an event's
+``genres``...) is refused on the short path with the 422 pydantic would give, after the
+dependencies and before any item is validated (gateway/body_bounds.py; the generic path
+checks the same before FastAPI parses the body again). Anything else (no body, another
+content type, JSON that does not parse, a body that fails validation, a dependency
+override, an answer that is not the declared model) goes to FastAPI's own handler for
+that request, so every error answer (422 naming the field,
 the credentials-first rule for malformed bodies, 400/413) is produced by the same code as
 before. Routes of any other shape keep FastAPI's handler entirely.
 """
@@ -43,6 +47,7 @@ from fastapi.routing import APIRoute, serialize_response
 from pydantic import BaseModel
 from starlette.responses import Response
 
+from gateway.body_bounds import BodyBounds, bounds_of_route
 from gateway.transport import replaying_receive
 from services.common.strict_json import DuplicateKeyError, NotUtf8Error, loads_unique_keys
 
@@ -72,18 +77,31 @@ class LeanEndpoint:
         self.endpoint = route.dependant.call
         self.response_field = route.response_field
         self.status_code = route.status_code or 200
+        self.bounds = BodyBounds.of(self.body_field.field_info.annotation)
 
     def parse(self, content_type: str | None, raw: bytes):
         """The validated body model, or None when FastAPI's handler must answer (not
-        JSON, empty, malformed, invalid: its error answers are the documented ones)."""
+        JSON, empty, malformed, invalid: its error answers are the documented ones).
+        Raises RequestValidationError (the 422 FastAPI's handler would give) for an
+        array over its bound, before its items are validated (gateway/body_bounds.py)."""
         if not raw or not _json_content_type(content_type):
             return None
         try:
             decoded = loads_unique_keys(raw)
         except (ValueError, RecursionError):   # ValueError: JSONDecodeError, a key twice, bytes not UTF-8
             return None
+        if self.bounds is not None:
+            self.bounds.check(decoded)
         body, errors = self.body_field.validate(decoded, {}, loc=("body",))
         return None if errors else body
+
+    async def refuse(self, request: Request, refusal: RequestValidationError) -> None:
+        """An array over its bound (``parse`` raised ``refusal``): the dependencies first,
+        as FastAPI runs them before it validates a body (a caller they refuse gets their
+        answer), then the 422."""
+        for _name, call, request_param in self.dependencies:
+            await call(**{request_param: request})
+        raise refusal
 
     async def respond(self, request: Request, body) -> Response:
         kwargs = {self.body_field.name: body}
@@ -117,7 +135,8 @@ class LeanRoute(APIRoute):
         # include_router() settings merged in), as FastAPI's own get_route_handler reads it.
         effective = _EFFECTIVE_ROUTE.get() if _EFFECTIVE_ROUTE is not None else None
         route = effective if effective is not None and effective.original_route is self else self
-        generic = _refusing_ambiguous_json(_refusing_repeated_query(route, super().get_route_handler()))
+        generic = _refusing_ambiguous_json(_refusing_repeated_query(route, super().get_route_handler()),
+                                           bounds_of_route(route))
         lean = lean_endpoint(route)
         if lean is None:
             return generic
@@ -127,7 +146,11 @@ class LeanRoute(APIRoute):
             if overrides is not None and getattr(overrides, "dependency_overrides", None):
                 return await generic(request)
             # The body is cached on the request: the generic handler reuses it.
-            body = lean.parse(request.headers.get("content-type"), await request.body())
+            try:
+                body = lean.parse(request.headers.get("content-type"), await request.body())
+            except RequestValidationError as refusal:   # an array over its bound
+                await lean.refuse(request, refusal)
+                raise
             if body is None:
                 return await generic(request)
             return await lean.respond(request, body)
@@ -135,19 +158,21 @@ class LeanRoute(APIRoute):
         return handler
 
 
-def _refusing_ambiguous_json(handler: Callable[[Request], Coroutine[Any, Any, Response]]
-                             ) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+def _refusing_ambiguous_json(handler: Callable[[Request], Coroutine[Any, Any, Response]],
+                             bounds: BodyBounds | None = None) -> Callable[[Request], Coroutine[Any, Any, Response]]:
     """``handler`` behind a check that a JSON body is UTF-8 and gives no key twice. ``json.loads`` keeps
     the last of two equal keys, other parsers (a proxy, a WAF, an audit tap) the first:
     ``{"processing": true, "processing": false}`` would be read one way in front of the
     gateway and the other way inside it. Refused as invalid JSON (422, field ``body``),
-    through the validation-error handler, so the credentials-first rule holds."""
+    through the validation-error handler, so the credentials-first rule holds. With
+    ``bounds`` (the route's body model's), an array over its bound is refused here too,
+    with the 422 pydantic would give, before the handler parses and validates the body."""
 
     async def checked(request: Request) -> Response:
         raw = await request.body()   # cached on the request: the handler reuses it
         if raw and _json_content_type(request.headers.get("content-type")):
             try:
-                loads_unique_keys(raw)
+                decoded = loads_unique_keys(raw)
             except DuplicateKeyError as exc:
                 raise RequestValidationError([{
                     "type": "json_invalid", "loc": ("body",), "msg": "JSON decode error", "input": {},
@@ -160,6 +185,10 @@ def _refusing_ambiguous_json(handler: Callable[[Request], Coroutine[Any, Any, Re
                     "ctx": {"error": str(exc)}}]) from None
             except (ValueError, RecursionError):
                 pass   # malformed: the handler's own answer
+            else:
+                if bounds is not None:
+                    bounds.check(decoded)
+                del decoded
         return await handler(request)
 
     return checked
@@ -300,13 +329,18 @@ class FastLane:
                 break
         raw = b"".join(chunks)
         replay = replaying_receive(raw, False, receive)
-        body = lean.parse(content_type, raw) if len(raw) <= self.max_body_bytes else None
+        try:
+            body = lean.parse(content_type, raw) if len(raw) <= self.max_body_bytes else None
+        except RequestValidationError as refusal:   # an array over its bound: the route's 422
+            body = refusal
         if body is None:
             await self.app(scope, replay, send)
             return
         scope["route"] = lean.route   # as the router would: the observe middleware labels by it
         request = Request(scope, replay, send)
         try:
+            if isinstance(body, RequestValidationError):
+                await lean.refuse(request, body)
             response = await lean.respond(request, body)
         except Exception as exc:
             handler = self._handler_for(exc)

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 
 from fastapi import FastAPI, Request
+from prometheus_client import Counter, Gauge
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.errors import error_response
@@ -47,6 +48,102 @@ class RateLimited(ResourceExhausted):
     def __init__(self, route: str, retry_after_s: float) -> None:
         super().__init__(f"rate limit exceeded for {route}; retry later", field="")
         self.retry_after_s = retry_after_s
+
+
+class TooManyInFlight(RateLimited):
+    """429 ``too_many_in_flight``: the principal already has ``limit`` requests of
+    ``route`` in flight at this gateway replica (``InFlightLimits``)."""
+
+    code_word = "too_many_in_flight"
+
+    def __init__(self, route: str, limit: int) -> None:
+        super().__init__(route, IN_FLIGHT_RETRY_AFTER_S)
+        self.message = (f"at most {limit} request{'s' if limit != 1 else ''} to {route} in flight per caller "
+                        f"(per gateway replica); retry when one has finished")
+        self.limit = limit
+
+
+# Costly routes: how many requests one principal may have in flight on each, per gateway
+# replica (HEARTH_IN_FLIGHT_LIMITS replaces this table; docs/security.md, "Rate limits").
+# Each of these holds an upstream worker for up to its 60 s deadline (attribution, the
+# household export fanned out to every data holder) or streams a whole log (the audit
+# export); a key rotation re-wraps every household's key. A token bucket charges each one
+# token, so within the default 50/s one analyst could hold every attribution worker.
+DEFAULT_IN_FLIGHT_LIMITS = {"POST /v1/attribution": 2, "GET /v1/household/{account_id}/export": 2,
+                            "GET /v1/audit/export": 2, "POST /v1/keys/rotate": 1}
+# A refused client retries after this long: a slot frees when one of its own requests ends.
+IN_FLIGHT_RETRY_AFTER_S = 1.0
+
+IN_FLIGHT_HELD = Gauge("hearth_gateway_caller_in_flight",
+                       "Requests holding a per-principal in-flight slot of a costly route (all principals)",
+                       ["route"])
+IN_FLIGHT_REFUSED = Counter("hearth_gateway_caller_in_flight_refused_total",
+                            "Requests refused with 429 too_many_in_flight: their principal already had "
+                            "its limit of the route in flight", ["route"])
+
+
+def in_flight_table(overrides: dict[str, int]) -> dict[str, int]:
+    """``DEFAULT_IN_FLIGHT_LIMITS`` with HEARTH_IN_FLIGHT_LIMITS on top (0: no bound)."""
+    merged = dict(DEFAULT_IN_FLIGHT_LIMITS)
+    for route, limit in overrides.items():   # as the matrix writes it (the setting may differ in case or names)
+        merged.pop(next((r for r in merged if normalize_route(r) == normalize_route(route)), None), None)
+        merged[route] = limit
+    return {r: n for r, n in merged.items() if n > 0}
+
+
+class InFlightLimits:
+    """At most ``limits[route]`` requests of one principal in flight per route, in this
+    process (one event loop: no lock). ``enter`` returns the function that gives the slot
+    back (idempotent), or None for a route without a limit; over the limit it raises
+    ``TooManyInFlight``. Counts of principals with nothing in flight are dropped, so memory
+    is bounded by the requests in flight."""
+
+    def __init__(self, limits: dict[str, int]) -> None:
+        for route, limit in limits.items():
+            if not limit >= 1:
+                raise ValueError(f"in_flight_limits[{route}]: must be >= 1")
+        self._limits = {normalize_route(r): n for r, n in limits.items()}
+        self._names = {normalize_route(r): r for r in limits}   # the template, for labels and messages
+        self._held: dict[tuple[str, str], int] = {}
+        self._gauges = {n: IN_FLIGHT_HELD.labels(r) for n, r in self._names.items()}
+
+    def limit_for(self, route: str) -> int | None:
+        return self._limits.get(normalize_route(route))
+
+    def held(self, principal: Principal, route: str) -> int:
+        return self._held.get((principal.id, normalize_route(route)), 0)
+
+    def enter(self, principal: Principal, route: str) -> Callable[[], None] | None:
+        route = normalize_route(route)
+        limit = self._limits.get(route)
+        if limit is None:
+            return None
+        key = (principal.id, route)
+        held = self._held.get(key, 0)
+        if held >= limit:
+            name = self._names[route]
+            IN_FLIGHT_REFUSED.labels(name).inc()
+            report_security_event(SecurityEvent("rate_limited", "gateway", "too_many_in_flight",
+                                                principal.id, principal.role.value, name))
+            raise TooManyInFlight(name, limit)
+        self._held[key] = held + 1
+        gauge = self._gauges[route]
+        gauge.inc()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            left = self._held.get(key, 1) - 1
+            if left > 0:
+                self._held[key] = left
+            else:
+                self._held.pop(key, None)
+            gauge.dec()
+
+        return release
 
 
 class MemoryBuckets:
@@ -133,7 +230,7 @@ class RateLimiter:
 
     def __init__(self, default: tuple[float, int], per_route: dict[str, tuple[float, int]] | None = None,
                  redis_url: str = "", enabled: bool = True,
-                 memory: MemoryBuckets | None = None) -> None:
+                 memory: MemoryBuckets | None = None, in_flight: dict[str, int] | None = None) -> None:
         for name, (per_s, burst) in {"default": default, **(per_route or {})}.items():
             if not (per_s > 0 and burst >= 1):
                 raise ValueError(f"rate_limits[{name}]: per_s must be > 0 and burst >= 1")
@@ -144,12 +241,15 @@ class RateLimiter:
         self._redis = RedisBuckets(redis_url) if redis_url else None
         self._redis_down_logged = 0.0
         self._redis_retry_at = 0.0
+        # Per (principal, route) requests in flight on costly routes, in this replica.
+        self.in_flight = InFlightLimits(in_flight if in_flight is not None and enabled else {})
 
     @classmethod
     def from_settings(cls, settings) -> "RateLimiter":
         return cls((settings.rate_limit_default.per_s, settings.rate_limit_default.burst),
                    {r: (s.per_s, s.burst) for r, s in settings.rate_limits.items()},
-                   settings.redis_url, settings.rate_limit_enabled)
+                   settings.redis_url, settings.rate_limit_enabled,
+                   in_flight=in_flight_table(settings.in_flight_limits))
 
     def limit_for(self, route: str) -> tuple[float, int]:
         return self._per_route.get(normalize_route(route), self._default)
@@ -179,6 +279,13 @@ class RateLimiter:
             report_security_event(SecurityEvent("rate_limited", "gateway", "rate_limited",
                                                 principal.id, principal.role.value, route))
             raise RateLimited(route, wait)
+
+    async def admit(self, principal: Principal, route: str) -> Callable[[], None] | None:
+        """``check`` (one token), then a slot of the principal's in-flight limit of the
+        route: the function that gives it back (call it when the request is done, on every
+        path), None when the route has no such limit. Raises RateLimited / TooManyInFlight."""
+        await self.check(principal, route)
+        return self.in_flight.enter(principal, route)
 
     async def close(self) -> None:
         if self._redis is not None:
@@ -231,9 +338,11 @@ _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
 
 
 def rate_limited_response(exc: RateLimited):
-    """429 ``rate_limited`` with ``Retry-After`` (whole seconds, at least 1)."""
+    """429 ``rate_limited`` (or ``too_many_in_flight``) with ``Retry-After`` (whole seconds,
+    at least 1)."""
     retry = max(1, math.ceil(exc.retry_after_s))
-    return error_response(429, "rate_limited", exc.message, "", headers={"Retry-After": str(retry)})
+    return error_response(429, getattr(exc, "code_word", "rate_limited"), exc.message, "",
+                          headers={"Retry-After": str(retry)})
 
 
 def install_request_limits(app: FastAPI, settings) -> RateLimiter:

@@ -96,7 +96,8 @@ def start_service(tmp_path):
     def start(name: str, **overrides):
         settings = config.load(config.service_settings_class(name), service_name=name, data_dir=tmp_path / name,
                                **overrides)
-        running, _ = serve_service(name, settings, overrides.get("grpc_port") or 0)
+        running, servicers = serve_service(name, settings, overrides.get("grpc_port") or 0)
+        running.servicers = [servicer for _, servicer, _ in servicers]   # for tests that reach in
         channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
         started.append((running, channel))
         return running, channel

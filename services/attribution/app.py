@@ -22,6 +22,8 @@ from services.common.ids import check_id
 from services.common.consent import ConsentChecker
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import InvalidArgument
+from services.common.identity import Principal
+from services.common.permissions import Permission, principal_allowed
 
 DEFAULT_LOOKBACK_S = 30 * 86400
 MAX_ACCOUNTS = 1000
@@ -167,15 +169,29 @@ class AttributionApp:
         """DataHolder.ExportAccount (services/common/erasure.py validates the id)."""
         return self.store.export_account(account_id)
 
-    def attribute(self, query: AttributeQuery) -> AttributionOutcome:
+    def attribute(self, query: AttributeQuery, caller: Principal | None = None) -> AttributionOutcome:
+        """``caller``: the principal who asked (None: in-process, e.g. tests and tools)."""
         q = validate_query(query)
-        # Explicit accounts: each must have consented (a refusal names the account). Every
-        # account (no account_ids): the withdrawn ones are left out, before anything of
-        # theirs reaches the model or the person resolver (docs/privacy.md, "Consent").
-        self._require_consent(q.account_ids)
+        # Explicit accounts: each must have consented. A caller who may read consent
+        # (read_consent: admin; in-process callers) gets a refusal naming a withdrawn
+        # account; anyone else gets the withdrawn accounts left out, exactly as accounts
+        # Hearth holds nothing for — else the 412 told an analyst, one request per
+        # account, which households objected (docs/privacy.md, "Consent"). Every account
+        # (no account_ids): the withdrawn ones are left out, before anything of theirs
+        # reaches the model or the person resolver.
+        accounts = list(q.account_ids)
+        if self.consent is not None and accounts:
+            if caller is None or principal_allowed(caller, Permission.READ_CONSENT):
+                self.consent.require(accounts, PURPOSES_NEEDED)
+            else:
+                # "" matches no stored account (ids are never empty): the query keeps its
+                # shape and costs what it costs for an account without data, whatever the
+                # withdrawn household holds (and the list never becomes [] = every account).
+                consenting = set(self.consent.consenting(accounts, PURPOSES_NEEDED))
+                accounts = [a if a in consenting else "" for a in accounts]
         withdrawn = (self.consent.withdrawn(PURPOSES_NEEDED)
                      if self.consent is not None and not q.account_ids else frozenset())
-        touches, conversions = self.store.load(list(q.account_ids), q.start, q.end, q.lookback_s)
+        touches, conversions = self.store.load(accounts, q.start, q.end, q.lookback_s)
         if withdrawn:
             touches = [t for t in touches if t.account_id not in withdrawn]
             conversions = [c for c in conversions if c.account_id not in withdrawn]

@@ -6,6 +6,7 @@ from hearth.attribution.v1 import attribution_pb2 as pb
 from hearth.attribution.v1 import attribution_pb2_grpc as pb_grpc
 from services.attribution.app import AttributeQuery, AttributionApp, ScopedReport
 from services.attribution.domain.records import Conversion, Touchpoint
+from services.common import identity
 from services.common.pbutil import ts_to_float
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AttributionService"].full_name
@@ -115,5 +116,5 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
         return pb.RecordConversionsResponse(accepted=accepted, duplicates=duplicates)
 
     def Attribute(self, request, context) -> pb.AttributeResponse:
-        outcome = self.app.attribute(query_from_pb(request))
+        outcome = self.app.attribute(query_from_pb(request), caller=identity.current_principal())
         return pb.AttributeResponse(results=[scoped_to_pb(s) for s in outcome.results])

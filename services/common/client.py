@@ -28,12 +28,17 @@ log = logging.getLogger("hearth.client")
 # not propagate deadlines by itself). Before, every peer call got its full default
 # (HEARTH_PEER_TIMEOUT_S, 5 s, and idempotent ones up to 3 attempts) even when the
 # caller had given up long before, so an overload snowballed into dead work downstream.
-_serving_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("serving_deadline", default=None)
+_serving_deadline: contextvars.ContextVar[tuple[float | None, Callable[[], bool] | None] | None] = \
+    contextvars.ContextVar("serving_deadline", default=None)
 
 
-def set_serving_deadline(remaining_s: float | None) -> contextvars.Token:
-    """Record the deadline of the RPC being served (``context.time_remaining()``)."""
-    return _serving_deadline.set(None if remaining_s is None else time.monotonic() + remaining_s)
+def set_serving_deadline(remaining_s: float | None,
+                         is_active: Callable[[], bool] | None = None) -> contextvars.Token:
+    """Record the deadline of the RPC being served (``context.time_remaining()``) and,
+    optionally, whether its caller still waits (``context.is_active``: False once the call
+    was cancelled, e.g. by the gateway when its HTTP client disconnected)."""
+    deadline = None if remaining_s is None else time.monotonic() + remaining_s
+    return _serving_deadline.set((deadline, is_active))
 
 
 def reset_serving_deadline(token: contextvars.Token) -> None:
@@ -43,14 +48,15 @@ def reset_serving_deadline(token: contextvars.Token) -> None:
 def serving_time_left() -> float | None:
     """Seconds left of the RPC being served (at least 1 ms), or None outside one or when
     its caller set no deadline (gRPC then reports one centuries away)."""
-    deadline = _serving_deadline.get()
+    deadline = (_serving_deadline.get() or (None, None))[0]
     if deadline is None or deadline - time.monotonic() > NO_DEADLINE_S:
         return None
     return max(deadline - time.monotonic(), 0.001)
 
 
 def check_serving_deadline() -> None:
-    """Raise ``DeadlineExceeded`` when the deadline of the RPC being served has passed.
+    """Raise ``DeadlineExceeded`` when the deadline of the RPC being served has passed,
+    or its caller cancelled it.
 
     gRPC Python cannot interrupt a handler: past its deadline the caller has its
     DEADLINE_EXCEEDED, but the handler's thread runs on to the end of the work. Long
@@ -58,11 +64,14 @@ def check_serving_deadline() -> None:
     solves, order candidates, per-person reports), so dead work stops within one step
     instead of holding a worker thread and a CPU for as long as it takes (session 21: one
     analyst request, 2,000 bootstrap replicates of an order-4 chain, ran on for minutes
-    after its 504; sixteen such requests held every attribution worker). Outside an RPC,
-    or for a caller that set no deadline, it does nothing."""
-    deadline = _serving_deadline.get()
+    after its 504; sixteen such requests held every attribution worker). A cancelled call
+    (the gateway cancels a costly read whose HTTP client disconnected, session 22) stops
+    the same way. Outside an RPC, or for a caller that set no deadline, it does nothing."""
+    deadline, is_active = _serving_deadline.get() or (None, None)
     if deadline is not None and time.monotonic() > deadline:
         raise DeadlineExceeded("the caller's deadline passed; the work was stopped")
+    if is_active is not None and not is_active():
+        raise DeadlineExceeded("the caller cancelled the call; the work was stopped")
 
 
 # A deadline further away than this is no deadline (a call without one).

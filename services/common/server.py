@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -200,6 +202,12 @@ def _map_error(exc: BaseException, context: grpc.ServicerContext, method: str) -
 STOP_PEER_WAIT_S = 2.0
 PEER_PROBE_TIMEOUT_S = 1.0
 STOP_AFTER_DRAIN_S = 1.0
+# The closers (audit flush, outboxes, pools) and the interpreter's exit must be over by
+# the grace's end + STOP_CLOSE_MARGIN_S: the pod's margin after its grace is 5 s
+# (shutdown.marginSeconds). A closer still running then (stuck on a frozen database: a
+# pooled connection's check or a query has no client-side timeout) is left behind on its
+# daemon thread and the process exits anyway (``RunningServer.stop``, ``serve``).
+STOP_CLOSE_MARGIN_S = 3.0
 
 
 class Drain:
@@ -352,7 +360,7 @@ class HearthInterceptor(grpc.ServerInterceptor):
                     # given up, so doing the work now only delays the calls still waiting
                     # (an overload would otherwise snowball into minutes of dead work).
                     context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before the call started")
-                deadline_token = client.set_serving_deadline(remaining)
+                deadline_token = client.set_serving_deadline(remaining, context.is_active)
                 # Who is calling, from the metadata and the peer's certificate alone: the
                 # message of a unary call is read only after this (_Unread).
                 principal = identity.principal_from_metadata(
@@ -416,7 +424,7 @@ class HearthInterceptor(grpc.ServerInterceptor):
 def _stream(result: Iterable, context, span, principal, finish, code_of, method) -> Iterator:
     token = otel_context.attach(trace.set_span_in_context(span))
     p_token = identity.set_current(principal)
-    d_token = client.set_serving_deadline(context.time_remaining())
+    d_token = client.set_serving_deadline(context.time_remaining(), context.is_active)
     try:
         try:
             yield from result
@@ -445,6 +453,8 @@ class RunningServer:
     drain: Drain = field(default_factory=Drain)
     # The workers that run this server's calls (serve_health_only checks one is free).
     pool: futures.ThreadPoolExecutor | None = None
+    # False when stop() left a closer behind (still running at the grace's end + margin).
+    closed: bool = True
     # Ask every peer of the process before the closers run (serve(): a service process;
     # a server a test builds leaves the test process's other channels alone).
     check_peers_before_closing: bool = False
@@ -489,8 +499,35 @@ class RunningServer:
                          else min(grace, max(deadline - time.monotonic(), 0.5))).wait()
         if self.check_peers_before_closing:
             client.abandon_hung_peers(PEER_PROBE_TIMEOUT_S, busy_only=False)
-        for callback in self.on_stop:
-            callback()
+        self.closed = self._close(deadline + STOP_CLOSE_MARGIN_S)
+
+    def _close(self, close_by: float) -> bool:
+        """Run the closers in order on a daemon thread until ``close_by``; False (and the
+        closer still running named in the log) when one has not returned by then. Found in
+        session 22 (stop22): with PostgreSQL frozen (SIGSTOP), clustering's closers waited
+        forever on it — the prediction log's last forward and privacy's audit writer in
+        psycopg_pool's ``check_connection`` (``SELECT ''`` on a pooled connection, no
+        timeout) — so the process never exited and a pod would be SIGKILLed."""
+        current: list[str] = []
+
+        def run() -> None:
+            for callback in self.on_stop:
+                current[:] = [getattr(callback, "__qualname__", repr(callback))]
+                try:
+                    callback()
+                except Exception:  # noqa: BLE001 - the next closers still run
+                    log.exception("closer %s failed", current[0])
+            current.clear()
+
+        closing = threading.Thread(target=run, name="stop-closers", daemon=True)
+        closing.start()
+        closing.join(max(close_by - time.monotonic(), 0.0))
+        if closing.is_alive():
+            log.warning("closer %s still running %.1fs after the grace: left behind, the process exits "
+                        "without the closers after it (what they would save waits for the next start)",
+                        current[0] if current else "?", STOP_CLOSE_MARGIN_S)
+            return False
+        return True
 
 
 def build_server(service: str, register: Callable[[grpc.Server], Iterable[str]], *,
@@ -599,9 +636,44 @@ def serve(service: str, register: Callable[[grpc.Server], Iterable[str]], settin
     signal.signal(signal.SIGINT, request_stop)
     log.info("serving", extra={"fields": {"grpc_port": running.port,
                                           "metrics_port": settings.resolved_metrics_port}})
-    stop_requested.wait()
+    # Woken every second, not only by the signal: CPython runs a Python signal handler on
+    # the main thread, and a SIGTERM the kernel delivers to another thread (one in a C
+    # call) does not interrupt the main thread's wait on a lock: it would wait forever.
+    while not stop_requested.wait(1.0):
+        pass
+    exit_by = time.monotonic() + settings.grace_seconds + STOP_CLOSE_MARGIN_S
     running.stop(settings.grace_seconds)
-    log.info("stopped")
+    log.info("stopped" if running.closed else "stopped, closers left behind")
+    _exit_by(exit_by, 0 if running.closed else 1)
+
+
+def _exit_by(exit_by: float, status: int) -> None:
+    """After the stop, the interpreter's exit joins every non-daemon thread (an executor's
+    worker, psycopg's pool close) and runs the atexit hooks: one stuck on a frozen
+    database held a process that had logged "stopped" (session 22, stop22). A daemon
+    timer ends the process at ``exit_by`` (at least 1 s from now) if it is still here;
+    a closer left behind (``status`` 1) ends it at once."""
+    def force() -> None:
+        held = [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]
+        log.warning("exit still held after the stop (non-daemon threads: %s): exiting now", ", ".join(held) or "none")
+        _hard_exit(1)
+
+    if status:
+        _hard_exit(status)
+    timer = threading.Timer(max(exit_by - time.monotonic(), 1.0), force)
+    timer.name, timer.daemon = "exit-watchdog", True
+    timer.start()
+
+
+def _hard_exit(status: int) -> None:
+    for stream in [*(getattr(h, "flush", None) for h in logging.getLogger().handlers),
+                   sys.stdout.flush, sys.stderr.flush]:
+        try:
+            if stream is not None:
+                stream()
+        except Exception:  # noqa: BLE001
+            pass
+    os._exit(status)
 
 
 def run_service(name: str, build: Callable, settings_cls: type | None = None) -> None:

@@ -17,7 +17,7 @@ from hearth.privacy.v1 import privacy_pb2_grpc as ppb_grpc
 from services.clustering.domain.events import ViewingEvent
 from services.clustering.store import ClusteringStore
 from services.common.errors import ERROR_FIELD_KEY
-from services.common.identity import service_principal
+from services.common.identity import Principal, Role, service_principal
 from services.common.pbutil import float_to_ts
 from services.common.storage.sql import SqliteDatabase
 from tests.conftest import ADMIN
@@ -44,9 +44,10 @@ def stubs(start_service, tmp_path):
         _watch(store, "tv", T0 + day * 86400 + 20 * 3600, "p1")
         _watch(store, "phone", T0 + day * 86400 + 8 * 3600, "p2")
     privacy, privacy_channel = start_service("privacy")   # attribution checks consent with it
-    _, channel = start_service("attribution", clustering_addr=f"127.0.0.1:{clustering.port}",
-                               privacy_addr=f"127.0.0.1:{privacy.port}")
+    attribution, channel = start_service("attribution", clustering_addr=f"127.0.0.1:{clustering.port}",
+                                         privacy_addr=f"127.0.0.1:{privacy.port}")
     stubs = apb_grpc.AttributionServiceStub(channel)
+    stubs.app = attribution.servicers[0].app
     stubs.data = common_pb2_grpc.DataHolderStub(channel)   # the erasure contract, same port
     stubs.consent = ppb_grpc.ConsentStub(privacy_channel)
     return stubs
@@ -125,6 +126,46 @@ def test_attribute_over_all_accounts_leaves_out_withdrawn_accounts(stubs):
                                                     lookback_seconds=86400), metadata=md)
     (household,) = response.results
     assert household.total_conversions == pytest.approx(3)   # acc-att-in's only
+
+
+def test_for_a_caller_without_read_consent_a_withdrawn_account_is_an_account_never_seen(stubs):
+    """Session 21's consent oracle: Attribute with explicit account_ids answered
+    FAILED_PRECONDITION naming an account that withdrew, so an analyst (no read_consent)
+    learnt, one call per account, which households objected. Now for such a caller a
+    withdrawn account is left out exactly as an account Hearth holds nothing for — same
+    status, same results, alone or pooled with others — while a caller holding
+    read_consent (admin) still gets the refusal naming it."""
+    admin = ADMIN.metadata("attribution")
+    analyst = Principal("att-analyst", Role.ANALYST).metadata("attribution")
+    for account in ("acc-oracle-kept", "acc-oracle-gone"):
+        stubs.RecordTouchpoints(apb.RecordTouchpointsRequest(touchpoints=[apb.Touchpoint(
+            touchpoint_id=f"{account}-tp{i}", account_id=account, device_id="tv", ts=float_to_ts(T0 + i * 3600),
+            channel=f"{account}-ch", campaign="c") for i in range(3)]), metadata=admin)
+        stubs.RecordConversions(apb.RecordConversionsRequest(conversions=[apb.Conversion(
+            conversion_id=f"{account}-c", account_id=account, ts=float_to_ts(T0 + 3 * 3600),
+            kind="subscribe", value=2.0, device_id="tv")]), metadata=admin)
+    stubs.consent.SetConsent(ppb.SetConsentRequest(account_id="acc-oracle-gone", processing=True,
+                                                   attribution=False), metadata=ADMIN.metadata("privacy"))
+    stubs.app.consent.invalidate()   # what the 5 s staleness bound does, at once
+
+    def attribute(accounts, metadata):
+        return stubs.Attribute(apb.AttributeRequest(account_ids=accounts, method=apb.METHOD_LINEAR,
+                                                    lookback_seconds=30 * 86400), metadata=metadata)
+
+    def same_but_the_id(gone: apb.AttributeResponse, never: apb.AttributeResponse) -> None:
+        for result in never.results:
+            if result.account_id == "acc-oracle-never":
+                result.account_id = "acc-oracle-gone"
+        assert gone == never
+
+    same_but_the_id(attribute(["acc-oracle-gone"], analyst), attribute(["acc-oracle-never"], analyst))
+    pooled = attribute(["acc-oracle-kept", "acc-oracle-gone"], analyst)
+    same_but_the_id(pooled, attribute(["acc-oracle-kept", "acc-oracle-never"], analyst))
+    assert pooled.results[0].total_conversions == pytest.approx(1)   # acc-oracle-kept's only
+    with pytest.raises(grpc.RpcError) as refused:
+        attribute(["acc-oracle-kept", "acc-oracle-gone"], admin)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "acc-oracle-gone" in refused.value.details()
 
 
 def test_attribute_validates_fields(stubs):

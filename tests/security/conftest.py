@@ -84,6 +84,9 @@ def security_mesh(tmp_path_factory, redis_url):
         "HEARTH_MAX_BODY_BYTES": str(MAX_BODY),
         # Generous on the main gateway (the fuzz and the matrix sweep must not trip it).
         "HEARTH_RATE_LIMIT_DEFAULT": json.dumps({"per_s": 1000, "burst": 1000}),
+        # One costly attribution in flight per principal (the default is 2): the in-flight
+        # test then needs one costly request, not two (tests/security/test_costly_requests.py).
+        "HEARTH_IN_FLIGHT_LIMITS": json.dumps({"POST /v1/attribution": 1}),
     }
     mesh = Mesh.on_free_ports(base / "var", log_dir=base / "logs", extra_env=env)
     mesh.start()

@@ -4,9 +4,11 @@ the security suite's real processes: what one caller of the lowest role that may
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
+import socket
 import threading
 import time
 from pathlib import Path
@@ -188,6 +190,108 @@ def test_a_body_over_the_senders_rate_limit_is_refused_before_it_is_parsed(secur
     assert over < (12 - limited) * parsed + limited * parsed / 4, (parsed, over, statuses)
 
 
+def _metric(port: int, name: str, **labels: str) -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and set(labels.items()) <= set(re.findall(r'(\w+)="([^"]*)"', line)):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.fixture(scope="module")
+def withdrawn_account(security_mesh) -> str:
+    """An account with touchpoints and a conversion whose attribution consent is then
+    withdrawn. Requested first by the in-flight test, so that the attribution service's
+    consent answer (cached 5 s when the touchpoints were recorded) has expired by the time
+    the consent-oracle test needs the withdrawal in force."""
+    now = time.time()
+    with security_mesh.client(Role.ADMIN) as admin, security_mesh.client(Role.PRIVACY_OFFICER) as officer:
+        for account in ("sec-oracle-kept", "sec-oracle-gone"):
+            assert admin.post("/v1/touchpoints", json={"touchpoints": [{
+                "touchpoint_id": f"{account}-t{i}", "account_id": account, "device_id": "tv-1",
+                "ts": iso(now - 7200 + i * 600), "channel": f"{account}-ch"} for i in range(3)]}).status_code == 200
+            assert admin.post("/v1/conversions", json={"conversions": [{
+                "conversion_id": "c", "account_id": account, "ts": iso(now - 3600), "kind": "buy",
+                "value": 3.0}]}).status_code == 200
+        assert officer.put("/v1/consent/sec-oracle-gone",
+                           json={"processing": True, "attribution": False}).status_code == 200
+    return "sec-oracle-gone"
+
+
+def test_a_principal_has_at_most_its_limit_of_attributions_in_flight_and_a_client_that_leaves_frees_it(
+        security_mesh, costly_accounts, withdrawn_account):
+    """Session 21 left it: the rate limit charges a costly attribution one token, so an
+    analyst within 50/s could keep every attribution worker busy for up to 60 s each. Now
+    one principal has at most ``HEARTH_IN_FLIGHT_LIMITS`` of them in flight per gateway
+    replica (the suite's mesh: 1); one more is a 429 ``too_many_in_flight`` naming the
+    limit, before any service is called, while other callers are served. A client that
+    disconnects has its request cancelled: the slot is free at once and the attribution
+    service stops the work (the cancelled call ends DEADLINE_EXCEEDED between two steps),
+    instead of both being held until the 60 s deadline."""
+    _, key = auth.add_key(security_mesh.keys_file, f"sec-inflight-{time.time_ns()}", "analyst")
+    route = "POST /v1/attribution"
+    metrics = security_mesh.mesh.gateway_metrics_port
+    small = {"account_ids": ["sec-inflight-nobody"], "method": "linear"}
+    costly = json.dumps({"account_ids": costly_accounts, "method": "hybrid", "markov_order": 4, "repeats": "keep",
+                         "level": "household", "bootstrap_replicates": 2000, "bootstrap_seed": 1}).encode()
+    with httpx.Client(base_url=security_mesh.url, headers={"X-API-Key": key}, timeout=30) as client:
+        wait_for(lambda: client.post("/v1/attribution", json=small).status_code == 200, timeout_s=30,
+                 what="the new key to work")
+        held, refused = _metric(metrics, "hearth_gateway_caller_in_flight", route=route), \
+            _metric(metrics, "hearth_gateway_caller_in_flight_refused_total", route=route)
+        stopped = _attribute_deadline_exceeded(security_mesh)
+        port = int(security_mesh.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/attribution HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"X-API-Key: " + key.encode() + b"\r\nContent-Length: " + str(len(costly)).encode()
+                         + b"\r\n\r\n" + costly)
+            wait_for(lambda: _metric(metrics, "hearth_gateway_caller_in_flight", route=route) > held,
+                     timeout_s=30, what="the costly attribution to hold its slot")
+            answer = client.post("/v1/attribution", json=small)
+            assert answer.status_code == 429, answer.text
+            assert answer.headers["Retry-After"] == "1"
+            assert answer.json()["error"]["code"] == "too_many_in_flight"
+            assert "at most 1 request to POST /v1/attribution in flight per caller" in answer.json()["error"]["message"]
+            assert _metric(metrics, "hearth_gateway_caller_in_flight_refused_total", route=route) == refused + 1
+            with security_mesh.client(Role.ANALYST) as other:   # another principal is served meanwhile
+                assert other.post("/v1/attribution", json=small).status_code == 200
+        # The client went away: its slot comes back at once, not at the 60 s deadline ...
+        started = time.monotonic()
+        wait_for(lambda: client.post("/v1/attribution", json=small).status_code == 200, timeout_s=15,
+                 what="the slot of the disconnected request to be given back")
+        assert time.monotonic() - started < 15
+    # ... and the attribution worker stops too (it ran ~80 s of CPU without the check).
+    wait_for(lambda: _attribute_deadline_exceeded(security_mesh) > stopped, timeout_s=20,
+             what="the attribution service to stop the cancelled work")
+
+
+def test_an_analyst_cannot_tell_a_withdrawn_account_from_one_never_seen(security_mesh, withdrawn_account):
+    """Session 21's consent oracle: POST /v1/attribution with explicit account_ids answered
+    412 naming an account that withdrew its consent, and analysts do not hold read_consent:
+    one request per account told which households objected. Now for a caller without
+    read_consent a withdrawn account is left out exactly as an account Hearth never saw —
+    the same status and the same body, alone or pooled with another account — and the
+    admin (read_consent) still gets the 412 naming it."""
+    with security_mesh.client(Role.ADMIN) as admin:
+        # In force within the 5 s consent cache (recorded before the in-flight test).
+        wait_for(lambda: admin.post("/v1/attribution", json={"account_ids": [withdrawn_account]}).status_code == 412,
+                 timeout_s=15, what="the withdrawal to be in force")
+        refused = admin.post("/v1/attribution", json={"account_ids": ["sec-oracle-kept", withdrawn_account]})
+        assert refused.status_code == 412 and withdrawn_account in refused.json()["error"]["message"]
+    with security_mesh.client(Role.ANALYST) as analyst:
+        def answer(accounts: list[str]) -> tuple[int, str]:
+            r = analyst.post("/v1/attribution", json={"account_ids": accounts, "method": "linear"})
+            return r.status_code, r.text.replace("sec-oracle-never", withdrawn_account)
+
+        alone = answer([withdrawn_account])
+        assert alone == answer(["sec-oracle-never"]) and alone[0] == 200
+        pooled = answer(["sec-oracle-kept", withdrawn_account])
+        assert pooled == answer(["sec-oracle-kept", "sec-oracle-never"]) and pooled[0] == 200
+        (result,) = [r for r in json.loads(pooled[1])["results"] if r["scope"] == "household"]
+        assert result["total_conversions"] == 1 and "sec-oracle-gone-ch" not in pooled[1]
+
+
 def _attribute_message(mib: float) -> bytes:
     """An AttributeRequest of ``mib`` MiB: one account id of that length (invalid, so an
     authorised caller gets INVALID_ARGUMENT once it has been read)."""
@@ -258,3 +362,34 @@ def test_an_anonymous_grpc_message_is_refused_without_being_read(security_mesh):
                 (identity.TOKEN_KEY, VouchingSigner(mesh).sign(analyst, audience="attribution"))]
     assert _concurrently(address, payload, 1, metadata) == [grpc.StatusCode.INVALID_ARGUMENT]   # read, then judged
     assert _concurrently(address, _attribute_message(17), 1, metadata) == [grpc.StatusCode.RESOURCE_EXHAUSTED]
+
+
+def test_an_authorised_body_over_its_array_bound_is_refused_before_its_items_are_read(security_mesh):
+    """Until session 22 an authorised body whose array was over its bound — the service
+    role's ``{"events": [{}, {}, ...]}`` — was parsed three times (the fast lane, the
+    duplicate-key check, FastAPI) and validated twice (10,001 items each) before its 422:
+    8 MiB cost the gateway's event loop ~2.7 s. Now the array's length is checked on the
+    first parse, against the model's bound, and the same 422 (field and message) comes
+    from it. Measured against a body of the same size and shape whose big array sits
+    where no bound applies (inside an event's ``event_id``: parsed three times, as
+    before), in the gateway process's own CPU time."""
+    n = (256 * 1024 - 64) // 3
+    items = b",".join([b"{}"] * n)
+    over = b'{"events": [' + items + b"]}"
+    unbounded = b'{"events": [{"event_id": [' + items[:-3] + b"]}]}"
+    pid = security_mesh.mesh.processes["gateway"].pid
+    headers = {"Content-Type": "application/json", "X-API-Key": security_mesh.role_keys[Role.SERVICE]}
+
+    def cost(body: bytes) -> tuple[float, dict]:
+        before = _cpu_s(pid)
+        with httpx.Client(base_url=security_mesh.url, timeout=30, headers=headers) as client:
+            for _ in range(20):
+                answer = client.post("/v1/events", content=body)
+                assert answer.status_code == 422, answer.text[:200]
+        return _cpu_s(pid) - before, answer.json()
+
+    parsed, _ = cost(unbounded)
+    refused, answer = cost(over)
+    assert answer == {"error": {"code": "invalid_argument", "field": "events",
+                                "message": f"List should have at most 10000 items after validation, not {n}"}}, answer
+    assert refused < parsed * 0.6, (refused, parsed)

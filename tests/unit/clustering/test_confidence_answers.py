@@ -24,7 +24,7 @@ def _households(n: int = 3):
 @pytest.fixture(scope="module")
 def _answers_of_six():
     """``C.household_answers(h, settled=True, daily=True)`` of ``_households(6)``, computed
-    once for the module (each took seconds, and eight tests read them)."""
+    once for the module (each took seconds, and nine tests read them)."""
     return [C.household_answers(h, settled=True, daily=True) for h in _households(6)]
 
 

@@ -338,3 +338,33 @@ def test_a_call_its_caller_stopped_sending_does_not_hold_the_stop_for_the_grace(
     finally:
         never.set()
         channel.close()
+
+
+def test_a_closer_stuck_on_a_frozen_database_is_left_behind_at_the_grace_end_plus_margin(monkeypatch):
+    """stop22 (session 22): with PostgreSQL frozen (SIGSTOP) a closer's query never returns
+    (psycopg_pool's check of a pooled connection has no timeout): clustering's stop waited
+    on it forever and the process never exited. The closers now get until the grace's end
+    + STOP_CLOSE_MARGIN_S; the closers before the stuck one have run, the stop returns and
+    says so (``closed`` False), and serve() then ends the process."""
+    from services.common import server as server_module
+
+    monkeypatch.setattr(server_module, "STOP_CLOSE_MARGIN_S", 0.5)
+    running = _serve_one_method("stuck-closer", "test.Stuck", lambda request, context: b"")
+    frozen, ran = threading.Event(), []
+    running.on_stop.extend([lambda: ran.append("audit flush"), frozen.wait, lambda: ran.append("after")])
+    started = time.monotonic()
+    try:
+        running.stop(grace=0.5)
+        took = time.monotonic() - started
+    finally:
+        frozen.set()
+    assert not running.closed and ran == ["audit flush"]
+    assert took < 0.5 + 0.5 + 1.0 + 1.5, f"the stop took {took:.1f}s with a closer stuck"   # + the core's stop, slack
+
+
+def test_closers_that_return_run_in_order_and_the_stop_says_it_closed():
+    running = _serve_one_method("closers-in-order", "test.Order", lambda request, context: b"")
+    ran: list[str] = []
+    running.on_stop.extend([lambda: ran.append("a"), lambda: 1 / 0, lambda: ran.append("b")])
+    running.stop(grace=0.5)
+    assert running.closed and ran == ["a", "b"]
