@@ -4,7 +4,7 @@
                                 [--lift-households N] [--lift-only]
 
 Prints progress on stderr and ONE JSON object as the last stdout line (keys of
-/work/shared/BENCHMARKS.md plus extras). Exit status 0 whether or not targets are met.
+the benchmark conventions, docs/benchmarks.md plus extras). Exit status 0 whether or not targets are met.
 
 * Speed/memory: a path file of ``rows`` paths over 15 channels is generated once;
   each (library, order) runs in a FRESH subprocess (so peak RSS is that run's own,

@@ -16,7 +16,7 @@ Targets (issue 6): household <= 1 s, person <= 500 ms, device <= 200 ms (p99).
 (its last JSON line); ``--skip-audit`` leaves it out.
 
 Progress goes to stderr; the last stdout line is one JSON object (keys of
-/work/shared/BENCHMARKS.md, plus more).
+the benchmark conventions, docs/benchmarks.md, plus more).
 """
 
 from __future__ import annotations

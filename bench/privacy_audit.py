@@ -9,7 +9,7 @@ Also measured: the same work with one tree head per entry (the peer, as a ratio)
 full-log verification throughput, and building / proving in a 1M-leaf tree.
 
 Progress goes to stderr; the last stdout line is one JSON object (keys of
-/work/shared/BENCHMARKS.md where they exist: ``audit_events_per_s``).
+the benchmark conventions, docs/benchmarks.md where they exist: ``audit_events_per_s``).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ world's established households are shifted too). The worlds' generator already d
 a world time zone (``hour_offset``, uniform in [-3, 3] h) into its clock, so h = 0 is
 the worlds as every other benchmark sees them, and h is an offset on top of it.
 
-Last line of stdout: one JSON object (../shared/BENCHMARKS.md): ``by_shift`` ->
+Last line of stdout: one JSON object (as every bench module prints): ``by_shift`` ->
 ``"<h>"`` -> {``pooled``: per method the summary over every household, ``worlds``:
 per world id per method the four figures, ``median`` / ``min`` / ``max`` over the
 worlds per method per figure}, plus ``split``, ``shifts_h``, ``elapsed_s``.

@@ -33,7 +33,7 @@ class PathDataFile:
     source: str  # "shared" or "generated"
 
 
-# The shape of the shared file, as documented in shared/data/README.md.
+# The shape of the shared file (the ChannelAttribution example data HEARTH_SHARED_DATA points at).
 SHARED_SHAPE = dict(n_paths=10_000, n_channels=12, conversions=19_785, nulls=68_602)
 
 
