@@ -12,6 +12,7 @@ events *and* the sessions they touch, or nothing.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import struct
 import time
@@ -29,6 +30,7 @@ from services.clustering.migrations import MIGRATIONS
 from services.clustering.prediction_log import await_forwards, erase_pending, excluding_forwards, forget_cached_heads
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import Conflict, NotFound
+from services.common.ids import MAX_FUTURE_SKEW_S
 from services.common.field_crypto import (FieldCipher, drop_keys_of_erased_households, household_erasures,
                                          note_household_erased)
 from services.common.feedback_to_clustering import UNPROMPTED_LABEL_SUFFIX
@@ -41,7 +43,7 @@ MODEL_CACHE_TTL_S = 3600.0
 # Every table an erasure deletes from (purged physically after it: Database.purge_erased;
 # kept out of PostgreSQL's planner statistics: migrate(personal_tables=...)).
 _ERASED_TABLES = ("events", "sessions", "devices", "household_models", "drift_events",
-                  "prediction_outbox", "prediction_chunks", "session_labels")
+                  "prediction_outbox", "prediction_chunks", "session_labels", "erased_events")
 
 
 @dataclass(frozen=True)
@@ -277,10 +279,31 @@ class ClusteringStore:
                     touched += self._update_sessions(tx, account, device, on_time)
         return IngestResult(accepted, duplicates, late, touched, rejected_expired=expired)
 
-    @staticmethod
-    def _new_events(tx: Tx, account: str, events: list[ViewingEvent]) -> list[ViewingEvent]:
-        """``events`` without those whose id ``account`` already stored or that repeat an
-        earlier id of the batch (the first occurrence wins)."""
+    def _digests(self, account: str, event_ids: Iterable[str]) -> dict[str, bytes]:
+        """Event id -> the digest ``erased_events`` keeps of it (keyed with the household's
+        data key; a plain SHA-256 without a cipher, the unit tests')."""
+        if self.cipher is not None:
+            return self.cipher.digests(account, event_ids)
+        return {i: hashlib.sha256(f"{account}\x00{i}".encode("utf-8")).digest() for i in event_ids}
+
+    def _erased(self, tx: Tx, account: str, event_ids: list[str]) -> set[str]:
+        """The ids among ``event_ids`` of events an erasure of the household deleted."""
+        if not tx.query("SELECT 1 FROM erased_events WHERE account_id = ? LIMIT 1", (account,)):
+            return set()
+        by_digest = {d: i for i, d in self._digests(account, event_ids).items()}
+        found: set[str] = set()
+        digests = sorted(by_digest)
+        for start in range(0, len(digests), 500):
+            chunk = digests[start:start + 500]
+            found.update(by_digest[bytes(r[0])] for r in tx.query(
+                f"SELECT digest FROM erased_events WHERE account_id = ? AND digest IN ({', '.join('?' * len(chunk))})",
+                (account, *chunk)))
+        return found
+
+    def _new_events(self, tx: Tx, account: str, events: list[ViewingEvent]) -> list[ViewingEvent]:
+        """``events`` without those whose id ``account`` already stored, or stored and an
+        erasure deleted since (a replay must not bring erased data back), or that repeat
+        an earlier id of the batch (the first occurrence wins)."""
         ids = sorted({e.event_id for e in events})
         seen: set[str] = set()
         for start in range(0, len(ids), 500):
@@ -288,6 +311,9 @@ class ClusteringStore:
             seen.update(r[0] for r in tx.query(
                 f"SELECT event_id FROM events WHERE account_id = ? AND event_id IN ({', '.join('?' * len(chunk))})",
                 (account, *chunk)))
+        unseen = [i for i in ids if i not in seen]
+        if unseen:
+            seen.update(self._erased(tx, account, unseen))
         fresh = []
         for e in events:
             if e.event_id not in seen:
@@ -817,6 +843,20 @@ class ClusteringStore:
                                         and session in sessions, None if scope.all_accounts else account,
                                         self.db.dialect, before, about)
             out.add("pending_predictions", pending)
+            if scope.kind == "household":
+                # Its key is shredded: every later write of the household is refused.
+                tx.execute("DELETE FROM erased_events WHERE account_id = ?", (account,))
+            elif scope.all_accounts:
+                # The retention purge: a replay of an event erased before its window is
+                # refused as expired at ingest (its time is at most MAX_FUTURE_SKEW_S after
+                # its erasure), so its digest is no longer needed.
+                if scope.end is not None:
+                    tx.execute("DELETE FROM erased_events WHERE erased_at < ?", (scope.end - MAX_FUTURE_SKEW_S,))
+            elif erased_ids := out.deleted_ids_of("events"):
+                erased_at = time.time()
+                tx.executemany("INSERT INTO erased_events (account_id, digest, erased_at) VALUES (?, ?, ?) "
+                               "ON CONFLICT (account_id, digest) DO NOTHING",
+                               [(account, d, erased_at) for d in self._digests(account, sorted(erased_ids)).values()])
             if scope.kind == "household":
                 labelled = [r[0] for r in tx.query("SELECT session_id FROM session_labels WHERE account_id = ?",
                                                    (account,))]

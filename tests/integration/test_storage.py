@@ -441,6 +441,62 @@ def test_erase_person_removes_their_sessions_and_events(store, database):
     assert _count(database, "events") == 2
 
 
+@pytest.mark.parametrize("keyed", [False, True], ids=["plain", "sealed"])
+def test_an_erased_event_sent_again_is_a_duplicate_and_erased_data_does_not_come_back(database, cache, keyed):
+    """chaos23: a device, person or window erasure deleted the events, and the same events
+    sent again (a client retrying a batch it had sent before the erasure, a replayed
+    stream) were accepted as new: the erased device's or window's viewing was back in the
+    store after the job had completed and its receipt said erased. Now the erasure keeps a
+    keyed digest of each erased id (``erased_events``: no id, no time) and a replay is a
+    duplicate; new events of the scope are stored as before. A household erasure and the
+    retention purge drop the digests they no longer need."""
+    from services.common.erasure import ErasureScope
+    from services.common.field_crypto import FieldCipher
+    from services.privacy.keys.domain import KeyRing, generate_kek
+    from tests.helpers.keys import ring_fetcher
+
+    cipher = FieldCipher(ring_fetcher(KeyRing([generate_kek("k")], "k"), []), ttl_s=60) if keyed else None
+    store = ClusteringStore(database, cache, gap_s=1800, lateness_tolerance_s=6 * 3600, cipher=cipher)
+    store.migrate()
+    a = "acc-replay"
+    tv = [ev(i, T0 + i * 60, account=a) for i in range(4)]
+    tablet = [ev(i, T0 + 30 + i * 60, device="tab-2", account=a) for i in range(4)]
+    later = [ev(10 + i, T0 + 40_000 + i * 60, account=a) for i in range(3)]
+    assert store.ingest(tv + tablet + later).accepted == 11
+
+    def stored() -> set[str]:
+        with database.transaction() as tx:
+            return {r[0] for r in tx.query("SELECT event_id FROM events WHERE account_id = ?", (a,))}
+
+    store.erase(ErasureScope(a, "device", device_id="tab-2"))
+    replay = store.ingest(tv + tablet + later)                      # the whole batch again
+    # tv's first events are older than its newest minus the tolerance: late, as before
+    assert (replay.accepted, replay.duplicates, replay.rejected_late) == (0, 7, 4), replay
+    assert stored() == {e.event_id for e in tv + later}
+    fresh = [ev(20, T0 + 30 + 600, device="tab-2", account=a)]     # the device's new events are kept
+    assert store.ingest(fresh).accepted == 1
+    first = min(store.household(a).sessions, key=lambda s: s.start_ts)
+    store.set_persons(a, {s.session_id: ("p1" if s.session_id == first.session_id else "p2")
+                          for s in store.household(a).sessions})
+    store.erase(ErasureScope(a, "person", person_id="p1"))
+    store.erase(ErasureScope(a, "window", start=T0 + 40_000, end=T0 + 40_000 + 90))
+    left = stored()
+    replay = store.ingest(tv + tablet + later + fresh)
+    assert replay.accepted == 0 and stored() == left
+    with database.transaction() as tx:
+        rows = tx.query("SELECT digest FROM erased_events WHERE account_id = ?", (a,))
+    assert len(rows) == 12 - len(left)                              # every erased one
+    ids = {e.event_id.encode() for e in tv + tablet + later + fresh}
+    assert not any(i in bytes(r[0]) for r in rows for i in ids)      # digests, never the ids
+    store.erase(ErasureScope("*", "window", end=time.time() + 3600))  # the retention purge, later
+    assert _count(database, "erased_events", a) == 0
+    store.ingest([ev(30, T0, device="tab-3", account=a)])
+    store.erase(ErasureScope(a, "device", device_id="tab-3"))
+    assert _count(database, "erased_events", a) == 1
+    store.erase(ErasureScope(a, "household"))
+    assert _count(database, "erased_events", a) == 0
+
+
 def test_resolve_persons_picks_the_session_near_each_instant(store):
     store.ingest([ev(i, T0 + i * 60) for i in range(3)] + [ev(10 + i, T0 + 20_000 + i * 60) for i in range(2)])
     first, second = sorted(store.household("acc-1").sessions, key=lambda s: s.start_ts)
