@@ -355,6 +355,45 @@ def test_attribution_store_idempotent(database):
     assert loaded_conv[0].value == pytest.approx(9.99)
 
 
+@pytest.mark.parametrize("keyed", [False, True], ids=["plain", "sealed"])
+def test_an_erased_touchpoint_or_conversion_sent_again_is_a_duplicate(database, keyed):
+    """chaos23: as for clustering's events, a touchpoint or conversion a device, person or
+    window erasure deleted was stored again when sent again (a retry, a replay); now it is a
+    duplicate (a keyed digest of its id is kept, never the id); new ones are stored."""
+    from services.common.erasure import ErasureScope
+    from services.common.field_crypto import FieldCipher
+    from services.privacy.keys.domain import KeyRing, generate_kek
+    from tests.helpers.keys import ring_fetcher
+
+    cipher = FieldCipher(ring_fetcher(KeyRing([generate_kek("k")], "k"), []), ttl_s=60) if keyed else None
+    store = AttributionStore(database, cipher=cipher)
+    store.migrate()
+    a = "acc-replay"
+    tps = [Touchpoint(f"tp{i}", a, "tab-2" if i % 2 else "tv-1", T0 + i * 60, "search", person_id="p1" if i == 4 else None)
+           for i in range(6)]
+    conv = [Conversion("c-tab", a, T0 + 30, "subscribe", 9.99, "tab-2"), Conversion("c-tv", a, T0 + 90, "subscribe", 5.0, "tv-1")]
+    assert store.record_touchpoints(tps) == (6, 0) and store.record_conversions(conv) == (2, 0)
+    store.erase(ErasureScope(a, "device", device_id="tab-2"))
+    assert store.record_touchpoints(tps) == (0, 6)                   # tp1, tp3, tp5 erased: not back
+    assert store.record_conversions(conv) == (0, 2)
+    store.erase(ErasureScope(a, "person", person_id="p1"))
+    store.erase(ErasureScope(a, "window", start=T0, end=T0 + 1))
+    assert store.record_touchpoints(tps) == (0, 6)
+    loaded_tps, loaded_conv = store.load([a], None, None, 86400)
+    assert [t.touchpoint_id for t in loaded_tps] == ["tp2"] and [c.conversion_id for c in loaded_conv] == ["c-tv"]
+    assert store.record_touchpoints([Touchpoint("tp9", a, "tab-2", T0 + 900, "search")]) == (1, 0)
+    with database.transaction() as tx:
+        rows = tx.query("SELECT digest FROM erased_records WHERE account_id = ?", (a,))
+    assert len(rows) == 6 and not any(b"tp" in bytes(r[0]) for r in rows)
+    store.erase(ErasureScope("*", "window", end=time.time() + 3600))   # the retention purge, later
+    assert _count(database, "erased_records", a) == 0
+    assert store.record_touchpoints([Touchpoint("tp10", a, "tab-3", T0, "search")]) == (1, 0)
+    store.erase(ErasureScope(a, "device", device_id="tab-3"))
+    assert _count(database, "erased_records", a) == 1
+    store.erase(ErasureScope(a, "household"))
+    assert _count(database, "erased_records", a) == 0
+
+
 def test_feedback_store_idempotent(database):
     fb = FeedbackStore(database)
     fb.migrate()
