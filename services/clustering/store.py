@@ -425,9 +425,14 @@ class ClusteringStore:
         Only an unknown name makes the two differ, but sessions stored before unknown
         names were recorded per session cannot tell, so every stale device is rebuilt
         from its oldest stale session on (same events, same session ids: persons are
-        kept). Idempotent, so replicas racing or a crash midway do no harm. Returns how
-        many rebuilt sessions carry an unknown name: their vectors changed, and a model
-        fitted on the old ones should be refitted."""
+        kept). Idempotent, so replicas racing or a crash midway do no harm. Under the
+        household's lock, as every writer of it: an ingest of the household on another
+        replica would otherwise have its sessions replaced by ones built without its
+        events, or re-insert the same session ids (a primary-key violation; PostgreSQL,
+        tests/integration/test_feature_schema_upgrade.py), and an erasure's deleted
+        sessions could come back. Returns how many rebuilt sessions carry an unknown
+        name: their vectors changed, and a model fitted on the old ones should be
+        refitted."""
         version = self.vocabulary.feature_version
         check = ("SELECT device_id, MIN(start_ts) FROM sessions WHERE account_id = ? AND feature_version <> ? "
                  "GROUP BY device_id")
@@ -436,6 +441,8 @@ class ClusteringStore:
                 return 0
         changed = 0
         with self.db.transaction() as tx:
+            tx.lock_household(account_id)
+            drop_keys_of_erased_households(tx, self.cipher)
             for device, since in tx.query(check, (account_id, version)):
                 self._rebuild_sessions(tx, account_id, device, float(since))
                 changed += int(tx.query("SELECT COUNT(*) FROM sessions WHERE account_id = ? AND device_id = ? "
