@@ -496,7 +496,8 @@ class AuditSink:
         while not (self._stop.is_set() and not self._items):
             # While the outbox isolates a refused record (its batches halved, then grown
             # back), the next round does not wait for new records: a few sends in a row.
-            isolating = self._drain_size < self._max_batch and time.monotonic() >= self._next_drain
+            isolating = (self._outbox is not None and self._outbox.pending() > 0
+                         and self._drain_size < self._max_batch and time.monotonic() >= self._next_drain)
             batch = self._take_batch(0.0 if isolating else 0.1)
             if batch:
                 try:
@@ -608,6 +609,9 @@ class AuditSink:
         self._drop(1, "refused")
 
     def _deliver(self, batch: list[AuditRecord]) -> None:
+        if self._outbox is not None and self._outbox.pending():
+            self._spool(batch)   # a half of a split batch, after the other went to the outbox
+            return
         for attempt in range(self._max_attempts):
             try:
                 self._send(batch)
