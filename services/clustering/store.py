@@ -47,7 +47,7 @@ for _reason in ("undecryptable", "unparseable"):
     STATE_FALLBACKS.labels(_reason)
 
 _EVENT_COLUMNS = ("event_id, account_id, device_id, device_type, ts, kind, title_id, series_id, "
-                  "genres, duration_s, maturity, country, vpn, profile_hint")
+                  "genres, duration_s, maturity, country, vpn, profile_hint, utc_offset_minutes")
 MODEL_CACHE_TTL_S = 3600.0
 # Every table an erasure deletes from (purged physically after it: Database.purge_erased;
 # kept out of PostgreSQL's planner statistics: migrate(personal_tables=...)).
@@ -124,16 +124,21 @@ class _DeviceBatch:
 
 
 def _event_row(e: ViewingEvent) -> tuple:
+    # The UTC offset is kept as text (migration 11), so that it is sealed like country.
     return (e.event_id, e.account_id, e.device_id, e.device_type, e.ts, e.kind, e.title_id,
             e.series_id, json.dumps(list(e.genres)), e.duration_s, e.maturity, e.country,
-            int(e.vpn), e.profile_hint)
+            int(e.vpn), e.profile_hint, None if e.utc_offset_minutes is None else str(e.utc_offset_minutes))
 
 
 def _event_from_row(r: Sequence) -> ViewingEvent:
+    """An event from its row: ``_EVENT_COLUMNS``' values (a row of the first 14, without
+    the UTC offset, reads as an event without one)."""
+    offset = r[14] if len(r) > 14 else None
     return ViewingEvent(event_id=r[0], account_id=r[1], device_id=r[2], device_type=r[3],
                         ts=float(r[4]), kind=r[5], title_id=r[6], series_id=r[7],
                         genres=tuple(json.loads(r[8])), duration_s=float(r[9]), maturity=r[10],
-                        country=r[11], vpn=bool(r[12]), profile_hint=r[13])
+                        country=r[11], vpn=bool(r[12]), profile_hint=r[13],
+                        utc_offset_minutes=None if offset is None else int(offset))
 
 
 # person -> probability maps the service built itself: sorted keys, no cycle check.
@@ -184,7 +189,7 @@ class ClusteringStore:
         self.gap_s = gap_s
         self.tolerance_s = lateness_tolerance_s
         # Encryption at rest (docs/privacy.md §3) of the sensitive event fields (title_id,
-        # series_id, genres, country, profile_hint) and of session feature vectors and
+        # series_id, genres, country, profile_hint, utc_offset_minutes) and of session feature vectors and
         # labels, under the household's data key; None = plaintext (unit tests).
         self.cipher = cipher
 
@@ -219,7 +224,8 @@ class ClusteringStore:
             return row
         a, seal = e.account_id, self._seal_text
         return (*row[:6], seal(a, "title_id", row[6]), seal(a, "series_id", row[7]), seal(a, "genres", row[8]),
-                row[9], row[10], seal(a, "country", row[11]), row[12], seal(a, "profile_hint", row[13]))
+                row[9], row[10], seal(a, "country", row[11]), row[12], seal(a, "profile_hint", row[13]),
+                seal(a, "utc_offset_minutes", row[14]))
 
     def _event_from_row(self, r: Sequence) -> ViewingEvent:
         if self.cipher is None:
@@ -227,7 +233,8 @@ class ClusteringStore:
         a, open_ = r[1], self._open_text
         return _event_from_row((*r[:6], open_(a, "title_id", r[6]), open_(a, "series_id", r[7]),
                                 open_(a, "genres", r[8]), r[9], r[10], open_(a, "country", r[11]), r[12],
-                                open_(a, "profile_hint", r[13])))
+                                open_(a, "profile_hint", r[13]),
+                                *((open_(a, "utc_offset_minutes", r[14]),) if len(r) > 14 else ())))
 
     def migrate(self) -> list[int]:
         return migrate(self.db, MIGRATIONS, personal_tables=_ERASED_TABLES)
@@ -270,7 +277,7 @@ class ClusteringStore:
                 if not fresh:
                     continue
                 inserted = tx.executemany(
-                    f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES ({', '.join('?' * 14)}) "
+                    f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES ({', '.join('?' * 15)}) "
                     "ON CONFLICT (account_id, event_id) DO NOTHING", [self._event_row(e) for e in fresh])
                 accepted += inserted
                 duplicates += len(fresh) - inserted  # a concurrent writer got there first
@@ -915,7 +922,8 @@ class ClusteringStore:
             "events": [{"event_id": e.event_id, "device_id": e.device_id, "device_type": e.device_type, "ts": e.ts,
                         "kind": e.kind, "title_id": e.title_id, "series_id": e.series_id, "genres": list(e.genres),
                         "duration_s": e.duration_s, "maturity": e.maturity, "country": e.country, "vpn": e.vpn,
-                        "profile_hint": e.profile_hint} for e in decoded],
+                        "profile_hint": e.profile_hint, "utc_offset_minutes": e.utc_offset_minutes}
+                       for e in decoded],
             "sessions": [{"session_id": r[0], "device_id": r[1], "device_type": r[2], "start_ts": float(r[3]),
                           "end_ts": float(r[4]), "event_count": int(r[5]), "watch_seconds": float(r[6]),
                           "feature_version": int(r[7]),

@@ -45,11 +45,14 @@ def _stores(root: Path, tolerance_s: float, vocabulary: GenreVocabulary | None =
     return out
 
 
-# Events: (time step, event id, device, seed of its other fields, fraction of a step).
-# Steps of 600 s against a gap of 1,800 s: sessions split, touch at exactly one gap,
-# share instants (the event id orders them) and are bridged by late events; ids repeat.
+# Events: (time step, event id, device, seed of its other fields, fraction of a step, UTC
+# offset in minutes or none). Steps of 600 s against a gap of 1,800 s: sessions split,
+# touch at exactly one gap, share instants (the event id orders them) and are bridged by
+# late events; ids repeat; a session's events may carry different offsets (a daylight
+# saving change, a journey; a late first event brings another offset to the session).
 _event = st.tuples(st.integers(0, 40), st.integers(0, 60), st.sampled_from(("tv-1", "tv-1", "ph-1")),
-                   st.integers(0, 2**32 - 1), st.sampled_from((0.0, 0.0, 0.25, 0.5)))
+                   st.integers(0, 2**32 - 1), st.sampled_from((0.0, 0.0, 0.25, 0.5)),
+                   st.sampled_from((None, None, None, 0, -300, -240, 330, 840)))
 # What happens between: the next batch of the stream (its size), persons named (an
 # assignment), a window or a person erased.
 _op = st.one_of(
@@ -65,8 +68,9 @@ def _arrival(events: list, order: str, moves: list[tuple[int, int]]) -> list[Vie
     """The events in their order of arrival: as drawn ("random"), in time order as a
     client streams them ("stream"), or in time order with some arriving late ("late":
     each move takes an event to a later position)."""
-    out = [random_event(random.Random(seed), ACCOUNT, i, T0 + 600.0 * (step + frac), device=device)
-           for step, i, device, seed, frac in events]
+    out = [random_event(random.Random(seed), ACCOUNT, i, T0 + 600.0 * (step + frac), device=device,
+                        utc_offset_minutes=offset)
+           for step, i, device, seed, frac, offset in events]
     if order != "random":
         out.sort(key=lambda e: (e.ts, e.event_id))
     if order == "late":
@@ -112,7 +116,7 @@ def test_incremental_sessions_equal_the_full_rebuild(events, order, moves, ops, 
     persons named and windows and persons erased between them: after every operation the
     incremental store's sessions equal the full rebuild's field by field (features to the
     byte, labels, unknown genres, persons, person probabilities, the newest session's
-    running state) and build_sessions' of the stored events."""
+    running state, its UTC offset) and build_sessions' of the stored events."""
     _run(_arrival(events, order, moves), ops, tolerance_s)
 
 
@@ -304,6 +308,8 @@ _BAD_STATES = {
     "hints_a_string": ("unparseable", lambda store, b: _valid_state_with(store, b, hints="aaab")),
     "count_a_string": ("unparseable", lambda store, b: _valid_state_with(store, b, event_count="3")),
     "watch_not_finite": ("unparseable", lambda store, b: _valid_state_with(store, b, watch_seconds=float("nan"))),
+    "offset_a_string": ("unparseable", lambda store, b: _valid_state_with(store, b, utc_offset_minutes="60")),
+    "offset_out_of_range": ("unparseable", lambda store, b: _valid_state_with(store, b, utc_offset_minutes=100_000)),
     "titles_a_string": ("unparseable", lambda store, b: _sums_with(store, b, titles="t1t2")),
     "series_a_list": ("unparseable", lambda store, b: _sums_with(store, b, series=["s1"])),
     "genre_seconds_strings": ("unparseable", lambda store, b: _sums_with(

@@ -8,7 +8,9 @@ the same table for operators.
 Layout (index: meaning):
 
 ====  =====================================================================
-0-1   start hour of day on the circle: sin, cos of 2*pi*hour/24 (UTC)
+0-1   start hour of day on the circle: sin, cos of 2*pi*hour/24 (of the start
+      the session builder passes: local when its first event carries a UTC offset,
+      else UTC; sessions.py)
 2-3   start day of week on the circle: sin, cos of 2*pi*dow/7 (Monday = 0)
 4-9   device type one-hot: tv, mobile, tablet, desktop, console, other
 10-28 genre mix weighted by watch time (sums to 1 when any genre is given),
@@ -197,7 +199,8 @@ def features_matrix(
 ) -> np.ndarray:
     """Feature vectors for N sessions at once, shape (N, FEATURE_DIM), float32.
 
-    ``start_ts`` are UTC epoch seconds; ``device_idx`` indexes ``DEVICE_TYPES``;
+    ``start_ts`` are epoch seconds of the clock the time features are read on (UTC, or
+    local = UTC + offset when the session builder has one); ``device_idx`` indexes ``DEVICE_TYPES``;
     ``genre_seconds`` is (N, len(GENRES)) watch seconds per genre (a title with
     several genres splits its time evenly); the rest are per-session scalars.
     """
