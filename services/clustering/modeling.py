@@ -236,7 +236,13 @@ class ModelKeeper:
             return False
         if tail.sessions:   # advance's Step(current, False, current.included, ...)
             snap = self.snapshot_of(account_id, tail.sessions, volunteered=False)
-            self._record_persons(account_id, snap, current)
+            persons, probs = persons_for(current.model, snap.sessions, snap.labels, snap.X,
+                                         included=np.arange(len(snap.sessions)) < 0)
+            # Only what changes is written: the same model answers the same sessions
+            # the same at every batch until the next fold (a write transaction each).
+            changed = {s: p for s, p in persons.items() if not tail.recorded_as(s, p, probs[s])}
+            if changed:
+                self.store.set_persons(account_id, changed, {s: probs[s] for s in changed})
         return True
 
     def advance(self, current: Envelope | None, snap: Snapshot, variant: str, *, force: str = "",

@@ -101,6 +101,13 @@ class ClosedTail:
     first_id: str
     before_id: str
     sessions: list[StoredSession]
+    # session id -> (person_id, person_probs) as stored: what set_persons last wrote
+    recorded: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
+
+    def recorded_as(self, session_id: str, person: str, probabilities: dict[str, float]) -> bool:
+        """Whether the tail's session already holds this person and these probabilities
+        (set_persons would write the same)."""
+        return self.recorded.get(session_id) == (person, _encode_probabilities(probabilities))
 
 
 @dataclass(frozen=True)
@@ -524,7 +531,7 @@ class ClusteringStore:
         order = "ORDER BY s.start_ts, s.session_id "
         columns = ("SELECT s.session_id, s.account_id, s.device_id, s.device_type, s.start_ts, s.end_ts, "
                    "s.event_count, s.watch_seconds, s.feature_version, s.features, s.label, s.person_id, "
-                   "COALESCE(d.last_ts, 0) ")
+                   "COALESCE(d.last_ts, 0), s.person_probs ")
         before = ""
         with self.db.transaction(readonly=True) as tx:
             first = tx.query("SELECT s.session_id " + self._CLOSED + order + "LIMIT 1", closed)
@@ -543,7 +550,7 @@ class ClusteringStore:
                 rows = []
                 count = int(tx.query("SELECT COUNT(*) " + self._CLOSED, closed)[0][0])
         sessions = [self._session_from_row(r[:12], float(r[12]), now) for r in rows]
-        return ClosedTail(count, first[0][0] if first else "", before, sessions)
+        return ClosedTail(count, first[0][0] if first else "", before, sessions, {r[0]: (r[11], r[13]) for r in rows})
 
     def closed_session_count(self, account_id: str, now: float | None = None,
                              before: StoredSession | None = None) -> int:

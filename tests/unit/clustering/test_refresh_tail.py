@@ -248,7 +248,8 @@ def test_the_stream_takes_the_tail_path_and_a_session_closing_before_the_last_in
 def test_a_small_batch_on_a_long_history_opens_only_the_new_sessions(tmp_path):
     """The refresh a stream's batch schedules on a household of 300 closed sessions
     opens no stored vector when no session closed, and one when one closed (main's
-    opened all 300 each time)."""
+    opened all 300 each time); the closed session's person is recorded once, not
+    rewritten by every later batch's refresh until the next fold (main rewrote it)."""
     ring = KeyRing([generate_kek("k1")], "k1")
     store = _store(tmp_path, "long", ring)
     app = ClusteringApp(store, background=False)
@@ -275,5 +276,13 @@ def test_a_small_batch_on_a_long_history_opens_only_the_new_sessions(tmp_path):
         ((person, probs),) = tx.query("SELECT person_id, person_probs FROM sessions WHERE session_id = ?",
                                       (stored.session_id,))
     assert person in envelope.model.person_ids and json.loads(probs)[person] > 0
+    # the next batches' refreshes answer it the same: nothing is written again
+    writes, opened[:] = [], []
+    set_persons = store.set_persons
+    store.set_persons = lambda *a, **k: writes.append(a) or set_persons(*a, **k)
+    for i in range(3):
+        app.ingest([random_event(rng, ACCOUNT, 20_000 + i, store.now + 30.0 * i, device="ph-1")])
+        assert app.keeper.refresh(ACCOUNT) == (version, envelope)
+    assert writes == [] and opened == ["features"] * 3
     app.close()
     store.db.close()
