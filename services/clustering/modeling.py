@@ -8,6 +8,10 @@ Policy (why it is shaped like this):
   alarm) is handled by refitting.
 * New sessions are folded in by micro-batches of ``MICRO_BATCH`` (incremental EM on
   sufficient statistics for the GMM, 1/(n+1) steps for k-means), not one by one.
+* A refresh with nothing to fold in (most of those an ingest batch schedules) reads only
+  the sessions closed since the model's last update (``_arrivals_only``); a fold, a refit
+  and a drift check read them all (docs/clustering.md "The model refresh reads what
+  changed").
 * Each micro-batch also feeds the drift detector, whose reference is the last full
   refit; every alarm refits at once and restarts the reference (see _check_drift),
   and the model's own join/leave re-selections are stored as composition events.
