@@ -158,4 +158,12 @@ CREATE INDEX IF NOT EXISTS prediction_chunks_session_from ON prediction_chunks (
     Migration(10, "newest session's running state", """
 ALTER TABLE sessions ADD COLUMN state {blob}
 """),
+    # The device's UTC offset an event carried (minutes, local = UTC + offset; NULL: not
+    # sent): the session builder computes the hour and weekday features in local time
+    # from it (domain/sessions.py). TEXT so that it is sealed under the household key like
+    # country (it reveals rough location: docs/privacy.md §10); it goes with its event row
+    # on every erasure.
+    Migration(11, "events' UTC offset", """
+ALTER TABLE events ADD COLUMN utc_offset_minutes TEXT
+"""),
 ]

@@ -460,7 +460,8 @@ def test_streamed_batches_extend_the_newest_session_as_the_full_rebuild_builds_i
     session, before it, bridging two), ids repeated, persons named, windows and persons
     erased between — leave exactly build_sessions' sessions of the stored events, the
     newest of each device carrying the running state of its events (opened with the
-    household's key); a household erasure leaves no session row, so no state."""
+    household's key); a household erasure leaves no session row, so no state. Since
+    session 23 the events of seeds 1 and 2 carry UTC offsets (migration 11's column)."""
     import random
 
     from services.common.erasure import ErasureScope
@@ -474,8 +475,11 @@ def test_streamed_batches_extend_the_newest_session_as_the_full_rebuild_builds_i
     store.migrate()
     for seed in range(3):
         rng, account = random.Random(seed), f"acc-inc-{seed}"
+        # Seeds 1 and 2 carry UTC offsets (session 23), mixed within sessions (the
+        # session keeps its first event's): stored sealed, read back by the rebuild.
         events = [random_event(rng, account, i, T0 + 600.0 * rng.randint(0, 30) + rng.choice((0.0, 0.5)),
-                               device=rng.choice(("tv-1", "ph-1"))) for i in range(50)]
+                               device=rng.choice(("tv-1", "ph-1")),
+                               utc_offset_minutes=(None, 60, -300)[i % 3] if seed else None) for i in range(50)]
         events.sort(key=lambda e: (e.ts, e.event_id))
         for _ in range(4):   # some arrive late
             events.insert(rng.randrange(len(events)), events.pop(rng.randrange(len(events))))
