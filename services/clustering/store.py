@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import struct
 import time
 from collections import defaultdict
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from prometheus_client import Counter
 
 from services.clustering.domain.events import ViewingEvent
 from services.clustering.domain.features import DEFAULT_VOCABULARY, GenreVocabulary
@@ -29,11 +31,20 @@ from services.clustering.migrations import MIGRATIONS
 from services.clustering.prediction_log import await_forwards, erase_pending, excluding_forwards, forget_cached_heads
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import Conflict, NotFound
-from services.common.field_crypto import (FieldCipher, drop_keys_of_erased_households, household_erasures,
-                                         note_household_erased)
+from services.common.field_crypto import (FieldCipher, FieldDecryptionError, drop_keys_of_erased_households,
+                                         household_erasures, note_household_erased)
 from services.common.feedback_to_clustering import UNPROMPTED_LABEL_SUFFIX
 from services.common.storage.cache import Cache, MemoryCache, purge_persistence
 from services.common.storage.sql import Database, Tx, migrate, record_erasure
+from services.common.telemetry import pseudonym
+
+log = logging.getLogger("hearth.clustering.store")
+# Kept session states that did not open or parse; each batch met one took the full
+# rebuild (ClusteringStore._kept_state).
+STATE_FALLBACKS = Counter("hearth_session_state_fallbacks_total",
+                          "Kept session states unreadable, replaced by the full rebuild", ["reason"])
+for _reason in ("undecryptable", "unparseable"):
+    STATE_FALLBACKS.labels(_reason)
 
 _EVENT_COLUMNS = ("event_id, account_id, device_id, device_type, ts, kind, title_id, series_id, "
                   "genres, duration_s, maturity, country, vpn, profile_hint, utc_offset_minutes")
@@ -316,8 +327,8 @@ class ClusteringStore:
                           "WHERE account_id = ? AND device_id = ? ORDER BY end_ts DESC LIMIT 1", (account, device))
         last = None
         if newest and newest[0][4] is not None and int(newest[0][3]) == self.vocabulary.feature_version:
-            last = SessionState.from_bytes(self._open_blob(account, "session_state", newest[0][4]))
-            if not (last.vocabulary == self.vocabulary.signature and last.gap_s == self.gap_s
+            last = self._kept_state(account, newest[0][4])
+            if last is not None and not (last.vocabulary == self.vocabulary.signature and last.gap_s == self.gap_s
                     and (last.account_id, last.device_id) == (account, device)
                     and (last.start_ts, last.end_ts) == (float(newest[0][1]), float(newest[0][2]))
                     and last.after(ordered[0])):
@@ -352,6 +363,23 @@ class ClusteringStore:
             tx.execute("UPDATE sessions SET state = NULL WHERE session_id = ?", (session_id,))
         self._insert_sessions(tx, rows)
         return len(states) if extended else len(states) - 1
+
+    def _kept_state(self, account: str, stored) -> SessionState | None:
+        """The newest session's kept running state, or None when it does not open (altered
+        bytes, a data key version the household does not have) or is not a state
+        ``to_bytes`` wrote: a cache of the stored events must not block the household's
+        ingest, the batch takes the full rebuild, which writes a good state (counted,
+        logged). A data key service that does not answer is not a bad state: raised."""
+        try:
+            return SessionState.from_bytes(self._open_blob(account, "session_state", stored))
+        except (FieldDecryptionError, NotFound) as exc:
+            reason, error = "undecryptable", exc
+        except ValueError as exc:
+            reason, error = "unparseable", exc
+        STATE_FALLBACKS.labels(reason).inc()
+        log.warning("session state of %s %s (%s): the full rebuild from the stored events replaces it",
+                    pseudonym(account), reason, str(error).replace(account, pseudonym(account))[:200])
+        return None
 
     def _session_rows(self, states: list[SessionState], persons: dict[str, str | None]) -> list[tuple]:
         """Session rows of ``states`` (a device's, oldest first, the last its newest), the
@@ -404,9 +432,14 @@ class ClusteringStore:
         Only an unknown name makes the two differ, but sessions stored before unknown
         names were recorded per session cannot tell, so every stale device is rebuilt
         from its oldest stale session on (same events, same session ids: persons are
-        kept). Idempotent, so replicas racing or a crash midway do no harm. Returns how
-        many rebuilt sessions carry an unknown name: their vectors changed, and a model
-        fitted on the old ones should be refitted."""
+        kept). Idempotent, so replicas racing or a crash midway do no harm. Under the
+        household's lock, as every writer of it: an ingest of the household on another
+        replica would otherwise have its sessions replaced by ones built without its
+        events, or re-insert the same session ids (a primary-key violation; PostgreSQL,
+        tests/integration/test_feature_schema_upgrade.py), and an erasure's deleted
+        sessions could come back. Returns how many rebuilt sessions carry an unknown
+        name: their vectors changed, and a model fitted on the old ones should be
+        refitted."""
         version = self.vocabulary.feature_version
         check = ("SELECT device_id, MIN(start_ts) FROM sessions WHERE account_id = ? AND feature_version <> ? "
                  "GROUP BY device_id")
@@ -415,6 +448,8 @@ class ClusteringStore:
                 return 0
         changed = 0
         with self.db.transaction() as tx:
+            tx.lock_household(account_id)
+            drop_keys_of_erased_households(tx, self.cipher)
             for device, since in tx.query(check, (account_id, version)):
                 self._rebuild_sessions(tx, account_id, device, float(since))
                 changed += int(tx.query("SELECT COUNT(*) FROM sessions WHERE account_id = ? AND device_id = ? "

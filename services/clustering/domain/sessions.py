@@ -36,8 +36,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.clustering.domain.events import ViewingEvent
-from services.clustering.domain.features import DEFAULT_VOCABULARY, FeatureSums, GenreVocabulary, WatchItem
+from services.clustering.domain.events import MAX_UTC_OFFSET_MINUTES, ViewingEvent
+from services.clustering.domain.features import DEFAULT_VOCABULARY, FeatureSums, GenreVocabulary, WatchItem, checked
 
 DEFAULT_GAP_S = 1800.0
 
@@ -164,18 +164,35 @@ class SessionState:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "SessionState":
-        d = json.loads(data)
+        """The state ``to_bytes`` wrote. ValueError for anything else — not JSON, a field
+        missing, extra or of another type, a number not finite — so that what parses can
+        be extended: the store then rebuilds the session from its stored events (a kept
+        state is a cache of them; docs/clustering.md "Incremental sessions")."""
+        try:
+            d = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"session state: not JSON ({exc})") from None
+        if not isinstance(d, dict) or d.keys() - {"utc_offset_minutes"} != _STATE_FIELDS:
+            raise ValueError("session state: not the fields to_bytes writes")
         state = cls.__new__(cls)
-        state.account_id, state.device_id = d["account_id"], d["device_id"]
-        state.start_ts, state.end_ts = float(d["start_ts"]), float(d["end_ts"])
-        state.last_event_id, state.device_type = d["last_event_id"], d["device_type"]
-        state.event_count, state.watch_seconds = int(d["event_count"]), float(d["watch_seconds"])
-        state.hints, state.unknown = Counter(d["hints"]), Counter(d["unknown"])
-        state.sums = FeatureSums.from_dict(d["sums"])
-        state.vocabulary, state.gap_s = d["vocabulary"], float(d["gap_s"])
-        offset = d.get("utc_offset_minutes")
-        state.utc_offset_minutes = None if offset is None else int(offset)
+        state.account_id, state.device_id = checked(d, "account_id", str), checked(d, "device_id", str)
+        state.start_ts, state.end_ts = checked(d, "start_ts", float), checked(d, "end_ts", float)
+        state.last_event_id, state.device_type = checked(d, "last_event_id", str), checked(d, "device_type", str)
+        state.event_count, state.watch_seconds = checked(d, "event_count", int), checked(d, "watch_seconds", float)
+        state.hints, state.unknown = Counter(checked(d, "hints", {str: int})), Counter(checked(d, "unknown", {str: int}))
+        state.sums = FeatureSums.from_dict(checked(d, "sums", dict))
+        state.vocabulary, state.gap_s = checked(d, "vocabulary", str), checked(d, "gap_s", float)
+        state.utc_offset_minutes = checked(d, "utc_offset_minutes", int) if "utc_offset_minutes" in d else None
+        if state.event_count < 1 or not state.start_ts <= state.end_ts:
+            raise ValueError("session state: no events, or its end before its start")
+        if state.utc_offset_minutes is not None and not (-MAX_UTC_OFFSET_MINUTES <= state.utc_offset_minutes
+                                                         <= MAX_UTC_OFFSET_MINUTES):
+            raise ValueError("session state: utc_offset_minutes out of range")
         return state
+
+
+_STATE_FIELDS = frozenset(("account_id", "device_id", "start_ts", "end_ts", "last_event_id", "device_type",
+                           "event_count", "watch_seconds", "hints", "unknown", "sums", "vocabulary", "gap_s"))
 
 
 def extend_sessions(last: SessionState | None, ordered: Sequence[ViewingEvent], gap_s: float,
