@@ -71,10 +71,14 @@ JSON_MEDIA_TYPE = "application/json"
 
 def _json_content_type(value: str | None) -> bool:
     """``application/json`` or ``application/*+json``, parameters ignored, as FastAPI
-    decides whether a body is JSON (anything else goes to its handler)."""
+    decides whether a body is JSON (anything else goes to its handler). FastAPI reads the
+    media type with ``email.message``, to which one with more or fewer than one slash is
+    ``text/plain`` (RFC 2045 5.2): ``application/a/b+json`` is not JSON (review23)."""
     if not value:
         return False
     media = value.split(";", 1)[0].strip().lower()
+    if media.count("/") != 1:
+        return False
     return media == JSON_MEDIA_TYPE or (media.startswith("application/") and media.endswith("+json"))
 
 
@@ -367,7 +371,11 @@ class FastLane:
         content_type = length = None
         for name, value in scope["headers"]:
             if name == b"content-type":
-                content_type = value.decode("latin-1")
+                # The first, as Starlette's request.headers.get (FastAPI's handler) reads
+                # it: the last made a body sent as text/plain, then application/json,
+                # JSON here and not there (review23).
+                if content_type is None:
+                    content_type = value.decode("latin-1")
             elif name == b"content-length":
                 length = value
         if length is None or not length.isdigit() or int(length) > self.max_body_bytes:

@@ -104,6 +104,26 @@ class HouseholdView:
 
 
 @dataclass(frozen=True)
+class ClosedTail:
+    """The household's closed sessions from position ``start`` on (``closed_sessions()
+    [start:]``), with what tells whether the first ``start`` are the ones a model
+    included: how many are closed, the first one's id and the id at position
+    ``start - 1`` ("" when there is none)."""
+
+    count: int
+    first_id: str
+    before_id: str
+    sessions: list[StoredSession]
+    # session id -> (person_id, person_probs) as stored: what set_persons last wrote
+    recorded: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
+
+    def recorded_as(self, session_id: str, person: str, probabilities: dict[str, float]) -> bool:
+        """Whether the tail's session already holds this person and these probabilities
+        (set_persons would write the same)."""
+        return self.recorded.get(session_id) == (person, _encode_probabilities(probabilities))
+
+
+@dataclass(frozen=True)
 class StoredModel:
     version: int
     variant: str
@@ -559,6 +579,46 @@ class ClusteringStore:
                 "WHERE account_id = ? ORDER BY start_ts, session_id", (account_id,))
         sessions = [self._session_from_row(r, float(marks.get(r[2], 0.0)), now) for r in rows]
         return [s for s in sessions if s.closed]
+
+    # A session is closed one gap after its end by the later of its device's watermark and
+    # the clock: closed_sessions' test (``max(watermark, now) - end > gap``, a missing
+    # device row a watermark of 0), in SQL over the same doubles.
+    _CLOSED = ("FROM sessions s LEFT JOIN devices d ON d.account_id = s.account_id AND d.device_id = s.device_id "
+               "WHERE s.account_id = ? AND (CASE WHEN COALESCE(d.last_ts, 0) > ? THEN COALESCE(d.last_ts, 0) "
+               "ELSE ? END) - s.end_ts > ? ")
+
+    def closed_tail(self, account_id: str, start: int, now: float | None = None) -> ClosedTail:
+        """``closed_sessions(account_id)[start:]`` and what a model refresh checks before
+        trusting that the first ``start`` did not move (ModelKeeper.refresh), in one read
+        transaction; only the tail's vectors are decrypted. Why: a refresh whose model
+        already includes the first ``start`` sessions needs nothing else of them, and
+        reading and opening every closed session at every ingest batch grew with the
+        household's history (docs/clustering.md "The model refresh reads what changed")."""
+        now = time.time() if now is None else now
+        closed = (account_id, now, now, self.gap_s)
+        order = "ORDER BY s.start_ts, s.session_id "
+        columns = ("SELECT s.session_id, s.account_id, s.device_id, s.device_type, s.start_ts, s.end_ts, "
+                   "s.event_count, s.watch_seconds, s.feature_version, s.features, s.label, s.person_id, "
+                   "COALESCE(d.last_ts, 0), s.person_probs ")
+        before = ""
+        with self.db.transaction(readonly=True) as tx:
+            first = tx.query("SELECT s.session_id " + self._CLOSED + order + "LIMIT 1", closed)
+            if start == 0:
+                rows = tx.query(columns + self._CLOSED + order, closed)
+                count = len(rows)
+            elif at := tx.query("SELECT s.session_id, s.start_ts " + self._CLOSED + order + "LIMIT 1 OFFSET ?",
+                                (*closed, start - 1)):
+                # The rest: the closed sessions after the one at start - 1 in the same
+                # order (start, then id), read through the start index's range.
+                before, since = at[0][0], at[0][1]
+                rows = tx.query(columns + self._CLOSED + "AND s.start_ts >= ? AND (s.start_ts > ? OR s.session_id > ?) "
+                                + order, (*closed, since, since, before))
+                count = start + len(rows)
+            else:   # fewer than start closed sessions
+                rows = []
+                count = int(tx.query("SELECT COUNT(*) " + self._CLOSED, closed)[0][0])
+        sessions = [self._session_from_row(r[:12], float(r[12]), now) for r in rows]
+        return ClosedTail(count, first[0][0] if first else "", before, sessions, {r[0]: (r[11], r[13]) for r in rows})
 
     def closed_session_count(self, account_id: str, now: float | None = None,
                              before: StoredSession | None = None) -> int:

@@ -600,3 +600,33 @@ def test_streamed_batches_extend_the_newest_session_as_the_full_rebuild_builds_i
         assert tx.query("SELECT COUNT(*) FROM sessions WHERE account_id = ?", ("acc-inc-1",)) == [(0,)]
         assert tx.query("SELECT COUNT(*) FROM sessions WHERE account_id = ? AND state IS NOT NULL",
                         ("acc-inc-2",))[0][0] >= 1
+
+
+def test_the_closed_tail_is_the_closed_sessions_from_each_position(database):
+    """ModelKeeper's arrivals-only refresh reads ClusteringStore.closed_tail: on both
+    backends it is closed_sessions()[start:] for every start (the count, the first id,
+    the id just before), with sessions sharing a start instant (the id orders them),
+    closing exactly one gap after their end or just after, by the clock and by a
+    device's watermark, and a session whose device row is gone (a watermark of 0)."""
+    import random
+    import uuid
+
+    account = f"acc-tail-{uuid.uuid4().hex[:8]}"
+    t0 = 1_767_225_600.0   # 2026-01-01T00:00:00Z
+    store = ClusteringStore(database, gap_s=1800, lateness_tolerance_s=1e9)
+    store.migrate()
+    rng = random.Random(4)
+    store.ingest([ev(i, t0 + 600.0 * rng.randint(0, 40), device=rng.choice(("tv-1", "ph-1", "tb-1")),
+                     account=account) for i in range(40)])
+    with database.transaction() as tx:
+        tx.execute("DELETE FROM devices WHERE account_id = ? AND device_id = ?", (account, "tb-1"))
+        last_end = float(tx.query("SELECT MAX(end_ts) FROM sessions WHERE account_id = ?", (account,))[0][0])
+    fields = lambda s: (s.session_id, s.device_id, s.start_ts, s.end_ts, s.features.tobytes(), s.closed)  # noqa: E731
+    for now in (last_end, last_end + 1800.0, last_end + 1800.5, last_end + 86400.0):
+        full = store.closed_sessions(account, now=now)
+        for start in range(len(full) + 2):
+            tail = store.closed_tail(account, start, now=now)
+            assert (tail.count, tail.first_id) == (len(full), full[0].session_id if full else "")
+            assert tail.before_id == (full[start - 1].session_id if 0 < start <= len(full) else "")
+            assert [fields(s) for s in tail.sessions] == [fields(s) for s in full[start:]]
+    assert 0 < len(store.closed_sessions(account, now=last_end)) < len(store.closed_sessions(account, now=last_end + 86400))
