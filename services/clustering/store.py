@@ -54,7 +54,8 @@ MODEL_CACHE_TTL_S = 3600.0
 # Every table an erasure deletes from (purged physically after it: Database.purge_erased;
 # kept out of PostgreSQL's planner statistics: migrate(personal_tables=...)).
 _ERASED_TABLES = ("events", "sessions", "devices", "household_models", "drift_events",
-                  "prediction_outbox", "prediction_chunks", "session_labels", "erased_events")
+                  "prediction_outbox", "prediction_chunks", "session_labels", "erased_events",
+                  "refits_owed")   # its rows hold the account id too (review23)
 
 
 @dataclass(frozen=True)
