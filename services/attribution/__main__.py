@@ -27,7 +27,7 @@ def build(settings):
     store = AttributionStore(db, open_cache(settings, NAME), cipher=cipher)
     store.migrate()
     resolver = ClusteringResolver(settings.clustering_addr, settings.peer_timeout_s)
-    app = AttributionApp(store, resolver, consent)
+    app = AttributionApp(store, resolver, consent, retention_s=settings.retention_s)
     servicer = AttributionServicer(app)
     return ([(pb_grpc.add_AttributionServiceServicer_to_server, servicer, SERVICE_NAME),
              data_holder(NAME, app)],

@@ -19,7 +19,7 @@ def test_attribution_round_trip(mesh):
                    for i in range(6)]
         r = client.post("/v1/touchpoints", json={"touchpoints": touches})
         assert r.status_code == 200, r.text
-        assert r.json() == {"accepted": 6, "duplicates": 0}
+        assert r.json() == {"accepted": 6, "duplicates": 0, "rejected_expired": 0}
         r = client.post("/v1/conversions", json={"conversions": [
             {"conversion_id": "e2e-conv-1", "account_id": "e2e-att", "ts": _iso(t0 + 7 * 3600),
              "kind": "subscribe", "value": 12.5}]})
