@@ -33,6 +33,10 @@ os.environ.setdefault("HEARTH_RETENTION_CHECK_S", "0")
 # most, checked every 0.5 s. What the tests assert does not depend on either period.
 os.environ.setdefault("HEARTH_GRPC_RECONNECT_MAX_S", "0.25")
 os.environ.setdefault("HEARTH_HEALTH_CHECK_INTERVAL_S", "0.5")
+# A consent answer is reused for HEARTH_CONSENT_CACHE_S (5 s in production): the tests that
+# withdraw or give consent back and wait until every service enforces it (the bound they
+# assert is this setting) waited up to 5 s each; here 1 s.
+os.environ.setdefault("HEARTH_CONSENT_CACHE_S", "1")
 
 
 @pytest.fixture(scope="session")
