@@ -4,7 +4,10 @@ FAILS the tests that need it (never skips): CI must not pass while a backend goe
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 import time
 
 import grpc
@@ -37,6 +40,19 @@ os.environ.setdefault("HEARTH_HEALTH_CHECK_INTERVAL_S", "0.5")
 # withdraw or give consent back and wait until every service enforces it (the bound they
 # assert is this setting) waited up to 5 s each; here 1 s.
 os.environ.setdefault("HEARTH_CONSENT_CACHE_S", "1")
+
+# The processes a run starts (five a mesh, every restart, the CLI runs) import the project's
+# modules from source. Where PYTHONDONTWRITEBYTECODE is set (so nothing is written into the
+# checkout) no .pyc is ever kept, and each of them compiled its ~70-130 modules again: about
+# 0.06-0.08 CPU-s of a service's 0.35-0.55 s of imports, 0.3-0.5 CPU-s a mesh
+# (docs/benchmarks.md, "Session 23"). They keep their bytecode in a directory of this run
+# instead (PYTHONPYCACHEPREFIX: still nothing in the checkout), removed when the run ends.
+# The test process itself is unchanged (it imports each module once).
+if os.environ.get("PYTHONDONTWRITEBYTECODE") and not os.environ.get("PYTHONPYCACHEPREFIX"):
+    _BYTECODE_DIR = tempfile.mkdtemp(prefix="hearth-test-bytecode-")
+    os.environ["PYTHONPYCACHEPREFIX"] = _BYTECODE_DIR
+    del os.environ["PYTHONDONTWRITEBYTECODE"]
+    atexit.register(shutil.rmtree, _BYTECODE_DIR, True)
 
 
 @pytest.fixture(scope="session")
