@@ -55,6 +55,32 @@ if os.environ.get("PYTHONDONTWRITEBYTECODE") and not os.environ.get("PYTHONPYCAC
     atexit.register(shutil.rmtree, _BYTECODE_DIR, True)
 
 
+def _tmpfs(path: str, free_bytes: int) -> bool:
+    """Whether ``path`` is a mount point of a tmpfs we may write with ``free_bytes`` free."""
+    try:
+        mounts = [line.split() for line in open("/proc/mounts", encoding="utf-8")]
+        stat = os.statvfs(path)
+    except OSError:
+        return False
+    return (any(m[1] == path and m[2] == "tmpfs" for m in mounts if len(m) > 2) and os.access(path, os.W_OK)
+            and stat.f_bavail * stat.f_frsize >= free_bytes)
+
+
+# pytest's tmp_path directories (every SQLite database of the in-process servers, every
+# mesh's data directory, logs and outboxes) on tmpfs where the machine has one: the services
+# commit SQLite with synchronous=FULL, an fsync per commit, 1.7 ms each on this machine's
+# disk (ext4 mounted with discard) and ~0.01 ms on tmpfs; thousands of commits a run
+# (docs/benchmarks.md, "Session 23"). Nothing a test asserts depends on the disk: no test can
+# cut the power, and a killed process loses no acknowledged write on either. pytest keeps the
+# directories of its last three runs (tmp_path_retention_count), a few tens of MB each. The
+# PostgreSQL clusters stay where they were (tempfile's directory): a run killed before its
+# teardown leaves its cluster behind, and on tmpfs it would hold its ~270 MB of RAM.
+# PYTEST_DEBUG_TEMPROOT or --basetemp set by the caller win.
+TMP_PATH_ON_TMPFS = "PYTEST_DEBUG_TEMPROOT" not in os.environ and _tmpfs("/dev/shm", 2 * 1024**3)
+if TMP_PATH_ON_TMPFS:
+    os.environ["PYTEST_DEBUG_TEMPROOT"] = "/dev/shm"
+
+
 @pytest.fixture(scope="session")
 def postgres_server():
     """The session's PostgreSQL cluster (``.dsn``, ``.data_dir``), tied to this process:
