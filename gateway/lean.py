@@ -19,22 +19,33 @@ parses and validates takes the short path:
     -> the dependencies, in declaration order -> the endpoint
     -> the returned model serialised once, straight to JSON bytes.
 
-A body with an array longer than its model allows (``events``, ``touchpoints``, an event's
-``genres``...) is refused on the short path with the 422 pydantic would give, after the
-dependencies and before any item is validated (gateway/body_bounds.py; the generic path
-checks the same before FastAPI parses the body again). Anything else (no body, another
-content type, JSON that does not parse, a body that fails validation, a dependency
-override, an answer that is not the declared model) goes to FastAPI's own handler for
-that request, so every error answer (422 naming the field,
-the credentials-first rule for malformed bodies, 400/413) is produced by the same code as
-before. Routes of any other shape keep FastAPI's handler entirely.
+A body the short path cannot accept is answered there too, from that one parse and
+validation, with the answer FastAPI's handler gives (the same error list, raised as the
+same ``RequestValidationError`` to the application's handler, in the same order):
+
+* JSON that does not parse (``json_invalid`` at its character offset), a key given twice
+  or bytes that are not UTF-8 (the duplicate-key check's 422): refused before the
+  dependencies run, as FastAPI parses a body before it solves them;
+* a body the model refuses (422 naming the field), or one with an array longer than its
+  model allows (``events``, ``touchpoints``, an event's ``genres``...: refused before
+  any item is validated, gateway/body_bounds.py): the dependencies first, in declaration
+  order (a caller they refuse gets their answer), then the 422.
+
+Until session 23 a body the model refused went on to FastAPI's handler, which parsed and
+validated it again (four parses and three validations on the fast lane; docs/security.md,
+"A body is parsed before it is judged"). What still goes to FastAPI's handler, for that
+request: no body, another content type, bytes ``json.loads`` cannot decode or JSON nested
+too deeply (400), a dependency override, an answer that is not the declared model. Routes
+of any other shape keep FastAPI's handler entirely (behind the duplicate-key and bounds
+checks of the generic path).
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, NoReturn
 
 from fastapi import Request
 from fastapi.dependencies.utils import field_annotation_is_sequence, get_flat_params
@@ -60,11 +71,45 @@ JSON_MEDIA_TYPE = "application/json"
 
 def _json_content_type(value: str | None) -> bool:
     """``application/json`` or ``application/*+json``, parameters ignored, as FastAPI
-    decides whether a body is JSON (anything else goes to its handler)."""
+    decides whether a body is JSON (anything else goes to its handler). FastAPI reads the
+    media type with ``email.message``, to which one with more or fewer than one slash is
+    ``text/plain`` (RFC 2045 5.2): ``application/a/b+json`` is not JSON (review23)."""
     if not value:
         return False
     media = value.split(";", 1)[0].strip().lower()
+    if media.count("/") != 1:
+        return False
     return media == JSON_MEDIA_TYPE or (media.startswith("application/") and media.endswith("+json"))
+
+
+class BodyRefused(Exception):
+    """A body the short path answers with FastAPI's 422: ``error`` is the
+    RequestValidationError FastAPI's handler would raise, ``after_dependencies`` whether it
+    would run the route's dependencies first (a body it parsed, then judged) or not (a
+    body it could not parse)."""
+
+    def __init__(self, error: RequestValidationError, after_dependencies: bool) -> None:
+        super().__init__(error)
+        self.error = error
+        self.after_dependencies = after_dependencies
+
+
+def ambiguous_json_error(exc: ValueError) -> RequestValidationError | None:
+    """The 422 of a body ``loads_unique_keys`` refused as ambiguous (a key given twice,
+    bytes not UTF-8), else None. ``json.loads`` keeps the last of two equal keys, other
+    parsers (a proxy, a WAF, an audit tap) the first: ``{"processing": true,
+    "processing": false}`` would be read one way in front of the gateway and the other
+    way inside it; and it reads UTF-16/32 bytes that readers in front of the gateway see
+    as other text (session 21). Refused as invalid JSON (field ``body``), through the
+    validation-error handler, so the credentials-first rule holds."""
+    if isinstance(exc, DuplicateKeyError):
+        reason = f"{exc} (ambiguous: each key may be given once)"
+    elif isinstance(exc, NotUtf8Error):
+        reason = str(exc)
+    else:
+        return None
+    return RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error",
+                                    "input": {}, "ctx": {"error": reason}}])
 
 
 class LeanEndpoint:
@@ -81,27 +126,43 @@ class LeanEndpoint:
 
     def parse(self, content_type: str | None, raw: bytes):
         """The validated body model, or None when FastAPI's handler must answer (not
-        JSON, empty, malformed, invalid: its error answers are the documented ones).
-        Raises RequestValidationError (the 422 FastAPI's handler would give) for an
-        array over its bound, before its items are validated (gateway/body_bounds.py)."""
+        JSON, empty, bytes json.loads cannot decode, nested too deeply). Raises
+        BodyRefused with the 422 FastAPI's handler would give for a body it refuses:
+        malformed or ambiguous JSON, an array over its bound (before its items are
+        validated, gateway/body_bounds.py), a body the model refuses."""
         if not raw or not _json_content_type(content_type):
             return None
         try:
             decoded = loads_unique_keys(raw)
-        except (ValueError, RecursionError):   # ValueError: JSONDecodeError, a key twice, bytes not UTF-8
-            return None
+        except json.JSONDecodeError as exc:
+            # FastAPI's own answer to a body json.loads refuses (the same parser: the
+            # duplicate-key hook runs only on objects that parsed).
+            raise BodyRefused(RequestValidationError([{
+                "type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error", "input": {},
+                "ctx": {"error": exc.msg}}], body=exc.doc), after_dependencies=False) from None
+        except (ValueError, RecursionError) as exc:   # a key twice, not UTF-8; else FastAPI's 400
+            error = ambiguous_json_error(exc) if isinstance(exc, ValueError) else None
+            if error is None:
+                return None
+            raise BodyRefused(error, after_dependencies=False) from None
         if self.bounds is not None:
-            self.bounds.check(decoded)
+            try:
+                self.bounds.check(decoded)
+            except RequestValidationError as refusal:
+                raise BodyRefused(refusal, after_dependencies=True) from None
         body, errors = self.body_field.validate(decoded, {}, loc=("body",))
-        return None if errors else body
+        if errors:
+            raise BodyRefused(RequestValidationError(errors, body=decoded), after_dependencies=True)
+        return body
 
-    async def refuse(self, request: Request, refusal: RequestValidationError) -> None:
-        """An array over its bound (``parse`` raised ``refusal``): the dependencies first,
-        as FastAPI runs them before it validates a body (a caller they refuse gets their
-        answer), then the 422."""
-        for _name, call, request_param in self.dependencies:
-            await call(**{request_param: request})
-        raise refusal
+    async def refuse(self, request: Request, refusal: BodyRefused) -> NoReturn:
+        """Answer a body ``parse`` refused as FastAPI's handler would: for a body it
+        parsed, the dependencies first (FastAPI runs them before it reports the body's
+        errors: a caller they refuse gets their answer), then the 422."""
+        if refusal.after_dependencies:
+            for _name, call, request_param in self.dependencies:
+                await call(**{request_param: request})
+        raise refusal.error
 
     async def respond(self, request: Request, body) -> Response:
         kwargs = {self.body_field.name: body}
@@ -148,9 +209,8 @@ class LeanRoute(APIRoute):
             # The body is cached on the request: the generic handler reuses it.
             try:
                 body = lean.parse(request.headers.get("content-type"), await request.body())
-            except RequestValidationError as refusal:   # an array over its bound
+            except BodyRefused as refusal:   # FastAPI's 422, from this one parse
                 await lean.refuse(request, refusal)
-                raise
             if body is None:
                 return await generic(request)
             return await lean.respond(request, body)
@@ -173,18 +233,13 @@ def _refusing_ambiguous_json(handler: Callable[[Request], Coroutine[Any, Any, Re
         if raw and _json_content_type(request.headers.get("content-type")):
             try:
                 decoded = loads_unique_keys(raw)
-            except DuplicateKeyError as exc:
-                raise RequestValidationError([{
-                    "type": "json_invalid", "loc": ("body",), "msg": "JSON decode error", "input": {},
-                    "ctx": {"error": f"{exc} (ambiguous: each key may be given once)"}}]) from None
-            except NotUtf8Error as exc:
-                # json.loads (FastAPI's too) reads UTF-16/32 bytes; readers in front of the
-                # gateway see other text: ambiguous like a key given twice (session 21).
-                raise RequestValidationError([{
-                    "type": "json_invalid", "loc": ("body",), "msg": "JSON decode error", "input": {},
-                    "ctx": {"error": str(exc)}}]) from None
-            except (ValueError, RecursionError):
-                pass   # malformed: the handler's own answer
+            except ValueError as exc:
+                error = ambiguous_json_error(exc)
+                if error is not None:
+                    raise error from None
+                # malformed: the handler's own answer
+            except RecursionError:
+                pass
             else:
                 if bounds is not None:
                     bounds.check(decoded)
@@ -278,10 +333,13 @@ class FastLane:
 
     It sits inside the admission and observe middlewares (admission slot, span, metrics,
     access log and the Content-Length limit apply unchanged) and takes only requests
-    with a ``Content-Length`` within ``max_body_bytes`` whose body the route's model
-    accepts. Everything else — chunked bodies, other content types, malformed or invalid
-    bodies, dependency overrides, any other route — goes on to the application with the
-    body replayed, so FastAPI's handler answers it as before. Exceptions from the short
+    with a ``Content-Length`` within ``max_body_bytes`` and a JSON body: one the route's
+    model accepts takes the short path, one it refuses (malformed, ambiguous, over a bound,
+    invalid) is answered from the same parse and validation with FastAPI's 422
+    (``LeanEndpoint.parse``). Everything else — chunked bodies, other content types, no
+    body, bytes json.loads cannot decode, dependency overrides, any other route — goes on
+    to the application with the body replayed, so FastAPI's handler answers it as before.
+    Exceptions from the short
     path go to the application's own exception handlers (the one error table), and
     anything they do not handle propagates to the observe middleware's JSON 500, as it
     would from FastAPI's stack.
@@ -313,7 +371,11 @@ class FastLane:
         content_type = length = None
         for name, value in scope["headers"]:
             if name == b"content-type":
-                content_type = value.decode("latin-1")
+                # The first, as Starlette's request.headers.get (FastAPI's handler) reads
+                # it: the last made a body sent as text/plain, then application/json,
+                # JSON here and not there (review23).
+                if content_type is None:
+                    content_type = value.decode("latin-1")
             elif name == b"content-length":
                 length = value
         if length is None or not length.isdigit() or int(length) > self.max_body_bytes:
@@ -331,7 +393,7 @@ class FastLane:
         replay = replaying_receive(raw, False, receive)
         try:
             body = lean.parse(content_type, raw) if len(raw) <= self.max_body_bytes else None
-        except RequestValidationError as refusal:   # an array over its bound: the route's 422
+        except BodyRefused as refusal:   # the route's 422, from this one parse and validation
             body = refusal
         if body is None:
             await self.app(scope, replay, send)
@@ -339,7 +401,7 @@ class FastLane:
         scope["route"] = lean.route   # as the router would: the observe middleware labels by it
         request = Request(scope, replay, send)
         try:
-            if isinstance(body, RequestValidationError):
+            if isinstance(body, BodyRefused):
                 await lean.refuse(request, body)
             response = await lean.respond(request, body)
         except Exception as exc:

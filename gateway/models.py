@@ -86,6 +86,11 @@ class EventIn(Strict):
     country: Annotated[str, Field(pattern=r"^[A-Z]{2}$")] | None = None
     vpn: bool = False
     profile_hint: Label | None = None
+    utc_offset_minutes: int | None = Field(
+        None, ge=-840, le=840,
+        description="the device's UTC offset at ts, in minutes (local time = ts + offset; e.g. -300 in New "
+                    "York in winter, 60 in Paris, 330 in India); absent: UTC. The session's hour and weekday "
+                    "features are local to its first event's offset")
 
 
 class EventsIn(Strict):
@@ -126,7 +131,8 @@ class SessionOut(BaseModel):
 class PersonOut(BaseModel):
     person_id: str
     session_count: int
-    peak_hours: list[int] = Field(description="start of each 2-hour UTC bin where the person mostly watches: "
+    peak_hours: list[int] = Field(description="start of each 2-hour bin where the person mostly watches (local "
+                                  "time for sessions whose events carry utc_offset_minutes, UTC otherwise): "
                                   "the top bin, and the second when it holds at least half as many sessions")
     peak_days: list[str]
     devices: list[str]

@@ -39,6 +39,8 @@ def _event_to_pb(e: models.EventIn) -> cpb.ViewingEvent:
         msg.country = e.country
     if e.profile_hint is not None:
         msg.profile_hint = e.profile_hint
+    if e.utc_offset_minutes is not None:
+        msg.utc_offset_minutes = e.utc_offset_minutes
     return msg
 
 

@@ -63,4 +63,18 @@ CREATE INDEX IF NOT EXISTS conversions_account_ts ON conversions (account_id, ts
     # keys when it moved, so a replica that did not run a household's Erase cannot keep
     # writing for it (services/common/field_crypto.py, docs/privacy.md "Order").
     Migration(3, "household erasures", HOUSEHOLD_ERASURES_SQL),
+    # Keyed digests of the ids of touchpoints and conversions a device, person or window
+    # erasure deleted (never the id or anything else of the record): one sent again is a
+    # duplicate, not stored (AttributionStore; docs/privacy.md "An erased scope stays
+    # erased"). A household erasure drops its rows; the retention purge those older than
+    # its window.
+    Migration(4, "erased record digests", """
+CREATE TABLE IF NOT EXISTS erased_records (
+    account_id TEXT NOT NULL,
+    digest {blob} NOT NULL,
+    erased_at {double} NOT NULL,
+    PRIMARY KEY (account_id, digest)
+);
+CREATE INDEX IF NOT EXISTS erased_records_at ON erased_records (erased_at)
+"""),
 ]

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import time
+from collections.abc import Callable, Iterable, Sequence
 
 from services.attribution.domain.records import Conversion, Touchpoint
 from services.attribution.migrations import MIGRATIONS
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.field_crypto import FieldCipher, drop_keys_of_erased_households, note_household_erased
 from services.common.storage.cache import Cache, MemoryCache
-from services.common.storage.sql import Database, migrate, record_erasure
+from services.common.ids import MAX_FUTURE_SKEW_S
+from services.common.storage.sql import Database, Tx, migrate, record_erasure
 
 # Every table an erasure deletes from (purged physically after it: Database.purge_erased;
 # kept out of PostgreSQL's planner statistics: migrate(personal_tables=...)).
-_ERASED_TABLES = ("touchpoints", "conversions")
+_ERASED_TABLES = ("touchpoints", "conversions", "erased_records")
 
 
 class AttributionStore:
@@ -32,17 +35,45 @@ class AttributionStore:
     def migrate(self) -> list[int]:
         return migrate(self.db, MIGRATIONS, personal_tables=_ERASED_TABLES)
 
+    def _digests(self, account: str, kind: str, ids: Iterable[str]) -> dict[str, bytes]:
+        """Record id -> the digest ``erased_records`` keeps of it (keyed with the
+        household's data key; a plain SHA-256 without a cipher, the unit tests')."""
+        keyed = {f"{kind}:{i}": i for i in ids}
+        if self.cipher is not None:
+            return {keyed[k]: d for k, d in self.cipher.digests(account, keyed).items()}
+        return {i: hashlib.sha256(f"{account}\x00{k}".encode("utf-8")).digest() for k, i in keyed.items()}
+
+    def _not_erased(self, tx: Tx, kind: str, items: Sequence, id_of: Callable) -> list:
+        """``items`` without those whose id an erasure of their household deleted (sent
+        again, they would bring erased data back)."""
+        kept = list(items)
+        for account in sorted({x.account_id for x in items}):
+            if not tx.query("SELECT 1 FROM erased_records WHERE account_id = ? LIMIT 1", (account,)):
+                continue
+            digests = self._digests(account, kind, {id_of(x) for x in items if x.account_id == account})
+            wanted = sorted(set(digests.values()))
+            erased: set[bytes] = set()
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start:start + 500]
+                erased.update(bytes(r[0]) for r in tx.query(
+                    f"SELECT digest FROM erased_records WHERE account_id = ? AND digest IN ({', '.join('?' * len(chunk))})",
+                    (account, *chunk)))
+            kept = [x for x in kept if x.account_id != account or digests[id_of(x)] not in erased]
+        return kept
+
     def record_touchpoints(self, items: Sequence[Touchpoint]) -> tuple[int, int]:
-        """Store new touchpoints; returns (accepted, duplicates). Idempotent by id."""
+        """Store new touchpoints; returns (accepted, duplicates). Idempotent by id, also
+        for a touchpoint an erasure deleted since."""
         with self.db.transaction() as tx:
             for account in sorted({t.account_id for t in items}):
                 tx.lock_household(account)
             drop_keys_of_erased_households(tx, self.cipher)
+            fresh = self._not_erased(tx, "touchpoint", items, lambda t: t.touchpoint_id)
             accepted = tx.executemany(
                 "INSERT INTO touchpoints (touchpoint_id, account_id, device_id, ts, channel, campaign, "
                 "person_id) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (account_id, touchpoint_id) DO NOTHING",
                 [(t.touchpoint_id, t.account_id, t.device_id, t.ts, t.channel, self._campaign_in(t), t.person_id)
-                 for t in items])
+                 for t in fresh])
         return accepted, len(items) - accepted
 
     def record_conversions(self, items: Sequence[Conversion]) -> tuple[int, int]:
@@ -55,10 +86,11 @@ class AttributionStore:
             drop_keys_of_erased_households(tx, self.cipher)
             for account in accounts if self.cipher is not None else ():
                 self.cipher.require_live(account)
+            fresh = self._not_erased(tx, "conversion", items, lambda c: c.conversion_id)
             accepted = tx.executemany(
                 "INSERT INTO conversions (conversion_id, account_id, ts, kind, value, device_id) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (account_id, conversion_id) DO NOTHING",
-                [(c.conversion_id, c.account_id, c.ts, c.kind, c.value, c.device_id) for c in items])
+                [(c.conversion_id, c.account_id, c.ts, c.kind, c.value, c.device_id) for c in fresh])
         return accepted, len(items) - accepted
 
     def load(self, account_ids: Sequence[str], start: float | None, end: float | None,
@@ -141,6 +173,20 @@ class AttributionStore:
                 cvs = [r[0] for r in tx.query(f"SELECT conversion_id FROM conversions WHERE {cv_where}", cv_params)]
                 tx.execute(f"DELETE FROM conversions WHERE {cv_where}", cv_params)
                 outcome.add("conversions", cvs)
+            if scope.kind == "household":
+                # Its key is shredded: every later write of the household is refused.
+                tx.execute("DELETE FROM erased_records WHERE account_id = ?", (account,))
+            elif scope.all_accounts:
+                # The retention purge: a record erased before its window is older than it.
+                if scope.end is not None:
+                    tx.execute("DELETE FROM erased_records WHERE erased_at < ?", (scope.end - MAX_FUTURE_SKEW_S,))
+            else:
+                erased_at = time.time()
+                rows = [(account, d, erased_at) for kind, ids in (("touchpoint", outcome.deleted_ids_of("touchpoints")),
+                                                                  ("conversion", outcome.deleted_ids_of("conversions")))
+                        for d in self._digests(account, kind, sorted(ids)).values()]
+                tx.executemany("INSERT INTO erased_records (account_id, digest, erased_at) VALUES (?, ?, ?) "
+                               "ON CONFLICT (account_id, digest) DO NOTHING", rows)
             if not outcome.empty:
                 record_erasure(tx)
         outcome.purges.append(self.db.purge_erased(_ERASED_TABLES))

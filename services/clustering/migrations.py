@@ -158,4 +158,27 @@ CREATE INDEX IF NOT EXISTS prediction_chunks_session_from ON prediction_chunks (
     Migration(10, "newest session's running state", """
 ALTER TABLE sessions ADD COLUMN state {blob}
 """),
+    # The device's UTC offset an event carried (minutes, local = UTC + offset; NULL: not
+    # sent): the session builder computes the hour and weekday features in local time
+    # from it (domain/sessions.py). TEXT so that it is sealed under the household key like
+    # country (it reveals rough location: docs/privacy.md §10); it goes with its event row
+    # on every erasure.
+    Migration(11, "events' UTC offset", """
+ALTER TABLE events ADD COLUMN utc_offset_minutes TEXT
+"""),
+    # Keyed digests of the ids of events a device, person or window erasure deleted (never
+    # the id, its time or anything else of the event): an event sent again with such an id
+    # (a client's retry or a replayed stream) is a duplicate, not stored, so erased data
+    # does not come back (ClusteringStore.ingest; docs/privacy.md "An erased scope stays
+    # erased"). A household erasure drops its rows (its key is shredded); the retention
+    # purge drops rows older than its window (such a replay is refused as expired).
+    Migration(12, "erased event digests", """
+CREATE TABLE IF NOT EXISTS erased_events (
+    account_id TEXT NOT NULL,
+    digest {blob} NOT NULL,
+    erased_at {double} NOT NULL,
+    PRIMARY KEY (account_id, digest)
+);
+CREATE INDEX IF NOT EXISTS erased_events_at ON erased_events (erased_at)
+"""),
 ]

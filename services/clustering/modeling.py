@@ -8,6 +8,10 @@ Policy (why it is shaped like this):
   alarm) is handled by refitting.
 * New sessions are folded in by micro-batches of ``MICRO_BATCH`` (incremental EM on
   sufficient statistics for the GMM, 1/(n+1) steps for k-means), not one by one.
+* A refresh with nothing to fold in (most of those an ingest batch schedules) reads only
+  the sessions closed since the model's last update (``_arrivals_only``); a fold, a refit
+  and a drift check read them all (docs/clustering.md "The model refresh reads what
+  changed").
 * Each micro-batch also feeds the drift detector, whose reference is the last full
   refit; every alarm refits at once and restarts the reference (see _check_drift),
   and the model's own join/leave re-selections are stored as composition events.
@@ -143,12 +147,16 @@ class ModelKeeper:
             self._decoded.pop(account_id, None)
 
     def snapshot(self, account_id: str) -> Snapshot:
-        sessions = self.store.closed_sessions(account_id)
+        return self.snapshot_of(account_id, self.store.closed_sessions(account_id))
+
+    def snapshot_of(self, account_id: str, sessions: list[StoredSession], volunteered: bool = True) -> Snapshot:
+        """``sessions`` with their feedback labels (``volunteered``: and which labels
+        were volunteered; only a fit or an update reads them)."""
         feedback_labels = self.store.labels(account_id)
         X = (np.vstack([s.features for s in sessions]).astype(np.float64) if sessions
              else np.zeros((0, 0)))
         labels = [feedback_labels.get(s.session_id, s.label) for s in sessions]
-        unasked = self.store.volunteered_label_sessions(account_id) if feedback_labels else set()
+        unasked = self.store.volunteered_label_sessions(account_id) if feedback_labels and volunteered else set()
         volunteered = np.array([s.session_id in unasked for s in sessions], dtype=bool) if unasked else None
         return Snapshot(sessions, X, labels, np.array([s.start_ts for s in sessions]), volunteered)
 
@@ -191,9 +199,12 @@ class ModelKeeper:
             version, current = self.load(account_id)
             if upgraded and current is not None and not force:
                 force = "feature_schema"
+            variant = self.variant_of(account_id)
+            if current is not None and not force and not retire \
+                    and self._arrivals_only(account_id, current, variant):
+                return version, current
             snap = self.snapshot(account_id)
-            step = self.advance(current, snap, self.variant_of(account_id), force=force, retire=retire,
-                                account_id=account_id)
+            step = self.advance(current, snap, variant, force=force, retire=retire, account_id=account_id)
             if step is None:
                 return version, None
             if not step.save:
@@ -213,6 +224,31 @@ class ModelKeeper:
             return new_version, step.envelope
         raise Conflict(f"household model of {account_id!r} kept changing; try again", "account_id")
 
+    def _arrivals_only(self, account_id: str, current: Envelope, variant: str) -> bool:
+        """The refresh of a model whose included sessions are in place when nothing is to
+        be folded in (``advance`` would neither save nor refit): the sessions closed since
+        the model's last update are answered by the current model, as ``advance``'s Step
+        records them, from the store's closed tail alone. False (nothing done) when
+        ``advance`` would save, refit or fold in: the caller takes the full snapshot. Why:
+        an ingest batch schedules a refresh, and a stream of small batches mostly closes
+        no session; the full snapshot read and decrypted every closed session of the
+        household each time (docs/clustering.md "The model refresh reads what changed")."""
+        tail = self.store.closed_tail(account_id, current.included)
+        if not sessions_in_place(current, variant, tail.count, tail.first_id, lambda: tail.before_id):
+            return False
+        if folds_in(current, tail.count):
+            return False
+        if tail.sessions:   # advance's Step(current, False, current.included, ...)
+            snap = self.snapshot_of(account_id, tail.sessions, volunteered=False)
+            persons, probs = persons_for(current.model, snap.sessions, snap.labels, snap.X,
+                                         included=np.arange(len(snap.sessions)) < 0)
+            # Only what changes is written: the same model answers the same sessions
+            # the same at every batch until the next fold (a write transaction each).
+            changed = {s: p for s, p in persons.items() if not tail.recorded_as(s, p, probs[s])}
+            if changed:
+                self.store.set_persons(account_id, changed, {s: probs[s] for s in changed})
+        return True
+
     def advance(self, current: Envelope | None, snap: Snapshot, variant: str, *, force: str = "",
                 retire: str = "", account_id: str = "") -> Step | None:
         """What one refresh does to the household's model, without the store: given the
@@ -226,9 +262,9 @@ class ModelKeeper:
         if not snap.sessions and current is None:
             return None
         drift: list[DriftRow] = []
-        sessions_kept = current is not None and current.first_session_id == snap.first_id \
-            and current.included <= len(snap.sessions) and current.model.variant == variant \
-            and _included_in_place(current, snap)
+        sessions_kept = current is not None and sessions_in_place(
+            current, variant, len(snap.sessions), snap.first_id,
+            lambda: snap.sessions[current.included - 1].session_id)
         if (force == "labels" or is_feedback_trigger(force)) and sessions_kept and current.model.binds_labels:
             # A stream is not refitted for feedback (HouseholdModel.binds_labels):
             # the labels bind to its persons; its drift reference and the sessions
@@ -330,7 +366,19 @@ class ModelKeeper:
         self.store.set_persons(account_id, persons, probs)
 
 
-def _included_in_place(current: Envelope, snap: Snapshot) -> bool:
+def sessions_in_place(current: Envelope, variant: str, closed: int, first_id: str,
+                      last_included_id: Callable[[], str]) -> bool:
+    """Whether the closed sessions the model included are still the ones it saw, so new
+    ones can be folded in (otherwise the keeper refits): the same variant, the same first
+    session, at least as many closed sessions as it included, and (``_included_in_place``)
+    the one at its last included position (``last_included_id()``, asked only then) the
+    one it included last. ``advance`` asks it of a snapshot, ``refresh``'s arrivals-only
+    path of the store's closed tail: one decision."""
+    return current.first_session_id == first_id and current.included <= closed \
+        and current.model.variant == variant and _included_in_place(current, last_included_id)
+
+
+def _included_in_place(current: Envelope, last_included_id: Callable[[], str]) -> bool:
     """The sessions the model included still hold their positions: the one at its last
     included position is the one it included last. Sessions are ordered by start, but
     close one gap after their END (by the clock): a TV session of 20:00-23:00 closes after
@@ -341,7 +389,7 @@ def _included_in_place(current: Envelope, snap: Snapshot) -> bool:
     change of the session list."""
     if not current.last_included_id or current.included == 0:
         return True
-    return snap.sessions[current.included - 1].session_id == current.last_included_id
+    return last_included_id() == current.last_included_id
 
 
 def folds_in(envelope: Envelope, closed: int) -> bool:

@@ -40,6 +40,7 @@ def event_from_pb(e: pb.ViewingEvent, path: str) -> ViewingEvent:
         country=e.country if e.HasField("country") else None,
         vpn=e.vpn,
         profile_hint=e.profile_hint if e.HasField("profile_hint") else None,
+        utc_offset_minutes=e.utc_offset_minutes if e.HasField("utc_offset_minutes") else None,
     )
 
 

@@ -12,7 +12,9 @@ events *and* the sessions they touch, or nothing.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import logging
 import struct
 import time
 from collections import defaultdict
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from prometheus_client import Counter
 
 from services.clustering.domain.events import ViewingEvent
 from services.clustering.domain.features import DEFAULT_VOCABULARY, GenreVocabulary
@@ -29,19 +32,29 @@ from services.clustering.migrations import MIGRATIONS
 from services.clustering.prediction_log import await_forwards, erase_pending, excluding_forwards, forget_cached_heads
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import Conflict, NotFound
-from services.common.field_crypto import (FieldCipher, drop_keys_of_erased_households, household_erasures,
-                                         note_household_erased)
+from services.common.ids import MAX_FUTURE_SKEW_S
+from services.common.field_crypto import (FieldCipher, FieldDecryptionError, drop_keys_of_erased_households,
+                                         household_erasures, note_household_erased)
 from services.common.feedback_to_clustering import UNPROMPTED_LABEL_SUFFIX
 from services.common.storage.cache import Cache, MemoryCache, purge_persistence
 from services.common.storage.sql import Database, Tx, migrate, record_erasure
+from services.common.telemetry import pseudonym
+
+log = logging.getLogger("hearth.clustering.store")
+# Kept session states that did not open or parse; each batch met one took the full
+# rebuild (ClusteringStore._kept_state).
+STATE_FALLBACKS = Counter("hearth_session_state_fallbacks_total",
+                          "Kept session states unreadable, replaced by the full rebuild", ["reason"])
+for _reason in ("undecryptable", "unparseable"):
+    STATE_FALLBACKS.labels(_reason)
 
 _EVENT_COLUMNS = ("event_id, account_id, device_id, device_type, ts, kind, title_id, series_id, "
-                  "genres, duration_s, maturity, country, vpn, profile_hint")
+                  "genres, duration_s, maturity, country, vpn, profile_hint, utc_offset_minutes")
 MODEL_CACHE_TTL_S = 3600.0
 # Every table an erasure deletes from (purged physically after it: Database.purge_erased;
 # kept out of PostgreSQL's planner statistics: migrate(personal_tables=...)).
 _ERASED_TABLES = ("events", "sessions", "devices", "household_models", "drift_events",
-                  "prediction_outbox", "prediction_chunks", "session_labels")
+                  "prediction_outbox", "prediction_chunks", "session_labels", "erased_events")
 
 
 @dataclass(frozen=True)
@@ -91,6 +104,26 @@ class HouseholdView:
 
 
 @dataclass(frozen=True)
+class ClosedTail:
+    """The household's closed sessions from position ``start`` on (``closed_sessions()
+    [start:]``), with what tells whether the first ``start`` are the ones a model
+    included: how many are closed, the first one's id and the id at position
+    ``start - 1`` ("" when there is none)."""
+
+    count: int
+    first_id: str
+    before_id: str
+    sessions: list[StoredSession]
+    # session id -> (person_id, person_probs) as stored: what set_persons last wrote
+    recorded: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
+
+    def recorded_as(self, session_id: str, person: str, probabilities: dict[str, float]) -> bool:
+        """Whether the tail's session already holds this person and these probabilities
+        (set_persons would write the same)."""
+        return self.recorded.get(session_id) == (person, _encode_probabilities(probabilities))
+
+
+@dataclass(frozen=True)
 class StoredModel:
     version: int
     variant: str
@@ -113,16 +146,21 @@ class _DeviceBatch:
 
 
 def _event_row(e: ViewingEvent) -> tuple:
+    # The UTC offset is kept as text (migration 11), so that it is sealed like country.
     return (e.event_id, e.account_id, e.device_id, e.device_type, e.ts, e.kind, e.title_id,
             e.series_id, json.dumps(list(e.genres)), e.duration_s, e.maturity, e.country,
-            int(e.vpn), e.profile_hint)
+            int(e.vpn), e.profile_hint, None if e.utc_offset_minutes is None else str(e.utc_offset_minutes))
 
 
 def _event_from_row(r: Sequence) -> ViewingEvent:
+    """An event from its row: ``_EVENT_COLUMNS``' values (a row of the first 14, without
+    the UTC offset, reads as an event without one)."""
+    offset = r[14] if len(r) > 14 else None
     return ViewingEvent(event_id=r[0], account_id=r[1], device_id=r[2], device_type=r[3],
                         ts=float(r[4]), kind=r[5], title_id=r[6], series_id=r[7],
                         genres=tuple(json.loads(r[8])), duration_s=float(r[9]), maturity=r[10],
-                        country=r[11], vpn=bool(r[12]), profile_hint=r[13])
+                        country=r[11], vpn=bool(r[12]), profile_hint=r[13],
+                        utc_offset_minutes=None if offset is None else int(offset))
 
 
 # person -> probability maps the service built itself: sorted keys, no cycle check.
@@ -173,7 +211,7 @@ class ClusteringStore:
         self.gap_s = gap_s
         self.tolerance_s = lateness_tolerance_s
         # Encryption at rest (docs/privacy.md §3) of the sensitive event fields (title_id,
-        # series_id, genres, country, profile_hint) and of session feature vectors and
+        # series_id, genres, country, profile_hint, utc_offset_minutes) and of session feature vectors and
         # labels, under the household's data key; None = plaintext (unit tests).
         self.cipher = cipher
 
@@ -208,7 +246,8 @@ class ClusteringStore:
             return row
         a, seal = e.account_id, self._seal_text
         return (*row[:6], seal(a, "title_id", row[6]), seal(a, "series_id", row[7]), seal(a, "genres", row[8]),
-                row[9], row[10], seal(a, "country", row[11]), row[12], seal(a, "profile_hint", row[13]))
+                row[9], row[10], seal(a, "country", row[11]), row[12], seal(a, "profile_hint", row[13]),
+                seal(a, "utc_offset_minutes", row[14]))
 
     def _event_from_row(self, r: Sequence) -> ViewingEvent:
         if self.cipher is None:
@@ -216,7 +255,8 @@ class ClusteringStore:
         a, open_ = r[1], self._open_text
         return _event_from_row((*r[:6], open_(a, "title_id", r[6]), open_(a, "series_id", r[7]),
                                 open_(a, "genres", r[8]), r[9], r[10], open_(a, "country", r[11]), r[12],
-                                open_(a, "profile_hint", r[13])))
+                                open_(a, "profile_hint", r[13]),
+                                *((open_(a, "utc_offset_minutes", r[14]),) if len(r) > 14 else ())))
 
     def migrate(self) -> list[int]:
         return migrate(self.db, MIGRATIONS, personal_tables=_ERASED_TABLES)
@@ -259,7 +299,7 @@ class ClusteringStore:
                 if not fresh:
                     continue
                 inserted = tx.executemany(
-                    f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES ({', '.join('?' * 14)}) "
+                    f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES ({', '.join('?' * 15)}) "
                     "ON CONFLICT (account_id, event_id) DO NOTHING", [self._event_row(e) for e in fresh])
                 accepted += inserted
                 duplicates += len(fresh) - inserted  # a concurrent writer got there first
@@ -277,10 +317,31 @@ class ClusteringStore:
                     touched += self._update_sessions(tx, account, device, on_time)
         return IngestResult(accepted, duplicates, late, touched, rejected_expired=expired)
 
-    @staticmethod
-    def _new_events(tx: Tx, account: str, events: list[ViewingEvent]) -> list[ViewingEvent]:
-        """``events`` without those whose id ``account`` already stored or that repeat an
-        earlier id of the batch (the first occurrence wins)."""
+    def _digests(self, account: str, event_ids: Iterable[str]) -> dict[str, bytes]:
+        """Event id -> the digest ``erased_events`` keeps of it (keyed with the household's
+        data key; a plain SHA-256 without a cipher, the unit tests')."""
+        if self.cipher is not None:
+            return self.cipher.digests(account, event_ids)
+        return {i: hashlib.sha256(f"{account}\x00{i}".encode("utf-8")).digest() for i in event_ids}
+
+    def _erased(self, tx: Tx, account: str, event_ids: list[str]) -> set[str]:
+        """The ids among ``event_ids`` of events an erasure of the household deleted."""
+        if not tx.query("SELECT 1 FROM erased_events WHERE account_id = ? LIMIT 1", (account,)):
+            return set()
+        by_digest = {d: i for i, d in self._digests(account, event_ids).items()}
+        found: set[str] = set()
+        digests = sorted(by_digest)
+        for start in range(0, len(digests), 500):
+            chunk = digests[start:start + 500]
+            found.update(by_digest[bytes(r[0])] for r in tx.query(
+                f"SELECT digest FROM erased_events WHERE account_id = ? AND digest IN ({', '.join('?' * len(chunk))})",
+                (account, *chunk)))
+        return found
+
+    def _new_events(self, tx: Tx, account: str, events: list[ViewingEvent]) -> list[ViewingEvent]:
+        """``events`` without those whose id ``account`` already stored, or stored and an
+        erasure deleted since (a replay must not bring erased data back), or that repeat
+        an earlier id of the batch (the first occurrence wins)."""
         ids = sorted({e.event_id for e in events})
         seen: set[str] = set()
         for start in range(0, len(ids), 500):
@@ -288,6 +349,9 @@ class ClusteringStore:
             seen.update(r[0] for r in tx.query(
                 f"SELECT event_id FROM events WHERE account_id = ? AND event_id IN ({', '.join('?' * len(chunk))})",
                 (account, *chunk)))
+        unseen = [i for i in ids if i not in seen]
+        if unseen:
+            seen.update(self._erased(tx, account, unseen))
         fresh = []
         for e in events:
             if e.event_id not in seen:
@@ -309,8 +373,8 @@ class ClusteringStore:
                           "WHERE account_id = ? AND device_id = ? ORDER BY end_ts DESC LIMIT 1", (account, device))
         last = None
         if newest and newest[0][4] is not None and int(newest[0][3]) == self.vocabulary.feature_version:
-            last = SessionState.from_bytes(self._open_blob(account, "session_state", newest[0][4]))
-            if not (last.vocabulary == self.vocabulary.signature and last.gap_s == self.gap_s
+            last = self._kept_state(account, newest[0][4])
+            if last is not None and not (last.vocabulary == self.vocabulary.signature and last.gap_s == self.gap_s
                     and (last.account_id, last.device_id) == (account, device)
                     and (last.start_ts, last.end_ts) == (float(newest[0][1]), float(newest[0][2]))
                     and last.after(ordered[0])):
@@ -345,6 +409,23 @@ class ClusteringStore:
             tx.execute("UPDATE sessions SET state = NULL WHERE session_id = ?", (session_id,))
         self._insert_sessions(tx, rows)
         return len(states) if extended else len(states) - 1
+
+    def _kept_state(self, account: str, stored) -> SessionState | None:
+        """The newest session's kept running state, or None when it does not open (altered
+        bytes, a data key version the household does not have) or is not a state
+        ``to_bytes`` wrote: a cache of the stored events must not block the household's
+        ingest, the batch takes the full rebuild, which writes a good state (counted,
+        logged). A data key service that does not answer is not a bad state: raised."""
+        try:
+            return SessionState.from_bytes(self._open_blob(account, "session_state", stored))
+        except (FieldDecryptionError, NotFound) as exc:
+            reason, error = "undecryptable", exc
+        except ValueError as exc:
+            reason, error = "unparseable", exc
+        STATE_FALLBACKS.labels(reason).inc()
+        log.warning("session state of %s %s (%s): the full rebuild from the stored events replaces it",
+                    pseudonym(account), reason, str(error).replace(account, pseudonym(account))[:200])
+        return None
 
     def _session_rows(self, states: list[SessionState], persons: dict[str, str | None]) -> list[tuple]:
         """Session rows of ``states`` (a device's, oldest first, the last its newest), the
@@ -397,9 +478,14 @@ class ClusteringStore:
         Only an unknown name makes the two differ, but sessions stored before unknown
         names were recorded per session cannot tell, so every stale device is rebuilt
         from its oldest stale session on (same events, same session ids: persons are
-        kept). Idempotent, so replicas racing or a crash midway do no harm. Returns how
-        many rebuilt sessions carry an unknown name: their vectors changed, and a model
-        fitted on the old ones should be refitted."""
+        kept). Idempotent, so replicas racing or a crash midway do no harm. Under the
+        household's lock, as every writer of it: an ingest of the household on another
+        replica would otherwise have its sessions replaced by ones built without its
+        events, or re-insert the same session ids (a primary-key violation; PostgreSQL,
+        tests/integration/test_feature_schema_upgrade.py), and an erasure's deleted
+        sessions could come back. Returns how many rebuilt sessions carry an unknown
+        name: their vectors changed, and a model fitted on the old ones should be
+        refitted."""
         version = self.vocabulary.feature_version
         check = ("SELECT device_id, MIN(start_ts) FROM sessions WHERE account_id = ? AND feature_version <> ? "
                  "GROUP BY device_id")
@@ -408,6 +494,8 @@ class ClusteringStore:
                 return 0
         changed = 0
         with self.db.transaction() as tx:
+            tx.lock_household(account_id)
+            drop_keys_of_erased_households(tx, self.cipher)
             for device, since in tx.query(check, (account_id, version)):
                 self._rebuild_sessions(tx, account_id, device, float(since))
                 changed += int(tx.query("SELECT COUNT(*) FROM sessions WHERE account_id = ? AND device_id = ? "
@@ -491,6 +579,46 @@ class ClusteringStore:
                 "WHERE account_id = ? ORDER BY start_ts, session_id", (account_id,))
         sessions = [self._session_from_row(r, float(marks.get(r[2], 0.0)), now) for r in rows]
         return [s for s in sessions if s.closed]
+
+    # A session is closed one gap after its end by the later of its device's watermark and
+    # the clock: closed_sessions' test (``max(watermark, now) - end > gap``, a missing
+    # device row a watermark of 0), in SQL over the same doubles.
+    _CLOSED = ("FROM sessions s LEFT JOIN devices d ON d.account_id = s.account_id AND d.device_id = s.device_id "
+               "WHERE s.account_id = ? AND (CASE WHEN COALESCE(d.last_ts, 0) > ? THEN COALESCE(d.last_ts, 0) "
+               "ELSE ? END) - s.end_ts > ? ")
+
+    def closed_tail(self, account_id: str, start: int, now: float | None = None) -> ClosedTail:
+        """``closed_sessions(account_id)[start:]`` and what a model refresh checks before
+        trusting that the first ``start`` did not move (ModelKeeper.refresh), in one read
+        transaction; only the tail's vectors are decrypted. Why: a refresh whose model
+        already includes the first ``start`` sessions needs nothing else of them, and
+        reading and opening every closed session at every ingest batch grew with the
+        household's history (docs/clustering.md "The model refresh reads what changed")."""
+        now = time.time() if now is None else now
+        closed = (account_id, now, now, self.gap_s)
+        order = "ORDER BY s.start_ts, s.session_id "
+        columns = ("SELECT s.session_id, s.account_id, s.device_id, s.device_type, s.start_ts, s.end_ts, "
+                   "s.event_count, s.watch_seconds, s.feature_version, s.features, s.label, s.person_id, "
+                   "COALESCE(d.last_ts, 0), s.person_probs ")
+        before = ""
+        with self.db.transaction(readonly=True) as tx:
+            first = tx.query("SELECT s.session_id " + self._CLOSED + order + "LIMIT 1", closed)
+            if start == 0:
+                rows = tx.query(columns + self._CLOSED + order, closed)
+                count = len(rows)
+            elif at := tx.query("SELECT s.session_id, s.start_ts " + self._CLOSED + order + "LIMIT 1 OFFSET ?",
+                                (*closed, start - 1)):
+                # The rest: the closed sessions after the one at start - 1 in the same
+                # order (start, then id), read through the start index's range.
+                before, since = at[0][0], at[0][1]
+                rows = tx.query(columns + self._CLOSED + "AND s.start_ts >= ? AND (s.start_ts > ? OR s.session_id > ?) "
+                                + order, (*closed, since, since, before))
+                count = start + len(rows)
+            else:   # fewer than start closed sessions
+                rows = []
+                count = int(tx.query("SELECT COUNT(*) " + self._CLOSED, closed)[0][0])
+        sessions = [self._session_from_row(r[:12], float(r[12]), now) for r in rows]
+        return ClosedTail(count, first[0][0] if first else "", before, sessions, {r[0]: (r[11], r[13]) for r in rows})
 
     def closed_session_count(self, account_id: str, now: float | None = None,
                              before: StoredSession | None = None) -> int:
@@ -818,6 +946,20 @@ class ClusteringStore:
                                         self.db.dialect, before, about)
             out.add("pending_predictions", pending)
             if scope.kind == "household":
+                # Its key is shredded: every later write of the household is refused.
+                tx.execute("DELETE FROM erased_events WHERE account_id = ?", (account,))
+            elif scope.all_accounts:
+                # The retention purge: a replay of an event erased before its window is
+                # refused as expired at ingest (its time is at most MAX_FUTURE_SKEW_S after
+                # its erasure), so its digest is no longer needed.
+                if scope.end is not None:
+                    tx.execute("DELETE FROM erased_events WHERE erased_at < ?", (scope.end - MAX_FUTURE_SKEW_S,))
+            elif erased_ids := out.deleted_ids_of("events"):
+                erased_at = time.time()
+                tx.executemany("INSERT INTO erased_events (account_id, digest, erased_at) VALUES (?, ?, ?) "
+                               "ON CONFLICT (account_id, digest) DO NOTHING",
+                               [(account, d, erased_at) for d in self._digests(account, sorted(erased_ids)).values()])
+            if scope.kind == "household":
                 labelled = [r[0] for r in tx.query("SELECT session_id FROM session_labels WHERE account_id = ?",
                                                    (account,))]
             else:
@@ -880,7 +1022,8 @@ class ClusteringStore:
             "events": [{"event_id": e.event_id, "device_id": e.device_id, "device_type": e.device_type, "ts": e.ts,
                         "kind": e.kind, "title_id": e.title_id, "series_id": e.series_id, "genres": list(e.genres),
                         "duration_s": e.duration_s, "maturity": e.maturity, "country": e.country, "vpn": e.vpn,
-                        "profile_hint": e.profile_hint} for e in decoded],
+                        "profile_hint": e.profile_hint, "utc_offset_minutes": e.utc_offset_minutes}
+                       for e in decoded],
             "sessions": [{"session_id": r[0], "device_id": r[1], "device_type": r[2], "start_ts": float(r[3]),
                           "end_ts": float(r[4]), "event_count": int(r[5]), "watch_seconds": float(r[6]),
                           "feature_version": int(r[7]),

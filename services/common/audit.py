@@ -20,12 +20,16 @@ of up to ``max_batch`` records, at most ``max_delay_s`` after the first one queu
 the privacy service's ``AppendAudit`` (or, inside the privacy service, straight to the
 local durable log: no self-RPC). AppendAudit is durable when it returns, and every
 record carries a ``record_id`` so a retried batch is not appended twice; failed sends
-are retried with exponential backoff (``max_attempts``). What can be lost:
+are retried with exponential backoff (``max_attempts``); what each answer of the log does
+(an outage or a refusal of the sender keeps the records, a batch over the message limit is
+split, a record refused for itself is isolated and dropped): ``answer_kind``. What can be
+lost:
 
 * records still queued (not yet acknowledged) when a process crashes or is killed
   with SIGKILL: at most ``max_delay_s`` worth of records in normal operation, more while
   the privacy service is unreachable (up to the queue bound);
-* records refused when the queue is full or after ``max_attempts`` failed sends.
+* records refused when the queue is full or after ``max_attempts`` failed sends;
+* a record the log refuses for itself (its validation, or one too large for a message).
 
 With a disk outbox (``AuditOutbox``: what every service and the gateway use, a SQLite
 file in the data directory) an unreachable audit log loses nothing: a batch that cannot
@@ -34,7 +38,7 @@ counts as handed over; while the outbox holds records every new batch goes there
 order of the log is kept), and the sink thread keeps delivering the oldest records with
 backoff (at most ``max_spool_backoff_s`` apart) until the log answers, across restarts
 of the process. Only records still in memory at a crash (at most ``max_delay_s`` worth)
-can be lost.
+can be lost, and batches past the outbox's bound (``MAX_OUTBOX_RECORDS``).
 
 Every loss is counted: ``hearth_audit_records_dropped_total{component,reason}``. A
 clean shutdown (SIGTERM) flushes the queue (``close``) after the server has stopped.
@@ -61,6 +65,7 @@ from prometheus_client import Counter, Gauge
 
 from services.common import identity, telemetry
 from services.common.audit_events import EventType
+from services.common.errors import HearthError, status_for
 
 log = logging.getLogger("hearth.audit")
 
@@ -174,7 +179,14 @@ SPOOLED = Counter("hearth_audit_records_spooled_total",
                   "Audit records written to the disk outbox while the audit log was unreachable", ["component"])
 OUTBOX_DEPTH = Gauge("hearth_audit_outbox_depth", "Audit records in the disk outbox, not yet delivered",
                      ["outbox"])
-DROP_REASONS = ("closed", "queue_full", "send_failed", "refused", "outbox_failed")
+SEND_FAILURES = Counter("hearth_audit_send_failures_total",
+                        "Sends to the audit log that failed, by status code (retried, split or refused)",
+                        ["component", "code"])
+DROP_REASONS = ("closed", "queue_full", "send_failed", "refused", "outbox_failed", "outbox_full")
+# Records the disk outbox holds at most (~0.4 GB at ~410 bytes a record); past it a batch is dropped as
+# ``outbox_full`` (counted, logged) instead of filling the data directory the service's
+# own store writes to.
+MAX_OUTBOX_RECORDS = 1_000_000
 
 
 def outcome_for(code: grpc.StatusCode) -> str:
@@ -226,19 +238,51 @@ class TransientAuditError(Exception):
     """A send failed in a way that may succeed later (log unavailable)."""
 
 
-_RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
-                              grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+# What a failed send says (docs/privacy.md, "The client (AuditSink)"; session 23):
+# OUTAGE — the log cannot take records from this sender now: it is down or slow, or it
+#   refuses the sender itself (a key rotation it has not seen yet, an address pointing at
+#   another service, a log not started). Nothing is wrong with the records: they are kept
+#   (retried with backoff, spooled to the outbox), never dropped for it.
+# TOO_LARGE — RESOURCE_EXHAUSTED: the request is over the gRPC message limit (the client's
+#   core refuses it before sending, or the log's): the batch is split; one record alone
+#   over it can never be sent and is dropped as refused.
+# REFUSED — the log refuses a record of the batch (its validation): the batch is split
+#   until the record is alone, then it is dropped.
+# SUSPECT — INTERNAL, UNKNOWN, DATA_LOSS, or a local failure: the log failing (its
+#   database) or failing on one record. Retried with backoff and split; one record
+#   failing ``max_attempts`` times while the next record is accepted is dropped.
+OUTAGE, TOO_LARGE, REFUSED, SUSPECT = "outage", "too_large", "refused", "suspect"
+_ANSWER_OF_CODE = {
+    **dict.fromkeys((grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
+                     grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+                     grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.NOT_FOUND,
+                     grpc.StatusCode.FAILED_PRECONDITION), OUTAGE),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: TOO_LARGE,
+    **dict.fromkeys((grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE,
+                     grpc.StatusCode.ALREADY_EXISTS), REFUSED),
+}
 
 
-def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, TransientAuditError):
-        return True
+def _status_of(exc: BaseException) -> grpc.StatusCode | None:
     if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)):
-        return exc.code() in _RETRYABLE_CODES
-    # Unknown failures (e.g. a database error in the local transport) are retried too:
-    # dropping an audit record is worse than retrying a few times.
-    return not isinstance(exc, ValueError)
+        code = exc.code()
+        return code if isinstance(code, grpc.StatusCode) else None
+    return None
+
+
+def answer_kind(exc: BaseException) -> str:
+    """OUTAGE, TOO_LARGE, REFUSED or SUSPECT (above) for a failed send: a gRPC status
+    (the remote log) or the domain error the local transport raises (privacy's own)."""
+    if isinstance(exc, TransientAuditError):
+        return OUTAGE
+    code = _status_of(exc)
+    if code is None:
+        if isinstance(exc, ValueError) and not isinstance(exc, HearthError):
+            return REFUSED
+        if not isinstance(exc, HearthError):
+            return SUSPECT
+        code = status_for(exc)
+    return _ANSWER_OF_CODE.get(code, SUSPECT)
 
 
 def _text(value: object, name: str, *, allow_empty: bool = True) -> str:
@@ -306,7 +350,8 @@ class AuditSink:
                  max_delay_s: float = 0.05, max_queue: int = 50_000, max_attempts: int = 6,
                  backoff_s: float = 0.1, max_backoff_s: float = 2.0,
                  sleep: Callable[[float], None] = time.sleep, outbox: "AuditOutbox | None" = None,
-                 spool_after: int = 2, max_spool_backoff_s: float = 5.0) -> None:
+                 spool_after: int = 2, max_spool_backoff_s: float = 5.0,
+                 max_outbox: int = MAX_OUTBOX_RECORDS) -> None:
         if max_batch < 1 or max_queue < 1 or max_attempts < 1:
             raise ValueError("max_batch, max_queue, max_attempts: must be >= 1")
         if not max_delay_s >= 0 or not backoff_s >= 0:
@@ -328,6 +373,9 @@ class AuditSink:
         self._max_spool_backoff = max_spool_backoff_s
         self._spool_failures = 0
         self._next_drain = 0.0
+        self._max_outbox = max_outbox
+        self._drain_size = max_batch   # halved while a batch is refused, doubled back on success
+        self._head_failures = 0        # consecutive SUSPECT failures of the outbox's oldest record alone
         self.spooled = 0
         # The queue is a deque under the sink's lock, not a queue.Queue: Queue.put wakes
         # the waiting sink thread on every record (a thread switch per audited RPC, the
@@ -426,12 +474,13 @@ class AuditSink:
             self._finished += n
             self._lock.notify_all()
 
-    def _take_batch(self) -> list[AuditRecord]:
-        """Up to ``max_batch`` records: waits up to 0.1 s for a first one, then up to
-        ``max_delay_s`` for the batch to fill (not while stopping)."""
+    def _take_batch(self, idle_wait_s: float = 0.1) -> list[AuditRecord]:
+        """Up to ``max_batch`` records: waits up to ``idle_wait_s`` for a first one, then
+        up to ``max_delay_s`` for the batch to fill (not while stopping)."""
         with self._lock:
             if not self._items:
-                self._arrived.wait(0.1)
+                if idle_wait_s > 0:
+                    self._arrived.wait(idle_wait_s)
                 if not self._items:
                     return []
             deadline = time.monotonic() + self._max_delay
@@ -445,7 +494,11 @@ class AuditSink:
 
     def _run(self) -> None:
         while not (self._stop.is_set() and not self._items):
-            batch = self._take_batch()
+            # While the outbox isolates a refused record (its batches halved, then grown
+            # back), the next round does not wait for new records: a few sends in a row.
+            isolating = (self._outbox is not None and self._outbox.pending() > 0
+                         and self._drain_size < self._max_batch and time.monotonic() >= self._next_drain)
+            batch = self._take_batch(0.0 if isolating else 0.1)
             if batch:
                 try:
                     if self._outbox is not None and self._outbox.pending():
@@ -458,6 +511,14 @@ class AuditSink:
                 self._drain_outbox()
 
     def _spool(self, batch: list[AuditRecord]) -> None:
+        room = max(0, self._max_outbox - self._outbox.pending())
+        if room < len(batch):
+            log.error("audit outbox full (%d records): %d records dropped", self._outbox.pending(),
+                      len(batch) - room)
+            self._drop(len(batch) - room, "outbox_full")
+            batch = batch[:room]
+            if not batch:
+                return
         try:
             self._outbox.put(batch)
         except Exception:  # noqa: BLE001 - the disk failed too: counted as dropped
@@ -469,37 +530,100 @@ class AuditSink:
             self.spooled += len(batch)
 
     def _drain_outbox(self) -> None:
-        """Deliver the oldest spooled records (one batch) unless backing off."""
+        """Deliver the oldest spooled records (one batch) unless backing off. A batch the
+        log refuses or fails on is halved until the record at fault is alone (the next
+        batches grow back), so a refused record costs a few sends and never blocks the
+        records behind it; an outage keeps every record and backs off."""
         if time.monotonic() < self._next_drain or not self._outbox.pending():
             return
-        rows = self._outbox.oldest(self._max_batch)
+        rows = self._outbox.oldest(self._drain_size)
         try:
-            self._transport.send([record for _, record in rows])
-        except Exception as exc:  # noqa: BLE001
-            if not _is_transient(exc) and len(rows) == 1:
-                log.error("spooled audit record refused and dropped: %s", _describe(exc))
-                self._drop(1, "refused")
+            self._send([record for _, record in rows])
+        except Exception as exc:  # noqa: BLE001 - classified below
+            kind = answer_kind(exc)
+            if kind == OUTAGE:
+                self._back_off_drain(exc)
+            elif len(rows) > 1:
+                self._drain_size = max(1, len(rows) // 2)
+                if kind == SUSPECT:   # the log may be failing: do not hammer it
+                    self._back_off_drain(exc)
+            elif kind != SUSPECT:
+                self._refuse(rows[0][1], exc)
                 self._outbox.remove([rows[0][0]])
-                return
-            self._spool_failures += 1
-            delay = min(self._max_spool_backoff, self._backoff * (2 ** min(self._spool_failures, 16)))
-            self._next_drain = time.monotonic() + (delay if _is_transient(exc) else 0.0)
-            if not _is_transient(exc):   # isolate the refused record on the next rounds
-                self._outbox.shrink_next_batch = True
+            else:
+                self._head_failures += 1
+                if self._head_failures >= self._max_attempts and self._delivered_the_next():
+                    # The log takes the record after it: this one is at fault.
+                    self._refuse(rows[0][1], exc)
+                    self._outbox.remove([rows[0][0]])
+                    self._head_failures = 0
+                else:
+                    self._back_off_drain(exc)
             return
         self._outbox.remove([key for key, _ in rows])
-        self._spool_failures = 0
-        SENT.labels(self.component).inc(len(rows))
+        if self._spool_failures:
+            log.info("audit log reachable again: delivering the disk outbox (%d records)", self._outbox.pending())
+        self._spool_failures = self._head_failures = 0
+        self._drain_size = min(self._max_batch, 2 * self._drain_size)
+        self._count_sent(len(rows))
+
+    def _delivered_the_next(self) -> bool:
+        """Send the outbox's second-oldest record alone; True (and removed) when taken."""
+        rows = self._outbox.oldest(2)[1:]
+        if not rows:
+            return False
+        try:
+            self._send([rows[0][1]])
+        except Exception:  # noqa: BLE001 - the log fails on it too: an outage, not the first's fault
+            return False
+        self._outbox.remove([rows[0][0]])
+        self._count_sent(1)
+        return True
+
+    def _back_off_drain(self, exc: BaseException) -> None:
+        if not self._spool_failures:
+            log.warning("audit log did not take the disk outbox's records (%s): retrying with backoff, "
+                        "%d records kept", _describe(exc), self._outbox.pending())
+        self._spool_failures += 1
+        self._next_drain = time.monotonic() + min(self._max_spool_backoff,
+                                                  self._backoff * (2 ** min(self._spool_failures, 16)))
+
+    def _send(self, records: list[AuditRecord]) -> None:
+        try:
+            self._transport.send(records)
+        except Exception as exc:
+            code = _status_of(exc)
+            SEND_FAILURES.labels(self.component, code.name if code else type(exc).__name__).inc()
+            raise
+
+    def _count_sent(self, n: int) -> None:
+        SENT.labels(self.component).inc(n)
         with self._lock:
-            self.sent += len(rows)
+            self.sent += n
+
+    def _refuse(self, record: AuditRecord, exc: BaseException) -> None:
+        """Drop a record the log refuses for itself (counted, logged without its resource,
+        which may name a household)."""
+        log.error("audit record refused by the log and dropped: %s (%s, record_id %s)", _describe(exc),
+                  record.event_type, record.record_id)
+        self._drop(1, "refused")
 
     def _deliver(self, batch: list[AuditRecord]) -> None:
+        if self._outbox is not None and self._outbox.pending():
+            self._spool(batch)   # a half of a split batch, after the other went to the outbox
+            return
         for attempt in range(self._max_attempts):
             try:
-                self._transport.send(batch)
+                self._send(batch)
             except Exception as exc:  # noqa: BLE001 - classified below
-                if not _is_transient(exc):
-                    self._deliver_one_by_one(batch, exc)
+                kind = answer_kind(exc)
+                if kind in (REFUSED, TOO_LARGE):
+                    if len(batch) == 1:
+                        self._refuse(batch[0], exc)
+                    else:   # isolate the record at fault: the others go on
+                        half = len(batch) // 2
+                        self._deliver(batch[:half])
+                        self._deliver(batch[half:])
                     return
                 if self._outbox is not None and attempt + 1 >= self._spool_after:
                     log.warning("audit log unreachable (%s): %d records to the disk outbox",
@@ -516,20 +640,8 @@ class AuditSink:
                     return
                 self._sleep(min(self._max_backoff, self._backoff * (2 ** attempt)))
             else:
-                SENT.labels(self.component).inc(len(batch))
-                with self._lock:
-                    self.sent += len(batch)
+                self._count_sent(len(batch))
                 return
-
-    def _deliver_one_by_one(self, batch: list[AuditRecord], exc: BaseException) -> None:
-        """A batch was refused outright (e.g. INVALID_ARGUMENT): isolate the bad records
-        so one of them does not take the others down."""
-        if len(batch) == 1:
-            log.error("audit record refused and dropped: %s (%s)", _describe(exc), batch[0].event_type)
-            self._drop(1, "refused")
-            return
-        for record in batch:
-            self._deliver([record])
 
 
 def _describe(exc: BaseException) -> str:
@@ -673,7 +785,6 @@ class AuditOutbox:
                            "record TEXT NOT NULL)")
         self._lock = threading.Lock()
         self._pending = self._conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
-        self.shrink_next_batch = False
         OUTBOX_DEPTH.labels(self.path.stem).set(self._pending)
 
     def pending(self) -> int:
@@ -693,8 +804,6 @@ class AuditOutbox:
             OUTBOX_DEPTH.labels(self.path.stem).set(self._pending)
 
     def oldest(self, limit: int) -> list[tuple[int, AuditRecord]]:
-        if self.shrink_next_batch:
-            limit, self.shrink_next_batch = 1, False
         with self._lock:
             rows = self._conn.execute("SELECT id, record FROM outbox ORDER BY id LIMIT ?", (limit,)).fetchall()
         return [(key, AuditRecord(**json.loads(text))) for key, text in rows]

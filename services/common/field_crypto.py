@@ -23,11 +23,13 @@ household — including copies in backups — is unreadable.
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from json.encoder import encode_basestring_ascii as _json_string
 
 import grpc
@@ -41,6 +43,7 @@ NONCE_BYTES = 12
 TAG_BYTES = 16
 HEADER_BYTES = 1 + 4 + NONCE_BYTES
 TEXT_PREFIX = "enc1:"
+_DIGEST_LABEL = b"hearth-erased-id-v1"
 DEFAULT_TTL_S = 60.0
 
 # fetch(account_id, dek_version) -> (dek_version, 32-byte key); dek_version 0 = newest
@@ -91,8 +94,8 @@ class FieldCipher:
         self._ttl = float(ttl_s)
         self._clock = clock
         self._close = close
-        # (account, version) -> (fetched_at, cipher); version 0 caches "newest".
-        self._keys: dict[tuple[str, int], tuple[float, int, AESGCM]] = {}
+        # (account, version) -> (fetched_at, version, cipher, digest key); version 0 caches "newest".
+        self._keys: dict[tuple[str, int], tuple[float, int, AESGCM, bytes]] = {}
         self._lock = threading.Lock()
         self._erasure_epoch: int | None = None   # the store's household_erasures.epoch last seen
 
@@ -117,20 +120,32 @@ class FieldCipher:
 
     # ---- keys ------------------------------------------------------------------------
 
-    def _key(self, account_id: str, version: int) -> tuple[int, AESGCM]:
+    def _entry(self, account_id: str, version: int) -> tuple[float, int, AESGCM, bytes]:
         now = self._clock()
         with self._lock:
             hit = self._keys.get((account_id, version))
         if hit is not None and now - hit[0] < self._ttl:
-            return hit[1], hit[2]
+            return hit
         got_version, key = self._fetch(account_id, version)
         if len(key) != 32 or got_version < 1 or (version and got_version != version):
             raise HearthError(f"data key service returned an unusable key for {account_id!r}", "account_id")
-        cipher = AESGCM(key)
+        entry = (now, got_version, AESGCM(key), hmac.new(key, _DIGEST_LABEL, hashlib.sha256).digest())
         with self._lock:
-            self._keys[(account_id, version)] = (now, got_version, cipher)
-            self._keys[(account_id, got_version)] = (now, got_version, cipher)
-        return got_version, cipher
+            self._keys[(account_id, version)] = entry
+            self._keys[(account_id, got_version)] = entry
+        return entry
+
+    def _key(self, account_id: str, version: int) -> tuple[int, AESGCM]:
+        entry = self._entry(account_id, version)
+        return entry[1], entry[2]
+
+    def digests(self, account_id: str, values: Iterable[str]) -> dict[str, bytes]:
+        """Keyed digests (HMAC-SHA256 under a key derived from the household's newest data
+        key) of ``values``: what a store keeps of an erased event's id so that a replay of
+        the event is refused, without keeping the id (a household erasure shreds the key,
+        and the digests then match nothing)."""
+        mac = self._entry(account_id, 0)[3]
+        return {v: hmac.new(mac, v.encode("utf-8"), hashlib.sha256).digest() for v in values}
 
     def require_live(self, account_id: str) -> None:
         """Raise FailedPrecondition (field ``account_id``) when the household was erased

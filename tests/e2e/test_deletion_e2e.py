@@ -238,6 +238,37 @@ def test_a_client_that_keeps_sending_during_a_household_deletion_leaves_nothing(
     assert remnants(dmesh, acct) == {}
 
 
+def test_a_batch_sent_again_after_its_device_was_erased_does_not_bring_the_device_back(dmesh, client):
+    """chaos23, driving the mesh as a client that retries: a batch acknowledged before a
+    device erasure, sent again after the job completed (a retry after a lost answer, a
+    replayed stream), was stored again whole — 20 of 20 of the erased device's events back
+    in clustering (`GET /v1/household/{id}/export`), and its touchpoint in attribution, on
+    SQLite and PostgreSQL. Now each id an erasure deleted is a duplicate (a keyed digest is
+    kept, never the id)."""
+    acct, t0 = f"e2e-replay-{RUN}", time.time() - 3 * DAY
+    batch = {"events": [{"event_id": f"{acct}-{device}-{i}", "account_id": acct, "device_id": device,
+                         "device_type": "tv", "ts": _iso(t0 + i * 300 + offset), "kind": "heartbeat",
+                         "title_id": f"title-{i}", "genres": ["drama"], "duration_s": 300, "maturity": "adult"}
+                        for device, offset in (("tv-1", 0), ("tab-erased", 60)) for i in range(20)]}
+    touchpoints = {"touchpoints": [{"touchpoint_id": f"{acct}-tp-{device}", "account_id": acct, "device_id": device,
+                                    "ts": _iso(t0 + 30), "channel": "email", "campaign": "spring"}
+                                   for device in ("tv-1", "tab-erased")]}
+    assert client.post("/v1/events", json=batch).json()["accepted"] == 40
+    assert client.post("/v1/touchpoints", json=touchpoints).json()["accepted"] == 2
+    job = delete(client, {"kind": "device", "account_id": acct, "device_id": "tab-erased"})
+    assert job["state"] == "completed", job
+    replay = client.post("/v1/events", json=batch)
+    assert replay.status_code == 200, replay.text
+    assert (replay.json()["accepted"], replay.json()["duplicates"]) == (0, 40), replay.json()
+    assert client.post("/v1/touchpoints", json=touchpoints).json() == {"accepted": 0, "duplicates": 2}
+    export = client.get(f"/v1/household/{acct}/export")
+    assert export.status_code == 200
+    held = export.json()["services"]
+    assert "tab-erased" not in json.dumps({k: v for k, v in held.items() if k != "privacy"}), held.keys()
+    assert [e["device_id"] for e in held["clustering"]["events"]] == ["tv-1"] * 20
+    assert remnants(dmesh, acct, "tab-erased") == {}
+
+
 def test_receipt_verifies_offline_and_a_forgery_does_not(dmesh, client, tmp_path):
     acct = f"e2e-rcpt-{RUN}"
     post_events(client, acct, "tv-1", time.time() - DAY, 2)

@@ -63,6 +63,34 @@ def test_events_come_back_as_sessions_with_one_trace(client, mesh):
     assert server_span["parent_span_id"] in {s["span_id"] for s in in_trace if s["service"] == "gateway"}
 
 
+def test_an_events_utc_offset_is_stored_and_the_sessions_hour_is_local(client):
+    """Local time through real processes (session 23): events sent with the device's UTC
+    offset (India, +05:30) are stored with it (the export returns it) and the session's
+    hour feature is the local hour, not the UTC one; the same events without it give the
+    UTC hour (today's behaviour)."""
+    import math
+
+    start = (time.time() - 2 * 86400) // 3600 * 3600 + 15 * 60    # hh:15 UTC, two days ago
+    utc_hour = time.gmtime(start).tm_hour + 0.25
+    for account, offset in (("e2e-acc-local", 330), ("e2e-acc-utc", None)):
+        events = _events(account, start, 3)
+        if offset is not None:
+            for e in events:
+                e["utc_offset_minutes"] = offset
+        response = client.post("/v1/events", json={"events": events})
+        assert response.status_code == 200 and response.json()["accepted"] == 3, response.text
+    hours = {}
+    for account in ("e2e-acc-local", "e2e-acc-utc"):
+        (session,) = client.get(f"/v1/household/{account}").json()["sessions"]
+        sin_h, cos_h = session["feature_vector"][:2]
+        hours[account] = math.atan2(sin_h, cos_h) * 24 / (2 * math.pi) % 24
+    assert hours["e2e-acc-utc"] == pytest.approx(utc_hour, abs=1e-3)
+    assert hours["e2e-acc-local"] == pytest.approx((utc_hour + 5.5) % 24, abs=1e-3)
+    export = client.get("/v1/household/e2e-acc-local/export")
+    assert export.status_code == 200, export.text
+    assert [e["utc_offset_minutes"] for e in export.json()["services"]["clustering"]["events"]] == [330] * 3
+
+
 def test_a_forwarded_prediction_links_back_to_the_assign_request_trace(client, mesh):
     """Clustering forwards predictions to feedback later, from a thread of its own, so
     RecordPrediction is a trace of its own; its ``predictions.forward`` root span links

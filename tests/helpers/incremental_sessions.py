@@ -10,7 +10,7 @@ import random
 
 from services.clustering.domain.events import ViewingEvent
 from services.clustering.domain.sessions import build_session_states, build_sessions
-from services.clustering.store import ClusteringStore
+from services.clustering.store import _EVENT_COLUMNS, ClusteringStore
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 GAP_S = 1800.0
@@ -65,9 +65,7 @@ def assert_sessions_of_stored_events(store: ClusteringStore, account: str) -> No
         if r is not newest[r[2]]:
             assert r[14] is None, r[0]
     with store.db.transaction(readonly=True) as tx:
-        stored = tx.query("SELECT event_id, account_id, device_id, device_type, ts, kind, title_id, series_id, "
-                          "genres, duration_s, maturity, country, vpn, profile_hint FROM events WHERE account_id = ?",
-                          (account,))
+        stored = tx.query(f"SELECT {_EVENT_COLUMNS} FROM events WHERE account_id = ?", (account,))
     events = [store._event_from_row(r) for r in stored]
     expected, states = {}, {}
     for device in {e.device_id for e in events}:
@@ -97,11 +95,11 @@ def name_persons(stores: list[ClusteringStore], account: str, tag: str) -> None:
 
 
 def random_event(rng: random.Random, account: str, i: int, ts: float, device: str = "tv-1",
-                 event_id: str | None = None) -> ViewingEvent:
+                 event_id: str | None = None, utc_offset_minutes: int | None = None) -> ViewingEvent:
     return ViewingEvent(
         event_id=event_id or f"e{i}", account_id=account, device_id=device,
         device_type=rng.choice(("tv", "tv", "tv", "mobile")), ts=ts, kind="heartbeat",
         title_id=rng.choice(TITLES + ("",)), series_id=rng.choice(SERIES),
         genres=tuple(rng.sample(GENRE_NAMES, rng.randint(0, 3))), duration_s=rng.choice((0.0, 30.0, rng.uniform(0, 3600))),
         maturity=rng.choice((None, "kids", "teen", "adult")), vpn=rng.random() < 0.2,
-        profile_hint=rng.choice((None, None, "alice", "bob")))
+        profile_hint=rng.choice((None, None, "alice", "bob")), utc_offset_minutes=utc_offset_minutes)

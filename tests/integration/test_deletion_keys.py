@@ -79,3 +79,51 @@ def test_shredding_overwrites_the_key_and_reaches_other_replicas(store):
     with pytest.raises(FailedPrecondition):
         b.data_key("acct-1")                   # ... then b refuses too
     assert a.shred("never-had-a-key") == []
+
+
+def test_a_rotation_on_one_replica_never_brings_back_a_key_another_replica_shredded_meanwhile(store):
+    """chaos23: two privacy replicas, an admin's ``RotateKeys`` on one while a household
+    deletion shreds a key on the other. The rotation re-wraps what it read before the
+    shred; storing that over the tombstone put the wrapped key back in ``data_keys``
+    (``destroyed_at`` NULL): every replica that (re)loaded it served the erased
+    household's key again and accepted its data, and the receipt's shred was undone."""
+    a = KeyService(store, [K1, K2], "k1")      # the replica the admin's rotation reaches
+    b = KeyService(store, [K1, K2], "k1")      # the replica running the deletion job
+    a.data_key("acct-erased")
+    _, kept = a.data_key("acct-kept")
+    rewrap = a.ring.rewrap_all
+
+    def shred_meanwhile():
+        a.ring.rewrap_all = rewrap             # once
+        records = rewrap()                     # a re-wrapped what it had read ...
+        assert b.shred("acct-erased") == ["data_key:acct-erased:v1"]   # ... then b shreds
+        return records
+
+    a.ring.rewrap_all = shred_meanwhile
+    count, active, in_use = a.rotate("k2")
+    assert (count, active, in_use) == (1, "k2", ["k2"])
+    (row,) = store.load("acct-erased")
+    assert row.destroyed and row.wrapped == b""
+    for replica in (a, b, KeyService(store, [K1, K2], "k2")):   # a restarted replica too
+        with pytest.raises(FailedPrecondition):
+            replica.data_key("acct-erased")
+    assert KeyService(store, [K2], "k2").data_key("acct-kept")[1] == kept   # k1 retired
+
+
+def test_two_rotations_at_once_on_two_replicas_leave_every_key_under_the_new_kek(store):
+    a = KeyService(store, [K1, K2], "k1")
+    b = KeyService(store, [K1, K2], "k1")
+    keys = {acct: a.data_key(acct)[1] for acct in ("acct-1", "acct-2")}
+    rewrap = a.ring.rewrap_all
+
+    def other_rotation_meanwhile():
+        a.ring.rewrap_all = rewrap             # once
+        records = rewrap()
+        assert b.rotate("k2")[0] == 2
+        return records
+
+    a.ring.rewrap_all = other_rotation_meanwhile
+    assert a.rotate("k2")[0] == 0              # b re-wrapped both first: a stores none over them
+    assert {r.kek_id for r in store.load()} == {"k2"}
+    retired = KeyService(store, [K2], "k2")
+    assert {acct: retired.data_key(acct)[1] for acct in keys} == keys

@@ -350,10 +350,11 @@ def test_predictions_clustering_still_had_to_forward_do_not_outlive_the_erasure(
 
 def test_plaintext_is_not_in_the_raw_stores(mesh, stubs):
     acct = "enc-acct"
-    ingest(stubs, events(acct, "tv-1", time.time() - DAY, 2))
+    # The UTC offset (session 23) reveals rough location: sealed like country.
+    ingest(stubs, events(acct, "tv-1", time.time() - DAY, 2, utc_offset_minutes=-300))
     touchpoints(stubs, acct, [("enc-t1", "tv-1", time.time() - DAY, None)])
-    raw = rows(mesh, "clustering", "SELECT title_id, series_id, genres, country, profile_hint FROM events "
-               "WHERE account_id = ?", (acct,))
+    raw = rows(mesh, "clustering", "SELECT title_id, series_id, genres, country, profile_hint, utc_offset_minutes "
+               "FROM events WHERE account_id = ?", (acct,))
     assert raw and all(v.startswith(TEXT_PREFIX) for r in raw for v in r)
     labels = rows(mesh, "clustering", "SELECT features FROM sessions WHERE account_id = ?", (acct,))
     assert all(len(f) % 4 == 1 for (f,) in labels)  # sealed float32 vectors (4k + 33 bytes)

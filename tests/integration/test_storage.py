@@ -355,6 +355,45 @@ def test_attribution_store_idempotent(database):
     assert loaded_conv[0].value == pytest.approx(9.99)
 
 
+@pytest.mark.parametrize("keyed", [False, True], ids=["plain", "sealed"])
+def test_an_erased_touchpoint_or_conversion_sent_again_is_a_duplicate(database, keyed):
+    """chaos23: as for clustering's events, a touchpoint or conversion a device, person or
+    window erasure deleted was stored again when sent again (a retry, a replay); now it is a
+    duplicate (a keyed digest of its id is kept, never the id); new ones are stored."""
+    from services.common.erasure import ErasureScope
+    from services.common.field_crypto import FieldCipher
+    from services.privacy.keys.domain import KeyRing, generate_kek
+    from tests.helpers.keys import ring_fetcher
+
+    cipher = FieldCipher(ring_fetcher(KeyRing([generate_kek("k")], "k"), []), ttl_s=60) if keyed else None
+    store = AttributionStore(database, cipher=cipher)
+    store.migrate()
+    a = "acc-replay"
+    tps = [Touchpoint(f"tp{i}", a, "tab-2" if i % 2 else "tv-1", T0 + i * 60, "search", person_id="p1" if i == 4 else None)
+           for i in range(6)]
+    conv = [Conversion("c-tab", a, T0 + 30, "subscribe", 9.99, "tab-2"), Conversion("c-tv", a, T0 + 90, "subscribe", 5.0, "tv-1")]
+    assert store.record_touchpoints(tps) == (6, 0) and store.record_conversions(conv) == (2, 0)
+    store.erase(ErasureScope(a, "device", device_id="tab-2"))
+    assert store.record_touchpoints(tps) == (0, 6)                   # tp1, tp3, tp5 erased: not back
+    assert store.record_conversions(conv) == (0, 2)
+    store.erase(ErasureScope(a, "person", person_id="p1"))
+    store.erase(ErasureScope(a, "window", start=T0, end=T0 + 1))
+    assert store.record_touchpoints(tps) == (0, 6)
+    loaded_tps, loaded_conv = store.load([a], None, None, 86400)
+    assert [t.touchpoint_id for t in loaded_tps] == ["tp2"] and [c.conversion_id for c in loaded_conv] == ["c-tv"]
+    assert store.record_touchpoints([Touchpoint("tp9", a, "tab-2", T0 + 900, "search")]) == (1, 0)
+    with database.transaction() as tx:
+        rows = tx.query("SELECT digest FROM erased_records WHERE account_id = ?", (a,))
+    assert len(rows) == 6 and not any(b"tp" in bytes(r[0]) for r in rows)
+    store.erase(ErasureScope("*", "window", end=time.time() + 3600))   # the retention purge, later
+    assert _count(database, "erased_records", a) == 0
+    assert store.record_touchpoints([Touchpoint("tp10", a, "tab-3", T0, "search")]) == (1, 0)
+    store.erase(ErasureScope(a, "device", device_id="tab-3"))
+    assert _count(database, "erased_records", a) == 1
+    store.erase(ErasureScope(a, "household"))
+    assert _count(database, "erased_records", a) == 0
+
+
 def test_feedback_store_idempotent(database):
     fb = FeedbackStore(database)
     fb.migrate()
@@ -441,6 +480,62 @@ def test_erase_person_removes_their_sessions_and_events(store, database):
     assert _count(database, "events") == 2
 
 
+@pytest.mark.parametrize("keyed", [False, True], ids=["plain", "sealed"])
+def test_an_erased_event_sent_again_is_a_duplicate_and_erased_data_does_not_come_back(database, cache, keyed):
+    """chaos23: a device, person or window erasure deleted the events, and the same events
+    sent again (a client retrying a batch it had sent before the erasure, a replayed
+    stream) were accepted as new: the erased device's or window's viewing was back in the
+    store after the job had completed and its receipt said erased. Now the erasure keeps a
+    keyed digest of each erased id (``erased_events``: no id, no time) and a replay is a
+    duplicate; new events of the scope are stored as before. A household erasure and the
+    retention purge drop the digests they no longer need."""
+    from services.common.erasure import ErasureScope
+    from services.common.field_crypto import FieldCipher
+    from services.privacy.keys.domain import KeyRing, generate_kek
+    from tests.helpers.keys import ring_fetcher
+
+    cipher = FieldCipher(ring_fetcher(KeyRing([generate_kek("k")], "k"), []), ttl_s=60) if keyed else None
+    store = ClusteringStore(database, cache, gap_s=1800, lateness_tolerance_s=6 * 3600, cipher=cipher)
+    store.migrate()
+    a = "acc-replay"
+    tv = [ev(i, T0 + i * 60, account=a) for i in range(4)]
+    tablet = [ev(i, T0 + 30 + i * 60, device="tab-2", account=a) for i in range(4)]
+    later = [ev(10 + i, T0 + 40_000 + i * 60, account=a) for i in range(3)]
+    assert store.ingest(tv + tablet + later).accepted == 11
+
+    def stored() -> set[str]:
+        with database.transaction() as tx:
+            return {r[0] for r in tx.query("SELECT event_id FROM events WHERE account_id = ?", (a,))}
+
+    store.erase(ErasureScope(a, "device", device_id="tab-2"))
+    replay = store.ingest(tv + tablet + later)                      # the whole batch again
+    # tv's first events are older than its newest minus the tolerance: late, as before
+    assert (replay.accepted, replay.duplicates, replay.rejected_late) == (0, 7, 4), replay
+    assert stored() == {e.event_id for e in tv + later}
+    fresh = [ev(20, T0 + 30 + 600, device="tab-2", account=a)]     # the device's new events are kept
+    assert store.ingest(fresh).accepted == 1
+    first = min(store.household(a).sessions, key=lambda s: s.start_ts)
+    store.set_persons(a, {s.session_id: ("p1" if s.session_id == first.session_id else "p2")
+                          for s in store.household(a).sessions})
+    store.erase(ErasureScope(a, "person", person_id="p1"))
+    store.erase(ErasureScope(a, "window", start=T0 + 40_000, end=T0 + 40_000 + 90))
+    left = stored()
+    replay = store.ingest(tv + tablet + later + fresh)
+    assert replay.accepted == 0 and stored() == left
+    with database.transaction() as tx:
+        rows = tx.query("SELECT digest FROM erased_events WHERE account_id = ?", (a,))
+    assert len(rows) == 12 - len(left)                              # every erased one
+    ids = {e.event_id.encode() for e in tv + tablet + later + fresh}
+    assert not any(i in bytes(r[0]) for r in rows for i in ids)      # digests, never the ids
+    store.erase(ErasureScope("*", "window", end=time.time() + 3600))  # the retention purge, later
+    assert _count(database, "erased_events", a) == 0
+    store.ingest([ev(30, T0, device="tab-3", account=a)])
+    store.erase(ErasureScope(a, "device", device_id="tab-3"))
+    assert _count(database, "erased_events", a) == 1
+    store.erase(ErasureScope(a, "household"))
+    assert _count(database, "erased_events", a) == 0
+
+
 def test_resolve_persons_picks_the_session_near_each_instant(store):
     store.ingest([ev(i, T0 + i * 60) for i in range(3)] + [ev(10 + i, T0 + 20_000 + i * 60) for i in range(2)])
     first, second = sorted(store.household("acc-1").sessions, key=lambda s: s.start_ts)
@@ -460,7 +555,8 @@ def test_streamed_batches_extend_the_newest_session_as_the_full_rebuild_builds_i
     session, before it, bridging two), ids repeated, persons named, windows and persons
     erased between — leave exactly build_sessions' sessions of the stored events, the
     newest of each device carrying the running state of its events (opened with the
-    household's key); a household erasure leaves no session row, so no state."""
+    household's key); a household erasure leaves no session row, so no state. Since
+    session 23 the events of seeds 1 and 2 carry UTC offsets (migration 11's column)."""
     import random
 
     from services.common.erasure import ErasureScope
@@ -474,8 +570,11 @@ def test_streamed_batches_extend_the_newest_session_as_the_full_rebuild_builds_i
     store.migrate()
     for seed in range(3):
         rng, account = random.Random(seed), f"acc-inc-{seed}"
+        # Seeds 1 and 2 carry UTC offsets (session 23), mixed within sessions (the
+        # session keeps its first event's): stored sealed, read back by the rebuild.
         events = [random_event(rng, account, i, T0 + 600.0 * rng.randint(0, 30) + rng.choice((0.0, 0.5)),
-                               device=rng.choice(("tv-1", "ph-1"))) for i in range(50)]
+                               device=rng.choice(("tv-1", "ph-1")),
+                               utc_offset_minutes=(None, 60, -300)[i % 3] if seed else None) for i in range(50)]
         events.sort(key=lambda e: (e.ts, e.event_id))
         for _ in range(4):   # some arrive late
             events.insert(rng.randrange(len(events)), events.pop(rng.randrange(len(events))))
@@ -501,3 +600,33 @@ def test_streamed_batches_extend_the_newest_session_as_the_full_rebuild_builds_i
         assert tx.query("SELECT COUNT(*) FROM sessions WHERE account_id = ?", ("acc-inc-1",)) == [(0,)]
         assert tx.query("SELECT COUNT(*) FROM sessions WHERE account_id = ? AND state IS NOT NULL",
                         ("acc-inc-2",))[0][0] >= 1
+
+
+def test_the_closed_tail_is_the_closed_sessions_from_each_position(database):
+    """ModelKeeper's arrivals-only refresh reads ClusteringStore.closed_tail: on both
+    backends it is closed_sessions()[start:] for every start (the count, the first id,
+    the id just before), with sessions sharing a start instant (the id orders them),
+    closing exactly one gap after their end or just after, by the clock and by a
+    device's watermark, and a session whose device row is gone (a watermark of 0)."""
+    import random
+    import uuid
+
+    account = f"acc-tail-{uuid.uuid4().hex[:8]}"
+    t0 = 1_767_225_600.0   # 2026-01-01T00:00:00Z
+    store = ClusteringStore(database, gap_s=1800, lateness_tolerance_s=1e9)
+    store.migrate()
+    rng = random.Random(4)
+    store.ingest([ev(i, t0 + 600.0 * rng.randint(0, 40), device=rng.choice(("tv-1", "ph-1", "tb-1")),
+                     account=account) for i in range(40)])
+    with database.transaction() as tx:
+        tx.execute("DELETE FROM devices WHERE account_id = ? AND device_id = ?", (account, "tb-1"))
+        last_end = float(tx.query("SELECT MAX(end_ts) FROM sessions WHERE account_id = ?", (account,))[0][0])
+    fields = lambda s: (s.session_id, s.device_id, s.start_ts, s.end_ts, s.features.tobytes(), s.closed)  # noqa: E731
+    for now in (last_end, last_end + 1800.0, last_end + 1800.5, last_end + 86400.0):
+        full = store.closed_sessions(account, now=now)
+        for start in range(len(full) + 2):
+            tail = store.closed_tail(account, start, now=now)
+            assert (tail.count, tail.first_id) == (len(full), full[0].session_id if full else "")
+            assert tail.before_id == (full[start - 1].session_id if 0 < start <= len(full) else "")
+            assert [fields(s) for s in tail.sessions] == [fields(s) for s in full[start:]]
+    assert 0 < len(store.closed_sessions(account, now=last_end)) < len(store.closed_sessions(account, now=last_end + 86400))

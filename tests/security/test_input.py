@@ -90,6 +90,12 @@ def test_injection_in_free_text_is_stored_and_returned_as_data(admin):
     (lambda e: e.update(duration_s="NaN"), "events[0].duration_s"),
     (lambda e: e.update(vpn="yes please"), "events[0].vpn"),
     (lambda e: e.update(extra={"$where": "1"}), "events[0].extra"),
+    (lambda e: e.update(utc_offset_minutes=841), "events[0].utc_offset_minutes"),
+    (lambda e: e.update(utc_offset_minutes=-100_000), "events[0].utc_offset_minutes"),
+    (lambda e: e.update(utc_offset_minutes=2**63), "events[0].utc_offset_minutes"),
+    (lambda e: e.update(utc_offset_minutes=90.5), "events[0].utc_offset_minutes"),
+    (lambda e: e.update(utc_offset_minutes="-300"), "events[0].utc_offset_minutes"),
+    (lambda e: e.update(utc_offset_minutes=True), "events[0].utc_offset_minutes"),
 ])
 def test_out_of_bounds_fields_get_422_naming_the_field(admin, mutate, field):
     account = "sec-bounds"

@@ -163,6 +163,19 @@ def test_events_beyond_the_documented_future_skew_are_refused_naming_ts(admin, c
     assert refused_field(info.value) == "events[0].ts"
 
 
+@pytest.mark.parametrize("offset", [841, -841, 2**31 - 1])
+def test_a_utc_offset_beyond_fourteen_hours_is_refused_over_grpc_naming_it(channel, signer, offset):
+    """The proto's sint32 takes any 32-bit value: the service's validation (the same as
+    the gateway's -840..840) refuses it, naming the field, and stores nothing."""
+    e = pb_event("sec-slip-offset")
+    e.utc_offset_minutes = offset
+    stub = cpb_grpc.ClusteringServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.IngestEvents(iter([cpb.IngestEventsRequest(events=[e])]), metadata=metadata(signer), timeout=15)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused_field(info.value) == "events[0].utc_offset_minutes"
+
+
 def test_a_duplicate_id_carrying_a_future_time_does_not_make_later_events_late(admin):
     account = "sec-slip-dupfuture"
     base = time.time() - 3 * 3600

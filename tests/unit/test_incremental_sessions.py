@@ -5,25 +5,31 @@ and batch split; a batch appended to a long session does not re-read it."""
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import random
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client import REGISTRY
 
 from services.clustering.domain.events import ViewingEvent
 from services.clustering.domain.features import GenreVocabulary
 from services.clustering.domain.sessions import SessionState, build_session_states, build_sessions
 from services.clustering.store import ClusteringStore
 from services.common.erasure import ErasureScope
+from services.common.errors import NotFound, Unavailable
 from services.common.field_crypto import FieldCipher
 from services.common.storage.sql import SqliteDatabase
-from services.privacy.keys.domain import KeyRing, generate_kek
+from services.common.telemetry import pseudonym
+from services.privacy.keys.domain import KeyNotFoundError, KeyRing, generate_kek
 from tests.helpers.incremental_sessions import (GAP_S, T0, FullRebuildStore, assert_same_sessions,
                                                 assert_sessions_of_stored_events, name_persons,
                                                 random_event, session_rows)
-from tests.helpers.keys import ring_fetcher
+from tests.helpers.keys import NOW, ring_fetcher
 
 ACCOUNT = "acc-1"
 
@@ -39,11 +45,14 @@ def _stores(root: Path, tolerance_s: float, vocabulary: GenreVocabulary | None =
     return out
 
 
-# Events: (time step, event id, device, seed of its other fields, fraction of a step).
-# Steps of 600 s against a gap of 1,800 s: sessions split, touch at exactly one gap,
-# share instants (the event id orders them) and are bridged by late events; ids repeat.
+# Events: (time step, event id, device, seed of its other fields, fraction of a step, UTC
+# offset in minutes or none). Steps of 600 s against a gap of 1,800 s: sessions split,
+# touch at exactly one gap, share instants (the event id orders them) and are bridged by
+# late events; ids repeat; a session's events may carry different offsets (a daylight
+# saving change, a journey; a late first event brings another offset to the session).
 _event = st.tuples(st.integers(0, 40), st.integers(0, 60), st.sampled_from(("tv-1", "tv-1", "ph-1")),
-                   st.integers(0, 2**32 - 1), st.sampled_from((0.0, 0.0, 0.25, 0.5)))
+                   st.integers(0, 2**32 - 1), st.sampled_from((0.0, 0.0, 0.25, 0.5)),
+                   st.sampled_from((None, None, None, 0, -300, -240, 330, 840)))
 # What happens between: the next batch of the stream (its size), persons named (an
 # assignment), a window or a person erased.
 _op = st.one_of(
@@ -59,8 +68,9 @@ def _arrival(events: list, order: str, moves: list[tuple[int, int]]) -> list[Vie
     """The events in their order of arrival: as drawn ("random"), in time order as a
     client streams them ("stream"), or in time order with some arriving late ("late":
     each move takes an event to a later position)."""
-    out = [random_event(random.Random(seed), ACCOUNT, i, T0 + 600.0 * (step + frac), device=device)
-           for step, i, device, seed, frac in events]
+    out = [random_event(random.Random(seed), ACCOUNT, i, T0 + 600.0 * (step + frac), device=device,
+                        utc_offset_minutes=offset)
+           for step, i, device, seed, frac, offset in events]
     if order != "random":
         out.sort(key=lambda e: (e.ts, e.event_id))
     if order == "late":
@@ -106,7 +116,7 @@ def test_incremental_sessions_equal_the_full_rebuild(events, order, moves, ops, 
     persons named and windows and persons erased between them: after every operation the
     incremental store's sessions equal the full rebuild's field by field (features to the
     byte, labels, unknown genres, persons, person probabilities, the newest session's
-    running state) and build_sessions' of the stored events."""
+    running state, its UTC offset) and build_sessions' of the stored events."""
     _run(_arrival(events, order, moves), ops, tolerance_s)
 
 
@@ -248,4 +258,140 @@ def test_a_newest_session_replaced_under_the_batch_takes_the_full_rebuild(tmp_pa
     store.db.transaction = transaction
     assert_sessions_of_stored_events(store, ACCOUNT)
     store.ingest([random_event(rng, ACCOUNT, 42, T0 + 60.0 * 42)])   # extends the state it left
+    assert_sessions_of_stored_events(store, ACCOUNT)
+
+
+def _not_found_fetcher(ring: KeyRing):
+    """privacy's GetDataKey as the remote FieldCipher sees it: a version the household
+    does not have is NotFound (services/privacy/keys/app.py)."""
+    fetch = ring_fetcher(ring, [])
+
+    def fetcher(account: str, version: int) -> tuple[int, bytes]:
+        try:
+            return fetch(account, version)
+        except KeyNotFoundError as exc:
+            raise NotFound(str(exc), "dek_version") from None
+
+    return fetcher
+
+
+def _seal_json(store: ClusteringStore, text: str) -> bytes:
+    return store._seal(ACCOUNT, "session_state", text.encode())
+
+
+def _valid_state_with(store: ClusteringStore, stored: bytes, **changes) -> bytes:
+    d = json.loads(store._open_blob(ACCOUNT, "session_state", stored))
+    d.update(changes)
+    return _seal_json(store, json.dumps(d))
+
+
+def _sums_with(store: ClusteringStore, stored: bytes, **changes) -> bytes:
+    d = json.loads(store._open_blob(ACCOUNT, "session_state", stored))
+    d["sums"].update(changes)
+    return _seal_json(store, json.dumps(d))
+
+
+_BAD_STATES = {
+    # The sealed bytes altered (a torn write, a disk error): does not authenticate.
+    "altered": ("undecryptable", lambda store, b: b[:-1] + bytes([b[-1] ^ 1])),
+    # Sealed under a data key version the household does not have.
+    "unknown_key_version": ("undecryptable", lambda store, b: b[:1] + (999).to_bytes(4, "big") + b[5:]),
+    "not_sealed": ("undecryptable", lambda store, b: b"{}"),
+    # Opens, but is not a state to_bytes wrote.
+    "not_json": ("unparseable", lambda store, b: _seal_json(store, "{not json")),
+    "not_utf8": ("unparseable", lambda store, b: store._seal(ACCOUNT, "session_state", b"\xff\xfe")),
+    "a_list": ("unparseable", lambda store, b: _seal_json(store, "[1, 2]")),
+    "a_field_missing": ("unparseable", lambda store, b: _seal_json(store, json.dumps(
+        {k: v for k, v in json.loads(store._open_blob(ACCOUNT, "session_state", b)).items() if k != "sums"}))),
+    # Fields of the wrong type that main's parser took: a string of hints became a
+    # count per character (the label "a"), a string of titles a set of characters.
+    "hints_a_string": ("unparseable", lambda store, b: _valid_state_with(store, b, hints="aaab")),
+    "count_a_string": ("unparseable", lambda store, b: _valid_state_with(store, b, event_count="3")),
+    "watch_not_finite": ("unparseable", lambda store, b: _valid_state_with(store, b, watch_seconds=float("nan"))),
+    "offset_a_string": ("unparseable", lambda store, b: _valid_state_with(store, b, utc_offset_minutes="60")),
+    "offset_out_of_range": ("unparseable", lambda store, b: _valid_state_with(store, b, utc_offset_minutes=100_000)),
+    "titles_a_string": ("unparseable", lambda store, b: _sums_with(store, b, titles="t1t2")),
+    "series_a_list": ("unparseable", lambda store, b: _sums_with(store, b, series=["s1"])),
+    "genre_seconds_strings": ("unparseable", lambda store, b: _sums_with(
+        store, b, genre_seconds=["1"] * len(json.loads(store._open_blob(ACCOUNT, "session_state", b))["sums"]["genre_seconds"]))),
+}
+
+
+@pytest.mark.parametrize("corruption", sorted(_BAD_STATES))
+def test_a_bad_kept_state_falls_back_to_the_full_rebuild(tmp_path, caplog, corruption):
+    """The kept running state is a cache of the stored events: one that does not open
+    (altered bytes, a key version the household does not have, not sealed) or does not
+    parse as a state (not JSON, a field missing or of the wrong type) must not block the
+    household's ingest (before session 23 it raised: INTERNAL or NOT_FOUND for every
+    batch of that device, for good, or — a field of the wrong type — it was extended into
+    a wrong session). The batch takes the full rebuild from the stored events, which
+    writes a good state; counted in hearth_session_state_fallbacks_total{reason} and
+    logged under the household's pseudonym."""
+    reason, corrupt = _BAD_STATES[corruption]
+    ring = KeyRing([generate_kek("k1")], "k1")
+    store = ClusteringStore(SqliteDatabase(tmp_path / "c.db"), gap_s=GAP_S,
+                            cipher=FieldCipher(_not_found_fetcher(ring)))
+    store.migrate()
+    rng = random.Random(13)
+    store.ingest([random_event(rng, ACCOUNT, i, T0 + 60.0 * i) for i in range(20)])
+    with store.db.transaction() as tx:
+        ((session_id, stored),) = tx.query("SELECT session_id, state FROM sessions WHERE state IS NOT NULL")
+        tx.execute("UPDATE sessions SET state = ? WHERE session_id = ?", (corrupt(store, bytes(stored)), session_id))
+    before = REGISTRY.get_sample_value("hearth_session_state_fallbacks_total", {"reason": reason}) or 0.0
+    with caplog.at_level(logging.WARNING, logger="hearth.clustering.store"):
+        result = store.ingest([random_event(rng, ACCOUNT, i, T0 + 60.0 * i) for i in (20, 21)])
+    assert result.accepted == 2 and result.sessions_touched == 1
+    assert_sessions_of_stored_events(store, ACCOUNT)
+    assert REGISTRY.get_sample_value("hearth_session_state_fallbacks_total", {"reason": reason}) == before + 1
+    (record,) = [r for r in caplog.records if "session state" in r.getMessage()]
+    assert ACCOUNT not in record.getMessage() and pseudonym(ACCOUNT) in record.getMessage()
+    # The rebuild wrote a good state: the next batch is incremental again.
+    store.ingest([random_event(rng, ACCOUNT, 22, T0 + 60.0 * 22)])
+    assert REGISTRY.get_sample_value("hearth_session_state_fallbacks_total", {"reason": reason}) == before + 1
+    assert_sessions_of_stored_events(store, ACCOUNT)
+
+
+def test_a_bad_kept_state_falls_back_without_a_cipher(tmp_path):
+    """Plaintext stores (no cipher) too: bytes that are not a state are rebuilt."""
+    store = ClusteringStore(SqliteDatabase(tmp_path / "c.db"), gap_s=GAP_S)
+    store.migrate()
+    rng = random.Random(17)
+    store.ingest([random_event(rng, ACCOUNT, i, T0 + 60.0 * i) for i in range(5)])
+    with store.db.transaction() as tx:
+        tx.execute("UPDATE sessions SET state = ? WHERE state IS NOT NULL", (b"\x00garbage",))
+    store.ingest([random_event(rng, ACCOUNT, 5, T0 + 300.0)])
+    assert_sessions_of_stored_events(store, ACCOUNT)
+
+
+def test_a_key_service_outage_while_opening_the_state_still_fails_the_batch(tmp_path):
+    """Not every error opening the state is a bad state: the data key service being
+    unavailable is transient (the rebuild may need it too), so the batch fails retryably
+    (UNAVAILABLE, the gateway's 503) and is not counted as a fallback. Here the state
+    is sealed under the household's first key, the batch under its second (a rotation),
+    and only the first cannot be fetched."""
+    ring = KeyRing([generate_kek("k1")], "k1")
+    fetch = ring_fetcher(ring, [])
+    down = {"on": False}
+
+    def fetcher(account: str, version: int) -> tuple[int, bytes]:
+        if down["on"] and version == 1:
+            raise Unavailable("data key service unavailable", "account_id")
+        return fetch(account, version)
+
+    cipher = FieldCipher(fetcher)
+    store = ClusteringStore(SqliteDatabase(tmp_path / "c.db"), gap_s=GAP_S, cipher=cipher)
+    store.migrate()
+    rng = random.Random(19)
+    store.ingest([random_event(rng, ACCOUNT, i, T0 + 60.0 * i) for i in range(5)])
+    ring.create_dek(ACCOUNT, NOW)
+    cipher.forget_all()
+    down["on"] = True
+    before = sum(REGISTRY.get_sample_value("hearth_session_state_fallbacks_total", {"reason": r}) or 0.0
+                 for r in ("undecryptable", "unparseable"))
+    with pytest.raises(Unavailable):
+        store.ingest([random_event(rng, ACCOUNT, 5, T0 + 300.0)])
+    assert sum(REGISTRY.get_sample_value("hearth_session_state_fallbacks_total", {"reason": r}) or 0.0
+               for r in ("undecryptable", "unparseable")) == before
+    down["on"] = False
+    store.ingest([random_event(rng, ACCOUNT, 5, T0 + 300.0)])
     assert_sessions_of_stored_events(store, ACCOUNT)

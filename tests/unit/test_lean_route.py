@@ -1,10 +1,14 @@
 """gateway/lean.py: the lean handler answers exactly what FastAPI's own handler answers.
 
 The same routes are declared twice, once on FastAPI's APIRoute and once on LeanRoute, and
-every request below is sent to both: status, body and content type must be identical
-(valid bodies take the short path; everything else falls back to FastAPI's handler)."""
+every request below is sent to both: status, headers and body bytes must be identical
+(valid bodies take the short path; a JSON body the model refuses is answered from the
+short path's own parse and validation since session 23; everything else falls back to
+FastAPI's handler)."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
@@ -88,17 +92,158 @@ REQUESTS = [
     ("/sum", {"content": b'{"name": "a", "values": [' + b"1," * 600 + b'1]}'}, {"content-type": "application/json"}),
 ]
 
+JSON = {"content-type": "application/json"}
+# JSON bodies the model refuses, and JSON that does not parse: answered by the short path
+# from its own parse and validation since session 23 (FastAPI's handler parsed and
+# validated them again), with FastAPI's answer.
+INVALID = [
+    ("/sum", {"content": b'{"values": [1]}'}, JSON),                                # a field missing
+    ("/sum", {"content": b'{"name": "", "values": [1, "x", null]}'}, JSON),         # several errors
+    ("/sum", {"content": b'{"name": 5, "other": {"x": [1, 2]}, "values": {}}'}, JSON),
+    ("/sum", {"content": b'{"name": "", "values": [Infinity, NaN]}'}, JSON),
+    ("/sum", {"content": b'{"name": "a", "values": [1, 2, true]}'}, {"content-type": "APPLICATION/JSON"}),
+    ("/sum", {"content": b'{"name": "a", "values": [[1]]}'}, {"content-type": "application/vnd.x+json; v=1"}),
+    ("/sum", {"content": b"\xef\xbb\xbf" + b'{"name": ""}'}, JSON),                  # a UTF-8 byte order mark
+    ("/sum", {"content": b'"name"'}, JSON),
+    ("/sum", {"content": b"null"}, JSON),
+    ("/sum", {"content": b"0.5e3"}, JSON),
+    ("/sum", {"content": b'{"name": "' + "\u00e9".encode() * 300 + b'"}'}, JSON),   # not on the fast lane (over 1 KiB)
+    ("/sum", {"content": b'{"name": "a", "values": [1, 2], "x": "' + b"y" * 2000 + b'"}'}, JSON),
+    ("/dict", {"content": b'{"name": 1}'}, JSON),
+    ("/plain", {"content": b'{"name": ["a"]}'}, JSON),
+    ("/sum", {"content": b'{"name": "a",}'}, JSON),                                  # malformed JSON
+    ("/sum", {"content": b'{"name": "a"} {}'}, JSON),                                # extra data
+    ("/sum", {"content": b'{"name": "a", "values": [1, 2'}, JSON),
+    ("/sum", {"content": b"\xff\xfe"}, {"content-type": "application/json; charset=utf-8"}),
+    ("/sum", {"content": b'{"name": "\xff"}'}, JSON),                                 # not UTF-8 inside: 400
+    ("/sum", {"content": b" "}, JSON),
+]
+
+
+def _answer(r) -> tuple:
+    """Status, every header (the gateway's own x-trace-id aside: there is none here) and
+    the body, byte for byte."""
+    return r.status_code, r.headers.multi_items(), r.content
+
 
 @pytest.mark.parametrize("with_caller", [True, False])
-@pytest.mark.parametrize("path,kwargs,headers", REQUESTS)
+@pytest.mark.parametrize("path,kwargs,headers", REQUESTS + INVALID)
 def test_lean_answers_like_fastapi(path, kwargs, headers, with_caller):
     headers = {**headers, **({"x-caller": "alice"} if with_caller else {})}
     answers = []
     for route_class, fast_lane in ((APIRoute, False), (LeanRoute, False), (LeanRoute, True)):
         with TestClient(build(route_class, fast_lane)) as client:
             r = client.post(path, headers=headers, **kwargs)
-            answers.append((r.status_code, r.headers.get("content-type"), r.json()))
+            answers.append(_answer(r))
     assert answers[0] == answers[1] == answers[2]
+
+
+# Which bodies are JSON, read as FastAPI reads them (review23): the first Content-Type
+# header (Starlette's ``headers.get``), parsed by ``email.message`` (a media type with two
+# slashes is text/plain to it, RFC 2045 5.2). The fast lane took the last header and
+# ``application/a/b+json`` for JSON: a valid body FastAPI refuses was accepted, and a refused
+# one got another 422.
+CONTENT_TYPES = [
+    [("content-type", "text/plain"), ("content-type", "application/json")],
+    [("content-type", "application/json"), ("content-type", "text/plain")],
+    [("content-type", "application/a/b+json")],
+    [("content-type", "application/vnd.x/y+json; charset=utf-8")],
+    [("content-type", "application/json/x")],
+]
+
+
+@pytest.mark.parametrize("body", [b'{"name": "a"}', b'{"name": ""}', b'{"name": "a",', b'{"name": "a", "name": "b"}'])
+@pytest.mark.parametrize("content_types", CONTENT_TYPES)
+def test_the_short_path_reads_the_content_type_as_fastapi_does(content_types, body):
+    """The same answer from FastAPI's APIRoute (but for a key given twice, which only the
+    gateway's generic path refuses), from the generic path (a dependency override set),
+    from the lean handler and from the fast lane."""
+    answers = []
+    for route_class, fast_lane, override in ((APIRoute, False, False), (LeanRoute, False, True),
+                                             (LeanRoute, False, False), (LeanRoute, True, False)):
+        if route_class is APIRoute and body.count(b'"name"') > 1:
+            continue
+        app = build(route_class, fast_lane)
+        if override:
+            app.dependency_overrides[_unused_dependency] = _unused_dependency
+        with TestClient(app) as client:
+            answers.append(_answer(client.post("/sum", content=body, headers=[*content_types, ("x-caller", "a")])))
+    assert all(a == answers[0] for a in answers), answers
+
+
+def _unused_dependency() -> None:
+    """Overridden below: any override sends every request to FastAPI's handler."""
+
+
+@pytest.mark.parametrize("with_caller", [True, False])
+@pytest.mark.parametrize("body", [b'{"name": "a", "name": "b"}', b'{"name": "a", "values": [1], "values": [2]}',
+                                  b'{"values": [{"x": 1, "x": 2}]', '{"name": 1}'.encode("utf-16"),
+                                  '{"name": "a"'.encode("utf-32")])
+def test_ambiguous_json_gets_the_generic_paths_answer_from_the_short_path(body, with_caller):
+    """A key given twice or a body not in UTF-8 (refused by the generic path's check,
+    before FastAPI's handler: FastAPI alone reads them) gets the same answer from the
+    short path, with the fast lane and without, as from the generic path (taken by every
+    request while a dependency override is set)."""
+    headers = {**JSON, **({"x-caller": "alice"} if with_caller else {})}
+    answers = []
+    for fast_lane, override in ((False, True), (False, False), (True, False)):
+        app = build(LeanRoute, fast_lane)
+        if override:
+            app.dependency_overrides[_unused_dependency] = _unused_dependency
+        with TestClient(app) as client:
+            answers.append(_answer(client.post("/sum", content=body, headers=headers)))
+    assert answers[0] == answers[1] == answers[2]
+    assert answers[0][0] == 422, answers[0]
+
+
+def _counting(monkeypatch) -> dict[str, int]:
+    """Counts of JSON parses (json.loads: the short path's, the duplicate-key check's and
+    Starlette's request.json() all call it) and body validations while the test runs."""
+    from fastapi._compat import v2
+
+    counts = {"parses": 0, "validations": 0}
+    loads, validate = json.loads, v2.ModelField.validate
+
+    def counted_loads(*args, **kwargs):
+        counts["parses"] += 1
+        return loads(*args, **kwargs)
+
+    def counted_validate(self, *args, **kwargs):
+        counts["validations"] += 1
+        return validate(self, *args, **kwargs)
+
+    monkeypatch.setattr(json, "loads", counted_loads)
+    monkeypatch.setattr(v2.ModelField, "validate", counted_validate)
+    return counts
+
+
+@pytest.mark.parametrize("fast_lane", [False, True])
+@pytest.mark.parametrize("body,validations", [(b'{"name": "a", "values": ["1", "2"]}', 1),
+                                              (b'{"values": [1], "name": ""}', 1),
+                                              (b'{"name": "a", "values": [1, 2', 0),
+                                              (b'{"name": "a", "name": "a"}', 0)])
+def test_a_refused_body_is_parsed_once_and_validated_once(monkeypatch, body, validations, fast_lane):
+    """Until session 23 a JSON body the model refused was parsed four times (the fast lane,
+    the lean handler, the duplicate-key check, FastAPI) and validated three times before
+    its 422 (docs/security.md, "A body is parsed before it is judged"): now once and once,
+    the dependency run once, FastAPI's handler never reached."""
+    import fastapi.routing
+
+    async def no_generic_handler(**_kwargs):
+        raise AssertionError("FastAPI's dependency solving ran: the short path did not answer")
+
+    seen = []
+    app = build(LeanRoute, fast_lane, seen=seen)
+    with TestClient(app) as client:
+        monkeypatch.setattr(fastapi.routing, "solve_dependencies", no_generic_handler)
+        counts = _counting(monkeypatch)
+        calls.clear()
+        r = client.post("/sum", content=body, headers={**JSON, "x-caller": "carol"})
+        monkeypatch.undo()
+    assert r.status_code == 422, r.text
+    assert counts == {"parses": 1, "validations": validations}, counts
+    assert calls == (["carol"] if validations else [])   # FastAPI runs it before judging a parsed body
+    assert seen == ([] if fast_lane else ["/sum"])
 
 
 @pytest.mark.parametrize("fast_lane", [False, True])
@@ -229,9 +374,11 @@ def test_fast_lane_takes_complete_json_bodies_past_fastapis_stack(monkeypatch):
         r = client.post("/sum", json={"name": "a", "values": [2]}, headers={"x-caller": "d"})
         assert r.status_code == 200 and r.json() == {"name": "a", "total": 2.0, "caller": "d"}
         assert seen == []
-        monkeypatch.undo()
         r = client.post("/sum", json={"name": "a", "values": "x"}, headers={"x-caller": "d"})
-        assert r.status_code == 422 and seen == ["/sum"]
+        assert r.status_code == 422 and seen == []      # refused from the fast lane's own validation
+        monkeypatch.undo()
+        r = client.post("/sum", content=b'{"name": "a"}', headers={"x-caller": "d", "content-type": "text/plain"})
+        assert r.status_code == 422 and seen == ["/sum"]   # not JSON: FastAPI's handler
 
 
 def test_fast_lane_leaves_unhandled_errors_to_the_outer_layers():
@@ -239,3 +386,52 @@ def test_fast_lane_leaves_unhandled_errors_to_the_outer_layers():
     with TestClient(app, raise_server_exceptions=False) as client:
         r = client.post("/sum", json={"name": "boom"}, headers={"x-caller": "e"})
     assert r.status_code == 500
+
+
+def _events(n: int, kind: bool) -> list[dict]:
+    return [{"event_id": f"e-{i}", "account_id": "acct", "device_id": "tv-1", "device_type": "tv",
+             "ts": "2026-01-01T00:00:00Z", "title_id": "t1", "genres": ["drama"], "duration_s": 30.0,
+             **({"kind": "heartbeat"} if kind else {})} for i in range(n)]
+
+
+GATEWAY_BODIES = [
+    json.dumps({"events": _events(50, kind=False)}).encode(),           # each event missing its kind
+    json.dumps({"events": _events(3, kind=True)[:2] + [{"event_id": 7}]}).encode(),
+    json.dumps({"events": []}).encode(),
+    json.dumps({"events": _events(2, kind=True), "extra": 1}).encode(),
+    json.dumps({"events": [{**_events(1, kind=True)[0], "genres": ["g"] * 17}]}).encode(),   # over a bound
+    b'{"events": [' + b"{}," * 10_000 + b"{}]}",                                                # over a bound
+    b'{"events": [{"kind": "heartbeat", "kind": "play_start"}]}',                                # a key twice
+    b'{"events": [{"kind": "heartbeat"}',                                                        # malformed
+    '{"events": [1]}'.encode("utf-16"),                                                          # not UTF-8
+]
+
+
+@pytest.mark.parametrize("body", GATEWAY_BODIES)
+def test_the_gateway_answers_a_refused_body_from_one_parse_as_fastapi_did(tmp_path, monkeypatch, body):
+    """The gateway's POST /v1/events (the fast lane, CredentialsBeforeBody, the gateway's
+    own 422 handler): a body it refuses gets, byte for byte, the answer FastAPI's handler
+    gives (taken by every request while a dependency override is set), from one parse."""
+    from gateway import auth
+    from gateway.app import create_app
+    from gateway.config import GatewaySettings
+
+    keys = tmp_path / "keys.json"
+    key = auth.add_key(keys, "ingest", "service")[1]
+    headers = {**JSON, "x-api-key": key}
+    answers = []
+    for override in (True, False):
+        app = create_app(GatewaySettings(api_keys_file=keys, data_dir=tmp_path, access_log=False))
+        if override:
+            app.dependency_overrides[_unused_dependency] = _unused_dependency
+        client = TestClient(app)   # no lifespan: nothing here reaches a service
+        counts = _counting(monkeypatch)
+        r = client.post("/v1/events", content=body, headers=headers)
+        monkeypatch.undo()
+        assert r.headers.get("x-trace-id"), r.headers   # one per request: compared without it
+        answers.append((r.status_code, [h for h in r.headers.multi_items() if h[0] != "x-trace-id"], r.content,
+                        counts["parses"]))
+    (status, *generic, generic_parses), (_, *lane, lane_parses) = answers
+    assert status == 422 and lane == generic, (answers[0][:3], answers[1][:3])
+    assert json.loads(lane[1])["error"]["code"] == "invalid_argument"
+    assert lane_parses == 1, (generic_parses, lane_parses)   # the generic path: up to three

@@ -139,6 +139,8 @@ def test_vector_bytes_round_trip_and_bad_length():
     ("events[0].maturity", {"maturity": "R18"}),
     ("events[0].country", {"country": "gbr"}),
     ("events[0].profile_hint", {"profile_hint": "x" * 65}),
+    ("events[0].utc_offset_minutes", {"utc_offset_minutes": 841}),
+    ("events[0].utc_offset_minutes", {"utc_offset_minutes": -841}),
 ])
 def test_validation_names_the_field(field, change):
     with pytest.raises(InvalidArgument) as info:

@@ -23,6 +23,10 @@ MAX_GENRES = 16
 MAX_LABEL_LEN = 64
 MAX_DURATION_S = 24 * 3600.0
 MAX_EVENTS_PER_BATCH = 10_000
+# A device's UTC offset in minutes (local = UTC + offset), within -14:00..+14:00: every
+# time zone in use lies in -12:00 (Baker Island) .. +14:00 (Line Islands); the range is
+# symmetric, as the IANA Etc/GMT zones are.
+MAX_UTC_OFFSET_MINUTES = 14 * 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +45,9 @@ class ViewingEvent:
     country: str | None = None
     vpn: bool = False
     profile_hint: str | None = None
+    # The device's UTC offset at ``ts`` in minutes (local time = ts + 60 * offset), as a
+    # streaming client knows it; None: not sent, the session's time features are UTC's.
+    utc_offset_minutes: int | None = None
 
 
 def _check_label(value: object, field: str, allow_empty: bool = False) -> str:
@@ -80,6 +87,11 @@ def validate_event(event: ViewingEvent, field: str = "event", now: float | None 
         raise InvalidArgument("must be a boolean", f"{field}.vpn")
     if event.profile_hint is not None:
         _check_label(event.profile_hint, f"{field}.profile_hint")
+    o = event.utc_offset_minutes
+    if o is not None and (not isinstance(o, int) or isinstance(o, bool)
+                          or not -MAX_UTC_OFFSET_MINUTES <= o <= MAX_UTC_OFFSET_MINUTES):
+        raise InvalidArgument(f"must be a whole number of minutes in -{MAX_UTC_OFFSET_MINUTES}..{MAX_UTC_OFFSET_MINUTES}",
+                              f"{field}.utc_offset_minutes")
     return event
 
 

@@ -8,7 +8,9 @@ the same table for operators.
 Layout (index: meaning):
 
 ====  =====================================================================
-0-1   start hour of day on the circle: sin, cos of 2*pi*hour/24 (UTC)
+0-1   start hour of day on the circle: sin, cos of 2*pi*hour/24 (of the start
+      the session builder passes: local when its first event carries a UTC offset,
+      else UTC; sessions.py)
 2-3   start day of week on the circle: sin, cos of 2*pi*dow/7 (Monday = 0)
 4-9   device type one-hot: tv, mobile, tablet, desktop, console, other
 10-28 genre mix weighted by watch time (sums to 1 when any genre is given),
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -196,7 +199,8 @@ def features_matrix(
 ) -> np.ndarray:
     """Feature vectors for N sessions at once, shape (N, FEATURE_DIM), float32.
 
-    ``start_ts`` are UTC epoch seconds; ``device_idx`` indexes ``DEVICE_TYPES``;
+    ``start_ts`` are epoch seconds of the clock the time features are read on (UTC, or
+    local = UTC + offset when the session builder has one); ``device_idx`` indexes ``DEVICE_TYPES``;
     ``genre_seconds`` is (N, len(GENRES)) watch seconds per genre (a title with
     several genres splits its time evenly); the rest are per-session scalars.
     """
@@ -302,15 +306,54 @@ class FeatureSums:
 
     @classmethod
     def from_dict(cls, d: dict) -> "FeatureSums":
+        """What ``to_dict`` wrote; ValueError for anything else (a field missing, extra or
+        of another type, a number not finite, another genre layout)."""
+        if not isinstance(d, dict) or d.keys() != _SUMS_FIELDS:
+            raise ValueError("feature sums: not the fields to_dict writes")
         sums = cls()
-        if len(d["genre_seconds"]) != len(GENRES):
+        sums.genre_seconds = checked(d, "genre_seconds", [float])
+        if len(sums.genre_seconds) != len(GENRES):
             raise ValueError("genre sums of another layout")
-        sums.genre_seconds = [float(x) for x in d["genre_seconds"]]
-        sums.kids, sums.teen, sums.total = float(d["kids"]), float(d["teen"]), float(d["total"])
-        sums.titles = set(d["titles"])
-        sums.series = {k: set(v) for k, v in d["series"].items()}
-        sums.items, sums.vpn_items = int(d["items"]), int(d["vpn_items"])
+        sums.kids, sums.teen, sums.total = checked(d, "kids", float), checked(d, "teen", float), checked(d, "total", float)
+        sums.titles = set(checked(d, "titles", [str]))
+        sums.series = {k: set(v) for k, v in checked(d, "series", {str: [str]}).items()}
+        sums.items, sums.vpn_items = checked(d, "items", int), checked(d, "vpn_items", int)
         return sums
+
+
+_SUMS_FIELDS = frozenset(("genre_seconds", "kids", "teen", "total", "titles", "series", "items", "vpn_items"))
+
+
+def checked(d: dict, name: str, kind):
+    """``d[name]`` when it is of ``kind`` (JSON as ``json.loads`` reads it): ``str``,
+    ``int`` (not a bool), ``float`` (an int or a float, finite; returned as a float),
+    ``dict`` (any), ``[str]``, ``[float]``, ``{str: int}`` or ``{str: [str]}``;
+    ValueError naming the field otherwise. For the running states the clustering store
+    keeps (``FeatureSums.from_dict``, ``SessionState.from_bytes``)."""
+    value = d[name]
+    if isinstance(kind, list):
+        if type(value) is list:
+            if kind[0] is str and all(type(v) is str for v in value):
+                return value
+            if kind[0] is float and all((type(v) is float or type(v) is int) and -math.inf < v < math.inf
+                                        for v in value):
+                return [float(v) for v in value]
+    elif isinstance(kind, dict):
+        if type(value) is dict:
+            inner = kind[str]
+            if inner is int and all(type(v) is int for v in value.values()):
+                return value
+            if inner == [str] and all(type(v) is list and all(type(x) is str for x in v) for v in value.values()):
+                return value
+    elif kind is float:
+        if (type(value) is float or type(value) is int) and math.isfinite(value):
+            return float(value)
+    elif kind is int:
+        if type(value) is int:
+            return value
+    elif type(value) is kind:
+        return value
+    raise ValueError(f"{name}: not {kind!r}")
 
 
 def session_features(start_ts: float, device_type: str, items: Iterable[WatchItem],

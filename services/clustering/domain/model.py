@@ -2224,7 +2224,9 @@ class HouseholdModel:
 
     # -- profiles -----------------------------------------------------------------
     def profiles(self) -> list[dict]:
-        """Readable profile per person: rhythm (peak hours UTC, weekend share), devices,
+        """Readable profile per person: rhythm (peak hours of the sessions' time features:
+        local for sessions whose events carry a UTC offset, else UTC — the keys keep
+        their "_utc" names; weekend share), devices,
         top genres, kids share, binge rate, session count (expected)."""
         if self.mixture is not None:
             stats = self.mixture.stats

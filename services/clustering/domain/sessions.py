@@ -16,6 +16,14 @@ session it belongs to and that session's features are recomputed.
 
 A session is *closed* once nothing can extend it: the later of the device watermark and
 the wall clock is more than one gap past its last event.
+
+Local time: the hour and weekday features are those of the session's start in the
+device's local time when its first event (time, then event id) carries
+``utc_offset_minutes`` (start + 60 * offset), and of its UTC start when it does not —
+today's vectors, to the bit. A session whose events carry different offsets (a daylight
+saving change or a journey within it) keeps its first event's: its start is when and
+where the viewer sat down, and one rule keeps the full rebuild and the incremental path
+identical (docs/clustering.md "Local time").
 """
 
 from __future__ import annotations
@@ -28,8 +36,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.clustering.domain.events import ViewingEvent
-from services.clustering.domain.features import DEFAULT_VOCABULARY, FeatureSums, GenreVocabulary, WatchItem
+from services.clustering.domain.events import MAX_UTC_OFFSET_MINUTES, ViewingEvent
+from services.clustering.domain.features import DEFAULT_VOCABULARY, FeatureSums, GenreVocabulary, WatchItem, checked
 
 DEFAULT_GAP_S = 1800.0
 
@@ -51,6 +59,8 @@ class Session:
     # each (sorted by name); counted in their hashed genre slots (or `other`, see
     # GenreVocabulary) in the features, reported by the service.
     unknown_genres: tuple[tuple[str, int], ...] = ()
+    # The first event's UTC offset (minutes), which its time features are local to; None: UTC.
+    utc_offset_minutes: int | None = None
 
     def is_closed(self, watermark: float, now: float, gap_s: float = DEFAULT_GAP_S) -> bool:
         return max(watermark, now) - self.end_ts > gap_s
@@ -81,10 +91,13 @@ class SessionState:
     the same order, so the sessions are the same to the bit (tests/unit/test_incremental_sessions.py)."""
 
     __slots__ = ("account_id", "device_id", "start_ts", "end_ts", "last_event_id", "device_type",
-                 "event_count", "watch_seconds", "hints", "unknown", "sums", "vocabulary", "gap_s")
+                 "event_count", "watch_seconds", "hints", "unknown", "sums", "vocabulary", "gap_s",
+                 "utc_offset_minutes")
 
     def __init__(self, first: ViewingEvent, vocabulary: GenreVocabulary, gap_s: float) -> None:
         self.account_id, self.device_id, self.start_ts = first.account_id, first.device_id, first.ts
+        # The first event's offset is the session's (the module's docstring, "Local time").
+        self.utc_offset_minutes = first.utc_offset_minutes
         self.vocabulary, self.gap_s = vocabulary.signature, float(gap_s)
         self.end_ts, self.last_event_id, self.device_type = first.ts, first.event_id, first.device_type
         self.event_count, self.watch_seconds = 0, 0.0
@@ -112,6 +125,13 @@ class SessionState:
         """Whether ``e`` sorts after every event counted (time, then event id)."""
         return (e.ts, e.event_id) > (self.end_ts, self.last_event_id)
 
+    def local_start_ts(self) -> float:
+        """The start the time features are computed from: the UTC start moved by the
+        first event's offset, or the UTC start itself when it has none."""
+        if self.utc_offset_minutes is None:
+            return self.start_ts
+        return self.start_ts + 60.0 * self.utc_offset_minutes
+
     def session(self, vocabulary: GenreVocabulary, event_ids: tuple[str, ...] = ()) -> Session:
         hints = self.hints
         return Session(
@@ -123,33 +143,56 @@ class SessionState:
             end_ts=self.end_ts,
             event_ids=event_ids,
             watch_seconds=float(self.watch_seconds),
-            features=self.sums.features(self.start_ts, self.device_type),
+            features=self.sums.features(self.local_start_ts(), self.device_type),
             feature_version=vocabulary.feature_version,
             label=min(hints, key=lambda h: (-hints[h], h)) if hints else None,
             unknown_genres=tuple(sorted(self.unknown.items())),
+            utc_offset_minutes=self.utc_offset_minutes,
         )
 
     def to_bytes(self) -> bytes:
+        # The offset is written only when the first event carried one: a state without
+        # it is the bytes written before offsets existed, and reads back as UTC.
+        offset = {} if self.utc_offset_minutes is None else {"utc_offset_minutes": self.utc_offset_minutes}
         return json.dumps({
             "account_id": self.account_id, "device_id": self.device_id, "start_ts": self.start_ts,
             "end_ts": self.end_ts, "last_event_id": self.last_event_id, "device_type": self.device_type,
             "event_count": self.event_count, "watch_seconds": self.watch_seconds,
             "hints": dict(sorted(self.hints.items())), "unknown": dict(sorted(self.unknown.items())),
-            "sums": self.sums.to_dict(), "vocabulary": self.vocabulary, "gap_s": self.gap_s,
+            "sums": self.sums.to_dict(), "vocabulary": self.vocabulary, "gap_s": self.gap_s, **offset,
         }, separators=(",", ":")).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "SessionState":
-        d = json.loads(data)
+        """The state ``to_bytes`` wrote. ValueError for anything else — not JSON, a field
+        missing, extra or of another type, a number not finite — so that what parses can
+        be extended: the store then rebuilds the session from its stored events (a kept
+        state is a cache of them; docs/clustering.md "Incremental sessions")."""
+        try:
+            d = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"session state: not JSON ({exc})") from None
+        if not isinstance(d, dict) or d.keys() - {"utc_offset_minutes"} != _STATE_FIELDS:
+            raise ValueError("session state: not the fields to_bytes writes")
         state = cls.__new__(cls)
-        state.account_id, state.device_id = d["account_id"], d["device_id"]
-        state.start_ts, state.end_ts = float(d["start_ts"]), float(d["end_ts"])
-        state.last_event_id, state.device_type = d["last_event_id"], d["device_type"]
-        state.event_count, state.watch_seconds = int(d["event_count"]), float(d["watch_seconds"])
-        state.hints, state.unknown = Counter(d["hints"]), Counter(d["unknown"])
-        state.sums = FeatureSums.from_dict(d["sums"])
-        state.vocabulary, state.gap_s = d["vocabulary"], float(d["gap_s"])
+        state.account_id, state.device_id = checked(d, "account_id", str), checked(d, "device_id", str)
+        state.start_ts, state.end_ts = checked(d, "start_ts", float), checked(d, "end_ts", float)
+        state.last_event_id, state.device_type = checked(d, "last_event_id", str), checked(d, "device_type", str)
+        state.event_count, state.watch_seconds = checked(d, "event_count", int), checked(d, "watch_seconds", float)
+        state.hints, state.unknown = Counter(checked(d, "hints", {str: int})), Counter(checked(d, "unknown", {str: int}))
+        state.sums = FeatureSums.from_dict(checked(d, "sums", dict))
+        state.vocabulary, state.gap_s = checked(d, "vocabulary", str), checked(d, "gap_s", float)
+        state.utc_offset_minutes = checked(d, "utc_offset_minutes", int) if "utc_offset_minutes" in d else None
+        if state.event_count < 1 or not state.start_ts <= state.end_ts:
+            raise ValueError("session state: no events, or its end before its start")
+        if state.utc_offset_minutes is not None and not (-MAX_UTC_OFFSET_MINUTES <= state.utc_offset_minutes
+                                                         <= MAX_UTC_OFFSET_MINUTES):
+            raise ValueError("session state: utc_offset_minutes out of range")
         return state
+
+
+_STATE_FIELDS = frozenset(("account_id", "device_id", "start_ts", "end_ts", "last_event_id", "device_type",
+                           "event_count", "watch_seconds", "hints", "unknown", "sums", "vocabulary", "gap_s"))
 
 
 def extend_sessions(last: SessionState | None, ordered: Sequence[ViewingEvent], gap_s: float,

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.privacy.keys.domain import (
     KeyDestroyedError, KeyEncryptionKey, KeyNotFoundError, KeyRing, generate_kek, parse_kek_config)
 from services.privacy.keys.signing import (
@@ -33,6 +33,7 @@ from services.privacy.keys.store import DataKeyStore
 log = logging.getLogger("hearth.privacy.keys")
 
 REFRESH_S = 5.0
+ROTATE_ATTEMPTS = 5
 SIGNING_KEY_FILE = "privacy-receipt-signing.key"
 SIGNING_PUBLIC_FILE = "privacy-receipt-signing.pub"
 KEK_FILE = "privacy-keks"
@@ -160,13 +161,28 @@ class KeyService:
         """Make another configured KEK active and re-wrap every live DEK under it."""
         with self._lock:
             self.ring.load(self.store.load())
+            previous = {(r.account_id, r.dek_version): r.wrapped for r in self.ring.records()}
             try:
                 records = self.ring.rotate_kek(new_active_kek_id)
             except ValueError as exc:
                 # the domain's message starts with the field, which InvalidArgument adds itself
                 raise InvalidArgument(str(exc).removeprefix("new_active_kek_id: "), "new_active_kek_id") from None
-            self.store.overwrite(records)
-            return len(records), self.ring.active_kek_id, sorted(self.ring.kek_ids_in_use())
+            stored = 0
+            for _ in range(ROTATE_ATTEMPTS):
+                conflicts = self.store.rewrap(records, previous)
+                stored += len(records) - len(conflicts)
+                if not conflicts:
+                    break
+                # Another replica shredded (a tombstone) or re-wrapped these keys since they
+                # were read: take the stored rows (a tombstone wins in the ring) and re-wrap
+                # what is still live under an older KEK.
+                for account_id in sorted({r.account_id for r in conflicts}):
+                    self._refresh(account_id, force=True)
+                previous = {(r.account_id, r.dek_version): r.wrapped for r in self.ring.records()}
+                records = self.ring.rewrap_all()
+            else:
+                raise Unavailable("the data keys kept changing during the rotation: run it again")
+            return stored, self.ring.active_kek_id, sorted(self.ring.kek_ids_in_use())
 
     def metadata(self, account_id: str) -> list[dict]:
         """Key records of a household without key material (for the export)."""

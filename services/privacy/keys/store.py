@@ -38,6 +38,23 @@ class DataKeyStore:
                 (record.account_id, record.dek_version, record.kek_id, record.wrapped,
                  record.created_at.isoformat())) == 1
 
+    def rewrap(self, records: Iterable[WrappedDek], previous: dict[tuple[str, int], bytes]) -> list[WrappedDek]:
+        """Store re-wrapped live keys, each only over the exact wrapped key it was made
+        from (compare-and-swap): a row another replica shredded (a tombstone) or re-wrapped
+        since it was read is left as it is. Returns the records not stored (the caller
+        reloads those households). Until chaos23 a rotation wrote its copy over a
+        tombstone stored meanwhile and so brought an erased household's key back."""
+        conflicts = []
+        with self.db.transaction() as tx:
+            for r in records:
+                if tx.execute(
+                        "UPDATE data_keys SET kek_id = ?, wrapped = ? WHERE account_id = ? AND dek_version = ? "
+                        "AND destroyed_at IS NULL AND wrapped = ?",
+                        (r.kek_id, r.wrapped, r.account_id, r.dek_version,
+                         previous[(r.account_id, r.dek_version)])) != 1:
+                    conflicts.append(r)
+        return conflicts
+
     def overwrite(self, records: Iterable[WrappedDek], purges: list[dict] | None = None) -> int:
         """Store re-wrapped keys or tombstones over the existing rows, in place. When
         tombstones were written, the physical purge that follows is appended to

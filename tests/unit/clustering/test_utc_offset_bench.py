@@ -67,3 +67,33 @@ def test_the_report_gives_every_method_per_shift_pooled_and_over_worlds(househol
         assert list(block["worlds"]) == [household.world_id]
     with pytest.raises(ValueError):
         U.run(W.REPORTING)
+
+
+def test_with_the_offset_sent_a_shift_changes_no_feature(household):
+    """Session 23: events that carry their UTC offset give the session builder the
+    household's local time back, so at every shift (sent as its real offset, 21 h as
+    UTC-3) the features are h = 0's to the bit, while the timestamps did move."""
+    assert [U.real_offset(h) for h in U.SHIFTS_H] == [0, 3, 6, 9, -12, -9, -6, -3]
+    for h in U.SHIFTS_H:
+        moved = U.shifted(household, U.real_offset(h), send_offset=True)
+        assert moved.features.tobytes() == household.features.tobytes(), h
+        np.testing.assert_allclose(moved.start_ts, household.start_ts - U.real_offset(h) * 3600.0)
+        assert {e.utc_offset_minutes for e in moved.events} == {round(60 * U.real_offset(h))}
+    U.assert_features_equal([U.shifted(household, -9, send_offset=True)], [household])
+    with pytest.raises(AssertionError):
+        U.assert_features_equal([U.shifted(household, -9)], [household])
+    with pytest.raises(ValueError):
+        U.shifted(household, 15, send_offset=True)     # beyond +14 h: no real offset
+
+
+def test_the_quiet_hour_anchor_undoes_a_shift_without_the_offset(household):
+    """The model-side anchor prototype (session 23, measured, not in the model): each
+    household's time features rotated so that its quietest hour lands on a fixed hour,
+    so a shift of a few hours that no event reports is undone (up to float rounding)."""
+    q = U.quiet_hour(household.features)
+    assert U.quiet_hour(U.shifted(household, 3).features) == (q - 3) % 24
+    a, b = U.anchored(household, 9.75), U.anchored(U.shifted(household, 3), 9.75)
+    assert U.quiet_hour(a.features) == 9.75
+    np.testing.assert_allclose(b.features, a.features, atol=1e-5)
+    other = np.setdiff1d(np.arange(F.FEATURE_DIM), TIME)
+    np.testing.assert_array_equal(a.features[:, other], household.features[:, other])
