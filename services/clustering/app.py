@@ -517,6 +517,7 @@ class ClusteringApp:
         """Delete the scope's data, then refit the household from what remains: exact
         unlearning (the model equals one fitted without the erased sessions)."""
         outcome = self.store.erase(scope)
+        refitted = False
         if scope.all_accounts:
             # Only households whose session list changed refit (refresh detects it).
             for account in self.store.accounts_with_models():
@@ -524,10 +525,17 @@ class ClusteringApp:
                 self.keeper.refresh(account)
         else:
             self.keeper.forget(scope.account_id)
-            if scope.kind != "household" and not outcome.empty:
+            # The erasing transaction noted the refit; the note outlives a refit that failed
+            # or a process that died before it, so the job's retry of this Erase, which
+            # deletes nothing, still unlearns (until session 23 it answered "nothing left"
+            # and the model fitted on the erased sessions stayed: chaos23).
+            noted = self.store.refit_owed(scope.account_id) if scope.kind != "household" else None
+            if noted is not None:
                 self.keeper.refresh(scope.account_id, force="erasure", retire=scope.person_id or "")
+                self.store.refit_done(scope.account_id, noted)
+                refitted = True
         if scope.kind != "household":
             # The refit replaced the model blob that was fitted on the erased sessions:
             # purge again so its old bytes leave the WAL / dead tuples too.
-            outcome.purges[-1:] = [self.store.purge_erased(model_replaced=not outcome.empty)]
+            outcome.purges[-1:] = [self.store.purge_erased(model_replaced=refitted or not outcome.empty)]
         return outcome

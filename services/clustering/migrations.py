@@ -181,4 +181,14 @@ CREATE TABLE IF NOT EXISTS erased_events (
 );
 CREATE INDEX IF NOT EXISTS erased_events_at ON erased_events (erased_at)
 """),
+    # A household whose unlearning refit a device, person or window erasure owes: noted in
+    # the erasing transaction, cleared once the refit replaced the model. An Erase whose
+    # refit failed or whose process died before it is retried by its deletion job, deletes
+    # nothing the second time and refits because of the note (ClusteringApp.erase).
+    Migration(13, "unlearning refits owed", """
+CREATE TABLE IF NOT EXISTS refits_owed (
+    account_id TEXT PRIMARY KEY,
+    noted_at {double} NOT NULL
+)
+"""),
 ]

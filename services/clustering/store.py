@@ -967,6 +967,12 @@ class ClusteringStore:
                             if r[0] in sessions]
             tx.executemany("DELETE FROM session_labels WHERE session_id = ?", [(x,) for x in labelled])
             out.add("session_labels", labelled)
+            if scope.kind == "household":
+                tx.execute("DELETE FROM refits_owed WHERE account_id = ?", (account,))
+            elif not scope.all_accounts and not out.empty:
+                # The unlearning refit is owed until it has replaced the model (refit_owed).
+                tx.execute("INSERT INTO refits_owed (account_id, noted_at) VALUES (?, ?) ON CONFLICT (account_id) "
+                           "DO UPDATE SET noted_at = excluded.noted_at", (account, time.time()))
             if not out.empty:
                 record_erasure(tx)
         out.purges.append(self.purge_erased())
@@ -986,6 +992,18 @@ class ClusteringStore:
             self.cache.delete_prefix("model:", strict=strict)
         else:
             self.cache.delete(f"model:{scope.account_id}", strict=strict)
+
+    def refit_owed(self, account_id: str) -> float | None:
+        """When an erasure of the household noted its unlearning refit and no refit has
+        cleared the note since: the note's time; else None."""
+        with self.db.transaction(readonly=True) as tx:
+            rows = tx.query("SELECT noted_at FROM refits_owed WHERE account_id = ?", (account_id,))
+        return float(rows[0][0]) if rows else None
+
+    def refit_done(self, account_id: str, noted_at: float) -> None:
+        """Clear the note ``refit_owed`` read before the refit (not a later erasure's)."""
+        with self.db.transaction() as tx:
+            tx.execute("DELETE FROM refits_owed WHERE account_id = ? AND noted_at <= ?", (account_id, noted_at))
 
     def purge_erased(self, model_replaced: bool = False) -> dict:
         """Make what erasures deleted physically unreadable (Database.purge_erased); the

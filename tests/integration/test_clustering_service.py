@@ -154,6 +154,34 @@ def test_exact_unlearning_equals_a_fit_without_the_erased_sessions(household):
     assert envelope.model.n_persons == 2
 
 
+def test_an_erasure_whose_unlearning_refit_failed_unlearns_when_the_job_retries_it(household):
+    """chaos23: an Erase whose refit failed (or whose process died between its DELETE and
+    the refit) is retried by its deletion job; the retry deleted nothing, so it answered at
+    once without refitting, and the job completed with the model still fitted on the erased
+    device's sessions (3 persons, one learned from that device alone). The erasing
+    transaction now notes the refit it owes; the retry refits and clears the note."""
+    app, *_ = household
+    refresh = app.keeper.refresh
+
+    def fail_once(*args, **kwargs):
+        app.keeper.refresh = refresh
+        raise RuntimeError("killed during the unlearning refit")
+
+    app.keeper.refresh = fail_once
+    with pytest.raises(RuntimeError):
+        app.erase(ErasureScope("acc-h", "device", device_id="phone-1"))
+    assert app.store.refit_owed("acc-h") is not None
+    retry = app.erase(ErasureScope("acc-h", "device", device_id="phone-1"))     # the job's retry
+    assert retry.empty and app.store.refit_owed("acc-h") is None
+    _, envelope = app.keeper.load("acc-h")
+    remaining = app.store.closed_sessions("acc-h")
+    X = np.vstack([s.features for s in remaining]).astype(np.float64)
+    fresh = HouseholdModel("gmm").fit(X, device_ids=[s.device_id for s in remaining])
+    assert envelope.model.n_persons == fresh.n_persons == 2
+    app.erase(ErasureScope("acc-h", "household"))
+    assert app.store.refit_owed("acc-h") is None
+
+
 def test_labels_flow_into_the_model(household):
     app, truth, *_ = household
     truth_map = _truth_by_session(app, "acc-h", truth)
