@@ -143,7 +143,12 @@ class FieldCipher:
         """Keyed digests (HMAC-SHA256 under a key derived from the household's newest data
         key) of ``values``: what a store keeps of an erased event's id so that a replay of
         the event is refused, without keeping the id (a household erasure shreds the key,
-        and the digests then match nothing)."""
+        and the digests then match nothing). No value, no key asked: an erasure that
+        deleted nothing (a household erased before, its key shredded; an account never
+        seen) must neither fail nor create a data key (review23)."""
+        values = list(values)
+        if not values:
+            return {}
         mac = self._entry(account_id, 0)[3]
         return {v: hmac.new(mac, v.encode("utf-8"), hashlib.sha256).digest() for v in values}
 

@@ -394,6 +394,38 @@ def test_an_erased_touchpoint_or_conversion_sent_again_is_a_duplicate(database, 
     assert _count(database, "erased_records", a) == 0
 
 
+def test_an_erasure_that_deletes_nothing_needs_no_data_key(database):
+    """review23: chaos23's erased-record digests asked the key service for the household's
+    data key at every device, person or window erasure, even one that deleted nothing:
+    such an erasure of a household erased before (its key shredded) failed with
+    FAILED_PRECONDITION, and one of an account attribution never held created a data key
+    for it. The key is needed only for digests of deleted ids."""
+    from datetime import UTC, datetime
+
+    from services.common.erasure import ErasureScope
+    from services.common.errors import FailedPrecondition
+    from services.common.field_crypto import FieldCipher
+    from services.privacy.keys.domain import KeyRing, generate_kek
+    from tests.helpers.keys import ring_fetcher
+
+    ring, fetched = KeyRing([generate_kek("k")], "k"), []
+    store = AttributionStore(database, cipher=FieldCipher(ring_fetcher(ring, fetched), ttl_s=60))
+    store.migrate()
+    a = "acc-shredded"
+    assert store.record_touchpoints([Touchpoint("tp1", a, "tv-1", T0, "search", campaign="c1")]) == (1, 0)
+    store.erase(ErasureScope(a, "household"))
+    ring.destroy_dek(a, datetime.now(UTC))
+    store.cipher.forget(a)
+    for scope in (ErasureScope(a, "device", device_id="tv-1"), ErasureScope(a, "person", person_id="p1"),
+                  ErasureScope(a, "window", start=T0 - 60, end=T0 + 60)):
+        assert store.erase(scope).empty                     # nothing left to erase: no key asked
+    with pytest.raises(FailedPrecondition):                 # the shredded key still refuses writes
+        store.record_touchpoints([Touchpoint("tp2", a, "tv-1", T0, "search", campaign="c1")])
+    fetched.clear()
+    store.erase(ErasureScope("acc-never-seen", "device", device_id="tv-1"))
+    assert not ring.has_dek("acc-never-seen") and not fetched
+
+
 def test_feedback_store_idempotent(database):
     fb = FeedbackStore(database)
     fb.migrate()
