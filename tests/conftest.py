@@ -4,7 +4,10 @@ FAILS the tests that need it (never skips): CI must not pass while a backend goe
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 import time
 
 import grpc
@@ -33,6 +36,49 @@ os.environ.setdefault("HEARTH_RETENTION_CHECK_S", "0")
 # most, checked every 0.5 s. What the tests assert does not depend on either period.
 os.environ.setdefault("HEARTH_GRPC_RECONNECT_MAX_S", "0.25")
 os.environ.setdefault("HEARTH_HEALTH_CHECK_INTERVAL_S", "0.5")
+# A consent answer is reused for HEARTH_CONSENT_CACHE_S (5 s in production): the tests that
+# withdraw or give consent back and wait until every service enforces it (the bound they
+# assert is this setting) waited up to 5 s each; here 1 s.
+os.environ.setdefault("HEARTH_CONSENT_CACHE_S", "1")
+
+# The processes a run starts (five a mesh, every restart, the CLI runs) import the project's
+# modules from source. Where PYTHONDONTWRITEBYTECODE is set (so nothing is written into the
+# checkout) no .pyc is ever kept, and each of them compiled its ~70-130 modules again: about
+# 0.06-0.08 CPU-s of a service's 0.35-0.55 s of imports, 0.3-0.5 CPU-s a mesh
+# (docs/benchmarks.md, "Session 23"). They keep their bytecode in a directory of this run
+# instead (PYTHONPYCACHEPREFIX: still nothing in the checkout), removed when the run ends.
+# The test process itself is unchanged (it imports each module once).
+if os.environ.get("PYTHONDONTWRITEBYTECODE") and not os.environ.get("PYTHONPYCACHEPREFIX"):
+    _BYTECODE_DIR = tempfile.mkdtemp(prefix="hearth-test-bytecode-")
+    os.environ["PYTHONPYCACHEPREFIX"] = _BYTECODE_DIR
+    del os.environ["PYTHONDONTWRITEBYTECODE"]
+    atexit.register(shutil.rmtree, _BYTECODE_DIR, True)
+
+
+def _tmpfs(path: str, free_bytes: int) -> bool:
+    """Whether ``path`` is a mount point of a tmpfs we may write with ``free_bytes`` free."""
+    try:
+        mounts = [line.split() for line in open("/proc/mounts", encoding="utf-8")]
+        stat = os.statvfs(path)
+    except OSError:
+        return False
+    return (any(m[1] == path and m[2] == "tmpfs" for m in mounts if len(m) > 2) and os.access(path, os.W_OK)
+            and stat.f_bavail * stat.f_frsize >= free_bytes)
+
+
+# pytest's tmp_path directories (every SQLite database of the in-process servers, every
+# mesh's data directory, logs and outboxes) on tmpfs where the machine has one: the services
+# commit SQLite with synchronous=FULL, an fsync per commit, 1.7 ms each on this machine's
+# disk (ext4 mounted with discard) and ~0.01 ms on tmpfs; thousands of commits a run
+# (docs/benchmarks.md, "Session 23"). Nothing a test asserts depends on the disk: no test can
+# cut the power, and a killed process loses no acknowledged write on either. pytest keeps the
+# directories of its last three runs (tmp_path_retention_count), a few tens of MB each. The
+# PostgreSQL clusters stay where they were (tempfile's directory): a run killed before its
+# teardown leaves its cluster behind, and on tmpfs it would hold its ~270 MB of RAM.
+# PYTEST_DEBUG_TEMPROOT or --basetemp set by the caller win.
+TMP_PATH_ON_TMPFS = "PYTEST_DEBUG_TEMPROOT" not in os.environ and _tmpfs("/dev/shm", 2 * 1024**3)
+if TMP_PATH_ON_TMPFS:
+    os.environ["PYTEST_DEBUG_TEMPROOT"] = "/dev/shm"
 
 
 @pytest.fixture(scope="session")

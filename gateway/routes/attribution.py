@@ -53,6 +53,8 @@ class ConversionsIn(Strict):
 class RecordedOut(BaseModel):
     accepted: int
     duplicates: int
+    rejected_expired: int = Field(0, description="older than the retention window (HEARTH_RETENTION_DAYS) while "
+                                                 "the retention purge is on: not stored (docs/privacy.md §7)")
 
 
 class PersonaIn(Strict):
@@ -173,7 +175,7 @@ def router(clients, access) -> APIRouter:
             ts=float_to_ts(t.ts.timestamp()), channel=t.channel, campaign=t.campaign,
             person_id=t.person_id or "") for t in body.touchpoints])
         r = await clients.call("attribution", "RecordTouchpoints", request, who)
-        return RecordedOut(accepted=r.accepted, duplicates=r.duplicates)
+        return RecordedOut(accepted=r.accepted, duplicates=r.duplicates, rejected_expired=r.rejected_expired)
 
     @api.post("/v1/conversions", response_model=RecordedOut,
               summary="Record conversions (idempotent by conversion_id)")
@@ -182,7 +184,7 @@ def router(clients, access) -> APIRouter:
             conversion_id=c.conversion_id, account_id=c.account_id, ts=float_to_ts(c.ts.timestamp()),
             kind=c.kind, value=c.value, device_id=c.device_id or "") for c in body.conversions])
         r = await clients.call("attribution", "RecordConversions", request, who)
-        return RecordedOut(accepted=r.accepted, duplicates=r.duplicates)
+        return RecordedOut(accepted=r.accepted, duplicates=r.duplicates, rejected_expired=r.rejected_expired)
 
     @api.post("/v1/attribution", response_model=AttributionOut,
               summary="Credit channels per household and per person (Markov, Shapley, hybrid, heuristics)")

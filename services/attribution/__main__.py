@@ -23,11 +23,12 @@ def build(settings):
     db = open_database(settings, NAME)
     # Sensitive columns encrypted with the household's data key from privacy (GetDataKey).
     cipher = FieldCipher.remote(settings.privacy_addr, NAME, timeout_s=settings.peer_timeout_s)
-    consent = ConsentChecker.remote(settings.privacy_addr, NAME, timeout_s=settings.peer_timeout_s)
+    consent = ConsentChecker.remote(settings.privacy_addr, NAME, timeout_s=settings.peer_timeout_s,
+                                    ttl_s=settings.consent_cache_s)
     store = AttributionStore(db, open_cache(settings, NAME), cipher=cipher)
     store.migrate()
     resolver = ClusteringResolver(settings.clustering_addr, settings.peer_timeout_s)
-    app = AttributionApp(store, resolver, consent)
+    app = AttributionApp(store, resolver, consent, retention_s=settings.retention_s)
     servicer = AttributionServicer(app)
     return ([(pb_grpc.add_AttributionServiceServicer_to_server, servicer, SERVICE_NAME),
              data_holder(NAME, app)],

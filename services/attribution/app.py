@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 import re
 from dataclasses import dataclass, field
 
@@ -144,8 +145,12 @@ PURPOSES_NEEDED = ("processing", "attribution")
 
 class AttributionApp:
     def __init__(self, store: AttributionStore, resolver: PersonResolver | None = None,
-                 consent: ConsentChecker | None = None) -> None:
+                 consent: ConsentChecker | None = None, *, retention_s: float | None = None) -> None:
         self.store = store
+        # Touchpoints and conversions older than now - retention_s are refused at ingest
+        # (rejected_expired): privacy's retention purge would erase them at its next check
+        # (docs/privacy.md §7). None: nothing refused for its age (the purge off).
+        self.retention_s = retention_s
         self.resolver = resolver or NoResolver()
         # Consent (privacy service): processing AND attribution must be given; None = not
         # enforced (unit tests). Checked after validation, before anything is stored.
@@ -155,15 +160,26 @@ class AttributionApp:
         if self.consent is not None:
             self.consent.require(account_ids, PURPOSES_NEEDED)
 
-    def record_touchpoints(self, items: list[Touchpoint]) -> tuple[int, int]:
+    def _unexpired(self, items: list) -> tuple[list, int]:
+        if self.retention_s is None:
+            return items, 0
+        horizon = time.time() - self.retention_s
+        kept = [x for x in items if x.ts >= horizon]
+        return kept, len(items) - len(kept)
+
+    def record_touchpoints(self, items: list[Touchpoint]) -> tuple[int, int, int]:
+        """(accepted, duplicates, rejected_expired)."""
         items = validate_touchpoints(items)
         self._require_consent(t.account_id for t in items)
-        return self.store.record_touchpoints(items)
+        items, expired = self._unexpired(items)
+        return (*self.store.record_touchpoints(items), expired) if items else (0, 0, expired)
 
-    def record_conversions(self, items: list[Conversion]) -> tuple[int, int]:
+    def record_conversions(self, items: list[Conversion]) -> tuple[int, int, int]:
+        """(accepted, duplicates, rejected_expired)."""
         items = validate_conversions(items)
         self._require_consent(c.account_id for c in items)
-        return self.store.record_conversions(items)
+        items, expired = self._unexpired(items)
+        return (*self.store.record_conversions(items), expired) if items else (0, 0, expired)
 
     def export_account(self, account_id: str) -> dict:
         """DataHolder.ExportAccount (services/common/erasure.py validates the id)."""

@@ -104,16 +104,16 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
                             ts_to_float(t, "ts", f"touchpoints[{i}].ts"), t.channel, t.campaign,
                             t.person_id or None)
                  for i, t in enumerate(request.touchpoints)]
-        accepted, duplicates = self.app.record_touchpoints(items)
-        return pb.RecordTouchpointsResponse(accepted=accepted, duplicates=duplicates)
+        accepted, duplicates, expired = self.app.record_touchpoints(items)
+        return pb.RecordTouchpointsResponse(accepted=accepted, duplicates=duplicates, rejected_expired=expired)
 
     def RecordConversions(self, request, context) -> pb.RecordConversionsResponse:
         items = [Conversion(c.conversion_id, c.account_id,
                             ts_to_float(c, "ts", f"conversions[{i}].ts"), c.kind, c.value,
                             c.device_id or None)
                  for i, c in enumerate(request.conversions)]
-        accepted, duplicates = self.app.record_conversions(items)
-        return pb.RecordConversionsResponse(accepted=accepted, duplicates=duplicates)
+        accepted, duplicates, expired = self.app.record_conversions(items)
+        return pb.RecordConversionsResponse(accepted=accepted, duplicates=duplicates, rejected_expired=expired)
 
     def Attribute(self, request, context) -> pb.AttributeResponse:
         outcome = self.app.attribute(query_from_pb(request), caller=identity.current_principal())

@@ -74,7 +74,8 @@ def build(settings):
     # Sensitive fields encrypted with the household's data key from privacy (GetDataKey);
     # consent checked with privacy's GetConsent (cached a few seconds).
     cipher = FieldCipher.remote(settings.privacy_addr, NAME, timeout_s=settings.peer_timeout_s)
-    consent = ConsentChecker.remote(settings.privacy_addr, NAME, timeout_s=settings.peer_timeout_s)
+    consent = ConsentChecker.remote(settings.privacy_addr, NAME, timeout_s=settings.peer_timeout_s,
+                                    ttl_s=settings.consent_cache_s)
     try:
         vocabulary = GenreVocabulary.parse(settings.genre_aliases,
                                            unknown="other" if settings.unknown_genres == "other" else "hash")

@@ -255,6 +255,12 @@ class ServiceSettings(MeshSettings):
     privacy_addr: str = "127.0.0.1:50053"
     feedback_addr: str = "127.0.0.1:50054"
     peer_timeout_s: float = 5.0
+    # How long a consent answer from privacy is reused (consent.py): a withdrawal is in
+    # force in every replica at most this long after SetConsent returned (docs/privacy.md §8).
+    consent_cache_s: float = 5.0
+    # A gRPC reflection stream (grpcurl list / describe: well under a second) is cancelled
+    # after this: it holds one of the service's workers while open (server.py).
+    reflection_stream_s: float = 10.0
 
     @field_validator("grpc_port", "metrics_port", "health_port")
     @classmethod
@@ -268,6 +274,22 @@ class ServiceSettings(MeshSettings):
     def _positive(cls, value: float) -> float:
         if value <= 0:
             raise ValueError("must be > 0")
+        return value
+
+    @field_validator("reflection_stream_s")
+    @classmethod
+    def _reflection_stream(cls, value: float) -> float:
+        if not 0 < value <= 600:
+            raise ValueError("must be seconds in (0, 600]")
+        return value
+
+    @field_validator("consent_cache_s")
+    @classmethod
+    def _consent_cache(cls, value: float) -> float:
+        # At most the 300 s a cached answer serves while privacy is unreachable
+        # (consent.DEFAULT_STALE_TTL_S; not imported here: config imports no gRPC).
+        if not 0 <= value <= 300:
+            raise ValueError("must be seconds in [0, 300]")
         return value
 
     @field_validator("trace_export")

@@ -39,7 +39,7 @@ _OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 _REFLECTION = "/grpc.reflection."
 
 # Reflection streams are bounded: at most REFLECTION_STREAMS at once per process, each
-# cancelled after REFLECTION_STREAM_S. A reflection stream is a bidirectional stream whose
+# cancelled after REFLECTION_STREAM_S (HEARTH_REFLECTION_STREAM_S since session 23). A reflection stream is a bidirectional stream whose
 # handler holds one of the service's worker threads while it waits for the client's next
 # request, and it needs no principal: until session 21 an anonymous client that opened
 # sixteen streams and sent nothing held every worker (HEARTH_MAX_WORKERS) for as long as
@@ -50,12 +50,13 @@ REFLECTION_STREAMS = 2
 REFLECTION_STREAM_S = 10.0
 
 
-def _bounded_reflection(handler: grpc.RpcMethodHandler, slots: threading.BoundedSemaphore) -> grpc.RpcMethodHandler:
+def _bounded_reflection(handler: grpc.RpcMethodHandler, slots: threading.BoundedSemaphore,
+                        stream_s: float = REFLECTION_STREAM_S) -> grpc.RpcMethodHandler:
     def serve(request_iterator, context):
         if not slots.acquire(blocking=False):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"at most {REFLECTION_STREAMS} reflection streams at once; retry shortly")
-        timer = threading.Timer(REFLECTION_STREAM_S, context.cancel)
+        timer = threading.Timer(stream_s, context.cancel)
         timer.daemon = True
         timer.start()
         try:
@@ -265,8 +266,10 @@ class HearthInterceptor(grpc.ServerInterceptor):
     One class rather than four because the order is part of the contract and the
     streaming cases need the same generator wrapping for each concern."""
 
-    def __init__(self, service: str, drain: Drain | None = None) -> None:
+    def __init__(self, service: str, drain: Drain | None = None,
+                 reflection_stream_s: float = REFLECTION_STREAM_S) -> None:
         self._service = service
+        self._reflection_stream_s = reflection_stream_s
         self._tracer = telemetry.tracer("hearth.grpc")
         self._drain = drain or Drain()
         # grpcio calls intercept_service for every RPC. The wrapped handler depends only
@@ -283,7 +286,8 @@ class HearthInterceptor(grpc.ServerInterceptor):
         if handler is not None and method.startswith(_REFLECTION) and handler.stream_stream is not None:
             cached = self._wrapped.get(method)
             if cached is None or cached[0] is not handler:
-                cached = self._wrapped[method] = (handler, _bounded_reflection(handler, self._reflection_slots))
+                cached = self._wrapped[method] = (handler, _bounded_reflection(handler, self._reflection_slots,
+                                                                        self._reflection_stream_s))
             return cached[1]
         if method.startswith(_OPEN_SERVICES) or handler is None:
             return handler
@@ -532,15 +536,17 @@ class RunningServer:
 
 def build_server(service: str, register: Callable[[grpc.Server], Iterable[str]], *,
                  host: str = "127.0.0.1", port: int = 0, max_workers: int = 16,
-                 credentials: grpc.ServerCredentials | None = None) -> RunningServer:
+                 credentials: grpc.ServerCredentials | None = None,
+                 reflection_stream_s: float = REFLECTION_STREAM_S) -> RunningServer:
     """Create and start a server: ``register(server)`` adds the servicers and returns
-    their full service names (for health and reflection). ``port=0`` picks a free port."""
+    their full service names (for health and reflection). ``port=0`` picks a free port.
+    A reflection stream is cancelled after ``reflection_stream_s``."""
     drain = Drain()
     telemetry.RPC_IN_FLIGHT.labels(service).set_function(lambda: drain.running)
     pool = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"{service}-rpc")
     server = grpc.server(
         pool,
-        interceptors=[HearthInterceptor(service, drain)],
+        interceptors=[HearthInterceptor(service, drain, reflection_stream_s)],
         # Requests up to HEARTH_GRPC_MAX_MESSAGE_BYTES (16 MiB; a larger one is
         # RESOURCE_EXHAUSTED from the core), responses — a household's export — up to 64 MiB.
         options=[("grpc.max_receive_message_length", tls.max_message_bytes()),
@@ -618,7 +624,8 @@ def serve(service: str, register: Callable[[grpc.Server], Iterable[str]], settin
     material = tls.current_material()
     running = build_server(service, register, host=settings.host,
                            port=settings.resolved_grpc_port, max_workers=settings.max_workers,
-                           credentials=tls.server_credentials(material) if material else None)
+                           credentials=tls.server_credentials(material) if material else None,
+                           reflection_stream_s=settings.reflection_stream_s)
     if settings.health_port:
         running.on_stop.append(serve_health_only(running.health, settings.host, settings.health_port, running.pool))
     running.on_stop.extend(on_stop)

@@ -33,7 +33,8 @@ def build(settings):
     auditor = PrivacyFlagAuditor(settings.privacy_addr, settings.feedback_audit_timeout_s)
     # Feedback on a prediction needs the account's processing consent (privacy's GetConsent,
     # cached a few seconds), as ingest and assignment do.
-    consent = ConsentChecker.remote(settings.privacy_addr, NAME, timeout_s=settings.peer_timeout_s)
+    consent = ConsentChecker.remote(settings.privacy_addr, NAME, timeout_s=settings.peer_timeout_s,
+                                    ttl_s=settings.consent_cache_s)
     app = FeedbackApp(store, policy_from(settings), refits=refits, auditor=auditor, consent=consent)
     app.start_periodic(settings.feedback_check_interval_s)
     servicer = FeedbackServicer(app.intake, app.calibration, app.experiments)

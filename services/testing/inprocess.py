@@ -34,7 +34,8 @@ def serve_service(name: str, settings: Any, port: int = 0) -> tuple[RunningServe
             add(servicer, server)
         return [full for _, _, full in servicers]
 
-    running = build_server(name, register, port=port, max_workers=16)
+    running = build_server(name, register, port=port, max_workers=16,
+                           reflection_stream_s=settings.reflection_stream_s)
     running.on_stop.extend(closers)
     return running, servicers
 

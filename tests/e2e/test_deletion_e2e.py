@@ -260,7 +260,8 @@ def test_a_batch_sent_again_after_its_device_was_erased_does_not_bring_the_devic
     replay = client.post("/v1/events", json=batch)
     assert replay.status_code == 200, replay.text
     assert (replay.json()["accepted"], replay.json()["duplicates"]) == (0, 40), replay.json()
-    assert client.post("/v1/touchpoints", json=touchpoints).json() == {"accepted": 0, "duplicates": 2}
+    assert client.post("/v1/touchpoints", json=touchpoints).json() == {"accepted": 0, "duplicates": 2,
+                                                                         "rejected_expired": 0}
     export = client.get(f"/v1/household/{acct}/export")
     assert export.status_code == 200
     held = export.json()["services"]

@@ -85,7 +85,8 @@ def test_feedback_needs_the_accounts_processing_consent(client, mesh):
     assert export.status_code == 200 and export.json()["services"]["feedback"]["feedback"] == []
 
     assert client.put(f"/v1/consent/{account}", json={"processing": True, "attribution": True}).status_code == 200
-    # Consent answers are cached up to 5 s per service (docs/privacy.md, "Consent").
+    # Consent answers are cached up to HEARTH_CONSENT_CACHE_S per service (docs/privacy.md, "Consent";
+    # 5 s in production, 1 s in the tests' meshes).
     accepted = wait_for(lambda: (r := client.post("/v1/feedback", json=body)).status_code == 200 and r,
                         what="feedback accepted again once consent is given")
     assert accepted.json() == {"duplicate": False, "weight": 1.0}

@@ -56,3 +56,25 @@ def test_event_older_than_retention_is_rejected_expired_and_a_recent_one_stays(r
         openapi = client.get("/openapi.json")
         assert openapi.status_code == 200, openapi.text
         assert "rejected_expired" in openapi.json()["components"]["schemas"]["IngestOut"]["properties"]
+
+
+def test_touchpoints_and_conversions_older_than_retention_are_rejected_expired(rmesh):
+    """chaos23: attribution accepted a touchpoint or conversion far older than the window
+    (`{"accepted": 2}` for one 200 days old and one recent) and kept it until the next check
+    erased it, with no sign to the client. Now it refuses it as clustering does events."""
+    account = f"ret-{uuid.uuid4().hex[:8]}"
+    now = time.time()
+    iso = lambda ts: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))   # noqa: E731
+    with httpx.Client(base_url=rmesh.url, headers={"X-API-Key": rmesh.api_key}, timeout=30) as client:
+        r = client.post("/v1/touchpoints", json={"touchpoints": [
+            {"touchpoint_id": f"{account}-{i}", "account_id": account, "device_id": "tv-1", "ts": iso(ts),
+             "channel": "email", "campaign": "c"} for i, ts in enumerate((now - 200 * DAY, now - DAY))]})
+        assert r.status_code == 200, r.text
+        assert r.json() == {"accepted": 1, "duplicates": 0, "rejected_expired": 1}
+        r = client.post("/v1/conversions", json={"conversions": [
+            {"conversion_id": f"{account}-c", "account_id": account, "ts": iso(now - 200 * DAY), "kind": "purchase",
+             "value": 1.0}]})
+        assert r.status_code == 200, r.text
+        assert r.json() == {"accepted": 0, "duplicates": 0, "rejected_expired": 1}
+        held = client.get(f"/v1/household/{account}/export").json()["services"]["attribution"]
+        assert [t["touchpoint_id"] for t in held["touchpoints"]] == [f"{account}-1"] and held["conversions"] == []

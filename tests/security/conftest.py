@@ -26,6 +26,7 @@ MAX_BODY = 256 * 1024
 # One token every 4 s: slow enough that a burst is measured deterministically on a loaded
 # 2-core machine, fast enough that recovery takes seconds.
 LIMIT_PER_S, LIMIT_BURST = 0.25, 3
+REFLECTION_STREAM_S = 4.0
 
 
 @dataclass
@@ -87,6 +88,9 @@ def security_mesh(tmp_path_factory, redis_url):
         # One costly attribution in flight per principal (the default is 2): the in-flight
         # test then needs one costly request, not two (tests/security/test_costly_requests.py).
         "HEARTH_IN_FLIGHT_LIMITS": json.dumps({"POST /v1/attribution": 1}),
+        # Idle reflection streams are cancelled after 4 s (10 s by default): the test that
+        # holds two waits for them to end by themselves (tests/security/test_costly_requests.py).
+        "HEARTH_REFLECTION_STREAM_S": str(REFLECTION_STREAM_S),
     }
     mesh = Mesh.on_free_ports(base / "var", log_dir=base / "logs", extra_env=env)
     mesh.start()

@@ -97,8 +97,8 @@ def test_idle_reflection_streams_without_credentials_hold_no_more_than_two_worke
     clustering's port and sent nothing held all sixteen workers: the gateway's household
     reads waited out their 10 s deadline (504), for as long as the streams stayed open.
     Now a process serves at most two reflection streams at once (the rest are
-    RESOURCE_EXHAUSTED at once), each cancelled after
-    ``services.common.server.REFLECTION_STREAM_S`` (10 s)."""
+    RESOURCE_EXHAUSTED at once), each cancelled after HEARTH_REFLECTION_STREAM_S (10 s by
+    default; this mesh: 4 s, ``tests/security/conftest.py``)."""
     from grpc_reflection.v1alpha import reflection_pb2_grpc
 
     release = threading.Event()
@@ -205,7 +205,7 @@ def _metric(port: int, name: str, **labels: str) -> float:
 def withdrawn_account(security_mesh) -> str:
     """An account with touchpoints and a conversion whose attribution consent is then
     withdrawn. Requested first by the in-flight test, so that the attribution service's
-    consent answer (cached 5 s when the touchpoints were recorded) has expired by the time
+    consent answer (cached HEARTH_CONSENT_CACHE_S when the touchpoints were recorded) has expired by the time
     the consent-oracle test needs the withdrawal in force."""
     now = time.time()
     with security_mesh.client(Role.ADMIN) as admin, security_mesh.client(Role.PRIVACY_OFFICER) as officer:
@@ -276,7 +276,7 @@ def test_an_analyst_cannot_tell_a_withdrawn_account_from_one_never_seen(security
     the same status and the same body, alone or pooled with another account — and the
     admin (read_consent) still gets the 412 naming it."""
     with security_mesh.client(Role.ADMIN) as admin:
-        # In force within the 5 s consent cache (recorded before the in-flight test).
+        # In force within the consent cache's HEARTH_CONSENT_CACHE_S (recorded before the in-flight test).
         wait_for(lambda: admin.post("/v1/attribution", json={"account_ids": [withdrawn_account]}).status_code == 412,
                  timeout_s=15, what="the withdrawal to be in force")
         refused = admin.post("/v1/attribution", json={"account_ids": ["sec-oracle-kept", withdrawn_account]})

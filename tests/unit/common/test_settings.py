@@ -171,3 +171,24 @@ def test_the_grpc_message_limit_is_a_mesh_setting_the_gateways_body_limit_must_f
                        grpc_max_message_bytes=32 * 1024 * 1024).grpc_max_message_bytes == 32 * 1024 * 1024
     with pytest.raises(config.ConfigError, match="HEARTH_GRPC_MAX_MESSAGE_BYTES"):
         config.load(ClusteringSettings, service_name="clustering", grpc_max_message_bytes=1000)
+
+
+def test_the_consent_cache_is_a_setting_of_every_service_within_the_stale_bound(monkeypatch):
+    """HEARTH_CONSENT_CACHE_S (session 23): how long clustering, attribution and feedback
+    reuse a consent answer, 5 s by default (the bound docs/privacy.md §8 states); at most
+    the 300 s an answer serves while privacy is unreachable. The services' checkers are
+    built with it (tests/e2e/test_attribution_http.py holds a withdrawal to it)."""
+    from services.common import consent
+
+    monkeypatch.delenv("HEARTH_CONSENT_CACHE_S", raising=False)
+    for cls in (ClusteringSettings, AttributionSettings, FeedbackSettings):
+        assert cls().consent_cache_s == consent.DEFAULT_TTL_S == 5.0
+    monkeypatch.setenv("HEARTH_CONSENT_CACHE_S", "0.5")
+    assert FeedbackSettings().consent_cache_s == 0.5
+    assert config.load(AttributionSettings, service_name="attribution", consent_cache_s=300).consent_cache_s == 300
+    for bad in (-1, consent.DEFAULT_STALE_TTL_S + 1):
+        with pytest.raises(config.ConfigError, match="HEARTH_CONSENT_CACHE_S"):
+            config.load(ClusteringSettings, service_name="clustering", consent_cache_s=bad)
+    for service in ("clustering", "attribution", "feedback"):
+        source = (ROOT / "services" / service / "__main__.py").read_text()
+        assert "ttl_s=settings.consent_cache_s" in source, service
