@@ -109,6 +109,13 @@ RETENTION_REASON = "retention"
 # after the drain (terminationGracePeriodSeconds = preStop 5 + grace 10 + margin 5).
 CLOSE_TIMEOUT_S = 2.0
 _LOST = -1.0   # a lease token no claim writes: the heartbeat found the lease taken
+# A stored time (a job's next attempt, a lease's end) further ahead of this replica's clock
+# than it could have written — its longest backoff or lease — plus this margin was written
+# by a clock stepped forward (or by a replica whose clock is ahead): the job is due and the
+# lease free now. Until session 24 a job retried while privacy's clock was a year ahead
+# waited that year after the clock was put right (docs/operations.md, "Clock steps").
+FUTURE_MARGIN_S = 3600.0
+
 _FATAL_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
                           grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE})
 
@@ -210,7 +217,13 @@ class DeletionCoordinator:
         self._advancing_lock = threading.Lock()
         self._heartbeat_thread: threading.Thread | None = None
         self._closed = threading.Event()
-        self._next_retention = 0.0
+        # The check period (retention_scope) last purged by this process: a purge is asked
+        # for whenever the period differs, so a clock stepped back does not stop the purge
+        # until it reaches the period it had stepped to (session 24: a year).
+        self._retention_period: int | None = None
+        # A stored time later than now + this is a clock step's (FUTURE_MARGIN_S).
+        self.future_bound_s = max(lease_s, policy.max_delay.total_seconds() * (1.0 + policy.jitter)) \
+            + FUTURE_MARGIN_S
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -317,7 +330,7 @@ class DeletionCoordinator:
         they are done (tests, tools). Returns the number of jobs claimed."""
         now = time.time()
         futures = []
-        for job_id in self.jobs.due(now):
+        for job_id in self.jobs.due(now, future_bound_s=self.future_bound_s):
             if self._stop.is_set():
                 break
             with self._advancing_lock:
@@ -327,7 +340,7 @@ class DeletionCoordinator:
                 # same Erase from two, three, four passes of one process at once.
                 if job_id in self._advancing_ids:
                     continue
-            lease = self.jobs.claim(job_id, now, self.lease_s)
+            lease = self.jobs.claim(job_id, now, self.lease_s, future_bound_s=self.future_bound_s)
             if lease is not None:
                 with self._lease_lock:
                     self._leases[job_id] = lease
@@ -487,7 +500,10 @@ class DeletionCoordinator:
                 receipt_json = None
                 try:
                     result, counts, already = self._erase(service, job)
-                    job = confirm_service(job, service, result, self._clock())
+                    # Never before the request: a receipt whose completion precedes it does
+                    # not verify (receipts.py), and a job requested by a replica whose clock
+                    # is ahead, or completed after a step back, failed its every attempt.
+                    job = confirm_service(job, service, result, max(self._clock(), job.requested_at))
                     erasures[service] = {"deleted_counts": counts, "already_erased": already}
                     if job.state is JobState.COMPLETED:
                         receipt = build_receipt(job, f"r-{job.job_id}", self.key_id)
@@ -528,7 +544,7 @@ class DeletionCoordinator:
         return ()
 
     def _runnable(self, job: DeletionJob) -> list[str]:
-        due = set(due_services(job, self._clock()))
+        due = set(due_services(job, self._clock(), timedelta(seconds=self.future_bound_s)))
         return [s for s in self._stage(job) if s in due]
 
     def _next_due(self, job: DeletionJob) -> datetime | None:
@@ -585,11 +601,11 @@ class DeletionCoordinator:
         if self.retention_check_s <= 0:
             return None
         now = time.time() if now is None else now
-        if now < self._next_retention:
+        if int(now // self.retention_check_s) == self._retention_period:
             return None
         scope, request_id = self.retention_scope(now)
         stored = self.request(scope, request_id, RETENTION_REASON, identity.service_principal("privacy"))
-        self._next_retention = (int(now // self.retention_check_s) + 1) * self.retention_check_s
+        self._retention_period = int(now // self.retention_check_s)
         return stored
 
     # ---- audit ---------------------------------------------------------------------------
