@@ -2,6 +2,9 @@
 privacy replica's wall clock stepped forward or back, or one replica's clock behind
 another's. Each test failed before session 24:
 
+* a clock stepped forward (a year: the whole host, every process at once, so the service
+  tokens did not stop it) made the next retention purge erase every household's data in a
+  second; now a purge's end advances at most a day past the previous purge's;
 * the retention purge, asked for once per check period, was not asked for again after a
   step back until the clock reached the period it had stepped to (a year: no purge);
 * a job retried while the clock was a year ahead (and a lease taken then) waited that year
@@ -26,6 +29,8 @@ from services.common.identity import Principal
 from services.common.ids import Role
 from services.common.storage.sql import SqliteDatabase
 from services.privacy.consent.store import ConsentStore
+from prometheus_client import REGISTRY
+
 from services.privacy.deletion.app import DeletionCoordinator
 from services.privacy.deletion.domain import JobState, ServiceStatus
 from services.privacy.deletion.store import DeletionJobStore
@@ -113,3 +118,27 @@ def test_a_job_completed_by_a_replica_whose_clock_is_behind_gets_a_receipt_that_
     finally:
         requester.close(1.0)
         behind.close(1.0)
+
+
+def test_a_clock_stepped_a_year_ahead_purges_at_most_a_day_past_the_previous_purge(tmp_path):
+    coordinator = DeletionCoordinator(_store(tmp_path), _Peers(), None, Ed25519PrivateKey.generate(),
+                                      retention_check_s=3600.0, retention_days=90.0)
+    held = lambda: REGISTRY.get_sample_value("hearth_retention_purges_held_back_total") or 0.0   # noqa: E731
+    try:
+        now = 1_800_000_000.0
+        first = coordinator.maybe_request_retention(now).job.scope.end
+        assert first == (now // 3600) * 3600 - 90 * DAY
+        later = coordinator.maybe_request_retention(now + 20 * 3600).job.scope.end   # under a day: as asked
+        assert later == first + 20 * 3600
+        before = held()
+        stepped = coordinator.maybe_request_retention(now + 400 * DAY)
+        assert stepped.job.scope.end == later + DAY, "the year's step erased everything older than 310 days ahead"
+        assert stepped.request_id.startswith(f"retention:{int((now + 400 * DAY) // 3600)}:")
+        assert held() == before + 1
+        # Still stepped an hour later: another day, no more.
+        assert coordinator.maybe_request_retention(now + 400 * DAY + 3600).job.scope.end == later + 2 * DAY
+        # Put right: the purge asks for its own period again, nothing held back.
+        right = coordinator.maybe_request_retention(now + 21 * 3600)
+        assert right.job.scope.end == first + 21 * 3600 and held() == before + 2
+    finally:
+        coordinator.close(1.0)

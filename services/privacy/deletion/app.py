@@ -34,7 +34,10 @@ service, this one included:
 Retention: every ``HEARTH_RETENTION_CHECK_S`` a job with scope ``window`` over account
 ``"*"`` (every account; only this service's own principal may ask for it) ending at
 ``now - HEARTH_RETENTION_DAYS`` goes through the same path. Its request id is derived
-from the check period, so replicas asking at once share one job.
+from the check period, so replicas asking at once share one job. Its end advances at most
+``RETENTION_MAX_ADVANCE_S`` (a day) past the newest earlier purge's: a clock stepped a
+year forward erased every household's data in a second until session 24; now a day's
+(docs/operations.md, "Clock steps").
 """
 
 from __future__ import annotations
@@ -77,6 +80,13 @@ JOBS_FINISHED = Counter("hearth_deletion_jobs_finished_total", "Deletion jobs th
                         ["state"])
 for _state in ("completed", "failed"):
     JOBS_FINISHED.labels(_state)
+RETENTION_HELD_BACK = Counter(
+    "hearth_retention_purges_held_back_total",
+    "Retention purges whose end was held back to a day past the previous purge's (a clock stepped forward, "
+    "a lowered HEARTH_RETENTION_DAYS, or privacy stopped for over a day)")
+# The most a retention purge's end may advance past the newest earlier purge's (see the
+# module docstring): the purge catches up a day per check period after a longer gap.
+RETENTION_MAX_ADVANCE_S = 86400.0
 OLDEST_OPEN_JOB_AGE = Gauge("hearth_deletion_oldest_open_job_age_seconds",
                             "Age of the oldest deletion job not yet completed or failed (0: none)")
 
@@ -176,6 +186,7 @@ class DeletionCoordinator:
                  signing_key: Ed25519PrivateKey, *, policy: RetryPolicy = RetryPolicy(),
                  lease_s: float = 10.0, erase_timeout_s: float = 60.0, poll_s: float = 1.0, workers: int = 4,
                  retention_days: float = 90.0, retention_check_s: float = 0.0,
+                 retention_max_advance_s: float = RETENTION_MAX_ADVANCE_S,
                  on_local_erase: Callable[[ErasureScope], Mapping[str, Any] | None] | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.jobs = jobs
@@ -193,6 +204,7 @@ class DeletionCoordinator:
         self.poll_s = poll_s
         self.retention_days = retention_days
         self.retention_check_s = retention_check_s
+        self.retention_max_advance_s = retention_max_advance_s
         self._on_local_erase = on_local_erase
         self._clock = clock
         self._wake = threading.Event()
@@ -604,6 +616,19 @@ class DeletionCoordinator:
         if int(now // self.retention_check_s) == self._retention_period:
             return None
         scope, request_id = self.retention_scope(now)
+        previous = self.jobs.last_retention_end(RETENTION_REASON)
+        if previous is not None and scope.end > previous + self.retention_max_advance_s:
+            # A purge never erases more than a day's data past the previous one's: the
+            # clock may have stepped forward (a year's step erased everything at once).
+            held = previous + self.retention_max_advance_s
+            RETENTION_HELD_BACK.inc()
+            log.error("retention purge held back: this replica's clock (%s) would erase everything older than %s, "
+                      "%.1f days past the previous purge's end; erasing up to %s only. If the clock is right "
+                      "(privacy was stopped, or HEARTH_RETENTION_DAYS lowered) the purge catches up a day per "
+                      "check; if not, set the clock right", format_ts(datetime.fromtimestamp(now, UTC)),
+                      format_ts(datetime.fromtimestamp(scope.end, UTC)), (scope.end - previous) / 86400.0,
+                      format_ts(datetime.fromtimestamp(held, UTC)))
+            scope, request_id = ErasureScope(ALL_ACCOUNTS, "window", end=held), f"{request_id}:to:{int(held)}"
         stored = self.request(scope, request_id, RETENTION_REASON, identity.service_principal("privacy"))
         self._retention_period = int(now // self.retention_check_s)
         return stored

@@ -163,6 +163,15 @@ class DeletionJobStore:
             return tx.execute("UPDATE deletion_jobs SET lease_until = 0 WHERE job_id = ? AND lease_until = ?",
                               (job_id, held)) == 1
 
+    def last_retention_end(self, reason: str, newest: int = 24) -> float | None:
+        """The latest end among the newest ``newest`` retention purges (account "*",
+        ``reason``) that did not fail: how far the purge has erased (None: never)."""
+        with self.db.transaction() as tx:
+            rows = tx.query("SELECT job_json FROM deletion_jobs WHERE account_id = '*' AND reason = ? "
+                            "AND state <> 'failed' ORDER BY created_at DESC LIMIT ?", (reason, newest))
+        ends = [job_from_dict(json.loads(r[0])).scope.end for r in rows]
+        return max((e for e in ends if e is not None), default=None)
+
     def for_account(self, account_id: str) -> list[StoredJob]:
         with self.db.transaction() as tx:
             ids = [r[0] for r in tx.query("SELECT job_id FROM deletion_jobs WHERE account_id = ? "
