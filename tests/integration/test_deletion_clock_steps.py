@@ -142,3 +142,25 @@ def test_a_clock_stepped_a_year_ahead_purges_at_most_a_day_past_the_previous_pur
         assert right.job.scope.end == first + 21 * 3600 and held() == before + 2
     finally:
         coordinator.close(1.0)
+
+
+def test_a_holder_whose_clock_stepped_back_learns_another_replica_took_its_job(tmp_path):
+    """A lease claimed while the holder's clock was a year ahead: another replica takes the
+    job (a lease that far ahead is a clock step's), and the holder, its clock put right,
+    finds at its next renewal that the lease is no longer its own. Before, its renewal
+    kept the year-ahead lease without asking the database, so its pass went on beside
+    the other's."""
+    jobs = _store(tmp_path)
+    coordinator = DeletionCoordinator(jobs, _Peers(), None, Ed25519PrivateKey.generate())
+    try:
+        taken_id, kept_id = (coordinator.request(ErasureScope(a, "household"), principal=OFFICER).job.job_id
+                             for a in ("acct-t", "acct-k"))
+        now = time.time()
+        ahead = jobs.claim(taken_id, now + 400 * DAY, 10.0)
+        assert jobs.claim(taken_id, now, 10.0, future_bound_s=coordinator.future_bound_s) is not None
+        assert jobs.renew(taken_id, ahead, now + 1, 10.0) is None
+        # Not taken: the renewal brings the lease back to now + lease.
+        mine = jobs.claim(kept_id, now + 400 * DAY, 10.0)
+        assert jobs.renew(kept_id, mine, now + 1, 10.0) == now + 11
+    finally:
+        coordinator.close(1.0)

@@ -142,7 +142,13 @@ class DeletionJobStore:
         """The lease ``held`` (a claim's or a renewal's token) renewed from now; None when
         it is no longer this holder's (it ran out and another replica claimed the job)."""
         until = max(now + lease_s, held)
-        if until == held:
+        if held > now + lease_s:
+            # Written while this replica's clock was ahead (a step since put right): brought
+            # back to now + lease_s, and checked — another replica may have taken it (``due``
+            # treats a lease that far ahead as free). Until session 24 it was kept unchecked
+            # until the clock caught up, while the other replica's pass ran beside this one.
+            until = now + lease_s
+        elif until == held:
             return held
         with self.db.transaction() as tx:
             kept = tx.execute("UPDATE deletion_jobs SET lease_until = ? WHERE job_id = ? AND lease_until = ?",
