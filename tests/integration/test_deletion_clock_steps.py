@@ -133,13 +133,20 @@ def test_a_clock_stepped_a_year_ahead_purges_at_most_a_day_past_the_previous_pur
         before = held()
         stepped = coordinator.maybe_request_retention(now + 400 * DAY)
         assert stepped.job.scope.end == later + DAY, "the year's step erased everything older than 310 days ahead"
-        assert stepped.request_id.startswith(f"retention:{int((now + 400 * DAY) // 3600)}:")
+        assert stepped.request_id == f"retention:{int((now + 400 * DAY) // 3600)}:held"
         assert held() == before + 1
+        # A second replica asking for the same period gets that purge, not one a day further.
+        replica = DeletionCoordinator(coordinator.jobs, _Peers(), None, Ed25519PrivateKey.generate(),
+                                      retention_check_s=3600.0, retention_days=90.0)
+        try:
+            assert replica.maybe_request_retention(now + 400 * DAY + 60).job.job_id == stepped.job.job_id
+        finally:
+            replica.close(1.0)
         # Still stepped an hour later: another day, no more.
         assert coordinator.maybe_request_retention(now + 400 * DAY + 3600).job.scope.end == later + 2 * DAY
         # Put right: the purge asks for its own period again, nothing held back.
         right = coordinator.maybe_request_retention(now + 21 * 3600)
-        assert right.job.scope.end == first + 21 * 3600 and held() == before + 2
+        assert right.job.scope.end == first + 21 * 3600 and held() == before + 3   # each replica's counts
     finally:
         coordinator.close(1.0)
 

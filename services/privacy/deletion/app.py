@@ -59,7 +59,7 @@ from prometheus_client import Counter, Gauge
 from hearth.common.v1 import common_pb2, common_pb2_grpc
 from services.common import audit, erasure, identity, telemetry
 from services.common.erasure import ALL_ACCOUNTS, ErasureScope, ids_digest
-from services.common.errors import InvalidArgument, PermissionDenied, Unavailable
+from services.common.errors import AlreadyExists, InvalidArgument, PermissionDenied, Unavailable
 from services.common.failure_log import FailureLog
 from services.privacy.audit.domain import format_ts
 from services.privacy.deletion.domain import (
@@ -634,8 +634,13 @@ class DeletionCoordinator:
                       "every check; if not, set the clock right", format_ts(datetime.fromtimestamp(now, UTC)),
                       format_ts(datetime.fromtimestamp(scope.end, UTC)), (scope.end - previous) / 86400.0,
                       format_ts(datetime.fromtimestamp(held, UTC)))
-            scope, request_id = ErasureScope(ALL_ACCOUNTS, "window", end=held), f"{request_id}:to:{int(held)}"
-        stored = self.request(scope, request_id, RETENTION_REASON, identity.service_principal("privacy"))
+            # One held-back purge a period: another replica asking for this period after
+            # this one's purge was stored computes a day further and gets this one's.
+            scope, request_id = ErasureScope(ALL_ACCOUNTS, "window", end=held), f"{request_id}:held"
+        try:
+            stored = self.request(scope, request_id, RETENTION_REASON, identity.service_principal("privacy"))
+        except AlreadyExists:
+            stored = self.jobs.by_request(request_id)
         self._retention_period = int(now // self.retention_check_s)
         return stored
 
