@@ -410,8 +410,9 @@ class ModelKeeper:
 
 def _sessions_digest(X: np.ndarray) -> str:
     """A digest of the feature vectors a drift state was computed from (shape and bytes):
-    the state is resumed only over the very same sessions (ModelKeeper._drift_detector). Kept in the sealed envelope
-    with the state; a 128-bit hash of float vectors reveals nothing usable of them."""
+    the state is resumed only over the very same sessions (ModelKeeper._drift_detector).
+    Kept in the sealed envelope with the state; a 128-bit hash of float vectors reveals
+    nothing usable of them."""
     X = np.ascontiguousarray(X, dtype=np.float64)
     h = hashlib.blake2b(digest_size=16)
     h.update(np.array(X.shape, dtype=np.int64).tobytes())

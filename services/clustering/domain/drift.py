@@ -562,7 +562,8 @@ class DriftDetector:
         if not isinstance(ref.family, TypedSession) or ref.family != TypedSession():
             raise ValueError("only the default typed family's detector can be resumed")
         return {"v": DETECTOR_STATE_VERSION, "consumed": self.index, "window": self.thresholds.window,
-                "stats": _pack(ref.stats), "stats_shape": list(ref.stats.shape), "mmd": self.mmd.null() if self.mmd is not None else None,
+                "stats": _pack(ref.stats), "stats_shape": list(ref.stats.shape),
+                "mmd": self.mmd.null() if self.mmd is not None else None,
                 "tail_cross": _pack(self.mmd.tail_cross) if self.mmd is not None else None,
                 "glr_lse": _pack(self.glr.lse_ref), "glr_seen": self.glr.seen,
                 "cusum": self.cusum, "cusum_start": self.cusum_start, "max_cusum": self.max_cusum,
