@@ -7,6 +7,7 @@ resumes the detector")."""
 from __future__ import annotations
 
 import json
+import struct
 
 import numpy as np
 import pytest
@@ -188,7 +189,7 @@ def test_a_vector_changed_after_its_fold_is_read_as_a_rebuilt_detector_reads_it(
     # a late event extends a session of the stream already folded in (same id, same
     # position: the model keeps it): the drift check reads its new vector, as main did
     X, start, first, ends = _household(31, "sudden")
-    ends = ends[:4]
+    ends = ends[:3]
     X2 = X.copy()
     X2[first + 2:first + 8] = X[-6:]   # rebuilt from their events: other minutes, titles, hours
     late, _ = _stream(ModelKeeper(None, lambda _a: "gmm"), X, start, first, ends, X_changed=X2)
@@ -209,3 +210,21 @@ def test_a_fold_resumes_without_rebuilding(monkeypatch):
     assert not any(refit for _, refit, *_ in out[1:])
     assert builds == [first]   # built at the first fold, resumed at the next two
     assert env.drift_state["detector"]["consumed"] == 30
+
+
+def test_the_state_travels_in_the_envelope_header_and_an_envelope_without_it_reads_as_before():
+    X, start, first, ends = _household(11, None, share=0.5)
+    _, env = _stream(ModelKeeper(None, lambda _a: "gmm"), X, start, first, ends[:1])
+    assert env.drift_state is not None
+    blob = env.to_bytes()
+    assert Envelope.from_bytes(blob, None).drift_state == env.drift_state
+    # the header is JSON an older replica reads key by key (it ignores "drift_state"),
+    # and the model bytes after it are unchanged
+    (n,) = struct.unpack_from("<I", blob)
+    header = json.loads(blob[4:4 + n])
+    assert header["drift_state"] == env.drift_state
+    env.drift_state = None
+    old = env.to_bytes()
+    assert "drift_state" not in json.loads(old[4:4 + struct.unpack_from("<I", old)[0]])
+    assert old[-len(env.model.to_bytes()):] == blob[-len(env.model.to_bytes()):]
+    assert Envelope.from_bytes(old, None).drift_state is None
