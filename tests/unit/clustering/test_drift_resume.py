@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from services.clustering.domain import drift as D
 from services.clustering.domain.simulator import DRIFT_TYPES, simulate_household
 from services.clustering.household import Envelope
-from services.clustering.modeling import ModelKeeper, Snapshot
+from services.clustering.modeling import ModelKeeper, Snapshot, _drift_state
 from services.clustering.store import StoredSession
 
 # Batched matrix products round differently for another number of rows (~1e-14); the
@@ -213,9 +213,12 @@ def test_a_fold_resumes_without_rebuilding(monkeypatch):
 
 
 def test_the_state_travels_in_the_envelope_header_and_an_envelope_without_it_reads_as_before():
-    X, start, first, ends = _household(11, None, share=0.5)
-    _, env = _stream(ModelKeeper(None, lambda _a: "gmm"), X, start, first, ends[:1])
-    assert env.drift_state is not None
+    X = simulate_household(np.random.default_rng(4), difficulty=0.3, n_persons=2).features.astype(np.float64)
+    ref = X.shape[0] // 2
+    det = D.build_detector(X[:ref])
+    det.update(X[ref:])
+    env = Envelope(ModelKeeper(None, lambda _a: "gmm").new_model("gmm"), X.shape[0], ref, X.shape[0],
+                   drift_state=_drift_state(det, ref, 0, X))
     blob = env.to_bytes()
     assert Envelope.from_bytes(blob, None).drift_state == env.drift_state
     # the header is JSON an older replica reads key by key (it ignores "drift_state"),
