@@ -28,7 +28,8 @@ lost:
 * records still queued (not yet acknowledged) when a process crashes or is killed
   with SIGKILL: at most ``max_delay_s`` worth of records in normal operation, more while
   the privacy service is unreachable (up to the queue bound);
-* records refused when the queue is full or after ``max_attempts`` failed sends;
+* records refused when the queue is full, or after ``max_attempts`` sends the log failed
+  on (not an outage: those are kept, below);
 * a record the log refuses for itself (its validation, or one too large for a message).
 
 With a disk outbox (``AuditOutbox``: what every service and the gateway use, a SQLite
@@ -39,6 +40,14 @@ order of the log is kept), and the sink thread keeps delivering the oldest recor
 backoff (at most ``max_spool_backoff_s`` apart) until the log answers, across restarts
 of the process. Only records still in memory at a crash (at most ``max_delay_s`` worth)
 can be lost, and batches past the outbox's bound (``MAX_OUTBOX_RECORDS``).
+
+When neither takes a batch — the outbox's write fails (its disk full), or, without an
+outbox (the privacy service's own sink), the log still answers with an outage after
+``max_attempts`` — the batch is kept in memory (session 24): back at the head of the
+queue in order, retried after a backoff (``_keep``), counted in the gauge
+``hearth_audit_records_held``. The queue's bound is its bound (new records past
+``max_queue`` are dropped as ``queue_full``); a crash loses them, and ``close`` gives
+them one last try, then counts them dropped. docs/privacy.md, "The client".
 
 Every loss is counted: ``hearth_audit_records_dropped_total{component,reason}``. A
 clean shutdown (SIGTERM) flushes the queue (``close``) after the server has stopped.
@@ -719,8 +728,9 @@ class AuditSink:
                         self._deliver(batch[half:])
                     return
                 if self._outbox is not None and attempt + 1 >= self._spool_after:
-                    log.warning("audit log unreachable (%s): %d records to the disk outbox",
-                                _describe(exc), len(batch))
+                    if not self._hold_rounds:   # while records are held, logged once (_keep)
+                        log.warning("audit log unreachable (%s): %d records to the disk outbox",
+                                    _describe(exc), len(batch))
                     self._spool(batch)
                     self._next_drain = time.monotonic() + self._backoff
                     return

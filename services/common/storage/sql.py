@@ -88,8 +88,8 @@ class WriteHealth:
     a write the database refused for want of room or write access — SQLite full,
     read-only or I/O error; PostgreSQL ``DiskFull`` or read-only — makes it fail for
     ``WRITE_REFUSAL_WINDOW_S`` after the last such refusal, naming the error and its
-    age. Not critical: the service stays SERVING (reads, exports, deletion status still
-    work, and every replica shares the disk or the database, so NOT_SERVING would take
+    age. Not critical: the service stays SERVING (reads still work, and every replica
+    shares the disk or the database, so NOT_SERVING would take
     them all out of the Service and turn a write outage into a full one); the failing
     check degrades it and ``hearth_dependency_up{dependency="database writes"}`` is 0
     (alert HearthDatabaseWritesRefused). Nothing is recorded on the hot path of a
