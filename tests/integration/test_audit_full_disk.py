@@ -65,7 +65,11 @@ CHILD = textwrap.dedent('''
 
 
 def test_privacys_own_records_survive_a_full_disk_in_order_once_each(tmp_path):
-    done = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], capture_output=True, text=True,
+    # -B: the limit applies to every file the child writes, and a module it imports late
+    # (psycopg, on the writer's error path) would leave a truncated .pyc in the run's
+    # bytecode cache (PYTHONPYCACHEPREFIX, tests/conftest.py) that broke every later
+    # process of the run importing it ("marshal data too short").
+    done = subprocess.run([sys.executable, "-B", "-c", CHILD, str(tmp_path)], capture_output=True, text=True,
                           timeout=90)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
