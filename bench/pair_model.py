@@ -23,13 +23,18 @@ households it never saw; persons are then resolved from its pair probabilities:
    ``min_share`` of the household) are then dissolved, each session going to the kept
    cluster it scores highest with.
 
-``python -m bench.pair_model [--train-seed S] [--test-seed T] [--workers 1]`` chooses the
-threshold and minimum size by cross-fitting on the training seed's worlds (train on
-half the worlds, resolve the other half, and the reverse), trains on all of them, and
-reports on the test seed's TUNING worlds beside Hearth's batch fit, the device heuristic
-and the supervised oracle on the same households; ``--movielens-tuning`` also reports on
-the real viewers' TUNING half. It refuses the REPORTING seed; ``--reporting`` (read once,
-after the choice) reports on REPORTING. docs/clustering.md 4m records the result.
+``python -m bench.pair_model [--train-seed S] [--test-seed T] [--stack] [--context]
+[--learned-merge] [--merged-groups] [--movielens-tuning] [--workers 1]`` chooses the
+threshold and minimum size on the training seed's households resolved from out-of-sample
+pair scores (a model of half the worlds scores the other half, and the reverse), trains on
+all of them, and reports on the test seed's TUNING worlds beside Hearth's batch fit, the
+device heuristic and the supervised oracle on the same households; ``--stack`` adds a
+second stage over the first stage's log-odds matrix (``second_order``), ``--learned-merge``
+a learned merge rule along the linkage in place of the threshold (``MergeRule``),
+``--movielens-tuning`` the real viewers' TUNING half. It refuses the REPORTING seed as a
+training or test seed; ``--reporting`` (to be read once, after a choice) reports on
+REPORTING. docs/clustering.md 4m records the result: not kept (below the batch fit on a
+held-out TUNING seed), so REPORTING was not read.
 """
 
 from __future__ import annotations
@@ -183,13 +188,13 @@ def training_pairs(h: worlds.WorldHousehold, n_pairs: int = TRAIN_PAIRS, context
     return pair_features(s, i, j, context), (h.person[i] == h.person[j]).astype(np.int64)
 
 
-def train(hs: list[worlds.WorldHousehold], context: bool = False, n_pairs: int = TRAIN_PAIRS):
+def train(hs: list[worlds.WorldHousehold], context: bool = False, n_pairs: int = TRAIN_PAIRS, rounds: int = 300):
     parts = [training_pairs(h, n_pairs, context, seed=k) for k, h in enumerate(hs)]
     X = np.vstack([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts])
     # every household weighs the same, whatever its size
     w = np.concatenate([np.full(p[1].size, 1.0 / p[1].size) for p in parts]) * len(parts)
-    clf = HistGradientBoostingClassifier(max_iter=300, learning_rate=0.08, max_leaf_nodes=31,
+    clf = HistGradientBoostingClassifier(max_iter=rounds, learning_rate=0.08, max_leaf_nodes=31,
                                          l2_regularization=1.0, random_state=0)
     return clf.fit(X, y, sample_weight=w)
 

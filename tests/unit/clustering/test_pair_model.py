@@ -114,7 +114,7 @@ def test_training_pairs_are_labelled_by_the_true_member_and_the_model_learns_the
     hs = W.generate(W.TUNING, families=("mobile_first",), worlds_per_family=1, households_per_world=4)
     Z, y = PM.training_pairs(hs[0], n_pairs=200)
     assert Z.shape == (200, len(PM.feature_names())) and set(np.unique(y)) <= {0, 1}
-    clf = PM.train(hs[:3], n_pairs=400)
+    clf = PM.train(hs[:3], n_pairs=300, rounds=40)
     s = PM.sessions_of_household(hs[3])
     L = PM.pair_logodds(clf, s)
     assert L.shape == (s.n, s.n) and np.allclose(L, L.T) and (np.abs(L) <= PM.CLIP).all()
@@ -137,3 +137,19 @@ def test_must_link_groups_are_the_personal_devices_with_enough_sessions_numbered
     L = np.zeros((16, 16))
     X = PM.second_order(L, g, np.array([5, 0]), np.array([10, 1]))
     assert np.isfinite(X).all() and X[:, PM.STACK_FEATURES.index("groups")].tolist() == [2.0, 2.0]
+
+
+def test_learned_linkage_asks_only_uncertain_merges_and_learns_from_the_truth():
+    L = _blocks([5, 5, 5], within=1.0, across=0.5)     # every merge is uncertain (within +-SURE)
+    truth = np.repeat([0, 1, 2], 5)
+    none = np.full(15, -1)
+    rows: list = []
+    by_truth = PM.learned_linkage(L, none, None, truth=truth, record=rows)
+    assert np.unique(by_truth).size == 3 and all(np.unique(by_truth[a:a + 5]).size == 1 for a in (0, 5, 10))
+    assert rows and all(len(x) == len(PM.MERGE_FEATURES) for x, _ in rows)
+    assert {ok for _, ok in rows} == {True, False}
+    assert np.unique(PM.learned_linkage(L, none, lambda x: False)).size == 15    # refuses every asked merge
+    assert np.unique(PM.learned_linkage(L, none, lambda x: True)).size == 1
+    # sure merges are not asked: a clear block structure resolves without the rule
+    sure = _blocks([5, 5], within=PM.SURE + 1, across=-PM.SURE - 1)
+    assert np.unique(PM.learned_linkage(sure, np.full(10, -1), lambda x: 1 / 0)).size == 2
