@@ -393,6 +393,12 @@ class AuditSink:
         # go back to the head of the queue, in order, and are retried after a backoff
         # (``_keep``): the queue's bound is their bound. ``_held`` collects a round's.
         self._held: list[AuditRecord] = []
+        # The newest outbox key whose record the log took (or refused for good), every older
+        # one too, though its delete may have failed (the outbox's disk full): the drain
+        # goes on past it, and the outbox holds nothing to deliver once the rest is sent
+        # (review24: the drain sent its oldest batch again and again, and every new record
+        # went to the outbox behind it and was held, with the log up). 0: none.
+        self._delivered_through = 0
         self._hold_rounds = 0          # consecutive rounds that kept records in memory
         self._hold_reason = ""
         self._retry_at = 0.0
@@ -533,12 +539,12 @@ class AuditSink:
                 continue
             # While the outbox isolates a refused record (its batches halved, then grown
             # back), the next round does not wait for new records: a few sends in a row.
-            isolating = (self._outbox is not None and self._outbox.pending() > 0
+            isolating = (self._outbox is not None and self._outbox_undelivered() > 0
                          and self._drain_size < self._max_batch and time.monotonic() >= self._next_drain)
             batch = self._take_batch(0.0 if isolating else 0.1)
             if batch:
                 try:
-                    if self._outbox is not None and self._outbox.pending():
+                    if self._outbox is not None and self._outbox_undelivered():
                         self._spool(batch)   # an outage is on: behind the older records
                     else:
                         self._deliver(batch)
@@ -635,7 +641,16 @@ class AuditSink:
         records behind it; an outage keeps every record and backs off."""
         if time.monotonic() < self._next_drain or not self._outbox.pending():
             return
-        rows = self._outbox.oldest(self._drain_size)
+        if self._delivered_through:
+            try:   # what the log took already, its delete failed before: delete it now
+                self._outbox.remove_through(self._delivered_through)
+            except Exception as exc:  # noqa: BLE001 - still failing: skipped, not sent again
+                if not self._outbox.count_after(self._delivered_through):
+                    self._back_off_drain(exc)   # nothing else to send: try the delete later
+                    return
+        rows = self._outbox.oldest(self._drain_size, after=self._delivered_through)
+        if not rows:
+            return
         try:
             self._send([record for _, record in rows])
         except Exception as exc:  # noqa: BLE001 - classified below
@@ -648,27 +663,35 @@ class AuditSink:
                     self._back_off_drain(exc)
             elif kind != SUSPECT:
                 self._refuse(rows[0][1], exc)
+                self._delivered_through = max(self._delivered_through, rows[0][0])
                 self._outbox.remove([rows[0][0]])
             else:
                 self._head_failures += 1
                 if self._head_failures >= self._max_attempts and self._delivered_the_next():
                     # The log takes the record after it: this one is at fault.
                     self._refuse(rows[0][1], exc)
-                    self._outbox.remove([rows[0][0]])
                     self._head_failures = 0
+                    self._outbox.remove([rows[0][0]])
                 else:
                     self._back_off_drain(exc)
             return
+        self._delivered_through = max(self._delivered_through, rows[-1][0])
+        self._count_sent(len(rows))
         self._outbox.remove([key for key, _ in rows])
         if self._spool_failures:
             log.info("audit log reachable again: delivering the disk outbox (%d records)", self._outbox.pending())
         self._spool_failures = self._head_failures = 0
         self._drain_size = min(self._max_batch, 2 * self._drain_size)
-        self._count_sent(len(rows))
+
+    def _outbox_undelivered(self) -> int:
+        """Records in the outbox the log has not taken (``_delivered_through``)."""
+        if not self._outbox.pending():
+            return 0
+        return self._outbox.count_after(self._delivered_through) if self._delivered_through else self._outbox.pending()
 
     def _delivered_the_next(self) -> bool:
         """Send the outbox's second-oldest record alone; True (and removed) when taken."""
-        rows = self._outbox.oldest(2)[1:]
+        rows = self._outbox.oldest(2, after=self._delivered_through)[1:]
         if not rows:
             return False
         try:
@@ -711,7 +734,7 @@ class AuditSink:
         if self._held:   # an earlier part of this round is held: keep the order
             self._held.extend(batch)
             return
-        if self._outbox is not None and self._outbox.pending():
+        if self._outbox is not None and self._outbox_undelivered():
             self._spool(batch)   # a half of a split batch, after the other went to the outbox
             return
         for attempt in range(self._max_attempts):
@@ -911,10 +934,27 @@ class AuditOutbox:
             self._pending += len(records)
             OUTBOX_DEPTH.labels(self.path.stem).set(self._pending)
 
-    def oldest(self, limit: int) -> list[tuple[int, AuditRecord]]:
+    def oldest(self, limit: int, after: int = 0) -> list[tuple[int, AuditRecord]]:
+        """The oldest ``limit`` records whose key is greater than ``after``."""
         with self._lock:
-            rows = self._conn.execute("SELECT id, record FROM outbox ORDER BY id LIMIT ?", (limit,)).fetchall()
+            rows = self._conn.execute("SELECT id, record FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+                                      (after, limit)).fetchall()
         return [(key, AuditRecord(**json.loads(text))) for key, text in rows]
+
+    def count_after(self, after: int) -> int:
+        with self._lock:
+            return self._conn.execute("SELECT COUNT(*) FROM outbox WHERE id > ?", (after,)).fetchone()[0]
+
+    def remove_through(self, key: int) -> None:
+        """Delete every record whose key is at most ``key`` (delivered before)."""
+        with self._lock:
+            if not self._conn.execute("SELECT 1 FROM outbox WHERE id <= ? LIMIT 1", (key,)).fetchone():
+                return
+            self._conn.execute("DELETE FROM outbox WHERE id <= ?", (key,))
+            self._pending = self._conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+            if not self._pending:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            OUTBOX_DEPTH.labels(self.path.stem).set(self._pending)
 
     def remove(self, keys: Sequence[int]) -> None:
         with self._lock:

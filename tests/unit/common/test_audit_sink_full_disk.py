@@ -202,3 +202,84 @@ def test_an_outbox_that_fails_after_a_delivery_does_not_stop_the_sink(tmp_path):
     finally:
         sink.close()
     assert [r.resource for r in log.records] == [f"r{i}" for i in range(10)] + ["after"]
+
+
+class _StuckOutbox(audit.AuditOutbox):
+    """An outbox on a volume that fills after records were spooled: while ``full`` is set
+    nothing is written, put or deleted (SQLite's "database or disk is full")."""
+
+    def __init__(self, path) -> None:
+        super().__init__(path)
+        self.full = threading.Event()
+
+    def put(self, records):
+        if self.full.is_set():
+            raise sqlite3.OperationalError("database or disk is full")
+        super().put(records)
+
+    def remove(self, keys):
+        if self.full.is_set():
+            raise sqlite3.OperationalError("database or disk is full")
+        super().remove(keys)
+
+    def remove_through(self, key):
+        if self.full.is_set():
+            raise sqlite3.OperationalError("database or disk is full")
+        super().remove_through(key)
+
+
+def test_with_the_log_up_and_the_outbox_unable_to_delete_every_record_reaches_the_log_in_order(tmp_path):
+    """review24: records spooled while the log was down, then the outbox's volume full
+    (clustering's data directory filled by its own database) and the log back. The drain
+    delivered the outbox's oldest batch but could not delete it, so it sent that batch
+    again and again and never the ones behind it, and every new record went to the
+    outbox (order) and was held in memory: nothing new reached the log while the volume
+    stayed full (then ``queue_full``). Measured with a real file-size limit: 300 spooled
+    + 40 new, none of the 40 delivered in 15 s. Now what was delivered is remembered:
+    the drain goes on past it, and once the outbox holds nothing undelivered new records
+    go straight to the log."""
+    log = _Log()
+    outbox = _StuckOutbox(tmp_path / "stuck.db")
+    sink = _sink(log, "t-stuck-outbox", outbox, max_batch=8)
+    try:
+        for i in range(30):
+            sink.record(audit.INGEST, f"household:s{i}", principal=ALICE)
+        assert _wait_for(lambda: outbox.pending() == 30)
+        outbox.full.set()
+        log.up.set()
+        for i in range(30, 40):
+            sink.record(audit.INGEST, f"household:s{i}", principal=ALICE)
+        assert _wait_for(lambda: len(log.records) == 40), [r.resource for r in log.records]
+        assert [r.resource for r in log.records] == [f"household:s{i}" for i in range(40)]
+        assert sink.dropped == 0
+        outbox.full.clear()   # the volume frees: the delivered rows are deleted
+        assert _wait_for(lambda: outbox.pending() == 0)
+        for i in range(40, 45):
+            sink.record(audit.INGEST, f"household:s{i}", principal=ALICE)
+        assert sink.flush(10)
+    finally:
+        sink.close()
+    assert [r.resource for r in log.records] == [f"household:s{i}" for i in range(45)]
+
+
+def test_delivered_records_the_outbox_cannot_delete_do_not_spin_the_sink(tmp_path):
+    """review24: with every spooled record delivered but none deletable, the drain has
+    nothing to send; it backs off before trying the delete again instead of looping."""
+    log = _Log()
+    outbox = _StuckOutbox(tmp_path / "spin.db")
+    sink = _sink(log, "t-stuck-spin", outbox, max_batch=8)
+    calls = []
+    real = outbox.remove_through
+    outbox.remove_through = lambda key: (calls.append(key), real(key))   # type: ignore[method-assign]
+    try:
+        for i in range(10):
+            sink.record(audit.INGEST, f"household:p{i}", principal=ALICE)
+        assert _wait_for(lambda: outbox.pending() == 10)
+        outbox.full.set()
+        log.up.set()
+        assert _wait_for(lambda: len(log.records) == 10)
+        time.sleep(0.5)
+        assert len(calls) < 60, len(calls)   # backoff of 0.005 s doubling to 0.02 s: <= ~25 in 0.5 s
+    finally:
+        outbox.full.clear()
+        sink.close()
