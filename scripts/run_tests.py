@@ -1,14 +1,14 @@
 """`make test`: the whole suite as two pytest processes side by side.
 
 Run one after the other, the suite kept one of a 2-core machine's cores idle most of the
-time: 2,512 tests took 11:42-11:50 on the idle machine but only ~660 CPU-s (user+sys of
-pytest and every process it started, session 24, docs/benchmarks.md "Session 24"): the
+time: 2,512 tests took 11:42-11:50 on the idle machine but only ~620-660 CPU-s (user+sys
+of pytest and every process it started, session 24, docs/benchmarks.md "Session 24"): the
 e2e, integration and security tests wait on the meshes' processes, PostgreSQL and their
-own deadlines much of the time. So the in-process tests (tests/unit, tests/contract,
-tests/deploy: model fits, no mesh) run in one pytest process and everything else in
-another, at the same time. Nothing is selected or left out: the second process runs
-``tests`` with the first one's directories ignored, so every test directory, present or
-added later, is in exactly one of them. Each process has its own PostgreSQL cluster,
+own deadlines much of the time. So tests/unit, tests/contract, tests/deploy and
+tests/security (44 % of the serial run's test time) run in one pytest process and
+tests/e2e and tests/integration (56 %) in another, at the same time. Nothing is selected
+or left out: the second process runs ``tests`` with the first one's directories ignored,
+so every test directory, present or added later, is in exactly one of them. Each process has its own PostgreSQL cluster,
 redis-server and bytecode directory (tests/conftest.py); no test relies on what another
 left in them. The tests' bounds already hold on a machine shared with other work (they
 pass at load 10-25).
@@ -30,13 +30,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-IN_PROCESS = ("tests/unit", "tests/contract", "tests/deploy")
+FIRST_HALF = ("tests/unit", "tests/contract", "tests/deploy", "tests/security")
 
 
 def commands(args: list[str]) -> tuple[list[str], list[str]]:
-    """(the in-process half, the rest): the second is ``tests`` minus the first's directories."""
+    """(the first half, the rest): the second is ``tests`` minus the first's directories."""
     pytest = [sys.executable, "-m", "pytest", "-q", *args]
-    return [*pytest, *IN_PROCESS], [*pytest, *(f"--ignore={d}" for d in IN_PROCESS), "tests"]
+    return [*pytest, *FIRST_HALF], [*pytest, *(f"--ignore={d}" for d in FIRST_HALF), "tests"]
 
 
 def summary(text: str) -> str:
@@ -77,7 +77,7 @@ def _run(first_cmd: list[str], second_cmd: list[str]) -> int:
                     proc.send_signal(signum)
         signal.signal(signal.SIGTERM, forward)
 
-        print(f"make test: {' '.join(IN_PROCESS)} in one pytest process (printed when it ends), "
+        print(f"make test: {' '.join(FIRST_HALF)} in one pytest process (printed when it ends), "
               f"the rest of tests/ in another beside it:", flush=True)
         second_out = []
         assert second.stdout is not None
@@ -89,10 +89,10 @@ def _run(first_cmd: list[str], second_cmd: list[str]) -> int:
         first_rc = first.wait()
         log.seek(0)
         first_out = log.read()
-    print(f"\n---- {' '.join(IN_PROCESS)} ----", flush=True)
+    print(f"\n---- {' '.join(FIRST_HALF)} ----", flush=True)
     sys.stdout.write(first_out)
     wall = time.monotonic() - began
-    print(f"\nmake test: {' '.join(IN_PROCESS)}: {summary(first_out)}; the rest: {summary(''.join(second_out))}; "
+    print(f"\nmake test: {' '.join(FIRST_HALF)}: {summary(first_out)}; the rest: {summary(''.join(second_out))}; "
           f"wall {int(wall // 60)}:{wall % 60:04.1f}", flush=True)
     return next((rc for rc in (first_rc, second_rc) if rc != 0), 0)
 

@@ -23,7 +23,7 @@ def test_every_test_directory_is_in_exactly_one_half():
     first, second = run_tests.commands(["-x"])
     assert first[first.index("-m") + 1:first.index("-m") + 4] == ["pytest", "-q", "-x"]
     first_dirs = first[first.index("-x") + 1:]
-    assert first_dirs == list(run_tests.IN_PROCESS) and all((ROOT / d).is_dir() for d in first_dirs)
+    assert first_dirs == list(run_tests.FIRST_HALF) and all((ROOT / d).is_dir() for d in first_dirs)
     # the second is the configured testpaths ("tests") with exactly the first's directories ignored
     assert second[-1] == "tests" and "tests" not in first
     assert [a for a in second if a.startswith("--ignore=")] == [f"--ignore={d}" for d in first_dirs]
@@ -47,7 +47,7 @@ def test_both_outputs_are_printed_and_either_failure_fails_the_run(monkeypatch, 
         out = capsys.readouterr().out
         assert f"{3 + first_rc} passed in 1.00s" in out and f"{5 + second_rc} passed in 2.00s" in out
         last = out.strip().splitlines()[-1]
-        assert f"tests/deploy: {3 + first_rc} passed in 1.00s; the rest: {5 + second_rc} passed in 2.00s" in last
+        assert f"tests/security: {3 + first_rc} passed in 1.00s; the rest: {5 + second_rc} passed in 2.00s" in last
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers   # given back
 
 
