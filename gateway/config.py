@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, StrictInt, field_validator, model_validator
 
-from services.common.config import MeshSettings
+from services.common.config import MeshSettings, Port, Positive, bounded
 from services.common.permissions import route_permission
 from gateway.clients import SERVICES as UPSTREAMS   # each has its own admission limit
 from services.common.telemetry import check_trace_export
@@ -36,11 +36,11 @@ class AdmissionSpec(BaseModel):
 class GatewaySettings(MeshSettings):
 
     host: str = "127.0.0.1"
-    gateway_port: int = 8080
+    gateway_port: Port = 8080
     # Prometheus /metrics on a port of its own, not reachable through the public Service
     # or Ingress (the chart sets 9100, `make run` a free port); 0 (the default, for a
     # gateway started by hand) serves /metrics on the gateway port instead.
-    metrics_port: int = 0
+    metrics_port: Port = 0
     # One JSON line per request (logger hearth.access): method, route template (never the
     # raw path: it holds account ids), status, duration, trace id.
     access_log: bool = True
@@ -50,7 +50,7 @@ class GatewaySettings(MeshSettings):
     # session 19 it was served there, and any authenticated client could fetch a mesh
     # token and call a service port directly, past the gateway's rate limits. The chart
     # lets only the Envoy pods reach this port (NetworkPolicy).
-    edge_authorizer_port: int = 0
+    edge_authorizer_port: Port = 0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     trace_export: str = "none"
     # Where the audit outbox lives (audit records wait there while privacy is unreachable).
@@ -61,13 +61,13 @@ class GatewaySettings(MeshSettings):
     privacy_addr: str = "127.0.0.1:50053"
     feedback_addr: str = "127.0.0.1:50054"
     # Deadline of every gateway -> service call; health checks use their own, shorter one.
-    rpc_timeout_s: float = 10.0
-    health_timeout_s: float = 1.0
+    rpc_timeout_s: Positive = 10.0
+    health_timeout_s: Positive = 1.0
     # On SIGTERM, how long requests in flight may run before uvicorn cancels them (its
     # timeout_graceful_shutdown). The same variable as the services' drain, and the same
     # reasoning: at least rpc_timeout_s, so a request waiting on a service is not cut
     # while the service still finishes the call. The chart sets it from shutdown.graceSeconds.
-    grace_seconds: float = 10.0
+    grace_seconds: Positive = 10.0
     # POST /v1/feedback on a prediction the feedback service does not know yet waits up to
     # this long for it: clustering logs every prediction durably before answering and
     # forwards it to feedback a moment later (every 0.2 s), so feedback sent at once after
@@ -82,7 +82,8 @@ class GatewaySettings(MeshSettings):
     # make run writes var/gateway-keys.json.
     api_keys_file: Path | None = None
     api_keys_reload_s: float = Field(1.0, ge=0, le=60)
-    max_body_bytes: int = 8 * 1024 * 1024
+    max_body_bytes: Annotated[int, bounded(ge=1024, le=1024 * 1024 * 1024,
+                                           message="must be between 1 KiB and 1 GiB")] = 8 * 1024 * 1024
 
     # JWT bearer tokens (Authorization: Bearer ...). Disabled unless an algorithm is set.
     # The algorithm is fixed here: a token whose header names another one is refused.
@@ -93,7 +94,7 @@ class GatewaySettings(MeshSettings):
     jwt_issuer: str = ""
     jwt_audience: str = ""
     jwt_role_claim: str = "hearth_role"
-    jwt_leeway_s: float = 30.0
+    jwt_leeway_s: Annotated[float, bounded(ge=0, le=300, message="must be between 0 and 300 seconds")] = 30.0
 
     # Rate limits per (principal, route): token buckets. Routes not listed in
     # rate_limits get the default. JSON, e.g.
@@ -136,38 +137,10 @@ class GatewaySettings(MeshSettings):
     https_cert: Path | None = None
     https_key: Path | None = None
 
-    @field_validator("gateway_port", "metrics_port", "edge_authorizer_port")
-    @classmethod
-    def _port(cls, value: int) -> int:
-        if not 0 <= value <= 65535:
-            raise ValueError("must be a port number in 0..65535")
-        return value
-
     @field_validator("trace_export")
     @classmethod
     def _trace_export(cls, value: str) -> str:
         return check_trace_export(value)
-
-    @field_validator("rpc_timeout_s", "health_timeout_s", "grace_seconds")
-    @classmethod
-    def _positive(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError("must be > 0")
-        return value
-
-    @field_validator("max_body_bytes")
-    @classmethod
-    def _body_limit(cls, value: int) -> int:
-        if not 1024 <= value <= 1024 * 1024 * 1024:
-            raise ValueError("must be between 1 KiB and 1 GiB")
-        return value
-
-    @field_validator("jwt_leeway_s")
-    @classmethod
-    def _leeway(cls, value: float) -> float:
-        if not 0 <= value <= 300:
-            raise ValueError("must be between 0 and 300 seconds")
-        return value
 
     @field_validator("rate_limits", "in_flight_limits")
     @classmethod

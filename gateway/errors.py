@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
+import time
 
 import grpc
 from fastapi.responses import JSONResponse
@@ -147,9 +149,32 @@ _REQUEST_TOO_LARGE = re.compile(r"(?:CLIENT: Sent|SERVER: Received) message larg
 _RESPONSE_TOO_LARGE = "CLIENT: Received message larger than max"
 
 
+log = logging.getLogger("hearth.gateway")
+# An UNAUTHENTICATED from a service is never about the HTTP client's credentials (the
+# gateway checked those itself): the service refused the gateway's service token — their
+# clocks disagree by more than the tokens' skew (30 s) or the mesh's keys do not match
+# (docs/operations.md, "Clock steps"). Until session 24 the client got 401 with the
+# internal header's name ("x-hearth-token: invalid service token"): a client told its key
+# was wrong, and no 5xx for the availability alerts while every request failed. Now 503
+# with Retry-After, and a warning here at most once a minute.
+_MESH_AUTH_LOG_EVERY_S = 60.0
+_mesh_auth_logged = [float("-inf")]
+
+
+def _mesh_auth_refused(exc: grpc.aio.AioRpcError) -> JSONResponse:
+    now = time.monotonic()
+    if now - _mesh_auth_logged[0] >= _MESH_AUTH_LOG_EVERY_S:
+        _mesh_auth_logged[0] = now
+        log.warning("a service refused the gateway's service token (%s): its clock or the mesh's keys disagree "
+                    "with the gateway's; answering 503", exc.details() or "UNAUTHENTICATED")
+    return error_response(503, "unavailable", TRANSPORT_MESSAGES[grpc.StatusCode.UNAVAILABLE])
+
+
 def from_rpc_error(exc: grpc.aio.AioRpcError) -> JSONResponse:
     trailing = {k: v for k, v in _pairs(exc.trailing_metadata())}
     code = exc.code()
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return _mesh_auth_refused(exc)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and ERROR_CODE_KEY not in trailing:
         details = exc.details() or ""
         too_large = _REQUEST_TOO_LARGE.search(details)

@@ -20,40 +20,30 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import field_validator
-
-from services.common.config import RetentionSettings, ServiceSettings
+from services.common.config import Positive, RetentionSettings, ServiceSettings
 
 
 class ClusteringSettings(RetentionSettings):
     # RetentionSettings: HEARTH_RETENTION_DAYS / _CHECK_S, read with privacy (ingest
     # refuses what the retention purge would erase, docs/privacy.md §7).
     service_name: str = "clustering"
-    session_gap_s: float = 1800.0
-    lateness_tolerance_s: float = 6 * 3600.0
+    session_gap_s: Positive = 1800.0
+    lateness_tolerance_s: Positive = 6 * 3600.0
     # "account" since session 16: on TUNING streams (bench/_worlds_eval, 48 households,
     # every world's own population prior) the prior's personas gave a household's first
     # sessions person ids the first fit never keeps, at arrival: accuracy 0.666 against
     # 0.692, size exact 0.17 / 0.63, single-person households kept 0.00 / 1.00, ECE equal
     # (docs/clustering.md, "Cold start").
     cold_start: Literal["account", "population_prior", "heuristic"] = "account"
-    population_prior_refresh_s: float = 3600.0
-    calibrator_cache_s: float = 60.0
+    population_prior_refresh_s: Positive = 3600.0
+    calibrator_cache_s: Positive = 60.0
     genre_aliases: str = ""
     unknown_genres: Literal["hash", "other", "reject"] = "hash"
     fault_gmm_numerical: str = ""
     # How often the prediction log forwards logged predictions to feedback (a caller's
     # feedback on a prediction not yet forwarded waits for it at the gateway,
     # HEARTH_FEEDBACK_PREDICTION_WAIT_S; keep this well below that wait).
-    prediction_forward_interval_s: float = 0.2
-
-    @field_validator("session_gap_s", "lateness_tolerance_s", "population_prior_refresh_s", "calibrator_cache_s",
-                     "prediction_forward_interval_s")
-    @classmethod
-    def _positive(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError("must be > 0")
-        return value
+    prediction_forward_interval_s: Positive = 0.2
 
 
 def clustering_settings(settings: ServiceSettings) -> ClusteringSettings:

@@ -42,10 +42,12 @@ from services.common.telemetry import pseudonym
 
 log = logging.getLogger("hearth.clustering.store")
 # Kept session states that did not open or parse; each batch met one took the full
-# rebuild (ClusteringStore._kept_state).
+# rebuild (ClusteringStore._kept_state). ``offset_unknown``: a state written before
+# session 24 (no offset key) of a device whose stored events carry UTC offsets, rebuilt
+# from its first such event on (ClusteringStore._update_sessions).
 STATE_FALLBACKS = Counter("hearth_session_state_fallbacks_total",
                           "Kept session states unreadable, replaced by the full rebuild", ["reason"])
-for _reason in ("undecryptable", "unparseable"):
+for _reason in ("undecryptable", "unparseable", "offset_unknown"):
     STATE_FALLBACKS.labels(_reason)
 
 _EVENT_COLUMNS = ("event_id, account_id, device_id, device_type, ts, kind, title_id, series_id, "
@@ -382,6 +384,18 @@ class ClusteringStore:
                 last = None
         if last is None:
             return self._rebuild_sessions(tx, account, device, ordered[0].ts)
+        if not last.offset_known:
+            # Written before session 24: by a replica older than session 23 in a rolling
+            # upgrade, it may have dropped its first event's offset (and built the device's
+            # sessions since in UTC). If any stored event up to it carries an offset, the
+            # sessions from the first such event on are rebuilt from the stored events;
+            # else the state is right (UTC) and extended, and rewritten with the key: once
+            # a device (docs/clustering.md "Local time", rolling upgrades).
+            (since,), = tx.query("SELECT MIN(ts) FROM events WHERE account_id = ? AND device_id = ? "
+                                 "AND ts <= ? AND utc_offset_minutes IS NOT NULL", (account, device, last.end_ts))
+            if since is not None:
+                STATE_FALLBACKS.labels("offset_unknown").inc()
+                return self._rebuild_sessions(tx, account, device, min(float(since), ordered[0].ts))
         session_id, last_end = newest[0][0], last.end_ts
         # Whether the first event joins the newest session; if not, the full rebuild would
         # not touch it (it ends more than a gap before every new event).

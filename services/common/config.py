@@ -10,9 +10,9 @@ import difflib
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import SecretStr, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.identity import DEFAULT_TOKEN_TTL_S, MIN_KEY_CHARS
@@ -27,6 +27,35 @@ DEFAULT_PORTS = {
     "privacy": (50053, 9103),
     "feedback": (50054, 9104),
 }
+
+
+def bounded(*, gt: float | None = None, ge: float | None = None, le: float | None = None,
+            message: str | None = None) -> AfterValidator:
+    """The bounds of a numeric setting, declared on its field
+    (``x: Annotated[float, bounded(gt=0)] = 1.0``): a value outside them — NaN too —
+    stops the process with ``message`` (by default "must be > gt" / "must be >= ge"), in
+    the line naming the variable (``_build``: ``HEARTH_X: Value error, <message>``). None
+    passes (an optional setting left unset). The one check of every component's bounded
+    settings (dek24): until session 24 each was a pydantic validator written by hand,
+    and a subclass's validator named like its base class's replaced it — clustering's
+    and privacy's ``_positive`` dropped ServiceSettings', so those two services took
+    HEARTH_GRACE_SECONDS=0 and HEARTH_PEER_TIMEOUT_S=-1 — and ``value <= 0`` let NaN
+    through."""
+    if message is None:
+        message = f"must be > {gt}" if gt is not None else f"must be >= {ge}"
+
+    def check(value):
+        if value is not None and not ((gt is None or value > gt) and (ge is None or value >= ge)
+                                      and (le is None or value <= le)):
+            raise ValueError(message)
+        return value
+
+    return AfterValidator(check)
+
+
+Port = Annotated[int, bounded(ge=0, le=65535, message="must be a port number in 0..65535")]
+Positive = Annotated[float, bounded(gt=0)]
+AtLeastOne = Annotated[int, bounded(ge=1)]
 
 
 class ConfigError(SystemExit):
@@ -115,7 +144,8 @@ class MeshSettings(HearthSettings):
     # Transitional: the one shared HMAC mesh secret of sessions <= 18 (identity.py), used
     # only when the two files above are unset; every holder can mint any principal.
     service_token_key: SecretStr = SecretStr("")
-    service_token_ttl_s: float = DEFAULT_TOKEN_TTL_S
+    service_token_ttl_s: Annotated[float, bounded(gt=0, le=86400, message="must be seconds in (0, 86400]")] = \
+        DEFAULT_TOKEN_TTL_S
     # Mutual TLS between processes (tls.py): all three files, or none.
     tls_cert: str = ""
     tls_key: str = ""
@@ -126,31 +156,11 @@ class MeshSettings(HearthSettings):
     # tls.channel_options(): round_robin spreads calls over every address a name resolves to.
     grpc_lb_policy: Literal["pick_first", "round_robin"] = "pick_first"
     # tls.channel_options(): the longest wait between reconnect attempts to a peer that is down.
-    grpc_reconnect_max_s: float = 5.0
+    grpc_reconnect_max_s: Annotated[float, bounded(ge=0.05, le=120, message="must be seconds in [0.05, 120]")] = 5.0
     # The largest request message a server reads (and a client sends): tls.max_message_bytes,
     # server.build_server. Responses (exports) stay at 64 MiB.
-    grpc_max_message_bytes: int = 16 * 1024 * 1024
-
-    @field_validator("grpc_max_message_bytes")
-    @classmethod
-    def _max_message(cls, value: int) -> int:
-        if not 1024 * 1024 <= value <= 1024 * 1024 * 1024:
-            raise ValueError("must be bytes in [1 MiB, 1 GiB]")
-        return value
-
-    @field_validator("grpc_reconnect_max_s")
-    @classmethod
-    def _reconnect_max(cls, value: float) -> float:
-        if not 0.05 <= value <= 120:
-            raise ValueError("must be seconds in [0.05, 120]")
-        return value
-
-    @field_validator("service_token_ttl_s")
-    @classmethod
-    def _token_ttl(cls, value: float) -> float:
-        if not 0 < value <= 86400:
-            raise ValueError("must be seconds in (0, 86400]")
-        return value
+    grpc_max_message_bytes: Annotated[int, bounded(ge=1024 * 1024, le=1024 * 1024 * 1024,
+                                                   message="must be bytes in [1 MiB, 1 GiB]")] = 16 * 1024 * 1024
 
     @field_validator("service_token_key")
     @classmethod
@@ -222,11 +232,11 @@ class ServiceSettings(MeshSettings):
 
     service_name: str = "clustering"
     host: str = "127.0.0.1"
-    grpc_port: int | None = None        # None: the service's default from DEFAULT_PORTS
-    metrics_port: int | None = None     # 0 disables the metrics HTTP server
+    grpc_port: Port | None = None       # None: the service's default from DEFAULT_PORTS
+    metrics_port: Port | None = None    # 0 disables the metrics HTTP server
     # A plaintext port serving grpc.health only (0: none), for the kubelet's gRPC probes,
     # which cannot present a client certificate to a service listening with mutual TLS.
-    health_port: int = 0
+    health_port: Port = 0
     max_workers: int = 16
     # On SIGTERM, how long calls in flight may run before the server cancels them. Any
     # call under way at the signal has less than the gateway's deadline left
@@ -234,7 +244,7 @@ class ServiceSettings(MeshSettings):
     # caller still waits for: it finishes (durably) or its caller has given up. 5 s cut
     # IngestEvents streams slowed by a loaded machine. Calls starting during the grace are
     # refused UNAVAILABLE (server.Drain); the server stops once the last call has finished.
-    grace_seconds: float = 10.0
+    grace_seconds: Positive = 10.0
     # How often database, Redis and peers are checked for the health report.
     health_check_interval_s: float = 2.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -254,43 +264,15 @@ class ServiceSettings(MeshSettings):
     attribution_addr: str = "127.0.0.1:50052"
     privacy_addr: str = "127.0.0.1:50053"
     feedback_addr: str = "127.0.0.1:50054"
-    peer_timeout_s: float = 5.0
+    peer_timeout_s: Positive = 5.0
     # How long a consent answer from privacy is reused (consent.py): a withdrawal is in
     # force in every replica at most this long after SetConsent returned (docs/privacy.md §8).
-    consent_cache_s: float = 5.0
+    # At most the 300 s a cached answer serves while privacy is unreachable
+    # (consent.DEFAULT_STALE_TTL_S; not imported here: config imports no gRPC).
+    consent_cache_s: Annotated[float, bounded(ge=0, le=300, message="must be seconds in [0, 300]")] = 5.0
     # A gRPC reflection stream (grpcurl list / describe: well under a second) is cancelled
     # after this: it holds one of the service's workers while open (server.py).
-    reflection_stream_s: float = 10.0
-
-    @field_validator("grpc_port", "metrics_port", "health_port")
-    @classmethod
-    def _port_range(cls, value: int | None) -> int | None:
-        if value is not None and not 0 <= value <= 65535:
-            raise ValueError("must be a port number in 0..65535")
-        return value
-
-    @field_validator("grace_seconds", "peer_timeout_s")
-    @classmethod
-    def _positive(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError("must be > 0")
-        return value
-
-    @field_validator("reflection_stream_s")
-    @classmethod
-    def _reflection_stream(cls, value: float) -> float:
-        if not 0 < value <= 600:
-            raise ValueError("must be seconds in (0, 600]")
-        return value
-
-    @field_validator("consent_cache_s")
-    @classmethod
-    def _consent_cache(cls, value: float) -> float:
-        # At most the 300 s a cached answer serves while privacy is unreachable
-        # (consent.DEFAULT_STALE_TTL_S; not imported here: config imports no gRPC).
-        if not 0 <= value <= 300:
-            raise ValueError("must be seconds in [0, 300]")
-        return value
+    reflection_stream_s: Annotated[float, bounded(gt=0, le=600, message="must be seconds in (0, 600]")] = 10.0
 
     @field_validator("trace_export")
     @classmethod
@@ -317,22 +299,8 @@ class RetentionSettings(ServiceSettings):
     what is older, and by clustering, whose ingest refuses it (``rejected_expired``):
     one definition, so both read the same variables alike."""
 
-    retention_days: float = 90.0
-    retention_check_s: float = 3600.0   # 0 = the purge off
-
-    @field_validator("retention_days")
-    @classmethod
-    def _retention_positive(cls, value: float) -> float:
-        if not value > 0:
-            raise ValueError("must be > 0")
-        return value
-
-    @field_validator("retention_check_s")
-    @classmethod
-    def _retention_check(cls, value: float) -> float:
-        if not value >= 0:
-            raise ValueError("must be >= 0 (0 = off)")
-        return value
+    retention_days: Positive = 90.0
+    retention_check_s: Annotated[float, bounded(ge=0, message="must be >= 0 (0 = off)")] = 3600.0   # 0 = the purge off
 
     @property
     def retention_s(self) -> float | None:

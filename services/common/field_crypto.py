@@ -44,6 +44,7 @@ TAG_BYTES = 16
 HEADER_BYTES = 1 + 4 + NONCE_BYTES
 TEXT_PREFIX = "enc1:"
 _DIGEST_LABEL = b"hearth-erased-id-v1"
+DIGEST_DEK_VERSION = 1   # the data key version erased-id digests are keyed with (``digests``)
 DEFAULT_TTL_S = 60.0
 
 # fetch(account_id, dek_version) -> (dek_version, 32-byte key); dek_version 0 = newest
@@ -140,16 +141,24 @@ class FieldCipher:
         return entry[1], entry[2]
 
     def digests(self, account_id: str, values: Iterable[str]) -> dict[str, bytes]:
-        """Keyed digests (HMAC-SHA256 under a key derived from the household's newest data
-        key) of ``values``: what a store keeps of an erased event's id so that a replay of
-        the event is refused, without keeping the id (a household erasure shreds the key,
-        and the digests then match nothing). No value, no key asked: an erasure that
+        """Keyed digests (HMAC-SHA256 under a key derived from the household's *first*
+        data key, version ``DIGEST_DEK_VERSION``) of ``values``: what a store keeps of an
+        erased event's id so that a replay of the event is refused, without keeping the id
+        (a household erasure shreds every version, and the digests then match nothing).
+        Not the newest version (until dek24): a household's data key may get a newer
+        version (``KeyRing.create_dek``: latest + 1), and digests keyed with the newest
+        would then stop matching those of every earlier erasure. Version 1 lives as long
+        as the household: only a household erasure destroys it, with every version (no
+        path destroys one version alone; one that did would have to keep version 1). The
+        newest version is asked first: it creates the household's key on first use and
+        refuses a shredded household as before. No value, no key asked: an erasure that
         deleted nothing (a household erased before, its key shredded; an account never
         seen) must neither fail nor create a data key (review23)."""
         values = list(values)
         if not values:
             return {}
-        mac = self._entry(account_id, 0)[3]
+        newest = self._entry(account_id, 0)
+        mac = (newest if newest[1] == DIGEST_DEK_VERSION else self._entry(account_id, DIGEST_DEK_VERSION))[3]
         return {v: hmac.new(mac, v.encode("utf-8"), hashlib.sha256).digest() for v in values}
 
     def require_live(self, account_id: str) -> None:

@@ -210,7 +210,7 @@ class ServiceTokenSigner:
             return self._token(principal, audience, exp)
         cache_key = (principal.id, principal.role.value, audience)
         cached = self._cache.get(cache_key)
-        if cached is not None and cached[0] - now > self.ttl_s / 2:
+        if cached is not None and reusable_token(cached[0], now, self.ttl_s):
             return cached[1]
         exp = int(now + self.ttl_s)
         token = self._token(principal, audience, exp)
@@ -241,6 +241,17 @@ class ServiceTokenSigner:
             self._verified[token] = (principal_id, role, token_audience, exp)
         check_audience_and_lifetime(token_audience, audience, exp, self._clock(), self.ttl_s)
         return None   # the shared secret names no signer (ComponentTokenSigner.verify names it)
+
+
+def reusable_token(exp: int, now: float, ttl_s: float) -> bool:
+    """Whether a cached token expiring at ``exp`` may be presented again at ``now``: more
+    than half its lifetime left, and no more than a whole one — a token ending later than
+    one minted now would was minted while the clock was ahead (a step forward since put
+    right), and every peer refuses it (``token_lifetime_too_long``). Until session 24 the
+    signer kept presenting it until the clock caught up: after an hour's step forward and
+    back, the gateway's every call was refused for that hour (docs/operations.md, "Clock
+    steps")."""
+    return ttl_s / 2 < exp - now <= ttl_s
 
 
 def check_audience_and_lifetime(token_audience: str, audience: str, exp: int, now: float, ttl_s: float) -> None:

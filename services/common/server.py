@@ -192,6 +192,18 @@ def _map_error(exc: BaseException, context: grpc.ServicerContext, method: str) -
         log.warning("%s: a peer this call needs did not answer (%s)", method, code.name)
         context.set_trailing_metadata(((ERROR_CODE_KEY, "unavailable"), (ERROR_FIELD_KEY, "")))
         context.abort(grpc.StatusCode.UNAVAILABLE, "a service this call needs is unavailable")
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        # A peer refused this service's token (this service's own refusals are
+        # HearthErrors, above): the two clocks disagree by more than the tokens' skew
+        # (identity.CLOCK_SKEW_S, 30 s) or the mesh's keys do not match. The peer cannot
+        # be used, as if it were down: UNAVAILABLE, one line naming the likely cause. Until
+        # session 24 it was INTERNAL with a traceback (502 "upstream error") for every
+        # request that needed the peer (docs/operations.md, "Clock steps").
+        log.warning("%s: a peer refused this service's token (%s): the two clocks disagree by more than %.0f s "
+                    "or their service keys do not match", method, exc.details() if callable(
+                        getattr(exc, "details", None)) else "", identity.CLOCK_SKEW_S)
+        context.set_trailing_metadata(((ERROR_CODE_KEY, "unavailable"), (ERROR_FIELD_KEY, "")))
+        context.abort(grpc.StatusCode.UNAVAILABLE, "a service this call needs is unavailable")
     log.error("unexpected error in %s", method, extra={"fields": {"traceback": traceback.format_exc()}})
     context.set_trailing_metadata(((ERROR_CODE_KEY, "internal"), (ERROR_FIELD_KEY, "")))
     context.abort(grpc.StatusCode.INTERNAL, "internal error")

@@ -230,10 +230,12 @@ class ComponentTokenSigner:
             raise ValueError(f"audience: a component name (lower-case letters), not {audience!r}")
         if exp is not None:
             return self._token(principal.id, principal.role.value, audience, exp)
+        from services.common.identity import reusable_token   # identity imports this module
+
         now = self._clock()
         cache_key = (principal.id, principal.role.value, audience)
         cached = self._cache.get(cache_key)
-        if cached is not None and cached[0] - now > self.ttl_s / 2:
+        if cached is not None and reusable_token(cached[0], now, self.ttl_s):
             return cached[1]
         exp = int(now + self.ttl_s)
         token = self._token(principal.id, principal.role.value, audience, exp)

@@ -19,9 +19,11 @@
 
 from __future__ import annotations
 
-from pydantic import field_validator, model_validator
+from typing import Annotated
 
-from services.common.config import ServiceSettings
+from pydantic import model_validator
+
+from services.common.config import AtLeastOne, Positive, ServiceSettings, bounded
 from services.feedback.domain.triggers import TriggerThresholds
 
 
@@ -32,35 +34,14 @@ class FeedbackSettings(ServiceSettings):
     feedback_min_cohort_samples: int = 200
     feedback_disagreement_count: int = 3
     feedback_disagreement_window: int = 5
-    feedback_trigger_cooldown_s: float = 3600.0
-    feedback_check_interval_s: float = 300.0
-    feedback_recalibrate_min_new: int = 500
+    feedback_trigger_cooldown_s: Annotated[float, bounded(ge=0)] = 3600.0
+    feedback_check_interval_s: Annotated[float, bounded(ge=0)] = 300.0
+    feedback_recalibrate_min_new: AtLeastOne = 500
     feedback_experiment: str = "model-variant"
     feedback_control_variant: str = "gmm"
     feedback_variants: str = "kmeans,gmm"
-    feedback_refit_timeout_s: float = 30.0
-    feedback_audit_timeout_s: float = 2.0
-
-    @field_validator("feedback_trigger_cooldown_s", "feedback_check_interval_s")
-    @classmethod
-    def _non_negative(cls, value: float) -> float:
-        if value < 0:
-            raise ValueError("must be >= 0")
-        return value
-
-    @field_validator("feedback_refit_timeout_s", "feedback_audit_timeout_s")
-    @classmethod
-    def _positive_timeout(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError("must be > 0")
-        return value
-
-    @field_validator("feedback_recalibrate_min_new")
-    @classmethod
-    def _positive_count(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError("must be >= 1")
-        return value
+    feedback_refit_timeout_s: Positive = 30.0
+    feedback_audit_timeout_s: Positive = 2.0
 
     @model_validator(mode="after")
     def _consistent(self) -> "FeedbackSettings":

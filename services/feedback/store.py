@@ -300,9 +300,16 @@ class FeedbackStore:
                 (kind, scope, scope_key, value, threshold, n, ts, int(refit_requested)))
         return int(rows[0][0])
 
-    def last_trigger_ts(self, scope: str, scope_key: str, kind: str | None = None) -> float | None:
+    def last_trigger_ts(self, scope: str, scope_key: str, kind: str | None = None,
+                        now: float | None = None) -> float | None:
+        """The newest trigger's time; with ``now``, the newest not later than it: one
+        stamped later was recorded while the clock was ahead (a step since put right), and
+        counting it silenced the triggers until the clock caught up (session 24)."""
         sql = "SELECT MAX(ts) FROM triggers WHERE scope = ? AND scope_key = ?"
         params: list = [scope, scope_key]
+        if now is not None:
+            sql += " AND ts <= ?"
+            params.append(now)
         if kind is not None:
             sql += " AND kind = ?"
             params.append(kind)

@@ -54,7 +54,7 @@ class Triggers:
     def check_household(self, account_id: str) -> list[Trigger]:
         """Disagreement trigger of one household, on feedback received since its last
         disagreement trigger (so one burst of wrong predictions fires once)."""
-        since = self.store.last_trigger_ts("household", account_id, "disagreement")
+        since = self.store.last_trigger_ts("household", account_id, "disagreement", now=self.clock())
         data = build_dataset(self.store.feedback_joined(account_id=account_id, received_after=since),
                              self.policy.weights)
         if not len(data):
@@ -73,9 +73,23 @@ class Triggers:
         now = self.clock()
         data = self.calibration.dataset()
         calibrators = self.store.current_calibrators()
+        ahead = sorted(v for v, c in calibrators.items() if c.fitted_at > now)
+        if ahead:
+            # Fitted while the clock was ahead (a step since put right): which feedback came
+            # after the fit cannot be told by its time, and none would until the clock caught
+            # up (session 24: cohort triggers silenced for the step's length). Refitted now,
+            # the window out of sample for them starts now.
+            log.warning("calibrators of %s were fitted at a time later than now (the clock stepped back): "
+                        "refitting them", ", ".join(ahead))
+            self.calibration.recalibrate(ahead)
+            calibrators = self.store.current_calibrators()
         if len(data):
-            fitted_at = np.array([calibrators[v].fitted_at if v in calibrators else -np.inf for v in data.variants])
-            data = data.subset(data.received_at > fitted_at)
+            # One still later than now (its variant held by an operator, not refitted): all
+            # its feedback is read. Feedback received "later than now" (while the clock was
+            # ahead) was in every fit since: never out of sample.
+            fitted_at = np.array([calibrators[v].fitted_at if v in calibrators and calibrators[v].fitted_at <= now
+                                  else -np.inf for v in data.variants])
+            data = data.subset((data.received_at > fitted_at) & (data.received_at <= now))
         if not len(data):
             return []
         calibrated = self.calibration.calibrated_probs(data, calibrators)
@@ -86,7 +100,7 @@ class Triggers:
                                 self.policy.thresholds)
         recorded = []
         for trigger in fired:
-            last = self.store.last_trigger_ts("cohort", trigger.key, trigger.kind)
+            last = self.store.last_trigger_ts("cohort", trigger.key, trigger.kind, now=now)
             if last is not None and now - last < self.policy.trigger_cooldown_s:
                 continue
             self._record_trigger(trigger, now)

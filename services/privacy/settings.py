@@ -22,9 +22,9 @@ production must configure both (from a secret store).
 
 from __future__ import annotations
 
-from pydantic import SecretStr, field_validator
+from pydantic import SecretStr
 
-from services.common.config import RetentionSettings, ServiceSettings
+from services.common.config import AtLeastOne, Positive, RetentionSettings, ServiceSettings
 
 
 class PrivacySettings(RetentionSettings):
@@ -38,27 +38,12 @@ class PrivacySettings(RetentionSettings):
     receipt_signing_key: str = ""
     keks: str = ""
     active_kek: str = ""
-    deletion_poll_s: float = 1.0
-    deletion_retry_base_s: float = 1.0
-    deletion_retry_max_s: float = 300.0
-    deletion_max_attempts: int = 1000
-    deletion_erase_timeout_s: float = 60.0
-    deletion_lease_s: float = 10.0
-
-    @field_validator("deletion_poll_s", "deletion_retry_base_s", "deletion_retry_max_s",
-                     "deletion_erase_timeout_s", "deletion_lease_s")
-    @classmethod
-    def _positive(cls, value: float) -> float:
-        if not value > 0:
-            raise ValueError("must be > 0")
-        return value
-
-    @field_validator("deletion_max_attempts")
-    @classmethod
-    def _attempts(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError("must be >= 1")
-        return value
+    deletion_poll_s: Positive = 1.0
+    deletion_retry_base_s: Positive = 1.0
+    deletion_retry_max_s: Positive = 300.0
+    deletion_max_attempts: AtLeastOne = 1000
+    deletion_erase_timeout_s: Positive = 60.0
+    deletion_lease_s: Positive = 10.0
 
 
 def privacy_settings(settings: ServiceSettings) -> PrivacySettings:

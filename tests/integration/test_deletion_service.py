@@ -435,7 +435,7 @@ def test_retention_purge_removes_only_data_older_than_the_retention(mesh, stubs)
         predictions(stubs, acct, [(f"{acct}-q-old", "p1", old), (f"{acct}-q-new", "p1", recent)])
     coordinator = mesh.servicers["privacy"].deletion
     coordinator.retention_check_s, coordinator.retention_days = 3600.0, 90.0
-    coordinator._next_retention = 0.0
+    coordinator._retention_period = None
     stored = coordinator.maybe_request_retention(now + 7200)  # a period nobody purged yet
     assert stored.job.scope.account_id == "*" and stored.reason == "retention"
     job = wait_job(stubs, stored.job.job_id)

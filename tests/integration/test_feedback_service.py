@@ -221,6 +221,32 @@ def test_miscalibrated_stream_fires_a_cohort_trigger_then_recalibration_holds(da
     assert app.triggers.check_triggers() == []
 
 
+def test_a_clock_stepped_forward_and_back_does_not_silence_the_triggers_until_it_catches_up(database):
+    """clock24 (docs/operations.md, "Clock steps"): a trigger fired and a calibrator refitted
+    while feedback's clock was a year ahead were stamped a year ahead. Put right, the
+    cohort triggers read only feedback received after the calibrator's fit and kept a
+    cooldown from the newest trigger: none fired for that year, however miscalibrated the
+    answers (a household's disagreement trigger likewise read only feedback after its last
+    trigger). Now the calibrator is refitted at the first check and a trigger stamped later
+    than now starts no cooldown."""
+    thresholds = TriggerThresholds(min_cohort_samples=200, disagreement_count=50, disagreement_window=50)
+    store = FeedbackStore(database)
+    store.migrate()
+    clock = [NOW + 400 * 86400.0]
+    app = FeedbackApp(store, FeedbackPolicy(thresholds=thresholds), refits=RecordingRefits(),
+                      auditor=RecordingAuditor(), clock=lambda: clock[0])
+    _feed_stream(app, synthetic_stream(400, seed=3, variant_distortion={"kmeans": 0.5}), range(400), "ahead")
+    assert ("ece", "all") in {(t.kind, t.key) for t in app.triggers.check_triggers()}   # and refitted
+    clock[0] = NOW                                 # put right
+    assert app.triggers.check_triggers() == []     # the calibrator fitted "a year ahead" is refitted
+    assert app.calibration.calibrator_version() == "kmeans:2"
+    clock[0] = NOW + 60
+    # Under-confident now: the calibrator (fitted on over-confident answers) makes it worse.
+    _feed_stream(app, synthetic_stream(400, seed=4, variant_distortion={"kmeans": 3.0}), range(400), "right")
+    fired = app.triggers.check_triggers()
+    assert ("ece", "all") in {(t.kind, t.key) for t in fired}, fired
+
+
 def test_recalibration_lowers_ece_on_held_out_predictions(database):
     app = make_app(database)
     stream = synthetic_stream(3000, seed=11, variant_distortion={"kmeans": 0.45})

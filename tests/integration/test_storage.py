@@ -573,6 +573,78 @@ def test_an_erased_event_sent_again_is_a_duplicate_and_erased_data_does_not_come
     assert _count(database, "erased_events", a) == 0
 
 
+def test_erased_events_stay_duplicates_after_the_households_data_key_changes(database, cache):
+    """review23's doubt, dek24: the digests of erased ids were keyed with the household's
+    *newest* data key, so once a newer version existed (``KeyRing.create_dek`` makes one:
+    latest + 1, new encryptions use it) a replay of an earlier erasure's events no longer
+    matched its digests and was stored again (7 of 7 here). The digest key is now derived
+    from the household's first data key (version 1), which lives as long as the household
+    (only a household erasure destroys it, with every version). Events stored after the
+    change are sealed under the new version; a household erasure still leaves no digest
+    and no key to make one."""
+    from services.common.erasure import ErasureScope
+    from services.common.errors import FailedPrecondition
+    from services.common.field_crypto import FieldCipher
+    from services.privacy.keys.domain import KeyRing, generate_kek
+    from tests.helpers.keys import NOW, ring_fetcher
+
+    ring = KeyRing([generate_kek("k")], "k")
+    store = ClusteringStore(database, cache, gap_s=1800, lateness_tolerance_s=6 * 3600,
+                            cipher=FieldCipher(ring_fetcher(ring, []), ttl_s=60))
+    store.migrate()
+    a = "acc-rekeyed"
+    tv = [ev(i, T0 + i * 60, account=a) for i in range(3)]
+    tablet = [ev(i, T0 + 30 + i * 60, device="tab-2", account=a) for i in range(4)]
+    assert store.ingest(tv + tablet).accepted == 7
+    store.erase(ErasureScope(a, "device", device_id="tab-2"))
+
+    assert ring.create_dek(a, NOW).dek_version == 2              # the household's data key changes
+    store.cipher.forget(a)                                       # as every replica does within the TTL
+    assert store.cipher.encrypt(a, "title_id", b"x")[1:5] == (2).to_bytes(4, "big")
+    replay = store.ingest(tv + tablet)                           # the whole batch again
+    assert (replay.accepted, replay.duplicates) == (0, 7), replay
+    with database.transaction() as tx:
+        assert {r[0] for r in tx.query("SELECT event_id FROM events WHERE account_id = ?", (a,))} \
+            == {e.event_id for e in tv}
+    # An erasure after the change, and its replay: a duplicate too.
+    assert store.ingest([ev(9, T0 + 400, device="tab-3", account=a)]).accepted == 1
+    store.erase(ErasureScope(a, "device", device_id="tab-3"))
+    assert store.ingest([ev(9, T0 + 400, device="tab-3", account=a)]).duplicates == 1
+    assert _count(database, "erased_events", a) == 5
+
+    store.erase(ErasureScope(a, "household"))
+    ring.destroy_dek(a, NOW)
+    store.cipher.forget(a)
+    assert _count(database, "erased_events", a) == 0
+    with pytest.raises(FailedPrecondition):                      # no version left to key a digest
+        store.cipher.digests(a, ["anything"])
+
+
+def test_erased_touchpoints_stay_duplicates_after_the_households_data_key_changes(database):
+    """As the test above, for attribution's touchpoints and conversions (dek24)."""
+    from services.common.erasure import ErasureScope
+    from services.common.field_crypto import FieldCipher
+    from services.privacy.keys.domain import KeyRing, generate_kek
+    from tests.helpers.keys import NOW, ring_fetcher
+
+    ring = KeyRing([generate_kek("k")], "k")
+    store = AttributionStore(database, cipher=FieldCipher(ring_fetcher(ring, []), ttl_s=60))
+    store.migrate()
+    a = "acc-rekeyed"
+    tps = [Touchpoint(f"tp{i}", a, "tab-2" if i % 2 else "tv-1", T0 + i * 60, "search", campaign="c")
+           for i in range(4)]
+    conv = [Conversion("c-tab", a, T0 + 30, "subscribe", 9.99, "tab-2")]
+    assert store.record_touchpoints(tps) == (4, 0) and store.record_conversions(conv) == (1, 0)
+    store.erase(ErasureScope(a, "device", device_id="tab-2"))
+    assert ring.create_dek(a, NOW).dek_version == 2
+    store.cipher.forget(a)
+    assert store.record_touchpoints(tps) == (0, 4)
+    assert store.record_conversions(conv) == (0, 1)
+    assert [t.touchpoint_id for t in store.load([a], None, None, 86400)[0]] == ["tp0", "tp2"]
+    store.erase(ErasureScope(a, "household"))
+    assert _count(database, "erased_records", a) == 0
+
+
 def test_resolve_persons_picks_the_session_near_each_instant(store):
     store.ingest([ev(i, T0 + i * 60) for i in range(3)] + [ev(10 + i, T0 + 20_000 + i * 60) for i in range(2)])
     first, second = sorted(store.household("acc-1").sessions, key=lambda s: s.start_ts)

@@ -64,3 +64,19 @@ def test_a_request_message_over_the_grpc_limit_is_413_not_429():
         grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(),
         grpc.aio.Metadata((ERROR_CODE_KEY, "resource_exhausted"), (ERROR_FIELD_KEY, "")), details="busy"))
     assert status == 429
+
+
+def test_a_service_refusing_the_gateways_service_token_is_503_not_401():
+    """clock24: a service whose clock is more than the tokens' skew (30 s) behind the
+    gateway's refuses every service token (token_lifetime_too_long), and the client got
+    401 `x-hearth-token: invalid service token` — told its own key was wrong, shown an
+    internal header, and no 5xx for the availability alerts. The gateway authenticated
+    the client itself: this is the mesh's fault, 503 with Retry-After."""
+    trailing = grpc.aio.Metadata((ERROR_CODE_KEY, "unauthenticated"), (ERROR_FIELD_KEY, "x-hearth-token"))
+    exc = grpc.aio.AioRpcError(grpc.StatusCode.UNAUTHENTICATED, grpc.aio.Metadata(), trailing,
+                               details="x-hearth-token: invalid service token")
+    response = from_rpc_error(exc)
+    error = json.loads(response.body)["error"]
+    assert response.status_code == 503 and response.headers["Retry-After"]
+    assert error["code"] == "unavailable" and error["field"] == ""
+    assert "x-hearth-token" not in error["message"] and "token" not in error["message"], error

@@ -5,6 +5,7 @@ and batch split; a batch appended to a long session does not re-read it."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import random
@@ -395,3 +396,100 @@ def test_a_key_service_outage_while_opening_the_state_still_fails_the_batch(tmp_
     down["on"] = False
     store.ingest([random_event(rng, ACCOUNT, 5, T0 + 300.0)])
     assert_sessions_of_stored_events(store, ACCOUNT)
+
+
+class _BeforeSession23(ClusteringStore):
+    """A clustering replica older than session 23 on the same database, as in a rolling
+    upgrade: it knows nothing of UTC offsets — an event's offset does not reach it (the
+    proto field is unknown to it), it reads none from the stored events, extends a kept
+    state ignoring its offset (its parser took any extra key) and writes states as
+    ``to_bytes`` did then: without the key."""
+
+    def ingest(self, events, *args, **kwargs):
+        return super().ingest([dataclasses.replace(e, utc_offset_minutes=None) for e in events], *args, **kwargs)
+
+    def _event_from_row(self, r):
+        return dataclasses.replace(super()._event_from_row(r), utc_offset_minutes=None)
+
+    def _kept_state(self, account, stored):
+        state = super()._kept_state(account, stored)
+        if state is not None:
+            state.utc_offset_minutes = None
+        return state
+
+    def _session_rows(self, states, persons):
+        rows = super()._session_rows(states, persons)
+        if rows and rows[-1][13] is not None:
+            old = {k: v for k, v in json.loads(states[-1].to_bytes()).items() if k != "utc_offset_minutes"}
+            rows[-1] = (*rows[-1][:13], self._seal(rows[-1][1], "session_state", json.dumps(old).encode()))
+        return rows
+
+
+def _offset_fallbacks() -> float:
+    return REGISTRY.get_sample_value("hearth_session_state_fallbacks_total", {"reason": "offset_unknown"}) or 0.0
+
+
+def _mixed_mesh(tmp_path: Path):
+    ring = KeyRing([generate_kek("k1")], "k1")
+    db = SqliteDatabase(tmp_path / "c.db")
+    new, old = (cls(db, gap_s=GAP_S, cipher=FieldCipher(ring_fetcher(ring, []))) for cls in (ClusteringStore, _BeforeSession23))
+    new.migrate()
+    return new, old
+
+
+def _stream(rng, steps, offset):
+    return [random_event(rng, ACCOUNT, i, T0 + 60.0 * i, device="tv-1", utc_offset_minutes=offset) for i in steps]
+
+
+def test_a_state_an_older_replica_rewrote_without_the_offset_is_rebuilt_in_local_time(tmp_path):
+    """review23, dek24: in a rolling upgrade a replica older than session 23 extended a
+    device's session (its first event at +330 min) and wrote the state without the
+    offset; the next batch on a current replica extended that state as UTC, so the
+    session's hour and weekday were the UTC ones for good, against its stored events.
+    A state without the key now says it cannot tell: the store rebuilds from the
+    device's first event with an offset (counted, ``offset_unknown``); the rebuilt
+    state has the key, so the next batch is incremental again."""
+    new, old = _mixed_mesh(tmp_path)
+    rng = random.Random(23)
+    new.ingest(_stream(rng, range(0, 5), 330))
+    old.ingest(_stream(rng, range(5, 8), 330))                  # the same session, on the old replica
+    (stored,) = [r[14] for r in session_rows(new, ACCOUNT) if r[14] is not None]
+    assert "utc_offset_minutes" not in json.loads(stored)       # the state as the old code wrote it
+    before = _offset_fallbacks()
+    new.ingest(_stream(rng, range(8, 10), 330))
+    assert_sessions_of_stored_events(new, ACCOUNT)              # local time: the first event's +330
+    assert _offset_fallbacks() == before + 1
+    new.ingest(_stream(rng, range(10, 12), 330))
+    assert_sessions_of_stored_events(new, ACCOUNT)
+    assert _offset_fallbacks() == before + 1                     # incremental again
+
+
+def test_sessions_an_older_replica_built_before_the_newest_are_rebuilt_too(tmp_path):
+    """The older replica extended the session (UTC) and then started the next one: the
+    first session is no longer the newest and keeps no state, yet it is rebuilt from its
+    stored events when the current replica meets the newest's state without the key."""
+    new, old = _mixed_mesh(tmp_path)
+    rng = random.Random(29)
+    new.ingest(_stream(rng, range(0, 4), -300))
+    old.ingest(_stream(rng, range(4, 6), -300))                 # extends the first session (UTC)
+    old.ingest(_stream(rng, range(100, 102), -300))             # starts the second, after a gap
+    assert len(session_rows(new, ACCOUNT)) == 2
+    new.ingest(_stream(rng, range(102, 104), -300))
+    assert_sessions_of_stored_events(new, ACCOUNT)
+
+
+def test_a_state_without_the_key_on_a_device_without_offsets_is_extended(tmp_path):
+    """Most states written before session 24 lack the key because their device never
+    sent an offset: those are right (UTC), extended as before and rewritten with the key,
+    nothing rebuilt or counted."""
+    new, old = _mixed_mesh(tmp_path)
+    rng = random.Random(31)
+    old.ingest(_stream(rng, range(0, 5), None))
+    before = _offset_fallbacks()
+    rebuilt = []
+    new._rebuild_sessions = lambda *a: rebuilt.append(a)       # type: ignore[method-assign]
+    new.ingest(_stream(rng, range(5, 7), None))
+    assert rebuilt == [] and _offset_fallbacks() == before
+    assert_sessions_of_stored_events(new, ACCOUNT)
+    (stored,) = [r[14] for r in session_rows(new, ACCOUNT) if r[14] is not None]
+    assert json.loads(stored)["utc_offset_minutes"] is None

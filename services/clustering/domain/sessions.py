@@ -92,12 +92,15 @@ class SessionState:
 
     __slots__ = ("account_id", "device_id", "start_ts", "end_ts", "last_event_id", "device_type",
                  "event_count", "watch_seconds", "hints", "unknown", "sums", "vocabulary", "gap_s",
-                 "utc_offset_minutes")
+                 "utc_offset_minutes", "offset_known")
 
     def __init__(self, first: ViewingEvent, vocabulary: GenreVocabulary, gap_s: float) -> None:
         self.account_id, self.device_id, self.start_ts = first.account_id, first.device_id, first.ts
         # The first event's offset is the session's (the module's docstring, "Local time").
         self.utc_offset_minutes = first.utc_offset_minutes
+        # Whether the state says what its first event's offset was: always, but for one
+        # read from bytes written before session 24 (``from_bytes``).
+        self.offset_known = True
         self.vocabulary, self.gap_s = vocabulary.signature, float(gap_s)
         self.end_ts, self.last_event_id, self.device_type = first.ts, first.event_id, first.device_type
         self.event_count, self.watch_seconds = 0, 0.0
@@ -151,15 +154,16 @@ class SessionState:
         )
 
     def to_bytes(self) -> bytes:
-        # The offset is written only when the first event carried one: a state without
-        # it is the bytes written before offsets existed, and reads back as UTC.
-        offset = {} if self.utc_offset_minutes is None else {"utc_offset_minutes": self.utc_offset_minutes}
+        # The offset is always written, null when the first event carried none (since
+        # session 24): a state without the key was written by an older replica, which may
+        # have dropped the first event's offset (``from_bytes``).
         return json.dumps({
             "account_id": self.account_id, "device_id": self.device_id, "start_ts": self.start_ts,
             "end_ts": self.end_ts, "last_event_id": self.last_event_id, "device_type": self.device_type,
             "event_count": self.event_count, "watch_seconds": self.watch_seconds,
             "hints": dict(sorted(self.hints.items())), "unknown": dict(sorted(self.unknown.items())),
-            "sums": self.sums.to_dict(), "vocabulary": self.vocabulary, "gap_s": self.gap_s, **offset,
+            "sums": self.sums.to_dict(), "vocabulary": self.vocabulary, "gap_s": self.gap_s,
+            "utc_offset_minutes": self.utc_offset_minutes,
         }, separators=(",", ":")).encode()
 
     @classmethod
@@ -167,7 +171,14 @@ class SessionState:
         """The state ``to_bytes`` wrote. ValueError for anything else — not JSON, a field
         missing, extra or of another type, a number not finite — so that what parses can
         be extended: the store then rebuilds the session from its stored events (a kept
-        state is a cache of them; docs/clustering.md "Incremental sessions")."""
+        state is a cache of them; docs/clustering.md "Incremental sessions").
+
+        A state without ``utc_offset_minutes`` is the form written before session 24 —
+        before session 23 (no offsets), or by session 23 when the first event carried
+        none. It reads as UTC with ``offset_known`` False: a replica older than session
+        23 in a mixed-version mesh rewrote a device's state without the offset its first
+        event carried, so the store must not extend it blindly (``ClusteringStore.
+        _update_sessions``; docs/clustering.md "Local time")."""
         try:
             d = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -182,7 +193,9 @@ class SessionState:
         state.hints, state.unknown = Counter(checked(d, "hints", {str: int})), Counter(checked(d, "unknown", {str: int}))
         state.sums = FeatureSums.from_dict(checked(d, "sums", dict))
         state.vocabulary, state.gap_s = checked(d, "vocabulary", str), checked(d, "gap_s", float)
-        state.utc_offset_minutes = checked(d, "utc_offset_minutes", int) if "utc_offset_minutes" in d else None
+        state.offset_known = "utc_offset_minutes" in d
+        state.utc_offset_minutes = (checked(d, "utc_offset_minutes", int)
+                                    if state.offset_known and d["utc_offset_minutes"] is not None else None)
         if state.event_count < 1 or not state.start_ts <= state.end_ts:
             raise ValueError("session state: no events, or its end before its start")
         if state.utc_offset_minutes is not None and not (-MAX_UTC_OFFSET_MINUTES <= state.utc_offset_minutes

@@ -34,7 +34,10 @@ service, this one included:
 Retention: every ``HEARTH_RETENTION_CHECK_S`` a job with scope ``window`` over account
 ``"*"`` (every account; only this service's own principal may ask for it) ending at
 ``now - HEARTH_RETENTION_DAYS`` goes through the same path. Its request id is derived
-from the check period, so replicas asking at once share one job.
+from the check period, so replicas asking at once share one job. Its end advances at most
+``RETENTION_MAX_ADVANCE_S`` (a day) past the newest earlier purge's: a clock stepped a
+year forward erased every household's data in a second until session 24; now a day's
+(docs/operations.md, "Clock steps").
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from prometheus_client import Counter, Gauge
 from hearth.common.v1 import common_pb2, common_pb2_grpc
 from services.common import audit, erasure, identity, telemetry
 from services.common.erasure import ALL_ACCOUNTS, ErasureScope, ids_digest
-from services.common.errors import InvalidArgument, PermissionDenied, Unavailable
+from services.common.errors import AlreadyExists, InvalidArgument, PermissionDenied, Unavailable
 from services.common.failure_log import FailureLog
 from services.privacy.audit.domain import format_ts
 from services.privacy.deletion.domain import (
@@ -77,6 +80,13 @@ JOBS_FINISHED = Counter("hearth_deletion_jobs_finished_total", "Deletion jobs th
                         ["state"])
 for _state in ("completed", "failed"):
     JOBS_FINISHED.labels(_state)
+RETENTION_HELD_BACK = Counter(
+    "hearth_retention_purges_held_back_total",
+    "Retention purges whose end was held back to a day past the previous purge's (a clock stepped forward, "
+    "a lowered HEARTH_RETENTION_DAYS, or privacy stopped for over a day)")
+# The most a retention purge's end may advance past the newest earlier purge's (see the
+# module docstring): the purge catches up a day per check period after a longer gap.
+RETENTION_MAX_ADVANCE_S = 86400.0
 OLDEST_OPEN_JOB_AGE = Gauge("hearth_deletion_oldest_open_job_age_seconds",
                             "Age of the oldest deletion job not yet completed or failed (0: none)")
 
@@ -109,6 +119,13 @@ RETENTION_REASON = "retention"
 # after the drain (terminationGracePeriodSeconds = preStop 5 + grace 10 + margin 5).
 CLOSE_TIMEOUT_S = 2.0
 _LOST = -1.0   # a lease token no claim writes: the heartbeat found the lease taken
+# A stored time (a job's next attempt, a lease's end) further ahead of this replica's clock
+# than it could have written — its longest backoff or lease — plus this margin was written
+# by a clock stepped forward (or by a replica whose clock is ahead): the job is due and the
+# lease free now. Until session 24 a job retried while privacy's clock was a year ahead
+# waited that year after the clock was put right (docs/operations.md, "Clock steps").
+FUTURE_MARGIN_S = 3600.0
+
 _FATAL_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
                           grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE})
 
@@ -169,6 +186,7 @@ class DeletionCoordinator:
                  signing_key: Ed25519PrivateKey, *, policy: RetryPolicy = RetryPolicy(),
                  lease_s: float = 10.0, erase_timeout_s: float = 60.0, poll_s: float = 1.0, workers: int = 4,
                  retention_days: float = 90.0, retention_check_s: float = 0.0,
+                 retention_max_advance_s: float = RETENTION_MAX_ADVANCE_S,
                  on_local_erase: Callable[[ErasureScope], Mapping[str, Any] | None] | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.jobs = jobs
@@ -186,6 +204,7 @@ class DeletionCoordinator:
         self.poll_s = poll_s
         self.retention_days = retention_days
         self.retention_check_s = retention_check_s
+        self.retention_max_advance_s = retention_max_advance_s
         self._on_local_erase = on_local_erase
         self._clock = clock
         self._wake = threading.Event()
@@ -210,7 +229,13 @@ class DeletionCoordinator:
         self._advancing_lock = threading.Lock()
         self._heartbeat_thread: threading.Thread | None = None
         self._closed = threading.Event()
-        self._next_retention = 0.0
+        # The check period (retention_scope) last purged by this process: a purge is asked
+        # for whenever the period differs, so a clock stepped back does not stop the purge
+        # until it reaches the period it had stepped to (session 24: a year).
+        self._retention_period: int | None = None
+        # A stored time later than now + this is a clock step's (FUTURE_MARGIN_S).
+        self.future_bound_s = max(lease_s, policy.max_delay.total_seconds() * (1.0 + policy.jitter)) \
+            + FUTURE_MARGIN_S
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -317,7 +342,7 @@ class DeletionCoordinator:
         they are done (tests, tools). Returns the number of jobs claimed."""
         now = time.time()
         futures = []
-        for job_id in self.jobs.due(now):
+        for job_id in self.jobs.due(now, future_bound_s=self.future_bound_s):
             if self._stop.is_set():
                 break
             with self._advancing_lock:
@@ -327,7 +352,7 @@ class DeletionCoordinator:
                 # same Erase from two, three, four passes of one process at once.
                 if job_id in self._advancing_ids:
                     continue
-            lease = self.jobs.claim(job_id, now, self.lease_s)
+            lease = self.jobs.claim(job_id, now, self.lease_s, future_bound_s=self.future_bound_s)
             if lease is not None:
                 with self._lease_lock:
                     self._leases[job_id] = lease
@@ -487,7 +512,10 @@ class DeletionCoordinator:
                 receipt_json = None
                 try:
                     result, counts, already = self._erase(service, job)
-                    job = confirm_service(job, service, result, self._clock())
+                    # Never before the request: a receipt whose completion precedes it does
+                    # not verify (receipts.py), and a job requested by a replica whose clock
+                    # is ahead, or completed after a step back, failed its every attempt.
+                    job = confirm_service(job, service, result, max(self._clock(), job.requested_at))
                     erasures[service] = {"deleted_counts": counts, "already_erased": already}
                     if job.state is JobState.COMPLETED:
                         receipt = build_receipt(job, f"r-{job.job_id}", self.key_id)
@@ -528,7 +556,7 @@ class DeletionCoordinator:
         return ()
 
     def _runnable(self, job: DeletionJob) -> list[str]:
-        due = set(due_services(job, self._clock()))
+        due = set(due_services(job, self._clock(), timedelta(seconds=self.future_bound_s)))
         return [s for s in self._stage(job) if s in due]
 
     def _next_due(self, job: DeletionJob) -> datetime | None:
@@ -585,11 +613,29 @@ class DeletionCoordinator:
         if self.retention_check_s <= 0:
             return None
         now = time.time() if now is None else now
-        if now < self._next_retention:
+        if int(now // self.retention_check_s) == self._retention_period:
             return None
         scope, request_id = self.retention_scope(now)
-        stored = self.request(scope, request_id, RETENTION_REASON, identity.service_principal("privacy"))
-        self._next_retention = (int(now // self.retention_check_s) + 1) * self.retention_check_s
+        previous = self.jobs.last_retention_end(RETENTION_REASON)
+        if previous is not None and scope.end > previous + self.retention_max_advance_s:
+            # A purge never erases more than a day's data past the previous one's: the
+            # clock may have stepped forward (a year's step erased everything at once).
+            held = previous + self.retention_max_advance_s
+            RETENTION_HELD_BACK.inc()
+            log.error("retention purge held back: this replica's clock (%s) would erase everything older than %s, "
+                      "%.1f days past the previous purge's end; erasing up to %s only. If the clock is right "
+                      "(privacy was stopped, or HEARTH_RETENTION_DAYS lowered) the purge catches up a day per "
+                      "check; if not, set the clock right", format_ts(datetime.fromtimestamp(now, UTC)),
+                      format_ts(datetime.fromtimestamp(scope.end, UTC)), (scope.end - previous) / 86400.0,
+                      format_ts(datetime.fromtimestamp(held, UTC)))
+            # One held-back purge a period: another replica asking for this period after
+            # this one's purge was stored computes a day further and gets this one's.
+            scope, request_id = ErasureScope(ALL_ACCOUNTS, "window", end=held), f"{request_id}:held"
+        try:
+            stored = self.request(scope, request_id, RETENTION_REASON, identity.service_principal("privacy"))
+        except AlreadyExists:
+            stored = self.jobs.by_request(request_id)
+        self._retention_period = int(now // self.retention_check_s)
         return stored
 
     # ---- audit ---------------------------------------------------------------------------

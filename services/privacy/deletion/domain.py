@@ -188,15 +188,18 @@ def start_job(job: DeletionJob, now: datetime) -> DeletionJob:
     return replace(job, state=JobState.RUNNING, services=services, updated_at=when)
 
 
-def due_services(job: DeletionJob, now: datetime) -> list[str]:
-    """Services the worker should call at ``now`` (sorted by name)."""
+def due_services(job: DeletionJob, now: datetime, horizon: timedelta | None = None) -> list[str]:
+    """Services the worker should call at ``now`` (sorted by name). ``horizon``: an
+    attempt set later than ``now + horizon`` was set by a clock stepped forward, and is
+    due now (app.FUTURE_MARGIN_S)."""
     if job.state is not JobState.RUNNING:
         return []
     when = parse_ts(now, "now")
     return sorted(
         n for n, p in job.services.items()
         if p.status in (ServiceStatus.PENDING, ServiceStatus.RETRYING)
-        and p.next_attempt_at is not None and p.next_attempt_at <= when
+        and p.next_attempt_at is not None
+        and (p.next_attempt_at <= when or (horizon is not None and p.next_attempt_at > when + horizon))
     )
 
 

@@ -33,6 +33,10 @@ def _ts(value: datetime | None) -> float | None:
     return value.timestamp() if value is not None else None
 
 
+# No stored time is later than this (year 33658): "no bound" in due/claim.
+_NEVER = 1e12
+
+
 class DeletionJobStore:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -95,12 +99,16 @@ class DeletionJobStore:
         return StoredJob(job, stored.request_id, stored.reason, stored.version + 1, erasures, receipt_json,
                          stored.trace_context)
 
-    def due(self, now: float, limit: int = 100) -> list[str]:
-        """Ids of jobs that need work at ``now`` and are not leased by a live worker."""
+    def due(self, now: float, limit: int = 100, future_bound_s: float | None = None) -> list[str]:
+        """Ids of jobs that need work at ``now`` and are not leased by a live worker.
+        ``future_bound_s``: a due time or lease end later than ``now`` + it was written by
+        a clock stepped forward: the job is due, the lease free (app.FUTURE_MARGIN_S)."""
+        far = now + future_bound_s if future_bound_s is not None else _NEVER
         with self.db.transaction() as tx:
             rows = tx.query("SELECT job_id FROM deletion_jobs WHERE state IN ('pending', 'running') "
-                            "AND (next_due IS NULL OR next_due <= ?) AND lease_until < ? "
-                            "ORDER BY next_due LIMIT ?", (now, now, limit))
+                            "AND (next_due IS NULL OR next_due <= ? OR next_due > ?) "
+                            "AND (lease_until < ? OR lease_until > ?) "
+                            "ORDER BY next_due LIMIT ?", (now, far, now, far, limit))
         return [r[0] for r in rows]
 
     def next_due(self) -> float | None:
@@ -120,19 +128,27 @@ class DeletionJobStore:
     # the value it holds. Until session 20 renew and release matched the job alone: a pass
     # whose lease had run out while a peer did not answer renewed or freed the lease the
     # next replica had taken, so a third pass could claim the job beside the two.
-    def claim(self, job_id: str, now: float, lease_s: float) -> float | None:
-        """Take a job whose lease has run out: the lease held (its token), or None."""
+    def claim(self, job_id: str, now: float, lease_s: float, future_bound_s: float | None = None) -> float | None:
+        """Take a job whose lease has run out (or ends later than ``now`` +
+        ``future_bound_s``: a clock step's, see ``due``): the lease held (its token), or None."""
         until = now + lease_s
+        far = now + future_bound_s if future_bound_s is not None else _NEVER
         with self.db.transaction() as tx:
-            taken = tx.execute("UPDATE deletion_jobs SET lease_until = ? WHERE job_id = ? AND lease_until < ?",
-                               (until, job_id, now)) == 1
+            taken = tx.execute("UPDATE deletion_jobs SET lease_until = ? WHERE job_id = ? "
+                               "AND (lease_until < ? OR lease_until > ?)", (until, job_id, now, far)) == 1
         return until if taken else None
 
     def renew(self, job_id: str, held: float, now: float, lease_s: float) -> float | None:
         """The lease ``held`` (a claim's or a renewal's token) renewed from now; None when
         it is no longer this holder's (it ran out and another replica claimed the job)."""
         until = max(now + lease_s, held)
-        if until == held:
+        if held > now + lease_s:
+            # Written while this replica's clock was ahead (a step since put right): brought
+            # back to now + lease_s, and checked — another replica may have taken it (``due``
+            # treats a lease that far ahead as free). Until session 24 it was kept unchecked
+            # until the clock caught up, while the other replica's pass ran beside this one.
+            until = now + lease_s
+        elif until == held:
             return held
         with self.db.transaction() as tx:
             kept = tx.execute("UPDATE deletion_jobs SET lease_until = ? WHERE job_id = ? AND lease_until = ?",
@@ -152,6 +168,15 @@ class DeletionJobStore:
         with self.db.transaction() as tx:
             return tx.execute("UPDATE deletion_jobs SET lease_until = 0 WHERE job_id = ? AND lease_until = ?",
                               (job_id, held)) == 1
+
+    def last_retention_end(self, reason: str, newest: int = 24) -> float | None:
+        """The latest end among the newest ``newest`` retention purges (account "*",
+        ``reason``) that did not fail: how far the purge has erased (None: never)."""
+        with self.db.transaction() as tx:
+            rows = tx.query("SELECT job_json FROM deletion_jobs WHERE account_id = '*' AND reason = ? "
+                            "AND state <> 'failed' ORDER BY created_at DESC LIMIT ?", (reason, newest))
+        ends = [job_from_dict(json.loads(r[0])).scope.end for r in rows]
+        return max((e for e in ends if e is not None), default=None)
 
     def for_account(self, account_id: str) -> list[StoredJob]:
         with self.db.transaction() as tx:

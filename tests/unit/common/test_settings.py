@@ -192,3 +192,62 @@ def test_the_consent_cache_is_a_setting_of_every_service_within_the_stale_bound(
     for service in ("clustering", "attribution", "feedback"):
         source = (ROOT / "services" / service / "__main__.py").read_text()
         assert "ttl_s=settings.consent_cache_s" in source, service
+
+
+_NAN = float("nan")
+_POSITIVE = ([0, -1, _NAN], [0.001, 3600], "must be > 0")
+# Every bounded setting: values refused, values accepted (the bounds themselves where
+# they are included) and the message, which the error names with its variable.
+_BOUNDS = {
+    "grpc_max_message_bytes": ([1024 * 1024 - 1, 1024**3 + 1], [1024 * 1024 * 16, 1024**3], "must be bytes in [1 MiB, 1 GiB]"),
+    "grpc_reconnect_max_s": ([0.049, 120.5, _NAN], [0.05, 120], "must be seconds in [0.05, 120]"),
+    "service_token_ttl_s": ([0, -1, 86401, _NAN], [0.5, 86400], "must be seconds in (0, 86400]"),
+    **{port: ([-1, 65536], [0, 65535], "must be a port number in 0..65535")
+       for port in ("grpc_port", "metrics_port", "health_port", "gateway_port", "edge_authorizer_port")},
+    **{name: _POSITIVE for name in (
+        "grace_seconds", "peer_timeout_s", "retention_days", "session_gap_s", "lateness_tolerance_s",
+        "population_prior_refresh_s", "calibrator_cache_s", "prediction_forward_interval_s", "deletion_poll_s",
+        "deletion_retry_base_s", "deletion_retry_max_s", "deletion_erase_timeout_s", "deletion_lease_s",
+        "feedback_refit_timeout_s", "feedback_audit_timeout_s", "rpc_timeout_s", "health_timeout_s")},
+    "reflection_stream_s": ([0, 600.5, _NAN], [0.1, 600], "must be seconds in (0, 600]"),
+    "consent_cache_s": ([-0.1, 300.5, _NAN], [0, 300], "must be seconds in [0, 300]"),
+    "retention_check_s": ([-1, _NAN], [0, 3600], "must be >= 0 (0 = off)"),
+    **{name: ([0, -5], [1, 1000], "must be >= 1") for name in ("deletion_max_attempts", "feedback_recalibrate_min_new")},
+    **{name: ([-1, _NAN], [0, 60], "must be >= 0") for name in ("feedback_trigger_cooldown_s", "feedback_check_interval_s")},
+    "max_body_bytes": ([1023, 1024**3 + 1], [1024, 16 * 1024 * 1024], "must be between 1 KiB and 1 GiB"),
+    "jwt_leeway_s": ([-1, 300.5, _NAN], [0, 300], "must be between 0 and 300 seconds"),
+}
+_COMPONENTS = (config.MeshSettings, config.ServiceSettings, config.RetentionSettings, ClusteringSettings,
+               AttributionSettings, FeedbackSettings, PrivacySettings, GatewaySettings)
+
+
+def _errors(cls, **values) -> list[str]:
+    try:
+        config._build(cls, values)
+    except config.ConfigError as exc:
+        return str(exc).splitlines()[1:]
+    return []
+
+
+@pytest.mark.parametrize("cls", _COMPONENTS, ids=lambda c: c.__name__)
+def test_every_bounded_setting_of_every_component_is_checked_naming_it(cls, monkeypatch):
+    """dek24: every bounded setting a component reads refuses a value out of its bounds —
+    NaN too — with the one line naming the variable, in every component that reads it, and
+    takes its bounds. Until session 24 each was a hand-written pydantic validator, and a
+    subclass's validator of the same name replaced its base class's: clustering's and
+    privacy's ``_positive`` (their own settings) dropped ServiceSettings' ``_positive``, so
+    HEARTH_GRACE_SECONDS=0 and HEARTH_PEER_TIMEOUT_S=-1 were accepted by those two
+    services only; and a check written ``value <= 0`` let NaN through."""
+    for name in list(os.environ):
+        if name.startswith(config.ENV_PREFIX):
+            monkeypatch.delenv(name)
+    fields = [f for f in _BOUNDS if f in cls.model_fields]
+    assert fields
+    for field in fields:
+        bad, good, message = _BOUNDS[field]
+        variable = config.ENV_PREFIX + field.upper()
+        for value in bad:
+            assert _errors(cls, **{field: value}) == [f"  {variable}: Value error, {message}"], (field, value)
+        for value in good:
+            extra = {"max_body_bytes": 1024} if field == "grpc_max_message_bytes" and cls is GatewaySettings else {}
+            assert _errors(cls, **{field: value}, **extra) == [], (field, value)

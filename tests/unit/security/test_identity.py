@@ -161,6 +161,20 @@ def test_tokens_are_cached_until_half_their_lifetime(signer):
     assert signer.sign(ALICE, audience=AUD) != first
 
 
+def test_a_token_cached_while_the_clock_was_ahead_is_not_presented_after_it_steps_back(signer):
+    """clock24: a signer whose clock stepped an hour ahead, then back, kept presenting the
+    token it minted while ahead (it had "more than half its lifetime left") and every peer
+    refused it (token_lifetime_too_long) for that hour."""
+    real = signer.clock.now
+    signer.clock.now = real + 3600
+    ahead = signer.sign(ALICE, audience=AUD)
+    signer.clock.now = real
+    token = signer.sign(ALICE, audience=AUD)
+    assert token != ahead
+    assert signer.verify("alice", "analyst", token, audience=AUD) is None
+    assert signer.sign(ALICE, audience=AUD) == token     # cached again from now on
+
+
 def test_key_and_ttl_are_validated():
     with pytest.raises(ValueError, match="key"):
         ServiceTokenSigner(b"short")

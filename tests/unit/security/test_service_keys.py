@@ -277,3 +277,20 @@ def test_the_command_line_generates_a_keyset(tmp_path, capsys):
     assert sorted(k.component for k in keyset.values()) == ["gateway", "privacy"]
     with pytest.raises(SystemExit):
         service_keys.main(["generate", str(tmp_path), "root"])
+
+
+def test_a_component_token_cached_while_the_clock_was_ahead_is_not_presented_after_it_steps_back(keys):
+    """clock24: as tests/unit/security/test_identity.py, for the per-component signer."""
+    clock = Clock()
+    real = clock.now
+    signer, verifier = signer_of(keys, "gateway", clock), signer_of(keys, "clustering", Clock(real))
+    principal = Principal("alice", Role.ANALYST)
+    clock.now = real + 3600
+    ahead = signer.sign(principal, audience="clustering")
+    clock.now = real
+    with pytest.raises(Unauthenticated) as refused:
+        verifier.verify("alice", "analyst", ahead, audience="clustering")
+    assert reason_of(refused) == "token_lifetime_too_long"
+    token = signer.sign(principal, audience="clustering")
+    assert token != ahead
+    assert verifier.verify("alice", "analyst", token, audience="clustering") == "gateway"
