@@ -21,6 +21,7 @@ Arguments are passed to both (``make test ARGS="-x"``).
 
 from __future__ import annotations
 
+import ctypes
 import re
 import signal
 import subprocess
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PR_SET_PDEATHSIG = 1   # linux/prctl.h
 FIRST_HALF = ("tests/unit", "tests/contract", "tests/deploy", "tests/security")
 
 
@@ -47,8 +49,13 @@ def summary(text: str) -> str:
     return "(no summary: " + (text.strip().splitlines() or ["no output"])[-1][:200] + ")"
 
 
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)   # an ignored SIGINT would be inherited through exec
+def _child_setup() -> None:
+    """In each pytest process before it starts: SIGINT back to its default (an ignored one
+    would be inherited through exec), and SIGKILL when this process dies (PR_SET_PDEATHSIG,
+    as services/common/child_process.py ties the meshes to pytest): a killed `make test`
+    leaves no pytest behind, and each pytest's own servers and meshes die with it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def main(argv: list[str]) -> int:
@@ -67,9 +74,9 @@ def _run(first_cmd: list[str], second_cmd: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with tempfile.NamedTemporaryFile("w+", prefix="hearth-test-first-half-", suffix=".log") as log:
         first = subprocess.Popen(first_cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, preexec_fn=_default_sigint)
+                                 stdin=subprocess.DEVNULL, preexec_fn=_child_setup)
         second = subprocess.Popen(second_cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, text=True, preexec_fn=_default_sigint)
+                                  stdin=subprocess.DEVNULL, text=True, preexec_fn=_child_setup)
 
         def forward(signum, _frame):   # e.g. a CI timeout: stop both, and their processes with them
             for proc in (first, second):

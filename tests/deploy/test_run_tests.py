@@ -1,6 +1,7 @@
 """scripts/run_tests.py, what `make test` runs: the suite as two pytest processes side by side
 (docs/benchmarks.md, "Session 24"). Every test directory is in exactly one of them, both
-processes' output is printed, and the run fails when either fails."""
+processes' output is printed, the run fails when either fails, and a killed run leaves
+neither behind."""
 
 from __future__ import annotations
 
@@ -56,3 +57,24 @@ def test_the_script_runs_as_make_runs_it():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:]
     assert done.stdout.count("\npytest ") == 2, done.stdout[-2000:]   # both halves ran
+
+
+def test_a_pytest_process_dies_with_a_killed_runner():
+    import os
+    import signal
+    import time
+
+    from tests.helpers.processes import alive
+
+    runner = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time; sys.path.insert(0, 'scripts'); import run_tests; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], preexec_fn=run_tests._child_setup); "
+        "print(p.pid, flush=True); time.sleep(120)")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    child = int(runner.stdout.readline())
+    assert alive(child)
+    os.kill(runner.pid, signal.SIGKILL)
+    runner.wait()
+    deadline = time.monotonic() + 30
+    while alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(child)
