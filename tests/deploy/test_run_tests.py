@@ -71,10 +71,14 @@ def test_a_pytest_process_dies_with_a_killed_runner():
         "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], preexec_fn=run_tests._child_setup); "
         "print(p.pid, flush=True); time.sleep(120)")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     child = int(runner.stdout.readline())
-    assert alive(child)
-    os.kill(runner.pid, signal.SIGKILL)
-    runner.wait()
-    deadline = time.monotonic() + 30
-    while alive(child) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not alive(child)
+    try:
+        assert alive(child)
+        os.kill(runner.pid, signal.SIGKILL)
+        runner.wait()
+        deadline = time.monotonic() + 30
+        while alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(child)
+    finally:
+        if alive(child):
+            os.kill(child, signal.SIGKILL)
