@@ -15,13 +15,34 @@ the ingest and of the refresh, the refresh also without the batches whose refres
 saved a new model version (folds: every ``MICRO_BATCH`` closed sessions, drift refits)
 and per fold. Run it from another tree (``git archive REF | tar -x -C DIR``, with this
 tree's generated ``hearth/``) for that commit's figures: it calls only what main has.
+
+    python -m bench.refresh_cpu --fold [--days 100,400,1200] [--stream-days 60]
+                                [--baseline REF] [--repeats 3] [--out FILE]
+
+``--fold`` (session 24, docs/benchmarks.md "A fold's drift check"): the stream is
+moved by whole weeks to start a day from now (the devices' watermarks close its
+sessions, hours and weekdays are kept) and the keeper is asked to refresh only when a
+fold is due
+(``MICRO_BATCH`` sessions closed since the model's last update), so every refresh
+timed is a fold; per history length the median CPU ms of a fold, of its drift check
+(``ModelKeeper._check_drift``, timed around the call) and the first fold's (the one
+after the history's fit, which builds the drift detector) separately.
+``--baseline REF`` runs each measurement in a child process from this tree and from
+commit REF's (``bench.assign_cpu.extract``, this file copied in so both sides measure
+the same way), alternating, ``--repeats`` times each; prints medians per side and the
+ratio candidate / baseline.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
+import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -31,7 +52,10 @@ from pathlib import Path
 from bench.ingest_cpu import _fetcher
 from bench.verify import household_events
 from services.clustering.app import ClusteringApp
+from services.clustering.household import MICRO_BATCH
+from services.clustering.modeling import ModelKeeper
 from services.clustering.domain.events import ViewingEvent
+from services.clustering import store as store_module
 from services.clustering.store import ClusteringStore
 from services.common.field_crypto import FieldCipher
 from services.common.storage.sql import SqliteDatabase
@@ -47,7 +71,52 @@ def _event(d: dict) -> ViewingEvent:
                         duration_s=d["duration_s"], maturity=d["maturity"])
 
 
-def measure(days: int, stream_days: int, batch: int, root: Path) -> dict:
+class _StreamClock:
+    """The clustering store's clock (``services.clustering.store.time``) set to the
+    stream's time while installed."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+    def __enter__(self) -> "_StreamClock":
+        store_module.time = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        store_module.time = time
+
+
+class _DriftClock:
+    """CPU seconds spent in ``ModelKeeper._check_drift`` (the wrapper is installed for
+    the measurement and removed after)."""
+
+    def __init__(self) -> None:
+        self.spent = 0.0
+        self._orig = ModelKeeper._check_drift
+
+    def __enter__(self) -> "_DriftClock":
+        orig, clock = self._orig, self
+
+        def timed(keeper, *args, **kwargs):
+            c0 = time.process_time()
+            try:
+                return orig(keeper, *args, **kwargs)
+            finally:
+                clock.spent += time.process_time() - c0
+        ModelKeeper._check_drift = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        ModelKeeper._check_drift = self._orig
+
+
+def measure(days: int, stream_days: int, batch: int, root: Path, fold_only: bool = False) -> dict:
     store = ClusteringStore(SqliteDatabase(root / f"refresh-{days}.db"),
                             cipher=FieldCipher(_fetcher(KeyRing([generate_kek("k1")], "k1"))))
     store.migrate()
@@ -59,34 +128,117 @@ def measure(days: int, stream_days: int, batch: int, root: Path) -> dict:
     # the last stream_days, moved to end a minute ago: live, so sessions close by their
     # device's next session (its watermark), as a client's stream closes them
     shift = time.time() - 60.0 - events[-1].ts
+    clock = None
+    if fold_only:
+        # Not moved, and the store's clock is the stream's (the newest event ingested):
+        # the stream is live, as a client's: a session closes one gap after its end
+        # and no later batch extends it. (Moved to end a minute ago as above, the
+        # stream's past is closed by the real clock at once, its sessions then extended
+        # by the next batches, and its hours and weekdays move by a fraction of a day,
+        # which is a change of habits to the drift detector: nearly every fold of it
+        # refits.)
+        shift = 0.0
+        clock = _StreamClock(cut)
     stream = [replace(e, ts=e.ts + shift) for e in events if e.ts > cut]
-    for i in range(0, len(history), 1000):
-        store.ingest(history[i:i + 1000])
-    version, _ = app.keeper.refresh(ACCOUNT)
-    closed_before = store.closed_session_count(ACCOUNT)
+    with clock or contextlib.nullcontext():
+        for i in range(0, len(history), 1000):
+            store.ingest(history[i:i + 1000])
+        version, _ = app.keeper.refresh(ACCOUNT)
+        closed_before = store.closed_session_count(ACCOUNT)
+    if clock is not None:
+        clock.__enter__()
+    try:
+        return _stream(app, store, stream, batch, version, closed_before, fold_only, clock)
+    finally:
+        if clock is not None:
+            clock.__exit__()
+
+
+def _stream(app: ClusteringApp, store: ClusteringStore, stream: list[ViewingEvent], batch: int, version: int,
+            closed_before: int, fold_only: bool, clock: _StreamClock | None) -> dict:
     ingest = refresh = fold = 0.0
     batches = folds = 0
-    for i in range(0, len(stream), batch):
-        c0 = time.process_time()
-        app.ingest(stream[i:i + batch])
-        c1 = time.process_time()
-        new_version, _ = app.keeper.refresh(ACCOUNT)
-        c2 = time.process_time()
-        batches += 1
-        ingest += c1 - c0
-        refresh += c2 - c1
-        if new_version != version:
-            folds += 1
-            fold += c2 - c1
-        version = new_version
+    fold_ms: list[float] = []
+    drift_ms: list[float] = []
+    with _DriftClock() as drift:
+        for i in range(0, len(stream), batch):
+            if clock is not None:
+                clock.now = stream[i:i + batch][-1].ts + 1.0
+            c0 = time.process_time()
+            app.ingest(stream[i:i + batch])
+            c1 = time.process_time()
+            if fold_only:
+                _, envelope = app.keeper.load(ACCOUNT)
+                if store.closed_session_count(ACCOUNT) - envelope.included < MICRO_BATCH:
+                    continue
+                c1 = time.process_time()   # what the due check cost is not the fold's
+            drift_before = drift.spent
+            new_version, _ = app.keeper.refresh(ACCOUNT)
+            c2 = time.process_time()
+            batches += 1
+            ingest += c1 - c0
+            refresh += c2 - c1
+            if new_version != version:
+                folds += 1
+                fold += c2 - c1
+                fold_ms.append(1e3 * (c2 - c1))
+                drift_ms.append(1e3 * (drift.spent - drift_before))
+            version = new_version
     closed_after = store.closed_session_count(ACCOUNT)
     app.close()
     store.db.close()
-    return {"closed_sessions": closed_before, "closed_after": closed_after, "batches": batches,
-            "ingest_ms_per_batch": round(1e3 * ingest / batches, 3),
-            "refresh_ms_per_batch": round(1e3 * refresh / batches, 3),
-            "refresh_ms_per_batch_without_folds": round(1e3 * (refresh - fold) / max(1, batches - folds), 3),
-            "folds": folds, "ms_per_fold": round(1e3 * fold / folds, 1) if folds else None}
+    out = {"closed_sessions": closed_before, "closed_after": closed_after, "batches": batches,
+           "ingest_ms_per_batch": round(1e3 * ingest / batches, 3),
+           "refresh_ms_per_batch": round(1e3 * refresh / batches, 3),
+           "refresh_ms_per_batch_without_folds": round(1e3 * (refresh - fold) / max(1, batches - folds), 3),
+           "folds": folds, "ms_per_fold": round(1e3 * fold / folds, 1) if folds else None}
+    if fold_only:
+        # the first fold after the history's fit builds the drift detector; the others
+        # are the steady state of a household between refits
+        out.update({"first_fold_ms": round(fold_ms[0], 1) if fold_ms else None,
+                    "first_fold_drift_ms": round(drift_ms[0], 1) if drift_ms else None,
+                    "fold_ms_median": round(statistics.median(fold_ms[1:]), 1) if len(fold_ms) > 1 else None,
+                    "fold_drift_ms_median": round(statistics.median(drift_ms[1:]), 1) if len(drift_ms) > 1 else None,
+                    "fold_ms": [round(v, 1) for v in fold_ms], "fold_drift_ms": [round(v, 1) for v in drift_ms]})
+    return out
+
+
+def _child(tree: Path, days: str, args: argparse.Namespace) -> dict:
+    """One measurement of every history length in a child process run from ``tree``."""
+    cmd = [sys.executable, "-m", "bench.refresh_cpu", "--days", days, "--stream-days", str(args.stream_days),
+           "--batch", str(args.batch)] + (["--fold"] if args.fold else [])
+    done = subprocess.run(cmd, cwd=tree, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def compare(args: argparse.Namespace) -> dict:
+    """This tree against commit ``args.baseline``'s, alternating child runs."""
+    from bench.assign_cpu import ROOT, extract
+
+    keys = ("fold_ms_median", "fold_drift_ms_median", "first_fold_ms", "first_fold_drift_ms",
+            "ms_per_fold", "refresh_ms_per_batch", "refresh_ms_per_batch_without_folds")
+    with tempfile.TemporaryDirectory() as work:
+        base_tree = extract(args.baseline, Path(work) / "baseline")
+        shutil.copy(Path(__file__), base_tree / "bench" / "refresh_cpu.py")
+        runs: dict[str, list[dict]] = {"baseline": [], "candidate": []}
+        for r in range(args.repeats):
+            order = [("baseline", base_tree), ("candidate", ROOT)]
+            for side, tree in order if r % 2 == 0 else order[::-1]:
+                runs[side].append(_child(tree, args.days, args))
+                print(f"# {side} run {r + 1}: {json.dumps(runs[side][-1])}", file=sys.stderr)
+    out: dict = {"baseline_ref": args.baseline, "repeats": args.repeats, "fold": args.fold,
+                 "stream_days": args.stream_days, "batch": args.batch}
+    for d in args.days.split(","):
+        name = f"days_{d}"
+        row: dict = {"closed_sessions": runs["candidate"][0][name]["closed_sessions"],
+                     "folds": runs["candidate"][0][name]["folds"]}
+        for side in ("baseline", "candidate"):
+            vals = {k: [run[name][k] for run in runs[side] if run[name].get(k) is not None] for k in keys}
+            row[side] = {k: round(statistics.median(v), 2) for k, v in vals.items() if v}
+        row["ratio"] = {k: round(row["candidate"][k] / row["baseline"][k], 3) for k in keys
+                        if row["baseline"].get(k) and k in row["candidate"]}
+        out[name] = row
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -94,10 +246,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--days", default="100,400,1200", help="history lengths in days, comma-separated")
     p.add_argument("--stream-days", type=int, default=30, help="the last days of viewing, streamed")
     p.add_argument("--batch", type=int, default=2, help="events a batch")
+    p.add_argument("--fold", action="store_true", help="refresh only when a fold is due: every refresh timed folds")
+    p.add_argument("--baseline", default="", help="git commit measured beside this tree (child processes)")
+    p.add_argument("--repeats", type=int, default=3, help="with --baseline: runs of each side, alternating")
+    p.add_argument("--out", default="", help="also write the JSON object to this file")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory() as root:
-        out = {f"days_{d}": measure(int(d), args.stream_days, args.batch, Path(root))
-               for d in args.days.split(",")}
+    if args.baseline:
+        out = compare(args)
+    else:
+        with tempfile.TemporaryDirectory() as root:
+            out = {f"days_{d}": measure(int(d), args.stream_days, args.batch, Path(root), args.fold)
+                   for d in args.days.split(",")}
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out))
     return out
 

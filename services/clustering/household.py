@@ -39,12 +39,20 @@ class Envelope:
     # the session at position included - 1 when saved: detects a session inserted before it
     # ("" = an envelope saved before this was kept: not checked)
     last_included_id: str = ""
+    # The drift detector's state after the last drift check (ModelKeeper._check_drift,
+    # DriftDetector.checkpoint): the next fold resumes it instead of rebuilding the
+    # detector over the whole reference. None: rebuilt at the next check. Kept in the
+    # header (an older replica ignores the key, and its save drops the state: rebuilt).
+    drift_state: dict | None = None
 
     def to_bytes(self) -> bytes:
-        header = json.dumps({"v": ENVELOPE_VERSION, "included": self.included,
-                             "reference_end": self.reference_end, "drift_checked": self.drift_checked,
-                             "first_session_id": self.first_session_id,
-                             "last_refit": self.last_refit, "last_included_id": self.last_included_id}).encode()
+        fields = {"v": ENVELOPE_VERSION, "included": self.included,
+                  "reference_end": self.reference_end, "drift_checked": self.drift_checked,
+                  "first_session_id": self.first_session_id,
+                  "last_refit": self.last_refit, "last_included_id": self.last_included_id}
+        if self.drift_state is not None:
+            fields["drift_state"] = self.drift_state
+        header = json.dumps(fields).encode()
         return struct.pack("<I", len(header)) + header + self.model.to_bytes()
 
     @classmethod
@@ -55,4 +63,5 @@ class Envelope:
             raise ValueError(f"unsupported household envelope version {header.get('v')}")
         return cls(HouseholdModel.from_bytes(data[4 + n:], prior), header["included"],
                    header["reference_end"], header["drift_checked"], header.get("first_session_id", ""),
-                   float(header.get("last_refit", 0.0)), header.get("last_included_id", ""))
+                   float(header.get("last_refit", 0.0)), header.get("last_included_id", ""),
+                   header.get("drift_state"))

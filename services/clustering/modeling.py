@@ -23,6 +23,7 @@ Policy (why it is shaped like this):
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import threading
 import time
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 from prometheus_client import Counter
 
-from services.clustering.domain.drift import build_detector
+from services.clustering.domain.drift import DriftDetector, build_detector
 from services.clustering.domain.model import MIN_SESSIONS, PERSON_ID, HouseholdModel, PopulationPrior
 from services.clustering.household import MICRO_BATCH, MIN_DRIFT_REFERENCE, Envelope
 from services.clustering.store import ClusteringStore, DriftRow, StoredSession
@@ -276,7 +277,8 @@ class ModelKeeper:
             model = _private_copy(current.model)
             model.reserve_label_ids(snap.labels)
             envelope = Envelope(model, current.included, current.reference_end, current.drift_checked,
-                                current.first_session_id, current.last_refit, current.last_included_id)
+                                current.first_session_id, current.last_refit, current.last_included_id,
+                                current.drift_state)
             return Step(envelope, True, 0, current.included, [], "")
         if not sessions_kept or force:
             reason = force or ("new" if current is None else "sessions_changed"
@@ -325,16 +327,18 @@ class ModelKeeper:
         if current.model.n_sessions >= MIN_SESSIONS and reference_end < MIN_SESSIONS:
             reference_end = len(snap.sessions)   # the first full model is the reference
         return Envelope(model, len(snap.sessions), reference_end, current.drift_checked, snap.first_id,
-                        current.last_refit, snap.last_id)
+                        current.last_refit, snap.last_id, current.drift_state)
 
     def _check_drift(self, envelope: Envelope, snap: Snapshot) -> list[DriftRow]:
         ref = envelope.reference_end
+        state, envelope.drift_state = envelope.drift_state, None
         if ref < MIN_DRIFT_REFERENCE or envelope.model.mixture is None:
             envelope.drift_checked = len(snap.sessions)
             return []
         try:
-            detector = build_detector(snap.X[:ref], seed=self.seed)
-            events = detector.update(snap.X[ref:], snap.timestamps[ref:])
+            detector, start = self._drift_detector(state, snap, ref)
+            events = detector.update(snap.X[start:], snap.timestamps[start:])
+            envelope.drift_state = _drift_state(detector, ref, self.seed, snap.X)
         except (ValueError, ArithmeticError) as exc:
             log.warning("drift check skipped: %s", exc)
             return []
@@ -350,6 +354,44 @@ class ModelKeeper:
         envelope.drift_checked = len(snap.sessions)
         return rows
 
+    def _drift_detector(self, state: dict | None, snap: Snapshot, ref: int) -> tuple[DriftDetector, int]:
+        """The drift detector of the reference ``snap.X[:ref]`` and the position from
+        which the sessions are still to be fed to it: the previous check's detector
+        resumed from its state when that state is of this reference and the sessions
+        it consumed are the ones it saw (digest), so a fold feeds only the sessions
+        closed since; otherwise built anew (the reference mixture fitted, the window
+        MMD's n x n kernel over the reference) and fed the whole stream since the
+        reference, as every fold did until session 24.
+
+        Why a state in the envelope and not a detector cached in the process: the
+        detector's build is a pure function of the reference sessions and its stream
+        state a function of the sessions after them, so a cached detector would be
+        right too, but it holds the standardised reference vectors (n x features, in
+        the clear) between folds days apart, which this process does not keep
+        (session 21's reason for not keeping opened values). The state holds no
+        vector (DriftDetector.checkpoint: the reference mixture's statistics, which
+        the model's own mixture resembles, a few scalars and per-session log-densities
+        of the last sessions), travels sealed with the model under the household's
+        data key, is dropped with the model at every refit (an erasure's too), and is
+        updated by the same compare-and-swap as the model. Bounding the reference
+        instead would change the drift answers; rebuilding incrementally cannot give
+        the same ones (the kernel's bandwidth is the median over all reference pairs,
+        and the reference only grows at a refit, which changes everything).
+        Same answers: tests/unit/clustering/test_drift_resume.py."""
+        if state is not None and state.get("reference_end") == ref and state.get("seed") == self.seed \
+                and state.get("reference_digest") == _sessions_digest(snap.X[:ref]):
+            try:
+                seen = ref + int(state["detector"]["consumed"])
+                if seen <= len(snap.sessions) and state.get("stream_digest") == _sessions_digest(snap.X[ref:seen]):
+                    return DriftDetector.resume(state["detector"], snap.X[:ref], snap.X[ref:seen]), seen
+                # A session after the reference changed since (a late event extended a
+                # session the clock had closed): the stream is fed again from the
+                # reference on, the reference's part (the O(n^2) one) still reused.
+                return DriftDetector.resume(state["detector"], snap.X[:ref], None), ref
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("drift state not resumed (%s): the detector is rebuilt", exc)
+        return build_detector(snap.X[:ref], seed=self.seed), ref
+
     def _record_persons(self, account_id: str, snap: Snapshot, envelope: Envelope, start: int = 0,
                         included: int = 0) -> None:
         """Store each session's person and probabilities (what ResolvePersons and
@@ -364,6 +406,31 @@ class ModelKeeper:
         persons, probs = persons_for(envelope.model, sessions, snap.labels[start:], snap.X[start:],
                                      included=np.arange(start, len(snap.sessions)) < included)
         self.store.set_persons(account_id, persons, probs)
+
+
+def _sessions_digest(X: np.ndarray) -> str:
+    """A digest of the feature vectors a drift state was computed from (shape and bytes):
+    the state is resumed only over the very same sessions (ModelKeeper._drift_detector).
+    Kept in the sealed envelope with the state; a 128-bit hash of float vectors reveals
+    nothing usable of them."""
+    X = np.ascontiguousarray(X, dtype=np.float64)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.array(X.shape, dtype=np.int64).tobytes())
+    h.update(X.tobytes())
+    return h.hexdigest()
+
+
+def _drift_state(detector: DriftDetector, ref: int, seed: int, X: np.ndarray) -> dict | None:
+    """The envelope's drift state after ``detector`` consumed the sessions after the
+    reference ``X[:ref]`` (ModelKeeper._drift_detector); None when the detector cannot be
+    resumed (then the next check rebuilds it)."""
+    try:
+        det_state = detector.checkpoint()
+    except ValueError:
+        return None
+    seen = ref + int(det_state["consumed"])
+    return {"reference_end": ref, "seed": seed, "reference_digest": _sessions_digest(X[:ref]),
+            "stream_digest": _sessions_digest(X[ref:seen]), "detector": det_state}
 
 
 def sessions_in_place(current: Envelope, variant: str, closed: int, first_id: str,

@@ -28,7 +28,8 @@ lost:
 * records still queued (not yet acknowledged) when a process crashes or is killed
   with SIGKILL: at most ``max_delay_s`` worth of records in normal operation, more while
   the privacy service is unreachable (up to the queue bound);
-* records refused when the queue is full or after ``max_attempts`` failed sends;
+* records refused when the queue is full, or after ``max_attempts`` sends the log failed
+  on (not an outage: those are kept, below);
 * a record the log refuses for itself (its validation, or one too large for a message).
 
 With a disk outbox (``AuditOutbox``: what every service and the gateway use, a SQLite
@@ -39,6 +40,14 @@ order of the log is kept), and the sink thread keeps delivering the oldest recor
 backoff (at most ``max_spool_backoff_s`` apart) until the log answers, across restarts
 of the process. Only records still in memory at a crash (at most ``max_delay_s`` worth)
 can be lost, and batches past the outbox's bound (``MAX_OUTBOX_RECORDS``).
+
+When neither takes a batch — the outbox's write fails (its disk full), or, without an
+outbox (the privacy service's own sink), the log still answers with an outage after
+``max_attempts`` — the batch is kept in memory (session 24): back at the head of the
+queue in order, retried after a backoff (``_keep``), counted in the gauge
+``hearth_audit_records_held``. The queue's bound is its bound (new records past
+``max_queue`` are dropped as ``queue_full``); a crash loses them, and ``close`` gives
+them one last try, then counts them dropped. docs/privacy.md, "The client".
 
 Every loss is counted: ``hearth_audit_records_dropped_total{component,reason}``. A
 clean shutdown (SIGTERM) flushes the queue (``close``) after the server has stopped.
@@ -182,6 +191,9 @@ OUTBOX_DEPTH = Gauge("hearth_audit_outbox_depth", "Audit records in the disk out
 SEND_FAILURES = Counter("hearth_audit_send_failures_total",
                         "Sends to the audit log that failed, by status code (retried, split or refused)",
                         ["component", "code"])
+HELD = Gauge("hearth_audit_records_held",
+             "Audit records kept in memory because neither the audit log nor the disk outbox took them "
+             "(retried with backoff; 0 once delivered)", ["component"])
 DROP_REASONS = ("closed", "queue_full", "send_failed", "refused", "outbox_failed", "outbox_full")
 # Records the disk outbox holds at most (~0.4 GB at ~410 bytes a record); past it a batch is dropped as
 # ``outbox_full`` (counted, logged) instead of filling the data directory the service's
@@ -377,6 +389,17 @@ class AuditSink:
         self._drain_size = max_batch   # halved while a batch is refused, doubled back on success
         self._head_failures = 0        # consecutive SUSPECT failures of the outbox's oldest record alone
         self.spooled = 0
+        # Records neither the log nor the outbox took (a full disk under both: session 23)
+        # go back to the head of the queue, in order, and are retried after a backoff
+        # (``_keep``): the queue's bound is their bound. ``_held`` collects a round's.
+        self._held: list[AuditRecord] = []
+        self._hold_rounds = 0          # consecutive rounds that kept records in memory
+        self._hold_reason = ""
+        self._retry_at = 0.0
+        self._closing = threading.Event()   # wakes a thread waiting to retry held records
+        self._unlogged_full = 0        # queue_full drops not logged yet (logged at most every 5 s)
+        self._full_logged_at = -1e9
+        HELD.labels(component).set(0)
         # The queue is a deque under the sink's lock, not a queue.Queue: Queue.put wakes
         # the waiting sink thread on every record (a thread switch per audited RPC, the
         # largest item of the server interceptor's cost); here the thread is woken only
@@ -420,10 +443,21 @@ class AuditSink:
                     self._arrived.notify()
         if full:
             self._drop(1, "queue_full")
-            log.warning("audit queue full: record dropped", extra={"fields": {
-                "event_type": record.event_type, "component": self.component}})
+            self._log_queue_full(record)
             return False
         return True
+
+    def _log_queue_full(self, record: AuditRecord) -> None:
+        """One line per 5 s at most, with the count since the last (a full queue during
+        an outage refuses every record: a line each was a flood)."""
+        now = time.monotonic()
+        with self._lock:
+            self._unlogged_full += 1
+            if now - self._full_logged_at < 5.0:
+                return
+            n, self._unlogged_full, self._full_logged_at = self._unlogged_full, 0, now
+        log.warning("audit queue full (%d records): %d record(s) dropped", self._max_queue, n,
+                    extra={"fields": {"event_type": record.event_type, "component": self.component}})
 
     def flush(self, timeout_s: float = 5.0) -> bool:
         """Wait until all records queued so far are sent or dropped; False on timeout."""
@@ -442,6 +476,7 @@ class AuditSink:
         if self._closed:
             return
         self._closed = True
+        self._closing.set()   # records held in memory get their last try now, not after a backoff
         if not self.flush(timeout_s):
             log.warning("audit sink closed with %d records unsent", self.pending)
         self._stop.set()
@@ -494,6 +529,8 @@ class AuditSink:
 
     def _run(self) -> None:
         while not (self._stop.is_set() and not self._items):
+            if self._hold_rounds and not self._closed and self._wait_to_retry():
+                continue
             # While the outbox isolates a refused record (its batches halved, then grown
             # back), the next round does not wait for new records: a few sends in a row.
             isolating = (self._outbox is not None and self._outbox.pending() > 0
@@ -506,11 +543,70 @@ class AuditSink:
                     else:
                         self._deliver(batch)
                 finally:
-                    self._finish(len(batch))
+                    held, self._held = self._held, []
+                    if held:
+                        self._keep(held)
+                    elif self._hold_rounds:
+                        self._release()
+                    self._finish(len(batch) - len(held))
             if self._outbox is not None and not self._stop.is_set():
-                self._drain_outbox()
+                self._drain_outbox_safely()
+
+    def _wait_to_retry(self) -> bool:
+        """Records are held: True after waiting (part of) the backoff before their retry
+        (the outbox keeps draining meanwhile); False when the retry is due."""
+        wait = self._retry_at - time.monotonic()
+        if wait <= 0:
+            return False
+        if self._outbox is not None and self._outbox.pending():
+            wait = min(wait, max(0.0, self._next_drain - time.monotonic()))
+        self._closing.wait(min(wait, 1.0))
+        if self._outbox is not None and not self._stop.is_set():
+            self._drain_outbox_safely()
+        return True
+
+    def _hold(self, batch: list[AuditRecord], exc: BaseException, where: str) -> None:
+        """Keep ``batch`` for a retry (``_keep`` at the end of the round), after what this
+        round already kept: the order of the records is the order they were recorded."""
+        if not self._held and not self._hold_rounds:
+            self._hold_reason = f"{where}: {_describe(exc)}"
+        self._held.extend(batch)
+
+    def _keep(self, held: list[AuditRecord]) -> None:
+        """Put a round's held records back at the head of the queue and back off. The
+        queue may then hold up to ``max_queue + max_batch`` records (the batch was taken
+        out, new ones filled its room); ``submit`` refuses while it holds ``max_queue``."""
+        with self._lock:
+            self._items.extendleft(reversed(held))
+            queued = len(self._items)
+        self._hold_rounds += 1
+        self._retry_at = time.monotonic() + min(self._max_spool_backoff,
+                                                self._backoff * (2 ** min(self._hold_rounds, 16)))
+        HELD.labels(self.component).set(queued)
+        if self._hold_rounds == 1:
+            log.warning("audit records kept in memory (%d queued): %s; retried with backoff, records past "
+                        "%d queued are dropped (queue_full)", queued, self._hold_reason, self._max_queue)
+
+    def _release(self) -> None:
+        """A round after held records delivered (or spooled) them: no more backoff."""
+        log.info("audit records kept in memory are delivered again (after %d retries)", self._hold_rounds)
+        self._hold_rounds = 0
+        HELD.labels(self.component).set(0)
+
+    def _drain_outbox_safely(self) -> None:
+        """``_drain_outbox``; a failing outbox (its disk full: the delete after a delivery,
+        a read) backs off instead of ending the sink's thread. Records delivered whose
+        delete failed are sent again later: the log appends a record_id once."""
+        try:
+            self._drain_outbox()
+        except Exception as exc:  # noqa: BLE001 - the outbox's own disk
+            log.warning("audit outbox failed (%s): retried with backoff", _describe(exc))
+            self._back_off_drain(exc)
 
     def _spool(self, batch: list[AuditRecord]) -> None:
+        if self._held:   # an earlier part of this round is held: keep the order
+            self._held.extend(batch)
+            return
         room = max(0, self._max_outbox - self._outbox.pending())
         if room < len(batch):
             log.error("audit outbox full (%d records): %d records dropped", self._outbox.pending(),
@@ -521,9 +617,12 @@ class AuditSink:
                 return
         try:
             self._outbox.put(batch)
-        except Exception:  # noqa: BLE001 - the disk failed too: counted as dropped
-            log.exception("audit outbox write failed: %d records dropped", len(batch))
-            self._drop(len(batch), "outbox_failed")
+        except Exception as exc:  # noqa: BLE001 - the disk failed too: kept in memory
+            if self._closed:   # no more retries: counted as dropped
+                log.exception("audit outbox write failed while closing: %d records dropped", len(batch))
+                self._drop(len(batch), "outbox_failed")
+            else:
+                self._hold(batch, exc, "the disk outbox failed")
             return
         SPOOLED.labels(self.component).inc(len(batch))
         with self._lock:
@@ -609,6 +708,9 @@ class AuditSink:
         self._drop(1, "refused")
 
     def _deliver(self, batch: list[AuditRecord]) -> None:
+        if self._held:   # an earlier part of this round is held: keep the order
+            self._held.extend(batch)
+            return
         if self._outbox is not None and self._outbox.pending():
             self._spool(batch)   # a half of a split batch, after the other went to the outbox
             return
@@ -626,13 +728,19 @@ class AuditSink:
                         self._deliver(batch[half:])
                     return
                 if self._outbox is not None and attempt + 1 >= self._spool_after:
-                    log.warning("audit log unreachable (%s): %d records to the disk outbox",
-                                _describe(exc), len(batch))
+                    if not self._hold_rounds:   # while records are held, logged once (_keep)
+                        log.warning("audit log unreachable (%s): %d records to the disk outbox",
+                                    _describe(exc), len(batch))
                     self._spool(batch)
                     self._next_drain = time.monotonic() + self._backoff
                     return
                 # While closing, one retry at most: shutdown must not wait out a backoff
                 # schedule for a log that is gone (the drop is counted and logged).
+                if attempt == self._max_attempts - 1 and kind == OUTAGE and not self._closed:
+                    # The log cannot take records now (down, its disk full): nothing is
+                    # wrong with them. Kept in memory and retried, not dropped.
+                    self._hold(batch, exc, "the audit log")
+                    return
                 if attempt == self._max_attempts - 1 or (self._closed and attempt >= 1):
                     log.error("audit batch of %d dropped after %d attempts: %s", len(batch),
                               attempt + 1, _describe(exc))

@@ -311,6 +311,12 @@ def test_postgres_read_only_refuses_writes_with_503_and_retry_after_and_reads_ke
         assert refused.status_code == 503 and refused.headers["retry-after"].isdigit(), refused.text
         assert "read-only" in refused.json()["error"]["message"], refused.text
         assert client.get(f"/v1/household/{account}").status_code == 200
+        # Health says so (session 24): clustering stays SERVING (reads work; NOT_SERVING
+        # would empty the Service) with its `database writes` check failing.
+        port = omesh.grpc_ports["clustering"]
+        wait_for(lambda: "database writes: writes refused: the database is read-only"
+                 in _grpc_health_reasons(port), what="clustering's health naming the refused writes")
+        assert _grpc_health(port, "") == "SERVING"
     finally:
         read_only(False)
     wait_for(lambda: post_events(client, account, 1, time.time() - DAY / 2,

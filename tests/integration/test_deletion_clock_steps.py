@@ -171,3 +171,61 @@ def test_a_holder_whose_clock_stepped_back_learns_another_replica_took_its_job(t
         assert jobs.renew(kept_id, mine, now + 1, 10.0) == now + 11
     finally:
         coordinator.close(1.0)
+
+
+def test_a_purge_checked_daily_catches_up_after_privacy_was_stopped_a_week(tmp_path):
+    """review24: with ``HEARTH_RETENTION_CHECK_S`` a day (or more) the target moves a day per
+    check; a cap of a day past the previous end let a purge that fell behind (privacy stopped
+    a week) stay a week behind for good (and with two days, fall further behind at every
+    check): data kept past the retention forever. It must catch up in a bounded number of
+    checks."""
+    coordinator = DeletionCoordinator(_store(tmp_path), _Peers(), None, Ed25519PrivateKey.generate(),
+                                      retention_check_s=DAY, retention_days=90.0)
+    try:
+        now = 1_800_000_000.0
+        coordinator.maybe_request_retention(now)
+        now += 8 * DAY                                               # stopped a week
+        ends = [coordinator.maybe_request_retention(now + k * DAY).job.scope.end for k in range(10)]
+        target = lambda k: ((now + k * DAY) // DAY) * DAY - 90 * DAY   # noqa: E731
+        assert ends[-1] == target(9), f"still {(target(9) - ends[-1]) / DAY:.0f} days behind after 10 daily checks"
+        assert all(b > a for a, b in zip(ends, ends[1:]))           # held back, but advancing at every check
+    finally:
+        coordinator.close(1.0)
+
+    coordinator = DeletionCoordinator(_store(tmp_path / "two"), _Peers(), None, Ed25519PrivateKey.generate(),
+                                      retention_check_s=2 * DAY, retention_days=90.0)
+    try:
+        now = 1_800_000_000.0
+        first = coordinator.maybe_request_retention(now).job.scope.end
+        ends = [coordinator.maybe_request_retention(now + k * 2 * DAY).job.scope.end for k in range(1, 6)]
+        assert ends[-1] == first + 10 * DAY, "a purge every two days fell behind at every check"
+    finally:
+        coordinator.close(1.0)
+
+
+def test_the_purge_is_not_stuck_after_a_day_with_the_clock_a_year_ahead(tmp_path, monkeypatch):
+    """review24: purges requested while the clock was a year ahead are stored with a
+    ``created_at`` a year ahead, so they stayed the "newest" purges after the clock was put
+    right; once more than the 24 looked at were stepped (a day of hourly checks), the
+    previous end was theirs for a year and every later purge was held at it + a day: no
+    data erased past it for the step's length. Purges stamped later than now must not
+    count."""
+    import services.privacy.deletion.store as store_module
+
+    wall = [1_800_000_000.0]
+    monkeypatch.setattr(store_module, "time", type("_Clock", (), {"time": staticmethod(lambda: wall[0])}))
+    coordinator = DeletionCoordinator(_store(tmp_path), _Peers(), None, Ed25519PrivateKey.generate(),
+                                      retention_check_s=3600.0, retention_days=90.0)
+    try:
+        start = wall[0]
+        coordinator.maybe_request_retention(start)
+        for hour in range(1, 31):                                    # a year ahead for 30 hourly checks
+            wall[0] = start + 400 * DAY + hour * 3600
+            coordinator.maybe_request_retention(wall[0])
+        for day in range(1, 40):                                     # put right: daily, then hourly, checks
+            wall[0] = start + day * DAY
+            end = coordinator.maybe_request_retention(wall[0]).job.scope.end
+        assert end == (wall[0] // 3600) * 3600 - 90 * DAY, \
+            f"the purge is {(((wall[0] // 3600) * 3600 - 90 * DAY) - end) / DAY:.1f} days behind"
+    finally:
+        coordinator.close(1.0)

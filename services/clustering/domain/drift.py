@@ -67,6 +67,7 @@ sudden otherwise.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -138,19 +139,26 @@ class _WindowMMD:
     (contiguous, so that binges and trips inflate the null as they do in the stream):
     z = (MMD^2 - median) / (1.4826 MAD)."""
 
-    def __init__(self, X_ref: np.ndarray, window: int) -> None:
+    def __init__(self, X_ref: np.ndarray, window: int,
+                 null: Sequence[float] | None = None) -> None:
         self.window = window
         self.loc = X_ref[:, _MMD_FEATURE_MASK].mean(axis=0)
         self.scale = np.maximum(X_ref[:, _MMD_FEATURE_MASK].std(axis=0), MMD_SCALE_FLOOR)
         self.ref = self._standardise(X_ref)
+        self.tail = np.zeros((0, self.ref.shape[1]))
+        self.tail_cross = np.zeros(0)
+        if null is not None:
+            # A resumed detector (DriftDetector.resume): bandwidth, reference term and the
+            # null's location and scale as the build measured them on the same reference
+            # sessions — the n x n kernel below is what a fold no longer pays for.
+            self.bandwidth, self.ref_term, self.null_loc, self.null_scale = (float(v) for v in null)
+            return
         D2 = _sq_dist(self.ref, self.ref)
         n = D2.shape[0]
         off = D2[~np.eye(n, dtype=bool)]
         self.bandwidth = float(max(np.median(off), 1e-6))
         K = np.exp(-D2 / self.bandwidth)
         self.ref_term = float((K.sum() - n) / (n * (n - 1)))
-        self.tail = np.zeros((0, self.ref.shape[1]))
-        self.tail_cross = np.zeros(0)
         # Null: contiguous reference windows (size w0 <= window) against the rest.
         w0 = int(min(window, n // 2))
         starts = np.arange(0, n - w0 + 1, MMD_NULL_STRIDE)
@@ -169,6 +177,10 @@ class _WindowMMD:
 
     def _standardise(self, X: np.ndarray) -> np.ndarray:
         return (X[:, _MMD_FEATURE_MASK] - self.loc) / self.scale
+
+    def null(self) -> list[float]:
+        """What the build measured on the whole reference (the O(n^2) part), for ``null=``."""
+        return [self.bandwidth, self.ref_term, self.null_loc, self.null_scale]
 
     def series(self, X: np.ndarray) -> np.ndarray:
         """Standardised statistic for each new session (NaN until a window is full);
@@ -534,6 +546,107 @@ class DriftDetector:
         self.agree_cusum, self.agree_start = 0.0, self.index
         self.weight_cusum = np.zeros_like(self.weight_cusum)
         self.weight_start = np.full_like(self.weight_start, self.index)
+
+    def checkpoint(self) -> dict:
+        """What ``resume`` needs, besides the sessions, to continue this detector where it
+        is: the reference mixture's statistics, the window MMD's null (the build's
+        O(n^2) part) and the stream state (CUSUMs, maxima, the alarm, the window MMD's
+        cross terms and the refit GLR's reference log-densities of the last sessions).
+        JSON-able; floats as float64 bytes (base64), so a resumed detector holds the same
+        values to the bit. It holds no session vector: the standardised reference, the
+        window MMD's tail, the refit GLR's window and the histories are recomputed from
+        the sessions passed to ``resume`` (the keeper's fold opens them anyway), so
+        nothing here is a copy of a viewer's sessions (docs/clustering.md "A fold's drift
+        check resumes the detector")."""
+        ref = self.reference
+        if not isinstance(ref.family, TypedSession) or ref.family != TypedSession():
+            raise ValueError("only the default typed family's detector can be resumed")
+        return {"v": DETECTOR_STATE_VERSION, "consumed": self.index, "window": self.thresholds.window,
+                "stats": _pack(ref.stats), "stats_shape": list(ref.stats.shape),
+                "mmd": self.mmd.null() if self.mmd is not None else None,
+                "tail_cross": _pack(self.mmd.tail_cross) if self.mmd is not None else None,
+                "glr_lse": _pack(self.glr.lse_ref), "glr_seen": self.glr.seen,
+                "cusum": self.cusum, "cusum_start": self.cusum_start, "max_cusum": self.max_cusum,
+                "max_kl": self.max_kl, "max_mmd": max(self.mmd_hist) if self.mmd_hist else None,
+                "agree_cusum": self.agree_cusum, "agree_start": self.agree_start, "max_agree": self.max_agree,
+                "weight_cusum": _pack(self.weight_cusum), "weight_start": self.weight_start.tolist(),
+                "max_weight": self.max_weight, "max_glr": self.max_glr, "alarmed": self.alarmed}
+
+    @classmethod
+    def resume(cls, state: dict, X_reference: np.ndarray, X_seen: np.ndarray | None,
+               holdout_fraction: float = 0.25,
+               thresholds: DriftThresholds = DEFAULT_THRESHOLDS) -> "DriftDetector":
+        """The detector ``build_detector(X_reference, ...)`` became after ``update`` had
+        consumed ``X_seen`` (None: the detector as built, before any session; only the
+        state's reference part is read), from its ``checkpoint``: the reference mixture is not
+        fitted again nor the window MMD's n x n kernel computed; what depends on the
+        sessions alone is recomputed from them, vectorised (the holdout's
+        standardisations, the standardised reference, the per-session histories the
+        event typing reads, the windows). The same values as the uninterrupted detector
+        up to floating-point rounding of batched products (~1e-14; a matrix product's
+        rows are not bitwise the same for another number of rows, which main's own
+        replays already vary): tested against it on random streams
+        (tests/unit/clustering/test_drift_resume.py). Raises ValueError when the state
+        does not fit the sessions."""
+        X_reference = np.asarray(X_reference, dtype=np.float64)
+        if state.get("v") != DETECTOR_STATE_VERSION or state["window"] != thresholds.window:
+            raise ValueError("the drift detector's state does not fit these sessions")
+        n = X_reference.shape[0]
+        n_hold = max(2, int(round(holdout_fraction * n)))
+        stats = _unpack(state["stats"]).reshape(state["stats_shape"])
+        det = cls(Mixture(TypedSession(), stats), X_reference[n - n_hold:], thresholds)
+        w, span = thresholds.window, 2 * GLR_WINDOW
+        if state["mmd"] is not None:
+            det.mmd = _WindowMMD(X_reference, w, null=state["mmd"])
+        if X_seen is None:
+            return det
+        X_seen = np.asarray(X_seen, dtype=np.float64).reshape(-1, F.FEATURE_DIM)
+        seen = X_seen.shape[0]
+        if state["consumed"] != seen or state["glr_seen"] != seen:
+            raise ValueError("the drift detector's state does not fit these sessions")
+        if det.mmd is not None:
+            keep = min(seen, max(w - 1, 0))
+            det.mmd.tail = det.mmd._standardise(X_seen[seen - keep:])
+            det.mmd.tail_cross = _unpack(state["tail_cross"])
+            if det.mmd.tail_cross.shape[0] != keep:
+                raise ValueError("the drift detector's state does not fit these sessions")
+        if seen:
+            phi = det.reference.family.phi(X_seen)
+            lj = phi @ det.reference.W.T + det.reference.log_weights
+            lse = logsumexp(lj, axis=1, keepdims=True)
+            post = np.exp(lj - lse)
+            z = np.minimum((-lse[:, 0] - det.mu) / det.sigma, Z_CLIP)
+            det.z_hist = [float(v) for v in z]
+            det.post_hist = list(post)
+            det.block_hist = list(det._blocks(X_seen, post.argmax(axis=1)))
+            det.glr.phi = phi[-(span - 1):]
+        det.glr.lse_ref = _unpack(state["glr_lse"])
+        det.glr.seen = seen
+        if det.glr.lse_ref.shape[0] != det.glr.phi.shape[0]:
+            raise ValueError("the drift detector's state does not fit these sessions")
+        det.index = seen
+        det.cusum, det.cusum_start = float(state["cusum"]), int(state["cusum_start"])
+        det.agree_cusum, det.agree_start = float(state["agree_cusum"]), int(state["agree_start"])
+        det.weight_cusum = _unpack(state["weight_cusum"]).reshape(det.weight_cusum.shape)
+        det.weight_start = np.array(state["weight_start"], dtype=det.weight_start.dtype).reshape(
+            det.weight_start.shape)
+        det.max_cusum, det.max_kl = float(state["max_cusum"]), float(state["max_kl"])
+        det.max_agree, det.max_weight = float(state["max_agree"]), float(state["max_weight"])
+        det.max_glr, det.alarmed = float(state["max_glr"]), bool(state["alarmed"])
+        # the largest window MMD so far stands for the ones before (maxima() reads it)
+        det.mmd_hist = [float(state["max_mmd"])] if state["max_mmd"] is not None else []
+        return det
+
+
+DETECTOR_STATE_VERSION = 1
+
+
+def _pack(a: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(a, dtype="<f8").tobytes()).decode("ascii")
+
+
+def _unpack(s: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(s), dtype="<f8").astype(np.float64)
 
 
 def stream_maxima(reference: Mixture, holdout: np.ndarray, stream: np.ndarray,

@@ -74,15 +74,58 @@ class _SqliteTx:
         """Nothing to do: BEGIN IMMEDIATE already serialises every write transaction."""
 
 
+# How long a refused write keeps the "database writes" check failing (WriteHealth).
+WRITE_REFUSAL_WINDOW_S = 30.0
+
+
+class WriteHealth:
+    """Whether the database takes writes: the ``database writes`` health check
+    (docs/operations.md, "Health"), registered beside ``database`` by ``open_database``.
+
+    The ``database`` check's ``SELECT 1`` answers on a full disk, and so do reads: in
+    session 20's and 23's drills every service said SERVING while every write answered
+    503. This check is fed by the transactions themselves (no probe writes anything):
+    a write the database refused for want of room or write access — SQLite full,
+    read-only or I/O error; PostgreSQL ``DiskFull`` or read-only — makes it fail for
+    ``WRITE_REFUSAL_WINDOW_S`` after the last such refusal, naming the error and its
+    age. Not critical: the service stays SERVING (reads still work, and every replica
+    shares the disk or the database, so NOT_SERVING would take
+    them all out of the Service and turn a write outage into a full one); the failing
+    check degrades it and ``hearth_dependency_up{dependency="database writes"}`` is 0
+    (alert HearthDatabaseWritesRefused). Nothing is recorded on the hot path of a
+    write that succeeds."""
+
+    def __init__(self, window_s: float = WRITE_REFUSAL_WINDOW_S, clock=time.monotonic) -> None:
+        self._window = window_s
+        self._clock = clock
+        self._refused_at: float | None = None
+        self._reason = ""
+        self.refusals = 0
+
+    def refused(self, reason: str) -> None:
+        self._reason = reason[:160]
+        self._refused_at = self._clock()
+        self.refusals += 1
+
+    def probe(self) -> str:
+        at = self._refused_at
+        if at is None:
+            return ""
+        age = self._clock() - at
+        return f"writes refused: {self._reason} ({age:.0f} s ago)" if age < self._window else ""
+
+
 # SQLite's result codes (the primary code, the low byte) that say the database cannot
 # take the statement now, not that the statement is wrong: a full disk, a file or
 # directory made read-only, an I/O error, a lock held past the busy timeout.
 _SQLITE_UNAVAILABLE = {getattr(sqlite3, name) for name in (
     "SQLITE_FULL", "SQLITE_READONLY", "SQLITE_IOERR", "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_CANTOPEN")}
+# Of those, the ones that say the storage itself refuses writes (not contention).
+_SQLITE_WRITES_REFUSED = {sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR}
 
 
 @contextlib.contextmanager
-def _sqlite_unavailable() -> Iterator[None]:
+def _sqlite_unavailable(writes: WriteHealth | None = None) -> Iterator[None]:
     """The database cannot write now → ``Unavailable`` (gRPC UNAVAILABLE, HTTP 503 with
     Retry-After: retry later), not an unexpected error (INTERNAL, 502 "upstream error",
     and a traceback logged per request, as until session 20 with the data directory's
@@ -90,7 +133,10 @@ def _sqlite_unavailable() -> Iterator[None]:
     try:
         yield
     except sqlite3.OperationalError as exc:
-        if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _SQLITE_UNAVAILABLE:
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+        if code in _SQLITE_UNAVAILABLE:
+            if writes is not None and code in _SQLITE_WRITES_REFUSED:
+                writes.refused(str(exc))
             raise Unavailable(f"database unavailable: {exc}") from exc
         raise
 
@@ -124,6 +170,7 @@ class SqliteDatabase:
         self._idle = threading.Condition(threading.Lock())  # guards the two below
         self._busy: set[sqlite3.Connection] = set()
         self._closed = False
+        self.writes = WriteHealth()
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -168,7 +215,7 @@ class SqliteDatabase:
 
     @contextlib.contextmanager
     def transaction(self, readonly: bool = False) -> Iterator[Tx]:
-        with self._in_use() as conn, _sqlite_unavailable():
+        with self._in_use() as conn, _sqlite_unavailable(self.writes):
             conn.execute("BEGIN DEFERRED" if readonly else "BEGIN IMMEDIATE")
             try:
                 yield _SqliteTx(conn)
@@ -260,6 +307,7 @@ class PostgresDatabase:
         from psycopg_pool import ConnectionPool
 
         self.schema = schema
+        self.writes = WriteHealth()
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
         # Riding out a restart of PostgreSQL (docs/operations.md, "Outages"): a pooled
@@ -297,8 +345,11 @@ class PostgresDatabase:
                         cur.execute(f"SET LOCAL statement_timeout = {max(1, int(left * 1000))}")
                     yield _PostgresTx(cur)
         except psycopg.OperationalError as exc:
+            if isinstance(exc, psycopg.errors.DiskFull):
+                self.writes.refused(f"DiskFull: {exc}")
             raise Unavailable(f"database unavailable: {exc.__class__.__name__}") from exc
         except psycopg.errors.ReadOnlySqlTransaction as exc:
+            self.writes.refused("the database is read-only")
             # A standby (a failover the DSN has not followed yet) or a database set
             # read-only (default_transaction_read_only, e.g. while its disk is nearly
             # full): reads work, writes wait. Until session 20 every write was INTERNAL —
@@ -445,6 +496,7 @@ def open_database(settings, service: str) -> Database:
     else:
         db = SqliteDatabase(Path(settings.data_dir) / f"{service}.db")
     health_report.register("database", lambda: probe(db), critical=True)
+    health_report.register("database writes", db.writes.probe)
     return db
 
 

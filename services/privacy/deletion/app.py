@@ -35,9 +35,9 @@ Retention: every ``HEARTH_RETENTION_CHECK_S`` a job with scope ``window`` over a
 ``"*"`` (every account; only this service's own principal may ask for it) ending at
 ``now - HEARTH_RETENTION_DAYS`` goes through the same path. Its request id is derived
 from the check period, so replicas asking at once share one job. Its end advances at most
-``RETENTION_MAX_ADVANCE_S`` (a day) past the newest earlier purge's: a clock stepped a
-year forward erased every household's data in a second until session 24; now a day's
-(docs/operations.md, "Clock steps").
+``RETENTION_MAX_ADVANCE_S`` (a day; two check periods when that is longer) past the newest
+earlier purge's: a clock stepped a year forward erased every household's data in a second
+until session 24; now a day's per check (docs/operations.md, "Clock steps").
 """
 
 from __future__ import annotations
@@ -82,10 +82,12 @@ for _state in ("completed", "failed"):
     JOBS_FINISHED.labels(_state)
 RETENTION_HELD_BACK = Counter(
     "hearth_retention_purges_held_back_total",
-    "Retention purges whose end was held back to a day past the previous purge's (a clock stepped forward, "
+    "Retention purges whose end was held back to a day (or two check periods) past the previous purge's "
+    "(a clock stepped forward, "
     "a lowered HEARTH_RETENTION_DAYS, or privacy stopped for over a day)")
 # The most a retention purge's end may advance past the newest earlier purge's (see the
-# module docstring): the purge catches up a day per check period after a longer gap.
+# module docstring; two check periods when longer): after a longer gap the purge catches up
+# a day less one check period per check (hourly: 23 hours), at least a check period.
 RETENTION_MAX_ADVANCE_S = 86400.0
 OLDEST_OPEN_JOB_AGE = Gauge("hearth_deletion_oldest_open_job_age_seconds",
                             "Age of the oldest deletion job not yet completed or failed (0: none)")
@@ -616,16 +618,20 @@ class DeletionCoordinator:
         if int(now // self.retention_check_s) == self._retention_period:
             return None
         scope, request_id = self.retention_scope(now)
-        previous = self.jobs.last_retention_end(RETENTION_REASON)
-        if previous is not None and scope.end > previous + self.retention_max_advance_s:
+        previous = self.jobs.last_retention_end(RETENTION_REASON, stamped_by=now + self.future_bound_s)
+        # A day, or two check periods when longer: a purge that fell behind catches up at
+        # least a check period per check (review24: with a check a day or longer, a cap of
+        # a day never caught up after privacy was stopped, or fell behind at every check).
+        max_advance = max(self.retention_max_advance_s, 2.0 * self.retention_check_s)
+        if previous is not None and scope.end > previous + max_advance:
             # A purge never erases more than a day's data past the previous one's: the
             # clock may have stepped forward (a year's step erased everything at once).
-            held = previous + self.retention_max_advance_s
+            held = previous + max_advance
             RETENTION_HELD_BACK.inc()
             log.error("retention purge held back: this replica's clock (%s) would erase everything older than %s, "
                       "%.1f days past the previous purge's end; erasing up to %s only. If the clock is right "
-                      "(privacy was stopped, or HEARTH_RETENTION_DAYS lowered) the purge catches up a day per "
-                      "check; if not, set the clock right", format_ts(datetime.fromtimestamp(now, UTC)),
+                      "(privacy was stopped, or HEARTH_RETENTION_DAYS lowered) the purge catches up at "
+                      "every check; if not, set the clock right", format_ts(datetime.fromtimestamp(now, UTC)),
                       format_ts(datetime.fromtimestamp(scope.end, UTC)), (scope.end - previous) / 86400.0,
                       format_ts(datetime.fromtimestamp(held, UTC)))
             # One held-back purge a period: another replica asking for this period after

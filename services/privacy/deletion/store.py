@@ -169,12 +169,20 @@ class DeletionJobStore:
             return tx.execute("UPDATE deletion_jobs SET lease_until = 0 WHERE job_id = ? AND lease_until = ?",
                               (job_id, held)) == 1
 
-    def last_retention_end(self, reason: str, newest: int = 24) -> float | None:
+    def last_retention_end(self, reason: str, newest: int = 24, stamped_by: float | None = None) -> float | None:
         """The latest end among the newest ``newest`` retention purges (account "*",
-        ``reason``) that did not fail: how far the purge has erased (None: never)."""
+        ``reason``) that did not fail: how far the purge has erased (None: never).
+        ``stamped_by``: also among the newest ``newest`` created no later than it. Purges
+        requested while the clock was ahead (a step since put right) stay the "newest" by
+        their ``created_at`` until the clock catches up; until review24, after more than
+        ``newest`` of them (a day of hourly checks a year ahead) every later purge was
+        held at their end + a day, for the step's length: nothing erased past it."""
+        query = ("SELECT job_json FROM deletion_jobs WHERE account_id = '*' AND reason = ? "
+                 "AND state <> 'failed'{} ORDER BY created_at DESC LIMIT ?")
         with self.db.transaction() as tx:
-            rows = tx.query("SELECT job_json FROM deletion_jobs WHERE account_id = '*' AND reason = ? "
-                            "AND state <> 'failed' ORDER BY created_at DESC LIMIT ?", (reason, newest))
+            rows = tx.query(query.format(""), (reason, newest))
+            if stamped_by is not None:
+                rows = list(rows) + list(tx.query(query.format(" AND created_at <= ?"), (reason, stamped_by, newest)))
         ends = [job_from_dict(json.loads(r[0])).scope.end for r in rows]
         return max((e for e in ends if e is not None), default=None)
 

@@ -180,11 +180,14 @@ def test_a_refused_record_does_not_take_its_batch_down():
 
 
 def test_giving_up_after_max_attempts_counts_the_loss():
-    class Down(MemoryAuditTransport):
+    # A log failing on the batch (INTERNAL, a local error: SUSPECT) max_attempts times:
+    # dropped, counted. (A log that cannot take records now, an OUTAGE, keeps them in
+    # memory instead: test_a_log_that_cannot_take_records_keeps_them_in_memory_...)
+    class Failing(MemoryAuditTransport):
         def send(self, records):
-            raise TransientAuditError("down")
+            raise RuntimeError("the log fails on it")
 
-    sink = AuditSink(Down(), component="t-down", max_attempts=3, sleep=lambda s: None, max_delay_s=0)
+    sink = AuditSink(Failing(), component="t-down", max_attempts=3, sleep=lambda s: None, max_delay_s=0)
     before = _dropped("t-down", "send_failed")
     sink.record(audit.ASSIGN, principal=ALICE)
     assert sink.flush(5)
