@@ -24,13 +24,13 @@ def test_every_test_directory_is_in_exactly_one_half():
     first, second = run_tests.commands(["-x"])
     assert first[first.index("-m") + 1:first.index("-m") + 4] == ["pytest", "-q", "-x"]
     first_dirs = first[first.index("-x") + 1:]
-    assert first_dirs == list(run_tests.FIRST_HALF) and all((ROOT / d).is_dir() for d in first_dirs)
+    assert first_dirs == list(run_tests.FIRST_HALF) and all((ROOT / d).exists() for d in first_dirs)
     # the second is the configured testpaths ("tests") with exactly the first's directories ignored
     assert second[-1] == "tests" and "tests" not in first
     assert [a for a in second if a.startswith("--ignore=")] == [f"--ignore={d}" for d in first_dirs]
     assert 'testpaths = ["tests"]' in (ROOT / "pyproject.toml").read_text()
     with_tests = {p.parent.relative_to(ROOT).parts[:2] for p in (ROOT / "tests").rglob("test_*.py")}
-    assert {"/".join(parts) for parts in with_tests} >= set(first_dirs)
+    assert {"/".join(parts) for parts in with_tests} >= {d for d in first_dirs if (ROOT / d).is_dir()}
 
 
 def _fake(code: int, line: str) -> list[str]:
@@ -48,7 +48,7 @@ def test_both_outputs_are_printed_and_either_failure_fails_the_run(monkeypatch, 
         out = capsys.readouterr().out
         assert f"{3 + first_rc} passed in 1.00s" in out and f"{5 + second_rc} passed in 2.00s" in out
         last = out.strip().splitlines()[-1]
-        assert f"tests/security: {3 + first_rc} passed in 1.00s; the rest: {5 + second_rc} passed in 2.00s" in last
+        assert f"test_deletion_lease.py: {3 + first_rc} passed in 1.00s; the rest: {5 + second_rc} passed in 2.00s" in last
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers   # given back
 
 
