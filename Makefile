@@ -34,7 +34,7 @@ provision: ## install the system tools the suite needs (apt-get as root; otherwi
 	bash scripts/provision.sh
 
 test: provision hearth/__init__.py ## the whole suite: unit, contract, integration and storage (SQLite, PostgreSQL, Redis), security, e2e, deploy
-	$(PY) -m pytest -q
+	$(PY) scripts/run_tests.py $(ARGS)
 
 test-unit: hearth/__init__.py ## unit tests only
 	$(PY) -m pytest -q tests/unit

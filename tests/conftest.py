@@ -73,9 +73,9 @@ def _tmpfs(path: str, free_bytes: int) -> bool:
 # (docs/benchmarks.md, "Session 23"). Nothing a test asserts depends on the disk: no test can
 # cut the power, and a killed process loses no acknowledged write on either. pytest keeps the
 # directories of its last three runs (tmp_path_retention_count), a few tens of MB each. The
-# PostgreSQL clusters stay where they were (tempfile's directory): a run killed before its
-# teardown leaves its cluster behind, and on tmpfs it would hold its ~270 MB of RAM.
-# PYTEST_DEBUG_TEMPROOT or --basetemp set by the caller win.
+# PostgreSQL clusters go there too, named after the run's pid: a run killed before its
+# teardown leaves its cluster behind, and the next run removes it (tests/helpers/servers.py
+# cluster_base; session 24). PYTEST_DEBUG_TEMPROOT or --basetemp set by the caller win.
 TMP_PATH_ON_TMPFS = "PYTEST_DEBUG_TEMPROOT" not in os.environ and _tmpfs("/dev/shm", 2 * 1024**3)
 if TMP_PATH_ON_TMPFS:
     os.environ["PYTEST_DEBUG_TEMPROOT"] = "/dev/shm"

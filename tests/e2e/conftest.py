@@ -8,7 +8,10 @@ import pytest
 from services.testing.mesh import running_mesh
 
 
-@pytest.fixture(scope="session")
+# Package scope: only tests/e2e can use it (its conftest), and it stops once their last test
+# is done instead of idling through the rest of the run (an idle mesh polls its peers' health
+# every 0.5 s: ~0.055 cores; session 24, docs/benchmarks.md).
+@pytest.fixture(scope="package")
 def mesh(tmp_path_factory):
     base = tmp_path_factory.mktemp("mesh")
     spans = base / "spans.jsonl"

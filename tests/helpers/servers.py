@@ -11,6 +11,9 @@ backend goes untested."""
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,13 +25,45 @@ from services.testing.servers import MissingServer, PostgresServer, RedisServer
 # with full-page writes on as in production, so page images in the WAL are scanned too.
 PURGEABLE_WAL = {"wal_recycle": "off", "full_page_writes": "on", "wal_keep_size": "0"}
 
+TMPFS_TEMPROOT = "/dev/shm"      # tests/conftest.py: pytest's tmp_path root when it is a tmpfs
+CLUSTER_PREFIX = "hearth-pg-"
+
+
+def cluster_base() -> Path | None:
+    """Where a test cluster goes: beside pytest's ``tmp_path`` directories when those are
+    on tmpfs (tests/conftest.py sets PYTEST_DEBUG_TEMPROOT=/dev/shm), else tempfile's
+    directory (None). On this machine's disk (ext4 mounted with ``discard``) removing the
+    session's cluster (~23,500 files after a run) took 8-20 s at the end of every run, and
+    initdb + start 6-7 s (docs/benchmarks.md, sessions 22 and 24). A run killed before its
+    teardown leaves its cluster behind (its postmaster dies with it), and on tmpfs that
+    would hold its RAM: the directory is named after the run's pid, and clusters of runs
+    that no longer exist are removed here first."""
+    root = os.environ.get("PYTEST_DEBUG_TEMPROOT")
+    if root != TMPFS_TEMPROOT:
+        return None
+    for stale in Path(root).glob(f"{CLUSTER_PREFIX}*-*"):
+        pid = stale.name[len(CLUSTER_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _exists(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{CLUSTER_PREFIX}{os.getpid()}-", dir=root))
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
 
 @contextlib.contextmanager
 def running_postgres(**settings: str) -> Iterator[PostgresServer]:
     """initdb + postgres on a free port (``.dsn``, ``.data_dir``); ``settings`` are
     ``-c name=value`` over the fast test defaults (fsync off, no full-page writes)."""
     try:
-        server = PostgresServer(durable=False, settings=settings)
+        server = PostgresServer(cluster_base(), durable=False, settings=settings)
     except MissingServer as exc:
         pytest.fail(f"{exc} — the PostgreSQL storage tests cannot be skipped")
     try:

@@ -68,7 +68,9 @@ def _wait(url: str, proc, timeout_s: float = 60) -> None:
     raise TimeoutError(f"{url} not healthy")
 
 
-@pytest.fixture(scope="session")
+# Package scope, like tests/e2e's mesh: only tests/security uses it, and its seven processes
+# stop after the package's last test instead of idling through the rest of the run.
+@pytest.fixture(scope="package")
 def security_mesh(tmp_path_factory, redis_url):
     base = tmp_path_factory.mktemp("security-mesh")
     keys_file = base / "var" / "gateway-keys.json"
@@ -115,6 +117,6 @@ def security_mesh(tmp_path_factory, redis_url):
         mesh.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def mesh_logs(security_mesh) -> Path:
     return security_mesh.mesh.log_dir

@@ -5,7 +5,9 @@
   project's modules from source again (~0.06-0.08 CPU-s a process); they write it under the
   run's own PYTHONPYCACHEPREFIX instead, never into the checkout;
 - pytest's tmp_path directories (the SQLite databases of in-process servers and meshes) are
-  on tmpfs where the machine has one (an fsync per SQLite commit: 1.7 ms on this disk)."""
+  on tmpfs where the machine has one (an fsync per SQLite commit: 1.7 ms on this disk);
+- the PostgreSQL clusters go beside them (session 24), named after the run's pid, and the
+  clusters of runs that are gone (killed before their teardown) are removed."""
 
 from __future__ import annotations
 
@@ -58,3 +60,24 @@ def test_tmp_path_is_on_tmpfs_where_the_machine_has_one(tmp_path):
             _filesystem(tmp_path) == _filesystem(Path("/tmp"))
         return
     assert _filesystem(tmp_path) == "tmpfs" and tmp_path.resolve().is_relative_to("/dev/shm")
+
+
+def test_a_test_cluster_goes_beside_tmp_path_and_a_gone_runs_cluster_is_removed(monkeypatch, tmp_path):
+    from tests.helpers import servers
+
+    monkeypatch.setenv("PYTEST_DEBUG_TEMPROOT", "/dev/shm/not-the-tmpfs-root")
+    assert servers.cluster_base() is None   # tempfile's directory, as before
+    root = tmp_path / "root"
+    root.mkdir()
+    monkeypatch.setattr(servers, "TMPFS_TEMPROOT", str(root))
+    monkeypatch.setenv("PYTEST_DEBUG_TEMPROOT", str(root))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()   # its pid no longer exists (reaped)
+    stale = root / f"hearth-pg-{gone.pid}-abc"
+    live = root / f"hearth-pg-{os.getppid()}-def"   # a run that still exists
+    other = root / "hearth-pg-notapid-ghi"
+    for d in (stale, live, other):
+        (d / "data" / "base").mkdir(parents=True)
+    base = servers.cluster_base()
+    assert base is not None and base.parent == root and base.name.startswith(f"hearth-pg-{os.getpid()}-")
+    assert not stale.exists() and live.exists() and other.exists()

@@ -1,0 +1,114 @@
+"""`make test`: the whole suite as two pytest processes side by side.
+
+Run one after the other, the suite kept one of a 2-core machine's cores idle most of the
+time: 2,512 tests took 11:42-11:50 on the idle machine but only ~620-660 CPU-s (user+sys
+of pytest and every process it started, session 24, docs/benchmarks.md "Session 24"): the
+e2e, integration and security tests wait on the meshes' processes, PostgreSQL and their
+own deadlines much of the time. So tests/unit, tests/contract, tests/deploy, tests/security
+and four of tests/integration's files (~57 % of the serial run's test time) run in one
+pytest process and tests/e2e and the rest of tests/integration in another, at the same
+time (the e2e tests' waits do not shrink on an idle machine: balanced there, not by the
+serial shares). Nothing is selected or left out: the second process runs ``tests`` with
+the first one's paths ignored, so every test file, present or added later, is in exactly
+one of them. Each process has its own PostgreSQL cluster,
+redis-server and bytecode directory (tests/conftest.py); no test relies on what another
+left in them. The tests' bounds already hold on a machine shared with other work (they
+pass at load 10-25).
+
+The second process (the longer one) prints as it runs; the first one's output is kept in
+a file and printed when both have ended, then one line with the two summaries and the
+wall time. The exit status is the first non-zero of the two (pytest's own codes).
+Arguments are passed to both (``make test ARGS="-x"``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PR_SET_PDEATHSIG = 1   # linux/prctl.h
+FIRST_HALF = ("tests/unit", "tests/contract", "tests/deploy", "tests/security",
+              # four of tests/integration's slowest files (~170 s of its 360 s serial at load ~7):
+              # with tests/integration whole in the second half, the first ended 3:37 before it
+              # at load ~2.6 (5:07 vs 8:44)
+              "tests/integration/test_clustering_service.py", "tests/integration/test_storage.py",
+              "tests/integration/test_prediction_outbox_erasure.py", "tests/integration/test_deletion_lease.py")
+
+
+def commands(args: list[str]) -> tuple[list[str], list[str]]:
+    """(the first half, the rest): the second is ``tests`` minus the first's directories."""
+    pytest = [sys.executable, "-m", "pytest", "-q", *args]
+    return [*pytest, *FIRST_HALF], [*pytest, *(f"--ignore={d}" for d in FIRST_HALF), "tests"]
+
+
+def summary(text: str) -> str:
+    """pytest's last line ("2 failed, 510 passed in 61.20s (0:01:01)"), or what ended it."""
+    for line in reversed(text.strip().splitlines()):
+        if re.search(r"\b(passed|failed|errors?|no tests ran)\b.* in [0-9.]+s", line):
+            return line.strip("= ")
+    return "(no summary: " + (text.strip().splitlines() or ["no output"])[-1][:200] + ")"
+
+
+def _child_setup() -> None:
+    """In each pytest process before it starts: SIGINT back to its default (an ignored one
+    would be inherited through exec), and SIGKILL when this process dies (PR_SET_PDEATHSIG,
+    as services/common/child_process.py ties the meshes to pytest): a killed `make test`
+    leaves no pytest behind, and each pytest's own servers and meshes die with it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def main(argv: list[str]) -> int:
+    previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        return _run(*commands(argv))
+    finally:
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
+
+
+def _run(first_cmd: list[str], second_cmd: list[str]) -> int:
+    began = time.monotonic()
+    # Ctrl-C reaches both pytest processes (they are in this process group); this one waits
+    # for them to finish their teardown and report.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with tempfile.NamedTemporaryFile("w+", prefix="hearth-test-first-half-", suffix=".log") as log:
+        first = subprocess.Popen(first_cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, preexec_fn=_child_setup)
+        second = subprocess.Popen(second_cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, text=True, preexec_fn=_child_setup)
+
+        def forward(signum, _frame):   # e.g. a CI timeout: stop both, and their processes with them
+            for proc in (first, second):
+                if proc.poll() is None:
+                    proc.send_signal(signum)
+        signal.signal(signal.SIGTERM, forward)
+
+        print(f"make test: {' '.join(FIRST_HALF)} in one pytest process (printed when it ends), "
+              f"the rest of tests/ in another beside it:", flush=True)
+        second_out = []
+        assert second.stdout is not None
+        for line in second.stdout:
+            second_out.append(line)
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        second_rc = second.wait()
+        first_rc = first.wait()
+        log.seek(0)
+        first_out = log.read()
+    print(f"\n---- {' '.join(FIRST_HALF)} ----", flush=True)
+    sys.stdout.write(first_out)
+    wall = time.monotonic() - began
+    print(f"\nmake test: {' '.join(FIRST_HALF)}: {summary(first_out)}; the rest: {summary(''.join(second_out))}; "
+          f"wall {int(wall // 60)}:{wall % 60:04.1f}", flush=True)
+    return next((rc for rc in (first_rc, second_rc) if rc != 0), 0)
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,84 @@
+"""scripts/run_tests.py, what `make test` runs: the suite as two pytest processes side by side
+(docs/benchmarks.md, "Session 24"). Every test directory is in exactly one of them, both
+processes' output is printed, the run fails when either fails, and a killed run leaves
+neither behind."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+import run_tests  # noqa: E402
+
+
+def test_make_test_runs_the_two_halves():
+    makefile = (ROOT / "Makefile").read_text()
+    rule = makefile.split("\ntest: ", 1)[1].split("\n\n", 1)[0]
+    assert "$(PY) scripts/run_tests.py $(ARGS)" in rule and "-m pytest" not in rule
+
+
+def test_every_test_directory_is_in_exactly_one_half():
+    first, second = run_tests.commands(["-x"])
+    assert first[first.index("-m") + 1:first.index("-m") + 4] == ["pytest", "-q", "-x"]
+    first_dirs = first[first.index("-x") + 1:]
+    assert first_dirs == list(run_tests.FIRST_HALF) and all((ROOT / d).exists() for d in first_dirs)
+    # the second is the configured testpaths ("tests") with exactly the first's directories ignored
+    assert second[-1] == "tests" and "tests" not in first
+    assert [a for a in second if a.startswith("--ignore=")] == [f"--ignore={d}" for d in first_dirs]
+    assert 'testpaths = ["tests"]' in (ROOT / "pyproject.toml").read_text()
+    with_tests = {p.parent.relative_to(ROOT).parts[:2] for p in (ROOT / "tests").rglob("test_*.py")}
+    assert {"/".join(parts) for parts in with_tests} >= {d for d in first_dirs if (ROOT / d).is_dir()}
+
+
+def _fake(code: int, line: str) -> list[str]:
+    return [sys.executable, "-c", f"print('.' * 3); print({line!r}); raise SystemExit({code})"]
+
+
+def test_both_outputs_are_printed_and_either_failure_fails_the_run(monkeypatch, capsys):
+    import signal
+
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    for first_rc, second_rc, want in ((0, 0, 0), (1, 0, 1), (0, 1, 1), (2, 1, 2)):
+        monkeypatch.setattr(run_tests, "commands", lambda args, a=first_rc, b=second_rc: (
+            _fake(a, f"{3 + a} passed in 1.00s"), _fake(b, f"{5 + b} passed in 2.00s")))
+        assert run_tests.main([]) == want
+        out = capsys.readouterr().out
+        assert f"{3 + first_rc} passed in 1.00s" in out and f"{5 + second_rc} passed in 2.00s" in out
+        last = out.strip().splitlines()[-1]
+        assert f"test_deletion_lease.py: {3 + first_rc} passed in 1.00s; the rest: {5 + second_rc} passed in 2.00s" in last
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers   # given back
+
+
+def test_the_script_runs_as_make_runs_it():
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "run_tests.py"), "--version"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:]
+    assert done.stdout.count("\npytest ") == 2, done.stdout[-2000:]   # both halves ran
+
+
+def test_a_pytest_process_dies_with_a_killed_runner():
+    import os
+    import signal
+    import time
+
+    from tests.helpers.processes import alive
+
+    runner = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time; sys.path.insert(0, 'scripts'); import run_tests; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], preexec_fn=run_tests._child_setup); "
+        "print(p.pid, flush=True); time.sleep(120)")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    child = int(runner.stdout.readline())
+    try:
+        assert alive(child)
+        os.kill(runner.pid, signal.SIGKILL)
+        runner.wait()
+        deadline = time.monotonic() + 30
+        while alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(child)
+    finally:
+        if alive(child):
+            os.kill(child, signal.SIGKILL)
