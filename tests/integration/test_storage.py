@@ -85,6 +85,51 @@ def test_a_household_lock_makes_an_erasure_wait_for_a_write_in_flight(database):
         assert tx.query("SELECT COUNT(*) FROM t WHERE account_id = ?", ("hh-1",)) == [(0,)]
 
 
+def test_a_household_lock_holds_within_a_service_and_not_across_services(postgres_dsn):
+    """The household lock is the service's own: PostgreSQL's advisory locks are per
+    database and the services share one (a schema each). Until session 24 a clustering
+    transaction frozen while holding a household's lock (its process SIGSTOPped, as
+    tests/e2e/test_deletion_e2e.py's hung peer) blocked attribution's erasure of that
+    household for as long as it stayed frozen — the deletion job's attribution step timed out
+    again and again (a fresh-machine drill failed on it)."""
+    import uuid
+
+    from services.common.storage.sql import PostgresDatabase
+
+    tag = uuid.uuid4().hex[:8]
+    clustering = PostgresDatabase(postgres_dsn, f"lockc_{tag}", max_size=2)
+    attribution = PostgresDatabase(postgres_dsn, f"locka_{tag}", max_size=2)
+    clustering_again = PostgresDatabase(postgres_dsn, f"lockc_{tag}", max_size=2)
+    held, release = threading.Event(), threading.Event()
+
+    def frozen_writer():
+        with clustering.transaction() as tx:
+            tx.lock_household("hh-1")
+            held.set()
+            release.wait(30)
+
+    def locker(database, done):
+        with database.transaction() as tx:
+            tx.lock_household("hh-1")
+        done.set()
+
+    writer = threading.Thread(target=frozen_writer)
+    writer.start()
+    try:
+        assert held.wait(10)
+        other_service, same_service = threading.Event(), threading.Event()
+        threading.Thread(target=locker, args=(attribution, other_service), daemon=True).start()
+        threading.Thread(target=locker, args=(clustering_again, same_service), daemon=True).start()
+        assert other_service.wait(10), "another service's transaction waited for clustering's household lock"
+        assert not same_service.wait(0.5), "the household lock no longer serialises one service's writers"
+    finally:
+        release.set()
+        writer.join(10)
+    assert same_service.wait(10)
+    for database in (clustering, attribution, clustering_again):
+        database.close()
+
+
 def _two_replicas(database, store_class):
     """Two replicas of a store on one database, each with its own cached data keys, and
     the key ring behind them (privacy's)."""

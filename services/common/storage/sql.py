@@ -268,8 +268,9 @@ _PLACEHOLDER = re.compile(r"\?")
 
 
 class _PostgresTx:
-    def __init__(self, cur) -> None:
+    def __init__(self, cur, schema: str) -> None:
         self._cur = cur
+        self._schema = schema
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         self._cur.execute(_PLACEHOLDER.sub("%s", sql), tuple(params))
@@ -288,8 +289,14 @@ class _PostgresTx:
 
     def lock_household(self, account_id: str) -> None:
         """A transaction-scoped advisory lock on the household (read committed lets a
-        DELETE miss rows another transaction has inserted but not yet committed)."""
-        self._cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", ("household:" + account_id,))
+        DELETE miss rows another transaction has inserted but not yet committed), in this
+        service's schema only: advisory locks are per database, and the services share
+        one. Until session 24 the key was the household's alone, so a clustering replica
+        frozen inside a transaction (SIGSTOP, a hung node, a GC pause) blocked
+        attribution's writes and erasures of the same household until it went on — a
+        deletion job waited on attribution for as long as clustering was frozen."""
+        self._cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                          (f"{self._schema}:household:{account_id}",))
 
 
 # How long a transaction waits for a pooled connection (less within an RPC whose deadline is nearer).
@@ -343,7 +350,7 @@ class PostgresDatabase:
                 with conn.transaction(), conn.cursor() as cur:
                     if left is not None:
                         cur.execute(f"SET LOCAL statement_timeout = {max(1, int(left * 1000))}")
-                    yield _PostgresTx(cur)
+                    yield _PostgresTx(cur, self.schema)
         except psycopg.OperationalError as exc:
             if isinstance(exc, psycopg.errors.DiskFull):
                 self.writes.refused(f"DiskFull: {exc}")
