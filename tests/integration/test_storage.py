@@ -126,6 +126,27 @@ def test_a_household_lock_holds_within_a_service_and_not_across_services(postgre
         release.set()
         writer.join(10)
     assert same_service.wait(10)
+
+    # A rolling upgrade: a replica older than session 24 locks the household's key alone,
+    # exclusively; a newer replica of its service must still wait for it.
+    old_held, old_release, newer = threading.Event(), threading.Event(), threading.Event()
+
+    def older_replica():
+        with clustering.transaction() as tx:
+            tx.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", ("household:hh-1",))
+            old_held.set()
+            old_release.wait(30)
+
+    old = threading.Thread(target=older_replica)
+    old.start()
+    try:
+        assert old_held.wait(10)
+        threading.Thread(target=locker, args=(clustering_again, newer), daemon=True).start()
+        assert not newer.wait(0.5), "a newer replica's write did not wait for an older replica's lock"
+    finally:
+        old_release.set()
+        old.join(10)
+    assert newer.wait(10)
     for database in (clustering, attribution, clustering_again):
         database.close()
 

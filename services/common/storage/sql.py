@@ -294,7 +294,15 @@ class _PostgresTx:
         one. Until session 24 the key was the household's alone, so a clustering replica
         frozen inside a transaction (SIGSTOP, a hung node, a GC pause) blocked
         attribution's writes and erasures of the same household until it went on — a
-        deletion job waited on attribution for as long as clustering was frozen."""
+        deletion job waited on attribution for as long as clustering was frozen.
+
+        The household-only key is still taken, *shared*, for a rolling upgrade: a replica
+        older than session 24 takes it exclusively, so its writes and a newer replica's
+        erasure of the same household (and the reverse) still serialise while both run;
+        shared holders never wait for each other, so once every replica is this version
+        nothing is held up across services. (Drop it a release after session 24.)"""
+        self._cur.execute("SELECT pg_advisory_xact_lock_shared(hashtextextended(%s, 0))",
+                          ("household:" + account_id,))
         self._cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
                           (f"{self._schema}:household:{account_id}",))
 
