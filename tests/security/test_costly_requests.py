@@ -142,8 +142,12 @@ def test_a_body_from_a_caller_without_the_right_is_refused_before_it_is_parsed(s
     so an anonymous client, whom no rate limit charges, could keep the gateway's one
     event loop busy for everyone. Now the 401 / 403 comes first and the body is never
     parsed: twenty anonymous and twenty analyst bodies cost the gateway a fraction of
-    the CPU twenty parsed ones do (measured as the process's own CPU time, which the
-    machine's load does not change)."""
+    the CPU as many parsed ones do (measured as the process's own CPU time, which the
+    machine's load does not change). Since session 23 the fast lane parses and refuses
+    such a body in ~6 ms, so twenty anonymous bodies (~1.5 ms each: receiving 256 KiB)
+    cost about a quarter of twenty parsed ones and the bound of a quarter failed on CPU
+    clock ticks (0.03 vs 0.12 s, a drill in session 24): sixty bodies each, and a parsed
+    body still costs over twice an unparsed one (a parsed anonymous body costs as much)."""
     n = (256 * 1024 - 64) // 3
     body = b'{"events": [' + b",".join([b"{}"] * n) + b"]}"
     headers = {"Content-Type": "application/json"}
@@ -152,7 +156,7 @@ def test_a_body_from_a_caller_without_the_right_is_refused_before_it_is_parsed(s
     def cost(key: str | None, status: int) -> float:
         before = _cpu_s(pid)
         with httpx.Client(base_url=security_mesh.url, timeout=30) as client:
-            for _ in range(20):
+            for _ in range(60):
                 answer = client.post("/v1/events", content=body,
                                      headers={**headers, **({"X-API-Key": key} if key else {})})
                 assert answer.status_code == status, answer.text[:200]
@@ -161,7 +165,7 @@ def test_a_body_from_a_caller_without_the_right_is_refused_before_it_is_parsed(s
     parsed = cost(security_mesh.role_keys[Role.SERVICE], 422)     # may ingest: parsed, then refused
     anonymous = cost(None, 401)
     analyst = cost(security_mesh.role_keys[Role.ANALYST], 403)
-    assert anonymous < parsed / 4 and analyst < parsed / 4, (parsed, anonymous, analyst)
+    assert anonymous < parsed / 2 and analyst < parsed / 2, (parsed, anonymous, analyst)
 
 
 def test_a_body_over_the_senders_rate_limit_is_refused_before_it_is_parsed(security_mesh):
