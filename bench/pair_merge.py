@@ -262,6 +262,15 @@ def choose(scored: list[Scored], tests: list, before: dict) -> tuple[object | No
     return best, table
 
 
+def hindsight(scored: list[Scored], tests: list) -> dict:
+    """Every test on ``scored`` (a description, never a choice): the one with the best
+    accuracy + size exact, and the most households it moves closer to the truth."""
+    rows = {repr(t): {**figures(scored, p), **changed(scored, p)} for t in tests for p in [apply_tests(scored, (t,))]}
+    best = max(rows, key=lambda k: _key(rows[k]))
+    most = max(rows, key=lambda k: (rows[k]["closer"] - rows[k]["further"], rows[k]["closer"]))
+    return {"best": {"test": best, **rows[best]}, "most_net_closer": {"test": most, **rows[most]}}
+
+
 def _halves(scored: list[Scored]) -> tuple[list[int], list[int]]:
     ids = sorted({s.world_id for s in scored})
     first = set(ids[0::2])
@@ -293,6 +302,78 @@ def report(scored: list[Scored], chosen: dict[str, object | None]) -> dict:
             continue
         preds = apply_tests(scored, tests)
         out[f"hearth_{label}"] = {**figures(scored, preds), **changed(scored, preds), "tests": [repr(t) for t in tests]}
+    return out
+
+
+def _auc(pos: np.ndarray, neg: np.ndarray) -> float | None:
+    """P(a positive scores above a negative), ties half."""
+    if pos.size == 0 or neg.size == 0:
+        return None
+    both = np.concatenate([pos, neg])
+    ranks = np.argsort(np.argsort(both, kind="mergesort"), kind="mergesort") + 1.0
+    for v in np.unique(both):          # average ranks of ties
+        sel = both == v
+        ranks[sel] = ranks[sel].mean()
+    return float((ranks[:pos.size].sum() - pos.size * (pos.size + 1) / 2) / (pos.size * neg.size))
+
+
+def _quantiles(x: np.ndarray) -> list[float] | None:
+    return [round(float(v), 2) for v in np.quantile(x, (0.1, 0.25, 0.5, 0.75, 0.9))] if x.size else None
+
+
+def diagnose(scored: list[Scored], min_size: int = 12) -> dict:
+    """How well the tests' scores tell right from wrong decisions, pooled over households.
+
+    Merge: every two fitted persons of Hearth's batch fit, "one member" when their sessions'
+    majority true member is the same; and per household the best-scoring pair, in
+    households where Hearth over-counted with such a pair (a merge could fix it) against
+    households where every pair is two members (any merge is wrong). Split: every fitted
+    person with >= 2 * ``min_size`` sessions whose pair-model parts are both >= ``min_size``,
+    "holds two members" when the parts' majority members differ."""
+    out: dict = {}
+    for score in ("absolute", "relative"):
+        same, diff, best_fixable, best_wrong = [], [], [], []
+        for s in scored:
+            p = np.unique(s.answers["hearth_batch"], return_inverse=True)[1]
+            if p.max() < 1:
+                continue
+            S = pair_scores(s.L, p, score)
+            major = np.array([np.bincount(s.person[p == k]).argmax() for k in range(p.max() + 1)])
+            iu = np.triu_indices(S.shape[0], 1)
+            one = major[iu[0]] == major[iu[1]]
+            same += list(S[iu][one])
+            diff += list(S[iu][~one])
+            (best_fixable if one.any() else best_wrong).append(S[iu].max())
+        out[f"merge_{score}"] = {
+            "pairs_one_member": len(same), "pairs_two_members": len(diff),
+            "auc": _auc(np.array(same), np.array(diff)),
+            "quantiles_one_member": _quantiles(np.array(same)),
+            "quantiles_two_members": _quantiles(np.array(diff)),
+            "households_fixable": len(best_fixable), "households_no_merge_right": len(best_wrong),
+            "best_pair_quantiles_fixable": _quantiles(np.array(best_fixable)),
+            "best_pair_quantiles_no_merge_right": _quantiles(np.array(best_wrong)),
+        }
+    split: dict[str, list] = {"absolute_two": [], "absolute_one": [], "relative_two": [], "relative_one": []}
+    for s in scored:
+        p = np.unique(s.answers["hearth_batch"], return_inverse=True)[1]
+        for k in range(p.max() + 1):
+            idx = np.flatnonzero(p == k)
+            if idx.size < 2 * min_size:
+                continue
+            d = s.devices[idx]
+            parts = two_parts(s.L[np.ix_(idx, idx)], np.unique(d, return_inverse=True)[1] - (1 if (d < 0).any() else 0),
+                              min_size)
+            if parts is None:
+                continue
+            truth = s.person[idx]
+            two = np.bincount(truth[parts == 0]).argmax() != np.bincount(truth[parts == 1]).argmax()
+            for score in ("absolute", "relative"):
+                split[f"{score}_{'two' if two else 'one'}"].append(pair_scores(s.L[np.ix_(idx, idx)], parts, score)[0, 1])
+    for score in ("absolute", "relative"):
+        two, one = np.array(split[f"{score}_two"]), np.array(split[f"{score}_one"])
+        out[f"split_{score}"] = {"persons_two_members": int(two.size), "persons_one_member": int(one.size),
+                                 "auc_lower_for_two": _auc(-two, -one),
+                                 "quantiles_two_members": _quantiles(two), "quantiles_one_member": _quantiles(one)}
     return out
 
 
@@ -345,7 +426,8 @@ def main() -> None:
     before = figures(train, [s.answers["hearth_batch"] for s in train])
     log(f"training seed, Hearth batch fit: {before}")
     result: dict = {"train_seed": args.train_seed, "train_worlds": args.train_worlds, **kw,
-                    "train": {"hearth_batch": before}}
+                    "train": {"hearth_batch": before, "diagnosis": diagnose(train)}}
+    log(f"training seed diagnosis: {json.dumps(result['train']['diagnosis'])}")
     chosen = {}
     for kind, tests in candidates().items():
         t, table = choose(train, tests, before)
@@ -366,14 +448,17 @@ def main() -> None:
     test_hs = _tuning(args.test_seed, lo, hi)
     test = cached("test", lambda: score_households(test_hs, lambda k, h: pm.logodds(h), BASELINES, args.workers, log))
     result["test_seed"], result["test_worlds"] = args.test_seed, args.test_worlds
-    result["test"] = report(test, chosen)
+    result["test"] = {**report(test, chosen), "diagnosis": diagnose(test),
+                      "merge_hindsight": hindsight(test, candidates()["merge"])}
+    log(f"test, the merge tests in hindsight: {json.dumps(result['test']['merge_hindsight'])}")
     log(f"test {json.dumps(result['test'])}")
     if args.movielens_tuning:
         from bench import worlds_movielens
         ml_hs = worlds_movielens.generate(worlds_per_family=4, split="tuning")
         ml = cached("movielens", lambda: score_households(ml_hs, lambda k, h: pm.logodds(h), BASELINES,
                                                           args.workers, log))
-        result["movielens_tuning"] = report(ml, chosen)
+        result["movielens_tuning"] = {**report(ml, chosen), "diagnosis": diagnose(ml),
+                                      "merge_hindsight": hindsight(ml, candidates()["merge"])}
         log(f"movielens-tuning {json.dumps(result['movielens_tuning'])}")
     result["elapsed_s"] = round(time.time() - t0, 1)
     print(json.dumps(result))

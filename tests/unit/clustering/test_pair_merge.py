@@ -102,3 +102,14 @@ def test_choose_takes_a_test_that_beats_hearth_and_refuses_one_that_splits_singl
     assert PG.choose(scored, splits, before)[0] is None
     moved = PG.changed(scored, PG.apply_tests(scored, (best,)))
     assert moved == {"households_changed": 1, "closer": 1, "further": 0}
+
+
+def test_diagnose_counts_one_member_pairs_and_the_auc_reads_their_scores():
+    L, truth = _blocks([10, 10], within=[2.0, 2.0], across=-2.0)
+    scored = _scored([np.repeat([0, 1, 2], [5, 5, 10])], [truth], [L], ["w0"])
+    d = PG.diagnose(scored, min_size=4)["merge_absolute"]
+    # persons 0 and 1 are one member (score 2), each of them against person 2 two (score -2)
+    assert (d["pairs_one_member"], d["pairs_two_members"]) == (1, 2)
+    assert d["auc"] == 1.0 and d["households_fixable"] == 1 and d["households_no_merge_right"] == 0
+    assert PG._auc(np.array([0.0, 1.0]), np.array([0.0])) == 0.75
+    assert PG._auc(np.array([]), np.array([1.0])) is None
