@@ -293,13 +293,15 @@ def main() -> None:
             g: {"bar": b, **score(hs, [None if s is None else union(s, e) for s, e in zip(stream, evs_at[(g, b)])])}
             for g, b in bars.items() if b is not None}
         # each group at every bar in union with the stream: the best union within the budget
-        best_union = {}
+        best_union, union_rows = {}, {}
         for g in GROUPS:
             rows = [{"bar": bar, **score(hs, [None if s is None else union(s, e)
                                               for s, e in zip(stream, evs_at[(g, bar)])])} for bar in BARS[g]]
             within = [r for r in rows if (r["false_alarms_per_household_quarter"] or 0) <= BUDGET]
             best_union[g] = max(within, key=lambda r: r["detection_rate"], default=None)
+            union_rows[g] = rows
         doc["stream"]["union_best_within_budget"] = best_union
+        doc["stream"]["union_rows"] = union_rows
         # the stream and two detectors (either fires): the best within the budget
         best3 = None
         for i, k1 in enumerate(keys):
