@@ -149,15 +149,16 @@ def _symmetric_sq_dist(R: np.ndarray, upper: np.ndarray) -> np.ndarray:
     n = R.shape[0]
     sq = (R * R).sum(axis=1)
     D2 = R @ R.T
-    cols = np.arange(n)
     pos = 0
     for r0 in range(0, n, MMD_CHUNK):
         r1 = min(r0 + MMD_CHUNK, n)
         block = D2[r0:r1]
-        np.maximum(sq[r0:r1, None] + sq[None, :] - 2.0 * block, 0.0, out=block)
-        above = block[cols[None, :] > cols[r0:r1, None]]
-        upper[pos:pos + above.size] = above
-        pos += above.size
+        block *= -2.0   # exact; (sq_i + sq_j) + (-2 g) is (sq_i + sq_j) - 2 g, symmetric in i, j
+        np.add(np.add.outer(sq[r0:r1], sq), block, out=block)
+        np.maximum(block, 0.0, out=block)
+        for i in range(r0, r1):
+            upper[pos:pos + n - 1 - i] = block[i - r0, i + 1:]
+            pos += n - 1 - i
     return D2
 
 
