@@ -129,14 +129,20 @@ class _DriftClock:
         ModelKeeper._check_drift = self._orig
 
 
-def measure(days: int, stream_days: int, batch: int, root: Path, fold_only: bool = False) -> dict:
-    store = ClusteringStore(SqliteDatabase(root / f"refresh-{days}.db"),
-                            cipher=FieldCipher(_fetcher(KeyRing([generate_kek("k1")], "k1"))))
+def _household(days: int, stream_days: int, db: Path) -> tuple[ClusteringStore, ClusteringApp, list, float]:
+    """A store on SQLite (``db``) with a ``FieldCipher``, its app (no background thread), the
+    household's events (``days + stream_days`` of viewing) in time order and the time that
+    cuts the history from the stream."""
+    store = ClusteringStore(SqliteDatabase(db), cipher=FieldCipher(_fetcher(KeyRing([generate_kek("k1")], "k1"))))
     store.migrate()
     app = ClusteringApp(store, background=False)
     events = sorted((_event(d) for d in household_events(ACCOUNT, random.Random(days), days + stream_days,
                                                           n_persons=3)), key=lambda e: (e.ts, e.event_id))
-    cut = events[-1].ts - stream_days * 86400.0
+    return store, app, events, events[-1].ts - stream_days * 86400.0
+
+
+def measure(days: int, stream_days: int, batch: int, root: Path, fold_only: bool = False) -> dict:
+    store, app, events, cut = _household(days, stream_days, root / f"refresh-{days}.db")
     history = [e for e in events if e.ts <= cut]
     # the last stream_days, moved to end a minute ago: live, so sessions close by their
     # device's next session (its watermark), as a client's stream closes them
@@ -174,13 +180,7 @@ def measure_build(days: int, stream_days: int, root: Path, repeats: int) -> dict
 
     from services.clustering.domain.drift import DEFAULT_THRESHOLDS, _WindowMMD, build_detector
 
-    store = ClusteringStore(SqliteDatabase(root / f"build-{days}.db"),
-                            cipher=FieldCipher(_fetcher(KeyRing([generate_kek("k1")], "k1"))))
-    store.migrate()
-    app = ClusteringApp(store, background=False)
-    events = sorted((_event(d) for d in household_events(ACCOUNT, random.Random(days), days + stream_days,
-                                                          n_persons=3)), key=lambda e: (e.ts, e.event_id))
-    cut = events[-1].ts - stream_days * 86400.0
+    store, app, events, cut = _household(days, stream_days, root / f"build-{days}.db")
     history = [e for e in events if e.ts <= cut]
     with _StreamClock(cut):
         for i in range(0, len(history), 1000):

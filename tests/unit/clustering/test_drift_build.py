@@ -17,6 +17,7 @@ from hypothesis.extra import numpy as hnp
 
 from services.clustering.domain import drift as D
 from services.clustering.domain.simulator import DRIFT_TYPES, simulate_household
+from tests.unit.clustering.test_drift_resume import _low, _same_events
 
 # The summed-area table's own rounding is ~3e-9 on a block sum at 2,500 sessions (its
 # corners are sums of ~10^6), the band's ~1e-11 (measured against math.fsum); on the null
@@ -99,17 +100,10 @@ def test_the_distances_are_symmetric_and_the_upper_triangle_is_every_pair_once()
     assert np.array_equal(upper, D2[np.triu_indices(n, 1)])
 
 
-def _with_old_null(det: D.DriftDetector, X_ref: np.ndarray) -> D.DriftDetector:
+def _with_old_null(det: D.DriftDetector) -> D.DriftDetector:
     det.mmd.bandwidth, det.mmd.ref_term, det.mmd.null_loc, det.mmd.null_scale = _null_summed_area(
         det.mmd.ref, det.thresholds.window)
     return det
-
-
-def _low(scale: float) -> D.DriftThresholds:
-    th = D.DEFAULT_THRESHOLDS
-    return D.DriftThresholds(th.cusum_h * scale, th.kl_threshold * scale, mmd_threshold=th.mmd_threshold * scale,
-                             agreement_h=th.agreement_h * scale, weight_h=th.weight_h * scale,
-                             glr_h=th.glr_h * scale)
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -124,14 +118,8 @@ def test_a_detector_built_now_raises_main_s_events_with_main_s_statistics(seed, 
         return
     thresholds = _low(scale)
     new = D.build_detector(X[:ref], thresholds=thresholds)
-    old = _with_old_null(D.build_detector(X[:ref], thresholds=thresholds), X[:ref])
+    old = _with_old_null(D.build_detector(X[:ref], thresholds=thresholds))
     assert new.mmd.null() == pytest.approx(old.mmd.null(), rel=TOL, abs=1e-12)
-    got, want = new.update(X[ref:], ts[ref:]), old.update(X[ref:], ts[ref:])
-    assert [(e.type, e.statistic_name, e.session_index, e.change_index, e.recluster, e.time) for e in got] == \
-        [(e.type, e.statistic_name, e.session_index, e.change_index, e.recluster, e.time) for e in want]
-    for x, y in zip(got, want):
-        assert (x.severity, x.statistic, x.kl_excess) == pytest.approx((y.severity, y.statistic, y.kl_excess),
-                                                                       rel=TOL, abs=1e-12)
-        assert x.details == pytest.approx(y.details, rel=TOL, abs=1e-12)
+    _same_events(new.update(X[ref:], ts[ref:]), old.update(X[ref:], ts[ref:]))
     assert new.maxima() == pytest.approx(old.maxima(), rel=TOL, abs=1e-12)
     assert new.mmd_hist == pytest.approx(old.mmd_hist, rel=TOL, abs=1e-12)
