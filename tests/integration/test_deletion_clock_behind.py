@@ -19,11 +19,9 @@ from datetime import timedelta
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from hearth.common.v1 import common_pb2
 from prometheus_client import REGISTRY
 
-from services.common.erasure import ErasureScope, ids_digest
-from services.common.errors import Unavailable
+from services.common.erasure import ErasureScope
 from services.common.identity import Principal
 from services.common.ids import Role
 from services.common.storage.sql import PostgresDatabase, SqliteDatabase, clock_offset
@@ -31,30 +29,10 @@ from services.privacy.consent.store import ConsentStore
 from services.privacy.deletion.app import DeletionCoordinator
 from services.privacy.deletion.domain import JobState, RetryPolicy, ServiceStatus
 from services.privacy.deletion.store import DeletionJobStore
+from tests.integration.test_deletion_clock_steps import _Peers   # confirm at once, or refuse while down
 
 OFFICER = Principal("officer", Role("admin"))
 BEHIND_S = 2 * 3600.0
-
-
-class _Peers:
-    """Data holders that confirm at once, or refuse while ``down`` (as every peer refuses
-    the service tokens of a replica two hours behind), recording each Erase."""
-
-    def __init__(self, down: bool = False) -> None:
-        self.down = down
-        self.calls: list[str] = []
-
-    def erase(self, service, scope, job_id):
-        self.calls.append(service)
-        if self.down:
-            raise Unavailable(f"{service} refused the token")
-        return common_pb2.ErasureResult(service=service, deleted_ids_sha256=ids_digest([]), already_erased=True)
-
-    def export(self, service, account_id):
-        return {}
-
-    def close(self):
-        pass
 
 
 @pytest.fixture
