@@ -634,9 +634,13 @@ class DeletionCoordinator:
                       "every check; if not, set the clock right", format_ts(datetime.fromtimestamp(now, UTC)),
                       format_ts(datetime.fromtimestamp(scope.end, UTC)), (scope.end - previous) / 86400.0,
                       format_ts(datetime.fromtimestamp(held, UTC)))
-            # One held-back purge a period: another replica asking for this period after
-            # this one's purge was stored computes a day further and gets this one's.
-            scope, request_id = ErasureScope(ALL_ACCOUNTS, "window", end=held), f"{request_id}:held"
+            scope = ErasureScope(ALL_ACCOUNTS, "window", end=held)
+        # One purge a period, held back or not: its request id names the period alone, so a
+        # replica asking after another's purge of the period was stored (its previous end
+        # now that purge's) gets that purge. Until session 25 a held-back purge had an id of
+        # its own (``retention:<period>:held``): a second replica reading the first's end as
+        # the previous one asked for the period's unheld purge, up to two caps past the
+        # previous end in one check (tests/integration/test_retention_replicas.py).
         try:
             stored = self.request(scope, request_id, RETENTION_REASON, identity.service_principal("privacy"))
         except AlreadyExists:
