@@ -69,6 +69,7 @@ def test_a_replica_two_hours_behind_takes_no_lease_and_no_retry_before_its_due_t
         assert any(p.status is ServiceStatus.RETRYING for p in retried.services.values())
         attempts = sum(p.attempts for p in retried.services.values())
 
+        assert not right.clock_disagrees()     # its worker loop measures every third of a lease
         assert behind.run_due(wait=True) == 0, "the replica two hours behind took the others' jobs"
         assert behind_peers.calls == []
         assert sum(p.attempts for p in jobs_right.get(retried_id).job.services.values()) == attempts
@@ -88,6 +89,27 @@ def test_a_replica_two_hours_behind_takes_no_lease_and_no_retry_before_its_due_t
     finally:
         right.close(1.0)
         behind.close(1.0)
+
+
+def test_replicas_that_agree_with_each_other_go_on_when_the_database_clock_is_off(shared_schema):
+    """The database server's clock an hour behind both replicas (the libfaketime drill:
+    PostgreSQL started an hour behind, docs/operations.md "Clock steps"): the replicas,
+    which compare leases on their own clocks, agree with each other, so they go on; the
+    offset is reported. Before the exemption every deletion stopped until the server's
+    clock was put right."""
+    ahead = lambda: time.time() + 3600.0                                  # noqa: E731
+    first, second = (DeletionCoordinator(jobs, _Peers(), None, Ed25519PrivateKey.generate(), wall=ahead)
+                     for jobs in shared_schema)
+    try:
+        assert not first.clock_disagrees()                               # alone so far: goes on
+        job_id = first.request(ErasureScope("acct-db", "household"), principal=OFFICER).job.job_id
+        assert second.run_due(wait=True) == 1, "every replica stopped for the database server's clock"
+        assert shared_schema[0].get(job_id).job.state is JobState.COMPLETED
+        assert _gauge("hearth_deletion_clock_disagrees") == 0.0
+        assert _gauge("hearth_deletion_clock_offset_seconds") == pytest.approx(3600.0, abs=5.0)
+    finally:
+        first.close(1.0)
+        second.close(1.0)
 
 
 def _lease(jobs: DeletionJobStore, job_id: str) -> float:
