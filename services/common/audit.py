@@ -46,8 +46,10 @@ outbox (the privacy service's own sink), the log still answers with an outage af
 ``max_attempts`` — the batch is kept in memory (session 24): back at the head of the
 queue in order, retried after a backoff (``_keep``), counted in the gauge
 ``hearth_audit_records_held``. The queue's bound is its bound (new records past
-``max_queue`` are dropped as ``queue_full``); a crash loses them, and ``close`` gives
-them one last try, then counts them dropped. docs/privacy.md, "The client".
+``max_queue`` are dropped as ``queue_full``); ``close`` gives them one last try. Held
+records, and those queued behind them, are also written into a reserve file allocated at
+start (``AuditReserve``, session 25), so a kill while holding loses none of them (up to the
+file's room): the next start queues them first. docs/privacy.md, "The client".
 
 Every loss is counted: ``hearth_audit_records_dropped_total{component,reason}``. A
 clean shutdown (SIGTERM) flushes the queue (``close``) after the server has stopped.
