@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from services.common.config import keep_files_private
 from services.testing.mesh import ROOT, Mesh, write_api_key
 
 
@@ -20,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="listen on free ports instead of 8080/50051-50054/9100-9104 "
                              "(a second mesh beside a running one)")
     args = parser.parse_args(argv)
+    keep_files_private()   # the data dir, its logs and the keys file: the owner's only
     log_dir = args.data_dir / "logs"
     mesh = (Mesh.on_free_ports(args.data_dir, log_dir=log_dir) if args.free_ports
             else Mesh(args.data_dir, log_dir=log_dir))

@@ -207,6 +207,36 @@ def settings_from(environ: Mapping[str, str], settings_cls: type[BaseSettings] =
     return _build(settings_cls, {name[len(ENV_PREFIX):].lower(): value for name, value in environ.items()})
 
 
+# Group and others lose every permission on what a Hearth process creates: the SQLite
+# files and their WALs (viewing histories), the audit outboxes, the development keys,
+# the data dir itself (attack25: they were 0644 / 0755 under the usual umask 022, so any
+# local user of a machine running `make run` read them; the backups were already 0600).
+PRIVATE_UMASK = 0o077
+
+
+def keep_files_private() -> None:
+    """From now on this process creates files and directories for its owner only (the
+    current umask plus 077). Called first by each process's bootstrap, before anything
+    is written."""
+    os.umask(os.umask(PRIVATE_UMASK) | PRIVATE_UMASK)
+
+
+def warn_if_shared(data_dir: Path) -> None:
+    """Log a warning when the data dir (made by someone else, or before attack25) lets
+    group or others in: the umask covers new files only, and the operator may mean it (a
+    backup agent in the group), so it is said, not changed."""
+    import logging
+
+    try:
+        mode = data_dir.stat().st_mode & 0o777
+    except OSError:
+        return
+    if mode & 0o077:
+        logging.getLogger("hearth.config").warning(
+            "HEARTH_DATA_DIR %s is open to group or others (mode %s) and holds personal data and keys: "
+            "chmod 700 it (files made before session 25 may be 0644: chmod -R go= it)", data_dir, oct(mode))
+
+
 def configure_process(settings: MeshSettings, component: str | None = None) -> None:
     """Hand the mesh settings to the modules that use them (once, from the bootstrap):
     the service-token signer, the TLS material and channel options, the pseudonym key.
