@@ -161,6 +161,10 @@ class MeshSettings(HearthSettings):
     # server.build_server. Responses (exports) stay at 64 MiB.
     grpc_max_message_bytes: Annotated[int, bounded(ge=1024 * 1024, le=1024 * 1024 * 1024,
                                                    message="must be bytes in [1 MiB, 1 GiB]")] = 16 * 1024 * 1024
+    # The audit sink's reserve file in the data directory (audit.AuditReserve): allocated at
+    # start, it keeps the records held in memory while neither the audit log nor the disk
+    # outbox takes them (a full disk) across a kill. ~400 bytes a record; 0: none.
+    audit_reserve_mb: Annotated[float, bounded(ge=0, le=1024, message="must be MiB in [0, 1024] (0 = none)")] = 4.0
 
     @field_validator("service_token_key")
     @classmethod

@@ -721,7 +721,8 @@ def run_service(name: str, build: Callable, settings_cls: type | None = None) ->
         # Every service audits through privacy's AppendAudit (the privacy service
         # installs its local, durable sink in build()). Flushed after the server stops.
         sink = audit.sink_for_service(name, settings.privacy_addr, settings.peer_timeout_s,
-                                      outbox_dir=settings.data_dir)
+                                      outbox_dir=settings.data_dir,
+                                      reserve_bytes=int(settings.audit_reserve_mb * 2**20))
         audit.install(sink)
         closers = [sink.close, *closers]
 
