@@ -2,6 +2,8 @@
 
     sudo .venv/bin/python -m bench.pg_full_disk [--size-mb 96] [--hold-s 20] [--threads 4]
                                                 [--switch-wal] [--out /tmp/disk25-pgdrill]
+    sudo .venv/bin/python -m bench.pg_full_disk --backend sqlite --size-mb 64 --kill clustering
+                                                [--reserve-mb 0]
 
 Needs root: PostgreSQL's data directory goes on a tmpfs of its own (``mount -t tmpfs``),
 started with the production defaults (fsync on) by ``services.testing.servers``; the mesh
@@ -12,14 +14,21 @@ filled with a file (kept full for ``--hold-s``), then the file is removed. A pos
 that exits meanwhile (a PANIC its restart cannot get past) is started again once the
 space is back, as an orchestrator would.
 
+With ``--backend sqlite`` the volume holds the mesh's data directory instead (every SQLite
+database, the audit outboxes and reserve files: session 24's drill); ``--kill SERVICE``
+SIGKILLs that service half-way through the hold (holding audit records) and starts it
+again once the space is back; ``--reserve-mb`` sets ``HEARTH_AUDIT_RESERVE_MB`` (0: the
+held records die with the process).
+
 What it reports (one JSON object on stdout): the clients' answers per phase (status codes,
 Retry-After, the distinct error bodies, any 5xx other than 503), the health timeline (the
 gateway's /health, ``hearth_dependency_up`` of ``database`` and ``database writes``,
 ``hearth_audit_records_held``, the outboxes' depth, audit records dropped), the recovery
 times after the space came back, PostgreSQL's PANICs and restarts from its log, every
 acknowledged event looked for in its household's export (and no batch stored in part),
-and the audit log: exported, verified (``hearth audit verify``) and its entries per RPC
-and status compared with ``hearth_rpc_requests_total``.
+and the audit log: exported, verified (``hearth audit verify``), every request answered 200
+looked for by its trace id (``x-trace-id``), and its entries per RPC and status compared
+with ``hearth_rpc_requests_total``.
 """
 
 from __future__ import annotations
@@ -105,6 +114,8 @@ class Drill:
         self.answers: dict[str, Counter] = defaultdict(Counter)   # phase -> "POST events 503" -> n
         self.retry_after: dict[str, Counter] = defaultdict(Counter)
         self.bodies: Counter = Counter()
+        self.ok_traces: list[str] = []   # x-trace-id of every 200 (each served by clustering)
+        self.killed: dict = {}
         self.acked: dict[str, set[str]] = defaultdict(set)   # account -> event ids acknowledged
         self.refused_batches: list[tuple[str, list[str]]] = []   # (account, ids) of batches not acknowledged
         self.write_times: list[tuple[float, int]] = []   # (ts, status) of every write
@@ -118,21 +129,26 @@ class Drill:
     def start(self) -> None:
         subprocess.run(["umount", "-l", str(self.volume.path)], check=False, capture_output=True)
         self.volume.mount()
-        self.pg = PostgresServer(self.volume.path / "pg", max_connections=100,
-                                 settings={"logging_collector": "on", "log_directory": str(self.out / "pglog"),
-                                           "log_filename": "postgresql.log"})
-        (self.out / "pglog").mkdir(parents=True, exist_ok=True)
-        subprocess.run(["chown", "postgres:postgres", str(self.out / "pglog")], check=True)
-        self.pg.init().start()
-        log(f"PostgreSQL up on a {self.args.size_mb} MB tmpfs, {self.volume.free_bytes() >> 20} MB free")
         env = mesh_settings()
-        env.update({"HEARTH_STORAGE": "postgres", "HEARTH_POSTGRES_DSN": self.pg.dsn, "HEARTH_LOG_LEVEL": "INFO"})
-        self.mesh = Mesh.on_free_ports(self.out / "mesh", log_dir=self.out / "logs", extra_env=env)
+        env.update({"HEARTH_LOG_LEVEL": "INFO", "HEARTH_AUDIT_RESERVE_MB": str(self.args.reserve_mb)})
+        if self.args.backend == "postgres":
+            self.pg = PostgresServer(self.volume.path / "pg", max_connections=100,
+                                     settings={"logging_collector": "on", "log_directory": str(self.out / "pglog"),
+                                               "log_filename": "postgresql.log"})
+            (self.out / "pglog").mkdir(parents=True, exist_ok=True)
+            subprocess.run(["chown", "postgres:postgres", str(self.out / "pglog")], check=True)
+            self.pg.init().start()
+            log(f"PostgreSQL up on a {self.args.size_mb} MB tmpfs, {self.volume.free_bytes() >> 20} MB free")
+            env.update({"HEARTH_STORAGE": "postgres", "HEARTH_POSTGRES_DSN": self.pg.dsn})
+            data_dir = self.out / "mesh"
+        else:   # SQLite: the mesh's data directory (databases, outboxes, reserve files) on the volume
+            data_dir = self.volume.path / "mesh"
+        self.mesh = Mesh.on_free_ports(data_dir, log_dir=self.out / "logs", extra_env=env)
         self.mesh.data_dir.mkdir(parents=True, exist_ok=True)
         self.key = write_api_key(self.mesh.data_dir / "gateway-keys.json", "drill-admin", "admin")
         self.mesh.start()
         self.mesh.wait_healthy(180)
-        log(f"mesh healthy on PostgreSQL, {self.volume.free_bytes() >> 20} MB free")
+        log(f"mesh healthy on {self.args.backend}, {self.volume.free_bytes() >> 20} MB free")
 
     def stop(self) -> None:
         if self.mesh is not None:
@@ -153,6 +169,8 @@ class Drill:
                 self.answers[phase][f"{what} {error}"] += 1
                 return
             self.answers[phase][f"{what} {r.status_code}"] += 1
+            if r.status_code == 200 and r.headers.get("x-trace-id"):
+                self.ok_traces.append(r.headers["x-trace-id"])
             if r.status_code != 200:
                 self.retry_after[phase][f"{what} {r.status_code} Retry-After={r.headers.get('Retry-After')}"] += 1
                 self.bodies[f"{r.status_code} {r.text[:200]}"] += 1
@@ -217,7 +235,7 @@ class Drill:
         while not self.stop_watch.is_set():
             row: dict = {"t": round(time.time(), 1), "phase": self.phase,
                          "free_mb": round(self.volume.free_bytes() / 2**20, 1),
-                         "postgres_running": self.pg.proc is not None and self.pg.proc.poll() is None}
+                         "postgres_running": self.pg is None or (self.pg.proc is not None and self.pg.proc.poll() is None)}
             try:
                 h = httpx.get(self.mesh.url + "/health", timeout=3)
                 row["health"] = h.status_code, h.json().get("status"), h.json().get("reasons", {})
@@ -231,6 +249,8 @@ class Drill:
         """Start PostgreSQL again if it exited (an orchestrator's restart), once the space
         is back: called on the main thread, which lives as long as the drill (the death
         signal of ``spawn_tied`` follows the thread that started the server)."""
+        if self.pg is None:
+            return
         proc = self.pg.proc
         if proc is None or proc.poll() is None or self.phase == "full":
             return
@@ -271,9 +291,14 @@ class Drill:
             if a.switch_wal and not switched and time.time() > self.t["full"] + a.hold_s / 4:
                 switched = True
                 self.switch_wal()
+            if a.kill and not self.killed and time.time() > self.t["full"] + a.hold_s / 2:
+                self.kill_service(a.kill)
             time.sleep(0.2)
         self.volume.free()
         self.t["freed"] = time.time()
+        if self.killed:   # started again once the space is back, as its pod would be
+            self.mesh.start_service(a.kill)
+            self.killed["restarted_utc"] = utc(time.time())
         with self.lock:
             self.phase = "after"
         log(f"{utc(self.t['freed'])} volume freed")
@@ -288,6 +313,20 @@ class Drill:
         for th in watchers:
             th.join(10)
         return self.report(settled)
+
+    def kill_service(self, name: str) -> None:
+        """SIGKILL ``name`` while it holds audit records (what it held just before)."""
+        port = self.mesh.metrics_ports[name]
+        held = None
+        try:
+            held = self.metrics().get(name, {}).get("held")
+        except httpx.HTTPError:
+            pass
+        self.mesh.processes[name].kill()
+        self.mesh.processes[name].wait()
+        self.t["killed"] = time.time()
+        self.killed = {"service": name, "held_before_kill": held, "metrics_port": port}
+        log(f"{utc(time.time())} {name} SIGKILLed holding {held} audit records")
 
     def switch_wal(self) -> None:
         """Close the current WAL segment (``pg_switch_wal``): the next write needs a new
@@ -342,7 +381,7 @@ class Drill:
                                  "--public-key", str(self.mesh.data_dir / "audit-signing-key.pub")],
                                 capture_output=True, text=True)
         per_rpc: Counter = Counter()
-        ids: Counter = Counter()
+        traces: set[str] = set()
         entries = 0
         for line in r.text.splitlines():
             doc = json.loads(line)
@@ -355,6 +394,7 @@ class Drill:
                 details = json.loads(details)
             if details.get("rpc") in COMPARED_RPCS:
                 per_rpc[f"{details['rpc'].rsplit('/', 1)[1]} {details.get('code')}"] += 1
+                traces.add(entry.get("trace_id", ""))
         served: Counter = Counter()
         text = httpx.get(f"http://127.0.0.1:{self.mesh.metrics_ports['clustering']}/metrics").text
         for family in text_string_to_metric_families(text):
@@ -363,11 +403,16 @@ class Drill:
                     method = s.labels.get("method", "").rsplit("/", 1)[-1]
                     if method in ("IngestEvents", "GetHousehold") and s.value:
                         served[f"{method} {s.labels.get('code')}"] += int(s.value)
-        return {"entries": entries, "verify_rc": verify.returncode, "verify_out": (verify.stdout + verify.stderr)[-400:],
+        missing = [t for t in self.ok_traces if t not in traces]
+        return {"entries": entries, "requests_200": len(self.ok_traces), "requests_200_without_entry": len(missing),
+                "verify_rc": verify.returncode, "verify_out": (verify.stdout + verify.stderr)[-400:],
                 "log_per_rpc": dict(sorted(per_rpc.items())), "served_per_rpc": dict(sorted(served.items())),
-                "one_entry_per_rpc_served": per_rpc == served}
+                # a killed process's counters started again from 0: compared by trace ids above
+                "one_entry_per_rpc_served": per_rpc == served if not self.killed else None}
 
     def pg_log(self) -> dict:
+        if not (self.out / "pglog").exists():
+            return {}
         text = ""
         for f in sorted((self.out / "pglog").glob("*")):
             text += f.read_text(errors="replace")
@@ -425,7 +470,9 @@ class Drill:
                 "health_serving_again_after_free_s": round(not_degraded - freed, 1) if not_degraded else None,
                 "audit_settled_after_load_s": settled,
                 "postgres_down_utc": [utc(min(down)), utc(max(down))] if down else None},
-            "postgres": {"exits": self.pg_restarts, "wal_switch": self.wal_switch, **self.pg_log()},
+            "postgres": ({"exits": self.pg_restarts, "wal_switch": self.wal_switch, **self.pg_log()}
+                         if self.pg is not None else None),
+            "killed": self.killed or None,
             "health_seen": dict(health_seen),
             "database_writes_down_samples": dict(writes_down),
             "audit_held_peak": held_peak, "audit_dropped_total_end": dropped_end,
@@ -443,6 +490,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--switch-wal", action="store_true",
                         help="a quarter into the hold, switch to a new WAL segment (pg_switch_wal): "
                              "PostgreSQL cannot create it and PANICs")
+    parser.add_argument("--backend", choices=("postgres", "sqlite"), default="postgres",
+                        help="postgres: PostgreSQL's data directory on the volume; sqlite: the mesh's data "
+                             "directory (databases, audit outboxes, reserve files)")
+    parser.add_argument("--kill", choices=("clustering", "attribution", "privacy", "feedback"),
+                        help="SIGKILL this service half-way through the hold, start it again once the space is back")
+    parser.add_argument("--reserve-mb", type=float, default=4.0, help="HEARTH_AUDIT_RESERVE_MB (0: no reserve file)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/disk25-pgdrill"))
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
