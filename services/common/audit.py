@@ -626,7 +626,7 @@ class AuditSink:
         records are the head of the queue, those that arrived behind them its tail: the
         ones not in the file are a tail, found from the end)."""
         reserve = self._reserve
-        if reserve is None:
+        if reserve is None or reserve.full:
             return
         with self._lock:
             new: list[AuditRecord] = []
@@ -1086,7 +1086,9 @@ class AuditReserve:
         self._offset = self.HEADER.size
         self._ids: set[str] = set()
         self._pinned: set[str] = set()
-        self._full_logged = False
+        # Set when a record did not fit; cleared when the file is emptied. The sink then
+        # stops offering it records (each offer scans the queue's unwritten tail).
+        self.full = False
 
     @property
     def count(self) -> int:
@@ -1134,8 +1136,8 @@ class AuditReserve:
                 payload = json.dumps(_record_dict(record), separators=(",", ":")).encode()
                 entry = self.ENTRY.pack(len(payload), self._generation, zlib.crc32(payload)) + payload
                 if offset + len(entry) + self.ENTRY.size > self.capacity:   # room for the end mark
-                    if not self._full_logged:
-                        self._full_logged = True
+                    if not self.full:
+                        self.full = True
                         log.error("audit reserve file %s full (%d records): records held in memory beyond it "
                                   "are lost if the process is killed", self.path, len(self._ids) + len(ids))
                     break
@@ -1175,7 +1177,7 @@ class AuditReserve:
                 log.error("audit reserve file %s could not be emptied (%s)", self.path, exc)
                 return
             self._offset = self.HEADER.size
-            self._full_logged = False
+            self.full = False
 
     def keep_at_close(self, record_ids: Sequence[str]) -> None:
         """Records the closing sink leaves in the file for the next start: never forgotten."""

@@ -59,7 +59,11 @@ def test_a_torn_last_entry_ends_the_replay_and_a_full_file_keeps_what_fits(tmp_p
     records = _records(40)
     n = reserve.write(records)
     assert 0 < n < 40                      # ~300 bytes a record: the rest stays in memory only
-    assert reserve.write(records[n:]) == 0
+    assert reserve.write(records[n:]) == 0 and reserve.full   # the sink offers it no more
+    reserve.forget([r.record_id for r in records[:n]])
+    assert not reserve.full and reserve.write(records[n:n + 1]) == 1
+    reserve.forget([records[n].record_id])
+    assert reserve.write(records) == n
     reserve.close()
     size = path.stat().st_size
     with open(path, "r+b") as f:            # the last entry half-written when the process died
