@@ -302,7 +302,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         # Refused requests (401/403 decided here, never reaching a service) go to the
         # audit log; every RPC is audited by the services themselves.
         audit_sink = audit.sink_for_service("gateway", settings.privacy_addr, settings.rpc_timeout_s,
-                                            outbox_dir=settings.data_dir)
+                                            outbox_dir=settings.data_dir,
+                                            reserve_bytes=int(settings.audit_reserve_mb * 2**20))
         audit.install(audit_sink)
         remove_listener = identity.add_security_listener(audit.security_listener("gateway"))
         yield

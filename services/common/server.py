@@ -703,6 +703,7 @@ def run_service(name: str, build: Callable, settings_cls: type | None = None) ->
     ``[(add_servicer_fn, servicer, full_service_name)], [closers]``), then serve()."""
     from services.common import config
 
+    config.keep_files_private()
     settings = config.load(settings_cls or config.service_settings_class(name), service_name=name)
     # Service tokens, mutual TLS, channel options and log pseudonyms from these settings:
     # nothing else in the process reads the environment.
@@ -711,6 +712,7 @@ def run_service(name: str, build: Callable, settings_cls: type | None = None) ->
     # development keys, a worker resuming jobs) is JSON too. serve() finds it done.
     telemetry.setup_telemetry(name, settings.trace_export, settings.log_level,
                               settings.resolved_metrics_port, settings.host)
+    config.warn_if_shared(settings.data_dir)
     servicers, closers = build(settings)
     for peer in ("clustering", "attribution", "privacy", "feedback"):
         if peer != name:
@@ -719,7 +721,8 @@ def run_service(name: str, build: Callable, settings_cls: type | None = None) ->
         # Every service audits through privacy's AppendAudit (the privacy service
         # installs its local, durable sink in build()). Flushed after the server stops.
         sink = audit.sink_for_service(name, settings.privacy_addr, settings.peer_timeout_s,
-                                      outbox_dir=settings.data_dir)
+                                      outbox_dir=settings.data_dir,
+                                      reserve_bytes=int(settings.audit_reserve_mb * 2**20))
         audit.install(sink)
         closers = [sink.close, *closers]
 

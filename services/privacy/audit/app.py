@@ -243,7 +243,11 @@ def build_audit(settings, db: Database) -> tuple[AuditApp, AuditSink, list]:
     app = AuditApp(db, load_signing_key(settings.audit_signing_key.get_secret_value(),
                                         settings.audit_signing_key_file, settings.data_dir),
                    earlier_public_keys=load_previous_public_keys(settings.audit_previous_public_keys))
-    sink = AuditSink(LocalAuditTransport(app), component=SERVICE)
+    # No outbox (the log is local), but a reserve file: records held while the log's
+    # database refuses writes (its disk full) survive a kill of this process.
+    sink = AuditSink(LocalAuditTransport(app), component=SERVICE,
+                     reserve=audit_client.reserve_for(settings.data_dir, SERVICE,
+                                                      int(settings.audit_reserve_mb * 2**20)))
     audit_client.install(sink)
     if not app.writer.healthy_at_start:
         log.error("the audit log failed its start-up consistency check: call VerifyAudit")

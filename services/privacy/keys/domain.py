@@ -248,9 +248,10 @@ class KeyRing:
         try:
             return AESGCM(kek.key).decrypt(nonce, body, aad)
         except InvalidTag:
+            # No account id: the error interceptor logs this message, and logs are not
+            # rewritten when the household is erased (attack25); the trace id finds the call.
             raise DecryptionError(
-                f"account {record.account_id}: wrapped DEK v{record.dek_version} does not "
-                f"authenticate under KEK {record.kek_id!r}"
+                f"a wrapped DEK v{record.dek_version} does not authenticate under KEK {record.kek_id!r}"
             ) from None
 
     def _live_versions(self, account_id: str) -> dict[int, WrappedDek]:
@@ -425,9 +426,7 @@ class KeyRing:
                 nonce, bytes(blob[_BLOB_HEADER:]), _aad(b"hearth-field-v1", account_id, field, version)
             )
         except InvalidTag:
-            raise DecryptionError(
-                f"account {account_id}, field {field!r}: ciphertext does not authenticate"
-            ) from None
+            raise DecryptionError(f"field {field!r}: ciphertext does not authenticate") from None
 
 
 def records_to_dicts(records: Iterable[WrappedDek]) -> list[dict[str, object]]:
