@@ -1057,9 +1057,10 @@ class AuditReserve:
     so writing into them needs no free space later: records are appended (length, the
     file's generation, CRC-32, JSON) and fdatasync'ed; once the last of them is delivered,
     spooled or dropped the entries are overwritten with zeroes and the generation is
-    bumped (an entry of an older generation never replays). The next start reads the entries of the current generation whose CRC holds, in
-    order, and the sink queues them first: the log appends a ``record_id`` once, so a
-    record delivered before the kill but still in the file is not appended twice.
+    bumped (an entry of an older generation never replays). The next start reads the
+    entries of the current generation whose CRC holds, in order, and the sink queues them
+    first: the log appends a ``record_id`` once, so a record delivered before the kill but
+    still in the file is not appended twice.
 
     A record that does not fit (``size`` bytes: ~400 bytes a record) stays in memory only,
     as before (logged once per hold). One file per process: replicas each have their own
@@ -1102,8 +1103,8 @@ class AuditReserve:
     def holds(self, record_id: str) -> bool:
         return record_id in self._ids
 
-    def _write_header(self) -> None:
-        os.pwrite(self._fd, self.HEADER.pack(self.MAGIC, self._generation), 0)
+    def _write_header(self, generation: int | None = None) -> None:
+        os.pwrite(self._fd, self.HEADER.pack(self.MAGIC, self._generation if generation is None else generation), 0)
         os.fdatasync(self._fd)
 
     def replay(self) -> list[AuditRecord]:
@@ -1172,15 +1173,16 @@ class AuditReserve:
                     self._ids.discard(record_id)
             if self._ids or self._offset == self.HEADER.size:
                 return
-            self._generation += 1
             try:
                 # Zeroes over the entries (their resources name households: nothing of
-                # them lingers once delivered, as in the outbox), then the new generation.
+                # them lingers once delivered, as in the outbox), then the new generation
+                # (taken only once written: entries appended later carry the file's own).
                 os.pwrite(self._fd, bytes(self._offset - self.HEADER.size), self.HEADER.size)
-                self._write_header()
+                self._write_header(self._generation + 1)
             except OSError as exc:   # the old entries stay; replayed, they are appended once
                 log.error("audit reserve file %s could not be emptied (%s)", self.path, exc)
                 return
+            self._generation += 1
             self._offset = self.HEADER.size
             self.full = False
 

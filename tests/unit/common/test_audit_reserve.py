@@ -128,3 +128,23 @@ def test_a_file_left_by_an_earlier_run_is_replayed_with_the_reserve_turned_off(t
     left.write(records)
     left.close()
     assert audit.reserve_for(tmp_path, "t-off", 0).replay() == records
+
+
+def test_records_written_after_a_failed_emptying_still_replay(tmp_path, monkeypatch):
+    """The zeroes over delivered entries cannot be written (an I/O error): the file keeps
+    its generation, so records appended next replay after the old ones (appended once by
+    the log), never hidden behind a generation the header does not carry."""
+    path = tmp_path / "r.bin"
+    reserve = AuditReserve(path, 64 * 1024)
+    first, second = _records(3), _records(2, 10)
+    reserve.write(first)
+    real_pwrite = os.pwrite
+
+    def failing(fd, data, offset):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "pwrite", failing)
+    reserve.forget([r.record_id for r in first])
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    reserve.write(second)
+    assert AuditReserve(path, 64 * 1024).replay() == first + second
