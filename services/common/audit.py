@@ -963,10 +963,15 @@ def sink_for_service(component: str, privacy_addr: str, timeout_s: float = 5.0,
 
 def reserve_for(data_dir: str | Path | None, component: str, size_bytes: int) -> AuditReserve | None:
     """The reserve file of ``component`` in ``data_dir`` (``audit-reserve-<component>.bin``),
-    or None when there is no data directory or ``size_bytes`` is 0."""
-    if not data_dir or size_bytes <= 0:
+    or None when there is no data directory or ``size_bytes`` is 0 — unless an earlier run
+    left the file: its records are still replayed (a reserve turned off after a crash must
+    not lose what the file holds), and it is used at the size it has."""
+    if not data_dir:
         return None
-    return AuditReserve(Path(data_dir) / f"audit-reserve-{component}.bin", size_bytes)
+    path = Path(data_dir) / f"audit-reserve-{component}.bin"
+    if size_bytes <= 0 and not path.exists():
+        return None
+    return AuditReserve(path, max(0, size_bytes))
 
 
 class AuditOutbox:

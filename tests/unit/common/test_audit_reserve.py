@@ -119,3 +119,12 @@ def test_a_sink_closing_on_a_full_disk_leaves_its_held_records_in_the_file_not_d
     sink.close(2)
     assert audit.DROPPED.labels(component, "outbox_failed")._value.get() == before   # not lost: kept
     assert AuditReserve(tmp_path / "reserve.bin", 256 * 1024).replay() == records
+
+
+def test_a_file_left_by_an_earlier_run_is_replayed_with_the_reserve_turned_off(tmp_path):
+    assert audit.reserve_for(tmp_path, "t-off", 0) is None   # no file, none made
+    left = AuditReserve(tmp_path / "audit-reserve-t-off.bin", 64 * 1024)
+    records = _records(5)
+    left.write(records)
+    left.close()
+    assert audit.reserve_for(tmp_path, "t-off", 0).replay() == records
