@@ -330,8 +330,8 @@ class Drill:
 
     def switch_wal(self) -> None:
         """Close the current WAL segment (``pg_switch_wal``): the next write needs a new
-        segment file on the full volume — what any write load meets at its next 16 MB of
-        WAL, unless a recycled segment is at hand."""
+        segment file on the full volume (the drill's cluster is fresh: no recycled one) —
+        what any write load meets once its recycled segments are used up."""
         import psycopg
 
         self.t["wal_switched"] = time.time()

@@ -626,7 +626,7 @@ class AuditSink:
         records are the head of the queue, those that arrived behind them its tail: the
         ones not in the file are a tail, found from the end)."""
         reserve = self._reserve
-        if reserve is None:
+        if reserve is None or reserve.full:
             return
         with self._lock:
             new: list[AuditRecord] = []
@@ -963,10 +963,15 @@ def sink_for_service(component: str, privacy_addr: str, timeout_s: float = 5.0,
 
 def reserve_for(data_dir: str | Path | None, component: str, size_bytes: int) -> AuditReserve | None:
     """The reserve file of ``component`` in ``data_dir`` (``audit-reserve-<component>.bin``),
-    or None when there is no data directory or ``size_bytes`` is 0."""
-    if not data_dir or size_bytes <= 0:
+    or None when there is no data directory or ``size_bytes`` is 0 — unless an earlier run
+    left the file: its records are still replayed (a reserve turned off after a crash must
+    not lose what the file holds), and it is used at the size it has."""
+    if not data_dir:
         return None
-    return AuditReserve(Path(data_dir) / f"audit-reserve-{component}.bin", size_bytes)
+    path = Path(data_dir) / f"audit-reserve-{component}.bin"
+    if size_bytes <= 0 and not path.exists():
+        return None
+    return AuditReserve(path, max(0, size_bytes))
 
 
 class AuditOutbox:
@@ -1052,9 +1057,10 @@ class AuditReserve:
     so writing into them needs no free space later: records are appended (length, the
     file's generation, CRC-32, JSON) and fdatasync'ed; once the last of them is delivered,
     spooled or dropped the entries are overwritten with zeroes and the generation is
-    bumped (an entry of an older generation never replays). The next start reads the entries of the current generation whose CRC holds, in
-    order, and the sink queues them first: the log appends a ``record_id`` once, so a
-    record delivered before the kill but still in the file is not appended twice.
+    bumped (an entry of an older generation never replays). The next start reads the
+    entries of the current generation whose CRC holds, in order, and the sink queues them
+    first: the log appends a ``record_id`` once, so a record delivered before the kill but
+    still in the file is not appended twice.
 
     A record that does not fit (``size`` bytes: ~400 bytes a record) stays in memory only,
     as before (logged once per hold). One file per process: replicas each have their own
@@ -1086,7 +1092,9 @@ class AuditReserve:
         self._offset = self.HEADER.size
         self._ids: set[str] = set()
         self._pinned: set[str] = set()
-        self._full_logged = False
+        # Set when a record did not fit; cleared when the file is emptied. The sink then
+        # stops offering it records (each offer scans the queue's unwritten tail).
+        self.full = False
 
     @property
     def count(self) -> int:
@@ -1095,8 +1103,8 @@ class AuditReserve:
     def holds(self, record_id: str) -> bool:
         return record_id in self._ids
 
-    def _write_header(self) -> None:
-        os.pwrite(self._fd, self.HEADER.pack(self.MAGIC, self._generation), 0)
+    def _write_header(self, generation: int | None = None) -> None:
+        os.pwrite(self._fd, self.HEADER.pack(self.MAGIC, self._generation if generation is None else generation), 0)
         os.fdatasync(self._fd)
 
     def replay(self) -> list[AuditRecord]:
@@ -1134,8 +1142,8 @@ class AuditReserve:
                 payload = json.dumps(_record_dict(record), separators=(",", ":")).encode()
                 entry = self.ENTRY.pack(len(payload), self._generation, zlib.crc32(payload)) + payload
                 if offset + len(entry) + self.ENTRY.size > self.capacity:   # room for the end mark
-                    if not self._full_logged:
-                        self._full_logged = True
+                    if not self.full:
+                        self.full = True
                         log.error("audit reserve file %s full (%d records): records held in memory beyond it "
                                   "are lost if the process is killed", self.path, len(self._ids) + len(ids))
                     break
@@ -1165,17 +1173,18 @@ class AuditReserve:
                     self._ids.discard(record_id)
             if self._ids or self._offset == self.HEADER.size:
                 return
-            self._generation += 1
             try:
                 # Zeroes over the entries (their resources name households: nothing of
-                # them lingers once delivered, as in the outbox), then the new generation.
+                # them lingers once delivered, as in the outbox), then the new generation
+                # (taken only once written: entries appended later carry the file's own).
                 os.pwrite(self._fd, bytes(self._offset - self.HEADER.size), self.HEADER.size)
-                self._write_header()
+                self._write_header(self._generation + 1)
             except OSError as exc:   # the old entries stay; replayed, they are appended once
                 log.error("audit reserve file %s could not be emptied (%s)", self.path, exc)
                 return
+            self._generation += 1
             self._offset = self.HEADER.size
-            self._full_logged = False
+            self.full = False
 
     def keep_at_close(self, record_ids: Sequence[str]) -> None:
         """Records the closing sink leaves in the file for the next start: never forgotten."""

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import stat
 
-import httpx
-
-from tests.helpers.waiting import SLOW_MACHINE_S
+from tests.helpers.mesh_calls import ingest_heartbeats
 
 # Written by the launcher, not by the mesh's processes: the components' public keys
 # (public by nature) in the keyset the test process generates.
@@ -19,13 +17,7 @@ PUBLIC = {"public-keys.json"}
 
 
 def test_every_file_the_mesh_writes_in_its_data_dir_is_its_owners_only(mesh):
-    account = "private-files-1"
-    event = {"event_id": f"{account}-e1", "account_id": account, "device_id": "tv", "device_type": "tv",
-             "ts": "2026-11-01T20:00:00Z", "kind": "heartbeat", "title_id": "t", "genres": ["drama"],
-             "duration_s": 300}
-    r = httpx.post(mesh.url + "/v1/events", json={"events": [event]}, headers={"X-API-Key": mesh.api_key},
-                   timeout=SLOW_MACHINE_S)
-    assert r.status_code == 200, r.text
+    ingest_heartbeats(mesh, "private-files-1")
     entries = [p for p in mesh.data_dir.rglob("*") if p.name not in PUBLIC]
     names = {p.name for p in entries}
     # the scan sees what the services write (so an empty listing cannot pass)

@@ -12,17 +12,15 @@ import sqlite3
 
 import httpx
 
+from tests.helpers.mesh_calls import ingest_heartbeats
 from tests.helpers.waiting import SLOW_MACHINE_S, wait_for
 
 ACCOUNT = "log-clear-7f3a"
 
 
 def test_an_undecryptable_field_is_logged_without_the_households_id(mesh):
-    events = [{"event_id": f"{ACCOUNT}-e{i}", "account_id": ACCOUNT, "device_id": "tv", "device_type": "tv",
-               "ts": f"2026-11-0{i + 1}T20:00:00Z", "kind": "heartbeat", "title_id": "t", "genres": ["drama"],
-               "duration_s": 300} for i in range(3)]
+    ingest_heartbeats(mesh, ACCOUNT, 3)
     with httpx.Client(base_url=mesh.url, headers={"X-API-Key": mesh.api_key}, timeout=SLOW_MACHINE_S) as client:
-        assert client.post("/v1/events", json={"events": events}).status_code == 200
         with sqlite3.connect(mesh.data_dir / "clustering.db", timeout=30) as db:   # one byte of each sealed vector
             rows = db.execute("SELECT session_id, features FROM sessions WHERE account_id = ? AND features IS NOT NULL",
                               (ACCOUNT,)).fetchall()

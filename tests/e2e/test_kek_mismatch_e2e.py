@@ -18,11 +18,11 @@ import sqlite3
 import time
 
 import grpc
-import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.testing.mesh import Mesh
+from tests.helpers.mesh_calls import ingest_heartbeats
 from tests.helpers.waiting import SLOW_MACHINE_S
 
 ACCOUNT = "kek-guard-1"
@@ -31,12 +31,7 @@ ACCOUNT = "kek-guard-1"
 @pytest.fixture(scope="module")
 def stored_privacy_db(mesh, tmp_path_factory):
     """A copy of the shared mesh's privacy.db holding a live data key (ACCOUNT's)."""
-    event = {"event_id": f"{ACCOUNT}-e1", "account_id": ACCOUNT, "device_id": "tv", "device_type": "tv",
-             "ts": "2026-11-01T20:00:00Z", "kind": "heartbeat", "title_id": "t", "genres": ["drama"],
-             "duration_s": 300}
-    r = httpx.post(mesh.url + "/v1/events", json={"events": [event]}, headers={"X-API-Key": mesh.api_key},
-                   timeout=SLOW_MACHINE_S)
-    assert r.status_code == 200, r.text
+    ingest_heartbeats(mesh, ACCOUNT)
     copy = tmp_path_factory.mktemp("kek-guard") / "privacy.db"
     with sqlite3.connect(mesh.data_dir / "privacy.db") as src, sqlite3.connect(copy) as dst:
         src.backup(dst)

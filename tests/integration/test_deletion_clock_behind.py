@@ -101,7 +101,11 @@ def test_replicas_that_agree_with_each_other_go_on_when_the_database_clock_is_of
     first, second = (DeletionCoordinator(jobs, _Peers(), None, Ed25519PrivateKey.generate(), wall=ahead)
                      for jobs in shared_schema)
     try:
-        assert not first.clock_disagrees()                               # alone so far: goes on
+        assert first.clock_disagrees()            # a first measurement off the server's: not yet
+        for replica in (second, first, second):   # their worker loops measure every third of a lease
+            replica._clock_checked_at = None
+            replica.clock_disagrees()
+        assert not first.clock_disagrees() and not second.clock_disagrees()
         job_id = first.request(ErasureScope("acct-db", "household"), principal=OFFICER).job.job_id
         assert second.run_due(wait=True) == 1, "every replica stopped for the database server's clock"
         assert shared_schema[0].get(job_id).job.state is JobState.COMPLETED
@@ -110,6 +114,29 @@ def test_replicas_that_agree_with_each_other_go_on_when_the_database_clock_is_of
     finally:
         first.close(1.0)
         second.close(1.0)
+
+
+def test_a_replica_a_year_ahead_asks_for_no_retention_purge_for_the_others_to_run(shared_schema):
+    """Session 24 found a privacy replica a year ahead "held by the tokens": its purge's
+    Erase calls were refused. But its purge job is stored, and a right replica beside it
+    (read its due time a year ahead as a clock step's: due) ran it with tokens the peers
+    accept: the purge advanced a day past the previous one's at every hourly check of the
+    stepped replica, 24 days of data erased a day. Now the stepped replica asks for none."""
+    jobs_right, jobs_ahead = shared_schema
+    key = Ed25519PrivateKey.generate()
+    right = DeletionCoordinator(jobs_right, _Peers(), None, key, retention_check_s=3600.0)
+    ahead = DeletionCoordinator(jobs_ahead, _Peers(), None, key, retention_check_s=3600.0,
+                                wall=lambda: time.time() + 400 * 86400.0)
+    try:
+        first = right.maybe_request_retention()
+        assert first is not None
+        assert ahead.maybe_request_retention() is None, "the replica a year ahead asked for a purge"
+        assert right.run_due(wait=True) == 1            # only the right replica's own purge
+        with jobs_right.db.transaction() as tx:
+            assert tx.query("SELECT count(*) FROM deletion_jobs WHERE account_id = '*'")[0][0] == 1
+    finally:
+        right.close(1.0)
+        ahead.close(1.0)
 
 
 def _lease(jobs: DeletionJobStore, job_id: str) -> float:

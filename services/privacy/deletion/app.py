@@ -232,6 +232,7 @@ class DeletionCoordinator:
         self._clock_checked_at: float | None = None   # time.monotonic() of the last measurement
         self._clock_off = False
         self._server_clock_warned = False
+        self._clock_measured = 0   # measurements stored by this worker
         self._worker_id = uuid.uuid4().hex   # its row in deletion_clocks
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -458,22 +459,27 @@ class DeletionCoordinator:
             others = self.jobs.record_clock(self._worker_id, offset, self._wall() - offset, 3.0 * self.lease_s)
         except Exception:  # noqa: BLE001 - as a failed measurement
             return self._clock_off
-        if off and all(abs(o - offset) <= self.clock_tolerance_s + uncertainty for o in others):
-            # Every live worker (or this one alone) is off the server's clock by the same
-            # amount: the server's clock is the odd one out, and the workers, which compare
-            # leases on their own clocks, agree. They go on (the gauge shows the offset).
-            # (Session 25's drill: PostgreSQL an hour ahead stopped every deletion.)
+        self._clock_measured += 1
+        peers_agree = all(abs(o - offset) <= self.clock_tolerance_s + uncertainty for o in others)
+        # Every live worker (or this one alone) off the server's clock by the same amount:
+        # the server's clock is the odd one out, and the workers, which compare leases on
+        # their own clocks, agree: they go on (session 25's drill: PostgreSQL an hour
+        # behind stopped every deletion). Not on a first measurement: a worker started
+        # beside this one may not have stored its own yet, so "no live peer" would let a
+        # worker that is itself off go on; it waits for the next one, without a word.
+        server_off = off and peers_agree
+        if server_off and self._clock_measured > 1:
+            off = False
             if not self._server_clock_warned:
                 log.warning("the database server's clock is %.1f s %s every deletion worker's: they agree with "
                             "each other and go on taking jobs; set the server's clock right", abs(offset),
                             "behind" if offset > 0 else "ahead of")
                 self._server_clock_warned = True
-            off = False
-        if off and not self._clock_off:
+        elif off and not self._clock_off and not server_off:
             log.error("this replica's clock is %.1f s %s the database server's (more than %.1f s, a quarter of "
-                      "HEARTH_DELETION_LEASE_S): it takes no deletion job and asks for no retention purge until "
-                      "they agree; set the clocks right (NTP)", abs(offset), "ahead of" if offset > 0 else "behind",
-                      self.clock_tolerance_s)
+                      "HEARTH_DELETION_LEASE_S) and the other deletion workers': it takes no deletion job and asks "
+                      "for no retention purge until they agree; set the clocks right (NTP)", abs(offset),
+                      "ahead of" if offset > 0 else "behind", self.clock_tolerance_s)
         elif self._clock_off and not off:
             log.warning("this replica's clock agrees with the database server's again (%.1f s): it takes deletion "
                         "jobs again", offset)

@@ -59,7 +59,11 @@ def test_a_torn_last_entry_ends_the_replay_and_a_full_file_keeps_what_fits(tmp_p
     records = _records(40)
     n = reserve.write(records)
     assert 0 < n < 40                      # ~300 bytes a record: the rest stays in memory only
-    assert reserve.write(records[n:]) == 0
+    assert reserve.write(records[n:]) == 0 and reserve.full   # the sink offers it no more
+    reserve.forget([r.record_id for r in records[:n]])
+    assert not reserve.full and reserve.write(records[n:n + 1]) == 1
+    reserve.forget([records[n].record_id])
+    assert reserve.write(records) == n
     reserve.close()
     size = path.stat().st_size
     with open(path, "r+b") as f:            # the last entry half-written when the process died
@@ -115,3 +119,32 @@ def test_a_sink_closing_on_a_full_disk_leaves_its_held_records_in_the_file_not_d
     sink.close(2)
     assert audit.DROPPED.labels(component, "outbox_failed")._value.get() == before   # not lost: kept
     assert AuditReserve(tmp_path / "reserve.bin", 256 * 1024).replay() == records
+
+
+def test_a_file_left_by_an_earlier_run_is_replayed_with_the_reserve_turned_off(tmp_path):
+    assert audit.reserve_for(tmp_path, "t-off", 0) is None   # no file, none made
+    left = AuditReserve(tmp_path / "audit-reserve-t-off.bin", 64 * 1024)
+    records = _records(5)
+    left.write(records)
+    left.close()
+    assert audit.reserve_for(tmp_path, "t-off", 0).replay() == records
+
+
+def test_records_written_after_a_failed_emptying_still_replay(tmp_path, monkeypatch):
+    """The zeroes over delivered entries cannot be written (an I/O error): the file keeps
+    its generation, so records appended next replay after the old ones (appended once by
+    the log), never hidden behind a generation the header does not carry."""
+    path = tmp_path / "r.bin"
+    reserve = AuditReserve(path, 64 * 1024)
+    first, second = _records(3), _records(2, 10)
+    reserve.write(first)
+    real_pwrite = os.pwrite
+
+    def failing(fd, data, offset):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "pwrite", failing)
+    reserve.forget([r.record_id for r in first])
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    reserve.write(second)
+    assert AuditReserve(path, 64 * 1024).replay() == first + second
