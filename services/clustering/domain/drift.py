@@ -162,6 +162,30 @@ def _symmetric_sq_dist(R: np.ndarray, upper: np.ndarray) -> np.ndarray:
     return D2
 
 
+def _median(values: np.ndarray, sample: int = 4096) -> float:
+    """``np.median(values)``, the same value, selecting only near it: a strided sample of
+    ``values`` brackets the median, one pass counts the values below the bracket and
+    collects those inside, and the middle order statistics are selected among those (a
+    few per cent of the values). Exact whenever the bracket holds the middle ranks, which
+    is checked (otherwise, or with NaN present, ``np.median`` itself). Why: the bandwidth's
+    median over the n (n - 1) / 2 reference pairs was the largest single part of the
+    window MMD's build (~35 of ~90 ms at 2,539 sessions; this ~12)."""
+    m = values.size
+    if m < 8 * sample:
+        return float(np.median(values))
+    probe = np.sort(values[:: m // sample])
+    half = int(3.0 * np.sqrt(probe.size)) + 1   # ~3 standard errors of the sample's median rank
+    lo, hi = probe[max(probe.size // 2 - half, 0)], probe[min(probe.size // 2 + half, probe.size - 1)]
+    below = int(np.count_nonzero(values < lo))
+    inside = values[(values >= lo) & (values <= hi)]
+    k_lo, k_hi = (m - 1) // 2, m // 2   # the middle ranks (equal when m is odd)
+    if below + inside.size + int(np.count_nonzero(values > hi)) != m \
+            or not below <= k_lo <= k_hi < below + inside.size:
+        return float(np.median(values))
+    middle = np.partition(inside, [k_lo - below, k_hi - below])
+    return float(np.mean(middle[[k_lo - below, k_hi - below]]))   # np.median's mean of the two
+
+
 def _reference_null(ref: np.ndarray, window: int) -> tuple[float, float, float, float]:
     """The window MMD's bandwidth, reference term and null (location, scale) over the
     standardised reference sessions ``ref`` (n x features): what ``_WindowMMD`` computes
@@ -177,7 +201,7 @@ def _reference_null(ref: np.ndarray, window: int) -> tuple[float, float, float, 
     n = ref.shape[0]
     upper = np.empty(n * (n - 1) // 2)
     K = _symmetric_sq_dist(ref, upper)
-    bandwidth = float(max(np.median(upper, overwrite_input=True), 1e-6))
+    bandwidth = float(max(_median(upper), 1e-6))
     del upper
     np.divide(K, -bandwidth, out=K)
     np.exp(K, out=K)

@@ -123,3 +123,25 @@ def test_a_detector_built_now_raises_main_s_events_with_main_s_statistics(seed, 
     _same_events(new.update(X[ref:], ts[ref:]), old.update(X[ref:], ts[ref:]))
     assert new.maxima() == pytest.approx(old.maxima(), rel=TOL, abs=1e-12)
     assert new.mmd_hist == pytest.approx(old.mmd_hist, rel=TOL, abs=1e-12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), size=st.integers(1, 5000),
+       kind=st.sampled_from(("continuous", "ties", "mixed", "constant")),
+       order=st.sampled_from((None, "up", "down")), special=st.sampled_from((None, np.nan, np.inf)),
+       sample=st.integers(1, 64))
+def test_the_bracketed_median_is_numpy_s_to_the_bit(seed, size, kind, order, special, sample):
+    """Continuous values, heavy ties, both, one value; sorted runs (a strided sample then
+    sees one end); a NaN or an inf; a small ``sample`` so that the bracket path runs on
+    small arrays."""
+    rng = np.random.default_rng(seed)
+    values = {"continuous": rng.gamma(2.0, 10.0, size), "ties": rng.integers(0, 7, size).astype(float),
+              "mixed": np.where(rng.random(size) < 0.5, rng.gamma(2.0, 10.0, size), rng.integers(0, 3, size)),
+              "constant": np.full(size, 3.25)}[kind]
+    if order:
+        values = np.sort(values) if order == "up" else np.sort(values)[::-1].copy()
+    if special is not None:
+        values[rng.integers(0, size)] = special
+    want = float(np.median(values))
+    got = D._median(values, sample=sample)
+    assert (np.isnan(got) and np.isnan(want)) or got == want
