@@ -1054,12 +1054,14 @@ class AuditReserve:
     A sink holds records when neither the audit log nor its disk outbox takes them — a
     full disk under both (docs/privacy.md, "The client") — and a process killed then
     (SIGKILL, OOM, a node lost) lost them all. The file's blocks are allocated at start,
-    so writing into them needs no free space later: records are appended (length, the
+    so writing into them needs no free space later (on ext4 or XFS; a copy-on-write
+    filesystem, btrfs or ZFS, needs new space for a block written again): records are appended (length, the
     file's generation, CRC-32, JSON) and fdatasync'ed; once the last of them is delivered,
     spooled or dropped the entries are overwritten with zeroes and the generation is
-    bumped (an entry of an older generation never replays). The next start reads the entries of the current generation whose CRC holds, in
-    order, and the sink queues them first: the log appends a ``record_id`` once, so a
-    record delivered before the kill but still in the file is not appended twice.
+    bumped (an entry of an older generation never replays). The next start reads the
+    entries of the current generation whose CRC holds, in order, and the sink queues them
+    first: the log appends a ``record_id`` once, so a record delivered before the kill but
+    still in the file is not appended twice.
 
     A record that does not fit (``size`` bytes: ~400 bytes a record) stays in memory only,
     as before (logged once per hold). One file per process: replicas each have their own
@@ -1094,6 +1096,11 @@ class AuditReserve:
         # Set when a record did not fit; cleared when the file is emptied. The sink then
         # stops offering it records (each offer scans the queue's unwritten tail).
         self.full = False
+        # Set by a write that failed, cleared by one that succeeds: the failure is logged
+        # once a run. On a copy-on-write filesystem (btrfs, ZFS) a block written before
+        # needs new space when written again, so on a full disk every write fails, and the
+        # sink offers the file new records every max_delay_s while it holds them (review25).
+        self._write_failed = False
 
     @property
     def count(self) -> int:
@@ -1102,8 +1109,8 @@ class AuditReserve:
     def holds(self, record_id: str) -> bool:
         return record_id in self._ids
 
-    def _write_header(self) -> None:
-        os.pwrite(self._fd, self.HEADER.pack(self.MAGIC, self._generation), 0)
+    def _write_header(self, generation: int | None = None) -> None:
+        os.pwrite(self._fd, self.HEADER.pack(self.MAGIC, self._generation if generation is None else generation), 0)
         os.fdatasync(self._fd)
 
     def replay(self) -> list[AuditRecord]:
@@ -1158,8 +1165,13 @@ class AuditReserve:
                 os.pwrite(self._fd, data + b"\0" * self.ENTRY.size, self._offset)
                 os.fdatasync(self._fd)
             except OSError as exc:
-                log.error("audit reserve file %s could not be written (%s)", self.path, exc)
+                if not self._write_failed:
+                    self._write_failed = True
+                    log.error("audit reserve file %s could not be written (%s): records held in memory beyond "
+                              "it are lost if the process is killed (logged once until a write succeeds)",
+                              self.path, exc)
                 return 0
+            self._write_failed = False
             self._offset = offset
             self._ids.update(ids)
             return len(ids)
@@ -1172,15 +1184,16 @@ class AuditReserve:
                     self._ids.discard(record_id)
             if self._ids or self._offset == self.HEADER.size:
                 return
-            self._generation += 1
             try:
                 # Zeroes over the entries (their resources name households: nothing of
-                # them lingers once delivered, as in the outbox), then the new generation.
+                # them lingers once delivered, as in the outbox), then the new generation
+                # (taken only once written: entries appended later carry the file's own).
                 os.pwrite(self._fd, bytes(self._offset - self.HEADER.size), self.HEADER.size)
-                self._write_header()
+                self._write_header(self._generation + 1)
             except OSError as exc:   # the old entries stay; replayed, they are appended once
                 log.error("audit reserve file %s could not be emptied (%s)", self.path, exc)
                 return
+            self._generation += 1
             self._offset = self.HEADER.size
             self.full = False
 

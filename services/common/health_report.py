@@ -41,6 +41,7 @@ from prometheus_client import Gauge
 
 log = logging.getLogger("hearth.health")
 REASON_KEY = "hearth-health-reason"
+MAX_REASON_CHARS = 1000   # per check, in the trailing metadata (_metadata_text)
 FAILING_KEY = "hearth-health-failing"   # the failing checks' names only: safe to show anyone
 # The health service name kubelet's liveness and startup probes ask (the chart's
 # ``grpc: {port, service: liveness}``): SERVING from the moment the server listens until
@@ -117,8 +118,11 @@ def _metadata_text(text: str) -> str:
     space."), a path or a peer's message may be non-ASCII — and one illegal character
     made every Check fail (DEADLINE_EXCEEDED at the caller: the gateway and the peers saw
     the service unreachable, a kubelet probe would fail) while the check failed (session
-    25's full PostgreSQL volume, tests/integration/test_health_reasons.py)."""
-    return " ".join(re.sub(r"[^\x20-\x7e]", "?", part) for part in text.split())
+    25's full PostgreSQL volume, tests/integration/test_health_reasons.py). At most
+    ``MAX_REASON_CHARS`` each: the receiving side refuses metadata over 16 KiB
+    (RESOURCE_EXHAUSTED), so one long driver message would fail every Check the same way."""
+    text = " ".join(re.sub(r"[^\x20-\x7e]", "?", part) for part in text.split())
+    return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS - 3] + "..."
 
 
 class ReportingHealthServicer(health.HealthServicer):

@@ -89,3 +89,24 @@ def test_a_reason_with_a_newline_or_non_ascii_text_still_answers_the_health_chec
                                     '"base/5/16653": No space left on device HINT: Check free disk space. (3 s ago); '
                                     "peer feedback: r?seau coup?? (UNAVAILABLE)")
     assert trailing[FAILING_KEY] == "database writes; peer feedback"
+
+
+def test_a_very_long_reason_is_cut_and_the_health_check_still_answers():
+    """gRPC refuses received metadata over 16 KiB (RESOURCE_EXHAUSTED): a 20,000-character
+    driver message as a reason failed every Check; now each reason is cut at 1,000."""
+    servicer = ReportingHealthServicer()
+    servicer.set_reasons(["database: " + "x" * 20_000, "peer feedback: down"])
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            answer, call = health_pb2_grpc.HealthStub(channel).Check.with_call(health_pb2.HealthCheckRequest(),
+                                                                               timeout=5)
+    finally:
+        server.stop(0)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    trailing = dict(call.trailing_metadata())
+    assert trailing[REASON_KEY] == "database: " + "x" * 987 + "...; peer feedback: down"
+    assert trailing[FAILING_KEY] == "database; peer feedback"
