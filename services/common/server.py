@@ -72,9 +72,10 @@ def _bounded_reflection(handler: grpc.RpcMethodHandler, slots: threading.Bounded
 # Request streams (IngestEvents, AssignSessions) are bounded per caller the same way: a
 # stream whose client has not finished sending holds one of the service's worker threads
 # while it waits for the next message, whether the client sends nothing or a message now
-# and then. At most STREAMS_PER_CALLER request streams of one principal that have waited
-# longer than STREAM_GRACE_S in all for their messages may be open at once in a process;
-# the newer ones are cancelled. Until attack25 forty silent IngestEvents streams of one
+# and then. At most STREAMS_PER_CALLER request streams of one principal that wait idle —
+# now for longer than STREAM_GRACE_S, or, older than that, for most of their life — may be
+# open at once in a process; the newer ones are cancelled. A long busy stream does not
+# count, however much its short waits add up to. Until attack25 forty silent IngestEvents streams of one
 # service-role principal (an ingest pipeline's API key, through the Envoy edge) held every
 # clustering worker: every read timed out until the connections aged out (5 min). Time
 # spent working on a message does not count, so short streams stay out: the gateway's
@@ -87,8 +88,8 @@ STREAM_GRACE_S = 1.0
 class _OpenStreams:
     """Open request streams: for whom, how long each has waited for its messages, and
     since when it waits now; a watcher thread (started on first use, asleep while none is
-    open) cancels each caller's newest streams over the bound among those that have
-    waited longer than the grace."""
+    open) cancels each caller's newest streams over the bound among those waiting idle
+    (now for longer than the grace, or for most of a life longer than it)."""
 
     def __init__(self, per_caller: int = STREAMS_PER_CALLER, grace_s: float = STREAM_GRACE_S) -> None:
         self._per_caller, self._grace_s = per_caller, grace_s
@@ -135,7 +136,13 @@ class _OpenStreams:
                 waited_long: dict[str, list[tuple[float, grpc.ServicerContext]]] = {}
                 now = time.monotonic()
                 for caller, opened, waited, waiting_since, context in self._open.values():
-                    if waited + (now - waiting_since if waiting_since is not None else 0.0) > self._grace_s:
+                    # Holding a worker idle: waiting now for longer than the grace (silent),
+                    # or past the grace for most of its life (a message now and then). Not
+                    # the wait summed over its life alone: a long stream busy 3/4 of the time
+                    # passed the grace after 4 s and counted as idle (review25).
+                    waiting = now - waiting_since if waiting_since is not None else 0.0
+                    if waiting > self._grace_s or (now - opened > self._grace_s
+                                                   and waited + waiting > (now - opened) / 2):
                         waited_long.setdefault(caller, []).append((opened, context))
                 for caller, streams in waited_long.items():
                     if len(streams) > self._per_caller:
