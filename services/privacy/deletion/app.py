@@ -364,8 +364,12 @@ class DeletionCoordinator:
                 # times, read on its own clock, are not its to act on (one ahead saw every
                 # retry due and woke every 5 ms, review25).
                 due = None if self._clock_off else self.jobs.next_due()
-                if due is not None:
-                    timeout = min(timeout, max(0.0, due - self._wall()) + 0.005)
+                # Woken for a due time still ahead; one already past belongs to a job this
+                # round did not claim (leased by another pass, ours included: its end wakes
+                # this loop), so the poll period, not 5 ms: every worker woke every 5 ms
+                # and queried twice for as long as a pass ran (review25).
+                if due is not None and due > self._wall():
+                    timeout = min(timeout, due - self._wall() + 0.005)
             except Exception:  # noqa: BLE001
                 pass
             self._wake.wait(timeout)
