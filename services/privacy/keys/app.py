@@ -28,7 +28,7 @@ from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.privacy.keys.domain import (
     KeyDestroyedError, KeyEncryptionKey, KeyNotFoundError, KeyRing, WrappedDek, generate_kek, parse_kek_config)
 from services.privacy.keys.signing import (
-    Ed25519PrivateKey, generate_private_key, load_private_key, private_key_to_pem, public_key_to_pem)
+    Ed25519PrivateKey, generate_private_key, load_private_key, private_key_to_pem, publish_public_key)
 from services.privacy.keys.store import DataKeyStore
 
 log = logging.getLogger("hearth.privacy.keys")
@@ -65,11 +65,7 @@ def load_signing_key(configured: str, data_dir: Path) -> Ed25519PrivateKey:
         else:
             log.warning("HEARTH_RECEIPT_SIGNING_KEY is not set: using the development key in %s", path)
         key = load_private_key(path.read_text(), argument=str(path))
-    public = Path(data_dir) / SIGNING_PUBLIC_FILE
-    pem = public_key_to_pem(key.public_key())
-    if not public.exists() or public.read_text() != pem:
-        public.parent.mkdir(parents=True, exist_ok=True)
-        public.write_text(pem)
+    publish_public_key(Path(data_dir) / SIGNING_PUBLIC_FILE, key.public_key())
     return key
 
 
