@@ -8,6 +8,8 @@ each job's state are printed.
     python scripts/clock_drill_deletion.py behind   # B 2 h behind; every peer refuses B (its tokens)
     python scripts/clock_drill_deletion.py down     # the same with a peer down for A too
     python scripts/clock_drill_deletion.py server   # PostgreSQL 1 h behind, A and B right
+    python scripts/clock_drill_deletion.py mesh     # a real mesh on PostgreSQL: a second privacy
+                                                    # replica 2 h behind, attribution stopped, 40 s
 
 Peers are in process (A's answer after 1 s, or refuse while down); the retry policy is the
 test default (8 attempts from 1 s); lease 10 s. Not part of ``make test``.
@@ -124,6 +126,61 @@ def drill(scenario: str) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def mesh_drill() -> None:
+    """The real mesh: privacy-2 beside privacy, under libfaketime 2 h behind; attribution
+    stopped, so every job retries; three household deletions through the gateway."""
+    import re
+
+    import httpx
+
+    from services.testing.mesh import free_port, running_mesh
+    from services.testing.servers import PostgresServer
+
+    work = Path(tempfile.mkdtemp(prefix="hearth-clock-drill-"))
+    work.chmod(0o755)
+    stamp = work / "faketime"
+    stamp.write_text("-2h\n")
+    pg = PostgresServer(work / "pg", durable=False).init().start()
+
+    def metric(port: int, name: str) -> str | None:
+        found = re.search(rf"^{name} (\S+)$", httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text, re.M)
+        return found.group(1) if found else None
+
+    try:
+        env = {"HEARTH_STORAGE": "postgres", "HEARTH_POSTGRES_DSN": pg.dsn, "HEARTH_RETENTION_CHECK_S": "0"}
+        with running_mesh(work, {"olivia": "admin"}, timeout_s=240, extra_env=env,
+                          process_env={"privacy-2": {**FAKETIME, "FAKETIME_TIMESTAMP_FILE": str(stamp)}}) as mesh:
+            metrics_2 = free_port()
+            mesh._spawn("privacy-2", "services.privacy", {**mesh.env(), "HEARTH_GRPC_PORT": str(free_port()),
+                                                           "HEARTH_METRICS_PORT": str(metrics_2)})
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    metric(metrics_2, "hearth_deletion_oldest_open_job_age_seconds")
+                    break
+                except httpx.HTTPError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+            mesh.stop_process("attribution")
+            client = httpx.Client(base_url=mesh.url, headers={"x-api-key": mesh.api_key}, timeout=30)
+            ids = [client.post("/v1/delete", json={"scope": {"kind": "household", "account_id": f"acct-drill-{i}"}})
+                   .json()["job_id"] for i in range(3)]
+            time.sleep(40)
+            for job_id in ids:
+                services = client.get(f"/v1/delete/{job_id}").json()["services"]
+                print(job_id, {s["service"]: s["attempts"] for s in services})
+            print("privacy-2: hearth_deletion_clock_disagrees", metric(metrics_2, "hearth_deletion_clock_disagrees"),
+                  "offset", metric(metrics_2, "hearth_deletion_clock_offset_seconds"))
+            for name in ("privacy", "privacy-2"):
+                text = (work / "logs" / f"{name}.log").read_text(errors="replace")
+                print(name, {k: text.count(k) for k in ("erase in attribution failed", "another worker took it",
+                                                        "takes no deletion job")})
+    finally:
+        pg.remove()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     if sys.argv[1] == "worker":
@@ -131,5 +188,7 @@ if __name__ == "__main__":
 
         logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
         worker(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "True")
+    elif sys.argv[1] == "mesh":
+        mesh_drill()
     else:
         drill(sys.argv[1])

@@ -1054,7 +1054,8 @@ class AuditReserve:
     A sink holds records when neither the audit log nor its disk outbox takes them — a
     full disk under both (docs/privacy.md, "The client") — and a process killed then
     (SIGKILL, OOM, a node lost) lost them all. The file's blocks are allocated at start,
-    so writing into them needs no free space later: records are appended (length, the
+    so writing into them needs no free space later (on ext4 or XFS; a copy-on-write
+    filesystem, btrfs or ZFS, needs new space for a block written again): records are appended (length, the
     file's generation, CRC-32, JSON) and fdatasync'ed; once the last of them is delivered,
     spooled or dropped the entries are overwritten with zeroes and the generation is
     bumped (an entry of an older generation never replays). The next start reads the
@@ -1095,6 +1096,11 @@ class AuditReserve:
         # Set when a record did not fit; cleared when the file is emptied. The sink then
         # stops offering it records (each offer scans the queue's unwritten tail).
         self.full = False
+        # Set by a write that failed, cleared by one that succeeds: the failure is logged
+        # once a run. On a copy-on-write filesystem (btrfs, ZFS) a block written before
+        # needs new space when written again, so on a full disk every write fails, and the
+        # sink offers the file new records every max_delay_s while it holds them (review25).
+        self._write_failed = False
 
     @property
     def count(self) -> int:
@@ -1159,8 +1165,13 @@ class AuditReserve:
                 os.pwrite(self._fd, data + b"\0" * self.ENTRY.size, self._offset)
                 os.fdatasync(self._fd)
             except OSError as exc:
-                log.error("audit reserve file %s could not be written (%s)", self.path, exc)
+                if not self._write_failed:
+                    self._write_failed = True
+                    log.error("audit reserve file %s could not be written (%s): records held in memory beyond "
+                              "it are lost if the process is killed (logged once until a write succeeds)",
+                              self.path, exc)
                 return 0
+            self._write_failed = False
             self._offset = offset
             self._ids.update(ids)
             return len(ids)

@@ -177,3 +177,34 @@ def test_a_replica_that_takes_no_jobs_for_its_clock_does_not_poll_the_database_e
     finally:
         right.close(1.0)
         ahead.close(1.0)
+
+
+def test_a_replica_a_year_ahead_left_alone_purges_by_the_database_servers_clock(shared_schema):
+    """review25: a replica off the server's clock with no live peer row (the right replica
+    restarting for more than three leases, or starting a few seconds after it) is let go on
+    from its second measurement, since it cannot tell its clock from the server's. A year
+    ahead, it then asked for its own period's purge, a day past the previous end, and the
+    right replica ran it once back (its due time a year ahead reads as a clock step's): a
+    day of data within the retention erased at each such gap. A replica exempted while
+    ahead of the server now takes the period of the earlier clock, the server's."""
+    jobs_right, jobs_ahead = shared_schema
+    key = Ed25519PrivateKey.generate()
+    right = DeletionCoordinator(jobs_right, _Peers(), None, key, retention_check_s=3600.0)
+    ahead = DeletionCoordinator(jobs_ahead, _Peers(), None, key, retention_check_s=3600.0,
+                                wall=lambda: time.time() + 400 * 86400.0)
+    try:
+        first = right.maybe_request_retention()
+        with jobs_right.db.transaction() as tx:      # the right replica gone for three leases
+            tx.execute("DELETE FROM deletion_clocks")
+        assert ahead.clock_disagrees()               # its first measurement: not yet
+        ahead._clock_checked_at = None
+        assert not ahead.clock_disagrees()           # alone: goes on
+        ahead.maybe_request_retention()
+        with jobs_right.db.transaction() as tx:
+            ids = [r[0] for r in tx.query("SELECT request_id FROM deletion_jobs WHERE account_id = '*'")]
+        ends = [jobs_right.by_request(i).job.scope.end for i in ids]
+        assert max(ends) < first.job.scope.end + 2 * 3600.0, \
+            f"a purge {(max(ends) - first.job.scope.end) / 86400.0:.2f} days past the right replica's: {ids}"
+    finally:
+        right.close(1.0)
+        ahead.close(1.0)

@@ -53,6 +53,7 @@ from services.privacy.keys.signing import (
     load_public_keys,
     private_key_to_pem,
     public_key_to_pem,
+    publish_public_key,
 )
 from services.privacy.audit.suspicious import DetectorThresholds, SecurityEventKind, SuspiciousActivityDetector
 
@@ -107,7 +108,7 @@ def load_signing_key(configured: str = "", key_file: str = "", data_dir: str | P
         f.write(private_key_to_pem(key))
         f.flush()
         os.fsync(f.fileno())
-    (path.parent / DEV_PUBLIC_KEY_NAME).write_text(public_key_to_pem(key.public_key()))
+    publish_public_key(path.parent / DEV_PUBLIC_KEY_NAME, key.public_key())
     log.warning("%s is not set: generated an audit signing key at %s (mode 0600) and its public "
                 "key at %s. Development only: configure the key for production.",
                 KEY_ENV, path, path.parent / DEV_PUBLIC_KEY_NAME)

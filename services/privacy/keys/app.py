@@ -28,7 +28,7 @@ from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.privacy.keys.domain import (
     KeyDestroyedError, KeyEncryptionKey, KeyNotFoundError, KeyRing, WrappedDek, generate_kek, parse_kek_config)
 from services.privacy.keys.signing import (
-    Ed25519PrivateKey, generate_private_key, load_private_key, private_key_to_pem, public_key_to_pem)
+    Ed25519PrivateKey, generate_private_key, load_private_key, private_key_to_pem, publish_public_key)
 from services.privacy.keys.store import DataKeyStore
 
 log = logging.getLogger("hearth.privacy.keys")
@@ -65,11 +65,7 @@ def load_signing_key(configured: str, data_dir: Path) -> Ed25519PrivateKey:
         else:
             log.warning("HEARTH_RECEIPT_SIGNING_KEY is not set: using the development key in %s", path)
         key = load_private_key(path.read_text(), argument=str(path))
-    public = Path(data_dir) / SIGNING_PUBLIC_FILE
-    pem = public_key_to_pem(key.public_key())
-    if not public.exists() or public.read_text() != pem:
-        public.parent.mkdir(parents=True, exist_ok=True)
-        public.write_text(pem)
+    publish_public_key(Path(data_dir) / SIGNING_PUBLIC_FILE, key.public_key())
     return key
 
 
@@ -129,17 +125,25 @@ class KeyService:
         self.ring = KeyRing(keks, active_kek_id, store.load() if records is None else records)
         # A KEK whose bytes changed under its id opens none of the keys it wraps: refuse to
         # start on it (attack25; until then every existing household answered 500 and new
-        # households' keys were wrapped under the wrong KEK). The message names KEK ids and
+        # households' keys were wrapped under the wrong KEK). Judged on the oldest keys: a
+        # KEK that opens most of them but not some other one (wrapped by a run on a wrong KEK, or
+        # damaged) is the right one, and refusing it too left no KEK that could start
+        # privacy (review25); those keys are reported. The messages name KEK ids and
         # counts only, never an account.
         unopened = self.ring.unopened_data_keys()
-        if unopened:
+        replaced = self.ring.replaced_keks()
+        if replaced:
             raise ConfigError("invalid configuration:\n  HEARTH_KEKS: " + "; ".join(
-                f"KEK {kek_id!r} does not open the data keys stored under that id ({bad} of {tried} tried)"
-                for kek_id, (bad, tried) in unopened.items())
+                f"KEK {kek_id!r} does not open the data keys stored under that id ({unopened[kek_id][0]} of "
+                f"{unopened[kek_id][1]} tried, most of the oldest)" for kek_id in replaced)
                 + ": its bytes are not the ones that wrapped them (a development KEK file regenerated, or "
                 "another secret under the same id). Restore the KEK that wrapped them; on this one every "
                 "household that has a key could not be read, written or exported, and new households' "
                 "keys would be wrapped under the wrong KEK")
+        for kek_id, (bad, tried) in unopened.items():
+            log.error("KEK %r opens the oldest data keys stored under its id but not %d of the %d tried: those "
+                      "households' keys were wrapped by other bytes under the same id (a run on a regenerated "
+                      "development file or another secret) or are damaged, and cannot be read", kek_id, bad, tried)
         self._checked: dict[str, float] = {}
 
     def _refresh(self, account_id: str, force: bool = False) -> None:

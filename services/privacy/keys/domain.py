@@ -347,30 +347,48 @@ class KeyRing:
         for a million households): a KEK whose bytes changed under the same id (a lost
         development key file regenerated, a secret replaced by another) opens none of its
         keys, and keys wrapped under a wrong KEK by a process that ran on it are the
-        newest. The privacy service refuses to start on such a KEK (``KeyService``)
-        rather than answer every existing household with an error and wrap new
-        households' keys under the wrong KEK."""
+        newest. ``replaced_keks`` says which of these the privacy service refuses to
+        start on (``KeyService``)."""
+        return {kek_id: (bad, tried) for kek_id, (bad, tried, _) in self._try_data_keys(sample).items() if bad}
+
+    def replaced_keks(self, sample: int = 64) -> list[str]:
+        """KEK ids whose configured key does not open most of the ``sample`` oldest live
+        DEKs it wraps: its bytes are not the ones that wrapped them (a lost development file
+        regenerated, another secret under the same id). The privacy service refuses to
+        start on such a KEK rather than answer every existing household with an error and
+        wrap new households' keys under it. Not a KEK that opens most of the oldest but
+        fails some key (one wrapped by a process that ran on a wrong KEK, or a damaged row):
+        refusing that one too left no KEK that could start privacy, so every household
+        lost its key service for the few whose key is lost anyway (review25)."""
+        return [kek_id for kek_id, (_, _, replaced) in self._try_data_keys(sample).items() if replaced]
+
+    def _try_data_keys(self, sample: int) -> dict[str, tuple[int, int, bool]]:
+        """Per KEK id wrapping live DEKs: (tried keys it does not open, keys tried,
+        whether it fails more than half of the ``sample`` oldest)."""
         live: dict[str, list[WrappedDek]] = {}
         for versions in self._records.values():
             for r in versions.values():
                 if not r.destroyed:
                     live.setdefault(r.kek_id, []).append(r)
-        unopened = {}
+        found = {}
         for kek_id, records in sorted(live.items()):
             cipher = AESGCM(self._keks[kek_id].key)
-            tried = {(r.account_id, r.dek_version): r for r in
-                     (*heapq.nsmallest(sample, records, key=_created),
-                      *heapq.nlargest(sample, records, key=_created))}.values()
-            bad = 0
-            for r in tried:
+
+            def opens(r: WrappedDek) -> bool:
                 nonce, body = r.wrapped[:NONCE_BYTES], r.wrapped[NONCE_BYTES:]
                 try:
                     cipher.decrypt(nonce, body, _aad(b"hearth-dek-v1", r.account_id, r.dek_version, r.kek_id))
                 except InvalidTag:
-                    bad += 1
-            if bad:
-                unopened[kek_id] = (bad, len(tried))
-        return unopened
+                    return False
+                return True
+
+            oldest = heapq.nsmallest(sample, records, key=_created)
+            tried = {(r.account_id, r.dek_version): r for r in
+                     (*oldest, *heapq.nlargest(sample, records, key=_created))}
+            opened = {key: opens(r) for key, r in tried.items()}
+            found[kek_id] = (sum(not ok for ok in opened.values()), len(tried),
+                             2 * sum(not opened[(r.account_id, r.dek_version)] for r in oldest) > len(oldest))
+        return found
 
     def kek_ids_in_use(self) -> set[str]:
         """KEK ids still wrapping live DEKs (a KEK may be retired when not listed)."""

@@ -148,3 +148,27 @@ def test_records_written_after_a_failed_emptying_still_replay(tmp_path, monkeypa
     monkeypatch.setattr(os, "pwrite", real_pwrite)
     reserve.write(second)
     assert AuditReserve(path, 64 * 1024).replay() == first + second
+
+
+def test_a_reserve_file_that_cannot_be_written_says_so_once_not_at_every_offer(tmp_path, monkeypatch, caplog):
+    """review25: on a copy-on-write filesystem (btrfs, ZFS) a block written once needs new
+    space when written again, so on a full disk the reserve's writes fail (ENOSPC) however
+    it was allocated. The sink offers it the queue's new records every max_delay_s (50 ms)
+    while it holds them, and each failure logged an ERROR: 20 lines a second on the full
+    disk. Now the first failure of a run is logged, and the next after a write succeeded."""
+    reserve = AuditReserve(tmp_path / "r.bin", 64 * 1024)
+    real_pwrite = os.pwrite
+
+    def full(fd, data, offset):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with caplog.at_level("ERROR", logger="hearth.audit"):
+        for i in range(100):
+            assert reserve.write(_records(1, i)) == 0
+        assert len([r for r in caplog.records if "could not be written" in r.getMessage()]) == 1
+        monkeypatch.setattr(os, "pwrite", real_pwrite)
+        assert reserve.write(_records(2, 500)) == 2
+        monkeypatch.setattr(os, "pwrite", full)
+        assert reserve.write(_records(1, 600)) == 0
+        assert len([r for r in caplog.records if "could not be written" in r.getMessage()]) == 2
