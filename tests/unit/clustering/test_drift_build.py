@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -111,11 +111,9 @@ def _with_old_null(det: D.DriftDetector) -> D.DriftDetector:
        ref_share=st.floats(0.3, 0.7), scale=st.sampled_from((0.3, 0.6, 1.0)))
 def test_a_detector_built_now_raises_main_s_events_with_main_s_statistics(seed, drift, ref_share, scale):
     h = simulate_household(np.random.default_rng(seed), difficulty=0.3, drift_type=drift, days=60)
-    X = h.features.astype(np.float64)
-    ts = np.asarray(h.timestamps, dtype=np.float64)
-    ref = max(40, int(ref_share * X.shape[0]))
-    if X.shape[0] - ref < 2:
-        return
+    X, ts = h.features.astype(np.float64), np.asarray(h.timestamps, dtype=np.float64)
+    ref = max(40, int(ref_share * len(X)))
+    assume(len(X) - ref >= 2)   # a stream to feed
     thresholds = _low(scale)
     new = D.build_detector(X[:ref], thresholds=thresholds)
     old = _with_old_null(D.build_detector(X[:ref], thresholds=thresholds))
