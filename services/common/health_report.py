@@ -119,7 +119,8 @@ def _metadata_text(text: str) -> str:
     made every Check fail (DEADLINE_EXCEEDED at the caller: the gateway and the peers saw
     the service unreachable, a kubelet probe would fail) while the check failed (session
     25's full PostgreSQL volume, tests/integration/test_health_reasons.py). At most
-    ``MAX_REASON_CHARS`` each: the receiving side refuses metadata over 16 KiB
+    ``MAX_REASON_CHARS`` each: the receiving side refuses metadata at random above 8 KiB,
+    always above 16 KiB (a service has at most six checks: ~6 KB)
     (RESOURCE_EXHAUSTED), so one long driver message would fail every Check the same way."""
     text = " ".join(re.sub(r"[^\x20-\x7e]", "?", part) for part in text.split())
     return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS - 3] + "..."
