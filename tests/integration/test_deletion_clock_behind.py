@@ -116,17 +116,22 @@ def test_replicas_that_agree_with_each_other_go_on_when_the_database_clock_is_of
         second.close(1.0)
 
 
+def _right_and_a_year_ahead(shared_schema) -> tuple[DeletionCoordinator, DeletionCoordinator]:
+    """Two replicas with retention on (hourly checks), one with a clock a year ahead."""
+    key = Ed25519PrivateKey.generate()
+    return (DeletionCoordinator(shared_schema[0], _Peers(), None, key, retention_check_s=3600.0),
+            DeletionCoordinator(shared_schema[1], _Peers(), None, key, retention_check_s=3600.0,
+                                wall=lambda: time.time() + 400 * 86400.0))
+
+
 def test_a_replica_a_year_ahead_asks_for_no_retention_purge_for_the_others_to_run(shared_schema):
     """Session 24 found a privacy replica a year ahead "held by the tokens": its purge's
     Erase calls were refused. But its purge job is stored, and a right replica beside it
     (read its due time a year ahead as a clock step's: due) ran it with tokens the peers
     accept: the purge advanced a day past the previous one's at every hourly check of the
     stepped replica, 24 days of data erased a day. Now the stepped replica asks for none."""
-    jobs_right, jobs_ahead = shared_schema
-    key = Ed25519PrivateKey.generate()
-    right = DeletionCoordinator(jobs_right, _Peers(), None, key, retention_check_s=3600.0)
-    ahead = DeletionCoordinator(jobs_ahead, _Peers(), None, key, retention_check_s=3600.0,
-                                wall=lambda: time.time() + 400 * 86400.0)
+    jobs_right = shared_schema[0]
+    right, ahead = _right_and_a_year_ahead(shared_schema)
     try:
         first = right.maybe_request_retention()
         assert first is not None
@@ -187,11 +192,8 @@ def test_a_replica_a_year_ahead_left_alone_purges_by_the_database_servers_clock(
     right replica ran it once back (its due time a year ahead reads as a clock step's): a
     day of data within the retention erased at each such gap. A replica exempted while
     ahead of the server now takes the period of the earlier clock, the server's."""
-    jobs_right, jobs_ahead = shared_schema
-    key = Ed25519PrivateKey.generate()
-    right = DeletionCoordinator(jobs_right, _Peers(), None, key, retention_check_s=3600.0)
-    ahead = DeletionCoordinator(jobs_ahead, _Peers(), None, key, retention_check_s=3600.0,
-                                wall=lambda: time.time() + 400 * 86400.0)
+    jobs_right = shared_schema[0]
+    right, ahead = _right_and_a_year_ahead(shared_schema)
     try:
         first = right.maybe_request_retention()
         with jobs_right.db.transaction() as tx:      # the right replica gone for three leases
