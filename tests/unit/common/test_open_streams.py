@@ -50,7 +50,7 @@ def _run(streams: _OpenStreams, n: int, gap_s: float | None, work_s: float, run_
 
 
 def test_busy_streams_of_one_caller_are_not_cancelled_however_long_they_run():
-    cancelled = _run(_OpenStreams(per_caller=2, grace_s=0.2), 4, gap_s=0.005, work_s=0.015, run_s=2.0)
+    cancelled = _run(_OpenStreams(per_caller=2, grace_s=0.2), 4, gap_s=0.005, work_s=0.03, run_s=2.5)
     assert not any(cancelled), cancelled
 
 
