@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -29,14 +28,10 @@ from pathlib import Path
 
 import httpx
 
+from bench._common import process_cpu_s
 from services.testing.mesh import ROOT, running_mesh
 
 MAX_BODY = 8 * 1024 * 1024
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def over_bound_body() -> bytes:
@@ -61,19 +56,19 @@ def events(prefix: str, n: int, kind: bool = True, genres: int = 1) -> list[dict
 def one_round(client: httpx.Client, pid: int, tag: str, over: bytes, invalid: bytes, valid_n: int) -> dict:
     out = {}
     for name, body, status in (("over", over, 422), ("invalid", invalid, 422)):
-        before = cpu_s(pid)
+        before = process_cpu_s(pid)
         r = client.post("/v1/events", content=body)
-        out[name + "_cpu_s"] = cpu_s(pid) - before
+        out[name + "_cpu_s"] = process_cpu_s(pid) - before
         assert r.status_code == status, (name, r.status_code, r.text[:300])
         out[name + "_answer"] = r.json()
-    before, lat = cpu_s(pid), []
+    before, lat = process_cpu_s(pid), []
     for i in range(valid_n):
         body = json.dumps({"events": events(f"bb-{tag}-{time.time_ns()}-{i}", 20)}).encode()
         t = time.perf_counter()
         r = client.post("/v1/events", content=body)
         lat.append(time.perf_counter() - t)
         assert r.status_code == 200, r.text[:300]
-    out["valid_cpu_ms"] = (cpu_s(pid) - before) / valid_n * 1000
+    out["valid_cpu_ms"] = (process_cpu_s(pid) - before) / valid_n * 1000
     out["valid_latency_ms"] = statistics.median(lat) * 1000
     return out
 

@@ -31,6 +31,19 @@ after the history's fit, which builds the drift detector) separately.
 commit REF's (``bench.assign_cpu.extract``, this file copied in so both sides measure
 the same way), alternating, ``--repeats`` times each; prints medians per side and the
 ratio candidate / baseline.
+
+    python -m bench.refresh_cpu --build [--days 100,400,1200] [--build-repeats 5]
+                                [--baseline REF] [--repeats 3] [--out FILE]
+
+``--build`` (session 25, docs/benchmarks.md "The drift detector's build after a
+refit"): per history length the household's history is ingested and fitted as above,
+then the drift detector of the fitted model's reference (every closed session: a full
+fit's reference) is built ``--build-repeats`` times (``build_detector(X, seed)``, what
+the first fold after every full refit runs): the median CPU ms of the build and of its
+window MMD's part alone (``_WindowMMD``), the build's peak memory (tracemalloc, numpy's
+allocations included; a separate build, tracing slows it) and the median CPU ms of
+reading and opening every closed session (``ModelKeeper.snapshot``, what every fold
+pays).
 """
 
 from __future__ import annotations
@@ -116,14 +129,20 @@ class _DriftClock:
         ModelKeeper._check_drift = self._orig
 
 
-def measure(days: int, stream_days: int, batch: int, root: Path, fold_only: bool = False) -> dict:
-    store = ClusteringStore(SqliteDatabase(root / f"refresh-{days}.db"),
-                            cipher=FieldCipher(_fetcher(KeyRing([generate_kek("k1")], "k1"))))
+def _household(days: int, stream_days: int, db: Path) -> tuple[ClusteringStore, ClusteringApp, list, float]:
+    """A store on SQLite (``db``) with a ``FieldCipher``, its app (no background thread), the
+    household's events (``days + stream_days`` of viewing) in time order and the time that
+    cuts the history from the stream."""
+    store = ClusteringStore(SqliteDatabase(db), cipher=FieldCipher(_fetcher(KeyRing([generate_kek("k1")], "k1"))))
     store.migrate()
     app = ClusteringApp(store, background=False)
     events = sorted((_event(d) for d in household_events(ACCOUNT, random.Random(days), days + stream_days,
                                                           n_persons=3)), key=lambda e: (e.ts, e.event_id))
-    cut = events[-1].ts - stream_days * 86400.0
+    return store, app, events, events[-1].ts - stream_days * 86400.0
+
+
+def measure(days: int, stream_days: int, batch: int, root: Path, fold_only: bool = False) -> dict:
+    store, app, events, cut = _household(days, stream_days, root / f"refresh-{days}.db")
     history = [e for e in events if e.ts <= cut]
     # the last stream_days, moved to end a minute ago: live, so sessions close by their
     # device's next session (its watermark), as a client's stream closes them
@@ -152,6 +171,48 @@ def measure(days: int, stream_days: int, batch: int, root: Path, fold_only: bool
     finally:
         if clock is not None:
             clock.__exit__()
+
+
+def measure_build(days: int, stream_days: int, root: Path, repeats: int) -> dict:
+    """The drift detector's build on the household's closed sessions after its history's
+    fit (``--build``)."""
+    import tracemalloc
+
+    from services.clustering.domain.drift import DEFAULT_THRESHOLDS, _WindowMMD, build_detector
+
+    store, app, events, cut = _household(days, stream_days, root / f"build-{days}.db")
+    history = [e for e in events if e.ts <= cut]
+    with _StreamClock(cut):
+        for i in range(0, len(history), 1000):
+            store.ingest(history[i:i + 1000])
+        app.keeper.refresh(ACCOUNT)
+        snapshot_ms: list[float] = []
+        for _ in range(repeats):
+            c0 = time.process_time()
+            snap = app.keeper.snapshot(ACCOUNT)
+            snapshot_ms.append(1e3 * (time.process_time() - c0))
+    X = snap.X
+    build_ms: list[float] = []
+    mmd_ms: list[float] = []
+    for _ in range(repeats):
+        c0 = time.process_time()
+        build_detector(X, seed=app.keeper.seed)
+        c1 = time.process_time()
+        _WindowMMD(X, DEFAULT_THRESHOLDS.window)
+        build_ms.append(1e3 * (c1 - c0))
+        mmd_ms.append(1e3 * (time.process_time() - c1))
+    tracemalloc.start()
+    build_detector(X, seed=app.keeper.seed)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    app.close()
+    store.db.close()
+    return {"closed_sessions": int(X.shape[0]), "folds": 0, "repeats": repeats,
+            "build_ms_median": round(statistics.median(build_ms), 1),
+            "build_mmd_ms_median": round(statistics.median(mmd_ms), 1),
+            "build_peak_mb": round(peak / 1e6, 1),
+            "snapshot_ms_median": round(statistics.median(snapshot_ms), 1),
+            "build_ms": [round(v, 1) for v in build_ms]}
 
 
 def _stream(app: ClusteringApp, store: ClusteringStore, stream: list[ViewingEvent], batch: int, version: int,
@@ -206,7 +267,8 @@ def _stream(app: ClusteringApp, store: ClusteringStore, stream: list[ViewingEven
 def _child(tree: Path, days: str, args: argparse.Namespace) -> dict:
     """One measurement of every history length in a child process run from ``tree``."""
     cmd = [sys.executable, "-m", "bench.refresh_cpu", "--days", days, "--stream-days", str(args.stream_days),
-           "--batch", str(args.batch)] + (["--fold"] if args.fold else [])
+           "--batch", str(args.batch)] + (["--fold"] if args.fold else []) \
+        + (["--build", "--build-repeats", str(args.build_repeats)] if args.build else [])
     done = subprocess.run(cmd, cwd=tree, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -216,7 +278,8 @@ def compare(args: argparse.Namespace) -> dict:
     from bench.assign_cpu import ROOT, extract
 
     keys = ("fold_ms_median", "fold_drift_ms_median", "first_fold_ms", "first_fold_drift_ms",
-            "ms_per_fold", "refresh_ms_per_batch", "refresh_ms_per_batch_without_folds")
+            "ms_per_fold", "refresh_ms_per_batch", "refresh_ms_per_batch_without_folds",
+            "build_ms_median", "build_mmd_ms_median", "build_peak_mb", "snapshot_ms_median")
     with tempfile.TemporaryDirectory() as work:
         base_tree = extract(args.baseline, Path(work) / "baseline")
         shutil.copy(Path(__file__), base_tree / "bench" / "refresh_cpu.py")
@@ -226,7 +289,7 @@ def compare(args: argparse.Namespace) -> dict:
             for side, tree in order if r % 2 == 0 else order[::-1]:
                 runs[side].append(_child(tree, args.days, args))
                 print(f"# {side} run {r + 1}: {json.dumps(runs[side][-1])}", file=sys.stderr)
-    out: dict = {"baseline_ref": args.baseline, "repeats": args.repeats, "fold": args.fold,
+    out: dict = {"baseline_ref": args.baseline, "repeats": args.repeats, "fold": args.fold, "build": args.build,
                  "stream_days": args.stream_days, "batch": args.batch}
     for d in args.days.split(","):
         name = f"days_{d}"
@@ -247,6 +310,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--stream-days", type=int, default=30, help="the last days of viewing, streamed")
     p.add_argument("--batch", type=int, default=2, help="events a batch")
     p.add_argument("--fold", action="store_true", help="refresh only when a fold is due: every refresh timed folds")
+    p.add_argument("--build", action="store_true",
+                   help="time the drift detector's build on the fitted history (the first fold after a refit)")
+    p.add_argument("--build-repeats", type=int, default=5, help="with --build: builds timed per history length")
     p.add_argument("--baseline", default="", help="git commit measured beside this tree (child processes)")
     p.add_argument("--repeats", type=int, default=3, help="with --baseline: runs of each side, alternating")
     p.add_argument("--out", default="", help="also write the JSON object to this file")
@@ -255,8 +321,12 @@ def main(argv: list[str] | None = None) -> dict:
         out = compare(args)
     else:
         with tempfile.TemporaryDirectory() as root:
-            out = {f"days_{d}": measure(int(d), args.stream_days, args.batch, Path(root), args.fold)
-                   for d in args.days.split(",")}
+            if args.build:
+                out = {f"days_{d}": measure_build(int(d), args.stream_days, Path(root), args.build_repeats)
+                       for d in args.days.split(",")}
+            else:
+                out = {f"days_{d}": measure(int(d), args.stream_days, args.batch, Path(root), args.fold)
+                       for d in args.days.split(",")}
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out))

@@ -71,11 +71,13 @@ class GatewayServer(uvicorn.Server):
 
 
 def main() -> None:
+    config.keep_files_private()   # the audit outbox in HEARTH_DATA_DIR: owner only
     settings = config.load(GatewaySettings)   # exits naming a bad or unknown HEARTH_* variable
     config.configure_process(settings, "gateway")   # service tokens, mutual TLS, log pseudonyms
     # /metrics on its own port (settings.metrics_port), like the services.
     telemetry.setup_telemetry("gateway", settings.trace_export, settings.log_level,
                               settings.metrics_port or None, settings.host)
+    config.warn_if_shared(settings.data_dir)
     # HTTPS when a certificate is configured (HEARTH_HTTPS_CERT / HEARTH_HTTPS_KEY);
     # Python's ssl defaults set the floor at TLS 1.2; HTTP clients need no certificate.
     tls = ({"ssl_certfile": str(settings.https_cert), "ssl_keyfile": str(settings.https_key)}

@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from gateway import models
 from gateway.admission import AdmissionControl, BodyDeadline, Gate, route_table
 from gateway.auth import Authenticator
+from gateway.docs_pages import install_docs_pages
 from gateway.clients import ServiceClients
 from gateway.config import GatewaySettings
 from gateway.errors import RETRY_AFTER_S, declare_errors, error_response, from_hearth_error, from_rpc_error
@@ -302,7 +303,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         # Refused requests (401/403 decided here, never reaching a service) go to the
         # audit log; every RPC is audited by the services themselves.
         audit_sink = audit.sink_for_service("gateway", settings.privacy_addr, settings.rpc_timeout_s,
-                                            outbox_dir=settings.data_dir)
+                                            outbox_dir=settings.data_dir,
+                                            reserve_bytes=int(settings.audit_reserve_mb * 2**20))
         audit.install(audit_sink)
         remove_listener = identity.add_security_listener(audit.security_listener("gateway"))
         yield
@@ -327,12 +329,14 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     # server span per request (a new trace, linking the caller's traceparent). (Its span would
     # also record the raw path, ``url.path``, and paths carry account ids that trace
     # files must not keep: docs/privacy.md, "What erased means".)
-    app = FastAPI(title="Hearth gateway", version="1.0.0", lifespan=lifespan,
+    # /docs and /redoc are gateway/docs_pages.py's: their scripts pinned with integrity hashes.
+    app = FastAPI(title="Hearth gateway", version="1.0.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   telemetry={"tracing": False, "metrics": False, "logs": False,
                              "operation_spans": False, "auto_configure": False},
                   description="HTTP/JSON front of the Hearth mesh. Authenticate with the "
                               "`X-API-Key` header or `Authorization: Bearer <JWT>`.")
     app.state.clients = clients
+    install_docs_pages(app)
     # Body-size limit and rate limiter; installed before the observe middleware below so
     # that one stays outermost and counts the 413s too.
     limiter = install_request_limits(app, settings)

@@ -231,6 +231,13 @@ def infrastructure() -> Dashboard:
                                Q("sum by (state) (increase(hearth_deletion_jobs_finished_total[1h]))", "{{state}}")))
             .with_panel(series("oldest open deletion job", "s",
                                Q("max(hearth_deletion_oldest_open_job_age_seconds)", "age"), lines=((3600, "orange"),)))
+            .with_panel(series("privacy replicas' clock minus the database server's", "s",
+                               Q("max by (instance) (hearth_deletion_clock_offset_seconds)", "{{instance}}"),
+                               Q("sum(hearth_deletion_clock_disagrees)", "replicas taking no deletion jobs"),
+                               description="PostgreSQL only (NaN on SQLite). A replica off by more than a quarter "
+                                           "of HEARTH_DELETION_LEASE_S, and off the other replicas, takes no "
+                                           "deletion job (HearthDeletionClockDisagrees); every replica off by the "
+                                           "same amount: the server's clock is wrong."))
             .with_panel(series("prediction outbox (clustering -> feedback)", "none",
                                Q("sum by (instance) (hearth_prediction_outbox_depth)", "{{instance}}"),
                                Q(f"sum(rate(hearth_prediction_forward_failures_total[{RI}]))", "failures/s"),

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import signal
 import sys
 import time
 from pathlib import Path
 
+from services.common.config import keep_files_private
 from services.testing.mesh import ROOT, Mesh, write_api_key
 
 
@@ -20,6 +22,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="listen on free ports instead of 8080/50051-50054/9100-9104 "
                              "(a second mesh beside a running one)")
     args = parser.parse_args(argv)
+    keep_files_private()   # the data dir, its logs and the keys file: the owner's only
+    # One `make run` per data dir (attack25): a second one came up beside the first on the
+    # same files and replaced the demo key, so the first mesh's printed key answered 401.
+    # The kernel drops the lock when this process ends, however it ends.
+    args.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock = open(args.data_dir / "run.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        print(f"a mesh is already running on {args.data_dir} (scripts/run.py, pid {holder}): stop it "
+              "(Ctrl-C) or give this one another --data-dir", file=sys.stderr)
+        return 1
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
     log_dir = args.data_dir / "logs"
     mesh = (Mesh.on_free_ports(args.data_dir, log_dir=log_dir) if args.free_ports
             else Mesh(args.data_dir, log_dir=log_dir))

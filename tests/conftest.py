@@ -40,6 +40,11 @@ os.environ.setdefault("HEARTH_HEALTH_CHECK_INTERVAL_S", "0.5")
 # withdraw or give consent back and wait until every service enforces it (the bound they
 # assert is this setting) waited up to 5 s each; here 1 s.
 os.environ.setdefault("HEARTH_CONSENT_CACHE_S", "1")
+# Every process allocates its audit reserve file when it starts (4 MiB in production,
+# HEARTH_AUDIT_RESERVE_MB): about 30 meshes of 5 processes a run, in pytest's directories
+# on tmpfs (memory), kept for three runs, would hold ~1.8 GB of it. The tests' processes
+# get 256 KiB (~600 records); the tests of the file pass their own size.
+os.environ.setdefault("HEARTH_AUDIT_RESERVE_MB", "0.25")
 
 # The processes a run starts (five a mesh, every restart, the CLI runs) import the project's
 # modules from source. Where PYTHONDONTWRITEBYTECODE is set (so nothing is written into the

@@ -46,8 +46,10 @@ outbox (the privacy service's own sink), the log still answers with an outage af
 ``max_attempts`` — the batch is kept in memory (session 24): back at the head of the
 queue in order, retried after a backoff (``_keep``), counted in the gauge
 ``hearth_audit_records_held``. The queue's bound is its bound (new records past
-``max_queue`` are dropped as ``queue_full``); a crash loses them, and ``close`` gives
-them one last try, then counts them dropped. docs/privacy.md, "The client".
+``max_queue`` are dropped as ``queue_full``); ``close`` gives them one last try. Held
+records, and those queued behind them, are also written into a reserve file allocated at
+start (``AuditReserve``, session 25), so a kill while holding loses none of them (up to the
+file's room): the next start queues them first. docs/privacy.md, "The client".
 
 Every loss is counted: ``hearth_audit_records_dropped_total{component,reason}``. A
 clean shutdown (SIGTERM) flushes the queue (``close``) after the server has stopped.
@@ -61,8 +63,10 @@ import contextvars
 import json
 import logging
 import os
+import struct
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -363,7 +367,7 @@ class AuditSink:
                  backoff_s: float = 0.1, max_backoff_s: float = 2.0,
                  sleep: Callable[[float], None] = time.sleep, outbox: "AuditOutbox | None" = None,
                  spool_after: int = 2, max_spool_backoff_s: float = 5.0,
-                 max_outbox: int = MAX_OUTBOX_RECORDS) -> None:
+                 max_outbox: int = MAX_OUTBOX_RECORDS, reserve: "AuditReserve | None" = None) -> None:
         if max_batch < 1 or max_queue < 1 or max_attempts < 1:
             raise ValueError("max_batch, max_queue, max_attempts: must be >= 1")
         if not max_delay_s >= 0 or not backoff_s >= 0:
@@ -421,6 +425,17 @@ class AuditSink:
         self.sent = 0
         self.dropped = 0
         self._closed = False
+        # Records held in memory are also written into a file pre-allocated at start
+        # (``AuditReserve``), so a process killed while it holds them loses none: the next
+        # start puts them first in the queue (session 25).
+        self._reserve = reserve
+        if reserve is not None:
+            replayed = reserve.replay()
+            if replayed:
+                self._items.extend(replayed)
+                self._accepted += len(replayed)
+                log.warning("%d audit records held by an earlier run of %s (kept in %s) queued again",
+                            len(replayed), component, reserve.path)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"audit-sink-{component}", daemon=True)
         self._thread.start()
@@ -491,6 +506,8 @@ class AuditSink:
             self._transport.close()
         except Exception:  # noqa: BLE001
             log.exception("closing the audit transport failed")
+        if self._reserve is not None and not self._thread.is_alive():
+            self._reserve.close()
         if self._outbox is not None:
             if self._outbox.pending():
                 log.warning("%d audit records stay in the disk outbox until the next start",
@@ -554,6 +571,7 @@ class AuditSink:
                         self._keep(held)
                     elif self._hold_rounds:
                         self._release()
+                    self._unreserve(batch, held)
                     self._finish(len(batch) - len(held))
             if self._outbox is not None and not self._stop.is_set():
                 self._drain_outbox_safely()
@@ -566,7 +584,10 @@ class AuditSink:
             return False
         if self._outbox is not None and self._outbox.pending():
             wait = min(wait, max(0.0, self._next_drain - time.monotonic()))
-        self._closing.wait(min(wait, 1.0))
+        # With a reserve file, records arriving behind the held ones are written into it
+        # at least every max_delay_s (the loss window of normal operation).
+        self._closing.wait(min(wait, 1.0, max(self._max_delay, 0.01)) if self._reserve is not None else min(wait, 1.0))
+        self._reserve_queued()
         if self._outbox is not None and not self._stop.is_set():
             self._drain_outbox_safely()
         return True
@@ -585,6 +606,7 @@ class AuditSink:
         with self._lock:
             self._items.extendleft(reversed(held))
             queued = len(self._items)
+        self._reserve_queued()
         self._hold_rounds += 1
         self._retry_at = time.monotonic() + min(self._max_spool_backoff,
                                                 self._backoff * (2 ** min(self._hold_rounds, 16)))
@@ -598,6 +620,44 @@ class AuditSink:
         log.info("audit records kept in memory are delivered again (after %d retries)", self._hold_rounds)
         self._hold_rounds = 0
         HELD.labels(self.component).set(0)
+
+    def _reserve_queued(self) -> None:
+        """Write the queued records the reserve file does not hold yet into it (the held
+        records are the head of the queue, those that arrived behind them its tail: the
+        ones not in the file are a tail, found from the end)."""
+        reserve = self._reserve
+        if reserve is None or reserve.full:
+            return
+        with self._lock:
+            new: list[AuditRecord] = []
+            for record in reversed(self._items):
+                if reserve.holds(record.record_id):
+                    break
+                new.append(record)
+        if new:
+            new.reverse()
+            reserve.write(new)
+
+    def _unreserve(self, batch: list[AuditRecord], held: list[AuditRecord]) -> None:
+        """The records of a round that are no longer in memory (delivered, spooled or
+        dropped) leave the reserve file's count; once none is left it is emptied."""
+        reserve = self._reserve
+        if reserve is None or not reserve.count:
+            return
+        kept = {r.record_id for r in held} if held else ()
+        reserve.forget([r.record_id for r in batch if r.record_id not in kept])
+
+    def _drop_unreserved(self, batch: list[AuditRecord], reason: str) -> None:
+        """Count as dropped the records of ``batch`` the reserve file does not hold; those
+        it holds stay there for the next start (closing with a full disk)."""
+        reserve = self._reserve
+        kept = [r for r in batch if reserve is not None and reserve.holds(r.record_id)]
+        if kept:
+            log.warning("%d audit records stay in the reserve file %s until the next start", len(kept),
+                        reserve.path)
+            reserve.keep_at_close([r.record_id for r in kept])
+        if len(batch) > len(kept):
+            self._drop(len(batch) - len(kept), reason)
 
     def _drain_outbox_safely(self) -> None:
         """``_drain_outbox``; a failing outbox (its disk full: the delete after a delivery,
@@ -624,9 +684,9 @@ class AuditSink:
         try:
             self._outbox.put(batch)
         except Exception as exc:  # noqa: BLE001 - the disk failed too: kept in memory
-            if self._closed:   # no more retries: counted as dropped
-                log.exception("audit outbox write failed while closing: %d records dropped", len(batch))
-                self._drop(len(batch), "outbox_failed")
+            if self._closed:   # no more retries: counted as dropped (unless in the reserve file)
+                log.exception("audit outbox write failed while closing: %d records not spooled", len(batch))
+                self._drop_unreserved(batch, "outbox_failed")
             else:
                 self._hold(batch, exc, "the disk outbox failed")
             return
@@ -765,9 +825,12 @@ class AuditSink:
                     self._hold(batch, exc, "the audit log")
                     return
                 if attempt == self._max_attempts - 1 or (self._closed and attempt >= 1):
-                    log.error("audit batch of %d dropped after %d attempts: %s", len(batch),
+                    log.error("audit batch of %d not delivered after %d attempts: %s", len(batch),
                               attempt + 1, _describe(exc))
-                    self._drop(len(batch), "send_failed")
+                    if self._closed:
+                        self._drop_unreserved(batch, "send_failed")
+                    else:
+                        self._drop(len(batch), "send_failed")
                     return
                 self._sleep(min(self._max_backoff, self._backoff * (2 ** attempt)))
             else:
@@ -889,11 +952,26 @@ def record(event_type: str, resource: str = "", outcome: str = SUCCESS,
 
 
 def sink_for_service(component: str, privacy_addr: str, timeout_s: float = 5.0,
-                     outbox_dir: str | Path | None = None) -> AuditSink:
+                     outbox_dir: str | Path | None = None, reserve_bytes: int = 0) -> AuditSink:
     """The standard sink of a service or the gateway: batched AppendAudit to privacy,
-    with a disk outbox under ``outbox_dir`` (``audit-outbox-<component>.db``) when given."""
+    with a disk outbox under ``outbox_dir`` (``audit-outbox-<component>.db``) when given,
+    and there a reserve file of ``reserve_bytes`` for held records (0: none)."""
     outbox = AuditOutbox(Path(outbox_dir) / f"audit-outbox-{component}.db") if outbox_dir else None
-    return AuditSink(GrpcAuditTransport(privacy_addr, component, timeout_s), component=component, outbox=outbox)
+    return AuditSink(GrpcAuditTransport(privacy_addr, component, timeout_s), component=component, outbox=outbox,
+                     reserve=reserve_for(outbox_dir, component, reserve_bytes))
+
+
+def reserve_for(data_dir: str | Path | None, component: str, size_bytes: int) -> AuditReserve | None:
+    """The reserve file of ``component`` in ``data_dir`` (``audit-reserve-<component>.bin``),
+    or None when there is no data directory or ``size_bytes`` is 0 — unless an earlier run
+    left the file: its records are still replayed (a reserve turned off after a crash must
+    not lose what the file holds), and it is used at the size it has."""
+    if not data_dir:
+        return None
+    path = Path(data_dir) / f"audit-reserve-{component}.bin"
+    if size_bytes <= 0 and not path.exists():
+        return None
+    return AuditReserve(path, max(0, size_bytes))
 
 
 class AuditOutbox:
@@ -967,6 +1045,168 @@ class AuditOutbox:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+class AuditReserve:
+    """A file of fixed size, allocated when the process starts (``posix_fallocate``), that
+    the records an ``AuditSink`` holds in memory are written into (session 25).
+
+    A sink holds records when neither the audit log nor its disk outbox takes them — a
+    full disk under both (docs/privacy.md, "The client") — and a process killed then
+    (SIGKILL, OOM, a node lost) lost them all. The file's blocks are allocated at start,
+    so writing into them needs no free space later (on ext4 or XFS; a copy-on-write
+    filesystem, btrfs or ZFS, needs new space for a block written again): records are appended (length, the
+    file's generation, CRC-32, JSON) and fdatasync'ed; once the last of them is delivered,
+    spooled or dropped the entries are overwritten with zeroes and the generation is
+    bumped (an entry of an older generation never replays). The next start reads the
+    entries of the current generation whose CRC holds, in order, and the sink queues them
+    first: the log appends a ``record_id`` once, so a record delivered before the kill but
+    still in the file is not appended twice.
+
+    A record that does not fit (``size`` bytes: ~400 bytes a record) stays in memory only,
+    as before (logged once per hold). One file per process: replicas each have their own
+    data directory, as for the outbox."""
+
+    MAGIC = b"HRTHRSV1"
+    HEADER = struct.Struct("<8sQ")    # magic, generation
+    ENTRY = struct.Struct("<IQI")     # payload length, generation, CRC-32 of the payload
+
+    def __init__(self, path: str | Path, size_bytes: int) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._lock = threading.Lock()
+        size = os.fstat(self._fd).st_size
+        if size < size_bytes:
+            try:
+                os.posix_fallocate(self._fd, 0, size_bytes)
+            except OSError as exc:   # a full disk at start: the file stays as it is
+                log.error("audit reserve file %s could not be allocated (%s): %d bytes of %d; records held "
+                          "in memory beyond it are lost if the process is killed", self.path, exc,
+                          os.fstat(self._fd).st_size, size_bytes)
+        self.capacity = os.fstat(self._fd).st_size
+        header = os.pread(self._fd, self.HEADER.size, 0)
+        magic, generation = self.HEADER.unpack(header) if len(header) == self.HEADER.size else (b"", 0)
+        self._generation = generation if magic == self.MAGIC else 0
+        if magic != self.MAGIC and self.capacity >= self.HEADER.size:
+            self._write_header()
+        self._offset = self.HEADER.size
+        self._ids: set[str] = set()
+        self._pinned: set[str] = set()
+        # Set when a record did not fit; cleared when the file is emptied. The sink then
+        # stops offering it records (each offer scans the queue's unwritten tail).
+        self.full = False
+        # Set by a write that failed, cleared by one that succeeds: the failure is logged
+        # once a run. On a copy-on-write filesystem (btrfs, ZFS) a block written before
+        # needs new space when written again, so on a full disk every write fails, and the
+        # sink offers the file new records every max_delay_s while it holds them (review25).
+        self._write_failed = False
+
+    @property
+    def count(self) -> int:
+        return len(self._ids)
+
+    def holds(self, record_id: str) -> bool:
+        return record_id in self._ids
+
+    def _write_header(self, generation: int | None = None) -> None:
+        os.pwrite(self._fd, self.HEADER.pack(self.MAGIC, self._generation if generation is None else generation), 0)
+        os.fdatasync(self._fd)
+
+    def replay(self) -> list[AuditRecord]:
+        """The records an earlier run left in the file, in the order written (they stay
+        in it, counted, until ``forget``)."""
+        records: list[AuditRecord] = []
+        offset = self.HEADER.size
+        with self._lock:
+            while offset + self.ENTRY.size <= self.capacity:
+                length, generation, crc = self.ENTRY.unpack(os.pread(self._fd, self.ENTRY.size, offset))
+                if length == 0 or generation != self._generation or offset + self.ENTRY.size + length > self.capacity:
+                    break
+                payload = os.pread(self._fd, length, offset + self.ENTRY.size)
+                if zlib.crc32(payload) != crc:
+                    break   # torn by the kill: nothing after it was acknowledged as written
+                try:
+                    record = AuditRecord(**json.loads(payload))
+                except (TypeError, ValueError):
+                    break
+                records.append(record)
+                self._ids.add(record.record_id)
+                offset += self.ENTRY.size + length
+            self._offset = offset
+        return records
+
+    def write(self, records: Sequence[AuditRecord]) -> int:
+        """Append ``records`` (those not in the file yet) and sync; returns how many were
+        written (fewer when the file is full)."""
+        chunks, ids = [], []
+        with self._lock:
+            offset = self._offset
+            for record in records:
+                if record.record_id in self._ids:
+                    continue
+                payload = json.dumps(_record_dict(record), separators=(",", ":")).encode()
+                entry = self.ENTRY.pack(len(payload), self._generation, zlib.crc32(payload)) + payload
+                if offset + len(entry) + self.ENTRY.size > self.capacity:   # room for the end mark
+                    if not self.full:
+                        self.full = True
+                        log.error("audit reserve file %s full (%d records): records held in memory beyond it "
+                                  "are lost if the process is killed", self.path, len(self._ids) + len(ids))
+                    break
+                chunks.append(entry)
+                ids.append(record.record_id)
+                offset += len(entry)
+            if not chunks:
+                return 0
+            data = b"".join(chunks)
+            try:
+                # The end mark: a zero length after the last entry (the space was zeroes
+                # when allocated, but an earlier generation may have left entries there).
+                os.pwrite(self._fd, data + b"\0" * self.ENTRY.size, self._offset)
+                os.fdatasync(self._fd)
+            except OSError as exc:
+                if not self._write_failed:
+                    self._write_failed = True
+                    log.error("audit reserve file %s could not be written (%s): records held in memory beyond "
+                              "it are lost if the process is killed (logged once until a write succeeds)",
+                              self.path, exc)
+                return 0
+            self._write_failed = False
+            self._offset = offset
+            self._ids.update(ids)
+            return len(ids)
+
+    def forget(self, record_ids: Sequence[str]) -> None:
+        """These records are no longer only in memory; once none is left, empty the file."""
+        with self._lock:
+            for record_id in record_ids:
+                if record_id not in self._pinned:
+                    self._ids.discard(record_id)
+            if self._ids or self._offset == self.HEADER.size:
+                return
+            try:
+                # Zeroes over the entries (their resources name households: nothing of
+                # them lingers once delivered, as in the outbox), then the new generation
+                # (taken only once written: entries appended later carry the file's own).
+                os.pwrite(self._fd, bytes(self._offset - self.HEADER.size), self.HEADER.size)
+                self._write_header(self._generation + 1)
+            except OSError as exc:   # the old entries stay; replayed, they are appended once
+                log.error("audit reserve file %s could not be emptied (%s)", self.path, exc)
+                return
+            self._generation += 1
+            self._offset = self.HEADER.size
+            self.full = False
+
+    def keep_at_close(self, record_ids: Sequence[str]) -> None:
+        """Records the closing sink leaves in the file for the next start: never forgotten."""
+        with self._lock:
+            self._pinned.update(record_ids)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
 
 def _record_dict(record: AuditRecord) -> dict[str, Any]:

@@ -161,6 +161,10 @@ class MeshSettings(HearthSettings):
     # server.build_server. Responses (exports) stay at 64 MiB.
     grpc_max_message_bytes: Annotated[int, bounded(ge=1024 * 1024, le=1024 * 1024 * 1024,
                                                    message="must be bytes in [1 MiB, 1 GiB]")] = 16 * 1024 * 1024
+    # The audit sink's reserve file in the data directory (audit.AuditReserve): allocated at
+    # start, it keeps the records held in memory while neither the audit log nor the disk
+    # outbox takes them (a full disk) across a kill. ~400 bytes a record; 0: none.
+    audit_reserve_mb: Annotated[float, bounded(ge=0, le=1024, message="must be MiB in [0, 1024] (0 = none)")] = 4.0
 
     @field_validator("service_token_key")
     @classmethod
@@ -201,6 +205,36 @@ def settings_from(environ: Mapping[str, str], settings_cls: type[BaseSettings] =
     if unknown:
         raise ConfigError(f"invalid configuration:\n  {unknown[0]}: not a Hearth setting")
     return _build(settings_cls, {name[len(ENV_PREFIX):].lower(): value for name, value in environ.items()})
+
+
+# Group and others lose every permission on what a Hearth process creates: the SQLite
+# files and their WALs (viewing histories), the audit outboxes, the development keys,
+# the data dir itself (attack25: they were 0644 / 0755 under the usual umask 022, so any
+# local user of a machine running `make run` read them; the backups were already 0600).
+PRIVATE_UMASK = 0o077
+
+
+def keep_files_private() -> None:
+    """From now on this process creates files and directories for its owner only (the
+    current umask plus 077). Called first by each process's bootstrap, before anything
+    is written."""
+    os.umask(os.umask(PRIVATE_UMASK) | PRIVATE_UMASK)
+
+
+def warn_if_shared(data_dir: Path) -> None:
+    """Log a warning when the data dir (made by someone else, or before attack25) lets
+    group or others in: the umask covers new files only, and the operator may mean it (a
+    backup agent in the group), so it is said, not changed."""
+    import logging
+
+    try:
+        mode = data_dir.stat().st_mode & 0o777
+    except OSError:
+        return
+    if mode & 0o077:
+        logging.getLogger("hearth.config").warning(
+            "HEARTH_DATA_DIR %s is open to group or others (mode %s) and holds personal data and keys: "
+            "chmod 700 it (files made before session 25 may be 0644: chmod -R go= it)", data_dir, oct(mode))
 
 
 def configure_process(settings: MeshSettings, component: str | None = None) -> None:

@@ -27,6 +27,7 @@ shows only the failing checks' names (gateway/clients.py).
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +41,7 @@ from prometheus_client import Gauge
 
 log = logging.getLogger("hearth.health")
 REASON_KEY = "hearth-health-reason"
+MAX_REASON_CHARS = 1000   # per check, in the trailing metadata (_metadata_text)
 FAILING_KEY = "hearth-health-failing"   # the failing checks' names only: safe to show anyone
 # The health service name kubelet's liveness and startup probes ask (the chart's
 # ``grpc: {port, service: liveness}``): SERVING from the moment the server listens until
@@ -110,6 +112,20 @@ def run_checks(items: list[Check]) -> tuple[bool, list[str]]:
     return _publish([(check, _probe_reason(check)) for check in items])
 
 
+def _metadata_text(text: str) -> str:
+    """``text`` as a legal gRPC metadata value: printable ASCII on one line. A reason is
+    driver text — PostgreSQL's DiskFull has a second line ("HINT:  Check free disk
+    space."), a path or a peer's message may be non-ASCII — and one illegal character
+    made every Check fail (DEADLINE_EXCEEDED at the caller: the gateway and the peers saw
+    the service unreachable, a kubelet probe would fail) while the check failed (session
+    25's full PostgreSQL volume, tests/integration/test_health_reasons.py). At most
+    ``MAX_REASON_CHARS`` each: the receiving side refuses metadata at random above 8 KiB,
+    always above 16 KiB (a service has at most six checks: ~6 KB)
+    (RESOURCE_EXHAUSTED), so one long driver message would fail every Check the same way."""
+    text = " ".join(re.sub(r"[^\x20-\x7e]", "?", part) for part in text.split())
+    return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS - 3] + "..."
+
+
 class ReportingHealthServicer(health.HealthServicer):
     """The standard health service, plus the reasons as trailing metadata."""
 
@@ -119,6 +135,7 @@ class ReportingHealthServicer(health.HealthServicer):
 
     def set_reasons(self, reasons: list[str]) -> None:
         """``reasons`` as ``run_checks`` gives them: "<check name>: <why>" each."""
+        reasons = [_metadata_text(r) for r in reasons]
         self._trailing = (((REASON_KEY, "; ".join(reasons)),
                            (FAILING_KEY, "; ".join(r.split(": ", 1)[0] for r in reasons))) if reasons else ())
 

@@ -69,6 +69,93 @@ def _bounded_reflection(handler: grpc.RpcMethodHandler, slots: threading.Bounded
                                                  response_serializer=handler.response_serializer)
 
 
+# Request streams (IngestEvents, AssignSessions) are bounded per caller the same way: a
+# stream whose client has not finished sending holds one of the service's worker threads
+# while it waits for the next message, whether the client sends nothing or a message now
+# and then. At most STREAMS_PER_CALLER request streams of one principal that wait idle —
+# now for longer than STREAM_GRACE_S, or, older than that, for most of their life — may be
+# open at once in a process; the newer ones are cancelled. A long busy stream does not
+# count, however much its short waits add up to. Until attack25 forty silent IngestEvents streams of one
+# service-role principal (an ingest pipeline's API key, through the Envoy edge) held every
+# clustering worker: every read timed out until the connections aged out (5 min). Time
+# spent working on a message does not count, so short streams stay out: the gateway's
+# POST /v1/events is a one-message stream that waits only while its bytes arrive, however
+# long its 10,000 events take to validate.
+STREAMS_PER_CALLER = 4
+STREAM_GRACE_S = 1.0
+
+
+class _OpenStreams:
+    """Open request streams: for whom, how long each has waited for its messages, and
+    since when it waits now; a watcher thread (started on first use, asleep while none is
+    open) cancels each caller's newest streams over the bound among those waiting idle
+    (now for longer than the grace, or for most of a life longer than it)."""
+
+    def __init__(self, per_caller: int = STREAMS_PER_CALLER, grace_s: float = STREAM_GRACE_S) -> None:
+        self._per_caller, self._grace_s = per_caller, grace_s
+        self._lock = threading.Lock()
+        # key -> [caller, opened at, seconds waited before the current wait, current wait's start or None, context]
+        self._open: dict[object, list] = {}
+        self._some_open = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def messages(self, caller: str, request_iterator: Iterator, context: grpc.ServicerContext) -> Iterator:
+        key = object()
+        now = time.monotonic()
+        stream = [caller, now, 0.0, None, context]
+        with self._lock:
+            self._open[key] = stream
+            if self._watcher is None:
+                self._watcher = threading.Thread(target=self._watch, name="open-streams", daemon=True)
+                self._watcher.start()
+        self._some_open.set()
+        try:
+            while True:
+                stream[3] = time.monotonic()
+                try:
+                    message = next(request_iterator)
+                except StopIteration:
+                    return
+                finally:
+                    stream[2] += time.monotonic() - stream[3]
+                    stream[3] = None
+                yield message
+        finally:   # the client closed its side, the call ended, or the handler stopped reading
+            with self._lock:
+                self._open.pop(key, None)
+
+    def _watch(self) -> None:
+        while True:
+            self._some_open.wait()
+            time.sleep(self._grace_s / 2)
+            over: list[tuple[str, grpc.ServicerContext]] = []
+            with self._lock:
+                if not self._open:
+                    self._some_open.clear()
+                    continue
+                waited_long: dict[str, list[tuple[float, grpc.ServicerContext]]] = {}
+                now = time.monotonic()
+                for caller, opened, waited, waiting_since, context in self._open.values():
+                    # Holding a worker idle: waiting now for longer than the grace (silent),
+                    # or past the grace for most of its life (a message now and then). Not
+                    # the wait summed over its life alone: a long stream busy 3/4 of the time
+                    # passed the grace after 4 s and counted as idle (review25).
+                    waiting = now - waiting_since if waiting_since is not None else 0.0
+                    if waiting > self._grace_s or (now - opened > self._grace_s
+                                                   and waited + waiting > (now - opened) / 2):
+                        waited_long.setdefault(caller, []).append((opened, context))
+                for caller, streams in waited_long.items():
+                    if len(streams) > self._per_caller:
+                        streams.sort(key=lambda stream: stream[0])
+                        over += [(caller, context) for _, context in streams[self._per_caller:]]
+            for _, context in over:
+                context.cancel()
+            for caller in {caller for caller, _ in over}:
+                log.warning("cancelled %d request streams of %s (at most %d a caller that have waited "
+                            "%.0f s for their messages)", sum(1 for c, _ in over if c == caller),
+                            telemetry.pseudonym(caller, cache=True), self._per_caller, self._grace_s)
+
+
 class _Undecodable:
     """What a request that is not a valid message of its type deserialises to, so that
     the interceptor can answer INVALID_ARGUMENT (after authentication). grpcio itself
@@ -291,6 +378,7 @@ class HearthInterceptor(grpc.ServerInterceptor):
         # most of what it wraps.
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
         self._reflection_slots = threading.BoundedSemaphore(REFLECTION_STREAMS)
+        self._open_streams = _OpenStreams()
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -315,6 +403,7 @@ class HearthInterceptor(grpc.ServerInterceptor):
     def _wrap_method(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         short = method.rsplit("/", 1)[-1]
         service, tracer, drain = self._service, self._tracer, self._drain
+        open_streams = self._open_streams if handler.stream_unary or handler.stream_stream else None
         # The method's metric series, resolved once (``labels()`` takes a lock and
         # builds a key per call); per status code on first use.
         duration = telemetry.RPC_DURATION.labels(service, short)
@@ -402,7 +491,10 @@ class HearthInterceptor(grpc.ServerInterceptor):
                 if job_id and isinstance(job_id, str):
                     # Erase calls of a deletion job (and any job-driven RPC) are findable by job.
                     span.set_attribute("hearth.job_id", job_id)
-                result = fn(_refuse_undecodable(request), context)
+                request = _refuse_undecodable(request)
+                if open_streams is not None:
+                    request = open_streams.messages(principal.id, request, context)
+                result = fn(request, context)
             except BaseException as exc:  # noqa: BLE001 - every failure must get a status
                 if type(request) is _Unread:
                     request = None   # never read: audited without a resource
@@ -703,6 +795,7 @@ def run_service(name: str, build: Callable, settings_cls: type | None = None) ->
     ``[(add_servicer_fn, servicer, full_service_name)], [closers]``), then serve()."""
     from services.common import config
 
+    config.keep_files_private()
     settings = config.load(settings_cls or config.service_settings_class(name), service_name=name)
     # Service tokens, mutual TLS, channel options and log pseudonyms from these settings:
     # nothing else in the process reads the environment.
@@ -711,6 +804,7 @@ def run_service(name: str, build: Callable, settings_cls: type | None = None) ->
     # development keys, a worker resuming jobs) is JSON too. serve() finds it done.
     telemetry.setup_telemetry(name, settings.trace_export, settings.log_level,
                               settings.resolved_metrics_port, settings.host)
+    config.warn_if_shared(settings.data_dir)
     servicers, closers = build(settings)
     for peer in ("clustering", "attribution", "privacy", "feedback"):
         if peer != name:
@@ -719,7 +813,8 @@ def run_service(name: str, build: Callable, settings_cls: type | None = None) ->
         # Every service audits through privacy's AppendAudit (the privacy service
         # installs its local, durable sink in build()). Flushed after the server stops.
         sink = audit.sink_for_service(name, settings.privacy_addr, settings.peer_timeout_s,
-                                      outbox_dir=settings.data_dir)
+                                      outbox_dir=settings.data_dir,
+                                      reserve_bytes=int(settings.audit_reserve_mb * 2**20))
         audit.install(sink)
         closers = [sink.close, *closers]
 

@@ -158,7 +158,7 @@ def generate(directory: Path, components: tuple[str, ...] = COMPONENTS) -> dict[
     during a rotation, a key added by hand). Until session 21 ``generate DIR privacy`` on a
     folder holding all five keys rewrote the keyset with privacy's entry alone, and a
     ConfigMap built from it would have locked the other four components out."""
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)   # private keys: the owner's only
     keyset = directory / "public-keys.json"
     paths: dict[str, Path] = {}
     entries = []

@@ -54,6 +54,18 @@ CREATE TABLE IF NOT EXISTS data_keys (
     Migration(4, "deletion job trace context", """
 ALTER TABLE deletion_jobs ADD COLUMN trace_context TEXT NOT NULL DEFAULT ''
 """),
+    # deletion_clocks: each deletion worker's last measurement of its clock against the
+    # database server's (PostgreSQL; DeletionCoordinator.clock_disagrees): ``offset_s`` its
+    # clock minus the server's, ``measured_at`` the server's time then. A worker off the
+    # server's clock still takes leases when every live worker is off by the same amount
+    # (the server's clock is the odd one out). No personal data.
+    Migration(5, "deletion worker clocks", """
+CREATE TABLE IF NOT EXISTS deletion_clocks (
+    worker TEXT PRIMARY KEY,
+    offset_s {double} NOT NULL,
+    measured_at {double} NOT NULL
+)
+"""),
 ]
 
 

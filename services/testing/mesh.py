@@ -214,7 +214,7 @@ class Mesh:
         self._spawn(name, f"services.{name}", env)
 
     def start(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)   # personal data and keys
         for name in SERVICE_MODULES:
             self.start_service(name)
         self._spawn("gateway", "gateway", {**self.env(), "HEARTH_METRICS_PORT": str(self.gateway_metrics_port)})
@@ -270,7 +270,7 @@ def running_mesh(base: Path, keys: dict[str, str] | None = None, timeout_s: floa
     API key per ``{principal: role}`` (``mesh.keys[principal]``; the first one also as
     ``mesh.api_key``), healthy before it is yielded and stopped afterwards."""
     mesh = Mesh.on_free_ports(base / "var", log_dir=base / "logs", **mesh_kwargs)
-    mesh.data_dir.mkdir(parents=True, exist_ok=True)
+    mesh.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     mesh.keys = {principal: write_api_key(mesh.data_dir / "gateway-keys.json", principal, role)
                  for principal, role in (keys or {"e2e-admin": "admin"}).items()}
     mesh.api_key = next(iter(mesh.keys.values()))

@@ -80,7 +80,7 @@ class PostgresServer:
                               *([] if self.durable else ["--no-sync"])],
                              capture_output=True, text=True, cwd=self.base, **postgres_user())
         if run.returncode != 0:   # e.g. as root: a parent directory the postgres user cannot enter
-            raise RuntimeError(f"initdb failed in {self.data}: {run.stderr.strip()[-1000:]}")
+            raise RuntimeError(f"initdb failed in {self.data_dir}: {run.stderr.strip()[-1000:]}")
         return self
 
     def start(self, timeout_s: float = 90.0) -> "PostgresServer":

@@ -21,6 +21,7 @@ import httpx
 import numpy as np
 import pytest
 
+from bench._common import process_cpu_s
 from bench.verify import household_events
 from services.testing.mesh import Mesh, write_api_key
 
@@ -73,16 +74,23 @@ def test_overload_gets_fast_503s_and_goodput_stays_near_capacity(tmp_path):
         # drifts, so each overload round is compared with the capacity measured just
         # before it, and the medians are what is asserted).
         capacities, goodputs, refused, served, statuses = [], [], [], [], set()
+        per_cpu_closed, per_cpu_over = [], []   # assigns served per clustering CPU-second
+        clustering = mesh.processes["clustering"].pid
         duration = 4.0
         for round_ in range(3):
             # Capacity: closed loop with one worker per slot (never refused).
+            cpu0 = process_cpu_s(clustering)
             closed = _load(tmp_path, f"capacity-{round_}", {**spec, "mode": "closed", "concurrency": SLOTS,
                                                              "duration_s": 3.0, "seed": round_})
+            per_cpu_closed.append(len(closed["status"]) / max(process_cpu_s(clustering) - cpu0, 0.01))
             assert set(closed["status"]) == {"200"}, set(closed["status"])
             capacities.append(len(closed["status"]) / 3.0)
             # Three times that, open loop.
+            cpu0 = process_cpu_s(clustering)
             over = _load(tmp_path, f"overload-{round_}", {**spec, "mode": "open", "rate": max(30.0, 3 * capacities[-1]),
                                                            "duration_s": duration, "seed": 10 + round_})
+            per_cpu_over.append(float((np.array(over["status"]) == "200").sum())
+                                / max(process_cpu_s(clustering) - cpu0, 0.01))
             # The gateway's answer time runs from the actual send: on a busy machine the
             # generator itself falls behind its schedule (seen: 3.6 s), which is its lag, not
             # the gateway's (the schedule-based latency, bench/loadgen.py, includes it).
@@ -95,9 +103,11 @@ def test_overload_gets_fast_503s_and_goodput_stays_near_capacity(tmp_path):
         # two lists apart compare rounds minutes apart (a fresh-clone run beside other jobs,
         # load 8-10: capacities 396/373/217, goodputs 350/178/149 — per round 0.88/0.48/0.68).
         ratio = float(np.median(np.array(goodputs) / np.array(capacities)))
+        cpu_ratio = float(np.median(np.array(per_cpu_over) / np.array(per_cpu_closed)))
         refused, served = np.array(refused), np.array(served)
         print(f"admission e2e: capacity {capacities} goodput {goodputs} refused {len(refused)} of "
-              f"{len(refused) + len(served)}, refusal p50 {np.median(refused):.1f} ms p99 {np.percentile(refused, 99):.1f} ms")
+              f"{len(refused) + len(served)}, refusal p50 {np.median(refused):.1f} ms p99 {np.percentile(refused, 99):.1f} ms; "
+              f"served per clustering CPU-s closed {per_cpu_closed} overloaded {per_cpu_over}")
         # Every request is either served or refused: no timeouts, no 5xx of another kind.
         assert statuses <= {"200", "503"}, statuses
         assert len(refused) > 0.3 * (len(refused) + len(served))
@@ -107,8 +117,15 @@ def test_overload_gets_fast_503s_and_goodput_stays_near_capacity(tmp_path):
         assert np.median(refused) < 1000, np.percentile(refused, [50, 99])
         assert np.percentile(served, 99) < 5000, np.percentile(served, [50, 99])
         # Goodput stays near capacity: the admitted requests are served at about the rate
-        # measured closed loop (without the limit it fell to 10-25 % of it: docs/benchmarks.md).
-        assert ratio >= 0.5, (goodputs, capacities)
+        # measured closed loop (without the limit it fell to 10-25 % of it: docs/benchmarks.md),
+        # and clustering spends its CPU on requests that are served, not on ones whose callers
+        # gave up. The wall-clock ratio depends on the CPU the machine leaves the mesh: three
+        # times the offered rate means the generator and the gateway's refusals take CPU the
+        # closed loop left to clustering, so with other work on two cores (a fresh-clone run at
+        # load ~12: per round 0.40 / 0.47 / 1.35) it falls below a half with no collapse at all.
+        # Per clustering CPU-second the comparison does not depend on what else runs.
+        assert cpu_ratio >= 0.6, (per_cpu_over, per_cpu_closed)
+        assert ratio >= 0.3, (goodputs, capacities)
 
         metrics = httpx.get(f"http://127.0.0.1:{mesh.gateway_metrics_port}/metrics").text
         rejected = sum(float(line.split()[-1]) for line in metrics.splitlines()

@@ -113,3 +113,12 @@ def test_export_verifies_offline_with_the_published_key(mesh, client, tmp_path):
     tampered.write_text("\n".join(lines[1:]) + "\n")  # entry 0 removed
     assert cli.main(["audit", "verify", str(tampered), "--public-key", str(public_key)]) == 1
 
+
+
+def test_every_process_allocates_its_audit_reserve_file_at_start(mesh):
+    """Records held on a full disk survive a kill only if each process took its reserve
+    file's blocks while there was room (docs/privacy.md, "The client"; the tests' size)."""
+    for component in ("gateway", "clustering", "attribution", "privacy", "feedback"):
+        path = mesh.data_dir / f"audit-reserve-{component}.bin"
+        assert path.stat().st_size == 256 * 1024, component
+        assert path.stat().st_blocks * 512 >= 256 * 1024, component   # allocated, not sparse

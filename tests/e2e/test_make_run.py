@@ -62,6 +62,22 @@ def test_make_run_serves_the_printed_examples_and_dies_with_its_launcher(tmp_pat
         body = r.json()
         assert body["account_id"] == "acc-1" and body["devices"][0]["device_id"] == "tv-1", r.text
 
+        # A second `make run` on the same data dir (attack25) is refused at once and leaves the
+        # first one's key working: until then it came up beside it on the same files and
+        # replaced the demo key, so the first mesh's printed key answered 401.
+        second = subprocess.Popen([sys.executable, "scripts/run.py", "--data-dir", str(tmp_path / "var"),
+                                   "--free-ports"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True)
+        try:
+            said, _ = second.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            second.send_signal(signal.SIGINT)
+            said, _ = second.communicate(timeout=120)
+            raise AssertionError("a second make run on the same data dir came up:\n" + said) from None
+        assert second.returncode == 1 and "already running" in said and "--data-dir" in said, said
+        r = httpx.get(f"{url}/v1/household/acc-1", headers=headers, timeout=30)
+        assert r.status_code == 200, r.text
+
         run_py += [p for p in descendants(launcher.pid)
                    if "scripts/run.py" in Path(f"/proc/{p}/cmdline").read_bytes().decode()]
         assert len(run_py) == 1

@@ -49,3 +49,19 @@ def log_predictions(mesh, predictions: list[fpb.Prediction]) -> None:
         fpb_grpc.FeedbackServiceStub(channel).RecordPrediction(
             fpb.RecordPredictionRequest(predictions=predictions), metadata=acting_as_service(mesh, "clustering", "feedback"),
             timeout=30)
+
+
+def ingest_heartbeats(mesh, account: str, n: int = 1) -> None:
+    """``n`` heartbeat events of ``account`` on one TV, through the mesh's gateway with its
+    admin key (a household with a data key and sessions, for tests that look at what the
+    mesh stores about it)."""
+    import httpx
+
+    from tests.helpers.waiting import SLOW_MACHINE_S
+
+    events = [{"event_id": f"{account}-e{i}", "account_id": account, "device_id": "tv", "device_type": "tv",
+               "ts": f"2026-11-0{i + 1}T20:00:00Z", "kind": "heartbeat", "title_id": "t", "genres": ["drama"],
+               "duration_s": 300} for i in range(n)]
+    r = httpx.post(mesh.url + "/v1/events", json={"events": events}, headers={"X-API-Key": mesh.api_key},
+                   timeout=SLOW_MACHINE_S)
+    assert r.status_code == 200, r.text

@@ -5,6 +5,8 @@ replicas within the refresh bound."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -127,3 +129,25 @@ def test_two_rotations_at_once_on_two_replicas_leave_every_key_under_the_new_kek
     assert {r.kek_id for r in store.load()} == {"k2"}
     retired = KeyService(store, [K2], "k2")
     assert {acct: retired.data_key(acct)[1] for acct in keys} == keys
+
+
+def test_a_kek_that_opens_the_oldest_keys_starts_though_a_later_key_does_not_open(store):
+    """review25: the start check (attack25) refused any KEK that failed one of the keys it
+    tried, the newest included. A key another KEK under the same id wrapped (a run on a
+    regenerated development file before session 25), or one damaged row, then stopped
+    privacy at its next start with the right KEK too: no KEK could start it (the wrong
+    one fails the oldest keys), so every household lost its key service. The right KEK
+    opens the oldest keys: privacy starts, and says how many tried do not open; a KEK
+    that opens none of the oldest (bytes replaced under the id) is still refused."""
+    from services.common.config import ConfigError
+    from services.privacy.keys.domain import KeyRing
+
+    right, wrong = generate_kek("dev-1"), generate_kek("dev-1")
+    first = KeyService(store, [right], "dev-1")
+    kept = {f"acct-{i}": first.data_key(f"acct-{i}") for i in range(3)}
+    stray = KeyRing([wrong], "dev-1").create_dek("acct-stray", datetime.now(UTC) + timedelta(minutes=1))
+    assert store.insert_new(stray)
+    restarted = KeyService(store, [right], "dev-1")
+    assert {account: restarted.data_key(account) for account in kept} == kept
+    with pytest.raises(ConfigError, match="does not open"):
+        KeyService(store, [wrong], "dev-1")

@@ -339,3 +339,29 @@ def test_a_pass_stuck_outside_the_erase_call_loses_its_job_to_another_worker(sha
     finally:
         hanging.go.set()
         first.close(), second.close()
+
+
+def test_a_worker_waits_its_poll_period_while_a_due_job_is_leased_elsewhere(tmp_path):
+    """review25: the worker loop slept until the earliest due time, at least 5 ms; a job
+    being worked holds a due time in the past (its pass is under way), so every worker
+    that could not claim it — another replica, or this one while its own pass runs — woke
+    every 5 ms and queried the database twice at each wake, for the whole pass (up to
+    HEARTH_DELETION_ERASE_TIMEOUT_S, 60 s, with a peer hanging). It now waits its poll
+    period; a pass that ends wakes its own worker at once."""
+    jobs = _store(tmp_path)
+    key = Ed25519PrivateKey.generate()
+    holder = DeletionCoordinator(jobs, _HeldPeers(), None, key)
+    job_id = holder.request(ErasureScope("acct-leased", "household"),
+                            principal=Principal("officer", Role("admin"))).job.job_id
+    assert jobs.claim(job_id, time.time(), holder.lease_s) is not None   # another replica's pass on it
+    other = DeletionCoordinator(DeletionJobStore(jobs.db), _AnsweringPeers(), None, key, poll_s=1.0)
+    polls = []
+    next_due = other.jobs.next_due
+    other.jobs.next_due = lambda: (polls.append(1), next_due())[1]
+    try:
+        other.start()
+        time.sleep(2.0)
+        assert len(polls) <= 4, f"{len(polls)} polls of the database in 2 s while the only due job was leased"
+    finally:
+        other.close(1.0)
+        holder.close(1.0)

@@ -61,3 +61,52 @@ def test_the_gateways_health_names_the_failing_checks_never_their_addresses(degr
     assert "10.0.3.7:50053 unreachable" in caplog.text   # the operators' copy: the gateway's log
     servicer.set_reasons([])
     assert asyncio.run(ask())[1] == {}
+
+
+def test_a_reason_with_a_newline_or_non_ascii_text_still_answers_the_health_check():
+    """PostgreSQL's DiskFull message carries a second line ("HINT:  Check free disk
+    space."): as the `database writes` reason it made the trailing metadata an illegal
+    header value, so every Check failed (the gateway and the peers saw DEADLINE_EXCEEDED,
+    a kubelet probe would fail) for the 30 s the check stays failing (session 25's full
+    PostgreSQL volume drill). The reason travels on one line of printable ASCII."""
+    servicer = ReportingHealthServicer()
+    servicer.set_reasons(['database writes: writes refused: DiskFull: could not extend file "base/5/16653": '
+                          "No space left on device\nHINT:  Check free disk space. (3 s ago)",
+                          "peer feedback: r\u00e9seau coup\u00e9\u2026\t(UNAVAILABLE)"])
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            answer, call = health_pb2_grpc.HealthStub(channel).Check.with_call(health_pb2.HealthCheckRequest(),
+                                                                               timeout=5)
+    finally:
+        server.stop(0)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    trailing = dict(call.trailing_metadata())
+    assert trailing[REASON_KEY] == ('database writes: writes refused: DiskFull: could not extend file '
+                                    '"base/5/16653": No space left on device HINT: Check free disk space. (3 s ago); '
+                                    "peer feedback: r?seau coup?? (UNAVAILABLE)")
+    assert trailing[FAILING_KEY] == "database writes; peer feedback"
+
+
+def test_a_very_long_reason_is_cut_and_the_health_check_still_answers():
+    """gRPC refuses received metadata over 16 KiB (RESOURCE_EXHAUSTED): a 20,000-character
+    driver message as a reason failed every Check; now each reason is cut at 1,000."""
+    servicer = ReportingHealthServicer()
+    servicer.set_reasons(["database: " + "x" * 20_000, "peer feedback: down"])
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            answer, call = health_pb2_grpc.HealthStub(channel).Check.with_call(health_pb2.HealthCheckRequest(),
+                                                                               timeout=5)
+    finally:
+        server.stop(0)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    trailing = dict(call.trailing_metadata())
+    assert trailing[REASON_KEY] == "database: " + "x" * 987 + "...; peer feedback: down"
+    assert trailing[FAILING_KEY] == "database; peer feedback"

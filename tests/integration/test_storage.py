@@ -17,6 +17,7 @@ from services.common.errors import Conflict, NotFound
 from services.common.storage.sql import Migration, migrate, schema_version
 from services.feedback.store import FeedbackStore, PredictionRecord
 from services.privacy.consent.store import ConsentStore
+from tests.helpers.held_transaction import transaction_held_open
 from tests.helpers.waiting import wait_for
 
 T0 = time.time() - 7 * 86400
@@ -100,52 +101,27 @@ def test_a_household_lock_holds_within_a_service_and_not_across_services(postgre
     clustering = PostgresDatabase(postgres_dsn, f"lockc_{tag}", max_size=2)
     attribution = PostgresDatabase(postgres_dsn, f"locka_{tag}", max_size=2)
     clustering_again = PostgresDatabase(postgres_dsn, f"lockc_{tag}", max_size=2)
-    held, release = threading.Event(), threading.Event()
-
-    def frozen_writer():
-        with clustering.transaction() as tx:
-            tx.lock_household("hh-1")
-            held.set()
-            release.wait(30)
 
     def locker(database, done):
         with database.transaction() as tx:
             tx.lock_household("hh-1")
         done.set()
 
-    writer = threading.Thread(target=frozen_writer)
-    writer.start()
-    try:
-        assert held.wait(10)
-        other_service, same_service = threading.Event(), threading.Event()
+    other_service, same_service = threading.Event(), threading.Event()
+    with transaction_held_open(clustering, lambda tx: tx.lock_household("hh-1")):   # a frozen writer
         threading.Thread(target=locker, args=(attribution, other_service), daemon=True).start()
         threading.Thread(target=locker, args=(clustering_again, same_service), daemon=True).start()
         assert other_service.wait(10), "another service's transaction waited for clustering's household lock"
         assert not same_service.wait(0.5), "the household lock no longer serialises one service's writers"
-    finally:
-        release.set()
-        writer.join(10)
     assert same_service.wait(10)
 
     # A rolling upgrade: a replica older than session 24 locks the household's key alone,
     # exclusively; a newer replica of its service must still wait for it.
-    old_held, old_release, newer = threading.Event(), threading.Event(), threading.Event()
-
-    def older_replica():
-        with clustering.transaction() as tx:
-            tx.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", ("household:hh-1",))
-            old_held.set()
-            old_release.wait(30)
-
-    old = threading.Thread(target=older_replica)
-    old.start()
-    try:
-        assert old_held.wait(10)
+    newer = threading.Event()
+    with transaction_held_open(clustering, lambda tx: tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", ("household:hh-1",))):
         threading.Thread(target=locker, args=(clustering_again, newer), daemon=True).start()
         assert not newer.wait(0.5), "a newer replica's write did not wait for an older replica's lock"
-    finally:
-        old_release.set()
-        old.join(10)
     assert newer.wait(10)
     for database in (clustering, attribution, clustering_again):
         database.close()

@@ -18,6 +18,7 @@ import pytest
 
 from services.common.errors import Unavailable
 from services.common.storage.sql import PostgresDatabase, SqliteDatabase
+from tests.helpers.held_transaction import transaction_held_open
 from tests.helpers.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,29 +105,17 @@ def test_close_waits_for_a_transaction_in_flight_then_refuses_new_ones(tmp_path)
     db = SqliteDatabase(tmp_path / "db.sqlite")
     with db.transaction() as tx:
         tx.execute("CREATE TABLE t (x INTEGER)")
-    inside, release = threading.Event(), threading.Event()
-
-    def slow_writer():
-        with db.transaction() as tx:
-            tx.execute("INSERT INTO t VALUES (1)")
-            inside.set()
-            release.wait(10)
-
-    writer = threading.Thread(target=slow_writer)
-    writer.start()
-    assert inside.wait(10)
     closer = threading.Thread(target=db.close)
-    closer.start()
-    # close() has begun (a fixed 0.2 s sleep let a slow machine ask for the next transaction
-    # before the closer had run, and that one was not refused) ...
-    wait_for(lambda: db._closed, what="close() to begin", interval_s=0.01)
-    time.sleep(0.2)
-    assert closer.is_alive()  # ... and waits for the transaction in flight, not closing under it
-    with pytest.raises(Unavailable):
-        with db.transaction():
-            pass
-    release.set()
-    writer.join(10)
+    with transaction_held_open(db, lambda tx: tx.execute("INSERT INTO t VALUES (1)"), hold_s=10):
+        closer.start()
+        # close() has begun (a fixed 0.2 s sleep let a slow machine ask for the next transaction
+        # before the closer had run, and that one was not refused) ...
+        wait_for(lambda: db._closed, what="close() to begin", interval_s=0.01)
+        time.sleep(0.2)
+        assert closer.is_alive()  # ... and waits for the transaction in flight, not closing under it
+        with pytest.raises(Unavailable):
+            with db.transaction():
+                pass
     closer.join(10)
     assert not closer.is_alive()
     again = SqliteDatabase(tmp_path / "db.sqlite")

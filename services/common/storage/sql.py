@@ -15,7 +15,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -523,6 +523,21 @@ def probe(db: Database) -> str:
     except Exception as exc:  # noqa: BLE001 - any failure is the reason
         return f"{type(exc).__name__}: {exc}"[:200]
     return ""
+
+
+def clock_offset(db: Database, wall: Callable[[], float] = time.time) -> tuple[float, float] | None:
+    """How far this process's wall clock (``wall``) is ahead of the database server's
+    (negative: behind), and the measurement's uncertainty (half the round trip), in
+    seconds. None on SQLite: its "now" is this process's own clock, nothing to compare
+    with (session 25: a privacy replica whose clock disagreed with the others' took
+    their deletion leases; services/privacy/deletion/app.py ``clock_disagrees``)."""
+    if not isinstance(db, PostgresDatabase):
+        return None
+    before = wall()
+    with db.transaction(readonly=True) as tx:
+        server = float(tx.query("SELECT EXTRACT(EPOCH FROM clock_timestamp())")[0][0])
+    after = wall()
+    return (before + after) / 2.0 - server, (after - before) / 2.0
 
 
 PENDING_TABLE = "erasures_awaiting_purge"

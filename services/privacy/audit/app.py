@@ -53,6 +53,7 @@ from services.privacy.keys.signing import (
     load_public_keys,
     private_key_to_pem,
     public_key_to_pem,
+    publish_public_key,
 )
 from services.privacy.audit.suspicious import DetectorThresholds, SecurityEventKind, SuspiciousActivityDetector
 
@@ -107,7 +108,7 @@ def load_signing_key(configured: str = "", key_file: str = "", data_dir: str | P
         f.write(private_key_to_pem(key))
         f.flush()
         os.fsync(f.fileno())
-    (path.parent / DEV_PUBLIC_KEY_NAME).write_text(public_key_to_pem(key.public_key()))
+    publish_public_key(path.parent / DEV_PUBLIC_KEY_NAME, key.public_key())
     log.warning("%s is not set: generated an audit signing key at %s (mode 0600) and its public "
                 "key at %s. Development only: configure the key for production.",
                 KEY_ENV, path, path.parent / DEV_PUBLIC_KEY_NAME)
@@ -243,7 +244,11 @@ def build_audit(settings, db: Database) -> tuple[AuditApp, AuditSink, list]:
     app = AuditApp(db, load_signing_key(settings.audit_signing_key.get_secret_value(),
                                         settings.audit_signing_key_file, settings.data_dir),
                    earlier_public_keys=load_previous_public_keys(settings.audit_previous_public_keys))
-    sink = AuditSink(LocalAuditTransport(app), component=SERVICE)
+    # No outbox (the log is local), but a reserve file: records held while the log's
+    # database refuses writes (its disk full) survive a kill of this process.
+    sink = AuditSink(LocalAuditTransport(app), component=SERVICE,
+                     reserve=audit_client.reserve_for(settings.data_dir, SERVICE,
+                                                      int(settings.audit_reserve_mb * 2**20)))
     audit_client.install(sink)
     if not app.writer.healthy_at_start:
         log.error("the audit log failed its start-up consistency check: call VerifyAudit")

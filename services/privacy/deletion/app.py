@@ -61,6 +61,7 @@ from services.common import audit, erasure, identity, telemetry
 from services.common.erasure import ALL_ACCOUNTS, ErasureScope, ids_digest
 from services.common.errors import AlreadyExists, InvalidArgument, PermissionDenied, Unavailable
 from services.common.failure_log import FailureLog
+from services.common.storage import sql
 from services.privacy.audit.domain import format_ts
 from services.privacy.deletion.domain import (
     DeletionJob, JobState, RetryPolicy, ServiceStatus, build_receipt, confirm_service,
@@ -89,6 +90,21 @@ RETENTION_HELD_BACK = Counter(
 # module docstring; two check periods when longer): after a longer gap the purge catches up
 # a day less one check period per check (hourly: 23 hours), at least a check period.
 RETENTION_MAX_ADVANCE_S = 86400.0
+# A replica whose wall clock disagrees with the database server's (PostgreSQL) by more than
+# a quarter of the lease takes no deletion lease and asks for no retention purge until it
+# agrees again (``clock_disagrees``): leases, due times and purge periods are written and
+# compared on each replica's own clock, so any two replicas must agree well within two
+# thirds of the lease. Until session 25 a replica two hours behind saw every lease of the
+# others as a clock step's and took it, and every due time as due: it and they retried each
+# job at every poll, ignoring the backoff (a job failed after HEARTH_DELETION_MAX_ATTEMPTS
+# in minutes, not days; docs/operations.md, "Clock steps").
+CLOCK_OFFSET = Gauge("hearth_deletion_clock_offset_seconds",
+                     "This privacy replica's wall clock minus the database server's, last measured "
+                     "(NaN: not measured, SQLite)")
+CLOCK_DISAGREES = Gauge("hearth_deletion_clock_disagrees",
+                        "1 while this privacy replica takes no deletion leases and asks for no retention purge "
+                        "because its clock disagrees with the database server's by more than a quarter lease")
+CLOCK_OFFSET.set(float("nan"))
 OLDEST_OPEN_JOB_AGE = Gauge("hearth_deletion_oldest_open_job_age_seconds",
                             "Age of the oldest deletion job not yet completed or failed (0: none)")
 
@@ -190,7 +206,7 @@ class DeletionCoordinator:
                  retention_days: float = 90.0, retention_check_s: float = 0.0,
                  retention_max_advance_s: float = RETENTION_MAX_ADVANCE_S,
                  on_local_erase: Callable[[ErasureScope], Mapping[str, Any] | None] | None = None,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 clock: Callable[[], datetime] | None = None, wall: Callable[[], float] = time.time) -> None:
         self.jobs = jobs
         self.peers = peers
         self.keys = keys
@@ -208,7 +224,20 @@ class DeletionCoordinator:
         self.retention_check_s = retention_check_s
         self.retention_max_advance_s = retention_max_advance_s
         self._on_local_erase = on_local_erase
-        self._clock = clock
+        # ``wall``: this replica's wall clock (epoch seconds) for leases, due times and the
+        # retention period; ``clock``: the same as a datetime for the job's own times.
+        self._wall = wall
+        self._clock = clock or (lambda: datetime.fromtimestamp(wall(), UTC))
+        self.clock_tolerance_s = lease_s / 4.0
+        self._clock_checked_at: float | None = None   # time.monotonic() of the last measurement
+        self._clock_off = False
+        # How far this replica is ahead of the database server's clock while exempted from
+        # the clock check (alone, or with every worker off alike); 0 otherwise. The purge
+        # then goes by the server's clock (maybe_request_retention).
+        self._ahead_of_server_s = 0.0
+        self._server_clock_warned = False
+        self._clock_measured = 0   # measurements stored by this worker
+        self._worker_id = uuid.uuid4().hex   # its row in deletion_clocks
         self._wake = threading.Event()
         self._stop = threading.Event()
         # One traceback per run of identical failed passes (a database outage), not one a poll.
@@ -283,7 +312,7 @@ class DeletionCoordinator:
             oldest = self.jobs.oldest_open_created_at()
         except Exception:  # noqa: BLE001 - a gauge callback has no caller to report to
             return float("nan")
-        return max(0.0, time.time() - oldest) if oldest is not None else 0.0
+        return max(0.0, self._wall() - oldest) if oldest is not None else 0.0
 
     def start(self) -> None:
         OLDEST_OPEN_JOB_AGE.set_function(self.oldest_open_age_s)
@@ -331,9 +360,16 @@ class DeletionCoordinator:
                 self.pass_failures.succeeded()
             timeout = self.poll_s
             try:
-                due = self.jobs.next_due()
-                if due is not None:
-                    timeout = min(timeout, max(0.0, due - time.time()) + 0.005)
+                # A replica taking no jobs for its clock waits its poll period: the due
+                # times, read on its own clock, are not its to act on (one ahead saw every
+                # retry due and woke every 5 ms, review25).
+                due = None if self._clock_off else self.jobs.next_due()
+                # Woken for a due time still ahead; one already past belongs to a job this
+                # round did not claim (leased by another pass, ours included: its end wakes
+                # this loop), so the poll period, not 5 ms: every worker woke every 5 ms
+                # and queried twice for as long as a pass ran (review25).
+                if due is not None and due > self._wall():
+                    timeout = min(timeout, due - self._wall() + 0.005)
             except Exception:  # noqa: BLE001
                 pass
             self._wake.wait(timeout)
@@ -341,8 +377,11 @@ class DeletionCoordinator:
 
     def run_due(self, wait: bool = True) -> int:
         """Claim every due job and advance it (in the worker pool). ``wait``: block until
-        they are done (tests, tools). Returns the number of jobs claimed."""
-        now = time.time()
+        they are done (tests, tools). Returns the number of jobs claimed: none while this
+        replica's clock disagrees with the database's (``clock_disagrees``)."""
+        if self.clock_disagrees():
+            return 0
+        now = self._wall()
         futures = []
         for job_id in self.jobs.due(now, future_bound_s=self.future_bound_s):
             if self._stop.is_set():
@@ -401,6 +440,65 @@ class DeletionCoordinator:
             self._stalled.discard(job_id)
             if lease is not None and lease != _LOST:
                 self.jobs.release(job_id, lease)
+
+    # ---- this replica's clock against the database's ---------------------------------------
+
+    def clock_disagrees(self) -> bool:
+        """Whether this replica's wall clock is off the database server's by more than
+        ``clock_tolerance_s`` (a quarter of the lease) beyond the measurement's uncertainty;
+        measured at most every third of the lease. While it is, the replica takes no lease
+        and asks for no purge (CLOCK_DISAGREES; logged at ERROR once, and again when it
+        agrees). SQLite has no clock of its own (storage.sql.clock_offset): never. A failed
+        measurement keeps the last verdict (a claim would fail the same way). Each
+        measurement is stored (``deletion_clocks``): one off the server's clock still takes
+        jobs while every other live worker is off by about the same (the server's clock is
+        wrong, theirs agree), and so does a worker alone."""
+        checked = self._clock_checked_at
+        if checked is not None and time.monotonic() - checked < self.lease_s / 3.0:
+            return self._clock_off
+        self._clock_checked_at = time.monotonic()
+        try:
+            measured = sql.clock_offset(self.jobs.db, self._wall)
+        except Exception:  # noqa: BLE001 - the database is unreachable: so are its leases
+            return self._clock_off
+        if measured is None:
+            return False
+        offset, uncertainty = measured
+        CLOCK_OFFSET.set(offset)
+        off = abs(offset) - uncertainty > self.clock_tolerance_s
+        try:
+            others = self.jobs.record_clock(self._worker_id, offset, self._wall() - offset, 3.0 * self.lease_s)
+        except Exception:  # noqa: BLE001 - as a failed measurement
+            return self._clock_off
+        self._clock_measured += 1
+        peers_agree = all(abs(o - offset) <= self.clock_tolerance_s + uncertainty for o in others)
+        # Every live worker (or this one alone) off the server's clock by the same amount:
+        # the server's clock is the odd one out, and the workers, which compare leases on
+        # their own clocks, agree: they go on (session 25's drill: PostgreSQL an hour
+        # behind stopped every deletion). Not on a first measurement: a worker started
+        # beside this one may not have stored its own yet, so "no live peer" would let a
+        # worker that is itself off go on; it waits for the next one, without a word.
+        server_off = off and peers_agree
+        self._ahead_of_server_s = 0.0
+        if server_off and self._clock_measured > 1:
+            off = False
+            self._ahead_of_server_s = max(offset, 0.0)
+            if not self._server_clock_warned:
+                log.warning("the database server's clock is %.1f s %s every deletion worker's: they agree with "
+                            "each other and go on taking jobs; set the server's clock right", abs(offset),
+                            "behind" if offset > 0 else "ahead of")
+                self._server_clock_warned = True
+        elif off and not self._clock_off and not server_off:
+            log.error("this replica's clock is %.1f s %s the database server's (more than %.1f s, a quarter of "
+                      "HEARTH_DELETION_LEASE_S) and the other deletion workers': it takes no deletion job and asks "
+                      "for no retention purge until they agree; set the clocks right (NTP)", abs(offset),
+                      "ahead of" if offset > 0 else "behind", self.clock_tolerance_s)
+        elif self._clock_off and not off:
+            log.warning("this replica's clock agrees with the database server's again (%.1f s): it takes deletion "
+                        "jobs again", offset)
+        self._clock_off = off
+        CLOCK_DISAGREES.set(1.0 if off else 0.0)
+        return off
 
     # ---- the lease's heartbeat -----------------------------------------------------------
 
@@ -474,7 +572,7 @@ class DeletionCoordinator:
             held = self._leases.get(job_id)
             if held is None or held == _LOST:
                 return "gone"
-            renewed = self.jobs.renew(job_id, held, time.time(), self.lease_s)
+            renewed = self.jobs.renew(job_id, held, self._wall(), self.lease_s)
             self._leases[job_id] = _LOST if renewed is None else renewed
             return "lost" if renewed is None else "renewed"
 
@@ -545,7 +643,7 @@ class DeletionCoordinator:
         with self._lease_lock:
             claimed = job_id in self._leases
         if not claimed:
-            self.jobs.extend_lease(job_id, time.time(), self.lease_s)
+            self.jobs.extend_lease(job_id, self._wall(), self.lease_s)
             return True
         return self._renew(job_id)
 
@@ -614,7 +712,17 @@ class DeletionCoordinator:
     def maybe_request_retention(self, now: float | None = None) -> StoredJob | None:
         if self.retention_check_s <= 0:
             return None
-        now = time.time() if now is None else now
+        now = self._wall() if now is None else now
+        if int(now // self.retention_check_s) == self._retention_period:
+            return None
+        if self.clock_disagrees():   # asked for again at the next loop once it agrees
+            return None
+        # Exempted from the clock check while ahead of the database server's: the purge goes
+        # by the earlier clock, the server's. A replica alone cannot tell which clock is
+        # wrong, and a purge late by the offset keeps data a while longer, where one by a
+        # clock a year ahead erased a day within the retention at each check, run by the
+        # right replica once back (review25; test_deletion_clock_behind.py).
+        now -= self._ahead_of_server_s
         if int(now // self.retention_check_s) == self._retention_period:
             return None
         scope, request_id = self.retention_scope(now)
@@ -634,9 +742,13 @@ class DeletionCoordinator:
                       "every check; if not, set the clock right", format_ts(datetime.fromtimestamp(now, UTC)),
                       format_ts(datetime.fromtimestamp(scope.end, UTC)), (scope.end - previous) / 86400.0,
                       format_ts(datetime.fromtimestamp(held, UTC)))
-            # One held-back purge a period: another replica asking for this period after
-            # this one's purge was stored computes a day further and gets this one's.
-            scope, request_id = ErasureScope(ALL_ACCOUNTS, "window", end=held), f"{request_id}:held"
+            scope = ErasureScope(ALL_ACCOUNTS, "window", end=held)
+        # One purge a period, held back or not: its request id names the period alone, so a
+        # replica asking after another's purge of the period was stored (its previous end
+        # now that purge's) gets that purge. Until session 25 a held-back purge had an id of
+        # its own (``retention:<period>:held``): a second replica reading the first's end as
+        # the previous one asked for the period's unheld purge, up to two caps past the
+        # previous end in one check (tests/integration/test_retention_replicas.py).
         try:
             stored = self.request(scope, request_id, RETENTION_REASON, identity.service_principal("privacy"))
         except AlreadyExists:

@@ -186,6 +186,19 @@ class DeletionJobStore:
         ends = [job_from_dict(json.loads(r[0])).scope.end for r in rows]
         return max((e for e in ends if e is not None), default=None)
 
+    def record_clock(self, worker: str, offset_s: float, server_now: float, live_s: float) -> list[float]:
+        """Store ``worker``'s clock offset from the database server's (measured at the
+        server's ``server_now``) and return the offsets of the other workers measured within
+        ``live_s`` of it; rows of workers gone for a day are removed."""
+        with self.db.transaction() as tx:
+            tx.execute("INSERT INTO deletion_clocks (worker, offset_s, measured_at) VALUES (?, ?, ?) "
+                       "ON CONFLICT (worker) DO UPDATE SET offset_s = excluded.offset_s, "
+                       "measured_at = excluded.measured_at", (worker, offset_s, server_now))
+            tx.execute("DELETE FROM deletion_clocks WHERE measured_at < ?", (server_now - 86400.0,))
+            rows = tx.query("SELECT offset_s FROM deletion_clocks WHERE worker <> ? AND measured_at >= ?",
+                            (worker, server_now - live_s))
+        return [float(r[0]) for r in rows]
+
     def for_account(self, account_id: str) -> list[StoredJob]:
         with self.db.transaction() as tx:
             ids = [r[0] for r in tx.query("SELECT job_id FROM deletion_jobs WHERE account_id = ? "

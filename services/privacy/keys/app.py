@@ -19,15 +19,16 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from services.common.config import ConfigError
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.privacy.keys.domain import (
-    KeyDestroyedError, KeyEncryptionKey, KeyNotFoundError, KeyRing, generate_kek, parse_kek_config)
+    KeyDestroyedError, KeyEncryptionKey, KeyNotFoundError, KeyRing, WrappedDek, generate_kek, parse_kek_config)
 from services.privacy.keys.signing import (
-    Ed25519PrivateKey, generate_private_key, load_private_key, private_key_to_pem, public_key_to_pem)
+    Ed25519PrivateKey, generate_private_key, load_private_key, private_key_to_pem, publish_public_key)
 from services.privacy.keys.store import DataKeyStore
 
 log = logging.getLogger("hearth.privacy.keys")
@@ -64,18 +65,25 @@ def load_signing_key(configured: str, data_dir: Path) -> Ed25519PrivateKey:
         else:
             log.warning("HEARTH_RECEIPT_SIGNING_KEY is not set: using the development key in %s", path)
         key = load_private_key(path.read_text(), argument=str(path))
-    public = Path(data_dir) / SIGNING_PUBLIC_FILE
-    pem = public_key_to_pem(key.public_key())
-    if not public.exists() or public.read_text() != pem:
-        public.parent.mkdir(parents=True, exist_ok=True)
-        public.write_text(pem)
+    publish_public_key(Path(data_dir) / SIGNING_PUBLIC_FILE, key.public_key())
     return key
 
 
-def load_keks(configured: str, active: str, data_dir: Path) -> tuple[list[KeyEncryptionKey], str]:
-    """KEKs and the active id from configuration, else the development KEK file."""
+def load_keks(configured: str, active: str, data_dir: Path,
+              stored_kek_ids: Iterable[str] = ()) -> tuple[list[KeyEncryptionKey], str]:
+    """KEKs and the active id from configuration, else the development KEK file.
+    ``stored_kek_ids``: the KEKs wrapping the live data keys already stored. When they
+    exist, a missing development file is not generated anew (a new KEK would open none
+    of them): the start is refused, so the operator restores the file."""
     if not configured:
         path = Path(data_dir) / KEK_FILE
+        stored = sorted(set(stored_kek_ids))
+        if not path.exists() and stored:
+            raise ConfigError(
+                f"invalid configuration:\n  HEARTH_KEKS: not set, and the development KEK file {path} is "
+                f"missing, but the database holds data keys wrapped under KEK {', '.join(map(repr, stored))}: "
+                "restore the file (or set HEARTH_KEKS to that KEK); a new KEK would open none of them, "
+                "so every household that has a key could no longer be read, written or exported")
         if not path.exists():
             log.warning("HEARTH_KEKS is not set: generated a development master key in %s "
                         "(configure KEKs from a secret store in production)", path)
@@ -108,12 +116,34 @@ class KeyService:
 
     def __init__(self, store: DataKeyStore, keks: list[KeyEncryptionKey], active_kek_id: str, *,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic,
+                 records: Iterable[WrappedDek] | None = None) -> None:
         self.store = store
         self._clock = clock
         self._monotonic = monotonic
         self._lock = threading.Lock()
-        self.ring = KeyRing(keks, active_kek_id, store.load())
+        self.ring = KeyRing(keks, active_kek_id, store.load() if records is None else records)
+        # A KEK whose bytes changed under its id opens none of the keys it wraps: refuse to
+        # start on it (attack25; until then every existing household answered 500 and new
+        # households' keys were wrapped under the wrong KEK). Judged on the oldest keys: a
+        # KEK that opens most of them but not some other one (wrapped by a run on a wrong KEK, or
+        # damaged) is the right one, and refusing it too left no KEK that could start
+        # privacy (review25); those keys are reported. The messages name KEK ids and
+        # counts only, never an account.
+        unopened = self.ring.unopened_data_keys()
+        replaced = self.ring.replaced_keks()
+        if replaced:
+            raise ConfigError("invalid configuration:\n  HEARTH_KEKS: " + "; ".join(
+                f"KEK {kek_id!r} does not open the data keys stored under that id ({unopened[kek_id][0]} of "
+                f"{unopened[kek_id][1]} tried, most of the oldest)" for kek_id in replaced)
+                + ": its bytes are not the ones that wrapped them (a development KEK file regenerated, or "
+                "another secret under the same id). Restore the KEK that wrapped them; on this one every "
+                "household that has a key could not be read, written or exported, and new households' "
+                "keys would be wrapped under the wrong KEK")
+        for kek_id, (bad, tried) in unopened.items():
+            log.error("KEK %r opens the oldest data keys stored under its id but not %d of the %d tried: those "
+                      "households' keys were wrapped by other bytes under the same id (a run on a regenerated "
+                      "development file or another secret) or are damaged, and cannot be read", kek_id, bad, tried)
         self._checked: dict[str, float] = {}
 
     def _refresh(self, account_id: str, force: bool = False) -> None:

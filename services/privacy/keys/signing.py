@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -150,6 +151,29 @@ def public_key_to_pem(public_key: Ed25519PublicKey) -> str:
 def public_key_raw_b64(public_key: Ed25519PublicKey) -> str:
     """Standard base64 of the 32 raw public key bytes."""
     return base64.b64encode(_public_raw(public_key)).decode("ascii")
+
+
+def publish_public_key(path: Path, public_key: Ed25519PublicKey) -> None:
+    """Write ``public_key`` (PEM) to ``path`` for the offline verifiers; a different key
+    already published there is first kept beside it as ``<name>.<its key id>.pub``: it is
+    what verifies everything signed before (attack25: a start with a new key wrote over
+    it, and in development that file was its only copy)."""
+    pem = public_key_to_pem(public_key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        earlier = path.read_text()
+        if earlier == pem:
+            return
+        try:
+            name = key_id(load_public_key(earlier, argument=str(path)))
+        except ValueError:
+            name = "unreadable-" + hashlib.sha256(earlier.encode()).hexdigest()[:KEY_ID_HEX_DIGITS]
+        kept = path.with_name(f"{path.stem}.{name}{path.suffix}")
+        if not kept.exists():
+            path.replace(kept)
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(pem)
+    partial.replace(path)
 
 
 def private_key_to_pem(private_key: Ed25519PrivateKey) -> str:

@@ -152,6 +152,9 @@ def test_the_gateway_drains_for_hearth_grace_seconds_not_a_fixed_5_s(monkeypatch
     monkeypatch.setattr(gateway_main, "create_app", lambda settings: app)
     monkeypatch.setattr(gateway_main.telemetry, "setup_telemetry", lambda *a, **k: None)
     monkeypatch.setattr(config_module, "configure_process", lambda settings, component=None: None)
+    # main() in this process: the test run's umask stays its own (files later tests make
+    # for other users, e.g. a PostgreSQL server's, must stay readable to them).
+    monkeypatch.setattr(config_module, "keep_files_private", lambda: None)
     gateway_main.main()
     assert seen["timeout_graceful_shutdown"] == 27.0
     # The default covers the gateway's own deadline on the services (HEARTH_RPC_TIMEOUT_S).

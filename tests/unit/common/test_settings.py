@@ -201,6 +201,7 @@ _POSITIVE = ([0, -1, _NAN], [0.001, 3600], "must be > 0")
 _BOUNDS = {
     "grpc_max_message_bytes": ([1024 * 1024 - 1, 1024**3 + 1], [1024 * 1024 * 16, 1024**3], "must be bytes in [1 MiB, 1 GiB]"),
     "grpc_reconnect_max_s": ([0.049, 120.5, _NAN], [0.05, 120], "must be seconds in [0.05, 120]"),
+    "audit_reserve_mb": ([-0.5, 1024.5, _NAN], [0, 1024], "must be MiB in [0, 1024] (0 = none)"),
     "service_token_ttl_s": ([0, -1, 86401, _NAN], [0.5, 86400], "must be seconds in (0, 86400]"),
     **{port: ([-1, 65536], [0, 65535], "must be a port number in 0..65535")
        for port in ("grpc_port", "metrics_port", "health_port", "gateway_port", "edge_authorizer_port")},

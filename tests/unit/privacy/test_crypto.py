@@ -168,3 +168,19 @@ def test_records_serialise_round_trip():
     rows = records_to_dicts(ring.records())
     assert records_from_dicts(rows) == ring.records()
     assert generate_kek("x").key != generate_kek("x").key
+
+
+def test_a_kek_whose_bytes_changed_is_found_among_the_stored_keys():
+    """attack25: the start-up check behind KeyService. Keys another KEK under the same id
+    wrapped last (a process that ran on a regenerated development key file) are the
+    newest, and the sample of each KEK's keys includes the newest."""
+    right, wrong = generate_kek("dev-1"), generate_kek("dev-1")
+    ring = KeyRing([right], "dev-1")
+    old = [ring.create_dek(f"h{i}", T0 + timedelta(seconds=i)) for i in range(200)]
+    assert KeyRing([right], "dev-1", old).unopened_data_keys() == {}
+    assert KeyRing([wrong], "dev-1", old).unopened_data_keys() == {"dev-1": (128, 128)}
+    later = KeyRing([wrong], "dev-1").create_dek("h-new", T0 + timedelta(days=1))
+    assert KeyRing([right], "dev-1", [*old, later]).unopened_data_keys() == {"dev-1": (1, 128)}
+    shredded = KeyRing([wrong], "dev-1", [later])
+    assert KeyRing([right], "dev-1", [*old, *shredded.destroy_dek("h-new", T0 + timedelta(days=2))]) \
+        .unopened_data_keys() == {}   # a tombstone holds no key to open
