@@ -235,10 +235,10 @@ def groups_of(h: worlds.WorldHousehold, s: Sessions, merged: bool) -> np.ndarray
     return model_groups(h) if merged else must_link_groups(s)
 
 
-def average_linkage(L: np.ndarray, group: np.ndarray, threshold: float) -> np.ndarray:
+def average_linkage(L: np.ndarray, group: np.ndarray, threshold: float, min_clusters: int = 1) -> np.ndarray:
     """(N,) cluster labels 0..K-1: start from the must-link groups (``group`` >= 0) and
     singletons, merge the pair of clusters with the highest mean pair score while that
-    mean is above ``threshold``."""
+    mean is above ``threshold`` and more than ``min_clusters`` clusters are left."""
     n = L.shape[0]
     init = np.empty(n, dtype=np.int64)
     ids: dict[int, int] = {}
@@ -259,7 +259,7 @@ def average_linkage(L: np.ndarray, group: np.ndarray, threshold: float) -> np.nd
     np.fill_diagonal(M, -np.inf)
     alive = np.ones(k, dtype=bool)
     parent = np.arange(k)
-    while alive.sum() > 1:
+    while alive.sum() > max(min_clusters, 1):
         flat = int(np.argmax(M))
         a, b = divmod(flat, k)
         if not np.isfinite(M[a, b]) or M[a, b] <= threshold:
