@@ -60,6 +60,8 @@ call ``AppendAudit`` synchronously instead.
 from __future__ import annotations
 
 import contextvars
+import fcntl
+import itertools
 import json
 import logging
 import os
@@ -965,13 +967,24 @@ def reserve_for(data_dir: str | Path | None, component: str, size_bytes: int) ->
     """The reserve file of ``component`` in ``data_dir`` (``audit-reserve-<component>.bin``),
     or None when there is no data directory or ``size_bytes`` is 0 — unless an earlier run
     left the file: its records are still replayed (a reserve turned off after a crash must
-    not lose what the file holds), and it is used at the size it has."""
+    not lose what the file holds), and it is used at the size it has.
+
+    One process a file: replicas of a component started on one data dir each lock one
+    (``audit-reserve-<component>-<n>.bin`` past the first), and a start takes the first
+    file no live process holds, replaying what a process killed there left (review25: two
+    replicas shared one file, wrote over each other's records and emptied them)."""
     if not data_dir:
         return None
-    path = Path(data_dir) / f"audit-reserve-{component}.bin"
-    if size_bytes <= 0 and not path.exists():
-        return None
-    return AuditReserve(path, max(0, size_bytes))
+    for n in itertools.count(1):
+        suffix = "" if n == 1 else f"-{n}"
+        path = Path(data_dir) / f"audit-reserve-{component}{suffix}.bin"
+        if size_bytes <= 0 and not path.exists():
+            return None
+        try:
+            return AuditReserve(path, max(0, size_bytes), exclusive=True)
+        except BlockingIOError:   # a live replica's
+            continue
+    return None   # unreachable: itertools.count never ends
 
 
 class AuditOutbox:
@@ -1064,17 +1077,25 @@ class AuditReserve:
     still in the file is not appended twice.
 
     A record that does not fit (``size`` bytes: ~400 bytes a record) stays in memory only,
-    as before (logged once per hold). One file per process: replicas each have their own
-    data directory, as for the outbox."""
+    as before (logged once per hold). One file per process, locked (``reserve_for``):
+    replicas on one data directory each take a file of their own."""
 
     MAGIC = b"HRTHRSV1"
     HEADER = struct.Struct("<8sQ")    # magic, generation
     ENTRY = struct.Struct("<IQI")     # payload length, generation, CRC-32 of the payload
 
-    def __init__(self, path: str | Path, size_bytes: int) -> None:
+    def __init__(self, path: str | Path, size_bytes: int, *, exclusive: bool = False) -> None:
+        """``exclusive``: lock the file for this process (``reserve_for``), or raise
+        BlockingIOError when another open of it holds the lock."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        if exclusive:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # dropped when the process dies
+            except BlockingIOError:
+                os.close(self._fd)
+                raise
         self._lock = threading.Lock()
         size = os.fstat(self._fd).st_size
         if size < size_bytes:

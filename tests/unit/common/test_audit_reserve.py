@@ -172,3 +172,22 @@ def test_a_reserve_file_that_cannot_be_written_says_so_once_not_at_every_offer(t
         monkeypatch.setattr(os, "pwrite", full)
         assert reserve.write(_records(1, 600)) == 0
         assert len([r for r in caplog.records if "could not be written" in r.getMessage()]) == 2
+
+
+def test_replicas_on_one_data_dir_keep_their_held_records_in_files_of_their_own(tmp_path):
+    """review25: processes of one component started on one data dir are replicas (two
+    clustering processes in tests/e2e/test_outbox_replicas_e2e.py; docs/security.md), and
+    each opened the same audit-reserve-<component>.bin: the second wrote its held records
+    over the first's, and emptying its own zeroed the first's and bumped the generation, so
+    a kill of the first lost what it held. Each process now holds a file of its own (a lock
+    the kernel drops when it dies); a restart takes a free one and replays it."""
+    first = audit.reserve_for(tmp_path, "t-rep", 64 * 1024)
+    second = audit.reserve_for(tmp_path, "t-rep", 64 * 1024)
+    held_first, held_second = _records(5), _records(5, 100)
+    first.write(held_first)
+    second.write(held_second)
+    second.forget([r.record_id for r in held_second])   # the second delivered its own
+    first.close()                                       # the first killed while holding
+    second.close()
+    restarted = [audit.reserve_for(tmp_path, "t-rep", 64 * 1024) for _ in range(2)]
+    assert [r.replay() for r in restarted] == [held_first, []]
