@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from services.testing.mesh import ROOT, running_mesh
+from tests.helpers.servers import fresh_database
 from tests.helpers.waiting import SLOW_MACHINE_S, deletion_job, wait_for
 
 DAY = 86400.0
@@ -33,7 +34,7 @@ def dmesh(request, tmp_path_factory):
            "HEARTH_DELETION_RETRY_MAX_S": "0.5", "HEARTH_DELETION_LEASE_S": "5",
            "HEARTH_RETENTION_CHECK_S": "0"}
     if request.param == "postgres":
-        env.update(HEARTH_STORAGE="postgres", HEARTH_POSTGRES_DSN=request.getfixturevalue("postgres_dsn"),
+        env.update(HEARTH_STORAGE="postgres", HEARTH_POSTGRES_DSN=fresh_database(request.getfixturevalue("postgres_dsn")),
                    HEARTH_REDIS_URL=request.getfixturevalue("redis_url"))
     with running_mesh(base, {"olivia": "admin"}, timeout_s=120, extra_env=env) as m:
         m.backend = request.param

@@ -34,7 +34,7 @@ import httpx
 import pytest
 
 from services.testing.mesh import running_mesh
-from tests.helpers.servers import PURGEABLE_WAL, data_dir_files, relation_names, running_postgres, running_redis
+from tests.helpers.servers import PURGEABLE_WAL, data_dir_files, fresh_database, relation_names, running_postgres, running_redis
 from tests.helpers.waiting import SLOW_MACHINE_S, deletion_job
 
 DAY = 86400.0
@@ -56,7 +56,7 @@ def rmesh(request, tmp_path_factory):
     with running_postgres(**PURGEABLE_WAL) as pg, \
             running_redis(base / "redis", appendonly="yes", save="3600 1") as rd:
         env.update(HEARTH_STORAGE="postgres", HEARTH_POSTGRES_DSN=pg.dsn, HEARTH_REDIS_URL=rd.url)
-        privacy = {"HEARTH_POSTGRES_DSN": request.getfixturevalue("postgres_dsn")}
+        privacy = {"HEARTH_POSTGRES_DSN": fresh_database(request.getfixturevalue("postgres_dsn"))}
         yield from _running_mesh(base, env, backend="postgres", pg=pg, redis_dir=rd.dir,
                                  process_env={"privacy": privacy})
 

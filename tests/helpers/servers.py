@@ -72,6 +72,22 @@ def running_postgres(**settings: str) -> Iterator[PostgresServer]:
         server.remove()   # PostgreSQL's fast shutdown, then the directory
 
 
+def fresh_database(dsn: str, prefix: str = "mesh") -> str:
+    """A new empty database in the cluster ``dsn`` points at, and a DSN naming it. A mesh
+    keeps every service's schema (``hearth_<service>``) in one database, so two meshes on
+    one database share them, and since session 25 privacy refuses to start beside data keys
+    its KEK does not open (a second mesh's new development KEK opens none of the first's)."""
+    import uuid
+
+    import psycopg
+    from psycopg.conninfo import make_conninfo
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return make_conninfo(dsn, dbname=name)
+
+
 def data_dir_files(pg: PostgresServer) -> dict[str, bytes]:
     """Every regular file of the data directory (heap, indexes, TOAST, catalogs incl.
     ``pg_statistic``, ``pg_wal``), by path relative to it."""

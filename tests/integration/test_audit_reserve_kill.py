@@ -74,17 +74,39 @@ CHILD = textwrap.dedent('''
 ''')
 
 
+def _shared_mount_holding(path) -> bool:
+    """Whether the mount that holds ``path`` (the longest mount point above it in this
+    process's /proc/self/mountinfo) propagates mounts to a peer group."""
+    best, shared = "", False
+    for line in open("/proc/self/mountinfo", encoding="utf-8"):
+        fields = line.split(" - ")[0].split()
+        point, optional = fields[4], fields[6:]
+        if (str(path) + "/").startswith(point.rstrip("/") + "/") and len(point) >= len(best):
+            best, shared = point, any(f.startswith("shared:") for f in optional)
+    return shared
+
+
 def _namespace(tmp_path):
     """A process holding a mount namespace with a 4 MB tmpfs at tmp_path/vol, and the
     command prefix that enters it."""
     volume = tmp_path / "vol"
     volume.mkdir()
     root = os.geteuid() == 0
-    unshare = ["unshare", "--mount", "--propagation", "private"] if root else \
-        ["unshare", "--user", "--map-root-user", "--mount", "--propagation", "private"]
-    holder = spawn_tied([*unshare, "sh", "-c", f"mount -t tmpfs -o size=4m tmpfs {volume} && echo ready && "
-                                               "exec sleep 600"], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "ready", "could not mount a tmpfs in a mount namespace"
+    unshare = ["unshare", "--mount"] if root else ["unshare", "--user", "--map-root-user", "--mount"]
+    # unshare makes every mount private first ("--propagation private", its default). In a
+    # chroot (the fresh-machine drill) "/" is no mount point and that fails with EINVAL;
+    # there the namespace keeps the propagation it has, which is safe when the mount that
+    # holds the volume shares with no peer (nothing then reaches the machine's own tree).
+    propagations = ["private"] + ([] if _shared_mount_holding(volume) else ["unchanged"])
+    for propagation in propagations:
+        holder = spawn_tied([*unshare, "--propagation", propagation, "sh", "-c",
+                             f"mount -t tmpfs -o size=4m tmpfs {volume} && echo ready && exec sleep 600"],
+                            stdout=subprocess.PIPE, text=True)
+        if holder.stdout.readline().strip() == "ready":
+            break
+        holder.wait(10)
+    else:
+        raise AssertionError(f"could not mount a tmpfs in a mount namespace (propagation tried: {propagations})")
     enter = ["nsenter", "-t", str(holder.pid), "-m"] if root else \
         ["nsenter", "-t", str(holder.pid), "-U", "-m", "--preserve-credentials"]
     return holder, enter, volume
