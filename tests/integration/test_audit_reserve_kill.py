@@ -107,8 +107,11 @@ def _namespace(tmp_path):
         holder.wait(10)
     else:
         raise AssertionError(f"could not mount a tmpfs in a mount namespace (propagation tried: {propagations})")
-    enter = ["nsenter", "-t", str(holder.pid), "-m"] if root else \
-        ["nsenter", "-t", str(holder.pid), "-U", "-m", "--preserve-credentials"]
+    # --root / --wd: the holder's root and working directory, which are the test's (entering
+    # a mount namespace otherwise puts a process at that namespace's own root: in a chroot,
+    # outside it).
+    enter = ["nsenter", "-t", str(holder.pid), "-m", "--root", "--wd"] if root else \
+        ["nsenter", "-t", str(holder.pid), "-U", "-m", "--root", "--wd", "--preserve-credentials"]
     return holder, enter, volume
 
 
