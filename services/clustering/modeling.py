@@ -27,7 +27,8 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +38,8 @@ from services.clustering.domain.drift import DriftDetector, build_detector
 from services.clustering.domain.model import MIN_SESSIONS, PERSON_ID, HouseholdModel, PopulationPrior
 from services.clustering.household import MICRO_BATCH, MIN_DRIFT_REFERENCE, Envelope
 from services.clustering.store import ClusteringStore, DriftRow, StoredSession
-from services.common.errors import Conflict
+from services.common.client import serving_time_left
+from services.common.errors import Conflict, DeadlineExceeded
 from services.common.feedback_to_clustering import is_feedback_trigger
 from services.common.telemetry import pseudonym
 
@@ -117,6 +119,8 @@ class ModelKeeper:
         self.seed = seed
         self._decoded: dict[str, tuple[int, Envelope]] = {}
         self._lock = threading.Lock()
+        # account -> (its refresh lock, refreshes running or waiting on it); see _one_refresh_at_a_time
+        self._refreshing: dict[str, tuple[threading.Lock, int]] = {}
 
     # ---- reading --------------------------------------------------------------------
 
@@ -195,6 +199,46 @@ class ModelKeeper:
         # changed vectors (unknown genre names), the model fitted on the old ones is
         # refitted. (A crash between the two leaves the old model until the household's
         # next full refit: its sessions are already current.)
+        with self._one_refresh_at_a_time(account_id):
+            return self._refresh(account_id, force, retire)
+
+    def refreshes_of(self, account_id: str) -> int:
+        """How many refreshes of the household run or wait in this process (0 or 1 running)."""
+        with self._lock:
+            return self._refreshing.get(account_id, (None, 0))[1]
+
+    @contextmanager
+    def _one_refresh_at_a_time(self, account_id: str) -> Iterator[None]:
+        """One refresh of a household at a time in this process; the others wait for it.
+        Why: an ingest queues the background refresh, and an assignment of a household
+        with no model yet refreshes too (ClusteringApp._model); both fitted the same
+        sessions at once, each with half the CPU (the GIL), and the loser of the
+        compare-and-swap read the winner's model afterwards anyway. On a 2-core machine at
+        load 10-16 the assignment took 18.9 s instead of one fit's time and the gateway
+        answered 504 at its 10 s deadline (tests/e2e/test_mesh.py, session 25). Waiting,
+        the assignment gets the model the running refresh stores (one fit), and waits no
+        longer than the deadline of the RPC it serves. Replicas still meet at the store's
+        compare-and-swap."""
+        with self._lock:
+            lock, users = self._refreshing.get(account_id, (threading.Lock(), 0))
+            self._refreshing[account_id] = (lock, users + 1)
+        try:
+            left = serving_time_left()
+            if not lock.acquire(timeout=-1 if left is None else left):
+                raise DeadlineExceeded("the household's model is being refitted; the deadline passed waiting for it")
+            try:
+                yield
+            finally:
+                lock.release()
+        finally:
+            with self._lock:
+                lock, users = self._refreshing[account_id]
+                if users > 1:
+                    self._refreshing[account_id] = (lock, users - 1)
+                else:
+                    del self._refreshing[account_id]
+
+    def _refresh(self, account_id: str, force: str, retire: str) -> tuple[int, Envelope | None]:
         upgraded = self.store.upgrade_feature_vectors(account_id) > 0
         for _ in range(CAS_ATTEMPTS):
             version, current = self.load(account_id)

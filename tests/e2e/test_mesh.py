@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from tests.helpers.waiting import SLOW_MACHINE_S
+from tests.helpers.waiting import SLOW_MACHINE_S, wait_for
 
 HOUR = 3600
 
@@ -307,7 +307,15 @@ def test_assign_through_the_gateway(client):
              "series_id": e.series_id, "genres": list(e.genres), "duration_s": e.duration_s,
              "maturity": e.maturity} for e in events]
     assert client.post("/v1/events", json={"events": body}).status_code == 200
-    household = client.get("/v1/household/e2e-assign").json()
+    # The ingest queued the household's first fit. An assignment before it is stored
+    # waits for it (one fit, not a second one beside it: ModelKeeper.refresh), but on
+    # 2 cores at load 16-19 that one fit still took more than the gateway's 10 s deadline
+    # (session 25: 504 in 2 of 2 runs with the wait alone), and a 504 there is the
+    # documented answer (docs/operations.md), not what this test is about. It waits for
+    # the model, then asserts the assignment's answer; an assignment racing the fit is
+    # tests/integration/test_clustering_service.py's.
+    household = wait_for(lambda: (h := client.get("/v1/household/e2e-assign").json())["model_version"] > 0 and h,
+                         what="the household's first model")
     session = household["sessions"][0]
     r = client.post("/v1/assign", json={"account_id": "e2e-assign", "session_id": session["session_id"]})
     assert r.status_code == 200, r.text

@@ -16,6 +16,7 @@ from services.clustering.modeling import ModelKeeper
 from services.clustering.store import ClusteringStore
 from services.common.erasure import ErasureScope
 from tests.helpers.households import household_events, week_start_days_ago
+from tests.helpers.waiting import SLOW_MACHINE_S, wait_for
 
 T0 = week_start_days_ago(60)
 
@@ -223,6 +224,48 @@ def test_concurrent_refreshes_of_one_household_both_survive(database):
         t.join()
     assert sorted(results) == [2, 3]     # both refits stored, one on top of the other
     assert app.store.get_model("acc-c").version == 3
+
+
+def test_an_assignment_racing_the_first_background_fit_waits_for_it_and_does_not_fit_again(database):
+    """Session 25: an ingest queued the household's first fit and an assignment right
+    after found no model and fitted the same sessions beside it (two fits at once on
+    the GIL): at load 10-19 on 2 cores the assignment took 14-19 s and the gateway
+    answered 504 (tests/e2e/test_mesh.py). It now waits for the running fit and answers
+    with the model that fit stored."""
+    store = ClusteringStore(database)
+    store.migrate()
+    fits: list[str] = []
+    background_fitting, release = threading.Event(), threading.Event()
+
+    class HeldKeeper(ModelKeeper):
+        def fit(self, *args, **kwargs):
+            fits.append(threading.current_thread().name)
+            if threading.current_thread().name == "model-refresh":   # the background fit holds
+                background_fitting.set()
+                release.wait(SLOW_MACHINE_S)
+            return super().fit(*args, **kwargs)
+
+    keeper = HeldKeeper(store, lambda _a: "gmm")
+    app = ClusteringApp(store, keeper=keeper)   # the background refresh runs
+    try:
+        events, _ = household_events("acc-race", ("kid", "parent"), days=12, start_ts=T0, seed=5)
+        app.ingest(events)
+        assert background_fitting.wait(SLOW_MACHINE_S)
+        session = store.closed_sessions("acc-race")[0]
+        answers = []
+        assigning = threading.Thread(target=lambda: answers.append(app.assign("acc-race", session_id=session.session_id)),
+                                     name="assign")
+        assigning.start()
+        # The background fit goes on once the assignment has either fitted too or waits for it.
+        wait_for(lambda: len(fits) > 1 or keeper.refreshes_of("acc-race") == 2, what="the assignment's refresh")
+        release.set()
+        assigning.join(SLOW_MACHINE_S)
+        assert fits == ["model-refresh"]
+        version, _ = keeper.load("acc-race")
+        assert version >= 1 and answers[0].model_version == version
+    finally:
+        release.set()
+        app.close()
 
 
 def test_gmm_failure_falls_back_to_kmeans_and_still_answers(database, monkeypatch):
