@@ -1,7 +1,8 @@
 """The bound on distinct devices per household at ingest (HEARTH_MAX_DEVICES_PER_HOUSEHOLD)
 and the household page's device list (attack25, docs/security.md): a batch that would
 take a household past the bound is refused whole, naming the first event of the first
-device past it; the household read lists the devices of its page's sessions."""
+device past it; the household read lists the devices of its page's sessions. On SQLite
+and on a real PostgreSQL (the ``database`` fixture)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from services.clustering.domain.events import ViewingEvent
 from services.clustering.settings import ClusteringSettings
 from services.clustering.store import ClusteringStore
 from services.common.errors import InvalidArgument
-from services.common.storage.sql import SqliteDatabase
 
 T0 = 1_767_225_600.0
 HOUR = 3600.0
@@ -23,8 +23,8 @@ def _event(account: str, device: str, n: int) -> ViewingEvent:
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = ClusteringStore(SqliteDatabase(tmp_path / "c.db"), max_devices_per_household=3)
+def store(database):
+    s = ClusteringStore(database, max_devices_per_household=3)
     s.migrate()
     return s
 
@@ -54,14 +54,14 @@ def test_known_devices_stay_welcome_at_the_bound_and_a_new_one_is_refused(store)
     assert store.ingest([_event("b", d, n) for n, d in enumerate(("d7", "d8", "d9"))]).accepted == 3
 
 
-def test_the_bound_is_a_validated_setting(monkeypatch):
+def test_the_bound_is_a_validated_setting():
     assert ClusteringSettings().max_devices_per_household == 1000
     with pytest.raises(ValueError, match="must be >= 1"):
         ClusteringSettings(max_devices_per_household=0)
 
 
-def test_the_household_page_lists_the_devices_of_its_sessions(tmp_path):
-    store = ClusteringStore(SqliteDatabase(tmp_path / "c.db"))
+def test_the_household_page_lists_the_devices_of_its_sessions(database):
+    store = ClusteringStore(database)
     store.migrate()
     # d0 watches twice (sessions 0 and 5 hours in), d1..d4 once each.
     store.ingest([_event("a", f"d{n % 5}", n) for n in range(6)])
