@@ -108,6 +108,17 @@ class HouseholdView:
     total_devices: int = 0
 
 
+def _query_in(tx: Tx, sql: str, account: str, values: Sequence) -> list:
+    """The rows of ``sql`` (``... account_id = ? AND <column> IN ({})``) for every one of
+    ``values``, asked 500 at a time: one statement for all would pass SQLite's limit on
+    bound parameters with a large batch."""
+    rows: list = []
+    for start in range(0, len(values), 500):
+        chunk = values[start:start + 500]
+        rows += tx.query(sql.format(", ".join("?" * len(chunk))), (account, *chunk))
+    return rows
+
+
 @dataclass(frozen=True)
 class ClosedTail:
     """The household's closed sessions from position ``start`` on (``closed_sessions()
@@ -345,12 +356,8 @@ class ClusteringStore:
             have = int(tx.query("SELECT COUNT(*) FROM devices WHERE account_id = ?", (account,))[0][0])
             if have + len(batch_devices) <= self.max_devices:
                 continue  # the common case: no need to tell new devices from known ones
-            known: set[str] = set()
-            for start in range(0, len(batch_devices), 500):
-                chunk = batch_devices[start:start + 500]
-                known.update(r[0] for r in tx.query(
-                    f"SELECT device_id FROM devices WHERE account_id = ? AND device_id IN ({', '.join('?' * len(chunk))})",
-                    (account, *chunk)))
+            known = {r[0] for r in _query_in(
+                tx, "SELECT device_id FROM devices WHERE account_id = ? AND device_id IN ({})", account, batch_devices)}
             new = sorted((d for d in batch_devices if d not in known), key=lambda d: first_index[(account, d)])
             room = max(self.max_devices - have, 0)
             if len(new) > room:
@@ -372,26 +379,16 @@ class ClusteringStore:
         if not tx.query("SELECT 1 FROM erased_events WHERE account_id = ? LIMIT 1", (account,)):
             return set()
         by_digest = {d: i for i, d in self._digests(account, event_ids).items()}
-        found: set[str] = set()
-        digests = sorted(by_digest)
-        for start in range(0, len(digests), 500):
-            chunk = digests[start:start + 500]
-            found.update(by_digest[bytes(r[0])] for r in tx.query(
-                f"SELECT digest FROM erased_events WHERE account_id = ? AND digest IN ({', '.join('?' * len(chunk))})",
-                (account, *chunk)))
-        return found
+        return {by_digest[bytes(r[0])] for r in _query_in(
+            tx, "SELECT digest FROM erased_events WHERE account_id = ? AND digest IN ({})", account, sorted(by_digest))}
 
     def _new_events(self, tx: Tx, account: str, events: list[ViewingEvent]) -> list[ViewingEvent]:
         """``events`` without those whose id ``account`` already stored, or stored and an
         erasure deleted since (a replay must not bring erased data back), or that repeat
         an earlier id of the batch (the first occurrence wins)."""
         ids = sorted({e.event_id for e in events})
-        seen: set[str] = set()
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            seen.update(r[0] for r in tx.query(
-                f"SELECT event_id FROM events WHERE account_id = ? AND event_id IN ({', '.join('?' * len(chunk))})",
-                (account, *chunk)))
+        seen = {r[0] for r in _query_in(
+            tx, "SELECT event_id FROM events WHERE account_id = ? AND event_id IN ({})", account, ids)}
         unseen = [i for i in ids if i not in seen]
         if unseen:
             seen.update(self._erased(tx, account, unseen))
@@ -597,16 +594,11 @@ class ClusteringStore:
                 (*params, max_sessions + 1))
             more = len(rows) > max_sessions
             rows = rows[:max_sessions]
-            page_devices = sorted({r[2] for r in rows})
-            devices = []
-            for start in range(0, len(page_devices), 500):
-                chunk = page_devices[start:start + 500]
-                devices += tx.query(
-                    "SELECT d.device_id, d.device_type, d.last_ts, "
-                    "(SELECT COUNT(*) FROM sessions s WHERE s.account_id = d.account_id "
-                    " AND s.device_id = d.device_id) "
-                    f"FROM devices d WHERE d.account_id = ? AND d.device_id IN ({', '.join('?' * len(chunk))}) "
-                    "ORDER BY d.device_id", (account_id, *chunk))
+            devices = sorted(_query_in(
+                tx, "SELECT d.device_id, d.device_type, d.last_ts, "
+                "(SELECT COUNT(*) FROM sessions s WHERE s.account_id = d.account_id AND s.device_id = d.device_id) "
+                "FROM devices d WHERE d.account_id = ? AND d.device_id IN ({})", account_id, sorted({r[2] for r in rows})),
+                key=lambda d: d[0])
             total = tx.query("SELECT COUNT(*) FROM sessions WHERE account_id = ?", (account_id,))[0][0]
         watermarks = {d[0]: float(d[2]) for d in devices}
         sessions = [self._session_from_row(r, watermarks.get(r[2], 0.0), now) for r in rows]
