@@ -167,7 +167,8 @@ class ModelStatusOut(BaseModel):
 
 class HouseholdOut(BaseModel):
     account_id: str
-    devices: list[DeviceOut]
+    devices: list[DeviceOut] = Field(description="the devices of this page's sessions (session counts over the "
+                                     "whole household); page through the sessions for the others")
     sessions: list[SessionOut] = Field(description="one page, newest first")
     persons: list[PersonOut]
     drift_events: list[DriftOut]
@@ -177,6 +178,7 @@ class HouseholdOut(BaseModel):
     truncated: bool = Field(False, description="more sessions exist than this page holds")
     total_sessions: int = 0
     status: ModelStatusOut | None = None
+    total_devices: int = Field(0, description="every device of the household (`devices` lists this page's)")
 
 
 class ErrorBody(BaseModel):

@@ -75,6 +75,7 @@ def _household_to_json(r: cpb.GetHouseholdResponse) -> models.HouseholdOut:
                       for d in r.drift_events],
         model_version=r.model_version, model_variant=r.model_variant,
         next_cursor=r.next_page_token or None, truncated=r.truncated, total_sessions=r.total_sessions,
+        total_devices=r.total_devices,
         status=models.ModelStatusOut(
             model_version=r.status.model_version, sessions_in_model=r.status.sessions_in_model,
             sessions_pending=r.status.sessions_pending,

@@ -83,7 +83,8 @@ def build(settings):
         raise ConfigError(f"invalid configuration:\n  HEARTH_GENRE_ALIASES: {exc}") from None
     store = ClusteringStore(db, open_cache(settings, NAME), gap_s=settings.session_gap_s,
                             lateness_tolerance_s=settings.lateness_tolerance_s, cipher=cipher,
-                            vocabulary=vocabulary, retention_s=settings.retention_s)
+                            vocabulary=vocabulary, retention_s=settings.retention_s,
+                            max_devices_per_household=settings.max_devices_per_household)
     store.migrate()
     feedback = FeedbackPeer(settings.feedback_addr, timeout_s=settings.peer_timeout_s,
                             calibrator_cache_s=settings.calibrator_cache_s)

@@ -144,6 +144,7 @@ def household_to_pb(view: HouseholdView, extras) -> pb.GetHouseholdResponse:
     response = pb.GetHouseholdResponse(
         account_id=view.account_id, next_page_token=extras.next_page_token,
         truncated=bool(extras.next_page_token), total_sessions=view.total_sessions,
+        total_devices=view.total_devices,
         status=pb.ModelStatus(model_version=extras.model_version, sessions_in_model=extras.sessions_in_model,
                               sessions_pending=extras.sessions_pending, persons=extras.n_persons,
                               settled=extras.settled,

@@ -13,14 +13,15 @@ variables, validated at start (a bad value names the variable).
 | `HEARTH_PREDICTION_FORWARD_INTERVAL_S` | 0.2 | how often logged predictions are forwarded to feedback; the gateway's `POST /v1/feedback` waits up to `HEARTH_FEEDBACK_PREDICTION_WAIT_S` (2 s) for one not forwarded yet, so keep this well below it |
 | `HEARTH_GENRE_ALIASES` | empty | `name=genre,...`: callers' genre names mapped onto the feature genres (docs/features.md) |
 | `HEARTH_UNKNOWN_GENRES` | `hash` | a genre outside the vocabulary: counted in a genre slot chosen by a stable hash of its name and reported (`hash`), counted in `other` and reported (`other`, feature schema 1), or refused (`reject`) |
+| `HEARTH_MAX_DEVICES_PER_HOUSEHOLD` | 1000 | distinct devices a household may have; a batch of events bringing a device past it is refused whole (HTTP 422 naming `events[i].device_id`) |
 | `HEARTH_FAULT_GMM_NUMERICAL` | empty | fault injection for `make verify`, never set in production: households whose id starts with this prefix get a GMM fit that fails numerically (k-means fallback) |
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from services.common.config import Positive, RetentionSettings, ServiceSettings
+from services.common.config import Positive, RetentionSettings, ServiceSettings, bounded
 
 
 class ClusteringSettings(RetentionSettings):
@@ -44,6 +45,10 @@ class ClusteringSettings(RetentionSettings):
     # feedback on a prediction not yet forwarded waits for it at the gateway,
     # HEARTH_FEEDBACK_PREDICTION_WAIT_S; keep this well below that wait).
     prediction_forward_interval_s: Positive = 0.2
+    # Distinct devices a household may have: a batch bringing one more is refused whole
+    # (INVALID_ARGUMENT naming events[i].device_id). Unbounded, 5,000 devices in one
+    # request made every household read 470 KB (attack25, docs/security.md).
+    max_devices_per_household: Annotated[int, bounded(ge=1)] = 1000
 
 
 def clustering_settings(settings: ServiceSettings) -> ClusteringSettings:

@@ -31,7 +31,7 @@ from services.clustering.domain.sessions import SessionState, build_session_stat
 from services.clustering.migrations import MIGRATIONS
 from services.clustering.prediction_log import await_forwards, erase_pending, excluding_forwards, forget_cached_heads
 from services.common.erasure import ErasureOutcome, ErasureScope
-from services.common.errors import Conflict, NotFound
+from services.common.errors import Conflict, InvalidArgument, NotFound
 from services.common.ids import MAX_FUTURE_SKEW_S
 from services.common.field_crypto import (FieldCipher, FieldDecryptionError, drop_keys_of_erased_households,
                                          household_erasures, note_household_erased)
@@ -104,6 +104,19 @@ class HouseholdView:
     total_sessions: int = 0
     # person probability per session id of this page (0 until assigned)
     person_probability: dict[str, float] = field(default_factory=dict)
+    # every device of the household (``devices`` holds only those of this page's sessions)
+    total_devices: int = 0
+
+
+def _query_in(tx: Tx, sql: str, account: str, values: Sequence) -> list:
+    """The rows of ``sql`` (``... account_id = ? AND <column> IN ({})``) for every one of
+    ``values``, asked 500 at a time: one statement for all would pass SQLite's limit on
+    bound parameters with a large batch."""
+    rows: list = []
+    for start in range(0, len(values), 500):
+        chunk = values[start:start + 500]
+        rows += tx.query(sql.format(", ".join("?" * len(chunk))), (account, *chunk))
+    return rows
 
 
 @dataclass(frozen=True)
@@ -203,8 +216,12 @@ def _recorded_rule(scope: ErasureScope) -> Callable[[Any], bool]:
 class ClusteringStore:
     def __init__(self, db: Database, cache: Cache | None = None, *, gap_s: float = 1800.0,
                  lateness_tolerance_s: float = 6 * 3600.0, cipher: FieldCipher | None = None,
-                 vocabulary: GenreVocabulary | None = None, retention_s: float | None = None) -> None:
+                 vocabulary: GenreVocabulary | None = None, retention_s: float | None = None,
+                 max_devices_per_household: int | None = None) -> None:
         self.db = db
+        # A batch that would give a household more distinct devices than this is refused
+        # whole (HEARTH_MAX_DEVICES_PER_HOUSEHOLD); None = no bound (unit tests).
+        self.max_devices = max_devices_per_household
         # Events older than now - retention_s are refused at ingest (rejected_expired):
         # privacy's retention purge would erase them at its next check (docs/privacy.md
         # §7). None: no refusal (retention purge off).
@@ -270,6 +287,9 @@ class ClusteringStore:
         """Store validated events and rebuild the sessions they touch, atomically."""
         by_device: dict[tuple[str, str], _DeviceBatch] = defaultdict(_DeviceBatch)
         events = list(events)
+        first_index: dict[tuple[str, str], int] = {}
+        for i, e in enumerate(events):
+            first_index.setdefault((e.account_id, e.device_id), i)
         expired = 0
         if self.retention_s is not None:
             # Refused before anything else: an expired event is not stored and moves no
@@ -285,6 +305,8 @@ class ClusteringStore:
             for account in sorted({account for account, _ in by_device}):
                 tx.lock_household(account)
             drop_keys_of_erased_households(tx, self.cipher)
+            if self.max_devices is not None:
+                self._refuse_devices_past_bound(tx, list(by_device), first_index)
             for (account, device), batch in sorted(by_device.items()):
                 row = tx.query("SELECT last_ts FROM devices WHERE account_id = ? AND device_id = ?",
                                (account, device))
@@ -320,6 +342,31 @@ class ClusteringStore:
                     touched += self._update_sessions(tx, account, device, on_time)
         return IngestResult(accepted, duplicates, late, touched, rejected_expired=expired)
 
+    def _refuse_devices_past_bound(self, tx: Tx, devices: list[tuple[str, str]],
+                                   first_index: dict[tuple[str, str], int]) -> None:
+        """InvalidArgument naming the first event (``events[i].device_id``) whose device
+        would take its household past ``max_devices``, before anything is written: the
+        batch is one transaction, refused whole. Unbounded, 5,000 devices in one request
+        made every read of the household answer all of them (attack25, docs/security.md).
+        Called with the households locked, so concurrent batches cannot both squeeze in."""
+        by_account: dict[str, list[str]] = defaultdict(list)
+        for account, device in devices:
+            by_account[account].append(device)
+        for account, batch_devices in sorted(by_account.items()):
+            have = int(tx.query("SELECT COUNT(*) FROM devices WHERE account_id = ?", (account,))[0][0])
+            if have + len(batch_devices) <= self.max_devices:
+                continue  # the common case: no need to tell new devices from known ones
+            known = {r[0] for r in _query_in(
+                tx, "SELECT device_id FROM devices WHERE account_id = ? AND device_id IN ({})", account, batch_devices)}
+            new = sorted((d for d in batch_devices if d not in known), key=lambda d: first_index[(account, d)])
+            room = max(self.max_devices - have, 0)
+            if len(new) > room:
+                index = first_index[(account, new[room])]
+                raise InvalidArgument(
+                    f"a new device would take household {account!r} past {self.max_devices} devices "
+                    f"(it has {have}; HEARTH_MAX_DEVICES_PER_HOUSEHOLD); nothing of this batch was stored",
+                    f"events[{index}].device_id")
+
     def _digests(self, account: str, event_ids: Iterable[str]) -> dict[str, bytes]:
         """Event id -> the digest ``erased_events`` keeps of it (keyed with the household's
         data key; a plain SHA-256 without a cipher, the unit tests')."""
@@ -332,26 +379,16 @@ class ClusteringStore:
         if not tx.query("SELECT 1 FROM erased_events WHERE account_id = ? LIMIT 1", (account,)):
             return set()
         by_digest = {d: i for i, d in self._digests(account, event_ids).items()}
-        found: set[str] = set()
-        digests = sorted(by_digest)
-        for start in range(0, len(digests), 500):
-            chunk = digests[start:start + 500]
-            found.update(by_digest[bytes(r[0])] for r in tx.query(
-                f"SELECT digest FROM erased_events WHERE account_id = ? AND digest IN ({', '.join('?' * len(chunk))})",
-                (account, *chunk)))
-        return found
+        return {by_digest[bytes(r[0])] for r in _query_in(
+            tx, "SELECT digest FROM erased_events WHERE account_id = ? AND digest IN ({})", account, sorted(by_digest))}
 
     def _new_events(self, tx: Tx, account: str, events: list[ViewingEvent]) -> list[ViewingEvent]:
         """``events`` without those whose id ``account`` already stored, or stored and an
         erasure deleted since (a replay must not bring erased data back), or that repeat
         an earlier id of the batch (the first occurrence wins)."""
         ids = sorted({e.event_id for e in events})
-        seen: set[str] = set()
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            seen.update(r[0] for r in tx.query(
-                f"SELECT event_id FROM events WHERE account_id = ? AND event_id IN ({', '.join('?' * len(chunk))})",
-                (account, *chunk)))
+        seen = {r[0] for r in _query_in(
+            tx, "SELECT event_id FROM events WHERE account_id = ? AND event_id IN ({})", account, ids)}
         unseen = [i for i in ids if i not in seen]
         if unseen:
             seen.update(self._erased(tx, account, unseen))
@@ -536,15 +573,15 @@ class ClusteringStore:
                   cursor: tuple[float, str] | None = None) -> HouseholdView:
         """One page of the household's sessions, newest first (start time, then session
         id). ``cursor`` is the ``next_cursor`` of the previous page: keyset paging, so
-        sessions added meanwhile never shift or repeat a page."""
+        sessions added meanwhile never shift or repeat a page. The devices listed are those
+        of the page's sessions (with their whole-household session counts), not every
+        device: a household with thousands of devices answered every page, ``limit=1``
+        too, with all of them (470 KB for 5,000 devices, attack25, docs/security.md);
+        ``total_devices`` counts them all."""
         now = time.time() if now is None else now
         with self.db.transaction(readonly=True) as tx:
-            devices = tx.query(
-                "SELECT d.device_id, d.device_type, d.last_ts, "
-                "(SELECT COUNT(*) FROM sessions s WHERE s.account_id = d.account_id "
-                " AND s.device_id = d.device_id) "
-                "FROM devices d WHERE d.account_id = ? ORDER BY d.device_id", (account_id,))
-            if not devices:
+            total_devices = tx.query("SELECT COUNT(*) FROM devices WHERE account_id = ?", (account_id,))[0][0]
+            if not total_devices:
                 raise NotFound(f"unknown account {account_id!r}", "account_id")
             after, params = "", [account_id]
             if cursor is not None:
@@ -555,10 +592,15 @@ class ClusteringStore:
                 "watch_seconds, feature_version, features, label, person_id, person_probs FROM sessions "
                 f"WHERE account_id = ?{after} ORDER BY start_ts DESC, session_id LIMIT ?",
                 (*params, max_sessions + 1))
+            more = len(rows) > max_sessions
+            rows = rows[:max_sessions]
+            devices = sorted(_query_in(
+                tx, "SELECT d.device_id, d.device_type, d.last_ts, "
+                "(SELECT COUNT(*) FROM sessions s WHERE s.account_id = d.account_id AND s.device_id = d.device_id) "
+                "FROM devices d WHERE d.account_id = ? AND d.device_id IN ({})", account_id, sorted({r[2] for r in rows})),
+                key=lambda d: d[0])
             total = tx.query("SELECT COUNT(*) FROM sessions WHERE account_id = ?", (account_id,))[0][0]
         watermarks = {d[0]: float(d[2]) for d in devices}
-        more = len(rows) > max_sessions
-        rows = rows[:max_sessions]
         sessions = [self._session_from_row(r, watermarks.get(r[2], 0.0), now) for r in rows]
         probability = {}
         for r in rows:
@@ -570,7 +612,7 @@ class ClusteringStore:
             [DeviceRow(d[0], d[1], float(d[2]), int(d[3])) for d in devices],
             sessions,
             (last.start_ts, last.session_id) if more and last is not None else None,
-            int(total), probability,
+            int(total), probability, total_devices=int(total_devices),
         )
 
     def _session_from_row(self, r: Sequence, watermark: float, now: float) -> StoredSession:
