@@ -222,19 +222,30 @@ def keep_files_private() -> None:
 
 
 def warn_if_shared(data_dir: Path) -> None:
-    """Log a warning when the data dir (made by someone else, or before attack25) lets
-    group or others in: the umask covers new files only, and the operator may mean it (a
-    backup agent in the group), so it is said, not changed."""
+    """Log a warning when the process's own data dir (made before attack25, or by hand)
+    lets group or others in: the umask covers new files only, and the operator may mean it
+    (a backup agent in the group), so it is said, not changed. A directory another user
+    owns is only noted at INFO: that is how Kubernetes mounts a pod's volumes (an emptyDir
+    is 0777, an fsGroup volume group-writable, both root's), the process cannot chmod it,
+    and nothing outside the pod reaches it; a warning at every pod start would teach
+    operators to ignore it (review25). The files in it are the process's, 0600."""
     import logging
+    import os
 
     try:
-        mode = data_dir.stat().st_mode & 0o777
+        info = data_dir.stat()
     except OSError:
         return
-    if mode & 0o077:
-        logging.getLogger("hearth.config").warning(
-            "HEARTH_DATA_DIR %s is open to group or others (mode %s) and holds personal data and keys: "
-            "chmod 700 it (files made before session 25 may be 0644: chmod -R go= it)", data_dir, oct(mode))
+    mode = info.st_mode & 0o777
+    if not mode & 0o077:
+        return
+    log = logging.getLogger("hearth.config")
+    if info.st_uid == os.geteuid():
+        log.warning("HEARTH_DATA_DIR %s is open to group or others (mode %s) and holds personal data and keys: "
+                    "chmod 700 it (files made before session 25 may be 0644: chmod -R go= it)", data_dir, oct(mode))
+    else:
+        log.info("HEARTH_DATA_DIR %s (mode %s) belongs to uid %d, not this process: its files are made 0600",
+                 data_dir, oct(mode), info.st_uid)
 
 
 def configure_process(settings: MeshSettings, component: str | None = None) -> None:
