@@ -73,18 +73,7 @@ def test_a_reason_with_a_newline_or_non_ascii_text_still_answers_the_health_chec
     servicer.set_reasons(['database writes: writes refused: DiskFull: could not extend file "base/5/16653": '
                           "No space left on device\nHINT:  Check free disk space. (3 s ago)",
                           "peer feedback: r\u00e9seau coup\u00e9\u2026\t(UNAVAILABLE)"])
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            answer, call = health_pb2_grpc.HealthStub(channel).Check.with_call(health_pb2.HealthCheckRequest(),
-                                                                               timeout=5)
-    finally:
-        server.stop(0)
-    assert answer.status == health_pb2.HealthCheckResponse.SERVING
-    trailing = dict(call.trailing_metadata())
+    trailing = _check_over_grpc(servicer)
     assert trailing[REASON_KEY] == ('database writes: writes refused: DiskFull: could not extend file '
                                     '"base/5/16653": No space left on device HINT: Check free disk space. (3 s ago); '
                                     "peer feedback: r?seau coup?? (UNAVAILABLE)")
@@ -96,6 +85,14 @@ def test_a_very_long_reason_is_cut_and_the_health_check_still_answers():
     driver message as a reason failed every Check; now each reason is cut at 1,000."""
     servicer = ReportingHealthServicer()
     servicer.set_reasons(["database: " + "x" * 20_000, "peer feedback: down"])
+    trailing = _check_over_grpc(servicer)
+    assert trailing[REASON_KEY] == "database: " + "x" * 987 + "...; peer feedback: down"
+    assert trailing[FAILING_KEY] == "database; peer feedback"
+
+
+def _check_over_grpc(servicer: ReportingHealthServicer) -> dict:
+    """One Check of ``servicer`` served by a real gRPC server: asserts it answered SERVING
+    and returns its trailing metadata (what a kubelet probe or a peer reads)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -107,6 +104,4 @@ def test_a_very_long_reason_is_cut_and_the_health_check_still_answers():
     finally:
         server.stop(0)
     assert answer.status == health_pb2.HealthCheckResponse.SERVING
-    trailing = dict(call.trailing_metadata())
-    assert trailing[REASON_KEY] == "database: " + "x" * 987 + "...; peer feedback: down"
-    assert trailing[FAILING_KEY] == "database; peer feedback"
+    return dict(call.trailing_metadata())
