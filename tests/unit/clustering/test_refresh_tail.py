@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from services.clustering.app import ClusteringApp
 from services.clustering.domain.events import ViewingEvent
 from services.clustering.household import Envelope
-from services.clustering.modeling import ModelKeeper, persons_for
+from services.clustering.modeling import ModelKeeper, known_person, persons_for
 from services.clustering.store import ClusteringStore
 from services.common.erasure import ErasureScope
 from services.common.field_crypto import FieldCipher
@@ -297,6 +297,15 @@ def test_a_fold_writes_only_the_answers_that_changed(tmp_path):
                                  included=np.arange(len(closed)) < before.included)
     assert {s: stored[s][0] for s in persons} == persons
     assert {s: json.loads(stored[s][1]) for s in persons} == probs
+    # main's rounding: each numpy probability as float(), then round(, 6)
+    batch = envelope.model.assign_batch(np.vstack([s.features for s in closed]).astype(np.float64),
+                                        device_ids=[s.device_id for s in closed],
+                                        included=np.arange(len(closed)) < before.included)
+    unlabelled = [i for i, s in enumerate(closed) if known_person(envelope.model, s.label) is None]
+    assert len(unlabelled) > 20
+    assert {closed[i].session_id: probs[closed[i].session_id] for i in unlabelled} == {
+        closed[i].session_id: {pid: round(float(p), 6) for pid, p in zip(batch.person_ids, batch.probabilities[i])}
+        for i in unlabelled}
     app.close()
     store.db.close()
 
