@@ -137,7 +137,7 @@ class Intake:
 
     def export_account(self, account_id: str) -> dict:
         """Everything held for one account, for privacy's household export (docs/privacy.md)."""
-        return self.store.export_account(account_id)
+        return self.store.export_sections(account_id)   # lazy: streamed a page at a time
 
     def erase(self, scope: ErasureScope, job_id: str = "") -> ErasureOutcome:
         """What each scope kind deletes here: FeedbackStore.erase."""
