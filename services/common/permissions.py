@@ -136,6 +136,7 @@ RPCS: dict[str, dict[str, Permission]] = {
     "hearth.common.v1.DataHolder": {
         "Erase": P.ERASE_DATA,
         "ExportAccount": P.EXPORT_HOUSEHOLD,
+        "ExportAccountStream": P.EXPORT_HOUSEHOLD,
     },
     "hearth.clustering.v1.ClusteringService": {
         "IngestEvents": P.INGEST_EVENTS,
@@ -157,6 +158,7 @@ RPCS: dict[str, dict[str, Permission]] = {
         "GetDeletion": P.READ_DELETION,
         "VerifyReceipt": P.VERIFY_RECEIPT,
         "ExportHousehold": P.EXPORT_HOUSEHOLD,
+        "ExportHouseholdStream": P.EXPORT_HOUSEHOLD,
     },
     "hearth.privacy.v1.Consent": {
         "SetConsent": P.SET_CONSENT,
