@@ -55,6 +55,7 @@ def bounded(*, gt: float | None = None, ge: float | None = None, le: float | Non
 
 Port = Annotated[int, bounded(ge=0, le=65535, message="must be a port number in 0..65535")]
 Positive = Annotated[float, bounded(gt=0)]
+NonNegative = Annotated[float, bounded(ge=0)]
 AtLeastOne = Annotated[int, bounded(ge=1)]
 
 

@@ -219,6 +219,37 @@ class FieldCipher:
             raise FieldDecryptionError(f"stored {field} of {pseudonym(account_id)} does not authenticate",
                                        field) from None
 
+    # ---- re-keying (a rotation of the household's data key) ---------------------------
+
+    @staticmethod
+    def blob_version(blob: bytes) -> int:
+        """The data key version a sealed blob names (0: not a sealed blob)."""
+        blob = bytes(blob)
+        if len(blob) < HEADER_BYTES + TAG_BYTES or blob[0] != BLOB_VERSION:
+            return 0
+        return int.from_bytes(blob[1:5], "big")
+
+    def reseal(self, account_id: str, field: str, blob: bytes, dek_version: int) -> bytes | None:
+        """``blob`` decrypted and encrypted again under the household's data key version
+        ``dek_version`` (asked for by number, not "the newest": a store may still hold the
+        older newest in its cache); None when it is already under that version or a newer
+        one, or is not a sealed blob (plain bytes written before encryption was enabled)."""
+        version = self.blob_version(blob)
+        if not 0 < version < dek_version:
+            return None
+        plaintext = self.decrypt(account_id, field, blob)
+        got, cipher = self._key(account_id, dek_version)
+        nonce = os.urandom(NONCE_BYTES)
+        return (bytes([BLOB_VERSION]) + got.to_bytes(4, "big") + nonce
+                + cipher.encrypt(nonce, plaintext, field_aad(account_id, field, got)))
+
+    def reseal_text(self, account_id: str, field: str, stored: str | None, dek_version: int) -> str | None:
+        """``reseal`` of a TEXT column's ``"enc1:" + base64(blob)``; None when unchanged."""
+        if stored is None or not stored.startswith(TEXT_PREFIX):
+            return None
+        blob = self.reseal(account_id, field, base64.b64decode(stored[len(TEXT_PREFIX):]), dek_version)
+        return None if blob is None else TEXT_PREFIX + base64.b64encode(blob).decode("ascii")
+
     # ---- TEXT columns ----------------------------------------------------------------
 
     def encrypt_text(self, account_id: str, field: str, value: str | None) -> str | None:

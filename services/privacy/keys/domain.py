@@ -278,6 +278,12 @@ class KeyRing:
         self._cache[(account_id, version)] = AESGCM(dek)
         return record
 
+    def discard(self, account_id: str, version: int) -> None:
+        """Forget a record ``create_dek`` made that could not be stored (another replica's
+        version won, or the household was shredded meanwhile): never served after."""
+        self._records.get(account_id, {}).pop(version, None)
+        self._cache.pop((account_id, version), None)
+
     def has_dek(self, account_id: str) -> bool:
         return any(not r.destroyed for r in self._records.get(account_id, {}).values())
 
