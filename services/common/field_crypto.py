@@ -149,8 +149,9 @@ class FieldCipher:
         Not the newest version (until dek24): a household's data key may get a newer
         version (``KeyRing.create_dek``: latest + 1), and digests keyed with the newest
         would then stop matching those of every earlier erasure. Version 1 lives as long
-        as the household: only a household erasure destroys it, with every version (no
-        path destroys one version alone; one that did would have to keep version 1). The
+        as the household: only a household erasure destroys it, with every version (a data
+        key rotation destroys older versions but keeps version 1, privacy's
+        keys/rotation.py). The
         newest version is asked first: it creates the household's key on first use and
         refuses a shredded household as before. No value, no key asked: an erasure that
         deleted nothing (a household erased before, its key shredded; an account never

@@ -27,9 +27,10 @@ Lifecycle
     * **Crypto-shredding**: ``destroy_dek(account_id)`` forgets every DEK version of
       the household and returns tombstone records (no key material). Any later decrypt
       raises ``KeyDestroyedError``; ciphertexts left in backups become unreadable.
-      There is no destroying of one version alone: the stores key the digests of erased
-      ids with version 1 (``services.common.field_crypto.FieldCipher.digests``), so a
-      household's first DEK must live as long as the household.
+      A data key rotation (``keys/rotation.py``) destroys older versions one by one in the
+      store, but never version 1: the stores key the digests of erased ids with it
+      (``services.common.field_crypto.FieldCipher.digests``), so a household's first DEK
+      lives as long as the household.
 """
 
 from __future__ import annotations
