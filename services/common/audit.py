@@ -142,6 +142,8 @@ _ERASE = (DELETION_COMPLETED, DELETION_FAILED)
 RPC_EVENTS: dict[str, str | tuple[str, str] | None] = {
     _DATA + "Erase": _ERASE,                   # served by clustering, attribution and feedback
     _DATA + "ExportAccount": READ_HOUSEHOLD,   # one part of a privacy ExportHousehold
+    _DATA + "Rekey": None,                     # one step of a privacy RotateDataKey, audited there
+                                               # (key_rotation with the operator's principal)
     _CLU + "IngestEvents": INGEST,
     _CLU + "AssignSession": ASSIGN,
     _CLU + "AssignSessions": ASSIGN,
@@ -166,6 +168,7 @@ RPC_EVENTS: dict[str, str | tuple[str, str] | None] = {
     _KEY + "GetDataKey": None,                 # stores fetch keys per household every <= 60 s; the
                                                # key's creation/destruction is what is audited
     _KEY + "RotateKeys": KEY_ROTATION,
+    _KEY + "RotateDataKey": KEY_ROTATION,
     _FEE + "RecordPrediction": INGEST,
     _FEE + "RecordFeedback": FEEDBACK,
     _FEE + "GetCalibration": None,             # aggregates over all households, no household data
