@@ -9,6 +9,10 @@ household export, consent.
 * ``PUT /v1/consent/{account_id}`` — the account's consent flags.
 * ``POST /v1/keys/rotate`` — make another configured KEK active and re-wrap every data
   key under it (privacy's ``RotateKeys``, admin only; ``hearth keys rotate``).
+* ``POST /v1/household/{account_id}/rotate-key`` — rotate one household's data key: a new
+  version, the household's data re-encrypted under it in every store, the old version
+  destroyed (privacy's ``RotateDataKey``, privacy officer or admin;
+  ``hearth keys rotate-household``).
 """
 
 from __future__ import annotations
@@ -199,6 +203,16 @@ async def _export_body(call, first, account_id: str) -> AsyncIterator[bytes]:
 ROTATE_KEYS_TIMEOUT_S = 300.0
 
 
+class RotateDataKeyOut(BaseModel):
+    account_id: str
+    dek_version: int = Field(description="the household's data key version now: its data is encrypted under it")
+    reencrypted: dict[str, int] = Field(description="per service, values re-encrypted under it by this call")
+    destroyed_versions: list[int] = Field(description="data key versions destroyed by this call")
+    kept_versions: list[int] = Field(description="older versions kept live: 1, which keys the digests of erased "
+                                                 "ids (no data is encrypted under it any more)")
+    resumed: bool = Field(description="true: this call finished a rotation begun before (no new version)")
+
+
 def router(clients, access) -> APIRouter:
     api = api_router()
 
@@ -259,5 +273,18 @@ def router(clients, access) -> APIRouter:
                                who, timeout_s=ROTATE_KEYS_TIMEOUT_S)
         return RotateKeysOut(rewrapped=r.rewrapped, active_kek_id=r.active_kek_id,
                              kek_ids_in_use=list(r.kek_ids_in_use))
+
+    @api.post("/v1/household/{account_id}/rotate-key", response_model=RotateDataKeyOut,
+              responses={404: {"model": models.ErrorOut, "description": "the household has no data key"},
+                         412: {"model": models.ErrorOut, "description": "the household was erased (its key destroyed)"}},
+              summary="Rotate a household's data key: new version, its data re-encrypted, the old version destroyed")
+    async def rotate_data_key(account_id: str = ACCOUNT_PATH,
+                              who: Principal = Depends(access("POST /v1/household/{account_id}/rotate-key"))):
+        # Waits ~70 s (HEARTH_DEK_ROTATION_SETTLE_S) before the re-encryption: the deadline of RotateKeys.
+        r = await clients.call("privacy", "RotateDataKey", ppb.RotateDataKeyRequest(account_id=account_id), who,
+                               timeout_s=ROTATE_KEYS_TIMEOUT_S)
+        return RotateDataKeyOut(account_id=r.account_id, dek_version=r.dek_version, reencrypted=dict(r.reencrypted),
+                                destroyed_versions=list(r.destroyed_versions), kept_versions=list(r.kept_versions),
+                                resumed=r.resumed)
 
     return api

@@ -126,6 +126,29 @@ class AttributionStore:
         return ([Touchpoint(r[0], r[1], r[2], float(r[3]), r[4], self._campaign_out(r[1], r[5]), r[6]) for r in tps],
                 [Conversion(r[0], r[1], float(r[2]), r[3], float(r[4]), r[5]) for r in conv])
 
+    def rekey(self, account_id: str, dek_version: int) -> tuple[int, list[dict]]:
+        """Re-encrypt the household's touchpoint campaigns under data key version
+        ``dek_version`` (DataHolder.Rekey; ``ClusteringStore.rekey`` says why the purge and
+        the household-erasure count). Conversions carry no sealed column, and the erased-id
+        digests are keyed with version 1, which a rotation keeps. Idempotent."""
+        if self.cipher is None:
+            return 0, []
+        changed = 0
+        self.cipher.forget(account_id)
+        with self.db.transaction() as tx:
+            tx.lock_household(account_id)
+            note_household_erased(tx)
+            for touchpoint_id, campaign in tx.query(
+                    "SELECT touchpoint_id, campaign FROM touchpoints WHERE account_id = ?", (account_id,)):
+                sealed = self.cipher.reseal_text(account_id, "campaign", campaign, dek_version)
+                if sealed is not None:
+                    changed += 1
+                    tx.execute("UPDATE touchpoints SET campaign = ? WHERE account_id = ? AND touchpoint_id = ?",
+                               (sealed, account_id, touchpoint_id))
+            if changed:
+                record_erasure(tx)
+        return (changed, [self.db.purge_erased(("touchpoints",))]) if changed else (0, [])
+
     def erase(self, scope: ErasureScope, person_touchpoints: Sequence[str] = ()) -> ErasureOutcome:
         """Delete the scope's touchpoints and conversions in one transaction.
 

@@ -1045,6 +1045,65 @@ class ClusteringStore:
         forget_cached_heads()
         return out
 
+    # ---- data key rotation ---------------------------------------------------------
+
+    def rekey(self, account_id: str, dek_version: int) -> tuple[int, list[dict]]:
+        """Re-encrypt every sealed value of the household (events' five text fields and
+        offset, sessions' features, label, unknown genres and running state, the model)
+        under data key version ``dek_version`` (DataHolder.Rekey, a rotation of the
+        household's key: docs/privacy.md "Data key rotation"). Idempotent: a value already
+        under it (or a newer one) is left alone. Returns (values re-encrypted, purge
+        steps): when something changed, the old ciphertexts are purged physically as after
+        an erasure (their key is destroyed next, but a copy of the key taken before, the
+        reason to rotate, must not still open them in the WAL or free pages), and the
+        cached model (sealed under the old version) leaves Redis and its files.
+
+        In the household's write lock; the store's household-erasure count moves with it,
+        so every replica drops the keys it has cached at its next write and fetches the
+        newest (``drop_keys_of_erased_households``)."""
+        if self.cipher is None:
+            return 0, []
+        cipher, changed = self.cipher, 0
+        cipher.forget(account_id)
+        with self.db.transaction() as tx:
+            tx.lock_household(account_id)
+            note_household_erased(tx)
+            text = ("title_id", "series_id", "genres", "country", "profile_hint", "utc_offset_minutes")
+            for row in tx.query(f"SELECT event_id, {', '.join(text)} FROM events WHERE account_id = ?",
+                                (account_id,)):
+                new = [cipher.reseal_text(account_id, f, v, dek_version) for f, v in zip(text, row[1:])]
+                if any(n is not None for n in new):
+                    changed += sum(n is not None for n in new)
+                    tx.execute(f"UPDATE events SET {', '.join(f'{f} = ?' for f in text)} "
+                               "WHERE account_id = ? AND event_id = ?",
+                               (*(n if n is not None else v for n, v in zip(new, row[1:])), account_id, row[0]))
+            for sid, features, label, unknown, state in tx.query(
+                    "SELECT session_id, features, label, unknown_genres, state FROM sessions WHERE account_id = ?",
+                    (account_id,)):
+                # plain float32 (a multiple of 4 bytes) was written before encryption: left alone
+                new = (cipher.reseal(account_id, "features", features, dek_version) if len(bytes(features)) % 4 else None,
+                       cipher.reseal_text(account_id, "label", label, dek_version),
+                       cipher.reseal_text(account_id, "unknown_genres", unknown, dek_version),
+                       cipher.reseal(account_id, "session_state", state, dek_version) if state is not None else None)
+                if any(n is not None for n in new):
+                    changed += sum(n is not None for n in new)
+                    tx.execute("UPDATE sessions SET features = ?, label = ?, unknown_genres = ?, state = ? "
+                               "WHERE session_id = ?",
+                               (*(n if n is not None else v for n, v in zip(new, (features, label, unknown, state))),
+                                sid))
+            for (model,) in tx.query("SELECT model FROM household_models WHERE account_id = ?", (account_id,)):
+                sealed = cipher.reseal(account_id, "model", model, dek_version)
+                if sealed is not None:
+                    changed += 1
+                    tx.execute("UPDATE household_models SET model = ? WHERE account_id = ?", (sealed, account_id))
+            if changed:
+                record_erasure(tx)
+        if not changed:
+            return 0, []
+        self.cache.delete(f"model:{account_id}")
+        purges = [*purge_persistence(self.cache), self.db.purge_erased(("events", "sessions", "household_models"))]
+        return changed, purges
+
     def _drop_cached_models(self, scope: ErasureScope, strict: bool = False) -> None:
         if scope.all_accounts:
             self.cache.delete_prefix("model:", strict=strict)

@@ -143,6 +143,8 @@ RPC_EVENTS: dict[str, str | tuple[str, str] | None] = {
     _DATA + "Erase": _ERASE,                   # served by clustering, attribution and feedback
     _DATA + "ExportAccount": READ_HOUSEHOLD,   # one part of a privacy ExportHousehold
     _DATA + "ExportAccountStream": READ_HOUSEHOLD,   # the same part, streamed (since session 26)
+    _DATA + "Rekey": None,                     # one step of a privacy RotateDataKey, audited there
+                                               # (key_rotation with the operator's principal)
     _CLU + "IngestEvents": INGEST,
     _CLU + "AssignSession": ASSIGN,
     _CLU + "AssignSessions": ASSIGN,
@@ -168,6 +170,7 @@ RPC_EVENTS: dict[str, str | tuple[str, str] | None] = {
     _KEY + "GetDataKey": None,                 # stores fetch keys per household every <= 60 s; the
                                                # key's creation/destruction is what is audited
     _KEY + "RotateKeys": KEY_ROTATION,
+    _KEY + "RotateDataKey": KEY_ROTATION,
     _FEE + "RecordPrediction": INGEST,
     _FEE + "RecordFeedback": FEEDBACK,
     _FEE + "GetCalibration": None,             # aggregates over all households, no household data

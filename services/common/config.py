@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.identity import DEFAULT_TOKEN_TTL_S, MIN_KEY_CHARS
@@ -53,8 +54,34 @@ def bounded(*, gt: float | None = None, ge: float | None = None, le: float | Non
     return AfterValidator(check)
 
 
+# Kubernetes quantity suffixes (a Pod's emptyDir sizeLimit: "1Gi", "500M", "2.5Gi").
+_QUANTITY_FACTORS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+                     "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_QUANTITY = re.compile(r"(\d+(?:\.\d+)?)([a-zA-Z]{0,2})")
+
+
+def byte_quantity(value: object) -> int:
+    """Bytes from a Kubernetes quantity ("1Gi", "500Mi", "2G", "1073741824"; "" or 0:
+    unknown, 0). The chart hands the data volume's ``sizeLimit`` over as it is written in
+    the values, so the process needs no second spelling of it to keep in step."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        text = str(value)
+    elif isinstance(value, str):
+        text = value.strip()
+    else:
+        raise ValueError("must be a byte quantity such as 1Gi, 500Mi or 1073741824")
+    if not text:
+        return 0
+    match = _QUANTITY.fullmatch(text)
+    if match is None or match.group(2) not in _QUANTITY_FACTORS:
+        raise ValueError("must be a byte quantity such as 1Gi, 500Mi or 1073741824")
+    return int(float(match.group(1)) * _QUANTITY_FACTORS[match.group(2)])
+
+
+ByteQuantity = Annotated[int, BeforeValidator(byte_quantity)]
 Port = Annotated[int, bounded(ge=0, le=65535, message="must be a port number in 0..65535")]
 Positive = Annotated[float, bounded(gt=0)]
+NonNegative = Annotated[float, bounded(ge=0)]
 AtLeastOne = Annotated[int, bounded(ge=1)]
 
 
@@ -171,6 +198,12 @@ class MeshSettings(HearthSettings):
     # holder's part and privacy's document are sent in chunks of at most this.
     export_chunk_bytes: Annotated[int, bounded(ge=1024, le=16 * 1024 * 1024,
                                                message="must be bytes in [1 KiB, 16 MiB]")] = 1024 * 1024
+    # The size limit of the data directory's volume (the chart's storage.dataDir.sizeLimit:
+    # the kubelet evicts a pod whose emptyDir grows past it, and an evicted pod's emptyDir
+    # — its audit outbox with it — is gone). Only reported, as
+    # hearth_data_dir_limit_bytes beside hearth_data_dir_used_bytes, for the alert
+    # HearthDataDirNearLimit; 0 / empty: no limit known.
+    data_dir_size_limit: ByteQuantity = 0
     # The audit sink's reserve file in the data directory (audit.AuditReserve): allocated at
     # start, it keeps the records held in memory while neither the audit log nor the disk
     # outbox takes them (a full disk) across a kill. ~400 bytes a record; 0: none.

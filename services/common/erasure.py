@@ -246,13 +246,16 @@ def _check_all_accounts(target: str | None, path: str) -> None:
                                f"{path}.account_id")
 
 
+def _purge_to_pb(p: dict) -> common_pb2.PhysicalPurge:
+    return common_pb2.PhysicalPurge(store=p["store"], location=p["where"], action=p["action"],
+                                    at=float_to_ts(p["at"]), complete=bool(p["complete"]))
+
+
 def result_to_pb(service: str, outcome: ErasureOutcome) -> common_pb2.ErasureResult:
     return common_pb2.ErasureResult(
         service=service, deleted_counts=outcome.deleted_counts,
         deleted_ids_sha256=ids_digest(outcome.deleted_ids), already_erased=outcome.empty,
-        purges=[common_pb2.PhysicalPurge(store=p["store"], location=p["where"], action=p["action"],
-                                         at=float_to_ts(p["at"]), complete=bool(p["complete"]))
-                for p in outcome.purges])
+        purges=[_purge_to_pb(p) for p in outcome.purges])
 
 
 def scope_to_pb(scope: ErasureScope) -> common_pb2.ErasureScope:
@@ -292,6 +295,11 @@ class DataHolder(Protocol):
         writes it item by item, never holding it whole (services/common/export_stream.py)."""
         ...
 
+    def rekey(self, account_id: str, dek_version: int) -> tuple[int, list[dict]]:
+        """Re-encrypt what is sealed of the account under its data key ``dek_version``
+        (idempotent); (values re-encrypted, physical purge steps as for an erasure)."""
+        ...
+
 
 class DataHolderServicer(common_pb2_grpc.DataHolderServicer):
     """The one implementation of the erasure contract over a service's ``DataHolder``.
@@ -312,6 +320,15 @@ class DataHolderServicer(common_pb2_grpc.DataHolderServicer):
         log.info("erased", extra={"fields": {"service": self._service, "job_id": request.job_id,
                                              "kind": scope.kind.value, **outcome.deleted_counts}})
         return common_pb2.EraseResponse(result=result_to_pb(self._service, outcome))
+
+    def Rekey(self, request: common_pb2.RekeyRequest, context) -> common_pb2.RekeyResponse:
+        account_id = check_id(request.account_id, "account_id")
+        if request.dek_version < 1:
+            raise InvalidArgument("must be >= 1", "dek_version")
+        count, purges = self._holder.rekey(account_id, int(request.dek_version))
+        log.info("rekeyed", extra={"fields": {"service": self._service, "dek_version": request.dek_version,
+                                              "reencrypted": count}})
+        return common_pb2.RekeyResponse(reencrypted=count, purges=[_purge_to_pb(p) for p in purges])
 
     def ExportAccount(self, request: common_pb2.ExportAccountRequest, context) -> common_pb2.ExportAccountResponse:
         """The part as one message (up to HEARTH_GRPC_MAX_RESPONSE_BYTES): what a privacy of

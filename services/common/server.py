@@ -806,6 +806,7 @@ def run_service(name: str, build: Callable, settings_cls: type | None = None) ->
     telemetry.setup_telemetry(name, settings.trace_export, settings.log_level,
                               settings.resolved_metrics_port, settings.host)
     config.warn_if_shared(settings.data_dir)
+    telemetry.watch_data_dir(settings.data_dir, settings.data_dir_size_limit)
     servicers, closers = build(settings)
     for peer in ("clustering", "attribution", "privacy", "feedback"):
         if peer != name:

@@ -179,6 +179,11 @@ class GrpcPeers:
         request = common_pb2.EraseRequest(scope=scope, job_id=job_id)
         return self._peers[service].call("Erase", request).result
 
+    def rekey(self, service: str, account_id: str, dek_version: int) -> int:
+        """DataHolder/Rekey (as ``svc:privacy``): a data key rotation's re-encryption."""
+        request = common_pb2.RekeyRequest(account_id=account_id, dek_version=dek_version)
+        return int(self._peers[service].call("Rekey", request, idempotent=True).reencrypted)
+
     def export(self, service: str, account_id: str) -> Iterator[bytes]:
         """``ExportAccountStream`` on behalf of the caller, verified as it arrives. A data
         holder of a release before session 26 answers UNIMPLEMENTED: its part comes from
