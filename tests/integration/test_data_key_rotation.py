@@ -235,3 +235,25 @@ def test_a_batch_rotates_the_households_whose_key_is_older_than_n_days(databases
     assert sorted(d.account_id for d in done) == ["acc-1", "acc-2"]
     assert mesh.versions("acc-1") == mesh.versions("acc-2") == {2} and mesh.versions("acc-3") == {1}
     assert mesh.rotation().rotate_older_than(30, 10) == []      # their newest keys are new now
+
+
+def test_a_stopping_privacy_service_does_not_wait_out_a_rotations_settle(databases):
+    """The settle (70 s) is waited on the rotation's stop event: a SIGTERM'd privacy
+    process closes it and the call answers UNAVAILABLE at once (run it again: it resumes);
+    a sleep would hold the process past the chart's 20 s and get it SIGKILLed."""
+    import threading
+
+    from services.common.errors import Unavailable
+
+    mesh = Mesh(databases)
+    mesh.fill("acc-s", n=2)
+    rotation = DataKeyRotation(mesh.keys, mesh.rekey, ("clustering", "attribution"), settle_s=60.0)
+    outcome: list = []
+    worker = threading.Thread(target=lambda: outcome.append(pytest.raises(Unavailable, rotation.rotate, "acc-s")))
+    started = time.monotonic()
+    worker.start()
+    time.sleep(0.5)
+    rotation.close()
+    worker.join(10)
+    assert not worker.is_alive() and time.monotonic() - started < 10 and outcome
+    assert mesh.rekeyed == [] and mesh.key_store.rotations_in_progress() == ["acc-s"]
