@@ -257,3 +257,42 @@ def test_a_stopping_privacy_service_does_not_wait_out_a_rotations_settle(databas
     worker.join(10)
     assert not worker.is_alive() and time.monotonic() - started < 10 and outcome
     assert mesh.rekeyed == [] and mesh.key_store.rotations_in_progress() == ["acc-s"]
+
+
+def test_two_replicas_rotating_one_household_at_once_make_one_version_and_lose_nothing(databases):
+    """Two privacy replicas get RotateDataKey for the same household at once (an operator's
+    retry landing on the other replica): the second finds the first's new version and
+    resumes that rotation instead of making another; both re-encrypt (idempotent, one
+    after the other in the household's lock), both retire; the data reads back the same."""
+    import threading
+
+    mesh = Mesh(databases)
+    mesh.fill("acc-2r")
+    before = mesh.export("acc-2r")
+    both_begun = threading.Barrier(2, timeout=30)
+
+    def rekey_after_both_began(service, account, version):
+        if service == "clustering" and both_begun.n_waiting < 2 and not getattr(threading.current_thread(), "met", 0):
+            threading.current_thread().met = 1
+            both_begun.wait()
+        return mesh.rekey(service, account, version)
+
+    outcomes, errors = [], []
+
+    def run(keys):
+        try:
+            outcomes.append(mesh.rotation(keys, rekey=rekey_after_both_began).rotate("acc-2r"))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(keys,)) for keys in (mesh.keys, mesh.replica())]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and len(outcomes) == 2
+    assert sorted((o.dek_version, o.resumed) for o in outcomes) == [(2, False), (2, True)]
+    assert mesh.versions("acc-2r") == {2} and mesh.export("acc-2r") == before
+    rows = {r.dek_version: r for r in mesh.key_store.load("acc-2r")}
+    assert sorted(rows) == [1, 2] and not rows[1].destroyed and not rows[2].destroyed
+    assert mesh.key_store.rotations_in_progress() == []
