@@ -20,7 +20,7 @@ from services.clustering.domain.events import ViewingEvent
 from services.clustering.store import ClusteringStore
 from services.common.erasure import ErasureScope
 from services.common.errors import FailedPrecondition, NotFound
-from services.common.field_crypto import TEXT_PREFIX, FieldCipher, FieldDecryptionError
+from services.common.field_crypto import TEXT_PREFIX, FieldCipher
 from services.common.storage.cache import MemoryCache
 from services.common.storage.sql import PostgresDatabase, SqliteDatabase, migrate
 from services.privacy.keys.app import KeyService
