@@ -13,6 +13,8 @@ household export, consent.
   version, the household's data re-encrypted under it in every store, the old version
   destroyed (privacy's ``RotateDataKey``, privacy officer or admin;
   ``hearth keys rotate-household``).
+* ``POST /v1/keys/rotate-households`` — the same for up to ``limit`` households whose
+  newest data key is older than ``older_than_days`` (``hearth keys rotate-households``).
 """
 
 from __future__ import annotations
@@ -213,6 +215,22 @@ class RotateDataKeyOut(BaseModel):
     resumed: bool = Field(description="true: this call finished a rotation begun before (no new version)")
 
 
+class RotateDataKeysIn(Strict):
+    older_than_days: float = Field(..., gt=0, le=36500, description="rotate households whose newest data key "
+                                                                     "is older than this many days")
+    limit: int = Field(100, ge=1, le=1000, description="at most this many households, oldest key first")
+
+
+class RotateDataKeysOut(BaseModel):
+    rotated: list[RotateDataKeyOut]
+
+
+def _rotated(r) -> RotateDataKeyOut:
+    return RotateDataKeyOut(account_id=r.account_id, dek_version=r.dek_version, reencrypted=dict(r.reencrypted),
+                            destroyed_versions=list(r.destroyed_versions), kept_versions=list(r.kept_versions),
+                            resumed=r.resumed)
+
+
 def router(clients, access) -> APIRouter:
     api = api_router()
 
@@ -283,8 +301,15 @@ def router(clients, access) -> APIRouter:
         # Waits ~70 s (HEARTH_DEK_ROTATION_SETTLE_S) before the re-encryption: the deadline of RotateKeys.
         r = await clients.call("privacy", "RotateDataKey", ppb.RotateDataKeyRequest(account_id=account_id), who,
                                timeout_s=ROTATE_KEYS_TIMEOUT_S)
-        return RotateDataKeyOut(account_id=r.account_id, dek_version=r.dek_version, reencrypted=dict(r.reencrypted),
-                                destroyed_versions=list(r.destroyed_versions), kept_versions=list(r.kept_versions),
-                                resumed=r.resumed)
+        return _rotated(r)
+
+    @api.post("/v1/keys/rotate-households", response_model=RotateDataKeysOut,
+              summary="Rotate the data key of every household whose key is older than N days (a bounded batch)")
+    async def rotate_data_keys(body: RotateDataKeysIn,
+                               who: Principal = Depends(access("POST /v1/keys/rotate-households"))):
+        # One settle (~70 s) for the whole batch, then each household's re-encryption.
+        r = await clients.call("privacy", "RotateDataKeys", ppb.RotateDataKeysRequest(
+            older_than_days=body.older_than_days, limit=body.limit), who, timeout_s=ROTATE_KEYS_TIMEOUT_S)
+        return RotateDataKeysOut(rotated=[_rotated(x) for x in r.rotated])
 
     return api

@@ -171,6 +171,7 @@ RPC_EVENTS: dict[str, str | tuple[str, str] | None] = {
                                                # key's creation/destruction is what is audited
     _KEY + "RotateKeys": KEY_ROTATION,
     _KEY + "RotateDataKey": KEY_ROTATION,
+    _KEY + "RotateDataKeys": KEY_ROTATION,
     _FEE + "RecordPrediction": INGEST,
     _FEE + "RecordFeedback": FEEDBACK,
     _FEE + "GetCalibration": None,             # aggregates over all households, no household data
