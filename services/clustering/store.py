@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import heapq
 import json
 import logging
 import struct
@@ -38,7 +39,7 @@ from services.common.field_crypto import (FieldCipher, FieldDecryptionError, dro
 from services.common.feedback_to_clustering import UNPROMPTED_LABEL_SUFFIX
 from services.common.storage.cache import Cache, MemoryCache, purge_persistence
 from services.common.export_stream import materialised
-from services.common.storage.sql import Database, Tx, keyset_rows, migrate, record_erasure
+from services.common.storage.sql import EXPORT_PAGE_ROWS, Database, Tx, keyset_rows, migrate, record_erasure
 from services.common.telemetry import pseudonym
 
 log = logging.getLogger("hearth.clustering.store")
@@ -1151,8 +1152,16 @@ class ClusteringStore:
                              "FROM drift_events WHERE account_id = ? ORDER BY detected_at, id", (account_id,))
             labels = tx.query("SELECT session_id, person_id, source, recorded_at FROM session_labels "
                               "WHERE account_id = ? ORDER BY recorded_at, session_id", (account_id,))
-        events = keyset_rows(self.db, f"SELECT {_EVENT_COLUMNS} FROM events WHERE account_id = ?", (account_id,),
-                             ("ts", "event_id"), (4, 0))
+            event_devices = [r[0] for r in tx.query("SELECT DISTINCT device_id FROM events WHERE account_id = ?",
+                                                    (account_id,))]
+        # Events are indexed by (account, device, ts), not (account, ts): paged per device
+        # (each page an index range) and merged back into the household's (ts, event_id)
+        # order. A page per device is held at a time: at most ~20,000 rows in all.
+        page = max(20, EXPORT_PAGE_ROWS * 20 // max(1, len(event_devices)))
+        events = heapq.merge(*(keyset_rows(self.db, f"SELECT {_EVENT_COLUMNS} FROM events WHERE account_id = ? "
+                                           "AND device_id = ?", (account_id, device), ("ts", "event_id"), (4, 0),
+                                           page_rows=min(page, EXPORT_PAGE_ROWS))
+                               for device in event_devices), key=lambda r: (float(r[4]), r[0]))
         sessions = keyset_rows(
             self.db, "SELECT session_id, device_id, device_type, start_ts, end_ts, event_count, watch_seconds, "
             "feature_version, features, label, person_id, person_probs FROM sessions WHERE account_id = ?",
