@@ -59,26 +59,43 @@ def collect(split: str, first_world: int, n_worlds: int | None, households: int 
     return hs, fed, outs
 
 
+def fit_persons_answers(m, h, persons_before: int, answer) -> np.ndarray:
+    """(n, persons) ``m``'s batch answers (``answer``: its assign_batch of every session,
+    included) with the confidence maps' household shift reading the persons the
+    unlabelled fit found (``persons_before``, at least two) instead of the persons the
+    labels made: for a model whose persons labels added, the maps were fitted on
+    unlabelled fits, whose count is the fit's own evidence (the shift rises ~0.39 logit
+    per person, DEVICE_CONFIDENCE_SHIFT["fitted"]). Other models: their answers."""
+    from services.clustering.domain import model as M
+    extra = m.n_persons - persons_before
+    if not m.persons_from_labels or extra <= 0 or m.n_persons < 2 or not m.device_evidence or m.streamed:
+        return answer.probabilities
+    raw = m._proba(m._augment(h.features, m._known_slots(h.device_id, h.n_sessions)))
+    kw = dict(device=True, young=m.n_sessions < M.YOUNG_MODEL_SESSIONS, streamed=False, settled=True,
+              device_groups=m.device_group_count, sessions=m.n_sessions)
+    # the same call as assign_batch's (a batch fit answering the sessions it includes)
+    assert np.allclose(M.calibrate_confidence(raw, **kw), answer.probabilities, atol=1e-6)
+    return M.calibrate_confidence(raw, **kw, evidence_persons=np.full(h.n_sessions, max(persons_before, 2)))
+
+
 def _one(args: tuple) -> dict:
     """One household's batch answers without feedback and, per draw, with its labels
-    (``hearth_batch_fed``'s fit), answered with the maps' household evidence read both
-    ways: the persons the model has (``fed_batch``, the rule before session 26) and the
-    persons its unlabelled fit found (``fed_batch_fit_persons``,
-    LABEL_SHAPED_EVIDENCE_FIT_PERSONS)."""
+    (``hearth_batch_fed``'s fit): as the service answers them (``fed_batch``) and with
+    the maps' household shift reading the unlabelled fit's persons
+    (``fed_batch_fit_persons``: fit_persons_answers)."""
     from services.clustering.domain import model as M
     h, fed, _, _, *rest = args
     kw = {"population_prior": rest[0]} if rest else {}
-    out = {"batch": E.hearth_batch(h, **kw)[1], "fed_batch": [], "fed_batch_fit_persons": []}
+    m0 = M.HouseholdModel(**kw).fit(h.features, device_ids=h.device_id)
+    b = m0.assign_batch(h.features, device_ids=h.device_id, included=True)
+    out = {"batch": b.probabilities, "fed_batch": [], "fed_batch_fit_persons": []}
     for f in fed:
         m = M.HouseholdModel(**kw).fit(h.features, labels=E.feedback_labels(h, f), device_ids=h.device_id)
-        for key, flag in (("fed_batch", False), ("fed_batch_fit_persons", True)):
-            was, M.LABEL_SHAPED_EVIDENCE_FIT_PERSONS = M.LABEL_SHAPED_EVIDENCE_FIT_PERSONS, flag
-            try:
-                a = m.assign_batch(h.features, device_ids=h.device_id, included=True)
-            finally:
-                M.LABEL_SHAPED_EVIDENCE_FIT_PERSONS = was
-            rows, group = M.feedback_calibrator_rows(m, a)
-            out[key].append(E.FedAnswers(a.probabilities, rows, np.full(h.n_sessions, group, dtype=object)))
+        a = m.assign_batch(h.features, device_ids=h.device_id, included=True)
+        rows, group = M.feedback_calibrator_rows(m, a)
+        groups = np.full(h.n_sessions, group, dtype=object)
+        out["fed_batch"].append(E.FedAnswers(a.probabilities, rows, groups))
+        out["fed_batch_fit_persons"].append(E.FedAnswers(fit_persons_answers(m, h, m0.n_persons, a), rows, groups))
     return out
 
 
@@ -202,6 +219,8 @@ def candidates(P0, y0, ok0, P1, ok1, age, fed_d, group, calibrated, account, hs,
     out["shaped_keep_pre_label_confidence"] = np.where(shaped, c0p, out["mesh"])
     # label-shaped: group calibrator; default group left as unfed (no calibrator)
     out["only_shaped_calibrated"] = np.where(shaped, out["mesh"], P1.max(axis=1))
+    # label-shaped answers left uncalibrated (session 15's rule), the default group by its own
+    out["shaped_uncalibrated"] = np.where(shaped, P1.max(axis=1), out["mesh"])
     return out
 
 

@@ -216,13 +216,6 @@ LABEL_GROWTH_CHECK = True
 # 0.031 -> 0.032 / 0.0301 -> 0.0300. Batch fits keep the check (they are fitted at once).
 LABEL_CHECK_FITS_AT_ONCE_ONLY = True
 LABEL_CHECK_MAX = 40
-# The confidence maps' household shift (DEVICE_CONFIDENCE_SHIFT) reads how many persons
-# the fit found. A model whose persons labels added (persons_from_labels) is judged by the
-# persons its unlabelled fit found (HouseholdModel.label_added_persons subtracted): the
-# maps were fitted on unlabelled fits, where the count is the fit's own evidence about
-# the household; a count the labels forced on it is not (experiment: see
-# docs/clustering.md, session 26).
-LABEL_SHAPED_EVIDENCE_FIT_PERSONS = False
 PERSON_ID = re.compile(r"p[0-9]+")   # a person id (_new_id); a label that is one names that person
 DEVICE_SLOTS = 16  # distinct device ids a household model tells apart (more: judged by type)
 K_MAX = 6
@@ -549,7 +542,8 @@ def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None, device
     a streamed mature model answers through the "settled" map instead;
     ``device_groups``: the model's personal-device groups at its last fit, which move a
     device map's answer (DEVICE_CONFIDENCE_SHIFT); ``evidence_persons`` (N,): the persons
-    that shift reads (None: ``n_live``; HouseholdModel.evidence_persons)."""
+    that shift reads (None: ``n_live``; bench/feedback_why.py reads a labelled fit's
+    answers with the persons its unlabelled fit found)."""
     if n_live is None:
         n_live = np.full(P.shape[0], P.shape[1])
     counted = n_live if evidence_persons is None else np.broadcast_to(evidence_persons, n_live.shape)
@@ -850,9 +844,6 @@ class HouseholdModel:
         # The held-out label check applies only to households fitted at once
         # (_labels_add_persons, LABEL_CHECK_FITS_AT_ONCE_ONLY).
         self.grew_from_cold = False
-        # Persons the last full fit's labels added to its unlabelled fit
-        # (_labels_add_persons); 0 otherwise.
-        self.label_added_persons = 0
         self.mixture: Mixture | None = None
         self.kmeans: IncrementalKMeans | None = None
         self.person_ids: list[str] = []
@@ -993,7 +984,6 @@ class HouseholdModel:
         self.label_map = {k: v for k, v in self.label_map.items() if k in present}
         self.reserved_keys = {}   # a full fit gives labelled persons their ids itself (_match_ids)
         self.persons_from_labels = False   # set again by this fit's labels (_labels_add_persons)
-        self.label_added_persons = 0
         if n < MIN_SESSIONS:
             self.grew_from_cold = True
             self.cold_X = X.copy()
@@ -1014,7 +1004,6 @@ class HouseholdModel:
                 self.fallback = False
             except MixtureNumericalError:
                 self.persons_from_labels = False   # the k-means persons know no labels
-                self.label_added_persons = 0
                 self.fallback = True
                 self.fallback_count += 1
                 self.mixture = None
@@ -1326,7 +1315,6 @@ class HouseholdModel:
 
         Either way the model's persons now come from labels: ``persons_from_labels``."""
         self.persons_from_labels = True
-        self.label_added_persons = int(clamp.max()) + 1 - free.n_components
         grown = self._split_off_label_persons(X, free, clamp, keys, pred, rows, cols, volunteered, LABEL_SEED_EM_ITERS)
         checked = LABEL_GROWTH_CHECK and not (LABEL_CHECK_FITS_AT_ONCE_ONLY and self.grew_from_cold)
         if checked and self._held_out_label_gain(X, free, clamp, keys, pred, rows, cols, volunteered) < 0:
@@ -2128,15 +2116,6 @@ class HouseholdModel:
         assert self.kmeans is not None
         return self.kmeans.predict_proba(X[:, :F.FEATURE_DIM], KMEANS_TEMPERATURE if temperature is None else temperature)
 
-    def evidence_persons(self, persons: int) -> int | None:
-        """The persons the confidence maps' household shift reads for an answer over
-        ``persons`` (None: ``persons`` itself): with LABEL_SHAPED_EVIDENCE_FIT_PERSONS, a
-        model whose persons labels added is judged by the persons its unlabelled fit
-        found, at least two (the maps' multi-person answers)."""
-        if not (LABEL_SHAPED_EVIDENCE_FIT_PERSONS and self.label_added_persons > 0):
-            return None
-        return max(persons - self.label_added_persons, 2)
-
     def assign_batch(self, X: np.ndarray, device_ids: Sequence[str] | None = None,
                      included: bool | np.ndarray = False) -> BatchAssignment:
         """Vectorised assignment of many sessions of this household (``device_ids``
@@ -2169,10 +2148,9 @@ class HouseholdModel:
                                              self.fit_sessions)
                        if device and P.shape[1] == 1 else None)
                 raw = P
-                counted = self.evidence_persons(raw.shape[1])
                 P = calibrate_confidence(raw, device=device, young=young, one_person=one, streamed=self.streamed,
                                          settled=included, device_groups=self.device_group_count,
-                                         sessions=self.n_sessions, evidence_persons=counted)
+                                         sessions=self.n_sessions)
                 arriving = ~np.broadcast_to(np.asarray(included, dtype=bool), (raw.shape[0],))
                 if device and not young and not self.streamed and arriving.any():
                     # A mature model fitted on every session at once (an import; a refit
@@ -2187,7 +2165,7 @@ class HouseholdModel:
                     P[arriving] = calibrate_confidence(
                         raw[arriving], device=True, young=False, one_person=one if np.ndim(one) == 0 or one is None
                         else one[arriving], streamed=True, settled=False, device_groups=self.device_group_count,
-                        sessions=self.n_sessions, evidence_persons=counted)
+                        sessions=self.n_sessions)
                 unknown = self._unknown_device_rows(device_ids, slots)
                 if unknown.any():
                     P[unknown] = new_device_confidence(raw[unknown])
@@ -2319,7 +2297,7 @@ class HouseholdModel:
             "since_refit": self.since_refit, "fit_sessions": self.fit_sessions,
             "inactive": sorted(self.inactive), "joined": sorted(self.joined),
             "reserved_keys": self.reserved_keys, "persons_from_labels": self.persons_from_labels,
-            "grew_from_cold": self.grew_from_cold, "label_added_persons": self.label_added_persons,
+            "grew_from_cold": self.grew_from_cold,
         }
         meta["cold_labels"] = self.cold_labels
         arrays: dict[str, np.ndarray] = {"cold_X": self.cold_X, "cold_slots": self.cold_slots,
@@ -2380,8 +2358,6 @@ class HouseholdModel:
         m.persons_from_labels = bool(meta.get("persons_from_labels", False))
         # Stored before this was kept: unknown, and the check applies as it did then.
         m.grew_from_cold = bool(meta.get("grew_from_cold", False))
-        # Stored before it was kept: judged by the persons it has, as it was answered then.
-        m.label_added_persons = int(meta.get("label_added_persons", 0))
         if "buffer" in z:
             m.buffer, m.buffer_keys = z["buffer"], z["buffer_keys"]
         if "stats" in z:
