@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import pickle
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
@@ -36,6 +34,7 @@ import numpy as np
 from bench import _worlds_eval as E
 from bench import label_feedback as LF
 from bench._clustering_eval import ece
+from bench.feedback_tuning import cached
 
 BINS = 15
 
@@ -44,18 +43,15 @@ def collect(split: str, first_world: int, n_worlds: int | None, households: int 
             workers: int, cache: str | None):
     hs = LF.households(split, first_world, n_worlds, households)
     fed = E.feedback_draws(hs, draws)
-    if cache and os.path.exists(cache):
-        with open(cache, "rb") as f:
-            outs = pickle.load(f)
-    else:
+
+    def work():
         prior = LF.priors(split, first_world, n_worlds, hs) if E.SERVICE_COLD_START_PRIOR else None
-        work = [(h, f, False, True, *((prior.get(h.world_id),) if prior is not None else ()))
+        args = [(h, f, False, True, *((prior.get(h.world_id),) if prior is not None else ()))
                 for h, f in zip(hs, fed)]
         with ProcessPoolExecutor(workers) as pool:
-            outs = list(pool.map(_one, work))
-        if cache:
-            with open(cache, "wb") as f:
-                pickle.dump(outs, f)
+            return list(pool.map(_one, args))
+
+    outs = cached(cache, work)
     return hs, fed, outs
 
 
