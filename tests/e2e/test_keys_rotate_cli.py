@@ -76,3 +76,37 @@ def test_a_refusal_exits_non_zero_with_the_gateways_answer(kek_mesh):
     assert wrong_key.returncode == 2 and "401" in wrong_key.stderr, wrong_key.stderr
     no_key = hearth_keys(kek_mesh, "", "--to", "k1")
     assert no_key.returncode == 2 and "HEARTH_ROLLOUT_API_KEY" in no_key.stderr, no_key.stderr
+
+
+def test_a_household_key_rotation_is_refused_to_an_analyst_and_for_a_household_without_a_key(kek_mesh):
+    """`hearth keys rotate-household` (privacy's RotateDataKey: privacy officer or admin);
+    the rotation itself is tested in tests/e2e/test_remnants_e2e.py."""
+    def rotate_household(key: str, account: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "HEARTH_ROLLOUT_API_KEY": key}
+        return subprocess.run([sys.executable, "-m", "services.cli", "keys", "rotate-household", account,
+                               "--gateway", kek_mesh.url], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=SLOW_MACHINE_S)
+
+    analyst = rotate_household(kek_mesh.keys["kek-analyst"], ACCOUNTS[0])
+    assert analyst.returncode == 2 and "403" in analyst.stderr and analyst.stdout == "", analyst.stderr
+    unknown = rotate_household(kek_mesh.keys["kek-admin"], "kek-acc-never-seen")
+    assert unknown.returncode == 2 and "404" in unknown.stderr and "no data key" in unknown.stderr, unknown.stderr
+
+
+def test_the_batch_rotation_of_old_household_keys_answers_and_is_refused_to_an_analyst(kek_mesh):
+    """`hearth keys rotate-households` (privacy's RotateDataKeys): the mesh's keys were
+    created minutes ago, so none is older than a year: an empty batch, at once; an analyst
+    is refused; a limit past 1000 is refused naming it (the batch itself:
+    tests/integration/test_data_key_rotation.py)."""
+    def rotate_households(key: str, *args: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "HEARTH_ROLLOUT_API_KEY": key}
+        return subprocess.run([sys.executable, "-m", "services.cli", "keys", "rotate-households", *args,
+                               "--gateway", kek_mesh.url], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=SLOW_MACHINE_S)
+
+    done = rotate_households(kek_mesh.keys["kek-admin"], "--older-than-days", "365")
+    assert done.returncode == 0 and json.loads(done.stdout) == {"rotated": []}, done.stderr
+    analyst = rotate_households(kek_mesh.keys["kek-analyst"], "--older-than-days", "365")
+    assert analyst.returncode == 2 and "403" in analyst.stderr, analyst.stderr
+    too_many = rotate_households(kek_mesh.keys["kek-admin"], "--older-than-days", "365", "--limit", "5000")
+    assert too_many.returncode == 2 and "422" in too_many.stderr and "limit" in too_many.stderr, too_many.stderr
