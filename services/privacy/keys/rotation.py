@@ -44,7 +44,8 @@ import grpc
 from prometheus_client import Counter
 
 from services.common import audit
-from services.common.errors import FailedPrecondition, HearthError, InvalidArgument, NotFound, Unavailable
+from services.common.errors import (
+    FailedPrecondition, HearthError, InvalidArgument, NotFound, ResourceExhausted, Unavailable)
 from services.common.field_crypto import DEFAULT_TTL_S
 from services.common.telemetry import pseudonym
 from services.privacy.keys.app import REFRESH_S, KeyService
@@ -58,6 +59,14 @@ SWEEP_S = 60.0
 # or gave up) by the sweep; a live call finishes well within it.
 ABANDONED_S = 240.0
 MAX_BATCH = 1000
+
+
+def max_calls_for(max_workers: int) -> int:
+    """How many ``RotateDataKey`` calls one privacy replica runs at once: each holds one of
+    its ``max_workers`` RPC threads through the settle (~70 s), and the same threads serve
+    every store's ``GetDataKey``, consent checks and deletions (review26: 16 concurrent
+    rotations took all 16 and a new household's first events failed mesh-wide)."""
+    return max(1, max_workers // 8)
 
 ROTATIONS = Counter("hearth_dek_rotations_total",
                     "Household data key rotations finished (completed), refused because the household was "
@@ -92,7 +101,7 @@ def _from_rpc(exc: grpc.RpcError, service: str) -> HearthError:
 class DataKeyRotation:
     def __init__(self, keys: KeyService, rekey: Rekey, services: Sequence[str], *, settle_s: float = SETTLE_S,
                  passes: int = PASSES, sweep_s: float = SWEEP_S, wall: Callable[[], float] = time.time,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, max_calls: int = 2) -> None:
         self.keys = keys
         self._rekey = rekey
         self.services = tuple(services)
@@ -103,16 +112,26 @@ class DataKeyRotation:
         self._sleep = sleep
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.max_calls = max_calls
+        self._calls = threading.BoundedSemaphore(max_calls)
 
     # ---- one household ----------------------------------------------------------------
 
     def rotate(self, account_id: str) -> RotationOutcome:
+        # Refused before anything is begun (no new version): the caller retries later.
+        if not self._calls.acquire(blocking=False):
+            raise ResourceExhausted(f"{self.max_calls} data key rotation(s) already under way on this privacy "
+                                    "replica (each waits out its settle holding a worker): retry when one has "
+                                    "finished", "account_id")
         try:
-            target, resumed, created_at = self.keys.begin_rotation(account_id)  # type: ignore[misc]
-        except FailedPrecondition:
-            ROTATIONS.labels("erased").inc()
-            raise
-        return self._finish(account_id, target, resumed, created_at)
+            try:
+                target, resumed, created_at = self.keys.begin_rotation(account_id)  # type: ignore[misc]
+            except FailedPrecondition:
+                ROTATIONS.labels("erased").inc()
+                raise
+            return self._finish(account_id, target, resumed, created_at)
+        finally:
+            self._calls.release()
 
     def _finish(self, account_id: str, target: int, resumed: bool, created_at: datetime) -> RotationOutcome:
         outcome = RotationOutcome(account_id, target, resumed=resumed)
