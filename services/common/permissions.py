@@ -135,6 +135,7 @@ ROUTES: dict[str, Permission] = {
     "POST /v1/keys/rotate": P.ROTATE_KEYS,   # `hearth keys rotate` (KEK rotation, admin)
     # `hearth keys rotate-household` (one household's data key, privacy officer or admin)
     "POST /v1/household/{account_id}/rotate-key": P.ROTATE_DATA_KEY,
+    "POST /v1/keys/rotate-households": P.ROTATE_DATA_KEY,   # `hearth keys rotate-households` (a batch)
 }
 
 # RPCs per full gRPC service name.
@@ -143,6 +144,7 @@ RPCS: dict[str, dict[str, Permission]] = {
     "hearth.common.v1.DataHolder": {
         "Erase": P.ERASE_DATA,
         "ExportAccount": P.EXPORT_HOUSEHOLD,
+        "ExportAccountStream": P.EXPORT_HOUSEHOLD,
         "Rekey": P.REKEY_DATA,
     },
     "hearth.clustering.v1.ClusteringService": {
@@ -165,6 +167,7 @@ RPCS: dict[str, dict[str, Permission]] = {
         "GetDeletion": P.READ_DELETION,
         "VerifyReceipt": P.VERIFY_RECEIPT,
         "ExportHousehold": P.EXPORT_HOUSEHOLD,
+        "ExportHouseholdStream": P.EXPORT_HOUSEHOLD,
     },
     "hearth.privacy.v1.Consent": {
         "SetConsent": P.SET_CONSENT,
@@ -181,6 +184,7 @@ RPCS: dict[str, dict[str, Permission]] = {
         "GetDataKey": P.USE_DATA_KEY,
         "RotateKeys": P.ROTATE_KEYS,
         "RotateDataKey": P.ROTATE_DATA_KEY,
+        "RotateDataKeys": P.ROTATE_DATA_KEY,
     },
     "hearth.feedback.v1.FeedbackService": {
         "RecordPrediction": P.RECORD_PREDICTION,

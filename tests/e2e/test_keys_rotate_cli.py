@@ -101,6 +101,25 @@ def test_a_household_key_rotation_is_refused_to_an_analyst_and_for_a_household_w
     assert unknown.returncode == 2 and "404" in unknown.stderr and "no data key" in unknown.stderr, unknown.stderr
 
 
+def test_the_batch_rotation_of_old_household_keys_answers_and_is_refused_to_an_analyst(kek_mesh):
+    """`hearth keys rotate-households` (privacy's RotateDataKeys): the mesh's keys were
+    created minutes ago, so none is older than a year: an empty batch, at once; an analyst
+    is refused; a limit past 1000 is refused naming it (the batch itself:
+    tests/integration/test_data_key_rotation.py)."""
+    def rotate_households(key: str, *args: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "HEARTH_ROLLOUT_API_KEY": key}
+        return subprocess.run([sys.executable, "-m", "services.cli", "keys", "rotate-households", *args,
+                               "--gateway", kek_mesh.url], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=SLOW_MACHINE_S)
+
+    done = rotate_households(kek_mesh.keys["kek-admin"], "--older-than-days", "365")
+    assert done.returncode == 0 and json.loads(done.stdout) == {"rotated": []}, done.stderr
+    analyst = rotate_households(kek_mesh.keys["kek-analyst"], "--older-than-days", "365")
+    assert analyst.returncode == 2 and "403" in analyst.stderr, analyst.stderr
+    too_many = rotate_households(kek_mesh.keys["kek-admin"], "--older-than-days", "365", "--limit", "5000")
+    assert too_many.returncode == 2 and "422" in too_many.stderr and "limit" in too_many.stderr, too_many.stderr
+
+
 def test_household_key_rotations_waiting_out_their_settle_leave_privacy_serving(kek_mesh):
     """Each RotateDataKey holds a privacy worker through its settle (~70 s in production):
     until review26 neither the gateway (no in-flight bound on the route) nor the privacy

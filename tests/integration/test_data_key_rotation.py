@@ -20,7 +20,7 @@ from services.clustering.domain.events import ViewingEvent
 from services.clustering.store import ClusteringStore
 from services.common.erasure import ErasureScope
 from services.common.errors import FailedPrecondition, NotFound
-from services.common.field_crypto import TEXT_PREFIX, FieldCipher, FieldDecryptionError
+from services.common.field_crypto import TEXT_PREFIX, FieldCipher
 from services.common.storage.cache import MemoryCache
 from services.common.storage.sql import PostgresDatabase, SqliteDatabase, migrate
 from services.privacy.keys.app import KeyService
@@ -235,3 +235,64 @@ def test_a_batch_rotates_the_households_whose_key_is_older_than_n_days(databases
     assert sorted(d.account_id for d in done) == ["acc-1", "acc-2"]
     assert mesh.versions("acc-1") == mesh.versions("acc-2") == {2} and mesh.versions("acc-3") == {1}
     assert mesh.rotation().rotate_older_than(30, 10) == []      # their newest keys are new now
+
+
+def test_a_stopping_privacy_service_does_not_wait_out_a_rotations_settle(databases):
+    """The settle (70 s) is waited on the rotation's stop event: a SIGTERM'd privacy
+    process closes it and the call answers UNAVAILABLE at once (run it again: it resumes);
+    a sleep would hold the process past the chart's 20 s and get it SIGKILLed."""
+    import threading
+
+    from services.common.errors import Unavailable
+
+    mesh = Mesh(databases)
+    mesh.fill("acc-s", n=2)
+    rotation = DataKeyRotation(mesh.keys, mesh.rekey, ("clustering", "attribution"), settle_s=60.0)
+    outcome: list = []
+    worker = threading.Thread(target=lambda: outcome.append(pytest.raises(Unavailable, rotation.rotate, "acc-s")))
+    started = time.monotonic()
+    worker.start()
+    time.sleep(0.5)
+    rotation.close()
+    worker.join(10)
+    assert not worker.is_alive() and time.monotonic() - started < 10 and outcome
+    assert mesh.rekeyed == [] and mesh.key_store.rotations_in_progress() == ["acc-s"]
+
+
+def test_two_replicas_rotating_one_household_at_once_make_one_version_and_lose_nothing(databases):
+    """Two privacy replicas get RotateDataKey for the same household at once (an operator's
+    retry landing on the other replica): the second finds the first's new version and
+    resumes that rotation instead of making another; both re-encrypt (idempotent, one
+    after the other in the household's lock), both retire; the data reads back the same."""
+    import threading
+
+    mesh = Mesh(databases)
+    mesh.fill("acc-2r")
+    before = mesh.export("acc-2r")
+    both_begun = threading.Barrier(2, timeout=30)
+
+    def rekey_after_both_began(service, account, version):
+        if service == "clustering" and both_begun.n_waiting < 2 and not getattr(threading.current_thread(), "met", 0):
+            threading.current_thread().met = 1
+            both_begun.wait()
+        return mesh.rekey(service, account, version)
+
+    outcomes, errors = [], []
+
+    def run(keys):
+        try:
+            outcomes.append(mesh.rotation(keys, rekey=rekey_after_both_began).rotate("acc-2r"))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(keys,)) for keys in (mesh.keys, mesh.replica())]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and len(outcomes) == 2
+    assert sorted((o.dek_version, o.resumed) for o in outcomes) == [(2, False), (2, True)]
+    assert mesh.versions("acc-2r") == {2} and mesh.export("acc-2r") == before
+    rows = {r.dek_version: r for r in mesh.key_store.load("acc-2r")}
+    assert sorted(rows) == [1, 2] and not rows[1].destroyed and not rows[2].destroyed
+    assert mesh.key_store.rotations_in_progress() == []

@@ -18,7 +18,9 @@ answer on stderr and exits 2.
 audited ``key_rotation``): docs/operations.md, "Rotating a household's data key". It prints
 the answer as JSON (``dek_version``, ``reencrypted``, ``destroyed_versions``,
 ``kept_versions``, ``resumed``); a refusal or no answer exits 2 (run it again: a rotation
-left under way is resumed, not begun anew).
+left under way is resumed, not begun anew). ``hearth keys rotate-households
+--older-than-days N [--limit M]`` does it for up to M (100; at most 1000) households whose
+newest key is older than N days, oldest first.
 
 Only ``argparse`` is imported here: the HTTP client is imported when the command runs,
 so registering it costs the ``hearth`` command nothing.
@@ -59,6 +61,11 @@ def _cmd_rotate(args: argparse.Namespace) -> int:
     return _post(args, "/v1/keys/rotate", {"new_active_kek_id": args.to}, "RotateKeys")
 
 
+def _cmd_rotate_households(args: argparse.Namespace) -> int:
+    return _post(args, "/v1/keys/rotate-households",
+                 {"older_than_days": args.older_than_days, "limit": args.limit}, "RotateDataKeys")
+
+
 def _cmd_rotate_household(args: argparse.Namespace) -> int:
     from urllib.parse import quote
 
@@ -86,3 +93,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                            help="how long to wait for the answer (a rotation waits ~70 s before re-encrypting; "
                                 "the gateway allows it 300 s)")
     household.set_defaults(func=_cmd_rotate_household)
+    batch = commands.add_parser(
+        "rotate-households", help="rotate the data key of up to --limit households whose key is older than "
+                                  "--older-than-days (privacy officer or admin)")
+    batch.add_argument("--older-than-days", type=float, required=True)
+    batch.add_argument("--limit", type=int, default=100, help="at most this many households (1..1000)")
+    batch.add_argument("--gateway", default="http://127.0.0.1:8080")
+    batch.add_argument("--timeout-s", type=float, default=330.0,
+                       help="how long to wait for the answer (the gateway allows it 300 s: keep --limit small "
+                            "enough for that)")
+    batch.set_defaults(func=_cmd_rotate_households)

@@ -101,7 +101,7 @@ def _from_rpc(exc: grpc.RpcError, service: str) -> HearthError:
 class DataKeyRotation:
     def __init__(self, keys: KeyService, rekey: Rekey, services: Sequence[str], *, settle_s: float = SETTLE_S,
                  passes: int = PASSES, sweep_s: float = SWEEP_S, wall: Callable[[], float] = time.time,
-                 sleep: Callable[[float], None] = time.sleep, max_calls: int = 2) -> None:
+                 sleep: Callable[[float], None] | None = None, max_calls: int = 2) -> None:
         self.keys = keys
         self._rekey = rekey
         self.services = tuple(services)
@@ -109,8 +109,10 @@ class DataKeyRotation:
         self.passes = passes
         self.sweep_s = sweep_s
         self._wall = wall
-        self._sleep = sleep
         self._stop = threading.Event()
+        # The settle is waited out on the stop event: a privacy process stopping (SIGTERM)
+        # must not wait up to 70 s for a rotation's settle (the chart kills it after 20 s).
+        self._sleep = sleep or self._stop.wait
         self._thread: threading.Thread | None = None
         self.max_calls = max_calls
         self._calls = threading.BoundedSemaphore(max_calls)
@@ -139,6 +141,9 @@ class DataKeyRotation:
             wait = created_at.timestamp() + self.settle_s - self._wall()
             if wait > 0:
                 self._sleep(wait)
+            if self._stop.is_set():
+                raise Unavailable("the privacy service is stopping: the rotation is under way, run it again "
+                                  "(it resumes)", "account_id")
             for service in self.services:
                 outcome.reencrypted[service] = self._rekey_all(service, account_id, target)
             purges: list[dict] = []

@@ -1,4 +1,4 @@
-"""gRPC adapter of the keys room: GetDataKey, RotateKeys, RotateDataKey."""
+"""gRPC adapter of the keys room: GetDataKey, RotateKeys, RotateDataKey(s)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from services.common import identity
 from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from services.common.ids import check_id
 from services.privacy.keys.app import KeyService
-from services.privacy.keys.rotation import DataKeyRotation
+from services.privacy.keys.rotation import DataKeyRotation, RotationOutcome
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Keys"].full_name
 
@@ -37,7 +37,16 @@ class KeysServicer(pb_grpc.KeysServicer):
         account_id = check_id(request.account_id, "account_id")
         if self._rotation is None:
             raise FailedPrecondition("this privacy service reaches no data-holding service", "account_id")
-        done = self._rotation.rotate(account_id)
-        return pb.RotateDataKeyResponse(account_id=done.account_id, dek_version=done.dek_version,
-                                        reencrypted=done.reencrypted, destroyed_versions=done.destroyed,
-                                        kept_versions=done.kept, resumed=done.resumed)
+        return _outcome_to_pb(self._rotation.rotate(account_id))
+
+    def RotateDataKeys(self, request, context) -> pb.RotateDataKeysResponse:
+        if self._rotation is None:
+            raise FailedPrecondition("this privacy service reaches no data-holding service", "older_than_days")
+        done = self._rotation.rotate_older_than(float(request.older_than_days), int(request.limit))
+        return pb.RotateDataKeysResponse(rotated=[_outcome_to_pb(d) for d in done])
+
+
+def _outcome_to_pb(done: RotationOutcome) -> pb.RotateDataKeyResponse:
+    return pb.RotateDataKeyResponse(account_id=done.account_id, dek_version=done.dek_version,
+                                    reencrypted=done.reencrypted, destroyed_versions=done.destroyed,
+                                    kept_versions=done.kept, resumed=done.resumed)

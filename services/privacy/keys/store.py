@@ -66,9 +66,12 @@ class DataKeyStore:
     def rotations_in_progress(self, limit: int = 100) -> list[str]:
         """Households with a live version older than their newest that is not retired: a
         rotation begun and not finished (keys/rotation.py)."""
+        # Only households with a live version >= 2 can have one (index data_keys_version);
+        # a scan of every household's key, every minute on every replica, would not do.
         with self.db.transaction() as tx:
             return [r[0] for r in tx.query(
-                "SELECT DISTINCT k.account_id FROM data_keys k WHERE k.destroyed_at IS NULL AND k.retired_at IS NULL "
+                "SELECT DISTINCT k.account_id FROM data_keys k WHERE k.account_id IN (SELECT account_id FROM data_keys "
+                "WHERE dek_version >= 2 AND destroyed_at IS NULL) AND k.destroyed_at IS NULL AND k.retired_at IS NULL "
                 "AND k.dek_version < (SELECT MAX(n.dek_version) FROM data_keys n WHERE n.account_id = k.account_id "
                 "AND n.destroyed_at IS NULL) ORDER BY k.account_id LIMIT ?", (limit,))]
 
