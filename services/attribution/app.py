@@ -183,7 +183,7 @@ class AttributionApp:
 
     def export_account(self, account_id: str) -> dict:
         """DataHolder.ExportAccount (services/common/erasure.py validates the id)."""
-        return self.store.export_account(account_id)
+        return self.store.export_sections(account_id)   # lazy: streamed a page at a time
 
     def attribute(self, query: AttributeQuery, caller: Principal | None = None) -> AttributionOutcome:
         """``caller``: the principal who asked (None: in-process, e.g. tests and tools)."""

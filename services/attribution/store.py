@@ -12,7 +12,8 @@ from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.field_crypto import FieldCipher, drop_keys_of_erased_households, note_household_erased
 from services.common.storage.cache import Cache, MemoryCache
 from services.common.ids import MAX_FUTURE_SKEW_S
-from services.common.storage.sql import Database, Tx, migrate, record_erasure
+from services.common.export_stream import materialised
+from services.common.storage.sql import Database, Tx, keyset_rows, migrate, record_erasure
 
 # Every table an erasure deletes from (purged physically after it: Database.purge_erased;
 # kept out of PostgreSQL's planner statistics: migrate(personal_tables=...)).
@@ -219,16 +220,20 @@ class AttributionStore:
         return outcome
 
     def export_account(self, account_id: str) -> dict:
-        """Everything held for the account (privacy's household export), decrypted."""
-        with self.db.transaction() as tx:
-            tps = tx.query("SELECT touchpoint_id, device_id, ts, channel, campaign, person_id FROM touchpoints "
-                           "WHERE account_id = ? ORDER BY ts, touchpoint_id", (account_id,))
-            cvs = tx.query("SELECT conversion_id, ts, kind, value, device_id FROM conversions "
-                           "WHERE account_id = ? ORDER BY ts, conversion_id", (account_id,))
+        """``export_sections`` read whole (the tests' and tools' form)."""
+        return materialised(self.export_sections(account_id))
+
+    def export_sections(self, account_id: str) -> dict:
+        """Everything held for the account (privacy's household export), decrypted; lazy,
+        a page at a time as the stream is written (services/common/export_stream.py)."""
+        tps = keyset_rows(self.db, "SELECT touchpoint_id, device_id, ts, channel, campaign, person_id "
+                          "FROM touchpoints WHERE account_id = ?", (account_id,), ("ts", "touchpoint_id"), (2, 0))
+        cvs = keyset_rows(self.db, "SELECT conversion_id, ts, kind, value, device_id FROM conversions "
+                          "WHERE account_id = ?", (account_id,), ("ts", "conversion_id"), (1, 0))
         return {
-            "touchpoints": [{"touchpoint_id": r[0], "device_id": r[1], "ts": float(r[2]), "channel": r[3],
-                             "campaign": self._campaign_out(account_id, r[4]), "person_id": r[5]} for r in tps],
-            "conversions": [{"conversion_id": r[0], "ts": float(r[1]), "kind": r[2], "value": float(r[3]),
-                             "device_id": r[4]} for r in cvs],
+            "touchpoints": ({"touchpoint_id": r[0], "device_id": r[1], "ts": float(r[2]), "channel": r[3],
+                             "campaign": self._campaign_out(account_id, r[4]), "person_id": r[5]} for r in tps),
+            "conversions": ({"conversion_id": r[0], "ts": float(r[1]), "kind": r[2], "value": float(r[3]),
+                             "device_id": r[4]} for r in cvs),
         }
 

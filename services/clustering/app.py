@@ -505,7 +505,7 @@ class ClusteringApp:
 
     def export_account(self, account_id: str) -> dict:
         """DataHolder.ExportAccount (services/common/erasure.py validates the id)."""
-        return self.store.export_account(account_id)
+        return self.store.export_sections(account_id)   # lazy: streamed a page at a time
 
     def resolve_persons(self, instants: list[tuple[str, str, float]]) -> list[tuple[str, dict[str, float]]]:
         for n, (account, device, _) in enumerate(instants):

@@ -37,7 +37,8 @@ from services.common.field_crypto import (FieldCipher, FieldDecryptionError, dro
                                          household_erasures, note_household_erased)
 from services.common.feedback_to_clustering import UNPROMPTED_LABEL_SUFFIX
 from services.common.storage.cache import Cache, MemoryCache, purge_persistence
-from services.common.storage.sql import Database, Tx, migrate, record_erasure
+from services.common.export_stream import materialised
+from services.common.storage.sql import Database, Tx, keyset_rows, migrate, record_erasure
 from services.common.telemetry import pseudonym
 
 log = logging.getLogger("hearth.clustering.store")
@@ -1131,40 +1132,45 @@ class ClusteringStore:
         return self.db.purge_erased(_ERASED_TABLES)
 
     def export_account(self, account_id: str) -> dict:
+        """``export_sections`` read whole (the tests' and tools' form)."""
+        return materialised(self.export_sections(account_id))
+
+    def export_sections(self, account_id: str) -> dict:
         """Everything held for the account, decrypted (privacy's household export):
         devices, events, sessions (feature vectors, labels, persons), the household
         model (metadata and base64 blob), drift events and the persons feedback named
-        for sessions (``session_labels``)."""
+        for sessions (``session_labels``). Events and sessions, a household's bulk, are
+        lazy: read and decrypted a page at a time as the stream is written
+        (services/common/export_stream.py), so no export holds them all."""
         with self.db.transaction(readonly=True) as tx:
             devices = tx.query("SELECT device_id, device_type, last_ts FROM devices WHERE account_id = ? "
                                "ORDER BY device_id", (account_id,))
-            events = tx.query(f"SELECT {_EVENT_COLUMNS} FROM events WHERE account_id = ? ORDER BY ts, event_id",
-                              (account_id,))
-            sessions = tx.query(
-                "SELECT session_id, device_id, device_type, start_ts, end_ts, event_count, watch_seconds, "
-                "feature_version, features, label, person_id, person_probs FROM sessions WHERE account_id = ? "
-                "ORDER BY start_ts, session_id", (account_id,))
             models = tx.query("SELECT version, variant, model, updated_at FROM household_models "
                               "WHERE account_id = ?", (account_id,))
             drift = tx.query("SELECT drift_type, severity, statistic, detected_at, refit_triggered "
                              "FROM drift_events WHERE account_id = ? ORDER BY detected_at, id", (account_id,))
             labels = tx.query("SELECT session_id, person_id, source, recorded_at FROM session_labels "
                               "WHERE account_id = ? ORDER BY recorded_at, session_id", (account_id,))
-        decoded = [self._event_from_row(r) for r in events]
+        events = keyset_rows(self.db, f"SELECT {_EVENT_COLUMNS} FROM events WHERE account_id = ?", (account_id,),
+                             ("ts", "event_id"), (4, 0))
+        sessions = keyset_rows(
+            self.db, "SELECT session_id, device_id, device_type, start_ts, end_ts, event_count, watch_seconds, "
+            "feature_version, features, label, person_id, person_probs FROM sessions WHERE account_id = ?",
+            (account_id,), ("start_ts", "session_id"), (3, 0))
         return {
             "devices": [{"device_id": r[0], "device_type": r[1], "last_ts": float(r[2])} for r in devices],
-            "events": [{"event_id": e.event_id, "device_id": e.device_id, "device_type": e.device_type, "ts": e.ts,
+            "events": ({"event_id": e.event_id, "device_id": e.device_id, "device_type": e.device_type, "ts": e.ts,
                         "kind": e.kind, "title_id": e.title_id, "series_id": e.series_id, "genres": list(e.genres),
                         "duration_s": e.duration_s, "maturity": e.maturity, "country": e.country, "vpn": e.vpn,
                         "profile_hint": e.profile_hint, "utc_offset_minutes": e.utc_offset_minutes}
-                       for e in decoded],
-            "sessions": [{"session_id": r[0], "device_id": r[1], "device_type": r[2], "start_ts": float(r[3]),
+                       for e in map(self._event_from_row, events)),
+            "sessions": ({"session_id": r[0], "device_id": r[1], "device_type": r[2], "start_ts": float(r[3]),
                           "end_ts": float(r[4]), "event_count": int(r[5]), "watch_seconds": float(r[6]),
                           "feature_version": int(r[7]),
                           "features": np.frombuffer(self._open_vector(account_id, "features", r[8]),
                                                     dtype="<f4").astype(float).tolist(),
                           "label": self._open_text(account_id, "label", r[9]), "person_id": r[10],
-                          "person_probabilities": json.loads(r[11]) if r[11] else None} for r in sessions],
+                          "person_probabilities": json.loads(r[11]) if r[11] else None} for r in sessions),
             "household_model": ({"version": int(models[0][0]), "variant": models[0][1],
                                  "model_base64": base64.b64encode(
                                      self._open_model(account_id, models[0][2])).decode("ascii"),

@@ -188,6 +188,16 @@ class MeshSettings(HearthSettings):
     # server.build_server. Responses (exports) stay at 64 MiB.
     grpc_max_message_bytes: Annotated[int, bounded(ge=1024 * 1024, le=1024 * 1024 * 1024,
                                                    message="must be bytes in [1 MiB, 1 GiB]")] = 16 * 1024 * 1024
+    # The largest response message a server sends and a client reads (tls.response_max_bytes).
+    # Until session 26 a household's export was one response and had to fit; it is streamed
+    # now (export_stream.py), so this bounds single answers only. Tests lower it to show an
+    # export larger than the limit going through whole (tests/e2e/test_export_stream_e2e.py).
+    grpc_max_response_bytes: Annotated[int, bounded(ge=64 * 1024, le=1024 * 1024 * 1024,
+                                                    message="must be bytes in [64 KiB, 1 GiB]")] = 64 * 1024 * 1024
+    # The data bytes of one message of a streamed export (export_stream.chunks): each data
+    # holder's part and privacy's document are sent in chunks of at most this.
+    export_chunk_bytes: Annotated[int, bounded(ge=1024, le=16 * 1024 * 1024,
+                                               message="must be bytes in [1 KiB, 16 MiB]")] = 1024 * 1024
     # The size limit of the data directory's volume (the chart's storage.dataDir.sizeLimit:
     # the kubelet evicts a pod whose emptyDir grows past it, and an evicted pod's emptyDir
     # — its audit outbox with it — is gone). Only reported, as
@@ -287,12 +297,16 @@ def configure_process(settings: MeshSettings, component: str | None = None) -> N
     A partial or unreadable TLS or signing-key configuration stops the process naming
     the variable. ``component``: the process's name ("gateway", "privacy", ...; default
     ``settings.service_name``), which its signing key must belong to."""
-    from services.common import identity, telemetry, tls
+    from services.common import export_stream, identity, telemetry, tls
 
     identity.configure_service_tokens(identity.signer_from_settings(
         settings, component or getattr(settings, "service_name", None)))
     tls.configure(tls.material_from_settings(settings), settings.grpc_lb_policy, settings.grpc_reconnect_max_s,
-                  settings.grpc_max_message_bytes)
+                  settings.grpc_max_message_bytes, settings.grpc_max_response_bytes)
+    if settings.export_chunk_bytes > settings.grpc_max_response_bytes // 2:
+        raise ConfigError("invalid configuration:\n  HEARTH_EXPORT_CHUNK_BYTES: must be at most half of "
+                          f"HEARTH_GRPC_MAX_RESPONSE_BYTES ({settings.grpc_max_response_bytes})")
+    export_stream.configure(settings.export_chunk_bytes)
     telemetry.configure_pseudonym_key(settings.log_pseudonym_key.get_secret_value()
                                       or settings.service_token_key.get_secret_value())
 

@@ -144,6 +144,7 @@ RPCS: dict[str, dict[str, Permission]] = {
     "hearth.common.v1.DataHolder": {
         "Erase": P.ERASE_DATA,
         "ExportAccount": P.EXPORT_HOUSEHOLD,
+        "ExportAccountStream": P.EXPORT_HOUSEHOLD,
         "Rekey": P.REKEY_DATA,
     },
     "hearth.clustering.v1.ClusteringService": {
@@ -166,6 +167,7 @@ RPCS: dict[str, dict[str, Permission]] = {
         "GetDeletion": P.READ_DELETION,
         "VerifyReceipt": P.VERIFY_RECEIPT,
         "ExportHousehold": P.EXPORT_HOUSEHOLD,
+        "ExportHouseholdStream": P.EXPORT_HOUSEHOLD,
     },
     "hearth.privacy.v1.Consent": {
         "SetConsent": P.SET_CONSENT,
