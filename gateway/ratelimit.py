@@ -72,7 +72,7 @@ class TooManyInFlight(RateLimited):
 # token, so within the default 50/s one analyst could hold every attribution worker.
 DEFAULT_IN_FLIGHT_LIMITS = {"POST /v1/attribution": 2, "GET /v1/household/{account_id}/export": 2,
                             "GET /v1/audit/export": 2, "POST /v1/keys/rotate": 1,
-                            "POST /v1/household/{account_id}/rotate-key": 1}
+                            "POST /v1/household/{account_id}/rotate-key": 1, "POST /v1/keys/rotate-households": 1}
 # A refused client retries after this long: a slot frees when one of its own requests ends.
 IN_FLIGHT_RETRY_AFTER_S = 1.0
 

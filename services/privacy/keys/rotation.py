@@ -37,6 +37,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -119,21 +120,28 @@ class DataKeyRotation:
 
     # ---- one household ----------------------------------------------------------------
 
-    def rotate(self, account_id: str) -> RotationOutcome:
-        # Refused before anything is begun (no new version): the caller retries later.
+    @contextmanager
+    def _admitted(self, field: str):
+        """One of ``max_calls`` slots for a call that waits out a settle holding an RPC
+        worker (a rotation, a batch); refused before anything is begun (no new version):
+        the caller retries later."""
         if not self._calls.acquire(blocking=False):
             raise ResourceExhausted(f"{self.max_calls} data key rotation(s) already under way on this privacy "
                                     "replica (each waits out its settle holding a worker): retry when one has "
-                                    "finished", "account_id")
+                                    "finished", field)
         try:
+            yield
+        finally:
+            self._calls.release()
+
+    def rotate(self, account_id: str) -> RotationOutcome:
+        with self._admitted("account_id"):
             try:
                 target, resumed, created_at = self.keys.begin_rotation(account_id)  # type: ignore[misc]
             except FailedPrecondition:
                 ROTATIONS.labels("erased").inc()
                 raise
             return self._finish(account_id, target, resumed, created_at)
-        finally:
-            self._calls.release()
 
     def _finish(self, account_id: str, target: int, resumed: bool, created_at: datetime) -> RotationOutcome:
         outcome = RotationOutcome(account_id, target, resumed=resumed)
@@ -187,13 +195,20 @@ class DataKeyRotation:
         if not 0 < limit <= MAX_BATCH:
             raise InvalidArgument(f"must be in 1..{MAX_BATCH}", "limit")
         before = datetime.fromtimestamp(self._wall(), UTC) - timedelta(days=days)
-        begun = []
-        for account_id in self.keys.store.newest_created_before(before.isoformat(), limit):
-            try:
-                begun.append((account_id, *self.keys.begin_rotation(account_id)))
-            except (FailedPrecondition, NotFound):
-                continue
-        return [self._finish(*b) for b in begun]
+        with self._admitted("limit"):
+            begun = []
+            for account_id in self.keys.store.newest_created_before(before.isoformat(), limit):
+                try:
+                    begun.append((account_id, *self.keys.begin_rotation(account_id)))
+                except (FailedPrecondition, NotFound):
+                    continue
+            done = []
+            for b in begun:
+                try:
+                    done.append(self._finish(*b))
+                except FailedPrecondition:   # erased during the settle: its key is shredded (review26)
+                    continue
+            return done
 
     def resume_unfinished(self, limit: int = 100) -> int:
         """Finish rotations begun over ``settle_s + ABANDONED_S`` ago (the sweep)."""
