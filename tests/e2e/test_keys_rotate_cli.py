@@ -162,3 +162,28 @@ def test_household_key_rotations_waiting_out_their_settle_leave_privacy_serving(
     admitted = [x for x in (c.result() for c in calls) if x.status_code != 429]
     assert 1 <= len(admitted) <= 3 and all(x.status_code == 200 and x.json()["dek_version"] == 2
                                            for x in admitted), [x.text for x in admitted]
+
+
+def test_a_batch_rotation_asked_over_grpc_for_a_span_past_the_calendar_is_refused_naming_it(kek_mesh):
+    """privacy's RotateDataKeys called directly (the gateway bounds older_than_days to
+    36,500): a span no date can be that far back from now was INTERNAL (an OverflowError
+    out of ``datetime - timedelta``) until review26; now INVALID_ARGUMENT naming the field."""
+    import grpc
+
+    from hearth.privacy.v1 import privacy_pb2 as ppb
+    from hearth.privacy.v1 import privacy_pb2_grpc as ppb_grpc
+    from services.common.identity import PRINCIPAL_KEY, ROLE_KEY, TOKEN_KEY, Principal, Role
+    from services.common.errors import ERROR_FIELD_KEY
+
+    officer = Principal("kek-officer-0", Role.PRIVACY_OFFICER)
+    metadata = [(PRINCIPAL_KEY, officer.id), (ROLE_KEY, officer.role.value),
+                (TOKEN_KEY, kek_mesh.signer("gateway").sign(officer, audience="privacy"))]
+    with grpc.insecure_channel(f"127.0.0.1:{kek_mesh.grpc_ports['privacy']}") as channel:
+        stub = ppb_grpc.KeysStub(channel)
+        for days in (1e6, float("inf")):
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.RotateDataKeys(ppb.RotateDataKeysRequest(older_than_days=days, limit=10), metadata=metadata,
+                                    timeout=SLOW_MACHINE_S)
+            trailing = dict(refused.value.trailing_metadata() or ())
+            assert (refused.value.code(), trailing.get(ERROR_FIELD_KEY)) == \
+                (grpc.StatusCode.INVALID_ARGUMENT, "older_than_days"), (days, refused.value.details())

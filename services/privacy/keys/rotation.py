@@ -60,6 +60,7 @@ SWEEP_S = 60.0
 # or gave up) by the sweep; a live call finishes well within it.
 ABANDONED_S = 240.0
 MAX_BATCH = 1000
+MAX_DAYS = 36500   # as the gateway's RotateDataKeysIn
 
 
 def max_calls_for(max_workers: int) -> int:
@@ -190,8 +191,8 @@ class DataKeyRotation:
         """Rotate up to ``limit`` households whose newest data key is older than ``days``
         days, oldest first: every one begun first, so they settle together (one wait, not
         one per household). A household erased meanwhile is skipped."""
-        if not days > 0:
-            raise InvalidArgument("must be > 0", "older_than_days")
+        if not 0 < days <= MAX_DAYS:   # past it no date is that far back (OverflowError: INTERNAL until review26)
+            raise InvalidArgument(f"must be in (0, {MAX_DAYS}]", "older_than_days")
         if not 0 < limit <= MAX_BATCH:
             raise InvalidArgument(f"must be in 1..{MAX_BATCH}", "limit")
         before = datetime.fromtimestamp(self._wall(), UTC) - timedelta(days=days)
