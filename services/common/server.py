@@ -652,9 +652,10 @@ def build_server(service: str, register: Callable[[grpc.Server], Iterable[str]],
         pool,
         interceptors=[HearthInterceptor(service, drain, reflection_stream_s)],
         # Requests up to HEARTH_GRPC_MAX_MESSAGE_BYTES (16 MiB; a larger one is
-        # RESOURCE_EXHAUSTED from the core), responses — a household's export — up to 64 MiB.
+        # RESOURCE_EXHAUSTED from the core), responses up to HEARTH_GRPC_MAX_RESPONSE_BYTES
+        # (64 MiB; a household's export is streamed in chunks of HEARTH_EXPORT_CHUNK_BYTES).
         options=[("grpc.max_receive_message_length", tls.max_message_bytes()),
-                 ("grpc.max_send_message_length", tls.RESPONSE_MAX_BYTES),
+                 ("grpc.max_send_message_length", tls.response_max_bytes()),
                  ("grpc.so_reuseport", 0),
                  # Connections are recycled so round_robin clients re-resolve and spread
                  # over new replicas (a GOAWAY lets calls in flight finish within the grace).
@@ -805,6 +806,7 @@ def run_service(name: str, build: Callable, settings_cls: type | None = None) ->
     telemetry.setup_telemetry(name, settings.trace_export, settings.log_level,
                               settings.resolved_metrics_port, settings.host)
     config.warn_if_shared(settings.data_dir)
+    telemetry.watch_data_dir(settings.data_dir, settings.data_dir_size_limit)
     servicers, closers = build(settings)
     for peer in ("clustering", "attribution", "privacy", "feedback"):
         if peer != name:

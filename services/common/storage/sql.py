@@ -515,6 +515,36 @@ def open_database(settings, service: str) -> Database:
     return db
 
 
+# Rows a streamed export reads per page (``keyset_rows``): each page is one short read
+# transaction, so an export paced by a slow client never holds one open (a SQLite reader
+# held open blocks the WAL checkpoint an erasure's purge runs; a PostgreSQL one holds back
+# vacuum).
+EXPORT_PAGE_ROWS = 1000
+
+
+def keyset_rows(db: Database, select: str, params: Sequence[Any], order: tuple[str, str],
+                positions: tuple[int, int], page_rows: int = EXPORT_PAGE_ROWS) -> Iterator[tuple]:
+    """The rows of ``select`` (``SELECT ... FROM ... WHERE ...``, no ORDER BY) ordered by the
+    two columns ``order`` (unique together, found at ``positions`` in each row), read
+    lazily in pages of ``page_rows`` by keyset (``(a, b) > last``), never all at once. Not a
+    snapshot: a row written or erased between pages is or is not seen by its position
+    (privacy tells an export that a deletion raced; docs/privacy.md §9)."""
+    first, second = order
+    after: tuple[Any, Any] | None = None
+    while True:
+        with db.transaction(readonly=True) as tx:
+            if after is None:
+                rows = tx.query(f"{select} ORDER BY {first}, {second} LIMIT ?", (*params, page_rows))
+            else:
+                rows = tx.query(f"{select} AND ({first} > ? OR ({first} = ? AND {second} > ?)) "
+                                f"ORDER BY {first}, {second} LIMIT ?",
+                                (*params, after[0], after[0], after[1], page_rows))
+        yield from rows
+        if len(rows) < page_rows:
+            return
+        after = (rows[-1][positions[0]], rows[-1][positions[1]])
+
+
 def probe(db: Database) -> str:
     """"" when the database answers a trivial query, else why not."""
     try:
