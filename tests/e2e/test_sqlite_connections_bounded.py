@@ -29,6 +29,6 @@ def test_health_checks_do_not_leave_a_sqlite_connection_behind_each(mesh):
     before = {s: _open_database_files(pid, f"/{s}.db") for s, pid in pids.items()}
     time.sleep(min(12.0, SLOW_MACHINE_S))   # six check rounds at the default 2 s
     after = {s: _open_database_files(pid, f"/{s}.db") for s, pid in pids.items()}
-    # Before the fix each grew by one a round (+5 or +6 here); a worker thread starting
+    # Before the fix each grew with every check round (+23 and +24 here); a worker thread starting
     # meanwhile may open one of its own.
     assert all(after[s] - before[s] <= 2 for s in pids), (before, after)
