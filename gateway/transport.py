@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import logging
 
+from prometheus_client import Counter
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger("hearth.gateway.transport")
@@ -51,6 +52,10 @@ DEFAULT_HEAD_TIMEOUT_S = 10.0
 # clients are the edge (Envoy, a load balancer) and services in the cluster, which read at
 # network speed; a 64 MiB export needs at most ~11 minutes at this floor.
 SEND_MIN_BYTES = 1024 * 1024
+# No route label: the connection may be between requests, and the cut is the client's pace.
+RESPONSES_NOT_TAKEN = Counter("hearth_gateway_responses_not_taken_total",
+                              "Connections aborted because their client took less than 1 MiB of a waiting "
+                              "response in HEARTH_HEAD_TIMEOUT_S")
 
 
 def replaying_receive(body: bytes, more_body: bool, receive):
@@ -191,6 +196,7 @@ def bounded_httptools(max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
             if self._send_unsent - unsent < min(SEND_MIN_BYTES, self._send_unsent):
                 log.info("a response was not taken by its client (%d bytes unsent, %d taken in %g s): "
                          "connection aborted", unsent, self._send_unsent - unsent, head_timeout_s)
+                RESPONSES_NOT_TAKEN.inc()
                 self.transport.abort()
                 return
             self._send_unsent = unsent

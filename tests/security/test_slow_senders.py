@@ -277,6 +277,13 @@ def _status_and_body(data: bytes) -> tuple[bytes, int, int]:
     return lines[0], length, len(body)
 
 
+def _responses_not_taken(url: str) -> float:
+    """hearth_gateway_responses_not_taken_total of a replica serving /metrics on its port."""
+    page = httpx.get(f"{url}/metrics", timeout=10).text
+    return float(next(line.split()[-1] for line in page.splitlines()
+                      if line.startswith("hearth_gateway_responses_not_taken_total ")))
+
+
 def test_a_response_its_client_does_not_take_is_cut_off_not_held(tight_gateway, security_mesh):
     """attack26: a client that asked for a large answer and never read it held the unsent
     rest in the gateway's memory for as long as it kept the connection (150 such of one
@@ -294,6 +301,7 @@ def test_a_response_its_client_does_not_take_is_cut_off_not_held(tight_gateway, 
         data, end = _read_all(patient, 30, pause_s=0.1, chunk=256 * 1024)   # at most 2.5 MiB/s
         status, length, got = _status_and_body(data)
         assert status == b"HTTP/1.1 200 OK" and got == length, (status, length, got, end)
+        aborted_before = _responses_not_taken(url)
         stalled = [_ask(port, path, key) for _ in range(MAX_IN_FLIGHT)]
         time.sleep(6 * HEAD_TIMEOUT_S)   # answered (a second or two), then two deadlines unread
         cut = []
@@ -304,6 +312,7 @@ def test_a_response_its_client_does_not_take_is_cut_off_not_held(tight_gateway, 
             cut.append((end, got < length))
         # Before the fix each was still open, and reading now gave the whole answer.
         assert cut == [("closed", True)] * MAX_IN_FLIGHT, cut
+        assert _responses_not_taken(url) == aborted_before + MAX_IN_FLIGHT
     finally:
         for s in [*stalled, patient]:
             s.close()

@@ -166,6 +166,10 @@ class SqliteDatabase:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
+        # The thread each connection belongs to: one whose thread has ended is closed when
+        # the next thread opens its own (attack26: every health check runs on a new thread,
+        # so each service kept one more connection, two file descriptors, every 2 s).
+        self._owner: dict[int, threading.Thread] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(threading.Lock())  # guards the two below
         self._busy: set[sqlite3.Connection] = set()
@@ -187,7 +191,19 @@ class SqliteDatabase:
             self._local.conn = conn
             with self._lock:
                 self._all.append(conn)
+                self._owner[id(conn)] = threading.current_thread()
+            self._close_connections_of_ended_threads()
         return conn
+
+    def _close_connections_of_ended_threads(self) -> None:
+        with self._idle, self._lock:
+            ended = [conn for conn in self._all
+                     if conn not in self._busy and not self._owner[id(conn)].is_alive()]
+            for conn in ended:
+                self._all.remove(conn)
+                del self._owner[id(conn)]
+        for conn in ended:   # no thread can reach it any more: its own has ended
+            conn.close()
 
     @contextlib.contextmanager
     def _in_use(self) -> Iterator[sqlite3.Connection]:
@@ -210,6 +226,7 @@ class SqliteDatabase:
                 with self._lock:
                     if conn in self._all:
                         self._all.remove(conn)
+                        self._owner.pop(id(conn), None)
                 conn.close()
                 self._local.conn = None
 
@@ -260,6 +277,7 @@ class SqliteDatabase:
         with self._lock:
             idle = [conn for conn in self._all if conn not in busy]
             self._all = [conn for conn in self._all if conn in busy]
+            self._owner = {id(conn): self._owner[id(conn)] for conn in self._all}
         for conn in idle:
             conn.close()
 
