@@ -84,6 +84,62 @@ MEMORY_LIMIT = Gauge("hearth_memory_limit_bytes", "Memory limit of this process'
 MEMORY_LIMIT.set_function(memory_limit_bytes)
 
 
+# The data directory (HEARTH_DATA_DIR: SQLite files and their WALs, the audit outbox and
+# reserve files): how full it and its volume are, read at each scrape. A full volume
+# refuses writes (HearthDatabaseWritesRefused fires once it has happened); these let the
+# alerts fire before it does, and before the kubelet evicts a pod whose emptyDir passed its
+# sizeLimit (an evicted pod's emptyDir, its undelivered audit outbox with it, is gone).
+DATA_DIR_USED = Gauge("hearth_data_dir_used_bytes",
+                      "Bytes the files under the data directory occupy on disk (NaN: no data directory)")
+DATA_DIR_LIMIT = Gauge("hearth_data_dir_limit_bytes",
+                       "The data directory's size limit (HEARTH_DATA_DIR_SIZE_LIMIT; NaN: none known)")
+DATA_VOLUME_FREE = Gauge("hearth_data_volume_free_bytes",
+                         "Bytes this process may still write on the data directory's filesystem (NaN: unknown)")
+DATA_VOLUME_SIZE = Gauge("hearth_data_volume_size_bytes",
+                         "Size of the data directory's filesystem (NaN: unknown)")
+for _gauge in (DATA_DIR_USED, DATA_DIR_LIMIT, DATA_VOLUME_FREE, DATA_VOLUME_SIZE):
+    _gauge.set(float("nan"))
+
+
+def directory_bytes(path: str | os.PathLike) -> float:
+    """Bytes the files under ``path`` occupy on disk (allocated blocks, so a preallocated
+    audit reserve file counts and a sparse one does not); NaN when ``path`` cannot be
+    read. A data directory holds a handful of files, so walking it at each scrape is cheap."""
+    total = 0
+    try:
+        for root, _dirs, files in os.walk(path, onerror=_raise):
+            for name in files:
+                try:
+                    total += os.lstat(os.path.join(root, name)).st_blocks * 512
+                except FileNotFoundError:   # removed while walking (a WAL checkpointed away)
+                    continue
+    except OSError:
+        return float("nan")
+    return float(total)
+
+
+def _raise(error: OSError) -> None:
+    raise error
+
+
+def volume_bytes(path: str | os.PathLike) -> tuple[float, float]:
+    """(free, size) of the filesystem holding ``path``: free is what an unprivileged
+    writer may still use (``f_bavail``: pods run as a non-root user); NaNs when unknown."""
+    try:
+        stat = os.statvfs(path)
+    except OSError:
+        return float("nan"), float("nan")
+    return float(stat.f_bavail * stat.f_frsize), float(stat.f_blocks * stat.f_frsize)
+
+
+def watch_data_dir(path: str | os.PathLike, limit_bytes: int = 0) -> None:
+    """Report the data directory ``path`` (and its volume) at every scrape from now on."""
+    DATA_DIR_USED.set_function(lambda: directory_bytes(path))
+    DATA_DIR_LIMIT.set(float(limit_bytes) if limit_bytes > 0 else float("nan"))
+    DATA_VOLUME_FREE.set_function(lambda: volume_bytes(path)[0])
+    DATA_VOLUME_SIZE.set_function(lambda: volume_bytes(path)[1])
+
+
 class JsonLinesSpanExporter(SpanExporter):
     """Appends each finished span as one JSON line to a file (a collector the tests
     and a developer without a tracing backend can read)."""
