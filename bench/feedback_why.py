@@ -16,6 +16,11 @@ without feedback; this tool takes that figure apart, on the same households and 
 * per confidence bin, the share of the ECE each kind of household carries before and after;
 * candidate repairs scored beside the whole loop (``candidates``), each on the same draws.
 
+Every figure comes twice: for the labelled fits' answers as the service gives them
+(``fed_batch``) and read with the confidence maps' household shift at the unlabelled fit's
+person count (``fed_batch_fit_persons``, ``fit_persons_answers``: measured in session 26,
+not kept — docs/benchmarks.md).
+
 ``python -m bench.feedback_why --split tuning|movielens-tuning [--first-world 12 --worlds 4
 --households 5] [--draws 3] [--workers 2] [--cache FILE]`` prints tables and one JSON object
 on its last line. TUNING splits only: REPORTING is read by ``python -m bench.accuracy``.

@@ -13,7 +13,7 @@ from services.privacy.deletion.app import PEER_SERVICES, DeletionCoordinator, Gr
 from services.privacy.deletion.store import DeletionJobStore
 from services.privacy.keys.store import DataKeyStore
 from services.privacy.keys.app import KeyService, load_keks, load_signing_key
-from services.privacy.keys.rotation import DataKeyRotation
+from services.privacy.keys.rotation import DataKeyRotation, max_calls_for
 from services.privacy.settings import PrivacySettings, privacy_settings
 from services.privacy.audit.servicer import SERVICE_NAME as AUDIT_LOG
 from services.privacy.audit.servicer import AuditLogServicer
@@ -43,7 +43,7 @@ def build(settings):
     # Data key rotation: re-encryption in every data-holding service (feedback seals
     # nothing, and answers 0), and a sweep that finishes rotations left by a crash.
     rotation = DataKeyRotation(keys, peers.rekey, PEER_SERVICES, settle_s=settings.dek_rotation_settle_s,
-                               sweep_s=settings.dek_rotation_sweep_s)
+                               sweep_s=settings.dek_rotation_sweep_s, max_calls=max_calls_for(settings.max_workers))
     rotation.start()
     return ([(pb_grpc.add_DeletionServicer_to_server, DeletionServicer(deletion, consent, keys), DELETION),
              (pb_grpc.add_ConsentServicer_to_server, ConsentServicer(consent), CONSENT),

@@ -21,15 +21,21 @@ from tests.helpers.waiting import SLOW_MACHINE_S
 
 KEKS = ",".join(f"{kek}={base64.b64encode(bytes([n]) * 32).decode()}" for n, kek in ((1, "k1"), (2, "k2")))
 ACCOUNTS = ("kek-acc-1", "kek-acc-2")
+OFFICERS = 3
+SETTLE_S = 20
 
 
 @pytest.fixture(scope="module")
 def kek_mesh(tmp_path_factory):
-    with running_mesh(tmp_path_factory.mktemp("keys-rotate"), {"kek-admin": "admin", "kek-analyst": "analyst"},
+    officers = {f"kek-officer-{n}": "privacy_officer" for n in range(OFFICERS)}
+    with running_mesh(tmp_path_factory.mktemp("keys-rotate"),
+                      {"kek-admin": "admin", "kek-analyst": "analyst", **officers},
                       timeout_s=SLOW_MACHINE_S,
+                      # A household key rotation waits out its settle (70 s in production)
+                      # holding one of privacy's workers: the last test here counts on it.
                       process_env={"privacy": {"HEARTH_KEKS": KEKS, "HEARTH_ACTIVE_KEK": "k1",
-                                               # one replica of each service: a short data key settle
-                                               "HEARTH_DEK_ROTATION_SETTLE_S": "6"}}) as mesh:
+                                               "HEARTH_DEK_ROTATION_SETTLE_S": str(SETTLE_S),
+                                               "HEARTH_DEK_ROTATION_SWEEP_S": "0"}}) as mesh:
         with httpx.Client(base_url=mesh.url, headers={"X-API-Key": mesh.keys["kek-admin"]}, timeout=30) as client:
             for account in ACCOUNTS:   # each household's data key is created (wrapped under k1) on first write
                 events = [{"event_id": f"{account}-{i}", "account_id": account, "device_id": "tv",
@@ -112,6 +118,75 @@ def test_the_batch_rotation_of_old_household_keys_answers_and_is_refused_to_an_a
     assert analyst.returncode == 2 and "403" in analyst.stderr, analyst.stderr
     too_many = rotate_households(kek_mesh.keys["kek-admin"], "--older-than-days", "365", "--limit", "5000")
     assert too_many.returncode == 2 and "422" in too_many.stderr and "limit" in too_many.stderr, too_many.stderr
+
+
+def test_household_key_rotations_waiting_out_their_settle_leave_privacy_serving(kek_mesh):
+    """Each RotateDataKey holds a privacy worker through its settle (~70 s in production):
+    until review26 neither the gateway (no in-flight bound on the route) nor the privacy
+    service bounded how many did at once, so one privacy officer's 16 concurrent calls took
+    every worker (HEARTH_MAX_WORKERS, 16) and every store's GetDataKey, consent check and
+    deletion waited behind them: a new household's first events failed mesh-wide. Now one
+    call per principal is in flight at a gateway replica (429 too_many_in_flight) and a
+    privacy replica runs at most a few at once (429 resource_exhausted), the rest of the
+    mesh keeps being served, and the admitted rotations complete."""
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    admin = kek_mesh.keys["kek-admin"]
+    officers = [kek_mesh.keys[f"kek-officer-{n}"] for n in range(OFFICERS)]
+    callers = [admin] * 16 + officers
+    accounts = [f"kek-busy-{n}" for n in range(len(callers))]
+    events = [{"event_id": f"{a}-0", "account_id": a, "device_id": "tv", "device_type": "tv",
+               "ts": "2026-01-01T20:00:00Z", "kind": "heartbeat", "title_id": "t", "genres": ["drama"],
+               "duration_s": 300} for a in accounts]
+    r = httpx.post(f"{kek_mesh.url}/v1/events", json={"events": events}, headers={"X-API-Key": admin},
+                   timeout=SLOW_MACHINE_S)
+    assert r.status_code == 200, r.text
+
+    def rotate(key: str, account: str) -> httpx.Response:
+        return httpx.post(f"{kek_mesh.url}/v1/household/{account}/rotate-key", headers={"X-API-Key": key},
+                          timeout=SLOW_MACHINE_S + 300)
+
+    with ThreadPoolExecutor(len(callers)) as pool:
+        calls = [pool.submit(rotate, key, account) for key, account in zip(callers, accounts)]
+        # The refusals come at once; the admitted calls wait out their settle (SETTLE_S).
+        wait(calls, timeout=SETTLE_S / 2)
+        refused = [c.result() for c in calls if c.done()]
+        # Meanwhile the mesh serves: a new household's first events need its data key
+        # from privacy (GetDataKey).
+        fresh = httpx.post(f"{kek_mesh.url}/v1/events", headers={"X-API-Key": admin}, timeout=SETTLE_S / 2,
+                           json={"events": [{**events[0], "event_id": "kek-fresh-0", "account_id": "kek-fresh"}]})
+        assert fresh.status_code == 200, fresh.text
+        assert len(refused) >= len(callers) - 3, [c.done() for c in calls]
+        assert {(x.status_code, x.json()["error"]["code"]) for x in refused} <= {
+            (429, "too_many_in_flight"), (429, "resource_exhausted")}, [x.text for x in refused]
+    admitted = [x for x in (c.result() for c in calls) if x.status_code != 429]
+    assert 1 <= len(admitted) <= 3 and all(x.status_code == 200 and x.json()["dek_version"] == 2
+                                           for x in admitted), [x.text for x in admitted]
+
+
+def test_a_batch_rotation_asked_over_grpc_for_a_span_past_the_calendar_is_refused_naming_it(kek_mesh):
+    """privacy's RotateDataKeys called directly (the gateway bounds older_than_days to
+    36,500): a span no date can be that far back from now was INTERNAL (an OverflowError
+    out of ``datetime - timedelta``) until review26; now INVALID_ARGUMENT naming the field."""
+    import grpc
+
+    from hearth.privacy.v1 import privacy_pb2 as ppb
+    from hearth.privacy.v1 import privacy_pb2_grpc as ppb_grpc
+    from services.common.identity import PRINCIPAL_KEY, ROLE_KEY, TOKEN_KEY, Principal, Role
+    from services.common.errors import ERROR_FIELD_KEY
+
+    officer = Principal("kek-officer-0", Role.PRIVACY_OFFICER)
+    metadata = [(PRINCIPAL_KEY, officer.id), (ROLE_KEY, officer.role.value),
+                (TOKEN_KEY, kek_mesh.signer("gateway").sign(officer, audience="privacy"))]
+    with grpc.insecure_channel(f"127.0.0.1:{kek_mesh.grpc_ports['privacy']}") as channel:
+        stub = ppb_grpc.KeysStub(channel)
+        for days in (1e6, float("inf")):
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.RotateDataKeys(ppb.RotateDataKeysRequest(older_than_days=days, limit=10), metadata=metadata,
+                                    timeout=SLOW_MACHINE_S)
+            trailing = dict(refused.value.trailing_metadata() or ())
+            assert (refused.value.code(), trailing.get(ERROR_FIELD_KEY)) == \
+                (grpc.StatusCode.INVALID_ARGUMENT, "older_than_days"), (days, refused.value.details())
 
 
 def test_a_household_key_rotation_cut_by_a_kill_9_of_privacy_is_resumed_by_running_it_again(kek_mesh):

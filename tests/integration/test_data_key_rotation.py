@@ -296,3 +296,48 @@ def test_two_replicas_rotating_one_household_at_once_make_one_version_and_lose_n
     rows = {r.dek_version: r for r in mesh.key_store.load("acc-2r")}
     assert sorted(rows) == [1, 2] and not rows[1].destroyed and not rows[2].destroyed
     assert mesh.key_store.rotations_in_progress() == []
+
+
+def test_a_batch_skips_a_household_erased_during_its_settle_and_rotates_the_others(databases):
+    """The batch begins every household, waits one settle, then finishes each: a household
+    erased during that settle is skipped (its key is shredded; nothing to rotate), as the
+    batch promises. Until review26 its FAILED_PRECONDITION ended the whole batch: the
+    households after it were left under way (for the sweep, minutes later) and the caller
+    got 412 with no word of the ones already rotated."""
+    mesh = Mesh(databases)
+    for account in ("acc-1", "acc-2", "acc-3"):
+        mesh.fill(account, n=2)
+    with mesh.key_store.db.transaction() as tx:
+        tx.execute("UPDATE data_keys SET created_at = ?", ("2000-01-01T00:00:00+00:00",))
+
+    def erase_acc_2_meanwhile(_seconds: float) -> None:
+        mesh.keys.shred("acc-2")   # a household deletion's first stage, during the settle
+
+    rotation = DataKeyRotation(mesh.keys, mesh.rekey, ("clustering", "attribution"), settle_s=60.0,
+                               sleep=erase_acc_2_meanwhile, wall=lambda: time.time() - 30)
+    done = rotation.rotate_older_than(30, 10)
+    assert sorted(d.account_id for d in done) == ["acc-1", "acc-3"]
+    assert mesh.versions("acc-1") == mesh.versions("acc-3") == {2}
+    assert mesh.key_store.rotations_in_progress() == []
+
+
+def test_a_batch_is_refused_while_the_replica_runs_its_most_rotations(databases):
+    """A batch waits out a settle holding a privacy worker like a single rotation does: it
+    counts against the same bound (review26), refused before anything is begun."""
+    from services.common.errors import ResourceExhausted
+
+    mesh = Mesh(databases)
+    mesh.fill("acc-b", n=2)
+    with mesh.key_store.db.transaction() as tx:
+        tx.execute("UPDATE data_keys SET created_at = ?", ("2000-01-01T00:00:00+00:00",))
+    refusals: list = []
+
+    def batch_meanwhile(_seconds: float) -> None:
+        refusals.append(pytest.raises(ResourceExhausted, rotation.rotate_older_than, 30, 10))
+        refusals.append(pytest.raises(ResourceExhausted, rotation.rotate, "acc-b"))
+
+    rotation = DataKeyRotation(mesh.keys, mesh.rekey, ("clustering", "attribution"), settle_s=60.0,
+                               sleep=batch_meanwhile, max_calls=1)
+    assert rotation.rotate("acc-b").dek_version == 2
+    assert len(refusals) == 2
+    assert mesh.key_store.rotations_in_progress() == []

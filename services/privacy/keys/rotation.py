@@ -37,6 +37,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -44,7 +45,8 @@ import grpc
 from prometheus_client import Counter
 
 from services.common import audit
-from services.common.errors import FailedPrecondition, HearthError, InvalidArgument, NotFound, Unavailable
+from services.common.errors import (
+    FailedPrecondition, HearthError, InvalidArgument, NotFound, ResourceExhausted, Unavailable)
 from services.common.field_crypto import DEFAULT_TTL_S
 from services.common.telemetry import pseudonym
 from services.privacy.keys.app import REFRESH_S, KeyService
@@ -58,6 +60,15 @@ SWEEP_S = 60.0
 # or gave up) by the sweep; a live call finishes well within it.
 ABANDONED_S = 240.0
 MAX_BATCH = 1000
+MAX_DAYS = 36500   # as the gateway's RotateDataKeysIn
+
+
+def max_calls_for(max_workers: int) -> int:
+    """How many ``RotateDataKey`` calls one privacy replica runs at once: each holds one of
+    its ``max_workers`` RPC threads through the settle (~70 s), and the same threads serve
+    every store's ``GetDataKey``, consent checks and deletions (review26: 16 concurrent
+    rotations took all 16 and a new household's first events failed mesh-wide)."""
+    return max(1, max_workers // 8)
 
 ROTATIONS = Counter("hearth_dek_rotations_total",
                     "Household data key rotations finished (completed), refused because the household was "
@@ -92,7 +103,7 @@ def _from_rpc(exc: grpc.RpcError, service: str) -> HearthError:
 class DataKeyRotation:
     def __init__(self, keys: KeyService, rekey: Rekey, services: Sequence[str], *, settle_s: float = SETTLE_S,
                  passes: int = PASSES, sweep_s: float = SWEEP_S, wall: Callable[[], float] = time.time,
-                 sleep: Callable[[float], None] | None = None) -> None:
+                 sleep: Callable[[float], None] | None = None, max_calls: int = 2) -> None:
         self.keys = keys
         self._rekey = rekey
         self.services = tuple(services)
@@ -105,16 +116,33 @@ class DataKeyRotation:
         # must not wait up to 70 s for a rotation's settle (the chart kills it after 20 s).
         self._sleep = sleep or self._stop.wait
         self._thread: threading.Thread | None = None
+        self.max_calls = max_calls
+        self._calls = threading.BoundedSemaphore(max_calls)
 
     # ---- one household ----------------------------------------------------------------
 
-    def rotate(self, account_id: str) -> RotationOutcome:
+    @contextmanager
+    def _admitted(self, field: str):
+        """One of ``max_calls`` slots for a call that waits out a settle holding an RPC
+        worker (a rotation, a batch); refused before anything is begun (no new version):
+        the caller retries later."""
+        if not self._calls.acquire(blocking=False):
+            raise ResourceExhausted(f"{self.max_calls} data key rotation(s) already under way on this privacy "
+                                    "replica (each waits out its settle holding a worker): retry when one has "
+                                    "finished", field)
         try:
-            target, resumed, created_at = self.keys.begin_rotation(account_id)  # type: ignore[misc]
-        except FailedPrecondition:
-            ROTATIONS.labels("erased").inc()
-            raise
-        return self._finish(account_id, target, resumed, created_at)
+            yield
+        finally:
+            self._calls.release()
+
+    def rotate(self, account_id: str) -> RotationOutcome:
+        with self._admitted("account_id"):
+            try:
+                target, resumed, created_at = self.keys.begin_rotation(account_id)  # type: ignore[misc]
+            except FailedPrecondition:
+                ROTATIONS.labels("erased").inc()
+                raise
+            return self._finish(account_id, target, resumed, created_at)
 
     def _finish(self, account_id: str, target: int, resumed: bool, created_at: datetime) -> RotationOutcome:
         outcome = RotationOutcome(account_id, target, resumed=resumed)
@@ -163,18 +191,25 @@ class DataKeyRotation:
         """Rotate up to ``limit`` households whose newest data key is older than ``days``
         days, oldest first: every one begun first, so they settle together (one wait, not
         one per household). A household erased meanwhile is skipped."""
-        if not days > 0:
-            raise InvalidArgument("must be > 0", "older_than_days")
+        if not 0 < days <= MAX_DAYS:   # past it no date is that far back (OverflowError: INTERNAL until review26)
+            raise InvalidArgument(f"must be in (0, {MAX_DAYS}]", "older_than_days")
         if not 0 < limit <= MAX_BATCH:
             raise InvalidArgument(f"must be in 1..{MAX_BATCH}", "limit")
         before = datetime.fromtimestamp(self._wall(), UTC) - timedelta(days=days)
-        begun = []
-        for account_id in self.keys.store.newest_created_before(before.isoformat(), limit):
-            try:
-                begun.append((account_id, *self.keys.begin_rotation(account_id)))
-            except (FailedPrecondition, NotFound):
-                continue
-        return [self._finish(*b) for b in begun]
+        with self._admitted("limit"):
+            begun = []
+            for account_id in self.keys.store.newest_created_before(before.isoformat(), limit):
+                try:
+                    begun.append((account_id, *self.keys.begin_rotation(account_id)))
+                except (FailedPrecondition, NotFound):
+                    continue
+            done = []
+            for b in begun:
+                try:
+                    done.append(self._finish(*b))
+                except FailedPrecondition:   # erased during the settle: its key is shredded (review26)
+                    continue
+            return done
 
     def resume_unfinished(self, limit: int = 100) -> int:
         """Finish rotations begun over ``settle_s + ABANDONED_S`` ago (the sweep)."""
