@@ -183,6 +183,7 @@ def _event_from_row(r: Sequence) -> ViewingEvent:
 
 # person -> probability maps the service built itself: sorted keys, no cycle check.
 _encode_probabilities = json.JSONEncoder(sort_keys=True, check_circular=False).encode
+_SET_PERSON = "UPDATE sessions SET person_id = ?, person_probs = ? WHERE account_id = ? AND session_id = ?"
 
 
 # The least margin a window erasure allows between its end and the earliest session start
@@ -721,20 +722,32 @@ class ClusteringStore:
                 row[13])
 
     def set_persons(self, account_id: str, persons: dict[str, str],
-                    probabilities: dict[str, dict[str, float]] | None = None) -> None:
-        """Record each session's assigned person (and the probability of every person)."""
+                    probabilities: dict[str, dict[str, float]] | None = None,
+                    unless_recorded: dict[str, tuple[str | None, str | None]] | None = None) -> int:
+        """Record each session's assigned person (and the probability of every person).
+        ``unless_recorded`` (ClosedTail.recorded: session id -> (person, probabilities) as
+        a read found them): a session found holding this person and these probabilities
+        is not written again (a fold re-answers every session; a quarter or so answer as
+        stored). Returns how many rows were written."""
         probabilities = probabilities or {}
-        with self.db.transaction() as tx:
-            self.write_persons(tx, [(account_id, s, p, probabilities.get(s)) for s, p in persons.items()])
+        rows = []
+        for s, p in persons.items():
+            probs = probabilities.get(s)
+            encoded = _encode_probabilities(probs) if probs is not None else None
+            if unless_recorded is not None and unless_recorded.get(s) == (p, encoded):
+                continue
+            rows.append((p, encoded, account_id, s))
+        if rows:
+            with self.db.transaction() as tx:
+                tx.executemany(_SET_PERSON, rows)
+        return len(rows)
 
     def write_persons(self, tx: Tx, rows: Sequence[tuple[str, str, str, dict[str, float] | None]]) -> None:
         """``set_persons`` inside the caller's transaction: (account, session, person,
         probabilities) rows. The assign path writes them in the prediction log's group
         commit, so one fsync covers a batch of assignments and their predictions."""
-        tx.executemany(
-            "UPDATE sessions SET person_id = ?, person_probs = ? WHERE account_id = ? AND session_id = ?",
-            [(p, _encode_probabilities(probs) if probs is not None else None, a, s)
-             for a, s, p, probs in rows])
+        tx.executemany(_SET_PERSON, [(p, _encode_probabilities(probs) if probs is not None else None, a, s)
+                                     for a, s, p, probs in rows])
 
     def accounts_with_sessions(self, min_sessions: int, limit: int | None) -> list[str]:
         with self.db.transaction(readonly=True) as tx:
@@ -1099,10 +1112,15 @@ class ClusteringStore:
                     tx.execute("UPDATE household_models SET model = ? WHERE account_id = ?", (sealed, account_id))
             if changed:
                 record_erasure(tx)
-        if not changed:
-            return 0, []
-        self.cache.delete(f"model:{account_id}")
-        purges = [*purge_persistence(self.cache), self.db.purge_erased(("events", "sessions", "household_models"))]
+        # Purged on every call, as a retried Erase is (review26): a call that found nothing
+        # left to re-encrypt may follow one whose purge never ran (killed after its commit,
+        # Redis unreachable for the step before it), and the rotation destroys the old
+        # version next. Cheap when nothing is owed (SQLite: a checkpoint; PostgreSQL: only
+        # a purge noted by record_erasure). Redis's files are rewritten only when a model
+        # was dropped from it now.
+        dropped = self.cache.delete(f"model:{account_id}")
+        purges = [*(purge_persistence(self.cache) if changed or dropped else []),
+                  self.db.purge_erased(("events", "sessions", "household_models"))]
         return changed, purges
 
     def _drop_cached_models(self, scope: ErasureScope, strict: bool = False) -> None:
