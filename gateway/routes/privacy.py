@@ -171,7 +171,7 @@ EXPORT_DESCRIPTION = (
 log = logging.getLogger("hearth.gateway.export")
 
 
-async def _export_body(call, first, account_id: str) -> AsyncIterator[bytes]:
+async def _export_body(call, first) -> AsyncIterator[bytes]:
     """The streamed document's bytes, checked as services/common/export_stream.verified
     checks a part (``Verifier``): the completion marker must come, with the digest and
     length of every byte before it. Anything else raises, and the server then drops the
@@ -268,7 +268,7 @@ def router(clients, access) -> APIRouter:
             return Response(r.export_json.encode("utf-8"), media_type="application/json")
         if first is grpc.aio.EOF:
             raise Unavailable("privacy ended the export without sending it; no export is given", "account_id")
-        return StreamingResponse(_export_body(call, first, account_id), media_type="application/json")
+        return StreamingResponse(_export_body(call, first), media_type="application/json")
 
     @api.put("/v1/consent/{account_id}", response_model=ConsentOut,
              summary="Set the account's consent flags (processing, attribution)")

@@ -382,3 +382,46 @@ def test_a_rekey_whose_purge_did_not_run_is_purged_by_the_rotations_retry(databa
         assert [n[:24] for n in old if n in raw] == []
     else:
         assert "VACUUM (FULL, ANALYZE) events, sessions, household_models" in purged[1]["action"], purged
+
+
+def test_a_destroyed_versions_purge_cut_by_a_crash_is_run_by_the_next_sweep(databases, monkeypatch):
+    """Privacy killed between the commit that destroyed version 2 (tombstone) and the purge
+    of the key table: the old wrapped key stayed in the WAL (SQLite) or dead tuples and WAL
+    (PostgreSQL, the purge noted), and nothing ran the purge again — the rotation is
+    finished, so no re-run nor sweep touched it, until some household's erasure happened
+    to purge. The sweep runs it (SQLite: first sweep after the start; PostgreSQL: every
+    sweep, a no-op unless noted)."""
+    from services.common.storage.sql import PENDING_TABLE
+
+    mesh = Mesh(databases)
+    mesh.fill("acc-p", n=2)
+    mesh.rotation().rotate("acc-p")                                  # v2
+    (v2,) = [r for r in mesh.key_store.load("acc-p") if r.dek_version == 2]
+    db = mesh.key_store.db
+    purge = db.purge_erased
+
+    def killed(*_args, **_kw):
+        raise SystemExit("privacy killed before its purge")
+
+    monkeypatch.setattr(db, "purge_erased", killed)
+    with pytest.raises(SystemExit):
+        mesh.rotation().rotate("acc-p")                              # v3 made, v2 tombstoned, no purge
+    monkeypatch.setattr(db, "purge_erased", purge)
+    assert [r.destroyed for r in mesh.key_store.load("acc-p") if r.dek_version == 2] == [True]
+
+    def left_behind() -> bool:
+        if db.dialect == "sqlite":
+            return any(v2.wrapped in p.read_bytes() for p in Path(db.path).parent.glob("privacy.db*"))
+        with db.transaction() as tx:   # the noted purge (this test cluster recycles WAL: see purged below)
+            return bool(tx.query(f"SELECT 1 FROM {PENDING_TABLE}"))
+
+    assert left_behind()
+    assert mesh.rotation(mesh.replica()).resume_unfinished() == 0   # nothing under way to resume
+    assert left_behind()
+    purged = []
+    monkeypatch.setattr(db, "purge_erased", lambda tables=(): purged.append(purge(tables)) or purged[-1])
+    mesh.rotation(mesh.replica()).sweep()                            # the restarted process's sweep
+    if db.dialect == "sqlite":
+        assert not left_behind()
+    else:   # the key table rewritten; WAL removal needs wal_recycle off (docs/privacy.md §11)
+        assert len(purged) == 1 and "VACUUM (FULL, ANALYZE) data_keys" in purged[0]["action"], purged
