@@ -67,6 +67,7 @@ from services.clustering.domain import model as model_module
 
 TRACE_LOOKBACK = (10, 15, 20, 25, 30, 40)
 TRACE_MIN_HISTORY = 10
+TRACE_TAIL = 100   # sessions of per-session posteriors a trace keeps (the silence replay)
 
 
 def _masses(m: model_module.HouseholdModel) -> dict | None:
@@ -79,7 +80,11 @@ def _masses(m: model_module.HouseholdModel) -> dict | None:
     P = mix.predict_proba(X)
     cum = np.vstack((np.zeros((1, P.shape[1])), np.cumsum(P, axis=0)))
     looks = [r for r in TRACE_LOOKBACK if n - r >= TRACE_MIN_HISTORY]
+    tail = min(TRACE_TAIL, n)
     return {"n": n, "ids": list(m.person_ids),
+            # the silence replay (``silence_events``): each person's posterior on the newest
+            # TRACE_TAIL sessions and their mass before them
+            "tail_before": cum[n - tail].round(4).tolist(), "tail": P[n - tail:].round(3).tolist(),
             "old": {str(r): cum[n - r].round(4).tolist() for r in looks},
             "new": {str(r): (cum[n] - cum[n - r]).round(4).tolist() for r in looks}}
 
@@ -464,6 +469,37 @@ def replay(o: dict, t: Thresholds) -> list[tuple[int, str]]:
     return events
 
 
+def silence_replay(o: dict, silence_h: float, share_leave_h: float = model_module.LEAVE_GLR_H,
+                   t: Thresholds = Thresholds()) -> list[tuple[int, str]]:
+    """The events of a traced stream (``--trace``/``--light-trace``, which keeps each
+    check's per-session posteriors on the newest TRACE_TAIL sessions) had its leaves
+    been the share test's at ``share_leave_h`` or the silence CUSUM's
+    (``model._silence_cusum``) at ``silence_h``, as ``_detect_composition`` decides
+    them (one reported leave per absence, a person back again with >= 2 sessions
+    since the nearest change point may leave again). Leaves change no person, so the
+    stream's other events (joins: share test and newcomer tests) are its own."""
+    events = [(a, k) for a, k in o["events"] if k != "leave"]
+    inactive: set[str] = set()
+    for c in o["checks"]:
+        if "tail" not in c:
+            continue
+        n = c["n"]
+        looks = [r for r in t.lookback if n - r >= t.min_history and str(r) in c["old"]]
+        if not looks or (len(c["ids"]) < 2 and not inactive):
+            continue
+        _, leave = _share_test_scores(looks, lambda r: _arrays(c, r), n, t)
+        tail = np.array(c["tail"], dtype=np.float64).reshape(-1, len(c["ids"]))
+        silent = model_module._silence_cusum(tail, np.array(c["tail_before"]), n - tail.shape[0])
+        since = np.array(c["new"][str(looks[0])])
+        for j, pid in enumerate(c["ids"]):
+            if (leave[j] >= share_leave_h or silent[j] >= silence_h) and pid not in inactive:
+                inactive.add(pid)
+                events.append((c["at"], "leave"))
+            elif pid in inactive and since[j] >= 2.0:
+                inactive.discard(pid)
+    return sorted(events)
+
+
 def sweep(outs: list[dict], hs: list[worlds.WorldHousehold], t: Thresholds) -> dict:
     """composition_scores had the thresholds been ``t`` (traces of a --trace run); false
     alarms counted from the first session the share test can fire at, when that is
@@ -509,6 +545,79 @@ def diagnose(outs: list[dict], hs: list[worlds.WorldHousehold]) -> dict:
             cls = "own person, below the bar" if own else "no person of their own"
         counts[kind][cls] = counts[kind].get(cls, 0) + 1
     return counts
+
+
+def oracle_silence_events(h: worlds.WorldHousehold, silence_h: float,
+                          share_leave_h: float = model_module.LEAVE_GLR_H,
+                          t: Thresholds = Thresholds()) -> list[tuple[int, str]]:
+    """``oracle_events`` with the leaves of ``silence_replay``: the share test's joins,
+    and a leave when the share test's leave ratio reaches ``share_leave_h`` or the
+    silence CUSUM on the true persons (one-hot posteriors, the newest TRACE_TAIL
+    sessions) reaches ``silence_h``."""
+    P = np.eye(h.n_persons)[h.person]
+    cum = np.vstack((np.zeros((1, h.n_persons)), np.cumsum(P, axis=0)))
+    joined, inactive, events = set(), set(), []
+    for n in range(2 * model_module.MIN_SESSIONS, h.n_sessions + 1, model_module.RESELECT_EVERY):
+        looks = [r for r in t.lookback if n - r >= t.min_history]
+        if not looks:
+            continue
+        join, leave = _share_test_scores(looks, lambda r: (cum[n - r], cum[n] - cum[n - r]), n, t)
+        tail = min(TRACE_TAIL, n)
+        silent = model_module._silence_cusum(P[n - tail:n], cum[n - tail], n - tail)
+        since = cum[n] - cum[n - looks[0]]
+        for j in range(h.n_persons):
+            if join[j] >= t.join_h and j not in joined:
+                joined.add(j)
+                events.append((n, "join"))
+            if (leave[j] >= share_leave_h or silent[j] >= silence_h) and j not in inactive:
+                inactive.add(j)
+                events.append((n, "leave"))
+            elif j in inactive and since[j] >= 2.0:
+                inactive.discard(j)
+    return events
+
+
+def leave_anatomy(hs: list[worlds.WorldHousehold], bar: float) -> dict:
+    """Truth, for the diagnosis only: each leave as the change suite defines it (the
+    first session at or after the leaver's last day; detection counts an event at a
+    check — every RESELECT_EVERY sessions — within DETECTION_WINDOW sessions of it):
+    the leaver's share of the sessions before, sessions since their last one at the
+    leave, sessions of the household in the window (the stream may end sooner), and
+    the most silence evidence any test of their share could hold at a check in the
+    window, -L log(1 - share) nats, L = sessions since their last one (the silence
+    CUSUM on the true persons). ``bar``: the evidence a stable household's members
+    reach by chance at most once a quarter (the true persons' silence bar within the
+    budget); a leave below it at every check in its window is indistinguishable from
+    chance there, by anyone who knows only who watched."""
+    rows = []
+    for h in hs:
+        if not h.changes or h.changes[0].kind != "leave":
+            continue
+        c = h.changes[0]
+        mine = np.flatnonzero(h.person[:c.session_index] == c.person)
+        share = mine.size / c.session_index
+        checks = [n for n in range(2 * model_module.MIN_SESSIONS, h.n_sessions + 1, model_module.RESELECT_EVERY)
+                  if c.session_index <= n <= c.session_index + E.DETECTION_WINDOW]
+        silence = max(checks, default=0) - 1 - (mine[-1] if mine.size else -1)
+        nats = float(-silence * np.log1p(-share)) if checks else 0.0
+        rows.append({"id": h.household_id, "members": h.n_persons, "at": c.session_index,
+                     "share": round(share, 3), "silent_before": int(c.session_index - 1 - mine[-1]) if mine.size else None,
+                     "sessions_after": int(min(E.DETECTION_WINDOW, h.n_sessions - c.session_index)),
+                     "checks_in_window": len(checks), "silence_at_last_check": int(silence),
+                     "silence_nats": round(nats, 2), "detectable": nats >= bar})
+
+    def why(r):
+        if r["detectable"]:
+            return "detectable"
+        if r["sessions_after"] < 20:
+            return "below the bar: the stream ends < 20 sessions after the leave"
+        if r["share"] < 0.2:
+            return "below the bar: share < 0.20"
+        return "below the bar: share >= 0.20, silence too short"
+    classes: dict[str, int] = {}
+    for r in rows:
+        classes[why(r)] = classes.get(why(r), 0) + 1
+    return {"bar": bar, "leaves": len(rows), "classes": classes, "rows": rows}
 
 
 def oracle_events(h: worlds.WorldHousehold, t: Thresholds = Thresholds()) -> list[tuple[int, str]]:
@@ -650,6 +759,8 @@ def main() -> None:
     ap.add_argument("--import-first", type=int, default=0,
                     help="the first arrival is this many sessions (a household imported with its history)")
     ap.add_argument("--trace", action="store_true")
+    ap.add_argument("--light-trace", action="store_true",
+                    help="--trace without the new-device newcomer test's figures (TRACE_ANCHORED; cheaper)")
     ap.add_argument("--no-birth", action="store_true", help="the newcomer test computes but never adds a person")
     ap.add_argument("--no-new-device", action="store_true",
                     help="the new-device newcomer test never adds a person (the baseline without it)")
@@ -670,7 +781,7 @@ def main() -> None:
         args.seed = SUITE_SEED
     if args.seed == worlds.REPORTING.seed:
         raise SystemExit("--seed: the REPORTING seed is never used for tuning")
-    if args.trace:
+    if args.trace and not args.light_trace:
         model_module.TRACE_ANCHORED = True
     if args.no_birth:
         model_module.BIRTH_GLR_H = float("inf")
