@@ -70,6 +70,36 @@ TRACE_MIN_HISTORY = 10
 TRACE_TAIL = 100   # sessions of per-session posteriors a trace keeps (the silence replay)
 
 
+# A leave by a person's silence (measured on TUNING, not wired: docs/clustering.md, "A leave
+# by a person's silence"): the CUSUM of log(1 - p_i) - log(1 - w_i) over the newest
+# TRACE_TAIL sessions.
+SILENCE_MIN_SESSIONS = 3.0  # a person's posterior mass (sessions) so far, to be able to leave
+SILENCE_P_MAX = 0.999     # a session surely the person's resets the CUSUM (log(1 - p) finite)
+
+
+def silence_cusum(P: np.ndarray, mass_before: np.ndarray, n_before: int) -> np.ndarray:
+    """Per person: the CUSUM, at the newest session, of the per-session log-likelihood
+    ratio of "this person is gone" against "they still watch their share" over the
+    sessions ``P`` (posterior per session and person; ``mass_before`` the persons' mass
+    over the ``n_before`` sessions before them). A session that is not the person's is
+    (1 - p_i) / (1 - w_i) times likelier under "gone" (w_i: the person's share of the
+    sessions before session i), so the statistic is the largest sum of
+    log(1 - p_i) - log(1 - w_i) over the runs that end at the newest session: the
+    expected-run-length evidence of a silence, which the share test's fixed change
+    points cut at 30 sessions and at checks. A session surely theirs resets it."""
+    P = np.clip(np.asarray(P, dtype=np.float64), 0.0, SILENCE_P_MAX)
+    n, k = P.shape
+    if n == 0:
+        return np.zeros(k)
+    mass = np.asarray(mass_before, dtype=np.float64) + np.vstack((np.zeros((1, k)), np.cumsum(P, axis=0)[:-1]))
+    seen = (n_before + np.arange(n))[:, None]
+    share = np.clip(mass / np.maximum(seen, 1), 0.0, SILENCE_P_MAX)
+    steps = np.log1p(-P) - np.log1p(-share)
+    walk = np.vstack((np.zeros((1, k)), np.cumsum(steps, axis=0)))
+    cusum = walk[-1] - walk.min(axis=0)
+    return np.where(mass[-1] + P[-1] >= SILENCE_MIN_SESSIONS, cusum, 0.0)
+
+
 def _masses(m: model_module.HouseholdModel) -> dict | None:
     """Per person and candidate change point: posterior mass before / after it."""
     mix = m.mixture
@@ -470,15 +500,19 @@ def replay(o: dict, t: Thresholds) -> list[tuple[int, str]]:
 
 
 def silence_replay(o: dict, silence_h: float, share_leave_h: float = model_module.LEAVE_GLR_H,
-                   t: Thresholds = Thresholds()) -> list[tuple[int, str]]:
+                   t: Thresholds = Thresholds(), only_new: bool = False) -> list[tuple[int, str]]:
     """The events of a traced stream (``--trace``/``--light-trace``, which keeps each
     check's per-session posteriors on the newest TRACE_TAIL sessions) had its leaves
     been the share test's at ``share_leave_h`` or the silence CUSUM's
-    (``model._silence_cusum``) at ``silence_h``, as ``_detect_composition`` decides
+    (``silence_cusum``) at ``silence_h``, as ``_detect_composition`` decides
     them (one reported leave per absence, a person back again with >= 2 sessions
     since the nearest change point may leave again). Leaves change no person, so the
-    stream's other events (joins: share test and newcomer tests) are its own."""
-    events = [(a, k) for a, k in o["events"] if k != "leave"]
+    stream's other events (joins: share test and newcomer tests) are its own.
+    ``only_new``: only the leaves the silence CUSUM raises where the share test's
+    replay does not (to add to the stream's own events: a trace also holds a check
+    after each full refit, where the stream ran none, so the share test's replayed
+    leaves are not exactly the stream's)."""
+    events = [] if only_new else [(a, k) for a, k in o["events"] if k != "leave"]
     inactive: set[str] = set()
     for c in o["checks"]:
         if "tail" not in c:
@@ -489,12 +523,13 @@ def silence_replay(o: dict, silence_h: float, share_leave_h: float = model_modul
             continue
         _, leave = _share_test_scores(looks, lambda r: _arrays(c, r), n, t)
         tail = np.array(c["tail"], dtype=np.float64).reshape(-1, len(c["ids"]))
-        silent = model_module._silence_cusum(tail, np.array(c["tail_before"]), n - tail.shape[0])
+        silent = silence_cusum(tail, np.array(c["tail_before"]), n - tail.shape[0])
         since = np.array(c["new"][str(looks[0])])
         for j, pid in enumerate(c["ids"]):
             if (leave[j] >= share_leave_h or silent[j] >= silence_h) and pid not in inactive:
                 inactive.add(pid)
-                events.append((c["at"], "leave"))
+                if not only_new or leave[j] < share_leave_h:
+                    events.append((c["at"], "leave"))
             elif pid in inactive and since[j] >= 2.0:
                 inactive.discard(pid)
     return sorted(events)
@@ -563,7 +598,7 @@ def oracle_silence_events(h: worlds.WorldHousehold, silence_h: float,
             continue
         join, leave = _share_test_scores(looks, lambda r: (cum[n - r], cum[n] - cum[n - r]), n, t)
         tail = min(TRACE_TAIL, n)
-        silent = model_module._silence_cusum(P[n - tail:n], cum[n - tail], n - tail)
+        silent = silence_cusum(P[n - tail:n], cum[n - tail], n - tail)
         since = cum[n] - cum[n - looks[0]]
         for j in range(h.n_persons):
             if join[j] >= t.join_h and j not in joined:

@@ -144,14 +144,6 @@ JOIN_MIN_SESSIONS = 4.0   # a newcomer's expected sessions since the change poin
 JOIN_MIN_RATIO = 8.0      # a newcomer's share after / before the change point
 LEAVE_MIN_OLD_SHARE = 0.1  # a leaver's share before the change point
 LEAVE_MAX_RATIO = 0.25    # a leaver's share after / before the change point
-# A leave by a person's silence (_silence_cusum): the CUSUM of log(1 - p_i) - log(1 - w_i)
-# over the newest SILENCE_TAIL sessions (p_i the session's posterior on the person, w_i
-# their share of the sessions before it), i.e. the log-likelihood ratio of "absent since
-# the run began" against "still watching their share"; a leave when it reaches SILENCE_H.
-SILENCE_H = float("inf")  # off (see docs/clustering.md, "A leave by a person's silence")
-SILENCE_TAIL = 100        # newest sessions the CUSUM runs over (a longer silence is old news)
-SILENCE_MIN_SESSIONS = 3.0  # a person's posterior mass (sessions) so far, to be able to leave
-SILENCE_P_MAX = 0.999     # a session surely the person's resets the CUSUM (log(1 - p) finite)
 # A newcomer's birth (_birth_of_newcomer): every check, one more person is seeded from
 # the recent sessions the model explains worst and from devices first seen in them;
 # kept (and reported as a join) when that person's share passes the join test above
@@ -627,29 +619,6 @@ def _share_change_llr(old: np.ndarray, n_old: int, new: np.ndarray, n_new: int) 
     old = np.clip(old, 0.0, n_old)
     new = np.clip(new, 0.0, n_new)
     return np.maximum(ll(old, n_old) + ll(new, n_new) - ll(old + new, n_old + n_new), 0.0)
-
-
-def _silence_cusum(P: np.ndarray, mass_before: np.ndarray, n_before: int) -> np.ndarray:
-    """Per person: the CUSUM, at the newest session, of the per-session log-likelihood
-    ratio of "this person is gone" against "they still watch their share" over the
-    sessions ``P`` (posterior per session and person; ``mass_before`` the persons' mass
-    over the ``n_before`` sessions before them). A session that is not the person's is
-    (1 - p_i) / (1 - w_i) times likelier under "gone" (w_i: the person's share of the
-    sessions before session i), so the statistic is the largest sum of
-    log(1 - p_i) - log(1 - w_i) over the runs that end at the newest session: the
-    expected-run-length evidence of a silence, which the share test's fixed change
-    points cut at 30 sessions and at checks. A session surely theirs resets it."""
-    P = np.clip(np.asarray(P, dtype=np.float64), 0.0, SILENCE_P_MAX)
-    n, k = P.shape
-    if n == 0:
-        return np.zeros(k)
-    mass = np.asarray(mass_before, dtype=np.float64) + np.vstack((np.zeros((1, k)), np.cumsum(P, axis=0)[:-1]))
-    seen = (n_before + np.arange(n))[:, None]
-    share = np.clip(mass / np.maximum(seen, 1), 0.0, SILENCE_P_MAX)
-    steps = np.log1p(-P) - np.log1p(-share)
-    walk = np.vstack((np.zeros((1, k)), np.cumsum(steps, axis=0)))
-    cusum = walk[-1] - walk.min(axis=0)
-    return np.where(mass[-1] + P[-1] >= SILENCE_MIN_SESSIONS, cusum, 0.0)
 
 
 class ModelFormatError(ValueError):
@@ -2016,21 +1985,21 @@ class HouseholdModel:
         stats = self._composition_statistics()
         if stats is None:
             return
-        join_llr, leave_llr, since, silence = stats
+        join_llr, leave_llr, since = stats
         for j, pid in enumerate(self.person_ids):
             if join_llr[j] >= CHANGE_GLR_H and pid not in self.joined:
                 self.joined.add(pid)
                 self._composition_event("join", born=[pid], gone=[])
-            if (leave_llr[j] >= LEAVE_GLR_H or silence[j] >= SILENCE_H) and pid not in self.inactive:
+            if leave_llr[j] >= LEAVE_GLR_H and pid not in self.inactive:
                 self.inactive.add(pid)
                 self._composition_event("leave", born=[], gone=[pid])
             elif pid in self.inactive and since[j] >= 2.0:
                 self.inactive.discard(pid)  # back again: a later absence is news again
 
-    def _composition_statistics(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    def _composition_statistics(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """Per person (join log-likelihood ratio, leave log-likelihood ratio, sessions
-        since the nearest change point, silence CUSUM), see _detect_composition; None
-        when the buffer is too short or there is nobody to tell apart."""
+        since the nearest change point), see _detect_composition; None when the buffer
+        is too short or there is nobody to tell apart."""
         mix = self.mixture
         if mix is None or (mix.n_components < 2 and not self.inactive):
             return None
@@ -2053,11 +2022,7 @@ class HouseholdModel:
             join = np.maximum(join, np.where(joined, llr, 0.0))
             leave = np.maximum(leave, np.where(left, llr, 0.0))
         since = total - before[n - looks[0]]
-        silence = np.zeros(P.shape[1])
-        if np.isfinite(SILENCE_H):
-            tail = min(SILENCE_TAIL, n)
-            silence = _silence_cusum(P[n - tail:], before[n - tail], n - tail)
-        return join, leave, since, silence
+        return join, leave, since
 
     def _composition_event(self, kind: str, born: list[str], gone: list[str]) -> None:
         self.composition_events.append({"kind": kind, "session_count": int(self.n_sessions),
