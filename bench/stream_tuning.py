@@ -655,6 +655,33 @@ def leave_anatomy(hs: list[worlds.WorldHousehold], bar: float) -> dict:
     return {"bar": bar, "leaves": len(rows), "classes": classes, "rows": rows}
 
 
+def silence_report(outs: list[dict], hs: list[worlds.WorldHousehold], bar: float = 8.0,
+                   silence_bars: tuple[float, ...] = (5, 6, 7, 8, 9, 10, 12, 15)) -> dict:
+    """``--leaves``: the leaves' anatomy (``leave_anatomy`` at ``bar``), the stream's and
+    the true persons' share test's detection on the whole set and on the detectable
+    leaves, and the silence CUSUM replayed on the traced stream, added to the share
+    test's leaves (``union``) or instead of them (``instead``)."""
+    an = leave_anatomy(hs, bar)
+    detectable = {r["id"] for r in an["rows"] if r["detectable"]}
+
+    def on_detectable(evs):
+        return sum(any(h.changes[0].session_index <= a <= h.changes[0].session_index + E.DETECTION_WINDOW
+                       for a, _ in e) for h, e in zip(hs, evs) if h.household_id in detectable)
+
+    def summary(evs):
+        sc = E.composition_scores(hs, evs)
+        return {**{k: sc[k] for k in ("detection_rate", "detection_rate_by_kind", "mean_delay_sessions_by_kind",
+                                      "false_alarms_per_household_quarter",
+                                      "false_alarms_per_household_quarter_by_kind")},
+                "detectable_leaves_found": on_detectable(evs), "detectable_leaves": len(detectable)}
+    base = [[tuple(e) for e in o["events"]] for o in outs]
+    out = {"anatomy": an, "stream": summary(base), "true_persons_share_test": summary([oracle_events(h) for h in hs])}
+    for h_ in silence_bars:
+        out[f"union_{h_}"] = summary([sorted(b + silence_replay(o, h_, only_new=True)) for b, o in zip(base, outs)])
+        out[f"instead_{h_}"] = summary([silence_replay(o, h_, float("inf")) for o in outs])
+    return out
+
+
 def oracle_events(h: worlds.WorldHousehold, t: Thresholds = Thresholds()) -> list[tuple[int, str]]:
     """The share test of ``_detect_composition`` run on the TRUE persons (each session's
     posterior one-hot on its member) at the stream's checks (every RESELECT_EVERY
@@ -809,6 +836,9 @@ def main() -> None:
     ap.add_argument("--change-suite", type=int, default=None, metavar="W",
                     help="the join/leave suite (change_suite): W worlds per TUNING family, its own TUNING seed")
     ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--leaves", default=None, metavar="TRACE_JSON",
+                    help="only the leaves' anatomy and the silence CUSUM replayed on an earlier "
+                         "--trace/--light-trace --out file (silence_report)")
     ap.add_argument("--diagnose", default=None, metavar="TRACE_JSON",
                     help="only classify the misses of an earlier --trace --out file (its seed)")
     args = ap.parse_args()
@@ -828,6 +858,14 @@ def main() -> None:
         record_person_changes()
     if args.leave_h is not None:
         model_module.LEAVE_GLR_H = args.leave_h
+    if args.leaves:
+        doc = json.load(open(args.leaves))
+        split = worlds.TUNING if doc["seed"] == worlds.TUNING.seed else worlds.Split(
+            **{**worlds.TUNING.__dict__, "seed": doc["seed"]})
+        hs = change_suite(doc["change_suite"], doc["seed"]) if doc.get("change_suite") else select(
+            worlds.generate(split, worlds_per_family=doc.get("worlds_per_family")), doc.get("limit", doc["households"]))
+        print(json.dumps(silence_report(doc["households_detail"], hs)))
+        return
     if args.diagnose:
         # one or more --trace files (comma-separated), their households pooled
         outs, hs = [], []
