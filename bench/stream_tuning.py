@@ -598,7 +598,8 @@ def oracle_silence_events(h: worlds.WorldHousehold, silence_h: float,
             continue
         join, leave = _share_test_scores(looks, lambda r: (cum[n - r], cum[n] - cum[n - r]), n, t)
         tail = min(TRACE_TAIL, n)
-        silent = silence_cusum(P[n - tail:n], cum[n - tail], n - tail)
+        silent = silence_cusum(P[n - tail:n], cum[n - tail], n - tail) if np.isfinite(silence_h) \
+            else np.zeros(h.n_persons)
         since = cum[n] - cum[n - looks[0]]
         for j in range(h.n_persons):
             if join[j] >= t.join_h and j not in joined:
@@ -687,25 +688,7 @@ def oracle_events(h: worlds.WorldHousehold, t: Thresholds = Thresholds()) -> lis
     posterior one-hot on its member) at the stream's checks (every RESELECT_EVERY
     sessions from 2 * MIN_SESSIONS): the composition events a stream whose persons were
     exactly the household's members would raise. The ceiling of the share test."""
-    P = np.eye(h.n_persons)[h.person]
-    cum = np.vstack((np.zeros((1, h.n_persons)), np.cumsum(P, axis=0)))
-    joined, inactive, events = set(), set(), []
-    for n in range(2 * model_module.MIN_SESSIONS, h.n_sessions + 1, model_module.RESELECT_EVERY):
-        looks = [r for r in t.lookback if n - r >= t.min_history]
-        if not looks:
-            continue
-        join, leave = _share_test_scores(looks, lambda r: (cum[n - r], cum[n] - cum[n - r]), n, t)
-        since = cum[n] - cum[n - looks[0]]
-        for j in range(h.n_persons):
-            if join[j] >= t.join_h and j not in joined:
-                joined.add(j)
-                events.append((n, "join"))
-            if leave[j] >= t.leave_h and j not in inactive:
-                inactive.add(j)
-                events.append((n, "leave"))
-            elif j in inactive and since[j] >= 2.0:
-                inactive.discard(j)
-    return events
+    return oracle_silence_events(h, float("inf"), t.leave_h, t)
 
 
 def ceiling(hs: list[worlds.WorldHousehold]) -> dict:
