@@ -19,7 +19,6 @@ household export, consent.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -39,7 +38,7 @@ from hearth.common.v1 import common_pb2
 from hearth.privacy.v1 import privacy_pb2 as ppb
 from services.common.erasure import ErasureScope, scope_from_pb, scope_to_pb
 from services.common.errors import Unavailable
-from services.common.export_stream import IncompleteExport
+from services.common.export_stream import IncompleteExport, Verifier
 from services.common.identity import Principal
 from services.common.pbutil import float_to_ts
 
@@ -172,29 +171,25 @@ EXPORT_DESCRIPTION = (
 log = logging.getLogger("hearth.gateway.export")
 
 
-async def _export_body(call, first, account_id: str) -> AsyncIterator[bytes]:
-    """The streamed document's bytes, checked like services/common/export_stream.verified:
-    the completion marker must come, with the digest and length of every byte before it.
-    Anything else raises, and the server then drops the connection before the chunked
-    body's end (no terminating chunk), so no client takes a cut document for a whole one."""
-    digest, total, message = hashlib.sha256(), 0, first
+async def _export_body(call, first) -> AsyncIterator[bytes]:
+    """The streamed document's bytes, checked as services/common/export_stream.verified
+    checks a part (``Verifier``): the completion marker must come, with the digest and
+    length of every byte before it. Anything else raises, and the server then drops the
+    connection before the chunked body's end (no terminating chunk), so no client takes a
+    cut document for a whole one."""
+    check, message = Verifier("privacy"), first
     try:
-        while message is not grpc.aio.EOF:
-            if message.data:
-                digest.update(message.data)
-                total += len(message.data)
-                yield message.data
-            if message.complete:
-                if message.total_bytes != total or message.sha256 != digest.digest():
-                    raise IncompleteExport(f"privacy's export does not match its completion marker ({total} bytes "
-                                           f"received, {message.total_bytes} sent)", "account_id")
-                return
-            message = await call.read()
-        raise IncompleteExport(f"privacy's export ended before its completion marker ({total} bytes)", "account_id")
+        while message is not grpc.aio.EOF and not check.done:
+            data = check.take(message)
+            if data:
+                yield data
+            if not check.done:
+                message = await call.read()
+        check.finish()
     except (grpc.aio.AioRpcError, IncompleteExport) as exc:
         detail = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
         log.warning("the export of a household failed after %d bytes were sent (%s): closing the connection "
-                    "before the body's end", total, detail)
+                    "before the body's end", check.total, detail)
         raise
     finally:
         call.cancel()   # a no-op once the call has ended; frees it when the client went away
@@ -273,7 +268,7 @@ def router(clients, access) -> APIRouter:
             return Response(r.export_json.encode("utf-8"), media_type="application/json")
         if first is grpc.aio.EOF:
             raise Unavailable("privacy ended the export without sending it; no export is given", "account_id")
-        return StreamingResponse(_export_body(call, first, account_id), media_type="application/json")
+        return StreamingResponse(_export_body(call, first), media_type="application/json")
 
     @api.put("/v1/consent/{account_id}", response_model=ConsentOut,
              summary="Set the account's consent flags (processing, attribution)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import heapq
 import json
 import logging
 import struct
@@ -38,7 +39,7 @@ from services.common.field_crypto import (FieldCipher, FieldDecryptionError, dro
 from services.common.feedback_to_clustering import UNPROMPTED_LABEL_SUFFIX
 from services.common.storage.cache import Cache, MemoryCache, purge_persistence
 from services.common.export_stream import materialised
-from services.common.storage.sql import Database, Tx, keyset_rows, migrate, record_erasure
+from services.common.storage.sql import EXPORT_PAGE_ROWS, Database, Tx, keyset_rows, migrate, record_erasure
 from services.common.telemetry import pseudonym
 
 log = logging.getLogger("hearth.clustering.store")
@@ -182,6 +183,7 @@ def _event_from_row(r: Sequence) -> ViewingEvent:
 
 # person -> probability maps the service built itself: sorted keys, no cycle check.
 _encode_probabilities = json.JSONEncoder(sort_keys=True, check_circular=False).encode
+_SET_PERSON = "UPDATE sessions SET person_id = ?, person_probs = ? WHERE account_id = ? AND session_id = ?"
 
 
 # The least margin a window erasure allows between its end and the earliest session start
@@ -720,20 +722,32 @@ class ClusteringStore:
                 row[13])
 
     def set_persons(self, account_id: str, persons: dict[str, str],
-                    probabilities: dict[str, dict[str, float]] | None = None) -> None:
-        """Record each session's assigned person (and the probability of every person)."""
+                    probabilities: dict[str, dict[str, float]] | None = None,
+                    unless_recorded: dict[str, tuple[str | None, str | None]] | None = None) -> int:
+        """Record each session's assigned person (and the probability of every person).
+        ``unless_recorded`` (ClosedTail.recorded: session id -> (person, probabilities) as
+        a read found them): a session found holding this person and these probabilities
+        is not written again (a fold re-answers every session; a quarter or so answer as
+        stored). Returns how many rows were written."""
         probabilities = probabilities or {}
-        with self.db.transaction() as tx:
-            self.write_persons(tx, [(account_id, s, p, probabilities.get(s)) for s, p in persons.items()])
+        rows = []
+        for s, p in persons.items():
+            probs = probabilities.get(s)
+            encoded = _encode_probabilities(probs) if probs is not None else None
+            if unless_recorded is not None and unless_recorded.get(s) == (p, encoded):
+                continue
+            rows.append((p, encoded, account_id, s))
+        if rows:
+            with self.db.transaction() as tx:
+                tx.executemany(_SET_PERSON, rows)
+        return len(rows)
 
     def write_persons(self, tx: Tx, rows: Sequence[tuple[str, str, str, dict[str, float] | None]]) -> None:
         """``set_persons`` inside the caller's transaction: (account, session, person,
         probabilities) rows. The assign path writes them in the prediction log's group
         commit, so one fsync covers a batch of assignments and their predictions."""
-        tx.executemany(
-            "UPDATE sessions SET person_id = ?, person_probs = ? WHERE account_id = ? AND session_id = ?",
-            [(p, _encode_probabilities(probs) if probs is not None else None, a, s)
-             for a, s, p, probs in rows])
+        tx.executemany(_SET_PERSON, [(p, _encode_probabilities(probs) if probs is not None else None, a, s)
+                                     for a, s, p, probs in rows])
 
     def accounts_with_sessions(self, min_sessions: int, limit: int | None) -> list[str]:
         with self.db.transaction(readonly=True) as tx:
@@ -1098,10 +1112,15 @@ class ClusteringStore:
                     tx.execute("UPDATE household_models SET model = ? WHERE account_id = ?", (sealed, account_id))
             if changed:
                 record_erasure(tx)
-        if not changed:
-            return 0, []
-        self.cache.delete(f"model:{account_id}")
-        purges = [*purge_persistence(self.cache), self.db.purge_erased(("events", "sessions", "household_models"))]
+        # Purged on every call, as a retried Erase is (review26): a call that found nothing
+        # left to re-encrypt may follow one whose purge never ran (killed after its commit,
+        # Redis unreachable for the step before it), and the rotation destroys the old
+        # version next. Cheap when nothing is owed (SQLite: a checkpoint; PostgreSQL: only
+        # a purge noted by record_erasure). Redis's files are rewritten only when a model
+        # was dropped from it now.
+        dropped = self.cache.delete(f"model:{account_id}")
+        purges = [*(purge_persistence(self.cache) if changed or dropped else []),
+                  self.db.purge_erased(("events", "sessions", "household_models"))]
         return changed, purges
 
     def _drop_cached_models(self, scope: ErasureScope, strict: bool = False) -> None:
@@ -1151,8 +1170,16 @@ class ClusteringStore:
                              "FROM drift_events WHERE account_id = ? ORDER BY detected_at, id", (account_id,))
             labels = tx.query("SELECT session_id, person_id, source, recorded_at FROM session_labels "
                               "WHERE account_id = ? ORDER BY recorded_at, session_id", (account_id,))
-        events = keyset_rows(self.db, f"SELECT {_EVENT_COLUMNS} FROM events WHERE account_id = ?", (account_id,),
-                             ("ts", "event_id"), (4, 0))
+            event_devices = [r[0] for r in tx.query("SELECT DISTINCT device_id FROM events WHERE account_id = ?",
+                                                    (account_id,))]
+        # Events are indexed by (account, device, ts), not (account, ts): paged per device
+        # (each page an index range) and merged back into the household's (ts, event_id)
+        # order. A page per device is held at a time: at most ~20,000 rows in all.
+        page = max(20, EXPORT_PAGE_ROWS * 20 // max(1, len(event_devices)))
+        events = heapq.merge(*(keyset_rows(self.db, f"SELECT {_EVENT_COLUMNS} FROM events WHERE account_id = ? "
+                                           "AND device_id = ?", (account_id, device), ("ts", "event_id"), (4, 0),
+                                           page_rows=min(page, EXPORT_PAGE_ROWS))
+                               for device in event_devices), key=lambda r: (float(r[4]), r[0]))
         sessions = keyset_rows(
             self.db, "SELECT session_id, device_id, device_type, start_ts, end_ts, event_count, watch_seconds, "
             "feature_version, features, label, person_id, person_probs FROM sessions WHERE account_id = ?",

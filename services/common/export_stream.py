@@ -106,26 +106,46 @@ def chunks(pieces: Iterable[str | bytes], size: int | None = None) -> Iterator[c
     yield common_pb2.ExportChunk(data=bytes(pending), complete=True, sha256=digest.digest(), total_bytes=total)
 
 
-def verified(messages: Iterable[common_pb2.ExportChunk], source: str) -> Iterator[bytes]:
-    """The data of a streamed export as it arrives, checked: ``IncompleteExport`` (naming
-    ``source``) when the stream ends without the completion marker, when the marker's
-    digest or length disagree with the bytes received, or when anything follows it.
-    The caller must read to the end: only then is the part known to be whole."""
-    digest = hashlib.sha256()
-    total = 0
-    done = False
-    for message in messages:
-        if done:
-            raise IncompleteExport(f"{source}'s export sent data after its completion marker", "account_id")
+class Verifier:
+    """The running check of one received stream (``verified``; the gateway's async reader of
+    privacy's stream): ``take`` each message in order, then ``finish``."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.total = 0
+        self.done = False
+        self._digest = hashlib.sha256()
+
+    def take(self, message: common_pb2.ExportChunk) -> bytes:
+        """The message's data; IncompleteExport for data after the completion marker or a
+        marker whose digest or length disagree with the bytes taken."""
+        if self.done:
+            raise IncompleteExport(f"{self.source}'s export sent data after its completion marker", "account_id")
         if message.data:
-            digest.update(message.data)
-            total += len(message.data)
-            yield message.data
+            self._digest.update(message.data)
+            self.total += len(message.data)
         if message.complete:
-            if message.total_bytes != total or message.sha256 != digest.digest():
-                raise IncompleteExport(f"{source}'s export does not match its completion marker "
-                                       f"({total} bytes received, {message.total_bytes} sent)", "account_id")
-            done = True
-    if not done:
-        raise IncompleteExport(f"{source}'s export ended before its completion marker ({total} bytes); "
-                               "no partial export is given", "account_id")
+            if message.total_bytes != self.total or message.sha256 != self._digest.digest():
+                raise IncompleteExport(f"{self.source}'s export does not match its completion marker "
+                                       f"({self.total} bytes received, {message.total_bytes} sent)", "account_id")
+            self.done = True
+        return message.data
+
+    def finish(self) -> None:
+        """IncompleteExport unless the completion marker was taken."""
+        if not self.done:
+            raise IncompleteExport(f"{self.source}'s export ended before its completion marker ({self.total} bytes); "
+                                   "no partial export is given", "account_id")
+
+
+def verified(messages: Iterable[common_pb2.ExportChunk], source: str) -> Iterator[bytes]:
+    """The data of a streamed export as it arrives, checked (``Verifier``): IncompleteExport
+    (naming ``source``) when the stream ends without the completion marker, when the
+    marker's digest or length disagree with the bytes received, or when anything follows
+    it. The caller must read to the end: only then is the part known to be whole."""
+    check = Verifier(source)
+    for message in messages:
+        data = check.take(message)
+        if data:
+            yield data
+    check.finish()

@@ -310,6 +310,11 @@ STOP_AFTER_DRAIN_S = 1.0
 STOP_CLOSE_MARGIN_S = 3.0
 
 
+# The longest a call may go on on a connection past its maximum age (build_server): the
+# streamed export's deadline, 30 minutes.
+EXPORT_CALL_GRACE_S = 30 * 60
+
+
 class Drain:
     """Counts the calls under way and, once ``begin()`` is called, refuses new ones.
 
@@ -660,7 +665,13 @@ def build_server(service: str, register: Callable[[grpc.Server], Iterable[str]],
                  # Connections are recycled so round_robin clients re-resolve and spread
                  # over new replicas (a GOAWAY lets calls in flight finish within the grace).
                  ("grpc.max_connection_age_ms", 5 * 60 * 1000),
-                 ("grpc.max_connection_age_grace_ms", 30 * 1000)],
+                 # A call under way on an aged connection has this long to finish before
+                 # it is cut (UNAVAILABLE: "max connection age"). A streamed household
+                 # export is paced by the client reading it and runs for minutes: at 30 s
+                 # a 300,000-event export was cut part-way (session 26), so the grace is
+                 # the export's own deadline (the gateway's EXPORT_TIMEOUT_S). New calls
+                 # still go to new connections after 5 minutes.
+                 ("grpc.max_connection_age_grace_ms", EXPORT_CALL_GRACE_S * 1000)],
     )
     names = list(register(server))
     health_servicer = health_report.ReportingHealthServicer()

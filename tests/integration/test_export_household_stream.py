@@ -35,6 +35,7 @@ class _Parts:
 
     def __init__(self, documents: dict, during=None, cut: str = "") -> None:
         self.documents, self.during, self.cut = documents, during, cut
+        self.ended: list[str] = []   # the holders whose streams ended (read or cancelled)
 
     def export(self, service, account_id):
         messages = list(chunks(json_pieces(self.documents[service]), 8))
@@ -42,10 +43,13 @@ class _Parts:
             messages = messages[:-1]   # the stream ends without its completion marker
 
         def sent():
-            for i, message in enumerate(messages):
-                if i == 1 and service == "clustering" and self.during is not None:
-                    self.during()
-                yield message
+            try:
+                for i, message in enumerate(messages):
+                    if i == 1 and service == "clustering" and self.during is not None:
+                        self.during()
+                    yield message
+            finally:
+                self.ended.append(service)
         return verified(sent(), service)
 
 
@@ -141,3 +145,15 @@ def test_a_holder_without_the_stream_gives_its_part_through_the_unary_call():
     peers._peers = {"attribution": _OldHolder()}
     peers._export_timeout = 30.0
     assert json.loads(b"".join(peers.export("attribution", ACCOUNT))) == {"touchpoints": [{"touchpoint_id": "t1"}]}
+
+
+def test_a_reader_that_goes_away_ends_every_holders_stream_at_once(jobs):
+    """The gateway's client disconnects after the first piece: privacy's generator is
+    closed, and so is every data holder's stream it had opened (GrpcPeers cancels the
+    call), instead of each holder's worker waiting on flow control until the deadline."""
+    parts = _Parts(_documents())
+    pieces = export_household(ACCOUNT, parts, jobs, None, CONSENT)
+    next(pieces)
+    assert parts.ended == []
+    pieces.close()
+    assert sorted(parts.ended) == ["attribution", "clustering", "feedback"]

@@ -207,7 +207,12 @@ class GrpcPeers:
                                                  on_behalf_of_caller=True)
             yield response.json.encode("utf-8")
             return
-        yield from export_stream.verified(itertools.chain([first] if first is not None else [], stream), service)
+        try:
+            yield from export_stream.verified(itertools.chain([first] if first is not None else [], stream), service)
+        finally:
+            # The export stopped early (its reader went away, another part failed): end the
+            # holder's call now, not at its deadline, so its worker is not held meanwhile.
+            stream.cancel()
 
     def close(self) -> None:
         for peer in self._peers.values():
@@ -841,9 +846,23 @@ def export_household(account_id: str, peers: Peers, jobs: DeletionJobStore, keys
         raise FailedPrecondition(f"a deletion of this household is in progress (job {running[0]}); "
                                  "export once it has completed", "account_id")
     services = sorted(PEER_SERVICES)   # the document's key order (sorted, as json.dumps(sort_keys=True))
+    opened: list[Iterator[bytes]] = []
+    try:
+        yield from _export_pieces(account_id, services, opened, peers, jobs, keys, consent, before, now)
+    finally:
+        for part in opened:   # each holder's call ends with the export, whole or not
+            close = getattr(part, "close", None)
+            if close is not None:
+                close()
+
+
+def _export_pieces(account_id: str, services: list[str], opened: list[Iterator[bytes]], peers: Peers,
+                   jobs: DeletionJobStore, keys: KeyService | None, consent: Mapping[str, Any],
+                   before: list[tuple[str, dict[str, Any]]], now: datetime | None) -> Iterator[bytes | str]:
     parts: dict[str, Iterator[bytes]] = {}
     for service in services:
         part = peers.export(service, account_id)
+        opened.append(part)
         try:
             first = next(part, b"")
         except grpc.RpcError as exc:
