@@ -211,6 +211,12 @@ class DataKeyRotation:
                     done.append(self._finish(*b))
                 except FailedPrecondition:   # erased during the settle: its key is shredded (review26)
                     continue
+                # The call's own key_rotation record names no household (its request names
+                # none), and a first rotation destroys no version: each household is
+                # recorded here, with the caller's principal (review26).
+                audit.record(audit.KEY_ROTATION, audit.household_resource(done[-1].account_id),
+                             details={"rpc": "hearth.privacy.v1.Keys/RotateDataKeys",
+                                      "dek_version": done[-1].dek_version, "resumed": done[-1].resumed})
             return done
 
     def resume_unfinished(self, limit: int = 100) -> int:
