@@ -12,13 +12,21 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def cpu_times_s(stat: str) -> tuple[float, float]:
+    """(user, system) CPU seconds from the text of a /proc ``stat`` file (Linux): a
+    process's (``/proc/<pid>/stat``) or one thread's (``/proc/<pid>/task/<tid>/stat``)."""
+    import os
+
+    fields = stat.rsplit(")", 1)[1].split()   # after the name, which may hold spaces
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def process_cpu_s(pid: int) -> float:
     """CPU seconds (user + system) process ``pid`` has used so far, from /proc (Linux)."""
     from pathlib import Path
-    import os
 
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()   # after the name, which may hold spaces
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(cpu_times_s(Path(f"/proc/{pid}/stat").read_text()))
 
 
 def cpu_model() -> str:

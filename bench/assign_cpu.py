@@ -79,9 +79,9 @@ from pathlib import Path
 
 import httpx
 
-from bench._common import answers_health, cpu_model, log
+from bench._common import answers_health, cpu_model, cpu_times_s, log
 from bench.floor import start_floor
-from bench.verify import ASSIGN_ONLY, TICK, proc_sample, seed_fitted_households, summarise
+from bench.verify import ASSIGN_ONLY, proc_sample, seed_fitted_households, summarise
 from services.common.child_process import spawn_tied, stop_group
 from services.testing.mesh import SERVICE_MODULES, Mesh, free_port, write_api_key
 
@@ -109,10 +109,9 @@ def thread_cpu(pid: int) -> dict[tuple[int, str], tuple[float, float]]:
     for task in tasks:
         try:
             comm = (task / "comm").read_text().strip()
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            out[(int(task.name), comm)] = cpu_times_s((task / "stat").read_text())
         except OSError:
             continue
-        out[(int(task.name), comm)] = (int(fields[11]) / TICK, int(fields[12]) / TICK)
     return out
 
 

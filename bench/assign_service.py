@@ -31,8 +31,8 @@ import grpc
 import httpx
 import numpy as np
 
-from bench._common import log
-from bench.verify import proc_sample, seed_fitted_households
+from bench._common import log, process_cpu_s
+from bench.verify import seed_fitted_households
 from hearth.clustering.v1 import clustering_pb2 as cpb
 from hearth.clustering.v1 import clustering_pb2_grpc as cpb_grpc
 from services.clustering.domain import features as F
@@ -87,9 +87,9 @@ def measure(households: int = 100, days: int = 30, batch: int = 1000, messages: 
                 answered = list(stub.AssignSessions(iter(requests[:2]), metadata=metadata, timeout=600))  # warm-up
                 assert all(len(a.assignments) == batch for a in answered)
                 for r in range(repeats):
-                    c0, t0 = proc_sample(pid)[0], time.perf_counter()
+                    c0, t0 = process_cpu_s(pid), time.perf_counter()
                     answered = list(stub.AssignSessions(iter(requests), metadata=metadata, timeout=600))
-                    dt, dc = time.perf_counter() - t0, proc_sample(pid)[0] - c0
+                    dt, dc = time.perf_counter() - t0, process_cpu_s(pid) - c0
                     n = sum(len(a.assignments) for a in answered)
                     if n != batch * messages:
                         raise RuntimeError(f"AssignSessions answered {n} of {batch * messages} vectors")

@@ -214,24 +214,30 @@ def ceiling(files: list[str]) -> dict:
 GROUP_MINIMA = (0, 25, 50, 100, 200, 400)
 
 
+def cached(cache: str | None, compute):
+    """``compute()``'s result (the per-household work of a TUNING sample), pickled in
+    ``cache`` and read back from it when the file exists; no cache: computed."""
+    import os
+    if cache and os.path.exists(cache):
+        with open(cache, "rb") as f:
+            return pickle.load(f)
+    out = compute()
+    if cache:
+        with open(cache, "wb") as f:
+            pickle.dump(out, f)
+    return out
+
+
 def groups(split: str, first_world: int, n_worlds: int | None, households: int | None, mode: str, draws: int,
            cache: str | None) -> dict:
     """The calibrator per group's choices on a TUNING split (module doc, ``groups``)."""
-    import os
     from bench import label_feedback as LF
     from services.feedback.domain.recalibration import GROUP_OF_CHOICES
     if split not in ("tuning", "movielens-tuning"):
         raise SystemExit("groups: choices are made on tuning or movielens-tuning only")
     hs = LF.households(split, first_world, n_worlds, households)
     fed = E.feedback_draws(hs, draws)
-    if cache and os.path.exists(cache):
-        with open(cache, "rb") as f:
-            outs = pickle.load(f)
-    else:
-        outs = [LF._one((h, f, mode == "stream", mode == "batch")) for h, f in zip(hs, fed)]
-        if cache:
-            with open(cache, "wb") as f:
-                pickle.dump(outs, f)
+    outs = cached(cache, lambda: [LF._one((h, f, mode == "stream", mode == "batch")) for h, f in zip(hs, fed)])
     before, key, sample_before = ("batch", "fed_batch", True) if mode == "batch" else ("stream", "fed_stream", False)
     ages = E.model_ages(hs, mode)
     table = {}

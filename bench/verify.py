@@ -51,7 +51,7 @@ import numpy as np
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench._common import answers_health, cpu_model, log
+from bench._common import answers_health, cpu_model, log, process_cpu_s
 from bench.floor import start_floor
 from services.common.child_process import spawn_tied, stop_group
 from services.testing.mesh import SERVICE_MODULES, Mesh, free_port, write_api_key
@@ -81,7 +81,6 @@ QUIET_CORES = 0.25
 # A run whose generator sent its requests later than this (p99 of send lag) says so.
 GENERATOR_LAG_MS = 100.0
 PAGE = os.sysconf("SC_PAGE_SIZE")
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -117,13 +116,12 @@ QUICK = Profile(households=12, victims=6, attribution_accounts=4, days=20, step_
 def proc_sample(pid: int) -> tuple[float, float] | None:
     """(CPU seconds user+system, RSS MB) of one process, None when it is gone."""
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+        cpu_s = process_cpu_s(pid)
         with open(f"/proc/{pid}/statm", encoding="ascii") as f:
             rss_pages = int(f.read().split()[1])
     except (OSError, IndexError, ValueError):
         return None
-    return (int(fields[11]) + int(fields[12])) / TICK, rss_pages * PAGE / 2**20
+    return cpu_s, rss_pages * PAGE / 2**20
 
 
 def _quiet(state: dict) -> bool:

@@ -78,6 +78,7 @@ def main() -> None:
     telemetry.setup_telemetry("gateway", settings.trace_export, settings.log_level,
                               settings.metrics_port or None, settings.host)
     config.warn_if_shared(settings.data_dir)
+    telemetry.watch_data_dir(settings.data_dir, settings.data_dir_size_limit)
     # HTTPS when a certificate is configured (HEARTH_HTTPS_CERT / HEARTH_HTTPS_KEY);
     # Python's ssl defaults set the floor at TLS 1.2; HTTP clients need no certificate.
     tls = ({"ssl_certfile": str(settings.https_cert), "ssl_keyfile": str(settings.https_key)}

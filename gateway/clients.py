@@ -92,6 +92,20 @@ class ServiceClients:
             return await self._tracked(service, rpc(iter(requests), timeout=timeout_s or self._timeout,
                                                     metadata=metadata))
 
+    def unary_stream(self, service: str, method: str, request, principal: Principal, timeout_s: float | None = None):
+        """A server-streaming call with deadline, principal and trace context, returned
+        unread: the caller reads it (``await call.read()``) and cancels it if it stops
+        early. Known as in flight to ``service`` until it ends (``abandon_hung``)."""
+        if service in self._hung:
+            raise _abandoned_error(service)
+        rpc = getattr(self.stubs[service], method)
+        metadata = telemetry.inject_context(principal.metadata(service))
+        call = rpc(request, timeout=timeout_s or self._timeout, metadata=metadata)
+        in_flight = self._in_flight[service]
+        in_flight.add(call)
+        call.add_done_callback(in_flight.discard)
+        return call
+
     async def _tracked(self, service: str, call):
         """Await ``call``, known as in flight to ``service`` meanwhile; one that
         ``abandon_hung`` cancelled raises UNAVAILABLE (a 503 with Retry-After)."""

@@ -67,10 +67,12 @@ class TooManyInFlight(RateLimited):
 # replica (HEARTH_IN_FLIGHT_LIMITS replaces this table; docs/security.md, "Rate limits").
 # Each of these holds an upstream worker for up to its 60 s deadline (attribution, the
 # household export fanned out to every data holder) or streams a whole log (the audit
-# export); a key rotation re-wraps every household's key. A token bucket charges each one
+# export); a key rotation re-wraps every household's key, and a household's data key rotation
+# holds a privacy worker through its ~70 s settle. A token bucket charges each one
 # token, so within the default 50/s one analyst could hold every attribution worker.
 DEFAULT_IN_FLIGHT_LIMITS = {"POST /v1/attribution": 2, "GET /v1/household/{account_id}/export": 2,
-                            "GET /v1/audit/export": 2, "POST /v1/keys/rotate": 1}
+                            "GET /v1/audit/export": 2, "POST /v1/keys/rotate": 1,
+                            "POST /v1/household/{account_id}/rotate-key": 1, "POST /v1/keys/rotate-households": 1}
 # A refused client retries after this long: a slot frees when one of its own requests ends.
 IN_FLIGHT_RETRY_AFTER_S = 1.0
 

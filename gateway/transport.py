@@ -21,16 +21,41 @@ is answered ``408`` (JSON error body) and the connection closed; a connection th
 nothing since its last response is closed without a word (an unasked-for 408 on an idle
 keep-alive connection could be read as the answer to a request the client sends at that
 moment).
+
+A response must be taken too (session 26, attack26). The gateway hands a response to the
+transport whole, and what the kernel's socket buffer does not take waits in the process:
+until session 26 a client that asked for a large answer (a household page of 10,000
+sessions is 5.2 MB) and never read it held the rest of it for as long as it kept the
+connection open (the head deadline's ``close()`` waits for the buffer to drain, which it
+never does): 150 such connections of one caller grew the gateway by 207 MB and held it;
+a few hundred and the pod (512 MiB) is killed. Now, whenever the transport holds more than
+its high-water mark of unsent bytes (uvicorn stops writing then) or the connection is
+closing with bytes unsent, the client must take at least ``SEND_MIN_BYTES`` (or all that
+is left) in every ``head_timeout_s``; a connection that does not is aborted (its buffer
+dropped, the connection reset), which also ends a streamed response's handler.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 
+from prometheus_client import Counter
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+log = logging.getLogger("hearth.gateway.transport")
 
 DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_HEAD_TIMEOUT_S = 10.0
+# What a client must take of a response waiting in the gateway's buffer in every head
+# deadline (10 s by default: ~100 KiB/s), else the connection is aborted. The gateway's
+# clients are the edge (Envoy, a load balancer) and services in the cluster, which read at
+# network speed; a 64 MiB export needs at most ~11 minutes at this floor.
+SEND_MIN_BYTES = 1024 * 1024
+# No route label: the connection may be between requests, and the cut is the client's pace.
+RESPONSES_NOT_TAKEN = Counter("hearth_gateway_responses_not_taken_total",
+                              "Connections aborted because their client took less than 1 MiB of a waiting "
+                              "response in HEARTH_HEAD_TIMEOUT_S")
 
 
 def replaying_receive(body: bytes, more_body: bool, receive):
@@ -78,6 +103,8 @@ def bounded_httptools(max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
         _head_bytes = 0
         _in_head = True
         _head_timer = None
+        _send_timer = None
+        _send_unsent = 0
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -85,6 +112,9 @@ def bounded_httptools(max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
 
         def connection_lost(self, exc) -> None:
             self._disarm_head_timer()
+            if self._send_timer is not None:
+                self._send_timer.cancel()
+                self._send_timer = None
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
@@ -128,10 +158,48 @@ def bounded_httptools(max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
 
         def _head_timed_out(self) -> None:
             self._head_timer = None
-            if not self._in_head or self.transport.is_closing():
+            if not self._in_head:
+                return
+            if self.transport.is_closing():   # closed after a response (keep-alive timeout)
+                self._watch_send()
                 return
             if self._head_bytes:
                 self.transport.write(too_slow)
             self.transport.close()
+            # close() waits for unsent bytes to drain: the client must still take them.
+            self._watch_send()
+
+        def pause_writing(self) -> None:
+            # More than the high-water mark unsent: uvicorn writes nothing more to this
+            # connection until it drains, so the unsent bytes only shrink from here.
+            super().pause_writing()
+            self._watch_send()
+
+        def resume_writing(self) -> None:
+            # Below the low-water mark: the client took the bytes over it. A streamed
+            # response writes again now, so the count starts afresh at the next pause.
+            if self._send_timer is not None and not self.transport.is_closing():
+                self._send_timer.cancel()
+                self._send_timer = None
+            super().resume_writing()
+
+        def _watch_send(self) -> None:
+            if self._send_timer is None and self.transport.get_write_buffer_size():
+                self._send_unsent = self.transport.get_write_buffer_size()
+                self._send_timer = self.loop.call_later(head_timeout_s, self._send_check)
+
+        def _send_check(self) -> None:
+            self._send_timer = None
+            unsent = self.transport.get_write_buffer_size()
+            if not unsent or not (self.flow.write_paused or self.transport.is_closing()):
+                return   # taken, or below the low-water mark while the response goes on
+            if self._send_unsent - unsent < min(SEND_MIN_BYTES, self._send_unsent):
+                log.info("a response was not taken by its client (%d bytes unsent, %d taken in %g s): "
+                         "connection aborted", unsent, self._send_unsent - unsent, head_timeout_s)
+                RESPONSES_NOT_TAKEN.inc()
+                self.transport.abort()
+                return
+            self._send_unsent = unsent
+            self._send_timer = self.loop.call_later(head_timeout_s, self._send_check)
 
     return BoundedHttpToolsProtocol

@@ -222,6 +222,14 @@ def infrastructure() -> Dashboard:
             .with_panel(series("CPU (cores)", "none",
                                Q(f"sum by (hearth_component) (rate(process_cpu_seconds_total[{RI}]))",
                                  "{{hearth_component}}")))
+            .with_panel(series("data directory / limit, data volume used", "percentunit",
+                               Q("hearth_data_dir_used_bytes / hearth_data_dir_limit_bytes", "dir {{instance}}"),
+                               Q("1 - hearth_data_volume_free_bytes / hearth_data_volume_size_bytes",
+                                 "volume {{instance}}"),
+                               lines=((0.8, "orange"), (0.95, "red")),
+                               description="HEARTH_DATA_DIR against its size limit (the kubelet evicts the pod "
+                                           "at 100 %: HearthDataDirNearLimit at 80 %) and the share of its "
+                                           "filesystem in use (HearthDataVolumeLow at 95 %)."))
             .with_row(Row("Privacy and delivery"))
             .with_panel(series("audit records sent / dropped per second", "ops",
                                Q(f"sum by (component) (rate(hearth_audit_records_sent_total[{RI}]))", "sent {{component}}"),

@@ -5,7 +5,7 @@ time: 2,512 tests took 11:42-11:50 on the idle machine but only ~620-660 CPU-s (
 of pytest and every process it started, session 24, docs/benchmarks.md "Session 24"): the
 e2e, integration and security tests wait on the meshes' processes, PostgreSQL and their
 own deadlines much of the time. So tests/unit, tests/contract, tests/deploy, tests/security
-and four of tests/integration's files (~57 % of the serial run's test time) run in one
+and three of tests/integration's slowest files run in one
 pytest process and tests/e2e and the rest of tests/integration in another, at the same
 time (the e2e tests' waits do not shrink on an idle machine: balanced there, not by the
 serial shares). Nothing is selected or left out: the second process runs ``tests`` with
@@ -35,10 +35,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PR_SET_PDEATHSIG = 1   # linux/prctl.h
 FIRST_HALF = ("tests/unit", "tests/contract", "tests/deploy", "tests/security",
-              # four of tests/integration's slowest files (~170 s of its 360 s serial at load ~7):
-              # with tests/integration whole in the second half, the first ended 3:37 before it
-              # at load ~2.6 (5:07 vs 8:44)
-              "tests/integration/test_clustering_service.py", "tests/integration/test_storage.py",
+              # three of tests/integration's slowest files: with tests/integration whole in the
+              # second half, the first ended 3:37 before it at load ~2.6 (5:07 vs 8:44). The
+              # first half is CPU-bound (model fits), the second waits on processes: with four
+              # files here (session 24) it was 44 s shorter on the idle machine but 3:02 longer
+              # at load 12-18 (22:42 vs 19:40), so test_storage.py (130 s at load ~18, 16.5
+              # CPU-s) went back to the second half in session 26 (docs/benchmarks.md).
+              "tests/integration/test_clustering_service.py",
               "tests/integration/test_prediction_outbox_erasure.py", "tests/integration/test_deletion_lease.py")
 
 

@@ -10,6 +10,8 @@
     hearth rollout webhook --listen :9095                     (Alertmanager -> kill switch)
     hearth calibrator rollback --variant V --reason WHY       (earlier calibrator, refits held)
     hearth keys rotate --to KEK_ID                            (KEK rotation: privacy's RotateKeys)
+    hearth keys rotate-household ACCOUNT_ID                   (one household's data key: RotateDataKey)
+    hearth keys rotate-households --older-than-days N         (a bounded batch: RotateDataKeys)
 """
 
 from __future__ import annotations

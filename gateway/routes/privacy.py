@@ -9,17 +9,26 @@ household export, consent.
 * ``PUT /v1/consent/{account_id}`` — the account's consent flags.
 * ``POST /v1/keys/rotate`` — make another configured KEK active and re-wrap every data
   key under it (privacy's ``RotateKeys``, admin only; ``hearth keys rotate``).
+* ``POST /v1/household/{account_id}/rotate-key`` — rotate one household's data key: a new
+  version, the household's data re-encrypted under it in every store, the old version
+  destroyed (privacy's ``RotateDataKey``, privacy officer or admin;
+  ``hearth keys rotate-household``).
+* ``POST /v1/keys/rotate-households`` — the same for up to ``limit`` households whose
+  newest data key is older than ``older_than_days`` (``hearth keys rotate-households``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import AsyncIterator
 from datetime import timezone
 from typing import Any, Literal
 
+import grpc
 from fastapi import APIRouter, Depends
 from fastapi import Path as PathParam
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, model_validator
 
 from gateway import models
@@ -28,6 +37,8 @@ from gateway.routes import ACCOUNT_PATH, ID_PATTERN, api_router
 from hearth.common.v1 import common_pb2
 from hearth.privacy.v1 import privacy_pb2 as ppb
 from services.common.erasure import ErasureScope, scope_from_pb, scope_to_pb
+from services.common.errors import Unavailable
+from services.common.export_stream import IncompleteExport, Verifier
 from services.common.identity import Principal
 from services.common.pbutil import float_to_ts
 
@@ -147,9 +158,72 @@ class RotateKeysOut(BaseModel):
                                                   "from HEARTH_KEKS once it is not listed here")
 
 
+# The streamed export's deadline: paced by the HTTP client reading it, so far longer than
+# one answer's; the unary one a privacy before session 26 serves keeps its 60 s.
+EXPORT_TIMEOUT_S = 1800.0
+UNARY_EXPORT_TIMEOUT_S = 60.0
+EXPORT_DESCRIPTION = (
+    "The document is streamed as privacy gathers it from each data holder (never held whole). "
+    "A failure before the first byte is an ordinary error status. A failure after it (a data holder "
+    "failing part-way) cannot change the 200 already sent: the connection is then closed before the "
+    "end of the chunked body, so the client sees an incomplete transfer, and the document is left "
+    'unclosed (not valid JSON). A whole export is valid JSON whose last key is "complete": true.')
+log = logging.getLogger("hearth.gateway.export")
+
+
+async def _export_body(call, first) -> AsyncIterator[bytes]:
+    """The streamed document's bytes, checked as services/common/export_stream.verified
+    checks a part (``Verifier``): the completion marker must come, with the digest and
+    length of every byte before it. Anything else raises, and the server then drops the
+    connection before the chunked body's end (no terminating chunk), so no client takes a
+    cut document for a whole one."""
+    check, message = Verifier("privacy"), first
+    try:
+        while message is not grpc.aio.EOF and not check.done:
+            data = check.take(message)
+            if data:
+                yield data
+            if not check.done:
+                message = await call.read()
+        check.finish()
+    except (grpc.aio.AioRpcError, IncompleteExport) as exc:
+        detail = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+        log.warning("the export of a household failed after %d bytes were sent (%s): closing the connection "
+                    "before the body's end", check.total, detail)
+        raise
+    finally:
+        call.cancel()   # a no-op once the call has ended; frees it when the client went away
+
+
 # RotateKeys re-wraps every household's data key in one call: its deadline is the
 # largest of the gateway's routes.
 ROTATE_KEYS_TIMEOUT_S = 300.0
+
+
+class RotateDataKeyOut(BaseModel):
+    account_id: str
+    dek_version: int = Field(description="the household's data key version now: its data is encrypted under it")
+    reencrypted: dict[str, int] = Field(description="per service, values re-encrypted under it by this call")
+    destroyed_versions: list[int] = Field(description="data key versions destroyed by this call")
+    kept_versions: list[int] = Field(description="older versions kept live: 1, which keys the digests of erased "
+                                                 "ids (no data is encrypted under it any more)")
+    resumed: bool = Field(description="true: this call finished a rotation begun before (no new version)")
+
+
+class RotateDataKeysIn(Strict):
+    older_than_days: float = Field(..., gt=0, le=36500, description="rotate households whose newest data key "
+                                                                     "is older than this many days")
+    limit: int = Field(100, ge=1, le=1000, description="at most this many households, oldest key first")
+
+
+class RotateDataKeysOut(BaseModel):
+    rotated: list[RotateDataKeyOut]
+
+
+def _rotated(r) -> RotateDataKeyOut:
+    return RotateDataKeyOut(account_id=r.account_id, dek_version=r.dek_version, reencrypted=dict(r.reencrypted),
+                            destroyed_versions=list(r.destroyed_versions), kept_versions=list(r.kept_versions),
+                            resumed=r.resumed)
 
 
 def router(clients, access) -> APIRouter:
@@ -172,12 +246,31 @@ def router(clients, access) -> APIRouter:
         return deletion_to_json(r)
 
     @api.get("/v1/household/{account_id}/export",
-             summary="Everything Hearth holds about a household (schema hearth-household-export v1)")
+             summary="Everything Hearth holds about a household (schema hearth-household-export v1), streamed",
+             description=EXPORT_DESCRIPTION,
+             responses={200: {"content": {"application/json": {}},
+                              "description": "the document, streamed; whole only if it parses and ends with "
+                                             '"complete": true (docs/privacy.md §9)'}})
     async def get_export(account_id: str = ACCOUNT_PATH,
                          who: Principal = Depends(access("GET /v1/household/{account_id}/export"))):
-        r = await clients.call("privacy", "ExportHousehold", ppb.ExportHouseholdRequest(account_id=account_id),
-                               who, timeout_s=60.0)
-        return JSONResponse(json.loads(r.export_json))
+        request = ppb.ExportHouseholdRequest(account_id=account_id)
+        call = clients.unary_stream("privacy", "ExportHouseholdStream", request, who, timeout_s=EXPORT_TIMEOUT_S)
+        try:
+            # Before any byte of the answer: a failure here (a holder down, a deletion in
+            # progress, a bad id) is an ordinary error status with its JSON body.
+            first = await call.read()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED):
+                raise
+            # A privacy of a release before session 26 (its permission matrix refuses the
+            # stream it does not know, for every role: PERMISSION_DENIED; the caller passed
+            # the gateway's own check of the same permission): the document in one message,
+            # as then, judged again by privacy (docs/operations.md, "Rolling upgrades").
+            r = await clients.call("privacy", "ExportHousehold", request, who, timeout_s=UNARY_EXPORT_TIMEOUT_S)
+            return Response(r.export_json.encode("utf-8"), media_type="application/json")
+        if first is grpc.aio.EOF:
+            raise Unavailable("privacy ended the export without sending it; no export is given", "account_id")
+        return StreamingResponse(_export_body(call, first), media_type="application/json")
 
     @api.put("/v1/consent/{account_id}", response_model=ConsentOut,
              summary="Set the account's consent flags (processing, attribution)")
@@ -195,5 +288,25 @@ def router(clients, access) -> APIRouter:
                                who, timeout_s=ROTATE_KEYS_TIMEOUT_S)
         return RotateKeysOut(rewrapped=r.rewrapped, active_kek_id=r.active_kek_id,
                              kek_ids_in_use=list(r.kek_ids_in_use))
+
+    @api.post("/v1/household/{account_id}/rotate-key", response_model=RotateDataKeyOut,
+              responses={404: {"model": models.ErrorOut, "description": "the household has no data key"},
+                         412: {"model": models.ErrorOut, "description": "the household was erased (its key destroyed)"}},
+              summary="Rotate a household's data key: new version, its data re-encrypted, the old version destroyed")
+    async def rotate_data_key(account_id: str = ACCOUNT_PATH,
+                              who: Principal = Depends(access("POST /v1/household/{account_id}/rotate-key"))):
+        # Waits ~70 s (HEARTH_DEK_ROTATION_SETTLE_S) before the re-encryption: the deadline of RotateKeys.
+        r = await clients.call("privacy", "RotateDataKey", ppb.RotateDataKeyRequest(account_id=account_id), who,
+                               timeout_s=ROTATE_KEYS_TIMEOUT_S)
+        return _rotated(r)
+
+    @api.post("/v1/keys/rotate-households", response_model=RotateDataKeysOut,
+              summary="Rotate the data key of every household whose key is older than N days (a bounded batch)")
+    async def rotate_data_keys(body: RotateDataKeysIn,
+                               who: Principal = Depends(access("POST /v1/keys/rotate-households"))):
+        # One settle (~70 s) for the whole batch, then each household's re-encryption.
+        r = await clients.call("privacy", "RotateDataKeys", ppb.RotateDataKeysRequest(
+            older_than_days=body.older_than_days, limit=body.limit), who, timeout_s=ROTATE_KEYS_TIMEOUT_S)
+        return RotateDataKeysOut(rotated=[_rotated(x) for x in r.rotated])
 
     return api

@@ -183,7 +183,7 @@ class AttributionApp:
 
     def export_account(self, account_id: str) -> dict:
         """DataHolder.ExportAccount (services/common/erasure.py validates the id)."""
-        return self.store.export_account(account_id)
+        return self.store.export_sections(account_id)   # lazy: streamed a page at a time
 
     def attribute(self, query: AttributeQuery, caller: Principal | None = None) -> AttributionOutcome:
         """``caller``: the principal who asked (None: in-process, e.g. tests and tools)."""
@@ -306,6 +306,10 @@ class AttributionApp:
         )
         journeys = float(js.paths.conversions.sum() + js.paths.nulls.sum())
         return ScopedReport(scope, account, person, report, journeys)
+
+    def rekey(self, account_id: str, dek_version: int) -> tuple[int, list[dict]]:
+        """DataHolder.Rekey: the household's sealed campaigns under data key ``dek_version``."""
+        return self.store.rekey(account_id, dek_version)
 
     def erase(self, scope: ErasureScope, job_id: str = "") -> ErasureOutcome:
         person_touchpoints: list[str] = []

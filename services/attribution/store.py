@@ -12,7 +12,8 @@ from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.field_crypto import FieldCipher, drop_keys_of_erased_households, note_household_erased
 from services.common.storage.cache import Cache, MemoryCache
 from services.common.ids import MAX_FUTURE_SKEW_S
-from services.common.storage.sql import Database, Tx, migrate, record_erasure
+from services.common.export_stream import materialised
+from services.common.storage.sql import Database, Tx, keyset_rows, migrate, record_erasure
 
 # Every table an erasure deletes from (purged physically after it: Database.purge_erased;
 # kept out of PostgreSQL's planner statistics: migrate(personal_tables=...)).
@@ -125,6 +126,30 @@ class AttributionStore:
         return ([Touchpoint(r[0], r[1], r[2], float(r[3]), r[4], self._campaign_out(r[1], r[5]), r[6]) for r in tps],
                 [Conversion(r[0], r[1], float(r[2]), r[3], float(r[4]), r[5]) for r in conv])
 
+    def rekey(self, account_id: str, dek_version: int) -> tuple[int, list[dict]]:
+        """Re-encrypt the household's touchpoint campaigns under data key version
+        ``dek_version`` (DataHolder.Rekey; ``ClusteringStore.rekey`` says why the purge and
+        the household-erasure count). Conversions carry no sealed column, and the erased-id
+        digests are keyed with version 1, which a rotation keeps. Idempotent."""
+        if self.cipher is None:
+            return 0, []
+        changed = 0
+        self.cipher.forget(account_id)
+        with self.db.transaction() as tx:
+            tx.lock_household(account_id)
+            note_household_erased(tx)
+            for touchpoint_id, campaign in tx.query(
+                    "SELECT touchpoint_id, campaign FROM touchpoints WHERE account_id = ?", (account_id,)):
+                sealed = self.cipher.reseal_text(account_id, "campaign", campaign, dek_version)
+                if sealed is not None:
+                    changed += 1
+                    tx.execute("UPDATE touchpoints SET campaign = ? WHERE account_id = ? AND touchpoint_id = ?",
+                               (sealed, account_id, touchpoint_id))
+            if changed:
+                record_erasure(tx)
+        # Purged on every call (ClusteringStore.rekey says why: review26).
+        return changed, [self.db.purge_erased(("touchpoints",))]
+
     def erase(self, scope: ErasureScope, person_touchpoints: Sequence[str] = ()) -> ErasureOutcome:
         """Delete the scope's touchpoints and conversions in one transaction.
 
@@ -196,16 +221,20 @@ class AttributionStore:
         return outcome
 
     def export_account(self, account_id: str) -> dict:
-        """Everything held for the account (privacy's household export), decrypted."""
-        with self.db.transaction() as tx:
-            tps = tx.query("SELECT touchpoint_id, device_id, ts, channel, campaign, person_id FROM touchpoints "
-                           "WHERE account_id = ? ORDER BY ts, touchpoint_id", (account_id,))
-            cvs = tx.query("SELECT conversion_id, ts, kind, value, device_id FROM conversions "
-                           "WHERE account_id = ? ORDER BY ts, conversion_id", (account_id,))
+        """``export_sections`` read whole (the tests' and tools' form)."""
+        return materialised(self.export_sections(account_id))
+
+    def export_sections(self, account_id: str) -> dict:
+        """Everything held for the account (privacy's household export), decrypted; lazy,
+        a page at a time as the stream is written (services/common/export_stream.py)."""
+        tps = keyset_rows(self.db, "SELECT touchpoint_id, device_id, ts, channel, campaign, person_id "
+                          "FROM touchpoints WHERE account_id = ?", (account_id,), ("ts", "touchpoint_id"), (2, 0))
+        cvs = keyset_rows(self.db, "SELECT conversion_id, ts, kind, value, device_id FROM conversions "
+                          "WHERE account_id = ?", (account_id,), ("ts", "conversion_id"), (1, 0))
         return {
-            "touchpoints": [{"touchpoint_id": r[0], "device_id": r[1], "ts": float(r[2]), "channel": r[3],
-                             "campaign": self._campaign_out(account_id, r[4]), "person_id": r[5]} for r in tps],
-            "conversions": [{"conversion_id": r[0], "ts": float(r[1]), "kind": r[2], "value": float(r[3]),
-                             "device_id": r[4]} for r in cvs],
+            "touchpoints": ({"touchpoint_id": r[0], "device_id": r[1], "ts": float(r[2]), "channel": r[3],
+                             "campaign": self._campaign_out(account_id, r[4]), "person_id": r[5]} for r in tps),
+            "conversions": ({"conversion_id": r[0], "ts": float(r[1]), "kind": r[2], "value": float(r[3]),
+                             "device_id": r[4]} for r in cvs),
         }
 

@@ -505,13 +505,17 @@ class ClusteringApp:
 
     def export_account(self, account_id: str) -> dict:
         """DataHolder.ExportAccount (services/common/erasure.py validates the id)."""
-        return self.store.export_account(account_id)
+        return self.store.export_sections(account_id)   # lazy: streamed a page at a time
 
     def resolve_persons(self, instants: list[tuple[str, str, float]]) -> list[tuple[str, dict[str, float]]]:
         for n, (account, device, _) in enumerate(instants):
             check_id(account, f"instants[{n}].account_id")
             check_id(device, f"instants[{n}].device_id")
         return self.store.resolve_persons(instants)
+
+    def rekey(self, account_id: str, dek_version: int) -> tuple[int, list[dict]]:
+        """DataHolder.Rekey: the household's sealed values under data key ``dek_version``."""
+        return self.store.rekey(account_id, dek_version)
 
     def erase(self, scope: ErasureScope, job_id: str = "") -> ErasureOutcome:
         """Delete the scope's data, then refit the household from what remains: exact

@@ -37,7 +37,7 @@ from prometheus_client import Counter
 from services.clustering.domain.drift import DriftDetector, build_detector
 from services.clustering.domain.model import MIN_SESSIONS, PERSON_ID, HouseholdModel, PopulationPrior
 from services.clustering.household import MICRO_BATCH, MIN_DRIFT_REFERENCE, Envelope
-from services.clustering.store import ClusteringStore, DriftRow, StoredSession
+from services.clustering.store import ClosedTail, ClusteringStore, DriftRow, StoredSession
 from services.common.client import serving_time_left
 from services.common.errors import Conflict, DeadlineExceeded
 from services.common.feedback_to_clustering import is_feedback_trigger
@@ -86,6 +86,9 @@ class Snapshot:
     timestamps: np.ndarray
     # per session: its label was volunteered (feedback's unprompted), None when none was
     volunteered: np.ndarray | None = None
+    # what each session's person and probabilities were when the snapshot was read
+    # (ModelKeeper.snapshot), so that only the answers that change are written; None: unknown
+    recorded: ClosedTail | None = None
 
     @property
     def device_ids(self) -> list[str]:
@@ -152,7 +155,13 @@ class ModelKeeper:
             self._decoded.pop(account_id, None)
 
     def snapshot(self, account_id: str) -> Snapshot:
-        return self.snapshot_of(account_id, self.store.closed_sessions(account_id))
+        """Every closed session (``closed_tail`` from the first: ``closed_sessions()``, with
+        what each holds as its person and probabilities, so that a fold writes only the
+        answers that change; ``_record_persons``)."""
+        tail = self.store.closed_tail(account_id, 0)
+        snap = self.snapshot_of(account_id, tail.sessions)
+        snap.recorded = tail
+        return snap
 
     def snapshot_of(self, account_id: str, sessions: list[StoredSession], volunteered: bool = True) -> Snapshot:
         """``sessions`` with their feedback labels (``volunteered``: and which labels
@@ -380,9 +389,12 @@ class ModelKeeper:
             envelope.drift_checked = len(snap.sessions)
             return []
         try:
-            detector, start = self._drift_detector(state, snap, ref)
+            # the reference's digest once a check (the state is checked against it and the
+            # new state records it: ~1-3 ms a digest at 2,548 reference sessions)
+            reference_digest = _sessions_digest(snap.X[:ref])
+            detector, start = self._drift_detector(state, snap, ref, reference_digest)
             events = detector.update(snap.X[start:], snap.timestamps[start:])
-            envelope.drift_state = _drift_state(detector, ref, self.seed, snap.X)
+            envelope.drift_state = _drift_state(detector, ref, self.seed, snap.X, reference_digest)
         except (ValueError, ArithmeticError) as exc:
             log.warning("drift check skipped: %s", exc)
             return []
@@ -398,7 +410,8 @@ class ModelKeeper:
         envelope.drift_checked = len(snap.sessions)
         return rows
 
-    def _drift_detector(self, state: dict | None, snap: Snapshot, ref: int) -> tuple[DriftDetector, int]:
+    def _drift_detector(self, state: dict | None, snap: Snapshot, ref: int,
+                        reference_digest: str | None = None) -> tuple[DriftDetector, int]:
         """The drift detector of the reference ``snap.X[:ref]`` and the position from
         which the sessions are still to be fed to it: the previous check's detector
         resumed from its state when that state is of this reference and the sessions
@@ -421,9 +434,12 @@ class ModelKeeper:
         instead would change the drift answers; rebuilding incrementally cannot give
         the same ones (the kernel's bandwidth is the median over all reference pairs,
         and the reference only grows at a refit, which changes everything).
-        Same answers: tests/unit/clustering/test_drift_resume.py."""
+        Same answers: tests/unit/clustering/test_drift_resume.py. ``reference_digest``:
+        ``_sessions_digest(snap.X[:ref])`` when the caller has it."""
+        if reference_digest is None:
+            reference_digest = _sessions_digest(snap.X[:ref])
         if state is not None and state.get("reference_end") == ref and state.get("seed") == self.seed \
-                and state.get("reference_digest") == _sessions_digest(snap.X[:ref]):
+                and state.get("reference_digest") == reference_digest:
             try:
                 seen = ref + int(state["detector"]["consumed"])
                 if seen <= len(snap.sessions) and state.get("stream_digest") == _sessions_digest(snap.X[ref:seen]):
@@ -449,7 +465,12 @@ class ModelKeeper:
             return
         persons, probs = persons_for(envelope.model, sessions, snap.labels[start:], snap.X[start:],
                                      included=np.arange(start, len(snap.sessions)) < included)
-        self.store.set_persons(account_id, persons, probs)
+        # Only the answers that change are written. A fold re-answers every included
+        # session with the updated model ("settled" answers), so most rows do change, but
+        # not all: 0-1,359 of ~2,600 a fold were already stored as answered
+        # (bench.refresh_cpu --fold, 1,200 days; session 26), and each row is an UPDATE.
+        self.store.set_persons(account_id, persons, probs,
+                               unless_recorded=snap.recorded.recorded if snap.recorded is not None else None)
 
 
 def _sessions_digest(X: np.ndarray) -> str:
@@ -464,16 +485,20 @@ def _sessions_digest(X: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _drift_state(detector: DriftDetector, ref: int, seed: int, X: np.ndarray) -> dict | None:
+def _drift_state(detector: DriftDetector, ref: int, seed: int, X: np.ndarray,
+                 reference_digest: str | None = None) -> dict | None:
     """The envelope's drift state after ``detector`` consumed the sessions after the
-    reference ``X[:ref]`` (ModelKeeper._drift_detector); None when the detector cannot be
-    resumed (then the next check rebuilds it)."""
+    reference ``X[:ref]`` (whose ``_sessions_digest`` is ``reference_digest``;
+    ModelKeeper._drift_detector); None when the detector cannot be resumed (then the next
+    check rebuilds it)."""
     try:
         det_state = detector.checkpoint()
     except ValueError:
         return None
     seen = ref + int(det_state["consumed"])
-    return {"reference_end": ref, "seed": seed, "reference_digest": _sessions_digest(X[:ref]),
+    if reference_digest is None:
+        reference_digest = _sessions_digest(X[:ref])
+    return {"reference_end": ref, "seed": seed, "reference_digest": reference_digest,
             "stream_digest": _sessions_digest(X[ref:seen]), "detector": det_state}
 
 
@@ -569,8 +594,9 @@ def persons_for(model: HouseholdModel, sessions: list[StoredSession], labels: li
     batch = model.assign_batch(X, device_ids=[s.device_id for s in sessions], included=included)
     ids = batch.person_ids
     persons = {s.session_id: ids[int(i)] for s, i in zip(sessions, batch.person_index)}
-    probs = {s.session_id: {pid: round(float(p), 6) for pid, p in zip(ids, row)}
-             for s, row in zip(sessions, batch.probabilities)}
+    # tolist(): Python floats at once (the same values as float() of each numpy scalar)
+    probs = {s.session_id: {pid: round(p, 6) for pid, p in zip(ids, row)}
+             for s, row in zip(sessions, batch.probabilities.tolist())}
     # Constrained assignment: a session whose person is known is that person.
     for s, label in zip(sessions, labels):
         known = known_person(model, label)

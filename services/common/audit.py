@@ -142,6 +142,9 @@ _ERASE = (DELETION_COMPLETED, DELETION_FAILED)
 RPC_EVENTS: dict[str, str | tuple[str, str] | None] = {
     _DATA + "Erase": _ERASE,                   # served by clustering, attribution and feedback
     _DATA + "ExportAccount": READ_HOUSEHOLD,   # one part of a privacy ExportHousehold
+    _DATA + "ExportAccountStream": READ_HOUSEHOLD,   # the same part, streamed (since session 26)
+    _DATA + "Rekey": None,                     # one step of a privacy RotateDataKey, audited there
+                                               # (key_rotation with the operator's principal)
     _CLU + "IngestEvents": INGEST,
     _CLU + "AssignSession": ASSIGN,
     _CLU + "AssignSessions": ASSIGN,
@@ -156,6 +159,7 @@ RPC_EVENTS: dict[str, str | tuple[str, str] | None] = {
     _DEL + "GetDeletion": None,                # job status, no personal data
     _DEL + "VerifyReceipt": RECEIPT_VERIFIED,
     _DEL + "ExportHousehold": EXPORT,
+    _DEL + "ExportHouseholdStream": EXPORT,
     _CON + "SetConsent": CONSENT_CHANGE,
     _CON + "GetConsent": None,                 # read by services on every write they audit already
     _CON + "ListWithdrawnConsent": None,       # read by attribution for an Attribute it audits already
@@ -166,6 +170,8 @@ RPC_EVENTS: dict[str, str | tuple[str, str] | None] = {
     _KEY + "GetDataKey": None,                 # stores fetch keys per household every <= 60 s; the
                                                # key's creation/destruction is what is audited
     _KEY + "RotateKeys": KEY_ROTATION,
+    _KEY + "RotateDataKey": KEY_ROTATION,
+    _KEY + "RotateDataKeys": KEY_ROTATION,
     _FEE + "RecordPrediction": INGEST,
     _FEE + "RecordFeedback": FEEDBACK,
     _FEE + "GetCalibration": None,             # aggregates over all households, no household data

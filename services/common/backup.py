@@ -14,6 +14,7 @@ checksums before touching anything.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -103,10 +104,46 @@ def backup_sqlite(data_dir: Path, out_dir: Path, services=SERVICES) -> Snapshot:
     return _write_manifest(target, "sqlite", taken_at, files)
 
 
+# SQLite's unix VFS: every connection to a WAL database holds a read lock on this byte of
+# its -shm file (the "dead man switch", UNIX_SHM_DMS in os_unix.c) for as long as it is open,
+# whichever process it is in.
+_SHM_DMS_BYTE = 128
+
+
+def sqlite_databases_in_use(data_dir: Path, services=SERVICES) -> list[str]:
+    """The services whose ``<service>.db`` under ``data_dir`` some process has open now."""
+    busy = []
+    for service in services:
+        try:
+            fd = os.open(data_dir / f"{service}.db-shm", os.O_RDWR)
+        except FileNotFoundError:   # removed by the last connection's close: nobody has it open
+            continue
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, _SHM_DMS_BYTE)
+        except OSError:
+            busy.append(service)
+        else:
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, _SHM_DMS_BYTE)
+        finally:
+            os.close(fd)
+    return busy
+
+
 def restore_sqlite(snapshot: Snapshot, data_dir: Path) -> list[str]:
     """Replace each service's database by the snapshot's copy (the services must be
-    stopped). The old file's -wal/-shm are removed with it, or SQLite would replay them."""
+    stopped). The old file's -wal/-shm are removed with it, or SQLite would replay them.
+
+    Refused while a process has one of them open (attack26): a running service keeps
+    reading and writing the file it opened, now unlinked, and its -wal is removed under
+    it, so everything it acknowledged after the restore — and the restore's re-applied
+    deletions, until it restarts — was lost at its next start, while the restore
+    answered 0."""
     snapshot.verify()
+    busy = sqlite_databases_in_use(data_dir, sorted(snapshot.files))
+    if busy:
+        raise BackupError(f"{', '.join(busy)}: the database under {data_dir} is open (a service is running "
+                          "on it): stop every service first; a running service would go on with the replaced "
+                          "file and lose what it writes when it restarts")
     data_dir.mkdir(parents=True, exist_ok=True)
     restored = []
     for service, entry in sorted(snapshot.files.items()):

@@ -111,7 +111,7 @@ class PeerInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientIn
         self._tracer = telemetry.tracer("hearth.grpc.client")
         self._link = link
 
-    def _call(self, continuation, details, request):
+    def _call(self, continuation, details, request, streaming: bool = False):
         link = self._link
         if link is not None and not link.enter():
             raise PeerAbandoned(link.address)
@@ -126,8 +126,11 @@ class PeerInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientIn
                     bounded_timeout(details.timeout if details.timeout is not None else self._timeout),
                     metadata, details.credentials, details.wait_for_ready, details.compression)
                 response = continuation(new_details, request)
-                if isinstance(response, grpc.Future):
-                    response.result()  # surface errors inside the span
+                if isinstance(response, grpc.Future) and not streaming:
+                    # Surface errors inside the span. Not for a response stream: its result()
+                    # waits for the whole stream, which nobody reads meanwhile (the caller
+                    # iterates it; its errors surface there).
+                    response.result()
                 return response
         except grpc.RpcError as exc:
             if link is not None and link.abandoned and exc.code() == grpc.StatusCode.CANCELLED:
@@ -141,7 +144,10 @@ class PeerInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientIn
 
     intercept_unary_unary = _call
     intercept_stream_unary = _call
-    intercept_unary_stream = _call
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return self._call(continuation, details, request, streaming=True)
+
     intercept_stream_stream = _call
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.identity import DEFAULT_TOKEN_TTL_S, MIN_KEY_CHARS
@@ -53,8 +54,34 @@ def bounded(*, gt: float | None = None, ge: float | None = None, le: float | Non
     return AfterValidator(check)
 
 
+# Kubernetes quantity suffixes (a Pod's emptyDir sizeLimit: "1Gi", "500M", "2.5Gi").
+_QUANTITY_FACTORS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+                     "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_QUANTITY = re.compile(r"(\d+(?:\.\d+)?)([a-zA-Z]{0,2})")
+
+
+def byte_quantity(value: object) -> int:
+    """Bytes from a Kubernetes quantity ("1Gi", "500Mi", "2G", "1073741824"; "" or 0:
+    unknown, 0). The chart hands the data volume's ``sizeLimit`` over as it is written in
+    the values, so the process needs no second spelling of it to keep in step."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        text = str(value)
+    elif isinstance(value, str):
+        text = value.strip()
+    else:
+        raise ValueError("must be a byte quantity such as 1Gi, 500Mi or 1073741824")
+    if not text:
+        return 0
+    match = _QUANTITY.fullmatch(text)
+    if match is None or match.group(2) not in _QUANTITY_FACTORS:
+        raise ValueError("must be a byte quantity such as 1Gi, 500Mi or 1073741824")
+    return int(float(match.group(1)) * _QUANTITY_FACTORS[match.group(2)])
+
+
+ByteQuantity = Annotated[int, BeforeValidator(byte_quantity)]
 Port = Annotated[int, bounded(ge=0, le=65535, message="must be a port number in 0..65535")]
 Positive = Annotated[float, bounded(gt=0)]
+NonNegative = Annotated[float, bounded(ge=0)]
 AtLeastOne = Annotated[int, bounded(ge=1)]
 
 
@@ -161,6 +188,22 @@ class MeshSettings(HearthSettings):
     # server.build_server. Responses (exports) stay at 64 MiB.
     grpc_max_message_bytes: Annotated[int, bounded(ge=1024 * 1024, le=1024 * 1024 * 1024,
                                                    message="must be bytes in [1 MiB, 1 GiB]")] = 16 * 1024 * 1024
+    # The largest response message a server sends and a client reads (tls.response_max_bytes).
+    # Until session 26 a household's export was one response and had to fit; it is streamed
+    # now (export_stream.py), so this bounds single answers only. Tests lower it to show an
+    # export larger than the limit going through whole (tests/e2e/test_export_stream_e2e.py).
+    grpc_max_response_bytes: Annotated[int, bounded(ge=64 * 1024, le=1024 * 1024 * 1024,
+                                                    message="must be bytes in [64 KiB, 1 GiB]")] = 64 * 1024 * 1024
+    # The data bytes of one message of a streamed export (export_stream.chunks): each data
+    # holder's part and privacy's document are sent in chunks of at most this.
+    export_chunk_bytes: Annotated[int, bounded(ge=1024, le=16 * 1024 * 1024,
+                                               message="must be bytes in [1 KiB, 16 MiB]")] = 1024 * 1024
+    # The size limit of the data directory's volume (the chart's storage.dataDir.sizeLimit:
+    # the kubelet evicts a pod whose emptyDir grows past it, and an evicted pod's emptyDir
+    # — its audit outbox with it — is gone). Only reported, as
+    # hearth_data_dir_limit_bytes beside hearth_data_dir_used_bytes, for the alert
+    # HearthDataDirNearLimit; 0 / empty: no limit known.
+    data_dir_size_limit: ByteQuantity = 0
     # The audit sink's reserve file in the data directory (audit.AuditReserve): allocated at
     # start, it keeps the records held in memory while neither the audit log nor the disk
     # outbox takes them (a full disk) across a kill. ~400 bytes a record; 0: none.
@@ -254,12 +297,16 @@ def configure_process(settings: MeshSettings, component: str | None = None) -> N
     A partial or unreadable TLS or signing-key configuration stops the process naming
     the variable. ``component``: the process's name ("gateway", "privacy", ...; default
     ``settings.service_name``), which its signing key must belong to."""
-    from services.common import identity, telemetry, tls
+    from services.common import export_stream, identity, telemetry, tls
 
     identity.configure_service_tokens(identity.signer_from_settings(
         settings, component or getattr(settings, "service_name", None)))
     tls.configure(tls.material_from_settings(settings), settings.grpc_lb_policy, settings.grpc_reconnect_max_s,
-                  settings.grpc_max_message_bytes)
+                  settings.grpc_max_message_bytes, settings.grpc_max_response_bytes)
+    if settings.export_chunk_bytes > settings.grpc_max_response_bytes // 2:
+        raise ConfigError("invalid configuration:\n  HEARTH_EXPORT_CHUNK_BYTES: must be at most half of "
+                          f"HEARTH_GRPC_MAX_RESPONSE_BYTES ({settings.grpc_max_response_bytes})")
+    export_stream.configure(settings.export_chunk_bytes)
     telemetry.configure_pseudonym_key(settings.log_pseudonym_key.get_secret_value()
                                       or settings.service_token_key.get_secret_value())
 

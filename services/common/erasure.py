@@ -1,5 +1,5 @@
 """The erasure contract: the ``DataHolder`` gRPC service (``Erase``, ``ExportAccount``,
-protos/hearth/common/v1/common.proto) that clustering, attribution and feedback serve
+``ExportAccountStream``, protos/hearth/common/v1/common.proto) that clustering, attribution and feedback serve
 through the one servicer below, its scope and its result.
 
 A scope (``ErasureScope``, the one scope type of the mesh) names an account and one
@@ -31,7 +31,7 @@ import enum
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -39,6 +39,7 @@ from typing import Any, Protocol
 from hearth.common.v1 import common_pb2, common_pb2_grpc
 from services.common.ids import check_id, check_query_ts, format_ts, parse_ts
 from services.common.errors import InvalidArgument, PermissionDenied
+from services.common.export_stream import chunks, json_pieces, materialised
 from services.common.pbutil import float_to_ts, ts_to_float
 
 
@@ -245,13 +246,16 @@ def _check_all_accounts(target: str | None, path: str) -> None:
                                f"{path}.account_id")
 
 
+def _purge_to_pb(p: dict) -> common_pb2.PhysicalPurge:
+    return common_pb2.PhysicalPurge(store=p["store"], location=p["where"], action=p["action"],
+                                    at=float_to_ts(p["at"]), complete=bool(p["complete"]))
+
+
 def result_to_pb(service: str, outcome: ErasureOutcome) -> common_pb2.ErasureResult:
     return common_pb2.ErasureResult(
         service=service, deleted_counts=outcome.deleted_counts,
         deleted_ids_sha256=ids_digest(outcome.deleted_ids), already_erased=outcome.empty,
-        purges=[common_pb2.PhysicalPurge(store=p["store"], location=p["where"], action=p["action"],
-                                         at=float_to_ts(p["at"]), complete=bool(p["complete"]))
-                for p in outcome.purges])
+        purges=[_purge_to_pb(p) for p in outcome.purges])
 
 
 def scope_to_pb(scope: ErasureScope) -> common_pb2.ErasureScope:
@@ -286,7 +290,14 @@ class DataHolder(Protocol):
         ...
 
     def export_account(self, account_id: str) -> dict[str, Any]:
-        """Everything held for the account, decrypted, as one JSON-able document."""
+        """Everything held for the account, decrypted, as one JSON-able document. A list
+        may be given as a lazy iterable (a generator paging a table): the streamed export
+        writes it item by item, never holding it whole (services/common/export_stream.py)."""
+        ...
+
+    def rekey(self, account_id: str, dek_version: int) -> tuple[int, list[dict]]:
+        """Re-encrypt what is sealed of the account under its data key ``dek_version``
+        (idempotent); (values re-encrypted, physical purge steps as for an erasure)."""
         ...
 
 
@@ -310,9 +321,29 @@ class DataHolderServicer(common_pb2_grpc.DataHolderServicer):
                                              "kind": scope.kind.value, **outcome.deleted_counts}})
         return common_pb2.EraseResponse(result=result_to_pb(self._service, outcome))
 
+    def Rekey(self, request: common_pb2.RekeyRequest, context) -> common_pb2.RekeyResponse:
+        account_id = check_id(request.account_id, "account_id")
+        if request.dek_version < 1:
+            raise InvalidArgument("must be >= 1", "dek_version")
+        count, purges = self._holder.rekey(account_id, int(request.dek_version))
+        log.info("rekeyed", extra={"fields": {"service": self._service, "dek_version": request.dek_version,
+                                              "reencrypted": count}})
+        return common_pb2.RekeyResponse(reencrypted=count, purges=[_purge_to_pb(p) for p in purges])
+
     def ExportAccount(self, request: common_pb2.ExportAccountRequest, context) -> common_pb2.ExportAccountResponse:
+        """The part as one message (up to HEARTH_GRPC_MAX_RESPONSE_BYTES): what a privacy of
+        a release before session 26 calls."""
         document = self._holder.export_account(check_id(request.account_id, "account_id"))
-        return common_pb2.ExportAccountResponse(json=json.dumps(document, sort_keys=True, ensure_ascii=False))
+        return common_pb2.ExportAccountResponse(json=json.dumps(materialised(document), sort_keys=True,
+                                                                ensure_ascii=False))
+
+    def ExportAccountStream(self, request: common_pb2.ExportAccountRequest, context) -> Iterator[common_pb2.ExportChunk]:
+        """The same JSON text, byte for byte, in chunks of HEARTH_EXPORT_CHUNK_BYTES, the last
+        one marked complete (export_stream.chunks); a failure part-way (a store error, an
+        undecryptable row) ends the stream with an error status, never with the marker.
+        The account id is checked before the first message."""
+        document = self._holder.export_account(check_id(request.account_id, "account_id"))
+        return chunks(json_pieces(document))
 
 
 def data_holder(service: str, holder: DataHolder):

@@ -149,8 +149,9 @@ class FieldCipher:
         Not the newest version (until dek24): a household's data key may get a newer
         version (``KeyRing.create_dek``: latest + 1), and digests keyed with the newest
         would then stop matching those of every earlier erasure. Version 1 lives as long
-        as the household: only a household erasure destroys it, with every version (no
-        path destroys one version alone; one that did would have to keep version 1). The
+        as the household: only a household erasure destroys it, with every version (a data
+        key rotation destroys older versions but keeps version 1, privacy's
+        keys/rotation.py). The
         newest version is asked first: it creates the household's key on first use and
         refuses a shredded household as before. No value, no key asked: an erasure that
         deleted nothing (a household erased before, its key shredded; an account never
@@ -218,6 +219,37 @@ class FieldCipher:
             # traceback, and logs are not rewritten when the household is erased (attack25).
             raise FieldDecryptionError(f"stored {field} of {pseudonym(account_id)} does not authenticate",
                                        field) from None
+
+    # ---- re-keying (a rotation of the household's data key) ---------------------------
+
+    @staticmethod
+    def blob_version(blob: bytes) -> int:
+        """The data key version a sealed blob names (0: not a sealed blob)."""
+        blob = bytes(blob)
+        if len(blob) < HEADER_BYTES + TAG_BYTES or blob[0] != BLOB_VERSION:
+            return 0
+        return int.from_bytes(blob[1:5], "big")
+
+    def reseal(self, account_id: str, field: str, blob: bytes, dek_version: int) -> bytes | None:
+        """``blob`` decrypted and encrypted again under the household's data key version
+        ``dek_version`` (asked for by number, not "the newest": a store may still hold the
+        older newest in its cache); None when it is already under that version or a newer
+        one, or is not a sealed blob (plain bytes written before encryption was enabled)."""
+        version = self.blob_version(blob)
+        if not 0 < version < dek_version:
+            return None
+        plaintext = self.decrypt(account_id, field, blob)
+        got, cipher = self._key(account_id, dek_version)
+        nonce = os.urandom(NONCE_BYTES)
+        return (bytes([BLOB_VERSION]) + got.to_bytes(4, "big") + nonce
+                + cipher.encrypt(nonce, plaintext, field_aad(account_id, field, got)))
+
+    def reseal_text(self, account_id: str, field: str, stored: str | None, dek_version: int) -> str | None:
+        """``reseal`` of a TEXT column's ``"enc1:" + base64(blob)``; None when unchanged."""
+        if stored is None or not stored.startswith(TEXT_PREFIX):
+            return None
+        blob = self.reseal(account_id, field, base64.b64decode(stored[len(TEXT_PREFIX):]), dek_version)
+        return None if blob is None else TEXT_PREFIX + base64.b64encode(blob).decode("ascii")
 
     # ---- TEXT columns ----------------------------------------------------------------
 

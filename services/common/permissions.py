@@ -40,7 +40,10 @@ Decisions (the reasons are repeated in docs/security.md):
 * use_data_key (privacy ``GetDataKey``) is ``svc:clustering``'s and ``svc:attribution``'s
   only (``ONLY_PRINCIPALS``), admin excluded: those stores fetch a household's data key to
   encrypt fields at rest, and no person (nor an API client in the service role) needs raw
-  key material. rotate_keys is admin only.
+  key material. rotate_keys is admin only. rotate_data_key (privacy ``RotateDataKey``: one
+  household's data key rotated, its data re-encrypted) is the privacy officer's and admin's;
+  rekey_data (``DataHolder/Rekey``, the re-encryption in each store) is ``svc:privacy``'s
+  only (``ONLY_PRINCIPALS``), as erase_data.
 * admin: everything else.
 """
 
@@ -83,6 +86,8 @@ class Permission(str, Enum):
     SET_FLAG = "set_flag"
     USE_DATA_KEY = "use_data_key"
     ROTATE_KEYS = "rotate_keys"
+    ROTATE_DATA_KEY = "rotate_data_key"
+    REKEY_DATA = "rekey_data"
 
 
 P = Permission
@@ -91,19 +96,19 @@ P = Permission
 ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
     # Everything but use_data_key: a household's data key goes to stores only (the table
     # in docs/security.md is generated from this, so it says what the services enforce).
-    Role.ADMIN: frozenset(Permission) - {P.USE_DATA_KEY, P.LIST_WITHDRAWN_CONSENT, P.ERASE_DATA},
+    Role.ADMIN: frozenset(Permission) - {P.USE_DATA_KEY, P.LIST_WITHDRAWN_CONSENT, P.ERASE_DATA, P.REKEY_DATA},
     Role.ANALYST: frozenset({P.READ_ATTRIBUTION, P.READ_CALIBRATION, P.READ_EXPERIMENT}),
     Role.DATA_SCIENTIST: frozenset({
         P.READ_HOUSEHOLD, P.REFIT_MODEL, P.RESOLVE_PERSONS, P.READ_ATTRIBUTION, P.RECORD_FEEDBACK,
         P.READ_CALIBRATION, P.READ_EXPERIMENT}),
     Role.PRIVACY_OFFICER: frozenset({
         P.REQUEST_DELETION, P.READ_DELETION, P.VERIFY_RECEIPT, P.EXPORT_HOUSEHOLD,
-        P.SET_CONSENT, P.READ_CONSENT, P.READ_AUDIT}),
+        P.SET_CONSENT, P.READ_CONSENT, P.READ_AUDIT, P.ROTATE_DATA_KEY}),
     Role.SERVICE: frozenset({
         P.INGEST_EVENTS, P.ASSIGN_SESSIONS, P.READ_HOUSEHOLD, P.REFIT_MODEL, P.RESOLVE_PERSONS,
         P.RECORD_TOUCHPOINTS, P.RECORD_CONVERSIONS, P.ERASE_DATA, P.READ_CONSENT,
         P.LIST_WITHDRAWN_CONSENT, P.APPEND_AUDIT, P.RECORD_PREDICTION, P.RECORD_FEEDBACK, P.READ_EXPERIMENT,
-        P.READ_CALIBRATION, P.USE_DATA_KEY}),
+        P.READ_CALIBRATION, P.USE_DATA_KEY, P.REKEY_DATA}),
 }
 
 # Gateway routes, "METHOD /path/template". Parameter names do not matter: templates are
@@ -128,6 +133,9 @@ ROUTES: dict[str, Permission] = {
     "GET /v1/audit/export": P.READ_AUDIT,
     "PUT /v1/consent/{account_id}": P.SET_CONSENT,
     "POST /v1/keys/rotate": P.ROTATE_KEYS,   # `hearth keys rotate` (KEK rotation, admin)
+    # `hearth keys rotate-household` (one household's data key, privacy officer or admin)
+    "POST /v1/household/{account_id}/rotate-key": P.ROTATE_DATA_KEY,
+    "POST /v1/keys/rotate-households": P.ROTATE_DATA_KEY,   # `hearth keys rotate-households` (a batch)
 }
 
 # RPCs per full gRPC service name.
@@ -136,6 +144,8 @@ RPCS: dict[str, dict[str, Permission]] = {
     "hearth.common.v1.DataHolder": {
         "Erase": P.ERASE_DATA,
         "ExportAccount": P.EXPORT_HOUSEHOLD,
+        "ExportAccountStream": P.EXPORT_HOUSEHOLD,
+        "Rekey": P.REKEY_DATA,
     },
     "hearth.clustering.v1.ClusteringService": {
         "IngestEvents": P.INGEST_EVENTS,
@@ -157,6 +167,7 @@ RPCS: dict[str, dict[str, Permission]] = {
         "GetDeletion": P.READ_DELETION,
         "VerifyReceipt": P.VERIFY_RECEIPT,
         "ExportHousehold": P.EXPORT_HOUSEHOLD,
+        "ExportHouseholdStream": P.EXPORT_HOUSEHOLD,
     },
     "hearth.privacy.v1.Consent": {
         "SetConsent": P.SET_CONSENT,
@@ -172,6 +183,8 @@ RPCS: dict[str, dict[str, Permission]] = {
     "hearth.privacy.v1.Keys": {
         "GetDataKey": P.USE_DATA_KEY,
         "RotateKeys": P.ROTATE_KEYS,
+        "RotateDataKey": P.ROTATE_DATA_KEY,
+        "RotateDataKeys": P.ROTATE_DATA_KEY,
     },
     "hearth.feedback.v1.FeedbackService": {
         "RecordPrediction": P.RECORD_PREDICTION,
@@ -202,6 +215,9 @@ RPCS: dict[str, dict[str, Permission]] = {
 ONLY_PRINCIPALS: dict[Permission, frozenset[str]] = {
     P.LIST_WITHDRAWN_CONSENT: frozenset({"svc:attribution"}),
     P.ERASE_DATA: frozenset({"svc:privacy"}),
+    # rekey_data (DataHolder/Rekey) likewise: the privacy service's data key rotation calls
+    # it between creating the household's new key version and destroying the old one.
+    P.REKEY_DATA: frozenset({"svc:privacy"}),
     # A household's data key decrypts everything stored of it, and only the stores that
     # encrypt fields fetch one (services/common/field_crypto.py). Until session 19 it was
     # the whole service role's: with a key per component the gateway still vouches for

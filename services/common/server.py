@@ -310,6 +310,11 @@ STOP_AFTER_DRAIN_S = 1.0
 STOP_CLOSE_MARGIN_S = 3.0
 
 
+# The longest a call may go on on a connection past its maximum age (build_server): the
+# streamed export's deadline, 30 minutes.
+EXPORT_CALL_GRACE_S = 30 * 60
+
+
 class Drain:
     """Counts the calls under way and, once ``begin()`` is called, refuses new ones.
 
@@ -652,14 +657,21 @@ def build_server(service: str, register: Callable[[grpc.Server], Iterable[str]],
         pool,
         interceptors=[HearthInterceptor(service, drain, reflection_stream_s)],
         # Requests up to HEARTH_GRPC_MAX_MESSAGE_BYTES (16 MiB; a larger one is
-        # RESOURCE_EXHAUSTED from the core), responses — a household's export — up to 64 MiB.
+        # RESOURCE_EXHAUSTED from the core), responses up to HEARTH_GRPC_MAX_RESPONSE_BYTES
+        # (64 MiB; a household's export is streamed in chunks of HEARTH_EXPORT_CHUNK_BYTES).
         options=[("grpc.max_receive_message_length", tls.max_message_bytes()),
-                 ("grpc.max_send_message_length", tls.RESPONSE_MAX_BYTES),
+                 ("grpc.max_send_message_length", tls.response_max_bytes()),
                  ("grpc.so_reuseport", 0),
                  # Connections are recycled so round_robin clients re-resolve and spread
                  # over new replicas (a GOAWAY lets calls in flight finish within the grace).
                  ("grpc.max_connection_age_ms", 5 * 60 * 1000),
-                 ("grpc.max_connection_age_grace_ms", 30 * 1000)],
+                 # A call under way on an aged connection has this long to finish before
+                 # it is cut (UNAVAILABLE: "max connection age"). A streamed household
+                 # export is paced by the client reading it and runs for minutes: at 30 s
+                 # a 300,000-event export was cut part-way (session 26), so the grace is
+                 # the export's own deadline (the gateway's EXPORT_TIMEOUT_S). New calls
+                 # still go to new connections after 5 minutes.
+                 ("grpc.max_connection_age_grace_ms", EXPORT_CALL_GRACE_S * 1000)],
     )
     names = list(register(server))
     health_servicer = health_report.ReportingHealthServicer()
@@ -805,6 +817,7 @@ def run_service(name: str, build: Callable, settings_cls: type | None = None) ->
     telemetry.setup_telemetry(name, settings.trace_export, settings.log_level,
                               settings.resolved_metrics_port, settings.host)
     config.warn_if_shared(settings.data_dir)
+    telemetry.watch_data_dir(settings.data_dir, settings.data_dir_size_limit)
     servicers, closers = build(settings)
     for peer in ("clustering", "attribution", "privacy", "feedback"):
         if peer != name:

@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
 from opentelemetry import context as otel_context
@@ -37,7 +38,8 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer, _get_best_family
 
 # RED metrics per RPC; the same names on every service so one dashboard serves all.
 RPC_REQUESTS = Counter(
@@ -82,6 +84,62 @@ def memory_limit_bytes() -> float:
 
 MEMORY_LIMIT = Gauge("hearth_memory_limit_bytes", "Memory limit of this process's container (cgroup)")
 MEMORY_LIMIT.set_function(memory_limit_bytes)
+
+
+# The data directory (HEARTH_DATA_DIR: SQLite files and their WALs, the audit outbox and
+# reserve files): how full it and its volume are, read at each scrape. A full volume
+# refuses writes (HearthDatabaseWritesRefused fires once it has happened); these let the
+# alerts fire before it does, and before the kubelet evicts a pod whose emptyDir passed its
+# sizeLimit (an evicted pod's emptyDir, its undelivered audit outbox with it, is gone).
+DATA_DIR_USED = Gauge("hearth_data_dir_used_bytes",
+                      "Bytes the files under the data directory occupy on disk (NaN: no data directory)")
+DATA_DIR_LIMIT = Gauge("hearth_data_dir_limit_bytes",
+                       "The data directory's size limit (HEARTH_DATA_DIR_SIZE_LIMIT; NaN: none known)")
+DATA_VOLUME_FREE = Gauge("hearth_data_volume_free_bytes",
+                         "Bytes this process may still write on the data directory's filesystem (NaN: unknown)")
+DATA_VOLUME_SIZE = Gauge("hearth_data_volume_size_bytes",
+                         "Size of the data directory's filesystem (NaN: unknown)")
+for _gauge in (DATA_DIR_USED, DATA_DIR_LIMIT, DATA_VOLUME_FREE, DATA_VOLUME_SIZE):
+    _gauge.set(float("nan"))
+
+
+def directory_bytes(path: str | os.PathLike) -> float:
+    """Bytes the files under ``path`` occupy on disk (allocated blocks, so a preallocated
+    audit reserve file counts and a sparse one does not); NaN when ``path`` cannot be
+    read. A data directory holds a handful of files, so walking it at each scrape is cheap."""
+    total = 0
+    try:
+        for root, _dirs, files in os.walk(path, onerror=_raise):
+            for name in files:
+                try:
+                    total += os.lstat(os.path.join(root, name)).st_blocks * 512
+                except FileNotFoundError:   # removed while walking (a WAL checkpointed away)
+                    continue
+    except OSError:
+        return float("nan")
+    return float(total)
+
+
+def _raise(error: OSError) -> None:
+    raise error
+
+
+def volume_bytes(path: str | os.PathLike) -> tuple[float, float]:
+    """(free, size) of the filesystem holding ``path``: free is what an unprivileged
+    writer may still use (``f_bavail``: pods run as a non-root user); NaNs when unknown."""
+    try:
+        stat = os.statvfs(path)
+    except OSError:
+        return float("nan"), float("nan")
+    return float(stat.f_bavail * stat.f_frsize), float(stat.f_blocks * stat.f_frsize)
+
+
+def watch_data_dir(path: str | os.PathLike, limit_bytes: int = 0) -> None:
+    """Report the data directory ``path`` (and its volume) at every scrape from now on."""
+    DATA_DIR_USED.set_function(lambda: directory_bytes(path))
+    DATA_DIR_LIMIT.set(float(limit_bytes) if limit_bytes > 0 else float("nan"))
+    DATA_VOLUME_FREE.set_function(lambda: volume_bytes(path)[0])
+    DATA_VOLUME_SIZE.set_function(lambda: volume_bytes(path)[1])
 
 
 class JsonLinesSpanExporter(SpanExporter):
@@ -233,7 +291,34 @@ def setup_telemetry(service: str, trace_export: str = "none", log_level: str = "
     root.handlers[:] = [handler]
     root.setLevel(log_level)
     if metrics_port:
-        start_http_server(metrics_port, addr=host)
+        serve_metrics(metrics_port, host)
+
+
+# A metrics connection that sends nothing for this long is closed. The ports admit every
+# source (Prometheus scrapes them, no credentials) and prometheus_client serves each
+# connection on a thread of its own with no timeout: until session 26 (attack26) a client
+# sending half a request and waiting held a thread per connection for as long as it liked
+# (390 connections: 390 threads, +38 MB in feedback). A scrape sends its request at once.
+METRICS_CONNECTION_TIMEOUT_S = 10.0
+
+
+class _MetricsRequestHandler(WSGIRequestHandler):
+    timeout = METRICS_CONNECTION_TIMEOUT_S   # StreamRequestHandler: the connection's socket timeout
+
+    def log_message(self, format, *args):  # noqa: A002 - the base class's signature
+        """Log nothing (prometheus_client's handler does the same)."""
+
+
+def serve_metrics(port: int, host: str = "0.0.0.0") -> WSGIServer:
+    """prometheus_client's ``start_http_server`` for the default registry, but with a
+    timeout on each connection (``METRICS_CONNECTION_TIMEOUT_S``)."""
+    class Server(ThreadingWSGIServer):   # the address family of ``host`` (an IPv6 one too)
+        pass
+
+    Server.address_family, host = _get_best_family(host, port)
+    httpd = make_server(host, port, make_wsgi_app(), Server, handler_class=_MetricsRequestHandler)
+    threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
+    return httpd
 
 
 def flush_traces(timeout_s: float = 5.0) -> None:

@@ -66,36 +66,44 @@ def material_from_settings(settings) -> TlsMaterial | None:
 
 # What the bootstrap configured (config.configure_process); until then, each use reads
 # the mesh settings from the environment (a test or tool that built no bootstrap).
-_configured: tuple[TlsMaterial | None, str, float, int] | None = None
+_configured: tuple[TlsMaterial | None, str, float, int, int] | None = None
 RECONNECT_MAX_S = 5.0   # config.MeshSettings.grpc_reconnect_max_s's default
 # config.MeshSettings.grpc_max_message_bytes's default: the largest request message a
 # server reads (and a client sends). Responses stay at RESPONSE_MAX_BYTES.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-# What a client accepts and a server sends: a household's export (privacy's
-# ExportHousehold, each data holder's ExportAccount part) is one response message.
+# What a client accepts and a server sends (config.MeshSettings.grpc_max_response_bytes's
+# default). Until session 26 a household's export was one response message and had to
+# fit; it is streamed in chunks now (export_stream.py).
 RESPONSE_MAX_BYTES = 64 * 1024 * 1024
 
 
 def configure(material: TlsMaterial | None, lb_policy: str = "pick_first",
-              reconnect_max_s: float = RECONNECT_MAX_S, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+              reconnect_max_s: float = RECONNECT_MAX_S, max_message_bytes: int = MAX_MESSAGE_BYTES,
+              max_response_bytes: int = RESPONSE_MAX_BYTES) -> None:
     global _configured
-    _configured = (material, lb_policy, reconnect_max_s, max_message_bytes)
+    _configured = (material, lb_policy, reconnect_max_s, max_message_bytes, max_response_bytes)
 
 
-def _current() -> tuple[TlsMaterial | None, str, float, int]:
+def _current() -> tuple[TlsMaterial | None, str, float, int, int]:
     if _configured is not None:
         return _configured
     from services.common.config import mesh_settings
 
     settings = mesh_settings()
     return (material_from_settings(settings), settings.grpc_lb_policy, settings.grpc_reconnect_max_s,
-            settings.grpc_max_message_bytes)
+            settings.grpc_max_message_bytes, settings.grpc_max_response_bytes)
 
 
 def max_message_bytes() -> int:
     """The largest request message this process's servers read and its clients send
     (HEARTH_GRPC_MAX_MESSAGE_BYTES)."""
     return _current()[3]
+
+
+def response_max_bytes() -> int:
+    """The largest response message this process's servers send and its clients read
+    (HEARTH_GRPC_MAX_RESPONSE_BYTES)."""
+    return _current()[4]
 
 
 def current_material() -> TlsMaterial | None:
@@ -194,12 +202,12 @@ _PEER_COMPONENTS: dict[tuple, str] = {}
 # pick_first, reconnects at once when its single backend restarts (round_robin fails
 # fast while every backend is down), which suits one address per service (make run).
 def channel_options() -> list[tuple[str, object]]:
-    _, lb_policy, reconnect_max_s, max_request = _current()
+    _, lb_policy, reconnect_max_s, max_request, max_response = _current()
     return [
         # Requests up to HEARTH_GRPC_MAX_MESSAGE_BYTES, which the servers read (a larger one
-        # fails here, RESOURCE_EXHAUSTED, before a byte is sent); responses, exports
-        # included, up to RESPONSE_MAX_BYTES.
-        ("grpc.max_receive_message_length", RESPONSE_MAX_BYTES),
+        # fails here, RESOURCE_EXHAUSTED, before a byte is sent); responses up to
+        # HEARTH_GRPC_MAX_RESPONSE_BYTES (exports are streamed in smaller chunks).
+        ("grpc.max_receive_message_length", max_response),
         ("grpc.max_send_message_length", max_request),
         ("grpc.lb_policy_name", lb_policy),
         # Reconnect attempts to a peer that is down back off 1 s x1.6 up to gRPC's default

@@ -137,7 +137,12 @@ class Intake:
 
     def export_account(self, account_id: str) -> dict:
         """Everything held for one account, for privacy's household export (docs/privacy.md)."""
-        return self.store.export_account(account_id)
+        return self.store.export_sections(account_id)   # lazy: streamed a page at a time
+
+    def rekey(self, account_id: str, dek_version: int) -> tuple[int, list[dict]]:
+        """DataHolder.Rekey: nothing to do, the feedback service seals nothing under a
+        household's data key (its predictions and labels hold ids, times and persons)."""
+        return 0, []
 
     def erase(self, scope: ErasureScope, job_id: str = "") -> ErasureOutcome:
         """What each scope kind deletes here: FeedbackStore.erase."""

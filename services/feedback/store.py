@@ -16,7 +16,8 @@ from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import AlreadyExists, NotFound
 from services.common.predictions import PredictionRecord  # noqa: F401 - re-exported
 from services.common.storage.cache import Cache, MemoryCache
-from services.common.storage.sql import Database, Tx, migrate, record_erasure
+from services.common.export_stream import materialised
+from services.common.storage.sql import Database, Tx, keyset_rows, migrate, record_erasure
 from services.feedback.migrations import MIGRATIONS
 
 # Every table an erasure deletes from (purged physically after it: Database.purge_erased;
@@ -342,17 +343,23 @@ class FeedbackStore:
     # ------------------------------------------------------------------ export
 
     def export_account(self, account_id: str) -> dict:
+        """``export_sections`` read whole (the tests' and tools' form)."""
+        return materialised(self.export_sections(account_id))
+
+    def export_sections(self, account_id: str) -> dict:
         """Everything held for the account (privacy's household export): predictions,
-        feedback and the household's retraining triggers."""
-        with self.db.transaction() as tx:
-            predictions = tx.query(f"SELECT {_PREDICTION_COLUMNS} FROM predictions p WHERE p.account_id = ? "
-                                   "ORDER BY p.ts, p.prediction_id", (account_id,))
-            feedback = tx.query("SELECT feedback_id, prediction_id, kind, true_person_id, weight, ts, received_at, "
-                                "unprompted FROM feedback WHERE account_id = ? ORDER BY ts, feedback_id", (account_id,))
+        feedback and the household's retraining triggers. Predictions and feedback are
+        lazy, a page at a time as the stream is written (services/common/export_stream.py)."""
+        with self.db.transaction(readonly=True) as tx:
             triggers = tx.query(f"SELECT {_TRIGGER_COLUMNS} FROM triggers WHERE scope = 'household' "
                                 "AND scope_key = ? ORDER BY trigger_id", (account_id,))
+        predictions = keyset_rows(self.db, f"SELECT {_PREDICTION_COLUMNS} FROM predictions p WHERE p.account_id = ?",
+                                  (account_id,), ("p.ts", "p.prediction_id"), (7, 0))
+        feedback = keyset_rows(self.db, "SELECT feedback_id, prediction_id, kind, true_person_id, weight, ts, "
+                               "received_at, unprompted FROM feedback WHERE account_id = ?", (account_id,),
+                               ("ts", "feedback_id"), (5, 0))
         return {
-            "predictions": [{"prediction_id": p.prediction_id, "session_id": p.session_id, "person_id": p.person_id,
+            "predictions": ({"prediction_id": p.prediction_id, "session_id": p.session_id, "person_id": p.person_id,
                              "probabilities": p.probabilities, "model_variant": p.model_variant,
                              "model_version": p.model_version, "ts": p.ts, "cold_start": p.cold_start,
                              "household_size": p.household_size, "calibration_group": p.calibration_group,
@@ -360,10 +367,10 @@ class FeedbackStore:
                              # were not: the device and viewing times of each answer).
                              "device_id": p.device_id, "session_start": p.session_start,
                              "session_end": p.session_end, "model_sessions": p.model_sessions}
-                            for p in map(_prediction, predictions)],
-            "feedback": [{"feedback_id": r[0], "prediction_id": r[1], "kind": r[2], "true_person_id": r[3],
+                            for p in map(_prediction, predictions)),
+            "feedback": ({"feedback_id": r[0], "prediction_id": r[1], "kind": r[2], "true_person_id": r[3],
                           "weight": float(r[4]), "ts": float(r[5]), "received_at": float(r[6]),
-                          "unprompted": bool(r[7])} for r in feedback],
+                          "unprompted": bool(r[7])} for r in feedback),
             "triggers": [{"trigger_id": t.trigger_id, "kind": t.kind, "value": t.value, "threshold": t.threshold,
                           "n": t.n, "ts": t.ts, "refit_result": t.refit_result} for t in map(_trigger, triggers)],
         }

@@ -9,10 +9,11 @@ from services.common.storage.cache import erase_prefix, open_cache
 from services.common.storage.sql import open_database
 from services.privacy.consent.app import ConsentApp
 from services.privacy.audit.app import build_audit
-from services.privacy.deletion.app import DeletionCoordinator, GrpcPeers, retry_policy
+from services.privacy.deletion.app import PEER_SERVICES, DeletionCoordinator, GrpcPeers, retry_policy
 from services.privacy.deletion.store import DeletionJobStore
 from services.privacy.keys.store import DataKeyStore
 from services.privacy.keys.app import KeyService, load_keks, load_signing_key
+from services.privacy.keys.rotation import DataKeyRotation, max_calls_for
 from services.privacy.settings import PrivacySettings, privacy_settings
 from services.privacy.audit.servicer import SERVICE_NAME as AUDIT_LOG
 from services.privacy.audit.servicer import AuditLogServicer
@@ -39,11 +40,16 @@ def build(settings):
     # Deletion jobs, receipts, export and data keys; the worker resumes unfinished jobs.
     deletion, keys, peers = build_deletion(settings, db, store)
     deletion.start()
+    # Data key rotation: re-encryption in every data-holding service (feedback seals
+    # nothing, and answers 0), and a sweep that finishes rotations left by a crash.
+    rotation = DataKeyRotation(keys, peers.rekey, PEER_SERVICES, settle_s=settings.dek_rotation_settle_s,
+                               sweep_s=settings.dek_rotation_sweep_s, max_calls=max_calls_for(settings.max_workers))
+    rotation.start()
     return ([(pb_grpc.add_DeletionServicer_to_server, DeletionServicer(deletion, consent, keys), DELETION),
              (pb_grpc.add_ConsentServicer_to_server, ConsentServicer(consent), CONSENT),
              (pb_grpc.add_AuditLogServicer_to_server, AuditLogServicer(audit), AUDIT_LOG),
-             (pb_grpc.add_KeysServicer_to_server, KeysServicer(keys), KEYS)],
-            [deletion.close, peers.close, *audit_closers, db.close])
+             (pb_grpc.add_KeysServicer_to_server, KeysServicer(keys, rotation), KEYS)],
+            [rotation.close, deletion.close, peers.close, *audit_closers, db.close])
 
 
 def build_deletion(settings, db, store):

@@ -66,6 +66,18 @@ CREATE TABLE IF NOT EXISTS deletion_clocks (
     measured_at {double} NOT NULL
 )
 """),
+    # data_keys.retired_at: when every store re-encrypted the household's data from this
+    # version to a newer one (a data key rotation, keys/rotation.py). Only version 1 is
+    # ever retired and kept (the stores key erased-id digests with it); a later version
+    # is destroyed (tombstone) instead. NULL: the version may still hold data.
+    Migration(6, "data key retirement", """
+ALTER TABLE data_keys ADD COLUMN retired_at TEXT
+"""),
+    # The rotation sweep (every replica, every minute) looks only at households that ever
+    # had a second version: found by this index, not by a scan of every household's key.
+    Migration(7, "data key versions", """
+CREATE INDEX IF NOT EXISTS data_keys_version ON data_keys (dek_version)
+"""),
 ]
 
 

@@ -13,6 +13,8 @@ variables, validated at start (a bad value names the variable).
 | `HEARTH_DELETION_RETRY_BASE_S` / `_MAX_S` | 1 / 300 | retry backoff of a service that did not confirm |
 | `HEARTH_DELETION_MAX_ATTEMPTS` | 1000 | after this many failed attempts of one service the job fails |
 | `HEARTH_DELETION_ERASE_TIMEOUT_S` | 60 | deadline of one Erase call |
+| `HEARTH_DEK_ROTATION_SETTLE_S` | 70 | a data key rotation waits this long after creating the new version before re-encrypting (shorter is unsafe with writes under way: tests only) |
+| `HEARTH_DEK_ROTATION_SWEEP_S` | 60 | how often a replica finishes data key rotations a crash left under way; 0 = never |
 | `HEARTH_DELETION_LEASE_S` | 10 | a replica working on a job holds it this long, renewed every third of it while it works (crash: another resumes it within this) |
 
 Without `HEARTH_RECEIPT_SIGNING_KEY` / `HEARTH_KEKS` (development) the service generates
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 from pydantic import SecretStr
 
-from services.common.config import AtLeastOne, Positive, RetentionSettings, ServiceSettings
+from services.common.config import AtLeastOne, NonNegative, Positive, RetentionSettings, ServiceSettings
 
 
 class PrivacySettings(RetentionSettings):
@@ -44,6 +46,13 @@ class PrivacySettings(RetentionSettings):
     deletion_max_attempts: AtLeastOne = 1000
     deletion_erase_timeout_s: Positive = 60.0
     deletion_lease_s: Positive = 10.0
+    # Data key rotation (keys/rotation.py): how long after a new version is created before
+    # the stores re-encrypt (below REFRESH_S + the stores' key cache TTL + 5 s = 70 s a
+    # store may still seal a value under the old version after the re-encryption, and the
+    # old key's destruction would lose it: tests only), and how often a replica finishes
+    # rotations left by a crash (0: never).
+    dek_rotation_settle_s: NonNegative = 70.0
+    dek_rotation_sweep_s: NonNegative = 60.0
 
 
 def privacy_settings(settings: ServiceSettings) -> PrivacySettings:

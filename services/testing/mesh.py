@@ -75,13 +75,18 @@ _HANDED_OUT: set[int] = set()
 
 def write_api_key(path: Path, principal: str = "demo-admin", role: str = "admin",
                   key: str | None = None) -> str:
-    """Create an API key, store only its SHA-256 in ``path`` (appending), return the key."""
+    """Create an API key, store only its SHA-256 in ``path`` (appending), return the key.
+    ``principal``'s earlier keys are dropped. The file may be a plain list of records or the
+    ``{"keys", "revoked"}`` document ``python -m gateway.auth`` writes (an operator adding a
+    key to ``make run``'s file: until session 26 the next ``make run`` died on it); its
+    format, other keys and revocations are kept."""
     key = key or "hk_" + secrets.token_urlsafe(24)
-    records = json.loads(path.read_text()) if path.exists() else []
-    records = [r for r in records if r.get("principal") != principal]
+    document = json.loads(path.read_text()) if path.exists() else []
+    records = document if isinstance(document, list) else document.setdefault("keys", [])
+    records[:] = [r for r in records if r.get("principal") != principal]
     records.append({"sha256": hash_key(key), "principal": principal, "role": role})
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(records, indent=2))
+    path.write_text(json.dumps(document, indent=2))
     path.chmod(0o600)
     return key
 

@@ -12,6 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from services.common.config import byte_quantity
 from tests.deploy.conftest import (
     CHART,
     COMPONENTS,
@@ -251,6 +252,10 @@ def test_pods_run_non_root_with_a_read_only_root_filesystem(render):
             data_dir = effective_env(deployment_of(objects, component), objects)["HEARTH_DATA_DIR"]
             assert data_dir in mounts, f"{component}: {data_dir} is on the read-only root filesystem"
             assert "emptyDir" in volumes[mounts[data_dir]], f"{component}: {data_dir} must be writable"
+            # The process reports the volume's limit (HearthDataDirNearLimit): the same quantity.
+            limit = effective_env(deployment_of(objects, component), objects)["HEARTH_DATA_DIR_SIZE_LIMIT"]
+            assert limit == volumes[mounts[data_dir]]["emptyDir"]["sizeLimit"], component
+            assert byte_quantity(limit) > 0
 
 
 def test_shutdown_budget_covers_prestop_sleep_and_the_drain_grace(render):

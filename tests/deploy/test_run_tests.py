@@ -62,9 +62,9 @@ def test_the_script_runs_as_make_runs_it():
 def test_a_pytest_process_dies_with_a_killed_runner():
     import os
     import signal
-    import time
 
     from tests.helpers.processes import alive
+    from tests.helpers.waiting import wait_for
 
     runner = subprocess.Popen([sys.executable, "-c", (
         "import subprocess, sys, time; sys.path.insert(0, 'scripts'); import run_tests; "
@@ -75,10 +75,8 @@ def test_a_pytest_process_dies_with_a_killed_runner():
         assert alive(child)
         os.kill(runner.pid, signal.SIGKILL)
         runner.wait()
-        deadline = time.monotonic() + 30
-        while alive(child) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not alive(child)
+        wait_for(lambda: not alive(child), timeout_s=30, what=f"pytest's stand-in {child} to die with the runner",
+                 interval_s=0.05)
     finally:
         if alive(child):
             os.kill(child, signal.SIGKILL)

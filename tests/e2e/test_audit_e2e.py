@@ -122,3 +122,16 @@ def test_every_process_allocates_its_audit_reserve_file_at_start(mesh):
         path = mesh.data_dir / f"audit-reserve-{component}.bin"
         assert path.stat().st_size == 256 * 1024, component
         assert path.stat().st_blocks * 512 >= 256 * 1024, component   # allocated, not sparse
+
+
+@pytest.mark.parametrize("start, end", [("2026-12-01T00:00:00Z", "2026-11-01T00:00:00Z"),
+                                        ("2026-11-01T00:00:00Z", "2026-11-01T00:00:00Z")])
+def test_an_audit_window_that_selects_nothing_by_construction_is_refused_naming_its_end(client, start, end):
+    """attack26: a window whose end is not after its start answered 200 with no records,
+    which an investigator reads as "nothing happened then"; the deletion and attribution
+    windows already refused it. Now the same 422 naming the field."""
+    client.get("/v1/household/audit-window-probe")   # at least one record exists
+    response = client.get("/v1/audit", params={"start": start, "end": end})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["field"] == "window.end", response.text
+    assert "after start" in response.json()["error"]["message"]

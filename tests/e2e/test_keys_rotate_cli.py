@@ -21,13 +21,21 @@ from tests.helpers.waiting import SLOW_MACHINE_S
 
 KEKS = ",".join(f"{kek}={base64.b64encode(bytes([n]) * 32).decode()}" for n, kek in ((1, "k1"), (2, "k2")))
 ACCOUNTS = ("kek-acc-1", "kek-acc-2")
+OFFICERS = 3
+SETTLE_S = 20
 
 
 @pytest.fixture(scope="module")
 def kek_mesh(tmp_path_factory):
-    with running_mesh(tmp_path_factory.mktemp("keys-rotate"), {"kek-admin": "admin", "kek-analyst": "analyst"},
+    officers = {f"kek-officer-{n}": "privacy_officer" for n in range(OFFICERS)}
+    with running_mesh(tmp_path_factory.mktemp("keys-rotate"),
+                      {"kek-admin": "admin", "kek-analyst": "analyst", **officers},
                       timeout_s=SLOW_MACHINE_S,
-                      process_env={"privacy": {"HEARTH_KEKS": KEKS, "HEARTH_ACTIVE_KEK": "k1"}}) as mesh:
+                      # A household key rotation waits out its settle (70 s in production)
+                      # holding one of privacy's workers: the last test here counts on it.
+                      process_env={"privacy": {"HEARTH_KEKS": KEKS, "HEARTH_ACTIVE_KEK": "k1",
+                                               "HEARTH_DEK_ROTATION_SETTLE_S": str(SETTLE_S),
+                                               "HEARTH_DEK_ROTATION_SWEEP_S": "0"}}) as mesh:
         with httpx.Client(base_url=mesh.url, headers={"X-API-Key": mesh.keys["kek-admin"]}, timeout=30) as client:
             for account in ACCOUNTS:   # each household's data key is created (wrapped under k1) on first write
                 events = [{"event_id": f"{account}-{i}", "account_id": account, "device_id": "tv",
@@ -76,3 +84,185 @@ def test_a_refusal_exits_non_zero_with_the_gateways_answer(kek_mesh):
     assert wrong_key.returncode == 2 and "401" in wrong_key.stderr, wrong_key.stderr
     no_key = hearth_keys(kek_mesh, "", "--to", "k1")
     assert no_key.returncode == 2 and "HEARTH_ROLLOUT_API_KEY" in no_key.stderr, no_key.stderr
+
+
+def test_a_household_key_rotation_is_refused_to_an_analyst_and_for_a_household_without_a_key(kek_mesh):
+    """`hearth keys rotate-household` (privacy's RotateDataKey: privacy officer or admin);
+    the rotation itself is tested in tests/e2e/test_remnants_e2e.py."""
+    def rotate_household(key: str, account: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "HEARTH_ROLLOUT_API_KEY": key}
+        return subprocess.run([sys.executable, "-m", "services.cli", "keys", "rotate-household", account,
+                               "--gateway", kek_mesh.url], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=SLOW_MACHINE_S)
+
+    analyst = rotate_household(kek_mesh.keys["kek-analyst"], ACCOUNTS[0])
+    assert analyst.returncode == 2 and "403" in analyst.stderr and analyst.stdout == "", analyst.stderr
+    unknown = rotate_household(kek_mesh.keys["kek-admin"], "kek-acc-never-seen")
+    assert unknown.returncode == 2 and "404" in unknown.stderr and "no data key" in unknown.stderr, unknown.stderr
+
+
+def test_the_batch_rotation_of_old_household_keys_answers_and_is_refused_to_an_analyst(kek_mesh):
+    """`hearth keys rotate-households` (privacy's RotateDataKeys): the mesh's keys were
+    created minutes ago, so none is older than a year: an empty batch, at once; an analyst
+    is refused; a limit past 1000 is refused naming it (the batch itself:
+    tests/integration/test_data_key_rotation.py)."""
+    def rotate_households(key: str, *args: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "HEARTH_ROLLOUT_API_KEY": key}
+        return subprocess.run([sys.executable, "-m", "services.cli", "keys", "rotate-households", *args,
+                               "--gateway", kek_mesh.url], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=SLOW_MACHINE_S)
+
+    done = rotate_households(kek_mesh.keys["kek-admin"], "--older-than-days", "365")
+    assert done.returncode == 0 and json.loads(done.stdout) == {"rotated": []}, done.stderr
+    analyst = rotate_households(kek_mesh.keys["kek-analyst"], "--older-than-days", "365")
+    assert analyst.returncode == 2 and "403" in analyst.stderr, analyst.stderr
+    too_many = rotate_households(kek_mesh.keys["kek-admin"], "--older-than-days", "365", "--limit", "5000")
+    assert too_many.returncode == 2 and "422" in too_many.stderr and "limit" in too_many.stderr, too_many.stderr
+
+
+def test_household_key_rotations_waiting_out_their_settle_leave_privacy_serving(kek_mesh):
+    """Each RotateDataKey holds a privacy worker through its settle (~70 s in production):
+    until review26 neither the gateway (no in-flight bound on the route) nor the privacy
+    service bounded how many did at once, so one privacy officer's 16 concurrent calls took
+    every worker (HEARTH_MAX_WORKERS, 16) and every store's GetDataKey, consent check and
+    deletion waited behind them: a new household's first events failed mesh-wide. Now one
+    call per principal is in flight at a gateway replica (429 too_many_in_flight) and a
+    privacy replica runs at most a few at once (429 resource_exhausted), the rest of the
+    mesh keeps being served, and the admitted rotations complete."""
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    admin = kek_mesh.keys["kek-admin"]
+    officers = [kek_mesh.keys[f"kek-officer-{n}"] for n in range(OFFICERS)]
+    callers = [admin] * 16 + officers
+    accounts = [f"kek-busy-{n}" for n in range(len(callers))]
+    events = [{"event_id": f"{a}-0", "account_id": a, "device_id": "tv", "device_type": "tv",
+               "ts": "2026-01-01T20:00:00Z", "kind": "heartbeat", "title_id": "t", "genres": ["drama"],
+               "duration_s": 300} for a in accounts]
+    r = httpx.post(f"{kek_mesh.url}/v1/events", json={"events": events}, headers={"X-API-Key": admin},
+                   timeout=SLOW_MACHINE_S)
+    assert r.status_code == 200, r.text
+
+    def rotate(key: str, account: str) -> httpx.Response:
+        return httpx.post(f"{kek_mesh.url}/v1/household/{account}/rotate-key", headers={"X-API-Key": key},
+                          timeout=SLOW_MACHINE_S + 300)
+
+    with ThreadPoolExecutor(len(callers)) as pool:
+        calls = [pool.submit(rotate, key, account) for key, account in zip(callers, accounts)]
+        # The refusals come at once; the admitted calls wait out their settle (SETTLE_S).
+        wait(calls, timeout=SETTLE_S / 2)
+        refused = [c.result() for c in calls if c.done()]
+        # Meanwhile the mesh serves: a new household's first events need its data key
+        # from privacy (GetDataKey).
+        fresh = httpx.post(f"{kek_mesh.url}/v1/events", headers={"X-API-Key": admin}, timeout=SETTLE_S / 2,
+                           json={"events": [{**events[0], "event_id": "kek-fresh-0", "account_id": "kek-fresh"}]})
+        assert fresh.status_code == 200, fresh.text
+        assert len(refused) >= len(callers) - 3, [c.done() for c in calls]
+        assert {(x.status_code, x.json()["error"]["code"]) for x in refused} <= {
+            (429, "too_many_in_flight"), (429, "resource_exhausted")}, [x.text for x in refused]
+    admitted = [x for x in (c.result() for c in calls) if x.status_code != 429]
+    assert 1 <= len(admitted) <= 3 and all(x.status_code == 200 and x.json()["dek_version"] == 2
+                                           for x in admitted), [x.text for x in admitted]
+
+
+def test_a_batch_rotation_asked_over_grpc_for_a_span_past_the_calendar_is_refused_naming_it(kek_mesh):
+    """privacy's RotateDataKeys called directly (the gateway bounds older_than_days to
+    36,500): a span no date can be that far back from now was INTERNAL (an OverflowError
+    out of ``datetime - timedelta``) until review26; now INVALID_ARGUMENT naming the field."""
+    import grpc
+
+    from hearth.privacy.v1 import privacy_pb2 as ppb
+    from hearth.privacy.v1 import privacy_pb2_grpc as ppb_grpc
+    from services.common.identity import PRINCIPAL_KEY, ROLE_KEY, TOKEN_KEY, Principal, Role
+    from services.common.errors import ERROR_FIELD_KEY
+
+    officer = Principal("kek-officer-0", Role.PRIVACY_OFFICER)
+    metadata = [(PRINCIPAL_KEY, officer.id), (ROLE_KEY, officer.role.value),
+                (TOKEN_KEY, kek_mesh.signer("gateway").sign(officer, audience="privacy"))]
+    with grpc.insecure_channel(f"127.0.0.1:{kek_mesh.grpc_ports['privacy']}") as channel:
+        stub = ppb_grpc.KeysStub(channel)
+        for days in (1e6, float("inf")):
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.RotateDataKeys(ppb.RotateDataKeysRequest(older_than_days=days, limit=10), metadata=metadata,
+                                    timeout=SLOW_MACHINE_S)
+            trailing = dict(refused.value.trailing_metadata() or ())
+            assert (refused.value.code(), trailing.get(ERROR_FIELD_KEY)) == \
+                (grpc.StatusCode.INVALID_ARGUMENT, "older_than_days"), (days, refused.value.details())
+
+
+def test_a_household_key_rotation_cut_by_a_kill_9_of_privacy_is_resumed_by_running_it_again(kek_mesh):
+    """Privacy SIGKILLed in the middle of a household's data key rotation (its new version
+    stored, the re-encryption not begun): after the restart the household's data still
+    reads back (both versions live), and running the command again resumes that rotation
+    (same version, ``resumed``) instead of making another; it then finishes."""
+    import signal
+    import threading
+
+    account = ACCOUNTS[1]
+    with httpx.Client(base_url=kek_mesh.url, headers={"X-API-Key": kek_mesh.keys["kek-admin"]}, timeout=60) as client:
+        before = [e["title_id"] for e in client.get(f"/v1/household/{account}/export").json()
+                  ["services"]["clustering"]["events"]]
+        assert len(before) == 3
+        cut = threading.Thread(target=lambda: client.post(f"/v1/household/{account}/rotate-key"), daemon=True)
+        cut.start()
+        deadline = time.monotonic() + SLOW_MACHINE_S
+        while True:   # until the new version is stored (the export lists the household's key versions)
+            keys = client.get(f"/v1/household/{account}/export").json()["services"]["privacy"]["data_keys"]
+            if len(keys) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert len(keys) == 2, keys
+        privacy = kek_mesh.processes.pop("privacy")
+        os.killpg(privacy.pid, signal.SIGKILL)
+        privacy.wait(30)
+        cut.join(SLOW_MACHINE_S)
+        kek_mesh.start_service("privacy")
+        kek_mesh.wait_healthy(SLOW_MACHINE_S)
+        export = client.get(f"/v1/household/{account}/export").json()
+        assert [e["title_id"] for e in export["services"]["clustering"]["events"]] == before
+        assert [k["destroyed_at"] for k in export["services"]["privacy"]["data_keys"]] == [None, None]
+
+    done = subprocess.run([sys.executable, "-m", "services.cli", "keys", "rotate-household", account,
+                           "--gateway", kek_mesh.url], cwd=ROOT, capture_output=True, text=True, timeout=SLOW_MACHINE_S,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "HEARTH_ROLLOUT_API_KEY": kek_mesh.keys["kek-admin"]})
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert (answer["dek_version"], answer["resumed"], answer["kept_versions"]) == (2, True, [1]), answer
+    assert answer["reencrypted"]["clustering"] >= 3, answer
+    with httpx.Client(base_url=kek_mesh.url, headers={"X-API-Key": kek_mesh.keys["kek-admin"]}, timeout=60) as client:
+        assert [e["title_id"] for e in client.get(f"/v1/household/{account}/export").json()
+                ["services"]["clustering"]["events"]] == before
+
+
+def test_each_household_a_batch_rotates_is_audited_by_name(kek_mesh):
+    """A batch rotation (RotateDataKeys) is one call whose request names no household: its
+    interceptor record (key_rotation) has no resource, and a first rotation destroys no
+    version (no key_destroyed). Until review26 a household whose key a batch rotated had
+    no audit record of it: a privacy officer reading the household's trail saw nothing.
+    Now each household the batch rotated is recorded (key_rotation, its resource, the
+    caller's principal)."""
+    import sqlite3
+
+    account = "kek-aged-1"
+    admin = kek_mesh.keys["kek-admin"]
+    r = httpx.post(f"{kek_mesh.url}/v1/events", headers={"X-API-Key": admin}, timeout=SLOW_MACHINE_S,
+                   json={"events": [{"event_id": f"{account}-0", "account_id": account, "device_id": "tv",
+                                     "device_type": "tv", "ts": "2026-01-01T20:00:00Z", "kind": "heartbeat",
+                                     "title_id": "t", "genres": ["drama"], "duration_s": 300}]})
+    assert r.status_code == 200, r.text
+    with sqlite3.connect(kek_mesh.data_dir / "privacy.db") as db:   # its key made long ago
+        assert db.execute("UPDATE data_keys SET created_at = '2001-01-01T00:00:00+00:00' WHERE account_id = ?",
+                          (account,)).rowcount == 1
+    r = httpx.post(f"{kek_mesh.url}/v1/keys/rotate-households", headers={"X-API-Key": admin},
+                   json={"older_than_days": 3650, "limit": 5}, timeout=SLOW_MACHINE_S + 300)
+    assert r.status_code == 200, r.text
+    assert [(x["account_id"], x["dek_version"]) for x in r.json()["rotated"]] == [(account, 2)], r.text
+    deadline = time.monotonic() + 60
+    while True:
+        records = httpx.get(f"{kek_mesh.url}/v1/audit", headers={"X-API-Key": admin}, timeout=SLOW_MACHINE_S,
+                            params={"event_type": "key_rotation", "resource_prefix": f"household:{account}",
+                                    "limit": 100}).json()["records"]
+        if records or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert [(x["resource"], x["principal"], x["outcome"]) for x in records] == \
+        [(f"household:{account}", "kek-admin", "success")], records

@@ -48,7 +48,10 @@ def rmesh(request, tmp_path_factory):
     spans = base / "spans.jsonl"
     env = {"HEARTH_DELETION_POLL_S": "0.1", "HEARTH_DELETION_RETRY_BASE_S": "0.1",
            "HEARTH_DELETION_RETRY_MAX_S": "0.5", "HEARTH_RETENTION_CHECK_S": "0",
-           "HEARTH_TRACE_EXPORT": f"jsonl:{spans}"}
+           "HEARTH_TRACE_EXPORT": f"jsonl:{spans}",
+           # Data key rotation: the settle covers other replicas' key caches; one replica of
+           # each service here, whose caches the stores' Rekey drops (70 s in production).
+           "HEARTH_DEK_ROTATION_SETTLE_S": "3"}
     if request.param == "sqlite":
         yield from _running_mesh(base, env, backend="sqlite")
         return
@@ -322,3 +325,130 @@ def test_household_model_is_sealed_at_rest_in_redis_and_sql(rmesh, client, contr
     model = exported["services"]["clustering"]["household_model"]
     assert model and f"zr{tag}-hint".encode() in base64.b64decode(model["model_base64"])
     assert found(rmesh, f"zr{tag}-hint") == []
+
+
+# ---- a household's data key rotated ----------------------------------------------------------
+
+def sealed_needles(rmesh, account: str) -> list[bytes]:
+    """Byte strings that only the household's current ciphertexts contain, read from the
+    stores as stored: each sealed text value of its events and touchpoints (``enc1:`` +
+    base64, kept as is), the nonce and first ciphertext bytes of each sealed feature vector."""
+    queries = {"clustering": ["SELECT title_id, series_id, profile_hint FROM {}events WHERE account_id = %s",
+                              "SELECT features FROM {}sessions WHERE account_id = %s"],
+               "attribution": ["SELECT campaign FROM {}touchpoints WHERE account_id = %s"]}
+    rows = []
+    for service, sqls in queries.items():
+        if rmesh.backend == "sqlite":
+            import sqlite3
+
+            conn = sqlite3.connect(f"file:{Path(rmesh.data_dir) / (service + '.db')}?mode=ro", uri=True)
+            try:
+                for sql in sqls:
+                    rows += conn.execute(sql.format("").replace("%s", "?"), (account,)).fetchall()
+            finally:
+                conn.close()
+        else:
+            import psycopg
+
+            with psycopg.connect(rmesh.pg.dsn) as conn:
+                for sql in sqls:
+                    rows += conn.execute(sql.format(f"hearth_{service}."), (account,)).fetchall()
+    needles = []
+    for value in (v for r in rows for v in r if v is not None):
+        if isinstance(value, str):
+            assert value.startswith("enc1:"), value
+            needles.append(value.encode())
+        elif len(bytes(value)) % 4:   # a sealed vector: 0x01, version, nonce, ciphertext
+            needles.append(bytes(value)[5:5 + 12 + 16])
+    return needles
+
+
+def wrapped_key(rmesh, account: str, version: int) -> bytes:
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{Path(rmesh.data_dir) / 'privacy.db'}?mode=ro", uri=True)
+    try:
+        (row,) = conn.execute("SELECT wrapped FROM data_keys WHERE account_id = ? AND dek_version = ?",
+                              (account, version)).fetchall()
+    finally:
+        conn.close()
+    return bytes(row[0])
+
+
+def rotate_key(rmesh, account: str) -> dict:
+    """``hearth keys rotate-household`` with the admin's gateway key, as the runbook says."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from services.testing.mesh import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HEARTH_ROLLOUT_API_KEY": rmesh.api_key}
+    done = subprocess.run([sys.executable, "-m", "services.cli", "keys", "rotate-household", account,
+                           "--gateway", rmesh.url], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=SLOW_MACHINE_S)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_a_rotated_data_key_leaves_no_byte_only_the_old_key_opens(rmesh, client, control):
+    """A household's data key rotated twice (v1 -> v2 -> v3), the first through ``hearth
+    keys rotate-household``: after each rotation no ciphertext sealed under the older
+    version is in any raw byte of the stores (their files, -wal included; on PostgreSQL
+    every file of the data cluster, WAL included, and Redis's keys and files), version 2's
+    wrapped key is gone from the privacy store (SQLite), and the household's data reads
+    back the same. The new ciphertexts are found by the same scan, so it sees the stores."""
+    tag = f"K{RUN}"
+    account, device = f"ac{tag}", f"dv{tag}"
+    post_sessions(client, account, device, tag, time.time() - 6 * DAY, 6)
+    assign_all(client, account)
+
+    def readable(export: dict) -> tuple:
+        return ([(e["event_id"], e["title_id"], e["profile_hint"]) for e in export["services"]["clustering"]["events"]],
+                sorted((t["touchpoint_id"], t["campaign"]) for t in export["services"]["attribution"]["touchpoints"]))
+
+    before = readable(client.get(f"/v1/household/{account}/export").json())
+    assert len(before[0]) == 6 and len(before[1]) == 2
+
+    def scan(needles: list[bytes]) -> dict[bytes, list[str]]:
+        sources = raw_sources(rmesh)
+        return {n: [name for name, blob in sources.items() if n in blob] for n in needles}
+
+    v1 = sealed_needles(rmesh, account)
+    assert len(v1) >= 6 * 3 + 2
+    assert all(scan(v1).values())                         # the scan sees every one of them now
+
+    first = rotate_key(rmesh, account)
+    assert (first["dek_version"], first["destroyed_versions"], first["kept_versions"]) == (2, [], [1]), first
+    assert first["reencrypted"]["clustering"] >= 6 * 3 and first["reencrypted"]["attribution"] == 2, first
+    v2 = sealed_needles(rmesh, account)
+    assert set(v1).isdisjoint(v2)
+    assert {n: hits for n, hits in scan(v1).items() if hits} == {}
+    old_key = wrapped_key(rmesh, account, 2) if rmesh.backend == "sqlite" else b""
+
+    r = client.post(f"/v1/household/{account}/rotate-key")
+    assert r.status_code == 200, r.text
+    second = r.json()
+    assert (second["dek_version"], second["destroyed_versions"], second["kept_versions"]) == (3, [2], [1]), second
+    v3 = sealed_needles(rmesh, account)
+    assert {n: hits for n, hits in scan(v2).items() if hits} == {}
+    assert all(scan(v3).values())                         # the new ciphertexts: found
+    if rmesh.backend == "sqlite":                         # version 2's wrapped key: gone from privacy's files
+        assert wrapped_key(rmesh, account, 2) == b""
+        assert [name for name, blob in raw_sources(rmesh).items() if old_key in blob] == []
+
+    export = client.get(f"/v1/household/{account}/export").json()
+    assert readable(export) == before
+    keys = {k["dek_version"]: k for k in export["services"]["privacy"]["data_keys"]}
+    assert keys[2]["destroyed_at"] and not keys[1]["destroyed_at"] and not keys[3]["destroyed_at"], keys
+    deadline = time.monotonic() + SLOW_MACHINE_S
+    while True:   # audited with the operator's principal
+        records = client.get("/v1/audit", params={"event_type": "key_rotation", "limit": 100}).json()["records"]
+        mine = [r for r in records if r["resource"] == f"household:{account}"]
+        if len(mine) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert [(r["principal"], r["outcome"], r["details"]["rpc"]) for r in mine] == \
+        [("olivia", "success", "hearth.privacy.v1.Keys/RotateDataKey")] * 2, mine
+    assert_control_visible(rmesh, control)

@@ -63,6 +63,9 @@ ROUTES = [
     ("GET", "/v1/household/{account_id}/export", f"/v1/household/{ACCT}/export", None),
     ("PUT", "/v1/consent/{account_id}", f"/v1/consent/{ACCT}", {"processing": True, "attribution": True}),
     ("POST", "/v1/keys/rotate", "/v1/keys/rotate", {"new_active_kek_id": "no-such-kek"}),
+    # A household without a data key (404 before any store is asked), and a batch of none.
+    ("POST", "/v1/household/{account_id}/rotate-key", f"/v1/household/{ACCT}-nokey/rotate-key", None),
+    ("POST", "/v1/keys/rotate-households", "/v1/keys/rotate-households", {"older_than_days": 36500, "limit": 5}),
 ]
 
 

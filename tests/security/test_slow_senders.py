@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -222,3 +223,96 @@ def test_the_head_deadline_runs_again_after_each_response_not_while_the_request_
         s.close()
     assert b"HTTP/1.1 408" in rest, rest[-300:]
     assert elapsed < HEAD_TIMEOUT_S + 10
+
+
+def _seed_large_household(url: str, admin_key: str, account: str) -> int:
+    """10,000 closed sessions (5 devices x 2,000, 31 minutes apart): a page of them is
+    ~5 MB of JSON, more than the kernel's socket buffers take. Returns its byte size."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    events = [{"event_id": f"e{i}-{d}", "account_id": account, "device_id": f"dev-{d}", "device_type": "tv",
+               "ts": (now - timedelta(minutes=31 * (i + 1))).strftime("%Y-%m-%dT%H:%M:%SZ"),
+               "kind": "play_start", "title_id": f"t-{i % 50}", "genres": ["drama"], "duration_s": 1200,
+               "maturity": "adult"} for i in reversed(range(2000)) for d in range(5)]   # oldest first
+    headers = {"X-API-Key": admin_key}
+    for start in range(0, len(events), 500):   # the security mesh's body limit is 256 KiB
+        r = httpx.post(f"{url}/v1/events", headers=headers, json={"events": events[start:start + 500]}, timeout=120)
+        assert r.status_code == 200, r.text
+    page = httpx.get(f"{url}/v1/household/{account}?limit=10000", headers=headers, timeout=60)
+    assert page.status_code == 200, page.text
+    return len(page.content)
+
+
+def _ask(port: int, path: str, key: str, small_buffer: bool = True) -> socket.socket:
+    s = socket.socket()
+    if small_buffer:   # the kernel holds little for us: the rest waits at the gateway
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: gw\r\nX-API-Key: {key}\r\n\r\n".encode())
+    return s
+
+
+def _read_all(s: socket.socket, timeout_s: float, pause_s: float = 0.0, chunk: int = 1 << 20) -> tuple[bytes, str]:
+    """Everything the connection gives until it ends ('closed') or ``timeout_s`` passes
+    with nothing new ('open')."""
+    s.settimeout(timeout_s)
+    data = b""
+    try:
+        while True:
+            got = s.recv(chunk)
+            if not got:
+                return data, "closed"
+            data += got
+            if pause_s:
+                time.sleep(pause_s)
+    except ConnectionResetError:
+        return data, "closed"
+    except TimeoutError:
+        return data, "open"
+
+
+def _status_and_body(data: bytes) -> tuple[bytes, int, int]:
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    length = next(int(line.split(b":", 1)[1]) for line in lines if line.lower().startswith(b"content-length:"))
+    return lines[0], length, len(body)
+
+
+def _responses_not_taken(url: str) -> float:
+    """hearth_gateway_responses_not_taken_total of a replica serving /metrics on its port."""
+    page = httpx.get(f"{url}/metrics", timeout=10).text
+    return float(next(line.split()[-1] for line in page.splitlines()
+                      if line.startswith("hearth_gateway_responses_not_taken_total ")))
+
+
+def test_a_response_its_client_does_not_take_is_cut_off_not_held(tight_gateway, security_mesh):
+    """attack26: a client that asked for a large answer and never read it held the unsent
+    rest in the gateway's memory for as long as it kept the connection (150 such of one
+    caller: +207 MB, held). Now a client must take 1 MiB of it (or all that is left) in
+    every head deadline (2 s here), else the connection is aborted; one that reads with
+    pauses is served whole."""
+    port, url = tight_gateway
+    key = security_mesh.role_keys[Role.ADMIN]
+    size = _seed_large_household(url, key, "slow-reader-acc")
+    assert size > 4_000_000, size
+    path = "/v1/household/slow-reader-acc?limit=10000"
+    patient = _ask(port, path, key, small_buffer=False)
+    stalled: list[socket.socket] = []
+    try:
+        data, end = _read_all(patient, 30, pause_s=0.1, chunk=256 * 1024)   # at most 2.5 MiB/s
+        status, length, got = _status_and_body(data)
+        assert status == b"HTTP/1.1 200 OK" and got == length, (status, length, got, end)
+        aborted_before = _responses_not_taken(url)
+        stalled = [_ask(port, path, key) for _ in range(MAX_IN_FLIGHT)]
+        time.sleep(6 * HEAD_TIMEOUT_S)   # answered (a second or two), then two deadlines unread
+        cut = []
+        for s in stalled:
+            data, end = _read_all(s, 30)
+            status, length, got = _status_and_body(data)
+            assert status == b"HTTP/1.1 200 OK", data[:300]
+            cut.append((end, got < length))
+        # Before the fix each was still open, and reading now gave the whole answer.
+        assert cut == [("closed", True)] * MAX_IN_FLIGHT, cut
+        assert _responses_not_taken(url) == aborted_before + MAX_IN_FLIGHT
+    finally:
+        for s in [*stalled, patient]:
+            s.close()

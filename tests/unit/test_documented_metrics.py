@@ -15,7 +15,8 @@ from tests.helpers.operator_docs import ROOT, doc_lines
 METRIC_MODULES = ["services.common.telemetry", "services.common.health_report", "services.common.storage.cache",
                   "services.common.identity", "services.common.audit", "services.clustering.modeling",
                   "services.clustering.prediction_log", "services.clustering.app", "services.feedback.instruments",
-                  "services.privacy.audit.app", "services.privacy.deletion.app", "gateway.admission", "gateway.app"]
+                  "services.privacy.audit.app", "services.privacy.deletion.app", "services.privacy.keys.rotation", "gateway.admission", "gateway.app",
+                  "gateway.transport"]
 # `hearth_*` words in the docs that are not metrics: a scrape relabel, a JWT claim, and the
 # services' PostgreSQL schemas (`hearth_<service>`; `hearth_clustering.sessions` is a table).
 NOT_METRICS = {"hearth_component", "hearth_role", "hearth_clustering", "hearth_attribution", "hearth_privacy",

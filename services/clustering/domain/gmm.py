@@ -46,6 +46,29 @@ DEAD_COMPONENT = 1e-8  # a component with less total responsibility than this is
 CRITERIA = ("bic", "icl", "bic_eff")
 
 
+def logsumexp_rows(a: np.ndarray) -> np.ndarray:
+    """``scipy.special.logsumexp(a, axis=1, keepdims=True)`` of a 2-D real array, the same
+    value to the bit: scipy's own steps (each row's largest entry taken out of the sum,
+    log1p of the rest over the number of maxima plus the log of that number and the
+    maximum; where that is not finite, the direct log of the sum of exponentials), without
+    scipy's array-API dispatch around them, which cost ~0.3-0.8 ms a call on a
+    1,900 x 3 array — and EM's E-step calls it at every iteration (~15 % of the drift
+    detector's reference fit at 2,548 sessions; session 26, docs/clustering.md "A fold's
+    cost"). Equal to scipy's bit for bit, NaN and infinities included, under hypothesis
+    (tests/unit/clustering/test_fit_reuse.py); scipy is pinned in pyproject.toml."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        a_max = a.max(axis=1, keepdims=True)
+        at_max = a == a_max
+        m = at_max.sum(axis=1, keepdims=True, dtype=a.dtype)
+        s = np.exp(np.where(at_max, -np.inf, a) - a_max).sum(axis=1, keepdims=True, dtype=a.dtype)
+        s = np.where(s == 0, s, s / m)
+        out = np.log1p(s) + np.log(m) + a_max
+        finite = np.isfinite(out)
+        if not finite.all():
+            out = np.where(finite, out, np.log(np.exp(a).sum(axis=1, keepdims=True, dtype=a.dtype)))
+    return out
+
+
 class MixtureNumericalError(ArithmeticError):
     """The mixture cannot be computed (singular covariance, NaN/inf statistics)."""
 
@@ -460,7 +483,7 @@ class Mixture:
         return self.family.phi(_check_matrix(X)) @ self.W.T + self.log_weights
 
     def log_likelihood(self, X: np.ndarray) -> float:
-        return float(logsumexp(self.log_joint(X), axis=1).sum())
+        return float(logsumexp_rows(self.log_joint(X)).sum())
 
     def predict_proba(self, X: np.ndarray, temperature: float = 1.0) -> np.ndarray:
         """Posterior over components; ``temperature`` > 1 softens (calibration)."""
@@ -510,13 +533,16 @@ class Mixture:
 
     def _ledger_add(self, keys: np.ndarray | None, R: np.ndarray) -> None:
         if keys is None:
+            # New keys after the largest: unique and not in the ledger by construction,
+            # so not checked (the check sorted them twice: ~5 % of fit_select_k's time).
             start = int(self.ledger_keys.max()) + 1 if self.ledger_keys.size else 0
             keys = np.arange(start, start + R.shape[0], dtype=np.int64)
-        keys = np.asarray(keys, dtype=np.int64)
-        if keys.shape[0] != R.shape[0]:
-            raise ValueError(f"keys ({keys.shape[0]}) must match the sessions ({R.shape[0]})")
-        if np.intersect1d(keys, self.ledger_keys).size or np.unique(keys).size != keys.size:
-            raise ValueError("keys must be unique and not already in the model")
+        else:
+            keys = np.asarray(keys, dtype=np.int64)
+            if keys.shape[0] != R.shape[0]:
+                raise ValueError(f"keys ({keys.shape[0]}) must match the sessions ({R.shape[0]})")
+            if np.intersect1d(keys, self.ledger_keys).size or np.unique(keys).size != keys.size:
+                raise ValueError("keys must be unique and not already in the model")
         self.ledger_keys = np.concatenate((self.ledger_keys, keys))
         prev = self.ledger_resp if self.ledger_resp is not None else np.zeros((0, R.shape[1]))
         self.ledger_resp = np.vstack((prev, R))
@@ -616,7 +642,7 @@ def em_iterations(model: Mixture, X: np.ndarray, iters: int, clamp: np.ndarray |
     out = model
     for _ in range(iters):
         lj = out.log_joint(X)
-        lse = logsumexp(lj, axis=1, keepdims=True)
+        lse = logsumexp_rows(lj)
         if not np.all(np.isfinite(lse)):
             raise MixtureNumericalError("log-likelihood is not finite")
         out = Mixture.from_responsibilities(model.family, X, _apply_clamp(np.exp(lj - lse), clamp), keys)
@@ -628,24 +654,34 @@ def standardise(X: np.ndarray, floor: float = 0.05) -> np.ndarray:
     return (X - X.mean(axis=0)) / np.maximum(X.std(axis=0), floor)
 
 
+def _seeding(family: Family, X: np.ndarray) -> np.ndarray:
+    """What fit_em's k-means++ seeding compares: the family's seed features (or X),
+    standardised."""
+    seed = getattr(family, "seed_features", None)
+    return standardise(seed(X) if seed else X)
+
+
 def fit_em(X: np.ndarray, k: int, family: Family, rng: np.random.Generator,
            clamp: np.ndarray | None = None, max_iter: int = 200, tol: float = 1e-5,
            keys: np.ndarray | None = None, init_labels: np.ndarray | None = None,
-           spans: np.ndarray | None = None) -> tuple[Mixture, list[float]]:
+           spans: np.ndarray | None = None, phi: np.ndarray | None = None,
+           seeding: np.ndarray | None = None) -> tuple[Mixture, list[float]]:
     """Batch EM for ``k`` components from a k-means++ seeding (hard assignment to the
     nearest seed on standardised features). Labelled sessions (``clamp`` >= 0) keep
     their component. ``spans`` (k, 2): component j owns only rows spans[j, 0] <=
     i < spans[j, 1] (rows in time order: a member who joined at spans[j, 0], model.py's
     newcomer test). Returns the model and the log-likelihood trace (non-decreasing up
-    to round-off; that is EM's guarantee). Stops when the gain per session < ``tol``."""
+    to round-off; that is EM's guarantee). Stops when the gain per session < ``tol``.
+    ``phi`` and ``seeding``: ``family.phi(X)`` and ``_seeding(family, X)`` when the caller
+    has them (fit_select_k fits the same sessions 11 times); the same values, so the same
+    fit."""
     X = _check_matrix(X)
     n = X.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in 1..{n} (number of sessions), got {k}")
-    Phi = family.phi(X)
+    Phi = family.phi(X) if phi is None else phi
     if init_labels is None:
-        seed = getattr(family, "seed_features", None)
-        Z = standardise(seed(X) if seed else X)
+        Z = _seeding(family, X) if seeding is None else seeding
         centers = kmeans_plus_plus(Z, k, rng)
         d2 = ((Z[:, None, :] - centers[None, :, :]) ** 2).sum(axis=2)
         init_labels = d2.argmin(axis=1)
@@ -669,7 +705,7 @@ def fit_em(X: np.ndarray, k: int, family: Family, rng: np.random.Generator,
         lj = Phi @ model.W.T + model.log_weights
         if outside is not None:
             lj[outside] = -np.inf
-        lse = logsumexp(lj, axis=1, keepdims=True)
+        lse = logsumexp_rows(lj)
         ll = float(lse.sum())
         if not np.isfinite(ll):
             raise MixtureNumericalError("log-likelihood is not finite")
@@ -711,13 +747,16 @@ def fit_select_k(X: np.ndarray, k_max: int = 6, family: Family | None = None, se
     rng = np.random.default_rng(seed)
     scores: dict[int, float] = {}
     best: tuple[float, Mixture, int] | None = None
+    # Every fit below reads the same sessions: their phi and seeding features once.
+    phi, seeding = family.phi(X), _seeding(family, X)
     for k in range(max(k_min, 1), min(k_max, X.shape[0]) + 1):
         top: tuple[float, Mixture] | None = None
         inits: list[np.ndarray | None] = [None] * (n_init if k > 1 else 1)
         # Extra seedings (e.g. one component per personal device) for their own k.
         inits += [lab for lab in (extra_inits or []) if int(lab.max()) + 1 == k and k > 1]
         for init in inits:
-            m, trace = fit_em(X, k, family, rng, clamp=clamp, keys=keys, max_iter=max_iter, init_labels=init)
+            m, trace = fit_em(X, k, family, rng, clamp=clamp, keys=keys, max_iter=max_iter, init_labels=init,
+                              phi=phi, seeding=seeding)
             if top is None or trace[-1] > top[0]:
                 top = (trace[-1], m)
         assert top is not None

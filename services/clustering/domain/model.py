@@ -524,7 +524,8 @@ def one_person_confidence(evidence: np.ndarray, young: bool, streamed: bool = Tr
 def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None, device: bool = False,
                          young: bool = False, one_person: np.ndarray | None = None,
                          streamed: bool = True, settled: bool | np.ndarray = False,
-                         device_groups: int = 0, sessions: int = 1) -> np.ndarray:
+                         device_groups: int = 0, sessions: int = 1,
+                         evidence_persons: np.ndarray | None = None) -> np.ndarray:
     """(N, K) probabilities with the top label mapped through the confidence map and
     the other persons rescaled to share the rest. The new top is floored just above
     p2 / (1 - top + p2) (p2 = the runner-up), where the rescaled runner-up would tie: the
@@ -540,9 +541,12 @@ def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None, device
     ``settled`` (bool or (N,)): rows about sessions the model already includes, which
     a streamed mature model answers through the "settled" map instead;
     ``device_groups``: the model's personal-device groups at its last fit, which move a
-    device map's answer (DEVICE_CONFIDENCE_SHIFT)."""
+    device map's answer (DEVICE_CONFIDENCE_SHIFT); ``evidence_persons`` (N,): the persons
+    that shift reads (None: ``n_live``; bench/feedback_why.py reads a labelled fit's
+    answers with the persons its unlabelled fit found)."""
     if n_live is None:
         n_live = np.full(P.shape[0], P.shape[1])
+    counted = n_live if evidence_persons is None else np.broadcast_to(evidence_persons, n_live.shape)
     rows = np.arange(P.shape[0])
     idx = P.argmax(axis=1)
     top = P[rows, idx]
@@ -554,13 +558,13 @@ def calibrate_confidence(P: np.ndarray, n_live: np.ndarray | None = None, device
     one = SINGLE_PERSON_CONFIDENCE if one_person is None else np.asarray(one_person)
     new_top = np.interp(top, xs, ys).astype(P.dtype)
     if device:
-        new_top = shifted_confidence(new_top, household_shift(device_groups, n_live, DEVICE_CONFIDENCE_SHIFT[name],
+        new_top = shifted_confidence(new_top, household_shift(device_groups, counted, DEVICE_CONFIDENCE_SHIFT[name],
                                                               sessions))
         settled = np.broadcast_to(np.asarray(settled, dtype=bool), top.shape)
         if settled.any() and device_map_name(young, streamed, True) == "settled":
             sx, sy = DEVICE_CONFIDENCE_MAPS["settled"]
             new_top[settled] = shifted_confidence(np.interp(top[settled], sx, sy),
-                                                  household_shift(device_groups, n_live[settled],
+                                                  household_shift(device_groups, counted[settled],
                                                                   DEVICE_CONFIDENCE_SHIFT["settled"], sessions))
     return _with_top(P, new_top, n_live, one, idx)
 

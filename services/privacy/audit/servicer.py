@@ -114,6 +114,10 @@ class AuditLogServicer(pb_grpc.AuditLogServicer):
             e = _ts_seconds(request.window, "end", "window.end")
             start = datetime.fromtimestamp(s, UTC) if s is not None else None
             end = datetime.fromtimestamp(e, UTC) if e is not None else None
+            # An empty window by construction answers "no records", which a reader takes
+            # for "nothing happened then" (attack26); the other windows refuse it too.
+            if start is not None and end is not None and end <= start:
+                raise InvalidArgument("end must be after start", "window.end")
         outcome = OUTCOME_ALIASES.get(request.outcome, request.outcome)
         q = AuditQuery(principal_id=request.principal_id, resource_prefix=request.resource_prefix,
                        event_type=request.event_type, trace_id=request.trace_id, outcome=outcome,

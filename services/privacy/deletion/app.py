@@ -42,12 +42,13 @@ until session 24; now a day's per check (docs/operations.md, "Clock steps").
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from datetime import UTC, datetime, timedelta
@@ -57,9 +58,10 @@ import grpc
 from prometheus_client import Counter, Gauge
 
 from hearth.common.v1 import common_pb2, common_pb2_grpc
-from services.common import audit, erasure, identity, telemetry
+from services.common import audit, erasure, export_stream, identity, telemetry
 from services.common.erasure import ALL_ACCOUNTS, ErasureScope, ids_digest
-from services.common.errors import AlreadyExists, InvalidArgument, PermissionDenied, Unavailable
+from services.common.errors import (AlreadyExists, Conflict, FailedPrecondition, InvalidArgument, PermissionDenied,
+                                    Unavailable)
 from services.common.failure_log import FailureLog
 from services.common.storage import sql
 from services.privacy.audit.domain import format_ts
@@ -153,9 +155,22 @@ class Peers(Protocol):
 
     def erase(self, service: str, scope: common_pb2.ErasureScope, job_id: str) -> common_pb2.ErasureResult: ...
 
-    def export(self, service: str, account_id: str) -> dict: ...
+    def export(self, service: str, account_id: str) -> Iterator[bytes]:
+        """``service``'s part of the export: its JSON text's bytes as they arrive, checked
+        whole (export_stream.verified) before the iterator ends."""
+        ...
 
     def close(self) -> None: ...
+
+
+# A streamed part's deadline (GrpcPeers.export): the caller's own deadline bounds it.
+EXPORT_STREAM_TIMEOUT_S = 3600.0
+# How a process of a release before session 26 refuses ExportAccountStream /
+# ExportHouseholdStream: its permission matrix refuses an RPC it does not list, for every
+# role (PERMISSION_DENIED), before gRPC could answer UNIMPLEMENTED (seen through real
+# processes: tests/e2e/test_export_rolling_upgrade_e2e.py). The unary call the caller falls
+# back to is judged by the same matrix, so a caller really refused is refused again there.
+OLDER_RELEASE_CODES = frozenset({grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED})
 
 
 class GrpcPeers:
@@ -174,11 +189,40 @@ class GrpcPeers:
         request = common_pb2.EraseRequest(scope=scope, job_id=job_id)
         return self._peers[service].call("Erase", request).result
 
-    def export(self, service: str, account_id: str) -> dict:
+    def rekey(self, service: str, account_id: str, dek_version: int) -> int:
+        """DataHolder/Rekey (as ``svc:privacy``): a data key rotation's re-encryption."""
+        request = common_pb2.RekeyRequest(account_id=account_id, dek_version=dek_version)
+        return int(self._peers[service].call("Rekey", request, idempotent=True).reencrypted)
+
+    def export(self, service: str, account_id: str) -> Iterator[bytes]:
+        """``ExportAccountStream`` on behalf of the caller, verified as it arrives. A data
+        holder of a release before session 26 refuses it (``OLDER_RELEASE_CODES``): its part
+        comes from the unary ``ExportAccount`` instead, one message held whole as before (up
+        to HEARTH_GRPC_MAX_RESPONSE_BYTES; docs/operations.md, "Rolling upgrades")."""
         request = common_pb2.ExportAccountRequest(account_id=account_id)
-        response = self._peers[service].call("ExportAccount", request, timeout_s=self._export_timeout,
-                                             on_behalf_of_caller=True)
-        return json.loads(response.json)
+        # The stream is paced by whoever reads the export (the gateway's HTTP client): its
+        # deadline is the export's own (the serving deadline bounds it), not the 30 s of one
+        # unary answer.
+        stream = self._peers[service].call("ExportAccountStream", request, timeout_s=EXPORT_STREAM_TIMEOUT_S,
+                                           on_behalf_of_caller=True)
+        try:
+            first = next(stream)
+        except StopIteration:
+            first = None
+        except grpc.RpcError as exc:
+            if exc.code() not in OLDER_RELEASE_CODES:
+                raise
+            log.info("%s has no ExportAccountStream (an older release): its export part is one message", service)
+            response = self._peers[service].call("ExportAccount", request, timeout_s=self._export_timeout,
+                                                 on_behalf_of_caller=True)
+            yield response.json.encode("utf-8")
+            return
+        try:
+            yield from export_stream.verified(itertools.chain([first] if first is not None else [], stream), service)
+        finally:
+            # The export stopped early (its reader went away, another part failed): end the
+            # holder's call now, not at its deadline, so its worker is not held meanwhile.
+            stream.cancel()
 
     def close(self) -> None:
         for peer in self._peers.values():
@@ -787,28 +831,85 @@ EXPORT_SCHEMA = "hearth-household-export"
 EXPORT_VERSION = 1
 
 
+
+
 def export_household(account_id: str, peers: Peers, jobs: DeletionJobStore, keys: KeyService | None,
-                     consent: Mapping[str, Any], now: datetime | None = None) -> dict[str, Any]:
-    """Everything Hearth holds about a household (schema: docs/privacy.md, "Export").
-    All or nothing: if a service cannot answer, the export fails (UNAVAILABLE)."""
-    services: dict[str, Any] = {}
-    for service in PEER_SERVICES:
+                     consent: Mapping[str, Any], now: datetime | None = None) -> Iterator[bytes | str]:
+    """Everything Hearth holds about a household (schema: docs/privacy.md §9), as the
+    pieces of its JSON text, in order, each data holder's part forwarded as it arrives
+    and never held whole.
+
+    All or nothing, when streamed: every holder's stream is opened and its first chunk
+    received before the first piece is given (a holder that cannot answer fails the
+    export before any byte: UNAVAILABLE); a holder that fails part-way, or whose part does
+    not match its completion marker, raises there, and the document is then left
+    unclosed — it is valid JSON, ending ``"v": 1, "complete": true}``, only when every part
+    arrived whole. A deletion of the household that is pending or running refuses the
+    export (FAILED_PRECONDITION); one that ran while the export was read (a job created
+    or advanced meanwhile) fails it before the document is closed (ABORTED: export again),
+    since the parts may then disagree (docs/privacy.md §9, "Streaming")."""
+    before = _jobs_seen(jobs, account_id)
+    running = [job_id for job_id, state in before if state["state"] in (JobState.PENDING, JobState.RUNNING)]
+    if running:
+        raise FailedPrecondition(f"a deletion of this household is in progress (job {running[0]}); "
+                                 "export once it has completed", "account_id")
+    services = sorted(PEER_SERVICES)   # the document's key order (sorted, as json.dumps(sort_keys=True))
+    opened: list[Iterator[bytes]] = []
+    try:
+        yield from _export_pieces(account_id, services, opened, peers, jobs, keys, consent, before, now)
+    finally:
+        for part in opened:   # each holder's call ends with the export, whole or not
+            close = getattr(part, "close", None)
+            if close is not None:
+                close()
+
+
+def _export_pieces(account_id: str, services: list[str], opened: list[Iterator[bytes]], peers: Peers,
+                   jobs: DeletionJobStore, keys: KeyService | None, consent: Mapping[str, Any],
+                   before: list[tuple[str, dict[str, Any]]], now: datetime | None) -> Iterator[bytes | str]:
+    parts: dict[str, Iterator[bytes]] = {}
+    for service in services:
+        part = peers.export(service, account_id)
+        opened.append(part)
         try:
-            services[service] = peers.export(service, account_id)
+            first = next(part, b"")
         except grpc.RpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise Unavailable(f"{service} is unavailable; no partial export is given", "account_id") from None
             raise
-    services["privacy"] = {
+        parts[service] = itertools.chain([first], part)
+    when = (now or datetime.now(UTC)).isoformat().replace("+00:00", "Z")
+    yield (f'{{"account_id": {json.dumps(account_id)}, "generated_at": {json.dumps(when)}, '
+           f'"schema": {json.dumps(EXPORT_SCHEMA)}, "services": {{')
+    for i, service in enumerate(services):
+        yield f'{", " if i else ""}{json.dumps(service)}: '
+        try:
+            yield from parts.pop(service)
+        except grpc.RpcError as exc:
+            # After the first byte: the HTTP status is sent, so the only honest answer is an
+            # unfinished document (the gateway drops the connection before its end).
+            raise Unavailable(f"{service} failed part-way through its export ({exc.code().name}); "
+                              "no export is given", "account_id") from None
+    after = _jobs_seen(jobs, account_id)
+    if after != before:
+        changed = next(job_id for job_id, state in after if (job_id, state) not in before)
+        raise Conflict(f"a deletion of this household (job {changed}) ran while it was exported; the parts may "
+                       "disagree, so no export is given: export again", "account_id")
+    privacy = {
         "consent": dict(consent),
         "deletion_jobs": [{"request_id": s.request_id, "reason": s.reason, "job": _job_json(s.job),
                            "receipt": json.loads(s.receipt_json) if s.receipt_json else None}
                           for s in jobs.for_account(account_id)],
         "data_keys": keys.metadata(account_id) if keys is not None else [],
     }
-    when = now or datetime.now(UTC)
-    return {"schema": EXPORT_SCHEMA, "v": EXPORT_VERSION, "account_id": account_id,
-            "generated_at": when.isoformat().replace("+00:00", "Z"), "services": services}
+    yield ', "privacy": '
+    yield from export_stream.json_pieces(privacy)
+    yield f'}}, "v": {EXPORT_VERSION}, "complete": true}}'
+
+
+def _jobs_seen(jobs: DeletionJobStore, account_id: str) -> list[tuple[str, dict[str, Any]]]:
+    """The account's deletion jobs as the export compares them before and after."""
+    return [(s.job.job_id, _job_json(s.job)) for s in jobs.for_account(account_id)]
 
 
 def _job_json(job: DeletionJob) -> dict[str, Any]:

@@ -1,9 +1,9 @@
 """gRPC adapter of the deletion room: RequestDeletion, GetDeletion, VerifyReceipt,
-ExportHousehold. Thin: validate -> convert -> one call -> convert back."""
+ExportHousehold, ExportHouseholdStream. Thin: validate -> convert -> one call -> convert back."""
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator
 
 from hearth.common.v1 import common_pb2
 from hearth.privacy.v1 import privacy_pb2 as pb
@@ -11,6 +11,7 @@ from hearth.privacy.v1 import privacy_pb2_grpc as pb_grpc
 from services.common.ids import check_id
 from services.common.erasure import scope_from_pb, scope_to_pb
 from services.common.errors import InvalidArgument
+from services.common.export_stream import chunks
 from services.common.pbutil import float_to_ts
 from services.privacy.consent.app import ConsentApp
 from services.privacy.deletion.app import DeletionCoordinator, export_household, stages_for
@@ -74,10 +75,20 @@ class DeletionServicer(pb_grpc.DeletionServicer):
         return pb.VerifyReceiptResponse(valid=valid, reason=reason)
 
     def ExportHousehold(self, request, context) -> pb.ExportHouseholdResponse:
+        """The document as one message (up to HEARTH_GRPC_MAX_RESPONSE_BYTES): what a gateway
+        of a release before session 26 calls. Joined from the same pieces as the stream."""
         account_id = check_id(request.account_id, "account_id")
+        text = b"".join(p.encode("utf-8") if isinstance(p, str) else p for p in self._export(account_id))
+        return pb.ExportHouseholdResponse(account_id=account_id, export_json=text.decode("utf-8"))
+
+    def ExportHouseholdStream(self, request, context) -> Iterator[common_pb2.ExportChunk]:
+        """The document in chunks of HEARTH_EXPORT_CHUNK_BYTES, the last marked complete;
+        a part that fails ends the stream with an error status (deletion/app.py,
+        ``export_household``). The account id is checked before the first message."""
+        return chunks(self._export(check_id(request.account_id, "account_id")))
+
+    def _export(self, account_id: str) -> Iterator[bytes | str]:
         c = self.consent.consent(account_id)
         consent = {"processing": c.processing, "attribution": c.attribution, "version": c.version,
                    "explicit": c.known}
-        data = export_household(account_id, self.deletion.peers, self.deletion.jobs, self.keys, consent)
-        return pb.ExportHouseholdResponse(account_id=account_id,
-                                          export_json=json.dumps(data, sort_keys=True, ensure_ascii=False))
+        return export_household(account_id, self.deletion.peers, self.deletion.jobs, self.keys, consent)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from services.common.config import ConfigError
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from services.common.field_crypto import DIGEST_DEK_VERSION
 from services.privacy.keys.domain import (
     KeyDestroyedError, KeyEncryptionKey, KeyNotFoundError, KeyRing, WrappedDek, generate_kek, parse_kek_config)
 from services.privacy.keys.signing import (
@@ -166,7 +167,15 @@ class KeyService:
                 if not self.store.insert_new(record):
                     self._refresh(account_id, force=True)  # another replica's key won the race
             try:
-                return self.ring.data_key(account_id, version or None)
+                try:
+                    return self.ring.data_key(account_id, version or None)
+                except KeyNotFoundError:
+                    if not version:
+                        raise
+                    # A version named by number that this replica's view (up to REFRESH_S
+                    # old) lacks: a data key rotation on another replica has just created it.
+                    self._refresh(account_id, force=True)
+                    return self.ring.data_key(account_id, version)
             except KeyDestroyedError:
                 raise FailedPrecondition("the data key of this household was destroyed "
                                          "(the household was erased)", "account_id") from None
@@ -184,8 +193,64 @@ class KeyService:
             already = {r.dek_version for r in self.ring.records(account_id) if r.destroyed}
             tombstones = self.ring.destroy_dek(account_id, self._clock())
             self.store.overwrite([t for t in tombstones if t.dek_version not in already], purges)
-        return [f"data_key:{account_id}:v{t.dek_version}" for t in tombstones
-                if t.dek_version not in already]
+            # The store also tombstoned any version this view had not seen yet (a data key
+            # rotation's, created on another replica): read back, so it is reported too.
+            self._refresh(account_id, force=True)
+            destroyed = [r.dek_version for r in self.ring.records(account_id) if r.destroyed]
+        return [f"data_key:{account_id}:v{v}" for v in destroyed if v not in already]
+
+    # ---- data key rotation (keys/rotation.py drives it) -----------------------------------
+
+    def begin_rotation(self, account_id: str, create: bool = True) -> tuple[int, bool, datetime] | None:
+        """The version a rotation of the household's data key re-encrypts to, whether it
+        was begun before (resumed: a live older version is not retired yet), and when that
+        version was created. Otherwise creates version newest + 1 (``create``; else None) (``insert_version``:
+        never after the household was shredded). FailedPrecondition once the household
+        was erased; NotFound when it has no data key (nothing of it is encrypted)."""
+        with self._lock:
+            for _ in range(ROTATE_ATTEMPTS):
+                self._refresh(account_id, force=True)
+                if self.ring.is_destroyed(account_id):
+                    raise FailedPrecondition("the data key of this household was destroyed "
+                                             "(the household was erased)", "account_id")
+                live = {r.dek_version: r for r in self.ring.records(account_id) if not r.destroyed}
+                if not live:
+                    raise NotFound("the household has no data key: nothing of it is encrypted", "account_id")
+                newest = max(live)
+                retired = self.store.retired_versions(account_id)
+                if any(v < newest and v not in retired for v in live):
+                    return newest, True, live[newest].created_at
+                if not create:
+                    return None
+                record = self.ring.create_dek(account_id, self._clock())
+                outcome = self.store.insert_version(record)
+                if outcome == "inserted":
+                    return record.dek_version, False, record.created_at
+                # Not stored: this view must not keep serving the key it just made. Shredded
+                # meanwhile ("destroyed": the next turn reads the tombstones and refuses), or
+                # another replica began a rotation first ("exists": the next turn resumes it).
+                self.ring.discard(record.account_id, record.dek_version)
+            raise Unavailable("the household's data keys kept changing: run the rotation again")
+
+    def finish_rotation(self, account_id: str, dek_version: int,
+                        purges: list[dict] | None = None) -> tuple[list[int], list[int]]:
+        """After every store re-encrypted the household's data under ``dek_version``: the
+        older live versions are retired — version 1 kept (the stores key erased-id digests
+        with it, docs/privacy.md), every other one destroyed. Returns (versions destroyed
+        by this call, live versions kept besides ``dek_version``). Idempotent."""
+        with self._lock:
+            self._refresh(account_id, force=True)
+            if self.ring.is_destroyed(account_id):
+                raise FailedPrecondition("the data key of this household was destroyed "
+                                         "(the household was erased)", "account_id")
+            older = [r.dek_version for r in self.ring.records(account_id)
+                     if not r.destroyed and r.dek_version < dek_version]
+            kept = [v for v in older if v == DIGEST_DEK_VERSION]
+            destroyed = self.store.retire(account_id, kept, [v for v in older if v not in kept],
+                                          self._clock().isoformat(), purges)
+            self._refresh(account_id, force=True)
+            return destroyed, sorted(r.dek_version for r in self.ring.records(account_id)
+                                     if not r.destroyed and r.dek_version != dek_version)
 
     def rotate(self, new_active_kek_id: str) -> tuple[int, str, list[str]]:
         """Make another configured KEK active and re-wrap every live DEK under it."""

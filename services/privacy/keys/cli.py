@@ -13,6 +13,15 @@ commands (``hearth rollout``, ``hearth calibrator``). Prints the answer as JSON
 key, not an admin, a KEK id the privacy service does not have) prints the gateway's
 answer on stderr and exits 2.
 
+``hearth keys rotate-household ACCOUNT_ID`` rotates one household's data key (privacy's
+``RotateDataKey`` through ``POST /v1/household/{id}/rotate-key``; privacy officer or admin,
+audited ``key_rotation``): docs/operations.md, "Rotating a household's data key". It prints
+the answer as JSON (``dek_version``, ``reencrypted``, ``destroyed_versions``,
+``kept_versions``, ``resumed``); a refusal or no answer exits 2 (run it again: a rotation
+left under way is resumed, not begun anew). ``hearth keys rotate-households
+--older-than-days N [--limit M]`` does it for up to M (100; at most 1000) households whose
+newest key is older than N days, oldest first.
+
 Only ``argparse`` is imported here: the HTTP client is imported when the command runs,
 so registering it costs the ``hearth`` command nothing.
 """
@@ -26,7 +35,7 @@ import sys
 EXIT_REFUSED = 2
 
 
-def _cmd_rotate(args: argparse.Namespace) -> int:
+def _post(args: argparse.Namespace, path: str, body: dict | None, rpc: str) -> int:
     import httpx
 
     from services.rollout import _experiment, _json_or_raise
@@ -34,19 +43,33 @@ def _cmd_rotate(args: argparse.Namespace) -> int:
     experiment = _experiment(args)   # ValueError (exit 2) without HEARTH_ROLLOUT_API_KEY
     try:
         try:
-            answer = _json_or_raise(experiment._http.post("/v1/keys/rotate", json={"new_active_kek_id": args.to},
-                                                          timeout=args.timeout_s))
+            answer = _json_or_raise(experiment._http.post(path, json=body, timeout=args.timeout_s))
         except ValueError as exc:   # the gateway's refusal, with its error body
             print(f"error: key rotation refused: {exc}", file=sys.stderr)
             return EXIT_REFUSED
         except httpx.HTTPError as exc:   # unreachable, TLS, timeout: nothing is known to have happened
             print(f"error: no answer from the gateway at {args.gateway}: {type(exc).__name__}: {exc} "
-                  "(RotateKeys is idempotent: run it again)", file=sys.stderr)
+                  f"({rpc} is idempotent: run it again)", file=sys.stderr)
             return EXIT_REFUSED
     finally:
         experiment.close()
     print(json.dumps(answer, sort_keys=True))
     return 0
+
+
+def _cmd_rotate(args: argparse.Namespace) -> int:
+    return _post(args, "/v1/keys/rotate", {"new_active_kek_id": args.to}, "RotateKeys")
+
+
+def _cmd_rotate_households(args: argparse.Namespace) -> int:
+    return _post(args, "/v1/keys/rotate-households",
+                 {"older_than_days": args.older_than_days, "limit": args.limit}, "RotateDataKeys")
+
+
+def _cmd_rotate_household(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    return _post(args, f"/v1/household/{quote(args.account_id, safe='')}/rotate-key", None, "RotateDataKey")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -61,3 +84,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     rotate.add_argument("--timeout-s", type=float, default=330.0,
                         help="how long to wait for the answer (the gateway allows RotateKeys 300 s)")
     rotate.set_defaults(func=_cmd_rotate)
+    household = commands.add_parser(
+        "rotate-household", help="rotate one household's data key: new version, its data re-encrypted in every "
+                                 "store, the old version destroyed (privacy officer or admin)")
+    household.add_argument("account_id", metavar="ACCOUNT_ID")
+    household.add_argument("--gateway", default="http://127.0.0.1:8080")
+    household.add_argument("--timeout-s", type=float, default=330.0,
+                           help="how long to wait for the answer (a rotation waits ~70 s before re-encrypting; "
+                                "the gateway allows it 300 s)")
+    household.set_defaults(func=_cmd_rotate_household)
+    batch = commands.add_parser(
+        "rotate-households", help="rotate the data key of up to --limit households whose key is older than "
+                                  "--older-than-days (privacy officer or admin)")
+    batch.add_argument("--older-than-days", type=float, required=True)
+    batch.add_argument("--limit", type=int, default=100, help="at most this many households (1..1000)")
+    batch.add_argument("--gateway", default="http://127.0.0.1:8080")
+    batch.add_argument("--timeout-s", type=float, default=330.0,
+                       help="how long to wait for the answer (the gateway allows it 300 s: keep --limit small "
+                            "enough for that)")
+    batch.set_defaults(func=_cmd_rotate_households)

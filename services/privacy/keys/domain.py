@@ -27,9 +27,10 @@ Lifecycle
     * **Crypto-shredding**: ``destroy_dek(account_id)`` forgets every DEK version of
       the household and returns tombstone records (no key material). Any later decrypt
       raises ``KeyDestroyedError``; ciphertexts left in backups become unreadable.
-      There is no destroying of one version alone: the stores key the digests of erased
-      ids with version 1 (``services.common.field_crypto.FieldCipher.digests``), so a
-      household's first DEK must live as long as the household.
+      A data key rotation (``keys/rotation.py``) destroys older versions one by one in the
+      store, but never version 1: the stores key the digests of erased ids with it
+      (``services.common.field_crypto.FieldCipher.digests``), so a household's first DEK
+      lives as long as the household.
 """
 
 from __future__ import annotations
@@ -277,6 +278,12 @@ class KeyRing:
         self._records.setdefault(account_id, {})[version] = record
         self._cache[(account_id, version)] = AESGCM(dek)
         return record
+
+    def discard(self, account_id: str, version: int) -> None:
+        """Forget a record ``create_dek`` made that could not be stored (another replica's
+        version won, or the household was shredded meanwhile): never served after."""
+        self._records.get(account_id, {}).pop(version, None)
+        self._cache.pop((account_id, version), None)
 
     def has_dek(self, account_id: str) -> bool:
         return any(not r.destroyed for r in self._records.get(account_id, {}).values())

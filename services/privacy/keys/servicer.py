@@ -1,20 +1,22 @@
-"""gRPC adapter of the keys room: GetDataKey, RotateKeys."""
+"""gRPC adapter of the keys room: GetDataKey, RotateKeys, RotateDataKey(s)."""
 
 from __future__ import annotations
 
 from hearth.privacy.v1 import privacy_pb2 as pb
 from hearth.privacy.v1 import privacy_pb2_grpc as pb_grpc
 from services.common import identity
-from services.common.errors import InvalidArgument, PermissionDenied
+from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from services.common.ids import check_id
 from services.privacy.keys.app import KeyService
+from services.privacy.keys.rotation import DataKeyRotation, RotationOutcome
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Keys"].full_name
 
 
 class KeysServicer(pb_grpc.KeysServicer):
-    def __init__(self, keys: KeyService) -> None:
+    def __init__(self, keys: KeyService, rotation: DataKeyRotation | None = None) -> None:
         self._keys = keys
+        self._rotation = rotation
 
     def GetDataKey(self, request, context) -> pb.GetDataKeyResponse:
         # The matrix (permissions.ROLE_PERMISSIONS) already gives use_data_key to service
@@ -30,3 +32,21 @@ class KeysServicer(pb_grpc.KeysServicer):
             raise InvalidArgument("is required", "new_active_kek_id")
         count, active, in_use = self._keys.rotate(request.new_active_kek_id)
         return pb.RotateKeysResponse(rewrapped=count, active_kek_id=active, kek_ids_in_use=in_use)
+
+    def RotateDataKey(self, request, context) -> pb.RotateDataKeyResponse:
+        account_id = check_id(request.account_id, "account_id")
+        if self._rotation is None:
+            raise FailedPrecondition("this privacy service reaches no data-holding service", "account_id")
+        return _outcome_to_pb(self._rotation.rotate(account_id))
+
+    def RotateDataKeys(self, request, context) -> pb.RotateDataKeysResponse:
+        if self._rotation is None:
+            raise FailedPrecondition("this privacy service reaches no data-holding service", "older_than_days")
+        done = self._rotation.rotate_older_than(float(request.older_than_days), int(request.limit))
+        return pb.RotateDataKeysResponse(rotated=[_outcome_to_pb(d) for d in done])
+
+
+def _outcome_to_pb(done: RotationOutcome) -> pb.RotateDataKeyResponse:
+    return pb.RotateDataKeyResponse(account_id=done.account_id, dek_version=done.dek_version,
+                                    reencrypted=done.reencrypted, destroyed_versions=done.destroyed,
+                                    kept_versions=done.kept, resumed=done.resumed)

@@ -38,6 +38,83 @@ class DataKeyStore:
                 (record.account_id, record.dek_version, record.kek_id, record.wrapped,
                  record.created_at.isoformat())) == 1
 
+    def insert_version(self, record: WrappedDek) -> str:
+        """Insert a rotation's new DEK version in the household's lock, only while the
+        household has a live key: "inserted"; "exists" (another replica created that
+        version first: reload); "destroyed" (the household was shredded: never a key
+        after that). The shred (``overwrite``) takes the same lock and tombstones every
+        live version it finds, so the two run one after the other and the erasure wins
+        either way: the new version is shredded with the rest, or never inserted."""
+        with self.db.transaction() as tx:
+            tx.lock_household(record.account_id)
+            if not tx.query("SELECT 1 FROM data_keys WHERE account_id = ? AND destroyed_at IS NULL",
+                            (record.account_id,)):
+                return "destroyed"
+            return "inserted" if tx.execute(
+                "INSERT INTO data_keys (account_id, dek_version, kek_id, wrapped, created_at, destroyed_at) "
+                "VALUES (?, ?, ?, ?, ?, NULL) ON CONFLICT (account_id, dek_version) DO NOTHING",
+                (record.account_id, record.dek_version, record.kek_id, record.wrapped,
+                 record.created_at.isoformat())) == 1 else "exists"
+
+    def retired_versions(self, account_id: str) -> set[int]:
+        """Live versions whose data every store re-encrypted to a newer one."""
+        with self.db.transaction() as tx:
+            return {int(r[0]) for r in tx.query(
+                "SELECT dek_version FROM data_keys WHERE account_id = ? AND retired_at IS NOT NULL "
+                "AND destroyed_at IS NULL", (account_id,))}
+
+    def rotations_in_progress(self, limit: int = 100) -> list[str]:
+        """Households with a live version older than their newest that is not retired: a
+        rotation begun and not finished (keys/rotation.py)."""
+        # Only households with a live version >= 2 can have one (index data_keys_version);
+        # a scan of every household's key, every minute on every replica, would not do.
+        with self.db.transaction() as tx:
+            return [r[0] for r in tx.query(
+                "SELECT DISTINCT k.account_id FROM data_keys k WHERE k.account_id IN (SELECT account_id FROM data_keys "
+                "WHERE dek_version >= 2 AND destroyed_at IS NULL) AND k.destroyed_at IS NULL AND k.retired_at IS NULL "
+                "AND k.dek_version < (SELECT MAX(n.dek_version) FROM data_keys n WHERE n.account_id = k.account_id "
+                "AND n.destroyed_at IS NULL) ORDER BY k.account_id LIMIT ?", (limit,))]
+
+    def newest_created_before(self, before: str, limit: int) -> list[str]:
+        """Households whose newest live data key was created before ``before`` (ISO time),
+        oldest first: the batch rotation's candidates."""
+        with self.db.transaction() as tx:
+            return [r[0] for r in tx.query(
+                "SELECT account_id FROM data_keys WHERE destroyed_at IS NULL GROUP BY account_id "
+                "HAVING MAX(created_at) < ? ORDER BY MAX(created_at), account_id LIMIT ?", (before, limit))]
+
+    def retire(self, account_id: str, versions: Iterable[int], destroy: Iterable[int], when: str,
+               purges: list[dict] | None = None) -> list[int]:
+        """The end of a rotation: mark ``versions`` retired and tombstone ``destroy``
+        (each only while live; a shred meanwhile already tombstoned them). Returns the
+        versions this call destroyed; their old wrapped keys are purged physically."""
+        destroy = sorted(set(destroy))
+        destroyed = []
+        with self.db.transaction() as tx:
+            tx.lock_household(account_id)
+            if self.db.dialect == "sqlite":
+                tx.execute("PRAGMA secure_delete = ON")
+            for v in sorted(set(versions)):
+                tx.execute("UPDATE data_keys SET retired_at = ? WHERE account_id = ? AND dek_version = ? "
+                           "AND destroyed_at IS NULL AND retired_at IS NULL", (when, account_id, v))
+            for v in destroy:
+                if tx.execute("UPDATE data_keys SET wrapped = ?, destroyed_at = ? WHERE account_id = ? "
+                              "AND dek_version = ? AND destroyed_at IS NULL", (b"", when, account_id, v)) == 1:
+                    destroyed.append(v)
+            if destroyed:
+                record_erasure(tx)
+        if destroyed:
+            purge = self.db.purge_erased(("data_keys",))
+            if purges is not None:
+                purges.append({**purge, "action": f"retired wrapped key overwritten by a tombstone; {purge['action']}"})
+        return destroyed
+
+    def purge_owed(self) -> dict:
+        """The physical purge of ``data_keys`` (``Database.purge_erased``) that a tombstone's
+        writer noted and may not have run (killed after its commit): the rotation sweep
+        runs it (keys/rotation.py, ``DataKeyRotation.sweep``)."""
+        return self.db.purge_erased(("data_keys",))
+
     def rewrap(self, records: Iterable[WrappedDek], previous: dict[tuple[str, int], bytes]) -> list[WrappedDek]:
         """Store re-wrapped live keys, each only over the exact wrapped key it was made
         from (compare-and-swap): a row another replica shredded (a tombstone) or re-wrapped
@@ -66,11 +143,19 @@ class DataKeyStore:
             if self.db.dialect == "sqlite":
                 # Zero the freed bytes of overwritten keys instead of leaving them in free pages.
                 tx.execute("PRAGMA secure_delete = ON")
+            shredded = sorted({r.account_id: r.destroyed_at for r in records if r.destroyed}.items())
+            for account_id, _ in shredded:
+                tx.lock_household(account_id)   # against a rotation's new version (insert_version)
             tx.executemany(
                 "UPDATE data_keys SET kek_id = ?, wrapped = ?, destroyed_at = ? "
                 "WHERE account_id = ? AND dek_version = ?",
                 [(r.kek_id, r.wrapped, r.destroyed_at.isoformat() if r.destroyed_at else None,
                   r.account_id, r.dek_version) for r in records])
+            # A household is shredded whole: also a version the caller's view had not seen
+            # (a data key rotation's new version, inserted by another replica meanwhile).
+            for account_id, when in shredded:
+                tx.execute("UPDATE data_keys SET wrapped = ?, destroyed_at = ? WHERE account_id = ? "
+                           "AND destroyed_at IS NULL", (b"", when.isoformat(), account_id))
             if any(r.destroyed for r in records):
                 record_erasure(tx)
         if any(r.destroyed for r in records):

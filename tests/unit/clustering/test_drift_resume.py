@@ -137,8 +137,8 @@ def test_a_state_that_does_not_fit_the_sessions_is_refused():
 class RebuildingKeeper(ModelKeeper):
     """Main's drift check: the detector built over the reference at every fold."""
 
-    def _drift_detector(self, state, snap, ref):
-        return super()._drift_detector(None, snap, ref)
+    def _drift_detector(self, state, snap, ref, reference_digest=None):
+        return super()._drift_detector(None, snap, ref, reference_digest)
 
 
 def _sessions(X: np.ndarray, start: np.ndarray) -> list[StoredSession]:

@@ -176,3 +176,30 @@ def test_the_whole_loop_reports_its_noise_floor_and_what_a_level_per_group_would
     sure = [np.eye(p.shape[1])[p.argmax(axis=1)] for p in probs]
     loop = E.mesh_after_feedback(hs, probs, [[_as_served(s)] * 2 for s in sure], fed, ages, sample_before=True)
     assert loop["labels_only"] > 0.01 and loop["mesh_level_per_group_ceiling"] < 1e-12
+
+
+def test_the_diagnostic_reads_a_label_shaped_fit_with_the_persons_its_unlabelled_fit_found():
+    """bench/feedback_why.fit_persons_answers (session 26's measurement): a batch fit whose
+    labels add a person answered with the confidence maps' household shift reading the
+    unlabelled fit's person count — the same person for every session, a lower
+    confidence where the shift moves it (DEVICE_CONFIDENCE_SHIFT["fitted"] rises with the
+    persons), and exactly the service's answers when the labels add nobody."""
+    from bench.feedback_why import fit_persons_answers
+    from services.clustering.domain.model import HouseholdModel
+    h = _households(2)[1]   # 156 sessions, two persons
+    m0 = HouseholdModel().fit(h.features, device_ids=h.device_id)
+    assert m0.n_persons == 2
+    labels: list[str | None] = [None] * h.n_sessions
+    labels[0], labels[1], labels[2], labels[3] = "a", "a", "c", "c"
+    named = HouseholdModel().fit(h.features, labels=labels[:2] + [None] * (h.n_sessions - 2), device_ids=h.device_id)
+    a = named.assign_batch(h.features, device_ids=h.device_id, included=True)
+    assert not named.persons_from_labels
+    np.testing.assert_array_equal(fit_persons_answers(named, h, m0.n_persons, a), a.probabilities)
+    labels[4], labels[5] = "b", "b"
+    grown = HouseholdModel().fit(h.features, labels=labels, device_ids=h.device_id)
+    assert grown.persons_from_labels and grown.n_persons == 3
+    a = grown.assign_batch(h.features, device_ids=h.device_id, included=True)
+    P = fit_persons_answers(grown, h, m0.n_persons, a)
+    np.testing.assert_array_equal(P.argmax(axis=1), a.probabilities.argmax(axis=1))
+    assert (P.max(axis=1) <= a.probabilities.max(axis=1) + 1e-9).all()
+    assert P.max(axis=1).mean() < a.probabilities.max(axis=1).mean() - 0.01

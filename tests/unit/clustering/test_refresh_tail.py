@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from services.clustering.app import ClusteringApp
 from services.clustering.domain.events import ViewingEvent
 from services.clustering.household import Envelope
-from services.clustering.modeling import ModelKeeper
+from services.clustering.modeling import ModelKeeper, known_person, persons_for
 from services.clustering.store import ClusteringStore
 from services.common.erasure import ErasureScope
 from services.common.field_crypto import FieldCipher
@@ -51,6 +51,14 @@ class FullSnapshotKeeper(ModelKeeper):
 
     def _arrivals_only(self, account_id, current, variant):
         return False
+
+
+class EveryRowKeeper(FullSnapshotKeeper):
+    """Main's fold (d3fbe5f): every refresh reads every closed session by
+    ``closed_sessions`` and writes every answer, changed or not."""
+
+    def snapshot(self, account_id):
+        return self.snapshot_of(account_id, self.store.closed_sessions(account_id))
 
 
 def _store(root: Path, name: str, ring: KeyRing) -> ClockedStore:
@@ -160,14 +168,14 @@ _op = st.one_of(
 )
 
 
-def _run(spec, ops, variant: str, seed: int) -> int:
+def _run(spec, ops, variant: str, seed: int, keepers=(ModelKeeper, FullSnapshotKeeper)) -> int:
     rng = random.Random(seed)
     events = _household_events(rng, spec)
     ring = KeyRing([generate_kek("k1")], "k1")
     quick_refreshes = 0
     with _memory_dir() as root:
         apps = []
-        for name, cls in (("tail", ModelKeeper), ("full", FullSnapshotKeeper)):
+        for name, cls in zip(("tail", "full"), keepers):
             store = _store(Path(root), name, ring)
             apps.append(ClusteringApp(store, keeper=cls(store, lambda _a: variant), background=False))
         tail_app = apps[0]
@@ -243,6 +251,63 @@ def test_the_stream_takes_the_tail_path_and_a_session_closing_before_the_last_in
     spec = [("ph-1", 1.5, 2, 600.0)] * 12 + [("tv-1", 2.0, 40, 1500.0)] + [("ph-1", 1.01, 1, 60.0)] * 30
     ops = [("batch", 3, 0.0)] * 20 + [("label", 0, 0, False), ("label", 1, 1, False)] + [("batch", 1, 1801.0)] * 30
     assert _run(spec, ops, "gmm", 3) > 5
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_session, min_size=20, max_size=40), st.lists(_op, min_size=1, max_size=20),
+       st.sampled_from(("gmm", "gmm", "kmeans")), st.integers(0, 2**32 - 1))
+def test_a_fold_that_writes_only_the_changed_answers_leaves_what_writing_every_answer_leaves(spec, ops, variant,
+                                                                                            seed):
+    """Session 26: a fold writes only the persons and probabilities that differ from what
+    its snapshot read (ClusteringStore.set_persons' ``unless_recorded``); main's wrote
+    every closed session's. After every refresh (folds, arrivals, labels, erasures) the
+    two stores hold the same persons and probabilities, models and drift events."""
+    _run(spec, ops, variant, seed, keepers=(ModelKeeper, EveryRowKeeper))
+
+
+def test_a_fold_writes_only_the_answers_that_changed(tmp_path):
+    """On a household of ~120 closed sessions, a fold re-answers every session but writes
+    only the rows whose person or probabilities differ from the stored ones; the stored
+    rows are then every session's answer under the new model."""
+    ring = KeyRing([generate_kek("k1")], "k1")
+    store = _store(tmp_path, "fold", ring)
+    app = ClusteringApp(store, background=False)
+    events = _household_events(random.Random(2), [(DEVICES[i % 3], 2.0, 2, 600.0) for i in range(130)])
+    first, rest = events[:240], events[240:]
+    store.ingest(first)
+    store.now = max(e.ts for e in first) + 2 * GAP_S
+    _, before = app.keeper.refresh(ACCOUNT)
+    written: list[int] = []
+    original = store.set_persons
+
+    def counted(*args, **kwargs):
+        written.append(original(*args, **kwargs))
+        return written[-1]
+    store.set_persons = counted
+    store.ingest(rest)
+    store.now = max(e.ts for e in rest) + 2 * GAP_S
+    _, envelope = app.keeper.refresh(ACCOUNT)
+    closed = store.closed_sessions(ACCOUNT)
+    assert envelope.included == len(closed) > before.included >= 100
+    assert len(written) == 1 and 0 < written[0] < len(closed)
+    with store.db.transaction(readonly=True) as tx:
+        stored = dict(((r[0], (r[1], r[2])) for r in tx.query(
+            "SELECT session_id, person_id, person_probs FROM sessions WHERE account_id = ?", (ACCOUNT,))))
+    persons, probs = persons_for(envelope.model, closed, [s.label for s in closed],
+                                 included=np.arange(len(closed)) < before.included)
+    assert {s: stored[s][0] for s in persons} == persons
+    assert {s: json.loads(stored[s][1]) for s in persons} == probs
+    # main's rounding: each numpy probability as float(), then round(, 6)
+    batch = envelope.model.assign_batch(np.vstack([s.features for s in closed]).astype(np.float64),
+                                        device_ids=[s.device_id for s in closed],
+                                        included=np.arange(len(closed)) < before.included)
+    unlabelled = [i for i, s in enumerate(closed) if known_person(envelope.model, s.label) is None]
+    assert len(unlabelled) > 20
+    assert {closed[i].session_id: probs[closed[i].session_id] for i in unlabelled} == {
+        closed[i].session_id: {pid: round(float(p), 6) for pid, p in zip(batch.person_ids, batch.probabilities[i])}
+        for i in unlabelled}
+    app.close()
+    store.db.close()
 
 
 def test_a_small_batch_on_a_long_history_opens_only_the_new_sessions(tmp_path):

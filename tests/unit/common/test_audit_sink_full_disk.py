@@ -10,6 +10,8 @@ retried (bounded by the queue): a disk that fills and frees loses nothing.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import sqlite3
 import threading
 import time
@@ -17,6 +19,7 @@ import time
 from services.common import audit
 from services.common.audit import AuditSink, MemoryAuditTransport, TransientAuditError
 from services.common.identity import Principal, Role
+from tests.helpers.waiting import wait_for
 
 ALICE = Principal("alice", Role.ANALYST)
 
@@ -29,13 +32,8 @@ def _held(component: str) -> float:
     return audit.HELD.labels(component)._value.get()
 
 
-def _wait_for(condition, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
+# The sink's thread acts within milliseconds (its delays are 5-20 ms here): poll often.
+_wait_for = functools.partial(wait_for, timeout_s=10.0, interval_s=0.01)
 
 
 class _Log(MemoryAuditTransport):
@@ -78,30 +76,36 @@ class _FullDiskOutbox(audit.AuditOutbox):
         super().remove(keys)
 
 
-def _sink(transport, component, outbox=None, **kwargs) -> AuditSink:
+@contextlib.contextmanager
+def _sink(component, outbox=None, **kwargs):
+    """(the log, the sink): a sink of ``component`` with fast retries over a ``_Log`` (its
+    disk full until ``log.up`` is set) and ``outbox``; closed after the block."""
+    log = _Log()
     options = dict(max_delay_s=0.005, backoff_s=0.005, max_spool_backoff_s=0.02, max_attempts=2,
                    sleep=lambda s: None)
     options.update(kwargs)
-    return AuditSink(transport, component=component, outbox=outbox, **options)
+    sink = AuditSink(log, component=component, outbox=outbox, **options)
+    try:
+        yield log, sink
+    finally:
+        sink.close()
+
+
+def _record(sink, resources, action=audit.INGEST) -> list[bool]:
+    return [sink.record(action, resource, principal=ALICE) for resource in resources]
 
 
 def test_a_log_that_cannot_take_records_keeps_them_in_memory_until_it_can():
     # privacy's own sink (no outbox) with its log's disk full: before, the batch was
     # dropped as send_failed after max_attempts.
-    log = _Log()
-    sink = _sink(log, "t-held-log")
     before = _dropped("t-held-log", "send_failed")
-    try:
-        for i in range(40):
-            sink.record(audit.ASSIGN, f"household:a{i}", principal=ALICE)
-        assert _wait_for(lambda: log.failures >= 6 and _held("t-held-log") > 0)
-        for i in range(40, 60):   # recorded while the disk is full: queued behind
-            sink.record(audit.ASSIGN, f"household:a{i}", principal=ALICE)
+    with _sink("t-held-log") as (log, sink):
+        _record(sink, [f"household:a{i}" for i in range(40)], audit.ASSIGN)
+        _wait_for(lambda: log.failures >= 6 and _held("t-held-log") > 0, what="failed sends and held records")
+        _record(sink, [f"household:a{i}" for i in range(40, 60)], audit.ASSIGN)   # while the disk is full: queued behind
         assert sink.dropped == 0 and sink.pending == 60
         log.up.set()   # the disk frees
         assert sink.flush(10)
-    finally:
-        sink.close()
     assert [r.resource for r in log.records] == [f"household:a{i}" for i in range(60)]
     assert _dropped("t-held-log", "send_failed") == before and sink.dropped == 0
     assert _held("t-held-log") == 0
@@ -110,97 +114,75 @@ def test_a_log_that_cannot_take_records_keeps_them_in_memory_until_it_can():
 def test_records_neither_the_log_nor_the_outbox_takes_are_kept_and_delivered_in_order(tmp_path):
     # clustering's sink in the drill: AppendAudit UNAVAILABLE, its outbox on the same
     # full volume. Before: every batch dropped as outbox_failed.
-    log = _Log()
     outbox = _FullDiskOutbox(tmp_path / "audit-outbox-t.db")
-    sink = _sink(log, "t-held-outbox", outbox)
     before = _dropped("t-held-outbox", "outbox_failed")
-    try:
-        for i in range(100):
-            sink.record(audit.INGEST, f"household:b{i}", principal=ALICE)
-        assert _wait_for(lambda: outbox.put_failures >= 3)
+    with _sink("t-held-outbox", outbox) as (log, sink):
+        _record(sink, [f"household:b{i}" for i in range(100)])
+        _wait_for(lambda: outbox.put_failures >= 3, what="3 failed spools")
         assert sink.dropped == 0 and sink.pending == 100
         outbox.full.clear()   # the disk frees; the log (privacy) still refuses
         assert sink.flush(10) and outbox.pending() == 100 and not log.records
-        for i in range(100, 120):   # behind the spooled ones
-            sink.record(audit.INGEST, f"household:b{i}", principal=ALICE)
+        _record(sink, [f"household:b{i}" for i in range(100, 120)])   # behind the spooled ones
         log.up.set()
-        assert _wait_for(lambda: len(log.records) == 120)
-    finally:
-        sink.close()
+        _wait_for(lambda: len(log.records) == 120, what="120 records in the log")
     assert [r.resource for r in log.records] == [f"household:b{i}" for i in range(120)]
     assert _dropped("t-held-outbox", "outbox_failed") == before and sink.dropped == 0
 
 
 def test_held_records_go_straight_to_the_log_when_it_returns_first(tmp_path):
-    log = _Log()
     outbox = _FullDiskOutbox(tmp_path / "o.db")
-    sink = _sink(log, "t-held-direct", outbox)
-    try:
-        for i in range(30):
-            sink.record(audit.INGEST, f"r{i}", principal=ALICE)
-        assert _wait_for(lambda: outbox.put_failures >= 2)
+    with _sink("t-held-direct", outbox) as (log, sink):
+        _record(sink, [f"r{i}" for i in range(30)])
+        _wait_for(lambda: outbox.put_failures >= 2, what="2 failed spools")
         log.up.set()   # the log is back, the outbox's disk still full
         assert sink.flush(10)
-    finally:
-        sink.close()
     assert [r.resource for r in log.records] == [f"r{i}" for i in range(30)]
     assert outbox.pending() == 0 and sink.dropped == 0
 
 
 def test_memory_is_bounded_by_the_queue_and_what_does_not_fit_is_counted(tmp_path):
-    log = _Log()
     outbox = _FullDiskOutbox(tmp_path / "o.db")
-    sink = _sink(log, "t-held-bound", outbox, max_queue=20, max_batch=5)
     before = _dropped("t-held-bound", "queue_full")
-    try:
-        accepted = [sink.record(audit.INGEST, f"r{i}", principal=ALICE) for i in range(10)]
-        assert _wait_for(lambda: outbox.put_failures >= 2)
-        accepted += [sink.record(audit.INGEST, f"r{i}", principal=ALICE) for i in range(10, 60)]
+    with _sink("t-held-bound", outbox, max_queue=20, max_batch=5) as (log, sink):
+        accepted = _record(sink, [f"r{i}" for i in range(10)])
+        _wait_for(lambda: outbox.put_failures >= 2, what="2 failed spools")
+        accepted += _record(sink, [f"r{i}" for i in range(10, 60)])
         assert sink.pending <= 20 + 5
         refused = accepted.count(False)
         assert refused >= 60 - 25 and _dropped("t-held-bound", "queue_full") - before == refused
         outbox.full.clear()
         log.up.set()
         assert sink.flush(10)
-    finally:
-        sink.close()
     kept = [f"r{i}" for i, ok in enumerate(accepted) if ok]
     assert [r.resource for r in log.records] == kept   # every accepted record, in order
     assert sink.dropped == refused
 
 
 def test_close_while_records_are_held_gives_them_a_last_try_then_counts_them(tmp_path):
-    log = _Log()
     outbox = _FullDiskOutbox(tmp_path / "o.db")
-    sink = _sink(log, "t-held-close", outbox, max_spool_backoff_s=30.0, backoff_s=5.0)
     before = _dropped("t-held-close", "outbox_failed")
-    for i in range(25):
-        sink.record(audit.INGEST, f"r{i}", principal=ALICE)
-    assert _wait_for(lambda: outbox.put_failures >= 1 and _held("t-held-close") > 0)
-    started = time.monotonic()
-    sink.close(timeout_s=5)   # a long backoff pending: close does not wait it out
-    assert time.monotonic() - started < 3
+    with _sink("t-held-close", outbox, max_spool_backoff_s=30.0, backoff_s=5.0) as (_log, sink):
+        _record(sink, [f"r{i}" for i in range(25)])
+        _wait_for(lambda: outbox.put_failures >= 1 and _held("t-held-close") > 0, what="a failed spool, records held")
+        started = time.monotonic()
+        sink.close(timeout_s=5)   # a long backoff pending: close does not wait it out
+        assert time.monotonic() - started < 3
     assert _dropped("t-held-close", "outbox_failed") - before == 25 and sink.dropped == 25
 
 
 def test_an_outbox_that_fails_after_a_delivery_does_not_stop_the_sink(tmp_path):
     # The outbox's delete after a delivery failing (its disk full) used to raise out of
     # the sink's thread: every later record of the process stayed undelivered.
-    log = _Log()
     outbox = _FullDiskOutbox(tmp_path / "o.db")
     outbox.full.clear()
-    sink = _sink(log, "t-held-remove", outbox)
-    try:
-        for i in range(10):
-            sink.record(audit.INGEST, f"r{i}", principal=ALICE)
+    with _sink("t-held-remove", outbox) as (log, sink):
+        _record(sink, [f"r{i}" for i in range(10)])
         assert sink.flush(10) and outbox.pending() == 10
         outbox.fail_removes = 2
         log.up.set()
-        assert _wait_for(lambda: outbox.pending() == 0)
-        sink.record(audit.INGEST, "after", principal=ALICE)
+        _wait_for(lambda: outbox.pending() == 0, what="an empty outbox")
+        _record(sink, ["after"])
         assert sink.flush(10)
-    finally:
-        sink.close()
     assert [r.resource for r in log.records] == [f"r{i}" for i in range(10)] + ["after"]
 
 
@@ -211,6 +193,7 @@ class _StuckOutbox(audit.AuditOutbox):
     def __init__(self, path) -> None:
         super().__init__(path)
         self.full = threading.Event()
+        self.remove_through_calls = 0
 
     def put(self, records):
         if self.full.is_set():
@@ -223,9 +206,26 @@ class _StuckOutbox(audit.AuditOutbox):
         super().remove(keys)
 
     def remove_through(self, key):
+        self.remove_through_calls += 1
         if self.full.is_set():
             raise sqlite3.OperationalError("database or disk is full")
         super().remove_through(key)
+
+
+@contextlib.contextmanager
+def _spooled_then_stuck(tmp_path, component, spooled: int):
+    """(the log, the outbox, the sink): ``spooled`` records in the outbox while the log was
+    down, then the outbox's volume full (``_StuckOutbox``) and the log back."""
+    outbox = _StuckOutbox(tmp_path / f"{component}.db")
+    with _sink(component, outbox, max_batch=8) as (log, sink):
+        _record(sink, [f"household:s{i}" for i in range(spooled)])
+        _wait_for(lambda: outbox.pending() == spooled, what=f"{spooled} records in the outbox")
+        outbox.full.set()
+        log.up.set()
+        try:
+            yield log, outbox, sink
+        finally:
+            outbox.full.clear()   # before the sink's close, which would wait on the full volume
 
 
 def test_with_the_log_up_and_the_outbox_unable_to_delete_every_record_reaches_the_log_in_order(tmp_path):
@@ -238,48 +238,22 @@ def test_with_the_log_up_and_the_outbox_unable_to_delete_every_record_reaches_th
     + 40 new, none of the 40 delivered in 15 s. Now what was delivered is remembered:
     the drain goes on past it, and once the outbox holds nothing undelivered new records
     go straight to the log."""
-    log = _Log()
-    outbox = _StuckOutbox(tmp_path / "stuck.db")
-    sink = _sink(log, "t-stuck-outbox", outbox, max_batch=8)
-    try:
-        for i in range(30):
-            sink.record(audit.INGEST, f"household:s{i}", principal=ALICE)
-        assert _wait_for(lambda: outbox.pending() == 30)
-        outbox.full.set()
-        log.up.set()
-        for i in range(30, 40):
-            sink.record(audit.INGEST, f"household:s{i}", principal=ALICE)
-        assert _wait_for(lambda: len(log.records) == 40), [r.resource for r in log.records]
+    with _spooled_then_stuck(tmp_path, "t-stuck-outbox", 30) as (log, outbox, sink):
+        _record(sink, [f"household:s{i}" for i in range(30, 40)])
+        _wait_for(lambda: len(log.records) == 40, what="40 records in the log")
         assert [r.resource for r in log.records] == [f"household:s{i}" for i in range(40)]
         assert sink.dropped == 0
         outbox.full.clear()   # the volume frees: the delivered rows are deleted
-        assert _wait_for(lambda: outbox.pending() == 0)
-        for i in range(40, 45):
-            sink.record(audit.INGEST, f"household:s{i}", principal=ALICE)
+        _wait_for(lambda: outbox.pending() == 0, what="an empty outbox")
+        _record(sink, [f"household:s{i}" for i in range(40, 45)])
         assert sink.flush(10)
-    finally:
-        sink.close()
     assert [r.resource for r in log.records] == [f"household:s{i}" for i in range(45)]
 
 
 def test_delivered_records_the_outbox_cannot_delete_do_not_spin_the_sink(tmp_path):
     """review24: with every spooled record delivered but none deletable, the drain has
     nothing to send; it backs off before trying the delete again instead of looping."""
-    log = _Log()
-    outbox = _StuckOutbox(tmp_path / "spin.db")
-    sink = _sink(log, "t-stuck-spin", outbox, max_batch=8)
-    calls = []
-    real = outbox.remove_through
-    outbox.remove_through = lambda key: (calls.append(key), real(key))   # type: ignore[method-assign]
-    try:
-        for i in range(10):
-            sink.record(audit.INGEST, f"household:p{i}", principal=ALICE)
-        assert _wait_for(lambda: outbox.pending() == 10)
-        outbox.full.set()
-        log.up.set()
-        assert _wait_for(lambda: len(log.records) == 10)
+    with _spooled_then_stuck(tmp_path, "t-stuck-spin", 10) as (log, outbox, sink):
+        _wait_for(lambda: len(log.records) == 10, what="10 records in the log")
         time.sleep(0.5)
-        assert len(calls) < 60, len(calls)   # backoff of 0.005 s doubling to 0.02 s: <= ~25 in 0.5 s
-    finally:
-        outbox.full.clear()
-        sink.close()
+        assert outbox.remove_through_calls < 60, outbox.remove_through_calls   # backoff of 0.005 s doubling to 0.02 s: <= ~25 in 0.5 s

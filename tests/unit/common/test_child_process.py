@@ -13,16 +13,10 @@ import time
 from pathlib import Path
 
 from services.common.child_process import _tied_command, spawn_tied, stop_group
+from tests.helpers.processes import alive
+from tests.helpers.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[3]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_a_spawn_runs_no_fork_hook_of_the_parent_in_the_child():
@@ -57,13 +51,11 @@ def test_the_child_dies_when_its_parent_is_killed():
     try:
         child_pid = int(parent.stdout.readline())
         time.sleep(0.2)
-        assert _alive(child_pid)
+        assert alive(child_pid)
         parent.kill()
         parent.wait()
-        deadline = time.monotonic() + 10
-        while _alive(child_pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not _alive(child_pid)
+        wait_for(lambda: not alive(child_pid), timeout_s=10, what=f"child {child_pid} to die with its parent",
+                 interval_s=0.05)
     finally:
         parent.kill()
 

@@ -200,6 +200,8 @@ _POSITIVE = ([0, -1, _NAN], [0.001, 3600], "must be > 0")
 # they are included) and the message, which the error names with its variable.
 _BOUNDS = {
     "grpc_max_message_bytes": ([1024 * 1024 - 1, 1024**3 + 1], [1024 * 1024 * 16, 1024**3], "must be bytes in [1 MiB, 1 GiB]"),
+    "grpc_max_response_bytes": ([64 * 1024 - 1, 1024**3 + 1], [64 * 1024, 1024**3], "must be bytes in [64 KiB, 1 GiB]"),
+    "export_chunk_bytes": ([1023, 16 * 1024 * 1024 + 1], [1024, 16 * 1024 * 1024], "must be bytes in [1 KiB, 16 MiB]"),
     "grpc_reconnect_max_s": ([0.049, 120.5, _NAN], [0.05, 120], "must be seconds in [0.05, 120]"),
     "audit_reserve_mb": ([-0.5, 1024.5, _NAN], [0, 1024], "must be MiB in [0, 1024] (0 = none)"),
     "service_token_ttl_s": ([0, -1, 86401, _NAN], [0.5, 86400], "must be seconds in (0, 86400]"),

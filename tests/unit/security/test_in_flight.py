@@ -89,6 +89,18 @@ class Upstream:
             raise self.error
         return apb.AttributeResponse()
 
+    def unary_stream(self, service, method, request, who, timeout_s=None):
+        """``clients.unary_stream``: a response stream whose first read waits the same way."""
+        upstream = self
+
+        class _Stream:
+            async def read(self):
+                return await upstream.call(service, method, request, who, timeout_s)
+
+            def cancel(self):
+                return True
+        return _Stream()
+
 
 @pytest.fixture
 def gateway(tmp_path):
@@ -229,7 +241,7 @@ def test_a_bounded_get_route_is_held_and_refused_the_same_way(tmp_path):
     upstream = Upstream()
     upstream.error = grpc.aio.AioRpcError(grpc.StatusCode.NOT_FOUND, grpc.aio.Metadata(), grpc.aio.Metadata(),
                                           "no such household")
-    app.state.clients.call = upstream.call
+    app.state.clients.unary_stream = upstream.unary_stream   # the export is streamed (session 26)
     path = "/v1/household/h1/export"
 
     async def run():

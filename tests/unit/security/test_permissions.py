@@ -52,11 +52,13 @@ def test_every_route_the_gateway_serves_is_in_the_matrix():
 def test_admin_may_do_everything_but_fetch_data_keys_list_withdrawn_accounts_or_erase():
     # Key material goes to stores only, the list of withdrawn accounts to attribution only,
     # Erase at a data holder to the privacy service's deletion fan-out only (admin deletes
-    # through RequestDeletion); the generated table says so (docs/security.md).
+    # through RequestDeletion), Rekey at a data holder to the privacy service's data key
+    # rotation only (admin rotates through RotateDataKey); the generated table says so
+    # (docs/security.md).
     assert permissions.ROLE_PERMISSIONS[Role.ADMIN] == frozenset(Permission) - {
-        Permission.USE_DATA_KEY, Permission.LIST_WITHDRAWN_CONSENT, Permission.ERASE_DATA}
+        Permission.USE_DATA_KEY, Permission.LIST_WITHDRAWN_CONSENT, Permission.ERASE_DATA, Permission.REKEY_DATA}
     for rpc in proto_rpcs():
-        if rpc.endswith(("/GetDataKey", "/ListWithdrawnConsent", "/Erase")):
+        if rpc.endswith(("/GetDataKey", "/ListWithdrawnConsent", "/Erase", "/Rekey")):
             with pytest.raises(PermissionDenied):
                 authorize_rpc(who(Role.ADMIN), rpc)
         else:

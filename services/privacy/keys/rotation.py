@@ -1,0 +1,268 @@
+"""Data key (DEK) rotation of one household: privacy's ``RotateDataKey``
+(docs/privacy.md "Data key rotation"; runbook: docs/operations.md "Rotating a household's
+data key").
+
+A rotation is a state machine whose state is the household's key rows, so it needs no
+job table of its own, and every step is idempotent:
+
+1. **begin** (``KeyService.begin_rotation``): version n+1 is created, unless a rotation
+   is already under way (a live version older than the newest that is not retired):
+   that one is resumed. Never after a shred (the insert and the shred take the same
+   household lock; the erasure wins).
+2. **settle**: wait until ``settle_s`` after version n+1 was created. Until then a store
+   may still seal new values under version n: each privacy replica's view of a
+   household is up to ``keys.app.REFRESH_S`` (5 s) old, and each store keeps the
+   "newest" key it was given for up to ``field_crypto.DEFAULT_TTL_S`` (60 s). After it,
+   nothing seals under an older version (the default is the sum plus 5 s).
+3. **re-encrypt**: each data-holding service's ``DataHolder/Rekey(account, n+1)``,
+   repeated until a pass finds nothing under an older version (a write in flight during
+   the first one). Each store purges the old ciphertexts physically, as after an erasure.
+4. **retire** (``KeyService.finish_rotation``): every older live version is destroyed
+   (tombstone, purged), except version 1, which is marked retired and kept: the stores
+   key the digests of erased ids with it (``field_crypto.DIGEST_DEK_VERSION``).
+
+A crash anywhere leaves a rotation under way (step 1 done, step 4 not): the next
+``RotateDataKey`` of the household resumes it, and so does every privacy replica's sweep
+(``resume_unfinished``, every ``SWEEP_S``), for rotations begun longer than
+``settle_s + ABANDONED_S`` ago. Two replicas working on the same household at once do the
+same idempotent steps (the stores serialise ``Rekey`` in the household's lock; a tombstone
+is written only over a live key). A household erased meanwhile: its key is shredded, the
+stores' ``Rekey`` fails (FAILED_PRECONDITION, no key) and the rotation stops there; it
+never creates a key after the shred.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import grpc
+from prometheus_client import Counter
+
+from services.common import audit
+from services.common.errors import (
+    FailedPrecondition, HearthError, InvalidArgument, NotFound, ResourceExhausted, Unavailable)
+from services.common.field_crypto import DEFAULT_TTL_S
+from services.common.telemetry import pseudonym
+from services.privacy.keys.app import REFRESH_S, KeyService
+
+log = logging.getLogger("hearth.privacy.keys.rotation")
+
+SETTLE_S = REFRESH_S + DEFAULT_TTL_S + 5.0
+PASSES = 5
+SWEEP_S = 60.0
+# A rotation begun more than settle_s + this ago is taken as abandoned (its caller crashed
+# or gave up) by the sweep; a live call finishes well within it.
+ABANDONED_S = 240.0
+MAX_BATCH = 1000
+MAX_DAYS = 36500   # as the gateway's RotateDataKeysIn
+
+
+def max_calls_for(max_workers: int) -> int:
+    """How many ``RotateDataKey`` calls one privacy replica runs at once: each holds one of
+    its ``max_workers`` RPC threads through the settle (~70 s), and the same threads serve
+    every store's ``GetDataKey``, consent checks and deletions (review26: 16 concurrent
+    rotations took all 16 and a new household's first events failed mesh-wide)."""
+    return max(1, max_workers // 8)
+
+ROTATIONS = Counter("hearth_dek_rotations_total",
+                    "Household data key rotations finished (completed), refused because the household was "
+                    "erased (erased), or stopped by an error and left for a retry or the sweep (failed)",
+                    ["outcome"])
+for _outcome in ("completed", "erased", "failed"):
+    ROTATIONS.labels(_outcome)
+
+# rekey(service, account_id, dek_version) -> values re-encrypted
+Rekey = Callable[[str, str, int], int]
+
+
+@dataclass
+class RotationOutcome:
+    account_id: str
+    dek_version: int
+    reencrypted: dict[str, int] = field(default_factory=dict)
+    destroyed: list[int] = field(default_factory=list)
+    kept: list[int] = field(default_factory=list)
+    resumed: bool = False
+
+
+def _from_rpc(exc: grpc.RpcError, service: str) -> HearthError:
+    code = exc.code() if isinstance(exc.code(), grpc.StatusCode) else None
+    details = f"{service}: {exc.details() or 'no details'}"[:300]
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return FailedPrecondition(f"the household was erased during the rotation ({details})", "account_id")
+    return Unavailable(f"re-encryption did not finish ({details}); the rotation resumes when run again "
+                       "or by the privacy service's sweep", "account_id")
+
+
+class DataKeyRotation:
+    def __init__(self, keys: KeyService, rekey: Rekey, services: Sequence[str], *, settle_s: float = SETTLE_S,
+                 passes: int = PASSES, sweep_s: float = SWEEP_S, wall: Callable[[], float] = time.time,
+                 sleep: Callable[[float], None] | None = None, max_calls: int = 2) -> None:
+        self.keys = keys
+        self._rekey = rekey
+        self.services = tuple(services)
+        self.settle_s = settle_s
+        self.passes = passes
+        self.sweep_s = sweep_s
+        self._wall = wall
+        self._stop = threading.Event()
+        # The settle is waited out on the stop event: a privacy process stopping (SIGTERM)
+        # must not wait up to 70 s for a rotation's settle (the chart kills it after 20 s).
+        self._sleep = sleep or self._stop.wait
+        self._thread: threading.Thread | None = None
+        # SQLite: the first sweep after a start runs the key table's purge once (see sweep).
+        self._purge_due = True
+        self.max_calls = max_calls
+        self._calls = threading.BoundedSemaphore(max_calls)
+
+    # ---- one household ----------------------------------------------------------------
+
+    @contextmanager
+    def _admitted(self, field: str):
+        """One of ``max_calls`` slots for a call that waits out a settle holding an RPC
+        worker (a rotation, a batch); refused before anything is begun (no new version):
+        the caller retries later."""
+        if not self._calls.acquire(blocking=False):
+            raise ResourceExhausted(f"{self.max_calls} data key rotation(s) already under way on this privacy "
+                                    "replica (each waits out its settle holding a worker): retry when one has "
+                                    "finished", field)
+        try:
+            yield
+        finally:
+            self._calls.release()
+
+    def rotate(self, account_id: str) -> RotationOutcome:
+        with self._admitted("account_id"):
+            try:
+                target, resumed, created_at = self.keys.begin_rotation(account_id)  # type: ignore[misc]
+            except FailedPrecondition:
+                ROTATIONS.labels("erased").inc()
+                raise
+            return self._finish(account_id, target, resumed, created_at)
+
+    def _finish(self, account_id: str, target: int, resumed: bool, created_at: datetime) -> RotationOutcome:
+        outcome = RotationOutcome(account_id, target, resumed=resumed)
+        try:
+            wait = created_at.timestamp() + self.settle_s - self._wall()
+            if wait > 0:
+                self._sleep(wait)
+            if self._stop.is_set():
+                raise Unavailable("the privacy service is stopping: the rotation is under way, run it again "
+                                  "(it resumes)", "account_id")
+            for service in self.services:
+                outcome.reencrypted[service] = self._rekey_all(service, account_id, target)
+            purges: list[dict] = []
+            outcome.destroyed, outcome.kept = self.keys.finish_rotation(account_id, target, purges)
+        except FailedPrecondition:
+            ROTATIONS.labels("erased").inc()
+            raise
+        except Exception:
+            ROTATIONS.labels("failed").inc()
+            raise
+        ROTATIONS.labels("completed").inc()
+        if outcome.destroyed:
+            audit.record(audit.KEY_DESTROYED, audit.household_resource(account_id),
+                         details={"reason": "data key rotation", "dek_version": target,
+                                  "destroyed_versions": ",".join(map(str, outcome.destroyed))})
+        log.info("data key of %s rotated to v%d (destroyed %s, kept %s, re-encrypted %s)", pseudonym(account_id),
+                 target, outcome.destroyed, outcome.kept, outcome.reencrypted)
+        return outcome
+
+    def _rekey_all(self, service: str, account_id: str, target: int) -> int:
+        total = 0
+        for _ in range(self.passes):
+            try:
+                n = self._rekey(service, account_id, target)
+            except grpc.RpcError as exc:
+                raise _from_rpc(exc, service) from None
+            total += n
+            if n == 0:
+                return total
+        raise Unavailable(f"{service} still held values under an older data key version after {self.passes} "
+                          "passes (writes under the old key kept arriving): run the rotation again", "account_id")
+
+    # ---- many households ----------------------------------------------------------------
+
+    def rotate_older_than(self, days: float, limit: int) -> list[RotationOutcome]:
+        """Rotate up to ``limit`` households whose newest data key is older than ``days``
+        days, oldest first: every one begun first, so they settle together (one wait, not
+        one per household). A household erased meanwhile is skipped."""
+        if not 0 < days <= MAX_DAYS:   # past it no date is that far back (OverflowError: INTERNAL until review26)
+            raise InvalidArgument(f"must be in (0, {MAX_DAYS}]", "older_than_days")
+        if not 0 < limit <= MAX_BATCH:
+            raise InvalidArgument(f"must be in 1..{MAX_BATCH}", "limit")
+        before = datetime.fromtimestamp(self._wall(), UTC) - timedelta(days=days)
+        with self._admitted("limit"):
+            begun = []
+            for account_id in self.keys.store.newest_created_before(before.isoformat(), limit):
+                try:
+                    begun.append((account_id, *self.keys.begin_rotation(account_id)))
+                except (FailedPrecondition, NotFound):
+                    continue
+            done = []
+            for b in begun:
+                try:
+                    done.append(self._finish(*b))
+                except FailedPrecondition:   # erased during the settle: its key is shredded (review26)
+                    continue
+                # The call's own key_rotation record names no household (its request names
+                # none), and a first rotation destroys no version: each household is
+                # recorded here, with the caller's principal (review26).
+                audit.record(audit.KEY_ROTATION, audit.household_resource(done[-1].account_id),
+                             details={"rpc": "hearth.privacy.v1.Keys/RotateDataKeys",
+                                      "dek_version": done[-1].dek_version, "resumed": done[-1].resumed})
+            return done
+
+    def resume_unfinished(self, limit: int = 100) -> int:
+        """Finish rotations begun over ``settle_s + ABANDONED_S`` ago (the sweep)."""
+        finished = 0
+        for account_id in self.keys.store.rotations_in_progress(limit):
+            try:
+                begun = self.keys.begin_rotation(account_id, create=False)
+                if begun is None:   # finished meanwhile
+                    continue
+                target, _, created_at = begun
+                if created_at.timestamp() > self._wall() - self.settle_s - ABANDONED_S:
+                    continue
+                self._finish(account_id, target, True, created_at)
+                finished += 1
+            except (FailedPrecondition, NotFound):
+                continue
+            except Exception as exc:  # noqa: BLE001 - the next sweep tries again
+                log.warning("resuming the data key rotation of %s failed: %s", pseudonym(account_id),
+                            str(exc).replace(account_id, pseudonym(account_id))[:300])
+        return finished
+
+    def start(self) -> None:
+        if self._thread is None and self.sweep_s > 0:
+            self._thread = threading.Thread(target=self._loop, name="dek-rotation-sweep", daemon=True)
+            self._thread.start()
+
+    def sweep(self) -> int:
+        """One sweep: finish abandoned rotations, then run the physical purge of the key
+        table a destruction noted and did not run (privacy killed between the tombstone's
+        commit and its purge: the old wrapped key stayed in the WAL / dead tuples, and
+        nothing retried it — a re-run finds the version destroyed and destroys nothing).
+        PostgreSQL: every sweep (a no-op unless a purge is noted); SQLite, which notes
+        nothing: the first sweep after a start (the restart after such a kill)."""
+        finished = self.resume_unfinished()
+        if self._purge_due or self.keys.store.db.dialect != "sqlite":
+            self.keys.store.purge_owed()
+            self._purge_due = False
+        return finished
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.sweep_s):
+            try:
+                self.sweep()
+            except Exception:  # noqa: BLE001 - a database outage: the next sweep tries again
+                log.warning("data key rotation sweep failed", exc_info=True)
+
+    def close(self) -> None:
+        self._stop.set()
