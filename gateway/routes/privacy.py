@@ -260,10 +260,12 @@ def router(clients, access) -> APIRouter:
             # progress, a bad id) is an ordinary error status with its JSON body.
             first = await call.read()
         except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+            if exc.code() not in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED):
                 raise
-            # A privacy of a release before session 26: the document in one message, as
-            # then (docs/operations.md, "Rolling upgrades").
+            # A privacy of a release before session 26 (its permission matrix refuses the
+            # stream it does not know, for every role: PERMISSION_DENIED; the caller passed
+            # the gateway's own check of the same permission): the document in one message,
+            # as then, judged again by privacy (docs/operations.md, "Rolling upgrades").
             r = await clients.call("privacy", "ExportHousehold", request, who, timeout_s=UNARY_EXPORT_TIMEOUT_S)
             return Response(r.export_json.encode("utf-8"), media_type="application/json")
         if first is grpc.aio.EOF:
