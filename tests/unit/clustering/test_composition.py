@@ -8,6 +8,7 @@ import pytest
 
 from services.clustering.domain import model as M
 from services.clustering.domain.model import HouseholdModel, _share_change_llr
+from bench.stream_tuning import SILENCE_P_MAX, silence_cusum
 from tests.unit.clustering.test_identity_signals import household, persona_sessions, stream_in_fives
 
 
@@ -463,3 +464,37 @@ def test_a_suite_joiner_with_a_phone_of_their_own_is_found_through_the_service_p
     out = {"id": h.household_id, "events": events, "checks": []}
     row = S.by_evidence([out], [h])["join: own personal device"]
     assert row["changes"] == 1 and row["detected"] == 1 and row["mean_delay"] == joins[0] - c.session_index
+
+
+def test_the_silence_cusum_is_the_run_length_evidence_of_an_absence_and_a_session_of_theirs_resets_it():
+    """A person with 30 % of 100 sessions then silent for 20: the statistic sums
+    -log(1 - w_i) over the silence (w_i their share of the sessions before session i);
+    one sure session of theirs in the middle resets it; a person present throughout
+    scores ~0; a person with fewer than SILENCE_MIN_SESSIONS sessions cannot leave."""
+    before = np.array([30.0, 68.0, 2.0])
+    silent = np.zeros((20, 3))
+    silent[:, 1] = 1.0
+    got = silence_cusum(silent, before, 100)
+    want = -sum(np.log1p(-30.0 / (100 + i)) for i in range(20))
+    assert got[0] == pytest.approx(want, rel=1e-9)
+    assert 5.0 < got[0] < -20 * np.log1p(-0.3)        # the share is re-read as the silence grows
+    assert got[1] < 0.5 and got[2] == 0.0
+    back = silent.copy()
+    back[12] = [1.0, 0.0, 0.0]                         # they came back once, 8 sessions ago
+    assert silence_cusum(back, before, 100)[0] == pytest.approx(
+        -sum(np.log1p(-(30.0 + SILENCE_P_MAX) / (100 + i)) for i in range(13, 20)), rel=1e-9)
+    # an ambiguous session (p = 0.5) is weaker evidence of absence than a clear one
+    half = silent.copy()
+    half[:, 0], half[:, 1] = 0.5, 0.5
+    assert 0.0 <= silence_cusum(half, before, 100)[0] < got[0]
+
+
+def test_the_silence_cusum_reads_a_young_buffer_whose_tail_is_all_of_it():
+    """With fewer than SILENCE_TAIL sessions the tail is the whole buffer (nothing
+    before it): a person with 12 of the first 40 sessions, then silent for 25, has
+    left by the evidence all the same (a gate on the mass before the tail hid them)."""
+    P = np.zeros((65, 2))
+    P[:40:10, 0] = P[5:40:10, 0] = P[7:40:10, 0] = 1.0     # 12 of the first 40
+    P[:, 1] = 1.0 - P[:, 0]
+    got = silence_cusum(P, np.zeros(2), 0)
+    assert got[0] > 6.0 and got[1] < 1.0
