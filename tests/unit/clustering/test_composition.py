@@ -498,3 +498,37 @@ def test_the_silence_cusum_reads_a_young_buffer_whose_tail_is_all_of_it():
     P[:, 1] = 1.0 - P[:, 0]
     got = silence_cusum(P, np.zeros(2), 0)
     assert got[0] > 6.0 and got[1] < 1.0
+
+
+def test_the_leave_anatomy_says_which_leaves_are_below_chance_and_the_silence_replay_adds_only_its_own_leaves():
+    """bench.stream_tuning.leave_anatomy: a leaver with half of 50 sessions then 60 sessions
+    without them is detectable at 8 nats; one with 3 of 60 (5 %) is below the bar at every
+    check in the window (too small a share); oracle_silence_events finds the first by its
+    silence with the share test's leaves off. silence_replay(only_new): a person silent for
+    30 sessions after 40 % of the buffer is a leave of the CUSUM's own at a bar it reaches,
+    none above it, and none where the share test has reported the leave already."""
+    from bench import stream_tuning as S
+
+    big = np.r_[np.tile([0, 1], 25), np.zeros(60, int)]
+    small = np.r_[np.zeros(60, int), np.zeros(60, int)]
+    small[[5, 25, 45]] = 1
+    hs = [_world_household("big", big, "leave"), _world_household("small", small, "leave")]
+    hs[1].changes[0].session_index = 60                    # their last day: after session 59
+    an = S.leave_anatomy(hs, 8.0)
+    by_id = {r["id"]: r for r in an["rows"]}
+    assert by_id["big"]["detectable"] and by_id["big"]["share"] == 0.5
+    assert not by_id["small"]["detectable"] and by_id["small"]["share"] == 0.05
+    assert an["classes"] == {"detectable": 1, "below the bar: share < 0.20": 1}
+    assert any(k == "leave" and 50 <= at <= 80 for at, k in S.oracle_silence_events(hs[0], 8.0, float("inf")))
+
+    P = np.zeros((100, 2))
+    P[:70:5, 0] = 1.0                                      # 14 of the first 70 (20 %), then 30 silent
+    P[:, 1] = 1.0 - P[:, 0]
+    check = {"at": 100, "n": 100, "ids": ["p1", "p2"], "old": {"10": [14.0, 76.0]}, "new": {"10": [0.0, 10.0]},
+             "tail_before": [0.0, 0.0], "tail": P.tolist()}
+    trace = {"checks": [check], "events": [[40, "join"]]}
+    stat = float(S.silence_cusum(P, np.zeros(2), 0)[0])
+    assert S.silence_replay(trace, stat - 0.1, only_new=True) == [(100, "leave")]
+    assert S.silence_replay(trace, stat + 0.1, only_new=True) == []
+    assert S.silence_replay(trace, stat - 0.1, share_leave_h=0.0, only_new=True) == []  # the share test's
+    assert S.silence_replay(trace, stat - 0.1) == [(40, "join"), (100, "leave")]
