@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -305,6 +306,26 @@ METRICS_CONNECTION_TIMEOUT_S = 10.0
 class _MetricsRequestHandler(WSGIRequestHandler):
     timeout = METRICS_CONNECTION_TIMEOUT_S   # StreamRequestHandler: the connection's socket timeout
 
+    def setup(self) -> None:
+        super().setup()
+        # The socket timeout bounds each read, not the request: a client sending a byte of
+        # its request head every few seconds kept its thread for as long as it liked
+        # (review26). The whole connection (one request and its answer: wsgiref serves one
+        # a connection) gets METRICS_CONNECTION_TIMEOUT_S, then its socket is shut.
+        self._deadline = threading.Timer(METRICS_CONNECTION_TIMEOUT_S, self._cut)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _cut(self) -> None:
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:   # closed meanwhile
+            pass
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        super().finish()
+
     def log_message(self, format, *args):  # noqa: A002 - the base class's signature
         """Log nothing (prometheus_client's handler does the same)."""
 
@@ -313,7 +334,11 @@ def serve_metrics(port: int, host: str = "0.0.0.0") -> WSGIServer:
     """prometheus_client's ``start_http_server`` for the default registry, but with a
     timeout on each connection (``METRICS_CONNECTION_TIMEOUT_S``)."""
     class Server(ThreadingWSGIServer):   # the address family of ``host`` (an IPv6 one too)
-        pass
+        def handle_error(self, request, client_address) -> None:
+            # A connection cut by its timeout or its client: socketserver's default prints a
+            # traceback on stderr, one per such connection (not a JSON log line).
+            log = logging.getLogger("hearth.metrics")
+            log.debug("metrics connection ended early", exc_info=True)
 
     Server.address_family, host = _get_best_family(host, port)
     httpd = make_server(host, port, make_wsgi_app(), Server, handler_class=_MetricsRequestHandler)

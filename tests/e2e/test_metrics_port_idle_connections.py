@@ -54,3 +54,40 @@ def test_an_idle_metrics_connection_is_closed_and_its_thread_ends(mesh):
     finally:
         for s in held:
             s.close()
+
+
+def test_a_metrics_connection_trickling_its_request_is_closed_too(mesh):
+    """The timeout above is per read (the socket's): a client sending one byte of its
+    request head every few seconds was never idle for 10 s, and kept its thread for as long
+    as it liked (review26: 20 such connections all still open after 15 s). Now a connection
+    has METRICS_CONNECTION_TIMEOUT_S for its whole request, however it trickles."""
+    port = mesh.metrics_ports["feedback"]
+    held = []
+    for _ in range(20):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.sendall(b"GET /metrics HTTP/1.1\r\n")
+        held.append(s)
+    try:
+        ends = [False] * len(held)
+        deadline = time.monotonic() + METRICS_CONNECTION_TIMEOUT_S + 6
+        while time.monotonic() < deadline and not all(ends):
+            time.sleep(3)
+            for i, s in enumerate(held):
+                if ends[i]:
+                    continue
+                try:
+                    s.sendall(b"X")   # one more byte of a header line: never 10 s idle
+                    s.setblocking(False)
+                    ends[i] = s.recv(1024) == b""
+                except BlockingIOError:
+                    pass
+                except OSError:   # reset / broken pipe: closed by the server
+                    ends[i] = True
+                finally:
+                    s.setblocking(True)
+        assert ends == [True] * len(held), ends
+        page = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+        assert page.status_code == 200 and "hearth_rpc_in_flight" in page.text
+    finally:
+        for s in held:
+            s.close()
