@@ -7,7 +7,7 @@ PROTOS := $(shell find protos -name '*.proto')
 
 .DEFAULT_GOAL := help
 .PHONY: help run test protos venv test-unit test-e2e \
-        provision bench-accuracy bench-api-accuracy bench-movielens bench-assign bench-assign-cpu bench-attribution bench-privacy bench-pg-purge bench-feedback bench-gateway bench-grpc-server bench-audit-memory verify clean
+        provision bench-accuracy bench-api-accuracy bench-movielens bench-assign bench-assign-cpu bench-attribution bench-privacy bench-pg-purge bench-feedback bench-gateway bench-grpc-server bench-audit-memory bench-export-memory verify clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -79,6 +79,9 @@ bench-grpc-server: hearth/__init__.py ## server CPU per unary call by gRPC serve
 
 bench-audit-memory: hearth/__init__.py ## heap growth per audit entry of the audit writer, proof tree pruned vs whole (JSON; ARGS=--quick)
 	$(PY) -m bench.audit_memory $(ARGS)
+
+bench-export-memory: hearth/__init__.py ## peak RSS of privacy, gateway and clustering exporting one large household, streamed vs one message (JSON; ARGS="--events 100000 --baseline d3fbe5f")
+	$(PY) -m bench.export_memory $(ARGS)
 
 verify: hearth/__init__.py ## the mesh under load, soak and faults; report under var/verify/ (JSON; ARGS="--quick|--backend postgres|--soak-min N")
 	$(PY) -m bench.verify $(ARGS)

@@ -44,6 +44,12 @@ leaving forced and 6 stable ones per world); every run's ``by_evidence`` (and
 ``--diagnose``) says detection and delay per kind of change and kind of evidence the
 member leaves (``change_evidence``), and, on a ``--trace`` run, whether the model held
 as many persons as members in the window.
+``--light-trace`` (with ``--trace``) leaves out the new-device newcomer test's figures and
+keeps, at every check, each person's posterior on the newest TRACE_TAIL sessions;
+``--leaves F`` reads such a file: each leave's anatomy (``leave_anatomy``: share, sessions
+after, the silence evidence any test of who watched could hold in the window, detectable or
+below chance), detection on the detectable leaves beside all, and the silence CUSUM
+(``silence_cusum``, measured, not wired) replayed with the stream (``silence_report``).
 It never reads the REPORTING split: choices are made here, figures are reported by
 ``python -m bench.accuracy --worlds-only``.
 """
@@ -67,6 +73,37 @@ from services.clustering.domain import model as model_module
 
 TRACE_LOOKBACK = (10, 15, 20, 25, 30, 40)
 TRACE_MIN_HISTORY = 10
+TRACE_TAIL = 100   # sessions of per-session posteriors a trace keeps (the silence replay)
+
+
+# A leave by a person's silence (measured on TUNING, not wired: docs/clustering.md, "A leave
+# by a person's silence"): the CUSUM of log(1 - p_i) - log(1 - w_i) over the newest
+# TRACE_TAIL sessions.
+SILENCE_MIN_SESSIONS = 3.0  # a person's posterior mass (sessions) so far, to be able to leave
+SILENCE_P_MAX = 0.999     # a session surely the person's resets the CUSUM (log(1 - p) finite)
+
+
+def silence_cusum(P: np.ndarray, mass_before: np.ndarray, n_before: int) -> np.ndarray:
+    """Per person: the CUSUM, at the newest session, of the per-session log-likelihood
+    ratio of "this person is gone" against "they still watch their share" over the
+    sessions ``P`` (posterior per session and person; ``mass_before`` the persons' mass
+    over the ``n_before`` sessions before them). A session that is not the person's is
+    (1 - p_i) / (1 - w_i) times likelier under "gone" (w_i: the person's share of the
+    sessions before session i), so the statistic is the largest sum of
+    log(1 - p_i) - log(1 - w_i) over the runs that end at the newest session: the
+    expected-run-length evidence of a silence, which the share test's fixed change
+    points cut at 30 sessions and at checks. A session surely theirs resets it."""
+    P = np.clip(np.asarray(P, dtype=np.float64), 0.0, SILENCE_P_MAX)
+    n, k = P.shape
+    if n == 0:
+        return np.zeros(k)
+    mass = np.asarray(mass_before, dtype=np.float64) + np.vstack((np.zeros((1, k)), np.cumsum(P, axis=0)[:-1]))
+    seen = (n_before + np.arange(n))[:, None]
+    share = np.clip(mass / np.maximum(seen, 1), 0.0, SILENCE_P_MAX)
+    steps = np.log1p(-P) - np.log1p(-share)
+    walk = np.vstack((np.zeros((1, k)), np.cumsum(steps, axis=0)))
+    cusum = walk[-1] - walk.min(axis=0)
+    return np.where(mass[-1] + P[-1] >= SILENCE_MIN_SESSIONS, cusum, 0.0)
 
 
 def _masses(m: model_module.HouseholdModel) -> dict | None:
@@ -79,7 +116,11 @@ def _masses(m: model_module.HouseholdModel) -> dict | None:
     P = mix.predict_proba(X)
     cum = np.vstack((np.zeros((1, P.shape[1])), np.cumsum(P, axis=0)))
     looks = [r for r in TRACE_LOOKBACK if n - r >= TRACE_MIN_HISTORY]
+    tail = min(TRACE_TAIL, n)
     return {"n": n, "ids": list(m.person_ids),
+            # the silence replay (``silence_events``): each person's posterior on the newest
+            # TRACE_TAIL sessions and their mass before them
+            "tail_before": cum[n - tail].round(4).tolist(), "tail": P[n - tail:].round(3).tolist(),
             "old": {str(r): cum[n - r].round(4).tolist() for r in looks},
             "new": {str(r): (cum[n] - cum[n - r]).round(4).tolist() for r in looks}}
 
@@ -464,6 +505,42 @@ def replay(o: dict, t: Thresholds) -> list[tuple[int, str]]:
     return events
 
 
+def silence_replay(o: dict, silence_h: float, share_leave_h: float = model_module.LEAVE_GLR_H,
+                   t: Thresholds = Thresholds(), only_new: bool = False) -> list[tuple[int, str]]:
+    """The events of a traced stream (``--trace``/``--light-trace``, which keeps each
+    check's per-session posteriors on the newest TRACE_TAIL sessions) had its leaves
+    been the share test's at ``share_leave_h`` or the silence CUSUM's
+    (``silence_cusum``) at ``silence_h``, as ``_detect_composition`` decides
+    them (one reported leave per absence, a person back again with >= 2 sessions
+    since the nearest change point may leave again). Leaves change no person, so the
+    stream's other events (joins: share test and newcomer tests) are its own.
+    ``only_new``: only the leaves the silence CUSUM raises where the share test's
+    replay does not (to add to the stream's own events: a trace also holds a check
+    after each full refit, where the stream ran none, so the share test's replayed
+    leaves are not exactly the stream's)."""
+    events = [] if only_new else [(a, k) for a, k in o["events"] if k != "leave"]
+    inactive: set[str] = set()
+    for c in o["checks"]:
+        if "tail" not in c:
+            continue
+        n = c["n"]
+        looks = [r for r in t.lookback if n - r >= t.min_history and str(r) in c["old"]]
+        if not looks or (len(c["ids"]) < 2 and not inactive):
+            continue
+        _, leave = _share_test_scores(looks, lambda r: _arrays(c, r), n, t)
+        tail = np.array(c["tail"], dtype=np.float64).reshape(-1, len(c["ids"]))
+        silent = silence_cusum(tail, np.array(c["tail_before"]), n - tail.shape[0])
+        since = np.array(c["new"][str(looks[0])])
+        for j, pid in enumerate(c["ids"]):
+            if (leave[j] >= share_leave_h or silent[j] >= silence_h) and pid not in inactive:
+                inactive.add(pid)
+                if not only_new or leave[j] < share_leave_h:
+                    events.append((c["at"], "leave"))
+            elif pid in inactive and since[j] >= 2.0:
+                inactive.discard(pid)
+    return sorted(events)
+
+
 def sweep(outs: list[dict], hs: list[worlds.WorldHousehold], t: Thresholds) -> dict:
     """composition_scores had the thresholds been ``t`` (traces of a --trace run); false
     alarms counted from the first session the share test can fire at, when that is
@@ -511,11 +588,13 @@ def diagnose(outs: list[dict], hs: list[worlds.WorldHousehold]) -> dict:
     return counts
 
 
-def oracle_events(h: worlds.WorldHousehold, t: Thresholds = Thresholds()) -> list[tuple[int, str]]:
-    """The share test of ``_detect_composition`` run on the TRUE persons (each session's
-    posterior one-hot on its member) at the stream's checks (every RESELECT_EVERY
-    sessions from 2 * MIN_SESSIONS): the composition events a stream whose persons were
-    exactly the household's members would raise. The ceiling of the share test."""
+def oracle_silence_events(h: worlds.WorldHousehold, silence_h: float,
+                          share_leave_h: float = model_module.LEAVE_GLR_H,
+                          t: Thresholds = Thresholds()) -> list[tuple[int, str]]:
+    """``oracle_events`` with the leaves of ``silence_replay``: the share test's joins,
+    and a leave when the share test's leave ratio reaches ``share_leave_h`` or the
+    silence CUSUM on the true persons (one-hot posteriors, the newest TRACE_TAIL
+    sessions) reaches ``silence_h``."""
     P = np.eye(h.n_persons)[h.person]
     cum = np.vstack((np.zeros((1, h.n_persons)), np.cumsum(P, axis=0)))
     joined, inactive, events = set(), set(), []
@@ -524,17 +603,98 @@ def oracle_events(h: worlds.WorldHousehold, t: Thresholds = Thresholds()) -> lis
         if not looks:
             continue
         join, leave = _share_test_scores(looks, lambda r: (cum[n - r], cum[n] - cum[n - r]), n, t)
+        tail = min(TRACE_TAIL, n)
+        silent = silence_cusum(P[n - tail:n], cum[n - tail], n - tail) if np.isfinite(silence_h) \
+            else np.zeros(h.n_persons)
         since = cum[n] - cum[n - looks[0]]
         for j in range(h.n_persons):
             if join[j] >= t.join_h and j not in joined:
                 joined.add(j)
                 events.append((n, "join"))
-            if leave[j] >= t.leave_h and j not in inactive:
+            if (leave[j] >= share_leave_h or silent[j] >= silence_h) and j not in inactive:
                 inactive.add(j)
                 events.append((n, "leave"))
             elif j in inactive and since[j] >= 2.0:
                 inactive.discard(j)
     return events
+
+
+def leave_anatomy(hs: list[worlds.WorldHousehold], bar: float) -> dict:
+    """Truth, for the diagnosis only: each leave as the change suite defines it (the
+    first session at or after the leaver's last day; detection counts an event at a
+    check — every RESELECT_EVERY sessions — within DETECTION_WINDOW sessions of it):
+    the leaver's share of the sessions before, sessions since their last one at the
+    leave, sessions of the household in the window (the stream may end sooner), and
+    the most silence evidence any test of their share could hold at a check in the
+    window, -L log(1 - share) nats, L = sessions since their last one (the silence
+    CUSUM on the true persons). ``bar``: the evidence a stable household's members
+    reach by chance at most once a quarter (the true persons' silence bar within the
+    budget); a leave below it at every check in its window is indistinguishable from
+    chance there, by anyone who knows only who watched."""
+    rows = []
+    for h in hs:
+        if not h.changes or h.changes[0].kind != "leave":
+            continue
+        c = h.changes[0]
+        mine = np.flatnonzero(h.person[:c.session_index] == c.person)
+        share = mine.size / c.session_index
+        checks = [n for n in range(2 * model_module.MIN_SESSIONS, h.n_sessions + 1, model_module.RESELECT_EVERY)
+                  if c.session_index <= n <= c.session_index + E.DETECTION_WINDOW]
+        silence = max(checks, default=0) - 1 - (mine[-1] if mine.size else -1)
+        nats = float(-silence * np.log1p(-share)) if checks else 0.0
+        rows.append({"id": h.household_id, "members": h.n_persons, "at": c.session_index,
+                     "share": round(share, 3), "silent_before": int(c.session_index - 1 - mine[-1]) if mine.size else None,
+                     "sessions_after": int(min(E.DETECTION_WINDOW, h.n_sessions - c.session_index)),
+                     "checks_in_window": len(checks), "silence_at_last_check": int(silence),
+                     "silence_nats": round(nats, 2), "detectable": nats >= bar})
+
+    def why(r):
+        if r["detectable"]:
+            return "detectable"
+        if r["sessions_after"] < 20:
+            return "below the bar: the stream ends < 20 sessions after the leave"
+        if r["share"] < 0.2:
+            return "below the bar: share < 0.20"
+        return "below the bar: share >= 0.20, silence too short"
+    classes: dict[str, int] = {}
+    for r in rows:
+        classes[why(r)] = classes.get(why(r), 0) + 1
+    return {"bar": bar, "leaves": len(rows), "classes": classes, "rows": rows}
+
+
+def silence_report(outs: list[dict], hs: list[worlds.WorldHousehold], bar: float = 8.0,
+                   silence_bars: tuple[float, ...] = (5, 6, 7, 8, 9, 10, 12, 15)) -> dict:
+    """``--leaves``: the leaves' anatomy (``leave_anatomy`` at ``bar``), the stream's and
+    the true persons' share test's detection on the whole set and on the detectable
+    leaves, and the silence CUSUM replayed on the traced stream, added to the share
+    test's leaves (``union``) or instead of them (``instead``)."""
+    an = leave_anatomy(hs, bar)
+    detectable = {r["id"] for r in an["rows"] if r["detectable"]}
+
+    def on_detectable(evs):
+        return sum(any(h.changes[0].session_index <= a <= h.changes[0].session_index + E.DETECTION_WINDOW
+                       for a, _ in e) for h, e in zip(hs, evs) if h.household_id in detectable)
+
+    def summary(evs):
+        sc = E.composition_scores(hs, evs)
+        return {**{k: sc[k] for k in ("detection_rate", "detection_rate_by_kind", "mean_delay_sessions_by_kind",
+                                      "false_alarms_per_household_quarter",
+                                      "false_alarms_per_household_quarter_by_kind")},
+                "detectable_leaves_found": on_detectable(evs), "detectable_leaves": len(detectable)}
+    base = [[tuple(e) for e in o["events"]] for o in outs]
+    out = {"anatomy": an, "stream": summary(base), "true_persons_share_test": summary([oracle_events(h) for h in hs])}
+    for h_ in silence_bars:
+        out[f"union_{h_}"] = summary([sorted(b + silence_replay(o, h_, only_new=True)) for b, o in zip(base, outs)])
+        out[f"instead_{h_}"] = summary([silence_replay(o, h_, float("inf")) for o in outs])
+    return out
+
+
+def oracle_events(h: worlds.WorldHousehold, t: Thresholds = Thresholds()) -> list[tuple[int, str]]:
+    """The share test of ``_detect_composition`` run on the TRUE persons (each session's
+    posterior one-hot on its member) at the stream's checks (every RESELECT_EVERY
+    sessions from 2 * MIN_SESSIONS): the composition events a stream whose persons were
+    exactly the household's members would raise. The ceiling of the share test."""
+    return oracle_silence_events(h, float("inf"), t.leave_h, t)
 
 
 def ceiling(hs: list[worlds.WorldHousehold]) -> dict:
@@ -650,6 +810,8 @@ def main() -> None:
     ap.add_argument("--import-first", type=int, default=0,
                     help="the first arrival is this many sessions (a household imported with its history)")
     ap.add_argument("--trace", action="store_true")
+    ap.add_argument("--light-trace", action="store_true",
+                    help="--trace without the new-device newcomer test's figures (TRACE_ANCHORED; cheaper)")
     ap.add_argument("--no-birth", action="store_true", help="the newcomer test computes but never adds a person")
     ap.add_argument("--no-new-device", action="store_true",
                     help="the new-device newcomer test never adds a person (the baseline without it)")
@@ -663,6 +825,9 @@ def main() -> None:
     ap.add_argument("--change-suite", type=int, default=None, metavar="W",
                     help="the join/leave suite (change_suite): W worlds per TUNING family, its own TUNING seed")
     ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--leaves", default=None, metavar="TRACE_JSON",
+                    help="only the leaves' anatomy and the silence CUSUM replayed on an earlier "
+                         "--trace/--light-trace --out file (silence_report)")
     ap.add_argument("--diagnose", default=None, metavar="TRACE_JSON",
                     help="only classify the misses of an earlier --trace --out file (its seed)")
     args = ap.parse_args()
@@ -670,7 +835,7 @@ def main() -> None:
         args.seed = SUITE_SEED
     if args.seed == worlds.REPORTING.seed:
         raise SystemExit("--seed: the REPORTING seed is never used for tuning")
-    if args.trace:
+    if args.trace and not args.light_trace:
         model_module.TRACE_ANCHORED = True
     if args.no_birth:
         model_module.BIRTH_GLR_H = float("inf")
@@ -682,6 +847,14 @@ def main() -> None:
         record_person_changes()
     if args.leave_h is not None:
         model_module.LEAVE_GLR_H = args.leave_h
+    if args.leaves:
+        doc = json.load(open(args.leaves))
+        split = worlds.TUNING if doc["seed"] == worlds.TUNING.seed else worlds.Split(
+            **{**worlds.TUNING.__dict__, "seed": doc["seed"]})
+        hs = change_suite(doc["change_suite"], doc["seed"]) if doc.get("change_suite") else select(
+            worlds.generate(split, worlds_per_family=doc.get("worlds_per_family")), doc.get("limit", doc["households"]))
+        print(json.dumps(silence_report(doc["households_detail"], hs)))
+        return
     if args.diagnose:
         # one or more --trace files (comma-separated), their households pooled
         outs, hs = [], []

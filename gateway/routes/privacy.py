@@ -171,7 +171,7 @@ EXPORT_DESCRIPTION = (
 log = logging.getLogger("hearth.gateway.export")
 
 
-async def _export_body(call, first, account_id: str) -> AsyncIterator[bytes]:
+async def _export_body(call, first) -> AsyncIterator[bytes]:
     """The streamed document's bytes, checked as services/common/export_stream.verified
     checks a part (``Verifier``): the completion marker must come, with the digest and
     length of every byte before it. Anything else raises, and the server then drops the
@@ -260,15 +260,17 @@ def router(clients, access) -> APIRouter:
             # progress, a bad id) is an ordinary error status with its JSON body.
             first = await call.read()
         except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+            if exc.code() not in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED):
                 raise
-            # A privacy of a release before session 26: the document in one message, as
-            # then (docs/operations.md, "Rolling upgrades").
+            # A privacy of a release before session 26 (its permission matrix refuses the
+            # stream it does not know, for every role: PERMISSION_DENIED; the caller passed
+            # the gateway's own check of the same permission): the document in one message,
+            # as then, judged again by privacy (docs/operations.md, "Rolling upgrades").
             r = await clients.call("privacy", "ExportHousehold", request, who, timeout_s=UNARY_EXPORT_TIMEOUT_S)
             return Response(r.export_json.encode("utf-8"), media_type="application/json")
         if first is grpc.aio.EOF:
             raise Unavailable("privacy ended the export without sending it; no export is given", "account_id")
-        return StreamingResponse(_export_body(call, first, account_id), media_type="application/json")
+        return StreamingResponse(_export_body(call, first), media_type="application/json")
 
     @api.put("/v1/consent/{account_id}", response_model=ConsentOut,
              summary="Set the account's consent flags (processing, attribution)")

@@ -147,7 +147,8 @@ class AttributionStore:
                                (sealed, account_id, touchpoint_id))
             if changed:
                 record_erasure(tx)
-        return (changed, [self.db.purge_erased(("touchpoints",))]) if changed else (0, [])
+        # Purged on every call (ClusteringStore.rekey says why: review26).
+        return changed, [self.db.purge_erased(("touchpoints",))]
 
     def erase(self, scope: ErasureScope, person_touchpoints: Sequence[str] = ()) -> ErasureOutcome:
         """Delete the scope's touchpoints and conversions in one transaction.

@@ -1112,10 +1112,15 @@ class ClusteringStore:
                     tx.execute("UPDATE household_models SET model = ? WHERE account_id = ?", (sealed, account_id))
             if changed:
                 record_erasure(tx)
-        if not changed:
-            return 0, []
-        self.cache.delete(f"model:{account_id}")
-        purges = [*purge_persistence(self.cache), self.db.purge_erased(("events", "sessions", "household_models"))]
+        # Purged on every call, as a retried Erase is (review26): a call that found nothing
+        # left to re-encrypt may follow one whose purge never ran (killed after its commit,
+        # Redis unreachable for the step before it), and the rotation destroys the old
+        # version next. Cheap when nothing is owed (SQLite: a checkpoint; PostgreSQL: only
+        # a purge noted by record_erasure). Redis's files are rewritten only when a model
+        # was dropped from it now.
+        dropped = self.cache.delete(f"model:{account_id}")
+        purges = [*(purge_persistence(self.cache) if changed or dropped else []),
+                  self.db.purge_erased(("events", "sessions", "household_models"))]
         return changed, purges
 
     def _drop_cached_models(self, scope: ErasureScope, strict: bool = False) -> None:

@@ -20,10 +20,12 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
 from opentelemetry import context as otel_context
@@ -37,7 +39,8 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer, _get_best_family
 
 # RED metrics per RPC; the same names on every service so one dashboard serves all.
 RPC_REQUESTS = Counter(
@@ -289,7 +292,58 @@ def setup_telemetry(service: str, trace_export: str = "none", log_level: str = "
     root.handlers[:] = [handler]
     root.setLevel(log_level)
     if metrics_port:
-        start_http_server(metrics_port, addr=host)
+        serve_metrics(metrics_port, host)
+
+
+# A metrics connection that sends nothing for this long is closed. The ports admit every
+# source (Prometheus scrapes them, no credentials) and prometheus_client serves each
+# connection on a thread of its own with no timeout: until session 26 (attack26) a client
+# sending half a request and waiting held a thread per connection for as long as it liked
+# (390 connections: 390 threads, +38 MB in feedback). A scrape sends its request at once.
+METRICS_CONNECTION_TIMEOUT_S = 10.0
+
+
+class _MetricsRequestHandler(WSGIRequestHandler):
+    timeout = METRICS_CONNECTION_TIMEOUT_S   # StreamRequestHandler: the connection's socket timeout
+
+    def setup(self) -> None:
+        super().setup()
+        # The socket timeout bounds each read, not the request: a client sending a byte of
+        # its request head every few seconds kept its thread for as long as it liked
+        # (review26). The whole connection (one request and its answer: wsgiref serves one
+        # a connection) gets METRICS_CONNECTION_TIMEOUT_S, then its socket is shut.
+        self._deadline = threading.Timer(METRICS_CONNECTION_TIMEOUT_S, self._cut)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _cut(self) -> None:
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:   # closed meanwhile
+            pass
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        super().finish()
+
+    def log_message(self, format, *args):  # noqa: A002 - the base class's signature
+        """Log nothing (prometheus_client's handler does the same)."""
+
+
+def serve_metrics(port: int, host: str = "0.0.0.0") -> WSGIServer:
+    """prometheus_client's ``start_http_server`` for the default registry, but with a
+    timeout on each connection (``METRICS_CONNECTION_TIMEOUT_S``)."""
+    class Server(ThreadingWSGIServer):   # the address family of ``host`` (an IPv6 one too)
+        def handle_error(self, request, client_address) -> None:
+            # A connection cut by its timeout or its client: socketserver's default prints a
+            # traceback on stderr, one per such connection (not a JSON log line).
+            log = logging.getLogger("hearth.metrics")
+            log.debug("metrics connection ended early", exc_info=True)
+
+    Server.address_family, host = _get_best_family(host, port)
+    httpd = make_server(host, port, make_wsgi_app(), Server, handler_class=_MetricsRequestHandler)
+    threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
+    return httpd
 
 
 def flush_traces(timeout_s: float = 5.0) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from services.cli import build_parser
 from services.common.config import ConfigError, check_environment
-from tests.deploy.conftest import MIN_KUBE_VERSION, NAMESPACE, PRODUCTION_VALUES, TARGET_KUBE_VERSION, by_kind, component_name
+from tests.deploy.conftest import MIN_KUBE_VERSION, NAMESPACE, HelmError, PRODUCTION_VALUES, TARGET_KUBE_VERSION, by_kind, component_name
 from tests.deploy.test_chart import CHART_VALUES, container, effective_env
 
 WEBHOOK = component_name("rollout-webhook")
@@ -86,9 +86,25 @@ def test_webhook_is_reachable_by_alertmanager_and_may_call_the_gateway(render):
 
 
 def test_webhook_without_https_calls_the_gateway_over_http(render):
-    objects = render(set_values=("rolloutWebhook.enabled=true", "rolloutWebhook.token.secretName="))
+    objects = render(set_values=("rolloutWebhook.enabled=true", "rolloutWebhook.token.secretName=",
+                                 "rolloutWebhook.from[0].podSelector.matchLabels.app=alertmanager"))
     deployment = by_kind(objects, "Deployment")[WEBHOOK]
     args = build_parser().parse_args(container(deployment)["command"][1:])
     assert args.gateway.startswith("http://")
     env = effective_env(deployment, objects)
     assert "HEARTH_ROLLOUT_CA_FILE" not in env and "HEARTH_ROLLOUT_WEBHOOK_TOKEN" not in env
+
+
+def test_an_unauthenticated_webhook_open_to_the_whole_cluster_is_refused(render):
+    """attack26: `token.secretName: ""` (unauthenticated POSTs, "only behind the
+    NetworkPolicy") with the default `from: []` (anyone in the cluster) rendered: any pod
+    could POST a firing rollback alert and turn the experiment's kill switch on with the
+    webhook's admin key. Either alone still renders."""
+    open_to_all = ("rolloutWebhook.enabled=true", "tls.https.secretName=hearth-https",
+                   "networkPolicy.gatewayFrom[0].namespaceSelector.matchLabels.team=ingress",
+                   "rolloutWebhook.token.secretName=")
+    with pytest.raises(HelmError, match="rolloutWebhook.token.secretName"):
+        render(values_files=(PRODUCTION_VALUES,), set_values=open_to_all)
+    render(values_files=(PRODUCTION_VALUES,), set_values=(
+        *open_to_all, "rolloutWebhook.from[0].namespaceSelector.matchLabels.team=monitoring"))
+    render(values_files=(PRODUCTION_VALUES,), set_values=open_to_all[:-1])

@@ -9,6 +9,7 @@ data for as long as the household lived."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import time
 from itertools import count
 
@@ -341,3 +342,116 @@ def test_a_batch_is_refused_while_the_replica_runs_its_most_rotations(databases)
     assert rotation.rotate("acc-b").dek_version == 2
     assert len(refusals) == 2
     assert mesh.key_store.rotations_in_progress() == []
+
+
+def test_a_rekey_whose_purge_did_not_run_is_purged_by_the_rotations_retry(databases, tmp_path):
+    """A store's Rekey commits the re-encrypted values, then purges the old ciphertexts
+    (SQLite: a TRUNCATE checkpoint, the WAL held them; PostgreSQL: VACUUM FULL + WAL). When
+    that purge does not run (the process killed between the two, Redis unreachable for
+    its step before it), the rotation fails and is run again — and until review26 the
+    retry's Rekey found nothing under the old version, returned before purging, and the
+    rotation destroyed the old version with its ciphertexts still in clustering.db-wal:
+    a copy of the old key, the reason to rotate, still opened them. Now every Rekey
+    purges what an earlier one owed, as a retried Erase does."""
+    mesh = Mesh(databases)
+    mesh.fill("acc-p", n=6)
+    old = [v.encode() for v in mesh.sealed("acc-p") if isinstance(v, str)]
+    purge = mesh.clustering.db.purge_erased
+    purged: list[dict] = []
+
+    def killed_before_the_first_purge(*args, **kwargs):
+        if not purged:
+            purged.append({})
+            raise ConnectionError("clustering killed after its Rekey committed")
+        purged.append(purge(*args, **kwargs))
+        return purged[-1]
+
+    mesh.clustering.db.purge_erased = killed_before_the_first_purge
+    with pytest.raises(ConnectionError):
+        mesh.rotation().rotate("acc-p")
+    assert mesh.key_store.rotations_in_progress() == ["acc-p"]
+    assert mesh.rotation().rotate("acc-p").resumed
+    assert mesh.versions("acc-p") == {2}
+    # The retry purged (PostgreSQL: the purge its first Rekey noted, VACUUM FULL and the WAL;
+    # whether the test server lets it remove old WAL segments is its own configuration).
+    assert len(purged) >= 2 and purged[1]["action"], purged
+    if mesh.clustering.db.dialect == "sqlite":
+        assert purged[1]["complete"], purged
+        path = Path(mesh.clustering.db.path)
+        raw = b"".join(p.read_bytes() for p in (path, Path(f"{path}-wal")) if p.exists())
+        assert [n[:24] for n in old if n in raw] == []
+    else:
+        assert "VACUUM (FULL, ANALYZE) events, sessions, household_models" in purged[1]["action"], purged
+
+
+def test_a_destroyed_versions_purge_cut_by_a_crash_is_run_by_the_next_sweep(databases, monkeypatch):
+    """Privacy killed between the commit that destroyed version 2 (tombstone) and the purge
+    of the key table: the old wrapped key stayed in the WAL (SQLite) or dead tuples and WAL
+    (PostgreSQL, the purge noted), and nothing ran the purge again — the rotation is
+    finished, so no re-run nor sweep touched it, until some household's erasure happened
+    to purge. The sweep runs it (SQLite: first sweep after the start; PostgreSQL: every
+    sweep, a no-op unless noted)."""
+    from services.common.storage.sql import PENDING_TABLE
+
+    mesh = Mesh(databases)
+    mesh.fill("acc-p", n=2)
+    mesh.rotation().rotate("acc-p")                                  # v2
+    (v2,) = [r for r in mesh.key_store.load("acc-p") if r.dek_version == 2]
+    db = mesh.key_store.db
+    purge = db.purge_erased
+
+    def killed(*_args, **_kw):
+        raise SystemExit("privacy killed before its purge")
+
+    monkeypatch.setattr(db, "purge_erased", killed)
+    with pytest.raises(SystemExit):
+        mesh.rotation().rotate("acc-p")                              # v3 made, v2 tombstoned, no purge
+    monkeypatch.setattr(db, "purge_erased", purge)
+    assert [r.destroyed for r in mesh.key_store.load("acc-p") if r.dek_version == 2] == [True]
+
+    def left_behind() -> bool:
+        if db.dialect == "sqlite":
+            return any(v2.wrapped in p.read_bytes() for p in Path(db.path).parent.glob("privacy.db*"))
+        with db.transaction() as tx:   # the noted purge (this test cluster recycles WAL: see purged below)
+            return bool(tx.query(f"SELECT 1 FROM {PENDING_TABLE}"))
+
+    assert left_behind()
+    assert mesh.rotation(mesh.replica()).resume_unfinished() == 0   # nothing under way to resume
+    assert left_behind()
+    purged = []
+    monkeypatch.setattr(db, "purge_erased", lambda tables=(): purged.append(purge(tables)) or purged[-1])
+    mesh.rotation(mesh.replica()).sweep()                            # the restarted process's sweep
+    if db.dialect == "sqlite":
+        assert not left_behind()
+    else:   # the key table rewritten; WAL removal needs wal_recycle off (docs/privacy.md §11)
+        assert len(purged) == 1 and "VACUUM (FULL, ANALYZE) data_keys" in purged[0]["action"], purged
+
+
+def test_a_restore_keeps_a_rotated_household_alive_and_shreds_only_the_erased(databases):
+    """``hearth restore`` reads the deletion ledger (``read_ledger``) and tombstones every
+    live key of each household it finds shredded (``reapply_ledger``). It took a household
+    with *any* destroyed key version for shredded — and a rotation destroys versions of a
+    live household (every one after the first, kept as 1) — so until review26 a restore
+    (or an off-site ledger, ``hearth ledger export``) crypto-shredded every household
+    rotated twice: its data unreadable, reads FAILED_PRECONDITION "erased"."""
+    from services.privacy.backup import read_ledger, reapply_ledger
+
+    mesh = Mesh(databases)
+    mesh.fill("acc-r")
+    mesh.fill("acc-gone", n=2)
+    before = mesh.export("acc-r")
+    mesh.rotation().rotate("acc-r")
+    assert mesh.rotation().rotate("acc-r").destroyed == [2]
+    mesh.keys.shred("acc-gone")
+
+    ledger = read_ledger(mesh.key_store.db)
+    assert ledger.shredded_accounts == {"acc-gone"}
+    reapply_ledger(mesh.key_store.db, ledger)
+    fresh = mesh.replica()   # a privacy process started after the restore
+    assert fresh.data_key("acc-r")[0] == 3
+    assert {r.dek_version for r in mesh.key_store.load("acc-r") if not r.destroyed} == {1, 3}
+    mesh.clustering.cipher.forget_all()
+    mesh.attribution.cipher.forget_all()
+    assert mesh.export("acc-r") == before
+    with pytest.raises(FailedPrecondition):
+        fresh.data_key("acc-gone")

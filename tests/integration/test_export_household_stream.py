@@ -124,25 +124,38 @@ def test_a_part_whose_bytes_disagree_with_its_marker_fails():
 
 class _OldHolder:
     """A data holder of a release before session 26, as GrpcPeers' Peer sees it: no
-    ExportAccountStream (the stream's first read raises UNIMPLEMENTED), ExportAccount only."""
+    ExportAccountStream (the stream's first read raises ``code``: PERMISSION_DENIED from its
+    permission matrix, or UNIMPLEMENTED), ExportAccount only."""
 
-    class _Unimplemented(grpc.RpcError):
-        def code(self):
-            return grpc.StatusCode.UNIMPLEMENTED
+    def __init__(self, code=grpc.StatusCode.PERMISSION_DENIED) -> None:
+        self.code = code
 
     def call(self, method, request, **kwargs):
         if method == "ExportAccountStream":
-            def stream():
-                raise self._Unimplemented()
-                yield   # a generator
-            return stream()
+            code = self.code
+
+            class _Refused(grpc.RpcError):
+                def code(self):
+                    return code
+
+            class _Stream:
+                def __next__(self):
+                    raise _Refused()
+
+                def __iter__(self):
+                    return self
+
+                def cancel(self):
+                    return True
+            return _Stream()
         assert method == "ExportAccount" and kwargs.get("on_behalf_of_caller") is True
         return common_pb2.ExportAccountResponse(json=json.dumps({"touchpoints": [{"touchpoint_id": "t1"}]}))
 
 
-def test_a_holder_without_the_stream_gives_its_part_through_the_unary_call():
+@pytest.mark.parametrize("code", [grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNIMPLEMENTED])
+def test_a_holder_without_the_stream_gives_its_part_through_the_unary_call(code):
     peers = GrpcPeers.__new__(GrpcPeers)
-    peers._peers = {"attribution": _OldHolder()}
+    peers._peers = {"attribution": _OldHolder(code)}
     peers._export_timeout = 30.0
     assert json.loads(b"".join(peers.export("attribution", ACCOUNT))) == {"touchpoints": [{"touchpoint_id": "t1"}]}
 

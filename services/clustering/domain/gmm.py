@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-from scipy.special import i0e, logsumexp
+from scipy.special import i0e
 
 from services.clustering.domain import features as F
 from services.clustering.domain.kmeans import kmeans_plus_plus
@@ -53,9 +53,10 @@ def logsumexp_rows(a: np.ndarray) -> np.ndarray:
     maximum; where that is not finite, the direct log of the sum of exponentials), without
     scipy's array-API dispatch around them, which cost ~0.3-0.8 ms a call on a
     1,900 x 3 array — and EM's E-step calls it at every iteration (~15 % of the drift
-    detector's reference fit at 2,548 sessions; session 26, docs/clustering.md "A fold's
-    cost"). Equal to scipy's bit for bit, NaN and infinities included, under hypothesis
-    (tests/unit/clustering/test_fit_reuse.py); scipy is pinned in pyproject.toml."""
+    detector's build at 2,548 sessions; session 26, docs/clustering.md "A fold's cost, and
+    the detector's mixture fit"). Equal to scipy's bit for bit, NaN and infinities
+    included, under hypothesis (tests/unit/clustering/test_fit_reuse.py); scipy is pinned
+    in pyproject.toml."""
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         a_max = a.max(axis=1, keepdims=True)
         at_max = a == a_max

@@ -163,6 +163,16 @@ class Peers(Protocol):
     def close(self) -> None: ...
 
 
+# A streamed part's deadline (GrpcPeers.export): the caller's own deadline bounds it.
+EXPORT_STREAM_TIMEOUT_S = 3600.0
+# How a process of a release before session 26 refuses ExportAccountStream /
+# ExportHouseholdStream: its permission matrix refuses an RPC it does not list, for every
+# role (PERMISSION_DENIED), before gRPC could answer UNIMPLEMENTED (seen through real
+# processes: tests/e2e/test_export_rolling_upgrade_e2e.py). The unary call the caller falls
+# back to is judged by the same matrix, so a caller really refused is refused again there.
+OLDER_RELEASE_CODES = frozenset({grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED})
+
+
 class GrpcPeers:
     """Erase (as ``svc:privacy``) and ExportAccount (on behalf of the caller, so the
     permission matrix decides who may read a household) on the data-holding services."""
@@ -186,9 +196,9 @@ class GrpcPeers:
 
     def export(self, service: str, account_id: str) -> Iterator[bytes]:
         """``ExportAccountStream`` on behalf of the caller, verified as it arrives. A data
-        holder of a release before session 26 answers UNIMPLEMENTED: its part comes from
-        the unary ``ExportAccount`` instead, one message held whole as before (up to
-        HEARTH_GRPC_MAX_RESPONSE_BYTES; docs/operations.md, "Rolling upgrades")."""
+        holder of a release before session 26 refuses it (``OLDER_RELEASE_CODES``): its part
+        comes from the unary ``ExportAccount`` instead, one message held whole as before (up
+        to HEARTH_GRPC_MAX_RESPONSE_BYTES; docs/operations.md, "Rolling upgrades")."""
         request = common_pb2.ExportAccountRequest(account_id=account_id)
         # The stream is paced by whoever reads the export (the gateway's HTTP client): its
         # deadline is the export's own (the serving deadline bounds it), not the 30 s of one
@@ -200,7 +210,7 @@ class GrpcPeers:
         except StopIteration:
             first = None
         except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+            if exc.code() not in OLDER_RELEASE_CODES:
                 raise
             log.info("%s has no ExportAccountStream (an older release): its export part is one message", service)
             response = self._peers[service].call("ExportAccount", request, timeout_s=self._export_timeout,
@@ -821,8 +831,6 @@ EXPORT_SCHEMA = "hearth-household-export"
 EXPORT_VERSION = 1
 
 
-# A streamed part's deadline (GrpcPeers.export): the caller's own deadline bounds it.
-EXPORT_STREAM_TIMEOUT_S = 3600.0
 
 
 def export_household(account_id: str, peers: Peers, jobs: DeletionJobStore, keys: KeyService | None,

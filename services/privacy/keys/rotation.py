@@ -116,6 +116,8 @@ class DataKeyRotation:
         # must not wait up to 70 s for a rotation's settle (the chart kills it after 20 s).
         self._sleep = sleep or self._stop.wait
         self._thread: threading.Thread | None = None
+        # SQLite: the first sweep after a start runs the key table's purge once (see sweep).
+        self._purge_due = True
         self.max_calls = max_calls
         self._calls = threading.BoundedSemaphore(max_calls)
 
@@ -209,6 +211,12 @@ class DataKeyRotation:
                     done.append(self._finish(*b))
                 except FailedPrecondition:   # erased during the settle: its key is shredded (review26)
                     continue
+                # The call's own key_rotation record names no household (its request names
+                # none), and a first rotation destroys no version: each household is
+                # recorded here, with the caller's principal (review26).
+                audit.record(audit.KEY_ROTATION, audit.household_resource(done[-1].account_id),
+                             details={"rpc": "hearth.privacy.v1.Keys/RotateDataKeys",
+                                      "dek_version": done[-1].dek_version, "resumed": done[-1].resumed})
             return done
 
     def resume_unfinished(self, limit: int = 100) -> int:
@@ -236,10 +244,23 @@ class DataKeyRotation:
             self._thread = threading.Thread(target=self._loop, name="dek-rotation-sweep", daemon=True)
             self._thread.start()
 
+    def sweep(self) -> int:
+        """One sweep: finish abandoned rotations, then run the physical purge of the key
+        table a destruction noted and did not run (privacy killed between the tombstone's
+        commit and its purge: the old wrapped key stayed in the WAL / dead tuples, and
+        nothing retried it — a re-run finds the version destroyed and destroys nothing).
+        PostgreSQL: every sweep (a no-op unless a purge is noted); SQLite, which notes
+        nothing: the first sweep after a start (the restart after such a kill)."""
+        finished = self.resume_unfinished()
+        if self._purge_due or self.keys.store.db.dialect != "sqlite":
+            self.keys.store.purge_owed()
+            self._purge_due = False
+        return finished
+
     def _loop(self) -> None:
         while not self._stop.wait(self.sweep_s):
             try:
-                self.resume_unfinished()
+                self.sweep()
             except Exception:  # noqa: BLE001 - a database outage: the next sweep tries again
                 log.warning("data key rotation sweep failed", exc_info=True)
 

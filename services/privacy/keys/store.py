@@ -109,6 +109,12 @@ class DataKeyStore:
                 purges.append({**purge, "action": f"retired wrapped key overwritten by a tombstone; {purge['action']}"})
         return destroyed
 
+    def purge_owed(self) -> dict:
+        """The physical purge of ``data_keys`` (``Database.purge_erased``) that a tombstone's
+        writer noted and may not have run (killed after its commit): the rotation sweep
+        runs it (keys/rotation.py, ``DataKeyRotation.sweep``)."""
+        return self.db.purge_erased(("data_keys",))
+
     def rewrap(self, records: Iterable[WrappedDek], previous: dict[tuple[str, int], bytes]) -> list[WrappedDek]:
         """Store re-wrapped live keys, each only over the exact wrapped key it was made
         from (compare-and-swap): a row another replica shredded (a tombstone) or re-wrapped

@@ -8,6 +8,7 @@ import pytest
 
 from services.clustering.domain import model as M
 from services.clustering.domain.model import HouseholdModel, _share_change_llr
+from bench.stream_tuning import SILENCE_P_MAX, silence_cusum
 from tests.unit.clustering.test_identity_signals import household, persona_sessions, stream_in_fives
 
 
@@ -463,3 +464,71 @@ def test_a_suite_joiner_with_a_phone_of_their_own_is_found_through_the_service_p
     out = {"id": h.household_id, "events": events, "checks": []}
     row = S.by_evidence([out], [h])["join: own personal device"]
     assert row["changes"] == 1 and row["detected"] == 1 and row["mean_delay"] == joins[0] - c.session_index
+
+
+def test_the_silence_cusum_is_the_run_length_evidence_of_an_absence_and_a_session_of_theirs_resets_it():
+    """A person with 30 % of 100 sessions then silent for 20: the statistic sums
+    -log(1 - w_i) over the silence (w_i their share of the sessions before session i);
+    one sure session of theirs in the middle resets it; a person present throughout
+    scores ~0; a person with fewer than SILENCE_MIN_SESSIONS sessions cannot leave."""
+    before = np.array([30.0, 68.0, 2.0])
+    silent = np.zeros((20, 3))
+    silent[:, 1] = 1.0
+    got = silence_cusum(silent, before, 100)
+    want = -sum(np.log1p(-30.0 / (100 + i)) for i in range(20))
+    assert got[0] == pytest.approx(want, rel=1e-9)
+    assert 5.0 < got[0] < -20 * np.log1p(-0.3)        # the share is re-read as the silence grows
+    assert got[1] < 0.5 and got[2] == 0.0
+    back = silent.copy()
+    back[12] = [1.0, 0.0, 0.0]                         # they came back once, 8 sessions ago
+    assert silence_cusum(back, before, 100)[0] == pytest.approx(
+        -sum(np.log1p(-(30.0 + SILENCE_P_MAX) / (100 + i)) for i in range(13, 20)), rel=1e-9)
+    # an ambiguous session (p = 0.5) is weaker evidence of absence than a clear one
+    half = silent.copy()
+    half[:, 0], half[:, 1] = 0.5, 0.5
+    assert 0.0 <= silence_cusum(half, before, 100)[0] < got[0]
+
+
+def test_the_silence_cusum_reads_a_young_buffer_whose_tail_is_all_of_it():
+    """With fewer than SILENCE_TAIL sessions the tail is the whole buffer (nothing
+    before it): a person with 12 of the first 40 sessions, then silent for 25, has
+    left by the evidence all the same (a gate on the mass before the tail hid them)."""
+    P = np.zeros((65, 2))
+    P[:40:10, 0] = P[5:40:10, 0] = P[7:40:10, 0] = 1.0     # 12 of the first 40
+    P[:, 1] = 1.0 - P[:, 0]
+    got = silence_cusum(P, np.zeros(2), 0)
+    assert got[0] > 6.0 and got[1] < 1.0
+
+
+def test_the_leave_anatomy_says_which_leaves_are_below_chance_and_the_silence_replay_adds_only_its_own_leaves():
+    """bench.stream_tuning.leave_anatomy: a leaver with half of 50 sessions then 60 sessions
+    without them is detectable at 8 nats; one with 3 of 60 (5 %) is below the bar at every
+    check in the window (too small a share); oracle_silence_events finds the first by its
+    silence with the share test's leaves off. silence_replay(only_new): a person silent for
+    30 sessions after 40 % of the buffer is a leave of the CUSUM's own at a bar it reaches,
+    none above it, and none where the share test has reported the leave already."""
+    from bench import stream_tuning as S
+
+    big = np.r_[np.tile([0, 1], 25), np.zeros(60, int)]
+    small = np.r_[np.zeros(60, int), np.zeros(60, int)]
+    small[[5, 25, 45]] = 1
+    hs = [_world_household("big", big, "leave"), _world_household("small", small, "leave")]
+    hs[1].changes[0].session_index = 60                    # their last day: after session 59
+    an = S.leave_anatomy(hs, 8.0)
+    by_id = {r["id"]: r for r in an["rows"]}
+    assert by_id["big"]["detectable"] and by_id["big"]["share"] == 0.5
+    assert not by_id["small"]["detectable"] and by_id["small"]["share"] == 0.05
+    assert an["classes"] == {"detectable": 1, "below the bar: share < 0.20": 1}
+    assert any(k == "leave" and 50 <= at <= 80 for at, k in S.oracle_silence_events(hs[0], 8.0, float("inf")))
+
+    P = np.zeros((100, 2))
+    P[:70:5, 0] = 1.0                                      # 14 of the first 70 (20 %), then 30 silent
+    P[:, 1] = 1.0 - P[:, 0]
+    check = {"at": 100, "n": 100, "ids": ["p1", "p2"], "old": {"10": [14.0, 76.0]}, "new": {"10": [0.0, 10.0]},
+             "tail_before": [0.0, 0.0], "tail": P.tolist()}
+    trace = {"checks": [check], "events": [[40, "join"]]}
+    stat = float(S.silence_cusum(P, np.zeros(2), 0)[0])
+    assert S.silence_replay(trace, stat - 0.1, only_new=True) == [(100, "leave")]
+    assert S.silence_replay(trace, stat + 0.1, only_new=True) == []
+    assert S.silence_replay(trace, stat - 0.1, share_leave_h=0.0, only_new=True) == []  # the share test's
+    assert S.silence_replay(trace, stat - 0.1) == [(40, "join"), (100, "leave")]

@@ -1,7 +1,8 @@
 """The mixture fits (gmm.fit_select_k / fit_em: the drift detector's reference mixture and
 the household model's own fits) without scipy's logsumexp dispatch, with the sessions'
 phi and seeding features computed once per selection and no key check of keys the fit
-makes itself (session 26, docs/clustering.md "A fold's cost"): the same fits to the bit
+makes itself (session 26, docs/clustering.md "A fold's cost, and the detector's mixture
+fit"): the same fits to the bit
 as main's (d3fbe5f) — main's path is rebuilt below by putting scipy's logsumexp back and
 computing phi and the seeding in every fit."""
 
