@@ -44,6 +44,12 @@ leaving forced and 6 stable ones per world); every run's ``by_evidence`` (and
 ``--diagnose``) says detection and delay per kind of change and kind of evidence the
 member leaves (``change_evidence``), and, on a ``--trace`` run, whether the model held
 as many persons as members in the window.
+``--light-trace`` (with ``--trace``) leaves out the new-device newcomer test's figures and
+keeps, at every check, each person's posterior on the newest TRACE_TAIL sessions;
+``--leaves F`` reads such a file: each leave's anatomy (``leave_anatomy``: share, sessions
+after, the silence evidence any test of who watched could hold in the window, detectable or
+below chance), detection on the detectable leaves beside all, and the silence CUSUM
+(``silence_cusum``, measured, not wired) replayed with the stream (``silence_report``).
 It never reads the REPORTING split: choices are made here, figures are reported by
 ``python -m bench.accuracy --worlds-only``.
 """

@@ -6,7 +6,7 @@ The response limit is lowered to 256 KiB and the chunks to 16 KiB
 1,600 events is past the limit, as one of ~240,000 events is past the production 64 MiB,
 without writing 240,000 events: the one-message export of before session 26 fails on it
 (RESOURCE_EXHAUSTED), the streamed route answers it whole. A data holder that fails
-part-way (a stored field that no longer authenticates, on the second page of events)
+part-way (a stored field that no longer authenticates: the newest event, written last)
 leaves the client an incomplete transfer, never a 200 that parses as complete."""
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def tamper_last_event(xmesh, account: str) -> None:
 def test_a_data_holder_failing_part_way_leaves_an_incomplete_transfer_not_a_complete_200(xmesh, client):
     acct = f"torn-{RUN}"
     post_household(client, acct)
-    tamper_last_event(xmesh, acct)    # on the second page of 1,000 events, after chunks were sent
+    tamper_last_event(xmesh, acct)    # the newest event: decrypted last, after ~400 KB were sent
     received = bytearray()
     with client.stream("GET", f"/v1/household/{acct}/export") as r:
         assert r.status_code == 200   # the holder failed after the first bytes: the 200 was sent

@@ -425,3 +425,33 @@ def test_a_destroyed_versions_purge_cut_by_a_crash_is_run_by_the_next_sweep(data
         assert not left_behind()
     else:   # the key table rewritten; WAL removal needs wal_recycle off (docs/privacy.md §11)
         assert len(purged) == 1 and "VACUUM (FULL, ANALYZE) data_keys" in purged[0]["action"], purged
+
+
+def test_a_restore_keeps_a_rotated_household_alive_and_shreds_only_the_erased(databases):
+    """``hearth restore`` reads the deletion ledger (``read_ledger``) and tombstones every
+    live key of each household it finds shredded (``reapply_ledger``). It took a household
+    with *any* destroyed key version for shredded — and a rotation destroys versions of a
+    live household (every one after the first, kept as 1) — so until review26 a restore
+    (or an off-site ledger, ``hearth ledger export``) crypto-shredded every household
+    rotated twice: its data unreadable, reads FAILED_PRECONDITION "erased"."""
+    from services.privacy.backup import read_ledger, reapply_ledger
+
+    mesh = Mesh(databases)
+    mesh.fill("acc-r")
+    mesh.fill("acc-gone", n=2)
+    before = mesh.export("acc-r")
+    mesh.rotation().rotate("acc-r")
+    assert mesh.rotation().rotate("acc-r").destroyed == [2]
+    mesh.keys.shred("acc-gone")
+
+    ledger = read_ledger(mesh.key_store.db)
+    assert ledger.shredded_accounts == {"acc-gone"}
+    reapply_ledger(mesh.key_store.db, ledger)
+    fresh = mesh.replica()   # a privacy process started after the restore
+    assert fresh.data_key("acc-r")[0] == 3
+    assert {r.dek_version for r in mesh.key_store.load("acc-r") if not r.destroyed} == {1, 3}
+    mesh.clustering.cipher.forget_all()
+    mesh.attribution.cipher.forget_all()
+    assert mesh.export("acc-r") == before
+    with pytest.raises(FailedPrecondition):
+        fresh.data_key("acc-gone")
