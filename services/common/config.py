@@ -306,7 +306,7 @@ def configure_process(settings: MeshSettings, component: str | None = None) -> N
     if settings.export_chunk_bytes > settings.grpc_max_response_bytes // 2:
         raise ConfigError("invalid configuration:\n  HEARTH_EXPORT_CHUNK_BYTES: must be at most half of "
                           f"HEARTH_GRPC_MAX_RESPONSE_BYTES ({settings.grpc_max_response_bytes})")
-    export_stream.configure(settings.export_chunk_bytes)
+    export_stream.configure(settings.export_chunk_bytes, getattr(settings, "max_workers", None))
     telemetry.configure_pseudonym_key(settings.log_pseudonym_key.get_secret_value()
                                       or settings.service_token_key.get_secret_value())
 

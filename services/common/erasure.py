@@ -39,7 +39,7 @@ from typing import Any, Protocol
 from hearth.common.v1 import common_pb2, common_pb2_grpc
 from services.common.ids import check_id, check_query_ts, format_ts, parse_ts
 from services.common.errors import InvalidArgument, PermissionDenied
-from services.common.export_stream import chunks, json_pieces, materialised
+from services.common.export_stream import bounded, chunks, json_pieces, materialised
 from services.common.pbutil import float_to_ts, ts_to_float
 
 
@@ -343,7 +343,7 @@ class DataHolderServicer(common_pb2_grpc.DataHolderServicer):
         undecryptable row) ends the stream with an error status, never with the marker.
         The account id is checked before the first message."""
         document = self._holder.export_account(check_id(request.account_id, "account_id"))
-        return chunks(json_pieces(document))
+        return bounded(chunks(json_pieces(document)))
 
 
 def data_holder(service: str, holder: DataHolder):

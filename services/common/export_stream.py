@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from hearth.common.v1 import common_pb2
-from services.common.errors import Unavailable
+from services.common.errors import ResourceExhausted, Unavailable
 
 # HEARTH_EXPORT_CHUNK_BYTES's default: far below the 64 MiB response limit, large enough
 # that a chunk's per-message cost (~20 µs) is nothing beside its bytes.
@@ -37,10 +38,39 @@ CHUNK_BYTES = 1024 * 1024
 _chunk_bytes = CHUNK_BYTES
 
 
-def configure(chunk_bytes: int) -> None:
-    """HEARTH_EXPORT_CHUNK_BYTES, from the bootstrap (config.configure_process)."""
-    global _chunk_bytes
+# How many exports one process streams at once (``bounded``): HEARTH_MAX_WORKERS / 4.
+STREAMS_AT_ONCE = 4
+_streams = threading.BoundedSemaphore(STREAMS_AT_ONCE)
+_streams_at_once = STREAMS_AT_ONCE
+
+
+def configure(chunk_bytes: int, max_workers: int | None = None) -> None:
+    """HEARTH_EXPORT_CHUNK_BYTES (and HEARTH_MAX_WORKERS: ``bounded``), from the bootstrap
+    (config.configure_process)."""
+    global _chunk_bytes, _streams, _streams_at_once
     _chunk_bytes = chunk_bytes
+    if max_workers is not None:
+        _streams_at_once = max(1, max_workers // 4)
+        _streams = threading.BoundedSemaphore(_streams_at_once)
+
+
+def bounded(messages: Iterable[common_pb2.ExportChunk]) -> Iterator[common_pb2.ExportChunk]:
+    """``messages`` streamed while this process streams fewer than HEARTH_MAX_WORKERS / 4
+    exports, else RESOURCE_EXHAUSTED (field ``account_id``) before the first one. A streamed
+    export holds its RPC worker for as long as its reader takes to read it — a reader that
+    reads nothing, for as long as it keeps the call open — and the same workers serve
+    every other call (privacy's GetDataKey for every store write): until review26 sixteen
+    unread export streams held all of privacy's workers, and a new household's first
+    events answered 504. The slot is taken at the first message and given back when the
+    stream ends, however it ends (the generator is closed: a cancelled call too)."""
+    streams, at_once = _streams, _streams_at_once
+    if not streams.acquire(blocking=False):
+        raise ResourceExhausted(f"{at_once} household exports are being streamed by this process already: "
+                                "retry when one has finished", "account_id")
+    try:
+        yield from messages
+    finally:
+        streams.release()
 
 
 def chunk_bytes() -> int:

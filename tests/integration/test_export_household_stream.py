@@ -170,3 +170,29 @@ def test_a_reader_that_goes_away_ends_every_holders_stream_at_once(jobs):
     assert parts.ended == []
     pieces.close()
     assert sorted(parts.ended) == ["attribution", "clustering", "feedback"]
+
+
+def test_a_holder_streaming_its_most_exports_makes_the_export_retry_later_not_fail(jobs):
+    """A data holder streams at most HEARTH_MAX_WORKERS / 4 exports at once and refuses
+    another RESOURCE_EXHAUSTED (export_stream.bounded, review26): privacy's export then
+    answers ResourceExhausted (429, retry later), not the holder's raw gRPC error (which
+    the error table knows nothing of: an internal error, 5xx)."""
+    from services.common.errors import ResourceExhausted
+
+    class _Busy(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    class _BusyClustering(_Parts):
+        def export(self, service, account_id):
+            if service == "clustering":
+                def refused():
+                    raise _Busy()
+                    yield b""   # a generator, as GrpcPeers.export is
+                return refused()
+            return super().export(service, account_id)
+
+    with pytest.raises(ResourceExhausted) as refused:
+        b"".join(p.encode() if isinstance(p, str) else p
+                 for p in export_household(ACCOUNT, _BusyClustering(_documents()), jobs, None, CONSENT))
+    assert refused.value.field == "account_id" and "clustering" in str(refused.value)

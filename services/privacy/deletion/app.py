@@ -61,7 +61,7 @@ from hearth.common.v1 import common_pb2, common_pb2_grpc
 from services.common import audit, erasure, export_stream, identity, telemetry
 from services.common.erasure import ALL_ACCOUNTS, ErasureScope, ids_digest
 from services.common.errors import (AlreadyExists, Conflict, FailedPrecondition, InvalidArgument, PermissionDenied,
-                                    Unavailable)
+                                    ResourceExhausted, Unavailable)
 from services.common.failure_log import FailureLog
 from services.common.storage import sql
 from services.privacy.audit.domain import format_ts
@@ -876,6 +876,9 @@ def _export_pieces(account_id: str, services: list[str], opened: list[Iterator[b
         except grpc.RpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise Unavailable(f"{service} is unavailable; no partial export is given", "account_id") from None
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:   # streaming its most exports (export_stream.bounded)
+                raise ResourceExhausted(f"{service} is streaming its most exports at once; retry when one has "
+                                        "finished", "account_id") from None
             raise
         parts[service] = itertools.chain([first], part)
     when = (now or datetime.now(UTC)).isoformat().replace("+00:00", "Z")

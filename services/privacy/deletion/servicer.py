@@ -11,7 +11,7 @@ from hearth.privacy.v1 import privacy_pb2_grpc as pb_grpc
 from services.common.ids import check_id
 from services.common.erasure import scope_from_pb, scope_to_pb
 from services.common.errors import InvalidArgument
-from services.common.export_stream import chunks
+from services.common.export_stream import bounded, chunks
 from services.common.pbutil import float_to_ts
 from services.privacy.consent.app import ConsentApp
 from services.privacy.deletion.app import DeletionCoordinator, export_household, stages_for
@@ -85,7 +85,7 @@ class DeletionServicer(pb_grpc.DeletionServicer):
         """The document in chunks of HEARTH_EXPORT_CHUNK_BYTES, the last marked complete;
         a part that fails ends the stream with an error status (deletion/app.py,
         ``export_household``). The account id is checked before the first message."""
-        return chunks(self._export(check_id(request.account_id, "account_id")))
+        return bounded(chunks(self._export(check_id(request.account_id, "account_id"))))
 
     def _export(self, account_id: str) -> Iterator[bytes | str]:
         c = self.consent.consent(account_id)
