@@ -57,7 +57,10 @@ def bounded(*, gt: float | None = None, ge: float | None = None, le: float | Non
 # Kubernetes quantity suffixes (a Pod's emptyDir sizeLimit: "1Gi", "500M", "2.5Gi").
 _QUANTITY_FACTORS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
                      "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
-_QUANTITY = re.compile(r"(\d+(?:\.\d+)?)([a-zA-Z]{0,2})")
+# Kubernetes' grammar: digits with an optional fraction ("1.5", "1.", ".5"), then a binary
+# or decimal suffix or a decimal exponent ("1e9", "5E+8"); a sign or milli ("m") makes no
+# sense for a volume and is refused.
+_QUANTITY = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([KMGTPE]i|[kMGTPE]|[eE]\+?\d+)?")
 
 
 def byte_quantity(value: object) -> int:
@@ -73,9 +76,12 @@ def byte_quantity(value: object) -> int:
     if not text:
         return 0
     match = _QUANTITY.fullmatch(text)
-    if match is None or match.group(2) not in _QUANTITY_FACTORS:
+    if match is None:
         raise ValueError("must be a byte quantity such as 1Gi, 500Mi or 1073741824")
-    return int(float(match.group(1)) * _QUANTITY_FACTORS[match.group(2)])
+    number, suffix = match.group(1), match.group(2) or ""
+    if suffix[:1] in ("e", "E"):
+        return int(float(number + suffix))
+    return int(float(number) * _QUANTITY_FACTORS[suffix])
 
 
 ByteQuantity = Annotated[int, BeforeValidator(byte_quantity)]

@@ -14,12 +14,13 @@ from services.common import config, telemetry
 @pytest.mark.parametrize("text,expected", [
     ("1Gi", 2**30), ("500Mi", 500 * 2**20), ("2G", 2 * 10**9), ("1.5Gi", 3 * 2**29),
     ("1073741824", 2**30), ("", 0), ("  64Ki ", 64 * 2**10),
+    ("1e9", 10**9), ("5E+8", 5 * 10**8), (".5Gi", 2**29), ("2.Mi", 2 * 2**20),   # review26: refused before
 ])
 def test_a_size_limit_is_read_as_the_chart_writes_it(text, expected):
     assert config.byte_quantity(text) == expected
 
 
-@pytest.mark.parametrize("bad", ["1GB", "-1Gi", "Gi", "1 Gi", "one"])
+@pytest.mark.parametrize("bad", ["1GB", "-1Gi", "Gi", "1 Gi", "one", "100m", "1e-3", "1ki", "."])
 def test_a_bad_size_limit_stops_the_process_naming_the_variable(monkeypatch, bad):
     monkeypatch.setenv("HEARTH_DATA_DIR_SIZE_LIMIT", bad)
     with pytest.raises(config.ConfigError) as info:
