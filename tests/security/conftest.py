@@ -93,6 +93,12 @@ def security_mesh(tmp_path_factory, redis_url):
         # Idle reflection streams are cancelled after 4 s (10 s by default): the test that
         # holds two waits for them to end by themselves (tests/security/test_costly_requests.py).
         "HEARTH_REFLECTION_STREAM_S": str(REFLECTION_STREAM_S),
+        # The fuzz's valid POST /v1/keys/rotate-households (older_than_days ~ 0) really rotates
+        # the households other tests left, and a rotation waits out its settle (70 s by
+        # default: the stores' key caches) before it answers — past the fuzz's 30 s read
+        # timeout (the from-nothing drill of 2c44df6). The tests here write nothing while a
+        # rotation runs, which is what makes a short settle safe (docs/operations.md).
+        "HEARTH_DEK_ROTATION_SETTLE_S": "0.5",
     }
     mesh = Mesh.on_free_ports(base / "var", log_dir=base / "logs", extra_env=env)
     mesh.start()
