@@ -29,7 +29,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from json.encoder import encode_basestring_ascii as _json_string
 
 import grpc
@@ -47,6 +47,7 @@ TEXT_PREFIX = "enc1:"
 _DIGEST_LABEL = b"hearth-erased-id-v1"
 DIGEST_DEK_VERSION = 1   # the data key version erased-id digests are keyed with (``digests``)
 DEFAULT_TTL_S = 60.0
+_MAX_REKEY_EPOCHS = 200_000
 
 # fetch(account_id, dek_version) -> (dek_version, 32-byte key); dek_version 0 = newest
 # (the authority creates the household's first key on demand).
@@ -100,6 +101,8 @@ class FieldCipher:
         self._keys: dict[tuple[str, int], tuple[float, int, AESGCM, bytes]] = {}
         self._lock = threading.Lock()
         self._erasure_epoch: int | None = None   # the store's household_erasures.epoch last seen
+        # account -> the store's household_key_epochs.epoch last seen (absent: 0, never re-keyed)
+        self._rekey_epochs: dict[str, int] = {}
 
     @classmethod
     def remote(cls, privacy_addr: str, calling_service: str, *, timeout_s: float = 5.0,
@@ -170,21 +173,37 @@ class FieldCipher:
         account id it would bring the household back)."""
         self._key(account_id, 0)
 
-    def sync_erasures(self, epoch: int) -> None:
+    def sync_erasures(self, epoch: int, rekeyed: Mapping[str, int] | None = None) -> None:
         """Drop every cached key when the store's count of household erasures moved: one
         replica's Erase cannot reach the keys the other replicas of the store have
         cached, and with a household's key cached a replica could go on writing for it
-        after its deletion (see ``drop_keys_of_erased_households``)."""
+        after its deletion (see ``drop_keys_of_erased_households``). ``rekeyed``: the
+        store's re-key count of each household about to be written; a household's cached
+        keys are dropped when its count moved (another replica's ``Rekey`` of a data key
+        rotation), the other households' stay (until session 27 a Rekey moved the global
+        count and every replica refetched every household's key)."""
         with self._lock:
             if epoch != self._erasure_epoch:
                 self._keys.clear()
                 self._erasure_epoch = epoch
+            for account_id, count in (rekeyed or {}).items():
+                if self._rekey_epochs.get(account_id, 0) != count:
+                    self._forget_locked(account_id)
+                    self._rekey_epochs[account_id] = count
+            if len(self._rekey_epochs) > _MAX_REKEY_EPOCHS:
+                # Bounded: forgetting what was seen means forgetting the keys cached with it
+                # (a household's counts then read as unseen and its keys are fetched again).
+                self._rekey_epochs.clear()
+                self._keys.clear()
 
     def forget(self, account_id: str) -> None:
         """Drop every cached key of the household (called by a store's Erase)."""
         with self._lock:
-            for k in [k for k in self._keys if k[0] == account_id]:
-                del self._keys[k]
+            self._forget_locked(account_id)
+
+    def _forget_locked(self, account_id: str) -> None:
+        for k in [k for k in self._keys if k[0] == account_id]:
+            del self._keys[k]
 
     def forget_all(self) -> None:
         with self._lock:
@@ -306,7 +325,7 @@ INSERT INTO household_erasures (id, epoch) VALUES (1, 0)
 
 
 def note_household_erased(tx) -> None:
-    """In a household Erase's transaction."""
+    """In a household Erase's transaction (with ``forget_household_rekeys``)."""
     tx.execute("UPDATE household_erasures SET epoch = epoch + 1 WHERE id = 1")
 
 
@@ -315,7 +334,49 @@ def household_erasures(tx) -> int:
     return int(tx.query("SELECT epoch FROM household_erasures WHERE id = 1")[0][0])
 
 
-def drop_keys_of_erased_households(tx, cipher: "FieldCipher | None") -> None:
-    """In a write transaction, after ``tx.lock_household`` of the households it writes."""
+# ---- a household's data key rotation across replicas -----------------------------------
+# A store's ``Rekey`` (a rotation of one household's data key) re-encrypts the household's
+# values under the new version; the store's other replicas must then drop the keys they
+# cached of that household (the old version is destroyed next), and only of that one.
+# Per household, unlike the erasures above: the household lives on, so its row (which
+# names the account) may too; a household Erase deletes it (``forget_household_rekeys``;
+# the table is among the store's personal tables, purged physically).
+HOUSEHOLD_KEY_EPOCHS_SQL = """
+CREATE TABLE IF NOT EXISTS household_key_epochs (account_id TEXT PRIMARY KEY, epoch {bigint} NOT NULL)
+"""
+
+
+def note_household_rekeyed(tx, account_id: str) -> None:
+    """In a Rekey's transaction, under the household's lock."""
+    tx.execute("INSERT INTO household_key_epochs (account_id, epoch) VALUES (?, 1) ON CONFLICT (account_id) "
+               "DO UPDATE SET epoch = household_key_epochs.epoch + 1", (account_id,))
+
+
+def forget_household_rekeys(tx, account_id: str) -> None:
+    """In a household Erase's transaction."""
+    tx.execute("DELETE FROM household_key_epochs WHERE account_id = ?", (account_id,))
+
+
+def household_rekeys(tx, account_ids: Iterable[str]) -> dict[str, int]:
+    """Each household's re-key count (0: never re-keyed), read in the caller's transaction."""
+    accounts = sorted(set(account_ids))
+    counts = dict.fromkeys(accounts, 0)
+    for start in range(0, len(accounts), 500):
+        chunk = accounts[start:start + 500]
+        counts.update((r[0], int(r[1])) for r in tx.query(
+            f"SELECT account_id, epoch FROM household_key_epochs WHERE account_id IN ({', '.join('?' * len(chunk))})",
+            tuple(chunk)))
+    return counts
+
+
+def household_key_state(tx, account_id: str) -> tuple[int, int]:
+    """(household erasures, the household's re-key count): what a copy of a sealed value
+    read in ``tx`` (a cached model) was sealed under is stale when either moved."""
+    return household_erasures(tx), household_rekeys(tx, (account_id,))[account_id]
+
+
+def drop_keys_of_erased_households(tx, cipher: "FieldCipher | None", account_ids: Iterable[str] = ()) -> None:
+    """In a write transaction, after ``tx.lock_household`` of the households it writes
+    (``account_ids``: their cached keys are also dropped when another replica re-keyed them)."""
     if cipher is not None:
-        cipher.sync_erasures(household_erasures(tx))
+        cipher.sync_erasures(household_erasures(tx), household_rekeys(tx, account_ids))

@@ -455,3 +455,44 @@ def test_a_restore_keeps_a_rotated_household_alive_and_shreds_only_the_erased(da
     assert mesh.export("acc-r") == before
     with pytest.raises(FailedPrecondition):
         fresh.data_key("acc-gone")
+
+
+def test_a_rotation_drops_only_the_rotated_households_cached_keys_on_another_replica(databases):
+    """Each store's ``Rekey`` tells the store's other replicas to drop their cached keys of
+    the household it re-encrypted. Until session 27 it moved the store's global count of
+    household erasures, so every replica dropped the cached keys of *every* household at
+    its next write and fetched each again from privacy: one rotation cost a GetDataKey per
+    household each replica had cached (a batch of 1000 rotations, each replica's whole
+    cache 1000 times). Now the count is the household's own: another replica refetches the
+    rotated household's key only."""
+    mesh = Mesh(databases)
+    accounts = [f"acc-c{i:02d}" for i in range(20)]
+    for account in accounts:
+        mesh.fill(account, n=2)
+    fetched: list[tuple[str, int]] = []
+
+    def fetch(account: str, version: int):
+        fetched.append((account, version))
+        return mesh.keys.data_key(account, version)
+
+    clustering = ClusteringStore(mesh.clustering.db, MemoryCache("clustering-2"), gap_s=1800,
+                                 lateness_tolerance_s=6 * 3600, cipher=FieldCipher(fetch))
+    attribution = AttributionStore(mesh.attribution.db, cipher=FieldCipher(fetch))
+
+    def write(round_: int) -> None:
+        for account in accounts:
+            clustering.ingest([ViewingEvent(
+                event_id=f"{account}-r{round_}", account_id=account, device_id="tv", device_type="tv",
+                ts=T0 + 9 * 4000 + round_, kind="play_start", title_id="t", genres=("drama",), duration_s=60.0)])
+            attribution.record_touchpoints([Touchpoint(f"{account}-r{round_}", account, "tv", T0 + 9 + round_,
+                                                       "email", "c")])
+
+    write(1)                                   # the second replica caches every household's keys
+    mesh.rotation().rotate(accounts[0])        # through the first replica's stores
+    fetched.clear()
+    write(2)
+    refetched = sorted({account for account, _ in fetched})
+    print(f"GetDataKey calls of the other replica after one rotation: {len(fetched)} "
+          f"for {len(refetched)} household(s)")
+    assert refetched == [accounts[0]], (len(fetched), refetched)
+    assert mesh.versions(accounts[0]) == {2} and mesh.versions(accounts[1]) == {1}
