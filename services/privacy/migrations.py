@@ -78,6 +78,20 @@ ALTER TABLE data_keys ADD COLUMN retired_at TEXT
     Migration(7, "data key versions", """
 CREATE INDEX IF NOT EXISTS data_keys_version ON data_keys (dek_version)
 """),
+    # digest_keys: each household's erased-id digest key (keys.domain.DIGEST_KEY_VERSION),
+    # wrapped like a data key, so a data key rotation can destroy version 1 (session 27).
+    # A household's row is made with its first data key, or derived from its live version
+    # 1 on first use (KeyService.digest_key: households from before this migration, whose
+    # digests were keyed from version 1, keep them valid). A shred tombstones it in place.
+    Migration(8, "digest keys", """
+CREATE TABLE IF NOT EXISTS digest_keys (
+    account_id TEXT PRIMARY KEY,
+    kek_id TEXT NOT NULL,
+    wrapped {blob} NOT NULL,
+    created_at TEXT NOT NULL,
+    destroyed_at TEXT
+)
+"""),
 ]
 
 
