@@ -132,7 +132,8 @@ class AttributionStore:
         """Re-encrypt the household's touchpoint campaigns under data key version
         ``dek_version`` (DataHolder.Rekey; ``ClusteringStore.rekey`` says why the purge and
         the household's re-key count). Conversions carry no sealed column, and the erased-id
-        digests are keyed with version 1, which a rotation keeps. Idempotent."""
+        digests are keyed with the household's digest key, which a rotation carries over
+        (field_crypto.FieldCipher.digests). Idempotent."""
         if self.cipher is None:
             return 0, []
         changed = 0

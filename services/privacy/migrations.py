@@ -68,8 +68,9 @@ CREATE TABLE IF NOT EXISTS deletion_clocks (
 """),
     # data_keys.retired_at: when every store re-encrypted the household's data from this
     # version to a newer one (a data key rotation, keys/rotation.py). Only version 1 is
-    # ever retired and kept (the stores key erased-id digests with it); a later version
-    # is destroyed (tombstone) instead. NULL: the version may still hold data.
+    # ever retired and kept, when a data holder of a release before session 27 still keys
+    # erased-id digests with it; otherwise it is destroyed (tombstone) like every older
+    # version. NULL: the version may still hold data.
     Migration(6, "data key retirement", """
 ALTER TABLE data_keys ADD COLUMN retired_at TEXT
 """),
