@@ -315,6 +315,9 @@ def loop_figures(hs, fed, outs, shift, names) -> dict:
     return {"no_feedback": rep["no_feedback"], "labels_only": rep["labels_only"], "loop_mesh": rep["loop_mesh"],
             "per_draw": {k: rep["per_draw"][k] for k in ("no_feedback", "loop_mesh")},
             "accuracy": round(float(ok.mean()), 4),
+            # each kind's own ECE before feedback ("label-shaped": the draw's labels add a
+            # person, feedback_why; their cancelling within bins is what session 26 found)
+            "default_ece_before": rep["default_ece_before"], "label_shaped_ece_before": rep["label_shaped_ece_before"],
             "default_confidence_minus_accuracy": round(rep["default_confidence_before"]
                                                        - rep["default_accuracy_before"], 4),
             "label_shaped_confidence_minus_accuracy": round(rep["label_shaped_confidence_before"]
@@ -399,7 +402,8 @@ def main() -> None:
                 print(f"{tag:15s} {name:28s} before {r['no_feedback']:.4f} labels only {r['labels_only']:.4f} "
                       f"loop {r['loop_mesh']:.4f} acc {r['accuracy']:.4f} per draw {r['per_draw']['loop_mesh']} "
                       f"gap default {r['default_confidence_minus_accuracy']:+.3f} label-shaped "
-                      f"{r['label_shaped_confidence_minus_accuracy']:+.3f}", flush=True)
+                      f"{r['label_shaped_confidence_minus_accuracy']:+.3f} ece default {r['default_ece_before']:.3f} "
+                      f"label-shaped {r['label_shaped_ece_before']:.3f}", flush=True)
     report["elapsed_s"] = round(time.time() - t0, 1)
     print(json.dumps(report, default=str))
 
