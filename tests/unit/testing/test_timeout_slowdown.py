@@ -29,19 +29,19 @@ pytest_plugins = ["pytester"]
 
 def test_a_test_past_its_scaled_limit_still_fails_on_the_timeout(pytester, monkeypatch):
     """The plugin's own timer runs with the limit times the slowdown: a test that sleeps
-    past it fails (here the load is pinned at 2 per core: a 1 s limit is 2 s)."""
-    monkeypatch.setattr("os.getloadavg", lambda: (4.0, 4.0, 4.0))
+    past it fails (here the load is pinned at 4 per core: a 0.25 s limit is 1 s)."""
+    monkeypatch.setattr("os.getloadavg", lambda: (8.0, 8.0, 8.0))
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     pytester.makeconftest("from tests.conftest import pytest_timeout_set_timer  # noqa: F401\n")
     pytester.makepyfile("""
         import time, pytest
-        @pytest.mark.timeout(1)
+        @pytest.mark.timeout(0.25)
         def test_inside():
-            time.sleep(1.5)
-        @pytest.mark.timeout(1)
+            time.sleep(0.5)
+        @pytest.mark.timeout(0.25)
         def test_past():
-            time.sleep(3)
+            time.sleep(1.5)
     """)
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines(["*Timeout (>2.0s)*"])
+    result.stdout.fnmatch_lines(["*Timeout (>1.0s)*"])
