@@ -61,7 +61,7 @@ import numpy as np  # noqa: E402
 from bench import pair_merge as PMG, pair_model as PM, worlds  # noqa: E402
 from services.clustering.domain import features as F, persons  # noqa: E402
 
-MIN_Z = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
+MIN_Z = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
 MIN_SIZES = (10, 20)
 REFERENCES = ("persons", "devices")
 STARTS = 4                 # seeded 2-means starts per person
@@ -176,6 +176,7 @@ class Person:
     gain: float
     parts: np.ndarray
     z: float = 0.0
+    references: int = 0      # the world's reference sets its z was measured against (< 3: z is 0, no evidence)
 
 
 def household_persons(Zw: np.ndarray, labels: np.ndarray, group: np.ndarray, household: int,
@@ -252,7 +253,7 @@ def world_people(hs: list[Household], reference: str, min_sessions: int, view: s
     z = world_z(np.array(ref_g), np.array(ref_n), np.array([p.gain for p in flat]),
                 np.array([p.idx.size for p in flat]))
     for p, v in zip(flat, z):
-        p.z = float(v)
+        p.z, p.references = float(v), len(ref_g)
     return people
 
 
@@ -344,17 +345,22 @@ def diagnose(hs: list[Household], people: dict) -> dict:
     ``min_size``) from one holding one, per reference; and the z of single viewers' persons."""
     out = {}
     for r, pp in people.items():
-        two, one, single, holds, pure = [], [], [], [], []
+        two, one, single, holds, pure, holds_ref, pure_ref = [], [], [], [], [], [], []
         for h, persons_ in zip(hs, pp):
             for p in persons_:
                 t = h.person[p.idx]
+                measured = p.references >= 3
                 # by the truth inside the person: a blend holds a second member of >= 10 sessions
                 # (>= 20 % of the person), a pure person holds one member with >= 90 %
                 counts = np.sort(np.bincount(t))[::-1]
                 if counts.size > 1 and counts[1] >= max(min(MIN_SIZES), 0.2 * t.size):
                     holds.append(p.z)
+                    if measured:
+                        holds_ref.append(p.z)
                 elif counts[0] >= 0.9 * t.size:
                     pure.append(p.z)
+                    if measured:
+                        pure_ref.append(p.z)
                 if h.n_persons == 1:
                     single.append(p.z)
                 sizes = [(p.parts == 0).sum(), (p.parts == 1).sum()]
@@ -370,6 +376,11 @@ def diagnose(hs: list[Household], people: dict) -> dict:
                   "auc_higher_for_blends": PMG._auc(np.array(holds), np.array(pure)),
                   "z_quantiles_blends": PMG._quantiles(np.array(holds)),
                   "z_quantiles_pure": PMG._quantiles(np.array(pure)),
+                  # only the worlds with >= 3 reference sets (elsewhere z is 0 by construction)
+                  "measured_blends": len(holds_ref), "measured_pure": len(pure_ref),
+                  "measured_auc_higher_for_blends": PMG._auc(np.array(holds_ref), np.array(pure_ref)),
+                  "measured_z_quantiles_blends": PMG._quantiles(np.array(holds_ref)),
+                  "measured_z_quantiles_pure": PMG._quantiles(np.array(pure_ref)),
                   "z_quantiles_single_viewers": PMG._quantiles(np.array(single))}
     return out
 
