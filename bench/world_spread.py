@@ -50,7 +50,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import pickle  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -58,7 +57,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from bench import pair_merge as PMG, pair_model as PM, worlds  # noqa: E402
+from bench import feedback_tuning, pair_merge as PMG, pair_model as PM, worlds  # noqa: E402
 from services.clustering.domain import features as F, persons  # noqa: E402
 
 MIN_Z = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
@@ -415,15 +414,10 @@ def main() -> None:
     cache = Path(args.cache) if args.cache else None
 
     def cached(name: str, make):
-        path = cache / f"{name}.pkl" if cache else None
-        if path is not None and path.exists():
-            log(f"{name}: from {path}")
-            return pickle.loads(path.read_bytes())
-        value = make()
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(pickle.dumps(value))
-        log(f"{name}: scored")
+        if cache is not None:
+            cache.mkdir(parents=True, exist_ok=True)
+        value = feedback_tuning.cached(str(cache / f"{name}.pkl") if cache else None, make)
+        log(f"{name}: {len(value)} households")
         return value
 
     lo, hi = (int(x) for x in args.worlds.split(":"))
