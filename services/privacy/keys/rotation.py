@@ -18,8 +18,12 @@ job table of its own, and every step is idempotent:
    repeated until a pass finds nothing under an older version (a write in flight during
    the first one). Each store purges the old ciphertexts physically, as after an erasure.
 4. **retire** (``KeyService.finish_rotation``): every older live version is destroyed
-   (tombstone, purged), except version 1, which is marked retired and kept: the stores
-   key the digests of erased ids with it (``field_crypto.DIGEST_DEK_VERSION``).
+   (tombstone, purged), version 1 included since session 27: the digests of erased ids
+   are keyed with the household's digest key, kept apart from the data keys
+   (``keys.domain.DIGEST_KEY_VERSION``; derived from version 1 before it goes, for a
+   household from before). Unless a data holder's ``Rekey`` answered without
+   ``digests_keyed_apart`` (a release before session 27, which keys its digests with
+   version 1 itself): version 1 is then retired and kept, as that release did.
 
 A crash anywhere leaves a rotation under way (step 1 done, step 4 not): the next
 ``RotateDataKey`` of the household resumes it, and so does every privacy replica's sweep
@@ -77,8 +81,10 @@ ROTATIONS = Counter("hearth_dek_rotations_total",
 for _outcome in ("completed", "erased", "failed"):
     ROTATIONS.labels(_outcome)
 
-# rekey(service, account_id, dek_version) -> values re-encrypted
-Rekey = Callable[[str, str, int], int]
+# rekey(service, account_id, dek_version) -> (values re-encrypted, whether the data holder
+# keys erased-id digests apart from version 1: RekeyResponse.digests_keyed_apart), or the
+# count alone from a data holder of this release (in-process stores: keyed apart).
+Rekey = Callable[[str, str, int], "int | tuple[int, bool]"]
 
 
 @dataclass
@@ -155,10 +161,17 @@ class DataKeyRotation:
             if self._stop.is_set():
                 raise Unavailable("the privacy service is stopping: the rotation is under way, run it again "
                                   "(it resumes)", "account_id")
+            keyed_apart = True
             for service in self.services:
-                outcome.reencrypted[service] = self._rekey_all(service, account_id, target)
+                outcome.reencrypted[service], apart = self._rekey_all(service, account_id, target)
+                keyed_apart = keyed_apart and apart
+            if not keyed_apart:
+                log.warning("a data holder of a release before session 27 keys erased-id digests with data key "
+                            "version 1: the rotation of %s keeps version 1 (finish the upgrade, then rotate "
+                            "again to destroy it)", pseudonym(account_id))
             purges: list[dict] = []
-            outcome.destroyed, outcome.kept = self.keys.finish_rotation(account_id, target, purges)
+            outcome.destroyed, outcome.kept = self.keys.finish_rotation(account_id, target, purges,
+                                                                        keep_first=not keyed_apart)
         except FailedPrecondition:
             ROTATIONS.labels("erased").inc()
             raise
@@ -174,16 +187,18 @@ class DataKeyRotation:
                  target, outcome.destroyed, outcome.kept, outcome.reencrypted)
         return outcome
 
-    def _rekey_all(self, service: str, account_id: str, target: int) -> int:
+    def _rekey_all(self, service: str, account_id: str, target: int) -> tuple[int, bool]:
+        """(values re-encrypted, whether the data holder keys its digests apart)."""
         total = 0
         for _ in range(self.passes):
             try:
-                n = self._rekey(service, account_id, target)
+                answer = self._rekey(service, account_id, target)
             except grpc.RpcError as exc:
                 raise _from_rpc(exc, service) from None
+            n, apart = (answer, True) if isinstance(answer, int) else answer
             total += n
             if n == 0:
-                return total
+                return total, apart
         raise Unavailable(f"{service} still held values under an older data key version after {self.passes} "
                           "passes (writes under the old key kept arriving): run the rotation again", "account_id")
 
