@@ -270,10 +270,19 @@ class KeyRing:
                 f"a wrapped DEK v{record.dek_version} does not authenticate under KEK {record.kek_id!r}"
             ) from None
 
+    @staticmethod
+    def _shredded(versions: Mapping[int, WrappedDek]) -> bool:
+        """Every data key version destroyed. Judged on the data keys alone: a digest key left
+        live (shredded by a privacy replica of the release before session 27, which knew no
+        ``digest_keys``) must not make the household live again — it did (review27), and
+        the next GetDataKey created a new version for the erased household."""
+        data = [r for v, r in versions.items() if v != DIGEST_KEY_VERSION]
+        return bool(data) and all(r.destroyed for r in data)
+
     def _live_versions(self, account_id: str) -> dict[int, WrappedDek]:
         """The live data key versions (never the digest key: it seals no data)."""
         versions = self._records.get(account_id, {})
-        if versions and all(r.destroyed for r in versions.values()):
+        if self._shredded(versions):
             raise KeyDestroyedError(f"account {account_id}: data key destroyed (crypto-shredded)")
         return {v: r for v, r in versions.items() if not r.destroyed and v != DIGEST_KEY_VERSION}
 
@@ -312,7 +321,7 @@ class KeyRing:
         the household was shredded."""
         _check_name(account_id, "account_id")
         versions = self._records.get(account_id, {})
-        if versions and all(r.destroyed for r in versions.values()):
+        if self._shredded(versions):
             raise KeyDestroyedError(f"account {account_id}: data key destroyed (crypto-shredded)")
         version = max((v for v in versions if v != DIGEST_KEY_VERSION), default=0) + 1
         dek = AESGCM.generate_key(bit_length=256)
@@ -333,8 +342,7 @@ class KeyRing:
         return any(not r.destroyed and not r.is_digest_key for r in self._records.get(account_id, {}).values())
 
     def is_destroyed(self, account_id: str) -> bool:
-        versions = self._records.get(account_id, {})
-        return bool(versions) and all(r.destroyed for r in versions.values())
+        return self._shredded(self._records.get(account_id, {}))
 
     def destroy_dek(self, account_id: str, now: datetime) -> list[WrappedDek]:
         """Crypto-shred: replace every DEK version of the household by a tombstone.
