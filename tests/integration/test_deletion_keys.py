@@ -84,28 +84,6 @@ def test_shredding_overwrites_the_key_and_reaches_other_replicas(store):
     assert a.shred("never-had-a-key") == []
 
 
-def test_a_household_shredded_by_a_privacy_of_the_release_before_stays_shredded(store):
-    """A rolling upgrade of privacy: a replica of the release before session 27 (98239b4)
-    shreds a household that a replica of this one created, with its digest key. That
-    release knows no ``digest_keys``: its shred tombstones ``data_keys`` only (the statement
-    below is its ``DataKeyStore.overwrite``'s), and the digest key stays live. This release
-    must still read the household as shredded: it read it as live with no data key, and
-    the next GetDataKey created version 2 for the erased household (review27)."""
-    keys = KeyService(store, [K1], "k1")
-    keys.data_key("acct-old-shred")
-    assert [r.dek_version for r in store.load("acct-old-shred")] == [0, 1]
-    with store.db.transaction() as tx:
-        tx.execute("UPDATE data_keys SET wrapped = ?, destroyed_at = ? WHERE account_id = ? "
-                   "AND destroyed_at IS NULL", (b"", "2026-12-07T03:00:00+00:00", "acct-old-shred"))
-    upgraded = KeyService(store, [K1], "k1")
-    for ask in (lambda: upgraded.data_key("acct-old-shred"), lambda: upgraded.digest_key("acct-old-shred")):
-        with pytest.raises(FailedPrecondition):
-            ask()
-    with pytest.raises(FailedPrecondition):
-        upgraded.begin_rotation("acct-old-shred")
-    assert [(r.dek_version, r.destroyed) for r in store.load("acct-old-shred")] == [(0, False), (1, True)]
-
-
 def test_a_rotation_on_one_replica_never_brings_back_a_key_another_replica_shredded_meanwhile(store):
     """chaos23: two privacy replicas, an admin's ``RotateKeys`` on one while a household
     deletion shreds a key on the other. The rotation re-wraps what it read before the
