@@ -76,8 +76,14 @@ def _with_an_erased_device(c, acct: str, t0: float) -> None:
     for device in ("tv-1", "gone"):
         assert _post(c, "/v1/events", _events(acct, device, 2, t0))[0] == 2
         assert _post(c, "/v1/touchpoints", _touchpoints(acct, device, t0)) == (1, 0)
-    r = c.post("/v1/delete", json={"scope": {"kind": "device", "account_id": acct, "device_id": "gone"},
-                                    "reason": "gdpr_art17"})
+    _erase_device(c, acct, "gone")
+
+
+def _erase_device(c, acct: str, device: str | None) -> None:
+    """The device's deletion (``device`` None: the whole household's), waited for."""
+    scope = {"kind": "device", "account_id": acct, "device_id": device} if device else \
+        {"kind": "household", "account_id": acct}
+    r = c.post("/v1/delete", json={"scope": scope, "reason": "gdpr_art17"})
     assert r.status_code == 202, r.text
     body = deletion_job(c, r.json()["job_id"])
     assert body["state"] == "completed", body
@@ -117,6 +123,9 @@ def test_an_older_data_holder_keeps_version_1_alive_and_an_older_privacy_leaves_
             _with_an_erased_device(c, acct_b, t0)
             assert _post(c, "/v1/events", _events(acct_b, "gone", 2, t0)) == (0, 2)
             assert _post(c, "/v1/touchpoints", _touchpoints(acct_b, "gone", t0)) == (0, 1)
+            # acct_a's keys were made by this privacy, its digest key with them; the older
+            # privacy's shred knows no digest_keys and leaves that row live (review27).
+            _erase_device(c, acct_a, None)
         finally:
             _restart(mesh, "privacy")
         # This privacy derives the household's digest key from version 1: the same key.
@@ -124,6 +133,12 @@ def test_an_older_data_holder_keeps_version_1_alive_and_an_older_privacy_leaves_
             _restart(mesh, service)
         assert _post(c, "/v1/events", _events(acct_b, "gone", 2, t0)) == (0, 2)
         assert _post(c, "/v1/touchpoints", _touchpoints(acct_b, "gone", t0)) == (0, 1)
+        # The household the older privacy erased stays erased under this one: its writes are
+        # refused (412, no data key), no key is made for it. Before review27 the live digest
+        # key made it read as live with no data key, and GetDataKey created version 4: its
+        # events were stored again (200).
+        r = c.post("/v1/events", json=_events(acct_a, "after", 2, t0))
+        assert r.status_code == 412, r.text
 
 
 def _get_data_key_calls(mesh) -> float:
