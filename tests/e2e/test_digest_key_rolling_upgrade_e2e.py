@@ -80,9 +80,11 @@ def _post(c, path: str, body: dict) -> tuple[int, int]:
     return r.json()["accepted"], r.json()["duplicates"]
 
 
-def _erase_device(c, acct: str, device: str) -> None:
-    r = c.post("/v1/delete", json={"scope": {"kind": "device", "account_id": acct, "device_id": device},
-                                    "reason": "gdpr_art17"})
+def _erase_device(c, acct: str, device: str | None) -> None:
+    """The device's deletion (``device`` None: the whole household's), waited for."""
+    scope = {"kind": "device", "account_id": acct, "device_id": device} if device else \
+        {"kind": "household", "account_id": acct}
+    r = c.post("/v1/delete", json={"scope": scope, "reason": "gdpr_art17"})
     assert r.status_code == 202, r.text
     body = deletion_job(c, r.json()["job_id"])
     assert body["state"] == "completed", body
@@ -128,6 +130,9 @@ def test_an_older_data_holder_keeps_version_1_alive_and_an_older_privacy_leaves_
             _erase_device(c, acct_b, "gone")
             assert _post(c, "/v1/events", _events(acct_b, "gone", 2, t0)) == (0, 2)
             assert _post(c, "/v1/touchpoints", _touchpoints(acct_b, "gone", t0)) == (0, 1)
+            # acct_a's keys were made by this privacy, its digest key with them; the older
+            # privacy's shred knows no digest_keys and leaves that row live (review27).
+            _erase_device(c, acct_a, None)
         finally:
             _restart(mesh, "privacy")
         # This privacy derives the household's digest key from version 1: the same key.
@@ -135,3 +140,9 @@ def test_an_older_data_holder_keeps_version_1_alive_and_an_older_privacy_leaves_
             _restart(mesh, service)
         assert _post(c, "/v1/events", _events(acct_b, "gone", 2, t0)) == (0, 2)
         assert _post(c, "/v1/touchpoints", _touchpoints(acct_b, "gone", t0)) == (0, 1)
+        # The household the older privacy erased stays erased under this one: its writes are
+        # refused (412, no data key), no key is made for it. Before review27 the live digest
+        # key made it read as live with no data key, and GetDataKey created version 4: its
+        # events were stored again (200).
+        r = c.post("/v1/events", json=_events(acct_a, "after", 2, t0))
+        assert r.status_code == 412, r.text
