@@ -116,6 +116,9 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
 ROUTES: dict[str, Permission] = {
     "POST /v1/events": P.INGEST_EVENTS,
     "POST /v1/assign": P.ASSIGN_SESSIONS,
+    # Which of a batch's event ids are stored (after a 504): says what a household holds,
+    # so reading the household's permission, not ingesting's.
+    "POST /v1/events/status": P.READ_HOUSEHOLD,
     "GET /v1/household/{account_id}": P.READ_HOUSEHOLD,
     "GET /v1/household/{account_id}/export": P.EXPORT_HOUSEHOLD,
     "POST /v1/attribution": P.READ_ATTRIBUTION,   # a query with a body, not a write
@@ -152,6 +155,7 @@ RPCS: dict[str, dict[str, Permission]] = {
         "AssignSession": P.ASSIGN_SESSIONS,
         "AssignSessions": P.ASSIGN_SESSIONS,
         "GetHousehold": P.READ_HOUSEHOLD,
+        "GetEventStatus": P.READ_HOUSEHOLD,
         "Refit": P.REFIT_MODEL,
         "ResolvePersons": P.RESOLVE_PERSONS,
         "RecordLabels": P.RECORD_FEEDBACK,
