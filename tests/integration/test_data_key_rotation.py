@@ -29,10 +29,21 @@ from services.privacy.keys.domain import generate_kek
 from services.privacy.keys.rotation import DataKeyRotation
 from services.privacy.keys.store import DataKeyStore
 from services.privacy.migrations import MIGRATIONS
+from tests.helpers.servers import PURGEABLE_WAL, running_postgres
 
 T0 = time.time() - 3 * 86400
 KEK = generate_kek("k1")
 _schemas = count()
+
+
+@pytest.fixture(scope="module")
+def purgeable_postgres():
+    """A PostgreSQL whose purges can finish (docs/privacy.md §11: no WAL recycled or kept):
+    a rotation is completed only after every store's purge of the old ciphertexts said it
+    finished, and the session's server recycles WAL (every purge incomplete, every rotation
+    held open: test_an_incomplete_purge_holds_the_rotation_open_until_a_clean_one)."""
+    with running_postgres(**PURGEABLE_WAL) as server:
+        yield server.dsn
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -41,7 +52,7 @@ def databases(request, tmp_path):
     if request.param == "sqlite":
         dbs = {name: SqliteDatabase(tmp_path / f"{name}.db") for name in ("privacy", "clustering", "attribution")}
     else:
-        dsn = request.getfixturevalue("postgres_dsn")
+        dsn = request.getfixturevalue("purgeable_postgres")
         run = f"rk{os.getpid()}_{next(_schemas)}"
         dbs = {name: PostgresDatabase(dsn, f"{run}_{name}", max_size=4) for name in ("privacy", "clustering", "attribution")}
     yield dbs
@@ -67,9 +78,9 @@ class Mesh:
     def replica(self) -> KeyService:
         return KeyService(self.key_store, [KEK], "k1")
 
-    def rekey(self, service: str, account: str, version: int) -> int:
+    def rekey(self, service: str, account: str, version: int) -> tuple[int, list[dict]]:
         self.rekeyed.append((service, account, version))
-        return getattr(self, service).rekey(account, version)[0]
+        return getattr(self, service).rekey(account, version)
 
     def rotation(self, keys: KeyService | None = None, rekey=None, **kw) -> DataKeyRotation:
         return DataKeyRotation(keys or self.keys, rekey or self.rekey, ("clustering", "attribution"),

@@ -189,10 +189,13 @@ class GrpcPeers:
         request = common_pb2.EraseRequest(scope=scope, job_id=job_id)
         return self._peers[service].call("Erase", request).result
 
-    def rekey(self, service: str, account_id: str, dek_version: int) -> int:
-        """DataHolder/Rekey (as ``svc:privacy``): a data key rotation's re-encryption."""
+    def rekey(self, service: str, account_id: str, dek_version: int) -> tuple[int, list[dict]]:
+        """DataHolder/Rekey (as ``svc:privacy``): a data key rotation's re-encryption —
+        (values re-encrypted, the purge steps of the old ciphertexts, as Erase's)."""
         request = common_pb2.RekeyRequest(account_id=account_id, dek_version=dek_version)
-        return int(self._peers[service].call("Rekey", request, idempotent=True).reencrypted)
+        response = self._peers[service].call("Rekey", request, idempotent=True)
+        return int(response.reencrypted), [{"store": p.store, "where": p.location, "action": p.action,
+                                            "complete": p.complete} for p in response.purges]
 
     def export(self, service: str, account_id: str) -> Iterator[bytes]:
         """``ExportAccountStream`` on behalf of the caller, verified as it arrives. A data

@@ -72,13 +72,31 @@ def max_calls_for(max_workers: int) -> int:
 
 ROTATIONS = Counter("hearth_dek_rotations_total",
                     "Household data key rotations finished (completed), refused because the household was "
-                    "erased (erased), or stopped by an error and left for a retry or the sweep (failed)",
+                    "erased (erased), stopped by an error and left for a retry or the sweep (failed), or held "
+                    "open because a store's purge of the old ciphertexts reported itself incomplete (held: "
+                    "older versions kept, retried by the sweep)",
                     ["outcome"])
-for _outcome in ("completed", "erased", "failed"):
+for _outcome in ("completed", "erased", "failed", "held"):
     ROTATIONS.labels(_outcome)
 
-# rekey(service, account_id, dek_version) -> values re-encrypted
-Rekey = Callable[[str, str, int], int]
+# rekey(service, account_id, dek_version) -> (values re-encrypted, the purge steps of the
+# old ciphertexts: {"store", "where", "action", "at", "complete"}, as DataHolder/Rekey answers)
+Rekey = Callable[[str, str, int], tuple[int, list[dict]]]
+
+
+class RotationHeld(Unavailable):
+    """Every store re-encrypted the household, but a purge of the old ciphertexts reported
+    itself incomplete (SQLite's checkpoint kept busy by a reader, PostgreSQL's VACUUM FULL
+    locked out or WAL kept, Redis's files not rewritten in time): the old version still
+    opens bytes on disk, so it is not destroyed — the rotation stays open (a live version
+    older than the newest, not retired) and the next run or sweep re-runs Rekey, whose
+    purge runs again, until a clean one. UNAVAILABLE: retryable."""
+
+
+def incomplete_purges(purges: Sequence[dict]) -> list[str]:
+    """"service: store where (action)" of each purge step that says it did not finish."""
+    return [f"{p.get('service', '?')}: {p.get('store', '?')} {p.get('where', '')} ({p.get('action', '')})"[:300]
+            for p in purges if not p.get("complete", False)]
 
 
 @dataclass
@@ -155,12 +173,26 @@ class DataKeyRotation:
             if self._stop.is_set():
                 raise Unavailable("the privacy service is stopping: the rotation is under way, run it again "
                                   "(it resumes)", "account_id")
+            store_purges: list[dict] = []
             for service in self.services:
-                outcome.reencrypted[service] = self._rekey_all(service, account_id, target)
+                outcome.reencrypted[service] = self._rekey_all(service, account_id, target, store_purges)
+            # The completion rule: older versions are destroyed only after every store's
+            # purge of the old ciphertexts said it finished (review26 left it unchecked: a
+            # rotation "completed" with the old ciphertexts still in a WAL or Redis file).
+            held = incomplete_purges(store_purges)
+            if held:
+                raise RotationHeld("the old ciphertexts' purge did not finish in " + "; ".join(held) +
+                                   ": the rotation stays open (older data key versions kept) and is retried by "
+                                   "the privacy service's sweep or when run again", "account_id")
             purges: list[dict] = []
             outcome.destroyed, outcome.kept = self.keys.finish_rotation(account_id, target, purges)
         except FailedPrecondition:
             ROTATIONS.labels("erased").inc()
+            raise
+        except RotationHeld as exc:
+            ROTATIONS.labels("held").inc()
+            log.warning("data key rotation of %s held open at v%d: %s", pseudonym(account_id), target,
+                        str(exc).replace(account_id, pseudonym(account_id))[:500])
             raise
         except Exception:
             ROTATIONS.labels("failed").inc()
@@ -174,15 +206,22 @@ class DataKeyRotation:
                  target, outcome.destroyed, outcome.kept, outcome.reencrypted)
         return outcome
 
-    def _rekey_all(self, service: str, account_id: str, target: int) -> int:
+    def _rekey_all(self, service: str, account_id: str, target: int, purges: list[dict]) -> int:
+        """Rekey passes until one finds nothing under an older version. Each purge step's
+        latest state (per store and place: every pass purges the database again, Redis's
+        files only after a pass that changed something) is added to ``purges``, named by
+        ``service``."""
         total = 0
+        latest: dict[tuple[str, str], dict] = {}
         for _ in range(self.passes):
             try:
-                n = self._rekey(service, account_id, target)
+                n, steps = self._rekey(service, account_id, target)
             except grpc.RpcError as exc:
                 raise _from_rpc(exc, service) from None
             total += n
+            latest.update({(str(p.get("store")), str(p.get("where"))): {**p, "service": service} for p in steps})
             if n == 0:
+                purges.extend(latest.values())
                 return total
         raise Unavailable(f"{service} still held values under an older data key version after {self.passes} "
                           "passes (writes under the old key kept arriving): run the rotation again", "account_id")
