@@ -24,7 +24,14 @@ from services.common.storage.sql import PostgresDatabase
 @pytest.fixture
 def locked(postgres_dsn):
     """A database with tables ``t`` (locked by another session) and ``free``; the lock
-    goes after 20 s at the latest, so a regression fails instead of hanging."""
+    goes after 20 s at the latest, so a regression fails instead of hanging. The third
+    item, ``release_after(seconds)``, rolls the locker back from a timer thread.
+
+    Every timer is joined before the locker is closed: ROLLBACK releases the lock before
+    its answer reaches the timer's thread, so the test's own read could end, and the
+    teardown close the connection, while that thread was still waiting for the answer on
+    its socket (psycopg.OperationalError "connection socket closed" in Thread-N, reported
+    as pytest's unhandled-thread-exception warning in the fresh-clone CI of session 26)."""
     db = PostgresDatabase(postgres_dsn, f"deadline{os.getpid()}_{time.monotonic_ns()}", max_size=2)
     with db.transaction() as tx:
         tx.execute("CREATE TABLE t (x integer)")
@@ -33,10 +40,17 @@ def locked(postgres_dsn):
         tx.execute("INSERT INTO free VALUES (1)")
     locker = psycopg.connect(postgres_dsn)
     locker.execute(f'LOCK TABLE "{db.schema}".t IN ACCESS EXCLUSIVE MODE')
-    release = threading.Timer(20.0, locker.rollback)
-    release.start()
-    yield db, locker
-    release.cancel()
+    timers: list[threading.Timer] = []
+
+    def release_after(seconds: float) -> None:
+        timers.append(threading.Timer(seconds, locker.rollback))
+        timers[-1].start()
+
+    release_after(20.0)
+    yield db, locker, release_after
+    for timer in timers:
+        timer.cancel()
+        timer.join()
     locker.close()
     db.close()
 
@@ -55,7 +69,7 @@ def read(db, table: str) -> int:
 
 
 def test_a_statement_waiting_on_a_lock_ends_at_the_deadline_and_gives_its_connection_back(locked):
-    db, locker = locked
+    db, _locker, _release = locked
     for _ in range(3):   # more calls than the pool holds: each gives its connection back
         started = time.monotonic()
         with pytest.raises(Unavailable, match="QueryCanceled"):
@@ -67,7 +81,7 @@ def test_a_statement_waiting_on_a_lock_ends_at_the_deadline_and_gives_its_connec
 
 
 def test_concurrent_waits_end_at_their_deadlines_and_the_database_answers_after_the_lock(locked):
-    db, locker = locked
+    db, locker, _release = locked
     outcomes = []
 
     def call():
@@ -90,8 +104,8 @@ def test_concurrent_waits_end_at_their_deadlines_and_the_database_answers_after_
 
 def test_outside_an_rpc_a_transaction_still_waits_for_the_lock(locked):
     """Background work (refits, outboxes, purges) has no caller deadline: it waits as before."""
-    db, locker = locked
-    threading.Timer(1.0, locker.rollback).start()
+    db, locker, release_after = locked
+    release_after(1.0)
     started = time.monotonic()
     assert read(db, "t") == 1
     assert time.monotonic() - started >= 0.9
@@ -101,7 +115,7 @@ def test_a_call_without_a_deadline_sets_no_statement_timeout(locked):
     """gRPC reports a call without a deadline as one centuries away: no statement_timeout
     (its milliseconds overflowed PostgreSQL's integer: every such call failed INTERNAL,
     e.g. GetAuditProof from a client that set no timeout)."""
-    db, locker = locked
+    db, locker, release_after = locked
     assert serving(1e18, lambda: read(db, "free")) == 1
-    threading.Timer(1.0, locker.rollback).start()
+    release_after(1.0)
     assert serving(1e18, lambda: read(db, "t")) == 1   # waits for the lock, as outside an RPC

@@ -276,8 +276,7 @@ class KeyRing:
             parse_ts(now, "now"),
         )
         self._records.setdefault(account_id, {})[version] = record
-        self._cache[(account_id, version)] = AESGCM(dek)
-        return record
+        return record   # no cipher cached: the service never encrypts here (attack27: ~2.5 KB a household)
 
     def discard(self, account_id: str, version: int) -> None:
         """Forget a record ``create_dek`` made that could not be stored (another replica's

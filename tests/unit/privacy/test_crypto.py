@@ -184,3 +184,31 @@ def test_a_kek_whose_bytes_changed_is_found_among_the_stored_keys():
     shredded = KeyRing([wrong], "dev-1", [later])
     assert KeyRing([right], "dev-1", [*old, *shredded.destroy_dek("h-new", T0 + timedelta(days=2))]) \
         .unopened_data_keys() == {}   # a tombstone holds no key to open
+
+
+def test_creating_a_households_key_keeps_no_cipher_of_it_in_memory():
+    """attack27: ``create_dek`` kept an ``AESGCM`` of every new household's raw data key in
+    the ring's cache, for the life of the process, though the privacy service never
+    encrypts with it (stores fetch the key with GetDataKey): ~2.5 KB of RSS a household
+    (100,000 new households: +297 MB, +49 MB without), so an ingest pipeline creating
+    households at ~150/s took a privacy pod to its 1 GiB limit in well under an hour, and
+    every new household's raw key sat in its memory. Measured in a process of its own (the
+    cipher's memory is the cryptography library's, which tracemalloc does not see)."""
+    import subprocess
+    import sys
+    code = (
+        "from datetime import datetime, UTC\n"
+        "from services.privacy.keys.domain import KeyRing, generate_kek\n"
+        "ring = KeyRing([generate_kek('k1')], 'k1')\n"
+        "rss = lambda: int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0])\n"
+        "now = datetime.now(UTC)\n"
+        "ring.create_dek('warm-up', now)\n"
+        "before = rss()\n"
+        "for i in range(20000):\n"
+        "    ring.create_dek(f'acc-{i:08d}', now)\n"
+        "print(rss() - before, len(ring._cache))\n")
+    grown_kib, cached = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                                check=True, timeout=120).stdout.split())
+    assert cached == 0
+    # ~0.5 KB a household for the records this view holds; ~3 KB with a cipher each.
+    assert grown_kib < 20000 * 1.5, f"{grown_kib} KiB for 20,000 new households"
