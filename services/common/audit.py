@@ -173,6 +173,8 @@ RPC_EVENTS: dict[str, str | tuple[str, str] | None] = {
     _KEY + "RotateKeys": KEY_ROTATION,
     _KEY + "RotateDataKey": KEY_ROTATION,
     _KEY + "RotateDataKeys": KEY_ROTATION,
+    _KEY + "RequestDataKeyRotations": KEY_ROTATION,   # each household rotated is recorded by the job
+    _KEY + "GetDataKeyRotations": None,        # a batch job's state (account ids, outcomes): no household data
     _FEE + "RecordPrediction": INGEST,
     _FEE + "RecordFeedback": FEEDBACK,
     _FEE + "GetCalibration": None,             # aggregates over all households, no household data

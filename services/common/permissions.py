@@ -138,7 +138,8 @@ ROUTES: dict[str, Permission] = {
     "POST /v1/keys/rotate": P.ROTATE_KEYS,   # `hearth keys rotate` (KEK rotation, admin)
     # `hearth keys rotate-household` (one household's data key, privacy officer or admin)
     "POST /v1/household/{account_id}/rotate-key": P.ROTATE_DATA_KEY,
-    "POST /v1/keys/rotate-households": P.ROTATE_DATA_KEY,   # `hearth keys rotate-households` (a batch)
+    "POST /v1/keys/rotate-households": P.ROTATE_DATA_KEY,   # `hearth keys rotate-households` (a batch job)
+    "GET /v1/keys/rotate-households/{job_id}": P.ROTATE_DATA_KEY,   # the batch job's state
 }
 
 # RPCs per full gRPC service name.
@@ -189,6 +190,8 @@ RPCS: dict[str, dict[str, Permission]] = {
         "RotateKeys": P.ROTATE_KEYS,
         "RotateDataKey": P.ROTATE_DATA_KEY,
         "RotateDataKeys": P.ROTATE_DATA_KEY,
+        "RequestDataKeyRotations": P.ROTATE_DATA_KEY,
+        "GetDataKeyRotations": P.ROTATE_DATA_KEY,   # a batch's state: who may rotate may follow it
     },
     "hearth.feedback.v1.FeedbackService": {
         "RecordPrediction": P.RECORD_PREDICTION,

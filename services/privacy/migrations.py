@@ -78,6 +78,29 @@ ALTER TABLE data_keys ADD COLUMN retired_at TEXT
     Migration(7, "data key versions", """
 CREATE INDEX IF NOT EXISTS data_keys_version ON data_keys (dek_version)
 """),
+    # rotation_jobs: batch data key rotations (keys/batch.py, ``hearth keys
+    # rotate-households``), kept by the deletion jobs' store (DeletionJobStore with its own
+    # table and codec): the same columns, ``account_id`` "*", ``job_json`` the batch and
+    # each household's outcome, ``erasures_json`` unused ('{}'). Version 9: 8 is left to
+    # the key material's own migration of the same session.
+    Migration(9, "batch data key rotation jobs", """
+CREATE TABLE IF NOT EXISTS rotation_jobs (
+    job_id TEXT PRIMARY KEY,
+    request_id TEXT NOT NULL UNIQUE,
+    account_id TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    state TEXT NOT NULL,
+    next_due {double},
+    lease_until {double} NOT NULL DEFAULT 0,
+    version {bigint} NOT NULL,
+    job_json TEXT NOT NULL,
+    erasures_json TEXT NOT NULL,
+    receipt_json TEXT,
+    created_at {double} NOT NULL,
+    trace_context TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS rotation_jobs_due ON rotation_jobs (state, next_due)
+"""),
 ]
 
 

@@ -67,6 +67,7 @@ ROUTES = [
     # A household without a data key (404 before any store is asked), and a batch of none.
     ("POST", "/v1/household/{account_id}/rotate-key", f"/v1/household/{ACCT}-nokey/rotate-key", None),
     ("POST", "/v1/keys/rotate-households", "/v1/keys/rotate-households", {"older_than_days": 36500, "limit": 5}),
+    ("GET", "/v1/keys/rotate-households/{job_id}", "/v1/keys/rotate-households/rot-none", None),
 ]
 
 

@@ -162,9 +162,12 @@ class DataKeyRotation:
             except FailedPrecondition:
                 ROTATIONS.labels("erased").inc()
                 raise
-            return self._finish(account_id, target, resumed, created_at)
+            return self.finish(account_id, target, resumed, created_at)
 
-    def _finish(self, account_id: str, target: int, resumed: bool, created_at: datetime) -> RotationOutcome:
+    def finish(self, account_id: str, target: int, resumed: bool, created_at: datetime) -> RotationOutcome:
+        """Steps 2-4 of a rotation begun (``KeyService.begin_rotation``) at ``created_at``
+        towards ``target``: the settle's rest, every store's Rekey, the completion rule
+        and the retirement. Also the batch job's step per household (keys/batch.py)."""
         outcome = RotationOutcome(account_id, target, resumed=resumed)
         try:
             wait = created_at.timestamp() + self.settle_s - self._wall()
@@ -247,7 +250,7 @@ class DataKeyRotation:
             done = []
             for b in begun:
                 try:
-                    done.append(self._finish(*b))
+                    done.append(self.finish(*b))
                 except FailedPrecondition:   # erased during the settle: its key is shredded (review26)
                     continue
                 # The call's own key_rotation record names no household (its request names
@@ -269,7 +272,7 @@ class DataKeyRotation:
                 target, _, created_at = begun
                 if created_at.timestamp() > self._wall() - self.settle_s - ABANDONED_S:
                     continue
-                self._finish(account_id, target, True, created_at)
+                self.finish(account_id, target, True, created_at)
                 finished += 1
             except (FailedPrecondition, NotFound):
                 continue
