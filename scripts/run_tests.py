@@ -15,10 +15,17 @@ redis-server and bytecode directory (tests/conftest.py); no test relies on what 
 left in them. The tests' bounds already hold on a machine shared with other work (they
 pass at load 10-25).
 
-The second process (the longer one) prints as it runs; the first one's output is kept in
-a file and printed when both have ended, then one line with the two summaries and the
-wall time. The exit status is the first non-zero of the two (pytest's own codes).
-Arguments are passed to both (``make test ARGS="-x"``).
+Which half is the longer depends on the load: the first is CPU-bound (model fits) and
+stretches with its share of the cores, the second waits on processes (the fresh-clone CI
+of 98239b4: 7:46 / 11:06 idle, 9:43 / 11:57 at load 4-5; session 26: 23:53 / 18:44 at load
+4-11 beside another suite). So a few self-contained files (``LAST``: no shared mesh, each
+its own processes) belong to neither: a third pytest process runs them as soon as either
+half has ended, after whichever is the shorter on the machine as it is.
+
+The second process prints as it runs; the first one's and the last one's output is kept
+in files and printed when all have ended, then one line with the summaries and the wall
+time. The exit status is the first non-zero of the three (pytest's own codes).
+Arguments are passed to each (``make test ARGS="-x"``).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -43,12 +51,17 @@ FIRST_HALF = ("tests/unit", "tests/contract", "tests/deploy", "tests/security",
               # CPU-s) went back to the second half in session 26 (docs/benchmarks.md).
               "tests/integration/test_clustering_service.py",
               "tests/integration/test_prediction_outbox_erasure.py", "tests/integration/test_deletion_lease.py")
+# Run after whichever half ends first (docs/benchmarks.md, "Session 27"): each starts its own
+# processes and waits on them for a set length (test_verify_quick: the harness's load ladder,
+# soak and faults; ~1:40 of the second half on a loaded machine).
+LAST = ("tests/e2e/test_verify_quick.py",)
 
 
-def commands(args: list[str]) -> tuple[list[str], list[str]]:
-    """(the first half, the rest): the second is ``tests`` minus the first's directories."""
+def commands(args: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """(the first half, the rest, the last): the rest is ``tests`` minus the others' paths."""
     pytest = [sys.executable, "-m", "pytest", "-q", *args]
-    return [*pytest, *FIRST_HALF], [*pytest, *(f"--ignore={d}" for d in FIRST_HALF), "tests"]
+    return ([*pytest, *FIRST_HALF], [*pytest, *(f"--ignore={d}" for d in FIRST_HALF + LAST), "tests"],
+            [*pytest, *LAST])
 
 
 def summary(text: str) -> str:
@@ -77,41 +90,63 @@ def main(argv: list[str]) -> int:
         signal.signal(signal.SIGTERM, previous[1])
 
 
-def _run(first_cmd: list[str], second_cmd: list[str]) -> int:
+def _pump(stream, into: list[str]) -> None:
+    """Print a process's output as it comes, and keep it."""
+    for line in stream:
+        into.append(line)
+        sys.stdout.write(line)
+        sys.stdout.flush()
+
+
+def _run(first_cmd: list[str], second_cmd: list[str], last_cmd: list[str]) -> int:
     began = time.monotonic()
-    # Ctrl-C reaches both pytest processes (they are in this process group); this one waits
+    # Ctrl-C reaches every pytest process (they are in this process group); this one waits
     # for them to finish their teardown and report.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    with tempfile.NamedTemporaryFile("w+", prefix="hearth-test-first-half-", suffix=".log") as log:
+    with tempfile.NamedTemporaryFile("w+", prefix="hearth-test-first-half-", suffix=".log") as log, \
+            tempfile.NamedTemporaryFile("w+", prefix="hearth-test-last-", suffix=".log") as last_log:
         first = subprocess.Popen(first_cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                  stdin=subprocess.DEVNULL, preexec_fn=_child_setup)
         second = subprocess.Popen(second_cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   stdin=subprocess.DEVNULL, text=True, preexec_fn=_child_setup)
+        running = [first, second]
 
-        def forward(signum, _frame):   # e.g. a CI timeout: stop both, and their processes with them
-            for proc in (first, second):
+        def forward(signum, _frame):   # e.g. a CI timeout: stop them all, and their processes with them
+            for proc in running:
                 if proc.poll() is None:
                     proc.send_signal(signum)
         signal.signal(signal.SIGTERM, forward)
 
         print(f"make test: {' '.join(FIRST_HALF)} in one pytest process (printed when it ends), "
-              f"the rest of tests/ in another beside it:", flush=True)
-        second_out = []
+              f"the rest of tests/ but {' '.join(LAST)} in another beside it, and {' '.join(LAST)} "
+              f"after whichever ends first:", flush=True)
+        second_out: list[str] = []
         assert second.stdout is not None
-        for line in second.stdout:
-            second_out.append(line)
-            sys.stdout.write(line)
-            sys.stdout.flush()
+        pump = threading.Thread(target=_pump, args=(second.stdout, second_out), daemon=True)
+        pump.start()
+        while first.poll() is None and second.poll() is None:
+            time.sleep(0.2)
+        after = "the first half" if first.poll() is not None else "the rest"
+        last = subprocess.Popen(last_cmd, cwd=ROOT, stdout=last_log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, preexec_fn=_child_setup)
+        running.append(last)
+        last_rc = last.wait()
         second_rc = second.wait()
+        pump.join()
         first_rc = first.wait()
         log.seek(0)
         first_out = log.read()
+        last_log.seek(0)
+        last_out = last_log.read()
     print(f"\n---- {' '.join(FIRST_HALF)} ----", flush=True)
     sys.stdout.write(first_out)
+    print(f"\n---- {' '.join(LAST)} (after {after}) ----", flush=True)
+    sys.stdout.write(last_out)
     wall = time.monotonic() - began
     print(f"\nmake test: {' '.join(FIRST_HALF)}: {summary(first_out)}; the rest: {summary(''.join(second_out))}; "
-          f"wall {int(wall // 60)}:{wall % 60:04.1f}", flush=True)
-    return next((rc for rc in (first_rc, second_rc) if rc != 0), 0)
+          f"{' '.join(LAST)} after {after}: {summary(last_out)}; wall {int(wall // 60)}:{wall % 60:04.1f}", flush=True)
+    return next((rc for rc in (first_rc, second_rc, last_rc) if rc != 0), 0)
+
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

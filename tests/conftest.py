@@ -17,6 +17,7 @@ from services.common import config
 from services.common.identity import Principal, Role
 from services.testing.inprocess import serve_service
 from tests.helpers.servers import running_postgres, running_redis
+from tests.helpers.waiting import cpu_slowdown
 
 ADMIN = Principal("test-admin", Role.ADMIN)
 
@@ -84,6 +85,20 @@ def _tmpfs(path: str, free_bytes: int) -> bool:
 TMP_PATH_ON_TMPFS = "PYTEST_DEBUG_TEMPROOT" not in os.environ and _tmpfs("/dev/shm", 2 * 1024**3)
 if TMP_PATH_ON_TMPFS:
     os.environ["PYTEST_DEBUG_TEMPROOT"] = "/dev/shm"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_set_timer(item, settings):
+    """pytest-timeout's limit (300 s, or a test's own mark) is the time a test may take on
+    an idle machine; each test gets it times the machine's slowdown measured as it starts
+    (``cpu_slowdown``: the load average over the cores, 1-8). Returning None leaves the
+    plugin's own timer as it is."""
+    import pytest_timeout
+
+    slowdown = cpu_slowdown()
+    if not settings.timeout or slowdown <= 1.0:
+        return None
+    return pytest_timeout.pytest_timeout_set_timer(item, settings._replace(timeout=settings.timeout * slowdown))
 
 
 @pytest.fixture(scope="session")

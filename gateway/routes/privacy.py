@@ -206,8 +206,9 @@ class RotateDataKeyOut(BaseModel):
     dek_version: int = Field(description="the household's data key version now: its data is encrypted under it")
     reencrypted: dict[str, int] = Field(description="per service, values re-encrypted under it by this call")
     destroyed_versions: list[int] = Field(description="data key versions destroyed by this call")
-    kept_versions: list[int] = Field(description="older versions kept live: 1, which keys the digests of erased "
-                                                 "ids (no data is encrypted under it any more)")
+    kept_versions: list[int] = Field(description="older versions kept live: 1 only while a data holder of a "
+                                                 "release before session 27 keys erased-id digests with it (no data "
+                                                 "is encrypted under it any more); empty otherwise")
     resumed: bool = Field(description="true: this call finished a rotation begun before (no new version)")
 
 

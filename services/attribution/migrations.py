@@ -1,6 +1,6 @@
 """Versioned schema of the attribution service."""
 
-from services.common.field_crypto import HOUSEHOLD_ERASURES_SQL
+from services.common.field_crypto import HOUSEHOLD_ERASURES_SQL, HOUSEHOLD_KEY_EPOCHS_SQL
 from services.common.storage.sql import Migration
 
 MIGRATIONS = [
@@ -77,4 +77,9 @@ CREATE TABLE IF NOT EXISTS erased_records (
 );
 CREATE INDEX IF NOT EXISTS erased_records_at ON erased_records (erased_at)
 """),
+    # Each household's count of re-keys (DataHolder/Rekey, a rotation of its data key): a
+    # write reads its households' counts and drops the keys it cached of one whose count
+    # moved (services/common/field_crypto.py). Per household (session 27): the global
+    # count of household erasures made every replica refetch every household's key.
+    Migration(5, "household key epochs", HOUSEHOLD_KEY_EPOCHS_SQL),
 ]

@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterable, Sequence
 from services.attribution.domain.records import Conversion, Touchpoint
 from services.attribution.migrations import MIGRATIONS
 from services.common.erasure import ErasureOutcome, ErasureScope
-from services.common.field_crypto import FieldCipher, drop_keys_of_erased_households, note_household_erased
+from services.common.field_crypto import (FieldCipher, drop_keys_of_erased_households, forget_household_rekeys,
+                                         note_household_erased, note_household_rekeyed)
 from services.common.storage.cache import Cache, MemoryCache
 from services.common.ids import MAX_FUTURE_SKEW_S
 from services.common.export_stream import materialised
@@ -17,7 +18,7 @@ from services.common.storage.sql import Database, Tx, keyset_rows, migrate, reco
 
 # Every table an erasure deletes from (purged physically after it: Database.purge_erased;
 # kept out of PostgreSQL's planner statistics: migrate(personal_tables=...)).
-_ERASED_TABLES = ("touchpoints", "conversions", "erased_records")
+_ERASED_TABLES = ("touchpoints", "conversions", "erased_records", "household_key_epochs")
 
 
 class AttributionStore:
@@ -66,9 +67,10 @@ class AttributionStore:
         """Store new touchpoints; returns (accepted, duplicates). Idempotent by id, also
         for a touchpoint an erasure deleted since."""
         with self.db.transaction() as tx:
-            for account in sorted({t.account_id for t in items}):
+            accounts = sorted({t.account_id for t in items})
+            for account in accounts:
                 tx.lock_household(account)
-            drop_keys_of_erased_households(tx, self.cipher)
+            drop_keys_of_erased_households(tx, self.cipher, accounts)
             fresh = self._not_erased(tx, "touchpoint", items, lambda t: t.touchpoint_id)
             accepted = tx.executemany(
                 "INSERT INTO touchpoints (touchpoint_id, account_id, device_id, ts, channel, campaign, "
@@ -84,7 +86,7 @@ class AttributionStore:
             accounts = sorted({c.account_id for c in items})
             for account in accounts:
                 tx.lock_household(account)
-            drop_keys_of_erased_households(tx, self.cipher)
+            drop_keys_of_erased_households(tx, self.cipher, accounts)
             for account in accounts if self.cipher is not None else ():
                 self.cipher.require_live(account)
             fresh = self._not_erased(tx, "conversion", items, lambda c: c.conversion_id)
@@ -129,15 +131,16 @@ class AttributionStore:
     def rekey(self, account_id: str, dek_version: int) -> tuple[int, list[dict]]:
         """Re-encrypt the household's touchpoint campaigns under data key version
         ``dek_version`` (DataHolder.Rekey; ``ClusteringStore.rekey`` says why the purge and
-        the household-erasure count). Conversions carry no sealed column, and the erased-id
-        digests are keyed with version 1, which a rotation keeps. Idempotent."""
+        the household's re-key count). Conversions carry no sealed column, and the erased-id
+        digests are keyed with the household's digest key, which a rotation carries over
+        (field_crypto.FieldCipher.digests). Idempotent."""
         if self.cipher is None:
             return 0, []
         changed = 0
         self.cipher.forget(account_id)
         with self.db.transaction() as tx:
             tx.lock_household(account_id)
-            note_household_erased(tx)
+            note_household_rekeyed(tx, account_id)
             for touchpoint_id, campaign in tx.query(
                     "SELECT touchpoint_id, campaign FROM touchpoints WHERE account_id = ?", (account_id,)):
                 sealed = self.cipher.reseal_text(account_id, "campaign", campaign, dek_version)
@@ -172,6 +175,7 @@ class AttributionStore:
                 self.cipher.forget(account)
             if scope.kind == "household":
                 note_household_erased(tx)
+                forget_household_rekeys(tx, account)
                 tp_where, tp_params = "account_id = ?", [account]
                 cv_where, cv_params = "account_id = ?", [account]
             elif scope.kind == "device":

@@ -35,7 +35,8 @@ from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import Conflict, InvalidArgument, NotFound
 from services.common.ids import MAX_FUTURE_SKEW_S
 from services.common.field_crypto import (FieldCipher, FieldDecryptionError, drop_keys_of_erased_households,
-                                         household_erasures, note_household_erased)
+                                         forget_household_rekeys, household_key_state, note_household_erased,
+                                         note_household_rekeyed)
 from services.common.feedback_to_clustering import UNPROMPTED_LABEL_SUFFIX
 from services.common.storage.cache import Cache, MemoryCache, purge_persistence
 from services.common.export_stream import materialised
@@ -59,7 +60,8 @@ MODEL_CACHE_TTL_S = 3600.0
 # kept out of PostgreSQL's planner statistics: migrate(personal_tables=...)).
 _ERASED_TABLES = ("events", "sessions", "devices", "household_models", "drift_events",
                   "prediction_outbox", "prediction_chunks", "session_labels", "erased_events",
-                  "refits_owed")   # its rows hold the account id too (review23)
+                  "refits_owed",   # its rows hold the account id too (review23)
+                  "household_key_epochs")
 
 
 @dataclass(frozen=True)
@@ -305,9 +307,10 @@ class ClusteringStore:
             batch.events.append(e)
         accepted = duplicates = late = touched = 0
         with self.db.transaction() as tx:
-            for account in sorted({account for account, _ in by_device}):
+            accounts = sorted({account for account, _ in by_device})
+            for account in accounts:
                 tx.lock_household(account)
-            drop_keys_of_erased_households(tx, self.cipher)
+            drop_keys_of_erased_households(tx, self.cipher, accounts)
             if self.max_devices is not None:
                 self._refuse_devices_past_bound(tx, list(by_device), first_index)
             for (account, device), batch in sorted(by_device.items()):
@@ -561,7 +564,7 @@ class ClusteringStore:
         changed = 0
         with self.db.transaction() as tx:
             tx.lock_household(account_id)
-            drop_keys_of_erased_households(tx, self.cipher)
+            drop_keys_of_erased_households(tx, self.cipher, (account_id,))
             for device, since in tx.query(check, (account_id, version)):
                 self._rebuild_sessions(tx, account_id, device, float(since))
                 changed += int(tx.query("SELECT COUNT(*) FROM sessions WHERE account_id = ? AND device_id = ? "
@@ -865,7 +868,7 @@ class ClusteringStore:
         with self.db.transaction(readonly=True) as tx:
             rows = tx.query("SELECT version, variant, model FROM household_models WHERE account_id = ?",
                             (account_id,))
-            erasures = household_erasures(tx)
+            erasures = household_key_state(tx, account_id)
         if not rows:
             return None
         version, sealed = int(rows[0][0]), bytes(rows[0][2])
@@ -894,7 +897,7 @@ class ClusteringStore:
                     "UPDATE household_models SET version = ?, variant = ?, model = ?, updated_at = ? "
                     "WHERE account_id = ? AND version = ?",
                     (new_version, variant, blob, time.time(), account_id, expected_version))
-            erasures = household_erasures(tx)
+            erasures = household_key_state(tx, account_id)
         if changed != 1:
             self.cache.delete(f"model:{account_id}")
             raise Conflict(f"household model of {account_id!r} changed since version {expected_version}",
@@ -902,18 +905,21 @@ class ClusteringStore:
         self._cache_model(account_id, new_version, variant, blob, erasures)
         return new_version
 
-    def _cache_model(self, account_id: str, version: int, variant: str, sealed: bytes, erasures: int) -> None:
-        """Cache a model read or saved in a transaction that saw ``erasures`` household
-        erasures. A household Erase that commits after that transaction drops the cached
-        model after its commit, but this write to the cache may come later still (another
-        replica, a slow thread): so the count is read again once the model is cached, and
-        if an erasure happened meanwhile the entry is dropped. Otherwise a sealed model
-        stayed in Redis under a key naming the erased account until its TTL ran out."""
+    def _cache_model(self, account_id: str, version: int, variant: str, sealed: bytes,
+                     erasures: tuple[int, int]) -> None:
+        """Cache a model read or saved in a transaction that saw ``erasures``
+        (``household_key_state``: household erasures, the household's re-keys). A household
+        Erase that commits after that transaction drops the cached model after its commit,
+        but this write to the cache may come later still (another replica, a slow thread):
+        so the counts are read again once the model is cached, and if an erasure happened
+        meanwhile the entry is dropped. Otherwise a sealed model stayed in Redis under a key
+        naming the erased account until its TTL ran out. Likewise a Rekey (the copy is
+        sealed under the version a rotation destroys next)."""
         name = variant.encode()
         key = f"model:{account_id}"
         self.cache.set(key, struct.pack("<qH", version, len(name)) + name + sealed, MODEL_CACHE_TTL_S)
         with self.db.transaction(readonly=True) as tx:
-            if household_erasures(tx) != erasures:
+            if household_key_state(tx, account_id) != erasures:
                 self.cache.delete(key)
 
     # ---- erasure -------------------------------------------------------------------
@@ -947,6 +953,7 @@ class ClusteringStore:
                 self.cipher.forget(account)
             if scope.kind == "household":
                 note_household_erased(tx)
+                forget_household_rekeys(tx, account)
                 for table, key in (("events", "event_id"), ("sessions", "session_id")):
                     ids = [r[0] for r in tx.query(f"SELECT {key} FROM {table} WHERE account_id = ?", (account,))]
                     tx.execute(f"DELETE FROM {table} WHERE account_id = ?", (account,))
@@ -1083,16 +1090,17 @@ class ClusteringStore:
         reason to rotate, must not still open them in the WAL or free pages), and the
         cached model (sealed under the old version) leaves Redis and its files.
 
-        In the household's write lock; the store's household-erasure count moves with it,
-        so every replica drops the keys it has cached at its next write and fetches the
-        newest (``drop_keys_of_erased_households``)."""
+        In the household's write lock; the household's re-key count moves with it, so every
+        replica drops the keys it has cached of the household (of that one only, since
+        session 27) at its next write of it and fetches the newest
+        (``drop_keys_of_erased_households``)."""
         if self.cipher is None:
             return 0, []
         cipher, changed = self.cipher, 0
         cipher.forget(account_id)
         with self.db.transaction() as tx:
             tx.lock_household(account_id)
-            note_household_erased(tx)
+            note_household_rekeyed(tx, account_id)
             text = ("title_id", "series_id", "genres", "country", "profile_hint", "utc_offset_minutes")
             for row in tx.query(f"SELECT event_id, {', '.join(text)} FROM events WHERE account_id = ?",
                                 (account_id,)):

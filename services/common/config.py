@@ -7,9 +7,11 @@ names the variable (``ConfigError``), instead of failing later at first use.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from collections.abc import Mapping
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -59,29 +61,40 @@ _QUANTITY_FACTORS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P"
                      "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
 # Kubernetes' grammar: digits with an optional fraction ("1.5", "1.", ".5"), then a binary
 # or decimal suffix or a decimal exponent ("1e9", "5E+8"); a sign or milli ("m") makes no
-# sense for a volume and is refused.
-_QUANTITY = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([KMGTPE]i|[kMGTPE]|[eE]\+?\d+)?")
+# sense for a volume and is refused. "E" alone is the exa suffix, "E" with digits an
+# exponent (until attack27 "1E" and "2Ei" were taken for exponents and refused). ASCII
+# digits only (\d also matches other scripts' digits, which Kubernetes refuses).
+_QUANTITY = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:([KMGTPE]i|[kMGTPE])|[eE]\+?([0-9]+))?")
+# The largest size read (8 EiB, a signed 64-bit count of bytes); past it a typo, refused.
+_MAX_QUANTITY = 2**63
+_QUANTITY_MESSAGE = "must be a byte quantity such as 1Gi, 500Mi or 1073741824"
 
 
 def byte_quantity(value: object) -> int:
     """Bytes from a Kubernetes quantity ("1Gi", "500Mi", "2G", "1073741824"; "" or 0:
     unknown, 0). The chart hands the data volume's ``sizeLimit`` over as it is written in
-    the values, so the process needs no second spelling of it to keep in step."""
+    the values, so the process needs no second spelling of it to keep in step. Exact
+    (decimal, not float) and rounded up to a whole byte, as Kubernetes rounds a quantity
+    (a fraction of a byte is not 0, "no limit known")."""
     if isinstance(value, int) and not isinstance(value, bool):
         text = str(value)
     elif isinstance(value, str):
         text = value.strip()
     else:
-        raise ValueError("must be a byte quantity such as 1Gi, 500Mi or 1073741824")
+        raise ValueError(_QUANTITY_MESSAGE)
     if not text:
         return 0
     match = _QUANTITY.fullmatch(text)
     if match is None:
-        raise ValueError("must be a byte quantity such as 1Gi, 500Mi or 1073741824")
-    number, suffix = match.group(1), match.group(2) or ""
-    if suffix[:1] in ("e", "E"):
-        return int(float(number + suffix))
-    return int(float(number) * _QUANTITY_FACTORS[suffix])
+        raise ValueError(_QUANTITY_MESSAGE)
+    number, suffix, exponent = match.groups()
+    if exponent is not None and len(exponent) > 3:   # 1e400: an OverflowError traceback until attack27
+        raise ValueError(f"{_QUANTITY_MESSAGE}, at most 8Ei")
+    factor = Decimal(10) ** int(exponent) if exponent is not None else _QUANTITY_FACTORS[suffix or ""]
+    size = math.ceil(Decimal(number) * factor)
+    if size > _MAX_QUANTITY:
+        raise ValueError(f"{_QUANTITY_MESSAGE}, at most 8Ei")
+    return size
 
 
 ByteQuantity = Annotated[int, BeforeValidator(byte_quantity)]

@@ -328,7 +328,10 @@ class DataHolderServicer(common_pb2_grpc.DataHolderServicer):
         count, purges = self._holder.rekey(account_id, int(request.dek_version))
         log.info("rekeyed", extra={"fields": {"service": self._service, "dek_version": request.dek_version,
                                               "reencrypted": count}})
-        return common_pb2.RekeyResponse(reencrypted=count, purges=[_purge_to_pb(p) for p in purges])
+        # This release keys erased-id digests with the household's digest key, never with
+        # data key version 1 (field_crypto.FieldCipher.digests): the rotation may destroy it.
+        return common_pb2.RekeyResponse(reencrypted=count, purges=[_purge_to_pb(p) for p in purges],
+                                        digests_keyed_apart=True)
 
     def ExportAccount(self, request: common_pb2.ExportAccountRequest, context) -> common_pb2.ExportAccountResponse:
         """The part as one message (up to HEARTH_GRPC_MAX_RESPONSE_BYTES): what a privacy of

@@ -29,7 +29,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from json.encoder import encode_basestring_ascii as _json_string
 
 import grpc
@@ -45,12 +45,18 @@ TAG_BYTES = 16
 HEADER_BYTES = 1 + 4 + NONCE_BYTES
 TEXT_PREFIX = "enc1:"
 _DIGEST_LABEL = b"hearth-erased-id-v1"
-DIGEST_DEK_VERSION = 1   # the data key version erased-id digests are keyed with (``digests``)
+# The data key version a digest key is derived from when the privacy service gives none
+# (a release before session 27; the same derivation as privacy's, keys.domain).
+DIGEST_DEK_VERSION = 1
 DEFAULT_TTL_S = 60.0
+_MAX_REKEY_EPOCHS = 200_000
 
 # fetch(account_id, dek_version) -> (dek_version, 32-byte key); dek_version 0 = newest
 # (the authority creates the household's first key on demand).
 KeyFetcher = Callable[[str, int], tuple[int, bytes]]
+# fetch_digest_key(account_id) -> the household's 32-byte erased-id digest key, or None
+# from an authority that has none to give (a privacy service before session 27).
+DigestKeyFetcher = Callable[[str], "bytes | None"]
 
 
 class FieldDecryptionError(Exception):
@@ -89,10 +95,14 @@ class FieldCipher:
     Thread-safe; keys are cached per (account, version) for at most ``ttl_s``."""
 
     def __init__(self, fetch_key: KeyFetcher, *, ttl_s: float = DEFAULT_TTL_S,
-                 clock: Callable[[], float] = time.monotonic, close: Callable[[], None] | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, close: Callable[[], None] | None = None,
+                 fetch_digest_key: DigestKeyFetcher | None = None) -> None:
         if not 0 < ttl_s <= DEFAULT_TTL_S:
             raise ValueError(f"ttl_s: must be in (0, {DEFAULT_TTL_S}] seconds")
         self._fetch = fetch_key
+        self._fetch_digest_key = fetch_digest_key
+        # account -> (fetched_at, digest key); cleared with the household's data keys
+        self._digest_keys: dict[str, tuple[float, bytes]] = {}
         self._ttl = float(ttl_s)
         self._clock = clock
         self._close = close
@@ -100,6 +110,8 @@ class FieldCipher:
         self._keys: dict[tuple[str, int], tuple[float, int, AESGCM, bytes]] = {}
         self._lock = threading.Lock()
         self._erasure_epoch: int | None = None   # the store's household_erasures.epoch last seen
+        # account -> the store's household_key_epochs.epoch last seen (absent: 0, never re-keyed)
+        self._rekey_epochs: dict[str, int] = {}
 
     @classmethod
     def remote(cls, privacy_addr: str, calling_service: str, *, timeout_s: float = 5.0,
@@ -118,7 +130,17 @@ class FieldCipher:
                 raise _error_from_rpc(exc) from None
             return int(r.dek_version), bytes(r.dek)
 
-        return cls(fetch, ttl_s=ttl_s, close=peer.close)
+        def fetch_digest_key(account_id: str) -> bytes | None:
+            # Version 0 (the newest) as ``digests`` always asked first: it creates the
+            # household's keys on first use and refuses an erased household.
+            request = privacy_pb2.GetDataKeyRequest(account_id=account_id, dek_version=0, with_digest_key=True)
+            try:
+                r = peer.call("GetDataKey", request, idempotent=True)
+            except grpc.RpcError as exc:
+                raise _error_from_rpc(exc) from None
+            return bytes(r.digest_key) or None   # empty: a privacy service before session 27
+
+        return cls(fetch, ttl_s=ttl_s, close=peer.close, fetch_digest_key=fetch_digest_key)
 
     # ---- keys ------------------------------------------------------------------------
 
@@ -142,26 +164,44 @@ class FieldCipher:
         return entry[1], entry[2]
 
     def digests(self, account_id: str, values: Iterable[str]) -> dict[str, bytes]:
-        """Keyed digests (HMAC-SHA256 under a key derived from the household's *first*
-        data key, version ``DIGEST_DEK_VERSION``) of ``values``: what a store keeps of an
-        erased event's id so that a replay of the event is refused, without keeping the id
-        (a household erasure shreds every version, and the digests then match nothing).
-        Not the newest version (until dek24): a household's data key may get a newer
-        version (``KeyRing.create_dek``: latest + 1), and digests keyed with the newest
-        would then stop matching those of every earlier erasure. Version 1 lives as long
-        as the household: only a household erasure destroys it, with every version (a data
-        key rotation destroys older versions but keeps version 1, privacy's
-        keys/rotation.py). The
-        newest version is asked first: it creates the household's key on first use and
-        refuses a shredded household as before. No value, no key asked: an erasure that
-        deleted nothing (a household erased before, its key shredded; an account never
-        seen) must neither fail nor create a data key (review23)."""
+        """Keyed digests (HMAC-SHA256 under the household's digest key) of ``values``: what
+        a store keeps of an erased event's id so that a replay of the event is refused,
+        without keeping the id (a household erasure shreds the digest key with the data
+        keys, and the digests then match nothing).
+
+        The digest key is the privacy service's (GetDataKey ``with_digest_key``, session
+        27): ``HMAC-SHA256(data key version 1, "hearth-erased-id-v1")``, derived once and
+        kept apart from the data keys, so a data key rotation can destroy version 1 and
+        the digests still match (until session 27 the stores derived it from version 1
+        themselves, which a rotation therefore kept while the household lived; until
+        dek24 from the newest version, whose digests stopped matching after a new one).
+        From a privacy service that gives none (an older release) it is derived here from
+        version 1 as that release did — the same key. No value, no key asked: an erasure
+        that deleted nothing (a household erased before, its key shredded; an account
+        never seen) must neither fail nor create a data key (review23)."""
         values = list(values)
         if not values:
             return {}
-        newest = self._entry(account_id, 0)
-        mac = (newest if newest[1] == DIGEST_DEK_VERSION else self._entry(account_id, DIGEST_DEK_VERSION))[3]
+        mac = self._digest_key(account_id)
         return {v: hmac.new(mac, v.encode("utf-8"), hashlib.sha256).digest() for v in values}
+
+    def _digest_key(self, account_id: str) -> bytes:
+        now = self._clock()
+        with self._lock:
+            hit = self._digest_keys.get(account_id)
+        if hit is not None and now - hit[0] < self._ttl:
+            return hit[1]
+        key = self._fetch_digest_key(account_id) if self._fetch_digest_key is not None else None
+        if key is None:
+            # The newest is asked first: it creates the household's key on first use and
+            # refuses a shredded household as before.
+            newest = self._entry(account_id, 0)
+            key = (newest if newest[1] == DIGEST_DEK_VERSION else self._entry(account_id, DIGEST_DEK_VERSION))[3]
+        elif len(key) != 32:
+            raise HearthError(f"data key service returned an unusable digest key for {account_id!r}", "account_id")
+        with self._lock:
+            self._digest_keys[account_id] = (now, key)
+        return key
 
     def require_live(self, account_id: str) -> None:
         """Raise FailedPrecondition (field ``account_id``) when the household was erased
@@ -170,25 +210,45 @@ class FieldCipher:
         account id it would bring the household back)."""
         self._key(account_id, 0)
 
-    def sync_erasures(self, epoch: int) -> None:
+    def sync_erasures(self, epoch: int, rekeyed: Mapping[str, int] | None = None) -> None:
         """Drop every cached key when the store's count of household erasures moved: one
         replica's Erase cannot reach the keys the other replicas of the store have
         cached, and with a household's key cached a replica could go on writing for it
-        after its deletion (see ``drop_keys_of_erased_households``)."""
+        after its deletion (see ``drop_keys_of_erased_households``). ``rekeyed``: the
+        store's re-key count of each household about to be written; a household's cached
+        keys are dropped when its count moved (another replica's ``Rekey`` of a data key
+        rotation), the other households' stay (until session 27 a Rekey moved the global
+        count and every replica refetched every household's key)."""
         with self._lock:
             if epoch != self._erasure_epoch:
                 self._keys.clear()
+                self._digest_keys.clear()
                 self._erasure_epoch = epoch
+            for account_id, count in (rekeyed or {}).items():
+                if self._rekey_epochs.get(account_id, 0) != count:
+                    self._forget_locked(account_id)
+                    self._rekey_epochs[account_id] = count
+            if len(self._rekey_epochs) > _MAX_REKEY_EPOCHS:
+                # Bounded: forgetting what was seen means forgetting the keys cached with it
+                # (a household's counts then read as unseen and its keys are fetched again).
+                self._rekey_epochs.clear()
+                self._keys.clear()
+                self._digest_keys.clear()
 
     def forget(self, account_id: str) -> None:
         """Drop every cached key of the household (called by a store's Erase)."""
         with self._lock:
-            for k in [k for k in self._keys if k[0] == account_id]:
-                del self._keys[k]
+            self._forget_locked(account_id)
+
+    def _forget_locked(self, account_id: str) -> None:
+        for k in [k for k in self._keys if k[0] == account_id]:
+            del self._keys[k]
+        self._digest_keys.pop(account_id, None)
 
     def forget_all(self) -> None:
         with self._lock:
             self._keys.clear()
+            self._digest_keys.clear()
 
     def close(self) -> None:
         self.forget_all()
@@ -306,7 +366,7 @@ INSERT INTO household_erasures (id, epoch) VALUES (1, 0)
 
 
 def note_household_erased(tx) -> None:
-    """In a household Erase's transaction."""
+    """In a household Erase's transaction (with ``forget_household_rekeys``)."""
     tx.execute("UPDATE household_erasures SET epoch = epoch + 1 WHERE id = 1")
 
 
@@ -315,7 +375,49 @@ def household_erasures(tx) -> int:
     return int(tx.query("SELECT epoch FROM household_erasures WHERE id = 1")[0][0])
 
 
-def drop_keys_of_erased_households(tx, cipher: "FieldCipher | None") -> None:
-    """In a write transaction, after ``tx.lock_household`` of the households it writes."""
+# ---- a household's data key rotation across replicas -----------------------------------
+# A store's ``Rekey`` (a rotation of one household's data key) re-encrypts the household's
+# values under the new version; the store's other replicas must then drop the keys they
+# cached of that household (the old version is destroyed next), and only of that one.
+# Per household, unlike the erasures above: the household lives on, so its row (which
+# names the account) may too; a household Erase deletes it (``forget_household_rekeys``;
+# the table is among the store's personal tables, purged physically).
+HOUSEHOLD_KEY_EPOCHS_SQL = """
+CREATE TABLE IF NOT EXISTS household_key_epochs (account_id TEXT PRIMARY KEY, epoch {bigint} NOT NULL)
+"""
+
+
+def note_household_rekeyed(tx, account_id: str) -> None:
+    """In a Rekey's transaction, under the household's lock."""
+    tx.execute("INSERT INTO household_key_epochs (account_id, epoch) VALUES (?, 1) ON CONFLICT (account_id) "
+               "DO UPDATE SET epoch = household_key_epochs.epoch + 1", (account_id,))
+
+
+def forget_household_rekeys(tx, account_id: str) -> None:
+    """In a household Erase's transaction."""
+    tx.execute("DELETE FROM household_key_epochs WHERE account_id = ?", (account_id,))
+
+
+def household_rekeys(tx, account_ids: Iterable[str]) -> dict[str, int]:
+    """Each household's re-key count (0: never re-keyed), read in the caller's transaction."""
+    accounts = sorted(set(account_ids))
+    counts = dict.fromkeys(accounts, 0)
+    for start in range(0, len(accounts), 500):
+        chunk = accounts[start:start + 500]
+        counts.update((r[0], int(r[1])) for r in tx.query(
+            f"SELECT account_id, epoch FROM household_key_epochs WHERE account_id IN ({', '.join('?' * len(chunk))})",
+            tuple(chunk)))
+    return counts
+
+
+def household_key_state(tx, account_id: str) -> tuple[int, int]:
+    """(household erasures, the household's re-key count): what a copy of a sealed value
+    read in ``tx`` (a cached model) was sealed under is stale when either moved."""
+    return household_erasures(tx), household_rekeys(tx, (account_id,))[account_id]
+
+
+def drop_keys_of_erased_households(tx, cipher: "FieldCipher | None", account_ids: Iterable[str] = ()) -> None:
+    """In a write transaction, after ``tx.lock_household`` of the households it writes
+    (``account_ids``: their cached keys are also dropped when another replica re-keyed them)."""
     if cipher is not None:
-        cipher.sync_erasures(household_erasures(tx))
+        cipher.sync_erasures(household_erasures(tx), household_rekeys(tx, account_ids))

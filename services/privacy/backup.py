@@ -56,8 +56,10 @@ def read_ledger(db: Database) -> Ledger:
     with db.transaction() as tx:
         rows = tx.query("SELECT job_id, job_json, state FROM deletion_jobs")
         # Shredded: every version destroyed. A live household has destroyed versions too once
-        # its data key was rotated twice (keys/rotation.py keeps version 1 and destroys the
-        # others): taken for shredded until review26, a restore tombstoned its live keys.
+        # its data key was rotated (keys/rotation.py destroys the older versions; it kept
+        # version 1 until session 27): taken for shredded until review26 (a household rotated
+        # twice), a restore tombstoned its live keys. The digest key (digest_keys) is not
+        # counted: a household has its data keys in data_keys only.
         shredded = tx.query("SELECT account_id FROM data_keys GROUP BY account_id "
                             "HAVING COUNT(*) = COUNT(destroyed_at)")
     jobs = {r[0]: json.loads(r[1]) for r in rows if r[2] != JobState.FAILED.value}

@@ -68,8 +68,9 @@ CREATE TABLE IF NOT EXISTS deletion_clocks (
 """),
     # data_keys.retired_at: when every store re-encrypted the household's data from this
     # version to a newer one (a data key rotation, keys/rotation.py). Only version 1 is
-    # ever retired and kept (the stores key erased-id digests with it); a later version
-    # is destroyed (tombstone) instead. NULL: the version may still hold data.
+    # ever retired and kept, when a data holder of a release before session 27 still keys
+    # erased-id digests with it; otherwise it is destroyed (tombstone) like every older
+    # version. NULL: the version may still hold data.
     Migration(6, "data key retirement", """
 ALTER TABLE data_keys ADD COLUMN retired_at TEXT
 """),
@@ -78,11 +79,24 @@ ALTER TABLE data_keys ADD COLUMN retired_at TEXT
     Migration(7, "data key versions", """
 CREATE INDEX IF NOT EXISTS data_keys_version ON data_keys (dek_version)
 """),
+    # digest_keys: each household's erased-id digest key (keys.domain.DIGEST_KEY_VERSION),
+    # wrapped like a data key, so a data key rotation can destroy version 1 (session 27).
+    # A household's row is made with its first data key, or derived from its live version
+    # 1 on first use (KeyService.digest_key: households from before this migration, whose
+    # digests were keyed from version 1, keep them valid). A shred tombstones it in place.
+    Migration(8, "digest keys", """
+CREATE TABLE IF NOT EXISTS digest_keys (
+    account_id TEXT PRIMARY KEY,
+    kek_id TEXT NOT NULL,
+    wrapped {blob} NOT NULL,
+    created_at TEXT NOT NULL,
+    destroyed_at TEXT
+)
+"""),
     # rotation_jobs: batch data key rotations (keys/batch.py, ``hearth keys
     # rotate-households``), kept by the deletion jobs' store (DeletionJobStore with its own
     # table and codec): the same columns, ``account_id`` "*", ``job_json`` the batch and
-    # each household's outcome, ``erasures_json`` unused ('{}'). Version 9: 8 is left to
-    # the key material's own migration of the same session.
+    # each household's outcome, ``erasures_json`` unused ('{}').
     Migration(9, "batch data key rotation jobs", """
 CREATE TABLE IF NOT EXISTS rotation_jobs (
     job_id TEXT PRIMARY KEY,

@@ -42,7 +42,8 @@ def test_rotation_rewraps_every_data_key_and_keeps_them_readable(keys):
     keys.GetDataKey(ppb.GetDataKeyRequest(account_id="acc-2"), metadata=CLUSTERING.metadata("privacy"), timeout=10)
     assert first.dek_version == 1 and len(first.dek) == 32
     rotated = keys.RotateKeys(ppb.RotateKeysRequest(new_active_kek_id="k2"), metadata=ADMIN.metadata("privacy"), timeout=10)
-    assert (rotated.rewrapped, rotated.active_kek_id, list(rotated.kek_ids_in_use)) == (2, "k2", ["k2"])
+    # two data keys and their digest keys (session 27)
+    assert (rotated.rewrapped, rotated.active_kek_id, list(rotated.kek_ids_in_use)) == (4, "k2", ["k2"])
     again = keys.GetDataKey(ppb.GetDataKeyRequest(account_id="acc-1", dek_version=1),
                             metadata=CLUSTERING.metadata("privacy"), timeout=10)
     assert again.dek == first.dek                      # the same data key, now under k2
@@ -55,3 +56,19 @@ def test_rotation_is_refused_without_a_known_kek_or_the_admin_role(keys):
         grpc.StatusCode.INVALID_ARGUMENT
     assert _error(keys.RotateKeys, ppb.RotateKeysRequest(new_active_kek_id="k2"), ANALYST)[0] == \
         grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_the_digest_key_is_given_when_asked_and_is_what_version_1_derives(keys):
+    """GetDataKey ``with_digest_key`` (session 27) answers the household's erased-id digest
+    key: HMAC-SHA256(data key v1, "hearth-erased-id-v1"), what the stores derived from
+    version 1 themselves before, so digests written then stay valid. A caller of the
+    release before never sets the field and gets the answer it always got (no digest key)."""
+    import hashlib
+    import hmac
+
+    who = CLUSTERING.metadata("privacy")
+    older = keys.GetDataKey(ppb.GetDataKeyRequest(account_id="acc-d"), metadata=who, timeout=10)
+    assert (older.dek_version, len(older.dek), older.digest_key) == (1, 32, b"")
+    asked = keys.GetDataKey(ppb.GetDataKeyRequest(account_id="acc-d", with_digest_key=True), metadata=who, timeout=10)
+    assert asked.dek == older.dek
+    assert asked.digest_key == hmac.new(older.dek, b"hearth-erased-id-v1", hashlib.sha256).digest()

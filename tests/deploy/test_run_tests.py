@@ -1,12 +1,13 @@
 """scripts/run_tests.py, what `make test` runs: the suite as two pytest processes side by side
-(docs/benchmarks.md, "Session 24"). Every test directory is in exactly one of them, both
-processes' output is printed, the run fails when either fails, and a killed run leaves
-neither behind."""
+(docs/benchmarks.md, "Session 24") and a third for ``LAST`` after whichever of them ends first
+("Session 27"). Every test file is in exactly one of them, every process's output is
+printed, the run fails when any fails, and a killed run leaves none behind."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,13 +22,17 @@ def test_make_test_runs_the_two_halves():
 
 
 def test_every_test_directory_is_in_exactly_one_half():
-    first, second = run_tests.commands(["-x"])
+    first, second, last = run_tests.commands(["-x"])
     assert first[first.index("-m") + 1:first.index("-m") + 4] == ["pytest", "-q", "-x"]
-    first_dirs = first[first.index("-x") + 1:]
+    assert last[last.index("-m") + 1:last.index("-m") + 4] == ["pytest", "-q", "-x"]
+    first_dirs, last_paths = first[first.index("-x") + 1:], last[last.index("-x") + 1:]
     assert first_dirs == list(run_tests.FIRST_HALF) and all((ROOT / d).exists() for d in first_dirs)
-    # the second is the configured testpaths ("tests") with exactly the first's directories ignored
-    assert second[-1] == "tests" and "tests" not in first
-    assert [a for a in second if a.startswith("--ignore=")] == [f"--ignore={d}" for d in first_dirs]
+    assert last_paths == list(run_tests.LAST) and all((ROOT / p).is_file() for p in last_paths)
+    # none of the last's files is under a directory of the first's
+    assert not [p for p in last_paths for d in first_dirs if p == d or p.startswith(d.rstrip("/") + "/")]
+    # the second is the configured testpaths ("tests") with exactly the others' paths ignored
+    assert second[-1] == "tests" and "tests" not in first and "tests" not in last
+    assert [a for a in second if a.startswith("--ignore=")] == [f"--ignore={d}" for d in first_dirs + last_paths]
     assert 'testpaths = ["tests"]' in (ROOT / "pyproject.toml").read_text()
     with_tests = {p.parent.relative_to(ROOT).parts[:2] for p in (ROOT / "tests").rglob("test_*.py")}
     assert {"/".join(parts) for parts in with_tests} >= {d for d in first_dirs if (ROOT / d).is_dir()}
@@ -37,26 +42,49 @@ def _fake(code: int, line: str) -> list[str]:
     return [sys.executable, "-c", f"print('.' * 3); print({line!r}); raise SystemExit({code})"]
 
 
-def test_both_outputs_are_printed_and_either_failure_fails_the_run(monkeypatch, capsys):
+def _fake_after(code: int, line: str, delay_s: float) -> list[str]:
+    return [sys.executable, "-c", f"import time; time.sleep({delay_s}); print({line!r}); raise SystemExit({code})"]
+
+
+def test_every_output_is_printed_and_any_failure_fails_the_run(monkeypatch, capsys):
     import signal
 
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    for first_rc, second_rc, want in ((0, 0, 0), (1, 0, 1), (0, 1, 1), (2, 1, 2)):
-        monkeypatch.setattr(run_tests, "commands", lambda args, a=first_rc, b=second_rc: (
-            _fake(a, f"{3 + a} passed in 1.00s"), _fake(b, f"{5 + b} passed in 2.00s")))
+    for first_rc, second_rc, last_rc, want in ((0, 0, 0, 0), (1, 0, 0, 1), (0, 1, 0, 1), (2, 1, 0, 2),
+                                               (0, 0, 3, 3), (0, 1, 3, 1)):
+        monkeypatch.setattr(run_tests, "commands", lambda args, a=first_rc, b=second_rc, c=last_rc: (
+            _fake(a, f"{3 + a} passed in 1.00s"), _fake(b, f"{5 + b} passed in 2.00s"),
+            _fake(c, f"{7 + c} passed in 3.00s")))
         assert run_tests.main([]) == want
         out = capsys.readouterr().out
         assert f"{3 + first_rc} passed in 1.00s" in out and f"{5 + second_rc} passed in 2.00s" in out
+        assert f"{7 + last_rc} passed in 3.00s" in out
         last = out.strip().splitlines()[-1]
         assert f"test_deletion_lease.py: {3 + first_rc} passed in 1.00s; the rest: {5 + second_rc} passed in 2.00s" in last
+        assert f"test_verify_quick.py after the " in last and f"{7 + last_rc} passed in 3.00s; wall" in last
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers   # given back
+
+
+def test_the_last_starts_after_whichever_half_ends_first(monkeypatch, capsys):
+    """Not before either half has ended, and not after both: it runs beside the longer."""
+    for first_s, second_s, after in ((0.1, 2.0, "the first half"), (2.0, 0.1, "the rest")):
+        monkeypatch.setattr(run_tests, "commands", lambda args, a=first_s, b=second_s: (
+            _fake_after(0, "1 passed in 1.00s", a), _fake_after(0, "2 passed in 1.00s", b),
+            [sys.executable, "-c", "import time; print(time.time(), '3 passed in 1.00s')"]))
+        began = time.time()
+        assert run_tests.main([]) == 0
+        out = capsys.readouterr().out
+        started = float(next(line for line in out.splitlines() if line.endswith("3 passed in 1.00s")).split()[0])
+        summary = out.strip().splitlines()[-1]
+        assert f"test_verify_quick.py after {after}: " in summary and "3 passed in 1.00s; wall" in summary
+        assert began + min(first_s, second_s) <= started < began + max(first_s, second_s), (started - began)
 
 
 def test_the_script_runs_as_make_runs_it():
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "run_tests.py"), "--version"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:]
-    assert done.stdout.count("\npytest ") == 2, done.stdout[-2000:]   # both halves ran
+    assert done.stdout.count("\npytest ") == 3, done.stdout[-2000:]   # both halves and the last ran
 
 
 def test_a_pytest_process_dies_with_a_killed_runner():

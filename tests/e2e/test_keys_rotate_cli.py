@@ -232,7 +232,8 @@ def test_a_household_key_rotation_cut_by_a_kill_9_of_privacy_is_resumed_by_runni
                           env={**os.environ, "PYTHONPATH": str(ROOT), "HEARTH_ROLLOUT_API_KEY": kek_mesh.keys["kek-admin"]})
     assert done.returncode == 0, done.stderr
     answer = json.loads(done.stdout)
-    assert (answer["dek_version"], answer["resumed"], answer["kept_versions"]) == (2, True, [1]), answer
+    assert (answer["dek_version"], answer["resumed"], answer["destroyed_versions"], answer["kept_versions"]) == \
+        (2, True, [1], []), answer
     assert answer["reencrypted"]["clustering"] >= 3, answer
     with httpx.Client(base_url=kek_mesh.url, headers={"X-API-Key": kek_mesh.keys["kek-admin"]}, timeout=60) as client:
         assert [e["title_id"] for e in client.get(f"/v1/household/{account}/export").json()

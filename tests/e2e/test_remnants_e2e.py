@@ -68,6 +68,7 @@ def _running_mesh(base: Path, env: dict, *, backend: str, pg=None, redis_dir=Non
     with running_mesh(base, {"olivia": "admin"}, timeout_s=120, extra_env=env,
                       process_env=process_env or {}) as m:
         m.backend, m.env_extra, m.spans_path, m.pg, m.redis_dir = backend, env, base / "spans.jsonl", pg, redis_dir
+        m.privacy_dsn = (process_env or {}).get("privacy", {}).get("HEARTH_POSTGRES_DSN")
         yield m
 
 
@@ -375,6 +376,69 @@ def wrapped_key(rmesh, account: str, version: int) -> bytes:
     return bytes(row[0])
 
 
+def key_rows(rmesh, account: str) -> dict:
+    """The household's key rows in privacy's store, as stored: {version: (wrapped,
+    destroyed_at)}, the digest key under "digest"."""
+    sqls = {"data": "SELECT dek_version, wrapped, destroyed_at FROM {}data_keys WHERE account_id = %s",
+            "digest": "SELECT 'digest', wrapped, destroyed_at FROM {}digest_keys WHERE account_id = %s"}
+    if rmesh.backend == "sqlite":
+        import sqlite3
+
+        conn = sqlite3.connect(f"file:{Path(rmesh.data_dir) / 'privacy.db'}?mode=ro", uri=True)
+        try:
+            rows = [r for sql in sqls.values() for r in conn.execute(sql.format("").replace("%s", "?"), (account,))]
+        finally:
+            conn.close()
+    else:
+        import psycopg
+
+        with psycopg.connect(rmesh.privacy_dsn) as conn:
+            rows = [r for sql in sqls.values() for r in conn.execute(sql.format("hearth_privacy."), (account,))]
+    return {r[0]: (bytes(r[1]), r[2]) for r in rows}
+
+
+def sealed_vector(rmesh, account: str) -> bytes:
+    """One sealed feature vector of the household, whole, as stored (a backup's copy)."""
+    sql = "SELECT features FROM {}sessions WHERE account_id = %s"
+    if rmesh.backend == "sqlite":
+        import sqlite3
+
+        conn = sqlite3.connect(f"file:{Path(rmesh.data_dir) / 'clustering.db'}?mode=ro", uri=True)
+        try:
+            rows = conn.execute(sql.format("").replace("%s", "?"), (account,)).fetchall()
+        finally:
+            conn.close()
+    else:
+        import psycopg
+
+        with psycopg.connect(rmesh.pg.dsn) as conn:
+            rows = conn.execute(sql.format("hearth_clustering."), (account,)).fetchall()
+    return next(bytes(r[0]) for r in rows if len(bytes(r[0])) % 4)
+
+
+def opens_with_the_stored_keys(rmesh, account: str, blob: bytes) -> bool:
+    """Whether ``blob`` opens with what privacy's key store holds now and its master key
+    (the development KEK file in the data directory): what a thief of a backup of the
+    stores and of today's keys could read."""
+    from services.common.errors import NotFound
+    from services.common.field_crypto import FieldCipher
+    from services.common.storage.sql import PostgresDatabase, SqliteDatabase
+    from services.privacy.keys.app import KeyService, load_keks
+    from services.privacy.keys.store import DataKeyStore
+
+    keks, active = load_keks("", "", Path(rmesh.data_dir))
+    db = (SqliteDatabase(Path(rmesh.data_dir) / "privacy.db") if rmesh.backend == "sqlite"
+          else PostgresDatabase(rmesh.privacy_dsn, "hearth_privacy", 2))
+    try:
+        keys = KeyService(DataKeyStore(db), keks, active)
+        FieldCipher(keys.data_key).decrypt(account, "features", blob)
+        return True
+    except NotFound:
+        return False
+    finally:
+        db.close()
+
+
 def rotate_key(rmesh, account: str) -> dict:
     """``hearth keys rotate-household`` with the admin's gateway key, as the runbook says."""
     import json
@@ -402,6 +466,21 @@ def test_a_rotated_data_key_leaves_no_byte_only_the_old_key_opens(rmesh, client,
     tag = f"K{RUN}"
     account, device = f"ac{tag}", f"dv{tag}"
     post_sessions(client, account, device, tag, time.time() - 6 * DAY, 6)
+    # A device erased before the rotations: its events' ids are kept as digests, keyed
+    # with the household's digest key; sent again, they must stay duplicates throughout.
+    gone = {"events": [{"event_id": f"zrG{tag}-e{i}", "account_id": account, "device_id": f"dg{tag}",
+                        "device_type": "mobile", "ts": _iso(time.time() - 5 * DAY + i * 3 * 3600),
+                        "kind": "play_start", "title_id": f"zrG{tag}-title", "genres": ["drama"],
+                        "duration_s": 1800} for i in range(3)]}
+    assert client.post("/v1/events", json=gone).json()["accepted"] == 3
+    delete(client, {"kind": "device", "account_id": account, "device_id": f"dg{tag}"})
+
+    def replayed() -> tuple[int, int]:
+        r = client.post("/v1/events", json=gone)
+        assert r.status_code == 200, r.text
+        return r.json()["accepted"], r.json()["duplicates"]
+
+    assert replayed() == (0, 3)
     assign_all(client, account)
 
     def readable(export: dict) -> tuple:
@@ -419,18 +498,32 @@ def test_a_rotated_data_key_leaves_no_byte_only_the_old_key_opens(rmesh, client,
     assert len(v1) >= 6 * 3 + 2
     assert all(scan(v1).values())                         # the scan sees every one of them now
 
+    keys_before = key_rows(rmesh, account)
+    assert sorted(keys_before, key=str) == [1, "digest"] and keys_before[1][0] and keys_before["digest"][0]
+    backup_copy = sealed_vector(rmesh, account)            # a backup of the stores taken now
+    assert opens_with_the_stored_keys(rmesh, account, backup_copy)
+
     first = rotate_key(rmesh, account)
-    assert (first["dek_version"], first["destroyed_versions"], first["kept_versions"]) == (2, [], [1]), first
+    # Version 1 destroyed like any older version (session 27: it was kept while the
+    # household lived, the digests' key, and still opened a backup from before).
+    assert (first["dek_version"], first["destroyed_versions"], first["kept_versions"]) == (2, [1], []), first
     assert first["reencrypted"]["clustering"] >= 6 * 3 and first["reencrypted"]["attribution"] == 2, first
     v2 = sealed_needles(rmesh, account)
     assert set(v1).isdisjoint(v2)
     assert {n: hits for n, hits in scan(v1).items() if hits} == {}
+    after_first = key_rows(rmesh, account)
+    assert after_first[1] == (b"", after_first[1][1]) and after_first[1][1], after_first   # a tombstone
+    assert after_first["digest"] == keys_before["digest"]                  # carried over unchanged
+    assert not opens_with_the_stored_keys(rmesh, account, backup_copy)
+    assert replayed() == (0, 3)
+    if rmesh.backend == "sqlite":                         # version 1's wrapped key: gone from privacy's files
+        assert [name for name, blob in raw_sources(rmesh).items() if keys_before[1][0] in blob] == []
     old_key = wrapped_key(rmesh, account, 2) if rmesh.backend == "sqlite" else b""
 
     r = client.post(f"/v1/household/{account}/rotate-key")
     assert r.status_code == 200, r.text
     second = r.json()
-    assert (second["dek_version"], second["destroyed_versions"], second["kept_versions"]) == (3, [2], [1]), second
+    assert (second["dek_version"], second["destroyed_versions"], second["kept_versions"]) == (3, [2], []), second
     v3 = sealed_needles(rmesh, account)
     assert {n: hits for n, hits in scan(v2).items() if hits} == {}
     assert all(scan(v3).values())                         # the new ciphertexts: found
@@ -441,7 +534,8 @@ def test_a_rotated_data_key_leaves_no_byte_only_the_old_key_opens(rmesh, client,
     export = client.get(f"/v1/household/{account}/export").json()
     assert readable(export) == before
     keys = {k["dek_version"]: k for k in export["services"]["privacy"]["data_keys"]}
-    assert keys[2]["destroyed_at"] and not keys[1]["destroyed_at"] and not keys[3]["destroyed_at"], keys
+    assert keys[1]["destroyed_at"] and keys[2]["destroyed_at"] and not keys[3]["destroyed_at"], keys
+    assert replayed() == (0, 3)
     deadline = time.monotonic() + SLOW_MACHINE_S
     while True:   # audited with the operator's principal
         records = client.get("/v1/audit", params={"event_type": "key_rotation", "limit": 100}).json()["records"]
@@ -451,6 +545,13 @@ def test_a_rotated_data_key_leaves_no_byte_only_the_old_key_opens(rmesh, client,
         time.sleep(0.2)
     assert [(r["principal"], r["outcome"], r["details"]["rpc"]) for r in mine] == \
         [("olivia", "success", "hearth.privacy.v1.Keys/RotateDataKey")] * 2, mine
+
+    # The household's erasure shreds its digest key with its data keys.
+    delete(client, {"kind": "household", "account_id": account})
+    shredded = key_rows(rmesh, account)
+    assert all(wrapped == b"" and destroyed for wrapped, destroyed in shredded.values()), shredded
+    if rmesh.backend == "sqlite":
+        assert [name for name, blob in raw_sources(rmesh).items() if keys_before["digest"][0] in blob] == []
     assert_control_visible(rmesh, control)
 
 
@@ -495,7 +596,7 @@ def test_an_incomplete_purge_holds_the_rotation_open_until_a_clean_one(rmesh, cl
         message = r.json()["error"]["message"]
         assert "purge did not finish" in message and "replication slot" in message, message
         assert "clustering" in message and "attribution" in message, message
-        assert keys == {1: None, 2: None, 3: None}, keys                                  # v2 not destroyed
+        assert keys[2] is None and keys[3] is None, keys                                  # v2 not destroyed
         assert _held_rotations(rmesh) == held_before + 1
         again = client.post(f"/v1/household/{account}/rotate-key")                       # still held
         assert again.status_code == 503, again.text
@@ -509,4 +610,4 @@ def test_an_incomplete_purge_holds_the_rotation_open_until_a_clean_one(rmesh, cl
     export = client.get(f"/v1/household/{account}/export").json()
     assert len(export["services"]["clustering"]["events"]) == 4
     assert {k["dek_version"]: bool(k["destroyed_at"]) for k in export["services"]["privacy"]["data_keys"]} == \
-        {1: False, 2: True, 3: False}
+        {1: True, 2: True, 3: False}

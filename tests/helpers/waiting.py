@@ -9,6 +9,7 @@ assert is unchanged: the condition must still hold in the end.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -20,6 +21,23 @@ T = TypeVar("T")
 # How long a test waits for a condition that normally holds within a second or two.
 # Start-up of a Python service (imports, migrations) takes 10-40 s at load ~20 on 2 cores.
 SLOW_MACHINE_S = 120.0
+
+
+# A CPU-bound test on a loaded machine gets its share of the cores, not a core: at load 25 on
+# 2 cores ~1/12 of one, so 27 CPU-s took over 300 s (session 26's CI at load 18-28 failed
+# test_model.py's labels-that-add-a-person on pytest's 300 s timeout). At most this many
+# times longer than idle is allowed for (a test that hangs is still stopped).
+MAX_SLOWDOWN = 8.0
+
+
+def cpu_slowdown(load1: float | None = None, cores: int | None = None) -> float:
+    """How many times longer CPU-bound work takes now than on an idle machine, measured
+    now: the 1-minute load average over the cores (runnable tasks per core), at least 1
+    and at most MAX_SLOWDOWN."""
+    if load1 is None:
+        load1 = os.getloadavg()[0]
+    cores = cores or os.cpu_count() or 1
+    return min(max(load1 / cores, 1.0), MAX_SLOWDOWN)
 
 
 def wait_for(predicate: Callable[[], T], timeout_s: float = SLOW_MACHINE_S, what: str = "",

@@ -26,7 +26,7 @@ from services.common.storage.cache import MemoryCache
 from services.common.storage.sql import PostgresDatabase, SqliteDatabase, migrate
 from services.privacy.keys.app import KeyService
 from services.privacy.keys.domain import generate_kek
-from services.privacy.keys.rotation import DataKeyRotation
+from services.privacy.keys.rotation import DataKeyRotation, Rekeyed
 from services.privacy.keys.store import DataKeyStore
 from services.privacy.migrations import MIGRATIONS
 from tests.helpers.servers import PURGEABLE_WAL, running_postgres
@@ -67,10 +67,9 @@ class Mesh:
         migrate(dbs["privacy"], MIGRATIONS)
         self.key_store = DataKeyStore(dbs["privacy"])
         self.keys = self.replica()
-        fetch = lambda account, version: self.keys.data_key(account, version)  # noqa: E731 - GetDataKey
         self.clustering = ClusteringStore(dbs["clustering"], MemoryCache("clustering"), gap_s=1800,
-                                          lateness_tolerance_s=6 * 3600, cipher=FieldCipher(fetch))
-        self.attribution = AttributionStore(dbs["attribution"], cipher=FieldCipher(fetch))
+                                          lateness_tolerance_s=6 * 3600, cipher=self.cipher())
+        self.attribution = AttributionStore(dbs["attribution"], cipher=self.cipher())
         self.clustering.migrate()
         self.attribution.migrate()
         self.rekeyed: list[tuple[str, str, int]] = []
@@ -78,9 +77,19 @@ class Mesh:
     def replica(self) -> KeyService:
         return KeyService(self.key_store, [KEK], "k1")
 
-    def rekey(self, service: str, account: str, version: int) -> tuple[int, list[dict]]:
+    def cipher(self, digest_key: bool = True) -> FieldCipher:
+        """A store's cipher as GetDataKey feeds it; ``digest_key=False``: a store of a
+        release before session 27 (or one of this release facing such a privacy), which
+        derives the digest key from data key version 1 itself."""
+        def fetch_digest_key(account: str) -> bytes:
+            self.keys.data_key(account)   # as GetDataKey: the newest first (creates the keys)
+            return self.keys.digest_key(account)
+        return FieldCipher(lambda account, version: self.keys.data_key(account, version),
+                           fetch_digest_key=fetch_digest_key if digest_key else None)
+
+    def rekey(self, service: str, account: str, version: int) -> Rekeyed:
         self.rekeyed.append((service, account, version))
-        return getattr(self, service).rekey(account, version)
+        return Rekeyed(*getattr(self, service).rekey(account, version))   # (count, purges), keyed apart
 
     def rotation(self, keys: KeyService | None = None, rekey=None, **kw) -> DataKeyRotation:
         return DataKeyRotation(keys or self.keys, rekey or self.rekey, ("clustering", "attribution"),
@@ -130,8 +139,10 @@ def test_a_rotation_reencrypts_every_sealed_value_and_destroys_the_old_version(d
     before, other = mesh.export("acc-r"), mesh.export("acc-other")
     assert mesh.versions("acc-r") == {1}
 
+    v1_sealed = mesh.sealed("acc-r")
     first = mesh.rotation().rotate("acc-r")
-    assert (first.dek_version, first.destroyed, first.kept, first.resumed) == (2, [], [1], False)
+    # Version 1 destroyed like any older version (session 27: it was kept, the digests' key).
+    assert (first.dek_version, first.destroyed, first.kept, first.resumed) == (2, [1], [], False)
     assert first.reencrypted["clustering"] > 0 and first.reencrypted["attribution"] == 2
     assert mesh.versions("acc-r") == {2} and mesh.versions("acc-other") == {1}
     v2_sealed = mesh.sealed("acc-r")
@@ -140,8 +151,12 @@ def test_a_rotation_reencrypts_every_sealed_value_and_destroys_the_old_version(d
     # A second replica whose view is up to REFRESH_S old serves the new version asked by number.
     assert mesh.replica().data_key("acc-r", 2)[0] == 2
 
+    fresh = FieldCipher(lambda account, version: mesh.keys.data_key(account, version))
+    with pytest.raises(NotFound):   # a backup's copy of what was sealed under version 1 opens no more
+        fresh.decrypt("acc-r", "features", next(v for v in v1_sealed if isinstance(v, bytes) and len(v) % 4))
+
     second = mesh.rotation().rotate("acc-r")
-    assert (second.dek_version, second.destroyed, second.kept, second.resumed) == (3, [2], [1], False)
+    assert (second.dek_version, second.destroyed, second.kept, second.resumed) == (3, [2], [], False)
     assert mesh.versions("acc-r") == {3}
     assert mesh.export("acc-r") == before
     for replica in (mesh.keys, mesh.replica()):
@@ -154,7 +169,7 @@ def test_a_rotation_reencrypts_every_sealed_value_and_destroys_the_old_version(d
     with pytest.raises(NotFound):
         fresh.decrypt("acc-r", "features", next(v for v in v2_sealed if isinstance(v, bytes) and len(v) % 4))
 
-    # Erased ids stay erased: the digests are keyed with version 1, kept.
+    # Erased ids stay erased: the digests are keyed with the household's digest key, kept.
     replay = mesh.clustering.ingest([ViewingEvent(
         event_id="acc-r-e0", account_id="acc-r", device_id="tablet", device_type="tv", ts=T0, kind="play_start",
         title_id="again", genres=("drama",), duration_s=600.0)])
@@ -188,7 +203,7 @@ def test_a_rotation_stopped_midway_is_resumed_by_the_next_call_or_the_sweep(data
     assert later.resume_unfinished() == 1
     assert mesh.versions("acc-r") == {2} and mesh.export("acc-r") == before
     assert mesh.key_store.rotations_in_progress() == []
-    assert {r.dek_version for r in mesh.key_store.load("acc-r") if not r.destroyed} == {1, 2}
+    assert {r.dek_version for r in mesh.key_store.load("acc-r") if not r.destroyed} == {0, 2}   # 0: digest key
 
     # A call stopped again midway is resumed by the next call (resumed, same version).
     with pytest.raises(ConnectionError):
@@ -220,7 +235,7 @@ def test_a_household_erased_during_a_rotation_gets_no_key_back(databases):
 
     b.ring.destroy_dek = rotation_begins_meanwhile
     ids = b.shred("acc-e")
-    assert "data_key:acc-e:v1" in ids
+    assert "data_key:acc-e:v1" in ids and "digest_key:acc-e" in ids
     assert all(r.destroyed and r.wrapped == b"" for r in mesh.key_store.load("acc-e"))
     with pytest.raises(FailedPrecondition):
         mesh.rotation(a).rotate("acc-e")
@@ -233,7 +248,7 @@ def test_a_household_erased_during_a_rotation_gets_no_key_back(databases):
     # (b) asked after the shred: refused, nothing inserted.
     with pytest.raises(FailedPrecondition):
         mesh.rotation(mesh.replica()).rotate("acc-e")
-    assert {r.dek_version for r in mesh.key_store.load("acc-e")} == {1, 2}
+    assert {r.dek_version for r in mesh.key_store.load("acc-e")} == {0, 1, 2}
 
 
 def test_a_batch_rotates_the_households_whose_key_is_older_than_n_days(databases):
@@ -306,7 +321,7 @@ def test_two_replicas_rotating_one_household_at_once_make_one_version_and_lose_n
     assert sorted((o.dek_version, o.resumed) for o in outcomes) == [(2, False), (2, True)]
     assert mesh.versions("acc-2r") == {2} and mesh.export("acc-2r") == before
     rows = {r.dek_version: r for r in mesh.key_store.load("acc-2r")}
-    assert sorted(rows) == [1, 2] and not rows[1].destroyed and not rows[2].destroyed
+    assert sorted(rows) == [0, 1, 2] and rows[1].destroyed and not rows[2].destroyed and not rows[0].destroyed
     assert mesh.key_store.rotations_in_progress() == []
 
 
@@ -460,12 +475,139 @@ def test_a_restore_keeps_a_rotated_household_alive_and_shreds_only_the_erased(da
     reapply_ledger(mesh.key_store.db, ledger)
     fresh = mesh.replica()   # a privacy process started after the restore
     assert fresh.data_key("acc-r")[0] == 3
-    assert {r.dek_version for r in mesh.key_store.load("acc-r") if not r.destroyed} == {1, 3}
+    assert {r.dek_version for r in mesh.key_store.load("acc-r") if not r.destroyed} == {0, 3}   # 0: digest key
     mesh.clustering.cipher.forget_all()
     mesh.attribution.cipher.forget_all()
     assert mesh.export("acc-r") == before
     with pytest.raises(FailedPrecondition):
         fresh.data_key("acc-gone")
+
+
+def test_a_rotation_drops_only_the_rotated_households_cached_keys_on_another_replica(databases):
+    """Each store's ``Rekey`` tells the store's other replicas to drop their cached keys of
+    the household it re-encrypted. Until session 27 it moved the store's global count of
+    household erasures, so every replica dropped the cached keys of *every* household at
+    its next write and fetched each again from privacy: one rotation cost a GetDataKey per
+    household each replica had cached (a batch of 1000 rotations, each replica's whole
+    cache 1000 times). Now the count is the household's own: another replica refetches the
+    rotated household's key only."""
+    mesh = Mesh(databases)
+    accounts = [f"acc-c{i:02d}" for i in range(20)]
+    for account in accounts:
+        mesh.fill(account, n=2)
+    fetched: list[tuple[str, int]] = []
+
+    def fetch(account: str, version: int):
+        fetched.append((account, version))
+        return mesh.keys.data_key(account, version)
+
+    clustering = ClusteringStore(mesh.clustering.db, MemoryCache("clustering-2"), gap_s=1800,
+                                 lateness_tolerance_s=6 * 3600, cipher=FieldCipher(fetch))
+    attribution = AttributionStore(mesh.attribution.db, cipher=FieldCipher(fetch))
+
+    def write(round_: int) -> None:
+        for account in accounts:
+            clustering.ingest([ViewingEvent(
+                event_id=f"{account}-r{round_}", account_id=account, device_id="tv", device_type="tv",
+                ts=T0 + 9 * 4000 + round_, kind="play_start", title_id="t", genres=("drama",), duration_s=60.0)])
+            attribution.record_touchpoints([Touchpoint(f"{account}-r{round_}", account, "tv", T0 + 9 + round_,
+                                                       "email", "c")])
+
+    write(1)                                   # the second replica caches every household's keys
+    mesh.rotation().rotate(accounts[0])        # through the first replica's stores
+    fetched.clear()
+    write(2)
+    refetched = sorted({account for account, _ in fetched})
+    print(f"GetDataKey calls of the other replica after one rotation: {len(fetched)} "
+          f"for {len(refetched)} household(s)")
+    assert refetched == [accounts[0]], (len(fetched), refetched)
+    assert mesh.versions(accounts[0]) == {2} and mesh.versions(accounts[1]) == {1}
+
+
+def _replay(mesh: Mesh, account: str) -> tuple[int, int]:
+    """The erased tablet's first event and touchpoint sent again: (accepted, duplicates)."""
+    replay = mesh.clustering.ingest([ViewingEvent(
+        event_id=f"{account}-e0", account_id=account, device_id="tablet", device_type="tv", ts=T0,
+        kind="play_start", title_id="again", genres=("drama",), duration_s=600.0)])
+    accepted, duplicates = mesh.attribution.record_touchpoints(
+        [Touchpoint(f"{account}-t0", account, "tablet", T0, "email", "again")])
+    return replay.accepted + accepted, replay.duplicates + duplicates
+
+
+def test_a_household_from_before_the_digest_key_keeps_its_digests_and_loses_version_1(databases):
+    """A household whose keys were made before session 27 has no digest key, and its
+    stores keyed their erased-id digests from data key version 1 themselves. Its first
+    rotation derives the digest key from version 1 (the same key those digests used),
+    then destroys version 1: the erased ids stay duplicates before and after, and what
+    was sealed under version 1 (a backup's copy) opens no more."""
+    mesh = Mesh(databases)
+    old_release = Mesh.__new__(Mesh)                # stores as the release before: no digest key asked
+    old_release.keys = mesh.keys
+    mesh.clustering.cipher = old_release.cipher(digest_key=False)
+    mesh.attribution.cipher = old_release.cipher(digest_key=False)
+    mesh.fill("acc-old")
+    with mesh.key_store.db.transaction() as tx:     # as made before migration 8
+        tx.execute("DELETE FROM digest_keys WHERE account_id = 'acc-old'")
+    mesh.keys = mesh.replica()
+    old_release.keys = mesh.keys
+    mesh.attribution.record_touchpoints([Touchpoint("acc-old-t0", "acc-old", "tablet", T0, "email", "c")])
+    mesh.clustering.erase(ErasureScope("acc-old", "device", device_id="tablet"))
+    mesh.attribution.erase(ErasureScope("acc-old", "device", device_id="tablet"))
+    assert [r.dek_version for r in mesh.key_store.load("acc-old")] == [1]
+    assert _replay(mesh, "acc-old") == (0, 2)
+    v1_sealed = mesh.sealed("acc-old")
+
+    # Upgraded: the stores ask privacy for the digest key.
+    mesh.clustering.cipher, mesh.attribution.cipher = mesh.cipher(), mesh.cipher()
+    assert _replay(mesh, "acc-old") == (0, 2)       # derived on first use: the same key
+    done = mesh.rotation().rotate("acc-old")
+    assert (done.dek_version, done.destroyed, done.kept) == (2, [1], [])
+    rows = {r.dek_version: r for r in mesh.key_store.load("acc-old")}
+    assert rows[1].destroyed and rows[1].wrapped == b"" and not rows[0].destroyed
+    mesh.clustering.cipher.forget_all()
+    mesh.attribution.cipher.forget_all()
+    assert _replay(mesh, "acc-old") == (0, 2)       # erased ids: still duplicates
+    fresh = FieldCipher(lambda account, version: mesh.replica().data_key(account, version))
+    with pytest.raises(NotFound):
+        fresh.decrypt("acc-old", "features", next(v for v in v1_sealed if isinstance(v, bytes) and len(v) % 4))
+
+    # An erasure shreds the digest key with the data keys.
+    assert mesh.keys.shred("acc-old") == ["data_key:acc-old:v2", "digest_key:acc-old"]
+    digest = next(r for r in mesh.key_store.load("acc-old") if r.dek_version == 0)
+    assert digest.destroyed and digest.wrapped == b""
+    with pytest.raises(FailedPrecondition):
+        mesh.replica().digest_key("acc-old")
+
+
+def test_a_data_holder_of_the_release_before_keeps_version_1_alive(databases):
+    """Rolling upgrade: a data holder whose ``Rekey`` answer lacks ``digests_keyed_apart``
+    (a release before session 27, which keys digests with version 1 itself) makes the
+    rotation keep version 1, retired, as that release did; with every data holder
+    upgraded the next rotation destroys it."""
+    mesh = Mesh(databases)
+    mesh.fill("acc-u")
+
+    def attribution_of_the_release_before(service, account, version):
+        answer = mesh.rekey(service, account, version)
+        return answer._replace(digests_keyed_apart=service != "attribution")
+
+    first = mesh.rotation(rekey=attribution_of_the_release_before).rotate("acc-u")
+    assert (first.dek_version, first.destroyed, first.kept) == (2, [], [1])
+    assert mesh.key_store.retired_versions("acc-u") == {1}
+    assert mesh.key_store.rotations_in_progress() == []
+    second = mesh.rotation().rotate("acc-u")
+    assert (second.dek_version, second.destroyed, second.kept) == (3, [1, 2], [])
+
+
+def test_a_store_facing_a_privacy_service_of_the_release_before_keys_the_same_digests(databases):
+    """Rolling upgrade the other way: a privacy service before session 27 ignores
+    ``with_digest_key`` and answers no digest key; the store then derives it from data key
+    version 1 as that release's stores did — the same key the upgraded privacy gives."""
+    mesh = Mesh(databases)
+    mesh.fill("acc-w", n=2)
+    upgraded, older = mesh.cipher(), FieldCipher(lambda a, v: mesh.keys.data_key(a, v),
+                                                 fetch_digest_key=lambda a: None)
+    assert upgraded.digests("acc-w", ["x", "y"]) == older.digests("acc-w", ["x", "y"])
 
 
 # ---- batch rotation jobs (keys/batch.py) ---------------------------------------------------
@@ -553,7 +695,7 @@ def test_a_batch_job_holds_a_household_whose_purge_was_incomplete_and_says_why(p
                 h = held.households["acc-h"]
                 assert (held.state, h.outcome.value, h.dek_version, h.attempts) == (JobState.RUNNING, "held", 3, 1)
                 assert "purge did not finish" in h.detail and "replication slot" in h.detail, h.detail
-                assert [r.dek_version for r in mesh.key_store.load("acc-h") if not r.destroyed] == [1, 2, 3]
+                assert [r.dek_version for r in mesh.key_store.load("acc-h") if not r.destroyed] == [2, 3]
                 assert batches.run_due() == 0                 # its retry is a sweep period away
             finally:
                 conn.execute("SELECT pg_drop_replication_slot(%s)", (f"hold_{run}",))

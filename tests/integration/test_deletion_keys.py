@@ -40,7 +40,7 @@ def test_one_key_per_household_even_when_replicas_race(store):
     version_a, key_a = a.data_key("acct-1")
     version_b, key_b = b.data_key("acct-1")    # ... so b creates one too, loses the insert, adopts a's
     assert (version_a, key_a) == (version_b, key_b) == (1, key_a)
-    assert len(store.load("acct-1")) == 1
+    assert [r.dek_version for r in store.load("acct-1")] == [0, 1]   # the data key, its digest key (0)
     assert a.data_key("acct-1", 1) == (1, key_a)
     with pytest.raises(NotFound):
         a.data_key("acct-1", 7)
@@ -54,7 +54,7 @@ def test_kek_rotation_rewraps_and_the_old_kek_can_be_retired(store):
     _, dek2 = keys.data_key("acct-2")
     assert {r.kek_id for r in store.load()} == {"k1"}
     count, active, in_use = keys.rotate("k2")
-    assert (count, active, in_use) == (2, "k2", ["k2"])
+    assert (count, active, in_use) == (4, "k2", ["k2"])   # two data keys and their digest keys
     assert {r.kek_id for r in store.load()} == {"k2"}
     retired = KeyService(store, [K2], "k2")    # k1 removed from the configuration
     assert retired.data_key("acct-1")[1] == dek1 and retired.data_key("acct-2")[1] == dek2
@@ -70,9 +70,10 @@ def test_shredding_overwrites_the_key_and_reaches_other_replicas(store):
     b = KeyService(store, [K1], "k1", monotonic=clock)
     _, key = a.data_key("acct-1")
     assert b.data_key("acct-1")[1] == key
-    assert a.shred("acct-1") == ["data_key:acct-1:v1"]
+    assert a.shred("acct-1") == ["data_key:acct-1:v1", "digest_key:acct-1"]
     assert a.shred("acct-1") == []             # idempotent: nothing left to destroy
-    (row,) = store.load("acct-1")
+    (digest, row) = store.load("acct-1")
+    assert digest.destroyed and digest.wrapped == b""
     assert row.wrapped == b"" and row.destroyed
     with pytest.raises(FailedPrecondition):
         a.data_key("acct-1")
@@ -98,18 +99,20 @@ def test_a_rotation_on_one_replica_never_brings_back_a_key_another_replica_shred
     def shred_meanwhile():
         a.ring.rewrap_all = rewrap             # once
         records = rewrap()                     # a re-wrapped what it had read ...
-        assert b.shred("acct-erased") == ["data_key:acct-erased:v1"]   # ... then b shreds
+        assert b.shred("acct-erased") == ["data_key:acct-erased:v1", "digest_key:acct-erased"]   # ... then b shreds
         return records
 
     a.ring.rewrap_all = shred_meanwhile
     count, active, in_use = a.rotate("k2")
-    assert (count, active, in_use) == (1, "k2", ["k2"])
-    (row,) = store.load("acct-erased")
+    assert (count, active, in_use) == (2, "k2", ["k2"])   # acct-kept's data key and digest key
+    (digest, row) = store.load("acct-erased")
+    assert digest.destroyed and digest.wrapped == b""
     assert row.destroyed and row.wrapped == b""
     for replica in (a, b, KeyService(store, [K1, K2], "k2")):   # a restarted replica too
         with pytest.raises(FailedPrecondition):
             replica.data_key("acct-erased")
     assert KeyService(store, [K2], "k2").data_key("acct-kept")[1] == kept   # k1 retired
+    assert len(KeyService(store, [K2], "k2").digest_key("acct-kept")) == 32  # its digest key re-wrapped too
 
 
 def test_two_rotations_at_once_on_two_replicas_leave_every_key_under_the_new_kek(store):
@@ -121,7 +124,7 @@ def test_two_rotations_at_once_on_two_replicas_leave_every_key_under_the_new_kek
     def other_rotation_meanwhile():
         a.ring.rewrap_all = rewrap             # once
         records = rewrap()
-        assert b.rotate("k2")[0] == 2
+        assert b.rotate("k2")[0] == 4
         return records
 
     a.ring.rewrap_all = other_rotation_meanwhile

@@ -215,7 +215,7 @@ def test_household_scope_leaves_no_remnant_and_shreds_the_key_of_old_copies(mesh
         src.backup(dst)  # a consistent copy, as a backup tool would take it
     _, job = delete(stubs, common_pb2.ErasureScope(account_id=acct, household=True))
     assert job.state == ppb.JOB_STATE_COMPLETED, job
-    assert counts(job)["privacy"] == {"data_keys": 1}
+    assert counts(job)["privacy"] == {"data_keys": 1, "digest_keys": 1}
     # What the privacy service purged itself is signed into the receipt, where and when:
     # its cached copies, then the destroyed key, overwritten and checkpointed out of the WAL.
     receipt = json.loads(job.receipt_json)["receipt"]

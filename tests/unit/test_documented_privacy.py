@@ -115,7 +115,7 @@ def test_the_purge_steps_the_receipt_quotes_are_what_the_stores_report(tmp_path)
         keys = KeyService(DataKeyStore(database), [generate_kek("k1")], "k1")
         keys.data_key("acct-1")
         purges: list[dict] = []
-        assert keys.shred("acct-1", purges) == ["data_key:acct-1:v1"]
+        assert keys.shred("acct-1", purges) == ["data_key:acct-1:v1", "digest_key:acct-1"]
         (step,) = purges
         tombstone = step["action"].split("; ")[0]
         assert f"`{tombstone}` + the purge of `data_keys`" in _flat()   # §2, the privacy part

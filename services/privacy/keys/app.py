@@ -25,9 +25,9 @@ from pathlib import Path
 
 from services.common.config import ConfigError
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from services.common.field_crypto import DIGEST_DEK_VERSION
 from services.privacy.keys.domain import (
-    KeyDestroyedError, KeyEncryptionKey, KeyNotFoundError, KeyRing, WrappedDek, generate_kek, parse_kek_config)
+    DIGEST_KEY_VERSION, FIRST_DEK_VERSION, KeyDestroyedError, KeyEncryptionKey, KeyNotFoundError, KeyRing,
+    WrappedDek, generate_kek, parse_kek_config)
 from services.privacy.keys.signing import (
     Ed25519PrivateKey, generate_private_key, load_private_key, private_key_to_pem, publish_public_key)
 from services.privacy.keys.store import DataKeyStore
@@ -163,8 +163,11 @@ class KeyService:
         with self._lock:
             self._refresh(account_id)
             if version == 0 and not self.ring.has_dek(account_id) and not self.ring.is_destroyed(account_id):
+                # The household's first data key, and its digest key with it (one transaction).
                 record = self.ring.create_dek(account_id, self._clock())
-                if not self.store.insert_new(record):
+                digest = self.ring.derive_digest_key(account_id, self._clock())
+                if not self.store.insert_new(record, digest):
+                    self.ring.discard(account_id, DIGEST_KEY_VERSION)
                     self._refresh(account_id, force=True)  # another replica's key won the race
             try:
                 try:
@@ -182,6 +185,43 @@ class KeyService:
             except KeyNotFoundError as exc:
                 raise NotFound(str(exc), "dek_version" if version else "account_id") from None
 
+    def digest_key(self, account_id: str) -> bytes:
+        """The household's erased-id digest key (GetDataKey ``with_digest_key``), after
+        ``data_key(account_id)`` (which creates the household's keys on first use). A
+        household from before session 27 has none yet: it is derived now from its live
+        version 1 — the key its stores' digests were keyed from until then — and stored
+        (only while the household has a live key, in its lock: an erasure wins). Same
+        errors as ``data_key``."""
+        with self._lock:
+            self._refresh(account_id)
+            try:
+                try:
+                    return self.ring.digest_key(account_id)
+                except KeyNotFoundError:
+                    self._ensure_digest_key(account_id)
+                    return self.ring.digest_key(account_id)
+            except KeyDestroyedError:
+                raise FailedPrecondition("the data key of this household was destroyed "
+                                         "(the household was erased)", "account_id") from None
+            except KeyNotFoundError as exc:
+                raise NotFound(str(exc), "account_id") from None
+
+    def _ensure_digest_key(self, account_id: str) -> None:
+        """Under ``self._lock``: the household's digest key stored (derived from version 1
+        when it has none). KeyDestroyedError once shredded; KeyNotFoundError when neither
+        the digest key nor version 1 exists."""
+        self._refresh(account_id, force=True)
+        record = self.ring.derive_digest_key(account_id, self._clock())
+        if record is None:
+            return
+        outcome = self.store.insert_version(record)
+        if outcome != "inserted":
+            # "exists": another replica derived it (the same key: reload); "destroyed": shredded
+            # meanwhile (the reload reads the tombstones, and the ring refuses).
+            self.ring.discard(account_id, DIGEST_KEY_VERSION)
+            self._refresh(account_id, force=True)
+            self.ring.digest_key(account_id)
+
     def shred(self, account_id: str, purges: list[dict] | None = None) -> list[str]:
         """Destroy every DEK version of the household; returns the ids of the destroyed
         keys (``data_key:<account>:v<n>``) for the deletion receipt, and appends the
@@ -197,7 +237,8 @@ class KeyService:
             # rotation's, created on another replica): read back, so it is reported too.
             self._refresh(account_id, force=True)
             destroyed = [r.dek_version for r in self.ring.records(account_id) if r.destroyed]
-        return [f"data_key:{account_id}:v{v}" for v in destroyed if v not in already]
+        return [f"data_key:{account_id}:v{v}" if v != DIGEST_KEY_VERSION else f"digest_key:{account_id}"
+                for v in sorted(destroyed, key=lambda v: v == DIGEST_KEY_VERSION) if v not in already]
 
     # ---- data key rotation (keys/rotation.py drives it) -----------------------------------
 
@@ -213,7 +254,8 @@ class KeyService:
                 if self.ring.is_destroyed(account_id):
                     raise FailedPrecondition("the data key of this household was destroyed "
                                              "(the household was erased)", "account_id")
-                live = {r.dek_version: r for r in self.ring.records(account_id) if not r.destroyed}
+                live = {r.dek_version: r for r in self.ring.records(account_id)
+                        if not r.destroyed and not r.is_digest_key}
                 if not live:
                     raise NotFound("the household has no data key: nothing of it is encrypted", "account_id")
                 newest = max(live)
@@ -232,25 +274,34 @@ class KeyService:
                 self.ring.discard(record.account_id, record.dek_version)
             raise Unavailable("the household's data keys kept changing: run the rotation again")
 
-    def finish_rotation(self, account_id: str, dek_version: int,
-                        purges: list[dict] | None = None) -> tuple[list[int], list[int]]:
+    def finish_rotation(self, account_id: str, dek_version: int, purges: list[dict] | None = None,
+                        keep_first: bool = False) -> tuple[list[int], list[int]]:
         """After every store re-encrypted the household's data under ``dek_version``: the
-        older live versions are retired — version 1 kept (the stores key erased-id digests
-        with it, docs/privacy.md), every other one destroyed. Returns (versions destroyed
-        by this call, live versions kept besides ``dek_version``). Idempotent."""
+        older live versions are destroyed, version 1 included — the household's digest key
+        is derived from it first if it has none (a household from before session 27), so
+        the erased-id digests still match. ``keep_first``: a data holder of an older
+        release keys its digests with version 1 itself (``RekeyResponse.digests_keyed_apart``
+        false): version 1 is retired and kept, as that release did. Returns (versions
+        destroyed by this call, live versions kept besides ``dek_version``). Idempotent."""
         with self._lock:
-            self._refresh(account_id, force=True)
+            try:
+                self._ensure_digest_key(account_id)
+            except KeyDestroyedError:
+                raise FailedPrecondition("the data key of this household was destroyed "
+                                         "(the household was erased)", "account_id") from None
+            except KeyNotFoundError:
+                pass   # version 1 destroyed before (no digest key needed it: none is asked of it)
             if self.ring.is_destroyed(account_id):
                 raise FailedPrecondition("the data key of this household was destroyed "
                                          "(the household was erased)", "account_id")
             older = [r.dek_version for r in self.ring.records(account_id)
-                     if not r.destroyed and r.dek_version < dek_version]
-            kept = [v for v in older if v == DIGEST_DEK_VERSION]
+                     if not r.destroyed and not r.is_digest_key and r.dek_version < dek_version]
+            kept = [v for v in older if keep_first and v == FIRST_DEK_VERSION]
             destroyed = self.store.retire(account_id, kept, [v for v in older if v not in kept],
                                           self._clock().isoformat(), purges)
             self._refresh(account_id, force=True)
             return destroyed, sorted(r.dek_version for r in self.ring.records(account_id)
-                                     if not r.destroyed and r.dek_version != dek_version)
+                                     if not r.destroyed and not r.is_digest_key and r.dek_version != dek_version)
 
     def rotate(self, new_active_kek_id: str) -> tuple[int, str, list[str]]:
         """Make another configured KEK active and re-wrap every live DEK under it."""
@@ -286,4 +337,4 @@ class KeyService:
             return [{"dek_version": r.dek_version, "kek_id": r.kek_id,
                      "created_at": r.created_at.isoformat(),
                      "destroyed_at": r.destroyed_at.isoformat() if r.destroyed_at else None}
-                    for r in self.ring.records(account_id)]
+                    for r in self.ring.records(account_id) if not r.is_digest_key]

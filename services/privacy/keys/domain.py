@@ -28,16 +28,24 @@ Lifecycle
       the household and returns tombstone records (no key material). Any later decrypt
       raises ``KeyDestroyedError``; ciphertexts left in backups become unreadable.
       A data key rotation (``keys/rotation.py``) destroys older versions one by one in the
-      store, but never version 1: the stores key the digests of erased ids with it
-      (``services.common.field_crypto.FieldCipher.digests``), so a household's first DEK
-      lives as long as the household.
+      store, version 1 included (since session 27).
+    * **Digest key**: the HMAC key of the household's erased-id digests
+      (``services.common.field_crypto.FieldCipher.digests``), a record of version
+      ``DIGEST_KEY_VERSION`` (0) beside the DEK versions: ``HMAC-SHA256(DEK v1,
+      "hearth-erased-id-v1")``, derived once (``derive_digest_key``) while version 1 lives,
+      so the digests keep matching after version 1 is destroyed, and it opens no data
+      (one-way from version 1; no field blob names version 0, ``_cipher`` refuses it).
+      Wrapped like a DEK (its own AAD: version 0), re-wrapped by a KEK rotation, carried
+      over by DEK rotations unchanged and shredded with the household (``destroy_dek``).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import heapq
+import hmac
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -50,6 +58,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from services.privacy.audit.domain import parse_ts
 
 KEY_BYTES = 32
+DIGEST_KEY_VERSION = 0          # the record of a household's erased-id digest key
+FIRST_DEK_VERSION = 1           # the data key the digest key is derived from
+DIGEST_LABEL = b"hearth-erased-id-v1"   # as services.common.field_crypto's
 NONCE_BYTES = 12
 BLOB_VERSION = 1
 _BLOB_HEADER = 1 + 4 + NONCE_BYTES
@@ -135,8 +146,8 @@ class WrappedDek:
         if not isinstance(self.account_id, str) or not self.account_id:
             raise ValueError("account_id: expected a non-empty string")
         v = self.dek_version
-        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v < 2**32:
-            raise ValueError(f"dek_version: expected an int in [1, 2^32), got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**32:
+            raise ValueError(f"dek_version: expected an int in [0, 2^32) (0: the digest key), got {v!r}")
         if not isinstance(self.kek_id, str):
             raise ValueError("kek_id: expected a string")
         if not isinstance(self.wrapped, bytes):
@@ -155,6 +166,10 @@ class WrappedDek:
     @property
     def destroyed(self) -> bool:
         return self.destroyed_at is not None
+
+    @property
+    def is_digest_key(self) -> bool:
+        return self.dek_version == DIGEST_KEY_VERSION
 
 
 def _created(record: WrappedDek) -> datetime:
@@ -256,10 +271,40 @@ class KeyRing:
             ) from None
 
     def _live_versions(self, account_id: str) -> dict[int, WrappedDek]:
+        """The live data key versions (never the digest key: it seals no data)."""
         versions = self._records.get(account_id, {})
         if versions and all(r.destroyed for r in versions.values()):
             raise KeyDestroyedError(f"account {account_id}: data key destroyed (crypto-shredded)")
-        return {v: r for v, r in versions.items() if not r.destroyed}
+        return {v: r for v, r in versions.items() if not r.destroyed and v != DIGEST_KEY_VERSION}
+
+    def derive_digest_key(self, account_id: str, now: datetime) -> WrappedDek | None:
+        """The household's digest key record, derived from its live version 1, to store
+        (insert-if-absent); None when it has one already (live or shredded). Deterministic
+        in version 1, so two replicas deriving it at once store the same key.
+        ``KeyNotFoundError`` when version 1 is gone and there is no digest key (cannot
+        happen through ``KeyService``: a rotation derives it before destroying version 1)."""
+        _check_name(account_id, "account_id")
+        versions = self._records.get(account_id, {})
+        if DIGEST_KEY_VERSION in versions:
+            return None
+        first = self._live_versions(account_id).get(FIRST_DEK_VERSION)
+        if first is None:
+            raise KeyNotFoundError(f"account {account_id}: no data key version 1 to derive the digest key from")
+        key = hmac.new(self._unwrap(first), DIGEST_LABEL, hashlib.sha256).digest()
+        record = WrappedDek(account_id, DIGEST_KEY_VERSION, self._active,
+                            self._wrap(account_id, DIGEST_KEY_VERSION, key, self._active), parse_ts(now, "now"))
+        versions[DIGEST_KEY_VERSION] = record
+        return record
+
+    def digest_key(self, account_id: str) -> bytes:
+        """The household's erased-id digest key (raw). ``KeyDestroyedError`` once
+        shredded; ``KeyNotFoundError`` before ``derive_digest_key``."""
+        _check_name(account_id, "account_id")
+        self._live_versions(account_id)   # KeyDestroyedError once shredded
+        record = self._records.get(account_id, {}).get(DIGEST_KEY_VERSION)
+        if record is None or record.destroyed:
+            raise KeyNotFoundError(f"account {account_id}: no digest key")
+        return self._unwrap(record)
 
     def create_dek(self, account_id: str, now: datetime) -> WrappedDek:
         """A new DEK version for the household (version 1, or latest + 1 to rotate the
@@ -269,7 +314,7 @@ class KeyRing:
         versions = self._records.get(account_id, {})
         if versions and all(r.destroyed for r in versions.values()):
             raise KeyDestroyedError(f"account {account_id}: data key destroyed (crypto-shredded)")
-        version = max(versions, default=0) + 1
+        version = max((v for v in versions if v != DIGEST_KEY_VERSION), default=0) + 1
         dek = AESGCM.generate_key(bit_length=256)
         record = WrappedDek(
             account_id, version, self._active, self._wrap(account_id, version, dek, self._active),
@@ -285,7 +330,7 @@ class KeyRing:
         self._cache.pop((account_id, version), None)
 
     def has_dek(self, account_id: str) -> bool:
-        return any(not r.destroyed for r in self._records.get(account_id, {}).values())
+        return any(not r.destroyed and not r.is_digest_key for r in self._records.get(account_id, {}).values())
 
     def is_destroyed(self, account_id: str) -> bool:
         versions = self._records.get(account_id, {})

@@ -18,8 +18,12 @@ job table of its own, and every step is idempotent:
    repeated until a pass finds nothing under an older version (a write in flight during
    the first one). Each store purges the old ciphertexts physically, as after an erasure.
 4. **retire** (``KeyService.finish_rotation``): every older live version is destroyed
-   (tombstone, purged), except version 1, which is marked retired and kept: the stores
-   key the digests of erased ids with it (``field_crypto.DIGEST_DEK_VERSION``).
+   (tombstone, purged), version 1 included since session 27: the digests of erased ids
+   are keyed with the household's digest key, kept apart from the data keys
+   (``keys.domain.DIGEST_KEY_VERSION``; derived from version 1 before it goes, for a
+   household from before). Unless a data holder's ``Rekey`` answered without
+   ``digests_keyed_apart`` (a release before session 27, which keys its digests with
+   version 1 itself): version 1 is then retired and kept, as that release did.
 
 A crash anywhere leaves a rotation under way (step 1 done, step 4 not): the next
 ``RotateDataKey`` of the household resumes it, and so does every privacy replica's sweep
@@ -37,6 +41,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -79,9 +84,30 @@ ROTATIONS = Counter("hearth_dek_rotations_total",
 for _outcome in ("completed", "erased", "failed", "held"):
     ROTATIONS.labels(_outcome)
 
-# rekey(service, account_id, dek_version) -> (values re-encrypted, the purge steps of the
-# old ciphertexts: {"store", "where", "action", "at", "complete"}, as DataHolder/Rekey answers)
-Rekey = Callable[[str, str, int], tuple[int, list[dict]]]
+class Rekeyed(NamedTuple):
+    """One data holder's answer to ``DataHolder/Rekey``."""
+
+    reencrypted: int
+    # The purge steps of the old ciphertexts, as Erase's: {"store", "where", "action",
+    # "complete"} — what the completion rule reads.
+    purges: Sequence[dict] = ()
+    # Whether the data holder keys erased-id digests apart from data key version 1
+    # (RekeyResponse.digests_keyed_apart): false from a release before session 27.
+    digests_keyed_apart: bool = True
+
+
+# rekey(service, account_id, dek_version) -> Rekeyed (a bare count, or (count, keyed apart),
+# from callers that know nothing of purges: none reported).
+Rekey = Callable[[str, str, int], "Rekeyed | int | tuple[int, bool]"]
+
+
+def _rekeyed(answer: Rekeyed | int | tuple[int, bool]) -> Rekeyed:
+    if isinstance(answer, Rekeyed):
+        return answer
+    if isinstance(answer, int):
+        return Rekeyed(answer)
+    count, apart = answer
+    return Rekeyed(count, (), bool(apart))
 
 
 class RotationHeld(Unavailable):
@@ -177,8 +203,10 @@ class DataKeyRotation:
                 raise Unavailable("the privacy service is stopping: the rotation is under way, run it again "
                                   "(it resumes)", "account_id")
             store_purges: list[dict] = []
+            keyed_apart = True
             for service in self.services:
-                outcome.reencrypted[service] = self._rekey_all(service, account_id, target, store_purges)
+                outcome.reencrypted[service], apart = self._rekey_all(service, account_id, target, store_purges)
+                keyed_apart = keyed_apart and apart
             # The completion rule: older versions are destroyed only after every store's
             # purge of the old ciphertexts said it finished (review26 left it unchecked: a
             # rotation "completed" with the old ciphertexts still in a WAL or Redis file).
@@ -187,8 +215,13 @@ class DataKeyRotation:
                 raise RotationHeld("the old ciphertexts' purge did not finish in " + "; ".join(held) +
                                    ": the rotation stays open (older data key versions kept) and is retried by "
                                    "the privacy service's sweep or when run again", "account_id")
+            if not keyed_apart:
+                log.warning("a data holder of a release before session 27 keys erased-id digests with data key "
+                            "version 1: the rotation of %s keeps version 1 (finish the upgrade, then rotate "
+                            "again to destroy it)", pseudonym(account_id))
             purges: list[dict] = []
-            outcome.destroyed, outcome.kept = self.keys.finish_rotation(account_id, target, purges)
+            outcome.destroyed, outcome.kept = self.keys.finish_rotation(account_id, target, purges,
+                                                                        keep_first=not keyed_apart)
         except FailedPrecondition:
             ROTATIONS.labels("erased").inc()
             raise
@@ -209,8 +242,9 @@ class DataKeyRotation:
                  target, outcome.destroyed, outcome.kept, outcome.reencrypted)
         return outcome
 
-    def _rekey_all(self, service: str, account_id: str, target: int, purges: list[dict]) -> int:
-        """Rekey passes until one finds nothing under an older version. Each purge step's
+    def _rekey_all(self, service: str, account_id: str, target: int, purges: list[dict]) -> tuple[int, bool]:
+        """Rekey passes until one finds nothing under an older version: (values
+        re-encrypted, whether the data holder keys its digests apart). Each purge step's
         latest state (per store and place: every pass purges the database again, Redis's
         files only after a pass that changed something) is added to ``purges``, named by
         ``service``."""
@@ -218,14 +252,16 @@ class DataKeyRotation:
         latest: dict[tuple[str, str], dict] = {}
         for _ in range(self.passes):
             try:
-                n, steps = self._rekey(service, account_id, target)
+                answer = _rekeyed(self._rekey(service, account_id, target))
             except grpc.RpcError as exc:
                 raise _from_rpc(exc, service) from None
+            n, apart = answer.reencrypted, answer.digests_keyed_apart
             total += n
-            latest.update({(str(p.get("store")), str(p.get("where"))): {**p, "service": service} for p in steps})
+            latest.update({(str(p.get("store")), str(p.get("where"))): {**p, "service": service}
+                           for p in answer.purges})
             if n == 0:
                 purges.extend(latest.values())
-                return total
+                return total, apart
         raise Unavailable(f"{service} still held values under an older data key version after {self.passes} "
                           "passes (writes under the old key kept arriving): run the rotation again", "account_id")
 

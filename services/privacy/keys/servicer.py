@@ -32,7 +32,8 @@ class KeysServicer(pb_grpc.KeysServicer):
             raise PermissionDenied("data keys are given to service principals only", "")
         account_id = check_id(request.account_id, "account_id")
         version, dek = self._keys.data_key(account_id, int(request.dek_version))
-        return pb.GetDataKeyResponse(dek_version=version, dek=dek)
+        digest_key = self._keys.digest_key(account_id) if request.with_digest_key else b""
+        return pb.GetDataKeyResponse(dek_version=version, dek=dek, digest_key=digest_key)
 
     def RotateKeys(self, request, context) -> pb.RotateKeysResponse:
         if not request.new_active_kek_id:

@@ -3,6 +3,11 @@
 ``DataKeyStore`` keeps ``keys.domain.WrappedDek`` rows; a crypto-shred overwrites the
 wrapped key in place (SQLite: with ``secure_delete`` on and a WAL checkpoint, so the old
 bytes do not linger in free pages or the write-ahead log).
+
+The data key versions are in ``data_keys``; a household's erased-id digest key (the
+record of version ``DIGEST_KEY_VERSION``, 0) is in ``digest_keys``, one row a household,
+so that every query over the versions of ``data_keys`` (the newest, a rotation under
+way, the batch's candidates, the ledger's shredded households) sees data keys only.
 """
 
 from __future__ import annotations
@@ -10,7 +15,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from services.common.storage.sql import Database, record_erasure
-from services.privacy.keys.domain import WrappedDek
+from services.privacy.keys.domain import DIGEST_KEY_VERSION, WrappedDek
+
+# The key tables a tombstone's physical purge covers (Database.purge_erased).
+KEY_TABLES = ("data_keys", "digest_keys")
 
 
 class DataKeyStore:
@@ -23,20 +31,36 @@ class DataKeyStore:
 
     def load(self, account_id: str | None = None) -> list[WrappedDek]:
         sql = "SELECT account_id, dek_version, kek_id, wrapped, created_at, destroyed_at FROM data_keys"
+        digest_sql = (f"SELECT account_id, {DIGEST_KEY_VERSION}, kek_id, wrapped, created_at, destroyed_at "
+                      "FROM digest_keys")
         with self.db.transaction() as tx:
-            rows = (tx.query(sql + " WHERE account_id = ? ORDER BY dek_version", (account_id,))
-                    if account_id is not None else tx.query(sql + " ORDER BY account_id, dek_version"))
-        return [self._record(r) for r in rows]
+            if account_id is not None:
+                rows = tx.query(digest_sql + " WHERE account_id = ?", (account_id,)) + \
+                    tx.query(sql + " WHERE account_id = ? ORDER BY dek_version", (account_id,))
+            else:
+                rows = tx.query(digest_sql) + tx.query(sql + " ORDER BY account_id, dek_version")
+        return sorted((self._record(r) for r in rows), key=lambda r: (r.account_id, r.dek_version))
 
-    def insert_new(self, record: WrappedDek) -> bool:
-        """Insert a freshly created DEK unless that (account, version) exists (another
-        replica created it first: the caller reloads and uses theirs)."""
+    @staticmethod
+    def _insert_digest_key(tx, record: WrappedDek) -> bool:
+        return tx.execute(
+            "INSERT INTO digest_keys (account_id, kek_id, wrapped, created_at, destroyed_at) "
+            "VALUES (?, ?, ?, ?, NULL) ON CONFLICT (account_id) DO NOTHING",
+            (record.account_id, record.kek_id, record.wrapped, record.created_at.isoformat())) == 1
+
+    def insert_new(self, record: WrappedDek, digest_key: WrappedDek | None = None) -> bool:
+        """Insert a freshly created DEK (and the household's digest key, derived from it,
+        in the same transaction) unless that (account, version) exists (another replica
+        created it first: the caller reloads and uses theirs)."""
         with self.db.transaction() as tx:
-            return tx.execute(
+            inserted = tx.execute(
                 "INSERT INTO data_keys (account_id, dek_version, kek_id, wrapped, created_at, destroyed_at) "
                 "VALUES (?, ?, ?, ?, ?, NULL) ON CONFLICT (account_id, dek_version) DO NOTHING",
                 (record.account_id, record.dek_version, record.kek_id, record.wrapped,
                  record.created_at.isoformat())) == 1
+            if inserted and digest_key is not None:
+                self._insert_digest_key(tx, digest_key)
+            return inserted
 
     def insert_version(self, record: WrappedDek) -> str:
         """Insert a rotation's new DEK version in the household's lock, only while the
@@ -50,6 +74,8 @@ class DataKeyStore:
             if not tx.query("SELECT 1 FROM data_keys WHERE account_id = ? AND destroyed_at IS NULL",
                             (record.account_id,)):
                 return "destroyed"
+            if record.is_digest_key:   # the household's digest key (KeyService.digest_key), same rule
+                return "inserted" if self._insert_digest_key(tx, record) else "exists"
             return "inserted" if tx.execute(
                 "INSERT INTO data_keys (account_id, dek_version, kek_id, wrapped, created_at, destroyed_at) "
                 "VALUES (?, ?, ?, ?, ?, NULL) ON CONFLICT (account_id, dek_version) DO NOTHING",
@@ -104,7 +130,7 @@ class DataKeyStore:
             if destroyed:
                 record_erasure(tx)
         if destroyed:
-            purge = self.db.purge_erased(("data_keys",))
+            purge = self.db.purge_erased(KEY_TABLES)
             if purges is not None:
                 purges.append({**purge, "action": f"retired wrapped key overwritten by a tombstone; {purge['action']}"})
         return destroyed
@@ -113,7 +139,7 @@ class DataKeyStore:
         """The physical purge of ``data_keys`` (``Database.purge_erased``) that a tombstone's
         writer noted and may not have run (killed after its commit): the rotation sweep
         runs it (keys/rotation.py, ``DataKeyRotation.sweep``)."""
-        return self.db.purge_erased(("data_keys",))
+        return self.db.purge_erased(KEY_TABLES)
 
     def rewrap(self, records: Iterable[WrappedDek], previous: dict[tuple[str, int], bytes]) -> list[WrappedDek]:
         """Store re-wrapped live keys, each only over the exact wrapped key it was made
@@ -124,11 +150,18 @@ class DataKeyStore:
         conflicts = []
         with self.db.transaction() as tx:
             for r in records:
-                if tx.execute(
+                if r.is_digest_key:
+                    changed = tx.execute(
+                        "UPDATE digest_keys SET kek_id = ?, wrapped = ? WHERE account_id = ? "
+                        "AND destroyed_at IS NULL AND wrapped = ?",
+                        (r.kek_id, r.wrapped, r.account_id, previous[(r.account_id, r.dek_version)]))
+                else:
+                    changed = tx.execute(
                         "UPDATE data_keys SET kek_id = ?, wrapped = ? WHERE account_id = ? AND dek_version = ? "
                         "AND destroyed_at IS NULL AND wrapped = ?",
                         (r.kek_id, r.wrapped, r.account_id, r.dek_version,
-                         previous[(r.account_id, r.dek_version)])) != 1:
+                         previous[(r.account_id, r.dek_version)]))
+                if changed != 1:
                     conflicts.append(r)
         return conflicts
 
@@ -150,18 +183,24 @@ class DataKeyStore:
                 "UPDATE data_keys SET kek_id = ?, wrapped = ?, destroyed_at = ? "
                 "WHERE account_id = ? AND dek_version = ?",
                 [(r.kek_id, r.wrapped, r.destroyed_at.isoformat() if r.destroyed_at else None,
-                  r.account_id, r.dek_version) for r in records])
+                  r.account_id, r.dek_version) for r in records if not r.is_digest_key])
+            tx.executemany(
+                "UPDATE digest_keys SET kek_id = ?, wrapped = ?, destroyed_at = ? WHERE account_id = ?",
+                [(r.kek_id, r.wrapped, r.destroyed_at.isoformat() if r.destroyed_at else None, r.account_id)
+                 for r in records if r.is_digest_key])
             # A household is shredded whole: also a version the caller's view had not seen
-            # (a data key rotation's new version, inserted by another replica meanwhile).
+            # (a data key rotation's new version, inserted by another replica meanwhile), and
+            # its digest key (one derived by another replica meanwhile).
             for account_id, when in shredded:
-                tx.execute("UPDATE data_keys SET wrapped = ?, destroyed_at = ? WHERE account_id = ? "
-                           "AND destroyed_at IS NULL", (b"", when.isoformat(), account_id))
+                for table in KEY_TABLES:
+                    tx.execute(f"UPDATE {table} SET wrapped = ?, destroyed_at = ? WHERE account_id = ? "
+                               "AND destroyed_at IS NULL", (b"", when.isoformat(), account_id))
             if any(r.destroyed for r in records):
                 record_erasure(tx)
         if any(r.destroyed for r in records):
             # The old page images also sit in the write-ahead log (SQLite: checkpoint) or in
             # dead tuples and WAL (PostgreSQL: VACUUM FULL of the small key table, WAL segments removed).
-            purge = self.db.purge_erased(("data_keys",))
+            purge = self.db.purge_erased(KEY_TABLES)
             if purges is not None:
                 purges.append({**purge, "action": f"wrapped key overwritten by a tombstone; {purge['action']}"})
         return len(records)

@@ -15,12 +15,18 @@ from services.common import config, telemetry
     ("1Gi", 2**30), ("500Mi", 500 * 2**20), ("2G", 2 * 10**9), ("1.5Gi", 3 * 2**29),
     ("1073741824", 2**30), ("", 0), ("  64Ki ", 64 * 2**10),
     ("1e9", 10**9), ("5E+8", 5 * 10**8), (".5Gi", 2**29), ("2.Mi", 2 * 2**20),   # review26: refused before
+    # attack27: the exa suffixes were read as an exponent and refused ("could not convert
+    # string to float"); a fraction of a byte was 0, "no limit known".
+    ("1E", 10**18), ("2Ei", 2 * 2**60), ("1E3", 1000), ("0.5", 1), ("1.0000001Ki", 1025),
 ])
 def test_a_size_limit_is_read_as_the_chart_writes_it(text, expected):
     assert config.byte_quantity(text) == expected
 
 
-@pytest.mark.parametrize("bad", ["1GB", "-1Gi", "Gi", "1 Gi", "one", "100m", "1e-3", "1ki", "."])
+@pytest.mark.parametrize("bad", ["1GB", "-1Gi", "Gi", "1 Gi", "one", "100m", "1e-3", "1ki", ".",
+                                 # attack27: 1e400 stopped the process with an OverflowError traceback;
+                                 # digits other than 0-9 (Arabic-Indic here) were read as numbers
+                                 "1e400", "9Ei", "\u0661\u0662\u0663"])
 def test_a_bad_size_limit_stops_the_process_naming_the_variable(monkeypatch, bad):
     monkeypatch.setenv("HEARTH_DATA_DIR_SIZE_LIMIT", bad)
     with pytest.raises(config.ConfigError) as info:
