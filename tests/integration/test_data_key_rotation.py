@@ -663,7 +663,7 @@ def test_a_batch_job_cut_after_its_households_began_is_finished_by_another_runne
     assert done.counts()["completed"] == 2 and done.counts()["erased"] == 1
     for account in ("acc-b1", "acc-b2"):
         assert mesh.versions(account) == {2}
-        assert sorted(r.dek_version for r in mesh.key_store.load(account)) == [1, 2]   # no version 3
+        assert max(r.dek_version for r in mesh.key_store.load(account)) == 2   # no version 3
     assert second.run_due() == 0                        # terminal: nothing due
 
 
@@ -695,7 +695,7 @@ def test_a_batch_job_holds_a_household_whose_purge_was_incomplete_and_says_why(p
                 h = held.households["acc-h"]
                 assert (held.state, h.outcome.value, h.dek_version, h.attempts) == (JobState.RUNNING, "held", 3, 1)
                 assert "purge did not finish" in h.detail and "replication slot" in h.detail, h.detail
-                assert [r.dek_version for r in mesh.key_store.load("acc-h") if not r.destroyed] == [2, 3]
+                assert [r.dek_version for r in mesh.key_store.load("acc-h") if not r.destroyed and r.dek_version] == [2, 3]
                 assert batches.run_due() == 0                 # its retry is a sweep period away
             finally:
                 conn.execute("SELECT pg_drop_replication_slot(%s)", (f"hold_{run}",))
