@@ -573,7 +573,7 @@ def test_an_incomplete_purge_holds_the_rotation_open_until_a_clean_one(rmesh, cl
     resumes (no new version) and destroys version 2. Until session 27 the rotation
     completed over the incomplete purges and nobody was told. On SQLite (nothing keeps its
     WAL) the same rotation completes at once and nothing is held."""
-    tag = f"H{RUN}"
+    tag = f"Q{RUN}"   # held (H is the household scope test's)
     account, device = f"ac{tag}", f"dv{tag}"
     post_sessions(client, account, device, tag, time.time() - 6 * DAY, 4)
     assert client.post(f"/v1/household/{account}/rotate-key").status_code == 200          # v2, clean
