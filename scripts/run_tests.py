@@ -20,7 +20,8 @@ stretches with its share of the cores, the second waits on processes (the fresh-
 of 98239b4: 7:46 / 11:06 idle, 9:43 / 11:57 at load 4-5; session 26: 23:53 / 18:44 at load
 4-11 beside another suite). So a few self-contained files (``LAST``: no shared mesh, each
 its own processes) belong to neither: a third pytest process runs them as soon as either
-half has ended, after whichever is the shorter on the machine as it is.
+half has ended, after whichever is the shorter on the machine as it is — not after a
+stop (SIGTERM, Ctrl-C): the halves stop, and no last process is started.
 
 The second process prints as it runs; the first one's and the last one's output is kept
 in files and printed when all have ended, then one line with the summaries and the wall
@@ -100,9 +101,14 @@ def _pump(stream, into: list[str]) -> None:
 
 def _run(first_cmd: list[str], second_cmd: list[str], last_cmd: list[str]) -> int:
     began = time.monotonic()
+    stopped_by: list[int] = []   # the signal that stopped the run: no last process after it
+
     # Ctrl-C reaches every pytest process (they are in this process group); this one waits
-    # for them to finish their teardown and report.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # for them to finish their teardown and report, and starts no last one (review27: it did,
+    # out of the signal's reach, when the halves had ended).
+    def interrupted(signum, _frame):
+        stopped_by.append(signum)
+    signal.signal(signal.SIGINT, interrupted)
     with tempfile.NamedTemporaryFile("w+", prefix="hearth-test-first-half-", suffix=".log") as log, \
             tempfile.NamedTemporaryFile("w+", prefix="hearth-test-last-", suffix=".log") as last_log:
         first = subprocess.Popen(first_cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
@@ -112,6 +118,7 @@ def _run(first_cmd: list[str], second_cmd: list[str], last_cmd: list[str]) -> in
         running = [first, second]
 
         def forward(signum, _frame):   # e.g. a CI timeout: stop them all, and their processes with them
+            stopped_by.append(signum)
             for proc in running:
                 if proc.poll() is None:
                     proc.send_signal(signum)
@@ -127,10 +134,15 @@ def _run(first_cmd: list[str], second_cmd: list[str], last_cmd: list[str]) -> in
         while first.poll() is None and second.poll() is None:
             time.sleep(0.2)
         after = "the first half" if first.poll() is not None else "the rest"
-        last = subprocess.Popen(last_cmd, cwd=ROOT, stdout=last_log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, preexec_fn=_child_setup)
-        running.append(last)
-        last_rc = last.wait()
+        if stopped_by:
+            after, last_rc = "none: the run was stopped", 2   # pytest's "interrupted"
+        else:
+            last = subprocess.Popen(last_cmd, cwd=ROOT, stdout=last_log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, preexec_fn=_child_setup)
+            running.append(last)
+            if stopped_by and last.poll() is None:   # a signal between the test above and the append
+                last.send_signal(stopped_by[0])
+            last_rc = last.wait()
         second_rc = second.wait()
         pump.join()
         first_rc = first.wait()

@@ -363,8 +363,14 @@ def test_production_uses_postgres_redis_and_secrets_for_credentials(render):
     objects = render(values_files=(PRODUCTION_VALUES,))
     for component in COMPONENTS:
         env = effective_env(deployment_of(objects, component), objects)
-        assert env["HEARTH_STORAGE"] == "postgres"
-        assert env["HEARTH_POSTGRES_DSN"] == ("secret", "hearth-postgres", "dsn")
+        if component == "gateway":
+            # attack27: the gateway opens no database, yet was handed the DSN whose
+            # credentials read and write every service's schema (privacy's keys, consent
+            # and audit log included): the internet-facing pod held the mesh's data.
+            assert "HEARTH_POSTGRES_DSN" not in env and "HEARTH_STORAGE" not in env
+        else:
+            assert env["HEARTH_STORAGE"] == "postgres"
+            assert env["HEARTH_POSTGRES_DSN"] == ("secret", "hearth-postgres", "dsn")
         assert env["HEARTH_REDIS_URL"] == ("secret", "hearth-redis", "url")
         # The shared secret no longer signs (a key per component, mounted from a Secret:
         # test_each_pod_mounts_only_its_own_components_signing_key); it keys the pseudonyms.

@@ -108,3 +108,53 @@ def test_a_pytest_process_dies_with_a_killed_runner():
     finally:
         if alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+def _runner_stopped_by(signum: int, tmp_path: Path) -> tuple[int, float, bool]:
+    """A real runner whose halves sleep 60 s, stopped by ``signum`` (SIGTERM to the runner:
+    a CI timeout; SIGINT to its process group: Ctrl-C) while both run: (its exit status,
+    seconds it took to end, whether the last pytest process was started)."""
+    import os
+    import signal
+
+    marker = tmp_path / "last-started"
+    script, last = tmp_path / "runner.py", tmp_path / "last.py"
+    last.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT / 'scripts')!r})\n"
+        "import run_tests\n"
+        "half = [sys.executable, '-c', 'import time; time.sleep(60)']\n"
+        f"last = [sys.executable, {str(last)!r}]\n"
+        "run_tests.commands = lambda args: (half, half, last)\n"
+        "sys.exit(run_tests.main([]))\n")
+    runner = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        assert runner.stdout.readline().startswith("make test: ")   # both halves are running
+        time.sleep(0.5)
+        began = time.monotonic()
+        if signum == signal.SIGINT:
+            os.killpg(runner.pid, signum)   # the terminal's Ctrl-C reaches the whole group
+        else:
+            runner.send_signal(signum)
+        rc = runner.wait(timeout=60)
+        took = time.monotonic() - began
+        time.sleep(0.5)   # a last process started at the end has had time to write its marker
+        return rc, took, marker.exists()
+    finally:
+        if runner.poll() is None:
+            os.killpg(runner.pid, signal.SIGKILL)
+            runner.wait()
+
+
+def test_a_stopped_run_starts_no_last_process(tmp_path):
+    """A CI timeout's SIGTERM or a Ctrl-C while both halves run stops the run: the last
+    (tests/e2e/test_verify_quick.py, ~2 min of its own meshes) is not started after the
+    halves ended (review27: it was, and ran to its end, out of the signal's reach)."""
+    import signal
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        rc, took, last_started = _runner_stopped_by(signum, tmp_path)
+        assert not last_started, f"{signal.Signals(signum).name}: the last pytest process was started"
+        assert rc != 0 and took < 30, (signum, rc, took)

@@ -610,6 +610,30 @@ def test_a_store_facing_a_privacy_service_of_the_release_before_keys_the_same_di
     assert upgraded.digests("acc-w", ["x", "y"]) == older.digests("acc-w", ["x", "y"])
 
 
+def test_a_household_shredded_by_a_privacy_of_the_release_before_stays_erased_and_loses_its_digest_key(databases):
+    """Rolling upgrade: a privacy replica of the release before session 27 shreds a
+    household's data keys only (it knows no digest key), leaving the digest key this
+    release made live beside the tombstones. That live digest key must not make the
+    household look alive to this release (it would make a new data key for it and take
+    its data again), and the first rotation sweep after a start tombstones it."""
+    mesh = Mesh(databases)
+    mesh.fill("acc-x", n=2)
+    mesh.fill("acc-live", n=2)
+    with mesh.key_store.db.transaction() as tx:      # the older release's shred: data_keys only
+        tx.execute("UPDATE data_keys SET wrapped = ?, destroyed_at = ? WHERE account_id = 'acc-x'",
+                   (b"", "2026-12-07T00:00:00+00:00"))
+    fresh = mesh.replica()
+    for ask in (fresh.data_key, fresh.digest_key):
+        with pytest.raises(FailedPrecondition):
+            ask("acc-x")
+    assert sorted(r.dek_version for r in mesh.key_store.load("acc-x")) == [0, 1]   # no new data key
+
+    assert mesh.rotation(fresh).sweep() == 0
+    rows = {r.account_id: r for r in mesh.key_store.load() if r.dek_version == 0}
+    assert rows["acc-x"].destroyed and rows["acc-x"].wrapped == b""
+    assert not rows["acc-live"].destroyed and len(fresh.digest_key("acc-live")) == 32
+
+
 # ---- batch rotation jobs (keys/batch.py) ---------------------------------------------------
 
 def _aged(mesh: Mesh, *accounts: str) -> None:

@@ -569,10 +569,15 @@ def keyset_rows(db: Database, select: str, params: Sequence[Any], order: tuple[s
 
 
 def probe(db: Database) -> str:
-    """"" when the database answers a trivial query, else why not."""
+    """"" when the database answers a trivial query, else why not. In a read transaction:
+    on SQLite a write one is BEGIN IMMEDIATE and waited for the database's one write lock,
+    so a long write (a big household's Rekey, ~22 s) made this critical check fail and the
+    service NOT_SERVING while reads still worked (attack27); whether writes are taken is
+    the ``database writes`` check's (WriteHealth). SQLite reads its schema page (a bare
+    ``SELECT 1`` in a deferred transaction would not touch the file at all)."""
     try:
-        with db.transaction() as tx:
-            tx.query("SELECT 1")
+        with db.transaction(readonly=True) as tx:
+            tx.query("SELECT count(*) FROM sqlite_master" if db.dialect == "sqlite" else "SELECT 1")
     except Exception as exc:  # noqa: BLE001 - any failure is the reason
         return f"{type(exc).__name__}: {exc}"[:200]
     return ""

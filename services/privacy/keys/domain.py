@@ -272,9 +272,9 @@ class KeyRing:
 
     def _live_versions(self, account_id: str) -> dict[int, WrappedDek]:
         """The live data key versions (never the digest key: it seals no data)."""
-        versions = self._records.get(account_id, {})
-        if versions and all(r.destroyed for r in versions.values()):
+        if self.is_destroyed(account_id):
             raise KeyDestroyedError(f"account {account_id}: data key destroyed (crypto-shredded)")
+        versions = self._records.get(account_id, {})
         return {v: r for v, r in versions.items() if not r.destroyed and v != DIGEST_KEY_VERSION}
 
     def derive_digest_key(self, account_id: str, now: datetime) -> WrappedDek | None:
@@ -312,7 +312,7 @@ class KeyRing:
         the household was shredded."""
         _check_name(account_id, "account_id")
         versions = self._records.get(account_id, {})
-        if versions and all(r.destroyed for r in versions.values()):
+        if self.is_destroyed(account_id):
             raise KeyDestroyedError(f"account {account_id}: data key destroyed (crypto-shredded)")
         version = max((v for v in versions if v != DIGEST_KEY_VERSION), default=0) + 1
         dek = AESGCM.generate_key(bit_length=256)
@@ -333,8 +333,13 @@ class KeyRing:
         return any(not r.destroyed and not r.is_digest_key for r in self._records.get(account_id, {}).values())
 
     def is_destroyed(self, account_id: str) -> bool:
-        versions = self._records.get(account_id, {})
-        return bool(versions) and all(r.destroyed for r in versions.values())
+        """Shredded: the household has data key versions and every one is destroyed. Its
+        digest key is not asked: a privacy replica of a release before session 27 shreds
+        the data keys only (it knows no digest key), and a live digest key left beside
+        them must not make the household look alive (a new data key would be made for it);
+        the rotation sweep tombstones such a digest key (``DataKeyStore.shred_orphan_digest_keys``)."""
+        data = [r for v, r in self._records.get(account_id, {}).items() if v != DIGEST_KEY_VERSION]
+        return bool(data) and all(r.destroyed for r in data)
 
     def destroy_dek(self, account_id: str, now: datetime) -> list[WrappedDek]:
         """Crypto-shred: replace every DEK version of the household by a tombstone.

@@ -330,6 +330,10 @@ class DataKeyRotation:
         PostgreSQL: every sweep (a no-op unless a purge is noted); SQLite, which notes
         nothing: the first sweep after a start (the restart after such a kill)."""
         finished = self.resume_unfinished()
+        if self._purge_due:
+            # Once after a start: digest keys a privacy replica of the release before
+            # session 27 left live when it shredded their households (a rolling upgrade).
+            self.keys.store.shred_orphan_digest_keys(datetime.now(UTC).isoformat())
         if self._purge_due or self.keys.store.db.dialect != "sqlite":
             self.keys.store.purge_owed()
             self._purge_due = False

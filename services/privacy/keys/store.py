@@ -135,6 +135,32 @@ class DataKeyStore:
                 purges.append({**purge, "action": f"retired wrapped key overwritten by a tombstone; {purge['action']}"})
         return destroyed
 
+    def shred_orphan_digest_keys(self, when: str) -> int:
+        """Tombstone the live digest keys of households whose data keys are all destroyed:
+        a privacy replica of a release before session 27 shredded the household (it knows
+        no digest key) during a rolling upgrade. Returns how many; their old wrapped keys
+        are purged physically (``purge_owed`` after). One scan of ``digest_keys``: run by
+        the first rotation sweep after a start, not every minute."""
+        with self.db.transaction() as tx:
+            if self.db.dialect == "sqlite":
+                tx.execute("PRAGMA secure_delete = ON")
+            orphans = [r[0] for r in tx.query(
+                "SELECT d.account_id FROM digest_keys d WHERE d.destroyed_at IS NULL "
+                "AND EXISTS (SELECT 1 FROM data_keys k WHERE k.account_id = d.account_id) "
+                "AND NOT EXISTS (SELECT 1 FROM data_keys k WHERE k.account_id = d.account_id "
+                "AND k.destroyed_at IS NULL)")]
+            for account_id in orphans:
+                tx.lock_household(account_id)
+                tx.execute("UPDATE digest_keys SET wrapped = ?, destroyed_at = ? WHERE account_id = ? "
+                           "AND destroyed_at IS NULL AND NOT EXISTS (SELECT 1 FROM data_keys k WHERE "
+                           "k.account_id = digest_keys.account_id AND k.destroyed_at IS NULL)",
+                           (b"", when, account_id))
+            if orphans:
+                record_erasure(tx)
+        if orphans:
+            self.db.purge_erased(KEY_TABLES)
+        return len(orphans)
+
     def purge_owed(self) -> dict:
         """The physical purge of ``data_keys`` (``Database.purge_erased``) that a tombstone's
         writer noted and may not have run (killed after its commit): the rotation sweep

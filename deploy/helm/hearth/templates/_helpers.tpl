@@ -256,12 +256,16 @@ render time is cheaper than discovering it in a running cluster.
 {{- end }}
 {{- end }}
 
-{{/* Env of every Hearth container: storage, secrets, shutdown, extra values. */}}
+{{/* Env of every Hearth container: storage, secrets, shutdown, extra values. The
+gateway opens no database: it gets neither the backend nor the DSN, whose credentials
+read and write every service's schema (attack27: the internet-facing pod held them). */}}
 {{- define "hearth.commonEnv" -}}
 {{- $root := .root }}
+{{- if ne .name "gateway" }}
 - name: HEARTH_STORAGE
   value: {{ $root.Values.storage.backend | quote }}
-{{- if eq $root.Values.storage.backend "postgres" }}
+{{- end }}
+{{- if and (eq $root.Values.storage.backend "postgres") (ne .name "gateway") }}
 - name: HEARTH_POSTGRES_DSN
   valueFrom:
     secretKeyRef:
