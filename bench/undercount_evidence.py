@@ -318,6 +318,11 @@ def loop_figures(hs, fed, outs, shift, names) -> dict:
             # each kind's own ECE before feedback ("label-shaped": the draw's labels add a
             # person, feedback_why; their cancelling within bins is what session 26 found)
             "default_ece_before": rep["default_ece_before"], "label_shaped_ece_before": rep["label_shaped_ece_before"],
+            # the label-shaped households once their labels are in (no calibrator): does the
+            # evidence of the labelled fit raise their confidence past their accuracy?
+            "label_shaped_after_labels": {"confidence": rep["label_shaped_confidence_after"],
+                                          "accuracy": rep["label_shaped_accuracy_after"],
+                                          "ece": rep["label_shaped_ece_after"]},
             "default_confidence_minus_accuracy": round(rep["default_confidence_before"]
                                                        - rep["default_accuracy_before"], 4),
             "label_shaped_confidence_minus_accuracy": round(rep["label_shaped_confidence_before"]

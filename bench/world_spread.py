@@ -32,9 +32,9 @@ The pieces (pure, unit-tested in tests/unit/clustering/test_world_spread.py):
   is divided into its two parts when both hold ≥ ``min_size`` sessions (first-order: the
   parts are relabelled, without the refit a service change would do).
 
-``python -m bench.world_spread [--movielens-tuning] [--view all|hours|taste] [--cache DIR]`` reads the scored
-households (Hearth's batch fit and the baselines, made by ``--score`` in ``--workers``
-processes and cached) of TUNING seed 20260001 worlds 0–3 (the choice: best session accuracy +
+``python -m bench.world_spread [--movielens-tuning] [--view all|hours|taste] [--workers 2] [--cache DIR]``
+scores the households (Hearth's batch fit and the baselines, in ``--workers`` processes; kept
+in ``--cache`` and read back from it) of TUNING seed 20260001 worlds 0–3 (the choice: best session accuracy +
 size exact among the settings keeping at least as many single viewers single as Hearth; also
 cross-fitted over the two halves of the worlds), and reports on TUNING seed 20260002 worlds
 0–3 and the real viewers' TUNING half beside Hearth's batch fit, majority, the device
@@ -345,6 +345,9 @@ def diagnose(hs: list[Household], people: dict) -> dict:
     out = {}
     for r, pp in people.items():
         two, one, single, holds, pure, holds_ref, pure_ref = [], [], [], [], [], [], []
+        # beside each measured z: the person's share of shared-device sessions (does the z
+        # say more than "this person watches on the TV"?)
+        holds_shared, pure_shared = [], []
         for h, persons_ in zip(hs, pp):
             for p in persons_:
                 t = h.person[p.idx]
@@ -356,10 +359,12 @@ def diagnose(hs: list[Household], people: dict) -> dict:
                     holds.append(p.z)
                     if measured:
                         holds_ref.append(p.z)
+                        holds_shared.append(float((h.group[p.idx] < 0).mean()))
                 elif counts[0] >= 0.9 * t.size:
                     pure.append(p.z)
                     if measured:
                         pure_ref.append(p.z)
+                        pure_shared.append(float((h.group[p.idx] < 0).mean()))
                 if h.n_persons == 1:
                     single.append(p.z)
                 sizes = [(p.parts == 0).sum(), (p.parts == 1).sum()]
@@ -380,8 +385,17 @@ def diagnose(hs: list[Household], people: dict) -> dict:
                   "measured_auc_higher_for_blends": PMG._auc(np.array(holds_ref), np.array(pure_ref)),
                   "measured_z_quantiles_blends": PMG._quantiles(np.array(holds_ref)),
                   "measured_z_quantiles_pure": PMG._quantiles(np.array(pure_ref)),
+                  "measured_auc_shared_share_alone": PMG._auc(np.array(holds_shared), np.array(pure_shared)),
+                  **_mostly_shared(np.array(holds_ref), np.array(pure_ref), np.array(holds_shared), np.array(pure_shared)),
                   "z_quantiles_single_viewers": PMG._quantiles(np.array(single))}
     return out
+
+
+def _mostly_shared(zb: np.ndarray, zp: np.ndarray, sb: np.ndarray, sp: np.ndarray) -> dict:
+    """The z's AUC among persons with >= half their sessions on shared devices only."""
+    b, p = zb[sb >= 0.5] if zb.size else zb, zp[sp >= 0.5] if zp.size else zp
+    return {"measured_mostly_shared_blends": int(b.size), "measured_mostly_shared_pure": int(p.size),
+            "measured_mostly_shared_auc_higher_for_blends": PMG._auc(b, p)}
 
 
 def report(hs: list[Household], people: dict, chosen: Setting | None, options: list[Setting]) -> dict:

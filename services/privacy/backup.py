@@ -40,7 +40,7 @@ from services.common import config
 from services.common.storage.sql import Database, migrate, open_database
 from services.privacy.deletion.domain import JobState, job_from_dict, new_job
 from services.privacy.deletion.store import DeletionJobStore
-from services.privacy.keys.store import DataKeyStore
+from services.privacy.keys.store import KEY_TABLES, DataKeyStore
 from services.privacy.migrations import MIGRATIONS
 
 RESTORE_PRINCIPAL = "svc:privacy"
@@ -165,7 +165,7 @@ def _settings(args: argparse.Namespace):
 
 def _privacy_db(settings) -> Database:
     db = open_database(settings, "privacy")
-    migrate(db, MIGRATIONS)
+    migrate(db, MIGRATIONS, personal_tables=KEY_TABLES)   # as the service (ConsentStore.migrate)
     return db
 
 
