@@ -7,15 +7,14 @@ the unary ExportAccount, the document through the unary ExportHousehold."""
 
 from __future__ import annotations
 
-import subprocess
 import time
 import uuid
 
 import httpx
-import pytest
 
 from bench.assign_cpu import extract
 from services.testing.mesh import ROOT
+from tests.helpers.history import require_commit
 
 BEFORE_STREAMING = "d3fbe5f"   # session 25's end: ExportAccount only
 RUN = uuid.uuid4().hex[:6]
@@ -53,20 +52,8 @@ def _export_with_old(mesh, c, service: str, acct: str, tree) -> httpx.Response:
         mesh.wait_healthy(120)
 
 
-def _release_before_streaming_is_in_history() -> None:
-    """The older release is taken from this repository's own history (git archive): a
-    shallow clone or an unpacked tarball has none, and this test must fail saying so, not
-    be skipped (.ci/run fails rather than skips)."""
-    found = subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{BEFORE_STREAMING}^{{commit}}"],
-                           capture_output=True, text=True)
-    if found.returncode != 0:
-        pytest.fail(f"commit {BEFORE_STREAMING} (the release this rolling-upgrade test runs beside this one) "
-                    f"is not in {ROOT}'s history: a shallow clone or a tarball? Clone the whole history "
-                    "(git fetch --unshallow) to run the suite.")
-
-
 def test_a_data_holder_or_a_privacy_without_the_stream_still_export_whole(mesh, tmp_path):
-    _release_before_streaming_is_in_history()
+    require_commit(BEFORE_STREAMING)
     acct = f"rolling-{RUN}"
     old_tree = extract(BEFORE_STREAMING, tmp_path / "tree")
     with httpx.Client(base_url=mesh.url, headers={"X-API-Key": mesh.api_key}, timeout=60) as c:
