@@ -32,9 +32,9 @@ The pieces (pure, unit-tested in tests/unit/clustering/test_world_spread.py):
   is divided into its two parts when both hold ≥ ``min_size`` sessions (first-order: the
   parts are relabelled, without the refit a service change would do).
 
-``python -m bench.world_spread [--movielens-tuning] [--view all|hours|taste] [--cache DIR]`` reads the scored
-households (Hearth's batch fit and the baselines, made by ``--score`` in ``--workers``
-processes and cached) of TUNING seed 20260001 worlds 0–3 (the choice: best session accuracy +
+``python -m bench.world_spread [--movielens-tuning] [--view all|hours|taste] [--workers 2] [--cache DIR]``
+scores the households (Hearth's batch fit and the baselines, in ``--workers`` processes; kept
+in ``--cache`` and read back from it) of TUNING seed 20260001 worlds 0–3 (the choice: best session accuracy +
 size exact among the settings keeping at least as many single viewers single as Hearth; also
 cross-fitted over the two halves of the worlds), and reports on TUNING seed 20260002 worlds
 0–3 and the real viewers' TUNING half beside Hearth's batch fit, majority, the device

@@ -303,6 +303,37 @@ def test_a_model_cached_while_its_household_is_erased_does_not_stay_in_the_cache
     assert eraser.get_model("acc-c") is None
 
 
+@pytest.mark.parametrize("path", ["read", "save"])
+def test_a_model_cached_while_its_household_is_rekeyed_does_not_stay_in_the_cache(database, cache, path):
+    """The same race with a data key rotation's Rekey (another replica) instead of an
+    erasure: the model read or saved just before it is sealed under the version the
+    rotation destroys next, so its copy must not land in the cache after the Rekey dropped
+    it. Since session 27 a Rekey moves the household's own re-key count, not the
+    store's household-erasure count, and the check reads both (without the household's
+    count the stale copy stayed in the cache)."""
+    from datetime import UTC, datetime
+
+    from services.common.field_crypto import FieldCipher
+    from services.privacy.keys.domain import KeyRing, generate_kek
+    from tests.helpers.keys import ring_fetcher
+
+    ring = KeyRing([generate_kek("k")], "k")
+    rekeyer = ClusteringStore(database, cache, gap_s=1800, cipher=FieldCipher(ring_fetcher(ring, [])))
+    rekeyer.migrate()
+    rekeyer.ingest([ev(0, T0, account="acc-k")])
+    version = rekeyer.save_model("acc-k", 0, "gmm", b"model")
+    cache.delete("model:acc-k")
+    ring.create_dek("acc-k", datetime.now(UTC))            # a rotation's version 2
+    hooked = _EraseWhileCaching(cache, lambda: rekeyer.rekey("acc-k", 2))
+    reader = ClusteringStore(database, hooked, gap_s=1800, cipher=FieldCipher(ring_fetcher(ring, [])))
+    if path == "read":
+        assert reader.get_model("acc-k").version == version      # read before the Rekey committed
+    else:
+        assert reader.save_model("acc-k", version, "gmm", b"newer") == version + 1
+    assert hooked.fired
+    assert cache.get("model:acc-k") is None
+
+
 def test_model_blob_is_skipped_only_for_the_version_the_caller_holds(store, database):
     store.ingest([ev(0, T0)])
     store.save_model("acc-1", 0, "gmm", b"one")

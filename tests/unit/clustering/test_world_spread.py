@@ -93,3 +93,26 @@ def test_spread_views_are_the_hours_and_the_taste_columns():
     assert taste.shape[1] == F.GENRE.stop - F.GENRE.start + 2
     with pytest.raises(ValueError, match="view"):
         WS.spread_features(X, "device")
+
+
+def _household(world: str, n: int, device_type: str, seed: int) -> WS.Household:
+    rng = np.random.default_rng(seed)
+    X = rng.random((n, F.FEATURE_DIM)).astype(np.float32)
+    X[:, F.DEVICE] = 0.0
+    X[:, F.DEVICE.start + F.DEVICE_TYPES.index(device_type)] = 1.0
+    slots = np.zeros(n, dtype=np.int64)
+    group = np.zeros(n, dtype=np.int64) if device_type == "mobile" else np.full(n, -1)
+    return WS.Household(f"h{seed}", world, np.zeros(n, dtype=np.int64), X, group, slots,
+                        {"hearth_batch": np.repeat([0, 1], [n // 2, n - n // 2])})
+
+
+def test_a_world_without_personal_devices_has_no_device_reference_and_splits_nobody():
+    hs = [_household("w", 60, "tv", s) for s in range(4)]
+    people = WS.world_people(hs, "devices", min_sessions=20)
+    flat = [p for pp in people for p in pp]
+    assert len(flat) == 8 and all(p.z == 0.0 and p.references == 0 for p in flat)
+    assert all(np.array_equal(WS.split_outliers(h.answers["hearth_batch"], pp, 0.5, 10), h.answers["hearth_batch"])
+               for h, pp in zip(hs, people))
+    phones = [_household("w", 60, "mobile", s) for s in range(4)]
+    flat = [p for pp in WS.world_people(phones, "devices", min_sessions=20) for p in pp]
+    assert all(p.references == 4 for p in flat)        # one reference set per phone with >= 20 sessions
