@@ -248,10 +248,10 @@ def stream_household(api: Api, h: WorldHousehold, page: int = 100, cut: str = "m
             waited = True
             time.sleep(POLL_S)
             # the status alone (a page of one session): the pages of sessions are answered by
-            # the clustering process whose refresh this waits for; read once it has settled
-            status = api.household_page(account, 1).get("status") or {}
-        if waited:
-            sessions, status = api.household_since(account, since, page)
+            # the clustering process whose refresh this waits for; read once it says settled
+            # (the answers recorded are those of a read whose own status says settled)
+            if (api.household_page(account, 1).get("status") or {}).get("settled"):
+                sessions, status = api.household_since(account, since, page)
         run.catch_up_waits += waited
         run.settle_after_post_s.append(time.perf_counter() - posted)
         if status.get("settled"):

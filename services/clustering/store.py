@@ -407,6 +407,17 @@ class ClusteringStore:
                 fresh.append(e)
         return fresh
 
+    def event_status(self, account: str, event_ids: Sequence[str]) -> tuple[set[str], set[str]]:
+        """(ids of ``event_ids`` the household holds, ids it stored and an erasure deleted
+        since): what a caller whose ingest got no answer (a 504) asks before resending.
+        The same tests as ingest's duplicate check (``_new_events``), read-only."""
+        ids = sorted(set(event_ids))
+        with self.db.transaction() as tx:
+            stored = {r[0] for r in _query_in(
+                tx, "SELECT event_id FROM events WHERE account_id = ? AND event_id IN ({})", account, ids)}
+            erased = self._erased(tx, account, [i for i in ids if i not in stored])
+        return stored, erased
+
     def _update_sessions(self, tx: Tx, account: str, device: str, fresh: list[ViewingEvent]) -> int:
         """Bring the device's sessions up to date with ``fresh`` (just stored, ids new).
         When they all sort after the device's newest session's last event (time, then
