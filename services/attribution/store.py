@@ -9,8 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 from services.attribution.domain.records import Conversion, Touchpoint
 from services.attribution.migrations import MIGRATIONS
 from services.common.erasure import ErasureOutcome, ErasureScope
-from services.common.field_crypto import (FieldCipher, drop_keys_of_erased_households, fetch_keys_before_writing,
-                                         forget_household_rekeys,
+from services.common.field_crypto import (FieldCipher, drop_keys_of_erased_households, forget_household_rekeys,
                                          note_household_erased, note_household_rekeyed)
 from services.common.storage.cache import Cache, MemoryCache
 from services.common.ids import MAX_FUTURE_SKEW_S
@@ -67,9 +66,8 @@ class AttributionStore:
     def record_touchpoints(self, items: Sequence[Touchpoint]) -> tuple[int, int]:
         """Store new touchpoints; returns (accepted, duplicates). Idempotent by id, also
         for a touchpoint an erasure deleted since."""
-        accounts = sorted({t.account_id for t in items})
-        fetch_keys_before_writing(self.db, self.cipher, accounts)
         with self.db.transaction() as tx:
+            accounts = sorted({t.account_id for t in items})
             for account in accounts:
                 tx.lock_household(account)
             drop_keys_of_erased_households(tx, self.cipher, accounts)
@@ -84,9 +82,8 @@ class AttributionStore:
     def record_conversions(self, items: Sequence[Conversion]) -> tuple[int, int]:
         """Store new conversions; returns (accepted, duplicates). Refused (nothing stored)
         when a household was erased: its key is destroyed."""
-        accounts = sorted({c.account_id for c in items})
-        fetch_keys_before_writing(self.db, self.cipher, accounts)
         with self.db.transaction() as tx:
+            accounts = sorted({c.account_id for c in items})
             for account in accounts:
                 tx.lock_household(account)
             drop_keys_of_erased_households(tx, self.cipher, accounts)

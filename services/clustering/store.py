@@ -35,7 +35,7 @@ from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import Conflict, InvalidArgument, NotFound
 from services.common.ids import MAX_FUTURE_SKEW_S
 from services.common.field_crypto import (FieldCipher, FieldDecryptionError, drop_keys_of_erased_households,
-                                         fetch_keys_before_writing, forget_household_rekeys, household_key_state, note_household_erased,
+                                         forget_household_rekeys, household_key_state, note_household_erased,
                                          note_household_rekeyed)
 from services.common.feedback_to_clustering import UNPROMPTED_LABEL_SUFFIX
 from services.common.storage.cache import Cache, MemoryCache, purge_persistence
@@ -306,9 +306,8 @@ class ClusteringStore:
             batch = by_device[(e.account_id, e.device_id)]
             batch.events.append(e)
         accepted = duplicates = late = touched = 0
-        accounts = sorted({account for account, _ in by_device})
-        fetch_keys_before_writing(self.db, self.cipher, accounts)
         with self.db.transaction() as tx:
+            accounts = sorted({account for account, _ in by_device})
             for account in accounts:
                 tx.lock_household(account)
             drop_keys_of_erased_households(tx, self.cipher, accounts)

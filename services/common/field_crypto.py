@@ -29,7 +29,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from json.encoder import encode_basestring_ascii as _json_string
 
 import grpc
@@ -202,23 +202,6 @@ class FieldCipher:
         with self._lock:
             self._digest_keys[account_id] = (now, key)
         return key
-
-    def prefetch(self, account_ids: Iterable[str]) -> None:
-        """Fetch the newest key of each household not cached, before a write transaction
-        (``fetch_keys_before_writing``): a fetch is a GetDataKey round trip, and one inside
-        the transaction held the store's write lock for it (attack27: 1,000 households with
-        a cold cache held it ~3.3 s). An error is left to the write, which fetches again
-        and raises it where it always did."""
-        now = self._clock()
-        for account_id in sorted(set(account_ids)):
-            with self._lock:
-                hit = self._keys.get((account_id, 0))
-            if hit is not None and now - hit[0] < self._ttl:
-                continue
-            try:
-                self._entry(account_id, 0)
-            except HearthError:
-                continue
 
     def require_live(self, account_id: str) -> None:
         """Raise FailedPrecondition (field ``account_id``) when the household was erased
@@ -431,17 +414,6 @@ def household_key_state(tx, account_id: str) -> tuple[int, int]:
     """(household erasures, the household's re-key count): what a copy of a sealed value
     read in ``tx`` (a cached model) was sealed under is stale when either moved."""
     return household_erasures(tx), household_rekeys(tx, (account_id,))[account_id]
-
-
-def fetch_keys_before_writing(db, cipher: "FieldCipher | None", account_ids: Sequence[str]) -> None:
-    """Before a write transaction of ``account_ids``: the cache synced with the store's
-    counts (as the transaction will, so it does not drop what is fetched now), then the
-    households' keys fetched outside the write lock (``FieldCipher.prefetch``). The
-    transaction still syncs under the lock: an erasure committed in between drops them."""
-    if cipher is not None and account_ids:
-        with db.transaction(readonly=True) as tx:
-            drop_keys_of_erased_households(tx, cipher, account_ids)
-        cipher.prefetch(account_ids)
 
 
 def drop_keys_of_erased_households(tx, cipher: "FieldCipher | None", account_ids: Iterable[str] = ()) -> None:
