@@ -299,16 +299,31 @@ def auc(score: np.ndarray, y: np.ndarray) -> float:
     return float(greater / (pos.size * neg.size))
 
 
-def loop_figures(hs, fed, outs, shift, names) -> dict:
+def carried(labelled: FitAnswers, unlabelled: FitAnswers) -> FitAnswers:
+    """``labelled`` read with the evidence and persons of the household's unlabelled fit
+    (fbece26's ``evidence_persons``, for every candidate): evidence that keeps its meaning
+    when labels add the person it pointed at. A household whose unlabelled fit the shift
+    did not answer for (one person, young) keeps its labelled fit's own evidence."""
+    if not unlabelled.shifted:
+        return labelled
+    return FitAnswers(labelled.raw, labelled.served, labelled.shifted, labelled.groups, unlabelled.persons,
+                      unlabelled.evidence, labelled.rows, labelled.cal_groups)
+
+
+def loop_figures(hs, fed, outs, shift, names, carry: bool = False) -> dict:
     """ECE before feedback and of bench.feedback_why's whole loop (``loop_mesh``), mean of
-    the draws, with every fit re-read through ``shift`` (None: as served)."""
+    the draws, with every fit re-read through ``shift`` (None: as served); ``carry``: the
+    labelled fits read with their unlabelled fit's evidence (``carried``)."""
     from bench import _worlds_eval as E
     from bench import feedback_why as W
 
     def read(a):
         return a.served if shift is None else reread(a, shift, names)
+
+    def fed_answers(o):
+        return [carried(a, o["batch"]) if carry else a for a in o["fed"]]
     view = [{"batch": read(o["batch"]),
-             "fed_batch": [E.FedAnswers(read(a), a.rows, a.cal_groups) for a in o["fed"]]} for o in outs]
+             "fed_batch": [E.FedAnswers(read(a), a.rows, a.cal_groups) for a in fed_answers(o)]} for o in outs]
     rep = W.decompose(hs, fed, view, "fed_batch")
     persons = [h.person for h in hs]
     _, _, ok, _ = E.pooled_answers(persons, [v["batch"] for v in view])
@@ -357,6 +372,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--no-movielens", action="store_true", help="leave the real viewers' tuning half out")
     ap.add_argument("--cache", type=Path, default=None, help="pickle of the fits (reused when present)")
+    ap.add_argument("--carry-evidence", action="store_true",
+                    help="read the labelled fits with their unlabelled fit's evidence and persons (carried)")
     args = ap.parse_args()
     t0 = time.time()
     fit_ids = world_indices(args.fit_worlds)
@@ -387,7 +404,8 @@ def main() -> None:
     for name, names in VARIANTS:
         shift = None if names is None else fit_shift(synth_rows + ml_rows, names)
         report["shifts"][name] = shift
-        report["synthetic_eval"][name] = loop_figures(ev_hs, ev_fed, ev_outs, shift, names or ())
+        report["synthetic_eval"][name] = loop_figures(ev_hs, ev_fed, ev_outs, shift, names or (),
+                                                      args.carry_evidence)
         if ml is not None:   # leave the real viewers' world out of the shift that reads them
             hs, fed, outs = ml
             worlds_of = np.array([h.world_id for h in hs])
@@ -399,7 +417,8 @@ def main() -> None:
                 for i in np.flatnonzero(worlds_of == w):
                     o = outs[i]
                     view[i] = {"batch": _as_served(o["batch"], s, names),
-                               "fed": [_as_served(a, s, names) for a in o["fed"]]}
+                               "fed": [_as_served(carried(a, o["batch"]) if args.carry_evidence else a, s, names)
+                                       for a in o["fed"]]}
             report["movielens_eval"][name] = loop_figures(hs, fed, view, None, ())
         for tag in ("synthetic_eval", "movielens_eval"):
             if name in report[tag]:

@@ -100,3 +100,15 @@ def test_split_gain_is_zero_when_no_person_has_enough_sessions_and_refuses_one_s
     assert U.split_gain(X, np.arange(12) % 4, GaussianDiag()) == 0.0
     with pytest.raises(ValueError, match="fewer than two sessions"):
         U.split_gain(X[:1], np.zeros(1), GaussianDiag())
+
+
+def test_a_labelled_fit_carries_its_unlabelled_fits_evidence_only_where_the_shift_answered_for_it():
+    def fit(persons, shifted, gain):
+        P = np.full((3, persons), 1.0 / persons)
+        return U.FitAnswers(P, P, shifted, 1, persons, {"split_gain": gain}, np.ones(3, bool), np.full(3, ""))
+    labelled, unlabelled = fit(3, True, 0.1), fit(2, True, 0.9)
+    c = U.carried(labelled, unlabelled)
+    assert (c.persons, c.evidence["split_gain"]) == (2, 0.9)
+    assert c.raw is labelled.raw and c.rows is labelled.rows
+    one_person = fit(1, False, float("nan"))
+    assert U.carried(labelled, one_person) is labelled
