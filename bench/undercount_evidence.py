@@ -328,7 +328,10 @@ def loop_figures(hs, fed, outs, shift, names, carry: bool = False) -> dict:
     persons = [h.person for h in hs]
     _, _, ok, _ = E.pooled_answers(persons, [v["batch"] for v in view])
     return {"no_feedback": rep["no_feedback"], "labels_only": rep["labels_only"], "loop_mesh": rep["loop_mesh"],
-            "per_draw": {k: rep["per_draw"][k] for k in ("no_feedback", "loop_mesh")},
+            # fbece26's design: the label-shaped answers skip the feedback calibrator (with
+            # --carry-evidence: its branch fbece26-design, plus the evidence)
+            "loop_shaped_uncalibrated": rep["loop_shaped_uncalibrated"],
+            "per_draw": {k: rep["per_draw"][k] for k in ("no_feedback", "loop_mesh", "loop_shaped_uncalibrated")},
             "accuracy": round(float(ok.mean()), 4),
             # each kind's own ECE before feedback ("label-shaped": the draw's labels add a
             # person, feedback_why; their cancelling within bins is what session 26 found)
