@@ -97,6 +97,20 @@ class EventsIn(Strict):
     events: list[EventIn] = Field(min_length=1, max_length=10_000)
 
 
+class EventStatusIn(Strict):
+    account_id: Id
+    event_ids: list[Id] = Field(min_length=1, max_length=10_000,
+                                description="the event ids of one household's events (an ingest batch's bound)")
+
+
+class EventStatusOut(BaseModel):
+    account_id: str
+    stored: list[str] = Field(description="held now: a resend changes nothing")
+    erased: list[str] = Field(description="stored, then deleted by an erasure: a resend is ignored as a duplicate")
+    not_stored: list[str] = Field(description="never stored (lost with the request, or refused as late or "
+                                              "expired): resend these")
+
+
 class IngestOut(BaseModel):
     accepted: int
     duplicates: int

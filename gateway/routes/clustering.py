@@ -129,6 +129,15 @@ def router(clients, access) -> APIRouter:
                                 rejected_late=r.rejected_late, sessions_touched=r.sessions_touched,
                                 rejected_expired=r.rejected_expired)
 
+    @api.post("/v1/events/status", response_model=models.EventStatusOut,
+              summary="Which of a household's event ids are stored (ask after a POST /v1/events got no answer)")
+    async def post_events_status(body: models.EventStatusIn,
+                                 who: Principal = Depends(access("POST /v1/events/status"))):
+        r = await clients.call("clustering", "GetEventStatus",
+                               cpb.GetEventStatusRequest(account_id=body.account_id, event_ids=body.event_ids), who)
+        return models.EventStatusOut(account_id=body.account_id, stored=list(r.stored), erased=list(r.erased),
+                                     not_stored=list(r.not_stored))
+
     @api.get("/v1/household/{account_id}", response_model=models.HouseholdOut,
              responses={404: {"model": models.ErrorOut, "description": "unknown account"}},
              summary="Devices, sessions, persons and drift events of a household")

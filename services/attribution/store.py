@@ -10,7 +10,7 @@ from services.attribution.domain.records import Conversion, Touchpoint
 from services.attribution.migrations import MIGRATIONS
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.field_crypto import (FieldCipher, drop_keys_of_erased_households, forget_household_rekeys,
-                                         note_household_erased, note_household_rekeyed)
+                                         note_household_erased, note_household_rekeyed, warm_household_keys)
 from services.common.storage.cache import Cache, MemoryCache
 from services.common.ids import MAX_FUTURE_SKEW_S
 from services.common.export_stream import materialised
@@ -66,6 +66,8 @@ class AttributionStore:
     def record_touchpoints(self, items: Sequence[Touchpoint]) -> tuple[int, int]:
         """Store new touchpoints; returns (accepted, duplicates). Idempotent by id, also
         for a touchpoint an erasure deleted since."""
+        # The households' keys before the write lock is taken (FieldCipher.warm).
+        warm_household_keys(self.db, self.cipher, {t.account_id for t in items})
         with self.db.transaction() as tx:
             accounts = sorted({t.account_id for t in items})
             for account in accounts:
@@ -82,6 +84,7 @@ class AttributionStore:
     def record_conversions(self, items: Sequence[Conversion]) -> tuple[int, int]:
         """Store new conversions; returns (accepted, duplicates). Refused (nothing stored)
         when a household was erased: its key is destroyed."""
+        warm_household_keys(self.db, self.cipher, {c.account_id for c in items})
         with self.db.transaction() as tx:
             accounts = sorted({c.account_id for c in items})
             for account in accounts:

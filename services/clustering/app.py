@@ -20,7 +20,7 @@ import numpy as np
 from prometheus_client import Counter
 
 from services.clustering.domain import features as F
-from services.clustering.domain.events import ViewingEvent
+from services.clustering.domain.events import MAX_EVENTS_PER_BATCH, ViewingEvent
 from services.common.ids import check_id
 from services.clustering.domain.model import (MIN_SESSIONS, PRIOR_MAX_HOUSEHOLDS, BatchAssignment, HouseholdModel,
                                              PopulationPrior, feedback_calibrator_rows, population_prior)
@@ -466,6 +466,21 @@ class ClusteringApp:
         if envelope is None:
             raise NotFound(f"no sessions for account {account_id!r}", "account_id")
         return version, envelope.model.n_persons, envelope.included
+
+    def event_status(self, account_id: str, event_ids: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
+        """(stored, erased, not stored) among ``event_ids`` of the household, each in the
+        order asked, an id asked twice once: the answer to "was my batch stored?" after an
+        ingest that ended without one (a 504, a deadline). Read-only, no consent needed (it
+        says what is held, as GetHousehold does)."""
+        check_id(account_id, "account_id")
+        if not 0 < len(event_ids) <= MAX_EVENTS_PER_BATCH:
+            raise InvalidArgument(f"give 1..{MAX_EVENTS_PER_BATCH} event ids (an ingest batch's bound)", "event_ids")
+        for i, event_id in enumerate(event_ids):
+            check_id(event_id, f"event_ids[{i}]")
+        stored, erased = self.store.event_status(account_id, event_ids)
+        asked = list(dict.fromkeys(event_ids))
+        return ([i for i in asked if i in stored], [i for i in asked if i in erased],
+                [i for i in asked if i not in stored and i not in erased])
 
     def record_labels(self, labels: list[tuple[str, str, str, str]]) -> tuple[int, int]:
         if len(labels) > MAX_LABELS:

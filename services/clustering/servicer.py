@@ -230,6 +230,10 @@ class ClusteringServicer(pb_grpc.ClusteringServiceServicer):
             [(x.account_id, x.session_id, x.person_id, x.source) for x in request.labels])
         return pb.RecordLabelsResponse(accepted=accepted, unknown_sessions=unknown)
 
+    def GetEventStatus(self, request: pb.GetEventStatusRequest, context) -> pb.GetEventStatusResponse:
+        stored, erased, not_stored = self.app.event_status(request.account_id, list(request.event_ids))
+        return pb.GetEventStatusResponse(stored=stored, erased=erased, not_stored=not_stored)
+
     def ResolvePersons(self, request: pb.ResolvePersonsRequest, context) -> pb.ResolvePersonsResponse:
         if len(request.instants) > 10_000:
             raise InvalidArgument("at most 10000 instants", "instants")

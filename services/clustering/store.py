@@ -36,7 +36,7 @@ from services.common.errors import Conflict, InvalidArgument, NotFound
 from services.common.ids import MAX_FUTURE_SKEW_S
 from services.common.field_crypto import (FieldCipher, FieldDecryptionError, drop_keys_of_erased_households,
                                          forget_household_rekeys, household_key_state, note_household_erased,
-                                         note_household_rekeyed)
+                                         note_household_rekeyed, warm_household_keys)
 from services.common.feedback_to_clustering import UNPROMPTED_LABEL_SUFFIX
 from services.common.storage.cache import Cache, MemoryCache, purge_persistence
 from services.common.export_stream import materialised
@@ -306,6 +306,8 @@ class ClusteringStore:
             batch = by_device[(e.account_id, e.device_id)]
             batch.events.append(e)
         accepted = duplicates = late = touched = 0
+        # The households' keys before the write lock is taken (FieldCipher.warm).
+        warm_household_keys(self.db, self.cipher, {account for account, _ in by_device})
         with self.db.transaction() as tx:
             accounts = sorted({account for account, _ in by_device})
             for account in accounts:
@@ -404,6 +406,19 @@ class ClusteringStore:
                 seen.add(e.event_id)
                 fresh.append(e)
         return fresh
+
+    def event_status(self, account: str, event_ids: Sequence[str]) -> tuple[set[str], set[str]]:
+        """(ids of ``event_ids`` the household holds, ids it stored and an erasure deleted
+        since): what a caller whose ingest got no answer (a 504) asks before resending.
+        The same tests as ingest's duplicate check (``_new_events``), in a read transaction:
+        it is asked after a 504, which comes of a write holding the database, and a write
+        transaction (SQLite: BEGIN IMMEDIATE) queued behind it (review27)."""
+        ids = sorted(set(event_ids))
+        with self.db.transaction(readonly=True) as tx:
+            stored = {r[0] for r in _query_in(
+                tx, "SELECT event_id FROM events WHERE account_id = ? AND event_id IN ({})", account, ids)}
+            erased = self._erased(tx, account, [i for i in ids if i not in stored])
+        return stored, erased
 
     def _update_sessions(self, tx: Tx, account: str, device: str, fresh: list[ViewingEvent]) -> int:
         """Bring the device's sessions up to date with ``fresh`` (just stored, ids new).

@@ -149,6 +149,7 @@ RPC_EVENTS: dict[str, str | tuple[str, str] | None] = {
     _CLU + "AssignSession": ASSIGN,
     _CLU + "AssignSessions": ASSIGN,
     _CLU + "GetHousehold": READ_HOUSEHOLD,
+    _CLU + "GetEventStatus": READ_HOUSEHOLD,   # which of a household's events are held: household data
     _CLU + "Refit": MODEL_REFIT,
     _CLU + "ResolvePersons": READ_HOUSEHOLD,   # who watched on which device: household data
     _CLU + "RecordLabels": FEEDBACK,          # known persons of sessions, from feedback
@@ -172,6 +173,8 @@ RPC_EVENTS: dict[str, str | tuple[str, str] | None] = {
     _KEY + "RotateKeys": KEY_ROTATION,
     _KEY + "RotateDataKey": KEY_ROTATION,
     _KEY + "RotateDataKeys": KEY_ROTATION,
+    _KEY + "RequestDataKeyRotations": KEY_ROTATION,   # each household rotated is recorded by the job
+    _KEY + "GetDataKeyRotations": None,        # a batch job's state (account ids, outcomes): no household data
     _FEE + "RecordPrediction": INGEST,
     _FEE + "RecordFeedback": FEEDBACK,
     _FEE + "GetCalibration": None,             # aggregates over all households, no household data

@@ -29,12 +29,14 @@ import json
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Mapping
 from json.encoder import encode_basestring_ascii as _json_string
 
 import grpc
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from prometheus_client import Counter
 
 from services.common.errors import FailedPrecondition, HearthError, InvalidArgument, NotFound, Unavailable
 from services.common.telemetry import pseudonym
@@ -50,6 +52,15 @@ _DIGEST_LABEL = b"hearth-erased-id-v1"
 DIGEST_DEK_VERSION = 1
 DEFAULT_TTL_S = 60.0
 _MAX_REKEY_EPOCHS = 200_000
+# ``warm``'s concurrent GetDataKey calls: a quarter of privacy's default HEARTH_MAX_WORKERS (16),
+# so one batch's warming leaves the other callers of privacy most of its threads.
+WARM_CONCURRENCY = 4
+
+# Data keys fetched from the privacy service: ``warm`` fetches those of a write's households
+# before its transaction opens; ``on_use`` is a fetch where a key is used — inside a write
+# transaction, holding SQLite's write lock for the round trip (attack27: one a household).
+DATA_KEY_FETCHES = Counter("hearth_data_key_fetches_total", "Household data keys fetched from the privacy service",
+                           ["when"])
 
 # fetch(account_id, dek_version) -> (dek_version, 32-byte key); dek_version 0 = newest
 # (the authority creates the household's first key on demand).
@@ -112,6 +123,9 @@ class FieldCipher:
         self._erasure_epoch: int | None = None   # the store's household_erasures.epoch last seen
         # account -> the store's household_key_epochs.epoch last seen (absent: 0, never re-keyed)
         self._rekey_epochs: dict[str, int] = {}
+        # Moves whenever cached keys are dropped (``warm`` keeps what it fetched only if it
+        # did not move meanwhile: a key fetched before an erasure or re-key was noted here).
+        self._invalidations = 0
 
     @classmethod
     def remote(cls, privacy_addr: str, calling_service: str, *, timeout_s: float = 5.0,
@@ -150,6 +164,7 @@ class FieldCipher:
             hit = self._keys.get((account_id, version))
         if hit is not None and now - hit[0] < self._ttl:
             return hit
+        DATA_KEY_FETCHES.labels("on_use").inc()
         got_version, key = self._fetch(account_id, version)
         if len(key) != 32 or got_version < 1 or (version and got_version != version):
             raise HearthError(f"data key service returned an unusable key for {account_id!r}", "account_id")
@@ -158,6 +173,51 @@ class FieldCipher:
             self._keys[(account_id, version)] = entry
             self._keys[(account_id, got_version)] = entry
         return entry
+
+    def warm(self, account_ids: Iterable[str]) -> None:
+        """Fetch the newest data key of each household not cached, ``WARM_CONCURRENCY`` at a
+        time: called by a store before the write transaction that uses them opens, so the
+        transaction makes no privacy round trip for them (attack27: one a household inside
+        it, holding SQLite's write lock — 5,000 new households answered 504).
+
+        Only a cache fill; every guarantee stays with the transaction: its
+        ``drop_keys_of_erased_households`` still drops these keys when an erasure or a
+        re-key of the household committed since, and what was fetched is not kept at all
+        when cached keys were dropped while it was fetched (a key fetched before another
+        transaction noted an erasure must not outlive that). A household privacy refuses
+        (erased) or a failed call is left to the transaction, which fetches it again and
+        raises as before."""
+        now = self._clock()
+        with self._lock:
+            invalidations = self._invalidations
+            missing = [a for a in dict.fromkeys(account_ids)
+                       if (hit := self._keys.get((a, 0))) is None or now - hit[0] >= self._ttl]
+        if not missing:
+            return
+
+        def fetch(account_id: str) -> tuple[int, bytes] | None:
+            DATA_KEY_FETCHES.labels("warm").inc()
+            try:
+                return self._fetch(account_id, 0)
+            except HearthError:
+                return None
+
+        if len(missing) == 1:
+            fetched = [fetch(missing[0])]
+        else:
+            with ThreadPoolExecutor(min(WARM_CONCURRENCY, len(missing)), thread_name_prefix="key-warm") as pool:
+                fetched = list(pool.map(fetch, missing))
+        entries = {}
+        for account_id, got in zip(missing, fetched):
+            if got is not None and len(got[1]) == 32 and got[0] >= 1:
+                key = got[1]
+                entries[account_id] = (now, got[0], AESGCM(key), hmac.new(key, _DIGEST_LABEL, hashlib.sha256).digest())
+        with self._lock:
+            if self._invalidations != invalidations:
+                return
+            for account_id, entry in entries.items():
+                self._keys[(account_id, 0)] = entry
+                self._keys[(account_id, entry[1])] = entry
 
     def _key(self, account_id: str, version: int) -> tuple[int, AESGCM]:
         entry = self._entry(account_id, version)
@@ -221,6 +281,7 @@ class FieldCipher:
         count and every replica refetched every household's key)."""
         with self._lock:
             if epoch != self._erasure_epoch:
+                self._invalidations += 1
                 self._keys.clear()
                 self._digest_keys.clear()
                 self._erasure_epoch = epoch
@@ -232,6 +293,7 @@ class FieldCipher:
                 # Bounded: forgetting what was seen means forgetting the keys cached with it
                 # (a household's counts then read as unseen and its keys are fetched again).
                 self._rekey_epochs.clear()
+                self._invalidations += 1
                 self._keys.clear()
                 self._digest_keys.clear()
 
@@ -241,12 +303,14 @@ class FieldCipher:
             self._forget_locked(account_id)
 
     def _forget_locked(self, account_id: str) -> None:
+        self._invalidations += 1
         for k in [k for k in self._keys if k[0] == account_id]:
             del self._keys[k]
         self._digest_keys.pop(account_id, None)
 
     def forget_all(self) -> None:
         with self._lock:
+            self._invalidations += 1
             self._keys.clear()
             self._digest_keys.clear()
 
@@ -421,3 +485,16 @@ def drop_keys_of_erased_households(tx, cipher: "FieldCipher | None", account_ids
     (``account_ids``: their cached keys are also dropped when another replica re-keyed them)."""
     if cipher is not None:
         cipher.sync_erasures(household_erasures(tx), household_rekeys(tx, account_ids))
+
+
+def warm_household_keys(db, cipher: "FieldCipher | None", account_ids: Iterable[str]) -> None:
+    """Before a write transaction over ``account_ids`` (which still runs
+    ``drop_keys_of_erased_households`` itself): the store's erasure and re-key counts, read
+    first, so that keys a process has not yet checked against them (its first write) are
+    dropped now rather than after warming, then ``FieldCipher.warm``."""
+    accounts = sorted(set(account_ids))
+    if cipher is None or not accounts:
+        return
+    with db.transaction(readonly=True) as tx:
+        drop_keys_of_erased_households(tx, cipher, accounts)
+    cipher.warm(accounts)

@@ -116,6 +116,9 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
 ROUTES: dict[str, Permission] = {
     "POST /v1/events": P.INGEST_EVENTS,
     "POST /v1/assign": P.ASSIGN_SESSIONS,
+    # Which of a batch's event ids are stored (after a 504): says what a household holds,
+    # so reading the household's permission, not ingesting's.
+    "POST /v1/events/status": P.READ_HOUSEHOLD,
     "GET /v1/household/{account_id}": P.READ_HOUSEHOLD,
     "GET /v1/household/{account_id}/export": P.EXPORT_HOUSEHOLD,
     "POST /v1/attribution": P.READ_ATTRIBUTION,   # a query with a body, not a write
@@ -135,7 +138,8 @@ ROUTES: dict[str, Permission] = {
     "POST /v1/keys/rotate": P.ROTATE_KEYS,   # `hearth keys rotate` (KEK rotation, admin)
     # `hearth keys rotate-household` (one household's data key, privacy officer or admin)
     "POST /v1/household/{account_id}/rotate-key": P.ROTATE_DATA_KEY,
-    "POST /v1/keys/rotate-households": P.ROTATE_DATA_KEY,   # `hearth keys rotate-households` (a batch)
+    "POST /v1/keys/rotate-households": P.ROTATE_DATA_KEY,   # `hearth keys rotate-households` (a batch job)
+    "GET /v1/keys/rotate-households/{job_id}": P.ROTATE_DATA_KEY,   # the batch job's state
 }
 
 # RPCs per full gRPC service name.
@@ -152,6 +156,7 @@ RPCS: dict[str, dict[str, Permission]] = {
         "AssignSession": P.ASSIGN_SESSIONS,
         "AssignSessions": P.ASSIGN_SESSIONS,
         "GetHousehold": P.READ_HOUSEHOLD,
+        "GetEventStatus": P.READ_HOUSEHOLD,
         "Refit": P.REFIT_MODEL,
         "ResolvePersons": P.RESOLVE_PERSONS,
         "RecordLabels": P.RECORD_FEEDBACK,
@@ -185,6 +190,8 @@ RPCS: dict[str, dict[str, Permission]] = {
         "RotateKeys": P.ROTATE_KEYS,
         "RotateDataKey": P.ROTATE_DATA_KEY,
         "RotateDataKeys": P.ROTATE_DATA_KEY,
+        "RequestDataKeyRotations": P.ROTATE_DATA_KEY,
+        "GetDataKeyRotations": P.ROTATE_DATA_KEY,   # a batch's state: who may rotate may follow it
     },
     "hearth.feedback.v1.FeedbackService": {
         "RecordPrediction": P.RECORD_PREDICTION,

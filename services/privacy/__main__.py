@@ -13,6 +13,7 @@ from services.privacy.deletion.app import PEER_SERVICES, DeletionCoordinator, Gr
 from services.privacy.deletion.store import DeletionJobStore
 from services.privacy.keys.store import DataKeyStore
 from services.privacy.keys.app import KeyService, load_keks, load_signing_key
+from services.privacy.keys.batch import BatchRotations, rotation_job_store
 from services.privacy.keys.rotation import DataKeyRotation, max_calls_for
 from services.privacy.settings import PrivacySettings, privacy_settings
 from services.privacy.audit.servicer import SERVICE_NAME as AUDIT_LOG
@@ -45,11 +46,17 @@ def build(settings):
     rotation = DataKeyRotation(keys, peers.rekey, PEER_SERVICES, settle_s=settings.dek_rotation_settle_s,
                                sweep_s=settings.dek_rotation_sweep_s, max_calls=max_calls_for(settings.max_workers))
     rotation.start()
+    # Batch rotations as durable jobs (the deletion jobs' store over rotation_jobs): the
+    # worker resumes a batch a crash cut, within a lease; held or failed households are
+    # retried every sweep period.
+    batches = BatchRotations(rotation_job_store(db), rotation, lease_s=settings.deletion_lease_s,
+                             retry_s=settings.dek_rotation_sweep_s, poll_s=settings.deletion_poll_s)
+    batches.start()
     return ([(pb_grpc.add_DeletionServicer_to_server, DeletionServicer(deletion, consent, keys), DELETION),
              (pb_grpc.add_ConsentServicer_to_server, ConsentServicer(consent), CONSENT),
              (pb_grpc.add_AuditLogServicer_to_server, AuditLogServicer(audit), AUDIT_LOG),
-             (pb_grpc.add_KeysServicer_to_server, KeysServicer(keys, rotation), KEYS)],
-            [rotation.close, deletion.close, peers.close, *audit_closers, db.close])
+             (pb_grpc.add_KeysServicer_to_server, KeysServicer(keys, rotation, batches), KEYS)],
+            [batches.close, rotation.close, deletion.close, peers.close, *audit_closers, db.close])
 
 
 def build_deletion(settings, db, store):

@@ -93,6 +93,28 @@ CREATE TABLE IF NOT EXISTS digest_keys (
     destroyed_at TEXT
 )
 """),
+    # rotation_jobs: batch data key rotations (keys/batch.py, ``hearth keys
+    # rotate-households``), kept by the deletion jobs' store (DeletionJobStore with its own
+    # table and codec): the same columns, ``account_id`` "*", ``job_json`` the batch and
+    # each household's outcome, ``erasures_json`` unused ('{}').
+    Migration(9, "batch data key rotation jobs", """
+CREATE TABLE IF NOT EXISTS rotation_jobs (
+    job_id TEXT PRIMARY KEY,
+    request_id TEXT NOT NULL UNIQUE,
+    account_id TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    state TEXT NOT NULL,
+    next_due {double},
+    lease_until {double} NOT NULL DEFAULT 0,
+    version {bigint} NOT NULL,
+    job_json TEXT NOT NULL,
+    erasures_json TEXT NOT NULL,
+    receipt_json TEXT,
+    created_at {double} NOT NULL,
+    trace_context TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS rotation_jobs_due ON rotation_jobs (state, next_due)
+"""),
 ]
 
 

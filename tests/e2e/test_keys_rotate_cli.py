@@ -113,7 +113,9 @@ def test_the_batch_rotation_of_old_household_keys_answers_and_is_refused_to_an_a
                               timeout=SLOW_MACHINE_S)
 
     done = rotate_households(kek_mesh.keys["kek-admin"], "--older-than-days", "365")
-    assert done.returncode == 0 and json.loads(done.stdout) == {"rotated": []}, done.stderr
+    assert done.returncode == 0, done.stderr
+    job = json.loads(done.stdout)
+    assert (job["state"], job["households"], job["counts"]["completed"]) == ("completed", [], 0), job
     analyst = rotate_households(kek_mesh.keys["kek-analyst"], "--older-than-days", "365")
     assert analyst.returncode == 2 and "403" in analyst.stderr, analyst.stderr
     too_many = rotate_households(kek_mesh.keys["kek-admin"], "--older-than-days", "365", "--limit", "5000")
@@ -258,9 +260,11 @@ def test_each_household_a_batch_rotates_is_audited_by_name(kek_mesh):
         assert db.execute("UPDATE data_keys SET created_at = '2001-01-01T00:00:00+00:00' WHERE account_id = ?",
                           (account,)).rowcount == 1
     r = httpx.post(f"{kek_mesh.url}/v1/keys/rotate-households", headers={"X-API-Key": admin},
-                   json={"older_than_days": 3650, "limit": 5}, timeout=SLOW_MACHINE_S + 300)
-    assert r.status_code == 200, r.text
-    assert [(x["account_id"], x["dek_version"]) for x in r.json()["rotated"]] == [(account, 2)], r.text
+                   json={"older_than_days": 3650, "limit": 5}, timeout=SLOW_MACHINE_S)
+    assert r.status_code == 202, r.text
+    job = _finished_job(kek_mesh, r.json()["job_id"])
+    assert [(x["account_id"], x["outcome"], x["dek_version"]) for x in job["households"]] == \
+        [(account, "completed", 2)], job
     deadline = time.monotonic() + 60
     while True:
         records = httpx.get(f"{kek_mesh.url}/v1/audit", headers={"X-API-Key": admin}, timeout=SLOW_MACHINE_S,
@@ -271,3 +275,92 @@ def test_each_household_a_batch_rotates_is_audited_by_name(kek_mesh):
         time.sleep(0.5)
     assert [(x["resource"], x["principal"], x["outcome"]) for x in records] == \
         [(f"household:{account}", "kek-admin", "success")], records
+
+
+def _finished_job(mesh, job_id: str, timeout_s: float = SLOW_MACHINE_S + SETTLE_S) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        r = httpx.get(f"{mesh.url}/v1/keys/rotate-households/{job_id}", headers={"X-API-Key": mesh.keys["kek-admin"]},
+                      timeout=SLOW_MACHINE_S)
+        if r.status_code == 200 and r.json()["state"] in ("completed", "failed"):
+            return r.json()
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.5)
+
+
+def test_a_batch_rotation_is_a_job_that_outlives_its_caller_and_a_kill_9_of_privacy(kek_mesh):
+    """``POST /v1/keys/rotate-households`` answers 202 with a job at once (until session 27
+    the batch ran inside the call: one settle plus every household's re-encryption, past
+    the gateway's deadline for a large batch). Privacy is SIGKILLed while the job's
+    households settle (their new versions stored): after the restart the job is claimed
+    again and finishes each household at the version it began (no second rotation), and
+    ``hearth keys rotate-households`` run again with the same ``--request-id`` answers the
+    same job, waits for it and prints each household's outcome."""
+    import signal
+    import sqlite3
+
+    admin = kek_mesh.keys["kek-admin"]
+    accounts = [f"kek-batch-{n}" for n in range(3)]
+    events = [{"event_id": f"{a}-{i}", "account_id": a, "device_id": "tv", "device_type": "tv",
+               "ts": f"2026-01-0{i + 1}T20:00:00Z", "kind": "heartbeat", "title_id": f"t-{i}", "genres": ["drama"],
+               "duration_s": 300} for a in accounts for i in range(2)]
+    with httpx.Client(base_url=kek_mesh.url, headers={"X-API-Key": admin}, timeout=SLOW_MACHINE_S) as client:
+        assert client.post("/v1/events", json={"events": events}).status_code == 200
+        with sqlite3.connect(kek_mesh.data_dir / "privacy.db") as db:   # their keys made long ago
+            db.executemany("UPDATE data_keys SET created_at = '2001-01-01T00:00:00+00:00' WHERE account_id = ?",
+                           [(a,) for a in accounts])
+        started = time.monotonic()
+        r = client.post("/v1/keys/rotate-households",
+                        json={"older_than_days": 3650, "limit": 10, "request_id": "kill-batch-1"})
+        assert r.status_code == 202 and time.monotonic() - started < SETTLE_S, r.text
+        job_id = r.json()["job_id"]
+        assert r.headers["location"] == f"/v1/keys/rotate-households/{job_id}"
+        assert set(accounts) <= {h["account_id"] for h in r.json()["households"]}, r.text
+        again = client.post("/v1/keys/rotate-households",
+                            json={"older_than_days": 3650, "limit": 10, "request_id": "kill-batch-1"})
+        assert again.status_code == 202 and again.json()["job_id"] == job_id, again.text   # idempotent
+        other = client.post("/v1/keys/rotate-households",
+                             json={"older_than_days": 3000, "limit": 10, "request_id": "kill-batch-1"})
+        assert other.status_code == 409, other.text
+        deadline = time.monotonic() + SLOW_MACHINE_S
+        while True:   # every household begun: its version 2 stored, settling
+            job = client.get(f"/v1/keys/rotate-households/{job_id}").json()
+            mine = {h["account_id"]: h for h in job["households"] if h["account_id"] in accounts}
+            if all(h["outcome"] == "begun" for h in mine.values()) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert {(h["outcome"], h["dek_version"]) for h in mine.values()} == {("begun", 2)}, job
+        privacy = kek_mesh.processes.pop("privacy")
+        os.killpg(privacy.pid, signal.SIGKILL)
+        privacy.wait(30)
+        kek_mesh.start_service("privacy")
+        kek_mesh.wait_healthy(SLOW_MACHINE_S)
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HEARTH_ROLLOUT_API_KEY": admin}
+    done = subprocess.run([sys.executable, "-m", "services.cli", "keys", "rotate-households", "--older-than-days",
+                           "3650", "--limit", "10", "--request-id", "kill-batch-1", "--poll-s", "0.5",
+                           "--gateway", kek_mesh.url], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=SLOW_MACHINE_S + 3 * SETTLE_S)
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    job = json.loads(done.stdout)
+    assert job["job_id"] == job_id and job["state"] == "completed", job
+    mine = {h["account_id"]: h for h in job["households"] if h["account_id"] in accounts}
+    assert {(h["outcome"], h["dek_version"], h["resumed"]) for h in mine.values()} == {("completed", 2, False)}, job
+    assert all(h["reencrypted"]["clustering"] >= 2 for h in mine.values()), job
+    assert job["counts"]["completed"] == len(job["households"]) and job["counts"]["failed"] == 0, job
+    with httpx.Client(base_url=kek_mesh.url, headers={"X-API-Key": admin}, timeout=SLOW_MACHINE_S) as client:
+        export = client.get(f"/v1/household/{accounts[0]}/export").json()
+        assert [e["title_id"] for e in export["services"]["clustering"]["events"]] == ["t-0", "t-1"]
+        assert [k["dek_version"] for k in export["services"]["privacy"]["data_keys"]] == [1, 2]   # no v3
+        analyst = httpx.get(f"{kek_mesh.url}/v1/keys/rotate-households/{job_id}",
+                            headers={"X-API-Key": kek_mesh.keys["kek-analyst"]}, timeout=SLOW_MACHINE_S)
+        assert analyst.status_code == 403, analyst.text
+    no_wait = subprocess.run([sys.executable, "-m", "services.cli", "keys", "rotate-households", "--older-than-days",
+                              "3650", "--limit", "10", "--request-id", "kill-batch-1", "--no-wait",
+                              "--gateway", kek_mesh.url], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=SLOW_MACHINE_S)
+    assert no_wait.returncode == 0 and json.loads(no_wait.stdout)["job_id"] == job_id, no_wait.stderr
+    other = subprocess.run([sys.executable, "-m", "services.cli", "keys", "rotate-households", "--older-than-days",
+                            "3650", "--request-id", "kill-batch-1", "--no-wait", "--gateway", kek_mesh.url],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=SLOW_MACHINE_S)
+    assert other.returncode == 2 and "409" in other.stderr, other.stderr   # another --limit: another batch

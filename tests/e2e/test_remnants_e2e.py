@@ -553,3 +553,61 @@ def test_a_rotated_data_key_leaves_no_byte_only_the_old_key_opens(rmesh, client,
     if rmesh.backend == "sqlite":
         assert [name for name, blob in raw_sources(rmesh).items() if keys_before["digest"][0] in blob] == []
     assert_control_visible(rmesh, control)
+
+
+def _held_rotations(rmesh) -> float:
+    text = httpx.get(f"http://127.0.0.1:{rmesh.metrics_ports['privacy']}/metrics", timeout=10).text
+    found = re.search(r'^hearth_dek_rotations_total\{outcome="held"\} ([0-9.e+]+)$', text, re.M)
+    assert found, "hearth_dek_rotations_total{outcome=\"held\"} is not exported"
+    return float(found.group(1))
+
+
+def test_an_incomplete_purge_holds_the_rotation_open_until_a_clean_one(rmesh, client, control):
+    """The completion rule of a data key rotation: the older version is destroyed only after
+    every store's purge of the old ciphertexts said it finished. On PostgreSQL a replication
+    slot keeps the WAL segments that hold them (the real clustering and attribution purge
+    report themselves incomplete, "1 replication slot(s)"): the rotation answers 503 naming
+    the store and why, version 2 stays live (it still opens those bytes), the data reads
+    back, and ``hearth_dek_rotations_total{outcome="held"}`` counts it (the alert
+    HearthDataKeyRotationFailing covers it). Once the slot is gone the rotation run again
+    resumes (no new version) and destroys version 2. Until session 27 the rotation
+    completed over the incomplete purges and nobody was told. On SQLite (nothing keeps its
+    WAL) the same rotation completes at once and nothing is held."""
+    tag = f"Q{RUN}"   # held (H is the household scope test's)
+    account, device = f"ac{tag}", f"dv{tag}"
+    post_sessions(client, account, device, tag, time.time() - 6 * DAY, 4)
+    assert client.post(f"/v1/household/{account}/rotate-key").status_code == 200          # v2, clean
+    held_before = _held_rotations(rmesh)
+    slot = None
+    if rmesh.backend == "postgres":
+        import psycopg
+
+        slot = psycopg.connect(rmesh.pg.dsn, autocommit=True)
+        slot.execute("SELECT pg_create_physical_replication_slot(%s, true)", (f"hold_{tag.lower()}",))
+    try:
+        r = client.post(f"/v1/household/{account}/rotate-key")
+        keys = {k["dek_version"]: k["destroyed_at"] for k in
+                client.get(f"/v1/household/{account}/export").json()["services"]["privacy"]["data_keys"]}
+        if slot is None:
+            assert r.status_code == 200 and r.json()["destroyed_versions"] == [2], r.text
+            assert _held_rotations(rmesh) == held_before
+            return
+        assert r.status_code == 503, r.text
+        message = r.json()["error"]["message"]
+        assert "purge did not finish" in message and "replication slot" in message, message
+        assert "clustering" in message and "attribution" in message, message
+        assert keys[2] is None and keys[3] is None, keys                                  # v2 not destroyed
+        assert _held_rotations(rmesh) == held_before + 1
+        again = client.post(f"/v1/household/{account}/rotate-key")                       # still held
+        assert again.status_code == 503, again.text
+    finally:
+        if slot is not None:
+            slot.execute("SELECT pg_drop_replication_slot(%s)", (f"hold_{tag.lower()}",))
+            slot.close()
+    done = client.post(f"/v1/household/{account}/rotate-key")
+    assert done.status_code == 200, done.text
+    assert (done.json()["dek_version"], done.json()["resumed"], done.json()["destroyed_versions"]) == (3, True, [2])
+    export = client.get(f"/v1/household/{account}/export").json()
+    assert len(export["services"]["clustering"]["events"]) == 4
+    assert {k["dek_version"]: bool(k["destroyed_at"]) for k in export["services"]["privacy"]["data_keys"]} == \
+        {1: True, 2: True, 3: False}

@@ -41,6 +41,7 @@ ROUTES = [
     ("POST", "/v1/events", "/v1/events", {"events": [{
         "event_id": f"{ACCT}-e", "account_id": ACCT, "device_id": "tv-1", "device_type": "tv", "ts": _iso(T0),
         "kind": "heartbeat", "title_id": "t", "genres": [], "duration_s": 10}]}),
+    ("POST", "/v1/events/status", "/v1/events/status", {"account_id": ACCT, "event_ids": [f"{ACCT}-e"]}),
     ("GET", "/v1/household/{account_id}", f"/v1/household/{ACCT}", None),
     ("POST", "/v1/assign", "/v1/assign", {"account_id": ACCT, "session_id": "no-such-session"}),
     ("POST", "/v1/touchpoints", "/v1/touchpoints", {"touchpoints": [{
@@ -66,6 +67,7 @@ ROUTES = [
     # A household without a data key (404 before any store is asked), and a batch of none.
     ("POST", "/v1/household/{account_id}/rotate-key", f"/v1/household/{ACCT}-nokey/rotate-key", None),
     ("POST", "/v1/keys/rotate-households", "/v1/keys/rotate-households", {"older_than_days": 36500, "limit": 5}),
+    ("GET", "/v1/keys/rotate-households/{job_id}", "/v1/keys/rotate-households/rot-none", None),
 ]
 
 

@@ -26,13 +26,24 @@ from services.common.storage.cache import MemoryCache
 from services.common.storage.sql import PostgresDatabase, SqliteDatabase, migrate
 from services.privacy.keys.app import KeyService
 from services.privacy.keys.domain import generate_kek
-from services.privacy.keys.rotation import DataKeyRotation
+from services.privacy.keys.rotation import DataKeyRotation, Rekeyed
 from services.privacy.keys.store import DataKeyStore
 from services.privacy.migrations import MIGRATIONS
+from tests.helpers.servers import PURGEABLE_WAL, running_postgres
 
 T0 = time.time() - 3 * 86400
 KEK = generate_kek("k1")
 _schemas = count()
+
+
+@pytest.fixture(scope="module")
+def purgeable_postgres():
+    """A PostgreSQL whose purges can finish (docs/privacy.md §11: no WAL recycled or kept):
+    a rotation is completed only after every store's purge of the old ciphertexts said it
+    finished, and the session's server recycles WAL (every purge incomplete, every rotation
+    held open: test_an_incomplete_purge_holds_the_rotation_open_until_a_clean_one)."""
+    with running_postgres(**PURGEABLE_WAL) as server:
+        yield server.dsn
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -41,7 +52,7 @@ def databases(request, tmp_path):
     if request.param == "sqlite":
         dbs = {name: SqliteDatabase(tmp_path / f"{name}.db") for name in ("privacy", "clustering", "attribution")}
     else:
-        dsn = request.getfixturevalue("postgres_dsn")
+        dsn = request.getfixturevalue("purgeable_postgres")
         run = f"rk{os.getpid()}_{next(_schemas)}"
         dbs = {name: PostgresDatabase(dsn, f"{run}_{name}", max_size=4) for name in ("privacy", "clustering", "attribution")}
     yield dbs
@@ -76,9 +87,9 @@ class Mesh:
         return FieldCipher(lambda account, version: self.keys.data_key(account, version),
                            fetch_digest_key=fetch_digest_key if digest_key else None)
 
-    def rekey(self, service: str, account: str, version: int) -> int:
+    def rekey(self, service: str, account: str, version: int) -> Rekeyed:
         self.rekeyed.append((service, account, version))
-        return getattr(self, service).rekey(account, version)[0]
+        return Rekeyed(*getattr(self, service).rekey(account, version))   # (count, purges), keyed apart
 
     def rotation(self, keys: KeyService | None = None, rekey=None, **kw) -> DataKeyRotation:
         return DataKeyRotation(keys or self.keys, rekey or self.rekey, ("clustering", "attribution"),
@@ -577,8 +588,8 @@ def test_a_data_holder_of_the_release_before_keeps_version_1_alive(databases):
     mesh.fill("acc-u")
 
     def attribution_of_the_release_before(service, account, version):
-        n = mesh.rekey(service, account, version)
-        return (n, False) if service == "attribution" else (n, True)
+        answer = mesh.rekey(service, account, version)
+        return answer._replace(digests_keyed_apart=service != "attribution")
 
     first = mesh.rotation(rekey=attribution_of_the_release_before).rotate("acc-u")
     assert (first.dek_version, first.destroyed, first.kept) == (2, [], [1])
@@ -621,3 +632,102 @@ def test_a_household_shredded_by_a_privacy_of_the_release_before_stays_erased_an
     rows = {r.account_id: r for r in mesh.key_store.load() if r.dek_version == 0}
     assert rows["acc-x"].destroyed and rows["acc-x"].wrapped == b""
     assert not rows["acc-live"].destroyed and len(fresh.digest_key("acc-live")) == 32
+
+
+# ---- batch rotation jobs (keys/batch.py) ---------------------------------------------------
+
+def _aged(mesh: Mesh, *accounts: str) -> None:
+    """Their keys made long ago: candidates of a batch over keys older than 10 years."""
+    with mesh.key_store.db.transaction() as tx:
+        for account in accounts:
+            tx.execute("UPDATE data_keys SET created_at = '2001-01-01T00:00:00+00:00' WHERE account_id = ?",
+                       (account,))
+
+
+def _batches(mesh: Mesh, rotation: DataKeyRotation, **kw):
+    from services.privacy.keys.batch import BatchRotations, rotation_job_store
+
+    return BatchRotations(rotation_job_store(mesh.key_store.db), rotation, **kw)
+
+
+
+def _officer():
+    from services.common.identity import Principal, Role
+
+    return Principal("officer-1", Role.PRIVACY_OFFICER)
+
+
+def test_a_batch_job_cut_after_its_households_began_is_finished_by_another_runner_without_a_second_version(databases):
+    """The job stores each household's new version before the settle; a runner stopped
+    then (privacy killed) leaves it running with every household begun, and the next
+    runner (a restart, another replica: a fresh key service) finishes each at that version.
+    A household erased before the job's settle ends is reported erased, the rest completed."""
+    from services.privacy.deletion.domain import JobState
+
+    mesh = Mesh(databases)
+    for account in ("acc-b1", "acc-b2", "acc-b3"):
+        mesh.fill(account, n=2)
+    _aged(mesh, "acc-b1", "acc-b2", "acc-b3")
+    first = _batches(mesh, DataKeyRotation(mesh.keys, mesh.rekey, ("clustering", "attribution"), settle_s=60.0))
+    stored = first.request(3650, 10, "req-1", principal=_officer())
+    assert sorted(stored.job.households) == ["acc-b1", "acc-b2", "acc-b3"]
+    assert first.request(3650, 10, "req-1", principal=_officer()).job.job_id == stored.job.job_id
+    first.close()                                       # stopped while the households settle
+    cut = first.advance(stored.job.job_id)
+    assert {(h.outcome.value, h.dek_version) for h in cut.job.households.values()} == {("begun", 2)}
+    assert cut.job.state is JobState.RUNNING and mesh.rekeyed == []
+    mesh.keys.shred("acc-b3")                            # erased before the settle ends
+
+    second = _batches(mesh, mesh.rotation(mesh.replica()))
+    assert second.run_due() == 1
+    done = second.get(stored.job.job_id).job
+    assert done.state is JobState.COMPLETED and done.completed_at is not None
+    assert {a: (h.outcome.value, h.dek_version) for a, h in done.households.items()} == {
+        "acc-b1": ("completed", 2), "acc-b2": ("completed", 2), "acc-b3": ("erased", 2)}
+    assert done.counts()["completed"] == 2 and done.counts()["erased"] == 1
+    for account in ("acc-b1", "acc-b2"):
+        assert mesh.versions(account) == {2}
+        assert max(r.dek_version for r in mesh.key_store.load(account)) == 2   # no version 3
+    assert second.run_due() == 0                        # terminal: nothing due
+
+
+def test_a_batch_job_holds_a_household_whose_purge_was_incomplete_and_says_why(purgeable_postgres):
+    """On PostgreSQL a replication slot keeps the WAL that holds the old ciphertexts: the
+    stores' real purge says it is incomplete, so the household is ``held`` (the reason in
+    its detail, its older version kept live, the job running); once the slot is gone the
+    job's next attempt completes it."""
+    import psycopg
+
+    from services.privacy.deletion.domain import JobState
+
+    run = f"rh{os.getpid()}_{next(_schemas)}"
+    dbs = {name: PostgresDatabase(purgeable_postgres, f"{run}_{name}", max_size=4)
+           for name in ("privacy", "clustering", "attribution")}
+    try:
+        mesh = Mesh(dbs)
+        mesh.fill("acc-h", n=2)
+        mesh.rotation().rotate("acc-h")                      # v2, a clean purge
+        _aged(mesh, "acc-h")
+        ahead = [0.0]   # the runner's clock, moved a sweep period ahead below
+        batches = _batches(mesh, mesh.rotation(), retry_s=60.0, wall=lambda: time.time() + ahead[0])
+        with psycopg.connect(purgeable_postgres, autocommit=True) as conn:
+            conn.execute("SELECT pg_create_physical_replication_slot(%s, true)", (f"hold_{run}",))
+            try:
+                job_id = batches.request(3650, 10, principal=_officer()).job.job_id
+                assert batches.run_due() == 1
+                held = batches.get(job_id).job
+                h = held.households["acc-h"]
+                assert (held.state, h.outcome.value, h.dek_version, h.attempts) == (JobState.RUNNING, "held", 3, 1)
+                assert "purge did not finish" in h.detail and "replication slot" in h.detail, h.detail
+                assert [r.dek_version for r in mesh.key_store.load("acc-h") if not r.destroyed and r.dek_version] == [2, 3]
+                assert batches.run_due() == 0                 # its retry is a sweep period away
+            finally:
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (f"hold_{run}",))
+        ahead[0] = 61.0
+        assert batches.run_due() == 1
+        done = batches.get(job_id).job
+        assert (done.state, done.households["acc-h"].outcome.value, done.households["acc-h"].destroyed) == \
+            (JobState.COMPLETED, "completed", (2,))
+    finally:
+        for db in dbs.values():
+            db.close()

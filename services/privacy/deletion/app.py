@@ -73,6 +73,7 @@ from services.privacy.deletion.receipts import (
     ReceiptVerificationError, ServiceDeletion, SignedReceipt, sign_receipt, verify_receipt)
 from services.privacy.deletion.store import DeletionJobStore, StoredJob
 from services.privacy.keys.app import KeyService
+from services.privacy.keys.rotation import Rekeyed
 
 log = logging.getLogger("hearth.privacy.deletion")
 _TRACER = telemetry.tracer("hearth.privacy.deletion")
@@ -189,13 +190,17 @@ class GrpcPeers:
         request = common_pb2.EraseRequest(scope=scope, job_id=job_id)
         return self._peers[service].call("Erase", request).result
 
-    def rekey(self, service: str, account_id: str, dek_version: int) -> tuple[int, bool]:
-        """DataHolder/Rekey (as ``svc:privacy``): a data key rotation's re-encryption;
-        (values re-encrypted, whether the data holder keys erased-id digests apart from
-        data key version 1 — false from a release before session 27)."""
+    def rekey(self, service: str, account_id: str, dek_version: int) -> Rekeyed:
+        """DataHolder/Rekey (as ``svc:privacy``): a data key rotation's re-encryption —
+        values re-encrypted, the purge steps of the old ciphertexts (as Erase's), and
+        whether the data holder keys erased-id digests apart from data key version 1
+        (false from a release before session 27)."""
         request = common_pb2.RekeyRequest(account_id=account_id, dek_version=dek_version)
         response = self._peers[service].call("Rekey", request, idempotent=True)
-        return int(response.reencrypted), bool(response.digests_keyed_apart)
+        return Rekeyed(int(response.reencrypted),
+                       tuple({"store": p.store, "where": p.location, "action": p.action, "complete": p.complete}
+                             for p in response.purges),
+                       bool(response.digests_keyed_apart))
 
     def export(self, service: str, account_id: str) -> Iterator[bytes]:
         """``ExportAccountStream`` on behalf of the caller, verified as it arrives. A data

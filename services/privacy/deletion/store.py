@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from services.common.errors import AlreadyExists, Conflict, NotFound
 from services.common.storage.sql import Database
@@ -20,7 +22,7 @@ from services.privacy.deletion.domain import DeletionJob, job_from_dict, job_to_
 
 @dataclass(frozen=True)
 class StoredJob:
-    job: DeletionJob
+    job: DeletionJob   # or the table's own job type (a batch rotation's: keys/batch.py)
     request_id: str
     reason: str
     version: int
@@ -38,17 +40,26 @@ _NEVER = 1e12
 
 
 class DeletionJobStore:
-    def __init__(self, db: Database) -> None:
+    """Also the store of batch data key rotations (``keys/batch.py``: ``table``
+    ``rotation_jobs``, its own codec): the same idempotent create, compare-and-swap and
+    leases, over a table of the same columns. A job is any object with ``job_id``,
+    ``state`` (a str enum) and ``scope`` (with ``account_id``, compared on a repeated
+    ``request_id``)."""
+
+    def __init__(self, db: Database, table: str = "deletion_jobs",
+                 codec: tuple[Callable[[Any], dict], Callable[[dict], Any]] = (job_to_dict, job_from_dict)) -> None:
         self.db = db
+        self.table = table
+        self._to_dict, self._from_dict = codec
 
     def create(self, job: DeletionJob, request_id: str, reason: str, next_due: datetime | None,
                trace_context: str = "") -> StoredJob:
         """Insert a new job; if ``request_id`` was used before, return that job instead
         (idempotent request) when its scope is the same, else AlreadyExists."""
-        data = json.dumps(job_to_dict(job), sort_keys=True)
+        data = json.dumps(self._to_dict(job), sort_keys=True)
         with self.db.transaction() as tx:
             inserted = tx.execute(
-                "INSERT INTO deletion_jobs (job_id, request_id, account_id, reason, state, next_due, "
+                f"INSERT INTO {self.table} (job_id, request_id, account_id, reason, state, next_due, "
                 "lease_until, version, job_json, erasures_json, receipt_json, created_at, trace_context) "
                 "VALUES (?, ?, ?, ?, ?, ?, 0, 1, ?, '{}', NULL, ?, ?) ON CONFLICT (request_id) DO NOTHING",
                 (job.job_id, request_id, job.scope.account_id, reason, job.state.value, _ts(next_due),
@@ -57,23 +68,23 @@ class DeletionJobStore:
             return StoredJob(job, request_id, reason, 1, {}, None, trace_context)
         existing = self.by_request(request_id)
         if existing.job.scope != job.scope:
-            raise AlreadyExists("request_id was already used for a different deletion scope", "request_id")
+            raise AlreadyExists("request_id was already used for a different scope", "request_id")
         return existing
 
     def _row(self, where: str, params: tuple) -> StoredJob | None:
         with self.db.transaction() as tx:
             rows = tx.query("SELECT job_json, request_id, reason, version, erasures_json, receipt_json, "
-                            f"trace_context FROM deletion_jobs WHERE {where}", params)
+                            f"trace_context FROM {self.table} WHERE {where}", params)
         if not rows:
             return None
         r = rows[0]
-        return StoredJob(job_from_dict(json.loads(r[0])), r[1], r[2], int(r[3]), json.loads(r[4]), r[5],
+        return StoredJob(self._from_dict(json.loads(r[0])), r[1], r[2], int(r[3]), json.loads(r[4]), r[5],
                          r[6])
 
     def get(self, job_id: str) -> StoredJob:
         found = self._row("job_id = ?", (job_id,))
         if found is None:
-            raise NotFound(f"unknown deletion job {job_id!r}", "job_id")
+            raise NotFound(f"unknown job {job_id!r}", "job_id")
         return found
 
     def by_request(self, request_id: str) -> StoredJob:
@@ -89,13 +100,13 @@ class DeletionJobStore:
         receipt_json = stored.receipt_json if receipt_json is None else receipt_json
         with self.db.transaction() as tx:
             changed = tx.execute(
-                "UPDATE deletion_jobs SET state = ?, next_due = ?, version = ?, job_json = ?, "
+                f"UPDATE {self.table} SET state = ?, next_due = ?, version = ?, job_json = ?, "
                 "erasures_json = ?, receipt_json = ? WHERE job_id = ? AND version = ?",
                 (job.state.value, _ts(next_due), stored.version + 1,
-                 json.dumps(job_to_dict(job), sort_keys=True), json.dumps(erasures, sort_keys=True),
+                 json.dumps(self._to_dict(job), sort_keys=True), json.dumps(erasures, sort_keys=True),
                  receipt_json, job.job_id, stored.version))
         if changed != 1:
-            raise Conflict(f"deletion job {job.job_id} changed concurrently", "job_id")
+            raise Conflict(f"job {job.job_id} changed concurrently", "job_id")
         return StoredJob(job, stored.request_id, stored.reason, stored.version + 1, erasures, receipt_json,
                          stored.trace_context)
 
@@ -105,7 +116,7 @@ class DeletionJobStore:
         a clock stepped forward: the job is due, the lease free (app.FUTURE_MARGIN_S)."""
         far = now + future_bound_s if future_bound_s is not None else _NEVER
         with self.db.transaction() as tx:
-            rows = tx.query("SELECT job_id FROM deletion_jobs WHERE state IN ('pending', 'running') "
+            rows = tx.query(f"SELECT job_id FROM {self.table} WHERE state IN ('pending', 'running') "
                             "AND (next_due IS NULL OR next_due <= ? OR next_due > ?) "
                             "AND (lease_until < ? OR lease_until > ?) "
                             "ORDER BY next_due LIMIT ?", (now, far, now, far, limit))
@@ -113,13 +124,13 @@ class DeletionJobStore:
 
     def next_due(self) -> float | None:
         with self.db.transaction() as tx:
-            rows = tx.query("SELECT MIN(next_due) FROM deletion_jobs WHERE state IN ('pending', 'running')")
+            rows = tx.query(f"SELECT MIN(next_due) FROM {self.table} WHERE state IN ('pending', 'running')")
         return float(rows[0][0]) if rows and rows[0][0] is not None else None
 
     def oldest_open_created_at(self) -> float | None:
         """Creation time of the oldest pending or running job (the overdue alert)."""
         with self.db.transaction() as tx:
-            rows = tx.query("SELECT MIN(created_at) FROM deletion_jobs WHERE state IN ('pending', 'running')")
+            rows = tx.query(f"SELECT MIN(created_at) FROM {self.table} WHERE state IN ('pending', 'running')")
         return float(rows[0][0]) if rows and rows[0][0] is not None else None
 
     # A lease is its expiry time, and that value is also the holder's fencing token: a
@@ -134,7 +145,7 @@ class DeletionJobStore:
         until = now + lease_s
         far = now + future_bound_s if future_bound_s is not None else _NEVER
         with self.db.transaction() as tx:
-            taken = tx.execute("UPDATE deletion_jobs SET lease_until = ? WHERE job_id = ? "
+            taken = tx.execute(f"UPDATE {self.table} SET lease_until = ? WHERE job_id = ? "
                                "AND (lease_until < ? OR lease_until > ?)", (until, job_id, now, far)) == 1
         return until if taken else None
 
@@ -151,7 +162,7 @@ class DeletionJobStore:
         elif until == held:
             return held
         with self.db.transaction() as tx:
-            kept = tx.execute("UPDATE deletion_jobs SET lease_until = ? WHERE job_id = ? AND lease_until = ?",
+            kept = tx.execute(f"UPDATE {self.table} SET lease_until = ? WHERE job_id = ? AND lease_until = ?",
                               (until, job_id, held)) == 1
         return until if kept else None
 
@@ -159,14 +170,14 @@ class DeletionJobStore:
         """Hold a job for ``lease_s`` from now without having claimed it (a direct
         ``DeletionCoordinator.advance``: tools and tests); never shortens a lease."""
         with self.db.transaction() as tx:
-            tx.execute("UPDATE deletion_jobs SET lease_until = ? WHERE job_id = ? AND lease_until < ?",
+            tx.execute(f"UPDATE {self.table} SET lease_until = ? WHERE job_id = ? AND lease_until < ?",
                        (now + lease_s, job_id, now + lease_s))
 
     def release(self, job_id: str, held: float) -> bool:
         """Free the lease ``held`` at once (the job may be claimed again); False when it
         was no longer this holder's."""
         with self.db.transaction() as tx:
-            return tx.execute("UPDATE deletion_jobs SET lease_until = 0 WHERE job_id = ? AND lease_until = ?",
+            return tx.execute(f"UPDATE {self.table} SET lease_until = 0 WHERE job_id = ? AND lease_until = ?",
                               (job_id, held)) == 1
 
     def last_retention_end(self, reason: str, newest: int = 24, stamped_by: float | None = None) -> float | None:
@@ -177,7 +188,7 @@ class DeletionJobStore:
         their ``created_at`` until the clock catches up; until review24, after more than
         ``newest`` of them (a day of hourly checks a year ahead) every later purge was
         held at their end + a day, for the step's length: nothing erased past it."""
-        query = ("SELECT job_json FROM deletion_jobs WHERE account_id = '*' AND reason = ? "
+        query = (f"SELECT job_json FROM {self.table} WHERE account_id = '*' AND reason = ? "
                  "AND state <> 'failed'{} ORDER BY created_at DESC LIMIT ?")
         with self.db.transaction() as tx:
             rows = tx.query(query.format(""), (reason, newest))
@@ -201,6 +212,6 @@ class DeletionJobStore:
 
     def for_account(self, account_id: str) -> list[StoredJob]:
         with self.db.transaction() as tx:
-            ids = [r[0] for r in tx.query("SELECT job_id FROM deletion_jobs WHERE account_id = ? "
+            ids = [r[0] for r in tx.query(f"SELECT job_id FROM {self.table} WHERE account_id = ? "
                                           "ORDER BY created_at, job_id", (account_id,))]
         return [self.get(i) for i in ids]

@@ -19,8 +19,12 @@ audited ``key_rotation``): docs/operations.md, "Rotating a household's data key"
 the answer as JSON (``dek_version``, ``reencrypted``, ``destroyed_versions``,
 ``kept_versions``, ``resumed``); a refusal or no answer exits 2 (run it again: a rotation
 left under way is resumed, not begun anew). ``hearth keys rotate-households
---older-than-days N [--limit M]`` does it for up to M (100; at most 1000) households whose
-newest key is older than N days, oldest first.
+--older-than-days N [--limit M] [--request-id ID] [--no-wait]`` does it for up to M (100; at
+most 1000) households whose newest key is older than N days, oldest first, as a durable job
+of the privacy service (``POST /v1/keys/rotate-households`` → 202): it waits for the job
+and prints it (each household's outcome, ``counts``), exit 0 when completed, 1 when a
+household failed, 2 refused or not finished within ``--wait-s`` (the job goes on);
+``--no-wait`` prints the accepted job and exits 0.
 
 Only ``argparse`` is imported here: the HTTP client is imported when the command runs,
 so registering it costs the ``hearth`` command nothing.
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 EXIT_REFUSED = 2
 
@@ -61,9 +66,51 @@ def _cmd_rotate(args: argparse.Namespace) -> int:
     return _post(args, "/v1/keys/rotate", {"new_active_kek_id": args.to}, "RotateKeys")
 
 
+EXIT_JOB_FAILED = 1
+TERMINAL = ("completed", "failed")
+
+
 def _cmd_rotate_households(args: argparse.Namespace) -> int:
-    return _post(args, "/v1/keys/rotate-households",
-                 {"older_than_days": args.older_than_days, "limit": args.limit}, "RotateDataKeys")
+    """POST the batch (202: a job), then — unless ``--no-wait`` — read its state every
+    ``--poll-s`` until it is completed or failed, and print it. A privacy before session
+    27 (rolling upgrade) runs the batch inside the call: its answer (200) is printed as is."""
+    import httpx
+
+    from services.rollout import _experiment, _json_or_raise
+
+    body = {"older_than_days": args.older_than_days, "limit": args.limit}
+    if args.request_id:
+        body["request_id"] = args.request_id
+    experiment = _experiment(args)   # ValueError (exit 2) without HEARTH_ROLLOUT_API_KEY
+    try:
+        try:
+            response = experiment._http.post("/v1/keys/rotate-households", json=body, timeout=args.timeout_s)
+            job = _json_or_raise(response)
+            if response.status_code != 202 or args.no_wait:
+                print(json.dumps(job, sort_keys=True))
+                return 0
+            deadline = time.monotonic() + args.wait_s
+            while job["state"] not in TERMINAL:
+                if time.monotonic() > deadline:
+                    print(json.dumps(job, sort_keys=True))
+                    print(f"error: batch rotation {job['job_id']} still {job['state']} after {args.wait_s:.0f} s "
+                          f"({job['counts']}); it goes on in the privacy service: follow it with "
+                          f"GET /v1/keys/rotate-households/{job['job_id']}", file=sys.stderr)
+                    return EXIT_REFUSED
+                time.sleep(args.poll_s)
+                job = _json_or_raise(experiment._http.get(f"/v1/keys/rotate-households/{job['job_id']}",
+                                                          timeout=args.timeout_s))
+        except ValueError as exc:   # the gateway's refusal, with its error body
+            print(f"error: key rotation refused: {exc}", file=sys.stderr)
+            return EXIT_REFUSED
+        except httpx.HTTPError as exc:   # unreachable, TLS, timeout
+            print(f"error: no answer from the gateway at {args.gateway}: {type(exc).__name__}: {exc} (run it again "
+                  "with the same --request-id: the same job is answered, none is begun twice)", file=sys.stderr)
+            return EXIT_REFUSED
+    finally:
+        experiment.close()
+    print(json.dumps(job, sort_keys=True))
+    return 0 if job["state"] == "completed" else EXIT_JOB_FAILED
 
 
 def _cmd_rotate_household(args: argparse.Namespace) -> int:
@@ -99,7 +146,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     batch.add_argument("--older-than-days", type=float, required=True)
     batch.add_argument("--limit", type=int, default=100, help="at most this many households (1..1000)")
     batch.add_argument("--gateway", default="http://127.0.0.1:8080")
+    batch.add_argument("--request-id", default="", help="idempotency key: run again with the same id, the same job "
+                                                        "is answered (none begun twice)")
+    batch.add_argument("--no-wait", action="store_true", help="print the job as accepted and exit; follow it with "
+                                                              "GET /v1/keys/rotate-households/{job_id}")
+    batch.add_argument("--wait-s", type=float, default=3600.0, help="how long to wait for the job to finish "
+                                                                     "(exit 2 past it; the job goes on)")
+    batch.add_argument("--poll-s", type=float, default=2.0, help="how often to read the job's state")
     batch.add_argument("--timeout-s", type=float, default=330.0,
-                       help="how long to wait for the answer (the gateway allows it 300 s: keep --limit small "
-                            "enough for that)")
+                       help="each HTTP call's timeout (a privacy before session 27 runs the batch inside the call: "
+                            "its gateway allowed 300 s)")
     batch.set_defaults(func=_cmd_rotate_households)

@@ -41,6 +41,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -76,15 +77,52 @@ def max_calls_for(max_workers: int) -> int:
 
 ROTATIONS = Counter("hearth_dek_rotations_total",
                     "Household data key rotations finished (completed), refused because the household was "
-                    "erased (erased), or stopped by an error and left for a retry or the sweep (failed)",
+                    "erased (erased), stopped by an error and left for a retry or the sweep (failed), or held "
+                    "open because a store's purge of the old ciphertexts reported itself incomplete (held: "
+                    "older versions kept, retried by the sweep)",
                     ["outcome"])
-for _outcome in ("completed", "erased", "failed"):
+for _outcome in ("completed", "erased", "failed", "held"):
     ROTATIONS.labels(_outcome)
 
-# rekey(service, account_id, dek_version) -> (values re-encrypted, whether the data holder
-# keys erased-id digests apart from version 1: RekeyResponse.digests_keyed_apart), or the
-# count alone from a data holder of this release (in-process stores: keyed apart).
-Rekey = Callable[[str, str, int], "int | tuple[int, bool]"]
+class Rekeyed(NamedTuple):
+    """One data holder's answer to ``DataHolder/Rekey``."""
+
+    reencrypted: int
+    # The purge steps of the old ciphertexts, as Erase's: {"store", "where", "action",
+    # "complete"} — what the completion rule reads.
+    purges: Sequence[dict] = ()
+    # Whether the data holder keys erased-id digests apart from data key version 1
+    # (RekeyResponse.digests_keyed_apart): false from a release before session 27.
+    digests_keyed_apart: bool = True
+
+
+# rekey(service, account_id, dek_version) -> Rekeyed (a bare count, or (count, keyed apart),
+# from callers that know nothing of purges: none reported).
+Rekey = Callable[[str, str, int], "Rekeyed | int | tuple[int, bool]"]
+
+
+def _rekeyed(answer: Rekeyed | int | tuple[int, bool]) -> Rekeyed:
+    if isinstance(answer, Rekeyed):
+        return answer
+    if isinstance(answer, int):
+        return Rekeyed(answer)
+    count, apart = answer
+    return Rekeyed(count, (), bool(apart))
+
+
+class RotationHeld(Unavailable):
+    """Every store re-encrypted the household, but a purge of the old ciphertexts reported
+    itself incomplete (SQLite's checkpoint kept busy by a reader, PostgreSQL's VACUUM FULL
+    locked out or WAL kept, Redis's files not rewritten in time): the old version still
+    opens bytes on disk, so it is not destroyed — the rotation stays open (a live version
+    older than the newest, not retired) and the next run or sweep re-runs Rekey, whose
+    purge runs again, until a clean one. UNAVAILABLE: retryable."""
+
+
+def incomplete_purges(purges: Sequence[dict]) -> list[str]:
+    """"service: store where (action)" of each purge step that says it did not finish."""
+    return [f"{p.get('service', '?')}: {p.get('store', '?')} {p.get('where', '')} ({p.get('action', '')})"[:300]
+            for p in purges if not p.get("complete", False)]
 
 
 @dataclass
@@ -150,9 +188,12 @@ class DataKeyRotation:
             except FailedPrecondition:
                 ROTATIONS.labels("erased").inc()
                 raise
-            return self._finish(account_id, target, resumed, created_at)
+            return self.finish(account_id, target, resumed, created_at)
 
-    def _finish(self, account_id: str, target: int, resumed: bool, created_at: datetime) -> RotationOutcome:
+    def finish(self, account_id: str, target: int, resumed: bool, created_at: datetime) -> RotationOutcome:
+        """Steps 2-4 of a rotation begun (``KeyService.begin_rotation``) at ``created_at``
+        towards ``target``: the settle's rest, every store's Rekey, the completion rule
+        and the retirement. Also the batch job's step per household (keys/batch.py)."""
         outcome = RotationOutcome(account_id, target, resumed=resumed)
         try:
             wait = created_at.timestamp() + self.settle_s - self._wall()
@@ -161,10 +202,19 @@ class DataKeyRotation:
             if self._stop.is_set():
                 raise Unavailable("the privacy service is stopping: the rotation is under way, run it again "
                                   "(it resumes)", "account_id")
+            store_purges: list[dict] = []
             keyed_apart = True
             for service in self.services:
-                outcome.reencrypted[service], apart = self._rekey_all(service, account_id, target)
+                outcome.reencrypted[service], apart = self._rekey_all(service, account_id, target, store_purges)
                 keyed_apart = keyed_apart and apart
+            # The completion rule: older versions are destroyed only after every store's
+            # purge of the old ciphertexts said it finished (review26 left it unchecked: a
+            # rotation "completed" with the old ciphertexts still in a WAL or Redis file).
+            held = incomplete_purges(store_purges)
+            if held:
+                raise RotationHeld("the old ciphertexts' purge did not finish in " + "; ".join(held) +
+                                   ": the rotation stays open (older data key versions kept) and is retried by "
+                                   "the privacy service's sweep or when run again", "account_id")
             if not keyed_apart:
                 log.warning("a data holder of a release before session 27 keys erased-id digests with data key "
                             "version 1: the rotation of %s keeps version 1 (finish the upgrade, then rotate "
@@ -174,6 +224,11 @@ class DataKeyRotation:
                                                                         keep_first=not keyed_apart)
         except FailedPrecondition:
             ROTATIONS.labels("erased").inc()
+            raise
+        except RotationHeld as exc:
+            ROTATIONS.labels("held").inc()
+            log.warning("data key rotation of %s held open at v%d: %s", pseudonym(account_id), target,
+                        str(exc).replace(account_id, pseudonym(account_id))[:500])
             raise
         except Exception:
             ROTATIONS.labels("failed").inc()
@@ -187,17 +242,25 @@ class DataKeyRotation:
                  target, outcome.destroyed, outcome.kept, outcome.reencrypted)
         return outcome
 
-    def _rekey_all(self, service: str, account_id: str, target: int) -> tuple[int, bool]:
-        """(values re-encrypted, whether the data holder keys its digests apart)."""
+    def _rekey_all(self, service: str, account_id: str, target: int, purges: list[dict]) -> tuple[int, bool]:
+        """Rekey passes until one finds nothing under an older version: (values
+        re-encrypted, whether the data holder keys its digests apart). Each purge step's
+        latest state (per store and place: every pass purges the database again, Redis's
+        files only after a pass that changed something) is added to ``purges``, named by
+        ``service``."""
         total = 0
+        latest: dict[tuple[str, str], dict] = {}
         for _ in range(self.passes):
             try:
-                answer = self._rekey(service, account_id, target)
+                answer = _rekeyed(self._rekey(service, account_id, target))
             except grpc.RpcError as exc:
                 raise _from_rpc(exc, service) from None
-            n, apart = (answer, True) if isinstance(answer, int) else answer
+            n, apart = answer.reencrypted, answer.digests_keyed_apart
             total += n
+            latest.update({(str(p.get("store")), str(p.get("where"))): {**p, "service": service}
+                           for p in answer.purges})
             if n == 0:
+                purges.extend(latest.values())
                 return total, apart
         raise Unavailable(f"{service} still held values under an older data key version after {self.passes} "
                           "passes (writes under the old key kept arriving): run the rotation again", "account_id")
@@ -223,7 +286,7 @@ class DataKeyRotation:
             done = []
             for b in begun:
                 try:
-                    done.append(self._finish(*b))
+                    done.append(self.finish(*b))
                 except FailedPrecondition:   # erased during the settle: its key is shredded (review26)
                     continue
                 # The call's own key_rotation record names no household (its request names
@@ -245,7 +308,7 @@ class DataKeyRotation:
                 target, _, created_at = begun
                 if created_at.timestamp() > self._wall() - self.settle_s - ABANDONED_S:
                     continue
-                self._finish(account_id, target, True, created_at)
+                self.finish(account_id, target, True, created_at)
                 finished += 1
             except (FailedPrecondition, NotFound):
                 continue

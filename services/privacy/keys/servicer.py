@@ -1,4 +1,5 @@
-"""gRPC adapter of the keys room: GetDataKey, RotateKeys, RotateDataKey(s)."""
+"""gRPC adapter of the keys room: GetDataKey, RotateKeys, RotateDataKey(s), and the batch
+rotation jobs (RequestDataKeyRotations, GetDataKeyRotations: keys/batch.py)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,21 @@ from services.common import identity
 from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from services.common.ids import check_id
 from services.privacy.keys.app import KeyService
+from services.common.pbutil import float_to_ts
+from services.privacy.deletion.domain import JobState
+from services.privacy.deletion.store import StoredJob
+from services.privacy.keys.batch import BatchRotations, RotationBatch
 from services.privacy.keys.rotation import DataKeyRotation, RotationOutcome
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Keys"].full_name
 
 
 class KeysServicer(pb_grpc.KeysServicer):
-    def __init__(self, keys: KeyService, rotation: DataKeyRotation | None = None) -> None:
+    def __init__(self, keys: KeyService, rotation: DataKeyRotation | None = None,
+                 batches: BatchRotations | None = None) -> None:
         self._keys = keys
         self._rotation = rotation
+        self._batches = batches
 
     def GetDataKey(self, request, context) -> pb.GetDataKeyResponse:
         # The matrix (permissions.ROLE_PERMISSIONS) already gives use_data_key to service
@@ -40,7 +47,22 @@ class KeysServicer(pb_grpc.KeysServicer):
             raise FailedPrecondition("this privacy service reaches no data-holding service", "account_id")
         return _outcome_to_pb(self._rotation.rotate(account_id))
 
+    def RequestDataKeyRotations(self, request, context) -> pb.DataKeyRotationJob:
+        if self._batches is None:
+            raise FailedPrecondition("this privacy service reaches no data-holding service", "older_than_days")
+        return batch_to_pb(self._batches.request(float(request.older_than_days), int(request.limit),
+                                                 request.request_id))
+
+    def GetDataKeyRotations(self, request, context) -> pb.DataKeyRotationJob:
+        if not request.job_id or len(request.job_id) > 128:
+            raise InvalidArgument("is required (at most 128 characters)", "job_id")
+        if self._batches is None:
+            raise FailedPrecondition("this privacy service reaches no data-holding service", "job_id")
+        return batch_to_pb(self._batches.get(request.job_id))
+
     def RotateDataKeys(self, request, context) -> pb.RotateDataKeysResponse:
+        """The batch inside this call (a release before session 27's gateway, during a
+        rolling upgrade); RequestDataKeyRotations is the job."""
         if self._rotation is None:
             raise FailedPrecondition("this privacy service reaches no data-holding service", "older_than_days")
         done = self._rotation.rotate_older_than(float(request.older_than_days), int(request.limit))
@@ -51,3 +73,22 @@ def _outcome_to_pb(done: RotationOutcome) -> pb.RotateDataKeyResponse:
     return pb.RotateDataKeyResponse(account_id=done.account_id, dek_version=done.dek_version,
                                     reencrypted=done.reencrypted, destroyed_versions=done.destroyed,
                                     kept_versions=done.kept, resumed=done.resumed)
+
+
+_STATE = {JobState.PENDING: pb.JOB_STATE_PENDING, JobState.RUNNING: pb.JOB_STATE_RUNNING,
+          JobState.COMPLETED: pb.JOB_STATE_COMPLETED, JobState.FAILED: pb.JOB_STATE_FAILED}
+
+
+def batch_to_pb(stored: StoredJob) -> pb.DataKeyRotationJob:
+    job: RotationBatch = stored.job
+    out = pb.DataKeyRotationJob(job_id=job.job_id, state=_STATE[job.state], older_than_days=job.scope.older_than_days,
+                                limit=job.scope.limit, requested_at=float_to_ts(job.requested_at),
+                                counts=job.counts())
+    if job.completed_at is not None:
+        out.completed_at.CopyFrom(float_to_ts(job.completed_at))
+    for account, h in sorted(job.households.items()):
+        out.households.append(pb.HouseholdRotation(
+            account_id=account, outcome=h.outcome.value, dek_version=h.dek_version, resumed=h.resumed,
+            attempts=h.attempts, detail=h.detail, reencrypted=dict(h.reencrypted),
+            destroyed_versions=list(h.destroyed)))
+    return out

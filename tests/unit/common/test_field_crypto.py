@@ -122,3 +122,39 @@ def test_bad_arguments_are_value_errors(ring):
         cipher.encrypt("a", "title_id", "not bytes")  # type: ignore[arg-type]
     with pytest.raises(FieldDecryptionError):
         cipher.decrypt("a", "title_id", b"short")
+
+
+def test_warm_fetches_missing_newest_keys_so_their_use_fetches_none(ring):
+    calls: list = []
+    cipher = FieldCipher(ring_fetcher(ring, calls))
+    cipher.encrypt("acct-cached", "f", b"a")
+    cipher.warm(["acct-1", "acct-2", "acct-cached", "acct-1"])
+    assert sorted(calls) == [("acct-1", 0), ("acct-2", 0), ("acct-cached", 0)]
+    blob = cipher.encrypt("acct-1", "f", b"b")
+    cipher.encrypt("acct-2", "f", b"c")
+    assert cipher.decrypt("acct-1", "f", blob) == b"b"
+    assert len(calls) == 3
+
+
+def test_a_key_warmed_while_another_write_drops_cached_keys_is_not_kept(ring):
+    """A transaction noting an erasure (or a re-key) while ``warm`` fetches: what warm
+    fetched may predate it, so none of it is cached and the use fetches again."""
+    calls: list = []
+    fetch = ring_fetcher(ring, calls)
+    cipher = FieldCipher(lambda account, version: (cipher.sync_erasures(len(calls) + 1), fetch(account, version))[1])
+    cipher.sync_erasures(0)
+    cipher.warm(["acct-1", "acct-2"])
+    assert len(calls) == 2
+    cipher.encrypt("acct-1", "f", b"a")
+    assert len(calls) == 3
+
+
+def test_warm_leaves_an_erased_household_to_the_write(ring):
+    cipher = FieldCipher(ring_fetcher(ring, []))
+    cipher.encrypt("acct-1", "f", b"a")
+    ring.destroy_dek("acct-1", NOW)
+    cipher.forget("acct-1")
+    cipher.warm(["acct-1", "acct-2"])
+    with pytest.raises(FailedPrecondition):
+        cipher.encrypt("acct-1", "f", b"after erasure")
+    cipher.encrypt("acct-2", "f", b"still fine")

@@ -1,0 +1,394 @@
+"""Batch data key rotation as a durable job: privacy's ``RequestDataKeyRotations`` /
+``GetDataKeyRotations`` (gateway ``POST /v1/keys/rotate-households`` → 202 + job id,
+``GET /v1/keys/rotate-households/{job_id}``; ``hearth keys rotate-households``).
+
+Until session 27 a batch (``RotateDataKeys``) ran inside one call: one settle (~70 s) plus
+each household's re-encryption, so a batch of any size outlived the gateway's 300 s
+deadline, and the caller learnt nothing of the households it had not reached. Now the
+request stores a job and returns at once, the way a deletion does, and with the deletion
+jobs' own store (``DeletionJobStore`` over its ``rotation_jobs`` table: the idempotent
+``request_id``, compare-and-swap on every update, leases): the job survives its caller
+going away and the privacy process's restart (a SIGKILL mid-batch is resumed by whichever
+replica claims the job next, the restarted one included, within a lease).
+
+A job fixes its households when it is requested (up to ``limit`` whose newest data key is
+older than ``older_than_days``, oldest first). A pass of the worker then
+
+1. begins each pending household's rotation (``KeyService.begin_rotation``: a new version,
+   or the rotation under way resumed) and stores the version it rotates to — so a pass
+   resumed after a crash finishes that rotation and never begins a second one;
+2. waits out one settle for all of them (renewing the lease);
+3. finishes each (``DataKeyRotation.finish``: every store's Rekey, the completion rule,
+   the retirement), storing each household's outcome as it goes, audited per household
+   (``key_rotation``, the requester's principal) as the synchronous batch was.
+
+Outcomes per household: ``completed``; ``erased`` (erased before or during the batch: its
+key was shredded, nothing to rotate); ``skipped`` (no data key: nothing of it is
+encrypted); ``held`` (a store's purge of the old ciphertexts did not finish: the rotation
+stays open, rotation.py's completion rule) and ``retrying`` (a store failed), both retried
+every ``retry_s`` (the rotation sweep's period) up to ``max_attempts`` times, then
+``failed`` — the rotation itself stays under way and the sweep keeps finishing it. The job
+is ``completed`` once every household is completed, erased or skipped, ``failed`` once
+every one has a final outcome and at least one failed.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from services.common import audit, identity, telemetry
+from services.common.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
+from services.common.failure_log import FailureLog
+from services.common.telemetry import pseudonym
+from services.privacy.deletion.domain import JobState
+from services.privacy.deletion.store import DeletionJobStore, StoredJob
+from services.privacy.keys.rotation import MAX_BATCH, MAX_DAYS, DataKeyRotation, RotationHeld
+
+log = logging.getLogger("hearth.privacy.keys.batch")
+_TRACER = telemetry.tracer("hearth.privacy.keys.batch")
+
+TABLE = "rotation_jobs"
+REASON = "data key rotation"
+MAX_ATTEMPTS = 30   # a household retried every sweep period (60 s): half an hour, then failed
+RPC = "hearth.privacy.v1.Keys/RequestDataKeyRotations"
+
+
+class Outcome(enum.StrEnum):
+    PENDING = "pending"        # not begun yet
+    BEGUN = "begun"            # its new version made: settling, then re-encrypted
+    COMPLETED = "completed"
+    ERASED = "erased"
+    SKIPPED = "skipped"
+    HELD = "held"              # a purge incomplete: retried
+    RETRYING = "retrying"      # a store failed: retried
+    FAILED = "failed"          # retried max_attempts times (the sweep still owns the rotation)
+
+
+FINAL = frozenset({Outcome.COMPLETED, Outcome.ERASED, Outcome.SKIPPED, Outcome.FAILED})
+
+
+@dataclass(frozen=True, slots=True)
+class BatchScope:
+    """What the batch was asked for; compared when a ``request_id`` is used again."""
+
+    older_than_days: float
+    limit: int
+
+    @property
+    def account_id(self) -> str:   # the job store's column: a batch names no one household
+        return "*"
+
+
+@dataclass(frozen=True, slots=True)
+class HouseholdRotation:
+    outcome: Outcome = Outcome.PENDING
+    dek_version: int = 0                  # the version its rotation re-encrypts to (once begun)
+    created_at: float | None = None       # when that version was made (the settle runs from it)
+    resumed: bool = False                 # the rotation was under way before this batch
+    attempts: int = 0                     # failed or held attempts so far
+    next_attempt_at: float | None = None
+    detail: str = ""                      # why it is held, retrying, failed, erased or skipped
+    reencrypted: Mapping[str, int] = field(default_factory=dict)
+    destroyed: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RotationBatch:
+    job_id: str
+    scope: BatchScope
+    principal: str
+    role: str
+    requested_at: float
+    households: Mapping[str, HouseholdRotation]
+    state: JobState = JobState.RUNNING
+    completed_at: float | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in (JobState.COMPLETED, JobState.FAILED)
+
+    def counts(self) -> dict[str, int]:
+        """Households per outcome (every outcome listed, 0 included)."""
+        out = {o.value: 0 for o in Outcome}
+        for h in self.households.values():
+            out[h.outcome.value] += 1
+        return out
+
+    def settled(self) -> RotationBatch:
+        """The job's state from its households' outcomes (terminal once all are final)."""
+        if not all(h.outcome in FINAL for h in self.households.values()):
+            return self
+        failed = any(h.outcome is Outcome.FAILED for h in self.households.values())
+        return replace(self, state=JobState.FAILED if failed else JobState.COMPLETED,
+                       completed_at=self.completed_at or time.time())
+
+
+def batch_to_dict(job: RotationBatch) -> dict[str, Any]:
+    return {"job_id": job.job_id, "older_than_days": job.scope.older_than_days, "limit": job.scope.limit,
+            "principal": job.principal, "role": job.role, "requested_at": job.requested_at,
+            "state": job.state.value, "completed_at": job.completed_at,
+            "households": {a: {"outcome": h.outcome.value, "dek_version": h.dek_version, "created_at": h.created_at,
+                               "resumed": h.resumed, "attempts": h.attempts, "next_attempt_at": h.next_attempt_at,
+                               "detail": h.detail, "reencrypted": dict(h.reencrypted),
+                               "destroyed": list(h.destroyed)}
+                           for a, h in job.households.items()}}
+
+
+def batch_from_dict(data: Mapping[str, Any]) -> RotationBatch:
+    return RotationBatch(
+        job_id=data["job_id"], scope=BatchScope(float(data["older_than_days"]), int(data["limit"])),
+        principal=data["principal"], role=data["role"], requested_at=float(data["requested_at"]),
+        state=JobState(data["state"]), completed_at=data.get("completed_at"),
+        households={a: HouseholdRotation(Outcome(h["outcome"]), int(h["dek_version"]), h["created_at"],
+                                         bool(h["resumed"]), int(h["attempts"]), h["next_attempt_at"],
+                                         str(h["detail"]), dict(h["reencrypted"]), tuple(h["destroyed"]))
+                    for a, h in data["households"].items()})
+
+
+def rotation_job_store(db) -> DeletionJobStore:
+    """The deletion jobs' store over the batch rotations' table."""
+    return DeletionJobStore(db, TABLE, (batch_to_dict, batch_from_dict))
+
+
+class BatchRotations:
+    """Requests, status and the worker of batch data key rotations (module docstring)."""
+
+    def __init__(self, jobs: DeletionJobStore, rotation: DataKeyRotation, *, lease_s: float = 10.0,
+                 retry_s: float = 60.0, poll_s: float = 1.0, max_attempts: int = MAX_ATTEMPTS,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.jobs = jobs
+        self.rotation = rotation
+        self.keys = rotation.keys
+        self.lease_s = lease_s
+        self.retry_s = retry_s if retry_s > 0 else 60.0
+        self.poll_s = poll_s
+        self.max_attempts = max_attempts
+        self._wall = wall
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.pass_failures = FailureLog(log, "batch data key rotation pass")
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def request(self, older_than_days: float, limit: int, request_id: str = "",
+                principal: identity.Principal | None = None) -> StoredJob:
+        """Store a job over the households whose newest data key is older than
+        ``older_than_days`` (up to ``limit``, oldest first), or return the job of a repeated
+        ``request_id``; the worker runs it. Nothing is begun here."""
+        if not 0 < older_than_days <= MAX_DAYS:   # past it no date is that far back
+            raise InvalidArgument(f"must be in (0, {MAX_DAYS}]", "older_than_days")
+        if not 0 < limit <= MAX_BATCH:
+            raise InvalidArgument(f"must be in 1..{MAX_BATCH}", "limit")
+        if request_id and (len(request_id) > 200 or not request_id.isprintable()):
+            raise InvalidArgument("at most 200 printable characters", "request_id")
+        principal = principal or identity.current_principal()
+        now = self._wall()
+        before = datetime.fromtimestamp(now, UTC) - timedelta(days=older_than_days)
+        households = self.keys.store.newest_created_before(before.isoformat(), limit)
+        job = RotationBatch(f"rot-{uuid.uuid4().hex}", BatchScope(float(older_than_days), int(limit)), principal.id,
+                            principal.role.value, now, {a: HouseholdRotation() for a in households}).settled()
+        stored = self.jobs.create(job, request_id or f"auto:{job.job_id}", REASON,
+                                  next_due=None if job.terminal else datetime.fromtimestamp(now, UTC),
+                                  trace_context=json.dumps(telemetry.context_carrier(), sort_keys=True))
+        self._wake.set()
+        return stored
+
+    def get(self, job_id: str) -> StoredJob:
+        return self.jobs.get(job_id)
+
+    # ---- the worker ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="dek-rotation-jobs", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_due()
+            except Exception:  # noqa: BLE001 - a database outage: the next poll tries again
+                self.pass_failures.failed()
+            else:
+                self.pass_failures.succeeded()
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+
+    def run_due(self) -> int:
+        """Claim each due job (one at a time: a pass waits out a settle) and advance it."""
+        ran = 0
+        for job_id in self.jobs.due(self._wall()):
+            if self._stop.is_set():
+                break
+            lease = self.jobs.claim(job_id, self._wall(), self.lease_s)
+            if lease is None:
+                continue
+            ran += 1
+            held = _Lease(self.jobs, job_id, lease, self.lease_s, self._wall)
+            try:
+                self.advance(job_id, held)
+            except Conflict:   # another replica stored a newer state: it carries on
+                log.info("batch rotation %s: another replica advanced it; this pass stops", job_id)
+            finally:
+                held.release()
+        return ran
+
+    def advance(self, job_id: str, lease: _Lease | None = None) -> StoredJob:
+        stored = self.jobs.get(job_id)
+        parent = telemetry.extract_context(json.loads(stored.trace_context or "{}"))
+        with telemetry.safe_span(_TRACER, "keys.rotate_households", context=parent,
+                                 attributes={"hearth.job_id": job_id}):
+            return self._advance(stored, lease)
+
+    def _advance(self, stored: StoredJob, lease: _Lease | None) -> StoredJob:
+        job: RotationBatch = stored.job
+        if job.terminal:
+            return stored
+        principal = identity.Principal(job.principal, identity.Role(job.role))
+        # 1. begin every pending household (its version stored before anything else).
+        begun = dict(job.households)
+        for account, h in job.households.items():
+            if h.outcome is Outcome.PENDING:
+                begun[account] = self._begin(account, h)
+        if begun != dict(job.households):
+            job = replace(job, households=begun).settled()
+            stored = self.jobs.save(stored, job, self._next_due(job))
+        # 2. one settle for all.
+        settling = [h.created_at for h in job.households.values()
+                    if h.outcome is Outcome.BEGUN and h.created_at is not None]
+        if settling and not self._wait(max(settling) + self.rotation.settle_s, lease):
+            return stored
+        # 3. finish each household that is due, storing each outcome.
+        for account, h in sorted(job.households.items()):
+            if self._stop.is_set() or (lease is not None and not lease.held):
+                return stored
+            if h.outcome in FINAL or h.outcome is Outcome.PENDING:
+                continue
+            if h.next_attempt_at is not None and h.next_attempt_at > self._wall():
+                continue
+            done = self._finish(account, h, principal)
+            job = replace(job, households={**job.households, account: done}).settled()
+            stored = self.jobs.save(stored, job, self._next_due(job))
+        return stored
+
+    def _begin(self, account: str, h: HouseholdRotation) -> HouseholdRotation:
+        try:
+            target, resumed, created_at = self.keys.begin_rotation(account)  # type: ignore[misc]
+        except FailedPrecondition:
+            return replace(h, outcome=Outcome.ERASED, detail="the household was erased: its key is destroyed")
+        except NotFound:
+            return replace(h, outcome=Outcome.SKIPPED, detail="no data key: nothing of it is encrypted")
+        except Exception as exc:  # noqa: BLE001 - retried by the next pass
+            return self._retry(h, Outcome.RETRYING, f"{type(exc).__name__}: {exc}")
+        return replace(h, outcome=Outcome.BEGUN, dek_version=target, created_at=created_at.timestamp(),
+                       resumed=resumed, next_attempt_at=None)
+
+    def _finish(self, account: str, h: HouseholdRotation, principal: identity.Principal) -> HouseholdRotation:
+        try:
+            under_way = self.keys.begin_rotation(account, create=False)
+            if under_way is None:   # finished meanwhile (the sweep, a re-run, another replica)
+                return replace(h, outcome=Outcome.COMPLETED, next_attempt_at=None,
+                               detail="finished outside this batch (the sweep or another call)")
+            target, _, created_at = under_way
+            if created_at.timestamp() + self.rotation.settle_s > self._wall():
+                return replace(h, next_attempt_at=created_at.timestamp() + self.rotation.settle_s)
+            # The requester's principal for what finish() audits (key_destroyed); the
+            # stores' Rekey is still called as svc:privacy (GrpcPeers).
+            with identity.acting_as(principal):
+                done = self.rotation.finish(account, target, h.resumed, created_at)
+        except FailedPrecondition:
+            return replace(h, outcome=Outcome.ERASED, next_attempt_at=None,
+                           detail="the household was erased during the batch: its key is destroyed")
+        except RotationHeld as exc:
+            return self._retry(h, Outcome.HELD, str(exc).replace(account, pseudonym(account)))
+        except Exception as exc:  # noqa: BLE001 - a store down: retried by the next pass
+            return self._retry(h, Outcome.RETRYING, f"{type(exc).__name__}: {exc}".replace(account, pseudonym(account)))
+        # Each household is audited by name with the requester's principal, as the
+        # synchronous batch did (review26): the request's own record names none.
+        audit.record(audit.KEY_ROTATION, audit.household_resource(account), principal=principal,
+                     details={"rpc": RPC, "dek_version": done.dek_version, "resumed": done.resumed})
+        return replace(h, outcome=Outcome.COMPLETED, dek_version=done.dek_version, next_attempt_at=None, detail="",
+                       reencrypted=dict(done.reencrypted), destroyed=tuple(done.destroyed))
+
+    def _retry(self, h: HouseholdRotation, outcome: Outcome, detail: str) -> HouseholdRotation:
+        attempts = h.attempts + 1
+        if attempts >= self.max_attempts:
+            return replace(h, outcome=Outcome.FAILED, attempts=attempts, next_attempt_at=None,
+                           detail=f"{detail[:400]} (after {attempts} attempts; the rotation stays under way and "
+                                  "the sweep keeps finishing it)")
+        # A household whose begin failed stays pending (begun again by the next pass).
+        return replace(h, outcome=Outcome.PENDING if h.outcome is Outcome.PENDING else outcome, attempts=attempts,
+                       next_attempt_at=self._wall() + self.retry_s, detail=detail[:500])
+
+    def _next_due(self, job: RotationBatch) -> datetime | None:
+        if job.terminal:
+            return None
+        times = [h.next_attempt_at or self._wall() for h in job.households.values() if h.outcome not in FINAL]
+        return datetime.fromtimestamp(min(times), UTC) if times else None
+
+    def _wait(self, until: float, lease: _Lease | None) -> bool:
+        """Wait until ``until`` (the settle's end), renewing the lease; False when the
+        process stops or the lease was lost."""
+        while (left := until - self._wall()) > 0:
+            if self._stop.wait(min(left, self.lease_s / 3.0)):
+                return False
+            if lease is not None and not lease.renew():
+                return False
+        return True
+
+
+class _Lease:
+    """The lease a pass holds on its job (the store's fencing token), renewed by a
+    heartbeat thread every third of the lease while the pass runs, so a Rekey slower than
+    the lease keeps it and a killed holder's job is claimed again within a lease."""
+
+    def __init__(self, jobs: DeletionJobStore, job_id: str, token: float, lease_s: float,
+                 wall: Callable[[], float]) -> None:
+        self._jobs, self._job_id, self._token, self._lease_s, self._wall = jobs, job_id, token, lease_s, wall
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, name="dek-rotation-lease", daemon=True)
+        self._beat.start()
+
+    @property
+    def held(self) -> bool:
+        return self._token is not None
+
+    def renew(self) -> bool:
+        with self._lock:
+            if self._token is None:
+                return False
+            try:
+                self._token = self._jobs.renew(self._job_id, self._token, self._wall(), self._lease_s)
+            except Exception:  # noqa: BLE001 - the next beat tries again; the lease may run out
+                return True
+            if self._token is None:
+                log.warning("batch rotation %s: its lease ran out and another replica took it; this pass stops",
+                            self._job_id)
+            return self._token is not None
+
+    def _heartbeat(self) -> None:
+        while not self._done.wait(self._lease_s / 3.0):
+            if not self.renew():
+                return
+
+    def release(self) -> None:
+        self._done.set()
+        with self._lock:
+            if self._token is not None:
+                self._jobs.release(self._job_id, self._token)
+                self._token = None
