@@ -37,10 +37,16 @@ the batch answers before feedback, and of bench.feedback_why's whole loop (label
 feedback service's grouped calibrator, ``loop_mesh``) after feedback on 3.75 %. A map and a
 shift never change who is answered, so accuracy is the same in every row (checked).
 
+``--carry-evidence`` reads every labelled fit with its unlabelled fit's evidence and persons
+(``carried``); ``loop_shaped_uncalibrated`` is the loop with the label-shaped answers kept
+out of the feedback calibrator (bench.feedback_why's candidate; with ``--carry-evidence``,
+session 26's unlanded design plus the evidence). Figures: docs/benchmarks.md, "Evidence
+that a batch fit under-counts its household" (measured, not kept).
+
 ``OMP_NUM_THREADS=1 python -m bench.undercount_evidence [--fit-worlds 0:12]
 [--fit-households 8] [--eval-first-world 16 --eval-worlds 4 --eval-households 5]
-[--draws 3] [--workers 2] [--cache FILE]`` prints tables and one JSON object on its last
-line. TUNING splits only: REPORTING is read by ``python -m bench.accuracy``.
+[--draws 3] [--workers 2] [--carry-evidence] [--cache FILE]`` prints tables and one JSON
+object on its last line. TUNING splits only: REPORTING is read by ``python -m bench.accuracy``.
 """
 
 from __future__ import annotations
