@@ -410,9 +410,11 @@ class ClusteringStore:
     def event_status(self, account: str, event_ids: Sequence[str]) -> tuple[set[str], set[str]]:
         """(ids of ``event_ids`` the household holds, ids it stored and an erasure deleted
         since): what a caller whose ingest got no answer (a 504) asks before resending.
-        The same tests as ingest's duplicate check (``_new_events``), read-only."""
+        The same tests as ingest's duplicate check (``_new_events``), in a read transaction:
+        it is asked after a 504, which comes of a write holding the database, and a write
+        transaction (SQLite: BEGIN IMMEDIATE) queued behind it (review27)."""
         ids = sorted(set(event_ids))
-        with self.db.transaction() as tx:
+        with self.db.transaction(readonly=True) as tx:
             stored = {r[0] for r in _query_in(
                 tx, "SELECT event_id FROM events WHERE account_id = ? AND event_id IN ({})", account, ids)}
             erased = self._erased(tx, account, [i for i in ids if i not in stored])

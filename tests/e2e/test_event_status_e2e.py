@@ -80,3 +80,26 @@ def test_the_status_needs_the_permission_to_read_the_household(client, mesh):
         key = write_api_key(keys, f"e2e-status-{role}", role)
         r = httpx.post(mesh.url + "/v1/events/status", json=body, headers={"X-API-Key": key}, timeout=30)
         assert r.status_code == status, (role, r.text)
+
+
+def test_the_status_answers_while_a_long_write_holds_the_database(client, mesh):
+    """The question is asked after a 504, and a 504 of POST /v1/events comes of a write that
+    held clustering's database too long (a big household's Rekey, a batch of new households:
+    docs/security.md, session 27). The status is a read: it must answer beside such a write,
+    as GET /v1/household does (WAL), not queue for SQLite's one write lock behind it
+    (review27: it read in a write transaction, BEGIN IMMEDIATE, and answered 504 after the
+    gateway's deadline while the lock was held)."""
+    import sqlite3
+
+    start = time.time() - 2 * 86400
+    assert client.post("/v1/events", json={"events": [_event(f"{ACCT}-lock-0", "tv-1", start)]}).status_code == 200
+    writer = sqlite3.connect(mesh.data_dir / "clustering.db", timeout=10, isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")   # the write lock, as a long Rekey or ingest holds it
+        r = client.post("/v1/events/status", json={"account_id": ACCT,
+                                                   "event_ids": [f"{ACCT}-lock-0", f"{ACCT}-lock-1"]})
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    assert r.status_code == 200, r.text
+    assert (r.json()["stored"], r.json()["not_stored"]) == ([f"{ACCT}-lock-0"], [f"{ACCT}-lock-1"])

@@ -1,0 +1,38 @@
+"""A rolling upgrade to session 27 with a privacy of the release before it (commit
+98239b4's tree, session 26's end) behind this tree's gateway: privacy has no
+RequestDataKeyRotations (its permission matrix refuses an RPC it does not list:
+PERMISSION_DENIED), so ``POST /v1/keys/rotate-households`` runs the batch the old way,
+inside the call (``RotateDataKeys``: 200 with ``rotated``), as docs/operations.md,
+"Rolling upgrades", says. With this tree's privacy back, the same request is a job (202)."""
+
+from __future__ import annotations
+
+import httpx
+
+from bench.assign_cpu import extract
+from services.testing.mesh import ROOT
+from tests.helpers.history import require_commit
+
+BEFORE_JOBS = "98239b4"   # session 26's end: RotateDataKeys only
+
+
+def test_a_gateway_in_front_of_a_privacy_without_the_job_runs_the_batch_inside_the_call(mesh, tmp_path):
+    require_commit(BEFORE_JOBS)
+    old_tree = extract(BEFORE_JOBS, tmp_path / "tree")
+    body = {"older_than_days": 36500, "limit": 5}   # no key is that old: an empty batch
+    with httpx.Client(base_url=mesh.url, headers={"X-API-Key": mesh.api_key}, timeout=120) as c:
+        mesh.stop_process("privacy")
+        mesh.root = old_tree
+        try:
+            mesh.start_service("privacy")
+            mesh.wait_healthy(120)
+            old = c.post("/v1/keys/rotate-households", json=body)
+        finally:
+            mesh.stop_process("privacy")
+            mesh.root = ROOT
+            mesh.start_service("privacy")
+            mesh.wait_healthy(120)
+        assert old.status_code == 200 and old.json() == {"rotated": []}, old.text
+        new = c.post("/v1/keys/rotate-households", json=body)
+        assert new.status_code == 202 and new.json()["state"] == "completed", new.text
+        assert new.json()["households"] == [] and new.headers["location"].endswith(new.json()["job_id"])
