@@ -201,6 +201,24 @@ async def _export_body(call, first) -> AsyncIterator[bytes]:
 ROTATE_KEYS_TIMEOUT_S = 300.0
 
 
+class IncompletePurgeOut(BaseModel):
+    service: str
+    store: str
+    location: str
+    action: str = Field(description="what was run and why it did not finish")
+
+
+INCOMPLETE_PURGES = ("each store's purge of the old ciphertexts that did not finish: the rotation completed all the "
+                     "same (older versions destroyed), so remnants that may remain there are under a destroyed "
+                     "version and open under no key Hearth holds; if the old version leaked, fix the store's "
+                     "configuration (docs/privacy.md §11) and purge")
+
+
+def _incomplete(steps) -> list[IncompletePurgeOut]:
+    return [IncompletePurgeOut(service=p.service, store=p.store, location=p.location, action=p.action)
+            for p in steps]
+
+
 class RotateDataKeyOut(BaseModel):
     account_id: str
     dek_version: int = Field(description="the household's data key version now: its data is encrypted under it")
@@ -210,6 +228,7 @@ class RotateDataKeyOut(BaseModel):
                                                  "release before session 27 keys erased-id digests with it (no data "
                                                  "is encrypted under it any more); empty otherwise")
     resumed: bool = Field(description="true: this call finished a rotation begun before (no new version)")
+    incomplete_purges: list[IncompletePurgeOut] = Field(default_factory=list, description=INCOMPLETE_PURGES)
 
 
 class RotateDataKeysIn(Strict):
@@ -227,15 +246,17 @@ class RotateDataKeysOut(BaseModel):
 
 class HouseholdRotationOut(BaseModel):
     account_id: str
-    outcome: str = Field(description="pending, begun, completed, erased, skipped, held (a purge of the old "
-                                     "ciphertexts did not finish: retried), retrying (a store failed: retried), "
-                                     "failed (retried too often; the privacy sweep keeps finishing it)")
+    outcome: str = Field(description="pending, begun, completed (incomplete_purges lists any purge that did not "
+                                     "finish), erased, skipped, retrying (a store failed: retried), failed "
+                                     "(retried too often; the privacy sweep keeps finishing it)")
     dek_version: int = Field(description="the version its rotation re-encrypts to (0 until begun)")
     resumed: bool
     attempts: int
-    detail: str = Field(description="why it is held, retrying, failed, erased or skipped")
+    detail: str = Field(description="why it is retrying, failed, erased or skipped; once completed, the purges "
+                                    "that did not finish")
     reencrypted: dict[str, int]
     destroyed_versions: list[int]
+    incomplete_purges: list[IncompletePurgeOut] = Field(default_factory=list, description=INCOMPLETE_PURGES)
 
 
 class RotationJobOut(BaseModel):
@@ -257,14 +278,15 @@ def rotation_job_to_json(r: ppb.DataKeyRotationJob) -> RotationJobOut:
         counts=dict(r.counts),
         households=[HouseholdRotationOut(account_id=h.account_id, outcome=h.outcome, dek_version=h.dek_version,
                                          resumed=h.resumed, attempts=h.attempts, detail=h.detail,
-                                         reencrypted=dict(h.reencrypted), destroyed_versions=list(h.destroyed_versions))
+                                         reencrypted=dict(h.reencrypted), destroyed_versions=list(h.destroyed_versions),
+                                         incomplete_purges=_incomplete(h.incomplete_purges))
                     for h in r.households])
 
 
 def _rotated(r) -> RotateDataKeyOut:
     return RotateDataKeyOut(account_id=r.account_id, dek_version=r.dek_version, reencrypted=dict(r.reencrypted),
                             destroyed_versions=list(r.destroyed_versions), kept_versions=list(r.kept_versions),
-                            resumed=r.resumed)
+                            resumed=r.resumed, incomplete_purges=_incomplete(r.incomplete_purges))
 
 
 def router(clients, access) -> APIRouter:

@@ -47,7 +47,7 @@ def build(settings):
                                sweep_s=settings.dek_rotation_sweep_s, max_calls=max_calls_for(settings.max_workers))
     rotation.start()
     # Batch rotations as durable jobs (the deletion jobs' store over rotation_jobs): the
-    # worker resumes a batch a crash cut, within a lease; held or failed households are
+    # worker resumes a batch a crash cut, within a lease; households whose stores failed are
     # retried every sweep period.
     batches = BatchRotations(rotation_job_store(db), rotation, lease_s=settings.deletion_lease_s,
                              retry_s=settings.dek_rotation_sweep_s, poll_s=settings.deletion_poll_s)

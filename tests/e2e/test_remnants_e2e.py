@@ -555,29 +555,59 @@ def test_a_rotated_data_key_leaves_no_byte_only_the_old_key_opens(rmesh, client,
     assert_control_visible(rmesh, control)
 
 
-def _held_rotations(rmesh) -> float:
+def _incomplete_purge_counts(rmesh) -> dict[str, float]:
+    """``hearth_dek_rotation_purges_incomplete_total`` per service, from privacy's metrics."""
     text = httpx.get(f"http://127.0.0.1:{rmesh.metrics_ports['privacy']}/metrics", timeout=10).text
-    found = re.search(r'^hearth_dek_rotations_total\{outcome="held"\} ([0-9.e+]+)$', text, re.M)
-    assert found, "hearth_dek_rotations_total{outcome=\"held\"} is not exported"
-    return float(found.group(1))
+    found = {m.group(1): float(m.group(2)) for m in re.finditer(
+        r'^hearth_dek_rotation_purges_incomplete_total\{service="([a-z]+)"\} ([0-9.e+]+)$', text, re.M)}
+    assert {"clustering", "attribution"} <= set(found), "hearth_dek_rotation_purges_incomplete_total is not exported"
+    return found
 
 
-def test_an_incomplete_purge_holds_the_rotation_open_until_a_clean_one(rmesh, client, control):
-    """The completion rule of a data key rotation: the older version is destroyed only after
-    every store's purge of the old ciphertexts said it finished. On PostgreSQL a replication
-    slot keeps the WAL segments that hold them (the real clustering and attribution purge
-    report themselves incomplete, "1 replication slot(s)"): the rotation answers 503 naming
-    the store and why, version 2 stays live (it still opens those bytes), the data reads
-    back, and ``hearth_dek_rotations_total{outcome="held"}`` counts it (the alert
-    HearthDataKeyRotationFailing covers it). Once the slot is gone the rotation run again
-    resumes (no new version) and destroys version 2. Until session 27 the rotation
-    completed over the incomplete purges and nobody was told. On SQLite (nothing keeps its
-    WAL) the same rotation completes at once and nothing is held."""
-    tag = f"Q{RUN}"   # held (H is the household scope test's)
+def _age_keys(rmesh, account: str) -> None:
+    """The household's data keys made long ago: the only candidate of a batch over keys
+    older than ten years."""
+    sql = "UPDATE {}data_keys SET created_at = '2001-01-01T00:00:00+00:00' WHERE account_id = %s"
+    if rmesh.backend == "sqlite":
+        import sqlite3
+
+        conn = sqlite3.connect(Path(rmesh.data_dir) / "privacy.db", timeout=30)
+        try:
+            with conn:
+                conn.execute(sql.format("").replace("%s", "?"), (account,))
+        finally:
+            conn.close()
+    else:
+        import psycopg
+
+        with psycopg.connect(rmesh.privacy_dsn) as conn:
+            conn.execute(sql.format("hearth_privacy."), (account,))
+
+
+def _tombstones(rmesh, account: str) -> dict[int, bool]:
+    """{version: destroyed (its wrapped key overwritten and destroyed_at set)} as stored."""
+    return {v: wrapped == b"" and destroyed is not None
+            for v, (wrapped, destroyed) in key_rows(rmesh, account).items() if v != "digest"}
+
+
+def test_a_rotation_whose_purge_is_incomplete_completes_and_names_the_store(rmesh, client, control):
+    """The completion rule of a data key rotation: it completes — older versions destroyed —
+    once every store's Rekey found nothing left under them, whatever the purge of the old
+    ciphertexts reported, and names each purge that did not finish. On PostgreSQL a
+    replication slot keeps the WAL segments that hold the old ciphertexts (the real
+    clustering and attribution purges report themselves incomplete, "1 replication
+    slot(s)"): the rotation answers 200, version 1 is a tombstone in privacy's key store
+    (what the purge could not reach opens under no key Hearth holds), the answer's
+    ``incomplete_purges`` names clustering's and attribution's purge,
+    ``hearth_dek_rotation_purges_incomplete_total{service}`` counts it; a batch job over
+    the household does the same (its household ``completed``, version 2 destroyed, the
+    purges named). Session 27's first rule held the rotation open instead (503, version
+    kept live, the job's household ``held``): this test failed against it. On SQLite
+    (nothing keeps its WAL) both complete and name nothing."""
+    tag = f"Q{RUN}"   # the incomplete purge (H is the household scope test's)
     account, device = f"ac{tag}", f"dv{tag}"
     post_sessions(client, account, device, tag, time.time() - 6 * DAY, 4)
-    assert client.post(f"/v1/household/{account}/rotate-key").status_code == 200          # v2, clean
-    held_before = _held_rotations(rmesh)
+    counts_before = _incomplete_purge_counts(rmesh)
     slot = None
     if rmesh.backend == "postgres":
         import psycopg
@@ -586,27 +616,44 @@ def test_an_incomplete_purge_holds_the_rotation_open_until_a_clean_one(rmesh, cl
         slot.execute("SELECT pg_create_physical_replication_slot(%s, true)", (f"hold_{tag.lower()}",))
     try:
         r = client.post(f"/v1/household/{account}/rotate-key")
-        keys = {k["dek_version"]: k["destroyed_at"] for k in
-                client.get(f"/v1/household/{account}/export").json()["services"]["privacy"]["data_keys"]}
+        assert r.status_code == 200, r.text
+        done = r.json()
+        assert (done["dek_version"], done["destroyed_versions"], done["resumed"]) == (2, [1], False), done
+        assert _tombstones(rmesh, account) == {1: True, 2: False}
+        named = {p["service"] for p in done["incomplete_purges"]}
+        counts = _incomplete_purge_counts(rmesh)
         if slot is None:
-            assert r.status_code == 200 and r.json()["destroyed_versions"] == [2], r.text
-            assert _held_rotations(rmesh) == held_before
-            return
-        assert r.status_code == 503, r.text
-        message = r.json()["error"]["message"]
-        assert "purge did not finish" in message and "replication slot" in message, message
-        assert "clustering" in message and "attribution" in message, message
-        assert keys[2] is None and keys[3] is None, keys                                  # v2 not destroyed
-        assert _held_rotations(rmesh) == held_before + 1
-        again = client.post(f"/v1/household/{account}/rotate-key")                       # still held
-        assert again.status_code == 503, again.text
+            assert done["incomplete_purges"] == [] and counts == counts_before, (done, counts)
+        else:
+            assert {"clustering", "attribution"} <= named, done["incomplete_purges"]
+            for p in done["incomplete_purges"]:
+                assert p["store"] == "postgres" and "replication slot" in p["action"], p
+            for service in ("clustering", "attribution"):
+                assert counts[service] == counts_before[service] + 1, (service, counts, counts_before)
+
+        # The batch job: its household completed, not held, the purges named.
+        _age_keys(rmesh, account)
+        r = client.post("/v1/keys/rotate-households", json={"older_than_days": 3650, "limit": 1000})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+        deadline = time.monotonic() + SLOW_MACHINE_S + 30
+        while (job := client.get(f"/v1/keys/rotate-households/{job_id}").json())["state"] == "running" \
+                and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert job["state"] == "completed", job
+        (h,) = [h for h in job["households"] if h["account_id"] == account]
+        assert (h["outcome"], h["dek_version"], h["destroyed_versions"]) == ("completed", 3, [2]), h
+        assert _tombstones(rmesh, account) == {1: True, 2: True, 3: False}
+        if slot is None:
+            assert h["incomplete_purges"] == [] and h["detail"] == "", h
+        else:
+            assert {"clustering", "attribution"} <= {p["service"] for p in h["incomplete_purges"]}, h
+            assert "did not finish" in h["detail"] and "replication slot" in h["detail"], h["detail"]
+            assert account not in h["detail"], h["detail"]
     finally:
         if slot is not None:
             slot.execute("SELECT pg_drop_replication_slot(%s)", (f"hold_{tag.lower()}",))
             slot.close()
-    done = client.post(f"/v1/household/{account}/rotate-key")
-    assert done.status_code == 200, done.text
-    assert (done.json()["dek_version"], done.json()["resumed"], done.json()["destroyed_versions"]) == (3, True, [2])
     export = client.get(f"/v1/household/{account}/export").json()
     assert len(export["services"]["clustering"]["events"]) == 4
     assert {k["dek_version"]: bool(k["destroyed_at"]) for k in export["services"]["privacy"]["data_keys"]} == \

@@ -38,10 +38,10 @@ _schemas = count()
 
 @pytest.fixture(scope="module")
 def purgeable_postgres():
-    """A PostgreSQL whose purges can finish (docs/privacy.md §11: no WAL recycled or kept):
-    a rotation is completed only after every store's purge of the old ciphertexts said it
-    finished, and the session's server recycles WAL (every purge incomplete, every rotation
-    held open: test_an_incomplete_purge_holds_the_rotation_open_until_a_clean_one)."""
+    """A PostgreSQL whose purges can finish (docs/privacy.md §11: no WAL recycled or kept),
+    so a replication slot is what makes them incomplete in the tests below (the session's
+    server recycles WAL: every purge there is incomplete, and the rotation completes all
+    the same, naming it)."""
     with running_postgres(**PURGEABLE_WAL) as server:
         yield server.dsn
 
@@ -691,14 +691,17 @@ def test_a_batch_job_cut_after_its_households_began_is_finished_by_another_runne
     assert second.run_due() == 0                        # terminal: nothing due
 
 
-def test_a_batch_job_holds_a_household_whose_purge_was_incomplete_and_says_why(purgeable_postgres):
+def test_a_batch_job_completes_a_household_whose_purge_was_incomplete_and_names_it(purgeable_postgres):
     """On PostgreSQL a replication slot keeps the WAL that holds the old ciphertexts: the
-    stores' real purge says it is incomplete, so the household is ``held`` (the reason in
-    its detail, its older version kept live, the job running); once the slot is gone the
-    job's next attempt completes it."""
+    stores' real purge says it is incomplete. The household is ``completed`` all the same
+    (its older version destroyed: what the purge could not reach opens under no key), the
+    incomplete purge steps listed in ``incomplete_purges`` and named in its ``detail``, the
+    job completed. Session 27's first rule made it ``held`` (retried, version 2 kept live):
+    this test failed against it (``held``, the job running)."""
     import psycopg
 
     from services.privacy.deletion.domain import JobState
+    from services.privacy.keys.batch import batch_from_dict, batch_to_dict
 
     run = f"rh{os.getpid()}_{next(_schemas)}"
     dbs = {name: PostgresDatabase(purgeable_postgres, f"{run}_{name}", max_size=4)
@@ -708,38 +711,56 @@ def test_a_batch_job_holds_a_household_whose_purge_was_incomplete_and_says_why(p
         mesh.fill("acc-h", n=2)
         mesh.rotation().rotate("acc-h")                      # v2, a clean purge
         _aged(mesh, "acc-h")
-        ahead = [0.0]   # the runner's clock, moved a sweep period ahead below
-        batches = _batches(mesh, mesh.rotation(), retry_s=60.0, wall=lambda: time.time() + ahead[0])
+        batches = _batches(mesh, mesh.rotation(), retry_s=60.0)
         with psycopg.connect(purgeable_postgres, autocommit=True) as conn:
             conn.execute("SELECT pg_create_physical_replication_slot(%s, true)", (f"hold_{run}",))
             try:
                 job_id = batches.request(3650, 10, principal=_officer()).job.job_id
                 assert batches.run_due() == 1
-                held = batches.get(job_id).job
-                h = held.households["acc-h"]
-                assert (held.state, h.outcome.value, h.dek_version, h.attempts) == (JobState.RUNNING, "held", 3, 1)
-                assert "purge did not finish" in h.detail and "replication slot" in h.detail, h.detail
-                assert [r.dek_version for r in mesh.key_store.load("acc-h") if not r.destroyed and r.dek_version] == [2, 3]
-                assert batches.run_due() == 0                 # its retry is a sweep period away
             finally:
                 conn.execute("SELECT pg_drop_replication_slot(%s)", (f"hold_{run}",))
-        ahead[0] = 61.0
-        assert batches.run_due() == 1
         done = batches.get(job_id).job
-        assert (done.state, done.households["acc-h"].outcome.value, done.households["acc-h"].destroyed) == \
-            (JobState.COMPLETED, "completed", (2,))
+        h = done.households["acc-h"]
+        assert (done.state, h.outcome.value, h.dek_version, h.destroyed, h.attempts) == \
+            (JobState.COMPLETED, "completed", 3, (2,), 0)
+        assert {p["service"] for p in h.incomplete_purges} == {"clustering", "attribution"}, h.incomplete_purges
+        assert all(p["store"] == "postgres" and "replication slot" in p["action"] for p in h.incomplete_purges)
+        assert "did not finish" in h.detail and "replication slot" in h.detail and "acc-h" not in h.detail, h.detail
+        assert [r.dek_version for r in mesh.key_store.load("acc-h") if not r.destroyed and r.dek_version] == [3]
+        assert mesh.versions("acc-h") == {3}
+        assert batch_from_dict(batch_to_dict(done)) == done                  # stored and read back whole
+        assert batches.run_due() == 0
     finally:
         for db in dbs.values():
             db.close()
 
 
-def test_a_rotation_held_by_an_incomplete_purge_is_completed_by_the_sweep_once_the_purge_is_clean(purgeable_postgres):
-    """The single rotation's path: held (RotationHeld, the older version live), left under
-    way; the sweep resumes it once it is older than the settle + ABANDONED_S, is held again
-    while the replication slot keeps the WAL, and completes it at the first clean purge."""
+def test_a_household_stored_held_by_session_27s_first_rule_is_read_as_retrying():
+    """A job stored by a replica that ran session 27's first rule (outcome ``held``) is read
+    as ``retrying``: its next attempt completes it (the ``held`` outcome is gone)."""
+    from services.privacy.keys.batch import Outcome, batch_from_dict
+
+    job = batch_from_dict({"job_id": "rot-1", "older_than_days": 365, "limit": 1, "principal": "o", "role": "admin",
+                           "requested_at": 1.0, "state": "running", "completed_at": None,
+                           "households": {"acc": {"outcome": "held", "dek_version": 3, "created_at": 1.0,
+                                                  "resumed": False, "attempts": 1, "next_attempt_at": 2.0,
+                                                  "detail": "", "reencrypted": {}, "destroyed": []}}})
+    assert job.households["acc"].outcome is Outcome.RETRYING and job.households["acc"].incomplete_purges == ()
+
+
+def test_a_rotation_whose_purge_is_incomplete_completes_and_reports_it(purgeable_postgres, caplog):
+    """The single rotation: a replication slot keeps the WAL, so the stores' purges report
+    themselves incomplete; the rotation completes (version 2 destroyed, nothing left under
+    way for the sweep), its outcome lists each incomplete purge step by service,
+    ``hearth_dek_rotation_purges_incomplete_total{service}`` counts one per service, and
+    the warning names the household by pseudonym only. Session 27's first rule raised
+    RotationHeld and kept version 2 live: this test failed against it."""
+    import logging
+
     import psycopg
 
-    from services.privacy.keys.rotation import ABANDONED_S, ROTATIONS, RotationHeld
+    from services.common.telemetry import pseudonym
+    from services.privacy.keys.rotation import PURGES_INCOMPLETE, ROTATIONS
 
     run = f"rs{os.getpid()}_{next(_schemas)}"
     dbs = {name: PostgresDatabase(purgeable_postgres, f"{run}_{name}", max_size=4)
@@ -747,27 +768,30 @@ def test_a_rotation_held_by_an_incomplete_purge_is_completed_by_the_sweep_once_t
     try:
         mesh = Mesh(dbs)
         mesh.fill("acc-s", n=2)
-        mesh.rotation().rotate("acc-s")                               # v2, clean
-        ahead = [0.0]
-        rotation = mesh.rotation(wall=lambda: time.time() + ahead[0])
-        held = ROTATIONS.labels("held")._value.get()
+        clean = mesh.rotation().rotate("acc-s")                       # v2, clean
+        assert clean.incomplete_purges == []
+        rotation = mesh.rotation()
+        before = {s: PURGES_INCOMPLETE.labels(s)._value.get() for s in ("clustering", "attribution")}
+        completed = ROTATIONS.labels("completed")._value.get()
         with psycopg.connect(purgeable_postgres, autocommit=True) as conn:
             conn.execute("SELECT pg_create_physical_replication_slot(%s, true)", (f"sweep_{run}",))
             try:
-                with pytest.raises(RotationHeld, match="replication slot"):
-                    rotation.rotate("acc-s")
-                assert mesh.key_store.rotations_in_progress() == ["acc-s"]
-                ahead[0] = ABANDONED_S + 1.0
-                assert rotation.sweep() == 0                          # resumed, held again
-                assert ROTATIONS.labels("held")._value.get() == held + 2
-                assert [r.dek_version for r in mesh.key_store.load("acc-s") if not r.destroyed and r.dek_version] \
-                    == [2, 3]
+                with caplog.at_level(logging.WARNING, logger="hearth.privacy.keys.rotation"):
+                    done = rotation.rotate("acc-s")
             finally:
                 conn.execute("SELECT pg_drop_replication_slot(%s)", (f"sweep_{run}",))
-        assert rotation.sweep() == 1
+        assert (done.dek_version, done.destroyed) == (3, [2])
+        assert {p["service"] for p in done.incomplete_purges} == {"clustering", "attribution"}, done.incomplete_purges
+        assert all("replication slot" in p["action"] for p in done.incomplete_purges), done.incomplete_purges
+        assert ROTATIONS.labels("completed")._value.get() == completed + 1
+        assert {s: PURGES_INCOMPLETE.labels(s)._value.get() - before[s] for s in before} == \
+            {"clustering": 1.0, "attribution": 1.0}
+        warned = [r.getMessage() for r in caplog.records if "did not finish" in r.getMessage()]
+        assert len(warned) == 1 and pseudonym("acc-s") in warned[0] and "acc-s" not in warned[0], warned
         assert mesh.key_store.rotations_in_progress() == []
         assert [r.dek_version for r in mesh.key_store.load("acc-s") if not r.destroyed and r.dek_version] == [3]
         assert mesh.versions("acc-s") == {3}
+        assert rotation.sweep() == 0                                  # nothing left for the sweep
     finally:
         for db in dbs.values():
             db.close()

@@ -24,12 +24,16 @@ older than ``older_than_days``, oldest first). A pass of the worker then
 
 Outcomes per household: ``completed``; ``erased`` (erased before or during the batch: its
 key was shredded, nothing to rotate); ``skipped`` (no data key: nothing of it is
-encrypted); ``held`` (a store's purge of the old ciphertexts did not finish: the rotation
-stays open, rotation.py's completion rule) and ``retrying`` (a store failed), both retried
-every ``retry_s`` (the rotation sweep's period) up to ``max_attempts`` times, then
-``failed`` — the rotation itself stays under way and the sweep keeps finishing it. The job
+encrypted); ``retrying`` (a store failed), retried every ``retry_s`` (the rotation sweep's
+period) up to ``max_attempts`` times, then ``failed`` — the rotation itself stays under way and the sweep keeps finishing it. The job
 is ``completed`` once every household is completed, erased or skipped, ``failed`` once
 every one has a final outcome and at least one failed.
+
+A household whose stores' purge of the old ciphertexts did not finish is ``completed`` (its
+older versions destroyed, rotation.py's completion rule) with those purge steps in
+``incomplete_purges`` and named in its ``detail``. Session 27's first rule made it ``held``
+(retried, its older versions kept live): reversed the same session — destroying the version
+is what leaves the unreachable remnants unreadable (docs/privacy.md §10).
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from services.common.failure_log import FailureLog
 from services.common.telemetry import pseudonym
 from services.privacy.deletion.domain import JobState
 from services.privacy.deletion.store import DeletionJobStore, StoredJob
-from services.privacy.keys.rotation import MAX_BATCH, MAX_DAYS, DataKeyRotation, RotationHeld
+from services.privacy.keys.rotation import MAX_BATCH, MAX_DAYS, DataKeyRotation, describe_purges
 
 log = logging.getLogger("hearth.privacy.keys.batch")
 _TRACER = telemetry.tracer("hearth.privacy.keys.batch")
@@ -68,7 +72,6 @@ class Outcome(enum.StrEnum):
     COMPLETED = "completed"
     ERASED = "erased"
     SKIPPED = "skipped"
-    HELD = "held"              # a purge incomplete: retried
     RETRYING = "retrying"      # a store failed: retried
     FAILED = "failed"          # retried max_attempts times (the sweep still owns the rotation)
 
@@ -94,11 +97,13 @@ class HouseholdRotation:
     dek_version: int = 0                  # the version its rotation re-encrypts to (once begun)
     created_at: float | None = None       # when that version was made (the settle runs from it)
     resumed: bool = False                 # the rotation was under way before this batch
-    attempts: int = 0                     # failed or held attempts so far
+    attempts: int = 0                     # failed attempts so far
     next_attempt_at: float | None = None
-    detail: str = ""                      # why it is held, retrying, failed, erased or skipped
+    detail: str = ""                      # why retrying, failed, erased or skipped; the purges
+                                          # that did not finish, once completed
     reencrypted: Mapping[str, int] = field(default_factory=dict)
     destroyed: tuple[int, ...] = ()
+    incomplete_purges: tuple[dict, ...] = ()   # once completed (rotation.incomplete_purges)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +144,8 @@ def batch_to_dict(job: RotationBatch) -> dict[str, Any]:
             "households": {a: {"outcome": h.outcome.value, "dek_version": h.dek_version, "created_at": h.created_at,
                                "resumed": h.resumed, "attempts": h.attempts, "next_attempt_at": h.next_attempt_at,
                                "detail": h.detail, "reencrypted": dict(h.reencrypted),
-                               "destroyed": list(h.destroyed)}
+                               "destroyed": list(h.destroyed),
+                               "incomplete_purges": list(h.incomplete_purges)}
                            for a, h in job.households.items()}}
 
 
@@ -148,10 +154,17 @@ def batch_from_dict(data: Mapping[str, Any]) -> RotationBatch:
         job_id=data["job_id"], scope=BatchScope(float(data["older_than_days"]), int(data["limit"])),
         principal=data["principal"], role=data["role"], requested_at=float(data["requested_at"]),
         state=JobState(data["state"]), completed_at=data.get("completed_at"),
-        households={a: HouseholdRotation(Outcome(h["outcome"]), int(h["dek_version"]), h["created_at"],
+        households={a: HouseholdRotation(_outcome(h["outcome"]), int(h["dek_version"]), h["created_at"],
                                          bool(h["resumed"]), int(h["attempts"]), h["next_attempt_at"],
-                                         str(h["detail"]), dict(h["reencrypted"]), tuple(h["destroyed"]))
+                                         str(h["detail"]), dict(h["reencrypted"]), tuple(h["destroyed"]),
+                                         tuple(h.get("incomplete_purges", ())))
                     for a, h in data["households"].items()})
+
+
+def _outcome(stored: str) -> Outcome:
+    """A household's stored outcome; ``held`` (session 27's first rule, reversed, stored by
+    a replica that ran it) is read as ``retrying``: its next attempt completes it."""
+    return Outcome.RETRYING if stored == "held" else Outcome(stored)
 
 
 def rotation_job_store(db) -> DeletionJobStore:
@@ -313,16 +326,22 @@ class BatchRotations:
         except FailedPrecondition:
             return replace(h, outcome=Outcome.ERASED, next_attempt_at=None,
                            detail="the household was erased during the batch: its key is destroyed")
-        except RotationHeld as exc:
-            return self._retry(h, Outcome.HELD, str(exc).replace(account, pseudonym(account)))
         except Exception as exc:  # noqa: BLE001 - a store down: retried by the next pass
             return self._retry(h, Outcome.RETRYING, f"{type(exc).__name__}: {exc}".replace(account, pseudonym(account)))
         # Each household is audited by name with the requester's principal, as the
         # synchronous batch did (review26): the request's own record names none.
         audit.record(audit.KEY_ROTATION, audit.household_resource(account), principal=principal,
                      details={"rpc": RPC, "dek_version": done.dek_version, "resumed": done.resumed})
-        return replace(h, outcome=Outcome.COMPLETED, dek_version=done.dek_version, next_attempt_at=None, detail="",
-                       reencrypted=dict(done.reencrypted), destroyed=tuple(done.destroyed))
+        detail = ""
+        if done.incomplete_purges:
+            detail = ("completed; the purge of the old ciphertexts did not finish in "
+                      + describe_purges(done.incomplete_purges).replace(account, pseudonym(account))
+                      + ": remnants may remain there under a destroyed version — they open under no key Hearth "
+                        "holds; if the old version leaked, fix the store's configuration (docs/privacy.md §11) "
+                        "and purge")[:1000]
+        return replace(h, outcome=Outcome.COMPLETED, dek_version=done.dek_version, next_attempt_at=None,
+                       detail=detail, reencrypted=dict(done.reencrypted), destroyed=tuple(done.destroyed),
+                       incomplete_purges=tuple(done.incomplete_purges))
 
     def _retry(self, h: HouseholdRotation, outcome: Outcome, detail: str) -> HouseholdRotation:
         attempts = h.attempts + 1

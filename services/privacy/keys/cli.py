@@ -17,7 +17,8 @@ answer on stderr and exits 2.
 ``RotateDataKey`` through ``POST /v1/household/{id}/rotate-key``; privacy officer or admin,
 audited ``key_rotation``): docs/operations.md, "Rotating a household's data key". It prints
 the answer as JSON (``dek_version``, ``reencrypted``, ``destroyed_versions``,
-``kept_versions``, ``resumed``); a refusal or no answer exits 2 (run it again: a rotation
+``kept_versions``, ``resumed``, ``incomplete_purges``: the stores whose purge of the old
+ciphertexts did not finish — the rotation completed all the same); a refusal or no answer exits 2 (run it again: a rotation
 left under way is resumed, not begun anew). ``hearth keys rotate-households
 --older-than-days N [--limit M] [--request-id ID] [--no-wait]`` does it for up to M (100; at
 most 1000) households whose newest key is older than N days, oldest first, as a durable job

@@ -16,7 +16,11 @@ job table of its own, and every step is idempotent:
    nothing seals under an older version (the default is the sum plus 5 s).
 3. **re-encrypt**: each data-holding service's ``DataHolder/Rekey(account, n+1)``,
    repeated until a pass finds nothing under an older version (a write in flight during
-   the first one). Each store purges the old ciphertexts physically, as after an erasure.
+   the first one). Each store purges the old ciphertexts physically, as after an erasure;
+   a purge step that reports itself incomplete (a WAL kept or recycled, Redis's files not
+   rewritten) does not stop the rotation: it is reported (the answer's
+   ``incomplete_purges``, ``hearth_dek_rotation_purges_incomplete_total``, a warning), and
+   step 4 is what leaves those remnants under no key Hearth holds.
 4. **retire** (``KeyService.finish_rotation``): every older live version is destroyed
    (tombstone, purged), version 1 included since session 27: the digests of erased ids
    are keyed with the household's digest key, kept apart from the data keys
@@ -76,13 +80,20 @@ def max_calls_for(max_workers: int) -> int:
     return max(1, max_workers // 8)
 
 ROTATIONS = Counter("hearth_dek_rotations_total",
-                    "Household data key rotations finished (completed), refused because the household was "
-                    "erased (erased), stopped by an error and left for a retry or the sweep (failed), or held "
-                    "open because a store's purge of the old ciphertexts reported itself incomplete (held: "
-                    "older versions kept, retried by the sweep)",
+                    "Household data key rotations finished (completed: older versions destroyed, whatever a "
+                    "store's purge reported), refused because the household was erased (erased), or stopped by "
+                    "an error and left for a retry or the sweep (failed)",
                     ["outcome"])
-for _outcome in ("completed", "erased", "failed", "held"):
+for _outcome in ("completed", "erased", "failed"):
     ROTATIONS.labels(_outcome)
+# Session 27's first completion rule held a rotation open ("held", older versions kept) while
+# a purge was incomplete; it was reversed the same session (docs/privacy.md §10): a rotation
+# completes, and each store whose purge of the old ciphertexts did not finish is counted here.
+PURGES_INCOMPLETE = Counter("hearth_dek_rotation_purges_incomplete_total",
+                            "Data key rotations completed while a store's purge of the old ciphertexts reported "
+                            "itself incomplete (remnants may remain there under a destroyed version: they open "
+                            "under no key Hearth holds), per data-holding service",
+                            ["service"])
 
 class Rekeyed(NamedTuple):
     """One data holder's answer to ``DataHolder/Rekey``."""
@@ -110,19 +121,17 @@ def _rekeyed(answer: Rekeyed | int | tuple[int, bool]) -> Rekeyed:
     return Rekeyed(count, (), bool(apart))
 
 
-class RotationHeld(Unavailable):
-    """Every store re-encrypted the household, but a purge of the old ciphertexts reported
-    itself incomplete (SQLite's checkpoint kept busy by a reader, PostgreSQL's VACUUM FULL
-    locked out or WAL kept, Redis's files not rewritten in time): the old version still
-    opens bytes on disk, so it is not destroyed — the rotation stays open (a live version
-    older than the newest, not retired) and the next run or sweep re-runs Rekey, whose
-    purge runs again, until a clean one. UNAVAILABLE: retryable."""
-
-
-def incomplete_purges(purges: Sequence[dict]) -> list[str]:
-    """"service: store where (action)" of each purge step that says it did not finish."""
-    return [f"{p.get('service', '?')}: {p.get('store', '?')} {p.get('where', '')} ({p.get('action', '')})"[:300]
+def incomplete_purges(purges: Sequence[dict]) -> list[dict]:
+    """The purge steps that say they did not finish, as {"service", "store", "where",
+    "action"}: reported with the completed rotation (docs/privacy.md §10)."""
+    return [{"service": str(p.get("service", "?")), "store": str(p.get("store", "?")),
+             "where": str(p.get("where", ""))[:300], "action": str(p.get("action", ""))[:300]}
             for p in purges if not p.get("complete", False)]
+
+
+def describe_purges(steps: Sequence[dict]) -> str:
+    """One line per incomplete purge step, for a log line or a batch household's detail."""
+    return "; ".join(f"{p['service']}: {p['store']} {p['where']} ({p['action']})" for p in steps)
 
 
 @dataclass
@@ -133,6 +142,9 @@ class RotationOutcome:
     destroyed: list[int] = field(default_factory=list)
     kept: list[int] = field(default_factory=list)
     resumed: bool = False
+    # The stores' purge steps of the old ciphertexts that reported themselves incomplete
+    # (incomplete_purges): the rotation completed all the same.
+    incomplete_purges: list[dict] = field(default_factory=list)
 
 
 def _from_rpc(exc: grpc.RpcError, service: str) -> HearthError:
@@ -164,6 +176,8 @@ class DataKeyRotation:
         self._purge_due = True
         self.max_calls = max_calls
         self._calls = threading.BoundedSemaphore(max_calls)
+        for service in self.services:   # exported at 0 from the start (dashboards, rate())
+            PURGES_INCOMPLETE.labels(service)
 
     # ---- one household ----------------------------------------------------------------
 
@@ -207,14 +221,15 @@ class DataKeyRotation:
             for service in self.services:
                 outcome.reencrypted[service], apart = self._rekey_all(service, account_id, target, store_purges)
                 keyed_apart = keyed_apart and apart
-            # The completion rule: older versions are destroyed only after every store's
-            # purge of the old ciphertexts said it finished (review26 left it unchecked: a
-            # rotation "completed" with the old ciphertexts still in a WAL or Redis file).
-            held = incomplete_purges(store_purges)
-            if held:
-                raise RotationHeld("the old ciphertexts' purge did not finish in " + "; ".join(held) +
-                                   ": the rotation stays open (older data key versions kept) and is retried by "
-                                   "the privacy service's sweep or when run again", "account_id")
+            # The completion rule: older versions are destroyed once every store's Rekey
+            # found nothing left under them, whatever the purge of the old ciphertexts
+            # reported. Destroying the version is what makes the remnants a purge could not
+            # reach (recycled WAL, a replication slot's or archive's WAL, Redis's files)
+            # unreadable — crypto-shredding, as an erasure does; keeping it live would keep
+            # them readable, and a leaked version is already in other hands either way.
+            # Session 27's first rule held the rotation open instead (every rotation on a
+            # default PostgreSQL, wal_recycle on, held for ever): reversed the same session.
+            outcome.incomplete_purges = incomplete_purges(store_purges)
             if not keyed_apart:
                 log.warning("a data holder of a release before session 27 keys erased-id digests with data key "
                             "version 1: the rotation of %s keeps version 1 (finish the upgrade, then rotate "
@@ -225,15 +240,19 @@ class DataKeyRotation:
         except FailedPrecondition:
             ROTATIONS.labels("erased").inc()
             raise
-        except RotationHeld as exc:
-            ROTATIONS.labels("held").inc()
-            log.warning("data key rotation of %s held open at v%d: %s", pseudonym(account_id), target,
-                        str(exc).replace(account_id, pseudonym(account_id))[:500])
-            raise
         except Exception:
             ROTATIONS.labels("failed").inc()
             raise
         ROTATIONS.labels("completed").inc()
+        for service in sorted({p["service"] for p in outcome.incomplete_purges}):
+            PURGES_INCOMPLETE.labels(service).inc()
+        if outcome.incomplete_purges:
+            log.warning("data key rotation of %s completed at v%d, but a purge of the old ciphertexts did not "
+                        "finish in %s: remnants may remain there under destroyed version(s) %s — they open under "
+                        "no key Hearth holds; if an old version leaked, fix the store's configuration "
+                        "(docs/privacy.md §11) and purge", pseudonym(account_id), target,
+                        describe_purges(outcome.incomplete_purges).replace(account_id, pseudonym(account_id))[:600],
+                        outcome.destroyed)
         if outcome.destroyed:
             audit.record(audit.KEY_DESTROYED, audit.household_resource(account_id),
                          details={"reason": "data key rotation", "dek_version": target,

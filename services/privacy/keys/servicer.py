@@ -69,10 +69,16 @@ class KeysServicer(pb_grpc.KeysServicer):
         return pb.RotateDataKeysResponse(rotated=[_outcome_to_pb(d) for d in done])
 
 
+def _purges_to_pb(steps) -> list[pb.IncompletePurge]:
+    return [pb.IncompletePurge(service=p["service"], store=p["store"], location=p["where"], action=p["action"])
+            for p in steps]
+
+
 def _outcome_to_pb(done: RotationOutcome) -> pb.RotateDataKeyResponse:
     return pb.RotateDataKeyResponse(account_id=done.account_id, dek_version=done.dek_version,
                                     reencrypted=done.reencrypted, destroyed_versions=done.destroyed,
-                                    kept_versions=done.kept, resumed=done.resumed)
+                                    kept_versions=done.kept, resumed=done.resumed,
+                                    incomplete_purges=_purges_to_pb(done.incomplete_purges))
 
 
 _STATE = {JobState.PENDING: pb.JOB_STATE_PENDING, JobState.RUNNING: pb.JOB_STATE_RUNNING,
@@ -90,5 +96,5 @@ def batch_to_pb(stored: StoredJob) -> pb.DataKeyRotationJob:
         out.households.append(pb.HouseholdRotation(
             account_id=account, outcome=h.outcome.value, dek_version=h.dek_version, resumed=h.resumed,
             attempts=h.attempts, detail=h.detail, reencrypted=dict(h.reencrypted),
-            destroyed_versions=list(h.destroyed)))
+            destroyed_versions=list(h.destroyed), incomplete_purges=_purges_to_pb(h.incomplete_purges)))
     return out
