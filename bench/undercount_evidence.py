@@ -37,10 +37,16 @@ the batch answers before feedback, and of bench.feedback_why's whole loop (label
 feedback service's grouped calibrator, ``loop_mesh``) after feedback on 3.75 %. A map and a
 shift never change who is answered, so accuracy is the same in every row (checked).
 
+``--carry-evidence`` reads every labelled fit with its unlabelled fit's evidence and persons
+(``carried``); ``loop_shaped_uncalibrated`` is the loop with the label-shaped answers kept
+out of the feedback calibrator (bench.feedback_why's candidate; with ``--carry-evidence``,
+session 26's unlanded design plus the evidence). Figures: docs/benchmarks.md, "Evidence
+that a batch fit under-counts its household" (measured, not kept).
+
 ``OMP_NUM_THREADS=1 python -m bench.undercount_evidence [--fit-worlds 0:12]
 [--fit-households 8] [--eval-first-world 16 --eval-worlds 4 --eval-households 5]
-[--draws 3] [--workers 2] [--cache FILE]`` prints tables and one JSON object on its last
-line. TUNING splits only: REPORTING is read by ``python -m bench.accuracy``.
+[--draws 3] [--workers 2] [--carry-evidence] [--cache FILE]`` prints tables and one JSON
+object on its last line. TUNING splits only: REPORTING is read by ``python -m bench.accuracy``.
 """
 
 from __future__ import annotations
@@ -328,7 +334,10 @@ def loop_figures(hs, fed, outs, shift, names, carry: bool = False) -> dict:
     persons = [h.person for h in hs]
     _, _, ok, _ = E.pooled_answers(persons, [v["batch"] for v in view])
     return {"no_feedback": rep["no_feedback"], "labels_only": rep["labels_only"], "loop_mesh": rep["loop_mesh"],
-            "per_draw": {k: rep["per_draw"][k] for k in ("no_feedback", "loop_mesh")},
+            # fbece26's design: the label-shaped answers skip the feedback calibrator (with
+            # --carry-evidence: its branch fbece26-design, plus the evidence)
+            "loop_shaped_uncalibrated": rep["loop_shaped_uncalibrated"],
+            "per_draw": {k: rep["per_draw"][k] for k in ("no_feedback", "loop_mesh", "loop_shaped_uncalibrated")},
             "accuracy": round(float(ok.mean()), 4),
             # each kind's own ECE before feedback ("label-shaped": the draw's labels add a
             # person, feedback_why; their cancelling within bins is what session 26 found)

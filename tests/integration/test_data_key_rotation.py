@@ -731,3 +731,43 @@ def test_a_batch_job_holds_a_household_whose_purge_was_incomplete_and_says_why(p
     finally:
         for db in dbs.values():
             db.close()
+
+
+def test_a_rotation_held_by_an_incomplete_purge_is_completed_by_the_sweep_once_the_purge_is_clean(purgeable_postgres):
+    """The single rotation's path: held (RotationHeld, the older version live), left under
+    way; the sweep resumes it once it is older than the settle + ABANDONED_S, is held again
+    while the replication slot keeps the WAL, and completes it at the first clean purge."""
+    import psycopg
+
+    from services.privacy.keys.rotation import ABANDONED_S, ROTATIONS, RotationHeld
+
+    run = f"rs{os.getpid()}_{next(_schemas)}"
+    dbs = {name: PostgresDatabase(purgeable_postgres, f"{run}_{name}", max_size=4)
+           for name in ("privacy", "clustering", "attribution")}
+    try:
+        mesh = Mesh(dbs)
+        mesh.fill("acc-s", n=2)
+        mesh.rotation().rotate("acc-s")                               # v2, clean
+        ahead = [0.0]
+        rotation = mesh.rotation(wall=lambda: time.time() + ahead[0])
+        held = ROTATIONS.labels("held")._value.get()
+        with psycopg.connect(purgeable_postgres, autocommit=True) as conn:
+            conn.execute("SELECT pg_create_physical_replication_slot(%s, true)", (f"sweep_{run}",))
+            try:
+                with pytest.raises(RotationHeld, match="replication slot"):
+                    rotation.rotate("acc-s")
+                assert mesh.key_store.rotations_in_progress() == ["acc-s"]
+                ahead[0] = ABANDONED_S + 1.0
+                assert rotation.sweep() == 0                          # resumed, held again
+                assert ROTATIONS.labels("held")._value.get() == held + 2
+                assert [r.dek_version for r in mesh.key_store.load("acc-s") if not r.destroyed and r.dek_version] \
+                    == [2, 3]
+            finally:
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (f"sweep_{run}",))
+        assert rotation.sweep() == 1
+        assert mesh.key_store.rotations_in_progress() == []
+        assert [r.dek_version for r in mesh.key_store.load("acc-s") if not r.destroyed and r.dek_version] == [3]
+        assert mesh.versions("acc-s") == {3}
+    finally:
+        for db in dbs.values():
+            db.close()

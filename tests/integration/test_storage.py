@@ -279,6 +279,18 @@ class _EraseWhileCaching:
         return getattr(self._cache, name)
 
 
+def _model_cached_during(reader, hooked, account: str, version: int, path: str) -> None:
+    """``reader`` reads (``path`` "read") or saves the household's model, and ``hooked``
+    fires the race (another replica's Erase or Rekey) after that committed, before the
+    copy lands in the cache: the copy must not stay there."""
+    if path == "read":
+        assert reader.get_model(account).version == version      # read before the race committed
+    else:
+        assert reader.save_model(account, version, "gmm", b"newer") == version + 1
+    assert hooked.fired
+    assert hooked.get(f"model:{account}") is None
+
+
 @pytest.mark.parametrize("path", ["read", "save"])
 def test_a_model_cached_while_its_household_is_erased_does_not_stay_in_the_cache(database, cache, path):
     """Erase drops the cached model after its commit, but a model read or saved just
@@ -293,13 +305,7 @@ def test_a_model_cached_while_its_household_is_erased_does_not_stay_in_the_cache
     version = eraser.save_model("acc-c", 0, "gmm", b"model")
     cache.delete("model:acc-c")
     hooked = _EraseWhileCaching(cache, lambda: eraser.erase(ErasureScope("acc-c", "household")))
-    reader = ClusteringStore(database, hooked, gap_s=1800)
-    if path == "read":
-        assert reader.get_model("acc-c").version == version      # read before the erase committed
-    else:
-        assert reader.save_model("acc-c", version, "gmm", b"newer") == version + 1
-    assert hooked.fired
-    assert cache.get("model:acc-c") is None
+    _model_cached_during(ClusteringStore(database, hooked, gap_s=1800), hooked, "acc-c", version, path)
     assert eraser.get_model("acc-c") is None
 
 
@@ -326,12 +332,7 @@ def test_a_model_cached_while_its_household_is_rekeyed_does_not_stay_in_the_cach
     ring.create_dek("acc-k", datetime.now(UTC))            # a rotation's version 2
     hooked = _EraseWhileCaching(cache, lambda: rekeyer.rekey("acc-k", 2))
     reader = ClusteringStore(database, hooked, gap_s=1800, cipher=FieldCipher(ring_fetcher(ring, [])))
-    if path == "read":
-        assert reader.get_model("acc-k").version == version      # read before the Rekey committed
-    else:
-        assert reader.save_model("acc-k", version, "gmm", b"newer") == version + 1
-    assert hooked.fired
-    assert cache.get("model:acc-k") is None
+    _model_cached_during(reader, hooked, "acc-k", version, path)
 
 
 def test_model_blob_is_skipped_only_for_the_version_the_caller_holds(store, database):

@@ -117,10 +117,14 @@ def test_a_detector_built_now_raises_main_s_events_with_main_s_statistics(seed, 
     thresholds = _low(scale)
     new = D.build_detector(X[:ref], thresholds=thresholds)
     old = _with_old_null(D.build_detector(X[:ref], thresholds=thresholds))
-    assert new.mmd.null() == pytest.approx(old.mmd.null(), rel=TOL, abs=1e-12)
+    assert new.mmd.null() == pytest.approx(old.mmd.null(), rel=TOL, abs=TOL)   # MMD² scale: below
     _same_events(new.update(X[ref:], ts[ref:]), old.update(X[ref:], ts[ref:]))
     assert new.maxima() == pytest.approx(old.maxima(), rel=TOL, abs=1e-12)
-    assert new.mmd_hist == pytest.approx(old.mmd_hist, rel=TOL, abs=1e-12)
+    # An MMD² is a difference of kernel means, each a mean of values in [0, 1]: its rounding
+    # is absolute, on the scale of those terms, not relative to the (often ~1e-5) difference
+    # (seed 3925, composition, 0.6875, 0.3: 3.92453331e-05 vs 3.92453348e-05, 1.7e-12 apart,
+    # failed abs=1e-12 in suite27's run of 98239b4). TOL absolute is 1e-9 of a kernel term.
+    assert new.mmd_hist == pytest.approx(old.mmd_hist, rel=TOL, abs=TOL)
 
 
 @settings(max_examples=300, deadline=None)
