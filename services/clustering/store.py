@@ -56,6 +56,9 @@ for _reason in ("undecryptable", "unparseable", "offset_unknown"):
 _EVENT_COLUMNS = ("event_id, account_id, device_id, device_type, ts, kind, title_id, series_id, "
                   "genres, duration_s, maturity, country, vpn, profile_hint, utc_offset_minutes")
 MODEL_CACHE_TTL_S = 3600.0
+# Set in the cache while a rewrite of Redis's files that a Rekey started has not been seen
+# to finish (``ClusteringStore.rekey``): every Rekey rewrites them again until one does.
+_PERSISTENCE_PURGE_OWED = "purge-owed:persistence"
 # Every table an erasure deletes from (purged physically after it: Database.purge_erased;
 # kept out of PostgreSQL's planner statistics: migrate(personal_tables=...)).
 _ERASED_TABLES = ("events", "sessions", "devices", "household_models", "drift_events",
@@ -1141,10 +1144,17 @@ class ClusteringStore:
         # version next. Cheap when nothing is owed (SQLite: a checkpoint; PostgreSQL: only
         # a purge noted by record_erasure). Redis's files are rewritten only when a model
         # was dropped from it now.
+        # Or when the last rewrite did not finish (review27): a Rekey that finds nothing to
+        # re-seal and no model to drop still rewrites them, and reports it, until one does
+        # (the rotation completes either way and names the purge: docs/privacy.md §10).
         dropped = self.cache.delete(f"model:{account_id}")
-        purges = [*(purge_persistence(self.cache) if changed or dropped else []),
-                  self.db.purge_erased(("events", "sessions", "household_models"))]
-        return changed, purges
+        owed = self.cache.get(_PERSISTENCE_PURGE_OWED) is not None
+        persistence = purge_persistence(self.cache) if changed or dropped or owed else []
+        if any(not step["complete"] for step in persistence):
+            self.cache.set(_PERSISTENCE_PURGE_OWED, b"1")
+        elif persistence and owed:
+            self.cache.delete(_PERSISTENCE_PURGE_OWED)
+        return changed, [*persistence, self.db.purge_erased(("events", "sessions", "household_models"))]
 
     def _drop_cached_models(self, scope: ErasureScope, strict: bool = False) -> None:
         if scope.all_accounts:

@@ -174,6 +174,13 @@ class FieldCipher:
             self._keys[(account_id, got_version)] = entry
         return entry
 
+    def uncached(self, account_ids: Iterable[str], now: float | None = None) -> list[str]:
+        """The households (each once, in order) whose newest data key is not cached."""
+        now = self._clock() if now is None else now
+        with self._lock:
+            return [a for a in dict.fromkeys(account_ids)
+                    if (hit := self._keys.get((a, 0))) is None or now - hit[0] >= self._ttl]
+
     def warm(self, account_ids: Iterable[str]) -> None:
         """Fetch the newest data key of each household not cached, ``WARM_CONCURRENCY`` at a
         time: called by a store before the write transaction that uses them opens, so the
@@ -190,8 +197,7 @@ class FieldCipher:
         now = self._clock()
         with self._lock:
             invalidations = self._invalidations
-            missing = [a for a in dict.fromkeys(account_ids)
-                       if (hit := self._keys.get((a, 0))) is None or now - hit[0] >= self._ttl]
+        missing = self.uncached(account_ids, now)
         if not missing:
             return
 
@@ -492,8 +498,9 @@ def warm_household_keys(db, cipher: "FieldCipher | None", account_ids: Iterable[
     ``drop_keys_of_erased_households`` itself): the store's erasure and re-key counts, read
     first, so that keys a process has not yet checked against them (its first write) are
     dropped now rather than after warming, then ``FieldCipher.warm``."""
-    accounts = sorted(set(account_ids))
-    if cipher is None or not accounts:
+    # Nothing to fetch, nothing read: most batches (households seen within the TTL).
+    accounts = sorted(set(account_ids)) if cipher is not None else []
+    if not accounts or not cipher.uncached(accounts):
         return
     with db.transaction(readonly=True) as tx:
         drop_keys_of_erased_households(tx, cipher, accounts)
