@@ -249,10 +249,11 @@ class DataKeyRotation:
         if outcome.incomplete_purges:
             log.warning("data key rotation of %s completed at v%d, but a purge of the old ciphertexts did not "
                         "finish in %s: remnants may remain there under destroyed version(s) %s — they open under "
-                        "no key Hearth holds; if an old version leaked, fix the store's configuration "
-                        "(docs/privacy.md §11) and purge", pseudonym(account_id), target,
+                        "no key Hearth holds (but under kept version(s) %s, if any, until a rotation after the "
+                        "upgrade); if an old version leaked, fix the store's configuration (docs/privacy.md §11) "
+                        "and purge", pseudonym(account_id), target,
                         describe_purges(outcome.incomplete_purges).replace(account_id, pseudonym(account_id))[:600],
-                        outcome.destroyed)
+                        outcome.destroyed, outcome.kept)
         if outcome.destroyed:
             audit.record(audit.KEY_DESTROYED, audit.household_resource(account_id),
                          details={"reason": "data key rotation", "dek_version": target,
