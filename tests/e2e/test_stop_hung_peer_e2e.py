@@ -83,7 +83,10 @@ def test_clustering_stops_promptly_while_an_ingest_waits_on_a_frozen_privacy(mes
         # This stop's lines only: the log file is appended to by every start of clustering.
         log = (mesh.log_dir / "clustering.log").read_text()[log_from:]
         assert took < POD_BUDGET_AFTER_PRESTOP_S / 2, f"clustering took {took:.1f} s to exit{mesh.log_tail('clustering')}"
-        assert "did not answer in" in log and "cancelling its 1 calls in flight" in log, log[-3000:]
+        # The ingest's call is cancelled, and with it any other call of clustering's waiting on
+        # the frozen privacy at that moment (e.g. its audit sink shipping an earlier request's
+        # record): the fresh-clone CI of 3ef432f logged "cancelling its 2 calls in flight".
+        assert "did not answer in" in log and re.search(r"cancelling its [1-9]\d* calls in flight", log), log[-3000:]
         r = answer["r"]
         assert r.status_code == 503 and r.headers["retry-after"].isdigit(), (r.status_code, r.text)
         assert r.json()["error"]["code"] == "unavailable"
