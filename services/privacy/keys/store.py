@@ -140,25 +140,29 @@ class DataKeyStore:
         a privacy replica of a release before session 27 shredded the household (it knows
         no digest key) during a rolling upgrade. Returns how many; their old wrapped keys
         are purged physically (``purge_owed`` after). One scan of ``digest_keys``: run by
-        the first rotation sweep after a start, not every minute."""
-        with self.db.transaction() as tx:
-            if self.db.dialect == "sqlite":
-                tx.execute("PRAGMA secure_delete = ON")
-            orphans = [r[0] for r in tx.query(
+        the first rotation sweep after a start, not every minute. The scan reads (on SQLite
+        a write transaction held the database's one write lock for all of it, review27); the
+        write, only for orphans found, re-checks each under its household lock, taken in
+        account order (two replicas starting together lock alike)."""
+        with self.db.transaction(readonly=True) as tx:
+            orphans = sorted(r[0] for r in tx.query(
                 "SELECT d.account_id FROM digest_keys d WHERE d.destroyed_at IS NULL "
                 "AND EXISTS (SELECT 1 FROM data_keys k WHERE k.account_id = d.account_id) "
                 "AND NOT EXISTS (SELECT 1 FROM data_keys k WHERE k.account_id = d.account_id "
-                "AND k.destroyed_at IS NULL)")]
+                "AND k.destroyed_at IS NULL)"))
+        if not orphans:
+            return 0
+        with self.db.transaction() as tx:
+            if self.db.dialect == "sqlite":
+                tx.execute("PRAGMA secure_delete = ON")
             for account_id in orphans:
                 tx.lock_household(account_id)
                 tx.execute("UPDATE digest_keys SET wrapped = ?, destroyed_at = ? WHERE account_id = ? "
                            "AND destroyed_at IS NULL AND NOT EXISTS (SELECT 1 FROM data_keys k WHERE "
                            "k.account_id = digest_keys.account_id AND k.destroyed_at IS NULL)",
                            (b"", when, account_id))
-            if orphans:
-                record_erasure(tx)
-        if orphans:
-            self.db.purge_erased(KEY_TABLES)
+            record_erasure(tx)
+        self.db.purge_erased(KEY_TABLES)
         return len(orphans)
 
     def purge_owed(self) -> dict:
