@@ -11,6 +11,11 @@ import httpx
 import pytest
 
 HOUSEHOLDS = 300
+# The mesh is the package's, shared: a background refit of another test's household whose
+# cached key aged out (60 s) may fetch it "on use" while the POST runs. Before the warming
+# every one of the batch's households was fetched inside the write (300, one each), so a
+# bound well below that still tells the two apart (review27: exactly 0 could flake).
+BACKGROUND_FETCHES = HOUSEHOLDS // 10
 
 
 def _fetches(mesh, service: str) -> dict[str, float]:
@@ -43,7 +48,7 @@ def test_a_batch_of_new_households_fetches_no_data_key_inside_the_write(client, 
     assert response.status_code == 200, response.text
     assert response.json()["accepted"] == HOUSEHOLDS
     after = _fetches(mesh, "clustering")
-    assert _delta(before, after, "on_use") == 0, (before, after)
+    assert _delta(before, after, "on_use") < BACKGROUND_FETCHES, (before, after)
     assert _delta(before, after, "warm") == HOUSEHOLDS, (before, after)
 
 
@@ -55,5 +60,5 @@ def test_a_batch_of_new_accounts_touchpoints_fetches_no_data_key_inside_the_writ
     response = client.post("/v1/touchpoints", json={"touchpoints": touches})
     assert response.status_code == 200, response.text
     after = _fetches(mesh, "attribution")
-    assert _delta(before, after, "on_use") == 0, (before, after)
+    assert _delta(before, after, "on_use") < BACKGROUND_FETCHES, (before, after)
     assert _delta(before, after, "warm") == HOUSEHOLDS, (before, after)
