@@ -6,13 +6,10 @@ import os
 import time
 
 import httpx
+from tests.helpers.timestamps import iso_utc as _iso
 
 # The services' consent cache (tests/conftest.py sets it for every mesh of the run).
 CONSENT_CACHE_S = float(os.environ["HEARTH_CONSENT_CACHE_S"])
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def test_attribution_round_trip(mesh):

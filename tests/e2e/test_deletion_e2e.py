@@ -21,6 +21,7 @@ import pytest
 from services.testing.mesh import ROOT, running_mesh
 from tests.helpers.servers import fresh_database
 from tests.helpers.waiting import SLOW_MACHINE_S, deletion_job, wait_for
+from tests.helpers.timestamps import iso_utc as _iso
 
 DAY = 86400.0
 RUN = uuid.uuid4().hex[:6]  # PostgreSQL schemas outlive a mesh: keep accounts unique per run
@@ -46,10 +47,6 @@ def dmesh(request, tmp_path_factory):
 def client(dmesh):
     with httpx.Client(base_url=dmesh.url, headers={"X-API-Key": dmesh.api_key}, timeout=30) as c:
         yield c
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def post_events(client, account: str, device: str, start: float, n: int, prefix: str = "") -> None:

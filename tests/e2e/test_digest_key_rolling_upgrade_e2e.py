@@ -25,15 +25,12 @@ from bench.assign_cpu import extract
 from services.testing.mesh import ROOT
 from tests.helpers.history import require_commit
 from tests.helpers.waiting import deletion_job
+from tests.helpers.timestamps import iso_utc as _iso
 
 BEFORE_DIGEST_KEY = "98239b4"   # session 26's end: digests keyed from data key version 1
 RUN = uuid.uuid4().hex[:6]
 # The package mesh's privacy settles a rotation for 70 s (production's); restarted here with 1 s.
 QUICK_SETTLE = {"HEARTH_DEK_ROTATION_SETTLE_S": "1"}
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def _restart(mesh, service: str, tree=ROOT, env: dict | None = None) -> None:

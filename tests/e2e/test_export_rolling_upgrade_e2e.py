@@ -15,13 +15,10 @@ import httpx
 from bench.assign_cpu import extract
 from services.testing.mesh import ROOT
 from tests.helpers.history import require_commit
+from tests.helpers.timestamps import iso_utc as _iso
 
 BEFORE_STREAMING = "d3fbe5f"   # session 25's end: ExportAccount only
 RUN = uuid.uuid4().hex[:6]
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def _household(c, acct: str) -> None:

@@ -27,6 +27,7 @@ from services.common.identity import PRINCIPAL_KEY, ROLE_KEY, TOKEN_KEY, Princip
 from services.testing.mesh import running_mesh
 from tests.helpers.servers import fresh_database
 from tests.helpers.waiting import SLOW_MACHINE_S, wait_for
+from tests.helpers.timestamps import iso_utc as _iso
 
 RESPONSE_LIMIT = 256 * 1024
 RUN = uuid.uuid4().hex[:6]   # PostgreSQL databases outlive a mesh: accounts unique per run
@@ -54,10 +55,6 @@ def client(xmesh):
             httpx.Client(base_url=xmesh.url, headers={"X-API-Key": xmesh.keys["adam"]}, timeout=60) as admin:
         c.ingest = admin
         yield c
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def post_household(client, account: str, per_device: int = 800) -> list[str]:

@@ -8,12 +8,9 @@ import time
 
 import httpx
 import pytest
+from tests.helpers.timestamps import iso_utc as _iso
 
 DEVICES = 300
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def _one_event_per_device(account: str, n: int, start: float) -> list[dict]:

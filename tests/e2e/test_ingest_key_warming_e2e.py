@@ -9,6 +9,7 @@ import time
 
 import httpx
 import pytest
+from tests.helpers.timestamps import iso_utc as _iso
 
 HOUSEHOLDS = 300
 # The mesh is the package's, shared: a background refit of another test's household whose
@@ -26,10 +27,6 @@ def _fetches(mesh, service: str) -> dict[str, float]:
 
 def _delta(before: dict[str, float], after: dict[str, float], when: str) -> float:
     return after.get(when, 0.0) - before.get(when, 0.0)
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 @pytest.fixture

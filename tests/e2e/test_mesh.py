@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from tests.helpers.waiting import SLOW_MACHINE_S, wait_for
+from tests.helpers.timestamps import iso_utc as _iso
 
 HOUR = 3600
 
@@ -19,10 +20,6 @@ def _events(account: str, start: float, n: int, device: str = "tv-1", first: int
              "device_type": "tv", "ts": _iso(start + i * 300), "kind": "heartbeat", "title_id": f"title-{i}",
              "series_id": "show-1", "genres": ["drama", "crime"], "duration_s": 300, "maturity": "adult"}
             for i in range(n)]
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 @pytest.fixture

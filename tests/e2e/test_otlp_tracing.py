@@ -17,6 +17,7 @@ import pytest
 from services.testing.mesh import running_mesh
 from tests.helpers.otlp import OtlpReceiver, tree_roots
 from tests.helpers.waiting import SLOW_MACHINE_S, wait_for
+from tests.helpers.timestamps import iso_utc as _iso
 
 SPAN_KIND_SERVER = 2
 
@@ -38,10 +39,6 @@ def traced_mesh(tmp_path_factory):
             yield mesh, receiver
     finally:
         receiver.stop()
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def _rooted_at_the_gateway(spans) -> bool:

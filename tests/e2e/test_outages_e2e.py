@@ -24,6 +24,7 @@ from services.common.server import STOP_CLOSE_MARGIN_S
 from services.testing.mesh import SERVICE_MODULES, running_mesh
 from services.testing.servers import MissingServer, PostgresServer, RedisServer
 from tests.helpers.waiting import SLOW_MACHINE_S, retry_after_503, wait_for
+from tests.helpers.timestamps import iso_utc as _iso
 
 RUN = uuid.uuid4().hex[:6]
 # The services' drain grace: no test here SIGTERMs a service with calls under way, and the
@@ -72,10 +73,6 @@ def client(omesh):
         omesh.wait_healthy(SLOW_MACHINE_S)
     with httpx.Client(base_url=omesh.url, headers={"X-API-Key": omesh.api_key}, timeout=30) as c:
         yield c
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def post_events(client, account: str, n: int, start: float, prefix: str) -> httpx.Response:

@@ -19,12 +19,9 @@ import psycopg
 from services.testing.mesh import running_mesh
 from tests.helpers.servers import running_postgres
 from tests.helpers.waiting import SLOW_MACHINE_S, wait_for
+from tests.helpers.timestamps import iso_utc as _iso
 
 RPC_TIMEOUT_S = 3.0
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def test_requests_blocked_by_a_lock_stop_waiting_in_postgres_at_their_deadline(tmp_path):

@@ -36,6 +36,7 @@ import pytest
 from services.testing.mesh import running_mesh
 from tests.helpers.servers import PURGEABLE_WAL, data_dir_files, fresh_database, relation_names, running_postgres, running_redis
 from tests.helpers.waiting import SLOW_MACHINE_S, deletion_job
+from tests.helpers.timestamps import iso_utc as _iso
 
 DAY = 86400.0
 RUN = uuid.uuid4().hex[:6]
@@ -76,10 +77,6 @@ def _running_mesh(base: Path, env: dict, *, backend: str, pg=None, redis_dir=Non
 def client(rmesh):
     with httpx.Client(base_url=rmesh.url, headers={"X-API-Key": rmesh.api_key}, timeout=60) as c:
         yield c
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def post_sessions(client, account: str, device: str, tag: str, start: float, n: int, *, kids: bool = False,
