@@ -46,15 +46,23 @@ def purgeable_postgres():
         yield server.dsn
 
 
+def schema_run(prefix: str) -> str:
+    """A name no other test of this run gives its schemas (and replication slots)."""
+    return f"{prefix}{os.getpid()}_{next(_schemas)}"
+
+
+def postgres_databases(dsn: str, run: str) -> dict:
+    """privacy, clustering and attribution databases, schemas ``<run>_<name>``, on ``dsn``."""
+    return {name: PostgresDatabase(dsn, f"{run}_{name}", max_size=4) for name in ("privacy", "clustering", "attribution")}
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def databases(request, tmp_path):
     """privacy, clustering and attribution databases on one backend."""
     if request.param == "sqlite":
         dbs = {name: SqliteDatabase(tmp_path / f"{name}.db") for name in ("privacy", "clustering", "attribution")}
     else:
-        dsn = request.getfixturevalue("purgeable_postgres")
-        run = f"rk{os.getpid()}_{next(_schemas)}"
-        dbs = {name: PostgresDatabase(dsn, f"{run}_{name}", max_size=4) for name in ("privacy", "clustering", "attribution")}
+        dbs = postgres_databases(request.getfixturevalue("purgeable_postgres"), schema_run("rk"))
     yield dbs
     for db in dbs.values():
         db.close()
@@ -703,9 +711,8 @@ def test_a_batch_job_completes_a_household_whose_purge_was_incomplete_and_names_
     from services.privacy.deletion.domain import JobState
     from services.privacy.keys.batch import batch_from_dict, batch_to_dict
 
-    run = f"rh{os.getpid()}_{next(_schemas)}"
-    dbs = {name: PostgresDatabase(purgeable_postgres, f"{run}_{name}", max_size=4)
-           for name in ("privacy", "clustering", "attribution")}
+    run = schema_run("rh")
+    dbs = postgres_databases(purgeable_postgres, run)
     try:
         mesh = Mesh(dbs)
         mesh.fill("acc-h", n=2)
@@ -762,9 +769,8 @@ def test_a_rotation_whose_purge_is_incomplete_completes_and_reports_it(purgeable
     from services.common.telemetry import pseudonym
     from services.privacy.keys.rotation import PURGES_INCOMPLETE, ROTATIONS
 
-    run = f"rs{os.getpid()}_{next(_schemas)}"
-    dbs = {name: PostgresDatabase(purgeable_postgres, f"{run}_{name}", max_size=4)
-           for name in ("privacy", "clustering", "attribution")}
+    run = schema_run("rs")
+    dbs = postgres_databases(purgeable_postgres, run)
     try:
         mesh = Mesh(dbs)
         mesh.fill("acc-s", n=2)
