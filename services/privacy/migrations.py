@@ -115,6 +115,27 @@ CREATE TABLE IF NOT EXISTS rotation_jobs (
 );
 CREATE INDEX IF NOT EXISTS rotation_jobs_due ON rotation_jobs (state, next_due)
 """),
+    # rotation_rekeys (20: versions 10-19 are the audit log's, below): a rotation's durable
+    # progress per data-holding service (session 28,
+    # keys/rotation.py ``RekeyMarkers``): the store re-encrypted the household under
+    # ``dek_version`` (a Rekey pass found nothing older) and, once ``purged`` is 1, purged
+    # its old ciphertexts after that (``purges``: the steps, JSON). A resumed rotation (the
+    # sweep, a re-run, a batch claimed again) skips the stores marked purged instead of
+    # calling Rekey again (on PostgreSQL a VACUUM FULL each). Deleted when the rotation
+    # retires its older versions.
+    Migration(20, "data key rotation progress per store", """
+CREATE TABLE IF NOT EXISTS rotation_rekeys (
+    account_id TEXT NOT NULL,
+    dek_version INTEGER NOT NULL,
+    service TEXT NOT NULL,
+    reencrypted {bigint} NOT NULL,
+    keyed_apart INTEGER NOT NULL,
+    purged INTEGER NOT NULL,
+    purges TEXT NOT NULL,
+    marked_at {double} NOT NULL,
+    PRIMARY KEY (account_id, dek_version, service)
+)
+"""),
 ]
 
 
