@@ -918,3 +918,51 @@ def test_a_batch_pass_cut_between_its_reencryption_and_its_purge_is_finished_wit
     assert sorted(e[1] for e in events if e[0] == "purge") == ["attribution", "clustering"], events
     for account in accounts:
         assert mesh.versions(account) == {2} and mesh.export(account) == exports[account]
+
+
+def test_a_batch_jobs_step_writes_its_households_outcome_not_the_whole_job(databases):
+    """A 300-household job: each step stores one household's outcome in a row of its own
+    (rotation_job_households) and the job's row keeps only its header, so a step's write
+    does not grow with the job; the job reads back whole and equal. Until session 28 the
+    job's row held every household's outcome and each step rewrote it (here ~60 KB a
+    step, ~1.5 MB at 5,000 households): this test failed (job_json held the households).
+    A job stored whole by the release before is read as it is and moved to rows at its
+    next save."""
+    import json as json_
+    from dataclasses import replace
+
+    from services.privacy.keys.batch import (
+        BatchScope, HouseholdRotation, Outcome, RotationBatch, batch_to_dict, rotation_job_store)
+
+    Mesh(databases)                                   # privacy's migrations
+    db = databases["privacy"]
+    store = rotation_job_store(db)
+    households = {f"acc-{i:04d}": HouseholdRotation(Outcome.BEGUN, 2, 1.0e9) for i in range(300)}
+    job = RotationBatch("rot-big", BatchScope(365.0, 300), "officer-1", "privacy_officer", 1.0e9, households)
+    stored = store.create(job, "req-big", "data key rotation", None)
+    done = replace(households["acc-0007"], outcome=Outcome.COMPLETED, reencrypted={"clustering": 12},
+                   destroyed=(1,), incomplete_purges=({"service": "clustering", "store": "postgres",
+                                                       "where": "w", "action": "a"},))
+    job2 = replace(job, households={**households, "acc-0007": done})
+    stored = store.save(stored, job2, None)
+    with db.transaction() as tx:
+        header = tx.query("SELECT job_json FROM rotation_jobs WHERE job_id = 'rot-big'")[0][0]
+    assert "households" not in json_.loads(header) and len(header) < 1000, len(header)
+    with db.transaction() as tx:
+        assert tx.query("SELECT count(*) FROM rotation_job_households WHERE job_id = 'rot-big'")[0][0] == 300
+    assert store.get("rot-big").job == job2 and store.get("rot-big").version == 2
+
+    # A job stored whole (session 27's format) reads back, and its next save moves it to rows.
+    old = replace(job, job_id="rot-old", households={"acc-a": HouseholdRotation(), "acc-b": HouseholdRotation()})
+    with db.transaction() as tx:
+        tx.execute("INSERT INTO rotation_jobs (job_id, request_id, account_id, reason, state, next_due, lease_until, "
+                   "version, job_json, erasures_json, receipt_json, created_at, trace_context) "
+                   "VALUES ('rot-old', 'req-old', '*', 'data key rotation', 'running', NULL, 0, 1, ?, '{}', NULL, 1, '')",
+                   (json_.dumps(batch_to_dict(old)),))
+    stored_old = store.get("rot-old")
+    assert stored_old.job == old
+    moved = replace(old, households={**old.households, "acc-a": replace(HouseholdRotation(), outcome=Outcome.SKIPPED)})
+    store.save(stored_old, moved, None)
+    with db.transaction() as tx:
+        assert "households" not in json_.loads(tx.query("SELECT job_json FROM rotation_jobs WHERE job_id = 'rot-old'")[0][0])
+    assert store.get("rot-old").job == moved
