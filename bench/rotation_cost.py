@@ -20,6 +20,11 @@ of a pass with the purge deferred and purges each store once (keys/rotation.py
   ``reencrypt`` and ``purge_deferred`` turned off, so ``finish`` Rekeys with the purge) —
   and ``after`` (this code), alternated.
 
+``--job-record N`` measures instead what storing one household's outcome costs in a job of
+N households (privacy's SQLite, its migrations): ``before`` the whole job rewritten per step
+(``DeletionJobStore`` with the whole-job codec, as until session 28), ``after`` the job's
+header and that household's row (``RotationJobStore``), ``--steps`` steps each, alternated.
+
 Progress to stderr; the last stdout line is one JSON object (medians of ``--reps``).
 """
 
@@ -44,7 +49,12 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=20, help="events per rotated household")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--wal-recycle", choices=("on", "off"), default="off")
+    parser.add_argument("--job-record", type=int, default=0, help="households of a job: measure its record")
+    parser.add_argument("--steps", type=int, default=200)
     args = parser.parse_args()
+    if args.job_record:
+        job_record(args.job_record, args.steps, args.reps)
+        return
 
     import psycopg
 
@@ -174,6 +184,52 @@ def main() -> None:
         "before_s_median": round(med["before"], 2), "after_s_median": round(med["after"], 2),
         "ratio_before_over_after": round(med["before"] / med["after"], 2) if med["after"] else None,
         "runs": results["before"] + results["after"]}))
+
+
+def job_record(households: int, steps: int, reps: int) -> None:
+    from dataclasses import replace
+
+    from services.common.storage.sql import SqliteDatabase, migrate
+    from services.privacy.deletion.store import DeletionJobStore
+    from services.privacy.keys.batch import (
+        TABLE, BatchScope, HouseholdRotation, Outcome, RotationBatch, batch_from_dict, batch_to_dict,
+        rotation_job_store)
+    from services.privacy.migrations import MIGRATIONS
+
+    runs: dict[str, list[dict]] = {"before": [], "after": []}
+    with tempfile.TemporaryDirectory(prefix="hearth-bench-jobrecord-") as tmp:
+        db = SqliteDatabase(Path(tmp) / "privacy.db")
+        migrate(db, MIGRATIONS)
+        stores = {"before": DeletionJobStore(db, TABLE, (batch_to_dict, batch_from_dict)),
+                  "after": rotation_job_store(db)}
+        accounts = [f"acc-{i:05d}" for i in range(households)]
+        done = HouseholdRotation(Outcome.COMPLETED, 3, 1.7e9, False, 0, None, "", {"clustering": 120,
+                                 "attribution": 4, "feedback": 0}, (2,), ())
+        for rep in range(reps):
+            for mode in (("before", "after") if rep % 2 == 0 else ("after", "before")):
+                store = stores[mode]
+                job = RotationBatch(f"rot-{mode}-{rep}", BatchScope(365.0, households), "officer", "privacy_officer",
+                                    1.7e9, {a: HouseholdRotation(Outcome.BEGUN, 3, 1.7e9) for a in accounts})
+                stored = store.create(job, f"req-{mode}-{rep}", "data key rotation", None)
+                times = []
+                for account in accounts[:steps]:
+                    job = replace(job, households={**job.households, account: done})
+                    started = time.perf_counter()
+                    stored = store.save(stored, job, None)
+                    times.append((time.perf_counter() - started) * 1e3)
+                with db.transaction() as tx:
+                    size = len(tx.query(f"SELECT job_json FROM {TABLE} WHERE job_id = ?", (job.job_id,))[0][0])
+                row = {"mode": mode, "rep": rep, "save_ms_median": round(statistics.median(times), 2),
+                       "job_json_bytes": size, "load1": round(os.getloadavg()[0], 1)}
+                log(f"job_record {row}")
+                runs[mode].append(row)
+        db.close()
+    med = {m: statistics.median(r["save_ms_median"] for r in rows) for m, rows in runs.items()}
+    print(json.dumps({"bench": "rotation_cost.job_record", "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%MZ"),
+                      "cpu": cpu_model(), "households": households, "steps": steps, "reps": reps,
+                      "before_save_ms_median": round(med["before"], 2), "after_save_ms_median": round(med["after"], 2),
+                      "ratio_before_over_after": round(med["before"] / med["after"], 1),
+                      "runs": runs["before"] + runs["after"]}))
 
 
 if __name__ == "__main__":
