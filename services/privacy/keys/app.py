@@ -293,11 +293,14 @@ class KeyService:
 
     # ---- data key rotation (keys/rotation.py drives it) -----------------------------------
 
-    def begin_rotation(self, account_id: str, create: bool = True) -> tuple[int, bool, datetime] | None:
+    def begin_rotation(self, account_id: str, create: bool = True,
+                       unless_created_after: datetime | None = None) -> tuple[int, bool, datetime] | None:
         """The version a rotation of the household's data key re-encrypts to, whether it
         was begun before (resumed: a live older version is not retired yet), and when that
         version was created. Otherwise creates version newest + 1 (``create``; else None) (``insert_version``:
-        never after the household was shredded). FailedPrecondition once the household
+        never after the household was shredded). ``unless_created_after``: None instead of a
+        new version when the newest was created after that time — rotated since (a batch
+        requested before another batch or call rotated it asks so: attack28). FailedPrecondition once the household
         was erased; NotFound when it has no data key (nothing of it is encrypted)."""
         with self._lock:
             for _ in range(ROTATE_ATTEMPTS):
@@ -313,7 +316,8 @@ class KeyService:
                 retired = self.store.retired_versions(account_id)
                 if any(v < newest and v not in retired for v in live):
                     return newest, True, live[newest].created_at
-                if not create:
+                if not create or (unless_created_after is not None
+                                  and live[newest].created_at > unless_created_after):
                     return None
                 record = self.ring.create_dek(account_id, self._clock())
                 outcome = self.store.insert_version(record)
