@@ -699,6 +699,35 @@ def test_a_batch_job_cut_after_its_households_began_is_finished_by_another_runne
     assert second.run_due() == 0                        # terminal: nothing due
 
 
+def test_batches_queued_together_rotate_each_household_once_not_once_per_batch(databases):
+    """Batch jobs run one after another, each fixing its households when requested. Until
+    attack28 each began a rotation of its own when its turn came, so a privacy officer's
+    burst of batch requests (different request ids: 202 each, nothing in flight) rotated
+    every household once per request — a settle and every store's Rekey each time (a
+    whole-table purge per household on PostgreSQL). A household whose key is newer than
+    the job (rotated by an earlier batch or call) is completed without a new version."""
+    from services.privacy.deletion.domain import JobState
+
+    mesh = Mesh(databases)
+    for account in ("acc-q1", "acc-q2"):
+        mesh.fill(account, n=2)
+    _aged(mesh, "acc-q1", "acc-q2")
+    batches = _batches(mesh, mesh.rotation())
+    jobs = [batches.request(3650, 10, f"burst-{n}", principal=_officer()).job.job_id for n in range(4)]
+    while batches.run_due():
+        pass
+    done = [batches.get(job_id).job for job_id in jobs]
+    assert all(job.state is JobState.COMPLETED for job in done)
+    for account in ("acc-q1", "acc-q2"):
+        assert max(r.dek_version for r in mesh.key_store.load(account)) == 2   # one rotation, not four
+        assert mesh.versions(account) == {2}
+    assert set(mesh.rekeyed) == {(s, a, 2) for s in ("clustering", "attribution") for a in ("acc-q1", "acc-q2")}
+    assert {(h.outcome.value, h.dek_version) for h in done[0].households.values()} == {("completed", 2)}
+    for later in done[1:]:
+        assert {(h.outcome.value, h.detail.split(" (")[0]) for h in later.households.values()} == {
+            ("completed", "rotated after this batch was requested")}
+
+
 def test_a_batch_job_completes_a_household_whose_purge_was_incomplete_and_names_it(purgeable_postgres):
     """On PostgreSQL a replication slot keeps the WAL that holds the old ciphertexts: the
     stores' real purge says it is incomplete. The household is ``completed`` all the same
