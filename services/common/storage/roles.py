@@ -123,7 +123,11 @@ def _provision_one(conn, database: str, service: str, role: str, password: str |
     conn.execute(sql.SQL("ALTER ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
                          "INHERIT").format(ident))
     if password is not None:
-        conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(ident, sql.Literal(password)))
+        # Hashed here (libpq's PQencryptPasswordConn, the server's password_encryption) and
+        # only the verifier sent: the statement with the plaintext is written whole to the
+        # server's log under log_statement = ddl and kept by pg_stat_statements (review28).
+        verifier = conn.pgconn.encrypt_password(password.encode(), role.encode()).decode()
+        conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(ident, sql.Literal(verifier)))
     conn.execute(sql.SQL("ALTER ROLE {} IN DATABASE {} SET search_path = {}").format(
         ident, sql.Identifier(database), schema_ident))
     conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(database), ident))
