@@ -131,7 +131,7 @@ class AttributionStore:
         return ([Touchpoint(r[0], r[1], r[2], float(r[3]), r[4], self._campaign_out(r[1], r[5]), r[6]) for r in tps],
                 [Conversion(r[0], r[1], float(r[2]), r[3], float(r[4]), r[5]) for r in conv])
 
-    def rekey(self, account_id: str, dek_version: int) -> tuple[int, list[dict]]:
+    def rekey(self, account_id: str, dek_version: int, defer_purge: bool = False) -> tuple[int, list[dict]]:
         """Re-encrypt the household's touchpoint campaigns under data key version
         ``dek_version`` (DataHolder.Rekey; ``ClusteringStore.rekey`` says why the purge and
         the household's re-key count). Conversions carry no sealed column, and the erased-id
@@ -153,7 +153,10 @@ class AttributionStore:
                                (sealed, account_id, touchpoint_id))
             if changed:
                 record_erasure(tx)
-        # Purged on every call (ClusteringStore.rekey says why: review26).
+        # Purged on every call (ClusteringStore.rekey says why: review26), unless a batch
+        # defers it to its one purge of the store (the note record_erasure left stays).
+        if defer_purge:
+            return changed, []
         return changed, [self.db.purge_erased(("touchpoints",))]
 
     def erase(self, scope: ErasureScope, person_touchpoints: Sequence[str] = ()) -> ErasureOutcome:

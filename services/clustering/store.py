@@ -1086,7 +1086,7 @@ class ClusteringStore:
 
     # ---- data key rotation ---------------------------------------------------------
 
-    def rekey(self, account_id: str, dek_version: int) -> tuple[int, list[dict]]:
+    def rekey(self, account_id: str, dek_version: int, defer_purge: bool = False) -> tuple[int, list[dict]]:
         """Re-encrypt every sealed value of the household (events' five text fields and
         offset, sessions' features, label, unknown genres and running state, the model)
         under data key version ``dek_version`` (DataHolder.Rekey, a rotation of the
@@ -1100,7 +1100,13 @@ class ClusteringStore:
         In the household's write lock; the household's re-key count moves with it, so every
         replica drops the keys it has cached of the household (of that one only, since
         session 27) at its next write of it and fetches the newest
-        (``drop_keys_of_erased_households``)."""
+        (``drop_keys_of_erased_households``).
+
+        ``defer_purge`` (a batch rotation, session 28): no purge now — the batch calls once
+        more without it after its last household, and that call's purge covers every
+        household before it (PostgreSQL: the notes ``record_erasure`` left; Redis: the
+        persistence rewrite noted owed here). On PostgreSQL the purge rewrites whole
+        tables, so a batch of n households costs one rewrite instead of n."""
         if self.cipher is None:
             return 0, []
         cipher, changed = self.cipher, 0
@@ -1148,6 +1154,10 @@ class ClusteringStore:
         # re-seal and no model to drop still rewrites them, and reports it, until one does
         # (the rotation completes either way and names the purge: docs/privacy.md §10).
         dropped = self.cache.delete(f"model:{account_id}")
+        if defer_purge:
+            if changed or dropped:   # the batch's last call rewrites Redis's files (owed below)
+                self.cache.set(_PERSISTENCE_PURGE_OWED, b"1")
+            return changed, []
         owed = self.cache.get(_PERSISTENCE_PURGE_OWED) is not None
         persistence = purge_persistence(self.cache) if changed or dropped or owed else []
         if any(not step["complete"] for step in persistence):

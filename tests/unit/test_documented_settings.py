@@ -147,3 +147,16 @@ def test_the_defaults_the_docs_state_beside_a_setting_are_the_codes():
             checked.append(name)
     assert wrong == []
     assert len(checked) >= 50
+
+
+def test_the_per_service_ports_are_the_codes():
+    # The defaults the table above cannot render ("per service"): docs/operations.md's
+    # "Processes and ports" and its HEARTH_GRPC_PORT / HEARTH_METRICS_PORT rows.
+    text = OPERATIONS.read_text(encoding="utf-8")
+    settings, _ = _tables(text)
+    processes = text.split("## Processes and ports", 1)[1].split("\n## ", 1)[0]
+    for service, (grpc_port, metrics_port) in config.DEFAULT_PORTS.items():
+        row = re.search(rf"^\| {service} \| `python -m services\.{service}` \| (\d+) \| (\d+) \|$", processes, re.M)
+        assert row and (int(row.group(1)), int(row.group(2))) == (grpc_port, metrics_port), service
+        assert f"{grpc_port} {service}" in settings["HEARTH_GRPC_PORT"][2], service
+        assert f"{metrics_port} {service}" in settings["HEARTH_METRICS_PORT"][2], service
