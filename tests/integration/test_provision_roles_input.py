@@ -40,3 +40,23 @@ def test_an_admin_dsn_no_server_answers_is_named(postgres_dsn, monkeypatch, caps
     assert cli.main(["db", "provision-roles"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {roles.ADMIN_DSN_VARIABLE}: ") and "admin-secret" not in err, err
+
+
+def test_service_dsns_naming_another_database_are_refused_before_anything_is_done(postgres_dsn):
+    # The admin DSN on one database, the services' on another: the roles and schemas were
+    # made in the admin's database (its CONNECT revoked from PUBLIC), the command answered
+    # success, and every service then stopped at start on a schema that did not exist.
+    admin_db, services_db = fresh_database(postgres_dsn, "rolesadm"), fresh_database(postgres_dsn, "rolessvc")
+    tag = f"ri{uuid.uuid4().hex[:6]}"
+    dsns = {s: make_conninfo(services_db, user=f"{tag}_{s}", password="pw") for s in roles.SERVICES}
+    try:
+        roles.provision_roles(admin_db, dsns)
+    except ValueError as exc:
+        message = str(exc)
+    else:
+        message = "provisioned"
+    assert message.startswith("HEARTH_POSTGRES_DSN_") and psycopg.conninfo.conninfo_to_dict(services_db)["dbname"] \
+        in message, message
+    with psycopg.connect(admin_db) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_roles WHERE rolname LIKE %s", (f"{tag}%",)).fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'hearth\\_%'").fetchone()[0] == 0

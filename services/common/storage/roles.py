@@ -61,6 +61,13 @@ def _login(service: str, dsn: str) -> tuple[str, str | None]:
     return str(user), (str(parts["password"]) if parts.get("password") else None)
 
 
+def _database_of(dsn: str, user: str) -> str:
+    """The database a DSN connects to (libpq's default: PGDATABASE, else the user's name)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    return str(conninfo_to_dict(dsn).get("dbname") or os.environ.get("PGDATABASE") or user)
+
+
 def provision_roles(admin_dsn: str, dsns: Mapping[str, str], keep_access_for: str = "") -> dict[str, dict]:
     """Make each service of ``dsns`` (service -> its DSN) the sole owner of its schema
     under the role its DSN names (module docstring). Returns what was done per service.
@@ -99,6 +106,12 @@ def provision_roles(admin_dsn: str, dsns: Mapping[str, str], keep_access_for: st
             raise ValueError(f"{ADMIN_DSN_VARIABLE} and {service_dsn_variable(by_role[admin][0])} are the same role "
                              f"{admin}: the admin login is for provisioning only")
         database = conn.execute("SELECT current_database()").fetchone()[0]
+        for service, (role, _) in sorted(logins.items()):
+            # Grants, schemas and PUBLIC's revoked CONNECT are the admin's database's: a
+            # service connecting to another would find none of it (and stop at start).
+            if (theirs := _database_of(dsns[service], role)) != database:
+                raise ValueError(f"{service_dsn_variable(service)}: names database {theirs}, {ADMIN_DSN_VARIABLE} "
+                                 f"database {database}: both must name the services' database")
         roles = [role for role, _ in logins.values()]
         with conn.transaction():
             # Replicas of this Job (or two helm upgrades) one at a time.
