@@ -662,10 +662,10 @@ def _batches(mesh: Mesh, rotation: DataKeyRotation, **kw):
 
 
 
-def _officer():
+def _officer(name: str = "officer-1"):
     from services.common.identity import Principal, Role
 
-    return Principal("officer-1", Role.PRIVACY_OFFICER)
+    return Principal(name, Role.PRIVACY_OFFICER)
 
 
 def test_a_batch_job_cut_after_its_households_began_is_finished_by_another_runner_without_a_second_version(databases):
@@ -716,7 +716,7 @@ def test_batches_queued_together_rotate_each_household_once_not_once_per_batch(d
         mesh.fill(account, n=2)
     _aged(mesh, "acc-q1", "acc-q2")
     batches = _batches(mesh, mesh.rotation())
-    jobs = [batches.request(3650, 10, f"burst-{n}", principal=_officer()).job.job_id for n in range(4)]
+    jobs = [batches.request(3650, 10, f"burst-{n}", principal=_officer(f"officer-{n}")).job.job_id for n in range(4)]
     while batches.run_due():
         pass
     done = [batches.get(job_id).job for job_id in jobs]
@@ -729,6 +729,36 @@ def test_batches_queued_together_rotate_each_household_once_not_once_per_batch(d
     for later in done[1:]:
         assert {(h.outcome.value, h.detail.split(" (")[0]) for h in later.households.values()} == {
             ("completed", "rotated after this batch was requested")}
+
+
+def test_a_principal_has_one_open_batch_and_its_request_id_still_answers_it(databases):
+    """A batch request answers at once, so the gateway's in-flight bound (one rotation per
+    principal) never held it back: until attack28 one privacy officer's requests with new
+    request ids each stored a job (~200 KB for 1,000 households, kept for good; 150 in ten
+    seconds through the gateway). Now a principal's second open batch is refused
+    (RESOURCE_EXHAUSTED naming the open one, before anything is stored); its own request_id
+    still answers its job, another principal is served, and once the batch is done the
+    principal may ask again."""
+    from services.common.errors import ResourceExhausted
+
+    mesh = Mesh(databases)
+    mesh.fill("acc-o1", n=2)
+    _aged(mesh, "acc-o1")
+    batches = _batches(mesh, mesh.rotation())
+    first = batches.request(3650, 10, "open-1", principal=_officer()).job.job_id
+    with pytest.raises(ResourceExhausted, match=first) as refused:
+        batches.request(3650, 10, "open-2", principal=_officer())
+    assert refused.value.field == "request_id"
+    with pytest.raises(ResourceExhausted):
+        batches.request(3650, 10, principal=_officer())             # no request_id: a new batch too
+    assert batches.request(3650, 10, "open-1", principal=_officer()).job.job_id == first
+    other = batches.request(3650, 10, "open-3", principal=_officer("officer-2")).job.job_id
+    with batches.jobs.db.transaction() as tx:
+        assert tx.query("SELECT COUNT(*) FROM rotation_jobs")[0][0] == 2   # nothing stored for the refusals
+    while batches.run_due():
+        pass
+    assert {batches.get(j).job.state.value for j in (first, other)} == {"completed"}
+    assert batches.request(3650, 10, "open-2", principal=_officer()).job.terminal   # nothing older left: done
 
 
 def test_a_batch_job_completes_a_household_whose_purge_was_incomplete_and_names_it(purgeable_postgres):

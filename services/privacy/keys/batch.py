@@ -50,7 +50,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from services.common import audit, identity, telemetry
-from services.common.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument, NotFound
+from services.common.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from services.common.failure_log import FailureLog
 from services.common.telemetry import pseudonym
 from services.privacy.deletion.domain import JobState
@@ -64,6 +64,7 @@ TABLE = "rotation_jobs"
 HOUSEHOLDS_TABLE = "rotation_job_households"
 REASON = "data key rotation"
 MAX_ATTEMPTS = 30   # a household retried every sweep period (60 s): half an hour, then failed
+MAX_OPEN_PER_PRINCIPAL = 1   # open (pending or running) batches one principal may have
 RPC = "hearth.privacy.v1.Keys/RequestDataKeyRotations"
 
 
@@ -218,7 +219,7 @@ class RotationJobStore(DeletionJobStore):
                 return None
             r = rows[0]
             data = json.loads(r[0])
-            if "households" not in data:   # stored whole: a replica of the release before
+            if "households" not in data:   # a header: its households are rows (one stored whole by 27 has them)
                 data["households"] = {a: json.loads(o) for a, o in tx.query(
                     f"SELECT account_id, outcome_json FROM {HOUSEHOLDS_TABLE} WHERE job_id = ? ORDER BY account_id",
                     (r[7],))}
@@ -294,6 +295,8 @@ class BatchRotations:
         if request_id and (len(request_id) > 200 or not request_id.isprintable()):
             raise InvalidArgument("at most 200 printable characters", "request_id")
         principal = principal or identity.current_principal()
+        if not self._known_request(request_id):   # a repeated request_id answers its job, open or not
+            self._refuse_a_second_open_batch(principal)
         now = self._wall()
         before = datetime.fromtimestamp(now, UTC) - timedelta(days=older_than_days)
         households = self.keys.store.newest_created_before(before.isoformat(), limit)
@@ -307,6 +310,29 @@ class BatchRotations:
 
     def get(self, job_id: str) -> StoredJob:
         return self.jobs.get(job_id)
+
+    def _known_request(self, request_id: str) -> bool:
+        if not request_id:
+            return False
+        try:
+            self.jobs.by_request(request_id)
+        except NotFound:
+            return False
+        return True
+
+    def _refuse_a_second_open_batch(self, principal: identity.Principal) -> None:
+        """At most ``MAX_OPEN_PER_PRINCIPAL`` open batches per principal. The request
+        answers at once, so the gateway's in-flight bound (one rotation per principal)
+        never held it back: one privacy officer's burst of requests with new request ids
+        stored a job each (up to ~200 KB for 1,000 households, kept for good), 150 in ten
+        seconds here (attack28). A second batch would wait behind the first anyway (one
+        job at a time). Two requests at two gateway replicas at the same instant may
+        both pass: the bound is on bursts, not a lock."""
+        mine = [j.job.job_id for j in self.jobs.open_jobs() if j.job.principal == principal.id]
+        if len(mine) >= MAX_OPEN_PER_PRINCIPAL:
+            raise ResourceExhausted(f"a batch rotation of yours is still running ({', '.join(mine)}): wait for it "
+                                    "(GET /v1/keys/rotate-households/{job_id}) or send its request_id again",
+                                    "request_id")
 
     # ---- the worker ----------------------------------------------------------------------
 
