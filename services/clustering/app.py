@@ -528,9 +528,9 @@ class ClusteringApp:
             check_id(device, f"instants[{n}].device_id")
         return self.store.resolve_persons(instants)
 
-    def rekey(self, account_id: str, dek_version: int) -> tuple[int, list[dict]]:
+    def rekey(self, account_id: str, dek_version: int, defer_purge: bool = False) -> tuple[int, list[dict]]:
         """DataHolder.Rekey: the household's sealed values under data key ``dek_version``."""
-        return self.store.rekey(account_id, dek_version)
+        return self.store.rekey(account_id, dek_version, defer_purge)
 
     def erase(self, scope: ErasureScope, job_id: str = "") -> ErasureOutcome:
         """Delete the scope's data, then refit the household from what remains: exact
