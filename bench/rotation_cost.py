@@ -25,6 +25,13 @@ N households (privacy's SQLite, its migrations): ``before`` the whole job rewrit
 (``DeletionJobStore`` with the whole-job codec, as until session 28), ``after`` the job's
 header and that household's row (``RotationJobStore``), ``--steps`` steps each, alternated.
 
+``--sqlite-rekey N`` measures instead a household of N events re-encrypted on SQLite
+(clustering's store, ``ClusteringStore.rekey``) while another household's one-event ingests
+run beside it (one every 0.1 s after the previous answered): ``before`` the household in one transaction (pages of 10^9
+rows: as until session 28), ``after`` pages of ``rekey_pages.PAGE_ROWS`` (500), each its
+own transaction with a pause between; alternated, the rekey's time (its re-encryption,
+the purge deferred and run after) and the ingests' latency meanwhile.
+
 Progress to stderr; the last stdout line is one JSON object (medians of ``--reps``).
 """
 
@@ -51,9 +58,13 @@ def main() -> None:
     parser.add_argument("--wal-recycle", choices=("on", "off"), default="off")
     parser.add_argument("--job-record", type=int, default=0, help="households of a job: measure its record")
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--sqlite-rekey", type=int, default=0, help="events of a household: its rekey on SQLite")
     args = parser.parse_args()
     if args.job_record:
         job_record(args.job_record, args.steps, args.reps)
+        return
+    if args.sqlite_rekey:
+        sqlite_rekey(args.sqlite_rekey, args.reps)
         return
 
     import psycopg
@@ -230,6 +241,86 @@ def job_record(households: int, steps: int, reps: int) -> None:
                       "before_save_ms_median": round(med["before"], 2), "after_save_ms_median": round(med["after"], 2),
                       "ratio_before_over_after": round(med["before"] / med["after"], 1),
                       "runs": runs["before"] + runs["after"]}))
+
+
+def sqlite_rekey(events: int, reps: int) -> None:
+    import threading
+
+    from services.clustering.domain.events import ViewingEvent
+    from services.clustering.store import ClusteringStore
+    from services.common import rekey_pages
+    from services.common.field_crypto import FieldCipher
+    from services.common.storage.cache import MemoryCache
+    from services.common.storage.sql import SqliteDatabase, migrate
+    from services.privacy.keys.app import KeyService
+    from services.privacy.keys.domain import generate_kek
+    from services.privacy.keys.store import DataKeyStore
+    from services.privacy.migrations import MIGRATIONS
+
+    runs: dict[str, list[dict]] = {"before": [], "after": []}
+    paged = rekey_pages.PAGE_ROWS
+    with tempfile.TemporaryDirectory(prefix="hearth-bench-sqlite-rekey-") as tmp:
+        privacy = SqliteDatabase(Path(tmp) / "privacy.db")
+        migrate(privacy, MIGRATIONS)
+        keys = KeyService(DataKeyStore(privacy), [generate_kek("k1")], "k1")
+
+        def digest_key(account: str) -> bytes:
+            keys.data_key(account)
+            return keys.digest_key(account)
+        store = ClusteringStore(SqliteDatabase(Path(tmp) / "clustering.db"), MemoryCache("clustering"), gap_s=1800,
+                                lateness_tolerance_s=6 * 3600,
+                                cipher=FieldCipher(lambda a, v: keys.data_key(a, v), fetch_digest_key=digest_key))
+        store.migrate()
+        t0 = time.time() - 20 * 86400
+        started = time.perf_counter()
+        for chunk in range(0, events, 1000):
+            store.ingest([ViewingEvent(
+                event_id=f"big-e{i}", account_id="big", device_id=f"dev-{i % 4}", device_type="tv",
+                ts=t0 + i * 60, kind="play_start", title_id=f"title-{i}", series_id=f"series-{i % 50}",
+                genres=("drama",), duration_s=600.0, country="FR", profile_hint=f"hint-{i % 3}")
+                for i in range(chunk, min(events, chunk + 1000))])
+        log(f"filled a household of {events} events in {time.perf_counter() - started:.0f} s")
+        keys.data_key("other")
+        counter = iter(range(10**9))
+        for rep in range(reps):
+            for mode in (("before", "after") if rep % 2 == 0 else ("after", "before")):
+                target, _, _ = keys.begin_rotation("big")
+                rekey_pages.PAGE_ROWS = 10**9 if mode == "before" else paged
+                latencies: list[float] = []
+                done = threading.Event()
+
+                def writer() -> None:
+                    while not done.is_set():
+                        n = next(counter)
+                        began = time.perf_counter()
+                        store.ingest([ViewingEvent(
+                            event_id=f"other-e{n}", account_id="other", device_id="tv", device_type="tv",
+                            ts=time.time() - 3600 + n * 0.001, kind="play_start", title_id="t", series_id=None,
+                            genres=("drama",), duration_s=60.0, country="FR", profile_hint=None)])
+                        latencies.append(time.perf_counter() - began)
+                        done.wait(0.1)   # ~10 small writes a second, as a household's devices send them
+                thread = threading.Thread(target=writer)
+                thread.start()
+                time.sleep(0.5)
+                began = time.perf_counter()
+                # The re-encryption alone (its purge deferred): the part that holds the write
+                # lock; the purge (a WAL checkpoint) runs after the writer stopped, untimed.
+                changed, _ = store.rekey("big", target, True)
+                rekey_s = time.perf_counter() - began
+                done.set()
+                thread.join()
+                store.rekey("big", target)
+                keys.finish_rotation("big", target)
+                row = {"mode": mode, "rep": rep, "rekey_s": round(rekey_s, 2), "reencrypted": changed,
+                       "ingests": len(latencies), "ingest_ms_median": round(statistics.median(latencies) * 1e3, 1),
+                       "ingest_ms_max": round(max(latencies) * 1e3, 1), "load1": round(os.getloadavg()[0], 1)}
+                log(f"sqlite_rekey {row}")
+                runs[mode].append(row)
+    med = {m: {k: statistics.median(r[k] for r in rows) for k in ("rekey_s", "ingest_ms_max", "ingest_ms_median")}
+           for m, rows in runs.items()}
+    print(json.dumps({"bench": "rotation_cost.sqlite_rekey", "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%MZ"),
+                      "cpu": cpu_model(), "events": events, "page_rows": paged, "pause_s": rekey_pages.PAUSE_S,
+                      "reps": reps, "medians": med, "runs": runs["before"] + runs["after"]}))
 
 
 if __name__ == "__main__":

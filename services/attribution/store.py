@@ -11,6 +11,7 @@ from services.attribution.migrations import MIGRATIONS
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.field_crypto import (FieldCipher, drop_keys_of_erased_households, forget_household_rekeys,
                                          note_household_erased, note_household_rekeyed, warm_household_keys)
+from services.common.rekey_pages import reseal_in_pages
 from services.common.storage.cache import Cache, MemoryCache
 from services.common.ids import MAX_FUTURE_SKEW_S
 from services.common.export_stream import materialised
@@ -139,20 +140,21 @@ class AttributionStore:
         (field_crypto.FieldCipher.digests). Idempotent."""
         if self.cipher is None:
             return 0, []
-        changed = 0
-        self.cipher.forget(account_id)
-        with self.db.transaction() as tx:
-            tx.lock_household(account_id)
-            note_household_rekeyed(tx, account_id)
-            for touchpoint_id, campaign in tx.query(
-                    "SELECT touchpoint_id, campaign FROM touchpoints WHERE account_id = ?", (account_id,)):
-                sealed = self.cipher.reseal_text(account_id, "campaign", campaign, dek_version)
-                if sealed is not None:
-                    changed += 1
-                    tx.execute("UPDATE touchpoints SET campaign = ? WHERE account_id = ? AND touchpoint_id = ?",
-                               (sealed, account_id, touchpoint_id))
-            if changed:
-                record_erasure(tx)
+        cipher = self.cipher
+        cipher.forget(account_id)
+
+        def touchpoint(tx, row: tuple) -> int:
+            sealed = cipher.reseal_text(account_id, "campaign", row[1], dek_version)
+            if sealed is None:
+                return 0
+            tx.execute("UPDATE touchpoints SET campaign = ? WHERE account_id = ? AND touchpoint_id = ?",
+                       (sealed, account_id, row[0]))
+            return 1
+
+        # A page at a time, each its own transaction (services/common/rekey_pages.py).
+        changed = reseal_in_pages(self.db, account_id,
+                                  "SELECT touchpoint_id, campaign FROM touchpoints WHERE account_id = ?",
+                                  ("touchpoint_id",), touchpoint, first=lambda tx: note_household_rekeyed(tx, account_id))
         # Purged on every call (ClusteringStore.rekey says why: review26), unless a batch
         # defers it to its one purge of the store (the note record_erasure left stays).
         if defer_purge:

@@ -40,6 +40,7 @@ from services.common.field_crypto import (FieldCipher, FieldDecryptionError, dro
 from services.common.feedback_to_clustering import UNPROMPTED_LABEL_SUFFIX
 from services.common.storage.cache import Cache, MemoryCache, purge_persistence
 from services.common.export_stream import materialised
+from services.common.rekey_pages import reseal_in_pages
 from services.common.storage.sql import EXPORT_PAGE_ROWS, Database, Tx, keyset_rows, migrate, record_erasure
 from services.common.telemetry import pseudonym
 
@@ -1117,7 +1118,9 @@ class ClusteringStore:
         reason to rotate, must not still open them in the WAL or free pages), and the
         cached model (sealed under the old version) leaves Redis and its files.
 
-        In the household's write lock; the household's re-key count moves with it, so every
+        A page of rows at a time, each page its own transaction in the household's write
+        lock (``services/common/rekey_pages.py``: why a crash between pages is safe); the
+        household's re-key count moves with the first, so every
         replica drops the keys it has cached of the household (of that one only, since
         session 27) at its next write of it and fetches the newest
         (``drop_keys_of_erased_households``).
@@ -1129,41 +1132,51 @@ class ClusteringStore:
         tables, so a batch of n households costs one rewrite instead of n."""
         if self.cipher is None:
             return 0, []
-        cipher, changed = self.cipher, 0
+        cipher = self.cipher
         cipher.forget(account_id)
-        with self.db.transaction() as tx:
-            tx.lock_household(account_id)
-            note_household_rekeyed(tx, account_id)
-            text = ("title_id", "series_id", "genres", "country", "profile_hint", "utc_offset_minutes")
-            for row in tx.query(f"SELECT event_id, {', '.join(text)} FROM events WHERE account_id = ?",
-                                (account_id,)):
-                new = [cipher.reseal_text(account_id, f, v, dek_version) for f, v in zip(text, row[1:])]
-                if any(n is not None for n in new):
-                    changed += sum(n is not None for n in new)
-                    tx.execute(f"UPDATE events SET {', '.join(f'{f} = ?' for f in text)} "
-                               "WHERE account_id = ? AND event_id = ?",
-                               (*(n if n is not None else v for n, v in zip(new, row[1:])), account_id, row[0]))
-            for sid, features, label, unknown, state in tx.query(
-                    "SELECT session_id, features, label, unknown_genres, state FROM sessions WHERE account_id = ?",
-                    (account_id,)):
-                # plain float32 (a multiple of 4 bytes) was written before encryption: left alone
-                new = (cipher.reseal(account_id, "features", features, dek_version) if len(bytes(features)) % 4 else None,
-                       cipher.reseal_text(account_id, "label", label, dek_version),
-                       cipher.reseal_text(account_id, "unknown_genres", unknown, dek_version),
-                       cipher.reseal(account_id, "session_state", state, dek_version) if state is not None else None)
-                if any(n is not None for n in new):
-                    changed += sum(n is not None for n in new)
-                    tx.execute("UPDATE sessions SET features = ?, label = ?, unknown_genres = ?, state = ? "
-                               "WHERE session_id = ?",
-                               (*(n if n is not None else v for n, v in zip(new, (features, label, unknown, state))),
-                                sid))
-            for (model,) in tx.query("SELECT model FROM household_models WHERE account_id = ?", (account_id,)):
-                sealed = cipher.reseal(account_id, "model", model, dek_version)
-                if sealed is not None:
-                    changed += 1
-                    tx.execute("UPDATE household_models SET model = ? WHERE account_id = ?", (sealed, account_id))
-            if changed:
-                record_erasure(tx)
+        text = ("title_id", "series_id", "genres", "country", "profile_hint", "utc_offset_minutes")
+
+        def event(tx: Tx, row: tuple) -> int:
+            new = [cipher.reseal_text(account_id, f, v, dek_version) for f, v in zip(text, row[1:])]
+            if all(n is None for n in new):
+                return 0
+            tx.execute(f"UPDATE events SET {', '.join(f'{f} = ?' for f in text)} "
+                       "WHERE account_id = ? AND event_id = ?",
+                       (*(n if n is not None else v for n, v in zip(new, row[1:])), account_id, row[0]))
+            return sum(n is not None for n in new)
+
+        def session(tx: Tx, row: tuple) -> int:
+            _, sid, features, label, unknown, state = row
+            # plain float32 (a multiple of 4 bytes) was written before encryption: left alone
+            new = (cipher.reseal(account_id, "features", features, dek_version) if len(bytes(features)) % 4 else None,
+                   cipher.reseal_text(account_id, "label", label, dek_version),
+                   cipher.reseal_text(account_id, "unknown_genres", unknown, dek_version),
+                   cipher.reseal(account_id, "session_state", state, dek_version) if state is not None else None)
+            if all(n is None for n in new):
+                return 0
+            tx.execute("UPDATE sessions SET features = ?, label = ?, unknown_genres = ?, state = ? "
+                       "WHERE session_id = ?",
+                       (*(n if n is not None else v for n, v in zip(new, (features, label, unknown, state))), sid))
+            return sum(n is not None for n in new)
+
+        def model(tx: Tx, row: tuple) -> int:
+            sealed = cipher.reseal(account_id, "model", row[1], dek_version)
+            if sealed is None:
+                return 0
+            tx.execute("UPDATE household_models SET model = ? WHERE account_id = ?", (sealed, account_id))
+            return 1
+
+        # A page at a time, each its own transaction (services/common/rekey_pages.py: until
+        # session 28 one transaction held SQLite's write lock for the whole household).
+        changed = reseal_in_pages(self.db, account_id,
+                                  f"SELECT event_id, {', '.join(text)} FROM events WHERE account_id = ?",
+                                  ("event_id",), event, first=lambda tx: note_household_rekeyed(tx, account_id))
+        changed += reseal_in_pages(self.db, account_id,
+                                   "SELECT start_ts, session_id, features, label, unknown_genres, state FROM sessions "
+                                   "WHERE account_id = ?", ("start_ts", "session_id"), session)
+        changed += reseal_in_pages(self.db, account_id,
+                                   "SELECT account_id, model FROM household_models WHERE account_id = ?",
+                                   ("account_id",), model)
         # Purged on every call, as a retried Erase is (review26): a call that found nothing
         # left to re-encrypt may follow one whose purge never ran (killed after its commit,
         # Redis unreachable for the step before it), and the rotation destroys the old

@@ -79,7 +79,7 @@ DigestKeyFetcher = Callable[[str], "bytes | None"]
 # fetch_keys(account_ids) -> for each household its newest (dek_version, key), or None when
 # the authority gives none now (erased, or unavailable: the on-use fetch says why); the
 # whole answer None from an authority without the batch call (a privacy service before
-# session 28: GetDataKeys UNIMPLEMENTED), and the caller fetches one household at a time.
+# session 28 refuses GetDataKeys with PERMISSION_DENIED), and the caller fetches one household at a time.
 BatchKeyFetcher = Callable[[list[str]], "dict[str, tuple[int, bytes] | None] | None"]
 
 

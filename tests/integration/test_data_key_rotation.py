@@ -1025,3 +1025,61 @@ def test_a_batch_jobs_step_writes_its_households_outcome_not_the_whole_job(datab
     with db.transaction() as tx:
         assert "households" not in json_.loads(tx.query("SELECT job_json FROM rotation_jobs WHERE job_id = 'rot-old'")[0][0])
     assert store.get("rot-old").job == moved
+
+
+def test_a_rekey_on_sqlite_lets_another_households_write_in_between_its_pages(tmp_path, monkeypatch):
+    """SQLite has one write lock per database. A household's Rekey re-seals a page of rows
+    per transaction (services/common/rekey_pages.py, pages of 5 here) and pauses between
+    pages, so another household's ingest, waiting for the lock from the first page on,
+    commits before the Rekey's last page; every value ends under the new version and reads
+    back the same. Until session 28 the Rekey was one transaction holding the lock for the
+    whole household (a 100,000-event one ~22 s, attack27): this test failed, the ingest
+    committed after the Rekey's only transaction."""
+    import contextlib
+    import threading
+
+    from services.common import rekey_pages
+
+    monkeypatch.setattr(rekey_pages, "PAGE_ROWS", 5)
+    dbs = {name: SqliteDatabase(tmp_path / f"{name}.db") for name in ("privacy", "clustering", "attribution")}
+    try:
+        mesh = Mesh(dbs)
+        mesh.fill("acc-big", n=30)
+        before = mesh.export("acc-big")
+        mesh.rotation().keys.begin_rotation("acc-big")          # version 2, settled (settle 0)
+        writes: list[str] = []
+        rekey_began = threading.Event()
+        real = mesh.clustering.db.transaction
+
+        @contextlib.contextmanager
+        def logged(readonly: bool = False):
+            with real(readonly) as tx:
+                if not readonly:
+                    writes.append(threading.current_thread().name)
+                    if threading.current_thread().name == "rekey":
+                        rekey_began.set()
+                yield tx
+        monkeypatch.setattr(mesh.clustering.db, "transaction", logged)
+
+        def ingest_other() -> None:
+            rekey_began.wait(10)
+            mesh.clustering.ingest([ViewingEvent(
+                event_id="other-e1", account_id="acc-other", device_id="tv", device_type="tv", ts=T0,
+                kind="play_start", title_id="title-o", series_id=None, genres=("drama",), duration_s=60.0,
+                country="FR", profile_hint=None)])
+
+        mesh.keys.data_key("acc-other")                        # its key made before: the write needs no fetch
+        writer = threading.Thread(target=ingest_other, name="writer")
+        rekeyer = threading.Thread(target=lambda: mesh.clustering.rekey("acc-big", 2), name="rekey")
+        writer.start()
+        rekeyer.start()
+        rekeyer.join(60)
+        writer.join(60)
+        rekey_txs = [i for i, name in enumerate(writes) if name == "rekey"]
+        assert len(rekey_txs) >= 6, writes                          # 30 events in pages of 5, then sessions, model
+        assert "writer" in writes and writes.index("writer") < rekey_txs[-1], writes
+        mesh.attribution.rekey("acc-big", 2)
+        assert mesh.versions("acc-big") == {2} and mesh.export("acc-big") == before
+    finally:
+        for db in dbs.values():
+            db.close()

@@ -288,3 +288,22 @@ def conninfo_db(dsn: str) -> str:
     from psycopg.conninfo import conninfo_to_dict
 
     return conninfo_to_dict(dsn)["dbname"]
+
+
+def test_the_cli_reads_every_dsn_from_the_environment_and_names_what_is_missing(provisioned, monkeypatch, capsys):
+    database, dsns, _, _ = provisioned
+    for name in [n for n in __import__("os").environ if n.startswith("HEARTH_POSTGRES_")]:
+        monkeypatch.delenv(name)
+    assert cli.main(["db", "provision-roles"]) == 2
+    assert "HEARTH_POSTGRES_ADMIN_DSN is required" in capsys.readouterr().err
+    monkeypatch.setenv("HEARTH_POSTGRES_ADMIN_DSN", database)
+    monkeypatch.setenv("HEARTH_POSTGRES_DSN_CLUSTERING", dsns["clustering"])
+    assert cli.main(["db", "provision-roles"]) == 2
+    assert ("HEARTH_POSTGRES_DSN_ATTRIBUTION, HEARTH_POSTGRES_DSN_PRIVACY, HEARTH_POSTGRES_DSN_FEEDBACK required"
+            in capsys.readouterr().err)
+    for service, dsn in dsns.items():
+        monkeypatch.setenv(roles.service_dsn_variable(service), dsn)
+    assert cli.main(["db", "provision-roles"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out)["privacy"]["role"] == f"{TAG}_privacy"
+    assert f"pw-{TAG}" not in out      # the passwords are set, never printed

@@ -61,6 +61,13 @@ def _login(service: str, dsn: str) -> tuple[str, str | None]:
     return str(user), (str(parts["password"]) if parts.get("password") else None)
 
 
+def _database_of(dsn: str, user: str) -> str:
+    """The database a DSN connects to (libpq's default: PGDATABASE, else the user's name)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    return str(conninfo_to_dict(dsn).get("dbname") or os.environ.get("PGDATABASE") or user)
+
+
 def provision_roles(admin_dsn: str, dsns: Mapping[str, str], keep_access_for: str = "") -> dict[str, dict]:
     """Make each service of ``dsns`` (service -> its DSN) the sole owner of its schema
     under the role its DSN names (module docstring). Returns what was done per service.
@@ -83,14 +90,28 @@ def provision_roles(admin_dsn: str, dsns: Mapping[str, str], keep_access_for: st
         raise ValueError(f"{', '.join(service_dsn_variable(s) for s in services)} all name the role {role}: "
                          "each service needs a login of its own")
     report: dict[str, dict] = {}
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+    try:
+        conn = psycopg.connect(admin_dsn, autocommit=True)
+    except psycopg.Error as exc:   # its message names host and port, never the password
+        raise ValueError(f"{ADMIN_DSN_VARIABLE}: {str(exc).strip()}") from None
+    with conn:
         admin = conn.execute("SELECT current_user").fetchone()[0]
         if keep_access_for in by_role:
             raise ValueError(f"--keep-access-for {keep_access_for}: that is a service's own role")
+        if keep_access_for and not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s",
+                                                (keep_access_for,)).fetchone():
+            raise ValueError(f"--keep-access-for {keep_access_for}: no such role (the login the services "
+                             "shared until now)")
         if admin in by_role:
             raise ValueError(f"{ADMIN_DSN_VARIABLE} and {service_dsn_variable(by_role[admin][0])} are the same role "
                              f"{admin}: the admin login is for provisioning only")
         database = conn.execute("SELECT current_database()").fetchone()[0]
+        for service, (role, _) in sorted(logins.items()):
+            # Grants, schemas and PUBLIC's revoked CONNECT are the admin's database's: a
+            # service connecting to another would find none of it (and stop at start).
+            if (theirs := _database_of(dsns[service], role)) != database:
+                raise ValueError(f"{service_dsn_variable(service)}: names database {theirs}, {ADMIN_DSN_VARIABLE} "
+                                 f"database {database}: both must name the services' database")
         roles = [role for role, _ in logins.values()]
         with conn.transaction():
             # Replicas of this Job (or two helm upgrades) one at a time.
@@ -123,7 +144,11 @@ def _provision_one(conn, database: str, service: str, role: str, password: str |
     conn.execute(sql.SQL("ALTER ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
                          "INHERIT").format(ident))
     if password is not None:
-        conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(ident, sql.Literal(password)))
+        # Hashed here (libpq's PQencryptPasswordConn, the server's password_encryption) and
+        # only the verifier sent: the statement with the plaintext is written whole to the
+        # server's log under log_statement = ddl and kept by pg_stat_statements (review28).
+        verifier = conn.pgconn.encrypt_password(password.encode(), role.encode()).decode()
+        conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(ident, sql.Literal(verifier)))
     conn.execute(sql.SQL("ALTER ROLE {} IN DATABASE {} SET search_path = {}").format(
         ident, sql.Identifier(database), schema_ident))
     conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(database), ident))

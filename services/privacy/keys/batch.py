@@ -219,7 +219,7 @@ class RotationJobStore(DeletionJobStore):
                 return None
             r = rows[0]
             data = json.loads(r[0])
-            if "households" not in data:   # stored whole: a replica of the release before
+            if "households" not in data:   # a header: its households are rows (one stored whole by 27 has them)
                 data["households"] = {a: json.loads(o) for a, o in tx.query(
                     f"SELECT account_id, outcome_json FROM {HOUSEHOLDS_TABLE} WHERE job_id = ? ORDER BY account_id",
                     (r[7],))}
