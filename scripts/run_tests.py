@@ -1,37 +1,50 @@
-"""`make test`: the whole suite as two pytest processes side by side.
+"""`make test`: the whole suite as two long-lived pytest processes pulling test files from
+one work queue, longest first.
 
 Run one after the other, the suite kept one of a 2-core machine's cores idle most of the
-time: 2,512 tests took 11:42-11:50 on the idle machine but only ~620-660 CPU-s (user+sys
-of pytest and every process it started, session 24, docs/benchmarks.md "Session 24"): the
-e2e, integration and security tests wait on the meshes' processes, PostgreSQL and their
-own deadlines much of the time. So tests/unit, tests/contract, tests/deploy, tests/security
-and three of tests/integration's slowest files run in one
-pytest process and tests/e2e and the rest of tests/integration in another, at the same
-time (the e2e tests' waits do not shrink on an idle machine: balanced there, not by the
-serial shares). Nothing is selected or left out: the second process runs ``tests`` with
-the first one's paths ignored, so every test file, present or added later, is in exactly
-one of them. Each process has its own PostgreSQL cluster,
-redis-server and bytecode directory (tests/conftest.py); no test relies on what another
-left in them. The tests' bounds already hold on a machine shared with other work (they
-pass at load 10-25).
+time (the e2e, integration and security tests wait on meshes, PostgreSQL and their own
+deadlines; docs/benchmarks.md "Session 24"), so it runs as two pytest processes side by
+side. Sessions 24-27 split it into two fixed halves (a CPU-bound one: unit, contract,
+deploy, security and three integration files; one that waits on processes: e2e and the
+rest) plus tests/e2e/test_verify_quick.py after whichever ended first. No fixed split is
+balanced at every load: the CPU-bound half stretches with its share of the cores, the
+waiting one much less (idle 7:44 / 11:02, beside another suite 11:10 / 13:51 in the CI of
+43a5077), and every new e2e test lengthened the longer half. Here the split is made as the
+run goes ("Session 28"):
 
-Which half is the longer depends on the load: the first is CPU-bound (model fits) and
-stretches with its share of the cores, the second waits on processes (the fresh-clone CI
-of 98239b4: 7:46 / 11:06 idle, 9:43 / 11:57 at load 4-5; session 26: 23:53 / 18:44 at load
-4-11 beside another suite). So a few self-contained files (``LAST``: no shared mesh, each
-its own processes) belong to neither: a third pytest process runs them as soon as either
-half has ended, after whichever is the shorter on the machine as it is — not after a
-stop (SIGTERM, Ctrl-C): the halves stop, and no last process is started.
+- Each pytest process (a *worker*, ``WORKERS``) collects the suite as usual and tells this
+  runner which files it collected (tests/helpers/queue_worker.py, loaded with ``-p``).
+  pytest's collection is the list: every file it collects, present or added later, is
+  handed out exactly once, and the two workers' lists must be equal (else nothing runs).
+- Files that use the same package-scoped fixture are one *group*, handed out whole and run
+  one after the other (tests/e2e's ``mesh``, tests/security's ``security_mesh``: split,
+  each would be started once per worker). Every other file is a group of its own.
+- Groups are handed out longest first by the seconds recorded in ``tests/durations.json``
+  (per file; a file with no record counts as the longest recorded one, so a new file runs
+  early, where it cannot make a long tail). A missing or stale record costs balance, never
+  a file: whichever worker is free takes the next group, so the two end within about the
+  last groups' length of each other at any load.
+- Each worker has its own PostgreSQL cluster, redis-server and bytecode directory
+  (tests/conftest.py, session fixtures), started once and kept for all its files.
 
-The second process prints as it runs; the first one's and the last one's output is kept
-in files and printed when all have ended, then one line with the summaries and the wall
-time. The exit status is the first non-zero of the three (pytest's own codes).
-Arguments are passed to each (``make test ARGS="-x"``).
+A stop (SIGTERM: a CI timeout; Ctrl-C) hands out nothing more: the workers are stopped and
+no other file starts; a worker that stops of itself (``-x``, ``--maxfail``) stops the
+queue too. Each worker dies with this process (PR_SET_PDEATHSIG) and its servers and meshes
+with it. While it runs, one line is printed per group handed out (which worker, when);
+each worker's whole pytest output is printed when all have ended, then one line with their
+summaries, when each ended and the wall time. The exit status is the first non-zero of the
+workers' (pytest's own codes), or 2/3 if a stop or a failure to collect left files not run.
+Arguments are passed to each pytest (``make test ARGS="-x"``; a path narrows the run to it).
+``--write-durations`` (this script's own, not pytest's) writes the run's per-file seconds
+into tests/durations.json.
 """
 
 from __future__ import annotations
 
 import ctypes
+import datetime
+import json
+import os
 import re
 import signal
 import subprocess
@@ -42,27 +55,108 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+DURATIONS = ROOT / "tests" / "durations.json"
+WORKERS = 2
+PLUGIN = "tests.helpers.queue_worker"
+QUEUE_ENV = "HEARTH_TEST_QUEUE"   # tests/helpers/queue_worker.py QUEUE_ENV
 PR_SET_PDEATHSIG = 1   # linux/prctl.h
-FIRST_HALF = ("tests/unit", "tests/contract", "tests/deploy", "tests/security",
-              # three of tests/integration's slowest files: with tests/integration whole in the
-              # second half, the first ended 3:37 before it at load ~2.6 (5:07 vs 8:44). The
-              # first half is CPU-bound (model fits), the second waits on processes: with four
-              # files here (session 24) it was 44 s shorter on the idle machine but 3:02 longer
-              # at load 12-18 (22:42 vs 19:40), so test_storage.py (130 s at load ~18, 16.5
-              # CPU-s) went back to the second half in session 26 (docs/benchmarks.md).
-              "tests/integration/test_clustering_service.py",
-              "tests/integration/test_prediction_outbox_erasure.py", "tests/integration/test_deletion_lease.py")
-# Run after whichever half ends first (docs/benchmarks.md, "Session 27"): each starts its own
-# processes and waits on them for a set length (test_verify_quick: the harness's load ladder,
-# soak and faults; ~1:40 of the second half on a loaded machine).
-LAST = ("tests/e2e/test_verify_quick.py",)
 
 
-def commands(args: list[str]) -> tuple[list[str], list[str], list[str]]:
-    """(the first half, the rest, the last): the rest is ``tests`` minus the others' paths."""
-    pytest = [sys.executable, "-m", "pytest", "-q", *args]
-    return ([*pytest, *FIRST_HALF], [*pytest, *(f"--ignore={d}" for d in FIRST_HALF + LAST), "tests"],
-            [*pytest, *LAST])
+# ---- the schedule (pure) ----
+
+def group_files(collected: dict[str, list[str]]) -> list[list[str]]:
+    """Files (in collection order, each with the package-scoped fixtures it uses) as groups:
+    files sharing a fixture, directly or through another file, are one group, in
+    collection order; groups are ordered by their first file."""
+    owner: dict[str, str] = {}   # a fixture -> the first file that used it
+    parent = {name: name for name in collected}
+
+    def root(name: str) -> str:
+        while parent[name] != name:
+            parent[name] = parent[parent[name]]
+            name = parent[name]
+        return name
+
+    for name, fixtures in collected.items():
+        for fixture in fixtures:
+            if fixture in owner:
+                a, b = root(owner[fixture]), root(name)
+                if a != b:
+                    parent[b] = a
+            else:
+                owner[fixture] = name
+    groups: dict[str, list[str]] = {}
+    for name in collected:
+        groups.setdefault(root(name), []).append(name)
+    position = {name: i for i, name in enumerate(collected)}
+    return sorted(groups.values(), key=lambda g: position[g[0]])
+
+
+def order_groups(groups: list[list[str]], seconds: dict[str, float]) -> list[list[str]]:
+    """Longest first by the recorded seconds of their files; a file with no record counts
+    as the longest recorded file (1 s if there is no record); ties keep their order."""
+    unknown = max(seconds.values(), default=1.0)
+    return sorted(groups, key=lambda g: -sum(seconds.get(name, unknown) for name in g))
+
+
+def load_durations(path: Path) -> dict[str, float]:
+    """tests/durations.json's per-file seconds; {} when it is missing or unreadable."""
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))["seconds"]
+        return {str(k): float(v) for k, v in recorded.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+class WorkQueue:
+    """The groups left, handed out one at a time to whichever worker asks first. Built from
+    the first worker's collection; every other worker's must be the same files."""
+
+    def __init__(self, seconds: dict[str, float]):
+        self._seconds = seconds
+        self._lock = threading.Lock()
+        self._collected: dict[str, list[str]] | None = None
+        self._left: list[list[str]] = []
+        self.handed: list[tuple[int, list[str]]] = []   # (worker, group) in the order handed out
+        self.stopped: str | None = None
+
+    def collected(self, worker: int, files: dict[str, list[str]]) -> None:
+        with self._lock:
+            if self._collected is None:
+                self._collected = dict(files)
+                self._left = order_groups(group_files(files), self._seconds)
+            elif set(files) != set(self._collected):
+                differ = sorted(set(files) ^ set(self._collected))
+                self._stop(f"worker {worker} collected other files than the first ({len(differ)}: "
+                           f"{', '.join(differ[:5])}{' ...' if len(differ) > 5 else ''})")
+
+    def take(self, worker: int, on_take=None) -> list[str]:
+        """The next group for ``worker``; [] once the queue is empty or stopped. ``on_take(group)``
+        is called before another worker can take one (the lines printed keep the order)."""
+        with self._lock:
+            if self.stopped or not self._left:
+                return []
+            group = self._left.pop(0)
+            self.handed.append((worker, group))
+            if on_take:
+                on_take(group)
+            return group
+
+    def stop(self, reason: str) -> None:
+        with self._lock:
+            self._stop(reason)
+
+    def _stop(self, reason: str) -> None:
+        self.stopped = self.stopped or reason
+
+    def not_run(self) -> list[str]:
+        """Files collected and never handed out (a stop, or no worker collected)."""
+        with self._lock:
+            return [name for group in self._left for name in group]
+
+    @property
+    def files(self) -> list[str]:
+        return list(self._collected or ())
 
 
 def summary(text: str) -> str:
@@ -73,6 +167,12 @@ def summary(text: str) -> str:
     return "(no summary: " + (text.strip().splitlines() or ["no output"])[-1][:200] + ")"
 
 
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{seconds % 60:04.1f}"
+
+
+# ---- the processes ----
+
 def _child_setup() -> None:
     """In each pytest process before it starts: SIGINT back to its default (an ignored one
     would be inherited through exec), and SIGKILL when this process dies (PR_SET_PDEATHSIG,
@@ -82,82 +182,147 @@ def _child_setup() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def command(args: list[str]) -> list[str]:
+    """One worker's pytest: the queue plugin, progress as a count (a worker runs part of what
+    it collected: "[ 812/2846]" is its 812th test of the suite's 2,846; a percentage would
+    stop near half), then the caller's arguments."""
+    return [sys.executable, "-m", "pytest", "-q", "-p", PLUGIN, "-o", "console_output_style=count", *args]
+
+
+class _Worker:
+    def __init__(self, number: int, cmd: list[str], root: Path, log, queue: WorkQueue, began: float):
+        self.number, self.queue, self.began, self.log = number, queue, began, log
+        self.durations: dict[str, float] = {}
+        self.files = 0
+        self.ended_s: float | None = None
+        to_worker, from_runner = os.pipe()
+        from_worker, to_runner = os.pipe()
+        env = {**os.environ, QUEUE_ENV: f"{to_worker},{to_runner}"}
+        self.proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=env, pass_fds=(to_worker, to_runner), preexec_fn=_child_setup)
+        os.close(to_worker)
+        os.close(to_runner)
+        self._to = os.fdopen(from_runner, "w", encoding="utf-8")
+        self._from = os.fdopen(from_worker, "r", encoding="utf-8")
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _handed(self, group: list[str]) -> None:
+        self.files += len(group)
+        shared = f" (+{len(group) - 1} files sharing its package fixture)" if len(group) > 1 else ""
+        print(f"make test [{_clock(time.monotonic() - self.began)}] worker {self.number}: {group[0]}{shared}",
+              flush=True)
+
+    def _serve(self) -> None:
+        """Answer the worker until it closes its end (it ended, or died)."""
+        with self._from, self._to:
+            for line in self._from:
+                message = json.loads(line)
+                if "collected" in message:
+                    self.queue.collected(self.number, message["collected"])
+                elif "next" in message:
+                    group = self.queue.take(self.number, self._handed)
+                    try:
+                        self._to.write(json.dumps({"files": group}) + "\n")
+                        self._to.flush()
+                    except (BrokenPipeError, ValueError):
+                        return
+                elif "stopped" in message:
+                    self.queue.stop(f"worker {self.number} stopped: {message['stopped']}")
+                elif "durations" in message:
+                    self.durations.update(message["durations"])
+
+
+def run(args: list[str], *, root: Path = ROOT, workers: int = WORKERS, durations: Path = DURATIONS,
+        write_durations: bool = False) -> int:
+    began = time.monotonic()
+    queue = WorkQueue(load_durations(durations))
+    stopped_by: list[int] = []
+    running: list[_Worker] = []
+
+    def interrupted(signum, _frame):   # Ctrl-C reaches every worker (they are in this process group)
+        stopped_by.append(signum)
+        queue.stop("interrupted")
+
+    def forward(signum, _frame):   # e.g. a CI timeout: stop them all, and their processes with them
+        stopped_by.append(signum)
+        queue.stop(f"stopped by {signal.Signals(signum).name}")
+        for worker in running:
+            if worker.proc.poll() is None:
+                worker.proc.send_signal(signum)
+
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, forward)
+    print(f"make test: {workers} pytest processes, each taking the next test file (or the files sharing a "
+          f"package fixture) as it is free, longest first ({durations.name if durations.exists() else 'no record'}):",
+          flush=True)
+    with tempfile.TemporaryDirectory(prefix="hearth-test-workers-") as logs:
+        for number in range(1, workers + 1):
+            log = open(Path(logs) / f"worker-{number}.log", "w+", encoding="utf-8")
+            running.append(_Worker(number, command(args), root, log, queue, began))
+            if stopped_by:   # a signal while the workers were being started
+                forward(stopped_by[0], None)
+        while any(w.ended_s is None for w in running):
+            time.sleep(0.2)
+            for worker in running:
+                if worker.ended_s is None and worker.proc.poll() is not None:
+                    worker.ended_s = time.monotonic() - began
+                    print(f"make test [{_clock(worker.ended_s)}] worker {worker.number} ended "
+                          f"(exit {worker.proc.returncode}, {worker.files} files)", flush=True)
+        outputs = []
+        for worker in running:
+            worker.thread.join(timeout=30)
+            worker.log.seek(0)
+            outputs.append(worker.log.read())
+            worker.log.close()
+    for worker, out in zip(running, outputs):
+        print(f"\n---- worker {worker.number}: {worker.files} files ----", flush=True)
+        sys.stdout.write(out)
+    not_run = queue.not_run()
+    if not_run:
+        not_run_note = f"; NOT RUN ({queue.stopped}): {len(not_run)} files, e.g. {', '.join(not_run[:3])}"
+    else:
+        not_run_note = ""
+    parts = [f"worker {w.number}: {summary(out)}, ended at {_clock(w.ended_s)}" for w, out in zip(running, outputs)]
+    wall = time.monotonic() - began
+    print(f"\nmake test: {'; '.join(parts)}{not_run_note}; wall {_clock(wall)}", flush=True)
+    if write_durations and queue.files:
+        _write_durations(durations, queue.files, [w.durations for w in running], wall)
+    failed = next((w.proc.returncode for w in running if w.proc.returncode != 0), 0)
+    if failed == 0 and not_run:
+        failed = 2 if stopped_by else 3
+    return failed
+
+
+def _write_durations(path: Path, files: list[str], measured: list[dict[str, float]], wall: float) -> None:
+    """This run's seconds per file; a collected file this run did not measure keeps its old
+    record; a file no longer collected is dropped."""
+    seconds = load_durations(path)
+    for one in measured:
+        seconds.update(one)
+    load = os.getloadavg()[1]
+    record = {"about": "seconds per test file (setup + call + teardown) as `make test` ran them, for the "
+                       "order scripts/run_tests.py hands them out in; written by `scripts/run_tests.py "
+                       f"--write-durations` at {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+                       f"wall {_clock(wall)}, 5-minute load {load:.1f}",
+              "seconds": {name: round(seconds[name], 1) for name in sorted(files) if name in seconds}}
+    path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    print(f"make test: wrote {len(record['seconds'])} files' seconds to {path}", flush=True)
+
+
+# Options with which pytest runs no test: one process prints the answer once.
+RUNS_NO_TESTS = ("--collect-only", "--co", "--version", "-V", "-h", "--help", "--fixtures", "--markers")
+
+
 def main(argv: list[str]) -> int:
+    write = "--write-durations" in argv
+    args = [a for a in argv if a != "--write-durations"]
     previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
-        return _run(*commands(argv))
+        return run(args, workers=1 if set(args) & set(RUNS_NO_TESTS) else WORKERS, write_durations=write)
     finally:
         signal.signal(signal.SIGINT, previous[0])
         signal.signal(signal.SIGTERM, previous[1])
-
-
-def _pump(stream, into: list[str]) -> None:
-    """Print a process's output as it comes, and keep it."""
-    for line in stream:
-        into.append(line)
-        sys.stdout.write(line)
-        sys.stdout.flush()
-
-
-def _run(first_cmd: list[str], second_cmd: list[str], last_cmd: list[str]) -> int:
-    began = time.monotonic()
-    stopped_by: list[int] = []   # the signal that stopped the run: no last process after it
-
-    # Ctrl-C reaches every pytest process (they are in this process group); this one waits
-    # for them to finish their teardown and report, and starts no last one (review27: it did,
-    # out of the signal's reach, when the halves had ended).
-    def interrupted(signum, _frame):
-        stopped_by.append(signum)
-    signal.signal(signal.SIGINT, interrupted)
-    with tempfile.NamedTemporaryFile("w+", prefix="hearth-test-first-half-", suffix=".log") as log, \
-            tempfile.NamedTemporaryFile("w+", prefix="hearth-test-last-", suffix=".log") as last_log:
-        first = subprocess.Popen(first_cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, preexec_fn=_child_setup)
-        second = subprocess.Popen(second_cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, text=True, preexec_fn=_child_setup)
-        running = [first, second]
-
-        def forward(signum, _frame):   # e.g. a CI timeout: stop them all, and their processes with them
-            stopped_by.append(signum)
-            for proc in running:
-                if proc.poll() is None:
-                    proc.send_signal(signum)
-        signal.signal(signal.SIGTERM, forward)
-
-        print(f"make test: {' '.join(FIRST_HALF)} in one pytest process (printed when it ends), "
-              f"the rest of tests/ but {' '.join(LAST)} in another beside it, and {' '.join(LAST)} "
-              f"after whichever ends first:", flush=True)
-        second_out: list[str] = []
-        assert second.stdout is not None
-        pump = threading.Thread(target=_pump, args=(second.stdout, second_out), daemon=True)
-        pump.start()
-        while first.poll() is None and second.poll() is None:
-            time.sleep(0.2)
-        after = "the first half" if first.poll() is not None else "the rest"
-        if stopped_by:
-            after, last_rc = "none: the run was stopped", 2   # pytest's "interrupted"
-        else:
-            last = subprocess.Popen(last_cmd, cwd=ROOT, stdout=last_log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, preexec_fn=_child_setup)
-            running.append(last)
-            if stopped_by and last.poll() is None:   # a signal between the test above and the append
-                last.send_signal(stopped_by[0])
-            last_rc = last.wait()
-        second_rc = second.wait()
-        pump.join()
-        first_rc = first.wait()
-        log.seek(0)
-        first_out = log.read()
-        last_log.seek(0)
-        last_out = last_log.read()
-    print(f"\n---- {' '.join(FIRST_HALF)} ----", flush=True)
-    sys.stdout.write(first_out)
-    print(f"\n---- {' '.join(LAST)} (after {after}) ----", flush=True)
-    sys.stdout.write(last_out)
-    wall = time.monotonic() - began
-    print(f"\nmake test: {' '.join(FIRST_HALF)}: {summary(first_out)}; the rest: {summary(''.join(second_out))}; "
-          f"{' '.join(LAST)} after {after}: {summary(last_out)}; wall {int(wall // 60)}:{wall % 60:04.1f}", flush=True)
-    return next((rc for rc in (first_rc, second_rc, last_rc) if rc != 0), 0)
 
 
 if __name__ == "__main__":

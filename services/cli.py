@@ -12,6 +12,7 @@
     hearth keys rotate --to KEK_ID                            (KEK rotation: privacy's RotateKeys)
     hearth keys rotate-household ACCOUNT_ID                   (one household's data key: RotateDataKey)
     hearth keys rotate-households --older-than-days N         (a bounded batch: RotateDataKeys)
+    hearth db provision-roles                                 (PostgreSQL: a login per service, its schema only)
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ COMMAND_MODULES: dict[str, str] = {
     "rollout": "services.rollout",
     "calibrator": "services.rollout",
     "keys": "services.privacy.keys.cli",
+    "db": "services.common.storage.roles",
 }
 
 

@@ -88,7 +88,7 @@ class AssignIn(models.Strict):
     account_id: models.Id
     session_id: models.Id | None = Field(None, description="a stored session; or give feature_vector")
     feature_vector: list[float] | None = Field(None, min_length=F.FEATURE_DIM, max_length=F.FEATURE_DIM,
-                                               description="schema v1 (docs/features.md)")
+                                               description=f"schema v{F.FEATURE_SCHEMA_VERSION} (docs/features.md)")
 
     @model_validator(mode="after")
     def _one_of(self) -> "AssignIn":

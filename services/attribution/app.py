@@ -307,9 +307,9 @@ class AttributionApp:
         journeys = float(js.paths.conversions.sum() + js.paths.nulls.sum())
         return ScopedReport(scope, account, person, report, journeys)
 
-    def rekey(self, account_id: str, dek_version: int) -> tuple[int, list[dict]]:
+    def rekey(self, account_id: str, dek_version: int, defer_purge: bool = False) -> tuple[int, list[dict]]:
         """DataHolder.Rekey: the household's sealed campaigns under data key ``dek_version``."""
-        return self.store.rekey(account_id, dek_version)
+        return self.store.rekey(account_id, dek_version, defer_purge)
 
     def erase(self, scope: ErasureScope, job_id: str = "") -> ErasureOutcome:
         person_touchpoints: list[str] = []

@@ -11,6 +11,7 @@ from services.attribution.migrations import MIGRATIONS
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.field_crypto import (FieldCipher, drop_keys_of_erased_households, forget_household_rekeys,
                                          note_household_erased, note_household_rekeyed, warm_household_keys)
+from services.common.rekey_pages import reseal_in_pages
 from services.common.storage.cache import Cache, MemoryCache
 from services.common.ids import MAX_FUTURE_SKEW_S
 from services.common.export_stream import materialised
@@ -131,7 +132,7 @@ class AttributionStore:
         return ([Touchpoint(r[0], r[1], r[2], float(r[3]), r[4], self._campaign_out(r[1], r[5]), r[6]) for r in tps],
                 [Conversion(r[0], r[1], float(r[2]), r[3], float(r[4]), r[5]) for r in conv])
 
-    def rekey(self, account_id: str, dek_version: int) -> tuple[int, list[dict]]:
+    def rekey(self, account_id: str, dek_version: int, defer_purge: bool = False) -> tuple[int, list[dict]]:
         """Re-encrypt the household's touchpoint campaigns under data key version
         ``dek_version`` (DataHolder.Rekey; ``ClusteringStore.rekey`` says why the purge and
         the household's re-key count). Conversions carry no sealed column, and the erased-id
@@ -139,21 +140,25 @@ class AttributionStore:
         (field_crypto.FieldCipher.digests). Idempotent."""
         if self.cipher is None:
             return 0, []
-        changed = 0
-        self.cipher.forget(account_id)
-        with self.db.transaction() as tx:
-            tx.lock_household(account_id)
-            note_household_rekeyed(tx, account_id)
-            for touchpoint_id, campaign in tx.query(
-                    "SELECT touchpoint_id, campaign FROM touchpoints WHERE account_id = ?", (account_id,)):
-                sealed = self.cipher.reseal_text(account_id, "campaign", campaign, dek_version)
-                if sealed is not None:
-                    changed += 1
-                    tx.execute("UPDATE touchpoints SET campaign = ? WHERE account_id = ? AND touchpoint_id = ?",
-                               (sealed, account_id, touchpoint_id))
-            if changed:
-                record_erasure(tx)
-        # Purged on every call (ClusteringStore.rekey says why: review26).
+        cipher = self.cipher
+        cipher.forget(account_id)
+
+        def touchpoint(tx, row: tuple) -> int:
+            sealed = cipher.reseal_text(account_id, "campaign", row[1], dek_version)
+            if sealed is None:
+                return 0
+            tx.execute("UPDATE touchpoints SET campaign = ? WHERE account_id = ? AND touchpoint_id = ?",
+                       (sealed, account_id, row[0]))
+            return 1
+
+        # A page at a time, each its own transaction (services/common/rekey_pages.py).
+        changed = reseal_in_pages(self.db, account_id,
+                                  "SELECT touchpoint_id, campaign FROM touchpoints WHERE account_id = ?",
+                                  ("touchpoint_id",), touchpoint, first=lambda tx: note_household_rekeyed(tx, account_id))
+        # Purged on every call (ClusteringStore.rekey says why: review26), unless a batch
+        # defers it to its one purge of the store (the note record_erasure left stays).
+        if defer_purge:
+            return changed, []
         return changed, [self.db.purge_erased(("touchpoints",))]
 
     def erase(self, scope: ErasureScope, person_touchpoints: Sequence[str] = ()) -> ErasureOutcome:

@@ -40,6 +40,7 @@ from services.common.field_crypto import (FieldCipher, FieldDecryptionError, dro
 from services.common.feedback_to_clustering import UNPROMPTED_LABEL_SUFFIX
 from services.common.storage.cache import Cache, MemoryCache, purge_persistence
 from services.common.export_stream import materialised
+from services.common.rekey_pages import reseal_in_pages
 from services.common.storage.sql import EXPORT_PAGE_ROWS, Database, Tx, keyset_rows, migrate, record_erasure
 from services.common.telemetry import pseudonym
 
@@ -867,11 +868,8 @@ class ClusteringStore:
         # cache alike (it holds feature statistics and profile hints): crypto-shredded
         # with the household, and no plaintext copy in Redis.
         cached = self.cache.get(f"model:{account_id}")
-        if cached is not None:
-            version, vlen = struct.unpack_from("<qH", cached)
-            return StoredModel(version, cached[10:10 + vlen].decode(),
-                               b"" if decoded_version and version == decoded_version
-                               else self._open_model(account_id, cached[10 + vlen:]))
+        if cached is not None and (model := self._cached_model(account_id, cached, decoded_version)) is not None:
+            return model
         with self.db.transaction(readonly=True) as tx:
             rows = tx.query("SELECT version, variant, model FROM household_models WHERE account_id = ?",
                             (account_id,))
@@ -882,6 +880,27 @@ class ClusteringStore:
         self._cache_model(account_id, version, rows[0][1], sealed, erasures)
         return StoredModel(version, rows[0][1], b"" if decoded_version and version == decoded_version
                            else self._open_model(account_id, sealed))
+
+    def _cached_model(self, account_id: str, cached: bytes, decoded_version: int) -> StoredModel | None:
+        """The cache's copy, or None — the entry dropped, the database read instead — when
+        it does not open as a model this store sealed: bytes any Redis client may write (the
+        gateway holds the same Redis URL). Until attack28 such an entry made the household
+        unreadable until its TTL (502 on every read for an hour), and a plaintext one
+        ("PK", what a model stored before encryption is) was taken as the household's model
+        even with a cipher configured: a Redis client could make clustering serve persons
+        of its own making."""
+        try:
+            version, vlen = struct.unpack_from("<qH", cached)
+            variant, sealed = cached[10:10 + vlen].decode(), cached[10 + vlen:]
+            if self.cipher is not None and sealed[:2] == b"PK":
+                raise FieldDecryptionError("a cached model is not sealed", "model")
+            return StoredModel(version, variant, b"" if decoded_version and version == decoded_version
+                               else self._open_model(account_id, sealed))
+        except (struct.error, UnicodeDecodeError, FieldDecryptionError) as exc:
+            log.warning("the cached model of %s does not open (%s): dropped, read from the database",
+                        pseudonym(account_id), type(exc).__name__)
+            self.cache.delete(f"model:{account_id}")
+            return None
 
     def save_model(self, account_id: str, expected_version: int, variant: str, blob: bytes) -> int:
         """Store a new model version if the stored one is still ``expected_version``
@@ -922,6 +941,8 @@ class ClusteringStore:
         meanwhile the entry is dropped. Otherwise a sealed model stayed in Redis under a key
         naming the erased account until its TTL ran out. Likewise a Rekey (the copy is
         sealed under the version a rotation destroys next)."""
+        if self.cipher is not None and bytes(sealed[:2]) == b"PK":
+            return   # stored before encryption: never cached, as the cache takes sealed models only
         name = variant.encode()
         key = f"model:{account_id}"
         self.cache.set(key, struct.pack("<qH", version, len(name)) + name + sealed, MODEL_CACHE_TTL_S)
@@ -1086,7 +1107,7 @@ class ClusteringStore:
 
     # ---- data key rotation ---------------------------------------------------------
 
-    def rekey(self, account_id: str, dek_version: int) -> tuple[int, list[dict]]:
+    def rekey(self, account_id: str, dek_version: int, defer_purge: bool = False) -> tuple[int, list[dict]]:
         """Re-encrypt every sealed value of the household (events' five text fields and
         offset, sessions' features, label, unknown genres and running state, the model)
         under data key version ``dek_version`` (DataHolder.Rekey, a rotation of the
@@ -1097,47 +1118,65 @@ class ClusteringStore:
         reason to rotate, must not still open them in the WAL or free pages), and the
         cached model (sealed under the old version) leaves Redis and its files.
 
-        In the household's write lock; the household's re-key count moves with it, so every
+        A page of rows at a time, each page its own transaction in the household's write
+        lock (``services/common/rekey_pages.py``: why a crash between pages is safe); the
+        household's re-key count moves with the first, so every
         replica drops the keys it has cached of the household (of that one only, since
         session 27) at its next write of it and fetches the newest
-        (``drop_keys_of_erased_households``)."""
+        (``drop_keys_of_erased_households``).
+
+        ``defer_purge`` (a batch rotation, session 28): no purge now — the batch calls once
+        more without it after its last household, and that call's purge covers every
+        household before it (PostgreSQL: the notes ``record_erasure`` left; Redis: the
+        persistence rewrite noted owed here). On PostgreSQL the purge rewrites whole
+        tables, so a batch of n households costs one rewrite instead of n."""
         if self.cipher is None:
             return 0, []
-        cipher, changed = self.cipher, 0
+        cipher = self.cipher
         cipher.forget(account_id)
-        with self.db.transaction() as tx:
-            tx.lock_household(account_id)
-            note_household_rekeyed(tx, account_id)
-            text = ("title_id", "series_id", "genres", "country", "profile_hint", "utc_offset_minutes")
-            for row in tx.query(f"SELECT event_id, {', '.join(text)} FROM events WHERE account_id = ?",
-                                (account_id,)):
-                new = [cipher.reseal_text(account_id, f, v, dek_version) for f, v in zip(text, row[1:])]
-                if any(n is not None for n in new):
-                    changed += sum(n is not None for n in new)
-                    tx.execute(f"UPDATE events SET {', '.join(f'{f} = ?' for f in text)} "
-                               "WHERE account_id = ? AND event_id = ?",
-                               (*(n if n is not None else v for n, v in zip(new, row[1:])), account_id, row[0]))
-            for sid, features, label, unknown, state in tx.query(
-                    "SELECT session_id, features, label, unknown_genres, state FROM sessions WHERE account_id = ?",
-                    (account_id,)):
-                # plain float32 (a multiple of 4 bytes) was written before encryption: left alone
-                new = (cipher.reseal(account_id, "features", features, dek_version) if len(bytes(features)) % 4 else None,
-                       cipher.reseal_text(account_id, "label", label, dek_version),
-                       cipher.reseal_text(account_id, "unknown_genres", unknown, dek_version),
-                       cipher.reseal(account_id, "session_state", state, dek_version) if state is not None else None)
-                if any(n is not None for n in new):
-                    changed += sum(n is not None for n in new)
-                    tx.execute("UPDATE sessions SET features = ?, label = ?, unknown_genres = ?, state = ? "
-                               "WHERE session_id = ?",
-                               (*(n if n is not None else v for n, v in zip(new, (features, label, unknown, state))),
-                                sid))
-            for (model,) in tx.query("SELECT model FROM household_models WHERE account_id = ?", (account_id,)):
-                sealed = cipher.reseal(account_id, "model", model, dek_version)
-                if sealed is not None:
-                    changed += 1
-                    tx.execute("UPDATE household_models SET model = ? WHERE account_id = ?", (sealed, account_id))
-            if changed:
-                record_erasure(tx)
+        text = ("title_id", "series_id", "genres", "country", "profile_hint", "utc_offset_minutes")
+
+        def event(tx: Tx, row: tuple) -> int:
+            new = [cipher.reseal_text(account_id, f, v, dek_version) for f, v in zip(text, row[1:])]
+            if all(n is None for n in new):
+                return 0
+            tx.execute(f"UPDATE events SET {', '.join(f'{f} = ?' for f in text)} "
+                       "WHERE account_id = ? AND event_id = ?",
+                       (*(n if n is not None else v for n, v in zip(new, row[1:])), account_id, row[0]))
+            return sum(n is not None for n in new)
+
+        def session(tx: Tx, row: tuple) -> int:
+            _, sid, features, label, unknown, state = row
+            # plain float32 (a multiple of 4 bytes) was written before encryption: left alone
+            new = (cipher.reseal(account_id, "features", features, dek_version) if len(bytes(features)) % 4 else None,
+                   cipher.reseal_text(account_id, "label", label, dek_version),
+                   cipher.reseal_text(account_id, "unknown_genres", unknown, dek_version),
+                   cipher.reseal(account_id, "session_state", state, dek_version) if state is not None else None)
+            if all(n is None for n in new):
+                return 0
+            tx.execute("UPDATE sessions SET features = ?, label = ?, unknown_genres = ?, state = ? "
+                       "WHERE session_id = ?",
+                       (*(n if n is not None else v for n, v in zip(new, (features, label, unknown, state))), sid))
+            return sum(n is not None for n in new)
+
+        def model(tx: Tx, row: tuple) -> int:
+            sealed = cipher.reseal(account_id, "model", row[1], dek_version)
+            if sealed is None:
+                return 0
+            tx.execute("UPDATE household_models SET model = ? WHERE account_id = ?", (sealed, account_id))
+            return 1
+
+        # A page at a time, each its own transaction (services/common/rekey_pages.py: until
+        # session 28 one transaction held SQLite's write lock for the whole household).
+        changed = reseal_in_pages(self.db, account_id,
+                                  f"SELECT event_id, {', '.join(text)} FROM events WHERE account_id = ?",
+                                  ("event_id",), event, first=lambda tx: note_household_rekeyed(tx, account_id))
+        changed += reseal_in_pages(self.db, account_id,
+                                   "SELECT start_ts, session_id, features, label, unknown_genres, state FROM sessions "
+                                   "WHERE account_id = ?", ("start_ts", "session_id"), session)
+        changed += reseal_in_pages(self.db, account_id,
+                                   "SELECT account_id, model FROM household_models WHERE account_id = ?",
+                                   ("account_id",), model)
         # Purged on every call, as a retried Erase is (review26): a call that found nothing
         # left to re-encrypt may follow one whose purge never ran (killed after its commit,
         # Redis unreachable for the step before it), and the rotation destroys the old
@@ -1148,6 +1187,10 @@ class ClusteringStore:
         # re-seal and no model to drop still rewrites them, and reports it, until one does
         # (the rotation completes either way and names the purge: docs/privacy.md §10).
         dropped = self.cache.delete(f"model:{account_id}")
+        if defer_purge:
+            if changed or dropped:   # the batch's last call rewrites Redis's files (owed below)
+                self.cache.set(_PERSISTENCE_PURGE_OWED, b"1")
+            return changed, []
         owed = self.cache.get(_PERSISTENCE_PURGE_OWED) is not None
         persistence = purge_persistence(self.cache) if changed or dropped or owed else []
         if any(not step["complete"] for step in persistence):

@@ -170,6 +170,7 @@ RPC_EVENTS: dict[str, str | tuple[str, str] | None] = {
     _LOG + "VerifyAudit": AUDIT_EXPORT,
     _KEY + "GetDataKey": None,                 # stores fetch keys per household every <= 60 s; the
                                                # key's creation/destruction is what is audited
+    _KEY + "GetDataKeys": None,                # the same fetch for many households (a store's warming)
     _KEY + "RotateKeys": KEY_ROTATION,
     _KEY + "RotateDataKey": KEY_ROTATION,
     _KEY + "RotateDataKeys": KEY_ROTATION,

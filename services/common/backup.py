@@ -22,6 +22,7 @@ import shutil
 import sqlite3
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -165,7 +166,9 @@ def _pg_tool(name: str) -> str:
     return found
 
 
-def backup_postgres(dsn: str, out_dir: Path, services=SERVICES) -> Snapshot:
+def backup_postgres(dsn: str, out_dir: Path, services=SERVICES, dsns: Mapping[str, str] | None = None) -> Snapshot:
+    """``dsns``: a service's own DSN, which dumps its schema as the schema's owner (a
+    login per service, `hearth db provision-roles`); ``dsn`` for the others."""
     taken_at = time.time()
     target = out_dir / f"hearth-{_stamp(taken_at)}"
     target.mkdir(parents=True)
@@ -173,7 +176,8 @@ def backup_postgres(dsn: str, out_dir: Path, services=SERVICES) -> Snapshot:
     for service in services:
         dest = target / f"{service}.pgdump"
         done = subprocess.run([_pg_tool("pg_dump"), "--format=custom", f"--schema=hearth_{service}",
-                               "--no-owner", f"--file={dest}", dsn], capture_output=True, text=True)
+                               "--no-owner", f"--file={dest}", (dsns or {}).get(service, dsn)],
+                              capture_output=True, text=True)
         if done.returncode != 0:
             raise BackupError(f"pg_dump of hearth_{service} failed: {done.stderr.strip()[:500]}")
         os.chmod(dest, 0o600)

@@ -295,9 +295,11 @@ class DataHolder(Protocol):
         writes it item by item, never holding it whole (services/common/export_stream.py)."""
         ...
 
-    def rekey(self, account_id: str, dek_version: int) -> tuple[int, list[dict]]:
+    def rekey(self, account_id: str, dek_version: int, defer_purge: bool = False) -> tuple[int, list[dict]]:
         """Re-encrypt what is sealed of the account under its data key ``dek_version``
-        (idempotent); (values re-encrypted, physical purge steps as for an erasure)."""
+        (idempotent); (values re-encrypted, physical purge steps as for an erasure).
+        ``defer_purge``: note the purge owed and leave it to a later call without it (a
+        batch rotation purges each store once); no purge step is returned."""
         ...
 
 
@@ -325,9 +327,9 @@ class DataHolderServicer(common_pb2_grpc.DataHolderServicer):
         account_id = check_id(request.account_id, "account_id")
         if request.dek_version < 1:
             raise InvalidArgument("must be >= 1", "dek_version")
-        count, purges = self._holder.rekey(account_id, int(request.dek_version))
+        count, purges = self._holder.rekey(account_id, int(request.dek_version), bool(request.defer_purge))
         log.info("rekeyed", extra={"fields": {"service": self._service, "dek_version": request.dek_version,
-                                              "reencrypted": count}})
+                                              "reencrypted": count, "defer_purge": request.defer_purge}})
         # This release keys erased-id digests with the household's digest key, never with
         # data key version 1 (field_crypto.FieldCipher.digests): the rotation may destroy it.
         return common_pb2.RekeyResponse(reencrypted=count, purges=[_purge_to_pb(p) for p in purges],

@@ -56,6 +56,14 @@ _MAX_REKEY_EPOCHS = 200_000
 # so one batch's warming leaves the other callers of privacy most of its threads.
 WARM_CONCURRENCY = 4
 
+# ``warm``'s households per GetDataKeys call (session 28): privacy creates the missing keys of
+# one call in one transaction under its key lock, so the chunk bounds how long another
+# caller's GetDataKey waits behind it; the chunks go one after the other.
+WARM_BATCH = 250
+# After a privacy service refused GetDataKeys (a release before session 28, during a rolling
+# upgrade), how long ``warm`` fetches one household a call before asking for the batch again.
+BATCH_RECHECK_S = 300.0
+
 # Data keys fetched from the privacy service: ``warm`` fetches those of a write's households
 # before its transaction opens; ``on_use`` is a fetch where a key is used — inside a write
 # transaction, holding SQLite's write lock for the round trip (attack27: one a household).
@@ -68,6 +76,11 @@ KeyFetcher = Callable[[str, int], tuple[int, bytes]]
 # fetch_digest_key(account_id) -> the household's 32-byte erased-id digest key, or None
 # from an authority that has none to give (a privacy service before session 27).
 DigestKeyFetcher = Callable[[str], "bytes | None"]
+# fetch_keys(account_ids) -> for each household its newest (dek_version, key), or None when
+# the authority gives none now (erased, or unavailable: the on-use fetch says why); the
+# whole answer None from an authority without the batch call (a privacy service before
+# session 28 refuses GetDataKeys with PERMISSION_DENIED), and the caller fetches one household at a time.
+BatchKeyFetcher = Callable[[list[str]], "dict[str, tuple[int, bytes] | None] | None"]
 
 
 class FieldDecryptionError(Exception):
@@ -107,10 +120,12 @@ class FieldCipher:
 
     def __init__(self, fetch_key: KeyFetcher, *, ttl_s: float = DEFAULT_TTL_S,
                  clock: Callable[[], float] = time.monotonic, close: Callable[[], None] | None = None,
-                 fetch_digest_key: DigestKeyFetcher | None = None) -> None:
+                 fetch_digest_key: DigestKeyFetcher | None = None,
+                 fetch_keys: BatchKeyFetcher | None = None) -> None:
         if not 0 < ttl_s <= DEFAULT_TTL_S:
             raise ValueError(f"ttl_s: must be in (0, {DEFAULT_TTL_S}] seconds")
         self._fetch = fetch_key
+        self._fetch_keys = fetch_keys
         self._fetch_digest_key = fetch_digest_key
         # account -> (fetched_at, digest key); cleared with the household's data keys
         self._digest_keys: dict[str, tuple[float, bytes]] = {}
@@ -154,7 +169,28 @@ class FieldCipher:
                 raise _error_from_rpc(exc) from None
             return bytes(r.digest_key) or None   # empty: a privacy service before session 27
 
-        return cls(fetch, ttl_s=ttl_s, close=peer.close, fetch_digest_key=fetch_digest_key)
+        batch_refused_at: list[float] = []
+
+        def fetch_keys(account_ids: list[str]) -> dict[str, tuple[int, bytes] | None] | None:
+            if batch_refused_at and time.monotonic() - batch_refused_at[0] < BATCH_RECHECK_S:
+                return None
+            request = privacy_pb2.GetDataKeysRequest(account_ids=account_ids)
+            try:
+                r = peer.call("GetDataKeys", request, idempotent=True)
+            except grpc.RpcError as exc:
+                # A privacy service before session 28 knows no GetDataKeys: its permission
+                # check refuses an RPC it does not list (PERMISSION_DENIED, before gRPC's
+                # UNIMPLEMENTED), and audits and counts the refusal, so it is asked again only
+                # after BATCH_RECHECK_S. Meanwhile one call a household, as that release.
+                if exc.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED):
+                    batch_refused_at[:] = [time.monotonic()]
+                    return None
+                raise _error_from_rpc(exc) from None
+            got = {k.account_id: (int(k.dek_version), bytes(k.dek)) for k in r.keys
+                   if k.outcome == privacy_pb2.DATA_KEY_OUTCOME_KEY}
+            return {a: got.get(a) for a in account_ids}
+
+        return cls(fetch, ttl_s=ttl_s, close=peer.close, fetch_digest_key=fetch_digest_key, fetch_keys=fetch_keys)
 
     # ---- keys ------------------------------------------------------------------------
 
@@ -182,10 +218,14 @@ class FieldCipher:
                     if (hit := self._keys.get((a, 0))) is None or now - hit[0] >= self._ttl]
 
     def warm(self, account_ids: Iterable[str]) -> None:
-        """Fetch the newest data key of each household not cached, ``WARM_CONCURRENCY`` at a
-        time: called by a store before the write transaction that uses them opens, so the
-        transaction makes no privacy round trip for them (attack27: one a household inside
-        it, holding SQLite's write lock — 5,000 new households answered 504).
+        """Fetch the newest data key of each household not cached — ``WARM_BATCH``
+        households a call (``fetch_keys``: privacy's GetDataKeys, which creates the missing
+        keys of a call in one transaction), else, from a privacy service without that call,
+        one household a call ``WARM_CONCURRENCY`` at a time: called by a store before the
+        write transaction that uses them opens, so the transaction makes no privacy round
+        trip for them (attack27: one a household inside it, holding SQLite's write lock —
+        5,000 new households answered 504; keyfetch27 moved them before the transaction,
+        still one call and one key creation each, and they still did).
 
         Only a cache fill; every guarantee stays with the transaction: its
         ``drop_keys_of_erased_households`` still drops these keys when an erasure or a
@@ -201,18 +241,9 @@ class FieldCipher:
         if not missing:
             return
 
-        def fetch(account_id: str) -> tuple[int, bytes] | None:
-            DATA_KEY_FETCHES.labels("warm").inc()
-            try:
-                return self._fetch(account_id, 0)
-            except HearthError:
-                return None
-
-        if len(missing) == 1:
-            fetched = [fetch(missing[0])]
-        else:
-            with ThreadPoolExecutor(min(WARM_CONCURRENCY, len(missing)), thread_name_prefix="key-warm") as pool:
-                fetched = list(pool.map(fetch, missing))
+        fetched = self._fetch_in_batches(missing)
+        if fetched is None:
+            fetched = self._fetch_one_by_one(missing)
         entries = {}
         for account_id, got in zip(missing, fetched):
             if got is not None and len(got[1]) == 32 and got[0] >= 1:
@@ -224,6 +255,40 @@ class FieldCipher:
             for account_id, entry in entries.items():
                 self._keys[(account_id, 0)] = entry
                 self._keys[(account_id, entry[1])] = entry
+
+    def _fetch_in_batches(self, missing: list[str]) -> list[tuple[int, bytes] | None] | None:
+        """``warm``'s fetch through ``fetch_keys``, ``WARM_BATCH`` at a time, in the order of
+        ``missing``; None when there is no batch call (then nothing was fetched). A chunk
+        whose call fails is left to the transaction, as a failed single fetch is."""
+        if self._fetch_keys is None or len(missing) == 1:
+            return None
+        fetched: list[tuple[int, bytes] | None] = []
+        for start in range(0, len(missing), WARM_BATCH):
+            chunk = missing[start:start + WARM_BATCH]
+            try:
+                got = self._fetch_keys(chunk)
+            except HearthError:
+                got = {}
+            if got is None:
+                if start:   # cannot happen with one authority; the rest one at a time all the same
+                    return fetched + self._fetch_one_by_one(missing[start:])
+                return None
+            DATA_KEY_FETCHES.labels("warm").inc(len(chunk))
+            fetched += [got.get(a) for a in chunk]
+        return fetched
+
+    def _fetch_one_by_one(self, missing: list[str]) -> list[tuple[int, bytes] | None]:
+        def fetch(account_id: str) -> tuple[int, bytes] | None:
+            DATA_KEY_FETCHES.labels("warm").inc()
+            try:
+                return self._fetch(account_id, 0)
+            except HearthError:
+                return None
+
+        if len(missing) == 1:
+            return [fetch(missing[0])]
+        with ThreadPoolExecutor(min(WARM_CONCURRENCY, len(missing)), thread_name_prefix="key-warm") as pool:
+            return list(pool.map(fetch, missing))
 
     def _key(self, account_id: str, version: int) -> tuple[int, AESGCM]:
         entry = self._entry(account_id, version)

@@ -37,7 +37,7 @@ Decisions (the reasons are repeated in docs/security.md):
   only (``ONLY_PRINCIPALS``), admin excluded: it lists every account that withdrew
   consent, which the attribution service needs to leave those accounts out of an
   ``Attribute`` over all accounts and nobody else does.
-* use_data_key (privacy ``GetDataKey``) is ``svc:clustering``'s and ``svc:attribution``'s
+* use_data_key (privacy ``GetDataKey``, ``GetDataKeys``) is ``svc:clustering``'s and ``svc:attribution``'s
   only (``ONLY_PRINCIPALS``), admin excluded: those stores fetch a household's data key to
   encrypt fields at rest, and no person (nor an API client in the service role) needs raw
   key material. rotate_keys is admin only. rotate_data_key (privacy ``RotateDataKey``: one
@@ -187,6 +187,7 @@ RPCS: dict[str, dict[str, Permission]] = {
     },
     "hearth.privacy.v1.Keys": {
         "GetDataKey": P.USE_DATA_KEY,
+        "GetDataKeys": P.USE_DATA_KEY,
         "RotateKeys": P.ROTATE_KEYS,
         "RotateDataKey": P.ROTATE_DATA_KEY,
         "RotateDataKeys": P.ROTATE_DATA_KEY,

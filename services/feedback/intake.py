@@ -139,7 +139,7 @@ class Intake:
         """Everything held for one account, for privacy's household export (docs/privacy.md)."""
         return self.store.export_sections(account_id)   # lazy: streamed a page at a time
 
-    def rekey(self, account_id: str, dek_version: int) -> tuple[int, list[dict]]:
+    def rekey(self, account_id: str, dek_version: int, defer_purge: bool = False) -> tuple[int, list[dict]]:
         """DataHolder.Rekey: nothing to do, the feedback service seals nothing under a
         household's data key (its predictions and labels hold ids, times and persons)."""
         return 0, []

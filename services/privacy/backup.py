@@ -23,6 +23,9 @@ households deleted after the snapshot.
     hearth ledger export --out FILE               the deletion ledger, for off-site copies
     hearth restore SNAPSHOT_DIR [--ledger FILE]   services stopped; then start them
 Configuration comes from the usual HEARTH_STORAGE / HEARTH_DATA_DIR / HEARTH_POSTGRES_DSN.
+With a PostgreSQL login per service (`hearth db provision-roles`) the backup dumps each
+schema with its service's DSN (HEARTH_POSTGRES_DSN_<SERVICE>), and the restore runs as the
+admin (HEARTH_POSTGRES_DSN) and then hands each schema back to its service's role.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from pathlib import Path
 
 from services.common import backup as snapshots
 from services.common import config
+from services.common.storage import roles
 from services.common.storage.sql import Database, migrate, open_database
 from services.privacy.deletion.domain import JobState, job_from_dict, new_job
 from services.privacy.deletion.store import DeletionJobStore
@@ -199,7 +203,7 @@ def run_backup(args: argparse.Namespace) -> int:
     settings = _settings(args)
     out = Path(args.out)
     if settings.storage == "postgres":
-        snap = snapshots.backup_postgres(settings.postgres_dsn, out)
+        snap = snapshots.backup_postgres(settings.postgres_dsn, out, dsns=roles.service_dsns())
     else:
         snap = snapshots.backup_sqlite(Path(settings.data_dir), out)
     pruned = snapshots.prune(out, args.keep) if args.keep else []
@@ -215,6 +219,12 @@ def run_restore(args: argparse.Namespace) -> int:
     if snap.backend != settings.storage:
         raise ValueError(f"snapshot is {snap.backend}, HEARTH_STORAGE is {settings.storage}")
     snap.verify()
+    # With a login per service, the restore runs as the admin (HEARTH_POSTGRES_DSN: it
+    # drops and creates schemas) and hands each schema back to its service's role after.
+    dsns = roles.service_dsns() if snap.backend == "postgres" else {}
+    if dsns and len(dsns) < len(roles.SERVICES):
+        raise ValueError("set every HEARTH_POSTGRES_DSN_<SERVICE> (each schema goes back to its role after the "
+                         f"restore) or none: missing {', '.join(roles.service_dsn_variable(s) for s in roles.SERVICES if s not in dsns)}")
     # The ledger of the database being replaced: read it before anything is overwritten;
     # merged with the off-site exports given (all of them: a deletion any copy knows).
     offsite = [read_ledger_file(Path(p)) for p in args.ledger or ()]
@@ -240,6 +250,9 @@ def run_restore(args: argparse.Namespace) -> int:
         report = reapply_ledger(db, ledger)
     finally:
         db.close()
+    if dsns:
+        handed = roles.provision_roles(settings.postgres_dsn, dsns)
+        report = {**report, "roles": {service: done["role"] for service, done in handed.items()}}
     caches, cache_error = _clear_caches(settings)
     if caches or cache_error:
         report = {**report, "redis_keys_cleared": caches, **({"redis_error": cache_error} if cache_error else {})}

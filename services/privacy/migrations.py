@@ -95,8 +95,9 @@ CREATE TABLE IF NOT EXISTS digest_keys (
 """),
     # rotation_jobs: batch data key rotations (keys/batch.py, ``hearth keys
     # rotate-households``), kept by the deletion jobs' store (DeletionJobStore with its own
-    # table and codec): the same columns, ``account_id`` "*", ``job_json`` the batch and
-    # each household's outcome, ``erasures_json`` unused ('{}').
+    # table and codec): the same columns, ``account_id`` "*", ``job_json`` the batch (and,
+    # until session 28, each household's outcome: now in rotation_job_households, 21),
+    # ``erasures_json`` unused ('{}').
     Migration(9, "batch data key rotation jobs", """
 CREATE TABLE IF NOT EXISTS rotation_jobs (
     job_id TEXT PRIMARY KEY,
@@ -114,6 +115,39 @@ CREATE TABLE IF NOT EXISTS rotation_jobs (
     trace_context TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS rotation_jobs_due ON rotation_jobs (state, next_due)
+"""),
+    # rotation_rekeys (20: versions 10-19 are the audit log's, below): a rotation's durable
+    # progress per data-holding service (session 28,
+    # keys/rotation.py ``RekeyMarkers``): the store re-encrypted the household under
+    # ``dek_version`` (a Rekey pass found nothing older) and, once ``purged`` is 1, purged
+    # its old ciphertexts after that (``purges``: the steps, JSON). A resumed rotation (the
+    # sweep, a re-run, a batch claimed again) skips the stores marked purged instead of
+    # calling Rekey again (on PostgreSQL a VACUUM FULL each). Deleted when the rotation
+    # retires its older versions.
+    Migration(20, "data key rotation progress per store", """
+CREATE TABLE IF NOT EXISTS rotation_rekeys (
+    account_id TEXT NOT NULL,
+    dek_version INTEGER NOT NULL,
+    service TEXT NOT NULL,
+    reencrypted {bigint} NOT NULL,
+    keyed_apart INTEGER NOT NULL,
+    purged INTEGER NOT NULL,
+    purges TEXT NOT NULL,
+    marked_at {double} NOT NULL,
+    PRIMARY KEY (account_id, dek_version, service)
+)
+"""),
+    # rotation_job_households: a batch rotation job's outcome per household (session 28,
+    # keys/batch.py ``RotationJobStore``), ``outcome_json`` one household's; the job's row
+    # in rotation_jobs keeps only its header. A step writes its household's row, not the
+    # whole job.
+    Migration(21, "batch data key rotation outcomes per household", """
+CREATE TABLE IF NOT EXISTS rotation_job_households (
+    job_id TEXT NOT NULL,
+    account_id TEXT NOT NULL,
+    outcome_json TEXT NOT NULL,
+    PRIMARY KEY (job_id, account_id)
+)
 """),
 ]
 

@@ -94,9 +94,11 @@ class _Acting:
 
 
 def start(data_dir: Path, *, storage: str = "sqlite", postgres_dsn: str = "", redis_url: str = "",
-          privacy: Mapping[str, Any] | None = None, services: tuple[str, ...] = SERVICES) -> InProcessMesh:
+          privacy: Mapping[str, Any] | None = None, services: tuple[str, ...] = SERVICES,
+          postgres_dsns: Mapping[str, str] | None = None) -> InProcessMesh:
     """Build and start ``services`` on free ports. ``privacy``: overrides of
-    ``PrivacySettings`` (the retention purge is off unless given)."""
+    ``PrivacySettings`` (the retention purge is off unless given). ``postgres_dsns``:
+    a service's own DSN over ``postgres_dsn`` (a login per service, as deployed)."""
     from services.testing.mesh import free_port
 
     ports = {s: free_port() for s in SERVICES}
@@ -106,6 +108,9 @@ def start(data_dir: Path, *, storage: str = "sqlite", postgres_dsn: str = "", re
     mesh = InProcessMesh(addresses, ports=ports)
     for name in services:
         own = {"retention_check_s": 0.0, **dict(privacy or {})} if name == "privacy" else {}
-        mesh.settings[name] = config.load(config.service_settings_class(name), service_name=name, **common, **own)
+        if postgres_dsns and name in postgres_dsns:
+            own["postgres_dsn"] = postgres_dsns[name]
+        mesh.settings[name] = config.load(config.service_settings_class(name), service_name=name,
+                                          **{**common, **own})
         mesh.start_service(name)
     return mesh

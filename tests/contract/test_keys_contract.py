@@ -72,3 +72,31 @@ def test_the_digest_key_is_given_when_asked_and_is_what_version_1_derives(keys):
     asked = keys.GetDataKey(ppb.GetDataKeyRequest(account_id="acc-d", with_digest_key=True), metadata=who, timeout=10)
     assert asked.dek == older.dek
     assert asked.digest_key == hmac.new(older.dek, b"hearth-erased-id-v1", hashlib.sha256).digest()
+
+
+def test_getdatakeys_gives_each_households_newest_key_as_getdatakey_does(keys):
+    """GetDataKeys (session 28): one answer per distinct id, in request order; a new
+    household's key is created by the call and is the one GetDataKey gives after."""
+    who = CLUSTERING.metadata("privacy")
+    known = keys.GetDataKey(ppb.GetDataKeyRequest(account_id="acc-b1"), metadata=who, timeout=10)
+    r = keys.GetDataKeys(ppb.GetDataKeysRequest(account_ids=["acc-b1", "acc-b2", "acc-b1", "acc-b3"]),
+                         metadata=who, timeout=10)
+    assert [(k.account_id, k.outcome, k.dek_version) for k in r.keys] == [
+        (a, ppb.DATA_KEY_OUTCOME_KEY, 1) for a in ("acc-b1", "acc-b2", "acc-b3")]
+    assert r.keys[0].dek == known.dek
+    after = keys.GetDataKey(ppb.GetDataKeyRequest(account_id="acc-b2"), metadata=who, timeout=10)
+    assert after.dek == r.keys[1].dek and len(after.dek) == 32
+
+
+def test_getdatakeys_refuses_bad_input_naming_the_field_and_any_caller_but_a_service(keys):
+    who = CLUSTERING
+    assert _error(keys.GetDataKeys, ppb.GetDataKeysRequest(), who) == (grpc.StatusCode.INVALID_ARGUMENT, "account_ids")
+    too_many = ppb.GetDataKeysRequest(account_ids=[f"acc-{i}" for i in range(1001)])
+    assert _error(keys.GetDataKeys, too_many, who) == (grpc.StatusCode.INVALID_ARGUMENT, "account_ids")
+    for bad in ("", "a b", "x" * 200, "../etc"):
+        request = ppb.GetDataKeysRequest(account_ids=["acc-ok", bad])
+        assert _error(keys.GetDataKeys, request, who) == (grpc.StatusCode.INVALID_ARGUMENT, "account_ids[1]"), bad
+    assert _error(keys.GetDataKeys, ppb.GetDataKeysRequest(account_ids=["acc-ok"]), ADMIN)[0] == \
+        grpc.StatusCode.PERMISSION_DENIED
+    assert _error(keys.GetDataKeys, ppb.GetDataKeysRequest(account_ids=["acc-ok"]), ANALYST)[0] == \
+        grpc.StatusCode.PERMISSION_DENIED

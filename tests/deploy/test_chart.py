@@ -370,7 +370,8 @@ def test_production_uses_postgres_redis_and_secrets_for_credentials(render):
             assert "HEARTH_POSTGRES_DSN" not in env and "HEARTH_STORAGE" not in env
         else:
             assert env["HEARTH_STORAGE"] == "postgres"
-            assert env["HEARTH_POSTGRES_DSN"] == ("secret", "hearth-postgres", "dsn")
+            # Session 28: a login per service (test_chart_db_roles.py).
+            assert env["HEARTH_POSTGRES_DSN"] == ("secret", f"hearth-postgres-{component}", "dsn")
         assert env["HEARTH_REDIS_URL"] == ("secret", "hearth-redis", "url")
         # The shared secret no longer signs (a key per component, mounted from a Secret:
         # test_each_pod_mounts_only_its_own_components_signing_key); it keys the pseudonyms.
@@ -574,7 +575,7 @@ def test_backup_cronjob_snapshots_postgres_into_the_claim(render):
     assert {"name": "backups", "mountPath": "/backups"} in container["volumeMounts"]
     assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "hearth-backups"
     env = {e["name"]: e for e in container["env"]}
-    assert env["HEARTH_POSTGRES_DSN"]["valueFrom"]["secretKeyRef"]["name"] == "hearth-postgres"
+    assert env["HEARTH_POSTGRES_DSN"]["valueFrom"]["secretKeyRef"]["name"] == "hearth-postgres-privacy"
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
 
 

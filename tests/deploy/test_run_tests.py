@@ -1,12 +1,18 @@
-"""scripts/run_tests.py, what `make test` runs: the suite as two pytest processes side by side
-(docs/benchmarks.md, "Session 24") and a third for ``LAST`` after whichever of them ends first
-("Session 27"). Every test file is in exactly one of them, every process's output is
-printed, the run fails when any fails, and a killed run leaves none behind."""
+"""scripts/run_tests.py, what `make test` runs: two long-lived pytest processes taking test
+files from one work queue, longest first, files sharing a package fixture together
+(docs/benchmarks.md, "Session 28"). Every collected file runs exactly once, a stop starts
+nothing new, every process's output is printed, the run fails when any test fails, and a
+killed run leaves no pytest behind."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
+import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -14,83 +20,182 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 import run_tests  # noqa: E402
 
+MESH = "suite/e2e::mesh"
 
-def test_make_test_runs_the_two_halves():
+
+def test_make_test_runs_the_runner():
     makefile = (ROOT / "Makefile").read_text()
     rule = makefile.split("\ntest: ", 1)[1].split("\n\n", 1)[0]
     assert "$(PY) scripts/run_tests.py $(ARGS)" in rule and "-m pytest" not in rule
 
 
-def test_every_test_directory_is_in_exactly_one_half():
-    first, second, last = run_tests.commands(["-x"])
-    assert first[first.index("-m") + 1:first.index("-m") + 4] == ["pytest", "-q", "-x"]
-    assert last[last.index("-m") + 1:last.index("-m") + 4] == ["pytest", "-q", "-x"]
-    first_dirs, last_paths = first[first.index("-x") + 1:], last[last.index("-x") + 1:]
-    assert first_dirs == list(run_tests.FIRST_HALF) and all((ROOT / d).exists() for d in first_dirs)
-    assert last_paths == list(run_tests.LAST) and all((ROOT / p).is_file() for p in last_paths)
-    # none of the last's files is under a directory of the first's
-    assert not [p for p in last_paths for d in first_dirs if p == d or p.startswith(d.rstrip("/") + "/")]
-    # the second is the configured testpaths ("tests") with exactly the others' paths ignored
-    assert second[-1] == "tests" and "tests" not in first and "tests" not in last
-    assert [a for a in second if a.startswith("--ignore=")] == [f"--ignore={d}" for d in first_dirs + last_paths]
-    assert 'testpaths = ["tests"]' in (ROOT / "pyproject.toml").read_text()
-    with_tests = {p.parent.relative_to(ROOT).parts[:2] for p in (ROOT / "tests").rglob("test_*.py")}
-    assert {"/".join(parts) for parts in with_tests} >= {d for d in first_dirs if (ROOT / d).is_dir()}
+def test_files_sharing_a_package_fixture_are_one_group_and_every_file_is_in_one():
+    collected = {"u/a.py": [], "e/m1.py": [MESH], "u/b.py": [], "e/m2.py": [MESH, "e::other"],
+                 "e/o.py": ["e::other"], "s/x.py": ["s::secmesh"], "e/m3.py": [MESH], "s/y.py": ["s::secmesh"]}
+    groups = run_tests.group_files(collected)
+    assert groups == [["u/a.py"], ["e/m1.py", "e/m2.py", "e/o.py", "e/m3.py"], ["u/b.py"], ["s/x.py", "s/y.py"]]
+    handed = [name for group in groups for name in group]
+    assert sorted(handed) == sorted(collected) and len(handed) == len(set(handed))
+    assert run_tests.group_files({}) == []
 
 
-def _fake(code: int, line: str) -> list[str]:
-    return [sys.executable, "-c", f"print('.' * 3); print({line!r}); raise SystemExit({code})"]
+def test_groups_are_handed_out_longest_first_and_an_unrecorded_file_counts_as_the_longest():
+    groups = [["a"], ["m1", "m2"], ["b"], ["c"], ["new"]]
+    seconds = {"a": 5.0, "m1": 4.0, "m2": 4.0, "b": 30.0, "c": 6.0}
+    assert run_tests.order_groups(groups, seconds) == [["b"], ["new"], ["m1", "m2"], ["c"], ["a"]]
+    # with b not recorded either, the longest recorded file is c's 6 s: b and new count 6 s each
+    del seconds["b"]
+    assert run_tests.order_groups(groups, seconds) == [["m1", "m2"], ["b"], ["c"], ["new"], ["a"]]
+    # no record: each file counts 1 s, so a group counts its files; ties keep collection order
+    assert run_tests.order_groups(groups, {}) == [["m1", "m2"], ["a"], ["b"], ["c"], ["new"]]
 
 
-def _fake_after(code: int, line: str, delay_s: float) -> list[str]:
-    return [sys.executable, "-c", f"import time; time.sleep({delay_s}); print({line!r}); raise SystemExit({code})"]
+def test_a_missing_or_broken_record_is_no_record(tmp_path):
+    assert run_tests.load_durations(tmp_path / "absent.json") == {}
+    for text in ("{not json", "[]", '{"seconds": [1, 2]}', '{"about": "x"}', '{"seconds": {"a": "slow"}}'):
+        (tmp_path / "d.json").write_text(text)
+        assert run_tests.load_durations(tmp_path / "d.json") == {}, text
+    (tmp_path / "d.json").write_text('{"seconds": {"tests/a.py": 2.5}}')
+    assert run_tests.load_durations(tmp_path / "d.json") == {"tests/a.py": 2.5}
 
 
-def test_every_output_is_printed_and_any_failure_fails_the_run(monkeypatch, capsys):
-    import signal
-
-    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    for first_rc, second_rc, last_rc, want in ((0, 0, 0, 0), (1, 0, 0, 1), (0, 1, 0, 1), (2, 1, 0, 2),
-                                               (0, 0, 3, 3), (0, 1, 3, 1)):
-        monkeypatch.setattr(run_tests, "commands", lambda args, a=first_rc, b=second_rc, c=last_rc: (
-            _fake(a, f"{3 + a} passed in 1.00s"), _fake(b, f"{5 + b} passed in 2.00s"),
-            _fake(c, f"{7 + c} passed in 3.00s")))
-        assert run_tests.main([]) == want
-        out = capsys.readouterr().out
-        assert f"{3 + first_rc} passed in 1.00s" in out and f"{5 + second_rc} passed in 2.00s" in out
-        assert f"{7 + last_rc} passed in 3.00s" in out
-        last = out.strip().splitlines()[-1]
-        assert f"test_deletion_lease.py: {3 + first_rc} passed in 1.00s; the rest: {5 + second_rc} passed in 2.00s" in last
-        assert f"test_verify_quick.py after the " in last and f"{7 + last_rc} passed in 3.00s; wall" in last
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers   # given back
+def test_the_recorded_durations_are_readable():
+    seconds = run_tests.load_durations(run_tests.DURATIONS)
+    assert len(seconds) >= 50 and all(v >= 0 and name.startswith("tests/") and name.endswith(".py")
+                                      for name, v in seconds.items())
 
 
-def test_the_last_starts_after_whichever_half_ends_first(monkeypatch, capsys):
-    """Not before either half has ended, and not after both: it runs beside the longer."""
-    for first_s, second_s, after in ((0.1, 2.0, "the first half"), (2.0, 0.1, "the rest")):
-        monkeypatch.setattr(run_tests, "commands", lambda args, a=first_s, b=second_s: (
-            _fake_after(0, "1 passed in 1.00s", a), _fake_after(0, "2 passed in 1.00s", b),
-            [sys.executable, "-c", "import time; print(time.time(), '3 passed in 1.00s')"]))
-        began = time.time()
-        assert run_tests.main([]) == 0
-        out = capsys.readouterr().out
-        started = float(next(line for line in out.splitlines() if line.endswith("3 passed in 1.00s")).split()[0])
-        summary = out.strip().splitlines()[-1]
-        assert f"test_verify_quick.py after {after}: " in summary and "3 passed in 1.00s; wall" in summary
-        assert began + min(first_s, second_s) <= started < began + max(first_s, second_s), (started - began)
+def test_workers_taking_at_once_get_every_file_exactly_once():
+    collected = {f"t/f{i}.py": ([MESH] if i % 7 == 0 else []) for i in range(300)}
+    queue = run_tests.WorkQueue({name: float(i % 13) for i, name in enumerate(collected)})
+    got: dict[int, list[list[str]]] = {1: [], 2: [], 3: []}
+
+    def worker(number: int) -> None:
+        queue.collected(number, collected)
+        while group := queue.take(number):
+            got[number].append(group)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in got]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    handed = [name for groups in got.values() for group in groups for name in group]
+    assert sorted(handed) == sorted(collected) and len(handed) == len(set(handed))
+    mesh_groups = [g for groups in got.values() for g in groups if any(collected[n] for n in g)]
+    assert len(mesh_groups) == 1 and mesh_groups[0] == [n for n in collected if collected[n]]
+    assert queue.not_run() == [] and queue.take(1) == []
+
+
+def test_a_stopped_queue_hands_out_nothing_more():
+    queue = run_tests.WorkQueue({})
+    queue.collected(1, {"a.py": [], "b.py": [], "c.py": []})
+    assert queue.take(1) == ["a.py"]
+    queue.stop("interrupted")
+    assert queue.take(2) == [] and queue.take(1) == []
+    assert queue.not_run() == ["b.py", "c.py"] and queue.stopped == "interrupted"
+
+
+def test_workers_that_collected_different_files_run_nothing():
+    queue = run_tests.WorkQueue({})
+    queue.collected(1, {"a.py": [], "b.py": []})
+    queue.collected(2, {"a.py": [], "c.py": []})
+    assert queue.take(1) == [] and "worker 2 collected other files" in queue.stopped
+    assert queue.not_run() == ["a.py", "b.py"]
+
+
+# ---- the real runner on a small project of its own ----
+
+def _project(tmp_path: Path, files: dict[str, str]) -> Path:
+    """A pytest project under tmp_path/p (its own rootdir); each test appends
+    "<pid> <nodeid>" to ran.log as it starts."""
+    root = tmp_path / "p"
+    (root / "suite").mkdir(parents=True)
+    (root / "pytest.ini").write_text("[pytest]\ntestpaths = suite\n")
+    (root / "suite" / "conftest.py").write_text(textwrap.dedent(f"""
+        import os
+        import pytest
+
+        @pytest.fixture(autouse=True)
+        def _record(request):
+            with open({str(root / "ran.log")!r}, "a") as f:
+                f.write(f"{{os.getpid()}} {{request.node.nodeid}}\\n")
+        """))
+    for name, text in files.items():
+        path = root / "suite" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    return root
+
+
+def _ran(root: Path) -> list[tuple[int, str]]:
+    log = root / "ran.log"
+    return [(int(p), n) for p, n in (line.split(" ", 1) for line in log.read_text().splitlines())] if log.exists() else []
+
+
+MESH_CONFTEST = """
+    import os
+    import pytest
+
+    @pytest.fixture(scope="package")
+    def mesh():
+        with open(os.path.join(os.path.dirname(__file__), "..", "..", "mesh.log"), "a") as f:
+            f.write(f"{os.getpid()}\\n")
+        yield "mesh"
+    """
+USES_MESH = """
+    def test_one(mesh):
+        assert mesh == "mesh"
+
+    def test_two(mesh):
+        assert mesh == "mesh"
+    """
+
+
+def test_the_runner_runs_every_test_once_keeps_a_shared_fixture_in_one_process_and_fails_on_a_failure(
+        tmp_path, monkeypatch, capsys):
+    root = _project(tmp_path, {
+        "test_a.py": "def test_a():\n    pass\n",
+        "test_b.py": "import pytest\n\n@pytest.mark.parametrize('n', range(5))\ndef test_b(n):\n    pass\n",
+        "test_fails.py": "def test_fails():\n    assert 1 == 2, 'the planted failure'\n",
+        "e2e/__init__.py": "", "e2e/conftest.py": MESH_CONFTEST,
+        **{f"e2e/test_m{i}.py": USES_MESH for i in range(4)},
+        "e2e/test_own.py": "def test_own():\n    pass\n",
+    })
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))   # the workers import tests.helpers.queue_worker
+    record = root / "durations.json"
+    record.write_text(json.dumps({"seconds": {"suite/test_b.py": 100.0, "suite/test_a.py": 1.0}}))
+    rc = run_tests.run(["-p", "no:cacheprovider"], root=root, durations=record, write_durations=True)
+    out = capsys.readouterr().out
+    assert rc == 1, out[-3000:]
+    ran = _ran(root)
+    nodeids = [n for _, n in ran]
+    assert len(nodeids) == len(set(nodeids)) == 1 + 5 + 1 + 4 * 2 + 1, out[-3000:]
+    mesh_pids = {p for p, n in ran if "/test_m" in n}
+    assert len(mesh_pids) == 1 and (root / "mesh.log").read_text().split() == [str(mesh_pids.pop())]
+    assert "FAILED suite/test_fails.py::test_fails - AssertionError: the planted failure" in out
+    assert "suite/e2e/test_m0.py (+3 files sharing its package fixture)" in out
+    summary = next(line for line in out.splitlines() if line.startswith("make test: worker 1: "))
+    assert "; worker 2: " in summary and "; wall " in summary and "NOT RUN" not in summary and "1 failed" in summary
+    # longest first: the mesh's group (four files with no record: each counts as the longest
+    # recorded, 100 s), then the 100 s ones in collection order, then the 1 s one
+    handed = [line.split(": ", 1)[1].split(" (+")[0] for line in out.splitlines()
+              if line.startswith("make test [") and ": suite/" in line]
+    assert handed == ["suite/e2e/test_m0.py", "suite/e2e/test_own.py", "suite/test_b.py", "suite/test_fails.py",
+                      "suite/test_a.py"], out[-3000:]
+    written = run_tests.load_durations(record)
+    assert set(written) == {"suite/test_a.py", "suite/test_b.py", "suite/test_fails.py", "suite/e2e/test_own.py",
+                            *(f"suite/e2e/test_m{i}.py" for i in range(4))}
 
 
 def test_the_script_runs_as_make_runs_it():
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "run_tests.py"), "--version"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:]
-    assert done.stdout.count("\npytest ") == 3, done.stdout[-2000:]   # both halves and the last ran
+    assert done.stdout.count("\npytest ") == 1, done.stdout[-2000:]   # one process answers --version
 
 
 def test_a_pytest_process_dies_with_a_killed_runner():
-    import os
-    import signal
-
     from tests.helpers.processes import alive
     from tests.helpers.waiting import wait_for
 
@@ -110,51 +215,75 @@ def test_a_pytest_process_dies_with_a_killed_runner():
             os.kill(child, signal.SIGKILL)
 
 
-def _runner_stopped_by(signum: int, tmp_path: Path) -> tuple[int, float, bool]:
-    """A real runner whose halves sleep 60 s, stopped by ``signum`` (SIGTERM to the runner:
-    a CI timeout; SIGINT to its process group: Ctrl-C) while both run: (its exit status,
-    seconds it took to end, whether the last pytest process was started)."""
+SLOW = """
     import os
-    import signal
+    import time
 
-    marker = tmp_path / "last-started"
-    script, last = tmp_path / "runner.py", tmp_path / "last.py"
-    last.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    def test_slow():
+        open(os.path.join(os.path.dirname(__file__), "..", "started-" + os.path.basename(__file__)), "w").close()
+        time.sleep(60)
+    """
+
+
+def _runner_stopped_by(signum: int, tmp_path: Path) -> tuple[int, float, list[str], str]:
+    """A real runner on a project of two 60 s files (recorded as the longest) and three quick
+    ones, stopped by ``signum`` (SIGTERM to the runner: a CI timeout; SIGINT to its process
+    group: Ctrl-C) once both workers are in a slow file: (its exit status, seconds it took
+    to end, the tests that ran, its output)."""
+    root = _project(tmp_path / signal.Signals(signum).name, {
+        "test_slow1.py": SLOW, "test_slow2.py": SLOW,
+        **{f"test_quick{i}.py": "def test_quick():\n    pass\n" for i in range(3)}})
+    (root / "durations.json").write_text(json.dumps({"seconds": {
+        "suite/test_slow1.py": 60, "suite/test_slow2.py": 60, **{f"suite/test_quick{i}.py": 1 for i in range(3)}}}))
+    script = root / "runner.py"
     script.write_text(
         "import sys\n"
         f"sys.path.insert(0, {str(ROOT / 'scripts')!r})\n"
         "import run_tests\n"
-        "half = [sys.executable, '-c', 'import time; time.sleep(60)']\n"
-        f"last = [sys.executable, {str(last)!r}]\n"
-        "run_tests.commands = lambda args: (half, half, last)\n"
-        "sys.exit(run_tests.main([]))\n")
-    runner = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                              start_new_session=True)
+        "from pathlib import Path\n"
+        f"sys.exit(run_tests.run(['-p', 'no:cacheprovider'], root=Path({str(root)!r}), "
+        f"durations=Path({str(root / 'durations.json')!r})))\n")
+    runner = subprocess.Popen([sys.executable, str(script)], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
-        assert runner.stdout.readline().startswith("make test: ")   # both halves are running
-        time.sleep(0.5)
+        deadline = time.monotonic() + 120
+        while not all((root / f"started-test_slow{i}.py").exists() for i in (1, 2)):
+            assert time.monotonic() < deadline and runner.poll() is None, "the slow files did not both start"
+            time.sleep(0.1)
         began = time.monotonic()
         if signum == signal.SIGINT:
             os.killpg(runner.pid, signum)   # the terminal's Ctrl-C reaches the whole group
         else:
             runner.send_signal(signum)
-        rc = runner.wait(timeout=60)
-        took = time.monotonic() - began
-        time.sleep(0.5)   # a last process started at the end has had time to write its marker
-        return rc, took, marker.exists()
+        out, _ = runner.communicate(timeout=60)
+        return runner.returncode, time.monotonic() - began, [n for _, n in _ran(root)], out
     finally:
         if runner.poll() is None:
             os.killpg(runner.pid, signal.SIGKILL)
             runner.wait()
 
 
-def test_a_stopped_run_starts_no_last_process(tmp_path):
-    """A CI timeout's SIGTERM or a Ctrl-C while both halves run stops the run: the last
-    (tests/e2e/test_verify_quick.py, ~2 min of its own meshes) is not started after the
-    halves ended (review27: it was, and ran to its end, out of the signal's reach)."""
-    import signal
-
+def test_a_stopped_run_starts_nothing_new(tmp_path):
+    """A CI timeout's SIGTERM or a Ctrl-C while both workers run stops the run: no file is
+    handed out after it (review27: the old runner's last process was started after a stop)."""
     for signum in (signal.SIGTERM, signal.SIGINT):
-        rc, took, last_started = _runner_stopped_by(signum, tmp_path)
-        assert not last_started, f"{signal.Signals(signum).name}: the last pytest process was started"
-        assert rc != 0 and took < 30, (signum, rc, took)
+        rc, took, ran, out = _runner_stopped_by(signum, tmp_path)
+        name = signal.Signals(signum).name
+        assert sorted(ran) == ["suite/test_slow1.py::test_slow", "suite/test_slow2.py::test_slow"], (name, out[-3000:])
+        assert rc != 0 and took < 30, (name, rc, took, out[-3000:])
+        assert "NOT RUN" in out and "3 files" in out, (name, out[-3000:])
+
+
+def test_a_worker_stopped_by_x_stops_the_queue(tmp_path, monkeypatch, capsys):
+    """``make test ARGS=-x``: the first failure ends its worker and no file is handed out
+    after it (one worker here, so which files ran is certain)."""
+    root = _project(tmp_path, {"test_fails.py": "def test_fails():\n    assert False\n",
+                               **{f"test_ok{i}.py": "def test_ok():\n    pass\n" for i in range(3)}})
+    record = root / "durations.json"
+    record.write_text(json.dumps({"seconds": {"suite/test_fails.py": 10.0, **{f"suite/test_ok{i}.py": 1.0
+                                                                             for i in range(3)}}}))
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    rc = run_tests.run(["-x", "-p", "no:cacheprovider"], root=root, workers=1, durations=record)
+    out = capsys.readouterr().out
+    assert rc == 1 and [n for _, n in _ran(root)] == ["suite/test_fails.py::test_fails"], out[-3000:]
+    assert "NOT RUN (worker 1 stopped: " in out and ": 3 files" in out, out[-3000:]

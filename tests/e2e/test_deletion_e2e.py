@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from services.testing.mesh import ROOT, running_mesh
-from tests.helpers.servers import fresh_database
+from tests.helpers.servers import fresh_database, service_logins
 from tests.helpers.waiting import SLOW_MACHINE_S, deletion_job, wait_for
 from tests.helpers.timestamps import iso_utc as _iso
 
@@ -34,10 +34,16 @@ def dmesh(request, tmp_path_factory):
     env = {"HEARTH_DELETION_POLL_S": "0.1", "HEARTH_DELETION_RETRY_BASE_S": "0.1",
            "HEARTH_DELETION_RETRY_MAX_S": "0.5", "HEARTH_DELETION_LEASE_S": "5",
            "HEARTH_RETENTION_CHECK_S": "0"}
+    process_env = {}
     if request.param == "postgres":
         env.update(HEARTH_STORAGE="postgres", HEARTH_POSTGRES_DSN=fresh_database(request.getfixturevalue("postgres_dsn")),
                    HEARTH_REDIS_URL=request.getfixturevalue("redis_url"))
-    with running_mesh(base, {"olivia": "admin"}, timeout_s=120, extra_env=env) as m:
+        # Each service under its own login, as deployed (session 28): erasure, purge and
+        # receipts with only the grants production has. HEARTH_POSTGRES_DSN above (the
+        # fixtures' superuser) is the remnant scan's, which reads every schema.
+        process_env = {service: {"HEARTH_POSTGRES_DSN": dsn}
+                       for service, dsn in service_logins(env["HEARTH_POSTGRES_DSN"], f"del{RUN}").items()}
+    with running_mesh(base, {"olivia": "admin"}, timeout_s=120, extra_env=env, process_env=process_env) as m:
         m.backend = request.param
         m.env_extra = env
         yield m
@@ -163,6 +169,14 @@ def test_each_scope_end_to_end_leaves_no_remnant(dmesh, client):
     assert job["state"] == "completed", job
     assert job["receipt"]["receipt"]["scope"] == {"kind": "household", "account_id": acct}
     assert remnants(dmesh, acct) == {}
+    if dmesh.backend == "postgres":
+        # Each service purged under its own role: the WAL step ran (pg_checkpoint granted),
+        # not "no privilege to remove WAL segments".
+        purges = [p for s in job["receipt"]["receipt"]["services"].values() for p in s.get("purges", [])
+                  if p.get("store") == "postgres"]
+        assert purges
+        for purge in purges:
+            assert "no privilege" not in purge["action"], purge["action"]
 
     # An erased household stays erased: events and touchpoints that arrive later (in flight
     # during the job, or a client still sending) are refused, naming the account once, and

@@ -22,8 +22,8 @@ import uuid
 import httpx
 
 from bench.assign_cpu import extract
-from services.testing.mesh import ROOT
 from tests.helpers.history import require_commit
+from tests.helpers.mesh_calls import privacy_key_calls, restart_service as _restart
 from tests.helpers.waiting import deletion_job
 from tests.helpers.timestamps import iso_utc as _iso
 
@@ -31,24 +31,6 @@ BEFORE_DIGEST_KEY = "98239b4"   # session 26's end: digests keyed from data key 
 RUN = uuid.uuid4().hex[:6]
 # The package mesh's privacy settles a rotation for 70 s (production's); restarted here with 1 s.
 QUICK_SETTLE = {"HEARTH_DEK_ROTATION_SETTLE_S": "1"}
-
-
-def _restart(mesh, service: str, tree=ROOT, env: dict | None = None) -> None:
-    mesh.stop_process(service)
-    mesh.root = tree
-    saved = mesh.process_env.get(service)
-    if env is not None:
-        mesh.process_env[service] = {**(saved or {}), **env}
-    try:
-        mesh.start_service(service)
-        mesh.wait_healthy(120)
-    finally:
-        mesh.root = ROOT
-        if env is not None:
-            if saved is None:
-                mesh.process_env.pop(service, None)
-            else:
-                mesh.process_env[service] = saved
 
 
 def _events(acct: str, device: str, n: int, t0: float) -> dict:
@@ -138,13 +120,6 @@ def test_an_older_data_holder_keeps_version_1_alive_and_an_older_privacy_leaves_
         assert r.status_code == 412, r.text
 
 
-def _get_data_key_calls(mesh) -> float:
-    """GetDataKey calls the privacy process has answered (its RED counter)."""
-    text = httpx.get(f"http://127.0.0.1:{mesh.metrics_ports['privacy']}/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("hearth_rpc_requests_total{") and 'method="GetDataKey"' in line)
-
-
 def test_a_rotation_makes_another_clustering_replica_refetch_only_that_households_key(mesh):
     """Two clustering processes on one database: a second replica caches the keys of 20
     households it writes for; one household's data key is rotated (privacy's Rekey reaches
@@ -188,9 +163,9 @@ def test_a_rotation_makes_another_clustering_replica_refetch_only_that_household
         with httpx.Client(base_url=mesh.url, headers={"X-API-Key": mesh.api_key}, timeout=120) as c:
             r = c.post(f"/v1/household/{accounts[0]}/rotate-key")
             assert r.status_code == 200 and r.json()["dek_version"] == 2, r.text
-        before = _get_data_key_calls(mesh)
+        before = privacy_key_calls(mesh)["GetDataKey"]
         write(2)
-        calls = _get_data_key_calls(mesh) - before
+        calls = privacy_key_calls(mesh)["GetDataKey"] - before
         print(f"GetDataKey calls while a second clustering replica wrote for 20 households after one "
               f"household's rotation: {calls:.0f}")
         # The rotated household's newest key and its new version by number; a few more may come

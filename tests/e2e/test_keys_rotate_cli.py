@@ -277,6 +277,69 @@ def test_each_household_a_batch_rotates_is_audited_by_name(kek_mesh):
         [(f"household:{account}", "kek-admin", "success")], records
 
 
+def test_batches_requested_together_rotate_a_household_once(kek_mesh):
+    """Batch jobs run one after another (three privacy officers' here), each over the households it fixed when requested.
+    Until attack28 each began a rotation of its own when its turn came: two batches
+    requested while another ran (different request ids, 202 each at once) rotated the same
+    household twice — a second settle, every store's Rekey again (on PostgreSQL a
+    whole-table purge each), a second version — and a privacy officer's burst of batch
+    requests rotated every household once per request. Now a household whose key is newer
+    than the job is completed without a new version."""
+    import sqlite3
+
+    admin = kek_mesh.keys["kek-admin"]
+    officers = [{"X-API-Key": kek_mesh.keys[f"kek-officer-{n}"]} for n in range(OFFICERS)]
+    blocker, account = "kek-queue-0", "kek-queue-1"
+    with httpx.Client(base_url=kek_mesh.url, headers={"X-API-Key": admin}, timeout=SLOW_MACHINE_S) as client:
+        r = client.post("/v1/events", json={"events": [
+            {"event_id": f"{a}-0", "account_id": a, "device_id": "tv", "device_type": "tv",
+             "ts": "2026-01-01T20:00:00Z", "kind": "heartbeat", "title_id": "t", "genres": ["drama"],
+             "duration_s": 300} for a in (blocker, account)]})
+        assert r.status_code == 200, r.text
+
+        def age(household: str) -> None:
+            with sqlite3.connect(kek_mesh.data_dir / "privacy.db") as db:
+                assert db.execute("UPDATE data_keys SET created_at = '2001-01-01T00:00:00+00:00' "
+                                  "WHERE account_id = ?", (household,)).rowcount == 1
+
+        # A first batch settling (jobs run one at a time): the next two wait behind it.
+        age(blocker)
+        first = client.post("/v1/keys/rotate-households", json={"older_than_days": 3650, "limit": 5},
+                            headers=officers[0])
+        assert first.status_code == 202, first.text
+        deadline = time.monotonic() + SLOW_MACHINE_S
+        while client.get(first.headers["location"]).json()["counts"]["begun"] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        age(account)
+        queued = [client.post("/v1/keys/rotate-households", headers=officers[n],
+                              json={"older_than_days": 3650, "limit": 5, "request_id": f"queued-{n}"})
+                  for n in (1, 2)]
+        assert [q.status_code for q in queued] == [202, 202], [q.text for q in queued]
+        assert all(account in {h["account_id"] for h in q.json()["households"]} for q in queued)
+        # One open batch per principal (attack28, item 2): a second is 429 naming the first
+        # (until then each request with a new request_id stored a job); its own request_id
+        # still answers it.
+        second = client.post("/v1/keys/rotate-households", headers=officers[1],
+                             json={"older_than_days": 3650, "limit": 5, "request_id": "queued-3"})
+        assert second.status_code == 429 and second.json()["error"]["field"] == "request_id", second.text
+        assert queued[0].json()["job_id"] in second.json()["error"]["message"], second.text
+        again = client.post("/v1/keys/rotate-households", headers=officers[1],
+                            json={"older_than_days": 3650, "limit": 5, "request_id": "queued-1"})
+        assert again.status_code == 202 and again.json()["job_id"] == queued[0].json()["job_id"], again.text
+    jobs = [_finished_job(kek_mesh, q.json()["job_id"], SLOW_MACHINE_S + 3 * SETTLE_S) for q in queued]
+    after = httpx.post(f"{kek_mesh.url}/v1/keys/rotate-households", headers=officers[1], timeout=SLOW_MACHINE_S,
+                       json={"older_than_days": 3650, "limit": 5, "request_id": "queued-3"})
+    assert after.status_code == 202, after.text   # its batch done: it may ask again
+    outcomes = [{h["account_id"]: h for h in job["households"]}[account] for job in jobs]
+    assert (outcomes[0]["outcome"], outcomes[0]["dek_version"]) == ("completed", 2), jobs[0]
+    assert outcomes[1]["outcome"] == "completed" and outcomes[1]["detail"].startswith(
+        "rotated after this batch was requested"), jobs[1]
+    export = httpx.get(f"{kek_mesh.url}/v1/household/{account}/export", headers={"X-API-Key": admin},
+                       timeout=SLOW_MACHINE_S).json()
+    assert [k["dek_version"] for k in export["services"]["privacy"]["data_keys"]] == [1, 2]   # no v3
+
+
 def _finished_job(mesh, job_id: str, timeout_s: float = SLOW_MACHINE_S + SETTLE_S) -> dict:
     deadline = time.monotonic() + timeout_s
     while True:

@@ -27,3 +27,21 @@ def ring_fetcher(ring: KeyRing, calls: list):
             raise FailedPrecondition("destroyed", "account_id") from None
 
     return fetch
+
+
+def ring_batch_fetcher(ring: KeyRing, calls: list):
+    """A batch fetcher like privacy's GetDataKeys over a real KeyRing: each household's
+    newest key (created on demand), None for an erased one."""
+    one = ring_fetcher(ring, [])
+
+    def fetch_keys(accounts: list[str]) -> dict:
+        calls.append(list(accounts))
+        out = {}
+        for account in accounts:
+            try:
+                out[account] = one(account, 0)
+            except FailedPrecondition:
+                out[account] = None
+        return out
+
+    return fetch_keys

@@ -65,3 +65,52 @@ def ingest_heartbeats(mesh, account: str, n: int = 1) -> None:
     r = httpx.post(mesh.url + "/v1/events", json={"events": events}, headers={"X-API-Key": mesh.api_key},
                    timeout=SLOW_MACHINE_S)
     assert r.status_code == 200, r.text
+
+
+def restart_service(mesh, service: str, tree=None, env: dict | None = None) -> None:
+    """Restart one process of the mesh from ``tree`` (another commit's tree, for a rolling
+    upgrade; default this checkout) with ``env`` added to its settings, waiting until the
+    mesh is healthy; the mesh's root and settings are put back after."""
+    from services.testing.mesh import ROOT
+
+    mesh.stop_process(service)
+    mesh.root = tree or ROOT
+    saved = mesh.process_env.get(service)
+    if env is not None:
+        mesh.process_env[service] = {**(saved or {}), **env}
+    try:
+        mesh.start_service(service)
+        mesh.wait_healthy(120)
+    finally:
+        mesh.root = ROOT
+        if env is not None:
+            if saved is None:
+                mesh.process_env.pop(service, None)
+            else:
+                mesh.process_env[service] = saved
+
+
+def privacy_key_calls(mesh) -> dict[str, float]:
+    """The privacy process's answered GetDataKey / GetDataKeys calls (its RED counter), by
+    method; a restart of privacy starts them at 0."""
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{mesh.metrics_ports['privacy']}/metrics", timeout=10).text
+    calls = {"GetDataKey": 0.0, "GetDataKeys": 0.0}
+    for line in text.splitlines():
+        if line.startswith("hearth_rpc_requests_total{"):
+            for method in calls:
+                if f'method="{method}"' in line:
+                    calls[method] += float(line.rsplit(" ", 1)[1])
+    return calls
+
+
+def data_key_fetches(mesh, service: str) -> dict[str, float]:
+    """A store process's ``hearth_data_key_fetches_total`` by ``when`` (warm, on_use)."""
+    import re
+
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{mesh.metrics_ports[service]}/metrics", timeout=10).text
+    return {m[1]: float(m[2]) for m in re.finditer(r'^hearth_data_key_fetches_total\{when="(\w+)"\} (\S+)$',
+                                                    text, re.M)}

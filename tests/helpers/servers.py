@@ -88,6 +88,22 @@ def fresh_database(dsn: str, prefix: str = "mesh") -> str:
     return make_conninfo(dsn, dbname=name)
 
 
+def service_logins(database_dsn: str, tag: str) -> dict[str, str]:
+    """A PostgreSQL login per service on the database ``database_dsn`` names (``hearth db
+    provision-roles``, as deployed: docs/operations.md "Database roles"), and each
+    service's DSN. Roles belong to the cluster, so their names carry ``tag`` (a few
+    letters unique per caller and run). The fixtures' own login is a superuser, for which
+    every privilege check passes: a mesh started with these DSNs runs each service with
+    only what production grants it."""
+    from psycopg.conninfo import make_conninfo
+
+    from services.common.storage.roles import SERVICES, provision_roles
+
+    dsns = {s: make_conninfo(database_dsn, user=f"{tag}_{s}", password=f"pw-{tag}-{s}") for s in SERVICES}
+    provision_roles(database_dsn, dsns)
+    return dsns
+
+
 def data_dir_files(pg: PostgresServer, *, walks: int = 5) -> dict[str, bytes]:
     """Every regular file of the data directory (heap, indexes, TOAST, catalogs incl.
     ``pg_statistic``, ``pg_wal``), by path relative to it, as one consistent picture.

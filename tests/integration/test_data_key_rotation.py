@@ -81,6 +81,7 @@ class Mesh:
         self.clustering.migrate()
         self.attribution.migrate()
         self.rekeyed: list[tuple[str, str, int]] = []
+        self.deferred: list[bool] = []   # each Rekey's defer_purge (a batch's re-encryption)
 
     def replica(self) -> KeyService:
         return KeyService(self.key_store, [KEK], "k1")
@@ -95,9 +96,11 @@ class Mesh:
         return FieldCipher(lambda account, version: self.keys.data_key(account, version),
                            fetch_digest_key=fetch_digest_key if digest_key else None)
 
-    def rekey(self, service: str, account: str, version: int) -> Rekeyed:
+    def rekey(self, service: str, account: str, version: int, defer_purge: bool = False) -> Rekeyed:
         self.rekeyed.append((service, account, version))
-        return Rekeyed(*getattr(self, service).rekey(account, version))   # (count, purges), keyed apart
+        self.deferred.append(defer_purge)
+        # (count, purges), keyed apart; defer_purge passed as a batch passes it (only when set)
+        return Rekeyed(*getattr(self, service).rekey(account, version, *([True] if defer_purge else [])))
 
     def rotation(self, keys: KeyService | None = None, rekey=None, **kw) -> DataKeyRotation:
         return DataKeyRotation(keys or self.keys, rekey or self.rekey, ("clustering", "attribution"),
@@ -659,10 +662,10 @@ def _batches(mesh: Mesh, rotation: DataKeyRotation, **kw):
 
 
 
-def _officer():
+def _officer(name: str = "officer-1"):
     from services.common.identity import Principal, Role
 
-    return Principal("officer-1", Role.PRIVACY_OFFICER)
+    return Principal(name, Role.PRIVACY_OFFICER)
 
 
 def test_a_batch_job_cut_after_its_households_began_is_finished_by_another_runner_without_a_second_version(databases):
@@ -697,6 +700,65 @@ def test_a_batch_job_cut_after_its_households_began_is_finished_by_another_runne
         assert mesh.versions(account) == {2}
         assert max(r.dek_version for r in mesh.key_store.load(account)) == 2   # no version 3
     assert second.run_due() == 0                        # terminal: nothing due
+
+
+def test_batches_queued_together_rotate_each_household_once_not_once_per_batch(databases):
+    """Batch jobs run one after another, each fixing its households when requested. Until
+    attack28 each began a rotation of its own when its turn came, so a privacy officer's
+    burst of batch requests (different request ids: 202 each, nothing in flight) rotated
+    every household once per request — a settle and every store's Rekey each time (a
+    whole-table purge per household on PostgreSQL). A household whose key is newer than
+    the job (rotated by an earlier batch or call) is completed without a new version."""
+    from services.privacy.deletion.domain import JobState
+
+    mesh = Mesh(databases)
+    for account in ("acc-q1", "acc-q2"):
+        mesh.fill(account, n=2)
+    _aged(mesh, "acc-q1", "acc-q2")
+    batches = _batches(mesh, mesh.rotation())
+    jobs = [batches.request(3650, 10, f"burst-{n}", principal=_officer(f"officer-{n}")).job.job_id for n in range(4)]
+    while batches.run_due():
+        pass
+    done = [batches.get(job_id).job for job_id in jobs]
+    assert all(job.state is JobState.COMPLETED for job in done)
+    for account in ("acc-q1", "acc-q2"):
+        assert max(r.dek_version for r in mesh.key_store.load(account)) == 2   # one rotation, not four
+        assert mesh.versions(account) == {2}
+    assert set(mesh.rekeyed) == {(s, a, 2) for s in ("clustering", "attribution") for a in ("acc-q1", "acc-q2")}
+    assert {(h.outcome.value, h.dek_version) for h in done[0].households.values()} == {("completed", 2)}
+    for later in done[1:]:
+        assert {(h.outcome.value, h.detail.split(" (")[0]) for h in later.households.values()} == {
+            ("completed", "rotated after this batch was requested")}
+
+
+def test_a_principal_has_one_open_batch_and_its_request_id_still_answers_it(databases):
+    """A batch request answers at once, so the gateway's in-flight bound (one rotation per
+    principal) never held it back: until attack28 one privacy officer's requests with new
+    request ids each stored a job (~200 KB for 1,000 households, kept for good; 150 in ten
+    seconds through the gateway). Now a principal's second open batch is refused
+    (RESOURCE_EXHAUSTED naming the open one, before anything is stored); its own request_id
+    still answers its job, another principal is served, and once the batch is done the
+    principal may ask again."""
+    from services.common.errors import ResourceExhausted
+
+    mesh = Mesh(databases)
+    mesh.fill("acc-o1", n=2)
+    _aged(mesh, "acc-o1")
+    batches = _batches(mesh, mesh.rotation())
+    first = batches.request(3650, 10, "open-1", principal=_officer()).job.job_id
+    with pytest.raises(ResourceExhausted, match=first) as refused:
+        batches.request(3650, 10, "open-2", principal=_officer())
+    assert refused.value.field == "request_id"
+    with pytest.raises(ResourceExhausted):
+        batches.request(3650, 10, principal=_officer())             # no request_id: a new batch too
+    assert batches.request(3650, 10, "open-1", principal=_officer()).job.job_id == first
+    other = batches.request(3650, 10, "open-3", principal=_officer("officer-2")).job.job_id
+    with batches.jobs.db.transaction() as tx:
+        assert tx.query("SELECT COUNT(*) FROM rotation_jobs")[0][0] == 2   # nothing stored for the refusals
+    while batches.run_due():
+        pass
+    assert {batches.get(j).job.state.value for j in (first, other)} == {"completed"}
+    assert batches.request(3650, 10, "open-2", principal=_officer()).job.terminal   # nothing older left: done
 
 
 def test_a_batch_job_completes_a_household_whose_purge_was_incomplete_and_names_it(purgeable_postgres):
@@ -801,3 +863,250 @@ def test_a_rotation_whose_purge_is_incomplete_completes_and_reports_it(purgeable
     finally:
         for db in dbs.values():
             db.close()
+
+
+# ---- session 28: durable progress per store, one purge per store per batch pass -----------
+
+def _counting_purges(mesh: Mesh, events: list) -> None:
+    """Record each physical purge of clustering's and attribution's databases, and each
+    retirement of a household's older versions, in ``events`` as they happen."""
+    for service in ("clustering", "attribution"):
+        db = getattr(mesh, service).db
+        purge = db.purge_erased
+        db.purge_erased = lambda tables=(), _p=purge, _s=service: (events.append(("purge", _s)), _p(tables))[1]
+    retire = mesh.key_store.retire
+    mesh.key_store.retire = lambda account, *a, **kw: (events.append(("retire", account)), retire(account, *a, **kw))[1]
+
+
+def test_a_resumed_rotation_does_not_rekey_a_store_that_finished_its_part_again(databases):
+    """A rotation cut after clustering finished its Rekey (and purge) and before
+    attribution's: the sweep's resume (or a re-run) Rekeys attribution only — clustering
+    is marked done (``rotation_rekeys``) — and the outcome still counts what clustering
+    re-encrypted. Until session 28 every resume re-ran every store's Rekey: idempotent,
+    but each a purge (on PostgreSQL a VACUUM FULL of the whole tables, on a default
+    PostgreSQL every time): this test failed, clustering's Rekey was called again."""
+    mesh = Mesh(databases)
+    mesh.fill("acc-m")
+    before = mesh.export("acc-m")
+
+    def attribution_down(service, account, version):
+        if service == "attribution":
+            raise ConnectionError("attribution unreachable")
+        return mesh.rekey(service, account, version)
+
+    with pytest.raises(ConnectionError):
+        mesh.rotation(rekey=attribution_down).rotate("acc-m")
+    assert [s for s, _, _ in mesh.rekeyed] == ["clustering", "clustering"]   # a pass that moved values, one that found none
+    mesh.rekeyed.clear()
+    events: list = []
+    _counting_purges(mesh, events)
+    done = mesh.rotation(wall=lambda: time.time() + 3600).resume_unfinished()
+    assert done == 1
+    assert [s for s, _, _ in mesh.rekeyed] == ["attribution", "attribution"], mesh.rekeyed
+    assert [e for e in events if e[0] == "purge"] == [("purge", "attribution")] * 2, events
+    assert mesh.versions("acc-m") == {2} and mesh.export("acc-m") == before
+    assert mesh.key_store.rotations_in_progress() == []
+    with mesh.key_store.db.transaction() as tx:       # the markers go with the finished rotation
+        assert tx.query("SELECT count(*) FROM rotation_rekeys")[0][0] == 0
+
+
+def test_a_batch_purges_each_store_once_after_every_household_reencrypted_and_before_any_retires(databases):
+    """Three households in one batch pass: each store's Rekey of each household defers its
+    purge, then each store is purged once — after every household's re-encryption, before
+    any household's older version is destroyed — and each household completes with its old
+    version destroyed and its values under the new one. Until session 28 every household
+    purged every store itself (two Rekey passes each, each purging: 6 purges per store
+    here, on PostgreSQL a whole-table rewrite each): this test failed (6, not 1)."""
+    mesh = Mesh(databases)
+    accounts = ("acc-p1", "acc-p2", "acc-p3")
+    for account in accounts:
+        mesh.fill(account, n=2)
+    exports = {a: mesh.export(a) for a in accounts}
+    _aged(mesh, *accounts)
+    events: list = []
+    _counting_purges(mesh, events)
+    batches = _batches(mesh, mesh.rotation())
+    job_id = batches.request(3650, 10, principal=_officer()).job.job_id
+    assert batches.run_due() == 1
+    done = batches.get(job_id).job
+    assert {a: (h.outcome.value, h.dek_version, h.destroyed) for a, h in done.households.items()} == \
+        {a: ("completed", 2, (1,)) for a in accounts}
+    assert all(h.reencrypted["clustering"] > 0 and h.reencrypted["attribution"] == 2
+               for h in done.households.values()), done.households
+    purges = [i for i, e in enumerate(events) if e[0] == "purge"]
+    retires = [i for i, e in enumerate(events) if e[0] == "retire"]
+    assert sorted(events[i][1] for i in purges) == ["attribution", "clustering"], events
+    assert max(purges) < min(retires) and len(retires) == 3, events
+    # 3 households x 2 stores x 2 passes deferred, then one purging Rekey per store; none at retirement
+    assert mesh.deferred == [True] * 12 + [False] * 2, mesh.deferred
+    for account in accounts:
+        assert mesh.versions(account) == {2} and mesh.export(account) == exports[account]
+        assert [r.dek_version for r in mesh.key_store.load(account) if not r.destroyed and r.dek_version] == [2]
+
+
+def test_a_batch_pass_cut_between_its_reencryption_and_its_purge_is_finished_without_reencrypting_again(databases):
+    """A batch pass stopped (privacy killed) after re-encrypting its households with the
+    purge deferred, before the one purge: both versions live, every value readable. The
+    next runner (the job claimed again) calls no store's re-encryption of a marked
+    household again, purges each store once, and retires each household."""
+    mesh = Mesh(databases)
+    accounts = ("acc-c1", "acc-c2")
+    for account in accounts:
+        mesh.fill(account, n=2)
+    exports = {a: mesh.export(a) for a in accounts}
+    _aged(mesh, *accounts)
+    rotation = mesh.rotation()
+    batches = _batches(mesh, rotation)
+    job_id = batches.request(3650, 10, principal=_officer()).job.job_id
+    for account in accounts:                          # what the cut pass did before its purge
+        target, _, _ = mesh.keys.begin_rotation(account)
+        rotation.reencrypt(account, target)
+    assert all(mesh.deferred) and len(mesh.deferred) == 8      # 2 households x 2 stores x 2 passes
+    for account in accounts:
+        assert mesh.versions(account) == {2} and mesh.export(account) == exports[account]
+        assert {r.dek_version for r in mesh.key_store.load(account) if not r.destroyed} == {0, 1, 2}
+    mesh.rekeyed.clear()
+    mesh.deferred.clear()
+    events: list = []
+    _counting_purges(mesh, events)
+    assert _batches(mesh, mesh.rotation(mesh.replica())).run_due() == 1
+    done = batches.get(job_id).job
+    assert {a: (h.outcome.value, h.dek_version, h.destroyed) for a, h in done.households.items()} == \
+        {a: ("completed", 2, (1,)) for a in accounts}
+    assert len(mesh.rekeyed) == 2 and mesh.deferred == [False, False], mesh.rekeyed   # one purge call per store
+    assert sorted(e[1] for e in events if e[0] == "purge") == ["attribution", "clustering"], events
+    for account in accounts:
+        assert mesh.versions(account) == {2} and mesh.export(account) == exports[account]
+
+
+def test_a_batch_jobs_step_writes_its_households_outcome_not_the_whole_job(databases):
+    """A 300-household job: each step stores one household's outcome in a row of its own
+    (rotation_job_households) and the job's row keeps only its header, so a step's write
+    does not grow with the job; the job reads back whole and equal. Until session 28 the
+    job's row held every household's outcome and each step rewrote it (here ~60 KB a
+    step, ~1.5 MB at 5,000 households): this test failed (job_json held the households).
+    A job stored whole by the release before is read as it is and moved to rows at its
+    next save."""
+    import json as json_
+    from dataclasses import replace
+
+    from services.privacy.keys.batch import (
+        BatchScope, HouseholdRotation, Outcome, RotationBatch, batch_to_dict, rotation_job_store)
+
+    Mesh(databases)                                   # privacy's migrations
+    db = databases["privacy"]
+    store = rotation_job_store(db)
+    households = {f"acc-{i:04d}": HouseholdRotation(Outcome.BEGUN, 2, 1.0e9) for i in range(300)}
+    job = RotationBatch("rot-big", BatchScope(365.0, 300), "officer-1", "privacy_officer", 1.0e9, households)
+    stored = store.create(job, "req-big", "data key rotation", None)
+    done = replace(households["acc-0007"], outcome=Outcome.COMPLETED, reencrypted={"clustering": 12},
+                   destroyed=(1,), incomplete_purges=({"service": "clustering", "store": "postgres",
+                                                       "where": "w", "action": "a"},))
+    job2 = replace(job, households={**households, "acc-0007": done})
+    stored = store.save(stored, job2, None)
+    with db.transaction() as tx:
+        header = tx.query("SELECT job_json FROM rotation_jobs WHERE job_id = 'rot-big'")[0][0]
+    assert "households" not in json_.loads(header) and len(header) < 1000, len(header)
+    with db.transaction() as tx:
+        assert tx.query("SELECT count(*) FROM rotation_job_households WHERE job_id = 'rot-big'")[0][0] == 300
+    assert store.get("rot-big").job == job2 and store.get("rot-big").version == 2
+
+    # A job stored whole (session 27's format) reads back, and its next save moves it to rows.
+    old = replace(job, job_id="rot-old", households={"acc-a": HouseholdRotation(), "acc-b": HouseholdRotation()})
+    with db.transaction() as tx:
+        tx.execute("INSERT INTO rotation_jobs (job_id, request_id, account_id, reason, state, next_due, lease_until, "
+                   "version, job_json, erasures_json, receipt_json, created_at, trace_context) "
+                   "VALUES ('rot-old', 'req-old', '*', 'data key rotation', 'running', NULL, 0, 1, ?, '{}', NULL, 1, '')",
+                   (json_.dumps(batch_to_dict(old)),))
+    stored_old = store.get("rot-old")
+    assert stored_old.job == old
+    moved = replace(old, households={**old.households, "acc-a": replace(HouseholdRotation(), outcome=Outcome.SKIPPED)})
+    store.save(stored_old, moved, None)
+    with db.transaction() as tx:
+        assert "households" not in json_.loads(tx.query("SELECT job_json FROM rotation_jobs WHERE job_id = 'rot-old'")[0][0])
+    assert store.get("rot-old").job == moved
+
+
+def test_a_rekey_on_sqlite_lets_another_households_write_in_between_its_pages(tmp_path, monkeypatch):
+    """SQLite has one write lock per database. A household's Rekey re-seals a page of rows
+    per transaction (services/common/rekey_pages.py, pages of 5 here) and pauses between
+    pages, so another household's ingest, waiting for the lock from the first page on,
+    commits before the Rekey's last page; every value ends under the new version and reads
+    back the same. Until session 28 the Rekey was one transaction holding the lock for the
+    whole household (a 100,000-event one ~22 s, attack27): this test failed, the ingest
+    committed after the Rekey's only transaction."""
+    import contextlib
+    import threading
+
+    from services.common import rekey_pages
+
+    monkeypatch.setattr(rekey_pages, "PAGE_ROWS", 5)
+    dbs = {name: SqliteDatabase(tmp_path / f"{name}.db") for name in ("privacy", "clustering", "attribution")}
+    try:
+        mesh = Mesh(dbs)
+        mesh.fill("acc-big", n=30)
+        before = mesh.export("acc-big")
+        mesh.rotation().keys.begin_rotation("acc-big")          # version 2, settled (settle 0)
+        writes: list[str] = []
+        rekey_began = threading.Event()
+        real = mesh.clustering.db.transaction
+
+        @contextlib.contextmanager
+        def logged(readonly: bool = False):
+            with real(readonly) as tx:
+                if not readonly:
+                    writes.append(threading.current_thread().name)
+                    if threading.current_thread().name == "rekey":
+                        rekey_began.set()
+                yield tx
+        monkeypatch.setattr(mesh.clustering.db, "transaction", logged)
+
+        def ingest_other() -> None:
+            rekey_began.wait(10)
+            mesh.clustering.ingest([ViewingEvent(
+                event_id="other-e1", account_id="acc-other", device_id="tv", device_type="tv", ts=T0,
+                kind="play_start", title_id="title-o", series_id=None, genres=("drama",), duration_s=60.0,
+                country="FR", profile_hint=None)])
+
+        mesh.keys.data_key("acc-other")                        # its key made before: the write needs no fetch
+        writer = threading.Thread(target=ingest_other, name="writer")
+        rekeyer = threading.Thread(target=lambda: mesh.clustering.rekey("acc-big", 2), name="rekey")
+        writer.start()
+        rekeyer.start()
+        rekeyer.join(60)
+        writer.join(60)
+        rekey_txs = [i for i, name in enumerate(writes) if name == "rekey"]
+        assert len(rekey_txs) >= 6, writes                          # 30 events in pages of 5, then sessions, model
+        assert "writer" in writes and writes.index("writer") < rekey_txs[-1], writes
+        mesh.attribution.rekey("acc-big", 2)
+        assert mesh.versions("acc-big") == {2} and mesh.export("acc-big") == before
+    finally:
+        for db in dbs.values():
+            db.close()
+
+
+def test_the_sweep_leaves_a_household_between_a_batchs_reencryption_and_its_purge_to_the_batch(databases):
+    """A household a batch pass re-encrypted with its purge deferred (markers not purged)
+    is left alone by the sweep while those markers are younger than ABANDONED_S, even when
+    the rotation itself began long ago (a big batch): finishing it there would purge per
+    household again. Once they are older (the batch died and nobody claimed it), the sweep
+    finishes it — one purging Rekey per store, nothing re-encrypted again. Without the skip
+    the sweep finished it at once: this test failed (1, not 0)."""
+    mesh = Mesh(databases)
+    mesh.fill("acc-sw", n=2)
+    rotation = mesh.rotation()
+    target, _, _ = mesh.keys.begin_rotation("acc-sw")
+    rotation.reencrypt("acc-sw", target)
+    with mesh.key_store.db.transaction() as tx:        # the rotation began long ago
+        tx.execute("UPDATE data_keys SET created_at = '2001-01-01T00:00:00+00:00' "
+                   "WHERE account_id = ? AND dek_version = ?", ("acc-sw", target))
+    sweeper = mesh.rotation(mesh.replica())
+    assert sweeper.resume_unfinished() == 0
+    assert mesh.key_store.rotations_in_progress() == ["acc-sw"]
+    with mesh.key_store.db.transaction() as tx:        # the pass that re-encrypted it is long gone
+        tx.execute("UPDATE rotation_rekeys SET marked_at = marked_at - 3600")
+    mesh.rekeyed.clear()
+    mesh.deferred.clear()
+    assert sweeper.resume_unfinished() == 1
+    assert [s for s, _, _ in mesh.rekeyed] == ["clustering", "attribution"] and mesh.deferred == [False, False]
+    assert mesh.versions("acc-sw") == {2} and mesh.key_store.rotations_in_progress() == []

@@ -111,3 +111,42 @@ def test_the_threshold_fields_exist():
     # the table names fields of the dataclass, not free text
     assert {f.name for f in dataclasses.fields(TriggerThresholds)} >= {
         "max_brier", "max_ece", "min_cohort_samples", "disagreement_count", "disagreement_window", "min_signal_weight"}
+
+
+def _top_level_fields(cell: str) -> set[str]:
+    """`{a, b: x|y, c?, d: [{...}]}` -> {"a", "b", "c", "d"}: the first object's own fields."""
+    body = cell[cell.index("{") + 1:]
+    depth, top = 0, []
+    for char in body:
+        if char in "{[":
+            depth += 1
+        elif char in "}]":
+            if depth == 0:
+                break
+            depth -= 1
+        elif depth == 0:
+            top.append(char)
+    return {re.match(r"\s*([a-z_]+)", part).group(1) for part in "".join(top).split(",") if part.strip()}
+
+
+def test_the_http_tables_bodies_and_answers_are_the_gateways_models():
+    from gateway.app import create_app
+    from gateway.config import GatewaySettings
+
+    routes, todo = {}, list(create_app(GatewaySettings(edge_authorizer_port=8099)).routes)
+    while todo:   # routers are included without a prefix (gateway/app.py)
+        route = todo.pop()
+        for method in getattr(route, "methods", ()):
+            routes[f"{method} {route.path}"] = route
+        todo += getattr(getattr(route, "original_router", None), "routes", [])
+    checked = 0
+    for line in _section("### HTTP").splitlines():
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
+        if len(cells) != 3 or not cells[0].startswith("`"):
+            continue
+        route = routes[cells[0].strip("`")]
+        assert _top_level_fields(cells[2]) == set(route.response_model.model_fields), cells[0]
+        if cells[1].startswith("`{"):
+            assert _top_level_fields(cells[1]) == set(route.body_field.field_info.annotation.model_fields), cells[0]
+        checked += 1
+    assert checked == 6

@@ -32,3 +32,21 @@ def test_every_documented_path_exists():
                 missing.append(f"{doc}:{number} {reference}")
     assert checked > 80
     assert missing == []
+
+
+_TEST = re.compile(r"((?:tests|bench)/[\w./-]+\.py)::(\w+)")
+
+
+def test_every_documented_test_name_is_defined_in_its_file():
+    # A renamed test left its old name in a doc (docs/feedback.md named
+    # test_a_window_erasure_takes_the_prediction_of_a_session_merged_away, session 21's
+    # name of what became test_an_erasure_takes_the_prediction_of_a_session_merged_away).
+    checked, missing = 0, []
+    for doc, number, line in doc_lines():
+        for path, name in _TEST.findall(line):
+            checked += 1
+            source = (ROOT / path).read_text(encoding="utf-8") if (ROOT / path).is_file() else ""
+            if not re.search(rf"^\s*(?:async )?def {name}\(|^class {name}\b", source, re.MULTILINE):
+                missing.append(f"{doc}:{number} {path}::{name}")
+    assert checked > 50
+    assert missing == []

@@ -85,3 +85,13 @@ def test_the_openapi_document_declares_the_conflicts_routes_answer():
     assert "409" in paths["/v1/delete"]["post"]["responses"]
     assert "409" in paths["/v1/feedback"]["post"]["responses"]
     assert "409" in paths["/v1/experiment"]["put"]["responses"]
+
+
+def test_the_assign_vector_names_the_feature_schema_the_gateway_sends():
+    # The API docs (/docs) said "schema v1" while POST /v1/assign sent a vector as schema 2
+    # (session 28, docs28, reading /openapi.json of a running mesh).
+    from services.clustering.domain import features
+
+    schemas = create_app(GatewaySettings(edge_authorizer_port=8099)).openapi()["components"]["schemas"]
+    described = schemas["AssignIn"]["properties"]["feature_vector"]["description"]
+    assert f"schema v{features.FEATURE_SCHEMA_VERSION} " in described

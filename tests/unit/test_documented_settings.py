@@ -18,7 +18,7 @@ from services.clustering.settings import ClusteringSettings
 from services.common import config
 from services.feedback.settings import FeedbackSettings
 from services.privacy.settings import PrivacySettings
-from tests.helpers.operator_docs import ROOT, doc_lines
+from tests.helpers.operator_docs import OPERATOR_DOCS, ROOT, doc_lines, doc_text
 
 OPERATIONS = ROOT / "docs" / "operations.md"
 SECTION = "## Settings: every `HEARTH_*` variable"
@@ -124,3 +124,39 @@ def test_the_docs_name_no_variable_the_code_does_not_read():
     for doc, number, line in doc_lines():
         unknown += [f"{doc}:{number} {name}" for name in pattern.findall(line) if name not in known]
     assert unknown == []
+
+
+# A default stated in prose beside a setting: "`HEARTH_X` (default 3600", "`HEARTH_X` 1 s",
+# "`HEARTH_X`, 30 min", "(64 MiB)"; not a count ("(30 times") nor a past value ("30 s then").
+# Until session 28 only docs/privacy.md, feedback.md and attribution.md were read.
+_STATED = re.compile(r"`(HEARTH_[A-Z0-9_]+)`(?:,| \(|) ?(?:default )?"
+                     r"(?>(\d[\d,]*(?:\.\d+)?)(?: ?(s|min|h|days|KiB|MiB)\b)?)(?! times| then)")
+_UNITS = {"": 1, "s": 1, "days": 1, "min": 60, "h": 3600, "KiB": 1024, "MiB": 1024 ** 2}
+
+
+def test_the_defaults_the_docs_state_beside_a_setting_are_the_codes():
+    fields = _settings_variables()
+    checked, wrong = [], []
+    for doc in OPERATOR_DOCS:
+        for name, number, unit in _STATED.findall(doc_text(doc, flat=True)):
+            scale = 1 if name.endswith("_MB") else _UNITS[unit]   # `HEARTH_AUDIT_RESERVE_MB`, 4 MiB
+            value = float(number.replace(",", "")) * scale
+            defaults = {float(f.default) for f in fields[name]}
+            if defaults != {value}:
+                wrong.append(f"{doc}: {name} stated {number} {unit}, the code's default {defaults}")
+            checked.append(name)
+    assert wrong == []
+    assert len(checked) >= 50
+
+
+def test_the_per_service_ports_are_the_codes():
+    # The defaults the table above cannot render ("per service"): docs/operations.md's
+    # "Processes and ports" and its HEARTH_GRPC_PORT / HEARTH_METRICS_PORT rows.
+    text = OPERATIONS.read_text(encoding="utf-8")
+    settings, _ = _tables(text)
+    processes = text.split("## Processes and ports", 1)[1].split("\n## ", 1)[0]
+    for service, (grpc_port, metrics_port) in config.DEFAULT_PORTS.items():
+        row = re.search(rf"^\| {service} \| `python -m services\.{service}` \| (\d+) \| (\d+) \|$", processes, re.M)
+        assert row and (int(row.group(1)), int(row.group(2))) == (grpc_port, metrics_port), service
+        assert f"{grpc_port} {service}" in settings["HEARTH_GRPC_PORT"][2], service
+        assert f"{metrics_port} {service}" in settings["HEARTH_METRICS_PORT"][2], service

@@ -325,6 +325,33 @@ class _PostgresTx:
                           (f"{self._schema}:household:{account_id}",))
 
 
+def _own_schema(conn, schema: str) -> None:
+    """Create ``schema`` if it is missing, and check that this login may create tables in
+    it (its migrations). Looked up first: with a login per service (``hearth db
+    provision-roles``, session 28) the schema exists, owned by the service's role, which
+    has no CREATE on the database — and ``CREATE SCHEMA IF NOT EXISTS`` checks that
+    privilege before it looks. A login that may not use the schema stops the service at
+    start with what to run, not with a migration's "permission denied"."""
+    import psycopg
+
+    from services.common.config import ConfigError
+
+    user = conn.execute("SELECT current_user").fetchone()[0]
+    if not conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone():
+        try:
+            conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        except psycopg.errors.InsufficientPrivilege:
+            raise ConfigError(f"invalid configuration:\n  HEARTH_POSTGRES_DSN: schema {schema} does not exist and "
+                              f"role {user} may not create it: run `hearth db provision-roles` "
+                              "(docs/operations.md, \"Database roles\")") from None
+    if not conn.execute("SELECT has_schema_privilege(%s, 'CREATE')", (schema,)).fetchone()[0]:
+        owner = conn.execute("SELECT pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = %s",
+                             (schema,)).fetchone()[0]
+        raise ConfigError(f"invalid configuration:\n  HEARTH_POSTGRES_DSN: role {user} has no rights on schema "
+                          f"{schema} (owned by {owner}): run `hearth db provision-roles` "
+                          "(docs/operations.md, \"Database roles\")")
+
+
 # How long a transaction waits for a pooled connection (less within an RPC whose deadline is nearer).
 POOL_WAIT_S = 3.0
 
@@ -342,7 +369,7 @@ class PostgresDatabase:
         self.schema = schema
         self.writes = WriteHealth()
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            _own_schema(conn, schema)
         # Riding out a restart of PostgreSQL (docs/operations.md, "Outages"): a pooled
         # connection is checked before use (a broken one is replaced, not handed out);
         # waiting for a connection is bounded well under the callers' deadlines, so a

@@ -190,12 +190,13 @@ class GrpcPeers:
         request = common_pb2.EraseRequest(scope=scope, job_id=job_id)
         return self._peers[service].call("Erase", request).result
 
-    def rekey(self, service: str, account_id: str, dek_version: int) -> Rekeyed:
+    def rekey(self, service: str, account_id: str, dek_version: int, defer_purge: bool = False) -> Rekeyed:
         """DataHolder/Rekey (as ``svc:privacy``): a data key rotation's re-encryption —
         values re-encrypted, the purge steps of the old ciphertexts (as Erase's), and
         whether the data holder keys erased-id digests apart from data key version 1
-        (false from a release before session 27)."""
-        request = common_pb2.RekeyRequest(account_id=account_id, dek_version=dek_version)
+        (false from a release before session 27). ``defer_purge``: a batch's re-encryption,
+        purged once per store afterwards (keys/rotation.py ``purge_deferred``)."""
+        request = common_pb2.RekeyRequest(account_id=account_id, dek_version=dek_version, defer_purge=defer_purge)
         response = self._peers[service].call("Rekey", request, idempotent=True)
         return Rekeyed(int(response.reencrypted),
                        tuple({"store": p.store, "where": p.location, "action": p.action, "complete": p.complete}

@@ -122,6 +122,13 @@ class DeletionJobStore:
                             "ORDER BY next_due LIMIT ?", (now, far, now, far, limit))
         return [r[0] for r in rows]
 
+    def open_jobs(self, limit: int = 1000) -> list[StoredJob]:
+        """Pending and running jobs, oldest first."""
+        with self.db.transaction() as tx:
+            rows = tx.query(f"SELECT job_id FROM {self.table} WHERE state IN ('pending', 'running') "
+                            "ORDER BY created_at LIMIT ?", (limit,))
+        return [job for job in (self._row("job_id = ?", (r[0],)) for r in rows) if job is not None]
+
     def next_due(self) -> float | None:
         with self.db.transaction() as tx:
             rows = tx.query(f"SELECT MIN(next_due) FROM {self.table} WHERE state IN ('pending', 'running')")

@@ -15,18 +15,19 @@ adopts the winner's key.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 from services.common.config import ConfigError
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.privacy.keys.domain import (
-    DIGEST_KEY_VERSION, FIRST_DEK_VERSION, KeyDestroyedError, KeyEncryptionKey, KeyNotFoundError, KeyRing,
+    DIGEST_KEY_VERSION, FIRST_DEK_VERSION, DecryptionError, KeyDestroyedError, KeyEncryptionKey, KeyNotFoundError, KeyRing,
     WrappedDek, generate_kek, parse_kek_config)
 from services.privacy.keys.signing import (
     Ed25519PrivateKey, generate_private_key, load_private_key, private_key_to_pem, publish_public_key)
@@ -35,6 +36,11 @@ from services.privacy.keys.store import DataKeyStore
 log = logging.getLogger("hearth.privacy.keys")
 
 REFRESH_S = 5.0
+# GetDataKeys: the most households one call may ask for, and its per-household answers
+# besides a key.
+MAX_DATA_KEYS = 1000
+ERASED = "erased"
+UNAVAILABLE = "unavailable"
 ROTATE_ATTEMPTS = 5
 SIGNING_KEY_FILE = "privacy-receipt-signing.key"
 SIGNING_PUBLIC_FILE = "privacy-receipt-signing.pub"
@@ -147,6 +153,23 @@ class KeyService:
                       "development file or another secret) or are damaged, and cannot be read", kek_id, bad, tried)
         self._checked: dict[str, float] = {}
 
+    @contextlib.contextmanager
+    def _forgotten_unless_stored(self, *records: WrappedDek | None) -> Iterator[None]:
+        """Around the store's write of records the ring just made (``create_dek``,
+        ``derive_digest_key`` put them in the ring first): when the write fails, the ring
+        forgets them. Until review28 a failed write (the database unavailable, a write
+        refused) left the key in the ring, unstored, and the next fetch of the household —
+        the store's retry — served it: the store sealed data under a key no database held
+        (a restarted privacy made another), and a retried rotation "resumed" an unstored
+        version and destroyed the stored one."""
+        try:
+            yield
+        except BaseException:
+            for record in records:
+                if record is not None:
+                    self.ring.discard(record.account_id, record.dek_version)
+            raise
+
     def _refresh(self, account_id: str, force: bool = False) -> None:
         now = self._monotonic()
         if force or now - self._checked.get(account_id, -1e18) > REFRESH_S:
@@ -166,7 +189,9 @@ class KeyService:
                 # The household's first data key, and its digest key with it (one transaction).
                 record = self.ring.create_dek(account_id, self._clock())
                 digest = self.ring.derive_digest_key(account_id, self._clock())
-                if not self.store.insert_new(record, digest):
+                with self._forgotten_unless_stored(record, digest):
+                    inserted = self.store.insert_new(record, digest)
+                if not inserted:
                     self.ring.discard(account_id, DIGEST_KEY_VERSION)
                     self._refresh(account_id, force=True)  # another replica's key won the race
             try:
@@ -184,6 +209,53 @@ class KeyService:
                                          "(the household was erased)", "account_id") from None
             except KeyNotFoundError as exc:
                 raise NotFound(str(exc), "dek_version" if version else "account_id") from None
+
+    def data_keys(self, account_ids: list[str]) -> dict[str, tuple[int, bytes] | str]:
+        """The newest data key of each household (GetDataKeys): ``(version, raw DEK)``,
+        ``ERASED`` (shredded: no key is made for it) or ``UNAVAILABLE`` (a key that cannot
+        be opened here: ``data_key`` of that household says why). The households without
+        a key get their first data key and digest key as ``data_key`` makes them, all in
+        one store transaction and one hold of the lock (until session 28 one call, one
+        lock hold and one commit each: ~3 ms a household, so 5,000 new households in one
+        ingest request ran past the gateway's deadline). A creation that loses to a
+        stored row (another replica's key, or the tombstone of an erasure this view had
+        not seen) is discarded and the stored rows are read: the erasure wins."""
+        with self._lock:
+            self._refresh_many(account_ids)
+            now = self._clock()
+            created = []
+            for account_id in account_ids:
+                if not self.ring.has_dek(account_id) and not self.ring.is_destroyed(account_id):
+                    created.append((self.ring.create_dek(account_id, now),
+                                    self.ring.derive_digest_key(account_id, now)))
+            if created:
+                with self._forgotten_unless_stored(*(r for pair in created for r in pair)):
+                    inserted = self.store.insert_new_many(created)
+                lost = [record for record, _ in created if record.account_id not in inserted]
+                for record in lost:
+                    self.ring.discard(record.account_id, record.dek_version)
+                    self.ring.discard(record.account_id, DIGEST_KEY_VERSION)
+                self._refresh_many([record.account_id for record in lost], force=True)
+            answers: dict[str, tuple[int, bytes] | str] = {}
+            for account_id in account_ids:
+                try:
+                    answers[account_id] = self.ring.data_key(account_id)
+                except KeyDestroyedError:
+                    answers[account_id] = ERASED
+                except (KeyNotFoundError, DecryptionError):
+                    answers[account_id] = UNAVAILABLE
+            return answers
+
+    def _refresh_many(self, account_ids: list[str], force: bool = False) -> None:
+        """``_refresh`` of several households with one read of the store."""
+        now = self._monotonic()
+        stale = [a for a in account_ids if force or now - self._checked.get(a, -1e18) > REFRESH_S]
+        if not stale:
+            return
+        self.ring.load(self.store.load_many(stale))
+        if len(self._checked) + len(stale) > 200_000:
+            self._checked.clear()
+        self._checked.update(dict.fromkeys(stale, now))
 
     def digest_key(self, account_id: str) -> bytes:
         """The household's erased-id digest key (GetDataKey ``with_digest_key``), after
@@ -214,7 +286,8 @@ class KeyService:
         record = self.ring.derive_digest_key(account_id, self._clock())
         if record is None:
             return
-        outcome = self.store.insert_version(record)
+        with self._forgotten_unless_stored(record):
+            outcome = self.store.insert_version(record)
         if outcome != "inserted":
             # "exists": another replica derived it (the same key: reload); "destroyed": shredded
             # meanwhile (the reload reads the tombstones, and the ring refuses).
@@ -242,11 +315,14 @@ class KeyService:
 
     # ---- data key rotation (keys/rotation.py drives it) -----------------------------------
 
-    def begin_rotation(self, account_id: str, create: bool = True) -> tuple[int, bool, datetime] | None:
+    def begin_rotation(self, account_id: str, create: bool = True,
+                       unless_created_after: datetime | None = None) -> tuple[int, bool, datetime] | None:
         """The version a rotation of the household's data key re-encrypts to, whether it
         was begun before (resumed: a live older version is not retired yet), and when that
         version was created. Otherwise creates version newest + 1 (``create``; else None) (``insert_version``:
-        never after the household was shredded). FailedPrecondition once the household
+        never after the household was shredded). ``unless_created_after``: None instead of a
+        new version when the newest was created after that time — rotated since (a batch
+        requested before another batch or call rotated it asks so: attack28). FailedPrecondition once the household
         was erased; NotFound when it has no data key (nothing of it is encrypted)."""
         with self._lock:
             for _ in range(ROTATE_ATTEMPTS):
@@ -262,10 +338,12 @@ class KeyService:
                 retired = self.store.retired_versions(account_id)
                 if any(v < newest and v not in retired for v in live):
                     return newest, True, live[newest].created_at
-                if not create:
+                if not create or (unless_created_after is not None
+                                  and live[newest].created_at > unless_created_after):
                     return None
                 record = self.ring.create_dek(account_id, self._clock())
-                outcome = self.store.insert_version(record)
+                with self._forgotten_unless_stored(record):
+                    outcome = self.store.insert_version(record)
                 if outcome == "inserted":
                     return record.dek_version, False, record.created_at
                 # Not stored: this view must not keep serving the key it just made. Shredded

@@ -44,13 +44,13 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from services.common import audit, identity, telemetry
-from services.common.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
+from services.common.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from services.common.failure_log import FailureLog
 from services.common.telemetry import pseudonym
 from services.privacy.deletion.domain import JobState
@@ -61,8 +61,10 @@ log = logging.getLogger("hearth.privacy.keys.batch")
 _TRACER = telemetry.tracer("hearth.privacy.keys.batch")
 
 TABLE = "rotation_jobs"
+HOUSEHOLDS_TABLE = "rotation_job_households"
 REASON = "data key rotation"
 MAX_ATTEMPTS = 30   # a household retried every sweep period (60 s): half an hour, then failed
+MAX_OPEN_PER_PRINCIPAL = 1   # open (pending or running) batches one principal may have
 RPC = "hearth.privacy.v1.Keys/RequestDataKeyRotations"
 
 
@@ -137,16 +139,29 @@ class RotationBatch:
                        completed_at=self.completed_at or time.time())
 
 
-def batch_to_dict(job: RotationBatch) -> dict[str, Any]:
+def household_to_dict(h: HouseholdRotation) -> dict[str, Any]:
+    return {"outcome": h.outcome.value, "dek_version": h.dek_version, "created_at": h.created_at,
+            "resumed": h.resumed, "attempts": h.attempts, "next_attempt_at": h.next_attempt_at,
+            "detail": h.detail, "reencrypted": dict(h.reencrypted), "destroyed": list(h.destroyed),
+            "incomplete_purges": list(h.incomplete_purges)}
+
+
+def household_from_dict(h: Mapping[str, Any]) -> HouseholdRotation:
+    return HouseholdRotation(_outcome(h["outcome"]), int(h["dek_version"]), h["created_at"], bool(h["resumed"]),
+                             int(h["attempts"]), h["next_attempt_at"], str(h["detail"]), dict(h["reencrypted"]),
+                             tuple(h["destroyed"]), tuple(h.get("incomplete_purges", ())))
+
+
+def header_to_dict(job: RotationBatch) -> dict[str, Any]:
+    """The job without its households (``RotationJobStore`` keeps those a row each)."""
     return {"job_id": job.job_id, "older_than_days": job.scope.older_than_days, "limit": job.scope.limit,
             "principal": job.principal, "role": job.role, "requested_at": job.requested_at,
-            "state": job.state.value, "completed_at": job.completed_at,
-            "households": {a: {"outcome": h.outcome.value, "dek_version": h.dek_version, "created_at": h.created_at,
-                               "resumed": h.resumed, "attempts": h.attempts, "next_attempt_at": h.next_attempt_at,
-                               "detail": h.detail, "reencrypted": dict(h.reencrypted),
-                               "destroyed": list(h.destroyed),
-                               "incomplete_purges": list(h.incomplete_purges)}
-                           for a, h in job.households.items()}}
+            "state": job.state.value, "completed_at": job.completed_at}
+
+
+def batch_to_dict(job: RotationBatch) -> dict[str, Any]:
+    """The whole job as one JSON object: how session 27 stored it (``job_json``)."""
+    return {**header_to_dict(job), "households": {a: household_to_dict(h) for a, h in job.households.items()}}
 
 
 def batch_from_dict(data: Mapping[str, Any]) -> RotationBatch:
@@ -154,11 +169,7 @@ def batch_from_dict(data: Mapping[str, Any]) -> RotationBatch:
         job_id=data["job_id"], scope=BatchScope(float(data["older_than_days"]), int(data["limit"])),
         principal=data["principal"], role=data["role"], requested_at=float(data["requested_at"]),
         state=JobState(data["state"]), completed_at=data.get("completed_at"),
-        households={a: HouseholdRotation(_outcome(h["outcome"]), int(h["dek_version"]), h["created_at"],
-                                         bool(h["resumed"]), int(h["attempts"]), h["next_attempt_at"],
-                                         str(h["detail"]), dict(h["reencrypted"]), tuple(h["destroyed"]),
-                                         tuple(h.get("incomplete_purges", ())))
-                    for a, h in data["households"].items()})
+        households={a: household_from_dict(h) for a, h in data["households"].items()})
 
 
 def _outcome(stored: str) -> Outcome:
@@ -167,15 +178,94 @@ def _outcome(stored: str) -> Outcome:
     return Outcome.RETRYING if stored == "held" else Outcome(stored)
 
 
-def rotation_job_store(db) -> DeletionJobStore:
-    """The deletion jobs' store over the batch rotations' table."""
-    return DeletionJobStore(db, TABLE, (batch_to_dict, batch_from_dict))
+class RotationJobStore(DeletionJobStore):
+    """The deletion jobs' store over the batch rotations' table (idempotent create,
+    compare-and-swap, leases), with each household's outcome in a row of its own
+    (``rotation_job_households``, privacy migration 21) and only the job's header in
+    ``job_json``: a step that stores one household's outcome writes that row and the
+    header. Until session 28 every step rewrote the whole job — every household's outcome —
+    so a job's writes grew with the square of its size (a 5,000-household job: ~1.5 MB per
+    step, docs/benchmarks.md "The batch job's record per household"). A job stored whole
+    by a replica of the release before (``households`` in ``job_json``) is read as it is,
+    and moved to rows at its next save."""
+
+    def __init__(self, db) -> None:
+        super().__init__(db, TABLE, (header_to_dict, batch_from_dict))
+
+    def create(self, job: RotationBatch, request_id: str, reason: str, next_due: datetime | None,
+               trace_context: str = "") -> StoredJob:
+        with self.db.transaction() as tx:
+            inserted = tx.execute(
+                f"INSERT INTO {self.table} (job_id, request_id, account_id, reason, state, next_due, "
+                "lease_until, version, job_json, erasures_json, receipt_json, created_at, trace_context) "
+                "VALUES (?, ?, ?, ?, ?, ?, 0, 1, ?, '{}', NULL, ?, ?) ON CONFLICT (request_id) DO NOTHING",
+                (job.job_id, request_id, job.scope.account_id, reason, job.state.value,
+                 next_due.timestamp() if next_due is not None else None,
+                 json.dumps(header_to_dict(job), sort_keys=True), time.time(), trace_context))
+            if inserted:
+                self._write_households(tx, job, list(job.households))
+        if inserted:
+            return StoredJob(job, request_id, reason, 1, {}, None, trace_context)
+        existing = self.by_request(request_id)
+        if existing.job.scope != job.scope:
+            raise AlreadyExists("request_id was already used for a different scope", "request_id")
+        return existing
+
+    def _row(self, where: str, params: tuple) -> StoredJob | None:
+        with self.db.transaction(readonly=True) as tx:
+            rows = tx.query("SELECT job_json, request_id, reason, version, erasures_json, receipt_json, "
+                            f"trace_context, job_id FROM {self.table} WHERE {where}", params)
+            if not rows:
+                return None
+            r = rows[0]
+            data = json.loads(r[0])
+            if "households" not in data:   # a header: its households are rows (one stored whole by 27 has them)
+                data["households"] = {a: json.loads(o) for a, o in tx.query(
+                    f"SELECT account_id, outcome_json FROM {HOUSEHOLDS_TABLE} WHERE job_id = ? ORDER BY account_id",
+                    (r[7],))}
+        return StoredJob(batch_from_dict(data), r[1], r[2], int(r[3]), json.loads(r[4]), r[5], r[6])
+
+    def save(self, stored: StoredJob, job: RotationBatch, next_due: datetime | None,
+             erasures: dict | None = None, receipt_json: str | None = None, *,
+             households: Sequence[str] | None = None) -> StoredJob:
+        """Compare-and-swap on ``stored.version`` (Conflict when another writer won): the
+        header, and the rows of ``households`` (default: those whose outcome is not the
+        very object ``stored`` holds, i.e. the ones this step replaced)."""
+        if households is None:
+            households = [a for a, h in job.households.items() if stored.job.households.get(a) is not h]
+        with self.db.transaction() as tx:
+            whole = tx.query(f"SELECT job_json FROM {self.table} WHERE job_id = ? AND version = ?",
+                             (job.job_id, stored.version))
+            changed = tx.execute(
+                f"UPDATE {self.table} SET state = ?, next_due = ?, version = ?, job_json = ? "
+                "WHERE job_id = ? AND version = ?",
+                (job.state.value, next_due.timestamp() if next_due is not None else None, stored.version + 1,
+                 json.dumps(header_to_dict(job), sort_keys=True), job.job_id, stored.version))
+            if changed != 1:
+                raise Conflict(f"job {job.job_id} changed concurrently", "job_id")
+            if whole and "households" in json.loads(whole[0][0]):
+                households = list(job.households)   # moved out of job_json: every row
+            self._write_households(tx, job, households)
+        return StoredJob(job, stored.request_id, stored.reason, stored.version + 1, stored.erasures,
+                         stored.receipt_json, stored.trace_context)
+
+    @staticmethod
+    def _write_households(tx, job: RotationBatch, accounts: Sequence[str]) -> None:
+        tx.executemany(f"INSERT INTO {HOUSEHOLDS_TABLE} (job_id, account_id, outcome_json) VALUES (?, ?, ?) "
+                       "ON CONFLICT (job_id, account_id) DO UPDATE SET outcome_json = excluded.outcome_json",
+                       [(job.job_id, a, json.dumps(household_to_dict(job.households[a]), sort_keys=True))
+                        for a in accounts])
+
+
+def rotation_job_store(db) -> RotationJobStore:
+    """The batch rotations' job store."""
+    return RotationJobStore(db)
 
 
 class BatchRotations:
     """Requests, status and the worker of batch data key rotations (module docstring)."""
 
-    def __init__(self, jobs: DeletionJobStore, rotation: DataKeyRotation, *, lease_s: float = 10.0,
+    def __init__(self, jobs: RotationJobStore, rotation: DataKeyRotation, *, lease_s: float = 10.0,
                  retry_s: float = 60.0, poll_s: float = 1.0, max_attempts: int = MAX_ATTEMPTS,
                  wall: Callable[[], float] = time.time) -> None:
         self.jobs = jobs
@@ -205,6 +295,8 @@ class BatchRotations:
         if request_id and (len(request_id) > 200 or not request_id.isprintable()):
             raise InvalidArgument("at most 200 printable characters", "request_id")
         principal = principal or identity.current_principal()
+        if not self._known_request(request_id):   # a repeated request_id answers its job, open or not
+            self._refuse_a_second_open_batch(principal)
         now = self._wall()
         before = datetime.fromtimestamp(now, UTC) - timedelta(days=older_than_days)
         households = self.keys.store.newest_created_before(before.isoformat(), limit)
@@ -218,6 +310,29 @@ class BatchRotations:
 
     def get(self, job_id: str) -> StoredJob:
         return self.jobs.get(job_id)
+
+    def _known_request(self, request_id: str) -> bool:
+        if not request_id:
+            return False
+        try:
+            self.jobs.by_request(request_id)
+        except NotFound:
+            return False
+        return True
+
+    def _refuse_a_second_open_batch(self, principal: identity.Principal) -> None:
+        """At most ``MAX_OPEN_PER_PRINCIPAL`` open batches per principal. The request
+        answers at once, so the gateway's in-flight bound (one rotation per principal)
+        never held it back: one privacy officer's burst of requests with new request ids
+        stored a job each (up to ~200 KB for 1,000 households, kept for good), 150 in ten
+        seconds here (attack28). A second batch would wait behind the first anyway (one
+        job at a time). Two requests at two gateway replicas at the same instant may
+        both pass: the bound is on bursts, not a lock."""
+        mine = [j.job.job_id for j in self.jobs.open_jobs() if j.job.principal == principal.id]
+        if len(mine) >= MAX_OPEN_PER_PRINCIPAL:
+            raise ResourceExhausted(f"a batch rotation of yours is still running ({', '.join(mine)}): wait for it "
+                                    "(GET /v1/keys/rotate-households/{job_id}) or send its request_id again",
+                                    "request_id")
 
     # ---- the worker ----------------------------------------------------------------------
 
@@ -276,7 +391,7 @@ class BatchRotations:
         begun = dict(job.households)
         for account, h in job.households.items():
             if h.outcome is Outcome.PENDING:
-                begun[account] = self._begin(account, h)
+                begun[account] = self._begin(account, h, job.requested_at)
         if begun != dict(job.households):
             job = replace(job, households=begun).settled()
             stored = self.jobs.save(stored, job, self._next_due(job))
@@ -285,7 +400,12 @@ class BatchRotations:
                     if h.outcome is Outcome.BEGUN and h.created_at is not None]
         if settling and not self._wait(max(settling) + self.rotation.settle_s, lease):
             return stored
-        # 3. finish each household that is due, storing each outcome.
+        # 3. re-encrypt each household that is due with its purge deferred, then purge each
+        # store once for all of them, then retire each (rotation.purge_deferred says why
+        # this order keeps the guarantees), storing each outcome. Until session 28 each
+        # household's finish purged on its own: on PostgreSQL a whole-table rewrite per
+        # household and store (28 households on a 200,000-event schema: 276 s).
+        reencrypted: list[tuple[str, int]] = []
         for account, h in sorted(job.households.items()):
             if self._stop.is_set() or (lease is not None and not lease.held):
                 return stored
@@ -293,14 +413,62 @@ class BatchRotations:
                 continue
             if h.next_attempt_at is not None and h.next_attempt_at > self._wall():
                 continue
-            done = self._finish(account, h, principal)
+            failed, target = self._reencrypt(account, h)
+            if failed is None:
+                reencrypted.append((account, target))
+                continue
+            job = replace(job, households={**job.households, account: failed}).settled()
+            stored = self.jobs.save(stored, job, self._next_due(job), households=[account])
+        if not reencrypted or self._stop.is_set() or (lease is not None and not lease.held):
+            return stored
+        try:
+            self.rotation.purge_deferred(reencrypted)
+        except Exception as exc:  # noqa: BLE001 - a store down: every household retried next pass
+            why = f"{type(exc).__name__}: {exc}"
+            retried = {a: self._retry(job.households[a], Outcome.RETRYING, why.replace(a, pseudonym(a)))
+                       for a, _ in reencrypted}
+            job = replace(job, households={**job.households, **retried}).settled()
+            return self.jobs.save(stored, job, self._next_due(job), households=list(retried))
+        for account, _ in reencrypted:
+            if self._stop.is_set() or (lease is not None and not lease.held):
+                return stored
+            done = self._finish(account, job.households[account], principal)
             job = replace(job, households={**job.households, account: done}).settled()
-            stored = self.jobs.save(stored, job, self._next_due(job))
+            stored = self.jobs.save(stored, job, self._next_due(job), households=[account])
         return stored
 
-    def _begin(self, account: str, h: HouseholdRotation) -> HouseholdRotation:
+    def _reencrypt(self, account: str, h: HouseholdRotation) -> tuple[HouseholdRotation | None, int]:
+        """Re-encrypt a settled household in every store, its purge deferred: (None, the
+        version) when done, else (its next state, 0): settling still, erased, finished
+        outside the batch (``_finish`` reports it), or a store failed (retried)."""
         try:
-            target, resumed, created_at = self.keys.begin_rotation(account)  # type: ignore[misc]
+            under_way = self.keys.begin_rotation(account, create=False)
+            if under_way is None:   # finished meanwhile: _finish says so
+                return None, h.dek_version
+            target, _, created_at = under_way
+            if created_at.timestamp() + self.rotation.settle_s > self._wall():
+                return replace(h, next_attempt_at=created_at.timestamp() + self.rotation.settle_s), 0
+            self.rotation.reencrypt(account, target)
+        except FailedPrecondition:
+            return replace(h, outcome=Outcome.ERASED, next_attempt_at=None,
+                           detail="the household was erased during the batch: its key is destroyed"), 0
+        except Exception as exc:  # noqa: BLE001 - a store down: retried by the next pass
+            return self._retry(h, Outcome.RETRYING,
+                               f"{type(exc).__name__}: {exc}".replace(account, pseudonym(account))), 0
+        return None, target
+
+    def _begin(self, account: str, h: HouseholdRotation, requested_at: float) -> HouseholdRotation:
+        try:
+            # Not again when its key is newer than this job (another batch or call rotated
+            # it meanwhile): what the job asked for is done. Until attack28 every queued
+            # batch began a rotation of its own, so one privacy officer's burst of batch
+            # requests rotated every household once per request, one after the other.
+            begun = self.keys.begin_rotation(account, unless_created_after=datetime.fromtimestamp(requested_at, UTC))
+            if begun is None:
+                return replace(h, outcome=Outcome.COMPLETED, next_attempt_at=None,
+                               detail="rotated after this batch was requested (by another batch or call): "
+                                      "not rotated again")
+            target, resumed, created_at = begun
         except FailedPrecondition:
             return replace(h, outcome=Outcome.ERASED, detail="the household was erased: its key is destroyed")
         except NotFound:

@@ -29,6 +29,17 @@ job table of its own, and every step is idempotent:
    ``digests_keyed_apart`` (a release before session 27, which keys its digests with
    version 1 itself): version 1 is then retired and kept, as that release did.
 
+**Progress per store is durable** (session 28, ``RekeyMarkers``, table ``rotation_rekeys``):
+once a store's Rekey passes found nothing older and its purge ran after them, the rotation
+marks it, and a resumed rotation (the sweep, a re-run, another replica, a batch claimed
+again) skips it instead of calling its Rekey again — idempotent, but on PostgreSQL a purge
+rewrites whole tables, and on a default PostgreSQL (``wal_recycle`` on: every purge
+incomplete, its note kept) each re-run was another ``VACUUM FULL``. A **batch** re-encrypts
+every household of a pass with the purge deferred (``reencrypt``), purges each store once
+(``purge_deferred``), then retires each household (``finish``): one table rewrite per store
+per batch pass instead of one per household (``purge_deferred`` says why that order keeps
+the guarantees).
+
 A crash anywhere leaves a rotation under way (step 1 done, step 4 not): the next
 ``RotateDataKey`` of the household resumes it, and so does every privacy replica's sweep
 (``resume_unfinished``, every ``SWEEP_S``), for rotations begun longer than
@@ -41,6 +52,7 @@ never creates a key after the shred.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -107,9 +119,70 @@ class Rekeyed(NamedTuple):
     digests_keyed_apart: bool = True
 
 
-# rekey(service, account_id, dek_version) -> Rekeyed (a bare count, or (count, keyed apart),
-# from callers that know nothing of purges: none reported).
-Rekey = Callable[[str, str, int], "Rekeyed | int | tuple[int, bool]"]
+# rekey(service, account_id, dek_version[, defer_purge=True]) -> Rekeyed (a bare count, or
+# (count, keyed apart), from callers that know nothing of purges: none reported). Called
+# with ``defer_purge`` only by a batch (``DataKeyRotation.reencrypt``).
+Rekey = Callable[..., "Rekeyed | int | tuple[int, bool]"]
+
+
+class StoreProgress(NamedTuple):
+    """One data holder's durable progress in one rotation (``RekeyMarkers``)."""
+
+    reencrypted: int
+    keyed_apart: bool
+    purged: bool                 # its purge ran after its last re-encryption of the household
+    purges: tuple[dict, ...]     # that purge's steps, each named by its "service"
+    marked_at: float
+
+
+class RekeyMarkers:
+    """The durable marker of a store's finished part of a rotation (privacy's
+    ``rotation_rekeys``, migration 20): keyed by household, target version and service, so
+    a marker never speaks for another rotation of the household. Written only after the
+    store answered (a crash before it: the Rekey is run again, idempotent), deleted when
+    the rotation retires its older versions or finds the household erased.
+
+    Why skipping a marked store is safe: a store is marked only once a Rekey pass found
+    nothing under an older version after the settle, when nothing seals under one any
+    more, and its purge ran after that pass; the retirement that follows needs every
+    store marked. What a marker cannot see is a store's database restored from a backup
+    taken before its re-encryption while the rotation is still under way (values under the
+    old version again): as before, the retirement then leaves them unreadable — don't
+    restore a store while a rotation is under way (docs/operations.md)."""
+
+    TABLE = "rotation_rekeys"
+
+    def __init__(self, db) -> None:
+        self.db = db
+
+    def of(self, account_id: str, dek_version: int) -> dict[str, StoreProgress]:
+        with self.db.transaction(readonly=True) as tx:
+            rows = tx.query(f"SELECT service, reencrypted, keyed_apart, purged, purges, marked_at FROM {self.TABLE} "
+                            "WHERE account_id = ? AND dek_version = ?", (account_id, dek_version))
+        return {s: StoreProgress(int(n), bool(apart), bool(purged), tuple(json.loads(purges)), float(at))
+                for s, n, apart, purged, purges, at in rows}
+
+    def mark(self, account_id: str, dek_version: int, service: str, done: StoreProgress) -> None:
+        with self.db.transaction() as tx:
+            tx.execute(f"INSERT INTO {self.TABLE} (account_id, dek_version, service, reencrypted, keyed_apart, "
+                       "purged, purges, marked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                       "ON CONFLICT (account_id, dek_version, service) DO UPDATE SET "
+                       "reencrypted = excluded.reencrypted, keyed_apart = excluded.keyed_apart, "
+                       "purged = excluded.purged, purges = excluded.purges, marked_at = excluded.marked_at",
+                       (account_id, dek_version, service, done.reencrypted, int(done.keyed_apart), int(done.purged),
+                        json.dumps(list(done.purges), sort_keys=True), done.marked_at))
+
+    def mark_purged(self, service: str, households: Sequence[tuple[str, int]], purges: Sequence[dict],
+                    at: float) -> None:
+        """The one purge of ``service`` that ran after these households' re-encryption."""
+        with self.db.transaction() as tx:
+            tx.executemany(f"UPDATE {self.TABLE} SET purged = 1, purges = ?, marked_at = ? "
+                           "WHERE account_id = ? AND dek_version = ? AND service = ?",
+                           [(json.dumps(list(purges), sort_keys=True), at, a, v, service) for a, v in households])
+
+    def forget(self, account_id: str) -> None:
+        with self.db.transaction() as tx:
+            tx.execute(f"DELETE FROM {self.TABLE} WHERE account_id = ?", (account_id,))
 
 
 def _rekeyed(answer: Rekeyed | int | tuple[int, bool]) -> Rekeyed:
@@ -161,6 +234,7 @@ class DataKeyRotation:
                  passes: int = PASSES, sweep_s: float = SWEEP_S, wall: Callable[[], float] = time.time,
                  sleep: Callable[[float], None] | None = None, max_calls: int = 2) -> None:
         self.keys = keys
+        self.markers = RekeyMarkers(keys.store.db)
         self._rekey = rekey
         self.services = tuple(services)
         self.settle_s = settle_s
@@ -218,9 +292,18 @@ class DataKeyRotation:
                                   "(it resumes)", "account_id")
             store_purges: list[dict] = []
             keyed_apart = True
+            progress = self.markers.of(account_id, target)
             for service in self.services:
-                outcome.reencrypted[service], apart = self._rekey_all(service, account_id, target, store_purges)
-                keyed_apart = keyed_apart and apart
+                done = progress.get(service)
+                if done is None or not done.purged:
+                    # Not marked, or re-encrypted by a batch whose purge has not run: Rekey
+                    # (with its purge) now. A store marked purged is skipped (RekeyMarkers).
+                    fresh = self._rekey_all(service, account_id, target)
+                    done = fresh._replace(reencrypted=fresh.reencrypted + (done.reencrypted if done else 0))
+                    self.markers.mark(account_id, target, service, done)
+                outcome.reencrypted[service] = done.reencrypted
+                store_purges.extend(done.purges)
+                keyed_apart = keyed_apart and done.keyed_apart
             # The completion rule: older versions are destroyed once every store's Rekey
             # found nothing left under them, whatever the purge of the old ciphertexts
             # reported. Destroying the version is what makes the remnants a purge could not
@@ -239,11 +322,13 @@ class DataKeyRotation:
                                                                         keep_first=not keyed_apart)
         except FailedPrecondition:
             ROTATIONS.labels("erased").inc()
+            self._forget_progress(account_id)
             raise
         except Exception:
             ROTATIONS.labels("failed").inc()
             raise
         ROTATIONS.labels("completed").inc()
+        self._forget_progress(account_id)
         for service in sorted({p["service"] for p in outcome.incomplete_purges}):
             PURGES_INCOMPLETE.labels(service).inc()
         if outcome.incomplete_purges:
@@ -262,28 +347,90 @@ class DataKeyRotation:
                  target, outcome.destroyed, outcome.kept, outcome.reencrypted)
         return outcome
 
-    def _rekey_all(self, service: str, account_id: str, target: int, purges: list[dict]) -> tuple[int, bool]:
-        """Rekey passes until one finds nothing under an older version: (values
-        re-encrypted, whether the data holder keys its digests apart). Each purge step's
-        latest state (per store and place: every pass purges the database again, Redis's
-        files only after a pass that changed something) is added to ``purges``, named by
-        ``service``."""
+    def _forget_progress(self, account_id: str) -> None:
+        try:
+            self.markers.forget(account_id)
+        except Exception:  # noqa: BLE001 - stale markers name a finished version: never read again
+            log.warning("could not delete the rotation markers of %s", pseudonym(account_id), exc_info=True)
+
+    def _rekey_all(self, service: str, account_id: str, target: int, defer_purge: bool = False) -> StoreProgress:
+        """Rekey passes until one finds nothing under an older version: the values
+        re-encrypted, whether the data holder keys its digests apart, and each purge
+        step's latest state (per store and place: every pass purges the database again,
+        Redis's files only after a pass that changed something), named by ``service``.
+        ``defer_purge``: the batch's passes (no purge; ``purged`` is then true only for a
+        data holder of an older release, which ignores the flag and purges anyway)."""
         total = 0
         latest: dict[tuple[str, str], dict] = {}
         for _ in range(self.passes):
             try:
-                answer = _rekeyed(self._rekey(service, account_id, target))
+                raw = (self._rekey(service, account_id, target, defer_purge=True) if defer_purge
+                       else self._rekey(service, account_id, target))
             except grpc.RpcError as exc:
                 raise _from_rpc(exc, service) from None
-            n, apart = answer.reencrypted, answer.digests_keyed_apart
-            total += n
+            answer = _rekeyed(raw)
+            total += answer.reencrypted
             latest.update({(str(p.get("store")), str(p.get("where"))): {**p, "service": service}
                            for p in answer.purges})
-            if n == 0:
-                purges.extend(latest.values())
-                return total, apart
+            if answer.reencrypted == 0:
+                return StoreProgress(total, answer.digests_keyed_apart, not defer_purge or bool(latest),
+                                     tuple(latest.values()), self._wall())
         raise Unavailable(f"{service} still held values under an older data key version after {self.passes} "
                           "passes (writes under the old key kept arriving): run the rotation again", "account_id")
+
+    # ---- a batch: re-encrypt every household, purge each store once, retire each -------
+
+    def reencrypt(self, account_id: str, target: int) -> None:
+        """A batch's step 3 for one household begun and settled: every store's Rekey with
+        its purge deferred, each store marked as it answers (a store marked before — a pass
+        cut by a crash — is not called again). The household is retired by ``finish`` once
+        ``purge_deferred`` ran for its stores."""
+        progress = self.markers.of(account_id, target)
+        for service in self.services:
+            if service not in progress:
+                self.markers.mark(account_id, target, service, self._rekey_all(service, account_id, target,
+                                                                               defer_purge=True))
+
+    def purge_deferred(self, households: Sequence[tuple[str, int]]) -> None:
+        """After ``reencrypt`` of every household of a batch pass: each store's purge, once
+        — one more Rekey of the last household without ``defer_purge`` (it finds nothing
+        left, or a value a late write sealed, and purges the whole store: on PostgreSQL the
+        notes every deferred Rekey left, so ``VACUUM FULL`` once for the batch; SQLite a
+        checkpoint; Redis's files, noted owed by the deferred calls). Its purge steps are
+        every household's, as each household's own purge was before.
+
+        Why this order keeps the guarantees (the threat: a copy of an old version taken
+        before the rotation — the reason to rotate — opening the old ciphertexts in a
+        store's files, or a later theft of privacy's key store and a KEK opening them):
+        * an older version is destroyed only by ``finish``, which needs every store
+          marked purged, i.e. re-encrypted (a pass found nothing older) *and* purged after
+          that — so no household loses a version while a store still holds a value under
+          it, and none is retired before the purge of its old ciphertexts was attempted;
+        * an incomplete purge is reported for every household it covered, as each
+          household's own incomplete purge was (``incomplete_purges``, the metric), and
+          the store keeps its note, so its next purge (any erasure or rotation) tries again;
+        * what the deferral changes: a household's old ciphertexts stay in dead tuples and
+          WAL, under a still-live version, until the batch's purge rather than its own —
+          at most one batch pass (the re-encryption of its households; the settle is
+          waited before it). A holder of a leaked version reads them only with the store's
+          files, until the purge, as before; a suspected leak is the single rotation's case
+          (``rotate``: purged at once, per household), a policy batch is routine.
+        * a crash anywhere: markers not purged are finished by the next pass (the job
+          claimed again) or, once abandoned, by ``finish`` (the sweep, a re-run), which
+          Rekeys such a store with its purge. Re-running this purge is cheap (PostgreSQL:
+          nothing noted is left once one was complete)."""
+        for service in self.services:
+            owed = [(a, v) for a, v in households
+                    if (p := self.markers.of(a, v).get(service)) is not None and not p.purged]
+            if not owed:
+                continue
+            for last, version in reversed(owed):
+                try:
+                    done = self._rekey_all(service, last, version)
+                except FailedPrecondition:   # that household was erased meanwhile: purge through another
+                    continue
+                self.markers.mark_purged(service, owed, done.purges, self._wall())
+                break
 
     # ---- many households ----------------------------------------------------------------
 
@@ -327,6 +474,11 @@ class DataKeyRotation:
                     continue
                 target, _, created_at = begun
                 if created_at.timestamp() > self._wall() - self.settle_s - ABANDONED_S:
+                    continue
+                if any(not p.purged and p.marked_at > self._wall() - ABANDONED_S
+                       for p in self.markers.of(account_id, target).values()):
+                    # A batch pass re-encrypted it lately and its one purge of the store is
+                    # still to come: finishing it here would purge per household again.
                     continue
                 self.finish(account_id, target, True, created_at)
                 finished += 1

@@ -1,4 +1,4 @@
-"""gRPC adapter of the keys room: GetDataKey, RotateKeys, RotateDataKey(s), and the batch
+"""gRPC adapter of the keys room: GetDataKey(s), RotateKeys, RotateDataKey(s), and the batch
 rotation jobs (RequestDataKeyRotations, GetDataKeyRotations: keys/batch.py)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from hearth.privacy.v1 import privacy_pb2_grpc as pb_grpc
 from services.common import identity
 from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from services.common.ids import check_id
-from services.privacy.keys.app import KeyService
+from services.privacy.keys.app import ERASED, MAX_DATA_KEYS, UNAVAILABLE, KeyService
 from services.common.pbutil import float_to_ts
 from services.privacy.deletion.domain import JobState
 from services.privacy.deletion.store import StoredJob
@@ -16,6 +16,7 @@ from services.privacy.keys.batch import BatchRotations, RotationBatch
 from services.privacy.keys.rotation import DataKeyRotation, RotationOutcome
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Keys"].full_name
+_KEY_OUTCOME = {ERASED: pb.DATA_KEY_OUTCOME_ERASED, UNAVAILABLE: pb.DATA_KEY_OUTCOME_UNAVAILABLE}
 
 
 class KeysServicer(pb_grpc.KeysServicer):
@@ -34,6 +35,22 @@ class KeysServicer(pb_grpc.KeysServicer):
         version, dek = self._keys.data_key(account_id, int(request.dek_version))
         digest_key = self._keys.digest_key(account_id) if request.with_digest_key else b""
         return pb.GetDataKeyResponse(dek_version=version, dek=dek, digest_key=digest_key)
+
+    def GetDataKeys(self, request, context) -> pb.GetDataKeysResponse:
+        if identity.current_principal().role is not identity.Role.SERVICE:
+            raise PermissionDenied("data keys are given to service principals only", "")
+        if not 0 < len(request.account_ids) <= MAX_DATA_KEYS:
+            raise InvalidArgument(f"must hold 1..{MAX_DATA_KEYS} account ids, got {len(request.account_ids)}",
+                                  "account_ids")
+        accounts = list(dict.fromkeys(check_id(a, f"account_ids[{i}]") for i, a in enumerate(request.account_ids)))
+        out = pb.GetDataKeysResponse()
+        for account_id, answer in self._keys.data_keys(accounts).items():
+            if isinstance(answer, tuple):
+                out.keys.add(account_id=account_id, outcome=pb.DATA_KEY_OUTCOME_KEY, dek_version=answer[0],
+                             dek=answer[1])
+            else:
+                out.keys.add(account_id=account_id, outcome=_KEY_OUTCOME[answer])
+        return out
 
     def RotateKeys(self, request, context) -> pb.RotateKeysResponse:
         if not request.new_active_kek_id:

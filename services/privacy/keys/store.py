@@ -19,6 +19,8 @@ from services.privacy.keys.domain import DIGEST_KEY_VERSION, WrappedDek
 
 # The key tables a tombstone's physical purge covers (Database.purge_erased).
 KEY_TABLES = ("data_keys", "digest_keys")
+# Account ids per ``IN (...)`` of a batch read (SQLite's default bound is 32,766 parameters).
+_IN_CHUNK = 500
 
 
 class DataKeyStore:
@@ -41,6 +43,21 @@ class DataKeyStore:
                 rows = tx.query(digest_sql) + tx.query(sql + " ORDER BY account_id, dek_version")
         return sorted((self._record(r) for r in rows), key=lambda r: (r.account_id, r.dek_version))
 
+    def load_many(self, account_ids: Iterable[str]) -> list[WrappedDek]:
+        """``load`` of several households at once (``KeyService.data_keys``' refresh): one
+        read transaction, the ids in chunks of ``_IN_CHUNK``."""
+        accounts = sorted(set(account_ids))
+        rows: list = []
+        with self.db.transaction(readonly=True) as tx:
+            for start in range(0, len(accounts), _IN_CHUNK):
+                chunk = tuple(accounts[start:start + _IN_CHUNK])
+                marks = ", ".join("?" * len(chunk))
+                rows += tx.query(f"SELECT account_id, {DIGEST_KEY_VERSION}, kek_id, wrapped, created_at, destroyed_at "
+                                 f"FROM digest_keys WHERE account_id IN ({marks})", chunk)
+                rows += tx.query("SELECT account_id, dek_version, kek_id, wrapped, created_at, destroyed_at "
+                                 f"FROM data_keys WHERE account_id IN ({marks})", chunk)
+        return sorted((self._record(r) for r in rows), key=lambda r: (r.account_id, r.dek_version))
+
     @staticmethod
     def _insert_digest_key(tx, record: WrappedDek) -> bool:
         return tx.execute(
@@ -52,15 +69,27 @@ class DataKeyStore:
         """Insert a freshly created DEK (and the household's digest key, derived from it,
         in the same transaction) unless that (account, version) exists (another replica
         created it first: the caller reloads and uses theirs)."""
+        return record.account_id in self.insert_new_many([(record, digest_key)])
+
+    def insert_new_many(self, created: Iterable[tuple[WrappedDek, WrappedDek | None]]) -> set[str]:
+        """``insert_new`` of many households' first keys in ONE transaction (one commit;
+        on SQLite one hold of the write lock): each (data key, digest key) pair as
+        ``insert_new`` does it, the digest key only where its data key was inserted.
+        Returns the accounts whose data key was inserted; the others had that version
+        stored already (another replica's key won, or a tombstone: the household was
+        erased) and the caller reloads them."""
+        inserted = set()
         with self.db.transaction() as tx:
-            inserted = tx.execute(
-                "INSERT INTO data_keys (account_id, dek_version, kek_id, wrapped, created_at, destroyed_at) "
-                "VALUES (?, ?, ?, ?, ?, NULL) ON CONFLICT (account_id, dek_version) DO NOTHING",
-                (record.account_id, record.dek_version, record.kek_id, record.wrapped,
-                 record.created_at.isoformat())) == 1
-            if inserted and digest_key is not None:
-                self._insert_digest_key(tx, digest_key)
-            return inserted
+            for record, digest_key in created:
+                if tx.execute(
+                        "INSERT INTO data_keys (account_id, dek_version, kek_id, wrapped, created_at, destroyed_at) "
+                        "VALUES (?, ?, ?, ?, ?, NULL) ON CONFLICT (account_id, dek_version) DO NOTHING",
+                        (record.account_id, record.dek_version, record.kek_id, record.wrapped,
+                         record.created_at.isoformat())) == 1:
+                    inserted.add(record.account_id)
+                    if digest_key is not None:
+                        self._insert_digest_key(tx, digest_key)
+        return inserted
 
     def insert_version(self, record: WrappedDek) -> str:
         """Insert a rotation's new DEK version in the household's lock, only while the

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from services.common.errors import FailedPrecondition
 from services.common.field_crypto import FieldCipher, FieldDecryptionError, encrypted_length
 from services.privacy.keys.domain import KeyDestroyedError, KeyRing, generate_kek
-from tests.helpers.keys import NOW, ring_fetcher
+from tests.helpers.keys import NOW, ring_batch_fetcher, ring_fetcher
 
 
 class Clock:
@@ -134,6 +134,44 @@ def test_warm_fetches_missing_newest_keys_so_their_use_fetches_none(ring):
     cipher.encrypt("acct-2", "f", b"c")
     assert cipher.decrypt("acct-1", "f", blob) == b"b"
     assert len(calls) == 3
+
+
+def test_warm_asks_the_batch_call_in_chunks_and_no_household_alone(ring, monkeypatch):
+    """Session 28: ``warm`` asks privacy's GetDataKeys for ``WARM_BATCH`` households a
+    call (one transaction of key creations each) rather than GetDataKey one household a
+    call; an erased household's missing answer is left to the write, which refuses it."""
+    import services.common.field_crypto as fc
+
+    monkeypatch.setattr(fc, "WARM_BATCH", 3)
+    single: list = []
+    batches: list = []
+    cipher = FieldCipher(ring_fetcher(ring, single), fetch_keys=ring_batch_fetcher(ring, batches))
+    cipher.encrypt("acct-gone", "f", b"a")
+    ring.destroy_dek("acct-gone", NOW)
+    cipher.forget("acct-gone")
+    single.clear()
+    accounts = [f"acct-{i}" for i in range(7)] + ["acct-gone"]
+    cipher.warm(accounts)
+    assert batches == [accounts[:3], accounts[3:6], accounts[6:]]
+    assert single == []
+    for account in accounts[:-1]:
+        cipher.encrypt(account, "f", b"x")
+    assert single == []                        # every live household's key was warmed
+    with pytest.raises(FailedPrecondition):
+        cipher.encrypt("acct-gone", "f", b"after erasure")
+
+
+def test_warm_falls_back_to_one_call_a_household_from_a_privacy_without_the_batch_call(ring):
+    """A privacy service of a release before session 28 answers GetDataKeys UNIMPLEMENTED
+    (the remote fetcher's None): the households are fetched one a call, as before."""
+    single: list = []
+    asked: list = []
+    cipher = FieldCipher(ring_fetcher(ring, single), fetch_keys=lambda accounts: asked.append(accounts))
+    cipher.warm(["acct-1", "acct-2", "acct-3"])
+    assert asked == [["acct-1", "acct-2", "acct-3"]]
+    assert sorted(single) == [("acct-1", 0), ("acct-2", 0), ("acct-3", 0)]
+    cipher.encrypt("acct-2", "f", b"x")
+    assert len(single) == 3
 
 
 def test_a_key_warmed_while_another_write_drops_cached_keys_is_not_kept(ring):

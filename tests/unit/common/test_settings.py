@@ -116,6 +116,7 @@ def _environment_reads(path: Path) -> list[int]:
 ENVIRONMENT_READERS = {
     "services/common/config.py", "services/common/telemetry.py",
     "services/rollout.py",   # an operator CLI, not a service process (OTHER_VARIABLES)
+    "services/common/storage/roles.py",   # `hearth db provision-roles`, an operator CLI (OTHER_VARIABLES)
 }
 
 

@@ -58,7 +58,7 @@ def test_admin_may_do_everything_but_fetch_data_keys_list_withdrawn_accounts_or_
     assert permissions.ROLE_PERMISSIONS[Role.ADMIN] == frozenset(Permission) - {
         Permission.USE_DATA_KEY, Permission.LIST_WITHDRAWN_CONSENT, Permission.ERASE_DATA, Permission.REKEY_DATA}
     for rpc in proto_rpcs():
-        if rpc.endswith(("/GetDataKey", "/ListWithdrawnConsent", "/Erase", "/Rekey")):
+        if rpc.endswith(("/GetDataKey", "/GetDataKeys", "/ListWithdrawnConsent", "/Erase", "/Rekey")):
             with pytest.raises(PermissionDenied):
                 authorize_rpc(who(Role.ADMIN), rpc)
         else:

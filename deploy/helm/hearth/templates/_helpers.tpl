@@ -194,8 +194,17 @@ render time is cheaper than discovering it in a running cluster.
 {{- fail (printf "storage.backend must be postgres or sqlite, got %q" $backend) }}
 {{- end }}
 {{- if eq $backend "postgres" }}
-{{- if not (and .Values.storage.postgres.secretName .Values.storage.postgres.secretKey) }}
-{{- fail "storage.postgres.secretName and storage.postgres.secretKey are required with storage.backend=postgres" }}
+{{- $own := include "hearth.postgresOwnLogins" . | int }}
+{{- if and (gt $own 0) (lt $own 4) }}
+{{- fail "storage.postgres.services: set existingSecret for all four services (clustering, attribution, privacy, feedback) or for none: a service left on the shared login reaches every schema" }}
+{{- end }}
+{{- if and (eq $own 0) (not (and .Values.storage.postgres.secretName .Values.storage.postgres.secretKey)) }}
+{{- fail "storage.postgres.secretName and storage.postgres.secretKey are required with storage.backend=postgres (or storage.postgres.services.<service>.existingSecret for each service)" }}
+{{- end }}
+{{- with .Values.storage.postgres.provisionRoles }}
+{{- if and .enabled (or (ne $own 4) (not .adminSecretName) (not .adminSecretKey)) }}
+{{- fail "storage.postgres.provisionRoles: needs storage.postgres.services.<service>.existingSecret for every service and adminSecretName/adminSecretKey (a superuser's DSN)" }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- if eq $backend "postgres" }}
@@ -256,6 +265,29 @@ render time is cheaper than discovering it in a running cluster.
 {{- end }}
 {{- end }}
 
+{{/* How many services have a login of their own (storage.postgres.services.<service>.existingSecret). */}}
+{{- define "hearth.postgresOwnLogins" -}}
+{{- $n := 0 }}
+{{- range $name := list "clustering" "attribution" "privacy" "feedback" }}
+{{- if (index ($.Values.storage.postgres.services | default dict) $name | default dict).existingSecret }}{{ $n = add1 $n }}{{ end }}
+{{- end }}
+{{- $n }}
+{{- end }}
+
+{{/* The secretKeyRef (name, key) of service .name's DSN: its own Secret when set (a login
+per service, docs/operations.md "Database roles"), else the shared storage.postgres one. */}}
+{{- define "hearth.postgresDsnRef" -}}
+{{- $pg := .root.Values.storage.postgres }}
+{{- $own := index ($pg.services | default dict) .name | default dict }}
+{{- if $own.existingSecret }}
+name: {{ $own.existingSecret }}
+key: {{ $own.secretKey | default "dsn" }}
+{{- else }}
+name: {{ $pg.secretName }}
+key: {{ $pg.secretKey }}
+{{- end }}
+{{- end }}
+
 {{/* Env of every Hearth container: storage, secrets, shutdown, extra values. The
 gateway opens no database: it gets neither the backend nor the DSN, whose credentials
 read and write every service's schema (attack27: the internet-facing pod held them). */}}
@@ -269,8 +301,7 @@ read and write every service's schema (attack27: the internet-facing pod held th
 - name: HEARTH_POSTGRES_DSN
   valueFrom:
     secretKeyRef:
-      name: {{ $root.Values.storage.postgres.secretName }}
-      key: {{ $root.Values.storage.postgres.secretKey }}
+      {{- include "hearth.postgresDsnRef" (dict "root" $root "name" .name) | trim | nindent 6 }}
 {{- end }}
 {{- if $root.Values.redis.enabled }}
 - name: HEARTH_REDIS_URL

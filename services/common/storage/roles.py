@@ -1,0 +1,233 @@
+"""`hearth db provision-roles`: one PostgreSQL login per service (docs/operations.md,
+"Database roles").
+
+Until session 28 the four services shared one login, so a compromised clustering process
+could read or rewrite privacy's audit log, deletion jobs and wrapped data keys, and every
+other service's tables (docs/security.md, attack27 item 3). Each service already lives in
+its own schema ``hearth_<service>``; this makes the schema's owner a role of that service
+alone:
+
+* the role (the user named in the service's DSN) exists, may log in, is no superuser and
+  creates no role or database; its password is the one in that DSN (so each service's
+  Secret holds the only copy: one Secret per service), ``search_path`` pinned to its schema;
+* it owns its schema and everything in it (an existing schema of the single-login layout
+  is handed over with every table and sequence: the upgrade path), migrations run under it;
+* nobody else has rights on the schema (PUBLIC's and the other services' are revoked);
+* PUBLIC loses what PostgreSQL grants it by default on the database (CONNECT, TEMPORARY)
+  and CREATE on ``public`` (which PostgreSQL 15 no longer grants; older clusters upgraded
+  in place still do); each role gets CONNECT;
+* each role may run the erasure purge's ``pg_switch_wal(); CHECKPOINT``
+  (``pg_checkpoint``, docs/privacy.md §11).
+
+Idempotent: run it at every install and upgrade (the chart's hook Job does). The admin
+DSN (a superuser, or a role with CREATEROLE that owns the schemas) is used only here.
+
+    HEARTH_POSTGRES_ADMIN_DSN=postgresql://postgres:...@db/hearth \\
+    HEARTH_POSTGRES_DSN_CLUSTERING=postgresql://hearth_clustering:...@db/hearth \\
+    ... (ATTRIBUTION, PRIVACY, FEEDBACK) hearth db provision-roles
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Mapping
+
+SERVICES = ("clustering", "attribution", "privacy", "feedback")
+ADMIN_DSN_VARIABLE = "HEARTH_POSTGRES_ADMIN_DSN"
+
+
+def service_dsn_variable(service: str) -> str:
+    """The variable holding ``service``'s own DSN for the tools that act for several
+    services (provisioning, backups); a service itself reads HEARTH_POSTGRES_DSN."""
+    return f"HEARTH_POSTGRES_DSN_{service.upper()}"
+
+
+def schema_of(service: str) -> str:
+    return f"hearth_{service}"
+
+
+def _login(service: str, dsn: str) -> tuple[str, str | None]:
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        parts = conninfo_to_dict(dsn)
+    except Exception as exc:   # noqa: BLE001 - psycopg's ProgrammingError names the fault
+        raise ValueError(f"{service_dsn_variable(service)}: not a PostgreSQL DSN ({exc})") from None
+    user = parts.get("user")
+    if not user:
+        raise ValueError(f"{service_dsn_variable(service)}: names no user (the service's own role)")
+    return str(user), (str(parts["password"]) if parts.get("password") else None)
+
+
+def _database_of(dsn: str, user: str) -> str:
+    """The database a DSN connects to (libpq's default: PGDATABASE, else the user's name)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    return str(conninfo_to_dict(dsn).get("dbname") or os.environ.get("PGDATABASE") or user)
+
+
+def provision_roles(admin_dsn: str, dsns: Mapping[str, str], keep_access_for: str = "") -> dict[str, dict]:
+    """Make each service of ``dsns`` (service -> its DSN) the sole owner of its schema
+    under the role its DSN names (module docstring). Returns what was done per service.
+    ``keep_access_for``: the single-login layout's login, made a member of every service
+    role in the same transaction, so its pods keep working until the rollout replaces
+    them (the upgrade, docs/operations.md; revoked by hand after)."""
+    import psycopg
+    from psycopg import sql
+
+    logins = {service: _login(service, dsn) for service, dsn in dsns.items()}
+    unknown = sorted(set(dsns) - set(SERVICES))
+    if unknown:
+        raise ValueError(f"unknown service(s) {unknown}: expected some of {list(SERVICES)}")
+    by_role: dict[str, list[str]] = {}
+    for service, (role, _) in logins.items():
+        by_role.setdefault(role, []).append(service)
+    shared = {role: services for role, services in by_role.items() if len(services) > 1}
+    if shared:
+        role, services = next(iter(shared.items()))
+        raise ValueError(f"{', '.join(service_dsn_variable(s) for s in services)} all name the role {role}: "
+                         "each service needs a login of its own")
+    report: dict[str, dict] = {}
+    try:
+        conn = psycopg.connect(admin_dsn, autocommit=True)
+    except psycopg.Error as exc:   # its message names host and port, never the password
+        raise ValueError(f"{ADMIN_DSN_VARIABLE}: {str(exc).strip()}") from None
+    with conn:
+        admin = conn.execute("SELECT current_user").fetchone()[0]
+        if keep_access_for in by_role:
+            raise ValueError(f"--keep-access-for {keep_access_for}: that is a service's own role")
+        if keep_access_for and not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s",
+                                                (keep_access_for,)).fetchone():
+            raise ValueError(f"--keep-access-for {keep_access_for}: no such role (the login the services "
+                             "shared until now)")
+        if admin in by_role:
+            raise ValueError(f"{ADMIN_DSN_VARIABLE} and {service_dsn_variable(by_role[admin][0])} are the same role "
+                             f"{admin}: the admin login is for provisioning only")
+        database = conn.execute("SELECT current_database()").fetchone()[0]
+        for service, (role, _) in sorted(logins.items()):
+            # Grants, schemas and PUBLIC's revoked CONNECT are the admin's database's: a
+            # service connecting to another would find none of it (and stop at start).
+            if (theirs := _database_of(dsns[service], role)) != database:
+                raise ValueError(f"{service_dsn_variable(service)}: names database {theirs}, {ADMIN_DSN_VARIABLE} "
+                                 f"database {database}: both must name the services' database")
+        roles = [role for role, _ in logins.values()]
+        with conn.transaction():
+            # Replicas of this Job (or two helm upgrades) one at a time.
+            conn.execute("SELECT pg_advisory_xact_lock(7262782)")
+            conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(database)))
+            conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+            for service, (role, password) in sorted(logins.items()):
+                report[service] = _provision_one(conn, database, service, role, password,
+                                                 others=[r for r in roles if r != role])
+                if keep_access_for:
+                    conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(role),
+                                                                  sql.Identifier(keep_access_for)))
+                    report[service]["kept_access_for"] = keep_access_for
+    return report
+
+
+def _provision_one(conn, database: str, service: str, role: str, password: str | None,
+                   others: list[str]) -> dict:
+    from psycopg import sql
+
+    schema = schema_of(service)
+    ident, schema_ident = sql.Identifier(role), sql.Identifier(schema)
+    existing = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+    if existing and existing[0]:
+        raise ValueError(f"{service_dsn_variable(service)}: role {role} is a superuser; a service's login must "
+                         "not be (it would reach every schema): name a role of its own")
+    if not existing:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(ident))
+    # Re-stated every run: a role made by hand with more is brought back to this.
+    conn.execute(sql.SQL("ALTER ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
+                         "INHERIT").format(ident))
+    if password is not None:
+        # Hashed here (libpq's PQencryptPasswordConn, the server's password_encryption) and
+        # only the verifier sent: the statement with the plaintext is written whole to the
+        # server's log under log_statement = ddl and kept by pg_stat_statements (review28).
+        verifier = conn.pgconn.encrypt_password(password.encode(), role.encode()).decode()
+        conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(ident, sql.Literal(verifier)))
+    conn.execute(sql.SQL("ALTER ROLE {} IN DATABASE {} SET search_path = {}").format(
+        ident, sql.Identifier(database), schema_ident))
+    conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(database), ident))
+    found = conn.execute("SELECT pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = %s",
+                         (schema,)).fetchone()
+    transferred = 0
+    if found is None:
+        conn.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(schema_ident, ident))
+    else:
+        if found[0] != role:
+            conn.execute(sql.SQL("ALTER SCHEMA {} OWNER TO {}").format(schema_ident, ident))
+        transferred = _hand_over(conn, schema, role)
+    conn.execute(sql.SQL("REVOKE ALL ON SCHEMA {} FROM PUBLIC").format(schema_ident))
+    for other in others:
+        if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (other,)).fetchone():
+            conn.execute(sql.SQL("REVOKE ALL ON SCHEMA {} FROM {}").format(schema_ident, sql.Identifier(other)))
+            conn.execute(sql.SQL("REVOKE ALL ON ALL TABLES IN SCHEMA {} FROM {}").format(
+                schema_ident, sql.Identifier(other)))
+            conn.execute(sql.SQL("REVOKE ALL ON ALL SEQUENCES IN SCHEMA {} FROM {}").format(
+                schema_ident, sql.Identifier(other)))
+    conn.execute(sql.SQL("REVOKE ALL ON ALL TABLES IN SCHEMA {} FROM PUBLIC").format(schema_ident))
+    # The erasure purge removes WAL segments (services/common/storage/sql.py purge_erased).
+    conn.execute(sql.SQL("GRANT pg_checkpoint TO {}").format(ident))
+    conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION pg_switch_wal() TO {}").format(ident))
+    return {"role": role, "schema": schema, "created_role": not existing, "created_schema": found is None,
+            "previous_owner": found[0] if found else None, "objects_handed_over": transferred,
+            "password_set": password is not None}
+
+
+def _hand_over(conn, schema: str, role: str) -> int:
+    """Make ``role`` the owner of every table, view and sequence of ``schema`` (the
+    single-login layout's are the old login's). Tables first: a sequence a column owns
+    (BIGSERIAL) follows its table and cannot be given away alone. Returns how many."""
+    from psycopg import sql
+
+    count = 0
+    for kinds, keyword in ((("r", "p"), "TABLE"), (("v",), "VIEW"), (("m",), "MATERIALIZED VIEW"),
+                           (("S",), "SEQUENCE")):
+        rows = conn.execute(
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = %s AND c.relkind = ANY(%s) AND pg_get_userbyid(c.relowner) <> %s "
+            "ORDER BY c.relname", (schema, list(kinds), role)).fetchall()
+        for (name,) in rows:
+            conn.execute(sql.SQL("ALTER {} {}.{} OWNER TO {}").format(
+                sql.SQL(keyword), sql.Identifier(schema), sql.Identifier(name), sql.Identifier(role)))
+            count += 1
+    left = conn.execute(
+        "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND pg_get_userbyid(c.relowner) <> %s", (schema, role)).fetchone()[0]
+    if left:
+        raise ValueError(f"{left} object(s) of schema {schema} are still owned by another role after the hand-over")
+    return count
+
+
+def service_dsns(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Each service's DSN from HEARTH_POSTGRES_DSN_<SERVICE>, for the services that have one."""
+    env = os.environ if environ is None else environ
+    return {s: env[service_dsn_variable(s)] for s in SERVICES if env.get(service_dsn_variable(s))}
+
+
+def run_provision(args: argparse.Namespace) -> int:
+    admin = os.environ.get(ADMIN_DSN_VARIABLE, "")
+    if not admin:
+        raise ValueError(f"{ADMIN_DSN_VARIABLE} is required (a superuser's DSN, used for provisioning only)")
+    dsns = service_dsns()
+    missing = [service_dsn_variable(s) for s in SERVICES if s not in dsns]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} required: each service's own DSN (its role and password)")
+    print(json.dumps(provision_roles(admin, dsns, keep_access_for=args.keep_access_for), sort_keys=True))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    db = subparsers.add_parser("db", help="PostgreSQL administration")
+    commands = db.add_subparsers(dest="db_command", required=True)
+    provision = commands.add_parser(
+        "provision-roles", help="one login per service, owner of its schema only (idempotent; "
+                                f"{ADMIN_DSN_VARIABLE} and HEARTH_POSTGRES_DSN_<SERVICE>)")
+    provision.add_argument("--keep-access-for", default="", metavar="OLD_LOGIN",
+                           help="upgrading from one shared login: make it a member of every service role "
+                                "until the rollout is done (revoke it after; docs/operations.md)")
+    provision.set_defaults(func=run_provision)
