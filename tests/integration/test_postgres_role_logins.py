@@ -1,0 +1,67 @@
+"""Each service logs in with the password `hearth db provision-roles` set for it, over TCP,
+on a PostgreSQL that checks it (SCRAM-SHA-256), and a wrong or missing password is refused.
+
+The session's cluster (and initdb's default pg_hba.conf) trusts every local login, so
+there a role's password is never checked: a verifier computed wrong (review28's
+client-side hashing, d9af784: another algorithm, another password, a broken encoding)
+would pass every other test and make every service fail to log in in production. A small
+cluster of its own, whose pg_hba.conf asks the service roles for their passwords as a
+production server does (only the fixtures' superuser ``hearth`` is trusted: it is the
+admin here and connects without one)."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from services.common.storage import roles
+from services.common.storage.sql import PostgresDatabase
+from tests.helpers.servers import running_postgres
+
+SCRAM_HBA = ("local all all trust\n"
+             "host all hearth 127.0.0.1/32 trust\n"
+             "host all all 127.0.0.1/32 scram-sha-256\n")
+
+
+@pytest.fixture(scope="module")
+def scram_cluster():
+    with running_postgres(pg_hba=SCRAM_HBA) as server:
+        yield server.dsn
+
+
+def logins(admin_dsn: str, passwords: dict[str, str]) -> dict[str, str]:
+    return {s: make_conninfo(admin_dsn, user=f"scr_{s}", password=passwords[s]) for s in roles.SERVICES}
+
+
+def login_as(dsn: str) -> tuple[str, bool]:
+    """Who the server says we are, and whether the connection is TCP (not the socket)."""
+    assert conninfo_to_dict(dsn)["host"] == "127.0.0.1"
+    with psycopg.connect(dsn, connect_timeout=10) as conn:
+        return conn.execute("SELECT current_user::text, inet_client_addr() IS NOT NULL").fetchone()
+
+
+def test_each_service_logs_in_with_its_password_and_no_other(scram_cluster):
+    # Quotes, a space and a non-ASCII letter: SCRAM's SASLprep and the DSN's quoting.
+    passwords = {s: f"pw {s} 'ü\"$-1" for s in roles.SERVICES}
+    dsns = logins(scram_cluster, passwords)
+    roles.provision_roles(scram_cluster, dsns)
+    for service, dsn in dsns.items():
+        assert login_as(dsn) == (f"scr_{service}", True), service
+        # The way the service itself connects (its pool; it starts: it may use its schema).
+        PostgresDatabase(dsn, roles.schema_of(service), max_size=1).close()
+    clustering = dsns["clustering"]
+    with pytest.raises(psycopg.OperationalError, match='password authentication failed for user "scr_clustering"'):
+        login_as(make_conninfo(clustering, password="pw clustering"))
+    with pytest.raises(psycopg.OperationalError, match='password authentication failed for user "scr_clustering"'):
+        login_as(make_conninfo(clustering, password=passwords["privacy"]))   # another service's
+    with pytest.raises(psycopg.OperationalError, match="no password supplied|password authentication failed"):
+        login_as(make_conninfo(clustering, password=""))
+
+    # A re-run with a new password (rotating a service's Secret): the old one stops working.
+    rotated = {**passwords, "clustering": "rotated-pw"}
+    roles.provision_roles(scram_cluster, logins(scram_cluster, rotated))
+    assert login_as(make_conninfo(clustering, password="rotated-pw")) == ("scr_clustering", True)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        login_as(clustering)
+    assert login_as(dsns["privacy"]) == ("scr_privacy", True)
