@@ -112,3 +112,51 @@ def test_provisioning_sends_no_service_password_in_clear(scram_server):
     for service, password in passwords.items():
         assert password not in logged, f"{service}'s password is in the server's log"
         assert _scram_matches(stored[f"pwr_{service}"], password), service
+
+
+def _command_lines_while(work) -> list[str]:
+    """Every command line of this machine's processes seen while ``work()`` runs (sampled)."""
+    import threading
+    from pathlib import Path
+
+    seen: set[str] = set()
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            for proc in Path("/proc").glob("[0-9]*"):
+                try:
+                    seen.add((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+                except OSError:
+                    pass
+            done.wait(0.002)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        work()
+    finally:
+        done.set()
+        thread.join()
+    return sorted(seen)
+
+
+def test_a_backup_passes_no_password_on_a_command_line(scram_server, tmp_path):
+    """Review28: `hearth backup` ran pg_dump with each service's DSN, password included, as an
+    argument — readable by every user of the machine (`ps`, /proc/<pid>/cmdline) while the
+    dump runs. The password goes in pg_dump's environment (PGPASSWORD, its owner's only),
+    and the dump still logs in as the schema's owner on a server that checks it."""
+    from services.common import backup
+
+    passwords = {s: f"pw-backup28-{s}-secret" for s in roles.SERVICES}
+    dsns = {s: make_conninfo(scram_server.dsn, user=f"bkp_{s}", password=passwords[s]) for s in roles.SERVICES}
+    roles.provision_roles(scram_server.dsn, dsns)
+    for service, dsn in dsns.items():   # each schema made and owned by its service (its migrations)
+        PostgresDatabase(dsn, roles.schema_of(service), max_size=1).close()
+    snapshots: list = []
+    lines = _command_lines_while(lambda: snapshots.append(backup.backup_postgres(
+        scram_server.dsn, tmp_path / "backups", dsns=dsns)))
+    assert sorted(snapshots[0].files) == sorted(roles.SERVICES)
+    dumps = [line for line in lines if "pg_dump" in line]
+    assert dumps, "no pg_dump seen: the sampling missed them"
+    assert [line for line in dumps if "secret" in line] == []
