@@ -31,6 +31,7 @@ from services.clustering.domain.features import DEFAULT_VOCABULARY, GenreVocabul
 from services.clustering.domain.sessions import SessionState, build_session_states, extend_sessions
 from services.clustering.migrations import MIGRATIONS
 from services.clustering.prediction_log import await_forwards, erase_pending, excluding_forwards, forget_cached_heads
+from services.common.client import check_serving_deadline
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import Conflict, InvalidArgument, NotFound
 from services.common.ids import MAX_FUTURE_SKEW_S
@@ -320,6 +321,10 @@ class ClusteringStore:
             if self.max_devices is not None:
                 self._refuse_devices_past_bound(tx, list(by_device), first_index)
             for (account, device), batch in sorted(by_device.items()):
+                # Past the caller's deadline nobody waits for this write: stop, rolled back
+                # whole, rather than hold the write lock (SQLite: every other write waits) for
+                # the rest of a batch of thousands of households (keys28).
+                check_serving_deadline()
                 row = tx.query("SELECT last_ts FROM devices WHERE account_id = ? AND device_id = ?",
                                (account, device))
                 watermark = float(row[0][0]) if row else float("-inf")

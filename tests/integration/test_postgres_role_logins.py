@@ -11,6 +11,11 @@ admin here and connects without one)."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import time
+
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -18,6 +23,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from services.common.storage import roles
 from services.common.storage.sql import PostgresDatabase
 from tests.helpers.servers import running_postgres
+from tests.helpers.waiting import SLOW_MACHINE_S
 
 SCRAM_HBA = ("local all all trust\n"
              "host all hearth 127.0.0.1/32 trust\n"
@@ -25,9 +31,16 @@ SCRAM_HBA = ("local all all trust\n"
 
 
 @pytest.fixture(scope="module")
-def scram_cluster():
-    with running_postgres(pg_hba=SCRAM_HBA) as server:
-        yield server.dsn
+def scram_server():
+    # Every statement logged (to data_dir/log/postgres.log): what provisioning sends is checked.
+    with running_postgres(pg_hba=SCRAM_HBA, logging_collector="on", log_filename="postgres.log",
+                          log_statement="all") as server:
+        yield server
+
+
+@pytest.fixture
+def scram_cluster(scram_server):
+    return scram_server.dsn
 
 
 def logins(admin_dsn: str, passwords: dict[str, str]) -> dict[str, str]:
@@ -95,3 +108,37 @@ def test_a_service_role_opens_no_more_connections_than_its_limit(scram_cluster, 
     roles.provision_roles(scram_cluster, dsns, connection_limit=-1)   # no limit: PostgreSQL's default
     with psycopg.connect(scram_cluster) as conn:
         assert conn.execute("SELECT rolconnlimit FROM pg_roles WHERE rolname = 'scr_clustering'").fetchone() == (-1,)
+
+
+def _scram_matches(verifier: str, password: str) -> bool:
+    """Whether a stored SCRAM-SHA-256 verifier (``SCRAM-SHA-256$iter:salt$StoredKey:ServerKey``)
+    is the one of ``password`` (RFC 5802 / 7677)."""
+    method, params, keys = verifier.split("$")
+    iterations, salt = params.split(":")
+    stored_key, server_key = keys.split(":")
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), base64.b64decode(salt), int(iterations))
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    return (method == "SCRAM-SHA-256"
+            and base64.b64decode(stored_key) == hashlib.sha256(client_key).digest()
+            and base64.b64decode(server_key) == hmac.new(salted, b"Server Key", hashlib.sha256).digest())
+
+
+def test_provisioning_sends_no_service_password_in_clear(scram_server):
+    """Review28: `ALTER ROLE ... PASSWORD 'plaintext'` is written whole to the server's log
+    under `log_statement = ddl` (or `all`) and kept by pg_stat_statements, so every
+    service's database password ended up in a file the DBAs and the log pipeline read. The
+    command hashes it (libpq's PQencryptPasswordConn) and sends only the verifier."""
+    passwords = {s: f"pw-review28-{s}-secret" for s in roles.SERVICES}
+    dsns = {s: make_conninfo(scram_server.dsn, user=f"pwr_{s}", password=passwords[s]) for s in roles.SERVICES}
+    roles.provision_roles(scram_server.dsn, dsns)
+    with psycopg.connect(scram_server.dsn) as conn:
+        stored = dict(conn.execute("SELECT rolname, rolpassword FROM pg_authid WHERE rolname LIKE 'pwr%'").fetchall())
+    log_file = scram_server.data_dir / "log" / "postgres.log"
+    deadline = time.monotonic() + SLOW_MACHINE_S
+    while "pg_authid" not in (logged := log_file.read_text(errors="replace")):   # the collector's pipe
+        assert time.monotonic() < deadline, logged[-2000:]
+        time.sleep(0.1)
+    assert 'ALTER ROLE "pwr_clustering" PASSWORD' in logged
+    for service, password in passwords.items():
+        assert password not in logged, f"{service}'s password is in the server's log"
+        assert _scram_matches(stored[f"pwr_{service}"], password), service

@@ -187,8 +187,7 @@ class KeyService:
             self._refresh(account_id)
             if version == 0 and not self.ring.has_dek(account_id) and not self.ring.is_destroyed(account_id):
                 # The household's first data key, and its digest key with it (one transaction).
-                record = self.ring.create_dek(account_id, self._clock())
-                digest = self.ring.derive_digest_key(account_id, self._clock())
+                record, digest, _ = self.ring.create_household_keys(account_id, self._clock())
                 with self._forgotten_unless_stored(record, digest):
                     inserted = self.store.insert_new(record, digest)
                 if not inserted:
@@ -223,21 +222,24 @@ class KeyService:
         with self._lock:
             self._refresh_many(account_ids)
             now = self._clock()
-            created = []
+            created = {}
             for account_id in account_ids:
                 if not self.ring.has_dek(account_id) and not self.ring.is_destroyed(account_id):
-                    created.append((self.ring.create_dek(account_id, now),
-                                    self.ring.derive_digest_key(account_id, now)))
+                    created[account_id] = self.ring.create_household_keys(account_id, now)
             if created:
-                with self._forgotten_unless_stored(*(r for pair in created for r in pair)):
-                    inserted = self.store.insert_new_many(created)
-                lost = [record for record, _ in created if record.account_id not in inserted]
-                for record in lost:
-                    self.ring.discard(record.account_id, record.dek_version)
-                    self.ring.discard(record.account_id, DIGEST_KEY_VERSION)
-                self._refresh_many([record.account_id for record in lost], force=True)
+                with self._forgotten_unless_stored(*(r for record, digest, _ in created.values() for r in (record, digest))):
+                    inserted = self.store.insert_new_many((record, digest) for record, digest, _ in created.values())
+                lost = [account_id for account_id in created if account_id not in inserted]
+                for account_id in lost:
+                    self.ring.discard(account_id, FIRST_DEK_VERSION)
+                    self.ring.discard(account_id, DIGEST_KEY_VERSION)
+                    del created[account_id]
+                self._refresh_many(lost, force=True)
             answers: dict[str, tuple[int, bytes] | str] = {}
             for account_id in account_ids:
+                if account_id in created:   # stored now: the raw key at hand, no unwrap
+                    answers[account_id] = (FIRST_DEK_VERSION, created[account_id][2])
+                    continue
                 try:
                     answers[account_id] = self.ring.data_key(account_id)
                 except KeyDestroyedError:
