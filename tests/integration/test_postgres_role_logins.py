@@ -80,6 +80,36 @@ def test_each_service_logs_in_with_its_password_and_no_other(scram_cluster):
     assert login_as(dsns["privacy"]) == ("scr_privacy", True)
 
 
+def test_a_service_role_opens_no_more_connections_than_its_limit(scram_cluster, monkeypatch):
+    """A compromised service could otherwise open connections until the server's
+    max_connections and lock every other service out (docs/security.md)."""
+    dsns = logins(scram_cluster, {s: f"pw-{s}" for s in roles.SERVICES})
+    monkeypatch.delenv(roles.POOL_MAX_VARIABLE, raising=False)
+    report = roles.provision_roles(scram_cluster, dsns)
+    assert {r["connection_limit"] for r in report.values()} == {8 * roles.REPLICA_ALLOWANCE + 2}   # the default
+    monkeypatch.setenv(roles.POOL_MAX_VARIABLE, "6")
+    assert roles.default_connection_limit() == 6 * roles.REPLICA_ALLOWANCE + 2
+    with psycopg.connect(scram_cluster) as conn:
+        limits = dict(conn.execute("SELECT rolname::text, rolconnlimit FROM pg_roles WHERE rolname LIKE 'scr%'")
+                      .fetchall())
+    assert limits == {f"scr_{s}": 130 for s in roles.SERVICES}
+
+    roles.provision_roles(scram_cluster, dsns, connection_limit=2)
+    held = [psycopg.connect(dsns["clustering"]) for _ in range(2)]
+    try:
+        with pytest.raises(psycopg.OperationalError, match='too many connections for role "scr_clustering"'):
+            psycopg.connect(dsns["clustering"]).close()
+        assert login_as(dsns["privacy"]) == ("scr_privacy", True)      # the others still connect
+    finally:
+        for conn in held:
+            conn.close()
+    with pytest.raises(ValueError, match="--connection-limit 0: at least 1"):
+        roles.provision_roles(scram_cluster, dsns, connection_limit=0)
+    roles.provision_roles(scram_cluster, dsns, connection_limit=-1)   # no limit: PostgreSQL's default
+    with psycopg.connect(scram_cluster) as conn:
+        assert conn.execute("SELECT rolconnlimit FROM pg_roles WHERE rolname = 'scr_clustering'").fetchone() == (-1,)
+
+
 def _scram_matches(verifier: str, password: str) -> bool:
     """Whether a stored SCRAM-SHA-256 verifier (``SCRAM-SHA-256$iter:salt$StoredKey:ServerKey``)
     is the one of ``password`` (RFC 5802 / 7677)."""
