@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import pickle
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -85,14 +87,22 @@ def households(split: str, first_world: int, n_worlds: int | None, n_house: int 
 
 
 def run(hs: list[worlds.WorldHousehold], draws: int, workers: int, streaming: bool = True, batch: bool = True,
-        world_prior: dict | None = None) -> dict:
+        world_prior: dict | None = None, cache: str | None = None) -> dict:
     """``world_prior``: per world, its population prior (``priors``); None: no prior (the
-    account cold start, this tool's until session 16)."""
+    account cold start, this tool's until session 16). ``cache``: a pickle of the
+    households' answers (written when absent, read when present: later scorings of the
+    same fits, e.g. ``mesh_after_feedback``'s per-world rows, without refitting)."""
     fed = E.feedback_draws(hs, draws)
-    work = [(h, f, streaming, batch, *((world_prior.get(h.world_id),) if world_prior is not None else ()))
-            for h, f in zip(hs, fed)]
-    with ProcessPoolExecutor(workers) as pool:
-        outs = list(pool.map(_one, work))
+    outs = _cached(cache, [h.household_id for h in hs], draws, streaming, batch)
+    if outs is None:
+        work = [(h, f, streaming, batch, *((world_prior.get(h.world_id),) if world_prior is not None else ()))
+                for h, f in zip(hs, fed)]
+        with ProcessPoolExecutor(workers) as pool:
+            outs = list(pool.map(_one, work))
+        if cache:
+            with open(cache, "wb") as fh:
+                pickle.dump({"households": [h.household_id for h in hs], "draws": draws, "streaming": streaming,
+                             "batch": batch, "outs": outs}, fh)
     report = {}
     for mode, before, key, ages, sample_before in (("batch", "batch", "fed_batch", "batch", True),
                                                    ("streaming", "stream", "fed_stream", "stream", False)):
@@ -102,6 +112,18 @@ def run(hs: list[worlds.WorldHousehold], draws: int, workers: int, streaming: bo
             report[mode] = E.mesh_after_feedback(hs, [o[before] for o in outs], [o[key] for o in outs], fed,
                                                  E.model_ages(hs, ages), sample_before)
     return report
+
+
+def _cached(cache: str | None, ids: list[str], draws: int, streaming: bool, batch: bool) -> list[dict] | None:
+    """The answers a ``cache`` file holds for exactly these households, draws and modes
+    (None: no file; a file of other fits is refused rather than scored as these)."""
+    if not cache or not os.path.exists(cache):
+        return None
+    with open(cache, "rb") as fh:
+        held = pickle.load(fh)
+    if (held["households"], held["draws"], held["streaming"], held["batch"]) != (ids, draws, streaming, batch):
+        raise SystemExit(f"--cache {cache}: holds other households, draws or modes than asked for")
+    return held["outs"]
 
 
 def main() -> None:
@@ -117,6 +139,8 @@ def main() -> None:
     ap.add_argument("--population-prior", action=argparse.BooleanOptionalAction, default=E.SERVICE_COLD_START_PRIOR,
                     help="cold starts from the world's population prior (HEARTH_COLD_START=population_prior); "
                          "default: the service's default cold start")
+    ap.add_argument("--cache", default=None,
+                    help="pickle of the fits' answers: written when absent, scored again when present")
     args = ap.parse_args()
     t0 = time.time()
     hs = households(args.split, args.first_world, args.worlds, args.households)
@@ -125,7 +149,7 @@ def main() -> None:
               "sessions": int(sum(h.n_sessions for h in hs)), "draws": args.draws,
               "population_prior": world_prior is not None,
               **run(hs, args.draws, args.workers, streaming=not args.batch_only, batch=not args.stream_only,
-                    world_prior=world_prior)}
+                    world_prior=world_prior, cache=args.cache)}
     report["elapsed_s"] = round(time.time() - t0, 1)
     print(json.dumps(report))
 

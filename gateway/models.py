@@ -106,7 +106,8 @@ class EventStatusIn(Strict):
 class EventStatusOut(BaseModel):
     account_id: str
     stored: list[str] = Field(description="held now: a resend changes nothing")
-    erased: list[str] = Field(description="stored, then deleted by an erasure: a resend is ignored as a duplicate")
+    erased: list[str] = Field(description="stored, then deleted by an erasure: a resend is ignored as a duplicate "
+                                          "(only to callers who may send events; others get these in not_stored)")
     not_stored: list[str] = Field(description="never stored (lost with the request, or refused as late or "
                                               "expired): resend these")
 

@@ -13,6 +13,7 @@ from services.clustering.app import Answers, AssignmentOut, ClusteringApp
 from services.clustering.domain import features as F
 from services.clustering.domain.events import MAX_EVENTS_PER_BATCH, ViewingEvent, validate_batch
 from services.clustering.store import HouseholdView
+from services.common import identity
 from services.common.errors import InvalidArgument
 from services.common.pbutil import enum_to_name, float_to_ts, length_delimited, name_to_enum, ts_to_float, varint
 
@@ -231,7 +232,8 @@ class ClusteringServicer(pb_grpc.ClusteringServiceServicer):
         return pb.RecordLabelsResponse(accepted=accepted, unknown_sessions=unknown)
 
     def GetEventStatus(self, request: pb.GetEventStatusRequest, context) -> pb.GetEventStatusResponse:
-        stored, erased, not_stored = self.app.event_status(request.account_id, list(request.event_ids))
+        stored, erased, not_stored = self.app.event_status(request.account_id, list(request.event_ids),
+                                                           caller=identity.current_principal())
         return pb.GetEventStatusResponse(stored=stored, erased=erased, not_stored=not_stored)
 
     def ResolvePersons(self, request: pb.ResolvePersonsRequest, context) -> pb.ResolvePersonsResponse:

@@ -31,6 +31,7 @@ from services.clustering.domain.features import DEFAULT_VOCABULARY, GenreVocabul
 from services.clustering.domain.sessions import SessionState, build_session_states, extend_sessions
 from services.clustering.migrations import MIGRATIONS
 from services.clustering.prediction_log import await_forwards, erase_pending, excluding_forwards, forget_cached_heads
+from services.common.client import check_serving_deadline
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import Conflict, InvalidArgument, NotFound
 from services.common.ids import MAX_FUTURE_SKEW_S
@@ -320,6 +321,10 @@ class ClusteringStore:
             if self.max_devices is not None:
                 self._refuse_devices_past_bound(tx, list(by_device), first_index)
             for (account, device), batch in sorted(by_device.items()):
+                # Past the caller's deadline nobody waits for this write: stop, rolled back
+                # whole, rather than hold the write lock (SQLite: every other write waits) for
+                # the rest of a batch of thousands of households (keys28).
+                check_serving_deadline()
                 row = tx.query("SELECT last_ts FROM devices WHERE account_id = ? AND device_id = ?",
                                (account, device))
                 watermark = float(row[0][0]) if row else float("-inf")
@@ -868,11 +873,8 @@ class ClusteringStore:
         # cache alike (it holds feature statistics and profile hints): crypto-shredded
         # with the household, and no plaintext copy in Redis.
         cached = self.cache.get(f"model:{account_id}")
-        if cached is not None:
-            version, vlen = struct.unpack_from("<qH", cached)
-            return StoredModel(version, cached[10:10 + vlen].decode(),
-                               b"" if decoded_version and version == decoded_version
-                               else self._open_model(account_id, cached[10 + vlen:]))
+        if cached is not None and (model := self._cached_model(account_id, cached, decoded_version)) is not None:
+            return model
         with self.db.transaction(readonly=True) as tx:
             rows = tx.query("SELECT version, variant, model FROM household_models WHERE account_id = ?",
                             (account_id,))
@@ -883,6 +885,27 @@ class ClusteringStore:
         self._cache_model(account_id, version, rows[0][1], sealed, erasures)
         return StoredModel(version, rows[0][1], b"" if decoded_version and version == decoded_version
                            else self._open_model(account_id, sealed))
+
+    def _cached_model(self, account_id: str, cached: bytes, decoded_version: int) -> StoredModel | None:
+        """The cache's copy, or None — the entry dropped, the database read instead — when
+        it does not open as a model this store sealed: bytes any Redis client may write (the
+        gateway holds the same Redis URL). Until attack28 such an entry made the household
+        unreadable until its TTL (502 on every read for an hour), and a plaintext one
+        ("PK", what a model stored before encryption is) was taken as the household's model
+        even with a cipher configured: a Redis client could make clustering serve persons
+        of its own making."""
+        try:
+            version, vlen = struct.unpack_from("<qH", cached)
+            variant, sealed = cached[10:10 + vlen].decode(), cached[10 + vlen:]
+            if self.cipher is not None and sealed[:2] == b"PK":
+                raise FieldDecryptionError("a cached model is not sealed", "model")
+            return StoredModel(version, variant, b"" if decoded_version and version == decoded_version
+                               else self._open_model(account_id, sealed))
+        except (struct.error, UnicodeDecodeError, FieldDecryptionError) as exc:
+            log.warning("the cached model of %s does not open (%s): dropped, read from the database",
+                        pseudonym(account_id), type(exc).__name__)
+            self.cache.delete(f"model:{account_id}")
+            return None
 
     def save_model(self, account_id: str, expected_version: int, variant: str, blob: bytes) -> int:
         """Store a new model version if the stored one is still ``expected_version``
@@ -923,6 +946,8 @@ class ClusteringStore:
         meanwhile the entry is dropped. Otherwise a sealed model stayed in Redis under a key
         naming the erased account until its TTL ran out. Likewise a Rekey (the copy is
         sealed under the version a rotation destroys next)."""
+        if self.cipher is not None and bytes(sealed[:2]) == b"PK":
+            return   # stored before encryption: never cached, as the cache takes sealed models only
         name = variant.encode()
         key = f"model:{account_id}"
         self.cache.set(key, struct.pack("<qH", version, len(name)) + name + sealed, MODEL_CACHE_TTL_S)

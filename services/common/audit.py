@@ -163,6 +163,7 @@ RPC_EVENTS: dict[str, str | tuple[str, str] | None] = {
     _DEL + "ExportHouseholdStream": EXPORT,
     _CON + "SetConsent": CONSENT_CHANGE,
     _CON + "GetConsent": None,                 # read by services on every write they audit already
+    _CON + "GetConsents": None,                # the same read for a write's many accounts
     _CON + "ListWithdrawnConsent": None,       # read by attribution for an Attribute it audits already
     _LOG + "AppendAudit": None,                # the log itself: auditing it would recurse
     _LOG + "QueryAudit": AUDIT_EXPORT,         # reads of the audit log ARE audited

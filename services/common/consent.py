@@ -56,6 +56,13 @@ class ConsentAnswer:
 
 
 ConsentFetcher = Callable[[str], ConsentAnswer]
+# Many accounts' answers in one call (privacy's GetConsents, session 28); None from an
+# authority without that call (a privacy before session 28: one GetConsent an account).
+BatchConsentFetcher = Callable[[list[str]], "dict[str, ConsentAnswer] | None"]
+# Accounts per GetConsents call, and how long after a privacy refused it (a release before
+# session 28, during a rolling upgrade) the checker asks one account a call before trying again.
+CONSENT_BATCH = 1000
+BATCH_RECHECK_S = 300.0
 # Every account with a withdrawn purpose -> its answer (the privacy service's list).
 WithdrawnFetcher = Callable[[], dict[str, ConsentAnswer]]
 _WITHDRAWN_KEY = ("withdrawn",)   # the list's cache entry (never an account id: those are str)
@@ -72,13 +79,15 @@ class ConsentChecker:
     def __init__(self, fetch: ConsentFetcher, *, ttl_s: float = DEFAULT_TTL_S,
                  stale_ttl_s: float = DEFAULT_STALE_TTL_S,
                  clock: Callable[[], float] = time.monotonic, close: Callable[[], None] | None = None,
-                 fetch_withdrawn: WithdrawnFetcher | None = None) -> None:
+                 fetch_withdrawn: WithdrawnFetcher | None = None,
+                 fetch_many: BatchConsentFetcher | None = None) -> None:
         if not ttl_s >= 0:
             raise ValueError("ttl_s: must be >= 0")
         if not stale_ttl_s >= ttl_s:
             raise ValueError("stale_ttl_s: must be >= ttl_s")
         self._fetch = fetch
         self._fetch_withdrawn = fetch_withdrawn
+        self._fetch_many = fetch_many
         self._ttl = float(ttl_s)
         self._stale_ttl = float(stale_ttl_s)
         self._clock = clock
@@ -113,8 +122,27 @@ class ConsentChecker:
                     return listed
                 after = r.accounts[-1].account_id
 
+        batch_refused_at: list[float] = []
+
+        def fetch_many(account_ids: list[str]) -> dict[str, ConsentAnswer] | None:
+            if batch_refused_at and time.monotonic() - batch_refused_at[0] < BATCH_RECHECK_S:
+                return None
+            try:
+                r = peer.call("GetConsents", privacy_pb2.GetConsentsRequest(account_ids=account_ids),
+                              idempotent=True, attempts=2)
+            except grpc.RpcError as exc:
+                # A privacy before session 28 knows no GetConsents: its permission check refuses
+                # an RPC it does not list (PERMISSION_DENIED, audited and counted), so it is
+                # asked again only after BATCH_RECHECK_S; meanwhile one GetConsent an account.
+                if exc.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED):
+                    batch_refused_at[:] = [time.monotonic()]
+                    return None
+                raise
+            return {c.account_id: ConsentAnswer(processing=c.processing, attribution=c.attribution)
+                    for c in r.accounts}
+
         return cls(fetch, ttl_s=ttl_s, stale_ttl_s=stale_ttl_s, close=peer.close,
-                   fetch_withdrawn=fetch_withdrawn)
+                   fetch_withdrawn=fetch_withdrawn, fetch_many=fetch_many)
 
     def answer(self, account_id: str) -> ConsentAnswer:
         return self._cached(account_id, lambda: self._fetch(account_id))
@@ -152,6 +180,33 @@ class ConsentChecker:
             self._answers[key] = (now, fresh)
         return fresh
 
+    def _prefetch(self, account_ids: list[str]) -> None:
+        """The answers ``require`` / ``consenting`` will ask for that are not cached, fetched
+        ``CONSENT_BATCH`` accounts a call (GetConsents) and cached as ``answer`` caches them:
+        until session 28 one GetConsent round trip an account, one after the other (2,000
+        new households filled the gateway's 10 s). Only a cache fill: an account it did not
+        get (no batch call, or a failed one) is asked alone by ``answer``, with its
+        stale-answer and fail-closed rules."""
+        if self._fetch_many is None:
+            return
+        now = self._clock()
+        with self._lock:
+            missing = [a for a in account_ids
+                       if (cached := self._answers.get(a)) is None or now - cached[0] > self._ttl]
+        if len(missing) < 2:
+            return
+        for start in range(0, len(missing), CONSENT_BATCH):
+            try:
+                got = self._fetch_many(missing[start:start + CONSENT_BATCH])
+            except (grpc.RpcError, Unavailable):
+                return
+            if got is None:
+                return
+            with self._lock:
+                if len(self._answers) + len(got) > 100_000:  # bounded memory, as in _cached
+                    self._answers.clear()
+                self._answers.update((a, (now, answer)) for a, answer in got.items())
+
     @staticmethod
     def _purposes(purposes: Iterable[str]) -> tuple[str, ...]:
         purposes = tuple(purposes)
@@ -164,7 +219,9 @@ class ConsentChecker:
         """Raise FailedPrecondition (field ``account_id``) unless every account has
         consented to every purpose. Each distinct account is looked up once."""
         purposes = self._purposes(purposes)
-        for account_id in dict.fromkeys(account_ids):
+        accounts = list(dict.fromkeys(account_ids))
+        self._prefetch(accounts)
+        for account_id in accounts:
             answer = self.answer(account_id)
             for purpose in purposes:
                 if not answer.allows(purpose):
@@ -176,8 +233,9 @@ class ConsentChecker:
         """The accounts (in order, each once) that consented to every purpose: the same
         look-ups as ``require``, the withdrawn ones left out instead of named."""
         purposes = self._purposes(purposes)
-        return tuple(a for a in dict.fromkeys(account_ids)
-                     if all(self.answer(a).allows(p) for p in purposes))
+        accounts = list(dict.fromkeys(account_ids))
+        self._prefetch(accounts)
+        return tuple(a for a in accounts if all(self.answer(a).allows(p) for p in purposes))
 
     def invalidate(self, account_id: str | None = None) -> None:
         with self._lock:

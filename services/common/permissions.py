@@ -177,6 +177,7 @@ RPCS: dict[str, dict[str, Permission]] = {
     "hearth.privacy.v1.Consent": {
         "SetConsent": P.SET_CONSENT,
         "GetConsent": P.READ_CONSENT,
+        "GetConsents": P.READ_CONSENT,
         "ListWithdrawnConsent": P.LIST_WITHDRAWN_CONSENT,
     },
     "hearth.privacy.v1.AuditLog": {

@@ -62,3 +62,21 @@ def test_only_the_attribution_service_may_list(consent):
 def test_bad_paging_is_invalid_argument_naming_the_field(consent, request_, field):
     call = (lambda who: consent.ListWithdrawnConsent(request_, metadata=who.metadata("privacy"), timeout=10))
     assert _error(call, ATTRIBUTION) == (grpc.StatusCode.INVALID_ARGUMENT, field)
+
+
+def test_getconsents_answers_each_account_and_refuses_bad_input_naming_the_field(consent):
+    """GetConsents (session 28): a data holder checks a write's accounts in one call."""
+    clustering = service_principal("clustering")
+    consent.SetConsent(ppb.SetConsentRequest(account_id="acc-c2", processing=False, attribution=True),
+                       metadata=ADMIN.metadata("privacy"), timeout=10)
+
+    def ask(ids):
+        return lambda who: consent.GetConsents(ppb.GetConsentsRequest(account_ids=ids),
+                                               metadata=who.metadata("privacy"), timeout=10)
+
+    r = ask(["acc-c1", "acc-c2", "acc-c1"])(clustering)
+    assert [(c.account_id, c.processing, c.attribution, c.known) for c in r.accounts] == [
+        ("acc-c1", True, True, False), ("acc-c2", False, True, True)]
+    assert _error(ask([]), clustering) == (grpc.StatusCode.INVALID_ARGUMENT, "account_ids")
+    assert _error(ask([f"a{i}" for i in range(1001)]), clustering) == (grpc.StatusCode.INVALID_ARGUMENT, "account_ids")
+    assert _error(ask(["acc-ok", "a b"]), clustering) == (grpc.StatusCode.INVALID_ARGUMENT, "account_ids[1]")

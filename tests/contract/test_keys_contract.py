@@ -100,3 +100,4 @@ def test_getdatakeys_refuses_bad_input_naming_the_field_and_any_caller_but_a_ser
         grpc.StatusCode.PERMISSION_DENIED
     assert _error(keys.GetDataKeys, ppb.GetDataKeysRequest(account_ids=["acc-ok"]), ANALYST)[0] == \
         grpc.StatusCode.PERMISSION_DENIED
+

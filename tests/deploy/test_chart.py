@@ -389,6 +389,21 @@ def test_production_uses_postgres_redis_and_secrets_for_credentials(render):
         assert not any(re.search(r"postgres(ql)?://|redis://", str(v)) for v in cm["data"].values())
 
 
+def test_the_gateway_may_have_a_redis_login_of_its_own(render):
+    """The gateway uses Redis for its rate-limit buckets only, but got the services' URL,
+    and with it clustering's cached household models: a compromised gateway could replay a
+    household's model from before an erasure (docs/security.md, attack28). With
+    ``redis.gatewaySecretName`` its URL comes from a Secret of its own (a Redis user an ACL
+    limits to ``hearth:ratelimit:*``); the services keep theirs; unset, all share one."""
+    objects = render(set_values=("redis.enabled=true", "redis.gatewaySecretName=hearth-redis-gateway"))
+    for component in COMPONENTS:
+        env = effective_env(deployment_of(objects, component), objects)
+        secret = "hearth-redis-gateway" if component == "gateway" else "hearth-redis"
+        assert env["HEARTH_REDIS_URL"] == ("secret", secret, "url"), component
+    shared = render(set_values=("redis.enabled=true",))
+    assert effective_env(deployment_of(shared, "gateway"), shared)["HEARTH_REDIS_URL"] == ("secret", "hearth-redis", "url")
+
+
 def test_gateway_reads_api_keys_from_a_mounted_secret(render):
     objects = render()
     deployment = deployment_of(objects, "gateway")

@@ -1,15 +1,16 @@
-"""A rolling upgrade to session 28's batched data keys (privacy's GetDataKeys, docs/privacy.md
-§10) with a process of the release before it, run from commit 43a5077's tree in the mesh of
+"""A rolling upgrade to session 28's batched data keys and consent checks (privacy's
+GetDataKeys and GetConsents, docs/privacy.md §10 and §8) with a process of the release before it, run from commit 43a5077's tree in the mesh of
 this one, both ways:
 
-- a privacy of the release before (it has no GetDataKeys: its permission check refuses it)
-  behind this tree's stores: a store's warming falls back to GetDataKey, one household a
-  call before the write, and asks for the batch again only after a while;
+- a privacy of the release before (it has neither: its permission check refuses them)
+  behind this tree's stores: a store's warming falls back to GetDataKey and its consent
+  check to GetConsent, one household a call, before the write, and asks for the batches
+  again only after a while;
 - a clustering of the release before behind this tree's privacy: it keeps calling GetDataKey
-  and is answered as before.
+  and GetConsent and is answered as before.
 
 In both, a household erased before stays erased (its events 412, no key made for it). With
-every process upgraded, the batch's keys come in GetDataKeys calls."""
+every process upgraded, the batch's keys and consents come in batch calls."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import httpx
 from bench.assign_cpu import extract
 from services.common.field_crypto import WARM_BATCH
 from tests.helpers.history import require_commit
-from tests.helpers.mesh_calls import data_key_fetches, privacy_key_calls, restart_service
+from tests.helpers.mesh_calls import data_key_fetches, privacy_calls, restart_service
 from tests.helpers.timestamps import iso_utc
 from tests.helpers.waiting import deletion_job
 
@@ -39,10 +40,10 @@ def _batch(tag: str, t0: float) -> dict:
 def _ingest_new_households(c, mesh, tag: str, t0: float) -> dict[str, float]:
     """A batch of new households posted and stored; privacy's key calls it took, and the
     keys clustering fetched before its write ("warm") and inside it ("on_use")."""
-    before, fetched_before = privacy_key_calls(mesh), data_key_fetches(mesh, "clustering")
+    before, fetched_before = privacy_calls(mesh), data_key_fetches(mesh, "clustering")
     r = c.post("/v1/events", json=_batch(tag, t0))
     assert r.status_code == 200 and r.json()["accepted"] == HOUSEHOLDS, r.text
-    after, fetched = privacy_key_calls(mesh), data_key_fetches(mesh, "clustering")
+    after, fetched = privacy_calls(mesh), data_key_fetches(mesh, "clustering")
     return {**{method: after[method] - before[method] for method in after},
             **{when: fetched.get(when, 0.0) - fetched_before.get(when, 0.0) for when in ("warm", "on_use")}}
 
@@ -79,7 +80,9 @@ def test_stores_and_privacy_of_either_release_give_new_households_keys_and_erase
             for calls in (first, second):
                 assert calls["GetDataKey"] >= HOUSEHOLDS and calls["warm"] == HOUSEHOLDS, calls
                 assert calls["on_use"] < HOUSEHOLDS // 4, calls
+                assert calls["GetConsent"] >= HOUSEHOLDS, calls   # consent: one account a call
             assert first["GetDataKeys"] + second["GetDataKeys"] == 1, (first, second)
+            assert first["GetConsents"] + second["GetConsents"] == 1, (first, second)
             _refused(c, erased, t0)
         finally:
             restart_service(mesh, "privacy")
@@ -89,6 +92,7 @@ def test_stores_and_privacy_of_either_release_give_new_households_keys_and_erase
         try:
             calls = _ingest_new_households(c, mesh, "old-clustering", t0)
             assert calls["GetDataKey"] >= HOUSEHOLDS and calls["GetDataKeys"] == 0, calls
+            assert calls["GetConsent"] >= HOUSEHOLDS and calls["GetConsents"] == 0, calls
             _refused(c, erased, t0)
         finally:
             restart_service(mesh, "clustering")
@@ -97,4 +101,5 @@ def test_stores_and_privacy_of_either_release_give_new_households_keys_and_erase
         calls = _ingest_new_households(c, mesh, "upgraded", t0)
         assert calls["GetDataKeys"] == -(-HOUSEHOLDS // WARM_BATCH), calls
         assert calls["GetDataKey"] < HOUSEHOLDS // 4, calls
+        assert calls["GetConsents"] == 1 and calls["GetConsent"] < HOUSEHOLDS // 4, calls
         _refused(c, erased, t0)

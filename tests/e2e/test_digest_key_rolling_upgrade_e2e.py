@@ -23,7 +23,7 @@ import httpx
 
 from bench.assign_cpu import extract
 from tests.helpers.history import require_commit
-from tests.helpers.mesh_calls import privacy_key_calls, restart_service as _restart
+from tests.helpers.mesh_calls import privacy_calls, restart_service as _restart
 from tests.helpers.waiting import deletion_job
 from tests.helpers.timestamps import iso_utc as _iso
 
@@ -163,9 +163,9 @@ def test_a_rotation_makes_another_clustering_replica_refetch_only_that_household
         with httpx.Client(base_url=mesh.url, headers={"X-API-Key": mesh.api_key}, timeout=120) as c:
             r = c.post(f"/v1/household/{accounts[0]}/rotate-key")
             assert r.status_code == 200 and r.json()["dek_version"] == 2, r.text
-        before = privacy_key_calls(mesh)["GetDataKey"]
+        before = privacy_calls(mesh)["GetDataKey"]
         write(2)
-        calls = privacy_key_calls(mesh)["GetDataKey"] - before
+        calls = privacy_calls(mesh)["GetDataKey"] - before
         print(f"GetDataKey calls while a second clustering replica wrote for 20 households after one "
               f"household's rotation: {calls:.0f}")
         # The rotated household's newest key and its new version by number; a few more may come

@@ -27,7 +27,7 @@ def client(mesh):
         yield c
 
 
-def test_a_batchs_event_ids_come_back_stored_erased_or_not_stored(client):
+def test_a_batchs_event_ids_come_back_stored_erased_or_not_stored(client, mesh):
     start = time.time() - 2 * 86400
     stored = [_event(f"{ACCT}-tv-{i}", "tv-1", start + 300 * i) for i in range(3)]
     gone = [_event(f"{ACCT}-tab-{i}", "tab-1", start + 300 * i) for i in range(2)]
@@ -45,6 +45,19 @@ def test_a_batchs_event_ids_come_back_stored_erased_or_not_stored(client):
     assert r.status_code == 200, r.text
     assert r.json() == {"account_id": ACCT, "stored": [stored[2]["event_id"], stored[0]["event_id"]],
                         "erased": [gone[1]["event_id"], gone[0]["event_id"]], "not_stored": [f"{ACCT}-never"]}
+
+    # "erased" is for whoever sends events (not to resend them): a data scientist, who
+    # reads households but never ingests, is told them as never stored. Until attack28 it
+    # learnt which of a household's events an erasure deleted (that a member had a device
+    # erased), which its household view never shows.
+    keys = mesh.data_dir / "gateway-keys.json"
+    for role, erased in (("service", [gone[1]["event_id"], gone[0]["event_id"]]), ("data_scientist", [])):
+        as_role = httpx.post(f"{mesh.url}/v1/events/status", json={"account_id": ACCT, "event_ids": asked},
+                             headers={"X-API-Key": write_api_key(keys, f"e2e-status-erased-{role}", role)}, timeout=30)
+        assert as_role.status_code == 200, as_role.text
+        assert as_role.json()["erased"] == erased, (role, as_role.text)
+        assert as_role.json()["stored"] == [stored[2]["event_id"], stored[0]["event_id"]], (role, as_role.text)
+        assert [i for i in asked if i not in as_role.json()["stored"] + erased] == as_role.json()["not_stored"]
 
     # Another household's ids are its own: none of these is stored there.
     other = client.post("/v1/events/status", json={"account_id": f"{ACCT}-other", "event_ids": asked})

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 from services.common.field_crypto import WARM_BATCH
-from tests.helpers.mesh_calls import data_key_fetches, privacy_key_calls
+from tests.helpers.mesh_calls import data_key_fetches, privacy_calls
 from tests.helpers.timestamps import iso_utc as _iso
 
 HOUSEHOLDS = 300
@@ -36,17 +36,20 @@ def test_a_batch_of_new_households_fetches_no_data_key_inside_the_write(client, 
     events = [{"event_id": f"warm-{i}", "account_id": f"warm-acc-{i}", "device_id": "tv-1", "device_type": "tv",
                "ts": ts, "kind": "heartbeat", "title_id": "title-1", "series_id": "show-1",
                "genres": ["drama"], "duration_s": 300, "maturity": "adult"} for i in range(HOUSEHOLDS)]
-    before, calls_before = data_key_fetches(mesh, "clustering"), privacy_key_calls(mesh)
+    before, calls_before = data_key_fetches(mesh, "clustering"), privacy_calls(mesh)
     response = client.post("/v1/events", json={"events": events})
     assert response.status_code == 200, response.text
     assert response.json()["accepted"] == HOUSEHOLDS
-    after, calls_after = data_key_fetches(mesh, "clustering"), privacy_key_calls(mesh)
+    after, calls_after = data_key_fetches(mesh, "clustering"), privacy_calls(mesh)
     assert _delta(before, after, "on_use") < BACKGROUND_FETCHES, (before, after)
     assert _delta(before, after, "warm") == HOUSEHOLDS, (before, after)
     # Session 28: the 300 keys in GetDataKeys calls of WARM_BATCH households (created in one
     # transaction each), not 300 GetDataKey calls (keyfetch27's warming: one a household).
     assert _delta(calls_before, calls_after, "GetDataKeys") == -(-HOUSEHOLDS // WARM_BATCH), (calls_before, calls_after)
     assert _delta(calls_before, calls_after, "GetDataKey") < BACKGROUND_FETCHES, (calls_before, calls_after)
+    # And their consent in one GetConsents call (session 28), not 300 GetConsent calls.
+    assert _delta(calls_before, calls_after, "GetConsents") == 1, (calls_before, calls_after)
+    assert _delta(calls_before, calls_after, "GetConsent") < BACKGROUND_FETCHES, (calls_before, calls_after)
 
 
 def test_a_batch_of_new_accounts_touchpoints_fetches_no_data_key_inside_the_write(client, mesh):

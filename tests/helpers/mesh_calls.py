@@ -90,13 +90,13 @@ def restart_service(mesh, service: str, tree=None, env: dict | None = None) -> N
                 mesh.process_env[service] = saved
 
 
-def privacy_key_calls(mesh) -> dict[str, float]:
-    """The privacy process's answered GetDataKey / GetDataKeys calls (its RED counter), by
-    method; a restart of privacy starts them at 0."""
+def privacy_calls(mesh) -> dict[str, float]:
+    """The privacy process's answered calls a store's write makes — GetDataKey(s),
+    GetConsent(s) — (its RED counter), by method; a restart of privacy starts them at 0."""
     import httpx
 
     text = httpx.get(f"http://127.0.0.1:{mesh.metrics_ports['privacy']}/metrics", timeout=10).text
-    calls = {"GetDataKey": 0.0, "GetDataKeys": 0.0}
+    calls = {"GetDataKey": 0.0, "GetDataKeys": 0.0, "GetConsent": 0.0, "GetConsents": 0.0}
     for line in text.splitlines():
         if line.startswith("hearth_rpc_requests_total{"):
             for method in calls:

@@ -59,15 +59,23 @@ def _exists(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def running_postgres(**settings: str) -> Iterator[PostgresServer]:
+def running_postgres(pg_hba: str | None = None, **settings: str) -> Iterator[PostgresServer]:
     """initdb + postgres on a free port (``.dsn``, ``.data_dir``); ``settings`` are
-    ``-c name=value`` over the fast test defaults (fsync off, no full-page writes)."""
+    ``-c name=value`` over the fast test defaults (fsync off, no full-page writes).
+    ``pg_hba``: the cluster's pg_hba.conf instead of initdb's (which trusts every local
+    login); it must keep trusting ``hearth`` on 127.0.0.1, the fixtures' superuser, which
+    connects without a password (``.dsn``)."""
     try:
         server = PostgresServer(cluster_base(), durable=False, settings=settings)
     except MissingServer as exc:
         pytest.fail(f"{exc} — the PostgreSQL storage tests cannot be skipped")
     try:
-        yield server.init().start()
+        server.init()
+        if pg_hba is not None:
+            # Rewritten in place: the file stays the postgres user's (we may run as root).
+            with open(server.data_dir / "pg_hba.conf", "w") as hba:
+                hba.write(pg_hba)
+        yield server.start()
     finally:
         server.remove()   # PostgreSQL's fast shutdown, then the directory
 

@@ -1083,3 +1083,30 @@ def test_a_rekey_on_sqlite_lets_another_households_write_in_between_its_pages(tm
     finally:
         for db in dbs.values():
             db.close()
+
+
+def test_the_sweep_leaves_a_household_between_a_batchs_reencryption_and_its_purge_to_the_batch(databases):
+    """A household a batch pass re-encrypted with its purge deferred (markers not purged)
+    is left alone by the sweep while those markers are younger than ABANDONED_S, even when
+    the rotation itself began long ago (a big batch): finishing it there would purge per
+    household again. Once they are older (the batch died and nobody claimed it), the sweep
+    finishes it — one purging Rekey per store, nothing re-encrypted again. Without the skip
+    the sweep finished it at once: this test failed (1, not 0)."""
+    mesh = Mesh(databases)
+    mesh.fill("acc-sw", n=2)
+    rotation = mesh.rotation()
+    target, _, _ = mesh.keys.begin_rotation("acc-sw")
+    rotation.reencrypt("acc-sw", target)
+    with mesh.key_store.db.transaction() as tx:        # the rotation began long ago
+        tx.execute("UPDATE data_keys SET created_at = '2001-01-01T00:00:00+00:00' "
+                   "WHERE account_id = ? AND dek_version = ?", ("acc-sw", target))
+    sweeper = mesh.rotation(mesh.replica())
+    assert sweeper.resume_unfinished() == 0
+    assert mesh.key_store.rotations_in_progress() == ["acc-sw"]
+    with mesh.key_store.db.transaction() as tx:        # the pass that re-encrypted it is long gone
+        tx.execute("UPDATE rotation_rekeys SET marked_at = marked_at - 3600")
+    mesh.rekeyed.clear()
+    mesh.deferred.clear()
+    assert sweeper.resume_unfinished() == 1
+    assert [s for s, _, _ in mesh.rekeyed] == ["clustering", "attribution"] and mesh.deferred == [False, False]
+    assert mesh.versions("acc-sw") == {2} and mesh.key_store.rotations_in_progress() == []

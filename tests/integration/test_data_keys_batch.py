@@ -3,7 +3,9 @@ households in one call, the missing ones created in one store transaction. Until
 store asked ``GetDataKey`` one household at a time, and privacy created each new
 household's keys in its own lock hold and commit (~3 ms each): 5,000 new households in one
 ingest request ran past the gateway's deadline (keyfetch27). An erased household stays
-erased: the batch makes no key for it, whatever this replica's view of it."""
+erased: the batch makes no key for it, whatever this replica's view of it. Also the
+consent store's read of many accounts behind GetConsents (the same write's other
+one-a-household call)."""
 
 from __future__ import annotations
 
@@ -96,3 +98,18 @@ def test_two_replicas_creating_the_same_households_at_once_give_one_key_each(sto
     from_b = b.data_keys(list(reversed(accounts)))   # ... so b creates too, loses, adopts a's
     assert {acct: from_b[acct] for acct in accounts} == from_a
     assert all([r.dek_version for r in store.load(acct)] == [0, 1] for acct in accounts)
+
+
+def test_consents_of_many_accounts_in_one_read_defaults_for_the_unknown(database):
+    """Consent's GetConsents (session 28) over the consent store: each account's flags in
+    request order, the default (allowed, unknown) for one without a record."""
+    from services.privacy.consent.store import ConsentStore
+
+    consent = ConsentStore(database)
+    consent.migrate()
+    consent.set_consent("acct-no", False, True, "test")
+    consent.set_consent("acct-yes", True, True, "test")
+    got = consent.consents(["acct-yes", "acct-new", "acct-no"] + [f"acct-{i}" for i in range(700)])
+    assert [(c.account_id, c.processing, c.attribution, c.known) for c in got[:3]] == [
+        ("acct-yes", True, True, True), ("acct-new", True, True, False), ("acct-no", False, True, True)]
+    assert len(got) == 703 and all(c.processing and not c.known for c in got[3:])

@@ -10,6 +10,7 @@ from services.privacy.consent.store import Consent, ConsentStore
 
 
 MAX_WITHDRAWN_PAGE = 10_000
+MAX_CONSENTS = 1000   # GetConsents' accounts a call
 
 
 class ConsentApp:
@@ -31,6 +32,13 @@ class ConsentApp:
     def consent(self, account_id: str) -> Consent:
         check_id(account_id, "account_id")
         return self.store.consent(account_id)
+
+    def consents(self, account_ids: list[str]) -> list[Consent]:
+        """``consent`` of each distinct account, in order (GetConsents)."""
+        if not 0 < len(account_ids) <= MAX_CONSENTS:
+            raise InvalidArgument(f"must hold 1..{MAX_CONSENTS} account ids, got {len(account_ids)}", "account_ids")
+        accounts = list(dict.fromkeys(check_id(a, f"account_ids[{i}]") for i, a in enumerate(account_ids)))
+        return self.store.consents(accounts)
 
     def withdrawn(self, after_account_id: str, limit: int) -> tuple[list[Consent], bool]:
         """A page of the accounts whose processing or attribution consent is withdrawn."""

@@ -1,4 +1,4 @@
-"""gRPC adapter of the consent room: SetConsent, GetConsent, ListWithdrawnConsent."""
+"""gRPC adapter of the consent room: SetConsent, GetConsent(s), ListWithdrawnConsent."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ class ConsentServicer(pb_grpc.ConsentServicer):
 
     def GetConsent(self, request, context) -> pb.GetConsentResponse:
         return _consent_pb(self._app.consent(request.account_id))
+
+    def GetConsents(self, request, context) -> pb.GetConsentsResponse:
+        return pb.GetConsentsResponse(accounts=[_consent_pb(c) for c in self._app.consents(list(request.account_ids))])
 
     def ListWithdrawnConsent(self, request, context) -> pb.ListWithdrawnConsentResponse:
         accounts, has_more = self._app.withdrawn(request.after_account_id, request.limit)

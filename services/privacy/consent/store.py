@@ -74,6 +74,17 @@ class ConsentStore:
             return Consent(account_id, True, True, 0, False)
         return Consent(account_id, bool(row[0][0]), bool(row[0][1]), int(row[0][2]), True)
 
+    def consents(self, account_ids: list[str]) -> list[Consent]:
+        """``consent`` of each account (in order), in one read transaction."""
+        found: dict[str, Consent] = {}
+        with self.db.transaction(readonly=True) as tx:
+            for start in range(0, len(account_ids), 500):
+                chunk = tuple(account_ids[start:start + 500])
+                for r in tx.query("SELECT account_id, processing, attribution, version FROM consent "
+                                  f"WHERE account_id IN ({', '.join('?' * len(chunk))})", chunk):
+                    found[r[0]] = Consent(r[0], bool(r[1]), bool(r[2]), int(r[3]), True)
+        return [found.get(a) or Consent(a, True, True, 0, False) for a in account_ids]
+
     def withdrawn(self, after_account_id: str, limit: int) -> tuple[list[Consent], bool]:
         """Up to ``limit`` accounts with an id after ``after_account_id`` whose processing
         or attribution consent is withdrawn, in id order, and whether more follow."""

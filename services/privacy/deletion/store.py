@@ -64,12 +64,18 @@ class DeletionJobStore:
                 "VALUES (?, ?, ?, ?, ?, ?, 0, 1, ?, '{}', NULL, ?, ?) ON CONFLICT (request_id) DO NOTHING",
                 (job.job_id, request_id, job.scope.account_id, reason, job.state.value, _ts(next_due),
                  data, time.time(), trace_context))
+            if inserted:
+                self._created(tx, job)
         if inserted:
             return StoredJob(job, request_id, reason, 1, {}, None, trace_context)
         existing = self.by_request(request_id)
         if existing.job.scope != job.scope:
             raise AlreadyExists("request_id was already used for a different scope", "request_id")
         return existing
+
+    def _created(self, tx, job) -> None:
+        """In the transaction that inserted ``job``: rows it keeps beside its own (a
+        subclass's; ``RotationJobStore`` writes each household's outcome)."""
 
     def _row(self, where: str, params: tuple) -> StoredJob | None:
         with self.db.transaction() as tx:

@@ -15,11 +15,12 @@ adopts the winner's key.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -152,6 +153,23 @@ class KeyService:
                       "development file or another secret) or are damaged, and cannot be read", kek_id, bad, tried)
         self._checked: dict[str, float] = {}
 
+    @contextlib.contextmanager
+    def _forgotten_unless_stored(self, *records: WrappedDek | None) -> Iterator[None]:
+        """Around the store's write of records the ring just made (``create_dek``,
+        ``derive_digest_key`` put them in the ring first): when the write fails, the ring
+        forgets them. Until review28 a failed write (the database unavailable, a write
+        refused) left the key in the ring, unstored, and the next fetch of the household —
+        the store's retry — served it: the store sealed data under a key no database held
+        (a restarted privacy made another), and a retried rotation "resumed" an unstored
+        version and destroyed the stored one."""
+        try:
+            yield
+        except BaseException:
+            for record in records:
+                if record is not None:
+                    self.ring.discard(record.account_id, record.dek_version)
+            raise
+
     def _refresh(self, account_id: str, force: bool = False) -> None:
         now = self._monotonic()
         if force or now - self._checked.get(account_id, -1e18) > REFRESH_S:
@@ -169,9 +187,10 @@ class KeyService:
             self._refresh(account_id)
             if version == 0 and not self.ring.has_dek(account_id) and not self.ring.is_destroyed(account_id):
                 # The household's first data key, and its digest key with it (one transaction).
-                record = self.ring.create_dek(account_id, self._clock())
-                digest = self.ring.derive_digest_key(account_id, self._clock())
-                if not self.store.insert_new(record, digest):
+                record, digest, _ = self.ring.create_household_keys(account_id, self._clock())
+                with self._forgotten_unless_stored(record, digest):
+                    inserted = self.store.insert_new(record, digest)
+                if not inserted:
                     self.ring.discard(account_id, DIGEST_KEY_VERSION)
                     self._refresh(account_id, force=True)  # another replica's key won the race
             try:
@@ -203,20 +222,24 @@ class KeyService:
         with self._lock:
             self._refresh_many(account_ids)
             now = self._clock()
-            created = []
+            created = {}
             for account_id in account_ids:
                 if not self.ring.has_dek(account_id) and not self.ring.is_destroyed(account_id):
-                    created.append((self.ring.create_dek(account_id, now),
-                                    self.ring.derive_digest_key(account_id, now)))
+                    created[account_id] = self.ring.create_household_keys(account_id, now)
             if created:
-                inserted = self.store.insert_new_many(created)
-                lost = [record for record, _ in created if record.account_id not in inserted]
-                for record in lost:
-                    self.ring.discard(record.account_id, record.dek_version)
-                    self.ring.discard(record.account_id, DIGEST_KEY_VERSION)
-                self._refresh_many([record.account_id for record in lost], force=True)
+                with self._forgotten_unless_stored(*(r for record, digest, _ in created.values() for r in (record, digest))):
+                    inserted = self.store.insert_new_many((record, digest) for record, digest, _ in created.values())
+                lost = [account_id for account_id in created if account_id not in inserted]
+                for account_id in lost:
+                    self.ring.discard(account_id, FIRST_DEK_VERSION)
+                    self.ring.discard(account_id, DIGEST_KEY_VERSION)
+                    del created[account_id]
+                self._refresh_many(lost, force=True)
             answers: dict[str, tuple[int, bytes] | str] = {}
             for account_id in account_ids:
+                if account_id in created:   # stored now: the raw key at hand, no unwrap
+                    answers[account_id] = (FIRST_DEK_VERSION, created[account_id][2])
+                    continue
                 try:
                     answers[account_id] = self.ring.data_key(account_id)
                 except KeyDestroyedError:
@@ -265,7 +288,8 @@ class KeyService:
         record = self.ring.derive_digest_key(account_id, self._clock())
         if record is None:
             return
-        outcome = self.store.insert_version(record)
+        with self._forgotten_unless_stored(record):
+            outcome = self.store.insert_version(record)
         if outcome != "inserted":
             # "exists": another replica derived it (the same key: reload); "destroyed": shredded
             # meanwhile (the reload reads the tombstones, and the ring refuses).
@@ -320,7 +344,8 @@ class KeyService:
                                   and live[newest].created_at > unless_created_after):
                     return None
                 record = self.ring.create_dek(account_id, self._clock())
-                outcome = self.store.insert_version(record)
+                with self._forgotten_unless_stored(record):
+                    outcome = self.store.insert_version(record)
                 if outcome == "inserted":
                     return record.dek_version, False, record.created_at
                 # Not stored: this view must not keep serving the key it just made. Shredded

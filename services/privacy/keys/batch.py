@@ -50,7 +50,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from services.common import audit, identity, telemetry
-from services.common.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from services.common.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from services.common.failure_log import FailureLog
 from services.common.telemetry import pseudonym
 from services.privacy.deletion.domain import JobState
@@ -192,24 +192,8 @@ class RotationJobStore(DeletionJobStore):
     def __init__(self, db) -> None:
         super().__init__(db, TABLE, (header_to_dict, batch_from_dict))
 
-    def create(self, job: RotationBatch, request_id: str, reason: str, next_due: datetime | None,
-               trace_context: str = "") -> StoredJob:
-        with self.db.transaction() as tx:
-            inserted = tx.execute(
-                f"INSERT INTO {self.table} (job_id, request_id, account_id, reason, state, next_due, "
-                "lease_until, version, job_json, erasures_json, receipt_json, created_at, trace_context) "
-                "VALUES (?, ?, ?, ?, ?, ?, 0, 1, ?, '{}', NULL, ?, ?) ON CONFLICT (request_id) DO NOTHING",
-                (job.job_id, request_id, job.scope.account_id, reason, job.state.value,
-                 next_due.timestamp() if next_due is not None else None,
-                 json.dumps(header_to_dict(job), sort_keys=True), time.time(), trace_context))
-            if inserted:
-                self._write_households(tx, job, list(job.households))
-        if inserted:
-            return StoredJob(job, request_id, reason, 1, {}, None, trace_context)
-        existing = self.by_request(request_id)
-        if existing.job.scope != job.scope:
-            raise AlreadyExists("request_id was already used for a different scope", "request_id")
-        return existing
+    def _created(self, tx, job: RotationBatch) -> None:
+        self._write_households(tx, job, list(job.households))
 
     def _row(self, where: str, params: tuple) -> StoredJob | None:
         with self.db.transaction(readonly=True) as tx:

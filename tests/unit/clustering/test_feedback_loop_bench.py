@@ -181,9 +181,11 @@ def test_the_whole_loop_reports_its_noise_floor_and_what_a_level_per_group_would
 def test_the_diagnostic_reads_a_label_shaped_fit_with_the_persons_its_unlabelled_fit_found():
     """bench/feedback_why.fit_persons_answers (session 26's measurement): a batch fit whose
     labels add a person answered with the confidence maps' household shift reading the
-    unlabelled fit's person count — the same person for every session, a lower
-    confidence where the shift moves it (DEVICE_CONFIDENCE_SHIFT["fitted"] rises with the
-    persons), and exactly the service's answers when the labels add nobody."""
+    unlabelled fit's person count — since session 28 exactly what the service answers
+    (HouseholdModel.evidence_persons; until then the service read the labels' count, and
+    this test held the diagnostic's answers below the service's) — and exactly the
+    service's answers when the labels add nobody. With the labels' count (a model stored
+    before label_added_persons was kept) the same persons are surer."""
     from bench.feedback_why import fit_persons_answers
     from services.clustering.domain.model import HouseholdModel
     h = _households(2)[1]   # 156 sessions, two persons
@@ -197,9 +199,37 @@ def test_the_diagnostic_reads_a_label_shaped_fit_with_the_persons_its_unlabelled
     np.testing.assert_array_equal(fit_persons_answers(named, h, m0.n_persons, a), a.probabilities)
     labels[4], labels[5] = "b", "b"
     grown = HouseholdModel().fit(h.features, labels=labels, device_ids=h.device_id)
-    assert grown.persons_from_labels and grown.n_persons == 3
+    assert grown.persons_from_labels and grown.n_persons == 3 and grown.label_added_persons == 1
     a = grown.assign_batch(h.features, device_ids=h.device_id, included=True)
-    P = fit_persons_answers(grown, h, m0.n_persons, a)
-    np.testing.assert_array_equal(P.argmax(axis=1), a.probabilities.argmax(axis=1))
-    assert (P.max(axis=1) <= a.probabilities.max(axis=1) + 1e-9).all()
-    assert P.max(axis=1).mean() < a.probabilities.max(axis=1).mean() - 0.01
+    np.testing.assert_allclose(fit_persons_answers(grown, h, m0.n_persons, a), a.probabilities, atol=1e-6)
+    grown.label_added_persons = 0   # read with the labels' count, as before session 28
+    surer = grown.assign_batch(h.features, device_ids=h.device_id, included=True).probabilities
+    np.testing.assert_array_equal(surer.argmax(axis=1), a.probabilities.argmax(axis=1))
+    assert (a.probabilities.max(axis=1) <= surer.max(axis=1) + 1e-9).all()
+    assert a.probabilities.max(axis=1).mean() < surer.max(axis=1).mean() - 0.01
+
+
+def test_the_per_world_scoring_is_the_whole_loop_with_each_worlds_own_calibrator_and_level():
+    """bench/feedback_per_world.score (session 28): its ``mesh`` is mesh_after_feedback's on
+    the same answers; on a sample of one world each world's own calibrator is the sample's;
+    a world's cross-fitted level never uses a household's own feedback (one household per
+    world: no level, the loop as it is); the exact level per world on sure answers of one
+    world reaches ECE 0."""
+    from bench.feedback_per_world import score
+    hs = _households(2)
+    fed = E.feedback_draws(hs, draws=2)
+    probs = [E.hearth_batch(h)[1] for h in hs]
+    ages = E.model_ages(hs, "batch")
+    served = [[_as_served(p)] * 2 for p in probs]
+    loop = E.mesh_after_feedback(hs, probs, served, fed, ages, sample_before=True)
+    one = score(hs, probs, served, fed, ages, sample_before=True)
+    assert one["per_draw"]["mesh"] == [round(x, 4) for x in loop["per_draw"]["mesh"]]
+    assert one["per_draw"]["mesh_per_world"] == one["per_draw"]["mesh"]
+    sure = [np.eye(p.shape[1])[p.argmax(axis=1)] for p in probs]
+    assert score(hs, probs, [[_as_served(s)] * 2 for s in sure], fed, ages, True)["world_level_ceiling"] < 1e-12
+    apart = W.generate(W.TUNING, families=("mobile_first",), worlds_per_family=2, households_per_world=1)
+    assert len({h.world_id for h in apart}) == 2
+    fed = E.feedback_draws(apart, draws=2)
+    probs = [E.hearth_batch(h)[1] for h in apart]
+    two = score(apart, probs, [[_as_served(p)] * 2 for p in probs], fed, E.model_ages(apart, "batch"), True)
+    assert two["per_draw"]["mesh_world_level_crossfit"] == two["per_draw"]["mesh"]

@@ -147,3 +147,54 @@ def test_withdrawn_list_cached_for_ttl_then_stale_then_fails_closed():
 def test_withdrawn_fails_closed_without_a_list():
     with pytest.raises(Unavailable):
         ConsentChecker(Authority()).withdrawn()
+
+
+class BatchAuthority(Authority):
+    """GetConsents beside GetConsent: each call's accounts recorded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[str]] = []
+        self.refuses = False   # a privacy before session 28: no batch call
+
+    def many(self, accounts: list[str]):
+        self.batches.append(list(accounts))
+        if self.refuses:
+            return None
+        if self.down:
+            raise Unavailable("privacy down")
+        return {a: self.answers.get(a, ConsentAnswer(True, True)) for a in accounts}
+
+
+def test_a_writes_accounts_are_checked_in_batches_not_one_call_each(monkeypatch):
+    """Session 28: ``require`` / ``consenting`` fetch the uncached accounts with GetConsents,
+    CONSENT_BATCH a call; before, one GetConsent each (2,000 new households filled the
+    gateway's 10 s). A withdrawn account is still refused, and cached answers are reused."""
+    import services.common.consent as consent
+
+    monkeypatch.setattr(consent, "CONSENT_BATCH", 3)
+    authority = BatchAuthority()
+    authority.answers["acct-4"] = ConsentAnswer(processing=False, attribution=True)
+    checker = ConsentChecker(authority, fetch_many=authority.many)
+    checker.require(["acct-0"])
+    accounts = [f"acct-{i}" for i in range(7)]
+    assert checker.consenting(accounts) == tuple(a for a in accounts if a != "acct-4")
+    assert authority.batches == [accounts[1:4], accounts[4:7]]   # acct-0 was cached
+    assert authority.calls == 1                                    # acct-0's, before
+    with pytest.raises(FailedPrecondition) as err:
+        checker.require(accounts)
+    assert "acct-4" in str(err.value) and authority.calls == 1 and len(authority.batches) == 2
+
+
+def test_without_the_batch_call_or_with_privacy_down_each_account_is_asked_as_before():
+    authority, clock = BatchAuthority(), Clock()
+    authority.refuses = True
+    checker = ConsentChecker(authority, fetch_many=authority.many, clock=clock, ttl_s=5.0)
+    checker.require(["acct-1", "acct-2"])
+    assert authority.calls == 2
+    authority.refuses, authority.down = False, True   # privacy down: stale answers bridge it ...
+    clock.t = 10.0
+    checker.require(["acct-1", "acct-2"])
+    clock.t = 400.0                                   # ... until stale_ttl_s: fails closed
+    with pytest.raises(Unavailable):
+        checker.require(["acct-1", "acct-2"])

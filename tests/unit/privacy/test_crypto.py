@@ -212,3 +212,39 @@ def test_creating_a_households_key_keeps_no_cipher_of_it_in_memory():
     assert cached == 0
     # ~0.5 KB a household for the records this view holds; ~3 KB with a cipher each.
     assert grown_kib < 20000 * 1.5, f"{grown_kib} KiB for 20,000 new households"
+
+
+_AAD_TEXT = st.one_of(st.text(), st.sampled_from(["", "acc-1", 'a"b\\c', "\x00\x1f\x7f", "ü€𝄞", "\ud800", "x" * 300]))
+
+
+@given(_AAD_TEXT, st.one_of(st.integers(), st.sampled_from([0, 1, 2 ** 32 - 1])), _AAD_TEXT)
+@settings(max_examples=300, deadline=None)
+def test_the_wrap_aad_is_json_dumps_bytes(account_id, version, kek_id):
+    """Session 28 writes the key wrap's AAD itself (json.dumps built an encoder a call): a byte
+    of difference would leave every stored wrapped key unopenable, so the bytes must be
+    json.dumps's for any text; other types still go through json.dumps."""
+    import json
+
+    from services.privacy.keys.domain import _aad
+
+    expected = b"hearth-dek-v1\x00" + json.dumps([account_id, version, kek_id], separators=(",", ":")).encode("utf-8")
+    assert _aad(b"hearth-dek-v1", account_id, version, kek_id) == expected
+    assert _aad(b"l", account_id, True, 1.5) == b"l\x00" + json.dumps([account_id, True, 1.5],
+                                                                       separators=(",", ":")).encode("utf-8")
+
+
+def test_a_households_first_keys_are_version_1_and_the_digest_key_derive_digest_key_gives():
+    """``create_household_keys`` (GetDataKey / GetDataKeys, session 28) makes what
+    ``create_dek`` + ``derive_digest_key`` made, without unwrapping version 1 again."""
+    ring = KeyRing([KEK1], "kek-1")
+    record, digest, raw = ring.create_household_keys("acct-1", T0)
+    assert (record.dek_version, digest.dek_version) == (1, 0)
+    assert ring.data_key("acct-1") == (1, raw)
+    other = KeyRing([KEK1], "kek-1", [record])     # derived the old way from the stored v1
+    assert other.derive_digest_key("acct-1", T0) is not None
+    assert other.digest_key("acct-1") == ring.digest_key("acct-1")
+    with pytest.raises(ValueError, match="account_id"):
+        ring.create_household_keys("acct-1", T0)   # it has keys: never a second version 1
+    ring.destroy_dek("acct-1", T0)
+    with pytest.raises(ValueError, match="account_id"):
+        ring.create_household_keys("acct-1", T0)   # erased: never a key again

@@ -307,7 +307,8 @@ read and write every service's schema (attack27: the internet-facing pod held th
 - name: HEARTH_REDIS_URL
   valueFrom:
     secretKeyRef:
-      name: {{ $root.Values.redis.secretName }}
+      {{- /* The gateway only needs its rate-limit buckets: a login of its own (attack28). */}}
+      name: {{ if and (eq .name "gateway") $root.Values.redis.gatewaySecretName }}{{ $root.Values.redis.gatewaySecretName }}{{ else }}{{ $root.Values.redis.secretName }}{{ end }}
       key: {{ $root.Values.redis.secretKey }}
 {{- end }}
 # The shared secret of sessions <= 18 no longer signs anything (each component has its
