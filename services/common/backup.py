@@ -166,6 +166,21 @@ def _pg_tool(name: str) -> str:
     return found
 
 
+def _libpq_call(dsn: str) -> tuple[str, dict[str, str]]:
+    """``dsn`` without its password, and an environment carrying it (PGPASSWORD) for the
+    client tool: a process's arguments are readable by every user of the machine (``ps``,
+    /proc/<pid>/cmdline) while it runs, its environment by its owner only. Until review28
+    pg_dump and pg_restore got the whole DSN as an argument, password included."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    parts = conninfo_to_dict(dsn)
+    password = parts.pop("password", None)
+    env = dict(os.environ)
+    if password is not None:
+        env["PGPASSWORD"] = str(password)
+    return make_conninfo("", **parts), env
+
+
 def backup_postgres(dsn: str, out_dir: Path, services=SERVICES, dsns: Mapping[str, str] | None = None) -> Snapshot:
     """``dsns``: a service's own DSN, which dumps its schema as the schema's owner (a
     login per service, `hearth db provision-roles`); ``dsn`` for the others."""
@@ -175,9 +190,10 @@ def backup_postgres(dsn: str, out_dir: Path, services=SERVICES, dsns: Mapping[st
     files: dict[str, dict] = {}
     for service in services:
         dest = target / f"{service}.pgdump"
+        conninfo, env = _libpq_call((dsns or {}).get(service, dsn))
         done = subprocess.run([_pg_tool("pg_dump"), "--format=custom", f"--schema=hearth_{service}",
-                               "--no-owner", f"--file={dest}", (dsns or {}).get(service, dsn)],
-                              capture_output=True, text=True)
+                               "--no-owner", f"--file={dest}", conninfo],
+                              capture_output=True, text=True, env=env)
         if done.returncode != 0:
             raise BackupError(f"pg_dump of hearth_{service} failed: {done.stderr.strip()[:500]}")
         os.chmod(dest, 0o600)
@@ -188,10 +204,11 @@ def backup_postgres(dsn: str, out_dir: Path, services=SERVICES, dsns: Mapping[st
 def restore_postgres(snapshot: Snapshot, dsn: str) -> list[str]:
     snapshot.verify()
     restored = []
+    conninfo, env = _libpq_call(dsn)
     for service, entry in sorted(snapshot.files.items()):
         done = subprocess.run([_pg_tool("pg_restore"), "--clean", "--if-exists", "--no-owner",
-                               "--single-transaction", f"--dbname={dsn}", str(snapshot.path / entry["file"])],
-                              capture_output=True, text=True)
+                               "--single-transaction", f"--dbname={conninfo}", str(snapshot.path / entry["file"])],
+                              capture_output=True, text=True, env=env)
         if done.returncode != 0:
             raise BackupError(f"pg_restore of hearth_{service} failed: {done.stderr.strip()[:500]}")
         restored.append(service)

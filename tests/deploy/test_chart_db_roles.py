@@ -93,6 +93,13 @@ def test_the_provisioning_hook_runs_provision_roles_with_the_admin_login_no_pod_
     (container,) = pod["containers"]
     args = build_parser().parse_args(container["command"][1:])
     assert (args.command, args.db_command, args.keep_access_for) == ("db", "provision-roles", "hearth")
+    # The roles' CONNECTION LIMIT: derived from the pods' pool size unless set.
+    assert args.connection_limit is None
+    assert {e["name"]: e.get("value") for e in container["env"]}["HEARTH_POSTGRES_POOL_MAX"] == "6"
+    (limited,) = by_kind(render(values_files=(PRODUCTION_VALUES,), set_values=(
+        *PROVISION, "storage.postgres.provisionRoles.connectionLimit=40")), "Job").values()
+    assert build_parser().parse_args(limited["spec"]["template"]["spec"]["containers"][0]["command"][1:]) \
+        .connection_limit == 40
     assert pod_env(pod) == {"HEARTH_POSTGRES_ADMIN_DSN": ("hearth-postgres-admin", "dsn"),
                             **{f"HEARTH_POSTGRES_DSN_{s.upper()}": (f"hearth-postgres-{s}", "dsn")
                                for s in GRPC_SERVICES}}

@@ -17,7 +17,9 @@ alone:
   and CREATE on ``public`` (which PostgreSQL 15 no longer grants; older clusters upgraded
   in place still do); each role gets CONNECT;
 * each role may run the erasure purge's ``pg_switch_wal(); CHECKPOINT``
-  (``pg_checkpoint``, docs/privacy.md §11).
+  (``pg_checkpoint``, docs/privacy.md §11);
+* each role has a ``CONNECTION LIMIT`` (``default_connection_limit``), so a compromised
+  service cannot take every one of the server's ``max_connections`` from the others.
 
 Idempotent: run it at every install and upgrade (the chart's hook Job does). The admin
 DSN (a superuser, or a role with CREATEROLE that owns the schemas) is used only here.
@@ -36,6 +38,29 @@ from collections.abc import Mapping
 
 SERVICES = ("clustering", "attribution", "privacy", "feedback")
 ADMIN_DSN_VARIABLE = "HEARTH_POSTGRES_ADMIN_DSN"
+POOL_MAX_VARIABLE = "HEARTH_POSTGRES_POOL_MAX"     # the services' pool size (config.py)
+DEFAULT_POOL_MAX = 8                               # config.py's postgres_pool_max
+# Pods of one service that may be connected at once: the chart's largest maxReplicas
+# (values-production.yaml: clustering, 12) and a rolling update's surge beside them.
+REPLICA_ALLOWANCE = 16
+# Beyond the pools: a starting pod's schema check (sql.py, before its pool opens) and
+# `hearth backup`'s dump of the schema, which use the service's login too.
+SPARE_CONNECTIONS = 2
+
+
+def default_connection_limit(environ: Mapping[str, str] | None = None) -> int:
+    """Each service role's CONNECTION LIMIT unless ``--connection-limit`` says: the
+    services' pool size (HEARTH_POSTGRES_POOL_MAX, as they read it; 8 unset) × the
+    replica allowance, plus the spare (8 → 130, the production values' 6 → 98)."""
+    env = os.environ if environ is None else environ
+    raw = env.get(POOL_MAX_VARIABLE, "")
+    try:
+        pool = int(raw) if raw else DEFAULT_POOL_MAX
+    except ValueError:
+        raise ValueError(f"{POOL_MAX_VARIABLE}: not an integer ({raw!r})") from None
+    if pool < 1:
+        raise ValueError(f"{POOL_MAX_VARIABLE}: must be at least 1 (got {pool})")
+    return pool * REPLICA_ALLOWANCE + SPARE_CONNECTIONS
 
 
 def service_dsn_variable(service: str) -> str:
@@ -68,15 +93,23 @@ def _database_of(dsn: str, user: str) -> str:
     return str(conninfo_to_dict(dsn).get("dbname") or os.environ.get("PGDATABASE") or user)
 
 
-def provision_roles(admin_dsn: str, dsns: Mapping[str, str], keep_access_for: str = "") -> dict[str, dict]:
+def provision_roles(admin_dsn: str, dsns: Mapping[str, str], keep_access_for: str = "",
+                    connection_limit: int | None = None) -> dict[str, dict]:
     """Make each service of ``dsns`` (service -> its DSN) the sole owner of its schema
     under the role its DSN names (module docstring). Returns what was done per service.
+    ``connection_limit``: each role's CONNECTION LIMIT (None: ``default_connection_limit()``;
+    -1: none, PostgreSQL's default).
     ``keep_access_for``: the single-login layout's login, made a member of every service
     role in the same transaction, so its pods keep working until the rollout replaces
     them (the upgrade, docs/operations.md; revoked by hand after)."""
     import psycopg
     from psycopg import sql
 
+    if connection_limit is None:
+        connection_limit = default_connection_limit()
+    if connection_limit == 0 or connection_limit < -1:
+        raise ValueError(f"--connection-limit {connection_limit}: at least 1 (each service's pool needs its "
+                         "connections), or -1 for no limit")
     logins = {service: _login(service, dsn) for service, dsn in dsns.items()}
     unknown = sorted(set(dsns) - set(SERVICES))
     if unknown:
@@ -120,7 +153,8 @@ def provision_roles(admin_dsn: str, dsns: Mapping[str, str], keep_access_for: st
             conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
             for service, (role, password) in sorted(logins.items()):
                 report[service] = _provision_one(conn, database, service, role, password,
-                                                 others=[r for r in roles if r != role])
+                                                 others=[r for r in roles if r != role],
+                                                 connection_limit=connection_limit)
                 if keep_access_for:
                     conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(role),
                                                                   sql.Identifier(keep_access_for)))
@@ -129,7 +163,7 @@ def provision_roles(admin_dsn: str, dsns: Mapping[str, str], keep_access_for: st
 
 
 def _provision_one(conn, database: str, service: str, role: str, password: str | None,
-                   others: list[str]) -> dict:
+                   others: list[str], connection_limit: int) -> dict:
     from psycopg import sql
 
     schema = schema_of(service)
@@ -142,7 +176,7 @@ def _provision_one(conn, database: str, service: str, role: str, password: str |
         conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(ident))
     # Re-stated every run: a role made by hand with more is brought back to this.
     conn.execute(sql.SQL("ALTER ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
-                         "INHERIT").format(ident))
+                         "INHERIT CONNECTION LIMIT {}").format(ident, sql.Literal(connection_limit)))
     if password is not None:
         # Hashed here (libpq's PQencryptPasswordConn, the server's password_encryption) and
         # only the verifier sent: the statement with the plaintext is written whole to the
@@ -175,7 +209,7 @@ def _provision_one(conn, database: str, service: str, role: str, password: str |
     conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION pg_switch_wal() TO {}").format(ident))
     return {"role": role, "schema": schema, "created_role": not existing, "created_schema": found is None,
             "previous_owner": found[0] if found else None, "objects_handed_over": transferred,
-            "password_set": password is not None}
+            "password_set": password is not None, "connection_limit": connection_limit}
 
 
 def _hand_over(conn, schema: str, role: str) -> int:
@@ -217,7 +251,8 @@ def run_provision(args: argparse.Namespace) -> int:
     missing = [service_dsn_variable(s) for s in SERVICES if s not in dsns]
     if missing:
         raise ValueError(f"{', '.join(missing)} required: each service's own DSN (its role and password)")
-    print(json.dumps(provision_roles(admin, dsns, keep_access_for=args.keep_access_for), sort_keys=True))
+    print(json.dumps(provision_roles(admin, dsns, keep_access_for=args.keep_access_for,
+                                     connection_limit=args.connection_limit), sort_keys=True))
     return 0
 
 
@@ -230,4 +265,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     provision.add_argument("--keep-access-for", default="", metavar="OLD_LOGIN",
                            help="upgrading from one shared login: make it a member of every service role "
                                 "until the rollout is done (revoke it after; docs/operations.md)")
+    provision.add_argument("--connection-limit", type=int, default=None, metavar="N",
+                           help="each service role's CONNECTION LIMIT (default: HEARTH_POSTGRES_POOL_MAX x "
+                                f"{REPLICA_ALLOWANCE} + {SPARE_CONNECTIONS}; -1: none)")
     provision.set_defaults(func=run_provision)
