@@ -74,11 +74,8 @@ def fit_persons_answers(m, h, persons_before: int, answer) -> np.ndarray:
     raw = m._proba(m._augment(h.features, m._known_slots(h.device_id, h.n_sessions)))
     kw = dict(device=True, young=m.n_sessions < M.YOUNG_MODEL_SESSIONS, streamed=False, settled=True,
               device_groups=m.device_group_count, sessions=m.n_sessions)
-    # the same call as assign_batch's (a batch fit answering the sessions it includes; since
-    # session 28 the service reads such a fit with its unlabelled count itself,
-    # HouseholdModel.evidence_persons)
-    assert np.allclose(M.calibrate_confidence(raw, **kw, evidence_persons=m.evidence_persons(raw.shape[1])),
-                       answer.probabilities, atol=1e-6)
+    # the same call as assign_batch's (a batch fit answering the sessions it includes)
+    assert np.allclose(M.calibrate_confidence(raw, **kw), answer.probabilities, atol=1e-6)
     return M.calibrate_confidence(raw, **kw, evidence_persons=np.full(h.n_sessions, max(persons_before, 2)))
 
 

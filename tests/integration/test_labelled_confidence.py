@@ -92,42 +92,15 @@ def _correction_to_a_new_person(app, account: str) -> tuple[list, set[str]]:
     return labels, {sid for _, sid, _, _ in labels}
 
 
-def _stored_as(database, account: str, edit) -> None:
-    """The household's stored model re-saved with ``edit`` (meta dict -> None) applied to
-    the model's stored metadata: bytes as another release or another path wrote them."""
-    import io
-    import json
-    import struct
-
-    import numpy as np
-    store = ClusteringStore(database)
-    stored = store.get_model(account)
-    (n,) = struct.unpack_from("<I", stored.blob)
-    z = dict(np.load(io.BytesIO(stored.blob[4 + n:])))
-    meta = json.loads(bytes(z["meta"]).decode())
-    edit(meta)
-    z["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    buf = io.BytesIO()
-    np.savez(buf, **z)
-    store.save_model(account, stored.version, stored.variant, stored.blob[:4 + n] + buf.getvalue())
-
-
-def test_a_household_fitted_at_once_whose_labels_added_a_person_reads_its_unlabelled_count_and_skips_the_calibrator(
-        database):
+def test_answers_of_a_model_whose_persons_labels_added_take_their_groups_calibrator(database):
     """The households labels reshape are over-confident where the rest are under-confident
     (docs/benchmarks.md, issue #10 sessions 15-16), so feedback fits a calibrator per
-    calibration group and clustering stamps each answer with its group. Once labels add a
-    person to a household fitted at once, the model says so (persons_from_labels,
-    label_added_persons: stored with it, read back by a fresh service on the same database)
-    and its other answers (a) read the confidence maps' household shift at the persons its
-    unlabelled fit found — the shift rises with the persons, and the maps were fitted on
-    unlabelled fits — and (b) skip the feedback calibrator: the feedback was given on its
-    answers from before the labels, which the labels and the count already repaired; they
-    are still recorded in the label-shaped group. Bytes stored before label_added_persons
-    was kept, and a household grown from its first sessions (a stream), answer as in
-    session 16: the labels' count and the group's calibrator. Real store, the RecordLabels
-    and AssignSession paths. (Session 16-27: every label-shaped model's answers took the
-    label-shaped group's calibrator, at the labels' count; issue #10 session 28.)"""
+    calibration group. Once labels add a person the model says so (persons_from_labels,
+    stored with it and read back by a fresh service on the same database) and its answers
+    are served with the label-shaped group's calibrator and recorded in that group;
+    answers of a model the labels only named keep the default group's. Real store, the
+    RecordLabels and AssignSession paths. (Before session 16 a label-shaped model's
+    answers were served without any calibrator and recorded without a group.)"""
     from services.clustering.domain.model import LABEL_SHAPED_GROUP
     from services.common.calibration import IDENTITY, Calibrator
     softer, sharper = Calibrator(1, "temperature", {"temperature": 3.0}), Calibrator(1, "temperature",
@@ -164,43 +137,18 @@ def test_a_household_fitted_at_once_whose_labels_added_a_person_reads_its_unlabe
 
     # labels that only name the model's persons: it is not shaped by them, still the default group
     assert app.record_labels(labels[:3]) == (3, 0)
-    named = fresh(IDENTITY).keeper.load("acc-c")[1].model
-    assert not named.persons_from_labels and named.label_added_persons == 0
+    assert not fresh(IDENTITY).keeper.load("acc-c")[1].model.persons_from_labels
     assert served(grouped, other)[0].confidence == pytest.approx(served(softer, other)[0].confidence)
 
-    # a correction to a person the model lacks adds that person: read with the unlabelled
-    # count (3 persons), no calibrator, recorded in the label-shaped group
+    # a correction to a person the model lacks adds that person: the label-shaped group's calibrator
     assert app.record_labels(labels) == (len(labels), 0)
     _, stored = fresh(IDENTITY).keeper.load("acc-c")
     assert stored.model.persons_from_labels and "p9" in stored.model.person_ids
-    assert stored.model.n_persons == 4 and stored.model.label_added_persons == 1
-    assert not stored.model.grew_from_cold and stored.model.read_with_unlabelled_count
     plain, _ = served(IDENTITY, other)
     answer, recorded = served(grouped, other)
-    assert max(plain.probabilities.values()) < 1.0   # an answer a calibrator could move
-    assert answer.person_id == plain.person_id and answer.confidence == pytest.approx(plain.confidence)
-    assert served(softer, other)[0].confidence == pytest.approx(plain.confidence)
-    assert [r.calibration_group for r in recorded] == [LABEL_SHAPED_GROUP]
-
-    # the same model's bytes as stored before label_added_persons was kept: the labels'
-    # count (4 persons: surer, the shift rises with the persons) and the group's calibrator
-    _stored_as(database, "acc-c", lambda meta: meta.pop("label_added_persons"))
-    old = fresh(IDENTITY).keeper.load("acc-c")[1].model
-    assert old.persons_from_labels and old.label_added_persons == 0 and not old.read_with_unlabelled_count
-    counted, _ = served(IDENTITY, other)
-    assert counted.person_id == plain.person_id and counted.confidence > plain.confidence + 0.01
-    answer, recorded = served(grouped, other)
-    assert answer.confidence > counted.confidence + 0.01
+    assert max(plain.probabilities.values()) < 1.0   # an answer a calibrator can move
+    assert answer.person_id == plain.person_id and answer.confidence > plain.confidence + 0.01
     assert answer.confidence == pytest.approx(served(sharper, other)[0].confidence)
     assert [r.calibration_group for r in recorded] == [LABEL_SHAPED_GROUP]
     # a calibrator without that group (too little feedback in it) serves the pooled map
-    assert served(softer, other)[0].confidence < counted.confidence - 0.01
-
-    # a household grown from its first sessions (a stream's model) whose labels added the
-    # person: its feedback was given on answers served after earlier labels, so it keeps
-    # the labels' count and its group's calibrator
-    _stored_as(database, "acc-c", lambda meta: meta.update(label_added_persons=1, grew_from_cold=True))
-    streamed = fresh(IDENTITY).keeper.load("acc-c")[1].model
-    assert streamed.label_added_persons == 1 and not streamed.read_with_unlabelled_count
-    assert served(IDENTITY, other)[0].confidence == pytest.approx(counted.confidence)
-    assert served(grouped, other)[0].confidence == pytest.approx(served(sharper, other)[0].confidence)
+    assert served(softer, other)[0].confidence < plain.confidence - 0.01

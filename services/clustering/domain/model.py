@@ -690,22 +690,10 @@ def feedback_calibrator_rows(model: "HouseholdModel", answer: BatchAssignment) -
       fitted on both serves neither, so the feedback service fits one per group (the
       group travels with each prediction record) and falls back to the pooled one for a
       group with too little feedback (services/feedback/domain/recalibration.py
-      ``fit_grouped_calibrator``);
-    * none of the rows of a household fitted at once whose labels added persons
-      (``HouseholdModel.read_with_unlabelled_count``; still stamped with the label-shaped
-      group): its answers read the persons its unlabelled fit found instead, and the
-      feedback on it describes its answers from before the labels. TUNING, the whole
-      loop's ECE after feedback on 3.75 % (bench.label_feedback --batch-only): see
-      docs/benchmarks.md, issue #10 session 28."""
+      ``fit_grouped_calibrator``)."""
     rows = np.ones(answer.probabilities.shape[0], dtype=bool)
     if answer.strategy.startswith("cold_start"):
         rows &= (answer.probabilities > 0).sum(axis=1) == 1
-    if model.read_with_unlabelled_count:
-        # a fit at once whose labels added persons: the feedback on it describes its
-        # answers from before the labels (feedback is given on answers served before the
-        # labels it brings), which the labels and the unlabelled count already repaired;
-        # its group's calibrator would lower them a second time (issue #10, sessions 26 and 28)
-        rows[:] = False
     return FeedbackCalibration(rows, LABEL_SHAPED_GROUP if model.persons_from_labels else "")
 
 
@@ -856,10 +844,6 @@ class HouseholdModel:
         # The held-out label check applies only to households fitted at once
         # (_labels_add_persons, LABEL_CHECK_FITS_AT_ONCE_ONLY).
         self.grew_from_cold = False
-        # Persons the last full fit's labels added to its unlabelled fit
-        # (_labels_add_persons); 0 otherwise. The confidence maps judge such a fit by the
-        # persons its unlabelled fit found (evidence_persons).
-        self.label_added_persons = 0
         self.mixture: Mixture | None = None
         self.kmeans: IncrementalKMeans | None = None
         self.person_ids: list[str] = []
@@ -1000,7 +984,6 @@ class HouseholdModel:
         self.label_map = {k: v for k, v in self.label_map.items() if k in present}
         self.reserved_keys = {}   # a full fit gives labelled persons their ids itself (_match_ids)
         self.persons_from_labels = False   # set again by this fit's labels (_labels_add_persons)
-        self.label_added_persons = 0
         if n < MIN_SESSIONS:
             self.grew_from_cold = True
             self.cold_X = X.copy()
@@ -1021,7 +1004,6 @@ class HouseholdModel:
                 self.fallback = False
             except MixtureNumericalError:
                 self.persons_from_labels = False   # the k-means persons know no labels
-                self.label_added_persons = 0
                 self.fallback = True
                 self.fallback_count += 1
                 self.mixture = None
@@ -1333,7 +1315,6 @@ class HouseholdModel:
 
         Either way the model's persons now come from labels: ``persons_from_labels``."""
         self.persons_from_labels = True
-        self.label_added_persons = int(clamp.max()) + 1 - free.n_components
         grown = self._split_off_label_persons(X, free, clamp, keys, pred, rows, cols, volunteered, LABEL_SEED_EM_ITERS)
         checked = LABEL_GROWTH_CHECK and not (LABEL_CHECK_FITS_AT_ONCE_ONLY and self.grew_from_cold)
         if checked and self._held_out_label_gain(X, free, clamp, keys, pred, rows, cols, volunteered) < 0:
@@ -2135,30 +2116,6 @@ class HouseholdModel:
         assert self.kmeans is not None
         return self.kmeans.predict_proba(X[:, :F.FEATURE_DIM], KMEANS_TEMPERATURE if temperature is None else temperature)
 
-    @property
-    def read_with_unlabelled_count(self) -> bool:
-        """A household fitted at once (not grown from its first sessions: not a stream,
-        ``grew_from_cold``; not streamed since its last fit) whose last fit's labels added
-        persons (``label_added_persons``). Its answers read the persons its unlabelled fit
-        found (``evidence_persons``) and skip the feedback calibrator
-        (``feedback_calibrator_rows``). A stream's labelled refits keep both as they were:
-        their feedback is given on answers served after earlier labels, so their group's
-        calibrator describes them (streams measured unchanged, issue #10 session 28)."""
-        return self.label_added_persons > 0 and not self.grew_from_cold and not self.streamed
-
-    def evidence_persons(self, persons: int) -> int | None:
-        """The persons the confidence maps' household shift reads for an answer over
-        ``persons`` (None: ``persons`` itself). A model fitted at once whose persons labels
-        added (``read_with_unlabelled_count``) is judged by the persons its unlabelled fit
-        found (at least two, the maps' multi-person answers): the maps were fitted on
-        unlabelled fits, whose count is the fit's own evidence; the shift rises ~0.39 logit
-        per person, so a person a label forced made every answer of an over-confident
-        household surer (TUNING: those households' ECE 0.103 -> 0.057, 0.097 -> 0.047,
-        0.137 -> 0.072, 0.116 -> 0.103; docs/benchmarks.md, session 26)."""
-        if not self.read_with_unlabelled_count:
-            return None
-        return max(persons - self.label_added_persons, 2)
-
     def assign_batch(self, X: np.ndarray, device_ids: Sequence[str] | None = None,
                      included: bool | np.ndarray = False) -> BatchAssignment:
         """Vectorised assignment of many sessions of this household (``device_ids``
@@ -2191,10 +2148,9 @@ class HouseholdModel:
                                              self.fit_sessions)
                        if device and P.shape[1] == 1 else None)
                 raw = P
-                counted = self.evidence_persons(raw.shape[1])
                 P = calibrate_confidence(raw, device=device, young=young, one_person=one, streamed=self.streamed,
                                          settled=included, device_groups=self.device_group_count,
-                                         sessions=self.n_sessions, evidence_persons=counted)
+                                         sessions=self.n_sessions)
                 arriving = ~np.broadcast_to(np.asarray(included, dtype=bool), (raw.shape[0],))
                 if device and not young and not self.streamed and arriving.any():
                     # A mature model fitted on every session at once (an import; a refit
@@ -2209,7 +2165,7 @@ class HouseholdModel:
                     P[arriving] = calibrate_confidence(
                         raw[arriving], device=True, young=False, one_person=one if np.ndim(one) == 0 or one is None
                         else one[arriving], streamed=True, settled=False, device_groups=self.device_group_count,
-                        sessions=self.n_sessions, evidence_persons=counted)
+                        sessions=self.n_sessions)
                 unknown = self._unknown_device_rows(device_ids, slots)
                 if unknown.any():
                     P[unknown] = new_device_confidence(raw[unknown])
@@ -2341,7 +2297,7 @@ class HouseholdModel:
             "since_refit": self.since_refit, "fit_sessions": self.fit_sessions,
             "inactive": sorted(self.inactive), "joined": sorted(self.joined),
             "reserved_keys": self.reserved_keys, "persons_from_labels": self.persons_from_labels,
-            "grew_from_cold": self.grew_from_cold, "label_added_persons": self.label_added_persons,
+            "grew_from_cold": self.grew_from_cold,
         }
         meta["cold_labels"] = self.cold_labels
         arrays: dict[str, np.ndarray] = {"cold_X": self.cold_X, "cold_slots": self.cold_slots,
@@ -2402,8 +2358,6 @@ class HouseholdModel:
         m.persons_from_labels = bool(meta.get("persons_from_labels", False))
         # Stored before this was kept: unknown, and the check applies as it did then.
         m.grew_from_cold = bool(meta.get("grew_from_cold", False))
-        # Stored before it was kept: judged by the persons it has, as it was answered then.
-        m.label_added_persons = int(meta.get("label_added_persons", 0))
         if "buffer" in z:
             m.buffer, m.buffer_keys = z["buffer"], z["buffer_keys"]
         if "stats" in z:

@@ -72,13 +72,9 @@ def _household(draw):
     person_ids = tuple(f"p{i + 1}" for i in range(k))
     batch = BatchAssignment(person_ids, idx, probabilities[np.arange(n), idx], probabilities, strategy,
                             draw(st.integers(0, 30)))
-    shaped = draw(st.booleans())
-    # a label-shaped fit at once reads its unlabelled count and skips the calibrator
-    # (feedback_calibrator_rows: no rows), still recorded in the label-shaped group
     model = SimpleNamespace(variant=draw(st.sampled_from(["gmm", "kmeans"])),
                             n_sessions=draw(st.sampled_from([0, 4, 19, 20, 45, 60, 300])),
-                            persons_from_labels=shaped, read_with_unlabelled_count=shaped and draw(st.booleans()),
-                            label_map={})
+                            persons_from_labels=draw(st.booleans()), label_map={})
     return model, batch
 
 
@@ -152,8 +148,7 @@ def test_the_batch_calls_the_calibrator_once_a_variant_group_and_width():
         probabilities = np.full((3, k), 1.0 / k)
         probabilities[:, 0] += 0.01
         probabilities /= probabilities.sum(axis=1, keepdims=True)
-        households.append((SimpleNamespace(variant="gmm", n_sessions=10 * h + 1, persons_from_labels=h % 3 == 0,
-                                           read_with_unlabelled_count=False),
+        households.append((SimpleNamespace(variant="gmm", n_sessions=10 * h + 1, persons_from_labels=h % 3 == 0),
                            BatchAssignment(tuple(f"p{i}" for i in range(k)), np.zeros(3, int), probabilities[:, 0],
                                            probabilities, "gmm", 0)))
     app._calibrated(households)
