@@ -117,6 +117,9 @@ ENVIRONMENT_READERS = {
     "services/common/config.py", "services/common/telemetry.py",
     "services/rollout.py",   # an operator CLI, not a service process (OTHER_VARIABLES)
     "services/common/storage/roles.py",   # `hearth db provision-roles`, an operator CLI (OTHER_VARIABLES)
+    # `hearth backup` / `restore` hand their own environment on to pg_dump / pg_restore with
+    # PGPASSWORD added (the DSN's password kept off their command line, review28): no setting read.
+    "services/common/backup.py",
 }
 
 
