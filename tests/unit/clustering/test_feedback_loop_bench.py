@@ -15,6 +15,13 @@ def _households(n: int = 2):
     return W.generate(W.TUNING, families=("mobile_first",), worlds_per_family=1, households_per_world=n)
 
 
+def _fed_batch_sample():
+    """Two households, two feedback draws, their batch fits' answers and model ages: what
+    ``mesh_after_feedback`` and its variants score."""
+    hs = _households(2)
+    return hs, E.feedback_draws(hs, draws=2), [E.hearth_batch(h)[1] for h in hs], E.model_ages(hs, "batch")
+
+
 def test_feedback_draws_are_the_pooled_draws_cut_into_households():
     hs = _households(3)
     fed = E.feedback_draws(hs, draws=2, seed=4)
@@ -56,10 +63,7 @@ def _as_served(P: np.ndarray, group: str = "", calibrated: bool = True) -> E.Fed
 
 
 def test_the_whole_loop_scores_the_refitted_answers_with_the_calibrator():
-    hs = _households(2)
-    fed = E.feedback_draws(hs, draws=2)
-    probs = [E.hearth_batch(h)[1] for h in hs]
-    ages = E.model_ages(hs, "batch")
+    hs, fed, probs, ages = _fed_batch_sample()
     same = E.mesh_after_feedback(hs, probs, [[_as_served(p)] * 2 for p in probs], fed, ages, sample_before=True)
     # labels that change nothing: the loop is the calibrator alone
     assert same["labels_only"] == same["no_feedback"] and same["mesh"] == same["calibrator_only"]
@@ -79,10 +83,7 @@ def test_the_whole_loop_calibrates_each_group_with_the_services_grouped_calibrat
     answers left uncalibrated (FedAnswers.calibrated False) are scored as they are; the
     designs before it (one calibrator everywhere, label-shaped answers skipped) beside."""
     from services.clustering.domain.model import LABEL_SHAPED_GROUP
-    hs = _households(2)
-    fed = E.feedback_draws(hs, draws=2)
-    probs = [E.hearth_batch(h)[1] for h in hs]
-    ages = E.model_ages(hs, "batch")
+    hs, fed, probs, ages = _fed_batch_sample()
     plain = [[_as_served(p)] * 2 for p in probs]
     everywhere = E.mesh_after_feedback(hs, probs, plain, fed, ages, sample_before=True)
     assert everywhere["mesh"] == everywhere["mesh_calibrator_everywhere"] == everywhere["calibrator_only"]
@@ -163,10 +164,7 @@ def test_the_whole_loop_reports_its_noise_floor_and_what_a_level_per_group_would
     unfed answers and the ECE of a level per calibration group fitted on the scored answers
     themselves (the most any level calibrator could do)."""
     from bench._clustering_eval import ece_floor
-    hs = _households(2)
-    fed = E.feedback_draws(hs, draws=2)
-    probs = [E.hearth_batch(h)[1] for h in hs]
-    ages = E.model_ages(hs, "batch")
+    hs, fed, probs, ages = _fed_batch_sample()
     same = E.mesh_after_feedback(hs, probs, [[_as_served(p)] * 2 for p in probs], fed, ages, sample_before=True)
     assert 0.0 < same["mesh_floor"] < same["mesh"] + 0.05 and 0.0 < same["no_feedback_floor"]
     held = ~np.concatenate([f[0] for f in fed])
@@ -212,10 +210,7 @@ def test_the_per_world_scoring_is_the_whole_loop_with_each_worlds_own_calibrator
     world: no level, the loop as it is); the exact level per world on sure answers of one
     world reaches ECE 0."""
     from bench.feedback_per_world import score
-    hs = _households(2)
-    fed = E.feedback_draws(hs, draws=2)
-    probs = [E.hearth_batch(h)[1] for h in hs]
-    ages = E.model_ages(hs, "batch")
+    hs, fed, probs, ages = _fed_batch_sample()
     served = [[_as_served(p)] * 2 for p in probs]
     loop = E.mesh_after_feedback(hs, probs, served, fed, ages, sample_before=True)
     one = score(hs, probs, served, fed, ages, sample_before=True)
