@@ -65,7 +65,8 @@ class ConsentStore:
         return before, version
 
     def consent(self, account_id: str) -> Consent:
-        with self.db.transaction() as tx:
+        # A read: on SQLite a write transaction would take the one write lock (review28).
+        with self.db.transaction(readonly=True) as tx:
             row = tx.query("SELECT processing, attribution, version FROM consent WHERE account_id = ?",
                            (account_id,))
         if not row:
