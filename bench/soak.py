@@ -374,6 +374,35 @@ def resources(samples: list[dict], start_first: float, window_s: float, end: flo
     return out
 
 
+def gateway_route_errors(samples: list[dict], events: list[dict]) -> dict:
+    """From the gateway's own counters (``hearth_http_requests_total``, sampled): per route,
+    the requests and the 5xx answers between consecutive samples, summed over each stretch
+    between two of the run's events (faults, the rotation), so an SRE's view of each fault
+    can be set beside the generator's. A counter that went down (the gateway restarted)
+    starts again from 0."""
+    marks = [0.0, *sorted(e["t"] for e in events), float("inf")]
+    out: dict[str, dict] = {}
+    prev: dict[str, int] = {}
+    for s in samples:
+        counts = s.get("gateway_requests")
+        if not isinstance(counts, dict) or "error" in counts:
+            continue
+        if not prev:   # the first sample: what the seeding sent, the baseline
+            prev = counts
+            continue
+        stretch = max(i for i, m in enumerate(marks) if m <= s["t"])
+        label = f"{marks[stretch]:.0f}s-" + ("end" if marks[stretch + 1] == float("inf") else f"{marks[stretch + 1]:.0f}s")
+        for key, value in counts.items():
+            delta = value - prev.get(key, 0) if value >= prev.get(key, 0) else value
+            method, route, status = key.rsplit(" ", 2)[0], key.rsplit(" ", 2)[1], key.rsplit(" ", 2)[2]
+            row = out.setdefault(label, {}).setdefault(f"{method} {route}", {"requests": 0, "5xx": 0})
+            row["requests"] += delta
+            if status.startswith("5"):
+                row["5xx"] += delta
+        prev = counts
+    return {label: {r: v for r, v in routes.items() if v["requests"]} for label, routes in out.items()}
+
+
 def not_levelling(res: dict) -> list[str]:
     """Every resource whose growth over the last half did not level off (events and
     their derived rows grow with ingest by design: listed too, judged by the reader)."""
@@ -637,6 +666,7 @@ class Soak:
                                  "events": sum(len(x["event_ids"]) for x in event_acks),
                                  "events_lost": lost_events},
                 "erasure": erasure,
+                "gateway_metrics_by_stretch": gateway_route_errors(sampler.samples, self.events),
                 "alerts_fired": alerts, "alerts_pending": pending,
             }
             if prom:

@@ -5,7 +5,7 @@ still rising over the last half does not)."""
 from __future__ import annotations
 
 from bench.loadgen import Traffic
-from bench.soak import _marked, first_last, growth
+from bench.soak import _marked, first_last, gateway_route_errors, growth
 
 HOUSEHOLDS = [{"account_id": "acct-1", "devices": [["tv-1", "tv"]], "sessions": ["s-1"], "vector": ""}]
 
@@ -53,3 +53,12 @@ def test_first_and_last_windows_compare_latency_per_operation():
                         "status": ["200" if x != 590 else "503" for x in t], "op": ["assign_session"] * 600}}
     fl = first_last(raw, 0.0, 100.0, 600.0)["assign_session"]
     assert fl["p50_ratio"] == 3.0 and fl["errors_first"] == 0 and fl["errors_last"] == 1
+
+
+def test_gateway_errors_are_summed_per_stretch_between_the_runs_events():
+    samples = [{"t": 0.0, "gateway_requests": {"POST /v1/assign 200": 5}},
+               {"t": 30.0, "gateway_requests": {"POST /v1/assign 200": 9, "POST /v1/assign 503": 1}},
+               {"t": 60.0, "gateway_requests": {"POST /v1/assign 200": 2}}]   # the gateway restarted
+    assert gateway_route_errors(samples, [{"t": 50.0}]) == {
+        "0s-50s": {"POST /v1/assign": {"requests": 5, "5xx": 1}},
+        "50s-end": {"POST /v1/assign": {"requests": 2, "5xx": 0}}}
