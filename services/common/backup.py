@@ -173,14 +173,19 @@ def _pg_tool(name: str) -> str:
     return found
 
 
-def _libpq_call(dsn: str) -> tuple[str, dict[str, str]]:
+def _libpq_call(dsn: str, variable: str = "HEARTH_POSTGRES_DSN") -> tuple[str, dict[str, str]]:
     """``dsn`` without its password, and an environment carrying it (PGPASSWORD) for the
     client tool: a process's arguments are readable by every user of the machine (``ps``,
     /proc/<pid>/cmdline) while it runs, its environment by its owner only. Until review28
     pg_dump and pg_restore got the whole DSN as an argument, password included."""
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    from psycopg.conninfo import make_conninfo
 
-    parts = conninfo_to_dict(dsn)
+    from services.common.storage.dsn import parse_dsn
+
+    try:
+        parts = parse_dsn(dsn, variable)
+    except ValueError as exc:
+        raise BackupError(str(exc)) from None
     password = parts.pop("password", None)
     env = dict(os.environ)
     if password is not None:
@@ -196,7 +201,9 @@ def backup_postgres(dsn: str, out_dir: Path, services=SERVICES, dsns: Mapping[st
     files: dict[str, dict] = {}
     for service in services:
         dest = target / f"{service}.pgdump"
-        conninfo, env = _libpq_call((dsns or {}).get(service, dsn))
+        own = service in (dsns or {})
+        conninfo, env = _libpq_call(dsns[service] if own else dsn,
+                                    f"HEARTH_POSTGRES_DSN_{service.upper()}" if own else "HEARTH_POSTGRES_DSN")
         done = subprocess.run([_pg_tool("pg_dump"), "--format=custom", f"--schema=hearth_{service}",
                                "--no-owner", f"--file={dest}", conninfo],
                               capture_output=True, text=True, env=env)
