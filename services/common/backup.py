@@ -68,6 +68,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _private_dir(path: Path) -> Path:
+    """``path`` made for its owner only (its files are personal data while they are
+    written, before each is made 0600), whatever the caller's umask."""
+    path.mkdir(parents=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
+
+
 def _stamp(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y%m%dT%H%M%S.%fZ")
 
@@ -82,8 +90,7 @@ def _write_manifest(path: Path, backend: str, taken_at: float, files: dict[str, 
 def backup_sqlite(data_dir: Path, out_dir: Path, services=SERVICES) -> Snapshot:
     """Online copy of every ``<service>.db`` under ``data_dir`` that exists."""
     taken_at = time.time()
-    target = out_dir / f"hearth-{_stamp(taken_at)}"
-    target.mkdir(parents=True)
+    target = _private_dir(out_dir / f"hearth-{_stamp(taken_at)}")
     files: dict[str, dict] = {}
     for service in services:
         source = data_dir / f"{service}.db"
@@ -145,7 +152,7 @@ def restore_sqlite(snapshot: Snapshot, data_dir: Path) -> list[str]:
         raise BackupError(f"{', '.join(busy)}: the database under {data_dir} is open (a service is running "
                           "on it): stop every service first; a running service would go on with the replaced "
                           "file and lose what it writes when it restarts")
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     restored = []
     for service, entry in sorted(snapshot.files.items()):
         dest = data_dir / f"{service}.db"
@@ -166,14 +173,19 @@ def _pg_tool(name: str) -> str:
     return found
 
 
-def _libpq_call(dsn: str) -> tuple[str, dict[str, str]]:
+def _libpq_call(dsn: str, variable: str = "HEARTH_POSTGRES_DSN") -> tuple[str, dict[str, str]]:
     """``dsn`` without its password, and an environment carrying it (PGPASSWORD) for the
     client tool: a process's arguments are readable by every user of the machine (``ps``,
     /proc/<pid>/cmdline) while it runs, its environment by its owner only. Until review28
     pg_dump and pg_restore got the whole DSN as an argument, password included."""
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    from psycopg.conninfo import make_conninfo
 
-    parts = conninfo_to_dict(dsn)
+    from services.common.storage.dsn import parse_dsn
+
+    try:
+        parts = parse_dsn(dsn, variable)
+    except ValueError as exc:
+        raise BackupError(str(exc)) from None
     password = parts.pop("password", None)
     env = dict(os.environ)
     if password is not None:
@@ -185,12 +197,13 @@ def backup_postgres(dsn: str, out_dir: Path, services=SERVICES, dsns: Mapping[st
     """``dsns``: a service's own DSN, which dumps its schema as the schema's owner (a
     login per service, `hearth db provision-roles`); ``dsn`` for the others."""
     taken_at = time.time()
-    target = out_dir / f"hearth-{_stamp(taken_at)}"
-    target.mkdir(parents=True)
+    target = _private_dir(out_dir / f"hearth-{_stamp(taken_at)}")
     files: dict[str, dict] = {}
     for service in services:
         dest = target / f"{service}.pgdump"
-        conninfo, env = _libpq_call((dsns or {}).get(service, dsn))
+        own = service in (dsns or {})
+        conninfo, env = _libpq_call(dsns[service] if own else dsn,
+                                    f"HEARTH_POSTGRES_DSN_{service.upper()}" if own else "HEARTH_POSTGRES_DSN")
         done = subprocess.run([_pg_tool("pg_dump"), "--format=custom", f"--schema=hearth_{service}",
                                "--no-owner", f"--file={dest}", conninfo],
                               capture_output=True, text=True, env=env)

@@ -161,6 +161,12 @@ def reapply_ledger(db: Database, ledger: Ledger, now: datetime | None = None) ->
 
 
 def _settings(args: argparse.Namespace):
+    # Snapshots, restored databases and ledgers hold every household's data (or the
+    # erased ones' ids): the owner's only from their first byte, whatever the operator's
+    # umask — pg_dump and SQLite create their files under it, and until attack29 a copy
+    # was 0644 while being written (another local user could open it then and read it
+    # through that file afterwards) in a 0755 snapshot directory.
+    config.keep_files_private()
     overrides = {"service_name": "privacy"}
     if getattr(args, "data_dir", None):
         overrides["data_dir"] = Path(args.data_dir)

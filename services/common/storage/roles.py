@@ -36,6 +36,8 @@ import json
 import os
 from collections.abc import Mapping
 
+from services.common.storage.dsn import parse_dsn
+
 SERVICES = ("clustering", "attribution", "privacy", "feedback")
 ADMIN_DSN_VARIABLE = "HEARTH_POSTGRES_ADMIN_DSN"
 POOL_MAX_VARIABLE = "HEARTH_POSTGRES_POOL_MAX"     # the services' pool size (config.py)
@@ -74,23 +76,16 @@ def schema_of(service: str) -> str:
 
 
 def _login(service: str, dsn: str) -> tuple[str, str | None]:
-    from psycopg.conninfo import conninfo_to_dict
-
-    try:
-        parts = conninfo_to_dict(dsn)
-    except Exception as exc:   # noqa: BLE001 - psycopg's ProgrammingError names the fault
-        raise ValueError(f"{service_dsn_variable(service)}: not a PostgreSQL DSN ({exc})") from None
+    parts = parse_dsn(dsn, service_dsn_variable(service))
     user = parts.get("user")
     if not user:
         raise ValueError(f"{service_dsn_variable(service)}: names no user (the service's own role)")
     return str(user), (str(parts["password"]) if parts.get("password") else None)
 
 
-def _database_of(dsn: str, user: str) -> str:
+def _database_of(dsn: str, user: str, variable: str) -> str:
     """The database a DSN connects to (libpq's default: PGDATABASE, else the user's name)."""
-    from psycopg.conninfo import conninfo_to_dict
-
-    return str(conninfo_to_dict(dsn).get("dbname") or os.environ.get("PGDATABASE") or user)
+    return str(parse_dsn(dsn, variable).get("dbname") or os.environ.get("PGDATABASE") or user)
 
 
 def provision_roles(admin_dsn: str, dsns: Mapping[str, str], keep_access_for: str = "",
@@ -142,7 +137,7 @@ def provision_roles(admin_dsn: str, dsns: Mapping[str, str], keep_access_for: st
         for service, (role, _) in sorted(logins.items()):
             # Grants, schemas and PUBLIC's revoked CONNECT are the admin's database's: a
             # service connecting to another would find none of it (and stop at start).
-            if (theirs := _database_of(dsns[service], role)) != database:
+            if (theirs := _database_of(dsns[service], role, service_dsn_variable(service))) != database:
                 raise ValueError(f"{service_dsn_variable(service)}: names database {theirs}, {ADMIN_DSN_VARIABLE} "
                                  f"database {database}: both must name the services' database")
         roles = [role for role, _ in logins.values()]
