@@ -257,7 +257,9 @@ def run_restore(args: argparse.Namespace) -> int:
     finally:
         db.close()
     if dsns:
-        handed = roles.provision_roles(settings.postgres_dsn, dsns)
+        # As provisioned: each role's connection limit (the chart's) and members stay; until
+        # session 29 the restore re-ran provisioning's defaults and reset the limit.
+        handed = roles.provision_roles(settings.postgres_dsn, dsns, as_provisioned=True)
         report = {**report, "roles": {service: done["role"] for service, done in handed.items()}}
     caches, cache_error = _clear_caches(settings)
     if caches or cache_error:
