@@ -225,19 +225,28 @@ def run_restore(args: argparse.Namespace) -> int:
     if snap.backend != settings.storage:
         raise ValueError(f"snapshot is {snap.backend}, HEARTH_STORAGE is {settings.storage}")
     snap.verify()
-    # With a login per service, the restore runs as the admin (HEARTH_POSTGRES_DSN: it
-    # drops and creates schemas) and hands each schema back to its service's role after.
+    # With a login per service, the admin (HEARTH_POSTGRES_DSN) only drops and creates
+    # each schema; its dump is restored over the service's own login (attack29), and the
+    # roles are provisioned again after (idempotent).
     dsns = roles.service_dsns() if snap.backend == "postgres" else {}
     if dsns and len(dsns) < len(roles.SERVICES):
         raise ValueError("set every HEARTH_POSTGRES_DSN_<SERVICE> (each schema goes back to its role after the "
                          f"restore) or none: missing {', '.join(roles.service_dsn_variable(s) for s in roles.SERVICES if s not in dsns)}")
+    # With a login per service, privacy's schema is read and written over privacy's
+    # login, never the admin's: a trigger or view privacy's login put there would run with
+    # the admin's rights (attack29). Provisioned first, so on a new database the roles and
+    # their empty schemas exist for the dump to be restored into as each service.
+    privacy = settings
+    if dsns:
+        roles.provision_roles(settings.postgres_dsn, dsns)
+        privacy = settings.model_copy(update={"postgres_dsn": dsns["privacy"]})
     # The ledger of the database being replaced: read it before anything is overwritten;
     # merged with the off-site exports given (all of them: a deletion any copy knows).
     offsite = [read_ledger_file(Path(p)) for p in args.ledger or ()]
     ledger = Ledger({}, set())
-    current_exists = _privacy_db_exists(settings)
+    current_exists = _privacy_db_exists(privacy)
     if current_exists:
-        db = _privacy_db(settings)
+        db = _privacy_db(privacy)
         try:
             ledger = read_ledger(db)
         finally:
@@ -248,10 +257,10 @@ def run_restore(args: argparse.Namespace) -> int:
                          "--accept-no-ledger to restore anyway")
     ledger = merge_ledgers(ledger, *offsite)
     if snap.backend == "postgres":
-        restored = snapshots.restore_postgres(snap, settings.postgres_dsn)
+        restored = snapshots.restore_postgres(snap, settings.postgres_dsn, dsns=dsns)
     else:
         restored = snapshots.restore_sqlite(snap, Path(settings.data_dir))
-    db = _privacy_db(settings)
+    db = _privacy_db(privacy)
     try:
         report = reapply_ledger(db, ledger)
     finally:

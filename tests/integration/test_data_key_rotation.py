@@ -761,6 +761,50 @@ def test_a_principal_has_one_open_batch_and_its_request_id_still_answers_it(data
     assert batches.request(3650, 10, "open-2", principal=_officer()).job.terminal   # nothing older left: done
 
 
+def test_requests_sent_together_by_one_principal_open_one_batch(databases):
+    """The one-open-batch rule checked the principal's open jobs, then stored the new
+    one, with nothing between: requests arriving together (the Envoy edge routes gRPC
+    straight to privacy, and the gateway's in-flight bound is per gateway replica) all
+    saw none open. Seen on `scripts/run.py` (attack29): 30 concurrent
+    RequestDataKeyRotations of one privacy officer over gRPC opened 3 batches in one of
+    three tries. Here the window is widened (the open jobs read, then a pause): every one
+    of four requests was stored before the fix; one now, the others RESOURCE_EXHAUSTED."""
+    import threading
+
+    from services.common.errors import ResourceExhausted
+
+    mesh = Mesh(databases)
+    mesh.fill("acc-r1", n=2)
+    _aged(mesh, "acc-r1")
+    batches = _batches(mesh, mesh.rotation())
+    read_open = batches.jobs.open_jobs
+
+    def open_jobs_then_pause(*args, **kwargs):
+        jobs = read_open(*args, **kwargs)
+        time.sleep(0.3)
+        return jobs
+
+    batches.jobs.open_jobs = open_jobs_then_pause
+    start, outcomes = threading.Barrier(4), []
+
+    def ask(i: int) -> None:
+        start.wait()
+        try:
+            batches.request(3650, 10, f"together-{i}", principal=_officer())
+            outcomes.append("stored")
+        except ResourceExhausted:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["refused", "refused", "refused", "stored"]
+    with batches.jobs.db.transaction() as tx:
+        assert tx.query("SELECT COUNT(*) FROM rotation_jobs")[0][0] == 1
+
+
 def test_a_batch_job_completes_a_household_whose_purge_was_incomplete_and_names_it(purgeable_postgres):
     """On PostgreSQL a replication slot keeps the WAL that holds the old ciphertexts: the
     stores' real purge says it is incomplete. The household is ``completed`` all the same

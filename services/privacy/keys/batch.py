@@ -262,6 +262,9 @@ class BatchRotations:
         self._wall = wall
         self._stop = threading.Event()
         self._wake = threading.Event()
+        # The one-open-batch check and the job's creation, one request at a time in this
+        # replica: requests sent together all saw no open batch and each stored one (attack29).
+        self._requesting = threading.Lock()
         self._thread: threading.Thread | None = None
         self.pass_failures = FailureLog(log, "batch data key rotation pass")
 
@@ -279,16 +282,18 @@ class BatchRotations:
         if request_id and (len(request_id) > 200 or not request_id.isprintable()):
             raise InvalidArgument("at most 200 printable characters", "request_id")
         principal = principal or identity.current_principal()
-        if not self._known_request(request_id):   # a repeated request_id answers its job, open or not
-            self._refuse_a_second_open_batch(principal)
-        now = self._wall()
-        before = datetime.fromtimestamp(now, UTC) - timedelta(days=older_than_days)
-        households = self.keys.store.newest_created_before(before.isoformat(), limit)
-        job = RotationBatch(f"rot-{uuid.uuid4().hex}", BatchScope(float(older_than_days), int(limit)), principal.id,
-                            principal.role.value, now, {a: HouseholdRotation() for a in households}).settled()
-        stored = self.jobs.create(job, request_id or f"auto:{job.job_id}", REASON,
-                                  next_due=None if job.terminal else datetime.fromtimestamp(now, UTC),
-                                  trace_context=json.dumps(telemetry.context_carrier(), sort_keys=True))
+        with self._requesting:
+            if not self._known_request(request_id):   # a repeated request_id answers its job, open or not
+                self._refuse_a_second_open_batch(principal)
+            now = self._wall()
+            before = datetime.fromtimestamp(now, UTC) - timedelta(days=older_than_days)
+            households = self.keys.store.newest_created_before(before.isoformat(), limit)
+            job = RotationBatch(f"rot-{uuid.uuid4().hex}", BatchScope(float(older_than_days), int(limit)),
+                                principal.id, principal.role.value, now,
+                                {a: HouseholdRotation() for a in households}).settled()
+            stored = self.jobs.create(job, request_id or f"auto:{job.job_id}", REASON,
+                                      next_due=None if job.terminal else datetime.fromtimestamp(now, UTC),
+                                      trace_context=json.dumps(telemetry.context_carrier(), sort_keys=True))
         self._wake.set()
         return stored
 
@@ -310,8 +315,10 @@ class BatchRotations:
         never held it back: one privacy officer's burst of requests with new request ids
         stored a job each (up to ~200 KB for 1,000 households, kept for good), 150 in ten
         seconds here (attack28). A second batch would wait behind the first anyway (one
-        job at a time). Two requests at two gateway replicas at the same instant may
-        both pass: the bound is on bursts, not a lock."""
+        job at a time). Called under ``_requesting``, so requests sent together to one
+        privacy replica open one batch (attack29: 30 concurrent gRPC requests opened
+        three); two at two privacy replicas at the same instant may both pass: the bound
+        is on bursts, not a lock across replicas."""
         mine = [j.job.job_id for j in self.jobs.open_jobs() if j.job.principal == principal.id]
         if len(mine) >= MAX_OPEN_PER_PRINCIPAL:
             raise ResourceExhausted(f"a batch rotation of yours is still running ({', '.join(mine)}): wait for it "
