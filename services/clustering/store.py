@@ -63,6 +63,11 @@ for _reason in ("undecryptable", "unparseable", "offset_unknown"):
 _EVENT_COLUMNS = ("event_id, account_id, device_id, device_type, ts, kind, title_id, series_id, "
                   "genres, duration_s, maturity, country, vpn, profile_hint, utc_offset_minutes")
 MODEL_CACHE_TTL_S = 3600.0
+# How long a process serves a household model version it holds, without asking the
+# database, while the cache says that version is current (ClusteringStore.get_model): the
+# bound on a replayed genuine entry of that version (docs/security.md, session 29).
+MODEL_CONFIRM_S = 60.0
+MODEL_CONFIRMED_MAX = 100_000   # households whose confirmed version a process keeps (cleared past it)
 # Set in the cache while a rewrite of Redis's files that a Rekey started has not been seen
 # to finish (``ClusteringStore.rekey``): every Rekey rewrites them again until one does.
 _PERSISTENCE_PURGE_OWED = "purge-owed:persistence"
@@ -120,6 +125,18 @@ class HouseholdView:
     person_probability: dict[str, float] = field(default_factory=dict)
     # every device of the household (``devices`` holds only those of this page's sessions)
     total_devices: int = 0
+
+
+class _StaleCachedModel(Exception):
+    """A cached model older than the version the process holds."""
+
+
+def _cache_field(version: int, variant: str) -> str:
+    """The sealed field name of a cached model: its version and variant bound into the
+    seal's associated data with the account (field_aad), so the entry opens only as the
+    version and variant its header says (a cached copy cannot be written back under a
+    higher version). The database's copy is sealed as "model": its version is the row's."""
+    return json.dumps(["model-cache", version, variant], separators=(",", ":"))
 
 
 def _query_in(tx: Tx, sql: str, account: str, values: Sequence) -> list:
@@ -272,6 +289,8 @@ class ClusteringStore:
         # series_id, genres, country, profile_hint, utc_offset_minutes) and of session feature vectors and
         # labels, under the household's data key; None = plaintext (unit tests).
         self.cipher = cipher
+        # account -> (model version the database said is stored, when: time.monotonic())
+        self._confirmed_versions: dict[str, tuple[int, float]] = {}
 
     # ---- encryption at rest (no-ops without a cipher) ------------------------------
 
@@ -1007,51 +1026,104 @@ class ClusteringStore:
         """The stored model. ``decoded_version``: the version the caller holds decoded
         already; when the stored one is that version its blob is not decrypted (every
         assignment checks the version; only a new version needs the blob) and comes back
-        as ``b""``."""
+        as ``b""``.
+
+        The cache (Redis: bytes any holder of its URL may write, the gateway's included)
+        answers only for a version the database has said is current: a cached entry of
+        another version than the one this process holds and confirmed within
+        ``MODEL_CONFIRM_S`` is taken only once one read of the database says it is the
+        stored one (the model column read only when it is not), and an entry older than
+        the held version is dropped. Until session 29 a genuine entry copied before a
+        device erasure and written back under a higher version was served again: the
+        erased device's person came back (docs/security.md, attack28 "Left")."""
         # The blob is sealed under the household's data key in the SQL store and in the
         # cache alike (it holds feature statistics and profile hints): crypto-shredded
         # with the household, and no plaintext copy in Redis.
         cached = self.cache.get(f"model:{account_id}")
-        if cached is not None and (model := self._cached_model(account_id, cached, decoded_version)) is not None:
-            return model
+        entry = None if cached is None else self._cached_model(account_id, cached, decoded_version)
+        if entry is not None and entry.version == decoded_version and self._confirmed(account_id, decoded_version):
+            return entry
         with self.db.transaction(readonly=True) as tx:
-            rows = tx.query("SELECT version, variant, model FROM household_models WHERE account_id = ?",
-                            (account_id,))
+            # The model column only when the cache's entry is not the stored version.
+            rows = tx.query("SELECT version, variant, CASE WHEN version = ? THEN NULL ELSE model END "
+                            "FROM household_models WHERE account_id = ?",
+                            (entry.version if entry is not None else -1, account_id))
             erasures = household_key_state(tx, account_id)
         if not rows:
+            if entry is not None:
+                self.cache.delete(f"model:{account_id}")
             return None
-        version, sealed = int(rows[0][0]), bytes(rows[0][2])
-        self._cache_model(account_id, version, rows[0][1], sealed, erasures)
-        return StoredModel(version, rows[0][1], b"" if decoded_version and version == decoded_version
-                           else self._open_model(account_id, sealed))
+        version, variant = int(rows[0][0]), rows[0][1]
+        self._note_confirmed(account_id, version)
+        if entry is not None and entry.version == version:
+            return entry
+        if entry is not None:
+            log.warning("the cached model of %s is version %d, the stored one %d: dropped, read from the database",
+                        pseudonym(account_id), entry.version, version)
+        model = self._open_model(account_id, bytes(rows[0][2]))
+        self._cache_model(account_id, version, variant, model, erasures, sealed_in_store=rows[0][2])
+        return StoredModel(version, variant, b"" if decoded_version and version == decoded_version else model)
+
+    def _confirmed(self, account_id: str, version: int) -> bool:
+        """Whether the database said ``version`` is the household's stored one within the
+        last ``MODEL_CONFIRM_S``: how long a replica keeps serving a version a replayed
+        cache entry says is still current (a genuine entry of the version it holds, copied
+        before the erasure that replaced it)."""
+        seen = self._confirmed_versions.get(account_id)
+        return seen is not None and seen[0] == version and time.monotonic() - seen[1] < MODEL_CONFIRM_S
+
+    def _note_confirmed(self, account_id: str, version: int) -> None:
+        if len(self._confirmed_versions) > MODEL_CONFIRMED_MAX:
+            self._confirmed_versions.clear()
+        self._confirmed_versions[account_id] = (version, time.monotonic())
 
     def _cached_model(self, account_id: str, cached: bytes, decoded_version: int) -> StoredModel | None:
-        """The cache's copy, or None — the entry dropped, the database read instead — when
-        it does not open as a model this store sealed: bytes any Redis client may write (the
-        gateway holds the same Redis URL). Until attack28 such an entry made the household
-        unreadable until its TTL (502 on every read for an hour), and a plaintext one
-        ("PK", what a model stored before encryption is) was taken as the household's model
-        even with a cipher configured: a Redis client could make clustering serve persons
-        of its own making."""
+        """The cache's copy (``b""`` as its blob when it is ``decoded_version``, not opened:
+        get_model decides with the database whether the held version is current), or None
+        — the entry dropped, the database read instead — when it is older than the held
+        version or does not open as a model this store sealed for this household, version
+        and variant (``_cache_field``). Any Redis client may write these bytes. Until
+        attack28 bytes that do not open made the household unreadable until the entry's
+        TTL (502 on every read for an hour), and a plaintext one ("PK") was taken as the
+        household's model; until session 29 the version in clear was trusted (replay)."""
         try:
             version, vlen = struct.unpack_from("<qH", cached)
             variant, sealed = cached[10:10 + vlen].decode(), cached[10 + vlen:]
-            if self.cipher is not None and sealed[:2] == b"PK":
-                raise FieldDecryptionError("a cached model is not sealed", "model")
-            return StoredModel(version, variant, b"" if decoded_version and version == decoded_version
-                               else self._open_model(account_id, sealed))
-        except (struct.error, UnicodeDecodeError, FieldDecryptionError) as exc:
-            log.warning("the cached model of %s does not open (%s): dropped, read from the database",
-                        pseudonym(account_id), type(exc).__name__)
+            if version < decoded_version:
+                raise _StaleCachedModel(f"version {version}, older than the held {decoded_version}")
+            if version == decoded_version:
+                return StoredModel(version, variant, b"")
+            return StoredModel(version, variant, self._open_cached(account_id, version, variant, sealed))
+        except (struct.error, UnicodeDecodeError, FieldDecryptionError, _StaleCachedModel) as exc:
+            log.warning("the cached model of %s is not taken (%s: %s): dropped, read from the database",
+                        pseudonym(account_id), type(exc).__name__, exc)
             self.cache.delete(f"model:{account_id}")
             return None
+
+    def _open_cached(self, account_id: str, version: int, variant: str, sealed: bytes) -> bytes:
+        if self.cipher is None:
+            return sealed
+        try:
+            return self.cipher.decrypt(account_id, _cache_field(version, variant), sealed)
+        except FieldDecryptionError:
+            if sealed[:1] == b"\x01" and self._opens_as_stored(account_id, sealed):
+                raise FieldDecryptionError("an entry of the format before session 29 (the version not sealed): "
+                                           "a miss", "model") from None
+            raise
+
+    def _opens_as_stored(self, account_id: str, sealed: bytes) -> bool:
+        try:
+            self.cipher.decrypt(account_id, "model", sealed)
+            return True
+        except FieldDecryptionError:
+            return False
 
     def save_model(self, account_id: str, expected_version: int, variant: str, blob: bytes) -> int:
         """Store a new model version if the stored one is still ``expected_version``
         (0 = none yet); else raise Conflict so the caller re-reads and retries. This is
         what keeps two replicas from losing each other's update."""
         new_version = expected_version + 1
-        blob = self._seal(account_id, "model", blob)
+        sealed = self._seal(account_id, "model", blob)
         with self.db.transaction() as tx:
             tx.lock_household(account_id)   # the EXISTS below must see an erasure in flight
             if expected_version == 0:
@@ -1061,32 +1133,36 @@ class ClusteringStore:
                     "INSERT INTO household_models (account_id, version, variant, model, updated_at) "
                     "SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM sessions WHERE account_id = ?) "
                     "ON CONFLICT (account_id) DO NOTHING",
-                    (account_id, new_version, variant, blob, time.time(), account_id))
+                    (account_id, new_version, variant, sealed, time.time(), account_id))
             else:
                 changed = tx.execute(
                     "UPDATE household_models SET version = ?, variant = ?, model = ?, updated_at = ? "
                     "WHERE account_id = ? AND version = ?",
-                    (new_version, variant, blob, time.time(), account_id, expected_version))
+                    (new_version, variant, sealed, time.time(), account_id, expected_version))
             erasures = household_key_state(tx, account_id)
         if changed != 1:
             self.cache.delete(f"model:{account_id}")
             raise Conflict(f"household model of {account_id!r} changed since version {expected_version}",
                            "model_version")
+        self._note_confirmed(account_id, new_version)
         self._cache_model(account_id, new_version, variant, blob, erasures)
         return new_version
 
-    def _cache_model(self, account_id: str, version: int, variant: str, sealed: bytes,
-                     erasures: tuple[int, int]) -> None:
-        """Cache a model read or saved in a transaction that saw ``erasures``
-        (``household_key_state``: household erasures, the household's re-keys). A household
-        Erase that commits after that transaction drops the cached model after its commit,
-        but this write to the cache may come later still (another replica, a slow thread):
-        so the counts are read again once the model is cached, and if an erasure happened
-        meanwhile the entry is dropped. Otherwise a sealed model stayed in Redis under a key
-        naming the erased account until its TTL ran out. Likewise a Rekey (the copy is
-        sealed under the version a rotation destroys next)."""
-        if self.cipher is not None and bytes(sealed[:2]) == b"PK":
+    def _cache_model(self, account_id: str, version: int, variant: str, model: bytes,
+                     erasures: tuple[int, int], sealed_in_store: bytes | None = None) -> None:
+        """Cache ``model`` (plaintext), read or saved in a transaction that saw ``erasures``
+        (``household_key_state``: household erasures, the household's re-keys), sealed
+        under the household's data key with its account, version and variant bound in
+        (``_cache_field``): an entry cannot be written back under another version. A
+        household Erase that commits after that transaction drops the cached model after
+        its commit, but this write to the cache may come later still (another replica, a
+        slow thread): so the counts are read again once the model is cached, and if an
+        erasure happened meanwhile the entry is dropped. Otherwise a sealed model stayed in
+        Redis under a key naming the erased account until its TTL ran out. Likewise a Rekey
+        (the copy is sealed under the version a rotation destroys next)."""
+        if self.cipher is not None and sealed_in_store is not None and bytes(sealed_in_store[:2]) == b"PK":
             return   # stored before encryption: never cached, as the cache takes sealed models only
+        sealed = self._seal(account_id, _cache_field(version, variant), model)
         name = variant.encode()
         key = f"model:{account_id}"
         self.cache.set(key, struct.pack("<qH", version, len(name)) + name + sealed, MODEL_CACHE_TTL_S)
