@@ -442,6 +442,10 @@ class ClusteringStore:
         each device's events in batch order, as the transaction takes them, so that an id
         repeated in the batch is kept where the transaction would keep it."""
         accounts = sorted({account for account, _ in by_device})
+        # Past the caller's deadline nothing has been written yet: stop before reading (on
+        # PostgreSQL the read itself would be cancelled by the deadline's statement timeout
+        # and answer UNAVAILABLE instead).
+        check_serving_deadline()
         with self.db.transaction(readonly=True) as tx:
             new = self._new_households(tx, accounts)
         prepared: dict[str, _PreparedHousehold] = {}
