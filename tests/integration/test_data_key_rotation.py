@@ -988,6 +988,41 @@ def test_a_batch_purges_each_store_once_after_every_household_reencrypted_and_be
         assert [r.dek_version for r in mesh.key_store.load(account) if not r.destroyed and r.dek_version] == [2]
 
 
+def test_a_batch_purges_privacys_key_tables_once_after_its_last_retirement(databases):
+    """Privacy's own purge of the retired wrapped keys (data_keys, digest_keys) runs once
+    for a batch pass, after every household of it retired — not at each household's
+    retirement, as until session 29 (on PostgreSQL each a VACUUM FULL of both key tables,
+    a WAL switch and a CHECKPOINT: bench.rotation_cost --privacy-purge). This test failed
+    (3 purges, one after each retirement). Nothing is left owed: the old versions are
+    tombstoned and the purge ran after the last tombstone."""
+    from services.common.storage.sql import PENDING_TABLE
+
+    mesh = Mesh(databases)
+    accounts = ("acc-q1", "acc-q2", "acc-q3")
+    for account in accounts:
+        mesh.fill(account, n=2)
+    _aged(mesh, *accounts)
+    events: list = []
+    _counting_purges(mesh, events)
+    db = mesh.key_store.db
+    purge = db.purge_erased
+    db.purge_erased = lambda tables=(): (events.append(("purge", "privacy")), purge(tables))[1]
+    batches = _batches(mesh, mesh.rotation())
+    job_id = batches.request(3650, 10, principal=_officer()).job.job_id
+    assert batches.run_due() == 1
+    done = batches.get(job_id).job
+    assert {a: (h.outcome.value, h.destroyed) for a, h in done.households.items()} == \
+        {a: ("completed", (1,)) for a in accounts}
+    privacy = [i for i, e in enumerate(events) if e == ("purge", "privacy")]
+    retires = [i for i, e in enumerate(events) if e[0] == "retire"]
+    assert len(retires) == 3 and len(privacy) == 1 and privacy[0] > max(retires), events
+    for account in accounts:
+        assert [r.wrapped for r in mesh.key_store.load(account) if r.dek_version == 1] == [b""]
+    if db.dialect != "sqlite":
+        with db.transaction() as tx:
+            assert tx.query(f"SELECT count(*) FROM {PENDING_TABLE}")[0][0] == 0
+
+
 def test_a_batch_pass_cut_between_its_reencryption_and_its_purge_is_finished_without_reencrypting_again(databases):
     """A batch pass stopped (privacy killed) after re-encrypting its households with the
     purge deferred, before the one purge: both versions live, every value readable. The

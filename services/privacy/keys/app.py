@@ -355,14 +355,15 @@ class KeyService:
             raise Unavailable("the household's data keys kept changing: run the rotation again")
 
     def finish_rotation(self, account_id: str, dek_version: int, purges: list[dict] | None = None,
-                        keep_first: bool = False) -> tuple[list[int], list[int]]:
+                        keep_first: bool = False, purge: bool = True) -> tuple[list[int], list[int]]:
         """After every store re-encrypted the household's data under ``dek_version``: the
         older live versions are destroyed, version 1 included — the household's digest key
         is derived from it first if it has none (a household from before session 27), so
         the erased-id digests still match. ``keep_first``: a data holder of an older
         release keys its digests with version 1 itself (``RekeyResponse.digests_keyed_apart``
-        false): version 1 is retired and kept, as that release did. Returns (versions
-        destroyed by this call, live versions kept besides ``dek_version``). Idempotent."""
+        false): version 1 is retired and kept, as that release did. ``purge`` False: the
+        key tables' physical purge is left to the caller (``DataKeyStore.retire``). Returns
+        (versions destroyed by this call, live versions kept besides ``dek_version``). Idempotent."""
         with self._lock:
             try:
                 self._ensure_digest_key(account_id)
@@ -378,7 +379,7 @@ class KeyService:
                      if not r.destroyed and not r.is_digest_key and r.dek_version < dek_version]
             kept = [v for v in older if keep_first and v == FIRST_DEK_VERSION]
             destroyed = self.store.retire(account_id, kept, [v for v in older if v not in kept],
-                                          self._clock().isoformat(), purges)
+                                          self._clock().isoformat(), purges, purge=purge)
             self._refresh(account_id, force=True)
             return destroyed, sorted(r.dek_version for r in self.ring.records(account_id)
                                      if not r.destroyed and not r.is_digest_key and r.dek_version != dek_version)

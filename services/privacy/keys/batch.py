@@ -420,13 +420,26 @@ class BatchRotations:
                        for a, _ in reencrypted}
             job = replace(job, households={**job.households, **retried}).settled()
             return self.jobs.save(stored, job, self._next_due(job), households=list(retried))
-        for account, _ in reencrypted:
-            if self._stop.is_set() or (lease is not None and not lease.held):
-                return stored
-            done = self._finish(account, job.households[account], principal)
-            job = replace(job, households={**job.households, account: done}).settled()
-            stored = self.jobs.save(stored, job, self._next_due(job), households=[account])
-        return stored
+        # Privacy's own key tables are purged once for the pass too, after its last
+        # retirement (also when the pass stops early): until session 29 each household's
+        # retirement purged them (on PostgreSQL a VACUUM FULL of data_keys and
+        # digest_keys, a WAL switch and a CHECKPOINT per household).
+        try:
+            for account, _ in reencrypted:
+                if self._stop.is_set() or (lease is not None and not lease.held):
+                    return stored
+                done = self._finish(account, job.households[account], principal)
+                job = replace(job, households={**job.households, account: done}).settled()
+                stored = self.jobs.save(stored, job, self._next_due(job), households=[account])
+            return stored
+        finally:
+            self._purge_key_tables()
+
+    def _purge_key_tables(self) -> None:
+        try:
+            self.keys.store.purge_owed()
+        except Exception:  # noqa: BLE001 - the tombstones noted it: the rotation sweep purges
+            log.warning("the purge of the retired wrapped keys failed: the rotation sweep runs it", exc_info=True)
 
     def _reencrypt(self, account: str, h: HouseholdRotation) -> tuple[HouseholdRotation | None, int]:
         """Re-encrypt a settled household in every store, its purge deferred: (None, the
@@ -481,7 +494,7 @@ class BatchRotations:
             # The requester's principal for what finish() audits (key_destroyed); the
             # stores' Rekey is still called as svc:privacy (GrpcPeers).
             with identity.acting_as(principal):
-                done = self.rotation.finish(account, target, h.resumed, created_at)
+                done = self.rotation.finish(account, target, h.resumed, created_at, purge_keys=False)
         except FailedPrecondition:
             return replace(h, outcome=Outcome.ERASED, next_attempt_at=None,
                            detail="the household was erased during the batch: its key is destroyed")

@@ -139,10 +139,13 @@ class DataKeyStore:
                 "HAVING MAX(created_at) < ? ORDER BY MAX(created_at), account_id LIMIT ?", (before, limit))]
 
     def retire(self, account_id: str, versions: Iterable[int], destroy: Iterable[int], when: str,
-               purges: list[dict] | None = None) -> list[int]:
+               purges: list[dict] | None = None, purge: bool = True) -> list[int]:
         """The end of a rotation: mark ``versions`` retired and tombstone ``destroy``
         (each only while live; a shred meanwhile already tombstoned them). Returns the
-        versions this call destroyed; their old wrapped keys are purged physically."""
+        versions this call destroyed; their old wrapped keys are purged physically —
+        ``purge`` False: by the caller's ``purge_owed`` once it retired a whole batch pass
+        (the tombstones' transaction notes the purge owed, so the rotation sweep runs it
+        after a crash in between on PostgreSQL, and its first sweep after a restart on SQLite)."""
         destroy = sorted(set(destroy))
         destroyed = []
         with self.db.transaction() as tx:
@@ -158,10 +161,10 @@ class DataKeyStore:
                     destroyed.append(v)
             if destroyed:
                 record_erasure(tx)
-        if destroyed:
-            purge = self.db.purge_erased(KEY_TABLES)
+        if destroyed and purge:
+            step = self.db.purge_erased(KEY_TABLES)
             if purges is not None:
-                purges.append({**purge, "action": f"retired wrapped key overwritten by a tombstone; {purge['action']}"})
+                purges.append({**step, "action": f"retired wrapped key overwritten by a tombstone; {step['action']}"})
         return destroyed
 
     def shred_orphan_digest_keys(self, when: str) -> int:
