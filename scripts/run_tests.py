@@ -27,6 +27,9 @@ run goes ("Session 28"):
 - Each worker has its own PostgreSQL cluster, redis-server and bytecode directory
   (tests/conftest.py, session fixtures), started once and kept for all its files.
 
+A worker that dies (a crash; a test hung past pytest-timeout's limit, which the worker's
+backstop ends with every thread's traceback: tests/helpers/queue_worker.py) fails the run
+with a line naming the test it was running and the files it left; the other goes on.
 A stop (SIGTERM: a CI timeout; Ctrl-C) hands out nothing more: the workers are stopped and
 no other file starts; a worker that stops of itself (``-x``, ``--maxfail``) stops the
 queue too. Each worker dies with this process (PR_SET_PDEATHSIG) and its servers and meshes
@@ -195,6 +198,9 @@ class _Worker:
         self.durations: dict[str, float] = {}
         self.files = 0
         self.ended_s: float | None = None
+        self.group: list[str] = []        # the group it was handed last
+        self.running: str | None = None   # the test it started last
+        self.reported_end = False         # pytest ended its session itself (not a crash, a kill)
         to_worker, from_runner = os.pipe()
         from_worker, to_runner = os.pipe()
         env = {**os.environ, QUEUE_ENV: f"{to_worker},{to_runner}"}
@@ -209,6 +215,7 @@ class _Worker:
 
     def _handed(self, group: list[str]) -> None:
         self.files += len(group)
+        self.group = list(group)
         shared = f" (+{len(group) - 1} files sharing its package fixture)" if len(group) > 1 else ""
         print(f"make test [{_clock(time.monotonic() - self.began)}] worker {self.number}: {group[0]}{shared}",
               flush=True)
@@ -229,8 +236,28 @@ class _Worker:
                         return
                 elif "stopped" in message:
                     self.queue.stop(f"worker {self.number} stopped: {message['stopped']}")
+                elif "running" in message:
+                    self.running = message["running"]
                 elif "durations" in message:
                     self.durations.update(message["durations"])
+                elif "ended" in message:
+                    self.reported_end = True
+
+    def died(self) -> str | None:
+        """What ended the worker, when pytest did not end its run itself (a crash, the
+        backstop of a hung test, a kill): "<how>, running <test>"; None otherwise."""
+        if self.reported_end or self.proc.returncode is None:
+            return None
+        code = self.proc.returncode
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code} without pytest's summary"
+        return f"{how}, running {self.running or 'no test yet (collecting)'}"
+
+    def lost_files(self) -> list[str]:
+        """The files of its last group it never finished (from the one it died in)."""
+        if self.running is None or self.died() is None:
+            return []
+        where = self.running.split("::", 1)[0]
+        return self.group[self.group.index(where):] if where in self.group else []
 
 
 def run(args: list[str], *, root: Path = ROOT, workers: int = WORKERS, durations: Path = DURATIONS,
@@ -269,6 +296,11 @@ def run(args: list[str], *, root: Path = ROOT, workers: int = WORKERS, durations
                     worker.ended_s = time.monotonic() - began
                     print(f"make test [{_clock(worker.ended_s)}] worker {worker.number} ended "
                           f"(exit {worker.proc.returncode}, {worker.files} files)", flush=True)
+                    worker.thread.join(timeout=30)   # its last messages read: died() can tell
+                    if worker.died():
+                        print(f"make test [{_clock(worker.ended_s)}] worker {worker.number} DIED "
+                              f"({worker.died()}): its output, printed below, ends with the "
+                              f"traceback", flush=True)
         outputs = []
         for worker in running:
             worker.thread.join(timeout=30)
@@ -283,12 +315,19 @@ def run(args: list[str], *, root: Path = ROOT, workers: int = WORKERS, durations
         not_run_note = f"; NOT RUN ({queue.stopped}): {len(not_run)} files, e.g. {', '.join(not_run[:3])}"
     else:
         not_run_note = ""
+    for worker in running:
+        if worker.died():
+            lost = worker.lost_files()
+            not_run_note += (f"; worker {worker.number} DIED ({worker.died()}): {len(lost)} files not finished, "
+                             f"e.g. {', '.join(lost[:3])}")
     parts = [f"worker {w.number}: {summary(out)}, ended at {_clock(w.ended_s)}" for w, out in zip(running, outputs)]
     wall = time.monotonic() - began
     print(f"\nmake test: {'; '.join(parts)}{not_run_note}; wall {_clock(wall)}", flush=True)
     if write_durations and queue.files:
         _write_durations(durations, queue.files, [w.durations for w in running], wall)
     failed = next((w.proc.returncode for w in running if w.proc.returncode != 0), 0)
+    if failed < 0:   # a worker killed by a signal: a status a shell shows as such
+        failed = 128 - failed
     if failed == 0 and not_run:
         failed = 2 if stopped_by else 3
     return failed

@@ -6,7 +6,10 @@ Events are the source of truth; sessions are built from them (session builder: a
 that appends to a device's newest session extends its kept running state, anything else
 rebuilds the sessions it touches from their stored events — the same rows either way)
 and models from sessions. Every write is one transaction: an ingest either stores its
-events *and* the sessions they touch, or nothing.
+events *and* the sessions they touch, or nothing. A household the store holds nothing of
+has its rows built and sealed before that transaction opens (the transaction checks it is
+still new and writes them), so that a batch of thousands of new households holds the write
+lock (SQLite: every other write waits) only to write them.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -33,11 +37,12 @@ from services.clustering.migrations import MIGRATIONS
 from services.clustering.prediction_log import await_forwards, erase_pending, excluding_forwards, forget_cached_heads
 from services.common.client import check_serving_deadline
 from services.common.erasure import ErasureOutcome, ErasureScope
-from services.common.errors import Conflict, InvalidArgument, NotFound
+from services.common.errors import Conflict, HearthError, InvalidArgument, NotFound
 from services.common.ids import MAX_FUTURE_SKEW_S
-from services.common.field_crypto import (FieldCipher, FieldDecryptionError, drop_keys_of_erased_households,
-                                         forget_household_rekeys, household_key_state, note_household_erased,
-                                         note_household_rekeyed, warm_household_keys)
+from services.common.field_crypto import (FieldCipher, FieldDecryptionError, HouseholdSealer,
+                                         drop_keys_of_erased_households, forget_household_rekeys,
+                                         household_key_state, note_household_erased, note_household_rekeyed,
+                                         warm_household_keys)
 from services.common.feedback_to_clustering import UNPROMPTED_LABEL_SUFFIX
 from services.common.storage.cache import Cache, MemoryCache, purge_persistence
 from services.common.export_stream import materialised
@@ -187,6 +192,29 @@ class _DeviceBatch:
     events: list[ViewingEvent] = field(default_factory=list)
 
 
+@dataclass
+class _PreparedHousehold:
+    """A new household's rows, built and sealed before the write transaction opens
+    (``ClusteringStore._prepare_new_households``): what the transaction writes as they
+    are if the household is still new there and its newest key is still ``key_version``."""
+    sealer: HouseholdSealer | None   # the household's key the rows are sealed with (None: no cipher)
+    events: list[tuple] = field(default_factory=list)
+    devices: list[tuple] = field(default_factory=list)
+    sessions: list[tuple] = field(default_factory=list)
+    accepted: int = 0
+    duplicates: int = 0
+    touched: int = 0
+
+    @property
+    def key_version(self) -> int | None:
+        return self.sealer.version if self.sealer is not None else None
+
+
+# The tables a household's rows are in; a household none of them holds a row of is "new"
+# (``ClusteringStore._new_households``): its sessions follow from the batch alone.
+_HOUSEHOLD_TABLES = ("devices", "events", "sessions", "erased_events")
+
+
 def _event_row(e: ViewingEvent) -> tuple:
     # The UTC offset is kept as text (migration 11), so that it is sealed like country.
     return (e.event_id, e.account_id, e.device_id, e.device_type, e.ts, e.kind, e.title_id,
@@ -289,14 +317,16 @@ class ClusteringStore:
     def _open_text(self, account: str, field: str, stored: str | None) -> str | None:
         return self.cipher.decrypt_text(account, field, stored) if self.cipher else stored
 
-    def _event_row(self, e: ViewingEvent) -> tuple:
+    def _event_row(self, e: ViewingEvent, sealer: HouseholdSealer | None = None) -> tuple:
+        """The stored row of ``e``, its sensitive fields sealed (with ``sealer``, the
+        household's key taken once, when given)."""
         row = _event_row(e)
         if self.cipher is None:
             return row
-        a, seal = e.account_id, self._seal_text
-        return (*row[:6], seal(a, "title_id", row[6]), seal(a, "series_id", row[7]), seal(a, "genres", row[8]),
-                row[9], row[10], seal(a, "country", row[11]), row[12], seal(a, "profile_hint", row[13]),
-                seal(a, "utc_offset_minutes", row[14]))
+        seal = sealer.encrypt_text if sealer is not None else partial(self._seal_text, e.account_id)
+        return (*row[:6], seal("title_id", row[6]), seal("series_id", row[7]), seal("genres", row[8]),
+                row[9], row[10], seal("country", row[11]), row[12], seal("profile_hint", row[13]),
+                seal("utc_offset_minutes", row[14]))
 
     def _event_from_row(self, r: Sequence) -> ViewingEvent:
         if self.cipher is None:
@@ -332,6 +362,11 @@ class ClusteringStore:
         accepted = duplicates = late = touched = 0
         # The households' keys before the write lock is taken (FieldCipher.warm).
         warm_household_keys(self.db, self.cipher, {account for account, _ in by_device})
+        # New households' rows built and sealed before the write lock is taken, so that the
+        # transaction only writes them (ingest29: 5,000 new households held SQLite's write
+        # lock for their feature vectors, session states and seals, and every other write
+        # of the service waited).
+        prepared = self._prepare_new_households(by_device)
         with self.db.transaction() as tx:
             accounts = sorted({account for account, _ in by_device})
             for account in accounts:
@@ -339,7 +374,14 @@ class ClusteringStore:
             drop_keys_of_erased_households(tx, self.cipher, accounts)
             if self.max_devices is not None:
                 self._refuse_devices_past_bound(tx, list(by_device), first_index)
+            written = self._write_prepared(tx, prepared)
+            for household in written.values():
+                accepted += household.accepted
+                duplicates += household.duplicates
+                touched += household.touched
             for (account, device), batch in sorted(by_device.items()):
+                if account in written:
+                    continue
                 # Past the caller's deadline nobody waits for this write: stop, rolled back
                 # whole, rather than hold the write lock (SQLite: every other write waits) for
                 # the rest of a batch of thousands of households (keys28).
@@ -376,7 +418,108 @@ class ClusteringStore:
                                "VALUES (?, ?, ?, ?)", (account, device, newest.device_type, newest.ts))
                 if inserted:
                     touched += self._update_sessions(tx, account, device, on_time)
+            # Once more before the commit: a caller whose deadline passed during the writes
+            # (new households' are written in one go) has its 504, and is not to be left
+            # with a batch stored that it was told nothing of — rolled back whole. What
+            # remains is the commit itself; a caller that resends (idempotent event ids)
+            # or asks POST /v1/events/status learns which it was.
+            check_serving_deadline()
         return IngestResult(accepted, duplicates, late, touched, rejected_expired=expired)
+
+    def _new_households(self, tx: Tx, accounts: Sequence[str]) -> set[str]:
+        """Those of ``accounts`` the store holds no row of (no device, event, session or
+        erased event's digest)."""
+        known: set[str] = set()
+        for start in range(0, len(accounts), 500):
+            chunk = tuple(accounts[start:start + 500])
+            marks = ", ".join("?" * len(chunk))
+            for table in _HOUSEHOLD_TABLES:
+                known.update(r[0] for r in tx.query(
+                    f"SELECT DISTINCT account_id FROM {table} WHERE account_id IN ({marks})", chunk))
+        return {a for a in accounts if a not in known}
+
+    def _prepare_new_households(self, by_device: dict[tuple[str, str], _DeviceBatch]
+                                ) -> dict[str, _PreparedHousehold]:
+        """The rows ``ingest`` would write for each household of the batch that is new —
+        its events sealed, its devices, its sessions built from the batch's events alone
+        (as ``_rebuild_sessions`` builds them from the stored ones: the same rows) and
+        sealed — computed before the write transaction; it writes them only if the
+        household is still new there (``_write_prepared``). Devices in sorted order and
+        each device's events in batch order, as the transaction takes them, so that an id
+        repeated in the batch is kept where the transaction would keep it."""
+        accounts = sorted({account for account, _ in by_device})
+        # Past the caller's deadline nothing has been written yet: stop before reading (on
+        # PostgreSQL the read itself would be cancelled by the deadline's statement timeout
+        # and answer UNAVAILABLE instead).
+        check_serving_deadline()
+        with self.db.transaction(readonly=True) as tx:
+            new = self._new_households(tx, accounts)
+        prepared: dict[str, _PreparedHousehold] = {}
+        seen: dict[str, set[str]] = defaultdict(set)
+        for (account, device), batch in sorted(by_device.items()):
+            if account not in new:
+                continue
+            # Past the caller's deadline nothing has been written yet: stop here.
+            check_serving_deadline()
+            household = prepared.get(account)
+            if household is None:
+                try:
+                    sealer = self.cipher.sealer(account) if self.cipher is not None else None
+                except HearthError:
+                    # No key for it (erased; privacy not answering): the transaction's own
+                    # path meets the same and answers as it always did, after the checks
+                    # it makes first.
+                    new.discard(account)
+                    continue
+                household = prepared[account] = _PreparedHousehold(sealer)
+            ids = seen[account]
+            fresh = []
+            for e in batch.events:
+                if e.event_id not in ids:
+                    ids.add(e.event_id)
+                    fresh.append(e)
+            household.duplicates += len(batch.events) - len(fresh)
+            if not fresh:
+                continue
+            household.accepted += len(fresh)
+            household.events += [self._event_row(e, household.sealer) for e in fresh]
+            newest = max(fresh, key=lambda e: (e.ts, e.event_id))
+            household.devices.append((account, device, newest.device_type, newest.ts))
+            # The events as a row read back gives them (what _rebuild_sessions builds from).
+            states = build_session_states([_event_from_row(_event_row(e)) for e in fresh], self.gap_s,
+                                           self.vocabulary)
+            household.sessions += self._session_rows(states, {}, household.sealer)
+            household.touched += len(states)
+        return prepared
+
+    def _write_prepared(self, tx: Tx, prepared: dict[str, _PreparedHousehold]) -> dict[str, _PreparedHousehold]:
+        """In ``ingest``'s transaction, the households locked and their keys checked
+        (``drop_keys_of_erased_households``): the prepared households still new and whose
+        rows are sealed under the key the cipher now holds as their newest, written with
+        one statement a table. Any other (a write or an erasure reached it since, or a re-key
+        or erasure dropped its key) is left to the per-device path, which reads and seals
+        again inside the transaction."""
+        if not prepared:
+            return {}
+        still_new = self._new_households(tx, sorted(prepared))
+        usable = {a: h for a, h in prepared.items() if a in still_new and (
+            self.cipher is None or self.cipher.cached_newest_version(a) == h.key_version)}
+        if not usable:
+            return {}
+        check_serving_deadline()
+        events = [row for h in usable.values() for row in h.events]
+        inserted = tx.executemany(
+            f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES ({', '.join('?' * 15)}) "
+            "ON CONFLICT (account_id, event_id) DO NOTHING", events)
+        if inserted != len(events):
+            # Cannot happen with the households locked and seen new inside this
+            # transaction; were it to, nothing of the batch is kept and a retry is safe.
+            raise Conflict("events of a new household were written meanwhile; nothing of this batch was "
+                           "stored, retry it", "events")
+        tx.executemany("INSERT INTO devices (account_id, device_id, device_type, last_ts) VALUES (?, ?, ?, ?)",
+                       [row for h in usable.values() for row in h.devices])
+        self._insert_sessions(tx, [row for h in usable.values() for row in h.sessions])
+        return usable
 
     def _refuse_devices_past_bound(self, tx: Tx, devices: list[tuple[str, str]],
                                    first_index: dict[tuple[str, str], int]) -> None:
@@ -528,18 +671,24 @@ class ClusteringStore:
                     pseudonym(account), reason, str(error).replace(account, pseudonym(account))[:200])
         return None
 
-    def _session_rows(self, states: list[SessionState], persons: dict[str, str | None]) -> list[tuple]:
+    def _session_rows(self, states: list[SessionState], persons: dict[str, str | None],
+                      sealer: HouseholdSealer | None = None) -> list[tuple]:
         """Session rows of ``states`` (a device's, oldest first, the last its newest), the
-        newest keeping its sealed running state; ``persons``: person ids kept by session id."""
+        newest keeping its sealed running state; ``persons``: person ids kept by session id;
+        ``sealer``: the household's key taken once (``_prepare_new_households``)."""
         rows = []
         for i, state in enumerate(states):
             s = state.session(self.vocabulary)
             a = s.account_id
+            if sealer is not None:
+                seal, seal_text = sealer.encrypt, sealer.encrypt_text
+            else:
+                seal, seal_text = partial(self._seal, a), partial(self._seal_text, a)
             rows.append((s.session_id, a, s.device_id, s.device_type, s.start_ts, s.end_ts, state.event_count,
-                         s.watch_seconds, s.feature_version, self._seal(a, "features", s.features.astype("<f4").tobytes()),
-                         self._seal_text(a, "label", s.label), persons.get(s.session_id),
-                         self._seal_text(a, "unknown_genres", json.dumps(s.unknown_genres)) if s.unknown_genres else None,
-                         self._seal(a, "session_state", state.to_bytes()) if i == len(states) - 1 else None))
+                         s.watch_seconds, s.feature_version, seal("features", s.features.astype("<f4").tobytes()),
+                         seal_text("label", s.label), persons.get(s.session_id),
+                         seal_text("unknown_genres", json.dumps(s.unknown_genres)) if s.unknown_genres else None,
+                         seal("session_state", state.to_bytes()) if i == len(states) - 1 else None))
         return rows
 
     @staticmethod

@@ -238,7 +238,9 @@ def run_restore(args: argparse.Namespace) -> int:
     # their empty schemas exist for the dump to be restored into as each service.
     privacy = settings
     if dsns:
-        roles.provision_roles(settings.postgres_dsn, dsns)
+        # Both times as provisioned: each role's connection limit (the chart's) and members
+        # stay; until session 29 the restore re-ran provisioning's defaults and reset the limit.
+        roles.provision_roles(settings.postgres_dsn, dsns, as_provisioned=True)
         privacy = settings.model_copy(update={"postgres_dsn": dsns["privacy"]})
     # The ledger of the database being replaced: read it before anything is overwritten;
     # merged with the off-site exports given (all of them: a deletion any copy knows).
@@ -266,7 +268,7 @@ def run_restore(args: argparse.Namespace) -> int:
     finally:
         db.close()
     if dsns:
-        handed = roles.provision_roles(settings.postgres_dsn, dsns)
+        handed = roles.provision_roles(settings.postgres_dsn, dsns, as_provisioned=True)
         report = {**report, "roles": {service: done["role"] for service, done in handed.items()}}
     caches, cache_error = _clear_caches(settings)
     if caches or cache_error:

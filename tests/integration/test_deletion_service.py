@@ -297,7 +297,8 @@ def test_events_sent_while_the_household_is_erased_are_refused_or_erased_with_it
             apb.Conversion(conversion_id="after-c1", account_id=acct, ts=float_to_ts(time.time() - 60),
                            kind="purchase", value=9.0, device_id="tv-1")]))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert dict(err.value.trailing_metadata() or ()).get(ERROR_FIELD_KEY) == "account_id"
+    # The batch's item (attack29: the field was "account_id", naming none of a batch's items).
+    assert dict(err.value.trailing_metadata() or ()).get(ERROR_FIELD_KEY) == "conversions[0].account_id"
     assert rows(mesh, "attribution", "SELECT COUNT(*) FROM conversions WHERE account_id = ?", (acct,)) == [(0,)]
 
 
@@ -456,12 +457,13 @@ def test_retention_purge_removes_only_data_older_than_the_retention(mesh, stubs)
 def test_withdrawn_consent_refuses_ingest_and_touchpoints_and_stores_nothing(mesh, stubs):
     acct = "noconsent-acct"
     stubs["pri"].SetConsent(ppb.SetConsentRequest(account_id=acct, processing=False, attribution=False))
-    for call in (lambda: ingest(stubs, events(acct, "tv-1", time.time() - DAY, 2)),
-                 lambda: touchpoints(stubs, acct, [("nc-t1", "tv-1", time.time() - DAY, None)])):
+    for call, field in ((lambda: ingest(stubs, events(acct, "tv-1", time.time() - DAY, 2)), "events[0].account_id"),
+                        (lambda: touchpoints(stubs, acct, [("nc-t1", "tv-1", time.time() - DAY, None)]),
+                         "touchpoints[0].account_id")):
         with pytest.raises(grpc.RpcError) as err:
             call()
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert dict(err.value.trailing_metadata())[ERROR_FIELD_KEY] == "account_id"
+        assert dict(err.value.trailing_metadata())[ERROR_FIELD_KEY] == field   # the batch's item (attack29)
     assert rows(mesh, "clustering", "SELECT COUNT(*) FROM events WHERE account_id = ?", (acct,)) == [(0,)]
     assert rows(mesh, "attribution", "SELECT COUNT(*) FROM touchpoints WHERE account_id = ?", (acct,)) == [(0,)]
     # attribution needs its own flag: processing alone is not enough for touchpoints
