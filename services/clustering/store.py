@@ -418,6 +418,12 @@ class ClusteringStore:
                                "VALUES (?, ?, ?, ?)", (account, device, newest.device_type, newest.ts))
                 if inserted:
                     touched += self._update_sessions(tx, account, device, on_time)
+            # Once more before the commit: a caller whose deadline passed during the writes
+            # (new households' are written in one go) has its 504, and is not to be left
+            # with a batch stored that it was told nothing of — rolled back whole. What
+            # remains is the commit itself; a caller that resends (idempotent event ids)
+            # or asks POST /v1/events/status learns which it was.
+            check_serving_deadline()
         return IngestResult(accepted, duplicates, late, touched, rejected_expired=expired)
 
     def _new_households(self, tx: Tx, accounts: Sequence[str]) -> set[str]:
