@@ -107,6 +107,13 @@ def _login(service: str, dsn: str) -> tuple[str, str | None]:
     return str(user), (str(parts["password"]) if parts.get("password") else None)
 
 
+def login_of(dsn: str, variable: str) -> str:
+    """The login a DSN connects as (libpq's default: PGUSER, else the OS user's name)."""
+    import getpass
+
+    return str(parse_dsn(dsn, variable).get("user") or os.environ.get("PGUSER") or getpass.getuser())
+
+
 def _database_of(dsn: str, user: str, variable: str) -> str:
     """The database a DSN connects to (libpq's default: PGDATABASE, else the user's name)."""
     return str(parse_dsn(dsn, variable).get("dbname") or os.environ.get("PGDATABASE") or user)
