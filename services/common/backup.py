@@ -216,6 +216,22 @@ def backup_postgres(dsn: str, out_dir: Path, services=SERVICES, dsns: Mapping[st
     return _write_manifest(target, "postgres", taken_at, files)
 
 
+def postgres_sessions_in_use(dsn: str, logins: list[str]) -> list[str]:
+    """Who is connected to ``dsn``'s database now under one of ``logins`` (the services'),
+    this check's own session aside: one "<login> (<n> session(s) from <addresses>)" each."""
+    import psycopg
+
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT usename, count(*), string_agg(DISTINCT coalesce(host(client_addr), 'local'), ', ') "
+                "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND usename = ANY(%s) GROUP BY usename ORDER BY usename", (list(logins),)).fetchall()
+    except psycopg.Error as exc:   # its message names host and port, never the password
+        raise BackupError(f"HEARTH_POSTGRES_DSN: {str(exc).strip()}") from None
+    return [f"{login} ({n} session{'s' if n != 1 else ''} from {hosts})" for login, n, hosts in rows]
+
+
 def restore_postgres(snapshot: Snapshot, dsn: str, dsns: Mapping[str, str] | None = None) -> list[str]:
     """Each schema of ``snapshot`` back. ``dsns``: a service's own DSN (a login per
     service, `hearth db provision-roles`, which must have run: the roles exist), whose

@@ -232,6 +232,19 @@ def run_restore(args: argparse.Namespace) -> int:
     if dsns and len(dsns) < len(roles.SERVICES):
         raise ValueError("set every HEARTH_POSTGRES_DSN_<SERVICE> (each schema goes back to its role after the "
                          f"restore) or none: missing {', '.join(roles.service_dsn_variable(s) for s in roles.SERVICES if s not in dsns)}")
+    if snap.backend == "postgres":
+        # As SQLite's (restore_sqlite): nothing is changed under running services. A service
+        # still connected would write beside the restore (or hold the DROP SCHEMA's lock
+        # for good) and go on with what it cached of the replaced data; until session 29
+        # nothing checked this on PostgreSQL.
+        logins = ([roles.login_of(d, roles.service_dsn_variable(s)) for s, d in sorted(dsns.items())] if dsns
+                  else [roles.login_of(settings.postgres_dsn, "HEARTH_POSTGRES_DSN")])
+        busy = snapshots.postgres_sessions_in_use(settings.postgres_dsn, logins)
+        if busy:
+            raise snapshots.BackupError(
+                f"the services' logins are connected to the database now: {'; '.join(busy)}. Stop every service "
+                "first (kubectl scale --replicas=0; the backup and ledger CronJobs too, or wait for them): a running "
+                "service would write beside the restore and go on with what it cached; nothing was changed")
     # With a login per service, privacy's schema is read and written over privacy's
     # login, never the admin's: a trigger or view privacy's login put there would run with
     # the admin's rights (attack29). Provisioned first, so on a new database the roles and

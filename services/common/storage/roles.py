@@ -15,7 +15,8 @@ alone:
 * nobody else has rights on the schema (PUBLIC's and the other services' are revoked);
 * PUBLIC loses what PostgreSQL grants it by default on the database (CONNECT, TEMPORARY)
   and CREATE on ``public`` (which PostgreSQL 15 no longer grants; older clusters upgraded
-  in place still do); each role gets CONNECT;
+  in place still do), and EXECUTE on the functions that create large objects (in no
+  schema: attack29); each role gets CONNECT;
 * each role may run the erasure purge's ``pg_switch_wal(); CHECKPOINT``
   (``pg_checkpoint``, docs/privacy.md §11);
 * each role has a ``CONNECTION LIMIT`` (``default_connection_limit``), so a compromised
@@ -50,6 +51,8 @@ from collections.abc import Mapping
 from services.common.storage.dsn import parse_dsn
 
 SERVICES = ("clustering", "attribution", "privacy", "feedback")
+# The functions that create a large object, which PUBLIC may execute by default.
+LARGE_OBJECT_CREATORS = ("lo_create(oid)", "lo_creat(integer)", "lo_from_bytea(oid, bytea)")
 ADMIN_DSN_VARIABLE = "HEARTH_POSTGRES_ADMIN_DSN"
 POOL_MAX_VARIABLE = "HEARTH_POSTGRES_POOL_MAX"     # the services' pool size (config.py)
 DEFAULT_POOL_MAX = 8                               # config.py's postgres_pool_max
@@ -102,6 +105,13 @@ def _login(service: str, dsn: str) -> tuple[str, str | None]:
     if not user:
         raise ValueError(f"{service_dsn_variable(service)}: names no user (the service's own role)")
     return str(user), (str(parts["password"]) if parts.get("password") else None)
+
+
+def login_of(dsn: str, variable: str) -> str:
+    """The login a DSN connects as (libpq's default: PGUSER, else the OS user's name)."""
+    import getpass
+
+    return str(parse_dsn(dsn, variable).get("user") or os.environ.get("PGUSER") or getpass.getuser())
 
 
 def _database_of(dsn: str, user: str, variable: str) -> str:
@@ -180,6 +190,11 @@ def provision_roles(admin_dsn: str, dsns: Mapping[str, str], keep_access_for: st
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (ADVISORY_LOCK,))
                 conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(database)))
                 conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+                # Large objects are the database's, in no schema: a service's login could
+                # store data outside its schema, its dumps and a restore's reach (attack29).
+                # Hearth uses none. (An admin that is no superuser cannot revoke these: the
+                # server warns and the revoke does nothing.)
+                conn.execute(f"REVOKE EXECUTE ON FUNCTION {', '.join(LARGE_OBJECT_CREATORS)} FROM PUBLIC")
                 for service, (role, password) in sorted(logins.items()):
                     report[service] = _provision_one(conn, database, service, role, password,
                                                      others=[r for r in roles if r != role],
