@@ -250,7 +250,11 @@ def run_restore(args: argparse.Namespace) -> int:
     # the admin's rights (attack29). Provisioned first, so on a new database the roles and
     # their empty schemas exist for the dump to be restored into as each service.
     privacy = settings
+    put_back: list[str] = []
     if dsns:
+        # A restore killed between setting a schema aside and dropping it: put back first,
+        # so the ledger below is the replaced database's (review29).
+        put_back = snapshots.put_back_set_aside(settings.postgres_dsn)
         # Both times as provisioned: each role's connection limit (the chart's) and members
         # stay; until session 29 the restore re-ran provisioning's defaults and reset the limit.
         roles.provision_roles(settings.postgres_dsn, dsns, as_provisioned=True)
@@ -283,6 +287,8 @@ def run_restore(args: argparse.Namespace) -> int:
     if dsns:
         handed = roles.provision_roles(settings.postgres_dsn, dsns, as_provisioned=True)
         report = {**report, "roles": {service: done["role"] for service, done in handed.items()}}
+    if put_back:   # schemas an interrupted restore had set aside, put back before this one
+        report = {**report, "put_back_before_restore": put_back}
     caches, cache_error = _clear_caches(settings)
     if caches or cache_error:
         report = {**report, "redis_keys_cleared": caches, **({"redis_error": cache_error} if cache_error else {})}
