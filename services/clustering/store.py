@@ -32,7 +32,7 @@ from prometheus_client import Counter
 
 from services.clustering.domain.events import ViewingEvent
 from services.clustering.domain.features import DEFAULT_VOCABULARY, GenreVocabulary
-from services.clustering.domain.sessions import SessionState, build_session_states, extend_sessions
+from services.clustering.domain.sessions import Session, SessionState, build_session_states, extend_sessions, sessions_of
 from services.clustering.migrations import MIGRATIONS
 from services.clustering.prediction_log import await_forwards, erase_pending, excluding_forwards, forget_cached_heads
 from services.common.client import check_serving_deadline
@@ -457,6 +457,7 @@ class ClusteringStore:
             new = self._new_households(tx, accounts)
         prepared: dict[str, _PreparedHousehold] = {}
         seen: dict[str, set[str]] = defaultdict(set)
+        devices: list[tuple[_PreparedHousehold, list[SessionState]]] = []
         for (account, device), batch in sorted(by_device.items()):
             if account not in new:
                 continue
@@ -489,8 +490,14 @@ class ClusteringStore:
             # The events as a row read back gives them (what _rebuild_sessions builds from).
             states = build_session_states([_event_from_row(_event_row(e)) for e in fresh], self.gap_s,
                                            self.vocabulary)
-            household.sessions += self._session_rows(states, {}, household.sealer)
+            devices.append((household, states))
             household.touched += len(states)
+        # Every new household's sessions in one feature computation (sessions_of), then sealed.
+        sessions = iter(sessions_of([s for _, states in devices for s in states], self.vocabulary))
+        for household, states in devices:
+            check_serving_deadline()
+            household.sessions += self._session_rows(states, {}, household.sealer,
+                                                     [next(sessions) for _ in states])
         return prepared
 
     def _write_prepared(self, tx: Tx, prepared: dict[str, _PreparedHousehold]) -> dict[str, _PreparedHousehold]:
@@ -673,13 +680,15 @@ class ClusteringStore:
         return None
 
     def _session_rows(self, states: list[SessionState], persons: dict[str, str | None],
-                      sealer: HouseholdSealer | None = None) -> list[tuple]:
+                      sealer: HouseholdSealer | None = None, sessions: list[Session] | None = None) -> list[tuple]:
         """Session rows of ``states`` (a device's, oldest first, the last its newest), the
         newest keeping its sealed running state; ``persons``: person ids kept by session id;
-        ``sealer``: the household's key taken once (``_prepare_new_households``)."""
+        ``sealer``: the household's key taken once, ``sessions``: the states' sessions
+        already built (``_prepare_new_households``)."""
         rows = []
-        for i, state in enumerate(states):
-            s = state.session(self.vocabulary)
+        if sessions is None:
+            sessions = sessions_of(states, self.vocabulary)
+        for i, (state, s) in enumerate(zip(states, sessions, strict=True)):
             a = s.account_id
             if sealer is not None:
                 seal, seal_text = sealer.encrypt, sealer.encrypt_text
