@@ -21,7 +21,7 @@ import json
 import logging
 import struct
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -67,7 +67,7 @@ MODEL_CACHE_TTL_S = 3600.0
 # database, while the cache says that version is current (ClusteringStore.get_model): the
 # bound on a replayed genuine entry of that version (docs/security.md, session 29).
 MODEL_CONFIRM_S = 60.0
-MODEL_CONFIRMED_MAX = 100_000   # households whose confirmed version a process keeps (cleared past it)
+MODEL_CONFIRMED_MAX = 100_000   # households whose confirmed version a process keeps (the oldest dropped past it)
 # Set in the cache while a rewrite of Redis's files that a Rekey started has not been seen
 # to finish (``ClusteringStore.rekey``): every Rekey rewrites them again until one does.
 _PERSISTENCE_PURGE_OWED = "purge-owed:persistence"
@@ -290,7 +290,8 @@ class ClusteringStore:
         # labels, under the household's data key; None = plaintext (unit tests).
         self.cipher = cipher
         # account -> (model version the database said is stored, when: time.monotonic())
-        self._confirmed_versions: dict[str, tuple[int, float]] = {}
+        # (oldest first; dropped once older than MODEL_CONFIRM_S, and with an erased household)
+        self._confirmed_versions: OrderedDict[str, tuple[int, float]] = OrderedDict()
 
     # ---- encryption at rest (no-ops without a cipher) ------------------------------
 
@@ -1092,9 +1093,17 @@ class ClusteringStore:
         return seen is not None and seen[0] == version and time.monotonic() - seen[1] < MODEL_CONFIRM_S
 
     def _note_confirmed(self, account_id: str, version: int) -> None:
-        if len(self._confirmed_versions) > MODEL_CONFIRMED_MAX:
-            self._confirmed_versions.clear()
-        self._confirmed_versions[account_id] = (version, time.monotonic())
+        """Also drops the notes past MODEL_CONFIRM_S (useless then) or MODEL_CONFIRMED_MAX:
+        an account id is kept no longer than it serves."""
+        now = time.monotonic()
+        confirmed = self._confirmed_versions
+        confirmed[account_id] = (version, now)
+        confirmed.move_to_end(account_id)
+        while confirmed:
+            oldest, (_, at) = next(iter(confirmed.items()))
+            if now - at < MODEL_CONFIRM_S and len(confirmed) <= MODEL_CONFIRMED_MAX:
+                break
+            del confirmed[oldest]
 
     def _cached_model(self, account_id: str, cached: bytes, decoded_version: int) -> StoredModel | None:
         """The cache's copy (``b""`` as its blob when it is ``decoded_version``, not opened:
@@ -1219,6 +1228,7 @@ class ClusteringStore:
                 # one before it is deleted here.
                 self.cipher.forget(account)
             if scope.kind == "household":
+                self._confirmed_versions.pop(account, None)
                 note_household_erased(tx)
                 forget_household_rekeys(tx, account)
                 for table, key in (("events", "event_id"), ("sessions", "session_id")):
