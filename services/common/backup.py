@@ -216,6 +216,22 @@ def backup_postgres(dsn: str, out_dir: Path, services=SERVICES, dsns: Mapping[st
     return _write_manifest(target, "postgres", taken_at, files)
 
 
+def postgres_sessions_in_use(dsn: str, logins: list[str]) -> list[str]:
+    """Who is connected to ``dsn``'s database now under one of ``logins`` (the services'),
+    this check's own session aside: one "<login> (<n> session(s) from <addresses>)" each."""
+    import psycopg
+
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT usename, count(*), string_agg(DISTINCT coalesce(host(client_addr), 'local'), ', ') "
+                "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND usename = ANY(%s) GROUP BY usename ORDER BY usename", (list(logins),)).fetchall()
+    except psycopg.Error as exc:   # its message names host and port, never the password
+        raise BackupError(f"HEARTH_POSTGRES_DSN: {str(exc).strip()}") from None
+    return [f"{login} ({n} session{'s' if n != 1 else ''} from {hosts})" for login, n, hosts in rows]
+
+
 def restore_postgres(snapshot: Snapshot, dsn: str, dsns: Mapping[str, str] | None = None) -> list[str]:
     """Each schema of ``snapshot`` back. ``dsns``: a service's own DSN (a login per
     service, `hearth db provision-roles`, which must have run: the roles exist), whose
@@ -244,11 +260,14 @@ def _restore_as_owner(file: Path, service: str, admin_dsn: str, own_dsn: str) ->
     A snapshot holds what the service's login wrote into its schema, functions included
     (a CHECK constraint's, a trigger's, an index expression's); run by the admin, a
     superuser, those ran with its rights — a compromised service's login made itself a
-    superuser at the next restore (attack29). So the admin only drops the schema and
-    creates it empty, owned by the service's role; everything in the dump runs as that
-    role, which may do nothing there it could not do before. Not one transaction: if
-    pg_restore fails after, the schema is left empty and the error says so (the
-    snapshot is untouched: run the restore again)."""
+    superuser at the next restore (attack29). So the admin only sets the schema aside
+    (renamed ``<schema>_before_restore``) and creates it empty, owned by the service's
+    role; everything in the dump runs as that role, which may do nothing there it could
+    not do before. Two logins, so not one transaction: if pg_restore fails, the admin
+    drops what it restored and puts the schema back as it was (until review29 it was left
+    empty: privacy's lost the deletion ledger the re-run needs); once it succeeds, the
+    old schema is dropped. A restore killed in between leaves the schema set aside, which
+    the next restore puts back before it reads anything (``put_back_set_aside``)."""
     import psycopg
     from psycopg import sql
 
@@ -272,17 +291,65 @@ def _restore_as_owner(file: Path, service: str, admin_dsn: str, own_dsn: str) ->
     with tempfile.NamedTemporaryFile("w", prefix=f".{schema}-", suffix=".list") as chosen:
         chosen.write("\n".join(entries) + "\n")
         chosen.flush()
-        with psycopg.connect(admin_dsn, autocommit=True) as conn, conn.transaction():
-            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
-            conn.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(sql.Identifier(schema),
-                                                                          sql.Identifier(role)))
-        conninfo, env = _libpq_call(own_dsn, variable)
-        done = subprocess.run([tool, "--no-owner", "--no-privileges", "--single-transaction",
-                               f"--use-list={chosen.name}", f"--dbname={conninfo}", str(file)],
-                              capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise BackupError(f"pg_restore of {schema} as {role} failed ({schema} is empty now; the snapshot is "
-                          f"unchanged: run the restore again): {done.stderr.strip()[:500]}")
+        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            aside = _set_aside(schema)
+            with conn.transaction():
+                if _schema_exists(conn, aside):   # put_back_set_aside runs first: another restore at once
+                    raise BackupError(f"schema {aside} exists: another restore is running, or one was "
+                                      "interrupted — run `hearth restore` again once none runs (it puts it back)")
+                existed = _schema_exists(conn, schema)
+                if existed:
+                    conn.execute(sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(sql.Identifier(schema),
+                                                                               sql.Identifier(aside)))
+                conn.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(sql.Identifier(schema),
+                                                                              sql.Identifier(role)))
+            try:
+                conninfo, env = _libpq_call(own_dsn, variable)
+                done = subprocess.run([tool, "--no-owner", "--no-privileges", "--single-transaction",
+                                       f"--use-list={chosen.name}", f"--dbname={conninfo}", str(file)],
+                                      capture_output=True, text=True, env=env)
+                failure = "" if done.returncode == 0 else done.stderr.strip()[:500]
+            except BackupError as exc:
+                failure = str(exc)
+            with conn.transaction():
+                if failure:   # put back as it was
+                    conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+                    if existed:
+                        conn.execute(sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(sql.Identifier(aside),
+                                                                                   sql.Identifier(schema)))
+                elif existed:
+                    conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(aside)))
+    if failure:
+        raise BackupError(f"pg_restore of {schema} as {role} failed ({schema} is left as it was; the snapshot is "
+                          f"unchanged: run the restore again): {failure}")
+
+
+def _set_aside(schema: str) -> str:
+    return f"{schema}_before_restore"
+
+
+def _schema_exists(conn, schema: str) -> bool:
+    return conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone() is not None
+
+
+def put_back_set_aside(admin_dsn: str, services=SERVICES) -> list[str]:
+    """Schemas a restore killed mid-way left set aside (``_restore_as_owner``), put back
+    as they were before it — what it restored meanwhile dropped — so that a restore run
+    again reads the deletion ledger of the database it replaces, not of a half-restored
+    one. Returns the schemas put back."""
+    import psycopg
+    from psycopg import sql
+
+    put_back = []
+    with psycopg.connect(admin_dsn, autocommit=True) as conn, conn.transaction():
+        for service in services:
+            schema = f"hearth_{service}"
+            if _schema_exists(conn, _set_aside(schema)):
+                conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+                conn.execute(sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(sql.Identifier(_set_aside(schema)),
+                                                                           sql.Identifier(schema)))
+                put_back.append(schema)
+    return put_back
 
 
 def prune(out_dir: Path, keep: int) -> list[Path]:

@@ -38,7 +38,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from prometheus_client import Counter
 
-from services.common.errors import FailedPrecondition, HearthError, InvalidArgument, NotFound, Unavailable
+from services.common.errors import (FailedPrecondition, HearthError, InvalidArgument, NotFound, Unavailable,
+                                    about_account)
 from services.common.telemetry import pseudonym
 
 BLOB_VERSION = 1
@@ -201,7 +202,11 @@ class FieldCipher:
         if hit is not None and now - hit[0] < self._ttl:
             return hit
         DATA_KEY_FETCHES.labels("on_use").inc()
-        got_version, key = self._fetch(account_id, version)
+        try:
+            got_version, key = self._fetch(account_id, version)
+        except HearthError as exc:   # a batch's caller names the item (errors.naming_the_item)
+            about_account(exc, account_id)
+            raise
         if len(key) != 32 or got_version < 1 or (version and got_version != version):
             raise HearthError(f"data key service returned an unusable key for {account_id!r}", "account_id")
         entry = (now, got_version, AESGCM(key), hmac.new(key, _DIGEST_LABEL, hashlib.sha256).digest())

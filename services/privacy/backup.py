@@ -232,12 +232,29 @@ def run_restore(args: argparse.Namespace) -> int:
     if dsns and len(dsns) < len(roles.SERVICES):
         raise ValueError("set every HEARTH_POSTGRES_DSN_<SERVICE> (each schema goes back to its role after the "
                          f"restore) or none: missing {', '.join(roles.service_dsn_variable(s) for s in roles.SERVICES if s not in dsns)}")
+    if snap.backend == "postgres":
+        # As SQLite's (restore_sqlite): nothing is changed under running services. A service
+        # still connected would write beside the restore (or hold the DROP SCHEMA's lock
+        # for good) and go on with what it cached of the replaced data; until session 29
+        # nothing checked this on PostgreSQL.
+        logins = ([roles.login_of(d, roles.service_dsn_variable(s)) for s, d in sorted(dsns.items())] if dsns
+                  else [roles.login_of(settings.postgres_dsn, "HEARTH_POSTGRES_DSN")])
+        busy = snapshots.postgres_sessions_in_use(settings.postgres_dsn, logins)
+        if busy:
+            raise snapshots.BackupError(
+                f"the services' logins are connected to the database now: {'; '.join(busy)}. Stop every service "
+                "first (kubectl scale --replicas=0; the backup and ledger CronJobs too, or wait for them): a running "
+                "service would write beside the restore and go on with what it cached; nothing was changed")
     # With a login per service, privacy's schema is read and written over privacy's
     # login, never the admin's: a trigger or view privacy's login put there would run with
     # the admin's rights (attack29). Provisioned first, so on a new database the roles and
     # their empty schemas exist for the dump to be restored into as each service.
     privacy = settings
+    put_back: list[str] = []
     if dsns:
+        # A restore killed between setting a schema aside and dropping it: put back first,
+        # so the ledger below is the replaced database's (review29).
+        put_back = snapshots.put_back_set_aside(settings.postgres_dsn)
         # Both times as provisioned: each role's connection limit (the chart's) and members
         # stay; until session 29 the restore re-ran provisioning's defaults and reset the limit.
         roles.provision_roles(settings.postgres_dsn, dsns, as_provisioned=True)
@@ -270,6 +287,8 @@ def run_restore(args: argparse.Namespace) -> int:
     if dsns:
         handed = roles.provision_roles(settings.postgres_dsn, dsns, as_provisioned=True)
         report = {**report, "roles": {service: done["role"] for service, done in handed.items()}}
+    if put_back:   # schemas an interrupted restore had set aside, put back before this one
+        report = {**report, "put_back_before_restore": put_back}
     caches, cache_error = _clear_caches(settings)
     if caches or cache_error:
         report = {**report, "redis_keys_cleared": caches, **({"redis_error": cache_error} if cache_error else {})}

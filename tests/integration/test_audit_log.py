@@ -382,6 +382,18 @@ def test_append_audit_defaults_and_notes_the_reporter(log):
     assert about_ana.principal.id == "ana" and json.loads(about_ana.details_json)["reported_by"] == "test-admin"
 
 
+@pytest.mark.parametrize("field", ["principal_id", "resource_prefix", "event_type", "trace_id", "outcome"])
+def test_a_query_filter_with_a_control_character_is_refused_naming_it(log, field):
+    """A NUL in a filter: on PostgreSQL (text cannot hold one) QueryAudit answered INTERNAL —
+    `GET /v1/audit?resource_prefix=%00` was a 502 through the gateway — and on SQLite it
+    matched nothing (attack29). Every filter is refused with a control character, on both."""
+    for value in ("a\x00b", "a\nb"):
+        with pytest.raises(grpc.RpcError) as refused:
+            log.stub.QueryAudit(ppb.QueryAuditRequest(**{field: value}), metadata=ADMIN.metadata("privacy"))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (field, refused.value.details())
+        assert dict(refused.value.trailing_metadata())[ERROR_FIELD_KEY] == field
+
+
 def test_query_filters_and_pages(log):
     # (9 exports: one below the bulk-export alert, which would add an entry)
     log.app.append(_records(30, tag="a") + _records(9, who=ADMIN, tag="b", event=audit.EXPORT))

@@ -208,3 +208,26 @@ def test_a_batch_of_new_households_past_its_callers_deadline_writes_nothing(data
     with database.transaction(readonly=True) as tx:
         assert tx.query("SELECT COUNT(*) FROM events")[0][0] == 2 * 12
         assert tx.query("SELECT COUNT(*) FROM devices")[0][0] == 2 * 2
+
+
+class _SlowSessionWrite(ClusteringStore):
+    """The caller's deadline passes while the batch's sessions are written."""
+
+    def _insert_sessions(self, tx, rows):
+        super()._insert_sessions(tx, rows)
+        set_serving_deadline(-1.0)      # restored by the test's reset_serving_deadline
+
+
+def test_a_batch_whose_callers_deadline_passed_during_its_writes_is_rolled_back(tmp_path):
+    """Seen failing without the check before the commit: the batch was stored, its caller
+    answered DEADLINE_EXCEEDED (a 504 through the gateway)."""
+    store = _store(tmp_path / "a.db", cls=_SlowSessionWrite)
+    token = set_serving_deadline(600.0)
+    try:
+        with pytest.raises(DeadlineExceeded):
+            store.ingest(_batch(random.Random(9), ["new-0", "new-1"]))
+    finally:
+        reset_serving_deadline(token)
+    with store.db.transaction(readonly=True) as tx:
+        for table in ("events", "devices", "sessions"):
+            assert tx.query(f"SELECT COUNT(*) FROM {table}")[0][0] == 0, table

@@ -127,3 +127,20 @@ def test_an_entry_of_the_format_before_session_29_is_a_miss_and_cached_again_in_
         assert new_format is not None and new_format != old_format
         assert store.cipher.decrypt("acc-o", '["model-cache",1,"gmm"]', new_format[13:]) == b"the-household-model"
         raw.close()
+
+
+def test_the_confirmed_model_version_of_an_erased_household_is_not_kept(database, tmp_path):
+    """The version the database confirmed is kept per household (get_model's window); a
+    household erasure drops it with the household's data key — no account id of an erased
+    household stays in the store's memory for it (this test failed: the entry stayed)."""
+    from services.common.erasure import ErasureScope
+
+    with running_redis(tmp_path) as server:
+        (store,) = _replicas(database, server, 1)
+        store.ingest([ev(0, T0, account="acc-e")])
+        store.save_model("acc-e", 0, "gmm", b"model")
+        assert store.get_model("acc-e", decoded_version=1).version == 1
+        assert "acc-e" in store._confirmed_versions
+        store.erase(ErasureScope("acc-e", "household"))
+        assert "acc-e" not in store._confirmed_versions
+        assert store.get_model("acc-e") is None

@@ -2,11 +2,12 @@
 (services/common/storage/roles.py; docs/operations.md "Database roles"), on the session's
 real PostgreSQL, each test in a database of its own (role names carry the test's tag).
 
-Three defects session 28 left (its note, "Left"): the command set no lock_timeout, so
+Four defects: three session 28 left (its note, "Left"): the command set no lock_timeout, so
 beside an old pod holding a lock on a table it hands over it waited for good (and every
 query on that table queued behind its ACCESS EXCLUSIVE request); `--keep-access-for`
 memberships stayed after a later run without it; `hearth restore` re-ran provisioning
-with its default connection limit, undoing the chart's.
+with its default connection limit, undoing the chart's. And `hearth restore` went ahead
+under running services on PostgreSQL (on SQLite it refuses).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from services import cli
 from services.common.storage import roles
 from services.testing import inprocess
 from tests.helpers.servers import fresh_database
+from tests.integration.test_postgres_roles import stored, write_household
 
 
 def _tag() -> str:
@@ -44,6 +46,16 @@ def _with_old_login(postgres_dsn: str, prefix: str) -> tuple[str, str, str]:
     with psycopg.connect(database, autocommit=True) as conn:
         conn.execute(f'CREATE ROLE "{tag}_legacy" LOGIN')
     return database, tag, f"{tag}_legacy"
+
+
+def _backup_env(monkeypatch, tmp_path, dsns: dict[str, str]) -> None:
+    """`hearth backup`'s environment with a login per service (restore: the admin's DSN
+    as HEARTH_POSTGRES_DSN, set by the test)."""
+    monkeypatch.setenv("HEARTH_STORAGE", "postgres")
+    monkeypatch.setenv("HEARTH_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("HEARTH_POSTGRES_DSN", dsns["privacy"])
+    for service, dsn in dsns.items():
+        monkeypatch.setenv(roles.service_dsn_variable(service), dsn)
 
 
 def _legacy_layout(database: str, legacy: str) -> None:
@@ -108,6 +120,14 @@ def test_a_lock_held_by_a_running_service_stops_it_in_time_naming_the_holder_and
     assert "pg_terminate_backend" in err and "run `hearth db provision-roles` again" in err, err
     assert _state(database, tag) == before      # no role made, nothing handed over, PUBLIC's CONNECT kept
 
+    # Another provisioning mid-run (its transaction's advisory lock) is named as such.
+    with psycopg.connect(database) as other:
+        other.execute("SELECT pg_advisory_xact_lock(%s)", (roles.ADVISORY_LOCK,))
+        assert cli.main(["db", "provision-roles", "--lock-timeout", "1"]) == 2
+        err = capsys.readouterr().err
+        assert f"pid {other.info.backend_pid} (user " in err and "the provisioning lock" in err, err
+    assert _state(database, tag) == before
+
     # The pod's transaction over (it still holds its connection), the same run goes through.
     assert cli.main(["db", "provision-roles", "--keep-access-for", legacy, "--lock-timeout", "1"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -122,16 +142,23 @@ def test_a_run_without_keep_access_for_revokes_what_an_earlier_run_granted(postg
     roles.provision_roles(database, dsns, keep_access_for=legacy)
     assert _members(database, tag) == {f"{tag}_{s}": [legacy] for s in roles.SERVICES}
     # One granted by hand too: clustering's login a member of privacy's role (SET ROLE to it).
+    # And two no REVOKE keeps out (they could grant it back): left alone, and said.
     with psycopg.connect(database, autocommit=True) as conn:
         conn.execute(f'GRANT "{tag}_privacy" TO "{tag}_clustering"')
+        conn.execute(f'CREATE ROLE "{tag}_dba" CREATEROLE')
+        conn.execute(f'CREATE ROLE "{tag}_delegate"')
+        conn.execute(f'GRANT "{tag}_feedback" TO "{tag}_dba"')
+        conn.execute(f'GRANT "{tag}_feedback" TO "{tag}_delegate" WITH ADMIN OPTION')
 
     _set_env(monkeypatch, database, dsns)
     assert cli.main(["db", "provision-roles"]) == 0
-    assert _members(database, tag) == {}
-    report = json.loads(capsys.readouterr().out)     # says what it revoked
+    assert _members(database, tag) == {f"{tag}_feedback": [f"{tag}_dba", f"{tag}_delegate"]}
+    report = json.loads(capsys.readouterr().out)     # says what it revoked, and what it left
     assert {s: r["revoked_access_for"] for s, r in report.items()} == {
         "clustering": [legacy], "attribution": [legacy], "feedback": [legacy],
         "privacy": sorted([f"{tag}_clustering", legacy])}
+    assert {s: r["members_left"] for s, r in report.items()} == {
+        "clustering": [], "attribution": [], "feedback": [f"{tag}_dba", f"{tag}_delegate"], "privacy": []}
     with psycopg.connect(make_conninfo(database, user=f"{tag}_clustering"), autocommit=True) as conn:
         try:
             conn.execute(f'SET ROLE "{tag}_privacy"')
@@ -142,6 +169,7 @@ def test_a_run_without_keep_access_for_revokes_what_an_earlier_run_granted(postg
     # Converged: a run asked the same revokes nothing more.
     again = roles.provision_roles(database, dsns)
     assert {s: r["revoked_access_for"] for s, r in again.items()} == {s: [] for s in roles.SERVICES}
+    assert _members(database, tag) == {f"{tag}_feedback": [f"{tag}_dba", f"{tag}_delegate"]}
 
 
 def test_restore_leaves_each_roles_connection_limit_and_members_as_provisioned(
@@ -152,11 +180,7 @@ def test_restore_leaves_each_roles_connection_limit_and_members_as_provisioned(
     roles.provision_roles(database, dsns, keep_access_for=legacy, connection_limit=7)
     inprocess.start(tmp_path / "mesh", storage="postgres", postgres_dsns=dsns).stop()   # the services' tables
 
-    monkeypatch.setenv("HEARTH_STORAGE", "postgres")
-    monkeypatch.setenv("HEARTH_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("HEARTH_POSTGRES_DSN", dsns["privacy"])
-    for service, dsn in dsns.items():
-        monkeypatch.setenv(roles.service_dsn_variable(service), dsn)
+    _backup_env(monkeypatch, tmp_path, dsns)
     assert cli.main(["backup", "--out", str(tmp_path / "backups")]) == 0
     snapshot = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["snapshot"]
     monkeypatch.setenv("HEARTH_POSTGRES_DSN", database)
@@ -171,3 +195,31 @@ def test_restore_leaves_each_roles_connection_limit_and_members_as_provisioned(
     assert limits == {f"{tag}_{s}": 7 for s in roles.SERVICES}
     assert _members(database, tag) == {f"{tag}_{s}": [legacy] for s in roles.SERVICES}
     assert owner == f"{tag}_privacy" and conninfo_to_dict(database)["dbname"].startswith("rolerest")
+
+
+def test_restore_is_refused_while_the_services_are_connected_and_changes_nothing(
+        postgres_dsn, monkeypatch, capsys, tmp_path):
+    """As on SQLite (tests/e2e/test_restore_refused_while_running.py): until session 29 a
+    PostgreSQL restore went ahead under running services, which then wrote beside it and
+    went on with what they cached of the replaced data."""
+    database, tag = fresh_database(postgres_dsn, "rolebusy"), _tag()
+    dsns = _dsns(database, tag)
+    roles.provision_roles(database, dsns)
+    mesh = inprocess.start(tmp_path / "mesh", storage="postgres", postgres_dsns=dsns)
+    try:
+        write_household(mesh, "before")
+        _backup_env(monkeypatch, tmp_path, dsns)
+        assert cli.main(["backup", "--out", str(tmp_path / "backups")]) == 0
+        snapshot = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["snapshot"]
+        write_household(mesh, "after")
+        monkeypatch.setenv("HEARTH_POSTGRES_DSN", database)
+        assert cli.main(["restore", snapshot]) == 2
+        err = capsys.readouterr().err
+        for service in roles.SERVICES:
+            assert f"{tag}_{service} (" in err, err
+        assert "Stop every service first" in err and "nothing was changed" in err, err
+        assert stored(database, "after") == (5, 1)       # not restored under them
+    finally:
+        mesh.stop()
+    assert cli.main(["restore", snapshot]) == 0, capsys.readouterr().err
+    assert stored(database, "after") == (0, 0) and stored(database, "before") == (5, 1)

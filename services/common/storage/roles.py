@@ -15,14 +15,17 @@ alone:
 * nobody else has rights on the schema (PUBLIC's and the other services' are revoked);
 * PUBLIC loses what PostgreSQL grants it by default on the database (CONNECT, TEMPORARY)
   and CREATE on ``public`` (which PostgreSQL 15 no longer grants; older clusters upgraded
-  in place still do); each role gets CONNECT;
+  in place still do), and EXECUTE on the functions that create large objects (in no
+  schema: attack29); each role gets CONNECT;
 * each role may run the erasure purge's ``pg_switch_wal(); CHECKPOINT``
   (``pg_checkpoint``, docs/privacy.md §11);
 * each role has a ``CONNECTION LIMIT`` (``default_connection_limit``), so a compromised
   service cannot take every one of the server's ``max_connections`` from the others;
 * no role is a member of a service role but the ``--keep-access-for`` login of this run
   (an upgrade's old login): a membership an earlier run granted, or one granted by hand,
-  is revoked and reported (``revoked_access_for``; until session 29 they stayed for good).
+  is revoked and reported (``revoked_access_for``; until session 29 they stayed for good)
+  — except the admin's, a superuser's or CREATEROLE login's and one WITH ADMIN OPTION,
+  which could be granted back at will (``members_left``);
 
 All in one transaction under a bounded ``lock_timeout`` (``--lock-timeout``): handing a
 table over takes an ACCESS EXCLUSIVE lock, which a running service's open transaction on
@@ -50,6 +53,8 @@ from collections.abc import Mapping
 from services.common.storage.dsn import parse_dsn
 
 SERVICES = ("clustering", "attribution", "privacy", "feedback")
+# The functions that create a large object, which PUBLIC may execute by default.
+LARGE_OBJECT_CREATORS = ("lo_create(oid)", "lo_creat(integer)", "lo_from_bytea(oid, bytea)")
 ADMIN_DSN_VARIABLE = "HEARTH_POSTGRES_ADMIN_DSN"
 POOL_MAX_VARIABLE = "HEARTH_POSTGRES_POOL_MAX"     # the services' pool size (config.py)
 DEFAULT_POOL_MAX = 8                               # config.py's postgres_pool_max
@@ -102,6 +107,13 @@ def _login(service: str, dsn: str) -> tuple[str, str | None]:
     if not user:
         raise ValueError(f"{service_dsn_variable(service)}: names no user (the service's own role)")
     return str(user), (str(parts["password"]) if parts.get("password") else None)
+
+
+def login_of(dsn: str, variable: str) -> str:
+    """The login a DSN connects as (libpq's default: PGUSER, else the OS user's name)."""
+    import getpass
+
+    return str(parse_dsn(dsn, variable).get("user") or os.environ.get("PGUSER") or getpass.getuser())
 
 
 def _database_of(dsn: str, user: str, variable: str) -> str:
@@ -180,6 +192,11 @@ def provision_roles(admin_dsn: str, dsns: Mapping[str, str], keep_access_for: st
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (ADVISORY_LOCK,))
                 conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(database)))
                 conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+                # Large objects are the database's, in no schema: a service's login could
+                # store data outside its schema, its dumps and a restore's reach (attack29).
+                # Hearth uses none. (An admin that is no superuser cannot revoke these: the
+                # server warns and the revoke does nothing.)
+                conn.execute(f"REVOKE EXECUTE ON FUNCTION {', '.join(LARGE_OBJECT_CREATORS)} FROM PUBLIC")
                 for service, (role, password) in sorted(logins.items()):
                     report[service] = _provision_one(conn, database, service, role, password,
                                                      others=[r for r in roles if r != role],
@@ -193,18 +210,40 @@ def provision_roles(admin_dsn: str, dsns: Mapping[str, str], keep_access_for: st
 
 
 def _converge_members(conn, role: str, keep_access_for: str, admin: str) -> dict:
-    """Make ``keep_access_for`` (if any) the only member of ``role`` beside the admin
-    (a CREATEROLE admin is made one by PostgreSQL 16); returns the report's keys."""
+    """Make ``keep_access_for`` (if any) the only member of ``role`` but those a REVOKE
+    cannot keep out: the admin, a superuser or CREATEROLE login, a membership WITH ADMIN
+    OPTION (each could grant it back; PostgreSQL 16 gives a CREATEROLE admin that option
+    in every role it creates, and revoking another admin's would break its next run).
+    Returns the report's keys: ``revoked_access_for``, ``members_left``, ``kept_access_for``."""
     from psycopg import sql
 
-    done: dict = {"revoked_access_for": []}
-    members = [r[0] for r in conn.execute(
-        "SELECT m.rolname FROM pg_auth_members am JOIN pg_roles r ON r.oid = am.roleid "
-        "JOIN pg_roles m ON m.oid = am.member WHERE r.rolname = %s ORDER BY m.rolname", (role,)).fetchall()]
-    for member in members:
-        if member not in (keep_access_for, admin):
-            conn.execute(sql.SQL("REVOKE {} FROM {}").format(sql.Identifier(role), sql.Identifier(member)))
-            done["revoked_access_for"].append(member)
+    done: dict = {"revoked_access_for": [], "members_left": []}
+    # From PostgreSQL 16 a membership is one grant per grantor and REVOKE removes only the
+    # current role's unless GRANTED BY names another: name each (15 has one grant).
+    by_grantor = conn.info.server_version >= 160000
+    members = conn.execute(
+        "SELECT m.rolname, bool_or(am.admin_option) OR bool_or(m.rolsuper OR m.rolcreaterole), "
+        "array_agg(DISTINCT g.rolname) FROM pg_auth_members am JOIN pg_roles r ON r.oid = am.roleid "
+        "JOIN pg_roles m ON m.oid = am.member JOIN pg_roles g ON g.oid = am.grantor "
+        "WHERE r.rolname = %s GROUP BY m.rolname ORDER BY m.rolname", (role,)).fetchall()
+    for member, could_grant_back, grantors in members:
+        if member in (keep_access_for, admin):
+            continue
+        if could_grant_back:
+            done["members_left"].append(member)
+            continue
+        for grantor in grantors if by_grantor else [None]:
+            conn.execute(sql.SQL("REVOKE {} FROM {}{}").format(
+                sql.Identifier(role), sql.Identifier(member),
+                sql.SQL(" GRANTED BY {}").format(sql.Identifier(grantor)) if grantor else sql.SQL("")))
+        # A REVOKE that removed nothing is only a WARNING: read back, never report it done.
+        if conn.execute("SELECT 1 FROM pg_auth_members am JOIN pg_roles r ON r.oid = am.roleid "
+                        "JOIN pg_roles m ON m.oid = am.member WHERE r.rolname = %s AND m.rolname = %s",
+                        (role, member)).fetchone():
+            raise ValueError(f"role {member} is still a member of {role} after REVOKE (granted by "
+                             f"{', '.join(grantors)}): revoke it as that grantor, then run this again; nothing "
+                             "was changed")
+        done["revoked_access_for"].append(member)
     if keep_access_for:
         conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(role), sql.Identifier(keep_access_for)))
         done["kept_access_for"] = keep_access_for
