@@ -120,6 +120,14 @@ def test_a_lock_held_by_a_running_service_stops_it_in_time_naming_the_holder_and
     assert "pg_terminate_backend" in err and "run `hearth db provision-roles` again" in err, err
     assert _state(database, tag) == before      # no role made, nothing handed over, PUBLIC's CONNECT kept
 
+    # Another provisioning mid-run (its transaction's advisory lock) is named as such.
+    with psycopg.connect(database) as other:
+        other.execute("SELECT pg_advisory_xact_lock(%s)", (roles.ADVISORY_LOCK,))
+        assert cli.main(["db", "provision-roles", "--lock-timeout", "1"]) == 2
+        err = capsys.readouterr().err
+        assert f"pid {other.info.backend_pid} (user " in err and "the provisioning lock" in err, err
+    assert _state(database, tag) == before
+
     # The pod's transaction over (it still holds its connection), the same run goes through.
     assert cli.main(["db", "provision-roles", "--keep-access-for", legacy, "--lock-timeout", "1"]) == 0
     report = json.loads(capsys.readouterr().out)
