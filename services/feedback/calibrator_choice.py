@@ -111,6 +111,8 @@ class CalibratorChoices:
             raise InvalidArgument("must be a stored version (>= 1) or 0 for none (identity)", "version")
         if not isinstance(reason, str) or not reason.strip() or len(reason) > self.max_reason_chars:
             raise InvalidArgument(f"must say why, in 1-{self.max_reason_chars} characters", "reason")
+        if "\x00" in reason:   # PostgreSQL text cannot hold it: INTERNAL, a 502 (attack29)
+            raise InvalidArgument("must not contain a NUL character", "reason")
         if version == 0 and variant not in self.known_variants and not self.store.calibrator_versions(variant):
             raise NotFound(f"no calibrator for variant {variant!r}; known variants: {list(self.known_variants)}",
                            "variant")
