@@ -1080,9 +1080,15 @@ class ClusteringStore:
         if entry is not None:
             log.warning("the cached model of %s is version %d, the stored one %d: dropped, read from the database",
                         pseudonym(account_id), entry.version, version)
+        held = bool(decoded_version) and version == decoded_version
+        if held and self.cache.health():
+            # Redis down: nothing to cache again, and the held version needs no blob — not
+            # opened (the cache's entry is sealed anew from the plaintext: a decryption and
+            # an encryption of the model at every read while Redis is down otherwise).
+            return StoredModel(version, variant, b"")
         model = self._open_model(account_id, bytes(rows[0][2]))
         self._cache_model(account_id, version, variant, model, erasures, sealed_in_store=rows[0][2])
-        return StoredModel(version, variant, b"" if decoded_version and version == decoded_version else model)
+        return StoredModel(version, variant, b"" if held else model)
 
     def _confirmed(self, account_id: str, version: int) -> bool:
         """Whether the database said ``version`` is the household's stored one within the

@@ -144,3 +144,23 @@ def test_the_confirmed_model_version_of_an_erased_household_is_not_kept(database
         store.erase(ErasureScope("acc-e", "household"))
         assert "acc-e" not in store._confirmed_versions
         assert store.get_model("acc-e") is None
+
+
+def test_a_held_model_is_not_opened_while_redis_is_down(database, tmp_path):
+    """With Redis down every read goes to the database; for the version the caller holds
+    the model is not opened (as before session 29): the cache's entry is sealed anew from
+    the plaintext when it is filled again, and there is nothing to fill while Redis is
+    down. This test failed: each such read decrypted the model (and sealed it again)."""
+    with running_redis(tmp_path) as server:
+        (store,) = _replicas(database, server, 1)
+        store.ingest([ev(0, T0, account="acc-d")])
+        store.save_model("acc-d", 0, "gmm", b"model")
+        opened = []
+        decrypt = store.cipher.decrypt
+        store.cipher.decrypt = lambda account, field, blob: (opened.append(field), decrypt(account, field, blob))[1]
+        server.stop()
+        for _ in range(3):
+            model = store.get_model("acc-d", decoded_version=1)
+            assert (model.version, model.blob) == (1, b"")
+        assert store.cache.health() and opened == [], opened
+        assert store.get_model("acc-d").blob == b"model"   # a caller holding nothing gets it
