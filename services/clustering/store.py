@@ -21,7 +21,7 @@ import json
 import logging
 import struct
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -32,7 +32,7 @@ from prometheus_client import Counter
 
 from services.clustering.domain.events import ViewingEvent
 from services.clustering.domain.features import DEFAULT_VOCABULARY, GenreVocabulary
-from services.clustering.domain.sessions import SessionState, build_session_states, extend_sessions
+from services.clustering.domain.sessions import Session, SessionState, build_session_states, extend_sessions, sessions_of
 from services.clustering.migrations import MIGRATIONS
 from services.clustering.prediction_log import await_forwards, erase_pending, excluding_forwards, forget_cached_heads
 from services.common.client import check_serving_deadline
@@ -67,7 +67,7 @@ MODEL_CACHE_TTL_S = 3600.0
 # database, while the cache says that version is current (ClusteringStore.get_model): the
 # bound on a replayed genuine entry of that version (docs/security.md, session 29).
 MODEL_CONFIRM_S = 60.0
-MODEL_CONFIRMED_MAX = 100_000   # households whose confirmed version a process keeps (cleared past it)
+MODEL_CONFIRMED_MAX = 100_000   # households whose confirmed version a process keeps (the oldest dropped past it)
 # Set in the cache while a rewrite of Redis's files that a Rekey started has not been seen
 # to finish (``ClusteringStore.rekey``): every Rekey rewrites them again until one does.
 _PERSISTENCE_PURGE_OWED = "purge-owed:persistence"
@@ -290,7 +290,8 @@ class ClusteringStore:
         # labels, under the household's data key; None = plaintext (unit tests).
         self.cipher = cipher
         # account -> (model version the database said is stored, when: time.monotonic())
-        self._confirmed_versions: dict[str, tuple[int, float]] = {}
+        # (oldest first; dropped once older than MODEL_CONFIRM_S, and with an erased household)
+        self._confirmed_versions: OrderedDict[str, tuple[int, float]] = OrderedDict()
 
     # ---- encryption at rest (no-ops without a cipher) ------------------------------
 
@@ -456,6 +457,7 @@ class ClusteringStore:
             new = self._new_households(tx, accounts)
         prepared: dict[str, _PreparedHousehold] = {}
         seen: dict[str, set[str]] = defaultdict(set)
+        devices: list[tuple[_PreparedHousehold, list[SessionState]]] = []
         for (account, device), batch in sorted(by_device.items()):
             if account not in new:
                 continue
@@ -488,8 +490,14 @@ class ClusteringStore:
             # The events as a row read back gives them (what _rebuild_sessions builds from).
             states = build_session_states([_event_from_row(_event_row(e)) for e in fresh], self.gap_s,
                                            self.vocabulary)
-            household.sessions += self._session_rows(states, {}, household.sealer)
+            devices.append((household, states))
             household.touched += len(states)
+        # Every new household's sessions in one feature computation (sessions_of), then sealed.
+        sessions = iter(sessions_of([s for _, states in devices for s in states], self.vocabulary))
+        for household, states in devices:
+            check_serving_deadline()
+            household.sessions += self._session_rows(states, {}, household.sealer,
+                                                     [next(sessions) for _ in states])
         return prepared
 
     def _write_prepared(self, tx: Tx, prepared: dict[str, _PreparedHousehold]) -> dict[str, _PreparedHousehold]:
@@ -672,13 +680,15 @@ class ClusteringStore:
         return None
 
     def _session_rows(self, states: list[SessionState], persons: dict[str, str | None],
-                      sealer: HouseholdSealer | None = None) -> list[tuple]:
+                      sealer: HouseholdSealer | None = None, sessions: list[Session] | None = None) -> list[tuple]:
         """Session rows of ``states`` (a device's, oldest first, the last its newest), the
         newest keeping its sealed running state; ``persons``: person ids kept by session id;
-        ``sealer``: the household's key taken once (``_prepare_new_households``)."""
+        ``sealer``: the household's key taken once, ``sessions``: the states' sessions
+        already built (``_prepare_new_households``)."""
         rows = []
-        for i, state in enumerate(states):
-            s = state.session(self.vocabulary)
+        if sessions is None:
+            sessions = sessions_of(states, self.vocabulary)
+        for i, (state, s) in enumerate(zip(states, sessions, strict=True)):
             a = s.account_id
             if sealer is not None:
                 seal, seal_text = sealer.encrypt, sealer.encrypt_text
@@ -1070,9 +1080,15 @@ class ClusteringStore:
         if entry is not None:
             log.warning("the cached model of %s is version %d, the stored one %d: dropped, read from the database",
                         pseudonym(account_id), entry.version, version)
+        held = bool(decoded_version) and version == decoded_version
+        if held and self.cache.health():
+            # Redis down: nothing to cache again, and the held version needs no blob — not
+            # opened (the cache's entry is sealed anew from the plaintext: a decryption and
+            # an encryption of the model at every read while Redis is down otherwise).
+            return StoredModel(version, variant, b"")
         model = self._open_model(account_id, bytes(rows[0][2]))
         self._cache_model(account_id, version, variant, model, erasures, sealed_in_store=rows[0][2])
-        return StoredModel(version, variant, b"" if decoded_version and version == decoded_version else model)
+        return StoredModel(version, variant, b"" if held else model)
 
     def _confirmed(self, account_id: str, version: int) -> bool:
         """Whether the database said ``version`` is the household's stored one within the
@@ -1083,9 +1099,17 @@ class ClusteringStore:
         return seen is not None and seen[0] == version and time.monotonic() - seen[1] < MODEL_CONFIRM_S
 
     def _note_confirmed(self, account_id: str, version: int) -> None:
-        if len(self._confirmed_versions) > MODEL_CONFIRMED_MAX:
-            self._confirmed_versions.clear()
-        self._confirmed_versions[account_id] = (version, time.monotonic())
+        """Also drops the notes past MODEL_CONFIRM_S (useless then) or MODEL_CONFIRMED_MAX:
+        an account id is kept no longer than it serves."""
+        now = time.monotonic()
+        confirmed = self._confirmed_versions
+        confirmed[account_id] = (version, now)
+        confirmed.move_to_end(account_id)
+        while confirmed:
+            oldest, (_, at) = next(iter(confirmed.items()))
+            if now - at < MODEL_CONFIRM_S and len(confirmed) <= MODEL_CONFIRMED_MAX:
+                break
+            del confirmed[oldest]
 
     def _cached_model(self, account_id: str, cached: bytes, decoded_version: int) -> StoredModel | None:
         """The cache's copy (``b""`` as its blob when it is ``decoded_version``, not opened:
@@ -1210,6 +1234,7 @@ class ClusteringStore:
                 # one before it is deleted here.
                 self.cipher.forget(account)
             if scope.kind == "household":
+                self._confirmed_versions.pop(account, None)
                 note_household_erased(tx)
                 forget_household_rekeys(tx, account)
                 for table, key in (("events", "event_id"), ("sessions", "session_id")):

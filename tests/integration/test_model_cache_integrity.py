@@ -127,3 +127,40 @@ def test_an_entry_of_the_format_before_session_29_is_a_miss_and_cached_again_in_
         assert new_format is not None and new_format != old_format
         assert store.cipher.decrypt("acc-o", '["model-cache",1,"gmm"]', new_format[13:]) == b"the-household-model"
         raw.close()
+
+
+def test_the_confirmed_model_version_of_an_erased_household_is_not_kept(database, tmp_path):
+    """The version the database confirmed is kept per household (get_model's window); a
+    household erasure drops it with the household's data key — no account id of an erased
+    household stays in the store's memory for it (this test failed: the entry stayed)."""
+    from services.common.erasure import ErasureScope
+
+    with running_redis(tmp_path) as server:
+        (store,) = _replicas(database, server, 1)
+        store.ingest([ev(0, T0, account="acc-e")])
+        store.save_model("acc-e", 0, "gmm", b"model")
+        assert store.get_model("acc-e", decoded_version=1).version == 1
+        assert "acc-e" in store._confirmed_versions
+        store.erase(ErasureScope("acc-e", "household"))
+        assert "acc-e" not in store._confirmed_versions
+        assert store.get_model("acc-e") is None
+
+
+def test_a_held_model_is_not_opened_while_redis_is_down(database, tmp_path):
+    """With Redis down every read goes to the database; for the version the caller holds
+    the model is not opened (as before session 29): the cache's entry is sealed anew from
+    the plaintext when it is filled again, and there is nothing to fill while Redis is
+    down. This test failed: each such read decrypted the model (and sealed it again)."""
+    with running_redis(tmp_path) as server:
+        (store,) = _replicas(database, server, 1)
+        store.ingest([ev(0, T0, account="acc-d")])
+        store.save_model("acc-d", 0, "gmm", b"model")
+        opened = []
+        decrypt = store.cipher.decrypt
+        store.cipher.decrypt = lambda account, field, blob: (opened.append(field), decrypt(account, field, blob))[1]
+        server.stop()
+        for _ in range(3):
+            model = store.get_model("acc-d", decoded_version=1)
+            assert (model.version, model.blob) == (1, b"")
+        assert store.cache.health() and opened == [], opened
+        assert store.get_model("acc-d").blob == b"model"   # a caller holding nothing gets it

@@ -120,6 +120,14 @@ def test_a_lock_held_by_a_running_service_stops_it_in_time_naming_the_holder_and
     assert "pg_terminate_backend" in err and "run `hearth db provision-roles` again" in err, err
     assert _state(database, tag) == before      # no role made, nothing handed over, PUBLIC's CONNECT kept
 
+    # Another provisioning mid-run (its transaction's advisory lock) is named as such.
+    with psycopg.connect(database) as other:
+        other.execute("SELECT pg_advisory_xact_lock(%s)", (roles.ADVISORY_LOCK,))
+        assert cli.main(["db", "provision-roles", "--lock-timeout", "1"]) == 2
+        err = capsys.readouterr().err
+        assert f"pid {other.info.backend_pid} (user " in err and "the provisioning lock" in err, err
+    assert _state(database, tag) == before
+
     # The pod's transaction over (it still holds its connection), the same run goes through.
     assert cli.main(["db", "provision-roles", "--keep-access-for", legacy, "--lock-timeout", "1"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -134,16 +142,23 @@ def test_a_run_without_keep_access_for_revokes_what_an_earlier_run_granted(postg
     roles.provision_roles(database, dsns, keep_access_for=legacy)
     assert _members(database, tag) == {f"{tag}_{s}": [legacy] for s in roles.SERVICES}
     # One granted by hand too: clustering's login a member of privacy's role (SET ROLE to it).
+    # And two no REVOKE keeps out (they could grant it back): left alone, and said.
     with psycopg.connect(database, autocommit=True) as conn:
         conn.execute(f'GRANT "{tag}_privacy" TO "{tag}_clustering"')
+        conn.execute(f'CREATE ROLE "{tag}_dba" CREATEROLE')
+        conn.execute(f'CREATE ROLE "{tag}_delegate"')
+        conn.execute(f'GRANT "{tag}_feedback" TO "{tag}_dba"')
+        conn.execute(f'GRANT "{tag}_feedback" TO "{tag}_delegate" WITH ADMIN OPTION')
 
     _set_env(monkeypatch, database, dsns)
     assert cli.main(["db", "provision-roles"]) == 0
-    assert _members(database, tag) == {}
-    report = json.loads(capsys.readouterr().out)     # says what it revoked
+    assert _members(database, tag) == {f"{tag}_feedback": [f"{tag}_dba", f"{tag}_delegate"]}
+    report = json.loads(capsys.readouterr().out)     # says what it revoked, and what it left
     assert {s: r["revoked_access_for"] for s, r in report.items()} == {
         "clustering": [legacy], "attribution": [legacy], "feedback": [legacy],
         "privacy": sorted([f"{tag}_clustering", legacy])}
+    assert {s: r["members_left"] for s, r in report.items()} == {
+        "clustering": [], "attribution": [], "feedback": [f"{tag}_dba", f"{tag}_delegate"], "privacy": []}
     with psycopg.connect(make_conninfo(database, user=f"{tag}_clustering"), autocommit=True) as conn:
         try:
             conn.execute(f'SET ROLE "{tag}_privacy"')
@@ -154,6 +169,7 @@ def test_a_run_without_keep_access_for_revokes_what_an_earlier_run_granted(postg
     # Converged: a run asked the same revokes nothing more.
     again = roles.provision_roles(database, dsns)
     assert {s: r["revoked_access_for"] for s, r in again.items()} == {s: [] for s in roles.SERVICES}
+    assert _members(database, tag) == {f"{tag}_feedback": [f"{tag}_dba", f"{tag}_delegate"]}
 
 
 def test_restore_leaves_each_roles_connection_limit_and_members_as_provisioned(

@@ -23,7 +23,9 @@ alone:
   service cannot take every one of the server's ``max_connections`` from the others;
 * no role is a member of a service role but the ``--keep-access-for`` login of this run
   (an upgrade's old login): a membership an earlier run granted, or one granted by hand,
-  is revoked and reported (``revoked_access_for``; until session 29 they stayed for good).
+  is revoked and reported (``revoked_access_for``; until session 29 they stayed for good)
+  — except the admin's, a superuser's or CREATEROLE login's and one WITH ADMIN OPTION,
+  which could be granted back at will (``members_left``);
 
 All in one transaction under a bounded ``lock_timeout`` (``--lock-timeout``): handing a
 table over takes an ACCESS EXCLUSIVE lock, which a running service's open transaction on
@@ -208,18 +210,40 @@ def provision_roles(admin_dsn: str, dsns: Mapping[str, str], keep_access_for: st
 
 
 def _converge_members(conn, role: str, keep_access_for: str, admin: str) -> dict:
-    """Make ``keep_access_for`` (if any) the only member of ``role`` beside the admin
-    (a CREATEROLE admin is made one by PostgreSQL 16); returns the report's keys."""
+    """Make ``keep_access_for`` (if any) the only member of ``role`` but those a REVOKE
+    cannot keep out: the admin, a superuser or CREATEROLE login, a membership WITH ADMIN
+    OPTION (each could grant it back; PostgreSQL 16 gives a CREATEROLE admin that option
+    in every role it creates, and revoking another admin's would break its next run).
+    Returns the report's keys: ``revoked_access_for``, ``members_left``, ``kept_access_for``."""
     from psycopg import sql
 
-    done: dict = {"revoked_access_for": []}
-    members = [r[0] for r in conn.execute(
-        "SELECT m.rolname FROM pg_auth_members am JOIN pg_roles r ON r.oid = am.roleid "
-        "JOIN pg_roles m ON m.oid = am.member WHERE r.rolname = %s ORDER BY m.rolname", (role,)).fetchall()]
-    for member in members:
-        if member not in (keep_access_for, admin):
-            conn.execute(sql.SQL("REVOKE {} FROM {}").format(sql.Identifier(role), sql.Identifier(member)))
-            done["revoked_access_for"].append(member)
+    done: dict = {"revoked_access_for": [], "members_left": []}
+    # From PostgreSQL 16 a membership is one grant per grantor and REVOKE removes only the
+    # current role's unless GRANTED BY names another: name each (15 has one grant).
+    by_grantor = conn.info.server_version >= 160000
+    members = conn.execute(
+        "SELECT m.rolname, bool_or(am.admin_option) OR bool_or(m.rolsuper OR m.rolcreaterole), "
+        "array_agg(DISTINCT g.rolname) FROM pg_auth_members am JOIN pg_roles r ON r.oid = am.roleid "
+        "JOIN pg_roles m ON m.oid = am.member JOIN pg_roles g ON g.oid = am.grantor "
+        "WHERE r.rolname = %s GROUP BY m.rolname ORDER BY m.rolname", (role,)).fetchall()
+    for member, could_grant_back, grantors in members:
+        if member in (keep_access_for, admin):
+            continue
+        if could_grant_back:
+            done["members_left"].append(member)
+            continue
+        for grantor in grantors if by_grantor else [None]:
+            conn.execute(sql.SQL("REVOKE {} FROM {}{}").format(
+                sql.Identifier(role), sql.Identifier(member),
+                sql.SQL(" GRANTED BY {}").format(sql.Identifier(grantor)) if grantor else sql.SQL("")))
+        # A REVOKE that removed nothing is only a WARNING: read back, never report it done.
+        if conn.execute("SELECT 1 FROM pg_auth_members am JOIN pg_roles r ON r.oid = am.roleid "
+                        "JOIN pg_roles m ON m.oid = am.member WHERE r.rolname = %s AND m.rolname = %s",
+                        (role, member)).fetchone():
+            raise ValueError(f"role {member} is still a member of {role} after REVOKE (granted by "
+                             f"{', '.join(grantors)}): revoke it as that grantor, then run this again; nothing "
+                             "was changed")
+        done["revoked_access_for"].append(member)
     if keep_access_for:
         conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(role), sql.Identifier(keep_access_for)))
         done["kept_access_for"] = keep_access_for
