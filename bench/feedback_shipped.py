@@ -36,7 +36,7 @@ level: the design), ``shipped_level_ceiling`` (+ each world's exact level on the
 answers: not a result). Every figure changes only confidences: who is answered is the same.
 
 ``python -m bench.feedback_shipped --train SPEC=CACHE ... --test SPEC=CACHE ...
-[--shipped loops|feedback] [--draws D]``; SPEC = ``split:first_world:worlds:households``
+[--shipped loops|feedback] [--tau2 cov|variance]``; SPEC = ``split:first_world:worlds:households``
 (e.g. ``tuning:12:4:5``, ``movielens-tuning:0:3:4``), CACHE a ``bench.label_feedback
 --batch-only --cache`` file of those households and draws. ``--leave-one-out``: score each
 ``--train`` sample with the others as training (the choice of settings), no ``--test``.
@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 from dataclasses import dataclass
 
@@ -154,17 +155,22 @@ def fed_residuals(shipped, d: Draw) -> np.ndarray:
     return out
 
 
-def level_prior(shipped, train: list[list[Draw]]) -> dict:
+def level_prior(shipped, train: list[list[Draw]], by_size: bool = False) -> dict:
     """The prior a deployment's level is shrunk with, by moments over the training
-    world-draws. Per world: r, the mean (right - confidence) of its feedback answers through
-    the shipped calibrator (what a deployment measures), and b, the same of its served
-    answers after the labels (what its level should move). ``mu_fed`` / ``mu_served``: their
-    means over the training worlds (a deployment measures r - mu_fed and starts from
-    mu_served: feedback is given on answers before the labels, which differ from those after
-    them); ``tau2`` = cov(r, b), the variance of the part of a world's feedback level that
-    predicts its served level (the two are measured on different answers, so their noises
-    do not covary), at least 0."""
-    r, b, noise = [], [], []
+    world-draws, as the level is applied (cross-fitted). Per household of a world: r, the
+    mean (right - confidence) through the shipped calibrator of the feedback answers of the
+    world's OTHER households (what the deployment measures for it), and b, the same of the
+    household's served answers after the labels (what its level should move). ``mu_fed`` / ``mu_served``: the
+    same over every training answer (answer-weighted: the pooled levels; a deployment
+    measures r - mu_fed and starts from mu_served, since feedback is given on answers before
+    the labels, which differ from those after them); ``tau2`` = cov(r, b), the variance of
+    the part of the world's feedback level that predicts a household's served level
+    (the two are measured on different households' answers, so their noises do not
+    covary; what they share is the world's), at least 0.
+    ``by_size``: tau2 per size of world (households), in ``tau2_by_size``; a deployment
+    takes the nearest size's (a small world's level varies with its few households)."""
+    r, b, noise, size = [], [], [], []
+    fed_sum = fed_n = served_sum = served_n = 0.0
     for sample in train:
         for d in sample:
             res = fed_residuals(shipped, d)
@@ -172,20 +178,41 @@ def level_prior(shipped, train: list[list[Draw]]) -> dict:
             top = d.P1.max(axis=1).copy()
             on = d.calibrated
             top[on] = _apply(shipped, d.P1[on], d.age[on], d.group[on])
+            fed_sum, fed_n = fed_sum + res[d.fed].sum(), fed_n + d.fed.sum()
+            s_all = ~d.fed & on
+            served_sum, served_n = served_sum + (d.ok1[s_all] - top[s_all]).sum(), served_n + s_all.sum()
             for w in np.unique(d.world):
-                f = d.fed & (d.world == w)
-                s = ~d.fed & (d.world == w)
-                if f.sum() < 2:
-                    continue
-                r.append(float(res[f].mean()))
-                b.append(float((d.ok1[s] - top[s]).mean()))
-                noise.append(float(np.sum(conf[f] * (1 - conf[f])) / f.sum() ** 2))
-    r, b, noise = np.asarray(r), np.asarray(b), np.asarray(noise)
-    cov = float(np.cov(r, b)[0, 1])
-    return {"mu_fed": float(r.mean()), "mu_served": float(b.mean()), "tau2": max(0.0, cov),
-            "tau2_from_variance": max(0.0, float(np.var(r) - noise.mean())), "world_draws": int(r.size),
-            "fed_level_sd": float(np.std(r)), "served_level_sd": float(np.std(b)),
+                in_w = d.world == w
+                households = np.unique(d.account[in_w])
+                # as the level is applied, cross-fitted: the OTHER households' feedback
+                # against this household's served answers
+                for acc in households:
+                    f = d.fed & in_w & (d.account != acc)
+                    s = ~d.fed & (d.account == acc)
+                    if f.sum() < 2 or not s.any():
+                        continue
+                    r.append(float(res[f].mean()))
+                    b.append(float((d.ok1[s] - top[s]).mean()))
+                    noise.append(float(np.sum(conf[f] * (1 - conf[f])) / f.sum() ** 2))
+                    size.append(len(households))
+    r, b, noise, size = np.asarray(r), np.asarray(b), np.asarray(noise), np.asarray(size)
+
+    def tau2(rows) -> float:
+        return max(0.0, float(np.cov(r[rows], b[rows])[0, 1])) if rows.sum() > 2 else 0.0
+
+    every = np.ones(r.size, dtype=bool)
+    return {"mu_fed": float(fed_sum / fed_n), "mu_served": float(served_sum / served_n), "tau2": tau2(every),
+            "tau2_from_variance": max(0.0, float(np.var(r) - noise.mean())),
+            "tau2_by_size": {int(n): tau2(size == n) for n in np.unique(size)} if by_size else {},
+            "world_draws": int(r.size), "fed_level_sd": float(np.std(r)), "served_level_sd": float(np.std(b)),
             "mean_fed_se": float(np.sqrt(noise.mean())), "corr": float(np.corrcoef(r, b)[0, 1])}
+
+
+def _tau2_for(prior: dict, households: int) -> float:
+    sizes = prior.get("tau2_by_size") or {}
+    if not sizes:
+        return prior["tau2"]
+    return sizes[min(sizes, key=lambda n: abs(np.log(n) - np.log(households)))]
 
 
 def _moved(top: np.ndarray, P: np.ndarray, shift: np.ndarray) -> np.ndarray:
@@ -241,7 +268,7 @@ def score(sample: list[Draw], shipped, prior: dict) -> dict:
                 # posterior mean under the prior tau2 (fit_evidence_shift's prior_variance)
                 shift[mine] = prior["mu_served"] + fit_evidence_shift(
                     conf[others] + prior["mu_fed"], d.ok0[others], np.ones(others.sum()),
-                    prior_variance=prior["tau2"])
+                    prior_variance=_tau2_for(prior, len(np.unique(d.account[in_w]))))
             g = held & in_w
             ceiling[in_w] = np.clip(top[in_w] - (top[g].mean() - d.ok1[g].mean()), 0.0, 1.0)
         shift = np.where(on, shift, 0.0)
@@ -253,24 +280,51 @@ def score(sample: list[Draw], shipped, prior: dict) -> dict:
             "per_draw": {k: [round(float(x), 4) for x in v] for k, v in rows.items()}}
 
 
+def _chosen(prior: dict, tau2: str) -> dict:
+    return prior if tau2 == "cov" else {**prior, "tau2": prior["tau2_from_variance"], "tau2_by_size": {}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", nargs="+", required=True, metavar="SPEC=CACHE")
     ap.add_argument("--test", nargs="*", default=[], metavar="SPEC=CACHE")
     ap.add_argument("--shipped", choices=("loops", "feedback"), default="loops")
+    ap.add_argument("--tau2", choices=("cov", "variance"), default="cov",
+                    help="the level's prior variance: cov(r, b), cross-fitted, over the training worlds (default) or "
+                         "var(r) less its noise")
+    ap.add_argument("--prior-by-size", action="store_true",
+                    help="the level's prior variance per size of world (households), the nearest size's")
+    ap.add_argument("--shipped-cache", default=None,
+                    help="pickle of the fitted shipped calibrator and prior: written when absent, reused "
+                         "when present for the same --train, --shipped and prior options")
     ap.add_argument("--leave-one-out", action="store_true")
     args = ap.parse_args()
-    train = {s: load(*s.split("=", 1)) for s in args.train}
-    out: dict = {"shipped": args.shipped, "train": list(train)}
+    train = {s: load(*s.split("=", 1)) for s in args.train} \
+        if not (args.shipped_cache and os.path.exists(args.shipped_cache)) else dict.fromkeys(args.train)
+    out: dict = {"shipped": args.shipped, "tau2": args.tau2, "prior_by_size": args.prior_by_size,
+                 "train": list(train)}
     if args.leave_one_out:
         for name, sample in train.items():
             rest = [v for k, v in train.items() if k != name]
             shipped = fit_shipped(rest, args.shipped)
-            prior = level_prior(shipped, rest)
+            prior = _chosen(level_prior(shipped, rest, args.prior_by_size), args.tau2)
             out[name] = {"prior": prior, **score(sample, shipped, prior)}
     else:
-        shipped = fit_shipped(list(train.values()), args.shipped)
-        prior = level_prior(shipped, list(train.values()))
+        key = (list(train), args.shipped, args.tau2, args.prior_by_size)
+        held = None
+        if args.shipped_cache and os.path.exists(args.shipped_cache):
+            with open(args.shipped_cache, "rb") as fh:
+                held = pickle.load(fh)
+            if held["key"] != key:
+                raise SystemExit(f"--shipped-cache {args.shipped_cache}: fitted with other options")
+        if held is None:
+            shipped = fit_shipped(list(train.values()), args.shipped)
+            held = {"key": key, "shipped": shipped,
+                    "prior": _chosen(level_prior(shipped, list(train.values()), args.prior_by_size), args.tau2)}
+            if args.shipped_cache:
+                with open(args.shipped_cache, "wb") as fh:
+                    pickle.dump(held, fh)
+        shipped, prior = held["shipped"], held["prior"]
         out["prior"] = prior
         for t in args.test:
             out[t.split("=", 1)[0]] = score(load(*t.split("=", 1)), shipped, prior)
