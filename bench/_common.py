@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import sys
 import time
+from pathlib import Path
 
 
 def log(msg: str) -> None:
@@ -53,3 +55,12 @@ def answers_health(url: str, timeout_s: float = 120.0) -> bool:
             pass
         time.sleep(0.3)
     return False
+
+
+def emit(result: dict, out: str | None) -> dict:
+    """Print a bench's JSON result, and write it to ``out`` when given."""
+    text = json.dumps(result, indent=1)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
+    return result

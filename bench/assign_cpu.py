@@ -96,6 +96,10 @@ def extract(ref: str, into: Path) -> Path:
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     shutil.copytree(ROOT / "hearth", into / "hearth")
+    # This checkout's code beside the older tree's protos/ on purpose (a newer release's
+    # messages are a superset): without its stale-protos check (scripts/gen_protos.py),
+    # which would refuse the pair.
+    (into / "hearth" / "__init__.py").write_text('"""This checkout\'s generated code (bench/assign_cpu.py extract)."""\n')
     return into
 
 

@@ -5,9 +5,12 @@ to each mesh in alternating order, while a probe posts one event of a known hous
 every 0.2 s to the same mesh — the "every other write waits" half of attack27's finding.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.ingest_key_warming --households 1000 --rounds 5
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.ingest_key_warming --baseline ed5316b --households 5000 \
+        --rounds 3 --out /tmp/ingest-5000.json
 
-JSON: per side, the batch's seconds and status of each round, their median, the probes'
-median and max seconds, the fixed/baseline ratio of the medians, the load average."""
+JSON (printed, and written to ``--out``): per side, the batch's seconds and status of each
+round, their median, the probes' median and max seconds, the fixed/baseline ratio of the
+medians, the load average, the UTC start and end."""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import httpx
 
+from bench._common import emit
 from bench.assign_cpu import extract
 from services.testing.mesh import Mesh, write_api_key
 
@@ -86,7 +90,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--households", type=int, default=1000)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--work", default=None)
+    p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
+    started = time.time()
     work = Path(args.work or tempfile.mkdtemp(prefix="keyfetch27-bench-"))
     sides = {"baseline": extract(args.baseline, work / "tree"), "fixed": ROOT}
     meshes = {label: start(label, root, work) for label, root in sides.items()}
@@ -104,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
         for mesh, _ in meshes.values():
             mesh.stop()
     result = {"households": args.households, "rounds": args.rounds, "baseline": args.baseline,
+              "started_utc": _iso(started), "ended_utc": _iso(time.time()),
               "load_before": round(load0, 2), "load_after": round(os.getloadavg()[0], 2), "sides": {}}
     for label, rs in runs.items():
         result["sides"][label] = {
@@ -113,8 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
             "probe_max_s": max(r["probe_max_s"] for r in rs if r["probe_max_s"] is not None)}
     b, f = result["sides"]["baseline"], result["sides"]["fixed"]
     result["fixed_over_baseline_median"] = round(f["median_s"] / b["median_s"], 3)
-    print(json.dumps(result, indent=1))
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,13 @@ of a pass with the purge deferred and purges each store once (keys/rotation.py
   ``reencrypt`` and ``purge_deferred`` turned off, so ``finish`` Rekeys with the purge) —
   and ``after`` (this code), alternated.
 
+``--privacy-purge`` compares instead privacy's own purge of its key tables (``data_keys``,
+``digest_keys``: ``VACUUM FULL``, a WAL switch and a ``CHECKPOINT`` on PostgreSQL) at the
+retirement of each household (``before``: as until session 29) against once per batch pass
+(``after``: ``BatchRotations._purge_key_tables``), the stores' purges deferred in both;
+``--key-background N`` households hold keys in privacy only (their rows are what
+privacy's purge rewrites). Each row also counts privacy's purges and the seconds they took.
+
 ``--job-record N`` measures instead what storing one household's outcome costs in a job of
 N households (privacy's SQLite, its migrations): ``before`` the whole job rewritten per step
 (``DeletionJobStore`` with the whole-job codec, as until session 28), ``after`` the job's
@@ -59,6 +66,9 @@ def main() -> None:
     parser.add_argument("--job-record", type=int, default=0, help="households of a job: measure its record")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--sqlite-rekey", type=int, default=0, help="events of a household: its rekey on SQLite")
+    parser.add_argument("--privacy-purge", action="store_true",
+                        help="compare privacy's key-table purge per household (before) and per batch pass (after)")
+    parser.add_argument("--key-background", type=int, default=0, help="households with keys in privacy only")
     args = parser.parse_args()
     if args.job_record:
         job_record(args.job_record, args.steps, args.reps)
@@ -95,6 +105,12 @@ def main() -> None:
 
         def purge_deferred(self, households) -> None:
             return None
+
+    class PerHouseholdKeyPurge(DataKeyRotation):
+        """Privacy's key tables purged at each household's retirement (until session 29)."""
+
+        def finish(self, account_id, target, resumed, created_at, purge_keys: bool = True):
+            return super().finish(account_id, target, resumed, created_at, purge_keys=True)
 
     officer = Principal("bench-officer", Role.PRIVACY_OFFICER)
     kek = generate_kek("k1")
@@ -139,6 +155,8 @@ def main() -> None:
             with dbs["clustering"].transaction() as tx:
                 size_mb = sum(tx.query("SELECT pg_total_relation_size(?::regclass)", (f'"bench_clustering"."{t}"',))[0][0]
                               for t in ("events", "sessions", "household_models")) / 1e6
+            for first in range(0, args.key_background, 1000):
+                keys.data_keys([f"keybg-{i:06d}" for i in range(first, min(args.key_background, first + 1000))])
             log(f"filled {args.background} background + {args.households} rotated households, "
                 f"clustering tables {size_mb:.0f} MB, in {time.perf_counter() - started:.0f} s")
 
@@ -152,6 +170,16 @@ def main() -> None:
                         purges.append(_service)
                     return out
                 store.db.purge_erased = counted
+            privacy_purges: list[float] = []
+            real_privacy_purge = dbs["privacy"].purge_erased
+
+            def timed_privacy_purge(tables=()):
+                started = time.perf_counter()
+                out = real_privacy_purge(tables)
+                if "VACUUM" in out["action"]:
+                    privacy_purges.append(time.perf_counter() - started)
+                return out
+            dbs["privacy"].purge_erased = timed_privacy_purge
 
             def rekey(service: str, account: str, version: int, defer_purge: bool = False) -> Rekeyed:
                 store = clustering if service == "clustering" else attribution
@@ -163,12 +191,16 @@ def main() -> None:
                         tx.executemany("UPDATE data_keys SET created_at = '2001-01-01T00:00:00+00:00' "
                                        "WHERE account_id = ?", [(a,) for a in accounts])
                     service = KeyService(keys.store, [kek], "k1")
-                    kind = PerHouseholdPurge if mode == "before" else DataKeyRotation
+                    if args.privacy_purge:
+                        kind = PerHouseholdKeyPurge if mode == "before" else DataKeyRotation
+                    else:
+                        kind = PerHouseholdPurge if mode == "before" else DataKeyRotation
                     rotation = kind(service, rekey, ("clustering", "attribution"), settle_s=0.0,
                                     sleep=lambda _s: None)
                     batches = BatchRotations(rotation_job_store(dbs["privacy"]), rotation)
                     job_id = batches.request(3650, args.households, principal=officer).job.job_id
                     purges.clear()
+                    privacy_purges.clear()
                     started = time.perf_counter()
                     batches.run_due()
                     elapsed = time.perf_counter() - started
@@ -178,6 +210,7 @@ def main() -> None:
                     row = {"mode": mode, "rep": rep, "s": round(elapsed, 2), "completed": counts["completed"],
                            "vacuum_full_purges": {s: purges.count(s) for s in ("clustering", "attribution")},
                            "households_with_incomplete_purges": incomplete,
+                           "privacy_purges": len(privacy_purges), "privacy_purge_s": round(sum(privacy_purges), 2),
                            "load1": round(os.getloadavg()[0], 1)}
                     log(f"rotation_cost {row}")
                     results[mode].append(row)
@@ -192,6 +225,7 @@ def main() -> None:
         "bench": "rotation_cost", "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%MZ"), "cpu": cpu_model(),
         "background_households": args.background, "households": args.households, "events": args.events,
         "clustering_tables_mb": round(size_mb, 1), "wal_recycle": args.wal_recycle, "reps": args.reps,
+        "compared": "privacy_key_purge" if args.privacy_purge else "store_purges", "key_background": args.key_background,
         "before_s_median": round(med["before"], 2), "after_s_median": round(med["after"], 2),
         "ratio_before_over_after": round(med["before"] / med["after"], 2) if med["after"] else None,
         "runs": results["before"] + results["after"]}))

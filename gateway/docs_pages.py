@@ -83,6 +83,11 @@ def redoc_page(title: str, openapi_url: str) -> str:
 """
 
 
+# Operators type an admin API key into /docs: shown only as the top page, never in
+# another site's frame (attack29; CSP for today's browsers, X-Frame-Options for older).
+NOT_FRAMED = {"Content-Security-Policy": "frame-ancestors 'none'", "X-Frame-Options": "DENY"}
+
+
 def install_docs_pages(app: FastAPI, docs_url: str = "/docs", redoc_url: str = "/redoc") -> None:
     """/docs and /redoc on ``app`` (created with ``docs_url=None, redoc_url=None``), open
     like FastAPI's own: they carry no data, only the viewer of /openapi.json."""
@@ -91,8 +96,8 @@ def install_docs_pages(app: FastAPI, docs_url: str = "/docs", redoc_url: str = "
 
     @app.get(docs_url, include_in_schema=False)
     async def swagger_ui() -> HTMLResponse:
-        return HTMLResponse(swagger)
+        return HTMLResponse(swagger, headers=NOT_FRAMED)
 
     @app.get(redoc_url, include_in_schema=False)
     async def redoc_ui() -> HTMLResponse:
-        return HTMLResponse(redoc)
+        return HTMLResponse(redoc, headers=NOT_FRAMED)

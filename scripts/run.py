@@ -10,18 +10,34 @@ import sys
 import time
 from pathlib import Path
 
-from services.common.config import keep_files_private
-from services.testing.mesh import ROOT, Mesh, write_api_key
+import gen_protos   # scripts/, beside this file
+
+
+def regenerate_if_stale() -> None:
+    """Generate hearth/ from protos/ when it is missing or older than them, as `make run`
+    does: run alone after a merge that changed a .proto, this started the old generated code,
+    and privacy crashed at start (AttributeError: no DATA_KEY_OUTCOME_ERASED, session 28)."""
+    reason = gen_protos.stale_reason()
+    if reason is None:
+        return
+    print(f"{reason}: regenerating it (scripts/gen_protos.py)", flush=True)
+    if gen_protos.main() != 0:
+        raise SystemExit("scripts/gen_protos.py failed (above); the mesh was not started")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data-dir", type=Path, default=ROOT / "var",
+    parser.add_argument("--data-dir", type=Path, default=gen_protos.ROOT / "var",
                         help="where the SQLite files, keys and logs go (default ./var)")
     parser.add_argument("--free-ports", action="store_true",
                         help="listen on free ports instead of 8080/50051-50054/9100-9104 "
                              "(a second mesh beside a running one)")
     args = parser.parse_args(argv)
+    regenerate_if_stale()
+    # Only now: these import the generated code.
+    from services.common.config import keep_files_private
+    from services.testing.mesh import Mesh, write_api_key
+
     keep_files_private()   # the data dir, its logs and the keys file: the owner's only
     # One `make run` per data dir (attack25): a second one came up beside the first on the
     # same files and replaced the demo key, so the first mesh's printed key answered 401.

@@ -27,6 +27,9 @@ run goes ("Session 28"):
 - Each worker has its own PostgreSQL cluster, redis-server and bytecode directory
   (tests/conftest.py, session fixtures), started once and kept for all its files.
 
+A worker that dies (a crash; a test hung past pytest-timeout's limit, which the worker's
+backstop ends with every thread's traceback: tests/helpers/queue_worker.py) fails the run
+with a line naming the test it was running and the files it left; the other goes on.
 A stop (SIGTERM: a CI timeout; Ctrl-C) hands out nothing more: the workers are stopped and
 no other file starts; a worker that stops of itself (``-x``, ``--maxfail``) stops the
 queue too. Each worker dies with this process (PR_SET_PDEATHSIG) and its servers and meshes
@@ -52,6 +55,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,22 +186,80 @@ def _child_setup() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def command(args: list[str]) -> list[str]:
+def command(args: list[str], paths: list[str] = ()) -> list[str]:
     """One worker's pytest: the queue plugin, progress as a count (a worker runs part of what
     it collected: "[ 812/2846]" is its 812th test of the suite's 2,846; a percentage would
-    stop near half), then the caller's arguments."""
-    return [sys.executable, "-m", "pytest", "-q", "-p", PLUGIN, "-o", "console_output_style=count", *args]
+    stop near half), then the caller's arguments, then ``paths`` (what to collect, in that
+    order; none: the configured testpaths)."""
+    return [sys.executable, "-m", "pytest", "-q", "-p", PLUGIN, "-o", "console_output_style=count", *args, *paths]
+
+
+# ---- each module compiled once a run ----
+#
+# Collecting the suite is mostly compiling it: pytest rewrites the asserts of each of ~270
+# test modules and compiles them, and the project's modules they import are compiled too
+# (~80 % of a collection's CPU, profiled). Where PYTHONDONTWRITEBYTECODE is set (so
+# nothing is written into the checkout) none of it was kept, and both workers compiled the
+# whole suite, side by side, before the first file ran (~25 s of an idle run, twice the CPU).
+# Now the workers share one bytecode directory of the run (PYTHONPYCACHEPREFIX: still
+# nothing in the checkout; removed when the run ends; the processes the tests start use it
+# too, as tests/conftest.py had each worker's do) and the second worker collects the
+# suite's directories in the reverse order: each compiles about half, and loads what the
+# other compiled. pytest writes its rewritten modules there as Python does its bytecode
+# (atomically, checked against the source's size and time).
+
+def bytecode_env(environ: dict[str, str], directory: str) -> dict[str, str]:
+    """The workers' environment: with PYTHONDONTWRITEBYTECODE (and no PYTHONPYCACHEPREFIX of
+    the caller's), bytecode is written, into ``directory``; otherwise as given."""
+    env = dict(environ)
+    if env.get("PYTHONDONTWRITEBYTECODE") and not env.get("PYTHONPYCACHEPREFIX"):
+        del env["PYTHONDONTWRITEBYTECODE"]
+        env["PYTHONPYCACHEPREFIX"] = directory
+    return env
+
+
+def names_a_path(args: list[str], root: Path) -> bool:
+    """Whether the caller's arguments name a test path (which narrows the run to it; the
+    workers then collect just that). An option's value that is a path too (``-k deploy``)
+    counts: the cost is the order only, where a path missed would differ the collections."""
+    return any(not a.startswith("-") and (root / a.split("::", 1)[0]).exists() for a in args)
+
+
+def reversed_testpaths(root: Path) -> list[str]:
+    """The configured testpaths' directories and test files one level down, in reverse order
+    (collected so, the same files as the testpaths; [] when the project has no
+    pyproject.toml testpaths)."""
+    try:
+        config = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
+        testpaths = config["tool"]["pytest"]["ini_options"]["testpaths"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    entries: list[str] = []
+    for top in testpaths:
+        base = root / top
+        if not base.is_dir():
+            return []
+        for entry in sorted(base.iterdir()):
+            if entry.name.startswith((".", "_")):
+                continue
+            if entry.is_dir() or (entry.name.startswith("test_") and entry.suffix == ".py"):
+                entries.append(str(entry.relative_to(root)))
+    return entries[::-1]
 
 
 class _Worker:
-    def __init__(self, number: int, cmd: list[str], root: Path, log, queue: WorkQueue, began: float):
+    def __init__(self, number: int, cmd: list[str], root: Path, log, queue: WorkQueue, began: float,
+                 environ: dict[str, str]):
         self.number, self.queue, self.began, self.log = number, queue, began, log
         self.durations: dict[str, float] = {}
         self.files = 0
         self.ended_s: float | None = None
+        self.group: list[str] = []        # the group it was handed last
+        self.running: str | None = None   # the test it started last
+        self.reported_end = False         # pytest ended its session itself (not a crash, a kill)
         to_worker, from_runner = os.pipe()
         from_worker, to_runner = os.pipe()
-        env = {**os.environ, QUEUE_ENV: f"{to_worker},{to_runner}"}
+        env = {**environ, QUEUE_ENV: f"{to_worker},{to_runner}"}
         self.proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=env, pass_fds=(to_worker, to_runner), preexec_fn=_child_setup)
         os.close(to_worker)
@@ -209,6 +271,7 @@ class _Worker:
 
     def _handed(self, group: list[str]) -> None:
         self.files += len(group)
+        self.group = list(group)
         shared = f" (+{len(group) - 1} files sharing its package fixture)" if len(group) > 1 else ""
         print(f"make test [{_clock(time.monotonic() - self.began)}] worker {self.number}: {group[0]}{shared}",
               flush=True)
@@ -229,8 +292,28 @@ class _Worker:
                         return
                 elif "stopped" in message:
                     self.queue.stop(f"worker {self.number} stopped: {message['stopped']}")
+                elif "running" in message:
+                    self.running = message["running"]
                 elif "durations" in message:
                     self.durations.update(message["durations"])
+                elif "ended" in message:
+                    self.reported_end = True
+
+    def died(self) -> str | None:
+        """What ended the worker, when pytest did not end its run itself (a crash, the
+        backstop of a hung test, a kill): "<how>, running <test>"; None otherwise."""
+        if self.reported_end or self.proc.returncode is None:
+            return None
+        code = self.proc.returncode
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code} without pytest's summary"
+        return f"{how}, running {self.running or 'no test yet (collecting)'}"
+
+    def lost_files(self) -> list[str]:
+        """The files of its last group it never finished (from the one it died in)."""
+        if self.running is None or self.died() is None:
+            return []
+        where = self.running.split("::", 1)[0]
+        return self.group[self.group.index(where):] if where in self.group else []
 
 
 def run(args: list[str], *, root: Path = ROOT, workers: int = WORKERS, durations: Path = DURATIONS,
@@ -257,9 +340,12 @@ def run(args: list[str], *, root: Path = ROOT, workers: int = WORKERS, durations
           f"package fixture) as it is free, longest first ({durations.name if durations.exists() else 'no record'}):",
           flush=True)
     with tempfile.TemporaryDirectory(prefix="hearth-test-workers-") as logs:
+        environ = bytecode_env(dict(os.environ), str(Path(logs) / "bytecode"))
+        backwards = [] if names_a_path(args, root) else reversed_testpaths(root)
         for number in range(1, workers + 1):
             log = open(Path(logs) / f"worker-{number}.log", "w+", encoding="utf-8")
-            running.append(_Worker(number, command(args), root, log, queue, began))
+            paths = backwards if number % 2 == 0 else []
+            running.append(_Worker(number, command(args, paths), root, log, queue, began, environ))
             if stopped_by:   # a signal while the workers were being started
                 forward(stopped_by[0], None)
         while any(w.ended_s is None for w in running):
@@ -269,6 +355,11 @@ def run(args: list[str], *, root: Path = ROOT, workers: int = WORKERS, durations
                     worker.ended_s = time.monotonic() - began
                     print(f"make test [{_clock(worker.ended_s)}] worker {worker.number} ended "
                           f"(exit {worker.proc.returncode}, {worker.files} files)", flush=True)
+                    worker.thread.join(timeout=30)   # its last messages read: died() can tell
+                    if worker.died():
+                        print(f"make test [{_clock(worker.ended_s)}] worker {worker.number} DIED "
+                              f"({worker.died()}): its output, printed below, ends with the "
+                              f"traceback", flush=True)
         outputs = []
         for worker in running:
             worker.thread.join(timeout=30)
@@ -283,12 +374,19 @@ def run(args: list[str], *, root: Path = ROOT, workers: int = WORKERS, durations
         not_run_note = f"; NOT RUN ({queue.stopped}): {len(not_run)} files, e.g. {', '.join(not_run[:3])}"
     else:
         not_run_note = ""
+    for worker in running:
+        if worker.died():
+            lost = worker.lost_files()
+            not_run_note += (f"; worker {worker.number} DIED ({worker.died()}): {len(lost)} files not finished, "
+                             f"e.g. {', '.join(lost[:3])}")
     parts = [f"worker {w.number}: {summary(out)}, ended at {_clock(w.ended_s)}" for w, out in zip(running, outputs)]
     wall = time.monotonic() - began
     print(f"\nmake test: {'; '.join(parts)}{not_run_note}; wall {_clock(wall)}", flush=True)
     if write_durations and queue.files:
         _write_durations(durations, queue.files, [w.durations for w in running], wall)
     failed = next((w.proc.returncode for w in running if w.proc.returncode != 0), 0)
+    if failed < 0:   # a worker killed by a signal: a status a shell shows as such
+        failed = 128 - failed
     if failed == 0 and not_run:
         failed = 2 if stopped_by else 3
     return failed

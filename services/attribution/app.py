@@ -22,7 +22,7 @@ from services.common.client import check_serving_deadline
 from services.common.ids import check_id
 from services.common.consent import ConsentChecker
 from services.common.erasure import ErasureOutcome, ErasureScope
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, naming_the_item
 from services.common.identity import Principal
 from services.common.permissions import Permission, principal_allowed
 
@@ -170,16 +170,18 @@ class AttributionApp:
     def record_touchpoints(self, items: list[Touchpoint]) -> tuple[int, int, int]:
         """(accepted, duplicates, rejected_expired)."""
         items = validate_touchpoints(items)
-        self._require_consent(t.account_id for t in items)
-        items, expired = self._unexpired(items)
-        return (*self.store.record_touchpoints(items), expired) if items else (0, 0, expired)
+        with naming_the_item([t.account_id for t in items], "touchpoints"):
+            self._require_consent(t.account_id for t in items)
+            kept, expired = self._unexpired(items)
+            return (*self.store.record_touchpoints(kept), expired) if kept else (0, 0, expired)
 
     def record_conversions(self, items: list[Conversion]) -> tuple[int, int, int]:
         """(accepted, duplicates, rejected_expired)."""
         items = validate_conversions(items)
-        self._require_consent(c.account_id for c in items)
-        items, expired = self._unexpired(items)
-        return (*self.store.record_conversions(items), expired) if items else (0, 0, expired)
+        with naming_the_item([c.account_id for c in items], "conversions"):
+            self._require_consent(c.account_id for c in items)
+            kept, expired = self._unexpired(items)
+            return (*self.store.record_conversions(kept), expired) if kept else (0, 0, expired)
 
     def export_account(self, account_id: str) -> dict:
         """DataHolder.ExportAccount (services/common/erasure.py validates the id)."""

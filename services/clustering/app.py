@@ -32,7 +32,7 @@ from services.clustering.prediction_log import (PredictionLog, PredictionRecord,
 from services.clustering.store import ClusteringStore, HouseholdView, IngestResult, StoredSession
 from services.common.consent import ConsentChecker
 from services.common.erasure import ErasureOutcome, ErasureScope
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument, NotFound, naming_the_item
 from services.common.identity import Principal
 from services.common.permissions import Permission, principal_allowed
 from services.common.failure_log import FailureLog
@@ -163,14 +163,17 @@ class ClusteringApp:
             self.consent.require(account_ids, ("processing",))
 
     def ingest(self, events: list[ViewingEvent]) -> IngestResult:
-        self.require_processing(e.account_id for e in events)
+        accounts = [e.account_id for e in events]
+        with naming_the_item(accounts, "events"):   # a withdrawn household: which item
+            self.require_processing(accounts)
         unknown = [(i, names) for i, e in enumerate(events) if (names := self.store.vocabulary.unknown(e.genres))]
         if unknown and self.unknown_genres == "reject":
             i, names = unknown[0]
             raise InvalidArgument(f"genre {names[0]!r} is not in the genre vocabulary "
                                   "(HEARTH_GENRE_ALIASES maps a name to a feature genre)", f"events[{i}].genres")
         UNKNOWN_GENRE_EVENTS.inc(len(unknown))
-        result = self.store.ingest(events)
+        with naming_the_item(accounts, "events"):   # an erased household (its key destroyed): nothing stored
+            result = self.store.ingest(events)
         if result.sessions_touched:
             for account in {e.account_id for e in events}:
                 self.schedule_refresh(account)

@@ -6,7 +6,10 @@ Events are the source of truth; sessions are built from them (session builder: a
 that appends to a device's newest session extends its kept running state, anything else
 rebuilds the sessions it touches from their stored events — the same rows either way)
 and models from sessions. Every write is one transaction: an ingest either stores its
-events *and* the sessions they touch, or nothing.
+events *and* the sessions they touch, or nothing. A household the store holds nothing of
+has its rows built and sealed before that transaction opens (the transaction checks it is
+still new and writes them), so that a batch of thousands of new households holds the write
+lock (SQLite: every other write waits) only to write them.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ import heapq
 import json
 import logging
 import struct
+import threading
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -28,16 +33,17 @@ from prometheus_client import Counter
 
 from services.clustering.domain.events import ViewingEvent
 from services.clustering.domain.features import DEFAULT_VOCABULARY, GenreVocabulary
-from services.clustering.domain.sessions import SessionState, build_session_states, extend_sessions
+from services.clustering.domain.sessions import Session, SessionState, build_session_states, extend_sessions, sessions_of
 from services.clustering.migrations import MIGRATIONS
 from services.clustering.prediction_log import await_forwards, erase_pending, excluding_forwards, forget_cached_heads
 from services.common.client import check_serving_deadline
 from services.common.erasure import ErasureOutcome, ErasureScope
-from services.common.errors import Conflict, InvalidArgument, NotFound
+from services.common.errors import Conflict, HearthError, InvalidArgument, NotFound
 from services.common.ids import MAX_FUTURE_SKEW_S
-from services.common.field_crypto import (FieldCipher, FieldDecryptionError, drop_keys_of_erased_households,
-                                         forget_household_rekeys, household_key_state, note_household_erased,
-                                         note_household_rekeyed, warm_household_keys)
+from services.common.field_crypto import (FieldCipher, FieldDecryptionError, HouseholdSealer,
+                                         drop_keys_of_erased_households, forget_household_rekeys,
+                                         household_key_state, note_household_erased, note_household_rekeyed,
+                                         warm_household_keys)
 from services.common.feedback_to_clustering import UNPROMPTED_LABEL_SUFFIX
 from services.common.storage.cache import Cache, MemoryCache, purge_persistence
 from services.common.export_stream import materialised
@@ -58,6 +64,11 @@ for _reason in ("undecryptable", "unparseable", "offset_unknown"):
 _EVENT_COLUMNS = ("event_id, account_id, device_id, device_type, ts, kind, title_id, series_id, "
                   "genres, duration_s, maturity, country, vpn, profile_hint, utc_offset_minutes")
 MODEL_CACHE_TTL_S = 3600.0
+# How long a process serves a household model version it holds, without asking the
+# database, while the cache says that version is current (ClusteringStore.get_model): the
+# bound on a replayed genuine entry of that version (docs/security.md, session 29).
+MODEL_CONFIRM_S = 60.0
+MODEL_CONFIRMED_MAX = 100_000   # households whose confirmed version a process keeps (the oldest dropped past it)
 # Set in the cache while a rewrite of Redis's files that a Rekey started has not been seen
 # to finish (``ClusteringStore.rekey``): every Rekey rewrites them again until one does.
 _PERSISTENCE_PURGE_OWED = "purge-owed:persistence"
@@ -117,6 +128,18 @@ class HouseholdView:
     total_devices: int = 0
 
 
+class _StaleCachedModel(Exception):
+    """A cached model older than the version the process holds."""
+
+
+def _cache_field(version: int, variant: str) -> str:
+    """The sealed field name of a cached model: its version and variant bound into the
+    seal's associated data with the account (field_aad), so the entry opens only as the
+    version and variant its header says (a cached copy cannot be written back under a
+    higher version). The database's copy is sealed as "model": its version is the row's."""
+    return json.dumps(["model-cache", version, variant], separators=(",", ":"))
+
+
 def _query_in(tx: Tx, sql: str, account: str, values: Sequence) -> list:
     """The rows of ``sql`` (``... account_id = ? AND <column> IN ({})``) for every one of
     ``values``, asked 500 at a time: one statement for all would pass SQLite's limit on
@@ -168,6 +191,29 @@ class DriftRow:
 class _DeviceBatch:
     device_type: str = "other"
     events: list[ViewingEvent] = field(default_factory=list)
+
+
+@dataclass
+class _PreparedHousehold:
+    """A new household's rows, built and sealed before the write transaction opens
+    (``ClusteringStore._prepare_new_households``): what the transaction writes as they
+    are if the household is still new there and its newest key is still ``key_version``."""
+    sealer: HouseholdSealer | None   # the household's key the rows are sealed with (None: no cipher)
+    events: list[tuple] = field(default_factory=list)
+    devices: list[tuple] = field(default_factory=list)
+    sessions: list[tuple] = field(default_factory=list)
+    accepted: int = 0
+    duplicates: int = 0
+    touched: int = 0
+
+    @property
+    def key_version(self) -> int | None:
+        return self.sealer.version if self.sealer is not None else None
+
+
+# The tables a household's rows are in; a household none of them holds a row of is "new"
+# (``ClusteringStore._new_households``): its sessions follow from the batch alone.
+_HOUSEHOLD_TABLES = ("devices", "events", "sessions", "erased_events")
 
 
 def _event_row(e: ViewingEvent) -> tuple:
@@ -244,6 +290,13 @@ class ClusteringStore:
         # series_id, genres, country, profile_hint, utc_offset_minutes) and of session feature vectors and
         # labels, under the household's data key; None = plaintext (unit tests).
         self.cipher = cipher
+        # account -> (model version the database said is stored, when: time.monotonic())
+        # (oldest first; dropped once older than MODEL_CONFIRM_S, and with an erased household)
+        self._confirmed_versions: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        # Its writers, one at a time: RPC threads note and drop at once (review29: two
+        # dropping the same oldest note raised KeyError / "OrderedDict mutated during
+        # iteration" out of get_model — INTERNAL for that RPC).
+        self._confirmed_lock = threading.Lock()
 
     # ---- encryption at rest (no-ops without a cipher) ------------------------------
 
@@ -270,14 +323,16 @@ class ClusteringStore:
     def _open_text(self, account: str, field: str, stored: str | None) -> str | None:
         return self.cipher.decrypt_text(account, field, stored) if self.cipher else stored
 
-    def _event_row(self, e: ViewingEvent) -> tuple:
+    def _event_row(self, e: ViewingEvent, sealer: HouseholdSealer | None = None) -> tuple:
+        """The stored row of ``e``, its sensitive fields sealed (with ``sealer``, the
+        household's key taken once, when given)."""
         row = _event_row(e)
         if self.cipher is None:
             return row
-        a, seal = e.account_id, self._seal_text
-        return (*row[:6], seal(a, "title_id", row[6]), seal(a, "series_id", row[7]), seal(a, "genres", row[8]),
-                row[9], row[10], seal(a, "country", row[11]), row[12], seal(a, "profile_hint", row[13]),
-                seal(a, "utc_offset_minutes", row[14]))
+        seal = sealer.encrypt_text if sealer is not None else partial(self._seal_text, e.account_id)
+        return (*row[:6], seal("title_id", row[6]), seal("series_id", row[7]), seal("genres", row[8]),
+                row[9], row[10], seal("country", row[11]), row[12], seal("profile_hint", row[13]),
+                seal("utc_offset_minutes", row[14]))
 
     def _event_from_row(self, r: Sequence) -> ViewingEvent:
         if self.cipher is None:
@@ -313,6 +368,11 @@ class ClusteringStore:
         accepted = duplicates = late = touched = 0
         # The households' keys before the write lock is taken (FieldCipher.warm).
         warm_household_keys(self.db, self.cipher, {account for account, _ in by_device})
+        # New households' rows built and sealed before the write lock is taken, so that the
+        # transaction only writes them (ingest29: 5,000 new households held SQLite's write
+        # lock for their feature vectors, session states and seals, and every other write
+        # of the service waited).
+        prepared = self._prepare_new_households(by_device)
         with self.db.transaction() as tx:
             accounts = sorted({account for account, _ in by_device})
             for account in accounts:
@@ -320,7 +380,14 @@ class ClusteringStore:
             drop_keys_of_erased_households(tx, self.cipher, accounts)
             if self.max_devices is not None:
                 self._refuse_devices_past_bound(tx, list(by_device), first_index)
+            written = self._write_prepared(tx, prepared)
+            for household in written.values():
+                accepted += household.accepted
+                duplicates += household.duplicates
+                touched += household.touched
             for (account, device), batch in sorted(by_device.items()):
+                if account in written:
+                    continue
                 # Past the caller's deadline nobody waits for this write: stop, rolled back
                 # whole, rather than hold the write lock (SQLite: every other write waits) for
                 # the rest of a batch of thousands of households (keys28).
@@ -357,7 +424,115 @@ class ClusteringStore:
                                "VALUES (?, ?, ?, ?)", (account, device, newest.device_type, newest.ts))
                 if inserted:
                     touched += self._update_sessions(tx, account, device, on_time)
+            # Once more before the commit: a caller whose deadline passed during the writes
+            # (new households' are written in one go) has its 504, and is not to be left
+            # with a batch stored that it was told nothing of — rolled back whole. What
+            # remains is the commit itself; a caller that resends (idempotent event ids)
+            # or asks POST /v1/events/status learns which it was.
+            check_serving_deadline()
         return IngestResult(accepted, duplicates, late, touched, rejected_expired=expired)
+
+    def _new_households(self, tx: Tx, accounts: Sequence[str]) -> set[str]:
+        """Those of ``accounts`` the store holds no row of (no device, event, session or
+        erased event's digest)."""
+        known: set[str] = set()
+        for start in range(0, len(accounts), 500):
+            chunk = tuple(accounts[start:start + 500])
+            marks = ", ".join("?" * len(chunk))
+            for table in _HOUSEHOLD_TABLES:
+                known.update(r[0] for r in tx.query(
+                    f"SELECT DISTINCT account_id FROM {table} WHERE account_id IN ({marks})", chunk))
+        return {a for a in accounts if a not in known}
+
+    def _prepare_new_households(self, by_device: dict[tuple[str, str], _DeviceBatch]
+                                ) -> dict[str, _PreparedHousehold]:
+        """The rows ``ingest`` would write for each household of the batch that is new —
+        its events sealed, its devices, its sessions built from the batch's events alone
+        (as ``_rebuild_sessions`` builds them from the stored ones: the same rows) and
+        sealed — computed before the write transaction; it writes them only if the
+        household is still new there (``_write_prepared``). Devices in sorted order and
+        each device's events in batch order, as the transaction takes them, so that an id
+        repeated in the batch is kept where the transaction would keep it."""
+        accounts = sorted({account for account, _ in by_device})
+        # Past the caller's deadline nothing has been written yet: stop before reading (on
+        # PostgreSQL the read itself would be cancelled by the deadline's statement timeout
+        # and answer UNAVAILABLE instead).
+        check_serving_deadline()
+        with self.db.transaction(readonly=True) as tx:
+            new = self._new_households(tx, accounts)
+        prepared: dict[str, _PreparedHousehold] = {}
+        seen: dict[str, set[str]] = defaultdict(set)
+        devices: list[tuple[_PreparedHousehold, list[SessionState]]] = []
+        for (account, device), batch in sorted(by_device.items()):
+            if account not in new:
+                continue
+            # Past the caller's deadline nothing has been written yet: stop here.
+            check_serving_deadline()
+            household = prepared.get(account)
+            if household is None:
+                try:
+                    sealer = self.cipher.sealer(account) if self.cipher is not None else None
+                except HearthError:
+                    # No key for it (erased; privacy not answering): the transaction's own
+                    # path meets the same and answers as it always did, after the checks
+                    # it makes first.
+                    new.discard(account)
+                    continue
+                household = prepared[account] = _PreparedHousehold(sealer)
+            ids = seen[account]
+            fresh = []
+            for e in batch.events:
+                if e.event_id not in ids:
+                    ids.add(e.event_id)
+                    fresh.append(e)
+            household.duplicates += len(batch.events) - len(fresh)
+            if not fresh:
+                continue
+            household.accepted += len(fresh)
+            household.events += [self._event_row(e, household.sealer) for e in fresh]
+            newest = max(fresh, key=lambda e: (e.ts, e.event_id))
+            household.devices.append((account, device, newest.device_type, newest.ts))
+            # The events as a row read back gives them (what _rebuild_sessions builds from).
+            states = build_session_states([_event_from_row(_event_row(e)) for e in fresh], self.gap_s,
+                                           self.vocabulary)
+            devices.append((household, states))
+            household.touched += len(states)
+        # Every new household's sessions in one feature computation (sessions_of), then sealed.
+        sessions = iter(sessions_of([s for _, states in devices for s in states], self.vocabulary))
+        for household, states in devices:
+            check_serving_deadline()
+            household.sessions += self._session_rows(states, {}, household.sealer,
+                                                     [next(sessions) for _ in states])
+        return prepared
+
+    def _write_prepared(self, tx: Tx, prepared: dict[str, _PreparedHousehold]) -> dict[str, _PreparedHousehold]:
+        """In ``ingest``'s transaction, the households locked and their keys checked
+        (``drop_keys_of_erased_households``): the prepared households still new and whose
+        rows are sealed under the key the cipher now holds as their newest, written with
+        one statement a table. Any other (a write or an erasure reached it since, or a re-key
+        or erasure dropped its key) is left to the per-device path, which reads and seals
+        again inside the transaction."""
+        if not prepared:
+            return {}
+        still_new = self._new_households(tx, sorted(prepared))
+        usable = {a: h for a, h in prepared.items() if a in still_new and (
+            self.cipher is None or self.cipher.cached_newest_version(a) == h.key_version)}
+        if not usable:
+            return {}
+        check_serving_deadline()
+        events = [row for h in usable.values() for row in h.events]
+        inserted = tx.executemany(
+            f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES ({', '.join('?' * 15)}) "
+            "ON CONFLICT (account_id, event_id) DO NOTHING", events)
+        if inserted != len(events):
+            # Cannot happen with the households locked and seen new inside this
+            # transaction; were it to, nothing of the batch is kept and a retry is safe.
+            raise Conflict("events of a new household were written meanwhile; nothing of this batch was "
+                           "stored, retry it", "events")
+        tx.executemany("INSERT INTO devices (account_id, device_id, device_type, last_ts) VALUES (?, ?, ?, ?)",
+                       [row for h in usable.values() for row in h.devices])
+        self._insert_sessions(tx, [row for h in usable.values() for row in h.sessions])
+        return usable
 
     def _refuse_devices_past_bound(self, tx: Tx, devices: list[tuple[str, str]],
                                    first_index: dict[tuple[str, str], int]) -> None:
@@ -509,18 +684,26 @@ class ClusteringStore:
                     pseudonym(account), reason, str(error).replace(account, pseudonym(account))[:200])
         return None
 
-    def _session_rows(self, states: list[SessionState], persons: dict[str, str | None]) -> list[tuple]:
+    def _session_rows(self, states: list[SessionState], persons: dict[str, str | None],
+                      sealer: HouseholdSealer | None = None, sessions: list[Session] | None = None) -> list[tuple]:
         """Session rows of ``states`` (a device's, oldest first, the last its newest), the
-        newest keeping its sealed running state; ``persons``: person ids kept by session id."""
+        newest keeping its sealed running state; ``persons``: person ids kept by session id;
+        ``sealer``: the household's key taken once, ``sessions``: the states' sessions
+        already built (``_prepare_new_households``)."""
         rows = []
-        for i, state in enumerate(states):
-            s = state.session(self.vocabulary)
+        if sessions is None:
+            sessions = sessions_of(states, self.vocabulary)
+        for i, (state, s) in enumerate(zip(states, sessions, strict=True)):
             a = s.account_id
+            if sealer is not None:
+                seal, seal_text = sealer.encrypt, sealer.encrypt_text
+            else:
+                seal, seal_text = partial(self._seal, a), partial(self._seal_text, a)
             rows.append((s.session_id, a, s.device_id, s.device_type, s.start_ts, s.end_ts, state.event_count,
-                         s.watch_seconds, s.feature_version, self._seal(a, "features", s.features.astype("<f4").tobytes()),
-                         self._seal_text(a, "label", s.label), persons.get(s.session_id),
-                         self._seal_text(a, "unknown_genres", json.dumps(s.unknown_genres)) if s.unknown_genres else None,
-                         self._seal(a, "session_state", state.to_bytes()) if i == len(states) - 1 else None))
+                         s.watch_seconds, s.feature_version, seal("features", s.features.astype("<f4").tobytes()),
+                         seal_text("label", s.label), persons.get(s.session_id),
+                         seal_text("unknown_genres", json.dumps(s.unknown_genres)) if s.unknown_genres else None,
+                         seal("session_state", state.to_bytes()) if i == len(states) - 1 else None))
         return rows
 
     @staticmethod
@@ -868,51 +1051,119 @@ class ClusteringStore:
         """The stored model. ``decoded_version``: the version the caller holds decoded
         already; when the stored one is that version its blob is not decrypted (every
         assignment checks the version; only a new version needs the blob) and comes back
-        as ``b""``."""
+        as ``b""``.
+
+        The cache (Redis: bytes any holder of its URL may write, the gateway's included)
+        answers only for a version the database has said is current: a cached entry of
+        another version than the one this process holds and confirmed within
+        ``MODEL_CONFIRM_S`` is taken only once one read of the database says it is the
+        stored one (the model column read only when it is not), and an entry older than
+        the held version is dropped. Until session 29 a genuine entry copied before a
+        device erasure and written back under a higher version was served again: the
+        erased device's person came back (docs/security.md, attack28 "Left")."""
         # The blob is sealed under the household's data key in the SQL store and in the
         # cache alike (it holds feature statistics and profile hints): crypto-shredded
         # with the household, and no plaintext copy in Redis.
         cached = self.cache.get(f"model:{account_id}")
-        if cached is not None and (model := self._cached_model(account_id, cached, decoded_version)) is not None:
-            return model
+        entry = None if cached is None else self._cached_model(account_id, cached, decoded_version)
+        if entry is not None and entry.version == decoded_version and self._confirmed(account_id, decoded_version):
+            return entry
         with self.db.transaction(readonly=True) as tx:
-            rows = tx.query("SELECT version, variant, model FROM household_models WHERE account_id = ?",
-                            (account_id,))
+            # The model column only when the cache's entry is not the stored version.
+            rows = tx.query("SELECT version, variant, CASE WHEN version = ? THEN NULL ELSE model END "
+                            "FROM household_models WHERE account_id = ?",
+                            (entry.version if entry is not None else -1, account_id))
             erasures = household_key_state(tx, account_id)
         if not rows:
+            if entry is not None:
+                self.cache.delete(f"model:{account_id}")
             return None
-        version, sealed = int(rows[0][0]), bytes(rows[0][2])
-        self._cache_model(account_id, version, rows[0][1], sealed, erasures)
-        return StoredModel(version, rows[0][1], b"" if decoded_version and version == decoded_version
-                           else self._open_model(account_id, sealed))
+        version, variant = int(rows[0][0]), rows[0][1]
+        self._note_confirmed(account_id, version)
+        if entry is not None and entry.version == version:
+            return entry
+        if entry is not None:
+            log.warning("the cached model of %s is version %d, the stored one %d: dropped, read from the database",
+                        pseudonym(account_id), entry.version, version)
+        held = bool(decoded_version) and version == decoded_version
+        if held and self.cache.health():
+            # Redis down: nothing to cache again, and the held version needs no blob — not
+            # opened (the cache's entry is sealed anew from the plaintext: a decryption and
+            # an encryption of the model at every read while Redis is down otherwise).
+            return StoredModel(version, variant, b"")
+        model = self._open_model(account_id, bytes(rows[0][2]))
+        self._cache_model(account_id, version, variant, model, erasures, sealed_in_store=rows[0][2])
+        return StoredModel(version, variant, b"" if held else model)
+
+    def _confirmed(self, account_id: str, version: int) -> bool:
+        """Whether the database said ``version`` is the household's stored one within the
+        last ``MODEL_CONFIRM_S``: how long a replica keeps serving a version a replayed
+        cache entry says is still current (a genuine entry of the version it holds, copied
+        before the erasure that replaced it)."""
+        seen = self._confirmed_versions.get(account_id)
+        return seen is not None and seen[0] == version and time.monotonic() - seen[1] < MODEL_CONFIRM_S
+
+    def _note_confirmed(self, account_id: str, version: int) -> None:
+        """Also drops the notes past MODEL_CONFIRM_S (useless then) or MODEL_CONFIRMED_MAX:
+        an account id is kept no longer than it serves."""
+        now = time.monotonic()
+        confirmed = self._confirmed_versions
+        with self._confirmed_lock:
+            confirmed[account_id] = (version, now)
+            confirmed.move_to_end(account_id)
+            while confirmed:
+                oldest, (_, at) = next(iter(confirmed.items()))
+                if now - at < MODEL_CONFIRM_S and len(confirmed) <= MODEL_CONFIRMED_MAX:
+                    break
+                del confirmed[oldest]
 
     def _cached_model(self, account_id: str, cached: bytes, decoded_version: int) -> StoredModel | None:
-        """The cache's copy, or None — the entry dropped, the database read instead — when
-        it does not open as a model this store sealed: bytes any Redis client may write (the
-        gateway holds the same Redis URL). Until attack28 such an entry made the household
-        unreadable until its TTL (502 on every read for an hour), and a plaintext one
-        ("PK", what a model stored before encryption is) was taken as the household's model
-        even with a cipher configured: a Redis client could make clustering serve persons
-        of its own making."""
+        """The cache's copy (``b""`` as its blob when it is ``decoded_version``, not opened:
+        get_model decides with the database whether the held version is current), or None
+        — the entry dropped, the database read instead — when it is older than the held
+        version or does not open as a model this store sealed for this household, version
+        and variant (``_cache_field``). Any Redis client may write these bytes. Until
+        attack28 bytes that do not open made the household unreadable until the entry's
+        TTL (502 on every read for an hour), and a plaintext one ("PK") was taken as the
+        household's model; until session 29 the version in clear was trusted (replay)."""
         try:
             version, vlen = struct.unpack_from("<qH", cached)
             variant, sealed = cached[10:10 + vlen].decode(), cached[10 + vlen:]
-            if self.cipher is not None and sealed[:2] == b"PK":
-                raise FieldDecryptionError("a cached model is not sealed", "model")
-            return StoredModel(version, variant, b"" if decoded_version and version == decoded_version
-                               else self._open_model(account_id, sealed))
-        except (struct.error, UnicodeDecodeError, FieldDecryptionError) as exc:
-            log.warning("the cached model of %s does not open (%s): dropped, read from the database",
-                        pseudonym(account_id), type(exc).__name__)
+            if version < decoded_version:
+                raise _StaleCachedModel(f"version {version}, older than the held {decoded_version}")
+            if version == decoded_version:
+                return StoredModel(version, variant, b"")
+            return StoredModel(version, variant, self._open_cached(account_id, version, variant, sealed))
+        except (struct.error, UnicodeDecodeError, FieldDecryptionError, _StaleCachedModel) as exc:
+            log.warning("the cached model of %s is not taken (%s: %s): dropped, read from the database",
+                        pseudonym(account_id), type(exc).__name__, exc)
             self.cache.delete(f"model:{account_id}")
             return None
+
+    def _open_cached(self, account_id: str, version: int, variant: str, sealed: bytes) -> bytes:
+        if self.cipher is None:
+            return sealed
+        try:
+            return self.cipher.decrypt(account_id, _cache_field(version, variant), sealed)
+        except FieldDecryptionError:
+            if sealed[:1] == b"\x01" and self._opens_as_stored(account_id, sealed):
+                raise FieldDecryptionError("an entry of the format before session 29 (the version not sealed): "
+                                           "a miss", "model") from None
+            raise
+
+    def _opens_as_stored(self, account_id: str, sealed: bytes) -> bool:
+        try:
+            self.cipher.decrypt(account_id, "model", sealed)
+            return True
+        except FieldDecryptionError:
+            return False
 
     def save_model(self, account_id: str, expected_version: int, variant: str, blob: bytes) -> int:
         """Store a new model version if the stored one is still ``expected_version``
         (0 = none yet); else raise Conflict so the caller re-reads and retries. This is
         what keeps two replicas from losing each other's update."""
         new_version = expected_version + 1
-        blob = self._seal(account_id, "model", blob)
+        sealed = self._seal(account_id, "model", blob)
         with self.db.transaction() as tx:
             tx.lock_household(account_id)   # the EXISTS below must see an erasure in flight
             if expected_version == 0:
@@ -922,32 +1173,36 @@ class ClusteringStore:
                     "INSERT INTO household_models (account_id, version, variant, model, updated_at) "
                     "SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM sessions WHERE account_id = ?) "
                     "ON CONFLICT (account_id) DO NOTHING",
-                    (account_id, new_version, variant, blob, time.time(), account_id))
+                    (account_id, new_version, variant, sealed, time.time(), account_id))
             else:
                 changed = tx.execute(
                     "UPDATE household_models SET version = ?, variant = ?, model = ?, updated_at = ? "
                     "WHERE account_id = ? AND version = ?",
-                    (new_version, variant, blob, time.time(), account_id, expected_version))
+                    (new_version, variant, sealed, time.time(), account_id, expected_version))
             erasures = household_key_state(tx, account_id)
         if changed != 1:
             self.cache.delete(f"model:{account_id}")
             raise Conflict(f"household model of {account_id!r} changed since version {expected_version}",
                            "model_version")
+        self._note_confirmed(account_id, new_version)
         self._cache_model(account_id, new_version, variant, blob, erasures)
         return new_version
 
-    def _cache_model(self, account_id: str, version: int, variant: str, sealed: bytes,
-                     erasures: tuple[int, int]) -> None:
-        """Cache a model read or saved in a transaction that saw ``erasures``
-        (``household_key_state``: household erasures, the household's re-keys). A household
-        Erase that commits after that transaction drops the cached model after its commit,
-        but this write to the cache may come later still (another replica, a slow thread):
-        so the counts are read again once the model is cached, and if an erasure happened
-        meanwhile the entry is dropped. Otherwise a sealed model stayed in Redis under a key
-        naming the erased account until its TTL ran out. Likewise a Rekey (the copy is
-        sealed under the version a rotation destroys next)."""
-        if self.cipher is not None and bytes(sealed[:2]) == b"PK":
+    def _cache_model(self, account_id: str, version: int, variant: str, model: bytes,
+                     erasures: tuple[int, int], sealed_in_store: bytes | None = None) -> None:
+        """Cache ``model`` (plaintext), read or saved in a transaction that saw ``erasures``
+        (``household_key_state``: household erasures, the household's re-keys), sealed
+        under the household's data key with its account, version and variant bound in
+        (``_cache_field``): an entry cannot be written back under another version. A
+        household Erase that commits after that transaction drops the cached model after
+        its commit, but this write to the cache may come later still (another replica, a
+        slow thread): so the counts are read again once the model is cached, and if an
+        erasure happened meanwhile the entry is dropped. Otherwise a sealed model stayed in
+        Redis under a key naming the erased account until its TTL ran out. Likewise a Rekey
+        (the copy is sealed under the version a rotation destroys next)."""
+        if self.cipher is not None and sealed_in_store is not None and bytes(sealed_in_store[:2]) == b"PK":
             return   # stored before encryption: never cached, as the cache takes sealed models only
+        sealed = self._seal(account_id, _cache_field(version, variant), model)
         name = variant.encode()
         key = f"model:{account_id}"
         self.cache.set(key, struct.pack("<qH", version, len(name)) + name + sealed, MODEL_CACHE_TTL_S)
@@ -985,6 +1240,8 @@ class ClusteringStore:
                 # one before it is deleted here.
                 self.cipher.forget(account)
             if scope.kind == "household":
+                with self._confirmed_lock:
+                    self._confirmed_versions.pop(account, None)
                 note_household_erased(tx)
                 forget_household_rekeys(tx, account)
                 for table, key in (("events", "event_id"), ("sessions", "session_id")):

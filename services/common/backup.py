@@ -18,9 +18,11 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -68,6 +70,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _private_dir(path: Path) -> Path:
+    """``path`` made for its owner only (its files are personal data while they are
+    written, before each is made 0600), whatever the caller's umask."""
+    path.mkdir(parents=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
+
+
 def _stamp(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y%m%dT%H%M%S.%fZ")
 
@@ -82,8 +92,7 @@ def _write_manifest(path: Path, backend: str, taken_at: float, files: dict[str, 
 def backup_sqlite(data_dir: Path, out_dir: Path, services=SERVICES) -> Snapshot:
     """Online copy of every ``<service>.db`` under ``data_dir`` that exists."""
     taken_at = time.time()
-    target = out_dir / f"hearth-{_stamp(taken_at)}"
-    target.mkdir(parents=True)
+    target = _private_dir(out_dir / f"hearth-{_stamp(taken_at)}")
     files: dict[str, dict] = {}
     for service in services:
         source = data_dir / f"{service}.db"
@@ -145,7 +154,7 @@ def restore_sqlite(snapshot: Snapshot, data_dir: Path) -> list[str]:
         raise BackupError(f"{', '.join(busy)}: the database under {data_dir} is open (a service is running "
                           "on it): stop every service first; a running service would go on with the replaced "
                           "file and lose what it writes when it restarts")
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     restored = []
     for service, entry in sorted(snapshot.files.items()):
         dest = data_dir / f"{service}.db"
@@ -166,14 +175,19 @@ def _pg_tool(name: str) -> str:
     return found
 
 
-def _libpq_call(dsn: str) -> tuple[str, dict[str, str]]:
+def _libpq_call(dsn: str, variable: str = "HEARTH_POSTGRES_DSN") -> tuple[str, dict[str, str]]:
     """``dsn`` without its password, and an environment carrying it (PGPASSWORD) for the
     client tool: a process's arguments are readable by every user of the machine (``ps``,
     /proc/<pid>/cmdline) while it runs, its environment by its owner only. Until review28
     pg_dump and pg_restore got the whole DSN as an argument, password included."""
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    from psycopg.conninfo import make_conninfo
 
-    parts = conninfo_to_dict(dsn)
+    from services.common.storage.dsn import parse_dsn
+
+    try:
+        parts = parse_dsn(dsn, variable)
+    except ValueError as exc:
+        raise BackupError(str(exc)) from None
     password = parts.pop("password", None)
     env = dict(os.environ)
     if password is not None:
@@ -185,12 +199,13 @@ def backup_postgres(dsn: str, out_dir: Path, services=SERVICES, dsns: Mapping[st
     """``dsns``: a service's own DSN, which dumps its schema as the schema's owner (a
     login per service, `hearth db provision-roles`); ``dsn`` for the others."""
     taken_at = time.time()
-    target = out_dir / f"hearth-{_stamp(taken_at)}"
-    target.mkdir(parents=True)
+    target = _private_dir(out_dir / f"hearth-{_stamp(taken_at)}")
     files: dict[str, dict] = {}
     for service in services:
         dest = target / f"{service}.pgdump"
-        conninfo, env = _libpq_call((dsns or {}).get(service, dsn))
+        own = service in (dsns or {})
+        conninfo, env = _libpq_call(dsns[service] if own else dsn,
+                                    f"HEARTH_POSTGRES_DSN_{service.upper()}" if own else "HEARTH_POSTGRES_DSN")
         done = subprocess.run([_pg_tool("pg_dump"), "--format=custom", f"--schema=hearth_{service}",
                                "--no-owner", f"--file={dest}", conninfo],
                               capture_output=True, text=True, env=env)
@@ -201,18 +216,140 @@ def backup_postgres(dsn: str, out_dir: Path, services=SERVICES, dsns: Mapping[st
     return _write_manifest(target, "postgres", taken_at, files)
 
 
-def restore_postgres(snapshot: Snapshot, dsn: str) -> list[str]:
+def postgres_sessions_in_use(dsn: str, logins: list[str]) -> list[str]:
+    """Who is connected to ``dsn``'s database now under one of ``logins`` (the services'),
+    this check's own session aside: one "<login> (<n> session(s) from <addresses>)" each."""
+    import psycopg
+
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT usename, count(*), string_agg(DISTINCT coalesce(host(client_addr), 'local'), ', ') "
+                "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND usename = ANY(%s) GROUP BY usename ORDER BY usename", (list(logins),)).fetchall()
+    except psycopg.Error as exc:   # its message names host and port, never the password
+        raise BackupError(f"HEARTH_POSTGRES_DSN: {str(exc).strip()}") from None
+    return [f"{login} ({n} session{'s' if n != 1 else ''} from {hosts})" for login, n, hosts in rows]
+
+
+def restore_postgres(snapshot: Snapshot, dsn: str, dsns: Mapping[str, str] | None = None) -> list[str]:
+    """Each schema of ``snapshot`` back. ``dsns``: a service's own DSN (a login per
+    service, `hearth db provision-roles`, which must have run: the roles exist), whose
+    schema is restored over that login (``_restore_as_owner``); ``dsn`` for the others."""
     snapshot.verify()
     restored = []
     conninfo, env = _libpq_call(dsn)
     for service, entry in sorted(snapshot.files.items()):
+        file = snapshot.path / entry["file"]
+        if service in (dsns or {}):
+            _restore_as_owner(file, service, dsn, dsns[service])
+            restored.append(service)
+            continue
         done = subprocess.run([_pg_tool("pg_restore"), "--clean", "--if-exists", "--no-owner",
-                               "--single-transaction", f"--dbname={conninfo}", str(snapshot.path / entry["file"])],
+                               "--single-transaction", f"--dbname={conninfo}", str(file)],
                               capture_output=True, text=True, env=env)
         if done.returncode != 0:
             raise BackupError(f"pg_restore of hearth_{service} failed: {done.stderr.strip()[:500]}")
         restored.append(service)
     return restored
+
+
+def _restore_as_owner(file: Path, service: str, admin_dsn: str, own_dsn: str) -> None:
+    """``file`` (a dump of ``hearth_<service>``) restored over the service's own login.
+
+    A snapshot holds what the service's login wrote into its schema, functions included
+    (a CHECK constraint's, a trigger's, an index expression's); run by the admin, a
+    superuser, those ran with its rights — a compromised service's login made itself a
+    superuser at the next restore (attack29). So the admin only sets the schema aside
+    (renamed ``<schema>_before_restore``) and creates it empty, owned by the service's
+    role; everything in the dump runs as that role, which may do nothing there it could
+    not do before. Two logins, so not one transaction: if pg_restore fails, the admin
+    drops what it restored and puts the schema back as it was (until review29 it was left
+    empty: privacy's lost the deletion ledger the re-run needs); once it succeeds, the
+    old schema is dropped. A restore killed in between leaves the schema set aside, which
+    the next restore puts back before it reads anything (``put_back_set_aside``)."""
+    import psycopg
+    from psycopg import sql
+
+    from services.common.storage.dsn import parse_dsn
+
+    variable = f"HEARTH_POSTGRES_DSN_{service.upper()}"
+    try:
+        role = parse_dsn(own_dsn, variable).get("user")
+    except ValueError as exc:
+        raise BackupError(str(exc)) from None
+    if not role:
+        raise BackupError(f"{variable}: names no user (the service's own role)")
+    schema = f"hearth_{service}"
+    tool = _pg_tool("pg_restore")
+    listing = subprocess.run([tool, "--list", str(file)], capture_output=True, text=True)
+    if listing.returncode != 0:
+        raise BackupError(f"pg_restore --list of {file.name} failed: {listing.stderr.strip()[:500]}")
+    # Every entry but the schema's own (the role may not create schemas; it exists already).
+    entries = [line for line in listing.stdout.splitlines()
+               if not re.match(rf"^\d+; \d+ \d+ SCHEMA - {re.escape(schema)} ", line)]
+    with tempfile.NamedTemporaryFile("w", prefix=f".{schema}-", suffix=".list") as chosen:
+        chosen.write("\n".join(entries) + "\n")
+        chosen.flush()
+        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            aside = _set_aside(schema)
+            with conn.transaction():
+                if _schema_exists(conn, aside):   # put_back_set_aside runs first: another restore at once
+                    raise BackupError(f"schema {aside} exists: another restore is running, or one was "
+                                      "interrupted — run `hearth restore` again once none runs (it puts it back)")
+                existed = _schema_exists(conn, schema)
+                if existed:
+                    conn.execute(sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(sql.Identifier(schema),
+                                                                               sql.Identifier(aside)))
+                conn.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(sql.Identifier(schema),
+                                                                              sql.Identifier(role)))
+            try:
+                conninfo, env = _libpq_call(own_dsn, variable)
+                done = subprocess.run([tool, "--no-owner", "--no-privileges", "--single-transaction",
+                                       f"--use-list={chosen.name}", f"--dbname={conninfo}", str(file)],
+                                      capture_output=True, text=True, env=env)
+                failure = "" if done.returncode == 0 else done.stderr.strip()[:500]
+            except BackupError as exc:
+                failure = str(exc)
+            with conn.transaction():
+                if failure:   # put back as it was
+                    conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+                    if existed:
+                        conn.execute(sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(sql.Identifier(aside),
+                                                                                   sql.Identifier(schema)))
+                elif existed:
+                    conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(aside)))
+    if failure:
+        raise BackupError(f"pg_restore of {schema} as {role} failed ({schema} is left as it was; the snapshot is "
+                          f"unchanged: run the restore again): {failure}")
+
+
+def _set_aside(schema: str) -> str:
+    return f"{schema}_before_restore"
+
+
+def _schema_exists(conn, schema: str) -> bool:
+    return conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone() is not None
+
+
+def put_back_set_aside(admin_dsn: str, services=SERVICES) -> list[str]:
+    """Schemas a restore killed mid-way left set aside (``_restore_as_owner``), put back
+    as they were before it — what it restored meanwhile dropped — so that a restore run
+    again reads the deletion ledger of the database it replaces, not of a half-restored
+    one. Returns the schemas put back."""
+    import psycopg
+    from psycopg import sql
+
+    put_back = []
+    with psycopg.connect(admin_dsn, autocommit=True) as conn, conn.transaction():
+        for service in services:
+            schema = f"hearth_{service}"
+            if _schema_exists(conn, _set_aside(schema)):
+                conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+                conn.execute(sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(sql.Identifier(_set_aside(schema)),
+                                                                           sql.Identifier(schema)))
+                put_back.append(schema)
+    return put_back
 
 
 def prune(out_dir: Path, keep: int) -> list[Path]:

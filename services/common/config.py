@@ -397,6 +397,13 @@ class ServiceSettings(MeshSettings):
     def _postgres_needs_dsn(self) -> "ServiceSettings":
         if self.storage == "postgres" and not self.postgres_dsn:
             raise ValueError("HEARTH_POSTGRES_DSN is required when HEARTH_STORAGE=postgres")
+        if self.storage == "postgres":
+            # Read here, so a DSN that does not parse stops the start naming the variable:
+            # psycopg's own error, raised at the first connection, quoted the token it could
+            # not read — a password, whole or in part (attack29; storage/dsn.py).
+            from services.common.storage.dsn import parse_dsn
+
+            parse_dsn(self.postgres_dsn, "HEARTH_POSTGRES_DSN")
         return self
 
     @property

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable, about_account
 
 log = logging.getLogger("hearth.consent")
 
@@ -225,9 +225,9 @@ class ConsentChecker:
             answer = self.answer(account_id)
             for purpose in purposes:
                 if not answer.allows(purpose):
-                    raise FailedPrecondition(
+                    raise about_account(FailedPrecondition(
                         f"account {account_id!r} has withdrawn consent to {purpose}; nothing was stored",
-                        "account_id")
+                        "account_id"), account_id)
 
     def consenting(self, account_ids: Iterable[str], purposes: Iterable[str] = ("processing",)) -> tuple[str, ...]:
         """The accounts (in order, each once) that consented to every purpose: the same

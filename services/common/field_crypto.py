@@ -38,7 +38,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from prometheus_client import Counter
 
-from services.common.errors import FailedPrecondition, HearthError, InvalidArgument, NotFound, Unavailable
+from services.common.errors import (FailedPrecondition, HearthError, InvalidArgument, NotFound, Unavailable,
+                                    about_account)
 from services.common.telemetry import pseudonym
 
 BLOB_VERSION = 1
@@ -201,7 +202,11 @@ class FieldCipher:
         if hit is not None and now - hit[0] < self._ttl:
             return hit
         DATA_KEY_FETCHES.labels("on_use").inc()
-        got_version, key = self._fetch(account_id, version)
+        try:
+            got_version, key = self._fetch(account_id, version)
+        except HearthError as exc:   # a batch's caller names the item (errors.naming_the_item)
+            about_account(exc, account_id)
+            raise
         if len(key) != 32 or got_version < 1 or (version and got_version != version):
             raise HearthError(f"data key service returned an unusable key for {account_id!r}", "account_id")
         entry = (now, got_version, AESGCM(key), hmac.new(key, _DIGEST_LABEL, hashlib.sha256).digest())
@@ -393,12 +398,26 @@ class FieldCipher:
     # ---- bytes -----------------------------------------------------------------------
 
     def encrypt(self, account_id: str, field: str, plaintext: bytes) -> bytes:
-        if not isinstance(plaintext, (bytes, bytearray, memoryview)):
-            raise InvalidArgument(f"expected bytes, got {type(plaintext).__name__}", field)
         version, cipher = self._key(account_id, 0)
-        nonce = os.urandom(NONCE_BYTES)
-        body = cipher.encrypt(nonce, bytes(plaintext), field_aad(account_id, field, version))
-        return bytes([BLOB_VERSION]) + version.to_bytes(4, "big") + nonce + body
+        return _seal(cipher, version, account_id, field, plaintext)
+
+    def sealer(self, account_id: str) -> "HouseholdSealer":
+        """The household's newest data key (fetched if not cached), taken once: a store
+        seals a new household's rows with it *before* its write transaction opens, so that
+        the transaction only writes (ingest29), and keeps them only if
+        ``cached_newest_version`` still names ``sealer.version`` inside the transaction
+        (after ``drop_keys_of_erased_households``: a re-key or erasure noted meanwhile
+        dropped the key, and the rows are sealed again there)."""
+        version, cipher = self._key(account_id, 0)
+        return HouseholdSealer(account_id, version, cipher)
+
+    def cached_newest_version(self, account_id: str) -> int | None:
+        """The version of the household's newest data key as cached now (within its TTL),
+        None when it is not: no fetch."""
+        now = self._clock()
+        with self._lock:
+            hit = self._keys.get((account_id, 0))
+        return hit[1] if hit is not None and now - hit[0] < self._ttl else None
 
     def decrypt(self, account_id: str, field: str, blob: bytes) -> bytes:
         blob = bytes(blob)
@@ -452,8 +471,7 @@ class FieldCipher:
         """``"enc1:" + base64(blob)`` of the UTF-8 text; None stays None (NULL column)."""
         if value is None:
             return None
-        blob = self.encrypt(account_id, field, value.encode("utf-8"))
-        return TEXT_PREFIX + base64.b64encode(blob).decode("ascii")
+        return _text(self.encrypt(account_id, field, value.encode("utf-8")))
 
     def decrypt_text(self, account_id: str, field: str, stored: str | None) -> str | None:
         """Inverse of ``encrypt_text``. A value without the prefix was written before
@@ -470,6 +488,34 @@ class FieldCipher:
         if len(stored) % 4 == 0:
             return stored
         return self.decrypt(account_id, field, stored)
+
+
+def _seal(cipher: AESGCM, version: int, account_id: str, field: str, plaintext: bytes) -> bytes:
+    if not isinstance(plaintext, (bytes, bytearray, memoryview)):
+        raise InvalidArgument(f"expected bytes, got {type(plaintext).__name__}", field)
+    nonce = os.urandom(NONCE_BYTES)
+    body = cipher.encrypt(nonce, bytes(plaintext), field_aad(account_id, field, version))
+    return bytes([BLOB_VERSION]) + version.to_bytes(4, "big") + nonce + body
+
+
+def _text(blob: bytes) -> str:
+    return TEXT_PREFIX + base64.b64encode(blob).decode("ascii")
+
+
+class HouseholdSealer:
+    """``FieldCipher.encrypt`` / ``encrypt_text`` of one household under one data key
+    version (``FieldCipher.sealer``): the same blobs, without a key cache lookup a field."""
+
+    __slots__ = ("account_id", "version", "_cipher")
+
+    def __init__(self, account_id: str, version: int, cipher: AESGCM) -> None:
+        self.account_id, self.version, self._cipher = account_id, version, cipher
+
+    def encrypt(self, field: str, plaintext: bytes) -> bytes:
+        return _seal(self._cipher, self.version, self.account_id, field, plaintext)
+
+    def encrypt_text(self, field: str, value: str | None) -> str | None:
+        return None if value is None else _text(self.encrypt(field, value.encode("utf-8")))
 
 
 def _error_from_rpc(exc: grpc.RpcError) -> HearthError:

@@ -93,6 +93,8 @@ class Experiments:
         only the kill switch. Stored (compare-and-swap on the version), then audited."""
         if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REASON_CHARS:
             raise InvalidArgument(f"must say why, in 1-{MAX_REASON_CHARS} characters", "reason")
+        if "\x00" in reason:   # PostgreSQL text cannot hold it: INTERNAL, a 502 (attack29)
+            raise InvalidArgument("must not contain a NUL character", "reason")
         for name in traffic:
             if name not in self.policy.variants:
                 raise InvalidArgument(f"unknown variant {name!r}; known: {list(self.policy.variants)}",

@@ -62,10 +62,9 @@ def build(settings):
 def build_deletion(settings, db, store):
     """Key service, peers and the deletion coordinator (worker not started)."""
     key_store = DataKeyStore(db)
-    records = key_store.load()
     keks, active = load_keks(settings.keks, settings.active_kek, settings.data_dir,
-                             stored_kek_ids=(r.kek_id for r in records if not r.destroyed))
-    keys = KeyService(key_store, keks, active, records=records)
+                             stored_kek_ids=key_store.kek_ids_in_use())
+    keys = KeyService(key_store, keks, active)
     peers = GrpcPeers({"clustering": settings.clustering_addr, "attribution": settings.attribution_addr,
                        "feedback": settings.feedback_addr}, settings.deletion_erase_timeout_s)
     deletion = DeletionCoordinator(

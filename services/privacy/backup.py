@@ -161,6 +161,12 @@ def reapply_ledger(db: Database, ledger: Ledger, now: datetime | None = None) ->
 
 
 def _settings(args: argparse.Namespace):
+    # Snapshots, restored databases and ledgers hold every household's data (or the
+    # erased ones' ids): the owner's only from their first byte, whatever the operator's
+    # umask — pg_dump and SQLite create their files under it, and until attack29 a copy
+    # was 0644 while being written (another local user could open it then and read it
+    # through that file afterwards) in a 0755 snapshot directory.
+    config.keep_files_private()
     overrides = {"service_name": "privacy"}
     if getattr(args, "data_dir", None):
         overrides["data_dir"] = Path(args.data_dir)
@@ -219,19 +225,47 @@ def run_restore(args: argparse.Namespace) -> int:
     if snap.backend != settings.storage:
         raise ValueError(f"snapshot is {snap.backend}, HEARTH_STORAGE is {settings.storage}")
     snap.verify()
-    # With a login per service, the restore runs as the admin (HEARTH_POSTGRES_DSN: it
-    # drops and creates schemas) and hands each schema back to its service's role after.
+    # With a login per service, the admin (HEARTH_POSTGRES_DSN) only drops and creates
+    # each schema; its dump is restored over the service's own login (attack29), and the
+    # roles are provisioned again after (idempotent).
     dsns = roles.service_dsns() if snap.backend == "postgres" else {}
     if dsns and len(dsns) < len(roles.SERVICES):
         raise ValueError("set every HEARTH_POSTGRES_DSN_<SERVICE> (each schema goes back to its role after the "
                          f"restore) or none: missing {', '.join(roles.service_dsn_variable(s) for s in roles.SERVICES if s not in dsns)}")
+    if snap.backend == "postgres":
+        # As SQLite's (restore_sqlite): nothing is changed under running services. A service
+        # still connected would write beside the restore (or hold the DROP SCHEMA's lock
+        # for good) and go on with what it cached of the replaced data; until session 29
+        # nothing checked this on PostgreSQL.
+        logins = ([roles.login_of(d, roles.service_dsn_variable(s)) for s, d in sorted(dsns.items())] if dsns
+                  else [roles.login_of(settings.postgres_dsn, "HEARTH_POSTGRES_DSN")])
+        busy = snapshots.postgres_sessions_in_use(settings.postgres_dsn, logins)
+        if busy:
+            raise snapshots.BackupError(
+                f"the services' logins are connected to the database now: {'; '.join(busy)}. Stop every service "
+                "first (kubectl scale --replicas=0; the backup and ledger CronJobs too, or wait for them): a running "
+                "service would write beside the restore and go on with what it cached; nothing was changed")
+    # With a login per service, privacy's schema is read and written over privacy's
+    # login, never the admin's: a trigger or view privacy's login put there would run with
+    # the admin's rights (attack29). Provisioned first, so on a new database the roles and
+    # their empty schemas exist for the dump to be restored into as each service.
+    privacy = settings
+    put_back: list[str] = []
+    if dsns:
+        # A restore killed between setting a schema aside and dropping it: put back first,
+        # so the ledger below is the replaced database's (review29).
+        put_back = snapshots.put_back_set_aside(settings.postgres_dsn)
+        # Both times as provisioned: each role's connection limit (the chart's) and members
+        # stay; until session 29 the restore re-ran provisioning's defaults and reset the limit.
+        roles.provision_roles(settings.postgres_dsn, dsns, as_provisioned=True)
+        privacy = settings.model_copy(update={"postgres_dsn": dsns["privacy"]})
     # The ledger of the database being replaced: read it before anything is overwritten;
     # merged with the off-site exports given (all of them: a deletion any copy knows).
     offsite = [read_ledger_file(Path(p)) for p in args.ledger or ()]
     ledger = Ledger({}, set())
-    current_exists = _privacy_db_exists(settings)
+    current_exists = _privacy_db_exists(privacy)
     if current_exists:
-        db = _privacy_db(settings)
+        db = _privacy_db(privacy)
         try:
             ledger = read_ledger(db)
         finally:
@@ -242,17 +276,19 @@ def run_restore(args: argparse.Namespace) -> int:
                          "--accept-no-ledger to restore anyway")
     ledger = merge_ledgers(ledger, *offsite)
     if snap.backend == "postgres":
-        restored = snapshots.restore_postgres(snap, settings.postgres_dsn)
+        restored = snapshots.restore_postgres(snap, settings.postgres_dsn, dsns=dsns)
     else:
         restored = snapshots.restore_sqlite(snap, Path(settings.data_dir))
-    db = _privacy_db(settings)
+    db = _privacy_db(privacy)
     try:
         report = reapply_ledger(db, ledger)
     finally:
         db.close()
     if dsns:
-        handed = roles.provision_roles(settings.postgres_dsn, dsns)
+        handed = roles.provision_roles(settings.postgres_dsn, dsns, as_provisioned=True)
         report = {**report, "roles": {service: done["role"] for service, done in handed.items()}}
+    if put_back:   # schemas an interrupted restore had set aside, put back before this one
+        report = {**report, "put_back_before_restore": put_back}
     caches, cache_error = _clear_caches(settings)
     if caches or cache_error:
         report = {**report, "redis_keys_cleared": caches, **({"redis_error": cache_error} if cache_error else {})}

@@ -100,6 +100,12 @@ def test_the_provisioning_hook_runs_provision_roles_with_the_admin_login_no_pod_
         *PROVISION, "storage.postgres.provisionRoles.connectionLimit=40")), "Job").values()
     assert build_parser().parse_args(limited["spec"]["template"]["spec"]["containers"][0]["command"][1:]) \
         .connection_limit == 40
+    # Its lock wait (docs/operations.md "Database roles"): the command's default unless set.
+    assert args.lock_timeout == 10.0
+    (patient,) = by_kind(render(values_files=(PRODUCTION_VALUES,), set_values=(
+        *PROVISION, "storage.postgres.provisionRoles.lockTimeoutSeconds=30")), "Job").values()
+    assert build_parser().parse_args(patient["spec"]["template"]["spec"]["containers"][0]["command"][1:]) \
+        .lock_timeout == 30.0
     assert pod_env(pod) == {"HEARTH_POSTGRES_ADMIN_DSN": ("hearth-postgres-admin", "dsn"),
                             **{f"HEARTH_POSTGRES_DSN_{s.upper()}": (f"hearth-postgres-{s}", "dsn")
                                for s in GRPC_SERVICES}}

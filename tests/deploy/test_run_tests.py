@@ -287,3 +287,120 @@ def test_a_worker_stopped_by_x_stops_the_queue(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert rc == 1 and [n for _, n in _ran(root)] == ["suite/test_fails.py::test_fails"], out[-3000:]
     assert "NOT RUN (worker 1 stopped: " in out and ": 3 files" in out, out[-3000:]
+
+
+def _runner_output(root: Path, args: list[str], workers: int, timeout_s: float, **env: str) -> tuple[int, str]:
+    """The real runner in a process of its own on ``root``'s project (its durations.json):
+    (its exit status, its output); a runner still running after ``timeout_s`` is killed and
+    fails the test (a hung worker held `make test` until CI's limit)."""
+    script = root / "runner.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT / 'scripts')!r})\n"
+        "import run_tests\n"
+        "from pathlib import Path\n"
+        f"sys.exit(run_tests.run({args!r}, root=Path({str(root)!r}), workers={workers}, "
+        f"durations=Path({str(root / 'durations.json')!r})))\n")
+    runner = subprocess.Popen([sys.executable, str(script)], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+    try:
+        out, _ = runner.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(runner.pid, signal.SIGKILL)
+        out, _ = runner.communicate()
+        raise AssertionError(f"the runner did not end within {timeout_s:g} s:\n{out[-3000:]}") from None
+    return runner.returncode, out
+
+
+def test_a_worker_that_crashes_is_named_with_its_test_and_the_other_worker_goes_on(tmp_path):
+    """A worker killed by a signal (a segfault in a C extension, the one seen in CI) fails
+    the run naming the test it was running, its traceback (pytest's faulthandler) in its
+    output, and the other worker runs the rest. Until session 29 the run failed with the
+    worker's summary missing and no word of which test took the process down."""
+    root = _project(tmp_path, {
+        "test_crash.py": "import ctypes\n\ndef test_crash():\n    ctypes.string_at(0)\n",
+        **{f"test_quick{i}.py": "def test_quick():\n    pass\n" for i in range(3)}})
+    (root / "durations.json").write_text(json.dumps({"seconds": {
+        "suite/test_crash.py": 100, **{f"suite/test_quick{i}.py": 1 for i in range(3)}}}))
+    rc, out = _runner_output(root, ["-p", "no:cacheprovider"], workers=2, timeout_s=120)
+    assert rc == 128 + signal.SIGSEGV, out[-3000:]
+    assert "DIED (killed by SIGSEGV, running suite/test_crash.py::test_crash)" in out, out[-3000:]
+    assert "Fatal Python error: Segmentation fault" in out and 'line 4 in test_crash' in out, out[-3000:]
+    assert sorted(n for _, n in _ran(root) if "quick" in n) == [
+        f"suite/test_quick{i}.py::test_quick" for i in range(3)], out[-3000:]
+
+
+HANGS = """
+    import signal
+    import threading
+
+    def test_hangs():
+        # A wait pytest-timeout's SIGALRM cannot end (as a call in C that never returns
+        # to the interpreter): the signal blocked, then an endless wait.
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])
+        threading.Event().wait()
+    """
+
+
+def test_a_test_hanging_past_pytest_timeout_ends_its_worker_with_every_threads_traceback(tmp_path):
+    """A hang pytest-timeout's signal cannot break: the worker's backstop (faulthandler's
+    watchdog, its limit past pytest-timeout's) prints where every thread stood and ends the
+    process; the run fails naming the test and the files not run. Until session 29 the
+    runner waited for that worker for ever (seen: this test's runner killed at its limit)."""
+    root = _project(tmp_path, {"test_hang.py": HANGS, "test_after.py": "def test_after():\n    pass\n"})
+    (root / "durations.json").write_text(json.dumps({"seconds": {"suite/test_hang.py": 100, "suite/test_after.py": 1}}))
+    rc, out = _runner_output(root, ["-p", "no:cacheprovider", "-o", "timeout=1"], workers=1, timeout_s=90,
+                             HEARTH_TEST_BACKSTOP_MARGIN_S="2")
+    assert rc != 0 and "DIED (exit 1 without pytest's summary, running suite/test_hang.py::test_hangs)" in out, \
+        out[-3000:]
+    assert "Timeout (0:00:" in out and "in test_hangs" in out, out[-3000:]   # faulthandler's dump of the stack
+    assert "NOT RUN" in out and "suite/test_after.py" in out, out[-3000:]
+    assert [n for _, n in _ran(root)] == ["suite/test_hang.py::test_hangs"], out[-3000:]
+
+
+def test_the_workers_share_one_bytecode_directory_of_the_run_and_collect_the_same_files_in_opposite_orders(tmp_path):
+    """With PYTHONDONTWRITEBYTECODE set (nothing written into the checkout) each worker
+    compiled the whole suite again as it collected it (~25 s of an idle run before the
+    first file). The workers now share a bytecode directory of the run, outside the
+    checkout and removed with it, and the second collects the testpaths' directories in
+    reverse: the same files (else nothing would run), each compiled about once."""
+    root = _project(tmp_path, {
+        **{f"{d}/test_{d}{i}.py": textwrap.dedent(f"""
+            import os, sys
+
+            def test_where_bytecode_goes():
+                with open(os.path.join({str(tmp_path / "p")!r}, "bytecode.log"), "a") as f:
+                    f.write(f"{{os.getpid()}} {{os.environ.get('PYTHONPYCACHEPREFIX')}} {{sys.dont_write_bytecode}}\\n")
+            """) for d in ("alpha", "beta", "gamma") for i in range(2)},
+        "test_top.py": "def test_top():\n    pass\n"})
+    (root / "pytest.ini").unlink()
+    (root / "pyproject.toml").write_text('[tool.pytest.ini_options]\ntestpaths = ["suite"]\n')
+    assert run_tests.reversed_testpaths(root) == ["suite/test_top.py", "suite/gamma", "suite/beta", "suite/alpha"]
+    (root / "durations.json").write_text(json.dumps({"seconds": {}}))
+    rc, out = _runner_output(root, ["-p", "no:cacheprovider"], workers=2, timeout_s=120,
+                             PYTHONDONTWRITEBYTECODE="1", PYTHONPYCACHEPREFIX="")
+    assert rc == 0 and "NOT RUN" not in out and "other files" not in out, out[-3000:]
+    assert sorted(n for _, n in _ran(root)) == sorted(
+        [f"suite/{d}/test_{d}{i}.py::test_where_bytecode_goes" for d in ("alpha", "beta", "gamma") for i in range(2)]
+        + ["suite/test_top.py::test_top"]), out[-3000:]
+    seen = [line.split() for line in (root / "bytecode.log").read_text().splitlines()]
+    prefixes = {prefix for _, prefix, _ in seen}
+    assert len(prefixes) == 1 and {flag for _, _, flag in seen} == {"False"}, seen
+    prefix = Path(prefixes.pop())
+    assert not prefix.is_relative_to(root) and not prefix.exists(), prefix   # outside the checkout, removed
+    assert not list(root.rglob("__pycache__")), list(root.rglob("__pycache__"))
+
+
+def test_a_named_path_is_collected_as_named_and_the_repositorys_testpaths_reverse_whole():
+    assert run_tests.names_a_path(["tests/deploy/test_run_tests.py::test_x"], ROOT)
+    assert not run_tests.names_a_path(["-k", "rotate", "-p", "no:cacheprovider", "-o", "timeout=1"], ROOT)
+    # An option's value that names a path too is taken for one: the cost is the order only.
+    assert run_tests.names_a_path(["-k", "deploy"], ROOT)
+    backwards = run_tests.reversed_testpaths(ROOT)
+    assert backwards == sorted(backwards, reverse=True) and {"tests/unit", "tests/e2e", "tests/deploy"} <= set(backwards)
+    assert not any(Path(p).name.startswith(("_", ".")) for p in backwards)
+    env = run_tests.bytecode_env({"PYTHONDONTWRITEBYTECODE": "1", "PATH": "/bin"}, "/tmp/x")
+    assert env == {"PYTHONPYCACHEPREFIX": "/tmp/x", "PATH": "/bin"}
+    assert run_tests.bytecode_env({"PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": "/mine"}, "/tmp/x") == \
+        {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": "/mine"}
+    assert run_tests.bytecode_env({"PATH": "/bin"}, "/tmp/x") == {"PATH": "/bin"}

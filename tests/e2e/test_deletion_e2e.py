@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import struct
 import subprocess
 import sys
 import time
@@ -191,7 +192,9 @@ def test_each_scope_end_to_end_leaves_no_remnant(dmesh, client):
         r = client.post(path, json=body)
         assert r.status_code == 412, (path, r.text)
         error = r.json()["error"]
-        assert error["field"] == "account_id" and "erased" in error["message"], error
+        # The refusal names the batch's first item of the erased household (b258ea7), once.
+        item_field = f"{path.removeprefix('/v1/')}[0].account_id"
+        assert error["field"] == item_field and "erased" in error["message"], error
         assert error["message"].count("account_id") == 1, error
     assert remnants(dmesh, acct) == {}
 
@@ -386,7 +389,7 @@ def test_withdrawn_consent_is_refused_and_nothing_is_stored(dmesh, client):
         "event_id": f"{acct}-0", "account_id": acct, "device_id": "tv-1", "device_type": "tv",
         "ts": _iso(time.time() - 3600), "kind": "heartbeat", "title_id": "t", "genres": [], "duration_s": 10}]})
     assert r.status_code == 412, r.text
-    assert r.json()["error"]["field"] == "account_id"
+    assert r.json()["error"]["field"] == "events[0].account_id", r.text
     assert count_rows(dmesh, acct) == 0
 
 
@@ -402,3 +405,77 @@ def test_export_returns_everything_ingested(dmesh, client):
         [f"{acct}-tv-1-{i}" for i in range(3)]
     assert data["services"]["clustering"]["events"][0]["title_id"] == "title-0"
     assert [t["campaign"] for t in data["services"]["attribution"]["touchpoints"]] == ["spring"]
+
+
+BEFORE_SEALED_MODEL_VERSION = "ed5316b"   # session 28's end: the cached model's version in clear
+
+
+def _household(client, acct: str) -> dict:
+    r = client.get(f"/v1/household/{acct}")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _shows_tablet(household: dict) -> bool:
+    return any("tablet" in p.get("devices", {}) for p in household.get("persons", []))
+
+
+@pytest.mark.parametrize("dmesh", ["postgres"], indirect=True)   # the mesh with Redis
+def test_a_cached_model_copied_before_a_device_erasure_and_written_back_is_not_served(dmesh, client, tmp_path):
+    """attack28's "Left" (docs/security.md): a holder of the Redis URL copies a household's
+    cached model, the household's tablet is erased (the unlearning refit stores the next
+    version without it), and the copy is written back — as it was, or under a higher
+    version in its clear header. Until session 29 clustering served it (version 3 with the
+    tablet's person again while the database said 2). Now the version is sealed with the
+    model and the database says which version is current: the stored one is answered.
+    Then a rolling upgrade both ways: clustering of the release before meets this release's
+    entry and answers from the database (no error), and this release takes the old
+    release's entry for a miss."""
+    import redis
+
+    from bench.assign_cpu import extract
+    from tests.helpers.history import require_commit
+    from tests.helpers.mesh_calls import restart_service
+
+    require_commit(BEFORE_SEALED_MODEL_VERSION)
+    acct, t0 = f"e2e-cache-replay-{RUN}", time.time() - 14 * DAY
+    events = [{"event_id": f"{acct}-{device}-{d}-{i}", "account_id": acct, "device_id": device,
+               "device_type": device_type, "ts": _iso(t0 + d * DAY + hour * 3600 + i * 300), "kind": "heartbeat",
+               "title_id": f"{genre}-{d}", "genres": [genre], "duration_s": 300, "maturity": maturity}
+              for device, device_type, hour, genre, maturity in (("tab-kids", "tablet", 8, "animation", "kids"),
+                                                                  ("tv-1", "tv", 21, "drama", "adult"))
+              for d in range(12) for i in range(4)]
+    assert client.post("/v1/events", json={"events": events}).json()["accepted"] == len(events)
+    wait_for(lambda: _household(client, acct)["model_version"] >= 1, what="a first model", timeout_s=SLOW_MACHINE_S)
+    raw = redis.Redis.from_url(dmesh.env_extra["HEARTH_REDIS_URL"])
+    key = f"hearth:clustering:model:{acct}"
+    before = _household(client, acct)
+    assert _shows_tablet(before), before["persons"]
+    copied = wait_for(lambda: raw.get(key), what="the cached model")
+    assert struct.unpack_from("<q", copied)[0] == before["model_version"]
+
+    job = delete(client, {"kind": "device", "account_id": acct, "device_id": "tab-kids"})
+    assert job["state"] == "completed", job
+    after = wait_for(lambda: (h := _household(client, acct))["model_version"] > before["model_version"] and h,
+                     what="the unlearning refit", timeout_s=SLOW_MACHINE_S)
+    assert not _shows_tablet(after), after["persons"]
+    for replayed in (copied, struct.pack("<q", after["model_version"] + 1) + copied[8:]):
+        raw.set(key, replayed)
+        household = _household(client, acct)
+        assert household["model_version"] == after["model_version"], (household["model_version"], after)
+        assert not _shows_tablet(household), household["persons"]
+
+    # Rolling upgrade: this release's entry in Redis, clustering of the release before.
+    wait_for(lambda: raw.get(key), what="this release's entry cached")
+    restart_service(dmesh, "clustering", extract(BEFORE_SEALED_MODEL_VERSION, tmp_path / "tree"))
+    try:
+        new_format = raw.get(key)
+        household = _household(client, acct)
+        assert household["model_version"] == after["model_version"] and not _shows_tablet(household)
+        old_format = wait_for(lambda: (got := raw.get(key)) != new_format and got, what="the old release's entry")
+    finally:
+        restart_service(dmesh, "clustering")
+    household = _household(client, acct)
+    assert household["model_version"] == after["model_version"] and not _shows_tablet(household)
+    assert wait_for(lambda: (got := raw.get(key)) != old_format and got, what="this release's entry again")
+    raw.close()

@@ -39,3 +39,15 @@ def test_the_api_pages_load_only_pinned_scripts_with_integrity_hashes(mesh, page
     assert "fonts.googleapis.com" not in r.text and "tiangolo.com" not in r.text, page
     if page == "/docs":   # no spec validation badge from validator.swagger.io
         assert '"validatorUrl": null' in r.text, r.text
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_the_api_pages_refuse_to_be_framed_by_another_site(mesh, page):
+    """Operators type an admin API key into /docs: another site putting the page in a
+    frame (a transparent one over its own buttons) had it drive the page under the
+    operator's clicks. The pages had no ``frame-ancestors`` and no ``X-Frame-Options``
+    (attack29); a browser now shows them only as the top page."""
+    r = httpx.get(mesh.url + page, timeout=SLOW_MACHINE_S)
+    assert r.status_code == 200, r.text
+    assert "frame-ancestors 'none'" in r.headers.get("content-security-policy", ""), dict(r.headers)
+    assert r.headers.get("x-frame-options") == "DENY", dict(r.headers)

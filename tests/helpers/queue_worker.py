@@ -10,20 +10,43 @@ whose descriptors are in ``HEARTH_TEST_QUEUE`` ("read,write"); without it the pl
 nothing.
 
 Messages are JSON lines. The process sends ``{"collected": {file: [package fixture, ...]}}``
-once, ``{"next": {}}`` for each group, ``{"stopped": reason}`` when it stops of itself (-x,
---maxfail, Ctrl-C) so the runner hands out nothing more, and ``{"durations": {file: s}}``
-(setup + call + teardown of its tests, by file) before it ends; the runner answers each
+once, ``{"next": {}}`` for each group, ``{"running": nodeid}`` as each test starts (the
+runner names the test a worker died in), ``{"stopped": reason}`` when it stops of itself
+(-x, --maxfail, Ctrl-C) so the runner hands out nothing more, ``{"durations": {file: s}}``
+(setup + call + teardown of its tests, by file) and ``{"ended": exit status}`` when pytest
+ends its session (a worker that died sends no ``ended``); the runner answers each
 ``next`` with ``{"files": [...]}`` (``[]``: no more).
+
+A test that hangs where pytest-timeout's SIGALRM cannot stop it (a call in C that does not
+return to the interpreter, a signal blocked) would hold its worker, and `make test`, until
+CI's own limit killed the run without a word of where. Each test is therefore also given a
+backstop (``backstop_s``): faulthandler's watchdog thread, which needs neither the signal
+nor the GIL, prints every thread's traceback into the worker's output and ends the process
+(exit status 1) past pytest-timeout's limit; the runner then names the test and fails.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 
 import pytest
 
+from tests.helpers.waiting import cpu_slowdown
+
 QUEUE_ENV = "HEARTH_TEST_QUEUE"
+# Seconds past pytest-timeout's limit before the backstop ends a hung worker (a test of the
+# runner sets a few).
+BACKSTOP_MARGIN_ENV = "HEARTH_TEST_BACKSTOP_MARGIN_S"
+BACKSTOP_MARGIN_S = 120.0
+
+
+def backstop_s(timeout_s: float, slowdown: float, margin_s: float = BACKSTOP_MARGIN_S) -> float:
+    """When a test still running is taken as hung: pytest-timeout's limit for it (its
+    ``timeout`` times the machine's slowdown, tests/conftest.py) and a quarter more, plus
+    ``margin_s``: pytest-timeout fails a slow test first whenever it can."""
+    return 1.25 * timeout_s * slowdown + margin_s
 
 
 def item_file(nodeid: str) -> str:
@@ -79,9 +102,15 @@ class _SessionOnly:
 
 
 class QueueWorker:
-    def __init__(self, runner: _Runner):
+    def __init__(self, runner: _Runner, config: pytest.Config):
         self.runner = runner
         self.durations: dict[str, float] = {}
+        # A copy of the worker's stderr taken now: while a test runs, pytest's capture points
+        # fd 2 at a temporary file that an exiting process never prints.
+        self._stderr = os.fdopen(os.dup(2), "w")
+        self._margin_s = float(os.environ.get(BACKSTOP_MARGIN_ENV, BACKSTOP_MARGIN_S))
+        # pytest's own faulthandler_timeout uses the same (single) watchdog: it wins if set.
+        self._backstop = not float(config.getini("faulthandler_timeout") or 0)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtestloop(self, session: pytest.Session):
@@ -121,20 +150,44 @@ class QueueWorker:
                 self._run(session, item, nextitem)
 
     def _run(self, session: pytest.Session, item: pytest.Item, nextitem: pytest.Item | None) -> None:
-        item.config.hook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+        self.runner.send({"running": item.nodeid})
+        timeout_s = _timeout_s(item)
+        if self._backstop and timeout_s:
+            faulthandler.dump_traceback_later(backstop_s(timeout_s, cpu_slowdown(), self._margin_s),
+                                              exit=True, file=self._stderr)
+        try:
+            item.config.hook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+        finally:
+            if self._backstop:
+                faulthandler.cancel_dump_traceback_later()
         if session.shouldfail or session.shouldstop:
             self.runner.send({"stopped": str(session.shouldfail or session.shouldstop)})
             if session.shouldfail:
                 raise session.Failed(session.shouldfail)
             raise session.Interrupted(session.shouldstop)
 
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        # pytest ended its run itself (whatever the outcome): the runner tells this from a
+        # worker that died (its process gone without this message).
+        self.runner.send({"ended": int(exitstatus)})
+
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         name = item_file(report.nodeid)
         self.durations[name] = self.durations.get(name, 0.0) + report.duration
+
+
+def _timeout_s(item: pytest.Item) -> float:
+    """pytest-timeout's ``timeout`` for ``item`` (its mark, else the ini's), 0 when none."""
+    try:
+        import pytest_timeout
+    except ImportError:
+        return 0.0
+    return float(pytest_timeout._get_item_settings(item).timeout or 0)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     # Popped: a pytest this one starts (a test of the runner) must not read these pipes.
     spec = os.environ.pop(QUEUE_ENV, None)
     if spec:
-        config.pluginmanager.register(QueueWorker(_Runner(spec)), "hearth-queue-worker")
+        config.pluginmanager.register(QueueWorker(_Runner(spec), config), "hearth-queue-worker")

@@ -761,6 +761,95 @@ def test_a_principal_has_one_open_batch_and_its_request_id_still_answers_it(data
     assert batches.request(3650, 10, "open-2", principal=_officer()).job.terminal   # nothing older left: done
 
 
+def test_requests_sent_together_by_one_principal_open_one_batch(databases):
+    """The one-open-batch rule checked the principal's open jobs, then stored the new
+    one, with nothing between: requests arriving together (the Envoy edge routes gRPC
+    straight to privacy, and the gateway's in-flight bound is per gateway replica) all
+    saw none open. Seen on `scripts/run.py` (attack29): 30 concurrent
+    RequestDataKeyRotations of one privacy officer over gRPC opened 3 batches in one of
+    three tries. Here the window is widened (the open jobs read, then a pause): every one
+    of four requests was stored before the fix; one now, the others RESOURCE_EXHAUSTED."""
+    import threading
+
+    from services.common.errors import ResourceExhausted
+
+    mesh = Mesh(databases)
+    mesh.fill("acc-r1", n=2)
+    _aged(mesh, "acc-r1")
+    batches = _batches(mesh, mesh.rotation())
+    read_open = batches.jobs.open_jobs
+
+    def open_jobs_then_pause(*args, **kwargs):
+        jobs = read_open(*args, **kwargs)
+        time.sleep(0.3)
+        return jobs
+
+    batches.jobs.open_jobs = open_jobs_then_pause
+    start, outcomes = threading.Barrier(4), []
+
+    def ask(i: int) -> None:
+        start.wait()
+        try:
+            batches.request(3650, 10, f"together-{i}", principal=_officer())
+            outcomes.append("stored")
+        except ResourceExhausted:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["refused", "refused", "refused", "stored"]
+    with batches.jobs.db.transaction() as tx:
+        assert tx.query("SELECT COUNT(*) FROM rotation_jobs")[0][0] == 1
+
+
+def test_requests_at_two_privacy_replicas_at_once_open_one_batch(databases):
+    """Each replica's request lock (above) is its own: two replicas asked at the same
+    instant both saw no open batch and both stored one (attack29's left). Now the
+    principal's open batches are counted again inside the job's insert, under a lock on
+    the principal (PostgreSQL; SQLite's write lock serialises the inserts): one stored,
+    the other RESOURCE_EXHAUSTED. Two BatchRotations over one database are the replicas;
+    the window is widened as above."""
+    import threading
+
+    from services.common.errors import ResourceExhausted
+
+    mesh = Mesh(databases)
+    mesh.fill("acc-r2", n=2)
+    _aged(mesh, "acc-r2")
+    replicas = [_batches(mesh, mesh.rotation()) for _ in range(2)]
+    for batches in replicas:
+        read_open = batches.jobs.open_jobs
+
+        def open_jobs_then_pause(*args, _read=read_open, **kwargs):
+            jobs = _read(*args, **kwargs)
+            time.sleep(0.3)
+            return jobs
+
+        batches.jobs.open_jobs = open_jobs_then_pause
+    start, outcomes = threading.Barrier(2), []
+
+    def ask(i: int) -> None:
+        start.wait()
+        try:
+            replicas[i].request(3650, 10, f"replica-{i}", principal=_officer())
+            outcomes.append("stored")
+        except ResourceExhausted:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["refused", "stored"]
+    with replicas[0].jobs.db.transaction() as tx:
+        assert tx.query("SELECT COUNT(*) FROM rotation_jobs")[0][0] == 1
+        assert tx.query("SELECT COUNT(*) FROM rotation_job_households")[0][0] == 1
+
+
 def test_a_batch_job_completes_a_household_whose_purge_was_incomplete_and_names_it(purgeable_postgres):
     """On PostgreSQL a replication slot keeps the WAL that holds the old ciphertexts: the
     stores' real purge says it is incomplete. The household is ``completed`` all the same
@@ -942,6 +1031,41 @@ def test_a_batch_purges_each_store_once_after_every_household_reencrypted_and_be
     for account in accounts:
         assert mesh.versions(account) == {2} and mesh.export(account) == exports[account]
         assert [r.dek_version for r in mesh.key_store.load(account) if not r.destroyed and r.dek_version] == [2]
+
+
+def test_a_batch_purges_privacys_key_tables_once_after_its_last_retirement(databases):
+    """Privacy's own purge of the retired wrapped keys (data_keys, digest_keys) runs once
+    for a batch pass, after every household of it retired — not at each household's
+    retirement, as until session 29 (on PostgreSQL each a VACUUM FULL of both key tables,
+    a WAL switch and a CHECKPOINT: bench.rotation_cost --privacy-purge). This test failed
+    (3 purges, one after each retirement). Nothing is left owed: the old versions are
+    tombstoned and the purge ran after the last tombstone."""
+    from services.common.storage.sql import PENDING_TABLE
+
+    mesh = Mesh(databases)
+    accounts = ("acc-q1", "acc-q2", "acc-q3")
+    for account in accounts:
+        mesh.fill(account, n=2)
+    _aged(mesh, *accounts)
+    events: list = []
+    _counting_purges(mesh, events)
+    db = mesh.key_store.db
+    purge = db.purge_erased
+    db.purge_erased = lambda tables=(): (events.append(("purge", "privacy")), purge(tables))[1]
+    batches = _batches(mesh, mesh.rotation())
+    job_id = batches.request(3650, 10, principal=_officer()).job.job_id
+    assert batches.run_due() == 1
+    done = batches.get(job_id).job
+    assert {a: (h.outcome.value, h.destroyed) for a, h in done.households.items()} == \
+        {a: ("completed", (1,)) for a in accounts}
+    privacy = [i for i, e in enumerate(events) if e == ("purge", "privacy")]
+    retires = [i for i, e in enumerate(events) if e[0] == "retire"]
+    assert len(retires) == 3 and len(privacy) == 1 and privacy[0] > max(retires), events
+    for account in accounts:
+        assert [r.wrapped for r in mesh.key_store.load(account) if r.dek_version == 1] == [b""]
+    if db.dialect != "sqlite":
+        with db.transaction() as tx:
+            assert tx.query(f"SELECT count(*) FROM {PENDING_TABLE}")[0][0] == 0
 
 
 def test_a_batch_pass_cut_between_its_reencryption_and_its_purge_is_finished_without_reencrypting_again(databases):

@@ -182,3 +182,32 @@ def test_the_orphan_digest_key_scan_takes_no_write_lock_when_there_is_nothing_to
             writer.close()
     finally:
         db.close()
+
+
+def test_privacy_holds_the_key_records_only_of_households_read_within_refresh_s(store):
+    """Until session 29 privacy loaded every household's wrapped key records at start and
+    kept each household it had served for the life of the process (+134 MiB per 100,000
+    households, session 28), though a household's records older than REFRESH_S are read
+    from the store again before any use. Now the start reads only the KEK check's sample
+    and holds nothing, and a household read longer than REFRESH_S ago is dropped at the
+    next read: this test failed (60 households held at start). Every key is still
+    served, equal to the one made, and a shredded household stays refused once dropped."""
+    clock = Clock()
+    first = KeyService(store, [K1], "k1")
+    made = first.data_keys([f"acct-{i:03d}" for i in range(60)])
+    first.shred("acct-000")
+    keys = KeyService(store, [K1], "k1", monotonic=clock)
+    assert len(keys.ring._records) == 0
+    served = keys.data_keys([f"acct-{i:03d}" for i in range(1, 41)])
+    assert served == {a: made[a] for a in served} and len(keys.ring._records) == 40
+    clock.t += REFRESH_S + 1
+    assert keys.data_key("acct-050") == made["acct-050"]
+    assert set(keys.ring._records) == {"acct-050"}
+    with pytest.raises(FailedPrecondition):
+        keys.data_key("acct-000")
+    assert set(keys.ring._records) == {"acct-050", "acct-000"}
+    clock.t += REFRESH_S + 1
+    assert keys.data_key("acct-001") == made["acct-001"]
+    assert set(keys.ring._records) == {"acct-001"}
+    with pytest.raises(FailedPrecondition):   # dropped, read again: still shredded
+        keys.data_key("acct-000")

@@ -297,7 +297,8 @@ def test_events_sent_while_the_household_is_erased_are_refused_or_erased_with_it
             apb.Conversion(conversion_id="after-c1", account_id=acct, ts=float_to_ts(time.time() - 60),
                            kind="purchase", value=9.0, device_id="tv-1")]))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert dict(err.value.trailing_metadata() or ()).get(ERROR_FIELD_KEY) == "account_id"
+    # The batch's item (attack29: the field was "account_id", naming none of a batch's items).
+    assert dict(err.value.trailing_metadata() or ()).get(ERROR_FIELD_KEY) == "conversions[0].account_id"
     assert rows(mesh, "attribution", "SELECT COUNT(*) FROM conversions WHERE account_id = ?", (acct,)) == [(0,)]
 
 
@@ -405,6 +406,30 @@ def test_request_id_reused_for_another_scope_is_refused(stubs):
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
 
 
+def test_a_deletion_reason_with_a_control_character_is_refused_naming_it(stubs):
+    """The gateway refuses control characters in `reason`; gRPC callers (the Envoy edge)
+    reached the store: on PostgreSQL a NUL made RequestDeletion INTERNAL, on SQLite it was
+    stored into the job and its audit record (attack29). Now refused, as at the gateway."""
+    for reason in ("gdpr\x00", "gdpr\nart17"):
+        with pytest.raises(grpc.RpcError) as err:
+            stubs["pri"].RequestDeletion(ppb.RequestDeletionRequest(
+                scope=common_pb2.ErasureScope(account_id="reason-acct", household=True), reason=reason))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, reason
+        assert dict(err.value.trailing_metadata() or ()).get(ERROR_FIELD_KEY) == "reason"
+
+
+def test_a_job_id_with_a_control_character_is_refused_naming_it(stubs):
+    """GetDeletion and GetDataKeyRotations over gRPC (the Envoy edge; the gateway's path
+    pattern refuses it): a NUL in `job_id` was INTERNAL on PostgreSQL, which cannot compare
+    text holding one, and NOT_FOUND on SQLite (attack29)."""
+    for call in (lambda: stubs["pri"].GetDeletion(ppb.GetDeletionRequest(job_id="job-\x00")),
+                 lambda: stubs["pri"].GetDataKeyRotations(ppb.GetDataKeyRotationsRequest(job_id="rot-\x00"))):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert dict(err.value.trailing_metadata() or ()).get(ERROR_FIELD_KEY) == "job_id"
+
+
 def test_every_account_window_is_only_for_the_privacy_service(mesh, stubs):
     window = common_pb2.TimeRange(end=float_to_ts(time.time() - 100 * DAY))
     with pytest.raises(grpc.RpcError) as err:
@@ -456,12 +481,13 @@ def test_retention_purge_removes_only_data_older_than_the_retention(mesh, stubs)
 def test_withdrawn_consent_refuses_ingest_and_touchpoints_and_stores_nothing(mesh, stubs):
     acct = "noconsent-acct"
     stubs["pri"].SetConsent(ppb.SetConsentRequest(account_id=acct, processing=False, attribution=False))
-    for call in (lambda: ingest(stubs, events(acct, "tv-1", time.time() - DAY, 2)),
-                 lambda: touchpoints(stubs, acct, [("nc-t1", "tv-1", time.time() - DAY, None)])):
+    for call, field in ((lambda: ingest(stubs, events(acct, "tv-1", time.time() - DAY, 2)), "events[0].account_id"),
+                        (lambda: touchpoints(stubs, acct, [("nc-t1", "tv-1", time.time() - DAY, None)]),
+                         "touchpoints[0].account_id")):
         with pytest.raises(grpc.RpcError) as err:
             call()
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert dict(err.value.trailing_metadata())[ERROR_FIELD_KEY] == "account_id"
+        assert dict(err.value.trailing_metadata())[ERROR_FIELD_KEY] == field   # the batch's item (attack29)
     assert rows(mesh, "clustering", "SELECT COUNT(*) FROM events WHERE account_id = ?", (acct,)) == [(0,)]
     assert rows(mesh, "attribution", "SELECT COUNT(*) FROM touchpoints WHERE account_id = ?", (acct,)) == [(0,)]
     # attribution needs its own flag: processing alone is not enough for touchpoints

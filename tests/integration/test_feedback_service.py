@@ -98,6 +98,28 @@ def test_flags_survive_a_restart(database):
     assert (stored.reason, stored.principal_id, stored.audit_result) == ("incident over", "ops-alice", "OK")
 
 
+def test_a_reason_with_a_nul_is_refused_naming_it_and_nothing_is_stored(database):
+    """PostgreSQL text cannot hold a NUL: `PUT /v1/experiment` (and a calibrator's
+    activation) with one in its reason answered 502 through a PostgreSQL mesh, INTERNAL over
+    gRPC, and SQLite stored it (attack29). Refused naming `reason`, on both backends."""
+    from services.common.errors import InvalidArgument
+
+    app = make_app(database)
+    with pytest.raises(InvalidArgument) as refused:
+        app.experiments.set_flags({}, True, "incident\x00", ADMIN)
+    assert refused.value.field == "reason"
+    assert app.experiments.flags().version == 0
+    with pytest.raises(InvalidArgument) as refused:
+        app.calibration.choices.activate("kmeans", 0, True, "identity\x00", ADMIN)
+    assert refused.value.field == "reason"
+    # A variant named with a NUL (ListCalibrators over gRPC: INTERNAL on PostgreSQL).
+    with pytest.raises(InvalidArgument) as refused:
+        app.calibration.choices.history("kmeans\x00")
+    assert refused.value.field == "variant"
+    # A reason over several lines is still one (only the NUL is what a store cannot keep).
+    assert app.experiments.set_flags({}, False, "incident over\nsee the ticket", ADMIN) == 1
+
+
 def test_kill_switch_sends_everyone_to_control_and_keeps_the_split(database):
     app = make_app(database)
     accounts = [f"acc-{i}" for i in range(4000)]

@@ -45,3 +45,122 @@ def test_a_cached_model_that_does_not_open_or_is_not_sealed_is_dropped_and_read_
             assert (model.version, model.variant, model.blob) == (version, "gmm", b"the-household-model")
             assert raw.get(key) != forged   # dropped (the database's copy is cached again)
         raw.close()
+
+
+def _replicas(database, server, n: int = 2) -> list[ClusteringStore]:
+    cipher = FieldCipher(lambda account, version: (1, DATA_KEY))
+    stores = [ClusteringStore(database, RedisCache(server.url, "clustering"), gap_s=1800, cipher=cipher)
+              for _ in range(n)]
+    stores[0].migrate()
+    return stores
+
+
+def test_a_genuine_entry_written_back_after_a_newer_version_is_not_served(database, tmp_path):
+    """The replay attack28 left (docs/security.md): a Redis holder copies the household's
+    genuine cached model, an erasure's refit stores version 2 (the erased device's person
+    gone), and the copy is written back — as it was, or under a higher version in its clear
+    header. Before session 29 the version in clear was trusted and the copy opened: the
+    erased person was served again (version 3 here, or version 1 to a process that holds
+    nothing). Now the version is sealed with the model and the database says which is
+    current: every reader — the one that saved version 2 and a fresh replica — answers
+    version 2."""
+    with running_redis(tmp_path) as server:
+        saver, fresh = _replicas(database, server)
+        saver.ingest([ev(0, T0, account="acc-r")])
+        assert saver.save_model("acc-r", 0, "gmm", b"with the tablet's person") == 1
+        raw = redis.Redis.from_url(server.url)
+        key = "hearth:clustering:model:acc-r"
+        copied = raw.get(key)
+        assert saver.save_model("acc-r", 1, "gmm", b"after the erasure") == 2   # the unlearning refit
+        version, vlen = struct.unpack_from("<qH", copied)
+        for replayed in (copied, struct.pack("<qH", 3, vlen) + copied[10:]):
+            for reader, held in ((saver, 2), (fresh, 0)):
+                raw.set(key, replayed)
+                model = reader.get_model("acc-r", decoded_version=held)
+                assert model.version == 2, (replayed[:10], held)
+                assert model.blob in (b"", b"after the erasure")
+                assert raw.get(key) != replayed   # dropped (and the stored version cached again)
+        assert fresh.get_model("acc-r").blob == b"after the erasure"
+        raw.close()
+
+
+def test_a_replica_holding_the_replayed_version_asks_the_database_within_the_confirm_window(
+        database, tmp_path, monkeypatch):
+    """A genuine entry of the very version a replica holds, written back after another
+    replica stored a newer one, says "still current" — nothing in Redis can tell it is
+    stale. The replica serves its held version only while the database said so within
+    MODEL_CONFIRM_S; past it, one read of the database, and the stored version."""
+    import services.clustering.store as store_module
+
+    with running_redis(tmp_path) as server:
+        holder, other = _replicas(database, server)
+        holder.ingest([ev(0, T0, account="acc-f")])
+        holder.save_model("acc-f", 0, "gmm", b"with the tablet's person")
+        raw = redis.Redis.from_url(server.url)
+        key = "hearth:clustering:model:acc-f"
+        copied = raw.get(key)
+        assert holder.get_model("acc-f", decoded_version=1).version == 1
+        other.save_model("acc-f", 1, "gmm", b"after the erasure")
+        raw.set(key, copied)
+        assert holder.get_model("acc-f", decoded_version=1).version == 1   # within the window: the bound
+        monkeypatch.setattr(store_module, "MODEL_CONFIRM_S", 0.0)
+        model = holder.get_model("acc-f", decoded_version=1)
+        assert (model.version, model.blob) == (2, b"after the erasure")
+        raw.close()
+
+
+def test_an_entry_of_the_format_before_session_29_is_a_miss_and_cached_again_in_the_new_one(database, tmp_path):
+    """A rolling upgrade: a replica of the release before caches the model as it is stored
+    (sealed as "model", the version in clear only). This release takes it for a miss — the
+    database read, no error — and caches its own entry, which opens only with its version."""
+    with running_redis(tmp_path) as server:
+        (store,) = _replicas(database, server, 1)
+        store.ingest([ev(0, T0, account="acc-o")])
+        store.save_model("acc-o", 0, "gmm", b"the-household-model")
+        raw = redis.Redis.from_url(server.url)
+        key = "hearth:clustering:model:acc-o"
+        old_format = struct.pack("<qH", 1, 3) + b"gmm" + store.cipher.encrypt("acc-o", "model", b"the-household-model")
+        raw.set(key, old_format)
+        model = store.get_model("acc-o")
+        assert (model.version, model.variant, model.blob) == (1, "gmm", b"the-household-model")
+        new_format = raw.get(key)
+        assert new_format is not None and new_format != old_format
+        assert store.cipher.decrypt("acc-o", '["model-cache",1,"gmm"]', new_format[13:]) == b"the-household-model"
+        raw.close()
+
+
+def test_the_confirmed_model_version_of_an_erased_household_is_not_kept(database, tmp_path):
+    """The version the database confirmed is kept per household (get_model's window); a
+    household erasure drops it with the household's data key — no account id of an erased
+    household stays in the store's memory for it (this test failed: the entry stayed)."""
+    from services.common.erasure import ErasureScope
+
+    with running_redis(tmp_path) as server:
+        (store,) = _replicas(database, server, 1)
+        store.ingest([ev(0, T0, account="acc-e")])
+        store.save_model("acc-e", 0, "gmm", b"model")
+        assert store.get_model("acc-e", decoded_version=1).version == 1
+        assert "acc-e" in store._confirmed_versions
+        store.erase(ErasureScope("acc-e", "household"))
+        assert "acc-e" not in store._confirmed_versions
+        assert store.get_model("acc-e") is None
+
+
+def test_a_held_model_is_not_opened_while_redis_is_down(database, tmp_path):
+    """With Redis down every read goes to the database; for the version the caller holds
+    the model is not opened (as before session 29): the cache's entry is sealed anew from
+    the plaintext when it is filled again, and there is nothing to fill while Redis is
+    down. This test failed: each such read decrypted the model (and sealed it again)."""
+    with running_redis(tmp_path) as server:
+        (store,) = _replicas(database, server, 1)
+        store.ingest([ev(0, T0, account="acc-d")])
+        store.save_model("acc-d", 0, "gmm", b"model")
+        opened = []
+        decrypt = store.cipher.decrypt
+        store.cipher.decrypt = lambda account, field, blob: (opened.append(field), decrypt(account, field, blob))[1]
+        server.stop()
+        for _ in range(3):
+            model = store.get_model("acc-d", decoded_version=1)
+            assert (model.version, model.blob) == (1, b"")
+        assert store.cache.health() and opened == [], opened
+        assert store.get_model("acc-d").blob == b"model"   # a caller holding nothing gets it

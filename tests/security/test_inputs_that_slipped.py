@@ -130,6 +130,14 @@ def test_audit_window_bounds_out_of_range_or_not_rfc3339_are_422_naming_them(off
     assert response.json()["error"]["field"] == "start"
 
 
+def test_an_audit_filter_with_a_nul_is_422_naming_it(officer):
+    """`?resource_prefix=%00`: a 502 through a PostgreSQL mesh (text cannot hold a NUL:
+    privacy's QueryAudit raised INTERNAL), a 200 matching nothing on SQLite (attack29)."""
+    r = officer.get("/v1/audit", params={"resource_prefix": "household:\x00"})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["field"] == "resource_prefix", r.text
+
+
 def test_audit_window_out_of_the_documented_range_is_invalid_argument_over_grpc(security_mesh, signer):
     with grpc.insecure_channel(f"127.0.0.1:{security_mesh.mesh.grpc_ports['privacy']}") as ch:
         query = ch.unary_unary("/hearth.privacy.v1.AuditLog/QueryAudit" if _has_audit_service() else

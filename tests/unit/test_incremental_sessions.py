@@ -417,8 +417,8 @@ class _BeforeSession23(ClusteringStore):
             state.utc_offset_minutes = None
         return state
 
-    def _session_rows(self, states, persons):
-        rows = super()._session_rows(states, persons)
+    def _session_rows(self, states, persons, *args):
+        rows = super()._session_rows(states, persons, *args)
         if rows and rows[-1][13] is not None:
             old = {k: v for k, v in json.loads(states[-1].to_bytes()).items() if k != "utc_offset_minutes"}
             rows[-1] = (*rows[-1][:13], self._seal(rows[-1][1], "session_state", json.dumps(old).encode()))

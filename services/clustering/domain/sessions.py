@@ -37,7 +37,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.clustering.domain.events import MAX_UTC_OFFSET_MINUTES, ViewingEvent
-from services.clustering.domain.features import DEFAULT_VOCABULARY, FeatureSums, GenreVocabulary, WatchItem, checked
+from services.clustering.domain.features import (DEFAULT_VOCABULARY, FeatureSums, GenreVocabulary, WatchItem, checked,
+                                                sums_features)
 
 DEFAULT_GAP_S = 1800.0
 
@@ -135,7 +136,10 @@ class SessionState:
             return self.start_ts
         return self.start_ts + 60.0 * self.utc_offset_minutes
 
-    def session(self, vocabulary: GenreVocabulary, event_ids: tuple[str, ...] = ()) -> Session:
+    def session(self, vocabulary: GenreVocabulary, event_ids: tuple[str, ...] = (),
+                features: np.ndarray | None = None) -> Session:
+        """The session's row; ``features``: its feature vector when already computed
+        (``sessions_of``, many sessions in one call)."""
         hints = self.hints
         return Session(
             session_id=session_id_for(self.account_id, self.device_id, self.start_ts),
@@ -146,7 +150,7 @@ class SessionState:
             end_ts=self.end_ts,
             event_ids=event_ids,
             watch_seconds=float(self.watch_seconds),
-            features=self.sums.features(self.local_start_ts(), self.device_type),
+            features=self.sums.features(self.local_start_ts(), self.device_type) if features is None else features,
             feature_version=vocabulary.feature_version,
             label=min(hints, key=lambda h: (-hints[h], h)) if hints else None,
             unknown_genres=tuple(sorted(self.unknown.items())),
@@ -206,6 +210,16 @@ class SessionState:
 
 _STATE_FIELDS = frozenset(("account_id", "device_id", "start_ts", "end_ts", "last_event_id", "device_type",
                            "event_count", "watch_seconds", "hints", "unknown", "sums", "vocabulary", "gap_s"))
+
+
+def sessions_of(states: Sequence[SessionState], vocabulary: GenreVocabulary) -> list[Session]:
+    """``state.session(vocabulary)`` of each state, their feature vectors computed in one
+    call (``sums_features``: the same rows, to the bit)."""
+    if not states:
+        return []
+    matrix = sums_features([s.sums for s in states], [s.local_start_ts() for s in states],
+                           [s.device_type for s in states])
+    return [s.session(vocabulary, features=row) for s, row in zip(states, matrix)]
 
 
 def extend_sessions(last: SessionState | None, ordered: Sequence[ViewingEvent], gap_s: float,

@@ -15,13 +15,27 @@ alone:
 * nobody else has rights on the schema (PUBLIC's and the other services' are revoked);
 * PUBLIC loses what PostgreSQL grants it by default on the database (CONNECT, TEMPORARY)
   and CREATE on ``public`` (which PostgreSQL 15 no longer grants; older clusters upgraded
-  in place still do); each role gets CONNECT;
+  in place still do), and EXECUTE on the functions that create large objects (in no
+  schema: attack29); each role gets CONNECT;
 * each role may run the erasure purge's ``pg_switch_wal(); CHECKPOINT``
   (``pg_checkpoint``, docs/privacy.md §11);
 * each role has a ``CONNECTION LIMIT`` (``default_connection_limit``), so a compromised
-  service cannot take every one of the server's ``max_connections`` from the others.
+  service cannot take every one of the server's ``max_connections`` from the others;
+* no role is a member of a service role but the ``--keep-access-for`` login of this run
+  (an upgrade's old login): a membership an earlier run granted, or one granted by hand,
+  is revoked and reported (``revoked_access_for``; until session 29 they stayed for good)
+  — except the admin's, a superuser's or CREATEROLE login's and one WITH ADMIN OPTION,
+  which could be granted back at will (``members_left``);
 
-Idempotent: run it at every install and upgrade (the chart's hook Job does). The admin
+All in one transaction under a bounded ``lock_timeout`` (``--lock-timeout``): handing a
+table over takes an ACCESS EXCLUSIVE lock, which a running service's open transaction on
+it holds off; until session 29 the command then waited for good, and every query on that
+table queued behind it. Now it stops, rolls back (nothing changed), names the sessions
+holding locks on the services' tables and exits non-zero (``ProvisioningLockTimeout``).
+
+Idempotent: run it at every install and upgrade (the chart's hook Job does).
+``hearth restore`` re-applies it with ``as_provisioned``: ownership and rights again, each
+role's connection limit and members left as the last run set them. The admin
 DSN (a superuser, or a role with CREATEROLE that owns the schemas) is used only here.
 
     HEARTH_POSTGRES_ADMIN_DSN=postgresql://postgres:...@db/hearth \\
@@ -36,7 +50,11 @@ import json
 import os
 from collections.abc import Mapping
 
+from services.common.storage.dsn import parse_dsn
+
 SERVICES = ("clustering", "attribution", "privacy", "feedback")
+# The functions that create a large object, which PUBLIC may execute by default.
+LARGE_OBJECT_CREATORS = ("lo_create(oid)", "lo_creat(integer)", "lo_from_bytea(oid, bytea)")
 ADMIN_DSN_VARIABLE = "HEARTH_POSTGRES_ADMIN_DSN"
 POOL_MAX_VARIABLE = "HEARTH_POSTGRES_POOL_MAX"     # the services' pool size (config.py)
 DEFAULT_POOL_MAX = 8                               # config.py's postgres_pool_max
@@ -46,6 +64,16 @@ REPLICA_ALLOWANCE = 16
 # Beyond the pools: a starting pod's schema check (sql.py, before its pool opens) and
 # `hearth backup`'s dump of the schema, which use the service's login too.
 SPARE_CONNECTIONS = 2
+# How long one statement waits for a lock (a service's transaction on a table handed over)
+# before the whole provisioning is rolled back: long enough for a service's ordinary
+# transactions to end, short enough that the queries queued behind its ACCESS EXCLUSIVE
+# request are not stalled for long.
+DEFAULT_LOCK_TIMEOUT_S = 10.0
+ADVISORY_LOCK = 7262782    # one provisioning at a time (pg_advisory_xact_lock)
+
+
+class ProvisioningLockTimeout(ValueError):
+    """A lock the provisioning needed was not granted within its lock_timeout; rolled back."""
 
 
 def default_connection_limit(environ: Mapping[str, str] | None = None) -> int:
@@ -74,39 +102,48 @@ def schema_of(service: str) -> str:
 
 
 def _login(service: str, dsn: str) -> tuple[str, str | None]:
-    from psycopg.conninfo import conninfo_to_dict
-
-    try:
-        parts = conninfo_to_dict(dsn)
-    except Exception as exc:   # noqa: BLE001 - psycopg's ProgrammingError names the fault
-        raise ValueError(f"{service_dsn_variable(service)}: not a PostgreSQL DSN ({exc})") from None
+    parts = parse_dsn(dsn, service_dsn_variable(service))
     user = parts.get("user")
     if not user:
         raise ValueError(f"{service_dsn_variable(service)}: names no user (the service's own role)")
     return str(user), (str(parts["password"]) if parts.get("password") else None)
 
 
-def _database_of(dsn: str, user: str) -> str:
-    """The database a DSN connects to (libpq's default: PGDATABASE, else the user's name)."""
-    from psycopg.conninfo import conninfo_to_dict
+def login_of(dsn: str, variable: str) -> str:
+    """The login a DSN connects as (libpq's default: PGUSER, else the OS user's name)."""
+    import getpass
 
-    return str(conninfo_to_dict(dsn).get("dbname") or os.environ.get("PGDATABASE") or user)
+    return str(parse_dsn(dsn, variable).get("user") or os.environ.get("PGUSER") or getpass.getuser())
+
+
+def _database_of(dsn: str, user: str, variable: str) -> str:
+    """The database a DSN connects to (libpq's default: PGDATABASE, else the user's name)."""
+    return str(parse_dsn(dsn, variable).get("dbname") or os.environ.get("PGDATABASE") or user)
 
 
 def provision_roles(admin_dsn: str, dsns: Mapping[str, str], keep_access_for: str = "",
-                    connection_limit: int | None = None) -> dict[str, dict]:
+                    connection_limit: int | None = None, lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
+                    as_provisioned: bool = False) -> dict[str, dict]:
     """Make each service of ``dsns`` (service -> its DSN) the sole owner of its schema
     under the role its DSN names (module docstring). Returns what was done per service.
     ``connection_limit``: each role's CONNECTION LIMIT (None: ``default_connection_limit()``;
     -1: none, PostgreSQL's default).
     ``keep_access_for``: the single-login layout's login, made a member of every service
     role in the same transaction, so its pods keep working until the rollout replaces
-    them (the upgrade, docs/operations.md; revoked by hand after)."""
+    them (the upgrade, docs/operations.md); every other member of a service role (but the
+    admin) is revoked, so a run without it takes back what an earlier run granted.
+    ``lock_timeout_s``: each statement's lock wait; past it ``ProvisioningLockTimeout``
+    and nothing changed.
+    ``as_provisioned`` (``hearth restore``): ownership and rights re-asserted, but an
+    existing role keeps its CONNECTION LIMIT and its members (``connection_limit`` and
+    ``keep_access_for`` then apply to nothing already there)."""
     import psycopg
     from psycopg import sql
 
     if connection_limit is None:
         connection_limit = default_connection_limit()
+    if not lock_timeout_s > 0:
+        raise ValueError(f"--lock-timeout {lock_timeout_s}: must be more than 0 seconds")
     if connection_limit == 0 or connection_limit < -1:
         raise ValueError(f"--connection-limit {connection_limit}: at least 1 (each service's pool needs its "
                          "connections), or -1 for no limit")
@@ -142,38 +179,116 @@ def provision_roles(admin_dsn: str, dsns: Mapping[str, str], keep_access_for: st
         for service, (role, _) in sorted(logins.items()):
             # Grants, schemas and PUBLIC's revoked CONNECT are the admin's database's: a
             # service connecting to another would find none of it (and stop at start).
-            if (theirs := _database_of(dsns[service], role)) != database:
+            if (theirs := _database_of(dsns[service], role, service_dsn_variable(service))) != database:
                 raise ValueError(f"{service_dsn_variable(service)}: names database {theirs}, {ADMIN_DSN_VARIABLE} "
                                  f"database {database}: both must name the services' database")
         roles = [role for role, _ in logins.values()]
-        with conn.transaction():
-            # Replicas of this Job (or two helm upgrades) one at a time.
-            conn.execute("SELECT pg_advisory_xact_lock(7262782)")
-            conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(database)))
-            conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
-            for service, (role, password) in sorted(logins.items()):
-                report[service] = _provision_one(conn, database, service, role, password,
-                                                 others=[r for r in roles if r != role],
-                                                 connection_limit=connection_limit)
-                if keep_access_for:
-                    conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(role),
-                                                                  sql.Identifier(keep_access_for)))
-                    report[service]["kept_access_for"] = keep_access_for
+        try:
+            with conn.transaction():
+                # Every lock wait bounded, this transaction's only (SET LOCAL).
+                conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(
+                    sql.Literal(f"{max(1, round(lock_timeout_s * 1000))}ms")))
+                # Replicas of this Job (or two helm upgrades) one at a time.
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (ADVISORY_LOCK,))
+                conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(database)))
+                conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+                # Large objects are the database's, in no schema: a service's login could
+                # store data outside its schema, its dumps and a restore's reach (attack29).
+                # Hearth uses none. (An admin that is no superuser cannot revoke these: the
+                # server warns and the revoke does nothing.)
+                conn.execute(f"REVOKE EXECUTE ON FUNCTION {', '.join(LARGE_OBJECT_CREATORS)} FROM PUBLIC")
+                for service, (role, password) in sorted(logins.items()):
+                    report[service] = _provision_one(conn, database, service, role, password,
+                                                     others=[r for r in roles if r != role],
+                                                     connection_limit=connection_limit,
+                                                     as_provisioned=as_provisioned)
+                    if not as_provisioned:
+                        report[service].update(_converge_members(conn, role, keep_access_for, admin))
+        except psycopg.errors.LockNotAvailable:
+            raise ProvisioningLockTimeout(_lock_timeout_message(conn, lock_timeout_s)) from None
     return report
 
 
+def _converge_members(conn, role: str, keep_access_for: str, admin: str) -> dict:
+    """Make ``keep_access_for`` (if any) the only member of ``role`` but those a REVOKE
+    cannot keep out: the admin, a superuser or CREATEROLE login, a membership WITH ADMIN
+    OPTION (each could grant it back; PostgreSQL 16 gives a CREATEROLE admin that option
+    in every role it creates, and revoking another admin's would break its next run).
+    Returns the report's keys: ``revoked_access_for``, ``members_left``, ``kept_access_for``."""
+    from psycopg import sql
+
+    done: dict = {"revoked_access_for": [], "members_left": []}
+    # From PostgreSQL 16 a membership is one grant per grantor and REVOKE removes only the
+    # current role's unless GRANTED BY names another: name each (15 has one grant).
+    by_grantor = conn.info.server_version >= 160000
+    members = conn.execute(
+        "SELECT m.rolname, bool_or(am.admin_option) OR bool_or(m.rolsuper OR m.rolcreaterole), "
+        "array_agg(DISTINCT g.rolname) FROM pg_auth_members am JOIN pg_roles r ON r.oid = am.roleid "
+        "JOIN pg_roles m ON m.oid = am.member JOIN pg_roles g ON g.oid = am.grantor "
+        "WHERE r.rolname = %s GROUP BY m.rolname ORDER BY m.rolname", (role,)).fetchall()
+    for member, could_grant_back, grantors in members:
+        if member in (keep_access_for, admin):
+            continue
+        if could_grant_back:
+            done["members_left"].append(member)
+            continue
+        for grantor in grantors if by_grantor else [None]:
+            conn.execute(sql.SQL("REVOKE {} FROM {}{}").format(
+                sql.Identifier(role), sql.Identifier(member),
+                sql.SQL(" GRANTED BY {}").format(sql.Identifier(grantor)) if grantor else sql.SQL("")))
+        # A REVOKE that removed nothing is only a WARNING: read back, never report it done.
+        if conn.execute("SELECT 1 FROM pg_auth_members am JOIN pg_roles r ON r.oid = am.roleid "
+                        "JOIN pg_roles m ON m.oid = am.member WHERE r.rolname = %s AND m.rolname = %s",
+                        (role, member)).fetchone():
+            raise ValueError(f"role {member} is still a member of {role} after REVOKE (granted by "
+                             f"{', '.join(grantors)}): revoke it as that grantor, then run this again; nothing "
+                             "was changed")
+        done["revoked_access_for"].append(member)
+    if keep_access_for:
+        conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(role), sql.Identifier(keep_access_for)))
+        done["kept_access_for"] = keep_access_for
+    return done
+
+
+def _lock_timeout_message(conn, lock_timeout_s: float) -> str:
+    """The error of a provisioning rolled back at its lock_timeout: who holds locks on the
+    services' tables (or the provisioning's own lock) now, and what to do."""
+    holders = conn.execute(
+        "SELECT a.pid, coalesce(a.usename, '?'), coalesce(nullif(a.application_name, ''), '-'), "
+        "coalesce(a.state, '?'), extract(epoch FROM now() - coalesce(a.xact_start, a.query_start))::int, "
+        "string_agg(DISTINCT CASE WHEN l.locktype = 'advisory' THEN 'the provisioning lock (another "
+        "hearth db provision-roles)' ELSE l.relation::regclass::text || ' (' || l.mode || ')' END, ', ') "
+        "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.granted AND l.pid <> pg_backend_pid() AND "
+        "((l.locktype = 'relation' AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+        "  AND l.relation IN (SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "                     WHERE n.nspname = ANY(%s))) "
+        " OR (l.locktype = 'advisory' AND l.classid = 0 AND l.objid = %s)) "
+        "GROUP BY 1, 2, 3, 4, 5 ORDER BY 1",
+        ([schema_of(s) for s in SERVICES], ADVISORY_LOCK)).fetchall()
+    held = "; ".join(f"pid {pid} (user {user}, application {app}, {state}, transaction open {age} s) on {what}"
+                     for pid, user, app, state, age, what in holders) or \
+        "no session holds one now (it has ended: run it again)"
+    return (f"a lock was not granted within --lock-timeout {lock_timeout_s:g} s; nothing was changed (one "
+            f"transaction, rolled back). Holding locks on the services' tables: {held}. Let those transactions "
+            "end (the old pods' work, or end an idle one: SELECT pg_terminate_backend(pid)) and run "
+            "`hearth db provision-roles` again, or give it longer with --lock-timeout SECONDS")
+
+
 def _provision_one(conn, database: str, service: str, role: str, password: str | None,
-                   others: list[str], connection_limit: int) -> dict:
+                   others: list[str], connection_limit: int, as_provisioned: bool = False) -> dict:
     from psycopg import sql
 
     schema = schema_of(service)
     ident, schema_ident = sql.Identifier(role), sql.Identifier(schema)
-    existing = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+    existing = conn.execute("SELECT rolsuper, rolconnlimit FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
     if existing and existing[0]:
         raise ValueError(f"{service_dsn_variable(service)}: role {role} is a superuser; a service's login must "
                          "not be (it would reach every schema): name a role of its own")
     if not existing:
         conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(ident))
+    elif as_provisioned:
+        connection_limit = existing[1]   # as the chart's Job set it (a restore changes no limit)
     # Re-stated every run: a role made by hand with more is brought back to this.
     conn.execute(sql.SQL("ALTER ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
                          "INHERIT CONNECTION LIMIT {}").format(ident, sql.Literal(connection_limit)))
@@ -252,7 +367,8 @@ def run_provision(args: argparse.Namespace) -> int:
     if missing:
         raise ValueError(f"{', '.join(missing)} required: each service's own DSN (its role and password)")
     print(json.dumps(provision_roles(admin, dsns, keep_access_for=args.keep_access_for,
-                                     connection_limit=args.connection_limit), sort_keys=True))
+                                     connection_limit=args.connection_limit, lock_timeout_s=args.lock_timeout),
+                     sort_keys=True))
     return 0
 
 
@@ -265,6 +381,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     provision.add_argument("--keep-access-for", default="", metavar="OLD_LOGIN",
                            help="upgrading from one shared login: make it a member of every service role "
                                 "until the rollout is done (revoke it after; docs/operations.md)")
+    provision.add_argument("--lock-timeout", type=float, default=DEFAULT_LOCK_TIMEOUT_S, metavar="SECONDS",
+                           help="how long a statement waits for a lock (a running service's transaction on a "
+                                "table handed over) before everything is rolled back and the holders named "
+                                f"(default {DEFAULT_LOCK_TIMEOUT_S:g})")
     provision.add_argument("--connection-limit", type=int, default=None, metavar="N",
                            help="each service role's CONNECTION LIMIT (default: HEARTH_POSTGRES_POOL_MAX x "
                                 f"{REPLICA_ALLOWANCE} + {SPARE_CONNECTIONS}; -1: none)")

@@ -332,6 +332,10 @@ class DeletionCoordinator:
             raise PermissionDenied("only the retention purge may erase across every account", "scope.account_id")
         if len(reason) > 200:
             raise InvalidArgument("at most 200 characters", "reason")
+        if any(c < " " or c == "\x7f" for c in reason):
+            # As the gateway's pattern: a gRPC caller's NUL made PostgreSQL refuse the job's
+            # insert (INTERNAL) and SQLite store it (attack29).
+            raise InvalidArgument("must not contain control characters", "reason")
         if request_id and (len(request_id) > 200 or not request_id.isprintable()):
             raise InvalidArgument("at most 200 printable characters", "request_id")
         job = new_job(f"job-{uuid.uuid4().hex}", scope, principal.id, principal.role.value,

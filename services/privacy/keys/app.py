@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +37,11 @@ from services.privacy.keys.store import DataKeyStore
 log = logging.getLogger("hearth.privacy.keys")
 
 REFRESH_S = 5.0
+START_CHECK_SAMPLE = 64   # the start's KEK check: the oldest and newest live keys of each KEK it tries
+# At most this many households' records in memory (KeyService._checked); beyond REFRESH_S
+# a household's records are read from the store again before any use anyway, so they are
+# dropped then (``_held``), and this bounds a burst of households within it.
+HELD_MAX = 200_000
 # GetDataKeys: the most households one call may ask for, and its per-household answers
 # besides a key.
 MAX_DATA_KEYS = 1000
@@ -129,7 +135,10 @@ class KeyService:
         self._clock = clock
         self._monotonic = monotonic
         self._lock = threading.Lock()
-        self.ring = KeyRing(keks, active_kek_id, store.load() if records is None else records)
+        # Only what the KEK check below tries (``records``: the tests' own view, kept), then
+        # each household's records read on use and held for REFRESH_S (``_held``).
+        self.ring = KeyRing(keks, active_kek_id, store.start_check_sample(START_CHECK_SAMPLE)
+                            if records is None else records)
         # A KEK whose bytes changed under its id opens none of the keys it wraps: refuse to
         # start on it (attack25; until then every existing household answered 500 and new
         # households' keys were wrapped under the wrong KEK). Judged on the oldest keys: a
@@ -137,8 +146,8 @@ class KeyService:
         # damaged) is the right one, and refusing it too left no KEK that could start
         # privacy (review25); those keys are reported. The messages name KEK ids and
         # counts only, never an account.
-        unopened = self.ring.unopened_data_keys()
-        replaced = self.ring.replaced_keks()
+        unopened = self.ring.unopened_data_keys(START_CHECK_SAMPLE)
+        replaced = self.ring.replaced_keks(START_CHECK_SAMPLE)
         if replaced:
             raise ConfigError("invalid configuration:\n  HEARTH_KEKS: " + "; ".join(
                 f"KEK {kek_id!r} does not open the data keys stored under that id ({unopened[kek_id][0]} of "
@@ -151,7 +160,12 @@ class KeyService:
             log.error("KEK %r opens the oldest data keys stored under its id but not %d of the %d tried: those "
                       "households' keys were wrapped by other bytes under the same id (a run on a regenerated "
                       "development file or another secret) or are damaged, and cannot be read", kek_id, bad, tried)
-        self._checked: dict[str, float] = {}
+        # account -> when its records were last read from the store (time.monotonic()),
+        # oldest first: the households whose records the ring holds.
+        self._checked: OrderedDict[str, float] = OrderedDict()
+        self._holding_all = False
+        if records is None:
+            self.ring.keep_only(())
 
     @contextlib.contextmanager
     def _forgotten_unless_stored(self, *records: WrappedDek | None) -> Iterator[None]:
@@ -174,9 +188,22 @@ class KeyService:
         now = self._monotonic()
         if force or now - self._checked.get(account_id, -1e18) > REFRESH_S:
             self.ring.load(self.store.load(account_id))
+            self._held([account_id], now)
+
+    def _held(self, account_ids: list[str], now: float) -> None:
+        """Note ``account_ids``' records read at ``now``, and drop from the ring every
+        household read longer than REFRESH_S ago (read again before its next use anyway)
+        or beyond HELD_MAX. Until session 29 every household's records stayed for the
+        process's life, every household's loaded at start: +134 MiB per 100,000 households."""
+        for account_id in account_ids:
             self._checked[account_id] = now
-            if len(self._checked) > 200_000:
-                self._checked.clear()
+            self._checked.move_to_end(account_id)
+        while self._checked and not self._holding_all:
+            account_id, at = next(iter(self._checked.items()))
+            if now - at <= REFRESH_S and len(self._checked) <= HELD_MAX:
+                break
+            del self._checked[account_id]
+            self.ring.forget(account_id)
 
     def data_key(self, account_id: str, version: int = 0) -> tuple[int, bytes]:
         """(version, raw DEK) for a store; creates the household's first DEK on demand.
@@ -220,7 +247,7 @@ class KeyService:
         stored row (another replica's key, or the tombstone of an erasure this view had
         not seen) is discarded and the stored rows are read: the erasure wins."""
         with self._lock:
-            self._refresh_many(account_ids)
+            read_at = self._refresh_many(account_ids)
             now = self._clock()
             created = {}
             for account_id in account_ids:
@@ -234,7 +261,9 @@ class KeyService:
                     self.ring.discard(account_id, FIRST_DEK_VERSION)
                     self.ring.discard(account_id, DIGEST_KEY_VERSION)
                     del created[account_id]
-                self._refresh_many(lost, force=True)
+                # As of the first read: a later instant would drop households this call read
+                # fresh then and answers below (review29: UNAVAILABLE for a stored key).
+                self._refresh_many(lost, force=True, now=read_at)
             answers: dict[str, tuple[int, bytes] | str] = {}
             for account_id in account_ids:
                 if account_id in created:   # stored now: the raw key at hand, no unwrap
@@ -248,16 +277,16 @@ class KeyService:
                     answers[account_id] = UNAVAILABLE
             return answers
 
-    def _refresh_many(self, account_ids: list[str], force: bool = False) -> None:
-        """``_refresh`` of several households with one read of the store."""
-        now = self._monotonic()
+    def _refresh_many(self, account_ids: list[str], force: bool = False, now: float | None = None) -> float:
+        """``_refresh`` of several households with one read of the store, as of ``now``
+        (default: this instant; returned): a household read within REFRESH_S before it is
+        kept, one read longer ago dropped (``_held``)."""
+        now = self._monotonic() if now is None else now
         stale = [a for a in account_ids if force or now - self._checked.get(a, -1e18) > REFRESH_S]
-        if not stale:
-            return
-        self.ring.load(self.store.load_many(stale))
-        if len(self._checked) + len(stale) > 200_000:
-            self._checked.clear()
-        self._checked.update(dict.fromkeys(stale, now))
+        if stale:
+            self.ring.load(self.store.load_many(stale))
+            self._held(stale, now)
+        return now
 
     def digest_key(self, account_id: str) -> bytes:
         """The household's erased-id digest key (GetDataKey ``with_digest_key``), after
@@ -355,14 +384,15 @@ class KeyService:
             raise Unavailable("the household's data keys kept changing: run the rotation again")
 
     def finish_rotation(self, account_id: str, dek_version: int, purges: list[dict] | None = None,
-                        keep_first: bool = False) -> tuple[list[int], list[int]]:
+                        keep_first: bool = False, purge: bool = True) -> tuple[list[int], list[int]]:
         """After every store re-encrypted the household's data under ``dek_version``: the
         older live versions are destroyed, version 1 included — the household's digest key
         is derived from it first if it has none (a household from before session 27), so
         the erased-id digests still match. ``keep_first``: a data holder of an older
         release keys its digests with version 1 itself (``RekeyResponse.digests_keyed_apart``
-        false): version 1 is retired and kept, as that release did. Returns (versions
-        destroyed by this call, live versions kept besides ``dek_version``). Idempotent."""
+        false): version 1 is retired and kept, as that release did. ``purge`` False: the
+        key tables' physical purge is left to the caller (``DataKeyStore.retire``). Returns
+        (versions destroyed by this call, live versions kept besides ``dek_version``). Idempotent."""
         with self._lock:
             try:
                 self._ensure_digest_key(account_id)
@@ -378,7 +408,7 @@ class KeyService:
                      if not r.destroyed and not r.is_digest_key and r.dek_version < dek_version]
             kept = [v for v in older if keep_first and v == FIRST_DEK_VERSION]
             destroyed = self.store.retire(account_id, kept, [v for v in older if v not in kept],
-                                          self._clock().isoformat(), purges)
+                                          self._clock().isoformat(), purges, purge=purge)
             self._refresh(account_id, force=True)
             return destroyed, sorted(r.dek_version for r in self.ring.records(account_id)
                                      if not r.destroyed and not r.is_digest_key and r.dek_version != dek_version)
@@ -386,29 +416,37 @@ class KeyService:
     def rotate(self, new_active_kek_id: str) -> tuple[int, str, list[str]]:
         """Make another configured KEK active and re-wrap every live DEK under it."""
         with self._lock:
-            self.ring.load(self.store.load())
-            previous = {(r.account_id, r.dek_version): r.wrapped for r in self.ring.records()}
+            self._holding_all = True   # every household loaded: none dropped until the re-wrap is done
             try:
-                records = self.ring.rotate_kek(new_active_kek_id)
-            except ValueError as exc:
-                # the domain's message starts with the field, which InvalidArgument adds itself
-                raise InvalidArgument(str(exc).removeprefix("new_active_kek_id: "), "new_active_kek_id") from None
-            stored = 0
-            for _ in range(ROTATE_ATTEMPTS):
-                conflicts = self.store.rewrap(records, previous)
-                stored += len(records) - len(conflicts)
-                if not conflicts:
-                    break
-                # Another replica shredded (a tombstone) or re-wrapped these keys since they
-                # were read: take the stored rows (a tombstone wins in the ring) and re-wrap
-                # what is still live under an older KEK.
-                for account_id in sorted({r.account_id for r in conflicts}):
-                    self._refresh(account_id, force=True)
-                previous = {(r.account_id, r.dek_version): r.wrapped for r in self.ring.records()}
-                records = self.ring.rewrap_all()
-            else:
-                raise Unavailable("the data keys kept changing during the rotation: run it again")
-            return stored, self.ring.active_kek_id, sorted(self.ring.kek_ids_in_use())
+                return self._rotate_kek(new_active_kek_id)
+            finally:
+                self._holding_all = False
+                self.ring.keep_only(self._checked)   # back to the households held
+
+    def _rotate_kek(self, new_active_kek_id: str) -> tuple[int, str, list[str]]:
+        self.ring.load(self.store.load())
+        previous = {(r.account_id, r.dek_version): r.wrapped for r in self.ring.records()}
+        try:
+            records = self.ring.rotate_kek(new_active_kek_id)
+        except ValueError as exc:
+            # the domain's message starts with the field, which InvalidArgument adds itself
+            raise InvalidArgument(str(exc).removeprefix("new_active_kek_id: "), "new_active_kek_id") from None
+        stored = 0
+        for _ in range(ROTATE_ATTEMPTS):
+            conflicts = self.store.rewrap(records, previous)
+            stored += len(records) - len(conflicts)
+            if not conflicts:
+                break
+            # Another replica shredded (a tombstone) or re-wrapped these keys since they
+            # were read: take the stored rows (a tombstone wins in the ring) and re-wrap
+            # what is still live under an older KEK.
+            for account_id in sorted({r.account_id for r in conflicts}):
+                self._refresh(account_id, force=True)
+            previous = {(r.account_id, r.dek_version): r.wrapped for r in self.ring.records()}
+            records = self.ring.rewrap_all()
+        else:
+            raise Unavailable("the data keys kept changing during the rotation: run it again")
+        return stored, self.ring.active_kek_id, sorted(self.ring.kek_ids_in_use())
 
     def metadata(self, account_id: str) -> list[dict]:
         """Key records of a household without key material (for the export)."""

@@ -193,7 +193,26 @@ class RotationJobStore(DeletionJobStore):
         super().__init__(db, TABLE, (header_to_dict, batch_from_dict))
 
     def _created(self, tx, job: RotationBatch) -> None:
+        if not job.terminal:
+            self._refuse_another_open_batch(tx, job)
         self._write_households(tx, job, list(job.households))
+
+    def _refuse_another_open_batch(self, tx, job: RotationBatch) -> None:
+        """In the new open job's insert: RESOURCE_EXHAUSTED (the transaction rolls back)
+        when its principal already has ``MAX_OPEN_PER_PRINCIPAL`` other open batches. The
+        request's own check (``BatchRotations._refuse_a_second_open_batch``) reads before
+        this transaction, one request at a time per replica only: requests at two replicas
+        at the same instant both passed it (attack29). The principal is locked for the
+        transaction (PostgreSQL; SQLite's write transaction already serialises inserts), so
+        of two such inserts the second counts the first once it has committed."""
+        tx.lock_household(f"rotation-batches-of:{job.principal}")
+        rows = tx.query(f"SELECT job_id, job_json FROM {self.table} WHERE state IN ('pending', 'running') "
+                        "AND job_id <> ?", (job.job_id,))
+        mine = [job_id for job_id, data in rows if json.loads(data).get("principal") == job.principal]
+        if len(mine) >= MAX_OPEN_PER_PRINCIPAL:
+            raise ResourceExhausted(f"a batch rotation of yours is still running ({', '.join(mine)}): wait for it "
+                                    "(GET /v1/keys/rotate-households/{job_id}) or send its request_id again",
+                                    "request_id")
 
     def _row(self, where: str, params: tuple) -> StoredJob | None:
         with self.db.transaction(readonly=True) as tx:
@@ -262,6 +281,9 @@ class BatchRotations:
         self._wall = wall
         self._stop = threading.Event()
         self._wake = threading.Event()
+        # The one-open-batch check and the job's creation, one request at a time in this
+        # replica: requests sent together all saw no open batch and each stored one (attack29).
+        self._requesting = threading.Lock()
         self._thread: threading.Thread | None = None
         self.pass_failures = FailureLog(log, "batch data key rotation pass")
 
@@ -279,16 +301,18 @@ class BatchRotations:
         if request_id and (len(request_id) > 200 or not request_id.isprintable()):
             raise InvalidArgument("at most 200 printable characters", "request_id")
         principal = principal or identity.current_principal()
-        if not self._known_request(request_id):   # a repeated request_id answers its job, open or not
-            self._refuse_a_second_open_batch(principal)
-        now = self._wall()
-        before = datetime.fromtimestamp(now, UTC) - timedelta(days=older_than_days)
-        households = self.keys.store.newest_created_before(before.isoformat(), limit)
-        job = RotationBatch(f"rot-{uuid.uuid4().hex}", BatchScope(float(older_than_days), int(limit)), principal.id,
-                            principal.role.value, now, {a: HouseholdRotation() for a in households}).settled()
-        stored = self.jobs.create(job, request_id or f"auto:{job.job_id}", REASON,
-                                  next_due=None if job.terminal else datetime.fromtimestamp(now, UTC),
-                                  trace_context=json.dumps(telemetry.context_carrier(), sort_keys=True))
+        with self._requesting:
+            if not self._known_request(request_id):   # a repeated request_id answers its job, open or not
+                self._refuse_a_second_open_batch(principal)
+            now = self._wall()
+            before = datetime.fromtimestamp(now, UTC) - timedelta(days=older_than_days)
+            households = self.keys.store.newest_created_before(before.isoformat(), limit)
+            job = RotationBatch(f"rot-{uuid.uuid4().hex}", BatchScope(float(older_than_days), int(limit)),
+                                principal.id, principal.role.value, now,
+                                {a: HouseholdRotation() for a in households}).settled()
+            stored = self.jobs.create(job, request_id or f"auto:{job.job_id}", REASON,
+                                      next_due=None if job.terminal else datetime.fromtimestamp(now, UTC),
+                                      trace_context=json.dumps(telemetry.context_carrier(), sort_keys=True))
         self._wake.set()
         return stored
 
@@ -310,8 +334,11 @@ class BatchRotations:
         never held it back: one privacy officer's burst of requests with new request ids
         stored a job each (up to ~200 KB for 1,000 households, kept for good), 150 in ten
         seconds here (attack28). A second batch would wait behind the first anyway (one
-        job at a time). Two requests at two gateway replicas at the same instant may
-        both pass: the bound is on bursts, not a lock."""
+        job at a time). Called under ``_requesting``, so requests sent together to one
+        privacy replica open one batch (attack29: 30 concurrent gRPC requests opened
+        three); two at two privacy replicas at the same instant both pass this read, and
+        the job store counts again inside the insert
+        (``RotationJobStore._refuse_another_open_batch``)."""
         mine = [j.job.job_id for j in self.jobs.open_jobs() if j.job.principal == principal.id]
         if len(mine) >= MAX_OPEN_PER_PRINCIPAL:
             raise ResourceExhausted(f"a batch rotation of yours is still running ({', '.join(mine)}): wait for it "
@@ -413,13 +440,26 @@ class BatchRotations:
                        for a, _ in reencrypted}
             job = replace(job, households={**job.households, **retried}).settled()
             return self.jobs.save(stored, job, self._next_due(job), households=list(retried))
-        for account, _ in reencrypted:
-            if self._stop.is_set() or (lease is not None and not lease.held):
-                return stored
-            done = self._finish(account, job.households[account], principal)
-            job = replace(job, households={**job.households, account: done}).settled()
-            stored = self.jobs.save(stored, job, self._next_due(job), households=[account])
-        return stored
+        # Privacy's own key tables are purged once for the pass too, after its last
+        # retirement (also when the pass stops early): until session 29 each household's
+        # retirement purged them (on PostgreSQL a VACUUM FULL of data_keys and
+        # digest_keys, a WAL switch and a CHECKPOINT per household).
+        try:
+            for account, _ in reencrypted:
+                if self._stop.is_set() or (lease is not None and not lease.held):
+                    return stored
+                done = self._finish(account, job.households[account], principal)
+                job = replace(job, households={**job.households, account: done}).settled()
+                stored = self.jobs.save(stored, job, self._next_due(job), households=[account])
+            return stored
+        finally:
+            self._purge_key_tables()
+
+    def _purge_key_tables(self) -> None:
+        try:
+            self.keys.store.purge_owed()
+        except Exception:  # noqa: BLE001 - the tombstones noted it: the rotation sweep purges
+            log.warning("the purge of the retired wrapped keys failed: the rotation sweep runs it", exc_info=True)
 
     def _reencrypt(self, account: str, h: HouseholdRotation) -> tuple[HouseholdRotation | None, int]:
         """Re-encrypt a settled household in every store, its purge deferred: (None, the
@@ -474,7 +514,7 @@ class BatchRotations:
             # The requester's principal for what finish() audits (key_destroyed); the
             # stores' Rekey is still called as svc:privacy (GrpcPeers).
             with identity.acting_as(principal):
-                done = self.rotation.finish(account, target, h.resumed, created_at)
+                done = self.rotation.finish(account, target, h.resumed, created_at, purge_keys=False)
         except FailedPrecondition:
             return replace(h, outcome=Outcome.ERASED, next_attempt_at=None,
                            detail="the household was erased during the batch: its key is destroyed")

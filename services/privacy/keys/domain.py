@@ -352,6 +352,17 @@ class KeyRing:
         self._records.setdefault(account_id, {})[version] = record
         return record   # no cipher cached: the service never encrypts here (attack27: ~2.5 KB a household)
 
+    def forget(self, account_id: str) -> None:
+        """Drop the household's records and cached ciphers from this view (the store keeps
+        them; ``KeyService`` reads them again before the next use)."""
+        for version in self._records.pop(account_id, {}):
+            self._cache.pop((account_id, version), None)
+
+    def keep_only(self, account_ids) -> None:
+        """``forget`` every household not in ``account_ids``."""
+        for account_id in [a for a in self._records if a not in account_ids]:
+            self.forget(account_id)
+
     def discard(self, account_id: str, version: int) -> None:
         """Forget a record ``create_dek`` made that could not be stored (another replica's
         version won, or the household was shredded meanwhile): never served after."""

@@ -278,10 +278,12 @@ class DataKeyRotation:
                 raise
             return self.finish(account_id, target, resumed, created_at)
 
-    def finish(self, account_id: str, target: int, resumed: bool, created_at: datetime) -> RotationOutcome:
+    def finish(self, account_id: str, target: int, resumed: bool, created_at: datetime,
+               purge_keys: bool = True) -> RotationOutcome:
         """Steps 2-4 of a rotation begun (``KeyService.begin_rotation``) at ``created_at``
         towards ``target``: the settle's rest, every store's Rekey, the completion rule
-        and the retirement. Also the batch job's step per household (keys/batch.py)."""
+        and the retirement. Also the batch job's step per household (keys/batch.py), which
+        passes ``purge_keys`` False and purges privacy's key tables once for its pass."""
         outcome = RotationOutcome(account_id, target, resumed=resumed)
         try:
             wait = created_at.timestamp() + self.settle_s - self._wall()
@@ -319,7 +321,8 @@ class DataKeyRotation:
                             "again to destroy it)", pseudonym(account_id))
             purges: list[dict] = []
             outcome.destroyed, outcome.kept = self.keys.finish_rotation(account_id, target, purges,
-                                                                        keep_first=not keyed_apart)
+                                                                        keep_first=not keyed_apart,
+                                                                        purge=purge_keys)
         except FailedPrecondition:
             ROTATIONS.labels("erased").inc()
             self._forget_progress(account_id)

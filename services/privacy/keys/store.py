@@ -43,6 +43,29 @@ class DataKeyStore:
                 rows = tx.query(digest_sql) + tx.query(sql + " ORDER BY account_id, dek_version")
         return sorted((self._record(r) for r in rows), key=lambda r: (r.account_id, r.dek_version))
 
+    def start_check_sample(self, sample: int) -> list[WrappedDek]:
+        """The live keys the start-up KEK check tries (``KeyRing.unopened_data_keys``):
+        of each KEK, the ``sample`` oldest and ``sample`` newest live data and digest keys
+        by ``created_at`` — not every record (until session 29 privacy loaded every
+        household's records at start and kept them: +134 MiB per 100,000 households)."""
+        columns = "account_id, {v}, kek_id, wrapped, created_at, destroyed_at"
+        rows: list = []
+        with self.db.transaction(readonly=True) as tx:
+            for table, version in (("data_keys", "dek_version"), ("digest_keys", str(DIGEST_KEY_VERSION))):
+                kek_ids = [r[0] for r in tx.query(f"SELECT DISTINCT kek_id FROM {table} WHERE destroyed_at IS NULL")]
+                for kek_id in kek_ids:
+                    for order in ("ASC", "DESC"):
+                        rows += tx.query(f"SELECT {columns.format(v=version)} FROM {table} WHERE destroyed_at IS NULL "
+                                         f"AND kek_id = ? ORDER BY created_at {order} LIMIT ?", (kek_id, sample))
+        return sorted({(r[0], int(r[1])): self._record(r) for r in rows}.values(),
+                      key=lambda r: (r.account_id, r.dek_version))
+
+    def kek_ids_in_use(self) -> set[str]:
+        """The KEK ids wrapping live keys (``load_keks``' ``stored_kek_ids``)."""
+        with self.db.transaction(readonly=True) as tx:
+            return {r[0] for table in ("data_keys", "digest_keys")
+                    for r in tx.query(f"SELECT DISTINCT kek_id FROM {table} WHERE destroyed_at IS NULL")}
+
     def load_many(self, account_ids: Iterable[str]) -> list[WrappedDek]:
         """``load`` of several households at once (``KeyService.data_keys``' refresh): one
         read transaction, the ids in chunks of ``_IN_CHUNK``."""
@@ -139,10 +162,13 @@ class DataKeyStore:
                 "HAVING MAX(created_at) < ? ORDER BY MAX(created_at), account_id LIMIT ?", (before, limit))]
 
     def retire(self, account_id: str, versions: Iterable[int], destroy: Iterable[int], when: str,
-               purges: list[dict] | None = None) -> list[int]:
+               purges: list[dict] | None = None, purge: bool = True) -> list[int]:
         """The end of a rotation: mark ``versions`` retired and tombstone ``destroy``
         (each only while live; a shred meanwhile already tombstoned them). Returns the
-        versions this call destroyed; their old wrapped keys are purged physically."""
+        versions this call destroyed; their old wrapped keys are purged physically —
+        ``purge`` False: by the caller's ``purge_owed`` once it retired a whole batch pass
+        (the tombstones' transaction notes the purge owed, so the rotation sweep runs it
+        after a crash in between on PostgreSQL, and its first sweep after a restart on SQLite)."""
         destroy = sorted(set(destroy))
         destroyed = []
         with self.db.transaction() as tx:
@@ -158,10 +184,10 @@ class DataKeyStore:
                     destroyed.append(v)
             if destroyed:
                 record_erasure(tx)
-        if destroyed:
-            purge = self.db.purge_erased(KEY_TABLES)
+        if destroyed and purge:
+            step = self.db.purge_erased(KEY_TABLES)
             if purges is not None:
-                purges.append({**purge, "action": f"retired wrapped key overwritten by a tombstone; {purge['action']}"})
+                purges.append({**step, "action": f"retired wrapped key overwritten by a tombstone; {step['action']}"})
         return destroyed
 
     def shred_orphan_digest_keys(self, when: str) -> int:

@@ -1,0 +1,138 @@
+"""In process: ``ClusteringStore.ingest`` of one batch of N new households (one event each)
+on SQLite with a real ``FieldCipher`` (keys cached first: privacy's part is not measured),
+this checkout against a baseline commit's tree (``--baseline``), rounds alternating which
+goes first; beside each batch a second connection takes the write lock for one small write
+every 20 ms, and its waits are the "every other write waits" half (docs/operations.md).
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.ingest_new_households --baseline ed5316b \\
+        --households 1000,5000 --rounds 3 --out /tmp/ingest-new-households.json
+    ... --known: the same households' second event (the per-device path, for comparison)
+
+Each side runs in a process of its own, from its own tree (``bench.assign_cpu.extract``).
+JSON (printed, and written to ``--out``): per N and side, each round's batch wall and CPU
+seconds, the small write's longest and median wait, their medians, fixed/baseline ratios of
+the medians, the load average, the UTC start and end."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench._common import emit
+from bench.assign_cpu import extract
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Run inside each side's tree: one batch, the probe beside it; prints one JSON line.
+_ROUND = r'''
+import json, sqlite3, statistics, sys, threading, time
+from pathlib import Path
+from services.clustering.domain.events import ViewingEvent
+from services.clustering.store import ClusteringStore
+from services.common.field_crypto import FieldCipher, warm_household_keys
+from services.common.storage.sql import SqliteDatabase
+from services.privacy.keys.domain import KeyRing, generate_kek
+
+n, path = int(sys.argv[1]), Path(sys.argv[2])
+ring = KeyRing([generate_kek("k1")], "k1")
+
+def fetch(account, version):
+    if version == 0 and not ring.has_dek(account):
+        from datetime import UTC, datetime
+        ring.create_dek(account, datetime.now(UTC))
+    return ring.data_key(account, version or None)
+
+store = ClusteringStore(SqliteDatabase(path), cipher=FieldCipher(fetch))
+store.migrate()
+ts = time.time() - 3600
+
+def event(account, event_id, at):
+    return ViewingEvent(event_id=event_id, account_id=account, device_id="tv-1", device_type="tv", ts=at,
+                        kind="heartbeat", title_id="title-1", series_id="show-1", genres=("drama",),
+                        duration_s=300.0, maturity="adult")
+
+store.ingest([event("probe-acc", "p0", ts)])
+batch = [event(f"h-{i}", f"e{i}", ts) for i in range(n)]
+warm_household_keys(store.db, store.cipher, {e.account_id for e in batch})
+if sys.argv[3] == "known":     # the households' second event: each extends its open session
+    store.ingest(batch)
+    batch = [event(f"h-{i}", f"f{i}", ts + 60.0) for i in range(n)]
+waits, done = [], threading.Event()
+
+def probe():
+    other = sqlite3.connect(path, timeout=120, isolation_level=None)
+    k = 0
+    while not done.is_set():
+        k += 1
+        t0 = time.perf_counter()
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("UPDATE devices SET last_ts = last_ts WHERE account_id = 'probe-acc'")
+        other.execute("COMMIT")
+        waits.append(time.perf_counter() - t0)
+        done.wait(0.02)
+    other.close()
+
+prober = threading.Thread(target=probe)
+prober.start()
+time.sleep(0.1)
+t0, c0 = time.perf_counter(), time.process_time()
+result = store.ingest(batch)
+wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+time.sleep(0.1)
+done.set()
+prober.join()
+assert result.accepted == n, result
+print(json.dumps({"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "probe_max_s": round(max(waits), 3),
+                  "probe_median_s": round(statistics.median(waits), 4),
+                  "probes": len(waits)}))
+'''
+
+
+def one_round(tree: Path, households: int, db: Path, known: bool) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", _ROUND, str(households), str(db), "known" if known else "new"],
+                         cwd=tree, env=env, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--baseline", default="ed5316b")
+    p.add_argument("--households", default="1000,5000", help="batch sizes, comma-separated")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--known", action="store_true",
+                   help="households the store already holds (each batch event their second): the per-device path")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    args = p.parse_args(argv)
+    started, load0 = time.time(), os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="hearth-ingest-new-") as tmp:
+        work = Path(tmp)
+        sides = {"baseline": extract(args.baseline, work / "tree"), "fixed": ROOT}
+        result: dict = {"baseline": args.baseline, "rounds": args.rounds, "known": args.known, "sizes": {}}
+        for size in (int(s) for s in args.households.split(",")):
+            runs: dict[str, list[dict]] = {label: [] for label in sides}
+            for n in range(args.rounds):
+                for label in (list(sides) if n % 2 == 0 else list(sides)[::-1]):
+                    runs[label].append(one_round(sides[label], size, work / f"{label}-{size}-{n}.db", args.known))
+            entry: dict = {}
+            for label, rs in runs.items():
+                entry[label] = {"runs": rs, **{f"median_{k}": statistics.median(r[k] for r in rs)
+                                               for k in ("wall_s", "cpu_s", "probe_max_s")}}
+            entry["fixed_over_baseline"] = {k: round(entry["fixed"][f"median_{k}"] / entry["baseline"][f"median_{k}"], 3)
+                                            for k in ("wall_s", "cpu_s", "probe_max_s")}
+            result["sizes"][str(size)] = entry
+    result.update(started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                  ended_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  load_before=round(load0, 2), load_after=round(os.getloadavg()[0], 2))
+    return emit(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
