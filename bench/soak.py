@@ -112,12 +112,24 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+def _pss_mb(pid: int) -> float | None:
+    try:
+        return int(re.search(r"^Pss:\s+(\d+)", Path(f"/proc/{pid}/smaps_rollup").read_text(), re.M).group(1)) / 1024
+    except (OSError, AttributeError, ValueError):
+        return None
+
+
 def _group(pid: int) -> dict | None:
-    """A server and its children summed (the postmaster and its backends)."""
-    parts = [x for x in (_proc(p) for p in [pid, *_children(pid)]) if x]
+    """A server and its children summed (the postmaster and its backends). Memory is the
+    proportional set size: each backend's RSS counts every page of shared_buffers it has
+    touched, so their sum rose with each backend's share of the buffers (335 -> 741 MB in
+    12 minutes of session 29's first run) without any memory being added."""
+    pids = [pid, *_children(pid)]
+    parts = [x for x in (_proc(p) for p in pids) if x]
     if not parts:
         return None
-    return {"rss_mb": round(sum(x["rss_mb"] for x in parts), 1), "fds": sum(x["fds"] for x in parts),
+    pss = [m for m in (_pss_mb(p) for p in pids) if m is not None]
+    return {"rss_mb": round(sum(pss), 1) if pss else None, "fds": sum(x["fds"] for x in parts),
             "threads": sum(x["threads"] for x in parts), "processes": len(parts)}
 
 
