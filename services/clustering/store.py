@@ -20,6 +20,7 @@ import heapq
 import json
 import logging
 import struct
+import threading
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -292,6 +293,10 @@ class ClusteringStore:
         # account -> (model version the database said is stored, when: time.monotonic())
         # (oldest first; dropped once older than MODEL_CONFIRM_S, and with an erased household)
         self._confirmed_versions: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        # Its writers, one at a time: RPC threads note and drop at once (review29: two
+        # dropping the same oldest note raised KeyError / "OrderedDict mutated during
+        # iteration" out of get_model — INTERNAL for that RPC).
+        self._confirmed_lock = threading.Lock()
 
     # ---- encryption at rest (no-ops without a cipher) ------------------------------
 
@@ -1125,13 +1130,14 @@ class ClusteringStore:
         an account id is kept no longer than it serves."""
         now = time.monotonic()
         confirmed = self._confirmed_versions
-        confirmed[account_id] = (version, now)
-        confirmed.move_to_end(account_id)
-        while confirmed:
-            oldest, (_, at) = next(iter(confirmed.items()))
-            if now - at < MODEL_CONFIRM_S and len(confirmed) <= MODEL_CONFIRMED_MAX:
-                break
-            del confirmed[oldest]
+        with self._confirmed_lock:
+            confirmed[account_id] = (version, now)
+            confirmed.move_to_end(account_id)
+            while confirmed:
+                oldest, (_, at) = next(iter(confirmed.items()))
+                if now - at < MODEL_CONFIRM_S and len(confirmed) <= MODEL_CONFIRMED_MAX:
+                    break
+                del confirmed[oldest]
 
     def _cached_model(self, account_id: str, cached: bytes, decoded_version: int) -> StoredModel | None:
         """The cache's copy (``b""`` as its blob when it is ``decoded_version``, not opened:
@@ -1256,7 +1262,8 @@ class ClusteringStore:
                 # one before it is deleted here.
                 self.cipher.forget(account)
             if scope.kind == "household":
-                self._confirmed_versions.pop(account, None)
+                with self._confirmed_lock:
+                    self._confirmed_versions.pop(account, None)
                 note_household_erased(tx)
                 forget_household_rekeys(tx, account)
                 for table, key in (("events", "event_id"), ("sessions", "session_id")):
