@@ -1068,12 +1068,13 @@ class ClusteringStore:
         entry = None if cached is None else self._cached_model(account_id, cached, decoded_version)
         if entry is not None and entry.version == decoded_version and self._confirmed(account_id, decoded_version):
             return entry
+        known = entry.version if entry is not None else -1
         with self.db.transaction(readonly=True) as tx:
-            # The model column only when the cache's entry is not the stored version.
+            # The model column only when the cache's entry is not the stored version, and
+            # the erasure counts only then (the model is cached again: _cache_model).
             rows = tx.query("SELECT version, variant, CASE WHEN version = ? THEN NULL ELSE model END "
-                            "FROM household_models WHERE account_id = ?",
-                            (entry.version if entry is not None else -1, account_id))
-            erasures = household_key_state(tx, account_id)
+                            "FROM household_models WHERE account_id = ?", (known, account_id))
+            erasures = household_key_state(tx, account_id) if rows and int(rows[0][0]) != known else (0, 0)
         if not rows:
             if entry is not None:
                 self.cache.delete(f"model:{account_id}")
@@ -1094,6 +1095,27 @@ class ClusteringStore:
         model = self._open_model(account_id, bytes(rows[0][2]))
         self._cache_model(account_id, version, variant, model, erasures, sealed_in_store=rows[0][2])
         return StoredModel(version, variant, b"" if held else model)
+
+    def confirm_model_versions(self, account_ids: Iterable[str]) -> None:
+        """Ask the database once for the stored model version of each of ``account_ids``
+        not confirmed within MODEL_CONFIRM_S (a message of many households: AssignSessions),
+        so that each household's ``get_model`` after it need not (one read transaction for
+        the message instead of one per household). Those confirmed more than half
+        MODEL_CONFIRM_S ago are asked again too: the message's households then stay
+        confirmed for the next 30 s of messages at least."""
+        now = time.monotonic()
+        due = sorted({a for a in account_ids
+                      if now - self._confirmed_versions.get(a, (0, -1e18))[1] >= MODEL_CONFIRM_S / 2})
+        if not due:
+            return
+        stored: list = []
+        with self.db.transaction(readonly=True) as tx:
+            for start in range(0, len(due), 500):   # SQLite's bound-parameter limit, as _query_in
+                chunk = due[start:start + 500]
+                stored += tx.query("SELECT account_id, version FROM household_models WHERE account_id IN "
+                                   f"({', '.join('?' * len(chunk))})", chunk)
+        for account_id, version in stored:
+            self._note_confirmed(account_id, int(version))
 
     def _confirmed(self, account_id: str, version: int) -> bool:
         """Whether the database said ``version`` is the household's stored one within the

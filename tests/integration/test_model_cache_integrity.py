@@ -164,3 +164,38 @@ def test_a_held_model_is_not_opened_while_redis_is_down(database, tmp_path):
             assert (model.version, model.blob) == (1, b"")
         assert store.cache.health() and opened == [], opened
         assert store.get_model("acc-d").blob == b"model"   # a caller holding nothing gets it
+
+
+def test_a_message_of_many_households_confirms_their_model_versions_in_one_read(database):
+    """AssignSessions answers a message of many households; each household's held model
+    version is confirmed with the database once a minute (get_model). review29 measured a
+    household read less often than that paying a read transaction on every request — one
+    per household of a message. Now the message's households are confirmed in one read
+    (ClusteringStore.confirm_model_versions): this test failed (a transaction per
+    household)."""
+    import numpy as np
+
+    from services.clustering.app import ClusteringApp
+    from services.clustering.modeling import ModelKeeper
+    from services.common.storage.cache import MemoryCache
+    from tests.helpers.households import household_events, week_start_days_ago
+
+    cache = MemoryCache("clustering")   # the replicas' shared cache (Redis in production)
+    fitter, reader = (ClusteringStore(database, cache, gap_s=1800) for _ in range(2))
+    fitter.migrate()
+    accounts = [f"acc-m{i}" for i in range(4)]
+    keeper = ModelKeeper(fitter, lambda _a: "gmm")
+    for i, account in enumerate(accounts):
+        events, _ = household_events(account, ("kid", "parent"), days=20, start_ts=week_start_days_ago(40), seed=i)
+        fitter.ingest(events)
+        keeper.refresh(account)
+    app = ClusteringApp(reader, keeper=ModelKeeper(reader, lambda _a: "gmm"), background=False)
+    X = np.vstack([fitter.household(a, 1).sessions[0].features for a in accounts])
+    app.answer_many(accounts, X)        # the models decoded and held, their versions confirmed
+    reader._confirmed_versions.clear()  # as a minute later
+    transactions = []
+    begin = reader.db.transaction
+    reader.db.transaction = lambda *a, **kw: (transactions.append(kw), begin(*a, **kw))[1]
+    answered = app.answer_many(accounts, X)
+    assert sorted(int(r[0]) for r, _ in answered) == [0, 1, 2, 3]
+    assert len(transactions) == 1, transactions
