@@ -24,8 +24,9 @@ run goes ("Session 28"):
   early, where it cannot make a long tail). A missing or stale record costs balance, never
   a file: whichever worker is free takes the next group, so the two end within about the
   last groups' length of each other at any load.
-- Each worker has its own PostgreSQL cluster, redis-server and bytecode directory
-  (tests/conftest.py, session fixtures), started once and kept for all its files.
+- Each worker has its own PostgreSQL cluster and redis-server (tests/conftest.py, session
+  fixtures), started once and kept for all its files; both share one bytecode directory of
+  the run and collect in opposite orders ("each module compiled once a run", below).
 
 A worker that dies (a crash; a test hung past pytest-timeout's limit, which the worker's
 backstop ends with every thread's traceback: tests/helpers/queue_worker.py) fails the run

@@ -16,6 +16,7 @@ import pytest
 from services.common import config
 from services.common.identity import Principal, Role
 from services.testing.inprocess import serve_service
+from tests.helpers.queue_worker import WORKER_PLUGIN, Backstop
 from tests.helpers.servers import running_postgres, running_redis
 from tests.helpers.waiting import cpu_slowdown
 
@@ -53,7 +54,9 @@ os.environ.setdefault("HEARTH_AUDIT_RESERVE_MB", "0.25")
 # 0.06-0.08 CPU-s of a service's 0.35-0.55 s of imports, 0.3-0.5 CPU-s a mesh
 # (docs/benchmarks.md, "Session 23"). They keep their bytecode in a directory of this run
 # instead (PYTHONPYCACHEPREFIX: still nothing in the checkout), removed when the run ends.
-# The test process itself is unchanged (it imports each module once).
+# The test process itself is unchanged (it imports each module once). Under `make test` the
+# runner gives its two workers one such directory for the run (scripts/run_tests.py), so
+# this one is not made.
 if os.environ.get("PYTHONDONTWRITEBYTECODE") and not os.environ.get("PYTHONPYCACHEPREFIX"):
     _BYTECODE_DIR = tempfile.mkdtemp(prefix="hearth-test-bytecode-")
     os.environ["PYTHONPYCACHEPREFIX"] = _BYTECODE_DIR
@@ -92,6 +95,25 @@ def pytest_configure(config):
     # the one seen (session 26's CI: psycopg "connection socket closed" in a timer thread of
     # test_postgres_deadlines.py) was a race in the test, printed as a warning and passed.
     config.addinivalue_line("filterwarnings", "error::pytest.PytestUnhandledThreadExceptionWarning")
+
+
+_backstop: Backstop | None = None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A test hung where pytest-timeout's SIGALRM cannot end it (a call in C that never
+    returns) ends the process past that limit with every thread's traceback
+    (tests/helpers/queue_worker.py ``Backstop``) instead of holding the run for ever. `make
+    test`'s workers arm it themselves (their runner then names the test); here every other
+    run of the suite (`make test-unit`, where docs28 saw tests/unit stall at load ~24)."""
+    global _backstop
+    if item.config.pluginmanager.has_plugin(WORKER_PLUGIN):
+        return (yield)
+    if _backstop is None:
+        _backstop = Backstop(item.config)
+    with _backstop.armed(item):
+        return (yield)
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -404,3 +404,23 @@ def test_a_named_path_is_collected_as_named_and_the_repositorys_testpaths_revers
     assert run_tests.bytecode_env({"PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": "/mine"}, "/tmp/x") == \
         {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": "/mine"}
     assert run_tests.bytecode_env({"PATH": "/bin"}, "/tmp/x") == {"PATH": "/bin"}
+
+
+def test_a_plain_pytest_run_of_the_suite_ends_a_hung_test_with_every_threads_traceback(tmp_path):
+    """`make test-unit` or `pytest -q tests/unit` (one process, no runner; where docs28 saw
+    tests/unit stall at load ~24): tests/conftest.py arms the same backstop, so a hang
+    pytest-timeout cannot break ends with the tracebacks rather than never. Seen failing
+    before session 29's conftest (the run had not ended after 90 s)."""
+    (tmp_path / "test_hang.py").write_text(textwrap.dedent(HANGS))
+    run = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest",
+                            "-o", "timeout=1", "--rootdir", str(tmp_path), str(tmp_path / "test_hang.py")],
+                           cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT), "HEARTH_TEST_BACKSTOP_MARGIN_S": "2"})
+    try:
+        out, _ = run.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)
+        out, _ = run.communicate()
+        raise AssertionError(f"the hung run did not end within 90 s:\n{out[-3000:]}") from None
+    assert run.returncode == 1 and "Timeout (0:00:" in out and "in test_hangs" in out, out[-3000:]
