@@ -54,9 +54,7 @@ os.environ.setdefault("HEARTH_AUDIT_RESERVE_MB", "0.25")
 # 0.06-0.08 CPU-s of a service's 0.35-0.55 s of imports, 0.3-0.5 CPU-s a mesh
 # (docs/benchmarks.md, "Session 23"). They keep their bytecode in a directory of this run
 # instead (PYTHONPYCACHEPREFIX: still nothing in the checkout), removed when the run ends.
-# The test process itself is unchanged (it imports each module once). Under `make test` the
-# runner gives its two workers one such directory for the run (scripts/run_tests.py), so
-# this one is not made.
+# The test process itself is unchanged (it imports each module once).
 if os.environ.get("PYTHONDONTWRITEBYTECODE") and not os.environ.get("PYTHONPYCACHEPREFIX"):
     _BYTECODE_DIR = tempfile.mkdtemp(prefix="hearth-test-bytecode-")
     os.environ["PYTHONPYCACHEPREFIX"] = _BYTECODE_DIR
