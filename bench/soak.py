@@ -68,8 +68,12 @@ MARKER = "zrsoak"   # in every erased household's title and series ids
 CONTROL = "zrkeep"  # the same in a household never erased: the raw scan must find it
 REDIS_DOWN_S = 60.0
 # A resource "levels off" when its slope over the last half of the run, projected over
-# an hour, is under this fraction of its value at the end (noise, a cache filling).
+# an hour, is under this fraction of its value at the end (noise, a cache filling), or
+# under the measure's floor per hour (a table going from 0 to 2 rows, a thread added to a
+# bounded pool: listed as growing in session 29's first runs, which buried what grew).
 LEVELS_OFF_FRACTION_PER_H = 0.10
+FLOOR_PER_H = {"rss_mb": 5.0, "fds": 10.0, "threads": 5.0, "mb": 1.0, "rows": 100.0, "wal_mb": 16.0,
+               "used_mb": 1.0, "keys": 50.0, "keys_without_ttl": 10.0, "connections": 5.0}
 
 
 def _profile(args: argparse.Namespace) -> Profile:
@@ -342,7 +346,8 @@ def _series(samples: list[dict], get) -> tuple[np.ndarray, np.ndarray]:
     return np.array([p[0] for p in pts], float), np.array([p[1] for p in pts], float)
 
 
-def growth(samples: list[dict], get, start_first: float, window_s: float, end: float) -> dict | None:
+def growth(samples: list[dict], get, start_first: float, window_s: float, end: float,
+           floor_per_h: float = 0.0) -> dict | None:
     t, v = _series(samples, get)
     if len(t) < 4:
         return None
@@ -354,7 +359,8 @@ def growth(samples: list[dict], get, start_first: float, window_s: float, end: f
     l_ = float(np.median(last)) if len(last) else float(v[-1])
     return {"first": round(f, 3), "last": round(l_, 3), "ratio": round(l_ / f, 3) if f else None,
             "slope_per_h_last_half": round(slope_h, 3) if slope_h is not None else None,
-            "levels_off": bool(slope_h is None or slope_h <= LEVELS_OFF_FRACTION_PER_H * max(abs(l_), 1e-9))}
+            "levels_off": bool(slope_h is None
+                               or slope_h <= max(LEVELS_OFF_FRACTION_PER_H * abs(l_), floor_per_h, 1e-9))}
 
 
 def resources(samples: list[dict], start_first: float, window_s: float, end: float) -> dict:
@@ -362,27 +368,29 @@ def resources(samples: list[dict], start_first: float, window_s: float, end: flo
     names = sorted({n for s in samples for n in (s.get("processes") or {})})
     for n in names:
         out["processes"][n] = {k: growth(samples, lambda s, n=n, k=k: ((s["processes"].get(n) or {}).get(k)),
-                                         start_first, window_s, end) for k in ("rss_mb", "fds", "threads")}
+                                         start_first, window_s, end, FLOOR_PER_H[k]) for k in ("rss_mb", "fds", "threads")}
     pg = [s for s in samples if s.get("pg") and "tables" in s["pg"]]
     if pg:
         for table in sorted(pg[-1]["pg"]["tables"]):
             out["tables"][table] = {
                 k: growth(pg, lambda s, table=table, k=k: (s["pg"]["tables"].get(table) or {}).get(k),
-                          start_first, window_s, end) for k in ("mb", "rows")}
+                          start_first, window_s, end, FLOOR_PER_H[k]) for k in ("mb", "rows")}
         for schema in sorted(pg[-1]["pg"]["schemas_mb"]):
             out["schemas_mb"][schema] = growth(pg, lambda s, schema=schema: s["pg"]["schemas_mb"].get(schema),
-                                               start_first, window_s, end)
-        out["wal_mb"] = growth(pg, lambda s: s["pg"]["wal_mb"], start_first, window_s, end)
-        out["pg_connections"] = growth(pg, lambda s: s["pg"]["connections"], start_first, window_s, end)
+                                               start_first, window_s, end, FLOOR_PER_H["mb"])
+        out["wal_mb"] = growth(pg, lambda s: s["pg"]["wal_mb"], start_first, window_s, end, FLOOR_PER_H["wal_mb"])
+        out["pg_connections"] = growth(pg, lambda s: s["pg"]["connections"], start_first, window_s, end,
+                                       FLOOR_PER_H["connections"])
     rd = [s for s in samples if s.get("redis") and "keys" in s["redis"]]
     if rd:
         for k in ("used_mb", "keys", "keys_without_ttl"):
-            out[f"redis_{k}"] = growth(rd, lambda s, k=k: s["redis"][k], start_first, window_s, end)
+            out[f"redis_{k}"] = growth(rd, lambda s, k=k: s["redis"][k], start_first, window_s, end, FLOOR_PER_H[k])
         out["redis_no_ttl_by_prefix_last"] = rd[-1]["redis"]["no_ttl_by_prefix"]
     sq = [s for s in samples if s.get("sqlite")]
     if sq:
         for f in sorted(sq[-1]["sqlite"]):
-            out["tables"][f] = {"mb": growth(sq, lambda s, f=f: s["sqlite"].get(f), start_first, window_s, end)}
+            out["tables"][f] = {"mb": growth(sq, lambda s, f=f: s["sqlite"].get(f), start_first, window_s, end,
+                                             FLOOR_PER_H["mb"])}
     return out
 
 

@@ -62,3 +62,11 @@ def test_gateway_errors_are_summed_per_stretch_between_the_runs_events():
     assert gateway_route_errors(samples, [{"t": 50.0}]) == {
         "0s-50s": {"POST /v1/assign": {"requests": 5, "5xx": 1}},
         "50s-end": {"POST /v1/assign": {"requests": 2, "5xx": 0}}}
+
+
+def test_a_few_rows_added_level_off_under_the_floor_a_steady_stream_does_not():
+    few = [0] * 40 + [1] * 20 + [2] * 20   # a table gaining 2 rows in 40 minutes
+    assert not growth(_samples(few), lambda s: s["v"], 120, 300, 2400)["levels_off"]
+    assert growth(_samples(few), lambda s: s["v"], 120, 300, 2400, floor_per_h=100)["levels_off"]
+    steady = [10 * i for i in range(80)]   # 1,200 rows an hour
+    assert not growth(_samples(steady), lambda s: s["v"], 120, 300, 2400, floor_per_h=100)["levels_off"]
