@@ -6,6 +6,7 @@ every 20 ms, and its waits are the "every other write waits" half (docs/operatio
 
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.ingest_new_households --baseline ed5316b \\
         --households 1000,5000 --rounds 3 --out /tmp/ingest-new-households.json
+    ... --known: the same households' second event (the per-device path, for comparison)
 
 Each side runs in a process of its own, from its own tree (``bench.assign_cpu.extract``).
 JSON (printed, and written to ``--out``): per N and side, each round's batch wall and CPU
@@ -60,6 +61,9 @@ def event(account, event_id, at):
 store.ingest([event("probe-acc", "p0", ts)])
 batch = [event(f"h-{i}", f"e{i}", ts) for i in range(n)]
 warm_household_keys(store.db, store.cipher, {e.account_id for e in batch})
+if sys.argv[3] == "known":     # the households' second event: each extends its open session
+    store.ingest(batch)
+    batch = [event(f"h-{i}", f"f{i}", ts + 60.0) for i in range(n)]
 waits, done = [], threading.Event()
 
 def probe():
@@ -91,10 +95,10 @@ print(json.dumps({"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "probe_max_s
 '''
 
 
-def one_round(tree: Path, households: int, db: Path) -> dict:
+def one_round(tree: Path, households: int, db: Path, known: bool) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", _ROUND, str(households), str(db)], cwd=tree, env=env,
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", _ROUND, str(households), str(db), "known" if known else "new"],
+                         cwd=tree, env=env, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -103,18 +107,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--baseline", default="ed5316b")
     p.add_argument("--households", default="1000,5000", help="batch sizes, comma-separated")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--known", action="store_true",
+                   help="households the store already holds (each batch event their second): the per-device path")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     started, load0 = time.time(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="hearth-ingest-new-") as tmp:
         work = Path(tmp)
         sides = {"baseline": extract(args.baseline, work / "tree"), "fixed": ROOT}
-        result: dict = {"baseline": args.baseline, "rounds": args.rounds, "sizes": {}}
+        result: dict = {"baseline": args.baseline, "rounds": args.rounds, "known": args.known, "sizes": {}}
         for size in (int(s) for s in args.households.split(",")):
             runs: dict[str, list[dict]] = {label: [] for label in sides}
             for n in range(args.rounds):
                 for label in (list(sides) if n % 2 == 0 else list(sides)[::-1]):
-                    runs[label].append(one_round(sides[label], size, work / f"{label}-{size}-{n}.db"))
+                    runs[label].append(one_round(sides[label], size, work / f"{label}-{size}-{n}.db", args.known))
             entry: dict = {}
             for label, rs in runs.items():
                 entry[label] = {"runs": rs, **{f"median_{k}": statistics.median(r[k] for r in rs)

@@ -20,7 +20,10 @@ seeded households in the spec. Operations: ``assign_session``, ``assign_vector``
 with fresh ids; the ids of every acknowledged batch are written out so the caller can read
 them back; ``stream_events``: each device's batches in time order, as a client streams them), ``attribution``, ``delete``
 (a household erasure of one of the spec's ``victims``, each used once; when they run
-out a household read is sent instead). ``floor_assign`` is the floor's assign (no key).
+out a household read is sent instead), ``delete_person`` (the erasure of person ``p1`` of
+one of the spec's ``person_victims``, each used once, likewise), ``feedback`` (an assign by
+session, then an ``explicit_confirm`` label on the prediction it returned: one request's
+latency covers both). ``floor_assign`` is the floor's assign (no key).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class Traffic:
         self.rng = random.Random(spec.get("seed", 0))
         self.households = spec.get("households", [])
         self.victims = list(spec.get("victims", []))
+        self.person_victims = list(spec.get("person_victims", []))
         self.attribution_accounts = spec.get("attribution_accounts", []) or [h["account_id"] for h in self.households]
         ops, weights = zip(*[(k, float(v)) for k, v in spec["mix"].items() if float(v) > 0])
         self.ops, self.weights = list(ops), list(weights)
@@ -79,7 +83,13 @@ class Traffic:
                 return op, "POST", "/v1/delete", {"scope": {"kind": "household", "account_id": victim},
                                                   "reason": "verify"}
             op = "household"
-        if op == "assign_session":
+        if op == "delete_person":
+            if self.person_victims:
+                victim = self.person_victims.pop()
+                return op, "POST", "/v1/delete", {"scope": {"kind": "person", "account_id": victim,
+                                                            "person_id": "p1"}, "reason": "verify"}
+            op = "household"
+        if op in ("assign_session", "feedback"):
             return op, "POST", "/v1/assign", {"account_id": account, "session_id": self.rng.choice(h["sessions"])}
         if op == "assign_vector":
             return op, "POST", "/v1/assign", {"account_id": account, "feature_vector": h["vector"]}
@@ -137,7 +147,15 @@ async def _send(session: aiohttp.ClientSession, base: str, headers: dict, reques
         async with session.request(method, base + path, json=body, headers=headers,
                                    timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
             payload = await r.read()
-            if 200 <= r.status < 300 and op in ("events", "delete"):
+            if op == "feedback" and r.status == 200:
+                # The label on the prediction just handed out (the gateway waits for it to
+                # reach the feedback service, PredictionWait).
+                prediction_id = json.loads(payload)["prediction_id"]
+                return await _send(session, base, headers, (
+                    "feedback_label", "POST", "/v1/feedback",
+                    {"feedback_id": f"fb-{prediction_id}", "prediction_id": prediction_id,
+                     "kind": "explicit_confirm"}), timeout_s)
+            if 200 <= r.status < 300 and op in ("events", "delete", "delete_person"):
                 return str(r.status), json.loads(payload)
             if r.status >= 400:
                 return str(r.status), {"error_body": payload[:300].decode("utf-8", "replace")}
@@ -187,7 +205,7 @@ async def run(spec: dict) -> dict:
                 rec.acks.append({"account_id": request[3]["events"][0]["account_id"],
                                  "event_ids": [e["event_id"] for e in request[3]["events"]],
                                  "t": round(scheduled - t0, 4)})
-            elif body is not None and request[0] == "delete":
+            elif body is not None and request[0] in ("delete", "delete_person"):
                 rec.acks.append({"deletion_job": body.get("job_id"), "t": round(scheduled - t0, 4),
                                  "account_id": request[3]["scope"]["account_id"]})
 

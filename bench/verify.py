@@ -262,6 +262,9 @@ class Verify:
     results: dict = field(default_factory=dict)
     run_counter: int = 0
     replica_ports: dict[str, int] = field(default_factory=dict)
+    # ``-c`` settings of the PostgreSQL cluster over the production defaults (bench.soak:
+    # the erasure path's WAL settings, docs/privacy.md §11).
+    pg_settings: dict[str, str] = field(default_factory=dict)
 
     # ---- processes -------------------------------------------------------------------
 
@@ -280,7 +283,7 @@ class Verify:
             # Tied to this run like the mesh (PR_SET_PDEATHSIG; as root PostgreSQL runs as
             # the postgres user without runuser, which would clear the death signal).
             try:
-                self.postgres = PostgresServer(self.out / "pg", max_connections=300)
+                self.postgres = PostgresServer(self.out / "pg", max_connections=300, settings=self.pg_settings)
                 self.redis = RedisServer()
             except MissingServer as exc:
                 raise SystemExit(f"--backend postgres: {exc}") from None

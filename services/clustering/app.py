@@ -275,6 +275,7 @@ class ClusteringApp:
         X = self._check_vectors(X)
         unique, inverse = np.unique(np.array(accounts, dtype=object), return_inverse=True)
         rows = {str(a): np.flatnonzero(inverse == i) for i, a in enumerate(unique)}
+        self.store.confirm_model_versions(rows)   # one read for the message, not one per household
         loaded = {a: self._model(a) for a in rows}
         scored = score_households({a: env.model for a, (_, env) in loaded.items()}, rows, X)
         calibrated = self._calibrated([(loaded[a][1].model, scored[a]) for a in rows])

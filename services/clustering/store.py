@@ -20,6 +20,7 @@ import heapq
 import json
 import logging
 import struct
+import threading
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -292,6 +293,10 @@ class ClusteringStore:
         # account -> (model version the database said is stored, when: time.monotonic())
         # (oldest first; dropped once older than MODEL_CONFIRM_S, and with an erased household)
         self._confirmed_versions: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        # Its writers, one at a time: RPC threads note and drop at once (review29: two
+        # dropping the same oldest note raised KeyError / "OrderedDict mutated during
+        # iteration" out of get_model — INTERNAL for that RPC).
+        self._confirmed_lock = threading.Lock()
 
     # ---- encryption at rest (no-ops without a cipher) ------------------------------
 
@@ -1063,12 +1068,13 @@ class ClusteringStore:
         entry = None if cached is None else self._cached_model(account_id, cached, decoded_version)
         if entry is not None and entry.version == decoded_version and self._confirmed(account_id, decoded_version):
             return entry
+        known = entry.version if entry is not None else -1
         with self.db.transaction(readonly=True) as tx:
-            # The model column only when the cache's entry is not the stored version.
+            # The model column only when the cache's entry is not the stored version, and
+            # the erasure counts only then (the model is cached again: _cache_model).
             rows = tx.query("SELECT version, variant, CASE WHEN version = ? THEN NULL ELSE model END "
-                            "FROM household_models WHERE account_id = ?",
-                            (entry.version if entry is not None else -1, account_id))
-            erasures = household_key_state(tx, account_id)
+                            "FROM household_models WHERE account_id = ?", (known, account_id))
+            erasures = household_key_state(tx, account_id) if rows and int(rows[0][0]) != known else (0, 0)
         if not rows:
             if entry is not None:
                 self.cache.delete(f"model:{account_id}")
@@ -1080,9 +1086,36 @@ class ClusteringStore:
         if entry is not None:
             log.warning("the cached model of %s is version %d, the stored one %d: dropped, read from the database",
                         pseudonym(account_id), entry.version, version)
+        held = bool(decoded_version) and version == decoded_version
+        if held and self.cache.health():
+            # Redis down: nothing to cache again, and the held version needs no blob — not
+            # opened (the cache's entry is sealed anew from the plaintext: a decryption and
+            # an encryption of the model at every read while Redis is down otherwise).
+            return StoredModel(version, variant, b"")
         model = self._open_model(account_id, bytes(rows[0][2]))
         self._cache_model(account_id, version, variant, model, erasures, sealed_in_store=rows[0][2])
-        return StoredModel(version, variant, b"" if decoded_version and version == decoded_version else model)
+        return StoredModel(version, variant, b"" if held else model)
+
+    def confirm_model_versions(self, account_ids: Iterable[str]) -> None:
+        """Ask the database once for the stored model version of each of ``account_ids``
+        not confirmed within MODEL_CONFIRM_S (a message of many households: AssignSessions),
+        so that each household's ``get_model`` after it need not (one read transaction for
+        the message instead of one per household). Those confirmed more than half
+        MODEL_CONFIRM_S ago are asked again too: the message's households then stay
+        confirmed for the next 30 s of messages at least."""
+        now = time.monotonic()
+        due = sorted({a for a in account_ids
+                      if now - self._confirmed_versions.get(a, (0, -1e18))[1] >= MODEL_CONFIRM_S / 2})
+        if not due:
+            return
+        stored: list = []
+        with self.db.transaction(readonly=True) as tx:
+            for start in range(0, len(due), 500):   # SQLite's bound-parameter limit, as _query_in
+                chunk = due[start:start + 500]
+                stored += tx.query("SELECT account_id, version FROM household_models WHERE account_id IN "
+                                   f"({', '.join('?' * len(chunk))})", chunk)
+        for account_id, version in stored:
+            self._note_confirmed(account_id, int(version))
 
     def _confirmed(self, account_id: str, version: int) -> bool:
         """Whether the database said ``version`` is the household's stored one within the
@@ -1097,13 +1130,14 @@ class ClusteringStore:
         an account id is kept no longer than it serves."""
         now = time.monotonic()
         confirmed = self._confirmed_versions
-        confirmed[account_id] = (version, now)
-        confirmed.move_to_end(account_id)
-        while confirmed:
-            oldest, (_, at) = next(iter(confirmed.items()))
-            if now - at < MODEL_CONFIRM_S and len(confirmed) <= MODEL_CONFIRMED_MAX:
-                break
-            del confirmed[oldest]
+        with self._confirmed_lock:
+            confirmed[account_id] = (version, now)
+            confirmed.move_to_end(account_id)
+            while confirmed:
+                oldest, (_, at) = next(iter(confirmed.items()))
+                if now - at < MODEL_CONFIRM_S and len(confirmed) <= MODEL_CONFIRMED_MAX:
+                    break
+                del confirmed[oldest]
 
     def _cached_model(self, account_id: str, cached: bytes, decoded_version: int) -> StoredModel | None:
         """The cache's copy (``b""`` as its blob when it is ``decoded_version``, not opened:
@@ -1228,7 +1262,8 @@ class ClusteringStore:
                 # one before it is deleted here.
                 self.cipher.forget(account)
             if scope.kind == "household":
-                self._confirmed_versions.pop(account, None)
+                with self._confirmed_lock:
+                    self._confirmed_versions.pop(account, None)
                 note_household_erased(tx)
                 forget_household_rekeys(tx, account)
                 for table, key in (("events", "event_id"), ("sessions", "session_id")):

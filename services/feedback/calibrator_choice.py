@@ -77,6 +77,8 @@ class CalibratorChoices:
     def _check_variant(self, variant: str) -> str:
         if not isinstance(variant, str) or not 0 < len(variant) <= MAX_VARIANT_CHARS:
             raise InvalidArgument(f"must be a variant name of 1-{MAX_VARIANT_CHARS} characters", "variant")
+        if not variant.isprintable():   # a NUL: INTERNAL on PostgreSQL (attack29)
+            raise InvalidArgument("must not contain control characters", "variant")
         return variant
 
     def held(self, variant: str) -> bool:

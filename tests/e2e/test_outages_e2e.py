@@ -253,17 +253,14 @@ def test_postgres_hung_sets_the_services_not_serving_and_they_serve_again_when_i
     the health monitor never published again, and every service said SERVING (and
     `hearth_dependency_up{dependency="database"}` 1, the gateway's /health SERVING) while
     every request needing the database failed."""
-    import os
     import signal
 
-    from tests.helpers.processes import descendants
+    from tests.helpers.processes import descendants, signal_each
 
     pg, _ = servers
     ports = {s: omesh.grpc_ports[s] for s in ("clustering", "attribution", "privacy", "feedback")}
     wait_for(lambda: all(_grpc_health(p, "") == "SERVING" for p in ports.values()), what="every service SERVING")
-    pids = [pg.proc.pid, *descendants(pg.proc.pid)]
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
+    pids = signal_each([pg.proc.pid, *descendants(pg.proc.pid)], signal.SIGSTOP)
     try:
         wait_for(lambda: all(_grpc_health(p, "") == "NOT_SERVING" for p in ports.values()),
                  what="every service NOT_SERVING with PostgreSQL hung")
@@ -274,8 +271,7 @@ def test_postgres_hung_sets_the_services_not_serving_and_they_serve_again_when_i
         # Liveness (the chart's probe) never follows a dependency: no pod restarted for it.
         assert {s: _grpc_health(p, "liveness") for s, p in ports.items()} == dict.fromkeys(ports, "SERVING")
     finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
+        signal_each(pids, signal.SIGCONT)
     wait_for(lambda: all(_grpc_health(p, "") == "SERVING" for p in ports.values()),
              what="every service SERVING again once PostgreSQL resumes")
     assert retry_after_503(lambda: client.get("/v1/calibration")).status_code == 200
@@ -352,19 +348,16 @@ def test_a_service_whose_database_check_hangs_still_exits_on_sigterm(servers, om
     module's PostgreSQL and mesh, last in the module (it stops every service: the `client`
     fixture starts them again for any test after it); until session 22 it started a
     PostgreSQL cluster and a mesh of its own, ~8 s of a loaded machine's 24."""
-    import os
     import signal
 
-    from tests.helpers.processes import descendants
+    from tests.helpers.processes import descendants, signal_each
 
     pg, _ = servers
     mesh = omesh
     ports = {s: mesh.grpc_ports[s] for s in ("clustering", "attribution", "privacy", "feedback")}
     # A healthy mesh to start from (the tests before this one restart and freeze its PostgreSQL).
     wait_for(lambda: all(_grpc_health(p, "") == "SERVING" for p in ports.values()), what="every service SERVING")
-    pids = [pg.proc.pid, *descendants(pg.proc.pid)]
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
+    pids = signal_each([pg.proc.pid, *descendants(pg.proc.pid)], signal.SIGSTOP)
     try:
         # Every service NOT_SERVING, and some database probe stuck on its socket ("no
         # answer in N s"; a service whose pooled connections are all held by hung work
@@ -400,5 +393,4 @@ def test_a_service_whose_database_check_hangs_still_exits_on_sigterm(servers, om
         slow = {s: round(t, 1) for s, t in exited.items() if t > GRACE_S + STOP_CLOSE_MARGIN_S + 3}
         assert not slow, f"exited past grace + margin after SIGTERM with PostgreSQL hung: {slow} ({reasons})"
     finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
+        signal_each(pids, signal.SIGCONT)

@@ -29,6 +29,22 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def signal_each(pids: list[int], sig: int) -> list[int]:
+    """Send ``sig`` to each of ``pids`` in order and return those it reached. A process
+    that exited after it was listed (a PostgreSQL backend whose client just closed) is
+    skipped: `os.kill` would raise ProcessLookupError and fail the test for a race that is
+    not its subject. Freezing a tree, list the parent first: once it is stopped it forks
+    nothing more."""
+    reached = []
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            continue
+        reached.append(pid)
+    return reached
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

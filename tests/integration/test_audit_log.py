@@ -368,6 +368,21 @@ def test_append_audit_validates_every_record_before_writing_any(log):
     assert list(ok.seqs) == [0, 1] and ok.tree_size == 2
 
 
+@pytest.mark.parametrize("field", ["resource", "trace_id", "record_id"])
+def test_append_audit_refuses_a_record_with_a_control_character_naming_it(log, field):
+    """A NUL in a record's resource, trace id or record id: on PostgreSQL the log's group
+    commit failed (INTERNAL, and any honest records committed in the same flush failed
+    with it), on SQLite it was stored (attack29; an admin or any service may append).
+    Refused before the writer, as any bad record is; the outboxes drop a refused record."""
+    request = audit.to_append_request(_records(2))
+    setattr(request.records[1], field, "x\x00y")
+    with pytest.raises(grpc.RpcError) as err:
+        log.stub.AppendAudit(request, metadata=ADMIN.metadata("privacy"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert dict(err.value.trailing_metadata())[ERROR_FIELD_KEY] == f"records[1].{field}"
+    assert log.verify().entries == 0
+
+
 def test_append_audit_defaults_and_notes_the_reporter(log):
     request = ppb.AppendAuditRequest(records=[
         ppb.AuditRecord(event_type="flag_change", resource="experiment/x", outcome="ok",

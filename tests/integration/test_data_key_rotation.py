@@ -805,6 +805,51 @@ def test_requests_sent_together_by_one_principal_open_one_batch(databases):
         assert tx.query("SELECT COUNT(*) FROM rotation_jobs")[0][0] == 1
 
 
+def test_requests_at_two_privacy_replicas_at_once_open_one_batch(databases):
+    """Each replica's request lock (above) is its own: two replicas asked at the same
+    instant both saw no open batch and both stored one (attack29's left). Now the
+    principal's open batches are counted again inside the job's insert, under a lock on
+    the principal (PostgreSQL; SQLite's write lock serialises the inserts): one stored,
+    the other RESOURCE_EXHAUSTED. Two BatchRotations over one database are the replicas;
+    the window is widened as above."""
+    import threading
+
+    from services.common.errors import ResourceExhausted
+
+    mesh = Mesh(databases)
+    mesh.fill("acc-r2", n=2)
+    _aged(mesh, "acc-r2")
+    replicas = [_batches(mesh, mesh.rotation()) for _ in range(2)]
+    for batches in replicas:
+        read_open = batches.jobs.open_jobs
+
+        def open_jobs_then_pause(*args, _read=read_open, **kwargs):
+            jobs = _read(*args, **kwargs)
+            time.sleep(0.3)
+            return jobs
+
+        batches.jobs.open_jobs = open_jobs_then_pause
+    start, outcomes = threading.Barrier(2), []
+
+    def ask(i: int) -> None:
+        start.wait()
+        try:
+            replicas[i].request(3650, 10, f"replica-{i}", principal=_officer())
+            outcomes.append("stored")
+        except ResourceExhausted:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["refused", "stored"]
+    with replicas[0].jobs.db.transaction() as tx:
+        assert tx.query("SELECT COUNT(*) FROM rotation_jobs")[0][0] == 1
+        assert tx.query("SELECT COUNT(*) FROM rotation_job_households")[0][0] == 1
+
+
 def test_a_batch_job_completes_a_household_whose_purge_was_incomplete_and_names_it(purgeable_postgres):
     """On PostgreSQL a replication slot keeps the WAL that holds the old ciphertexts: the
     stores' real purge says it is incomplete. The household is ``completed`` all the same

@@ -418,6 +418,18 @@ def test_a_deletion_reason_with_a_control_character_is_refused_naming_it(stubs):
         assert dict(err.value.trailing_metadata() or ()).get(ERROR_FIELD_KEY) == "reason"
 
 
+def test_a_job_id_with_a_control_character_is_refused_naming_it(stubs):
+    """GetDeletion and GetDataKeyRotations over gRPC (the Envoy edge; the gateway's path
+    pattern refuses it): a NUL in `job_id` was INTERNAL on PostgreSQL, which cannot compare
+    text holding one, and NOT_FOUND on SQLite (attack29)."""
+    for call in (lambda: stubs["pri"].GetDeletion(ppb.GetDeletionRequest(job_id="job-\x00")),
+                 lambda: stubs["pri"].GetDataKeyRotations(ppb.GetDataKeyRotationsRequest(job_id="rot-\x00"))):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert dict(err.value.trailing_metadata() or ()).get(ERROR_FIELD_KEY) == "job_id"
+
+
 def test_every_account_window_is_only_for_the_privacy_service(mesh, stubs):
     window = common_pb2.TimeRange(end=float_to_ts(time.time() - 100 * DAY))
     with pytest.raises(grpc.RpcError) as err:

@@ -112,6 +112,10 @@ def test_a_reason_with_a_nul_is_refused_naming_it_and_nothing_is_stored(database
     with pytest.raises(InvalidArgument) as refused:
         app.calibration.choices.activate("kmeans", 0, True, "identity\x00", ADMIN)
     assert refused.value.field == "reason"
+    # A variant named with a NUL (ListCalibrators over gRPC: INTERNAL on PostgreSQL).
+    with pytest.raises(InvalidArgument) as refused:
+        app.calibration.choices.history("kmeans\x00")
+    assert refused.value.field == "variant"
     # A reason over several lines is still one (only the NUL is what a store cannot keep).
     assert app.experiments.set_flags({}, False, "incident over\nsee the ticket", ADMIN) == 1
 

@@ -144,3 +144,58 @@ def test_the_confirmed_model_version_of_an_erased_household_is_not_kept(database
         store.erase(ErasureScope("acc-e", "household"))
         assert "acc-e" not in store._confirmed_versions
         assert store.get_model("acc-e") is None
+
+
+def test_a_held_model_is_not_opened_while_redis_is_down(database, tmp_path):
+    """With Redis down every read goes to the database; for the version the caller holds
+    the model is not opened (as before session 29): the cache's entry is sealed anew from
+    the plaintext when it is filled again, and there is nothing to fill while Redis is
+    down. This test failed: each such read decrypted the model (and sealed it again)."""
+    with running_redis(tmp_path) as server:
+        (store,) = _replicas(database, server, 1)
+        store.ingest([ev(0, T0, account="acc-d")])
+        store.save_model("acc-d", 0, "gmm", b"model")
+        opened = []
+        decrypt = store.cipher.decrypt
+        store.cipher.decrypt = lambda account, field, blob: (opened.append(field), decrypt(account, field, blob))[1]
+        server.stop()
+        for _ in range(3):
+            model = store.get_model("acc-d", decoded_version=1)
+            assert (model.version, model.blob) == (1, b"")
+        assert store.cache.health() and opened == [], opened
+        assert store.get_model("acc-d").blob == b"model"   # a caller holding nothing gets it
+
+
+def test_a_message_of_many_households_confirms_their_model_versions_in_one_read(database):
+    """AssignSessions answers a message of many households; each household's held model
+    version is confirmed with the database once a minute (get_model). review29 measured a
+    household read less often than that paying a read transaction on every request — one
+    per household of a message. Now the message's households are confirmed in one read
+    (ClusteringStore.confirm_model_versions): this test failed (a transaction per
+    household)."""
+    import numpy as np
+
+    from services.clustering.app import ClusteringApp
+    from services.clustering.modeling import ModelKeeper
+    from services.common.storage.cache import MemoryCache
+    from tests.helpers.households import household_events, week_start_days_ago
+
+    cache = MemoryCache("clustering")   # the replicas' shared cache (Redis in production)
+    fitter, reader = (ClusteringStore(database, cache, gap_s=1800) for _ in range(2))
+    fitter.migrate()
+    accounts = [f"acc-m{i}" for i in range(4)]
+    keeper = ModelKeeper(fitter, lambda _a: "gmm")
+    for i, account in enumerate(accounts):
+        events, _ = household_events(account, ("kid", "parent"), days=20, start_ts=week_start_days_ago(40), seed=i)
+        fitter.ingest(events)
+        keeper.refresh(account)
+    app = ClusteringApp(reader, keeper=ModelKeeper(reader, lambda _a: "gmm"), background=False)
+    X = np.vstack([fitter.household(a, 1).sessions[0].features for a in accounts])
+    app.answer_many(accounts, X)        # the models decoded and held, their versions confirmed
+    reader._confirmed_versions.clear()  # as a minute later
+    transactions = []
+    begin = reader.db.transaction
+    reader.db.transaction = lambda *a, **kw: (transactions.append(kw), begin(*a, **kw))[1]
+    answered = app.answer_many(accounts, X)
+    assert sorted(int(r[0]) for r, _ in answered) == [0, 1, 2, 3]
+    assert len(transactions) == 1, transactions

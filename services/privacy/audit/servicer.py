@@ -43,6 +43,11 @@ def record_from_pb(message: pb.AuditRecord, index: int, caller: identity.Princip
     details_json wins over the details map; record_id defaults to a fresh id (then a
     retry is not recognised as a repeat)."""
     where = f"records[{index}]"
+    for name in RECORD_TEXT_FIELDS:
+        # A NUL failed PostgreSQL's group commit (INTERNAL for every record in the flush) and
+        # was stored by SQLite (attack29); no record Hearth writes holds a control character.
+        if not getattr(message, name).isprintable():
+            raise InvalidArgument("must not contain control characters", f"{where}.{name}")
     if message.HasField("principal") and message.principal.id:
         role = _ROLE_NAME.get(message.principal.role)
         if role is None:
@@ -86,6 +91,8 @@ def sth_to_pb(sth: SignedTreeHead | None) -> pb.SignedTreeHead | None:
         json=canonical_json(sth.to_dict()).decode("utf-8"))
 
 
+# An appended record's short text fields, each refused with a control character.
+RECORD_TEXT_FIELDS = ("event_type", "resource", "outcome", "trace_id", "record_id")
 # QueryAudit's text filters, each refused with a control character (QueryAudit).
 QUERY_TEXT_FILTERS = ("principal_id", "resource_prefix", "event_type", "trace_id", "outcome")
 

@@ -64,8 +64,9 @@ class DeletionServicer(pb_grpc.DeletionServicer):
         return pb.RequestDeletionResponse(job_id=stored.job.job_id, state=_STATE[stored.job.state])
 
     def GetDeletion(self, request, context) -> pb.GetDeletionResponse:
-        if not request.job_id or len(request.job_id) > 128:
-            raise InvalidArgument("is required (at most 128 characters)", "job_id")
+        if not request.job_id or len(request.job_id) > 128 or not request.job_id.isprintable():
+            # a NUL: INTERNAL on PostgreSQL, which cannot compare text holding one (attack29)
+            raise InvalidArgument("is required (at most 128 printable characters)", "job_id")
         return job_to_pb(self.deletion.get(request.job_id))
 
     def VerifyReceipt(self, request, context) -> pb.VerifyReceiptResponse:

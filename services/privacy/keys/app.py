@@ -247,7 +247,7 @@ class KeyService:
         stored row (another replica's key, or the tombstone of an erasure this view had
         not seen) is discarded and the stored rows are read: the erasure wins."""
         with self._lock:
-            self._refresh_many(account_ids)
+            read_at = self._refresh_many(account_ids)
             now = self._clock()
             created = {}
             for account_id in account_ids:
@@ -261,7 +261,9 @@ class KeyService:
                     self.ring.discard(account_id, FIRST_DEK_VERSION)
                     self.ring.discard(account_id, DIGEST_KEY_VERSION)
                     del created[account_id]
-                self._refresh_many(lost, force=True)
+                # As of the first read: a later instant would drop households this call read
+                # fresh then and answers below (review29: UNAVAILABLE for a stored key).
+                self._refresh_many(lost, force=True, now=read_at)
             answers: dict[str, tuple[int, bytes] | str] = {}
             for account_id in account_ids:
                 if account_id in created:   # stored now: the raw key at hand, no unwrap
@@ -275,14 +277,16 @@ class KeyService:
                     answers[account_id] = UNAVAILABLE
             return answers
 
-    def _refresh_many(self, account_ids: list[str], force: bool = False) -> None:
-        """``_refresh`` of several households with one read of the store."""
-        now = self._monotonic()
+    def _refresh_many(self, account_ids: list[str], force: bool = False, now: float | None = None) -> float:
+        """``_refresh`` of several households with one read of the store, as of ``now``
+        (default: this instant; returned): a household read within REFRESH_S before it is
+        kept, one read longer ago dropped (``_held``)."""
+        now = self._monotonic() if now is None else now
         stale = [a for a in account_ids if force or now - self._checked.get(a, -1e18) > REFRESH_S]
-        if not stale:
-            return
-        self.ring.load(self.store.load_many(stale))
-        self._held(stale, now)
+        if stale:
+            self.ring.load(self.store.load_many(stale))
+            self._held(stale, now)
+        return now
 
     def digest_key(self, account_id: str) -> bytes:
         """The household's erased-id digest key (GetDataKey ``with_digest_key``), after

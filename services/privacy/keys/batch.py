@@ -193,7 +193,26 @@ class RotationJobStore(DeletionJobStore):
         super().__init__(db, TABLE, (header_to_dict, batch_from_dict))
 
     def _created(self, tx, job: RotationBatch) -> None:
+        if not job.terminal:
+            self._refuse_another_open_batch(tx, job)
         self._write_households(tx, job, list(job.households))
+
+    def _refuse_another_open_batch(self, tx, job: RotationBatch) -> None:
+        """In the new open job's insert: RESOURCE_EXHAUSTED (the transaction rolls back)
+        when its principal already has ``MAX_OPEN_PER_PRINCIPAL`` other open batches. The
+        request's own check (``BatchRotations._refuse_a_second_open_batch``) reads before
+        this transaction, one request at a time per replica only: requests at two replicas
+        at the same instant both passed it (attack29). The principal is locked for the
+        transaction (PostgreSQL; SQLite's write transaction already serialises inserts), so
+        of two such inserts the second counts the first once it has committed."""
+        tx.lock_household(f"rotation-batches-of:{job.principal}")
+        rows = tx.query(f"SELECT job_id, job_json FROM {self.table} WHERE state IN ('pending', 'running') "
+                        "AND job_id <> ?", (job.job_id,))
+        mine = [job_id for job_id, data in rows if json.loads(data).get("principal") == job.principal]
+        if len(mine) >= MAX_OPEN_PER_PRINCIPAL:
+            raise ResourceExhausted(f"a batch rotation of yours is still running ({', '.join(mine)}): wait for it "
+                                    "(GET /v1/keys/rotate-households/{job_id}) or send its request_id again",
+                                    "request_id")
 
     def _row(self, where: str, params: tuple) -> StoredJob | None:
         with self.db.transaction(readonly=True) as tx:
@@ -317,8 +336,9 @@ class BatchRotations:
         seconds here (attack28). A second batch would wait behind the first anyway (one
         job at a time). Called under ``_requesting``, so requests sent together to one
         privacy replica open one batch (attack29: 30 concurrent gRPC requests opened
-        three); two at two privacy replicas at the same instant may both pass: the bound
-        is on bursts, not a lock across replicas."""
+        three); two at two privacy replicas at the same instant both pass this read, and
+        the job store counts again inside the insert
+        (``RotationJobStore._refuse_another_open_batch``)."""
         mine = [j.job.job_id for j in self.jobs.open_jobs() if j.job.principal == principal.id]
         if len(mine) >= MAX_OPEN_PER_PRINCIPAL:
             raise ResourceExhausted(f"a batch rotation of yours is still running ({', '.join(mine)}): wait for it "

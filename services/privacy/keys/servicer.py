@@ -71,8 +71,9 @@ class KeysServicer(pb_grpc.KeysServicer):
                                                  request.request_id))
 
     def GetDataKeyRotations(self, request, context) -> pb.DataKeyRotationJob:
-        if not request.job_id or len(request.job_id) > 128:
-            raise InvalidArgument("is required (at most 128 characters)", "job_id")
+        if not request.job_id or len(request.job_id) > 128 or not request.job_id.isprintable():
+            # a NUL: INTERNAL on PostgreSQL, which cannot compare text holding one (attack29)
+            raise InvalidArgument("is required (at most 128 printable characters)", "job_id")
         if self._batches is None:
             raise FailedPrecondition("this privacy service reaches no data-holding service", "job_id")
         return batch_to_pb(self._batches.get(request.job_id))

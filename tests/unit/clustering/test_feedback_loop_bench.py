@@ -224,3 +224,31 @@ def test_the_per_world_scoring_is_the_whole_loop_with_each_worlds_own_calibrator
     probs = [E.hearth_batch(h)[1] for h in apart]
     two = score(apart, probs, [[_as_served(p)] * 2 for p in probs], fed, E.model_ages(apart, "batch"), True)
     assert two["per_draw"]["mesh_world_level_crossfit"] == two["per_draw"]["mesh"]
+
+
+def test_the_shipped_calibrator_scoring_is_the_whole_loop_beside_a_calibrator_fitted_elsewhere():
+    """bench/feedback_shipped (session 29): its ``mesh`` is mesh_after_feedback's on the same
+    answers; a deployment adds the training worlds' served level plus its own feedback's
+    shrunk by the prior — with no prior variance every deployment gets the training level
+    only, and with one household per world the cross-fitted level never reads a household's
+    own feedback; who is answered never changes (accuracy as the labels left it)."""
+    from bench.feedback_shipped import draws_of, fit_shipped, level_prior, score
+    hs, fed, probs, ages = _fed_batch_sample()
+    outs = [{"batch": p, "fed_batch": [_as_served(p)] * 2} for p in probs]
+    sample = draws_of("tuning", hs, outs, 2)
+    loop = E.mesh_after_feedback(hs, probs, [o["fed_batch"] for o in outs], fed, ages, sample_before=True)
+    shipped = fit_shipped([sample])
+    prior = level_prior(shipped, [sample])
+    assert set(prior) >= {"mu_fed", "mu_served", "tau2"} and prior["tau2"] >= 0.0
+    out = score(sample, shipped, {**prior, "tau2": 0.0})
+    assert out["per_draw"]["mesh"] == [round(x, 4) for x in loop["per_draw"]["mesh"]]
+    assert out["accuracy_after"] == round(float(np.mean(loop["per_draw"]["accuracy_after"])), 4)
+    assert out["mean_abs_level"] == round(abs(prior["mu_served"]), 4)
+    if prior["mu_served"] == 0.0:
+        assert out["shipped_level"] == out["shipped"]
+    apart = W.generate(W.TUNING, families=("mobile_first",), worlds_per_family=2, households_per_world=1)
+    probs = [E.hearth_batch(h)[1] for h in apart]
+    lone = draws_of("tuning", apart, [{"batch": p, "fed_batch": [_as_served(p)] * 2} for p in probs], 2)
+    alone = score(lone, shipped, {**prior, "mu_served": 0.0, "tau2": 1.0})
+    assert alone["per_draw"]["shipped_level"] == alone["per_draw"]["shipped"]
+    assert alone["mean_abs_level"] == 0.0

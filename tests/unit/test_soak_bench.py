@@ -1,0 +1,72 @@
+"""bench/soak.py's pieces that need no mesh: the generator's person erasures and feedback
+requests, and the verdict on growth (a resource that rises then flattens levels off; one
+still rising over the last half does not)."""
+
+from __future__ import annotations
+
+from bench.loadgen import Traffic
+from bench.soak import _marked, first_last, gateway_route_errors, growth
+
+HOUSEHOLDS = [{"account_id": "acct-1", "devices": [["tv-1", "tv"]], "sessions": ["s-1"], "vector": ""}]
+
+
+def test_person_erasures_use_each_victim_once_then_read_households():
+    traffic = Traffic({"households": HOUSEHOLDS, "mix": {"delete_person": 1}, "person_victims": ["v-1", "v-2"]})
+    requests = [traffic.next() for _ in range(3)]
+    scopes = [body["scope"] for op, _m, path, body in requests[:2]]
+    assert sorted(s["account_id"] for s in scopes) == ["v-1", "v-2"]
+    assert all(s["kind"] == "person" and s["person_id"] == "p1" for s in scopes)
+    assert requests[2][0] == "household" and requests[2][2] == "/v1/household/acct-1"
+
+
+def test_feedback_starts_with_an_assign_by_session():
+    op, method, path, body = Traffic({"households": HOUSEHOLDS, "mix": {"feedback": 1}}).next()
+    assert (op, method, path, body) == ("feedback", "POST", "/v1/assign", {"account_id": "acct-1", "session_id": "s-1"})
+
+
+def test_marked_events_carry_the_marker_in_their_ids():
+    events = _marked([{"event_id": "a-0", "title_id": "t", "series_id": "s"},
+                      {"event_id": "a-1", "title_id": "t", "series_id": "s"}], "zrX")
+    assert [e["event_id"] for e in events] == ["zrX-e0", "zrX-e1"]
+    assert all(e["title_id"].startswith("zrX-") for e in events)
+
+
+def _samples(values):
+    return [{"t": 30.0 * i, "v": v} for i, v in enumerate(values)]
+
+
+def test_a_cache_that_fills_then_flattens_levels_off():
+    flat_after = [100 + min(i, 20) * 2 for i in range(80)]   # +40 MB in 10 minutes, then flat
+    g = growth(_samples(flat_after), lambda s: s["v"], 120, 300, 2400)
+    assert g["levels_off"] and g["ratio"] > 1.1
+
+
+def test_growth_that_goes_on_does_not_level_off():
+    leak = [100 + i for i in range(80)]   # 1 MB every 30 s, to the end
+    g = growth(_samples(leak), lambda s: s["v"], 120, 300, 2400)
+    assert not g["levels_off"] and g["slope_per_h_last_half"] > 100
+
+
+def test_first_and_last_windows_compare_latency_per_operation():
+    t = [float(i) for i in range(600)]
+    raw = {"requests": {"t": t, "lat_ms": [10.0 if x < 300 else 30.0 for x in t],
+                        "status": ["200" if x != 590 else "503" for x in t], "op": ["assign_session"] * 600}}
+    fl = first_last(raw, 0.0, 100.0, 600.0)["assign_session"]
+    assert fl["p50_ratio"] == 3.0 and fl["errors_first"] == 0 and fl["errors_last"] == 1
+
+
+def test_gateway_errors_are_summed_per_stretch_between_the_runs_events():
+    samples = [{"t": 0.0, "gateway_requests": {"POST /v1/assign 200": 5}},
+               {"t": 30.0, "gateway_requests": {"POST /v1/assign 200": 9, "POST /v1/assign 503": 1}},
+               {"t": 60.0, "gateway_requests": {"POST /v1/assign 200": 2}}]   # the gateway restarted
+    assert gateway_route_errors(samples, [{"t": 50.0}]) == {
+        "0s-50s": {"POST /v1/assign": {"requests": 5, "5xx": 1}},
+        "50s-end": {"POST /v1/assign": {"requests": 2, "5xx": 0}}}
+
+
+def test_a_few_rows_added_level_off_under_the_floor_a_steady_stream_does_not():
+    few = [0] * 40 + [1] * 20 + [2] * 20   # a table gaining 2 rows in 40 minutes
+    assert not growth(_samples(few), lambda s: s["v"], 120, 300, 2400)["levels_off"]
+    assert growth(_samples(few), lambda s: s["v"], 120, 300, 2400, floor_per_h=100)["levels_off"]
+    steady = [10 * i for i in range(80)]   # 1,200 rows an hour
+    assert not growth(_samples(steady), lambda s: s["v"], 120, 300, 2400, floor_per_h=100)["levels_off"]
