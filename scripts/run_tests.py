@@ -55,7 +55,6 @@ import sys
 import tempfile
 import threading
 import time
-import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,70 +185,15 @@ def _child_setup() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def command(args: list[str], paths: list[str] = ()) -> list[str]:
+def command(args: list[str]) -> list[str]:
     """One worker's pytest: the queue plugin, progress as a count (a worker runs part of what
     it collected: "[ 812/2846]" is its 812th test of the suite's 2,846; a percentage would
-    stop near half), then the caller's arguments, then ``paths`` (what to collect, in that
-    order; none: the configured testpaths)."""
-    return [sys.executable, "-m", "pytest", "-q", "-p", PLUGIN, "-o", "console_output_style=count", *args, *paths]
-
-
-# ---- each module compiled once a run ----
-#
-# Collecting the suite is mostly compiling it: pytest rewrites the asserts of each of ~270
-# test modules and compiles them, and the project's modules they import are compiled too
-# (~80 % of a collection's CPU, profiled). Where PYTHONDONTWRITEBYTECODE is set (so
-# nothing is written into the checkout) none of it was kept, and both workers compiled the
-# whole suite, side by side, before the first file ran (~25 s of an idle run, twice the CPU).
-# Now the workers share one bytecode directory of the run (PYTHONPYCACHEPREFIX: still
-# nothing in the checkout; removed when the run ends; the processes the tests start use it
-# too, as tests/conftest.py had each worker's do) and the second worker collects the
-# suite's directories in the reverse order: each compiles about half, and loads what the
-# other compiled. pytest writes its rewritten modules there as Python does its bytecode
-# (atomically, checked against the source's size and time).
-
-def bytecode_env(environ: dict[str, str], directory: str) -> dict[str, str]:
-    """The workers' environment: with PYTHONDONTWRITEBYTECODE (and no PYTHONPYCACHEPREFIX of
-    the caller's), bytecode is written, into ``directory``; otherwise as given."""
-    env = dict(environ)
-    if env.get("PYTHONDONTWRITEBYTECODE") and not env.get("PYTHONPYCACHEPREFIX"):
-        del env["PYTHONDONTWRITEBYTECODE"]
-        env["PYTHONPYCACHEPREFIX"] = directory
-    return env
-
-
-def names_a_path(args: list[str], root: Path) -> bool:
-    """Whether the caller's arguments name a test path (which narrows the run to it; the
-    workers then collect just that). An option's value that is a path too (``-k deploy``)
-    counts: the cost is the order only, where a path missed would differ the collections."""
-    return any(not a.startswith("-") and (root / a.split("::", 1)[0]).exists() for a in args)
-
-
-def reversed_testpaths(root: Path) -> list[str]:
-    """The configured testpaths' directories and test files one level down, in reverse order
-    (collected so, the same files as the testpaths; [] when the project has no
-    pyproject.toml testpaths)."""
-    try:
-        config = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
-        testpaths = config["tool"]["pytest"]["ini_options"]["testpaths"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
-    entries: list[str] = []
-    for top in testpaths:
-        base = root / top
-        if not base.is_dir():
-            return []
-        for entry in sorted(base.iterdir()):
-            if entry.name.startswith((".", "_")):
-                continue
-            if entry.is_dir() or (entry.name.startswith("test_") and entry.suffix == ".py"):
-                entries.append(str(entry.relative_to(root)))
-    return entries[::-1]
+    stop near half), then the caller's arguments."""
+    return [sys.executable, "-m", "pytest", "-q", "-p", PLUGIN, "-o", "console_output_style=count", *args]
 
 
 class _Worker:
-    def __init__(self, number: int, cmd: list[str], root: Path, log, queue: WorkQueue, began: float,
-                 environ: dict[str, str]):
+    def __init__(self, number: int, cmd: list[str], root: Path, log, queue: WorkQueue, began: float):
         self.number, self.queue, self.began, self.log = number, queue, began, log
         self.durations: dict[str, float] = {}
         self.files = 0
@@ -259,7 +203,7 @@ class _Worker:
         self.reported_end = False         # pytest ended its session itself (not a crash, a kill)
         to_worker, from_runner = os.pipe()
         from_worker, to_runner = os.pipe()
-        env = {**environ, QUEUE_ENV: f"{to_worker},{to_runner}"}
+        env = {**os.environ, QUEUE_ENV: f"{to_worker},{to_runner}"}
         self.proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=env, pass_fds=(to_worker, to_runner), preexec_fn=_child_setup)
         os.close(to_worker)
@@ -340,12 +284,9 @@ def run(args: list[str], *, root: Path = ROOT, workers: int = WORKERS, durations
           f"package fixture) as it is free, longest first ({durations.name if durations.exists() else 'no record'}):",
           flush=True)
     with tempfile.TemporaryDirectory(prefix="hearth-test-workers-") as logs:
-        environ = bytecode_env(dict(os.environ), str(Path(logs) / "bytecode"))
-        backwards = [] if names_a_path(args, root) else reversed_testpaths(root)
         for number in range(1, workers + 1):
             log = open(Path(logs) / f"worker-{number}.log", "w+", encoding="utf-8")
-            paths = backwards if number % 2 == 0 else []
-            running.append(_Worker(number, command(args, paths), root, log, queue, began, environ))
+            running.append(_Worker(number, command(args), root, log, queue, began))
             if stopped_by:   # a signal while the workers were being started
                 forward(stopped_by[0], None)
         while any(w.ended_s is None for w in running):

@@ -16,6 +16,7 @@ import pytest
 from services.common import config
 from services.common.identity import Principal, Role
 from services.testing.inprocess import serve_service
+from tests.helpers.queue_worker import WORKER_PLUGIN, Backstop
 from tests.helpers.servers import running_postgres, running_redis
 from tests.helpers.waiting import cpu_slowdown
 
@@ -92,6 +93,25 @@ def pytest_configure(config):
     # the one seen (session 26's CI: psycopg "connection socket closed" in a timer thread of
     # test_postgres_deadlines.py) was a race in the test, printed as a warning and passed.
     config.addinivalue_line("filterwarnings", "error::pytest.PytestUnhandledThreadExceptionWarning")
+
+
+_backstop: Backstop | None = None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A test hung where pytest-timeout's SIGALRM cannot end it (a call in C that never
+    returns) ends the process past that limit with every thread's traceback
+    (tests/helpers/queue_worker.py ``Backstop``) instead of holding the run for ever. `make
+    test`'s workers arm it themselves (their runner then names the test); here every other
+    run of the suite (`make test-unit`, where docs28 saw tests/unit stall at load ~24)."""
+    global _backstop
+    if item.config.pluginmanager.has_plugin(WORKER_PLUGIN):
+        return (yield)
+    if _backstop is None:
+        _backstop = Backstop(item.config)
+    with _backstop.armed(item):
+        return (yield)
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -319,6 +319,11 @@ def _text(value: object, name: str, *, allow_empty: bool = True) -> str:
         raise ValueError(f"{name}: expected a string, got {type(value).__name__}")
     if not value and not allow_empty:
         raise ValueError(f"{name}: must not be empty")
+    if not value.isprintable():
+        # A refused request's own id lands here (``household:<account_id>``): a NUL failed
+        # PostgreSQL's group commit and every honest record of the batch was dropped with it,
+        # and AppendAudit refuses one. Written escaped, so the attempt is still on record.
+        value = "".join(c if c.isprintable() else repr(c)[1:-1] for c in value)
     return value if len(value) <= MAX_TEXT else value[: MAX_TEXT - 1] + "…"
 
 

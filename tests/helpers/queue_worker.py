@@ -27,6 +27,7 @@ nor the GIL, prints every thread's traceback into the worker's output and ends t
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import json
 import os
@@ -36,6 +37,7 @@ import pytest
 from tests.helpers.waiting import cpu_slowdown
 
 QUEUE_ENV = "HEARTH_TEST_QUEUE"
+WORKER_PLUGIN = "hearth-queue-worker"
 # Seconds past pytest-timeout's limit before the backstop ends a hung worker (a test of the
 # runner sets a few).
 BACKSTOP_MARGIN_ENV = "HEARTH_TEST_BACKSTOP_MARGIN_S"
@@ -101,16 +103,37 @@ class _SessionOnly:
         return self._chain
 
 
+class Backstop:
+    """The per-test backstop of a pytest process: ``with backstop.armed(item):`` around a
+    test's protocol. Armed by each `make test` worker, and by tests/conftest.py in any other
+    pytest run of the suite (`make test-unit`, `pytest -q tests/unit`)."""
+
+    def __init__(self, config: pytest.Config):
+        # A copy of the process's stderr taken now: while a test runs, pytest's capture
+        # points fd 2 at a temporary file that an exiting process never prints.
+        self._stderr = os.fdopen(os.dup(2), "w")
+        self._margin_s = float(os.environ.get(BACKSTOP_MARGIN_ENV, BACKSTOP_MARGIN_S))
+        # pytest's own faulthandler_timeout uses the same (single) watchdog: it wins if set.
+        self._on = not float(config.getini("faulthandler_timeout") or 0)
+
+    @contextlib.contextmanager
+    def armed(self, item: pytest.Item):
+        timeout_s = _timeout_s(item) if self._on else 0.0
+        if timeout_s:
+            faulthandler.dump_traceback_later(backstop_s(timeout_s, cpu_slowdown(), self._margin_s),
+                                              exit=True, file=self._stderr)
+        try:
+            yield
+        finally:
+            if timeout_s:
+                faulthandler.cancel_dump_traceback_later()
+
+
 class QueueWorker:
     def __init__(self, runner: _Runner, config: pytest.Config):
         self.runner = runner
         self.durations: dict[str, float] = {}
-        # A copy of the worker's stderr taken now: while a test runs, pytest's capture points
-        # fd 2 at a temporary file that an exiting process never prints.
-        self._stderr = os.fdopen(os.dup(2), "w")
-        self._margin_s = float(os.environ.get(BACKSTOP_MARGIN_ENV, BACKSTOP_MARGIN_S))
-        # pytest's own faulthandler_timeout uses the same (single) watchdog: it wins if set.
-        self._backstop = not float(config.getini("faulthandler_timeout") or 0)
+        self.backstop = Backstop(config)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtestloop(self, session: pytest.Session):
@@ -151,15 +174,8 @@ class QueueWorker:
 
     def _run(self, session: pytest.Session, item: pytest.Item, nextitem: pytest.Item | None) -> None:
         self.runner.send({"running": item.nodeid})
-        timeout_s = _timeout_s(item)
-        if self._backstop and timeout_s:
-            faulthandler.dump_traceback_later(backstop_s(timeout_s, cpu_slowdown(), self._margin_s),
-                                              exit=True, file=self._stderr)
-        try:
+        with self.backstop.armed(item):
             item.config.hook.pytest_runtest_protocol(item=item, nextitem=nextitem)
-        finally:
-            if self._backstop:
-                faulthandler.cancel_dump_traceback_later()
         if session.shouldfail or session.shouldstop:
             self.runner.send({"stopped": str(session.shouldfail or session.shouldstop)})
             if session.shouldfail:
@@ -190,4 +206,4 @@ def pytest_configure(config: pytest.Config) -> None:
     # Popped: a pytest this one starts (a test of the runner) must not read these pipes.
     spec = os.environ.pop(QUEUE_ENV, None)
     if spec:
-        config.pluginmanager.register(QueueWorker(_Runner(spec), config), "hearth-queue-worker")
+        config.pluginmanager.register(QueueWorker(_Runner(spec), config), WORKER_PLUGIN)

@@ -19,6 +19,9 @@ alone:
   schema: attack29); each role gets CONNECT;
 * each role may run the erasure purge's ``pg_switch_wal(); CHECKPOINT``
   (``pg_checkpoint``, docs/privacy.md §11);
+* each role's own defaults (``ALTER ROLE … SET``, role-wide and per database, which a
+  login may set on itself: ``statement_timeout = 1`` failed its service's every start) are
+  reset (``RESET ALL``) and reported (``settings_reset``); only ``search_path`` is set;
 * each role has a ``CONNECTION LIMIT`` (``default_connection_limit``), so a compromised
   service cannot take every one of the server's ``max_connections`` from the others;
 * no role is a member of a service role but the ``--keep-access-for`` login of this run
@@ -301,6 +304,7 @@ def _provision_one(conn, database: str, service: str, role: str, password: str |
         # server's log under log_statement = ddl and kept by pg_stat_statements (review28).
         verifier = conn.pgconn.encrypt_password(password.encode(), role.encode()).decode()
         conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(ident, sql.Literal(verifier)))
+    settings_reset = _reset_settings(conn, role, database, schema)
     conn.execute(sql.SQL("ALTER ROLE {} IN DATABASE {} SET search_path = {}").format(
         ident, sql.Identifier(database), schema_ident))
     conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(database), ident))
@@ -327,7 +331,32 @@ def _provision_one(conn, database: str, service: str, role: str, password: str |
     conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION pg_switch_wal() TO {}").format(ident))
     return {"role": role, "schema": schema, "created_role": not existing, "created_schema": found is None,
             "previous_owner": found[0] if found else None, "objects_handed_over": transferred,
-            "password_set": password is not None, "connection_limit": connection_limit}
+            "password_set": password is not None, "connection_limit": connection_limit,
+            "settings_reset": settings_reset}
+
+
+def _reset_settings(conn, role: str, database: str, schema: str) -> list[str]:
+    """Drop every default ``role`` holds — role-wide and in any database — and say which
+    (``name=value``; ``in database <db>: name=value``), but the ``search_path`` this run
+    re-states. A login may set its own (``ALTER ROLE CURRENT_USER SET statement_timeout =
+    1``): a compromised service could leave one that fails its every later start, which no
+    run undid until session 29 (attack29b)."""
+    from psycopg import sql
+
+    rows = conn.execute(
+        "SELECT d.datname, s.setconfig FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole "
+        "LEFT JOIN pg_database d ON d.oid = s.setdatabase WHERE r.rolname = %s", (role,)).fetchall()
+    ours = f"search_path={schema}"
+    said = sorted((f"in database {db}: {item}" if db else item)
+                  for db, config in rows for item in config or ()
+                  if not (db == database and item == ours))
+    for db, _config in rows:
+        if db is None:
+            conn.execute(sql.SQL("ALTER ROLE {} RESET ALL").format(sql.Identifier(role)))
+        else:
+            conn.execute(sql.SQL("ALTER ROLE {} IN DATABASE {} RESET ALL").format(
+                sql.Identifier(role), sql.Identifier(db)))
+    return said
 
 
 def _hand_over(conn, schema: str, role: str) -> int:
