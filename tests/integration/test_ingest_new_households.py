@@ -19,6 +19,7 @@ import pytest
 from services.clustering.domain.events import ViewingEvent
 from services.clustering.store import ClusteringStore
 from services.common.client import reset_serving_deadline, set_serving_deadline
+from services.common.erasure import ErasureScope, ScopeKind
 from services.common.errors import DeadlineExceeded
 from services.common.field_crypto import FieldCipher, HouseholdSealer, note_household_rekeyed
 from services.common.storage.sql import SqliteDatabase
@@ -231,3 +232,27 @@ def test_a_batch_whose_callers_deadline_passed_during_its_writes_is_rolled_back(
     with store.db.transaction(readonly=True) as tx:
         for table in ("events", "devices", "sessions"):
             assert tx.query(f"SELECT COUNT(*) FROM {table}")[0][0] == 0, table
+
+
+def test_a_batch_of_households_this_process_has_stored_does_not_look_them_up_as_new(tmp_path):
+    """review29: the newness lookup (a read transaction, one query a household table) ran on
+    every ingest, also when every household was known — +9 % / +18 % client CPU a batch on
+    SQLite / PostgreSQL. A household this store has written is not looked up again; one it
+    erased is, and a household it never saw still takes the prepared path."""
+    store = _store(tmp_path / "known.db", _cipher(KeyRing([generate_kek("k1")], "k1")))
+    looked_up: list[list[str]] = []
+    lookup = store._new_households
+    store._new_households = lambda tx, accounts: looked_up.append(list(accounts)) or lookup(tx, accounts)
+    rng = random.Random(7)
+    store.ingest(_batch(rng, ["a", "b"]))
+    assert looked_up == [["a", "b"], ["a", "b"]]   # prepared, then still new in the transaction
+    looked_up.clear()
+    later = [random_event(rng, account, 200 + i, T0 + 86400 + i, device="tv-1", event_id=f"later-{i}")
+             for i, account in enumerate(("a", "b"))]
+    result = store.ingest(later)
+    assert result.accepted == 2 and looked_up == []
+    store.ingest(_batch(rng, ["c"]) + [random_event(rng, "a", 300, T0 + 90000, device="tv-1", event_id="x")])
+    assert looked_up == [["c"], ["c"]]
+    # An erased household's id is not kept as known (nor anywhere in the store's memory).
+    store.erase(ErasureScope(kind=ScopeKind.HOUSEHOLD, account_id="b"))
+    assert "b" not in store._known_households and "a" in store._known_households
