@@ -115,8 +115,10 @@ def naming_the_item(account_ids: list[str], items: str) -> Iterator[None]:
         account = getattr(exc, "account_id", None)
         if exc.field != "account_id" or account is None or account not in account_ids:
             raise
-        raise about_account(type(exc)(exc.message, f"{items}[{account_ids.index(account)}].account_id"),
-                            account) from None
+        # The error itself, renamed: rebuilt as type(exc)(message, field) a subclass with
+        # another constructor, or attributes of its own, would fail or lose them (review29).
+        exc.field = f"{items}[{account_ids.index(account)}].account_id"
+        raise
 
 
 def status_for(error: BaseException) -> grpc.StatusCode:
