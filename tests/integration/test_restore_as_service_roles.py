@@ -38,6 +38,23 @@ pytestmark = pytest.mark.postgres
 TAG = f"e{uuid.uuid4().hex[:6]}"
 
 
+def schemas_under_service_logins(postgres_dsn: str, prefix: str, tag: str, monkeypatch) -> tuple[str, dict[str, str]]:
+    """A fresh database with a login per service (provisioned), every service's schema
+    migrated over its own login, and the environment `hearth backup`/`restore` read set to
+    it: (the admin DSN, each service's DSN)."""
+    admin = fresh_database(postgres_dsn, prefix)
+    dsns = service_logins(admin, tag)
+    monkeypatch.setenv("HEARTH_STORAGE", "postgres")
+    monkeypatch.setenv("HEARTH_POSTGRES_DSN", admin)
+    for service, dsn in dsns.items():
+        monkeypatch.setenv(f"HEARTH_POSTGRES_DSN_{service.upper()}", dsn)
+    own = {s: config.load(service_name=s).model_copy(update={"postgres_dsn": d}) for s, d in dsns.items()}
+    for service in ("clustering", "attribution", "feedback"):
+        open_database(own[service], service).close()
+    _privacy_db(own["privacy"]).close()
+    return admin, dsns
+
+
 def _plant(dsn: str, schema: str, role: str) -> None:
     """As the service's role: a function that makes ``role`` a superuser whenever a
     superuser runs it, called by a CHECK constraint on a table of its own (one row) and
@@ -64,16 +81,7 @@ def _superusers(admin: str, roles: list[str]) -> list[str]:
 
 def test_a_restore_runs_no_function_a_service_planted_with_the_admins_rights(postgres_dsn, monkeypatch, tmp_path,
                                                                               capsys):
-    admin = fresh_database(postgres_dsn, "restore_roles")
-    dsns = service_logins(admin, TAG)
-    monkeypatch.setenv("HEARTH_STORAGE", "postgres")
-    monkeypatch.setenv("HEARTH_POSTGRES_DSN", admin)
-    for service, dsn in dsns.items():
-        monkeypatch.setenv(f"HEARTH_POSTGRES_DSN_{service.upper()}", dsn)
-    own = {s: config.load(service_name=s).model_copy(update={"postgres_dsn": d}) for s, d in dsns.items()}
-    for service in ("clustering", "attribution", "feedback"):
-        open_database(own[service], service).close()
-    _privacy_db(own["privacy"]).close()
+    admin, dsns = schemas_under_service_logins(postgres_dsn, "restore_roles", TAG, monkeypatch)
     roles = [f"{TAG}_{s}" for s in dsns]
 
     _plant(dsns["clustering"], "hearth_clustering", f"{TAG}_clustering")
@@ -86,7 +94,7 @@ def test_a_restore_runs_no_function_a_service_planted_with_the_admins_rights(pos
     snapshot = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["snapshot"]
     # After the snapshot, a deletion: the restore re-queues it (an insert into
     # deletion_jobs, where privacy's trigger waits).
-    db = _privacy_db(own["privacy"])
+    db = _privacy_db(config.load(service_name="privacy").model_copy(update={"postgres_dsn": dsns["privacy"]}))
     job = new_job("job-later", ErasureScope(kind=ScopeKind.HOUSEHOLD, account_id="gone-1"), "dpo",
                   "privacy_officer", datetime.now(UTC))
     DeletionJobStore(db).create(job, "req-later", "gdpr_art17", next_due=job.requested_at)

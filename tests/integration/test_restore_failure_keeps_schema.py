@@ -24,12 +24,11 @@ from services import cli
 from services.common import backup as snapshots
 from services.common import config
 from services.common.erasure import ErasureScope, ScopeKind
-from services.common.storage.sql import open_database
 from services.privacy.backup import _privacy_db
 from services.privacy.deletion.domain import new_job
 from services.privacy.deletion.store import DeletionJobStore
 from services.testing.mesh import free_port
-from tests.helpers.servers import fresh_database, service_logins
+from tests.integration.test_restore_as_service_roles import schemas_under_service_logins
 
 pytestmark = pytest.mark.postgres
 
@@ -43,21 +42,12 @@ def _jobs(dsn: str) -> list[str]:
 
 def _snapshot_then_a_deletion(postgres_dsn, monkeypatch, tmp_path, capsys, tag: str) -> tuple[str, dict, str]:
     """(admin DSN, the services' DSNs, a snapshot) with a deletion made after the snapshot."""
-    admin = fresh_database(postgres_dsn, "restore_fail")
-    dsns = service_logins(admin, tag)
-    monkeypatch.setenv("HEARTH_STORAGE", "postgres")
-    monkeypatch.setenv("HEARTH_POSTGRES_DSN", admin)
-    for service, dsn in dsns.items():
-        monkeypatch.setenv(f"HEARTH_POSTGRES_DSN_{service.upper()}", dsn)
-    own = {s: config.load(service_name=s).model_copy(update={"postgres_dsn": d}) for s, d in dsns.items()}
-    for service in ("clustering", "attribution", "feedback"):
-        open_database(own[service], service).close()
-    _privacy_db(own["privacy"]).close()
+    admin, dsns = schemas_under_service_logins(postgres_dsn, "restore_fail", tag, monkeypatch)
 
     assert cli.main(["backup", "--out", str(tmp_path)]) == 0
     snapshot = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["snapshot"]
     # A deletion after the snapshot: only the privacy database being replaced knows it.
-    db = _privacy_db(own["privacy"])
+    db = _privacy_db(config.load(service_name="privacy").model_copy(update={"postgres_dsn": dsns["privacy"]}))
     job = new_job("job-later", ErasureScope(kind=ScopeKind.HOUSEHOLD, account_id="gone-1"), "dpo",
                   "privacy_officer", datetime.now(UTC))
     DeletionJobStore(db).create(job, "req-later", "gdpr_art17", next_due=job.requested_at)
