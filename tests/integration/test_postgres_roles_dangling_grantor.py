@@ -26,7 +26,10 @@ def test_a_member_whose_grantor_was_dropped_is_revoked_too(postgres_dsn):
         conn.execute(f'GRANT "{tag}_privacy" TO "{legacy}"')
         conn.execute("RESET ROLE")
         if conn.info.server_version >= 160000:
-            pytest.skip("PostgreSQL 16 keeps no grant of a dropped grantor (DROP ROLE refuses)")
+            # The state under test cannot be made there: 16 tracks each grant's grantor and
+            # refuses to drop one that still has grants (its GRANTED BY path is the code's
+            # other branch). CI provisions Debian bookworm's PostgreSQL 15, where this runs.
+            pytest.skip("PostgreSQL 16+ cannot hold a grant of a dropped grantor")
         conn.execute(f'REVOKE "{tag}_privacy" FROM "{tag}_dba"')
         conn.execute(f'DROP ROLE "{tag}_dba"')
     assert _members(database, tag)[f"{tag}_privacy"] == [legacy]

@@ -55,6 +55,19 @@ def schemas_under_service_logins(postgres_dsn: str, prefix: str, tag: str, monke
     return admin, dsns
 
 
+def backup_then_a_deletion(out, capsys, privacy_dsn: str) -> str:
+    """`hearth backup` into ``out``, then a household deletion job (``job-later``) stored
+    after it — one only the privacy database being replaced knows: the snapshot's path."""
+    assert cli.main(["backup", "--out", str(out)]) == 0
+    snapshot = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["snapshot"]
+    db = _privacy_db(config.load(service_name="privacy").model_copy(update={"postgres_dsn": privacy_dsn}))
+    job = new_job("job-later", ErasureScope(kind=ScopeKind.HOUSEHOLD, account_id="gone-1"), "dpo",
+                  "privacy_officer", datetime.now(UTC))
+    DeletionJobStore(db).create(job, "req-later", "gdpr_art17", next_due=job.requested_at)
+    db.close()
+    return snapshot
+
+
 def _plant(dsn: str, schema: str, role: str) -> None:
     """As the service's role: a function that makes ``role`` a superuser whenever a
     superuser runs it, called by a CHECK constraint on a table of its own (one row) and
@@ -90,15 +103,9 @@ def test_a_restore_runs_no_function_a_service_planted_with_the_admins_rights(pos
         conn.execute("CREATE TRIGGER audit_job BEFORE INSERT ON hearth_privacy.deletion_jobs "
                      "FOR EACH ROW EXECUTE FUNCTION hearth_privacy.on_row()")
 
-    assert cli.main(["backup", "--out", str(tmp_path)]) == 0
-    snapshot = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["snapshot"]
     # After the snapshot, a deletion: the restore re-queues it (an insert into
     # deletion_jobs, where privacy's trigger waits).
-    db = _privacy_db(config.load(service_name="privacy").model_copy(update={"postgres_dsn": dsns["privacy"]}))
-    job = new_job("job-later", ErasureScope(kind=ScopeKind.HOUSEHOLD, account_id="gone-1"), "dpo",
-                  "privacy_officer", datetime.now(UTC))
-    DeletionJobStore(db).create(job, "req-later", "gdpr_art17", next_due=job.requested_at)
-    db.close()
+    snapshot = backup_then_a_deletion(tmp_path, capsys, dsns["privacy"])
     assert _superusers(admin, roles) == []
 
     assert cli.main(["restore", snapshot]) == 0, capsys.readouterr().err

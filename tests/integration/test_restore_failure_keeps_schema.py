@@ -15,20 +15,14 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, datetime
 
 import psycopg
 import pytest
 
 from services import cli
 from services.common import backup as snapshots
-from services.common import config
-from services.common.erasure import ErasureScope, ScopeKind
-from services.privacy.backup import _privacy_db
-from services.privacy.deletion.domain import new_job
-from services.privacy.deletion.store import DeletionJobStore
 from services.testing.mesh import free_port
-from tests.integration.test_restore_as_service_roles import schemas_under_service_logins
+from tests.integration.test_restore_as_service_roles import backup_then_a_deletion, schemas_under_service_logins
 
 pytestmark = pytest.mark.postgres
 
@@ -43,15 +37,7 @@ def _jobs(dsn: str) -> list[str]:
 def _snapshot_then_a_deletion(postgres_dsn, monkeypatch, tmp_path, capsys, tag: str) -> tuple[str, dict, str]:
     """(admin DSN, the services' DSNs, a snapshot) with a deletion made after the snapshot."""
     admin, dsns = schemas_under_service_logins(postgres_dsn, "restore_fail", tag, monkeypatch)
-
-    assert cli.main(["backup", "--out", str(tmp_path)]) == 0
-    snapshot = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["snapshot"]
-    # A deletion after the snapshot: only the privacy database being replaced knows it.
-    db = _privacy_db(config.load(service_name="privacy").model_copy(update={"postgres_dsn": dsns["privacy"]}))
-    job = new_job("job-later", ErasureScope(kind=ScopeKind.HOUSEHOLD, account_id="gone-1"), "dpo",
-                  "privacy_officer", datetime.now(UTC))
-    DeletionJobStore(db).create(job, "req-later", "gdpr_art17", next_due=job.requested_at)
-    db.close()
+    snapshot = backup_then_a_deletion(tmp_path, capsys, dsns["privacy"])
     assert _jobs(dsns["privacy"]) == ["job-later"]
     return admin, dsns, snapshot
 
