@@ -58,15 +58,35 @@ def _exists(pid: int) -> bool:
     return True
 
 
+def bundled_postgres16() -> Path:
+    """The directory of a PostgreSQL 16 server's binaries: the ones in the ``pgserver``
+    wheel (a pinned dev dependency, pyproject.toml; PostgreSQL 16.2, PostgreSQL licence,
+    the wheel's own code Apache-2.0), inside the virtualenv, so ``make test`` reads nothing
+    outside the repository. The machine's PostgreSQL is Debian bookworm's 15, and from 16 a
+    role membership is one grant per grantor (``REVOKE … GRANTED BY``): that path of
+    ``hearth db provision-roles`` runs on this one. Missing, the tests FAIL (never skip).
+    Found without importing the package (its Python layer is not used)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pgserver")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    if not locations:
+        pytest.fail("pgserver (the PostgreSQL 16 test server, pyproject.toml's dev dependencies) is not "
+                    "installed: `make venv` installs it — the PostgreSQL 16 tests cannot be skipped")
+    return Path(locations[0]) / "pginstall" / "bin"
+
+
 @contextlib.contextmanager
-def running_postgres(pg_hba: str | None = None, **settings: str) -> Iterator[PostgresServer]:
+def running_postgres(pg_hba: str | None = None, bin_dir: Path | None = None,
+                     **settings: str) -> Iterator[PostgresServer]:
     """initdb + postgres on a free port (``.dsn``, ``.data_dir``); ``settings`` are
     ``-c name=value`` over the fast test defaults (fsync off, no full-page writes).
     ``pg_hba``: the cluster's pg_hba.conf instead of initdb's (which trusts every local
     login); it must keep trusting ``hearth`` on 127.0.0.1, the fixtures' superuser, which
-    connects without a password (``.dsn``)."""
+    connects without a password (``.dsn``). ``bin_dir``: another server's binaries
+    (``bundled_postgres16()``) than the machine's."""
     try:
-        server = PostgresServer(cluster_base(), durable=False, settings=settings)
+        server = PostgresServer(cluster_base(), durable=False, settings=settings, bin_dir=bin_dir)
     except MissingServer as exc:
         pytest.fail(f"{exc} — the PostgreSQL storage tests cannot be skipped")
     try:
