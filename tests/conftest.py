@@ -104,7 +104,8 @@ def pytest_runtest_protocol(item, nextitem):
     returns) ends the process past that limit with every thread's traceback
     (tests/helpers/queue_worker.py ``Backstop``) instead of holding the run for ever. `make
     test`'s workers arm it themselves (their runner then names the test); here every other
-    run of the suite (`make test-unit`, where docs28 saw tests/unit stall at load ~24)."""
+    run of the suite (`pytest -q tests/unit`; docs28 saw tests/unit stall at load ~24 when
+    `make test-unit` was such a run)."""
     global _backstop
     if item.config.pluginmanager.has_plugin(WORKER_PLUGIN):
         return (yield)

@@ -74,6 +74,9 @@ SPARE_CONNECTIONS = 2
 # transactions to end, short enough that the queries queued behind its ACCESS EXCLUSIVE
 # request are not stalled for long.
 DEFAULT_LOCK_TIMEOUT_S = 10.0
+# PostgreSQL's lock_timeout is an int of milliseconds: a longer wait (or inf / nan) failed
+# with a traceback after connecting (review30).
+MAX_LOCK_TIMEOUT_S = 2_147_483
 ADVISORY_LOCK = 7262782    # one provisioning at a time (pg_advisory_xact_lock)
 
 
@@ -147,8 +150,9 @@ def provision_roles(admin_dsn: str, dsns: Mapping[str, str], keep_access_for: st
 
     if connection_limit is None:
         connection_limit = default_connection_limit()
-    if not lock_timeout_s > 0:
-        raise ValueError(f"--lock-timeout {lock_timeout_s}: must be more than 0 seconds")
+    if not 0 < lock_timeout_s <= MAX_LOCK_TIMEOUT_S:
+        raise ValueError(f"--lock-timeout {lock_timeout_s:g}: must be more than 0 and at most "
+                         f"{MAX_LOCK_TIMEOUT_S} seconds (PostgreSQL's lock_timeout)")
     if connection_limit == 0 or connection_limit < -1:
         raise ValueError(f"--connection-limit {connection_limit}: at least 1 (each service's pool needs its "
                          "connections), or -1 for no limit")
