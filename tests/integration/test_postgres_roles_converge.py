@@ -206,13 +206,12 @@ def test_a_run_without_keep_access_for_revokes_what_an_earlier_run_granted(each_
 
 
 def test_restore_leaves_each_roles_connection_limit_and_members_as_provisioned(
-        each_postgres_dsn, monkeypatch, capsys, tmp_path):
+        each_postgres_dsn, monkeypatch, capsys, tmp_path, request):
     database, tag, legacy = _with_old_login(each_postgres_dsn, "rolerest")
-    with psycopg.connect(database) as conn:
-        if conn.info.server_version >= 160000:
-            # pg_dump refuses a server of a newer major than its own (the machine's is
-            # 15): the bundled server's own client tools, as an operator's must match.
-            monkeypatch.setenv("PATH", f"{bundled_postgres16()}{os.pathsep}{os.environ['PATH']}")
+    if request.node.callspec.params["each_postgres_dsn"] == "16":
+        # pg_dump refuses a server of a newer major than its own (the machine's is 15):
+        # the bundled server's own client tools, as an operator's must be its major or newer.
+        monkeypatch.setenv("PATH", f"{bundled_postgres16()}{os.pathsep}{os.environ['PATH']}")
     dsns = _dsns(database, tag)
     # As the chart's Job would, mid-upgrade: its own limit, the old login kept.
     roles.provision_roles(database, dsns, keep_access_for=legacy, connection_limit=7)
