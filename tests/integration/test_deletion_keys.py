@@ -211,3 +211,23 @@ def test_privacy_holds_the_key_records_only_of_households_read_within_refresh_s(
     assert set(keys.ring._records) == {"acct-001"}
     with pytest.raises(FailedPrecondition):   # dropped, read again: still shredded
         keys.data_key("acct-000")
+
+
+def test_a_household_erased_before_it_had_a_key_never_gets_one(store):
+    """attack30: the erasure of a household no store had written for yet (its first batch
+    in flight, or an erasure asked at sign-up) shredded nothing, so the next GetDataKey(s)
+    made it a key and the batch — or anything sent later — was stored after the job
+    completed. Now a tombstone of version 1 is written, seen by every replica."""
+    from services.privacy.keys.app import ERASED
+
+    a, b = KeyService(store, [K1], "k1"), KeyService(store, [K1], "k1")
+    b._refresh("acct-new")                     # b looked before the erasure: no record then
+    assert a.shred("acct-new") == []           # no key existed: none reported destroyed
+    assert a.shred("acct-new") == []           # idempotent
+    for replica in (a, b):
+        with pytest.raises(FailedPrecondition):
+            replica.data_key("acct-new")
+        assert replica.data_keys(["acct-new"]) == {"acct-new": ERASED}
+    (row,) = store.load("acct-new")
+    assert row.destroyed and row.wrapped == b"" and row.dek_version == 1
+    assert a.data_key("acct-other")[0] == 1    # other households unaffected
