@@ -39,7 +39,9 @@ holding locks on the services' tables and exits non-zero (``ProvisioningLockTime
 Idempotent: run it at every install and upgrade (the chart's hook Job does).
 ``hearth restore`` re-applies it with ``as_provisioned``: ownership and rights again, each
 role's connection limit and members left as the last run set them. The admin
-DSN (a superuser, or a role with CREATEROLE that owns the schemas) is used only here.
+DSN, a superuser's (another login is refused before anything is done: it could not take
+the superuser-only attributes away, grant what the purge needs nor revoke PUBLIC's
+large-object functions), is used only here.
 
     HEARTH_POSTGRES_ADMIN_DSN=postgresql://postgres:...@db/hearth \\
     HEARTH_POSTGRES_DSN_CLUSTERING=postgresql://hearth_clustering:...@db/hearth \\
@@ -72,6 +74,9 @@ SPARE_CONNECTIONS = 2
 # transactions to end, short enough that the queries queued behind its ACCESS EXCLUSIVE
 # request are not stalled for long.
 DEFAULT_LOCK_TIMEOUT_S = 10.0
+# PostgreSQL's lock_timeout is an int of milliseconds: a longer wait (or inf / nan) failed
+# with a traceback after connecting (review30).
+MAX_LOCK_TIMEOUT_S = 2_147_483
 ADVISORY_LOCK = 7262782    # one provisioning at a time (pg_advisory_xact_lock)
 
 
@@ -145,8 +150,9 @@ def provision_roles(admin_dsn: str, dsns: Mapping[str, str], keep_access_for: st
 
     if connection_limit is None:
         connection_limit = default_connection_limit()
-    if not lock_timeout_s > 0:
-        raise ValueError(f"--lock-timeout {lock_timeout_s}: must be more than 0 seconds")
+    if not 0 < lock_timeout_s <= MAX_LOCK_TIMEOUT_S:
+        raise ValueError(f"--lock-timeout {lock_timeout_s:g}: must be more than 0 and at most "
+                         f"{MAX_LOCK_TIMEOUT_S} seconds (PostgreSQL's lock_timeout)")
     if connection_limit == 0 or connection_limit < -1:
         raise ValueError(f"--connection-limit {connection_limit}: at least 1 (each service's pool needs its "
                          "connections), or -1 for no limit")
@@ -178,6 +184,17 @@ def provision_roles(admin_dsn: str, dsns: Mapping[str, str], keep_access_for: st
         if admin in by_role:
             raise ValueError(f"{ADMIN_DSN_VARIABLE} and {service_dsn_variable(by_role[admin][0])} are the same role "
                              f"{admin}: the admin login is for provisioning only")
+        if not conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]:
+            # Seen on PostgreSQL 15 and 16 (session 30) with a CREATEROLE CREATEDB login
+            # owning the database: the REVOKE on the large-object functions only warned,
+            # then the first ALTER ROLE failed with a raw server error.
+            raise ValueError(f"{ADMIN_DSN_VARIABLE}: role {admin} is no superuser, and provisioning needs one: only "
+                             "a superuser may state each service role's NOSUPERUSER NOREPLICATION NOBYPASSRLS, "
+                             "grant pg_checkpoint (PostgreSQL 16) and EXECUTE on pg_switch_wal() (the erasure "
+                             "purge), and revoke PUBLIC's EXECUTE on lo_create, lo_creat and lo_from_bytea (any "
+                             "other login's REVOKE does nothing and the server only warns: every service's login "
+                             "could still store large objects outside its schema); nothing was changed. Use a "
+                             "superuser's DSN")
         database = conn.execute("SELECT current_database()").fetchone()[0]
         for service, (role, _) in sorted(logins.items()):
             # Grants, schemas and PUBLIC's revoked CONNECT are the admin's database's: a
@@ -197,8 +214,8 @@ def provision_roles(admin_dsn: str, dsns: Mapping[str, str], keep_access_for: st
                 conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
                 # Large objects are the database's, in no schema: a service's login could
                 # store data outside its schema, its dumps and a restore's reach (attack29).
-                # Hearth uses none. (An admin that is no superuser cannot revoke these: the
-                # server warns and the revoke does nothing.)
+                # Hearth uses none. (An admin that is no superuser could not revoke these —
+                # the server only warns — and is refused above.)
                 conn.execute(f"REVOKE EXECUTE ON FUNCTION {', '.join(LARGE_OBJECT_CREATORS)} FROM PUBLIC")
                 for service, (role, password) in sorted(logins.items()):
                     report[service] = _provision_one(conn, database, service, role, password,
