@@ -129,6 +129,16 @@ def _database_of(dsn: str, user: str, variable: str) -> str:
     return str(parse_dsn(dsn, variable).get("dbname") or os.environ.get("PGDATABASE") or user)
 
 
+def _server_of(dsn: str, variable: str) -> str:
+    """The server a DSN names, as written (libpq's defaults: PGHOST, else the local socket;
+    PGPORT, else 5432): ``host[/hostaddr]:port``."""
+    parts = parse_dsn(dsn, variable)
+    host = parts.get("host") or os.environ.get("PGHOST") or "the local socket"
+    hostaddr = parts.get("hostaddr") or os.environ.get("PGHOSTADDR")
+    port = parts.get("port") or os.environ.get("PGPORT") or "5432"
+    return f"{host}{'/' + hostaddr if hostaddr else ''}:{port}"
+
+
 def provision_roles(admin_dsn: str, dsns: Mapping[str, str], keep_access_for: str = "",
                     connection_limit: int | None = None, lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
                     as_provisioned: bool = False) -> dict[str, dict]:
@@ -196,7 +206,17 @@ def provision_roles(admin_dsn: str, dsns: Mapping[str, str], keep_access_for: st
                              "could still store large objects outside its schema); nothing was changed. Use a "
                              "superuser's DSN")
         database = conn.execute("SELECT current_database()").fetchone()[0]
+        admin_server = _server_of(admin_dsn, ADMIN_DSN_VARIABLE)
         for service, (role, _) in sorted(logins.items()):
+            # Roles, grants, schemas are made on the admin DSN's server: a service whose DSN
+            # names another (privacy's database on another node) got its role and schema
+            # here and none there, reported done, and stopped at start (session 30's drill).
+            if (server := _server_of(dsns[service], service_dsn_variable(service))) != admin_server:
+                raise ValueError(f"{service_dsn_variable(service)}: names server {server}, {ADMIN_DSN_VARIABLE} "
+                                 f"{admin_server}: a run provisions the admin DSN's server only. A service on "
+                                 "another server is provisioned by a run of its own, with that server's admin DSN: "
+                                 f"`hearth db provision-roles --service {service}` (the same server under two "
+                                 "names: write one in both); nothing was changed")
             # Grants, schemas and PUBLIC's revoked CONNECT are the admin's database's: a
             # service connecting to another would find none of it (and stop at start).
             if (theirs := _database_of(dsns[service], role, service_dsn_variable(service))) != database:
@@ -411,8 +431,9 @@ def run_provision(args: argparse.Namespace) -> int:
     admin = os.environ.get(ADMIN_DSN_VARIABLE, "")
     if not admin:
         raise ValueError(f"{ADMIN_DSN_VARIABLE} is required (a superuser's DSN, used for provisioning only)")
-    dsns = service_dsns()
-    missing = [service_dsn_variable(s) for s in SERVICES if s not in dsns]
+    chosen = args.service or list(SERVICES)
+    dsns = {s: dsn for s, dsn in service_dsns().items() if s in chosen}
+    missing = [service_dsn_variable(s) for s in chosen if s not in dsns]
     if missing:
         raise ValueError(f"{', '.join(missing)} required: each service's own DSN (its role and password)")
     print(json.dumps(provision_roles(admin, dsns, keep_access_for=args.keep_access_for,
@@ -437,4 +458,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     provision.add_argument("--connection-limit", type=int, default=None, metavar="N",
                            help="each service role's CONNECTION LIMIT (default: HEARTH_POSTGRES_POOL_MAX x "
                                 f"{REPLICA_ALLOWANCE} + {SPARE_CONNECTIONS}; -1: none)")
+    provision.add_argument("--service", action="append", choices=SERVICES, metavar="SERVICE",
+                           help="provision only this service (repeat for several; default: all four): a service "
+                                "whose database is on another server than the others' gets a run of its own, with "
+                                "that server's admin DSN")
     provision.set_defaults(func=run_provision)
