@@ -155,7 +155,14 @@ def reapply_ledger(db: Database, ledger: Ledger, now: datetime | None = None) ->
         requeued.append({"job_id": job.job_id, "replaces": job_id, "scope": old.scope.kind.value})
     tombstoned = 0
     for account in sorted(shred):
-        live = [r for r in keys.load(account) if r.destroyed_at is None]
+        records = keys.load(account)
+        if not records:
+            # Erased before it had a key, or keyed only after the snapshot: a tombstone, as
+            # the erasure writes (attack30), so no key is made for it before (or without)
+            # the re-queued job.
+            tombstoned += keys.tombstone_unkeyed(account, "", now.isoformat())
+            continue
+        live = [r for r in records if r.destroyed_at is None]
         tombstoned += keys.overwrite([dataclasses.replace(r, wrapped=b"", destroyed_at=now) for r in live])
     return {"requeued_jobs": requeued, "keys_tombstoned": tombstoned, "shredded_accounts": len(shred)}
 
