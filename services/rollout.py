@@ -206,7 +206,14 @@ def run_rollout(experiment: Experiment, control: str, challenger: str, steps: li
 def rollback_reason(payload: dict) -> str | None:
     """The reason to roll back for an Alertmanager webhook payload, or None: only firing
     alerts labelled action=rollback count (a resolved one never re-enables anything)."""
-    firing = [a for a in payload.get("alerts", []) if isinstance(a, dict) and a.get("status") == "firing"
+    alerts = payload.get("alerts", [])
+    if not isinstance(alerts, list):
+        raise ValueError("alerts: must be a list")
+    for i, alert in enumerate(alerts):
+        for name in ("labels", "annotations"):
+            if isinstance(alert, dict) and not isinstance(alert.get(name) or {}, dict):
+                raise ValueError(f"alerts[{i}].{name}: must be an object")
+    firing = [a for a in alerts if isinstance(a, dict) and a.get("status") == "firing"
               and (a.get("labels") or {}).get("action") == "rollback"]
     if not firing:
         return None
@@ -250,7 +257,10 @@ def make_webhook(experiment: Experiment, token: str | None) -> type[BaseHTTPRequ
                 return self._answer(400, {"error": "body must be Alertmanager's JSON payload"})
             if not isinstance(payload, dict):
                 return self._answer(400, {"error": "body must be a JSON object"})
-            reason = rollback_reason(payload)
+            try:
+                reason = rollback_reason(payload)
+            except ValueError as exc:   # until attack30 a traceback, the connection dropped unanswered
+                return self._answer(400, {"error": str(exc)})
             if reason is None:
                 return self._answer(200, {"action": "none"})
             try:

@@ -70,3 +70,13 @@ def test_a_connection_that_trickles_its_request_is_cut_at_the_deadline(webhook):
         except OSError:   # reset by the server's shutdown
             got = b""
     assert got == b"" and time.monotonic() - started < 8.0
+
+
+@pytest.mark.parametrize("body", [b'{"alerts": 5}', b'{"alerts": [{"status": "firing", "labels": ["action"]}]}',
+                                  b'{"alerts": [{"status": "firing", "labels": {"action": "rollback"}, '
+                                  b'"annotations": "x"}]}'])
+def test_an_alert_payload_of_the_wrong_shape_is_400_naming_the_field(webhook, body):
+    answer = _exchange(webhook, b"POST /alerts HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer the-token\r\n"
+                                b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert answer.startswith(b"HTTP/1.0 400"), answer[:200]
+    assert b"alerts" in answer
