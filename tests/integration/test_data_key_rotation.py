@@ -494,6 +494,21 @@ def test_a_restore_keeps_a_rotated_household_alive_and_shreds_only_the_erased(da
         fresh.data_key("acc-gone")
 
 
+def test_a_restore_tombstones_an_erased_household_the_restored_database_holds_no_key_of(databases):
+    """attack30: a household the ledger (or an off-site copy) lists as shredded, of which
+    the restored database has no key row — erased before it had one, or keyed only after
+    the snapshot — was left without a tombstone, so a key was made for it at its next
+    write until the re-queued job ran (or for good, from a snapshot whose job had completed
+    before its erasure wrote tombstones)."""
+    from services.privacy.backup import Ledger, reapply_ledger
+
+    mesh = Mesh(databases)
+    report = reapply_ledger(mesh.key_store.db, Ledger({}, {"acc-never-keyed"}))
+    with pytest.raises(FailedPrecondition):   # a privacy process started after the restore
+        mesh.replica().data_key("acc-never-keyed")
+    assert report["keys_tombstoned"] == 1
+
+
 def test_a_rotation_drops_only_the_rotated_households_cached_keys_on_another_replica(databases):
     """Each store's ``Rekey`` tells the store's other replicas to drop their cached keys of
     the household it re-encrypted. Until session 27 it moved the store's global count of
