@@ -230,6 +230,7 @@ _HOUSEHOLD_TABLES = ("devices", "events", "sessions", "erased_events")
 _NEWEST_SESSION = ("SELECT session_id, start_ts, end_ts, feature_version, state FROM sessions "
                    "WHERE account_id = ? AND device_id = ? ORDER BY end_ts DESC LIMIT 1")
 
+
 @dataclass
 class _PreparedDevice:
     """A known device's writes for a batch (``ClusteringStore._prepare_known_devices``),
