@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench._common import emit
+from bench._common import emit, run_window
 from bench.assign_cpu import extract
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,9 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             if pg is not None:
                 pg.remove()
-    result.update(started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-                  ended_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                  load_before=round(load0, 2), load_after=round(os.getloadavg()[0], 2))
+    result.update(run_window(started, load0))
     return emit(result, args.out)
 
 
