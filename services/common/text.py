@@ -125,10 +125,6 @@ def check_text(value: object, field: str, *, max_chars: int = MAX_TEXT_CHARS, re
     return value
 
 
-def max_chars_of(field: FieldDescriptor) -> int:
-    return MAX_CHARS_BY_FIELD.get(field.full_name, MAX_TEXT_CHARS)
-
-
 _STRING = FieldDescriptor.TYPE_STRING
 _MESSAGE = FieldDescriptor.TYPE_MESSAGE
 
@@ -136,46 +132,111 @@ _MESSAGE = FieldDescriptor.TYPE_MESSAGE
 def check_text_fields(message: Message, prefix: str = "") -> None:
     """Every text field of ``message`` (nested messages, repeated fields and maps
     included) under the one rule; InvalidArgument naming the first offending field by
-    its path (``events[3].device_id``, ``records[0].details[k]``). Only the fields that
-    are set are visited (``ListFields``), so an empty request costs nothing."""
-    for field, value in message.ListFields():
-        kind = field.type
-        if kind == _STRING:
-            if field.is_repeated:
-                for i, item in enumerate(value):
-                    _check_field(item, field, f"{prefix}{field.name}[{i}]")
-            else:
-                _check_field(value, field, prefix + field.name)
-        elif kind == _MESSAGE:
+    its path (``events[3].device_id``, ``records[0].details[k]``, a map key:
+    ``predictions[0].probabilities``)."""
+    _walk(message, _plan(message.DESCRIPTOR), prefix)
+
+
+# What to visit in a message type, worked out once per type: walking the descriptors per
+# request (``ListFields``, ``GetOptions``, ``full_name``) cost ~70 us an event, ten times
+# the event's own parsing.
+_SCALAR, _SCALARS, _ONE, _MANY, _MAP = range(5)
+_PLANS: dict[str, tuple] = {}
+
+
+def _plan(descriptor) -> tuple:
+    plan = _PLANS.get(descriptor.full_name)
+    if plan is not None:
+        return plan
+    _PLANS[descriptor.full_name] = ()   # a recursive type: its own fields are planned below
+    steps = []
+    for field in descriptor.fields:
+        if field.type == _STRING:
+            steps.append((_SCALARS if field.is_repeated else _SCALAR, field.name, _rule(field)))
+        elif field.type == _MESSAGE:
             entry = field.message_type
             if entry.GetOptions().map_entry:
-                _check_map(value, field, entry, prefix + field.name)
-            elif field.is_repeated:
-                for i, item in enumerate(value):
-                    check_text_fields(item, f"{prefix}{field.name}[{i}].")
+                key, value = entry.fields_by_name["key"], entry.fields_by_name["value"]
+                steps.append((_MAP, field.name, (
+                    _rule(key) if key.type == _STRING else None,
+                    _rule(value) if value.type == _STRING else None,
+                    _plan(value.message_type) if value.type == _MESSAGE else None)))
             else:
-                check_text_fields(value, f"{prefix}{field.name}.")
+                inner = _plan(entry)
+                if inner:   # a message with no text in it (a timestamp) is not visited
+                    steps.append((_MANY if field.is_repeated else _ONE, field.name, inner))
+    plan = _PLANS[descriptor.full_name] = tuple(steps)
+    return plan
 
 
-def _check_field(value: str, field: FieldDescriptor, path: str) -> None:
-    limit = MAX_CHARS_BY_FIELD.get(field.full_name, MAX_TEXT_CHARS)
-    multiline = field.full_name in MULTILINE_FIELDS
+def _rule(field: FieldDescriptor) -> tuple[int, bool]:
+    return MAX_CHARS_BY_FIELD.get(field.full_name, MAX_TEXT_CHARS), field.full_name in MULTILINE_FIELDS
+
+
+def _walk(message: Message, plan: tuple, prefix: str) -> None:
+    for kind, name, rule in plan:
+        if kind == _SCALAR:
+            value = getattr(message, name)
+            if value:
+                _check_value(value, rule, prefix + name)
+        elif kind == _SCALARS:
+            values = getattr(message, name)
+            if values:
+                limit, multiline = rule
+                pattern = _REFUSED_IN_MULTILINE if multiline else _REFUSED
+                values = list(values)
+                # One search over the column: the usual case (all clean) in two C calls.
+                if max(map(len, values)) > limit or pattern.search("".join(values)):
+                    for i, value in enumerate(values):
+                        _check_value(value, rule, f"{prefix}{name}[{i}]")
+        elif kind == _ONE:
+            if rule and message.HasField(name):
+                _walk(getattr(message, name), rule, f"{prefix}{name}.")
+        elif kind == _MANY:
+            items = getattr(message, name)
+            if rule and items:
+                _walk_many(list(items), rule, f"{prefix}{name}")
+        else:
+            mapping = getattr(message, name)
+            key_rule, value_rule, value_plan = rule
+            for key, value in mapping.items():
+                if key_rule is not None:
+                    _check_value(key, key_rule, prefix + name)   # a bad key is not repeated in the path
+                if value_rule is not None:
+                    _check_value(value, value_rule, f"{prefix}{name}[{key}]")
+                elif value_plan:
+                    _walk(value, value_plan, f"{prefix}{name}[{key}].")
+
+
+def _walk_many(items: list, plan: tuple, path: str) -> None:
+    """The items of a repeated message field, a column at a time: one join and one search
+    per text field of a 10,000-event batch (a walk item by item cost ~20 us an event, 14
+    times its parsing); the items are walked one by one only to name a refused value."""
+    for kind, name, rule in plan:
+        if kind == _SCALAR or kind == _SCALARS:
+            column = ([getattr(item, name) for item in items] if kind == _SCALAR
+                      else [value for item in items for value in getattr(item, name)])
+            limit, multiline = rule
+            pattern = _REFUSED_IN_MULTILINE if multiline else _REFUSED
+            if not column or (max(map(len, column)) <= limit and pattern.search("".join(column)) is None):
+                continue
+            for i, item in enumerate(items):
+                _walk(item, ((kind, name, rule),), f"{path}[{i}].")
+        else:
+            for i, item in enumerate(items):
+                _walk(item, ((kind, name, rule),), f"{path}[{i}].")
+
+
+def _check_value(value: str, rule: tuple[int, bool], path: str) -> None:
+    limit, multiline = rule
     # The common case (short, clean) in two C-level calls.
-    if len(value) <= limit and refused_character(value, multiline=multiline) < 0:
+    if len(value) <= limit and (_REFUSED_IN_MULTILINE if multiline else _REFUSED).search(value) is None:
         return
     check_text(value, path, max_chars=limit, multiline=multiline)
 
 
-def _check_map(mapping, field: FieldDescriptor, entry, path: str) -> None:
-    key_field, value_field = entry.fields_by_name["key"], entry.fields_by_name["value"]
-    for key, value in mapping.items():
-        if key_field.type == _STRING:
-            _check_field(key, key_field, path)   # a bad key is not repeated in the path
-        where = f"{path}[{key}]"
-        if value_field.type == _STRING:
-            _check_field(value, value_field, where)
-        elif value_field.type == _MESSAGE:
-            check_text_fields(value, where + ".")
+def max_chars_of(field: FieldDescriptor) -> int:
+    return MAX_CHARS_BY_FIELD.get(field.full_name, MAX_TEXT_CHARS)
 
 
 def invalid_utf8_field(descriptor, data: bytes, prefix: str = "") -> str | None:
