@@ -20,9 +20,8 @@ import heapq
 import json
 import logging
 import struct
-import threading
 import time
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -36,6 +35,7 @@ from services.clustering.domain.features import DEFAULT_VOCABULARY, GenreVocabul
 from services.clustering.domain.sessions import Session, SessionState, build_session_states, extend_sessions, sessions_of
 from services.clustering.migrations import MIGRATIONS
 from services.clustering.prediction_log import await_forwards, erase_pending, excluding_forwards, forget_cached_heads
+from services.common.aging_map import AgingMap
 from services.common.client import check_serving_deadline
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import Conflict, HearthError, InvalidArgument, NotFound
@@ -297,17 +297,12 @@ class ClusteringStore:
         # series_id, genres, country, profile_hint, utc_offset_minutes) and of session feature vectors and
         # labels, under the household's data key; None = plaintext (unit tests).
         self.cipher = cipher
-        # account -> (model version the database said is stored, when: time.monotonic())
-        # (oldest first; dropped once older than MODEL_CONFIRM_S, and with an erased household)
-        self._confirmed_versions: OrderedDict[str, tuple[int, float]] = OrderedDict()
-        # Its writers, one at a time: RPC threads note and drop at once (review29: two
-        # dropping the same oldest note raised KeyError / "OrderedDict mutated during
-        # iteration" out of get_model — INTERNAL for that RPC).
-        self._confirmed_lock = threading.Lock()
-        # account -> when (time.monotonic()) this process last saw it hold stored rows; oldest
-        # first, dropped past KNOWN_HOUSEHOLD_S / KNOWN_HOUSEHOLDS_MAX and with an erasure here.
-        self._known_households: OrderedDict[str, float] = OrderedDict()
-        self._known_lock = threading.Lock()
+        # account -> the model version the database said is stored, for MODEL_CONFIRM_S after
+        # it said so (get_model); dropped with an erased household.
+        self._confirmed_versions: AgingMap[str, int] = AgingMap(MODEL_CONFIRM_S, MODEL_CONFIRMED_MAX)
+        # Accounts this process saw hold stored rows, for KNOWN_HOUSEHOLD_S (ingest does not
+        # look them up as possibly new); dropped with an erasure here.
+        self._known_households: AgingMap[str, None] = AgingMap(KNOWN_HOUSEHOLD_S, KNOWN_HOUSEHOLDS_MAX)
 
     # ---- encryption at rest (no-ops without a cipher) ------------------------------
 
@@ -448,22 +443,10 @@ class ClusteringStore:
     def _not_known_households(self, accounts: set[str]) -> list[str]:
         """Those of ``accounts`` this process has not seen hold stored rows within
         KNOWN_HOUSEHOLD_S (sorted): the ones an ingest looks up as possibly new."""
-        horizon = time.monotonic() - KNOWN_HOUSEHOLD_S
-        with self._known_lock:
-            known = self._known_households
-            while known and next(iter(known.values())) < horizon:
-                known.popitem(last=False)
-            return sorted(a for a in accounts if a not in known)
+        return self._known_households.missing(sorted(accounts))
 
     def _note_known_households(self, accounts: set[str]) -> None:
-        now = time.monotonic()
-        with self._known_lock:
-            known = self._known_households
-            for account in accounts:
-                known[account] = now
-                known.move_to_end(account)
-            while len(known) > KNOWN_HOUSEHOLDS_MAX:
-                known.popitem(last=False)
+        self._known_households.note_many(accounts)
 
     def _new_households(self, tx: Tx, accounts: Sequence[str]) -> set[str]:
         """Those of ``accounts`` the store holds no row of (no device, event, session or
@@ -1139,9 +1122,8 @@ class ClusteringStore:
         the message instead of one per household). Those confirmed more than half
         MODEL_CONFIRM_S ago are asked again too: the message's households then stay
         confirmed for the next 30 s of messages at least."""
-        now = time.monotonic()
-        due = sorted({a for a in account_ids
-                      if now - self._confirmed_versions.get(a, (0, -1e18))[1] >= MODEL_CONFIRM_S / 2})
+        ages = {a: self._confirmed_versions.age(a) for a in account_ids}
+        due = sorted(a for a, age in ages.items() if age is None or age >= self._confirmed_versions.max_age_s / 2)
         if not due:
             return
         stored: list = []
@@ -1158,22 +1140,10 @@ class ClusteringStore:
         last ``MODEL_CONFIRM_S``: how long a replica keeps serving a version a replayed
         cache entry says is still current (a genuine entry of the version it holds, copied
         before the erasure that replaced it)."""
-        seen = self._confirmed_versions.get(account_id)
-        return seen is not None and seen[0] == version and time.monotonic() - seen[1] < MODEL_CONFIRM_S
+        return self._confirmed_versions.get(account_id) == version
 
     def _note_confirmed(self, account_id: str, version: int) -> None:
-        """Also drops the notes past MODEL_CONFIRM_S (useless then) or MODEL_CONFIRMED_MAX:
-        an account id is kept no longer than it serves."""
-        now = time.monotonic()
-        confirmed = self._confirmed_versions
-        with self._confirmed_lock:
-            confirmed[account_id] = (version, now)
-            confirmed.move_to_end(account_id)
-            while confirmed:
-                oldest, (_, at) = next(iter(confirmed.items()))
-                if now - at < MODEL_CONFIRM_S and len(confirmed) <= MODEL_CONFIRMED_MAX:
-                    break
-                del confirmed[oldest]
+        self._confirmed_versions.note(account_id, version)
 
     def _cached_model(self, account_id: str, cached: bytes, decoded_version: int) -> StoredModel | None:
         """The cache's copy (``b""`` as its blob when it is ``decoded_version``, not opened:
@@ -1298,10 +1268,8 @@ class ClusteringStore:
                 # one before it is deleted here.
                 self.cipher.forget(account)
             if scope.kind == "household":
-                with self._confirmed_lock:
-                    self._confirmed_versions.pop(account, None)
-                with self._known_lock:
-                    self._known_households.pop(account, None)
+                self._confirmed_versions.discard(account)
+                self._known_households.discard(account)
                 note_household_erased(tx)
                 forget_household_rekeys(tx, account)
                 for table, key in (("events", "event_id"), ("sessions", "session_id")):

@@ -106,7 +106,8 @@ def batch_to_pb(stored: StoredJob) -> pb.DataKeyRotationJob:
     job: RotationBatch = stored.job
     out = pb.DataKeyRotationJob(job_id=job.job_id, state=_STATE[job.state], older_than_days=job.scope.older_than_days,
                                 limit=job.scope.limit, requested_at=float_to_ts(job.requested_at),
-                                counts=job.counts())
+                                counts=job.counts(), key_table_purges=dict(job.key_table_purges),
+                                key_table_purge_detail=job.key_table_purge_detail)
     if job.completed_at is not None:
         out.completed_at.CopyFrom(float_to_ts(job.completed_at))
     for account, h in sorted(job.households.items()):
