@@ -11,11 +11,13 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
 
 from services.common.ids import ID_PATTERN, MAX_FUTURE_SKEW_S, MAX_ID_CHARS, MAX_QUERY_TS, MIN_QUERY_TS, MIN_TS
+from services.common.text import TEXT_PATTERN
 
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)]
-# Free text is stored as data: any printable text, but no control characters (a NUL
-# cannot even be stored in PostgreSQL text, and none belongs in a label).
-Label = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1F\x7F]+$")]
+# Free text is stored as data: any text under the one text rule (services/common/text.py:
+# no control characters — a NUL cannot even be stored in PostgreSQL text — no line
+# separators, no bidirectional overrides).
+Label = Annotated[str, Field(min_length=1, max_length=64, pattern=TEXT_PATTERN)]
 
 # Timestamps are RFC 3339 strings with an offset (a number such as 1700000000 or 0.5 is
 # refused, not read as Unix seconds), in a documented range:
