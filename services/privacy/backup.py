@@ -239,6 +239,17 @@ def run_restore(args: argparse.Namespace) -> int:
     if dsns and len(dsns) < len(roles.SERVICES):
         raise ValueError("set every HEARTH_POSTGRES_DSN_<SERVICE> (each schema goes back to its role after the "
                          f"restore) or none: missing {', '.join(roles.service_dsn_variable(s) for s in roles.SERVICES if s not in dsns)}")
+    if dsns:
+        # The admin drops and recreates every schema on its own server: privacy's database
+        # on another server (docs/operations.md "Database roles") cannot be restored so.
+        admin_server = roles.server_of(settings.postgres_dsn, "HEARTH_POSTGRES_DSN")
+        for service, dsn in sorted(dsns.items()):
+            variable = roles.service_dsn_variable(service)
+            if (server := roles.server_of(dsn, variable)) != admin_server:
+                raise ValueError(f"{variable}: names server {server}, HEARTH_POSTGRES_DSN {admin_server}: `hearth "
+                                 "restore` restores the schemas of one server, and a deployment with a service's "
+                                 "database on another server cannot be restored by it (docs/operations.md, "
+                                 "\"Privacy on another server\"); nothing was changed")
     if snap.backend == "postgres":
         # As SQLite's (restore_sqlite): nothing is changed under running services. A service
         # still connected would write beside the restore (or hold the DROP SCHEMA's lock

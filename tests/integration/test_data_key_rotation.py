@@ -1083,6 +1083,43 @@ def test_a_batch_purges_privacys_key_tables_once_after_its_last_retirement(datab
             assert tx.query(f"SELECT count(*) FROM {PENDING_TABLE}")[0][0] == 0
 
 
+def test_a_batch_reports_privacys_key_table_purge_by_result_through_the_api(databases):
+    """review29: the result of privacy's own key-table purge (the retired wrapped keys'
+    physical purge, once per pass) went only to privacy's log — an incomplete one, or one
+    that raised, was invisible to whoever followed the job. Now the job counts them by
+    result (``key_table_purges``, with what the last unfinished one said), in
+    GetDataKeyRotations and the gateway's JSON. This test failed (no such field)."""
+    from gateway.routes.privacy import rotation_job_to_json
+    from services.privacy.keys.servicer import batch_to_pb
+
+    mesh = Mesh(databases)
+    db = mesh.key_store.db
+    purge = db.purge_erased
+    results = iter([lambda tables: purge(tables),
+                    lambda tables: {**purge(tables), "complete": False, "action": "checkpoint busy (a reader)"},
+                    lambda tables: (_ for _ in ()).throw(OSError("disk gone"))])
+    for n, account in enumerate(("acc-kp1", "acc-kp2", "acc-kp3")):   # one batch each: one pass, one purge
+        mesh.fill(account, n=2)
+        _aged(mesh, account)
+        db.purge_erased = next(results)
+        batches = _batches(mesh, mesh.rotation())
+        job_id = batches.request(3650, 10, principal=_officer()).job.job_id
+        assert batches.run_due() == 1
+        stored = batches.get(job_id)
+        assert stored.job.households[account].outcome.value == "completed"
+        out = rotation_job_to_json(batch_to_pb(stored))
+        expected = {"complete": 0, "incomplete": 0, "failed": 0}
+        expected[("complete", "incomplete", "failed")[n]] = 1
+        assert out.key_table_purges == expected, out
+        if n == 0:
+            assert out.key_table_purge_detail == ""
+        if n == 1:
+            assert "checkpoint busy (a reader)" in out.key_table_purge_detail
+        if n == 2:
+            assert "OSError: disk gone" in out.key_table_purge_detail
+    db.purge_erased = purge
+
+
 def test_a_batch_pass_cut_between_its_reencryption_and_its_purge_is_finished_without_reencrypting_again(databases):
     """A batch pass stopped (privacy killed) after re-encrypting its households with the
     purge deferred, before the one purge: both versions live, every value readable. The

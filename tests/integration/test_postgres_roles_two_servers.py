@@ -9,6 +9,7 @@ processes, docs/operations.md "Database roles"."""
 from __future__ import annotations
 
 import json
+import os
 import uuid
 
 import psycopg
@@ -18,9 +19,9 @@ from psycopg.conninfo import make_conninfo
 from services import cli
 from services.common.storage import roles
 from services.testing import inprocess
-from tests.helpers.servers import fresh_database
+from tests.helpers.servers import bundled_postgres16, fresh_database
 from tests.integration.test_postgres_roles import delete_household, stored, write_household
-from tests.integration.test_postgres_roles_converge import _set_env
+from tests.integration.test_postgres_roles_converge import _backup_env, _set_env
 
 OTHERS = ("clustering", "attribution", "feedback")
 
@@ -78,3 +79,16 @@ def test_privacy_on_another_server_is_provisioned_there_by_a_run_of_its_own(
     assert stored(main_db, "far") == (0, 0)
     with psycopg.connect(privacy_db) as conn:
         assert conn.execute("SELECT count(*) FROM hearth_privacy.deletion_jobs").fetchone()[0] == 1
+
+    # A backup over the four DSNs, wherever they are (pg_dump 16 reads both servers); a
+    # restore, which recreates every schema on the admin's one server, is refused.
+    monkeypatch.setenv("PATH", f"{bundled_postgres16()}{os.pathsep}{os.environ['PATH']}")
+    _backup_env(monkeypatch, tmp_path, dsns)
+    assert cli.main(["backup", "--out", str(tmp_path / "backups")]) == 0, capsys.readouterr().err
+    snapshot = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["snapshot"]
+    monkeypatch.setenv("HEARTH_POSTGRES_DSN", main_db)
+    before = _made(main_db, tag), _made(privacy_db, tag)
+    assert cli.main(["restore", snapshot]) == 2
+    err = capsys.readouterr().err
+    assert "HEARTH_POSTGRES_DSN_PRIVACY: names server" in err and "restores the schemas of one server" in err, err
+    assert (_made(main_db, tag), _made(privacy_db, tag)) == before

@@ -129,7 +129,7 @@ def _database_of(dsn: str, user: str, variable: str) -> str:
     return str(parse_dsn(dsn, variable).get("dbname") or os.environ.get("PGDATABASE") or user)
 
 
-def _server_of(dsn: str, variable: str) -> str:
+def server_of(dsn: str, variable: str) -> str:
     """The server a DSN names, as written (libpq's defaults: PGHOST, else the local socket;
     PGPORT, else 5432): ``host[/hostaddr]:port``."""
     parts = parse_dsn(dsn, variable)
@@ -206,12 +206,12 @@ def provision_roles(admin_dsn: str, dsns: Mapping[str, str], keep_access_for: st
                              "could still store large objects outside its schema); nothing was changed. Use a "
                              "superuser's DSN")
         database = conn.execute("SELECT current_database()").fetchone()[0]
-        admin_server = _server_of(admin_dsn, ADMIN_DSN_VARIABLE)
+        admin_server = server_of(admin_dsn, ADMIN_DSN_VARIABLE)
         for service, (role, _) in sorted(logins.items()):
             # Roles, grants, schemas are made on the admin DSN's server: a service whose DSN
             # names another (privacy's database on another node) got its role and schema
             # here and none there, reported done, and stopped at start (session 30's drill).
-            if (server := _server_of(dsns[service], service_dsn_variable(service))) != admin_server:
+            if (server := server_of(dsns[service], service_dsn_variable(service))) != admin_server:
                 raise ValueError(f"{service_dsn_variable(service)}: names server {server}, {ADMIN_DSN_VARIABLE} "
                                  f"{admin_server}: a run provisions the admin DSN's server only. A service on "
                                  "another server is provisioned by a run of its own, with that server's admin DSN: "
@@ -252,8 +252,8 @@ def provision_roles(admin_dsn: str, dsns: Mapping[str, str], keep_access_for: st
 def _converge_members(conn, role: str, keep_access_for: str, admin: str) -> dict:
     """Make ``keep_access_for`` (if any) the only member of ``role`` but those a REVOKE
     cannot keep out: the admin, a superuser or CREATEROLE login, a membership WITH ADMIN
-    OPTION (each could grant it back; PostgreSQL 16 gives a CREATEROLE admin that option
-    in every role it creates, and revoking another admin's would break its next run).
+    OPTION (each could grant it back; PostgreSQL 16 gives a CREATEROLE login that option
+    in every role it creates: a DBA's login that made the roles by hand keeps it).
     Returns the report's keys: ``revoked_access_for``, ``members_left``, ``kept_access_for``."""
     from psycopg import sql
 
