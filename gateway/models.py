@@ -85,7 +85,7 @@ class EventIn(Strict):
     genres: list[Label] = Field(default_factory=list, max_length=16)
     duration_s: float = Field(0.0, ge=0, le=86400)
     maturity: Maturity | None = None
-    country: Annotated[str, Field(pattern=r"^[A-Z]{2}$")] | None = None
+    country: Annotated[str, Field(max_length=2, pattern=r"^[A-Z]{2}$")] | None = None
     vpn: bool = False
     profile_hint: Label | None = None
     utc_offset_minutes: int | None = Field(

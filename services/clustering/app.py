@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from prometheus_client import Counter
 
+from services.common import strict_json
 from services.clustering.domain import features as F
 from services.clustering.domain.events import MAX_EVENTS_PER_BATCH, ViewingEvent
 from services.common.ids import check_id
@@ -78,7 +79,7 @@ def decode_page_token(token: str) -> tuple[float, str] | None:
         return None
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        start, session_id = json.loads(raw)
+        start, session_id = strict_json.loads(raw)
         if (not isinstance(start, (int, float)) or isinstance(start, bool) or not math.isfinite(start)
                 or not isinstance(session_id, str)):
             # NaN / Infinity (json.loads reads them) compare differently in SQLite and

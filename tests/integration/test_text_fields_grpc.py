@@ -212,3 +212,45 @@ def test_every_text_field_of_every_rpc_refuses_bad_text_naming_it(mesh):
             if answer != f"INVALID_ARGUMENT:{f.named}":
                 wrong.append(f"{f} {kind}: {answer}")
     assert wrong == [], f"{len(wrong)} refusals wrong:\n" + "\n".join(wrong)
+
+
+def test_a_stream_or_batch_with_one_bad_text_stores_none_of_it(mesh):
+    """An ingest stream whose second message holds a bad genre stores not even the first
+    message's events; an audit batch whose last record holds a NUL appends none of its
+    records (one such record failed PostgreSQL's group commit for the whole flush)."""
+    import time as _time
+
+    from hearth.clustering.v1 import clustering_pb2 as cpb
+    from hearth.privacy.v1 import privacy_pb2 as ppb
+    from services.common.pbutil import float_to_ts
+
+    admin = identity.Principal("text-admin", identity.Role.ADMIN)
+    clustering, privacy = mesh.stub("clustering", admin), mesh.stub("privacy", admin)
+    account = f"half-{_time.time_ns()}"
+
+    def event(i: int, genre: str = "drama") -> cpb.ViewingEvent:
+        return cpb.ViewingEvent(event_id=f"{account}-e{i}", account_id=account, device_id="tv-1",
+                                device_type=cpb.DEVICE_TYPE_TV, ts=float_to_ts(_time.time() - 3600 + i),
+                                kind=cpb.EVENT_KIND_PLAY_START, title_id="t-1", genres=[genre], duration_s=60)
+
+    stream = [cpb.IngestEventsRequest(events=[event(0), event(1)]),
+              cpb.IngestEventsRequest(events=[event(2), event(3, "drama\x00")])]
+    with pytest.raises(grpc.RpcError) as err:
+        clustering.IngestEvents(iter(stream))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(err.value.trailing_metadata())[ERROR_FIELD_KEY] == "messages[1].events[1].genres[0]"
+    status = clustering.GetEventStatus(cpb.GetEventStatusRequest(
+        account_id=account, event_ids=[f"{account}-e{i}" for i in range(4)]))
+    assert list(status.stored) == [] and len(status.not_stored) == 4
+    # The same stream without the NUL is stored (the refusal above was the NUL's).
+    stream[1].events[1].genres[0] = "drama"
+    assert clustering.IngestEvents(iter(stream)).accepted == 4
+
+    records = [ppb.AuditRecord(event_type="export", resource=f"{account}/ok", outcome="success"),
+               ppb.AuditRecord(event_type="export", resource=f"{account}/bad\x00", outcome="success")]
+    with pytest.raises(grpc.RpcError) as err:
+        privacy.AppendAudit(ppb.AppendAuditRequest(records=records))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(err.value.trailing_metadata())[ERROR_FIELD_KEY] == "records[1].resource"
+    found = privacy.QueryAudit(ppb.QueryAuditRequest(resource_prefix=account, limit=10))
+    assert [r.resource for r in found.records] == []
