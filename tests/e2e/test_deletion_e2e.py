@@ -253,6 +253,30 @@ def test_a_client_that_keeps_sending_during_a_household_deletion_leaves_nothing(
     assert remnants(dmesh, acct) == {}
 
 
+def test_a_household_erased_before_any_of_its_data_arrived_stays_erased(dmesh, client):
+    """attack30: a household deletion that ran before the household's first data was stored
+    (its first batch still in flight through the gateway, or an erasure asked at sign-up)
+    found no data key to shred, and left nothing behind: the batch, and anything sent after
+    the job completed, made it a new key and was stored — the job said completed. Now it
+    stays erased as a household that had data does: 412 for each kind, nothing stored."""
+    acct = f"e2e-never-{RUN}"
+    job = delete(client, {"kind": "household", "account_id": acct})
+    assert job["state"] == "completed", job
+    ts = _iso(time.time() - DAY)
+    for path, body in (
+            ("/v1/events", {"events": [{"event_id": f"{acct}-e0", "account_id": acct, "device_id": "tv-1",
+                                        "device_type": "tv", "ts": ts, "kind": "heartbeat", "title_id": "t",
+                                        "genres": ["drama"], "duration_s": 60, "maturity": "adult"}]}),
+            ("/v1/touchpoints", {"touchpoints": [{"touchpoint_id": f"{acct}-tp0", "account_id": acct,
+                                                 "device_id": "tv-1", "ts": ts, "channel": "email", "campaign": "c"}]}),
+            ("/v1/conversions", {"conversions": [{"conversion_id": f"{acct}-cv0", "account_id": acct, "ts": ts,
+                                                 "kind": "purchase", "value": 1.0, "device_id": "tv-1"}]})):
+        r = client.post(path, json=body)
+        assert r.status_code == 412, (path, r.status_code, r.text)
+        assert "destroyed" in r.json()["error"]["message"], r.text
+    assert remnants(dmesh, acct) == {}
+
+
 def test_a_batch_sent_again_after_its_device_was_erased_does_not_bring_the_device_back(dmesh, client):
     """chaos23, driving the mesh as a client that retries: a batch acknowledged before a
     device erasure, sent again after the job completed (a retry after a lost answer, a

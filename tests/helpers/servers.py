@@ -72,8 +72,52 @@ def bundled_postgres16() -> Path:
     locations = list(spec.submodule_search_locations or []) if spec else []
     if not locations:
         pytest.fail("pgserver (the PostgreSQL 16 test server, pyproject.toml's dev dependencies) is not "
-                    "installed: `make venv` installs it — the PostgreSQL 16 tests cannot be skipped")
-    return Path(locations[0]) / "pginstall" / "bin"
+                    "installed: `make venv` installs it, on CPython 3.11/3.12 and x86_64 Linux (its wheels'; "
+                    "elsewhere give the tests another PostgreSQL 16) — the PostgreSQL 16 tests cannot be skipped")
+    return runnable_by_postgres(Path(locations[0]) / "pginstall" / "bin")
+
+
+_COPIES: dict[Path, Path] = {}
+
+
+def runnable_by_postgres(bin_dir: Path) -> Path:
+    """``bin_dir``, or a copy the ``postgres`` user can run. As root the servers run as that
+    user (services/testing/servers.py), which must reach the binaries: inside a checkout
+    under a directory only root may enter (a fresh clone's in a ``mktemp -d`` folder) it
+    cannot, and initdb would fail. The wheel's package directory and its bundled libraries
+    (``<package>.libs``, found through the binaries' RPATH ``$ORIGIN/../../../``) are then
+    copied once per run into a temporary directory anyone may enter, removed at exit."""
+    import atexit
+    import subprocess
+
+    from services.testing.servers import postgres_user
+
+    if os.geteuid() != 0:
+        return bin_dir
+    if bin_dir in _COPIES:
+        return _COPIES[bin_dir]
+    try:
+        ran = subprocess.run([str(bin_dir / "postgres"), "--version"], capture_output=True,
+                             **postgres_user()).returncode == 0
+    except PermissionError:
+        ran = False
+    if ran:
+        _COPIES[bin_dir] = bin_dir
+        return bin_dir
+    package = bin_dir.parent.parent                       # site-packages/pgserver
+    copy_root = Path(tempfile.mkdtemp(prefix="hearth-pg-bin-"))
+    copy_root.chmod(0o755)
+    atexit.register(shutil.rmtree, copy_root, True)
+    # Made here and opened up: under the umask 077 that `hearth backup`/`restore` run in this
+    # process leave (config.keep_files_private), copytree would make it 0700 (review30).
+    (copy_root / package.name).mkdir()
+    (copy_root / package.name).chmod(0o755)
+    shutil.copytree(package / bin_dir.parent.name, copy_root / package.name / bin_dir.parent.name, symlinks=True)
+    libs = package.parent / f"{package.name}.libs"
+    if libs.is_dir():
+        shutil.copytree(libs, copy_root / libs.name, symlinks=True)
+    _COPIES[bin_dir] = copy_root / package.name / bin_dir.parent.name / bin_dir.name
+    return _COPIES[bin_dir]
 
 
 @contextlib.contextmanager
