@@ -44,6 +44,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 
+from services.common import strict_json
+
 log = logging.getLogger("hearth.rollout")
 
 ACCURACY_FLOOR = 0.65
@@ -252,7 +254,7 @@ def make_webhook(experiment: Experiment, token: str | None) -> type[BaseHTTPRequ
                 self.close_connection = True   # the body is not read
                 return self._answer(413, {"error": f"the body may hold at most {WEBHOOK_MAX_BODY_BYTES} bytes"})
             try:
-                payload = json.loads(self.rfile.read(length) or b"{}")
+                payload = strict_json.loads(self.rfile.read(length) or b"{}")
             except ValueError:
                 return self._answer(400, {"error": "body must be Alertmanager's JSON payload"})
             if not isinstance(payload, dict):

@@ -42,6 +42,7 @@ from services.common.errors import Unavailable
 from services.common.export_stream import IncompleteExport, Verifier
 from services.common.identity import Principal
 from services.common.pbutil import float_to_ts
+from services.common.text import MAX_REASON_CHARS, TEXT_PATTERN
 
 _STATES = {ppb.JOB_STATE_PENDING: "pending", ppb.JOB_STATE_RUNNING: "running",
            ppb.JOB_STATE_COMPLETED: "completed", ppb.JOB_STATE_FAILED: "failed",
@@ -77,7 +78,7 @@ class DeleteIn(Strict):
     scope: ScopeIn
     request_id: str | None = Field(None, min_length=1, max_length=200, pattern=r"^[\x21-\x7E]+$",
                                    description="idempotency key: the same id returns the same job")
-    reason: str | None = Field(None, max_length=200, pattern=r"^[^\x00-\x1F\x7F]*$",
+    reason: str | None = Field(None, max_length=MAX_REASON_CHARS, pattern=TEXT_PATTERN,
                                description="e.g. gdpr_art17, ccpa")
 
 

@@ -19,9 +19,11 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from prometheus_client import Counter
 
+from services.common import strict_json
 from services.clustering.domain import features as F
 from services.clustering.domain.events import MAX_EVENTS_PER_BATCH, ViewingEvent
 from services.common.ids import check_id
+from services.common.text import MAX_REASON_CHARS, check_text
 from services.clustering.domain.model import (MIN_SESSIONS, PRIOR_MAX_HOUSEHOLDS, BatchAssignment, HouseholdModel,
                                              PopulationPrior, feedback_calibrator_rows, population_prior)
 from services.clustering.batch_scoring import score_households
@@ -40,6 +42,7 @@ from services.common.calibration import IDENTITY, Calibrator
 
 log = logging.getLogger("hearth.clustering.app")
 MAX_LABELS = 10_000
+MAX_SOURCE_CHARS = 64   # a label's source, e.g. "feedback:profile_confirmed"
 # No label per genre name: callers choose the names, so a label would be unbounded.
 UNKNOWN_GENRE_EVENTS = Counter("hearth_unknown_genre_events_total",
                                "Events received carrying a genre name outside the genre vocabulary")
@@ -76,7 +79,7 @@ def decode_page_token(token: str) -> tuple[float, str] | None:
         return None
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        start, session_id = json.loads(raw)
+        start, session_id = strict_json.loads(raw)
         if (not isinstance(start, (int, float)) or isinstance(start, bool) or not math.isfinite(start)
                 or not isinstance(session_id, str)):
             # NaN / Infinity (json.loads reads them) compare differently in SQLite and
@@ -489,8 +492,7 @@ class ClusteringApp:
     def refit(self, account_id: str, reason: str = "") -> tuple[int, int, int]:
         """Full refit from the stored sessions and labels: (version, persons, sessions)."""
         check_id(account_id, "account_id")
-        if len(reason) > 200:
-            raise InvalidArgument("at most 200 characters", "reason")
+        check_text(reason, "reason", max_chars=MAX_REASON_CHARS)
         self.require_processing([account_id])  # a refit processes the stored sessions
         version, envelope = self.keeper.refresh(account_id, force=reason or "requested")
         if envelope is None:
@@ -526,8 +528,7 @@ class ClusteringApp:
             check_id(account, f"labels[{i}].account_id")
             check_id(session, f"labels[{i}].session_id")
             check_id(person, f"labels[{i}].person_id")
-            if len(source) > 64:
-                raise InvalidArgument("at most 64 characters", f"labels[{i}].source")
+            check_text(source, f"labels[{i}].source", max_chars=MAX_SOURCE_CHARS)
         # A label is personal data (who watched) and triggers a refit: consent first.
         self.require_processing({a for a, *_ in labels})
         accepted, unknown = self.store.record_labels(labels)

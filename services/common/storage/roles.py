@@ -252,8 +252,8 @@ def provision_roles(admin_dsn: str, dsns: Mapping[str, str], keep_access_for: st
 def _converge_members(conn, role: str, keep_access_for: str, admin: str) -> dict:
     """Make ``keep_access_for`` (if any) the only member of ``role`` but those a REVOKE
     cannot keep out: the admin, a superuser or CREATEROLE login, a membership WITH ADMIN
-    OPTION (each could grant it back; PostgreSQL 16 gives a CREATEROLE admin that option
-    in every role it creates, and revoking another admin's would break its next run).
+    OPTION (each could grant it back; PostgreSQL 16 gives a CREATEROLE login that option
+    in every role it creates: a DBA's login that made the roles by hand keeps it).
     Returns the report's keys: ``revoked_access_for``, ``members_left``, ``kept_access_for``."""
     from psycopg import sql
 

@@ -53,6 +53,7 @@ from services.common import audit, identity, telemetry
 from services.common.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from services.common.failure_log import FailureLog
 from services.common.telemetry import pseudonym
+from services.common.text import MAX_REQUEST_ID_CHARS, check_text
 from services.privacy.deletion.domain import JobState
 from services.privacy.deletion.store import DeletionJobStore, StoredJob
 from services.privacy.keys.rotation import MAX_BATCH, MAX_DAYS, DataKeyRotation, describe_purges
@@ -310,8 +311,7 @@ class BatchRotations:
             raise InvalidArgument(f"must be in (0, {MAX_DAYS}]", "older_than_days")
         if not 0 < limit <= MAX_BATCH:
             raise InvalidArgument(f"must be in 1..{MAX_BATCH}", "limit")
-        if request_id and (len(request_id) > 200 or not request_id.isprintable()):
-            raise InvalidArgument("at most 200 printable characters", "request_id")
+        check_text(request_id, "request_id", max_chars=MAX_REQUEST_ID_CHARS)
         principal = principal or identity.current_principal()
         with self._requesting:
             if not self._known_request(request_id):   # a repeated request_id answers its job, open or not

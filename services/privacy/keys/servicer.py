@@ -8,6 +8,7 @@ from hearth.privacy.v1 import privacy_pb2_grpc as pb_grpc
 from services.common import identity
 from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from services.common.ids import check_id
+from services.common.text import MAX_JOB_ID_CHARS, check_text
 from services.privacy.keys.app import ERASED, MAX_DATA_KEYS, UNAVAILABLE, KeyService
 from services.common.pbutil import float_to_ts
 from services.privacy.deletion.domain import JobState
@@ -71,9 +72,7 @@ class KeysServicer(pb_grpc.KeysServicer):
                                                  request.request_id))
 
     def GetDataKeyRotations(self, request, context) -> pb.DataKeyRotationJob:
-        if not request.job_id or len(request.job_id) > 128 or not request.job_id.isprintable():
-            # a NUL: INTERNAL on PostgreSQL, which cannot compare text holding one (attack29)
-            raise InvalidArgument("is required (at most 128 printable characters)", "job_id")
+        check_text(request.job_id, "job_id", max_chars=MAX_JOB_ID_CHARS, required=True)
         if self._batches is None:
             raise FailedPrecondition("this privacy service reaches no data-holding service", "job_id")
         return batch_to_pb(self._batches.get(request.job_id))
