@@ -72,7 +72,8 @@ def bundled_postgres16() -> Path:
     locations = list(spec.submodule_search_locations or []) if spec else []
     if not locations:
         pytest.fail("pgserver (the PostgreSQL 16 test server, pyproject.toml's dev dependencies) is not "
-                    "installed: `make venv` installs it — the PostgreSQL 16 tests cannot be skipped")
+                    "installed: `make venv` installs it, on CPython 3.11/3.12 and x86_64 Linux (its wheels'; "
+                    "elsewhere give the tests another PostgreSQL 16) — the PostgreSQL 16 tests cannot be skipped")
     return runnable_by_postgres(Path(locations[0]) / "pginstall" / "bin")
 
 
