@@ -134,7 +134,8 @@ def prediction_ids(n: int) -> list[str]:
 class ClusteringApp:
     def __init__(self, store: ClusteringStore, consent: ConsentChecker | None = None, *,
                  keeper: ModelKeeper | None = None, predictions: PredictionLog | None = None,
-                 calibrator_of=None, background: bool = True, unknown_genres: str = "hash") -> None:
+                 calibrator_of=None, background: bool = True, unknown_genres: str = "hash",
+                 erasure_fence_s: float | None = None) -> None:
         if unknown_genres not in UNKNOWN_GENRE_POLICIES:
             raise ValueError(f"unknown_genres must be one of {UNKNOWN_GENRE_POLICIES}, got {unknown_genres!r}")
         self.store = store
@@ -155,6 +156,15 @@ class ClusteringApp:
         self._worker = threading.Thread(target=self._refresh_loop, name="model-refresh", daemon=True)
         if background:
             self._worker.start()
+        # The erasure fence (HEARTH_ERASURE_FENCE_S; store.py, MODEL_CONFIRM_S): watched by a
+        # thread of its own, and every Erase waits it out. None: neither (unit tests with
+        # one replica).
+        self.erasure_fence_s = erasure_fence_s
+        self._stopping = threading.Event()
+        self.fence_failures = FailureLog(log, "erasure fence read")
+        if erasure_fence_s is not None:
+            self._watch_fence()   # the first read before the first request
+            threading.Thread(target=self._fence_loop, name="erasure-fence", daemon=True).start()
 
     # ---- consent, ingest -------------------------------------------------------------
 
@@ -207,6 +217,19 @@ class ClusteringApp:
             finally:
                 self._pending.task_done()
 
+    def _fence_loop(self) -> None:
+        while not self._stopping.wait(self.erasure_fence_s / 4):
+            self._watch_fence()
+
+    def _watch_fence(self) -> None:
+        try:
+            if self.store.watch_erasure_fence(self.erasure_fence_s):
+                self.keeper.drop_superseded()
+        except Exception:  # noqa: BLE001 - the database down: the held versions lapse within the fence
+            self.fence_failures.failed()
+        else:
+            self.fence_failures.succeeded()
+
     def drain(self, timeout_s: float = 30.0) -> None:
         """Wait until queued refreshes are done (tests, graceful stop)."""
         deadline = time.monotonic() + timeout_s
@@ -214,6 +237,7 @@ class ClusteringApp:
             time.sleep(0.01)
 
     def close(self) -> None:
+        self._stopping.set()
         self._pending.put(None)
         if self._worker.is_alive():
             self._worker.join(10)
@@ -571,4 +595,10 @@ class ClusteringApp:
             # The refit replaced the model blob that was fitted on the erased sessions:
             # purge again so its old bytes leave the WAL / dead tuples too.
             outcome.purges[-1:] = [self.store.purge_erased(model_replaced=refitted or not outcome.empty)]
+        if self.erasure_fence_s is not None:
+            # Every Erase, a repeat included (one whose fence failed is retried by its job):
+            # the other replicas' confirmed versions of the replaced or removed model are
+            # not trusted once this answers (store.py, MODEL_CONFIRM_S).
+            self.store.move_erasure_fence()
+            time.sleep(self.erasure_fence_s)
         return outcome

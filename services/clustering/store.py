@@ -20,6 +20,7 @@ import heapq
 import json
 import logging
 import struct
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -69,6 +70,15 @@ MODEL_CACHE_TTL_S = 3600.0
 # bound on a replayed genuine entry of that version (docs/security.md, session 29).
 MODEL_CONFIRM_S = 60.0
 MODEL_CONFIRMED_MAX = 100_000   # households whose confirmed version a process keeps (the oldest dropped past it)
+# The erasure fence (HEARTH_ERASURE_FENCE_S, default 3 s; ClusteringStore.watch_erasure_fence,
+# session 30): every Erase moves a counter in the database once its deletion and unlearning
+# refit are committed, and waits the fence's time before it answers. A replica that watches
+# the fence reads it every quarter of that, and trusts its confirmed versions (above) only
+# while its last read of the fence began less than that time ago; when the fence moved it
+# forgets them all. So once an Erase has answered, every watching replica has either seen it
+# (and asks the database before it serves a version it held) or stopped trusting what it
+# held: none answers with a model the erasure replaced or removed (before: for up to
+# MODEL_CONFIRM_S after its last confirmation, from a genuine Redis entry of that version).
 # A household this process has seen stored rows of is not looked up again as a possible new
 # one for this long (``ClusteringStore._prepare_new_households``): review29 measured the
 # lookup on every ingest, +9 % (SQLite) / +18 % (PostgreSQL) client CPU for a batch of known
@@ -339,6 +349,16 @@ class ClusteringStore:
         # Accounts this process saw hold stored rows, for KNOWN_HOUSEHOLD_S (ingest does not
         # look them up as possibly new); dropped with an erasure here.
         self._known_households: AgingMap[str, None] = AgingMap(KNOWN_HOUSEHOLD_S, KNOWN_HOUSEHOLDS_MAX)
+        # The erasure fence as this process last read it (None: never, or not watching), when
+        # that read began (time.monotonic()), and the generation of its confirmed versions: a
+        # move of the fence forgets them and starts a new generation, and a read of the
+        # database that began in an older one notes nothing (it may predate the erasure).
+        # The lock makes "check the generation, note" and "new generation, forget" atomic.
+        self._fence_s: float | None = None
+        self._fence_epoch: int | None = None
+        self._fence_read_at = float("-inf")
+        self._fence_generation = 0
+        self._fence_lock = threading.Lock()
 
     # ---- encryption at rest (no-ops without a cipher) ------------------------------
 
@@ -1230,6 +1250,7 @@ class ClusteringStore:
         if entry is not None and entry.version == decoded_version and self._confirmed(account_id, decoded_version):
             return entry
         known = entry.version if entry is not None else -1
+        generation = self._fence_generation
         with self.db.transaction(readonly=True) as tx:
             # The model column only when the cache's entry is not the stored version, and
             # the erasure counts only then (the model is cached again: _cache_model).
@@ -1241,7 +1262,7 @@ class ClusteringStore:
                 self.cache.delete(f"model:{account_id}")
             return None
         version, variant = int(rows[0][0]), rows[0][1]
-        self._note_confirmed(account_id, version)
+        self._note_confirmed(account_id, version, generation)
         if entry is not None and entry.version == version:
             return entry
         if entry is not None:
@@ -1268,24 +1289,38 @@ class ClusteringStore:
         due = sorted(a for a, age in ages.items() if age is None or age >= self._confirmed_versions.max_age_s / 2)
         if not due:
             return
-        stored: list = []
+        generation = self._fence_generation
+        for account_id, version in self.stored_model_versions(due).items():
+            self._note_confirmed(account_id, version, generation)
+
+    def stored_model_versions(self, account_ids: Iterable[str]) -> dict[str, int]:
+        """The stored model version of each of ``account_ids`` that has a model, in one read
+        transaction."""
+        accounts = sorted(set(account_ids))
+        stored: dict[str, int] = {}
         with self.db.transaction(readonly=True) as tx:
-            for start in range(0, len(due), 500):   # SQLite's bound-parameter limit, as _query_in
-                chunk = due[start:start + 500]
-                stored += tx.query("SELECT account_id, version FROM household_models WHERE account_id IN "
-                                   f"({', '.join('?' * len(chunk))})", chunk)
-        for account_id, version in stored:
-            self._note_confirmed(account_id, int(version))
+            for start in range(0, len(accounts), 500):   # SQLite's bound-parameter limit, as _query_in
+                chunk = accounts[start:start + 500]
+                stored.update((a, int(v)) for a, v in tx.query(
+                    f"SELECT account_id, version FROM household_models WHERE account_id IN "
+                    f"({', '.join('?' * len(chunk))})", chunk))
+        return stored
 
     def _confirmed(self, account_id: str, version: int) -> bool:
         """Whether the database said ``version`` is the household's stored one within the
         last ``MODEL_CONFIRM_S``: how long a replica keeps serving a version a replayed
         cache entry says is still current (a genuine entry of the version it holds, copied
         before the erasure that replaced it)."""
-        return self._confirmed_versions.get(account_id) == version
+        return (self._confirmed_versions.get(account_id) == version
+                and (self._fence_s is None or time.monotonic() - self._fence_read_at < self._fence_s))
 
-    def _note_confirmed(self, account_id: str, version: int) -> None:
-        self._confirmed_versions.note(account_id, version)
+    def _note_confirmed(self, account_id: str, version: int, generation: int | None = None) -> None:
+        """``generation``: the erasure fence's generation when the read that says so began
+        (nothing noted when the fence moved since; None: no such read)."""
+        with self._fence_lock:
+            if generation is not None and generation != self._fence_generation:
+                return
+            self._confirmed_versions.note(account_id, version)
 
     def _cached_model(self, account_id: str, cached: bytes, decoded_version: int) -> StoredModel | None:
         """The cache's copy (``b""`` as its blob when it is ``decoded_version``, not opened:
@@ -1334,6 +1369,7 @@ class ClusteringStore:
         what keeps two replicas from losing each other's update."""
         new_version = expected_version + 1
         sealed = self._seal(account_id, "model", blob)
+        generation = self._fence_generation
         with self.db.transaction() as tx:
             tx.lock_household(account_id)   # the EXISTS below must see an erasure in flight
             if expected_version == 0:
@@ -1354,7 +1390,7 @@ class ClusteringStore:
             self.cache.delete(f"model:{account_id}")
             raise Conflict(f"household model of {account_id!r} changed since version {expected_version}",
                            "model_version")
-        self._note_confirmed(account_id, new_version)
+        self._note_confirmed(account_id, new_version, generation)
         self._cache_model(account_id, new_version, variant, blob, erasures)
         return new_version
 
@@ -1379,6 +1415,35 @@ class ClusteringStore:
         with self.db.transaction(readonly=True) as tx:
             if household_key_state(tx, account_id) != erasures:
                 self.cache.delete(key)
+
+    # ---- the erasure fence (HEARTH_ERASURE_FENCE_S) ------------------------------------
+
+    def move_erasure_fence(self) -> None:
+        """After an Erase's deletion and unlearning refit are committed (ClusteringApp.erase
+        then waits HEARTH_ERASURE_FENCE_S): every replica watching the fence forgets the versions
+        it confirmed before this."""
+        with self.db.transaction() as tx:
+            tx.execute("UPDATE erasure_fence SET epoch = epoch + 1 WHERE id = 1")
+
+    def watch_erasure_fence(self, fence_s: float) -> bool:
+        """One read of the erasure fence by a replica that watches it (ClusteringApp's
+        thread, every quarter of ``fence_s``): from the first one on, a confirmed version is
+        trusted only while the last read began less than ``fence_s`` ago. True when the
+        fence moved since the last read (or this is the first: an erasure may have come
+        before it): the confirmed versions are forgotten, and the caller drops the models it
+        decoded of a version no longer stored."""
+        self._fence_s = fence_s   # from now on, even when this read fails (the database down)
+        began = time.monotonic()
+        with self.db.transaction(readonly=True) as tx:
+            epoch = int(tx.query("SELECT epoch FROM erasure_fence WHERE id = 1")[0][0])
+        with self._fence_lock:
+            moved = epoch != self._fence_epoch
+            if moved:
+                self._fence_generation += 1
+                self._confirmed_versions.clear()
+                self._fence_epoch = epoch
+            self._fence_read_at = max(self._fence_read_at, began)
+        return moved
 
     # ---- erasure -------------------------------------------------------------------
 

@@ -72,7 +72,8 @@ def bundled_postgres16() -> Path:
     locations = list(spec.submodule_search_locations or []) if spec else []
     if not locations:
         pytest.fail("pgserver (the PostgreSQL 16 test server, pyproject.toml's dev dependencies) is not "
-                    "installed: `make venv` installs it — the PostgreSQL 16 tests cannot be skipped")
+                    "installed: `make venv` installs it, on CPython 3.11/3.12 and x86_64 Linux (its wheels'; "
+                    "elsewhere give the tests another PostgreSQL 16) — the PostgreSQL 16 tests cannot be skipped")
     return runnable_by_postgres(Path(locations[0]) / "pginstall" / "bin")
 
 
@@ -107,6 +108,10 @@ def runnable_by_postgres(bin_dir: Path) -> Path:
     copy_root = Path(tempfile.mkdtemp(prefix="hearth-pg-bin-"))
     copy_root.chmod(0o755)
     atexit.register(shutil.rmtree, copy_root, True)
+    # Made here and opened up: under the umask 077 that `hearth backup`/`restore` run in this
+    # process leave (config.keep_files_private), copytree would make it 0700 (review30).
+    (copy_root / package.name).mkdir()
+    (copy_root / package.name).chmod(0o755)
     shutil.copytree(package / bin_dir.parent.name, copy_root / package.name / bin_dir.parent.name, symlinks=True)
     libs = package.parent / f"{package.name}.libs"
     if libs.is_dir():

@@ -254,3 +254,58 @@ def test_a_stream_or_batch_with_one_bad_text_stores_none_of_it(mesh):
     assert dict(err.value.trailing_metadata())[ERROR_FIELD_KEY] == "records[1].resource"
     found = privacy.QueryAudit(ppb.QueryAuditRequest(resource_prefix=account, limit=10))
     assert [r.resource for r in found.records] == []
+
+
+def test_the_fields_no_servicer_checked_are_refused_and_nothing_is_stored(mesh):
+    """Found by the sweep on bed44f9 with otherwise valid requests: a NUL in a label's
+    ``source`` or in an appended audit record's ``principal.id`` was INTERNAL on PostgreSQL
+    (the audit one failed the log's group commit) and stored on SQLite; one in Refit's
+    ``reason`` was accepted on both."""
+    import time as _time
+
+    from hearth.clustering.v1 import clustering_pb2 as cpb
+    from hearth.common.v1 import common_pb2
+    from hearth.privacy.v1 import privacy_pb2 as ppb
+    from services.common.pbutil import float_to_ts
+
+    admin = identity.Principal("text-admin", identity.Role.ADMIN)
+    clustering, privacy = mesh.stub("clustering", admin), mesh.stub("privacy", admin)
+    account = f"unchecked-{_time.time_ns()}"
+    now = _time.time()
+    clustering.IngestEvents(iter([cpb.IngestEventsRequest(events=[cpb.ViewingEvent(
+        event_id=f"{account}-e{i}", account_id=account, device_id="tv-1", device_type=cpb.DEVICE_TYPE_TV,
+        ts=float_to_ts(now - 7200 + 60 * i), kind=cpb.EVENT_KIND_PLAY_START, title_id="t-1", genres=["drama"],
+        duration_s=60) for i in range(5)])]))
+    session = clustering.GetHousehold(cpb.GetHouseholdRequest(account_id=account)).sessions[0].session_id
+
+    def refusal(call) -> str:
+        try:
+            call()
+            return "OK"
+        except grpc.RpcError as err:
+            return f"{err.code().name}:{dict(err.trailing_metadata() or ()).get(ERROR_FIELD_KEY)}"
+
+    label = cpb.SessionLabel(account_id=account, session_id=session, person_id="p1", source="feedback\x00x")
+    audit = ppb.AuditRecord(event_type="export", resource=f"{account}/r", outcome="success",
+                            principal=common_pb2.Principal(id="bob\x00", role=common_pb2.ROLE_ADMIN))
+    assert [refusal(lambda: clustering.RecordLabels(cpb.RecordLabelsRequest(labels=[label]))),
+            refusal(lambda: privacy.AppendAudit(ppb.AppendAuditRequest(records=[audit]))),
+            refusal(lambda: clustering.Refit(cpb.RefitRequest(account_id=account, reason="why\x00")))] == [
+        "INVALID_ARGUMENT:labels[0].source", "INVALID_ARGUMENT:records[0].principal.id",
+        "INVALID_ARGUMENT:reason"]
+    assert list(privacy.QueryAudit(ppb.QueryAuditRequest(resource_prefix=account, limit=10)).records) == []
+    label.source = "feedback:x"
+    assert clustering.RecordLabels(cpb.RecordLabelsRequest(labels=[label])).accepted == 1
+
+
+def test_a_bidirectional_stream_over_a_peer_channel_answers_before_its_deadline(mesh):
+    """AssignSessions (the one bidirectional RPC) over the mesh's own peer channel: the
+    client interceptor waited for the whole response stream before handing it over, so
+    every such call hung until its deadline (found by the sweep above: DEADLINE_EXCEEDED
+    after 30 s for each AssignSessions field, on bed44f9)."""
+    from hearth.clustering.v1 import clustering_pb2 as cpb
+
+    stub = mesh.stub("clustering", identity.Principal("text-admin", identity.Role.ADMIN))
+    answers = list(stub.AssignSessions(iter([cpb.AssignSessionsRequest(batch_id="b-1"),
+                                             cpb.AssignSessionsRequest(batch_id="b-2")]), timeout=10))
+    assert [a.batch_id for a in answers] == ["b-1", "b-2"]
