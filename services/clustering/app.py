@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from services.common import strict_json
 from services.clustering.domain import features as F
@@ -47,6 +47,23 @@ MAX_SOURCE_CHARS = 64   # a label's source, e.g. "feedback:profile_confirmed"
 UNKNOWN_GENRE_EVENTS = Counter("hearth_unknown_genre_events_total",
                                "Events received carrying a genre name outside the genre vocabulary")
 UNKNOWN_GENRE_POLICIES = ("hash", "other", "reject")
+# The erasure fence as this replica watches it (HEARTH_ERASURE_FENCE_S; store.py). Its read
+# failing only logged until review30: a replica whose reads lapse trusts no held model
+# version (every answer asks the database) and an operator saw nothing. Alert
+# HearthErasureFenceStale (docs/deploy.md): the age past the bound.
+ERASURE_FENCE_READ_AGE = Gauge("hearth_erasure_fence_read_age_seconds",
+                               "Seconds since this replica's last successful read of the erasure fence began "
+                               "(+Inf before the first; 0 when it does not watch the fence)")
+ERASURE_FENCE_BOUND = Gauge("hearth_erasure_fence_seconds",
+                            "HEARTH_ERASURE_FENCE_S: a held model version is trusted only while the last "
+                            "read of the erasure fence began within this (0 when not watching)")
+ERASURE_FENCE_READ_FAILURES = Counter("hearth_erasure_fence_read_failures_total",
+                                      "Reads of the erasure fence that failed (the database unreachable)")
+ERASURES_SEEN = Counter("hearth_erasure_fence_moves_seen_total",
+                        "Erasures completed anywhere (moves of the erasure fence) this replica has seen")
+SUPERSEDED_MODELS_DROPPED = Counter("hearth_erasure_fence_models_dropped_total",
+                                    "Decoded models dropped because the fence moved and their version "
+                                    "is no longer the stored one")
 
 
 @dataclass
@@ -163,6 +180,8 @@ class ClusteringApp:
         self._stopping = threading.Event()
         self.fence_failures = FailureLog(log, "erasure fence read")
         if erasure_fence_s is not None:
+            ERASURE_FENCE_BOUND.set(erasure_fence_s)
+            ERASURE_FENCE_READ_AGE.set_function(store.erasure_fence_read_age_s)
             self._watch_fence()   # the first read before the first request
             threading.Thread(target=self._fence_loop, name="erasure-fence", daemon=True).start()
 
@@ -222,13 +241,19 @@ class ClusteringApp:
             self._watch_fence()
 
     def _watch_fence(self) -> None:
+        """One read of the fence (one thread calls this: __init__'s first, then the loop's)."""
+        before = self.store.erasure_fence_epoch
         try:
             if self.store.watch_erasure_fence(self.erasure_fence_s):
-                self.keeper.drop_superseded()
+                SUPERSEDED_MODELS_DROPPED.inc(self.keeper.drop_superseded())
         except Exception:  # noqa: BLE001 - the database down: the held versions lapse within the fence
+            ERASURE_FENCE_READ_FAILURES.inc()
             self.fence_failures.failed()
         else:
             self.fence_failures.succeeded()
+        after = self.store.erasure_fence_epoch
+        if before is not None and after is not None and after > before:
+            ERASURES_SEEN.inc(after - before)
 
     def drain(self, timeout_s: float = 30.0) -> None:
         """Wait until queued refreshes are done (tests, graceful stop)."""

@@ -1425,6 +1425,17 @@ class ClusteringStore:
         with self.db.transaction() as tx:
             tx.execute("UPDATE erasure_fence SET epoch = epoch + 1 WHERE id = 1")
 
+    @property
+    def erasure_fence_epoch(self) -> int | None:
+        """The fence's counter as this process last read it (None: never read)."""
+        return self._fence_epoch
+
+    def erasure_fence_read_age_s(self) -> float:
+        """Seconds since the last successful read of the fence began (+Inf before the
+        first): past the fence's time this process trusts no held version
+        (hearth_erasure_fence_read_age_seconds)."""
+        return time.monotonic() - self._fence_read_at
+
     def watch_erasure_fence(self, fence_s: float) -> bool:
         """One read of the erasure fence by a replica that watches it (ClusteringApp's
         thread, every quarter of ``fence_s``): from the first one on, a confirmed version is

@@ -127,3 +127,41 @@ def test_every_erase_moves_the_fence_a_repeat_too(database, tmp_path):
 def _fence(store: ClusteringStore) -> int:
     with store.db.transaction(readonly=True) as tx:
         return int(tx.query("SELECT epoch FROM erasure_fence WHERE id = 1")[0][0])
+
+
+def test_the_fence_reads_are_metrics_an_operator_can_alert_on(database):
+    """review30 (keys30's task): a failed read of the fence went only to the log. Now each
+    replica exports the age of its last successful read (alert HearthErasureFenceStale when
+    past ``hearth_erasure_fence_seconds``), its failed reads, and the erasures it saw. A
+    failed read does not make the age young again. This test failed (no such metrics)."""
+    from prometheus_client import REGISTRY
+
+    from services.clustering.app import ClusteringApp
+
+    def sample(name: str) -> float:
+        value = REGISTRY.get_sample_value(name)
+        assert value is not None, name
+        return value
+
+    store, other = (ClusteringStore(database, gap_s=1800) for _ in range(2))
+    store.migrate()
+    failures, seen = (REGISTRY.get_sample_value(n) or 0.0 for n in
+                      ("hearth_erasure_fence_read_failures_total", "hearth_erasure_fence_moves_seen_total"))
+    app = ClusteringApp(store, background=False, erasure_fence_s=60.0)   # its thread reads again in 15 s
+    try:
+        assert sample("hearth_erasure_fence_seconds") == 60.0
+        assert 0.0 <= sample("hearth_erasure_fence_read_age_seconds") < 60.0
+        other.move_erasure_fence()
+        other.move_erasure_fence()
+        app._watch_fence()
+        assert sample("hearth_erasure_fence_moves_seen_total") == seen + 2
+        assert sample("hearth_erasure_fence_read_failures_total") == failures
+        with store.db.transaction() as tx:   # the read fails for real: the table is gone
+            tx.execute("DROP TABLE erasure_fence")
+        before = sample("hearth_erasure_fence_read_age_seconds")
+        app._watch_fence()
+        assert sample("hearth_erasure_fence_read_failures_total") == failures + 1
+        assert sample("hearth_erasure_fence_read_age_seconds") > before   # still the last good read's
+        assert sample("hearth_erasure_fence_moves_seen_total") == seen + 2
+    finally:
+        app.close()
