@@ -296,3 +296,16 @@ def test_the_fields_no_servicer_checked_are_refused_and_nothing_is_stored(mesh):
     assert list(privacy.QueryAudit(ppb.QueryAuditRequest(resource_prefix=account, limit=10)).records) == []
     label.source = "feedback:x"
     assert clustering.RecordLabels(cpb.RecordLabelsRequest(labels=[label])).accepted == 1
+
+
+def test_a_bidirectional_stream_over_a_peer_channel_answers_before_its_deadline(mesh):
+    """AssignSessions (the one bidirectional RPC) over the mesh's own peer channel: the
+    client interceptor waited for the whole response stream before handing it over, so
+    every such call hung until its deadline (found by the sweep above: DEADLINE_EXCEEDED
+    after 30 s for each AssignSessions field, on bed44f9)."""
+    from hearth.clustering.v1 import clustering_pb2 as cpb
+
+    stub = mesh.stub("clustering", identity.Principal("text-admin", identity.Role.ADMIN))
+    answers = list(stub.AssignSessions(iter([cpb.AssignSessionsRequest(batch_id="b-1"),
+                                             cpb.AssignSessionsRequest(batch_id="b-2")]), timeout=10))
+    assert [a.batch_id for a in answers] == ["b-1", "b-2"]
