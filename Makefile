@@ -36,11 +36,14 @@ provision: ## install the system tools the suite needs (apt-get as root; otherwi
 test: provision hearth/__init__.py ## the whole suite: unit, contract, integration and storage (SQLite, PostgreSQL, Redis), security, e2e, deploy
 	$(PY) scripts/run_tests.py $(ARGS)
 
+# Both go through make test's runner (a path narrows it), so a worker that hangs or dies is
+# named with its test, as in the whole suite; test-e2e's meshes on PostgreSQL and Redis need
+# what provision installs.
 test-unit: hearth/__init__.py ## unit tests only
-	$(PY) -m pytest -q tests/unit
+	$(PY) scripts/run_tests.py tests/unit $(ARGS)
 
-test-e2e: hearth/__init__.py ## end-to-end tests only (real processes)
-	$(PY) -m pytest -q tests/e2e
+test-e2e: provision hearth/__init__.py ## end-to-end tests only (real processes)
+	$(PY) scripts/run_tests.py tests/e2e $(ARGS)
 
 bench-accuracy: hearth/__init__.py ## clustering accuracy on generated households vs ground truth, beside scikit-learn, simple baselines and a supervised oracle (JSON)
 	OMP_NUM_THREADS=1 $(PY) -m bench.accuracy

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import time
@@ -55,6 +56,14 @@ def answers_health(url: str, timeout_s: float = 120.0) -> bool:
             pass
         time.sleep(0.3)
     return False
+
+
+def run_window(started: float, load_before: float) -> dict:
+    """When a bench ran (UTC, from ``started``: time.time()) and the 1-minute load before and
+    after: what docs/benchmarks.md quotes beside its figures."""
+    stamp = "%Y-%m-%dT%H:%M:%SZ"
+    return {"started_utc": time.strftime(stamp, time.gmtime(started)), "ended_utc": time.strftime(stamp, time.gmtime()),
+            "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}
 
 
 def emit(result: dict, out: str | None) -> dict:

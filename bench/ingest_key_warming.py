@@ -7,6 +7,8 @@ every 0.2 s to the same mesh — the "every other write waits" half of attack27'
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.ingest_key_warming --households 1000 --rounds 5
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.ingest_key_warming --baseline ed5316b --households 5000 \
         --rounds 3 --out /tmp/ingest-5000.json
+    ... --known: each round's households' second event (their first posted before, untimed)
+    ... --py-spy DIR: py-spy records clustering's process during each timed batch (DIR/<side>-r<n>.txt)
 
 JSON (printed, and written to ``--out``): per side, the batch's seconds and status of each
 round, their median, the probes' median and max seconds, the fixed/baseline ratio of the
@@ -17,7 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -53,9 +59,29 @@ def start(label: str, root: Path, work: Path) -> tuple[Mesh, str]:
     return mesh, key
 
 
-def one_round(mesh: Mesh, key: str, households: int, tag: str) -> dict:
+def _spy(mesh: Mesh, out: Path | None) -> subprocess.Popen | None:
+    """py-spy recording clustering's process (collapsed stacks, ``out``) until stopped."""
+    if out is None:
+        return None
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    return subprocess.Popen([spy, "record", "--nonblocking", "--rate", "100", "--format", "raw", "-o", str(out),
+                             "-p", str(mesh.processes["clustering"].pid)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def one_round(mesh: Mesh, key: str, households: int, tag: str, known: bool = False,
+              spy_out: Path | None = None) -> dict:
     ts = time.time() - 3600
     batch = [_event(f"{tag}-{i}", f"{tag}-e{i}", ts) for i in range(households)]
+    if known:   # the households' first events stored first (untimed, 500 a request): the batch is their second
+        with httpx.Client(base_url=mesh.url, headers={"X-API-Key": key}, timeout=120) as c:
+            for start in range(0, households, 500):
+                for _ in range(3):   # a 504 stored nothing: sent again (idempotent event ids)
+                    first = c.post("/v1/events", json={"events": batch[start:start + 500]})
+                    if first.status_code == 200:
+                        break
+                assert first.status_code == 200, first.text[:300]
+        batch = [_event(f"{tag}-{i}", f"{tag}-f{i}", ts + 60.0) for i in range(households)]
     probes: list[float] = []
     done = threading.Event()
 
@@ -73,9 +99,14 @@ def one_round(mesh: Mesh, key: str, households: int, tag: str) -> dict:
     with httpx.Client(base_url=mesh.url, headers={"X-API-Key": key}, timeout=60) as c:
         c.post("/v1/events", json={"events": [_event("probe-acc", f"{tag}-p0", ts)]})   # probe's key warm
         prober.start()
+        spy = _spy(mesh, spy_out)
         t0 = time.perf_counter()
         r = c.post("/v1/events", json={"events": batch})
         seconds = time.perf_counter() - t0
+        if spy is not None:
+            time.sleep(0.5)   # the commit and the answer's last work
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
     done.set()
     prober.join()
     return {"seconds": round(seconds, 3), "status": r.status_code,
@@ -90,6 +121,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--households", type=int, default=1000)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--work", default=None)
+    p.add_argument("--py-spy", default=None, metavar="DIR",
+                   help="record clustering with py-spy during each timed batch (collapsed stacks in DIR)")
+    p.add_argument("--known", action="store_true",
+                   help="time each round's households' second event (the batch of known households), "
+                        "their first posted before, untimed")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     started = time.time()
@@ -105,11 +141,12 @@ def main(argv: list[str] | None = None) -> dict:
             order = list(sides) if n % 2 == 0 else list(sides)[::-1]
             for label in order:
                 mesh, key = meshes[label]
-                runs[label].append(one_round(mesh, key, args.households, f"r{n}"))
+                spy_out = Path(args.py_spy) / f"{label}-r{n}.txt" if args.py_spy else None
+                runs[label].append(one_round(mesh, key, args.households, f"r{n}", args.known, spy_out))
     finally:
         for mesh, _ in meshes.values():
             mesh.stop()
-    result = {"households": args.households, "rounds": args.rounds, "baseline": args.baseline,
+    result = {"households": args.households, "rounds": args.rounds, "baseline": args.baseline, "known": args.known,
               "started_utc": _iso(started), "ended_utc": _iso(time.time()),
               "load_before": round(load0, 2), "load_after": round(os.getloadavg()[0], 2), "sides": {}}
     for label, rs in runs.items():

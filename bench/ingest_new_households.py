@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench._common import emit
+from bench._common import emit, run_window
 from bench.assign_cpu import extract
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,9 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
             entry["fixed_over_baseline"] = {k: round(entry["fixed"][f"median_{k}"] / entry["baseline"][f"median_{k}"], 3)
                                             for k in ("wall_s", "cpu_s", "probe_max_s")}
             result["sizes"][str(size)] = entry
-    result.update(started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-                  ended_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                  load_before=round(load0, 2), load_after=round(os.getloadavg()[0], 2))
+    result.update(run_window(started, load0))
     return emit(result, args.out)
 
 

@@ -46,6 +46,7 @@ import inspect
 import json
 from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn
+from urllib.parse import unquote_to_bytes
 
 from fastapi import Request
 from fastapi.dependencies.utils import field_annotation_is_sequence, get_flat_params
@@ -249,6 +250,25 @@ def _refusing_ambiguous_json(handler: Callable[[Request], Coroutine[Any, Any, Re
     return checked
 
 
+def _refuse_query_not_utf8(raw: bytes, declared: frozenset[str]) -> None:
+    """A declared query parameter whose %-escapes are not UTF-8 is refused, naming it
+    (the one text rule, services/common/text.py). Starlette decodes them with U+FFFD in
+    place of each bad byte, so ``?resource_prefix=x%FF`` was read as ``x\ufffd``: another
+    value than the one sent, answered 200."""
+    if b"%" not in raw:
+        return
+    for pair in raw.split(b"&"):
+        name, _, value = pair.partition(b"=")
+        try:
+            unquote_to_bytes(value.replace(b"+", b" ")).decode("utf-8")
+        except UnicodeDecodeError:
+            key = unquote_to_bytes(name).decode("utf-8", "replace")
+            if key in declared:
+                raise RequestValidationError([{
+                    "type": "value_error", "loc": ("query", key), "input": None,
+                    "msg": "must be valid UTF-8 text"}]) from None
+
+
 def _refusing_repeated_query(route, handler: Callable[[Request], Coroutine[Any, Any, Response]]
                              ) -> Callable[[Request], Coroutine[Any, Any, Response]]:
     """``handler`` behind a check that no single-valued query parameter of ``route`` is
@@ -258,13 +278,14 @@ def _refusing_repeated_query(route, handler: Callable[[Request], Coroutine[Any, 
     422 naming the parameter, through the validation-error handler (credentials first).
     A parameter declared as a list (meant to repeat) stays allowed; parameters the route
     does not declare are ignored, as before."""
-    single = tuple(f.alias for f in get_flat_params(route.dependant)
-                   if getattr(f.field_info, "in_", None) == ParamTypes.query
-                   and not field_annotation_is_sequence(f.field_info.annotation))
-    if not single:
+    query_params = [f for f in get_flat_params(route.dependant) if getattr(f.field_info, "in_", None) == ParamTypes.query]
+    single = tuple(f.alias for f in query_params if not field_annotation_is_sequence(f.field_info.annotation))
+    declared = frozenset(f.alias for f in query_params)
+    if not declared:
         return handler
 
     async def checked(request: Request) -> Response:
+        _refuse_query_not_utf8(request.scope.get("query_string", b""), declared)
         query = request.query_params
         if len(query.multi_items()) > len(query):   # some name given more than once
             for name in single:

@@ -11,11 +11,13 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
 
 from services.common.ids import ID_PATTERN, MAX_FUTURE_SKEW_S, MAX_ID_CHARS, MAX_QUERY_TS, MIN_QUERY_TS, MIN_TS
+from services.common.text import TEXT_PATTERN
 
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)]
-# Free text is stored as data: any printable text, but no control characters (a NUL
-# cannot even be stored in PostgreSQL text, and none belongs in a label).
-Label = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1F\x7F]+$")]
+# Free text is stored as data: any text under the one text rule (services/common/text.py:
+# no control characters — a NUL cannot even be stored in PostgreSQL text — no line
+# separators, no bidirectional overrides).
+Label = Annotated[str, Field(min_length=1, max_length=64, pattern=TEXT_PATTERN)]
 
 # Timestamps are RFC 3339 strings with an offset (a number such as 1700000000 or 0.5 is
 # refused, not read as Unix seconds), in a documented range:
@@ -83,7 +85,7 @@ class EventIn(Strict):
     genres: list[Label] = Field(default_factory=list, max_length=16)
     duration_s: float = Field(0.0, ge=0, le=86400)
     maturity: Maturity | None = None
-    country: Annotated[str, Field(pattern=r"^[A-Z]{2}$")] | None = None
+    country: Annotated[str, Field(max_length=2, pattern=r"^[A-Z]{2}$")] | None = None
     vpn: bool = False
     profile_hint: Label | None = None
     utc_offset_minutes: int | None = Field(

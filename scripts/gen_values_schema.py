@@ -60,9 +60,10 @@ _ADMISSION_SPEC = {"type": "object", "additionalProperties": False,
                                   "maxQueue": {"type": "integer", "minimum": 0},
                                   "queueTimeoutSeconds": {"type": "number", "minimum": 0, "maximum": 60}}}
 EXPLICIT = {
-    # A negative wait would fail the provisioning Job only when it runs (review29): refused at
-    # `helm install` instead. 0 means the command's own default (10 s).
-    "storage.postgres.provisionRoles.lockTimeoutSeconds": {"type": "number", "minimum": 0},
+    # A negative wait (review29), or one past PostgreSQL's lock_timeout (an int of ms, review30),
+    # would fail the provisioning Job only when it runs: refused at `helm install` instead.
+    # 0 means the command's own default (10 s).
+    "storage.postgres.provisionRoles.lockTimeoutSeconds": {"type": "number", "minimum": 0, "maximum": 2147483},
     "gateway.admission.perService": {"type": "object", "additionalProperties": False, "properties": {
         service: _ADMISSION_SPEC for service in ("clustering", "attribution", "privacy", "feedback")}},
 }

@@ -44,6 +44,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 
+from services.common import strict_json
+
 log = logging.getLogger("hearth.rollout")
 
 ACCURACY_FLOOR = 0.65
@@ -54,6 +56,14 @@ LATENCY_QUERY = ('histogram_quantile(0.99, sum by (le) (rate(hearth_http_request
 ERROR_QUERY = ('sum(rate(hearth_http_requests_total{status=~"5.."}[2m])) '
                '/ sum(rate(hearth_http_requests_total[2m]))')
 EXIT_ROLLED_BACK = 3
+# The webhook serves a thread per connection, and any pod may connect when
+# rolloutWebhook.from is [] (the chart's default, with the token): a connection may wait
+# this long (each read or write, and the whole connection), and a body be this large.
+# Alertmanager sends a group's alerts in one small JSON body (kilobytes); until attack30
+# an idle connection held its thread for ever and a body was read as long as its
+# Content-Length said.
+WEBHOOK_IO_TIMEOUT_S = 10.0
+WEBHOOK_MAX_BODY_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -198,7 +208,14 @@ def run_rollout(experiment: Experiment, control: str, challenger: str, steps: li
 def rollback_reason(payload: dict) -> str | None:
     """The reason to roll back for an Alertmanager webhook payload, or None: only firing
     alerts labelled action=rollback count (a resolved one never re-enables anything)."""
-    firing = [a for a in payload.get("alerts", []) if isinstance(a, dict) and a.get("status") == "firing"
+    alerts = payload.get("alerts", [])
+    if not isinstance(alerts, list):
+        raise ValueError("alerts: must be a list")
+    for i, alert in enumerate(alerts):
+        for name in ("labels", "annotations"):
+            if isinstance(alert, dict) and not isinstance(alert.get(name) or {}, dict):
+                raise ValueError(f"alerts[{i}].{name}: must be an object")
+    firing = [a for a in alerts if isinstance(a, dict) and a.get("status") == "firing"
               and (a.get("labels") or {}).get("action") == "rollback"]
     if not firing:
         return None
@@ -208,7 +225,12 @@ def rollback_reason(payload: dict) -> str | None:
 
 
 def make_webhook(experiment: Experiment, token: str | None) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
+    from services.common.telemetry import ConnectionDeadline
+
+    class Handler(ConnectionDeadline, BaseHTTPRequestHandler):
+        timeout = WEBHOOK_IO_TIMEOUT_S   # StreamRequestHandler: each read's socket timeout
+        connection_deadline_s = WEBHOOK_IO_TIMEOUT_S   # and the whole connection's
+
         def _answer(self, status: int, body: dict) -> None:
             data = json.dumps(body).encode()
             self.send_response(status)
@@ -223,12 +245,24 @@ def make_webhook(experiment: Experiment, token: str | None) -> type[BaseHTTPRequ
             if token and not hmac.compare_digest(self.headers.get("authorization", ""), f"Bearer {token}"):
                 return self._answer(401, {"error": "bearer token required"})
             try:
-                payload = json.loads(self.rfile.read(int(self.headers.get("content-length", "0"))) or b"{}")
+                length = int(self.headers.get("content-length", "0"))
+            except ValueError:
+                length = -1
+            if length < 0:
+                return self._answer(400, {"error": "content-length: a number of bytes"})
+            if length > WEBHOOK_MAX_BODY_BYTES:
+                self.close_connection = True   # the body is not read
+                return self._answer(413, {"error": f"the body may hold at most {WEBHOOK_MAX_BODY_BYTES} bytes"})
+            try:
+                payload = strict_json.loads(self.rfile.read(length) or b"{}")
             except ValueError:
                 return self._answer(400, {"error": "body must be Alertmanager's JSON payload"})
             if not isinstance(payload, dict):
                 return self._answer(400, {"error": "body must be a JSON object"})
-            reason = rollback_reason(payload)
+            try:
+                reason = rollback_reason(payload)
+            except ValueError as exc:   # until attack30 a traceback, the connection dropped unanswered
+                return self._answer(400, {"error": str(exc)})
             if reason is None:
                 return self._answer(200, {"action": "none"})
             try:

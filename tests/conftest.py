@@ -17,7 +17,7 @@ from services.common import config
 from services.common.identity import Principal, Role
 from services.testing.inprocess import serve_service
 from tests.helpers.queue_worker import WORKER_PLUGIN, Backstop
-from tests.helpers.servers import running_postgres, running_redis
+from tests.helpers.servers import bundled_postgres16, running_postgres, running_redis
 from tests.helpers.waiting import cpu_slowdown
 
 ADMIN = Principal("test-admin", Role.ADMIN)
@@ -104,7 +104,8 @@ def pytest_runtest_protocol(item, nextitem):
     returns) ends the process past that limit with every thread's traceback
     (tests/helpers/queue_worker.py ``Backstop``) instead of holding the run for ever. `make
     test`'s workers arm it themselves (their runner then names the test); here every other
-    run of the suite (`make test-unit`, where docs28 saw tests/unit stall at load ~24)."""
+    run of the suite (`pytest -q tests/unit`; docs28 saw tests/unit stall at load ~24 when
+    `make test-unit` was such a run)."""
     global _backstop
     if item.config.pluginmanager.has_plugin(WORKER_PLUGIN):
         return (yield)
@@ -139,6 +140,27 @@ def postgres_server():
 @pytest.fixture(scope="session")
 def postgres_dsn(postgres_server):
     return postgres_server.dsn
+
+
+@pytest.fixture(scope="session")
+def postgres16_dsn():
+    """A second cluster, PostgreSQL 16 (``bundled_postgres16``: the pinned wheel's binaries;
+    the machine's is 15), started only by the tests that ask for it; it must say 16."""
+    import psycopg
+
+    with running_postgres(bin_dir=bundled_postgres16()) as pg:
+        with psycopg.connect(pg.dsn) as conn:
+            version = conn.info.server_version
+        if not 160000 <= version < 170000:
+            pytest.fail(f"the bundled PostgreSQL 16 server says version {version}")
+        yield pg.dsn
+
+
+@pytest.fixture(params=["machine", "16"])
+def each_postgres_dsn(request):
+    """The machine's PostgreSQL (15 here) and the bundled 16, one test run on each: for
+    what the two majors do differently (role memberships: one grant per grantor from 16)."""
+    return request.getfixturevalue("postgres_dsn" if request.param == "machine" else "postgres16_dsn")
 
 
 @pytest.fixture(scope="session")

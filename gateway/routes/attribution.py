@@ -13,6 +13,7 @@ from hearth.attribution.v1 import attribution_pb2 as apb
 from hearth.common.v1 import common_pb2
 from services.common.identity import Principal
 from services.common.pbutil import float_to_ts
+from services.common.text import TEXT_PATTERN
 
 Channel = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._:/-]{0,63}$")]
 Campaign = Annotated[str, Field(max_length=64, pattern=r"^([A-Za-z0-9][A-Za-z0-9 ._:/-]{0,63})?$")]
@@ -60,7 +61,7 @@ class RecordedOut(BaseModel):
 class PersonaIn(Strict):
     account_id: Id
     person_id: Id
-    persona: str = Field(max_length=64)
+    persona: str = Field(max_length=64, pattern=TEXT_PATTERN)
 
 
 class AttributionIn(Strict):
@@ -84,7 +85,7 @@ class AttributionIn(Strict):
     half_life_days: float = Field(7.0, gt=0, le=3650, description="time-decay heuristic")
     position_weights: list[float] = Field(default_factory=lambda: [0.4, 0.2, 0.4], min_length=3, max_length=3,
                                           description="position-based first, middle, last (sum 1)")
-    sequences: list[Annotated[str, Field(min_length=1, max_length=700)]] = Field(
+    sequences: list[Annotated[str, Field(min_length=1, max_length=700, pattern=TEXT_PATTERN)]] = Field(
         default_factory=list, max_length=50, description='channel sequences "a > b": exact removal effects')
     persona_prior_strength: float = Field(0.0, ge=0, le=1e6,
                                           description="Dirichlet persona prior on each person's chain; 0 = off")

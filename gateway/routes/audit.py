@@ -17,6 +17,7 @@ from hearth.privacy.v1 import privacy_pb2 as ppb
 from services.common.identity import Principal
 from services.common.ids import PRINCIPAL_ID_CHARS
 from services.common.pbutil import float_to_ts
+from services.common.text import TEXT_PATTERN
 
 EXPORT_PAGE = 10_000
 EventTypeName = Annotated[str, Field(max_length=64, pattern=r"^[a-z_]+$")]
@@ -63,7 +64,7 @@ def router(clients, access) -> APIRouter:
             # any principal id (an e-mail as a JWT subject too: '@'); until session 19 the
             # account-id pattern here refused those with 422
             principal_id: str | None = Query(None, max_length=128, pattern=rf"^{PRINCIPAL_ID_CHARS}$"),
-            resource_prefix: str | None = Query(None, max_length=256),
+            resource_prefix: str | None = Query(None, max_length=256, pattern=TEXT_PATTERN),
             event_type: EventTypeName | None = Query(None),
             trace_id: str | None = Query(None, max_length=64, pattern=r"^[0-9a-f]{1,64}$"),
             outcome: OutcomeName = Query(""),

@@ -18,6 +18,7 @@ from services.clustering.domain import features as F
 from services.common.errors import InvalidArgument
 from services.common.identity import Principal
 from services.common.pbutil import float_to_ts, name_to_enum
+from services.common.text import TEXT_PATTERN
 
 
 
@@ -143,7 +144,8 @@ def router(clients, access) -> APIRouter:
              summary="Devices, sessions, persons and drift events of a household")
     async def get_household(account_id: str = ACCOUNT_PATH,
                             limit: int = Query(500, ge=1, le=10_000, description="sessions per page"),
-                            cursor: str = Query("", max_length=512, description="next_cursor of the previous page"),
+                            cursor: str = Query("", max_length=512, pattern=TEXT_PATTERN,
+                                               description="next_cursor of the previous page"),
                             who: Principal = Depends(access("GET /v1/household/{account_id}"))):
         try:
             r = await clients.call("clustering", "GetHousehold",

@@ -20,6 +20,7 @@ from hearth.feedback.v1 import feedback_pb2 as fpb
 from services.common.errors import Unavailable
 from services.common.identity import Principal
 from services.common.pbutil import float_to_ts
+from services.common.text import MULTILINE_TEXT_PATTERN
 
 Id = models.Id
 Variant = Annotated[str, Field(min_length=1, max_length=64, pattern=ID_PATTERN)]
@@ -104,7 +105,8 @@ class FlagsIn(models.Strict):
         default_factory=dict, max_length=16,
         description="full split including control, summing to 100; empty keeps the current split")
     kill_switch: bool = Field(description="true sends every household to the control variant")
-    reason: str = Field(min_length=1, max_length=500, description="why (kept in the audit trail)")
+    reason: str = Field(min_length=1, max_length=500, pattern=MULTILINE_TEXT_PATTERN,
+                        description="why (kept in the audit trail)")
 
 
 class FlagsOut(BaseModel):
@@ -132,7 +134,8 @@ class CalibratorChoiceIn(models.Strict):
                                            "0 = none, the raw model confidences")
     hold: bool = Field(True, description="keep it: automatic refits skip the variant until a change with "
                                          "hold=false releases it")
-    reason: str = Field(min_length=1, max_length=500, description="why (kept in the audit trail)")
+    reason: str = Field(min_length=1, max_length=500, pattern=MULTILINE_TEXT_PATTERN,
+                        description="why (kept in the audit trail)")
 
 
 class CalibratorChoiceOut(BaseModel):

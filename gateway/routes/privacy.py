@@ -42,6 +42,7 @@ from services.common.errors import Unavailable
 from services.common.export_stream import IncompleteExport, Verifier
 from services.common.identity import Principal
 from services.common.pbutil import float_to_ts
+from services.common.text import MAX_REASON_CHARS, TEXT_PATTERN
 
 _STATES = {ppb.JOB_STATE_PENDING: "pending", ppb.JOB_STATE_RUNNING: "running",
            ppb.JOB_STATE_COMPLETED: "completed", ppb.JOB_STATE_FAILED: "failed",
@@ -77,7 +78,7 @@ class DeleteIn(Strict):
     scope: ScopeIn
     request_id: str | None = Field(None, min_length=1, max_length=200, pattern=r"^[\x21-\x7E]+$",
                                    description="idempotency key: the same id returns the same job")
-    reason: str | None = Field(None, max_length=200, pattern=r"^[^\x00-\x1F\x7F]*$",
+    reason: str | None = Field(None, max_length=MAX_REASON_CHARS, pattern=TEXT_PATTERN,
                                description="e.g. gdpr_art17, ccpa")
 
 
@@ -269,13 +270,20 @@ class RotationJobOut(BaseModel):
     completed_at: str | None
     counts: dict[str, int] = Field(description="households per outcome")
     households: list[HouseholdRotationOut]
+    key_table_purges: dict[str, int] = Field(
+        default_factory=dict, description="privacy's own key-table purge (the retired wrapped keys' physical purge, "
+                                          "once per pass that retired households) by result: complete, incomplete "
+                                          "(the database said it did not finish), failed (the rotation sweep runs it "
+                                          "again); empty until a pass ran one")
+    key_table_purge_detail: str = Field("", description="the last key-table purge that was not complete: what it said")
 
 
 def rotation_job_to_json(r: ppb.DataKeyRotationJob) -> RotationJobOut:
     return RotationJobOut(
         job_id=r.job_id, state=_STATES.get(r.state, "unknown"), older_than_days=r.older_than_days, limit=r.limit,
         requested_at=_iso(r.requested_at), completed_at=_iso(r.completed_at) if r.HasField("completed_at") else None,
-        counts=dict(r.counts),
+        counts=dict(r.counts), key_table_purges=dict(r.key_table_purges),
+        key_table_purge_detail=r.key_table_purge_detail,
         households=[HouseholdRotationOut(account_id=h.account_id, outcome=h.outcome, dek_version=h.dek_version,
                                          resumed=h.resumed, attempts=h.attempts, detail=h.detail,
                                          reencrypted=dict(h.reencrypted), destroyed_versions=list(h.destroyed_versions),

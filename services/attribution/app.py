@@ -20,6 +20,7 @@ from services.attribution.resolver import NoResolver, PersonResolver
 from services.attribution.store import AttributionStore
 from services.common.client import check_serving_deadline
 from services.common.ids import check_id
+from services.common.text import check_text
 from services.common.consent import ConsentChecker
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import InvalidArgument, naming_the_item
@@ -28,6 +29,7 @@ from services.common.permissions import Permission, principal_allowed
 
 DEFAULT_LOOKBACK_S = 30 * 86400
 MAX_ACCOUNTS = 1000
+MAX_PERSONA_CHARS = 64
 MAX_PERSON_RESULTS = 5000
 MAX_SERVICE_REPLICATES = 2000  # a request runs synchronously under the gateway's deadline
 _PERSON_NUMBER = re.compile(r"^p(\d+)$")
@@ -102,8 +104,7 @@ def validate_query(q: AttributeQuery) -> AttributeQuery:
     for i, (account, person, persona) in enumerate(q.personas):
         check_id(account, f"personas[{i}].account_id")
         check_id(person, f"personas[{i}].person_id")
-        if len(persona) > 64:
-            raise InvalidArgument("at most 64 characters", f"personas[{i}].persona")
+        check_text(persona, f"personas[{i}].persona", max_chars=MAX_PERSONA_CHARS)
     # Domain validation of the rest (named fields, INVALID_ARGUMENT): built once here.
     BootstrapSpec(q.bootstrap_replicates, q.bootstrap_seed, q.confidence_level)
     HeuristicParams(q.half_life_days, tuple(q.position_weights))

@@ -93,7 +93,8 @@ def build(settings):
     keeper = ModelKeeper(store, feedback.variant_of, cold_start=settings.cold_start,
                          gmm_fault_prefix=settings.fault_gmm_numerical)
     app = ClusteringApp(store, consent, keeper=keeper, predictions=predictions,
-                        calibrator_of=feedback.calibrator, unknown_genres=settings.unknown_genres)
+                        calibrator_of=feedback.calibrator, unknown_genres=settings.unknown_genres,
+                        erasure_fence_s=settings.erasure_fence_s)
     stop = threading.Event()
     if settings.cold_start == "population_prior":
         threading.Thread(target=_keep_population_prior_fresh, name="population-prior", daemon=True,

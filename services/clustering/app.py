@@ -19,9 +19,11 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from prometheus_client import Counter
 
+from services.common import strict_json
 from services.clustering.domain import features as F
 from services.clustering.domain.events import MAX_EVENTS_PER_BATCH, ViewingEvent
 from services.common.ids import check_id
+from services.common.text import MAX_REASON_CHARS, check_text
 from services.clustering.domain.model import (MIN_SESSIONS, PRIOR_MAX_HOUSEHOLDS, BatchAssignment, HouseholdModel,
                                              PopulationPrior, feedback_calibrator_rows, population_prior)
 from services.clustering.batch_scoring import score_households
@@ -40,6 +42,7 @@ from services.common.calibration import IDENTITY, Calibrator
 
 log = logging.getLogger("hearth.clustering.app")
 MAX_LABELS = 10_000
+MAX_SOURCE_CHARS = 64   # a label's source, e.g. "feedback:profile_confirmed"
 # No label per genre name: callers choose the names, so a label would be unbounded.
 UNKNOWN_GENRE_EVENTS = Counter("hearth_unknown_genre_events_total",
                                "Events received carrying a genre name outside the genre vocabulary")
@@ -76,7 +79,7 @@ def decode_page_token(token: str) -> tuple[float, str] | None:
         return None
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        start, session_id = json.loads(raw)
+        start, session_id = strict_json.loads(raw)
         if (not isinstance(start, (int, float)) or isinstance(start, bool) or not math.isfinite(start)
                 or not isinstance(session_id, str)):
             # NaN / Infinity (json.loads reads them) compare differently in SQLite and
@@ -131,7 +134,8 @@ def prediction_ids(n: int) -> list[str]:
 class ClusteringApp:
     def __init__(self, store: ClusteringStore, consent: ConsentChecker | None = None, *,
                  keeper: ModelKeeper | None = None, predictions: PredictionLog | None = None,
-                 calibrator_of=None, background: bool = True, unknown_genres: str = "hash") -> None:
+                 calibrator_of=None, background: bool = True, unknown_genres: str = "hash",
+                 erasure_fence_s: float | None = None) -> None:
         if unknown_genres not in UNKNOWN_GENRE_POLICIES:
             raise ValueError(f"unknown_genres must be one of {UNKNOWN_GENRE_POLICIES}, got {unknown_genres!r}")
         self.store = store
@@ -152,6 +156,15 @@ class ClusteringApp:
         self._worker = threading.Thread(target=self._refresh_loop, name="model-refresh", daemon=True)
         if background:
             self._worker.start()
+        # The erasure fence (HEARTH_ERASURE_FENCE_S; store.py, MODEL_CONFIRM_S): watched by a
+        # thread of its own, and every Erase waits it out. None: neither (unit tests with
+        # one replica).
+        self.erasure_fence_s = erasure_fence_s
+        self._stopping = threading.Event()
+        self.fence_failures = FailureLog(log, "erasure fence read")
+        if erasure_fence_s is not None:
+            self._watch_fence()   # the first read before the first request
+            threading.Thread(target=self._fence_loop, name="erasure-fence", daemon=True).start()
 
     # ---- consent, ingest -------------------------------------------------------------
 
@@ -204,6 +217,19 @@ class ClusteringApp:
             finally:
                 self._pending.task_done()
 
+    def _fence_loop(self) -> None:
+        while not self._stopping.wait(self.erasure_fence_s / 4):
+            self._watch_fence()
+
+    def _watch_fence(self) -> None:
+        try:
+            if self.store.watch_erasure_fence(self.erasure_fence_s):
+                self.keeper.drop_superseded()
+        except Exception:  # noqa: BLE001 - the database down: the held versions lapse within the fence
+            self.fence_failures.failed()
+        else:
+            self.fence_failures.succeeded()
+
     def drain(self, timeout_s: float = 30.0) -> None:
         """Wait until queued refreshes are done (tests, graceful stop)."""
         deadline = time.monotonic() + timeout_s
@@ -211,6 +237,7 @@ class ClusteringApp:
             time.sleep(0.01)
 
     def close(self) -> None:
+        self._stopping.set()
         self._pending.put(None)
         if self._worker.is_alive():
             self._worker.join(10)
@@ -465,8 +492,7 @@ class ClusteringApp:
     def refit(self, account_id: str, reason: str = "") -> tuple[int, int, int]:
         """Full refit from the stored sessions and labels: (version, persons, sessions)."""
         check_id(account_id, "account_id")
-        if len(reason) > 200:
-            raise InvalidArgument("at most 200 characters", "reason")
+        check_text(reason, "reason", max_chars=MAX_REASON_CHARS)
         self.require_processing([account_id])  # a refit processes the stored sessions
         version, envelope = self.keeper.refresh(account_id, force=reason or "requested")
         if envelope is None:
@@ -502,8 +528,7 @@ class ClusteringApp:
             check_id(account, f"labels[{i}].account_id")
             check_id(session, f"labels[{i}].session_id")
             check_id(person, f"labels[{i}].person_id")
-            if len(source) > 64:
-                raise InvalidArgument("at most 64 characters", f"labels[{i}].source")
+            check_text(source, f"labels[{i}].source", max_chars=MAX_SOURCE_CHARS)
         # A label is personal data (who watched) and triggers a refit: consent first.
         self.require_processing({a for a, *_ in labels})
         accepted, unknown = self.store.record_labels(labels)
@@ -570,4 +595,10 @@ class ClusteringApp:
             # The refit replaced the model blob that was fitted on the erased sessions:
             # purge again so its old bytes leave the WAL / dead tuples too.
             outcome.purges[-1:] = [self.store.purge_erased(model_replaced=refitted or not outcome.empty)]
+        if self.erasure_fence_s is not None:
+            # Every Erase, a repeat included (one whose fence failed is retried by its job):
+            # the other replicas' confirmed versions of the replaced or removed model are
+            # not trusted once this answers (store.py, MODEL_CONFIRM_S).
+            self.store.move_erasure_fence()
+            time.sleep(self.erasure_fence_s)
         return outcome

@@ -196,4 +196,11 @@ CREATE TABLE IF NOT EXISTS refits_owed (
     # moved (services/common/field_crypto.py). Per household (session 27): the global
     # count of household erasures made every replica refetch every household's key.
     Migration(14, "household key epochs", HOUSEHOLD_KEY_EPOCHS_SQL),
+    # A counter every Erase moves once its deletion and refit are committed (session 30):
+    # replicas read it every HEARTH_ERASURE_FENCE_S / 4 and forget the model versions they
+    # confirmed when it moved (ClusteringStore.watch_erasure_fence). No account id in it.
+    Migration(15, "erasure fence", """
+CREATE TABLE erasure_fence (id INTEGER PRIMARY KEY, epoch {bigint} NOT NULL);
+INSERT INTO erasure_fence (id, epoch) VALUES (1, 0)
+"""),
 ]

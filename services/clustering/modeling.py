@@ -154,6 +154,27 @@ class ModelKeeper:
         with self._lock:
             self._decoded.pop(account_id, None)
 
+    def drop_superseded(self) -> int:
+        """Drop the decoded models whose version is no longer the stored one (another
+        replica's erasure replaced or removed it; ClusteringStore.watch_erasure_fence saw it
+        move): an erased household's model, or one fitted on erased sessions, is not kept in
+        this process's memory until 10,000 others push it out. One read for them all; how
+        many were dropped."""
+        with self._lock:
+            held = {account: version for account, (version, _) in self._decoded.items()}
+        if not held:
+            return 0
+        stored = self.store.stored_model_versions(held)
+        dropped = 0
+        with self._lock:
+            for account, version in held.items():
+                hit = self._decoded.get(account)
+                # a newer version decoded meanwhile (a save or a load after the read) stays
+                if hit is not None and hit[0] == version and stored.get(account) != version:
+                    del self._decoded[account]
+                    dropped += 1
+        return dropped
+
     def snapshot(self, account_id: str) -> Snapshot:
         """Every closed session (``closed_tail`` from the first: ``closed_sessions()``, with
         what each holds as its person and probabilities, so that a fold writes only the

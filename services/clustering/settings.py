@@ -14,6 +14,7 @@ variables, validated at start (a bad value names the variable).
 | `HEARTH_GENRE_ALIASES` | empty | `name=genre,...`: callers' genre names mapped onto the feature genres (docs/features.md) |
 | `HEARTH_UNKNOWN_GENRES` | `hash` | a genre outside the vocabulary: counted in a genre slot chosen by a stable hash of its name and reported (`hash`), counted in `other` and reported (`other`, feature schema 1), or refused (`reject`) |
 | `HEARTH_MAX_DEVICES_PER_HOUSEHOLD` | 1000 | distinct devices a household may have; a batch of events bringing a device past it is refused whole (HTTP 422 naming `events[i].device_id`) |
+| `HEARTH_ERASURE_FENCE_S` | 3 | every Erase waits this long after its deletion and refit are committed, and each replica re-reads the erasure fence every quarter of it: once an erasure completes no replica answers with the model it replaced or removed (docs/security.md "Other replicas after an erasure") |
 | `HEARTH_FAULT_GMM_NUMERICAL` | empty | fault injection for `make verify`, never set in production: households whose id starts with this prefix get a GMM fit that fails numerically (k-means fallback) |
 """
 
@@ -49,6 +50,9 @@ class ClusteringSettings(RetentionSettings):
     # (INVALID_ARGUMENT naming events[i].device_id). Unbounded, 5,000 devices in one
     # request made every household read 470 KB (attack25, docs/security.md).
     max_devices_per_household: Annotated[int, bounded(ge=1)] = 1000
+    # How long an Erase waits after its commit for the other replicas to see the erasure
+    # fence (each reads it every quarter of this): ClusteringStore.watch_erasure_fence.
+    erasure_fence_s: Annotated[float, bounded(ge=0.1, le=60.0)] = 3.0
 
 
 def clustering_settings(settings: ServiceSettings) -> ClusteringSettings:

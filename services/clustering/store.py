@@ -22,7 +22,7 @@ import logging
 import struct
 import threading
 import time
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -36,6 +36,7 @@ from services.clustering.domain.features import DEFAULT_VOCABULARY, GenreVocabul
 from services.clustering.domain.sessions import Session, SessionState, build_session_states, extend_sessions, sessions_of
 from services.clustering.migrations import MIGRATIONS
 from services.clustering.prediction_log import await_forwards, erase_pending, excluding_forwards, forget_cached_heads
+from services.common.aging_map import AgingMap
 from services.common.client import check_serving_deadline
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import Conflict, HearthError, InvalidArgument, NotFound
@@ -69,6 +70,15 @@ MODEL_CACHE_TTL_S = 3600.0
 # bound on a replayed genuine entry of that version (docs/security.md, session 29).
 MODEL_CONFIRM_S = 60.0
 MODEL_CONFIRMED_MAX = 100_000   # households whose confirmed version a process keeps (the oldest dropped past it)
+# The erasure fence (HEARTH_ERASURE_FENCE_S, default 3 s; ClusteringStore.watch_erasure_fence,
+# session 30): every Erase moves a counter in the database once its deletion and unlearning
+# refit are committed, and waits the fence's time before it answers. A replica that watches
+# the fence reads it every quarter of that, and trusts its confirmed versions (above) only
+# while its last read of the fence began less than that time ago; when the fence moved it
+# forgets them all. So once an Erase has answered, every watching replica has either seen it
+# (and asks the database before it serves a version it held) or stopped trusting what it
+# held: none answers with a model the erasure replaced or removed (before: for up to
+# MODEL_CONFIRM_S after its last confirmation, from a genuine Redis entry of that version).
 # A household this process has seen stored rows of is not looked up again as a possible new
 # one for this long (``ClusteringStore._prepare_new_households``): review29 measured the
 # lookup on every ingest, +9 % (SQLite) / +18 % (PostgreSQL) client CPU for a batch of known
@@ -76,6 +86,11 @@ MODEL_CONFIRMED_MAX = 100_000   # households whose confirmed version a process k
 # per-device path, which is always right, only slower for a big new batch.
 KNOWN_HOUSEHOLD_S = 600.0
 KNOWN_HOUSEHOLDS_MAX = 100_000
+# A batch of at least this many devices of known households has their extended sessions
+# computed before the write transaction (``ClusteringStore._prepare_known_devices``): one
+# read more outside it, so that the transaction holds the write lock only to re-read and
+# write. A smaller batch's work inside is a few milliseconds; it is not read twice.
+PREPARE_KNOWN_DEVICES_FROM = 64
 # Set in the cache while a rewrite of Redis's files that a Rekey started has not been seen
 # to finish (``ClusteringStore.rekey``): every Rekey rewrites them again until one does.
 _PERSISTENCE_PURGE_OWED = "purge-owed:persistence"
@@ -221,6 +236,37 @@ class _PreparedHousehold:
 # The tables a household's rows are in; a household none of them holds a row of is "new"
 # (``ClusteringStore._new_households``): its sessions follow from the batch alone.
 _HOUSEHOLD_TABLES = ("devices", "events", "sessions", "erased_events")
+# A device's newest session row, whose kept state an ingest extends (_update_sessions).
+_NEWEST_SESSION = ("SELECT session_id, start_ts, end_ts, feature_version, state FROM sessions "
+                   "WHERE account_id = ? AND device_id = ? ORDER BY end_ts DESC LIMIT 1")
+
+
+@dataclass
+class _PreparedDevice:
+    """A known device's writes for a batch (``ClusteringStore._prepare_known_devices``),
+    computed before the write transaction from what one read found there: its watermark
+    row, the batch's events it does not hold yet (``fresh``, in the order the transaction
+    takes them) and its newest session row, whose kept state these events extend. The
+    transaction writes them as they are only if it reads the same three and the household's
+    newest key is still ``key_version``; else the device takes the per-device path."""
+    key_version: int | None
+    watermark: list                  # the devices row's query result as read ([] = no row)
+    fresh: list[str]                 # the ids of the events to store, in order
+    newest: list                     # the newest session's query result as read
+    events: list[tuple]              # the fresh events' rows, sealed
+    extension: "_Extension"
+
+
+@dataclass
+class _Extension:
+    """What the events of a batch make of a device's kept newest session state: its rows
+    (sealed), whether the newest session is extended (its row updated: ``rows[0]``) or left
+    (its state cleared) and how many sessions that touches."""
+    session_id: str
+    last_end: float
+    extended: bool
+    rows: list[tuple]
+    touched: int
 
 
 def _event_row(e: ViewingEvent) -> tuple:
@@ -297,17 +343,22 @@ class ClusteringStore:
         # series_id, genres, country, profile_hint, utc_offset_minutes) and of session feature vectors and
         # labels, under the household's data key; None = plaintext (unit tests).
         self.cipher = cipher
-        # account -> (model version the database said is stored, when: time.monotonic())
-        # (oldest first; dropped once older than MODEL_CONFIRM_S, and with an erased household)
-        self._confirmed_versions: OrderedDict[str, tuple[int, float]] = OrderedDict()
-        # Its writers, one at a time: RPC threads note and drop at once (review29: two
-        # dropping the same oldest note raised KeyError / "OrderedDict mutated during
-        # iteration" out of get_model — INTERNAL for that RPC).
-        self._confirmed_lock = threading.Lock()
-        # account -> when (time.monotonic()) this process last saw it hold stored rows; oldest
-        # first, dropped past KNOWN_HOUSEHOLD_S / KNOWN_HOUSEHOLDS_MAX and with an erasure here.
-        self._known_households: OrderedDict[str, float] = OrderedDict()
-        self._known_lock = threading.Lock()
+        # account -> the model version the database said is stored, for MODEL_CONFIRM_S after
+        # it said so (get_model); dropped with an erased household.
+        self._confirmed_versions: AgingMap[str, int] = AgingMap(MODEL_CONFIRM_S, MODEL_CONFIRMED_MAX)
+        # Accounts this process saw hold stored rows, for KNOWN_HOUSEHOLD_S (ingest does not
+        # look them up as possibly new); dropped with an erasure here.
+        self._known_households: AgingMap[str, None] = AgingMap(KNOWN_HOUSEHOLD_S, KNOWN_HOUSEHOLDS_MAX)
+        # The erasure fence as this process last read it (None: never, or not watching), when
+        # that read began (time.monotonic()), and the generation of its confirmed versions: a
+        # move of the fence forgets them and starts a new generation, and a read of the
+        # database that began in an older one notes nothing (it may predate the erasure).
+        # The lock makes "check the generation, note" and "new generation, forget" atomic.
+        self._fence_s: float | None = None
+        self._fence_epoch: int | None = None
+        self._fence_read_at = float("-inf")
+        self._fence_generation = 0
+        self._fence_lock = threading.Lock()
 
     # ---- encryption at rest (no-ops without a cipher) ------------------------------
 
@@ -384,6 +435,9 @@ class ClusteringStore:
         # lock for their feature vectors, session states and seals, and every other write
         # of the service waited).
         prepared = self._prepare_new_households(by_device)
+        # And, for a big batch, known devices' extended sessions (ingest30: beside 5,000 known
+        # households a small write waited 5.7–8.0 s for this work inside the transaction).
+        ready = self._prepare_known_devices(by_device, prepared)
         with self.db.transaction() as tx:
             accounts = sorted({account for account, _ in by_device})
             for account in accounts:
@@ -418,9 +472,15 @@ class ClusteringStore:
                 duplicates += len(on_time) - len(fresh)
                 if not fresh:
                     continue
+                device_ready = ready.get((account, device))
+                if device_ready is not None and not (
+                        device_ready.watermark == row and device_ready.fresh == [e.event_id for e in fresh]
+                        and (self.cipher is None or self.cipher.cached_newest_version(account) == device_ready.key_version)):
+                    device_ready = None   # read otherwise here, or its key changed: the rows are made again
                 inserted = tx.executemany(
                     f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES ({', '.join('?' * 15)}) "
-                    "ON CONFLICT (account_id, event_id) DO NOTHING", [self._event_row(e) for e in fresh])
+                    "ON CONFLICT (account_id, event_id) DO NOTHING",
+                    device_ready.events if device_ready is not None else [self._event_row(e) for e in fresh])
                 accepted += inserted
                 duplicates += len(fresh) - inserted  # a concurrent writer got there first
                 on_time = fresh
@@ -434,7 +494,7 @@ class ClusteringStore:
                     tx.execute("INSERT INTO devices (account_id, device_id, device_type, last_ts) "
                                "VALUES (?, ?, ?, ?)", (account, device, newest.device_type, newest.ts))
                 if inserted:
-                    touched += self._update_sessions(tx, account, device, on_time)
+                    touched += self._update_sessions(tx, account, device, on_time, device_ready)
             # Once more before the commit: a caller whose deadline passed during the writes
             # (new households' are written in one go) has its 504, and is not to be left
             # with a batch stored that it was told nothing of — rolled back whole. What
@@ -448,22 +508,10 @@ class ClusteringStore:
     def _not_known_households(self, accounts: set[str]) -> list[str]:
         """Those of ``accounts`` this process has not seen hold stored rows within
         KNOWN_HOUSEHOLD_S (sorted): the ones an ingest looks up as possibly new."""
-        horizon = time.monotonic() - KNOWN_HOUSEHOLD_S
-        with self._known_lock:
-            known = self._known_households
-            while known and next(iter(known.values())) < horizon:
-                known.popitem(last=False)
-            return sorted(a for a in accounts if a not in known)
+        return self._known_households.missing(sorted(accounts))
 
     def _note_known_households(self, accounts: set[str]) -> None:
-        now = time.monotonic()
-        with self._known_lock:
-            known = self._known_households
-            for account in accounts:
-                known[account] = now
-                known.move_to_end(account)
-            while len(known) > KNOWN_HOUSEHOLDS_MAX:
-                known.popitem(last=False)
+        self._known_households.note_many(accounts)
 
     def _new_households(self, tx: Tx, accounts: Sequence[str]) -> set[str]:
         """Those of ``accounts`` the store holds no row of (no device, event, session or
@@ -540,6 +588,66 @@ class ClusteringStore:
             household.sessions += self._session_rows(states, {}, household.sealer,
                                                      [next(sessions) for _ in states])
         return prepared
+
+    def _prepare_known_devices(self, by_device: dict[tuple[str, str], _DeviceBatch],
+                               new: dict[str, _PreparedHousehold]) -> dict[tuple[str, str], _PreparedDevice]:
+        """For a batch of at least PREPARE_KNOWN_DEVICES_FROM devices of households not in
+        ``new``: each device's rows as ``ingest``'s per-device path would write them when
+        its events extend the newest session's kept state — the events sealed, the state
+        opened, extended, its sessions' features (one computation for the batch) and seals —
+        from one read before the write transaction. The transaction reads the device's
+        watermark, the batch's ids it does not hold and its newest session row again, as it
+        always does, and writes these rows only if all three are as read here and the key
+        is the same (``_PreparedDevice``); anything else (a write or erasure meanwhile, a
+        state that does not open or is not extended: the full rebuild) is left to it.
+        Fewer devices: nothing read twice (the usual small batch's cost unchanged)."""
+        devices = [key for key in sorted(by_device) if key[0] not in new]
+        if len(devices) < PREPARE_KNOWN_DEVICES_FROM:
+            return {}
+        check_serving_deadline()
+        reads: list[tuple[str, str, list, list[ViewingEvent], list]] = []
+        skipped: set[str] = set()
+        with self.db.transaction(readonly=True) as tx:
+            for account, device in devices:
+                if account in skipped:
+                    continue
+                check_serving_deadline()
+                row = tx.query("SELECT last_ts FROM devices WHERE account_id = ? AND device_id = ?",
+                               (account, device))
+                if not row:
+                    continue   # a device new to it: the transaction's own path
+                watermark = float(row[0][0])
+                on_time = [e for e in by_device[(account, device)].events if e.ts >= watermark - self.tolerance_s]
+                try:
+                    fresh = self._new_events(tx, account, on_time) if on_time else []
+                except HearthError:
+                    skipped.add(account)   # its key not to be had (erased, privacy not answering)
+                    continue
+                if fresh:
+                    reads.append((account, device, row, fresh, tx.query(_NEWEST_SESSION, (account, device))))
+        sealers: dict[str, HouseholdSealer | None] = {}
+        plans = []
+        for account, device, row, fresh, newest in reads:
+            check_serving_deadline()
+            ordered = sorted(fresh, key=lambda e: (e.ts, e.event_id))
+            try:
+                if account not in sealers:
+                    sealers[account] = self.cipher.sealer(account) if self.cipher is not None else None
+                last = self._extendable_state(account, device, newest, ordered, quiet=True)
+            except HearthError:
+                continue   # as above: the transaction's own path meets it and answers as always
+            if last is None or not last.offset_known:
+                continue   # the full rebuild, or a state of before session 24: read there
+            plans.append((account, device, row, fresh, newest, *self._extended_states(last, ordered)))
+        sessions = iter(sessions_of([s for *_, states in plans for s in states], self.vocabulary))
+        out: dict[tuple[str, str], _PreparedDevice] = {}
+        for account, device, row, fresh, newest, extended, last_end, states in plans:
+            sealer = sealers[account]
+            extension = self._extension(newest, extended, last_end, states, sealer, [next(sessions) for _ in states])
+            out[(account, device)] = _PreparedDevice(
+                sealer.version if sealer is not None else None, row, [e.event_id for e in fresh], newest,
+                [self._event_row(e, sealer) for e in fresh], extension)
+        return out
 
     def _write_prepared(self, tx: Tx, prepared: dict[str, _PreparedHousehold]) -> dict[str, _PreparedHousehold]:
         """In ``ingest``'s transaction, the households locked and their keys checked
@@ -640,7 +748,8 @@ class ClusteringStore:
             erased = self._erased(tx, account, [i for i in ids if i not in stored])
         return stored, erased
 
-    def _update_sessions(self, tx: Tx, account: str, device: str, fresh: list[ViewingEvent]) -> int:
+    def _update_sessions(self, tx: Tx, account: str, device: str, fresh: list[ViewingEvent],
+                         prepared: _PreparedDevice | None = None) -> int:
         """Bring the device's sessions up to date with ``fresh`` (just stored, ids new).
         When they all sort after the device's newest session's last event (time, then
         event id: a stream's next batch), that session's kept running state is extended
@@ -648,18 +757,14 @@ class ClusteringStore:
         session. Anything else (a late event inside or before the newest session, a
         session without a state: written before migration 10, or its state cleared; a
         state kept under another vocabulary or gap) takes the full rebuild. Both give the
-        same rows (tests/unit/test_incremental_sessions.py)."""
+        same rows (tests/unit/test_incremental_sessions.py). ``prepared``: the extension
+        computed before the transaction (``_prepare_known_devices``), taken when the newest
+        session row read here is the one it was computed from."""
         ordered = sorted(fresh, key=lambda e: (e.ts, e.event_id))
-        newest = tx.query("SELECT session_id, start_ts, end_ts, feature_version, state FROM sessions "
-                          "WHERE account_id = ? AND device_id = ? ORDER BY end_ts DESC LIMIT 1", (account, device))
-        last = None
-        if newest and newest[0][4] is not None and int(newest[0][3]) == self.vocabulary.feature_version:
-            last = self._kept_state(account, newest[0][4])
-            if last is not None and not (last.vocabulary == self.vocabulary.signature and last.gap_s == self.gap_s
-                    and (last.account_id, last.device_id) == (account, device)
-                    and (last.start_ts, last.end_ts) == (float(newest[0][1]), float(newest[0][2]))
-                    and last.after(ordered[0])):
-                last = None
+        newest = tx.query(_NEWEST_SESSION, (account, device))
+        if prepared is not None and newest == prepared.newest:
+            return self._write_extension(tx, account, device, ordered, prepared.extension)
+        last = self._extendable_state(account, device, newest, ordered)
         if last is None:
             return self._rebuild_sessions(tx, account, device, ordered[0].ts)
         if not last.offset_known:
@@ -674,13 +779,53 @@ class ClusteringStore:
             if since is not None:
                 STATE_FALLBACKS.labels("offset_unknown").inc()
                 return self._rebuild_sessions(tx, account, device, min(float(since), ordered[0].ts))
-        session_id, last_end = newest[0][0], last.end_ts
-        # Whether the first event joins the newest session; if not, the full rebuild would
-        # not touch it (it ends more than a gap before every new event).
-        extended = not ordered[0].ts - last.end_ts > self.gap_s
+        return self._write_extension(tx, account, device, ordered,
+                                     self._extension(newest, *self._extended_states(last, ordered)))
+
+    def _extendable_state(self, account: str, device: str, newest: list, ordered: list[ViewingEvent],
+                          quiet: bool = False) -> SessionState | None:
+        """The newest session's kept state (``newest``: its row) if ``ordered`` can extend
+        it: it opens, is of this vocabulary and gap, is that row's, and they all sort after
+        its events; else None (the full rebuild). ``quiet``: a state that does not open is
+        not counted nor logged (the transaction's own path meets it and does)."""
+        if not newest or newest[0][4] is None or int(newest[0][3]) != self.vocabulary.feature_version:
+            return None
+        if quiet:
+            try:
+                last = SessionState.from_bytes(self._open_blob(account, "session_state", newest[0][4]))
+            except (FieldDecryptionError, NotFound, ValueError):
+                return None
+        else:
+            last = self._kept_state(account, newest[0][4])
+        if last is not None and not (last.vocabulary == self.vocabulary.signature and last.gap_s == self.gap_s
+                and (last.account_id, last.device_id) == (account, device)
+                and (last.start_ts, last.end_ts) == (float(newest[0][1]), float(newest[0][2]))
+                and last.after(ordered[0])):
+            return None
+        return last
+
+    def _extended_states(self, last: SessionState, ordered: list[ViewingEvent]
+                         ) -> tuple[bool, float, list[SessionState]]:
+        """(whether the first event joins the newest session, its end before them, the
+        states whose rows are written): ``last`` extended by ``ordered`` (``last`` is
+        modified) and the sessions they start; ``last`` itself only when the first event
+        joins it (if not, the full rebuild would not touch it: it ends more than a gap
+        before every new event)."""
+        joins, last_end = not ordered[0].ts - last.end_ts > self.gap_s, last.end_ts
         states = extend_sessions(last, ordered, self.gap_s, self.vocabulary)
-        rows = self._session_rows(states if extended else states[1:], {session_id: None})
-        if extended:
+        return joins, last_end, states if joins else states[1:]
+
+    def _extension(self, newest: list, extended: bool, last_end: float, states: list[SessionState],
+                   sealer: HouseholdSealer | None = None, sessions: list[Session] | None = None) -> _Extension:
+        """The rows of ``_extended_states``' answer (``newest``: the newest session's row).
+        ``sealer``, ``sessions``: as ``_session_rows`` takes them."""
+        rows = self._session_rows(states, {newest[0][0]: None}, sealer, sessions)
+        return _Extension(newest[0][0], last_end, extended, rows, len(states))
+
+    def _write_extension(self, tx: Tx, account: str, device: str, ordered: list[ViewingEvent],
+                         extension: _Extension) -> int:
+        rows = extension.rows
+        if extension.extended:
             # The full rebuild deletes and re-inserts it: the same values, its person kept,
             # its person probabilities dropped.
             (_, _, _, device_type, _, end_ts, count, watch, version, features, label, _, unknown, state) = rows[0]
@@ -688,8 +833,8 @@ class ClusteringStore:
                 "UPDATE sessions SET device_type = ?, end_ts = ?, event_count = ?, watch_seconds = ?, "
                 "feature_version = ?, features = ?, label = ?, unknown_genres = ?, person_probs = NULL, "
                 "state = ? WHERE session_id = ? AND end_ts = ?",
-                (device_type, end_ts, count, watch, version, features, label, unknown, state, session_id,
-                 last_end))
+                (device_type, end_ts, count, watch, version, features, label, unknown, state,
+                 extension.session_id, extension.last_end))
             if updated != 1:
                 # The row read above is gone or changed: a writer that takes no household
                 # lock (the retention purge, an Erase of every account) deleted or rebuilt
@@ -699,9 +844,9 @@ class ClusteringStore:
                 return self._rebuild_sessions(tx, account, device, ordered[0].ts)
             rows = rows[1:]
         else:
-            tx.execute("UPDATE sessions SET state = NULL WHERE session_id = ?", (session_id,))
+            tx.execute("UPDATE sessions SET state = NULL WHERE session_id = ?", (extension.session_id,))
         self._insert_sessions(tx, rows)
-        return len(states) if extended else len(states) - 1
+        return extension.touched
 
     def _kept_state(self, account: str, stored) -> SessionState | None:
         """The newest session's kept running state, or None when it does not open (altered
@@ -1105,6 +1250,7 @@ class ClusteringStore:
         if entry is not None and entry.version == decoded_version and self._confirmed(account_id, decoded_version):
             return entry
         known = entry.version if entry is not None else -1
+        generation = self._fence_generation
         with self.db.transaction(readonly=True) as tx:
             # The model column only when the cache's entry is not the stored version, and
             # the erasure counts only then (the model is cached again: _cache_model).
@@ -1116,7 +1262,7 @@ class ClusteringStore:
                 self.cache.delete(f"model:{account_id}")
             return None
         version, variant = int(rows[0][0]), rows[0][1]
-        self._note_confirmed(account_id, version)
+        self._note_confirmed(account_id, version, generation)
         if entry is not None and entry.version == version:
             return entry
         if entry is not None:
@@ -1139,41 +1285,42 @@ class ClusteringStore:
         the message instead of one per household). Those confirmed more than half
         MODEL_CONFIRM_S ago are asked again too: the message's households then stay
         confirmed for the next 30 s of messages at least."""
-        now = time.monotonic()
-        due = sorted({a for a in account_ids
-                      if now - self._confirmed_versions.get(a, (0, -1e18))[1] >= MODEL_CONFIRM_S / 2})
+        ages = {a: self._confirmed_versions.age(a) for a in account_ids}
+        due = sorted(a for a, age in ages.items() if age is None or age >= self._confirmed_versions.max_age_s / 2)
         if not due:
             return
-        stored: list = []
+        generation = self._fence_generation
+        for account_id, version in self.stored_model_versions(due).items():
+            self._note_confirmed(account_id, version, generation)
+
+    def stored_model_versions(self, account_ids: Iterable[str]) -> dict[str, int]:
+        """The stored model version of each of ``account_ids`` that has a model, in one read
+        transaction."""
+        accounts = sorted(set(account_ids))
+        stored: dict[str, int] = {}
         with self.db.transaction(readonly=True) as tx:
-            for start in range(0, len(due), 500):   # SQLite's bound-parameter limit, as _query_in
-                chunk = due[start:start + 500]
-                stored += tx.query("SELECT account_id, version FROM household_models WHERE account_id IN "
-                                   f"({', '.join('?' * len(chunk))})", chunk)
-        for account_id, version in stored:
-            self._note_confirmed(account_id, int(version))
+            for start in range(0, len(accounts), 500):   # SQLite's bound-parameter limit, as _query_in
+                chunk = accounts[start:start + 500]
+                stored.update((a, int(v)) for a, v in tx.query(
+                    f"SELECT account_id, version FROM household_models WHERE account_id IN "
+                    f"({', '.join('?' * len(chunk))})", chunk))
+        return stored
 
     def _confirmed(self, account_id: str, version: int) -> bool:
         """Whether the database said ``version`` is the household's stored one within the
         last ``MODEL_CONFIRM_S``: how long a replica keeps serving a version a replayed
         cache entry says is still current (a genuine entry of the version it holds, copied
         before the erasure that replaced it)."""
-        seen = self._confirmed_versions.get(account_id)
-        return seen is not None and seen[0] == version and time.monotonic() - seen[1] < MODEL_CONFIRM_S
+        return (self._confirmed_versions.get(account_id) == version
+                and (self._fence_s is None or time.monotonic() - self._fence_read_at < self._fence_s))
 
-    def _note_confirmed(self, account_id: str, version: int) -> None:
-        """Also drops the notes past MODEL_CONFIRM_S (useless then) or MODEL_CONFIRMED_MAX:
-        an account id is kept no longer than it serves."""
-        now = time.monotonic()
-        confirmed = self._confirmed_versions
-        with self._confirmed_lock:
-            confirmed[account_id] = (version, now)
-            confirmed.move_to_end(account_id)
-            while confirmed:
-                oldest, (_, at) = next(iter(confirmed.items()))
-                if now - at < MODEL_CONFIRM_S and len(confirmed) <= MODEL_CONFIRMED_MAX:
-                    break
-                del confirmed[oldest]
+    def _note_confirmed(self, account_id: str, version: int, generation: int | None = None) -> None:
+        """``generation``: the erasure fence's generation when the read that says so began
+        (nothing noted when the fence moved since; None: no such read)."""
+        with self._fence_lock:
+            if generation is not None and generation != self._fence_generation:
+                return
+            self._confirmed_versions.note(account_id, version)
 
     def _cached_model(self, account_id: str, cached: bytes, decoded_version: int) -> StoredModel | None:
         """The cache's copy (``b""`` as its blob when it is ``decoded_version``, not opened:
@@ -1222,6 +1369,7 @@ class ClusteringStore:
         what keeps two replicas from losing each other's update."""
         new_version = expected_version + 1
         sealed = self._seal(account_id, "model", blob)
+        generation = self._fence_generation
         with self.db.transaction() as tx:
             tx.lock_household(account_id)   # the EXISTS below must see an erasure in flight
             if expected_version == 0:
@@ -1242,7 +1390,7 @@ class ClusteringStore:
             self.cache.delete(f"model:{account_id}")
             raise Conflict(f"household model of {account_id!r} changed since version {expected_version}",
                            "model_version")
-        self._note_confirmed(account_id, new_version)
+        self._note_confirmed(account_id, new_version, generation)
         self._cache_model(account_id, new_version, variant, blob, erasures)
         return new_version
 
@@ -1267,6 +1415,35 @@ class ClusteringStore:
         with self.db.transaction(readonly=True) as tx:
             if household_key_state(tx, account_id) != erasures:
                 self.cache.delete(key)
+
+    # ---- the erasure fence (HEARTH_ERASURE_FENCE_S) ------------------------------------
+
+    def move_erasure_fence(self) -> None:
+        """After an Erase's deletion and unlearning refit are committed (ClusteringApp.erase
+        then waits HEARTH_ERASURE_FENCE_S): every replica watching the fence forgets the versions
+        it confirmed before this."""
+        with self.db.transaction() as tx:
+            tx.execute("UPDATE erasure_fence SET epoch = epoch + 1 WHERE id = 1")
+
+    def watch_erasure_fence(self, fence_s: float) -> bool:
+        """One read of the erasure fence by a replica that watches it (ClusteringApp's
+        thread, every quarter of ``fence_s``): from the first one on, a confirmed version is
+        trusted only while the last read began less than ``fence_s`` ago. True when the
+        fence moved since the last read (or this is the first: an erasure may have come
+        before it): the confirmed versions are forgotten, and the caller drops the models it
+        decoded of a version no longer stored."""
+        self._fence_s = fence_s   # from now on, even when this read fails (the database down)
+        began = time.monotonic()
+        with self.db.transaction(readonly=True) as tx:
+            epoch = int(tx.query("SELECT epoch FROM erasure_fence WHERE id = 1")[0][0])
+        with self._fence_lock:
+            moved = epoch != self._fence_epoch
+            if moved:
+                self._fence_generation += 1
+                self._confirmed_versions.clear()
+                self._fence_epoch = epoch
+            self._fence_read_at = max(self._fence_read_at, began)
+        return moved
 
     # ---- erasure -------------------------------------------------------------------
 
@@ -1298,10 +1475,8 @@ class ClusteringStore:
                 # one before it is deleted here.
                 self.cipher.forget(account)
             if scope.kind == "household":
-                with self._confirmed_lock:
-                    self._confirmed_versions.pop(account, None)
-                with self._known_lock:
-                    self._known_households.pop(account, None)
+                self._confirmed_versions.discard(account)
+                self._known_households.discard(account)
                 note_household_erased(tx)
                 forget_household_rekeys(tx, account)
                 for table, key in (("events", "event_id"), ("sessions", "session_id")):

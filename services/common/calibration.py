@@ -48,6 +48,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from services.common.errors import InvalidArgument
+from services.common import strict_json
 
 CALIBRATOR_SCHEMA = 1
 METHODS: tuple[str, ...] = ("identity", "temperature", "isotonic")
@@ -328,7 +329,7 @@ class Calibrator:
     @classmethod
     def from_json(cls, text: str) -> "Calibrator":
         try:
-            data = json.loads(text)
+            data = strict_json.loads(text)
         except json.JSONDecodeError as exc:
             raise InvalidArgument(f"is not valid JSON ({exc.msg})", "calibrator") from None
         return cls.from_dict(data)

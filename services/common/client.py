@@ -148,7 +148,11 @@ class PeerInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientIn
     def intercept_unary_stream(self, continuation, details, request):
         return self._call(continuation, details, request, streaming=True)
 
-    intercept_stream_stream = _call
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        # A response stream too: until session 30 this was ``_call`` without
+        # ``streaming``, whose result() waited for the whole stream nobody was reading, so
+        # every AssignSessions over a peer channel hung until its deadline (checks30).
+        return self._call(continuation, details, request_iterator, streaming=True)
 
 
 _METHOD_PACKAGE = re.compile(r"^/hearth\.([a-z]+)\.v1\.[A-Za-z]+/[A-Za-z]+$")

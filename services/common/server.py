@@ -29,7 +29,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from services.common import audit, client, health_report, identity, permissions, telemetry, tls
+from services.common import audit, client, health_report, identity, permissions, telemetry, text, tls
 from services.common.errors import ERROR_CODE_KEY, ERROR_FIELD_KEY, HearthError, InvalidArgument, status_for
 
 log = logging.getLogger("hearth.server")
@@ -161,36 +161,51 @@ class _Undecodable:
     the interceptor can answer INVALID_ARGUMENT (after authentication). grpcio itself
     would answer INTERNAL for a deserialiser that raises."""
 
-    def __init__(self, type_name: str) -> None:
+    def __init__(self, type_name: str, field: str = "", problem: str = "") -> None:
         self.type_name = type_name
+        self.field = field or "request"
+        self.problem = problem or f"not a valid {type_name} message (malformed or nested too deeply)"
 
 
 def _tolerant(deserialize: Callable | None) -> Callable | None:
     if deserialize is None:
         return None
-    type_name = getattr(getattr(deserialize, "__self__", None), "__name__", "request")
+    message_type = getattr(deserialize, "__self__", None)
+    type_name = getattr(message_type, "__name__", "request")
 
     def parse(data: bytes):
         try:
             return deserialize(data)
         except Exception:  # noqa: BLE001 - DecodeError, too deeply nested, bad UTF-8, ...
+            # Text that is not UTF-8 is refused like any other bad text: naming its field.
+            field = (text.invalid_utf8_field(message_type.DESCRIPTOR, data)
+                     if hasattr(message_type, "DESCRIPTOR") else None)
+            if field is not None:
+                return _Undecodable(type_name, field, "must be valid UTF-8 text")
             return _Undecodable(type_name)
 
     return parse
 
 
-def _refuse_undecodable(request):
-    """The request, or InvalidArgument (field ``request``) for one that did not parse;
-    for client streams, an iterator doing the same per message."""
+def _checked(request):
+    """The request, or InvalidArgument for one that did not parse (field ``request``) or
+    whose text breaks the one text rule (``text.check_text_fields``, naming the field);
+    for client streams, an iterator doing the same per message as it is read, naming a
+    later message's field ``messages[k].<field>`` (the servicers that gather a stream
+    validate it whole before they store any of it)."""
     if isinstance(request, _Undecodable):
-        raise InvalidArgument(f"not a valid {request.type_name} message (malformed or nested too deeply)",
-                              "request")
+        raise InvalidArgument(request.problem, request.field)
     if hasattr(request, "DESCRIPTOR") or not hasattr(request, "__next__"):
+        if hasattr(request, "DESCRIPTOR"):
+            text.check_text_fields(request)
         return request
 
     def messages():
-        for message in request:
-            yield _refuse_undecodable(message)
+        for k, message in enumerate(request):
+            if isinstance(message, _Undecodable):
+                raise InvalidArgument(message.problem, f"messages[{k}].{message.field}" if k else message.field)
+            text.check_text_fields(message, f"messages[{k}]." if k else "")
+            yield message
 
     return messages()
 
@@ -496,7 +511,7 @@ class HearthInterceptor(grpc.ServerInterceptor):
                 if job_id and isinstance(job_id, str):
                     # Erase calls of a deletion job (and any job-driven RPC) are findable by job.
                     span.set_attribute("hearth.job_id", job_id)
-                request = _refuse_undecodable(request)
+                request = _checked(request)
                 if open_streams is not None:
                     request = open_streams.messages(principal.id, request, context)
                 result = fn(request, context)
@@ -643,6 +658,15 @@ class RunningServer:
         return True
 
 
+# Request messages only in the identity encoding (bit 0 of the bitset): a compressed one
+# is refused (UNIMPLEMENTED, naming its encoding) before it is read. gRPC's core inflates a
+# compressed message whole — before any interceptor, so before any credential is checked —
+# and only then compares its size with grpc.max_receive_message_length: a 400 KB gzip of
+# zeros sent to Health/Check without credentials took clustering from 102 to 487 MB
+# resident (attack30). No Hearth client compresses.
+IDENTITY_ENCODING_ONLY = ("grpc.compression_enabled_algorithms_bitset", 1)
+
+
 def build_server(service: str, register: Callable[[grpc.Server], Iterable[str]], *,
                  host: str = "127.0.0.1", port: int = 0, max_workers: int = 16,
                  credentials: grpc.ServerCredentials | None = None,
@@ -662,6 +686,7 @@ def build_server(service: str, register: Callable[[grpc.Server], Iterable[str]],
         options=[("grpc.max_receive_message_length", tls.max_message_bytes()),
                  ("grpc.max_send_message_length", tls.response_max_bytes()),
                  ("grpc.so_reuseport", 0),
+                 IDENTITY_ENCODING_ONLY,
                  # Connections are recycled so round_robin clients re-resolve and spread
                  # over new replicas (a GOAWAY lets calls in flight finish within the grace).
                  ("grpc.max_connection_age_ms", 5 * 60 * 1000),
@@ -722,7 +747,8 @@ def serve_health_only(health_servicer: health.HealthServicer, host: str, port: i
     ``pool``'s workers (the service's) ran a no-op within ``timeout_s`` (below the
     probes' 2 s), else UNAVAILABLE: a hung process still fails liveness. ``Watch`` is
     not served. Returns the function that stops it."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
+                         options=[IDENTITY_ENCODING_ONLY])
     health_pb2_grpc.add_HealthServicer_to_server(_HealthThroughPool(health_servicer, pool, timeout_s), server)
     if server.add_insecure_port(f"{host}:{port}") == 0:
         raise OSError(f"could not bind {host}:{port} (HEARTH_HEALTH_PORT)")

@@ -303,16 +303,19 @@ def setup_telemetry(service: str, trace_export: str = "none", log_level: str = "
 METRICS_CONNECTION_TIMEOUT_S = 10.0
 
 
-class _MetricsRequestHandler(WSGIRequestHandler):
-    timeout = METRICS_CONNECTION_TIMEOUT_S   # StreamRequestHandler: the connection's socket timeout
+class ConnectionDeadline:
+    """For a ``socketserver.StreamRequestHandler`` serving one request a connection (the
+    first base of the handler class): ``timeout`` bounds each read, and the whole
+    connection (the request and its answer) gets ``connection_deadline_s``, then its socket
+    is shut — a client sending a byte of its request every few seconds otherwise kept its
+    thread for as long as it liked (review26). The metrics ports' and the rollback
+    webhook's."""
+
+    connection_deadline_s = METRICS_CONNECTION_TIMEOUT_S
 
     def setup(self) -> None:
         super().setup()
-        # The socket timeout bounds each read, not the request: a client sending a byte of
-        # its request head every few seconds kept its thread for as long as it liked
-        # (review26). The whole connection (one request and its answer: wsgiref serves one
-        # a connection) gets METRICS_CONNECTION_TIMEOUT_S, then its socket is shut.
-        self._deadline = threading.Timer(METRICS_CONNECTION_TIMEOUT_S, self._cut)
+        self._deadline = threading.Timer(self.connection_deadline_s, self._cut)
         self._deadline.daemon = True
         self._deadline.start()
 
@@ -325,6 +328,10 @@ class _MetricsRequestHandler(WSGIRequestHandler):
     def finish(self) -> None:
         self._deadline.cancel()
         super().finish()
+
+
+class _MetricsRequestHandler(ConnectionDeadline, WSGIRequestHandler):
+    timeout = METRICS_CONNECTION_TIMEOUT_S   # StreamRequestHandler: the connection's socket timeout
 
     def log_message(self, format, *args):  # noqa: A002 - the base class's signature
         """Log nothing (prometheus_client's handler does the same)."""

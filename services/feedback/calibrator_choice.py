@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from services.common.errors import Conflict, InvalidArgument, NotFound
 from services.common.identity import Principal
+from services.common.text import check_text
 from services.feedback.peers import FlagChange
 from services.feedback.store import FeedbackStore
 
@@ -77,9 +78,7 @@ class CalibratorChoices:
     def _check_variant(self, variant: str) -> str:
         if not isinstance(variant, str) or not 0 < len(variant) <= MAX_VARIANT_CHARS:
             raise InvalidArgument(f"must be a variant name of 1-{MAX_VARIANT_CHARS} characters", "variant")
-        if not variant.isprintable():   # a NUL: INTERNAL on PostgreSQL (attack29)
-            raise InvalidArgument("must not contain control characters", "variant")
-        return variant
+        return check_text(variant, "variant", max_chars=MAX_VARIANT_CHARS)
 
     def held(self, variant: str) -> bool:
         stored = self.store.current_flags(choice_key(variant))
@@ -113,8 +112,7 @@ class CalibratorChoices:
             raise InvalidArgument("must be a stored version (>= 1) or 0 for none (identity)", "version")
         if not isinstance(reason, str) or not reason.strip() or len(reason) > self.max_reason_chars:
             raise InvalidArgument(f"must say why, in 1-{self.max_reason_chars} characters", "reason")
-        if "\x00" in reason:   # PostgreSQL text cannot hold it: INTERNAL, a 502 (attack29)
-            raise InvalidArgument("must not contain a NUL character", "reason")
+        check_text(reason, "reason", max_chars=self.max_reason_chars, multiline=True)
         if version == 0 and variant not in self.known_variants and not self.store.calibrator_versions(variant):
             raise NotFound(f"no calibrator for variant {variant!r}; known variants: {list(self.known_variants)}",
                            "variant")

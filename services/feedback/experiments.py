@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from services.common.errors import Conflict, InvalidArgument
 from services.common.identity import Principal
 from services.common.ids import check_id
+from services.common.text import check_text
 from services.feedback import instruments
 from services.feedback.calibration import Calibration
 from services.feedback.domain.variants import ExperimentFlags, assign_variant, compare_variants
@@ -93,8 +94,7 @@ class Experiments:
         only the kill switch. Stored (compare-and-swap on the version), then audited."""
         if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REASON_CHARS:
             raise InvalidArgument(f"must say why, in 1-{MAX_REASON_CHARS} characters", "reason")
-        if "\x00" in reason:   # PostgreSQL text cannot hold it: INTERNAL, a 502 (attack29)
-            raise InvalidArgument("must not contain a NUL character", "reason")
+        check_text(reason, "reason", max_chars=MAX_REASON_CHARS, multiline=True)
         for name in traffic:
             if name not in self.policy.variants:
                 raise InvalidArgument(f"unknown variant {name!r}; known: {list(self.policy.variants)}",

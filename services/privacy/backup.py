@@ -155,7 +155,14 @@ def reapply_ledger(db: Database, ledger: Ledger, now: datetime | None = None) ->
         requeued.append({"job_id": job.job_id, "replaces": job_id, "scope": old.scope.kind.value})
     tombstoned = 0
     for account in sorted(shred):
-        live = [r for r in keys.load(account) if r.destroyed_at is None]
+        records = keys.load(account)
+        if not records:
+            # Erased before it had a key, or keyed only after the snapshot: a tombstone, as
+            # the erasure writes (attack30), so no key is made for it before (or without)
+            # the re-queued job.
+            tombstoned += keys.tombstone_unkeyed(account, "", now.isoformat())
+            continue
+        live = [r for r in records if r.destroyed_at is None]
         tombstoned += keys.overwrite([dataclasses.replace(r, wrapped=b"", destroyed_at=now) for r in live])
     return {"requeued_jobs": requeued, "keys_tombstoned": tombstoned, "shredded_accounts": len(shred)}
 
@@ -232,6 +239,17 @@ def run_restore(args: argparse.Namespace) -> int:
     if dsns and len(dsns) < len(roles.SERVICES):
         raise ValueError("set every HEARTH_POSTGRES_DSN_<SERVICE> (each schema goes back to its role after the "
                          f"restore) or none: missing {', '.join(roles.service_dsn_variable(s) for s in roles.SERVICES if s not in dsns)}")
+    if dsns:
+        # The admin drops and recreates every schema on its own server: privacy's database
+        # on another server (docs/operations.md "Database roles") cannot be restored so.
+        admin_server = roles.server_of(settings.postgres_dsn, "HEARTH_POSTGRES_DSN")
+        for service, dsn in sorted(dsns.items()):
+            variable = roles.service_dsn_variable(service)
+            if (server := roles.server_of(dsn, variable)) != admin_server:
+                raise ValueError(f"{variable}: names server {server}, HEARTH_POSTGRES_DSN {admin_server}: `hearth "
+                                 "restore` restores the schemas of one server, and a deployment with a service's "
+                                 "database on another server cannot be restored by it (docs/operations.md, "
+                                 "\"Privacy on another server\"); nothing was changed")
     if snap.backend == "postgres":
         # As SQLite's (restore_sqlite): nothing is changed under running services. A service
         # still connected would write beside the restore (or hold the DROP SCHEMA's lock

@@ -4,6 +4,7 @@ variables, validated at start (a bad value names the variable).
 | variable | default | meaning |
 |---|---|---|
 | `HEARTH_AUDIT_SIGNING_KEY` / `_FILE` | dev: generated | Ed25519 key signing audit tree heads, or a file holding it (services/privacy/audit/app.py) |
+| `HEARTH_AUDIT_TREE_HEAD_HISTORY_S` | 60 | of the audit log's signed tree heads before the latest, the table keeps the last of each interval of this many seconds; 0 = every committed batch's (before session 30) |
 | `HEARTH_RECEIPT_SIGNING_KEY` | dev: generated | Ed25519 key signing deletion receipts (PKCS#8 PEM or base64 of the 32-byte seed) |
 | `HEARTH_KEKS` | dev: generated | master keys `id=<base64 32 bytes>,...` wrapping the per-household data keys |
 | `HEARTH_ACTIVE_KEK` | the only KEK | id of the KEK new data keys are wrapped with (required with several) |
@@ -37,6 +38,9 @@ class PrivacySettings(RetentionSettings):
     # Public keys the audit log's tree heads were signed with before the current key
     # (PEM blocks or base64, comma-separated): VerifyAudit checks those heads' signatures too.
     audit_previous_public_keys: str = ""
+    # Stored tree head history: the last head of each interval of this many seconds (and
+    # always the latest); 0 = every batch's head (audit/writer.py, _thins).
+    audit_tree_head_history_s: NonNegative = 60.0
     receipt_signing_key: str = ""
     keks: str = ""
     active_kek: str = ""

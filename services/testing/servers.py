@@ -32,8 +32,12 @@ class MissingServer(RuntimeError):
     """The server's binary is not installed."""
 
 
-def pg_binary(name: str) -> str | None:
-    """A PostgreSQL binary on PATH or in Debian's versioned directory (newest first)."""
+def pg_binary(name: str, bin_dir: Path | None = None) -> str | None:
+    """A PostgreSQL binary in ``bin_dir`` if given (another major's, e.g. the bundled 16 of
+    tests/helpers/servers.py), else on PATH or in Debian's versioned directory (newest first)."""
+    if bin_dir is not None:
+        candidate = Path(bin_dir) / name
+        return str(candidate) if os.access(candidate, os.X_OK) else None
     found = shutil.which(name)
     if found:
         return found
@@ -52,13 +56,15 @@ class PostgresServer:
 
     ``durable=False`` is for test fixtures (no fsync, no full-page writes: a crash loses
     the cluster, which a test discards anyway); ``make verify`` keeps the production
-    defaults, since it measures what a deployment would see."""
+    defaults, since it measures what a deployment would see. ``bin_dir``: the directory of
+    the ``initdb`` and ``postgres`` to run (default: the machine's, ``pg_binary``)."""
 
     def __init__(self, base: Path | None = None, *, durable: bool = True, max_connections: int = 200,
-                 settings: Mapping[str, str] | None = None) -> None:
-        self.initdb, self.postgres = pg_binary("initdb"), pg_binary("postgres")
+                 settings: Mapping[str, str] | None = None, bin_dir: Path | None = None) -> None:
+        self.initdb, self.postgres = pg_binary("initdb", bin_dir), pg_binary("postgres", bin_dir)
         if not self.initdb or not self.postgres:
-            raise MissingServer("PostgreSQL binaries (initdb, postgres) not found: install postgresql "
+            raise MissingServer(f"PostgreSQL binaries (initdb, postgres) not found in {bin_dir}" if bin_dir else
+                                "PostgreSQL binaries (initdb, postgres) not found: install postgresql "
                                 "(scripts/provision.sh does)")
         self.base = Path(base) if base is not None else Path(tempfile.mkdtemp(prefix="hearth-pg-"))
         self.data_dir = self.base / "data"

@@ -515,6 +515,8 @@ def test_sqlite_with_more_than_one_replica_is_refused(render, override):
     ("config.extra.LOG_LEVEL=x", "config.extra.LOG_LEVEL: keys must be HEARTH_"),
     ("storage.postgres.provisionRoles.lockTimeoutSeconds=-1",
      "at '/storage/postgres/provisionRoles/lockTimeoutSeconds': minimum: got -1, want 0"),
+    ("storage.postgres.provisionRoles.lockTimeoutSeconds=10000000",
+     "at '/storage/postgres/provisionRoles/lockTimeoutSeconds': maximum: got 1×10⁰⁷"),
     ("services.privacy.keys.secretName=", "services.privacy.keys.secretName, .receiptSigningKeyKey, .auditSigningKeyKey and .keksKey are required"),
 ])
 def test_bad_values_fail_with_a_message_naming_the_value(render, bad, message):

@@ -38,3 +38,14 @@ def test_every_make_command_in_the_docs_names_a_target():
             names += re.findall(r"^\s*(?:[A-Z_]+=\S+\s+)*make ([a-z][a-z0-9-]*[a-z0-9])\b", line)
             missing += [f"{doc.name}:{number} make {name}" for name in names if name not in RULES]
     assert missing == []
+
+
+def test_the_partial_suites_go_through_the_runner_that_names_a_dead_worker():
+    """`make test-unit` ran one plain pytest: a worker that hung or crashed was not named
+    with its test as `make test`'s runner does (scripts/run_tests.py, suite29). Both partial
+    targets use the runner narrowed to their directory; test-e2e provisions PostgreSQL and
+    Redis as `make test` does, since its meshes run on them."""
+    for target, path in (("test-unit", "tests/unit"), ("test-e2e", "tests/e2e")):
+        dry = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        assert re.search(rf"scripts/run_tests\.py {path}\b", dry), (target, dry)
+    assert re.search(r"^test-e2e:.*\bprovision\b", MAKEFILE, re.MULTILINE)

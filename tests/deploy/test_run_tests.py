@@ -358,8 +358,8 @@ def test_a_test_hanging_past_pytest_timeout_ends_its_worker_with_every_threads_t
     assert [n for _, n in _ran(root)] == ["suite/test_hang.py::test_hangs"], out[-3000:]
 
 def test_a_plain_pytest_run_of_the_suite_ends_a_hung_test_with_every_threads_traceback(tmp_path):
-    """`make test-unit` or `pytest -q tests/unit` (one process, no runner; where docs28 saw
-    tests/unit stall at load ~24): tests/conftest.py arms the same backstop, so a hang
+    """`pytest -q tests/unit` (one process, no runner; docs28 saw tests/unit stall at load ~24
+    when `make test-unit` was such a run): tests/conftest.py arms the same backstop, so a hang
     pytest-timeout cannot break ends with the tracebacks rather than never. Seen failing
     before session 29's conftest (the run had not ended after 90 s)."""
     (tmp_path / "test_hang.py").write_text(textwrap.dedent(HANGS))

@@ -34,7 +34,10 @@ def dmesh(request, tmp_path_factory):
     base = tmp_path_factory.mktemp(f"deletion-{request.param}")
     env = {"HEARTH_DELETION_POLL_S": "0.1", "HEARTH_DELETION_RETRY_BASE_S": "0.1",
            "HEARTH_DELETION_RETRY_MAX_S": "0.5", "HEARTH_DELETION_LEASE_S": "5",
-           "HEARTH_RETENTION_CHECK_S": "0"}
+           "HEARTH_RETENTION_CHECK_S": "0",
+           # Each Erase waits out the erasure fence (3 s in production): a shorter one keeps
+           # these meshes' many erasures quick, and still runs it (read every 0.125 s).
+           "HEARTH_ERASURE_FENCE_S": "0.5"}
     process_env = {}
     if request.param == "postgres":
         env.update(HEARTH_STORAGE="postgres", HEARTH_POSTGRES_DSN=fresh_database(request.getfixturevalue("postgres_dsn")),
@@ -253,6 +256,30 @@ def test_a_client_that_keeps_sending_during_a_household_deletion_leaves_nothing(
     assert remnants(dmesh, acct) == {}
 
 
+def test_a_household_erased_before_any_of_its_data_arrived_stays_erased(dmesh, client):
+    """attack30: a household deletion that ran before the household's first data was stored
+    (its first batch still in flight through the gateway, or an erasure asked at sign-up)
+    found no data key to shred, and left nothing behind: the batch, and anything sent after
+    the job completed, made it a new key and was stored — the job said completed. Now it
+    stays erased as a household that had data does: 412 for each kind, nothing stored."""
+    acct = f"e2e-never-{RUN}"
+    job = delete(client, {"kind": "household", "account_id": acct})
+    assert job["state"] == "completed", job
+    ts = _iso(time.time() - DAY)
+    for path, body in (
+            ("/v1/events", {"events": [{"event_id": f"{acct}-e0", "account_id": acct, "device_id": "tv-1",
+                                        "device_type": "tv", "ts": ts, "kind": "heartbeat", "title_id": "t",
+                                        "genres": ["drama"], "duration_s": 60, "maturity": "adult"}]}),
+            ("/v1/touchpoints", {"touchpoints": [{"touchpoint_id": f"{acct}-tp0", "account_id": acct,
+                                                 "device_id": "tv-1", "ts": ts, "channel": "email", "campaign": "c"}]}),
+            ("/v1/conversions", {"conversions": [{"conversion_id": f"{acct}-cv0", "account_id": acct, "ts": ts,
+                                                 "kind": "purchase", "value": 1.0, "device_id": "tv-1"}]})):
+        r = client.post(path, json=body)
+        assert r.status_code == 412, (path, r.status_code, r.text)
+        assert "destroyed" in r.json()["error"]["message"], r.text
+    assert remnants(dmesh, acct) == {}
+
+
 def test_a_batch_sent_again_after_its_device_was_erased_does_not_bring_the_device_back(dmesh, client):
     """chaos23, driving the mesh as a client that retries: a batch acknowledged before a
     device erasure, sent again after the job completed (a retry after a lost answer, a
@@ -467,7 +494,12 @@ def test_a_cached_model_copied_before_a_device_erasure_and_written_back_is_not_s
 
     # Rolling upgrade: this release's entry in Redis, clustering of the release before.
     wait_for(lambda: raw.get(key), what="this release's entry cached")
-    restart_service(dmesh, "clustering", extract(BEFORE_SEALED_MODEL_VERSION, tmp_path / "tree"))
+    fence = dmesh.extra_env.pop("HEARTH_ERASURE_FENCE_S", None)   # a setting the release before refuses
+    try:
+        restart_service(dmesh, "clustering", extract(BEFORE_SEALED_MODEL_VERSION, tmp_path / "tree"))
+    finally:
+        if fence is not None:
+            dmesh.extra_env["HEARTH_ERASURE_FENCE_S"] = fence
     try:
         new_format = raw.get(key)
         household = _household(client, acct)
@@ -479,3 +511,82 @@ def test_a_cached_model_copied_before_a_device_erasure_and_written_back_is_not_s
     assert household["model_version"] == after["model_version"] and not _shows_tablet(household)
     assert wait_for(lambda: (got := raw.get(key)) != old_format and got, what="this release's entry again")
     raw.close()
+
+
+@pytest.mark.parametrize("dmesh", ["postgres"], indirect=True)   # the mesh with Redis
+def test_another_replica_does_not_answer_with_the_erased_model_once_the_erasure_completed(dmesh, client):
+    """keys29's "Left": a second clustering replica (its own gateway in front of it) holds
+    the household's decoded model and confirmed its version from the database moments
+    before. A device erasure, then a household erasure, run through the first replica;
+    after each completes, a genuine Redis entry of the version the second replica holds is
+    written back (what a holder of the Redis URL can do; a slow replica re-caching the
+    version it had read does it too). Until session 30 the second replica answered with
+    its held model for up to MODEL_CONFIRM_S (60 s) after its last confirmation: the
+    erased tablet's person after the device erasure, and every person of the erased
+    household after the household erasure. Now every erasure moves the store's erasure
+    fence and completes only once each replica either saw it (and asks the database
+    again) or has stopped trusting its notes (docs/security.md, session 30)."""
+    import redis
+
+    from services.testing.mesh import free_port
+
+    acct, t0 = f"e2e-replica-erased-{RUN}", time.time() - 14 * DAY
+    replica_port, gateway_port = free_port(), free_port()
+    dmesh._spawn("clustering-2", "services.clustering",
+                 {**dmesh.env(), **dmesh.process_env.get("clustering", {}), "HEARTH_GRPC_PORT": str(replica_port),
+                  "HEARTH_METRICS_PORT": str(free_port())})
+    dmesh._spawn("gateway-2", "gateway",
+                 {**dmesh.env(), "HEARTH_CLUSTERING_ADDR": f"127.0.0.1:{replica_port}",
+                  "HEARTH_GATEWAY_PORT": str(gateway_port), "HEARTH_METRICS_PORT": str(free_port())})
+    raw = redis.Redis.from_url(dmesh.env_extra["HEARTH_REDIS_URL"])
+    key = f"hearth:clustering:model:{acct}"
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{gateway_port}", headers={"X-API-Key": dmesh.api_key},
+                          timeout=30) as other:
+            wait_for(lambda: _serving(other), what="the second replica behind its gateway", timeout_s=SLOW_MACHINE_S)
+            events = [{"event_id": f"{acct}-{device}-{d}-{i}", "account_id": acct, "device_id": device,
+                       "device_type": device_type, "ts": _iso(t0 + d * DAY + hour * 3600 + i * 300),
+                       "kind": "heartbeat", "title_id": f"{genre}-{d}", "genres": [genre], "duration_s": 300,
+                       "maturity": maturity}
+                      for device, device_type, hour, genre, maturity in (
+                          ("tab-kids", "tablet", 8, "animation", "kids"), ("tv-1", "tv", 21, "drama", "adult"))
+                      for d in range(12) for i in range(4)]
+            assert client.post("/v1/events", json={"events": events}).json()["accepted"] == len(events)
+            first = wait_for(lambda: (h := _household(client, acct))["model_version"] >= 1 and h,
+                             what="a first model", timeout_s=SLOW_MACHINE_S)
+            # The second replica decodes that version and confirms it with the database.
+            held = wait_for(lambda: (h := _household(other, acct))["model_version"] == first["model_version"] and h,
+                            what="the second replica to hold the model")
+            assert _shows_tablet(held), held["persons"]
+            vector = next(s["feature_vector"] for s in held["sessions"] if s["device_id"] == "tv-1")
+            copied = wait_for(lambda: raw.get(key), what="the cached model")
+
+            job = delete(client, {"kind": "device", "account_id": acct, "device_id": "tab-kids"})
+            assert job["state"] == "completed", job
+            raw.set(key, copied)
+            answered = _household(other, acct)
+            assert answered["model_version"] > held["model_version"], (answered["model_version"], held["model_version"])
+            assert not _shows_tablet(answered), answered["persons"]
+
+            # The second replica now holds the refitted version: the household is erased.
+            copied = wait_for(lambda: (got := raw.get(key)) and struct.unpack_from("<q", got)[0]
+                              == answered["model_version"] and got, what="the refitted model cached")
+            job = delete(client, {"kind": "household", "account_id": acct})
+            assert job["state"] == "completed", job
+            raw.set(key, copied)
+            # GET /v1/household answers 404 for an erased account before it reads a model;
+            # an assignment reads the model.
+            assigned = other.post("/v1/assign", json={"account_id": acct, "feature_vector": vector})
+            assert assigned.status_code == 404, assigned.text
+    finally:
+        raw.delete(key)
+        raw.close()
+        dmesh.stop_process("gateway-2")
+        dmesh.stop_process("clustering-2")
+
+
+def _serving(http: httpx.Client) -> bool:
+    try:
+        return http.get("/health").json().get("status") == "SERVING"
+    except (httpx.HTTPError, ValueError):
+        return False

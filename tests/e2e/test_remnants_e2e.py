@@ -49,6 +49,7 @@ def rmesh(request, tmp_path_factory):
     spans = base / "spans.jsonl"
     env = {"HEARTH_DELETION_POLL_S": "0.1", "HEARTH_DELETION_RETRY_BASE_S": "0.1",
            "HEARTH_DELETION_RETRY_MAX_S": "0.5", "HEARTH_RETENTION_CHECK_S": "0",
+           "HEARTH_ERASURE_FENCE_S": "0.5",   # each Erase waits it out (3 s in production)
            "HEARTH_TRACE_EXPORT": f"jsonl:{spans}",
            # Data key rotation: the settle covers other replicas' key caches; one replica of
            # each service here, whose caches the stores' Rekey drops (70 s in production).

@@ -22,7 +22,7 @@ SERIES = (None, "s1", "s2")
 class FullRebuildStore(ClusteringStore):
     """Every batch rebuilds the sessions it touches from their stored events."""
 
-    def _update_sessions(self, tx, account, device, fresh):
+    def _update_sessions(self, tx, account, device, fresh, prepared=None):
         return self._rebuild_sessions(tx, account, device, min(e.ts for e in fresh))
 
 

@@ -106,7 +106,7 @@ class _SessionOnly:
 class Backstop:
     """The per-test backstop of a pytest process: ``with backstop.armed(item):`` around a
     test's protocol. Armed by each `make test` worker, and by tests/conftest.py in any other
-    pytest run of the suite (`make test-unit`, `pytest -q tests/unit`)."""
+    pytest run of the suite (`pytest -q tests/unit`, one process without the runner)."""
 
     def __init__(self, config: pytest.Config):
         # A copy of the process's stderr taken now: while a test runs, pytest's capture

@@ -58,15 +58,79 @@ def _exists(pid: int) -> bool:
     return True
 
 
+def bundled_postgres16() -> Path:
+    """The directory of a PostgreSQL 16 server's binaries: the ones in the ``pgserver``
+    wheel (a pinned dev dependency, pyproject.toml; PostgreSQL 16.2, PostgreSQL licence,
+    the wheel's own code Apache-2.0), inside the virtualenv, so ``make test`` reads nothing
+    outside the repository. The machine's PostgreSQL is Debian bookworm's 15, and from 16 a
+    role membership is one grant per grantor (``REVOKE … GRANTED BY``): that path of
+    ``hearth db provision-roles`` runs on this one. Missing, the tests FAIL (never skip).
+    Found without importing the package (its Python layer is not used)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pgserver")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    if not locations:
+        pytest.fail("pgserver (the PostgreSQL 16 test server, pyproject.toml's dev dependencies) is not "
+                    "installed: `make venv` installs it, on CPython 3.11/3.12 and x86_64 Linux (its wheels'; "
+                    "elsewhere give the tests another PostgreSQL 16) — the PostgreSQL 16 tests cannot be skipped")
+    return runnable_by_postgres(Path(locations[0]) / "pginstall" / "bin")
+
+
+_COPIES: dict[Path, Path] = {}
+
+
+def runnable_by_postgres(bin_dir: Path) -> Path:
+    """``bin_dir``, or a copy the ``postgres`` user can run. As root the servers run as that
+    user (services/testing/servers.py), which must reach the binaries: inside a checkout
+    under a directory only root may enter (a fresh clone's in a ``mktemp -d`` folder) it
+    cannot, and initdb would fail. The wheel's package directory and its bundled libraries
+    (``<package>.libs``, found through the binaries' RPATH ``$ORIGIN/../../../``) are then
+    copied once per run into a temporary directory anyone may enter, removed at exit."""
+    import atexit
+    import subprocess
+
+    from services.testing.servers import postgres_user
+
+    if os.geteuid() != 0:
+        return bin_dir
+    if bin_dir in _COPIES:
+        return _COPIES[bin_dir]
+    try:
+        ran = subprocess.run([str(bin_dir / "postgres"), "--version"], capture_output=True,
+                             **postgres_user()).returncode == 0
+    except PermissionError:
+        ran = False
+    if ran:
+        _COPIES[bin_dir] = bin_dir
+        return bin_dir
+    package = bin_dir.parent.parent                       # site-packages/pgserver
+    copy_root = Path(tempfile.mkdtemp(prefix="hearth-pg-bin-"))
+    copy_root.chmod(0o755)
+    atexit.register(shutil.rmtree, copy_root, True)
+    # Made here and opened up: under the umask 077 that `hearth backup`/`restore` run in this
+    # process leave (config.keep_files_private), copytree would make it 0700 (review30).
+    (copy_root / package.name).mkdir()
+    (copy_root / package.name).chmod(0o755)
+    shutil.copytree(package / bin_dir.parent.name, copy_root / package.name / bin_dir.parent.name, symlinks=True)
+    libs = package.parent / f"{package.name}.libs"
+    if libs.is_dir():
+        shutil.copytree(libs, copy_root / libs.name, symlinks=True)
+    _COPIES[bin_dir] = copy_root / package.name / bin_dir.parent.name / bin_dir.name
+    return _COPIES[bin_dir]
+
+
 @contextlib.contextmanager
-def running_postgres(pg_hba: str | None = None, **settings: str) -> Iterator[PostgresServer]:
+def running_postgres(pg_hba: str | None = None, bin_dir: Path | None = None,
+                     **settings: str) -> Iterator[PostgresServer]:
     """initdb + postgres on a free port (``.dsn``, ``.data_dir``); ``settings`` are
     ``-c name=value`` over the fast test defaults (fsync off, no full-page writes).
     ``pg_hba``: the cluster's pg_hba.conf instead of initdb's (which trusts every local
     login); it must keep trusting ``hearth`` on 127.0.0.1, the fixtures' superuser, which
-    connects without a password (``.dsn``)."""
+    connects without a password (``.dsn``). ``bin_dir``: another server's binaries
+    (``bundled_postgres16()``) than the machine's."""
     try:
-        server = PostgresServer(cluster_base(), durable=False, settings=settings)
+        server = PostgresServer(cluster_base(), durable=False, settings=settings, bin_dir=bin_dir)
     except MissingServer as exc:
         pytest.fail(f"{exc} — the PostgreSQL storage tests cannot be skipped")
     try:

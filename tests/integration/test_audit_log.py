@@ -53,6 +53,10 @@ class Log:
 
     def __init__(self, db, key, **options) -> None:
         self.db, self.key = db, key
+        # These tests check proofs against, and tampering with, the head of every batch
+        # they append: keep them all (0). The thinned history the service keeps by default
+        # (the last head of each minute and the latest) has its own tests at the end.
+        options.setdefault("tree_head_history_s", 0)
         self.app = AuditApp(db, key, **options)
         servicer = AuditLogServicer(self.app)
 
@@ -772,3 +776,113 @@ def test_with_earlier_keys_configured_a_head_re_signed_with_a_made_up_key_is_for
         assert str(sizes[0]) in result.message and kid in result.message
     finally:
         rotated.close()
+
+
+# ------------------------------------------------------------------ the stored head history
+
+
+class _Clock:
+    """The writer's clock (each head's signed timestamp), moved by the test."""
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+
+    def __call__(self) -> float:
+        return self.at
+
+
+def _stored_sizes(log: Log) -> list[int]:
+    return sorted(size for size, _ in log.app.store.stored_tree_heads())
+
+
+def _thinned_log(database, key, clock: _Clock) -> tuple[Log, list[int]]:
+    """Batches signed at 0, 10, 20 s (one minute), 70, 80 s (the next) and 130 s, with the
+    service's default history: the last head of each minute and the latest."""
+    migrate(database, MIGRATIONS)
+    log = Log(database, key, max_delay_s=0.001, clock=clock, tree_head_history_s=60)
+    sizes, total = [], 0
+    for at, n in ((0, 2), (10, 3), (20, 1), (70, 4), (80, 2), (130, 3)):
+        clock.at = 1_800_000_000 + at   # a whole minute
+        log.app.append(_records(n, tag=f"t{at}"))
+        total += n
+        sizes.append(total)
+        # every entry is covered by a stored signed head as soon as it is acknowledged
+        assert log.app.store.stored_latest_sth().tree_size == total
+    return log, sizes
+
+
+def test_the_table_keeps_the_latest_head_and_the_last_of_each_interval(database, key):
+    """Session 30: a head per committed batch (one per ~1.2 entries at 6 requests/s) was
+    37 % of the log's growth. Seen failing before the change: all six heads stored."""
+    log, sizes = _thinned_log(database, key, _Clock(0))
+    try:
+        assert _stored_sizes(log) == [sizes[2], sizes[4], sizes[5]]
+        result = log.verify()
+        assert (result.valid, result.reason, result.entries) == (True, "", sizes[-1]), result.message
+        # an auditor's proofs: against a kept head, and from a head it kept itself
+        # (sizes[0], no longer in the table) to the latest
+        r = log.stub.GetAuditProof(ppb.GetAuditProofRequest(inclusion_seq=4, tree_size=sizes[2]),
+                                   metadata=ADMIN.metadata("privacy"))
+        kept = rfc9162.verify_sth_json(r.tree_head.json, log.pem)
+        assert rfc9162.verify_inclusion(4, sizes[2], r.leaf_hash, list(r.path), bytes.fromhex(kept["root"]))
+        with pytest.raises(grpc.RpcError) as gone:
+            log.stub.GetAuditProof(ppb.GetAuditProofRequest(inclusion_seq=0, tree_size=sizes[0]),
+                                   metadata=ADMIN.metadata("privacy"))
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND and "tree_size" in gone.value.details()
+        leaves = [log.app.store.entry(seq).canonical for seq in range(sizes[-1])]
+        r = log.stub.GetAuditProof(ppb.GetAuditProofRequest(consistency_from_size=sizes[0]),
+                                   metadata=ADMIN.metadata("privacy"))
+        assert not r.HasField("old_tree_head")
+        assert rfc9162.verify_consistency(sizes[0], sizes[-1], rfc9162.mth(leaves[:sizes[0]]),
+                                          r.tree_head.root_hash, list(r.path))
+    finally:
+        log.close()
+
+
+@pytest.mark.parametrize("tamper", ["kept_head_forged", "tail_and_its_heads_deleted"])
+def test_tampering_with_a_thinned_log_is_still_caught(database, key, tamper):
+    log, sizes = _thinned_log(database, key, _Clock(0))
+    try:
+        with log.db.transaction() as tx:
+            if tamper == "kept_head_forged":
+                sth = json.loads(tx.query("SELECT sth_json FROM audit_sth WHERE tree_size = ?",
+                                          (sizes[2],))[0][0])
+                sth["signature"] = "00" * 64
+                tx.execute("UPDATE audit_sth SET sth_json = ? WHERE tree_size = ?", (json.dumps(sth), sizes[2]))
+            else:
+                tx.execute("DELETE FROM audit_entries WHERE seq >= ?", (sizes[4],))
+                tx.execute("DELETE FROM audit_sth WHERE tree_size > ?", (sizes[4],))
+        after = log.verify()
+        expected = ("bad_signature", None) if tamper == "kept_head_forged" else ("truncated", sizes[4])
+        assert (after.valid, after.reason) == (False, expected[0]), after.message
+        if expected[1] is not None:
+            assert after.first_bad_seq == expected[1]
+    finally:
+        log.close()
+
+
+def test_a_log_with_a_head_per_batch_still_verifies_and_thins_from_then_on(database, key):
+    """Logs written before session 30 hold a head per batch: they stay, verify and serve
+    proofs; a writer with the default history thins only the heads it signs after them."""
+    migrate(database, MIGRATIONS)
+    old = Log(database, key, max_delay_s=0.001)   # tree_head_history_s=0: as before
+    try:
+        before = _fill(old, (2, 3, 4))
+    finally:
+        old.close()
+    clock = _Clock(1_800_000_000)
+    new = Log(database, key, max_delay_s=0.001, clock=clock, tree_head_history_s=60)
+    try:
+        assert new.verify().valid
+        for n in (1, 2, 3):
+            new.app.append(_records(n, tag=f"n{n}"))
+        # the pre-upgrade latest head (sizes[-1]) was signed long before the clock's minute
+        assert _stored_sizes(new) == [*before, before[-1] + 6]
+        result = new.verify()
+        assert (result.valid, result.reason, result.entries) == (True, "", before[-1] + 6), result.message
+        r = new.stub.GetAuditProof(ppb.GetAuditProofRequest(inclusion_seq=1, tree_size=before[0]),
+                                   metadata=ADMIN.metadata("privacy"))
+        head = rfc9162.verify_sth_json(r.tree_head.json, new.pem)
+        assert rfc9162.verify_inclusion(1, before[0], r.leaf_hash, list(r.path), bytes.fromhex(head["root"]))
+    finally:
+        new.close()

@@ -494,6 +494,21 @@ def test_a_restore_keeps_a_rotated_household_alive_and_shreds_only_the_erased(da
         fresh.data_key("acc-gone")
 
 
+def test_a_restore_tombstones_an_erased_household_the_restored_database_holds_no_key_of(databases):
+    """attack30: a household the ledger (or an off-site copy) lists as shredded, of which
+    the restored database has no key row — erased before it had one, or keyed only after
+    the snapshot — was left without a tombstone, so a key was made for it at its next
+    write until the re-queued job ran (or for good, from a snapshot whose job had completed
+    before its erasure wrote tombstones)."""
+    from services.privacy.backup import Ledger, reapply_ledger
+
+    mesh = Mesh(databases)
+    report = reapply_ledger(mesh.key_store.db, Ledger({}, {"acc-never-keyed"}))
+    with pytest.raises(FailedPrecondition):   # a privacy process started after the restore
+        mesh.replica().data_key("acc-never-keyed")
+    assert report["keys_tombstoned"] == 1
+
+
 def test_a_rotation_drops_only_the_rotated_households_cached_keys_on_another_replica(databases):
     """Each store's ``Rekey`` tells the store's other replicas to drop their cached keys of
     the household it re-encrypted. Until session 27 it moved the store's global count of
@@ -1066,6 +1081,43 @@ def test_a_batch_purges_privacys_key_tables_once_after_its_last_retirement(datab
     if db.dialect != "sqlite":
         with db.transaction() as tx:
             assert tx.query(f"SELECT count(*) FROM {PENDING_TABLE}")[0][0] == 0
+
+
+def test_a_batch_reports_privacys_key_table_purge_by_result_through_the_api(databases):
+    """review29: the result of privacy's own key-table purge (the retired wrapped keys'
+    physical purge, once per pass) went only to privacy's log — an incomplete one, or one
+    that raised, was invisible to whoever followed the job. Now the job counts them by
+    result (``key_table_purges``, with what the last unfinished one said), in
+    GetDataKeyRotations and the gateway's JSON. This test failed (no such field)."""
+    from gateway.routes.privacy import rotation_job_to_json
+    from services.privacy.keys.servicer import batch_to_pb
+
+    mesh = Mesh(databases)
+    db = mesh.key_store.db
+    purge = db.purge_erased
+    results = iter([lambda tables: purge(tables),
+                    lambda tables: {**purge(tables), "complete": False, "action": "checkpoint busy (a reader)"},
+                    lambda tables: (_ for _ in ()).throw(OSError("disk gone"))])
+    for n, account in enumerate(("acc-kp1", "acc-kp2", "acc-kp3")):   # one batch each: one pass, one purge
+        mesh.fill(account, n=2)
+        _aged(mesh, account)
+        db.purge_erased = next(results)
+        batches = _batches(mesh, mesh.rotation())
+        job_id = batches.request(3650, 10, principal=_officer()).job.job_id
+        assert batches.run_due() == 1
+        stored = batches.get(job_id)
+        assert stored.job.households[account].outcome.value == "completed"
+        out = rotation_job_to_json(batch_to_pb(stored))
+        expected = {"complete": 0, "incomplete": 0, "failed": 0}
+        expected[("complete", "incomplete", "failed")[n]] = 1
+        assert out.key_table_purges == expected, out
+        if n == 0:
+            assert out.key_table_purge_detail == ""
+        if n == 1:
+            assert "checkpoint busy (a reader)" in out.key_table_purge_detail
+        if n == 2:
+            assert "OSError: disk gone" in out.key_table_purge_detail
+    db.purge_erased = purge
 
 
 def test_a_batch_pass_cut_between_its_reencryption_and_its_purge_is_finished_without_reencrypting_again(databases):

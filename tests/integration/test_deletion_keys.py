@@ -211,3 +211,51 @@ def test_privacy_holds_the_key_records_only_of_households_read_within_refresh_s(
     assert set(keys.ring._records) == {"acct-001"}
     with pytest.raises(FailedPrecondition):   # dropped, read again: still shredded
         keys.data_key("acct-000")
+
+
+def test_a_household_erased_before_it_had_a_key_never_gets_one(store):
+    """attack30: the erasure of a household no store had written for yet (its first batch
+    in flight, or an erasure asked at sign-up) shredded nothing, so the next GetDataKey(s)
+    made it a key and the batch — or anything sent later — was stored after the job
+    completed. Now a tombstone of version 1 is written, seen by every replica."""
+    from services.privacy.keys.app import ERASED
+
+    a, b = KeyService(store, [K1], "k1"), KeyService(store, [K1], "k1")
+    b._refresh("acct-new")                     # b looked before the erasure: no record then
+    assert a.shred("acct-new") == []           # no key existed: none reported destroyed
+    assert a.shred("acct-new") == []           # idempotent
+    for replica in (a, b):
+        with pytest.raises(FailedPrecondition):
+            replica.data_key("acct-new")
+        assert replica.data_keys(["acct-new"]) == {"acct-new": ERASED}
+    (row,) = store.load("acct-new")
+    assert row.destroyed and row.wrapped == b"" and row.dek_version == 1
+    assert a.data_key("acct-other")[0] == 1    # other households unaffected
+
+
+def test_a_first_key_made_by_another_replica_during_the_erasure_is_shredded(store):
+    """review30 of attack30's ec7fe21: between the erasing replica's read (no key yet) and
+    its tombstone, another replica may store the household's first key (its first batch
+    arriving). The tombstone then meets that row: the erasure shreds it instead and reports
+    it destroyed; the other replica refuses the household once its view is older than
+    REFRESH_S (the window every shred has, keys/app.py)."""
+    now = [0.0]
+    a = KeyService(store, [K1], "k1")
+    b = KeyService(store, [K1], "k1", monotonic=lambda: now[0])
+    tombstone = store.tombstone_unkeyed
+    made: list[int] = []
+
+    def keyed_first(account_id, kek_id, when):
+        made.append(b.data_key(account_id)[0])   # the other replica, just before the tombstone
+        return tombstone(account_id, kek_id, when)
+
+    a.store.tombstone_unkeyed = keyed_first
+    assert a.shred("acct-race") == ["data_key:acct-race:v1", "digest_key:acct-race"] and made == [1]
+    with pytest.raises(FailedPrecondition):
+        a.data_key("acct-race")
+    now[0] += REFRESH_S + 0.1
+    with pytest.raises(FailedPrecondition):
+        b.data_key("acct-race")
+    # Both shredded: the data key and the digest key made with it (version 0 in the table).
+    assert sorted((r.dek_version, r.destroyed, r.wrapped) for r in store.load("acct-race")) == [
+        (0, True, b""), (1, True, b"")]

@@ -90,7 +90,6 @@ def test_a_replica_holding_the_replayed_version_asks_the_database_within_the_con
     replica stored a newer one, says "still current" — nothing in Redis can tell it is
     stale. The replica serves its held version only while the database said so within
     MODEL_CONFIRM_S; past it, one read of the database, and the stored version."""
-    import services.clustering.store as store_module
 
     with running_redis(tmp_path) as server:
         holder, other = _replicas(database, server)
@@ -103,7 +102,7 @@ def test_a_replica_holding_the_replayed_version_asks_the_database_within_the_con
         other.save_model("acc-f", 1, "gmm", b"after the erasure")
         raw.set(key, copied)
         assert holder.get_model("acc-f", decoded_version=1).version == 1   # within the window: the bound
-        monkeypatch.setattr(store_module, "MODEL_CONFIRM_S", 0.0)
+        monkeypatch.setattr(holder._confirmed_versions, "max_age_s", 0.0)   # as MODEL_CONFIRM_S later
         model = holder.get_model("acc-f", decoded_version=1)
         assert (model.version, model.blob) == (2, b"after the erasure")
         raw.close()

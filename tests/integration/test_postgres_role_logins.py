@@ -191,3 +191,19 @@ def test_a_backup_passes_no_password_on_a_command_line(scram_server, tmp_path):
     dumps = [line for line in lines if "pg_dump" in line and "bkp_" in line and str(scram_server.port) in line]
     assert dumps, "no pg_dump seen: the sampling missed them"
     assert [line for line in dumps if any(p in line for p in passwords.values())] == []
+
+
+def test_a_login_the_server_does_not_know_stops_the_service_naming_the_fix(scram_cluster, postgres16_dsn):
+    """A service whose server was not provisioned (privacy's database on another server,
+    session 30's drill) stopped at start with a psycopg traceback. Under SCRAM the server
+    answers an unknown role as a failed password; under trust, that it does not exist."""
+    from services.common.config import ConfigError
+
+    unknown = make_conninfo(scram_cluster, user="scr_nobody", password="pw-nobody")
+    with pytest.raises(ConfigError, match="refused role scr_nobody's password: the role does not exist there, or "
+                                          "its password is not this DSN's: run `hearth db provision-roles`") as err:
+        PostgresDatabase(unknown, "hearth_privacy", max_size=1)
+    assert "pw-nobody" not in str(err.value)
+    with pytest.raises(ConfigError, match="role scr_nobody does not exist on the server it names: run `hearth db "
+                                          "provision-roles` .* `--service <name>`"):
+        PostgresDatabase(make_conninfo(postgres16_dsn, user="scr_nobody"), "hearth_privacy", max_size=1)

@@ -478,3 +478,51 @@ def test_admin_may_not_fetch_data_keys_and_the_table_says_so(security_mesh, sign
     row = next(line for line in table.splitlines() if "/GetDataKey`" in line)
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2] == "—"  # the admin column
+
+
+def test_json_nested_too_deeply_is_invalid_argument_not_internal(channel, signer, security_mesh):
+    """attack30: a page token (GetHousehold, which the Envoy edge transcodes from
+    ``GET /v1/household/{account_id}?page_token=`` with no length bound) or a receipt
+    (VerifyReceipt) of a thousand ``[`` raised RecursionError in the service: INTERNAL."""
+    import base64
+
+    account = "sec-slip-deep"
+    stub = cpb_grpc.ClusteringServiceStub(channel)
+    stub.IngestEvents(iter([cpb.IngestEventsRequest(events=[pb_event(account)])]), metadata=metadata(signer), timeout=15)
+    deep = b"[" * 5000 + b"]" * 5000
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GetHousehold(cpb.GetHouseholdRequest(account_id=account,
+                                                  page_token=base64.urlsafe_b64encode(deep).decode()),
+                          metadata=metadata(signer), timeout=15)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert refused_field(info.value) == "page_token"
+    from hearth.privacy.v1 import privacy_pb2_grpc as ppb_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{security_mesh.mesh.grpc_ports['privacy']}") as privacy:
+        answer = ppb_grpc.DeletionStub(privacy).VerifyReceipt(
+            ppb.VerifyReceiptRequest(receipt_json=deep.decode()), metadata=metadata(signer, audience="privacy"),
+            timeout=15)
+    assert not answer.valid and "nested too deeply" in answer.reason, answer
+
+
+def test_an_ingest_stream_holds_at_most_one_batch_of_events(channel, signer, admin):
+    """attack30: ``IngestEvents`` keeps a whole stream in memory, validated, before its one
+    transaction, and took up to 1,000,000 events (100,000 took clustering from 108 to 437 MB
+    and held the write transaction for most of 44 s). A stream is now one batch, as the
+    gateway's request: at most MAX_EVENTS_PER_BATCH events, in as many messages as their
+    size needs; more is INVALID_ARGUMENT naming ``events`` and nothing is stored."""
+    from services.clustering.domain.events import MAX_EVENTS_PER_BATCH
+
+    account = "sec-slip-stream"
+    half = MAX_EVENTS_PER_BATCH // 2 + 1   # two messages, each within the per-message bound
+    start = time.time() - 6 * 3600
+
+    def message(first: int) -> cpb.IngestEventsRequest:
+        return cpb.IngestEventsRequest(events=[pb_event(account, f"e-{i}", start + i) for i in range(first, first + half)])
+
+    with pytest.raises(grpc.RpcError) as info:
+        cpb_grpc.ClusteringServiceStub(channel).IngestEvents(iter([message(0), message(half)]),
+                                                             metadata=metadata(signer), timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert refused_field(info.value) == "events"
+    assert admin.get(f"/v1/household/{account}").status_code == 404   # nothing stored

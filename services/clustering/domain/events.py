@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from services.clustering.domain.features import DEVICE_TYPES, MATURITIES
 from services.common.errors import InvalidArgument
 from services.common.ids import check_id, check_ts
+from services.common.text import check_text
 
 EVENT_KINDS = ("play_start", "play_stop", "heartbeat", "browse")
 COUNTRY_PATTERN = re.compile(r"^[A-Z]{2}$")
@@ -53,9 +54,7 @@ class ViewingEvent:
 def _check_label(value: object, field: str, allow_empty: bool = False) -> str:
     if not isinstance(value, str) or len(value) > MAX_LABEL_LEN or (not value and not allow_empty):
         raise InvalidArgument(f"must be a string of 1-{MAX_LABEL_LEN} characters", field)
-    if any(ord(c) < 32 for c in value):
-        raise InvalidArgument("must not contain control characters", field)
-    return value
+    return check_text(value, field, max_chars=MAX_LABEL_LEN)
 
 
 def validate_event(event: ViewingEvent, field: str = "event", now: float | None = None) -> ViewingEvent:

@@ -39,7 +39,9 @@ holding locks on the services' tables and exits non-zero (``ProvisioningLockTime
 Idempotent: run it at every install and upgrade (the chart's hook Job does).
 ``hearth restore`` re-applies it with ``as_provisioned``: ownership and rights again, each
 role's connection limit and members left as the last run set them. The admin
-DSN (a superuser, or a role with CREATEROLE that owns the schemas) is used only here.
+DSN, a superuser's (another login is refused before anything is done: it could not take
+the superuser-only attributes away, grant what the purge needs nor revoke PUBLIC's
+large-object functions), is used only here.
 
     HEARTH_POSTGRES_ADMIN_DSN=postgresql://postgres:...@db/hearth \\
     HEARTH_POSTGRES_DSN_CLUSTERING=postgresql://hearth_clustering:...@db/hearth \\
@@ -72,6 +74,9 @@ SPARE_CONNECTIONS = 2
 # transactions to end, short enough that the queries queued behind its ACCESS EXCLUSIVE
 # request are not stalled for long.
 DEFAULT_LOCK_TIMEOUT_S = 10.0
+# PostgreSQL's lock_timeout is an int of milliseconds: a longer wait (or inf / nan) failed
+# with a traceback after connecting (review30).
+MAX_LOCK_TIMEOUT_S = 2_147_483
 ADVISORY_LOCK = 7262782    # one provisioning at a time (pg_advisory_xact_lock)
 
 
@@ -124,6 +129,16 @@ def _database_of(dsn: str, user: str, variable: str) -> str:
     return str(parse_dsn(dsn, variable).get("dbname") or os.environ.get("PGDATABASE") or user)
 
 
+def server_of(dsn: str, variable: str) -> str:
+    """The server a DSN names, as written (libpq's defaults: PGHOST, else the local socket;
+    PGPORT, else 5432): ``host[/hostaddr]:port``."""
+    parts = parse_dsn(dsn, variable)
+    host = parts.get("host") or os.environ.get("PGHOST") or "the local socket"
+    hostaddr = parts.get("hostaddr") or os.environ.get("PGHOSTADDR")
+    port = parts.get("port") or os.environ.get("PGPORT") or "5432"
+    return f"{host}{'/' + hostaddr if hostaddr else ''}:{port}"
+
+
 def provision_roles(admin_dsn: str, dsns: Mapping[str, str], keep_access_for: str = "",
                     connection_limit: int | None = None, lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
                     as_provisioned: bool = False) -> dict[str, dict]:
@@ -145,8 +160,9 @@ def provision_roles(admin_dsn: str, dsns: Mapping[str, str], keep_access_for: st
 
     if connection_limit is None:
         connection_limit = default_connection_limit()
-    if not lock_timeout_s > 0:
-        raise ValueError(f"--lock-timeout {lock_timeout_s}: must be more than 0 seconds")
+    if not 0 < lock_timeout_s <= MAX_LOCK_TIMEOUT_S:
+        raise ValueError(f"--lock-timeout {lock_timeout_s:g}: must be more than 0 and at most "
+                         f"{MAX_LOCK_TIMEOUT_S} seconds (PostgreSQL's lock_timeout)")
     if connection_limit == 0 or connection_limit < -1:
         raise ValueError(f"--connection-limit {connection_limit}: at least 1 (each service's pool needs its "
                          "connections), or -1 for no limit")
@@ -178,8 +194,29 @@ def provision_roles(admin_dsn: str, dsns: Mapping[str, str], keep_access_for: st
         if admin in by_role:
             raise ValueError(f"{ADMIN_DSN_VARIABLE} and {service_dsn_variable(by_role[admin][0])} are the same role "
                              f"{admin}: the admin login is for provisioning only")
+        if not conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]:
+            # Seen on PostgreSQL 15 and 16 (session 30) with a CREATEROLE CREATEDB login
+            # owning the database: the REVOKE on the large-object functions only warned,
+            # then the first ALTER ROLE failed with a raw server error.
+            raise ValueError(f"{ADMIN_DSN_VARIABLE}: role {admin} is no superuser, and provisioning needs one: only "
+                             "a superuser may state each service role's NOSUPERUSER NOREPLICATION NOBYPASSRLS, "
+                             "grant pg_checkpoint (PostgreSQL 16) and EXECUTE on pg_switch_wal() (the erasure "
+                             "purge), and revoke PUBLIC's EXECUTE on lo_create, lo_creat and lo_from_bytea (any "
+                             "other login's REVOKE does nothing and the server only warns: every service's login "
+                             "could still store large objects outside its schema); nothing was changed. Use a "
+                             "superuser's DSN")
         database = conn.execute("SELECT current_database()").fetchone()[0]
+        admin_server = server_of(admin_dsn, ADMIN_DSN_VARIABLE)
         for service, (role, _) in sorted(logins.items()):
+            # Roles, grants, schemas are made on the admin DSN's server: a service whose DSN
+            # names another (privacy's database on another node) got its role and schema
+            # here and none there, reported done, and stopped at start (session 30's drill).
+            if (server := server_of(dsns[service], service_dsn_variable(service))) != admin_server:
+                raise ValueError(f"{service_dsn_variable(service)}: names server {server}, {ADMIN_DSN_VARIABLE} "
+                                 f"{admin_server}: a run provisions the admin DSN's server only. A service on "
+                                 "another server is provisioned by a run of its own, with that server's admin DSN: "
+                                 f"`hearth db provision-roles --service {service}` (the same server under two "
+                                 "names: write one in both); nothing was changed")
             # Grants, schemas and PUBLIC's revoked CONNECT are the admin's database's: a
             # service connecting to another would find none of it (and stop at start).
             if (theirs := _database_of(dsns[service], role, service_dsn_variable(service))) != database:
@@ -197,8 +234,8 @@ def provision_roles(admin_dsn: str, dsns: Mapping[str, str], keep_access_for: st
                 conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
                 # Large objects are the database's, in no schema: a service's login could
                 # store data outside its schema, its dumps and a restore's reach (attack29).
-                # Hearth uses none. (An admin that is no superuser cannot revoke these: the
-                # server warns and the revoke does nothing.)
+                # Hearth uses none. (An admin that is no superuser could not revoke these —
+                # the server only warns — and is refused above.)
                 conn.execute(f"REVOKE EXECUTE ON FUNCTION {', '.join(LARGE_OBJECT_CREATORS)} FROM PUBLIC")
                 for service, (role, password) in sorted(logins.items()):
                     report[service] = _provision_one(conn, database, service, role, password,
@@ -215,8 +252,8 @@ def provision_roles(admin_dsn: str, dsns: Mapping[str, str], keep_access_for: st
 def _converge_members(conn, role: str, keep_access_for: str, admin: str) -> dict:
     """Make ``keep_access_for`` (if any) the only member of ``role`` but those a REVOKE
     cannot keep out: the admin, a superuser or CREATEROLE login, a membership WITH ADMIN
-    OPTION (each could grant it back; PostgreSQL 16 gives a CREATEROLE admin that option
-    in every role it creates, and revoking another admin's would break its next run).
+    OPTION (each could grant it back; PostgreSQL 16 gives a CREATEROLE login that option
+    in every role it creates: a DBA's login that made the roles by hand keeps it).
     Returns the report's keys: ``revoked_access_for``, ``members_left``, ``kept_access_for``."""
     from psycopg import sql
 
@@ -394,8 +431,9 @@ def run_provision(args: argparse.Namespace) -> int:
     admin = os.environ.get(ADMIN_DSN_VARIABLE, "")
     if not admin:
         raise ValueError(f"{ADMIN_DSN_VARIABLE} is required (a superuser's DSN, used for provisioning only)")
-    dsns = service_dsns()
-    missing = [service_dsn_variable(s) for s in SERVICES if s not in dsns]
+    chosen = args.service or list(SERVICES)
+    dsns = {s: dsn for s, dsn in service_dsns().items() if s in chosen}
+    missing = [service_dsn_variable(s) for s in chosen if s not in dsns]
     if missing:
         raise ValueError(f"{', '.join(missing)} required: each service's own DSN (its role and password)")
     print(json.dumps(provision_roles(admin, dsns, keep_access_for=args.keep_access_for,
@@ -420,4 +458,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     provision.add_argument("--connection-limit", type=int, default=None, metavar="N",
                            help="each service role's CONNECTION LIMIT (default: HEARTH_POSTGRES_POOL_MAX x "
                                 f"{REPLICA_ALLOWANCE} + {SPARE_CONNECTIONS}; -1: none)")
+    provision.add_argument("--service", action="append", choices=SERVICES, metavar="SERVICE",
+                           help="provision only this service (repeat for several; default: all four): a service "
+                                "whose database is on another server than the others' gets a run of its own, with "
+                                "that server's admin DSN")
     provision.set_defaults(func=run_provision)

@@ -352,6 +352,38 @@ def _own_schema(conn, schema: str) -> None:
                           "(docs/operations.md, \"Database roles\")")
 
 
+# What the server answers a login it does not know: under trust or peer authentication
+# that the role does not exist; under a password method (production's SCRAM) only that
+# the password failed, whether the role exists or not.
+_UNKNOWN_LOGIN = re.compile(r'role "([^"]+)" does not exist|password authentication failed for user "([^"]+)"')
+
+
+def _connect_at_start(dsn: str):
+    """The start-up connection. A login the server refuses as unknown (or its password
+    not the one provisioning set) stops the service with what to run, as ``_own_schema``
+    does for one that may not use its schema: until session 30 a psycopg traceback (its
+    drill: privacy's database on another server than the admin DSN's, not provisioned
+    there, stopped privacy so)."""
+    import psycopg
+
+    from services.common.config import ConfigError
+
+    try:
+        return psycopg.connect(dsn, autocommit=True)
+    except psycopg.OperationalError as exc:
+        refused = _UNKNOWN_LOGIN.search(str(exc))
+        if not refused:
+            raise
+        role, password_failed = refused.group(1) or refused.group(2), refused.group(2) is not None
+        what = (f"the server it names refused role {role}'s password: the role does not exist there, or its "
+                "password is not this DSN's" if password_failed else
+                f"role {role} does not exist on the server it names")
+        raise ConfigError(f"invalid configuration:\n  HEARTH_POSTGRES_DSN: {what}: run `hearth db provision-roles` "
+                          "with this DSN and that server's admin DSN (a service whose database is on another "
+                          "server than the others': `--service <name>`, docs/operations.md, \"Database roles\")"
+                          ) from None
+
+
 # How long a transaction waits for a pooled connection (less within an RPC whose deadline is nearer).
 POOL_WAIT_S = 3.0
 
@@ -368,7 +400,7 @@ class PostgresDatabase:
 
         self.schema = schema
         self.writes = WriteHealth()
-        with psycopg.connect(dsn, autocommit=True) as conn:
+        with _connect_at_start(dsn) as conn:
             _own_schema(conn, schema)
         # Riding out a restart of PostgreSQL (docs/operations.md, "Outages"): a pooled
         # connection is checked before use (a broken one is replaced, not handed out);

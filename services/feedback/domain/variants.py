@@ -38,6 +38,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from services.feedback.domain.errors import InvalidArgument
+from services.common import strict_json
 from services.feedback.domain.metrics import DEFAULT_BINS, as_vector, as_weights, expected_calibration_error
 
 BUCKETS = 10_000
@@ -172,7 +173,7 @@ class ExperimentFlags:
     @classmethod
     def from_json(cls, text: str) -> "ExperimentFlags":
         try:
-            data = json.loads(text)
+            data = strict_json.loads(text)
         except json.JSONDecodeError as exc:
             raise InvalidArgument("flags", f"is not valid JSON ({exc.msg})") from None
         return cls.from_dict(data)

@@ -51,8 +51,9 @@ class AuditProofs:
                                   "tree_size")
         sth = self._store.sth_at(tree_size)
         if sth is None:
-            raise NotFound(f"no signed tree head of size {tree_size} (heads are signed per batch)",
-                           "tree_size")
+            raise NotFound(f"no stored signed tree head of size {tree_size} (the log keeps the latest "
+                           "head and the last of each history interval; ask for a consistency proof "
+                           "from a head you kept instead)", "tree_size")
         return sth
 
     def _check_signed_root(self, sth: SignedTreeHead) -> None:

@@ -16,7 +16,9 @@ Tables (migrations 10 and 11, ``AUDIT_MIGRATIONS``):
                    size. Updated with compare-and-swap on ``size``, so a second writer on
                    the same database (another replica) fails its batch instead of forking
                    the log; the loser reloads the state and retries.
-``audit_sth``      one signed tree head per committed batch (``tree_size`` PK, STH JSON).
+``audit_sth``      signed tree heads (``tree_size`` PK, STH JSON): the latest, and of the
+                   earlier ones the last of each history interval (writer.py ``_thins``;
+                   until session 30 one per committed batch, which older logs keep).
 
 The writes are writer.py's (group commit); proofs and verification are proofs.py's;
 the row layout is rows.py's.
@@ -110,7 +112,7 @@ class AuditStore:
         return migrate(self.db, MIGRATIONS)
 
     def sth_at(self, tree_size: int) -> SignedTreeHead | None:
-        """The stored STH of exactly ``tree_size`` (one exists per committed batch)."""
+        """The stored STH of exactly ``tree_size``, if the table kept one (writer.py ``_thins``)."""
         with self.db.transaction() as tx:
             row = tx.query("SELECT sth_json FROM audit_sth WHERE tree_size = ?", (tree_size,))
         return SignedTreeHead.from_dict(json.loads(row[0][0])) if row else None

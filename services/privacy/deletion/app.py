@@ -64,6 +64,7 @@ from services.common.errors import (AlreadyExists, Conflict, FailedPrecondition,
                                     ResourceExhausted, Unavailable)
 from services.common.failure_log import FailureLog
 from services.common.storage import sql
+from services.common.text import MAX_REASON_CHARS, MAX_REQUEST_ID_CHARS, check_text
 from services.privacy.audit.domain import format_ts
 from services.privacy.deletion.domain import (
     DeletionJob, JobState, RetryPolicy, ServiceStatus, build_receipt, confirm_service,
@@ -330,14 +331,10 @@ class DeletionCoordinator:
         principal = principal or identity.current_principal()
         if scope.account_id == ALL_ACCOUNTS and principal.id != "svc:privacy":
             raise PermissionDenied("only the retention purge may erase across every account", "scope.account_id")
-        if len(reason) > 200:
-            raise InvalidArgument("at most 200 characters", "reason")
-        if any(c < " " or c == "\x7f" for c in reason):
-            # As the gateway's pattern: a gRPC caller's NUL made PostgreSQL refuse the job's
-            # insert (INTERNAL) and SQLite store it (attack29).
-            raise InvalidArgument("must not contain control characters", "reason")
-        if request_id and (len(request_id) > 200 or not request_id.isprintable()):
-            raise InvalidArgument("at most 200 printable characters", "request_id")
+        # The one text rule: a gRPC caller's NUL made PostgreSQL refuse the job's insert
+        # (INTERNAL) and SQLite store it (attack29).
+        check_text(reason, "reason", max_chars=MAX_REASON_CHARS)
+        check_text(request_id, "request_id", max_chars=MAX_REQUEST_ID_CHARS)
         job = new_job(f"job-{uuid.uuid4().hex}", scope, principal.id, principal.role.value,
                       self._clock())
         stored = self.jobs.create(job, request_id or f"auto:{job.job_id}", reason or "unspecified",

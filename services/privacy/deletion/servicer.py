@@ -13,6 +13,7 @@ from services.common.erasure import scope_from_pb, scope_to_pb
 from services.common.errors import InvalidArgument
 from services.common.export_stream import bounded, chunks
 from services.common.pbutil import float_to_ts
+from services.common.text import MAX_JOB_ID_CHARS, check_text
 from services.privacy.consent.app import ConsentApp
 from services.privacy.deletion.app import DeletionCoordinator, export_household, stages_for
 from services.privacy.deletion.domain import JobState, ServiceStatus
@@ -64,9 +65,7 @@ class DeletionServicer(pb_grpc.DeletionServicer):
         return pb.RequestDeletionResponse(job_id=stored.job.job_id, state=_STATE[stored.job.state])
 
     def GetDeletion(self, request, context) -> pb.GetDeletionResponse:
-        if not request.job_id or len(request.job_id) > 128 or not request.job_id.isprintable():
-            # a NUL: INTERNAL on PostgreSQL, which cannot compare text holding one (attack29)
-            raise InvalidArgument("is required (at most 128 printable characters)", "job_id")
+        check_text(request.job_id, "job_id", max_chars=MAX_JOB_ID_CHARS, required=True)
         return job_to_pb(self.deletion.get(request.job_id))
 
     def VerifyReceipt(self, request, context) -> pb.VerifyReceiptResponse:

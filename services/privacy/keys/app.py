@@ -333,7 +333,12 @@ class KeyService:
         with self._lock:
             self._refresh(account_id, force=True)
             if not self.ring.records(account_id):
-                return []
+                # Never keyed: nothing to destroy, but no key may be made for it after the
+                # erasure either (a tombstone of version 1), as for a household that had one.
+                if self.store.tombstone_unkeyed(account_id, self.ring.active_kek_id, self._clock().isoformat()):
+                    self._refresh(account_id, force=True)
+                    return []
+                self._refresh(account_id, force=True)   # keyed meanwhile by another replica: shred it
             already = {r.dek_version for r in self.ring.records(account_id) if r.destroyed}
             tombstones = self.ring.destroy_dek(account_id, self._clock())
             self.store.overwrite([t for t in tombstones if t.dek_version not in already], purges)

@@ -53,6 +53,7 @@ from services.common import audit, identity, telemetry
 from services.common.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from services.common.failure_log import FailureLog
 from services.common.telemetry import pseudonym
+from services.common.text import MAX_REQUEST_ID_CHARS, check_text
 from services.privacy.deletion.domain import JobState
 from services.privacy.deletion.store import DeletionJobStore, StoredJob
 from services.privacy.keys.rotation import MAX_BATCH, MAX_DAYS, DataKeyRotation, describe_purges
@@ -79,6 +80,7 @@ class Outcome(enum.StrEnum):
 
 
 FINAL = frozenset({Outcome.COMPLETED, Outcome.ERASED, Outcome.SKIPPED, Outcome.FAILED})
+KEY_TABLE_PURGE_RESULTS = ("complete", "incomplete", "failed")   # RotationBatch.key_table_purges
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +120,13 @@ class RotationBatch:
     households: Mapping[str, HouseholdRotation]
     state: JobState = JobState.RUNNING
     completed_at: float | None = None
+    # Privacy's own key-table purge (the retired wrapped keys' physical purge, run once by
+    # each pass that retired households, ``_purge_key_tables``), counted by its result:
+    # ``complete``; ``incomplete`` (the database said it did not finish: a checkpoint kept
+    # busy by a reader, a VACUUM refused); ``failed`` (it raised; the rotation sweep runs it
+    # again). Until session 30 only privacy's log said so (review29).
+    key_table_purges: Mapping[str, int] = field(default_factory=dict)
+    key_table_purge_detail: str = ""      # the last one not complete: what it said
 
     @property
     def terminal(self) -> bool:
@@ -156,7 +165,8 @@ def header_to_dict(job: RotationBatch) -> dict[str, Any]:
     """The job without its households (``RotationJobStore`` keeps those a row each)."""
     return {"job_id": job.job_id, "older_than_days": job.scope.older_than_days, "limit": job.scope.limit,
             "principal": job.principal, "role": job.role, "requested_at": job.requested_at,
-            "state": job.state.value, "completed_at": job.completed_at}
+            "state": job.state.value, "completed_at": job.completed_at,
+            "key_table_purges": dict(job.key_table_purges), "key_table_purge_detail": job.key_table_purge_detail}
 
 
 def batch_to_dict(job: RotationBatch) -> dict[str, Any]:
@@ -169,7 +179,10 @@ def batch_from_dict(data: Mapping[str, Any]) -> RotationBatch:
         job_id=data["job_id"], scope=BatchScope(float(data["older_than_days"]), int(data["limit"])),
         principal=data["principal"], role=data["role"], requested_at=float(data["requested_at"]),
         state=JobState(data["state"]), completed_at=data.get("completed_at"),
-        households={a: household_from_dict(h) for a, h in data["households"].items()})
+        households={a: household_from_dict(h) for a, h in data["households"].items()},
+        # absent from a job stored before session 30
+        key_table_purges={str(k): int(n) for k, n in data.get("key_table_purges", {}).items()},
+        key_table_purge_detail=str(data.get("key_table_purge_detail", "")))
 
 
 def _outcome(stored: str) -> Outcome:
@@ -298,8 +311,7 @@ class BatchRotations:
             raise InvalidArgument(f"must be in (0, {MAX_DAYS}]", "older_than_days")
         if not 0 < limit <= MAX_BATCH:
             raise InvalidArgument(f"must be in 1..{MAX_BATCH}", "limit")
-        if request_id and (len(request_id) > 200 or not request_id.isprintable()):
-            raise InvalidArgument("at most 200 printable characters", "request_id")
+        check_text(request_id, "request_id", max_chars=MAX_REQUEST_ID_CHARS)
         principal = principal or identity.current_principal()
         with self._requesting:
             if not self._known_request(request_id):   # a repeated request_id answers its job, open or not
@@ -443,23 +455,35 @@ class BatchRotations:
         # Privacy's own key tables are purged once for the pass too, after its last
         # retirement (also when the pass stops early): until session 29 each household's
         # retirement purged them (on PostgreSQL a VACUUM FULL of data_keys and
-        # digest_keys, a WAL switch and a CHECKPOINT per household).
+        # digest_keys, a WAL switch and a CHECKPOINT per household). Its result goes into
+        # the job while this pass still holds it (since session 30).
         try:
             for account, _ in reencrypted:
                 if self._stop.is_set() or (lease is not None and not lease.held):
-                    return stored
+                    break
                 done = self._finish(account, job.households[account], principal)
                 job = replace(job, households={**job.households, account: done}).settled()
                 stored = self.jobs.save(stored, job, self._next_due(job), households=[account])
-            return stored
         finally:
-            self._purge_key_tables()
+            result, detail = self._purge_key_tables()
+        if lease is not None and not lease.held:
+            return stored
+        purges = {**{r: 0 for r in KEY_TABLE_PURGE_RESULTS}, **job.key_table_purges}
+        purges[result] += 1
+        job = replace(job, key_table_purges=purges, key_table_purge_detail=detail or job.key_table_purge_detail)
+        return self.jobs.save(stored, job, self._next_due(job), households=[])
 
-    def _purge_key_tables(self) -> None:
+    def _purge_key_tables(self) -> tuple[str, str]:
+        """(``complete`` | ``incomplete`` | ``failed``, what an unfinished one said)."""
         try:
-            self.keys.store.purge_owed()
-        except Exception:  # noqa: BLE001 - the tombstones noted it: the rotation sweep purges
+            step = self.keys.store.purge_owed()
+        except Exception as exc:  # noqa: BLE001 - the tombstones noted it: the rotation sweep purges
             log.warning("the purge of the retired wrapped keys failed: the rotation sweep runs it", exc_info=True)
+            return "failed", f"{type(exc).__name__}: {exc}; the rotation sweep runs it again"
+        if not step.get("complete", True):
+            log.warning("the purge of the retired wrapped keys did not finish: %s", step.get("action", ""))
+            return "incomplete", f"{step.get('store', '')} {step.get('where', '')}: {step.get('action', '')}"
+        return "complete", ""
 
     def _reencrypt(self, account: str, h: HouseholdRotation) -> tuple[HouseholdRotation | None, int]:
         """Re-encrypt a settled household in every store, its purge deferred: (None, the

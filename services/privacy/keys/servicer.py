@@ -8,6 +8,7 @@ from hearth.privacy.v1 import privacy_pb2_grpc as pb_grpc
 from services.common import identity
 from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from services.common.ids import check_id
+from services.common.text import MAX_JOB_ID_CHARS, check_text
 from services.privacy.keys.app import ERASED, MAX_DATA_KEYS, UNAVAILABLE, KeyService
 from services.common.pbutil import float_to_ts
 from services.privacy.deletion.domain import JobState
@@ -71,9 +72,7 @@ class KeysServicer(pb_grpc.KeysServicer):
                                                  request.request_id))
 
     def GetDataKeyRotations(self, request, context) -> pb.DataKeyRotationJob:
-        if not request.job_id or len(request.job_id) > 128 or not request.job_id.isprintable():
-            # a NUL: INTERNAL on PostgreSQL, which cannot compare text holding one (attack29)
-            raise InvalidArgument("is required (at most 128 printable characters)", "job_id")
+        check_text(request.job_id, "job_id", max_chars=MAX_JOB_ID_CHARS, required=True)
         if self._batches is None:
             raise FailedPrecondition("this privacy service reaches no data-holding service", "job_id")
         return batch_to_pb(self._batches.get(request.job_id))
@@ -107,7 +106,8 @@ def batch_to_pb(stored: StoredJob) -> pb.DataKeyRotationJob:
     job: RotationBatch = stored.job
     out = pb.DataKeyRotationJob(job_id=job.job_id, state=_STATE[job.state], older_than_days=job.scope.older_than_days,
                                 limit=job.scope.limit, requested_at=float_to_ts(job.requested_at),
-                                counts=job.counts())
+                                counts=job.counts(), key_table_purges=dict(job.key_table_purges),
+                                key_table_purge_detail=job.key_table_purge_detail)
     if job.completed_at is not None:
         out.completed_at.CopyFrom(float_to_ts(job.completed_at))
     for account, h in sorted(job.households.items()):

@@ -134,6 +134,21 @@ class DataKeyStore:
                 (record.account_id, record.dek_version, record.kek_id, record.wrapped,
                  record.created_at.isoformat())) == 1 else "exists"
 
+    def tombstone_unkeyed(self, account_id: str, kek_id: str, when: str) -> bool:
+        """The erasure of a household that has no data key yet: a tombstone of its first
+        version, so that none is ever created for it (``insert_new_many`` and
+        ``insert_version`` meet the tombstone: "the household was erased"). False when a
+        first key was stored meanwhile (another replica's ``data_key``): the caller
+        shreds that one. Until attack30 such an erasure stored nothing, and the events of
+        the household's first batch, in flight during the job or sent after it, were
+        stored under a new key once the job had completed."""
+        with self.db.transaction() as tx:
+            tx.lock_household(account_id)
+            return tx.execute(
+                "INSERT INTO data_keys (account_id, dek_version, kek_id, wrapped, created_at, destroyed_at) "
+                "VALUES (?, 1, ?, ?, ?, ?) ON CONFLICT (account_id, dek_version) DO NOTHING",
+                (account_id, kek_id, b"", when, when)) == 1
+
     def retired_versions(self, account_id: str) -> set[int]:
         """Live versions whose data every store re-encrypted to a newer one."""
         with self.db.transaction() as tx:

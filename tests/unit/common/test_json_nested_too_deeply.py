@@ -1,0 +1,50 @@
+"""Text nested too deeply for Python's JSON parser is malformed JSON, never a RecursionError
+(attack30): every reader of JSON from outside catches ValueError, and a RecursionError (a
+RuntimeError) went through — INTERNAL for a page token or a receipt over gRPC, a
+dropped connection at the rollback webhook, a traceback from `hearth audit verify`."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from services.clustering.app import decode_page_token
+from services.common import strict_json
+from services.common.calibration import Calibrator
+from services.common.errors import InvalidArgument
+from services.feedback.domain.variants import ExperimentFlags
+from services.privacy.audit.domain import parse_export
+from services.privacy.deletion.receipts import SignedReceipt
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("text", [DEEP, DEEP.encode(), '{"a": ' * 50_000 + "1" + "}" * 50_000])
+def test_strict_json_reads_deep_nesting_as_malformed(text):
+    with pytest.raises(json.JSONDecodeError, match="nested too deeply"):
+        strict_json.loads(text)
+    with pytest.raises(json.JSONDecodeError, match="nested too deeply"):
+        strict_json.loads_unambiguous(text)
+
+
+def test_a_deeply_nested_page_token_is_invalid_argument_naming_it():
+    token = base64.urlsafe_b64encode(DEEP.encode()).decode().rstrip("=")
+    with pytest.raises(InvalidArgument) as refused:
+        decode_page_token(token)
+    assert refused.value.field == "page_token"
+
+
+def test_a_deeply_nested_calibrator_or_flags_document_is_invalid_argument():
+    with pytest.raises(InvalidArgument):
+        Calibrator.from_json(DEEP)
+    with pytest.raises(InvalidArgument):
+        ExperimentFlags.from_json(DEEP)
+
+
+def test_a_deeply_nested_receipt_or_audit_export_line_is_malformed():
+    with pytest.raises(ValueError, match="nested too deeply"):
+        SignedReceipt.from_json(DEEP)
+    with pytest.raises(ValueError, match="line 1: invalid JSON .nested too deeply"):
+        parse_export([DEEP])
