@@ -35,8 +35,13 @@ shipped calibrator alone: its share), ``shipped_level`` (+ each world's shrunk c
 level: the design), ``shipped_level_ceiling`` (+ each world's exact level on the scored
 answers: not a result). Every figure changes only confidences: who is answered is the same.
 
+``--rules RULE ...`` (count30, session 30) also scores per-deployment decisions between the
+shipped calibrator alone and it plus the level, by the deployment's z (``rule_shift``: measured on
+TUNING, none kept; docs/benchmarks.md "Deciding per deployment between the shipped calibrator
+alone and its level").
+
 ``python -m bench.feedback_shipped --train SPEC=CACHE ... --test SPEC=CACHE ...
-[--shipped loops|feedback] [--tau2 cov|variance]``; SPEC = ``split:first_world:worlds:households``
+[--shipped loops|feedback] [--tau2 cov|variance] [--rules RULE ...]``; SPEC = ``split:first_world:worlds:households``
 (e.g. ``tuning:12:4:5``, ``movielens-tuning:0:3:4``), CACHE a ``bench.label_feedback
 --batch-only --cache`` file of those households and draws. ``--leave-one-out``: score each
 ``--train`` sample with the others as training (the choice of settings), no ``--test``.
