@@ -64,6 +64,9 @@ EXPLICIT = {
     # would fail the provisioning Job only when it runs: refused at `helm install` instead.
     # 0 means the command's own default (10 s).
     "storage.postgres.provisionRoles.lockTimeoutSeconds": {"type": "number", "minimum": 0, "maximum": 2147483},
+    # `provision-roles --service`: only the four services' names, each once.
+    "storage.postgres.provisionRoles.services": {"type": "array", "uniqueItems": True, "items": {
+        "type": "string", "enum": ["clustering", "attribution", "privacy", "feedback"]}},
     "gateway.admission.perService": {"type": "object", "additionalProperties": False, "properties": {
         service: _ADMISSION_SPEC for service in ("clustering", "attribution", "privacy", "feedback")}},
 }

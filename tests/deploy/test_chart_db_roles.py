@@ -106,6 +106,12 @@ def test_the_provisioning_hook_runs_provision_roles_with_the_admin_login_no_pod_
         *PROVISION, "storage.postgres.provisionRoles.lockTimeoutSeconds=30")), "Job").values()
     assert build_parser().parse_args(patient["spec"]["template"]["spec"]["containers"][0]["command"][1:]) \
         .lock_timeout == 30.0
+    # All four unless told: a service on another server is left to a run of its own.
+    assert args.service is None
+    (split,) = by_kind(render(values_files=(PRODUCTION_VALUES,), set_values=(
+        *PROVISION, "storage.postgres.provisionRoles.services={clustering,attribution,feedback}")), "Job").values()
+    assert build_parser().parse_args(split["spec"]["template"]["spec"]["containers"][0]["command"][1:]) \
+        .service == ["clustering", "attribution", "feedback"]
     assert pod_env(pod) == {"HEARTH_POSTGRES_ADMIN_DSN": ("hearth-postgres-admin", "dsn"),
                             **{f"HEARTH_POSTGRES_DSN_{s.upper()}": (f"hearth-postgres-{s}", "dsn")
                                for s in GRPC_SERVICES}}
@@ -122,6 +128,8 @@ def test_the_provisioning_hook_runs_provision_roles_with_the_admin_login_no_pod_
     (PROVISION, "storage.postgres.provisionRoles: needs storage.postgres.services.<service>.existingSecret"),
     (("storage.postgres.provisionRoles.enabled=true",),
      "storage.postgres.provisionRoles: needs storage.postgres.services.<service>.existingSecret"),
+    ((*PROVISION, "storage.postgres.provisionRoles.services={privcy}"),
+     "at '/storage/postgres/provisionRoles/services/0': value must be one of"),
     (("storage.postgres.services.privacy.existingScret=x",),
      "at '/storage/postgres/services/privacy': additional properties 'existingScret' not allowed"),
 ])

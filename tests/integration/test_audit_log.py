@@ -886,3 +886,25 @@ def test_a_log_with_a_head_per_batch_still_verifies_and_thins_from_then_on(datab
         assert rfc9162.verify_inclusion(1, before[0], r.leaf_hash, list(r.path), bytes.fromhex(head["root"]))
     finally:
         new.close()
+
+
+def test_a_thinned_log_exports_and_verifies_offline(database, key, tmp_path, capsys):
+    """`hearth audit verify` on the export of a log that kept one head a minute: the export
+    ends with the latest head, stored whatever the history interval."""
+    log, sizes = _thinned_log(database, key, _Clock(0))
+    try:
+        export = tmp_path / "audit.jsonl"
+        export.write_text("\n".join(log.app.export_lines()) + "\n")
+        public = tmp_path / "audit.pub"
+        public.write_text(log.pem)
+        assert cli.main(["audit", "verify", str(export), "--public-key", str(public)]) == 0
+        lines = export.read_text().splitlines()
+        assert len(lines) == sizes[-1] + 1 and json.loads(lines[-1])["sth"]["tree_size"] == sizes[-1]
+        edited = [line.replace('"principal":"ana"', '"principal":"eve"', 1) if i == 3 else line
+                  for i, line in enumerate(lines)]
+        (tmp_path / "edited.jsonl").write_text("\n".join(edited) + "\n")
+        capsys.readouterr()
+        assert cli.main(["audit", "verify", str(tmp_path / "edited.jsonl"), "--public-key", str(public)]) == 1
+        assert "modified" in capsys.readouterr().err
+    finally:
+        log.close()

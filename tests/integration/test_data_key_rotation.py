@@ -1286,3 +1286,64 @@ def test_the_sweep_leaves_a_household_between_a_batchs_reencryption_and_its_purg
     assert sweeper.resume_unfinished() == 1
     assert [s for s, _, _ in mesh.rekeyed] == ["clustering", "attribution"] and mesh.deferred == [False, False]
     assert mesh.versions("acc-sw") == {2} and mesh.key_store.rotations_in_progress() == []
+
+
+def test_a_batch_is_saved_completed_with_its_last_pass_key_table_purge_counted(databases):
+    """review30 R15: the pass's last household saved the job ``completed``, and the
+    purge's result followed in a second write — a client polling until ``completed``
+    could read ``key_table_purges`` empty. Now the job's state turns final in the same
+    write as the counts. The purge below reads the job as a client would, between the
+    last household's save and the counts' (deterministic: from inside the purge). This
+    test failed (``completed`` with ``key_table_purges == {}`` there). A pass killed
+    during the purge leaves the job running with every household final; the next pass
+    settles it (its purge not counted: the rotation sweep runs it)."""
+    from services.privacy.keys.batch import JobState
+
+    mesh = Mesh(databases)
+    db = mesh.key_store.db
+    purge = db.purge_erased
+    seen: list = []
+
+    def reading(tables=()):
+        seen.append(batches.get(job_id).job)
+        return purge(tables)
+
+    for account in ("acc-r15a", "acc-r15b"):
+        mesh.fill(account, n=2)
+    _aged(mesh, "acc-r15a", "acc-r15b")
+    db.purge_erased = reading
+    try:
+        batches = _batches(mesh, mesh.rotation())
+        job_id = batches.request(3650, 10, principal=_officer()).job.job_id
+        assert batches.run_due() == 1
+    finally:
+        db.purge_erased = purge
+    [during] = seen
+    assert {h.outcome.value for h in during.households.values()} == {"completed"}
+    assert during.state is JobState.RUNNING and not during.key_table_purges, during
+    done = batches.get(job_id).job
+    assert done.state is JobState.COMPLETED and done.key_table_purges == \
+        {"complete": 1, "incomplete": 0, "failed": 0}, done
+
+    # killed during the purge: every household final, the job still running, then settled
+    mesh.fill("acc-r15c", n=2)
+    _aged(mesh, "acc-r15c")
+
+    def killed(tables=()):
+        raise SystemExit("privacy killed during the pass's key-table purge")
+
+    db.purge_erased = killed
+    try:
+        batches = _batches(mesh, mesh.rotation())
+        job_id = batches.request(3650, 10, principal=_officer()).job.job_id
+        with pytest.raises(SystemExit):
+            batches.run_due()
+    finally:
+        db.purge_erased = purge
+    cut = batches.get(job_id).job
+    assert cut.state is JobState.RUNNING and {h.outcome.value for h in cut.households.values()} == {"completed"}
+    batches = _batches(mesh, mesh.rotation(mesh.replica()))
+    assert batches.run_due() == 1
+    settled = batches.get(job_id).job
+    assert settled.state is JobState.COMPLETED and settled.completed_at is not None, settled
+    assert not settled.key_table_purges, settled

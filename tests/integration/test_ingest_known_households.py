@@ -149,6 +149,22 @@ def _late_inside_newest_session(first: list[ViewingEvent], account: str) -> View
     return random_event(random.Random(8), account, 300, (a.ts + b.ts) / 2, device="tv-1", event_id="meanwhile-1")
 
 
+def _as_the_per_device_path_with_writes_meanwhile(tmp_path, cipher, first, batch, meanwhile) -> ClusteringStore:
+    """``first`` stored, then ``batch`` with ``meanwhile(store)`` run between its preparation
+    and its transaction; the same on a store of the per-device path (``meanwhile`` before
+    the batch): the results and every household's rows equal. Returns the prepared store."""
+    store = _store(tmp_path / "a.db", cipher, cls=_WrittenMeanwhile)
+    reference = _per_device_path(_store(tmp_path / "b.db", cipher))
+    for s in (store, reference):
+        s.ingest(first)
+    store.meanwhile = lambda: meanwhile(store)
+    result = store.ingest(batch)
+    meanwhile(reference)
+    assert result == reference.ingest(batch)
+    _assert_same_households(store, reference, HOUSEHOLDS)
+    return store
+
+
 def test_a_device_another_write_reached_meanwhile_takes_the_per_device_path(tmp_path):
     """Another request's writes between the preparation and the transaction: a late event
     inside known-1's tv's newest session (same id, same end: only the row's other columns
@@ -167,15 +183,7 @@ def test_a_device_another_write_reached_meanwhile_takes_the_per_device_path(tmp_
         other.ingest(others)
         other.erase(ErasureScope(kind=ScopeKind.HOUSEHOLD, account_id="known-3"))
 
-    store = _store(tmp_path / "a.db", _cipher(ring), cls=_WrittenMeanwhile)
-    reference = _per_device_path(_store(tmp_path / "b.db", _cipher(ring)))
-    for s in (store, reference):
-        s.ingest(first)
-    store.meanwhile = lambda: meanwhile(store)
-    result = store.ingest(batch)
-    meanwhile(reference)
-    assert result == reference.ingest(batch)
-    _assert_same_households(store, reference, HOUSEHOLDS)
+    _as_the_per_device_path_with_writes_meanwhile(tmp_path, _cipher(ring), first, batch, meanwhile)
 
 
 def test_rows_sealed_under_a_key_a_rekey_replaced_meanwhile_are_sealed_again(tmp_path):
@@ -230,14 +238,6 @@ def test_an_event_stored_and_erased_meanwhile_is_not_brought_back(tmp_path):
         other.erase(ErasureScope(kind=ScopeKind.TIME_WINDOW, account_id="known-1",
                                  start=replayed.ts, end=replayed.ts + 1.0))
 
-    store = _store(tmp_path / "a.db", cls=_WrittenMeanwhile)
-    reference = _per_device_path(_store(tmp_path / "b.db"))
-    for s in (store, reference):
-        s.ingest(first)
-    store.meanwhile = lambda: meanwhile(store)
-    result = store.ingest(batch)
-    meanwhile(reference)
-    assert result == reference.ingest(batch)
-    _assert_same_households(store, reference, HOUSEHOLDS)
+    store = _as_the_per_device_path_with_writes_meanwhile(tmp_path, None, first, batch, meanwhile)
     with store.db.transaction(readonly=True) as tx:
         assert not tx.query("SELECT 1 FROM events WHERE account_id = 'known-1' AND event_id = 'next-0'")

@@ -409,6 +409,11 @@ class BatchRotations:
         job: RotationBatch = stored.job
         if job.terminal:
             return stored
+        if all(h.outcome in FINAL for h in job.households.values()):
+            # A pass stopped (privacy killed, its lease lost) between its last household's
+            # save and its key-table purge's: the households are final, the job is not
+            # (below): settled here, that purge not counted (the rotation sweep runs it).
+            return self.jobs.save(stored, job.settled(), None, households=[])
         principal = identity.Principal(job.principal, identity.Role(job.role))
         # 1. begin every pending household (its version stored before anything else).
         begun = dict(job.households)
@@ -456,13 +461,16 @@ class BatchRotations:
         # retirement (also when the pass stops early): until session 29 each household's
         # retirement purged them (on PostgreSQL a VACUUM FULL of data_keys and
         # digest_keys, a WAL switch and a CHECKPOINT per household). Its result goes into
-        # the job while this pass still holds it (since session 30).
+        # the job while this pass still holds it (since session 30), in the same write that
+        # makes the job final: each retirement is saved with the job still running (not
+        # ``settled``), so no reader sees it ``completed`` without its last pass counted
+        # (until review30 R15 the last household's save completed it, the counts followed).
         try:
             for account, _ in reencrypted:
                 if self._stop.is_set() or (lease is not None and not lease.held):
                     break
                 done = self._finish(account, job.households[account], principal)
-                job = replace(job, households={**job.households, account: done}).settled()
+                job = replace(job, households={**job.households, account: done})
                 stored = self.jobs.save(stored, job, self._next_due(job), households=[account])
         finally:
             result, detail = self._purge_key_tables()
@@ -470,7 +478,8 @@ class BatchRotations:
             return stored
         purges = {**{r: 0 for r in KEY_TABLE_PURGE_RESULTS}, **job.key_table_purges}
         purges[result] += 1
-        job = replace(job, key_table_purges=purges, key_table_purge_detail=detail or job.key_table_purge_detail)
+        job = replace(job, key_table_purges=purges,
+                      key_table_purge_detail=detail or job.key_table_purge_detail).settled()
         return self.jobs.save(stored, job, self._next_due(job), households=[])
 
     def _purge_key_tables(self) -> tuple[str, str]:

@@ -48,3 +48,13 @@ def test_a_deeply_nested_receipt_or_audit_export_line_is_malformed():
         SignedReceipt.from_json(DEEP)
     with pytest.raises(ValueError, match="line 1: invalid JSON .nested too deeply"):
         parse_export([DEEP])
+
+
+def test_an_audit_records_details_nested_too_deeply_are_refused_not_a_recursion_error():
+    """AppendAudit parses each record's ``details_json`` before its depth check (32 levels):
+    5,000 levels raised RecursionError there — INTERNAL for the whole call, its honest
+    records refused with it."""
+    from services.privacy.audit.rows import _decode_details
+
+    with pytest.raises(ValueError, match="details_json"):
+        _decode_details('{"a": ' + DEEP + "}")
