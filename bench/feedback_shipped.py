@@ -35,8 +35,13 @@ shipped calibrator alone: its share), ``shipped_level`` (+ each world's shrunk c
 level: the design), ``shipped_level_ceiling`` (+ each world's exact level on the scored
 answers: not a result). Every figure changes only confidences: who is answered is the same.
 
+``--rules RULE ...`` (count30, session 30) also scores per-deployment decisions between the
+shipped calibrator alone and it plus the level, by the deployment's z (``rule_shift``: measured on
+TUNING, none kept; docs/benchmarks.md "Deciding per deployment between the shipped calibrator
+alone and its level").
+
 ``python -m bench.feedback_shipped --train SPEC=CACHE ... --test SPEC=CACHE ...
-[--shipped loops|feedback] [--tau2 cov|variance]``; SPEC = ``split:first_world:worlds:households``
+[--shipped loops|feedback] [--tau2 cov|variance] [--rules RULE ...]``; SPEC = ``split:first_world:worlds:households``
 (e.g. ``tuning:12:4:5``, ``movielens-tuning:0:3:4``), CACHE a ``bench.label_feedback
 --batch-only --cache`` file of those households and draws. ``--leave-one-out``: score each
 ``--train`` sample with the others as training (the choice of settings), no ``--test``.
@@ -49,6 +54,7 @@ import argparse
 import json
 import os
 import pickle
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -222,12 +228,49 @@ def _moved(top: np.ndarray, P: np.ndarray, shift: np.ndarray) -> np.ndarray:
     return np.clip(top + shift, np.where(persons > 1, 1.0 / np.maximum(persons, 1), 0.0), 1.0)
 
 
-def score(sample: list[Draw], shipped, prior: dict) -> dict:
+def deployment_evidence(conf: np.ndarray, correct: np.ndarray, mu_fed: float) -> tuple[float, float]:
+    """(d, z) of one deployment's feedback answers through the shipped calibrator: d the mean
+    (right - confidence) less the training worlds' (``mu_fed``), z = d / se with se the
+    spread d would have if every answer were right with exactly its confidence (the same
+    d and se ``fit_evidence_shift`` shrinks with)."""
+    c = np.asarray(conf, dtype=np.float64) + mu_fed
+    if c.size < 2:
+        return 0.0, 0.0
+    d = float(np.mean(np.asarray(correct, dtype=np.float64) - c))
+    se = float(np.sqrt(np.sum(np.clip(c, 0.0, 1.0) * (1.0 - np.clip(c, 0.0, 1.0)))) / c.size)
+    return d, (d / se if se > 0.0 else 0.0)
+
+
+def rule_shift(rule: str, d: float, z: float, design: float, mu_served: float) -> float:
+    """The level a per-deployment decision rule applies (count30, session 30), given the
+    deployment's evidence (d, z) and the design's shrunk level ``design`` (mu_served +
+    the tau2 posterior mean):
+
+    * ``gateB``: the design's level when |z| >= B, else none (the shipped calibrator alone);
+    * ``fullB``: the unshrunk level (mu_served + d) when |z| >= B, else none;
+    * ``jsM``: positive-part James-Stein with noise multiple M, d * max(0, 1 - M / z^2) (the
+      service's own ``fit_evidence_shift`` rule; M = B^2 is a soft gate at |z| = B);
+    * ``overB``: ``fullB`` only when the deployment is over-confident (z <= -B).
+    """
+    kind, bar = re.fullmatch(r"(gate|full|js|over)([0-9.]+)", rule).groups()
+    bar = float(bar)
+    if kind == "gate":
+        return design if abs(z) >= bar else 0.0
+    if kind == "full":
+        return mu_served + d if abs(z) >= bar else 0.0
+    if kind == "over":
+        return mu_served + d if z <= -bar else 0.0
+    return d * max(0.0, 1.0 - bar / (z * z)) if z != 0.0 else 0.0
+
+
+def score(sample: list[Draw], shipped, prior: dict, rules: tuple[str, ...] = ()) -> dict:
     from services.feedback.domain.recalibration import (FEEDBACK_GROUP_OF, MIN_GROUP_FEEDBACK,
                                                         fit_evidence_shift)
     rows: dict[str, list[float]] = {k: [] for k in (
         "no_feedback", "labels_only", "mesh", "mesh_per_world", "shipped", "shipped_level",
-        "shipped_level_ceiling", "accuracy_after", "mean_abs_level")}
+        "shipped_level_ceiling", "accuracy_after", "mean_abs_level",
+        *(f"rule:{r}" for r in rules), *(f"applied:{r}" for r in rules))}
+    zs: list[float] = []
     for d in sample:
         held = ~d.fed
         cur = dict(zip(d.account, d.fitted_in))
@@ -257,6 +300,7 @@ def score(sample: list[Draw], shipped, prior: dict) -> dict:
         res = fed_residuals(shipped, d)
         conf = d.ok0 - res
         shift = np.zeros(d.P1.shape[0])
+        by_rule = {r: np.zeros(d.P1.shape[0]) for r in rules}
         ceiling = top.copy()
         for w in np.unique(d.world):
             in_w = d.world == w
@@ -269,6 +313,11 @@ def score(sample: list[Draw], shipped, prior: dict) -> dict:
                 shift[mine] = prior["mu_served"] + fit_evidence_shift(
                     conf[others] + prior["mu_fed"], d.ok0[others], np.ones(others.sum()),
                     prior_variance=_tau2_for(prior, len(np.unique(d.account[in_w]))))
+                lvl, z = deployment_evidence(conf[others], d.ok0[others], prior["mu_fed"])
+                if others.sum() >= 2:
+                    zs.append(z)
+                for r in rules:
+                    by_rule[r][mine] = rule_shift(r, lvl, z, float(shift[mine][0]), prior["mu_served"])
             g = held & in_w
             ceiling[in_w] = np.clip(top[in_w] - (top[g].mean() - d.ok1[g].mean()), 0.0, 1.0)
         shift = np.where(on, shift, 0.0)
@@ -276,8 +325,16 @@ def score(sample: list[Draw], shipped, prior: dict) -> dict:
         rows["shipped_level"].append(ece(moved[held], d.ok1[held]))
         rows["shipped_level_ceiling"].append(ece(ceiling[held], d.ok1[held]))
         rows["mean_abs_level"].append(float(np.abs(shift[on]).mean()) if on.any() else 0.0)
+        for r in rules:
+            s_r = np.where(on, by_rule[r], 0.0)
+            rows[f"rule:{r}"].append(ece(np.where(on, _moved(top, d.P1, s_r), top)[held], d.ok1[held]))
+            rows[f"applied:{r}"].append(float(np.mean(s_r[on] != 0.0)) if on.any() else 0.0)
+    z = np.abs(np.asarray(zs))
     return {**{k: round(float(np.mean(v)), 4) for k, v in rows.items()},
-            "per_draw": {k: [round(float(x), 4) for x in v] for k, v in rows.items()}}
+            "per_draw": {k: [round(float(x), 4) for x in v] for k, v in rows.items()},
+            **({"evidence_z": {"n": int(z.size), "median_abs": round(float(np.median(z)), 3),
+                               "share_abs_ge": {b: round(float(np.mean(z >= b)), 3) for b in (1.0, 1.5, 2.0, 2.5)},
+                               "mean_signed": round(float(np.mean(zs)), 3)}} if zs else {})}
 
 
 def _chosen(prior: dict, tau2: str) -> dict:
@@ -298,6 +355,9 @@ def main() -> None:
                     help="pickle of the fitted shipped calibrator and prior: written when absent, reused "
                          "when present for the same --train, --shipped and prior options")
     ap.add_argument("--leave-one-out", action="store_true")
+    ap.add_argument("--rules", nargs="*", default=[], metavar="RULE",
+                    help="per-deployment decisions between the shipped calibrator alone and it plus the "
+                         "deployment's level, scored beside the rest (rule_shift: gateB, fullB, jsM, overB)")
     args = ap.parse_args()
     train = {s: load(*s.split("=", 1)) for s in args.train} \
         if not (args.shipped_cache and os.path.exists(args.shipped_cache)) else dict.fromkeys(args.train)
@@ -308,7 +368,7 @@ def main() -> None:
             rest = [v for k, v in train.items() if k != name]
             shipped = fit_shipped(rest, args.shipped)
             prior = _chosen(level_prior(shipped, rest, args.prior_by_size), args.tau2)
-            out[name] = {"prior": prior, **score(sample, shipped, prior)}
+            out[name] = {"prior": prior, **score(sample, shipped, prior, tuple(args.rules))}
     else:
         key = (list(train), args.shipped, args.tau2, args.prior_by_size)
         held = None
@@ -327,7 +387,7 @@ def main() -> None:
         shipped, prior = held["shipped"], held["prior"]
         out["prior"] = prior
         for t in args.test:
-            out[t.split("=", 1)[0]] = score(load(*t.split("=", 1)), shipped, prior)
+            out[t.split("=", 1)[0]] = score(load(*t.split("=", 1)), shipped, prior, tuple(args.rules))
     print(json.dumps(out))
 
 

@@ -51,6 +51,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from services.common import strict_json
+
 COMPONENTS = ("gateway", "clustering", "attribution", "privacy", "feedback")
 DATA_HOLDERS = ("clustering", "attribution", "feedback")
 # The component of a process's own random key when no keys are configured: it may vouch
@@ -107,7 +109,7 @@ def load_keyset(path: str | Path) -> dict[str, PublicKey]:
     """The keyset file as ``{kid: PublicKey}``; KeyError_ naming the problem. An entry's
     ``kid`` is optional (computed from the key; when given, it must match)."""
     try:
-        document = json.loads(Path(path).read_text())
+        document = strict_json.loads(Path(path).read_text())
         entries = document["keys"]
         if not isinstance(entries, list) or not entries:
             raise ValueError("'keys' must be a non-empty list")

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from services.common import errors as common_errors
+from services.common import strict_json
 from services.feedback.domain.errors import InvalidArgument
 from services.feedback.domain.metrics import (
     BIN_STRATEGIES,
@@ -57,7 +58,7 @@ def _parse_line(number: int, line: str) -> tuple[list[float], int, float | None,
     """(probabilities, label index or UNKNOWN_LABEL, correct or None, weight, variant) of one line."""
     where = f"line {number}"
     try:
-        record = json.loads(line)
+        record = strict_json.loads(line)
     except json.JSONDecodeError as exc:
         raise InvalidArgument(where, f"is not valid JSON ({exc.msg})") from None
     if not isinstance(record, dict):

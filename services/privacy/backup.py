@@ -38,6 +38,7 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
+from services.common import strict_json
 from services.common import backup as snapshots
 from services.common import config
 from services.common.storage import roles
@@ -108,7 +109,7 @@ def read_ledger_file(path: Path) -> Ledger:
     """An off-site ledger export; ValueError naming the file when it is not one or its
     checksum does not match (a truncated or edited copy must not be trusted silently)."""
     try:
-        document = json.loads(Path(path).read_text())
+        document = strict_json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise ValueError(f"--ledger {path}: not readable as a ledger export ({exc})") from None
     if not isinstance(document, dict) or document.get("format") != LEDGER_FORMAT:

@@ -578,14 +578,20 @@ def test_nothing_acknowledged_is_lost_when_the_writer_is_killed(database, key, t
 # ------------------------------------------------------------------ export and CLI
 
 
-def test_export_verifies_offline_and_a_tampered_export_fails(log, tmp_path, capsys):
-    _fill(log, (3, 9, 4))
+def _exported_and_verified(log, tmp_path) -> tuple[list[str], Path]:
+    """The log's export and public key written to ``tmp_path``, `hearth audit verify` on them
+    passed: (the export's lines, the public key's path)."""
     export = tmp_path / "audit.jsonl"
     export.write_text("\n".join(log.app.export_lines()) + "\n")
     public = tmp_path / "audit.pub"
     public.write_text(log.pem)
     assert cli.main(["audit", "verify", str(export), "--public-key", str(public)]) == 0
-    lines = export.read_text().splitlines()
+    return export.read_text().splitlines(), public
+
+
+def test_export_verifies_offline_and_a_tampered_export_fails(log, tmp_path, capsys):
+    _fill(log, (3, 9, 4))
+    lines, public = _exported_and_verified(log, tmp_path)
     assert len(lines) == 17 and json.loads(lines[-1])["sth"]["tree_size"] == 16
 
     edited = list(lines)
@@ -601,7 +607,7 @@ def test_export_verifies_offline_and_a_tampered_export_fails(log, tmp_path, caps
         assert reason in capsys.readouterr().err
     other = tmp_path / "other.pub"
     other.write_text(public_key_to_pem(generate_private_key().public_key()))
-    assert cli.main(["audit", "verify", str(export), "--public-key", str(other)]) == 1
+    assert cli.main(["audit", "verify", str(tmp_path / "audit.jsonl"), "--public-key", str(other)]) == 1
 
 
 # ------------------------------------------------------------------ suspicious activity
@@ -893,12 +899,7 @@ def test_a_thinned_log_exports_and_verifies_offline(database, key, tmp_path, cap
     ends with the latest head, stored whatever the history interval."""
     log, sizes = _thinned_log(database, key, _Clock(0))
     try:
-        export = tmp_path / "audit.jsonl"
-        export.write_text("\n".join(log.app.export_lines()) + "\n")
-        public = tmp_path / "audit.pub"
-        public.write_text(log.pem)
-        assert cli.main(["audit", "verify", str(export), "--public-key", str(public)]) == 0
-        lines = export.read_text().splitlines()
+        lines, public = _exported_and_verified(log, tmp_path)
         assert len(lines) == sizes[-1] + 1 and json.loads(lines[-1])["sth"]["tree_size"] == sizes[-1]
         edited = [line.replace('"principal":"ana"', '"principal":"eve"', 1) if i == 3 else line
                   for i, line in enumerate(lines)]

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from services.common import strict_json
 from services.common.audit import AuditRecord
 from services.privacy.audit.domain import AuditEntry, EventType, Outcome, Role
 
@@ -157,11 +158,13 @@ def _decode_details(text: str) -> dict:
         try:
             obj, end = _scan_json(text, 0)
             parsed = end == len(text)
-        except (StopIteration, ValueError):
-            parsed = False  # leading whitespace or invalid: json.loads decides below
+        except (StopIteration, ValueError, RecursionError):
+            # leading whitespace, invalid, or nested too deeply (RecursionError: until
+            # attack30 AppendAudit answered INTERNAL for the whole call): decided below
+            parsed = False
     if not parsed:
         try:
-            obj = json.loads(text)
+            obj = strict_json.loads(text)
         except (json.JSONDecodeError, TypeError):
             raise ValueError("details_json: not valid JSON") from None
     if type(obj) is not dict:

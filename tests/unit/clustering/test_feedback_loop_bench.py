@@ -5,6 +5,7 @@ feedback service's calibrator recalibrates the answers (mesh_after_feedback)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from bench import _worlds_eval as E
 from bench import worlds as W
@@ -252,3 +253,27 @@ def test_the_shipped_calibrator_scoring_is_the_whole_loop_beside_a_calibrator_fi
     alone = score(lone, shipped, {**prior, "mu_served": 0.0, "tau2": 1.0})
     assert alone["per_draw"]["shipped_level"] == alone["per_draw"]["shipped"]
     assert alone["mean_abs_level"] == 0.0
+
+
+def test_a_per_deployment_rule_chooses_between_the_shipped_calibrator_alone_and_its_level():
+    """bench/feedback_shipped's rules (count30, session 30): a gate at |z| >= 0 is the design
+    (shipped + level), a gate no deployment passes is the shipped calibrator alone; z is the
+    deployment's level over its own noise, and James-Stein with noise multiple M leaves a level
+    within sqrt(M) standard errors alone."""
+    from bench.feedback_shipped import deployment_evidence, draws_of, fit_shipped, level_prior, rule_shift, score
+    d, z = deployment_evidence(np.full(100, 0.8), np.r_[np.ones(50), np.zeros(50)], 0.0)
+    assert d == pytest.approx(-0.3) and z == pytest.approx(-0.3 / (np.sqrt(100 * 0.16) / 100))
+    assert deployment_evidence(np.full(100, 0.7), np.r_[np.ones(50), np.zeros(50)], -0.2)[0] == pytest.approx(0.0)
+    assert rule_shift("js4", 0.1, 2.0, 0.05, 0.01) == 0.0
+    assert rule_shift("js1", 0.1, 2.0, 0.05, 0.01) == pytest.approx(0.075)
+    assert rule_shift("gate2", 0.1, 1.9, 0.05, 0.01) == 0.0 and rule_shift("gate2", 0.1, -2.1, 0.05, 0.01) == 0.05
+    assert rule_shift("full2", 0.1, 2.1, 0.05, 0.01) == pytest.approx(0.11)
+    assert rule_shift("over2", 0.1, 2.1, 0.05, 0.01) == 0.0 and rule_shift("over2", -0.1, -2.1, 0.05, 0.01) == pytest.approx(-0.09)
+    hs, fed, probs, ages = _fed_batch_sample()
+    sample = draws_of("tuning", hs, [{"batch": p, "fed_batch": [_as_served(p)] * 2} for p in probs], 2)
+    shipped = fit_shipped([sample])
+    prior = {**level_prior(shipped, [sample]), "tau2": 0.01}
+    out = score(sample, shipped, prior, ("gate0", "gate1000"))
+    assert out["per_draw"]["rule:gate0"] == out["per_draw"]["shipped_level"]
+    assert out["per_draw"]["rule:gate1000"] == out["per_draw"]["shipped"]
+    assert out["applied:gate1000"] == 0.0

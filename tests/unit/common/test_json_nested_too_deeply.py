@@ -48,3 +48,31 @@ def test_a_deeply_nested_receipt_or_audit_export_line_is_malformed():
         SignedReceipt.from_json(DEEP)
     with pytest.raises(ValueError, match="line 1: invalid JSON .nested too deeply"):
         parse_export([DEEP])
+
+
+def test_an_audit_records_details_nested_too_deeply_are_refused_not_a_recursion_error():
+    """AppendAudit parses each record's ``details_json`` before its depth check (32 levels):
+    5,000 levels raised RecursionError there — INTERNAL for the whole call, its honest
+    records refused with it."""
+    from services.privacy.audit.rows import _decode_details
+
+    with pytest.raises(ValueError, match="details_json"):
+        _decode_details('{"a": ' + DEEP + "}")
+
+
+def test_operator_files_nested_too_deeply_are_named_not_a_traceback(tmp_path):
+    """review30 of the fix above: the feedback report's input lines, an off-site ledger and
+    the service keyset file are read with the same reader (operator input: a traceback before)."""
+    from services.common.service_keys import KeyError_, load_keyset
+    from services.feedback.cli import _parse_line
+    from services.feedback.domain.errors import InvalidArgument as FeedbackInvalidArgument
+    from services.privacy.backup import read_ledger_file
+
+    with pytest.raises(FeedbackInvalidArgument):
+        _parse_line(1, DEEP)
+    deep_file = tmp_path / "deep.json"
+    deep_file.write_text(DEEP)
+    with pytest.raises(ValueError, match="--ledger"):
+        read_ledger_file(deep_file)
+    with pytest.raises(KeyError_):
+        load_keyset(deep_file)
