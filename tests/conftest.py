@@ -129,6 +129,21 @@ def pytest_timeout_set_timer(item, settings):
     return pytest_timeout.pytest_timeout_set_timer(item, settings._replace(timeout=settings.timeout * slowdown))
 
 
+# The umask this run started with. A test that runs `hearth backup`/`restore` or a bootstrap in
+# process (``cli.main``) calls ``config.keep_files_private()``, which leaves the process's umask
+# at 077 for every later test of that worker: review30 saw the bundled PostgreSQL 16's copy made
+# unreadable to the postgres user by it, in a fresh clone only (R21). Each test starts with it.
+RUN_UMASK = os.umask(0o022)
+os.umask(RUN_UMASK)
+
+
+@pytest.fixture(autouse=True)
+def _the_runs_umask():
+    """Every test starts with the run's umask, whatever an earlier test of this worker set."""
+    os.umask(RUN_UMASK)
+    yield
+
+
 @pytest.fixture(scope="session")
 def postgres_server():
     """The session's PostgreSQL cluster (``.dsn``, ``.data_dir``), tied to this process:
