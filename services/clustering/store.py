@@ -1703,7 +1703,7 @@ class ClusteringStore:
         persistence = purge_persistence(self.cache) if changed or dropped or owed else []
         if any(not step["complete"] for step in persistence):
             self.cache.set(_PERSISTENCE_PURGE_OWED, b"1")
-        elif persistence and owed:
+        elif owed:   # rewritten, or a Redis that keeps no files (no step): nothing owed (session 30 soak)
             self.cache.delete(_PERSISTENCE_PURGE_OWED)
         return changed, [*persistence, self.db.purge_erased(("events", "sessions", "household_models"))]
 

@@ -1347,3 +1347,25 @@ def test_a_batch_is_saved_completed_with_its_last_pass_key_table_purge_counted(d
     settled = batches.get(job_id).job
     assert settled.state is JobState.COMPLETED and settled.completed_at is not None, settled
     assert not settled.key_table_purges, settled
+
+
+def test_a_batch_leaves_no_persistence_purge_owed_where_redis_keeps_no_files(databases, cache):
+    """A batch's deferred Rekeys note clustering's Redis persistence purge owed (a key
+    without expiry, ``purge-owed:persistence``); the batch's last, purging Rekey clears it.
+    It cleared it only when Redis persisted and its files were rewritten: where Redis keeps
+    no files (the chart's default cache, the in-process one) the purge has no step, so the
+    note stayed for good, and every later Rekey and erasure asked Redis for its persistence
+    again. Seen in the session 30 soak (a key without a TTL from the rotation at 15 min until
+    Redis restarted empty); this test failed on both caches without the fix."""
+    mesh = Mesh(databases)
+    mesh.clustering.cache = cache
+    accounts = ("acc-o1", "acc-o2")
+    for account in accounts:
+        mesh.fill(account, n=2)
+    _aged(mesh, *accounts)
+    batches = _batches(mesh, mesh.rotation())
+    job_id = batches.request(3650, 10, principal=_officer()).job.job_id
+    assert batches.run_due() == 1
+    assert {h.outcome.value for h in batches.get(job_id).job.households.values()} == {"completed"}
+    assert mesh.deferred.count(True) > 0 and mesh.deferred[-2:] == [False, False], mesh.deferred
+    assert cache.get("purge-owed:persistence") is None
