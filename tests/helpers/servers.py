@@ -160,6 +160,19 @@ def fresh_database(dsn: str, prefix: str = "mesh") -> str:
     return make_conninfo(dsn, dbname=name)
 
 
+def inprocess_mesh_on(backend: str, request, tmp_path_factory, tag: str):
+    """An in-process mesh (services/testing/inprocess.py) on ``backend``, "sqlite" or
+    "postgres" (a fresh database of the session's server), for a module's parametrized
+    mesh fixture; the caller stops it."""
+    from services.testing import inprocess
+
+    data = tmp_path_factory.mktemp(f"{tag}-{backend}")
+    if backend == "sqlite":
+        return inprocess.start(data)
+    return inprocess.start(data, storage="postgres",
+                           postgres_dsn=fresh_database(request.getfixturevalue("postgres_dsn"), tag))
+
+
 def service_logins(database_dsn: str, tag: str) -> dict[str, str]:
     """A PostgreSQL login per service on the database ``database_dsn`` names (``hearth db
     provision-roles``, as deployed: docs/operations.md "Database roles"), and each

@@ -16,8 +16,7 @@ from hearth.common.v1 import common_pb2, common_pb2_grpc
 from hearth.privacy.v1 import privacy_pb2 as ppb
 from services.common import audit, identity
 from services.common.errors import ERROR_FIELD_KEY
-from services.testing import inprocess
-from tests.helpers.servers import fresh_database
+from tests.helpers.servers import inprocess_mesh_on
 
 OFFICER = identity.Principal("olivia", identity.Role.PRIVACY_OFFICER)
 BAD = ("acct\x00", "acct\x01x", "acct\n")
@@ -25,12 +24,7 @@ BAD = ("acct\x00", "acct\x01x", "acct\n")
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def mesh(request, tmp_path_factory):
-    data = tmp_path_factory.mktemp(f"ctrl-{request.param}")
-    if request.param == "sqlite":
-        m = inprocess.start(data)
-    else:
-        m = inprocess.start(data, storage="postgres",
-                            postgres_dsn=fresh_database(request.getfixturevalue("postgres_dsn"), "ctrl"))
+    m = inprocess_mesh_on(request.param, request, tmp_path_factory, "ctrl")
     yield m
     m.stop()
 

@@ -23,8 +23,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from services.common import identity, permissions, text
 from services.common.client import peer_channel
 from services.common.errors import ERROR_FIELD_KEY
-from services.testing import inprocess
-from tests.helpers.servers import fresh_database
+from tests.helpers.servers import inprocess_mesh_on
 
 PROTO_MODULES = ("clustering", "attribution", "privacy", "feedback", "common")
 # Which process serves a proto service: its package's, and DataHolder on every data holder.
@@ -141,12 +140,7 @@ def test_every_field_with_its_own_ceiling_exists():
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def mesh(request, tmp_path_factory):
-    data = tmp_path_factory.mktemp(f"text-{request.param}")
-    if request.param == "sqlite":
-        m = inprocess.start(data)
-    else:
-        m = inprocess.start(data, storage="postgres",
-                            postgres_dsn=fresh_database(request.getfixturevalue("postgres_dsn"), "text"))
+    m = inprocess_mesh_on(request.param, request, tmp_path_factory, "text")
     channels = {name: peer_channel(address, "test", timeout_s=30.0, audience=name)
                 for name, address in m.addresses.items()}
     m.raw_channels = channels
