@@ -658,13 +658,9 @@ class RunningServer:
         return True
 
 
-# Request messages only in the identity encoding (bit 0 of the bitset): a compressed one
-# is refused (UNIMPLEMENTED, naming its encoding) before it is read. gRPC's core inflates a
-# compressed message whole — before any interceptor, so before any credential is checked —
-# and only then compares its size with grpc.max_receive_message_length: a 400 KB gzip of
-# zeros sent to Health/Check without credentials took clustering from 102 to 487 MB
-# resident (attack30). No Hearth client compresses.
-IDENTITY_ENCODING_ONLY = ("grpc.compression_enabled_algorithms_bitset", 1)
+# Request messages only in the identity encoding: a compressed one is refused before it is
+# read (tls.IDENTITY_ENCODING_ONLY says why; attack30).
+IDENTITY_ENCODING_ONLY = tls.IDENTITY_ENCODING_ONLY
 
 
 def build_server(service: str, register: Callable[[grpc.Server], Iterable[str]], *,
