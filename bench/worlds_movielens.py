@@ -190,15 +190,21 @@ def generate(families: tuple[str, ...] | None = None, worlds_per_family: int = 3
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--fetch", action="store_true", help=f"download MovieLens 100K into {DATA_DIR} (once)")
+def fetch_cli(doc: str, label: str, data_dir: Path, tables, fetch_tables) -> None:
+    """A loader's command line: ``--fetch`` calls ``fetch_tables()`` unless every one of
+    ``tables`` is already a CSV under ``data_dir``."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--fetch", action="store_true", help=f"download {label} into {data_dir} (once)")
     args = ap.parse_args()
     if args.fetch:
-        if all((DATA_DIR / f"{n}.csv").exists() for n in PARQUET):
-            print(f"{DATA_DIR}: already there")
+        if all((data_dir / f"{n}.csv").exists() for n in tables):
+            print(f"{data_dir}: already there")
             return
-        print(f"MovieLens 100K written to {fetch()}")
+        print(f"{label} written to {fetch_tables()}")
+
+
+def main() -> None:
+    fetch_cli(__doc__, "MovieLens 100K", DATA_DIR, PARQUET, fetch)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ writes ``var/movielens_latest/{ratings,films}.csv``. Reading the pickle needs pa
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import io
@@ -164,14 +163,7 @@ def generate(families: tuple[str, ...] | None = None, worlds_per_family: int = 3
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--fetch", action="store_true", help=f"download MovieLens latest-small into {DATA_DIR} (once)")
-    args = ap.parse_args()
-    if args.fetch:
-        if all((DATA_DIR / f"{n}.csv").exists() for n in TABLES):
-            print(f"{DATA_DIR}: already there")
-            return
-        print(f"MovieLens latest-small written to {fetch()}")
+    worlds_movielens.fetch_cli(__doc__, "MovieLens latest-small", DATA_DIR, TABLES, fetch)
 
 
 if __name__ == "__main__":
