@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from services.common import strict_json
+
 SERVICES = ("clustering", "attribution", "privacy", "feedback")
 MANIFEST = "manifest.json"
 FORMAT = "hearth-backup/v1"
@@ -50,18 +52,46 @@ class Snapshot:
 
     @classmethod
     def load(cls, path: Path) -> "Snapshot":
+        """The snapshot at ``path``, its manifest checked before anything uses it: the
+        manifest's service names become paths under the data directory and its file names
+        paths under ``path``, and its checksums prove only that each file is the one the
+        manifest names, not who wrote either. Until attack31 a manifest naming service
+        ``/../../<dir>/x`` made `hearth restore` write ``<dir>/x.db`` and answer "restored"."""
+        where = path / MANIFEST
         try:
-            manifest = json.loads((path / MANIFEST).read_text())
+            manifest = strict_json.loads_unambiguous((path / MANIFEST).read_text())
         except (OSError, ValueError) as exc:
             raise BackupError(f"{path}: not a Hearth snapshot ({exc})") from None
-        if manifest.get("format") != FORMAT:
-            raise BackupError(f"{path / MANIFEST}: unknown format {manifest.get('format')!r}")
-        return cls(path, manifest["backend"], float(manifest["taken_at"]), manifest["files"],
-                   str(manifest.get("pg_dump", "")))
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise BackupError(f"{where}: unknown format {manifest.get('format') if isinstance(manifest, dict) else None!r}")
+        if manifest.get("backend") not in ("sqlite", "postgres"):
+            raise BackupError(f"{where}: backend must be sqlite or postgres, got {manifest.get('backend')!r}")
+        taken_at = manifest.get("taken_at")
+        if isinstance(taken_at, bool) or not isinstance(taken_at, (int, float)):
+            raise BackupError(f"{where}: taken_at must be a number (seconds since the epoch)")
+        files = manifest.get("files")
+        if not isinstance(files, dict):
+            raise BackupError(f"{where}: files must be an object (service -> its file)")
+        for service, entry in files.items():
+            if service not in SERVICES:
+                raise BackupError(f"{where}: files names {service[:100]!r}, not one of {', '.join(SERVICES)}")
+            if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                    and isinstance(entry.get("file"), str)):
+                raise BackupError(f"{where}: files.{service} must be an object with file and sha256")
+            name = entry["file"]
+            if name in ("", ".", "..") or name != os.path.basename(name) or "\0" in name:
+                raise BackupError(f"{where}: files.{service}.file must name a file in the snapshot's own "
+                                  f"directory, got {name[:100]!r}")
+        pg_dump = manifest.get("pg_dump", "")
+        if not (isinstance(pg_dump, str) and (pg_dump == "" or re.fullmatch(r"\d{1,3}(\.\d{1,4})?", pg_dump))):
+            raise BackupError(f"{where}: pg_dump must be a PostgreSQL version such as 16.2, got {str(pg_dump)[:100]!r}")
+        return cls(path, manifest["backend"], float(taken_at), files, pg_dump)
 
     def verify(self) -> None:
         for service, entry in self.files.items():
             file = self.path / entry["file"]
+            if file.is_symlink():   # its checksum would be the target's, wherever that is
+                raise BackupError(f"{file}: a symbolic link, not a snapshot's file ({service})")
             if not file.is_file() or _sha256(file) != entry["sha256"]:
                 raise BackupError(f"{file}: missing or corrupt (checksum of {service} does not match)")
 
@@ -421,7 +451,10 @@ def put_back_set_aside(admin_dsn: str, services=SERVICES) -> list[str]:
 def prune(out_dir: Path, keep: int) -> list[Path]:
     """Delete all but the ``keep`` newest snapshots under ``out_dir`` (a deleted
     household's data also leaves the backups once they expire)."""
-    snapshots = sorted(p for p in out_dir.glob("hearth-*") if (p / MANIFEST).is_file())
+    # A link named like a snapshot is not one `hearth backup` wrote: until attack31 it was
+    # counted, and shutil.rmtree refused it with a traceback after the new snapshot was
+    # taken, so the job failed and no older snapshot was ever pruned again.
+    snapshots = sorted(p for p in out_dir.glob("hearth-*") if not p.is_symlink() and (p / MANIFEST).is_file())
     removed = snapshots[:-keep] if keep > 0 else []
     for path in removed:
         shutil.rmtree(path)

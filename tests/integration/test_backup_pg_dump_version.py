@@ -76,3 +76,28 @@ def test_client_tools_older_than_the_server_or_the_snapshot_are_refused_naming_b
     assert "was made by pg_dump 16.2, which pg_restore 15." in err and "nothing was changed" in err, err
     with psycopg.connect(database) as conn:
         assert conn.execute("SELECT note FROM hearth_clustering.marker").fetchall() == [("after the snapshot",)]
+
+
+def test_a_manifests_pg_dump_that_is_no_version_is_refused_naming_it(tmp_path):
+    """The version is read as a number at restore: a manifest written by someone else
+    with another value is refused when loaded, in one line (as attack31's other fields)."""
+    from services.common import backup
+
+    for value in ("sixteen", 16, "16.2; DROP", "../16"):
+        snap = tmp_path / f"snap-{abs(hash(str(value)))}"
+        snap.mkdir()
+        (snap / backup.MANIFEST).write_text(json.dumps({"format": backup.FORMAT, "backend": "postgres",
+                                                        "taken_at": 1.0, "files": {}, "pg_dump": value}))
+        with pytest.raises(backup.BackupError, match="pg_dump must be a PostgreSQL version such as 16.2"):
+            backup.Snapshot.load(snap)
+    assert backup.Snapshot.load(_valid(tmp_path)).pg_dump == "16.2"
+
+
+def _valid(root) -> object:
+    from services.common import backup
+
+    snap = root / "valid"
+    snap.mkdir()
+    (snap / backup.MANIFEST).write_text(json.dumps({"format": backup.FORMAT, "backend": "postgres",
+                                                    "taken_at": 1.0, "files": {}, "pg_dump": "16.2"}))
+    return snap
