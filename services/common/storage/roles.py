@@ -469,14 +469,25 @@ def _become_member(conn, role: str) -> None:
     it, as owning or handing over a schema to it, or acting as its owner, requires of
     anyone but a superuser. PostgreSQL 16 gives a CREATEROLE login ADMIN OPTION on the
     roles it creates, but neither INHERIT nor SET (``createrole_self_grant`` unset)."""
+    import psycopg
     from psycopg import sql
 
     sixteen = conn.info.server_version >= 160000
     has = conn.execute("SELECT pg_has_role(current_user, %s, 'USAGE')" + (" AND pg_has_role(current_user, %s, 'SET')"
                        if sixteen else ""), (role, role) if sixteen else (role,)).fetchone()[0]
     if not has:
-        conn.execute(sql.SQL("GRANT {} TO CURRENT_USER{}").format(
-            sql.Identifier(role), sql.SQL(" WITH INHERIT TRUE, SET TRUE") if sixteen else sql.SQL("")))
+        try:
+            with conn.transaction():
+                conn.execute(sql.SQL("GRANT {} TO CURRENT_USER{}").format(
+                    sql.Identifier(role), sql.SQL(" WITH INHERIT TRUE, SET TRUE") if sixteen else sql.SQL("")))
+        except psycopg.errors.InsufficientPrivilege:
+            # On 16 a CREATEROLE login may grant only roles it holds WITH ADMIN OPTION:
+            # those it created. One made by another login (a superuser, another admin) not.
+            admin = conn.execute("SELECT current_user").fetchone()[0]
+            raise ValueError(f"{ADMIN_DSN_VARIABLE}: role {admin} may not make itself a member of role {role}, "
+                             f"which it did not create (PostgreSQL 16 lets a CREATEROLE login grant only roles it "
+                             f"holds WITH ADMIN OPTION): as the role that created {role} (or a superuser), GRANT "
+                             f"{role} TO {admin} WITH ADMIN OPTION, then run this again; nothing was changed") from None
 
 
 def _grant_wal_purge(conn, ident, superuser: bool) -> list[str]:
