@@ -120,10 +120,11 @@ def run_mode(db, mode: str, entries: int, seed: int, dsn: str = "") -> dict:
 def _table_stats(db: PostgresDatabase) -> dict[str, dict]:
     with db.transaction() as tx:
         rows = tx.query("SELECT relname, n_live_tup, n_dead_tup, autovacuum_count, vacuum_count, "
-                        "pg_total_relation_size(relid), pg_relation_size(relid) FROM pg_stat_user_tables "
+                        "pg_total_relation_size(relid), pg_relation_size(relid), pg_indexes_size(relid) "
+                        "FROM pg_stat_user_tables "
                         "WHERE schemaname = ? AND relname IN ('audit_entries', 'audit_sth')", (db.schema,))
     return {r[0]: {"live": int(r[1]), "dead": int(r[2]), "autovacuums": int(r[3]), "vacuums": int(r[4]),
-                   "total_bytes": int(r[5]), "heap_bytes": int(r[6])} for r in rows}
+                   "total_bytes": int(r[5]), "heap_bytes": int(r[6]), "index_bytes": int(r[7])} for r in rows}
 
 
 def run_long(dsn: str, minutes: float, sample_s: float, batches_per_s: float | None, seed: int = 0) -> dict:

@@ -73,3 +73,28 @@ def test_a_full_window_still_refits_after_enough_new_labels(database):
     assert set(fitted) == {"kmeans"} and app.calibration.calibrator_version() == "kmeans:2"
     assert fitted["kmeans"].training["received_through"] == clock[0] - 1
     assert app.calibration.recalibrate_if_due() == {}
+
+
+def test_the_retention_purge_deletes_labels_older_than_its_end(database):
+    """A label's lifetime is its data's (docs/feedback.md "Which labels calibration reads,
+    and how long labels live"): privacy's retention purge (a window scope of every account
+    ending at now - HEARTH_RETENTION_DAYS) deletes labels given before its end and labels,
+    however recent, on predictions about sessions before it; it keeps the rest."""
+    from services.common.erasure import ErasureScope
+
+    clock = [T0]
+    app = make_app(database, clock)
+    end = T0 - 1000
+    cases = {  # prediction id: (session start, session end, label ts)
+        "old-session": (end - 500, end - 400, T0 - 10),      # recent label, old session: deleted
+        "old-label": (end + 100, end + 200, end - 50),       # label given before the end: deleted
+        "recent": (end + 100, end + 200, end + 300),         # kept
+    }
+    for pid, (start, stop, ts) in cases.items():
+        app.intake.record_predictions([PredictionRecord(pid, "acc-r", f"s-{pid}", "p1", {"p1": 0.8, "p2": 0.2},
+                                                        "kmeans", 1, stop, False, 2, "tv", start, stop)])
+        app.intake.record_feedback(f"f-{pid}", pid, SignalKind.PROFILE_CONFIRMED, None, ts)
+    outcome = app.intake.erase(ErasureScope("*", "window", end=end))
+    assert sorted(outcome.deleted_ids) == ["feedback:f-old-label", "feedback:f-old-session", "predictions:old-session"]
+    assert [r.feedback_id for r in app.store.feedback_joined()] == ["f-recent"]
+    assert app.calibration.dataset().prediction_ids.tolist() == ["recent"]
