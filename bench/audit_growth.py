@@ -23,7 +23,8 @@ minutes of wall time with the server's autovacuum at its defaults, sampled every
 ``--sample-s``: the tables' sizes, live and dead tuples and autovacuum runs
 (``pg_stat_user_tables``), to see whether the thinning's deletes leave ``audit_sth``
 growing with dead tuples or held at what autovacuum leaves (does an operator have to do
-anything?). ``--batches-per-s`` paces the writer on the wall clock (default: as fast as
+anything?), and at the end the table's sizes after ``REINDEX TABLE CONCURRENTLY``.
+``--batches-per-s`` paces the writer on the wall clock (default: as fast as
 the commits go, more deletes per autovacuum period than the soak's 9.3 a second).
 """
 
@@ -160,12 +161,19 @@ def run_long(dsn: str, minutes: float, sample_s: float, batches_per_s: float | N
     final = {"wall_s": round(time.monotonic() - started, 1), "entries": written, "batches": batches,
              "log_minutes": round(batches / BATCHES_PER_S / 60, 1), **_table_stats(db)}
     samples.append(final)
+    # What an operator's REINDEX gives back: the primary key keeps a leaf page for each
+    # kept head (its neighbours' keys deleted, no later key lands there); rebuilt, they pack.
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"REINDEX TABLE CONCURRENTLY {db.schema}.audit_sth")
+    reindexed = _table_stats(db)["audit_sth"]
     db.close()
     sth = [s["audit_sth"] for s in samples if "audit_sth" in s]
     return {"minutes": minutes, "batches_per_s": batches_per_s, "samples": samples,
             "audit_sth_total_bytes_max": max(s["total_bytes"] for s in sth),
             "audit_sth_dead_max": max(s["dead"] for s in sth),
-            "audit_sth_autovacuums": sth[-1]["autovacuums"]}
+            "audit_sth_autovacuums": sth[-1]["autovacuums"], "audit_sth_after_reindex": reindexed}
 
 
 def main(argv: list[str] | None = None) -> dict:
