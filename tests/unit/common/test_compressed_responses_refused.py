@@ -1,0 +1,74 @@
+"""The mesh's clients refuse compressed response messages instead of inflating them
+(attack31; the requests' side is attack30's, test_compressed_requests_refused.py). gRPC's
+core inflates a ``grpc-encoding: gzip`` response whole before it compares its size with
+``grpc.max_receive_message_length``: a peer answering 400 MiB of zeros as ~400 KB of gzip
+took a client from 28 to 457 MB resident before the call failed RESOURCE_EXHAUSTED. A
+compromised or confused peer (a service replica, or whatever answers at a peer's address)
+could do that to every caller of it. No Hearth server compresses, so the clients' channels
+(``tls.channel_options()``: services' peers, health probes of peers, the gateway) enable
+the identity encoding only: the core never inflates such a message — the call fails, or
+(when the whole answer arrived at once) the raw compressed bytes reach the stub, which
+cannot parse gzip as a message. Real servers and channels on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent import futures
+
+import grpc
+import pytest
+
+from services.common import tls
+
+# Inflates to 24 MiB, under the clients' 64 MiB response bound: before the refusal the
+# client inflated it and handed it over whole.
+PAYLOAD = b"\0" * (24 << 20)
+
+
+def _raw(request, context):
+    context.set_compression(grpc.Compression.Gzip)
+    return PAYLOAD
+
+
+@pytest.fixture(scope="module")
+def compressing_server():
+    """A server whose ``/t.Bomb/Get`` answers PAYLOAD gzip-compressed (~24 KB on the wire)
+    even to a client that accepts the identity encoding only, as a hostile peer would."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2),
+                         options=[("grpc.max_send_message_length", -1)])
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "t.Bomb", {"Get": grpc.unary_unary_rpc_method_handler(_raw)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+def test_a_control_client_without_the_options_takes_the_compressed_answer(compressing_server):
+    # The server really compresses, and a plain client inflates it: what the mesh's
+    # clients must not do.
+    with grpc.insecure_channel(compressing_server, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
+        assert ch.unary_unary("/t.Bomb/Get")(b"", timeout=30) == PAYLOAD
+
+
+def test_the_mesh_channel_does_not_inflate_a_compressed_answer(compressing_server):
+    with tls.channel(compressing_server, options=tls.channel_options()) as ch:
+        try:
+            answer = ch.unary_unary("/t.Bomb/Get")(b"", timeout=30)
+        except grpc.RpcError as refused:
+            assert refused.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL), refused
+        else:
+            assert len(answer) < len(PAYLOAD) // 100, len(answer)   # the raw gzip, never inflated
+
+
+def test_the_gateway_channel_does_not_inflate_a_compressed_answer(compressing_server):
+    async def main():
+        async with tls.aio_channel(compressing_server, options=tls.channel_options()) as ch:
+            try:
+                answer = await ch.unary_unary("/t.Bomb/Get")(b"", timeout=30)
+            except grpc.RpcError as refused:
+                assert refused.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL), refused
+            else:
+                assert len(answer) < len(PAYLOAD) // 100, len(answer)
+
+    asyncio.run(main())
