@@ -20,6 +20,7 @@ NAME = "feedback"
 def policy_from(settings: FeedbackSettings) -> FeedbackPolicy:
     return FeedbackPolicy(thresholds=settings.thresholds(), trigger_cooldown_s=settings.feedback_trigger_cooldown_s,
                           recalibrate_min_new=settings.feedback_recalibrate_min_new,
+                          label_window=settings.feedback_label_window,
                           experiment=settings.feedback_experiment, control=settings.feedback_control_variant,
                           variants=settings.variant_names())
 

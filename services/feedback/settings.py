@@ -10,6 +10,7 @@
 | `HEARTH_FEEDBACK_TRIGGER_COOLDOWN_S` | 3600 | the same cohort trigger fires at most once per cooldown |
 | `HEARTH_FEEDBACK_CHECK_INTERVAL_S` | 300 | periodic check (cohort triggers, pending refits, recalibration); 0 = off |
 | `HEARTH_FEEDBACK_RECALIBRATE_MIN_NEW` | 500 | the periodic check refits a variant's calibrator after this many new feedback rows |
+| `HEARTH_FEEDBACK_LABEL_WINDOW` | 20000 | calibration (fits, GetCalibration, cohort triggers, GetExperiment) reads the newest this many labels (prompted feedback signals); 0 = every label held. Bounds each check's memory; labels are stored until the retention purge or an erasure |
 | `HEARTH_FEEDBACK_EXPERIMENT` | `model-variant` | experiment name (the hash salt of variant assignment) |
 | `HEARTH_FEEDBACK_CONTROL_VARIANT` | `gmm` | control variant: the production model (the kill switch sends everyone here) |
 | `HEARTH_FEEDBACK_VARIANTS` | `kmeans,gmm` | variants SetFlag accepts |
@@ -37,6 +38,7 @@ class FeedbackSettings(ServiceSettings):
     feedback_trigger_cooldown_s: Annotated[float, bounded(ge=0)] = 3600.0
     feedback_check_interval_s: Annotated[float, bounded(ge=0)] = 300.0
     feedback_recalibrate_min_new: AtLeastOne = 500
+    feedback_label_window: Annotated[int, bounded(ge=0)] = 20_000
     feedback_experiment: str = "model-variant"
     feedback_control_variant: str = "gmm"
     feedback_variants: str = "kmeans,gmm"
