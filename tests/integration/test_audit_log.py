@@ -442,6 +442,35 @@ def test_query_filters_and_pages(log):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_a_query_page_holds_a_bounded_number_of_bytes(log, monkeypatch):
+    """attack31: a page was ``limit`` entries (up to 10,000) whatever their size. Through a
+    running mesh, 200 records of 900 KB details (a service's AppendAudit) made an admin's
+    QueryAudit take privacy from 231 to 2,071 MB resident before it failed
+    RESOURCE_EXHAUSTED (a 540 MB answer). A page now stops before QUERY_PAGE_BYTES of
+    entries (always at least one) and says has_more; paging on with after_seq reads every
+    entry once. Here the bound is lowered to 100 KB with 40 KB entries."""
+    from services.privacy.audit import store
+
+    monkeypatch.setattr(store, "QUERY_PAGE_BYTES", 100_000, raising=False)   # raising: seen failing before it existed
+    big = [audit.make_record(audit.READ_HOUSEHOLD, f"household:big-{i}", details={"blob": "x" * 40_000},
+                             principal=ANA, trace_id=f"big{i:04x}") for i in range(7)]
+    log.app.append(big + _records(3, tag="small"))
+    seen, pages, after = [], [], None
+    while True:
+        request = ppb.QueryAuditRequest(limit=100)
+        if after is not None:
+            request.after_seq = after
+        page = log.stub.QueryAudit(request, metadata=ADMIN.metadata("privacy"))
+        pages.append([r.seq for r in page.records])
+        seen += pages[-1]
+        assert sum(len(r.canonical) for r in page.records) <= 100_000 or len(page.records) == 1
+        if not page.has_more:
+            break
+        after = page.records[-1].seq
+    assert seen == list(range(10)), pages
+    assert [len(p) for p in pages] == [2, 2, 2, 4], pages   # two 40 KB entries a page, then the rest
+
+
 def _window(start, end):
     from hearth.common.v1 import common_pb2
     from services.common.pbutil import float_to_ts

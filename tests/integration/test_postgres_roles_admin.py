@@ -195,3 +195,33 @@ def test_on_16_a_service_role_another_login_made_is_refused_naming_the_grant_nee
         conn.execute(f'GRANT "{tag}_clustering" TO "{tag}_dba" WITH ADMIN OPTION')
     assert cli.main(["db", "provision-roles"]) == 0, capsys.readouterr().err
     assert not json.loads(capsys.readouterr().out)["clustering"]["created_role"]
+
+
+def test_a_lock_held_by_an_old_pod_is_named_to_an_admin_that_may_not_see_its_session(postgres_dsn, monkeypatch,
+                                                                                   capsys):
+    """pg_stat_activity hides another login's state and times from a login that is no
+    superuser (nor pg_read_all_stats, nor a member of it): the lock timeout's message
+    still names the pid, login and table, and says what it could not see."""
+    tag = _tag()
+    database, admin = _database_of_admin(postgres_dsn, f"{tag}_dba", "NOSUPERUSER CREATEROLE CREATEDB")
+    legacy = f"{tag}_legacy"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE ROLE "{legacy}" LOGIN')
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA hearth_clustering AUTHORIZATION "{legacy}"')
+        conn.execute("CREATE TABLE hearth_clustering.events (event_id text PRIMARY KEY)")
+        conn.execute(f'ALTER TABLE hearth_clustering.events OWNER TO "{legacy}"')
+        conn.execute(f'GRANT CONNECT ON DATABASE "{conn.info.dbname}" TO "{legacy}"')
+    pod = psycopg.connect(make_conninfo(database, user=legacy, application_name="old-clustering-pod"))
+    pid = pod.info.backend_pid
+    try:
+        pod.execute("SELECT count(*) FROM hearth_clustering.events").fetchone()
+        _set_env(monkeypatch, admin, _dsns(database, tag))
+        assert cli.main(["db", "provision-roles", "--keep-access-for", legacy, "--lock-timeout", "1"]) == 2
+    finally:
+        pod.close()
+    err = capsys.readouterr().err
+    assert f"pid {pid} (user {legacy}, application old-clustering-pod, its state and age hidden from this admin" \
+        in err, err
+    assert "hearth_clustering.events (AccessShareLock)" in err, err
+    assert "None" not in err, err

@@ -366,7 +366,7 @@ def _lock_timeout_message(conn, lock_timeout_s: float) -> str:
     services' tables (or the provisioning's own lock) now, and what to do."""
     holders = conn.execute(
         "SELECT a.pid, coalesce(a.usename, '?'), coalesce(nullif(a.application_name, ''), '-'), "
-        "coalesce(a.state, '?'), extract(epoch FROM now() - coalesce(a.xact_start, a.query_start))::int, "
+        "a.state, extract(epoch FROM now() - coalesce(a.xact_start, a.query_start))::int, "
         "string_agg(DISTINCT CASE WHEN l.locktype = 'advisory' THEN 'the provisioning lock (another "
         "hearth db provision-roles)' ELSE l.relation::regclass::text || ' (' || l.mode || ')' END, ', ') "
         "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
@@ -377,8 +377,12 @@ def _lock_timeout_message(conn, lock_timeout_s: float) -> str:
         " OR (l.locktype = 'advisory' AND l.classid = 0 AND l.objid = %s)) "
         "GROUP BY 1, 2, 3, 4, 5 ORDER BY 1",
         ([schema_of(s) for s in SERVICES], ADVISORY_LOCK)).fetchall()
-    held = "; ".join(f"pid {pid} (user {user}, application {app}, {state}, transaction open {age} s) on {what}"
-                     for pid, user, app, state, age, what in holders) or \
+    held = "; ".join(f"pid {pid} (user {user}, application {app}, "
+                     + (f"{state}, transaction open {age} s" if state is not None else
+                        # pg_stat_activity hides another login's state and times from an admin
+                        # that is no superuser, nor a member of it or of pg_read_all_stats.
+                        "its state and age hidden from this admin login, which is no superuser")
+                     + f") on {what}" for pid, user, app, state, age, what in holders) or \
         "no session holds one now (it has ended: run it again)"
     return (f"a lock was not granted within --lock-timeout {lock_timeout_s:g} s; nothing was changed (one "
             f"transaction, rolled back). Holding locks on the services' tables: {held}. Let those transactions "
