@@ -233,9 +233,17 @@ def otlp_protocol(environ: Mapping[str, str] = os.environ) -> str:
 def otlp_exporter(environ: Mapping[str, str] = os.environ) -> SpanExporter:
     """An OTLP span exporter configured from the standard OTEL_EXPORTER_OTLP_* variables."""
     if otlp_protocol(environ) == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+        from services.common.tls import IDENTITY_ENCODING_ONLY
+
+        # Its own channel, not tls.channel_options(): without this a collector (or whatever
+        # answers at its address) answering an export with a gzip of zeros was inflated
+        # whole in every process, every few seconds (attack31). With it the channel sends
+        # uncompressed too: OTEL_EXPORTER_OTLP_COMPRESSION=gzip is not applied over gRPC
+        # (gRPC logs "default compression algorithm gzip not enabled"; docs/operations.md).
+        return GrpcExporter(channel_options=(IDENTITY_ENCODING_ONLY,))
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     return OTLPSpanExporter()
 
 

@@ -72,3 +72,26 @@ def test_the_gateway_channel_does_not_inflate_a_compressed_answer(compressing_se
                 assert len(answer) < len(PAYLOAD) // 100, len(answer)
 
     asyncio.run(main())
+
+
+def test_the_otlp_grpc_exporter_does_not_inflate_a_compressed_answer(compressing_server, monkeypatch):
+    """The trace exporter's own channel (OTLP over gRPC) is built by the OpenTelemetry
+    exporter, not by tls.channel_options(): a collector — or whatever answers at its
+    address — answering each export (every few seconds, in every process) with a gzip of
+    zeros was inflated whole before anything looked at it."""
+    from services.common import telemetry
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"http://{compressing_server}")
+    exporter = telemetry.otlp_exporter()
+    try:
+        try:
+            answer = exporter._channel.unary_unary("/t.Bomb/Get")(b"", timeout=30)
+        except grpc.RpcError as refused:
+            assert refused.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL,
+                                      grpc.StatusCode.RESOURCE_EXHAUSTED), refused
+            assert "larger than max" not in (refused.details() or ""), refused.details()   # inflated, then refused
+        else:
+            assert len(answer) < len(PAYLOAD) // 100, len(answer)
+    finally:
+        exporter.shutdown()
