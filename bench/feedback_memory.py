@@ -26,6 +26,8 @@ refits rather than with labels?).
 ``--label-window N``: the labels calibration reads (``HEARTH_FEEDBACK_LABEL_WINDOW``;
 0 = every label held, the behaviour before session 31). With ``--trim``,
 ``malloc_free_mb`` still counts the free pages given back to the system: read ``rss_mb``.
+``--backend postgres``: the store on a PostgreSQL the bench starts (a pool of 16), as in
+the soak; ``sqlite_mb`` is then only the process's other SQLite use.
 Progress to stderr; the last stdout line is the JSON.
 """
 
@@ -116,13 +118,22 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--trim", action="store_true")
     ap.add_argument("--dir", default=None)
     ap.add_argument("--check-threads", type=int, default=1)
+    ap.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
     ap.add_argument("--idle-rounds", type=int, default=0)
     ap.add_argument("--label-window", type=int, default=FeedbackPolicy.label_window,
                     help="labels calibration reads (HEARTH_FEEDBACK_LABEL_WINDOW; 0 = all, as before session 31)")
     args = ap.parse_args(argv)
     workdir = Path(args.dir or tempfile.mkdtemp(prefix="feedback-memory-"))
     path = workdir / "feedback.db"
-    db = SqliteDatabase(path)
+    pg = None
+    if args.backend == "postgres":   # the soak's backend: each check's read passes through libpq
+        from services.common.storage.sql import PostgresDatabase
+        from services.testing.servers import PostgresServer
+
+        pg = PostgresServer().init().start()
+        db = PostgresDatabase(pg.dsn, "feedback_memory", max_size=16)
+    else:
+        db = SqliteDatabase(path)
     store = FeedbackStore(db)
     store.migrate()
     app = FeedbackApp(store, FeedbackPolicy(recalibrate_min_new=50, label_window=args.label_window))
@@ -163,7 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
             row = {"round": r, "labels": min(r + 1, args.rounds) * args.per, "idle": idle,
                    "rss_mb": round(rss_mb(), 1),
                    "sqlite_mb": round(_SQLITE.sqlite3_memory_used() / 1e6, 2),
-                   "db_mb": round(path.stat().st_size / 1e6, 2), "connections": len(db._all),
+                   "db_mb": round(path.stat().st_size / 1e6, 2) if pg is None else None,
+                   "connections": len(db._all) if pg is None else None,
                    "calibrator_version": app.calibration.calibrator_version(), **allocator_mb()}
             if args.trace:
                 row["python_heap_mb"] = round(tracemalloc.get_traced_memory()[0] / 1e6, 3)
@@ -180,10 +192,12 @@ def main(argv: list[str] | None = None) -> dict:
                         "where": stat.traceback.format()[-6:]})
     app.close()
     db.close()
+    if pg is not None:
+        pg.remove()
     result = {"bench": "feedback_memory", "utc": datetime.now(UTC).isoformat(timespec="seconds"),
               "rounds": args.rounds, "per_round": args.per, "trace": args.trace, "trim": args.trim,
               "check_threads": args.check_threads, "idle_rounds": args.idle_rounds,
-              "label_window": args.label_window,
+              "label_window": args.label_window, "backend": args.backend,
               "environment": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "PYTHONMALLOC"))},
               "seconds": round(time.time() - started, 1), "per_round_rows": rounds, "top_differences": top}
     print(json.dumps(result))

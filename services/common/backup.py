@@ -197,7 +197,12 @@ def restore_sqlite(snapshot: Snapshot, data_dir: Path) -> list[str]:
         for suffix in ("-wal", "-shm", "-journal"):
             Path(f"{dest}{suffix}").unlink(missing_ok=True)
         tmp = data_dir / f".{service}.db.restoring"
-        shutil.copyfile(snapshot.path / entry["file"], tmp)
+        # Created anew, never through what is there: copyfile follows a link, and one
+        # planted at this name made the restore overwrite its target (attack31).
+        tmp.unlink(missing_ok=True)
+        with open(snapshot.path / entry["file"], "rb") as src, \
+                open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
         os.chmod(tmp, 0o600)
         os.replace(tmp, dest)   # atomic: a crash leaves the old or the new file, never half
         restored.append(service)
