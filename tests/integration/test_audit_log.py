@@ -372,6 +372,32 @@ def test_append_audit_validates_every_record_before_writing_any(log):
     assert list(ok.seqs) == [0, 1] and ok.tree_size == 2
 
 
+@pytest.mark.parametrize("how", ["details_json", "details"])
+def test_append_audit_refuses_details_larger_than_the_bound(log, how):
+    """attack31: a record's details took up to 1,000,000 characters (details_json; the
+    details map as many entries as 16 MiB holds), and every reader of the log carries them:
+    200 such records made one QueryAudit take privacy to 2 GB and VerifyAudit holds the
+    whole log. The records Hearth writes hold under 1 KB; a record over
+    MAX_DETAILS_CHARS of details is refused naming it, and nothing of its call is written."""
+    from services.privacy.audit.servicer import MAX_DETAILS_CHARS
+
+    request = audit.to_append_request(_records(2))
+    big = request.records[1]
+    if how == "details_json":
+        big.details_json = json.dumps({"blob": "x" * MAX_DETAILS_CHARS})
+    else:
+        big.details_json = ""
+        big.details.update({f"k{i:05d}": "x" * 200 for i in range(MAX_DETAILS_CHARS // 200 + 1)})
+    with pytest.raises(grpc.RpcError) as err:
+        log.stub.AppendAudit(request, metadata=ADMIN.metadata("privacy"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert dict(err.value.trailing_metadata())[ERROR_FIELD_KEY] == f"records[1].{how}"
+    assert log.verify().entries == 0
+    at_bound = audit.to_append_request(_records(1))
+    at_bound.records[0].details_json = json.dumps({"blob": "x" * (MAX_DETAILS_CHARS - 20)})
+    assert list(log.stub.AppendAudit(at_bound, metadata=ADMIN.metadata("privacy")).seqs) == [0]
+
+
 @pytest.mark.parametrize("field", ["resource", "trace_id", "record_id"])
 def test_append_audit_refuses_a_record_with_a_control_character_naming_it(log, field):
     """A NUL in a record's resource, trace id or record id: on PostgreSQL the log's group
