@@ -84,6 +84,7 @@ class Calibration:
         """The dataset and whether the label window cut older labels off."""
         window = self.policy.label_window or None
         rows = self.store.feedback_joined(prompted_only=True, newest=window)
+        instruments.LABELS_READ.set(len(rows))
         return build_dataset(rows, self.policy.weights), window is not None and len(rows) >= window
 
     def current_calibrators(self) -> dict[str, Calibrator]:

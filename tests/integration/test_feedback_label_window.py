@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import time
 
+from prometheus_client import REGISTRY
+
 from services.feedback.app import FeedbackApp, FeedbackPolicy
 from services.feedback.dataset import build_dataset
 from services.feedback.domain.signals import SignalKind
@@ -46,6 +48,7 @@ def test_calibration_reads_only_the_newest_labels_of_its_window(database):
     assert [r.feedback_id for r in newest][:2] == ["f020", "f021"]
     data = app.calibration.dataset()
     assert sorted(data.prediction_ids.tolist()) == [f"q{i:03d}" for i in range(20, 50)]
+    assert REGISTRY.get_sample_value("hearth_feedback_labels_read") == 30   # the window binds: operators see it
     # the same arrays as building the newest 30 of all: only the rows read differ
     expected = build_dataset(every[-30:])
     assert data.prediction_ids.tolist() == expected.prediction_ids.tolist()

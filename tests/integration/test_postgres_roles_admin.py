@@ -225,3 +225,19 @@ def test_a_lock_held_by_an_old_pod_is_named_to_an_admin_that_may_not_see_its_ses
         in err, err
     assert "hearth_clustering.events (AccessShareLock)" in err, err
     assert "None" not in err, err
+
+
+def test_an_admin_owning_the_database_through_a_role_it_belongs_to_provisions(postgres_dsn, monkeypatch, capsys):
+    """A database owned by a group role the admin login is a member of (a provider's admin
+    group) counts as the admin's: PUBLIC's CONNECT revoked, each service's granted."""
+    tag = _tag()
+    database, admin = _database_of_admin(postgres_dsn, f"{tag}_dba", "NOSUPERUSER CREATEROLE CREATEDB", owner=False)
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(f'CREATE ROLE "{tag}_admins" NOLOGIN')
+        conn.execute(f'GRANT "{tag}_admins" TO "{tag}_dba"')
+        conn.execute(f'ALTER DATABASE "{conn.info.dbname}" OWNER TO "{tag}_admins"')
+    _set_env(monkeypatch, admin, _dsns(database, tag))
+    assert cli.main(["db", "provision-roles"]) == 0, capsys.readouterr().err
+    with psycopg.connect(database) as conn:
+        acl = conn.execute("SELECT datacl::text FROM pg_database WHERE datname = current_database()").fetchone()[0]
+    assert "=Tc/" not in acl and f"{tag}_clustering=c/" in acl, acl     # PUBLIC's gone, the services' in
