@@ -244,7 +244,43 @@ def otlp_exporter(environ: Mapping[str, str] = os.environ) -> SpanExporter:
         # (gRPC logs "default compression algorithm gzip not enabled"; docs/operations.md).
         return GrpcExporter(channel_options=(IDENTITY_ENCODING_ONLY,))
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    return OTLPSpanExporter()
+
+    # A session of OpenTelemetry's own credential provider, when one is configured, as is.
+    provided = any(name.startswith("OTEL_PYTHON_EXPORTER_OTLP_HTTP_") and name.endswith("CREDENTIAL_PROVIDER")
+                   for name in environ)
+    return OTLPSpanExporter() if provided else OTLPSpanExporter(session=_bounded_answers_session())
+
+
+# The most of a collector's answer read (decompressed): an OTLP export's answer is a few
+# bytes (a partial success with a message at most). requests reads an answer whole and
+# inflates a gzip body: 64 MiB from 64 KB, in every process at every export (attack31).
+OTLP_MAX_ANSWER_BYTES = 1 << 20
+
+
+def _bounded_answers_session():
+    import requests
+
+    class BoundedAnswers(requests.Session):
+        """A session that reads at most OTLP_MAX_ANSWER_BYTES of an answer, decompressed a
+        piece at a time (urllib3 inflates a streamed body in bounded pieces); the rest is
+        not read and the connection closed."""
+
+        def request(self, method, url, **kwargs):
+            kwargs["stream"] = True
+            response = super().request(method, url, **kwargs)
+            body = bytearray()
+            try:
+                for chunk in response.iter_content(64 * 1024):
+                    body += chunk
+                    if len(body) >= OTLP_MAX_ANSWER_BYTES:
+                        del body[OTLP_MAX_ANSWER_BYTES:]
+                        break
+            finally:
+                response.close()
+            response._content = bytes(body)   # what requests reads into when not streaming
+            return response
+
+    return BoundedAnswers()
 
 
 def service_resource(service: str) -> Resource:

@@ -95,3 +95,45 @@ def test_the_otlp_grpc_exporter_does_not_inflate_a_compressed_answer(compressing
             assert len(answer) < len(PAYLOAD) // 100, len(answer)
     finally:
         exporter.shutdown()
+
+
+def test_the_otlp_http_exporter_does_not_inflate_a_compressed_answer(monkeypatch):
+    """The same over OTLP/HTTP (the default protocol): `requests` read the collector's
+    answer whole and inflated a `Content-Encoding: gzip` body, 64 MiB from 64 KB, at every
+    export. At most telemetry.OTLP_MAX_ANSWER_BYTES of it is read now. A real HTTP server."""
+    import gzip
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from services.common import telemetry
+
+    bomb = gzip.compress(b"\0" * (64 << 20), compresslevel=9)
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self):   # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(bomb)))
+            self.end_headers()
+            self.wfile.write(bomb)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}/v1/traces")
+    exporter = telemetry.otlp_exporter()
+    try:
+        session = exporter._client._transport._session   # the session its exports go through
+        answer = session.request("POST", f"http://127.0.0.1:{server.server_address[1]}/v1/traces", data=b"x",
+                                 timeout=30)
+        assert answer.status_code == 200
+        assert len(answer.content) <= 1 << 20, len(answer.content)
+    finally:
+        exporter.shutdown()
+        server.shutdown()
+        server.server_close()
