@@ -36,7 +36,8 @@ def build(settings):
     # cached a few seconds), as ingest and assignment do.
     consent = ConsentChecker.remote(settings.privacy_addr, NAME, timeout_s=settings.peer_timeout_s,
                                     ttl_s=settings.consent_cache_s)
-    app = FeedbackApp(store, policy_from(settings), refits=refits, auditor=auditor, consent=consent)
+    app = FeedbackApp(store, policy_from(settings), refits=refits, auditor=auditor, consent=consent,
+                      retention_s=settings.retention_s)
     app.start_periodic(settings.feedback_check_interval_s)
     servicer = FeedbackServicer(app.intake, app.calibration, app.experiments)
     # Stop order: background work first (it uses the channels and the database).

@@ -16,6 +16,7 @@
 | `HEARTH_FEEDBACK_VARIANTS` | `kmeans,gmm` | variants SetFlag accepts |
 | `HEARTH_FEEDBACK_REFIT_TIMEOUT_S` | 30 | deadline of one Refit call to clustering |
 | `HEARTH_FEEDBACK_AUDIT_TIMEOUT_S` | 2 | deadline of the AppendAudit call of a flag change |
+| `HEARTH_RETENTION_DAYS` / `_CHECK_S` | 90 / 3600 | read with privacy: while the purge is on, feedback whose `ts` is older than now minus the retention is refused (INVALID_ARGUMENT, field `ts`) |
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from typing import Annotated
 
 from pydantic import model_validator
 
-from services.common.config import AtLeastOne, Positive, ServiceSettings, bounded
+from services.common.config import AtLeastOne, Positive, RetentionSettings, ServiceSettings, bounded
 from services.feedback.domain.triggers import TriggerThresholds
 
 
-class FeedbackSettings(ServiceSettings):
+class FeedbackSettings(RetentionSettings):
+    # RetentionSettings: HEARTH_RETENTION_DAYS / _CHECK_S, read with privacy (RecordFeedback
+    # refuses feedback the retention purge would erase, docs/privacy.md §7).
     service_name: str = "feedback"
     feedback_max_brier: float = 0.15
     feedback_max_ece: float = 0.05

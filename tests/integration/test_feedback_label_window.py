@@ -101,3 +101,27 @@ def test_the_retention_purge_deletes_labels_older_than_its_end(database):
     assert sorted(outcome.deleted_ids) == ["feedback:f-old-label", "feedback:f-old-session", "predictions:old-session"]
     assert [r.feedback_id for r in app.store.feedback_joined()] == ["f-recent"]
     assert app.calibration.dataset().prediction_ids.tolist() == ["recent"]
+
+
+def test_feedback_older_than_the_retention_is_refused_naming_ts_and_not_stored(database):
+    """With the retention purge on, feedback given before now - HEARTH_RETENTION_DAYS was
+    stored (and forwarded to clustering as a label), then erased by the purge's next check
+    with no sign to the client — as events were until session 21. Now refused like them."""
+    import pytest
+
+    from services.common.errors import InvalidArgument
+
+    store = FeedbackStore(database)
+    store.migrate()
+    day = 86400.0
+    app = FeedbackApp(store, FeedbackPolicy(), refits=RecordingRefits(), auditor=RecordingAuditor(),
+                      retention_s=90 * day)
+    now = time.time()
+    app.intake.record_predictions([PredictionRecord("q-ret", "acc-ret", "s-ret", "p1", {"p1": 0.8, "p2": 0.2},
+                                                    "kmeans", 1, now - 3600, False, 2)])
+    with pytest.raises(InvalidArgument) as err:
+        app.intake.record_feedback("f-old", "q-ret", SignalKind.PROFILE_CONFIRMED, None, now - 100 * day)
+    assert err.value.field == "ts"
+    assert app.store.feedback_joined() == []
+    assert app.intake.record_feedback("f-new", "q-ret", SignalKind.PROFILE_CONFIRMED, None, now - 89 * day) == (False, 1.0)
+    assert [r.feedback_id for r in app.store.feedback_joined()] == ["f-new"]
