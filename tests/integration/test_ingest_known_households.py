@@ -379,3 +379,37 @@ def test_a_newest_session_changed_before_its_update_takes_the_full_rebuild(tmp_p
     result = store.ingest(batch)
     assert result == reference.ingest(batch)
     _assert_same_households(store, reference, HOUSEHOLDS)
+
+
+def test_an_extended_session_followed_by_a_new_one_takes_the_full_rebuild_when_changed_before_its_update(tmp_path):
+    """review31: as above, but the batch also starts a new session on that tv after the one it
+    extends, so the extended row keeps no running state (NULL). The set-wise path told a row
+    the update missed by its state read back after the update: NULL for the deleted row too,
+    so that device was not rebuilt and the events extending the deleted session were left in
+    no session. Seen failing without comparing the row's end and count instead."""
+    ring = KeyRing([generate_kek("k1")], "k1")
+    first = _batch(random.Random(28), HOUSEHOLDS)
+    batch = [e for e in _next_batch(random.Random(29), first) if e.event_id != "late-1"]
+    newest_tv = max(e.ts for e in batch if e.account_id == "known-2" and e.device_id == "tv-1")
+    batch.append(random_event(random.Random(30), "known-2", 240, newest_tv + 3 * GAP_S, device="tv-1",
+                              event_id="next-after-gap"))
+    stored_before = {e.event_id for e in first}
+
+    def change(tx) -> None:
+        (start, end), = tx.query("SELECT start_ts, end_ts FROM sessions WHERE account_id = 'known-2' AND "
+                                 "device_id = 'tv-1' AND state IS NOT NULL")
+        for (event_id,) in tx.query("SELECT event_id FROM events WHERE account_id = 'known-2' AND device_id = "
+                                    "'tv-1' AND ts BETWEEN ? AND ?", (start, end)):
+            if event_id in stored_before:
+                tx.execute("DELETE FROM events WHERE account_id = 'known-2' AND event_id = ?", (event_id,))
+        assert tx.execute("DELETE FROM sessions WHERE account_id = 'known-2' AND device_id = 'tv-1' "
+                          "AND state IS NOT NULL") == 1
+
+    store = _store(tmp_path / "a.db", _cipher(ring))
+    reference = _per_device_path(_store(tmp_path / "b.db", _cipher(ring)))
+    for s in (store, reference):
+        s.ingest(first)
+        _changing_before_the_update(s, change)
+    result = store.ingest(batch)
+    assert result == reference.ingest(batch)
+    _assert_same_households(store, reference, HOUSEHOLDS)
