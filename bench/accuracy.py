@@ -10,7 +10,9 @@ households of bench/worlds_blind.py, a second generator written without reading 
 model (seed BLIND_SEED, report only, never tuned on; ``--blind-only`` runs it alone;
 ``--no-worlds`` leaves it out too). ``--movielens-only`` scores real viewers the same way
 (bench/worlds_movielens.py: MovieLens 100K users merged into accounts, report only; the
-data is fetched once, it is not in the repository). ``--calibrate-confidence`` fits the
+data is fetched once, it is not in the repository); ``--movielens-latest-only`` a second
+population of real viewers (bench/worlds_movielens_latest.py: MovieLens latest-small's 671
+users of 1995-2016, merged the same way, report only). ``--calibrate-confidence`` fits the
 model's confidence maps: for bare vectors (TUNING worlds + simulator seeds 500) and for
 sessions with device ids (TUNING worlds ``--fit-worlds``, default CONFIDENCE_FIT_WORLDS,
 batch and stream pooled; ``--fresh-worlds`` also scores the fit on fresh TUNING worlds).
@@ -50,6 +52,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score  #
 from sklearn.mixture import GaussianMixture  # noqa: E402
 
 from bench import _worlds_eval as worlds_eval, worlds, worlds_blind, worlds_movielens  # noqa: E402
+from bench import worlds_movielens_latest  # noqa: E402
 from bench._clustering_eval import brier_ece_parts, ece, matched_correct, probability_figures  # noqa: E402
 from services.clustering.domain import drift as D  # noqa: E402
 from services.clustering.domain.model import YOUNG_MODEL_SESSIONS, HouseholdModel, PopulationPrior  # noqa: E402
@@ -1024,6 +1027,13 @@ def run_movielens(quick: bool, **kw) -> dict:
     return run_report_only("movielens", worlds_movielens, worlds_movielens.MOVIELENS_SEED, quick, **kw)
 
 
+def run_movielens_latest(quick: bool, **kw) -> dict:
+    """The second population of real viewers (bench/worlds_movielens_latest.py: MovieLens
+    latest-small users merged into accounts the same way), seed LATEST_SEED."""
+    return run_report_only("movielens_latest", worlds_movielens_latest, worlds_movielens_latest.LATEST_SEED,
+                           quick, **kw)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -1036,8 +1046,12 @@ def main() -> None:
     ap.add_argument("--movielens-only", action="store_true",
                     help="only real viewers: MovieLens 100K users merged into accounts (bench/worlds_movielens.py, "
                          "report only; the data: python -m bench.worlds_movielens --fetch)")
+    ap.add_argument("--movielens-latest-only", action="store_true",
+                    help="only the second population of real viewers: MovieLens latest-small users merged into "
+                         "accounts (bench/worlds_movielens_latest.py, report only; the data: python -m "
+                         "bench.worlds_movielens_latest --fetch)")
     ap.add_argument("--batch-only", action="store_true",
-                    help="with --worlds-only / --blind-only / --movielens-only: the batch fit and baselines, "
+                    help="with --worlds-only / --blind-only / --movielens[-latest]-only: the batch fit and baselines, "
                          "no streaming part")
     ap.add_argument("--population-prior", action=argparse.BooleanOptionalAction, default=SERVICE_COLD_START_PRIOR,
                     help="the worlds' cold starts answer from their world's population prior "
@@ -1093,8 +1107,9 @@ def main() -> None:
                                                                 movielens_weight=args.movielens_weight,
                                                                 population_prior=args.population_prior)}))
         return
-    if args.blind_only or args.movielens_only:
-        key, run = ("worlds_blind", run_blind) if args.blind_only else ("worlds_movielens", run_movielens)
+    if args.blind_only or args.movielens_only or args.movielens_latest_only:
+        key, run = (("worlds_blind", run_blind) if args.blind_only else ("worlds_movielens", run_movielens)
+                    if args.movielens_only else ("worlds_movielens_latest", run_movielens_latest))
         print(json.dumps({key: run(args.quick, streaming=not args.batch_only, workers=args.workers,
                                    feedback_draws=args.feedback_draws, population_prior=args.population_prior),
                           "elapsed_s": round(time.time() - t0, 1), "quick": args.quick}))

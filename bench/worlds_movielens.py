@@ -66,6 +66,7 @@ PARQUET = {"ratings": "MovieLens100k_data.parquet.brotli", "films": "MovieLens10
 GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
           "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western")
 ADULT_AGE = 18
+UNKNOWN_AGE = -1   # a viewer whose data set gives no age
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,10 +129,14 @@ def load(src: Path = DATA_DIR) -> MovieLens:
                      viewer_id=np.array([int(r["user_id"]) for r in viewers]))
 
 
-def viewers_of(ml: MovieLens, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(children, adults): the indices of ``split``'s viewers under and over ADULT_AGE."""
-    mine = ml.viewer_id % 2 == SPLITS[split][1]
-    return np.flatnonzero(mine & (ml.age < ADULT_AGE)), np.flatnonzero(mine & (ml.age >= ADULT_AGE))
+def viewers_of(ml: MovieLens, split: str, splits: dict = SPLITS) -> tuple[np.ndarray, np.ndarray]:
+    """(children, adults): the indices of ``split``'s viewers under and over ADULT_AGE.
+    A viewer of UNKNOWN_AGE (a data set without ages, bench/worlds_movielens_latest.py) is
+    in both: any of them may fill a child's slot or an adult's."""
+    mine = ml.viewer_id % 2 == splits[split][1]
+    unknown = ml.age == UNKNOWN_AGE
+    return (np.flatnonzero(mine & (unknown | (ml.age < ADULT_AGE))),
+            np.flatnonzero(mine & (unknown | (ml.age >= ADULT_AGE))))
 
 
 def make_world(family: worlds_blind.BlindFamily, rng: np.random.Generator, world_id: str,
@@ -148,22 +153,24 @@ def make_world(family: worlds_blind.BlindFamily, rng: np.random.Generator, world
 
 def generate(families: tuple[str, ...] | None = None, worlds_per_family: int = 3, households_per_world: int = 4,
              seed: int | None = None, ml: MovieLens | None = None, keep_events: bool = False,
-             split: str = "reporting") -> list[WorldHousehold]:
+             split: str = "reporting", splits: dict = SPLITS, name: str = "movielens") -> list[WorldHousehold]:
     """Households of every blind family, world by world, each member a real viewer of
-    ``split``'s half (``SPLITS``; ``seed`` overrides the split's). Deterministic for the
-    same arguments and data. ``keep_events``: each household also carries its raw events
-    (for bench.api_accuracy), as in the other generators."""
+    ``split``'s half (``splits``: split -> (seed, viewer id % 2); ``seed`` overrides the
+    split's). Deterministic for the same arguments and data. ``keep_events``: each household
+    also carries its raw events (for bench.api_accuracy), as in the other generators.
+    ``ml``, ``splits`` and ``name`` (the world ids' prefix) let another population of real
+    viewers go through the same merge (bench/worlds_movielens_latest.py)."""
     ml = ml or load()
-    seed = SPLITS[split][0] if seed is None else seed
-    kids, adults = viewers_of(ml, split)
+    seed = splits[split][0] if seed is None else seed
+    kids, adults = viewers_of(ml, split, splits)
     out = []
     fam_seqs = np.random.SeedSequence(seed).spawn(len(worlds_blind.FAMILIES))
-    for fam_seq, (name, fam) in zip(fam_seqs, worlds_blind.FAMILIES.items()):
-        if families is not None and name not in families:
+    for fam_seq, (family, fam) in zip(fam_seqs, worlds_blind.FAMILIES.items()):
+        if families is not None and family not in families:
             continue
         for w, world_seq in enumerate(fam_seq.spawn(worlds_per_family)):
             world_part, house_seq = world_seq.spawn(2)
-            world = make_world(fam, np.random.default_rng(world_part), f"movielens-{split}-{name}-w{w}", ml)
+            world = make_world(fam, np.random.default_rng(world_part), f"{name}-{split}-{family}-w{w}", ml)
             for h, h_seq in enumerate(house_seq.spawn(households_per_world)):
                 rng = np.random.default_rng(h_seq)
                 for attempt in range(20):
@@ -183,15 +190,21 @@ def generate(families: tuple[str, ...] | None = None, worlds_per_family: int = 3
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--fetch", action="store_true", help=f"download MovieLens 100K into {DATA_DIR} (once)")
+def fetch_cli(doc: str, label: str, data_dir: Path, tables, fetch_tables) -> None:
+    """A loader's command line: ``--fetch`` calls ``fetch_tables()`` unless every one of
+    ``tables`` is already a CSV under ``data_dir``."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--fetch", action="store_true", help=f"download {label} into {data_dir} (once)")
     args = ap.parse_args()
     if args.fetch:
-        if all((DATA_DIR / f"{n}.csv").exists() for n in PARQUET):
-            print(f"{DATA_DIR}: already there")
+        if all((data_dir / f"{n}.csv").exists() for n in tables):
+            print(f"{data_dir}: already there")
             return
-        print(f"MovieLens 100K written to {fetch()}")
+        print(f"{label} written to {fetch_tables()}")
+
+
+def main() -> None:
+    fetch_cli(__doc__, "MovieLens 100K", DATA_DIR, PARQUET, fetch)
 
 
 if __name__ == "__main__":

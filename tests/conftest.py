@@ -42,6 +42,16 @@ os.environ.setdefault("HEARTH_HEALTH_CHECK_INTERVAL_S", "0.5")
 # withdraw or give consent back and wait until every service enforces it (the bound they
 # assert is this setting) waited up to 5 s each; here 1 s.
 os.environ.setdefault("HEARTH_CONSENT_CACHE_S", "1")
+# Every clustering Erase waits HEARTH_ERASURE_FENCE_S (3 s in production) after its deletion
+# and refit before it answers, so that no other replica still answers with the erased model
+# (docs/security.md, "Other replicas after an erasure"); each replica reads the fence every
+# quarter of it. The test meshes' deletion jobs paid 3 s per Erase (session 31: 7 in the e2e
+# package mesh, more in the security mesh and the meshes of their own); here 0.5 s, as the
+# deletion and remnants meshes already ran. What the tests assert does not depend on the
+# length: the fence's own tests set theirs (tests/integration/test_erasure_fence.py; the
+# replica test in tests/e2e/test_deletion_e2e.py runs at 0.5 s). An older commit's tree
+# started by a test does not get it (services/testing/mesh.py ``Mesh.env``).
+os.environ.setdefault("HEARTH_ERASURE_FENCE_S", "0.5")
 # Every process allocates its audit reserve file when it starts (4 MiB in production,
 # HEARTH_AUDIT_RESERVE_MB): about 30 meshes of 5 processes a run, in pytest's directories
 # on tmpfs (memory), kept for three runs, would hold ~1.8 GB of it. The tests' processes

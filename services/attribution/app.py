@@ -30,6 +30,7 @@ from services.common.permissions import Permission, principal_allowed
 DEFAULT_LOOKBACK_S = 30 * 86400
 MAX_ACCOUNTS = 1000
 MAX_PERSONA_CHARS = 64
+MAX_PERSONAS = 10_000   # the gateway's bound (gateway/routes/attribution.py); until attack31 gRPC had none
 MAX_PERSON_RESULTS = 5000
 MAX_SERVICE_REPLICATES = 2000  # a request runs synchronously under the gateway's deadline
 _PERSON_NUMBER = re.compile(r"^p(\d+)$")
@@ -101,6 +102,8 @@ def validate_query(q: AttributeQuery) -> AttributeQuery:
         raise InvalidArgument(f"must be 0 (none) or 2..{MAX_SERVICE_REPLICATES}", "bootstrap_replicates")
     if not (math.isfinite(q.persona_prior_strength) and 0 <= q.persona_prior_strength <= 1e6):
         raise InvalidArgument("must be in [0, 1e6]", "persona_prior_strength")
+    if len(q.personas) > MAX_PERSONAS:
+        raise InvalidArgument(f"at most {MAX_PERSONAS} personas, got {len(q.personas)}", "personas")
     for i, (account, person, persona) in enumerate(q.personas):
         check_id(account, f"personas[{i}].account_id")
         check_id(person, f"personas[{i}].person_id")

@@ -167,11 +167,42 @@ def _query_in(tx: Tx, sql: str, account: str, values: Sequence) -> list:
     """The rows of ``sql`` (``... account_id = ? AND <column> IN ({})``) for every one of
     ``values``, asked 500 at a time: one statement for all would pass SQLite's limit on
     bound parameters with a large batch."""
+    return _query_chunks(tx, sql, values, (account,))
+
+
+def _query_chunks(tx: Tx, sql: str, values: Sequence, before: tuple = ()) -> list:
+    """The rows of ``sql`` (``... IN ({})``, after the parameters ``before``) for every one
+    of ``values``, asked 500 at a time (``_query_in``)."""
     rows: list = []
     for start in range(0, len(values), 500):
         chunk = values[start:start + 500]
-        rows += tx.query(sql.format(", ".join("?" * len(chunk))), (account, *chunk))
+        rows += tx.query(sql.format(", ".join("?" * len(chunk))), (*before, *chunk))
     return rows
+
+
+def _query_values(tx: Tx, table: str, sql: str, values: Sequence[tuple]) -> list:
+    """The rows of ``sql`` over a table of ``values`` (tuples of one width) named as
+    ``table`` says (``v(a, i)``: a common table expression, SQLite's and PostgreSQL's
+    ``WITH v(a, i) AS (VALUES ...)``), 500 tuples a statement: what a batch asks of many
+    households' rows in one statement (an account and an event id, say) where ``IN``
+    lists would pair every account with every id."""
+    rows: list = []
+    for start in range(0, len(values), 500):
+        chunk = values[start:start + 500]
+        marks = ", ".join(["(" + ", ".join("?" * len(chunk[0])) + ")"] * len(chunk))
+        rows += tx.query(f"WITH {table} AS (VALUES {marks}) {sql}", tuple(x for value in chunk for x in value))
+    return rows
+
+
+def _insert_prepared_events(tx: Tx, rows: list[tuple], whose: str) -> None:
+    """The events' rows prepared before the transaction, in one statement. Every one is new:
+    the households are locked and their ids were read inside this transaction; were one
+    stored meanwhile all the same, nothing of the batch is kept (Conflict) and a retry is
+    safe."""
+    if tx.executemany(f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES ({', '.join('?' * 15)}) "
+                      "ON CONFLICT (account_id, event_id) DO NOTHING", rows) != len(rows):
+        raise Conflict(f"events of {whose} were written meanwhile; nothing of this batch was stored, retry it",
+                       "events")
 
 
 @dataclass(frozen=True)
@@ -259,6 +290,21 @@ class _PreparedDevice:
     newest: list                     # the newest session's query result as read
     events: list[tuple]              # the fresh events' rows, sealed
     extension: "_Extension"
+
+
+# A device's newest session row extended by a batch's events (_Extension.extended): the full
+# rebuild deletes and re-inserts it with the same values, its person kept, its person
+# probabilities dropped. Matched by its end as read: a row changed since is not overwritten.
+_EXTEND_SESSION = ("UPDATE sessions SET device_type = ?, end_ts = ?, event_count = ?, watch_seconds = ?, "
+                   "feature_version = ?, features = ?, label = ?, unknown_genres = ?, person_probs = NULL, "
+                   "state = ? WHERE session_id = ? AND end_ts = ?")
+
+
+def _extended_row(extension: "_Extension") -> tuple:
+    """``_EXTEND_SESSION``'s parameters for ``extension`` (its first row the extended session)."""
+    (_, _, _, device_type, _, end_ts, count, watch, version, features, label, _, unknown, state) = extension.rows[0]
+    return (device_type, end_ts, count, watch, version, features, label, unknown, state,
+            extension.session_id, extension.last_end)
 
 
 @dataclass
@@ -455,8 +501,13 @@ class ClusteringStore:
                 duplicates += household.duplicates
                 touched += household.touched
             fences = self._erasure_fences(tx, [a for a in accounts if a not in written])
+            taken, counts = self._write_prepared_devices(tx, by_device, ready, set(fences))
+            accepted += counts.accepted
+            duplicates += counts.duplicates
+            late += counts.rejected_late
+            touched += counts.sessions_touched
             for (account, device), batch in sorted(by_device.items()):
-                if account in written:
+                if account in written or (account, device) in taken:
                     continue
                 # Past the caller's deadline nobody waits for this write: stop, rolled back
                 # whole, rather than hold the write lock (SQLite: every other write waits) for
@@ -676,19 +727,125 @@ class ClusteringStore:
         if not usable:
             return {}
         check_serving_deadline()
-        events = [row for h in usable.values() for row in h.events]
-        inserted = tx.executemany(
-            f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES ({', '.join('?' * 15)}) "
-            "ON CONFLICT (account_id, event_id) DO NOTHING", events)
-        if inserted != len(events):
-            # Cannot happen with the households locked and seen new inside this
-            # transaction; were it to, nothing of the batch is kept and a retry is safe.
-            raise Conflict("events of a new household were written meanwhile; nothing of this batch was "
-                           "stored, retry it", "events")
+        _insert_prepared_events(tx, [row for h in usable.values() for row in h.events], "a new household")
         tx.executemany("INSERT INTO devices (account_id, device_id, device_type, last_ts) VALUES (?, ?, ?, ?)",
                        [row for h in usable.values() for row in h.devices])
         self._insert_sessions(tx, [row for h in usable.values() for row in h.sessions])
         return usable
+
+    def _write_prepared_devices(self, tx: Tx, by_device: dict[tuple[str, str], _DeviceBatch],
+                                ready: dict[tuple[str, str], _PreparedDevice], fenced: set[str]
+                                ) -> tuple[set[tuple[str, str]], IngestResult]:
+        """In ``ingest``'s transaction, the households locked and their keys checked: the
+        prepared known devices (``_prepare_known_devices``) whose watermark, stored and
+        erased ids among the batch's and newest session row read here are still as read
+        before, and whose household's newest key is the one they were sealed with, written
+        with one statement a table (ingest31: one device at a time, about eight statements
+        each, kept a small write beside 5,000 known households waiting ~1 s). The same
+        three reads as the per-device path's, set-wise (one statement a table per 500
+        devices), so the rows are the ones it writes. Left to the per-device path (which reads and checks one device at a time, as always): a device
+        read otherwise, every device of a household that holds erased events' digests (its
+        check needs the household's key; rare) or erasure fences (``fenced``, session 31) or whose batch repeats an event id across
+        its devices (the per-device path stores it with the first device in sorted order,
+        which this order of writes would not). Returns the devices written and their
+        counts."""
+        if not ready:
+            return set(), IngestResult()
+        check_serving_deadline()
+        devices_of: dict[str, list[str]] = defaultdict(list)
+        for account, device in by_device:
+            devices_of[account].append(device)
+        shared: set[str] = set()
+        for account, devices in devices_of.items():
+            if len(devices) > 1:
+                owner: dict[str, str] = {}
+                for device in devices:
+                    for e in by_device[(account, device)].events:
+                        if owner.setdefault(e.event_id, device) != device:
+                            shared.add(account)
+        # A household an erasure fenced (``_erasure_fences``) goes to the per-device path,
+        # which checks each device's events against its fences (session 31).
+        accounts = sorted({account for account, _ in ready} - shared - fenced)
+        erased = {r[0] for r in _query_chunks(
+            tx, "SELECT DISTINCT account_id FROM erased_events WHERE account_id IN ({})", accounts)}
+        left = shared | fenced | erased
+        candidates = [key for key in sorted(ready) if key[0] not in left and (
+            self.cipher is None or self.cipher.cached_newest_version(key[0]) == ready[key].key_version)]
+        if not candidates:
+            return set(), IngestResult()
+        # The watermarks: every device row of these households (a household's devices are
+        # bounded: HEARTH_MAX_DEVICES_PER_HOUSEHOLD).
+        marks: dict[tuple[str, str], list] = defaultdict(list)
+        for account, device, last_ts in _query_chunks(
+                tx, "SELECT account_id, device_id, last_ts FROM devices WHERE account_id IN ({})",
+                sorted({account for account, _ in candidates})):
+            marks[(account, device)].append((last_ts,))
+        on_time: dict[tuple[str, str], list[ViewingEvent]] = {}
+        for key in candidates:
+            if marks.get(key, []) == ready[key].watermark:
+                watermark = float(ready[key].watermark[0][0])
+                on_time[key] = [e for e in by_device[key].events if e.ts >= watermark - self.tolerance_s]
+        # The batch's ids the households already hold (erased ones: none, above).
+        held = {(r[0], r[1]) for r in _query_values(
+            tx, "v(a, i)", "SELECT v.a, v.i FROM v JOIN events e ON e.account_id = v.a AND e.event_id = v.i",
+            sorted({(key[0], e.event_id) for key, events in on_time.items() for e in events}))}
+        held_by_account: dict[str, set[str]] = defaultdict(set)
+        for account, event_id in held:
+            held_by_account[account].add(event_id)
+        fresh: dict[tuple[str, str], list[ViewingEvent]] = {}
+        for key, events in on_time.items():
+            # As _new_events: not held, and the first occurrence of an id repeated.
+            seen = set(held_by_account.get(key[0], ()))
+            kept = []
+            for e in events:
+                if e.event_id not in seen:
+                    seen.add(e.event_id)
+                    kept.append(e)
+            if [e.event_id for e in kept] == ready[key].fresh:
+                fresh[key] = kept
+        # The newest session rows: every session of the device ending at or after the one
+        # read before; the same newest exactly when that is its one row, unchanged.
+        newest: dict[tuple[str, str], list] = defaultdict(list)
+        for r in _query_values(
+                tx, "v(a, d, e)", "SELECT v.a, v.d, s.session_id, s.start_ts, s.end_ts, s.feature_version, s.state "
+                "FROM v JOIN sessions s ON s.account_id = v.a AND s.device_id = v.d AND s.end_ts >= v.e",
+                [(*key, ready[key].newest[0][2]) for key in sorted(fresh)]):
+            newest[(r[0], r[1])].append(tuple(r[2:]))
+        taken = [key for key in sorted(fresh) if newest.get(key) == [tuple(r) for r in ready[key].newest]]
+        if not taken:
+            return set(), IngestResult()
+        check_serving_deadline()
+        events = [row for key in taken for row in ready[key].events]
+        _insert_prepared_events(tx, events, "a known household")
+        moved = []
+        for key in taken:
+            last = max(fresh[key], key=lambda e: (e.ts, e.event_id))
+            if last.ts >= float(ready[key].watermark[0][0]):
+                moved.append((last.ts, last.device_type, *key))
+        tx.executemany("UPDATE devices SET last_ts = ?, device_type = ? WHERE account_id = ? AND device_id = ?", moved)
+        extended = [key for key in taken if ready[key].extension.extended]
+        updated = tx.executemany(_EXTEND_SESSION, [_extended_row(ready[key].extension) for key in extended])
+        rebuilt: set[tuple[str, str]] = set()
+        if updated != len(extended):
+            # A row read above is gone or changed since: a writer that takes no household
+            # lock (the retention purge, an Erase of every account) deleted or rebuilt it
+            # meanwhile (PostgreSQL, read committed). Those devices take the full rebuild,
+            # as the per-device path's _write_extension does (review22).
+            states = {r[0]: r[1] for r in _query_chunks(
+                tx, "SELECT session_id, state FROM sessions WHERE session_id IN ({})",
+                [ready[key].extension.session_id for key in extended])}
+            rebuilt = {key for key in extended if states.get(ready[key].extension.session_id)
+                       != ready[key].extension.rows[0][13]}
+        tx.executemany("UPDATE sessions SET state = NULL WHERE session_id = ?",
+                       [(ready[key].extension.session_id,) for key in taken if not ready[key].extension.extended])
+        self._insert_sessions(tx, [row for key in taken if key not in rebuilt
+                                   for row in ready[key].extension.rows[1 if ready[key].extension.extended else 0:]])
+        touched = sum(ready[key].extension.touched for key in taken if key not in rebuilt)
+        for account, device in sorted(rebuilt):
+            touched += self._rebuild_sessions(tx, account, device, min(e.ts for e in fresh[(account, device)]))
+        late = sum(len(by_device[key].events) - len(on_time[key]) for key in taken)
+        duplicates = sum(len(on_time[key]) - len(fresh[key]) for key in taken)
+        return set(taken), IngestResult(len(events), duplicates, late, touched)
 
     def _refuse_devices_past_bound(self, tx: Tx, devices: list[tuple[str, str]],
                                    first_index: dict[tuple[str, str], int]) -> None:
@@ -700,8 +857,13 @@ class ClusteringStore:
         by_account: dict[str, list[str]] = defaultdict(list)
         for account, device in devices:
             by_account[account].append(device)
+        # Every household's count in one statement per 500 (one a household kept 5,000
+        # statements inside the transaction for a batch of 5,000 households: ingest31).
+        counts = {r[0]: int(r[1]) for r in _query_chunks(
+            tx, "SELECT account_id, COUNT(*) FROM devices WHERE account_id IN ({}) GROUP BY account_id",
+            sorted(by_account))}
         for account, batch_devices in sorted(by_account.items()):
-            have = int(tx.query("SELECT COUNT(*) FROM devices WHERE account_id = ?", (account,))[0][0])
+            have = counts.get(account, 0)
             if have + len(batch_devices) <= self.max_devices:
                 continue  # the common case: no need to tell new devices from known ones
             known = {r[0] for r in _query_in(
@@ -878,13 +1040,7 @@ class ClusteringStore:
         if extension.extended:
             # The full rebuild deletes and re-inserts it: the same values, its person kept,
             # its person probabilities dropped.
-            (_, _, _, device_type, _, end_ts, count, watch, version, features, label, _, unknown, state) = rows[0]
-            updated = tx.execute(
-                "UPDATE sessions SET device_type = ?, end_ts = ?, event_count = ?, watch_seconds = ?, "
-                "feature_version = ?, features = ?, label = ?, unknown_genres = ?, person_probs = NULL, "
-                "state = ? WHERE session_id = ? AND end_ts = ?",
-                (device_type, end_ts, count, watch, version, features, label, unknown, state,
-                 extension.session_id, extension.last_end))
+            updated = tx.execute(_EXTEND_SESSION, _extended_row(extension))
             if updated != 1:
                 # The row read above is gone or changed: a writer that takes no household
                 # lock (the retention purge, an Erase of every account) deleted or rebuilt

@@ -280,11 +280,24 @@ def _read_for_audit(request: _Unread):
 _PEER_UNAVAILABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
 
+# The longest refusal message sent: gRPC refuses trailers over 16 KiB, so a message that
+# echoed a long input (a million position_weights, attack31) reached the caller as
+# RESOURCE_EXHAUSTED naming no field instead of the refusal naming it.
+MAX_STATUS_DETAILS_CHARS = 2000
+
+
+def _bounded_details(text: str) -> str:
+    if len(text) <= MAX_STATUS_DETAILS_CHARS:
+        return text
+    tail = f"... (cut: {len(text)} characters in all)"
+    return text[:MAX_STATUS_DETAILS_CHARS - len(tail)] + tail
+
+
 def _map_error(exc: BaseException, context: grpc.ServicerContext, method: str) -> None:
     """Turn an exception into a status on ``context`` (then the caller re-raises via abort)."""
     if isinstance(exc, HearthError):
         context.set_trailing_metadata(((ERROR_CODE_KEY, exc.code), (ERROR_FIELD_KEY, exc.field)))
-        context.abort(status_for(exc), str(exc))
+        context.abort(status_for(exc), _bounded_details(str(exc)))
     code = exc.code() if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)) else None
     if code in _PEER_UNAVAILABLE:
         # A call to a peer that is down, hung or stopping, which the handler did not turn
@@ -658,13 +671,9 @@ class RunningServer:
         return True
 
 
-# Request messages only in the identity encoding (bit 0 of the bitset): a compressed one
-# is refused (UNIMPLEMENTED, naming its encoding) before it is read. gRPC's core inflates a
-# compressed message whole — before any interceptor, so before any credential is checked —
-# and only then compares its size with grpc.max_receive_message_length: a 400 KB gzip of
-# zeros sent to Health/Check without credentials took clustering from 102 to 487 MB
-# resident (attack30). No Hearth client compresses.
-IDENTITY_ENCODING_ONLY = ("grpc.compression_enabled_algorithms_bitset", 1)
+# Request messages only in the identity encoding: a compressed one is refused before it is
+# read (tls.IDENTITY_ENCODING_ONLY says why; attack30).
+IDENTITY_ENCODING_ONLY = tls.IDENTITY_ENCODING_ONLY
 
 
 def build_server(service: str, register: Callable[[grpc.Server], Iterable[str]], *,

@@ -201,9 +201,23 @@ _PEER_COMPONENTS: dict[tuple, str] = {}
 # max_connection_age makes clients re-resolve as replicas come and go. The default,
 # pick_first, reconnects at once when its single backend restarts (round_robin fails
 # fast while every backend is down), which suits one address per service (make run).
+# Messages only in the identity encoding (bit 0 of the bitset), on the services' ports for
+# requests and on every client channel for responses. gRPC's core inflates a compressed
+# message whole — on a server before any interceptor, so before any credential is checked —
+# and only then compares its size with grpc.max_receive_message_length: a 400 KB gzip of
+# zeros sent to Health/Check without credentials took clustering from 102 to 487 MB
+# resident (attack30); a peer answering 400 MiB of zeros as gzip took its caller from 28
+# to 457 MB (attack31). No Hearth process compresses. A server refuses a compressed request
+# (UNIMPLEMENTED, naming its encoding) before reading it; a client never inflates a
+# compressed answer: the call fails, or, when the answer arrived whole before the refusal
+# took effect, the stub is handed the raw compressed bytes (which gzip makes unparsable).
+IDENTITY_ENCODING_ONLY = ("grpc.compression_enabled_algorithms_bitset", 1)
+
+
 def channel_options() -> list[tuple[str, object]]:
     _, lb_policy, reconnect_max_s, max_request, max_response = _current()
     return [
+        IDENTITY_ENCODING_ONLY,
         # Requests up to HEARTH_GRPC_MAX_MESSAGE_BYTES, which the servers read (a larger one
         # fails here, RESOURCE_EXHAUSTED, before a byte is sent); responses up to
         # HEARTH_GRPC_MAX_RESPONSE_BYTES (exports are streamed in smaller chunks).

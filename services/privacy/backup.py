@@ -41,6 +41,7 @@ from pathlib import Path
 from services.common import strict_json
 from services.common import backup as snapshots
 from services.common import config
+from services.common.ids import check_id
 from services.common.storage import roles
 from services.common.storage.sql import Database, migrate, open_database
 from services.privacy.deletion.domain import JobState, job_from_dict, new_job
@@ -119,6 +120,22 @@ def read_ledger_file(path: Path) -> Ledger:
         raise ValueError(f"--ledger {path}: jobs / shredded_accounts missing")
     if _digest(body) != document.get("sha256"):
         raise ValueError(f"--ledger {path}: checksum mismatch (truncated or modified copy)")
+    # Every entry read now, before `hearth restore` replaces anything: the checksum proves a
+    # copy intact, not well formed (anyone may recompute it). Until attack31 an entry that
+    # was not a job failed the restore while it re-applied the ledger, after every
+    # database had been replaced: none of the ledger's deletions was re-applied.
+    for job_id, data in body["jobs"].items():
+        try:
+            if not isinstance(data, dict):
+                raise ValueError("not an object")
+            job_from_dict(data)
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise ValueError(f"--ledger {path}: jobs.{job_id[:100]}: not a deletion job ({exc})") from None
+    for i, account in enumerate(body["shredded_accounts"]):
+        try:
+            check_id(account, f"shredded_accounts[{i}]")
+        except ValueError as exc:
+            raise ValueError(f"--ledger {path}: {exc}") from None
     return Ledger(body["jobs"], set(body["shredded_accounts"]))
 
 
@@ -233,6 +250,8 @@ def run_restore(args: argparse.Namespace) -> int:
     if snap.backend != settings.storage:
         raise ValueError(f"snapshot is {snap.backend}, HEARTH_STORAGE is {settings.storage}")
     snap.verify()
+    if snap.backend == "postgres":
+        snapshots.restore_tools_can_read(snap)   # before anything is read or changed
     # With a login per service, the admin (HEARTH_POSTGRES_DSN) only drops and creates
     # each schema; its dump is restored over the service's own login (attack29), and the
     # roles are provisioned again after (idempotent).

@@ -7,9 +7,11 @@ polls the gateway's /health until every service is SERVING.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
+import re
 import secrets
 import socket
 import subprocess
@@ -28,6 +30,23 @@ from services.common.child_process import spawn_tied, stop_group
 
 SERVICE_MODULES = ("clustering", "attribution", "privacy", "feedback")
 ROOT = Path(__file__).resolve().parents[2]   # the repository
+
+
+@functools.lru_cache(maxsize=16)
+def _source_of(root: Path) -> str:
+    return "\n".join(p.read_text(encoding="utf-8", errors="replace")
+                     for p in sorted((root / "services").rglob("*.py")) + sorted((root / "gateway").rglob("*.py")))
+
+
+def reads_variable(root: Path, name: str) -> bool:
+    """Whether the tree at ``root`` reads the HEARTH_* variable ``name``: a settings field
+    of its name (``erasure_fence_s: ...`` for HEARTH_ERASURE_FENCE_S) or the name itself
+    in its services' or gateway's source. (The CLI's per-service DSN variables, named by an
+    f-string, are not found: no service process reads them.) Checked against each older
+    tree the tests run, where it agrees with that tree's own ``config.known_variables()``."""
+    field_name = name.removeprefix("HEARTH_").lower()
+    source = _source_of(root)
+    return name in source or re.search(rf"^\s+{re.escape(field_name)}\s*:", source, re.M) is not None
 
 
 def _ephemeral_ports() -> tuple[int, int]:
@@ -126,6 +145,13 @@ class Mesh:
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
+        if self.root != ROOT:
+            # Another commit's tree (a rolling upgrade's release before, a bench baseline):
+            # a HEARTH_* variable of this environment that it does not read would stop each
+            # of its processes (an unknown variable is refused, config.check_environment) —
+            # e.g. the test run's HEARTH_ERASURE_FENCE_S (tests/conftest.py) in a tree from
+            # before session 30. What this mesh sets itself (below, extra_env) is kept.
+            env = {k: v for k, v in env.items() if not k.startswith("HEARTH_") or reads_variable(self.root, k)}
         env.update({
             "HEARTH_DATA_DIR": str(self.data_dir),
             "HEARTH_API_KEYS_FILE": str(self.data_dir / "gateway-keys.json"),

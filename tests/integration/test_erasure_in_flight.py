@@ -171,3 +171,20 @@ def test_a_prediction_logged_within_the_fence_wait_does_not_outlive_the_erasure(
     erasing_log.close()
     assert "pr-within-the-wait" not in forwarded
     assert "pr-within-the-wait" in outcome.deleted_ids_of("pending_predictions")
+
+
+def test_a_fence_holds_on_the_path_of_a_big_batch_of_known_devices(database):
+    """A batch of PREPARE_KNOWN_DEVICES_FROM known devices or more is written set-wise
+    (ingest31, ``_write_prepared_devices``), past the per-device loop that checks fences: a
+    household fenced by a window erasure that deleted nothing (so no digest marks it) must
+    still go the per-device way."""
+    from services.clustering.store import PREPARE_KNOWN_DEVICES_FROM
+
+    store = _store(database)
+    accounts = [f"acc-big-{i}" for i in range(PREPARE_KNOWN_DEVICES_FROM)]
+    store.ingest([ev(0, T0, account=a) for a in accounts])
+    fenced = accounts[0]
+    store.erase(ErasureScope(fenced, "window", start=T0 + 1000, end=T0 + 2000))   # deletes nothing
+    result = store.ingest([ev(1, T0 + 1500, account=a) for a in accounts])
+    assert (result.accepted, result.duplicates) == (len(accounts) - 1, 1), result
+    assert _device_events(database, fenced, "tv-1") == {f"{fenced}-tv-1-e0"}

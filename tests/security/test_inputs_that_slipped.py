@@ -530,3 +530,71 @@ def test_an_ingest_stream_holds_at_most_one_batch_of_events(channel, signer, adm
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
     assert refused_field(info.value) == "events"
     assert admin.get(f"/v1/household/{account}").status_code == 404   # nothing stored
+
+
+# ---- list bounds of direct gRPC calls (attack31) ------------------------------------------
+
+def test_an_assign_sessions_message_holds_at_most_one_batch_of_vectors(channel, signer):
+    """attack31: one ``AssignSessions`` message took as many vectors as 16 MiB holds
+    (~90,000 of 35 float32), each of its own household: clustering looked up every
+    household's consent and confirmed every model version before loading the first model
+    (14.5 s and +103 MB for 90,000 households it did not even know, answered NOT_FOUND at
+    the end). A message now holds
+    at most one batch (MAX_EVENTS_PER_BATCH vectors), refused before any household is
+    read, naming ``feature_vectors``."""
+    import numpy as np
+
+    from services.clustering.domain import features as F
+    from services.clustering.domain.events import MAX_EVENTS_PER_BATCH
+
+    n = MAX_EVENTS_PER_BATCH + 1
+    request = cpb.AssignSessionsRequest(
+        batch_id="b", account_ids=[f"sec-slip-assign-{i}" for i in range(n)],
+        feature_vectors=np.zeros((n, F.FEATURE_DIM), dtype="<f4").tobytes(),
+        feature_schema_version=F.FEATURE_SCHEMA_VERSION)
+    with pytest.raises(grpc.RpcError) as info:
+        list(cpb_grpc.ClusteringServiceStub(channel).AssignSessions(iter([request]), metadata=metadata(signer),
+                                                                    timeout=60))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert refused_field(info.value) == "feature_vectors"
+
+
+@pytest.fixture(scope="module")
+def attribution_channel(security_mesh):
+    with grpc.insecure_channel(f"127.0.0.1:{security_mesh.mesh.grpc_ports['attribution']}") as opened:
+        yield opened
+
+
+def _attribute(channel, signer, request):
+    from hearth.attribution.v1 import attribution_pb2_grpc as apb_grpc
+
+    return apb_grpc.AttributionServiceStub(channel).Attribute(
+        request, metadata=metadata(signer, Principal("sec-slip-analyst", Role.ANALYST), "attribution"), timeout=60)
+
+
+def test_attribute_personas_are_bounded_over_grpc_as_at_the_gateway(attribution_channel, signer):
+    """attack31: the gateway takes at most 10,000 personas; an analyst's direct
+    ``Attribute`` (through the Envoy edge) took any number (100,000 answered OK after
+    1.9 s of checks)."""
+    from hearth.attribution.v1 import attribution_pb2 as apb
+
+    personas = [apb.PersonPersona(account_id="sec-slip-persona", person_id=f"p{i}", persona="x")
+                for i in range(10_001)]
+    with pytest.raises(grpc.RpcError) as info:
+        _attribute(attribution_channel, signer, apb.AttributeRequest(personas=personas))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert refused_field(info.value) == "personas"
+
+
+def test_a_refusal_does_not_echo_an_unbounded_list(attribution_channel, signer):
+    """attack31: ``position_weights`` of a million values was refused with every value in
+    the message (5 MB of status details): past gRPC's 16 KiB bound on the trailers the
+    caller got RESOURCE_EXHAUSTED naming no field. The count is checked first."""
+    from hearth.attribution.v1 import attribution_pb2 as apb
+
+    with pytest.raises(grpc.RpcError) as info:
+        _attribute(attribution_channel, signer, apb.AttributeRequest(
+            method=apb.METHOD_POSITION_BASED, position_weights=[0.1] * 1_000_000))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert refused_field(info.value) == "position_weights"
+    assert "got 1000000 weights" in info.value.details()

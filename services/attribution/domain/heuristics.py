@@ -52,8 +52,12 @@ class HeuristicParams:
         h = float(self.half_life_days)
         if not np.isfinite(h) or h <= 0:
             raise AttributionInputError("half_life_days", f"must be finite and > 0, got {self.half_life_days!r}")
+        if len(self.position_weights) != 3:   # counted before any is read or echoed back (attack31)
+            raise AttributionInputError(
+                "position_weights", f"must be three non-negative weights summing to 1, got {len(self.position_weights)} weights"
+            )
         w = tuple(float(x) for x in self.position_weights)
-        if len(w) != 3 or not all(np.isfinite(x) and x >= 0 for x in w) or abs(sum(w) - 1.0) > 1e-9:
+        if not all(np.isfinite(x) and x >= 0 for x in w) or abs(sum(w) - 1.0) > 1e-9:
             raise AttributionInputError(
                 "position_weights", f"must be three non-negative weights summing to 1, got {self.position_weights!r}"
             )

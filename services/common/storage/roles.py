@@ -38,10 +38,17 @@ holding locks on the services' tables and exits non-zero (``ProvisioningLockTime
 
 Idempotent: run it at every install and upgrade (the chart's hook Job does).
 ``hearth restore`` re-applies it with ``as_provisioned``: ownership and rights again, each
-role's connection limit and members left as the last run set them. The admin
-DSN, a superuser's (another login is refused before anything is done: it could not take
-the superuser-only attributes away, grant what the purge needs nor revoke PUBLIC's
-large-object functions), is used only here.
+role's connection limit and members left as the last run set them. The admin DSN is used
+only here: a superuser's, or a managed PostgreSQL's admin login (RDS/Aurora, Cloud SQL,
+Azure: ``CREATEROLE``, owner of the database, no superuser; session 31). Such an admin
+becomes a member of each service role (owning or handing over a schema for a role needs
+it) and cannot do what only a superuser may, which each service's ``not_done`` names:
+state NOSUPERUSER NOREPLICATION NOBYPASSRLS (read instead: a role holding one is
+refused), revoke PUBLIC's large-object functions (``large_objects`` counts what each
+role owns instead), reset a setting only a superuser may set, grant EXECUTE on
+``pg_switch_wal()`` and, on 16 without ADMIN OPTION on it, ``pg_checkpoint`` (the
+erasure purge's receipts then say ``complete: false``). An admin without CREATEROLE or
+the database is refused before anything is done, naming what it lacks.
 
     HEARTH_POSTGRES_ADMIN_DSN=postgresql://postgres:...@db/hearth \\
     HEARTH_POSTGRES_DSN_CLUSTERING=postgresql://hearth_clustering:...@db/hearth \\
@@ -194,18 +201,8 @@ def provision_roles(admin_dsn: str, dsns: Mapping[str, str], keep_access_for: st
         if admin in by_role:
             raise ValueError(f"{ADMIN_DSN_VARIABLE} and {service_dsn_variable(by_role[admin][0])} are the same role "
                              f"{admin}: the admin login is for provisioning only")
-        if not conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]:
-            # Seen on PostgreSQL 15 and 16 (session 30) with a CREATEROLE CREATEDB login
-            # owning the database: the REVOKE on the large-object functions only warned,
-            # then the first ALTER ROLE failed with a raw server error.
-            raise ValueError(f"{ADMIN_DSN_VARIABLE}: role {admin} is no superuser, and provisioning needs one: only "
-                             "a superuser may state each service role's NOSUPERUSER NOREPLICATION NOBYPASSRLS, "
-                             "grant pg_checkpoint (PostgreSQL 16) and EXECUTE on pg_switch_wal() (the erasure "
-                             "purge), and revoke PUBLIC's EXECUTE on lo_create, lo_creat and lo_from_bytea (any "
-                             "other login's REVOKE does nothing and the server only warns: every service's login "
-                             "could still store large objects outside its schema); nothing was changed. Use a "
-                             "superuser's DSN")
         database = conn.execute("SELECT current_database()").fetchone()[0]
+        superuser = _check_admin(conn, admin, database)
         admin_server = server_of(admin_dsn, ADMIN_DSN_VARIABLE)
         for service, (role, _) in sorted(logins.items()):
             # Roles, grants, schemas are made on the admin DSN's server: a service whose DSN
@@ -232,21 +229,92 @@ def provision_roles(admin_dsn: str, dsns: Mapping[str, str], keep_access_for: st
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (ADVISORY_LOCK,))
                 conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(database)))
                 conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+                _public_schema_closed(conn)
                 # Large objects are the database's, in no schema: a service's login could
                 # store data outside its schema, its dumps and a restore's reach (attack29).
-                # Hearth uses none. (An admin that is no superuser could not revoke these —
-                # the server only warns — and is refused above.)
-                conn.execute(f"REVOKE EXECUTE ON FUNCTION {', '.join(LARGE_OBJECT_CREATORS)} FROM PUBLIC")
+                # Hearth uses none. Only a superuser may revoke PUBLIC's EXECUTE (the
+                # functions are the bootstrap superuser's; anyone else's REVOKE only warns).
+                if superuser:
+                    conn.execute(f"REVOKE EXECUTE ON FUNCTION {', '.join(LARGE_OBJECT_CREATORS)} FROM PUBLIC")
+                public_lo = _public_may_create_large_objects(conn)
                 for service, (role, password) in sorted(logins.items()):
                     report[service] = _provision_one(conn, database, service, role, password,
                                                      others=[r for r in roles if r != role],
                                                      connection_limit=connection_limit,
-                                                     as_provisioned=as_provisioned)
+                                                     as_provisioned=as_provisioned, superuser=superuser)
+                    report[service]["large_objects"] = _large_objects_of(conn, role, public_lo)
                     if not as_provisioned:
                         report[service].update(_converge_members(conn, role, keep_access_for, admin))
         except psycopg.errors.LockNotAvailable:
             raise ProvisioningLockTimeout(_lock_timeout_message(conn, lock_timeout_s)) from None
+        except psycopg.errors.InsufficientPrivilege as exc:
+            # What the checks above did not foresee (a managed server's own restrictions):
+            # the server's words, not a traceback; the transaction is rolled back.
+            raise ValueError(f"{ADMIN_DSN_VARIABLE}: role {admin} may not do what provisioning needs: "
+                             f"{exc.diag.message_primary}{'. ' + exc.diag.message_detail if exc.diag.message_detail else ''}; "
+                             "nothing was changed") from None
     return report
+
+
+def _check_admin(conn, admin: str, database: str) -> bool:
+    """Whether the admin is a superuser; refuses (nothing done) an admin that is none and
+    lacks what the managed-server path needs, naming each missing piece. A managed
+    PostgreSQL's admin (RDS/Aurora's ``rds_superuser``, Cloud SQL's
+    ``cloudsqlsuperuser``, Azure's ``azure_pg_admin``) is a CREATEROLE login that owns
+    the database it made: enough for everything but what only a superuser may do, which
+    the run reports per service instead (``_provision_one``: ``not_done``)."""
+    superuser, createrole, owns = conn.execute(
+        "SELECT r.rolsuper, r.rolcreaterole, pg_has_role(current_user, d.datdba, 'USAGE') "
+        "FROM pg_roles r, pg_database d WHERE r.rolname = current_user AND d.datname = current_database()"
+    ).fetchone()
+    if superuser:
+        return True
+    missing = []
+    if not createrole:
+        missing.append("CREATEROLE (it creates each service's login and sets its password, connection limit and "
+                       "settings; a managed server's admin login has it)")
+    if not owns:
+        # REVOKE ALL ON DATABASE … FROM PUBLIC and GRANT CONNECT by another login only warn.
+        owner = conn.execute("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()"
+                             ).fetchone()[0]
+        missing.append(f"ownership of database {database} (owned by {owner}: it revokes PUBLIC's CONNECT and "
+                       f"grants each service's; ALTER DATABASE {database} OWNER TO {admin}, or create it as "
+                       f"{admin})")
+    if missing:
+        raise ValueError(f"{ADMIN_DSN_VARIABLE}: role {admin} is no superuser and lacks {'; and '.join(missing)}; "
+                         "nothing was changed. A superuser's DSN, or a managed server's admin login (CREATEROLE, "
+                         "owner of the database), is needed")
+    return False
+
+
+def _public_schema_closed(conn) -> None:
+    """PUBLIC may not CREATE in schema ``public`` (REVOKEd just before): read back, since a
+    REVOKE by a login that does not own the schema only warns — an admin that is no
+    superuser on a cluster upgraded from before 15, whose ``public`` is the bootstrap
+    superuser's, could not."""
+    if conn.execute("SELECT has_schema_privilege('public', 'public', 'CREATE') "
+                    "FROM pg_namespace WHERE nspname = 'public'").fetchone() in ((True,),):
+        owner = conn.execute("SELECT pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = 'public'"
+                             ).fetchone()[0]
+        raise ValueError(f"PUBLIC may still CREATE in schema public (owned by {owner}), and this admin may not "
+                         f"revoke it: as {owner}, REVOKE CREATE ON SCHEMA public FROM PUBLIC, then run this again; "
+                         "nothing was changed")
+
+
+def _public_may_create_large_objects(conn) -> bool:
+    return conn.execute(
+        "SELECT bool_or(has_function_privilege('public', p.oid, 'EXECUTE')) FROM pg_proc p "
+        "WHERE p.oid = ANY(%s::regprocedure[])", (list(LARGE_OBJECT_CREATORS),)).fetchone()[0]
+
+
+def _large_objects_of(conn, role: str, public_may_create: bool) -> dict:
+    """What the report says of large objects for ``role``: how many it owns (Hearth makes
+    none: any is a misused or compromised login's, out of its schema, its dumps and an
+    erasure's reach) and whether PUBLIC may still create them (an admin that is no
+    superuser cannot revoke that: the count is then what watches it)."""
+    owned = conn.execute("SELECT count(*) FROM pg_largeobject_metadata WHERE lomowner = "
+                         "(SELECT oid FROM pg_roles WHERE rolname = %s)", (role,)).fetchone()[0]
+    return {"owned": owned, "creatable": public_may_create}
 
 
 def _converge_members(conn, role: str, keep_access_for: str, admin: str) -> dict:
@@ -298,7 +366,7 @@ def _lock_timeout_message(conn, lock_timeout_s: float) -> str:
     services' tables (or the provisioning's own lock) now, and what to do."""
     holders = conn.execute(
         "SELECT a.pid, coalesce(a.usename, '?'), coalesce(nullif(a.application_name, ''), '-'), "
-        "coalesce(a.state, '?'), extract(epoch FROM now() - coalesce(a.xact_start, a.query_start))::int, "
+        "a.state, extract(epoch FROM now() - coalesce(a.xact_start, a.query_start))::int, "
         "string_agg(DISTINCT CASE WHEN l.locktype = 'advisory' THEN 'the provisioning lock (another "
         "hearth db provision-roles)' ELSE l.relation::regclass::text || ' (' || l.mode || ')' END, ', ') "
         "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
@@ -309,8 +377,12 @@ def _lock_timeout_message(conn, lock_timeout_s: float) -> str:
         " OR (l.locktype = 'advisory' AND l.classid = 0 AND l.objid = %s)) "
         "GROUP BY 1, 2, 3, 4, 5 ORDER BY 1",
         ([schema_of(s) for s in SERVICES], ADVISORY_LOCK)).fetchall()
-    held = "; ".join(f"pid {pid} (user {user}, application {app}, {state}, transaction open {age} s) on {what}"
-                     for pid, user, app, state, age, what in holders) or \
+    held = "; ".join(f"pid {pid} (user {user}, application {app}, "
+                     + (f"{state}, transaction open {age} s" if state is not None else
+                        # pg_stat_activity hides another login's state and times from an admin
+                        # that is no superuser, nor a member of it or of pg_read_all_stats.
+                        "its state and age hidden from this admin login, which is no superuser")
+                     + f") on {what}" for pid, user, app, state, age, what in holders) or \
         "no session holds one now (it has ended: run it again)"
     return (f"a lock was not granted within --lock-timeout {lock_timeout_s:g} s; nothing was changed (one "
             f"transaction, rolled back). Holding locks on the services' tables: {held}. Let those transactions "
@@ -319,12 +391,16 @@ def _lock_timeout_message(conn, lock_timeout_s: float) -> str:
 
 
 def _provision_one(conn, database: str, service: str, role: str, password: str | None,
-                   others: list[str], connection_limit: int, as_provisioned: bool = False) -> dict:
+                   others: list[str], connection_limit: int, as_provisioned: bool = False,
+                   superuser: bool = True) -> dict:
+    """``superuser``: whether the admin is one; if not (a managed server's CREATEROLE
+    admin), what only a superuser may do is checked or reported instead (``not_done``)."""
     from psycopg import sql
 
     schema = schema_of(service)
     ident, schema_ident = sql.Identifier(role), sql.Identifier(schema)
-    existing = conn.execute("SELECT rolsuper, rolconnlimit FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+    existing = conn.execute("SELECT rolsuper, rolconnlimit, rolreplication, rolbypassrls FROM pg_roles "
+                            "WHERE rolname = %s", (role,)).fetchone()
     if existing and existing[0]:
         raise ValueError(f"{service_dsn_variable(service)}: role {role} is a superuser; a service's login must "
                          "not be (it would reach every schema): name a role of its own")
@@ -332,9 +408,24 @@ def _provision_one(conn, database: str, service: str, role: str, password: str |
         conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(ident))
     elif as_provisioned:
         connection_limit = existing[1]   # as the chart's Job set it (a restore changes no limit)
+    not_done: list[str] = []
     # Re-stated every run: a role made by hand with more is brought back to this.
-    conn.execute(sql.SQL("ALTER ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
-                         "INHERIT CONNECTION LIMIT {}").format(ident, sql.Literal(connection_limit)))
+    if superuser:
+        conn.execute(sql.SQL("ALTER ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
+                             "INHERIT CONNECTION LIMIT {}").format(ident, sql.Literal(connection_limit)))
+    else:
+        # Only a superuser may state SUPERUSER, REPLICATION or BYPASSRLS, even to take them
+        # away: read instead. A role made here has none (CREATE ROLE's defaults); one that
+        # has one was given it by a superuser, and only one can take it back.
+        given = [name for name, has in (("REPLICATION", existing and existing[2]),
+                                        ("BYPASSRLS", existing and existing[3])) if has]
+        if given:
+            raise ValueError(f"{service_dsn_variable(service)}: role {role} has {' and '.join(given)}, which only a "
+                             "superuser may take away (a service's login must have neither): ask one to ALTER ROLE "
+                             f"{role} NO{' NO'.join(given)}, or name a new role; nothing was changed")
+        _become_member(conn, role)
+        conn.execute(sql.SQL("ALTER ROLE {} LOGIN NOCREATEDB NOCREATEROLE INHERIT CONNECTION LIMIT {}").format(
+            ident, sql.Literal(connection_limit)))
     if password is not None:
         # Hashed here (libpq's PQencryptPasswordConn, the server's password_encryption) and
         # only the verifier sent: the statement with the plaintext is written whole to the
@@ -344,6 +435,11 @@ def _provision_one(conn, database: str, service: str, role: str, password: str |
     settings_reset = _reset_settings(conn, role, database, schema)
     conn.execute(sql.SQL("ALTER ROLE {} IN DATABASE {} SET search_path = {}").format(
         ident, sql.Identifier(database), schema_ident))
+    if settings_left := _settings_of(conn, role, database, schema):
+        # RESET ALL by a login that is no superuser keeps what only a superuser may set.
+        not_done.append(f"settings a superuser set on the role stay ({', '.join(settings_left)}): only a superuser "
+                        "may reset them")
+        settings_reset = [item for item in settings_reset if item not in settings_left]
     conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(database), ident))
     found = conn.execute("SELECT pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = %s",
                          (schema,)).fetchone()
@@ -351,9 +447,11 @@ def _provision_one(conn, database: str, service: str, role: str, password: str |
     if found is None:
         conn.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(schema_ident, ident))
     else:
+        if not superuser and found[0] != role:
+            _become_member(conn, found[0])      # ALTER … OWNER TO needs the old owner's rights
         if found[0] != role:
             conn.execute(sql.SQL("ALTER SCHEMA {} OWNER TO {}").format(schema_ident, ident))
-        transferred = _hand_over(conn, schema, role)
+        transferred = _hand_over(conn, schema, role, superuser)
     conn.execute(sql.SQL("REVOKE ALL ON SCHEMA {} FROM PUBLIC").format(schema_ident))
     for other in others:
         if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (other,)).fetchone():
@@ -363,13 +461,70 @@ def _provision_one(conn, database: str, service: str, role: str, password: str |
             conn.execute(sql.SQL("REVOKE ALL ON ALL SEQUENCES IN SCHEMA {} FROM {}").format(
                 schema_ident, sql.Identifier(other)))
     conn.execute(sql.SQL("REVOKE ALL ON ALL TABLES IN SCHEMA {} FROM PUBLIC").format(schema_ident))
-    # The erasure purge removes WAL segments (services/common/storage/sql.py purge_erased).
-    conn.execute(sql.SQL("GRANT pg_checkpoint TO {}").format(ident))
-    conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION pg_switch_wal() TO {}").format(ident))
+    not_done += _grant_wal_purge(conn, ident, superuser)
     return {"role": role, "schema": schema, "created_role": not existing, "created_schema": found is None,
             "previous_owner": found[0] if found else None, "objects_handed_over": transferred,
             "password_set": password is not None, "connection_limit": connection_limit,
-            "settings_reset": settings_reset}
+            "settings_reset": settings_reset, "not_done": not_done}
+
+
+def _become_member(conn, role: str) -> None:
+    """Make the admin (no superuser) a member of ``role`` with its rights and SET ROLE to
+    it, as owning or handing over a schema to it, or acting as its owner, requires of
+    anyone but a superuser. PostgreSQL 16 gives a CREATEROLE login ADMIN OPTION on the
+    roles it creates, but neither INHERIT nor SET (``createrole_self_grant`` unset)."""
+    import psycopg
+    from psycopg import sql
+
+    sixteen = conn.info.server_version >= 160000
+    has = conn.execute("SELECT pg_has_role(current_user, %s, 'USAGE')" + (" AND pg_has_role(current_user, %s, 'SET')"
+                       if sixteen else ""), (role, role) if sixteen else (role,)).fetchone()[0]
+    if not has:
+        try:
+            with conn.transaction():
+                conn.execute(sql.SQL("GRANT {} TO CURRENT_USER{}").format(
+                    sql.Identifier(role), sql.SQL(" WITH INHERIT TRUE, SET TRUE") if sixteen else sql.SQL("")))
+        except psycopg.errors.InsufficientPrivilege:
+            # On 16 a CREATEROLE login may grant only roles it holds WITH ADMIN OPTION:
+            # those it created. One made by another login (a superuser, another admin) not.
+            admin = conn.execute("SELECT current_user").fetchone()[0]
+            raise ValueError(f"{ADMIN_DSN_VARIABLE}: role {admin} may not make itself a member of role {role}, "
+                             f"which it did not create (PostgreSQL 16 lets a CREATEROLE login grant only roles it "
+                             f"holds WITH ADMIN OPTION): as the role that created {role} (or a superuser), GRANT "
+                             f"{role} TO {admin} WITH ADMIN OPTION, then run this again; nothing was changed") from None
+
+
+def _grant_wal_purge(conn, ident, superuser: bool) -> list[str]:
+    """The erasure purge's ``pg_switch_wal(); CHECKPOINT`` (services/common/storage/sql.py
+    purge_erased): ``pg_checkpoint`` and EXECUTE on ``pg_switch_wal()``. An admin that is
+    no superuser grants what it may — ``pg_checkpoint`` on 15 (CREATEROLE), on 16 only
+    WITH ADMIN OPTION on it; ``pg_switch_wal()`` only WITH GRANT OPTION, which managed
+    servers do not give — and names the rest: the purge then still rewrites the tables,
+    and each erasure receipt says ``complete: false``, naming the missing privilege (on
+    a managed server its WAL archive keeps the erased rows for its backup retention in
+    any case: docs/operations.md "A managed PostgreSQL")."""
+    import psycopg
+    from psycopg import sql
+
+    if superuser:
+        conn.execute(sql.SQL("GRANT pg_checkpoint TO {}").format(ident))
+        conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION pg_switch_wal() TO {}").format(ident))
+        return []
+    not_done = []
+    try:
+        with conn.transaction():        # a savepoint: the run goes on without this grant
+            conn.execute(sql.SQL("GRANT pg_checkpoint TO {}").format(ident))
+    except psycopg.errors.InsufficientPrivilege as exc:
+        not_done.append(f"GRANT pg_checkpoint ({exc.diag.message_primary}): the erasure purge cannot CHECKPOINT; "
+                        "its receipts say complete: false")
+    if conn.execute("SELECT has_function_privilege(current_user, 'pg_switch_wal()', 'EXECUTE WITH GRANT OPTION')"
+                    ).fetchone()[0]:
+        conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION pg_switch_wal() TO {}").format(ident))
+    else:
+        not_done.append("GRANT EXECUTE ON FUNCTION pg_switch_wal() (only a superuser, or a login holding it WITH "
+                        "GRANT OPTION, may): the erasure purge cannot switch WAL segments; its receipts say "
+                        "complete: false")
+    return not_done
 
 
 def _reset_settings(conn, role: str, database: str, schema: str) -> list[str]:
@@ -396,7 +551,16 @@ def _reset_settings(conn, role: str, database: str, schema: str) -> list[str]:
     return said
 
 
-def _hand_over(conn, schema: str, role: str) -> int:
+def _settings_of(conn, role: str, database: str, schema: str) -> list[str]:
+    """The defaults ``role`` still holds but the ``search_path`` provisioning sets."""
+    rows = conn.execute(
+        "SELECT d.datname, s.setconfig FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole "
+        "LEFT JOIN pg_database d ON d.oid = s.setdatabase WHERE r.rolname = %s", (role,)).fetchall()
+    return sorted((f"in database {db}: {item}" if db else item) for db, config in rows for item in config or ()
+                  if not (db == database and item == f"search_path={schema}"))
+
+
+def _hand_over(conn, schema: str, role: str, superuser: bool = True) -> int:
     """Make ``role`` the owner of every table, view and sequence of ``schema`` (the
     single-login layout's are the old login's). Tables first: a sequence a column owns
     (BIGSERIAL) follows its table and cannot be given away alone. Returns how many."""
@@ -406,10 +570,12 @@ def _hand_over(conn, schema: str, role: str) -> int:
     for kinds, keyword in ((("r", "p"), "TABLE"), (("v",), "VIEW"), (("m",), "MATERIALIZED VIEW"),
                            (("S",), "SEQUENCE")):
         rows = conn.execute(
-            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE n.nspname = %s AND c.relkind = ANY(%s) AND pg_get_userbyid(c.relowner) <> %s "
+            "SELECT c.relname, pg_get_userbyid(c.relowner) FROM pg_class c JOIN pg_namespace n "
+            "ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relkind = ANY(%s) AND pg_get_userbyid(c.relowner) <> %s "
             "ORDER BY c.relname", (schema, list(kinds), role)).fetchall()
-        for (name,) in rows:
+        for name, owner in rows:
+            if not superuser:
+                _become_member(conn, owner)      # anyone else must hold the old owner's rights
             conn.execute(sql.SQL("ALTER {} {}.{} OWNER TO {}").format(
                 sql.SQL(keyword), sql.Identifier(schema), sql.Identifier(name), sql.Identifier(role)))
             count += 1
@@ -430,7 +596,8 @@ def service_dsns(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 def run_provision(args: argparse.Namespace) -> int:
     admin = os.environ.get(ADMIN_DSN_VARIABLE, "")
     if not admin:
-        raise ValueError(f"{ADMIN_DSN_VARIABLE} is required (a superuser's DSN, used for provisioning only)")
+        raise ValueError(f"{ADMIN_DSN_VARIABLE} is required (a superuser's DSN, or a managed server's admin "
+                         "login: CREATEROLE, owner of the database; used for provisioning only)")
     chosen = args.service or list(SERVICES)
     dsns = {s: dsn for s, dsn in service_dsns().items() if s in chosen}
     missing = [service_dsn_variable(s) for s in chosen if s not in dsns]

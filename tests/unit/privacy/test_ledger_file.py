@@ -3,15 +3,26 @@ anything that is not an intact export, and the union restore uses."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import sqlite3
+import subprocess
+import sys
+from datetime import UTC, datetime
 
 import pytest
 
-from services.privacy.backup import Ledger, merge_ledgers, read_ledger_file, write_ledger_file
+from services.common.erasure import ErasureScope
+from services.privacy.backup import Ledger, _digest, merge_ledgers, read_ledger_file, write_ledger_file
+from services.privacy.deletion.domain import JobState, job_to_dict, new_job
+from services.testing.mesh import ROOT
 
 
-def _job(state: str, account: str = "acc-1") -> dict:
-    return {"state": state, "scope": {"kind": "household", "account_id": account}}
+def _job(state: str, account: str = "acc-1", job_id: str = "job-1") -> dict:
+    job = new_job(job_id, ErasureScope.from_dict({"kind": "household", "account_id": account}), "officer",
+                  "privacy_officer", datetime(2026, 1, 1, tzinfo=UTC))
+    return job_to_dict(dataclasses.replace(job, state=JobState(state)))
 
 
 def test_round_trip_is_atomic_and_private(tmp_path):
@@ -64,3 +75,55 @@ def test_merge_is_a_union_keeping_the_most_advanced_state():
     assert merged.shredded_accounts == {"acc-1", "acc-2"}
     # Order does not matter for the state kept.
     assert merge_ledgers(offsite, database).jobs["job-1"]["state"] == "completed"
+
+
+def _forged(path, jobs: dict, shredded: list) -> None:
+    """A ledger file with a matching checksum (an unkeyed SHA-256: anyone may recompute it)."""
+    body = {"jobs": jobs, "shredded_accounts": shredded}
+    path.write_text(json.dumps({"format": "hearth-deletion-ledger/1", "exported_at": 1.0, **body,
+                                "sha256": _digest(body)}))
+
+
+@pytest.mark.parametrize("jobs, shredded, named", [
+    ({"job-000": {"state": "completed"}}, [], "jobs.job-000"),
+    ({"job-000": ["not", "a", "job"]}, [], "jobs.job-000"),
+    ({"job-000": {**_job("completed"), "state": "finished"}}, [], "jobs.job-000"),
+    ({}, [{"an": "object"}], "shredded_accounts[0]"),
+    ({}, ["acc 1\n"], "shredded_accounts[0]"),
+])
+def test_a_malformed_entry_is_refused_naming_it(tmp_path, jobs, shredded, named):
+    """attack31: the checksum proves a copy intact, not well formed; an entry that is not a
+    job raised only while the restore re-applied the ledger, after the databases were
+    replaced (or a TypeError for a shredded account that is not a string)."""
+    path = tmp_path / "ledger.json"
+    _forged(path, jobs, shredded)
+    with pytest.raises(ValueError, match=named.replace("[", r"\[").replace("]", r"\]")) as info:
+        read_ledger_file(path)
+    assert str(path) in str(info.value)
+
+
+def test_a_restore_with_a_malformed_ledger_entry_replaces_nothing(tmp_path):
+    """attack31, through the real CLI: a ledger whose first entry is not a job (sorted
+    before the others) failed the restore only after every database had been replaced, so
+    none of the ledger's deletions was re-applied — the households erased since the
+    snapshot were back, their keys alive — and the command said only "job.services:
+    missing". Now the ledger is checked before anything is replaced."""
+    env = {**os.environ, "HEARTH_STORAGE": "sqlite"}
+    source, target = tmp_path / "source", tmp_path / "target"
+    source.mkdir()
+    with sqlite3.connect(source / "clustering.db") as db:
+        db.execute("CREATE TABLE t (x)")
+
+    def hearth(data_dir, *args):
+        return subprocess.run([sys.executable, "-m", "services.cli", *args, "--data-dir", str(data_dir)], cwd=ROOT,
+                              env={**env, "HEARTH_DATA_DIR": str(data_dir)}, capture_output=True, text=True,
+                              timeout=120)
+
+    taken = hearth(source, "backup", "--out", str(tmp_path / "out"))
+    assert taken.returncode == 0, taken.stderr
+    snapshot = json.loads(taken.stdout.strip().splitlines()[-1])["snapshot"]
+    ledger = tmp_path / "ledger.json"
+    _forged(ledger, {"job-000": {"state": "completed"}, "job-1": _job("completed", "acc-erased")}, ["acc-erased"])
+    done = hearth(target, "restore", snapshot, "--ledger", str(ledger))
+    assert done.returncode != 0 and "jobs.job-000" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (target / "clustering.db").exists()

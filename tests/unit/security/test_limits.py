@@ -283,3 +283,23 @@ def test_fastapi_pages_are_labelled_by_their_path_and_unknown_paths_stay_unmatch
     assert after[0] == before[0] + 1
     assert after[1] == before[1]
     assert after[2] == before[2] + 1
+
+
+def test_methods_the_api_does_not_use_share_one_label(gateway_client):
+    """attack31: the method label took any method the HTTP parser knows (~35: PROPFIND,
+    MKCOL, M-SEARCH, ...), so an anonymous caller sending each to each route (a 405 or
+    404) made ~35 x 28 (route, method) pairs of ~19 series each: ~18,000 series per gateway
+    replica. Methods the API does not use are counted as "other"."""
+    from prometheus_client import REGISTRY
+
+    def count(method: str) -> float:
+        return REGISTRY.get_sample_value("hearth_http_requests_total",
+                                         {"route": "/v1/experiment", "method": method, "status": "405"}) or 0.0
+
+    before = count("other")
+    for method in ("PROPFIND", "MKCOL", "M-SEARCH"):
+        assert gateway_client.request(method, "/v1/experiment").status_code == 405
+        assert count(method) == 0.0
+    assert count("other") == before + 3
+    assert REGISTRY.get_sample_value("hearth_http_request_duration_seconds_count",
+                                     {"route": "/v1/experiment", "method": "MKCOL"}) is None

@@ -203,7 +203,7 @@ render time is cheaper than discovering it in a running cluster.
 {{- end }}
 {{- with .Values.storage.postgres.provisionRoles }}
 {{- if and .enabled (or (ne $own 4) (not .adminSecretName) (not .adminSecretKey)) }}
-{{- fail "storage.postgres.provisionRoles: needs storage.postgres.services.<service>.existingSecret for every service and adminSecretName/adminSecretKey (a superuser's DSN)" }}
+{{- fail "storage.postgres.provisionRoles: needs storage.postgres.services.<service>.existingSecret for every service and adminSecretName/adminSecretKey (a superuser's DSN, or a managed server's CREATEROLE admin's)" }}
 {{- end }}
 {{- end }}
 {{- end }}
