@@ -492,8 +492,7 @@ class ClusteringStore:
         ready = self._prepare_known_devices(by_device, prepared)
         with self.db.transaction() as tx:
             accounts = sorted({account for account, _ in by_device})
-            for account in accounts:
-                tx.lock_household(account)
+            tx.lock_households(accounts)
             drop_keys_of_erased_households(tx, self.cipher, accounts)
             if self.max_devices is not None:
                 self._refuse_devices_past_bound(tx, list(by_device), first_index)
