@@ -307,6 +307,12 @@ def _extended_row(extension: "_Extension") -> tuple:
             extension.session_id, extension.last_end)
 
 
+def _extended_read_back(extension: "_Extension") -> tuple:
+    """What the extended session's row reads after ``_EXTEND_SESSION`` found it: end, count, state."""
+    row = extension.rows[0]
+    return (float(row[5]), int(row[6]), row[13])
+
+
 @dataclass
 class _Extension:
     """What the events of a batch make of a device's kept newest session state: its rows
@@ -490,8 +496,7 @@ class ClusteringStore:
         ready = self._prepare_known_devices(by_device, prepared)
         with self.db.transaction() as tx:
             accounts = sorted({account for account, _ in by_device})
-            for account in accounts:
-                tx.lock_household(account)
+            tx.lock_households(accounts)
             drop_keys_of_erased_households(tx, self.cipher, accounts)
             if self.max_devices is not None:
                 self._refuse_devices_past_bound(tx, list(by_device), first_index)
@@ -831,11 +836,15 @@ class ClusteringStore:
             # lock (the retention purge, an Erase of every account) deleted or rebuilt it
             # meanwhile (PostgreSQL, read committed). Those devices take the full rebuild,
             # as the per-device path's _write_extension does (review22).
-            states = {r[0]: r[1] for r in _query_chunks(
-                tx, "SELECT session_id, state FROM sessions WHERE session_id IN ({})",
+            # Told by the row read back: the update sets its end, count and state, so a row
+            # without those is one it missed. Not by the state alone: an extended session
+            # that the batch follows with a new one keeps none (NULL), as a deleted row reads
+            # (review31: that device was not rebuilt, its events left in no session).
+            found = {r[0]: (float(r[1]), int(r[2]), r[3]) for r in _query_chunks(
+                tx, "SELECT session_id, end_ts, event_count, state FROM sessions WHERE session_id IN ({})",
                 [ready[key].extension.session_id for key in extended])}
-            rebuilt = {key for key in extended if states.get(ready[key].extension.session_id)
-                       != ready[key].extension.rows[0][13]}
+            rebuilt = {key for key in extended if found.get(ready[key].extension.session_id)
+                       != _extended_read_back(ready[key].extension)}
         tx.executemany("UPDATE sessions SET state = NULL WHERE session_id = ?",
                        [(ready[key].extension.session_id,) for key in taken if not ready[key].extension.extended])
         self._insert_sessions(tx, [row for key in taken if key not in rebuilt

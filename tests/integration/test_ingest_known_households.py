@@ -89,7 +89,8 @@ class _Counting(ClusteringStore):
                     yield tx
                     return
                 self.inside.append(0)
-                yield _StatementCounter(tx, self.inside)
+                _count_statements(tx, self.inside)
+                yield tx
 
         self.db.transaction = counted
 
@@ -268,17 +269,25 @@ def test_an_event_stored_and_erased_meanwhile_is_not_brought_back(tmp_path):
 
 
 class _StatementCounter:
-    def __init__(self, tx, counts: list[int]) -> None:
-        self._tx, self._counts = tx, counts
+    """A database connection (SQLite) or cursor (PostgreSQL) that counts what it is asked
+    to run: every statement the transaction sends, the household locks' included."""
+
+    def __init__(self, inner, counts: list[int]) -> None:
+        self._inner, self._counts = inner, counts
 
     def __getattr__(self, name):
-        attr = getattr(self._tx, name)
-        if name in ("execute", "executemany", "query"):
+        attr = getattr(self._inner, name)
+        if name in ("execute", "executemany"):
             def counted(*a, **kw):
                 self._counts[-1] += 1
                 return attr(*a, **kw)
             return counted
         return attr
+
+
+def _count_statements(tx, counts: list[int]) -> None:
+    name = "_cur" if hasattr(tx, "_cur") else "_conn"
+    setattr(tx, name, _StatementCounter(getattr(tx, name), counts))
 
 
 def test_an_id_repeated_on_two_devices_of_a_household_is_kept_where_the_per_device_path_keeps_it(database, tmp_path):
@@ -379,3 +388,75 @@ def test_a_newest_session_changed_before_its_update_takes_the_full_rebuild(tmp_p
     result = store.ingest(batch)
     assert result == reference.ingest(batch)
     _assert_same_households(store, reference, HOUSEHOLDS)
+
+
+def test_an_extended_session_followed_by_a_new_one_takes_the_full_rebuild_when_changed_before_its_update(tmp_path):
+    """review31: as above, but the batch also starts a new session on that tv after the one it
+    extends, so the extended row keeps no running state (NULL). The set-wise path told a row
+    the update missed by its state read back after the update: NULL for the deleted row too,
+    so that device was not rebuilt and the events extending the deleted session were left in
+    no session. Seen failing without comparing the row's end and count instead."""
+    ring = KeyRing([generate_kek("k1")], "k1")
+    first = _batch(random.Random(28), HOUSEHOLDS)
+    batch = [e for e in _next_batch(random.Random(29), first) if e.event_id != "late-1"]
+    newest_tv = max(e.ts for e in batch if e.account_id == "known-2" and e.device_id == "tv-1")
+    batch.append(random_event(random.Random(30), "known-2", 240, newest_tv + 3 * GAP_S, device="tv-1",
+                              event_id="next-after-gap"))
+    stored_before = {e.event_id for e in first}
+
+    def change(tx) -> None:
+        (start, end), = tx.query("SELECT start_ts, end_ts FROM sessions WHERE account_id = 'known-2' AND "
+                                 "device_id = 'tv-1' AND state IS NOT NULL")
+        for (event_id,) in tx.query("SELECT event_id FROM events WHERE account_id = 'known-2' AND device_id = "
+                                    "'tv-1' AND ts BETWEEN ? AND ?", (start, end)):
+            if event_id in stored_before:
+                tx.execute("DELETE FROM events WHERE account_id = 'known-2' AND event_id = ?", (event_id,))
+        assert tx.execute("DELETE FROM sessions WHERE account_id = 'known-2' AND device_id = 'tv-1' "
+                          "AND state IS NOT NULL") == 1
+
+    store = _store(tmp_path / "a.db", _cipher(ring))
+    reference = _per_device_path(_store(tmp_path / "b.db", _cipher(ring)))
+    for s in (store, reference):
+        s.ingest(first)
+        _changing_before_the_update(s, change)
+    result = store.ingest(batch)
+    assert result == reference.ingest(batch)
+    _assert_same_households(store, reference, HOUSEHOLDS)
+
+
+def test_a_batch_s_household_locks_hold_as_one_household_s_lock_does(postgres_dsn):
+    """PostgreSQL: ``lock_households`` (a batch's households, two statements for all since
+    ingest31) holds each household as ``lock_household`` does — another writer or an erasure
+    of one of them waits, one of another household does not — and still waits for a replica
+    older than session 24 holding the household's key alone, exclusively."""
+    import threading
+    import uuid
+
+    from services.common.storage.sql import PostgresDatabase
+    from tests.helpers.held_transaction import transaction_held_open
+
+    database = PostgresDatabase(postgres_dsn, f"locks_{uuid.uuid4().hex[:8]}", max_size=6)
+
+    def locker(lock, done: threading.Event) -> None:
+        with database.transaction() as tx:
+            lock(tx)
+        done.set()
+
+    def started(lock) -> threading.Event:
+        done = threading.Event()
+        threading.Thread(target=locker, args=(lock, done), daemon=True).start()
+        return done
+
+    try:
+        with transaction_held_open(database, lambda tx: tx.lock_households(["hh-0", "hh-1", "hh-2"])):
+            waiting = [started(lambda tx, a=a: tx.lock_household(a)) for a in ("hh-0", "hh-2")]
+            assert started(lambda tx: tx.lock_household("hh-9")).wait(10), "another household waited"
+            assert not any(done.wait(0.3) for done in waiting), "a household of the batch was not held"
+        assert all(done.wait(10) for done in waiting)
+        with transaction_held_open(database, lambda tx: tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", ("household:hh-1",))):
+            newer = started(lambda tx: tx.lock_households(["hh-0", "hh-1"]))
+            assert not newer.wait(0.5), "a batch did not wait for an older replica's lock"
+        assert newer.wait(10)
+    finally:
+        database.close()
