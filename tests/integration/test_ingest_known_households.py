@@ -89,7 +89,8 @@ class _Counting(ClusteringStore):
                     yield tx
                     return
                 self.inside.append(0)
-                yield _StatementCounter(tx, self.inside)
+                _count_statements(tx, self.inside)
+                yield tx
 
         self.db.transaction = counted
 
@@ -268,17 +269,25 @@ def test_an_event_stored_and_erased_meanwhile_is_not_brought_back(tmp_path):
 
 
 class _StatementCounter:
-    def __init__(self, tx, counts: list[int]) -> None:
-        self._tx, self._counts = tx, counts
+    """A database connection (SQLite) or cursor (PostgreSQL) that counts what it is asked
+    to run: every statement the transaction sends, the household locks' included."""
+
+    def __init__(self, inner, counts: list[int]) -> None:
+        self._inner, self._counts = inner, counts
 
     def __getattr__(self, name):
-        attr = getattr(self._tx, name)
-        if name in ("execute", "executemany", "query"):
+        attr = getattr(self._inner, name)
+        if name in ("execute", "executemany"):
             def counted(*a, **kw):
                 self._counts[-1] += 1
                 return attr(*a, **kw)
             return counted
         return attr
+
+
+def _count_statements(tx, counts: list[int]) -> None:
+    name = "_cur" if hasattr(tx, "_cur") else "_conn"
+    setattr(tx, name, _StatementCounter(getattr(tx, name), counts))
 
 
 def test_an_id_repeated_on_two_devices_of_a_household_is_kept_where_the_per_device_path_keeps_it(database, tmp_path):
@@ -413,3 +422,41 @@ def test_an_extended_session_followed_by_a_new_one_takes_the_full_rebuild_when_c
     result = store.ingest(batch)
     assert result == reference.ingest(batch)
     _assert_same_households(store, reference, HOUSEHOLDS)
+
+
+def test_a_batch_s_household_locks_hold_as_one_household_s_lock_does(postgres_dsn):
+    """PostgreSQL: ``lock_households`` (a batch's households, two statements for all since
+    ingest31) holds each household as ``lock_household`` does — another writer or an erasure
+    of one of them waits, one of another household does not — and still waits for a replica
+    older than session 24 holding the household's key alone, exclusively."""
+    import threading
+    import uuid
+
+    from services.common.storage.sql import PostgresDatabase
+    from tests.helpers.held_transaction import transaction_held_open
+
+    database = PostgresDatabase(postgres_dsn, f"locks_{uuid.uuid4().hex[:8]}", max_size=6)
+
+    def locker(lock, done: threading.Event) -> None:
+        with database.transaction() as tx:
+            lock(tx)
+        done.set()
+
+    def started(lock) -> threading.Event:
+        done = threading.Event()
+        threading.Thread(target=locker, args=(lock, done), daemon=True).start()
+        return done
+
+    try:
+        with transaction_held_open(database, lambda tx: tx.lock_households(["hh-0", "hh-1", "hh-2"])):
+            waiting = [started(lambda tx, a=a: tx.lock_household(a)) for a in ("hh-0", "hh-2")]
+            assert started(lambda tx: tx.lock_household("hh-9")).wait(10), "another household waited"
+            assert not any(done.wait(0.3) for done in waiting), "a household of the batch was not held"
+        assert all(done.wait(10) for done in waiting)
+        with transaction_held_open(database, lambda tx: tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", ("household:hh-1",))):
+            newer = started(lambda tx: tx.lock_households(["hh-0", "hh-1"]))
+            assert not newer.wait(0.5), "a batch did not wait for an older replica's lock"
+        assert newer.wait(10)
+    finally:
+        database.close()
