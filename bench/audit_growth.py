@@ -17,6 +17,15 @@ Twice per backend, on fresh schemas: ``per_batch`` (``tree_head_history_s=0``) a
 pages; PostgreSQL: ``pg_total_relation_size``, as written and after a plain ``VACUUM``,
 which autovacuum does on its own for the deleted heads), and bytes per entry. The last
 stdout line is the JSON.
+
+``--long-minutes M`` (session 31, mem31): instead, the thinned log on PostgreSQL for M
+minutes of wall time with the server's autovacuum at its defaults, sampled every
+``--sample-s``: the tables' sizes, live and dead tuples and autovacuum runs
+(``pg_stat_user_tables``), to see whether the thinning's deletes leave ``audit_sth``
+growing with dead tuples or held at what autovacuum leaves (does an operator have to do
+anything?), and at the end the table's sizes after ``REINDEX TABLE CONCURRENTLY``.
+``--batches-per-s`` paces the writer on the wall clock (default: as fast as
+the commits go, more deletes per autovacuum period than the soak's 9.3 a second).
 """
 
 from __future__ import annotations
@@ -109,11 +118,84 @@ def run_mode(db, mode: str, entries: int, seed: int, dsn: str = "") -> dict:
     return out
 
 
+def _table_stats(db: PostgresDatabase) -> dict[str, dict]:
+    with db.transaction() as tx:
+        rows = tx.query("SELECT relname, n_live_tup, n_dead_tup, autovacuum_count, vacuum_count, "
+                        "pg_total_relation_size(relid), pg_relation_size(relid), pg_indexes_size(relid) "
+                        "FROM pg_stat_user_tables "
+                        "WHERE schemaname = ? AND relname IN ('audit_entries', 'audit_sth')", (db.schema,))
+    return {r[0]: {"live": int(r[1]), "dead": int(r[2]), "autovacuums": int(r[3]), "vacuums": int(r[4]),
+                   "total_bytes": int(r[5]), "heap_bytes": int(r[6]), "index_bytes": int(r[7])} for r in rows}
+
+
+def run_long(dsn: str, minutes: float, sample_s: float, batches_per_s: float | None, seed: int = 0) -> dict:
+    """The thinned writer on PostgreSQL for ``minutes`` of wall time, autovacuum at the
+    server's defaults; a sample of the two tables every ``sample_s``."""
+    rng = random.Random(seed)
+    db = PostgresDatabase(dsn, "growth_long", max_size=2)
+    AuditStore(db).migrate()
+    clock_at = [1_800_000_000.0]
+    writer = AuditWriter(db, generate_private_key(), clock=lambda: clock_at[0], tree_head_history_s=60.0).start()
+    written = batches = 0
+    samples = []
+    started = time.monotonic()
+    next_sample = started
+    try:
+        while (now := time.monotonic()) - started < minutes * 60:
+            if now >= next_sample:
+                samples.append({"wall_s": round(now - started, 1), "entries": written, "batches": batches,
+                                "log_minutes": round(batches / BATCHES_PER_S / 60, 1), **_table_stats(db)})
+                log(json.dumps(samples[-1]))
+                next_sample += sample_s
+            n = 2 if rng.random() < 1 / 6 else 1
+            writer.append([audit.make_record(audit.READ_HOUSEHOLD, f"household:h{rng.randrange(30):02d}",
+                                             details={"sessions": rng.randrange(1, 50)}, principal=SERVICE,
+                                             trace_id=f"{rng.getrandbits(128):032x}") for _ in range(n)])
+            written += n
+            batches += 1
+            clock_at[0] += 1 / BATCHES_PER_S
+            if batches_per_s:
+                time.sleep(max(0.0, started + batches / batches_per_s - time.monotonic()))
+    finally:
+        writer.close()
+    final = {"wall_s": round(time.monotonic() - started, 1), "entries": written, "batches": batches,
+             "log_minutes": round(batches / BATCHES_PER_S / 60, 1), **_table_stats(db)}
+    samples.append(final)
+    # What an operator's REINDEX gives back: the primary key keeps a leaf page for each
+    # kept head (its neighbours' keys deleted, no later key lands there); rebuilt, they pack.
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"REINDEX TABLE CONCURRENTLY {db.schema}.audit_sth")
+    reindexed = _table_stats(db)["audit_sth"]
+    db.close()
+    sth = [s["audit_sth"] for s in samples if "audit_sth" in s]
+    return {"minutes": minutes, "batches_per_s": batches_per_s, "samples": samples,
+            "audit_sth_total_bytes_max": max(s["total_bytes"] for s in sth),
+            "audit_sth_dead_max": max(s["dead"] for s in sth),
+            "audit_sth_autovacuums": sth[-1]["autovacuums"], "audit_sth_after_reindex": reindexed}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--entries", type=int, default=10_000)
     ap.add_argument("--backend", choices=("sqlite", "postgres", "both"), default="both")
+    ap.add_argument("--long-minutes", type=float, default=0.0)
+    ap.add_argument("--sample-s", type=float, default=30.0)
+    ap.add_argument("--batches-per-s", type=float, default=None)
     args = ap.parse_args(argv)
+    if args.long_minutes > 0:
+        from services.testing.servers import PostgresServer
+
+        pg = PostgresServer().init().start()   # durable, autovacuum at its defaults
+        try:
+            long = run_long(pg.dsn, args.long_minutes, args.sample_s, args.batches_per_s)
+        finally:
+            pg.remove()
+        result = {"bench": "audit_growth", "utc": datetime.now(UTC).isoformat(timespec="seconds"),
+                  "cpu": cpu_model(), "long": long}
+        print(json.dumps(result))
+        return result
     results = []
     work = Path(tempfile.mkdtemp(prefix="audit-growth-"))
     pg = None

@@ -12,6 +12,22 @@ set, SQLite's own allocator (``sqlite3_memory_used``: its page caches, outside P
 heap), the database file. ``--trace``: the Python heap (tracemalloc, 25 frames) per round
 and the largest differences by traceback between the quarter round and the last.
 ``--trim``: ``malloc_trim(0)`` after each round (freed heap glibc keeps vs memory held).
+
+Where the resident set is, per round (session 31, mem31): glibc's ``mallinfo2`` summed over
+its arenas (``malloc_in_use_mb``: live C and large Python blocks; ``malloc_free_mb``: freed
+blocks glibc still holds, i.e. fragmentation; ``malloc_mmap_mb``) and pymalloc's arenas
+(``pymalloc_arenas_mb`` held, ``pymalloc_used_mb`` in live blocks), so a rise of the
+resident set reads as memory still referenced (retention) or memory freed but kept
+(fragmentation). ``--check-threads T``: the periodic check and the report run on T
+threads in turn, as a gRPC server's workers serve GetCalibration (each thread allocates
+from its own glibc arena). ``--idle-rounds K``: after the labelled rounds, K rounds that add
+no label but still refit every calibrator and report (does anything grow with time or
+refits rather than with labels?).
+``--label-window N``: the labels calibration reads (``HEARTH_FEEDBACK_LABEL_WINDOW``;
+0 = every label held, the behaviour before session 31). With ``--trim``,
+``malloc_free_mb`` still counts the free pages given back to the system: read ``rss_mb``.
+``--backend postgres``: the store on a PostgreSQL the bench starts (a pool of 16), as in
+the soak; ``sqlite_mb`` is then only the process's other SQLite use.
 Progress to stderr; the last stdout line is the JSON.
 """
 
@@ -21,6 +37,7 @@ import argparse
 import ctypes
 import gc
 import json
+import os
 import random
 import sys
 import tempfile
@@ -47,6 +64,52 @@ def rss_mb() -> float:
     return float("nan")
 
 
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+_LIBC = ctypes.CDLL("libc.so.6")
+_LIBC.mallinfo2.restype = _Mallinfo2
+
+
+def allocator_mb() -> dict:
+    """glibc's heap (all arenas) and pymalloc's arenas, in MB."""
+    info = _LIBC.mallinfo2()
+    out = {"malloc_in_use_mb": round(info.uordblks / 1e6, 2), "malloc_free_mb": round(info.fordblks / 1e6, 2),
+           "malloc_mmap_mb": round(info.hblkhd / 1e6, 2)}
+    stats = _pymalloc_stats()
+    if stats:
+        out.update(stats)
+    return out
+
+
+def _pymalloc_stats() -> dict:
+    """pymalloc's arenas held and bytes in live blocks, from ``sys._debugmallocstats`` (it
+    writes to the C stderr: redirected to a file for the call)."""
+    with tempfile.TemporaryFile() as f:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            os.dup2(f.fileno(), 2)
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        f.seek(0)
+        text = f.read().decode(errors="replace")
+    values = {}
+    for line in text.splitlines():
+        name, _, number = line.rpartition("=")
+        if number.strip().replace(",", "").isdigit():
+            values[name.strip()] = int(number.strip().replace(",", ""))
+    arenas = values.get("# arenas allocated current")
+    if arenas is None:
+        return {}
+    return {"pymalloc_arenas_mb": round(arenas * (1 << 20 if sys.version_info >= (3, 10) else 1 << 18) / 1e6, 2),
+            "pymalloc_used_mb": round(values.get("# bytes in allocated blocks", 0) / 1e6, 2)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=60)
@@ -54,13 +117,26 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--trace", action="store_true")
     ap.add_argument("--trim", action="store_true")
     ap.add_argument("--dir", default=None)
+    ap.add_argument("--check-threads", type=int, default=1)
+    ap.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
+    ap.add_argument("--idle-rounds", type=int, default=0)
+    ap.add_argument("--label-window", type=int, default=FeedbackPolicy.label_window,
+                    help="labels calibration reads (HEARTH_FEEDBACK_LABEL_WINDOW; 0 = all, as before session 31)")
     args = ap.parse_args(argv)
     workdir = Path(args.dir or tempfile.mkdtemp(prefix="feedback-memory-"))
     path = workdir / "feedback.db"
-    db = SqliteDatabase(path)
+    pg = None
+    if args.backend == "postgres":   # the soak's backend: each check's read passes through libpq
+        from services.common.storage.sql import PostgresDatabase
+        from services.testing.servers import PostgresServer
+
+        pg = PostgresServer().init().start()
+        db = PostgresDatabase(pg.dsn, "feedback_memory", max_size=16)
+    else:
+        db = SqliteDatabase(path)
     store = FeedbackStore(db)
     store.migrate()
-    app = FeedbackApp(store, FeedbackPolicy(recalibrate_min_new=50))
+    app = FeedbackApp(store, FeedbackPolicy(recalibrate_min_new=50, label_window=args.label_window))
     rng = random.Random(1)
 
     def one(i: int) -> None:
@@ -77,24 +153,38 @@ def main(argv: list[str] | None = None) -> dict:
         tracemalloc.start(25)
     rounds, snapshots = [], []
     started = time.time()
+    # Each checker is one thread (a gRPC worker): round r's check and report run on r % T.
+    checkers = [ThreadPoolExecutor(1, thread_name_prefix=f"check{t}") for t in range(args.check_threads)]
+
+    def check(refit: bool) -> None:
+        if refit:   # an idle round: no new label, so refit on purpose
+            app.calibration.recalibrate()
+        app.periodic_check()
+        app.calibration.report("", 10)
+
     with ThreadPoolExecutor(10) as pool:
-        for r in range(args.rounds):
-            list(pool.map(one, range(r * args.per, (r + 1) * args.per)))
-            app.periodic_check()
-            app.calibration.report("", 10)
+        for r in range(args.rounds + args.idle_rounds):
+            idle = r >= args.rounds
+            if not idle:
+                list(pool.map(one, range(r * args.per, (r + 1) * args.per)))
+            checkers[r % len(checkers)].submit(check, idle).result()
             gc.collect()
             if args.trim:
-                ctypes.CDLL("libc.so.6").malloc_trim(0)
-            row = {"round": r, "labels": (r + 1) * args.per, "rss_mb": round(rss_mb(), 1),
+                _LIBC.malloc_trim(0)
+            row = {"round": r, "labels": min(r + 1, args.rounds) * args.per, "idle": idle,
+                   "rss_mb": round(rss_mb(), 1),
                    "sqlite_mb": round(_SQLITE.sqlite3_memory_used() / 1e6, 2),
-                   "db_mb": round(path.stat().st_size / 1e6, 2), "connections": len(db._all),
-                   "calibrator_version": app.calibration.calibrator_version()}
+                   "db_mb": round(path.stat().st_size / 1e6, 2) if pg is None else None,
+                   "connections": len(db._all) if pg is None else None,
+                   "calibrator_version": app.calibration.calibrator_version(), **allocator_mb()}
             if args.trace:
                 row["python_heap_mb"] = round(tracemalloc.get_traced_memory()[0] / 1e6, 3)
-                if r in (args.rounds // 4, args.rounds - 1):
+                if r in (args.rounds // 4, args.rounds + args.idle_rounds - 1):
                     snapshots.append(tracemalloc.take_snapshot())
             rounds.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
+    for checker in checkers:
+        checker.shutdown()
     top = []
     if len(snapshots) == 2:
         for stat in snapshots[1].compare_to(snapshots[0], "traceback")[:10]:
@@ -102,8 +192,13 @@ def main(argv: list[str] | None = None) -> dict:
                         "where": stat.traceback.format()[-6:]})
     app.close()
     db.close()
+    if pg is not None:
+        pg.remove()
     result = {"bench": "feedback_memory", "utc": datetime.now(UTC).isoformat(timespec="seconds"),
               "rounds": args.rounds, "per_round": args.per, "trace": args.trace, "trim": args.trim,
+              "check_threads": args.check_threads, "idle_rounds": args.idle_rounds,
+              "label_window": args.label_window, "backend": args.backend,
+              "environment": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "PYTHONMALLOC"))},
               "seconds": round(time.time() - started, 1), "per_round_rows": rounds, "top_differences": top}
     print(json.dumps(result))
     return result

@@ -42,7 +42,7 @@ alone and its level").
 
 ``python -m bench.feedback_shipped --train SPEC=CACHE ... --test SPEC=CACHE ...
 [--shipped loops|feedback] [--tau2 cov|variance] [--rules RULE ...]``; SPEC = ``split:first_world:worlds:households``
-(e.g. ``tuning:12:4:5``, ``movielens-tuning:0:3:4``), CACHE a ``bench.label_feedback
+(e.g. ``tuning:12:4:5``, ``movielens-tuning:0:3:4``, ``movielens-latest-tuning:0:3:4``), CACHE a ``bench.label_feedback
 --batch-only --cache`` file of those households and draws. ``--leave-one-out``: score each
 ``--train`` sample with the others as training (the choice of settings), no ``--test``.
 Prints one JSON object. TUNING splits only.
@@ -63,7 +63,7 @@ from bench import _worlds_eval as E
 from bench import label_feedback as LF
 from bench._clustering_eval import ece
 
-SPLITS = ("tuning", "movielens-tuning")
+SPLITS = ("tuning", *LF.REAL_VIEWERS_TUNING)
 
 
 @dataclass

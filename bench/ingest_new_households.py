@@ -7,10 +7,12 @@ every 20 ms, and its waits are the "every other write waits" half (docs/operatio
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.ingest_new_households --baseline ed5316b \\
         --households 1000,5000 --rounds 3 --out /tmp/ingest-new-households.json
     ... --known: the same households' second event (the per-device path, for comparison)
+    ... --backend postgres: on a throwaway PostgreSQL server (fsync off), a schema a round
 
 Each side runs in a process of its own, from its own tree (``bench.assign_cpu.extract``).
 JSON (printed, and written to ``--out``): per N and side, each round's batch wall and CPU
-seconds, the small write's longest and median wait, their medians, fixed/baseline ratios of
+seconds, the small write's longest and median wait, the batch's write transaction's
+seconds (``write_tx_s``, ingest31: what it holds its locks for), their medians, fixed/baseline ratios of
 the medians, the load average, the UTC start and end."""
 
 from __future__ import annotations
@@ -32,15 +34,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Run inside each side's tree: one batch, the probe beside it; prints one JSON line.
 _ROUND = r'''
-import json, sqlite3, statistics, sys, threading, time
+import contextlib, json, sqlite3, statistics, sys, threading, time
 from pathlib import Path
 from services.clustering.domain.events import ViewingEvent
 from services.clustering.store import ClusteringStore
 from services.common.field_crypto import FieldCipher, warm_household_keys
-from services.common.storage.sql import SqliteDatabase
+from services.common.storage.sql import PostgresDatabase, SqliteDatabase
 from services.privacy.keys.domain import KeyRing, generate_kek
 
-n, path = int(sys.argv[1]), Path(sys.argv[2])
+n, where = int(sys.argv[1]), sys.argv[2]
+postgres = "|" in where   # "dsn|schema"; else a SQLite file
 ring = KeyRing([generate_kek("k1")], "k1")
 
 def fetch(account, version):
@@ -49,8 +52,21 @@ def fetch(account, version):
         ring.create_dek(account, datetime.now(UTC))
     return ring.data_key(account, version or None)
 
-store = ClusteringStore(SqliteDatabase(path), cipher=FieldCipher(fetch))
+db = PostgresDatabase(*where.rsplit("|", 1), max_size=4) if postgres else SqliteDatabase(Path(where))
+store = ClusteringStore(db, cipher=FieldCipher(fetch))
 store.migrate()
+writes = []   # each write transaction's seconds (what it holds its locks for)
+begin = db.transaction
+
+@contextlib.contextmanager
+def timed(*a, **kw):
+    t0 = time.perf_counter()
+    with begin(*a, **kw) as tx:
+        yield tx
+    if not kw.get("readonly"):
+        writes.append(time.perf_counter() - t0)
+
+db.transaction = timed
 ts = time.time() - 3600
 
 def event(account, event_id, at):
@@ -67,7 +83,16 @@ if sys.argv[3] == "known":     # the households' second event: each extends its 
 waits, done = [], threading.Event()
 
 def probe():
-    other = sqlite3.connect(path, timeout=120, isolation_level=None)
+    if postgres:   # another household's small write (PostgreSQL locks rows and households, not the database)
+        while not done.is_set():
+            t0 = time.perf_counter()
+            with begin() as tx:
+                tx.lock_household("probe-acc")
+                tx.execute("UPDATE devices SET last_ts = last_ts WHERE account_id = 'probe-acc'")
+            waits.append(time.perf_counter() - t0)
+            done.wait(0.02)
+        return
+    other = sqlite3.connect(where, timeout=120, isolation_level=None)
     k = 0
     while not done.is_set():
         k += 1
@@ -82,6 +107,7 @@ def probe():
 prober = threading.Thread(target=probe)
 prober.start()
 time.sleep(0.1)
+writes.clear()
 t0, c0 = time.perf_counter(), time.process_time()
 result = store.ingest(batch)
 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -91,11 +117,11 @@ prober.join()
 assert result.accepted == n, result
 print(json.dumps({"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "probe_max_s": round(max(waits), 3),
                   "probe_median_s": round(statistics.median(waits), 4),
-                  "probes": len(waits)}))
+                  "probes": len(waits), "write_tx_s": round(max(writes), 3)}))
 '''
 
 
-def one_round(tree: Path, households: int, db: Path, known: bool) -> dict:
+def one_round(tree: Path, households: int, db: Path | str, known: bool) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", _ROUND, str(households), str(db), "known" if known else "new"],
                          cwd=tree, env=env, check=True, capture_output=True, text=True)
@@ -109,25 +135,37 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--known", action="store_true",
                    help="households the store already holds (each batch event their second): the per-device path")
+    p.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite",
+                   help="postgres: a throwaway server (fsync off), a schema a round")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     started, load0 = time.time(), os.getloadavg()[0]
+    pg = None
     with tempfile.TemporaryDirectory(prefix="hearth-ingest-new-") as tmp:
         work = Path(tmp)
         sides = {"baseline": extract(args.baseline, work / "tree"), "fixed": ROOT}
-        result: dict = {"baseline": args.baseline, "rounds": args.rounds, "known": args.known, "sizes": {}}
-        for size in (int(s) for s in args.households.split(",")):
-            runs: dict[str, list[dict]] = {label: [] for label in sides}
-            for n in range(args.rounds):
-                for label in (list(sides) if n % 2 == 0 else list(sides)[::-1]):
-                    runs[label].append(one_round(sides[label], size, work / f"{label}-{size}-{n}.db", args.known))
-            entry: dict = {}
-            for label, rs in runs.items():
-                entry[label] = {"runs": rs, **{f"median_{k}": statistics.median(r[k] for r in rs)
-                                               for k in ("wall_s", "cpu_s", "probe_max_s")}}
-            entry["fixed_over_baseline"] = {k: round(entry["fixed"][f"median_{k}"] / entry["baseline"][f"median_{k}"], 3)
-                                            for k in ("wall_s", "cpu_s", "probe_max_s")}
-            result["sizes"][str(size)] = entry
+        result: dict = {"baseline": args.baseline, "rounds": args.rounds, "known": args.known,
+                        "backend": args.backend, "sizes": {}}
+        try:
+            if args.backend == "postgres":
+                from services.testing.servers import PostgresServer
+                pg = PostgresServer(durable=False).init().start()
+            for size in (int(s) for s in args.households.split(",")):
+                runs: dict[str, list[dict]] = {label: [] for label in sides}
+                for n in range(args.rounds):
+                    for label in (list(sides) if n % 2 == 0 else list(sides)[::-1]):
+                        db = f"{pg.dsn}|b_{label}_{size}_{n}" if pg is not None else work / f"{label}-{size}-{n}.db"
+                        runs[label].append(one_round(sides[label], size, db, args.known))
+                entry: dict = {}
+                keys = ("wall_s", "cpu_s", "probe_max_s", "write_tx_s")
+                for label, rs in runs.items():
+                    entry[label] = {"runs": rs, **{f"median_{k}": statistics.median(r[k] for r in rs) for k in keys}}
+                entry["fixed_over_baseline"] = {
+                    k: round(entry["fixed"][f"median_{k}"] / entry["baseline"][f"median_{k}"], 3) for k in keys}
+                result["sizes"][str(size)] = entry
+        finally:
+            if pg is not None:
+                pg.remove()
     result.update(run_window(started, load0))
     return emit(result, args.out)
 

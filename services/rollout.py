@@ -143,10 +143,31 @@ def rollback_target(listing: dict) -> int:
     return max(older, default=0)
 
 
+# An instant query's answer is a few hundred bytes. httpx inflates a gzip body and reads
+# a body of any length: whatever answered at the Prometheus address could send 64 MiB of
+# zeros as 64 KB of gzip, inflated whole by the guard (the webhook pod has 128 MiB) before
+# the parse failed (attack31). At most this much is read, decompressed.
+PROMETHEUS_MAX_ANSWER_BYTES = 1 << 20
+
+
+def _bounded_body(response: httpx.Response, limit: int) -> bytes:
+    body = bytearray()
+    for chunk in response.iter_bytes():   # decoded (inflated) a piece at a time
+        body += chunk
+        if len(body) > limit:
+            raise RuntimeError(f"{response.url.host}: the answer is more than {limit} bytes (decompressed): "
+                               "not read further")
+    return bytes(body)
+
+
 def prometheus_value(url: str, query: str) -> float | None:
-    r = httpx.get(url.rstrip("/") + "/api/v1/query", params={"query": query}, timeout=10)
-    body = r.json()
-    if r.status_code != 200 or body.get("status") != "success":
+    with httpx.stream("GET", url.rstrip("/") + "/api/v1/query", params={"query": query}, timeout=10) as r:
+        raw = _bounded_body(r, PROMETHEUS_MAX_ANSWER_BYTES)
+    try:
+        body = strict_json.loads(raw)
+    except ValueError:
+        raise RuntimeError(f"prometheus answered {query!r} with {r.status_code} and no JSON") from None
+    if r.status_code != 200 or not isinstance(body, dict) or body.get("status") != "success":
         raise RuntimeError(f"prometheus refused {query!r}: {body}")
     result = body["data"]["result"]
     if not result:

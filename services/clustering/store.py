@@ -98,6 +98,7 @@ _PERSISTENCE_PURGE_OWED = "purge-owed:persistence"
 # kept out of PostgreSQL's planner statistics: migrate(personal_tables=...)).
 _ERASED_TABLES = ("events", "sessions", "devices", "household_models", "drift_events",
                   "prediction_outbox", "prediction_chunks", "session_labels", "erased_events",
+                  "erasure_fences",  # session 31: account ids and device digests
                   "refits_owed",   # its rows hold the account id too (review23)
                   "household_key_epochs")
 
@@ -166,11 +167,42 @@ def _query_in(tx: Tx, sql: str, account: str, values: Sequence) -> list:
     """The rows of ``sql`` (``... account_id = ? AND <column> IN ({})``) for every one of
     ``values``, asked 500 at a time: one statement for all would pass SQLite's limit on
     bound parameters with a large batch."""
+    return _query_chunks(tx, sql, values, (account,))
+
+
+def _query_chunks(tx: Tx, sql: str, values: Sequence, before: tuple = ()) -> list:
+    """The rows of ``sql`` (``... IN ({})``, after the parameters ``before``) for every one
+    of ``values``, asked 500 at a time (``_query_in``)."""
     rows: list = []
     for start in range(0, len(values), 500):
         chunk = values[start:start + 500]
-        rows += tx.query(sql.format(", ".join("?" * len(chunk))), (account, *chunk))
+        rows += tx.query(sql.format(", ".join("?" * len(chunk))), (*before, *chunk))
     return rows
+
+
+def _query_values(tx: Tx, table: str, sql: str, values: Sequence[tuple]) -> list:
+    """The rows of ``sql`` over a table of ``values`` (tuples of one width) named as
+    ``table`` says (``v(a, i)``: a common table expression, SQLite's and PostgreSQL's
+    ``WITH v(a, i) AS (VALUES ...)``), 500 tuples a statement: what a batch asks of many
+    households' rows in one statement (an account and an event id, say) where ``IN``
+    lists would pair every account with every id."""
+    rows: list = []
+    for start in range(0, len(values), 500):
+        chunk = values[start:start + 500]
+        marks = ", ".join(["(" + ", ".join("?" * len(chunk[0])) + ")"] * len(chunk))
+        rows += tx.query(f"WITH {table} AS (VALUES {marks}) {sql}", tuple(x for value in chunk for x in value))
+    return rows
+
+
+def _insert_prepared_events(tx: Tx, rows: list[tuple], whose: str) -> None:
+    """The events' rows prepared before the transaction, in one statement. Every one is new:
+    the households are locked and their ids were read inside this transaction; were one
+    stored meanwhile all the same, nothing of the batch is kept (Conflict) and a retry is
+    safe."""
+    if tx.executemany(f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES ({', '.join('?' * 15)}) "
+                      "ON CONFLICT (account_id, event_id) DO NOTHING", rows) != len(rows):
+        raise Conflict(f"events of {whose} were written meanwhile; nothing of this batch was stored, retry it",
+                       "events")
 
 
 @dataclass(frozen=True)
@@ -235,7 +267,10 @@ class _PreparedHousehold:
 
 # The tables a household's rows are in; a household none of them holds a row of is "new"
 # (``ClusteringStore._new_households``): its sessions follow from the batch alone.
-_HOUSEHOLD_TABLES = ("devices", "events", "sessions", "erased_events")
+_HOUSEHOLD_TABLES = ("devices", "events", "sessions", "erased_events", "erasure_fences")
+# What a fence keeps of a device is the keyed digest of this prefix and its id (the prefix
+# keeps a device's digest apart from an event's of the same text in ``erased_events``).
+_FENCED_DEVICE = "device\x00"
 # A device's newest session row, whose kept state an ingest extends (_update_sessions).
 _NEWEST_SESSION = ("SELECT session_id, start_ts, end_ts, feature_version, state FROM sessions "
                    "WHERE account_id = ? AND device_id = ? ORDER BY end_ts DESC LIMIT 1")
@@ -255,6 +290,27 @@ class _PreparedDevice:
     newest: list                     # the newest session's query result as read
     events: list[tuple]              # the fresh events' rows, sealed
     extension: "_Extension"
+
+
+# A device's newest session row extended by a batch's events (_Extension.extended): the full
+# rebuild deletes and re-inserts it with the same values, its person kept, its person
+# probabilities dropped. Matched by its end as read: a row changed since is not overwritten.
+_EXTEND_SESSION = ("UPDATE sessions SET device_type = ?, end_ts = ?, event_count = ?, watch_seconds = ?, "
+                   "feature_version = ?, features = ?, label = ?, unknown_genres = ?, person_probs = NULL, "
+                   "state = ? WHERE session_id = ? AND end_ts = ?")
+
+
+def _extended_row(extension: "_Extension") -> tuple:
+    """``_EXTEND_SESSION``'s parameters for ``extension`` (its first row the extended session)."""
+    (_, _, _, device_type, _, end_ts, count, watch, version, features, label, _, unknown, state) = extension.rows[0]
+    return (device_type, end_ts, count, watch, version, features, label, unknown, state,
+            extension.session_id, extension.last_end)
+
+
+def _extended_read_back(extension: "_Extension") -> tuple:
+    """What the extended session's row reads after ``_EXTEND_SESSION`` found it: end, count, state."""
+    row = extension.rows[0]
+    return (float(row[5]), int(row[6]), row[13])
 
 
 @dataclass
@@ -440,8 +496,7 @@ class ClusteringStore:
         ready = self._prepare_known_devices(by_device, prepared)
         with self.db.transaction() as tx:
             accounts = sorted({account for account, _ in by_device})
-            for account in accounts:
-                tx.lock_household(account)
+            tx.lock_households(accounts)
             drop_keys_of_erased_households(tx, self.cipher, accounts)
             if self.max_devices is not None:
                 self._refuse_devices_past_bound(tx, list(by_device), first_index)
@@ -450,8 +505,14 @@ class ClusteringStore:
                 accepted += household.accepted
                 duplicates += household.duplicates
                 touched += household.touched
+            fences = self._erasure_fences(tx, [a for a in accounts if a not in written])
+            taken, counts = self._write_prepared_devices(tx, by_device, ready, set(fences))
+            accepted += counts.accepted
+            duplicates += counts.duplicates
+            late += counts.rejected_late
+            touched += counts.sessions_touched
             for (account, device), batch in sorted(by_device.items()):
-                if account in written:
+                if account in written or (account, device) in taken:
                     continue
                 # Past the caller's deadline nobody waits for this write: stop, rolled back
                 # whole, rather than hold the write lock (SQLite: every other write waits) for
@@ -462,6 +523,13 @@ class ClusteringStore:
                 watermark = float(row[0][0]) if row else float("-inf")
                 on_time = [e for e in batch.events if e.ts >= watermark - self.tolerance_s]
                 late += len(batch.events) - len(on_time)
+                if account in fences:
+                    # What an erasure of this device, person or window fenced off (recorded
+                    # before it, arriving after it: a batch in flight during it) is erased
+                    # data, refused as a replay of erased events is (a duplicate).
+                    unfenced = self._unfenced(account, device, on_time, fences[account])
+                    duplicates += len(on_time) - len(unfenced)
+                    on_time = unfenced
                 if not on_time:
                     continue
                 # A duplicate (an id this household already stored, or one repeated in the
@@ -664,19 +732,129 @@ class ClusteringStore:
         if not usable:
             return {}
         check_serving_deadline()
-        events = [row for h in usable.values() for row in h.events]
-        inserted = tx.executemany(
-            f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES ({', '.join('?' * 15)}) "
-            "ON CONFLICT (account_id, event_id) DO NOTHING", events)
-        if inserted != len(events):
-            # Cannot happen with the households locked and seen new inside this
-            # transaction; were it to, nothing of the batch is kept and a retry is safe.
-            raise Conflict("events of a new household were written meanwhile; nothing of this batch was "
-                           "stored, retry it", "events")
+        _insert_prepared_events(tx, [row for h in usable.values() for row in h.events], "a new household")
         tx.executemany("INSERT INTO devices (account_id, device_id, device_type, last_ts) VALUES (?, ?, ?, ?)",
                        [row for h in usable.values() for row in h.devices])
         self._insert_sessions(tx, [row for h in usable.values() for row in h.sessions])
         return usable
+
+    def _write_prepared_devices(self, tx: Tx, by_device: dict[tuple[str, str], _DeviceBatch],
+                                ready: dict[tuple[str, str], _PreparedDevice], fenced: set[str]
+                                ) -> tuple[set[tuple[str, str]], IngestResult]:
+        """In ``ingest``'s transaction, the households locked and their keys checked: the
+        prepared known devices (``_prepare_known_devices``) whose watermark, stored and
+        erased ids among the batch's and newest session row read here are still as read
+        before, and whose household's newest key is the one they were sealed with, written
+        with one statement a table (ingest31: one device at a time, about eight statements
+        each, kept a small write beside 5,000 known households waiting ~1 s). The same
+        three reads as the per-device path's, set-wise (one statement a table per 500
+        devices), so the rows are the ones it writes. Left to the per-device path (which reads and checks one device at a time, as always): a device
+        read otherwise, every device of a household that holds erased events' digests (its
+        check needs the household's key; rare) or erasure fences (``fenced``, session 31) or whose batch repeats an event id across
+        its devices (the per-device path stores it with the first device in sorted order,
+        which this order of writes would not). Returns the devices written and their
+        counts."""
+        if not ready:
+            return set(), IngestResult()
+        check_serving_deadline()
+        devices_of: dict[str, list[str]] = defaultdict(list)
+        for account, device in by_device:
+            devices_of[account].append(device)
+        shared: set[str] = set()
+        for account, devices in devices_of.items():
+            if len(devices) > 1:
+                owner: dict[str, str] = {}
+                for device in devices:
+                    for e in by_device[(account, device)].events:
+                        if owner.setdefault(e.event_id, device) != device:
+                            shared.add(account)
+        # A household an erasure fenced (``_erasure_fences``) goes to the per-device path,
+        # which checks each device's events against its fences (session 31).
+        accounts = sorted({account for account, _ in ready} - shared - fenced)
+        erased = {r[0] for r in _query_chunks(
+            tx, "SELECT DISTINCT account_id FROM erased_events WHERE account_id IN ({})", accounts)}
+        left = shared | fenced | erased
+        candidates = [key for key in sorted(ready) if key[0] not in left and (
+            self.cipher is None or self.cipher.cached_newest_version(key[0]) == ready[key].key_version)]
+        if not candidates:
+            return set(), IngestResult()
+        # The watermarks: every device row of these households (a household's devices are
+        # bounded: HEARTH_MAX_DEVICES_PER_HOUSEHOLD).
+        marks: dict[tuple[str, str], list] = defaultdict(list)
+        for account, device, last_ts in _query_chunks(
+                tx, "SELECT account_id, device_id, last_ts FROM devices WHERE account_id IN ({})",
+                sorted({account for account, _ in candidates})):
+            marks[(account, device)].append((last_ts,))
+        on_time: dict[tuple[str, str], list[ViewingEvent]] = {}
+        for key in candidates:
+            if marks.get(key, []) == ready[key].watermark:
+                watermark = float(ready[key].watermark[0][0])
+                on_time[key] = [e for e in by_device[key].events if e.ts >= watermark - self.tolerance_s]
+        # The batch's ids the households already hold (erased ones: none, above).
+        held = {(r[0], r[1]) for r in _query_values(
+            tx, "v(a, i)", "SELECT v.a, v.i FROM v JOIN events e ON e.account_id = v.a AND e.event_id = v.i",
+            sorted({(key[0], e.event_id) for key, events in on_time.items() for e in events}))}
+        held_by_account: dict[str, set[str]] = defaultdict(set)
+        for account, event_id in held:
+            held_by_account[account].add(event_id)
+        fresh: dict[tuple[str, str], list[ViewingEvent]] = {}
+        for key, events in on_time.items():
+            # As _new_events: not held, and the first occurrence of an id repeated.
+            seen = set(held_by_account.get(key[0], ()))
+            kept = []
+            for e in events:
+                if e.event_id not in seen:
+                    seen.add(e.event_id)
+                    kept.append(e)
+            if [e.event_id for e in kept] == ready[key].fresh:
+                fresh[key] = kept
+        # The newest session rows: every session of the device ending at or after the one
+        # read before; the same newest exactly when that is its one row, unchanged.
+        newest: dict[tuple[str, str], list] = defaultdict(list)
+        for r in _query_values(
+                tx, "v(a, d, e)", "SELECT v.a, v.d, s.session_id, s.start_ts, s.end_ts, s.feature_version, s.state "
+                "FROM v JOIN sessions s ON s.account_id = v.a AND s.device_id = v.d AND s.end_ts >= v.e",
+                [(*key, ready[key].newest[0][2]) for key in sorted(fresh)]):
+            newest[(r[0], r[1])].append(tuple(r[2:]))
+        taken = [key for key in sorted(fresh) if newest.get(key) == [tuple(r) for r in ready[key].newest]]
+        if not taken:
+            return set(), IngestResult()
+        check_serving_deadline()
+        events = [row for key in taken for row in ready[key].events]
+        _insert_prepared_events(tx, events, "a known household")
+        moved = []
+        for key in taken:
+            last = max(fresh[key], key=lambda e: (e.ts, e.event_id))
+            if last.ts >= float(ready[key].watermark[0][0]):
+                moved.append((last.ts, last.device_type, *key))
+        tx.executemany("UPDATE devices SET last_ts = ?, device_type = ? WHERE account_id = ? AND device_id = ?", moved)
+        extended = [key for key in taken if ready[key].extension.extended]
+        updated = tx.executemany(_EXTEND_SESSION, [_extended_row(ready[key].extension) for key in extended])
+        rebuilt: set[tuple[str, str]] = set()
+        if updated != len(extended):
+            # A row read above is gone or changed since: a writer that takes no household
+            # lock (the retention purge, an Erase of every account) deleted or rebuilt it
+            # meanwhile (PostgreSQL, read committed). Those devices take the full rebuild,
+            # as the per-device path's _write_extension does (review22).
+            # Told by the row read back: the update sets its end, count and state, so a row
+            # without those is one it missed. Not by the state alone: an extended session
+            # that the batch follows with a new one keeps none (NULL), as a deleted row reads
+            # (review31: that device was not rebuilt, its events left in no session).
+            found = {r[0]: (float(r[1]), int(r[2]), r[3]) for r in _query_chunks(
+                tx, "SELECT session_id, end_ts, event_count, state FROM sessions WHERE session_id IN ({})",
+                [ready[key].extension.session_id for key in extended])}
+            rebuilt = {key for key in extended if found.get(ready[key].extension.session_id)
+                       != _extended_read_back(ready[key].extension)}
+        tx.executemany("UPDATE sessions SET state = NULL WHERE session_id = ?",
+                       [(ready[key].extension.session_id,) for key in taken if not ready[key].extension.extended])
+        self._insert_sessions(tx, [row for key in taken if key not in rebuilt
+                                   for row in ready[key].extension.rows[1 if ready[key].extension.extended else 0:]])
+        touched = sum(ready[key].extension.touched for key in taken if key not in rebuilt)
+        for account, device in sorted(rebuilt):
+            touched += self._rebuild_sessions(tx, account, device, min(e.ts for e in fresh[(account, device)]))
+        late = sum(len(by_device[key].events) - len(on_time[key]) for key in taken)
+        duplicates = sum(len(on_time[key]) - len(fresh[key]) for key in taken)
+        return set(taken), IngestResult(len(events), duplicates, late, touched)
 
     def _refuse_devices_past_bound(self, tx: Tx, devices: list[tuple[str, str]],
                                    first_index: dict[tuple[str, str], int]) -> None:
@@ -688,8 +866,13 @@ class ClusteringStore:
         by_account: dict[str, list[str]] = defaultdict(list)
         for account, device in devices:
             by_account[account].append(device)
+        # Every household's count in one statement per 500 (one a household kept 5,000
+        # statements inside the transaction for a batch of 5,000 households: ingest31).
+        counts = {r[0]: int(r[1]) for r in _query_chunks(
+            tx, "SELECT account_id, COUNT(*) FROM devices WHERE account_id IN ({}) GROUP BY account_id",
+            sorted(by_account))}
         for account, batch_devices in sorted(by_account.items()):
-            have = int(tx.query("SELECT COUNT(*) FROM devices WHERE account_id = ?", (account,))[0][0])
+            have = counts.get(account, 0)
             if have + len(batch_devices) <= self.max_devices:
                 continue  # the common case: no need to tell new devices from known ones
             known = {r[0] for r in _query_in(
@@ -709,6 +892,44 @@ class ClusteringStore:
         if self.cipher is not None:
             return self.cipher.digests(account, event_ids)
         return {i: hashlib.sha256(f"{account}\x00{i}".encode("utf-8")).digest() for i in event_ids}
+
+    def _erasure_fences(self, tx: Tx, accounts: Sequence[str]
+                        ) -> dict[str, list[tuple[bytes | None, float, float]]]:
+        """Account -> the fences its device, person and window erasures left: (the fenced
+        device's digest or None for every device, first and last instant fenced). One read
+        a batch (of 500 households)."""
+        fences: dict[str, list[tuple[bytes | None, float, float]]] = defaultdict(list)
+        for start in range(0, len(accounts), 500):
+            chunk = tuple(accounts[start:start + 500])
+            for account, digest, lo, hi in tx.query(
+                    "SELECT account_id, device_digest, lo, hi FROM erasure_fences "
+                    f"WHERE account_id IN ({', '.join('?' * len(chunk))})", chunk):
+                fences[account].append((None if digest is None else bytes(digest),
+                                        float("-inf") if lo is None else float(lo), float(hi)))
+        return fences
+
+    def _device_digest(self, account: str, device: str) -> bytes:
+        return self._digests(account, [_FENCED_DEVICE + device])[_FENCED_DEVICE + device]
+
+    def _unfenced(self, account: str, device: str, events: list[ViewingEvent],
+                  fences: list[tuple[bytes | None, float, float]]) -> list[ViewingEvent]:
+        """``events`` (of one device) without those an erasure's fence covers."""
+        digest = None
+        for fenced_device, lo, hi in fences:
+            if fenced_device is not None:
+                digest = digest or self._device_digest(account, device)
+                if fenced_device != digest:
+                    continue
+            events = [e for e in events if not lo <= e.ts <= hi]
+        return events
+
+    def _fence(self, tx: Tx, account: str, devices: Iterable[str], lo: float | None, hi: float) -> None:
+        """Fence off, for later writes, what ``devices`` (None among them: every device) of
+        the household recorded from ``lo`` to ``hi``."""
+        devices = list(devices)
+        digests = self._digests(account, [_FENCED_DEVICE + d for d in devices if d is not None])
+        tx.executemany("INSERT INTO erasure_fences (account_id, device_digest, lo, hi) VALUES (?, ?, ?, ?)",
+                       [(account, None if d is None else digests[_FENCED_DEVICE + d], lo, hi) for d in devices])
 
     def _erased(self, tx: Tx, account: str, event_ids: list[str]) -> set[str]:
         """The ids among ``event_ids`` of events an erasure of the household deleted."""
@@ -828,13 +1049,7 @@ class ClusteringStore:
         if extension.extended:
             # The full rebuild deletes and re-inserts it: the same values, its person kept,
             # its person probabilities dropped.
-            (_, _, _, device_type, _, end_ts, count, watch, version, features, label, _, unknown, state) = rows[0]
-            updated = tx.execute(
-                "UPDATE sessions SET device_type = ?, end_ts = ?, event_count = ?, watch_seconds = ?, "
-                "feature_version = ?, features = ?, label = ?, unknown_genres = ?, person_probs = NULL, "
-                "state = ? WHERE session_id = ? AND end_ts = ?",
-                (device_type, end_ts, count, watch, version, features, label, unknown, state,
-                 extension.session_id, extension.last_end))
+            updated = tx.execute(_EXTEND_SESSION, _extended_row(extension))
             if updated != 1:
                 # The row read above is gone or changed: a writer that takes no household
                 # lock (the retention purge, an Erase of every account) deleted or rebuilt
@@ -1458,6 +1673,52 @@ class ClusteringStore:
 
     # ---- erasure -------------------------------------------------------------------
 
+    def _erase_pending(self, tx: Tx, scope: ErasureScope, sessions: set[str], before: float | None) -> list[str]:
+        """Take the scope's predictions out of the outbox (in ``tx``, the household locked)."""
+        account = scope.account_id
+        if scope.kind == "household":
+            return erase_pending(tx, lambda acct, _session: acct == account, account, self.db.dialect)
+        # Only predictions about the sessions deleted here go (none: nothing to read).
+        # A window deletes sessions that started before its end, and a session starts
+        # at most the lateness tolerance before its start when a prediction was made
+        # about it (a later event is refused if older than the device's newest one
+        # minus the tolerance; the gap added as a margin): chunks whose sessions all
+        # started after that are not read (the retention purge parsed every chunk).
+        # The tolerance in force now, not when the events came: a floor of a week
+        # keeps a chunk whose session was stretched back under a larger tolerance
+        # of before (the setting lowered since, or another replica's) from being
+        # skipped — a wrong skip would outlive the erasure; the retention purge's
+        # cut-off is ~90 days back, so the floor costs it nothing.
+        # Also the predictions the scope covers by what they record (feedback's rules:
+        # the session as the prediction saw it, its device, its person): a late event
+        # that moved a session's start, or joined it to the one before, replaced its
+        # id, so a prediction made before carries an id no session has any more
+        # (until session 21 it was left in the outbox, and forwarded after the erasure).
+        about = _recorded_rule(scope)
+        return erase_pending(tx, lambda acct, session: (scope.all_accounts or acct == account)
+                             and session in sessions, None if scope.all_accounts else account,
+                             self.db.dialect, before, about)
+
+    def _sessions_before(self, scope: ErasureScope) -> float | None:
+        """A window erasure reads only the outbox chunks that can hold its sessions (those
+        that started before this; ``_erase_pending``)."""
+        return scope.end + max(self.tolerance_s, SKIP_MARGIN_FLOOR_S) + self.gap_s \
+            if scope.kind == "window" and scope.end is not None else None
+
+    def erase_logged_predictions(self, scope: ErasureScope, sessions: Iterable[str]) -> list[str]:
+        """Take once more the scope's predictions out of the outbox (``sessions``: the ids
+        its erasure deleted): those another replica logged after the erasure committed,
+        answering from a model it held while the erasure fence's wait ran (ClusteringApp.erase
+        calls this after the wait). Until session 31 they stayed, and were forwarded to
+        feedback after its own erase had run if they were still in the outbox then."""
+        account = scope.account_id
+        before = self._sessions_before(scope)
+        await_forwards(self.db, None if scope.all_accounts else account, before)
+        with excluding_forwards(self.db), self.db.transaction() as tx:
+            if not scope.all_accounts:
+                tx.lock_household(account)
+            return self._erase_pending(tx, scope, set(sessions), before)
+
     def erase(self, scope: ErasureScope) -> ErasureOutcome:
         """Delete the scope's events and sessions (and, for a household, its devices,
         model and drift history) in one transaction. Sessions that only partly fall in
@@ -1469,8 +1730,7 @@ class ClusteringStore:
         # copy it cannot remove (Unavailable: the deletion job retries).
         self._drop_cached_models(scope, strict=True)
         # A window erasure reads only the outbox chunks that can hold its sessions (below).
-        before = scope.end + max(self.tolerance_s, SKIP_MARGIN_FLOOR_S) + self.gap_s \
-            if scope.kind == "window" and scope.end is not None else None
+        before = self._sessions_before(scope)
         # A forward in flight that carries the scope's predictions is waited for before
         # the transaction takes anything (PostgreSQL; prediction_log.await_forwards), and
         # no forward of this process is in flight while it runs (SQLite; PostgreSQL locks
@@ -1485,6 +1745,12 @@ class ClusteringStore:
                 # has shredded first (privacy's HOUSEHOLD_STAGES), so it is refused;
                 # one before it is deleted here.
                 self.cipher.forget(account)
+            # An erasure of a device, person or window fences off what the scope recorded up
+            # to now and the store does not hold yet (below). A household the store holds no
+            # row of is not fenced: digesting its device would make it a data key.
+            fenced_at = time.time()
+            fencing = scope.kind != "household" and not scope.all_accounts and \
+                not self._new_households(tx, [account])
             if scope.kind == "household":
                 self._confirmed_versions.discard(account)
                 self._known_households.discard(account)
@@ -1512,6 +1778,10 @@ class ClusteringStore:
                     out.add(table, ids)
                 tx.execute("DELETE FROM devices WHERE account_id = ? AND device_id = ?", (account, scope.device_id))
                 out.add("devices", [scope.device_id] if out.deleted_counts.get("events") else [])
+                if fencing:
+                    # Everything the device recorded before its erasure; what it records
+                    # after is new data (an erasure is not a ban: docs/privacy.md).
+                    self._fence(tx, account, [scope.device_id], None, fenced_at)
             elif scope.kind == "person":
                 sessions = tx.query("SELECT session_id, device_id, start_ts, end_ts FROM sessions "
                                     "WHERE account_id = ? AND person_id = ?", (account, scope.person_id))
@@ -1525,6 +1795,11 @@ class ClusteringStore:
                     out.add("sessions", [session_id])
                 for device in sorted({r[1] for r in sessions}):
                     self._refresh_device(tx, account, device)
+                if fencing:
+                    # Events not stored yet carry no person: everything the devices the
+                    # person's erased sessions were on recorded before the erasure (other
+                    # members' events of those devices in flight with them included).
+                    self._fence(tx, account, sorted({r[1] for r in sessions}), None, fenced_at)
             else:  # window
                 lo = scope.start if scope.start is not None else float("-inf")
                 hi = scope.end if scope.end is not None else float("inf")
@@ -1544,42 +1819,25 @@ class ClusteringStore:
                         # Rebuild what remains of partly covered sessions from surviving events.
                         self._rebuild_sessions(tx, acct, device, min(float(r[1]) for r in doomed))
                     self._refresh_device(tx, acct, device)
+                if fencing and lo < min(hi, fenced_at):
+                    self._fence(tx, account, [None], None if lo == float("-inf") else lo, min(hi, fenced_at))
             # Predictions not yet delivered to the feedback service are data too.
             sessions = out.deleted_ids_of("sessions")
-            if scope.kind == "household":
-                pending = erase_pending(tx, lambda acct, _session: acct == account, account, self.db.dialect)
-            else:
+            if scope.kind != "household":
                 where, params = ("1 = 1", []) if scope.all_accounts else ("account_id = ?", [account])
-                # Only predictions about the sessions deleted here go (none: nothing to read).
-                # A window deletes sessions that started before its end, and a session starts
-                # at most the lateness tolerance before its start when a prediction was made
-                # about it (a later event is refused if older than the device's newest one
-                # minus the tolerance; the gap added as a margin): chunks whose sessions all
-                # started after that are not read (the retention purge parsed every chunk).
-                # The tolerance in force now, not when the events came: a floor of a week
-                # keeps a chunk whose session was stretched back under a larger tolerance
-                # of before (the setting lowered since, or another replica's) from being
-                # skipped — a wrong skip would outlive the erasure; the retention purge's
-                # cut-off is ~90 days back, so the floor costs it nothing.
-                # Also the predictions the scope covers by what they record (feedback's rules:
-                # the session as the prediction saw it, its device, its person): a late event
-                # that moved a session's start, or joined it to the one before, replaced its
-                # id, so a prediction made before carries an id no session has any more
-                # (until session 21 it was left in the outbox, and forwarded after the erasure).
-                about = _recorded_rule(scope)
-                pending = erase_pending(tx, lambda acct, session: (scope.all_accounts or acct == account)
-                                        and session in sessions, None if scope.all_accounts else account,
-                                        self.db.dialect, before, about)
-            out.add("pending_predictions", pending)
+            out.add("pending_predictions", self._erase_pending(tx, scope, sessions, before))
             if scope.kind == "household":
                 # Its key is shredded: every later write of the household is refused.
                 tx.execute("DELETE FROM erased_events WHERE account_id = ?", (account,))
+                tx.execute("DELETE FROM erasure_fences WHERE account_id = ?", (account,))
             elif scope.all_accounts:
                 # The retention purge: a replay of an event erased before its window is
                 # refused as expired at ingest (its time is at most MAX_FUTURE_SKEW_S after
                 # its erasure), so its digest is no longer needed.
                 if scope.end is not None:
                     tx.execute("DELETE FROM erased_events WHERE erased_at < ?", (scope.end - MAX_FUTURE_SKEW_S,))
+                    # A fence whose span ended before the window: what it covers is expired.
+                    tx.execute("DELETE FROM erasure_fences WHERE hi < ?", (scope.end - MAX_FUTURE_SKEW_S,))
             elif erased_ids := out.deleted_ids_of("events"):
                 erased_at = time.time()
                 tx.executemany("INSERT INTO erased_events (account_id, digest, erased_at) VALUES (?, ?, ?) "

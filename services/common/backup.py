@@ -46,6 +46,9 @@ class Snapshot:
     backend: str
     taken_at: float
     files: dict[str, dict]     # service -> {"file": name, "sha256": hex, "bytes": n}
+    # PostgreSQL: the version of the pg_dump that made it ("" before session 31): a
+    # pg_restore of an older major cannot read its files.
+    pg_dump: str = ""
 
     @classmethod
     def load(cls, path: Path) -> "Snapshot":
@@ -79,7 +82,10 @@ class Snapshot:
             if name in ("", ".", "..") or name != os.path.basename(name) or "\0" in name:
                 raise BackupError(f"{where}: files.{service}.file must name a file in the snapshot's own "
                                   f"directory, got {name[:100]!r}")
-        return cls(path, manifest["backend"], float(taken_at), files)
+        pg_dump = manifest.get("pg_dump", "")
+        if not (isinstance(pg_dump, str) and (pg_dump == "" or re.fullmatch(r"\d{1,3}(\.\d{1,4})?", pg_dump))):
+            raise BackupError(f"{where}: pg_dump must be a PostgreSQL version such as 16.2, got {str(pg_dump)[:100]!r}")
+        return cls(path, manifest["backend"], float(taken_at), files, pg_dump)
 
     def verify(self) -> None:
         for service, entry in self.files.items():
@@ -110,11 +116,13 @@ def _stamp(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y%m%dT%H%M%S.%fZ")
 
 
-def _write_manifest(path: Path, backend: str, taken_at: float, files: dict[str, dict]) -> Snapshot:
+def _write_manifest(path: Path, backend: str, taken_at: float, files: dict[str, dict],
+                    pg_dump: str = "") -> Snapshot:
     (path / MANIFEST).write_text(json.dumps({"format": FORMAT, "backend": backend, "taken_at": taken_at,
-                                             "taken_at_utc": _stamp(taken_at), "files": files},
+                                             "taken_at_utc": _stamp(taken_at), "files": files,
+                                             **({"pg_dump": pg_dump} if pg_dump else {})},
                                             indent=2, sort_keys=True))
-    return Snapshot(path, backend, taken_at, files)
+    return Snapshot(path, backend, taken_at, files, pg_dump)
 
 
 def backup_sqlite(data_dir: Path, out_dir: Path, services=SERVICES) -> Snapshot:
@@ -189,7 +197,12 @@ def restore_sqlite(snapshot: Snapshot, data_dir: Path) -> list[str]:
         for suffix in ("-wal", "-shm", "-journal"):
             Path(f"{dest}{suffix}").unlink(missing_ok=True)
         tmp = data_dir / f".{service}.db.restoring"
-        shutil.copyfile(snapshot.path / entry["file"], tmp)
+        # Created anew, never through what is there: copyfile follows a link, and one
+        # planted at this name made the restore overwrite its target (attack31).
+        tmp.unlink(missing_ok=True)
+        with open(snapshot.path / entry["file"], "rb") as src, \
+                open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
         os.chmod(tmp, 0o600)
         os.replace(tmp, dest)   # atomic: a crash leaves the old or the new file, never half
         restored.append(service)
@@ -223,25 +236,72 @@ def _libpq_call(dsn: str, variable: str = "HEARTH_POSTGRES_DSN") -> tuple[str, d
     return make_conninfo("", **parts), env
 
 
+# What a newer server needs: the image's client is Debian bookworm's 15 (deploy/Dockerfile).
+NEWER_CLIENT_HINT = ("the image (deploy/Dockerfile) carries Debian bookworm's PostgreSQL 15 client: build it on a "
+                     "base whose client is at least the server's major, or run this where such a one is first on "
+                     "PATH (docs/operations.md \"Backups and restore\")")
+
+
+def _tool_version(tool: str) -> tuple[int, str]:
+    """A PostgreSQL client tool's major and version (``pg_dump (PostgreSQL) 15.18 (Debian…)``)."""
+    done = subprocess.run([tool, "--version"], capture_output=True, text=True)
+    found = re.search(r"\(PostgreSQL\) (\d+)(\.\d+)?", done.stdout)
+    if done.returncode != 0 or not found:
+        raise BackupError(f"{tool} --version answered {(done.stdout or done.stderr).strip()[:200]!r}: not a "
+                          "PostgreSQL client tool")
+    return int(found.group(1)), found.group(1) + (found.group(2) or "")
+
+
+def _dump_can_read_servers(tool: str, dsns: Mapping[str, str]) -> str:
+    """``tool``'s (pg_dump's) version, once every server of ``dsns`` (variable -> DSN) is
+    checked to be of its major or older: pg_dump refuses a newer server's ("aborting
+    because of server version mismatch") — after the snapshot's directory was made and
+    the dumps before it written, which stayed behind, never pruned (no manifest)."""
+    import psycopg
+
+    major, version = _tool_version(tool)
+    for variable, dsn in dsns.items():
+        try:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                server = conn.info.server_version
+        except psycopg.Error as exc:   # its message names host and port, never the password
+            raise BackupError(f"{variable}: {str(exc).strip()}") from None
+        if server // 10000 > major:
+            raise BackupError(f"{variable}'s server is PostgreSQL {server // 10000}.{server % 10000}, newer than "
+                              f"pg_dump {version} ({tool}), which refuses to dump it: {NEWER_CLIENT_HINT}; nothing "
+                              "was written")
+    return version
+
+
 def backup_postgres(dsn: str, out_dir: Path, services=SERVICES, dsns: Mapping[str, str] | None = None) -> Snapshot:
     """``dsns``: a service's own DSN, which dumps its schema as the schema's owner (a
-    login per service, `hearth db provision-roles`); ``dsn`` for the others."""
+    login per service, `hearth db provision-roles`); ``dsn`` for the others. A dump that
+    fails leaves no snapshot directory behind (its dumps of other schemas with it)."""
     taken_at = time.time()
+    tool = _pg_tool("pg_dump")
+    calls = {service: (dsns[service], f"HEARTH_POSTGRES_DSN_{service.upper()}") if service in (dsns or {})
+             else (dsn, "HEARTH_POSTGRES_DSN") for service in services}
+    version = _dump_can_read_servers(tool, {variable: own for own, variable in calls.values()})
     target = _private_dir(out_dir / f"hearth-{_stamp(taken_at)}")
     files: dict[str, dict] = {}
-    for service in services:
-        dest = target / f"{service}.pgdump"
-        own = service in (dsns or {})
-        conninfo, env = _libpq_call(dsns[service] if own else dsn,
-                                    f"HEARTH_POSTGRES_DSN_{service.upper()}" if own else "HEARTH_POSTGRES_DSN")
-        done = subprocess.run([_pg_tool("pg_dump"), "--format=custom", f"--schema=hearth_{service}",
-                               "--no-owner", f"--file={dest}", conninfo],
-                              capture_output=True, text=True, env=env)
-        if done.returncode != 0:
-            raise BackupError(f"pg_dump of hearth_{service} failed: {done.stderr.strip()[:500]}")
-        os.chmod(dest, 0o600)
-        files[service] = {"file": dest.name, "sha256": _sha256(dest), "bytes": dest.stat().st_size}
-    return _write_manifest(target, "postgres", taken_at, files)
+    try:
+        for service in services:
+            dest = target / f"{service}.pgdump"
+            conninfo, env = _libpq_call(*calls[service])
+            done = subprocess.run([tool, "--format=custom", f"--schema=hearth_{service}",
+                                   "--no-owner", f"--file={dest}", conninfo],
+                                  capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                raise BackupError(f"pg_dump of hearth_{service} failed (nothing was kept): "
+                                  f"{done.stderr.strip()[:500]}")
+            os.chmod(dest, 0o600)
+            files[service] = {"file": dest.name, "sha256": _sha256(dest), "bytes": dest.stat().st_size}
+        return _write_manifest(target, "postgres", taken_at, files, pg_dump=version)
+    except BaseException:
+        # Without a manifest `--keep` never prunes it: personal data that no erasure's
+        # "leaves the backups within N periods" would ever reach.
+        shutil.rmtree(target, ignore_errors=True)
+        raise
 
 
 def postgres_sessions_in_use(dsn: str, logins: list[str]) -> list[str]:
@@ -265,6 +325,7 @@ def restore_postgres(snapshot: Snapshot, dsn: str, dsns: Mapping[str, str] | Non
     service, `hearth db provision-roles`, which must have run: the roles exist), whose
     schema is restored over that login (``_restore_as_owner``); ``dsn`` for the others."""
     snapshot.verify()
+    restore_tools_can_read(snapshot)
     restored = []
     conninfo, env = _libpq_call(dsn)
     for service, entry in sorted(snapshot.files.items()):
@@ -280,6 +341,18 @@ def restore_postgres(snapshot: Snapshot, dsn: str, dsns: Mapping[str, str] | Non
             raise BackupError(f"pg_restore of hearth_{service} failed: {done.stderr.strip()[:500]}")
         restored.append(service)
     return restored
+
+
+def restore_tools_can_read(snapshot: Snapshot) -> None:
+    """pg_restore reads no archive of a newer pg_dump ("unsupported version … in file
+    header"): refused before anything is changed, naming both."""
+    if not snapshot.pg_dump:      # taken before session 31: not recorded
+        return
+    tool = _pg_tool("pg_restore")
+    major, version = _tool_version(tool)
+    if int(snapshot.pg_dump.split(".")[0]) > major:
+        raise BackupError(f"{snapshot.path} was made by pg_dump {snapshot.pg_dump}, which pg_restore {version} "
+                          f"({tool}) cannot read: {NEWER_CLIENT_HINT}; nothing was changed")
 
 
 def _restore_as_owner(file: Path, service: str, admin_dsn: str, own_dsn: str) -> None:

@@ -233,10 +233,54 @@ def otlp_protocol(environ: Mapping[str, str] = os.environ) -> str:
 def otlp_exporter(environ: Mapping[str, str] = os.environ) -> SpanExporter:
     """An OTLP span exporter configured from the standard OTEL_EXPORTER_OTLP_* variables."""
     if otlp_protocol(environ) == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    return OTLPSpanExporter()
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+        from services.common.tls import IDENTITY_ENCODING_ONLY
+
+        # Its own channel, not tls.channel_options(): without this a collector (or whatever
+        # answers at its address) answering an export with a gzip of zeros was inflated
+        # whole in every process, every few seconds (attack31). With it the channel sends
+        # uncompressed too: OTEL_EXPORTER_OTLP_COMPRESSION=gzip is not applied over gRPC
+        # (gRPC logs "default compression algorithm gzip not enabled"; docs/operations.md).
+        return GrpcExporter(channel_options=(IDENTITY_ENCODING_ONLY,))
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    # A session of OpenTelemetry's own credential provider, when one is configured, as is.
+    provided = any(name.startswith("OTEL_PYTHON_EXPORTER_OTLP_HTTP_") and name.endswith("CREDENTIAL_PROVIDER")
+                   for name in environ)
+    return OTLPSpanExporter() if provided else OTLPSpanExporter(session=_bounded_answers_session())
+
+
+# The most of a collector's answer read (decompressed): an OTLP export's answer is a few
+# bytes (a partial success with a message at most). requests reads an answer whole and
+# inflates a gzip body: 64 MiB from 64 KB, in every process at every export (attack31).
+OTLP_MAX_ANSWER_BYTES = 1 << 20
+
+
+def _bounded_answers_session():
+    import requests
+
+    class BoundedAnswers(requests.Session):
+        """A session that reads at most OTLP_MAX_ANSWER_BYTES of an answer, decompressed a
+        piece at a time (urllib3 inflates a streamed body in bounded pieces); the rest is
+        not read and the connection closed."""
+
+        def request(self, method, url, **kwargs):
+            kwargs["stream"] = True
+            response = super().request(method, url, **kwargs)
+            body = bytearray()
+            try:
+                for chunk in response.iter_content(64 * 1024):
+                    body += chunk
+                    if len(body) >= OTLP_MAX_ANSWER_BYTES:
+                        del body[OTLP_MAX_ANSWER_BYTES:]
+                        break
+            finally:
+                response.close()
+            response._content = bytes(body)   # what requests reads into when not streaming
+            return response
+
+    return BoundedAnswers()
 
 
 def service_resource(service: str) -> Resource:

@@ -20,6 +20,7 @@ NAME = "feedback"
 def policy_from(settings: FeedbackSettings) -> FeedbackPolicy:
     return FeedbackPolicy(thresholds=settings.thresholds(), trigger_cooldown_s=settings.feedback_trigger_cooldown_s,
                           recalibrate_min_new=settings.feedback_recalibrate_min_new,
+                          label_window=settings.feedback_label_window,
                           experiment=settings.feedback_experiment, control=settings.feedback_control_variant,
                           variants=settings.variant_names())
 
@@ -35,7 +36,8 @@ def build(settings):
     # cached a few seconds), as ingest and assignment do.
     consent = ConsentChecker.remote(settings.privacy_addr, NAME, timeout_s=settings.peer_timeout_s,
                                     ttl_s=settings.consent_cache_s)
-    app = FeedbackApp(store, policy_from(settings), refits=refits, auditor=auditor, consent=consent)
+    app = FeedbackApp(store, policy_from(settings), refits=refits, auditor=auditor, consent=consent,
+                      retention_s=settings.retention_s)
     app.start_periodic(settings.feedback_check_interval_s)
     servicer = FeedbackServicer(app.intake, app.calibration, app.experiments)
     # Stop order: background work first (it uses the channels and the database).

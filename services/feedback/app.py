@@ -38,14 +38,15 @@ log = logging.getLogger("hearth.feedback")
 class FeedbackApp:
     def __init__(self, store: FeedbackStore, policy: FeedbackPolicy = FeedbackPolicy(), *,
                  refits: RefitRequester | None = None, auditor: FlagAuditor | None = None,
-                 clock: Callable[[], float] = time.time, consent: ConsentChecker | None = None) -> None:
+                 clock: Callable[[], float] = time.time, consent: ConsentChecker | None = None,
+                 retention_s: float | None = None) -> None:
         self.store = store
         # A calibrator choice is audited like a flag change (the same hook).
         choices = CalibratorChoices(store, policy.variants, functools.partial(audit_flag_change, auditor),
                                     lambda: clock(), MAX_REASON_CHARS)
         self.calibration = Calibration(store, policy, choices, clock=clock)
         self.triggers = Triggers(store, policy, self.calibration, refits=refits, clock=clock)
-        self.intake = Intake(store, policy, self.triggers, clock=clock, consent=consent)
+        self.intake = Intake(store, policy, self.triggers, clock=clock, consent=consent, retention_s=retention_s)
         self.experiments = Experiments(store, policy, self.calibration, auditor=auditor, clock=clock)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -76,8 +76,16 @@ class Calibration:
         """The feedback calibration learns from (and reports, and experiments compare):
         what was asked for. Volunteered feedback (a "not me" button) exists because the
         answer was wrong, so a calibrator fitted on it would learn that answers are wrong
-        far more often than they are, and push every confidence down."""
-        return build_dataset(self.store.feedback_joined(prompted_only=True), self.policy.weights)
+        far more often than they are, and push every confidence down. Of it, the newest
+        ``policy.label_window`` signals (docs/feedback.md, "Which labels calibration reads")."""
+        return self._labelled()[0]
+
+    def _labelled(self) -> tuple[LabelledPredictions, bool]:
+        """The dataset and whether the label window cut older labels off."""
+        window = self.policy.label_window or None
+        rows = self.store.feedback_joined(prompted_only=True, newest=window)
+        instruments.LABELS_READ.set(len(rows))
+        return build_dataset(rows, self.policy.weights), window is not None and len(rows) >= window
 
     def current_calibrators(self) -> dict[str, Calibrator]:
         return {v: Calibrator.from_json(c.calibrator_json) for v, c in self.store.current_calibrators().items()}
@@ -114,7 +122,7 @@ class Calibration:
         return ",".join(f"{v}:{c.version}" for v, c in sorted(self.store.current_calibrators().items()))
 
     def recalibrate(self, variants: Sequence[str] | None = None) -> dict[str, Calibrator]:
-        """Fit one calibrator per variant on all its feedback so far
+        """Fit one calibrator per variant on all its feedback so far (of the label window)
         (``fit_feedback_calibrator``: one shrunk shift of the confidence level, per model-age
         segment and kind of answer a further shrunk shift; a map of the shape only when it
         beats the level out of fold by two standard errors), and inside it one per
@@ -160,15 +168,20 @@ class Calibration:
     def recalibrate_if_due(self) -> dict[str, Calibrator]:
         """Recalibrate the variants with at least ``recalibrate_min_new`` feedback rows
         more than their current calibrator was fitted on."""
-        data = self.dataset()
+        data, cut = self._labelled()
         if not len(data):
             return {}
         current = self.current_calibrators()
         names, counts = np.unique(data.variants, return_counts=True)
-        def fitted_on(v: str) -> int:
+
+        def new_since_fit(v: str, n: int) -> int:
             training = current[v].training if v in current else {}
-            return int(training.get("n_all", training.get("n", 0)))
-        due = [str(v) for v, n in zip(names, counts) if n - fitted_on(v) >= self.policy.recalibrate_min_new]
+            if cut and "received_through" in training:
+                # A full window holds as many rows as the fit read, new ones or not: count
+                # those received after the last one the fit read instead.
+                return int(np.count_nonzero(data.received_at[data.variants == v] > training["received_through"]))
+            return n - int(training.get("n_all", training.get("n", 0)))
+        due = [str(v) for v, n in zip(names, counts) if new_since_fit(v, int(n)) >= self.policy.recalibrate_min_new]
         return self.recalibrate(due) if due else {}
 
     def report(self, group_by: str, bins: int) -> CalibrationReport:

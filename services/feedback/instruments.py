@@ -16,6 +16,9 @@ periodic check, GetCalibration and GetExperiment.
 - ``hearth_calibrator_refits_held_total{variant}``: recalibrations that were due but not
   fitted because an operator holds the variant (after ``hearth calibrator rollback``,
   until ``release``): tells an operator the hold is what keeps the calibrator old.
+- ``hearth_feedback_labels_read``: labels (prompted signals) the last dataset build read;
+  equal to ``HEARTH_FEEDBACK_LABEL_WINDOW`` once the window binds (older labels are then
+  stored but no longer read by calibration).
 """
 
 from __future__ import annotations
@@ -37,5 +40,7 @@ RETRAIN_TRIGGERS = Counter("hearth_retrain_triggers_total", "Retraining triggers
 # increase() sees (a series born at 1 would look like no change).
 for _kind in ("brier", "ece", "disagreement", "drift"):
     RETRAIN_TRIGGERS.labels(_kind)
+LABELS_READ = Gauge("hearth_feedback_labels_read",
+                    "Labels (prompted signals) the last calibration dataset read: at most the label window")
 CALIBRATOR_REFITS_HELD = Counter("hearth_calibrator_refits_held_total",
                                  "Due recalibrations not fitted because the variant is held", ["variant"])

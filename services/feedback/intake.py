@@ -79,7 +79,8 @@ def validate_predictions(items: list[PredictionRecord]) -> list[PredictionRecord
 
 class Intake:
     def __init__(self, store: FeedbackStore, policy: FeedbackPolicy, triggers: Triggers, *,
-                 clock: Callable[[], float] = time.time, consent: ConsentChecker | None = None) -> None:
+                 clock: Callable[[], float] = time.time, consent: ConsentChecker | None = None,
+                 retention_s: float | None = None) -> None:
         self.store = store
         self.policy = policy
         self.triggers = triggers
@@ -88,6 +89,11 @@ class Intake:
         # model (labels forwarded to clustering), so it needs `processing` like ingest and
         # assignment; None = not enforced (unit tests).
         self.consent = consent
+        # Feedback given longer ago than now - retention_s is refused: privacy's retention
+        # purge erases feedback by its time at its next check, so it would vanish with no
+        # sign to the client (session 21's events, session 23's touchpoints; docs/privacy.md
+        # §7). None: the purge off, nothing refused for its age.
+        self.retention_s = retention_s
 
     def record_predictions(self, items: list[PredictionRecord]) -> tuple[int, int]:
         return self.store.record_predictions(validate_predictions(items))
@@ -105,6 +111,9 @@ class Intake:
             raise InvalidArgument("profile hints arrive with events, not as feedback", "kind")
         now = self.clock()
         ts = now if ts is None else check_ts(ts, "ts")
+        if self.retention_s is not None and ts < now - self.retention_s:
+            raise InvalidArgument("is older than the retention window (HEARTH_RETENTION_DAYS): the retention "
+                                  "purge would erase it", "ts")
         needs_person = kind in (SignalKind.PROFILE_CORRECTED, SignalKind.PROFILE_SWITCHED)
         if needs_person:
             check_id(true_person_id, "true_person_id")

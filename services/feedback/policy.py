@@ -21,3 +21,8 @@ class FeedbackPolicy:
     control: str = "kmeans"
     variants: tuple[str, ...] = ("kmeans", "gmm")
     weights: SignalWeights = SignalWeights()
+    # The newest labels (prompted feedback signals) calibration reads: fits, the report, the
+    # cohort triggers and the experiment's comparison (0: all held). It bounds the memory of
+    # each check (every label held was read at each one: docs/benchmarks.md "Feedback's
+    # memory and the labels it reads"); below it nothing changes.
+    label_window: int = 20_000

@@ -10,11 +10,13 @@
 | `HEARTH_FEEDBACK_TRIGGER_COOLDOWN_S` | 3600 | the same cohort trigger fires at most once per cooldown |
 | `HEARTH_FEEDBACK_CHECK_INTERVAL_S` | 300 | periodic check (cohort triggers, pending refits, recalibration); 0 = off |
 | `HEARTH_FEEDBACK_RECALIBRATE_MIN_NEW` | 500 | the periodic check refits a variant's calibrator after this many new feedback rows |
+| `HEARTH_FEEDBACK_LABEL_WINDOW` | 20000 | calibration (fits, GetCalibration, cohort triggers, GetExperiment) reads the newest this many labels (prompted feedback signals); 0 = every label held. Bounds each check's memory; labels are stored until the retention purge or an erasure |
 | `HEARTH_FEEDBACK_EXPERIMENT` | `model-variant` | experiment name (the hash salt of variant assignment) |
 | `HEARTH_FEEDBACK_CONTROL_VARIANT` | `gmm` | control variant: the production model (the kill switch sends everyone here) |
 | `HEARTH_FEEDBACK_VARIANTS` | `kmeans,gmm` | variants SetFlag accepts |
 | `HEARTH_FEEDBACK_REFIT_TIMEOUT_S` | 30 | deadline of one Refit call to clustering |
 | `HEARTH_FEEDBACK_AUDIT_TIMEOUT_S` | 2 | deadline of the AppendAudit call of a flag change |
+| `HEARTH_RETENTION_DAYS` / `_CHECK_S` | 90 / 3600 | read with privacy: while the purge is on, feedback whose `ts` is older than now minus the retention is refused (INVALID_ARGUMENT, field `ts`) |
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from typing import Annotated
 
 from pydantic import model_validator
 
-from services.common.config import AtLeastOne, Positive, ServiceSettings, bounded
+from services.common.config import AtLeastOne, Positive, RetentionSettings, ServiceSettings, bounded
 from services.feedback.domain.triggers import TriggerThresholds
 
 
-class FeedbackSettings(ServiceSettings):
+class FeedbackSettings(RetentionSettings):
+    # RetentionSettings: HEARTH_RETENTION_DAYS / _CHECK_S, read with privacy (RecordFeedback
+    # refuses feedback the retention purge would erase, docs/privacy.md §7).
     service_name: str = "feedback"
     feedback_max_brier: float = 0.15
     feedback_max_ece: float = 0.05
@@ -37,6 +41,7 @@ class FeedbackSettings(ServiceSettings):
     feedback_trigger_cooldown_s: Annotated[float, bounded(ge=0)] = 3600.0
     feedback_check_interval_s: Annotated[float, bounded(ge=0)] = 300.0
     feedback_recalibrate_min_new: AtLeastOne = 500
+    feedback_label_window: Annotated[int, bounded(ge=0)] = 20_000
     feedback_experiment: str = "model-variant"
     feedback_control_variant: str = "gmm"
     feedback_variants: str = "kmeans,gmm"

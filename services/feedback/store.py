@@ -171,10 +171,11 @@ class FeedbackStore:
         return prediction, True
 
     def feedback_joined(self, account_id: str | None = None, received_after: float | None = None,
-                        prompted_only: bool = False) -> list[FeedbackJoined]:
+                        prompted_only: bool = False, newest: int | None = None) -> list[FeedbackJoined]:
         """Every feedback signal with its prediction, optionally of one account and/or
         received strictly after a time and/or only what was asked for (``prompted_only``:
-        not FeedbackItem.unprompted); ordered by received_at then feedback_id."""
+        not FeedbackItem.unprompted) and/or only the ``newest`` signals by (received_at,
+        feedback_id); ordered by received_at then feedback_id."""
         where, params = ["f.unprompted = 0"] if prompted_only else [], []
         if account_id is not None:
             where.append("f.account_id = ?")
@@ -183,11 +184,17 @@ class FeedbackStore:
             where.append("f.received_at > ?")
             params.append(received_after)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
+        # The newest N: read backwards and turned round, the same order as reading all (the
+        # key is unique); the database keeps N rows of its sort, this process only N.
+        order, limit = ("DESC", " LIMIT ?") if newest is not None else ("", "")
         with self.db.transaction() as tx:
             rows = tx.query(
                 f"SELECT f.feedback_id, f.kind, f.true_person_id, f.ts, f.received_at, {_PREDICTION_COLUMNS} "
                 f"FROM feedback f JOIN predictions p ON p.prediction_id = f.prediction_id {clause} "
-                "ORDER BY f.received_at, f.feedback_id", params)
+                f"ORDER BY f.received_at {order}, f.feedback_id {order}{limit}",
+                [*params, newest] if newest is not None else params)
+        if newest is not None:
+            rows.reverse()
         return [FeedbackJoined(r[0], r[1], r[2], float(r[3]), float(r[4]), _prediction(r[5:])) for r in rows]
 
     # ------------------------------------------------------------------ flags

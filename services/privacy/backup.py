@@ -250,6 +250,8 @@ def run_restore(args: argparse.Namespace) -> int:
     if snap.backend != settings.storage:
         raise ValueError(f"snapshot is {snap.backend}, HEARTH_STORAGE is {settings.storage}")
     snap.verify()
+    if snap.backend == "postgres":
+        snapshots.restore_tools_can_read(snap)   # before anything is read or changed
     # With a login per service, the admin (HEARTH_POSTGRES_DSN) only drops and creates
     # each schema; its dump is restored over the service's own login (attack29), and the
     # roles are provisioned again after (idempotent).

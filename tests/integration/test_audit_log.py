@@ -372,6 +372,32 @@ def test_append_audit_validates_every_record_before_writing_any(log):
     assert list(ok.seqs) == [0, 1] and ok.tree_size == 2
 
 
+@pytest.mark.parametrize("how", ["details_json", "details"])
+def test_append_audit_refuses_details_larger_than_the_bound(log, how):
+    """attack31: a record's details took up to 1,000,000 characters (details_json; the
+    details map as many entries as 16 MiB holds), and every reader of the log carries them:
+    200 such records made one QueryAudit take privacy to 2 GB and VerifyAudit holds the
+    whole log. The records Hearth writes hold under 1 KB; a record over
+    MAX_DETAILS_CHARS of details is refused naming it, and nothing of its call is written."""
+    from services.privacy.audit.servicer import MAX_DETAILS_CHARS
+
+    request = audit.to_append_request(_records(2))
+    big = request.records[1]
+    if how == "details_json":
+        big.details_json = json.dumps({"blob": "x" * MAX_DETAILS_CHARS})
+    else:
+        big.details_json = ""
+        big.details.update({f"k{i:05d}": "x" * 200 for i in range(MAX_DETAILS_CHARS // 200 + 1)})
+    with pytest.raises(grpc.RpcError) as err:
+        log.stub.AppendAudit(request, metadata=ADMIN.metadata("privacy"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert dict(err.value.trailing_metadata())[ERROR_FIELD_KEY] == f"records[1].{how}"
+    assert log.verify().entries == 0
+    at_bound = audit.to_append_request(_records(1))
+    at_bound.records[0].details_json = json.dumps({"blob": "x" * (MAX_DETAILS_CHARS - 20)})
+    assert list(log.stub.AppendAudit(at_bound, metadata=ADMIN.metadata("privacy")).seqs) == [0]
+
+
 @pytest.mark.parametrize("field", ["resource", "trace_id", "record_id"])
 def test_append_audit_refuses_a_record_with_a_control_character_naming_it(log, field):
     """A NUL in a record's resource, trace id or record id: on PostgreSQL the log's group
@@ -440,6 +466,35 @@ def test_query_filters_and_pages(log):
     with pytest.raises(grpc.RpcError) as err:
         log.stub.QueryAudit(ppb.QueryAuditRequest(limit=10_001), metadata=ADMIN.metadata("privacy"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_query_page_holds_a_bounded_number_of_bytes(log, monkeypatch):
+    """attack31: a page was ``limit`` entries (up to 10,000) whatever their size. Through a
+    running mesh, 200 records of 900 KB details (a service's AppendAudit) made an admin's
+    QueryAudit take privacy from 231 to 2,071 MB resident before it failed
+    RESOURCE_EXHAUSTED (a 540 MB answer). A page now stops before QUERY_PAGE_BYTES of
+    entries (always at least one) and says has_more; paging on with after_seq reads every
+    entry once. Here the bound is lowered to 100 KB with 40 KB entries."""
+    from services.privacy.audit import store
+
+    monkeypatch.setattr(store, "QUERY_PAGE_BYTES", 100_000, raising=False)   # raising: seen failing before it existed
+    big = [audit.make_record(audit.READ_HOUSEHOLD, f"household:big-{i}", details={"blob": "x" * 40_000},
+                             principal=ANA, trace_id=f"big{i:04x}") for i in range(7)]
+    log.app.append(big + _records(3, tag="small"))
+    seen, pages, after = [], [], None
+    while True:
+        request = ppb.QueryAuditRequest(limit=100)
+        if after is not None:
+            request.after_seq = after
+        page = log.stub.QueryAudit(request, metadata=ADMIN.metadata("privacy"))
+        pages.append([r.seq for r in page.records])
+        seen += pages[-1]
+        assert sum(len(r.canonical) for r in page.records) <= 100_000 or len(page.records) == 1
+        if not page.has_more:
+            break
+        after = page.records[-1].seq
+    assert seen == list(range(10)), pages
+    assert [len(p) for p in pages] == [2, 2, 2, 4], pages   # two 40 KB entries a page, then the rest
 
 
 def _window(start, end):

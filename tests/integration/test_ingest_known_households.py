@@ -13,11 +13,12 @@ kept; a small batch is not read twice."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 
 from services.clustering.domain.events import ViewingEvent
-from services.clustering.store import PREPARE_KNOWN_DEVICES_FROM, ClusteringStore
+from services.clustering.store import _EXTEND_SESSION, PREPARE_KNOWN_DEVICES_FROM, ClusteringStore
 from services.common.erasure import ErasureScope, ScopeKind
 from services.common.field_crypto import note_household_rekeyed
 from services.privacy.keys.domain import KeyRing, generate_kek
@@ -73,7 +74,25 @@ def _assert_same_households(store: ClusteringStore, reference: ClusteringStore, 
 
 class _Counting(ClusteringStore):
     """Counts the kept states opened inside the write transaction (the per-device path's
-    work that the preparation moves out) and the devices prepared."""
+    work that the preparation moves out), the devices prepared and the statements each write
+    transaction runs (``inside``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.inside: list[int] = []
+        begin = self.db.transaction
+
+        @contextlib.contextmanager
+        def counted(*a, **kw):
+            with begin(*a, **kw) as tx:
+                if kw.get("readonly"):
+                    yield tx
+                    return
+                self.inside.append(0)
+                _count_statements(tx, self.inside)
+                yield tx
+
+        self.db.transaction = counted
 
     opened_inside = prepared_devices = 0
 
@@ -89,11 +108,16 @@ class _Counting(ClusteringStore):
 
 def test_known_devices_store_what_the_per_device_path_stores_to_the_bit(database, tmp_path):
     """On SQLite and PostgreSQL (the rows read before and inside the transaction compared as
-    each driver returns them: a device prepared is one taken, but for the full rebuilds)."""
+    each driver returns them: a device prepared is one taken, but for the full rebuilds).
+    ingest31: the prepared devices' three reads and their writes inside the transaction are
+    one statement a table (per 500), not about eight a device — seen failing without
+    ``_write_prepared_devices``: 602 statements inside for 72 devices (the bound: 30 + 12 a
+    device the full rebuild takes); and, the device bound on, 136 with its count of each
+    household's devices one statement a household."""
     ring = KeyRing([generate_kek("k1")], "k1")
     first = _batch(random.Random(1), HOUSEHOLDS)
     batch = _next_batch(random.Random(30), first)
-    store = _Counting(database, gap_s=GAP_S, cipher=_cipher(ring))
+    store = _Counting(database, gap_s=GAP_S, cipher=_cipher(ring), max_devices_per_household=1000)
     store.migrate()
     reference = _per_device_path(_store(tmp_path / "per-device.db", _cipher(ring)))
     for s in (store, reference):
@@ -105,6 +129,7 @@ def test_known_devices_store_what_the_per_device_path_stores_to_the_bit(database
     rebuilt = len([h for h in range(len(HOUSEHOLDS)) if h % 5 == 0])
     assert store.prepared_devices == 2 * len(HOUSEHOLDS) - rebuilt
     assert store.opened_inside == rebuilt
+    assert store.inside[-1] <= 30 + 12 * rebuilt, store.inside
     _assert_same_households(store, reference, HOUSEHOLDS)
     # Again: every event a duplicate or late, nothing stored.
     again = store.ingest(batch)
@@ -241,3 +266,185 @@ def test_an_event_stored_and_erased_meanwhile_is_not_brought_back(tmp_path):
     store = _as_the_per_device_path_with_writes_meanwhile(tmp_path, None, first, batch, meanwhile)
     with store.db.transaction(readonly=True) as tx:
         assert not tx.query("SELECT 1 FROM events WHERE account_id = 'known-1' AND event_id = 'next-0'")
+
+
+class _StatementCounter:
+    """A database connection (SQLite) or cursor (PostgreSQL) that counts what it is asked
+    to run: every statement the transaction sends, the household locks' included."""
+
+    def __init__(self, inner, counts: list[int]) -> None:
+        self._inner, self._counts = inner, counts
+
+    def __getattr__(self, name):
+        attr = getattr(self._inner, name)
+        if name in ("execute", "executemany"):
+            def counted(*a, **kw):
+                self._counts[-1] += 1
+                return attr(*a, **kw)
+            return counted
+        return attr
+
+
+def _count_statements(tx, counts: list[int]) -> None:
+    name = "_cur" if hasattr(tx, "_cur") else "_conn"
+    setattr(tx, name, _StatementCounter(getattr(tx, name), counts))
+
+
+def test_an_id_repeated_on_two_devices_of_a_household_is_kept_where_the_per_device_path_keeps_it(database, tmp_path):
+    """An event id of a household's tv repeated on its phone in the same batch: the per-device
+    path stores it with the first device in sorted order (phone-1) and counts the tv's a
+    duplicate. Seen failing without the rule that leaves such a household to that path:
+    both devices' prepared rows written set-wise, the second insert of the id conflicted
+    (Conflict: nothing of the batch stored)."""
+    ring = KeyRing([generate_kek("k1")], "k1")
+    first = _batch(random.Random(23), HOUSEHOLDS)
+    batch = _next_batch(random.Random(24), first)
+    rng = random.Random(25)
+    last_phone = {e.account_id: e.ts for e in sorted(first, key=lambda e: e.ts) if e.device_id == "phone-1"}
+    batch += [random_event(rng, account, 240, last_phone[account] + 4 * GAP_S, device="phone-1", event_id="next-1")
+              for account in HOUSEHOLDS[1::3]]
+    store = _store_on(database, _cipher(ring))
+    reference = _per_device_path(_store(tmp_path / "per-device.db", _cipher(ring)))
+    for s in (store, reference):
+        s.ingest(first)
+    result = store.ingest(batch)
+    assert result == reference.ingest(batch)
+    _assert_same_households(store, reference, HOUSEHOLDS)
+    with store.db.transaction(readonly=True) as tx:
+        assert tx.query("SELECT device_id FROM events WHERE account_id = ? AND event_id = 'next-1'",
+                        (HOUSEHOLDS[1],)) == [("phone-1",)]
+
+
+def _store_on(database, cipher) -> ClusteringStore:
+    store = ClusteringStore(database, gap_s=GAP_S, cipher=cipher)
+    store.migrate()
+    return store
+
+
+class _ChangedBeforeTheUpdate:
+    """A write transaction whose first statement extending a newest session row (the
+    ``_EXTEND_SESSION`` update) is preceded by ``change(tx)``: what a writer that takes no
+    household lock (the retention purge) can commit there on PostgreSQL, read committed."""
+
+    def __init__(self, tx, change) -> None:
+        self._tx, self._change = tx, change
+
+    def __getattr__(self, name):
+        return getattr(self._tx, name)
+
+    def _before(self, sql: str) -> None:
+        if sql == _EXTEND_SESSION and self._change is not None:
+            self._change, change = None, self._change
+            change(self._tx)
+
+    def execute(self, sql, params=()):
+        self._before(sql)
+        return self._tx.execute(sql, params)
+
+    def executemany(self, sql, rows):
+        self._before(sql)
+        return self._tx.executemany(sql, rows)
+
+
+def _changing_before_the_update(store: ClusteringStore, change) -> ClusteringStore:
+    begin = store.db.transaction
+
+    @contextlib.contextmanager
+    def transaction(*a, **kw):
+        with begin(*a, **kw) as tx:
+            yield tx if kw.get("readonly") else _ChangedBeforeTheUpdate(tx, change)
+
+    store.db.transaction = transaction
+    return store
+
+
+def _as_the_per_device_path_when_known_2_tv_changes_before_the_update(tmp_path, ring, first, batch) -> None:
+    """``first`` then ``batch`` on the store and on the per-device path, another writer that
+    takes no household lock deleting known-2's tv's newest session (and its stored events)
+    just before the prepared rows' update: both hold the same rows after."""
+    stored_before = {e.event_id for e in first}
+
+    def change(tx) -> None:
+        (start, end), = tx.query("SELECT start_ts, end_ts FROM sessions WHERE account_id = 'known-2' AND "
+                                 "device_id = 'tv-1' AND state IS NOT NULL")
+        for (event_id,) in tx.query("SELECT event_id FROM events WHERE account_id = 'known-2' AND device_id = "
+                                    "'tv-1' AND ts BETWEEN ? AND ?", (start, end)):
+            if event_id in stored_before:
+                tx.execute("DELETE FROM events WHERE account_id = 'known-2' AND event_id = ?", (event_id,))
+        assert tx.execute("DELETE FROM sessions WHERE account_id = 'known-2' AND device_id = 'tv-1' "
+                          "AND state IS NOT NULL") == 1
+
+    store = _store(tmp_path / "a.db", _cipher(ring))
+    reference = _per_device_path(_store(tmp_path / "b.db", _cipher(ring)))
+    for s in (store, reference):
+        s.ingest(first)
+        _changing_before_the_update(s, change)
+    result = store.ingest(batch)
+    assert result == reference.ingest(batch)
+    _assert_same_households(store, reference, HOUSEHOLDS)
+
+
+def test_a_newest_session_changed_before_its_update_takes_the_full_rebuild(tmp_path):
+    """After the set-wise check and before the prepared rows' update, another writer that
+    takes no household lock (an erasure across accounts, PostgreSQL read committed) deletes
+    known-2's tv's newest session and its stored events: the update matches no row, and
+    that device takes the full rebuild, as the per-device path's _write_extension does —
+    the same rows on both. Seen failing without the count check: the batch's events of
+    that tv left in no session."""
+    ring = KeyRing([generate_kek("k1")], "k1")
+    first = _batch(random.Random(26), HOUSEHOLDS)
+    batch = [e for e in _next_batch(random.Random(27), first) if e.event_id != "late-1"]
+    _as_the_per_device_path_when_known_2_tv_changes_before_the_update(tmp_path, ring, first, batch)
+
+
+def test_an_extended_session_followed_by_a_new_one_takes_the_full_rebuild_when_changed_before_its_update(tmp_path):
+    """review31: as above, but the batch also starts a new session on that tv after the one it
+    extends, so the extended row keeps no running state (NULL). The set-wise path told a row
+    the update missed by its state read back after the update: NULL for the deleted row too,
+    so that device was not rebuilt and the events extending the deleted session were left in
+    no session. Seen failing without comparing the row's end and count instead."""
+    ring = KeyRing([generate_kek("k1")], "k1")
+    first = _batch(random.Random(28), HOUSEHOLDS)
+    batch = [e for e in _next_batch(random.Random(29), first) if e.event_id != "late-1"]
+    newest_tv = max(e.ts for e in batch if e.account_id == "known-2" and e.device_id == "tv-1")
+    batch.append(random_event(random.Random(30), "known-2", 240, newest_tv + 3 * GAP_S, device="tv-1",
+                              event_id="next-after-gap"))
+    _as_the_per_device_path_when_known_2_tv_changes_before_the_update(tmp_path, ring, first, batch)
+
+
+def test_a_batch_s_household_locks_hold_as_one_household_s_lock_does(postgres_dsn):
+    """PostgreSQL: ``lock_households`` (a batch's households, two statements for all since
+    ingest31) holds each household as ``lock_household`` does — another writer or an erasure
+    of one of them waits, one of another household does not — and still waits for a replica
+    older than session 24 holding the household's key alone, exclusively."""
+    import threading
+    import uuid
+
+    from services.common.storage.sql import PostgresDatabase
+    from tests.helpers.held_transaction import transaction_held_open
+
+    database = PostgresDatabase(postgres_dsn, f"locks_{uuid.uuid4().hex[:8]}", max_size=6)
+
+    def locker(lock, done: threading.Event) -> None:
+        with database.transaction() as tx:
+            lock(tx)
+        done.set()
+
+    def started(lock) -> threading.Event:
+        done = threading.Event()
+        threading.Thread(target=locker, args=(lock, done), daemon=True).start()
+        return done
+
+    try:
+        with transaction_held_open(database, lambda tx: tx.lock_households(["hh-0", "hh-1", "hh-2"])):
+            waiting = [started(lambda tx, a=a: tx.lock_household(a)) for a in ("hh-0", "hh-2")]
+            assert started(lambda tx: tx.lock_household("hh-9")).wait(10), "another household waited"
+            assert not any(done.wait(0.3) for done in waiting), "a household of the batch was not held"
+        assert all(done.wait(10) for done in waiting)
+        with transaction_held_open(database, lambda tx: tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", ("household:hh-1",))):
+            newer = started(lambda tx: tx.lock_households(["hh-0", "hh-1"]))
+            assert not newer.wait(0.5), "a batch did not wait for an older replica's lock"
+        assert newer.wait(10)
+    finally:
+        database.close()

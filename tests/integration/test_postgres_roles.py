@@ -98,6 +98,17 @@ def denied(dsn: str, statement: str) -> str:
     return ""
 
 
+def purge_after_an_erasure(dsn: str, schema: str) -> dict:
+    """The erasure purge's report, run over ``dsn``'s login after an erasure recorded."""
+    db = PostgresDatabase(dsn, schema, max_size=1)
+    try:
+        with db.transaction() as tx:
+            record_erasure(tx)
+        return db.purge_erased(())
+    finally:
+        db.close()
+
+
 @pytest.fixture(scope="module")
 def provisioned(postgres_dsn, tmp_path_factory):
     """A fresh install: roles provisioned on an empty database, then the four services
@@ -180,13 +191,7 @@ def test_the_purge_removes_wal_under_a_service_role(provisioned):
     """``pg_checkpoint`` and ``pg_switch_wal`` granted: the erasure purge's WAL step is
     not refused for want of privilege (docs/privacy.md §11)."""
     _, dsns, _, _ = provisioned
-    db = PostgresDatabase(dsns["feedback"], "hearth_feedback", max_size=1)
-    try:
-        with db.transaction() as tx:
-            record_erasure(tx)
-        purge = db.purge_erased(())
-    finally:
-        db.close()
+    purge = purge_after_an_erasure(dsns["feedback"], "hearth_feedback")
     assert "pg_switch_wal(); CHECKPOINT" in purge["action"], purge
     assert "no privilege" not in purge["action"], purge
 

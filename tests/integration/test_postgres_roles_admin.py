@@ -21,11 +21,10 @@ from psycopg.conninfo import make_conninfo
 from services import cli
 from services.common.backup import postgres_sessions_in_use
 from services.common.storage import roles
-from services.common.storage.sql import PostgresDatabase, record_erasure
 from services.testing import inprocess
 from tests.helpers.servers import bundled_postgres16, fresh_database
 from tests.helpers.waiting import wait_for
-from tests.integration.test_postgres_roles import denied, stored, write_household
+from tests.integration.test_postgres_roles import denied, purge_after_an_erasure, stored, write_household
 from tests.integration.test_postgres_roles_converge import _backup_env, _dsns, _set_env, _state, _tag
 
 
@@ -41,6 +40,18 @@ def _database_of_admin(server_dsn: str, admin: str, attributes: str, owner: bool
             name = conn.execute("SELECT current_database()").fetchone()[0]
             conn.execute(f'ALTER DATABASE "{name}" OWNER TO "{admin}"')
     return database, make_conninfo(database, user=admin)
+
+
+def _refused(database: str, admin: str, tag: str, monkeypatch, capsys) -> str:
+    """Runs `hearth db provision-roles` as ``admin``, which must be refused with nothing
+    changed (no role made, PUBLIC's CONNECT kept); its error."""
+    _set_env(monkeypatch, admin, _dsns(database, tag))
+    before = _state(database, tag)
+    assert cli.main(["db", "provision-roles"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing was changed" in err, err
+    assert _state(database, tag) == before
+    return err
 
 
 def _attributes(database: str, tag: str) -> dict[str, tuple]:
@@ -113,13 +124,7 @@ def test_a_managed_servers_admin_provisions_and_the_services_run_under_their_rol
     assert "permission denied" in denied(dsns["clustering"], "CREATE TABLE public.planted (x int)")
     # The erasure purge without pg_switch_wal(): the tables still rewritten, the receipt
     # incomplete and naming why.
-    db = PostgresDatabase(dsns["feedback"], "hearth_feedback", max_size=1)
-    try:
-        with db.transaction() as tx:
-            record_erasure(tx)
-        purge = db.purge_erased(())
-    finally:
-        db.close()
+    purge = purge_after_an_erasure(dsns["feedback"], "hearth_feedback")
     assert not purge["complete"] and "no privilege to remove WAL segments" in purge["action"], purge
 
     # A backup restored by this admin (it sets each schema aside, makes it anew for its
@@ -141,14 +146,9 @@ def test_a_managed_servers_admin_provisions_and_the_services_run_under_their_rol
 def test_an_admin_without_createrole_or_the_database_is_refused_naming_both(postgres_dsn, monkeypatch, capsys):
     tag = _tag()
     database, admin = _database_of_admin(postgres_dsn, f"{tag}_dba", "NOSUPERUSER CREATEDB", owner=False)
-    _set_env(monkeypatch, admin, _dsns(database, tag))
-    before = _state(database, tag)
-
-    assert cli.main(["db", "provision-roles"]) == 2
-    err = capsys.readouterr().err
+    err = _refused(database, admin, tag, monkeypatch, capsys)
     assert f"role {tag}_dba is no superuser and lacks CREATEROLE" in err, err
-    assert "ownership of database roleadmin_" in err and "nothing was changed" in err, err
-    assert _state(database, tag) == before          # no role made, PUBLIC's CONNECT kept
+    assert "ownership of database roleadmin_" in err, err
 
 
 def test_a_service_role_with_replication_is_refused_under_an_admin_that_may_not_take_it_away(
@@ -159,14 +159,8 @@ def test_a_service_role_with_replication_is_refused_under_an_admin_that_may_not_
     database, admin = _database_of_admin(postgres_dsn, f"{tag}_dba", "NOSUPERUSER CREATEROLE CREATEDB")
     with psycopg.connect(postgres_dsn, autocommit=True) as conn:
         conn.execute(f'CREATE ROLE "{tag}_privacy" LOGIN REPLICATION')
-    _set_env(monkeypatch, admin, _dsns(database, tag))
-    before = _state(database, tag)
-
-    assert cli.main(["db", "provision-roles"]) == 2
-    err = capsys.readouterr().err
+    err = _refused(database, admin, tag, monkeypatch, capsys)
     assert f"role {tag}_privacy has REPLICATION, which only a superuser may take away" in err, err
-    assert "nothing was changed" in err, err
-    assert _state(database, tag) == before
 
 
 def test_a_public_schema_the_admin_may_not_close_is_refused_naming_its_owner(postgres_dsn, monkeypatch, capsys):
@@ -179,11 +173,71 @@ def test_a_public_schema_the_admin_may_not_close_is_refused_naming_its_owner(pos
         superuser = conn.execute("SELECT current_user").fetchone()[0]
         conn.execute(f'ALTER SCHEMA public OWNER TO "{superuser}"')
         conn.execute("GRANT CREATE ON SCHEMA public TO PUBLIC")
-    _set_env(monkeypatch, admin, _dsns(database, tag))
-    before = _state(database, tag)
-
-    assert cli.main(["db", "provision-roles"]) == 2
-    err = capsys.readouterr().err
+    err = _refused(database, admin, tag, monkeypatch, capsys)
     assert f"PUBLIC may still CREATE in schema public (owned by {superuser})" in err, err
-    assert "nothing was changed" in err, err
-    assert _state(database, tag) == before
+
+
+def test_on_16_a_service_role_another_login_made_is_refused_naming_the_grant_needed(postgres16_dsn, monkeypatch,
+                                                                                   capsys):
+    """From 16 a CREATEROLE login may grant (itself too) only the roles it holds WITH ADMIN
+    OPTION — those it made. A service role made by another login (here the superuser):
+    refused, naming the role and the GRANT that lets the run go on."""
+    tag = _tag()
+    database, admin = _database_of_admin(postgres16_dsn, f"{tag}_dba", "NOSUPERUSER CREATEROLE CREATEDB")
+    with psycopg.connect(postgres16_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE ROLE "{tag}_clustering" LOGIN')
+    err = _refused(database, admin, tag, monkeypatch, capsys)
+    assert (f"role {tag}_dba may not make itself a member of role {tag}_clustering, which it did not create"
+            in err), err
+    assert f"GRANT {tag}_clustering TO {tag}_dba WITH ADMIN OPTION" in err, err
+    # The GRANT it names lets the next run through.
+    with psycopg.connect(postgres16_dsn, autocommit=True) as conn:
+        conn.execute(f'GRANT "{tag}_clustering" TO "{tag}_dba" WITH ADMIN OPTION')
+    assert cli.main(["db", "provision-roles"]) == 0, capsys.readouterr().err
+    assert not json.loads(capsys.readouterr().out)["clustering"]["created_role"]
+
+
+def test_a_lock_held_by_an_old_pod_is_named_to_an_admin_that_may_not_see_its_session(postgres_dsn, monkeypatch,
+                                                                                   capsys):
+    """pg_stat_activity hides another login's state and times from a login that is no
+    superuser (nor pg_read_all_stats, nor a member of it): the lock timeout's message
+    still names the pid, login and table, and says what it could not see."""
+    tag = _tag()
+    database, admin = _database_of_admin(postgres_dsn, f"{tag}_dba", "NOSUPERUSER CREATEROLE CREATEDB")
+    legacy = f"{tag}_legacy"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE ROLE "{legacy}" LOGIN')
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA hearth_clustering AUTHORIZATION "{legacy}"')
+        conn.execute("CREATE TABLE hearth_clustering.events (event_id text PRIMARY KEY)")
+        conn.execute(f'ALTER TABLE hearth_clustering.events OWNER TO "{legacy}"')
+        conn.execute(f'GRANT CONNECT ON DATABASE "{conn.info.dbname}" TO "{legacy}"')
+    pod = psycopg.connect(make_conninfo(database, user=legacy, application_name="old-clustering-pod"))
+    pid = pod.info.backend_pid
+    try:
+        pod.execute("SELECT count(*) FROM hearth_clustering.events").fetchone()
+        _set_env(monkeypatch, admin, _dsns(database, tag))
+        assert cli.main(["db", "provision-roles", "--keep-access-for", legacy, "--lock-timeout", "1"]) == 2
+    finally:
+        pod.close()
+    err = capsys.readouterr().err
+    assert f"pid {pid} (user {legacy}, application old-clustering-pod, its state and age hidden from this admin" \
+        in err, err
+    assert "hearth_clustering.events (AccessShareLock)" in err, err
+    assert "None" not in err, err
+
+
+def test_an_admin_owning_the_database_through_a_role_it_belongs_to_provisions(postgres_dsn, monkeypatch, capsys):
+    """A database owned by a group role the admin login is a member of (a provider's admin
+    group) counts as the admin's: PUBLIC's CONNECT revoked, each service's granted."""
+    tag = _tag()
+    database, admin = _database_of_admin(postgres_dsn, f"{tag}_dba", "NOSUPERUSER CREATEROLE CREATEDB", owner=False)
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(f'CREATE ROLE "{tag}_admins" NOLOGIN')
+        conn.execute(f'GRANT "{tag}_admins" TO "{tag}_dba"')
+        conn.execute(f'ALTER DATABASE "{conn.info.dbname}" OWNER TO "{tag}_admins"')
+    _set_env(monkeypatch, admin, _dsns(database, tag))
+    assert cli.main(["db", "provision-roles"]) == 0, capsys.readouterr().err
+    with psycopg.connect(database) as conn:
+        acl = conn.execute("SELECT datacl::text FROM pg_database WHERE datname = current_database()").fetchone()[0]
+    assert "=Tc/" not in acl and f"{tag}_clustering=c/" in acl, acl     # PUBLIC's gone, the services' in

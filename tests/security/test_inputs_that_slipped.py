@@ -537,8 +537,9 @@ def test_an_ingest_stream_holds_at_most_one_batch_of_events(channel, signer, adm
 def test_an_assign_sessions_message_holds_at_most_one_batch_of_vectors(channel, signer):
     """attack31: one ``AssignSessions`` message took as many vectors as 16 MiB holds
     (~90,000 of 35 float32), each of its own household: clustering looked up every
-    household's consent, confirmed and loaded each model (14.5 s and +103 MB for 90,000
-    households it did not even know, answered NOT_FOUND at the end). A message now holds
+    household's consent and confirmed every model version before loading the first model
+    (14.5 s and +103 MB for 90,000 households it did not even know, answered NOT_FOUND at
+    the end). A message now holds
     at most one batch (MAX_EVENTS_PER_BATCH vectors), refused before any household is
     read, naming ``feature_vectors``."""
     import numpy as np

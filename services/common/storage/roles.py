@@ -366,7 +366,7 @@ def _lock_timeout_message(conn, lock_timeout_s: float) -> str:
     services' tables (or the provisioning's own lock) now, and what to do."""
     holders = conn.execute(
         "SELECT a.pid, coalesce(a.usename, '?'), coalesce(nullif(a.application_name, ''), '-'), "
-        "coalesce(a.state, '?'), extract(epoch FROM now() - coalesce(a.xact_start, a.query_start))::int, "
+        "a.state, extract(epoch FROM now() - coalesce(a.xact_start, a.query_start))::int, "
         "string_agg(DISTINCT CASE WHEN l.locktype = 'advisory' THEN 'the provisioning lock (another "
         "hearth db provision-roles)' ELSE l.relation::regclass::text || ' (' || l.mode || ')' END, ', ') "
         "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
@@ -377,8 +377,12 @@ def _lock_timeout_message(conn, lock_timeout_s: float) -> str:
         " OR (l.locktype = 'advisory' AND l.classid = 0 AND l.objid = %s)) "
         "GROUP BY 1, 2, 3, 4, 5 ORDER BY 1",
         ([schema_of(s) for s in SERVICES], ADVISORY_LOCK)).fetchall()
-    held = "; ".join(f"pid {pid} (user {user}, application {app}, {state}, transaction open {age} s) on {what}"
-                     for pid, user, app, state, age, what in holders) or \
+    held = "; ".join(f"pid {pid} (user {user}, application {app}, "
+                     + (f"{state}, transaction open {age} s" if state is not None else
+                        # pg_stat_activity hides another login's state and times from an admin
+                        # that is no superuser, nor a member of it or of pg_read_all_stats.
+                        "its state and age hidden from this admin login, which is no superuser")
+                     + f") on {what}" for pid, user, app, state, age, what in holders) or \
         "no session holds one now (it has ended: run it again)"
     return (f"a lock was not granted within --lock-timeout {lock_timeout_s:g} s; nothing was changed (one "
             f"transaction, rolled back). Holding locks on the services' tables: {held}. Let those transactions "
@@ -469,14 +473,25 @@ def _become_member(conn, role: str) -> None:
     it, as owning or handing over a schema to it, or acting as its owner, requires of
     anyone but a superuser. PostgreSQL 16 gives a CREATEROLE login ADMIN OPTION on the
     roles it creates, but neither INHERIT nor SET (``createrole_self_grant`` unset)."""
+    import psycopg
     from psycopg import sql
 
     sixteen = conn.info.server_version >= 160000
     has = conn.execute("SELECT pg_has_role(current_user, %s, 'USAGE')" + (" AND pg_has_role(current_user, %s, 'SET')"
                        if sixteen else ""), (role, role) if sixteen else (role,)).fetchone()[0]
     if not has:
-        conn.execute(sql.SQL("GRANT {} TO CURRENT_USER{}").format(
-            sql.Identifier(role), sql.SQL(" WITH INHERIT TRUE, SET TRUE") if sixteen else sql.SQL("")))
+        try:
+            with conn.transaction():
+                conn.execute(sql.SQL("GRANT {} TO CURRENT_USER{}").format(
+                    sql.Identifier(role), sql.SQL(" WITH INHERIT TRUE, SET TRUE") if sixteen else sql.SQL("")))
+        except psycopg.errors.InsufficientPrivilege:
+            # On 16 a CREATEROLE login may grant only roles it holds WITH ADMIN OPTION:
+            # those it created. One made by another login (a superuser, another admin) not.
+            admin = conn.execute("SELECT current_user").fetchone()[0]
+            raise ValueError(f"{ADMIN_DSN_VARIABLE}: role {admin} may not make itself a member of role {role}, "
+                             f"which it did not create (PostgreSQL 16 lets a CREATEROLE login grant only roles it "
+                             f"holds WITH ADMIN OPTION): as the role that created {role} (or a superuser), GRANT "
+                             f"{role} TO {admin} WITH ADMIN OPTION, then run this again; nothing was changed") from None
 
 
 def _grant_wal_purge(conn, ident, superuser: bool) -> list[str]:

@@ -37,6 +37,14 @@ def _ts_seconds(message, name: str, field: str) -> float | None:
     return check_query_ts(ts.seconds + ts.nanos / 1e9, field)
 
 
+# A record's details as JSON, at most (attack31): every reader of the log carries them —
+# a page of QueryAudit, the export, VerifyAudit (which holds the whole log) — and until
+# then they took up to 1,000,000 characters (the details map as many entries as 16 MiB
+# holds): 200 records of 900 KB made one QueryAudit take privacy to 2 GB. The records
+# Hearth writes hold under 1 KB (an RPC's name, code, component and a few counts).
+MAX_DETAILS_CHARS = 65_536
+
+
 def record_from_pb(message: pb.AuditRecord, index: int, caller: identity.Principal,
                    now: float) -> AuditRecord:
     """An AuditRecord from the wire. The principal defaults to the caller; ts to now;
@@ -58,6 +66,9 @@ def record_from_pb(message: pb.AuditRecord, index: int, caller: identity.Princip
     else:
         details_json = json.dumps(dict(message.details), sort_keys=True, separators=(",", ":"),
                                   ensure_ascii=False)
+    if len(details_json) > MAX_DETAILS_CHARS:
+        raise InvalidArgument(f"at most {MAX_DETAILS_CHARS} characters of details (as JSON), got {len(details_json)}",
+                              f"{where}.details_json" if message.details_json else f"{where}.details")
     ts = _ts_seconds(message, "ts", f"{where}.ts")
     return AuditRecord(
         ts=now if ts is None else ts, event_type=message.event_type, principal=principal,

@@ -104,3 +104,28 @@ def test_pruning_leaves_a_link_named_like_a_snapshot_alone(tmp_path):
     assert backup.prune(out, keep=1) == [old]
     assert sorted(p.name for p in out.iterdir()) == ["hearth-00000000", new.name]
     assert (elsewhere / backup.MANIFEST).exists()
+
+
+def test_a_link_planted_where_restore_writes_its_copy_is_not_followed(tmp_path):
+    """attack31: `restore_sqlite` copied each database to ``.<service>.db.restoring`` in the
+    data directory with shutil.copyfile, which follows a link: one planted there by
+    anything that can write the data directory (a service's process on one host) made the
+    restore overwrite the link's target with the snapshot's database, then rename the
+    link into place as the service's database."""
+    source = tmp_path / "source"
+    source.mkdir()
+    import sqlite3
+
+    with sqlite3.connect(source / "clustering.db") as db:
+        db.execute("CREATE TABLE t (x)")
+    snapshot = backup.backup_sqlite(source, tmp_path / "out")
+    data = tmp_path / "data"
+    data.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the operator's file")
+    (data / ".clustering.db.restoring").symlink_to(victim)
+    assert backup.restore_sqlite(backup.Snapshot.load(snapshot.path), data) == ["clustering"]
+    assert victim.read_text() == "the operator's file"
+    restored = data / "clustering.db"
+    assert restored.is_file() and not restored.is_symlink()
+    assert restored.read_bytes() == (snapshot.path / "clustering.db").read_bytes()

@@ -72,3 +72,68 @@ def test_the_gateway_channel_does_not_inflate_a_compressed_answer(compressing_se
                 assert len(answer) < len(PAYLOAD) // 100, len(answer)
 
     asyncio.run(main())
+
+
+def test_the_otlp_grpc_exporter_does_not_inflate_a_compressed_answer(compressing_server, monkeypatch):
+    """The trace exporter's own channel (OTLP over gRPC) is built by the OpenTelemetry
+    exporter, not by tls.channel_options(): a collector — or whatever answers at its
+    address — answering each export (every few seconds, in every process) with a gzip of
+    zeros was inflated whole before anything looked at it."""
+    from services.common import telemetry
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"http://{compressing_server}")
+    exporter = telemetry.otlp_exporter()
+    try:
+        try:
+            answer = exporter._channel.unary_unary("/t.Bomb/Get")(b"", timeout=30)
+        except grpc.RpcError as refused:
+            assert refused.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL,
+                                      grpc.StatusCode.RESOURCE_EXHAUSTED), refused
+            assert "larger than max" not in (refused.details() or ""), refused.details()   # inflated, then refused
+        else:
+            assert len(answer) < len(PAYLOAD) // 100, len(answer)
+    finally:
+        exporter.shutdown()
+
+
+def test_the_otlp_http_exporter_does_not_inflate_a_compressed_answer(monkeypatch):
+    """The same over OTLP/HTTP (the default protocol): `requests` read the collector's
+    answer whole and inflated a `Content-Encoding: gzip` body, 64 MiB from 64 KB, at every
+    export. At most telemetry.OTLP_MAX_ANSWER_BYTES of it is read now. A real HTTP server."""
+    import gzip
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from services.common import telemetry
+
+    bomb = gzip.compress(b"\0" * (64 << 20), compresslevel=9)
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self):   # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(bomb)))
+            self.end_headers()
+            self.wfile.write(bomb)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}/v1/traces")
+    exporter = telemetry.otlp_exporter()
+    try:
+        session = exporter._client._transport._session   # the session its exports go through
+        answer = session.request("POST", f"http://127.0.0.1:{server.server_address[1]}/v1/traces", data=b"x",
+                                 timeout=30)
+        assert answer.status_code == 200
+        assert len(answer.content) <= 1 << 20, len(answer.content)
+    finally:
+        exporter.shutdown()
+        server.shutdown()
+        server.server_close()
