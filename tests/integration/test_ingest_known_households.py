@@ -358,16 +358,10 @@ def _changing_before_the_update(store: ClusteringStore, change) -> ClusteringSto
     return store
 
 
-def test_a_newest_session_changed_before_its_update_takes_the_full_rebuild(tmp_path):
-    """After the set-wise check and before the prepared rows' update, another writer that
-    takes no household lock (an erasure across accounts, PostgreSQL read committed) deletes
-    known-2's tv's newest session and its stored events: the update matches no row, and
-    that device takes the full rebuild, as the per-device path's _write_extension does —
-    the same rows on both. Seen failing without the count check: the batch's events of
-    that tv left in no session."""
-    ring = KeyRing([generate_kek("k1")], "k1")
-    first = _batch(random.Random(26), HOUSEHOLDS)
-    batch = [e for e in _next_batch(random.Random(27), first) if e.event_id != "late-1"]
+def _as_the_per_device_path_when_known_2_tv_changes_before_the_update(tmp_path, ring, first, batch) -> None:
+    """``first`` then ``batch`` on the store and on the per-device path, another writer that
+    takes no household lock deleting known-2's tv's newest session (and its stored events)
+    just before the prepared rows' update: both hold the same rows after."""
     stored_before = {e.event_id for e in first}
 
     def change(tx) -> None:
@@ -388,6 +382,19 @@ def test_a_newest_session_changed_before_its_update_takes_the_full_rebuild(tmp_p
     result = store.ingest(batch)
     assert result == reference.ingest(batch)
     _assert_same_households(store, reference, HOUSEHOLDS)
+
+
+def test_a_newest_session_changed_before_its_update_takes_the_full_rebuild(tmp_path):
+    """After the set-wise check and before the prepared rows' update, another writer that
+    takes no household lock (an erasure across accounts, PostgreSQL read committed) deletes
+    known-2's tv's newest session and its stored events: the update matches no row, and
+    that device takes the full rebuild, as the per-device path's _write_extension does —
+    the same rows on both. Seen failing without the count check: the batch's events of
+    that tv left in no session."""
+    ring = KeyRing([generate_kek("k1")], "k1")
+    first = _batch(random.Random(26), HOUSEHOLDS)
+    batch = [e for e in _next_batch(random.Random(27), first) if e.event_id != "late-1"]
+    _as_the_per_device_path_when_known_2_tv_changes_before_the_update(tmp_path, ring, first, batch)
 
 
 def test_an_extended_session_followed_by_a_new_one_takes_the_full_rebuild_when_changed_before_its_update(tmp_path):
@@ -402,26 +409,7 @@ def test_an_extended_session_followed_by_a_new_one_takes_the_full_rebuild_when_c
     newest_tv = max(e.ts for e in batch if e.account_id == "known-2" and e.device_id == "tv-1")
     batch.append(random_event(random.Random(30), "known-2", 240, newest_tv + 3 * GAP_S, device="tv-1",
                               event_id="next-after-gap"))
-    stored_before = {e.event_id for e in first}
-
-    def change(tx) -> None:
-        (start, end), = tx.query("SELECT start_ts, end_ts FROM sessions WHERE account_id = 'known-2' AND "
-                                 "device_id = 'tv-1' AND state IS NOT NULL")
-        for (event_id,) in tx.query("SELECT event_id FROM events WHERE account_id = 'known-2' AND device_id = "
-                                    "'tv-1' AND ts BETWEEN ? AND ?", (start, end)):
-            if event_id in stored_before:
-                tx.execute("DELETE FROM events WHERE account_id = 'known-2' AND event_id = ?", (event_id,))
-        assert tx.execute("DELETE FROM sessions WHERE account_id = 'known-2' AND device_id = 'tv-1' "
-                          "AND state IS NOT NULL") == 1
-
-    store = _store(tmp_path / "a.db", _cipher(ring))
-    reference = _per_device_path(_store(tmp_path / "b.db", _cipher(ring)))
-    for s in (store, reference):
-        s.ingest(first)
-        _changing_before_the_update(s, change)
-    result = store.ingest(batch)
-    assert result == reference.ingest(batch)
-    _assert_same_households(store, reference, HOUSEHOLDS)
+    _as_the_per_device_path_when_known_2_tv_changes_before_the_update(tmp_path, ring, first, batch)
 
 
 def test_a_batch_s_household_locks_hold_as_one_household_s_lock_does(postgres_dsn):
