@@ -16,7 +16,7 @@ Cold starts answer as the service's default does (E.SERVICE_COLD_START_PRIOR: th
 strategy since session 16); ``--population-prior`` gives each world's population prior
 (``priors``: E.world_priors), as a service with HEARTH_COLD_START=population_prior answers.
 
-``python -m bench.label_feedback [--split tuning|reporting|movielens-tuning] [--first-world W --worlds N
+``python -m bench.label_feedback [--split tuning|reporting|movielens-tuning|movielens-latest-tuning] [--first-world W --worlds N
 --households H] [--draws D] [--workers W] [--batch-only | --stream-only] [--[no-]population-prior]`` prints one
 JSON object on its last line. Choices are made on ``tuning`` (worlds from 12 on have never been seen by the
 confidence maps, which are fitted on TUNING worlds 0-11 since session 12, 0-3 before); ``reporting`` is read to
@@ -35,7 +35,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 from bench import _worlds_eval as E
-from bench import worlds, worlds_movielens
+from bench import worlds, worlds_movielens, worlds_movielens_latest
 
 
 def _one(args: tuple) -> dict:
@@ -52,15 +52,20 @@ def _one(args: tuple) -> dict:
     return out
 
 
+# The real viewers' TUNING halves, by split name: MovieLens 100K's (bench/worlds_movielens.py)
+# and the second population's, MovieLens latest-small (bench/worlds_movielens_latest.py).
+REAL_VIEWERS_TUNING = {"movielens-tuning": worlds_movielens, "movielens-latest-tuning": worlds_movielens_latest}
+
+
 def _generator(split: str, first_world: int, n_worlds: int | None):
     """(generate(households_per_world), worlds per family) of the split's worlds 0 ..
-    ``first_world + n_worlds - 1`` (``movielens-tuning``: real viewers of the tuning half,
-    bench/worlds_movielens.py); every generator gives a prefix of the same households for
-    fewer per world, which ``priors`` relies on."""
-    if split == "movielens-tuning":
-        n_worlds = n_worlds or 3
-        return (lambda n: worlds_movielens.generate(worlds_per_family=first_world + n_worlds,
-                                                    households_per_world=n, split="tuning")), n_worlds
+    ``first_world + n_worlds - 1`` (REAL_VIEWERS_TUNING: real viewers of a tuning half);
+    every generator gives a prefix of the same households for fewer per world, which
+    ``priors`` relies on."""
+    if split in REAL_VIEWERS_TUNING:
+        n_worlds, module = n_worlds or 3, REAL_VIEWERS_TUNING[split]
+        return (lambda n: module.generate(worlds_per_family=first_world + n_worlds,
+                                          households_per_world=n, split="tuning")), n_worlds
     s = worlds.TUNING if split == "tuning" else worlds.REPORTING
     n_worlds = n_worlds or s.worlds_per_family
     return (lambda n: worlds.generate(s, worlds_per_family=first_world + n_worlds, households_per_world=n)), n_worlds
@@ -74,11 +79,11 @@ def priors(split: str, first_world: int, n_worlds: int | None, hs: list[worlds.W
 
 def households(split: str, first_world: int, n_worlds: int | None, n_house: int | None) -> list[worlds.WorldHousehold]:
     """The split's households of worlds ``first_world`` .. ``first_world + n_worlds - 1``
-    (``movielens-tuning``: real viewers of the tuning half, bench/worlds_movielens.py)."""
+    (REAL_VIEWERS_TUNING: real viewers of a tuning half)."""
     generate, n_worlds = _generator(split, first_world, n_worlds)
-    n_house = n_house or (4 if split == "movielens-tuning"
+    n_house = n_house or (4 if split in REAL_VIEWERS_TUNING
                           else (worlds.TUNING if split == "tuning" else worlds.REPORTING).households_per_world)
-    if split != "movielens-tuning":   # only the worlds asked for (world w is the same households either way)
+    if split not in REAL_VIEWERS_TUNING:   # only the worlds asked for (world w is the same households either way)
         return worlds.generate(worlds.TUNING if split == "tuning" else worlds.REPORTING, households_per_world=n_house,
                                world_indices=range(first_world, first_world + n_worlds))
     hs = generate(n_house)
@@ -128,7 +133,7 @@ def _cached(cache: str | None, ids: list[str], draws: int, streaming: bool, batc
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--split", choices=("tuning", "reporting", "movielens-tuning"), default="tuning")
+    ap.add_argument("--split", choices=("tuning", "reporting", *REAL_VIEWERS_TUNING), default="tuning")
     ap.add_argument("--first-world", type=int, default=0)
     ap.add_argument("--worlds", type=int, default=None, help="worlds per family (default: the split's)")
     ap.add_argument("--households", type=int, default=None, help="households per world (default: the split's)")

@@ -250,6 +250,26 @@ def infrastructure() -> Dashboard:
                                Q("sum by (instance) (hearth_prediction_outbox_depth)", "{{instance}}"),
                                Q(f"sum(rate(hearth_prediction_forward_failures_total[{RI}]))", "failures/s"),
                                lines=((1000, "orange"),)))
+            .with_panel(series("erasure fence: age of each clustering replica's last read", "s",
+                               Q("max by (instance) (hearth_erasure_fence_read_age_seconds)", "age {{instance}}"),
+                               Q("max by (instance) (hearth_erasure_fence_seconds)", "fence {{instance}}"),
+                               description="A replica trusts a model version it holds only while its last read "
+                                           "of the erasure fence began within HEARTH_ERASURE_FENCE_S (3 s): "
+                                           "an age above the fence means it asks the database for every "
+                                           "answer and sees no erasure (HearthErasureFenceStale after 2 min). "
+                                           "+Inf before its first read; 0 and 0 on a replica that does not "
+                                           "watch the fence. docs/security.md, \"Other replicas after an "
+                                           "erasure\"."))
+            .with_panel(series("erasure fence: erasures seen, failed reads, models dropped per second", "ops",
+                               Q(f"sum by (instance) (rate(hearth_erasure_fence_moves_seen_total[{RI}]))",
+                                 "erasures seen {{instance}}"),
+                               Q(f"sum by (instance) (rate(hearth_erasure_fence_read_failures_total[{RI}]))",
+                                 "failed reads {{instance}}"),
+                               Q(f"sum by (instance) (rate(hearth_erasure_fence_models_dropped_total[{RI}]))",
+                                 "models dropped {{instance}}"),
+                               description="Each replica sees every erasure anywhere (a move of the fence); "
+                                           "failed reads are the database unreachable from it; models dropped "
+                                           "are decoded models whose version an erasure replaced."))
             .with_row(Row("Security"))
             .with_panel(series("authentication failures, denials, rate limits per second", "ops",
                                Q(f"sum by (component) (rate(hearth_auth_failures_total[{RI}]))", "auth {{component}}"),

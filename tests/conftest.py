@@ -45,9 +45,11 @@ os.environ.setdefault("HEARTH_CONSENT_CACHE_S", "1")
 # Every clustering Erase waits HEARTH_ERASURE_FENCE_S (3 s in production) after its deletion
 # and refit before it answers, so that no other replica still answers with the erased model
 # (docs/security.md, "Other replicas after an erasure"); each replica reads the fence every
-# quarter of it. The test meshes' deletion jobs paid 3 s per Erase (session 31: 7 in the e2e
-# package mesh, more in the security mesh and the meshes of their own); here 0.5 s, as the
-# deletion and remnants meshes already ran. What the tests assert does not depend on the
+# quarter of it. Every mesh a test starts paid 3 s per Erase: the real processes' (7 Erases
+# in the e2e package mesh's run, more in the security mesh and the meshes of their own) and
+# the in-process ones' (services/testing/inprocess.py loads the settings from this
+# environment: each of test_deletion_service.py's deletions took ~3 s; session 31). Here
+# 0.5 s, as the deletion and remnants meshes already ran. What the tests assert does not depend on the
 # length: the fence's own tests set theirs (tests/integration/test_erasure_fence.py; the
 # replica test in tests/e2e/test_deletion_e2e.py runs at 0.5 s). An older commit's tree
 # started by a test does not get it (services/testing/mesh.py ``Mesh.env``).

@@ -616,14 +616,23 @@ class ClusteringApp:
                 self.keeper.refresh(scope.account_id, force="erasure", retire=scope.person_id or "")
                 self.store.refit_done(scope.account_id, noted)
                 refitted = True
+        model_replaced = scope.kind != "household" and (refitted or not outcome.empty)
         if scope.kind != "household":
             # The refit replaced the model blob that was fitted on the erased sessions:
             # purge again so its old bytes leave the WAL / dead tuples too.
-            outcome.purges[-1:] = [self.store.purge_erased(model_replaced=refitted or not outcome.empty)]
+            outcome.purges[-1:] = [self.store.purge_erased(model_replaced=model_replaced)]
         if self.erasure_fence_s is not None:
             # Every Erase, a repeat included (one whose fence failed is retried by its job):
             # the other replicas' confirmed versions of the replaced or removed model are
             # not trusted once this answers (store.py, MODEL_CONFIRM_S).
             self.store.move_erasure_fence()
             time.sleep(self.erasure_fence_s)
+            if not scope.all_accounts:
+                # Meanwhile another replica that had not read the fence yet may have answered
+                # from the model it held and logged that answer: taken out of the outbox now,
+                # before feedback's erase (the next stage) and the forwarder can meet it.
+                logged = self.store.erase_logged_predictions(scope, outcome.deleted_ids_of("sessions"))
+                if logged:
+                    outcome.add("pending_predictions", logged)
+                    outcome.purges[-1:] = [self.store.purge_erased(model_replaced=model_replaced)]
         return outcome

@@ -203,4 +203,22 @@ CREATE TABLE IF NOT EXISTS refits_owed (
 CREATE TABLE erasure_fence (id INTEGER PRIMARY KEY, epoch {bigint} NOT NULL);
 INSERT INTO erasure_fence (id, epoch) VALUES (1, 0)
 """),
+    # What a device, person or window erasure fenced off (session 31): events of the scope
+    # recorded up to the erasure that arrive after it — a batch in flight during the
+    # erasure, a retry of one, a device's backlog — are refused, not stored
+    # (ClusteringStore.ingest; docs/privacy.md "An erased scope stays erased"). A row holds
+    # the account id, the keyed digest of the device id (NULL: every device, a window) and
+    # the fenced span of event time (lo NULL: from the beginning; hi: the erasure's time, or
+    # the window's end if earlier) — never an event's id or time. A household erasure drops
+    # its rows; the retention purge drops those whose span ended before its window.
+    Migration(16, "erasure fences", """
+CREATE TABLE IF NOT EXISTS erasure_fences (
+    account_id TEXT NOT NULL,
+    device_digest {blob},
+    lo {double},
+    hi {double} NOT NULL
+);
+CREATE INDEX IF NOT EXISTS erasure_fences_account ON erasure_fences (account_id);
+CREATE INDEX IF NOT EXISTS erasure_fences_hi ON erasure_fences (hi)
+"""),
 ]

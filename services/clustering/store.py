@@ -98,6 +98,7 @@ _PERSISTENCE_PURGE_OWED = "purge-owed:persistence"
 # kept out of PostgreSQL's planner statistics: migrate(personal_tables=...)).
 _ERASED_TABLES = ("events", "sessions", "devices", "household_models", "drift_events",
                   "prediction_outbox", "prediction_chunks", "session_labels", "erased_events",
+                  "erasure_fences",  # session 31: account ids and device digests
                   "refits_owed",   # its rows hold the account id too (review23)
                   "household_key_epochs")
 
@@ -266,7 +267,10 @@ class _PreparedHousehold:
 
 # The tables a household's rows are in; a household none of them holds a row of is "new"
 # (``ClusteringStore._new_households``): its sessions follow from the batch alone.
-_HOUSEHOLD_TABLES = ("devices", "events", "sessions", "erased_events")
+_HOUSEHOLD_TABLES = ("devices", "events", "sessions", "erased_events", "erasure_fences")
+# What a fence keeps of a device is the keyed digest of this prefix and its id (the prefix
+# keeps a device's digest apart from an event's of the same text in ``erased_events``).
+_FENCED_DEVICE = "device\x00"
 # A device's newest session row, whose kept state an ingest extends (_update_sessions).
 _NEWEST_SESSION = ("SELECT session_id, start_ts, end_ts, feature_version, state FROM sessions "
                    "WHERE account_id = ? AND device_id = ? ORDER BY end_ts DESC LIMIT 1")
@@ -285,7 +289,23 @@ class _PreparedDevice:
     fresh: list[str]                 # the ids of the events to store, in order
     newest: list                     # the newest session's query result as read
     events: list[tuple]              # the fresh events' rows, sealed
-    extension: "_Extension"
+    extension: "_Extension | None"   # its newest session extended; or
+    rebuild: "_Rebuild | None" = None   # its events late: the full rebuild's rows (ingest31)
+
+
+@dataclass
+class _Rebuild:
+    """The full rebuild's rows for a device whose batch comes late (``_rebuild_sessions``
+    from ``earliest``), made before the write transaction from what a read found there:
+    the sessions it replaces (``affected``, the query's result as read) and the stored
+    events from ``since`` on, with the batch's fresh ones (``ids``). The transaction writes
+    them only if it reads the same two (and the device's three, ``_PreparedDevice``)."""
+    earliest: float
+    affected: list
+    since: float
+    ids: frozenset[str]
+    rows: list[tuple]
+    touched: int
 
 
 # A device's newest session row extended by a batch's events (_Extension.extended): the full
@@ -301,6 +321,12 @@ def _extended_row(extension: "_Extension") -> tuple:
     (_, _, _, device_type, _, end_ts, count, watch, version, features, label, _, unknown, state) = extension.rows[0]
     return (device_type, end_ts, count, watch, version, features, label, unknown, state,
             extension.session_id, extension.last_end)
+
+
+def _extended_read_back(extension: "_Extension") -> tuple:
+    """What the extended session's row reads after ``_EXTEND_SESSION`` found it: end, count, state."""
+    row = extension.rows[0]
+    return (float(row[5]), int(row[6]), row[13])
 
 
 @dataclass
@@ -486,8 +512,7 @@ class ClusteringStore:
         ready = self._prepare_known_devices(by_device, prepared)
         with self.db.transaction() as tx:
             accounts = sorted({account for account, _ in by_device})
-            for account in accounts:
-                tx.lock_household(account)
+            tx.lock_households(accounts)
             drop_keys_of_erased_households(tx, self.cipher, accounts)
             if self.max_devices is not None:
                 self._refuse_devices_past_bound(tx, list(by_device), first_index)
@@ -496,7 +521,8 @@ class ClusteringStore:
                 accepted += household.accepted
                 duplicates += household.duplicates
                 touched += household.touched
-            taken, counts = self._write_prepared_devices(tx, by_device, ready)
+            fences = self._erasure_fences(tx, [a for a in accounts if a not in written])
+            taken, counts = self._write_prepared_devices(tx, by_device, ready, set(fences))
             accepted += counts.accepted
             duplicates += counts.duplicates
             late += counts.rejected_late
@@ -513,6 +539,13 @@ class ClusteringStore:
                 watermark = float(row[0][0]) if row else float("-inf")
                 on_time = [e for e in batch.events if e.ts >= watermark - self.tolerance_s]
                 late += len(batch.events) - len(on_time)
+                if account in fences:
+                    # What an erasure of this device, person or window fenced off (recorded
+                    # before it, arriving after it: a batch in flight during it) is erased
+                    # data, refused as a replay of erased events is (a duplicate).
+                    unfenced = self._unfenced(account, device, on_time, fences[account])
+                    duplicates += len(on_time) - len(unfenced)
+                    on_time = unfenced
                 if not on_time:
                     continue
                 # A duplicate (an id this household already stored, or one repeated in the
@@ -678,6 +711,7 @@ class ClusteringStore:
                     reads.append((account, device, row, fresh, tx.query(_NEWEST_SESSION, (account, device))))
         sealers: dict[str, HouseholdSealer | None] = {}
         plans = []
+        late: list[tuple[str, str, list, list[ViewingEvent], list, float]] = []
         for account, device, row, fresh, newest in reads:
             check_serving_deadline()
             ordered = sorted(fresh, key=lambda e: (e.ts, e.event_id))
@@ -687,8 +721,10 @@ class ClusteringStore:
                 last = self._extendable_state(account, device, newest, ordered, quiet=True)
             except HearthError:
                 continue   # as above: the transaction's own path meets it and answers as always
+            if last is None and self._state_opens(account, newest):
+                late.append((account, device, row, fresh, newest, ordered[0].ts))
             if last is None or not last.offset_known:
-                continue   # the full rebuild, or a state of before session 24: read there
+                continue   # the full rebuild (prepared below), or a state of before session 24: read there
             plans.append((account, device, row, fresh, newest, *self._extended_states(last, ordered)))
         sessions = iter(sessions_of([s for *_, states in plans for s in states], self.vocabulary))
         out: dict[tuple[str, str], _PreparedDevice] = {}
@@ -698,7 +734,54 @@ class ClusteringStore:
             out[(account, device)] = _PreparedDevice(
                 sealer.version if sealer is not None else None, row, [e.event_id for e in fresh], newest,
                 [self._event_row(e, sealer) for e in fresh], extension)
+        if late:
+            out.update(self._prepare_rebuilds(late, sealers))
         return out
+
+    def _prepare_rebuilds(self, late: list[tuple[str, str, list, list[ViewingEvent], list, float]],
+                          sealers: dict[str, HouseholdSealer | None]) -> dict[tuple[str, str], _PreparedDevice]:
+        """For devices whose batch comes late (inside or before the newest session, or a
+        newest session without a state to extend): the full rebuild's rows
+        (``_rebuild_sessions``), read and built before the write transaction — the sessions
+        it replaces, the stored events from where they start and the batch's fresh ones,
+        their sessions built and sealed (ingest31: a batch of late events did this inside
+        the transaction, one device at a time)."""
+        check_serving_deadline()
+        reads = []
+        with self.db.transaction(readonly=True) as tx:
+            for account, device, row, fresh, newest, earliest in late:
+                check_serving_deadline()
+                affected, since, stored = self._rebuild_reads(tx, account, device, earliest)
+                reads.append((account, device, row, fresh, newest, earliest, affected, since, stored))
+        out: dict[tuple[str, str], _PreparedDevice] = {}
+        for account, device, row, fresh, newest, earliest, affected, since, stored in reads:
+            check_serving_deadline()
+            sealer = sealers[account]
+            try:
+                events = [self._event_from_row(r) for r in stored]
+            except HearthError:
+                continue   # the transaction's own path meets it and answers as always
+            # The fresh events as a row read back gives them (what the rebuild inside reads).
+            events += [_event_from_row(_event_row(e)) for e in fresh]
+            states = build_session_states(events, self.gap_s, self.vocabulary)
+            rows = self._session_rows(states, {r[0]: r[2] for r in affected}, sealer)
+            out[(account, device)] = _PreparedDevice(
+                sealer.version if sealer is not None else None, row, [e.event_id for e in fresh], newest,
+                [self._event_row(e, sealer) for e in fresh], None,
+                _Rebuild(earliest, affected, since, frozenset(e.event_id for e in events), rows, len(states)))
+        return out
+
+    def _state_opens(self, account: str, newest: list) -> bool:
+        """Whether the newest session row has no state to open (none, or of another feature
+        version) or one that opens: a rebuild prepared for it counts no fallback the
+        transaction's own path would have counted (``_kept_state``)."""
+        if not newest or newest[0][4] is None or int(newest[0][3]) != self.vocabulary.feature_version:
+            return True
+        try:
+            SessionState.from_bytes(self._open_blob(account, "session_state", newest[0][4]))
+        except (FieldDecryptionError, NotFound, ValueError):
+            return False
+        return True
 
     def _write_prepared(self, tx: Tx, prepared: dict[str, _PreparedHousehold]) -> dict[str, _PreparedHousehold]:
         """In ``ingest``'s transaction, the households locked and their keys checked
@@ -722,7 +805,7 @@ class ClusteringStore:
         return usable
 
     def _write_prepared_devices(self, tx: Tx, by_device: dict[tuple[str, str], _DeviceBatch],
-                                ready: dict[tuple[str, str], _PreparedDevice]
+                                ready: dict[tuple[str, str], _PreparedDevice], fenced: set[str]
                                 ) -> tuple[set[tuple[str, str]], IngestResult]:
         """In ``ingest``'s transaction, the households locked and their keys checked: the
         prepared known devices (``_prepare_known_devices``) whose watermark, stored and
@@ -733,7 +816,7 @@ class ClusteringStore:
         three reads as the per-device path's, set-wise (one statement a table per 500
         devices), so the rows are the ones it writes. Left to the per-device path (which reads and checks one device at a time, as always): a device
         read otherwise, every device of a household that holds erased events' digests (its
-        check needs the household's key; rare) or whose batch repeats an event id across
+        check needs the household's key; rare) or erasure fences (``fenced``, session 31) or whose batch repeats an event id across
         its devices (the per-device path stores it with the first device in sorted order,
         which this order of writes would not). Returns the devices written and their
         counts."""
@@ -751,10 +834,13 @@ class ClusteringStore:
                     for e in by_device[(account, device)].events:
                         if owner.setdefault(e.event_id, device) != device:
                             shared.add(account)
-        accounts = sorted({account for account, _ in ready} - shared)
+        # A household an erasure fenced (``_erasure_fences``) goes to the per-device path,
+        # which checks each device's events against its fences (session 31).
+        accounts = sorted({account for account, _ in ready} - shared - fenced)
         erased = {r[0] for r in _query_chunks(
             tx, "SELECT DISTINCT account_id FROM erased_events WHERE account_id IN ({})", accounts)}
-        candidates = [key for key in sorted(ready) if key[0] not in shared and key[0] not in erased and (
+        left = shared | fenced | erased
+        candidates = [key for key in sorted(ready) if ready[key].extension is not None and key[0] not in left and (
             self.cipher is None or self.cipher.cached_newest_version(key[0]) == ready[key].key_version)]
         if not candidates:
             return set(), IngestResult()
@@ -816,11 +902,15 @@ class ClusteringStore:
             # lock (the retention purge, an Erase of every account) deleted or rebuilt it
             # meanwhile (PostgreSQL, read committed). Those devices take the full rebuild,
             # as the per-device path's _write_extension does (review22).
-            states = {r[0]: r[1] for r in _query_chunks(
-                tx, "SELECT session_id, state FROM sessions WHERE session_id IN ({})",
+            # Told by the row read back: the update sets its end, count and state, so a row
+            # without those is one it missed. Not by the state alone: an extended session
+            # that the batch follows with a new one keeps none (NULL), as a deleted row reads
+            # (review31: that device was not rebuilt, its events left in no session).
+            found = {r[0]: (float(r[1]), int(r[2]), r[3]) for r in _query_chunks(
+                tx, "SELECT session_id, end_ts, event_count, state FROM sessions WHERE session_id IN ({})",
                 [ready[key].extension.session_id for key in extended])}
-            rebuilt = {key for key in extended if states.get(ready[key].extension.session_id)
-                       != ready[key].extension.rows[0][13]}
+            rebuilt = {key for key in extended if found.get(ready[key].extension.session_id)
+                       != _extended_read_back(ready[key].extension)}
         tx.executemany("UPDATE sessions SET state = NULL WHERE session_id = ?",
                        [(ready[key].extension.session_id,) for key in taken if not ready[key].extension.extended])
         self._insert_sessions(tx, [row for key in taken if key not in rebuilt
@@ -868,6 +958,44 @@ class ClusteringStore:
         if self.cipher is not None:
             return self.cipher.digests(account, event_ids)
         return {i: hashlib.sha256(f"{account}\x00{i}".encode("utf-8")).digest() for i in event_ids}
+
+    def _erasure_fences(self, tx: Tx, accounts: Sequence[str]
+                        ) -> dict[str, list[tuple[bytes | None, float, float]]]:
+        """Account -> the fences its device, person and window erasures left: (the fenced
+        device's digest or None for every device, first and last instant fenced). One read
+        a batch (of 500 households)."""
+        fences: dict[str, list[tuple[bytes | None, float, float]]] = defaultdict(list)
+        for start in range(0, len(accounts), 500):
+            chunk = tuple(accounts[start:start + 500])
+            for account, digest, lo, hi in tx.query(
+                    "SELECT account_id, device_digest, lo, hi FROM erasure_fences "
+                    f"WHERE account_id IN ({', '.join('?' * len(chunk))})", chunk):
+                fences[account].append((None if digest is None else bytes(digest),
+                                        float("-inf") if lo is None else float(lo), float(hi)))
+        return fences
+
+    def _device_digest(self, account: str, device: str) -> bytes:
+        return self._digests(account, [_FENCED_DEVICE + device])[_FENCED_DEVICE + device]
+
+    def _unfenced(self, account: str, device: str, events: list[ViewingEvent],
+                  fences: list[tuple[bytes | None, float, float]]) -> list[ViewingEvent]:
+        """``events`` (of one device) without those an erasure's fence covers."""
+        digest = None
+        for fenced_device, lo, hi in fences:
+            if fenced_device is not None:
+                digest = digest or self._device_digest(account, device)
+                if fenced_device != digest:
+                    continue
+            events = [e for e in events if not lo <= e.ts <= hi]
+        return events
+
+    def _fence(self, tx: Tx, account: str, devices: Iterable[str], lo: float | None, hi: float) -> None:
+        """Fence off, for later writes, what ``devices`` (None among them: every device) of
+        the household recorded from ``lo`` to ``hi``."""
+        devices = list(devices)
+        digests = self._digests(account, [_FENCED_DEVICE + d for d in devices if d is not None])
+        tx.executemany("INSERT INTO erasure_fences (account_id, device_digest, lo, hi) VALUES (?, ?, ?, ?)",
+                       [(account, None if d is None else digests[_FENCED_DEVICE + d], lo, hi) for d in devices])
 
     def _erased(self, tx: Tx, account: str, event_ids: list[str]) -> set[str]:
         """The ids among ``event_ids`` of events an erasure of the household deleted."""
@@ -922,7 +1050,13 @@ class ClusteringStore:
         ordered = sorted(fresh, key=lambda e: (e.ts, e.event_id))
         newest = tx.query(_NEWEST_SESSION, (account, device))
         if prepared is not None and newest == prepared.newest:
-            return self._write_extension(tx, account, device, ordered, prepared.extension)
+            if prepared.extension is not None:
+                return self._write_extension(tx, account, device, ordered, prepared.extension)
+            rebuild = prepared.rebuild
+            affected, since, stored = self._rebuild_reads(tx, account, device, rebuild.earliest, ids_only=True)
+            if affected == rebuild.affected and since == rebuild.since and {r[0] for r in stored} == rebuild.ids:
+                self._replace_sessions(tx, account, device, rebuild.earliest, affected, rebuild.rows)
+                return rebuild.touched
         last = self._extendable_state(account, device, newest, ordered)
         if last is None:
             return self._rebuild_sessions(tx, account, device, ordered[0].ts)
@@ -1051,15 +1185,29 @@ class ClusteringStore:
         """Replace the sessions that events at or after ``earliest_new_ts`` can affect:
         those ending within one gap before it, and everything after (the device's newest
         session among them, with its running state)."""
+        affected, _, rows = self._rebuild_reads(tx, account, device, earliest_new_ts)
+        persons = {r[0]: r[2] for r in affected}
+        states = build_session_states([self._event_from_row(r) for r in rows], self.gap_s, self.vocabulary)
+        self._replace_sessions(tx, account, device, earliest_new_ts, affected, self._session_rows(states, persons))
+        return len(states)
+
+    def _rebuild_reads(self, tx: Tx, account: str, device: str, earliest_new_ts: float,
+                       ids_only: bool = False) -> tuple[list, float, list]:
+        """What the full rebuild from ``earliest_new_ts`` reads: the sessions it replaces
+        (id, start, person), where its events start, and those events' rows (``ids_only``:
+        their ids, what a prepared rebuild is checked against)."""
         affected = tx.query(
             "SELECT session_id, start_ts, person_id FROM sessions "
             "WHERE account_id = ? AND device_id = ? AND end_ts >= ?",
             (account, device, earliest_new_ts - self.gap_s))
         since = min([earliest_new_ts, *(float(r[1]) for r in affected)])
-        persons = {r[0]: r[2] for r in affected}
-        rows = tx.query(f"SELECT {_EVENT_COLUMNS} FROM events WHERE account_id = ? AND device_id = ? "
-                        "AND ts >= ? ORDER BY ts, event_id", (account, device, since))
-        states = build_session_states([self._event_from_row(r) for r in rows], self.gap_s, self.vocabulary)
+        rows = tx.query(f"SELECT {'event_id' if ids_only else _EVENT_COLUMNS} FROM events WHERE account_id = ? "
+                        "AND device_id = ? AND ts >= ? ORDER BY ts, event_id", (account, device, since))
+        return affected, since, rows
+
+    def _replace_sessions(self, tx: Tx, account: str, device: str, earliest_new_ts: float, affected: list,
+                          rows: list[tuple]) -> None:
+        """The full rebuild's writes: ``affected`` deleted, ``rows`` in their place."""
         if affected:
             tx.execute("DELETE FROM sessions WHERE account_id = ? AND device_id = ? AND end_ts >= ?",
                        (account, device, earliest_new_ts - self.gap_s))
@@ -1067,8 +1215,7 @@ class ClusteringStore:
         # events started a later one) goes.
         tx.execute("UPDATE sessions SET state = NULL WHERE account_id = ? AND device_id = ? AND state IS NOT NULL",
                    (account, device))
-        self._insert_sessions(tx, self._session_rows(states, persons))
-        return len(states)
+        self._insert_sessions(tx, rows)
 
     def upgrade_feature_vectors(self, account_id: str) -> int:
         """Rebuild from the stored events the account's sessions whose vectors were built
@@ -1611,6 +1758,52 @@ class ClusteringStore:
 
     # ---- erasure -------------------------------------------------------------------
 
+    def _erase_pending(self, tx: Tx, scope: ErasureScope, sessions: set[str], before: float | None) -> list[str]:
+        """Take the scope's predictions out of the outbox (in ``tx``, the household locked)."""
+        account = scope.account_id
+        if scope.kind == "household":
+            return erase_pending(tx, lambda acct, _session: acct == account, account, self.db.dialect)
+        # Only predictions about the sessions deleted here go (none: nothing to read).
+        # A window deletes sessions that started before its end, and a session starts
+        # at most the lateness tolerance before its start when a prediction was made
+        # about it (a later event is refused if older than the device's newest one
+        # minus the tolerance; the gap added as a margin): chunks whose sessions all
+        # started after that are not read (the retention purge parsed every chunk).
+        # The tolerance in force now, not when the events came: a floor of a week
+        # keeps a chunk whose session was stretched back under a larger tolerance
+        # of before (the setting lowered since, or another replica's) from being
+        # skipped — a wrong skip would outlive the erasure; the retention purge's
+        # cut-off is ~90 days back, so the floor costs it nothing.
+        # Also the predictions the scope covers by what they record (feedback's rules:
+        # the session as the prediction saw it, its device, its person): a late event
+        # that moved a session's start, or joined it to the one before, replaced its
+        # id, so a prediction made before carries an id no session has any more
+        # (until session 21 it was left in the outbox, and forwarded after the erasure).
+        about = _recorded_rule(scope)
+        return erase_pending(tx, lambda acct, session: (scope.all_accounts or acct == account)
+                             and session in sessions, None if scope.all_accounts else account,
+                             self.db.dialect, before, about)
+
+    def _sessions_before(self, scope: ErasureScope) -> float | None:
+        """A window erasure reads only the outbox chunks that can hold its sessions (those
+        that started before this; ``_erase_pending``)."""
+        return scope.end + max(self.tolerance_s, SKIP_MARGIN_FLOOR_S) + self.gap_s \
+            if scope.kind == "window" and scope.end is not None else None
+
+    def erase_logged_predictions(self, scope: ErasureScope, sessions: Iterable[str]) -> list[str]:
+        """Take once more the scope's predictions out of the outbox (``sessions``: the ids
+        its erasure deleted): those another replica logged after the erasure committed,
+        answering from a model it held while the erasure fence's wait ran (ClusteringApp.erase
+        calls this after the wait). Until session 31 they stayed, and were forwarded to
+        feedback after its own erase had run if they were still in the outbox then."""
+        account = scope.account_id
+        before = self._sessions_before(scope)
+        await_forwards(self.db, None if scope.all_accounts else account, before)
+        with excluding_forwards(self.db), self.db.transaction() as tx:
+            if not scope.all_accounts:
+                tx.lock_household(account)
+            return self._erase_pending(tx, scope, set(sessions), before)
+
     def erase(self, scope: ErasureScope) -> ErasureOutcome:
         """Delete the scope's events and sessions (and, for a household, its devices,
         model and drift history) in one transaction. Sessions that only partly fall in
@@ -1622,8 +1815,7 @@ class ClusteringStore:
         # copy it cannot remove (Unavailable: the deletion job retries).
         self._drop_cached_models(scope, strict=True)
         # A window erasure reads only the outbox chunks that can hold its sessions (below).
-        before = scope.end + max(self.tolerance_s, SKIP_MARGIN_FLOOR_S) + self.gap_s \
-            if scope.kind == "window" and scope.end is not None else None
+        before = self._sessions_before(scope)
         # A forward in flight that carries the scope's predictions is waited for before
         # the transaction takes anything (PostgreSQL; prediction_log.await_forwards), and
         # no forward of this process is in flight while it runs (SQLite; PostgreSQL locks
@@ -1638,6 +1830,12 @@ class ClusteringStore:
                 # has shredded first (privacy's HOUSEHOLD_STAGES), so it is refused;
                 # one before it is deleted here.
                 self.cipher.forget(account)
+            # An erasure of a device, person or window fences off what the scope recorded up
+            # to now and the store does not hold yet (below). A household the store holds no
+            # row of is not fenced: digesting its device would make it a data key.
+            fenced_at = time.time()
+            fencing = scope.kind != "household" and not scope.all_accounts and \
+                not self._new_households(tx, [account])
             if scope.kind == "household":
                 self._confirmed_versions.discard(account)
                 self._known_households.discard(account)
@@ -1665,6 +1863,10 @@ class ClusteringStore:
                     out.add(table, ids)
                 tx.execute("DELETE FROM devices WHERE account_id = ? AND device_id = ?", (account, scope.device_id))
                 out.add("devices", [scope.device_id] if out.deleted_counts.get("events") else [])
+                if fencing:
+                    # Everything the device recorded before its erasure; what it records
+                    # after is new data (an erasure is not a ban: docs/privacy.md).
+                    self._fence(tx, account, [scope.device_id], None, fenced_at)
             elif scope.kind == "person":
                 sessions = tx.query("SELECT session_id, device_id, start_ts, end_ts FROM sessions "
                                     "WHERE account_id = ? AND person_id = ?", (account, scope.person_id))
@@ -1678,6 +1880,11 @@ class ClusteringStore:
                     out.add("sessions", [session_id])
                 for device in sorted({r[1] for r in sessions}):
                     self._refresh_device(tx, account, device)
+                if fencing:
+                    # Events not stored yet carry no person: everything the devices the
+                    # person's erased sessions were on recorded before the erasure (other
+                    # members' events of those devices in flight with them included).
+                    self._fence(tx, account, sorted({r[1] for r in sessions}), None, fenced_at)
             else:  # window
                 lo = scope.start if scope.start is not None else float("-inf")
                 hi = scope.end if scope.end is not None else float("inf")
@@ -1697,42 +1904,25 @@ class ClusteringStore:
                         # Rebuild what remains of partly covered sessions from surviving events.
                         self._rebuild_sessions(tx, acct, device, min(float(r[1]) for r in doomed))
                     self._refresh_device(tx, acct, device)
+                if fencing and lo < min(hi, fenced_at):
+                    self._fence(tx, account, [None], None if lo == float("-inf") else lo, min(hi, fenced_at))
             # Predictions not yet delivered to the feedback service are data too.
             sessions = out.deleted_ids_of("sessions")
-            if scope.kind == "household":
-                pending = erase_pending(tx, lambda acct, _session: acct == account, account, self.db.dialect)
-            else:
+            if scope.kind != "household":
                 where, params = ("1 = 1", []) if scope.all_accounts else ("account_id = ?", [account])
-                # Only predictions about the sessions deleted here go (none: nothing to read).
-                # A window deletes sessions that started before its end, and a session starts
-                # at most the lateness tolerance before its start when a prediction was made
-                # about it (a later event is refused if older than the device's newest one
-                # minus the tolerance; the gap added as a margin): chunks whose sessions all
-                # started after that are not read (the retention purge parsed every chunk).
-                # The tolerance in force now, not when the events came: a floor of a week
-                # keeps a chunk whose session was stretched back under a larger tolerance
-                # of before (the setting lowered since, or another replica's) from being
-                # skipped — a wrong skip would outlive the erasure; the retention purge's
-                # cut-off is ~90 days back, so the floor costs it nothing.
-                # Also the predictions the scope covers by what they record (feedback's rules:
-                # the session as the prediction saw it, its device, its person): a late event
-                # that moved a session's start, or joined it to the one before, replaced its
-                # id, so a prediction made before carries an id no session has any more
-                # (until session 21 it was left in the outbox, and forwarded after the erasure).
-                about = _recorded_rule(scope)
-                pending = erase_pending(tx, lambda acct, session: (scope.all_accounts or acct == account)
-                                        and session in sessions, None if scope.all_accounts else account,
-                                        self.db.dialect, before, about)
-            out.add("pending_predictions", pending)
+            out.add("pending_predictions", self._erase_pending(tx, scope, sessions, before))
             if scope.kind == "household":
                 # Its key is shredded: every later write of the household is refused.
                 tx.execute("DELETE FROM erased_events WHERE account_id = ?", (account,))
+                tx.execute("DELETE FROM erasure_fences WHERE account_id = ?", (account,))
             elif scope.all_accounts:
                 # The retention purge: a replay of an event erased before its window is
                 # refused as expired at ingest (its time is at most MAX_FUTURE_SKEW_S after
                 # its erasure), so its digest is no longer needed.
                 if scope.end is not None:
                     tx.execute("DELETE FROM erased_events WHERE erased_at < ?", (scope.end - MAX_FUTURE_SKEW_S,))
+                    # A fence whose span ended before the window: what it covers is expired.
+                    tx.execute("DELETE FROM erasure_fences WHERE hi < ?", (scope.end - MAX_FUTURE_SKEW_S,))
             elif erased_ids := out.deleted_ids_of("events"):
                 erased_at = time.time()
                 tx.executemany("INSERT INTO erased_events (account_id, digest, erased_at) VALUES (?, ?, ?) "

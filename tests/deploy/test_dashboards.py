@@ -43,3 +43,19 @@ def test_chart_ships_the_dashboards_as_sidecar_configmaps(render):
         ((key, text),) = cm["data"].items()
         name = key.removeprefix("hearth-").removesuffix(".json")
         assert json.loads(text) == json.loads((DASHBOARDS / f"{name}.json").read_text())
+
+
+def test_the_erasure_fence_metrics_are_on_the_infrastructure_dashboard():
+    """Session 30's five fence metrics had an alert (HearthErasureFenceStale) and no panel:
+    an operator paged for it found nothing to look at. Each is read by a panel."""
+    from services.clustering.app import (ERASURE_FENCE_BOUND, ERASURE_FENCE_READ_AGE, ERASURE_FENCE_READ_FAILURES,
+                                         ERASURES_SEEN, SUPERSEDED_MODELS_DROPPED)
+    from tests.e2e.test_dashboards_live import metric_names
+
+    exported = {m.name for metric in (ERASURE_FENCE_READ_AGE, ERASURE_FENCE_BOUND, ERASURE_FENCE_READ_FAILURES,
+                                      ERASURES_SEEN, SUPERSEDED_MODELS_DROPPED) for m in metric.collect()}
+    board = json.loads((DASHBOARDS / "infrastructure.json").read_text())
+    read = {name for p in board["panels"] for t in p.get("targets", []) for name in metric_names(t["expr"])}
+    missing = {name for name in exported
+               if name not in read and f"{name}_total" not in read}
+    assert len(exported) == 5 and not missing, sorted(missing)

@@ -59,13 +59,14 @@ def client(dmesh):
         yield c
 
 
-def post_events(client, account: str, device: str, start: float, n: int, prefix: str = "") -> None:
+def post_events(client, account: str, device: str, start: float, n: int, prefix: str = "") -> dict:
     body = {"events": [{"event_id": f"{prefix or account}-{device}-{i}", "account_id": account, "device_id": device,
                         "device_type": "tv", "ts": _iso(start + i * 300), "kind": "heartbeat",
                         "title_id": f"title-{i}", "series_id": "show-1", "genres": ["drama"], "duration_s": 300,
                         "maturity": "adult", "country": "FR", "profile_hint": "dad"} for i in range(n)]}
     r = client.post("/v1/events", json=body)
     assert r.status_code == 200, r.text
+    return r.json()
 
 
 def post_touchpoints(client, account: str, items) -> None:
@@ -155,8 +156,13 @@ def test_each_scope_end_to_end_leaves_no_remnant(dmesh, client):
     assert by["clustering"]["deleted_counts"] == {"events": 4, "sessions": 1, "devices": 1}
     assert by["attribution"]["deleted_counts"] == {"touchpoints": 1}
     assert remnants(dmesh, acct, "tv-1") == {}
-    # A device erasure does not close the household: the same device may send again.
-    post_events(client, acct, "tv-1", t0 + 2 * DAY, 2, prefix=f"{acct}-again")
+    # A device erasure does not close the household: the same device may send again what it
+    # records after the erasure. What it recorded before (a batch in flight, a backlog) stays
+    # out, new ids or not (session 31: docs/privacy.md, "What an erased scope recorded").
+    before = post_events(client, acct, "tv-1", t0 + 2 * DAY, 2, prefix=f"{acct}-backlog")
+    assert (before["accepted"], before["duplicates"]) == (0, 2), before
+    assert remnants(dmesh, acct, "tv-1") == {}
+    post_events(client, acct, "tv-1", time.time(), 2, prefix=f"{acct}-again")
     assert remnants(dmesh, acct, "tv-1")
 
     job = delete(client, {"kind": "person", "account_id": acct, "person_id": "p2"})

@@ -48,6 +48,10 @@ class Tx(Protocol):
         erasure run one after the other, so no write can commit rows the erasure did not
         see (docs/privacy.md, "An erased household stays erased")."""
 
+    def lock_households(self, account_ids: Sequence[str]) -> None:
+        """``lock_household`` of each of ``account_ids``, in the order given (callers sort
+        them: transactions that share households then take them in the same order)."""
+
 
 class Database(Protocol):
     dialect: str
@@ -72,6 +76,9 @@ class _SqliteTx:
 
     def lock_household(self, account_id: str) -> None:
         """Nothing to do: BEGIN IMMEDIATE already serialises every write transaction."""
+
+    def lock_households(self, account_ids: Sequence[str]) -> None:
+        """Nothing to do (``lock_household``)."""
 
 
 # How long a refused write keeps the "database writes" check failing (WriteHealth).
@@ -323,6 +330,21 @@ class _PostgresTx:
                           ("household:" + account_id,))
         self._cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
                           (f"{self._schema}:household:{account_id}",))
+
+    def lock_households(self, account_ids: Sequence[str]) -> None:
+        """``lock_household`` of every one of ``account_ids`` in two statements, each taking
+        its locks in the order given (unnest's): one a household kept 10,000 round trips
+        inside the write transaction of a batch of 5,000 households (ingest31). The shared
+        household-only keys first, then this schema's exclusive ones: shared keys wait only
+        for a replica older than session 24 holding one exclusively, and the exclusive keys
+        are still taken in the callers' sorted order, so two batches cannot deadlock."""
+        if not account_ids:
+            return
+        accounts = list(account_ids)
+        self._cur.execute("SELECT count(pg_advisory_xact_lock_shared(hashtextextended('household:' || a, 0))) "
+                          "FROM unnest(%s::text[]) AS a", (accounts,))
+        self._cur.execute("SELECT count(pg_advisory_xact_lock(hashtextextended(%s || a, 0))) "
+                          "FROM unnest(%s::text[]) AS a", (f"{self._schema}:household:", accounts))
 
 
 def _own_schema(conn, schema: str) -> None:

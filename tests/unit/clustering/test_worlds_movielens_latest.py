@@ -143,3 +143,12 @@ def test_its_seeds_are_no_other_generators(tiny):
     from bench import worlds_blind as B
     others = {W.TUNING.seed, W.REPORTING.seed, B.BLIND_SEED, M.MOVIELENS_SEED, M.MOVIELENS_TUNING_SEED}
     assert not {L.LATEST_SEED, L.LATEST_TUNING_SEED} & others
+
+
+def test_the_tuning_half_is_there_for_the_feedback_tools(monkeypatch):
+    from bench import feedback_shipped, label_feedback
+    calls = []
+    monkeypatch.setattr(L, "generate", lambda **kw: calls.append(kw) or [])
+    assert label_feedback.households("movielens-latest-tuning", 0, 2, 3) == []
+    assert calls == [{"worlds_per_family": 2, "households_per_world": 3, "split": "tuning"}]
+    assert "movielens-latest-tuning" in feedback_shipped.SPLITS and "reporting" not in feedback_shipped.SPLITS
