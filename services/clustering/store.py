@@ -39,6 +39,7 @@ from services.clustering.prediction_log import await_forwards, erase_pending, ex
 from services.common.aging_map import AgingMap
 from services.common.client import check_serving_deadline
 from services.common.erasure import ErasureOutcome, ErasureScope
+from services.common.erasure_fences import Fence, covered, read_fences, write_fences
 from services.common.errors import Conflict, HearthError, InvalidArgument, NotFound
 from services.common.ids import MAX_FUTURE_SKEW_S
 from services.common.field_crypto import (FieldCipher, FieldDecryptionError, HouseholdSealer,
@@ -521,7 +522,7 @@ class ClusteringStore:
                 accepted += household.accepted
                 duplicates += household.duplicates
                 touched += household.touched
-            fences = self._erasure_fences(tx, [a for a in accounts if a not in written])
+            fences = read_fences(tx, [a for a in accounts if a not in written])
             taken, counts = self._write_prepared_devices(tx, by_device, ready, set(fences))
             accepted += counts.accepted
             duplicates += counts.duplicates
@@ -959,43 +960,21 @@ class ClusteringStore:
             return self.cipher.digests(account, event_ids)
         return {i: hashlib.sha256(f"{account}\x00{i}".encode("utf-8")).digest() for i in event_ids}
 
-    def _erasure_fences(self, tx: Tx, accounts: Sequence[str]
-                        ) -> dict[str, list[tuple[bytes | None, float, float]]]:
-        """Account -> the fences its device, person and window erasures left: (the fenced
-        device's digest or None for every device, first and last instant fenced). One read
-        a batch (of 500 households)."""
-        fences: dict[str, list[tuple[bytes | None, float, float]]] = defaultdict(list)
-        for start in range(0, len(accounts), 500):
-            chunk = tuple(accounts[start:start + 500])
-            for account, digest, lo, hi in tx.query(
-                    "SELECT account_id, device_digest, lo, hi FROM erasure_fences "
-                    f"WHERE account_id IN ({', '.join('?' * len(chunk))})", chunk):
-                fences[account].append((None if digest is None else bytes(digest),
-                                        float("-inf") if lo is None else float(lo), float(hi)))
-        return fences
-
     def _device_digest(self, account: str, device: str) -> bytes:
         return self._digests(account, [_FENCED_DEVICE + device])[_FENCED_DEVICE + device]
 
     def _unfenced(self, account: str, device: str, events: list[ViewingEvent],
-                  fences: list[tuple[bytes | None, float, float]]) -> list[ViewingEvent]:
+                  fences: list[Fence]) -> list[ViewingEvent]:
         """``events`` (of one device) without those an erasure's fence covers."""
-        digest = None
-        for fenced_device, lo, hi in fences:
-            if fenced_device is not None:
-                digest = digest or self._device_digest(account, device)
-                if fenced_device != digest:
-                    continue
-            events = [e for e in events if not lo <= e.ts <= hi]
-        return events
+        digest = self._device_digest(account, device) if any(f[0] is not None for f in fences) else None
+        return [e for e in events if not covered(fences, digest, e.ts)]
 
     def _fence(self, tx: Tx, account: str, devices: Iterable[str], lo: float | None, hi: float) -> None:
         """Fence off, for later writes, what ``devices`` (None among them: every device) of
         the household recorded from ``lo`` to ``hi``."""
         devices = list(devices)
         digests = self._digests(account, [_FENCED_DEVICE + d for d in devices if d is not None])
-        tx.executemany("INSERT INTO erasure_fences (account_id, device_digest, lo, hi) VALUES (?, ?, ?, ?)",
-                       [(account, None if d is None else digests[_FENCED_DEVICE + d], lo, hi) for d in devices])
+        write_fences(tx, account, [None if d is None else digests[_FENCED_DEVICE + d] for d in devices], lo, hi)
 
     def _erased(self, tx: Tx, account: str, event_ids: list[str]) -> set[str]:
         """The ids among ``event_ids`` of events an erasure of the household deleted."""
