@@ -40,8 +40,14 @@ shipped calibrator alone and it plus the level, by the deployment's z (``rule_sh
 TUNING, none kept; docs/benchmarks.md "Deciding per deployment between the shipped calibrator
 alone and its level").
 
+``--level-train SPEC=CACHE ...`` (viewers31b, session 31) fits the level's prior (mu_fed,
+mu_served, tau2) on other samples than the calibrator's ``--train`` (e.g. one real-viewer
+population's TUNING half, the calibrator on synthetic worlds): a level shipped per population of
+deployments. ``shipped_prior_level`` scores the prior's served level alone (the shipped
+calibrator plus mu_served, no deployment's feedback).
+
 ``python -m bench.feedback_shipped --train SPEC=CACHE ... --test SPEC=CACHE ...
-[--shipped loops|feedback] [--tau2 cov|variance] [--rules RULE ...]``; SPEC = ``split:first_world:worlds:households``
+[--shipped loops|feedback] [--tau2 cov|variance] [--rules RULE ...] [--level-train SPEC=CACHE ...]``; SPEC = ``split:first_world:worlds:households``
 (e.g. ``tuning:12:4:5``, ``movielens-tuning:0:3:4``, ``movielens-latest-tuning:0:3:4``), CACHE a ``bench.label_feedback
 --batch-only --cache`` file of those households and draws. ``--leave-one-out``: score each
 ``--train`` sample with the others as training (the choice of settings), no ``--test``.
@@ -267,7 +273,7 @@ def score(sample: list[Draw], shipped, prior: dict, rules: tuple[str, ...] = ())
     from services.feedback.domain.recalibration import (FEEDBACK_GROUP_OF, MIN_GROUP_FEEDBACK,
                                                         fit_evidence_shift)
     rows: dict[str, list[float]] = {k: [] for k in (
-        "no_feedback", "labels_only", "mesh", "mesh_per_world", "shipped", "shipped_level",
+        "no_feedback", "labels_only", "mesh", "mesh_per_world", "shipped", "shipped_prior_level", "shipped_level",
         "shipped_level_ceiling", "accuracy_after", "mean_abs_level",
         *(f"rule:{r}" for r in rules), *(f"applied:{r}" for r in rules))}
     zs: list[float] = []
@@ -322,6 +328,9 @@ def score(sample: list[Draw], shipped, prior: dict, rules: tuple[str, ...] = ())
             ceiling[in_w] = np.clip(top[in_w] - (top[g].mean() - d.ok1[g].mean()), 0.0, 1.0)
         shift = np.where(on, shift, 0.0)
         moved = np.where(on, _moved(top, d.P1, shift), top)
+        # the prior's served level alone (a level shipped with the calibrator, no deployment's feedback)
+        prior_only = np.where(on, _moved(top, d.P1, np.where(on, prior["mu_served"], 0.0)), top)
+        rows["shipped_prior_level"].append(ece(prior_only[held], d.ok1[held]))
         rows["shipped_level"].append(ece(moved[held], d.ok1[held]))
         rows["shipped_level_ceiling"].append(ece(ceiling[held], d.ok1[held]))
         rows["mean_abs_level"].append(float(np.abs(shift[on]).mean()) if on.any() else 0.0)
@@ -341,6 +350,16 @@ def _chosen(prior: dict, tau2: str) -> dict:
     return prior if tau2 == "cov" else {**prior, "tau2": prior["tau2_from_variance"], "tau2_by_size": {}}
 
 
+def fit_shipped_and_prior(train: list[list[Draw]], level_train: list[list[Draw]] | None = None, kind: str = "loops",
+                          by_size: bool = False, tau2: str = "cov"):
+    """(shipped calibrator, level prior): the calibrator fitted on ``train``; the level's prior
+    (mu_fed, mu_served, tau2) on ``level_train`` through that calibrator when given — a level
+    shipped per population of deployments (viewers31b, session 31: fitted on one real-viewer
+    population, applied to another) — else on ``train``."""
+    shipped = fit_shipped(train, kind)
+    return shipped, _chosen(level_prior(shipped, level_train or train, by_size), tau2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", nargs="+", required=True, metavar="SPEC=CACHE")
@@ -354,6 +373,9 @@ def main() -> None:
     ap.add_argument("--shipped-cache", default=None,
                     help="pickle of the fitted shipped calibrator and prior: written when absent, reused "
                          "when present for the same --train, --shipped and prior options")
+    ap.add_argument("--level-train", nargs="*", default=[], metavar="SPEC=CACHE",
+                    help="fit the level's prior (mu_fed, mu_served, tau2) on these samples through the calibrator "
+                         "fitted on --train, instead of on --train (a level shipped per population)")
     ap.add_argument("--leave-one-out", action="store_true")
     ap.add_argument("--rules", nargs="*", default=[], metavar="RULE",
                     help="per-deployment decisions between the shipped calibrator alone and it plus the "
@@ -362,15 +384,16 @@ def main() -> None:
     train = {s: load(*s.split("=", 1)) for s in args.train} \
         if not (args.shipped_cache and os.path.exists(args.shipped_cache)) else dict.fromkeys(args.train)
     out: dict = {"shipped": args.shipped, "tau2": args.tau2, "prior_by_size": args.prior_by_size,
-                 "train": list(train)}
+                 "train": list(train), "level_train": args.level_train}
     if args.leave_one_out:
+        if args.level_train:
+            raise SystemExit("--level-train: not with --leave-one-out")
         for name, sample in train.items():
             rest = [v for k, v in train.items() if k != name]
-            shipped = fit_shipped(rest, args.shipped)
-            prior = _chosen(level_prior(shipped, rest, args.prior_by_size), args.tau2)
+            shipped, prior = fit_shipped_and_prior(rest, None, args.shipped, args.prior_by_size, args.tau2)
             out[name] = {"prior": prior, **score(sample, shipped, prior, tuple(args.rules))}
     else:
-        key = (list(train), args.shipped, args.tau2, args.prior_by_size)
+        key = (list(train), args.shipped, args.tau2, args.prior_by_size, *([args.level_train] if args.level_train else []))
         held = None
         if args.shipped_cache and os.path.exists(args.shipped_cache):
             with open(args.shipped_cache, "rb") as fh:
@@ -378,9 +401,10 @@ def main() -> None:
             if held["key"] != key:
                 raise SystemExit(f"--shipped-cache {args.shipped_cache}: fitted with other options")
         if held is None:
-            shipped = fit_shipped(list(train.values()), args.shipped)
-            held = {"key": key, "shipped": shipped,
-                    "prior": _chosen(level_prior(shipped, list(train.values()), args.prior_by_size), args.tau2)}
+            level_train = [load(*s.split("=", 1)) for s in args.level_train] or None
+            shipped, prior = fit_shipped_and_prior(list(train.values()), level_train, args.shipped,
+                                                   args.prior_by_size, args.tau2)
+            held = {"key": key, "shipped": shipped, "prior": prior}
             if args.shipped_cache:
                 with open(args.shipped_cache, "wb") as fh:
                     pickle.dump(held, fh)

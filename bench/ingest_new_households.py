@@ -7,6 +7,7 @@ every 20 ms, and its waits are the "every other write waits" half (docs/operatio
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.ingest_new_households --baseline ed5316b \\
         --households 1000,5000 --rounds 3 --out /tmp/ingest-new-households.json
     ... --known: the same households' second event (the per-device path, for comparison)
+    ... --late: as --known, the second event 30 s before the first (the full rebuild; ingest31)
     ... --backend postgres: on a throwaway PostgreSQL server (fsync off), a schema a round
 
 Each side runs in a process of its own, from its own tree (``bench.assign_cpu.extract``).
@@ -77,9 +78,9 @@ def event(account, event_id, at):
 store.ingest([event("probe-acc", "p0", ts)])
 batch = [event(f"h-{i}", f"e{i}", ts) for i in range(n)]
 warm_household_keys(store.db, store.cipher, {e.account_id for e in batch})
-if sys.argv[3] == "known":     # the households' second event: each extends its open session
-    store.ingest(batch)
-    batch = [event(f"h-{i}", f"f{i}", ts + 60.0) for i in range(n)]
+if sys.argv[3] in ("known", "late"):   # the households' second event: each extends its open session
+    store.ingest(batch)                  # (late: comes 30 s before the first, the full rebuild)
+    batch = [event(f"h-{i}", f"f{i}", ts + (60.0 if sys.argv[3] == "known" else -30.0)) for i in range(n)]
 waits, done = [], threading.Event()
 
 def probe():
@@ -121,9 +122,9 @@ print(json.dumps({"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "probe_max_s
 '''
 
 
-def one_round(tree: Path, households: int, db: Path | str, known: bool) -> dict:
+def one_round(tree: Path, households: int, db: Path | str, kind: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", _ROUND, str(households), str(db), "known" if known else "new"],
+    out = subprocess.run([sys.executable, "-c", _ROUND, str(households), str(db), kind],
                          cwd=tree, env=env, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -135,17 +136,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--known", action="store_true",
                    help="households the store already holds (each batch event their second): the per-device path")
+    p.add_argument("--late", action="store_true",
+                   help="as --known, each household's second event 30 s before its first: the full rebuild")
     p.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite",
                    help="postgres: a throwaway server (fsync off), a schema a round")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     started, load0 = time.time(), os.getloadavg()[0]
+    kind = "late" if args.late else "known" if args.known else "new"
     pg = None
     with tempfile.TemporaryDirectory(prefix="hearth-ingest-new-") as tmp:
         work = Path(tmp)
         sides = {"baseline": extract(args.baseline, work / "tree"), "fixed": ROOT}
         result: dict = {"baseline": args.baseline, "rounds": args.rounds, "known": args.known,
-                        "backend": args.backend, "sizes": {}}
+                        "late": args.late, "backend": args.backend, "sizes": {}}
         try:
             if args.backend == "postgres":
                 from services.testing.servers import PostgresServer
@@ -155,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for n in range(args.rounds):
                     for label in (list(sides) if n % 2 == 0 else list(sides)[::-1]):
                         db = f"{pg.dsn}|b_{label}_{size}_{n}" if pg is not None else work / f"{label}-{size}-{n}.db"
-                        runs[label].append(one_round(sides[label], size, db, args.known))
+                        runs[label].append(one_round(sides[label], size, db, kind))
                 entry: dict = {}
                 keys = ("wall_s", "cpu_s", "probe_max_s", "write_tx_s")
                 for label, rs in runs.items():

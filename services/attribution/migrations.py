@@ -1,5 +1,6 @@
 """Versioned schema of the attribution service."""
 
+from services.common.erasure_fences import ERASURE_FENCES_SQL
 from services.common.field_crypto import HOUSEHOLD_ERASURES_SQL, HOUSEHOLD_KEY_EPOCHS_SQL
 from services.common.storage.sql import Migration
 
@@ -82,4 +83,8 @@ CREATE INDEX IF NOT EXISTS erased_records_at ON erased_records (erased_at)
     # moved (services/common/field_crypto.py). Per household (session 27): the global
     # count of household erasures made every replica refetch every household's key.
     Migration(5, "household key epochs", HOUSEHOLD_KEY_EPOCHS_SQL),
+    # What a device or window erasure fenced off (session 31): touchpoints and conversions
+    # the scope recorded up to the erasure that arrive after it are refused
+    # (services/common/erasure_fences.py; docs/privacy.md "An erased scope stays erased").
+    Migration(6, "erasure fences", ERASURE_FENCES_SQL),
 ]

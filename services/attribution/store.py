@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 from services.attribution.domain.records import Conversion, Touchpoint
 from services.attribution.migrations import MIGRATIONS
 from services.common.erasure import ErasureOutcome, ErasureScope
+from services.common.erasure_fences import covered, read_fences, write_fences
 from services.common.field_crypto import (FieldCipher, drop_keys_of_erased_households, forget_household_rekeys,
                                          note_household_erased, note_household_rekeyed, warm_household_keys)
 from services.common.rekey_pages import reseal_in_pages
@@ -19,7 +20,8 @@ from services.common.storage.sql import Database, Tx, keyset_rows, migrate, reco
 
 # Every table an erasure deletes from (purged physically after it: Database.purge_erased;
 # kept out of PostgreSQL's planner statistics: migrate(personal_tables=...)).
-_ERASED_TABLES = ("touchpoints", "conversions", "erased_records", "household_key_epochs")
+_ERASED_TABLES = ("touchpoints", "conversions", "erased_records", "household_key_epochs",
+                  "erasure_fences")  # session 31: account ids and device digests
 
 
 class AttributionStore:
@@ -64,6 +66,18 @@ class AttributionStore:
             kept = [x for x in kept if x.account_id != account or digests[id_of(x)] not in erased]
         return kept
 
+    def _unfenced(self, tx: Tx, items: Sequence) -> list:
+        """``items`` (touchpoints or conversions) without those an erasure's fence covers:
+        recorded by an erased device or in an erased window before the erasure."""
+        fences = read_fences(tx, sorted({x.account_id for x in items}))
+        if not fences:
+            return list(items)
+        digests = {account: self._digests(account, "device", {x.device_id for x in items
+                                                              if x.account_id == account and x.device_id})
+                   for account in fences}
+        return [x for x in items if x.account_id not in fences
+                or not covered(fences[x.account_id], digests[x.account_id].get(x.device_id or ""), x.ts)]
+
     def record_touchpoints(self, items: Sequence[Touchpoint]) -> tuple[int, int]:
         """Store new touchpoints; returns (accepted, duplicates). Idempotent by id, also
         for a touchpoint an erasure deleted since."""
@@ -74,7 +88,7 @@ class AttributionStore:
             for account in accounts:
                 tx.lock_household(account)
             drop_keys_of_erased_households(tx, self.cipher, accounts)
-            fresh = self._not_erased(tx, "touchpoint", items, lambda t: t.touchpoint_id)
+            fresh = self._unfenced(tx, self._not_erased(tx, "touchpoint", items, lambda t: t.touchpoint_id))
             accepted = tx.executemany(
                 "INSERT INTO touchpoints (touchpoint_id, account_id, device_id, ts, channel, campaign, "
                 "person_id) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (account_id, touchpoint_id) DO NOTHING",
@@ -93,7 +107,7 @@ class AttributionStore:
             drop_keys_of_erased_households(tx, self.cipher, accounts)
             for account in accounts if self.cipher is not None else ():
                 self.cipher.require_live(account)
-            fresh = self._not_erased(tx, "conversion", items, lambda c: c.conversion_id)
+            fresh = self._unfenced(tx, self._not_erased(tx, "conversion", items, lambda c: c.conversion_id))
             accepted = tx.executemany(
                 "INSERT INTO conversions (conversion_id, account_id, ts, kind, value, device_id) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (account_id, conversion_id) DO NOTHING",
@@ -203,6 +217,18 @@ class AttributionStore:
                     f" OR touchpoint_id IN ({', '.join('?' * len(ids))}))" if ids else ")")
                 tp_params = [account, scope.person_id, *ids]
                 cv_where, cv_params = None, []
+            if scope.kind in ("device", "window") and not scope.all_accounts and any(
+                    tx.query(f"SELECT 1 FROM {table} WHERE account_id = ? LIMIT 1", (account,))
+                    for table in ("touchpoints", "conversions", "erased_records", "erasure_fences")):
+                # What the device (window) recorded up to now and this store does not hold
+                # yet stays out (services/common/erasure_fences.py). Not for a household the
+                # store holds nothing of: a device's digest would make it a data key.
+                now = time.time()
+                if scope.kind == "device":
+                    write_fences(tx, account, [self._digests(account, "device", [scope.device_id])[scope.device_id]],
+                                 None, now)
+                elif lo < min(hi, now):
+                    write_fences(tx, account, [None], None if lo == float("-inf") else lo, min(hi, now))
             tps = [r[0] for r in tx.query(f"SELECT touchpoint_id FROM touchpoints WHERE {tp_where}", tp_params)]
             tx.execute(f"DELETE FROM touchpoints WHERE {tp_where}", tp_params)
             outcome.add("touchpoints", tps)
@@ -213,10 +239,12 @@ class AttributionStore:
             if scope.kind == "household":
                 # Its key is shredded: every later write of the household is refused.
                 tx.execute("DELETE FROM erased_records WHERE account_id = ?", (account,))
+                tx.execute("DELETE FROM erasure_fences WHERE account_id = ?", (account,))
             elif scope.all_accounts:
                 # The retention purge: a record erased before its window is older than it.
                 if scope.end is not None:
                     tx.execute("DELETE FROM erased_records WHERE erased_at < ?", (scope.end - MAX_FUTURE_SKEW_S,))
+                    tx.execute("DELETE FROM erasure_fences WHERE hi < ?", (scope.end - MAX_FUTURE_SKEW_S,))
             else:
                 erased_at = time.time()
                 rows = [(account, d, erased_at) for kind, ids in (("touchpoint", outcome.deleted_ids_of("touchpoints")),

@@ -1,5 +1,6 @@
 """Versioned schema of the clustering service (applied at start by storage.sql.migrate)."""
 
+from services.common.erasure_fences import ERASURE_FENCES_SQL
 from services.common.field_crypto import HOUSEHOLD_ERASURES_SQL, HOUSEHOLD_KEY_EPOCHS_SQL
 from services.common.storage.sql import Migration
 
@@ -211,14 +212,5 @@ INSERT INTO erasure_fence (id, epoch) VALUES (1, 0)
     # the fenced span of event time (lo NULL: from the beginning; hi: the erasure's time, or
     # the window's end if earlier) — never an event's id or time. A household erasure drops
     # its rows; the retention purge drops those whose span ended before its window.
-    Migration(16, "erasure fences", """
-CREATE TABLE IF NOT EXISTS erasure_fences (
-    account_id TEXT NOT NULL,
-    device_digest {blob},
-    lo {double},
-    hi {double} NOT NULL
-);
-CREATE INDEX IF NOT EXISTS erasure_fences_account ON erasure_fences (account_id);
-CREATE INDEX IF NOT EXISTS erasure_fences_hi ON erasure_fences (hi)
-"""),
+    Migration(16, "erasure fences", ERASURE_FENCES_SQL),
 ]

@@ -39,6 +39,7 @@ from services.clustering.prediction_log import await_forwards, erase_pending, ex
 from services.common.aging_map import AgingMap
 from services.common.client import check_serving_deadline
 from services.common.erasure import ErasureOutcome, ErasureScope
+from services.common.erasure_fences import Fence, covered, read_fences, write_fences
 from services.common.errors import Conflict, HearthError, InvalidArgument, NotFound
 from services.common.ids import MAX_FUTURE_SKEW_S
 from services.common.field_crypto import (FieldCipher, FieldDecryptionError, HouseholdSealer,
@@ -289,7 +290,23 @@ class _PreparedDevice:
     fresh: list[str]                 # the ids of the events to store, in order
     newest: list                     # the newest session's query result as read
     events: list[tuple]              # the fresh events' rows, sealed
-    extension: "_Extension"
+    extension: "_Extension | None"   # its newest session extended; or
+    rebuild: "_Rebuild | None" = None   # its events late: the full rebuild's rows (ingest31)
+
+
+@dataclass
+class _Rebuild:
+    """The full rebuild's rows for a device whose batch comes late (``_rebuild_sessions``
+    from ``earliest``), made before the write transaction from what a read found there:
+    the sessions it replaces (``affected``, the query's result as read) and the stored
+    events from ``since`` on, with the batch's fresh ones (``ids``). The transaction writes
+    them only if it reads the same two (and the device's three, ``_PreparedDevice``)."""
+    earliest: float
+    affected: list
+    since: float
+    ids: frozenset[str]
+    rows: list[tuple]
+    touched: int
 
 
 # A device's newest session row extended by a batch's events (_Extension.extended): the full
@@ -505,7 +522,7 @@ class ClusteringStore:
                 accepted += household.accepted
                 duplicates += household.duplicates
                 touched += household.touched
-            fences = self._erasure_fences(tx, [a for a in accounts if a not in written])
+            fences = read_fences(tx, [a for a in accounts if a not in written])
             taken, counts = self._write_prepared_devices(tx, by_device, ready, set(fences))
             accepted += counts.accepted
             duplicates += counts.duplicates
@@ -695,6 +712,7 @@ class ClusteringStore:
                     reads.append((account, device, row, fresh, tx.query(_NEWEST_SESSION, (account, device))))
         sealers: dict[str, HouseholdSealer | None] = {}
         plans = []
+        late: list[tuple[str, str, list, list[ViewingEvent], list, float]] = []
         for account, device, row, fresh, newest in reads:
             check_serving_deadline()
             ordered = sorted(fresh, key=lambda e: (e.ts, e.event_id))
@@ -704,8 +722,10 @@ class ClusteringStore:
                 last = self._extendable_state(account, device, newest, ordered, quiet=True)
             except HearthError:
                 continue   # as above: the transaction's own path meets it and answers as always
+            if last is None and self._state_opens(account, newest):
+                late.append((account, device, row, fresh, newest, ordered[0].ts))
             if last is None or not last.offset_known:
-                continue   # the full rebuild, or a state of before session 24: read there
+                continue   # the full rebuild (prepared below), or a state of before session 24: read there
             plans.append((account, device, row, fresh, newest, *self._extended_states(last, ordered)))
         sessions = iter(sessions_of([s for *_, states in plans for s in states], self.vocabulary))
         out: dict[tuple[str, str], _PreparedDevice] = {}
@@ -715,7 +735,54 @@ class ClusteringStore:
             out[(account, device)] = _PreparedDevice(
                 sealer.version if sealer is not None else None, row, [e.event_id for e in fresh], newest,
                 [self._event_row(e, sealer) for e in fresh], extension)
+        if late:
+            out.update(self._prepare_rebuilds(late, sealers))
         return out
+
+    def _prepare_rebuilds(self, late: list[tuple[str, str, list, list[ViewingEvent], list, float]],
+                          sealers: dict[str, HouseholdSealer | None]) -> dict[tuple[str, str], _PreparedDevice]:
+        """For devices whose batch comes late (inside or before the newest session, or a
+        newest session without a state to extend): the full rebuild's rows
+        (``_rebuild_sessions``), read and built before the write transaction — the sessions
+        it replaces, the stored events from where they start and the batch's fresh ones,
+        their sessions built and sealed (ingest31: a batch of late events did this inside
+        the transaction, one device at a time)."""
+        check_serving_deadline()
+        reads = []
+        with self.db.transaction(readonly=True) as tx:
+            for account, device, row, fresh, newest, earliest in late:
+                check_serving_deadline()
+                affected, since, stored = self._rebuild_reads(tx, account, device, earliest)
+                reads.append((account, device, row, fresh, newest, earliest, affected, since, stored))
+        out: dict[tuple[str, str], _PreparedDevice] = {}
+        for account, device, row, fresh, newest, earliest, affected, since, stored in reads:
+            check_serving_deadline()
+            sealer = sealers[account]
+            try:
+                events = [self._event_from_row(r) for r in stored]
+            except HearthError:
+                continue   # the transaction's own path meets it and answers as always
+            # The fresh events as a row read back gives them (what the rebuild inside reads).
+            events += [_event_from_row(_event_row(e)) for e in fresh]
+            states = build_session_states(events, self.gap_s, self.vocabulary)
+            rows = self._session_rows(states, {r[0]: r[2] for r in affected}, sealer)
+            out[(account, device)] = _PreparedDevice(
+                sealer.version if sealer is not None else None, row, [e.event_id for e in fresh], newest,
+                [self._event_row(e, sealer) for e in fresh], None,
+                _Rebuild(earliest, affected, since, frozenset(e.event_id for e in events), rows, len(states)))
+        return out
+
+    def _state_opens(self, account: str, newest: list) -> bool:
+        """Whether the newest session row has no state to open (none, or of another feature
+        version) or one that opens: a rebuild prepared for it counts no fallback the
+        transaction's own path would have counted (``_kept_state``)."""
+        if not newest or newest[0][4] is None or int(newest[0][3]) != self.vocabulary.feature_version:
+            return True
+        try:
+            SessionState.from_bytes(self._open_blob(account, "session_state", newest[0][4]))
+        except (FieldDecryptionError, NotFound, ValueError):
+            return False
+        return True
 
     def _write_prepared(self, tx: Tx, prepared: dict[str, _PreparedHousehold]) -> dict[str, _PreparedHousehold]:
         """In ``ingest``'s transaction, the households locked and their keys checked
@@ -774,7 +841,7 @@ class ClusteringStore:
         erased = {r[0] for r in _query_chunks(
             tx, "SELECT DISTINCT account_id FROM erased_events WHERE account_id IN ({})", accounts)}
         left = shared | fenced | erased
-        candidates = [key for key in sorted(ready) if key[0] not in left and (
+        candidates = [key for key in sorted(ready) if ready[key].extension is not None and key[0] not in left and (
             self.cipher is None or self.cipher.cached_newest_version(key[0]) == ready[key].key_version)]
         if not candidates:
             return set(), IngestResult()
@@ -893,43 +960,21 @@ class ClusteringStore:
             return self.cipher.digests(account, event_ids)
         return {i: hashlib.sha256(f"{account}\x00{i}".encode("utf-8")).digest() for i in event_ids}
 
-    def _erasure_fences(self, tx: Tx, accounts: Sequence[str]
-                        ) -> dict[str, list[tuple[bytes | None, float, float]]]:
-        """Account -> the fences its device, person and window erasures left: (the fenced
-        device's digest or None for every device, first and last instant fenced). One read
-        a batch (of 500 households)."""
-        fences: dict[str, list[tuple[bytes | None, float, float]]] = defaultdict(list)
-        for start in range(0, len(accounts), 500):
-            chunk = tuple(accounts[start:start + 500])
-            for account, digest, lo, hi in tx.query(
-                    "SELECT account_id, device_digest, lo, hi FROM erasure_fences "
-                    f"WHERE account_id IN ({', '.join('?' * len(chunk))})", chunk):
-                fences[account].append((None if digest is None else bytes(digest),
-                                        float("-inf") if lo is None else float(lo), float(hi)))
-        return fences
-
     def _device_digest(self, account: str, device: str) -> bytes:
         return self._digests(account, [_FENCED_DEVICE + device])[_FENCED_DEVICE + device]
 
     def _unfenced(self, account: str, device: str, events: list[ViewingEvent],
-                  fences: list[tuple[bytes | None, float, float]]) -> list[ViewingEvent]:
+                  fences: list[Fence]) -> list[ViewingEvent]:
         """``events`` (of one device) without those an erasure's fence covers."""
-        digest = None
-        for fenced_device, lo, hi in fences:
-            if fenced_device is not None:
-                digest = digest or self._device_digest(account, device)
-                if fenced_device != digest:
-                    continue
-            events = [e for e in events if not lo <= e.ts <= hi]
-        return events
+        digest = self._device_digest(account, device) if any(f[0] is not None for f in fences) else None
+        return [e for e in events if not covered(fences, digest, e.ts)]
 
     def _fence(self, tx: Tx, account: str, devices: Iterable[str], lo: float | None, hi: float) -> None:
         """Fence off, for later writes, what ``devices`` (None among them: every device) of
         the household recorded from ``lo`` to ``hi``."""
         devices = list(devices)
         digests = self._digests(account, [_FENCED_DEVICE + d for d in devices if d is not None])
-        tx.executemany("INSERT INTO erasure_fences (account_id, device_digest, lo, hi) VALUES (?, ?, ?, ?)",
-                       [(account, None if d is None else digests[_FENCED_DEVICE + d], lo, hi) for d in devices])
+        write_fences(tx, account, [None if d is None else digests[_FENCED_DEVICE + d] for d in devices], lo, hi)
 
     def _erased(self, tx: Tx, account: str, event_ids: list[str]) -> set[str]:
         """The ids among ``event_ids`` of events an erasure of the household deleted."""
@@ -984,7 +1029,13 @@ class ClusteringStore:
         ordered = sorted(fresh, key=lambda e: (e.ts, e.event_id))
         newest = tx.query(_NEWEST_SESSION, (account, device))
         if prepared is not None and newest == prepared.newest:
-            return self._write_extension(tx, account, device, ordered, prepared.extension)
+            if prepared.extension is not None:
+                return self._write_extension(tx, account, device, ordered, prepared.extension)
+            rebuild = prepared.rebuild
+            affected, since, stored = self._rebuild_reads(tx, account, device, rebuild.earliest, ids_only=True)
+            if affected == rebuild.affected and since == rebuild.since and {r[0] for r in stored} == rebuild.ids:
+                self._replace_sessions(tx, account, device, rebuild.earliest, affected, rebuild.rows)
+                return rebuild.touched
         last = self._extendable_state(account, device, newest, ordered)
         if last is None:
             return self._rebuild_sessions(tx, account, device, ordered[0].ts)
@@ -1113,15 +1164,29 @@ class ClusteringStore:
         """Replace the sessions that events at or after ``earliest_new_ts`` can affect:
         those ending within one gap before it, and everything after (the device's newest
         session among them, with its running state)."""
+        affected, _, rows = self._rebuild_reads(tx, account, device, earliest_new_ts)
+        persons = {r[0]: r[2] for r in affected}
+        states = build_session_states([self._event_from_row(r) for r in rows], self.gap_s, self.vocabulary)
+        self._replace_sessions(tx, account, device, earliest_new_ts, affected, self._session_rows(states, persons))
+        return len(states)
+
+    def _rebuild_reads(self, tx: Tx, account: str, device: str, earliest_new_ts: float,
+                       ids_only: bool = False) -> tuple[list, float, list]:
+        """What the full rebuild from ``earliest_new_ts`` reads: the sessions it replaces
+        (id, start, person), where its events start, and those events' rows (``ids_only``:
+        their ids, what a prepared rebuild is checked against)."""
         affected = tx.query(
             "SELECT session_id, start_ts, person_id FROM sessions "
             "WHERE account_id = ? AND device_id = ? AND end_ts >= ?",
             (account, device, earliest_new_ts - self.gap_s))
         since = min([earliest_new_ts, *(float(r[1]) for r in affected)])
-        persons = {r[0]: r[2] for r in affected}
-        rows = tx.query(f"SELECT {_EVENT_COLUMNS} FROM events WHERE account_id = ? AND device_id = ? "
-                        "AND ts >= ? ORDER BY ts, event_id", (account, device, since))
-        states = build_session_states([self._event_from_row(r) for r in rows], self.gap_s, self.vocabulary)
+        rows = tx.query(f"SELECT {'event_id' if ids_only else _EVENT_COLUMNS} FROM events WHERE account_id = ? "
+                        "AND device_id = ? AND ts >= ? ORDER BY ts, event_id", (account, device, since))
+        return affected, since, rows
+
+    def _replace_sessions(self, tx: Tx, account: str, device: str, earliest_new_ts: float, affected: list,
+                          rows: list[tuple]) -> None:
+        """The full rebuild's writes: ``affected`` deleted, ``rows`` in their place."""
         if affected:
             tx.execute("DELETE FROM sessions WHERE account_id = ? AND device_id = ? AND end_ts >= ?",
                        (account, device, earliest_new_ts - self.gap_s))
@@ -1129,8 +1194,7 @@ class ClusteringStore:
         # events started a later one) goes.
         tx.execute("UPDATE sessions SET state = NULL WHERE account_id = ? AND device_id = ? AND state IS NOT NULL",
                    (account, device))
-        self._insert_sessions(tx, self._session_rows(states, persons))
-        return len(states)
+        self._insert_sessions(tx, rows)
 
     def upgrade_feature_vectors(self, account_id: str) -> int:
         """Rebuild from the stored events the account's sessions whose vectors were built

@@ -47,7 +47,7 @@ SCENARIOS = {
         "tls.mesh.secretPrefix=hearth-mesh-tls", "tls.https.secretName=hearth-https",
         "ingress.enabled=true", "ingress.className=nginx", "ingress.hosts[0].host=hearth.example.com",
         "ingress.tls[0].secretName=hearth-public-tls", "ingress.tls[0].hosts[0]=hearth.example.com",
-        "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.team=monitoring")),
+        r"networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.kubernetes\.io/metadata\.name=observability")),
 }
 
 
@@ -635,12 +635,51 @@ def test_network_policies_deny_by_default_and_allow_only_the_callers(render):
         assert grpc_rule["ports"] == [{"port": CHART_VALUES["services"][component]["grpcPort"], "protocol": "TCP"}]
         callers = {f["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for f in grpc_rule["from"]}
         assert callers == set(peers[component]) and component not in callers
-        assert metrics_rule["from"] == [{"namespaceSelector": {"matchLabels": {"team": "monitoring"}}}]
+        # --set on metricsFrom[0] edits the default entry: Prometheus's pods, now in observability.
+        assert metrics_rule["from"] == [
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}},
+             "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]
     gateway = policies[component_name("gateway")]
     assert [r["ports"][0]["port"] for r in gateway["spec"]["ingress"]] == [
         CHART_VALUES["gateway"]["port"], CHART_VALUES["gateway"]["metricsPort"]]
     # Every component is selected by exactly one allow policy.
     assert len(policies) == 1 + len(COMPONENTS)
+
+
+PROMETHEUS_ONLY = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]
+
+
+def metrics_rules(objects: list[dict]) -> dict[str, dict]:
+    """Each component's ingress rule for its metrics port."""
+    policies = by_kind(objects, "NetworkPolicy")
+    rules = {}
+    for component in COMPONENTS:
+        port = (CHART_VALUES["gateway"] if component == "gateway" else CHART_VALUES["services"][component])["metricsPort"]
+        [rule] = [r for r in policies[component_name(component)]["spec"]["ingress"] if r["ports"][0]["port"] == port]
+        rules[component] = rule
+    return rules
+
+
+@pytest.mark.parametrize("scenario", ["default", "production"])
+def test_only_prometheus_may_scrape_the_metrics_ports(render, scenario):
+    """attack31: `networkPolicy.metricsFrom: []` (the default, production values included)
+    rendered metrics rules with no `from`, which admits every pod of every namespace. Now
+    both admit kube-prometheus-stack's Prometheus pods in namespace monitoring only (one
+    entry: namespace AND pod selector), and the chart refuses []."""
+    for component, rule in metrics_rules(render(**SCENARIOS[scenario])).items():
+        assert rule.get("from") == PROMETHEUS_ONLY, component
+
+
+def test_empty_metrics_from_is_refused_and_every_pod_must_be_asked_for(render, tmp_path):
+    empty, anyone = tmp_path / "empty.yaml", tmp_path / "anyone.yaml"
+    empty.write_text("networkPolicy: {metricsFrom: []}\n")
+    anyone.write_text("networkPolicy: {metricsFrom: [{namespaceSelector: {}}]}\n")
+    for values in ((), (PRODUCTION_VALUES,)):
+        with pytest.raises(HelmError, match="networkPolicy.metricsFrom is empty"):
+            render(values_files=(*values, empty))
+    for component, rule in metrics_rules(render(values_files=(PRODUCTION_VALUES, anyone))).items():
+        assert rule["from"] == [{"namespaceSelector": {}}], component
 
 
 def test_tls_secrets_are_mounted_and_wired_to_the_settings(render):

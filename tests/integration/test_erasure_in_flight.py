@@ -188,3 +188,34 @@ def test_a_fence_holds_on_the_path_of_a_big_batch_of_known_devices(database):
     result = store.ingest([ev(1, T0 + 1500, account=a) for a in accounts])
     assert (result.accepted, result.duplicates) == (len(accounts) - 1, 1), result
     assert _device_events(database, fenced, "tv-1") == {f"{fenced}-tv-1-e0"}
+
+
+@pytest.mark.parametrize("scope", ["device", "window"])
+def test_attributions_records_of_an_erased_scope_recorded_before_it_are_refused_whenever_they_arrive(database, scope):
+    """The same gap in attribution: touchpoints and conversions of the erased device or
+    window with new ids, sent after the erasure (in flight during it, a backlog), were
+    stored. Now attribution's erasure leaves the same fence; what is recorded after it is
+    stored."""
+    from services.attribution.domain.records import Conversion, Touchpoint
+    from services.attribution.store import AttributionStore
+
+    cipher = FieldCipher(ring_fetcher(KeyRing([generate_kek("k")], "k"), []), ttl_s=60)
+    store = AttributionStore(database, cipher=cipher)
+    store.migrate()
+    a = f"acc-attr-{scope}"
+
+    def tp(i: int, device: str, ts: float) -> Touchpoint:
+        return Touchpoint(f"tp-{i}", a, device, ts, "email", "spring")
+
+    def cv(i: int, device: str, ts: float) -> Conversion:
+        return Conversion(f"cv-{i}", a, ts, "purchase", 10.0, device)
+
+    store.record_touchpoints([tp(0, "tv-1", T0), tp(1, "tab-2", T0 + 30)])
+    store.record_conversions([cv(0, "tab-2", T0 + 40)])
+    store.erase(ErasureScope(a, "device", device_id="tab-2") if scope == "device"
+                else ErasureScope(a, "window", start=T0 + 20, end=T0 + 1000))
+    assert store.record_touchpoints([tp(2, "tab-2", T0 + 400)]) == (0, 1)
+    assert store.record_conversions([cv(1, "tab-2", T0 + 500)]) == (0, 1)
+    now = time.time()
+    assert store.record_touchpoints([tp(3, "tab-2", now), tp(4, "tv-1", T0 + 2000)]) == (2, 0)
+    assert store.record_conversions([cv(2, "tab-2", now)]) == (1, 0)

@@ -42,6 +42,20 @@ def _database_of_admin(server_dsn: str, admin: str, attributes: str, owner: bool
     return database, make_conninfo(database, user=admin)
 
 
+def _old_login_owning_clustering(database: str, admin: str, tag: str, table: str) -> str:
+    """The single-login layout in little: an old login — made by the admin, as on a
+    managed server — owning clustering's schema and one table (``table``: its name and
+    columns); its name."""
+    legacy = f"{tag}_legacy"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE ROLE "{legacy}" LOGIN')
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA hearth_clustering AUTHORIZATION "{legacy}"')
+        conn.execute(f"CREATE TABLE hearth_clustering.{table}")
+        conn.execute(f'ALTER TABLE hearth_clustering.{table.split()[0]} OWNER TO "{legacy}"')
+    return legacy
+
+
 def _refused(database: str, admin: str, tag: str, monkeypatch, capsys) -> str:
     """Runs `hearth db provision-roles` as ``admin``, which must be refused with nothing
     changed (no role made, PUBLIC's CONNECT kept); its error."""
@@ -73,13 +87,7 @@ def test_a_managed_servers_admin_provisions_and_the_services_run_under_their_rol
     _set_env(monkeypatch, admin, dsns)
     # The upgrade from the single-login layout: the old login (the admin made it, as
     # on a managed server) owns clustering's schema and a table, handed over by this run.
-    legacy = f"{tag}_legacy"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE ROLE "{legacy}" LOGIN')
-    with psycopg.connect(database, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA hearth_clustering AUTHORIZATION "{legacy}"')
-        conn.execute("CREATE TABLE hearth_clustering.old_layout (x serial)")
-        conn.execute(f'ALTER TABLE hearth_clustering.old_layout OWNER TO "{legacy}"')
+    legacy = _old_login_owning_clustering(database, admin, tag, "old_layout (x serial)")
 
     assert cli.main(["db", "provision-roles", "--keep-access-for", legacy]) == 0, capsys.readouterr().err
     report = json.loads(capsys.readouterr().out)
@@ -204,13 +212,8 @@ def test_a_lock_held_by_an_old_pod_is_named_to_an_admin_that_may_not_see_its_ses
     still names the pid, login and table, and says what it could not see."""
     tag = _tag()
     database, admin = _database_of_admin(postgres_dsn, f"{tag}_dba", "NOSUPERUSER CREATEROLE CREATEDB")
-    legacy = f"{tag}_legacy"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE ROLE "{legacy}" LOGIN')
+    legacy = _old_login_owning_clustering(database, admin, tag, "events (event_id text PRIMARY KEY)")
     with psycopg.connect(database, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA hearth_clustering AUTHORIZATION "{legacy}"')
-        conn.execute("CREATE TABLE hearth_clustering.events (event_id text PRIMARY KEY)")
-        conn.execute(f'ALTER TABLE hearth_clustering.events OWNER TO "{legacy}"')
         conn.execute(f'GRANT CONNECT ON DATABASE "{conn.info.dbname}" TO "{legacy}"')
     pod = psycopg.connect(make_conninfo(database, user=legacy, application_name="old-clustering-pod"))
     pid = pod.info.backend_pid

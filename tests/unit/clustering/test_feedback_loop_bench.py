@@ -277,3 +277,24 @@ def test_a_per_deployment_rule_chooses_between_the_shipped_calibrator_alone_and_
     assert out["per_draw"]["rule:gate0"] == out["per_draw"]["shipped_level"]
     assert out["per_draw"]["rule:gate1000"] == out["per_draw"]["shipped"]
     assert out["applied:gate1000"] == 0.0
+
+
+def test_a_level_shipped_per_population_is_fitted_on_other_samples_than_the_calibrator():
+    """bench/feedback_shipped --level-train (viewers31b, session 31): the calibrator is fitted on
+    ``train``, the level's prior on ``level_train`` through it (one population's level carried to
+    another); ``shipped_prior_level`` is the prior's served level alone — the design with no
+    deployment's feedback (tau2 = 0), the shipped calibrator alone when that level is none."""
+    from bench.feedback_shipped import draws_of, fit_shipped, fit_shipped_and_prior, level_prior, score
+    hs, fed, probs, ages = _fed_batch_sample()
+    sample = draws_of("tuning", hs, [{"batch": p, "fed_batch": [_as_served(p)] * 2} for p in probs], 2)
+    other_hs = W.generate(W.TUNING, families=("bingers",), worlds_per_family=1, households_per_world=2)
+    other_probs = [E.hearth_batch(h)[1] for h in other_hs]
+    other = draws_of("tuning", other_hs, [{"batch": p, "fed_batch": [_as_served(p)] * 2} for p in other_probs], 2)
+    shipped, prior = fit_shipped_and_prior([sample], [other])
+    assert prior == level_prior(fit_shipped([sample]), [other])
+    assert prior != level_prior(fit_shipped([sample]), [sample])
+    assert fit_shipped_and_prior([sample])[1] == level_prior(fit_shipped([sample]), [sample])
+    out = score(sample, shipped, {**prior, "tau2": 0.0})
+    assert out["per_draw"]["shipped_prior_level"] == out["per_draw"]["shipped_level"]
+    none = score(sample, shipped, {**prior, "mu_served": 0.0, "tau2": 0.0})
+    assert none["per_draw"]["shipped_prior_level"] == none["per_draw"]["shipped"]

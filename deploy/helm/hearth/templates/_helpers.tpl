@@ -468,3 +468,17 @@ spec:
       {{- include "hearth.selectorLabels" . | nindent 6 }}
 {{- end }}
 {{- end }}
+
+{{/*
+Who may scrape the metrics ports: networkPolicy.metricsFrom, never empty. An empty `from`
+in a NetworkPolicy rule admits every pod of every namespace, and until session 31 `[]` was
+the default (production values included): erasure counts, authentication failures and
+dependency health readable from any pod. Whoever truly wants that writes it out:
+[{namespaceSelector: {}}].
+*/}}
+{{- define "hearth.metricsFrom" -}}
+{{- if not .Values.networkPolicy.metricsFrom }}
+{{- fail "networkPolicy.metricsFrom is empty, which would let every pod of every namespace read the metrics ports: list Prometheus's namespace and pods (the default is kube-prometheus-stack's: namespace monitoring, pods app.kubernetes.io/name=prometheus), or write [{namespaceSelector: {}}] to admit every pod on purpose" }}
+{{- end }}
+{{- toYaml .Values.networkPolicy.metricsFrom }}
+{{- end }}

@@ -1,0 +1,52 @@
+"""Erasure fences (session 31): what a device, person or window erasure fenced off — the data
+its scope recorded up to the erasure that a store did not hold yet (a batch in flight during
+the erasure, a retry of one, a device's backlog). Each data store that erases by device or
+window keeps them in its own ``erasure_fences`` table and refuses, under the household's lock,
+a record that one covers (docs/privacy.md §6, "What an erased scope recorded before its
+erasure stays out"). A row: the account id, the keyed digest of a device id (None: every
+device) and a span of event time (lo None: from the beginning) — never a record's id or time."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+from services.common.storage.sql import Tx
+
+# The table (a migration of each store that keeps fences).
+ERASURE_FENCES_SQL = """
+CREATE TABLE IF NOT EXISTS erasure_fences (
+    account_id TEXT NOT NULL,
+    device_digest {blob},
+    lo {double},
+    hi {double} NOT NULL
+);
+CREATE INDEX IF NOT EXISTS erasure_fences_account ON erasure_fences (account_id);
+CREATE INDEX IF NOT EXISTS erasure_fences_hi ON erasure_fences (hi)
+"""
+# A fence: (the device's digest or None for every device, first and last instant fenced).
+Fence = tuple[bytes | None, float, float]
+
+
+def read_fences(tx: Tx, accounts: Sequence[str]) -> dict[str, list[Fence]]:
+    """Account -> its fences; one read per 500 households."""
+    fences: dict[str, list[Fence]] = defaultdict(list)
+    for start in range(0, len(accounts), 500):
+        chunk = tuple(accounts[start:start + 500])
+        for account, digest, lo, hi in tx.query(
+                "SELECT account_id, device_digest, lo, hi FROM erasure_fences "
+                f"WHERE account_id IN ({', '.join('?' * len(chunk))})", chunk):
+            fences[account].append((None if digest is None else bytes(digest),
+                                    float("-inf") if lo is None else float(lo), float(hi)))
+    return fences
+
+
+def write_fences(tx: Tx, account: str, digests: Sequence[bytes | None], lo: float | None, hi: float) -> None:
+    """Fence off what the devices of ``digests`` (None: every device) recorded from ``lo`` to ``hi``."""
+    tx.executemany("INSERT INTO erasure_fences (account_id, device_digest, lo, hi) VALUES (?, ?, ?, ?)",
+                   [(account, d, lo, hi) for d in digests])
+
+
+def covered(fences: Sequence[Fence], device_digest: bytes | None, ts: float) -> bool:
+    """Whether a record of the device of ``device_digest`` (None: no device) at ``ts`` is fenced off."""
+    return any(lo <= ts <= hi and (digest is None or digest == device_digest) for digest, lo, hi in fences)
