@@ -1020,8 +1020,8 @@ class ClusteringStore:
     def _unfenced(self, account: str, device: str, events: list[ViewingEvent],
                   fences: list[Fence]) -> list[ViewingEvent]:
         """``events`` (of one device) without those an erasure's fence covers."""
-        digest = self._device_digest(account, device) if any(f[0] is not None for f in fences) else None
-        return [e for e in events if not covered(fences, digest, e.ts)]
+        subjects = {self._device_digest(account, device)} if any(f[0] is not None for f in fences) else set()
+        return [e for e in events if not covered(fences, subjects, e.ts)]
 
     def _fence(self, tx: Tx, account: str, devices: Iterable[str], lo: float | None, hi: float) -> None:
         """Fence off, for later writes, what ``devices`` (None among them: every device) of

@@ -3,13 +3,14 @@ its scope recorded up to the erasure that a store did not hold yet (a batch in f
 the erasure, a retry of one, a device's backlog). Each data store that erases by device or
 window keeps them in its own ``erasure_fences`` table and refuses, under the household's lock,
 a record that one covers (docs/privacy.md §6, "What an erased scope recorded before its
-erasure stays out"). A row: the account id, the keyed digest of a device id (None: every
-device) and a span of event time (lo None: from the beginning) — never a record's id or time."""
+erasure stays out"). A row: the account id, the keyed digest of a subject — a device id, or in
+attribution a person id or "a device's touchpoints naming no person" (None: every record) —
+and a span of event time (lo None: from the beginning) — never a record's id or time."""
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from services.common.storage.sql import Tx
 
@@ -47,6 +48,8 @@ def write_fences(tx: Tx, account: str, digests: Sequence[bytes | None], lo: floa
                    [(account, d, lo, hi) for d in digests])
 
 
-def covered(fences: Sequence[Fence], device_digest: bytes | None, ts: float) -> bool:
-    """Whether a record of the device of ``device_digest`` (None: no device) at ``ts`` is fenced off."""
-    return any(lo <= ts <= hi and (digest is None or digest == device_digest) for digest, lo, hi in fences)
+def covered(fences: Sequence[Fence], subjects: Collection[bytes], ts: float) -> bool:
+    """Whether a record at ``ts`` is fenced off; ``subjects``: the digests a fence of it
+    would carry (its device's; attribution adds a touchpoint's person's), none when it has
+    no device. A fence without a digest covers every record of its span."""
+    return any(lo <= ts <= hi and (digest is None or digest in subjects) for digest, lo, hi in fences)
