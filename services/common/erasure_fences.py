@@ -43,9 +43,22 @@ def read_fences(tx: Tx, accounts: Sequence[str]) -> dict[str, list[Fence]]:
 
 
 def write_fences(tx: Tx, account: str, digests: Sequence[bytes | None], lo: float | None, hi: float) -> None:
-    """Fence off what the devices of ``digests`` (None: every device) recorded from ``lo`` to ``hi``."""
-    tx.executemany("INSERT INTO erasure_fences (account_id, device_digest, lo, hi) VALUES (?, ?, ?, ?)",
-                   [(account, d, lo, hi) for d in digests])
+    """Fence off what the subjects of ``digests`` (None: every record) recorded from ``lo`` to
+    ``hi``. A fence one of the household's covers already is not written, and one the new
+    fence covers is deleted: a device or person erased again (or an Erase a deletion job
+    retried) keeps one row, a window inside an erased one adds none (session 32)."""
+    for digest in digests:
+        same_subject, subject = ("1 = 1", ()) if digest is None else ("device_digest = ?", (digest,))
+        if tx.query("SELECT 1 FROM erasure_fences WHERE account_id = ? AND hi >= ? "
+                    "AND (device_digest IS NULL" + ("" if digest is None else " OR device_digest = ?") + ") "
+                    "AND " + ("lo IS NULL" if lo is None else "(lo IS NULL OR lo <= ?)") + " LIMIT 1",
+                    (account, hi, *subject, *(() if lo is None else (lo,)))):
+            continue
+        tx.execute(f"DELETE FROM erasure_fences WHERE account_id = ? AND hi <= ? AND {same_subject} AND "
+                   + ("1 = 1" if lo is None else "lo IS NOT NULL AND lo >= ?"),
+                   (account, hi, *subject, *(() if lo is None else (lo,))))
+        tx.execute("INSERT INTO erasure_fences (account_id, device_digest, lo, hi) VALUES (?, ?, ?, ?)",
+                   (account, digest, lo, hi))
 
 
 def covered(fences: Sequence[Fence], subjects: Collection[bytes], ts: float) -> bool:

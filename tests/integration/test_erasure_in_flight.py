@@ -250,3 +250,42 @@ def test_attributions_person_erasure_refuses_the_persons_records_recorded_before
     assert store.record_touchpoints([tp(5, "tab-2", now), tp(6, "phone-3", now, "p2"),
                                      tp(7, "tv-1", T0 + 700), tp(8, "phone-3", T0 + 800, "p1")]) == (4, 0)
     assert store.record_conversions([Conversion("cv-0", a, T0 + 900, "purchase", 10.0, "tab-2")]) == (1, 0)
+
+
+def _fence_rows(database) -> list[tuple]:
+    with database.transaction(readonly=True) as tx:
+        return sorted((r[0], r[1] is None, r[2], float(r[3])) for r in tx.query(
+            "SELECT account_id, device_digest, lo, hi FROM erasure_fences"))
+
+
+@pytest.mark.parametrize("service", ["clustering", "attribution"])
+def test_a_fence_another_covers_is_not_kept_and_the_retention_purge_drops_expired_ones(database, service):
+    """A fence's lifetime (session 31's "Left": rows accumulated until a household erasure or
+    the retention purge). A device (person) erased again — or a deletion job's retried Erase —
+    wrote a row each time, and a window inside an erased one another: now a fence another
+    covers is not kept (one row per subject and window). The retention purge drops a fence
+    whose span ended before its window: what it covers is refused as expired at ingest."""
+    a = f"acc-fence-life-{service}"
+    if service == "clustering":
+        store = _store(database)
+        store.ingest([ev(i, T0 + i * 60, account=a) for i in range(3)]
+                     + [ev(10 + i, T0 + 30 + i * 60, device="tab-2", account=a) for i in range(3)])
+    else:
+        from services.attribution.domain.records import Touchpoint
+        from services.attribution.store import AttributionStore
+
+        store = AttributionStore(database, cipher=FieldCipher(ring_fetcher(KeyRing([generate_kek("k")], "k"), []),
+                                                              ttl_s=60))
+        store.migrate()
+        store.record_touchpoints([Touchpoint(f"tp-{i}", a, d, T0 + i * 60, "email")
+                                  for i, d in enumerate(["tv-1", "tab-2", "tv-1"])])
+    for _ in range(3):
+        store.erase(ErasureScope(a, "device", device_id="tab-2"))
+    store.erase(ErasureScope(a, "window", start=T0 + 20, end=T0 + 1000))
+    store.erase(ErasureScope(a, "window", start=T0, end=T0 + 2000))      # covers the one before
+    store.erase(ErasureScope(a, "window", start=T0 + 100, end=T0 + 200))  # inside it
+    rows = _fence_rows(database)
+    assert [(r[1], r[2], r[3]) for r in rows if r[1]] == [(True, T0, T0 + 2000)], rows   # one window
+    assert len([r for r in rows if not r[1]]) == 1, rows                                  # one device
+    store.erase(ErasureScope("*", "window", end=T0 + 2000 + 3600))   # the retention purge, past the window
+    assert [r[1] for r in _fence_rows(database)] == [False]           # the device's fence stays
