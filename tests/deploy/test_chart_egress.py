@@ -16,6 +16,7 @@ import re
 
 import kubernetes_validate
 import pytest
+import yaml
 
 from tests.deploy.conftest import (
     GRPC_SERVICES,
@@ -175,6 +176,14 @@ def test_egress_is_off_unless_asked_for(render, values_files):
     assert policies and all(p["spec"]["policyTypes"] == ["Ingress"] for p in policies.values())
 
 
+def test_production_values_name_the_collector_of_their_own_endpoint():
+    values = yaml.safe_load(PRODUCTION_VALUES.read_text(encoding="utf-8"))
+    host = values["tracing"]["otlpEndpoint"].split("://", 1)[1].rsplit(":", 1)[0]   # otel-collector.observability
+    [entry] = values["networkPolicy"]["egress"]["otlp"]["to"]
+    assert entry == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": host.split(".")[1]}}}
+    assert values["networkPolicy"]["egress"]["enabled"] is False
+
+
 def test_each_pod_may_reach_exactly_its_peers_and_its_dependencies(render):
     calls = calls_from_code()
     per_pod = admitted_per_pod(render(**EVERYTHING_EGRESS))
@@ -214,9 +223,8 @@ def test_dependency_ports_are_values(render):
 def test_a_dependency_in_use_without_a_destination_is_refused_naming_the_value(render, dependency):
     """An empty `to` would admit every address on the port, and no `to` the chart could
     guess is right: it refuses to render, naming the value to set."""
-    without = tuple(s for s in DEPENDENCIES_SET if not s.startswith(f"networkPolicy.egress.{dependency}.to"))
-    if dependency == "dns":
-        without += ("networkPolicy.egress.dns.to=null",)
+    without = (*(s for s in DEPENDENCIES_SET if not s.startswith(f"networkPolicy.egress.{dependency}.to")),
+               f"networkPolicy.egress.{dependency}.to=null")
     with pytest.raises(HelmError, match=rf"networkPolicy\.egress\.{dependency}\.to is empty"):
         render(values_files=(PRODUCTION_VALUES,), set_values=without)
 
