@@ -95,7 +95,7 @@ def build(settings):
                          gmm_fault_prefix=settings.fault_gmm_numerical)
     app = ClusteringApp(store, consent, keeper=keeper, predictions=predictions,
                         calibrator_of=feedback.calibrator, unknown_genres=settings.unknown_genres,
-                        erasure_fence_s=settings.erasure_fence_s)
+                        erasure_fence_s=settings.erasure_fence_s, warm_variants=feedback.warm_variants)
     stop = threading.Event()
     if settings.cold_start == "population_prior":
         threading.Thread(target=_keep_population_prior_fresh, name="population-prior", daemon=True,

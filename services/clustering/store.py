@@ -317,6 +317,13 @@ _EXTEND_SESSION = ("UPDATE sessions SET device_type = ?, end_ts = ?, event_count
                    "state = ? WHERE session_id = ? AND end_ts = ?")
 
 
+# The full rebuild's two writes before it inserts its rows (_replace_sessions): the sessions
+# it replaces, and the state an older session kept (the newest's until these events).
+_DELETE_REPLACED = "DELETE FROM sessions WHERE account_id = ? AND device_id = ? AND end_ts >= ?"
+_CLEAR_OLDER_STATES = ("UPDATE sessions SET state = NULL WHERE account_id = ? AND device_id = ? "
+                       "AND state IS NOT NULL")
+
+
 def _extended_row(extension: "_Extension") -> tuple:
     """``_EXTEND_SESSION``'s parameters for ``extension`` (its first row the extended session)."""
     (_, _, _, device_type, _, end_ts, count, watch, version, features, label, _, unknown, state) = extension.rows[0]
@@ -841,7 +848,9 @@ class ClusteringStore:
         erased = {r[0] for r in _query_chunks(
             tx, "SELECT DISTINCT account_id FROM erased_events WHERE account_id IN ({})", accounts)}
         left = shared | fenced | erased
-        candidates = [key for key in sorted(ready) if ready[key].extension is not None and key[0] not in left and (
+        # A device without a session row (its rebuild prepared all the same) is left too:
+        # the newest row's check below reads from the one read before.
+        candidates = [key for key in sorted(ready) if ready[key].newest and key[0] not in left and (
             self.cipher is None or self.cipher.cached_newest_version(key[0]) == ready[key].key_version)]
         if not candidates:
             return set(), IngestResult()
@@ -884,6 +893,10 @@ class ClusteringStore:
                 [(*key, ready[key].newest[0][2]) for key in sorted(fresh)]):
             newest[(r[0], r[1])].append(tuple(r[2:]))
         taken = [key for key in sorted(fresh) if newest.get(key) == [tuple(r) for r in ready[key].newest]]
+        # The late devices' full rebuilds: also the sessions they replace and the stored events
+        # they build from, as read before (ingest32).
+        rebuilds = self._rebuilds_as_read(tx, {key: ready[key] for key in taken if ready[key].rebuild is not None})
+        taken = [key for key in taken if ready[key].rebuild is None or key in rebuilds]
         if not taken:
             return set(), IngestResult()
         check_serving_deadline()
@@ -895,7 +908,14 @@ class ClusteringStore:
             if last.ts >= float(ready[key].watermark[0][0]):
                 moved.append((last.ts, last.device_type, *key))
         tx.executemany("UPDATE devices SET last_ts = ?, device_type = ? WHERE account_id = ? AND device_id = ?", moved)
-        extended = [key for key in taken if ready[key].extension.extended]
+        # The rebuilds' writes as _replace_sessions makes them, a statement a table (executemany:
+        # PostgreSQL's pipeline, no round trip a device). Other devices' rows are not touched.
+        tx.executemany(_DELETE_REPLACED, [(*key, rebuilds[key].earliest - self.gap_s)
+                                          for key in sorted(rebuilds) if rebuilds[key].affected])
+        tx.executemany(_CLEAR_OLDER_STATES, sorted(rebuilds))
+        self._insert_sessions(tx, [row for key in sorted(rebuilds) for row in rebuilds[key].rows])
+        taken_extensions = [key for key in taken if key not in rebuilds]
+        extended = [key for key in taken_extensions if ready[key].extension.extended]
         updated = tx.executemany(_EXTEND_SESSION, [_extended_row(ready[key].extension) for key in extended])
         rebuilt: set[tuple[str, str]] = set()
         if updated != len(extended):
@@ -913,15 +933,49 @@ class ClusteringStore:
             rebuilt = {key for key in extended if found.get(ready[key].extension.session_id)
                        != _extended_read_back(ready[key].extension)}
         tx.executemany("UPDATE sessions SET state = NULL WHERE session_id = ?",
-                       [(ready[key].extension.session_id,) for key in taken if not ready[key].extension.extended])
-        self._insert_sessions(tx, [row for key in taken if key not in rebuilt
+                       [(ready[key].extension.session_id,) for key in taken_extensions
+                        if not ready[key].extension.extended])
+        self._insert_sessions(tx, [row for key in taken_extensions if key not in rebuilt
                                    for row in ready[key].extension.rows[1 if ready[key].extension.extended else 0:]])
-        touched = sum(ready[key].extension.touched for key in taken if key not in rebuilt)
+        touched = sum(ready[key].extension.touched for key in taken_extensions if key not in rebuilt)
+        touched += sum(rebuild.touched for rebuild in rebuilds.values())
         for account, device in sorted(rebuilt):
             touched += self._rebuild_sessions(tx, account, device, min(e.ts for e in fresh[(account, device)]))
         late = sum(len(by_device[key].events) - len(on_time[key]) for key in taken)
         duplicates = sum(len(on_time[key]) - len(fresh[key]) for key in taken)
         return set(taken), IngestResult(len(events), duplicates, late, touched)
+
+    def _rebuilds_as_read(self, tx: Tx, late: dict[tuple[str, str], _PreparedDevice]
+                          ) -> dict[tuple[str, str], _Rebuild]:
+        """Of ``late`` (devices whose prepared rows are a full rebuild, their watermark, fresh
+        ids and newest session row already found as read before), those whose rebuild reads
+        here what ``_prepare_rebuilds`` read — the sessions it replaces (id, start, person)
+        and the ids of the stored events it builds from — in one statement each per 500
+        devices: the per-device path's check (``_update_sessions``, about twelve round trips
+        a device on PostgreSQL: ~10 s at 1,000 late devices, ingest31). Read before this
+        batch's events are inserted, so the stored ids are the rebuild's without the
+        device's fresh ones (all at or after its ``since``: it is at most their earliest)."""
+        if not late:
+            return {}
+        check_serving_deadline()
+        affected: dict[tuple[str, str], list[tuple]] = defaultdict(list)
+        for r in _query_values(
+                tx, "v(a, d, e)", "SELECT v.a, v.d, s.session_id, s.start_ts, s.person_id "
+                "FROM v JOIN sessions s ON s.account_id = v.a AND s.device_id = v.d AND s.end_ts >= v.e",
+                [(*key, late[key].rebuild.earliest - self.gap_s) for key in sorted(late)]):
+            affected[(r[0], r[1])].append(tuple(r[2:]))
+        # Compared as sets (sorted): neither read orders its rows, and the rebuild's rows
+        # depend on them only as a set (the persons kept, the earliest start).
+        same = [key for key in sorted(late)
+                if sorted(affected.get(key, [])) == sorted(tuple(r) for r in late[key].rebuild.affected)]
+        stored: dict[tuple[str, str], set[str]] = defaultdict(set)
+        for a, d, event_id in _query_values(
+                tx, "v(a, d, s)", "SELECT v.a, v.d, e.event_id "
+                "FROM v JOIN events e ON e.account_id = v.a AND e.device_id = v.d AND e.ts >= v.s",
+                [(*key, late[key].rebuild.since) for key in same]):
+            stored[(a, d)].add(event_id)
+        return {key: late[key].rebuild for key in same
+                if stored.get(key, set()) | set(late[key].fresh) == late[key].rebuild.ids}
 
     def _refuse_devices_past_bound(self, tx: Tx, devices: list[tuple[str, str]],
                                    first_index: dict[tuple[str, str], int]) -> None:
@@ -1188,12 +1242,10 @@ class ClusteringStore:
                           rows: list[tuple]) -> None:
         """The full rebuild's writes: ``affected`` deleted, ``rows`` in their place."""
         if affected:
-            tx.execute("DELETE FROM sessions WHERE account_id = ? AND device_id = ? AND end_ts >= ?",
-                       (account, device, earliest_new_ts - self.gap_s))
+            tx.execute(_DELETE_REPLACED, (account, device, earliest_new_ts - self.gap_s))
         # Only the newest session keeps a state: an older one's (its newest until these
         # events started a later one) goes.
-        tx.execute("UPDATE sessions SET state = NULL WHERE account_id = ? AND device_id = ? AND state IS NOT NULL",
-                   (account, device))
+        tx.execute(_CLEAR_OLDER_STATES, (account, device))
         self._insert_sessions(tx, rows)
 
     def upgrade_feature_vectors(self, account_id: str) -> int:
