@@ -167,3 +167,43 @@ def test_calibrator_versions_no_rollback_needs_are_purged_at_the_next_fit(databa
     for version in range(72, 96):
         assert store.save_calibrator("kmeans", version, body, now + 100 * day)
     assert sorted(v.version for v in store.calibrator_versions("kmeans")) == list(range(76, 96))
+
+
+def test_an_activation_beside_the_purge_of_its_version_is_refused_not_left_pointing_at_nothing(database):
+    """A fit's purge deletes old versions while a rollback may be choosing one. The purge's
+    delete not yet committed, the activation read the version as stored (PostgreSQL, read
+    committed), pointed the variant at it and committed: once the purge committed the variant
+    pointed at nothing (GetCalibrator: identity). Now the activation's read waits for the
+    purge (FOR SHARE) and finds the version gone: NotFound naming it, the pointer unmoved."""
+    import threading
+
+    from tests.helpers.held_transaction import transaction_held_open
+
+    app = make_app(database)
+    body = json.dumps({"method": "temperature", "training": {"n": 1}, "version": 0})
+    for version in (1, 2):
+        assert app.store.save_calibrator("kmeans", version, body, NOW)
+    outcome: dict[str, object] = {}
+
+    def rollback() -> None:
+        try:
+            outcome["choice"] = app.calibration.choices.activate("kmeans", 1, True, "back to v1", ADMIN)
+        except NotFound as exc:
+            outcome["refused"] = exc
+
+    thread = threading.Thread(target=rollback)
+    with transaction_held_open(database, lambda tx: tx.execute(
+            "DELETE FROM calibrators WHERE variant = 'kmeans' AND version = 1")):   # the purge, uncommitted
+        thread.start()
+        deadline = time.monotonic() + 10
+        while thread.is_alive() and time.monotonic() < deadline:   # until the rollback waits for it
+            if database.dialect == "postgres":
+                with database.transaction(readonly=True) as tx:
+                    if tx.query("SELECT count(*) FROM pg_locks WHERE NOT granted")[0][0]:
+                        break
+            elif time.monotonic() > deadline - 9.5:
+                break   # SQLite: its writers wait for the write lock, unseen from outside
+            time.sleep(0.02)
+    thread.join(30)
+    assert "refused" in outcome and outcome["refused"].field == "version", outcome
+    assert app.calibration.calibrator_version() == "kmeans:2"
