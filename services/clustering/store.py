@@ -272,6 +272,8 @@ _HOUSEHOLD_TABLES = ("devices", "events", "sessions", "erased_events", "erasure_
 # What a fence keeps of a device is the keyed digest of this prefix and its id (the prefix
 # keeps a device's digest apart from an event's of the same text in ``erased_events``).
 _FENCED_DEVICE = "device\x00"
+# ``ClusteringStore._quiet_state``'s answer for a kept state that does not open.
+_UNOPENED = object()
 # A device's newest session row, whose kept state an ingest extends (_update_sessions).
 _NEWEST_SESSION = ("SELECT session_id, start_ts, end_ts, feature_version, state FROM sessions "
                    "WHERE account_id = ? AND device_id = ? ORDER BY end_ts DESC LIMIT 1")
@@ -726,10 +728,13 @@ class ClusteringStore:
             try:
                 if account not in sealers:
                     sealers[account] = self.cipher.sealer(account) if self.cipher is not None else None
-                last = self._extendable_state(account, device, newest, ordered, quiet=True)
+                # The kept state parsed once here (ingest32: a late device's was parsed a
+                # second time to tell "does not open" from "not extendable").
+                kept = self._quiet_state(account, newest)
+                last = self._extendable_state(account, device, newest, ordered, quiet=True, kept=kept)
             except HearthError:
                 continue   # as above: the transaction's own path meets it and answers as always
-            if last is None and self._state_opens(account, newest):
+            if last is None and kept is not _UNOPENED:
                 late.append((account, device, row, fresh, newest, ordered[0].ts))
             if last is None or not last.offset_known:
                 continue   # the full rebuild (prepared below), or a state of before session 24: read there
@@ -779,17 +784,18 @@ class ClusteringStore:
                 _Rebuild(earliest, affected, since, frozenset(e.event_id for e in events), rows, len(states)))
         return out
 
-    def _state_opens(self, account: str, newest: list) -> bool:
-        """Whether the newest session row has no state to open (none, or of another feature
-        version) or one that opens: a rebuild prepared for it counts no fallback the
-        transaction's own path would have counted (``_kept_state``)."""
+    def _quiet_state(self, account: str, newest: list) -> "SessionState | None | object":
+        """The newest session row's kept state opened, None when it has none to open (none,
+        or of another feature version), ``_UNOPENED`` when it does not open — not counted
+        nor logged: a rebuild is prepared only for a row whose state opens or is absent, so
+        that it counts no fallback the transaction's own path would have counted
+        (``_kept_state``)."""
         if not newest or newest[0][4] is None or int(newest[0][3]) != self.vocabulary.feature_version:
-            return True
+            return None
         try:
-            SessionState.from_bytes(self._open_blob(account, "session_state", newest[0][4]))
+            return SessionState.from_bytes(self._open_blob(account, "session_state", newest[0][4]))
         except (FieldDecryptionError, NotFound, ValueError):
-            return False
-        return True
+            return _UNOPENED
 
     def _write_prepared(self, tx: Tx, prepared: dict[str, _PreparedHousehold]) -> dict[str, _PreparedHousehold]:
         """In ``ingest``'s transaction, the households locked and their keys checked
@@ -1109,17 +1115,17 @@ class ClusteringStore:
                                      self._extension(newest, *self._extended_states(last, ordered)))
 
     def _extendable_state(self, account: str, device: str, newest: list, ordered: list[ViewingEvent],
-                          quiet: bool = False) -> SessionState | None:
+                          quiet: bool = False, kept: "SessionState | None | object" = None) -> SessionState | None:
         """The newest session's kept state (``newest``: its row) if ``ordered`` can extend
         it: it opens, is of this vocabulary and gap, is that row's, and they all sort after
         its events; else None (the full rebuild). ``quiet``: a state that does not open is
-        not counted nor logged (the transaction's own path meets it and does)."""
+        not counted nor logged (the transaction's own path meets it and does); ``kept``:
+        with ``quiet``, the state ``_quiet_state`` already opened from this row."""
         if not newest or newest[0][4] is None or int(newest[0][3]) != self.vocabulary.feature_version:
             return None
         if quiet:
-            try:
-                last = SessionState.from_bytes(self._open_blob(account, "session_state", newest[0][4]))
-            except (FieldDecryptionError, NotFound, ValueError):
+            last = kept if kept is not None else self._quiet_state(account, newest)
+            if last is _UNOPENED:
                 return None
         else:
             last = self._kept_state(account, newest[0][4])

@@ -549,3 +549,29 @@ def test_late_devices_store_what_the_per_device_path_stores_to_the_bit(database,
     assert store.inside[-1] <= 24, store.inside
     _assert_same_households(store, reference, HOUSEHOLDS)
     assert sum(x.person_id is not None for account in HOUSEHOLDS for x in store.household(account).sessions) > 0
+
+
+def test_a_kept_state_that_does_not_open_is_counted_once_and_rebuilt_inside(tmp_path):
+    """One device of a big batch holds a kept state that does not parse: nothing is prepared
+    for it (a prepared rebuild would write over it uncounted), the transaction's own path
+    counts the fallback once and rebuilds it; the rows equal the per-device path's. Kept
+    true when ingest32 made the preparation parse each state once (it parsed a late
+    device's twice); seen failing with a rebuild prepared for it (the fallback not counted)."""
+    from prometheus_client import REGISTRY
+
+    first = _batch(random.Random(51), HOUSEHOLDS)
+    batch = _next_batch(random.Random(52), first)
+    store = _store(tmp_path / "a.db", None)
+    reference = _per_device_path(_store(tmp_path / "b.db", None))
+    for s in (store, reference):
+        s.ingest(first)
+        with s.db.transaction() as tx:
+            tx.execute("UPDATE sessions SET state = ? WHERE account_id = 'known-1' AND device_id = 'tv-1' "
+                       "AND state IS NOT NULL", (b"{not json",))
+    counted = lambda: REGISTRY.get_sample_value("hearth_session_state_fallbacks_total",  # noqa: E731
+                                                {"reason": "unparseable"}) or 0.0
+    before = counted()
+    result = store.ingest(batch)
+    assert counted() == before + 1
+    assert result == reference.ingest(batch)
+    _assert_same_households(store, reference, HOUSEHOLDS)
