@@ -229,6 +229,15 @@ def test_a_dependency_in_use_without_a_destination_is_refused_naming_the_value(r
         render(values_files=(PRODUCTION_VALUES,), set_values=without)
 
 
+def test_egress_without_network_policies_is_refused(render):
+    """networkPolicy.enabled=false renders no policy at all: egress asked for there would
+    silently stay open."""
+    with pytest.raises(HelmError, match="networkPolicy.egress.enabled needs networkPolicy.enabled"):
+        render(values_files=(PRODUCTION_VALUES,), set_values=(*DEPENDENCIES_SET, "networkPolicy.enabled=false"))
+    assert not by_kind(render(values_files=(PRODUCTION_VALUES,), set_values=("networkPolicy.enabled=false",)),
+                       "NetworkPolicy")
+
+
 def test_a_dependency_not_in_use_needs_no_destination(render):
     # SQLite, Redis off, no tracing: none of postgres/redis/otlp is asked for.
     render(**SQLITE_EGRESS)
