@@ -90,7 +90,7 @@ QUERY_PAGE_BYTES = 8 << 20
 DEFAULT_QUERY_LIMIT = 100
 # The pages of the whole-log reads (VerifyAudit, the export): rows per page (and at most
 # QUERY_PAGE_BYTES of canonical bytes), stored tree heads per page.
-ROWS_PAGE = 10_000
+ROWS_PAGE = 2_000
 HEADS_PAGE = 1_000
 
 
@@ -212,6 +212,7 @@ class AuditStore:
             if chosen == len(sizes) < batch:
                 return
             last = sizes[chosen - 1][0]
+            rows = sizes = None   # not held while the next page is read: one page at a time
 
     def stored_latest_sth(self) -> SignedTreeHead | None:
         with self.db.transaction() as tx:
