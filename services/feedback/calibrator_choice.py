@@ -1,7 +1,9 @@
 """Which calibrator is in force for a variant: roll back (or forward) to a stored
 version, and hold automatic refits while an operator decides.
 
-Every fitted calibrator stays stored (``calibrators``, one row per variant and version);
+Fitted calibrators stay stored (``calibrators``, one row per variant and version) as long
+as a rollback may need them (domain/calibrator_versions.py: since session 32 each fit
+deletes the others);
 ``calibrator_current`` points at the one clustering applies. A refit that makes things
 worse (a skewed week of feedback, a bug in a feedback source) is undone by pointing back
 at an earlier version — or at none (version 0: identity, the raw model confidences).

@@ -78,9 +78,10 @@ def test_webhook_is_reachable_by_alertmanager_and_may_call_the_gateway(render):
     callers = [f.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component")
                for f in http_rule["from"]]
     assert "rollout-webhook" in callers
-    # Without the webhook the gateway's allow list is exactly the operator's.
+    # Without the webhook (and the `helm test` pod, tests/deploy/test_chart_egress.py) the
+    # gateway's allow list is exactly the operator's.
     plain = render(values_files=(PRODUCTION_VALUES,), set_values=(
-        "networkPolicy.gatewayFrom[0].namespaceSelector.matchLabels.team=ingress",))
+        "networkPolicy.gatewayFrom[0].namespaceSelector.matchLabels.team=ingress", "tests.enabled=false"))
     assert by_kind(plain, "NetworkPolicy")[component_name("gateway")]["spec"]["ingress"][0]["from"] == [
         {"namespaceSelector": {"matchLabels": {"team": "ingress"}}}]
 
