@@ -294,3 +294,16 @@ def test_a_listed_gateway_from_admits_the_list_and_the_charts_own_callers(render
     assert gateway_http_rule(render(values_files=(PRODUCTION_VALUES, listed), set_values=(
         "rolloutWebhook.enabled=true", "rolloutWebhook.from[0].podSelector.matchLabels.app=alertmanager")))[
         "from"] == [ingress, webhook, test_pod]
+
+
+def test_the_edge_follows_the_same_rule(render, tmp_path):
+    """edge.from had the same trap ([] = anyone, the default): `anyone` written out, [] refused."""
+    assert CHART_VALUES["edge"]["from"] == "anyone"
+    edge = ("edge.enabled=true", "tls.mesh.secretPrefix=hearth-mesh-tls")
+    (rule,) = by_kind(render(values_files=(PRODUCTION_VALUES,), set_values=edge), "NetworkPolicy")[
+        component_name("envoy")]["spec"]["ingress"]
+    assert "from" not in rule
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("edge: {from: []}\n")
+    with pytest.raises(HelmError, match="edge.from is empty"):
+        render(values_files=(PRODUCTION_VALUES, empty), set_values=edge)
