@@ -83,8 +83,7 @@ class CalibratorChoices:
         return check_text(variant, "variant", max_chars=MAX_VARIANT_CHARS)
 
     def held(self, variant: str) -> bool:
-        stored = self.store.current_flags(choice_key(variant))
-        return bool(stored and json.loads(stored.flags_json).get("hold"))
+        return self.store.held(choice_key(variant))
 
     def held_variants(self, variants) -> set[str]:
         return {v for v in variants if self.held(v)}

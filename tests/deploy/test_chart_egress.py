@@ -2,9 +2,10 @@
 gateway's HTTP port (networkPolicy.gatewayFrom), read offline from `helm template`.
 
 Each pod of the release may open connections only to DNS, the release's pods it calls and
-the external dependencies it uses. What the services call is taken from the code (the peer
-addresses each process reads), not from a second list written by hand; the chart derives
-its egress from `networkPolicy.peers`, which these tests hold to the code. Offline the
+the external dependencies it uses. What the services call is the code's statement of it,
+config.PEER_CALLS (held to the peer addresses each entry point reads by
+tests/unit/common/test_peer_calls.py); the chart derives its egress from
+`networkPolicy.peers`, which these tests hold to it. Offline the
 rules can be rendered and checked, not enforced: that needs a cluster with a
 policy-enforcing CNI.
 """
@@ -12,18 +13,17 @@ policy-enforcing CNI.
 from __future__ import annotations
 
 import json
-import re
 
 import kubernetes_validate
 import pytest
 import yaml
 
+from services.common import config
 from tests.deploy.conftest import (
     GRPC_SERVICES,
     LOCAL_SQLITE_VALUES,
     MIN_KUBE_VERSION,
     PRODUCTION_VALUES,
-    ROOT,
     TARGET_KUBE_VERSION,
     HelmError,
     by_kind,
@@ -64,22 +64,9 @@ AUTHORIZER_PORT = CHART_VALUES["edge"]["authorizerPort"]
 
 
 def calls_from_code() -> dict[str, set[str]]:
-    """The mesh services each component dials, read from its code: the peer addresses
-    (`settings.<peer>_addr`) its entry point reads, and privacy for every service but
-    privacy itself, whose audit records go to privacy's AppendAudit (the bootstrap's
-    sink_for_service; privacy installs a local sink)."""
-    entry_points = {name: ROOT / "services" / name / "__main__.py" for name in GRPC_SERVICES}
-    entry_points["gateway"] = ROOT / "gateway" / "app.py"
-    address = re.compile(r"settings\.(%s)_addr\b" % "|".join(GRPC_SERVICES))
-    calls = {name: set(address.findall(path.read_text(encoding="utf-8"))) - {name}
-             for name, path in entry_points.items()}
-    bootstrap = (ROOT / "services" / "common" / "server.py").read_text(encoding="utf-8")
-    assert "audit.sink_for_service(name, settings.privacy_addr" in bootstrap, \
-        "the bootstrap no longer audits through privacy: update calls_from_code"
-    for name in GRPC_SERVICES:
-        if name != "privacy":
-            calls[name].add("privacy")
-    return calls
+    """The mesh services each component dials: config.PEER_CALLS, which
+    tests/unit/common/test_peer_calls.py holds to the peer addresses each entry point reads."""
+    return {name: set(peers) for name, peers in config.PEER_CALLS.items()}
 
 
 def test_the_charts_peers_are_the_calls_the_code_makes():
@@ -229,6 +216,15 @@ def test_a_dependency_in_use_without_a_destination_is_refused_naming_the_value(r
         render(values_files=(PRODUCTION_VALUES,), set_values=without)
 
 
+def test_egress_without_network_policies_is_refused(render):
+    """networkPolicy.enabled=false renders no policy at all: egress asked for there would
+    silently stay open."""
+    with pytest.raises(HelmError, match="networkPolicy.egress.enabled needs networkPolicy.enabled"):
+        render(values_files=(PRODUCTION_VALUES,), set_values=(*DEPENDENCIES_SET, "networkPolicy.enabled=false"))
+    assert not by_kind(render(values_files=(PRODUCTION_VALUES,), set_values=("networkPolicy.enabled=false",)),
+                       "NetworkPolicy")
+
+
 def test_a_dependency_not_in_use_needs_no_destination(render):
     # SQLite, Redis off, no tracing: none of postgres/redis/otlp is asked for.
     render(**SQLITE_EGRESS)
@@ -285,3 +281,16 @@ def test_a_listed_gateway_from_admits_the_list_and_the_charts_own_callers(render
     assert gateway_http_rule(render(values_files=(PRODUCTION_VALUES, listed), set_values=(
         "rolloutWebhook.enabled=true", "rolloutWebhook.from[0].podSelector.matchLabels.app=alertmanager")))[
         "from"] == [ingress, webhook, test_pod]
+
+
+def test_the_edge_follows_the_same_rule(render, tmp_path):
+    """edge.from had the same trap ([] = anyone, the default): `anyone` written out, [] refused."""
+    assert CHART_VALUES["edge"]["from"] == "anyone"
+    edge = ("edge.enabled=true", "tls.mesh.secretPrefix=hearth-mesh-tls")
+    (rule,) = by_kind(render(values_files=(PRODUCTION_VALUES,), set_values=edge), "NetworkPolicy")[
+        component_name("envoy")]["spec"]["ingress"]
+    assert "from" not in rule
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("edge: {from: []}\n")
+    with pytest.raises(HelmError, match="edge.from is empty"):
+        render(values_files=(PRODUCTION_VALUES, empty), set_values=edge)

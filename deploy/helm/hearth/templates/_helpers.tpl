@@ -484,33 +484,43 @@ dependency health readable from any pod. Whoever truly wants that writes it out:
 {{- end }}
 
 {{/*
-Who may reach the gateway's HTTP port: "" for anyone (networkPolicy.gatewayFrom: anyone, a
-rule without `from`), else the `from` list — the operator's entries, then the chart's own
-callers of that port that are on (the rollout webhook, the `helm test` pod). `[]` is
-refused: until session 32 it was the default and meant anyone, so an SRE emptying the list
-to "close" the gateway opened it to every pod and every address.
+The `from` of a public port's rule, given as `anyone` or a list of NetworkPolicy peers (ctx:
+value, path, hint: who usually goes in the list): "" for anyone (a rule without `from`:
+every pod and every address outside the cluster), else the list as YAML. `[]` is refused:
+until session 32 it was the default and meant anyone, so an SRE emptying the list to
+"close" the port opened it to every pod and every address.
+*/}}
+{{- define "hearth.fromOrAnyone" -}}
+{{- if kindIs "string" .value }}
+{{- if ne .value "anyone" }}
+{{- fail (printf "%s must be `anyone` or a list of NetworkPolicy peers, got %q" .path .value) }}
+{{- end }}
+{{- else if not .value }}
+{{- fail (printf "%s is empty: write `anyone` to admit every pod and every address outside the cluster, or list who may connect (%s); [] no longer means anyone" .path .hint) }}
+{{- else }}
+{{- toYaml .value }}
+{{- end }}
+{{- end }}
+
+{{/*
+Who may reach the gateway's HTTP port (networkPolicy.gatewayFrom, hearth.fromOrAnyone): ""
+for anyone, else the operator's entries, then the chart's own callers of that port that
+are on (the rollout webhook, the `helm test` pod).
 */}}
 {{- define "hearth.gatewayFrom" -}}
-{{- $from := .Values.networkPolicy.gatewayFrom }}
-{{- if kindIs "string" $from }}
-{{- if ne $from "anyone" }}
-{{- fail (printf "networkPolicy.gatewayFrom must be `anyone` or a list of NetworkPolicy peers, got %q" $from) }}
-{{- end }}
-{{- else if not $from }}
-{{- fail "networkPolicy.gatewayFrom is empty: write `anyone` to admit every pod and every address outside the cluster (the default: the gateway authenticates each request), or list who may reach the gateway's HTTP port (e.g. the ingress controller's namespace); [] no longer means anyone" }}
-{{- else }}
-{{- toYaml $from }}
-{{- if .Values.rolloutWebhook.enabled }}
+{{- with include "hearth.fromOrAnyone" (dict "value" .Values.networkPolicy.gatewayFrom "path" "networkPolicy.gatewayFrom" "hint" "e.g. the ingress controller's namespace; the gateway authenticates each request, hence the default anyone") }}
+{{- . }}
+{{- if $.Values.rolloutWebhook.enabled }}
 # The rollback webhook sets the kill switch through the gateway.
 - podSelector:
     matchLabels:
-      {{- include "hearth.selectorLabels" (dict "root" . "name" "rollout-webhook") | nindent 6 }}
+      {{- include "hearth.selectorLabels" (dict "root" $ "name" "rollout-webhook") | nindent 6 }}
 {{- end }}
-{{- if .Values.tests.enabled }}
+{{- if $.Values.tests.enabled }}
 # `helm test`: the pod asking /health.
 - podSelector:
     matchLabels:
-      {{- include "hearth.selectorLabels" (dict "root" . "name" "test") | nindent 6 }}
+      {{- include "hearth.selectorLabels" (dict "root" $ "name" "test") | nindent 6 }}
 {{- end }}
 {{- end }}
 {{- end }}
