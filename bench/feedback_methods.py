@@ -65,7 +65,6 @@ _EPS = 1e-6
 def draws(spec: str, cache: str, mode: str) -> list[FS.Draw]:
     """Per draw, the sample's answers pooled (FS.Draw). ``stream``: the fed rows are the
     answers as served at arrival (``P1``), each fitted in its household's group now."""
-    from services.feedback.domain.recalibration import FEEDBACK_GROUP_OF, feedback_groups
     split, first, n_worlds, n_house = spec.split(":")
     if split not in FS.SPLITS:
         raise SystemExit(f"{spec}: split must be one of {FS.SPLITS} (TUNING only)")
@@ -74,29 +73,9 @@ def draws(spec: str, cache: str, mode: str) -> list[FS.Draw]:
         held = pickle.load(fh)
     if held["households"] != [h.household_id for h in hs]:
         raise SystemExit(f"{cache}: holds other households than {spec}")
-    if mode == "batch":
-        if not held["batch"]:
-            raise SystemExit(f"{cache}: no batch answers")
-        return FS.draws_of(split, hs, held["outs"], held["draws"])
-    if not held["streaming"]:
-        raise SystemExit(f"{cache}: no stream answers")
-    outs, n_draws = held["outs"], held["draws"]
-    fed = E.feedback_draws(hs, n_draws)
-    persons = [h.person for h in hs]
-    ages = E.model_ages(hs, "stream")
-    P0, y0, ok0, age = E.pooled_answers(persons, [o["stream"] for o in outs], ages)
-    account = np.concatenate([np.full(h.n_sessions, f"{split}/{h.household_id}", dtype=object) for h in hs])
-    world = np.concatenate([np.full(h.n_sessions, f"{split}/{h.world_id}", dtype=object) for h in hs])
-    out = []
-    for d in range(n_draws):
-        answers = [o["fed_stream"][d] for o in outs]
-        P1, y1, ok1, _ = E.pooled_answers(persons, [a.probs for a in answers], ages)
-        group = np.concatenate([a.groups for a in answers]).astype(str)
-        current = {f"{split}/{h.household_id}": str(a.groups[-1]) for h, a in zip(hs, answers)}
-        fitted_in = np.asarray(feedback_groups(group.astype(object), account, current, FEEDBACK_GROUP_OF)).astype(str)
-        out.append(FS.Draw(P0, ok0, y0, P1, ok1, y1, age, np.concatenate([f[d] for f in fed]),
-                           np.concatenate([a.calibrated for a in answers]), group, fitted_in, account, world))
-    return out
+    if not held["batch" if mode == "batch" else "streaming"]:
+        raise SystemExit(f"{cache}: no {mode} answers")
+    return FS.draws_of(split, hs, held["outs"], held["draws"], mode)
 
 
 def _logit(c: np.ndarray) -> np.ndarray:
