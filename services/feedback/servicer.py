@@ -43,7 +43,7 @@ def _finite_or_nan(value: float | None) -> float:
 class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
     """One RPC, one room: intake (RecordPrediction, RecordFeedback), calibration
     (GetCalibrator, GetCalibration, ListCalibrators, ActivateCalibrator), experiments
-    (GetExperiment, SetFlag)."""
+    (GetExperiment, GetVariants, SetFlag)."""
 
     def __init__(self, intake: Intake, calibration: Calibration, experiments: Experiments) -> None:
         self.intake = intake
@@ -87,6 +87,9 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
             variant=view.variant, traffic=view.traffic, kill_switch=view.kill_switch, p_value=view.p_value,
             results=[pb.VariantResult(variant=r.variant, n=r.n, accuracy=r.accuracy, brier=r.brier)
                      for r in view.results])
+
+    def GetVariants(self, request, context) -> pb.GetVariantsResponse:
+        return pb.GetVariantsResponse(variants=self.experiments.variants(list(request.account_ids)))
 
     def SetFlag(self, request, context) -> pb.SetFlagResponse:
         version = self.experiments.set_flags(dict(request.traffic), request.kill_switch, request.reason,
