@@ -7,8 +7,6 @@ would be retried for ever, holding back every prediction behind it."""
 
 from __future__ import annotations
 
-import itertools
-import os
 import time
 
 import pytest
@@ -21,10 +19,10 @@ from services.feedback.app import FeedbackApp, FeedbackPolicy
 from services.feedback.peers import RecordingAuditor, RecordingRefits
 from services.feedback.servicer import FeedbackServicer
 from services.feedback.store import FeedbackStore
+from tests.integration.test_calibration_groups import feedback_db  # noqa: F401 - the fixture: feedback's own database
 
 DAY = 86400.0
 RETENTION_S = 90 * DAY
-_schemas = itertools.count()
 
 
 def _prediction(pid: str, ts: float, session_start: float | None = None) -> PredictionRecord:
@@ -53,19 +51,6 @@ def test_a_prediction_about_a_session_older_than_the_retention_is_refused_naming
     assert [app.store.prediction(p) for p in ("fresh", "old-session", "old-bare")] == [None, None, None]
     assert app.intake.record_predictions([_prediction("edge", now - 60, now - 89 * DAY),
                                           _prediction("fresh", now - 60, now - 3600)]) == (2, 0)
-
-
-@pytest.fixture
-def feedback_db(database, request, tmp_path):
-    """The feedback service's own database, on the backend ``database`` runs on."""
-    from services.common.storage.sql import PostgresDatabase, SqliteDatabase
-    if database.dialect == "sqlite":
-        db = SqliteDatabase(tmp_path / "feedback.db")
-    else:
-        db = PostgresDatabase(request.getfixturevalue("postgres_dsn"), f"fbr{os.getpid()}_{next(_schemas)}",
-                              max_size=4)
-    yield db
-    db.close()
 
 
 def test_the_forwarder_does_not_send_what_feedback_would_refuse_for_its_age(database, feedback_db):

@@ -5,7 +5,9 @@ still rising over the last half does not)."""
 from __future__ import annotations
 
 from bench.loadgen import Traffic
-from bench.soak import _marked, first_last, gateway_route_errors, growth
+import json
+
+from bench.soak import _marked, first_last, gateway_route_errors, growth, log_findings
 
 HOUSEHOLDS = [{"account_id": "acct-1", "devices": [["tv-1", "tv"]], "sessions": ["s-1"], "vector": ""}]
 
@@ -70,3 +72,17 @@ def test_a_few_rows_added_level_off_under_the_floor_a_steady_stream_does_not():
     assert growth(_samples(few), lambda s: s["v"], 120, 300, 2400, floor_per_h=100)["levels_off"]
     steady = [10 * i for i in range(80)]   # 1,200 rows an hour
     assert not growth(_samples(steady), lambda s: s["v"], 120, 300, 2400, floor_per_h=100)["levels_off"]
+
+
+def test_log_findings_count_errors_and_tracebacks_not_the_faults_warnings(tmp_path):
+    line = lambda level, msg: json.dumps({"level": level, "service": "privacy", "msg": msg})
+    (tmp_path / "privacy.log").write_text("\n".join([
+        line("WARNING", "erase in clustering failed: UNAVAILABLE"),   # a fault's noise
+        line("ERROR", "audit flush failed"),
+        "Traceback (most recent call last):", '  File "x.py", line 1', "ValueError: boom",
+        line("INFO", "health: SERVING")]) + "\n")
+    (tmp_path / "gateway.log").write_text(line("WARNING", "peer degraded") + "\n")
+    found = log_findings(tmp_path)
+    assert found["privacy"]["error_lines"] == 1 and found["privacy"]["tracebacks"] == 1
+    assert found["privacy"]["warnings"] == 1 and len(found["privacy"]["first"]) == 2
+    assert found["gateway"] == {"error_lines": 0, "tracebacks": 0, "warnings": 1, "first": []}
