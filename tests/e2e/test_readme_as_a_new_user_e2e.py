@@ -77,3 +77,15 @@ def test_a_control_character_in_a_text_field_is_named_as_a_grpc_caller_reads_it(
     error = r.json()["error"]
     assert error["field"] == "events[0].genres[0]"
     assert error["message"] == "must not contain control characters (U+0007 at character 3)", error
+
+
+@pytest.mark.parametrize("path, body, field, message", [
+    ("/v1/events", {"events": [_readme_event("readme-future", ts="2030-01-01T00:00:00Z")]}, "events[0].ts",
+     "must lie between 2000-01-01 and 10 minutes from now (the server's clock)"),
+    ("/v1/delete", {"scope": {"kind": "device", "account_id": "readme-x"}}, "scope",
+     "device_id: required for a device scope"),
+])
+def test_a_validators_refusal_reads_without_pydantics_prefix(client, path, body, field, message):
+    r = client.post(path, json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"] == {"code": "invalid_argument", "field": field, "message": message}
