@@ -309,6 +309,9 @@ def _rule_in_words(error: dict) -> str:
     text.py), not the regular expression (until session 32: "String should match pattern
     '^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$'", and for text the refused characters raw)."""
     message = error.get("msg", "invalid")
+    if error.get("type") == "value_error":
+        # pydantic prefixes a validator's own words with "Value error, ": noise to a caller.
+        return message.removeprefix("Value error, ")
     if error.get("type") != "string_pattern_mismatch":
         return message
     pattern = (error.get("ctx") or {}).get("pattern")
