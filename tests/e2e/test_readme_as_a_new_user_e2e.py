@@ -116,3 +116,14 @@ def test_feedback_names_what_is_wrong_with_kind_and_a_missing_true_person(mesh, 
     assert r.status_code == 422, r.text
     error = r.json()["error"]
     assert error["field"] == "true_person_id" and "is required for a correction" in error["message"], error
+
+
+@pytest.mark.parametrize("method, path, kwargs", [
+    ("GET", "/v1/audit", {"params": {"start": "2026-12-07T16:40:00Z", "end": "2026-12-07T16:30:00Z"}}),
+    ("POST", "/v1/attribution", {"json": {"start": "2026-12-07T16:40:00Z", "end": "2026-12-07T16:30:00Z"}}),
+])
+def test_an_end_before_start_names_the_http_field_end_not_the_grpc_window(client, method, path, kwargs):
+    """The HTTP caller sent `end`; the 422 named `window.end`, the gRPC request's field."""
+    r = client.request(method, path, **kwargs)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"] == {"code": "invalid_argument", "field": "end", "message": "must be after start"}
