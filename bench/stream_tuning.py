@@ -50,6 +50,13 @@ keeps, at every check, each person's posterior on the newest TRACE_TAIL sessions
 after, the silence evidence any test of who watched could hold in the window, detectable or
 below chance), detection on the detectable leaves beside all, and the silence CUSUM
 (``silence_cusum``, measured, not wired) replayed with the stream (``silence_report``).
+``--population movielens-latest-tuning`` / ``movielens-tuning`` streams a real-viewer
+population's TUNING half instead (even viewer ids; bench/worlds_movielens_latest.py,
+bench/worlds_movielens.py); with ``--trace`` the output's ``arrival_decomposition`` puts the
+answers at arrival beside the same sessions' answers with each id read as its majority person,
+by a full refit every N sessions (``--periodic-refit N``), settled and by the batch fit, overall
+and by position in the stream (docs/benchmarks.md, "Answers at arrival on the real viewers'
+TUNING halves").
 It never reads the REPORTING split: choices are made here, figures are reported by
 ``python -m bench.accuracy --worlds-only``.
 """
