@@ -9,6 +9,9 @@ every 0.2 s to the same mesh — the "every other write waits" half of attack27'
         --rounds 3 --out /tmp/ingest-5000.json
     ... --known: each round's households' second event (their first posted before, untimed)
     ... --py-spy DIR: py-spy records clustering's process during each timed batch (DIR/<side>-r<n>.txt)
+    ... --refresh: after each batch, the background model refresh it queued (one a household)
+        watched until clustering is idle: its seconds and clustering's and feedback's CPU
+        seconds meanwhile, from /proc (ingest32: the refresh's variants in one call)
 
 JSON (printed, and written to ``--out``): per side, the batch's seconds and status of each
 round, their median, the probes' median and max seconds, the fixed/baseline ratio of the
@@ -69,8 +72,34 @@ def _spy(mesh: Mesh, out: Path | None) -> subprocess.Popen | None:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def _cpu_s(pid: int) -> float:
+    """A process's user + system CPU seconds so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def watch_refresh(mesh: Mesh, limit_s: float = 600.0) -> dict:
+    """From now until clustering has been idle for two seconds running (< 0.03 CPU-s a
+    second: its refresh queue done), or ``limit_s``: the seconds to the last busy second, and
+    clustering's and feedback's CPU seconds in between."""
+    pids = {name: mesh.processes[name].pid for name in ("clustering", "feedback")}
+    start = {name: _cpu_s(pid) for name, pid in pids.items()}
+    t0 = time.perf_counter()
+    last, busy_until, quiet = start["clustering"], 0.0, 0
+    while quiet < 2 and time.perf_counter() - t0 < limit_s:
+        time.sleep(1.0)
+        now = _cpu_s(pids["clustering"])
+        if now - last < 0.03:
+            quiet += 1
+        else:
+            quiet, busy_until = 0, time.perf_counter() - t0
+        last = now
+    return {"refresh_s": round(busy_until, 1),
+            **{f"{name}_cpu_s": round(_cpu_s(pid) - start[name], 2) for name, pid in pids.items()}}
+
+
 def one_round(mesh: Mesh, key: str, households: int, tag: str, known: bool = False,
-              spy_out: Path | None = None) -> dict:
+              spy_out: Path | None = None, refresh: bool = False) -> dict:
     ts = time.time() - 3600
     batch = [_event(f"{tag}-{i}", f"{tag}-e{i}", ts) for i in range(households)]
     if known:   # the households' first events stored first (untimed, 500 a request): the batch is their second
@@ -112,7 +141,8 @@ def one_round(mesh: Mesh, key: str, households: int, tag: str, known: bool = Fal
     return {"seconds": round(seconds, 3), "status": r.status_code,
             "accepted": r.json().get("accepted") if r.status_code == 200 else None,
             "probe_median_s": round(statistics.median(probes), 3) if probes else None,
-            "probe_max_s": round(max(probes), 3) if probes else None}
+            "probe_max_s": round(max(probes), 3) if probes else None,
+            **(watch_refresh(mesh) if refresh else {})}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -126,6 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--known", action="store_true",
                    help="time each round's households' second event (the batch of known households), "
                         "their first posted before, untimed")
+    p.add_argument("--refresh", action="store_true",
+                   help="after each batch, watch the model refresh it queued until clustering is idle")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     started = time.time()
@@ -142,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
             for label in order:
                 mesh, key = meshes[label]
                 spy_out = Path(args.py_spy) / f"{label}-r{n}.txt" if args.py_spy else None
-                runs[label].append(one_round(mesh, key, args.households, f"r{n}", args.known, spy_out))
+                runs[label].append(one_round(mesh, key, args.households, f"r{n}", args.known, spy_out, args.refresh))
     finally:
         for mesh, _ in meshes.values():
             mesh.stop()
@@ -155,8 +187,15 @@ def main(argv: list[str] | None = None) -> dict:
             "statuses": [r["status"] for r in rs],
             "probe_median_s": statistics.median(r["probe_median_s"] for r in rs if r["probe_median_s"] is not None),
             "probe_max_s": max(r["probe_max_s"] for r in rs if r["probe_max_s"] is not None)}
+        if args.refresh:
+            for k in ("refresh_s", "clustering_cpu_s", "feedback_cpu_s"):
+                result["sides"][label][f"median_{k}"] = statistics.median(r[k] for r in rs)
     b, f = result["sides"]["baseline"], result["sides"]["fixed"]
     result["fixed_over_baseline_median"] = round(f["median_s"] / b["median_s"], 3)
+    if args.refresh:
+        result["refresh_fixed_over_baseline"] = {
+            k: round(f[f"median_{k}"] / b[f"median_{k}"], 3) if b[f"median_{k}"] else None
+            for k in ("refresh_s", "clustering_cpu_s", "feedback_cpu_s")}
     return emit(result, args.out)
 
 

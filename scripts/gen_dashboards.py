@@ -230,11 +230,25 @@ def infrastructure() -> Dashboard:
                                description="HEARTH_DATA_DIR against its size limit (the kubelet evicts the pod "
                                            "at 100 %: HearthDataDirNearLimit at 80 %) and the share of its "
                                            "filesystem in use (HearthDataVolumeLow at 95 %)."))
+            .with_panel(series("dependencies reachable (1: the last health check passed)", "none",
+                               Q("min by (hearth_component, dependency) (hearth_dependency_up)",
+                                 "{{hearth_component}} {{dependency}}"),
+                               description="Per component, its worst replica. `database writes` at 0 for 1 m: "
+                                           "every write answers 503 (HearthDatabaseWritesRefused); `redis` or "
+                                           "`database` at 0 for 5 m (HearthDependencyDown): with Redis gone "
+                                           "requests are still answered but every deletion waits for it."))
             .with_row(Row("Privacy and delivery"))
             .with_panel(series("audit records sent / dropped per second", "ops",
                                Q(f"sum by (component) (rate(hearth_audit_records_sent_total[{RI}]))", "sent {{component}}"),
                                Q(f"sum by (component, reason) (rate(hearth_audit_records_dropped_total[{RI}]))",
                                  "dropped {{component}} {{reason}}")))
+            .with_panel(series("audit records waiting: in memory, in the disk outbox", "none",
+                               Q("sum by (component) (hearth_audit_records_held)", "in memory {{component}}"),
+                               Q("sum by (outbox) (hearth_audit_outbox_depth)", "{{outbox}}"),
+                               description="Both are normally 0. In memory: neither the audit log nor the disk "
+                                           "outbox took them (a full disk; HearthAuditRecordsHeld after 5 m). "
+                                           "In the outbox: privacy did not acknowledge them "
+                                           "(HearthAuditOutboxBacklog after 10 m); an emptyDir dies with its pod."))
             .with_panel(series("deletion jobs finished per hour", "none",
                                Q("sum by (state) (increase(hearth_deletion_jobs_finished_total[1h]))", "{{state}}")))
             .with_panel(series("oldest open deletion job", "s",
@@ -246,6 +260,18 @@ def infrastructure() -> Dashboard:
                                            "of HEARTH_DELETION_LEASE_S, and off the other replicas, takes no "
                                            "deletion job (HearthDeletionClockDisagrees); every replica off by the "
                                            "same amount: the server's clock is wrong."))
+            .with_panel(series("household data key rotations per hour", "none",
+                               Q("sum by (outcome) (increase(hearth_dek_rotations_total[1h]))", "{{outcome}}"),
+                               Q("sum by (service) (increase(hearth_dek_rotation_purges_incomplete_total[1h]))",
+                                 "completed, purge incomplete in {{service}}"),
+                               description="`failed` in every 20 m for 30 m: HearthDataKeyRotationFailing (the "
+                                           "older key still opens the household's data). A purge incomplete is "
+                                           "no alert: every rotation on a default PostgreSQL (wal_recycle on)."))
+            .with_panel(series("retention purges held back per day", "none",
+                               Q("sum(increase(hearth_retention_purges_held_back_total[1d]))", "held back"),
+                               description="A purge that would have erased more than a day past the last one "
+                                           "erases one day only (HearthRetentionPurgeHeldBack on any): privacy's "
+                                           "clock stepped forward, or it was stopped for over a day."))
             .with_panel(series("prediction outbox (clustering -> feedback)", "none",
                                Q("sum by (instance) (hearth_prediction_outbox_depth)", "{{instance}}"),
                                Q(f"sum(rate(hearth_prediction_forward_failures_total[{RI}]))", "failures/s"),

@@ -67,6 +67,11 @@ EXPLICIT = {
     # `provision-roles --service`: only the four services' names, each once.
     "storage.postgres.provisionRoles.services": {"type": "array", "uniqueItems": True, "items": {
         "type": "string", "enum": ["clustering", "attribution", "privacy", "feedback"]}},
+    # `anyone` (no `from`) or a list of NetworkPolicy peers; the template refuses [] with
+    # a message saying what to write (session 32: [] used to mean anyone).
+    "networkPolicy.gatewayFrom": {"anyOf": [{"type": "string", "enum": ["anyone"]}, {"type": "array"}]},
+    "edge.from": {"anyOf": [{"type": "string", "enum": ["anyone"]}, {"type": "array"}]},
+    "rolloutWebhook.from": {"anyOf": [{"type": "string", "enum": ["anyone"]}, {"type": "array"}]},
     "gateway.admission.perService": {"type": "object", "additionalProperties": False, "properties": {
         service: _ADMISSION_SPEC for service in ("clustering", "attribution", "privacy", "feedback")}},
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 
 from services.attribution.domain.records import Conversion, Touchpoint
@@ -22,6 +23,22 @@ from services.common.storage.sql import Database, Tx, keyset_rows, migrate, reco
 # kept out of PostgreSQL's planner statistics: migrate(personal_tables=...)).
 _ERASED_TABLES = ("touchpoints", "conversions", "erased_records", "household_key_epochs",
                   "erasure_fences")  # session 31: account ids and device digests
+
+
+# A person erasure's fence on a device the person's erased touchpoints were on covers that
+# device's touchpoints that name no person (a person is latent: clustering resolves them),
+# not one naming another person, nor its conversions (the account's: a person erasure
+# keeps them). Its subject is this kind's digest of the device id.
+_UNNAMED_TOUCHPOINTS = "unnamed-touchpoints"
+
+
+def _fence_subjects(x: Touchpoint | Conversion) -> list[tuple[str, str]]:
+    """The (kind, id)s a fence covering record ``x`` would carry the digest of: its device;
+    a touchpoint's person, or when it names none its device's unnamed touchpoints."""
+    subjects = [("device", x.device_id)] if x.device_id else []
+    if isinstance(x, Touchpoint):
+        subjects.append(("person", x.person_id) if x.person_id else (_UNNAMED_TOUCHPOINTS, x.device_id))
+    return subjects
 
 
 class AttributionStore:
@@ -68,15 +85,22 @@ class AttributionStore:
 
     def _unfenced(self, tx: Tx, items: Sequence) -> list:
         """``items`` (touchpoints or conversions) without those an erasure's fence covers:
-        recorded by an erased device or in an erased window before the erasure."""
+        recorded by an erased device, in an erased window, or (touchpoints) of an erased
+        person, before the erasure."""
         fences = read_fences(tx, sorted({x.account_id for x in items}))
         if not fences:
             return list(items)
-        digests = {account: self._digests(account, "device", {x.device_id for x in items
-                                                              if x.account_id == account and x.device_id})
-                   for account in fences}
-        return [x for x in items if x.account_id not in fences
-                or not covered(fences[x.account_id], digests[x.account_id].get(x.device_id or ""), x.ts)]
+        digests: dict[str, dict[tuple[str, str], bytes]] = {}
+        for account in fences:
+            wanted: dict[str, set[str]] = defaultdict(set)
+            for x in items:
+                if x.account_id == account:
+                    for kind, subject in _fence_subjects(x):
+                        wanted[kind].add(subject)
+            digests[account] = {(kind, subject): d for kind, subjects in wanted.items()
+                                for subject, d in self._digests(account, kind, subjects).items()}
+        return [x for x in items if x.account_id not in fences or not covered(
+            fences[x.account_id], {digests[x.account_id][s] for s in _fence_subjects(x)}, x.ts)]
 
     def record_touchpoints(self, items: Sequence[Touchpoint]) -> tuple[int, int]:
         """Store new touchpoints; returns (accepted, duplicates). Idempotent by id, also
@@ -217,14 +241,23 @@ class AttributionStore:
                     f" OR touchpoint_id IN ({', '.join('?' * len(ids))}))" if ids else ")")
                 tp_params = [account, scope.person_id, *ids]
                 cv_where, cv_params = None, []
-            if scope.kind in ("device", "window") and not scope.all_accounts and any(
+            if scope.kind in ("device", "window", "person") and not scope.all_accounts and any(
                     tx.query(f"SELECT 1 FROM {table} WHERE account_id = ? LIMIT 1", (account,))
                     for table in ("touchpoints", "conversions", "erased_records", "erasure_fences")):
-                # What the device (window) recorded up to now and this store does not hold
-                # yet stays out (services/common/erasure_fences.py). Not for a household the
-                # store holds nothing of: a device's digest would make it a data key.
+                # What the device (window, person) recorded up to now and this store does not
+                # hold yet stays out (services/common/erasure_fences.py). Not for a household
+                # the store holds nothing of: a device's digest would make it a data key.
                 now = time.time()
-                if scope.kind == "device":
+                if scope.kind == "person":
+                    # Clustering's rule: everything recorded up to now on each device the
+                    # person's erased touchpoints were on (here: those naming no person), and
+                    # every touchpoint naming the person.
+                    devices = sorted(r[0] for r in tx.query(
+                        f"SELECT DISTINCT device_id FROM touchpoints WHERE {tp_where}", tp_params))
+                    write_fences(tx, account, [*self._digests(account, _UNNAMED_TOUCHPOINTS, devices).values(),
+                                               self._digests(account, "person", [scope.person_id])[scope.person_id]],
+                                 None, now)
+                elif scope.kind == "device":
                     write_fences(tx, account, [self._digests(account, "device", [scope.device_id])[scope.device_id]],
                                  None, now)
                 elif lo < min(hi, now):

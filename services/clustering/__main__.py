@@ -89,12 +89,13 @@ def build(settings):
     feedback = FeedbackPeer(settings.feedback_addr, timeout_s=settings.peer_timeout_s,
                             calibrator_cache_s=settings.calibrator_cache_s)
     predictions = PredictionLog(db, feedback.record_predictions, session_writer=store.write_persons,
-                                forward_interval_s=settings.prediction_forward_interval_s)
+                                forward_interval_s=settings.prediction_forward_interval_s,
+                                retention_s=settings.retention_s)
     keeper = ModelKeeper(store, feedback.variant_of, cold_start=settings.cold_start,
                          gmm_fault_prefix=settings.fault_gmm_numerical)
     app = ClusteringApp(store, consent, keeper=keeper, predictions=predictions,
                         calibrator_of=feedback.calibrator, unknown_genres=settings.unknown_genres,
-                        erasure_fence_s=settings.erasure_fence_s)
+                        erasure_fence_s=settings.erasure_fence_s, warm_variants=feedback.warm_variants)
     stop = threading.Event()
     if settings.cold_start == "population_prior":
         threading.Thread(target=_keep_population_prior_fresh, name="population-prior", daemon=True,

@@ -42,6 +42,9 @@ from services.common.calibration import IDENTITY, Calibrator
 
 log = logging.getLogger("hearth.clustering.app")
 MAX_LABELS = 10_000
+# The households the background refresh takes from its queue at a time: their variants are
+# asked in one call; each is still refreshed on its own (ClusteringApp._refresh_one).
+REFRESH_BATCH = 500
 MAX_SOURCE_CHARS = 64   # a label's source, e.g. "feedback:profile_confirmed"
 # No label per genre name: callers choose the names, so a label would be unbounded.
 UNKNOWN_GENRE_EVENTS = Counter("hearth_unknown_genre_events_total",
@@ -152,7 +155,7 @@ class ClusteringApp:
     def __init__(self, store: ClusteringStore, consent: ConsentChecker | None = None, *,
                  keeper: ModelKeeper | None = None, predictions: PredictionLog | None = None,
                  calibrator_of=None, background: bool = True, unknown_genres: str = "hash",
-                 erasure_fence_s: float | None = None) -> None:
+                 erasure_fence_s: float | None = None, warm_variants=None) -> None:
         if unknown_genres not in UNKNOWN_GENRE_POLICIES:
             raise ValueError(f"unknown_genres must be one of {UNKNOWN_GENRE_POLICIES}, got {unknown_genres!r}")
         self.store = store
@@ -165,6 +168,9 @@ class ClusteringApp:
         self.keeper = keeper or ModelKeeper(store, lambda _account: "gmm")
         self.predictions = predictions
         self.calibrator_of = calibrator_of or (lambda _variant: IDENTITY)
+        # The variants of the households a refresh batch takes, asked in one call before
+        # it (FeedbackPeer.warm_variants; the keeper's variant_of then finds them cached).
+        self.warm_variants = warm_variants or (lambda _accounts: None)
         self._pending: queue.Queue[str | None] = queue.Queue()
         self._queued: set[str] = set()
         self._queued_lock = threading.Lock()
@@ -222,19 +228,46 @@ class ClusteringApp:
 
     def _refresh_loop(self) -> None:
         while True:
-            account = self._pending.get()
-            if account is None:
-                return
-            with self._queued_lock:
-                self._queued.discard(account)
+            accounts = self._next_refreshes()
+            # Their variants in one feedback call (``warm_variants``; session 32: a big
+            # batch's thousands of refreshes asked one GetExperiment each).
+            wanted = [a for a in accounts if a is not None]
+            if wanted:
+                try:
+                    self.warm_variants(wanted)
+                except Exception:  # noqa: BLE001 - each refresh then asks for its own, as before
+                    log.debug("variants not warmed", exc_info=True)
+            for account in accounts:
+                if account is None:
+                    return
+                self._refresh_one(account)
+
+    def _next_refreshes(self) -> list[str | None]:
+        """The queued households, waiting for the first, up to REFRESH_BATCH (None: stop,
+        after those queued before it)."""
+        accounts = [self._pending.get()]
+        while accounts[-1] is not None and len(accounts) < REFRESH_BATCH:
             try:
-                self.keeper.refresh(account)
-            except Exception:  # noqa: BLE001 - the next ingest or assignment retries
-                self.refresh_failures.failed()
-            else:
-                self.refresh_failures.succeeded()
-            finally:
-                self._pending.task_done()
+                accounts.append(self._pending.get_nowait())
+            except queue.Empty:
+                break
+        return accounts
+
+    def _refresh_one(self, account: str) -> None:
+        """One household's refresh, on its own: a failure (its key erased, a fit that
+        fails, the database) is counted and logged, and the next household is refreshed
+        (each refresh is its own transactions: one household's failure rolls back no
+        other's)."""
+        with self._queued_lock:
+            self._queued.discard(account)
+        try:
+            self.keeper.refresh(account)
+        except Exception:  # noqa: BLE001 - the next ingest or assignment retries
+            self.refresh_failures.failed()
+        else:
+            self.refresh_failures.succeeded()
+        finally:
+            self._pending.task_done()
 
     def _fence_loop(self) -> None:
         while not self._stopping.wait(self.erasure_fence_s / 4):
@@ -481,10 +514,13 @@ class ClusteringApp:
             # Persons a label named that the model has not fitted yet (a stream waits for
             # its next full refit) are persons of the household too: their labelled
             # sessions already show them. Listed with their sessions and no profile.
+            # So are a cold start's persons (no fitted model, no profile): until session 32
+            # `persons` was [] while the sessions and `status.persons` named p1 (user32).
             reserved = envelope.model.reserved_person_ids()
-            sessions_of = self.store.person_session_counts(account_id, reserved)
+            unprofiled = envelope.model.cold_start_person_ids() + reserved
+            sessions_of = self.store.person_session_counts(account_id, unprofiled)
             extras.persons = envelope.model.profiles() + [{"person_id": p, "sessions": sessions_of[p]}
-                                                          for p in reserved]
+                                                          for p in unprofiled]
             extras.model_variant = envelope.model.active_variant
             extras.sessions_in_model = envelope.included
             extras.sessions_pending = max(closed - envelope.included, 0)

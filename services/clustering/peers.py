@@ -19,6 +19,7 @@ from services.common.calibration import IDENTITY, Calibrator
 log = logging.getLogger("hearth.clustering.peers")
 DEFAULT_VARIANT = "gmm"
 CACHE_TTL_S = 60.0
+MAX_VARIANTS_PER_CALL = 10_000   # feedback's GetVariants bound
 
 
 class FeedbackPeer:
@@ -53,6 +54,34 @@ class FeedbackPeer:
                 self._variants.clear()
             self._variants[account_id] = (now, variant)
         return variant
+
+    def warm_variants(self, account_ids: Sequence[str]) -> None:
+        """The variants of those of ``account_ids`` not cached, in one GetVariants call a
+        10,000 (``variant_of`` then answers them from the cache): what the model refresh
+        asks before refreshing a queue of households (session 32; one GetExperiment a
+        household before, each reading feedback's whole label set for its per-variant
+        results). A feedback replica older than GetVariants (UNIMPLEMENTED), or feedback
+        not answering: nothing cached, and ``variant_of`` asks (or falls back) one
+        household at a time, as before."""
+        now = time.monotonic()
+        with self._lock:
+            missing = [a for a in dict.fromkeys(account_ids)
+                       if not ((hit := self._variants.get(a)) and now - hit[0] < CACHE_TTL_S)]
+        for start in range(0, len(missing), MAX_VARIANTS_PER_CALL):
+            chunk = missing[start:start + MAX_VARIANTS_PER_CALL]
+            try:
+                variants = self.peer.call("GetVariants", fpb.GetVariantsRequest(account_ids=chunk),
+                                          idempotent=True).variants
+            except Exception as exc:  # noqa: BLE001 - variant_of asks one at a time
+                log.debug("variants lookup failed: %s", exc)
+                return
+            if len(variants) != len(chunk):
+                return   # not an answer to this question: variant_of asks one at a time
+            with self._lock:
+                if len(self._variants) + len(chunk) > 100_000:
+                    self._variants.clear()
+                for account, variant in zip(chunk, variants):
+                    self._variants[account] = (now, variant if variant in ("gmm", "kmeans") else DEFAULT_VARIANT)
 
     def calibrator(self, variant: str) -> Calibrator:
         now = time.monotonic()

@@ -40,13 +40,18 @@ from services.common import telemetry
 from services.common.batching import GroupCommitter
 from services.common.pbutil import float_to_ts
 from services.common.pbutil import varint as _varint
+from services.common.ids import MAX_FUTURE_SKEW_S
 from services.common.predictions import PredictionRecord  # noqa: F401 - re-exported
+from services.common.predictions import retention_instant
 from services.common.storage.sql import Database, Tx
 
 log = logging.getLogger("hearth.clustering.predictions")
 FORWARDED = Counter("hearth_predictions_forwarded_total", "Predictions delivered to the feedback service")
 FORWARD_FAILURES = Counter("hearth_prediction_forward_failures_total", "Failed deliveries (retried)")
 OUTBOX_DEPTH = Gauge("hearth_prediction_outbox_depth", "Predictions waiting for delivery")
+EXPIRED = Counter("hearth_predictions_expired_total",
+                  "Predictions not forwarded: about a session already outside the retention window "
+                  "(feedback refuses them; the purge would erase them)")
 
 
 @dataclass(frozen=True)
@@ -607,10 +612,14 @@ MAX_FORWARD_BACKOFF_S = 1.0
 class PredictionLog:
     def __init__(self, db: Database, send: Callable[[fpb.RecordPredictionRequest], None] | None,
                  *, forward_interval_s: float = 0.2, batch: int = 1000,
-                 session_writer: Callable[[Tx, Sequence[tuple]], None] | None = None) -> None:
+                 session_writer: Callable[[Tx, Sequence[tuple]], None] | None = None,
+                 retention_s: float | None = None) -> None:
         """``send`` delivers one RecordPrediction request (FeedbackPeer.record_predictions);
-        ``batch``: the most predictions in one (and in one outbox chunk)."""
+        ``batch``: the most predictions in one (and in one outbox chunk); ``retention_s``
+        (HEARTH_RETENTION_DAYS while the purge is on, else None): predictions about
+        sessions older than that are not sent (``_expired``)."""
         self._db = db
+        self._retention_s = retention_s
         # Writes (account, session, person, probabilities) rows inside the outbox's
         # transaction (ClusteringStore.write_persons); None = the caller stores them.
         self._session_writer = session_writer
@@ -766,11 +775,18 @@ class PredictionLog:
         else:   # the chunks' bodies are serialized requests: their concatenation is one
             request = fpb.RecordPredictionRequest.FromString(b"".join(bodies))
             traceparents = list(dict.fromkeys(item.partition("*")[0] for c in chunks for item in c[2].split()))
+        expired = self._expired(request)
+        if expired:
+            kept = [p for i, p in enumerate(request.predictions) if i not in expired]
+            del request.predictions[:]
+            request.predictions.extend(kept)
+            EXPIRED.inc(len(expired))
         # One request's predictions share its traceparent: each request is linked once.
         links = [link for link in map(_link, traceparents) if link is not None][:MAX_LINKS]
         with telemetry.safe_span(telemetry.tracer("hearth.clustering.predictions"), "predictions.forward",
                                  links=links, attributes={"hearth.predictions": len(request.predictions)}):
-            self._send(request)
+            if request.predictions:
+                self._send(request)
         with contextlib.nullcontext(tx) if tx is not None else self._db.transaction() as tx:
             if legacy:
                 tx.executemany("DELETE FROM prediction_outbox WHERE prediction_id = ?", [(r[0],) for r in legacy])
@@ -778,7 +794,26 @@ class PredictionLog:
                 tx.executemany("DELETE FROM prediction_chunks WHERE chunk_id = ?", [(c[0],) for c in chunks])
         delivered = len(request.predictions)
         FORWARDED.inc(delivered)
-        return delivered, depth > delivered
+        return delivered, depth > delivered + len(expired)
+
+    def _expired(self, request: fpb.RecordPredictionRequest) -> set[int]:
+        """Indexes of the predictions about sessions older than the retention window (by
+        services/common/predictions.retention_instant): feedback refuses a request holding
+        one (INVALID_ARGUMENT), and a forward refused for it would be retried for ever,
+        holding back every prediction behind it. They are dropped, with a margin of
+        MAX_FUTURE_SKEW_S (10 minutes) for feedback's clock running ahead of this one's:
+        such a prediction has at most one check period left before the purge erases it
+        (clustering holds sessions up to a check period past the window until then)."""
+        if self._retention_s is None:
+            return set()
+        oldest = time.time() - self._retention_s + MAX_FUTURE_SKEW_S
+
+        def seconds(ts: Timestamp) -> float:
+            return ts.seconds + ts.nanos / 1e9
+
+        return {i for i, p in enumerate(request.predictions) if retention_instant(
+            seconds(p.ts), seconds(p.session_start) if p.HasField("session_start") else None,
+            seconds(p.session_end) if p.HasField("session_end") else None)[0] < oldest}
 
     def _forward_loop(self) -> None:
         backoff = self._interval

@@ -5,7 +5,7 @@ variables, validated at start (a bad value names the variable).
 |---|---|---|
 | `HEARTH_SESSION_GAP_S` | 1800 | a device's events further apart than this start a new session |
 | `HEARTH_LATENESS_TOLERANCE_S` | 21600 | events this far behind their device's newest are still placed; older ones are `rejected_late` |
-| `HEARTH_RETENTION_DAYS` | 90 | read with privacy (one value for both: the chart's shared ConfigMap): while the retention purge is on, events older than now minus this are refused at ingest and counted `rejected_expired` (docs/privacy.md §7) |
+| `HEARTH_RETENTION_DAYS` | 90 | read with privacy (one value for both: the chart's shared ConfigMap): while the retention purge is on, events older than now minus this are refused at ingest and counted `rejected_expired`, and the prediction outbox drops (unsent, `hearth_predictions_expired_total`) predictions about sessions that started more than this minus 10 minutes ago (docs/privacy.md §7) |
 | `HEARTH_RETENTION_CHECK_S` | 3600 | read with privacy: 0 (the purge off) = no event is refused for its age |
 | `HEARTH_COLD_START` | `account` | households with < 10 sessions: `account` (one person until the first fit), `population_prior` (the prior's personas; falls back to `account` until enough households exist to learn the prior) or `heuristic` (docs/clustering.md, "Cold start": why `account` is the default) |
 | `HEARTH_POPULATION_PRIOR_REFRESH_S` | 3600 | how often the population prior is relearnt from stored households |

@@ -195,6 +195,30 @@ def _query_values(tx: Tx, table: str, sql: str, values: Sequence[tuple]) -> list
     return rows
 
 
+def _first_unheld(events: list[ViewingEvent], held: Iterable[str]) -> list[ViewingEvent]:
+    """``events`` without those whose id is in ``held`` and without an id's repeats (its
+    first occurrence kept): ``ClusteringStore._new_events``' rule, shared by the set-wise
+    reads that find ``held`` for many households at once."""
+    seen, kept = set(held), []
+    for e in events:
+        if e.event_id not in seen:
+            seen.add(e.event_id)
+            kept.append(e)
+    return kept
+
+
+def _held_ids(tx: Tx, events_of: dict[tuple[str, str], list[ViewingEvent]]) -> dict[str, set[str]]:
+    """Household -> the ids among its devices' ``events_of`` it already stores: one
+    statement per 500 (household, id) pairs (erased ones are not looked for: the callers
+    leave a household holding erased events' digests to the per-device path)."""
+    held: dict[str, set[str]] = defaultdict(set)
+    for account, event_id in _query_values(
+            tx, "v(a, i)", "SELECT v.a, v.i FROM v JOIN events e ON e.account_id = v.a AND e.event_id = v.i",
+            sorted({(key[0], e.event_id) for key, events in events_of.items() for e in events})):
+        held[account].add(event_id)
+    return held
+
+
 def _insert_prepared_events(tx: Tx, rows: list[tuple], whose: str) -> None:
     """The events' rows prepared before the transaction, in one statement. Every one is new:
     the households are locked and their ids were read inside this transaction; were one
@@ -272,6 +296,8 @@ _HOUSEHOLD_TABLES = ("devices", "events", "sessions", "erased_events", "erasure_
 # What a fence keeps of a device is the keyed digest of this prefix and its id (the prefix
 # keeps a device's digest apart from an event's of the same text in ``erased_events``).
 _FENCED_DEVICE = "device\x00"
+# ``ClusteringStore._quiet_state``'s answer for a kept state that does not open.
+_UNOPENED = object()
 # A device's newest session row, whose kept state an ingest extends (_update_sessions).
 _NEWEST_SESSION = ("SELECT session_id, start_ts, end_ts, feature_version, state FROM sessions "
                    "WHERE account_id = ? AND device_id = ? ORDER BY end_ts DESC LIMIT 1")
@@ -315,6 +341,13 @@ class _Rebuild:
 _EXTEND_SESSION = ("UPDATE sessions SET device_type = ?, end_ts = ?, event_count = ?, watch_seconds = ?, "
                    "feature_version = ?, features = ?, label = ?, unknown_genres = ?, person_probs = NULL, "
                    "state = ? WHERE session_id = ? AND end_ts = ?")
+
+
+# The full rebuild's two writes before it inserts its rows (_replace_sessions): the sessions
+# it replaces, and the state an older session kept (the newest's until these events).
+_DELETE_REPLACED = "DELETE FROM sessions WHERE account_id = ? AND device_id = ? AND end_ts >= ?"
+_CLEAR_OLDER_STATES = ("UPDATE sessions SET state = NULL WHERE account_id = ? AND device_id = ? "
+                       "AND state IS NOT NULL")
 
 
 def _extended_row(extension: "_Extension") -> tuple:
@@ -690,26 +723,8 @@ class ClusteringStore:
         if len(devices) < PREPARE_KNOWN_DEVICES_FROM:
             return {}
         check_serving_deadline()
-        reads: list[tuple[str, str, list, list[ViewingEvent], list]] = []
-        skipped: set[str] = set()
         with self.db.transaction(readonly=True) as tx:
-            for account, device in devices:
-                if account in skipped:
-                    continue
-                check_serving_deadline()
-                row = tx.query("SELECT last_ts FROM devices WHERE account_id = ? AND device_id = ?",
-                               (account, device))
-                if not row:
-                    continue   # a device new to it: the transaction's own path
-                watermark = float(row[0][0])
-                on_time = [e for e in by_device[(account, device)].events if e.ts >= watermark - self.tolerance_s]
-                try:
-                    fresh = self._new_events(tx, account, on_time) if on_time else []
-                except HearthError:
-                    skipped.add(account)   # its key not to be had (erased, privacy not answering)
-                    continue
-                if fresh:
-                    reads.append((account, device, row, fresh, tx.query(_NEWEST_SESSION, (account, device))))
+            reads = self._known_device_reads(tx, devices, by_device)
         sealers: dict[str, HouseholdSealer | None] = {}
         plans = []
         late: list[tuple[str, str, list, list[ViewingEvent], list, float]] = []
@@ -719,10 +734,13 @@ class ClusteringStore:
             try:
                 if account not in sealers:
                     sealers[account] = self.cipher.sealer(account) if self.cipher is not None else None
-                last = self._extendable_state(account, device, newest, ordered, quiet=True)
+                # The kept state parsed once here (ingest32: a late device's was parsed a
+                # second time to tell "does not open" from "not extendable").
+                kept = self._quiet_state(account, newest)
+                last = self._extendable_state(account, device, newest, ordered, quiet=True, kept=kept)
             except HearthError:
                 continue   # as above: the transaction's own path meets it and answers as always
-            if last is None and self._state_opens(account, newest):
+            if last is None and kept is not _UNOPENED:
                 late.append((account, device, row, fresh, newest, ordered[0].ts))
             if last is None or not last.offset_known:
                 continue   # the full rebuild (prepared below), or a state of before session 24: read there
@@ -739,6 +757,61 @@ class ClusteringStore:
             out.update(self._prepare_rebuilds(late, sealers))
         return out
 
+    def _known_device_reads(self, tx: Tx, devices: list[tuple[str, str]], by_device: dict[tuple[str, str], _DeviceBatch]
+                            ) -> list[tuple[str, str, list, list[ViewingEvent], list]]:
+        """(account, device, watermark row, fresh events, newest session row) of each of
+        ``devices`` (sorted) that the store knows and that has fresh events: the per-device
+        path's three reads (``ingest``, ``_new_events``, ``_NEWEST_SESSION``), for all of them
+        in one statement a table per 500 (ingest32: four statements a device, ~17 s of a batch
+        of 1,000 late devices on PostgreSQL at load 17, before the transaction). A household
+        holding erased events' digests is read a device at a time as before (that check needs
+        its key); a device whose newest end two sessions share is not prepared (which one
+        ``LIMIT 1`` reads is the database's choice: the transaction's own path reads it)."""
+        accounts = sorted({account for account, _ in devices})
+        erased = {r[0] for r in _query_chunks(
+            tx, "SELECT DISTINCT account_id FROM erased_events WHERE account_id IN ({})", accounts)}
+        marks: dict[tuple[str, str], list] = defaultdict(list)
+        for account, device, last_ts in _query_chunks(
+                tx, "SELECT account_id, device_id, last_ts FROM devices WHERE account_id IN ({})",
+                [a for a in accounts if a not in erased]):
+            marks[(account, device)].append((last_ts,))
+        on_time: dict[tuple[str, str], list[ViewingEvent]] = {}
+        for key in devices:
+            if key[0] not in erased and key in marks:   # else: erased digests, or a device new to it
+                watermark = float(marks[key][0][0])
+                events = [e for e in by_device[key].events if e.ts >= watermark - self.tolerance_s]
+                if events:
+                    on_time[key] = events
+        held = _held_ids(tx, on_time)
+        fresh = {key: kept for key, events in on_time.items() if (kept := _first_unheld(events, held.get(key[0], ())))}
+        newest: dict[tuple[str, str], list] = defaultdict(list)
+        for r in _query_values(
+                tx, "v(a, d)", "SELECT v.a, v.d, s.session_id, s.start_ts, s.end_ts, s.feature_version, s.state "
+                "FROM v JOIN sessions s ON s.account_id = v.a AND s.device_id = v.d AND s.end_ts = "
+                "(SELECT MAX(m.end_ts) FROM sessions m WHERE m.account_id = v.a AND m.device_id = v.d)",
+                sorted(fresh)):
+            newest[(r[0], r[1])].append(tuple(r[2:]))
+        reads = [(*key, marks[key], fresh[key], newest.get(key, [])) for key in sorted(fresh)
+                 if len(newest.get(key, [])) <= 1]
+        skipped: set[str] = set()
+        for account, device in devices:   # households with erased events' digests, as before
+            if account not in erased or account in skipped:
+                continue
+            check_serving_deadline()
+            row = tx.query("SELECT last_ts FROM devices WHERE account_id = ? AND device_id = ?", (account, device))
+            if not row:
+                continue   # a device new to it: the transaction's own path
+            watermark = float(row[0][0])
+            events = [e for e in by_device[(account, device)].events if e.ts >= watermark - self.tolerance_s]
+            try:
+                kept = self._new_events(tx, account, events) if events else []
+            except HearthError:
+                skipped.add(account)   # its key not to be had (erased, privacy not answering)
+                continue
+            if kept:
+                reads.append((account, device, row, kept, tx.query(_NEWEST_SESSION, (account, device))))
+        return reads
+
     def _prepare_rebuilds(self, late: list[tuple[str, str, list, list[ViewingEvent], list, float]],
                           sealers: dict[str, HouseholdSealer | None]) -> dict[tuple[str, str], _PreparedDevice]:
         """For devices whose batch comes late (inside or before the newest session, or a
@@ -748,12 +821,26 @@ class ClusteringStore:
         their sessions built and sealed (ingest31: a batch of late events did this inside
         the transaction, one device at a time)."""
         check_serving_deadline()
-        reads = []
+        # _rebuild_reads of every device in one statement a table per 500 (ingest32: two a device).
+        replaced: dict[tuple[str, str], list[tuple]] = defaultdict(list)
+        stored: dict[tuple[str, str], list[tuple]] = defaultdict(list)
+        columns = ", ".join("e." + c.strip() for c in _EVENT_COLUMNS.split(","))
         with self.db.transaction(readonly=True) as tx:
-            for account, device, row, fresh, newest, earliest in late:
-                check_serving_deadline()
-                affected, since, stored = self._rebuild_reads(tx, account, device, earliest)
-                reads.append((account, device, row, fresh, newest, earliest, affected, since, stored))
+            for r in _query_values(
+                    tx, "v(a, d, e)", "SELECT v.a, v.d, s.session_id, s.start_ts, s.person_id "
+                    "FROM v JOIN sessions s ON s.account_id = v.a AND s.device_id = v.d AND s.end_ts >= v.e",
+                    [(account, device, earliest - self.gap_s) for account, device, *_, earliest in late]):
+                replaced[(r[0], r[1])].append(tuple(r[2:]))
+            since = {(account, device): min([earliest, *(float(r[1]) for r in replaced[(account, device)])])
+                     for account, device, *_, earliest in late}
+            for r in _query_values(
+                    tx, "v(a, d, s)", f"SELECT v.a, v.d, {columns} FROM v JOIN events e "
+                    "ON e.account_id = v.a AND e.device_id = v.d AND e.ts >= v.s ORDER BY v.a, v.d, e.ts, e.event_id",
+                    [(*key, start) for key, start in since.items()]):
+                stored[(r[0], r[1])].append(tuple(r[2:]))
+        reads = [(account, device, row, fresh, newest, earliest, replaced[(account, device)],
+                  since[(account, device)], stored[(account, device)])
+                 for account, device, row, fresh, newest, earliest in late]
         out: dict[tuple[str, str], _PreparedDevice] = {}
         for account, device, row, fresh, newest, earliest, affected, since, stored in reads:
             check_serving_deadline()
@@ -772,17 +859,18 @@ class ClusteringStore:
                 _Rebuild(earliest, affected, since, frozenset(e.event_id for e in events), rows, len(states)))
         return out
 
-    def _state_opens(self, account: str, newest: list) -> bool:
-        """Whether the newest session row has no state to open (none, or of another feature
-        version) or one that opens: a rebuild prepared for it counts no fallback the
-        transaction's own path would have counted (``_kept_state``)."""
+    def _quiet_state(self, account: str, newest: list) -> "SessionState | None | object":
+        """The newest session row's kept state opened, None when it has none to open (none,
+        or of another feature version), ``_UNOPENED`` when it does not open — not counted
+        nor logged: a rebuild is prepared only for a row whose state opens or is absent, so
+        that it counts no fallback the transaction's own path would have counted
+        (``_kept_state``)."""
         if not newest or newest[0][4] is None or int(newest[0][3]) != self.vocabulary.feature_version:
-            return True
+            return None
         try:
-            SessionState.from_bytes(self._open_blob(account, "session_state", newest[0][4]))
+            return SessionState.from_bytes(self._open_blob(account, "session_state", newest[0][4]))
         except (FieldDecryptionError, NotFound, ValueError):
-            return False
-        return True
+            return _UNOPENED
 
     def _write_prepared(self, tx: Tx, prepared: dict[str, _PreparedHousehold]) -> dict[str, _PreparedHousehold]:
         """In ``ingest``'s transaction, the households locked and their keys checked
@@ -841,7 +929,9 @@ class ClusteringStore:
         erased = {r[0] for r in _query_chunks(
             tx, "SELECT DISTINCT account_id FROM erased_events WHERE account_id IN ({})", accounts)}
         left = shared | fenced | erased
-        candidates = [key for key in sorted(ready) if ready[key].extension is not None and key[0] not in left and (
+        # A device without a session row (its rebuild prepared all the same) is left too:
+        # the newest row's check below reads from the one read before.
+        candidates = [key for key in sorted(ready) if ready[key].newest and key[0] not in left and (
             self.cipher is None or self.cipher.cached_newest_version(key[0]) == ready[key].key_version)]
         if not candidates:
             return set(), IngestResult()
@@ -858,21 +948,10 @@ class ClusteringStore:
                 watermark = float(ready[key].watermark[0][0])
                 on_time[key] = [e for e in by_device[key].events if e.ts >= watermark - self.tolerance_s]
         # The batch's ids the households already hold (erased ones: none, above).
-        held = {(r[0], r[1]) for r in _query_values(
-            tx, "v(a, i)", "SELECT v.a, v.i FROM v JOIN events e ON e.account_id = v.a AND e.event_id = v.i",
-            sorted({(key[0], e.event_id) for key, events in on_time.items() for e in events}))}
-        held_by_account: dict[str, set[str]] = defaultdict(set)
-        for account, event_id in held:
-            held_by_account[account].add(event_id)
+        held = _held_ids(tx, on_time)
         fresh: dict[tuple[str, str], list[ViewingEvent]] = {}
         for key, events in on_time.items():
-            # As _new_events: not held, and the first occurrence of an id repeated.
-            seen = set(held_by_account.get(key[0], ()))
-            kept = []
-            for e in events:
-                if e.event_id not in seen:
-                    seen.add(e.event_id)
-                    kept.append(e)
+            kept = _first_unheld(events, held.get(key[0], ()))
             if [e.event_id for e in kept] == ready[key].fresh:
                 fresh[key] = kept
         # The newest session rows: every session of the device ending at or after the one
@@ -884,6 +963,10 @@ class ClusteringStore:
                 [(*key, ready[key].newest[0][2]) for key in sorted(fresh)]):
             newest[(r[0], r[1])].append(tuple(r[2:]))
         taken = [key for key in sorted(fresh) if newest.get(key) == [tuple(r) for r in ready[key].newest]]
+        # The late devices' full rebuilds: also the sessions they replace and the stored events
+        # they build from, as read before (ingest32).
+        rebuilds = self._rebuilds_as_read(tx, {key: ready[key] for key in taken if ready[key].rebuild is not None})
+        taken = [key for key in taken if ready[key].rebuild is None or key in rebuilds]
         if not taken:
             return set(), IngestResult()
         check_serving_deadline()
@@ -895,7 +978,14 @@ class ClusteringStore:
             if last.ts >= float(ready[key].watermark[0][0]):
                 moved.append((last.ts, last.device_type, *key))
         tx.executemany("UPDATE devices SET last_ts = ?, device_type = ? WHERE account_id = ? AND device_id = ?", moved)
-        extended = [key for key in taken if ready[key].extension.extended]
+        # The rebuilds' writes as _replace_sessions makes them, a statement a table (executemany:
+        # PostgreSQL's pipeline, no round trip a device). Other devices' rows are not touched.
+        tx.executemany(_DELETE_REPLACED, [(*key, rebuilds[key].earliest - self.gap_s)
+                                          for key in sorted(rebuilds) if rebuilds[key].affected])
+        tx.executemany(_CLEAR_OLDER_STATES, sorted(rebuilds))
+        self._insert_sessions(tx, [row for key in sorted(rebuilds) for row in rebuilds[key].rows])
+        taken_extensions = [key for key in taken if key not in rebuilds]
+        extended = [key for key in taken_extensions if ready[key].extension.extended]
         updated = tx.executemany(_EXTEND_SESSION, [_extended_row(ready[key].extension) for key in extended])
         rebuilt: set[tuple[str, str]] = set()
         if updated != len(extended):
@@ -913,15 +1003,49 @@ class ClusteringStore:
             rebuilt = {key for key in extended if found.get(ready[key].extension.session_id)
                        != _extended_read_back(ready[key].extension)}
         tx.executemany("UPDATE sessions SET state = NULL WHERE session_id = ?",
-                       [(ready[key].extension.session_id,) for key in taken if not ready[key].extension.extended])
-        self._insert_sessions(tx, [row for key in taken if key not in rebuilt
+                       [(ready[key].extension.session_id,) for key in taken_extensions
+                        if not ready[key].extension.extended])
+        self._insert_sessions(tx, [row for key in taken_extensions if key not in rebuilt
                                    for row in ready[key].extension.rows[1 if ready[key].extension.extended else 0:]])
-        touched = sum(ready[key].extension.touched for key in taken if key not in rebuilt)
+        touched = sum(ready[key].extension.touched for key in taken_extensions if key not in rebuilt)
+        touched += sum(rebuild.touched for rebuild in rebuilds.values())
         for account, device in sorted(rebuilt):
             touched += self._rebuild_sessions(tx, account, device, min(e.ts for e in fresh[(account, device)]))
         late = sum(len(by_device[key].events) - len(on_time[key]) for key in taken)
         duplicates = sum(len(on_time[key]) - len(fresh[key]) for key in taken)
         return set(taken), IngestResult(len(events), duplicates, late, touched)
+
+    def _rebuilds_as_read(self, tx: Tx, late: dict[tuple[str, str], _PreparedDevice]
+                          ) -> dict[tuple[str, str], _Rebuild]:
+        """Of ``late`` (devices whose prepared rows are a full rebuild, their watermark, fresh
+        ids and newest session row already found as read before), those whose rebuild reads
+        here what ``_prepare_rebuilds`` read — the sessions it replaces (id, start, person)
+        and the ids of the stored events it builds from — in one statement each per 500
+        devices: the per-device path's check (``_update_sessions``, about twelve round trips
+        a device on PostgreSQL: ~10 s at 1,000 late devices, ingest31). Read before this
+        batch's events are inserted, so the stored ids are the rebuild's without the
+        device's fresh ones (all at or after its ``since``: it is at most their earliest)."""
+        if not late:
+            return {}
+        check_serving_deadline()
+        affected: dict[tuple[str, str], list[tuple]] = defaultdict(list)
+        for r in _query_values(
+                tx, "v(a, d, e)", "SELECT v.a, v.d, s.session_id, s.start_ts, s.person_id "
+                "FROM v JOIN sessions s ON s.account_id = v.a AND s.device_id = v.d AND s.end_ts >= v.e",
+                [(*key, late[key].rebuild.earliest - self.gap_s) for key in sorted(late)]):
+            affected[(r[0], r[1])].append(tuple(r[2:]))
+        # Compared as sets (sorted): neither read orders its rows, and the rebuild's rows
+        # depend on them only as a set (the persons kept, the earliest start).
+        same = [key for key in sorted(late)
+                if sorted(affected.get(key, [])) == sorted(tuple(r) for r in late[key].rebuild.affected)]
+        stored: dict[tuple[str, str], set[str]] = defaultdict(set)
+        for a, d, event_id in _query_values(
+                tx, "v(a, d, s)", "SELECT v.a, v.d, e.event_id "
+                "FROM v JOIN events e ON e.account_id = v.a AND e.device_id = v.d AND e.ts >= v.s",
+                [(*key, late[key].rebuild.since) for key in same]):
+            stored[(a, d)].add(event_id)
+        return {key: late[key].rebuild for key in same
+                if stored.get(key, set()) | set(late[key].fresh) == late[key].rebuild.ids}
 
     def _refuse_devices_past_bound(self, tx: Tx, devices: list[tuple[str, str]],
                                    first_index: dict[tuple[str, str], int]) -> None:
@@ -966,8 +1090,8 @@ class ClusteringStore:
     def _unfenced(self, account: str, device: str, events: list[ViewingEvent],
                   fences: list[Fence]) -> list[ViewingEvent]:
         """``events`` (of one device) without those an erasure's fence covers."""
-        digest = self._device_digest(account, device) if any(f[0] is not None for f in fences) else None
-        return [e for e in events if not covered(fences, digest, e.ts)]
+        subjects = {self._device_digest(account, device)} if any(f[0] is not None for f in fences) else set()
+        return [e for e in events if not covered(fences, subjects, e.ts)]
 
     def _fence(self, tx: Tx, account: str, devices: Iterable[str], lo: float | None, hi: float) -> None:
         """Fence off, for later writes, what ``devices`` (None among them: every device) of
@@ -994,12 +1118,7 @@ class ClusteringStore:
         unseen = [i for i in ids if i not in seen]
         if unseen:
             seen.update(self._erased(tx, account, unseen))
-        fresh = []
-        for e in events:
-            if e.event_id not in seen:
-                seen.add(e.event_id)
-                fresh.append(e)
-        return fresh
+        return _first_unheld(events, seen)
 
     def event_status(self, account: str, event_ids: Sequence[str]) -> tuple[set[str], set[str]]:
         """(ids of ``event_ids`` the household holds, ids it stored and an erasure deleted
@@ -1055,17 +1174,17 @@ class ClusteringStore:
                                      self._extension(newest, *self._extended_states(last, ordered)))
 
     def _extendable_state(self, account: str, device: str, newest: list, ordered: list[ViewingEvent],
-                          quiet: bool = False) -> SessionState | None:
+                          quiet: bool = False, kept: "SessionState | None | object" = None) -> SessionState | None:
         """The newest session's kept state (``newest``: its row) if ``ordered`` can extend
         it: it opens, is of this vocabulary and gap, is that row's, and they all sort after
         its events; else None (the full rebuild). ``quiet``: a state that does not open is
-        not counted nor logged (the transaction's own path meets it and does)."""
+        not counted nor logged (the transaction's own path meets it and does); ``kept``:
+        with ``quiet``, the state ``_quiet_state`` already opened from this row."""
         if not newest or newest[0][4] is None or int(newest[0][3]) != self.vocabulary.feature_version:
             return None
         if quiet:
-            try:
-                last = SessionState.from_bytes(self._open_blob(account, "session_state", newest[0][4]))
-            except (FieldDecryptionError, NotFound, ValueError):
+            last = kept if kept is not None else self._quiet_state(account, newest)
+            if last is _UNOPENED:
                 return None
         else:
             last = self._kept_state(account, newest[0][4])
@@ -1188,12 +1307,10 @@ class ClusteringStore:
                           rows: list[tuple]) -> None:
         """The full rebuild's writes: ``affected`` deleted, ``rows`` in their place."""
         if affected:
-            tx.execute("DELETE FROM sessions WHERE account_id = ? AND device_id = ? AND end_ts >= ?",
-                       (account, device, earliest_new_ts - self.gap_s))
+            tx.execute(_DELETE_REPLACED, (account, device, earliest_new_ts - self.gap_s))
         # Only the newest session keeps a state: an older one's (its newest until these
         # events started a later one) goes.
-        tx.execute("UPDATE sessions SET state = NULL WHERE account_id = ? AND device_id = ? AND state IS NOT NULL",
-                   (account, device))
+        tx.execute(_CLEAR_OLDER_STATES, (account, device))
         self._insert_sessions(tx, rows)
 
     def upgrade_feature_vectors(self, account_id: str) -> int:

@@ -104,6 +104,20 @@ NonNegative = Annotated[float, bounded(ge=0)]
 AtLeastOne = Annotated[int, bounded(ge=1)]
 
 
+# The mesh services each component calls (the peer addresses its code dials:
+# ``settings.<peer>_addr`` in its entry point, and privacy's AppendAudit for every other
+# service's audit records). The bootstrap probes the health of these peers only, and the
+# chart's NetworkPolicies (``networkPolicy.peers``) admit exactly these calls; tests hold
+# both to the entry points (tests/unit/common/test_peer_calls.py, tests/deploy/test_chart_egress.py).
+PEER_CALLS: dict[str, frozenset[str]] = {
+    "clustering": frozenset({"privacy", "feedback"}),
+    "attribution": frozenset({"privacy", "clustering"}),
+    "privacy": frozenset({"clustering", "attribution", "feedback"}),
+    "feedback": frozenset({"privacy", "clustering"}),
+    "gateway": frozenset({"clustering", "attribution", "privacy", "feedback"}),
+}
+
+
 class ConfigError(SystemExit):
     """Raised (and exits the process) when configuration is invalid."""
 

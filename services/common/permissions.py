@@ -202,6 +202,7 @@ RPCS: dict[str, dict[str, Permission]] = {
         "GetCalibrator": P.READ_CALIBRATION,
         "ListCalibrators": P.READ_CALIBRATION,
         "GetExperiment": P.READ_EXPERIMENT,
+        "GetVariants": P.READ_EXPERIMENT,   # GetExperiment's variant, of many households
         "SetFlag": P.SET_FLAG,
         # Which calibrator is in force is a model flag: who may flip the experiment's
         # flags may roll a calibrator back.

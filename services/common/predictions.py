@@ -40,3 +40,15 @@ class PredictionRecord:
     # calibrator per group (services/feedback/domain/recalibration.fit_grouped_calibrator).
     calibration_group: str = ""
 
+
+
+def retention_instant(ts: float, session_start: float | None, session_end: float | None) -> tuple[float, str]:
+    """The instant the retention purge judges a prediction by, and the field holding it: the
+    start of the session it is about when the session is known (feedback's window erasure
+    takes the predictions about the sessions the window overlaps: its purge, from the
+    beginning to its end, those about a session that started before the end), else the
+    prediction's own time. One rule for feedback's RecordPrediction, which refuses what is
+    already outside the window, and clustering's forwarder, which does not send it."""
+    if session_start is not None and session_end is not None:
+        return session_start, "session_start"
+    return ts, "ts"

@@ -834,6 +834,21 @@ def _hard_exit(status: int) -> None:
     os._exit(status)
 
 
+def register_peer_checks(name: str, settings) -> list[str]:
+    """A health check per peer service ``name`` calls (config.PEER_CALLS), none for the
+    others: until session 32 every service probed all three, and where the chart's
+    NetworkPolicies are enforced a peer it never calls refuses its connections, so
+    clustering reported "peer attribution" failing (attribution and feedback each other)
+    for good. Returns the checks' names."""
+    from services.common import config
+
+    names = []
+    for peer in sorted(config.PEER_CALLS.get(name, ())):
+        names.append(f"peer {peer}")
+        health_report.register(names[-1], health_report.peer_probe(getattr(settings, f"{peer}_addr")))
+    return names
+
+
 def run_service(name: str, build: Callable, settings_cls: type | None = None) -> None:
     """Entry point shared by every ``python -m services.<name>``: load and validate the
     configuration once (``settings_cls``, default the service's own settings class,
@@ -854,9 +869,7 @@ def run_service(name: str, build: Callable, settings_cls: type | None = None) ->
     config.warn_if_shared(settings.data_dir)
     telemetry.watch_data_dir(settings.data_dir, settings.data_dir_size_limit)
     servicers, closers = build(settings)
-    for peer in ("clustering", "attribution", "privacy", "feedback"):
-        if peer != name:
-            health_report.register(f"peer {peer}", health_report.peer_probe(getattr(settings, f"{peer}_addr")))
+    register_peer_checks(name, settings)
     if not audit.installed():
         # Every service audits through privacy's AppendAudit (the privacy service
         # installs its local, durable sink in build()). Flushed after the server stops.

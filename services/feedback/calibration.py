@@ -17,7 +17,7 @@ from numpy.typing import NDArray
 
 from services.common.errors import InvalidArgument
 from services.feedback import instruments
-from services.feedback.calibrator_choice import CalibratorChoices
+from services.feedback.calibrator_choice import CalibratorChoices, choice_key
 from services.feedback.dataset import LabelledPredictions, build_dataset
 from services.feedback.domain.metrics import (
     CalibrationSummary,
@@ -152,7 +152,9 @@ class Calibration:
             calibrator = fit_grouped_calibrator(sample, data.model_sessions[rows], groups, version=version)
             calibrator = replace(calibrator, training={**calibrator.training, "fitted_at": now,
                                                        "received_through": float(data.received_at[rows].max())})
-            if self.store.save_calibrator(variant, version, calibrator.to_json(), now):
+            # Held meanwhile (a rollback while this fit ran): not stored, the choice stays.
+            if self.store.save_calibrator(variant, version, calibrator.to_json(), now,
+                                          unless_held_by=choice_key(variant)):
                 fitted[variant] = calibrator
                 log.info("calibrator fitted", extra={"fields": {"variant": variant, "version": version,
                                                                 "method": calibrator.method, "n": len(sample)}})

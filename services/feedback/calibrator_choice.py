@@ -1,7 +1,9 @@
 """Which calibrator is in force for a variant: roll back (or forward) to a stored
 version, and hold automatic refits while an operator decides.
 
-Every fitted calibrator stays stored (``calibrators``, one row per variant and version);
+Fitted calibrators stay stored (``calibrators``, one row per variant and version) as long
+as a rollback may need them (domain/calibrator_versions.py: since session 32 each fit
+deletes the others);
 ``calibrator_current`` points at the one clustering applies. A refit that makes things
 worse (a skewed week of feedback, a bug in a feedback source) is undone by pointing back
 at an earlier version — or at none (version 0: identity, the raw model confidences).
@@ -81,8 +83,7 @@ class CalibratorChoices:
         return check_text(variant, "variant", max_chars=MAX_VARIANT_CHARS)
 
     def held(self, variant: str) -> bool:
-        stored = self.store.current_flags(choice_key(variant))
-        return bool(stored and json.loads(stored.flags_json).get("hold"))
+        return self.store.held(choice_key(variant))
 
     def held_variants(self, variants) -> set[str]:
         return {v for v in variants if self.held(v)}

@@ -17,7 +17,7 @@ from services.common.ids import check_id
 from services.common.text import check_text
 from services.feedback import instruments
 from services.feedback.calibration import Calibration
-from services.feedback.domain.variants import ExperimentFlags, assign_variant, compare_variants
+from services.feedback.domain.variants import ExperimentFlags, assign_variant, assign_variants, compare_variants
 from services.feedback.peers import FlagAuditor, FlagChange, audit_flag_change
 from services.feedback.policy import FeedbackPolicy
 from services.feedback.store import FeedbackStore
@@ -25,6 +25,7 @@ from services.feedback.store import FeedbackStore
 log = logging.getLogger("hearth.feedback")
 
 MAX_REASON_CHARS = 500
+MAX_VARIANTS_PER_CALL = 10_000   # GetVariants' account ids (RecordPrediction's bound)
 EXPERIMENT_BOOTSTRAP_DRAWS = 200  # GetExperiment reports only the z-test; keep the bootstrap cheap
 FLAG_CAS_ATTEMPTS = 5
 
@@ -86,6 +87,17 @@ class Experiments:
             if comparisons:
                 p_value = min(1.0, min(c.p_value for c in comparisons) * len(comparisons))
         return ExperimentView(variant, traffic, flags.kill_switch, results, p_value, flags.version)
+
+    def variants(self, account_ids: list[str]) -> list[str]:
+        """Each account's variant (``experiment(a).variant``), in order, under one read of
+        the flags and without the per-variant results (their dataset read and bootstrap
+        are ``experiment``'s cost): GetVariants, what a model refresh of many households
+        asks (one GetExperiment a household before session 32)."""
+        if len(account_ids) > MAX_VARIANTS_PER_CALL:
+            raise InvalidArgument(f"at most {MAX_VARIANTS_PER_CALL} a call", "account_ids")
+        for i, account in enumerate(account_ids):
+            check_id(account, f"account_ids[{i}]")
+        return [str(v) for v in assign_variants(self.flags(), account_ids)] if account_ids else []
 
     def set_flags(self, traffic: Mapping[str, float], kill_switch: bool, reason: str,
                   principal: Principal) -> int:

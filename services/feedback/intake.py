@@ -15,6 +15,7 @@ from services.common.consent import ConsentChecker
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import InvalidArgument
 from services.common.ids import check_id, check_ts
+from services.common.predictions import retention_instant
 from services.common.telemetry import pseudonym
 from services.feedback import instruments
 from services.feedback.domain.signals import SignalKind
@@ -89,14 +90,27 @@ class Intake:
         # model (labels forwarded to clustering), so it needs `processing` like ingest and
         # assignment; None = not enforced (unit tests).
         self.consent = consent
-        # Feedback given longer ago than now - retention_s is refused: privacy's retention
+        # Feedback given longer ago than now - retention_s is refused (and, since session 32,
+        # a prediction about a session that started before it): privacy's retention
         # purge erases feedback by its time at its next check, so it would vanish with no
         # sign to the client (session 21's events, session 23's touchpoints; docs/privacy.md
         # §7). None: the purge off, nothing refused for its age.
         self.retention_s = retention_s
 
     def record_predictions(self, items: list[PredictionRecord]) -> tuple[int, int]:
-        return self.store.record_predictions(validate_predictions(items))
+        items = validate_predictions(items)
+        if self.retention_s is not None:
+            # A prediction the retention purge would erase at its next check (about a session
+            # older than the window) is refused, as feedback is: stored, it would be used for
+            # calibration until then. Clustering's forwarder does not send such predictions
+            # (prediction_log.PredictionLog), so this refuses only another caller's.
+            oldest = self.clock() - self.retention_s
+            for i, p in enumerate(items):
+                instant, field = retention_instant(p.ts, p.session_start, p.session_end)
+                if instant < oldest:
+                    raise InvalidArgument("is older than the retention window (HEARTH_RETENTION_DAYS): the "
+                                          "retention purge would erase the prediction", f"predictions[{i}].{field}")
+        return self.store.record_predictions(items)
 
     def record_feedback(self, feedback_id: str, prediction_id: str, kind: SignalKind,
                         true_person_id: str | None, ts: float | None, unprompted: bool = False) -> tuple[bool, float]:
@@ -116,6 +130,9 @@ class Intake:
                                   "purge would erase it", "ts")
         needs_person = kind in (SignalKind.PROFILE_CORRECTED, SignalKind.PROFILE_SWITCHED)
         if needs_person:
+            if not true_person_id:   # else the id rule's words, as if one had been given
+                raise InvalidArgument("is required for a correction or a profile switch (explicit_correct, "
+                                      "implicit_switch_profile): the person who was watching", "true_person_id")
             check_id(true_person_id, "true_person_id")
         elif true_person_id and kind != SignalKind.PROFILE_CONFIRMED:
             raise InvalidArgument(f"must be empty for {kind.value}", "true_person_id")

@@ -43,7 +43,7 @@ def _finite_or_nan(value: float | None) -> float:
 class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
     """One RPC, one room: intake (RecordPrediction, RecordFeedback), calibration
     (GetCalibrator, GetCalibration, ListCalibrators, ActivateCalibrator), experiments
-    (GetExperiment, SetFlag)."""
+    (GetExperiment, GetVariants, SetFlag)."""
 
     def __init__(self, intake: Intake, calibration: Calibration, experiments: Experiments) -> None:
         self.intake = intake
@@ -58,7 +58,8 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
     def RecordFeedback(self, request, context) -> pb.RecordFeedbackResponse:
         kind = KIND_BY_PB.get(request.kind)
         if kind is None:
-            raise InvalidArgument("is required: one of EXPLICIT_CONFIRM, EXPLICIT_CORRECT, IMPLICIT_CONTINUE, "
+            problem = "is required" if request.kind == 0 else f"unknown value {request.kind}"   # was "is required" for both
+            raise InvalidArgument(f"{problem}: one of EXPLICIT_CONFIRM, EXPLICIT_CORRECT, IMPLICIT_CONTINUE, "
                                   "IMPLICIT_ABANDON, IMPLICIT_SWITCH_PROFILE", "kind")
         duplicate, weight = self.intake.record_feedback(
             request.feedback_id, request.prediction_id, kind, request.true_person_id or None,
@@ -87,6 +88,9 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
             variant=view.variant, traffic=view.traffic, kill_switch=view.kill_switch, p_value=view.p_value,
             results=[pb.VariantResult(variant=r.variant, n=r.n, accuracy=r.accuracy, brier=r.brier)
                      for r in view.results])
+
+    def GetVariants(self, request, context) -> pb.GetVariantsResponse:
+        return pb.GetVariantsResponse(variants=self.experiments.variants(list(request.account_ids)))
 
     def SetFlag(self, request, context) -> pb.SetFlagResponse:
         version = self.experiments.set_flags(dict(request.traffic), request.kill_switch, request.reason,

@@ -16,7 +16,7 @@
 | `HEARTH_FEEDBACK_VARIANTS` | `kmeans,gmm` | variants SetFlag accepts |
 | `HEARTH_FEEDBACK_REFIT_TIMEOUT_S` | 30 | deadline of one Refit call to clustering |
 | `HEARTH_FEEDBACK_AUDIT_TIMEOUT_S` | 2 | deadline of the AppendAudit call of a flag change |
-| `HEARTH_RETENTION_DAYS` / `_CHECK_S` | 90 / 3600 | read with privacy: while the purge is on, feedback whose `ts` is older than now minus the retention is refused (INVALID_ARGUMENT, field `ts`) |
+| `HEARTH_RETENTION_DAYS` / `_CHECK_S` | 90 / 3600 | read with privacy: while the purge is on, feedback whose `ts` is older than now minus the retention is refused (INVALID_ARGUMENT, field `ts`), and so is a prediction about a session that started before it (`predictions[i].session_start`; `.ts` without a session) |
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from services.common.predictions import PredictionRecord  # noqa: F401 - re-expo
 from services.common.storage.cache import Cache, MemoryCache
 from services.common.export_stream import materialised
 from services.common.storage.sql import Database, Tx, keyset_rows, migrate, record_erasure
+from services.feedback.domain.calibrator_versions import versions_kept
 from services.feedback.migrations import MIGRATIONS
 
 # Every table an erasure deletes from (purged physically after it: Database.purge_erased;
@@ -230,16 +231,65 @@ class FeedbackStore:
             rows = tx.query("SELECT COALESCE(MAX(version), 0) FROM calibrators WHERE variant = ?", (variant,))
         return int(rows[0][0]) + 1
 
-    def save_calibrator(self, variant: str, version: int, calibrator_json: str, fitted_at: float) -> bool:
+    def save_calibrator(self, variant: str, version: int, calibrator_json: str, fitted_at: float,
+                        unless_held_by: str | None = None) -> bool:
         """Store a calibrator version and make it current, in one transaction. False when
-        the version exists already (another replica fitted concurrently)."""
+        the version exists already (another replica fitted concurrently), or when the
+        newest choice of ``unless_held_by`` (the variant's flags history key) holds the
+        variant: a rollback made while this fit ran is not undone by it (review32: the
+        refit read the held variants before fitting and then moved the pointer anyway)."""
         with self.db.transaction() as tx:
+            self._lock_calibrator_choice(tx, variant)
+            if unless_held_by is not None and self._held(tx, unless_held_by):
+                return False
             if not tx.execute("INSERT INTO calibrators (variant, version, calibrator_json, fitted_at) "
                               "VALUES (?, ?, ?, ?) ON CONFLICT (variant, version) DO NOTHING",
                               (variant, version, calibrator_json, fitted_at)):
                 return False
+            self._purge_calibrators(tx, variant, version, fitted_at)
             self._point(tx, variant, version)
         return True
+
+    def _purge_calibrators(self, tx: Tx, variant: str, current: int, now: float) -> None:
+        """Delete the versions of ``variant`` no rollback needs (domain/calibrator_versions.py)
+        in the transaction that stores ``current`` and then puts it in force (the pointer is
+        moved after this, so this holds no lock an ``activate_calibrator`` waits for). On
+        PostgreSQL the doomed rows are locked first: an activation that checked one of them
+        exists (FOR SHARE) is waited for, and the version in force once it committed is not
+        deleted (the DELETE reads the pointer afresh); one that checks after finds it gone
+        (NotFound, ``version``) — never a pointer at a deleted version."""
+        stored = tx.query("SELECT version, fitted_at FROM calibrators WHERE variant = ?", (variant,))
+        doomed = sorted({int(v) for v, _ in stored}
+                        - versions_kept(((int(v), float(t)) for v, t in stored), current, now))
+        lock = " FOR UPDATE" if self.db.dialect == "postgres" else ""
+        for start in range(0, len(doomed), 500):
+            chunk = doomed[start:start + 500]
+            marks = ", ".join("?" * len(chunk))
+            tx.query(f"SELECT version FROM calibrators WHERE variant = ? AND version IN ({marks}){lock}",
+                     (variant, *chunk))
+            tx.execute(f"DELETE FROM calibrators WHERE variant = ? AND version IN ({marks}) AND version NOT IN "
+                       "(SELECT version FROM calibrator_current WHERE variant = ?)", (variant, *chunk, variant))
+
+    def _lock_calibrator_choice(self, tx: Tx, variant: str) -> None:
+        """PostgreSQL: a fit's save and an activation of ``variant`` run one after the other
+        (a transaction-scoped advisory lock in this schema), so a save reads the hold of an
+        activation that committed before it, and an activation's pointer, written after a
+        save committed, stays. SQLite: BEGIN IMMEDIATE serialises them already."""
+        if self.db.dialect == "postgres":
+            tx.query("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))",
+                     (f"{self.db.schema}:calibrator:{variant}",))
+
+    def held(self, key: str) -> bool:
+        """Whether the newest choice of flags history ``key`` (``calibrator:<variant>``)
+        holds its variant: automatic refits leave it alone."""
+        with self.db.transaction(readonly=True) as tx:
+            return self._held(tx, key)
+
+    @staticmethod
+    def _held(tx: Tx, key: str) -> bool:
+        """``held`` inside a transaction."""
+        rows = tx.query("SELECT flags_json FROM flags WHERE experiment = ? ORDER BY version DESC LIMIT 1", (key,))
+        return bool(rows and json.loads(rows[0][0]).get("hold"))
 
     @staticmethod
     def _point(tx: Tx, variant: str, version: int) -> None:
@@ -253,7 +303,11 @@ class FeedbackStore:
         transaction. False when that choice version exists already (a concurrent change
         won the compare-and-swap: re-read and retry)."""
         with self.db.transaction() as tx:
-            if version and not tx.query("SELECT 1 FROM calibrators WHERE variant = ? AND version = ?",
+            self._lock_calibrator_choice(tx, variant)
+            # FOR SHARE (PostgreSQL): a refit's purge of old versions cannot delete it under
+            # this choice (_purge_calibrators).
+            lock = " FOR SHARE" if self.db.dialect == "postgres" else ""
+            if version and not tx.query("SELECT 1 FROM calibrators WHERE variant = ? AND version = ?" + lock,
                                         (variant, version)):
                 raise NotFound(f"no calibrator version {version} for variant {variant!r}", "version")
             if tx.execute("INSERT INTO flags (experiment, version, flags_json, reason, principal_id, ts) "

@@ -20,8 +20,8 @@ merges it in, and a restore without any ledger is refused unless explicitly acce
 households deleted after the snapshot.
 
     hearth backup --out DIR [--keep N]            snapshot now (online), prune old ones
-    hearth ledger export --out FILE               the deletion ledger, for off-site copies
-    hearth restore SNAPSHOT_DIR [--ledger FILE]   services stopped; then start them
+    hearth ledger export --out FILE               the deletion ledger, signed, for off-site copies
+    hearth restore SNAPSHOT_DIR [--ledger FILE [--ledger-public-key PEM]]   services stopped; then start them
 Configuration comes from the usual HEARTH_STORAGE / HEARTH_DATA_DIR / HEARTH_POSTGRES_DSN.
 With a PostgreSQL login per service (`hearth db provision-roles`) the backup dumps each
 schema with its service's DSN (HEARTH_POSTGRES_DSN_<SERVICE>), and the restore runs as the
@@ -72,7 +72,19 @@ def read_ledger(db: Database) -> Ledger:
     return Ledger(jobs, {r[0] for r in shredded})
 
 
-LEDGER_FORMAT = "hearth-deletion-ledger/1"
+# The off-site ledger file. /1 (until session 32): the jobs and shredded accounts with an
+# unkeyed SHA-256, which anyone who can write the off-site copy recomputes — so they could
+# add deletions, or drop some where it is the only ledger (the privacy database lost). /2:
+# every entry signed with Ed25519 by the receipt signing key (HEARTH_RECEIPT_SIGNING_KEY,
+# the key that already signs "this household was erased"), each signature binding the
+# entry to its export, its position and the entry before it, and a signed head binding the
+# count, the last entry and the export time: a forged, altered, reordered, removed or
+# truncated entry is refused naming it. docs/privacy.md "The off-site deletion ledger".
+LEDGER_FORMAT_UNSIGNED = "hearth-deletion-ledger/1"
+LEDGER_FORMAT = "hearth-deletion-ledger/2"
+ENTRY_TYPE = "hearth-deletion-ledger-entry"
+HEAD_TYPE = "hearth-deletion-ledger-head"
+_GENESIS = "00" * 32
 
 
 def _ledger_body(ledger: Ledger) -> dict:
@@ -85,15 +97,62 @@ def _digest(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def write_ledger_file(ledger: Ledger, path: Path, exported_at: float | None = None) -> dict:
-    """Write ``ledger`` as an off-site export: JSON with a format tag and the SHA-256 of
-    its content, written to a temporary file, fsynced and renamed (a reader never sees
+def _canonical(obj: dict) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def _entry_payload(export_id: str, kid: str, n: int, kind: str, entry_id: str, data: dict | None,
+                   prev: str) -> bytes:
+    """What an entry's signature covers: the entry, its export, its position and the hash
+    of the entry before it (so it cannot be moved, dropped or copied into another export)."""
+    body = {"type": ENTRY_TYPE, "v": 2, "export_id": export_id, "key_id": kid, "n": n, "kind": kind,
+            "id": entry_id, "prev": prev}
+    if data is not None:
+        body["data"] = data
+    return _canonical(body)
+
+
+def _head_payload(export_id: str, kid: str, exported_at: float, count: int, last: str) -> bytes:
+    return _canonical({"type": HEAD_TYPE, "v": 2, "export_id": export_id, "key_id": kid,
+                       "exported_at": exported_at, "entries": count, "last": last})
+
+
+def _sha256_hex(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def sign_ledger(ledger: Ledger, signing_key, exported_at: float, export_id: str | None = None) -> dict:
+    """The /2 document of ``ledger``: jobs (by id) then shredded accounts (sorted), each
+    entry signed, and a signed head."""
+    from services.privacy.keys.signing import key_id
+
+    export_id = export_id or uuid.uuid4().hex
+    kid = key_id(signing_key)
+    entries, prev = [], _GENESIS
+    items = [("job", job_id, ledger.jobs[job_id]) for job_id in sorted(ledger.jobs)]
+    items += [("shredded", account, None) for account in sorted(ledger.shredded_accounts)]
+    for n, (kind, entry_id, data) in enumerate(items):
+        payload = _entry_payload(export_id, kid, n, kind, entry_id, data, prev)
+        entry = {"n": n, "kind": kind, "id": entry_id, "sig": signing_key.sign(payload).hex()}
+        if data is not None:
+            entry["data"] = data
+        entries.append(entry)
+        prev = _sha256_hex(payload)
+    head = {"entries": len(entries), "last": prev,
+            "sig": signing_key.sign(_head_payload(export_id, kid, exported_at, len(entries), prev)).hex()}
+    return {"format": LEDGER_FORMAT, "export_id": export_id, "exported_at": exported_at, "key_id": kid,
+            "entries": entries, "head": head}
+
+
+def write_ledger_file(ledger: Ledger, path: Path, signing_key, exported_at: float | None = None) -> dict:
+    """Write ``ledger`` as an off-site export, signed with ``signing_key`` (the receipt
+    signing key), written to a temporary file, fsynced and renamed (a reader never sees
     half a ledger), mode 0600 (it names the deleted households: a suppression list)."""
     import os
 
-    body = _ledger_body(ledger)
-    document = {"format": LEDGER_FORMAT, "exported_at": exported_at if exported_at is not None else time.time(),
-                **body, "sha256": _digest(body)}
+    document = sign_ledger(ledger, signing_key, exported_at if exported_at is not None else time.time())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -103,40 +162,124 @@ def write_ledger_file(ledger: Ledger, path: Path, exported_at: float | None = No
         os.fsync(out.fileno())
     os.replace(tmp, path)
     return {"ledger": str(path), "jobs": len(ledger.jobs), "shredded_accounts": len(ledger.shredded_accounts),
-            "exported_at": document["exported_at"], "sha256": document["sha256"]}
+            "exported_at": document["exported_at"], "key_id": document["key_id"],
+            "entries": document["head"]["entries"]}
 
 
-def read_ledger_file(path: Path) -> Ledger:
-    """An off-site ledger export; ValueError naming the file when it is not one or its
-    checksum does not match (a truncated or edited copy must not be trusted silently)."""
-    try:
-        document = strict_json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"--ledger {path}: not readable as a ledger export ({exc})") from None
-    if not isinstance(document, dict) or document.get("format") != LEDGER_FORMAT:
-        raise ValueError(f"--ledger {path}: not a {LEDGER_FORMAT} file")
-    body = {"jobs": document.get("jobs"), "shredded_accounts": document.get("shredded_accounts")}
-    if not isinstance(body["jobs"], dict) or not isinstance(body["shredded_accounts"], list):
-        raise ValueError(f"--ledger {path}: jobs / shredded_accounts missing")
-    if _digest(body) != document.get("sha256"):
-        raise ValueError(f"--ledger {path}: checksum mismatch (truncated or modified copy)")
-    # Every entry read now, before `hearth restore` replaces anything: the checksum proves a
-    # copy intact, not well formed (anyone may recompute it). Until attack31 an entry that
-    # was not a job failed the restore while it re-applied the ledger, after every
-    # database had been replaced: none of the ledger's deletions was re-applied.
-    for job_id, data in body["jobs"].items():
+def _checked_entries(path: Path, jobs: dict, shredded: list) -> Ledger:
+    """Every entry read now, before `hearth restore` replaces anything: a checksum or a
+    signature proves a copy intact, not well formed. Until attack31 an entry that was not
+    a job failed the restore while it re-applied the ledger, after every database had
+    been replaced: none of the ledger's deletions was re-applied."""
+    for job_id, data in jobs.items():
         try:
             if not isinstance(data, dict):
                 raise ValueError("not an object")
             job_from_dict(data)
         except (ValueError, TypeError, AttributeError) as exc:
             raise ValueError(f"--ledger {path}: jobs.{job_id[:100]}: not a deletion job ({exc})") from None
-    for i, account in enumerate(body["shredded_accounts"]):
+    for i, account in enumerate(shredded):
         try:
             check_id(account, f"shredded_accounts[{i}]")
         except ValueError as exc:
             raise ValueError(f"--ledger {path}: {exc}") from None
-    return Ledger(body["jobs"], set(body["shredded_accounts"]))
+    return Ledger(jobs, set(shredded))
+
+
+def read_ledger_file(path: Path, public_keys=(), accept_unsigned: bool = False) -> Ledger:
+    """An off-site ledger export, its signatures checked with one of ``public_keys``;
+    ValueError naming the file — and the entry — when it is not a ledger, not signed by
+    one of them, or any entry is forged, altered, out of place, missing or beyond the
+    signed count. An unsigned (/1) file only with ``accept_unsigned``."""
+    try:
+        document = strict_json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--ledger {path}: not readable as a ledger export ({exc})") from None
+    if isinstance(document, dict) and document.get("format") == LEDGER_FORMAT_UNSIGNED:
+        return _read_unsigned(path, document, accept_unsigned)
+    if not isinstance(document, dict) or document.get("format") != LEDGER_FORMAT:
+        raise ValueError(f"--ledger {path}: not a {LEDGER_FORMAT} file")
+    return _read_signed(path, document, public_keys)
+
+
+def _read_unsigned(path: Path, document: dict, accept_unsigned: bool) -> Ledger:
+    if not accept_unsigned:
+        raise ValueError(f"--ledger {path}: unsigned ({LEDGER_FORMAT_UNSIGNED}, exported before session 32): "
+                         "whoever can write the off-site copy can add or drop deletions in it unseen. Use a "
+                         "signed export (`hearth ledger export` signs since then; the CronJob writes one every "
+                         "few minutes), or pass --accept-unsigned-ledger if this copy is all there is and its "
+                         "storage is trusted")
+    body = {"jobs": document.get("jobs"), "shredded_accounts": document.get("shredded_accounts")}
+    if not isinstance(body["jobs"], dict) or not isinstance(body["shredded_accounts"], list):
+        raise ValueError(f"--ledger {path}: jobs / shredded_accounts missing")
+    if _digest(body) != document.get("sha256"):
+        raise ValueError(f"--ledger {path}: checksum mismatch (truncated or modified copy)")
+    return _checked_entries(path, body["jobs"], body["shredded_accounts"])
+
+
+def _read_signed(path: Path, document: dict, public_keys) -> Ledger:
+    from services.privacy.keys.signing import key_id, verify_signature
+
+    unexpected = sorted(set(document) - {"format", "export_id", "exported_at", "key_id", "entries", "head"})
+    if unexpected:   # nothing outside the signatures may say anything
+        raise ValueError(f"--ledger {path}: unexpected field {unexpected[0][:100]!r} (not what `hearth ledger "
+                         "export` writes)")
+    export_id, kid, exported_at = document.get("export_id"), document.get("key_id"), document.get("exported_at")
+    entries, head = document.get("entries"), document.get("head")
+    if (not isinstance(export_id, str) or not isinstance(kid, str) or type(exported_at) not in (int, float)
+            or not isinstance(entries, list) or not isinstance(head, dict)):
+        raise ValueError(f"--ledger {path}: export_id / key_id / exported_at / entries / head missing")
+    keys = {key_id(k): k for k in public_keys}
+    signer = keys.get(kid)
+    if signer is None:
+        raise ValueError(f"--ledger {path}: signed by key {kid[:16]}, which is not one of the keys given "
+                         f"({', '.join(sorted(keys)) or 'none'}: HEARTH_RECEIPT_SIGNING_KEY's public half and "
+                         "each --ledger-public-key); a ledger exported before the receipt signing key was "
+                         "rotated needs the old public key (--ledger-public-key FILE)")
+
+    def signed(sig: object, payload: bytes) -> bool:
+        try:
+            return isinstance(sig, str) and verify_signature(signer, bytes.fromhex(sig), payload)
+        except ValueError:
+            return False
+
+    count = head.get("entries")
+    if type(count) is not int or not isinstance(head.get("last"), str):
+        raise ValueError(f"--ledger {path}: head: entries / last missing")
+    if not signed(head.get("sig"), _head_payload(export_id, kid, exported_at, count, head["last"])):
+        raise ValueError(f"--ledger {path}: head: signature does not verify (forged or modified head)")
+    jobs: dict[str, dict] = {}
+    shredded: list[str] = []
+    prev = _GENESIS
+    for position, entry in enumerate(entries):
+        where = f"--ledger {path}: entry {position}"
+        if position >= count:
+            raise ValueError(f"{where}: beyond the {count} entries the head signs (entries added)")
+        if not isinstance(entry, dict) or entry.get("kind") not in ("job", "shredded") \
+                or not isinstance(entry.get("id"), str) or type(entry.get("n")) is not int:
+            raise ValueError(f"{where}: not a ledger entry")
+        label = f"{'jobs' if entry['kind'] == 'job' else 'shredded_accounts'}.{entry['id'][:100]}"
+        if entry["n"] != position:
+            raise ValueError(f"{where} ({label}): signed as entry {entry['n']}: the ledger was reordered "
+                             "or an entry before it removed")
+        data = entry.get("data") if entry["kind"] == "job" else None
+        payload = _entry_payload(export_id, kid, position, entry["kind"], entry["id"], data, prev)
+        if not signed(entry.get("sig"), payload):
+            raise ValueError(f"{where} ({label}): signature does not verify (forged or modified entry, "
+                             "or one from another export)")
+        prev = _sha256_hex(payload)
+        if entry["kind"] == "job":
+            if entry["id"] in jobs:
+                raise ValueError(f"{where} ({label}): the job appears twice")
+            jobs[entry["id"]] = data
+        else:
+            shredded.append(entry["id"])
+    if len(entries) < count:
+        raise ValueError(f"--ledger {path}: truncated: the head signs {count} entries, the file ends after "
+                         f"{len(entries)} (entry {len(entries)} missing)")
+    if prev != head["last"]:
+        raise ValueError(f"--ledger {path}: head: its last entry is not the file's (entries replaced)")
+    return _checked_entries(path, jobs, shredded)
 
 
 def merge_ledgers(*ledgers: Ledger) -> Ledger:
@@ -216,17 +359,64 @@ def _privacy_db_exists(settings) -> bool:
     return row is not None and row[0] is not None
 
 
+def _receipt_key_text(settings) -> tuple[str, str]:
+    """(the receipt signing key's text, where it came from): HEARTH_RECEIPT_SIGNING_KEY, else
+    the privacy service's development key under HEARTH_DATA_DIR; ("", "") when neither."""
+    from services.privacy.keys.app import SIGNING_KEY_FILE
+    from services.privacy.settings import privacy_settings
+
+    configured = privacy_settings(settings).receipt_signing_key
+    if configured:
+        return configured, "HEARTH_RECEIPT_SIGNING_KEY"
+    dev = Path(settings.data_dir) / SIGNING_KEY_FILE
+    return (dev.read_text(), str(dev)) if dev.exists() else ("", "")
+
+
+def _ledger_signing_key(settings):
+    """The ledger is signed with the receipt signing key: the privacy service's, never one
+    made up here (a key nobody verifies with would sign nothing useful)."""
+    from services.privacy.keys.signing import load_private_key
+
+    text, source = _receipt_key_text(settings)
+    if not text:
+        raise ValueError("HEARTH_RECEIPT_SIGNING_KEY: not set, and no development receipt key in HEARTH_DATA_DIR: "
+                         "the off-site ledger is signed with the privacy service's receipt signing key")
+    return load_private_key(text, argument=source)
+
+
+def _ledger_public_keys(settings, files) -> list:
+    """The keys an off-site ledger may be signed with: the receipt signing key's public half
+    (or the development key's, or its published .pub) and each --ledger-public-key file."""
+    from services.privacy.keys.app import SIGNING_PUBLIC_FILE
+    from services.privacy.keys.signing import load_private_key, load_public_key, load_public_keys
+
+    keys = []
+    text, source = _receipt_key_text(settings)
+    if text:
+        keys.append(load_private_key(text, argument=source).public_key())
+    elif (published := Path(settings.data_dir) / SIGNING_PUBLIC_FILE).exists():
+        keys.append(load_public_key(published.read_text(), argument=str(published)))
+    for name in files or ():
+        try:
+            text = Path(name).read_text()
+        except OSError as exc:
+            raise ValueError(f"--ledger-public-key {name}: not readable ({exc})") from None
+        keys += load_public_keys(text, argument=f"--ledger-public-key {name}")
+    return keys
+
+
 def run_ledger_export(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if not _privacy_db_exists(settings):
         raise ValueError("no privacy database to export the deletion ledger from "
                          "(HEARTH_STORAGE / HEARTH_DATA_DIR / HEARTH_POSTGRES_DSN)")
+    signing_key = _ledger_signing_key(settings)   # before reading: no key, nothing done
     db = _privacy_db(settings)
     try:
         ledger = read_ledger(db)
     finally:
         db.close()
-    print(json.dumps(write_ledger_file(ledger, Path(args.out))))
+    print(json.dumps(write_ledger_file(ledger, Path(args.out), signing_key)))
     return 0
 
 
@@ -299,7 +489,9 @@ def run_restore(args: argparse.Namespace) -> int:
         privacy = settings.model_copy(update={"postgres_dsn": dsns["privacy"]})
     # The ledger of the database being replaced: read it before anything is overwritten;
     # merged with the off-site exports given (all of them: a deletion any copy knows).
-    offsite = [read_ledger_file(Path(p)) for p in args.ledger or ()]
+    public_keys = _ledger_public_keys(settings, args.ledger_public_key) if args.ledger else []
+    offsite = [read_ledger_file(Path(p), public_keys, accept_unsigned=args.accept_unsigned_ledger)
+               for p in args.ledger or ()]
     ledger = Ledger({}, set())
     current_exists = _privacy_db_exists(privacy)
     if current_exists:
@@ -373,6 +565,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     restore.add_argument("--data-dir", help="SQLite data directory (default HEARTH_DATA_DIR)")
     restore.add_argument("--ledger", action="append", metavar="FILE",
                          help="an off-site deletion ledger (`hearth ledger export`); repeatable, merged")
+    restore.add_argument("--ledger-public-key", action="append", metavar="FILE",
+                         help="a public key (PEM) the --ledger files may be signed with, besides "
+                              "HEARTH_RECEIPT_SIGNING_KEY's (a ledger from before a key rotation); repeatable")
+    restore.add_argument("--accept-unsigned-ledger", action="store_true",
+                         help="accept a --ledger exported before session 32 (unsigned: anyone who could write "
+                              "the copy could have added or dropped deletions)")
     restore.add_argument("--accept-no-ledger", action="store_true",
                          help="restore even though neither the privacy database nor --ledger says what was "
                               "deleted since the snapshot")

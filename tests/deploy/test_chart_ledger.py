@@ -29,5 +29,9 @@ def test_ledger_export_runs_next_to_the_snapshots_into_the_same_claim(render):
     assert env["HEARTH_POSTGRES_DSN"] == {e["name"]: e for e in backup_pod["containers"][0]["env"]}[
         "HEARTH_POSTGRES_DSN"]
     assert pod["serviceAccountName"] == backup_pod["serviceAccountName"]
+    # audit32: the export signs every entry with privacy's receipt signing key (without it
+    # `hearth ledger export` refuses): the same Secret key the privacy pods read.
+    privacy = by_kind(objects, "Deployment")["hearth-privacy"]["spec"]["template"]["spec"]["containers"][0]
+    assert env["HEARTH_RECEIPT_SIGNING_KEY"] == {e["name"]: e for e in privacy["env"]}["HEARTH_RECEIPT_SIGNING_KEY"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert not by_kind(render(), "CronJob")  # both only with backup.enabled

@@ -48,19 +48,20 @@ def test_offsite_ledger_keeps_later_deletions_deleted_after_losing_the_privacy_d
         mesh.stop()
         ledger_file = offsite / "deletion-ledger.json"
         assert oct(ledger_file.stat().st_mode & 0o777) == "0o600"
-        assert deleted_job in json.loads(ledger_file.read_text())["jobs"]
+        assert deleted_job in {e["id"] for e in json.loads(ledger_file.read_text())["entries"]}
 
         # The node is lost together with the privacy database (and its WAL).
         for suffix in ("", "-wal", "-shm"):
             (mesh.data_dir / f"privacy.db{suffix}").unlink(missing_ok=True)
         # No ledger anywhere: refused, naming the way out.
         assert "--ledger" in _hearth_fails(mesh, "restore", snapshot["snapshot"])
-        # A tampered copy is refused too.
+        # A tampered copy is refused too, naming the entry: its last (a shredded key) dropped.
         tampered = offsite / "tampered.json"
         document = json.loads(ledger_file.read_text())
-        document["shredded_accounts"] = []
+        dropped = document["entries"].pop()
         tampered.write_text(json.dumps(document))
-        assert "checksum" in _hearth_fails(mesh, "restore", snapshot["snapshot"], "--ledger", str(tampered))
+        refused = _hearth_fails(mesh, "restore", snapshot["snapshot"], "--ledger", str(tampered))
+        assert f"truncated: the head signs {dropped['n'] + 1} entries" in refused, refused
         assert not (mesh.data_dir / "privacy.db").exists()
 
         report = _hearth(mesh, "restore", snapshot["snapshot"], "--ledger", str(ledger_file))

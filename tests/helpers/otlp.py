@@ -8,10 +8,12 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from tests.helpers.http_peer import QuietHandler, answer
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class OtlpReceiver:
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(), self._grpc)
         self.grpc_port = self._grpc.add_insecure_port("127.0.0.1:0")
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self):  # noqa: N802 - http.server's naming
                 body = self.rfile.read(int(self.headers.get("content-length", "0")))
                 if self.path != "/v1/traces" or self.headers.get("content-type") != "application/x-protobuf":
@@ -55,15 +57,8 @@ class OtlpReceiver:
                     self.end_headers()
                     return
                 receiver.add(trace_service_pb2.ExportTraceServiceRequest.FromString(body), "http")
-                out = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
-                self.send_response(200)
-                self.send_header("content-type", "application/x-protobuf")
-                self.send_header("content-length", str(len(out)))
-                self.end_headers()
-                self.wfile.write(out)
-
-            def log_message(self, *_args):
-                pass
+                answer(self, trace_service_pb2.ExportTraceServiceResponse().SerializeToString(),
+                       "application/x-protobuf")
 
         self._http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.http_port = self._http.server_address[1]

@@ -136,3 +136,74 @@ def test_listing_an_unknown_variant_is_not_found(database):
         app.calibration.choices.history("dbscan")
     assert info.value.field == "variant"
     assert app.calibration.choices.history("gmm").versions == []  # known, nothing fitted yet
+
+
+def test_calibrator_versions_no_rollback_needs_are_purged_at_the_next_fit(database):
+    """Every fitted version stayed stored for ever (session 31's "Left"; up to 288 a day at
+    the fastest schedule). Now a fit keeps the one in force, the newest 20 and the newest of
+    each day of the last 30 (services/feedback/domain/calibrator_versions.py); a rollback to
+    a purged version is refused naming it, to a kept one works, and the numbering goes on."""
+    app = make_app(database)
+    store, day = app.store, 86400.0
+    now = float(int(NOW // day) * day + day / 2)   # noon UTC: the day buckets below are whole days
+    body = json.dumps({"method": "temperature", "training": {"n": 1}, "version": 0})
+    fits = ([now - (40 - i) * day for i in range(10)]                 # v1-10: 40..31 days ago
+            + [now - 15 * day - day / 4 + i * day / 2 for i in range(30)]   # v11-40: 06:00 and 18:00, 15..1 days ago
+            + [now - 3600 + i * 60 for i in range(30)])               # v41-70: the last hour
+    for version, fitted_at in enumerate(fits, start=1):
+        assert store.save_calibrator("kmeans", version, body, fitted_at)
+    kept = sorted(v.version for v in store.calibrator_versions("kmeans"))
+    daily = [12 + 2 * i for i in range(15)]     # the later fit of each of the 15 days
+    assert kept == sorted(set(daily) | set(range(51, 71))), kept
+    assert app.calibration.calibrator_version() == "kmeans:70"
+    with pytest.raises(NotFound) as err:
+        app.calibration.choices.activate("kmeans", 11, True, "before the bad stretch", ADMIN)
+    assert err.value.field == "version"
+    assert app.calibration.choices.activate("kmeans", 12, True, "before the bad stretch", ADMIN).version == 12
+    assert store.next_calibrator_version("kmeans") == 71
+    # Fits months later: the version in force when one purges stays; then only the newest 20.
+    assert store.save_calibrator("kmeans", 71, body, now + 100 * day)
+    assert 12 in {v.version for v in store.calibrator_versions("kmeans")}
+    for version in range(72, 96):
+        assert store.save_calibrator("kmeans", version, body, now + 100 * day)
+    assert sorted(v.version for v in store.calibrator_versions("kmeans")) == list(range(76, 96))
+
+
+def test_an_activation_beside_the_purge_of_its_version_is_refused_not_left_pointing_at_nothing(database):
+    """A fit's purge deletes old versions while a rollback may be choosing one. The purge's
+    delete not yet committed, the activation read the version as stored (PostgreSQL, read
+    committed), pointed the variant at it and committed: once the purge committed the variant
+    pointed at nothing (GetCalibrator: identity). Now the activation's read waits for the
+    purge (FOR SHARE) and finds the version gone: NotFound naming it, the pointer unmoved."""
+    import threading
+
+    from tests.helpers.held_transaction import transaction_held_open
+
+    app = make_app(database)
+    body = json.dumps({"method": "temperature", "training": {"n": 1}, "version": 0})
+    for version in (1, 2):
+        assert app.store.save_calibrator("kmeans", version, body, NOW)
+    outcome: dict[str, object] = {}
+
+    def rollback() -> None:
+        try:
+            outcome["choice"] = app.calibration.choices.activate("kmeans", 1, True, "back to v1", ADMIN)
+        except NotFound as exc:
+            outcome["refused"] = exc
+
+    thread = threading.Thread(target=rollback)
+    with transaction_held_open(database, lambda tx: tx.execute(
+            "DELETE FROM calibrators WHERE variant = 'kmeans' AND version = 1")):   # the purge, uncommitted
+        thread.start()
+        deadline = time.monotonic() + 10
+        while thread.is_alive() and time.monotonic() < deadline:   # until the rollback waits for it
+            if database.dialect == "postgres":
+                with database.transaction(readonly=True) as tx:
+                    if tx.query("SELECT count(*) FROM pg_locks WHERE NOT granted")[0][0]:
+                        break
+            elif time.monotonic() > deadline - 9.5:
+                break   # SQLite: its writers wait for the write lock, unseen from outside
+            time.sleep(0.02)
+    thread.join(30)
+    assert "refused" in outcome and outcome["refused"].field == "version", outcome
+    assert app.calibration.calibrator_version() == "kmeans:2"

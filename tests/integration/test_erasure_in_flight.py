@@ -219,3 +219,73 @@ def test_attributions_records_of_an_erased_scope_recorded_before_it_are_refused_
     now = time.time()
     assert store.record_touchpoints([tp(3, "tab-2", now), tp(4, "tv-1", T0 + 2000)]) == (2, 0)
     assert store.record_conversions([cv(2, "tab-2", now)]) == (1, 0)
+
+
+def test_attributions_person_erasure_refuses_the_persons_records_recorded_before_it(database):
+    """Attribution's person erasure left no fence (session 31's "Left"): a touchpoint of the
+    erased person recorded before the erasure and sent after it — on a device the person's
+    erased touchpoints were on (a person is latent: it carries none), or naming the person —
+    was stored. Now it leaves clustering's fences (the same rule): those are refused; what is
+    recorded after the erasure is stored, one naming another person is (it is not the erased
+    person's: only an unnamed one may be), and conversions (the account's, which a person
+    erasure keeps) are not refused."""
+    from services.attribution.domain.records import Conversion, Touchpoint
+    from services.attribution.store import AttributionStore
+
+    cipher = FieldCipher(ring_fetcher(KeyRing([generate_kek("k")], "k"), []), ttl_s=60)
+    store = AttributionStore(database, cipher=cipher)
+    store.migrate()
+    a = "acc-attr-person"
+
+    def tp(i: int, device: str, ts: float, person: str | None = None) -> Touchpoint:
+        return Touchpoint(f"tp-{i}", a, device, ts, "email", "spring", person)
+
+    store.record_touchpoints([tp(0, "tv-1", T0), tp(1, "tab-2", T0 + 30), tp(2, "tab-2", T0 + 60, "p2")])
+    # tp-1 is the one clustering resolved to p2 (AttributionApp.erase); tp-2 names p2.
+    store.erase(ErasureScope(a, "person", person_id="p2"), ["tp-1"])
+    assert store.record_touchpoints([tp(3, "tab-2", T0 + 400)]) == (0, 1)            # the person's device
+    assert store.record_touchpoints([tp(9, "tab-2", T0 + 450, "p1")]) == (1, 0)      # there, naming another
+    assert store.record_touchpoints([tp(4, "phone-3", T0 + 500, "p2")]) == (0, 1)    # naming the person
+    now = time.time()
+    assert store.record_touchpoints([tp(5, "tab-2", now), tp(6, "phone-3", now, "p2"),
+                                     tp(7, "tv-1", T0 + 700), tp(8, "phone-3", T0 + 800, "p1")]) == (4, 0)
+    assert store.record_conversions([Conversion("cv-0", a, T0 + 900, "purchase", 10.0, "tab-2")]) == (1, 0)
+
+
+def _fence_rows(database) -> list[tuple]:
+    with database.transaction(readonly=True) as tx:
+        return sorted((r[0], r[1] is None, r[2], float(r[3])) for r in tx.query(
+            "SELECT account_id, device_digest, lo, hi FROM erasure_fences"))
+
+
+@pytest.mark.parametrize("service", ["clustering", "attribution"])
+def test_a_fence_another_covers_is_not_kept_and_the_retention_purge_drops_expired_ones(database, service):
+    """A fence's lifetime (session 31's "Left": rows accumulated until a household erasure or
+    the retention purge). A device (person) erased again — or a deletion job's retried Erase —
+    wrote a row each time, and a window inside an erased one another: now a fence another
+    covers is not kept (one row per subject and window). The retention purge drops a fence
+    whose span ended before its window: what it covers is refused as expired at ingest."""
+    a = f"acc-fence-life-{service}"
+    if service == "clustering":
+        store = _store(database)
+        store.ingest([ev(i, T0 + i * 60, account=a) for i in range(3)]
+                     + [ev(10 + i, T0 + 30 + i * 60, device="tab-2", account=a) for i in range(3)])
+    else:
+        from services.attribution.domain.records import Touchpoint
+        from services.attribution.store import AttributionStore
+
+        store = AttributionStore(database, cipher=FieldCipher(ring_fetcher(KeyRing([generate_kek("k")], "k"), []),
+                                                              ttl_s=60))
+        store.migrate()
+        store.record_touchpoints([Touchpoint(f"tp-{i}", a, d, T0 + i * 60, "email")
+                                  for i, d in enumerate(["tv-1", "tab-2", "tv-1"])])
+    for _ in range(3):
+        store.erase(ErasureScope(a, "device", device_id="tab-2"))
+    store.erase(ErasureScope(a, "window", start=T0 + 20, end=T0 + 1000))
+    store.erase(ErasureScope(a, "window", start=T0, end=T0 + 2000))      # covers the one before
+    store.erase(ErasureScope(a, "window", start=T0 + 100, end=T0 + 200))  # inside it
+    rows = _fence_rows(database)
+    assert [(r[1], r[2], r[3]) for r in rows if r[1]] == [(True, T0, T0 + 2000)], rows   # one window
+    assert len([r for r in rows if not r[1]]) == 1, rows                                  # one device
+    store.erase(ErasureScope("*", "window", end=T0 + 2000 + 3600))   # the retention purge, past the window
+    assert [r[1] for r in _fence_rows(database)] == [False]           # the device's fence stays

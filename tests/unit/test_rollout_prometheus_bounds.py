@@ -10,12 +10,11 @@ from __future__ import annotations
 import functools
 import gzip
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from services import rollout
+from tests.helpers.http_peer import QuietHandler, answer, serving
 
 SMALL = json.dumps({"status": "success", "data": {"result": [{"value": [0, "0.25"]}]}}).encode()
 
@@ -27,28 +26,16 @@ def _bomb() -> bytes:
     return gzip.compress(b" " * (64 << 20), compresslevel=9)
 
 
-class _Prometheus(BaseHTTPRequestHandler):
+class _Prometheus(QuietHandler):
     def do_GET(self):   # noqa: N802 - http.server's name
-        bomb = "bomb" in self.path
-        body = _bomb() if bomb else gzip.compress(SMALL)
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Encoding", "gzip")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+        answer(self, _bomb() if "bomb" in self.path else gzip.compress(SMALL), "application/json",
+               content_encoding="gzip")
 
 
 @pytest.fixture(scope="module")
 def prometheus():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Prometheus)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(_Prometheus) as url:
+        yield url
 
 
 def test_an_answer_inflating_past_the_bound_is_refused_without_reading_it_all(prometheus):

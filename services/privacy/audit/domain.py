@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+from array import array
 import json
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -615,113 +616,172 @@ def _fail(reason: TamperReason, seq: int | None, message: str) -> LogVerificatio
     return LogVerification(False, reason, seq, message)
 
 
-def _shape_problem(seqs: list[int], signed_size: int) -> LogVerification | None:
-    """Classify an entry sequence that is not exactly 0..signed_size-1."""
-    seen: set[int] = set()
-    for position, s in enumerate(seqs):
-        if s in seen:
+def _shape_problem(seqs: np.ndarray, signed_size: int) -> LogVerification | None:
+    """Classify an entry sequence (the seqs in stored order, int64) that is not exactly
+    0..signed_size-1. Vectorised: a few arrays of 8 bytes per entry, only ever built for a
+    log whose seqs already strayed from their positions (``LogVerifier``)."""
+    seqs = np.asarray(seqs, dtype=np.int64)
+    n = len(seqs)
+    if n > 1:
+        order = np.argsort(seqs, kind="stable")   # equal seqs keep their stored order
+        repeats = order[1:][seqs[order[1:]] == seqs[order[:-1]]]   # positions of second+ occurrences
+        if repeats.size:
+            position = int(repeats.min())
+            s = int(seqs[position])
             return _fail(TamperReason.INSERTED, s, f"seq {s} appears twice (position {position})")
-        seen.add(s)
-    beyond = [s for s in seqs if s >= signed_size]
-    if beyond:
+    if n and int(seqs.max()) >= signed_size:
         return None  # more entries than signed: handled with content checks (INSERTED)
-    missing_below = next((s for s in range(max(seqs, default=-1) + 1) if s not in seen), None)
-    if missing_below is not None:
-        return _fail(TamperReason.REMOVED, missing_below, f"entry seq {missing_below} is missing")
-    for position, s in enumerate(seqs):
-        if s != position:
-            return _fail(
-                TamperReason.REORDERED, position,
-                f"position {position} holds seq {s}: entries are out of order",
-            )
-    if len(seqs) < signed_size:
+    if n:
+        present = np.zeros(int(seqs.max()) + 1, dtype=bool)   # at most the signed size
+        present[seqs] = True
+        missing = np.flatnonzero(~present)
+        if missing.size:
+            m = int(missing[0])
+            return _fail(TamperReason.REMOVED, m, f"entry seq {m} is missing")
+    misplaced = np.flatnonzero(seqs != np.arange(n, dtype=np.int64))
+    if misplaced.size:
+        position = int(misplaced[0])
         return _fail(
-            TamperReason.TRUNCATED, len(seqs),
-            f"log ends at {len(seqs)} entries, the signed tree head covers {signed_size}",
+            TamperReason.REORDERED, position,
+            f"position {position} holds seq {int(seqs[position])}: entries are out of order",
+        )
+    if n < signed_size:
+        return _fail(
+            TamperReason.TRUNCATED, n,
+            f"log ends at {n} entries, the signed tree head covers {signed_size}",
         )
     return None
 
 
-def verify_log(
-    entries: Sequence[AuditEntry],
-    sth: SignedTreeHead,
-    public_key: Ed25519PublicKey,
-    *,
-    chain_hashes: Sequence[bytes] | np.ndarray | None = None,
-) -> LogVerification:
-    """Check that ``entries`` are exactly the log the signed tree head commits to.
+# Leaf hashes buffered before they are folded into the verifier's Merkle frontier: one
+# ``Frontier.extend`` per this many entries (its per-call cost is paid rarely, its memory
+# is this many hashes).
+_FOLD_LEAVES = 4096
 
-    ``chain_hashes`` (optional, one per entry, as stored at append time) lets the first
-    modified entry be located precisely; without them a content change is still
-    detected (root and chain head disagree with the STH) but not located.
+
+class LogVerifier:
+    """``verify_log`` over a stream: entries are fed one at a time, in stored order, and
+    nothing per entry is kept (the hash chain's last link, a Merkle frontier of at most 64
+    hashes, a buffer of ``_FOLD_LEAVES`` leaf hashes). Until session 32 the whole log was
+    held at once — every entry, its chain hash and leaf hash, then a second full copy of the
+    leaf hashes and a whole Merkle tree for the stored heads — so ``VerifyAudit`` of a
+    log of millions of entries took GBs (docs/benchmarks.md, "VerifyAudit streamed").
+
+    The answer is ``verify_log``'s, reason and seq, with the same precedence. The sequence
+    shape needs every seq only when a seq differs from its position: until then nothing is
+    stored, and from the first such entry on its seq and every later one are kept (8 bytes
+    each, a tampered log's cost) for ``_shape_problem``.
+
+    ``tree_heads`` (optional): the stored signed tree heads as ``(tree_size column, STH
+    JSON)`` in ascending size, read lazily as the stream reaches each size; when the log
+    verifies, ``result()`` also gives ``the stored heads' check (``_TreeHeadHistory``).
     """
-    if isinstance(entries, (str, bytes)) or not isinstance(entries, Sequence):
-        raise ValueError("entries: expected a sequence of AuditEntry")
-    for i, e in enumerate(entries):
-        if not isinstance(e, AuditEntry):
-            raise ValueError(f"entries[{i}]: expected AuditEntry, got {type(e).__name__}")
-    recorded: list[bytes] | None = None
-    if chain_hashes is not None:
-        raw = merkle.hashes_to_bytes(chain_hashes, "chain_hashes")
-        recorded = [raw[i : i + HASH_SIZE] for i in range(0, len(raw), HASH_SIZE)]
-        if len(recorded) != len(entries):
-            raise ValueError(f"chain_hashes: {len(recorded)} given for {len(entries)} entries")
 
-    if not verify_tree_head(sth, public_key):
-        return _fail(TamperReason.BAD_SIGNATURE, None,
-                     "tree head signature does not verify with this public key")
+    def __init__(self, sth: SignedTreeHead, public_key: Ed25519PublicKey, *,
+                 tree_heads: Iterable[tuple[int, str]] | None = None,
+                 earlier_keys: Sequence[Ed25519PublicKey] = ()) -> None:
+        if not isinstance(sth, SignedTreeHead):
+            raise ValueError(f"sth: expected SignedTreeHead, got {type(sth).__name__}")
+        self._sth = sth
+        self._signature_ok = verify_tree_head(sth, public_key)   # checks the key's type too
+        self._count = 0
+        self._straying: array | None = None   # seqs from the first one off its position (int64)
+        self._chain = GENESIS_CHAIN_HASH
+        self._first_mismatch: int | None = None
+        self._signed_chain_head = GENESIS_CHAIN_HASH
+        self._signed_root: bytes | None = merkle.EMPTY_ROOT if sth.tree_size == 0 else None
+        self._frontier = merkle.Frontier()
+        self._pending = bytearray()   # leaf hashes not yet folded into the frontier
+        self._history = _TreeHeadHistory(tree_heads, public_key, earlier_keys) if tree_heads is not None else None
+        if self._history is not None:
+            self._history.reach(0, None)
 
-    seqs = [e.seq for e in entries]
-    problem = _shape_problem(seqs, sth.tree_size)
-    if problem is not None:
-        return problem
+    @property
+    def count(self) -> int:
+        return self._count
 
-    # Shape is 0..len-1 with len >= signed size. Walk the chain once.
-    sha256 = hashlib.sha256
-    prev = GENESIS_CHAIN_HASH
-    leaves = bytearray()
-    first_mismatch: int | None = None
-    signed_chain_head = GENESIS_CHAIN_HASH  # the chain head after sth.tree_size entries
-    for i, e in enumerate(entries):
-        data = e.canonical_bytes
-        prev = sha256(CHAIN_PREFIX + prev + data).digest()
-        if i < sth.tree_size:
-            leaves += sha256(merkle.LEAF_PREFIX + data).digest()
-        if recorded is not None and first_mismatch is None and recorded[i] != prev:
-            first_mismatch = i
-        if i + 1 == sth.tree_size:
-            signed_chain_head = prev
-    if len(entries) > sth.tree_size:
-        at = first_mismatch if first_mismatch is not None else sth.tree_size
-        return _fail(
-            TamperReason.INSERTED, at,
-            f"{len(entries)} entries but the signed tree head covers {sth.tree_size}",
-        )
-    if first_mismatch is not None:
-        return _fail(
-            TamperReason.MODIFIED, first_mismatch,
-            f"entry seq {first_mismatch} does not match its recorded chain hash",
-        )
-    if signed_chain_head != sth.chain_head or merkle.merkle_root(bytes(leaves)) != sth.root:
-        return _fail(
-            TamperReason.MODIFIED, None,
-            "entries do not match the signed root / chain head "
-            "(supply per-entry chain hashes to locate the change)",
-        )
-    return LogVerification(True, None, None, f"ok: {len(entries)} entries verified")
+    def _root_now(self) -> bytes:
+        if self._pending:
+            self._frontier = self._frontier.extend(bytes(self._pending))
+            self._pending.clear()
+        return self._frontier.root()
+
+    def add(self, entry: AuditEntry, recorded_chain_hash: bytes | None = None) -> None:
+        """The next entry in stored order, with the chain hash stored beside it (if any)."""
+        position = self._count
+        self._count += 1
+        if self._straying is not None:
+            self._straying.append(entry.seq)
+        elif entry.seq != position:
+            self._straying = array("q", [entry.seq])
+        data = entry.canonical_bytes
+        self._chain = hashlib.sha256(CHAIN_PREFIX + self._chain + data).digest()
+        if recorded_chain_hash is not None and self._first_mismatch is None and recorded_chain_hash != self._chain:
+            self._first_mismatch = position
+        size = position + 1
+        if position < self._sth.tree_size or self._history is not None:
+            self._pending += hashlib.sha256(merkle.LEAF_PREFIX + data).digest()
+            if len(self._pending) >= _FOLD_LEAVES * HASH_SIZE:
+                self._root_now()
+        if size == self._sth.tree_size:
+            self._signed_chain_head = self._chain
+            self._signed_root = self._root_now()
+        if self._history is not None and self._history.wants(size):
+            self._history.reach(size, (self._root_now(), self._chain))
+
+    def log_result(self) -> LogVerification:
+        """``verify_log``'s answer for the entries fed so far."""
+        sth = self._sth
+        if not self._signature_ok:
+            return _fail(TamperReason.BAD_SIGNATURE, None,
+                         "tree head signature does not verify with this public key")
+        n = self._count
+        if self._straying is not None:
+            first = n - len(self._straying)
+            seqs = np.concatenate([np.arange(first, dtype=np.int64), np.frombuffer(self._straying, dtype=np.int64)])
+            problem = _shape_problem(seqs, sth.tree_size)
+        elif n < sth.tree_size:   # seqs are exactly 0..n-1
+            problem = _fail(TamperReason.TRUNCATED, n,
+                            f"log ends at {n} entries, the signed tree head covers {sth.tree_size}")
+        else:
+            problem = None
+        if problem is not None:
+            return problem
+        if n > sth.tree_size:
+            at = self._first_mismatch if self._first_mismatch is not None else sth.tree_size
+            return _fail(TamperReason.INSERTED, at,
+                         f"{n} entries but the signed tree head covers {sth.tree_size}")
+        if self._first_mismatch is not None:
+            return _fail(TamperReason.MODIFIED, self._first_mismatch,
+                         f"entry seq {self._first_mismatch} does not match its recorded chain hash")
+        # Fewer entries than signed get here only when a seq beyond the signed size stood
+        # in for a missing one: the chain head is then the genesis hash, as it always was.
+        signed_root = self._signed_root if self._signed_root is not None else self._root_now()
+        if self._signed_chain_head != sth.chain_head or signed_root != sth.root:
+            return _fail(TamperReason.MODIFIED, None,
+                         "entries do not match the signed root / chain head "
+                         "(supply per-entry chain hashes to locate the change)")
+        return LogVerification(True, None, None, f"ok: {n} entries verified")
+
+    def result(self) -> LogVerification:
+        """``log_result()``, then (when it is ok and ``tree_heads`` were given) the
+        stored heads' check."""
+        result = self.log_result()
+        if result.ok and self._history is not None:
+            forged = self._history.finish()
+            if forged is not None:
+                return forged
+        return result
 
 
-def verify_tree_head_history(
-    entries: Sequence[AuditEntry],
-    stored: Sequence[tuple[int, str]],
-    public_key: Ed25519PublicKey,
-    earlier_keys: Sequence[Ed25519PublicKey] = (),
-) -> LogVerification | None:
+class _TreeHeadHistory:
     """Check every stored signed tree head ``(tree_size column, STH JSON)`` against the
-    (already verified) ``entries``: each must parse, sit in the row of its own size, carry
+    entries (``LogVerifier``'s stream, which has verified them): each must parse, sit in the row of its own size, carry
     a valid signature and commit to exactly the entries' root and chain head at its size.
     ``verify_log`` checks only the latest head; without this an altered or forged older
-    (or same-size) row would go unnoticed. None when all are genuine.
+    (or same-size) row would go unnoticed. Each head is checked when the stream reaches its size (the root and chain head
+    there), in ascending size, pulled from ``tree_heads`` one at a time; ``failure`` is the
+    first that fails (None when all are genuine).
 
     A head that names another signing key (``key_id``: signed before the key was rotated)
     cannot have its signature checked with ``public_key``; its size, root and chain head
@@ -735,38 +795,84 @@ def verify_tree_head_history(
     head naming any other key is ``bad_signature`` too (review20: otherwise a restamped
     head re-signed with a key of the forger's own, its ``key_id`` naming that key, was
     checked for content only and passed)."""
-    sizes = sorted({size for size, _ in stored})
-    wanted = set(sizes)
-    heads: dict[int, bytes] = {}
-    leaves = bytearray()
-    prev = GENESIS_CHAIN_HASH
-    for i, e in enumerate(entries):
-        data = e.canonical_bytes
-        prev = hashlib.sha256(CHAIN_PREFIX + prev + data).digest()
-        leaves += hashlib.sha256(merkle.LEAF_PREFIX + data).digest()
-        if i + 1 in wanted:
-            heads[i + 1] = prev
-    tree = merkle.MerkleTree.from_leaf_hashes(bytes(leaves))  # root(size) per head: O(log n)
-    roots = {size: (tree.root(size), head) for size, head in heads.items()}
-    keys = {key_id(k): k for k in earlier_keys}
-    keys[key_id(public_key)] = public_key
-    for size, text in sorted(stored):
+
+    def __init__(self, tree_heads: Iterable[tuple[int, str]], public_key: Ed25519PublicKey,
+                 earlier_keys: Sequence[Ed25519PublicKey]) -> None:
+        self._heads = iter(tree_heads)
+        self._keys = {key_id(k): k for k in earlier_keys}
+        self._keys[key_id(public_key)] = public_key
+        self._restricted = bool(earlier_keys)
+        self._next = next(self._heads, None)
+        self._previous_size: int | None = None
+        self.failure: LogVerification | None = None
+
+    def wants(self, size: int) -> bool:
+        return self._next is not None and self._next[0] <= size
+
+    def reach(self, size: int, at_size: tuple[bytes, bytes] | None) -> None:
+        """Check every head of size <= ``size``; ``at_size``: (root, chain head) after
+        exactly ``size`` entries (None: no entry stream reaches it)."""
+        while self._next is not None and self._next[0] <= size:
+            head_size, text = self._next
+            if self._previous_size is not None and head_size < self._previous_size:
+                raise ValueError("tree_heads: expected ascending tree sizes")
+            self._previous_size = head_size
+            if self.failure is None:
+                self.failure = self._check(int(head_size), text, at_size if head_size == size else None)
+            self._next = next(self._heads, None)
+
+    def finish(self) -> LogVerification | None:
+        self.reach(math.inf, None)   # heads beyond the entries: nothing at their size
+        return self.failure
+
+    def _check(self, size: int, text: str, at_size: tuple[bytes, bytes] | None) -> LogVerification | None:
         try:
             sth = SignedTreeHead.from_dict(json.loads(text))
         except (ValueError, TypeError, json.JSONDecodeError):
             return _fail(TamperReason.BAD_SIGNATURE, None, f"stored tree head of size {size} does not parse")
-        signer = keys.get(sth.key_id)
-        if signer is None and earlier_keys:
+        signer = self._keys.get(sth.key_id)
+        if signer is None and self._restricted:
             return _fail(TamperReason.BAD_SIGNATURE, None,
                          f"stored tree head of size {size} names signing key {sth.key_id}, neither the current "
                          "key nor one of HEARTH_AUDIT_PREVIOUS_PUBLIC_KEYS")
         if sth.tree_size != size or (signer is not None and not verify_tree_head(sth, signer)):
             return _fail(TamperReason.BAD_SIGNATURE, None,
                          f"stored tree head of size {size} is forged (signature or size)")
-        if roots.get(size) != (sth.root, sth.chain_head):
+        if at_size != (sth.root, sth.chain_head):
             return _fail(TamperReason.MODIFIED, None,
                          f"stored tree head of size {size} does not match the log at that size")
-    return None
+        return None
+
+
+def verify_log(
+    entries: Sequence[AuditEntry],
+    sth: SignedTreeHead,
+    public_key: Ed25519PublicKey,
+    *,
+    chain_hashes: Sequence[bytes] | np.ndarray | None = None,
+) -> LogVerification:
+    """Check that ``entries`` are exactly the log the signed tree head commits to.
+
+    ``chain_hashes`` (optional, one per entry, as stored at append time) lets the first
+    modified entry be located precisely; without them a content change is still
+    detected (root and chain head disagree with the STH) but not located. The entries
+    already in memory (an export); ``LogVerifier`` takes them as a stream.
+    """
+    if isinstance(entries, (str, bytes)) or not isinstance(entries, Sequence):
+        raise ValueError("entries: expected a sequence of AuditEntry")
+    for i, e in enumerate(entries):
+        if not isinstance(e, AuditEntry):
+            raise ValueError(f"entries[{i}]: expected AuditEntry, got {type(e).__name__}")
+    recorded: list[bytes] | None = None
+    if chain_hashes is not None:
+        raw = merkle.hashes_to_bytes(chain_hashes, "chain_hashes")
+        recorded = [raw[i : i + HASH_SIZE] for i in range(0, len(raw), HASH_SIZE)]
+        if len(recorded) != len(entries):
+            raise ValueError(f"chain_hashes: {len(recorded)} given for {len(entries)} entries")
+    verifier = LogVerifier(sth, public_key)
+    for i, e in enumerate(entries):
+        verifier.add(e, recorded[i] if recorded is not None else None)
+    return verifier.log_result()
 
 
 def verify_entry_inclusion(

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.privacy.audit import merkle
-from services.privacy.audit.domain import (AuditEntry, LogVerification, SignedTreeHead, TamperReason, verify_log,
-                                          verify_tree_head_history)
+from services.privacy.audit.domain import LogVerification, LogVerifier, SignedTreeHead, TamperReason
 from services.privacy.audit.rows import StoredEntry, columns_match, entry_from_canonical
 from services.privacy.audit.store import AuditStore
 from services.privacy.audit.writer import AuditWriter
@@ -111,13 +110,19 @@ class AuditProofs:
         hide a truncation while the service runs), then every stored tree head against
         the rows (a forged or moved head row is ``bad_signature`` even when it is not the
         newest). Reasons as ``verify_log``, plus ``modified`` for unparseable canonical
-        bytes or query columns that disagree with them."""
+        bytes or query columns that disagree with them.
+
+        The rows stream through ``LogVerifier`` a bounded page at a time (``iter_rows``),
+        the stored heads beside them: memory does not grow with the log (until session 32
+        every entry was held at once, a log of millions of entries costing GBs)."""
         stored = self._store.stored_latest_sth()
         sth = self._writer.latest_sth()
         if stored is not None and (sth is None or stored.tree_size > sth.tree_size):
             sth = stored
-        entries: list[AuditEntry] = []
-        chains: list[bytes] = []
+        verifier = None if sth is None else LogVerifier(
+            sth, self._writer.public_key, tree_heads=self._store.iter_tree_heads(),
+            earlier_keys=self._earlier_keys)
+        count, first_seq = 0, None
         column_mismatch: int | None = None
         for position, row in enumerate(self._store.iter_rows()):
             try:
@@ -128,21 +133,20 @@ class AuditProofs:
                     f"entry at seq {row[0]} is not a valid canonical entry"), position, sth)
             if column_mismatch is None and not columns_match(entry, row):
                 column_mismatch = int(row[0])
-            entries.append(entry)
-            chains.append(bytes(row[2]).ljust(merkle.HASH_SIZE, b"\0")[: merkle.HASH_SIZE])
-        if sth is None:
-            if entries:
+            if first_seq is None:
+                first_seq = entry.seq
+            count += 1
+            if verifier is not None:
+                verifier.add(entry, bytes(row[2]).ljust(merkle.HASH_SIZE, b"\0")[: merkle.HASH_SIZE])
+        if verifier is None:
+            if count:
                 return AuditVerification(LogVerification(
-                    False, TamperReason.INSERTED, entries[0].seq,
-                    f"{len(entries)} entries but no signed tree head"), len(entries), None)
+                    False, TamperReason.INSERTED, first_seq,
+                    f"{count} entries but no signed tree head"), count, None)
             return AuditVerification(LogVerification(True, None, None, "ok: empty log"), 0, None)
-        result = verify_log(entries, sth, self._writer.public_key, chain_hashes=chains or None)
-        if result.ok:
-            forged = verify_tree_head_history(entries, self._store.stored_tree_heads(), self._writer.public_key,
-                                              self._earlier_keys)
-            result = result if forged is None else forged
+        result = verifier.result()
         if result.ok and column_mismatch is not None:
             result = LogVerification(False, TamperReason.MODIFIED, column_mismatch,
                                      f"the query columns of seq {column_mismatch} differ from "
                                      "its signed content")
-        return AuditVerification(result, len(entries), sth)
+        return AuditVerification(result, count, sth)

@@ -88,6 +88,10 @@ MAX_QUERY_LIMIT = 10_000
 # details map), well below HEARTH_GRPC_MAX_RESPONSE_BYTES (64 MiB) at 8 MiB.
 QUERY_PAGE_BYTES = 8 << 20
 DEFAULT_QUERY_LIMIT = 100
+# The pages of the whole-log reads (VerifyAudit, the export): rows per page (and at most
+# QUERY_PAGE_BYTES of canonical bytes), stored tree heads per page.
+ROWS_PAGE = 2_000
+HEADS_PAGE = 1_000
 
 
 @dataclass(frozen=True)
@@ -182,19 +186,33 @@ class AuditStore:
             raise NotFound(f"no audit entry {seq}", "inclusion_seq")
         return self._stored(rows[0])
 
-    def iter_rows(self, batch: int = 10_000) -> Iterator[tuple]:
+    def iter_rows(self, batch: int | None = None, page_bytes: int | None = None) -> Iterator[tuple]:
         """Every stored row (seq, canonical, chain_hash, ts, event_type, principal, role,
-        resource, outcome, trace_id) in seq order, read in pages."""
+        resource, outcome, trace_id) in seq order, read in pages of at most ``batch`` rows
+        and ``page_bytes`` of canonical bytes (always at least one row), each its own
+        transaction: what VerifyAudit and the export hold at once. The sizes are read
+        first, as ``query`` does: until session 32 a page was 10,000 rows whatever their
+        size (entries stored before attack31's 64 KiB bound may hold 1 MB each)."""
+        batch = batch or ROWS_PAGE
+        page_bytes = page_bytes or QUERY_PAGE_BYTES
         last = -1
         while True:
             with self.db.transaction() as tx:
+                sizes = tx.query("SELECT seq, length(canonical) FROM audit_entries WHERE seq > ? "
+                                 "ORDER BY seq LIMIT ?", (last, batch))
+                chosen, total = 0, 0
+                for _, size in sizes:
+                    if chosen and total + int(size) > page_bytes:
+                        break
+                    chosen, total = chosen + 1, total + int(size)
                 rows = tx.query("SELECT seq, canonical, chain_hash, ts, event_type, principal, role, "
-                                "resource, outcome, trace_id FROM audit_entries WHERE seq > ? "
-                                "ORDER BY seq LIMIT ?", (last, batch))
+                                "resource, outcome, trace_id FROM audit_entries WHERE seq > ? AND seq <= ? "
+                                "ORDER BY seq", (last, sizes[chosen - 1][0])) if chosen else []
             yield from rows
-            if len(rows) < batch:
+            if chosen == len(sizes) < batch:
                 return
-            last = rows[-1][0]
+            last = sizes[chosen - 1][0]
+            rows = sizes = None   # not held while the next page is read: one page at a time
 
     def stored_latest_sth(self) -> SignedTreeHead | None:
         with self.db.transaction() as tx:
@@ -206,10 +224,20 @@ class AuditStore:
         except (ValueError, json.JSONDecodeError):
             return None
 
-    def stored_tree_heads(self) -> list[tuple[int, str]]:
-        """Every stored signed tree head row as (tree_size column, STH JSON)."""
-        with self.db.transaction() as tx:
-            return [(int(r[0]), r[1]) for r in tx.query("SELECT tree_size, sth_json FROM audit_sth")]
+    def iter_tree_heads(self, batch: int | None = None) -> Iterator[tuple[int, str]]:
+        """Every stored signed tree head row as (tree_size column, STH JSON), ascending
+        size, read in pages (logs written before session 30 keep one head per batch)."""
+        batch = batch or HEADS_PAGE
+        last = None
+        while True:
+            with self.db.transaction() as tx:
+                rows = tx.query("SELECT tree_size, sth_json FROM audit_sth"
+                                + (" WHERE tree_size > ?" if last is not None else "")
+                                + " ORDER BY tree_size LIMIT ?", (last, batch) if last is not None else (batch,))
+            yield from ((int(r[0]), r[1]) for r in rows)
+            if len(rows) < batch:
+                return
+            last = rows[-1][0]
 
     def export_lines(self, sth: SignedTreeHead | None) -> Iterator[str]:
         """The JSONL export (``audit.export_lines`` format) of the log up to the latest

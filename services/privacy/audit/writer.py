@@ -50,6 +50,8 @@ log = logging.getLogger("hearth.privacy.audit")
 # of this many seconds (HEARTH_AUDIT_TREE_HEAD_HISTORY_S; 0 = every batch's, as before
 # session 30).
 DEFAULT_TREE_HEAD_HISTORY_S = 60.0
+# Leaf hashes read per query when the proof tree is rebuilt at start (2 MiB of hashes).
+LEAF_PAGE = 65_536
 
 
 class _StateConflict(Exception):
@@ -112,28 +114,35 @@ class AuditWriter:
 
     def _load(self) -> None:
         """State, latest STH and the proof tree from the database (start and after a
-        conflict). The tree is rebuilt from the stored leaf hashes."""
+        conflict). The tree is rebuilt from the stored leaf hashes, read ``LEAF_PAGE`` at a
+        time (until session 32 all at once: a list of every row, ~150 MB at 1M entries,
+        at every start)."""
         with self.db.transaction() as tx:
             row = tx.query("SELECT state FROM audit_state WHERE id = 1")
             state = AuditState.from_bytes(bytes(row[0][0]))
             sth_row = tx.query("SELECT sth_json FROM audit_sth ORDER BY tree_size DESC LIMIT 1")
-            leaves = tx.query("SELECT leaf_hash FROM audit_entries WHERE seq < ? ORDER BY seq",
-                              (state.size,))
-        raw = b"".join(bytes(r[0]) for r in leaves)
         tree = merkle.MerkleTree(leaf_source=self._stored_leaf_hashes)
-        healthy = len(raw) == state.size * merkle.HASH_SIZE and all(
-            len(r[0]) == merkle.HASH_SIZE for r in leaves)
-        if healthy:
-            tree.extend(raw)
-            healthy = tree.root() == state.root
-        else:
-            tree.extend(b"".join(bytes(r[0])[: merkle.HASH_SIZE].ljust(merkle.HASH_SIZE, b"\0")
-                                 for r in leaves))
+        rows, well_formed, last = 0, True, -(2**63)   # every seq a row may hold, a negative one too
+        while True:
+            # Rows below the signed size are never rewritten by a writer (another replica
+            # appends above it), so reading them in several transactions reads the same rows.
+            with self.db.transaction(readonly=True) as tx:
+                page = tx.query("SELECT seq, leaf_hash FROM audit_entries WHERE seq > ? AND seq < ? "
+                                "ORDER BY seq LIMIT ?", (last, state.size, LEAF_PAGE))
+            if not page:
+                break
+            well_formed = well_formed and all(len(r[1]) == merkle.HASH_SIZE for r in page)
+            tree.extend(b"".join(bytes(r[1])[: merkle.HASH_SIZE].ljust(merkle.HASH_SIZE, b"\0") for r in page))
+            rows, last = rows + len(page), page[-1][0]
+            if len(page) < LEAF_PAGE:
+                break
+            page = None
+        healthy = well_formed and rows == state.size and tree.root() == state.root
         if not healthy:
             # The log was altered behind the service's back. Appends continue from the
             # signed state (the chain stays anchored); VerifyAudit says what changed.
             log.error("audit log rows do not match the stored audit state (size %d, %d rows): "
-                      "run VerifyAudit", state.size, len(leaves))
+                      "run VerifyAudit", state.size, rows)
         sth = SignedTreeHead.from_dict(json.loads(sth_row[0][0])) if sth_row else None
         self._load_ids(state.size)
         with self._tree_lock:

@@ -102,38 +102,25 @@ def test_the_otlp_http_exporter_does_not_inflate_a_compressed_answer(monkeypatch
     answer whole and inflated a `Content-Encoding: gzip` body, 64 MiB from 64 KB, at every
     export. At most telemetry.OTLP_MAX_ANSWER_BYTES of it is read now. A real HTTP server."""
     import gzip
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from services.common import telemetry
+    from tests.helpers.http_peer import QuietHandler, answer, serving
 
     bomb = gzip.compress(b"\0" * (64 << 20), compresslevel=9)
 
-    class Collector(BaseHTTPRequestHandler):
+    class Collector(QuietHandler):
         def do_POST(self):   # noqa: N802 - http.server's name
             self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            self.send_response(200)
-            self.send_header("Content-Type", "application/x-protobuf")
-            self.send_header("Content-Encoding", "gzip")
-            self.send_header("Content-Length", str(len(bomb)))
-            self.end_headers()
-            self.wfile.write(bomb)
+            answer(self, bomb, "application/x-protobuf", content_encoding="gzip")
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}/v1/traces")
-    exporter = telemetry.otlp_exporter()
-    try:
-        session = exporter._client._transport._session   # the session its exports go through
-        answer = session.request("POST", f"http://127.0.0.1:{server.server_address[1]}/v1/traces", data=b"x",
-                                 timeout=30)
-        assert answer.status_code == 200
-        assert len(answer.content) <= 1 << 20, len(answer.content)
-    finally:
-        exporter.shutdown()
-        server.shutdown()
-        server.server_close()
+    with serving(Collector) as url:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"{url}/v1/traces")
+        exporter = telemetry.otlp_exporter()
+        try:
+            session = exporter._client._transport._session   # the session its exports go through
+            reply = session.request("POST", f"{url}/v1/traces", data=b"x", timeout=30)
+            assert reply.status_code == 200
+            assert len(reply.content) <= 1 << 20, len(reply.content)
+        finally:
+            exporter.shutdown()

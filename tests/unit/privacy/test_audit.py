@@ -440,3 +440,63 @@ def test_export_round_trip_and_parse_errors(log, signing_key):
     bad["entry"]["role"] = "root"
     with pytest.raises(ValueError, match="line 1.entry.role"):
         audit.parse_export([json.dumps(bad), lines[-1]])
+
+
+# --------------------------------------------------------------------------- streamed verification (session 32)
+
+
+def _shape_problem_as_it_was(seqs: list[int], signed_size: int):
+    """960ab3f's pure-Python classifier (a set and a list of every seq): the oracle the
+    vectorised ``_shape_problem`` must agree with, reason, seq and message."""
+    seen: set[int] = set()
+    for position, s in enumerate(seqs):
+        if s in seen:
+            return (TamperReason.INSERTED, s, f"seq {s} appears twice (position {position})")
+        seen.add(s)
+    if [s for s in seqs if s >= signed_size]:
+        return None
+    missing_below = next((s for s in range(max(seqs, default=-1) + 1) if s not in seen), None)
+    if missing_below is not None:
+        return (TamperReason.REMOVED, missing_below, f"entry seq {missing_below} is missing")
+    for position, s in enumerate(seqs):
+        if s != position:
+            return (TamperReason.REORDERED, position, f"position {position} holds seq {s}: entries are out of order")
+    if len(seqs) < signed_size:
+        return (TamperReason.TRUNCATED, len(seqs),
+                f"log ends at {len(seqs)} entries, the signed tree head covers {signed_size}")
+    return None
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(0, 12).flatmap(lambda n: st.tuples(
+    st.permutations(list(range(n))), st.lists(st.tuples(st.integers(0, 14), st.integers(0, 14)), max_size=3),
+    st.integers(0, 14), st.integers(0, 3))))
+def test_the_vectorised_shape_classifier_agrees_with_the_old_one(case):
+    order, edits, signed_size, cut = case
+    seqs = list(order) if len(order) < 2 or cut else sorted(order)
+    for position, value in edits:   # overwrite / append seqs: duplicates, gaps, beyond the signed size
+        if position < len(seqs):
+            seqs[position] = value
+        else:
+            seqs.append(value)
+    seqs = seqs[: max(len(seqs) - cut, 0)]
+    got = audit._shape_problem(np.array(seqs, dtype=np.int64), signed_size)
+    want = _shape_problem_as_it_was(seqs, signed_size)
+    assert (None if got is None else (got.reason, got.first_bad_seq, got.message)) == want, seqs
+
+
+def test_the_streamed_verifier_keeps_nothing_per_entry_of_an_intact_log(signing_key):
+    # Fed in order, an intact log leaves no per-entry state behind: the seqs are kept only
+    # from the first one off its position (a tampered log), the leaves folded every 4096.
+    entries = make_entries(5000)
+    state, _, _ = append_batch(AuditState(), entries)
+    sth = sign_tree_head(state, signing_key, T0)
+    verifier = audit.LogVerifier(sth, signing_key.public_key())
+    for e in entries:
+        verifier.add(e)
+    assert verifier._straying is None and len(verifier._pending) < 4096 * 32
+    assert verifier.result().ok
+    swapped = audit.LogVerifier(sth, signing_key.public_key())
+    for e in [entries[1], entries[0], *entries[2:]]:
+        swapped.add(e)
+    assert (swapped.result().reason, swapped.result().first_bad_seq) == (TamperReason.REORDERED, 0)

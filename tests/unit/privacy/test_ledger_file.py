@@ -16,7 +16,11 @@ import pytest
 from services.common.erasure import ErasureScope
 from services.privacy.backup import Ledger, _digest, merge_ledgers, read_ledger_file, write_ledger_file
 from services.privacy.deletion.domain import JobState, job_to_dict, new_job
+from services.privacy.keys.signing import generate_private_key, private_key_to_pem, public_key_to_pem
 from services.testing.mesh import ROOT
+
+KEY = generate_private_key()          # the receipt signing key
+PUBLIC = [KEY.public_key()]
 
 
 def _job(state: str, account: str = "acc-1", job_id: str = "job-1") -> dict:
@@ -28,42 +32,106 @@ def _job(state: str, account: str = "acc-1", job_id: str = "job-1") -> dict:
 def test_round_trip_is_atomic_and_private(tmp_path):
     ledger = Ledger({"job-1": _job("completed"), "job-2": _job("pending", "acc-2")}, {"acc-1"})
     path = tmp_path / "offsite" / "ledger.json"
-    report = write_ledger_file(ledger, path, exported_at=1.5)
-    assert report["jobs"] == 2 and report["shredded_accounts"] == 1
+    report = write_ledger_file(ledger, path, KEY, exported_at=1.5)
+    assert report["jobs"] == 2 and report["shredded_accounts"] == 1 and report["entries"] == 3
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     assert [p.name for p in path.parent.iterdir()] == ["ledger.json"]  # no temporary file left
-    again = read_ledger_file(path)
+    again = read_ledger_file(path, PUBLIC)
     assert again.jobs == ledger.jobs and again.shredded_accounts == {"acc-1"}
     # Overwriting replaces the whole file.
-    write_ledger_file(Ledger({}, set()), path)
-    assert read_ledger_file(path).jobs == {}
+    write_ledger_file(Ledger({}, set()), path, KEY)
+    assert read_ledger_file(path, PUBLIC).jobs == {}
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda d: d.update(shredded_accounts=[]), "checksum"),
-    (lambda d: d["jobs"].pop("job-1"), "checksum"),
-    (lambda d: d.update(format="something-else"), "not a hearth-deletion-ledger/1"),
-    (lambda d: d.pop("jobs"), "missing"),
+    (lambda d: d.update(format="something-else"), "not a hearth-deletion-ledger/2"),
+    (lambda d: d.pop("entries"), "missing"),
+    (lambda d: d.update(exported_at=d["exported_at"] + 86400), "head: signature"),   # made to look newer
 ])
 def test_a_modified_or_foreign_file_is_refused_naming_it(tmp_path, mutate, message):
     path = tmp_path / "ledger.json"
-    write_ledger_file(Ledger({"job-1": _job("completed")}, {"acc-1"}), path)
+    write_ledger_file(Ledger({"job-1": _job("completed")}, {"acc-1"}), path, KEY)
     document = json.loads(path.read_text())
     mutate(document)
     path.write_text(json.dumps(document))
     with pytest.raises(ValueError, match=message) as info:
-        read_ledger_file(path)
+        read_ledger_file(path, PUBLIC)
     assert str(path) in str(info.value)
+
+
+def _signed(tmp_path, accounts=("acc-1", "acc-2", "acc-3")) -> tuple:
+    path = tmp_path / "ledger.json"
+    jobs = {f"job-{i}": _job("completed", account, f"job-{i}") for i, account in enumerate(accounts)}
+    write_ledger_file(Ledger(jobs, set(accounts[:2])), path, KEY)
+    return path, json.loads(path.read_text())
+
+
+def _another_export_entry(tmp_path, n: int) -> dict:
+    other = tmp_path / "other.json"
+    write_ledger_file(Ledger({f"job-{n}": _job("completed", "acc-victim", f"job-{n}")}, set()), other, KEY)
+    entry = json.loads(other.read_text())["entries"][0]
+    return {**entry, "n": n}
+
+
+@pytest.mark.parametrize("tamper, named", [
+    # entries: job-0, job-1, job-2, shredded acc-1, shredded acc-2 (5), one head
+    (lambda d, t: d["entries"][1]["data"].update(account_id="acc-victim"), r"entry 1 \(jobs.job-1\): signature"),
+    (lambda d, t: d["entries"][3].update(id="acc-victim"), r"entry 3 \(shredded_accounts.acc-victim\): signature"),
+    (lambda d, t: d["entries"].insert(2, {**d["entries"][1], "id": "job-1b", "n": 2}), r"entry 2 \(jobs.job-1b\): signature"),
+    (lambda d, t: d["entries"].__setitem__(slice(1, 3), d["entries"][2:0:-1]), r"entry 1 \(jobs.job-2\): signed as entry 2"),
+    (lambda d, t: d["entries"].pop(2), r"entry 2 \(shredded_accounts.acc-1\): signed as entry 3"),
+    (lambda d, t: d["entries"].pop(), r"truncated: the head signs 5 entries, the file ends after 4 \(entry 4 missing\)"),
+    (lambda d, t: d["entries"].append({**d["entries"][-1], "n": 5}), r"entry 5: beyond the 5 entries"),
+    (lambda d, t: (d["entries"].pop(), d["head"].update(entries=4)), r"head: signature"),
+    (lambda d, t: d["entries"].__setitem__(1, _another_export_entry(t, 1)), r"entry 1 \(jobs.job-1\): signature"),
+], ids=["job-altered", "shredded-altered", "inserted", "reordered", "removed", "truncated", "appended",
+        "truncated-with-head-edited", "from-another-export"])
+def test_a_forged_reordered_or_truncated_signed_ledger_is_refused_naming_the_entry(tmp_path, tamper, named):
+    """audit32: the ledger was protected by an unkeyed SHA-256 only, which whoever can
+    write the off-site copy recomputes; each of these was read as a genuine ledger."""
+    path, document = _signed(tmp_path)
+    assert read_ledger_file(path, PUBLIC).shredded_accounts == {"acc-1", "acc-2"}
+    tamper(document, tmp_path)
+    path.write_text(json.dumps(document))
+    with pytest.raises(ValueError, match=named) as info:
+        read_ledger_file(path, PUBLIC)
+    assert str(path) in str(info.value)
+
+
+def test_a_ledger_signed_by_another_key_is_refused_and_an_earlier_key_given_is_accepted(tmp_path):
+    path = tmp_path / "ledger.json"
+    earlier = generate_private_key()    # the receipt key before a rotation
+    write_ledger_file(Ledger({"job-1": _job("completed")}, {"acc-1"}), path, earlier)
+    with pytest.raises(ValueError, match="signed by key .* not one of the keys given") as info:
+        read_ledger_file(path, PUBLIC)
+    assert "--ledger-public-key" in str(info.value)
+    assert read_ledger_file(path, [*PUBLIC, earlier.public_key()]).shredded_accounts == {"acc-1"}
+    # A forger who signs with a key of their own is the same case: their key is not given.
+    with pytest.raises(ValueError, match="signed by key"):
+        read_ledger_file(path, [])
+
+
+def test_an_unsigned_ledger_of_before_session_32_is_refused_unless_accepted(tmp_path):
+    path = tmp_path / "ledger.json"
+    _forged(path, {"job-1": _job("completed")}, ["acc-1"])
+    with pytest.raises(ValueError, match="unsigned .* --accept-unsigned-ledger"):
+        read_ledger_file(path, PUBLIC)
+    assert read_ledger_file(path, PUBLIC, accept_unsigned=True).shredded_accounts == {"acc-1"}
+    document = json.loads(path.read_text())
+    document["shredded_accounts"] = []
+    path.write_text(json.dumps(document))
+    with pytest.raises(ValueError, match="checksum"):
+        read_ledger_file(path, PUBLIC, accept_unsigned=True)
 
 
 def test_truncated_and_missing_files_are_refused(tmp_path):
     path = tmp_path / "ledger.json"
-    write_ledger_file(Ledger({"job-1": _job("completed")}, set()), path)
+    write_ledger_file(Ledger({"job-1": _job("completed")}, set()), path, KEY)
     path.write_text(path.read_text()[:-20])
     with pytest.raises(ValueError, match="not readable"):
-        read_ledger_file(path)
+        read_ledger_file(path, PUBLIC)
     with pytest.raises(ValueError, match="not readable"):
-        read_ledger_file(tmp_path / "absent.json")
+        read_ledger_file(tmp_path / "absent.json", PUBLIC)
 
 
 def test_merge_is_a_union_keeping_the_most_advanced_state():
@@ -98,7 +166,7 @@ def test_a_malformed_entry_is_refused_naming_it(tmp_path, jobs, shredded, named)
     path = tmp_path / "ledger.json"
     _forged(path, jobs, shredded)
     with pytest.raises(ValueError, match=named.replace("[", r"\[").replace("]", r"\]")) as info:
-        read_ledger_file(path)
+        read_ledger_file(path, PUBLIC, accept_unsigned=True)
     assert str(path) in str(info.value)
 
 
@@ -124,6 +192,67 @@ def test_a_restore_with_a_malformed_ledger_entry_replaces_nothing(tmp_path):
     snapshot = json.loads(taken.stdout.strip().splitlines()[-1])["snapshot"]
     ledger = tmp_path / "ledger.json"
     _forged(ledger, {"job-000": {"state": "completed"}, "job-1": _job("completed", "acc-erased")}, ["acc-erased"])
-    done = hearth(target, "restore", snapshot, "--ledger", str(ledger))
+    done = hearth(target, "restore", snapshot, "--ledger", str(ledger), "--accept-unsigned-ledger")
     assert done.returncode != 0 and "jobs.job-000" in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert not (target / "clustering.db").exists()
+
+
+def _forge_deletion(path, account: str) -> None:
+    """What whoever can write the off-site copy (but has no key of the mesh) does to make a
+    restore erase ``account``: add a completed deletion of it and its key shredded, and
+    make the file consistent again as far as they can — the checksum of an unsigned ledger
+    recomputed; a signed one re-signed, entries and head, with a key of their own."""
+    document = json.loads(path.read_text())
+    job = _job("completed", account, "job-forged")
+    if "sha256" in document:
+        document["jobs"]["job-forged"] = job
+        document["shredded_accounts"].append(account)
+        document["sha256"] = _digest({"jobs": document["jobs"], "shredded_accounts": document["shredded_accounts"]})
+    else:
+        jobs = {e["id"]: e["data"] for e in document["entries"] if e["kind"] == "job"}
+        shredded = {e["id"] for e in document["entries"] if e["kind"] == "shredded"}
+        write_ledger_file(Ledger({**jobs, "job-forged": job}, shredded | {account}), path, generate_private_key(),
+                          exported_at=document["exported_at"])
+        return
+    path.write_text(json.dumps(document))
+
+
+def test_a_restore_refuses_an_offsite_ledger_forged_without_the_key(tmp_path):
+    """audit32, through the real CLI: `hearth ledger export` of a privacy database, then the
+    off-site copy edited to add the deletion of a household nobody asked to erase. Before,
+    with the checksum recomputed, `hearth restore --ledger` replaced every database and
+    re-queued the forged deletion (exit 0); now the ledger is refused before anything is
+    replaced, naming the key it was signed with, and the genuine copy restores."""
+    key_pem = private_key_to_pem(KEY)
+    env = {**os.environ, "HEARTH_STORAGE": "sqlite", "HEARTH_RECEIPT_SIGNING_KEY": key_pem}
+    source, target = tmp_path / "source", tmp_path / "target"
+    source.mkdir()
+    with sqlite3.connect(source / "clustering.db") as db:
+        db.execute("CREATE TABLE t (x)")
+    sqlite3.connect(source / "privacy.db").close()
+
+    def hearth(data_dir, *args):
+        return subprocess.run([sys.executable, "-m", "services.cli", *args, "--data-dir", str(data_dir)], cwd=ROOT,
+                              env={**env, "HEARTH_DATA_DIR": str(data_dir)}, capture_output=True, text=True,
+                              timeout=120)
+
+    exported = hearth(source, "ledger", "export", "--out", str(tmp_path / "offsite" / "ledger.json"))
+    assert exported.returncode == 0, exported.stderr
+    taken = hearth(source, "backup", "--out", str(tmp_path / "out"))
+    assert taken.returncode == 0, taken.stderr
+    snapshot = json.loads(taken.stdout.strip().splitlines()[-1])["snapshot"]
+    genuine = tmp_path / "offsite" / "ledger.json"
+    forged = tmp_path / "offsite" / "forged.json"
+    forged.write_text(genuine.read_text())
+    _forge_deletion(forged, "acc-victim")
+    done = hearth(target, "restore", snapshot, "--ledger", str(forged))
+    assert done.returncode != 0 and "signed by key" in done.stderr and "Traceback" not in done.stderr, done.stdout
+    assert not (target / "clustering.db").exists()
+    done = hearth(target, "restore", snapshot, "--ledger", str(genuine))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["requeued_jobs"] == []
+    # The ledger is signed with the receipt key only: without it the export refuses.
+    env.pop("HEARTH_RECEIPT_SIGNING_KEY")
+    refused = hearth(source, "ledger", "export", "--out", str(tmp_path / "offsite" / "unsigned.json"))
+    assert refused.returncode != 0 and "HEARTH_RECEIPT_SIGNING_KEY" in refused.stderr, refused.stderr
+    assert not (tmp_path / "offsite" / "unsigned.json").exists()

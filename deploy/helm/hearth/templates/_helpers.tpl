@@ -482,3 +482,109 @@ dependency health readable from any pod. Whoever truly wants that writes it out:
 {{- end }}
 {{- toYaml .Values.networkPolicy.metricsFrom }}
 {{- end }}
+
+{{/*
+The `from` of a public port's rule, given as `anyone` or a list of NetworkPolicy peers (ctx:
+value, path, hint: who usually goes in the list): "" for anyone (a rule without `from`:
+every pod and every address outside the cluster), else the list as YAML. `[]` is refused:
+until session 32 it was the default and meant anyone, so an SRE emptying the list to
+"close" the port opened it to every pod and every address.
+*/}}
+{{- define "hearth.fromOrAnyone" -}}
+{{- if kindIs "string" .value }}
+{{- if ne .value "anyone" }}
+{{- fail (printf "%s must be `anyone` or a list of NetworkPolicy peers, got %q" .path .value) }}
+{{- end }}
+{{- else if not .value }}
+{{- fail (printf "%s is empty: write `anyone` to admit every pod and every address outside the cluster, or list who may connect (%s); [] no longer means anyone" .path .hint) }}
+{{- else }}
+{{- toYaml .value }}
+{{- end }}
+{{- end }}
+
+{{/*
+Who may reach the gateway's HTTP port (networkPolicy.gatewayFrom, hearth.fromOrAnyone): ""
+for anyone, else the operator's entries, then the chart's own callers of that port that
+are on (the rollout webhook, the `helm test` pod).
+*/}}
+{{- define "hearth.gatewayFrom" -}}
+{{- with include "hearth.fromOrAnyone" (dict "value" .Values.networkPolicy.gatewayFrom "path" "networkPolicy.gatewayFrom" "hint" "e.g. the ingress controller's namespace; the gateway authenticates each request, hence the default anyone") }}
+{{- . }}
+{{- if $.Values.rolloutWebhook.enabled }}
+# The rollback webhook sets the kill switch through the gateway.
+- podSelector:
+    matchLabels:
+      {{- include "hearth.selectorLabels" (dict "root" $ "name" "rollout-webhook") | nindent 6 }}
+{{- end }}
+{{- if $.Values.tests.enabled }}
+# `helm test`: the pod asking /health.
+- podSelector:
+    matchLabels:
+      {{- include "hearth.selectorLabels" (dict "root" $ "name" "test") | nindent 6 }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The `to` of an egress rule to one external dependency (ctx: root, name: dns | postgres |
+redis | otlp, why: who needs it), from networkPolicy.egress.<name>.to. Never empty: a rule
+whose `to` is empty admits every address on its port, and the chart cannot guess the
+address (it lives in a Secret or a host name), so it refuses to render naming the value
+rather than render a policy that silently admits everything or, worse, nothing.
+*/}}
+{{- define "hearth.egressTo" -}}
+{{- $dep := index .root.Values.networkPolicy.egress .name }}
+{{- if not $dep.to }}
+{{- fail (printf "networkPolicy.egress.%s.to is empty, but networkPolicy.egress.enabled and %s; list its address (an ipBlock, or namespace/pod selectors) and set networkPolicy.egress.%s.port, or turn networkPolicy.egress.enabled off" .name .why .name) }}
+{{- end }}
+{{- toYaml $dep.to }}
+{{- end }}
+
+{{/* An egress rule to an external dependency (ctx as hearth.egressTo). */}}
+{{- define "hearth.egressDependencyRule" -}}
+{{- $dep := index .root.Values.networkPolicy.egress .name }}
+- to:
+    {{- include "hearth.egressTo" . | nindent 4 }}
+  ports:
+    {{- if eq .name "dns" }}
+    - port: {{ $dep.port }}
+      protocol: UDP
+    {{- end }}
+    - port: {{ $dep.port }}
+      protocol: TCP
+{{- end }}
+
+{{/*
+One pod kind's egress NetworkPolicy (ctx: root, name: the pods' component label,
+peers: list of dict(name, port) — the release's pods it calls, deps: the external
+dependencies it uses, each dict(name, why)). DNS always: every address is a name.
+*/}}
+{{- define "hearth.egressPolicy" -}}
+{{- $root := .root }}
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: {{ include "hearth.componentName" . }}-egress
+  namespace: {{ $root.Release.Namespace }}
+  labels:
+    {{- include "hearth.componentLabels" . | nindent 4 }}
+spec:
+  podSelector:
+    matchLabels:
+      {{- include "hearth.selectorLabels" . | nindent 6 }}
+  policyTypes: [Egress]
+  egress:
+    {{- include "hearth.egressDependencyRule" (dict "root" $root "name" "dns" "why" "every pod resolves the names it connects to") | trim | nindent 4 }}
+    {{- range $peer := .peers }}
+    - to:
+        - podSelector:
+            matchLabels:
+              {{- include "hearth.selectorLabels" (dict "root" $root "name" $peer.name) | nindent 14 }}
+      ports:
+        - port: {{ $peer.port }}
+          protocol: TCP
+    {{- end }}
+    {{- range $dep := .deps }}
+    {{- include "hearth.egressDependencyRule" (dict "root" $root "name" $dep.name "why" $dep.why) | trim | nindent 4 }}
+    {{- end }}
+{{- end }}
