@@ -103,25 +103,28 @@ def load(spec: str, cache: str) -> list[Draw]:
     return draws_of(split, hs, held["outs"], held["draws"])
 
 
-def draws_of(split: str, hs, outs: list[dict], draws: int) -> list[Draw]:
+def draws_of(split: str, hs, outs: list[dict], draws: int, mode: str = "batch") -> list[Draw]:
     """Per draw, the households' answers pooled (``outs``: per household, ``batch`` — its
-    answers before feedback — and ``fed_batch`` — per draw, E.FedAnswers)."""
+    answers before feedback — and ``fed_batch`` — per draw, E.FedAnswers; ``mode`` "stream":
+    ``stream`` / ``fed_stream``, each fed answer as served at arrival, in the group clustering
+    stamped on it, bench.feedback_methods)."""
     from services.feedback.domain.recalibration import FEEDBACK_GROUP_OF, feedback_groups
+    before, after = ("batch", "fed_batch") if mode == "batch" else ("stream", "fed_stream")
     fed = E.feedback_draws(hs, draws)
     persons = [h.person for h in hs]
-    ages = E.model_ages(hs, "batch")
-    P0, y0, ok0, age = E.pooled_answers(persons, [o["batch"] for o in outs], ages)
+    ages = E.model_ages(hs, mode)
+    P0, y0, ok0, age = E.pooled_answers(persons, [o[before] for o in outs], ages)
     account = np.concatenate([np.full(h.n_sessions, f"{split}/{h.household_id}", dtype=object) for h in hs])
     world = np.concatenate([np.full(h.n_sessions, f"{split}/{h.world_id}", dtype=object) for h in hs])
     out = []
     for d in range(draws):
-        answers = [o["fed_batch"][d] for o in outs]
+        answers = [o[after][d] for o in outs]
         P1, y1, ok1, _ = E.pooled_answers(persons, [a.probs for a in answers], ages)
         group = np.concatenate([a.groups for a in answers]).astype(str)
         current = {f"{split}/{h.household_id}": str(a.groups[-1]) for h, a in zip(hs, answers)}
         # batch: every fed answer was served before any label, in the default group
-        fitted_in = np.asarray(feedback_groups(np.full(P0.shape[0], "", dtype=object), account, current,
-                                               FEEDBACK_GROUP_OF)).astype(str)
+        answered = np.full(P0.shape[0], "", dtype=object) if mode == "batch" else group.astype(object)
+        fitted_in = np.asarray(feedback_groups(answered, account, current, FEEDBACK_GROUP_OF)).astype(str)
         out.append(Draw(P0, ok0, y0, P1, ok1, y1, age, np.concatenate([f[d] for f in fed]),
                         np.concatenate([a.calibrated for a in answers]), group, fitted_in, account, world))
     return out

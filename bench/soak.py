@@ -511,6 +511,63 @@ def erasure_check(v: Verify, acks: list[dict], victims: dict[str, str]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
+# afterwards: the audit chain, the logs
+# ---------------------------------------------------------------------------------------
+
+def audit_verified(v: Verify) -> dict:
+    """privacy's ``VerifyAudit`` over the whole log the soak wrote (every request, the
+    rotation, the erasures, through the faults), called as the gateway forwarding an admin:
+    the chain and the stored signed heads must still verify at the end."""
+    import grpc
+
+    from hearth.privacy.v1 import privacy_pb2, privacy_pb2_grpc
+    from services.common.identity import PRINCIPAL_KEY, ROLE_KEY, TOKEN_KEY, Principal, Role
+
+    admin = Principal("soak-admin", Role.ADMIN)
+    metadata = [(PRINCIPAL_KEY, admin.id), (ROLE_KEY, admin.role.value),
+                (TOKEN_KEY, v.mesh.signer("gateway").sign(admin, audience="privacy"))]
+    started = time.monotonic()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{v.mesh.grpc_ports['privacy']}") as channel:
+            r = privacy_pb2_grpc.AuditLogStub(channel).VerifyAudit(privacy_pb2.VerifyAuditRequest(),
+                                                                   metadata=metadata, timeout=600)
+    except grpc.RpcError as exc:   # recorded, not fatal: the rest of the report still stands
+        return {"valid": False, "error": f"{exc.code().name}: {exc.details()}"[:300]}
+    return {"valid": r.valid, "entries": r.entries, "first_bad_seq": r.first_bad_seq, "reason": r.reason,
+            "message": r.message, "tree_size": r.tree_head.tree_size, "seconds": round(time.monotonic() - started, 1)}
+
+
+# A service's log line at these levels, or a Python traceback anywhere in it (a handler's
+# exc_info, or a crash written to stderr before logging was set up), is a finding.
+_BAD_LEVELS = ("ERROR", "CRITICAL")
+
+
+def log_findings(log_dir: Path, samples: int = 3) -> dict[str, dict]:
+    """Per log file: lines logged at ERROR or CRITICAL, and tracebacks, with the first few
+    of each (shortened). Warnings are the faults' expected noise (a peer unreachable while
+    it is killed) and are counted, not listed."""
+    out: dict[str, dict] = {}
+    for f in sorted(log_dir.glob("*.log")):
+        found = {"error_lines": 0, "tracebacks": 0, "warnings": 0, "first": []}
+        for line in f.read_text(errors="replace").splitlines():
+            level = ""
+            if line.startswith("{"):
+                try:
+                    level = str(json.loads(line).get("level", "")).upper()
+                except ValueError:
+                    pass
+            bad = level in _BAD_LEVELS
+            traceback = "Traceback (most recent call last)" in line
+            found["error_lines"] += bad
+            found["tracebacks"] += traceback
+            found["warnings"] += level == "WARNING"
+            if (bad or traceback) and len(found["first"]) < samples:
+                found["first"].append(line[:400])
+        out[f.stem] = found
+    return out
+
+
+# ---------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------
 
@@ -661,6 +718,8 @@ class Soak:
             event_acks = [x for x in raw["acks"] if "event_ids" in x]
             lost_events = v.lost(event_acks)
             erasure = erasure_check(v, raw["acks"], self.victims)
+            log("VerifyAudit over the whole log")
+            audit = audit_verified(v)
             alerts = fired_alerts(prom_url, self.t0, t_end + 30) if prom else {}
             pending = fired_alerts(prom_url, self.t0, t_end + 30, "pending") if prom else {}
             window = a.window_min * 60
@@ -678,6 +737,7 @@ class Soak:
                 "status": _count_states([{"state": s} for s in raw["requests"]["status"]]),
                 "errors_by_op": _errors_by_op(raw),
                 "error_samples": raw.get("error_samples", {}),
+                "without_retry_after": raw.get("without_retry_after", {}),
                 "generator": raw["generator"],
                 "latency_first_vs_last": first_last(raw, warm, window, duration),
                 "windows_s": a.sample_s, "first_window_start_s": warm, "window_s": window,
@@ -686,6 +746,8 @@ class Soak:
                                  "events": sum(len(x["event_ids"]) for x in event_acks),
                                  "events_lost": lost_events},
                 "erasure": erasure,
+                "audit": audit,
+                "logs": log_findings(v.out / "logs"),
                 "gateway_metrics_by_stretch": gateway_route_errors(sampler.samples, self.events),
                 "alerts_fired": alerts, "alerts_pending": pending,
             }
@@ -743,9 +805,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     signal.signal(signal.SIGTERM, on_signal)
     report = soak.run()
-    print(json.dumps({k: report[k] for k in ("command", "date", "backend", "requests", "status",
+    print(json.dumps({k: report[k] for k in ("command", "date", "backend", "requests", "status", "without_retry_after",
                                              "latency_first_vs_last", "not_levelling_off", "acknowledged",
-                                             "erasure", "alerts_fired", "events")}, default=str))
+                                             "erasure", "audit", "logs", "alerts_fired", "events")}, default=str))
     return report
 
 

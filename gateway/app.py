@@ -35,6 +35,8 @@ from gateway.routes import privacy as privacy_routes
 from services.common import audit, client, identity, telemetry
 from services.common.errors import HearthError
 from services.common.identity import Principal
+from services.common.ids import ID_PATTERN, ID_RULE
+from services.common.text import MULTILINE_TEXT_PATTERN, TEXT_PATTERN, check_text
 from services.common.permissions import authorize_route
 from services.common.server import PEER_PROBE_TIMEOUT_S
 
@@ -300,6 +302,28 @@ class ObserveMiddleware:
                     "duration_ms": round(elapsed * 1000, 3), "trace_id": trace_header.decode()}})
 
 
+
+def _rule_in_words(error: dict) -> str:
+    """The 422's message for one pydantic error: an id or a text field refused by its
+    pattern gets the rule in words, as a gRPC caller reads it (services/common/ids.py,
+    text.py), not the regular expression (until session 32: "String should match pattern
+    '^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$'", and for text the refused characters raw)."""
+    message = error.get("msg", "invalid")
+    if error.get("type") == "value_error":
+        # pydantic prefixes a validator's own words with "Value error, ": noise to a caller.
+        return message.removeprefix("Value error, ")
+    if error.get("type") != "string_pattern_mismatch":
+        return message
+    pattern = (error.get("ctx") or {}).get("pattern")
+    if pattern == ID_PATTERN:
+        return ID_RULE
+    if pattern in (TEXT_PATTERN, MULTILINE_TEXT_PATTERN) and isinstance(error.get("input"), str):
+        try:
+            check_text(error["input"], "", max_chars=len(error["input"]), multiline=pattern == MULTILINE_TEXT_PATTERN)
+        except HearthError as refusal:
+            return refusal.message
+    return message
+
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
     authenticator = Authenticator.from_settings(settings)
@@ -380,7 +404,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         field = "body" if loc[:1] == ("body",) and not parts else ""   # the body as a whole (missing, not an object)
         for p in parts:
             field += f"[{p}]" if isinstance(p, int) else (f".{p}" if field else str(p))
-        return error_response(422, "invalid_argument", first.get("msg", "invalid"), field)
+        return error_response(422, "invalid_argument", _rule_in_words(first), field)
 
     @app.exception_handler(HearthError)
     async def on_hearth_error(_request: Request, exc: HearthError):

@@ -407,6 +407,18 @@ def _write_document(path: Path, document: dict) -> None:
         raise
 
 
+def _expiry(expires_at: str | None) -> datetime | None:
+    """``--expires-at`` parsed, or ValueError naming the option (not Python's "Invalid
+    isoformat string", nor the file's ``keys[i]`` the key was not written to yet)."""
+    if expires_at in (None, ""):
+        return None
+    try:
+        return _parse_time(expires_at, "--expires-at")
+    except ValueError:
+        raise ValueError(f"--expires-at: {expires_at!r} is not an ISO-8601 time with a UTC offset "
+                         "(e.g. 2027-01-01T00:00:00Z)") from None
+
+
 def add_key(path: Path, principal: str, role: str, expires_at: str | None = None) -> tuple[str, str]:
     """Create a key for ``principal``; store only its hash. Returns (key id, key)."""
     if not valid_principal_id(principal):
@@ -414,6 +426,7 @@ def add_key(path: Path, principal: str, role: str, expires_at: str | None = None
     if reserved_principal_id(principal):
         raise ValueError("principal: 'svc:' names are reserved for the mesh's services")
     Role(role)
+    _expiry(expires_at)
     document = _read_document(Path(path))
     key = "hk_" + secrets.token_urlsafe(24)
     key_id = "k_" + secrets.token_hex(6)
@@ -449,6 +462,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "add":
+            # A key past its expiry is refused at its first use: adding one from the command
+            # line only hands out a key that never works (add_key itself allows it: tests).
+            when = _expiry(args.expires_at)
+            if when is not None and when <= datetime.now(timezone.utc):
+                raise ValueError(f"--expires-at: {args.expires_at!r} is in the past: the key would never work")
             key_id, key = add_key(args.file, args.principal, args.role, args.expires_at)
             print(json.dumps({"id": key_id, "key": key}))
         elif args.command == "revoke":

@@ -71,6 +71,7 @@ EXPLICIT = {
     # a message saying what to write (session 32: [] used to mean anyone).
     "networkPolicy.gatewayFrom": {"anyOf": [{"type": "string", "enum": ["anyone"]}, {"type": "array"}]},
     "edge.from": {"anyOf": [{"type": "string", "enum": ["anyone"]}, {"type": "array"}]},
+    "rolloutWebhook.from": {"anyOf": [{"type": "string", "enum": ["anyone"]}, {"type": "array"}]},
     "gateway.admission.perService": {"type": "object", "additionalProperties": False, "properties": {
         service: _ADMISSION_SPEC for service in ("clustering", "attribution", "privacy", "feedback")}},
 }

@@ -39,6 +39,7 @@ import ssl
 import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -322,16 +323,30 @@ def _steps(text: str) -> list[float]:
     return steps
 
 
+@contextmanager
+def _gateway_answers(gateway: str):
+    """A refusal or no answer from the gateway as the command's error (``hearth`` prints it
+    on stderr, exit 2), as ``hearth keys`` does; until session 32 an httpx traceback, exit 1
+    (an unknown challenger, a wrong key, a gateway not there)."""
+    try:
+        yield
+    except httpx.HTTPStatusError as exc:
+        _json_or_raise(exc.response)
+        raise
+    except httpx.HTTPError as exc:
+        raise ValueError(f"no answer from the gateway at {gateway}: {type(exc).__name__}: {exc}") from None
+
+
 def _run(args: argparse.Namespace) -> int:
     from services.common import telemetry
 
     telemetry.setup_telemetry("rollout")
     experiment = _experiment(args)
     try:
-        control = args.control
-        result = run_rollout(experiment, control, args.challenger, args.steps, hold_s=args.hold_s,
-                             check_s=args.check_s, sustain_s=args.sustain_s, min_samples=args.min_samples,
-                             prometheus=args.prometheus)
+        with _gateway_answers(args.gateway):
+            result = run_rollout(experiment, args.control, args.challenger, args.steps, hold_s=args.hold_s,
+                                 check_s=args.check_s, sustain_s=args.sustain_s, min_samples=args.min_samples,
+                                 prometheus=args.prometheus)
     finally:
         experiment.close()
     print(json.dumps(result))
@@ -357,15 +372,17 @@ def _calibrator(args: argparse.Namespace) -> int:
     experiment = _experiment(args)
     api = Calibrators(experiment)
     try:
-        if args.calibrator_command == "list":
-            print(json.dumps(api.list(args.variant)))
-            return 0
-        listing = api.list(args.variant)
-        if args.calibrator_command == "rollback":
-            target = rollback_target(listing) if args.to is None else args.to
-            result = api.activate(args.variant, target, hold=not args.no_hold, reason=args.reason)
-        else:  # release: keep the version in force, let automatic refits resume
-            result = api.activate(args.variant, int(listing["current_version"]), hold=False, reason=args.reason)
+        with _gateway_answers(args.gateway):
+            if args.calibrator_command == "list":
+                print(json.dumps(api.list(args.variant)))
+                return 0
+            listing = api.list(args.variant)
+            if args.calibrator_command == "rollback":
+                target = rollback_target(listing) if args.to is None else args.to
+                result = api.activate(args.variant, target, hold=not args.no_hold, reason=args.reason)
+            else:  # release: keep the version in force, let automatic refits resume
+                result = api.activate(args.variant, int(listing["current_version"]), hold=False,
+                                      reason=args.reason)
     finally:
         experiment.close()
     print(json.dumps(result))

@@ -514,10 +514,13 @@ class ClusteringApp:
             # Persons a label named that the model has not fitted yet (a stream waits for
             # its next full refit) are persons of the household too: their labelled
             # sessions already show them. Listed with their sessions and no profile.
+            # So are a cold start's persons (no fitted model, no profile): until session 32
+            # `persons` was [] while the sessions and `status.persons` named p1 (user32).
             reserved = envelope.model.reserved_person_ids()
-            sessions_of = self.store.person_session_counts(account_id, reserved)
+            unprofiled = envelope.model.cold_start_person_ids() + reserved
+            sessions_of = self.store.person_session_counts(account_id, unprofiled)
             extras.persons = envelope.model.profiles() + [{"person_id": p, "sessions": sessions_of[p]}
-                                                          for p in reserved]
+                                                          for p in unprofiled]
             extras.model_variant = envelope.model.active_variant
             extras.sessions_in_model = envelope.included
             extras.sessions_pending = max(closed - envelope.included, 0)

@@ -195,6 +195,30 @@ def _query_values(tx: Tx, table: str, sql: str, values: Sequence[tuple]) -> list
     return rows
 
 
+def _first_unheld(events: list[ViewingEvent], held: Iterable[str]) -> list[ViewingEvent]:
+    """``events`` without those whose id is in ``held`` and without an id's repeats (its
+    first occurrence kept): ``ClusteringStore._new_events``' rule, shared by the set-wise
+    reads that find ``held`` for many households at once."""
+    seen, kept = set(held), []
+    for e in events:
+        if e.event_id not in seen:
+            seen.add(e.event_id)
+            kept.append(e)
+    return kept
+
+
+def _held_ids(tx: Tx, events_of: dict[tuple[str, str], list[ViewingEvent]]) -> dict[str, set[str]]:
+    """Household -> the ids among its devices' ``events_of`` it already stores: one
+    statement per 500 (household, id) pairs (erased ones are not looked for: the callers
+    leave a household holding erased events' digests to the per-device path)."""
+    held: dict[str, set[str]] = defaultdict(set)
+    for account, event_id in _query_values(
+            tx, "v(a, i)", "SELECT v.a, v.i FROM v JOIN events e ON e.account_id = v.a AND e.event_id = v.i",
+            sorted({(key[0], e.event_id) for key, events in events_of.items() for e in events})):
+        held[account].add(event_id)
+    return held
+
+
 def _insert_prepared_events(tx: Tx, rows: list[tuple], whose: str) -> None:
     """The events' rows prepared before the transaction, in one statement. Every one is new:
     the households are locked and their ids were read inside this transaction; were one
@@ -758,21 +782,8 @@ class ClusteringStore:
                 events = [e for e in by_device[key].events if e.ts >= watermark - self.tolerance_s]
                 if events:
                     on_time[key] = events
-        held: dict[str, set[str]] = defaultdict(set)
-        for account, event_id in _query_values(
-                tx, "v(a, i)", "SELECT v.a, v.i FROM v JOIN events e ON e.account_id = v.a AND e.event_id = v.i",
-                sorted({(key[0], e.event_id) for key, events in on_time.items() for e in events})):
-            held[account].add(event_id)
-        fresh: dict[tuple[str, str], list[ViewingEvent]] = {}
-        for key, events in on_time.items():
-            # As _new_events: not held, and the first occurrence of an id repeated.
-            seen, kept = set(held.get(key[0], ())), []
-            for e in events:
-                if e.event_id not in seen:
-                    seen.add(e.event_id)
-                    kept.append(e)
-            if kept:
-                fresh[key] = kept
+        held = _held_ids(tx, on_time)
+        fresh = {key: kept for key, events in on_time.items() if (kept := _first_unheld(events, held.get(key[0], ())))}
         newest: dict[tuple[str, str], list] = defaultdict(list)
         for r in _query_values(
                 tx, "v(a, d)", "SELECT v.a, v.d, s.session_id, s.start_ts, s.end_ts, s.feature_version, s.state "
@@ -937,21 +948,10 @@ class ClusteringStore:
                 watermark = float(ready[key].watermark[0][0])
                 on_time[key] = [e for e in by_device[key].events if e.ts >= watermark - self.tolerance_s]
         # The batch's ids the households already hold (erased ones: none, above).
-        held = {(r[0], r[1]) for r in _query_values(
-            tx, "v(a, i)", "SELECT v.a, v.i FROM v JOIN events e ON e.account_id = v.a AND e.event_id = v.i",
-            sorted({(key[0], e.event_id) for key, events in on_time.items() for e in events}))}
-        held_by_account: dict[str, set[str]] = defaultdict(set)
-        for account, event_id in held:
-            held_by_account[account].add(event_id)
+        held = _held_ids(tx, on_time)
         fresh: dict[tuple[str, str], list[ViewingEvent]] = {}
         for key, events in on_time.items():
-            # As _new_events: not held, and the first occurrence of an id repeated.
-            seen = set(held_by_account.get(key[0], ()))
-            kept = []
-            for e in events:
-                if e.event_id not in seen:
-                    seen.add(e.event_id)
-                    kept.append(e)
+            kept = _first_unheld(events, held.get(key[0], ()))
             if [e.event_id for e in kept] == ready[key].fresh:
                 fresh[key] = kept
         # The newest session rows: every session of the device ending at or after the one
@@ -1118,12 +1118,7 @@ class ClusteringStore:
         unseen = [i for i in ids if i not in seen]
         if unseen:
             seen.update(self._erased(tx, account, unseen))
-        fresh = []
-        for e in events:
-            if e.event_id not in seen:
-                seen.add(e.event_id)
-                fresh.append(e)
-        return fresh
+        return _first_unheld(events, seen)
 
     def event_status(self, account: str, event_ids: Sequence[str]) -> tuple[set[str], set[str]]:
         """(ids of ``event_ids`` the household holds, ids it stored and an erasure deleted

@@ -181,6 +181,7 @@ RPC_EVENTS: dict[str, str | tuple[str, str] | None] = {
     _FEE + "RecordFeedback": FEEDBACK,
     _FEE + "GetCalibration": None,             # aggregates over all households, no household data
     _FEE + "GetExperiment": None,              # the split and aggregate results
+    _FEE + "GetVariants": None,                # the same split for many accounts (a model refresh's batch)
     _FEE + "GetCalibrator": None,              # model calibration map, no household data
     _FEE + "SetFlag": FLAG_CHANGE,
     _FEE + "ListCalibrators": None,            # calibrator versions, no household data

@@ -35,6 +35,7 @@ import numpy as np
 
 from services.common import errors as common_errors
 from services.common import strict_json
+from services.common.calibration import as_probability_matrix
 from services.feedback.domain.errors import InvalidArgument
 from services.feedback.domain.metrics import (
     BIN_STRATEGIES,
@@ -68,10 +69,16 @@ def _parse_line(number: int, line: str) -> tuple[list[float], int, float | None,
         raise InvalidArgument(f"{where}: probabilities", "must be a non-empty list of numbers")
     if not all(isinstance(p, (int, float)) and not isinstance(p, bool) for p in probabilities):
         raise InvalidArgument(f"{where}: probabilities", "must contain only numbers")
+    # Checked here, not once the file is read: that refusal named a row index, not the line.
+    as_probability_matrix(probabilities, f"{where}: probabilities")
+    persons = record.get("persons")
+    if persons is not None and (not isinstance(persons, list) or len(persons) != len(probabilities)
+                                or not all(isinstance(p, str) for p in persons) or len(set(persons)) != len(persons)):
+        raise InvalidArgument(f"{where}: persons", f"must name each of the {len(probabilities)} probabilities once "
+                                                   f"(distinct strings, in their order), got {persons!r}")
     label = record.get("label")
     index = UNKNOWN_LABEL
     if label is not None:
-        persons = record.get("persons")
         if isinstance(label, str):
             if not isinstance(persons, list) or label not in persons:
                 raise InvalidArgument(f"{where}: label", f"{label!r} is not one of persons {persons!r}")

@@ -2,9 +2,10 @@
 gateway's HTTP port (networkPolicy.gatewayFrom), read offline from `helm template`.
 
 Each pod of the release may open connections only to DNS, the release's pods it calls and
-the external dependencies it uses. What the services call is taken from the code (the peer
-addresses each process reads), not from a second list written by hand; the chart derives
-its egress from `networkPolicy.peers`, which these tests hold to the code. Offline the
+the external dependencies it uses. What the services call is the code's statement of it,
+config.PEER_CALLS (held to the peer addresses each entry point reads by
+tests/unit/common/test_peer_calls.py); the chart derives its egress from
+`networkPolicy.peers`, which these tests hold to it. Offline the
 rules can be rendered and checked, not enforced: that needs a cluster with a
 policy-enforcing CNI.
 """
@@ -12,18 +13,17 @@ policy-enforcing CNI.
 from __future__ import annotations
 
 import json
-import re
 
 import kubernetes_validate
 import pytest
 import yaml
 
+from services.common import config
 from tests.deploy.conftest import (
     GRPC_SERVICES,
     LOCAL_SQLITE_VALUES,
     MIN_KUBE_VERSION,
     PRODUCTION_VALUES,
-    ROOT,
     TARGET_KUBE_VERSION,
     HelmError,
     by_kind,
@@ -64,22 +64,9 @@ AUTHORIZER_PORT = CHART_VALUES["edge"]["authorizerPort"]
 
 
 def calls_from_code() -> dict[str, set[str]]:
-    """The mesh services each component dials, read from its code: the peer addresses
-    (`settings.<peer>_addr`) its entry point reads, and privacy for every service but
-    privacy itself, whose audit records go to privacy's AppendAudit (the bootstrap's
-    sink_for_service; privacy installs a local sink)."""
-    entry_points = {name: ROOT / "services" / name / "__main__.py" for name in GRPC_SERVICES}
-    entry_points["gateway"] = ROOT / "gateway" / "app.py"
-    address = re.compile(r"settings\.(%s)_addr\b" % "|".join(GRPC_SERVICES))
-    calls = {name: set(address.findall(path.read_text(encoding="utf-8"))) - {name}
-             for name, path in entry_points.items()}
-    bootstrap = (ROOT / "services" / "common" / "server.py").read_text(encoding="utf-8")
-    assert "audit.sink_for_service(name, settings.privacy_addr" in bootstrap, \
-        "the bootstrap no longer audits through privacy: update calls_from_code"
-    for name in GRPC_SERVICES:
-        if name != "privacy":
-            calls[name].add("privacy")
-    return calls
+    """The mesh services each component dials: config.PEER_CALLS, which
+    tests/unit/common/test_peer_calls.py holds to the peer addresses each entry point reads."""
+    return {name: set(peers) for name, peers in config.PEER_CALLS.items()}
 
 
 def test_the_charts_peers_are_the_calls_the_code_makes():

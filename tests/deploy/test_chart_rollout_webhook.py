@@ -109,3 +109,22 @@ def test_an_unauthenticated_webhook_open_to_the_whole_cluster_is_refused(render)
     render(values_files=(PRODUCTION_VALUES,), set_values=(
         *open_to_all, "rolloutWebhook.from[0].namespaceSelector.matchLabels.team=monitoring"))
     render(values_files=(PRODUCTION_VALUES,), set_values=open_to_all[:-1])
+
+
+def test_the_webhooks_from_follows_the_gateways_rule(render, tmp_path):
+    """session 32: rolloutWebhook.from had gatewayFrom's trap ([] = anyone, the default),
+    so an SRE emptying the list to close the webhook opened it to every pod. `anyone` is
+    written out (a rule without `from`; the token guards each POST), [] is refused, and
+    `anyone` without a token is refused as [] without one was."""
+    assert CHART_VALUES["rolloutWebhook"]["from"] == "anyone"
+    on = ("rolloutWebhook.enabled=true", "tls.https.secretName=hearth-https",
+          "networkPolicy.gatewayFrom[0].namespaceSelector.matchLabels.team=ingress")
+    (rule,) = by_kind(render(values_files=(PRODUCTION_VALUES,), set_values=on), "NetworkPolicy")[
+        WEBHOOK]["spec"]["ingress"]
+    assert "from" not in rule
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("rolloutWebhook: {from: []}\n")
+    with pytest.raises(HelmError, match="rolloutWebhook.from is empty"):
+        render(values_files=(PRODUCTION_VALUES, empty), set_values=on)
+    with pytest.raises(HelmError, match="rolloutWebhook.token.secretName"):
+        render(values_files=(PRODUCTION_VALUES,), set_values=(*on, "rolloutWebhook.token.secretName="))

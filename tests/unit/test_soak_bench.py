@@ -1,11 +1,18 @@
 """bench/soak.py's pieces that need no mesh: the generator's person erasures and feedback
 requests, and the verdict on growth (a resource that rises then flattens levels off; one
-still rising over the last half does not)."""
+still rising over the last half does not); the logs' errors and the 503s without Retry-After
+counted."""
 
 from __future__ import annotations
 
-from bench.loadgen import Traffic
-from bench.soak import _marked, first_last, gateway_route_errors, growth
+import asyncio
+import json
+
+import aiohttp
+
+from bench.loadgen import Recorder, Traffic, _send
+from bench.soak import _marked, first_last, gateway_route_errors, growth, log_findings
+from tests.helpers.http_peer import QuietHandler, serving
 
 HOUSEHOLDS = [{"account_id": "acct-1", "devices": [["tv-1", "tv"]], "sessions": ["s-1"], "vector": ""}]
 
@@ -70,3 +77,43 @@ def test_a_few_rows_added_level_off_under_the_floor_a_steady_stream_does_not():
     assert growth(_samples(few), lambda s: s["v"], 120, 300, 2400, floor_per_h=100)["levels_off"]
     steady = [10 * i for i in range(80)]   # 1,200 rows an hour
     assert not growth(_samples(steady), lambda s: s["v"], 120, 300, 2400, floor_per_h=100)["levels_off"]
+
+
+def test_log_findings_count_errors_and_tracebacks_not_the_faults_warnings(tmp_path):
+    line = lambda level, msg: json.dumps({"level": level, "service": "privacy", "msg": msg})
+    (tmp_path / "privacy.log").write_text("\n".join([
+        line("WARNING", "erase in clustering failed: UNAVAILABLE"),   # a fault's noise
+        line("ERROR", "audit flush failed"),
+        "Traceback (most recent call last):", '  File "x.py", line 1', "ValueError: boom",
+        line("INFO", "health: SERVING")]) + "\n")
+    (tmp_path / "gateway.log").write_text(line("WARNING", "peer degraded") + "\n")
+    found = log_findings(tmp_path)
+    assert found["privacy"]["error_lines"] == 1 and found["privacy"]["tracebacks"] == 1
+    assert found["privacy"]["warnings"] == 1 and len(found["privacy"]["first"]) == 2
+    assert found["gateway"] == {"error_lines": 0, "tracebacks": 0, "warnings": 1, "first": []}
+
+
+class _Refusing(QuietHandler):
+    """503 with Retry-After on /with, without it on /without."""
+
+    def do_GET(self) -> None:
+        self.send_response(503)
+        if self.path == "/with":
+            self.send_header("Retry-After", "2")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+
+def test_a_503_without_retry_after_is_counted():
+    async def send_both(base):
+        async with aiohttp.ClientSession() as session:
+            return [await _send(session, base, {}, ("household", "GET", path, None), 5.0)
+                    for path in ("/with", "/without", "/without")]
+
+    rec = Recorder()
+    with serving(_Refusing) as base:
+        for status, body in asyncio.run(send_both(base)):
+            rec.note_error(status, "household", body)
+    assert rec.without_retry_after == {"503": 2}
+    assert len(rec.error_samples["503"]) == 3

@@ -1044,6 +1044,13 @@ class HouseholdModel:
                 self.label_map[label] = label
                 self.next_person = max(self.next_person, int(label[1:]) + 1)
 
+    def cold_start_person_ids(self) -> list[str]:
+        """The persons the cold start answers with (no fitted model, so no profile):
+        listed with the household's persons, as its sessions and person count name them."""
+        if self.active_variant != "cold_start" or self.cold_X.shape[0] == 0:
+            return []
+        return list(self._cold_persons()[0])
+
     def reserved_person_ids(self) -> list[str]:
         """Persons a label names that the model has not fitted (yet): reserve_label_ids'
         ids in a stream, a caller's id before the first fit. The service answers their
