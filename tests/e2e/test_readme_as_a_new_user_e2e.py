@@ -82,8 +82,11 @@ def test_a_control_character_in_a_text_field_is_named_as_a_grpc_caller_reads_it(
 @pytest.mark.parametrize("path, body, field, message", [
     ("/v1/events", {"events": [_readme_event("readme-future", ts="2030-01-01T00:00:00Z")]}, "events[0].ts",
      "must lie between 2000-01-01 and 10 minutes from now (the server's clock)"),
-    ("/v1/delete", {"scope": {"kind": "device", "account_id": "readme-x"}}, "scope",
-     "device_id: required for a device scope"),
+    ("/v1/delete", {"scope": {"kind": "device", "account_id": "readme-x"}}, "scope.device_id",
+     "required for a device scope"),
+    ("/v1/delete", {"scope": {"kind": "window", "account_id": "readme-x", "start": "2026-12-07T00:00:00Z",
+                              "end": "2026-12-06T00:00:00Z"}}, "scope.end",
+     "must be after start (2026-12-07T00:00:00.000000Z)"),
 ])
 def test_a_validators_refusal_reads_without_pydantics_prefix(client, path, body, field, message):
     r = client.post(path, json=body)
@@ -116,3 +119,14 @@ def test_feedback_names_what_is_wrong_with_kind_and_a_missing_true_person(mesh, 
     assert r.status_code == 422, r.text
     error = r.json()["error"]
     assert error["field"] == "true_person_id" and "is required for a correction" in error["message"], error
+
+
+@pytest.mark.parametrize("method, path, kwargs", [
+    ("GET", "/v1/audit", {"params": {"start": "2026-12-07T16:40:00Z", "end": "2026-12-07T16:30:00Z"}}),
+    ("POST", "/v1/attribution", {"json": {"start": "2026-12-07T16:40:00Z", "end": "2026-12-07T16:30:00Z"}}),
+])
+def test_an_end_before_start_names_the_http_field_end_not_the_grpc_window(client, method, path, kwargs):
+    """The HTTP caller sent `end`; the 422 named `window.end`, the gRPC request's field."""
+    r = client.request(method, path, **kwargs)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"] == {"code": "invalid_argument", "field": "end", "message": "must be after start"}
