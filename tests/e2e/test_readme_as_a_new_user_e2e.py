@@ -82,8 +82,11 @@ def test_a_control_character_in_a_text_field_is_named_as_a_grpc_caller_reads_it(
 @pytest.mark.parametrize("path, body, field, message", [
     ("/v1/events", {"events": [_readme_event("readme-future", ts="2030-01-01T00:00:00Z")]}, "events[0].ts",
      "must lie between 2000-01-01 and 10 minutes from now (the server's clock)"),
-    ("/v1/delete", {"scope": {"kind": "device", "account_id": "readme-x"}}, "scope",
-     "device_id: required for a device scope"),
+    ("/v1/delete", {"scope": {"kind": "device", "account_id": "readme-x"}}, "scope.device_id",
+     "required for a device scope"),
+    ("/v1/delete", {"scope": {"kind": "window", "account_id": "readme-x", "start": "2026-12-07T00:00:00Z",
+                              "end": "2026-12-06T00:00:00Z"}}, "scope.end",
+     "must be after start (2026-12-07T00:00:00.000000Z)"),
 ])
 def test_a_validators_refusal_reads_without_pydantics_prefix(client, path, body, field, message):
     r = client.post(path, json=body)
