@@ -131,6 +131,18 @@ class Recorder:
         self.sent_lag_ms: list[float] = []   # per request, in the order of t / lat_ms / status
         self.acks: list[dict] = []
         self.error_samples: dict[str, list[str]] = {}
+        # 429s and 503s sent without a Retry-After header, per status: the API promises one
+        # on each (docs/api.md), and a client's backoff reads it.
+        self.without_retry_after: dict[str, int] = {}
+
+    def note_error(self, status: str, op: str, body: dict) -> None:
+        """A refused request: its first few bodies per status, and whether a 429/503 said
+        when to retry."""
+        samples = self.error_samples.setdefault(status, [])
+        if len(samples) < 3:
+            samples.append(f"{op}: {body['error_body']}")
+        if status in ("429", "503") and not body.get("retry_after"):
+            self.without_retry_after[status] = self.without_retry_after.get(status, 0) + 1
 
     def add(self, t_rel: float, lat_ms: float, status: str, op: str, lag_ms: float = 0.0) -> None:
         self.t.append(round(t_rel, 4))
@@ -158,7 +170,8 @@ async def _send(session: aiohttp.ClientSession, base: str, headers: dict, reques
             if 200 <= r.status < 300 and op in ("events", "delete", "delete_person"):
                 return str(r.status), json.loads(payload)
             if r.status >= 400:
-                return str(r.status), {"error_body": payload[:300].decode("utf-8", "replace")}
+                return str(r.status), {"error_body": payload[:300].decode("utf-8", "replace"),
+                                       "retry_after": r.headers.get("Retry-After")}
             return str(r.status), None
     except asyncio.TimeoutError:
         return "timeout", None
@@ -196,9 +209,7 @@ async def run(spec: dict) -> dict:
             status, body = await _send(session, urls[len(rec.lag_ms) % len(urls)], headers, request, timeout_s)
             done = loop.time()
             if body is not None and "error_body" in body:
-                samples = rec.error_samples.setdefault(status, [])
-                if len(samples) < 3:
-                    samples.append(f"{request[0]}: {body['error_body']}")
+                rec.note_error(status, request[0], body)
                 body = None
             rec.add(scheduled - t0, (done - scheduled) * 1000, status, request[0], (sent - scheduled) * 1000)
             if body is not None and request[0] == "events":
@@ -243,6 +254,7 @@ async def run(spec: dict) -> dict:
     return {"requests": {"t": rec.t, "lat_ms": rec.lat_ms, "status": rec.status, "op": rec.op,
                          "lag_ms": rec.sent_lag_ms},
             "acks": rec.acks, "t0_wall": wall_t0, "error_samples": rec.error_samples,
+            "without_retry_after": rec.without_retry_after,
             "generator": {"cpu_s": (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime),
                           "wall_s": time.time() - wall0,
                           "lag_p99_ms": lag[min(len(lag) - 1, int(0.99 * len(lag)))], "lag_max_ms": lag[-1]}}

@@ -737,6 +737,7 @@ class Soak:
                 "status": _count_states([{"state": s} for s in raw["requests"]["status"]]),
                 "errors_by_op": _errors_by_op(raw),
                 "error_samples": raw.get("error_samples", {}),
+                "without_retry_after": raw.get("without_retry_after", {}),
                 "generator": raw["generator"],
                 "latency_first_vs_last": first_last(raw, warm, window, duration),
                 "windows_s": a.sample_s, "first_window_start_s": warm, "window_s": window,
@@ -804,7 +805,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     signal.signal(signal.SIGTERM, on_signal)
     report = soak.run()
-    print(json.dumps({k: report[k] for k in ("command", "date", "backend", "requests", "status",
+    print(json.dumps({k: report[k] for k in ("command", "date", "backend", "requests", "status", "without_retry_after",
                                              "latency_first_vs_last", "not_levelling_off", "acknowledged",
                                              "erasure", "audit", "logs", "alerts_fired", "events")}, default=str))
     return report

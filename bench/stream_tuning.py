@@ -50,6 +50,13 @@ keeps, at every check, each person's posterior on the newest TRACE_TAIL sessions
 after, the silence evidence any test of who watched could hold in the window, detectable or
 below chance), detection on the detectable leaves beside all, and the silence CUSUM
 (``silence_cusum``, measured, not wired) replayed with the stream (``silence_report``).
+``--population movielens-latest-tuning`` / ``movielens-tuning`` streams a real-viewer
+population's TUNING half instead (even viewer ids; bench/worlds_movielens_latest.py,
+bench/worlds_movielens.py); with ``--trace`` the output's ``arrival_decomposition`` puts the
+answers at arrival beside the same sessions' answers with each id read as its majority person,
+by a full refit every N sessions (``--periodic-refit N``), settled and by the batch fit, overall
+and by position in the stream (docs/benchmarks.md, "Answers at arrival on the real viewers'
+TUNING halves").
 It never reads the REPORTING split: choices are made here, figures are reported by
 ``python -m bench.accuracy --worlds-only``.
 """
@@ -205,7 +212,13 @@ def _one(h: worlds.WorldHousehold, trace: bool = False, arrival: int = E.STREAM_
         batch_labels, _ = E.hearth_batch(h)
         extra = {"arrival_persons": arrival_persons,
                  "arrival_correct": correct.astype(int).tolist(),
-                 "batch_correct": matched_correct(h.person, np.asarray(batch_labels)).astype(int).tolist()}
+                 "batch_correct": matched_correct(h.person, np.asarray(batch_labels)).astype(int).tolist(),
+                 # each id answered at arrival read as its majority person (several ids may be
+                 # one person's): what renames and splits of one person cost
+                 "majority_correct": majority_correct(h.person, labels).astype(int).tolist(),
+                 "settled_correct": matched_correct(h.person, np.asarray(settled.person_index)).astype(int).tolist()}
+        if PERIODIC_REFIT:
+            extra["periodic_correct"] = periodic_refit_correct(h, PERIODIC_REFIT).astype(int).tolist()
     return {"id": h.household_id, "family": h.family, "persons": h.n_persons, "sessions": h.n_sessions,
             "change": (change.kind, change.session_index) if change else None, "quarters": quarters,
             "correct": correct.tolist(), "accuracy": float(correct.mean()),
@@ -223,6 +236,79 @@ def _one(h: worlds.WorldHousehold, trace: bool = False, arrival: int = E.STREAM_
             "drift_alarms": stream.drift, "refits": stream.refits,
             "_answers": (labels, E.columns(probs, sorted(names)), settled.person_index, settled.probabilities),
             **extra}
+
+
+# --periodic-refit N (trace runs): each session is also answered by HouseholdModel.fit on
+# every session before the last multiple of N (ids matched fit to fit), the ceiling of a
+# stream that refits in full every N sessions (docs/clustering.md, "Where the stream loses
+# to the batch fit")
+PERIODIC_REFIT = 0
+
+
+def majority_correct(truth: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each label read as the true person most of its sessions belong to."""
+    out = np.zeros(truth.size, dtype=bool)
+    for lab in np.unique(labels):
+        sel = labels == lab
+        out[sel] = truth[sel] == np.bincount(truth[sel]).argmax()
+    return out
+
+
+def periodic_refit_correct(h: worlds.WorldHousehold, every: int) -> np.ndarray:
+    """Answers at arrival of a stream that refits in full (HouseholdModel.fit on every
+    session so far) at each multiple of ``every`` from MIN_SESSIONS, each arrival answered
+    by the last fit (before the first: one person); a fit's persons take the ids of the
+    previous fit's persons they share most sessions with (Hungarian), new ids otherwise;
+    scored as the stream (one Hungarian match of ids to persons over the household)."""
+    from scipy.optimize import linear_sum_assignment
+    n = h.n_sessions
+    labels = np.zeros(n, dtype=np.int64)
+    prev: np.ndarray | None = None   # global ids of the last fit's sessions
+    mapping: np.ndarray = np.zeros(1, dtype=np.int64)
+    next_id = 1
+    model = None
+    fit_at = model_module.MIN_SESSIONS
+    for i in range(n):
+        if i >= fit_at and (i - model_module.MIN_SESSIONS) % every == 0:
+            model = model_module.HouseholdModel().fit(h.features[:i], device_ids=h.device_id[:i])
+            own = model.assign_batch(h.features[:i], device_ids=h.device_id[:i], included=True).person_index
+            k = int(own.max()) + 1
+            mapping = np.full(k, -1, dtype=np.int64)
+            if prev is not None:
+                g = int(prev.max()) + 1
+                C = np.zeros((k, g))
+                np.add.at(C, (own[:prev.size], prev), 1)   # the sessions both fits hold
+                r, c = linear_sum_assignment(-C)
+                ok = C[r, c] > 0
+                mapping[r[ok]] = c[ok]
+            for j in range(k):
+                if mapping[j] < 0:
+                    mapping[j], next_id = next_id, next_id + 1
+            prev = mapping[own]
+        if model is not None:
+            labels[i] = mapping[int(model.assign_batch(h.features[i:i + 1], device_ids=h.device_id[i:i + 1]).person_index[0])]
+    return matched_correct(h.person, labels)
+
+
+def arrival_decomposition(outs: list[dict]) -> dict | None:
+    """A --trace run's answers at arrival beside the same sessions' other answers:
+    the ids read as their majority person (renames, one person's several ids), the
+    settled answers of the last model, the periodic refit (--periodic-refit) and the
+    batch fit; and the same by the session's position in its stream."""
+    rows = [o for o in outs if "arrival_correct" in o]
+    if not rows:
+        return None
+    keys = [k for k in ("arrival", "majority", "periodic", "settled", "batch") if f"{k}_correct" in rows[0]]
+    total = {k: float(np.mean(np.concatenate([o[f"{k}_correct"] for o in rows]))) for k in keys}
+    bands = ((0, 10), (10, 20), (20, 40), (40, 80), (80, 160), (160, 320), (320, 10 ** 9))
+    by_band = {}
+    for lo, hi in bands:
+        parts = {k: np.concatenate([np.asarray(o[f"{k}_correct"][lo:hi]) for o in rows]) for k in keys}
+        n = parts["arrival"].size
+        if n:
+            by_band[f"{lo}-{hi if hi < 10 ** 9 else ''}"] = {"share": round(n / sum(len(o["arrival_correct"]) for o in rows), 3),
+                                                           **{k: round(float(v.mean()), 3) for k, v in parts.items()}}
+    return {"accuracy": {k: round(v, 4) for k, v in total.items()}, "by_position": by_band}
 
 
 def rise_path(change: dict) -> str:
@@ -798,6 +884,17 @@ def service_paths(outs: list[dict], hs: list[worlds.WorldHousehold]) -> dict:
             "refits": reasons}
 
 
+POPULATIONS = ("worlds", "movielens-tuning", "movielens-latest-tuning")
+
+
+def real_viewers_tuning(population: str, worlds_per_family: int | None) -> list[worlds.WorldHousehold]:
+    """A real-viewer population's TUNING half (even viewer ids), as many worlds per blind
+    family as its report reads of the other half (3, 4 households each) unless told."""
+    from bench import worlds_movielens, worlds_movielens_latest
+    gen = worlds_movielens if population == "movielens-tuning" else worlds_movielens_latest
+    return gen.generate(worlds_per_family=worlds_per_family or 3, households_per_world=4, split="tuning")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--households", type=int, default=None,
@@ -824,6 +921,11 @@ def main() -> None:
     ap.add_argument("--leave-h", type=float, default=None, help="override LEAVE_GLR_H for this run")
     ap.add_argument("--change-suite", type=int, default=None, metavar="W",
                     help="the join/leave suite (change_suite): W worlds per TUNING family, its own TUNING seed")
+    ap.add_argument("--population", choices=POPULATIONS, default="worlds",
+                    help="whose households: the synthetic TUNING worlds (default) or a real-viewer "
+                         "population's TUNING half (even ids; never its REPORTING half)")
+    ap.add_argument("--periodic-refit", type=int, default=0, metavar="N",
+                    help="with --trace: also answer every session by a full refit every N sessions")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--leaves", default=None, metavar="TRACE_JSON",
                     help="only the leaves' anatomy and the silence CUSUM replayed on an earlier "
@@ -845,6 +947,8 @@ def main() -> None:
         model_module.CHANGE_MIN_HISTORY = args.min_history
     if args.paths:
         record_person_changes()
+    global PERIODIC_REFIT
+    PERIODIC_REFIT = args.periodic_refit
     if args.leave_h is not None:
         model_module.LEAVE_GLR_H = args.leave_h
     if args.leaves:
@@ -879,8 +983,11 @@ def main() -> None:
     t0 = time.time()
     split = worlds.TUNING if args.seed == worlds.TUNING.seed else worlds.Split(
         **{**worlds.TUNING.__dict__, "seed": args.seed})
-    hs = change_suite(args.change_suite, args.seed) if args.change_suite else select(
-        worlds.generate(split, worlds_per_family=args.worlds_per_family), args.households)
+    if args.population != "worlds":
+        hs = select(real_viewers_tuning(args.population, args.worlds_per_family), args.households)
+    else:
+        hs = change_suite(args.change_suite, args.seed) if args.change_suite else select(
+            worlds.generate(split, worlds_per_family=args.worlds_per_family), args.households)
     if args.singles:
         hs = [h for h in hs if h.n_persons == 1]
     traces = [args.trace] * len(hs)
@@ -909,6 +1016,9 @@ def main() -> None:
                       "settled": _summary(hs, [x[2] for x in answers], [x[3] for x in answers]),
                       "service_paths": service_paths(outs, hs),
                       "singles": singles_diagnosis(outs) if args.paths else None,
+                      "population": args.population,
+                      "arrival_loss": arrival_loss(outs, hs) if args.trace else None,
+                      "arrival_decomposition": arrival_decomposition(outs) if args.trace else None,
                       "households_detail": [{k: v for k, v in o.items() if k != "correct"} for o in outs],
                       "elapsed_s": round(time.time() - t0, 1)})
     if args.out:

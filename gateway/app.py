@@ -404,6 +404,13 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         field = "body" if loc[:1] == ("body",) and not parts else ""   # the body as a whole (missing, not an object)
         for p in parts:
             field += f"[{p}]" if isinstance(p, int) else (f".{p}" if field else str(p))
+        cause = (first.get("ctx") or {}).get("error")
+        if isinstance(cause, HearthError) and cause.field:
+            # A model's validator raised the mesh's own error (ErasureScope): it names the
+            # field within the model — `scope.device_id`, not `scope` with "device_id: ..."
+            # in the message (until session 32).
+            field = f"{field}.{cause.field}" if field and field != "body" else cause.field
+            return error_response(422, "invalid_argument", cause.message, field)
         return error_response(422, "invalid_argument", _rule_in_words(first), field)
 
     @app.exception_handler(HearthError)

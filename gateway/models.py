@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
 
+from services.common.errors import InvalidArgument
 from services.common.ids import ID_PATTERN, MAX_FUTURE_SKEW_S, MAX_ID_CHARS, MAX_QUERY_TS, MIN_QUERY_TS, MIN_TS
 from services.common.text import TEXT_PATTERN
 
@@ -61,6 +62,15 @@ Timestamp = Annotated[AwareDatetime, Field(strict=False), BeforeValidator(_rfc33
                       AfterValidator(_event_time)]
 WindowBound = Annotated[AwareDatetime, Field(strict=False), BeforeValidator(_rfc3339_text),
                         AfterValidator(_window_bound)]
+
+
+def check_window(start: datetime | None, end: datetime | None) -> None:
+    """An empty window refused naming the HTTP field ``end``: the services refuse it too,
+    naming their gRPC field ``window.end``, which an HTTP caller never sent (until session 32)."""
+    if start is not None and end is not None and end <= start:
+        raise InvalidArgument("must be after start", "end")
+
+
 DeviceType = Literal["tv", "mobile", "tablet", "desktop", "console", "other"]
 EventKind = Literal["play_start", "play_stop", "heartbeat", "browse"]
 Maturity = Literal["kids", "teen", "adult"]

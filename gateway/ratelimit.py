@@ -272,8 +272,10 @@ class RateLimiter:
                 # session 20 every API request did — p50 from 34 to 539 ms, throughput down by
                 # seven eighths — for as long as Redis hung (tests/e2e/test_gateway_redis_hung.py).
                 self._redis_retry_at = now + REDIS_RETRY_AFTER_S
+                # A warning, as the services' "redis unreachable, serving from the SQL
+                # store": every request is still answered (HearthDependencyDown pages).
                 if now - self._redis_down_logged > 60:
-                    log.error("rate-limit store unreachable, using per-replica buckets: %s", exc)
+                    log.warning("rate-limit store unreachable, using per-replica buckets: %s", exc)
                     self._redis_down_logged = now
         if wait is None:
             wait = self._memory.take(key, per_s, burst)

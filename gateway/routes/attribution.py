@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
-from gateway.models import Id, Strict, Timestamp, WindowBound
+from gateway.models import Id, Strict, Timestamp, WindowBound, check_window
 from gateway.routes import api_router
 from hearth.attribution.v1 import attribution_pb2 as apb
 from hearth.common.v1 import common_pb2
@@ -190,6 +190,7 @@ def router(clients, access) -> APIRouter:
     @api.post("/v1/attribution", response_model=AttributionOut,
               summary="Credit channels per household and per person (Markov, Shapley, hybrid, heuristics)")
     async def post_attribution(body: AttributionIn, who: Principal = Depends(access("POST /v1/attribution"))):
+        check_window(body.start, body.end)
         window = common_pb2.TimeRange()
         if body.start is not None:
             window.start.CopyFrom(float_to_ts(body.start.timestamp()))

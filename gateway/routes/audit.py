@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from gateway.models import WindowBound
+from gateway.models import WindowBound, check_window
 from gateway.routes import api_router
 from hearth.privacy.v1 import privacy_pb2 as ppb
 from services.common.identity import Principal
@@ -78,6 +78,7 @@ def router(clients, access) -> APIRouter:
             event_type=event_type or "", trace_id=trace_id or "", outcome=outcome, limit=limit)
         if after_seq is not None:
             request.after_seq = after_seq
+        check_window(start, end)
         if start is not None:
             request.window.start.CopyFrom(float_to_ts(start.timestamp()))
         if end is not None:

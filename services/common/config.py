@@ -37,7 +37,7 @@ def bounded(*, gt: float | None = None, ge: float | None = None, le: float | Non
     """The bounds of a numeric setting, declared on its field
     (``x: Annotated[float, bounded(gt=0)] = 1.0``): a value outside them — NaN too —
     stops the process with ``message`` (by default "must be > gt" / "must be >= ge"), in
-    the line naming the variable (``_build``: ``HEARTH_X: Value error, <message>``). None
+    the line naming the variable (``_build``: ``HEARTH_X: <message>``). None
     passes (an optional setting left unset). The one check of every component's bounded
     settings (dek24): until session 24 each was a pydantic validator written by hand,
     and a subclass's validator named like its base class's replaced it — clustering's
@@ -457,5 +457,6 @@ def _build(settings_cls: type[BaseSettings], overrides: Mapping[str, object]):
         lines = []
         for err in exc.errors():
             name = ENV_PREFIX + "_".join(str(p) for p in err["loc"]).upper() if err["loc"] else "configuration"
-            lines.append(f"  {name}: {err['msg']}")
+            # pydantic's "Value error, " before a validator's own words is noise (until session 32)
+            lines.append(f"  {name}: {err['msg'].removeprefix('Value error, ')}")
         raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None

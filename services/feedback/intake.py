@@ -130,6 +130,9 @@ class Intake:
                                   "purge would erase it", "ts")
         needs_person = kind in (SignalKind.PROFILE_CORRECTED, SignalKind.PROFILE_SWITCHED)
         if needs_person:
+            if not true_person_id:   # else the id rule's words, as if one had been given
+                raise InvalidArgument("is required for a correction or a profile switch (explicit_correct, "
+                                      "implicit_switch_profile): the person who was watching", "true_person_id")
             check_id(true_person_id, "true_person_id")
         elif true_person_id and kind != SignalKind.PROFILE_CONFIRMED:
             raise InvalidArgument(f"must be empty for {kind.value}", "true_person_id")

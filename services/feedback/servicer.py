@@ -58,7 +58,8 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
     def RecordFeedback(self, request, context) -> pb.RecordFeedbackResponse:
         kind = KIND_BY_PB.get(request.kind)
         if kind is None:
-            raise InvalidArgument("is required: one of EXPLICIT_CONFIRM, EXPLICIT_CORRECT, IMPLICIT_CONTINUE, "
+            problem = "is required" if request.kind == 0 else f"unknown value {request.kind}"   # was "is required" for both
+            raise InvalidArgument(f"{problem}: one of EXPLICIT_CONFIRM, EXPLICIT_CORRECT, IMPLICIT_CONTINUE, "
                                   "IMPLICIT_ABANDON, IMPLICIT_SWITCH_PROFILE", "kind")
         duplicate, weight = self.intake.record_feedback(
             request.feedback_id, request.prediction_id, kind, request.true_person_id or None,

@@ -259,6 +259,9 @@ def _read_signed(path: Path, document: dict, public_keys) -> Ledger:
                 or not isinstance(entry.get("id"), str) or type(entry.get("n")) is not int:
             raise ValueError(f"{where}: not a ledger entry")
         label = f"{'jobs' if entry['kind'] == 'job' else 'shredded_accounts'}.{entry['id'][:100]}"
+        if set(entry) != ({"n", "kind", "id", "sig", "data"} if entry["kind"] == "job" else {"n", "kind", "id", "sig"}):
+            raise ValueError(f"{where} ({label}): unexpected or missing fields (not what `hearth ledger export` "
+                             "writes)")
         if entry["n"] != position:
             raise ValueError(f"{where} ({label}): signed as entry {entry['n']}: the ledger was reordered "
                              "or an entry before it removed")

@@ -133,5 +133,5 @@ def test_an_audit_window_that_selects_nothing_by_construction_is_refused_naming_
     client.get("/v1/household/audit-window-probe")   # at least one record exists
     response = client.get("/v1/audit", params={"start": start, "end": end})
     assert response.status_code == 422, response.text
-    assert response.json()["error"]["field"] == "window.end", response.text
+    assert response.json()["error"]["field"] == "end", response.text   # the HTTP field (gRPC: window.end)
     assert "after start" in response.json()["error"]["message"]

@@ -82,10 +82,51 @@ def test_a_control_character_in_a_text_field_is_named_as_a_grpc_caller_reads_it(
 @pytest.mark.parametrize("path, body, field, message", [
     ("/v1/events", {"events": [_readme_event("readme-future", ts="2030-01-01T00:00:00Z")]}, "events[0].ts",
      "must lie between 2000-01-01 and 10 minutes from now (the server's clock)"),
-    ("/v1/delete", {"scope": {"kind": "device", "account_id": "readme-x"}}, "scope",
-     "device_id: required for a device scope"),
+    ("/v1/delete", {"scope": {"kind": "device", "account_id": "readme-x"}}, "scope.device_id",
+     "required for a device scope"),
+    ("/v1/delete", {"scope": {"kind": "window", "account_id": "readme-x", "start": "2026-12-07T00:00:00Z",
+                              "end": "2026-12-06T00:00:00Z"}}, "scope.end",
+     "must be after start (2026-12-07T00:00:00.000000Z)"),
 ])
 def test_a_validators_refusal_reads_without_pydantics_prefix(client, path, body, field, message):
     r = client.post(path, json=body)
     assert r.status_code == 422, r.text
     assert r.json()["error"] == {"code": "invalid_argument", "field": field, "message": message}
+
+
+def test_feedback_names_what_is_wrong_with_kind_and_a_missing_true_person(mesh, client):
+    """gRPC RecordFeedback: kind 99 said "is required" (as for no kind at all), and an
+    EXPLICIT_CORRECT without true_person_id got the id rule's words, as if a bad id had
+    been sent. Over HTTP the same missing person."""
+    import grpc
+
+    from hearth.feedback.v1 import feedback_pb2 as fpb
+    from hearth.feedback.v1 import feedback_pb2_grpc as fpb_grpc
+    from services.common.identity import PRINCIPAL_KEY, ROLE_KEY, TOKEN_KEY, Principal, Role
+
+    pipeline = Principal("readme-pipeline", Role.ADMIN)
+    metadata = [(PRINCIPAL_KEY, pipeline.id), (ROLE_KEY, pipeline.role.value),
+                (TOKEN_KEY, mesh.signer("gateway").sign(pipeline, audience="feedback"))]
+    with grpc.insecure_channel(f"127.0.0.1:{mesh.grpc_ports['feedback']}") as channel:
+        stub = fpb_grpc.FeedbackServiceStub(channel)
+        for kind, words in [(0, "kind: is required: one of"), (99, "kind: unknown value 99: one of")]:
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.RecordFeedback(fpb.RecordFeedbackRequest(feedback_id="f-x", prediction_id="pr-x", kind=kind),
+                                    metadata=metadata, timeout=30)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert refused.value.details().startswith(words), refused.value.details()
+    r = client.post("/v1/feedback", json={"feedback_id": "f-x", "prediction_id": "pr-x", "kind": "explicit_correct"})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["field"] == "true_person_id" and "is required for a correction" in error["message"], error
+
+
+@pytest.mark.parametrize("method, path, kwargs", [
+    ("GET", "/v1/audit", {"params": {"start": "2026-12-07T16:40:00Z", "end": "2026-12-07T16:30:00Z"}}),
+    ("POST", "/v1/attribution", {"json": {"start": "2026-12-07T16:40:00Z", "end": "2026-12-07T16:30:00Z"}}),
+])
+def test_an_end_before_start_names_the_http_field_end_not_the_grpc_window(client, method, path, kwargs):
+    """The HTTP caller sent `end`; the 422 named `window.end`, the gRPC request's field."""
+    r = client.request(method, path, **kwargs)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"] == {"code": "invalid_argument", "field": "end", "message": "must be after start"}

@@ -1,13 +1,18 @@
 """bench/soak.py's pieces that need no mesh: the generator's person erasures and feedback
 requests, and the verdict on growth (a resource that rises then flattens levels off; one
-still rising over the last half does not)."""
+still rising over the last half does not); the logs' errors and the 503s without Retry-After
+counted."""
 
 from __future__ import annotations
 
-from bench.loadgen import Traffic
+import asyncio
 import json
 
+import aiohttp
+
+from bench.loadgen import Recorder, Traffic, _send
 from bench.soak import _marked, first_last, gateway_route_errors, growth, log_findings
+from tests.helpers.http_peer import QuietHandler, serving
 
 HOUSEHOLDS = [{"account_id": "acct-1", "devices": [["tv-1", "tv"]], "sessions": ["s-1"], "vector": ""}]
 
@@ -86,3 +91,29 @@ def test_log_findings_count_errors_and_tracebacks_not_the_faults_warnings(tmp_pa
     assert found["privacy"]["error_lines"] == 1 and found["privacy"]["tracebacks"] == 1
     assert found["privacy"]["warnings"] == 1 and len(found["privacy"]["first"]) == 2
     assert found["gateway"] == {"error_lines": 0, "tracebacks": 0, "warnings": 1, "first": []}
+
+
+class _Refusing(QuietHandler):
+    """503 with Retry-After on /with, without it on /without."""
+
+    def do_GET(self) -> None:
+        self.send_response(503)
+        if self.path == "/with":
+            self.send_header("Retry-After", "2")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+
+def test_a_503_without_retry_after_is_counted():
+    async def send_both(base):
+        async with aiohttp.ClientSession() as session:
+            return [await _send(session, base, {}, ("household", "GET", path, None), 5.0)
+                    for path in ("/with", "/without", "/without")]
+
+    rec = Recorder()
+    with serving(_Refusing) as base:
+        for status, body in asyncio.run(send_both(base)):
+            rec.note_error(status, "household", body)
+    assert rec.without_retry_after == {"503": 2}
+    assert len(rec.error_samples["503"]) == 3

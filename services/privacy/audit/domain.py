@@ -844,6 +844,14 @@ class _TreeHeadHistory:
         return None
 
 
+def tree_heads_beyond_the_log(tree_heads: Iterable[tuple[int, str]], public_key: Ed25519PublicKey,
+                              earlier_keys: Sequence[Ed25519PublicKey] = ()) -> LogVerification | None:
+    """The answer for stored heads ``(tree_size column, STH JSON)`` of sizes no entry reaches
+    (``_TreeHeadHistory``'s check with nothing at their size): the first's failure."""
+    history = _TreeHeadHistory(tree_heads, public_key, earlier_keys)
+    return history.finish()
+
+
 def verify_log(
     entries: Sequence[AuditEntry],
     sth: SignedTreeHead,

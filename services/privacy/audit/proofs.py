@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.privacy.audit import merkle
-from services.privacy.audit.domain import LogVerification, LogVerifier, SignedTreeHead, TamperReason
+from services.privacy.audit.domain import (LogVerification, LogVerifier, SignedTreeHead, TamperReason,
+                                          tree_heads_beyond_the_log, verify_tree_head)
 from services.privacy.audit.rows import StoredEntry, columns_match, entry_from_canonical
 from services.privacy.audit.store import AuditStore
 from services.privacy.audit.writer import AuditWriter
@@ -114,15 +115,23 @@ class AuditProofs:
 
         The rows stream through ``LogVerifier`` a bounded page at a time (``iter_rows``),
         the stored heads beside them: memory does not grow with the log (until session 32
-        every entry was held at once, a log of millions of entries costing GBs)."""
-        stored = self._store.stored_latest_sth()
-        sth = self._writer.latest_sth()
-        if stored is not None and (sth is None or stored.tree_size > sth.tree_size):
-            sth = stored
+        every entry was held at once, a log of millions of entries costing GBs).
+
+        What is verified is the log up to the head read at the start (as the export is):
+        the service appends while this runs (every RPC of the mesh is audited), each batch
+        with its signed head in one transaction, so rows and heads committed after the
+        start are not tampering. Until session 32 (review32) they were reported as such —
+        ``inserted`` (more rows than the head covers) or ``modified`` (a head beyond the
+        rows read). Rows past the start's head are ``inserted`` only if no head signed by
+        the end covers them, and a stored head past the start's is checked as before only
+        if it is beyond that end (a later verify checks the rest)."""
+        sth = self._newest_sth()
+        signed = sth.tree_size if sth is not None else 0
         verifier = None if sth is None else LogVerifier(
-            sth, self._writer.public_key, tree_heads=self._store.iter_tree_heads(),
+            sth, self._writer.public_key, tree_heads=self._heads_up_to(signed),
             earlier_keys=self._earlier_keys)
         count, first_seq = 0, None
+        stray: int | None = None   # past the start's head: the first row whose seq is not its position
         column_mismatch: int | None = None
         for position, row in enumerate(self._store.iter_rows()):
             try:
@@ -136,8 +145,10 @@ class AuditProofs:
             if first_seq is None:
                 first_seq = entry.seq
             count += 1
-            if verifier is not None:
+            if verifier is not None and position < signed:
                 verifier.add(entry, bytes(row[2]).ljust(merkle.HASH_SIZE, b"\0")[: merkle.HASH_SIZE])
+            elif stray is None and entry.seq != position:
+                stray = entry.seq
         if verifier is None:
             if count:
                 return AuditVerification(LogVerification(
@@ -145,8 +156,44 @@ class AuditProofs:
                     f"{count} entries but no signed tree head"), count, None)
             return AuditVerification(LogVerification(True, None, None, "ok: empty log"), 0, None)
         result = verifier.result()
+        if result.ok and (meanwhile := self._appended_meanwhile(signed, count, stray)) is not None:
+            result = meanwhile
         if result.ok and column_mismatch is not None:
             result = LogVerification(False, TamperReason.MODIFIED, column_mismatch,
                                      f"the query columns of seq {column_mismatch} differ from "
                                      "its signed content")
-        return AuditVerification(result, count, sth)
+        # Valid: the entries the start's head covers and this answer's head names (rows
+        # appended meanwhile are the next verify's).
+        return AuditVerification(result, min(count, signed) if result.ok else count, sth)
+
+    def _newest_sth(self) -> SignedTreeHead | None:
+        """The newer of the stored latest head and the one this process signed last."""
+        stored = self._store.stored_latest_sth()
+        sth = self._writer.latest_sth()
+        if stored is not None and (sth is None or stored.tree_size > sth.tree_size):
+            sth = stored
+        return sth
+
+    def _heads_up_to(self, size: int) -> Iterator[tuple[int, str]]:
+        for head in self._store.iter_tree_heads():
+            if head[0] > size:
+                return
+            yield head
+
+    def _appended_meanwhile(self, signed: int, count: int, stray: int | None) -> LogVerification | None:
+        """After the log up to the start's head (``signed`` entries) verified: the rows read
+        past it (``count`` rows in all; ``stray``: the seq of the first of them that is not
+        at its position, a gap or a repeat) and the stored heads past it, against the newest
+        genuine head now. Read in this order — the heads past it, then the newest head —
+        because a batch's rows and head commit together: every row or head read before is
+        covered by a head the end reads, unless it was not the writer's."""
+        later = list(self._store.iter_tree_heads(after=signed))
+        end = self._newest_sth()
+        covered = signed
+        if end is not None and end.tree_size > signed and verify_tree_head(end, self._writer.public_key):
+            covered = end.tree_size
+        if count > covered or stray is not None:
+            return LogVerification(False, TamperReason.INSERTED, covered if count > covered else stray,
+                                   f"{count} entries but the signed tree head covers {covered}")
+        beyond = [head for head in later if head[0] > covered]
+        return tree_heads_beyond_the_log(beyond, self._writer.public_key, self._earlier_keys) if beyond else None

@@ -224,11 +224,12 @@ class AuditStore:
         except (ValueError, json.JSONDecodeError):
             return None
 
-    def iter_tree_heads(self, batch: int | None = None) -> Iterator[tuple[int, str]]:
+    def iter_tree_heads(self, batch: int | None = None, after: int | None = None) -> Iterator[tuple[int, str]]:
         """Every stored signed tree head row as (tree_size column, STH JSON), ascending
-        size, read in pages (logs written before session 30 keep one head per batch)."""
+        size, read in pages (logs written before session 30 keep one head per batch);
+        ``after``: only those of a larger size."""
         batch = batch or HEADS_PAGE
-        last = None
+        last = after
         while True:
             with self.db.transaction() as tx:
                 rows = tx.query("SELECT tree_size, sth_json FROM audit_sth"

@@ -84,8 +84,9 @@ def _another_export_entry(tmp_path, n: int) -> dict:
     (lambda d, t: d["entries"].append({**d["entries"][-1], "n": 5}), r"entry 5: beyond the 5 entries"),
     (lambda d, t: (d["entries"].pop(), d["head"].update(entries=4)), r"head: signature"),
     (lambda d, t: d["entries"].__setitem__(1, _another_export_entry(t, 1)), r"entry 1 \(jobs.job-1\): signature"),
+    (lambda d, t: d["entries"][4].update(data={"note": "unsigned"}), r"entry 4 \(shredded_accounts.acc-2\): unexpected"),
 ], ids=["job-altered", "shredded-altered", "inserted", "reordered", "removed", "truncated", "appended",
-        "truncated-with-head-edited", "from-another-export"])
+        "truncated-with-head-edited", "from-another-export", "unsigned-field"])
 def test_a_forged_reordered_or_truncated_signed_ledger_is_refused_naming_the_entry(tmp_path, tamper, named):
     """audit32: the ledger was protected by an unkeyed SHA-256 only, which whoever can
     write the off-site copy recomputes; each of these was read as a genuine ledger."""
