@@ -496,21 +496,56 @@ def raw_hits(v: Verify, needles: dict[str, bytes]) -> dict[str, list[str]]:
     return hits
 
 
+def _receipt_public_key(v: Verify):
+    """The receipt key ``make run``'s privacy generated (``privacy-receipt-signing.pub``),
+    None on a mesh configured with its own (then the receipts' embedded key is used)."""
+    from services.privacy.keys.signing import load_public_key
+
+    path = v.mesh.data_dir / "privacy-receipt-signing.pub"
+    return load_public_key(path.read_text(), argument=str(path)) if path.exists() else None
+
+
+def _receipt_problem(receipt: dict | None, ack: dict, public_key) -> str:
+    """'' when the completed job's receipt verifies and names its job and account."""
+    from services.privacy.deletion.receipts import ReceiptVerificationError, SignedReceipt, verify_receipt
+
+    if not receipt:
+        return "completed without a receipt"
+    try:
+        r = verify_receipt(SignedReceipt.from_dict(receipt), public_key)
+    except (ValueError, ReceiptVerificationError) as exc:
+        return f"does not verify: {exc}"[:200]
+    if r.job_id != ack["deletion_job"] or r.account_id != ack["account_id"]:
+        return f"names job {r.job_id} / account {r.account_id}"
+    return ""
+
+
 def erasure_check(v: Verify, acks: list[dict], victims: dict[str, str]) -> dict:
-    """Every accepted erasure: its job's state; for completed household erasures, the
-    household's read and export through the API, and its marker in the raw bytes."""
+    """Every accepted erasure: its job's state and, once completed, its signed receipt
+    verified with the mesh's receipt public key (as ``hearth verify-receipt --public-key``);
+    for completed household erasures, the household's read and export through the API, and
+    its marker in the raw bytes."""
     jobs = [a for a in acks if a.get("deletion_job")]
     states: dict[str, int] = {}
+    receipts = {"verified": 0, "invalid": []}
     completed_households = []
+    public_key = _receipt_public_key(v)
     with v.client() as c:
         for a in jobs:
             deadline = time.monotonic() + 120
             while True:
-                st = c.get(f"/v1/delete/{a['deletion_job']}").json().get("state")
+                body = c.get(f"/v1/delete/{a['deletion_job']}").json()
+                st = body.get("state")
                 if st in ("completed", "failed") or time.monotonic() > deadline:
                     break
                 time.sleep(0.5)
             states[st or "unknown"] = states.get(st or "unknown", 0) + 1
+            if st == "completed":
+                problem = _receipt_problem(body.get("receipt"), a, public_key)
+                if problem:
+                    receipts["invalid"].append(f"{a['deletion_job']}: {problem}")
+                else:
+                    receipts["verified"] += 1
             if st == "completed" and a["account_id"] in victims:
                 completed_households.append(a["account_id"])
         api_remnants = []
@@ -525,7 +560,8 @@ def erasure_check(v: Verify, acks: list[dict], victims: dict[str, str]) -> dict:
     needles["control"] = CONTROL.encode()
     hits = raw_hits(v, needles)
     control = hits.pop("control")
-    return {"jobs": len(jobs), "states": states, "households_checked": len(completed_households),
+    return {"jobs": len(jobs), "states": states, "receipts": receipts,
+            "households_checked": len(completed_households),
             "api_remnants": api_remnants, "raw_remnants": {k: h for k, h in hits.items() if h},
             "control_found_in": sorted(control)[:10], "scan_sees_stores": bool(control)}
 
