@@ -318,7 +318,12 @@ STALE_LEDGER_MAX_AGE_S = 3600.0
 
 
 def _utc(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+    if ts is None:
+        return None
+    try:
+        return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+    except (OverflowError, OSError, ValueError):   # an unsigned /1 file's exported_at may be anything
+        return repr(ts)
 
 
 def ledger_coverage(source: str, ledger: Ledger, now: float) -> dict:

@@ -407,3 +407,21 @@ def test_a_restore_refuses_a_genuine_ledger_older_than_the_snapshot_or_the_max_a
     assert code == 0, err
     (covered,) = report["ledger_coverage"]
     assert covered["source"] == str(older) and covered["exported_at"] and covered["age_s"] >= 0
+
+
+def test_the_stale_rule_reads_the_newest_export_time():
+    from services.privacy.backup import stale_ledger_reason
+
+    ledger = Ledger({"job-1": _job("completed")}, {"acc-1"}, exported_at=1000.0, signed_with="ledger key (x)")
+    assert stale_ledger_reason([("a.json", ledger)], 900.0, 1100.0, 3600) == ""
+    assert "a.json: stale: exported at 1970-01-01T00:16:40+00:00, before the snapshot" in stale_ledger_reason(
+        [("a.json", ledger)], 1001.0, 1100.0, 3600)
+    assert "more than --ledger-max-age-s (60 s)" in stale_ledger_reason([("a.json", ledger)], 900.0, 1100.0, 60)
+    newer = dataclasses.replace(ledger, exported_at=1050.0)
+    assert stale_ledger_reason([("a.json", ledger), ("b.json", newer)], 1001.0, 1100.0, 3600) == ""
+    # An unsigned /1 file (--accept-unsigned-ledger) may say anything: no crash, a message.
+    odd = dataclasses.replace(ledger, exported_at=1e300)
+    assert stale_ledger_reason([("c.json", odd)], 900.0, 1100.0, 3600) == ""
+    assert "no export time" in stale_ledger_reason([("d.json", dataclasses.replace(ledger, exported_at=None))],
+                                                   900.0, 1100.0, 3600)
+    assert "1e+300" in stale_ledger_reason([("c.json", odd)], 2e300, 1100.0, 3600)
