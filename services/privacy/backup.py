@@ -21,6 +21,7 @@ households deleted after the snapshot.
 
     hearth backup --out DIR [--keep N]            snapshot now (online), prune old ones
     hearth ledger export --out FILE               the deletion ledger, signed, for off-site copies
+    hearth ledger public-key                      its signing key's public half (PEM), for --ledger-public-key
     hearth restore SNAPSHOT_DIR [--ledger FILE [--ledger-public-key PEM] [--accept-stale-ledger]]
                                                   services stopped; then start them
 Configuration comes from the usual HEARTH_STORAGE / HEARTH_DATA_DIR / HEARTH_POSTGRES_DSN.
@@ -562,6 +563,21 @@ def run_ledger_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_ledger_public_key(args: argparse.Namespace) -> int:
+    """Print the ledger signing key's public half (PEM): what `hearth restore --ledger`
+    needs (--ledger-public-key FILE) on a machine that should not hold the private key, and
+    what to keep with the off-site copies before rotating the key."""
+    from services.privacy.keys.signing import load_private_key, public_key_to_pem
+
+    settings = _settings(args)
+    text, source = _ledger_key_text(settings)
+    if not text:
+        raise ValueError("HEARTH_LEDGER_SIGNING_KEY: not set, and no development ledger key in HEARTH_DATA_DIR: "
+                         "no ledger signing key to print the public half of")
+    print(public_key_to_pem(load_private_key(text, argument=source).public_key()), end="")
+    return 0
+
+
 def run_backup(args: argparse.Namespace) -> int:
     settings = _settings(args)
     out = Path(args.out)
@@ -752,3 +768,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     export.add_argument("--out", required=True, help="the file to (over)write, e.g. on the off-site volume")
     export.add_argument("--data-dir", help="SQLite data directory (default HEARTH_DATA_DIR)")
     export.set_defaults(func=run_ledger_export)
+    public = commands.add_parser("public-key", help="print the ledger signing key's public half (PEM), for "
+                                                    "`hearth restore --ledger-public-key`")
+    public.add_argument("--data-dir", help="SQLite data directory (default HEARTH_DATA_DIR)")
+    public.set_defaults(func=run_ledger_public_key)

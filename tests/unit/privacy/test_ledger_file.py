@@ -425,3 +425,20 @@ def test_the_stale_rule_reads_the_newest_export_time():
     assert "no export time" in stale_ledger_reason([("d.json", dataclasses.replace(ledger, exported_at=None))],
                                                    900.0, 1100.0, 3600)
     assert "1e+300" in stale_ledger_reason([("c.json", odd)], 2e300, 1100.0, 3600)
+
+
+def test_the_ledger_key_public_half_is_printed_for_the_restore(tmp_path, monkeypatch, capsys, hearth_in_process):
+    """`hearth ledger public-key`: the PEM a restore verifies with (--ledger-public-key)
+    where the private key should not be, and what to keep before rotating it."""
+    from services import cli
+
+    monkeypatch.setenv("HEARTH_DATA_DIR", str(tmp_path))
+    assert cli.main(["ledger", "public-key", "--data-dir", str(tmp_path)]) == 2
+    assert "HEARTH_LEDGER_SIGNING_KEY: not set" in capsys.readouterr().err
+    monkeypatch.setenv("HEARTH_LEDGER_SIGNING_KEY", private_key_to_pem(LEDGER_KEY))
+    assert cli.main(["ledger", "public-key", "--data-dir", str(tmp_path)]) == 0
+    pem = capsys.readouterr().out
+    assert key_id(load_public_key(pem)) == key_id(LEDGER_KEY) and "PRIVATE" not in pem
+    path = tmp_path / "ledger.json"
+    write_ledger_file(Ledger({"job-1": _job("completed")}, {"acc-1"}), path, LEDGER_KEY)
+    assert read_ledger_file(path, [load_public_key(pem)]).shredded_accounts == {"acc-1"}
