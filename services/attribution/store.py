@@ -199,13 +199,16 @@ class AttributionStore:
             return changed, []
         return changed, [self.db.purge_erased(("touchpoints",))]
 
-    def erase(self, scope: ErasureScope, person_touchpoints: Sequence[str] = ()) -> ErasureOutcome:
+    def erase(self, scope: ErasureScope, person_touchpoints: Sequence[str] = (),
+              own_devices: Sequence[str] = ()) -> ErasureOutcome:
         """Delete the scope's touchpoints and conversions in one transaction.
 
         Person scope: ``person_touchpoints`` are the ids the caller resolved to that
         person (through the clustering service) plus those stored with that person_id;
         a conversion is the account's, not a person's, so it stays (its credit is
-        recomputed without the person's touchpoints at the next Attribute call)."""
+        recomputed without the person's touchpoints at the next Attribute call).
+        ``own_devices``: the person's own devices (clustering's GetPersonDevices), whose
+        touchpoints naming nobody are fenced with those of the erased touchpoints' devices."""
         outcome = ErasureOutcome()
         account = scope.account_id
         cached = "attribution:" if scope.all_accounts else f"attribution:{account}"
@@ -251,9 +254,11 @@ class AttributionStore:
                 if scope.kind == "person":
                     # Clustering's rule: everything recorded up to now on each device the
                     # person's erased touchpoints were on (here: those naming no person), and
-                    # every touchpoint naming the person.
-                    devices = sorted(r[0] for r in tx.query(
-                        f"SELECT DISTINCT device_id FROM touchpoints WHERE {tp_where}", tp_params))
+                    # every touchpoint naming the person. Since session 33 also on the
+                    # person's own devices as clustering reads them, which may have sent
+                    # nothing yet (not its shared ones: docs/privacy.md §6 says why).
+                    devices = sorted({r[0] for r in tx.query(
+                        f"SELECT DISTINCT device_id FROM touchpoints WHERE {tp_where}", tp_params)} | set(own_devices))
                     write_fences(tx, account, [*self._digests(account, _UNNAMED_TOUCHPOINTS, devices).values(),
                                                self._digests(account, "person", [scope.person_id])[scope.person_id]],
                                  None, now)
