@@ -483,6 +483,7 @@ def _ledger_signing_key(settings):
     development) the generated one under HEARTH_DATA_DIR — never the receipt key."""
     import sys
 
+    from services.privacy.keys.app import _write_secret
     from services.privacy.keys.signing import (
         generate_private_key, load_private_key, private_key_to_pem, publish_public_key)
 
@@ -496,13 +497,8 @@ def _ledger_signing_key(settings):
         path = Path(settings.data_dir) / LEDGER_SIGNING_KEY_FILE
         print(f"warning: HEARTH_LEDGER_SIGNING_KEY is not set: generated a development ledger signing key in "
               f"{path} (configure a managed key in production)", file=sys.stderr)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            import os
-
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as out:
-                out.write(private_key_to_pem(generate_private_key()))
+        try:   # as the privacy service writes its development keys: 0600, never over one
+            _write_secret(path, private_key_to_pem(generate_private_key()))
         except FileExistsError:
             pass   # another export of this data dir made it first
         text, source = path.read_text(), str(path)

@@ -354,6 +354,14 @@ def test_the_ledger_has_its_own_key_and_ledgers_signed_before_it_still_restore(t
     old_pub.write_text(public_key_to_pem(earlier.public_key()))
     code, report, err = hearth(target, "restore", snapshot, "--ledger", str(rotated), "--ledger-public-key", str(old_pub))
     assert code == 0 and report["ledger_coverage"][0]["signed_with"] == f"--ledger-public-key {old_pub}", err
+    # A ledger key that is not one: named, exit 2, nothing replaced (nor exported).
+    monkeypatch.setenv("HEARTH_LEDGER_SIGNING_KEY", "c2hvcnQ=")
+    elsewhere = tmp_path / "elsewhere"
+    code, _, err = hearth(elsewhere, "restore", snapshot, "--ledger", str(rotated))
+    assert code == 2 and "HEARTH_LEDGER_SIGNING_KEY: raw Ed25519 key must be 32 bytes" in err, err
+    assert not elsewhere.exists() or not (elsewhere / "clustering.db").exists()
+    code, _, err = hearth(source, "ledger", "export", "--out", str(tmp_path / "never.json"))
+    assert code == 2 and "HEARTH_LEDGER_SIGNING_KEY" in err and not (tmp_path / "never.json").exists()
 
 
 def test_without_a_configured_ledger_key_the_export_on_postgres_refuses(tmp_path, monkeypatch):
