@@ -160,6 +160,7 @@ RPCS: dict[str, dict[str, Permission]] = {
         "GetEventStatus": P.READ_HOUSEHOLD,
         "Refit": P.REFIT_MODEL,
         "ResolvePersons": P.RESOLVE_PERSONS,
+        "GetPersonDevices": P.RESOLVE_PERSONS,   # a person's own devices: attribution's person erasure
         "RecordLabels": P.RECORD_FEEDBACK,
     },
     "hearth.attribution.v1.AttributionService": {
