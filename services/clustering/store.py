@@ -397,6 +397,27 @@ def _event_from_row(r: Sequence) -> ViewingEvent:
 _encode_probabilities = json.JSONEncoder(sort_keys=True, check_circular=False).encode
 _SET_PERSON = "UPDATE sessions SET person_id = ?, person_probs = ? WHERE account_id = ? AND session_id = ?"
 
+# A refresh's answers (ClusteringStore.set_persons' arguments after the account): session id
+# -> person, session id -> the probability of every person, and what a read found each
+# session holding (ClosedTail.recorded; None: write every one).
+Answers = tuple[dict[str, str], "dict[str, dict[str, float]] | None",
+                "dict[str, tuple[str | None, str | None]] | None"]
+
+
+def _person_rows(account_id: str, persons: dict[str, str], probabilities: dict[str, dict[str, float]] | None,
+                 unless_recorded: dict[str, tuple[str | None, str | None]] | None) -> list[tuple]:
+    """``_SET_PERSON``'s rows of ``set_persons``' arguments: a session found holding this
+    person and these probabilities (``unless_recorded``) is not written again."""
+    probabilities = probabilities or {}
+    rows = []
+    for s, p in persons.items():
+        probs = probabilities.get(s)
+        encoded = _encode_probabilities(probs) if probs is not None else None
+        if unless_recorded is not None and unless_recorded.get(s) == (p, encoded):
+            continue
+        rows.append((p, encoded, account_id, s))
+    return rows
+
 
 # The least margin a window erasure allows between its end and the earliest session start
 # of an outbox chunk it does not read (``erase``; prediction_log.erase_pending).
@@ -1516,14 +1537,7 @@ class ClusteringStore:
         a read found them): a session found holding this person and these probabilities
         is not written again (a fold re-answers every session; a quarter or so answer as
         stored). Returns how many rows were written."""
-        probabilities = probabilities or {}
-        rows = []
-        for s, p in persons.items():
-            probs = probabilities.get(s)
-            encoded = _encode_probabilities(probs) if probs is not None else None
-            if unless_recorded is not None and unless_recorded.get(s) == (p, encoded):
-                continue
-            rows.append((p, encoded, account_id, s))
+        rows = _person_rows(account_id, persons, probabilities, unless_recorded)
         if rows:
             with self.db.transaction() as tx:
                 tx.executemany(_SET_PERSON, rows)
@@ -1759,12 +1773,21 @@ class ClusteringStore:
         except FieldDecryptionError:
             return False
 
-    def save_model(self, account_id: str, expected_version: int, variant: str, blob: bytes) -> int:
+    def save_model(self, account_id: str, expected_version: int, variant: str, blob: bytes, *,
+                   drift: Sequence[DriftRow] = (), answers: Answers | None = None) -> int:
         """Store a new model version if the stored one is still ``expected_version``
         (0 = none yet); else raise Conflict so the caller re-reads and retries. This is
-        what keeps two replicas from losing each other's update."""
+        what keeps two replicas from losing each other's update.
+
+        ``drift`` (drift events) and ``answers`` (the sessions' persons the new model
+        gives, as ``set_persons`` writes them) are written in the same transaction, only
+        when the compare-and-swap wins: a refresh's save is one write transaction, not
+        one for the model and another for its answers (session 33: two BEGIN/COMMITs and
+        two pool checks a household on PostgreSQL), and a model is never stored without
+        its answers (a failure between the two left them stale until the next fold)."""
         new_version = expected_version + 1
         sealed = self._seal(account_id, "model", blob)
+        person_rows = _person_rows(account_id, *answers) if answers is not None else []
         generation = self._fence_generation
         with self.db.transaction() as tx:
             tx.lock_household(account_id)   # the EXISTS below must see an erasure in flight
@@ -1781,6 +1804,11 @@ class ClusteringStore:
                     "UPDATE household_models SET version = ?, variant = ?, model = ?, updated_at = ? "
                     "WHERE account_id = ? AND version = ?",
                     (new_version, variant, sealed, time.time(), account_id, expected_version))
+            if changed == 1:
+                for row in drift:
+                    self._insert_drift_event(tx, account_id, row)
+                if person_rows:
+                    tx.executemany(_SET_PERSON, person_rows)
             erasures = household_key_state(tx, account_id)
         if changed != 1:
             self.cache.delete(f"model:{account_id}")
@@ -2248,10 +2276,14 @@ class ClusteringStore:
 
     def add_drift_event(self, account_id: str, drift: DriftRow) -> None:
         with self.db.transaction() as tx:
-            tx.execute("INSERT INTO drift_events (account_id, drift_type, severity, statistic, "
-                       "detected_at, refit_triggered) VALUES (?, ?, ?, ?, ?, ?)",
-                       (account_id, drift.drift_type, drift.severity, drift.statistic,
-                        drift.detected_at, int(drift.refit_triggered)))
+            self._insert_drift_event(tx, account_id, drift)
+
+    @staticmethod
+    def _insert_drift_event(tx: Tx, account_id: str, drift: DriftRow) -> None:
+        tx.execute("INSERT INTO drift_events (account_id, drift_type, severity, statistic, "
+                   "detected_at, refit_triggered) VALUES (?, ?, ?, ?, ?, ?)",
+                   (account_id, drift.drift_type, drift.severity, drift.statistic,
+                    drift.detected_at, int(drift.refit_triggered)))
 
     def drift_events(self, account_id: str, limit: int = 100) -> list[DriftRow]:
         with self.db.transaction(readonly=True) as tx:
