@@ -9,6 +9,7 @@ every 20 ms, and its waits are the "every other write waits" half (docs/operatio
     ... --known: the same households' second event (the per-device path, for comparison)
     ... --late: as --known, the second event 30 s before the first (the full rebuild; ingest31)
     ... --backend postgres: on a throwaway PostgreSQL server (fsync off), a schema a round
+    ... --erased-share 0.1: with --known/--late, a tenth of the households hold erased events' digests
     ... --refresh: then each household's model refresh, timed, its write transactions counted and
         what it answered digested (equal on both sides: ``answers_equal``; ingest33)
 
@@ -81,7 +82,14 @@ store.ingest([event("probe-acc", "p0", ts)])
 batch = [event(f"h-{i}", f"e{i}", ts) for i in range(n)]
 warm_household_keys(store.db, store.cipher, {e.account_id for e in batch})
 if sys.argv[3] in ("known", "late"):   # the households' second event: each extends its open session
-    store.ingest(batch)                  # (late: comes 30 s before the first, the full rebuild)
+    # (late: comes 30 s before the first, the full rebuild). --erased-share: that share of the
+    # households had a window erasure of an earlier event (its digest kept, a fence written).
+    erased = [f"h-{i}" for i in range(int(n * float(sys.argv[6])))]
+    store.ingest(batch + [event(a, "old", ts - 7200.0) for a in erased])
+    if erased:
+        from services.common.erasure import ErasureScope, ScopeKind
+        for a in erased:
+            store.erase(ErasureScope(kind=ScopeKind.TIME_WINDOW, account_id=a, start=ts - 7300.0, end=ts - 7100.0))
     batch = [event(f"h-{i}", f"f{i}", ts + (60.0 if sys.argv[3] == "known" else -30.0)) for i in range(n)]
 waits, done = [], threading.Event()
 
@@ -144,10 +152,10 @@ print(json.dumps(out))
 
 
 def one_round(tree: Path, households: int, db: Path | str, kind: str, refresh: bool = False,
-              at: float = 0.0) -> dict:
+              at: float = 0.0, erased_share: float = 0.0) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", _ROUND, str(households), str(db), kind,
-                          "refresh" if refresh else "-", str(at)],
+                          "refresh" if refresh else "-", str(at), str(erased_share)],
                          cwd=tree, env=env, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -167,6 +175,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="after the batch, each household's model refresh (ModelKeeper.refresh, one after "
                         "another as the refresh loop does): its seconds, CPU, write transactions, and a "
                         "digest of what it answered (ingest33)")
+    p.add_argument("--erased-share", type=float, default=0.0,
+                   help="with --known or --late: this share of the households had a window erasure of an "
+                        "earlier event before the batch (erased events' digests held; ingest33)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     started, load0 = time.time(), os.getloadavg()[0]
@@ -177,7 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
         work = Path(tmp)
         sides = {"baseline": extract(args.baseline, work / "tree"), "fixed": ROOT}
         result: dict = {"baseline": args.baseline, "rounds": args.rounds, "known": args.known,
-                        "late": args.late, "backend": args.backend, "refresh": args.refresh, "sizes": {}}
+                        "late": args.late, "backend": args.backend, "refresh": args.refresh,
+                        "erased_share": args.erased_share, "sizes": {}}
         try:
             if args.backend == "postgres":
                 from services.testing.servers import PostgresServer
@@ -187,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for n in range(args.rounds):
                     for label in (list(sides) if n % 2 == 0 else list(sides)[::-1]):
                         db = f"{pg.dsn}|b_{label}_{size}_{n}" if pg is not None else work / f"{label}-{size}-{n}.db"
-                        runs[label].append(one_round(sides[label], size, db, kind, args.refresh, at))
+                        runs[label].append(one_round(sides[label], size, db, kind, args.refresh, at, args.erased_share))
                 entry: dict = {}
                 keys = ("wall_s", "cpu_s", "probe_max_s", "write_tx_s") + (
                     ("refresh_s", "refresh_cpu_s", "refresh_write_txs", "refresh_write_tx_s") if args.refresh else ())
