@@ -50,7 +50,7 @@ _STATES = {ppb.JOB_STATE_PENDING: "pending", ppb.JOB_STATE_RUNNING: "running",
            ppb.JOB_STATE_UNSPECIFIED: "unknown"}
 ScopeKind = Literal["household", "device", "person", "window"]
 # Its own Path object: FastAPI binds a parameter's alias onto the FieldInfo it is given.
-JOB_PATH = PathParam(..., min_length=1, max_length=128, pattern=ID_PATTERN)
+JOB_PATH = PathParam(..., pattern=ID_PATTERN, json_schema_extra=models.ID_LENGTH_SCHEMA)
 NOT_FOUND = {404: {"model": models.ErrorOut, "description": "unknown job"}}
 
 

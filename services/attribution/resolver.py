@@ -25,9 +25,10 @@ MAX_INSTANTS_PER_CALL = 10_000
 class PersonResolver(Protocol):
     def resolve(self, instants: Sequence[tuple[str, str, float]]) -> list[dict[str, float]]: ...
 
-    def own_devices(self, account_id: str, person_id: str) -> list[str]:
-        """The person's own devices (clustering's GetPersonDevices): a person erasure fences
-        the touchpoints naming nobody recorded there (docs/privacy.md §6)."""
+    def person_devices(self, account_id: str, person_id: str) -> tuple[list[str], list[str]]:
+        """The person's own and shared devices (clustering's GetPersonDevices): a person
+        erasure fences the touchpoints naming nobody recorded on the own ones, not on the
+        shared ones (docs/privacy.md §6)."""
         ...
 
 
@@ -47,12 +48,12 @@ class ClusteringResolver:
             out.extend({p.person_id: p.probability for p in r.probabilities} for r in response.persons)
         return out
 
-    def own_devices(self, account_id: str, person_id: str) -> list[str]:
-        """GetPersonDevices' own devices; [] from a clustering of a release before session 33,
+    def person_devices(self, account_id: str, person_id: str) -> tuple[list[str], list[str]]:
+        """GetPersonDevices' (own, shared); both [] from a clustering of a release before session 33,
         which refuses the RPC it does not know (PERMISSION_DENIED: its permission matrix
         refuses an RPC it does not list, before gRPC could answer UNIMPLEMENTED): the person
         erasure then fences the devices of its own erased touchpoints only, as in session 32
-        (docs/operations.md, "Upgrading to session 33")."""
+        (docs/operations.md, "Upgrading to session 33", the person erasure's paragraph)."""
         request = cpb.GetPersonDevicesRequest(account_id=account_id, person_id=person_id)
         try:
             response = self._peer.call("GetPersonDevices", request, idempotent=True)
@@ -61,8 +62,8 @@ class ClusteringResolver:
                 raise
             log.warning("clustering has no GetPersonDevices (a release before session 33): this person erasure "
                         "fences only the devices of the person's erased touchpoints")
-            return []
-        return list(response.own_device_ids)
+            return [], []
+        return list(response.own_device_ids), list(response.shared_device_ids)
 
     def close(self) -> None:
         self._peer.close()
@@ -74,5 +75,5 @@ class NoResolver:
     def resolve(self, instants: Sequence[tuple[str, str, float]]) -> list[dict[str, float]]:
         return [{} for _ in instants]
 
-    def own_devices(self, account_id: str, person_id: str) -> list[str]:
-        return []
+    def person_devices(self, account_id: str, person_id: str) -> tuple[list[str], list[str]]:
+        return [], []

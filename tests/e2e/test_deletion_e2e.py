@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -322,10 +323,11 @@ def test_a_person_erasure_fences_the_persons_own_device_attribution_never_heard_
     """fence32's "Left": attribution fenced a person's unnamed touchpoints only on the
     devices of its own erased touchpoints, so a touchpoint the person's tablet recorded
     before the erasure and sent after it — the tablet had sent attribution nothing before
-    — was stored. Now attribution asks clustering for the person's own devices
+    — was stored. Now attribution asks clustering for the person's devices
     (GetPersonDevices) as it erases: that touchpoint is refused. The TV the person shared
-    is not fenced: an unnamed touchpoint there, recorded before the erasure, may be
-    another member's and is stored."""
+    is not fenced, though one of the person's erased touchpoints was on it (session 32
+    fenced it): an unnamed touchpoint there, recorded before the erasure, may be another
+    member's and is stored."""
     import grpc
 
     from hearth.clustering.v1 import clustering_pb2 as cpb
@@ -334,7 +336,7 @@ def test_a_person_erasure_fences_the_persons_own_device_attribution_never_heard_
     from tests.helpers.mesh_calls import acting_as_service
 
     acct, t0 = f"e2e-own-device-{RUN}", time.time() - 14 * DAY
-    child = _child_with_a_tablet_and_a_shared_tv(client, acct, t0)
+    child, _ = _child_with_a_tablet_and_a_shared_tv(client, acct, t0)
 
     with grpc.insecure_channel(f"127.0.0.1:{dmesh.grpc_ports['clustering']}") as channel:
         stub = cpb_grpc.ClusteringServiceStub(channel)
@@ -351,6 +353,7 @@ def test_a_person_erasure_fences_the_persons_own_device_attribution_never_heard_
 
     job = delete(client, {"kind": "person", "account_id": acct, "person_id": child})
     assert job["state"] == "completed", job
+    assert {s["service"]: s for s in job["services"]}["attribution"]["deleted_counts"] == {"touchpoints": 1}
     late = t0 + 13 * DAY   # recorded before the erasure, sent after it
     assert _touchpoint(client, acct, "tab", "tab-kids", late) == (0, 1)   # the child's own: refused
     assert _touchpoint(client, acct, "tv", "tv-1", late) == (1, 0)        # maybe the parent's: stored
@@ -376,7 +379,7 @@ def test_a_person_erasure_beside_a_clustering_without_person_devices_completes_a
 
     require_commit(BEFORE_PERSON_DEVICES)
     acct, t0 = f"e2e-own-device-old-{RUN}", time.time() - 14 * DAY
-    child = _child_with_a_tablet_and_a_shared_tv(client, acct, t0)
+    child, _ = _child_with_a_tablet_and_a_shared_tv(client, acct, t0)
     restart_service(dmesh, "clustering", extract(BEFORE_PERSON_DEVICES, tmp_path / "tree"))
     try:
         job = delete(client, {"kind": "person", "account_id": acct, "person_id": child})
@@ -384,14 +387,16 @@ def test_a_person_erasure_beside_a_clustering_without_person_devices_completes_a
         assert [s["attempts"] for s in job["services"] if s["service"] == "attribution"] == [0], job   # no failure
     finally:
         restart_service(dmesh, "clustering")
-    assert _touchpoint(client, acct, "tab", "tab-kids", t0 + 13 * DAY) == (1, 0)
+    assert _touchpoint(client, acct, "tab", "tab-kids", t0 + 13 * DAY) == (1, 0)   # not fenced
+    assert _touchpoint(client, acct, "tv", "tv-1", t0 + 13 * DAY) == (0, 1)   # its erased touchpoint's device
 
 
-def _child_with_a_tablet_and_a_shared_tv(client, acct: str, t0: float) -> str:
+def _child_with_a_tablet_and_a_shared_tv(client, acct: str, t0: float) -> tuple[str, float]:
     """A household whose model found its persons: a child on their tablet in the morning
     and on the TV in the afternoon, a parent on the TV at night (the tablet is the child's
-    own, the TV shared); attribution holds a conversion of it and no touchpoint. Returns
-    the child's person id."""
+    own, the TV shared); attribution holds a conversion of it and one touchpoint, naming
+    nobody, within one of the child's TV sessions (the erasure resolves it to the child),
+    none of the tablet. Returns the child's person id and that touchpoint's time."""
     events = [{"event_id": f"{acct}-{device}-{hour}-{d}-{i}", "account_id": acct, "device_id": device,
                "device_type": device_type, "ts": _iso(t0 + d * DAY + hour * 3600 + i * 300), "kind": "heartbeat",
                "title_id": f"{genre}-{d}", "genres": [genre], "duration_s": 300, "maturity": maturity}
@@ -407,11 +412,14 @@ def _child_with_a_tablet_and_a_shared_tv(client, acct: str, t0: float) -> str:
     assert len(child) == 1, sessions
     child = child.pop()
     assert {s["person_id"] for s in sessions if s["device_id"] == "tv-1"} > {child}, sessions   # shared
+    on_the_tv = 60 + min(datetime.fromisoformat(s["start"].replace("Z", "+00:00")).timestamp()
+                         for s in sessions if s["device_id"] == "tv-1" and s["person_id"] == child)
+    assert _touchpoint(client, acct, "tv-child", "tv-1", on_the_tv) == (1, 0)
     r = client.post("/v1/conversions", json={"conversions": [{"conversion_id": f"{acct}-cv", "account_id": acct,
                                                                "ts": _iso(t0 + 5 * DAY), "kind": "purchase",
                                                                "value": 10.0}]})
     assert r.json()["accepted"] == 1, r.text
-    return child
+    return child, on_the_tv
 
 
 def _touchpoint(client, acct: str, tid: str, device: str, ts: float) -> tuple[int, int]:
