@@ -1650,6 +1650,15 @@ class ClusteringStore:
                     out[i] = (r[0], probs)
         return out
 
+    def person_device_sessions(self, account: str, person: str) -> list[tuple[str, str, str, int]]:
+        """(device id, device type, assigned person or "", sessions) of the stored sessions
+        of each device ``person``'s sessions are on (GetPersonDevices)."""
+        with self.db.transaction(readonly=True) as tx:
+            return [(r[0], r[1], r[2] or "", int(r[3])) for r in tx.query(
+                "SELECT device_id, device_type, person_id, COUNT(*) FROM sessions WHERE account_id = ? "
+                "AND device_id IN (SELECT DISTINCT device_id FROM sessions WHERE account_id = ? AND person_id = ?) "
+                "GROUP BY device_id, device_type, person_id", (account, account, person))]
+
     # ---- household models (compare-and-swap, cached) -------------------------------
 
     def get_model(self, account_id: str, decoded_version: int = 0) -> StoredModel | None:

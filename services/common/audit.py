@@ -152,6 +152,7 @@ RPC_EVENTS: dict[str, str | tuple[str, str] | None] = {
     _CLU + "GetEventStatus": READ_HOUSEHOLD,   # which of a household's events are held: household data
     _CLU + "Refit": MODEL_REFIT,
     _CLU + "ResolvePersons": READ_HOUSEHOLD,   # who watched on which device: household data
+    _CLU + "GetPersonDevices": READ_HOUSEHOLD,   # which devices are a person's: household data
     _CLU + "RecordLabels": FEEDBACK,          # known persons of sessions, from feedback
     _ATT + "RecordTouchpoints": INGEST,
     _ATT + "RecordConversions": INGEST,
