@@ -53,7 +53,7 @@ class ClusteringResolver:
         which refuses the RPC it does not know (PERMISSION_DENIED: its permission matrix
         refuses an RPC it does not list, before gRPC could answer UNIMPLEMENTED): the person
         erasure then fences the devices of its own erased touchpoints only, as in session 32
-        (docs/operations.md, "Upgrading to session 33")."""
+        (docs/operations.md, "Upgrading to session 33", the person erasure's paragraph)."""
         request = cpb.GetPersonDevicesRequest(account_id=account_id, person_id=person_id)
         try:
             response = self._peer.call("GetPersonDevices", request, idempotent=True)

@@ -461,6 +461,7 @@ def _receipt_key_text(settings) -> tuple[str, str]:
 # must be configured (a key made up in a CronJob's pod would be gone with the pod, and
 # nothing could verify what it signed).
 LEDGER_SIGNING_KEY_FILE = "privacy-ledger-signing.key"
+RECEIPT_KEY_LABEL = "receipt key"   # how a restore names the receipt key that verified a ledger
 LEDGER_SIGNING_PUBLIC_FILE = "privacy-ledger-signing.pub"
 
 
@@ -533,10 +534,10 @@ def _ledger_public_keys(settings, files) -> tuple[list, dict[str, str]]:
                   for k in load_public_keys(text, argument=f"--ledger-public-key {name}")]
     text, source = _receipt_key_text(settings)
     if text:
-        named.append((f"receipt key ({source}; ledgers exported before session 33)",
+        named.append((f"{RECEIPT_KEY_LABEL} ({source}; ledgers exported before session 33)",
                       load_private_key(text, argument=source).public_key()))
     elif (published := Path(settings.data_dir) / SIGNING_PUBLIC_FILE).exists():
-        named.append((f"receipt key ({published}; ledgers exported before session 33)",
+        named.append((f"{RECEIPT_KEY_LABEL} ({published}; ledgers exported before session 33)",
                       load_public_key(published.read_text(), argument=str(published))))
     labels: dict[str, str] = {}
     for label, key in named:
@@ -651,6 +652,13 @@ def run_restore(args: argparse.Namespace) -> int:
     current_exists = _privacy_db_exists(privacy)
     now = time.time()
     coverage = [ledger_coverage(p, o, now) for p, o in zip(args.ledger or (), offsite, strict=True)]
+    for covered in coverage:
+        if covered["signed_with"].startswith(RECEIPT_KEY_LABEL):
+            import sys
+
+            print(f"warning: --ledger {covered['source']}: signed with the receipt signing key (an export of before "
+                  "session 33, trusted for ledgers through session 34 only); use an export signed with the ledger "
+                  "key if there is one (docs/privacy.md \"The off-site deletion ledger\")", file=sys.stderr)
     if offsite and not current_exists and not args.accept_stale_ledger:
         # Only the off-site copies say what was deleted since the snapshot: one that is not
         # shown to be recent enough is refused before anything is replaced (review32 R19).

@@ -342,6 +342,7 @@ def test_the_ledger_has_its_own_key_and_ledgers_signed_before_it_still_restore(t
     code, report, err = hearth(target, "restore", snapshot, "--ledger", str(by_receipt_key))
     assert code == 0, err
     assert report["ledger_coverage"][0]["signed_with"].startswith("receipt key (HEARTH_RECEIPT_SIGNING_KEY")
+    assert f"warning: --ledger {by_receipt_key}: signed with the receipt signing key" in err
     assert [j["replaces"] for j in report["requeued_jobs"]] == ["job-1"]
 
     earlier = generate_private_key()   # the ledger key before a rotation
