@@ -948,6 +948,16 @@ def real_viewers_tuning(population: str, worlds_per_family: int | None) -> list[
     return gen.generate(worlds_per_family=worlds_per_family or 3, households_per_world=4, split="tuning")
 
 
+def traced_households(doc: dict) -> list[worlds.WorldHousehold]:
+    """The households a --trace --out file was run on, in its order (its seed, change
+    suite or household limit; never the REPORTING seed: the run refused it)."""
+    split = worlds.TUNING if doc["seed"] == worlds.TUNING.seed else worlds.Split(
+        **{**worlds.TUNING.__dict__, "seed": doc["seed"]})
+    return change_suite(doc["change_suite"], doc["seed"]) if doc.get("change_suite") else select(
+        worlds.generate(split, worlds_per_family=doc.get("worlds_per_family")),
+        doc.get("limit", doc["households"]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--households", type=int, default=None,
@@ -1011,22 +1021,13 @@ def main() -> None:
         model_module.LEAVE_GLR_H = args.leave_h
     if args.leaves:
         doc = json.load(open(args.leaves))
-        split = worlds.TUNING if doc["seed"] == worlds.TUNING.seed else worlds.Split(
-            **{**worlds.TUNING.__dict__, "seed": doc["seed"]})
-        hs = change_suite(doc["change_suite"], doc["seed"]) if doc.get("change_suite") else select(
-            worlds.generate(split, worlds_per_family=doc.get("worlds_per_family")), doc.get("limit", doc["households"]))
-        print(json.dumps(silence_report(doc["households_detail"], hs)))
+        print(json.dumps(silence_report(doc["households_detail"], traced_households(doc))))
         return
     if args.resweep:
         sets = []
         for path in args.resweep.split(","):
             doc = json.load(open(path))
-            split = worlds.TUNING if doc["seed"] == worlds.TUNING.seed else worlds.Split(
-                **{**worlds.TUNING.__dict__, "seed": doc["seed"]})
-            hs = change_suite(doc["change_suite"], doc["seed"]) if doc.get("change_suite") else select(
-                worlds.generate(split, worlds_per_family=doc.get("worlds_per_family")),
-                doc.get("limit", doc["households"]))
-            sets.append((doc["households_detail"], hs))
+            sets.append((doc["households_detail"], traced_households(doc)))
         grid = RESWEEP_GRID if not args.grid else [tuple(float(x) for x in g.split("/"))
                                                     for g in args.grid.split(",")]
         for row in resweep(sets, grid):
@@ -1037,11 +1038,7 @@ def main() -> None:
         outs, hs = [], []
         for path in args.diagnose.split(","):
             doc = json.load(open(path))
-            split = worlds.TUNING if doc["seed"] == worlds.TUNING.seed else worlds.Split(
-                **{**worlds.TUNING.__dict__, "seed": doc["seed"]})
-            sel = change_suite(doc["change_suite"], doc["seed"]) if doc.get("change_suite") else select(
-                worlds.generate(split, worlds_per_family=doc.get("worlds_per_family")),
-                doc.get("limit", doc["households"]))
+            sel = traced_households(doc)
             # "singles" was both the --singles flag and, with --paths, the singles diagnosis
             # (a dict, truthy): the flag is now "singles_only"
             only_singles = doc.get("singles_only", doc.get("singles") is True)
