@@ -5,7 +5,8 @@ household export, consent.
 * ``GET /v1/delete/{job_id}`` — state, per-service confirmations and, once completed,
   the signed receipt (verify offline with ``hearth verify-receipt``).
 * ``GET /v1/household/{account_id}/export`` — everything Hearth holds about the
-  household (schema ``hearth-household-export`` v1, docs/privacy.md).
+  household (schema ``hearth-household-export`` v1, docs/privacy.md); a household it holds
+  nothing about is 200 with every section empty (the Art. 15 "nothing held"), not 404.
 * ``PUT /v1/consent/{account_id}`` — the account's consent flags; ``GET`` reads them back
   (404 for an account that never set any: the defaults, both allowed, apply).
 * ``POST /v1/keys/rotate`` — make another configured KEK active and re-wrap every data
@@ -178,7 +179,11 @@ EXPORT_DESCRIPTION = (
     "A failure before the first byte is an ordinary error status. A failure after it (a data holder "
     "failing part-way) cannot change the 200 already sent: the connection is then closed before the "
     "end of the chunked body, so the client sees an incomplete transfer, and the document is left "
-    'unclosed (not valid JSON). A whole export is valid JSON whose last key is "complete": true.')
+    'unclosed (not valid JSON). A whole export is valid JSON whose last key is "complete": true. '
+    # Decided and stated in session 33 (docs/privacy.md §9 gives the reasons); the answer is older.
+    "A household Hearth holds nothing about (never held, or erased) is answered 200 with the same document, "
+    "every list empty, no household model and consent the defaults (explicit: false): the confirmation that "
+    "no personal data is held which an access request (GDPR Art. 15) asks for, not a 404.")
 log = logging.getLogger("hearth.gateway.export")
 
 

@@ -348,8 +348,9 @@ def stale_ledger_reason(ledgers: list[tuple[str, Ledger]], snapshot_taken_at: fl
     covers = ledger_coverage(source, ledger, now)
     what = (f"it covers {covers['jobs']} deletion job(s) (the newest requested at {covers['newest_request_at']}) and "
             f"{covers['shredded_accounts']} shredded household(s); signed with: {ledger.signed_with}")
-    way_on = ("Use a newer export (the CronJob writes one every few minutes), or pass --accept-stale-ledger if this "
-              "is the last export there was before the privacy database was lost. Nothing was changed")
+    way_on = ("Use a newer export (the CronJob writes one every few minutes); if the privacy database was lost longer "
+              "ago than that, give --ledger-max-age-s the seconds since the loss plus one export period; pass "
+              "--accept-stale-ledger only if this is the last export there was. Nothing was changed")
     if exported_at < snapshot_taken_at:
         return (f"--ledger {source}: stale: exported at {_utc(exported_at)}, before the snapshot was taken "
                 f"({_utc(snapshot_taken_at)}): it knows none of the deletions made after the snapshot, and restoring "

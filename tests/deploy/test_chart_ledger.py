@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import kubernetes_validate
 import pytest
+import yaml
 
 from services.cli import build_parser
 from tests.deploy.conftest import MIN_KUBE_VERSION, PRODUCTION_VALUES, TARGET_KUBE_VERSION, HelmError, by_kind
@@ -44,6 +45,15 @@ def test_ledger_export_runs_next_to_the_snapshots_into_the_same_claim(render):
     assert not by_kind(render(), "CronJob")  # both only with backup.enabled
 
 
-def test_the_ledger_cronjob_needs_the_ledger_key_secret_named(render):
+def test_the_ledger_cronjob_needs_the_ledger_key_secret_named(render, tmp_path):
+    """review33 R6a: with a default Secret name, an upgrade of a release with backups whose
+    values do not name the ledger key rendered, and unless that Secret had been created
+    the CronJob's pods could not start (exports stopped, unseen). No default now: the
+    upgrade fails naming the value."""
+    values = yaml.safe_load(PRODUCTION_VALUES.read_text())
+    del values["backup"]["ledgerSigningKey"]
+    upgraded = tmp_path / "values-before-33.yaml"
+    upgraded.write_text(yaml.safe_dump(values))
     with pytest.raises(HelmError, match=r"backup\.ledgerSigningKey\.secretName and \.secretKey"):
-        render(values_files=(PRODUCTION_VALUES,), set_values=("backup.ledgerSigningKey.secretName=",))
+        render(values_files=(upgraded,))
+    assert not by_kind(render(), "CronJob")   # backups off: nothing asked
