@@ -38,3 +38,15 @@ def test_a_service_that_cannot_write_its_database_at_start_stops_in_one_line_nam
     assert str(tmp_path / "attribution.db") in last
     assert "disk I/O error" in last or "full" in last, last
     assert "bytes free" in last, last
+
+
+def test_the_gateway_that_cannot_write_its_audit_outbox_at_start_says_so(tmp_path):
+    # The gateway's only file of its own is its audit outbox (the refusals it decides), opened
+    # in the app's start-up, where uvicorn catches the failure: the reason ends the traceback it logs.
+    done = subprocess.run([sys.executable, "-B", "-m", "gateway"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, preexec_fn=_no_room,
+                          env={**os.environ, "HEARTH_DATA_DIR": str(tmp_path), "HEARTH_GATEWAY_PORT": "0",
+                               "HEARTH_METRICS_PORT": "0", "PYTHONDONTWRITEBYTECODE": "1"})
+    assert done.returncode != 0
+    assert (f"gateway cannot start: its audit outbox in {tmp_path} refused a write (disk I/O error); "
+            f"the volume of {tmp_path} has ") in done.stderr, done.stderr[-2000:]
