@@ -705,7 +705,9 @@ class AuditSink:
             self._outbox.put(batch)
         except Exception as exc:  # noqa: BLE001 - the disk failed too: kept in memory
             if self._closed:   # no more retries: counted as dropped (unless in the reserve file)
-                log.exception("audit outbox write failed while closing: %d records not spooled", len(batch))
+                lost = sum(1 for r in batch if self._reserve is None or not self._reserve.holds(r.record_id))
+                if lost:   # records in the reserve file are not lost: _drop_unreserved says where they stay
+                    log.exception("audit outbox write failed while closing: %d records not spooled", lost)
                 self._drop_unreserved(batch, "outbox_failed")
             else:
                 self._hold(batch, exc, "the disk outbox failed")
