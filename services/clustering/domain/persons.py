@@ -324,8 +324,8 @@ def own_and_shared_devices(device_ids: np.ndarray, personal_type: np.ndarray, pe
     alone. Every other device is **shared**: a TV is one whoever watched it, and so is
     another member's phone the person borrowed — a record there that names nobody may be
     another member's. What an erasure does with the two is docs/privacy.md §6's:
-    attribution's person erasure fences the unnamed touchpoints of the own devices, never
-    of the shared ones."""
+    attribution's person erasure fences the unnamed touchpoints of the own devices, and of
+    a shared one only where one of the person's erased touchpoints was."""
     device_ids = np.asarray(device_ids, dtype=object)
     personal_type = np.asarray(personal_type, dtype=bool)
     person_ids = np.asarray(person_ids, dtype=object)
