@@ -15,7 +15,12 @@ open-loop generator bench/loadgen.py, the read-back of acknowledged writes) and 
   15 % of the run;
 * **faults** (unless ``--no-faults``): clustering killed -9 at 30 % and restarted 3 s
   later (as a kubelet would); on PostgreSQL, redis-server stopped for 60 s at 50 % and
-  PostgreSQL restarted (fast shutdown, start) at 70 %;
+  PostgreSQL restarted (fast shutdown, start) at 70 %; on SQLite (``make run``'s mesh, where
+  every service's own file is the store) each process in turn: attribution at 38 %, privacy
+  at 46 % 0.05 s after accepting a household erasure (its job must still complete and its
+  marker vanish), feedback at 54 % while it recalibrates (``HEARTH_FEEDBACK_CHECK_INTERVAL_S``
+  1 and ``..._RECALIBRATE_MIN_NEW`` 1 for this run, so a fit runs nearly every second),
+  the gateway at 62 %;
 * a **sample every --sample-s seconds**: each process's RSS, open FDs and threads (the
   four services, the gateway, the PostgreSQL server with its backends, redis-server);
   PostgreSQL: every table's size and live rows, per schema, and pg_wal's size; Redis:
@@ -26,7 +31,8 @@ open-loop generator bench/loadgen.py, the read-back of acknowledged writes) and 
 * **afterwards**: every acknowledged event read back through the export; every accepted
   erasure completed; every erased household's marker absent from the raw bytes of every
   store (PostgreSQL's data directory incl. WAL, every Redis key and value, the SQLite
-  files, the logs) while a control household's marker is found (the scan sees the stores).
+  files with their -wal and -shm, the logs, every process's /metrics) while a control
+  household's marker is found (the scan sees the stores).
 
 Figures are ratios within the run: the last window (``--window-min``, 5 min) over the
 first after warm-up (latency p50/p99 per route, RSS, FDs, threads, table sizes), and
@@ -67,6 +73,12 @@ PURGEABLE_WAL = {"wal_recycle": "off", "full_page_writes": "on", "wal_keep_size"
 MARKER = "zrsoak"   # in every erased household's title and series ids
 CONTROL = "zrkeep"  # the same in a household never erased: the raw scan must find it
 REDIS_DOWN_S = 60.0
+RESTART_AFTER_S = 3.0   # as a kubelet would
+# On SQLite each process is killed in turn (at these fractions of the run), privacy just
+# after it accepted an erasure, feedback while it recalibrates (made near-continuous below).
+SQLITE_KILLS = {"attribution": 0.38, "privacy": 0.46, "feedback": 0.54, "gateway": 0.62}
+PRIVACY_KILL_AFTER_ACCEPT_S = 0.05
+RECALIBRATING_FEEDBACK = {"HEARTH_FEEDBACK_CHECK_INTERVAL_S": "1", "HEARTH_FEEDBACK_RECALIBRATE_MIN_NEW": "1"}
 # A resource "levels off" when its slope over the last half of the run, projected over
 # an hour, is under this fraction of its value at the end (noise, a cache filling), or
 # under the measure's floor per hour (a table going from 0 to 2 rows, a thread added to a
@@ -463,6 +475,14 @@ def raw_hits(v: Verify, needles: dict[str, bytes]) -> dict[str, list[str]]:
             for k, needle in needles.items():
                 if needle in data:
                     hits[k].append(str(f.relative_to(v.out)))
+    for name, port in v.metrics_ports().items():
+        try:
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).content
+        except httpx.HTTPError:
+            continue
+        for k, needle in needles.items():
+            if needle in text:
+                hits[k].append(f"metrics:{name}")
     if v.redis is not None and v.redis.proc is not None:
         import redis
 
@@ -476,21 +496,56 @@ def raw_hits(v: Verify, needles: dict[str, bytes]) -> dict[str, list[str]]:
     return hits
 
 
+def _receipt_public_key(v: Verify):
+    """The receipt key ``make run``'s privacy generated (``privacy-receipt-signing.pub``),
+    None on a mesh configured with its own (then the receipts' embedded key is used)."""
+    from services.privacy.keys.signing import load_public_key
+
+    path = v.mesh.data_dir / "privacy-receipt-signing.pub"
+    return load_public_key(path.read_text(), argument=str(path)) if path.exists() else None
+
+
+def _receipt_problem(receipt: dict | None, ack: dict, public_key) -> str:
+    """'' when the completed job's receipt verifies and names its job and account."""
+    from services.privacy.deletion.receipts import ReceiptVerificationError, SignedReceipt, verify_receipt
+
+    if not receipt:
+        return "completed without a receipt"
+    try:
+        r = verify_receipt(SignedReceipt.from_dict(receipt), public_key)
+    except (ValueError, ReceiptVerificationError) as exc:
+        return f"does not verify: {exc}"[:200]
+    if r.job_id != ack["deletion_job"] or r.account_id != ack["account_id"]:
+        return f"names job {r.job_id} / account {r.account_id}"
+    return ""
+
+
 def erasure_check(v: Verify, acks: list[dict], victims: dict[str, str]) -> dict:
-    """Every accepted erasure: its job's state; for completed household erasures, the
-    household's read and export through the API, and its marker in the raw bytes."""
+    """Every accepted erasure: its job's state and, once completed, its signed receipt
+    verified with the mesh's receipt public key (as ``hearth verify-receipt --public-key``);
+    for completed household erasures, the household's read and export through the API, and
+    its marker in the raw bytes."""
     jobs = [a for a in acks if a.get("deletion_job")]
     states: dict[str, int] = {}
+    receipts = {"verified": 0, "invalid": []}
     completed_households = []
+    public_key = _receipt_public_key(v)
     with v.client() as c:
         for a in jobs:
             deadline = time.monotonic() + 120
             while True:
-                st = c.get(f"/v1/delete/{a['deletion_job']}").json().get("state")
+                body = c.get(f"/v1/delete/{a['deletion_job']}").json()
+                st = body.get("state")
                 if st in ("completed", "failed") or time.monotonic() > deadline:
                     break
                 time.sleep(0.5)
             states[st or "unknown"] = states.get(st or "unknown", 0) + 1
+            if st == "completed":
+                problem = _receipt_problem(body.get("receipt"), a, public_key)
+                if problem:
+                    receipts["invalid"].append(f"{a['deletion_job']}: {problem}")
+                else:
+                    receipts["verified"] += 1
             if st == "completed" and a["account_id"] in victims:
                 completed_households.append(a["account_id"])
         api_remnants = []
@@ -505,7 +560,8 @@ def erasure_check(v: Verify, acks: list[dict], victims: dict[str, str]) -> dict:
     needles["control"] = CONTROL.encode()
     hits = raw_hits(v, needles)
     control = hits.pop("control")
-    return {"jobs": len(jobs), "states": states, "households_checked": len(completed_households),
+    return {"jobs": len(jobs), "states": states, "receipts": receipts,
+            "households_checked": len(completed_households),
             "api_remnants": api_remnants, "raw_remnants": {k: h for k, h in hits.items() if h},
             "control_found_in": sorted(control)[:10], "scan_sees_stores": bool(control)}
 
@@ -581,6 +637,10 @@ class Soak:
         self.events: list[dict] = []   # the faults and the rotation: what happened when
         self.victims: dict[str, str] = {}          # household erasure victims -> marker
         self.person_victims: list[str] = []
+        # The household whose erasure privacy is killed in the middle of (not the generator's).
+        self.kill_victim: tuple[str, str] | None = None
+        self.fault_erasures: list[dict] = []   # acks of erasures the faults requested
+        self.sqlite_kills = args.backend == "sqlite" and not args.no_faults
 
     def note(self, what: str, **kw) -> None:
         row = {"t": round(time.time() - self.t0, 1), "what": what, **kw}
@@ -602,6 +662,11 @@ class Soak:
                 account = f"soakperson-{i:04d}"
                 c.post("/v1/events", json={"events": household_events(account, rng, 8, n_persons=2)}).raise_for_status()
                 self.person_victims.append(account)
+            if self.sqlite_kills:
+                account, marker = "soakkill-0000", f"{MARKER}{tag}kx"
+                c.post("/v1/events", json={"events": _marked(household_events(account, rng, 4, n_persons=1),
+                                                             marker)}).raise_for_status()
+                self.kill_victim = (account, marker)
             control = "soakcontrol-0000"
             c.post("/v1/events", json={"events": _marked(household_events(control, rng, 4, n_persons=1),
                                                          f"{CONTROL}{tag}")}).raise_for_status()
@@ -615,7 +680,11 @@ class Soak:
                 job = r.json().get("job_id")
                 deadline = time.time() + 900
                 while job and time.time() < deadline:
-                    st = c.get(f"/v1/keys/rotate-households/{job}")
+                    try:
+                        st = c.get(f"/v1/keys/rotate-households/{job}")
+                    except httpx.TransportError:   # the gateway killed meanwhile (a fault): ask again
+                        time.sleep(5)
+                        continue
                     state = st.json().get("state") if st.status_code == 200 else None
                     if state in ("completed", "failed"):
                         body = st.json()
@@ -646,6 +715,54 @@ class Soak:
         self.v.mesh.start_service(name)
         self.note(f"{name} restarted")
 
+    def kill_gateway(self) -> None:
+        from services.common.child_process import stop_group
+
+        stop_group(self.v.mesh.processes.pop("gateway"), sig=signal.SIGKILL)
+        self.note("gateway killed -9")
+
+    def start_gateway(self) -> None:
+        self.v.mesh._spawn("gateway", "gateway", {**self.v.mesh.env(),
+                                                  "HEARTH_METRICS_PORT": str(self.v.mesh.gateway_metrics_port)})
+        self.note("gateway restarted")
+
+    def kill_privacy_mid_erasure(self) -> None:
+        """A household erasure accepted (202: the job is stored), then privacy killed -9
+        while it fans the erasure out to the services; on restart the job must resume."""
+        account, marker = self.kill_victim
+        with self.v.client() as c:
+            r = c.post("/v1/delete", json={"scope": {"kind": "household", "account_id": account},
+                                            "request_id": f"soakkill-{int(self.t0)}"})
+        time.sleep(PRIVACY_KILL_AFTER_ACCEPT_S)
+        self.kill_service("privacy")
+        job = r.json().get("job_id") if r.status_code == 202 else None
+        self.note("erasure accepted before the kill", status=r.status_code, job=job)
+        if job:
+            self.fault_erasures.append({"deletion_job": job, "account_id": account})
+            self.victims[account] = marker
+
+    def feedback_recalibrations(self) -> int | None:
+        """The newest calibrator version feedback has stored, summed over variants (read-only,
+        from its SQLite file; the count is capped by the purge): fits ran around the kill."""
+        import sqlite3
+
+        try:
+            with sqlite3.connect(f"file:{self.v.mesh.data_dir / 'feedback.db'}?mode=ro", uri=True, timeout=5) as db:
+                return int(db.execute("SELECT coalesce(sum(v), 0) FROM (SELECT max(version) AS v FROM calibrators "
+                                      "GROUP BY variant)").fetchone()[0])
+        except sqlite3.Error:
+            return None
+
+    def kill_feedback_recalibrating(self) -> None:
+        before = self.feedback_recalibrations()
+        self.kill_service("feedback")
+        self.note("feedback killed while recalibrating every second", calibrator_versions_before=before)
+
+    def restart_feedback(self) -> None:
+        self.start_service("feedback")
+        time.sleep(5)
+        self.note("feedback calibrator versions 5 s after its restart", versions=self.feedback_recalibrations())
+
     def redis_stop(self) -> None:
         self.v.redis.stop()
         self.note("redis-server stopped")
@@ -660,18 +777,30 @@ class Soak:
         self.v.postgres.start()
         self.note("PostgreSQL started")
 
-    def schedule(self) -> list[tuple[float, str, object]]:
+    def schedule(self) -> list[tuple[float, str, object, tuple | None]]:
+        """(seconds into the run, name, action, then): ``then`` = (delay, name, action) runs
+        ``delay`` after the action *ended* — a restart RESTART_AFTER_S after its kill, however
+        long the kill took (privacy's waits for its erasure's 202 first; on a loaded machine
+        the loop's sample can run late, and a restart planned at an absolute time came 0.6 s
+        after clustering's kill in a run of session 33)."""
         d = self.args.minutes * 60
         plan = [(0.15 * d, "rotation", lambda: threading.Thread(target=self.guarded, args=("rotation", self.rotate),
-                                                                 daemon=True).start())]
+                                                                 daemon=True).start(), None)]
         if not self.args.no_faults:
-            plan += [(0.30 * d, "kill", lambda: self.kill_service("clustering")),
-                     (0.30 * d + 3.0, "restart", lambda: self.start_service("clustering"))]
+            plan.append((0.30 * d, "kill", lambda: self.kill_service("clustering"),
+                         (RESTART_AFTER_S, "restart", lambda: self.start_service("clustering"))))
+            if self.sqlite_kills:
+                kills = {"attribution": lambda: self.kill_service("attribution"),
+                         "privacy": self.kill_privacy_mid_erasure, "feedback": self.kill_feedback_recalibrating,
+                         "gateway": self.kill_gateway}
+                for name, frac in SQLITE_KILLS.items():
+                    restart = {"gateway": self.start_gateway, "feedback": self.restart_feedback}.get(
+                        name, lambda n=name: self.start_service(n))
+                    plan.append((frac * d, f"kill {name}", kills[name], (RESTART_AFTER_S, f"restart {name}", restart)))
             if self.v.redis is not None:
-                plan += [(0.50 * d, "redis stop", self.redis_stop),
-                         (0.50 * d + REDIS_DOWN_S, "redis start", self.redis_start)]
+                plan.append((0.50 * d, "redis stop", self.redis_stop, (REDIS_DOWN_S, "redis start", self.redis_start)))
             if self.v.postgres is not None:
-                plan.append((0.70 * d, "postgres", self.postgres_restart))
+                plan.append((0.70 * d, "postgres", self.postgres_restart, None))
         return sorted(plan, key=lambda x: x[0])
 
     def run(self) -> dict:
@@ -679,6 +808,8 @@ class Soak:
         duration = a.minutes * 60
         prom = None
         try:
+            if self.sqlite_kills:
+                os.environ.update(RECALIBRATING_FEEDBACK)   # the mesh copies this process's environment
             v.start_mesh()
             v.wait_mesh()
             log(f"mesh up ({a.backend}); seeding")
@@ -707,8 +838,12 @@ class Soak:
                     log(f"  [{s['t']:7.1f}s] sample: gateway rss {gw.get('rss_mb')} fds {gw.get('fds')} "
                         f"load {os.getloadavg()[0]:.1f}")
                 while plan and now - self.t0 >= plan[0][0]:
-                    _, name, action = plan.pop(0)
+                    _, name, action, then = plan.pop(0)
                     self.guarded(name, action)
+                    if then is not None:
+                        delay, then_name, then_action = then
+                        plan = sorted([*plan, (time.time() - self.t0 + delay, then_name, then_action, None)],
+                                      key=lambda x: x[0])
                 time.sleep(0.5)
             t_end = time.time()
             sampler.take()
@@ -717,7 +852,8 @@ class Soak:
             log("reading back acknowledged writes and erasures")
             event_acks = [x for x in raw["acks"] if "event_ids" in x]
             lost_events = v.lost(event_acks)
-            erasure = erasure_check(v, raw["acks"], self.victims)
+            erasure = erasure_check(v, raw["acks"] + self.fault_erasures, self.victims)
+            erasure["fault_erasures"] = self.fault_erasures
             log("VerifyAudit over the whole log")
             audit = audit_verified(v)
             alerts = fired_alerts(prom_url, self.t0, t_end + 30) if prom else {}

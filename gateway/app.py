@@ -38,7 +38,7 @@ from services.common.identity import Principal
 from services.common.ids import ID_PATTERN, ID_RULE
 from services.common.text import MULTILINE_TEXT_PATTERN, TEXT_PATTERN, check_text
 from services.common.permissions import authorize_route
-from services.common.server import PEER_PROBE_TIMEOUT_S
+from services.common.server import PEER_PROBE_TIMEOUT_S, stop_if_storage_refuses
 
 log = logging.getLogger("hearth.gateway")
 ACCESS_LOG = logging.getLogger("hearth.access")
@@ -338,9 +338,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         await clients.start()
         # Refused requests (401/403 decided here, never reaching a service) go to the
         # audit log; every RPC is audited by the services themselves.
-        audit_sink = audit.sink_for_service("gateway", settings.privacy_addr, settings.rpc_timeout_s,
-                                            outbox_dir=settings.data_dir,
-                                            reserve_bytes=int(settings.audit_reserve_mb * 2**20))
+        with stop_if_storage_refuses("gateway", settings.data_dir, f"its audit outbox in {settings.data_dir}"):
+            audit_sink = audit.sink_for_service("gateway", settings.privacy_addr, settings.rpc_timeout_s,
+                                                outbox_dir=settings.data_dir,
+                                                reserve_bytes=int(settings.audit_reserve_mb * 2**20))
         audit.install(audit_sink)
         remove_listener = identity.add_security_listener(audit.security_listener("gateway"))
         yield

@@ -14,7 +14,12 @@ from services.common.errors import InvalidArgument
 from services.common.ids import ID_PATTERN, MAX_FUTURE_SKEW_S, MAX_ID_CHARS, MAX_QUERY_TS, MIN_QUERY_TS, MIN_TS
 from services.common.text import TEXT_PATTERN
 
-Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)]
+# An id is checked by its pattern alone, which bounds its length (1-128) too: with pydantic's
+# own length bounds beside it, those ran first and a 129-character id got "String should
+# have at most 128 characters", not the id rule every other bad id (and every gRPC caller)
+# is told (session 33; gateway/app.py _rule_in_words). The bounds stay in the schema.
+ID_LENGTH_SCHEMA = {"minLength": 1, "maxLength": MAX_ID_CHARS}
+Id = Annotated[str, Field(pattern=ID_PATTERN, json_schema_extra=ID_LENGTH_SCHEMA)]
 # Free text is stored as data: any text under the one text rule (services/common/text.py:
 # no control characters — a NUL cannot even be stored in PostgreSQL text — no line
 # separators, no bidirectional overrides).

@@ -7,9 +7,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Path
 
 from gateway.lean import LeanRoute
-from services.common.ids import ID_PATTERN, MAX_ID_CHARS
+from gateway.models import ID_LENGTH_SCHEMA
+from services.common.ids import ID_PATTERN
 
-ACCOUNT_PATH = Path(..., min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)
+# The id rule by its pattern alone (gateway/models.py ``Id`` says why).
+ACCOUNT_PATH = Path(..., pattern=ID_PATTERN, json_schema_extra=ID_LENGTH_SCHEMA)
 
 def api_router() -> APIRouter:
     """The router every route module uses: its JSON-body routes get the lean handler

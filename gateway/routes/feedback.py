@@ -237,8 +237,7 @@ def router(clients, access, prediction_wait_s: float = 2.0) -> APIRouter:
 
     @api.get("/v1/experiment", response_model=ExperimentOut,
              summary="Variant of a household, traffic split, kill switch and per-variant results")
-    async def get_experiment(account_id: str | None = Query(None, min_length=1, max_length=128,
-                                                            pattern=ID_PATTERN),
+    async def get_experiment(account_id: models.Id | None = Query(None),
                              who: Principal = Depends(access("GET /v1/experiment"))):
         r = await clients.call("feedback", "GetExperiment",
                                fpb.GetExperimentRequest(account_id=account_id or ""), who)

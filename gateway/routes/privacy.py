@@ -5,8 +5,10 @@ household export, consent.
 * ``GET /v1/delete/{job_id}`` — state, per-service confirmations and, once completed,
   the signed receipt (verify offline with ``hearth verify-receipt``).
 * ``GET /v1/household/{account_id}/export`` — everything Hearth holds about the
-  household (schema ``hearth-household-export`` v1, docs/privacy.md).
-* ``PUT /v1/consent/{account_id}`` — the account's consent flags.
+  household (schema ``hearth-household-export`` v1, docs/privacy.md); a household it holds
+  nothing about is 200 with every section empty (the Art. 15 "nothing held"), not 404.
+* ``PUT /v1/consent/{account_id}`` — the account's consent flags; ``GET`` reads them back
+  (404 for an account that never set any: the defaults, both allowed, apply).
 * ``POST /v1/keys/rotate`` — make another configured KEK active and re-wrap every data
   key under it (privacy's ``RotateKeys``, admin only; ``hearth keys rotate``).
 * ``POST /v1/household/{account_id}/rotate-key`` — rotate one household's data key: a new
@@ -38,7 +40,7 @@ from gateway.routes import ACCOUNT_PATH, ID_PATTERN, api_router
 from hearth.common.v1 import common_pb2
 from hearth.privacy.v1 import privacy_pb2 as ppb
 from services.common.erasure import ErasureScope, scope_from_pb, scope_to_pb
-from services.common.errors import Unavailable
+from services.common.errors import NotFound, Unavailable
 from services.common.export_stream import IncompleteExport, Verifier
 from services.common.identity import Principal
 from services.common.pbutil import float_to_ts
@@ -49,7 +51,7 @@ _STATES = {ppb.JOB_STATE_PENDING: "pending", ppb.JOB_STATE_RUNNING: "running",
            ppb.JOB_STATE_UNSPECIFIED: "unknown"}
 ScopeKind = Literal["household", "device", "person", "window"]
 # Its own Path object: FastAPI binds a parameter's alias onto the FieldInfo it is given.
-JOB_PATH = PathParam(..., min_length=1, max_length=128, pattern=ID_PATTERN)
+JOB_PATH = PathParam(..., pattern=ID_PATTERN, json_schema_extra=models.ID_LENGTH_SCHEMA)
 NOT_FOUND = {404: {"model": models.ErrorOut, "description": "unknown job"}}
 
 
@@ -116,7 +118,15 @@ class ConsentOut(BaseModel):
     account_id: str
     processing: bool
     attribution: bool
-    version: int
+    version: int = Field(description="1 for the first PUT of the account, then one more per PUT")
+
+
+# An account with no consent record is processed under the service contract's defaults
+# (docs/privacy.md §8): GetConsent answers known=false with both flags true. Over HTTP that
+# is a 404 rather than a 200 with flags nobody set, so a client can tell "allowed by
+# default" from "allowed by a PUT" (and a mistyped id from a real account).
+CONSENT_NEVER_SET = ("no consent was ever set for this account (PUT /v1/consent/{account_id}); "
+                     "the defaults apply: processing and attribution allowed")
 
 
 def _iso(ts) -> str:
@@ -169,7 +179,11 @@ EXPORT_DESCRIPTION = (
     "A failure before the first byte is an ordinary error status. A failure after it (a data holder "
     "failing part-way) cannot change the 200 already sent: the connection is then closed before the "
     "end of the chunked body, so the client sees an incomplete transfer, and the document is left "
-    'unclosed (not valid JSON). A whole export is valid JSON whose last key is "complete": true.')
+    'unclosed (not valid JSON). A whole export is valid JSON whose last key is "complete": true. '
+    # Decided and stated in session 33 (docs/privacy.md §9 gives the reasons); the answer is older.
+    "A household Hearth holds nothing about (never held, or erased) is answered 200 with the same document, "
+    "every list empty, no household model and consent the defaults (explicit: false): the confirmation that "
+    "no personal data is held which an access request (GDPR Art. 15) asks for, not a 404.")
 log = logging.getLogger("hearth.gateway.export")
 
 
@@ -350,6 +364,19 @@ def router(clients, access) -> APIRouter:
         r = await clients.call("privacy", "SetConsent", ppb.SetConsentRequest(
             account_id=account_id, processing=body.processing, attribution=body.attribution), who)
         return ConsentOut(account_id=account_id, processing=body.processing, attribution=body.attribution,
+                          version=r.version)
+
+    @api.get("/v1/consent/{account_id}", response_model=ConsentOut,
+             responses={404: {"model": models.ErrorOut,
+                              "description": "consent was never set for the account: the defaults apply "
+                                             "(processing and attribution allowed)"}},
+             summary="The account's consent flags as last set, with their version")
+    async def get_consent(account_id: str = ACCOUNT_PATH,
+                          who: Principal = Depends(access("GET /v1/consent/{account_id}"))):
+        r = await clients.call("privacy", "GetConsent", ppb.GetConsentRequest(account_id=account_id), who)
+        if not r.known:
+            raise NotFound(CONSENT_NEVER_SET, "account_id")
+        return ConsentOut(account_id=account_id, processing=r.processing, attribution=r.attribution,
                           version=r.version)
 
     @api.post("/v1/keys/rotate", response_model=RotateKeysOut,

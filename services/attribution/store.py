@@ -199,13 +199,17 @@ class AttributionStore:
             return changed, []
         return changed, [self.db.purge_erased(("touchpoints",))]
 
-    def erase(self, scope: ErasureScope, person_touchpoints: Sequence[str] = ()) -> ErasureOutcome:
+    def erase(self, scope: ErasureScope, person_touchpoints: Sequence[str] = (),
+              own_devices: Sequence[str] = ()) -> ErasureOutcome:
         """Delete the scope's touchpoints and conversions in one transaction.
 
         Person scope: ``person_touchpoints`` are the ids the caller resolved to that
         person (through the clustering service) plus those stored with that person_id;
         a conversion is the account's, not a person's, so it stays (its credit is
-        recomputed without the person's touchpoints at the next Attribute call)."""
+        recomputed without the person's touchpoints at the next Attribute call).
+        ``own_devices``: the person's own devices as clustering reads them (GetPersonDevices),
+        whose touchpoints naming nobody are fenced with those of every device one of the
+        person's erased touchpoints was on, shared or not."""
         outcome = ErasureOutcome()
         account = scope.account_id
         cached = "attribution:" if scope.all_accounts else f"attribution:{account}"
@@ -249,11 +253,15 @@ class AttributionStore:
                 # the store holds nothing of: a device's digest would make it a data key.
                 now = time.time()
                 if scope.kind == "person":
-                    # Clustering's rule: everything recorded up to now on each device the
-                    # person's erased touchpoints were on (here: those naming no person), and
-                    # every touchpoint naming the person.
-                    devices = sorted(r[0] for r in tx.query(
-                        f"SELECT DISTINCT device_id FROM touchpoints WHERE {tp_where}", tp_params))
+                    # Every touchpoint naming the person recorded up to now, and those naming
+                    # no person on each device one of the person's erased touchpoints was on,
+                    # shared or not (session 32: one in flight there may be the person's, and
+                    # erasure completeness wins over another member's in the fence window),
+                    # and, since session 33, on the person's own devices, which may have sent
+                    # nothing yet. Not on a shared device the person left no erased touchpoint
+                    # on: nothing ties one there to the person (docs/privacy.md §6).
+                    devices = sorted({r[0] for r in tx.query(
+                        f"SELECT DISTINCT device_id FROM touchpoints WHERE {tp_where}", tp_params)} | set(own_devices))
                     write_fences(tx, account, [*self._digests(account, _UNNAMED_TOUCHPOINTS, devices).values(),
                                                self._digests(account, "person", [scope.person_id])[scope.person_id]],
                                  None, now)

@@ -22,6 +22,7 @@ from prometheus_client import Counter, Gauge
 from services.common import strict_json
 from services.clustering.domain import features as F
 from services.clustering.domain.events import MAX_EVENTS_PER_BATCH, ViewingEvent
+from services.clustering.domain.persons import PERSONAL_DEVICE_TYPES, own_and_shared_devices
 from services.common.ids import check_id
 from services.common.text import MAX_REASON_CHARS, check_text
 from services.clustering.domain.model import (MIN_SESSIONS, PRIOR_MAX_HOUSEHOLDS, BatchAssignment, HouseholdModel,
@@ -626,6 +627,15 @@ class ClusteringApp:
             check_id(account, f"instants[{n}].account_id")
             check_id(device, f"instants[{n}].device_id")
         return self.store.resolve_persons(instants)
+
+    def person_devices(self, account_id: str, person_id: str) -> tuple[list[str], list[str]]:
+        """GetPersonDevices: the person's own devices and the shared ones their sessions are
+        on (persons.own_and_shared_devices), from the stored assignments."""
+        check_id(account_id, "account_id")
+        check_id(person_id, "person_id")
+        rows = self.store.person_device_sessions(account_id, person_id)
+        return own_and_shared_devices([r[0] for r in rows], [r[1] in PERSONAL_DEVICE_TYPES for r in rows],
+                                      [r[2] for r in rows], [r[3] for r in rows], person_id)
 
     def rekey(self, account_id: str, dek_version: int, defer_purge: bool = False) -> tuple[int, list[dict]]:
         """DataHolder.Rekey: the household's sealed values under data key ``dek_version``."""

@@ -37,7 +37,7 @@ from prometheus_client import Counter
 from services.clustering.domain.drift import DriftDetector, build_detector
 from services.clustering.domain.model import MIN_SESSIONS, PERSON_ID, HouseholdModel, PopulationPrior
 from services.clustering.household import MICRO_BATCH, MIN_DRIFT_REFERENCE, Envelope
-from services.clustering.store import ClosedTail, ClusteringStore, DriftRow, StoredSession
+from services.clustering.store import Answers, ClosedTail, ClusteringStore, DriftRow, StoredSession
 from services.common.client import serving_time_left
 from services.common.errors import Conflict, DeadlineExceeded
 from services.common.feedback_to_clustering import is_feedback_trigger
@@ -285,17 +285,21 @@ class ModelKeeper:
             if not step.save:
                 self._record_persons(account_id, snap, step.envelope, start=step.answer_from)
                 return version, current
+            blob = step.envelope.to_bytes()
+            # The model, its drift events and its sessions' answers in one write
+            # transaction (ClusteringStore.save_model), written only if the
+            # compare-and-swap wins: the answers are computed before it opens, so that it
+            # holds the household's lock for the writes alone.
             try:
-                new_version = self.store.save_model(account_id, version, step.envelope.model.active_variant,
-                                                    step.envelope.to_bytes())
+                new_version = self.store.save_model(account_id, version, step.envelope.model.active_variant, blob,
+                                                    drift=step.drift,
+                                                    answers=self._answers(snap, step.envelope, included=step.included))
             except Conflict:
                 continue  # another replica updated it: redo on top of theirs
             for row in step.drift:
-                self.store.add_drift_event(account_id, row)
                 DRIFT_EVENTS.labels(row.drift_type).inc()
             with self._lock:
                 self._decoded[account_id] = (new_version, step.envelope)
-            self._record_persons(account_id, snap, step.envelope, included=step.included)
             return new_version, step.envelope
         raise Conflict(f"household model of {account_id!r} kept changing; try again", "account_id")
 
@@ -481,17 +485,23 @@ class ModelKeeper:
         answers are re-recorded through the "settled" confidence map (in-sample answers
         of a streamed model are right more often than at arrival at the same posterior);
         the others are answered at arrival."""
+        answers = self._answers(snap, envelope, start, included)
+        if answers is not None:
+            self.store.set_persons(account_id, *answers)
+
+    def _answers(self, snap: Snapshot, envelope: Envelope, start: int = 0, included: int = 0) -> Answers | None:
+        """``_record_persons``' answers (``set_persons``' arguments after the account), None
+        when there is no session from ``start`` on."""
         sessions = snap.sessions[start:]
         if not sessions:
-            return
+            return None
         persons, probs = persons_for(envelope.model, sessions, snap.labels[start:], snap.X[start:],
                                      included=np.arange(start, len(snap.sessions)) < included)
         # Only the answers that change are written. A fold re-answers every included
         # session with the updated model ("settled" answers), so most rows do change, but
         # not all: 0-1,359 of ~2,600 a fold were already stored as answered
         # (bench.refresh_cpu --fold, 1,200 days; session 26), and each row is an UPDATE.
-        self.store.set_persons(account_id, persons, probs,
-                               unless_recorded=snap.recorded.recorded if snap.recorded is not None else None)
+        return persons, probs, snap.recorded.recorded if snap.recorded is not None else None
 
 
 def _sessions_digest(X: np.ndarray) -> str:

@@ -24,6 +24,7 @@ import json
 import logging
 import operator
 import os
+import re
 import struct
 import threading
 import time
@@ -31,6 +32,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 
+import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import trace
 from prometheus_client import Counter, Gauge
@@ -38,6 +40,7 @@ from prometheus_client import Counter, Gauge
 from hearth.feedback.v1 import feedback_pb2 as fpb
 from services.common import telemetry
 from services.common.batching import GroupCommitter
+from services.common.errors import refusal_of
 from services.common.pbutil import float_to_ts
 from services.common.pbutil import varint as _varint
 from services.common.ids import MAX_FUTURE_SKEW_S
@@ -52,6 +55,9 @@ OUTBOX_DEPTH = Gauge("hearth_prediction_outbox_depth", "Predictions waiting for 
 EXPIRED = Counter("hearth_predictions_expired_total",
                   "Predictions not forwarded: about a session already outside the retention window "
                   "(feedback refuses them; the purge would erase them)")
+CONFLICTING = Counter("hearth_predictions_conflicting_total",
+                      "Predictions not forwarded: feedback holds their prediction id with other content "
+                      "(ALREADY_EXISTS); feedback keeps the first")
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,18 @@ def _link(traceparent: str) -> trace.Link | None:
     except ValueError:
         return None
     return trace.Link(ctx) if ctx.is_valid else None
+
+
+_CONFLICT_FIELD = re.compile(r"predictions\[(\d+)\]\.prediction_id")
+
+
+def _conflicting_index(exc: BaseException, n: int) -> int | None:
+    """The index feedback's ALREADY_EXISTS names (``predictions[i].prediction_id``), or None."""
+    refusal = refusal_of(exc)
+    if refusal is None or refusal[0] != grpc.StatusCode.ALREADY_EXISTS:
+        return None
+    found = _CONFLICT_FIELD.fullmatch(refusal[1])
+    return int(found.group(1)) if found and int(found.group(1)) < n else None
 
 
 def to_request(records: Iterable[PredictionRecord]) -> fpb.RecordPredictionRequest:
@@ -785,8 +803,7 @@ class PredictionLog:
         links = [link for link in map(_link, traceparents) if link is not None][:MAX_LINKS]
         with telemetry.safe_span(telemetry.tracer("hearth.clustering.predictions"), "predictions.forward",
                                  links=links, attributes={"hearth.predictions": len(request.predictions)}):
-            if request.predictions:
-                self._send(request)
+            conflicting = self._send_dropping_conflicts(request)
         with contextlib.nullcontext(tx) if tx is not None else self._db.transaction() as tx:
             if legacy:
                 tx.executemany("DELETE FROM prediction_outbox WHERE prediction_id = ?", [(r[0],) for r in legacy])
@@ -794,7 +811,30 @@ class PredictionLog:
                 tx.executemany("DELETE FROM prediction_chunks WHERE chunk_id = ?", [(c[0],) for c in chunks])
         delivered = len(request.predictions)
         FORWARDED.inc(delivered)
-        return delivered, depth > delivered + len(expired)
+        return delivered, depth > delivered + len(expired) + conflicting
+
+    def _send_dropping_conflicts(self, request: fpb.RecordPredictionRequest) -> int:
+        """Send ``request``; a prediction whose id feedback already holds with other content
+        (ALREADY_EXISTS naming ``predictions[i].prediction_id``: feedback refuses the whole
+        request) is taken out and the rest sent again. Returns how many were taken out
+        (``hearth_predictions_conflicting_total``). Ids are 128 random bits, so this is
+        another caller's use of the id, or a fault: feedback keeps the first, and a forward
+        retried for ever would hold back every prediction behind it (as ``_expired``'s)."""
+        dropped = 0
+        while request.predictions:
+            try:
+                self._send(request)
+                break
+            except Exception as exc:
+                index = _conflicting_index(exc, len(request.predictions))
+                if index is None:
+                    raise
+                log.warning("prediction %s not forwarded: feedback holds its id with other content (kept there)",
+                            request.predictions[index].prediction_id)
+                del request.predictions[index]
+                CONFLICTING.inc()
+                dropped += 1
+        return dropped
 
     def _expired(self, request: fpb.RecordPredictionRequest) -> set[int]:
         """Indexes of the predictions about sessions older than the retention window (by

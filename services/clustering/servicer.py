@@ -254,6 +254,10 @@ class ClusteringServicer(pb_grpc.ClusteringServiceServicer):
                                                            caller=identity.current_principal())
         return pb.GetEventStatusResponse(stored=stored, erased=erased, not_stored=not_stored)
 
+    def GetPersonDevices(self, request: pb.GetPersonDevicesRequest, context) -> pb.GetPersonDevicesResponse:
+        own, shared = self.app.person_devices(request.account_id, request.person_id)
+        return pb.GetPersonDevicesResponse(own_device_ids=own, shared_device_ids=shared)
+
     def ResolvePersons(self, request: pb.ResolvePersonsRequest, context) -> pb.ResolvePersonsResponse:
         if len(request.instants) > 10_000:
             raise InvalidArgument("at most 10000 instants", "instants")

@@ -209,8 +209,8 @@ def _first_unheld(events: list[ViewingEvent], held: Iterable[str]) -> list[Viewi
 
 def _held_ids(tx: Tx, events_of: dict[tuple[str, str], list[ViewingEvent]]) -> dict[str, set[str]]:
     """Household -> the ids among its devices' ``events_of`` it already stores: one
-    statement per 500 (household, id) pairs (erased ones are not looked for: the callers
-    leave a household holding erased events' digests to the per-device path)."""
+    statement per 500 (household, id) pairs (erased ones are not looked for here: their
+    digests need each household's key, ``ClusteringStore._erased_ids``)."""
     held: dict[str, set[str]] = defaultdict(set)
     for account, event_id in _query_values(
             tx, "v(a, i)", "SELECT v.a, v.i FROM v JOIN events e ON e.account_id = v.a AND e.event_id = v.i",
@@ -396,6 +396,27 @@ def _event_from_row(r: Sequence) -> ViewingEvent:
 # person -> probability maps the service built itself: sorted keys, no cycle check.
 _encode_probabilities = json.JSONEncoder(sort_keys=True, check_circular=False).encode
 _SET_PERSON = "UPDATE sessions SET person_id = ?, person_probs = ? WHERE account_id = ? AND session_id = ?"
+
+# A refresh's answers (ClusteringStore.set_persons' arguments after the account): session id
+# -> person, session id -> the probability of every person, and what a read found each
+# session holding (ClosedTail.recorded; None: write every one).
+Answers = tuple[dict[str, str], "dict[str, dict[str, float]] | None",
+                "dict[str, tuple[str | None, str | None]] | None"]
+
+
+def _person_rows(account_id: str, persons: dict[str, str], probabilities: dict[str, dict[str, float]] | None,
+                 unless_recorded: dict[str, tuple[str | None, str | None]] | None) -> list[tuple]:
+    """``_SET_PERSON``'s rows of ``set_persons``' arguments: a session found holding this
+    person and these probabilities (``unless_recorded``) is not written again."""
+    probabilities = probabilities or {}
+    rows = []
+    for s, p in persons.items():
+        probs = probabilities.get(s)
+        encoded = _encode_probabilities(probs) if probs is not None else None
+        if unless_recorded is not None and unless_recorded.get(s) == (p, encoded):
+            continue
+        rows.append((p, encoded, account_id, s))
+    return rows
 
 
 # The least margin a window erasure allows between its end and the earliest session start
@@ -764,26 +785,32 @@ class ClusteringStore:
         path's three reads (``ingest``, ``_new_events``, ``_NEWEST_SESSION``), for all of them
         in one statement a table per 500 (ingest32: four statements a device, ~17 s of a batch
         of 1,000 late devices on PostgreSQL at load 17, before the transaction). A household
-        holding erased events' digests is read a device at a time as before (that check needs
-        its key); a device whose newest end two sessions share is not prepared (which one
-        ``LIMIT 1`` reads is the database's choice: the transaction's own path reads it)."""
+        holding erased events' digests too (ingest33: read a device at a time until then,
+        five statements a device — 100 such households of 1,000 took the batch's reads from
+        0.4 to 4.6 s on PostgreSQL at load 15): the digests of its ids not stored are made
+        with its key here and looked for in one statement per 500 (``_erased_ids``); a
+        household whose key is not to be had is not prepared. A device whose newest end
+        two sessions share is not prepared (which one ``LIMIT 1`` reads is the database's
+        choice: the transaction's own path reads it)."""
         accounts = sorted({account for account, _ in devices})
         erased = {r[0] for r in _query_chunks(
             tx, "SELECT DISTINCT account_id FROM erased_events WHERE account_id IN ({})", accounts)}
         marks: dict[tuple[str, str], list] = defaultdict(list)
         for account, device, last_ts in _query_chunks(
-                tx, "SELECT account_id, device_id, last_ts FROM devices WHERE account_id IN ({})",
-                [a for a in accounts if a not in erased]):
+                tx, "SELECT account_id, device_id, last_ts FROM devices WHERE account_id IN ({})", accounts):
             marks[(account, device)].append((last_ts,))
         on_time: dict[tuple[str, str], list[ViewingEvent]] = {}
         for key in devices:
-            if key[0] not in erased and key in marks:   # else: erased digests, or a device new to it
+            if key in marks:   # else: a device new to it
                 watermark = float(marks[key][0][0])
                 events = [e for e in by_device[key].events if e.ts >= watermark - self.tolerance_s]
                 if events:
                     on_time[key] = events
         held = _held_ids(tx, on_time)
-        fresh = {key: kept for key, events in on_time.items() if (kept := _first_unheld(events, held.get(key[0], ())))}
+        gone, unkeyed = self._erased_ids(tx, {key: events for key, events in on_time.items() if key[0] in erased},
+                                         held)
+        fresh = {key: kept for key, events in on_time.items() if key[0] not in unkeyed
+                 and (kept := _first_unheld(events, held.get(key[0], set()) | gone.get(key[0], set())))}
         newest: dict[tuple[str, str], list] = defaultdict(list)
         for r in _query_values(
                 tx, "v(a, d)", "SELECT v.a, v.d, s.session_id, s.start_ts, s.end_ts, s.feature_version, s.state "
@@ -791,26 +818,34 @@ class ClusteringStore:
                 "(SELECT MAX(m.end_ts) FROM sessions m WHERE m.account_id = v.a AND m.device_id = v.d)",
                 sorted(fresh)):
             newest[(r[0], r[1])].append(tuple(r[2:]))
-        reads = [(*key, marks[key], fresh[key], newest.get(key, [])) for key in sorted(fresh)
-                 if len(newest.get(key, [])) <= 1]
-        skipped: set[str] = set()
-        for account, device in devices:   # households with erased events' digests, as before
-            if account not in erased or account in skipped:
-                continue
+        return [(*key, marks[key], fresh[key], newest.get(key, [])) for key in sorted(fresh)
+                if len(newest.get(key, [])) <= 1]
+
+    def _erased_ids(self, tx: Tx, events_of: dict[tuple[str, str], list[ViewingEvent]],
+                    held: dict[str, set[str]]) -> tuple[dict[str, set[str]], set[str]]:
+        """(household -> the ids among its devices' ``events_of`` not in ``held`` that an
+        erasure deleted, the households whose key is not to be had): ``_new_events``' erased
+        check (``_erased``) for many households, their digests made with each one's key and
+        looked for in one statement per 500 (ingest33)."""
+        unheld: dict[str, set[str]] = defaultdict(set)
+        for (account, _device), events in events_of.items():
+            unheld[account].update(e.event_id for e in events if e.event_id not in held.get(account, ()))
+        ids_of: dict[tuple[str, bytes], str] = {}
+        unkeyed: set[str] = set()
+        for account, ids in sorted(unheld.items()):
             check_serving_deadline()
-            row = tx.query("SELECT last_ts FROM devices WHERE account_id = ? AND device_id = ?", (account, device))
-            if not row:
-                continue   # a device new to it: the transaction's own path
-            watermark = float(row[0][0])
-            events = [e for e in by_device[(account, device)].events if e.ts >= watermark - self.tolerance_s]
             try:
-                kept = self._new_events(tx, account, events) if events else []
+                digests = self._digests(account, sorted(ids))
             except HearthError:
-                skipped.add(account)   # its key not to be had (erased, privacy not answering)
+                unkeyed.add(account)   # its key not to be had (erased, privacy not answering)
                 continue
-            if kept:
-                reads.append((account, device, row, kept, tx.query(_NEWEST_SESSION, (account, device))))
-        return reads
+            ids_of.update({(account, digest): event_id for event_id, digest in digests.items()})
+        gone: dict[str, set[str]] = defaultdict(set)
+        for account, digest in _query_values(
+                tx, "v(a, d)", "SELECT v.a, v.d FROM v JOIN erased_events x ON x.account_id = v.a AND x.digest = v.d",
+                sorted(ids_of)):
+            gone[account].add(ids_of[(account, bytes(digest))])
+        return gone, unkeyed
 
     def _prepare_rebuilds(self, late: list[tuple[str, str, list, list[ViewingEvent], list, float]],
                           sealers: dict[str, HouseholdSealer | None]) -> dict[tuple[str, str], _PreparedDevice]:
@@ -1516,14 +1551,7 @@ class ClusteringStore:
         a read found them): a session found holding this person and these probabilities
         is not written again (a fold re-answers every session; a quarter or so answer as
         stored). Returns how many rows were written."""
-        probabilities = probabilities or {}
-        rows = []
-        for s, p in persons.items():
-            probs = probabilities.get(s)
-            encoded = _encode_probabilities(probs) if probs is not None else None
-            if unless_recorded is not None and unless_recorded.get(s) == (p, encoded):
-                continue
-            rows.append((p, encoded, account_id, s))
+        rows = _person_rows(account_id, persons, probabilities, unless_recorded)
         if rows:
             with self.db.transaction() as tx:
                 tx.executemany(_SET_PERSON, rows)
@@ -1621,6 +1649,15 @@ class ClusteringStore:
                     probs = json.loads(r[4]) if r[4] else ({r[3]: 1.0} if r[3] else {})
                     out[i] = (r[0], probs)
         return out
+
+    def person_device_sessions(self, account: str, person: str) -> list[tuple[str, str, str, int]]:
+        """(device id, device type, assigned person or "", sessions) of the stored sessions
+        of each device ``person``'s sessions are on (GetPersonDevices)."""
+        with self.db.transaction(readonly=True) as tx:
+            return [(r[0], r[1], r[2] or "", int(r[3])) for r in tx.query(
+                "SELECT device_id, device_type, person_id, COUNT(*) FROM sessions WHERE account_id = ? "
+                "AND device_id IN (SELECT DISTINCT device_id FROM sessions WHERE account_id = ? AND person_id = ?) "
+                "GROUP BY device_id, device_type, person_id", (account, account, person))]
 
     # ---- household models (compare-and-swap, cached) -------------------------------
 
@@ -1759,12 +1796,21 @@ class ClusteringStore:
         except FieldDecryptionError:
             return False
 
-    def save_model(self, account_id: str, expected_version: int, variant: str, blob: bytes) -> int:
+    def save_model(self, account_id: str, expected_version: int, variant: str, blob: bytes, *,
+                   drift: Sequence[DriftRow] = (), answers: Answers | None = None) -> int:
         """Store a new model version if the stored one is still ``expected_version``
         (0 = none yet); else raise Conflict so the caller re-reads and retries. This is
-        what keeps two replicas from losing each other's update."""
+        what keeps two replicas from losing each other's update.
+
+        ``drift`` (drift events) and ``answers`` (the sessions' persons the new model
+        gives, as ``set_persons`` writes them) are written in the same transaction, only
+        when the compare-and-swap wins: a refresh's save is one write transaction, not
+        one for the model and another for its answers (session 33: two BEGIN/COMMITs and
+        two pool checks a household on PostgreSQL), and a model is never stored without
+        its answers (a failure between the two left them stale until the next fold)."""
         new_version = expected_version + 1
         sealed = self._seal(account_id, "model", blob)
+        person_rows = _person_rows(account_id, *answers) if answers is not None else []
         generation = self._fence_generation
         with self.db.transaction() as tx:
             tx.lock_household(account_id)   # the EXISTS below must see an erasure in flight
@@ -1781,6 +1827,11 @@ class ClusteringStore:
                     "UPDATE household_models SET version = ?, variant = ?, model = ?, updated_at = ? "
                     "WHERE account_id = ? AND version = ?",
                     (new_version, variant, sealed, time.time(), account_id, expected_version))
+            if changed == 1:
+                for row in drift:
+                    self._insert_drift_event(tx, account_id, row)
+                if person_rows:
+                    tx.executemany(_SET_PERSON, person_rows)
             erasures = household_key_state(tx, account_id)
         if changed != 1:
             self.cache.delete(f"model:{account_id}")
@@ -2248,10 +2299,14 @@ class ClusteringStore:
 
     def add_drift_event(self, account_id: str, drift: DriftRow) -> None:
         with self.db.transaction() as tx:
-            tx.execute("INSERT INTO drift_events (account_id, drift_type, severity, statistic, "
-                       "detected_at, refit_triggered) VALUES (?, ?, ?, ?, ?, ?)",
-                       (account_id, drift.drift_type, drift.severity, drift.statistic,
-                        drift.detected_at, int(drift.refit_triggered)))
+            self._insert_drift_event(tx, account_id, drift)
+
+    @staticmethod
+    def _insert_drift_event(tx: Tx, account_id: str, drift: DriftRow) -> None:
+        tx.execute("INSERT INTO drift_events (account_id, drift_type, severity, statistic, "
+                   "detected_at, refit_triggered) VALUES (?, ?, ?, ?, ?, ?)",
+                   (account_id, drift.drift_type, drift.severity, drift.statistic,
+                    drift.detected_at, int(drift.refit_triggered)))
 
     def drift_events(self, account_id: str, limit: int = 100) -> list[DriftRow]:
         with self.db.transaction(readonly=True) as tx:

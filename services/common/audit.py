@@ -152,6 +152,7 @@ RPC_EVENTS: dict[str, str | tuple[str, str] | None] = {
     _CLU + "GetEventStatus": READ_HOUSEHOLD,   # which of a household's events are held: household data
     _CLU + "Refit": MODEL_REFIT,
     _CLU + "ResolvePersons": READ_HOUSEHOLD,   # who watched on which device: household data
+    _CLU + "GetPersonDevices": READ_HOUSEHOLD,   # which devices are a person's: household data
     _CLU + "RecordLabels": FEEDBACK,          # known persons of sessions, from feedback
     _ATT + "RecordTouchpoints": INGEST,
     _ATT + "RecordConversions": INGEST,
@@ -704,7 +705,9 @@ class AuditSink:
             self._outbox.put(batch)
         except Exception as exc:  # noqa: BLE001 - the disk failed too: kept in memory
             if self._closed:   # no more retries: counted as dropped (unless in the reserve file)
-                log.exception("audit outbox write failed while closing: %d records not spooled", len(batch))
+                lost = sum(1 for r in batch if self._reserve is None or not self._reserve.holds(r.record_id))
+                if lost:   # records in the reserve file are not lost: _drop_unreserved says where they stay
+                    log.exception("audit outbox write failed while closing: %d records not spooled", lost)
                 self._drop_unreserved(batch, "outbox_failed")
             else:
                 self._hold(batch, exc, "the disk outbox failed")

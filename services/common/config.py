@@ -150,6 +150,7 @@ OTHER_VARIABLES: dict[str, str] = {
     "HEARTH_ROLLOUT_CA_FILE": "services/rollout.py: CA of the gateway's HTTPS certificate",
     "HEARTH_DRILL_CA": "scripts/fresh_machine_drill.sh: a proxy's CA bundle copied into the drill's root",
     "HEARTH_DRILL_MIRROR": "scripts/fresh_machine_drill.sh: the Debian mirror debootstrap uses",
+    "HEARTH_LEDGER_SIGNING_KEY": "hearth ledger export, restore: the Ed25519 key (PEM or base64 seed) signing the off-site deletion ledger; unset on SQLite: generated in $HEARTH_DATA_DIR (development)",
     "HEARTH_POSTGRES_ADMIN_DSN": "hearth db provision-roles: a superuser's DSN or a managed server's admin login (CREATEROLE, owner of the database), for provisioning only",
     **{f"HEARTH_POSTGRES_DSN_{service.upper()}": f"hearth db provision-roles, backup, restore: {service}'s own DSN (its role and password)"
        for service in ("attribution", "clustering", "feedback", "privacy")},

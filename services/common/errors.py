@@ -121,6 +121,19 @@ def naming_the_item(account_ids: list[str], items: str) -> Iterator[None]:
         raise
 
 
+def refusal_of(error: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """(status, field) of a peer's refusal: a ``grpc.RpcError`` with the field from its
+    trailing metadata, or a HearthError (a servicer called in-process); None otherwise."""
+    if isinstance(error, HearthError):
+        return status_for(error), error.field
+    code = getattr(error, "code", None)
+    if isinstance(error, grpc.RpcError) and callable(code) and isinstance(code(), grpc.StatusCode):
+        trailing = getattr(error, "trailing_metadata", None)
+        pairs = (trailing() if callable(trailing) else None) or ()
+        return code(), dict((item[0], item[1]) for item in pairs).get(ERROR_FIELD_KEY, "")
+    return None
+
+
 def status_for(error: BaseException) -> grpc.StatusCode:
     for error_type, status in STATUS_BY_ERROR:
         if isinstance(error, error_type):

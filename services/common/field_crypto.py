@@ -38,8 +38,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from prometheus_client import Counter
 
-from services.common.errors import (FailedPrecondition, HearthError, InvalidArgument, NotFound, Unavailable,
-                                    about_account)
+from services.common.errors import (ERROR_CODE_KEY, FailedPrecondition, HearthError, InvalidArgument, NotFound,
+                                    Unavailable, about_account)
 from services.common.telemetry import pseudonym
 
 BLOB_VERSION = 1
@@ -528,7 +528,13 @@ def _error_from_rpc(exc: grpc.RpcError) -> HearthError:
     if code == grpc.StatusCode.NOT_FOUND:
         return NotFound(details, "account_id")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return Unavailable("data key service unavailable", "account_id")
+        # privacy's own reason (its database full or stopping) when privacy answered — its
+        # error interceptor marks the answer — so the client and the operator read the
+        # cause (ops33: "data key service unavailable" on a full disk sent them to the
+        # network); a channel's failure names addresses, and stays out of the answer.
+        said_by_privacy = any(key == ERROR_CODE_KEY for key, _ in (exc.trailing_metadata() or ()))
+        return Unavailable(f"data key service unavailable: {details}" if said_by_privacy and exc.details()
+                           else "data key service unavailable", "account_id")
     return HearthError(f"data key service: {details}", "account_id")
 
 

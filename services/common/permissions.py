@@ -134,6 +134,7 @@ ROUTES: dict[str, Permission] = {
     "PUT /v1/calibrators/{variant}": P.SET_FLAG,
     "GET /v1/audit": P.READ_AUDIT,
     "GET /v1/audit/export": P.READ_AUDIT,
+    "GET /v1/consent/{account_id}": P.READ_CONSENT,
     "PUT /v1/consent/{account_id}": P.SET_CONSENT,
     "POST /v1/keys/rotate": P.ROTATE_KEYS,   # `hearth keys rotate` (KEK rotation, admin)
     # `hearth keys rotate-household` (one household's data key, privacy officer or admin)
@@ -159,6 +160,7 @@ RPCS: dict[str, dict[str, Permission]] = {
         "GetEventStatus": P.READ_HOUSEHOLD,
         "Refit": P.REFIT_MODEL,
         "ResolvePersons": P.RESOLVE_PERSONS,
+        "GetPersonDevices": P.RESOLVE_PERSONS,   # a person's own devices: attribution's person erasure
         "RecordLabels": P.RECORD_FEEDBACK,
     },
     "hearth.attribution.v1.AttributionService": {

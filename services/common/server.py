@@ -10,6 +10,8 @@ then is the gRPC server stopped (``RunningServer.stop``, ``Drain``).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import gc
 import logging
 import os
@@ -30,7 +32,8 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from services.common import audit, client, health_report, identity, permissions, telemetry, text, tls
-from services.common.errors import ERROR_CODE_KEY, ERROR_FIELD_KEY, HearthError, InvalidArgument, status_for
+from services.common.errors import (
+    ERROR_CODE_KEY, ERROR_FIELD_KEY, HearthError, InvalidArgument, Unavailable, status_for)
 
 log = logging.getLogger("hearth.server")
 
@@ -849,6 +852,39 @@ def register_peer_checks(name: str, settings) -> list[str]:
     return names
 
 
+# Below this much free space on the data directory's volume, a start-up the storage refused
+# is called a full disk (SQLite needs room for a 32 KiB -shm and the WAL's first frames).
+FULL_VOLUME_BYTES = 1 << 20
+
+
+@contextlib.contextmanager
+def stop_if_storage_refuses(name: str, data_dir: str, what: str) -> Iterator[None]:
+    """Around a service's wiring: its SQLite database (or a file of its data directory)
+    refusing a write stops the process in one line — the database, SQLite's own words and
+    the volume's free space — instead of a traceback. On a full volume the first write of
+    start-up (``PRAGMA journal_mode=WAL`` creating the ``-shm``) says only "disk I/O
+    error", which reads as a failing device (ops33: every process of `make run` restarted
+    on its full data directory). A wrong statement is a bug and keeps its traceback."""
+    import sqlite3
+
+    from services.common.storage.sql import SQLITE_UNAVAILABLE_CODES
+
+    try:
+        yield
+    except (sqlite3.OperationalError, Unavailable, OSError) as exc:
+        if isinstance(exc, sqlite3.OperationalError) and (
+                getattr(exc, "sqlite_errorcode", 0) & 0xFF) not in SQLITE_UNAVAILABLE_CODES:
+            raise
+        if isinstance(exc, OSError) and exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS,
+                                                          errno.EIO):
+            raise
+        free, _size = telemetry.volume_bytes(data_dir)
+        where = exc.filename if isinstance(exc, OSError) and exc.filename else what
+        full = " — the volume is full: free space on it, then start again" if free < FULL_VOLUME_BYTES else ""
+        raise SystemExit(f"{name} cannot start: {where} refused a write ({exc}); the volume of {data_dir} has "
+                         f"{free:.0f} bytes free{full}") from None
+
+
 def run_service(name: str, build: Callable, settings_cls: type | None = None) -> None:
     """Entry point shared by every ``python -m services.<name>``: load and validate the
     configuration once (``settings_cls``, default the service's own settings class,
@@ -868,14 +904,17 @@ def run_service(name: str, build: Callable, settings_cls: type | None = None) ->
                               settings.resolved_metrics_port, settings.host)
     config.warn_if_shared(settings.data_dir)
     telemetry.watch_data_dir(settings.data_dir, settings.data_dir_size_limit)
-    servicers, closers = build(settings)
+    with stop_if_storage_refuses(name, settings.data_dir, f"its database {os.path.join(settings.data_dir, name)}.db"
+                                 if settings.storage == "sqlite" else "its storage"):
+        servicers, closers = build(settings)
     register_peer_checks(name, settings)
     if not audit.installed():
         # Every service audits through privacy's AppendAudit (the privacy service
         # installs its local, durable sink in build()). Flushed after the server stops.
-        sink = audit.sink_for_service(name, settings.privacy_addr, settings.peer_timeout_s,
-                                      outbox_dir=settings.data_dir,
-                                      reserve_bytes=int(settings.audit_reserve_mb * 2**20))
+        with stop_if_storage_refuses(name, settings.data_dir, f"its audit outbox in {settings.data_dir}"):
+            sink = audit.sink_for_service(name, settings.privacy_addr, settings.peer_timeout_s,
+                                          outbox_dir=settings.data_dir,
+                                          reserve_bytes=int(settings.audit_reserve_mb * 2**20))
         audit.install(sink)
         closers = [sink.close, *closers]
 

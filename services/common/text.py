@@ -41,6 +41,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from services.common.errors import InvalidArgument
+from services.common.ids import ID_RULE, MAX_ID_CHARS
 
 # The characters refused, as regular-expression classes (the same text in Python's ``re``
 # and in pydantic-core's Rust regex, which the gateway's models use).
@@ -88,6 +89,16 @@ MAX_CHARS_BY_FIELD: dict[str, int] = {
     "hearth.clustering.v1.GetHouseholdRequest.page_token": 512,
     "hearth.attribution.v1.AttributeRequest.sequences": 700,
 }
+# Fields that are ids (services/common/ids.py: 1-128 characters, checked with ``check_id``
+# where they are used), by name in any request message, and the map keys that are: over
+# MAX_ID_CHARS they are refused here with the id rule's own words (``ID_RULE``). Until
+# session 33 this check gave them the text ceiling (256) and its "must be at most 256
+# characters, got N", so an id of 129-256 characters and one longer got two answers.
+ID_FIELD_NAMES = frozenset({
+    "account_id", "account_ids", "after_account_id", "device_id", "person_id", "true_person_id", "session_id",
+    "event_id", "event_ids", "prediction_id", "feedback_id", "touchpoint_id", "conversion_id", "title_id",
+    "series_id", "model_variant", "calibration_group"})
+ID_MAP_KEYS = frozenset({"hearth.feedback.v1.Prediction.ProbabilitiesEntry.key"})   # the persons of a prediction
 # Multi-line text: tab, LF and CR allowed.
 MULTILINE_FIELDS = frozenset({
     "hearth.feedback.v1.SetFlagRequest.reason",
@@ -169,8 +180,15 @@ def _plan(descriptor) -> tuple:
     return plan
 
 
-def _rule(field: FieldDescriptor) -> tuple[int, bool]:
-    return MAX_CHARS_BY_FIELD.get(field.full_name, MAX_TEXT_CHARS), field.full_name in MULTILINE_FIELDS
+def _is_id(field: FieldDescriptor) -> bool:
+    return field.name in ID_FIELD_NAMES or field.full_name in ID_MAP_KEYS
+
+
+def _rule(field: FieldDescriptor) -> tuple[int, bool, bool]:
+    """(ceiling, multi-line, an id: over the ceiling the id rule's words)."""
+    if _is_id(field):
+        return MAX_ID_CHARS, False, True
+    return MAX_CHARS_BY_FIELD.get(field.full_name, MAX_TEXT_CHARS), field.full_name in MULTILINE_FIELDS, False
 
 
 def _walk(message: Message, plan: tuple, prefix: str) -> None:
@@ -182,7 +200,7 @@ def _walk(message: Message, plan: tuple, prefix: str) -> None:
         elif kind == _SCALARS:
             values = getattr(message, name)
             if values:
-                limit, multiline = rule
+                limit, multiline, _ = rule
                 pattern = _REFUSED_IN_MULTILINE if multiline else _REFUSED
                 values = list(values)
                 # One search over the column: the usual case (all clean) in two C calls.
@@ -216,7 +234,7 @@ def _walk_many(items: list, plan: tuple, path: str) -> None:
         if kind == _SCALAR or kind == _SCALARS:
             column = ([getattr(item, name) for item in items] if kind == _SCALAR
                       else [value for item in items for value in getattr(item, name)])
-            limit, multiline = rule
+            limit, multiline, _ = rule
             pattern = _REFUSED_IN_MULTILINE if multiline else _REFUSED
             if not column or (max(map(len, column)) <= limit and pattern.search("".join(column)) is None):
                 continue
@@ -227,16 +245,18 @@ def _walk_many(items: list, plan: tuple, path: str) -> None:
                 _walk(item, ((kind, name, rule),), f"{path}[{i}].")
 
 
-def _check_value(value: str, rule: tuple[int, bool], path: str) -> None:
-    limit, multiline = rule
+def _check_value(value: str, rule: tuple[int, bool, bool], path: str) -> None:
+    limit, multiline, is_id = rule
     # The common case (short, clean) in two C-level calls.
     if len(value) <= limit and (_REFUSED_IN_MULTILINE if multiline else _REFUSED).search(value) is None:
         return
+    if is_id:
+        raise InvalidArgument(ID_RULE, path)
     check_text(value, path, max_chars=limit, multiline=multiline)
 
 
 def max_chars_of(field: FieldDescriptor) -> int:
-    return MAX_CHARS_BY_FIELD.get(field.full_name, MAX_TEXT_CHARS)
+    return _rule(field)[0]
 
 
 def invalid_utf8_field(descriptor, data: bytes, prefix: str = "") -> str | None:

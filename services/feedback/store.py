@@ -97,6 +97,22 @@ def _prediction(row: Sequence) -> PredictionRecord:
                             int(row[13] or 0), row[14] or "")
 
 
+def _refuse_other_content(tx, items: Sequence[PredictionRecord]) -> None:
+    """AlreadyExists naming the first item whose ``prediction_id`` is stored with other
+    content (raised inside the write transaction: nothing of the request is kept)."""
+    ids = list(dict.fromkeys(p.prediction_id for p in items))
+    stored: dict[str, PredictionRecord] = {}
+    for start in range(0, len(ids), 500):
+        chunk = ids[start:start + 500]
+        for row in tx.query(f"SELECT {_PREDICTION_COLUMNS} FROM predictions p WHERE p.prediction_id IN "
+                            f"({', '.join('?' * len(chunk))})", chunk):
+            stored[row[0]] = _prediction(row)
+    for i, p in enumerate(items):
+        if stored.get(p.prediction_id, p) != p:
+            raise AlreadyExists("already used for a different prediction (an id names one prediction; "
+                                "the same content again is a duplicate)", f"predictions[{i}].prediction_id")
+
+
 def _trigger(row: Sequence) -> StoredTrigger:
     return StoredTrigger(int(row[0]), row[1], row[2], row[3], float(row[4]), float(row[5]), int(row[6]),
                          float(row[7]), bool(row[8]), row[9], None if row[10] is None else float(row[10]))
@@ -117,6 +133,12 @@ class FeedbackStore:
     # ------------------------------------------------------------------ predictions
 
     def record_predictions(self, items: Sequence[PredictionRecord]) -> tuple[int, int]:
+        """Store the predictions; returns (accepted, duplicates). A ``prediction_id`` names
+        one prediction, forever (as ``feedback_id`` names one feedback): the same content
+        again is a duplicate (clustering's forwarder resends a chunk after a crash), other
+        content AlreadyExists naming ``predictions[i].prediction_id`` and nothing of the
+        request is stored. Until session 33 other content was counted a duplicate and the
+        first kept, silently."""
         with self.db.transaction() as tx:
             accepted = tx.executemany(
                 "INSERT INTO predictions (prediction_id, account_id, session_id, person_id, probabilities, "
@@ -128,6 +150,12 @@ class FeedbackStore:
                   int(p.cold_start), p.household_size, p.device_id, p.session_start, p.session_end,
                   p.model_sessions, p.calibration_group)
                  for p in items])
+            if accepted < len(items):
+                # Only when some were already held (the common forward is all new): the rows
+                # as stored now, the request's own first copies included, each compared with
+                # its item. Read after the insert, in its transaction: a concurrent insert of
+                # the same id (another replica's) is compared too, not missed.
+                _refuse_other_content(tx, items)
         return accepted, len(items) - accepted
 
     def prediction(self, prediction_id: str) -> PredictionRecord | None:

@@ -21,7 +21,9 @@ households deleted after the snapshot.
 
     hearth backup --out DIR [--keep N]            snapshot now (online), prune old ones
     hearth ledger export --out FILE               the deletion ledger, signed, for off-site copies
-    hearth restore SNAPSHOT_DIR [--ledger FILE [--ledger-public-key PEM]]   services stopped; then start them
+    hearth ledger public-key                      its signing key's public half (PEM), for --ledger-public-key
+    hearth restore SNAPSHOT_DIR [--ledger FILE [--ledger-public-key PEM] [--accept-stale-ledger]]
+                                                  services stopped; then start them
 Configuration comes from the usual HEARTH_STORAGE / HEARTH_DATA_DIR / HEARTH_POSTGRES_DSN.
 With a PostgreSQL login per service (`hearth db provision-roles`) the backup dumps each
 schema with its service's DSN (HEARTH_POSTGRES_DSN_<SERVICE>), and the restore runs as the
@@ -41,7 +43,7 @@ from pathlib import Path
 from services.common import strict_json
 from services.common import backup as snapshots
 from services.common import config
-from services.common.ids import check_id
+from services.common.ids import MAX_FUTURE_SKEW_S, check_id
 from services.common.storage import roles
 from services.common.storage.sql import Database, migrate, open_database
 from services.privacy.deletion.domain import JobState, job_from_dict, new_job
@@ -56,6 +58,10 @@ RESTORE_PRINCIPAL = "svc:privacy"
 class Ledger:
     jobs: dict[str, dict]            # job_id -> job_to_dict JSON (every job not FAILED)
     shredded_accounts: set[str]
+    # An off-site export's signed export time (Unix s) and the key that verified it (what
+    # the restore prints, and what its staleness check reads); None / "" otherwise.
+    exported_at: float | None = None
+    signed_with: str = ""
 
 
 def read_ledger(db: Database) -> Ledger:
@@ -75,8 +81,8 @@ def read_ledger(db: Database) -> Ledger:
 # The off-site ledger file. /1 (until session 32): the jobs and shredded accounts with an
 # unkeyed SHA-256, which anyone who can write the off-site copy recomputes — so they could
 # add deletions, or drop some where it is the only ledger (the privacy database lost). /2:
-# every entry signed with Ed25519 by the receipt signing key (HEARTH_RECEIPT_SIGNING_KEY,
-# the key that already signs "this household was erased"), each signature binding the
+# every entry signed with Ed25519 — by the receipt signing key in session 32, by the
+# ledger's own key (HEARTH_LEDGER_SIGNING_KEY, below) since session 33 —, each signature binding the
 # entry to its export, its position and the entry before it, and a signed head binding the
 # count, the last entry and the export time: a forged, altered, reordered, removed or
 # truncated entry is refused naming it. docs/privacy.md "The off-site deletion ledger".
@@ -147,7 +153,7 @@ def sign_ledger(ledger: Ledger, signing_key, exported_at: float, export_id: str 
 
 
 def write_ledger_file(ledger: Ledger, path: Path, signing_key, exported_at: float | None = None) -> dict:
-    """Write ``ledger`` as an off-site export, signed with ``signing_key`` (the receipt
+    """Write ``ledger`` as an off-site export, signed with ``signing_key`` (the ledger
     signing key), written to a temporary file, fsynced and renamed (a reader never sees
     half a ledger), mode 0600 (it names the deleted households: a suppression list)."""
     import os
@@ -186,11 +192,13 @@ def _checked_entries(path: Path, jobs: dict, shredded: list) -> Ledger:
     return Ledger(jobs, set(shredded))
 
 
-def read_ledger_file(path: Path, public_keys=(), accept_unsigned: bool = False) -> Ledger:
+def read_ledger_file(path: Path, public_keys=(), accept_unsigned: bool = False,
+                     key_labels: dict[str, str] | None = None) -> Ledger:
     """An off-site ledger export, its signatures checked with one of ``public_keys``;
     ValueError naming the file — and the entry — when it is not a ledger, not signed by
     one of them, or any entry is forged, altered, out of place, missing or beyond the
-    signed count. An unsigned (/1) file only with ``accept_unsigned``."""
+    signed count. An unsigned (/1) file only with ``accept_unsigned``. ``key_labels``
+    (key id -> what the key is) names the key that verified it in the Ledger returned."""
     try:
         document = strict_json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
@@ -199,7 +207,7 @@ def read_ledger_file(path: Path, public_keys=(), accept_unsigned: bool = False) 
         return _read_unsigned(path, document, accept_unsigned)
     if not isinstance(document, dict) or document.get("format") != LEDGER_FORMAT:
         raise ValueError(f"--ledger {path}: not a {LEDGER_FORMAT} file")
-    return _read_signed(path, document, public_keys)
+    return _read_signed(path, document, public_keys, key_labels or {})
 
 
 def _read_unsigned(path: Path, document: dict, accept_unsigned: bool) -> Ledger:
@@ -214,10 +222,13 @@ def _read_unsigned(path: Path, document: dict, accept_unsigned: bool) -> Ledger:
         raise ValueError(f"--ledger {path}: jobs / shredded_accounts missing")
     if _digest(body) != document.get("sha256"):
         raise ValueError(f"--ledger {path}: checksum mismatch (truncated or modified copy)")
-    return _checked_entries(path, body["jobs"], body["shredded_accounts"])
+    exported_at = document.get("exported_at")
+    return dataclasses.replace(_checked_entries(path, body["jobs"], body["shredded_accounts"]),
+                               exported_at=exported_at if type(exported_at) in (int, float) else None,
+                               signed_with="unsigned (--accept-unsigned-ledger)")
 
 
-def _read_signed(path: Path, document: dict, public_keys) -> Ledger:
+def _read_signed(path: Path, document: dict, public_keys, key_labels: dict[str, str]) -> Ledger:
     from services.privacy.keys.signing import key_id, verify_signature
 
     unexpected = sorted(set(document) - {"format", "export_id", "exported_at", "key_id", "entries", "head"})
@@ -233,9 +244,10 @@ def _read_signed(path: Path, document: dict, public_keys) -> Ledger:
     signer = keys.get(kid)
     if signer is None:
         raise ValueError(f"--ledger {path}: signed by key {kid[:16]}, which is not one of the keys given "
-                         f"({', '.join(sorted(keys)) or 'none'}: HEARTH_RECEIPT_SIGNING_KEY's public half and "
-                         "each --ledger-public-key); a ledger exported before the receipt signing key was "
-                         "rotated needs the old public key (--ledger-public-key FILE)")
+                         f"({', '.join(sorted(keys)) or 'none'}: HEARTH_LEDGER_SIGNING_KEY's public half, each "
+                         "--ledger-public-key, and the receipt signing key's for ledgers of before session 33); "
+                         "a ledger exported before the ledger signing key was rotated needs the old public key "
+                         "(--ledger-public-key FILE)")
 
     def signed(sig: object, payload: bytes) -> bool:
         try:
@@ -282,7 +294,83 @@ def _read_signed(path: Path, document: dict, public_keys) -> Ledger:
                          f"{len(entries)} (entry {len(entries)} missing)")
     if prev != head["last"]:
         raise ValueError(f"--ledger {path}: head: its last entry is not the file's (entries replaced)")
-    return _checked_entries(path, jobs, shredded)
+    return dataclasses.replace(_checked_entries(path, jobs, shredded), exported_at=exported_at,
+                               signed_with=key_labels.get(kid, f"key {kid}"))
+
+
+# A stale genuine ledger (review32 R19). A signature shows a copy is one the export wrote,
+# not that it is the newest: restoring a snapshot with an older export (an off-site
+# bucket's older version, a copy that stopped syncing, a CronJob failing for hours)
+# re-applies only the deletions up to that export — the households erased after it come
+# back, silently. Nothing the restore holds can prove a copy is the newest (the database
+# that knew is the one lost), so the restore asks for what it can check, from the
+# signed export time: (1) the newest copy given was exported after the snapshot was taken
+# — else it knows none of the deletions since the snapshot; (2) it is at most
+# --ledger-max-age-s old (default 1 h: the CronJob exports every 5 minutes, so an older
+# newest copy means the exports stopped or the copy is not the latest, unless the
+# database was lost that long ago); (3) no copy's export time is more than the clock-skew
+# tolerance ahead of this machine's clock (its age could not be told). Each failing is
+# refused, naming the file, what it covers and the way on: a newer copy, or
+# --accept-stale-ledger from an operator who knows it is the last export there was. A sequence number in the head would add
+# nothing: the export only reads privacy's tables (a counter would need it to write
+# them), and what a later export had counted is lost with the database either way; the
+# signed export time is already ordered against the snapshot's. Only when the privacy
+# database being replaced is gone: otherwise its own ledger, complete, is merged in.
+STALE_LEDGER_MAX_AGE_S = 3600.0
+
+
+def _utc(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    try:
+        return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+    except (OverflowError, OSError, ValueError):   # an unsigned /1 file's exported_at may be anything
+        return repr(ts)
+
+
+def ledger_coverage(source: str, ledger: Ledger, now: float) -> dict:
+    """What one off-site ledger covers, as the restore prints it."""
+    requested = [j.get("requested_at") for j in ledger.jobs.values() if isinstance(j.get("requested_at"), str)]
+    return {"source": str(source), "exported_at": _utc(ledger.exported_at),
+            "age_s": None if ledger.exported_at is None else round(now - ledger.exported_at, 1),
+            "jobs": len(ledger.jobs), "shredded_accounts": len(ledger.shredded_accounts),
+            "newest_request_at": max(requested, default=None), "signed_with": ledger.signed_with}
+
+
+def stale_ledger_reason(ledgers: list[tuple[str, Ledger]], snapshot_taken_at: float, now: float,
+                        max_age_s: float) -> str:
+    """Why the newest of the off-site ``ledgers`` (source, ledger) is not shown to cover the
+    deletions made since the snapshot; "" when it is."""
+    dated = [(ledger.exported_at, str(source), ledger) for source, ledger in ledgers if ledger.exported_at is not None]
+    if not dated:
+        return (f"--ledger {ledgers[0][0]}: no export time, so nothing shows it covers the deletions since the "
+                "snapshot; pass --accept-stale-ledger if it is the newest export there is. Nothing was changed")
+    # An export time ahead of this machine's clock cannot show how old the file is (the
+    # exporting machine's clock ran ahead, or a /1 file says anything): beyond the clock-skew
+    # tolerance ingest allows (MAX_FUTURE_SKEW_S) it would pass the age check however old it is.
+    for ahead_at, ahead_source, _ in sorted(dated, key=lambda d: d[0]):
+        if ahead_at - now > MAX_FUTURE_SKEW_S:
+            return (f"--ledger {ahead_source}: exported at {_utc(ahead_at)}, {ahead_at - now:.0f} s in the future "
+                    f"of this machine's clock (more than the {MAX_FUTURE_SKEW_S:g} s tolerance): its age, so whether "
+                    "it covers the deletions since the snapshot, cannot be told; check this machine's clock and "
+                    "the exporting one's, use another export, or pass --accept-stale-ledger if it is the newest "
+                    "export there is. Nothing was changed")
+    exported_at, source, ledger = max(dated, key=lambda d: d[0])
+    covers = ledger_coverage(source, ledger, now)
+    what = (f"it covers {covers['jobs']} deletion job(s) (the newest requested at {covers['newest_request_at']}) and "
+            f"{covers['shredded_accounts']} shredded household(s); signed with: {ledger.signed_with}")
+    way_on = ("Use a newer export (the CronJob writes one every few minutes); if the privacy database was lost longer "
+              "ago than that, give --ledger-max-age-s the seconds since the loss plus one export period; pass "
+              "--accept-stale-ledger only if this is the last export there was. Nothing was changed")
+    if exported_at < snapshot_taken_at:
+        return (f"--ledger {source}: stale: exported at {_utc(exported_at)}, before the snapshot was taken "
+                f"({_utc(snapshot_taken_at)}): it knows none of the deletions made after the snapshot, and restoring "
+                f"with it would bring back every household erased since; {what}. {way_on}")
+    if now - exported_at > max_age_s:
+        return (f"--ledger {source}: stale: exported at {_utc(exported_at)}, {now - exported_at:.0f} s ago, more "
+                f"than --ledger-max-age-s ({max_age_s:g} s): the deletions made between its export and the loss of "
+                f"the privacy database are in no ledger given, and would be undone; {what}. {way_on}")
+    return ""
 
 
 def merge_ledgers(*ledgers: Ledger) -> Ledger:
@@ -375,37 +463,98 @@ def _receipt_key_text(settings) -> tuple[str, str]:
     return (dev.read_text(), str(dev)) if dev.exists() else ("", "")
 
 
+# The ledger's own signing key (session 33). Until then the ledger was signed with the
+# receipt signing key, so the CronJob that exports it every 5 minutes held a key that
+# signs "this household was erased": whoever took that pod could forge deletion receipts.
+# Now the export holds HEARTH_LEDGER_SIGNING_KEY only (the chart's Secret
+# backup.ledgerSigningKey) and the privacy pods never hold it. In development (SQLite)
+# the export generates it once under HEARTH_DATA_DIR, as the privacy service does the
+# receipt key, and publishes its public half beside it for the restore; on PostgreSQL it
+# must be configured (a key made up in a CronJob's pod would be gone with the pod, and
+# nothing could verify what it signed).
+LEDGER_SIGNING_KEY_FILE = "privacy-ledger-signing.key"
+RECEIPT_KEY_LABEL = "receipt key"   # how a restore names the receipt key that verified a ledger
+LEDGER_SIGNING_PUBLIC_FILE = "privacy-ledger-signing.pub"
+
+
+def _ledger_key_text(settings) -> tuple[str, str]:
+    """(the ledger signing key's text, where it came from): HEARTH_LEDGER_SIGNING_KEY, else
+    the development key under HEARTH_DATA_DIR; ("", "") when neither."""
+    import os
+
+    # Read by this tooling only (services/common/config.py OTHER_VARIABLES): the privacy
+    # service never reads it, so its pods need not (and in the chart do not) hold it.
+    configured = os.environ.get("HEARTH_LEDGER_SIGNING_KEY", "")
+    if configured.strip():
+        return configured, "HEARTH_LEDGER_SIGNING_KEY"
+    dev = Path(settings.data_dir) / LEDGER_SIGNING_KEY_FILE
+    return (dev.read_text(), str(dev)) if dev.exists() else ("", "")
+
+
 def _ledger_signing_key(settings):
-    """The ledger is signed with the receipt signing key: the privacy service's, never one
-    made up here (a key nobody verifies with would sign nothing useful)."""
-    from services.privacy.keys.signing import load_private_key
+    """The key `hearth ledger export` signs with: HEARTH_LEDGER_SIGNING_KEY, else (SQLite,
+    development) the generated one under HEARTH_DATA_DIR — never the receipt key."""
+    import sys
 
-    text, source = _receipt_key_text(settings)
+    from services.privacy.keys.app import _write_secret
+    from services.privacy.keys.signing import (
+        generate_private_key, load_private_key, private_key_to_pem, publish_public_key)
+
+    text, source = _ledger_key_text(settings)
     if not text:
-        raise ValueError("HEARTH_RECEIPT_SIGNING_KEY: not set, and no development receipt key in HEARTH_DATA_DIR: "
-                         "the off-site ledger is signed with the privacy service's receipt signing key")
-    return load_private_key(text, argument=source)
+        if settings.storage == "postgres":
+            raise ValueError("HEARTH_LEDGER_SIGNING_KEY: not set: the off-site ledger is signed with a key of its "
+                             "own since session 33 (no longer the receipt signing key), which a restore verifies; "
+                             "configure it (the chart: backup.ledgerSigningKey; docs/operations.md \"Off-site "
+                             "deletion ledger\")")
+        path = Path(settings.data_dir) / LEDGER_SIGNING_KEY_FILE
+        print(f"warning: HEARTH_LEDGER_SIGNING_KEY is not set: generated a development ledger signing key in "
+              f"{path} (configure a managed key in production)", file=sys.stderr)
+        try:   # as the privacy service writes its development keys: 0600, never over one
+            _write_secret(path, private_key_to_pem(generate_private_key()))
+        except FileExistsError:
+            pass   # another export of this data dir made it first
+        text, source = path.read_text(), str(path)
+    key = load_private_key(text, argument=source)
+    if source != "HEARTH_LEDGER_SIGNING_KEY":
+        publish_public_key(Path(settings.data_dir) / LEDGER_SIGNING_PUBLIC_FILE, key.public_key())
+    return key
 
 
-def _ledger_public_keys(settings, files) -> list:
-    """The keys an off-site ledger may be signed with: the receipt signing key's public half
-    (or the development key's, or its published .pub) and each --ledger-public-key file."""
+def _ledger_public_keys(settings, files) -> tuple[list, dict[str, str]]:
+    """The keys an off-site ledger may be signed with, and what each is (by key id): the
+    ledger signing key's public half (HEARTH_LEDGER_SIGNING_KEY's, or the development key's
+    or its published .pub), each --ledger-public-key file, and — for ledgers exported
+    before session 33 — the receipt signing key's public half (HEARTH_RECEIPT_SIGNING_KEY's,
+    or the development one's). docs/privacy.md "The off-site deletion ledger" says how long
+    the receipt key stays trusted for ledgers and why."""
     from services.privacy.keys.app import SIGNING_PUBLIC_FILE
-    from services.privacy.keys.signing import load_private_key, load_public_key, load_public_keys
+    from services.privacy.keys.signing import key_id, load_private_key, load_public_key, load_public_keys
 
-    keys = []
-    text, source = _receipt_key_text(settings)
+    named: list[tuple[str, object]] = []
+    text, source = _ledger_key_text(settings)
     if text:
-        keys.append(load_private_key(text, argument=source).public_key())
-    elif (published := Path(settings.data_dir) / SIGNING_PUBLIC_FILE).exists():
-        keys.append(load_public_key(published.read_text(), argument=str(published)))
+        named.append((f"ledger key ({source})", load_private_key(text, argument=source).public_key()))
+    elif (published := Path(settings.data_dir) / LEDGER_SIGNING_PUBLIC_FILE).exists():
+        named.append((f"ledger key ({published})", load_public_key(published.read_text(), argument=str(published))))
     for name in files or ():
         try:
             text = Path(name).read_text()
         except OSError as exc:
             raise ValueError(f"--ledger-public-key {name}: not readable ({exc})") from None
-        keys += load_public_keys(text, argument=f"--ledger-public-key {name}")
-    return keys
+        named += [(f"--ledger-public-key {name}", k)
+                  for k in load_public_keys(text, argument=f"--ledger-public-key {name}")]
+    text, source = _receipt_key_text(settings)
+    if text:
+        named.append((f"{RECEIPT_KEY_LABEL} ({source}; ledgers exported before session 33)",
+                      load_private_key(text, argument=source).public_key()))
+    elif (published := Path(settings.data_dir) / SIGNING_PUBLIC_FILE).exists():
+        named.append((f"{RECEIPT_KEY_LABEL} ({published}; ledgers exported before session 33)",
+                      load_public_key(published.read_text(), argument=str(published))))
+    labels: dict[str, str] = {}
+    for label, key in named:
+        labels.setdefault(key_id(key), label)   # the first name of a key given twice
+    return [key for _, key in named], labels
 
 
 def run_ledger_export(args: argparse.Namespace) -> int:
@@ -420,6 +569,21 @@ def run_ledger_export(args: argparse.Namespace) -> int:
     finally:
         db.close()
     print(json.dumps(write_ledger_file(ledger, Path(args.out), signing_key)))
+    return 0
+
+
+def run_ledger_public_key(args: argparse.Namespace) -> int:
+    """Print the ledger signing key's public half (PEM): what `hearth restore --ledger`
+    needs (--ledger-public-key FILE) on a machine that should not hold the private key, and
+    what to keep with the off-site copies before rotating the key."""
+    from services.privacy.keys.signing import load_private_key, public_key_to_pem
+
+    settings = _settings(args)
+    text, source = _ledger_key_text(settings)
+    if not text:
+        raise ValueError("HEARTH_LEDGER_SIGNING_KEY: not set, and no development ledger key in HEARTH_DATA_DIR: "
+                         "no ledger signing key to print the public half of")
+    print(public_key_to_pem(load_private_key(text, argument=source).public_key()), end="")
     return 0
 
 
@@ -492,11 +656,28 @@ def run_restore(args: argparse.Namespace) -> int:
         privacy = settings.model_copy(update={"postgres_dsn": dsns["privacy"]})
     # The ledger of the database being replaced: read it before anything is overwritten;
     # merged with the off-site exports given (all of them: a deletion any copy knows).
-    public_keys = _ledger_public_keys(settings, args.ledger_public_key) if args.ledger else []
-    offsite = [read_ledger_file(Path(p), public_keys, accept_unsigned=args.accept_unsigned_ledger)
+    public_keys, key_labels = _ledger_public_keys(settings, args.ledger_public_key) if args.ledger else ([], {})
+    offsite = [read_ledger_file(Path(p), public_keys, accept_unsigned=args.accept_unsigned_ledger,
+                                key_labels=key_labels)
                for p in args.ledger or ()]
     ledger = Ledger({}, set())
     current_exists = _privacy_db_exists(privacy)
+    now = time.time()
+    coverage = [ledger_coverage(p, o, now) for p, o in zip(args.ledger or (), offsite, strict=True)]
+    for covered in coverage:
+        if covered["signed_with"].startswith(RECEIPT_KEY_LABEL):
+            import sys
+
+            print(f"warning: --ledger {covered['source']}: signed with the receipt signing key (an export of before "
+                  "session 33, trusted for ledgers through session 34 only); use an export signed with the ledger "
+                  "key if there is one (docs/privacy.md \"The off-site deletion ledger\")", file=sys.stderr)
+    if offsite and not current_exists and not args.accept_stale_ledger:
+        # Only the off-site copies say what was deleted since the snapshot: one that is not
+        # shown to be recent enough is refused before anything is replaced (review32 R19).
+        stale = stale_ledger_reason(list(zip(args.ledger, offsite, strict=True)), snap.taken_at, now,
+                                    args.ledger_max_age_s)
+        if stale:
+            raise ValueError(stale)
     if current_exists:
         db = _privacy_db(privacy)
         try:
@@ -528,7 +709,8 @@ def run_restore(args: argparse.Namespace) -> int:
     print(json.dumps({"restored": restored, "snapshot_taken_at": snap.taken_at,
                       "snapshot_age_s": round(time.time() - snap.taken_at, 3),
                       "ledger_jobs": len(ledger.jobs), "ledger_sources": (["database"] if current_exists else [])
-                      + [str(p) for p in args.ledger or ()], **report,
+                      + [str(p) for p in args.ledger or ()], **({"ledger_coverage": coverage} if coverage else {}),
+                      **report,
                       "restore_s": round(time.monotonic() - started, 3)}))
     return 1 if cache_error else 0
 
@@ -556,6 +738,18 @@ def _clear_caches(settings) -> tuple[dict[str, int], str]:
                     "before starting the services")
 
 
+def _non_negative_seconds(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     backup = subparsers.add_parser("backup", help="snapshot every service's database (online)")
     backup.add_argument("--out", required=True, help="directory that receives hearth-<timestamp>/")
@@ -570,10 +764,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                          help="an off-site deletion ledger (`hearth ledger export`); repeatable, merged")
     restore.add_argument("--ledger-public-key", action="append", metavar="FILE",
                          help="a public key (PEM) the --ledger files may be signed with, besides "
-                              "HEARTH_RECEIPT_SIGNING_KEY's (a ledger from before a key rotation); repeatable")
+                              "HEARTH_LEDGER_SIGNING_KEY's (a ledger from before a key rotation); repeatable")
     restore.add_argument("--accept-unsigned-ledger", action="store_true",
                          help="accept a --ledger exported before session 32 (unsigned: anyone who could write "
                               "the copy could have added or dropped deletions)")
+    restore.add_argument("--accept-stale-ledger", action="store_true",
+                         help="restore with --ledger files even though the newest was exported before the snapshot "
+                              "or longer ago than --ledger-max-age-s, or more than 10 min ahead of this machine's "
+                              "clock (the deletions after its export are undone)")
+    restore.add_argument("--ledger-max-age-s", type=_non_negative_seconds, default=STALE_LEDGER_MAX_AGE_S,
+                         metavar="S", help="without the privacy database, the newest --ledger must be at most this "
+                                           f"old (default {STALE_LEDGER_MAX_AGE_S:g}; the CronJob exports every 5 min)")
     restore.add_argument("--accept-no-ledger", action="store_true",
                          help="restore even though neither the privacy database nor --ledger says what was "
                               "deleted since the snapshot")
@@ -584,3 +785,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     export.add_argument("--out", required=True, help="the file to (over)write, e.g. on the off-site volume")
     export.add_argument("--data-dir", help="SQLite data directory (default HEARTH_DATA_DIR)")
     export.set_defaults(func=run_ledger_export)
+    public = commands.add_parser("public-key", help="print the ledger signing key's public half (PEM), for "
+                                                    "`hearth restore --ledger-public-key`")
+    public.add_argument("--data-dir", help="SQLite data directory (default HEARTH_DATA_DIR)")
+    public.set_defaults(func=run_ledger_public_key)

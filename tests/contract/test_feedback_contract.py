@@ -59,10 +59,14 @@ def feedback(fid: str, pid: str, kind=fpb.FEEDBACK_KIND_EXPLICIT_CONFIRM, true_p
 
 
 def test_record_prediction_is_idempotent_and_checks_the_predicted_person(stub):
-    r = call(stub, "RecordPrediction", fpb.RecordPredictionRequest(predictions=[prediction("a"), prediction("b")]))
+    a = prediction("a")
+    r = call(stub, "RecordPrediction", fpb.RecordPredictionRequest(predictions=[a, prediction("b")]))
     assert (r.accepted, r.duplicates) == (2, 0)
-    r = call(stub, "RecordPrediction", fpb.RecordPredictionRequest(predictions=[prediction("a")]))
+    r = call(stub, "RecordPrediction", fpb.RecordPredictionRequest(predictions=[a]))   # a retry: the same message
     assert (r.accepted, r.duplicates) == (0, 1)
+    # the id with other content (here its time) is not a duplicate (since session 33)
+    assert error_of(stub, "RecordPrediction", fpb.RecordPredictionRequest(predictions=[prediction("a")])) == (
+        grpc.StatusCode.ALREADY_EXISTS, "predictions[0].prediction_id")
     not_top = prediction("c", person="p2")  # p2 has 0.2 < 0.8
     assert error_of(stub, "RecordPrediction", fpb.RecordPredictionRequest(predictions=[not_top])) == (
         grpc.StatusCode.INVALID_ARGUMENT, "predictions[0].person_id")

@@ -8,12 +8,14 @@ finishes after its restart; consent refusal; the export."""
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import struct
 import subprocess
 import sys
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -316,6 +318,134 @@ def test_a_batch_sent_again_after_its_device_was_erased_does_not_bring_the_devic
     assert "tab-erased" not in json.dumps({k: v for k, v in held.items() if k != "privacy"}), held.keys()
     assert [e["device_id"] for e in held["clustering"]["events"]] == ["tv-1"] * 20
     assert remnants(dmesh, acct, "tab-erased") == {}
+
+
+def test_a_person_erasure_fences_the_persons_own_device_attribution_never_heard_from(dmesh, client):
+    """fence32's "Left": attribution fenced a person's unnamed touchpoints only on the
+    devices of its own erased touchpoints, so a touchpoint the person's tablet recorded
+    before the erasure and sent after it — the tablet had sent attribution nothing before
+    — was stored. Now attribution asks clustering for the person's devices
+    (GetPersonDevices) as it erases: that touchpoint is refused. The TV the person shared
+    stays fenced, as in session 32, because one of the person's erased touchpoints was on
+    it (review33 R8: 2b52840 unfenced it, so an unnamed touchpoint there within the
+    person's session was erased if stored before the erasure and kept, later credited to
+    another member, if it arrived after): erasure completeness wins over the other
+    members' unnamed touchpoints in flight. A shared device the person left no erased
+    touchpoint on is not fenced (asserted at the store: tests/integration/
+    test_erasure_in_flight.py)."""
+    import grpc
+
+    from hearth.clustering.v1 import clustering_pb2 as cpb
+    from hearth.clustering.v1 import clustering_pb2_grpc as cpb_grpc
+    from services.common.errors import ERROR_FIELD_KEY
+    from tests.helpers.mesh_calls import acting_as_service
+
+    acct, t0 = f"e2e-own-device-{RUN}", time.time() - 14 * DAY
+    child, _ = _child_with_a_tablet_and_a_shared_tv(client, acct, t0)
+
+    with grpc.insecure_channel(f"127.0.0.1:{dmesh.grpc_ports['clustering']}") as channel:
+        stub = cpb_grpc.ClusteringServiceStub(channel)
+        metadata = acting_as_service(dmesh, "attribution", "clustering")
+        devices = stub.GetPersonDevices(cpb.GetPersonDevicesRequest(account_id=acct, person_id=child),
+                                        metadata=metadata, timeout=30)
+        assert (list(devices.own_device_ids), list(devices.shared_device_ids)) == (["tab-kids"], ["tv-1"])
+        for request, field in ((cpb.GetPersonDevicesRequest(account_id=acct), "person_id"),
+                               (cpb.GetPersonDevicesRequest(account_id="bad id", person_id=child), "account_id")):
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.GetPersonDevices(request, metadata=metadata, timeout=30)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value
+            assert dict(refused.value.trailing_metadata())[ERROR_FIELD_KEY] == field
+
+    job = delete(client, {"kind": "person", "account_id": acct, "person_id": child})
+    assert job["state"] == "completed", job
+    assert {s["service"]: s for s in job["services"]}["attribution"]["deleted_counts"] == {"touchpoints": 1}
+    late = t0 + 13 * DAY   # recorded before the erasure, sent after it
+    assert _touchpoint(client, acct, "tab", "tab-kids", late) == (0, 1)   # the child's own: refused
+    assert _touchpoint(client, acct, "tv", "tv-1", late) == (0, 1)        # the erased touchpoint's: refused
+    # An erasure is not a ban: what the tablet records after it is stored (2 s on: the API's
+    # times are whole seconds, and the fence ends at the instant attribution erased).
+    assert _touchpoint(client, acct, "tab-new", "tab-kids", time.time() + 2) == (1, 0)
+
+
+BEFORE_PERSON_DEVICES = "87c724a"   # session 32's end: clustering without GetPersonDevices
+
+
+@pytest.mark.parametrize("dmesh", ["sqlite"], indirect=True)   # the release pair, not the backend
+def test_a_person_erasure_beside_a_clustering_without_person_devices_completes_as_in_session_32(
+        dmesh, client, tmp_path):
+    """A rolling upgrade (docs/operations.md, "Upgrading to session 33"): attribution of this
+    release asks a clustering of session 32, which refuses GetPersonDevices (its permission
+    matrix does not list it). The person erasure is not held up or failed by it: the job
+    completes, fencing as session 32 did — so the person's tablet, which sent attribution
+    nothing, is not fenced (the documented gap a repeat after the upgrade cannot close).
+    The fallback is counted (review33 R7): `hearth_person_devices_fallbacks_total` by the
+    refusal's code, PERMISSION_DENIED here — after the upgrade, a misconfiguration."""
+    from bench.assign_cpu import extract
+    from tests.helpers.history import require_commit
+    from tests.helpers.mesh_calls import restart_service
+
+    def fallbacks() -> dict[str, float]:
+        text = httpx.get(f"http://127.0.0.1:{dmesh.metrics_ports['attribution']}/metrics", timeout=10).text
+        return {m[1]: float(m[2]) for m in re.finditer(
+            r'^hearth_person_devices_fallbacks_total\{reason="(\w+)"\} (\S+)$', text, re.M)}
+
+    require_commit(BEFORE_PERSON_DEVICES)
+    acct, t0 = f"e2e-own-device-old-{RUN}", time.time() - 14 * DAY
+    child, _ = _child_with_a_tablet_and_a_shared_tv(client, acct, t0)
+    before = fallbacks()
+    restart_service(dmesh, "clustering", extract(BEFORE_PERSON_DEVICES, tmp_path / "tree"))
+    try:
+        job = delete(client, {"kind": "person", "account_id": acct, "person_id": child})
+        assert job["state"] == "completed", job
+        assert [s["attempts"] for s in job["services"] if s["service"] == "attribution"] == [0], job   # no failure
+    finally:
+        restart_service(dmesh, "clustering")
+    after = fallbacks()
+    assert set(before) == {"permission_denied", "unimplemented"}, before   # created at 0
+    assert (after["permission_denied"] - before["permission_denied"],
+            after["unimplemented"] - before["unimplemented"]) == (1, 0), (before, after)
+    assert _touchpoint(client, acct, "tab", "tab-kids", t0 + 13 * DAY) == (1, 0)   # not fenced
+    assert _touchpoint(client, acct, "tv", "tv-1", t0 + 13 * DAY) == (0, 1)   # its erased touchpoint's device
+
+
+def _child_with_a_tablet_and_a_shared_tv(client, acct: str, t0: float) -> tuple[str, float]:
+    """A household whose model found its persons: a child on their tablet in the morning
+    and on the TV in the afternoon, a parent on the TV at night (the tablet is the child's
+    own, the TV shared); attribution holds a conversion of it and one touchpoint, naming
+    nobody, within one of the child's TV sessions (the erasure resolves it to the child),
+    none of the tablet. Returns the child's person id and that touchpoint's time."""
+    events = [{"event_id": f"{acct}-{device}-{hour}-{d}-{i}", "account_id": acct, "device_id": device,
+               "device_type": device_type, "ts": _iso(t0 + d * DAY + hour * 3600 + i * 300), "kind": "heartbeat",
+               "title_id": f"{genre}-{d}", "genres": [genre], "duration_s": 300, "maturity": maturity}
+              for device, device_type, hour, genre, maturity in (("tab-kids", "tablet", 8, "animation", "kids"),
+                                                                  ("tv-1", "tv", 16, "animation", "kids"),
+                                                                  ("tv-1", "tv", 21, "drama", "adult"))
+              for d in range(12) for i in range(4)]
+    assert client.post("/v1/events", json={"events": events}).json()["accepted"] == len(events)
+    household = wait_for(lambda: (h := _household(client, acct))["model_version"] >= 1 and h,
+                         what="a first model", timeout_s=SLOW_MACHINE_S)
+    sessions = household["sessions"]
+    child = {s["person_id"] for s in sessions if s["device_id"] == "tab-kids"}
+    assert len(child) == 1, sessions
+    child = child.pop()
+    assert {s["person_id"] for s in sessions if s["device_id"] == "tv-1"} > {child}, sessions   # shared
+    on_the_tv = 60 + min(datetime.fromisoformat(s["start"].replace("Z", "+00:00")).timestamp()
+                         for s in sessions if s["device_id"] == "tv-1" and s["person_id"] == child)
+    assert _touchpoint(client, acct, "tv-child", "tv-1", on_the_tv) == (1, 0)
+    r = client.post("/v1/conversions", json={"conversions": [{"conversion_id": f"{acct}-cv", "account_id": acct,
+                                                               "ts": _iso(t0 + 5 * DAY), "kind": "purchase",
+                                                               "value": 10.0}]})
+    assert r.json()["accepted"] == 1, r.text
+    return child, on_the_tv
+
+
+def _touchpoint(client, acct: str, tid: str, device: str, ts: float) -> tuple[int, int]:
+    """One touchpoint naming no person: (accepted, duplicates)."""
+    r = client.post("/v1/touchpoints", json={"touchpoints": [{
+        "touchpoint_id": f"{acct}-{tid}", "account_id": acct, "device_id": device, "ts": _iso(ts),
+        "channel": "email", "campaign": "spring"}]})
+    assert r.status_code == 200 and r.json()["rejected_expired"] == 0, r.text
+    return r.json()["accepted"], r.json()["duplicates"]
 
 
 def test_receipt_verifies_offline_and_a_forgery_does_not(dmesh, client, tmp_path):

@@ -12,6 +12,7 @@ import time
 
 import httpx
 
+from services.privacy.keys.signing import key_id, load_public_key
 from services.testing.mesh import ROOT, Mesh, write_api_key
 from tests.e2e.test_restore_drill import DAY, _event_count, _events, _hearth, _rows
 from tests.helpers.waiting import deletion_job
@@ -36,6 +37,9 @@ def test_offsite_ledger_keeps_later_deletions_deleted_after_losing_the_privacy_d
         with httpx.Client(base_url=mesh.url, headers={"X-API-Key": key}, timeout=30) as client:
             for account in ("ledger-keep", "ledger-gone"):
                 assert client.post("/v1/events", json={"events": _events(account, t0, 6)}).status_code == 200
+            # A genuine export from before the snapshot: what an off-site bucket's older
+            # version (or a copy that stopped syncing) holds (review32 R19).
+            _hearth(mesh, "ledger", "export", "--out", str(offsite / "older.json"))
             snapshot = _hearth(mesh, "backup", "--out", str(backups))
             r = client.post("/v1/delete", json={"scope": {"kind": "household", "account_id": "ledger-gone"},
                                                 "reason": "gdpr_art17"})
@@ -45,6 +49,11 @@ def test_offsite_ledger_keeps_later_deletions_deleted_after_losing_the_privacy_d
             # The off-site export, as the chart's CronJob writes it while the mesh runs.
             exported = _hearth(mesh, "ledger", "export", "--out", str(offsite / "deletion-ledger.json"))
             assert exported["jobs"] >= 1 and exported["shredded_accounts"] >= 1
+        # ledger33: signed with the ledger's own (development) key, not the receipt key the
+        # privacy service signs receipts with (before: the receipt key).
+        published = {name: key_id(load_public_key((mesh.data_dir / f"privacy-{name}-signing.pub").read_text()))
+                     for name in ("ledger", "receipt")}
+        assert exported["key_id"] == published["ledger"] != published["receipt"], published
         mesh.stop()
         ledger_file = offsite / "deletion-ledger.json"
         assert oct(ledger_file.stat().st_mode & 0o777) == "0o600"
@@ -63,9 +72,17 @@ def test_offsite_ledger_keeps_later_deletions_deleted_after_losing_the_privacy_d
         refused = _hearth_fails(mesh, "restore", snapshot["snapshot"], "--ledger", str(tampered))
         assert f"truncated: the head signs {dropped['n'] + 1} entries" in refused, refused
         assert not (mesh.data_dir / "privacy.db").exists()
+        # A genuine but stale copy (exported before the snapshot) is refused: it knows nothing
+        # of the deletion made after the snapshot (before: restored, exit 0, ledger-gone back).
+        refused = _hearth_fails(mesh, "restore", snapshot["snapshot"], "--ledger", str(offsite / "older.json"))
+        assert "stale: exported at" in refused and "before the snapshot" in refused, refused
+        assert "--accept-stale-ledger" in refused
+        assert not (mesh.data_dir / "privacy.db").exists()
 
         report = _hearth(mesh, "restore", snapshot["snapshot"], "--ledger", str(ledger_file))
         assert report["ledger_sources"] == [str(ledger_file)]
+        (covered,) = report["ledger_coverage"]
+        assert covered["jobs"] == exported["jobs"] and covered["signed_with"].startswith("ledger key (")
         assert [j["replaces"] for j in report["requeued_jobs"]] == [deleted_job]
         assert report["keys_tombstoned"] >= 1
         keys = _rows(mesh.data_dir / "privacy.db", "SELECT wrapped, destroyed_at FROM data_keys WHERE account_id = ?",

@@ -31,3 +31,27 @@ def test_a_consent_read_does_not_wait_for_a_write_in_progress(tmp_path: Path):
         assert answers and answers[0].processing is True
     finally:
         db.close()
+
+
+def test_the_list_of_withdrawn_consent_does_not_wait_for_a_write_in_progress(tmp_path: Path):
+    """``ConsentStore.withdrawn`` (ListWithdrawnConsent: attribution's Attribute over every
+    account, once per consent TTL) is the same kind of read, and until review33 it too ran in
+    a write transaction: behind a deletion job's step or a key rotation's batch it waited up
+    to the 30 s busy timeout, then failed."""
+    db = SqliteDatabase(tmp_path / "privacy.db")
+    try:
+        migrate(db, MIGRATIONS)
+        store = ConsentStore(db)
+        store.set_consent("acct-w", False, True, "test")
+        answers: list = []
+        with transaction_held_open(db, lambda tx: tx.execute("CREATE TABLE held_write (x INTEGER)")):
+            reader = threading.Thread(target=lambda: answers.append(store.withdrawn("", 10)), daemon=True)
+            reader.start()
+            reader.join(10)
+            read_while_held = not reader.is_alive()
+        reader.join()
+        assert read_while_held, "the withdrawn list waited for the write transaction to end"
+        listed, more = answers[0]
+        assert [c.account_id for c in listed] == ["acct-w"] and not more
+    finally:
+        db.close()

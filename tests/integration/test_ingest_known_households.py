@@ -17,6 +17,8 @@ import contextlib
 import random
 import time
 
+import pytest
+
 from services.clustering.domain.events import ViewingEvent
 from services.clustering.store import _EXTEND_SESSION, PREPARE_KNOWN_DEVICES_FROM, ClusteringStore
 from services.common.erasure import ErasureScope, ScopeKind
@@ -583,3 +585,75 @@ def test_a_kept_state_that_does_not_open_is_counted_once_and_rebuilt_inside(tmp_
     assert counted() == before + 1
     assert result == reference.ingest(batch)
     _assert_same_households(store, reference, HOUSEHOLDS)
+
+
+def test_households_holding_erased_events_digests_are_read_set_wise_and_store_what_the_per_device_path_stores(
+        database, tmp_path):
+    """A third of the households had a window erasure (their erased events' digests kept, a
+    fence): the batch extends their devices and replays an erased id at a new time (refused
+    as a duplicate, by its digest). On SQLite and PostgreSQL the rows and counts equal the
+    per-device path's, and the preparation reads those households set-wise too (ingest33:
+    seen failing before — 126 read statements for these 72 devices, five a device of the 24
+    of such households; now 7)."""
+    ring = KeyRing([generate_kek("k1")], "k1")
+    first = _batch(random.Random(51), HOUSEHOLDS)
+    store = _Counting(database, gap_s=GAP_S, cipher=_cipher(ring))
+    store.migrate()
+    reference = _per_device_path(_store(tmp_path / "per-device.db", _cipher(ring)))
+    erased = HOUSEHOLDS[::3]
+    replays = []
+    for account in erased:
+        (oldest,) = sorted((e for e in first if e.account_id == account), key=lambda e: e.ts)[:1]
+        replays.append(random_event(random.Random(account), account, 500, max(e.ts for e in first) + 7 * GAP_S,
+                                    device=oldest.device_id, event_id=oldest.event_id))
+    for s in (store, reference):
+        s.ingest(first)
+        for account in erased:
+            oldest = min(e.ts for e in first if e.account_id == account)
+            assert s.erase(ErasureScope(kind=ScopeKind.TIME_WINDOW, account_id=account, start=oldest - 1.0,
+                                        end=oldest + 1.0)).deleted_counts["events"] >= 1
+    batch = _next_batch(random.Random(52), first) + replays
+    store.reading.clear()
+    result = store.ingest(batch)
+    assert result == reference.ingest(batch)
+    assert result.accepted > 0 and result.duplicates >= len(replays)
+    assert store.prepared_devices == 2 * len(HOUSEHOLDS)
+    assert sum(store.reading) <= 12, store.reading
+    _assert_same_households(store, reference, HOUSEHOLDS)
+    for replay in replays:   # each erased id stays erased
+        assert store.event_status(replay.account_id, [replay.event_id]) == (set(), {replay.event_id})
+
+
+def test_a_household_holding_erased_digests_whose_key_is_not_to_be_had_is_not_prepared(tmp_path):
+    """The set-wise erased check (ingest33) makes each household's digests with its key; one
+    whose key is not to be had (privacy not answering) is not prepared — its devices are left
+    to the transaction's own path, which meets the same refusal and answers it as always
+    (nothing of the batch stored) — and the others are prepared as usual."""
+    from services.common.errors import Unavailable
+
+    ring = KeyRing([generate_kek("k1")], "k1")
+    first = _batch(random.Random(61), HOUSEHOLDS)
+    stores = [_store(tmp_path / "prepared.db", _cipher(ring), cls=_Counting),
+              _per_device_path(_store(tmp_path / "per-device.db", _cipher(ring)))]
+    for s in stores:
+        s.ingest(first)
+        for account in HOUSEHOLDS[:3]:
+            oldest = min(e.ts for e in first if e.account_id == account)
+            s.erase(ErasureScope(kind=ScopeKind.TIME_WINDOW, account_id=account, start=oldest - 1.0,
+                                 end=oldest + 1.0))
+        digests = s._digests
+
+        def refusing(account, event_ids, digests=digests):
+            if account == HOUSEHOLDS[1]:
+                raise Unavailable("data key service unavailable")
+            return digests(account, event_ids)
+        s._digests = refusing
+    batch = _next_batch(random.Random(62), first)
+    for s in stores:
+        with pytest.raises(Unavailable):
+            s.ingest(batch)
+    assert stores[0].prepared_devices == 2 * (len(HOUSEHOLDS) - 1)
+    for s in stores:
+        del s._digests   # the key back: the batch is stored as the per-device path stores it
+    assert stores[0].ingest(batch) == stores[1].ingest(batch)
+    _assert_same_households(stores[0], stores[1], HOUSEHOLDS)

@@ -13,7 +13,7 @@ from services.attribution.domain.records import Conversion, Touchpoint
 from services.attribution.store import AttributionStore
 from services.clustering.domain.events import ViewingEvent
 from services.clustering.store import ClusteringStore, DriftRow
-from services.common.errors import Conflict, NotFound
+from services.common.errors import AlreadyExists, Conflict, NotFound
 from services.common.storage.sql import Migration, migrate, schema_version
 from services.feedback.store import FeedbackStore, PredictionRecord
 from services.privacy.consent.store import ConsentStore
@@ -511,6 +511,14 @@ def test_feedback_store_idempotent(database):
     fb.migrate()
     p = PredictionRecord("pr1", "acc-1", "s1", "p1", {"p1": 0.8, "p2": 0.2}, "gmm", 3, T0, False, 2)
     assert fb.record_predictions([p, p]) == (1, 1)
+    # the id with other content: refused naming the item, nothing of the batch stored (session 33)
+    other = PredictionRecord("pr1", "acc-1", "s1", "p1", {"p1": 0.7, "p2": 0.3}, "gmm", 3, T0, False, 2)
+    fresh = PredictionRecord("pr2", "acc-1", "s2", "p1", {"p1": 0.8, "p2": 0.2}, "gmm", 3, T0, False, 2)
+    with pytest.raises(AlreadyExists) as err:
+        fb.record_predictions([fresh, other])
+    assert err.value.field == "predictions[1].prediction_id"
+    assert fb.prediction("pr2") is None and fb.prediction("pr1") == p
+    assert fb.record_predictions([fresh, p]) == (1, 1)
 
 
 def test_privacy_consent_versions(database):

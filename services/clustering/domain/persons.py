@@ -315,3 +315,33 @@ def differ_in_hours(X: np.ndarray, who: np.ndarray, min_z: float) -> bool:
         return False
     auc = loo_auc(_standardised(viewing_hours(X)), who.astype(np.float64))
     return auc_z(auc, n_a, n_b) >= min_z
+
+
+
+def own_and_shared_devices(device_ids: np.ndarray, personal_type: np.ndarray, person_ids: np.ndarray,
+                           sessions: np.ndarray, person: str) -> tuple[list[str], list[str]]:
+    """Of the devices ``person``'s sessions are on: (own, shared), each sorted. One row per
+    (device, device type, assigned person) of those devices' stored sessions, with its
+    count of ``sessions`` (``personal_type``: the type is a personal one; ``person_ids``:
+    "" for sessions not assigned yet).
+
+    A device is the person's **own** when, as the model reads devices (``personal_slots``),
+    most of its sessions are of a personal type, and most of its *assigned* sessions are
+    the person's: a record there that names nobody is then the person's, by the device
+    alone. Every other device is **shared**: a TV is one whoever watched it, and so is
+    another member's phone the person borrowed — a record there that names nobody may be
+    another member's. What an erasure does with the two is docs/privacy.md §6's:
+    attribution's person erasure fences the unnamed touchpoints of the own devices, and of
+    a shared one only where one of the person's erased touchpoints was."""
+    device_ids = np.asarray(device_ids, dtype=object)
+    personal_type = np.asarray(personal_type, dtype=bool)
+    person_ids = np.asarray(person_ids, dtype=object)
+    sessions = np.asarray(sessions, dtype=np.float64)
+    own, shared = [], []
+    for device in sorted(set(device_ids[(person_ids == person) & (sessions > 0)].tolist())):
+        on = device_ids == device
+        assigned = on & (person_ids != "")
+        personal_share = sessions[on & personal_type].sum() / sessions[on].sum()
+        persons_share = sessions[assigned & (person_ids == person)].sum() / sessions[assigned].sum()
+        (own if personal_share > 0.5 and persons_share > 0.5 else shared).append(device)
+    return own, shared

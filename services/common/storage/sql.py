@@ -125,7 +125,7 @@ class WriteHealth:
 # SQLite's result codes (the primary code, the low byte) that say the database cannot
 # take the statement now, not that the statement is wrong: a full disk, a file or
 # directory made read-only, an I/O error, a lock held past the busy timeout.
-_SQLITE_UNAVAILABLE = {getattr(sqlite3, name) for name in (
+SQLITE_UNAVAILABLE_CODES = {getattr(sqlite3, name) for name in (
     "SQLITE_FULL", "SQLITE_READONLY", "SQLITE_IOERR", "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_CANTOPEN")}
 # Of those, the ones that say the storage itself refuses writes (not contention).
 _SQLITE_WRITES_REFUSED = {sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR}
@@ -141,7 +141,7 @@ def _sqlite_unavailable(writes: WriteHealth | None = None) -> Iterator[None]:
         yield
     except sqlite3.OperationalError as exc:
         code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-        if code in _SQLITE_UNAVAILABLE:
+        if code in SQLITE_UNAVAILABLE_CODES:
             if writes is not None and code in _SQLITE_WRITES_REFUSED:
                 writes.refused(str(exc))
             raise Unavailable(f"database unavailable: {exc}") from exc

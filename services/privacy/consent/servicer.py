@@ -30,4 +30,4 @@ class ConsentServicer(pb_grpc.ConsentServicer):
 
 def _consent_pb(c) -> pb.GetConsentResponse:
     return pb.GetConsentResponse(account_id=c.account_id, processing=c.processing,
-                                 attribution=c.attribution, known=c.known)
+                                 attribution=c.attribution, known=c.known, version=c.version)

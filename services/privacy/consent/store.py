@@ -88,8 +88,10 @@ class ConsentStore:
 
     def withdrawn(self, after_account_id: str, limit: int) -> tuple[list[Consent], bool]:
         """Up to ``limit`` accounts with an id after ``after_account_id`` whose processing
-        or attribution consent is withdrawn, in id order, and whether more follow."""
-        with self.db.transaction() as tx:
+        or attribution consent is withdrawn, in id order, and whether more follow. A read
+        transaction, as ``consent`` (review33: a write one waited behind any write of
+        privacy's database)."""
+        with self.db.transaction(readonly=True) as tx:
             rows = tx.query("SELECT account_id, processing, attribution, version FROM consent "
                             "WHERE (processing = 0 OR attribution = 0) AND account_id > ? "
                             "ORDER BY account_id LIMIT ?", (after_account_id, limit + 1))

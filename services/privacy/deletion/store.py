@@ -78,7 +78,10 @@ class DeletionJobStore:
         subclass's; ``RotationJobStore`` writes each household's outcome)."""
 
     def _row(self, where: str, params: tuple) -> StoredJob | None:
-        with self.db.transaction() as tx:
+        # A read transaction (review33): GetDeletion is polled by every client waiting for its
+        # erasure, and in a write one (SQLite: the one write lock) each poll waited behind any
+        # write of privacy's database. A job's changes are compare-and-swapped on its version.
+        with self.db.transaction(readonly=True) as tx:
             rows = tx.query("SELECT job_json, request_id, reason, version, erasures_json, receipt_json, "
                             f"trace_context FROM {self.table} WHERE {where}", params)
         if not rows:
@@ -224,7 +227,7 @@ class DeletionJobStore:
         return [float(r[0]) for r in rows]
 
     def for_account(self, account_id: str) -> list[StoredJob]:
-        with self.db.transaction() as tx:
+        with self.db.transaction(readonly=True) as tx:   # an export's read (``_row``)
             ids = [r[0] for r in tx.query(f"SELECT job_id FROM {self.table} WHERE account_id = ? "
                                           "ORDER BY created_at, job_id", (account_id,))]
         return [self.get(i) for i in ids]

@@ -496,3 +496,27 @@ def test_a_streams_first_refit_of_the_buffer_comes_first_refit_after_sessions_af
     assert refits_of_a_stream() == [50]
     monkeypatch.setattr(M, "FIRST_REFIT_AFTER", 20)
     assert refits_of_a_stream() == [30, 70]
+
+
+def test_a_persons_own_devices_are_personal_types_mostly_theirs_and_the_rest_shared():
+    """GetPersonDevices' rule (persons.own_and_shared_devices): a device is the person's own
+    when most of its sessions are of a personal type and most of its assigned sessions are
+    the person's — a few of another member's sessions on it (or unassigned ones) do not make
+    it shared; a TV does whoever watched it, and so does another member's phone the person
+    borrowed. A device the person has no session on is neither."""
+    from services.clustering.domain.persons import own_and_shared_devices
+
+    rows = [  # device, personal type, assigned person, sessions
+        ("phone-a", True, "p1", 20), ("phone-a", True, "p2", 3), ("phone-a", True, "", 30),
+        ("tv-1", False, "p1", 40), ("tv-1", False, "p2", 2),
+        ("phone-b", True, "p2", 20), ("phone-b", True, "p1", 2),
+        ("laptop", True, "p1", 1), ("laptop", False, "p1", 3),       # mostly a TV-like type: shared
+        ("tab-c", True, "p3", 9),                                    # p1 never on it
+        ("tab-d", True, "p1", 0)]                                    # no session: not theirs
+    devices, personal, persons, sessions = (list(c) for c in zip(*rows))
+    assert own_and_shared_devices(devices, personal, persons, sessions, "p1") == (["phone-a"],
+                                                                                 ["laptop", "phone-b", "tv-1"])
+    assert own_and_shared_devices(devices, personal, persons, sessions, "p2") == (["phone-b"],
+                                                                                 ["phone-a", "tv-1"])
+    assert own_and_shared_devices(devices, personal, persons, sessions, "p9") == ([], [])
+    assert own_and_shared_devices([], [], [], [], "p1") == ([], [])

@@ -19,7 +19,7 @@ from services.clustering.app import ClusteringApp
 from services.clustering.domain.events import ViewingEvent
 from services.clustering.household import Envelope
 from services.clustering.modeling import ModelKeeper, known_person, persons_for
-from services.clustering.store import ClusteringStore
+from services.clustering.store import ClusteringStore, _person_rows
 from services.common.erasure import ErasureScope
 from services.common.field_crypto import FieldCipher
 from services.common.storage.sql import SqliteDatabase
@@ -278,12 +278,16 @@ def test_a_fold_writes_only_the_answers_that_changed(tmp_path):
     store.now = max(e.ts for e in first) + 2 * GAP_S
     _, before = app.keeper.refresh(ACCOUNT)
     written: list[int] = []
-    original = store.set_persons
+    original = store.set_persons, store.save_model
 
     def counted(*args, **kwargs):
-        written.append(original(*args, **kwargs))
+        written.append(original[0](*args, **kwargs))
         return written[-1]
-    store.set_persons = counted
+
+    def saved(account, *args, answers=None, **kwargs):   # the fold's answers are written with its model
+        written.append(len(_person_rows(account, *answers)))
+        return original[1](account, *args, answers=answers, **kwargs)
+    store.set_persons, store.save_model = counted, saved
     store.ingest(rest)
     store.now = max(e.ts for e in rest) + 2 * GAP_S
     _, envelope = app.keeper.refresh(ACCOUNT)

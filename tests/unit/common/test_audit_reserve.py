@@ -191,3 +191,22 @@ def test_replicas_on_one_data_dir_keep_their_held_records_in_files_of_their_own(
     second.close()
     restarted = [audit.reserve_for(tmp_path, "t-rep", 64 * 1024) for _ in range(2)]
     assert [r.replay() for r in restarted] == [held_first, []]
+
+
+def test_closing_on_a_full_disk_with_every_held_record_in_the_file_logs_no_error(tmp_path, caplog):
+    # ops33: a process stopped on a full data directory logged "audit outbox write failed while
+    # closing: N records not spooled" at ERROR with a traceback, then that the same N stay in
+    # the reserve file: nothing was lost, yet the soak and an operator's alert read a loss.
+    component = "t-reserve-close-quiet"
+    outbox = _FullDiskOutbox(tmp_path / "outbox.db")
+    sink = AuditSink(_Log(), component=component, outbox=outbox,
+                     reserve=AuditReserve(tmp_path / "reserve.bin", 256 * 1024), max_attempts=2, spool_after=1,
+                     backoff_s=0.01, max_spool_backoff_s=0.05, max_delay_s=0.005)
+    for r in _records(6):
+        sink.submit(r)
+    assert _wait_for(lambda: audit.HELD.labels(component)._value.get() == 6)
+    with caplog.at_level("WARNING", logger="hearth.audit"):
+        sink.close(2)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
+    assert any("6 audit records stay in the reserve file" in r.getMessage() for r in caplog.records)
+    assert sink.dropped == 0

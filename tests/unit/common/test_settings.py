@@ -120,6 +120,9 @@ ENVIRONMENT_READERS = {
     # `hearth backup` / `restore` hand their own environment on to pg_dump / pg_restore with
     # PGPASSWORD added (the DSN's password kept off their command line, review28): no setting read.
     "services/common/backup.py",
+    # `hearth ledger export` / `restore`: HEARTH_LEDGER_SIGNING_KEY (OTHER_VARIABLES), which no
+    # service reads (the privacy pods never hold the ledger key: ledger33).
+    "services/privacy/backup.py",
 }
 
 

@@ -14,12 +14,15 @@ from datetime import UTC, datetime
 import pytest
 
 from services.common.erasure import ErasureScope
-from services.privacy.backup import Ledger, _digest, merge_ledgers, read_ledger_file, write_ledger_file
+from services.privacy.backup import (
+    Ledger, _digest, _ledger_signing_key, merge_ledgers, read_ledger_file, write_ledger_file)
 from services.privacy.deletion.domain import JobState, job_to_dict, new_job
-from services.privacy.keys.signing import generate_private_key, private_key_to_pem, public_key_to_pem
+from services.privacy.keys.signing import (
+    generate_private_key, key_id, load_public_key, private_key_to_pem, public_key_to_pem)
 from services.testing.mesh import ROOT
 
-KEY = generate_private_key()          # the receipt signing key
+KEY = generate_private_key()          # the receipt signing key (session 32's ledger key)
+LEDGER_KEY = generate_private_key()   # the ledger's own (HEARTH_LEDGER_SIGNING_KEY, session 33)
 PUBLIC = [KEY.public_key()]
 
 
@@ -218,42 +221,263 @@ def _forge_deletion(path, account: str) -> None:
     path.write_text(json.dumps(document))
 
 
+def _cli(tmp_path, env: dict):
+    """`hearth ...` as a real process on a SQLite data dir, with ``env`` on top of ours."""
+    def hearth(data_dir, *args, extra_env: dict | None = None):
+        merged = {**os.environ, "HEARTH_STORAGE": "sqlite", **env, **(extra_env or {}), "HEARTH_DATA_DIR": str(data_dir)}
+        for name in [n for n, v in merged.items() if v is None]:
+            merged.pop(name)
+        return subprocess.run([sys.executable, "-m", "services.cli", *args, "--data-dir", str(data_dir)], cwd=ROOT,
+                              env=merged, capture_output=True, text=True, timeout=120)
+    return hearth
+
+
+def _source_with_a_snapshot(tmp_path, hearth) -> tuple:
+    source = tmp_path / "source"
+    source.mkdir()
+    with sqlite3.connect(source / "clustering.db") as db:
+        db.execute("CREATE TABLE t (x)")
+    sqlite3.connect(source / "privacy.db").close()
+    taken = hearth(source, "backup", "--out", str(tmp_path / "out"))
+    assert taken.returncode == 0, taken.stderr
+    return source, json.loads(taken.stdout.strip().splitlines()[-1])["snapshot"]
+
+
+def _report(done) -> dict:
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def test_a_restore_refuses_an_offsite_ledger_forged_without_the_key(tmp_path):
     """audit32, through the real CLI: `hearth ledger export` of a privacy database, then the
     off-site copy edited to add the deletion of a household nobody asked to erase. Before,
     with the checksum recomputed, `hearth restore --ledger` replaced every database and
     re-queued the forged deletion (exit 0); now the ledger is refused before anything is
-    replaced, naming the key it was signed with, and the genuine copy restores."""
-    key_pem = private_key_to_pem(KEY)
-    env = {**os.environ, "HEARTH_STORAGE": "sqlite", "HEARTH_RECEIPT_SIGNING_KEY": key_pem}
-    source, target = tmp_path / "source", tmp_path / "target"
-    source.mkdir()
-    with sqlite3.connect(source / "clustering.db") as db:
-        db.execute("CREATE TABLE t (x)")
-    sqlite3.connect(source / "privacy.db").close()
+    replaced, naming the key it was signed with, and the genuine copy restores.
 
-    def hearth(data_dir, *args):
-        return subprocess.run([sys.executable, "-m", "services.cli", *args, "--data-dir", str(data_dir)], cwd=ROOT,
-                              env={**env, "HEARTH_DATA_DIR": str(data_dir)}, capture_output=True, text=True,
-                              timeout=120)
-
-    exported = hearth(source, "ledger", "export", "--out", str(tmp_path / "offsite" / "ledger.json"))
-    assert exported.returncode == 0, exported.stderr
-    taken = hearth(source, "backup", "--out", str(tmp_path / "out"))
-    assert taken.returncode == 0, taken.stderr
-    snapshot = json.loads(taken.stdout.strip().splitlines()[-1])["snapshot"]
+    ledger33: the export holds the ledger's own key (HEARTH_LEDGER_SIGNING_KEY) and no
+    receipt signing key, as the chart's CronJob; before, it refused without the receipt
+    key (and with it, signed with it)."""
+    hearth = _cli(tmp_path, {"HEARTH_LEDGER_SIGNING_KEY": private_key_to_pem(LEDGER_KEY),
+                             "HEARTH_RECEIPT_SIGNING_KEY": None})
+    source, snapshot = _source_with_a_snapshot(tmp_path, hearth)
+    target = tmp_path / "target"
     genuine = tmp_path / "offsite" / "ledger.json"
+    exported = _report(hearth(source, "ledger", "export", "--out", str(genuine)))
+    assert exported["key_id"] == key_id(LEDGER_KEY) != key_id(KEY)
     forged = tmp_path / "offsite" / "forged.json"
     forged.write_text(genuine.read_text())
     _forge_deletion(forged, "acc-victim")
     done = hearth(target, "restore", snapshot, "--ledger", str(forged))
     assert done.returncode != 0 and "signed by key" in done.stderr and "Traceback" not in done.stderr, done.stdout
     assert not (target / "clustering.db").exists()
-    done = hearth(target, "restore", snapshot, "--ledger", str(genuine))
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.strip().splitlines()[-1])["requeued_jobs"] == []
-    # The ledger is signed with the receipt key only: without it the export refuses.
-    env.pop("HEARTH_RECEIPT_SIGNING_KEY")
-    refused = hearth(source, "ledger", "export", "--out", str(tmp_path / "offsite" / "unsigned.json"))
-    assert refused.returncode != 0 and "HEARTH_RECEIPT_SIGNING_KEY" in refused.stderr, refused.stderr
-    assert not (tmp_path / "offsite" / "unsigned.json").exists()
+    report = _report(hearth(target, "restore", snapshot, "--ledger", str(genuine)))
+    assert report["requeued_jobs"] == []
+    (covered,) = report["ledger_coverage"]
+    assert covered["signed_with"] == "ledger key (HEARTH_LEDGER_SIGNING_KEY)" and covered["source"] == str(genuine)
+
+
+@pytest.fixture
+def hearth_in_process(monkeypatch, capsys):
+    """`hearth ...` in this process (cli.main; each subprocess costs ~2 s of imports on this
+    machine — the real processes are tests/e2e/test_restore_offsite_ledger.py's):
+    (exit code, the JSON report or None, stderr). The umask the commands set is put back."""
+    from services import cli
+
+    monkeypatch.setenv("HEARTH_STORAGE", "sqlite")
+    for name in ("HEARTH_LEDGER_SIGNING_KEY", "HEARTH_RECEIPT_SIGNING_KEY", "HEARTH_POSTGRES_DSN"):
+        monkeypatch.delenv(name, raising=False)
+    umask = os.umask(0o022)
+    os.umask(umask)
+
+    def hearth(data_dir, *args):
+        monkeypatch.setenv("HEARTH_DATA_DIR", str(data_dir))
+        capsys.readouterr()
+        code = cli.main([*args, "--data-dir", str(data_dir)])
+        out, err = capsys.readouterr()
+        return code, (json.loads(out.strip().splitlines()[-1]) if code == 0 else None), err
+
+    yield hearth
+    os.umask(umask)
+
+
+def _source(tmp_path):
+    source = tmp_path / "source"
+    source.mkdir()
+    with sqlite3.connect(source / "clustering.db") as db:
+        db.execute("CREATE TABLE t (x)")
+    sqlite3.connect(source / "privacy.db").close()
+    return source
+
+
+def test_the_ledger_has_its_own_key_and_ledgers_signed_before_it_still_restore(tmp_path, monkeypatch,
+                                                                               hearth_in_process):
+    """ledger33: the export never signs with the receipt signing key any more (before: it
+    did, so the CronJob held a key that signs deletion receipts); without
+    HEARTH_LEDGER_SIGNING_KEY on SQLite it makes a development key of its own, private, its
+    public half published. A ledger signed with the receipt key (exported in session 32)
+    still restores during the upgrade, named so; one signed with a ledger key since
+    rotated needs --ledger-public-key."""
+    hearth = hearth_in_process
+    monkeypatch.setenv("HEARTH_RECEIPT_SIGNING_KEY", private_key_to_pem(KEY))
+    source = _source(tmp_path)
+    code, taken, err = hearth(source, "backup", "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    snapshot = taken["snapshot"]
+    code, exported, err = hearth(source, "ledger", "export", "--out", str(tmp_path / "dev.json"))
+    assert code == 0, err
+    assert exported["key_id"] != key_id(KEY)
+    assert oct((source / "privacy-ledger-signing.key").stat().st_mode & 0o777) == "0o600"
+    published = load_public_key((source / "privacy-ledger-signing.pub").read_text())
+    assert exported["key_id"] == key_id(published)
+    # The restore on the same data dir trusts its development ledger key.
+    (source / "privacy.db").unlink()
+    code, report, err = hearth(source, "restore", snapshot, "--ledger", str(tmp_path / "dev.json"))
+    assert code == 0 and report["ledger_coverage"][0]["signed_with"].startswith("ledger key ("), err
+
+    target = tmp_path / "target"
+    ledger = Ledger({"job-1": _job("completed", "acc-9")}, {"acc-9"})
+    by_receipt_key = tmp_path / "session32.json"
+    write_ledger_file(ledger, by_receipt_key, KEY)
+    code, report, err = hearth(target, "restore", snapshot, "--ledger", str(by_receipt_key))
+    assert code == 0, err
+    assert report["ledger_coverage"][0]["signed_with"].startswith("receipt key (HEARTH_RECEIPT_SIGNING_KEY")
+    assert f"warning: --ledger {by_receipt_key}: signed with the receipt signing key" in err
+    assert [j["replaces"] for j in report["requeued_jobs"]] == ["job-1"]
+
+    earlier = generate_private_key()   # the ledger key before a rotation
+    rotated = tmp_path / "before-rotation.json"
+    write_ledger_file(ledger, rotated, earlier)
+    monkeypatch.setenv("HEARTH_LEDGER_SIGNING_KEY", private_key_to_pem(LEDGER_KEY))
+    code, _, err = hearth(target, "restore", snapshot, "--ledger", str(rotated))
+    assert code == 2 and "--ledger-public-key" in err, err
+    old_pub = tmp_path / "ledger-old.pub"
+    old_pub.write_text(public_key_to_pem(earlier.public_key()))
+    code, report, err = hearth(target, "restore", snapshot, "--ledger", str(rotated), "--ledger-public-key", str(old_pub))
+    assert code == 0 and report["ledger_coverage"][0]["signed_with"] == f"--ledger-public-key {old_pub}", err
+    # A ledger key that is not one: named, exit 2, nothing replaced (nor exported).
+    monkeypatch.setenv("HEARTH_LEDGER_SIGNING_KEY", "c2hvcnQ=")
+    elsewhere = tmp_path / "elsewhere"
+    code, _, err = hearth(elsewhere, "restore", snapshot, "--ledger", str(rotated))
+    assert code == 2 and "HEARTH_LEDGER_SIGNING_KEY: raw Ed25519 key must be 32 bytes" in err, err
+    assert not elsewhere.exists() or not (elsewhere / "clustering.db").exists()
+    code, _, err = hearth(source, "ledger", "export", "--out", str(tmp_path / "never.json"))
+    assert code == 2 and "HEARTH_LEDGER_SIGNING_KEY" in err and not (tmp_path / "never.json").exists()
+
+
+def test_without_a_configured_ledger_key_the_export_on_postgres_refuses(tmp_path, monkeypatch):
+    """A development key made up in a CronJob's pod would be gone with it: on PostgreSQL the
+    export refuses naming HEARTH_LEDGER_SIGNING_KEY, and never falls back to the receipt key."""
+    from types import SimpleNamespace
+
+    monkeypatch.delenv("HEARTH_LEDGER_SIGNING_KEY", raising=False)
+    monkeypatch.setenv("HEARTH_RECEIPT_SIGNING_KEY", private_key_to_pem(KEY))
+    with pytest.raises(ValueError, match="HEARTH_LEDGER_SIGNING_KEY: not set"):
+        _ledger_signing_key(SimpleNamespace(storage="postgres", data_dir=tmp_path))
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("HEARTH_LEDGER_SIGNING_KEY", "not a key")
+    with pytest.raises(ValueError, match="HEARTH_LEDGER_SIGNING_KEY"):
+        _ledger_signing_key(SimpleNamespace(storage="postgres", data_dir=tmp_path))
+
+
+def test_a_restore_refuses_a_genuine_ledger_older_than_the_snapshot_or_the_max_age(tmp_path, monkeypatch,
+                                                                                   hearth_in_process):
+    """review32 R19: a genuine export older than the snapshot knows none of the deletions
+    since it, and one older than --ledger-max-age-s may miss the latest ones; without the
+    privacy database, restoring with it brought every household erased after its export
+    back (exit 0). Refused now, naming the file and what it covers, before anything is
+    replaced; --accept-stale-ledger restores with it. (Through real processes:
+    tests/e2e/test_restore_offsite_ledger.py.)"""
+    hearth = hearth_in_process
+    monkeypatch.setenv("HEARTH_LEDGER_SIGNING_KEY", private_key_to_pem(LEDGER_KEY))
+    monkeypatch.setenv("HEARTH_RECEIPT_SIGNING_KEY", private_key_to_pem(KEY))   # the restore's: privacy's config
+    source, target = _source(tmp_path), tmp_path / "target"
+    older, newest = tmp_path / "offsite" / "older.json", tmp_path / "offsite" / "newest.json"
+    assert hearth(source, "ledger", "export", "--out", str(older))[0] == 0
+    code, taken, err = hearth(source, "backup", "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    snapshot = taken["snapshot"]
+    assert hearth(source, "ledger", "export", "--out", str(newest))[0] == 0
+
+    code, _, err = hearth(target, "restore", snapshot, "--ledger", str(older))
+    assert code == 2 and f"--ledger {older}: stale: exported at" in err and "before the snapshot" in err, err
+    assert "--accept-stale-ledger" in err and "0 deletion job(s)" in err
+    assert not (target / "clustering.db").exists()
+    code, _, err = hearth(target, "restore", snapshot, "--ledger", str(newest), "--ledger-max-age-s", "0")
+    assert code == 2 and "more than --ledger-max-age-s (0 s)" in err, err
+    assert not (target / "clustering.db").exists()
+    with pytest.raises(SystemExit):
+        hearth(target, "restore", snapshot, "--ledger", str(newest), "--ledger-max-age-s", "nan")
+    # The newest of several copies is what counts; an operator who knows the older one is
+    # the last there was says so.
+    assert hearth(target, "restore", snapshot, "--ledger", str(older), "--ledger", str(newest))[0] == 0
+    (target / "privacy.db").unlink()
+    code, report, err = hearth(target, "restore", snapshot, "--ledger", str(older), "--accept-stale-ledger")
+    assert code == 0, err
+    (covered,) = report["ledger_coverage"]
+    assert covered["source"] == str(older) and covered["exported_at"] and covered["age_s"] >= 0
+
+
+def test_a_restore_refuses_a_ledger_exported_in_the_future_naming_it(tmp_path, monkeypatch, hearth_in_process):
+    """A genuine export whose signed time is ahead of the restoring machine's clock (the
+    exporting machine's clock ran ahead) passed the stale check however old it really was:
+    its age read as negative. Refused now beyond the clock-skew tolerance
+    (MAX_FUTURE_SKEW_S, 10 minutes), naming the file, before anything is replaced; one
+    within the tolerance restores."""
+    import time
+
+    from services.common.ids import MAX_FUTURE_SKEW_S
+
+    hearth = hearth_in_process
+    monkeypatch.setenv("HEARTH_LEDGER_SIGNING_KEY", private_key_to_pem(LEDGER_KEY))
+    monkeypatch.setenv("HEARTH_RECEIPT_SIGNING_KEY", private_key_to_pem(KEY))
+    source, target = _source(tmp_path), tmp_path / "target"
+    code, taken, err = hearth(source, "backup", "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    ahead, skewed = tmp_path / "offsite" / "ahead.json", tmp_path / "offsite" / "skewed.json"
+    ahead.parent.mkdir()
+    write_ledger_file(Ledger({}, set()), ahead, LEDGER_KEY, exported_at=time.time() + MAX_FUTURE_SKEW_S + 600)
+    code, _, err = hearth(target, "restore", taken["snapshot"], "--ledger", str(ahead))
+    assert code == 2 and f"--ledger {ahead}: exported at" in err and "in the future" in err, err
+    assert "Traceback" not in err and not (target / "clustering.db").exists()
+    write_ledger_file(Ledger({}, set()), skewed, LEDGER_KEY, exported_at=time.time() + MAX_FUTURE_SKEW_S / 2)
+    code, _, err = hearth(target, "restore", taken["snapshot"], "--ledger", str(skewed))
+    assert code == 0, err
+
+
+def test_the_stale_rule_reads_the_newest_export_time():
+    from services.privacy.backup import stale_ledger_reason
+
+    ledger = Ledger({"job-1": _job("completed")}, {"acc-1"}, exported_at=1000.0, signed_with="ledger key (x)")
+    assert stale_ledger_reason([("a.json", ledger)], 900.0, 1100.0, 3600) == ""
+    assert "a.json: stale: exported at 1970-01-01T00:16:40+00:00, before the snapshot" in stale_ledger_reason(
+        [("a.json", ledger)], 1001.0, 1100.0, 3600)
+    assert "more than --ledger-max-age-s (60 s)" in stale_ledger_reason([("a.json", ledger)], 900.0, 1100.0, 60)
+    newer = dataclasses.replace(ledger, exported_at=1050.0)
+    assert stale_ledger_reason([("a.json", ledger), ("b.json", newer)], 1001.0, 1100.0, 3600) == ""
+    # An unsigned /1 file (--accept-unsigned-ledger) may say anything: no crash, a message.
+    odd = dataclasses.replace(ledger, exported_at=1e300)
+    assert "c.json: exported at 1e+300, " in stale_ledger_reason([("c.json", odd)], 900.0, 1100.0, 3600)
+    # Ahead of the restoring clock: within the tolerance it is read as now, beyond it refused.
+    assert stale_ledger_reason([("a.json", ledger)], 900.0, 1000.0 - 600, 3600) == ""
+    assert "in the future" in stale_ledger_reason([("a.json", ledger)], 900.0, 1000.0 - 601, 3600)
+    assert "no export time" in stale_ledger_reason([("d.json", dataclasses.replace(ledger, exported_at=None))],
+                                                   900.0, 1100.0, 3600)
+    assert "1e+300" in stale_ledger_reason([("c.json", odd)], 2e300, 1100.0, 3600)
+
+
+def test_the_ledger_key_public_half_is_printed_for_the_restore(tmp_path, monkeypatch, capsys, hearth_in_process):
+    """`hearth ledger public-key`: the PEM a restore verifies with (--ledger-public-key)
+    where the private key should not be, and what to keep before rotating it."""
+    from services import cli
+
+    monkeypatch.setenv("HEARTH_DATA_DIR", str(tmp_path))
+    assert cli.main(["ledger", "public-key", "--data-dir", str(tmp_path)]) == 2
+    assert "HEARTH_LEDGER_SIGNING_KEY: not set" in capsys.readouterr().err
+    monkeypatch.setenv("HEARTH_LEDGER_SIGNING_KEY", private_key_to_pem(LEDGER_KEY))
+    assert cli.main(["ledger", "public-key", "--data-dir", str(tmp_path)]) == 0
+    pem = capsys.readouterr().out
+    assert key_id(load_public_key(pem)) == key_id(LEDGER_KEY) and "PRIVATE" not in pem
+    path = tmp_path / "ledger.json"
+    write_ledger_file(Ledger({"job-1": _job("completed")}, {"acc-1"}), path, LEDGER_KEY)
+    assert read_ledger_file(path, [load_public_key(pem)]).shredded_accounts == {"acc-1"}

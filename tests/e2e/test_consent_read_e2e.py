@@ -1,0 +1,65 @@
+"""``GET /v1/consent/{account_id}`` through the real gateway and privacy process: what
+``PUT`` wrote is read back (flags and version), an account that never set consent is 404
+(the defaults apply, said in the message), a malformed id is 422 naming ``account_id``,
+and only roles holding ``read_consent`` may read it. Until session 33 consent could be
+written over HTTP but read only over gRPC (``Consent/GetConsent``)."""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+import pytest
+
+from services.testing.mesh import write_api_key
+
+
+@pytest.fixture
+def client(mesh):
+    with httpx.Client(base_url=mesh.url, headers={"X-API-Key": mesh.api_key}, timeout=30) as c:
+        yield c
+
+
+def test_consent_written_is_read_back(client):
+    account = f"e2e-consent-read-{uuid.uuid4().hex[:12]}"
+    put = client.put(f"/v1/consent/{account}", json={"processing": True, "attribution": False})
+    assert put.status_code == 200, put.text
+    got = client.get(f"/v1/consent/{account}")
+    assert got.status_code == 200, got.text
+    assert got.json() == put.json() == {"account_id": account, "processing": True, "attribution": False,
+                                        "version": 1}
+    assert client.put(f"/v1/consent/{account}", json={"processing": False, "attribution": False}).status_code == 200
+    assert client.get(f"/v1/consent/{account}").json() == {"account_id": account, "processing": False,
+                                                           "attribution": False, "version": 2}
+
+
+def test_consent_of_an_account_that_never_set_it_is_404(client):
+    r = client.get(f"/v1/consent/e2e-consent-never-{uuid.uuid4().hex[:12]}")
+    assert r.status_code == 404, r.text
+    error = r.json()["error"]
+    assert error["field"] == "account_id" and error["code"] == "not_found"
+    assert "allowed" in error["message"]   # the defaults that apply are said
+
+
+@pytest.mark.parametrize("account", ["-starts-with-a-dash", "a" * 129, "a" * 300])
+def test_consent_read_of_a_malformed_id_is_422_naming_it(client, account):
+    r = client.get(f"/v1/consent/{account}")
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["field"] == "account_id"
+
+
+def test_consent_read_needs_read_consent(client, mesh):
+    account = f"e2e-consent-roles-{uuid.uuid4().hex[:12]}"
+    assert client.put(f"/v1/consent/{account}", json={"processing": True, "attribution": True}).status_code == 200
+    keys = mesh.data_dir / "gateway-keys.json"
+    for role, status in (("analyst", 403), ("data_scientist", 403), ("privacy_officer", 200), ("service", 200)):
+        key = write_api_key(keys, f"e2e-consent-read-{role}", role)
+        r = httpx.get(f"{mesh.url}/v1/consent/{account}", headers={"X-API-Key": key}, timeout=30)
+        assert r.status_code == status, (role, r.text)
+    assert httpx.get(f"{mesh.url}/v1/consent/{account}", timeout=30).status_code == 401
+
+
+def test_consent_read_is_in_the_openapi_document(client):
+    operation = client.get("/openapi.json").json()["paths"]["/v1/consent/{account_id}"]["get"]
+    assert operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/ConsentOut")
+    assert "never set" in operation["responses"]["404"]["description"]

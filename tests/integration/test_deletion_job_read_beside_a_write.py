@@ -1,0 +1,44 @@
+"""Reading a deletion job (``GET /v1/delete/{job}``: privacy's GetDeletion, polled by every
+client waiting for its erasure; an export's list of the household's jobs) takes no write
+lock (review33, the class of review28's consent read and R5's withdrawn list): until then
+``DeletionJobStore._row`` read in a write transaction — on SQLite ``BEGIN IMMEDIATE``, the
+database's one write lock — so each poll waited behind any write of privacy's database (an
+audit batch, a key rotation, another job's step) and, past the 30 s busy timeout, failed."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+
+from services.common.erasure import ErasureScope
+from services.common.storage.sql import SqliteDatabase, migrate
+from services.privacy.deletion.domain import new_job
+from services.privacy.deletion.store import DeletionJobStore
+from services.privacy.migrations import MIGRATIONS
+from tests.helpers.held_transaction import transaction_held_open
+
+
+def test_reading_a_deletion_job_does_not_wait_for_a_write_in_progress(tmp_path: Path):
+    db = SqliteDatabase(tmp_path / "privacy.db")
+    try:
+        migrate(db, MIGRATIONS)
+        jobs = DeletionJobStore(db)
+        job = new_job("job-r", ErasureScope("acct-r", "device", device_id="tv-1"), "olivia", "privacy_officer",
+                      datetime.now(UTC))
+        jobs.create(job, "req-r", "test", next_due=job.requested_at)
+        answers: list = []
+
+        def read() -> None:
+            answers.append((jobs.get("job-r").job.job_id, [s.job.job_id for s in jobs.for_account("acct-r")]))
+
+        with transaction_held_open(db, lambda tx: tx.execute("CREATE TABLE held_write (x INTEGER)")):
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            reader.join(10)
+            read_while_held = not reader.is_alive()
+        reader.join()
+        assert read_while_held, "the job read waited for the write transaction to end"
+        assert answers == [("job-r", ["job-r"])]
+    finally:
+        db.close()
