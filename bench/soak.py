@@ -777,13 +777,18 @@ class Soak:
         self.v.postgres.start()
         self.note("PostgreSQL started")
 
-    def schedule(self) -> list[tuple[float, str, object]]:
+    def schedule(self) -> list[tuple[float, str, object, tuple | None]]:
+        """(seconds into the run, name, action, then): ``then`` = (delay, name, action) runs
+        ``delay`` after the action *ended* — a restart RESTART_AFTER_S after its kill, however
+        long the kill took (privacy's waits for its erasure's 202 first; on a loaded machine
+        the loop's sample can run late, and a restart planned at an absolute time came 0.6 s
+        after clustering's kill in a run of session 33)."""
         d = self.args.minutes * 60
         plan = [(0.15 * d, "rotation", lambda: threading.Thread(target=self.guarded, args=("rotation", self.rotate),
-                                                                 daemon=True).start())]
+                                                                 daemon=True).start(), None)]
         if not self.args.no_faults:
-            plan += [(0.30 * d, "kill", lambda: self.kill_service("clustering")),
-                     (0.30 * d + RESTART_AFTER_S, "restart", lambda: self.start_service("clustering"))]
+            plan.append((0.30 * d, "kill", lambda: self.kill_service("clustering"),
+                         (RESTART_AFTER_S, "restart", lambda: self.start_service("clustering"))))
             if self.sqlite_kills:
                 kills = {"attribution": lambda: self.kill_service("attribution"),
                          "privacy": self.kill_privacy_mid_erasure, "feedback": self.kill_feedback_recalibrating,
@@ -791,13 +796,11 @@ class Soak:
                 for name, frac in SQLITE_KILLS.items():
                     restart = {"gateway": self.start_gateway, "feedback": self.restart_feedback}.get(
                         name, lambda n=name: self.start_service(n))
-                    plan += [(frac * d, f"kill {name}", kills[name]),
-                             (frac * d + RESTART_AFTER_S, f"restart {name}", restart)]
+                    plan.append((frac * d, f"kill {name}", kills[name], (RESTART_AFTER_S, f"restart {name}", restart)))
             if self.v.redis is not None:
-                plan += [(0.50 * d, "redis stop", self.redis_stop),
-                         (0.50 * d + REDIS_DOWN_S, "redis start", self.redis_start)]
+                plan.append((0.50 * d, "redis stop", self.redis_stop, (REDIS_DOWN_S, "redis start", self.redis_start)))
             if self.v.postgres is not None:
-                plan.append((0.70 * d, "postgres", self.postgres_restart))
+                plan.append((0.70 * d, "postgres", self.postgres_restart, None))
         return sorted(plan, key=lambda x: x[0])
 
     def run(self) -> dict:
@@ -835,8 +838,12 @@ class Soak:
                     log(f"  [{s['t']:7.1f}s] sample: gateway rss {gw.get('rss_mb')} fds {gw.get('fds')} "
                         f"load {os.getloadavg()[0]:.1f}")
                 while plan and now - self.t0 >= plan[0][0]:
-                    _, name, action = plan.pop(0)
+                    _, name, action, then = plan.pop(0)
                     self.guarded(name, action)
+                    if then is not None:
+                        delay, then_name, then_action = then
+                        plan = sorted([*plan, (time.time() - self.t0 + delay, then_name, then_action, None)],
+                                      key=lambda x: x[0])
                 time.sleep(0.5)
             t_end = time.time()
             sampler.take()

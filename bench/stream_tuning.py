@@ -635,6 +635,59 @@ def sweep(outs: list[dict], hs: list[worlds.WorldHousehold], t: Thresholds) -> d
     return E.composition_scores(hs, [replay(o, t) for o in outs], warmup=warmup)
 
 
+def newcomer_events(o: dict, landed: Thresholds = Thresholds()) -> list[tuple[int, str]]:
+    """The events of a traced stream that its share test did not raise: the newcomer
+    tests' joins (they changed the model, so ``replay`` cannot re-run them). The share
+    test's are the ones ``replay`` reproduces at the bars the stream ran with
+    (``landed``); each is taken out once."""
+    share: dict[tuple[int, str], int] = {}
+    for ev in replay(o, landed):
+        share[ev] = share.get(ev, 0) + 1
+    out = []
+    for a, k in o["events"]:
+        if share.get((a, k), 0) > 0:
+            share[(a, k)] -= 1
+        else:
+            out.append((a, k))
+    return out
+
+
+def rebarred_events(o: dict, t: Thresholds, landed: Thresholds = Thresholds()) -> list[tuple[int, str]]:
+    """The events of a traced stream had the share test run at ``t``: its newcomer
+    events as raised, its share-test events replayed at ``t``. Exact for a leave bar
+    (a leave changes no person); for a join bar approximate (a reported join keeps its
+    person through refits, NEWCOMER_GRACE), and a trace holds a check after each full
+    refit where the stream ran none, so compare with this function at ``landed``, not
+    with the stream's own figures."""
+    return sorted(newcomer_events(o, landed) + replay(o, t))
+
+
+RESWEEP_GRID = tuple((j, lv, r, lr) for j in (2.5, 3.0, 4.0) for lv in (4.0, 5.0, 6.0)
+                     for r in (4.0, 8.0) for lr in (0.25, 0.4))
+
+
+def resweep(sets: list[tuple[list[dict], list[worlds.WorldHousehold]]],
+            grid=RESWEEP_GRID) -> list[dict]:
+    """``rebarred_events`` over a grid of (join bar, leave bar, join ratio, leave ratio),
+    scored per trace and pooled (detection over all changes, false alarms over all
+    stable household-quarters)."""
+    rows = []
+    for jh, lh, jr, lr in grid:
+        t = Thresholds(join_h=jh, leave_h=lh, join_min_ratio=jr, leave_max_ratio=lr)
+        per = [E.composition_scores(hs, [rebarred_events(o, t) for o in outs]) for outs, hs in sets]
+        changes = sum(s["changes"] for s in per)
+        quarters = sum(s["stable_household_quarters"] for s in per)
+        rows.append({"join_h": jh, "leave_h": lh, "join_min_ratio": jr, "leave_max_ratio": lr,
+                     "detected": round(sum((s["detection_rate"] or 0.0) * s["changes"] for s in per) / changes, 3)
+                     if changes else None,
+                     "false_alarms": round(sum((s["false_alarms_per_household_quarter"] or 0.0)
+                                               * s["stable_household_quarters"] for s in per) / quarters, 3)
+                     if quarters else None,
+                     "per_trace": [(round(s["detection_rate"] or 0.0, 3),
+                                    round(float(s["false_alarms_per_household_quarter"] or 0.0), 3)) for s in per]})
+    return rows
+
+
 def diagnose(outs: list[dict], hs: list[worlds.WorldHousehold]) -> dict:
     """Why each change of a --trace run was missed (truth: the ``member`` masses), the
     first class that fits: found within the window; found 31-50 sessions after; a
@@ -895,6 +948,16 @@ def real_viewers_tuning(population: str, worlds_per_family: int | None) -> list[
     return gen.generate(worlds_per_family=worlds_per_family or 3, households_per_world=4, split="tuning")
 
 
+def traced_households(doc: dict) -> list[worlds.WorldHousehold]:
+    """The households a --trace --out file was run on, in its order (its seed, change
+    suite or household limit; never the REPORTING seed: the run refused it)."""
+    split = worlds.TUNING if doc["seed"] == worlds.TUNING.seed else worlds.Split(
+        **{**worlds.TUNING.__dict__, "seed": doc["seed"]})
+    return change_suite(doc["change_suite"], doc["seed"]) if doc.get("change_suite") else select(
+        worlds.generate(split, worlds_per_family=doc.get("worlds_per_family")),
+        doc.get("limit", doc["households"]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--households", type=int, default=None,
@@ -930,6 +993,11 @@ def main() -> None:
     ap.add_argument("--leaves", default=None, metavar="TRACE_JSON",
                     help="only the leaves' anatomy and the silence CUSUM replayed on an earlier "
                          "--trace/--light-trace --out file (silence_report)")
+    ap.add_argument("--resweep", default=None, metavar="TRACE_JSON[,TRACE_JSON]",
+                    help="only the share test's bars re-swept on earlier --trace --out files, the "
+                         "streams' newcomer events kept (rebarred_events; RESWEEP_GRID)")
+    ap.add_argument("--grid", default=None, metavar="J/L/R/LR[,J/L/R/LR]",
+                    help="with --resweep: these (join bar, leave bar, join ratio, leave ratio) only")
     ap.add_argument("--diagnose", default=None, metavar="TRACE_JSON",
                     help="only classify the misses of an earlier --trace --out file (its seed)")
     args = ap.parse_args()
@@ -953,22 +1021,24 @@ def main() -> None:
         model_module.LEAVE_GLR_H = args.leave_h
     if args.leaves:
         doc = json.load(open(args.leaves))
-        split = worlds.TUNING if doc["seed"] == worlds.TUNING.seed else worlds.Split(
-            **{**worlds.TUNING.__dict__, "seed": doc["seed"]})
-        hs = change_suite(doc["change_suite"], doc["seed"]) if doc.get("change_suite") else select(
-            worlds.generate(split, worlds_per_family=doc.get("worlds_per_family")), doc.get("limit", doc["households"]))
-        print(json.dumps(silence_report(doc["households_detail"], hs)))
+        print(json.dumps(silence_report(doc["households_detail"], traced_households(doc))))
+        return
+    if args.resweep:
+        sets = []
+        for path in args.resweep.split(","):
+            doc = json.load(open(path))
+            sets.append((doc["households_detail"], traced_households(doc)))
+        grid = RESWEEP_GRID if not args.grid else [tuple(float(x) for x in g.split("/"))
+                                                    for g in args.grid.split(",")]
+        for row in resweep(sets, grid):
+            print(json.dumps(row), flush=True)
         return
     if args.diagnose:
         # one or more --trace files (comma-separated), their households pooled
         outs, hs = [], []
         for path in args.diagnose.split(","):
             doc = json.load(open(path))
-            split = worlds.TUNING if doc["seed"] == worlds.TUNING.seed else worlds.Split(
-                **{**worlds.TUNING.__dict__, "seed": doc["seed"]})
-            sel = change_suite(doc["change_suite"], doc["seed"]) if doc.get("change_suite") else select(
-                worlds.generate(split, worlds_per_family=doc.get("worlds_per_family")),
-                doc.get("limit", doc["households"]))
+            sel = traced_households(doc)
             # "singles" was both the --singles flag and, with --paths, the singles diagnosis
             # (a dict, truthy): the flag is now "singles_only"
             only_singles = doc.get("singles_only", doc.get("singles") is True)

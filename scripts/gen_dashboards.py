@@ -182,7 +182,14 @@ def attribution() -> Dashboard:
             .with_panel(series("gateway attribution routes per second by status", "reqps",
                                Q(f'sum by (route, status) (rate(hearth_http_requests_total'
                                  f'{{route=~"/v1/attribution|/v1/touchpoints|/v1/conversions"}}[{RI}]))',
-                                 "{{route}} {{status}}"))))
+                                 "{{route}} {{status}}")))
+            .with_panel(series("person erasures fenced without the person's own devices per hour", "none",
+                               Q("sum by (reason) (increase(hearth_person_devices_fallbacks_total[1h]))",
+                                 "{{reason}}"),
+                               description="Clustering refused GetPersonDevices: expected only while a "
+                                           "clustering before session 33 runs; permission_denied after every "
+                                           "clustering replica runs 33 means attribution's identity lacks "
+                                           "resolve_persons (docs/operations.md, 'Upgrading to session 33').")))
 
 
 def drift() -> Dashboard:

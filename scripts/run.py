@@ -32,11 +32,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--free-ports", action="store_true",
                         help="listen on free ports instead of 8080/50051-50054/9100-9104 "
                              "(a second mesh beside a running one)")
+    # Defaults: services.testing.mesh.LOG_MAX_BYTES / LOG_BACKUPS (importable only after
+    # regenerate_if_stale, below).
+    parser.add_argument("--log-max-bytes", type=int, default=None, metavar="N",
+                        help="a process's log (<data dir>/logs/<name>.log) is copied to <name>.log.1 "
+                             "and emptied past N bytes (default 10000000; docs/operations.md, Logs)")
+    parser.add_argument("--log-backups", type=int, default=None, metavar="K",
+                        help="rotated logs kept per process, <name>.log.1 to .K (default 3)")
     args = parser.parse_args(argv)
+    if (args.log_max_bytes is not None and args.log_max_bytes < 1) or \
+            (args.log_backups is not None and args.log_backups < 0):
+        parser.error("--log-max-bytes must be >= 1 and --log-backups >= 0")
     regenerate_if_stale()
     # Only now: these import the generated code.
     from services.common.config import keep_files_private
-    from services.testing.mesh import Mesh, write_api_key
+    from services.testing.mesh import LOG_BACKUPS, LOG_MAX_BYTES, Mesh, write_api_key
+
+    log_max_bytes = LOG_MAX_BYTES if args.log_max_bytes is None else args.log_max_bytes
+    log_backups = LOG_BACKUPS if args.log_backups is None else args.log_backups
 
     keep_files_private()   # the data dir, its logs and the keys file: the owner's only
     # One `make run` per data dir (attack25): a second one came up beside the first on the
@@ -98,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{name} exited with code {proc.returncode}; see {log_dir}/{name}.log",
                           file=sys.stderr)
                     stopping = True
+            # Bounded logs (ops33): every 401 wrote ~650 bytes and nothing rotated them.
+            mesh.rotate_logs(log_max_bytes, log_backups)
             time.sleep(0.5)
     except (TimeoutError, RuntimeError) as exc:
         print(f"start-up failed: {exc}\nsee {log_dir}/", file=sys.stderr)

@@ -320,7 +320,6 @@ class AttributionApp:
     def erase(self, scope: ErasureScope, job_id: str = "") -> ErasureOutcome:
         person_touchpoints: list[str] = []
         own_devices: list[str] = []
-        shared_devices: list[str] = []
         if scope.kind == "person":
             touches, _ = self.store.load([scope.account_id], None, None, 0)
             unresolved = [t for t in touches if not t.person_id]
@@ -328,6 +327,8 @@ class AttributionApp:
             person_touchpoints = [t.touchpoint_id for t, probs in zip(unresolved, resolved)
                                   if probs and max(probs, key=probs.get) == scope.person_id]
             # Asked here, like the persons above: clustering still holds the person's
-            # sessions (privacy's STAGES erase attribution first).
-            own_devices, shared_devices = self.resolver.person_devices(scope.account_id, scope.person_id)
-        return self.store.erase(scope, person_touchpoints, own_devices, shared_devices)
+            # sessions (privacy's STAGES erase attribution first). The shared devices are
+            # not fenced as such, only where one of the person's erased touchpoints was
+            # (the store finds those; docs/privacy.md §6).
+            own_devices, _shared = self.resolver.person_devices(scope.account_id, scope.person_id)
+        return self.store.erase(scope, person_touchpoints, own_devices)

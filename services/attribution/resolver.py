@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import grpc
+from prometheus_client import Counter
 
 from hearth.clustering.v1 import clustering_pb2 as cpb
 from hearth.clustering.v1 import clustering_pb2_grpc as cpb_grpc
@@ -20,6 +21,20 @@ from services.common.pbutil import float_to_ts
 
 log = logging.getLogger("hearth.attribution.resolver")
 MAX_INSTANTS_PER_CALL = 10_000
+# Person erasures that fenced without the person's own devices because clustering refused
+# GetPersonDevices, by its status: ``unimplemented`` — a clustering without the RPC (a
+# release before session 33); ``permission_denied`` — a clustering of 32 or older (its
+# permission matrix refuses an RPC it does not list) or, once every clustering replica runs
+# 33, attribution's identity without ``resolve_persons`` (a misconfiguration: the two give
+# the same answer, so only the upgrade's end tells them apart; docs/operations.md,
+# "Upgrading to session 33"). Created at 0 so a rate reads from the start.
+PERSON_DEVICES_FALLBACKS = Counter("hearth_person_devices_fallbacks_total",
+                                   "Person erasures fenced without the person's own devices "
+                                   "(clustering refused GetPersonDevices)", ["reason"])
+_FALLBACK_REASONS = {grpc.StatusCode.UNIMPLEMENTED: "unimplemented",
+                     grpc.StatusCode.PERMISSION_DENIED: "permission_denied"}
+for _reason in _FALLBACK_REASONS.values():
+    PERSON_DEVICES_FALLBACKS.labels(_reason)
 
 
 class PersonResolver(Protocol):
@@ -27,8 +42,8 @@ class PersonResolver(Protocol):
 
     def person_devices(self, account_id: str, person_id: str) -> tuple[list[str], list[str]]:
         """The person's own and shared devices (clustering's GetPersonDevices): a person
-        erasure fences the touchpoints naming nobody recorded on the own ones, not on the
-        shared ones (docs/privacy.md §6)."""
+        erasure fences the touchpoints naming nobody recorded on the own ones; a shared one
+        only if one of the person's erased touchpoints was on it (docs/privacy.md §6)."""
         ...
 
 
@@ -58,10 +73,14 @@ class ClusteringResolver:
         try:
             response = self._peer.call("GetPersonDevices", request, idempotent=True)
         except grpc.RpcError as exc:
-            if exc.code() not in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED):
+            reason = _FALLBACK_REASONS.get(exc.code())
+            if reason is None:
                 raise
-            log.warning("clustering has no GetPersonDevices (a release before session 33): this person erasure "
-                        "fences only the devices of the person's erased touchpoints")
+            PERSON_DEVICES_FALLBACKS.labels(reason).inc()
+            log.warning("clustering has no GetPersonDevices (a release before session 33) or refuses it to this "
+                        "service (%s: attribution's identity without resolve_persons once clustering runs 33): "
+                        "this person erasure fences only the devices of the person's erased touchpoints",
+                        exc.code().name)
             return [], []
         return list(response.own_device_ids), list(response.shared_device_ids)
 

@@ -200,16 +200,16 @@ class AttributionStore:
         return changed, [self.db.purge_erased(("touchpoints",))]
 
     def erase(self, scope: ErasureScope, person_touchpoints: Sequence[str] = (),
-              own_devices: Sequence[str] = (), shared_devices: Sequence[str] = ()) -> ErasureOutcome:
+              own_devices: Sequence[str] = ()) -> ErasureOutcome:
         """Delete the scope's touchpoints and conversions in one transaction.
 
         Person scope: ``person_touchpoints`` are the ids the caller resolved to that
         person (through the clustering service) plus those stored with that person_id;
         a conversion is the account's, not a person's, so it stays (its credit is
         recomputed without the person's touchpoints at the next Attribute call).
-        ``own_devices``, ``shared_devices``: the person's devices as clustering reads them
-        (GetPersonDevices): the touchpoints naming nobody of the own ones are fenced, with
-        those of the erased touchpoints' devices that are not shared ones."""
+        ``own_devices``: the person's own devices as clustering reads them (GetPersonDevices),
+        whose touchpoints naming nobody are fenced with those of every device one of the
+        person's erased touchpoints was on, shared or not."""
         outcome = ErasureOutcome()
         account = scope.account_id
         cached = "attribution:" if scope.all_accounts else f"attribution:{account}"
@@ -254,14 +254,14 @@ class AttributionStore:
                 now = time.time()
                 if scope.kind == "person":
                     # Every touchpoint naming the person recorded up to now, and those naming
-                    # no person on each device the person's erased touchpoints were on
-                    # (session 32) and, since session 33, on the person's own devices, which
-                    # may have sent nothing yet — but not on a device clustering reads as
-                    # shared: one naming nobody there may be another member's (docs/privacy.md
-                    # §6 says why).
-                    devices = sorted(({r[0] for r in tx.query(
-                        f"SELECT DISTINCT device_id FROM touchpoints WHERE {tp_where}", tp_params)}
-                        - set(shared_devices)) | set(own_devices))
+                    # no person on each device one of the person's erased touchpoints was on,
+                    # shared or not (session 32: one in flight there may be the person's, and
+                    # erasure completeness wins over another member's in the fence window),
+                    # and, since session 33, on the person's own devices, which may have sent
+                    # nothing yet. Not on a shared device the person left no erased touchpoint
+                    # on: nothing ties one there to the person (docs/privacy.md §6).
+                    devices = sorted({r[0] for r in tx.query(
+                        f"SELECT DISTINCT device_id FROM touchpoints WHERE {tp_where}", tp_params)} | set(own_devices))
                     write_fences(tx, account, [*self._digests(account, _UNNAMED_TOUCHPOINTS, devices).values(),
                                                self._digests(account, "person", [scope.person_id])[scope.person_id]],
                                  None, now)

@@ -43,7 +43,7 @@ from pathlib import Path
 from services.common import strict_json
 from services.common import backup as snapshots
 from services.common import config
-from services.common.ids import check_id
+from services.common.ids import MAX_FUTURE_SKEW_S, check_id
 from services.common.storage import roles
 from services.common.storage.sql import Database, migrate, open_database
 from services.privacy.deletion.domain import JobState, job_from_dict, new_job
@@ -308,9 +308,10 @@ def _read_signed(path: Path, document: dict, public_keys, key_labels: dict[str, 
 # — else it knows none of the deletions since the snapshot; (2) it is at most
 # --ledger-max-age-s old (default 1 h: the CronJob exports every 5 minutes, so an older
 # newest copy means the exports stopped or the copy is not the latest, unless the
-# database was lost that long ago). Either failing is refused, naming the file, what it
-# covers and the way on: a newer copy, or --accept-stale-ledger from an operator who
-# knows it is the last export there was. A sequence number in the head would add
+# database was lost that long ago); (3) no copy's export time is more than the clock-skew
+# tolerance ahead of this machine's clock (its age could not be told). Each failing is
+# refused, naming the file, what it covers and the way on: a newer copy, or
+# --accept-stale-ledger from an operator who knows it is the last export there was. A sequence number in the head would add
 # nothing: the export only reads privacy's tables (a counter would need it to write
 # them), and what a later export had counted is lost with the database either way; the
 # signed export time is already ordered against the snapshot's. Only when the privacy
@@ -344,6 +345,16 @@ def stale_ledger_reason(ledgers: list[tuple[str, Ledger]], snapshot_taken_at: fl
     if not dated:
         return (f"--ledger {ledgers[0][0]}: no export time, so nothing shows it covers the deletions since the "
                 "snapshot; pass --accept-stale-ledger if it is the newest export there is. Nothing was changed")
+    # An export time ahead of this machine's clock cannot show how old the file is (the
+    # exporting machine's clock ran ahead, or a /1 file says anything): beyond the clock-skew
+    # tolerance ingest allows (MAX_FUTURE_SKEW_S) it would pass the age check however old it is.
+    for ahead_at, ahead_source, _ in sorted(dated, key=lambda d: d[0]):
+        if ahead_at - now > MAX_FUTURE_SKEW_S:
+            return (f"--ledger {ahead_source}: exported at {_utc(ahead_at)}, {ahead_at - now:.0f} s in the future "
+                    f"of this machine's clock (more than the {MAX_FUTURE_SKEW_S:g} s tolerance): its age, so whether "
+                    "it covers the deletions since the snapshot, cannot be told; check this machine's clock and "
+                    "the exporting one's, use another export, or pass --accept-stale-ledger if it is the newest "
+                    "export there is. Nothing was changed")
     exported_at, source, ledger = max(dated, key=lambda d: d[0])
     covers = ledger_coverage(source, ledger, now)
     what = (f"it covers {covers['jobs']} deletion job(s) (the newest requested at {covers['newest_request_at']}) and "
@@ -759,7 +770,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                               "the copy could have added or dropped deletions)")
     restore.add_argument("--accept-stale-ledger", action="store_true",
                          help="restore with --ledger files even though the newest was exported before the snapshot "
-                              "or longer ago than --ledger-max-age-s (the deletions after its export are undone)")
+                              "or longer ago than --ledger-max-age-s, or more than 10 min ahead of this machine's "
+                              "clock (the deletions after its export are undone)")
     restore.add_argument("--ledger-max-age-s", type=_non_negative_seconds, default=STALE_LEDGER_MAX_AGE_S,
                          metavar="S", help="without the privacy database, the newest --ledger must be at most this "
                                            f"old (default {STALE_LEDGER_MAX_AGE_S:g}; the CronJob exports every 5 min)")

@@ -13,6 +13,7 @@ import os
 import random
 import re
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -30,6 +31,48 @@ from services.common.child_process import spawn_tied, stop_group
 
 SERVICE_MODULES = ("clustering", "attribution", "privacy", "feedback")
 ROOT = Path(__file__).resolve().parents[2]   # the repository
+
+
+# The default bound of each process's log under `make run` (scripts/run.py --log-max-bytes,
+# --log-backups): at most (1 + LOG_BACKUPS) x LOG_MAX_BYTES a process, 200 MB for the five.
+# Until session 33 the logs grew without end: a keyless client at 80 requests/s (a 401 is a
+# security-event line and an access line, ~650 bytes) filled the data dir's disk at ~190 MB/h,
+# and a full data dir stops the mesh (ops33).
+LOG_MAX_BYTES = 10_000_000
+LOG_BACKUPS = 3
+
+
+def rotate_log(path: Path, max_bytes: int, backups: int) -> bool:
+    """When ``path`` holds more than ``max_bytes``: copy it to ``<path>.1`` (``.1`` to ``.2``
+    ..., the oldest beyond ``backups`` dropped) and truncate it in place; True if it did.
+
+    Copy-and-truncate, not rename, because a child's stdout/stderr *is* this file (an fd
+    it inherited; nothing in the child knows the name): a renamed file keeps receiving the
+    child's lines. The fd is opened O_APPEND (``_spawn``), so after the truncation the
+    child's next write lands at the new end (0), with no hole. The price, as logrotate's
+    copytruncate: a line written between the copy and the truncation is lost (the copy of
+    10 MB takes milliseconds)."""
+    try:
+        if path.stat().st_size <= max_bytes:
+            return False
+    except FileNotFoundError:
+        return False
+    if backups < 1:
+        os.truncate(path, 0)
+        return True
+    for n in range(backups - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{n}")
+        if older.exists():
+            os.replace(older, path.with_name(f"{path.name}.{n + 1}"))
+    newest = path.with_name(f"{path.name}.1")
+    try:
+        shutil.copyfile(path, newest)
+    except OSError:
+        # No room for the copy (the very case this is for: a full disk): emptying the log
+        # frees its space, which matters more than keeping its lines.
+        newest.unlink(missing_ok=True)
+    os.truncate(path, 0)
+    return True
 
 
 @functools.lru_cache(maxsize=16)
@@ -267,6 +310,20 @@ class Mesh:
                 last = exc
             time.sleep(0.2)
         raise TimeoutError(f"mesh not healthy after {timeout_s}s: {last}")
+
+    def rotate_logs(self, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS) -> list[str]:
+        """``rotate_log`` on every process's log (when the mesh keeps logs); the names of
+        those rotated. `make run` calls it every half second."""
+        if self.log_dir is None:
+            return []
+        rotated = []
+        for name in list(self.processes):
+            try:
+                if rotate_log(self.log_dir / f"{name}.log", max_bytes, backups):
+                    rotated.append(name)
+            except OSError:   # a log we cannot rotate must not stop `make run`'s loop (and the mesh)
+                pass
+        return rotated
 
     def log_tail(self, name: str, chars: int = 2000) -> str:
         """The end of a process's log (when the mesh keeps logs), to say why it died."""

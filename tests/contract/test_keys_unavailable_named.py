@@ -17,27 +17,26 @@ from services.common.field_crypto import FieldCipher
 from services.testing.mesh import free_port
 
 
-def test_privacys_reason_for_refusing_a_data_key_reaches_the_caller(start_service):
-    running, _channel = start_service("privacy", retention_check_s=0.0)
-    keys = next(s for s in running.servicers if isinstance(s, ppb_grpc.KeysServicer))
-    keys._keys.store.db.close()   # privacy's database refuses (as on a full disk, or stopping)
-    cipher = FieldCipher.remote(f"127.0.0.1:{running.port}", "clustering", timeout_s=10)
+def _refusal(address: str, timeout_s: float) -> Unavailable:
+    """What a store's first write for a new household gets from the keys service at ``address``."""
+    cipher = FieldCipher.remote(address, "clustering", timeout_s=timeout_s)
     try:
         with pytest.raises(Unavailable) as info:
             cipher.encrypt("acc-new", "title_id", b"t-1")
     finally:
         cipher.close()
-    assert info.value.field == "account_id"
-    assert str(info.value) == ("account_id: data key service unavailable: "
-                               "database is closed (the service is shutting down)")
+    return info.value
+
+
+def test_privacys_reason_for_refusing_a_data_key_reaches_the_caller(start_service):
+    running, _channel = start_service("privacy", retention_check_s=0.0)
+    keys = next(s for s in running.servicers if isinstance(s, ppb_grpc.KeysServicer))
+    keys._keys.store.db.close()   # privacy's database refuses (as on a full disk, or stopping)
+    refusal = _refusal(f"127.0.0.1:{running.port}", 10)
+    assert refusal.field == "account_id"
+    assert str(refusal) == ("account_id: data key service unavailable: "
+                            "database is closed (the service is shutting down)")
 
 
 def test_a_data_key_service_out_of_reach_is_unavailable_without_its_address():
-    port = free_port()
-    cipher = FieldCipher.remote(f"127.0.0.1:{port}", "clustering", timeout_s=2)
-    try:
-        with pytest.raises(Unavailable) as info:
-            cipher.encrypt("acc-1", "title_id", b"t-1")
-    finally:
-        cipher.close()
-    assert str(info.value) == "account_id: data key service unavailable"
+    assert str(_refusal(f"127.0.0.1:{free_port()}", 2)) == "account_id: data key service unavailable"

@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_make_run_serves_the_printed_examples_and_dies_with_its_launcher(tmp_path):
     launcher = spawn_tied(
-        ["bash", "-c", '"$0" scripts/run.py --data-dir "$1" --free-ports; exit 0',
+        ["bash", "-c", '"$0" scripts/run.py --data-dir "$1" --free-ports --log-max-bytes 16000 '
+                       '--log-backups 2; exit 0',
          sys.executable, str(tmp_path / "var")],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
@@ -77,6 +78,21 @@ def test_make_run_serves_the_printed_examples_and_dies_with_its_launcher(tmp_pat
         assert second.returncode == 1 and "already running" in said and "--data-dir" in said, said
         r = httpx.get(f"{url}/v1/household/acc-1", headers=headers, timeout=30)
         assert r.status_code == 200, r.text
+
+        # The logs are bounded (ops33): keyless requests (a security-event line and an access
+        # line each, ~650 bytes) rotate the gateway's log past --log-max-bytes; until session 33
+        # it grew without end (~190 MB/h at 80 requests/s filled the data dir's disk).
+        logs = tmp_path / "var" / "logs"
+        for _ in range(60):
+            assert httpx.get(f"{url}/v1/household/acc-1", timeout=30).status_code == 401
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (logs / "gateway.log.1").exists():
+            time.sleep(0.2)
+        assert (logs / "gateway.log.1").exists(), sorted(p.name for p in logs.iterdir())
+        assert not (logs / "gateway.log.3").exists()
+        assert (logs / "gateway.log").stat().st_size < 16000 + 60 * 1000
+        r = httpx.get(f"{url}/v1/household/acc-1", headers=headers, timeout=30)
+        assert r.status_code == 200, r.text   # the gateway writes on into its emptied log
 
         run_py += [p for p in descendants(launcher.pid)
                    if "scripts/run.py" in Path(f"/proc/{p}/cmdline").read_bytes().decode()]

@@ -252,6 +252,33 @@ def test_attributions_person_erasure_refuses_the_persons_records_recorded_before
     assert store.record_conversions([Conversion("cv-0", a, T0 + 900, "purchase", 10.0, "tab-2")]) == (1, 0)
 
 
+def test_attributions_person_erasure_fences_the_devices_of_its_touchpoints_and_its_own_not_other_shared_ones(database):
+    """The person erasure's device set (session 33, review33 R8: privacy first): every
+    device one of the person's erased touchpoints was on, shared or not (the TV here: an
+    unnamed touchpoint there may be the person's), and the person's own devices as
+    clustering reads them (the phone here: it sent nothing before). Another shared device
+    the person left no erased touchpoint on (the console) is not fenced: nothing ties an
+    unnamed touchpoint there to the person, and a fence would refuse the other members'."""
+    from services.attribution.domain.records import Touchpoint
+    from services.attribution.store import AttributionStore
+
+    store = AttributionStore(database, cipher=FieldCipher(ring_fetcher(KeyRing([generate_kek("k")], "k"), []),
+                                                          ttl_s=60))
+    store.migrate()
+    a = "acc-attr-person-devices"
+
+    def tp(i: int, device: str, ts: float) -> Touchpoint:
+        return Touchpoint(f"tp-{i}", a, device, ts, "email", "spring")
+
+    store.record_touchpoints([tp(0, "tv-1", T0), tp(1, "console-1", T0 + 30)])
+    # tp-0 is the one clustering resolved to p2 (AttributionApp.erase); tv-1 and console-1
+    # are shared in clustering's reading, phone-2 is p2's own.
+    store.erase(ErasureScope(a, "person", person_id="p2"), ["tp-0"], own_devices=["phone-2"])
+    assert store.record_touchpoints([tp(2, "tv-1", T0 + 400)]) == (0, 1)         # its erased touchpoint's
+    assert store.record_touchpoints([tp(3, "phone-2", T0 + 400)]) == (0, 1)      # its own
+    assert store.record_touchpoints([tp(4, "console-1", T0 + 400)]) == (1, 0)    # shared, no evidence
+
+
 def _fence_rows(database) -> list[tuple]:
     with database.transaction(readonly=True) as tx:
         return sorted((r[0], r[1] is None, r[2], float(r[3])) for r in tx.query(

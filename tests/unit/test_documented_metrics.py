@@ -17,7 +17,7 @@ from tests.helpers.operator_docs import ROOT, doc_lines
 # Where every metric is defined (imported for their module-level collectors).
 METRIC_MODULES = ["services.common.telemetry", "services.common.health_report", "services.common.storage.cache",
                   "services.common.identity", "services.common.audit", "services.clustering.modeling",
-                  "services.clustering.prediction_log", "services.clustering.app", "services.feedback.instruments",
+                  "services.clustering.prediction_log", "services.clustering.app", "services.attribution.resolver", "services.feedback.instruments",
                   "services.privacy.audit.app", "services.privacy.deletion.app", "services.privacy.keys.rotation", "gateway.admission", "gateway.app",
                   "gateway.transport"]
 # `hearth_*` words in the docs that are not metrics: a scrape relabel, a JWT claim, and the

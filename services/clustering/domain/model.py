@@ -174,6 +174,19 @@ NEW_DEVICE_QUIET = 30        # sessions after a reported join in which this test
 BIRTH_MIN_GAIN = 3.0
 STREAM_GROUP_MIN_Z = 3.0  # streaming refits: two devices are two persons only this far above chance
 STREAM_GROUP_YOUNG = 60   # ... while the buffer holds fewer sessions than this
+# Streaming refits: two personal devices the current model gives to different persons are
+# merged only below this leave-one-out AUC (persons.MERGE_AUC, 0.7, otherwise); None: no
+# hysteresis. Why: the merge of two owners' devices is re-decided at every check, and where
+# owners lend phones and laptops (MovieLens latest-small's TUNING half) their AUC sits near
+# 0.7, so the refits went 1 -> 2 -> 1 -> 2 persons and each merge back answered the next
+# sessions with one person fewer (households whose group count changed >= 3 times: 44 % of
+# the sessions, 0.063 of the arrival -> settled gap). Only the merge back of a split
+# already made needs clearer evidence; splits are not delayed (devices held as one person
+# split at MERGE_AUC as before). TUNING (bench.stream_tuning, viewers32, session 32): at
+# arrival 0.581 -> 0.594 (latest-small), 0.600 -> 0.604 (100K; settled 0.676 -> 0.691),
+# 0.637 -> 0.638 (synthetic); singles and joins/leaves unchanged. The batch fit, the
+# stream's first fit and bare vectors never reach it (docs/clustering.md step 5).
+STREAM_APART_MERGE_AUC: float | None = 0.6
 STREAM_SHARED_REFIT = True    # no personal device: refit the buffer as the batch fit does
 STREAM_SHARED_RESELECT = False  # ... and the BIC re-selection between those refits
 STREAM_SHARED_HYSTERESIS = 40.0  # BIC units a new person count must win by in that refit
@@ -1121,7 +1134,19 @@ class HouseholdModel:
             event["gone"] = [new if p == old else p for p in event.get("gone", [])]
 
 
-    def _device_groups(self, Xa: np.ndarray, min_z: float = 0.0) -> np.ndarray:
+    def _held_persons(self, Xa: np.ndarray) -> dict[int, int] | None:
+        """Streaming: the person the current model gives most of each device slot's
+        sessions, which STREAM_APART_MERGE_AUC's hysteresis reads (None without it, without
+        a mixture of two or more persons, or without device slots the groups would read:
+        a family without them keeps the features alone in its buffer)."""
+        if (STREAM_APART_MERGE_AUC is None or self.mixture is None or self.mixture.n_components < 2
+                or not (getattr(self.family, "device_slots", 0) and self._device_ids_known(Xa))):
+            return None
+        slots = np.rint(Xa[:, F.FEATURE_DIM]).astype(np.int64)
+        who = self.mixture.log_joint(Xa).argmax(axis=1)
+        return {int(s): int(np.bincount(who[slots == s]).argmax()) for s in np.unique(slots[slots >= 0])}
+
+    def _device_groups(self, Xa: np.ndarray, min_z: float = 0.0, held: dict[int, int] | None = None) -> np.ndarray:
         """(N,) personal-device person group per session (-1: no identity), see persons.py;
         all -1 when the model does not use device evidence or no slot is known.
         ``min_z``: persons.personal_device_groups' z-bar (the streaming refits)."""
@@ -1129,7 +1154,8 @@ class HouseholdModel:
                 and Xa.shape[1] == F.FEATURE_DIM + 1):
             return np.full(Xa.shape[0], -1, dtype=np.int64)
         slots = np.rint(Xa[:, F.FEATURE_DIM]).astype(np.int64)
-        return personal_device_groups(Xa[:, :F.FEATURE_DIM], slots, min_z=min_z)
+        return personal_device_groups(Xa[:, :F.FEATURE_DIM], slots, min_z=min_z, held=held,
+                                      held_apart_merge_auc=STREAM_APART_MERGE_AUC)
 
     def _device_ids_known(self, X: np.ndarray) -> bool:
         return (self.device_evidence and X.shape[1] == F.FEATURE_DIM + 1
@@ -1162,14 +1188,15 @@ class HouseholdModel:
         return self.bic_penalty
 
     def _fit_gmm(self, X: np.ndarray, labels: list[str | None] | None, label_names: list[str],
-                 keys: np.ndarray, group_min_z: float = 0.0, volunteered: np.ndarray | None = None) -> None:
+                 keys: np.ndarray, group_min_z: float = 0.0, volunteered: np.ndarray | None = None,
+                 held: dict[int, int] | None = None) -> None:
         if label_names:
             self._fit_labelled(X, labels, label_names, keys, group_min_z, volunteered)
             return
         # Device evidence first: the sessions of each personal-device group are one
         # person (clamped); shared-device sessions are explained by EM, and persons
         # without a personal device are extra components when BIC wants them.
-        clamp = self._device_groups(X, group_min_z)
+        clamp = self._device_groups(X, group_min_z, held)
         self.device_group_count = int(clamp.max()) + 1
         if clamp.max() < 0:
             merge = self._device_ids_known(X)
@@ -1612,7 +1639,8 @@ class HouseholdModel:
         if X.shape[0] < MIN_SESSIONS:
             return False
         min_z = STREAM_GROUP_MIN_Z if X.shape[0] < STREAM_GROUP_YOUNG else 0.0
-        groups = int(self._device_groups(X, min_z).max()) + 1
+        held = self._held_persons(X)
+        groups = int(self._device_groups(X, min_z, held).max()) + 1
         shared_only = groups == 0 and self.device_group_count == 0
         if shared_only and not (STREAM_SHARED_REFIT and self._device_ids_known(X)):
             return False
@@ -1625,7 +1653,7 @@ class HouseholdModel:
         kept = (self.mixture, self.device_group_count, self.next_person)
         keys = self.buffer_keys.copy()
         try:
-            self._refit_buffer(X, keys, shared_only)
+            self._refit_buffer(X, keys, shared_only, held)
         except MixtureNumericalError:
             return True  # keep the current mixture; the service's refit will retry
         # A refit that renames or re-counts persons is not itself a member joining or
@@ -1638,7 +1666,8 @@ class HouseholdModel:
         self.person_ids = new_ids
         return True
 
-    def _refit_buffer(self, X: np.ndarray, keys: np.ndarray, shared_only: bool) -> None:
+    def _refit_buffer(self, X: np.ndarray, keys: np.ndarray, shared_only: bool,
+                      held: dict[int, int] | None = None) -> None:
         """The streaming refit of buffered sessions ``X``: as the batch fit without
         personal devices (_refit_shared_only), device-first otherwise (the young z-bar
         while the buffer is young)."""
@@ -1646,7 +1675,7 @@ class HouseholdModel:
             self._refit_shared_only(X, keys)
         else:
             min_z = STREAM_GROUP_MIN_Z if X.shape[0] < STREAM_GROUP_YOUNG else 0.0
-            self._fit_gmm(X, None, [], keys, group_min_z=min_z)
+            self._fit_gmm(X, None, [], keys, group_min_z=min_z, held=held)
 
     def _refit_shared_only(self, X: np.ndarray, keys: np.ndarray) -> None:
         """Streaming, device ids known but no personal device: refit the buffer as the

@@ -115,7 +115,8 @@ def personal_slots(X: np.ndarray, slots: np.ndarray, min_sessions: int = MIN_DEV
 
 def personal_device_groups(X: np.ndarray, slots: np.ndarray, merge_auc: float = MERGE_AUC,
                            min_sessions: int = MIN_DEVICE_SESSIONS, min_z: float = 0.0,
-                           successor_z: float | None = None) -> np.ndarray:
+                           successor_z: float | None = None, held: dict[int, int] | None = None,
+                           held_apart_merge_auc: float | None = None) -> np.ndarray:
     """(N,) person group of each session, -1 for sessions that carry no identity
     (shared device types, unknown slot, a personal device with < ``min_sessions``).
     Groups are numbered 0..G-1 in order of first appearance of their devices.
@@ -151,7 +152,13 @@ def personal_device_groups(X: np.ndarray, slots: np.ndarray, merge_auc: float = 
                     if key not in auc:
                         both = masks[a] | masks[b]
                         auc[key] = loo_auc(Z[both], masks[a][both].astype(np.float64))
-                    mergeable = (auc[key] < merge_auc
+                    bar = merge_auc
+                    if held and held_apart_merge_auc is not None:
+                        pa = {held[s] for s in members[a] if s in held}
+                        pb = {held[s] for s in members[b] if s in held}
+                        if pa and pb and not pa & pb:
+                            bar = held_apart_merge_auc   # the current model holds them apart
+                    mergeable = (auc[key] < bar
                                  or auc_z(auc[key], int(masks[a].sum()), int(masks[b].sum())) < min_z)
                     if mergeable and (best is None or auc[key] < best[0]):
                         best = (auc[key], a, b)
@@ -324,8 +331,8 @@ def own_and_shared_devices(device_ids: np.ndarray, personal_type: np.ndarray, pe
     alone. Every other device is **shared**: a TV is one whoever watched it, and so is
     another member's phone the person borrowed — a record there that names nobody may be
     another member's. What an erasure does with the two is docs/privacy.md §6's:
-    attribution's person erasure fences the unnamed touchpoints of the own devices, never
-    of the shared ones."""
+    attribution's person erasure fences the unnamed touchpoints of the own devices, and of
+    a shared one only where one of the person's erased touchpoints was."""
     device_ids = np.asarray(device_ids, dtype=object)
     personal_type = np.asarray(personal_type, dtype=bool)
     person_ids = np.asarray(person_ids, dtype=object)

@@ -3,6 +3,8 @@ persons (HouseholdModel._detect_composition, issue #10)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -141,6 +143,28 @@ def test_the_offline_replay_applies_the_join_and_leave_bars_once_per_person():
     only_join = S.replay(trace, S.Thresholds(join_h=4.0, leave_h=float(llr[1]) + 0.1, lookback=(10,)))
     assert only_join == [(60, "join")]
     assert S.replay(trace, S.Thresholds(min_history=51, lookback=(10,))) == []   # too little before
+
+
+def test_the_rebarred_replay_keeps_the_streams_newcomer_events_and_replaces_its_share_test_events():
+    """bench.stream_tuning.rebarred_events (--resweep, session 33): a traced stream's
+    events are its share test's (which the replay reproduces from the traced masses) and
+    its newcomer tests' (which changed the model, so the replay cannot); at other bars the
+    newcomer events stay as the stream raised them and only the share test's are
+    replayed. Here the stream raised a newcomer join at 40 and the share test's join at 60;
+    at a leave bar the traced leave reaches, the leave is added, and at a join bar above
+    the traced join's ratio the share test's join goes while the newcomer's stays."""
+    from bench import stream_tuning as S
+
+    check = {"at": 60, "n": 60, "ids": ["p1", "p2", "p3"], "birth": None,
+             "old": {"10": [30.0, 0.0, 20.0]}, "new": {"10": [2.0, 8.0, 0.0]}}
+    landed = S.Thresholds(join_h=4.0, leave_h=1e9, lookback=(10,))
+    trace = {"checks": [check], "events": [(40, "join"), (60, "join")]}
+    assert S.newcomer_events(trace, landed) == [(40, "join")]
+    llr = _share_change_llr(np.array([0.0, 20.0]), 50, np.array([8.0, 0.0]), 10)
+    lower_leave = dataclasses.replace(landed, leave_h=float(llr[1]) - 0.1)
+    assert S.rebarred_events(trace, lower_leave, landed) == [(40, "join"), (60, "join"), (60, "leave")]
+    higher_join = dataclasses.replace(landed, join_h=float(llr[0]) + 0.1)
+    assert S.rebarred_events(trace, higher_join, landed) == [(40, "join")]
 
 
 def test_composition_scores_count_any_event_in_the_window_and_say_which_were_of_the_right_kind():

@@ -418,6 +418,33 @@ def test_a_restore_refuses_a_genuine_ledger_older_than_the_snapshot_or_the_max_a
     assert covered["source"] == str(older) and covered["exported_at"] and covered["age_s"] >= 0
 
 
+def test_a_restore_refuses_a_ledger_exported_in_the_future_naming_it(tmp_path, monkeypatch, hearth_in_process):
+    """A genuine export whose signed time is ahead of the restoring machine's clock (the
+    exporting machine's clock ran ahead) passed the stale check however old it really was:
+    its age read as negative. Refused now beyond the clock-skew tolerance
+    (MAX_FUTURE_SKEW_S, 10 minutes), naming the file, before anything is replaced; one
+    within the tolerance restores."""
+    import time
+
+    from services.common.ids import MAX_FUTURE_SKEW_S
+
+    hearth = hearth_in_process
+    monkeypatch.setenv("HEARTH_LEDGER_SIGNING_KEY", private_key_to_pem(LEDGER_KEY))
+    monkeypatch.setenv("HEARTH_RECEIPT_SIGNING_KEY", private_key_to_pem(KEY))
+    source, target = _source(tmp_path), tmp_path / "target"
+    code, taken, err = hearth(source, "backup", "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    ahead, skewed = tmp_path / "offsite" / "ahead.json", tmp_path / "offsite" / "skewed.json"
+    ahead.parent.mkdir()
+    write_ledger_file(Ledger({}, set()), ahead, LEDGER_KEY, exported_at=time.time() + MAX_FUTURE_SKEW_S + 600)
+    code, _, err = hearth(target, "restore", taken["snapshot"], "--ledger", str(ahead))
+    assert code == 2 and f"--ledger {ahead}: exported at" in err and "in the future" in err, err
+    assert "Traceback" not in err and not (target / "clustering.db").exists()
+    write_ledger_file(Ledger({}, set()), skewed, LEDGER_KEY, exported_at=time.time() + MAX_FUTURE_SKEW_S / 2)
+    code, _, err = hearth(target, "restore", taken["snapshot"], "--ledger", str(skewed))
+    assert code == 0, err
+
+
 def test_the_stale_rule_reads_the_newest_export_time():
     from services.privacy.backup import stale_ledger_reason
 
@@ -430,7 +457,10 @@ def test_the_stale_rule_reads_the_newest_export_time():
     assert stale_ledger_reason([("a.json", ledger), ("b.json", newer)], 1001.0, 1100.0, 3600) == ""
     # An unsigned /1 file (--accept-unsigned-ledger) may say anything: no crash, a message.
     odd = dataclasses.replace(ledger, exported_at=1e300)
-    assert stale_ledger_reason([("c.json", odd)], 900.0, 1100.0, 3600) == ""
+    assert "c.json: exported at 1e+300, " in stale_ledger_reason([("c.json", odd)], 900.0, 1100.0, 3600)
+    # Ahead of the restoring clock: within the tolerance it is read as now, beyond it refused.
+    assert stale_ledger_reason([("a.json", ledger)], 900.0, 1000.0 - 600, 3600) == ""
+    assert "in the future" in stale_ledger_reason([("a.json", ledger)], 900.0, 1000.0 - 601, 3600)
     assert "no export time" in stale_ledger_reason([("d.json", dataclasses.replace(ledger, exported_at=None))],
                                                    900.0, 1100.0, 3600)
     assert "1e+300" in stale_ledger_reason([("c.json", odd)], 2e300, 1100.0, 3600)
