@@ -98,8 +98,10 @@ def extract(ref: str, into: Path) -> Path:
     shutil.copytree(ROOT / "hearth", into / "hearth")
     # This checkout's code beside the older tree's protos/ on purpose (a newer release's
     # messages are a superset): without its stale-protos check (scripts/gen_protos.py),
-    # which would refuse the pair.
-    (into / "hearth" / "__init__.py").write_text('"""This checkout\'s generated code (bench/assign_cpu.py extract)."""\n')
+    # which would refuse the pair; an empty digest says "not checked, on purpose" (a package
+    # with none at all is refused as generated before the check existed: services/common).
+    (into / "hearth" / "__init__.py").write_text('"""This checkout\'s generated code (bench/assign_cpu.py extract)."""\n'
+                                                 'PROTOS_SHA256 = ""\n')
     return into
 
 

@@ -181,9 +181,11 @@ EXPORT_DESCRIPTION = (
     "end of the chunked body, so the client sees an incomplete transfer, and the document is left "
     'unclosed (not valid JSON). A whole export is valid JSON whose last key is "complete": true. '
     # Decided and stated in session 33 (docs/privacy.md §9 gives the reasons); the answer is older.
-    "A household Hearth holds nothing about (never held, or erased) is answered 200 with the same document, "
-    "every list empty, no household model and consent the defaults (explicit: false): the confirmation that "
-    "no personal data is held which an access request (GDPR Art. 15) asks for, not a 404.")
+    "A household Hearth holds nothing about (never held) is answered 200 with the same document, every list "
+    "empty, no household model and consent the defaults (explicit: false): the confirmation that no personal "
+    "data is held which an access request (GDPR Art. 15) asks for, not a 404. An erased household's data "
+    "holders' sections are empty too, but privacy keeps its consent record (as last set, explicit: true, if "
+    "it was ever set), its deletion jobs with their receipts and its destroyed data keys, and lists them.")
 log = logging.getLogger("hearth.gateway.export")
 
 

@@ -61,3 +61,36 @@ def test_a_household_never_held_exports_as_nothing_held(client):
 def test_the_export_route_says_what_a_household_never_held_answers(client):
     operation = client.get("/openapi.json").json()["paths"]["/v1/household/{account_id}/export"]["get"]
     assert "holds nothing about" in operation["description"] and "Art. 15" in operation["description"]
+
+
+def test_an_erased_household_exports_what_privacy_keeps_of_it(client):
+    """A household erased since is not one "held nothing about" in every section (review33
+    R12: privacy.md and the route's description said its consent was the defaults and every
+    list empty): privacy keeps the account's consent record after a deletion, by design
+    (privacy.md §6), and the deletion job with its receipt and the destroyed data key — so
+    its export says the consent as last set (explicit) and lists them; the data holders'
+    sections are empty."""
+    from tests.helpers.timestamps import iso_utc
+    from tests.helpers.waiting import deletion_job
+
+    account = f"e2e-erased-export-{uuid.uuid4().hex[:12]}"
+    assert client.put(f"/v1/consent/{account}", json={"processing": True, "attribution": False}).status_code == 200
+    events = [{"event_id": f"{account}-{i}", "account_id": account, "device_id": "tv-1", "device_type": "tv",
+               "ts": iso_utc(time.time() - 3600 + i * 300), "kind": "heartbeat", "title_id": f"t-{i}",
+               "genres": ["drama"], "duration_s": 300, "maturity": "adult"} for i in range(3)]
+    assert client.post("/v1/events", json={"events": events}).status_code == 200
+    r = client.post("/v1/delete", json={"scope": {"kind": "household", "account_id": account},
+                                        "reason": "gdpr_art17"})
+    assert r.status_code == 202, r.text
+    assert deletion_job(client, r.json()["job_id"])["state"] == "completed"
+
+    services = _export(client, account)["services"]
+    assert services["privacy"]["consent"] == {"processing": True, "attribution": False, "version": 1,
+                                              "explicit": True}
+    assert len(services["privacy"]["deletion_jobs"]) == 1
+    assert services["clustering"]["household_model"] is None
+    assert all(items == [] for name in ("clustering", "attribution", "feedback")
+               for section, items in services[name].items() if section != "household_model")
+    # what the route's description says of it
+    description = client.get("/openapi.json").json()["paths"]["/v1/household/{account_id}/export"]["get"]["description"]
+    assert "keeps its consent record" in description, description
