@@ -159,14 +159,16 @@ class FeedbackStore:
         return accepted, len(items) - accepted
 
     def prediction(self, prediction_id: str) -> PredictionRecord | None:
-        with self.db.transaction() as tx:
+        # Reads in read transactions (review33): in a write one (SQLite: the one write lock)
+        # each waited behind any write of this database (tests/integration/test_feedback_read_beside_a_write.py).
+        with self.db.transaction(readonly=True) as tx:
             rows = tx.query(f"SELECT {_PREDICTION_COLUMNS} FROM predictions p WHERE p.prediction_id = ?",
                             (prediction_id,))
         return _prediction(rows[0]) if rows else None
 
     def counts(self) -> tuple[int, int]:
         """(predictions, predictions with at least one feedback)."""
-        with self.db.transaction() as tx:
+        with self.db.transaction(readonly=True) as tx:
             predictions = tx.query("SELECT COUNT(*) FROM predictions")[0][0]
             with_feedback = tx.query("SELECT COUNT(DISTINCT prediction_id) FROM feedback")[0][0]
         return int(predictions), int(with_feedback)
@@ -229,7 +231,8 @@ class FeedbackStore:
     # ------------------------------------------------------------------ flags
 
     def current_flags(self, experiment: str) -> StoredFlags | None:
-        with self.db.transaction() as tx:
+        # A read (``prediction``): flags change by compare-and-swap on the version (insert_flags).
+        with self.db.transaction(readonly=True) as tx:
             rows = tx.query("SELECT version, flags_json, reason, principal_id, ts, audit_result FROM flags "
                             "WHERE experiment = ? ORDER BY version DESC LIMIT 1", (experiment,))
         if not rows:
