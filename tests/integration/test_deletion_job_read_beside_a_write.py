@@ -42,3 +42,31 @@ def test_reading_a_deletion_job_does_not_wait_for_a_write_in_progress(tmp_path: 
         assert answers == [("job-r", ["job-r"])]
     finally:
         db.close()
+
+
+def test_reading_a_households_data_keys_does_not_wait_for_a_write_in_progress(tmp_path: Path):
+    """``DataKeyStore.load`` of one household (GetDataKey's refresh, every store's key fetch past
+    REFRESH_S) read in a write transaction until review33, though ``load_many`` — the same
+    read for many households — already used a read one."""
+    import os
+
+    from services.privacy.keys.domain import WrappedDek
+    from services.privacy.keys.store import DataKeyStore
+
+    db = SqliteDatabase(tmp_path / "privacy.db")
+    try:
+        migrate(db, MIGRATIONS)
+        keys = DataKeyStore(db)
+        assert keys.insert_new(WrappedDek("acct-k", 1, "k1", os.urandom(60), datetime.now(UTC)))
+        answers: list = []
+        with transaction_held_open(db, lambda tx: tx.execute("CREATE TABLE held_write (x INTEGER)")):
+            reader = threading.Thread(target=lambda: answers.append([(r.account_id, r.dek_version)
+                                                                     for r in keys.load("acct-k")]), daemon=True)
+            reader.start()
+            reader.join(10)
+            read_while_held = not reader.is_alive()
+        reader.join()
+        assert read_while_held, "the data key read waited for the write transaction to end"
+        assert answers == [[("acct-k", 1)]]
+    finally:
+        db.close()

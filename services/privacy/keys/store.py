@@ -35,7 +35,9 @@ class DataKeyStore:
         sql = "SELECT account_id, dek_version, kek_id, wrapped, created_at, destroyed_at FROM data_keys"
         digest_sql = (f"SELECT account_id, {DIGEST_KEY_VERSION}, kek_id, wrapped, created_at, destroyed_at "
                       "FROM digest_keys")
-        with self.db.transaction() as tx:
+        # A read transaction, as ``load_many``'s (review33): in a write one (SQLite: the one
+        # write lock) every household's key refresh waited behind any write of privacy's database.
+        with self.db.transaction(readonly=True) as tx:
             if account_id is not None:
                 rows = tx.query(digest_sql + " WHERE account_id = ?", (account_id,)) + \
                     tx.query(sql + " WHERE account_id = ? ORDER BY dek_version", (account_id,))
