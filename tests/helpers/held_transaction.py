@@ -41,3 +41,28 @@ def transaction_held_open(database: Any, statements: Callable[[Any], object],
         thread.join(hold_s)
     if failed:
         raise failed[0]
+
+
+def answered_beside_a_held_write(database: Any, read: Callable[[], Any], wait_s: float = 10.0) -> Any:
+    """``read()``'s answer, run on a thread while a write transaction of ``database`` is held
+    open; AssertionError if it did not return within ``wait_s`` — it waited for the write, as
+    a read in a write transaction (SQLite: ``BEGIN IMMEDIATE``) does (review28, review33)."""
+    answers: list = []
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            answers.append(read())
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            failed.append(exc)
+
+    with transaction_held_open(database, lambda tx: tx.execute("CREATE TABLE held_write (x INTEGER)")):
+        reader = threading.Thread(target=run, daemon=True)
+        reader.start()
+        reader.join(wait_s)
+        returned_while_held = not reader.is_alive()
+    reader.join()
+    if failed:
+        raise failed[0]
+    assert returned_while_held, "the read waited for the write transaction to end"
+    return answers[0]

@@ -12,7 +12,7 @@ from pathlib import Path
 from services.common.storage.sql import SqliteDatabase, migrate
 from services.privacy.consent.store import ConsentStore
 from services.privacy.migrations import MIGRATIONS
-from tests.helpers.held_transaction import transaction_held_open
+from tests.helpers.held_transaction import answered_beside_a_held_write, transaction_held_open
 
 
 def test_a_consent_read_does_not_wait_for_a_write_in_progress(tmp_path: Path):
@@ -43,15 +43,7 @@ def test_the_list_of_withdrawn_consent_does_not_wait_for_a_write_in_progress(tmp
         migrate(db, MIGRATIONS)
         store = ConsentStore(db)
         store.set_consent("acct-w", False, True, "test")
-        answers: list = []
-        with transaction_held_open(db, lambda tx: tx.execute("CREATE TABLE held_write (x INTEGER)")):
-            reader = threading.Thread(target=lambda: answers.append(store.withdrawn("", 10)), daemon=True)
-            reader.start()
-            reader.join(10)
-            read_while_held = not reader.is_alive()
-        reader.join()
-        assert read_while_held, "the withdrawn list waited for the write transaction to end"
-        listed, more = answers[0]
+        listed, more = answered_beside_a_held_write(db, lambda: store.withdrawn("", 10))
         assert [c.account_id for c in listed] == ["acct-w"] and not more
     finally:
         db.close()

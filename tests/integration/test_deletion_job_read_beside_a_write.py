@@ -7,7 +7,6 @@ audit batch, a key rotation, another job's step) and, past the 30 s busy timeout
 
 from __future__ import annotations
 
-import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from services.common.storage.sql import SqliteDatabase, migrate
 from services.privacy.deletion.domain import new_job
 from services.privacy.deletion.store import DeletionJobStore
 from services.privacy.migrations import MIGRATIONS
-from tests.helpers.held_transaction import transaction_held_open
+from tests.helpers.held_transaction import answered_beside_a_held_write
 
 
 def test_reading_a_deletion_job_does_not_wait_for_a_write_in_progress(tmp_path: Path):
@@ -27,19 +26,9 @@ def test_reading_a_deletion_job_does_not_wait_for_a_write_in_progress(tmp_path: 
         job = new_job("job-r", ErasureScope("acct-r", "device", device_id="tv-1"), "olivia", "privacy_officer",
                       datetime.now(UTC))
         jobs.create(job, "req-r", "test", next_due=job.requested_at)
-        answers: list = []
-
-        def read() -> None:
-            answers.append((jobs.get("job-r").job.job_id, [s.job.job_id for s in jobs.for_account("acct-r")]))
-
-        with transaction_held_open(db, lambda tx: tx.execute("CREATE TABLE held_write (x INTEGER)")):
-            reader = threading.Thread(target=read, daemon=True)
-            reader.start()
-            reader.join(10)
-            read_while_held = not reader.is_alive()
-        reader.join()
-        assert read_while_held, "the job read waited for the write transaction to end"
-        assert answers == [("job-r", ["job-r"])]
+        answers = answered_beside_a_held_write(
+            db, lambda: (jobs.get("job-r").job.job_id, [s.job.job_id for s in jobs.for_account("acct-r")]))
+        assert answers == ("job-r", ["job-r"])
     finally:
         db.close()
 
@@ -58,15 +47,7 @@ def test_reading_a_households_data_keys_does_not_wait_for_a_write_in_progress(tm
         migrate(db, MIGRATIONS)
         keys = DataKeyStore(db)
         assert keys.insert_new(WrappedDek("acct-k", 1, "k1", os.urandom(60), datetime.now(UTC)))
-        answers: list = []
-        with transaction_held_open(db, lambda tx: tx.execute("CREATE TABLE held_write (x INTEGER)")):
-            reader = threading.Thread(target=lambda: answers.append([(r.account_id, r.dek_version)
-                                                                     for r in keys.load("acct-k")]), daemon=True)
-            reader.start()
-            reader.join(10)
-            read_while_held = not reader.is_alive()
-        reader.join()
-        assert read_while_held, "the data key read waited for the write transaction to end"
-        assert answers == [[("acct-k", 1)]]
+        answers = answered_beside_a_held_write(db, lambda: [(r.account_id, r.dek_version) for r in keys.load("acct-k")])
+        assert answers == [("acct-k", 1)]
     finally:
         db.close()

@@ -8,14 +8,13 @@ feedback's database (a forwarded batch of predictions, a calibrator fit's save) 
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
 from services.common.predictions import PredictionRecord
 from services.common.storage.sql import SqliteDatabase
 from services.feedback.store import FeedbackStore
-from tests.helpers.held_transaction import transaction_held_open
+from tests.helpers.held_transaction import answered_beside_a_held_write
 
 
 def test_feedbacks_reads_do_not_wait_for_a_write_in_progress(tmp_path: Path):
@@ -27,19 +26,8 @@ def test_feedbacks_reads_do_not_wait_for_a_write_in_progress(tmp_path: Path):
         store.record_predictions([PredictionRecord("pred-r", "acct-r", "s-1", "p1", {"p1": 1.0}, "gmm", 1,
                                                    now - 60, False, 1)])
         assert store.insert_flags("exp", 1, '{"v": 1}', "a reason", "admin", now)
-        answers: list = []
-
-        def read() -> None:
-            answers.append((store.current_flags("exp").version, store.prediction("pred-r").prediction_id,
-                            store.counts()))
-
-        with transaction_held_open(db, lambda tx: tx.execute("CREATE TABLE held_write (x INTEGER)")):
-            reader = threading.Thread(target=read, daemon=True)
-            reader.start()
-            reader.join(10)
-            read_while_held = not reader.is_alive()
-        reader.join()
-        assert read_while_held, "feedback's reads waited for the write transaction to end"
-        assert answers == [(1, "pred-r", (1, 0))]
+        answers = answered_beside_a_held_write(db, lambda: (store.current_flags("exp").version,
+                                                             store.prediction("pred-r").prediction_id, store.counts()))
+        assert answers == (1, "pred-r", (1, 0))
     finally:
         db.close()
