@@ -62,6 +62,7 @@ ROUTES = [
     ("POST", "/v1/delete", "/v1/delete", {"scope": {"kind": "household", "account_id": f"{ACCT}-gone"}}),
     ("GET", "/v1/delete/{job_id}", "/v1/delete/job-none", None),
     ("GET", "/v1/household/{account_id}/export", f"/v1/household/{ACCT}/export", None),
+    ("GET", "/v1/consent/{account_id}", f"/v1/consent/{ACCT}", None),
     ("PUT", "/v1/consent/{account_id}", f"/v1/consent/{ACCT}", {"processing": True, "attribution": True}),
     ("POST", "/v1/keys/rotate", "/v1/keys/rotate", {"new_active_kek_id": "no-such-kek"}),
     # A household without a data key (404 before any store is asked), and a batch of none.
