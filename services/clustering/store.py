@@ -1788,6 +1788,15 @@ class ClusteringStore:
                 raise FieldDecryptionError("an entry of the format before session 29 (the version not sealed): "
                                            "a miss", "model") from None
             raise
+        except HearthError:
+            # Bytes naming a data-key version the key service does not give (any Redis client
+            # can write them; random bytes do once in 256: the drill's CI, session 33) are a
+            # miss like bytes that do not open — else every read of the household failed until
+            # the entry's TTL. The database's model is then read with the household's own key,
+            # and that read reports the key service's own failure if it has one. The message
+            # names the household by its pseudonym only (it is logged).
+            raise FieldDecryptionError(f"the cached model of {pseudonym(account_id)} names a data key "
+                                       "that is not to be had", "model") from None
 
     def _opens_as_stored(self, account_id: str, sealed: bytes) -> bool:
         try:

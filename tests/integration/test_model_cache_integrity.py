@@ -39,6 +39,9 @@ def test_a_cached_model_that_does_not_open_or_is_not_sealed_is_dropped_and_read_
         assert raw.get(key) is not None   # cached by the save
         for forged in (struct.pack("<qH", version + 1, 3) + b"gmm" + os.urandom(200),          # does not open
                        struct.pack("<qH", version + 1, 3) + b"gmm" + b"PK\x03\x04made-up persons",  # plaintext
+                       # sealed-looking, naming a key version the key service does not give
+                       struct.pack("<qH", version + 1, 3) + b"gmm" + b"\x01" + (2**31 - 1).to_bytes(4, "big")
+                       + os.urandom(200),
                        b"\x00"):                                                              # no header
             raw.set(key, forged)
             model = store.get_model("acc-c")
