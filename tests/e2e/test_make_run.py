@@ -121,3 +121,45 @@ def test_make_run_serves_the_printed_examples_and_dies_with_its_launcher(tmp_pat
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_a_process_exiting_stops_the_mesh_naming_it_and_make_run_fails(tmp_path):
+    """README: `make run` stops every process when any one of them exits, naming which
+    ("privacy exited with code -9; see var/logs/privacy.log") — and, since session 34, exits
+    1: until then it said so and exited 0, so `make run` in a script or a supervisor looked
+    like a clean stop after a crash."""
+    run = spawn_tied([sys.executable, "scripts/run.py", "--data-dir", str(tmp_path / "var"), "--free-ports"],
+                     cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    up = threading.Event()
+
+    def read() -> None:
+        for line in run.stdout:
+            lines.append(line)
+            if "Ctrl-C stops everything" in line:
+                up.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    mesh: list[int] = []
+    try:
+        assert up.wait(240), "scripts/run.py did not come up:\n" + "".join(lines)
+        mesh = descendants(run.pid)
+        privacy = [p for p in mesh if b"services.privacy" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(privacy) == 1 and len(mesh) >= 5, mesh
+        os.kill(privacy[0], signal.SIGKILL)
+        code = run.wait(120)
+        out = "".join(lines)
+        assert f"privacy exited with code -9; see {tmp_path / 'var' / 'logs'}/privacy.log" in out, out
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(alive(p) for p in mesh):
+            time.sleep(0.5)
+        assert [p for p in mesh if alive(p)] == [], "the rest of the mesh still runs:\n" + out
+        assert code == 1, out
+    finally:
+        if run.poll() is None:
+            run.kill()
+        for pid in mesh:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
