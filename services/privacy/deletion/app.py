@@ -68,7 +68,7 @@ from services.common.text import MAX_REASON_CHARS, MAX_REQUEST_ID_CHARS, check_t
 from services.privacy.audit.domain import format_ts
 from services.privacy.deletion.domain import (
     DeletionJob, JobState, RetryPolicy, ServiceStatus, build_receipt, confirm_service,
-    due_services, fail_service, new_job, start_job)
+    due_services, fail_service, new_job, receipt_id_of, start_job)
 from services.privacy.keys.signing import Ed25519PrivateKey, key_id, public_key_to_pem
 from services.privacy.deletion.receipts import (
     ReceiptVerificationError, ServiceDeletion, SignedReceipt, sign_receipt, verify_receipt)
@@ -672,7 +672,7 @@ class DeletionCoordinator:
                     job = confirm_service(job, service, result, max(self._clock(), job.requested_at))
                     erasures[service] = {"deleted_counts": counts, "already_erased": already}
                     if job.state is JobState.COMPLETED:
-                        receipt = build_receipt(job, f"r-{job.job_id}", self.key_id)
+                        receipt = build_receipt(job, receipt_id_of(job.job_id), self.key_id)
                         receipt_json = sign_receipt(receipt, self.signing_key).to_json()
                 except Exception as exc:  # noqa: BLE001 - classified: retry or fail the job
                     log.warning("job %s: erase in %s failed: %s", job.job_id, service, _describe(exc))
@@ -827,7 +827,7 @@ class DeletionCoordinator:
         job = stored.job
         total = sum(p.result.count for p in job.services.values() if p.result)
         event = audit.RETENTION_PURGE if stored.reason == RETENTION_REASON else audit.DELETION_COMPLETED
-        self._audit(event, job, details={"job_id": job.job_id, "receipt_id": f"r-{job.job_id}",
+        self._audit(event, job, details={"job_id": job.job_id, "receipt_id": receipt_id_of(job.job_id),
                                          "scope": job.scope.kind.value, "records": total})
 
     def _audit_failed(self, stored: StoredJob) -> None:
