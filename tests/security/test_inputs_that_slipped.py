@@ -598,3 +598,46 @@ def test_a_refusal_does_not_echo_an_unbounded_list(attribution_channel, signer):
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
     assert refused_field(info.value) == "position_weights"
     assert "got 1000000 weights" in info.value.details()
+
+
+@pytest.mark.parametrize("claimed", ["svc:gateway", "sec-slip-someone-else"])
+def test_an_appended_record_cannot_name_another_reporter(security_mesh, signer, claimed):
+    """attack34: a record appended about someone else gets ``details.reported_by`` = the
+    caller (docs/privacy.md) — unless it already held a ``reported_by``, which was kept.
+    A service-role client (an ingest pipeline's API key, vouched for by the gateway or its
+    Envoy edge, which routes ``AuditLog``) appended "demo-admin requested a deletion"
+    reported by ``svc:gateway``, indistinguishable from a record the mesh wrote, with no
+    trace of who wrote it. Now a ``reported_by`` other than the caller is refused, naming
+    it, and nothing of the call is written; the caller naming itself is kept as before."""
+    from hearth.common.v1 import common_pb2
+
+    pipeline = Principal("sec-slip-pipeline", Role.SERVICE)
+    resource = f"household:sec-slip-forged-{claimed.replace(':', '-')}"
+    with grpc.insecure_channel(f"127.0.0.1:{security_mesh.mesh.grpc_ports['privacy']}") as ch:
+        append = ch.unary_unary("/hearth.privacy.v1.AuditLog/AppendAudit",
+                                request_serializer=ppb.AppendAuditRequest.SerializeToString,
+                                response_deserializer=ppb.AppendAuditResponse.FromString)
+        query = ch.unary_unary("/hearth.privacy.v1.AuditLog/QueryAudit",
+                               request_serializer=ppb.QueryAuditRequest.SerializeToString,
+                               response_deserializer=ppb.QueryAuditResponse.FromString)
+
+        def record(reported_by: str) -> ppb.AuditRecord:
+            return ppb.AuditRecord(
+                event_type="deletion_requested", resource=resource, outcome="success",
+                principal=common_pb2.Principal(id="sec-slip-officer", role=common_pb2.ROLE_PRIVACY_OFFICER),
+                details_json=json.dumps({"reported_by": reported_by, "scope": "household"}))
+
+        with pytest.raises(grpc.RpcError) as info:
+            append(ppb.AppendAuditRequest(records=[record(pipeline.id), record(claimed)]),
+                   metadata=metadata(signer, pipeline, "privacy"), timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        assert refused_field(info.value) == "records[1].details.reported_by"
+        assert pipeline.id in info.value.details()
+        officer_md = metadata(signer, Principal("sec-slip-po", Role.PRIVACY_OFFICER), "privacy")
+        page = query(ppb.QueryAuditRequest(resource_prefix=resource, limit=10), metadata=officer_md, timeout=30)
+        assert list(page.records) == []   # all or nothing: the valid first record is not written
+
+        append(ppb.AppendAuditRequest(records=[record(pipeline.id)]),
+               metadata=metadata(signer, pipeline, "privacy"), timeout=30)
+        page = query(ppb.QueryAuditRequest(resource_prefix=resource, limit=10), metadata=officer_md, timeout=30)
+        assert [json.loads(r.details_json)["reported_by"] for r in page.records] == [pipeline.id]
