@@ -12,14 +12,13 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 
 from services.common.child_process import spawn_tied
-from tests.helpers.processes import alive, descendants
+from tests.helpers.processes import alive, descendants, follow_output
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,16 +29,7 @@ def test_make_run_serves_the_printed_examples_and_dies_with_its_launcher(tmp_pat
                        '--log-backups 2; exit 0',
          sys.executable, str(tmp_path / "var")],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    up = threading.Event()
-
-    def read() -> None:
-        for line in launcher.stdout:
-            lines.append(line)
-            if "Ctrl-C stops everything" in line:
-                up.set()
-
-    threading.Thread(target=read, daemon=True).start()
+    lines, up = follow_output(launcher)
     run_py: list[int] = []
     try:
         assert up.wait(240), "make run did not come up:\n" + "".join(lines)
@@ -130,16 +120,7 @@ def test_a_process_exiting_stops_the_mesh_naming_it_and_make_run_fails(tmp_path)
     like a clean stop after a crash."""
     run = spawn_tied([sys.executable, "scripts/run.py", "--data-dir", str(tmp_path / "var"), "--free-ports"],
                      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    up = threading.Event()
-
-    def read() -> None:
-        for line in run.stdout:
-            lines.append(line)
-            if "Ctrl-C stops everything" in line:
-                up.set()
-
-    threading.Thread(target=read, daemon=True).start()
+    lines, up = follow_output(run)
     mesh: list[int] = []
     try:
         assert up.wait(240), "scripts/run.py did not come up:\n" + "".join(lines)
