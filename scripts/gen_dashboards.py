@@ -260,6 +260,13 @@ def infrastructure() -> Dashboard:
                                Q("sum by (state) (increase(hearth_deletion_jobs_finished_total[1h]))", "{{state}}")))
             .with_panel(series("oldest open deletion job", "s",
                                Q("max(hearth_deletion_oldest_open_job_age_seconds)", "age"), lines=((3600, "orange"),)))
+            .with_panel(series("off-site deletion ledger: since the last export", "s",
+                               Q("time() - max(hearth_ledger_last_export_timestamp_seconds)", "age"),
+                               lines=((900, "orange"),),
+                               description="Seconds since the last successful `hearth ledger export` (the chart's "
+                                           "ledger CronJob, every 5 min), as privacy's database notes it; past "
+                                           "900 s for 5 min HearthLedgerExportStale fires. No line: no export "
+                                           "recorded yet (SQLite, make run, backups off)."))
             .with_panel(series("privacy replicas' clock minus the database server's", "s",
                                Q("max by (instance) (hearth_deletion_clock_offset_seconds)", "{{instance}}"),
                                Q("sum(hearth_deletion_clock_disagrees)", "replicas taking no deletion jobs"),

@@ -249,6 +249,8 @@ class _Worker:
         if self.reported_end or self.proc.returncode is None:
             return None
         code = self.proc.returncode
+        if code == 0 and self.running is None:   # pytest answered without a session (--version, --help)
+            return None
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code} without pytest's summary"
         return f"{how}, running {self.running or 'no test yet (collecting)'}"
 

@@ -18,7 +18,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ import pytest
 from services.common.child_process import spawn_tied
 from services.testing.mesh import ROOT
 from tests.helpers.history import require_commit
+from tests.helpers.processes import follow_output
 
 BEFORE_DATA_KEYS_BATCH = "43a5077"   # its protos lack DATA_KEY_OUTCOME_ERASED
 
@@ -106,18 +106,7 @@ def test_run_py_regenerates_stale_code_and_the_mesh_comes_up(tmp_path):
     run = spawn_tied([sys.executable, "scripts/run.py", "--data-dir", str(tmp_path / "var"), "--free-ports"],
                      cwd=stale, env=_env(stale, tmp_path), stdout=subprocess.PIPE,
                      stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    ended = threading.Event()
-    up = threading.Event()
-
-    def read() -> None:
-        for line in run.stdout:
-            lines.append(line)
-            if "Ctrl-C stops everything" in line:
-                up.set()
-        ended.set()
-
-    threading.Thread(target=read, daemon=True).start()
+    lines, up = follow_output(run)
     try:
         assert up.wait(240), "scripts/run.py did not come up:\n" + "".join(lines)
         out = "".join(lines)

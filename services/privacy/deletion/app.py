@@ -111,6 +111,15 @@ CLOCK_DISAGREES = Gauge("hearth_deletion_clock_disagrees",
 CLOCK_OFFSET.set(float("nan"))
 OLDEST_OPEN_JOB_AGE = Gauge("hearth_deletion_oldest_open_job_age_seconds",
                             "Age of the oldest deletion job not yet completed or failed (0: none)")
+# The last successful off-site ledger export (`hearth ledger export`, the chart's ledger
+# CronJob every 5 minutes), read from privacy's database on every scrape: the export runs
+# in a Job Prometheus does not scrape, so the service it exports from says when it last
+# worked (HearthLedgerExportStale; session 34). NaN: no export recorded yet, or the
+# database unreadable (its own alerts).
+LAST_LEDGER_EXPORT = Gauge("hearth_ledger_last_export_timestamp_seconds",
+                           "Unix time of the last successful off-site deletion ledger export "
+                           "(hearth ledger export; NaN: none recorded)")
+LAST_LEDGER_EXPORT.set(float("nan"))
 
 # Erase order: one stage after the other; services within a stage in this order.
 # Attribution's person scope resolves touchpoints with clustering's person assignments,
@@ -368,8 +377,17 @@ class DeletionCoordinator:
             return float("nan")
         return max(0.0, self._wall() - oldest) if oldest is not None else 0.0
 
+    def last_ledger_export_at(self) -> float:
+        # A scrape's callback, as oldest_open_age_s: never raises; unknown is NaN.
+        try:
+            at = self.jobs.last_ledger_export_at()
+        except Exception:  # noqa: BLE001 - a gauge callback has no caller to report to
+            return float("nan")
+        return at if at is not None else float("nan")
+
     def start(self) -> None:
         OLDEST_OPEN_JOB_AGE.set_function(self.oldest_open_age_s)
+        LAST_LEDGER_EXPORT.set_function(self.last_ledger_export_at)
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="deletion-worker", daemon=True)
             self._thread.start()
