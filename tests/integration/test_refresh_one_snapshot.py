@@ -13,28 +13,14 @@ from __future__ import annotations
 import contextlib
 import random
 import threading
-import time
 
 from services.clustering.modeling import ModelKeeper
 from services.clustering.store import ClusteringStore
 from services.common.feedback_to_clustering import UNPROMPTED_LABEL_SUFFIX
 from tests.helpers.incremental_sessions import random_event
+from tests.integration.test_refresh_one_transaction import GAP_S, T0, _household, _store
 
-GAP_S = 1800.0
-T0 = time.time() - 3 * 86400
 LABELS_READ = "SELECT session_id, person_id FROM session_labels"
-
-
-def _store(database) -> ClusteringStore:
-    store = ClusteringStore(database, gap_s=GAP_S)
-    store.migrate()
-    return store
-
-
-def _household(store: ClusteringStore, account: str, sessions: int = 12) -> None:
-    rng = random.Random(account)
-    store.ingest([random_event(rng, account, i, T0 + i * 2 * GAP_S, device="tv-1" if i % 3 else "phone-1")
-                  for i in range(sessions)])
 
 
 def _write_after(store: ClusteringStore, sql_start: str, write) -> list[str]:
@@ -112,31 +98,24 @@ def _transactions(store: ClusteringStore) -> list[str]:
     return opened
 
 
-def test_a_new_households_refresh_reads_in_one_transaction_before_its_write(database):
+def test_a_first_fit_and_an_arrivals_refresh_each_read_in_one_transaction(database):
+    """A new household's refresh (a first fit and save): its reads, the save, then the model
+    cache's re-check of the household's erasures (it must follow the cache write) — before,
+    four reads ahead of the write. Then the usual refresh of a stream's batch: the model
+    stays, the sessions closed since are answered by it (``ModelKeeper._arrivals``); its
+    reads — the schema check, the model's version, the closed tail and its labels — are one
+    transaction, then its one write (before: three reads)."""
     store = _store(database)
     _household(store, "acc-2")
-    keeper = ModelKeeper(store, lambda _account: "gmm")
     opened = _transactions(store)
-    version, envelope = keeper.refresh("acc-2")
-    assert version == 1 and envelope is not None
-    # The reads, the save, then the model cache's re-check of the household's erasures
-    # (it must follow the cache write). Before: four reads ahead of the write.
+    assert ModelKeeper(store, lambda _account: "gmm").refresh("acc-2")[0] == 1
     assert opened == ["read", "write", "read"], opened
-
-
-def test_a_refresh_that_only_answers_arrivals_reads_in_one_transaction(database):
-    """The usual refresh of a stream's batch: the model stays, the sessions closed since
-    are answered by it (``ModelKeeper._arrivals``). Its reads — the schema check, the model's
-    version, the closed tail and its labels — are one transaction, then its one write."""
-    store = _store(database)
-    _household(store, "acc-3", sessions=12)
     keeper = ModelKeeper(store, lambda _account: "gmm")
-    assert keeper.refresh("acc-3")[0] == 1
-    rng = random.Random("acc-3-more")
+    rng = random.Random("acc-2-more")
     # one more closed session (not enough to fold in), then the refresh the batch schedules
-    store.ingest([random_event(rng, "acc-3", 100 + i, T0 + (12 + i) * 2 * GAP_S, device="tv-1") for i in range(2)])
-    opened = _transactions(store)
-    assert keeper.refresh("acc-3")[0] == 1
+    store.ingest([random_event(rng, "acc-2", 100 + i, T0 + (12 + i) * 2 * GAP_S, device="tv-1") for i in range(2)])
+    opened.clear()
+    assert keeper.refresh("acc-2")[0] == 1
     assert opened[0] == "read" and opened.count("read") == 1, opened
 
 
