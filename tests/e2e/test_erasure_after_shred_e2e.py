@@ -25,7 +25,7 @@ import httpx
 
 from services.testing.mesh import ROOT, running_mesh
 from tests.helpers.timestamps import iso_utc as _iso
-from tests.helpers.waiting import SLOW_MACHINE_S, deletion_job
+from tests.helpers.waiting import SLOW_MACHINE_S, deletion_job, deletion_step_attempted
 
 DAY = 86400.0
 # The household job's next attempt at clustering, once clustering refused its first: long
@@ -57,13 +57,8 @@ def test_a_device_erasure_reaching_a_store_after_its_households_key_was_shredded
             r = client.post("/v1/delete", json={"scope": {"kind": "household", "account_id": acct}})
             assert r.status_code == 202, r.text
             household_job = r.json()["job_id"]
-            deadline = time.monotonic() + SLOW_MACHINE_S
-            while True:   # the key shredded, attribution erased, clustering refused once
-                body = client.get(f"/v1/delete/{household_job}").json()
-                clustering = next(s for s in body["services"] if s["service"] == "clustering")
-                if clustering["attempts"] >= 1 or time.monotonic() > deadline:
-                    break
-                time.sleep(0.05)
+            # the key shredded, attribution erased, clustering refused once
+            body, clustering = deletion_step_attempted(client, household_job, "clustering")
             assert body["state"] == "running" and not clustering["confirmed"], body
         finally:
             mesh.start_service("clustering")
