@@ -332,6 +332,11 @@ def run(args: list[str], *, root: Path = ROOT, workers: int = WORKERS, durations
         failed = 128 - failed
     if failed == 0 and not_run:
         failed = 2 if stopped_by else 3
+    if failed == 0 and any(w.died() for w in running):
+        # A worker that died with status 0 (a test or the code under test calling os._exit(0))
+        # left the rest of its file unrun: the run fails as for files never handed out
+        # (review34: it exited 0, the DIED line the only word of it).
+        failed = 3
     return failed
 
 

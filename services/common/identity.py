@@ -47,6 +47,7 @@ import contextlib
 import contextvars
 import hashlib
 import hmac
+import math
 import logging
 import re
 import threading
@@ -167,6 +168,7 @@ class SecurityEventLog:
         self._log, self._window, self._max_keys, self._clock = logger, float(window_s), max_keys, clock
         self._background = background
         self._windows: dict[tuple[str, ...], list[float]] = {}   # key -> [window start, repeats]
+        self._next_sweep = -math.inf   # no held window ends before this (a full table's sweep)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
@@ -177,7 +179,14 @@ class SecurityEventLog:
         due: list[tuple[tuple[str, ...], int, float]] = []
         with self._lock:
             if key not in self._windows and len(self._windows) >= self._max_keys:
-                key = (event.kind, event.component, event.reason, OVERFLOW_PRINCIPAL, "", "")
+                # A full table first closes the windows that have ended (review34: without a
+                # repeat nothing started the thread that forgets them, so one-off refusals
+                # filled the table for good and a new principal's first refusal was logged
+                # as "*" with no role or target, no flood under way).
+                if now >= self._next_sweep:
+                    due += self._sweep(now)
+                if len(self._windows) >= self._max_keys:
+                    key = (event.kind, event.component, event.reason, OVERFLOW_PRINCIPAL, "", "")
             window = self._windows.get(key)
             if window is not None and now - window[0] >= self._window:
                 due += self._close(key, window, now)
@@ -200,9 +209,15 @@ class SecurityEventLog:
         whose window ended without one."""
         now = self._clock()
         with self._lock:
-            due = [line for key, window in list(self._windows.items()) if now - window[0] >= self._window
-                   for line in self._close(key, window, now)]
+            due = self._sweep(now)
         self._write(due)
+
+    def _sweep(self, now: float) -> list[tuple[tuple[str, ...], int, float]]:
+        """Under the lock: close every window that has ended (``flush``'s work)."""
+        due = [line for key, window in list(self._windows.items()) if now - window[0] >= self._window
+               for line in self._close(key, window, now)]
+        self._next_sweep = min((w[0] for w in self._windows.values()), default=now) + self._window
+        return due
 
     def _close(self, key: tuple[str, ...], window: list[float], now: float
                ) -> list[tuple[tuple[str, ...], int, float]]:

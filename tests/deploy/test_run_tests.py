@@ -333,6 +333,23 @@ def test_a_worker_that_crashes_is_named_with_its_test_and_the_other_worker_goes_
         f"suite/test_quick{i}.py::test_quick" for i in range(3)], out[-3000:]
 
 
+def test_a_worker_exiting_0_in_the_middle_of_a_file_fails_the_run(tmp_path):
+    """A test (or the code it calls) ending its process with status 0 leaves the rest of its
+    file unrun: the worker is DIED and the run fails, as the README says of a worker that
+    crashes, while the other worker runs the rest. Until review34 the run exited 0 (the DIED
+    line the only word of the tests never run)."""
+    root = _project(tmp_path, {
+        "test_exits.py": "import os\n\ndef test_exits():\n    os._exit(0)\n\ndef test_never_runs():\n    pass\n",
+        **{f"test_quick{i}.py": "def test_quick():\n    pass\n" for i in range(2)}})
+    (root / "durations.json").write_text(json.dumps({"seconds": {
+        "suite/test_exits.py": 100, **{f"suite/test_quick{i}.py": 1 for i in range(2)}}}))
+    rc, out = _runner_output(root, ["-p", "no:cacheprovider"], workers=2, timeout_s=120)
+    assert "DIED (exit 0 without pytest's summary, running suite/test_exits.py::test_exits)" in out, out[-3000:]
+    assert rc == 3, out[-3000:]
+    assert sorted(n for _, n in _ran(root)) == ["suite/test_exits.py::test_exits"] + [
+        f"suite/test_quick{i}.py::test_quick" for i in range(2)], out[-3000:]
+
+
 HANGS = """
     import signal
     import threading

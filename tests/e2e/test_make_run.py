@@ -7,6 +7,7 @@ exec'd), on free ports and a temporary data directory so it can run beside a rea
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
@@ -38,6 +39,9 @@ def test_make_run_serves_the_printed_examples_and_dies_with_its_launcher(tmp_pat
         key = re.search(r"Demo API key \(admin\): (\S+)", out).group(1)
         for service in ("clustering", "attribution", "privacy", "feedback"):
             assert re.search(rf"{service}\s+grpc 127\.0\.0\.1:\d+ .* SERVING", out), out
+        # README: "a fresh demo API key (only its hash is stored, in var/gateway-keys.json)".
+        stored = (tmp_path / "var" / "gateway-keys.json").read_text()
+        assert key not in stored and hashlib.sha256(key.encode()).hexdigest() in stored, stored
 
         # The README's first two curl calls, as printed.
         event = {"event_id": "e1", "account_id": "acc-1", "device_id": "tv-1",

@@ -138,3 +138,25 @@ def test_the_background_thread_writes_the_count_after_the_flood_stops(caplog):
 def test_a_window_must_be_positive():
     with pytest.raises(ValueError, match="window_s"):
         SecurityEventLog(logging.getLogger("x"), window_s=0)
+
+
+def test_a_table_full_of_ended_windows_makes_room_for_a_new_principals_first_refusal(caplog):
+    """One-off refusals, none repeated within its window, start no background thread (it
+    starts at a first repeat): until review34 nothing forgot their keys, so once the table
+    was full a new principal's first refusal — hours later, no flood under way — was logged
+    as principal "*" with no role and no target. A full table now first closes the windows
+    that have ended; a table full of windows still open overflows as before."""
+    clock = Clock()
+    events = SecurityEventLog(logging.getLogger("hearth.identity"), max_keys=3, clock=clock, background=False)
+    caplog.set_level(logging.WARNING, logger="hearth.identity")
+    for i in range(3):
+        events.event(SecurityEvent("permission_denied", "gateway", "not_in_matrix", f"user{i}", "analyst", "GET /x"))
+        clock.now += 2 * WINDOW
+    clock.now += 3600
+    events.event(SecurityEvent("permission_denied", "gateway", "not_in_matrix", "mallory", "analyst",
+                               "DELETE /v1/household/{account_id}"))
+    assert [(f["principal"], f["role"], f["target"]) for _, f in _lines(caplog)][-1] == (
+        "mallory", "analyst", "DELETE /v1/household/{account_id}")
+    for i in range(3):   # mallory's window and two new ones fill the table, all still open
+        events.event(SecurityEvent("permission_denied", "gateway", "not_in_matrix", f"new{i}", "analyst", "GET /x"))
+    assert [f["principal"] for _, f in _lines(caplog)][-3:] == ["new0", "new1", "*"]
