@@ -314,7 +314,9 @@ def run(args: list[str], *, root: Path = ROOT, workers: int = WORKERS, durations
         sys.stdout.write(out)
     not_run = queue.not_run()
     if not_run:
-        not_run_note = f"; NOT RUN ({queue.stopped}): {len(not_run)} files, e.g. {', '.join(not_run[:3])}"
+        # Not stopped: every worker ended (died) before taking them (it said "(None)" until review34).
+        why = queue.stopped or "no worker left to take them"
+        not_run_note = f"; NOT RUN ({why}): {len(not_run)} files, e.g. {', '.join(not_run[:3])}"
     else:
         not_run_note = ""
     for worker in running:

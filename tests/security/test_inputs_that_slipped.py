@@ -685,3 +685,33 @@ def test_a_record_dated_ahead_cannot_blind_the_suspicious_activity_detector(secu
         assert [json.loads(r.details_json)["kind"] for r in alerts] == ["mass_household_reads"]
         assert refused is not None, "a record dated a day ahead was appended"
         assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT and refused_field(refused) == "records[0].ts"
+
+
+@pytest.mark.parametrize("start_s, end_s, field", [
+    (365 * 86_400, 365 * 86_400 + 600, "session_start"),   # a year ahead of the prediction
+    (0, -86_400, "session_end"),                           # ending a day before it started
+    (-(30 * 365 * 86_400), -600, "session_start"),         # before 2000-01-01
+], ids=["a-year-ahead", "inverted", "before-2000"])
+def test_a_logged_predictions_session_instants_are_checked(security_mesh, signer, start_s, end_s, field):
+    """attack34: ``RecordPrediction`` checked a prediction's ``ts`` but not the instants of
+    the session it is about, by which feedback's retention purge and window erasures take
+    predictions (docs/feedback.md): any service-role caller (the Envoy edge routes
+    FeedbackService) logged a prediction about a session a year ahead, which the retention
+    purge then keeps a year past ``HEARTH_RETENTION_DAYS``, or one ending before it began,
+    which no window erasure overlaps. Each is refused naming the field; nothing is stored."""
+    from hearth.feedback.v1 import feedback_pb2 as fpb
+    from hearth.feedback.v1 import feedback_pb2_grpc as fpb_grpc
+    from services.common.pbutil import float_to_ts
+    from tests.helpers.mesh_calls import prediction
+
+    now = time.time()
+    logged = prediction(f"sec-slip-pred-{field}-{int(now * 1000)}", "sec-slip-pred-acct", age_s=60)
+    logged.session_start.CopyFrom(float_to_ts(now - 60 + start_s))
+    logged.session_end.CopyFrom(float_to_ts(now - 60 + end_s))
+    with grpc.insecure_channel(f"127.0.0.1:{security_mesh.mesh.grpc_ports['feedback']}") as ch:
+        with pytest.raises(grpc.RpcError) as info:
+            fpb_grpc.FeedbackServiceStub(ch).RecordPrediction(
+                fpb.RecordPredictionRequest(predictions=[logged]),
+                metadata=metadata(signer, Principal("sec-slip-pipeline", Role.SERVICE), "feedback"), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert refused_field(info.value) == f"predictions[0].{field}"
