@@ -68,7 +68,7 @@ from services.common.text import MAX_REASON_CHARS, MAX_REQUEST_ID_CHARS, check_t
 from services.privacy.audit.domain import format_ts
 from services.privacy.deletion.domain import (
     DeletionJob, JobState, RetryPolicy, ServiceStatus, build_receipt, confirm_service,
-    due_services, fail_service, new_job, start_job)
+    due_services, fail_service, new_job, receipt_id_of, start_job)
 from services.privacy.keys.signing import Ed25519PrivateKey, key_id, public_key_to_pem
 from services.privacy.deletion.receipts import (
     ReceiptVerificationError, ServiceDeletion, SignedReceipt, sign_receipt, verify_receipt)
@@ -111,6 +111,15 @@ CLOCK_DISAGREES = Gauge("hearth_deletion_clock_disagrees",
 CLOCK_OFFSET.set(float("nan"))
 OLDEST_OPEN_JOB_AGE = Gauge("hearth_deletion_oldest_open_job_age_seconds",
                             "Age of the oldest deletion job not yet completed or failed (0: none)")
+# The last successful off-site ledger export (`hearth ledger export`, the chart's ledger
+# CronJob every 5 minutes), read from privacy's database on every scrape: the export runs
+# in a Job Prometheus does not scrape, so the service it exports from says when it last
+# worked (HearthLedgerExportStale; session 34). NaN: no export recorded yet, or the
+# database unreadable (its own alerts).
+LAST_LEDGER_EXPORT = Gauge("hearth_ledger_last_export_timestamp_seconds",
+                           "Unix time of the last successful off-site deletion ledger export "
+                           "(hearth ledger export; NaN: none recorded)")
+LAST_LEDGER_EXPORT.set(float("nan"))
 
 # Erase order: one stage after the other; services within a stage in this order.
 # Attribution's person scope resolves touchpoints with clustering's person assignments,
@@ -368,8 +377,17 @@ class DeletionCoordinator:
             return float("nan")
         return max(0.0, self._wall() - oldest) if oldest is not None else 0.0
 
+    def last_ledger_export_at(self) -> float:
+        # A scrape's callback, as oldest_open_age_s: never raises; unknown is NaN.
+        try:
+            at = self.jobs.last_ledger_export_at()
+        except Exception:  # noqa: BLE001 - a gauge callback has no caller to report to
+            return float("nan")
+        return at if at is not None else float("nan")
+
     def start(self) -> None:
         OLDEST_OPEN_JOB_AGE.set_function(self.oldest_open_age_s)
+        LAST_LEDGER_EXPORT.set_function(self.last_ledger_export_at)
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="deletion-worker", daemon=True)
             self._thread.start()
@@ -672,7 +690,7 @@ class DeletionCoordinator:
                     job = confirm_service(job, service, result, max(self._clock(), job.requested_at))
                     erasures[service] = {"deleted_counts": counts, "already_erased": already}
                     if job.state is JobState.COMPLETED:
-                        receipt = build_receipt(job, f"r-{job.job_id}", self.key_id)
+                        receipt = build_receipt(job, receipt_id_of(job.job_id), self.key_id)
                         receipt_json = sign_receipt(receipt, self.signing_key).to_json()
                 except Exception as exc:  # noqa: BLE001 - classified: retry or fail the job
                     log.warning("job %s: erase in %s failed: %s", job.job_id, service, _describe(exc))
@@ -827,7 +845,7 @@ class DeletionCoordinator:
         job = stored.job
         total = sum(p.result.count for p in job.services.values() if p.result)
         event = audit.RETENTION_PURGE if stored.reason == RETENTION_REASON else audit.DELETION_COMPLETED
-        self._audit(event, job, details={"job_id": job.job_id, "receipt_id": f"r-{job.job_id}",
+        self._audit(event, job, details={"job_id": job.job_id, "receipt_id": receipt_id_of(job.job_id),
                                          "scope": job.scope.kind.value, "records": total})
 
     def _audit_failed(self, stored: StoredJob) -> None:
