@@ -183,13 +183,14 @@ def attribution() -> Dashboard:
                                Q(f'sum by (route, status) (rate(hearth_http_requests_total'
                                  f'{{route=~"/v1/attribution|/v1/touchpoints|/v1/conversions"}}[{RI}]))',
                                  "{{route}} {{status}}")))
-            .with_panel(series("person erasures fenced without the person's own devices per hour", "none",
+            .with_panel(series("GetPersonDevices refused or failed per hour, by reason", "none",
                                Q("sum by (reason) (increase(hearth_person_devices_fallbacks_total[1h]))",
                                  "{{reason}}"),
-                               description="Clustering refused GetPersonDevices: expected only while a "
-                                           "clustering before session 33 runs; permission_denied after every "
-                                           "clustering replica runs 33 means attribution's identity lacks "
-                                           "resolve_persons (docs/operations.md, 'Upgrading to session 33').")))
+                               description="unimplemented: an older clustering (a rolling upgrade), the erasure "
+                                           "fenced without the person's own devices; permission_denied (the same "
+                                           "fallback) and unauthenticated (retried): a misconfiguration, "
+                                           "HearthPersonDevicesRefused; unavailable: an outage, retried "
+                                           "(docs/operations.md, 'Upgrading to session 33').")))
 
 
 def drift() -> Dashboard:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sqlite3
 import struct
 import subprocess
@@ -374,12 +375,15 @@ BEFORE_PERSON_DEVICES = "87c724a"   # session 32's end: clustering without GetPe
 def test_a_person_erasure_beside_a_clustering_without_person_devices_completes_as_in_session_32(
         dmesh, client, tmp_path):
     """A rolling upgrade (docs/operations.md, "Upgrading to session 33"): attribution of this
-    release asks a clustering of session 32, which refuses GetPersonDevices (its permission
-    matrix does not list it). The person erasure is not held up or failed by it: the job
+    release asks a clustering of session 32, which does not serve GetPersonDevices
+    (UNIMPLEMENTED). The person erasure is not held up or failed by it: the job
     completes, fencing as session 32 did — so the person's tablet, which sent attribution
     nothing, is not fenced (the documented gap a repeat after the upgrade cannot close).
-    The fallback is counted (review33 R7): `hearth_person_devices_fallbacks_total` by the
-    refusal's code, PERMISSION_DENIED here — after the upgrade, a misconfiguration."""
+    The fallback is counted (review33 R7): `hearth_person_devices_fallbacks_total` by reason —
+    `unimplemented` here, never `permission_denied`, the misconfiguration's
+    (HearthPersonDevicesRefused). Until session 34 the old release ran on this checkout's
+    generated protos, whose servicer base lists the RPC, so its permission matrix answered
+    PERMISSION_DENIED and the docs took that for the upgrade's answer."""
     from bench.assign_cpu import extract
     from tests.helpers.history import require_commit
     from tests.helpers.mesh_calls import restart_service
@@ -393,7 +397,15 @@ def test_a_person_erasure_beside_a_clustering_without_person_devices_completes_a
     acct, t0 = f"e2e-own-device-old-{RUN}", time.time() - 14 * DAY
     child, _ = _child_with_a_tablet_and_a_shared_tv(client, acct, t0)
     before = fallbacks()
-    restart_service(dmesh, "clustering", extract(BEFORE_PERSON_DEVICES, tmp_path / "tree"))
+    # That release as it shipped: with its own generated protos (extract gives this
+    # checkout's, a superset whose servicer base serves GetPersonDevices: the old permission
+    # matrix then answered PERMISSION_DENIED, which the release as shipped never does).
+    tree = extract(BEFORE_PERSON_DEVICES, tmp_path / "tree")
+    shutil.rmtree(tree / "hearth")
+    made = subprocess.run([sys.executable, "scripts/gen_protos.py"], cwd=tree, capture_output=True, text=True,
+                          timeout=300)
+    assert made.returncode == 0, made.stdout + made.stderr
+    restart_service(dmesh, "clustering", tree)
     try:
         job = delete(client, {"kind": "person", "account_id": acct, "person_id": child})
         assert job["state"] == "completed", job
@@ -401,9 +413,13 @@ def test_a_person_erasure_beside_a_clustering_without_person_devices_completes_a
     finally:
         restart_service(dmesh, "clustering")
     after = fallbacks()
-    assert set(before) == {"permission_denied", "unimplemented"}, before   # created at 0
-    assert (after["permission_denied"] - before["permission_denied"],
-            after["unimplemented"] - before["unimplemented"]) == (1, 0), (before, after)
+    assert set(before) == {"permission_denied", "unimplemented", "unauthenticated", "unavailable"}, before   # at 0
+    # The older release as shipped answers UNIMPLEMENTED: `unimplemented` (expected during
+    # the upgrade), not `permission_denied` (a misconfiguration: HearthPersonDevicesRefused).
+    assert {reason: after[reason] - before[reason] for reason in before} == {
+        "permission_denied": 0, "unimplemented": 1, "unauthenticated": 0, "unavailable": 0}, (before, after)
+    said = (dmesh.log_dir / "attribution.log").read_text(errors="replace")
+    assert "GetPersonDevices refused (reason unimplemented" in said, said[-3000:]
     assert _touchpoint(client, acct, "tab", "tab-kids", t0 + 13 * DAY) == (1, 0)   # not fenced
     assert _touchpoint(client, acct, "tv", "tv-1", t0 + 13 * DAY) == (0, 1)   # its erased touchpoint's device
 
