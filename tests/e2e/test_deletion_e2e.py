@@ -24,7 +24,7 @@ import pytest
 
 from services.testing.mesh import ROOT, running_mesh
 from tests.helpers.servers import fresh_database, service_logins
-from tests.helpers.waiting import SLOW_MACHINE_S, deletion_job, wait_for
+from tests.helpers.waiting import SLOW_MACHINE_S, deletion_job, deletion_step_attempted, wait_for
 from tests.helpers.timestamps import iso_utc as _iso
 
 DAY = 86400.0
@@ -488,13 +488,7 @@ def test_job_interrupted_by_stopping_clustering_finishes_after_restart(dmesh, cl
         r = client.post("/v1/delete", json={"scope": {"kind": "household", "account_id": acct}})
         assert r.status_code == 202, r.text
         job_id = r.json()["job_id"]
-        deadline = time.monotonic() + SLOW_MACHINE_S
-        while True:
-            body = client.get(f"/v1/delete/{job_id}").json()
-            clustering = next(s for s in body["services"] if s["service"] == "clustering")
-            if clustering["attempts"] >= 1 or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+        body, clustering = deletion_step_attempted(client, job_id, "clustering")
         assert body["state"] == "running" and not clustering["confirmed"], body
     finally:
         dmesh.start_service("clustering")

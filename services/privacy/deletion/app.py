@@ -15,7 +15,10 @@ service, this one included:
 * **Retries**: a service that fails or cannot be reached is retried with exponential
   backoff (``deletion.fail_service``; ``HEARTH_DELETION_RETRY_*``) until it confirms;
   only a non-retryable answer (INVALID_ARGUMENT, PERMISSION_DENIED,
-  FAILED_PRECONDITION) or ``HEARTH_DELETION_MAX_ATTEMPTS`` fails the job.
+  FAILED_PRECONDITION) or ``HEARTH_DELETION_MAX_ATTEMPTS`` fails the job — except a
+  FAILED_PRECONDITION for a device/person/window scope whose household's data key is
+  destroyed: nothing is left to erase there, the step is confirmed ``already_erased``
+  (``_erase_or_shredded``).
 * **Durability**: every confirmation is stored (compare-and-swap on the job row)
   before the next service is called; a replica claims a job with a lease, so after a
   crash the job is resumed by whoever looks next (the restarted process included).
@@ -686,7 +689,7 @@ class DeletionCoordinator:
                     return stored
                 receipt_json = None
                 try:
-                    result, counts, already = self._erase(service, job)
+                    result, counts, already = self._erase_or_shredded(service, job)
                     # Never before the request: a receipt whose completion precedes it does
                     # not verify (receipts.py), and a job requested by a replica whose clock
                     # is ahead, or completed after a step back, failed its every attempt.
@@ -758,6 +761,34 @@ class DeletionCoordinator:
                         "complete": p.complete} for p in result.purges)
         return (ServiceDeletion(sum(counts.values()), result.deleted_ids_sha256.hex(), purges), counts,
                 bool(result.already_erased))
+
+    def _erase_or_shredded(self, service: str, job: DeletionJob) -> tuple[ServiceDeletion, dict[str, int], bool]:
+        """``_erase``, with the one rule for a scope whose household was crypto-shredded
+        meanwhile: a peer that answers FAILED_PRECONDITION (the stores' answer when the
+        household's data key is destroyed) for a device, person or window scope of a
+        household whose key IS destroyed has nothing left to erase there — what it still
+        holds of the household opens under no key, and the household's own job (the only
+        thing that shreds a key, HOUSEHOLD_STAGES) erases its rows. The step is confirmed
+        ``already_erased`` with a count of 0, the later services still erase and the job
+        completes with a signed receipt. Until session 34 such a job ended ``failed``
+        (FAILED_PRECONDITION is not retried): a device erasure sent with its household's
+        reached clustering after the shred but before the household's Erase there, its
+        feedback step never ran and no receipt was signed (attack34;
+        tests/e2e/test_erasure_after_shred_e2e.py). A household scope is not covered: its
+        own rows are what nobody else erases, so its refusal still fails the job."""
+        try:
+            return self._erase(service, job)
+        except grpc.RpcError as exc:
+            scope = job.scope
+            if (service == "privacy" or scope.kind == "household" or scope.all_accounts or self.keys is None
+                    or not isinstance(exc.code(), grpc.StatusCode)
+                    or exc.code() is not grpc.StatusCode.FAILED_PRECONDITION
+                    or not self.keys.is_shredded(scope.account_id)):
+                raise
+            log.warning("job %s: %s refused the erase (%s): the household's data key is destroyed, nothing "
+                        "of the scope is readable there: confirmed as already erased", job.job_id, service,
+                        _describe(exc))
+            return ServiceDeletion(0, ids_digest(()).hex(), ()), {}, True
 
     def _erase_local(self, job: DeletionJob) -> tuple[list[str], list[dict]]:
         """The privacy service's own part: its cached copies of the scope (consent
