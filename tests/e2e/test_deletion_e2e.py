@@ -397,14 +397,10 @@ def test_a_person_erasure_beside_a_clustering_without_person_devices_completes_a
     acct, t0 = f"e2e-own-device-old-{RUN}", time.time() - 14 * DAY
     child, _ = _child_with_a_tablet_and_a_shared_tv(client, acct, t0)
     before = fallbacks()
-    # That release as it shipped: with its own generated protos (extract gives this
-    # checkout's, a superset whose servicer base serves GetPersonDevices: the old permission
-    # matrix then answered PERMISSION_DENIED, which the release as shipped never does).
-    tree = extract(BEFORE_PERSON_DEVICES, tmp_path / "tree")
-    shutil.rmtree(tree / "hearth")
-    made = subprocess.run([sys.executable, "scripts/gen_protos.py"], cwd=tree, capture_output=True, text=True,
-                          timeout=300)
-    assert made.returncode == 0, made.stdout + made.stderr
+    # That release as it shipped: with its own generated protos (this checkout's, a superset
+    # whose servicer base serves GetPersonDevices, made its permission matrix answer
+    # PERMISSION_DENIED, which the release as shipped never does).
+    tree = extract(BEFORE_PERSON_DEVICES, tmp_path / "tree", own_protos=True)
     restart_service(dmesh, "clustering", tree)
     try:
         job = delete(client, {"kind": "person", "account_id": acct, "person_id": child})
@@ -642,7 +638,7 @@ def test_a_cached_model_copied_before_a_device_erasure_and_written_back_is_not_s
     wait_for(lambda: raw.get(key), what="this release's entry cached")
     fence = dmesh.extra_env.pop("HEARTH_ERASURE_FENCE_S", None)   # a setting the release before refuses
     try:
-        restart_service(dmesh, "clustering", extract(BEFORE_SEALED_MODEL_VERSION, tmp_path / "tree"))
+        restart_service(dmesh, "clustering", extract(BEFORE_SEALED_MODEL_VERSION, tmp_path / "tree", own_protos=True))
     finally:
         if fence is not None:
             dmesh.extra_env["HEARTH_ERASURE_FENCE_S"] = fence

@@ -180,10 +180,12 @@ class Peers(Protocol):
 # A streamed part's deadline (GrpcPeers.export): the caller's own deadline bounds it.
 EXPORT_STREAM_TIMEOUT_S = 3600.0
 # How a process of a release before session 26 refuses ExportAccountStream /
-# ExportHouseholdStream: its permission matrix refuses an RPC it does not list, for every
-# role (PERMISSION_DENIED), before gRPC could answer UNIMPLEMENTED (seen through real
-# processes: tests/e2e/test_export_rolling_upgrade_e2e.py). The unary call the caller falls
-# back to is judged by the same matrix, so a caller really refused is refused again there.
+# ExportHouseholdStream: UNIMPLEMENTED, as it shipped (it serves no such RPC; seen through
+# real processes on that release's own generated protos: tests/e2e/
+# test_export_rolling_upgrade_e2e.py — until session 34 the test ran it on this checkout's,
+# whose servicer base lists the RPC, and its permission matrix answered PERMISSION_DENIED).
+# PERMISSION_DENIED is kept: the unary call the caller falls back to is judged by the
+# permission matrix, so a caller really refused is refused again there.
 OLDER_RELEASE_CODES = frozenset({grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED})
 
 
@@ -234,7 +236,8 @@ class GrpcPeers:
         except grpc.RpcError as exc:
             if exc.code() not in OLDER_RELEASE_CODES:
                 raise
-            log.info("%s has no ExportAccountStream (an older release): its export part is one message", service)
+            log.info("%s has no ExportAccountStream (%s: an older release): its export part is one message",
+                     service, exc.code().name)
             response = self._peers[service].call("ExportAccount", request, timeout_s=self._export_timeout,
                                                  on_behalf_of_caller=True)
             yield response.json.encode("utf-8")
