@@ -187,8 +187,8 @@ def attribution() -> Dashboard:
                                Q("sum by (reason) (increase(hearth_person_devices_fallbacks_total[1h]))",
                                  "{{reason}}"),
                                description="unimplemented: an older clustering (a rolling upgrade), the erasure "
-                                           "fenced without the person's own devices; permission_denied (the same "
-                                           "fallback) and unauthenticated (retried): a misconfiguration, "
+                                           "fenced without the person's own devices; permission_denied and "
+                                           "unauthenticated (retried): a misconfiguration, "
                                            "HearthPersonDevicesRefused; unavailable: an outage, retried "
                                            "(docs/operations.md, 'Upgrading to session 33').")))
 

@@ -163,9 +163,11 @@ class WorkQueue:
 
 
 def summary(text: str) -> str:
-    """pytest's last line ("2 failed, 510 passed in 61.20s (0:01:01)"), or what ended it."""
+    """pytest's last line ("2 failed, 510 passed, 1 warning in 61.20s (0:01:01)"), or what ended
+    it. A worker handed no file that warned at collection ends on "1 warning in 5.85s": its
+    summary too (it read "(no summary: ...)" until newcomer34)."""
     for line in reversed(text.strip().splitlines()):
-        if re.search(r"\b(passed|failed|errors?|no tests ran)\b.* in [0-9.]+s", line):
+        if re.search(r"\b(passed|failed|errors?|warnings?|no tests ran)\b.* in [0-9.]+s", line):
             return line.strip("= ")
     return "(no summary: " + (text.strip().splitlines() or ["no output"])[-1][:200] + ")"
 

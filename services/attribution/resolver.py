@@ -17,6 +17,7 @@ from prometheus_client import Counter
 from hearth.clustering.v1 import clustering_pb2 as cpb
 from hearth.clustering.v1 import clustering_pb2_grpc as cpb_grpc
 from services.common.client import Peer
+from services.common.errors import Unavailable
 from services.common.pbutil import float_to_ts
 
 log = logging.getLogger("hearth.attribution.resolver")
@@ -31,22 +32,26 @@ MAX_INSTANTS_PER_CALL = 10_000
 #                      checkout's generated protos, whose servicer base does list the RPC, so
 #                      its permission matrix answered PERMISSION_DENIED.)
 #   permission_denied  PERMISSION_DENIED: a clustering that serves the RPC refuses it to
-#                      attribution's identity — a misconfiguration (HearthPersonDevicesRefused);
+#                      attribution's identity — a misconfiguration (HearthPersonDevicesRefused;
+#                      no shipped release answers it: see unimplemented);
 #   unauthenticated    UNAUTHENTICATED: clustering refuses attribution's token (service keys,
 #                      clocks) — a misconfiguration (HearthPersonDevicesRefused);
 #   unavailable        UNAVAILABLE / DEADLINE_EXCEEDED after the retries — an outage.
-# The first two FALL BACK (the erasure fences its own erased touchpoints' devices, session
-# 32's rule, and completes; it cannot be redone later); the last two do NOT: the erasure's
-# attribution step fails and the deletion job retries it (an outage or a refused token must
-# never narrow an erasure for good). Every reason created at 0 so a rate reads from the
-# start. docs/operations.md, "Upgrading to session 33".
+# Only the first FALLS BACK (the erasure fences its own erased touchpoints' devices, session
+# 32's rule, and completes; it cannot be redone later): the upgrade's answer. The other three
+# do NOT: the erasure's attribution step fails and the deletion job retries it — an outage, a
+# refused token or a refused permission must never narrow an erasure for good (review34,
+# the lead's decision: until then PERMISSION_DENIED fell back too, a misconfiguration
+# completing every person erasure without the person's own devices, unrepairably). Every
+# reason created at 0 so a rate reads from the start. docs/operations.md, "Upgrading to
+# session 33".
 PERSON_DEVICES_FALLBACKS = Counter("hearth_person_devices_fallbacks_total",
-                                   "GetPersonDevices refused or failed, by reason: unimplemented / "
-                                   "permission_denied fell back (fenced without the person's own devices); "
+                                   "GetPersonDevices refused or failed, by reason: unimplemented fell back "
+                                   "(fenced without the person's own devices); permission_denied / "
                                    "unauthenticated / unavailable failed the erasure step, retried", ["reason"])
-_FALLING_BACK = {grpc.StatusCode.UNIMPLEMENTED: "unimplemented",
-                 grpc.StatusCode.PERMISSION_DENIED: "permission_denied"}
-_RETRIED = {grpc.StatusCode.UNAUTHENTICATED: "unauthenticated",
+_FALLING_BACK = {grpc.StatusCode.UNIMPLEMENTED: "unimplemented"}
+_RETRIED = {grpc.StatusCode.PERMISSION_DENIED: "permission_denied",
+            grpc.StatusCode.UNAUTHENTICATED: "unauthenticated",
             grpc.StatusCode.UNAVAILABLE: "unavailable",
             grpc.StatusCode.DEADLINE_EXCEEDED: "unavailable"}
 for _reason in ("unimplemented", "permission_denied", "unauthenticated", "unavailable"):
@@ -89,11 +94,12 @@ class ClusteringResolver:
         return out
 
     def person_devices(self, account_id: str, person_id: str) -> tuple[list[str], list[str]]:
-        """GetPersonDevices' (own, shared); both [] when clustering refuses it — a release before
-        session 33 (UNIMPLEMENTED) or a misconfiguration (PERMISSION_DENIED): the person
-        erasure then fences the devices of its own erased touchpoints only, as in session 32
-        (docs/operations.md, "Upgrading to session 33"). UNAUTHENTICATED and an outage raise
-        (the job retries). Each counted and logged by reason (``PERSON_DEVICES_FALLBACKS``)."""
+        """GetPersonDevices' (own, shared); both [] from a release before session 33
+        (UNIMPLEMENTED): the person erasure then fences the devices of its own erased
+        touchpoints only, as in session 32 (docs/operations.md, "Upgrading to session 33").
+        A misconfiguration (PERMISSION_DENIED: ``Unavailable``, not a traceback's INTERNAL;
+        UNAUTHENTICATED) and an outage raise: the job retries. Each counted and logged by
+        reason (``PERSON_DEVICES_FALLBACKS``)."""
         request = cpb.GetPersonDevicesRequest(account_id=account_id, person_id=person_id)
         try:
             response = self._peer.call("GetPersonDevices", request, idempotent=True)
@@ -107,6 +113,13 @@ class ClusteringResolver:
                 log.warning("GetPersonDevices failed (reason %s: %s, %s): this person erasure's attribution step fails "
                             "and the deletion job retries it", reason, _MEANING[reason], code.name,
                             extra={"fields": {"reason": reason, "code": code.name}})
+                if code == grpc.StatusCode.PERMISSION_DENIED:
+                    # Raised as is it would be this Erase's INTERNAL with a traceback (the
+                    # server maps only a peer's UNAVAILABLE and UNAUTHENTICATED): the job's
+                    # step answers UNAVAILABLE, which privacy retries.
+                    raise Unavailable(f"clustering refuses GetPersonDevices to this service (PERMISSION_DENIED: "
+                                      "attribution's identity lacks resolve_persons; HearthPersonDevicesRefused)",
+                                      "") from None
                 raise
             log.warning("GetPersonDevices refused (reason %s: %s, %s): this person erasure fences only the devices "
                         "of the person's erased touchpoints", reason, _MEANING[reason], code.name,

@@ -96,6 +96,16 @@ def test_a_stopped_queue_hands_out_nothing_more():
     assert queue.not_run() == ["b.py", "c.py"] and queue.stopped == "interrupted"
 
 
+def test_a_summary_keeps_the_warnings_count_and_a_warnings_only_end_is_a_summary():
+    """A worker handed no file, whose collection warned, ends on "1 warning in 5.85s": the
+    runner's line says so instead of "(no summary: ...)" (newcomer34)."""
+    warned = ("=== warnings summary ===\nx.py:1\n  x.py:1: DeprecationWarning: old\n\n"
+              "-- Docs: https://docs.pytest.org/en/stable/how-to/capture-warnings.html\n")
+    assert run_tests.summary(warned + "1 warning in 5.85s\n") == "1 warning in 5.85s"
+    assert run_tests.summary(warned + "== 141 passed, 2 warnings in 41.05s ==\n") == "141 passed, 2 warnings in 41.05s"
+    assert run_tests.summary("Traceback ...\nSegmentation fault\n") == "(no summary: Segmentation fault)"
+
+
 def test_workers_that_collected_different_files_run_nothing():
     queue = run_tests.WorkQueue({})
     queue.collected(1, {"a.py": [], "b.py": []})
