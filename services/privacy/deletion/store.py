@@ -232,11 +232,14 @@ class DeletionJobStore:
     def record_ledger_export(self, exported_at: float, export_id: str, entries: int,
                              name: str = LEDGER_EXPORT_NAME) -> None:
         """Note a successful off-site ledger export (``hearth ledger export``, after its file
-        is in place): what hearth_ledger_last_export_timestamp_seconds reads."""
+        is in place): what hearth_ledger_last_export_timestamp_seconds reads. Never moves it
+        back: an export noted after a newer one (two runs overlapping, one slower) is not
+        the last (review34)."""
         with self.db.transaction() as tx:
             tx.execute("INSERT INTO ledger_exports (name, exported_at, export_id, entries) VALUES (?, ?, ?, ?) "
                        "ON CONFLICT (name) DO UPDATE SET exported_at = excluded.exported_at, "
-                       "export_id = excluded.export_id, entries = excluded.entries",
+                       "export_id = excluded.export_id, entries = excluded.entries "
+                       "WHERE excluded.exported_at > ledger_exports.exported_at",
                        (name, float(exported_at), export_id, int(entries)))
 
     def last_ledger_export_at(self, name: str = LEDGER_EXPORT_NAME) -> float | None:
