@@ -570,14 +570,17 @@ def run_ledger_export(args: argparse.Namespace) -> int:
         # Noted in privacy's database once the file is in place: every privacy replica
         # exports hearth_ledger_last_export_timestamp_seconds from it (HearthLedgerExportStale
         # fires when exports stop; the Job itself is not scraped). A file written but not
-        # noted fails the run, naming what stays behind, rather than pass silently.
-        try:
-            DeletionJobStore(db).record_ledger_export(written["exported_at"], written["export_id"],
-                                                      written["entries"])
-        except Exception as exc:  # noqa: BLE001 - the message names the consequence
-            raise ValueError(f"--out {args.out}: the ledger was written, but its export could not be recorded in "
-                             f"the privacy database ({exc.__class__.__name__}: {exc}): "
-                             "hearth_ledger_last_export_timestamp_seconds does not advance") from None
+        # noted fails the run, naming what stays behind, rather than pass silently. Only the
+        # off-site copy (--off-site: the chart's CronJob) is noted — a copy made by hand
+        # elsewhere would reset the alert's clock while the off-site file went stale (review34).
+        if args.off_site:
+            try:
+                DeletionJobStore(db).record_ledger_export(written["exported_at"], written["export_id"],
+                                                          written["entries"])
+            except Exception as exc:  # noqa: BLE001 - the message names the consequence
+                raise ValueError(f"--out {args.out}: the ledger was written, but its export could not be recorded "
+                                 f"in the privacy database ({exc.__class__.__name__}: {exc}): "
+                                 "hearth_ledger_last_export_timestamp_seconds does not advance") from None
     finally:
         db.close()
     print(json.dumps(written))
@@ -796,6 +799,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     export = commands.add_parser("export", help="write every deletion job and shredded key to FILE (atomic)")
     export.add_argument("--out", required=True, help="the file to (over)write, e.g. on the off-site volume")
     export.add_argument("--data-dir", help="SQLite data directory (default HEARTH_DATA_DIR)")
+    export.add_argument("--off-site", action="store_true",
+                        help="this is the off-site copy (the chart's CronJob): note its time in the privacy "
+                             "database (hearth_ledger_last_export_timestamp_seconds, HearthLedgerExportStale); "
+                             "a copy made by hand, without it, does not count as the off-site export")
     export.set_defaults(func=run_ledger_export)
     public = commands.add_parser("public-key", help="print the ledger signing key's public half (PEM), for "
                                                     "`hearth restore --ledger-public-key`")

@@ -43,11 +43,17 @@ def test_the_privacy_service_exports_the_last_ledger_exports_time(tmp_path):
         mesh.start_service("privacy")   # alone: its peers' absence only degrades its health
         assert math.isnan(_gauge(mesh))   # none recorded: HearthLedgerExportStale cannot fire
         before = time.time()
-        first = _hearth(mesh, "ledger", "export", "--out", str(tmp_path / "offsite" / "deletion-ledger.json"))
+        # A copy made by hand (no --off-site) is not the off-site export: it leaves the gauge
+        # (review34: it was noted, and reset the alert's clock while the off-site file aged).
+        _hearth(mesh, "ledger", "export", "--out", str(tmp_path / "by-hand.json"))
+        assert math.isnan(_gauge(mesh))
+        first = _hearth(mesh, "ledger", "export", "--out", str(tmp_path / "offsite" / "deletion-ledger.json"),
+                        "--off-site")
         assert before - 1 <= first["exported_at"] <= time.time() + 1, first
         assert _gauge(mesh) == first["exported_at"]
         time.sleep(1.1)
-        second = _hearth(mesh, "ledger", "export", "--out", str(tmp_path / "offsite" / "deletion-ledger.json"))
+        second = _hearth(mesh, "ledger", "export", "--out", str(tmp_path / "offsite" / "deletion-ledger.json"),
+                         "--off-site")
         assert second["exported_at"] > first["exported_at"]
         assert _gauge(mesh) == second["exported_at"]   # the last one, not the first
 
@@ -58,7 +64,7 @@ def test_the_privacy_service_exports_the_last_ledger_exports_time(tmp_path):
             db.execute("CREATE TRIGGER refused BEFORE INSERT ON ledger_exports "
                        "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
         done = subprocess.run([sys.executable, "-m", "services.cli", "ledger", "export", "--out",
-                               str(tmp_path / "offsite" / "third.json")], cwd=ROOT, env=mesh.env(),
+                               str(tmp_path / "offsite" / "third.json"), "--off-site"], cwd=ROOT, env=mesh.env(),
                               capture_output=True, text=True, timeout=120)
         assert done.returncode != 0, done.stdout + done.stderr
         assert "the ledger was written, but its export could not be recorded in the privacy database" in done.stderr
