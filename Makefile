@@ -10,7 +10,9 @@ PROTOS := $(shell find protos -name '*.proto')
         provision bench-accuracy bench-api-accuracy bench-movielens bench-movielens-latest bench-assign bench-assign-cpu bench-attribution bench-privacy bench-pg-purge bench-feedback bench-gateway bench-grpc-server bench-audit-memory bench-export-memory verify clean
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' \
+	  '{n[NR] = $$1; d[NR] = $$2; if (length($$1) > w) w = length($$1)} \
+	   END {for (i = 1; i <= NR; i++) printf "  make %-" w "s  %s\n", n[i], d[i]}'
 
 $(STAMP): pyproject.toml
 	bash scripts/provision.sh venv

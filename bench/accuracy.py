@@ -62,8 +62,6 @@ from services.clustering.domain.simulator import (  # noqa: E402
 
 SERVICE_COLD_START_PRIOR = worlds_eval.SERVICE_COLD_START_PRIOR
 
-warnings.filterwarnings("ignore")
-
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -1035,6 +1033,11 @@ def run_movielens_latest(quick: bool, **kw) -> dict:
 
 
 def main() -> None:
+    # The benchmark's run prints no warnings (sklearn's, numpy's: its figures are the output).
+    # Set here, not at import: at import it silenced every warning of the process that imported
+    # this module, so a pytest collection that imports it (tests/unit/clustering) hid every
+    # warning raised at import after it, e.g. starlette's TestClient deprecation (newcomer34).
+    warnings.filterwarnings("ignore")
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--calibrate", action="store_true")

@@ -11,7 +11,8 @@ every 20 ms, and its waits are the "every other write waits" half (docs/operatio
     ... --backend postgres: on a throwaway PostgreSQL server (fsync off), a schema a round
     ... --erased-share 0.1: with --known/--late, a tenth of the households hold erased events' digests
     ... --refresh: then each household's model refresh, timed, its write transactions counted and
-        what it answered digested (equal on both sides: ``answers_equal``; ingest33)
+        what it answered digested (equal on both sides: ``answers_equal``; ingest33), its read
+        transactions counted and their seconds summed (consent34)
 
 Each side runs in a process of its own, from its own tree (``bench.assign_cpu.extract``).
 JSON (printed, and written to ``--out``): per N and side, each round's batch wall and CPU
@@ -60,6 +61,7 @@ db = PostgresDatabase(*where.rsplit("|", 1), max_size=4) if postgres else Sqlite
 store = ClusteringStore(db, cipher=FieldCipher(fetch))
 store.migrate()
 writes = []   # each write transaction's seconds (what it holds its locks for)
+reads = []    # each read transaction's seconds (consent34: a refresh's reads in one)
 begin = db.transaction
 
 @contextlib.contextmanager
@@ -67,8 +69,7 @@ def timed(*a, **kw):
     t0 = time.perf_counter()
     with begin(*a, **kw) as tx:
         yield tx
-    if not kw.get("readonly"):
-        writes.append(time.perf_counter() - t0)
+    (reads if kw.get("readonly") else writes).append(time.perf_counter() - t0)
 
 db.transaction = timed
 ts = float(sys.argv[5])   # the run's one instant (an hour ago): both sides' sessions, ids and features alike
@@ -136,11 +137,13 @@ if sys.argv[4] == "refresh":   # then each household's model refresh, one after 
     from services.clustering.modeling import ModelKeeper
     keeper = ModelKeeper(store, lambda _account: "gmm")
     writes.clear()
+    reads.clear()
     t0, c0 = time.perf_counter(), time.process_time()
     for account in sorted({e.account_id for e in batch}):
         keeper.refresh(account)
     out.update(refresh_s=round(time.perf_counter() - t0, 3), refresh_cpu_s=round(time.process_time() - c0, 3),
-               refresh_write_txs=len(writes), refresh_write_tx_s=round(sum(writes), 3))
+               refresh_write_txs=len(writes), refresh_write_tx_s=round(sum(writes), 3),
+               refresh_read_txs=len(reads), refresh_read_tx_s=round(sum(reads), 3))
     # what the refreshes answered (every session's person and probabilities, every model's
     # version and variant): equal on both sides when no answer changed
     with begin(readonly=True) as tx:
@@ -204,7 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
                         runs[label].append(one_round(sides[label], size, db, kind, args.refresh, at, args.erased_share))
                 entry: dict = {}
                 keys = ("wall_s", "cpu_s", "probe_max_s", "write_tx_s") + (
-                    ("refresh_s", "refresh_cpu_s", "refresh_write_txs", "refresh_write_tx_s") if args.refresh else ())
+                    ("refresh_s", "refresh_cpu_s", "refresh_write_txs", "refresh_write_tx_s",
+                     "refresh_read_txs", "refresh_read_tx_s") if args.refresh else ())
                 for label, rs in runs.items():
                     entry[label] = {"runs": rs, **{f"median_{k}": statistics.median(r[k] for r in rs) for k in keys}}
                 entry["fixed_over_baseline"] = {

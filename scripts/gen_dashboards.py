@@ -183,13 +183,14 @@ def attribution() -> Dashboard:
                                Q(f'sum by (route, status) (rate(hearth_http_requests_total'
                                  f'{{route=~"/v1/attribution|/v1/touchpoints|/v1/conversions"}}[{RI}]))',
                                  "{{route}} {{status}}")))
-            .with_panel(series("person erasures fenced without the person's own devices per hour", "none",
+            .with_panel(series("GetPersonDevices refused or failed per hour, by reason", "none",
                                Q("sum by (reason) (increase(hearth_person_devices_fallbacks_total[1h]))",
                                  "{{reason}}"),
-                               description="Clustering refused GetPersonDevices: expected only while a "
-                                           "clustering before session 33 runs; permission_denied after every "
-                                           "clustering replica runs 33 means attribution's identity lacks "
-                                           "resolve_persons (docs/operations.md, 'Upgrading to session 33').")))
+                               description="unimplemented: an older clustering (a rolling upgrade), the erasure "
+                                           "fenced without the person's own devices; permission_denied and "
+                                           "unauthenticated (retried): a misconfiguration, "
+                                           "HearthPersonDevicesRefused; unavailable: an outage, retried "
+                                           "(docs/operations.md, 'Upgrading to session 33').")))
 
 
 def drift() -> Dashboard:
@@ -260,6 +261,13 @@ def infrastructure() -> Dashboard:
                                Q("sum by (state) (increase(hearth_deletion_jobs_finished_total[1h]))", "{{state}}")))
             .with_panel(series("oldest open deletion job", "s",
                                Q("max(hearth_deletion_oldest_open_job_age_seconds)", "age"), lines=((3600, "orange"),)))
+            .with_panel(series("off-site deletion ledger: since the last export", "s",
+                               Q("time() - max(hearth_ledger_last_export_timestamp_seconds)", "age"),
+                               lines=((900, "orange"),),
+                               description="Seconds since the last successful `hearth ledger export` (the chart's "
+                                           "ledger CronJob, every 5 min), as privacy's database notes it; past "
+                                           "900 s for 5 min HearthLedgerExportStale fires. No line: no export "
+                                           "recorded yet (SQLite, make run, backups off)."))
             .with_panel(series("privacy replicas' clock minus the database server's", "s",
                                Q("max by (instance) (hearth_deletion_clock_offset_seconds)", "{{instance}}"),
                                Q("sum(hearth_deletion_clock_disagrees)", "replicas taking no deletion jobs"),

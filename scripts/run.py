@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             else Mesh(args.data_dir, log_dir=log_dir))
     key = write_api_key(mesh.data_dir / "gateway-keys.json")
     stopping = False
+    exited = False   # one of the mesh's processes ended on its own: make run fails (exit 1)
     # `make run` is the parent; if it is killed (a terminal closed, `timeout make run`), nothing
     # else tells us, and the mesh would keep running with nobody to stop it. Re-parenting is the
     # signal: stop the same way Ctrl-C does.
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                 if proc.poll() is not None:
                     print(f"{name} exited with code {proc.returncode}; see {log_dir}/{name}.log",
                           file=sys.stderr)
-                    stopping = True
+                    stopping = exited = True
             # Bounded logs (ops33): every 401 wrote ~650 bytes and nothing rotated them.
             mesh.rotate_logs(log_max_bytes, log_backups)
             time.sleep(0.5)
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         print("\nstopping ...", flush=True)
         mesh.stop()
-    return 0
+    return 1 if exited else 0
 
 
 if __name__ == "__main__":

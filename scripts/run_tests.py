@@ -163,9 +163,11 @@ class WorkQueue:
 
 
 def summary(text: str) -> str:
-    """pytest's last line ("2 failed, 510 passed in 61.20s (0:01:01)"), or what ended it."""
+    """pytest's last line ("2 failed, 510 passed, 1 warning in 61.20s (0:01:01)"), or what ended
+    it. A worker handed no file that warned at collection ends on "1 warning in 5.85s": its
+    summary too (it read "(no summary: ...)" until newcomer34)."""
     for line in reversed(text.strip().splitlines()):
-        if re.search(r"\b(passed|failed|errors?|no tests ran)\b.* in [0-9.]+s", line):
+        if re.search(r"\b(passed|failed|errors?|warnings?|no tests ran)\b.* in [0-9.]+s", line):
             return line.strip("= ")
     return "(no summary: " + (text.strip().splitlines() or ["no output"])[-1][:200] + ")"
 
@@ -249,6 +251,8 @@ class _Worker:
         if self.reported_end or self.proc.returncode is None:
             return None
         code = self.proc.returncode
+        if code == 0 and self.running is None:   # pytest answered without a session (--version, --help)
+            return None
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code} without pytest's summary"
         return f"{how}, running {self.running or 'no test yet (collecting)'}"
 
@@ -312,7 +316,9 @@ def run(args: list[str], *, root: Path = ROOT, workers: int = WORKERS, durations
         sys.stdout.write(out)
     not_run = queue.not_run()
     if not_run:
-        not_run_note = f"; NOT RUN ({queue.stopped}): {len(not_run)} files, e.g. {', '.join(not_run[:3])}"
+        # Not stopped: every worker ended (died) before taking them (it said "(None)" until review34).
+        why = queue.stopped or "no worker left to take them"
+        not_run_note = f"; NOT RUN ({why}): {len(not_run)} files, e.g. {', '.join(not_run[:3])}"
     else:
         not_run_note = ""
     for worker in running:
@@ -330,6 +336,11 @@ def run(args: list[str], *, root: Path = ROOT, workers: int = WORKERS, durations
         failed = 128 - failed
     if failed == 0 and not_run:
         failed = 2 if stopped_by else 3
+    if failed == 0 and any(w.died() for w in running):
+        # A worker that died with status 0 (a test or the code under test calling os._exit(0))
+        # left the rest of its file unrun: the run fails as for files never handed out
+        # (review34: it exited 0, the DIED line the only word of it).
+        failed = 3
     return failed
 
 

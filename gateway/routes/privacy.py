@@ -349,10 +349,10 @@ def router(clients, access) -> APIRouter:
         except grpc.aio.AioRpcError as exc:
             if exc.code() not in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED):
                 raise
-            # A privacy of a release before session 26 (its permission matrix refuses the
-            # stream it does not know, for every role: PERMISSION_DENIED; the caller passed
-            # the gateway's own check of the same permission): the document in one message,
-            # as then, judged again by privacy (docs/operations.md, "Rolling upgrades").
+            # A privacy of a release before session 26 (it serves no such stream:
+            # UNIMPLEMENTED; the caller passed the gateway's own check of the same
+            # permission): the document in one message, as then, judged again by privacy
+            # (docs/operations.md, "Rolling upgrades").
             r = await clients.call("privacy", "ExportHousehold", request, who, timeout_s=UNARY_EXPORT_TIMEOUT_S)
             return Response(r.export_json.encode("utf-8"), media_type="application/json")
         if first is grpc.aio.EOF:
@@ -414,9 +414,9 @@ def router(clients, access) -> APIRouter:
         except grpc.aio.AioRpcError as exc:
             if exc.code() not in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED):
                 raise
-            # A privacy of a release before session 27 (its matrix refuses the RPC it does
-            # not know, for every role; the caller passed the gateway's own check of the
-            # same permission): the batch inside one call, as then, judged again by privacy
+            # A privacy of a release before session 27 (it serves no such RPC:
+            # UNIMPLEMENTED; the caller passed the gateway's own check of the same
+            # permission): the batch inside one call, as then, judged again by privacy
             # (docs/operations.md, "Rolling upgrades").
             old = await clients.call("privacy", "RotateDataKeys", ppb.RotateDataKeysRequest(
                 older_than_days=body.older_than_days, limit=body.limit), who, timeout_s=ROTATE_KEYS_TIMEOUT_S)

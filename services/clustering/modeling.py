@@ -9,7 +9,7 @@ Policy (why it is shaped like this):
 * New sessions are folded in by micro-batches of ``MICRO_BATCH`` (incremental EM on
   sufficient statistics for the GMM, 1/(n+1) steps for k-means), not one by one.
 * A refresh with nothing to fold in (most of those an ingest batch schedules) reads only
-  the sessions closed since the model's last update (``_arrivals_only``); a fold, a refit
+  the sessions closed since the model's last update (``_arrivals``, ``_answer_arrivals``); a fold, a refit
   and a drift check read them all (docs/clustering.md "The model refresh reads what
   changed").
 * Each micro-batch also feeds the drift detector, whose reference is the last full
@@ -37,7 +37,7 @@ from prometheus_client import Counter
 from services.clustering.domain.drift import DriftDetector, build_detector
 from services.clustering.domain.model import MIN_SESSIONS, PERSON_ID, HouseholdModel, PopulationPrior
 from services.clustering.household import MICRO_BATCH, MIN_DRIFT_REFERENCE, Envelope
-from services.clustering.store import Answers, ClosedTail, ClusteringStore, DriftRow, StoredSession
+from services.clustering.store import Answers, ClosedTail, ClusteringStore, DriftRow, RefreshReads, StoredSession
 from services.common.client import serving_time_left
 from services.common.errors import Conflict, DeadlineExceeded
 from services.common.feedback_to_clustering import is_feedback_trigger
@@ -127,13 +127,15 @@ class ModelKeeper:
 
     # ---- reading --------------------------------------------------------------------
 
-    def load(self, account_id: str) -> tuple[int, Envelope | None]:
-        """(version, envelope) of the stored model; decoded models are cached per version."""
+    def load(self, account_id: str, reads: RefreshReads | None = None) -> tuple[int, Envelope | None]:
+        """(version, envelope) of the stored model; decoded models are cached per version.
+        ``reads``: read in a refresh's one read transaction."""
         with self._lock:
             hit = self._decoded.get(account_id)
         # The store is asked every time (another replica may have saved a newer
         # version); the blob is decrypted only when the version is not the cached one.
-        stored = self.store.get_model(account_id, decoded_version=hit[0] if hit else 0)
+        get_model = reads.model if reads is not None else self.store.get_model
+        stored = get_model(account_id, decoded_version=hit[0] if hit else 0)
         if stored is None:
             return 0, None
         if hit and hit[0] == stored.version:
@@ -175,23 +177,26 @@ class ModelKeeper:
                     dropped += 1
         return dropped
 
-    def snapshot(self, account_id: str) -> Snapshot:
+    def snapshot(self, account_id: str, reads: RefreshReads | None = None) -> Snapshot:
         """Every closed session (``closed_tail`` from the first: ``closed_sessions()``, with
         what each holds as its person and probabilities, so that a fold writes only the
-        answers that change; ``_record_persons``)."""
-        tail = self.store.closed_tail(account_id, 0)
-        snap = self.snapshot_of(account_id, tail.sessions)
+        answers that change; ``_record_persons``). ``reads``: read in a refresh's one read
+        transaction (else the store's own, one each)."""
+        tail = reads.closed_tail(account_id, 0) if reads is not None else self.store.closed_tail(account_id, 0)
+        snap = self.snapshot_of(account_id, tail.sessions, reads=reads)
         snap.recorded = tail
         return snap
 
-    def snapshot_of(self, account_id: str, sessions: list[StoredSession], volunteered: bool = True) -> Snapshot:
+    def snapshot_of(self, account_id: str, sessions: list[StoredSession], volunteered: bool = True,
+                    reads: RefreshReads | None = None) -> Snapshot:
         """``sessions`` with their feedback labels (``volunteered``: and which labels
         were volunteered; only a fit or an update reads them)."""
-        feedback_labels = self.store.labels(account_id)
+        source = reads if reads is not None else self.store
+        feedback_labels = source.labels(account_id)
         X = (np.vstack([s.features for s in sessions]).astype(np.float64) if sessions
              else np.zeros((0, 0)))
         labels = [feedback_labels.get(s.session_id, s.label) for s in sessions]
-        unasked = self.store.volunteered_label_sessions(account_id) if feedback_labels and volunteered else set()
+        unasked = source.volunteered_label_sessions(account_id) if feedback_labels and volunteered else set()
         volunteered = np.array([s.session_id in unasked for s in sessions], dtype=bool) if unasked else None
         return Snapshot(sessions, X, labels, np.array([s.start_ts for s in sessions]), volunteered)
 
@@ -269,16 +274,35 @@ class ModelKeeper:
                     del self._refreshing[account_id]
 
     def _refresh(self, account_id: str, force: str, retire: str) -> tuple[int, Envelope | None]:
-        upgraded = self.store.upgrade_feature_vectors(account_id) > 0
-        for _ in range(CAS_ATTEMPTS):
-            version, current = self.load(account_id)
-            if upgraded and current is not None and not force:
-                force = "feature_schema"
-            variant = self.variant_of(account_id)
-            if current is not None and not force and not retire \
-                    and self._arrivals_only(account_id, current, variant):
+        upgraded = checked = False
+        attempts = 0
+        while attempts < CAS_ATTEMPTS:
+            # The refresh's reads — the feature schema's check, the model, the closed
+            # sessions (the tail since the model's last update, or all of them) and their
+            # labels — in ONE read transaction, one snapshot of the database (session 34;
+            # ClusteringStore.refresh_reads): before, five transactions, and a write
+            # committed between two of them mixed two states into what was fitted.
+            variant = self.variant_of(account_id)   # may ask the feedback service: not inside the transaction
+            with self.store.refresh_reads() as reads:
+                stale = not checked and reads.feature_schema_stale(account_id)
+                if not stale:
+                    version, current = self.load(account_id, reads)
+                    if upgraded and current is not None and not force:
+                        force = "feature_schema"
+                    arrivals = (self._arrivals(account_id, current, variant, reads)
+                                if current is not None and not force and not retire else None)
+                    snap = self.snapshot(account_id, reads) if arrivals is None else None
+            if stale:
+                # Sessions stored under an older feature schema are rebuilt first (a write),
+                # then read again; once a refresh, as before (an old replica may go on
+                # storing them).
+                upgraded, checked = self.store.upgrade_feature_vectors(account_id) > 0, True
+                continue
+            checked = True
+            attempts += 1
+            if arrivals is not None:
+                self._answer_arrivals(account_id, current, *arrivals)
                 return version, current
-            snap = self.snapshot(account_id)
             step = self.advance(current, snap, variant, force=force, retire=retire, account_id=account_id)
             if step is None:
                 return version, None
@@ -303,30 +327,36 @@ class ModelKeeper:
             return new_version, step.envelope
         raise Conflict(f"household model of {account_id!r} kept changing; try again", "account_id")
 
-    def _arrivals_only(self, account_id: str, current: Envelope, variant: str) -> bool:
+    def _arrivals(self, account_id: str, current: Envelope, variant: str, reads: RefreshReads
+                  ) -> tuple[ClosedTail, Snapshot | None] | None:
         """The refresh of a model whose included sessions are in place when nothing is to
         be folded in (``advance`` would neither save nor refit): the sessions closed since
         the model's last update are answered by the current model, as ``advance``'s Step
-        records them, from the store's closed tail alone. False (nothing done) when
-        ``advance`` would save, refit or fold in: the caller takes the full snapshot. Why:
-        an ingest batch schedules a refresh, and a stream of small batches mostly closes
-        no session; the full snapshot read and decrypted every closed session of the
-        household each time (docs/clustering.md "The model refresh reads what changed")."""
-        tail = self.store.closed_tail(account_id, current.included)
+        records them, from the store's closed tail alone (``_answer_arrivals``, after the
+        reads). None when ``advance`` would save, refit or fold in: the caller takes the
+        full snapshot. Why: an ingest batch schedules a refresh, and a stream of small
+        batches mostly closes no session; the full snapshot read and decrypted every closed
+        session of the household each time (docs/clustering.md "The model refresh reads
+        what changed"). Returns the tail and its sessions' snapshot (None: no session)."""
+        tail = reads.closed_tail(account_id, current.included)
         if not sessions_in_place(current, variant, tail.count, tail.first_id, lambda: tail.before_id):
-            return False
+            return None
         if folds_in(current, tail.count):
-            return False
-        if tail.sessions:   # advance's Step(current, False, current.included, ...)
-            snap = self.snapshot_of(account_id, tail.sessions, volunteered=False)
-            persons, probs = persons_for(current.model, snap.sessions, snap.labels, snap.X,
-                                         included=np.arange(len(snap.sessions)) < 0)
-            # Only what changes is written: the same model answers the same sessions
-            # the same at every batch until the next fold (a write transaction each).
-            changed = {s: p for s, p in persons.items() if not tail.recorded_as(s, p, probs[s])}
-            if changed:
-                self.store.set_persons(account_id, changed, {s: probs[s] for s in changed})
-        return True
+            return None
+        # advance's Step(current, False, current.included, ...)
+        return tail, (self.snapshot_of(account_id, tail.sessions, volunteered=False, reads=reads)
+                      if tail.sessions else None)
+
+    def _answer_arrivals(self, account_id: str, current: Envelope, tail: ClosedTail, snap: Snapshot | None) -> None:
+        if snap is None:
+            return
+        persons, probs = persons_for(current.model, snap.sessions, snap.labels, snap.X,
+                                     included=np.arange(len(snap.sessions)) < 0)
+        # Only what changes is written: the same model answers the same sessions
+        # the same at every batch until the next fold (a write transaction each).
+        changed = {s: p for s, p in persons.items() if not tail.recorded_as(s, p, probs[s])}
+        if changed:
+            self.store.set_persons(account_id, changed, {s: probs[s] for s in changed})
 
     def advance(self, current: Envelope | None, snap: Snapshot, variant: str, *, force: str = "",
                 retire: str = "", account_id: str = "") -> Step | None:

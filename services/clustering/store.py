@@ -23,7 +23,8 @@ import struct
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -255,6 +256,31 @@ class StoredModel:
     version: int
     variant: str
     blob: bytes
+
+
+class RefreshReads:
+    """What a model refresh reads, all in the one transaction ``ClusteringStore.refresh_reads``
+    opened (one snapshot of the database): the store's own reads, given that transaction."""
+
+    def __init__(self, store: "ClusteringStore") -> None:
+        self._store = store
+        self.tx: Tx | None = None
+        self.after: list[Callable[[], None]] = []   # run once the transaction has ended
+
+    def feature_schema_stale(self, account_id: str) -> bool:
+        return self._store.feature_schema_stale(account_id, self.tx)
+
+    def model(self, account_id: str, decoded_version: int = 0) -> "StoredModel | None":
+        return self._store._get_model(account_id, decoded_version, self.tx, self.after)
+
+    def closed_tail(self, account_id: str, start: int) -> ClosedTail:
+        return self._store.closed_tail(account_id, start, tx=self.tx)
+
+    def labels(self, account_id: str) -> dict[str, str]:
+        return self._store.labels(account_id, self.tx)
+
+    def volunteered_label_sessions(self, account_id: str) -> set[str]:
+        return self._store.volunteered_label_sessions(account_id, self.tx)
 
 
 @dataclass(frozen=True)
@@ -1366,9 +1392,8 @@ class ClusteringStore:
         version = self.vocabulary.feature_version
         check = ("SELECT device_id, MIN(start_ts) FROM sessions WHERE account_id = ? AND feature_version <> ? "
                  "GROUP BY device_id")
-        with self.db.transaction(readonly=True) as tx:
-            if not tx.query(check, (account_id, version)):
-                return 0
+        if not self.feature_schema_stale(account_id):
+            return 0
         changed = 0
         with self.db.transaction() as tx:
             tx.lock_household(account_id)
@@ -1380,7 +1405,42 @@ class ClusteringStore:
                                         (account_id, device, float(since)))[0][0])
         return changed
 
+    def feature_schema_stale(self, account_id: str, tx: Tx | None = None) -> bool:
+        """Whether some session of the account was built under another feature schema
+        (``upgrade_feature_vectors`` has work to do). ``tx``: read in that transaction."""
+        with self._reading(tx) as tx:
+            return bool(tx.query("SELECT 1 FROM sessions WHERE account_id = ? AND feature_version <> ? LIMIT 1",
+                                 (account_id, self.vocabulary.feature_version)))
+
     # ---- reads ----------------------------------------------------------------------
+
+    @contextmanager
+    def _reading(self, tx: Tx | None) -> Iterator[Tx]:
+        """``tx`` (a caller's transaction: ``refresh_reads``), or a read transaction of its own."""
+        if tx is not None:
+            yield tx
+            return
+        with self.db.transaction(readonly=True) as own:
+            yield own
+
+    @contextmanager
+    def refresh_reads(self) -> Iterator["RefreshReads"]:
+        """A model refresh's reads (``ModelKeeper.refresh``) in ONE read transaction that sees
+        one snapshot of the database (``Database.transaction(snapshot=True)``: PostgreSQL
+        REPEATABLE READ, READ ONLY): the feature schema's check, the model, the closed
+        sessions and their labels. Until session 34 each was a transaction of its own —
+        four ahead of a new household's save, each a BEGIN/COMMIT and, on PostgreSQL, a
+        pool check — and a write committed between two of them gave the refresh a view
+        no state of the database held (a prompted label read before a correction, the
+        correction's volunteered mark after it). The model cache's fill after a model read
+        from the database runs once the transaction has ended (it reads the household's
+        erasures again, after the cache write: ``_cache_model``)."""
+        reads = RefreshReads(self)
+        with self.db.transaction(readonly=True, snapshot=True) as tx:
+            reads.tx = tx
+            yield reads
+        for fill in reads.after:
+            fill()
 
     def unknown_genres(self, account_id: str) -> dict[str, int]:
         """Genre names outside the vocabulary in the household's stored sessions, with
@@ -1449,10 +1509,11 @@ class ClusteringStore:
             label=self._open_text(r[1], "label", r[10]), person_id=r[11],
             closed=max(watermark, now) - end > self.gap_s)
 
-    def closed_sessions(self, account_id: str, now: float | None = None) -> list[StoredSession]:
-        """All closed sessions of an account, oldest first (what models are fitted on)."""
+    def closed_sessions(self, account_id: str, now: float | None = None, tx: Tx | None = None) -> list[StoredSession]:
+        """All closed sessions of an account, oldest first (what models are fitted on).
+        ``tx``: read in that transaction."""
         now = time.time() if now is None else now
-        with self.db.transaction(readonly=True) as tx:
+        with self._reading(tx) as tx:
             marks = dict(tx.query("SELECT device_id, last_ts FROM devices WHERE account_id = ?",
                                   (account_id,)))
             rows = tx.query(
@@ -1469,13 +1530,14 @@ class ClusteringStore:
                "WHERE s.account_id = ? AND (CASE WHEN COALESCE(d.last_ts, 0) > ? THEN COALESCE(d.last_ts, 0) "
                "ELSE ? END) - s.end_ts > ? ")
 
-    def closed_tail(self, account_id: str, start: int, now: float | None = None) -> ClosedTail:
+    def closed_tail(self, account_id: str, start: int, now: float | None = None, tx: Tx | None = None) -> ClosedTail:
         """``closed_sessions(account_id)[start:]`` and what a model refresh checks before
         trusting that the first ``start`` did not move (ModelKeeper.refresh), in one read
         transaction; only the tail's vectors are decrypted. Why: a refresh whose model
         already includes the first ``start`` sessions needs nothing else of them, and
         reading and opening every closed session at every ingest batch grew with the
-        household's history (docs/clustering.md "The model refresh reads what changed")."""
+        household's history (docs/clustering.md "The model refresh reads what changed").
+        ``tx``: read in that transaction (``refresh_reads``)."""
         now = time.time() if now is None else now
         closed = (account_id, now, now, self.gap_s)
         order = "ORDER BY s.start_ts, s.session_id "
@@ -1483,7 +1545,7 @@ class ClusteringStore:
                    "s.event_count, s.watch_seconds, s.feature_version, s.features, s.label, s.person_id, "
                    "COALESCE(d.last_ts, 0), s.person_probs ")
         before = ""
-        with self.db.transaction(readonly=True) as tx:
+        with self._reading(tx) as tx:
             first = tx.query("SELECT s.session_id " + self._CLOSED + order + "LIMIT 1", closed)
             if start == 0:
                 rows = tx.query(columns + self._CLOSED + order, closed)
@@ -1606,17 +1668,17 @@ class ClusteringStore:
         counts = {str(p): int(n) for p, n in rows}
         return {pid: counts.get(pid, 0) for pid in person_ids}
 
-    def volunteered_label_sessions(self, account_id: str) -> set[str]:
+    def volunteered_label_sessions(self, account_id: str, tx: Tx | None = None) -> set[str]:
         """Sessions whose label the user volunteered (RecordLabels source ending in
         ``:unprompted``, as feedback forwards an unprompted correction)."""
-        with self.db.transaction(readonly=True) as tx:
+        with self._reading(tx) as tx:
             rows = tx.query("SELECT session_id FROM session_labels WHERE account_id = ? AND source LIKE ?",
                             (account_id, "%" + UNPROMPTED_LABEL_SUFFIX))
         return {r[0] for r in rows}
 
-    def labels(self, account_id: str) -> dict[str, str]:
+    def labels(self, account_id: str, tx: Tx | None = None) -> dict[str, str]:
         """Session id -> known person (feedback labels)."""
-        with self.db.transaction(readonly=True) as tx:
+        with self._reading(tx) as tx:
             return dict(tx.query("SELECT session_id, person_id FROM session_labels WHERE account_id = ?",
                                  (account_id,)))
 
@@ -1678,13 +1740,21 @@ class ClusteringStore:
         # The blob is sealed under the household's data key in the SQL store and in the
         # cache alike (it holds feature statistics and profile hints): crypto-shredded
         # with the household, and no plaintext copy in Redis.
+        return self._get_model(account_id, decoded_version, None, None)
+
+    def _get_model(self, account_id: str, decoded_version: int, tx: Tx | None,
+                   after: list[Callable[[], None]] | None) -> StoredModel | None:
+        """``get_model``; with ``tx`` (``refresh_reads``) the database is read in it, even for
+        a version the cache's entry confirms (the refresh's view is one snapshot), and the
+        cache's fill is appended to ``after`` (it opens a transaction of its own)."""
         cached = self.cache.get(f"model:{account_id}")
         entry = None if cached is None else self._cached_model(account_id, cached, decoded_version)
-        if entry is not None and entry.version == decoded_version and self._confirmed(account_id, decoded_version):
+        if tx is None and entry is not None and entry.version == decoded_version \
+                and self._confirmed(account_id, decoded_version):
             return entry
         known = entry.version if entry is not None else -1
         generation = self._fence_generation
-        with self.db.transaction(readonly=True) as tx:
+        with self._reading(tx) as tx:
             # The model column only when the cache's entry is not the stored version, and
             # the erasure counts only then (the model is cached again: _cache_model).
             rows = tx.query("SELECT version, variant, CASE WHEN version = ? THEN NULL ELSE model END "
@@ -1708,7 +1778,11 @@ class ClusteringStore:
             # an encryption of the model at every read while Redis is down otherwise).
             return StoredModel(version, variant, b"")
         model = self._open_model(account_id, bytes(rows[0][2]))
-        self._cache_model(account_id, version, variant, model, erasures, sealed_in_store=rows[0][2])
+        fill = partial(self._cache_model, account_id, version, variant, model, erasures, sealed_in_store=rows[0][2])
+        if after is None:
+            fill()
+        else:
+            after.append(fill)
         return StoredModel(version, variant, b"" if held else model)
 
     def confirm_model_versions(self, account_ids: Iterable[str]) -> None:

@@ -131,9 +131,9 @@ class ConsentChecker:
                 r = peer.call("GetConsents", privacy_pb2.GetConsentsRequest(account_ids=account_ids),
                               idempotent=True, attempts=2)
             except grpc.RpcError as exc:
-                # A privacy before session 28 knows no GetConsents: its permission check refuses
-                # an RPC it does not list (PERMISSION_DENIED, audited and counted), so it is
-                # asked again only after BATCH_RECHECK_S; meanwhile one GetConsent an account.
+                # A privacy before session 28 knows no GetConsents: UNIMPLEMENTED (PERMISSION_DENIED
+                # from one that lists it but refuses this caller), so it is asked again only
+                # after BATCH_RECHECK_S; meanwhile one GetConsent an account.
                 if exc.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED):
                     batch_refused_at[:] = [time.monotonic()]
                     return None

@@ -80,7 +80,7 @@ DigestKeyFetcher = Callable[[str], "bytes | None"]
 # fetch_keys(account_ids) -> for each household its newest (dek_version, key), or None when
 # the authority gives none now (erased, or unavailable: the on-use fetch says why); the
 # whole answer None from an authority without the batch call (a privacy service before
-# session 28 refuses GetDataKeys with PERMISSION_DENIED), and the caller fetches one household at a time.
+# session 28 answers GetDataKeys UNIMPLEMENTED), and the caller fetches one household at a time.
 BatchKeyFetcher = Callable[[list[str]], "dict[str, tuple[int, bytes] | None] | None"]
 
 
@@ -179,10 +179,10 @@ class FieldCipher:
             try:
                 r = peer.call("GetDataKeys", request, idempotent=True)
             except grpc.RpcError as exc:
-                # A privacy service before session 28 knows no GetDataKeys: its permission
-                # check refuses an RPC it does not list (PERMISSION_DENIED, before gRPC's
-                # UNIMPLEMENTED), and audits and counts the refusal, so it is asked again only
-                # after BATCH_RECHECK_S. Meanwhile one call a household, as that release.
+                # A privacy service before session 28 knows no GetDataKeys: UNIMPLEMENTED
+                # (PERMISSION_DENIED from a privacy that lists it but refuses this caller),
+                # so it is asked again only after BATCH_RECHECK_S. Meanwhile one call a
+                # household, as that release.
                 if exc.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED):
                     batch_refused_at[:] = [time.monotonic()]
                     return None

@@ -47,6 +47,7 @@ import contextlib
 import contextvars
 import hashlib
 import hmac
+import math
 import logging
 import re
 import threading
@@ -130,18 +131,143 @@ def add_security_listener(listener: SecurityListener) -> Callable[[], None]:
     return remove
 
 
+# The "security event" log line is coalesced (session 34): the first event of a kind for a
+# (component, reason, principal, role, target) is logged whole at once; its repeats within
+# SECURITY_LOG_WINDOW_S are counted and logged as ONE "security event repeated" line with
+# the count when the window ends (a flood of forged tokens is one line a minute, not one a
+# request: until session 34 each 401 wrote ~300 bytes, ~190 MB/h with the access lines at
+# 80 requests/s). A window that ends with no repeat forgets the key, so the next occurrence
+# is logged whole again. The metrics and the listeners (the audit log) still see every
+# event. At most SECURITY_LOG_KEYS keys are held; past that (an attacker varying the claimed
+# principal) new keys share one key per (kind, component, reason) with principal "*".
+SECURITY_LOG_WINDOW_S = 60.0
+SECURITY_LOG_KEYS = 1024
+OVERFLOW_PRINCIPAL = "*"
+
+
+def _event_fields(key: tuple[str, ...]) -> dict[str, str]:
+    kind, component, reason, principal, role, target = key
+    return {"event": kind, "component": component, "reason": reason, "principal": principal,
+            "role": role, "target": target}
+
+
+class SecurityEventLog:
+    """Writes the "security event" log lines, coalesced as described above (thread-safe).
+
+    ``event(e)`` logs ``e`` at once when it is the first of its key (or of a new window after
+    a quiet one) and counts it otherwise; ``flush()`` writes one line for every window that
+    has ended with repeats. A daemon thread, started at the first counted repeat, calls
+    ``flush`` when the earliest window ends, so the count is written even if the flood
+    stops (``background=False``: only ``event`` and the caller's ``flush`` write)."""
+
+    def __init__(self, logger: logging.Logger, window_s: float = SECURITY_LOG_WINDOW_S,
+                 max_keys: int = SECURITY_LOG_KEYS, clock: Callable[[], float] = time.monotonic,
+                 background: bool = True) -> None:
+        if not window_s > 0:
+            raise ValueError("window_s: must be > 0")
+        self._log, self._window, self._max_keys, self._clock = logger, float(window_s), max_keys, clock
+        self._background = background
+        self._windows: dict[tuple[str, ...], list[float]] = {}   # key -> [window start, repeats]
+        self._next_sweep = -math.inf   # no held window ends before this (a full table's sweep)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+
+    def event(self, event: SecurityEvent) -> None:
+        key = (event.kind, event.component, event.reason, event.principal_id, event.role, event.target)
+        now = self._clock()
+        due: list[tuple[tuple[str, ...], int, float]] = []
+        with self._lock:
+            if key not in self._windows and len(self._windows) >= self._max_keys:
+                # A full table first closes the windows that have ended (review34: without a
+                # repeat nothing started the thread that forgets them, so one-off refusals
+                # filled the table for good and a new principal's first refusal was logged
+                # as "*" with no role or target, no flood under way).
+                if now >= self._next_sweep:
+                    due += self._sweep(now)
+                if len(self._windows) >= self._max_keys:
+                    key = (event.kind, event.component, event.reason, OVERFLOW_PRINCIPAL, "", "")
+            window = self._windows.get(key)
+            if window is not None and now - window[0] >= self._window:
+                due += self._close(key, window, now)
+                window = self._windows.get(key)
+            first = window is None
+            if first:
+                self._windows[key] = [now, 0]
+            else:
+                window[1] += 1
+                if self._background and self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="security-event-log", daemon=True)
+                    self._thread.start()
+        self._write(due)
+        if first:
+            self._log.warning("security event", extra={"fields": {
+                **_event_fields(key), "repeats_coalesced_s": self._window}})
+
+    def flush(self) -> None:
+        """Write the count of every window that has ended with repeats; forget the keys
+        whose window ended without one."""
+        now = self._clock()
+        with self._lock:
+            due = self._sweep(now)
+        self._write(due)
+
+    def _sweep(self, now: float) -> list[tuple[tuple[str, ...], int, float]]:
+        """Under the lock: close every window that has ended (``flush``'s work)."""
+        due = [line for key, window in list(self._windows.items()) if now - window[0] >= self._window
+               for line in self._close(key, window, now)]
+        self._next_sweep = min((w[0] for w in self._windows.values()), default=now) + self._window
+        return due
+
+    def _close(self, key: tuple[str, ...], window: list[float], now: float
+               ) -> list[tuple[tuple[str, ...], int, float]]:
+        """Under the lock: end ``key``'s window. With repeats: their line, and a new window
+        from the old one's end (a steady flood: one line a window); without: the key is
+        forgotten."""
+        repeats = int(window[1])
+        if not repeats:
+            del self._windows[key]
+            return []
+        ended = window[0] + self._window
+        # A window that ended long ago (nothing called flush) restarts now.
+        window[0], window[1] = (ended if now - ended < self._window else now), 0
+        return [(key, repeats, self._window)]
+
+    def _write(self, due: list[tuple[tuple[str, ...], int, float]]) -> None:
+        for key, repeats, window_s in due:
+            self._log.warning("security event repeated", extra={"fields": {
+                **_event_fields(key), "repeats": repeats, "window_s": window_s}})
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if self._windows:
+                    wait = min(w[0] for w in self._windows.values()) + self._window - self._clock()
+                else:
+                    wait = self._window
+            if wait > 0:
+                with self._wake:
+                    self._wake.wait(min(wait, self._window) + 0.01)
+                continue
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - the log's own thread must not die of a bad handler
+                pass
+
+
+_security_log = SecurityEventLog(log)
+
+
 def report_security_event(event: SecurityEvent) -> None:
-    """Count the event and hand it to every listener. A failing listener is logged and
-    never turns a 401/403 into a 500."""
+    """Count the event, log it (coalesced: ``SecurityEventLog``) and hand it to every
+    listener. A failing listener is logged and never turns a 401/403 into a 500."""
     if event.kind == "authentication_failed":
         AUTH_FAILURES.labels(event.component, event.reason).inc()
     elif event.kind == "permission_denied":
         ACCESS_DENIED.labels(event.component, event.role, event.target).inc()
     elif event.kind == "rate_limited":
         RATE_LIMITED.labels(event.component, event.target).inc()
-    log.warning("security event", extra={"fields": {
-        "event": event.kind, "component": event.component, "reason": event.reason,
-        "principal": event.principal_id, "role": event.role, "target": event.target}})
+    _security_log.event(event)
     with _listeners_lock:
         listeners = list(_listeners)
     for listener in listeners:

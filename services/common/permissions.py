@@ -22,7 +22,9 @@ Decisions (the reasons are repeated in docs/security.md):
 * service principals ingest, assign, record touchpoints/conversions/predictions/
   feedback, append to the audit log, read consent and households and resolve persons
   (attribution builds per-person journeys with ``ResolvePersons`` — as itself, since the
-  analyst who asked may not see persons — and privacy collects exports).
+  analyst who asked may not see persons — and privacy collects exports). read_consent
+  only as the mesh's own data holders (``SERVICE_ROLE_ONLY``): an API key in the service
+  role (an ingest pipeline's) reads no account's consent.
 * erase_data (``DataHolder/Erase``) is ``svc:privacy``'s only (``ONLY_PRINCIPALS``), admin
   excluded: the privacy service fans every deletion out to the data holders' ``Erase``
   RPCs as itself, after auditing the human's request (see ``identity.acting_as``);
@@ -239,6 +241,23 @@ ONLY_PRINCIPALS: dict[Permission, frozenset[str]] = {
     P.USE_DATA_KEY: frozenset({"svc:clustering", "svc:attribution"}),
 }
 
+# Permissions the service role holds only as the named principals — the mesh's own
+# services, which sign as svc:<name> with their own keys — while the people's roles that
+# hold them in ROLE_PERMISSIONS keep them (ONLY_PRINCIPALS, above, binds every role).
+#
+# read_consent (privacy's GetConsent / GetConsents, GET /v1/consent/{account_id}): the data
+# holders check an account's consent before they store or use anything of it. An API key
+# (or a JWT) is bound to one principal and one role and to nothing narrower — no account,
+# no household — so in the service role it is an ingest pipeline's, and held read_consent
+# for every account: until session 34 any such key read any account's flags and how often
+# they changed over HTTP (session 33's route), an account it never wrote included. A
+# pipeline has no use for that: a write of a withdrawn account is refused (412 naming it)
+# by the service that enforces consent. Such a caller gets the route's 403 before privacy
+# is asked, the same for every account id (docs/security.md, "Who reads an account's consent").
+SERVICE_ROLE_ONLY: dict[Permission, frozenset[str]] = {
+    P.READ_CONSENT: frozenset({"svc:clustering", "svc:attribution", "svc:feedback"}),
+}
+
 _PARAM = re.compile(r"\{[^{}/]*\}")
 
 
@@ -264,9 +283,20 @@ def allowed(role: Role, permission: Permission) -> bool:
 
 def principal_allowed(principal: Principal, permission: Permission) -> bool:
     """``allowed`` for the principal's role, and the principal itself where the
-    permission is held by named principals only (``ONLY_PRINCIPALS``)."""
+    permission is held by named principals only (``ONLY_PRINCIPALS``; in the service
+    role, ``SERVICE_ROLE_ONLY``)."""
     only = ONLY_PRINCIPALS.get(permission)
+    if principal.role is Role.SERVICE and only is None:
+        only = SERVICE_ROLE_ONLY.get(permission)
     return allowed(principal.role, permission) and (only is None or principal.id in only)
+
+
+def client_allowed(role: Role, permission: Permission) -> bool:
+    """Whether a caller the gateway authenticates (an API key or a JWT) in ``role`` holds
+    ``permission``. Such a principal is never a ``svc:`` name (reserved for the mesh's own
+    services), so a permission held by named service principals only is not its."""
+    named = ONLY_PRINCIPALS.get(permission) or (SERVICE_ROLE_ONLY.get(permission) if role is Role.SERVICE else None)
+    return allowed(role, permission) and named is None
 
 
 def route_permission(route: str) -> Permission | None:
@@ -319,12 +349,14 @@ def matrix_markdown() -> str:
     header = "| {} | permission | " + " | ".join(r.value for r in roles) + " |"
     rule = "|---|---|" + "|".join(":-:" for _ in roles) + "|"
 
-    def row(target: str, permission: Permission) -> str:
-        marks = " | ".join("yes" if allowed(r, permission) else "—" for r in roles)
+    def row(target: str, permission: Permission, holds=allowed) -> str:
+        marks = " | ".join("yes" if holds(r, permission) else "—" for r in roles)
         return f"| `{target}` | {permission.value} | {marks} |"
 
+    # A route's caller is an API key or a JWT, never a svc: principal: its cells say what
+    # such a caller gets (client_allowed), the RPCs' what each role holds at all.
     lines = ["#### Gateway routes", "", header.format("route"), rule]
-    lines += [row(route, perm) for route, perm in ROUTES.items()]
+    lines += [row(route, perm, client_allowed) for route, perm in ROUTES.items()]
     lines += ["", "#### gRPC methods (enforced again inside each service)", "",
               header.format("RPC"), rule]
     for service, methods in RPCS.items():
@@ -338,6 +370,11 @@ def matrix_markdown() -> str:
         lines += ["", "Held by the named service principals only (not by every service): "
                   + "; ".join(f"{p.value}: " + ", ".join(f"`{n}`" for n in sorted(names))
                               for p, names in ONLY_PRINCIPALS.items()) + "."]
+    if SERVICE_ROLE_ONLY:
+        lines += ["", "In the service role, held by the mesh's own services only (API keys and JWTs "
+                  "in that role do not hold them; the people's roles marked above do): "
+                  + "; ".join(f"{p.value}: " + ", ".join(f"`{n}`" for n in sorted(names))
+                              for p, names in SERVICE_ROLE_ONLY.items()) + "."]
     return "\n".join(lines)
 
 

@@ -83,21 +83,44 @@ MAX_CHARS_BY_FIELD: dict[str, int] = {
     "hearth.feedback.v1.ActivateCalibratorRequest.reason": 500,
     "hearth.privacy.v1.RequestDeletionRequest.request_id": MAX_REQUEST_ID_CHARS,
     "hearth.privacy.v1.RequestDataKeyRotationsRequest.request_id": MAX_REQUEST_ID_CHARS,
-    "hearth.privacy.v1.GetDeletionRequest.job_id": MAX_JOB_ID_CHARS,
-    "hearth.privacy.v1.GetDataKeyRotationsRequest.job_id": MAX_JOB_ID_CHARS,
-    "hearth.common.v1.EraseRequest.job_id": MAX_JOB_ID_CHARS,
     "hearth.clustering.v1.GetHouseholdRequest.page_token": 512,
     "hearth.attribution.v1.AttributeRequest.sequences": 700,
 }
 # Fields that are ids (services/common/ids.py: 1-128 characters, checked with ``check_id``
-# where they are used), by name in any request message, and the map keys that are: over
-# MAX_ID_CHARS they are refused here with the id rule's own words (``ID_RULE``). Until
-# session 33 this check gave them the text ceiling (256) and its "must be at most 256
-# characters, got N", so an id of 129-256 characters and one longer got two answers.
-ID_FIELD_NAMES = frozenset({
-    "account_id", "account_ids", "after_account_id", "device_id", "person_id", "true_person_id", "session_id",
-    "event_id", "event_ids", "prediction_id", "feedback_id", "touchpoint_id", "conversion_id", "title_id",
-    "series_id", "model_variant", "calibration_group"})
+# where they are used): over MAX_ID_CHARS they are refused here with the id rule's own
+# words (``ID_RULE``). Until session 33 this check gave them the text ceiling (256) and its
+# "must be at most 256 characters, got N", so an id of 129-256 characters and one longer
+# got two answers.
+#
+# Which fields are ids is read from the descriptors (``is_id_field``), by the shape of the
+# field's name: a string field named ``id``, ``*_id`` or ``*_ids`` is an id unless NOT_IDS
+# says why not; ID_NAMED_OTHERWISE and ID_MAP_KEYS add the ids not named like one. A new
+# proto field ``household_id`` is an id the day it is added. Until session 34 the ids were
+# a list of names, and a field missing from it was checked as text — the three request
+# ``job_id`` fields were (128 and the text rule's words, where Erase's check_id and the
+# gateway's path answer the id rule). tests/contract/test_id_fields_contract.py walks every
+# message of the protos: each id-shaped field is an id or excused here, each table names
+# fields that exist, and this check refuses every id over 128 characters with the id rule.
+ID_SUFFIXES = ("_id", "_ids")
+_PRINCIPAL = "a principal's id, which may hold '@' (ids.check_principal_id); audit bounds it at 1,024"
+_TRACE = "a trace id as the caller's tracing makes it; audit bounds it at 1,024"
+_IDEMPOTENCY = "an idempotency key the caller chooses (any text of its length), not an id Hearth gives"
+_KEK = "a key-encryption key's configured name (HEARTH_KEKS: no '=' or ','), not an id of the mesh"
+NOT_IDS: dict[str, str] = {
+    "hearth.common.v1.Principal.id": _PRINCIPAL,
+    "hearth.privacy.v1.QueryAuditRequest.principal_id": _PRINCIPAL,
+    "hearth.privacy.v1.AuditRecord.trace_id": _TRACE,
+    "hearth.privacy.v1.QueryAuditRequest.trace_id": _TRACE,
+    "hearth.privacy.v1.AuditRecord.record_id": _IDEMPOTENCY + " (an audit record's writer)",
+    "hearth.privacy.v1.RequestDeletionRequest.request_id": _IDEMPOTENCY + "; 200 characters",
+    "hearth.privacy.v1.RequestDataKeyRotationsRequest.request_id": _IDEMPOTENCY + "; 200 characters",
+    "hearth.clustering.v1.AssignSessionsRequest.batch_id": "the caller's token for a batch, only echoed back",
+    "hearth.clustering.v1.AssignSessionsResponse.batch_id": "the caller's token for a batch, only echoed back",
+    "hearth.privacy.v1.RotateKeysRequest.new_active_kek_id": _KEK,
+    "hearth.privacy.v1.RotateKeysResponse.active_kek_id": _KEK,
+    "hearth.privacy.v1.SignedTreeHead.key_id": "the audit log's signing key's id (docs/privacy.md), not an id of the mesh",
+}
+ID_NAMED_OTHERWISE = frozenset({"model_variant", "calibration_group"})   # ids by their values, in any message
 ID_MAP_KEYS = frozenset({"hearth.feedback.v1.Prediction.ProbabilitiesEntry.key"})   # the persons of a prediction
 # Multi-line text: tab, LF and CR allowed.
 MULTILINE_FIELDS = frozenset({
@@ -180,13 +203,21 @@ def _plan(descriptor) -> tuple:
     return plan
 
 
-def _is_id(field: FieldDescriptor) -> bool:
-    return field.name in ID_FIELD_NAMES or field.full_name in ID_MAP_KEYS
+def is_id_field(field: FieldDescriptor) -> bool:
+    """Whether a protobuf field holds ids (above: the name's shape, NOT_IDS,
+    ID_NAMED_OTHERWISE, ID_MAP_KEYS)."""
+    if field.full_name in ID_MAP_KEYS:
+        return True
+    if field.type != _STRING:
+        return False
+    if field.name in ID_NAMED_OTHERWISE:
+        return True
+    return (field.name == "id" or field.name.endswith(ID_SUFFIXES)) and field.full_name not in NOT_IDS
 
 
 def _rule(field: FieldDescriptor) -> tuple[int, bool, bool]:
     """(ceiling, multi-line, an id: over the ceiling the id rule's words)."""
-    if _is_id(field):
+    if is_id_field(field):
         return MAX_ID_CHARS, False, True
     return MAX_CHARS_BY_FIELD.get(field.full_name, MAX_TEXT_CHARS), field.full_name in MULTILINE_FIELDS, False
 

@@ -14,7 +14,7 @@ from dataclasses import replace
 from services.common.consent import ConsentChecker
 from services.common.erasure import ErasureOutcome, ErasureScope
 from services.common.errors import InvalidArgument
-from services.common.ids import check_id, check_ts
+from services.common.ids import MIN_TS, check_id, check_ts
 from services.common.predictions import retention_instant
 from services.common.telemetry import pseudonym
 from services.feedback import instruments
@@ -27,6 +27,29 @@ log = logging.getLogger("hearth.feedback")
 
 MAX_PREDICTIONS_PER_BATCH = 10_000
 UNSPECIFIED_VARIANT = "unspecified"
+
+
+# How far after a prediction's ts the session it is about may reach. Clustering's events
+# lie at most MAX_FUTURE_SKEW_S ahead of the clock of the replica that took them, and the
+# prediction's ts is another replica's clock: a day leaves any clock skew between replicas
+# to spare, since a forward refused for it would be retried for ever (prediction_log).
+MAX_SESSION_AFTER_PREDICTION_S = 86_400.0
+
+
+def _check_session_instants(p: PredictionRecord, path: str) -> None:
+    """The session a prediction is about lies from 2000-01-01 to a day after the prediction
+    and does not end before it starts. The retention purge and window erasures take
+    predictions by these instants (``retention_instant``): until attack34 a session a year
+    ahead kept its prediction a year past the retention, and one ending before its start
+    overlapped no window."""
+    latest = p.ts + MAX_SESSION_AFTER_PREDICTION_S
+    for name in ("session_start", "session_end"):
+        value = getattr(p, name)
+        if value is not None and not (math.isfinite(value) and MIN_TS <= value <= latest):
+            raise InvalidArgument("must lie between 2000-01-01 and a day after the prediction's ts",
+                                  f"{path}.{name}")
+    if p.session_start is not None and p.session_end is not None and p.session_end < p.session_start:
+        raise InvalidArgument("must not be before session_start", f"{path}.session_end")
 
 
 def validate_predictions(items: list[PredictionRecord]) -> list[PredictionRecord]:
@@ -44,6 +67,7 @@ def validate_predictions(items: list[PredictionRecord]) -> list[PredictionRecord
         check_id(p.session_id, f"{path}.session_id")
         check_id(p.person_id, f"{path}.person_id")
         check_ts(p.ts, f"{path}.ts")
+        _check_session_instants(p, path)
         if not p.probabilities or len(p.probabilities) > 16:
             raise InvalidArgument("must hold 1-16 persons", f"{path}.probabilities")
         total = 0.0

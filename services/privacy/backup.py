@@ -168,8 +168,8 @@ def write_ledger_file(ledger: Ledger, path: Path, signing_key, exported_at: floa
         os.fsync(out.fileno())
     os.replace(tmp, path)
     return {"ledger": str(path), "jobs": len(ledger.jobs), "shredded_accounts": len(ledger.shredded_accounts),
-            "exported_at": document["exported_at"], "key_id": document["key_id"],
-            "entries": document["head"]["entries"]}
+            "exported_at": document["exported_at"], "export_id": document["export_id"],
+            "key_id": document["key_id"], "entries": document["head"]["entries"]}
 
 
 def _checked_entries(path: Path, jobs: dict, shredded: list) -> Ledger:
@@ -566,9 +566,21 @@ def run_ledger_export(args: argparse.Namespace) -> int:
     db = _privacy_db(settings)
     try:
         ledger = read_ledger(db)
+        written = write_ledger_file(ledger, Path(args.out), signing_key)
+        # Noted in privacy's database once the file is in place: every privacy replica
+        # exports hearth_ledger_last_export_timestamp_seconds from it (HearthLedgerExportStale
+        # fires when exports stop; the Job itself is not scraped). A file written but not
+        # noted fails the run, naming what stays behind, rather than pass silently.
+        try:
+            DeletionJobStore(db).record_ledger_export(written["exported_at"], written["export_id"],
+                                                      written["entries"])
+        except Exception as exc:  # noqa: BLE001 - the message names the consequence
+            raise ValueError(f"--out {args.out}: the ledger was written, but its export could not be recorded in "
+                             f"the privacy database ({exc.__class__.__name__}: {exc}): "
+                             "hearth_ledger_last_export_timestamp_seconds does not advance") from None
     finally:
         db.close()
-    print(json.dumps(write_ledger_file(ledger, Path(args.out), signing_key)))
+    print(json.dumps(written))
     return 0
 
 

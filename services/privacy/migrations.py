@@ -149,6 +149,18 @@ CREATE TABLE IF NOT EXISTS rotation_job_households (
     PRIMARY KEY (job_id, account_id)
 )
 """),
+    # ledger_exports: the last successful `hearth ledger export` (session 34): written by
+    # the export after its file is in place, read by every privacy replica for
+    # hearth_ledger_last_export_timestamp_seconds (HearthLedgerExportStale). One row per
+    # ``name`` ("deletion-ledger"). No personal data.
+    Migration(22, "off-site ledger exports", """
+CREATE TABLE IF NOT EXISTS ledger_exports (
+    name TEXT PRIMARY KEY,
+    exported_at {double} NOT NULL,
+    export_id TEXT NOT NULL,
+    entries {bigint} NOT NULL
+)
+"""),
 ]
 
 

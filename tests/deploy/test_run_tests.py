@@ -96,6 +96,16 @@ def test_a_stopped_queue_hands_out_nothing_more():
     assert queue.not_run() == ["b.py", "c.py"] and queue.stopped == "interrupted"
 
 
+def test_a_summary_keeps_the_warnings_count_and_a_warnings_only_end_is_a_summary():
+    """A worker handed no file, whose collection warned, ends on "1 warning in 5.85s": the
+    runner's line says so instead of "(no summary: ...)" (newcomer34)."""
+    warned = ("=== warnings summary ===\nx.py:1\n  x.py:1: DeprecationWarning: old\n\n"
+              "-- Docs: https://docs.pytest.org/en/stable/how-to/capture-warnings.html\n")
+    assert run_tests.summary(warned + "1 warning in 5.85s\n") == "1 warning in 5.85s"
+    assert run_tests.summary(warned + "== 141 passed, 2 warnings in 41.05s ==\n") == "141 passed, 2 warnings in 41.05s"
+    assert run_tests.summary("Traceback ...\nSegmentation fault\n") == "(no summary: Segmentation fault)"
+
+
 def test_workers_that_collected_different_files_run_nothing():
     queue = run_tests.WorkQueue({})
     queue.collected(1, {"a.py": [], "b.py": []})
@@ -193,6 +203,9 @@ def test_the_script_runs_as_make_runs_it():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:]
     assert done.stdout.count("\npytest ") == 1, done.stdout[-2000:]   # one process answers --version
+    # pytest answers --version and --help without a session: until session 34 the runner took
+    # the missing summary for a crash and said "worker 1 DIED" (exit 0 all the same).
+    assert "DIED" not in done.stdout, done.stdout[-2000:]
 
 
 def test_a_pytest_process_dies_with_a_killed_runner():
@@ -330,6 +343,23 @@ def test_a_worker_that_crashes_is_named_with_its_test_and_the_other_worker_goes_
         f"suite/test_quick{i}.py::test_quick" for i in range(3)], out[-3000:]
 
 
+def test_a_worker_exiting_0_in_the_middle_of_a_file_fails_the_run(tmp_path):
+    """A test (or the code it calls) ending its process with status 0 leaves the rest of its
+    file unrun: the worker is DIED and the run fails, as the README says of a worker that
+    crashes, while the other worker runs the rest. Until review34 the run exited 0 (the DIED
+    line the only word of the tests never run)."""
+    root = _project(tmp_path, {
+        "test_exits.py": "import os\n\ndef test_exits():\n    os._exit(0)\n\ndef test_never_runs():\n    pass\n",
+        **{f"test_quick{i}.py": "def test_quick():\n    pass\n" for i in range(2)}})
+    (root / "durations.json").write_text(json.dumps({"seconds": {
+        "suite/test_exits.py": 100, **{f"suite/test_quick{i}.py": 1 for i in range(2)}}}))
+    rc, out = _runner_output(root, ["-p", "no:cacheprovider"], workers=2, timeout_s=120)
+    assert "DIED (exit 0 without pytest's summary, running suite/test_exits.py::test_exits)" in out, out[-3000:]
+    assert rc == 3, out[-3000:]
+    assert sorted(n for _, n in _ran(root)) == ["suite/test_exits.py::test_exits"] + [
+        f"suite/test_quick{i}.py::test_quick" for i in range(2)], out[-3000:]
+
+
 HANGS = """
     import signal
     import threading
@@ -354,7 +384,7 @@ def test_a_test_hanging_past_pytest_timeout_ends_its_worker_with_every_threads_t
     assert rc != 0 and "DIED (exit 1 without pytest's summary, running suite/test_hang.py::test_hangs)" in out, \
         out[-3000:]
     assert "Timeout (0:00:" in out and "in test_hangs" in out, out[-3000:]   # faulthandler's dump of the stack
-    assert "NOT RUN" in out and "suite/test_after.py" in out, out[-3000:]
+    assert "NOT RUN (no worker left to take them): 1 files, e.g. suite/test_after.py" in out, out[-3000:]
     assert [n for _, n in _ran(root)] == ["suite/test_hang.py::test_hangs"], out[-3000:]
 
 def test_a_plain_pytest_run_of_the_suite_ends_a_hung_test_with_every_threads_traceback(tmp_path):

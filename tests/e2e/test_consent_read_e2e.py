@@ -1,7 +1,9 @@
 """``GET /v1/consent/{account_id}`` through the real gateway and privacy process: what
 ``PUT`` wrote is read back (flags and version), an account that never set consent is 404
 (the defaults apply, said in the message), a malformed id is 422 naming ``account_id``,
-and only roles holding ``read_consent`` may read it. Until session 33 consent could be
+and only the people's roles holding ``read_consent`` (privacy officer, admin) may read it —
+not an API key in the service role (session 34: an ingest pipeline's key read any account's
+consent), which gets the same 403 whatever the account. Until session 33 consent could be
 written over HTTP but read only over gRPC (``Consent/GetConsent``)."""
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def test_consent_read_needs_read_consent(client, mesh):
     account = f"e2e-consent-roles-{uuid.uuid4().hex[:12]}"
     assert client.put(f"/v1/consent/{account}", json={"processing": True, "attribution": True}).status_code == 200
     keys = mesh.data_dir / "gateway-keys.json"
-    for role, status in (("analyst", 403), ("data_scientist", 403), ("privacy_officer", 200), ("service", 200)):
+    for role, status in (("analyst", 403), ("data_scientist", 403), ("privacy_officer", 200), ("service", 403)):
         key = write_api_key(keys, f"e2e-consent-read-{role}", role)
         r = httpx.get(f"{mesh.url}/v1/consent/{account}", headers={"X-API-Key": key}, timeout=30)
         assert r.status_code == status, (role, r.text)
@@ -63,3 +65,26 @@ def test_consent_read_is_in_the_openapi_document(client):
     operation = client.get("/openapi.json").json()["paths"]["/v1/consent/{account_id}"]["get"]
     assert operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/ConsentOut")
     assert "never set" in operation["responses"]["404"]["description"]
+
+
+def test_a_service_key_learns_nothing_of_an_account_from_the_consent_route(client, mesh):
+    """An API key is bound to a principal and a role, not to accounts, so a service-role
+    key (an ingest pipeline's) is refused every account's consent: one 403, decided before
+    privacy is asked, for an account that set consent, one that never did and a malformed
+    id alike — a 404 for the never-set account would tell which accounts exist. The key
+    still ingests (its role's work). Before session 34: 200 with the flags and version."""
+    set_account = f"e2e-consent-svc-{uuid.uuid4().hex[:12]}"
+    never = f"e2e-consent-svc-never-{uuid.uuid4().hex[:12]}"
+    assert client.put(f"/v1/consent/{set_account}", json={"processing": False, "attribution": True}).status_code == 200
+    key = write_api_key(mesh.data_dir / "gateway-keys.json", "e2e-consent-ingest-pipeline", "service")
+    answers = [httpx.get(f"{mesh.url}/v1/consent/{account}", headers={"X-API-Key": key}, timeout=30)
+               for account in (set_account, never, "-malformed")]
+    assert [a.status_code for a in answers] == [403, 403, 403], [a.text for a in answers]
+    assert answers[0].json() == answers[1].json() == answers[2].json()
+    assert answers[0].json()["error"]["code"] == "permission_denied"
+    assert set_account not in answers[0].text
+    # The same key still does its role's work: an event of a consenting account is stored.
+    event = {"event_id": f"e-{uuid.uuid4().hex[:8]}", "account_id": never, "device_id": "tv-1",
+             "device_type": "tv", "ts": "2026-01-05T20:00:00Z", "kind": "heartbeat", "duration_s": 60}
+    r = httpx.post(f"{mesh.url}/v1/events", json={"events": [event]}, headers={"X-API-Key": key}, timeout=30)
+    assert r.status_code == 200, r.text

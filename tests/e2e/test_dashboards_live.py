@@ -28,7 +28,7 @@ RULES = ROOT / "deploy" / "prometheus" / "hearth.rules.yaml"
 # Identifiers in PromQL that are functions or keywords, not metric names.
 PROMQL_WORDS = {"sum", "min", "max", "avg", "count", "by", "without", "on", "ignoring", "rate", "increase",
                 "histogram_quantile", "and", "or", "unless", "offset", "absent", "min_over_time", "le",
-                "group_left", "group_right", "bool", "e", "inf", "nan"}
+                "group_left", "group_right", "bool", "e", "inf", "nan", "time"}
 
 
 def metric_names(expr: str) -> set[str]:

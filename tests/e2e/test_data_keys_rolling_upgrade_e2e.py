@@ -2,10 +2,10 @@
 GetDataKeys and GetConsents, docs/privacy.md §10 and §8) with a process of the release before it, run from commit 43a5077's tree in the mesh of
 this one, both ways:
 
-- a privacy of the release before (it has neither: its permission check refuses them)
-  behind this tree's stores: a store's warming falls back to GetDataKey and its consent
-  check to GetConsent, one household a call, before the write, and asks for the batches
-  again only after a while;
+- a privacy of the release before, run on its own generated protos as it shipped (it
+  serves neither: UNIMPLEMENTED, nothing audited or counted), behind this tree's stores:
+  a store's warming falls back to GetDataKey and its consent check to GetConsent, one
+  household a call, before the write;
 - a clustering of the release before behind this tree's privacy: it keeps calling GetDataKey
   and GetConsent and is answered as before.
 
@@ -58,7 +58,7 @@ def _refused(c, acct: str, t0: float) -> None:
 
 def test_stores_and_privacy_of_either_release_give_new_households_keys_and_erased_ones_none(mesh, tmp_path):
     require_commit(BEFORE_BATCHED_KEYS)
-    old_tree = extract(BEFORE_BATCHED_KEYS, tmp_path / "tree")
+    old_tree = extract(BEFORE_BATCHED_KEYS, tmp_path / "tree", own_protos=True)
     t0 = time.time() - 3600
     erased = f"dkb-{RUN}-erased"
     with httpx.Client(base_url=mesh.url, headers={"X-API-Key": mesh.api_key}, timeout=120) as c:
@@ -69,10 +69,12 @@ def test_stores_and_privacy_of_either_release_give_new_households_keys_and_erase
         assert r.status_code == 202, r.text
         assert deletion_job(c, r.json()["job_id"])["state"] == "completed"
 
-        # (a) privacy of the release before: it refuses GetDataKeys (PERMISSION_DENIED: its
-        # permission check lists no such RPC, and audits the refusal); the store's warming
-        # fetches one key a call before its write, and asks for the batch again only after
-        # BATCH_RECHECK_S: one refusal for two batches.
+        # (a) privacy of the release before, as it shipped (its own generated protos): it
+        # serves neither GetDataKeys nor GetConsents, so gRPC answers UNIMPLEMENTED before its
+        # interceptor — no refusal audited or counted (until session 34 this test ran it on
+        # this checkout's protos, whose servicer base lists both: its permission check then
+        # answered PERMISSION_DENIED, audited and counted, 1 here). The store's warming
+        # fetches one key a call before its write, and its consent check one account a call.
         restart_service(mesh, "privacy", old_tree)
         try:
             first = _ingest_new_households(c, mesh, "old-privacy", t0)
@@ -81,8 +83,8 @@ def test_stores_and_privacy_of_either_release_give_new_households_keys_and_erase
                 assert calls["GetDataKey"] >= HOUSEHOLDS and calls["warm"] == HOUSEHOLDS, calls
                 assert calls["on_use"] < HOUSEHOLDS // 4, calls
                 assert calls["GetConsent"] >= HOUSEHOLDS, calls   # consent: one account a call
-            assert first["GetDataKeys"] + second["GetDataKeys"] == 1, (first, second)
-            assert first["GetConsents"] + second["GetConsents"] == 1, (first, second)
+            assert first["GetDataKeys"] + second["GetDataKeys"] == 0, (first, second)   # not served
+            assert first["GetConsents"] + second["GetConsents"] == 0, (first, second)
             _refused(c, erased, t0)
         finally:
             restart_service(mesh, "privacy")

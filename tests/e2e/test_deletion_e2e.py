@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sqlite3
 import struct
 import subprocess
@@ -23,7 +24,7 @@ import pytest
 
 from services.testing.mesh import ROOT, running_mesh
 from tests.helpers.servers import fresh_database, service_logins
-from tests.helpers.waiting import SLOW_MACHINE_S, deletion_job, wait_for
+from tests.helpers.waiting import SLOW_MACHINE_S, deletion_job, deletion_step_attempted, wait_for
 from tests.helpers.timestamps import iso_utc as _iso
 
 DAY = 86400.0
@@ -374,12 +375,15 @@ BEFORE_PERSON_DEVICES = "87c724a"   # session 32's end: clustering without GetPe
 def test_a_person_erasure_beside_a_clustering_without_person_devices_completes_as_in_session_32(
         dmesh, client, tmp_path):
     """A rolling upgrade (docs/operations.md, "Upgrading to session 33"): attribution of this
-    release asks a clustering of session 32, which refuses GetPersonDevices (its permission
-    matrix does not list it). The person erasure is not held up or failed by it: the job
+    release asks a clustering of session 32, which does not serve GetPersonDevices
+    (UNIMPLEMENTED). The person erasure is not held up or failed by it: the job
     completes, fencing as session 32 did — so the person's tablet, which sent attribution
     nothing, is not fenced (the documented gap a repeat after the upgrade cannot close).
-    The fallback is counted (review33 R7): `hearth_person_devices_fallbacks_total` by the
-    refusal's code, PERMISSION_DENIED here — after the upgrade, a misconfiguration."""
+    The fallback is counted (review33 R7): `hearth_person_devices_fallbacks_total` by reason —
+    `unimplemented` here, never `permission_denied`, the misconfiguration's
+    (HearthPersonDevicesRefused). Until session 34 the old release ran on this checkout's
+    generated protos, whose servicer base lists the RPC, so its permission matrix answered
+    PERMISSION_DENIED and the docs took that for the upgrade's answer."""
     from bench.assign_cpu import extract
     from tests.helpers.history import require_commit
     from tests.helpers.mesh_calls import restart_service
@@ -393,7 +397,11 @@ def test_a_person_erasure_beside_a_clustering_without_person_devices_completes_a
     acct, t0 = f"e2e-own-device-old-{RUN}", time.time() - 14 * DAY
     child, _ = _child_with_a_tablet_and_a_shared_tv(client, acct, t0)
     before = fallbacks()
-    restart_service(dmesh, "clustering", extract(BEFORE_PERSON_DEVICES, tmp_path / "tree"))
+    # That release as it shipped: with its own generated protos (this checkout's, a superset
+    # whose servicer base serves GetPersonDevices, made its permission matrix answer
+    # PERMISSION_DENIED, which the release as shipped never does).
+    tree = extract(BEFORE_PERSON_DEVICES, tmp_path / "tree", own_protos=True)
+    restart_service(dmesh, "clustering", tree)
     try:
         job = delete(client, {"kind": "person", "account_id": acct, "person_id": child})
         assert job["state"] == "completed", job
@@ -401,9 +409,13 @@ def test_a_person_erasure_beside_a_clustering_without_person_devices_completes_a
     finally:
         restart_service(dmesh, "clustering")
     after = fallbacks()
-    assert set(before) == {"permission_denied", "unimplemented"}, before   # created at 0
-    assert (after["permission_denied"] - before["permission_denied"],
-            after["unimplemented"] - before["unimplemented"]) == (1, 0), (before, after)
+    assert set(before) == {"permission_denied", "unimplemented", "unauthenticated", "unavailable"}, before   # at 0
+    # The older release as shipped answers UNIMPLEMENTED: `unimplemented` (expected during
+    # the upgrade), not `permission_denied` (a misconfiguration: HearthPersonDevicesRefused).
+    assert {reason: after[reason] - before[reason] for reason in before} == {
+        "permission_denied": 0, "unimplemented": 1, "unauthenticated": 0, "unavailable": 0}, (before, after)
+    said = (dmesh.log_dir / "attribution.log").read_text(errors="replace")
+    assert "GetPersonDevices refused (reason unimplemented" in said, said[-3000:]
     assert _touchpoint(client, acct, "tab", "tab-kids", t0 + 13 * DAY) == (1, 0)   # not fenced
     assert _touchpoint(client, acct, "tv", "tv-1", t0 + 13 * DAY) == (0, 1)   # its erased touchpoint's device
 
@@ -476,13 +488,7 @@ def test_job_interrupted_by_stopping_clustering_finishes_after_restart(dmesh, cl
         r = client.post("/v1/delete", json={"scope": {"kind": "household", "account_id": acct}})
         assert r.status_code == 202, r.text
         job_id = r.json()["job_id"]
-        deadline = time.monotonic() + SLOW_MACHINE_S
-        while True:
-            body = client.get(f"/v1/delete/{job_id}").json()
-            clustering = next(s for s in body["services"] if s["service"] == "clustering")
-            if clustering["attempts"] >= 1 or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+        body, clustering = deletion_step_attempted(client, job_id, "clustering")
         assert body["state"] == "running" and not clustering["confirmed"], body
     finally:
         dmesh.start_service("clustering")
@@ -632,7 +638,7 @@ def test_a_cached_model_copied_before_a_device_erasure_and_written_back_is_not_s
     wait_for(lambda: raw.get(key), what="this release's entry cached")
     fence = dmesh.extra_env.pop("HEARTH_ERASURE_FENCE_S", None)   # a setting the release before refuses
     try:
-        restart_service(dmesh, "clustering", extract(BEFORE_SEALED_MODEL_VERSION, tmp_path / "tree"))
+        restart_service(dmesh, "clustering", extract(BEFORE_SEALED_MODEL_VERSION, tmp_path / "tree", own_protos=True))
     finally:
         if fence is not None:
             dmesh.extra_env["HEARTH_ERASURE_FENCE_S"] = fence

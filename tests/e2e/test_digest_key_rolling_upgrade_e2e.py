@@ -70,7 +70,7 @@ def _erase_device(c, acct: str, device: str | None) -> None:
 
 def test_an_older_data_holder_keeps_version_1_alive_and_an_older_privacy_leaves_digests_valid(mesh, tmp_path):
     require_commit(BEFORE_DIGEST_KEY)
-    old_tree = extract(BEFORE_DIGEST_KEY, tmp_path / "tree")
+    old_tree = extract(BEFORE_DIGEST_KEY, tmp_path / "tree", own_protos=True)
     acct_a, acct_b, t0 = f"dku-a-{RUN}", f"dku-b-{RUN}", time.time() - 2 * 86400
     with httpx.Client(base_url=mesh.url, headers={"X-API-Key": mesh.api_key}, timeout=120) as c:
         # (a) attribution of the release before, behind this privacy (1 s settle).

@@ -28,7 +28,7 @@ GET_EXPERIMENT = "/hearth.feedback.v1.FeedbackService/GetExperiment"
 def edge_mesh(tmp_path_factory):
     base = tmp_path_factory.mktemp("edge-mesh")
     authorizer_port = free_port()
-    with running_mesh(base, {"ops-alice": "admin", "analyst-bob": "analyst"}, timeout_s=120,
+    with running_mesh(base, {"ops-alice": "admin", "analyst-bob": "analyst", "pipeline-1": "service"}, timeout_s=120,
                       process_env={"gateway": {"HEARTH_EDGE_AUTHORIZER_PORT": str(authorizer_port)}}) as mesh:
         mesh.analyst_key = mesh.keys["analyst-bob"]
         mesh.authorizer_url = f"http://127.0.0.1:{authorizer_port}"
@@ -140,3 +140,19 @@ def test_refusals_are_audited_as_the_gateways_and_unknown_methods_make_no_metric
     metrics = httpx.get(f"http://127.0.0.1:{mesh.gateway_metrics_port}/metrics", timeout=30).text
     assert "MadeUpMethodXyzzy" not in metrics
     assert 'hearth_access_denied_total{component="gateway",role="analyst",target="rpc <not in the matrix>"}' in metrics
+
+
+@pytest.mark.parametrize("path", [
+    "/hearth.privacy.v1.AuditLog/AppendAudit", "/hearth.feedback.v1.FeedbackService/RecordPrediction",
+    "/hearth.privacy.v1.Consent/GetConsent", "/hearth.clustering.v1.ClusteringService/IngestEvents", GET_HOUSEHOLD])
+def test_a_service_role_api_key_gets_no_token_for_any_rpc(edge_mesh, path):
+    """The edge is for clients: an API key in the service role (an ingest pipeline's) is refused
+    every RPC, even one its role holds (IngestEvents, GetHousehold, AppendAudit), 403 and no
+    token — its calls go through the gateway's routes, where the gateway signs for it and the
+    client never holds the token. Held since the edge's first commit (0cbfe4b) but by no test,
+    while docs/security.md's attack34 review described AppendAudit / RecordPrediction through
+    the edge as an ingest pipeline's path (review34)."""
+    answer = _authorize(edge_mesh, path, {"X-API-Key": edge_mesh.keys["pipeline-1"]})
+    assert answer.status_code == 403, answer.text
+    assert "service principals do not call through the edge" in answer.json()["error"]["message"], answer.text
+    assert TOKEN_KEY not in answer.headers and PRINCIPAL_KEY not in answer.headers

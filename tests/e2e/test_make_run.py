@@ -7,19 +7,19 @@ exec'd), on free ports and a temporary data directory so it can run beside a rea
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 
 from services.common.child_process import spawn_tied
-from tests.helpers.processes import alive, descendants
+from tests.helpers.processes import alive, descendants, follow_output
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,16 +30,7 @@ def test_make_run_serves_the_printed_examples_and_dies_with_its_launcher(tmp_pat
                        '--log-backups 2; exit 0',
          sys.executable, str(tmp_path / "var")],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    up = threading.Event()
-
-    def read() -> None:
-        for line in launcher.stdout:
-            lines.append(line)
-            if "Ctrl-C stops everything" in line:
-                up.set()
-
-    threading.Thread(target=read, daemon=True).start()
+    lines, up = follow_output(launcher)
     run_py: list[int] = []
     try:
         assert up.wait(240), "make run did not come up:\n" + "".join(lines)
@@ -48,6 +39,9 @@ def test_make_run_serves_the_printed_examples_and_dies_with_its_launcher(tmp_pat
         key = re.search(r"Demo API key \(admin\): (\S+)", out).group(1)
         for service in ("clustering", "attribution", "privacy", "feedback"):
             assert re.search(rf"{service}\s+grpc 127\.0\.0\.1:\d+ .* SERVING", out), out
+        # README: "a fresh demo API key (only its hash is stored, in var/gateway-keys.json)".
+        stored = (tmp_path / "var" / "gateway-keys.json").read_text()
+        assert key not in stored and hashlib.sha256(key.encode()).hexdigest() in stored, stored
 
         # The README's first two curl calls, as printed.
         event = {"event_id": "e1", "account_id": "acc-1", "device_id": "tv-1",
@@ -79,11 +73,12 @@ def test_make_run_serves_the_printed_examples_and_dies_with_its_launcher(tmp_pat
         r = httpx.get(f"{url}/v1/household/acc-1", headers=headers, timeout=30)
         assert r.status_code == 200, r.text
 
-        # The logs are bounded (ops33): keyless requests (a security-event line and an access
-        # line each, ~650 bytes) rotate the gateway's log past --log-max-bytes; until session 33
-        # it grew without end (~190 MB/h at 80 requests/s filled the data dir's disk).
+        # The logs are bounded (ops33): keyless requests (an access line each, ~300 bytes; their
+        # security-event lines are coalesced since session 34, one a minute) rotate the gateway's
+        # log past --log-max-bytes; until session 33 it grew without end (~190 MB/h at 80
+        # requests/s filled the data dir's disk).
         logs = tmp_path / "var" / "logs"
-        for _ in range(60):
+        for _ in range(120):
             assert httpx.get(f"{url}/v1/household/acc-1", timeout=30).status_code == 401
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not (logs / "gateway.log.1").exists():
@@ -116,6 +111,39 @@ def test_make_run_serves_the_printed_examples_and_dies_with_its_launcher(tmp_pat
         if launcher.poll() is None:
             launcher.kill()
         for pid in [*run_py, *descendants(launcher.pid)]:  # the mesh is tied to run.py
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_a_process_exiting_stops_the_mesh_naming_it_and_make_run_fails(tmp_path):
+    """README: `make run` stops every process when any one of them exits, naming which
+    ("privacy exited with code -9; see var/logs/privacy.log") — and, since session 34, exits
+    1: until then it said so and exited 0, so `make run` in a script or a supervisor looked
+    like a clean stop after a crash."""
+    run = spawn_tied([sys.executable, "scripts/run.py", "--data-dir", str(tmp_path / "var"), "--free-ports"],
+                     cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, up = follow_output(run)
+    mesh: list[int] = []
+    try:
+        assert up.wait(240), "scripts/run.py did not come up:\n" + "".join(lines)
+        mesh = descendants(run.pid)
+        privacy = [p for p in mesh if b"services.privacy" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(privacy) == 1 and len(mesh) >= 5, mesh
+        os.kill(privacy[0], signal.SIGKILL)
+        code = run.wait(120)
+        out = "".join(lines)
+        assert f"privacy exited with code -9; see {tmp_path / 'var' / 'logs'}/privacy.log" in out, out
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(alive(p) for p in mesh):
+            time.sleep(0.5)
+        assert [p for p in mesh if alive(p)] == [], "the rest of the mesh still runs:\n" + out
+        assert code == 1, out
+    finally:
+        if run.poll() is None:
+            run.kill()
+        for pid in mesh:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -1,7 +1,8 @@
 """A rolling upgrade to session 27 with a privacy of the release before it (commit
-98239b4's tree, session 26's end) behind this tree's gateway: privacy has no
-RequestDataKeyRotations (its permission matrix refuses an RPC it does not list:
-PERMISSION_DENIED), so ``POST /v1/keys/rotate-households`` runs the batch the old way,
+98239b4's tree, session 26's end, on its own generated protos as it shipped) behind this
+tree's gateway: privacy has no RequestDataKeyRotations (UNIMPLEMENTED; until session 34
+this test ran it on this checkout's protos, and its permission matrix answered
+PERMISSION_DENIED instead), so ``POST /v1/keys/rotate-households`` runs the batch the old way,
 inside the call (``RotateDataKeys``: 200 with ``rotated``), as docs/operations.md,
 "Rolling upgrades", says. With this tree's privacy back, the same request is a job (202)."""
 
@@ -18,7 +19,7 @@ BEFORE_JOBS = "98239b4"   # session 26's end: RotateDataKeys only
 
 def test_a_gateway_in_front_of_a_privacy_without_the_job_runs_the_batch_inside_the_call(mesh, tmp_path):
     require_commit(BEFORE_JOBS)
-    old_tree = extract(BEFORE_JOBS, tmp_path / "tree")
+    old_tree = extract(BEFORE_JOBS, tmp_path / "tree", own_protos=True)
     body = {"older_than_days": 36500, "limit": 5}   # no key is that old: an empty batch
     with httpx.Client(base_url=mesh.url, headers={"X-API-Key": mesh.api_key}, timeout=120) as c:
         mesh.stop_process("privacy")

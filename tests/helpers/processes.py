@@ -1,9 +1,11 @@
 """Which processes exist, from /proc (Linux): for the tests that kill a parent and check
-that everything it started died with it."""
+that everything it started died with it; and a child's output followed as it comes."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import threading
 from pathlib import Path
 
 
@@ -51,3 +53,23 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"  # a zombie has exited; only its parent's wait is missing
+
+
+# scripts/run.py's last line once every process is up (`make run`'s "Ctrl-C stops everything.").
+MESH_UP = "Ctrl-C stops everything"
+
+
+def follow_output(proc: subprocess.Popen, marker: str = MESH_UP) -> tuple[list[str], threading.Event]:
+    """Read ``proc``'s text stdout on a daemon thread: every line goes to the list returned,
+    and the event is set at the first line holding ``marker``."""
+    lines: list[str] = []
+    seen = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if marker in line:
+                seen.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines, seen

@@ -78,3 +78,17 @@ def deletion_job(client: httpx.Client, job_id: str, timeout_s: float = SLOW_MACH
         if body["state"] in ("completed", "failed") or time.monotonic() > deadline:
             return body
         time.sleep(0.05)
+
+
+def deletion_step_attempted(client: httpx.Client, job_id: str, service: str,
+                            timeout_s: float = SLOW_MACHINE_S) -> tuple[dict, dict]:
+    """Poll ``GET /v1/delete/{job_id}`` until ``service``'s step has been attempted at least
+    once (a stopped service refused it); (the job's body, that step) — the last ones after
+    ``timeout_s``, for the test to judge."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        body = client.get(f"/v1/delete/{job_id}").json()
+        step = next(s for s in body["services"] if s["service"] == service)
+        if step["attempts"] >= 1 or time.monotonic() > deadline:
+            return body, step
+        time.sleep(0.05)

@@ -1228,8 +1228,8 @@ def test_a_rekey_on_sqlite_lets_another_households_write_in_between_its_pages(tm
         real = mesh.clustering.db.transaction
 
         @contextlib.contextmanager
-        def logged(readonly: bool = False):
-            with real(readonly) as tx:
+        def logged(readonly: bool = False, **kwargs):
+            with real(readonly, **kwargs) as tx:
                 if not readonly:
                     writes.append(threading.current_thread().name)
                     if threading.current_thread().name == "rekey":

@@ -124,8 +124,9 @@ def test_a_part_whose_bytes_disagree_with_its_marker_fails():
 
 class _OldHolder:
     """A data holder of a release before session 26, as GrpcPeers' Peer sees it: no
-    ExportAccountStream (the stream's first read raises ``code``: PERMISSION_DENIED from its
-    permission matrix, or UNIMPLEMENTED), ExportAccount only."""
+    ExportAccountStream (the stream's first read raises ``code``: UNIMPLEMENTED, as such a
+    release answers, or PERMISSION_DENIED, a holder that lists it but refuses the caller),
+    ExportAccount only."""
 
     def __init__(self, code=grpc.StatusCode.PERMISSION_DENIED) -> None:
         self.code = code

@@ -136,8 +136,8 @@ def _racing(database, before: str, accounts: str):
             return self._tx.query(sql, params)
 
     @contextmanager
-    def racing_transaction(readonly=False):
-        with real(readonly=readonly) as tx:
+    def racing_transaction(readonly=False, **kwargs):
+        with real(readonly=readonly, **kwargs) as tx:
             yield Racing(tx) if readonly else tx
 
     @contextmanager

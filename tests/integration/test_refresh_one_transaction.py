@@ -44,8 +44,8 @@ def _write_transactions(store: ClusteringStore) -> list[list[str]]:
     begin = store.db.transaction
 
     @contextlib.contextmanager
-    def counted(readonly: bool = False):
-        with begin(readonly) as tx:
+    def counted(readonly: bool = False, **kwargs):
+        with begin(readonly, **kwargs) as tx:
             if readonly:
                 yield tx
                 return
@@ -93,8 +93,8 @@ def test_a_failed_answers_write_stores_no_model(database):
     begin = store.db.transaction
 
     @contextlib.contextmanager
-    def refusing(readonly: bool = False):
-        with begin(readonly) as tx:
+    def refusing(readonly: bool = False, **kwargs):
+        with begin(readonly, **kwargs) as tx:
             executemany = tx.executemany
 
             def refuse(sql, *a, **k):

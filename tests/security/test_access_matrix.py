@@ -52,7 +52,7 @@ def test_each_role_gets_exactly_what_the_matrix_says_on_every_route(security_mes
         for route in served_routes(security_mesh):
             permission = permissions.route_permission(route)
             response = _request(client, route)
-            expected_allowed = permission is not None and permissions.allowed(role, permission)
+            expected_allowed = permission is not None and permissions.client_allowed(role, permission)
             if expected_allowed and response.status_code in (401, 403):
                 wrong.append(f"{route}: allowed but got {response.status_code} {response.text[:100]}")
             if not expected_allowed and response.status_code != 403:
@@ -120,7 +120,7 @@ def test_services_refuse_every_rpc_the_role_lacks_even_with_a_valid_token(channe
     wrong = []
     denied = 0
     for service, full_method, descriptor in _rpcs():
-        if permissions.allowed(role, permissions.rpc_permission(full_method)):
+        if permissions.principal_allowed(principal, permissions.rpc_permission(full_method)):
             continue  # allowed calls would run the handler (e.g. Erase): not fired blindly here
         denied += 1
         try:
@@ -269,6 +269,35 @@ def test_a_service_role_client_vouched_for_by_the_gateway_gets_no_data_key(chann
     clustering = security_mesh.mesh.signer("clustering")
     assert keys.GetDataKey(request, metadata=_metadata(clustering, identity.service_principal("clustering"), "privacy"),
                            timeout=10).dek
+
+
+def test_a_service_role_client_vouched_for_by_the_gateway_reads_no_consent(channels, security_mesh):
+    """An API key is bound to a principal and a role, no account; until session 34 the
+    service role's (an ingest pipeline's) read any account's consent, over HTTP and, with a
+    token the gateway signs for it, straight at privacy. Now only the data holders that
+    enforce consent (svc:clustering, svc:attribution, svc:feedback, each signed with its own
+    key) and the people's roles that set it read it."""
+    from hearth.privacy.v1 import privacy_pb2 as ppb, privacy_pb2_grpc as ppb_grpc
+
+    consent = ppb_grpc.ConsentStub(channels["privacy"])
+    one = ppb.GetConsentRequest(account_id="sec-consent-acct")
+    many = ppb.GetConsentsRequest(account_ids=["sec-consent-acct", "sec-consent-other"])
+    gateway = security_mesh.mesh.signer("gateway")
+    for principal in (identity.Principal("ingest-pipeline", identity.Role.SERVICE),
+                      identity.Principal("sec-service", identity.Role.SERVICE)):
+        for call, request in ((consent.GetConsent, one), (consent.GetConsents, many)):
+            with pytest.raises(grpc.RpcError) as info:
+                call(request, metadata=_metadata(gateway, principal, "privacy"), timeout=10)
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED, (principal, call)
+    for name in ("clustering", "attribution", "feedback"):
+        signer = security_mesh.mesh.signer(name)
+        answer = consent.GetConsent(one, metadata=_metadata(signer, identity.service_principal(name), "privacy"),
+                                    timeout=10)
+        assert answer.processing and not answer.known
+        assert len(consent.GetConsents(many, metadata=_metadata(signer, identity.service_principal(name), "privacy"),
+                                       timeout=10).accounts) == 2
+    officer = identity.Principal("sec-privacy_officer", identity.Role.PRIVACY_OFFICER)
+    assert consent.GetConsent(one, metadata=_metadata(gateway, officer, "privacy"), timeout=10).processing
 
 
 def test_the_gateway_process_holds_only_its_own_signing_key(channels, security_mesh):

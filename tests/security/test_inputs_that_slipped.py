@@ -598,3 +598,144 @@ def test_a_refusal_does_not_echo_an_unbounded_list(attribution_channel, signer):
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
     assert refused_field(info.value) == "position_weights"
     assert "got 1000000 weights" in info.value.details()
+
+
+def _append_and_query(channel: grpc.Channel):
+    """AuditLog's AppendAudit and QueryAudit on ``channel`` (privacy's port)."""
+    return (channel.unary_unary("/hearth.privacy.v1.AuditLog/AppendAudit",
+                                request_serializer=ppb.AppendAuditRequest.SerializeToString,
+                                response_deserializer=ppb.AppendAuditResponse.FromString),
+            channel.unary_unary("/hearth.privacy.v1.AuditLog/QueryAudit",
+                                request_serializer=ppb.QueryAuditRequest.SerializeToString,
+                                response_deserializer=ppb.QueryAuditResponse.FromString))
+
+
+@pytest.mark.parametrize("claimed", ["svc:gateway", "sec-slip-someone-else"])
+def test_an_appended_record_cannot_name_another_reporter(security_mesh, signer, claimed):
+    """attack34: a record appended about someone else gets ``details.reported_by`` = the
+    caller (docs/privacy.md) — unless it already held a ``reported_by``, which was kept.
+    A service-role client (an ingest pipeline's API key, vouched for by the gateway or its
+    Envoy edge, which routes ``AuditLog``) appended "demo-admin requested a deletion"
+    reported by ``svc:gateway``, indistinguishable from a record the mesh wrote, with no
+    trace of who wrote it. Now a ``reported_by`` other than the caller is refused, naming
+    it, and nothing of the call is written; the caller naming itself is kept as before."""
+    from hearth.common.v1 import common_pb2
+
+    pipeline = Principal("sec-slip-pipeline", Role.SERVICE)
+    resource = f"household:sec-slip-forged-{claimed.replace(':', '-')}"
+    with grpc.insecure_channel(f"127.0.0.1:{security_mesh.mesh.grpc_ports['privacy']}") as ch:
+        append, query = _append_and_query(ch)
+
+        def record(reported_by: str) -> ppb.AuditRecord:
+            return ppb.AuditRecord(
+                event_type="deletion_requested", resource=resource, outcome="success",
+                principal=common_pb2.Principal(id="sec-slip-officer", role=common_pb2.ROLE_PRIVACY_OFFICER),
+                details_json=json.dumps({"reported_by": reported_by, "scope": "household"}))
+
+        with pytest.raises(grpc.RpcError) as info:
+            append(ppb.AppendAuditRequest(records=[record(pipeline.id), record(claimed)]),
+                   metadata=metadata(signer, pipeline, "privacy"), timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        assert refused_field(info.value) == "records[1].details.reported_by"
+        assert pipeline.id in info.value.details()
+        officer_md = metadata(signer, Principal("sec-slip-po", Role.PRIVACY_OFFICER), "privacy")
+        page = query(ppb.QueryAuditRequest(resource_prefix=resource, limit=10), metadata=officer_md, timeout=30)
+        assert list(page.records) == []   # all or nothing: the valid first record is not written
+
+        append(ppb.AppendAuditRequest(records=[record(pipeline.id)]),
+               metadata=metadata(signer, pipeline, "privacy"), timeout=30)
+        page = query(ppb.QueryAuditRequest(resource_prefix=resource, limit=10), metadata=officer_md, timeout=30)
+        assert [json.loads(r.details_json)["reported_by"] for r in page.records] == [pipeline.id]
+
+
+def test_a_record_dated_ahead_cannot_blind_the_suspicious_activity_detector(security_mesh, signer):
+    """attack34: ``AppendAudit`` took a record's ``ts`` up to 2100, and the detector's clock
+    is the newest entry time it saw: one record dated a day ahead, appended by any
+    ``append_audit`` holder (a service-role client through the Envoy edge, a compromised
+    service), put every later entry "too late to matter", and 55 distinct households read by
+    one admin on scripts/run.py's mesh raised no ``mass_household_reads`` alert. The record
+    is refused now (``ts`` at most 10 minutes ahead, naming it), and an entry dated ahead
+    within that skew moves the detector's clock no further than the wall clock."""
+    from hearth.common.v1 import common_pb2
+
+    with grpc.insecure_channel(f"127.0.0.1:{security_mesh.mesh.grpc_ports['privacy']}") as ch:
+        append, query = _append_and_query(ch)
+        ahead = ppb.AuditRecord(event_type="ingest", resource="household:sec-slip-ahead", outcome="success")
+        ahead.ts.seconds = int(time.time()) + 86_400
+        refused = None
+        try:
+            append(ppb.AppendAuditRequest(records=[ahead]),
+                   metadata=metadata(signer, Principal("sec-slip-pipeline", Role.SERVICE), "privacy"), timeout=30)
+        except grpc.RpcError as exc:
+            refused = exc
+
+        reader = f"sec-slip-reader-{int(time.time() * 1000)}"
+        headers = {"Authorization": f"Bearer {security_mesh.jwt(Role.DATA_SCIENTIST, subject=reader)}"}
+        with httpx.Client(base_url=security_mesh.url, headers=headers, timeout=30) as client:
+            for i in range(55):   # the default threshold: 50 distinct households in 10 minutes
+                assert client.get(f"/v1/household/sec-slip-blind-{i}").status_code == 404
+        alerts = _security_alerts_about(query, signer, reader)
+        assert [json.loads(r.details_json)["kind"] for r in alerts] == ["mass_household_reads"]
+        assert refused is not None, "a record dated a day ahead was appended"
+        assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT and refused_field(refused) == "records[0].ts"
+
+
+def _security_alerts_about(query, signer, principal_id: str) -> list:
+    """The ``security_alert`` records naming ``principal_id``, read as a privacy officer once
+    any is there (the audit sinks send in batches), or none after SLOW_MACHINE_S."""
+    officer = metadata(signer, Principal("sec-slip-po", Role.PRIVACY_OFFICER), "privacy")
+    deadline = time.monotonic() + SLOW_MACHINE_S
+    alerts: list = []
+    while time.monotonic() < deadline and not alerts:
+        alerts = [r for r in query(ppb.QueryAuditRequest(event_type="security_alert",
+                                                         resource_prefix=f"principal:{principal_id}", limit=10),
+                                   metadata=officer, timeout=30).records]
+        time.sleep(0.5)
+    return alerts
+
+
+def test_a_service_role_api_key_reading_many_households_raises_the_alert(security_mesh, signer):
+    """attack34: the detector skipped every household read of the service role — its reason
+    the mesh's own services (attribution resolving persons, privacy gathering exports) — so an
+    API key of that role (an ingest pipeline's) read any number of households through the
+    gateway with no ``mass_household_reads`` alert. Only the components' own principals
+    (``svc:<name>``) are exempt now (services/privacy/audit/app.py, ``_mesh_service_read``)."""
+    key = security_mesh.role_keys[Role.SERVICE]
+    with httpx.Client(base_url=security_mesh.url, headers={"X-API-Key": key}, timeout=30) as client:
+        for i in range(55):   # the default threshold: 50 distinct households in 10 minutes
+            assert client.get(f"/v1/household/sec-slip-svc-read-{i}").status_code == 404
+    with grpc.insecure_channel(f"127.0.0.1:{security_mesh.mesh.grpc_ports['privacy']}") as ch:
+        _, query = _append_and_query(ch)
+        # Another test's reads with the same key may have raised it already: one is enough.
+        alerts = _security_alerts_about(query, signer, "sec-service")
+    assert "mass_household_reads" in [json.loads(r.details_json)["kind"] for r in alerts], alerts
+
+
+@pytest.mark.parametrize("start_s, end_s, field", [
+    (365 * 86_400, 365 * 86_400 + 600, "session_start"),   # a year ahead of the prediction
+    (0, -86_400, "session_end"),                           # ending a day before it started
+    (-(30 * 365 * 86_400), -600, "session_start"),         # before 2000-01-01
+], ids=["a-year-ahead", "inverted", "before-2000"])
+def test_a_logged_predictions_session_instants_are_checked(security_mesh, signer, start_s, end_s, field):
+    """attack34: ``RecordPrediction`` checked a prediction's ``ts`` but not the instants of
+    the session it is about, by which feedback's retention purge and window erasures take
+    predictions (docs/feedback.md): any service-role caller (the Envoy edge routes
+    FeedbackService) logged a prediction about a session a year ahead, which the retention
+    purge then keeps a year past ``HEARTH_RETENTION_DAYS``, or one ending before it began,
+    which no window erasure overlaps. Each is refused naming the field; nothing is stored."""
+    from hearth.feedback.v1 import feedback_pb2 as fpb
+    from hearth.feedback.v1 import feedback_pb2_grpc as fpb_grpc
+    from services.common.pbutil import float_to_ts
+    from tests.helpers.mesh_calls import prediction
+
+    now = time.time()
+    logged = prediction(f"sec-slip-pred-{field}-{int(now * 1000)}", "sec-slip-pred-acct", age_s=60)
+    logged.session_start.CopyFrom(float_to_ts(now - 60 + start_s))
+    logged.session_end.CopyFrom(float_to_ts(now - 60 + end_s))
+    with grpc.insecure_channel(f"127.0.0.1:{security_mesh.mesh.grpc_ports['feedback']}") as ch:
+        with pytest.raises(grpc.RpcError) as info:
+            fpb_grpc.FeedbackServiceStub(ch).RecordPrediction(
+                fpb.RecordPredictionRequest(predictions=[logged]),
+                metadata=metadata(signer, Principal("sec-slip-pipeline", Role.SERVICE), "feedback"), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert refused_field(info.value) == f"predictions[0].{field}"

@@ -22,6 +22,7 @@ from services.common.storage.sql import SqliteDatabase, migrate
 from services.privacy import cli as privacy_cli
 from services.privacy.audit.domain import TamperReason
 from services.privacy.deletion import app as deletion_app
+from services.privacy.deletion import domain as deletion_domain
 from services.privacy.keys.app import KeyService
 from services.privacy.keys.domain import generate_kek
 from services.privacy.keys.store import DataKeyStore
@@ -122,6 +123,16 @@ def test_the_purge_steps_the_receipt_quotes_are_what_the_stores_report(tmp_path)
     finally:
         database.close()
 
+
+
+def test_the_receipt_examples_name_the_receipt_the_job_gets():
+    # §2's receipt example said "receipt_id":"r-7" for job-7 beside the verifier's
+    # "OK receipt r-job-7: job job-7" (session 34: a receipt read off the running mesh).
+    text = _flat()
+    pairs = re.findall(r'"job_id":"([^"]+)","key_id":"[0-9a-f]+","receipt_id":"([^"]+)"', text)
+    pairs += [(job, receipt) for receipt, job in re.findall(r"OK receipt (\S+): job (\S+),", text)]
+    assert len(pairs) >= 2
+    assert [(j, deletion_domain.receipt_id_of(j)) for j, _ in pairs] == pairs
 
 
 def test_get_v1_audit_filters_by_any_principal_the_log_holds():

@@ -56,7 +56,11 @@ class Tx(Protocol):
 class Database(Protocol):
     dialect: str
 
-    def transaction(self, readonly: bool = False) -> contextlib.AbstractContextManager[Tx]: ...
+    def transaction(self, readonly: bool = False, snapshot: bool = False) -> contextlib.AbstractContextManager[Tx]:
+        """``readonly``: reads only. ``snapshot`` (implies ``readonly``): every statement of the
+        transaction sees the same snapshot of the database, what committed before its first
+        statement — SQLite's read transaction does (WAL); PostgreSQL's only at REPEATABLE READ
+        (under the default READ COMMITTED each statement sees what committed before it)."""
     def purge_erased(self, tables: Sequence[str] = ()) -> dict[str, Any]: ...
     def close(self) -> None: ...
 
@@ -238,9 +242,11 @@ class SqliteDatabase:
                 self._local.conn = None
 
     @contextlib.contextmanager
-    def transaction(self, readonly: bool = False) -> Iterator[Tx]:
+    def transaction(self, readonly: bool = False, snapshot: bool = False) -> Iterator[Tx]:
+        """``snapshot``: a read transaction is one already (WAL: its statements read the
+        snapshot its first one began)."""
         with self._in_use() as conn, _sqlite_unavailable(self.writes):
-            conn.execute("BEGIN DEFERRED" if readonly else "BEGIN IMMEDIATE")
+            conn.execute("BEGIN DEFERRED" if readonly or snapshot else "BEGIN IMMEDIATE")
             try:
                 yield _SqliteTx(conn)
             except BaseException:
@@ -436,10 +442,15 @@ class PostgresDatabase:
         )
 
     @contextlib.contextmanager
-    def transaction(self, readonly: bool = False) -> Iterator[Tx]:
+    def transaction(self, readonly: bool = False, snapshot: bool = False) -> Iterator[Tx]:
         """``readonly`` changes nothing here (MVCC readers never wait for writers); it
-        is accepted so that stores state intent once for both backends."""
+        is accepted so that stores state intent once for both backends. ``snapshot``: the
+        transaction is REPEATABLE READ, READ ONLY — its statements see one snapshot, taken
+        at its first (READ COMMITTED, the default, takes one per statement). Said in its
+        BEGIN (the connection's attributes, reset after): no statement more. A read-only
+        transaction never fails to serialise at this level."""
         import psycopg
+        from psycopg import IsolationLevel
         from psycopg_pool import PoolClosed
 
         from services.common.client import serving_time_left
@@ -454,10 +465,19 @@ class PostgresDatabase:
         left = serving_time_left()
         try:
             with self._pool.connection(timeout=min(POOL_WAIT_S, left) if left is not None else None) as conn:
-                with conn.transaction(), conn.cursor() as cur:
-                    if left is not None:
-                        cur.execute(f"SET LOCAL statement_timeout = {max(1, int(left * 1000))}")
-                    yield _PostgresTx(cur, self.schema)
+                if snapshot:
+                    conn.isolation_level, conn.read_only = IsolationLevel.REPEATABLE_READ, True
+                try:
+                    with conn.transaction(), conn.cursor() as cur:
+                        if left is not None:
+                            cur.execute(f"SET LOCAL statement_timeout = {max(1, int(left * 1000))}")
+                        yield _PostgresTx(cur, self.schema)
+                finally:
+                    if snapshot:
+                        try:
+                            conn.isolation_level, conn.read_only = None, None
+                        except psycopg.Error:
+                            conn.close()   # the pool replaces it: never a read-only connection handed on
         except psycopg.OperationalError as exc:
             if isinstance(exc, psycopg.errors.DiskFull):
                 self.writes.refused(f"DiskFull: {exc}")

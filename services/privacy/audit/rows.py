@@ -122,14 +122,21 @@ class StoredEntry:
 def record_to_entry(record: AuditRecord, seq: int, reporter: str | None = None) -> AuditEntry:
     """The domain entry for a validated record at ``seq`` (ValueError naming the field).
     ``reporter``: who sent the record; noted as ``details.reported_by`` when the record
-    is about someone else and does not name a reporter already."""
+    is about someone else. A ``reported_by`` the record brings must be the caller
+    (attack34: it was kept whatever it said, so any service-role client appended records
+    about a person "reported by svc:gateway", leaving no trace of who wrote them)."""
     try:
         ts = datetime.fromtimestamp(record.ts, UTC)
     except (OverflowError, OSError, TypeError, ValueError):
         raise ValueError(f"ts: not a representable Unix time: {record.ts!r}") from None
     details = _decode_details(record.details_json)
-    if reporter is not None and reporter != record.principal and "reported_by" not in details:
-        details["reported_by"] = reporter  # a dict decoded just now: nobody else holds it
+    if reporter is not None:
+        claimed = details.get("reported_by", reporter)
+        if claimed != reporter:
+            raise ValueError(f"details.reported_by: {claimed!r} is not the caller {reporter!r} "
+                             "(the log notes who reported a record itself)")
+        if reporter != record.principal:
+            details["reported_by"] = reporter  # a dict decoded just now: nobody else holds it
     return AuditEntry.build(
         seq, ts, record.event_type, record.principal, record.role, record.resource,
         record.outcome, record.trace_id, details)

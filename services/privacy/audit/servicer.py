@@ -16,7 +16,7 @@ from hearth.privacy.v1 import privacy_pb2_grpc as pb_grpc
 from services.common import identity
 from services.common.audit import OUTCOME_ALIASES, AuditRecord
 from services.common.errors import InvalidArgument
-from services.common.ids import check_query_ts
+from services.common.ids import MAX_FUTURE_SKEW_S, check_query_ts
 from services.common.pbutil import float_to_ts
 from services.privacy.audit.app import AuditApp
 from services.privacy.audit.rows import StoredEntry
@@ -70,6 +70,11 @@ def record_from_pb(message: pb.AuditRecord, index: int, caller: identity.Princip
         raise InvalidArgument(f"at most {MAX_DETAILS_CHARS} characters of details (as JSON), got {len(details_json)}",
                               f"{where}.details_json" if message.details_json else f"{where}.details")
     ts = _ts_seconds(message, "ts", f"{where}.ts")
+    if ts is not None and ts > now + MAX_FUTURE_SKEW_S:
+        # A record tells what happened (attack34: one dated a day ahead moved the suspicious-
+        # activity detector's clock past every later entry, and no alert fired after it).
+        raise InvalidArgument(f"must lie between 1970-01-01 and {int(MAX_FUTURE_SKEW_S // 60)} minutes from now "
+                              "(the server's clock)", f"{where}.ts")
     return AuditRecord(
         ts=now if ts is None else ts, event_type=message.event_type, principal=principal,
         role=role_name, resource=message.resource,

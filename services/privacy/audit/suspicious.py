@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import enum
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from services.privacy.audit.domain import AuditEntry, EventType
 
@@ -106,8 +106,13 @@ class _Window:
 class SuspiciousActivityDetector:
     """Feed audit entries with ``observe``; get ``SecurityEvent`` alerts back."""
 
-    def __init__(self, thresholds: DetectorThresholds | None = None) -> None:
+    def __init__(self, thresholds: DetectorThresholds | None = None,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        """``clock``: the wall clock. An entry dated ahead of it counts as of now, so no
+        entry moves the windows past the entries still to come (attack34: one appended
+        record dated a day ahead made every later entry "too late to matter")."""
         self.thresholds = thresholds or DetectorThresholds()
+        self._clock = clock
         if not isinstance(self.thresholds, DetectorThresholds):
             raise ValueError("thresholds: expected DetectorThresholds")
         self._windows: dict[tuple[str, str], _Window] = {}
@@ -151,10 +156,13 @@ class SuspiciousActivityDetector:
         if not isinstance(entry, AuditEntry):
             raise ValueError(f"entry: expected AuditEntry, got {type(entry).__name__}")
         t = self.thresholds
-        if self._latest is None or entry.ts > self._latest:
-            self._latest = entry.ts
+        ts = entry.ts
+        if self._latest is None or ts > self._latest:
+            ts = min(ts, self._clock())
+            if self._latest is None or ts > self._latest:
+                self._latest = ts
         cutoff = self._latest - t.window
-        if entry.ts <= cutoff:
+        if ts <= cutoff:
             return []  # too late to matter for any current window
         self._observed += 1
         if self._observed % _SWEEP_EVERY == 0:
@@ -163,14 +171,14 @@ class SuspiciousActivityDetector:
         kind = entry.event_type
         if kind in (EventType.READ_HOUSEHOLD, EventType.EXPORT) and entry.resource:
             w = self._window("reads", entry.principal, cutoff)
-            w.add(entry.ts, entry.resource, 1)
+            w.add(ts, entry.resource, 1)
             alert = self._check(w, len(w.distinct), t.distinct_households,
                                 SecurityEventKind.MASS_HOUSEHOLD_READS, entry)
             if alert:
                 alerts.append(alert)
         if kind is EventType.AUTHENTICATION_FAILURE:
             w = self._window("auth", entry.principal, cutoff)
-            w.add(entry.ts, "", 1)
+            w.add(ts, "", 1)
             alert = self._check(w, len(w.items), t.auth_failures,
                                 SecurityEventKind.REPEATED_AUTH_FAILURES, entry)
             if alert:
@@ -180,7 +188,7 @@ class SuspiciousActivityDetector:
             if isinstance(records, bool) or not isinstance(records, int) or records < 0:
                 records = 0  # a malformed count must not hide the export itself
             w = self._window("exports", entry.principal, cutoff)
-            w.add(entry.ts, "", records)
+            w.add(ts, "", records)
             over_count = len(w.items) >= t.exports
             over_records = w.weight >= t.export_records
             value = len(w.items) if over_count or not over_records else w.weight

@@ -15,7 +15,10 @@ service, this one included:
 * **Retries**: a service that fails or cannot be reached is retried with exponential
   backoff (``deletion.fail_service``; ``HEARTH_DELETION_RETRY_*``) until it confirms;
   only a non-retryable answer (INVALID_ARGUMENT, PERMISSION_DENIED,
-  FAILED_PRECONDITION) or ``HEARTH_DELETION_MAX_ATTEMPTS`` fails the job.
+  FAILED_PRECONDITION) or ``HEARTH_DELETION_MAX_ATTEMPTS`` fails the job — except a
+  FAILED_PRECONDITION for a device/person/window scope whose household's data key is
+  destroyed: nothing is left to erase there, the step is confirmed ``already_erased``
+  (``_erase_or_shredded``).
 * **Durability**: every confirmation is stored (compare-and-swap on the job row)
   before the next service is called; a replica claims a job with a lease, so after a
   crash the job is resumed by whoever looks next (the restarted process included).
@@ -68,7 +71,7 @@ from services.common.text import MAX_REASON_CHARS, MAX_REQUEST_ID_CHARS, check_t
 from services.privacy.audit.domain import format_ts
 from services.privacy.deletion.domain import (
     DeletionJob, JobState, RetryPolicy, ServiceStatus, build_receipt, confirm_service,
-    due_services, fail_service, new_job, start_job)
+    due_services, fail_service, new_job, receipt_id_of, start_job)
 from services.privacy.keys.signing import Ed25519PrivateKey, key_id, public_key_to_pem
 from services.privacy.deletion.receipts import (
     ReceiptVerificationError, ServiceDeletion, SignedReceipt, sign_receipt, verify_receipt)
@@ -111,6 +114,15 @@ CLOCK_DISAGREES = Gauge("hearth_deletion_clock_disagrees",
 CLOCK_OFFSET.set(float("nan"))
 OLDEST_OPEN_JOB_AGE = Gauge("hearth_deletion_oldest_open_job_age_seconds",
                             "Age of the oldest deletion job not yet completed or failed (0: none)")
+# The last successful off-site ledger export (`hearth ledger export`, the chart's ledger
+# CronJob every 5 minutes), read from privacy's database on every scrape: the export runs
+# in a Job Prometheus does not scrape, so the service it exports from says when it last
+# worked (HearthLedgerExportStale; session 34). NaN: no export recorded yet, or the
+# database unreadable (its own alerts).
+LAST_LEDGER_EXPORT = Gauge("hearth_ledger_last_export_timestamp_seconds",
+                           "Unix time of the last successful off-site deletion ledger export "
+                           "(hearth ledger export; NaN: none recorded)")
+LAST_LEDGER_EXPORT.set(float("nan"))
 
 # Erase order: one stage after the other; services within a stage in this order.
 # Attribution's person scope resolves touchpoints with clustering's person assignments,
@@ -168,10 +180,12 @@ class Peers(Protocol):
 # A streamed part's deadline (GrpcPeers.export): the caller's own deadline bounds it.
 EXPORT_STREAM_TIMEOUT_S = 3600.0
 # How a process of a release before session 26 refuses ExportAccountStream /
-# ExportHouseholdStream: its permission matrix refuses an RPC it does not list, for every
-# role (PERMISSION_DENIED), before gRPC could answer UNIMPLEMENTED (seen through real
-# processes: tests/e2e/test_export_rolling_upgrade_e2e.py). The unary call the caller falls
-# back to is judged by the same matrix, so a caller really refused is refused again there.
+# ExportHouseholdStream: UNIMPLEMENTED, as it shipped (it serves no such RPC; seen through
+# real processes on that release's own generated protos: tests/e2e/
+# test_export_rolling_upgrade_e2e.py — until session 34 the test ran it on this checkout's,
+# whose servicer base lists the RPC, and its permission matrix answered PERMISSION_DENIED).
+# PERMISSION_DENIED is kept: the unary call the caller falls back to is judged by the
+# permission matrix, so a caller really refused is refused again there.
 OLDER_RELEASE_CODES = frozenset({grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED})
 
 
@@ -222,7 +236,8 @@ class GrpcPeers:
         except grpc.RpcError as exc:
             if exc.code() not in OLDER_RELEASE_CODES:
                 raise
-            log.info("%s has no ExportAccountStream (an older release): its export part is one message", service)
+            log.info("%s has no ExportAccountStream (%s: an older release): its export part is one message",
+                     service, exc.code().name)
             response = self._peers[service].call("ExportAccount", request, timeout_s=self._export_timeout,
                                                  on_behalf_of_caller=True)
             yield response.json.encode("utf-8")
@@ -368,8 +383,17 @@ class DeletionCoordinator:
             return float("nan")
         return max(0.0, self._wall() - oldest) if oldest is not None else 0.0
 
+    def last_ledger_export_at(self) -> float:
+        # A scrape's callback, as oldest_open_age_s: never raises; unknown is NaN.
+        try:
+            at = self.jobs.last_ledger_export_at()
+        except Exception:  # noqa: BLE001 - a gauge callback has no caller to report to
+            return float("nan")
+        return at if at is not None else float("nan")
+
     def start(self) -> None:
         OLDEST_OPEN_JOB_AGE.set_function(self.oldest_open_age_s)
+        LAST_LEDGER_EXPORT.set_function(self.last_ledger_export_at)
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="deletion-worker", daemon=True)
             self._thread.start()
@@ -665,14 +689,14 @@ class DeletionCoordinator:
                     return stored
                 receipt_json = None
                 try:
-                    result, counts, already = self._erase(service, job)
+                    result, counts, already = self._erase_or_shredded(service, job)
                     # Never before the request: a receipt whose completion precedes it does
                     # not verify (receipts.py), and a job requested by a replica whose clock
                     # is ahead, or completed after a step back, failed its every attempt.
                     job = confirm_service(job, service, result, max(self._clock(), job.requested_at))
                     erasures[service] = {"deleted_counts": counts, "already_erased": already}
                     if job.state is JobState.COMPLETED:
-                        receipt = build_receipt(job, f"r-{job.job_id}", self.key_id)
+                        receipt = build_receipt(job, receipt_id_of(job.job_id), self.key_id)
                         receipt_json = sign_receipt(receipt, self.signing_key).to_json()
                 except Exception as exc:  # noqa: BLE001 - classified: retry or fail the job
                     log.warning("job %s: erase in %s failed: %s", job.job_id, service, _describe(exc))
@@ -737,6 +761,34 @@ class DeletionCoordinator:
                         "complete": p.complete} for p in result.purges)
         return (ServiceDeletion(sum(counts.values()), result.deleted_ids_sha256.hex(), purges), counts,
                 bool(result.already_erased))
+
+    def _erase_or_shredded(self, service: str, job: DeletionJob) -> tuple[ServiceDeletion, dict[str, int], bool]:
+        """``_erase``, with the one rule for a scope whose household was crypto-shredded
+        meanwhile: a peer that answers FAILED_PRECONDITION (the stores' answer when the
+        household's data key is destroyed) for a device, person or window scope of a
+        household whose key IS destroyed has nothing left to erase there — what it still
+        holds of the household opens under no key, and the household's own job (the only
+        thing that shreds a key, HOUSEHOLD_STAGES) erases its rows. The step is confirmed
+        ``already_erased`` with a count of 0, the later services still erase and the job
+        completes with a signed receipt. Until session 34 such a job ended ``failed``
+        (FAILED_PRECONDITION is not retried): a device erasure sent with its household's
+        reached clustering after the shred but before the household's Erase there, its
+        feedback step never ran and no receipt was signed (attack34;
+        tests/e2e/test_erasure_after_shred_e2e.py). A household scope is not covered: its
+        own rows are what nobody else erases, so its refusal still fails the job."""
+        try:
+            return self._erase(service, job)
+        except grpc.RpcError as exc:
+            scope = job.scope
+            if (service == "privacy" or scope.kind == "household" or scope.all_accounts or self.keys is None
+                    or not isinstance(exc.code(), grpc.StatusCode)
+                    or exc.code() is not grpc.StatusCode.FAILED_PRECONDITION
+                    or not self.keys.is_shredded(scope.account_id)):
+                raise
+            log.warning("job %s: %s refused the erase (%s): the household's data key is destroyed, nothing "
+                        "of the scope is readable there: confirmed as already erased", job.job_id, service,
+                        _describe(exc))
+            return ServiceDeletion(0, ids_digest(()).hex(), ()), {}, True
 
     def _erase_local(self, job: DeletionJob) -> tuple[list[str], list[dict]]:
         """The privacy service's own part: its cached copies of the scope (consent
@@ -827,7 +879,7 @@ class DeletionCoordinator:
         job = stored.job
         total = sum(p.result.count for p in job.services.values() if p.result)
         event = audit.RETENTION_PURGE if stored.reason == RETENTION_REASON else audit.DELETION_COMPLETED
-        self._audit(event, job, details={"job_id": job.job_id, "receipt_id": f"r-{job.job_id}",
+        self._audit(event, job, details={"job_id": job.job_id, "receipt_id": receipt_id_of(job.job_id),
                                          "scope": job.scope.kind.value, "records": total})
 
     def _audit_failed(self, stored: StoredJob) -> None:

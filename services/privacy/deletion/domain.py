@@ -311,6 +311,11 @@ def receipt_from_results(
     )
 
 
+def receipt_id_of(job_id: str) -> str:
+    """The id of a job's receipt (docs/privacy.md §2's example follows it)."""
+    return f"r-{job_id}"
+
+
 def build_receipt(job: DeletionJob, receipt_id: str, key_id: str) -> DeletionReceipt:
     """Receipt contents of a completed job (sign with ``receipts.sign_receipt``)."""
     _require(job, JobState.COMPLETED, action="issue a receipt for")

@@ -35,6 +35,9 @@ def _ts(value: datetime | None) -> float | None:
     return value.timestamp() if value is not None else None
 
 
+# The off-site deletion ledger's row in ledger_exports (the CronJob's one file).
+LEDGER_EXPORT_NAME = "deletion-ledger"
+
 # No stored time is later than this (year 33658): "no bound" in due/claim.
 _NEVER = 1e12
 
@@ -225,6 +228,25 @@ class DeletionJobStore:
             rows = tx.query("SELECT offset_s FROM deletion_clocks WHERE worker <> ? AND measured_at >= ?",
                             (worker, server_now - live_s))
         return [float(r[0]) for r in rows]
+
+    def record_ledger_export(self, exported_at: float, export_id: str, entries: int,
+                             name: str = LEDGER_EXPORT_NAME) -> None:
+        """Note a successful off-site ledger export (``hearth ledger export``, after its file
+        is in place): what hearth_ledger_last_export_timestamp_seconds reads. Never moves it
+        back: an export noted after a newer one (two runs overlapping, one slower) is not
+        the last (review34)."""
+        with self.db.transaction() as tx:
+            tx.execute("INSERT INTO ledger_exports (name, exported_at, export_id, entries) VALUES (?, ?, ?, ?) "
+                       "ON CONFLICT (name) DO UPDATE SET exported_at = excluded.exported_at, "
+                       "export_id = excluded.export_id, entries = excluded.entries "
+                       "WHERE excluded.exported_at > ledger_exports.exported_at",
+                       (name, float(exported_at), export_id, int(entries)))
+
+    def last_ledger_export_at(self, name: str = LEDGER_EXPORT_NAME) -> float | None:
+        """When the last successful off-site ledger export was exported; None: never."""
+        with self.db.transaction(readonly=True) as tx:
+            rows = tx.query("SELECT exported_at FROM ledger_exports WHERE name = ?", (name,))
+        return float(rows[0][0]) if rows else None
 
     def for_account(self, account_id: str) -> list[StoredJob]:
         with self.db.transaction(readonly=True) as tx:   # an export's read (``_row``)

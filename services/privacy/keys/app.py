@@ -349,6 +349,13 @@ class KeyService:
         return [f"data_key:{account_id}:v{v}" if v != DIGEST_KEY_VERSION else f"digest_key:{account_id}"
                 for v in sorted(destroyed, key=lambda v: v == DIGEST_KEY_VERSION) if v not in already]
 
+    def is_shredded(self, account_id: str) -> bool:
+        """Whether the household's data keys are destroyed (crypto-shredded by its erasure),
+        read from the store (another replica may have shredded it)."""
+        with self._lock:
+            self._refresh(account_id, force=True)
+            return self.ring.is_destroyed(account_id)
+
     # ---- data key rotation (keys/rotation.py drives it) -----------------------------------
 
     def begin_rotation(self, account_id: str, create: bool = True,

@@ -1,5 +1,5 @@
 """The model refresh an ingest batch schedules reads only the sessions closed since the
-model's last update (ClusteringStore.closed_tail, ModelKeeper._arrivals_only) and
+model's last update (ClusteringStore.closed_tail, ModelKeeper._arrivals) and
 leaves what main's refresh left, field by field: the stored model, every session's
 person and probabilities, the drift events, the answers (docs/clustering.md "The model
 refresh reads what changed")."""
@@ -36,11 +36,11 @@ class ClockedStore(ClusteringStore):
 
     now = T0
 
-    def closed_sessions(self, account_id, now=None):
-        return super().closed_sessions(account_id, self.now if now is None else now)
+    def closed_sessions(self, account_id, now=None, tx=None):
+        return super().closed_sessions(account_id, self.now if now is None else now, tx=tx)
 
-    def closed_tail(self, account_id, start, now=None):
-        return super().closed_tail(account_id, start, self.now if now is None else now)
+    def closed_tail(self, account_id, start, now=None, tx=None):
+        return super().closed_tail(account_id, start, self.now if now is None else now, tx=tx)
 
     def closed_session_count(self, account_id, now=None, before=None):
         return super().closed_session_count(account_id, self.now if now is None else now, before)
@@ -49,16 +49,17 @@ class ClockedStore(ClusteringStore):
 class FullSnapshotKeeper(ModelKeeper):
     """Main's refresh before this change: every refresh reads every closed session."""
 
-    def _arrivals_only(self, account_id, current, variant):
-        return False
+    def _arrivals(self, account_id, current, variant, reads):
+        return None
 
 
 class EveryRowKeeper(FullSnapshotKeeper):
     """Main's fold (d3fbe5f): every refresh reads every closed session by
     ``closed_sessions`` and writes every answer, changed or not."""
 
-    def snapshot(self, account_id):
-        return self.snapshot_of(account_id, self.store.closed_sessions(account_id))
+    def snapshot(self, account_id, reads=None):
+        return self.snapshot_of(account_id, self.store.closed_sessions(account_id, tx=reads and reads.tx),
+                                reads=reads)
 
 
 def _store(root: Path, name: str, ring: KeyRing) -> ClockedStore:
@@ -179,14 +180,14 @@ def _run(spec, ops, variant: str, seed: int, keepers=(ModelKeeper, FullSnapshotK
             store = _store(Path(root), name, ring)
             apps.append(ClusteringApp(store, keeper=cls(store, lambda _a: variant), background=False))
         tail_app = apps[0]
-        original = tail_app.keeper._arrivals_only
+        original = tail_app.keeper._arrivals
 
         def counted(*args):
             nonlocal quick_refreshes
             done = original(*args)
-            quick_refreshes += done
+            quick_refreshes += done is not None
             return done
-        tail_app.keeper._arrivals_only = counted
+        tail_app.keeper._arrivals = counted
         rest = [("batch", 3, (0.0, 1801.0)[i % 2]) for i in range(len(events) // 3 + 1)]
         for op in [*ops, *rest, ("batch", len(events), 2 * GAP_S)]:
             answers = []

@@ -119,3 +119,17 @@ def test_invalid_thresholds(kwargs, match):
         DetectorThresholds(**kwargs)
     with pytest.raises(ValueError, match="entry"):
         SuspiciousActivityDetector().observe("not an entry")
+
+
+def test_an_entry_dated_ahead_of_the_clock_does_not_make_later_entries_too_late():
+    """attack34: the detector's clock was the newest entry time it saw, so one entry dated
+    ahead (an appended record; AppendAudit allows 10 minutes of skew) put every later entry
+    before the window's cutoff and no rule fired. It now counts as of the wall clock."""
+    now = T0 + timedelta(hours=1)
+    det = SuspiciousActivityDetector(DetectorThresholds(window=timedelta(minutes=10), distinct_households=5),
+                                     clock=lambda: now)
+    s = Stream()
+    assert det.observe(s(EventType.INGEST, principal="mallory", seconds=3600 + 599)) == []
+    alerts = det.observe_many(s(EventType.READ_HOUSEHOLD, principal="eve", resource=f"hh{i}", seconds=3600 - 5 + i)
+                              for i in range(5))
+    assert [(a.kind, a.principal, a.count) for a in alerts] == [(SecurityEventKind.MASS_HOUSEHOLD_READS, "eve", 5)]

@@ -166,7 +166,47 @@ def test_generated_table_marks_exactly_the_granted_cells():
     for route, permission in permissions.ROUTES.items():
         line = next(l for l in table.splitlines() if l.startswith(f"| `{route}` |"))
         cells = [c.strip() for c in line.strip("|").split("|")][2:]
-        assert cells == ["yes" if permissions.allowed(r, permission) else "—" for r in roles]
+        assert cells == ["yes" if permissions.client_allowed(r, permission) else "—" for r in roles]
+    for service, methods in permissions.RPCS.items():
+        for method, permission in methods.items():
+            line = next(l for l in table.splitlines() if l.startswith(f"| `{service.split('.')[-1]}/{method}` |"))
+            cells = [c.strip() for c in line.strip("|").split("|")][2:]
+            assert cells == ["yes" if permissions.allowed(r, permission) else "—" for r in roles]
+
+
+CONSENT_READS = ("/hearth.privacy.v1.Consent/GetConsent", "/hearth.privacy.v1.Consent/GetConsents")
+
+
+def test_in_the_service_role_only_the_data_holders_read_consent():
+    """An API key is bound to a principal and a role, no account: in the service role (an
+    ingest pipeline's) it read every account's consent until session 34. The data holders
+    that enforce consent (as svc:<name>, signed with their own keys) and the people's roles
+    that set it read it; no other service-role principal does, over HTTP or gRPC."""
+    for rpc in CONSENT_READS:
+        for reader in (service_principal("clustering"), service_principal("attribution"),
+                       service_principal("feedback"), who(Role.ADMIN), who(Role.PRIVACY_OFFICER)):
+            authorize_rpc(reader, rpc)
+        for other in (who(Role.SERVICE), Principal("ingest-pipeline", Role.SERVICE), service_principal("privacy"),
+                      who(Role.ANALYST), who(Role.DATA_SCIENTIST)):
+            with pytest.raises(PermissionDenied):
+                authorize_rpc(other, rpc)
+    route = "GET /v1/consent/{account_id}"
+    for reader in (who(Role.ADMIN), who(Role.PRIVACY_OFFICER)):
+        authorize_route(reader, route)
+    for other in (who(Role.SERVICE), Principal("ingest-pipeline", Role.SERVICE), who(Role.ANALYST)):
+        with pytest.raises(PermissionDenied):
+            authorize_route(other, route)
+    assert [r for r in Role if permissions.client_allowed(r, Permission.READ_CONSENT)] == [
+        Role.ADMIN, Role.PRIVACY_OFFICER]
+
+
+def test_a_service_role_key_keeps_what_it_ingests_with():
+    """The restriction is read_consent's alone: the service role's other permissions
+    stay an API key's."""
+    for permission in permissions.ROLE_PERMISSIONS[Role.SERVICE]:
+        named = permission in permissions.ONLY_PRINCIPALS or permission in permissions.SERVICE_ROLE_ONLY
+        assert permissions.client_allowed(Role.SERVICE, permission) is not named, permission
+        assert permissions.principal_allowed(Principal("ingest-pipeline", Role.SERVICE), permission) is not named
 
 
 def test_a_service_may_fetch_the_calibrator_clustering_applies():

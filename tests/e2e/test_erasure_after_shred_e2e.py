@@ -1,0 +1,108 @@
+"""attack34: an erasure of one device (person, window) racing its household's erasure.
+
+Person, device, window and household deletions of one account sent together: the household
+job shreds the data key first (HOUSEHOLD_STAGES), then erases each store. A device job that
+reached a store after the shred but before the household job's Erase there met the
+household's data still stored and no key to keep the erased ids' digests under: the store
+answered FAILED_PRECONDITION "data key destroyed", which a job does not retry — the job
+ended `failed`, its later steps (feedback) never ran and no receipt was signed, with
+nothing of the household left once the household job completed. Now the job runner
+(services/privacy/deletion/app.py) answers such a step as done, `already_erased`: the
+household's data there opens under no key and the household job erases its rows. Made
+deterministic through real processes: clustering is stopped while the household job
+reaches it, so that job waits out a long retry backoff, and the device job is asked for
+once clustering is back."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+
+import httpx
+
+from services.testing.mesh import ROOT, running_mesh
+from tests.helpers.timestamps import iso_utc as _iso
+from tests.helpers.waiting import SLOW_MACHINE_S, deletion_job, deletion_step_attempted
+
+DAY = 86400.0
+# The household job's next attempt at clustering, once clustering refused its first: long
+# enough (the jitter takes up to a fifth off) for clustering's restart and the device job.
+HOUSEHOLD_RETRY_S = 45.0
+
+
+def _events(client: httpx.Client, acct: str, device: str, start: float, n: int) -> None:
+    body = {"events": [{"event_id": f"{acct}-{device}-{i}", "account_id": acct, "device_id": device,
+                        "device_type": "tv", "ts": _iso(start + i * 300), "kind": "heartbeat",
+                        "title_id": f"title-{i}", "series_id": "show-1", "genres": ["drama"], "duration_s": 300,
+                        "maturity": "adult", "country": "FR"} for i in range(n)]}
+    r = client.post("/v1/events", json=body)
+    assert r.status_code == 200, r.text
+
+
+def test_a_device_erasure_reaching_a_store_after_its_households_key_was_shredded_completes(tmp_path):
+    env = {"HEARTH_DELETION_POLL_S": "0.1", "HEARTH_DELETION_RETRY_BASE_S": str(HOUSEHOLD_RETRY_S),
+           "HEARTH_DELETION_RETRY_MAX_S": str(HOUSEHOLD_RETRY_S), "HEARTH_DELETION_LEASE_S": "5",
+           "HEARTH_RETENTION_CHECK_S": "0", "HEARTH_ERASURE_FENCE_S": "0.2"}
+    acct = "race-hh"
+    with running_mesh(tmp_path / "mesh", {"olivia": "admin"}, timeout_s=120, extra_env=env) as mesh, \
+            httpx.Client(base_url=mesh.url, headers={"X-API-Key": mesh.api_key}, timeout=30) as client:
+        t0 = time.time() - 3 * DAY
+        _events(client, acct, "tv-1", t0, 4)
+        _events(client, acct, "ph-1", t0 + DAY, 3)
+        mesh.stop_process("clustering")
+        try:
+            r = client.post("/v1/delete", json={"scope": {"kind": "household", "account_id": acct}})
+            assert r.status_code == 202, r.text
+            household_job = r.json()["job_id"]
+            # the key shredded, attribution erased, clustering refused once
+            body, clustering = deletion_step_attempted(client, household_job, "clustering")
+            assert body["state"] == "running" and not clustering["confirmed"], body
+        finally:
+            mesh.start_service("clustering")
+        refused_at = time.monotonic()
+        mesh.wait_healthy()
+        # The household's data is still in clustering, its key gone: the device job gets there first.
+        r = client.post("/v1/delete", json={"scope": {"kind": "device", "account_id": acct, "device_id": "tv-1"}})
+        assert r.status_code == 202, r.text
+        job = deletion_job(client, r.json()["job_id"])
+        household = client.get(f"/v1/delete/{household_job}").json()
+        assert household["state"] == "running", ("the household job erased clustering before the device job "
+                                                 "got there: the race was not made", household)
+        assert time.monotonic() - refused_at < HOUSEHOLD_RETRY_S * 0.8
+        assert job["state"] == "completed", job
+        by = {s["service"]: s for s in job["services"]}
+        assert set(by) == {"attribution", "clustering", "feedback", "privacy"}, job
+        assert all(s["confirmed"] for s in by.values()), job
+        assert by["clustering"]["already_erased"] is True and not by["clustering"]["deleted_counts"], job
+        receipt = job["receipt"]
+        assert receipt["receipt"]["scope"] == {"kind": "device", "account_id": acct, "device_id": "tv-1"}
+        assert set(receipt["receipt"]["services"]) == set(by)
+        path = tmp_path / "receipt.json"
+        path.write_text(json.dumps(receipt))
+        verified = subprocess.run([sys.executable, "-m", "services.privacy.cli", "verify-receipt", str(path),
+                                   "--public-key", str(mesh.data_dir / "privacy-receipt-signing.pub")],
+                                  cwd=ROOT, capture_output=True, text=True)
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        # The household job still erases what clustering held, and completes.
+        household = deletion_job(client, household_job, timeout_s=HOUSEHOLD_RETRY_S + SLOW_MACHINE_S)
+        assert household["state"] == "completed", household
+        assert _rows_of(mesh.data_dir, acct) == {}
+
+
+def _rows_of(data_dir, account: str) -> dict[str, int]:
+    """Rows naming ``account`` in every table of every data-holding service's SQLite file."""
+    found: dict[str, int] = {}
+    for service in ("clustering", "attribution", "feedback"):
+        conn = sqlite3.connect(data_dir / f"{service}.db")
+        try:
+            for (table,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+                if "account_id" in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}:
+                    n = conn.execute(f"SELECT COUNT(*) FROM {table} WHERE account_id = ?", (account,)).fetchone()[0]
+                    if n:
+                        found[f"{service}.{table}"] = n
+        finally:
+            conn.close()
+    return found
