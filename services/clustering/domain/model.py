@@ -144,6 +144,22 @@ JOIN_MIN_SESSIONS = 4.0   # a newcomer's expected sessions since the change poin
 JOIN_MIN_RATIO = 8.0      # a newcomer's share after / before the change point
 LEAVE_MIN_OLD_SHARE = 0.1  # a leaver's share before the change point
 LEAVE_MAX_RATIO = 0.25    # a leaver's share after / before the change point
+# A leave by a personal device's silence (_detect_device_silence, silent_personal_device):
+# a personal device (its own id, a personal device type) that had at least
+# SILENT_DEVICE_MIN_SHARE of the household's sessions before the last SILENT_DEVICE_WINDOW
+# and none in them is a leave. It reads the buffer's device slots only, not the persons:
+# a leaver the model never gave a person of their own (the share test's main miss,
+# sessions 15-33) still leaves their phone silent. Once fired it looks only at sessions
+# from the window on (one silence, one event); it changes no person. Chosen on TUNING
+# (session 34, docs/benchmarks.md "A leave by a personal device's silence, wired"): the
+# window x share grid replayed on both TUNING seeds and the change suite; 25 sessions at a
+# share of 1/5 adds the most detection with the stream's false alarms plus its own within
+# one per household-quarter on every set (session 25's 30 sessions at 1/6 fires 5-10
+# sessions later than a 30-session detection window allows). None: off.
+SILENT_DEVICE_MIN_SHARE: float | None = 0.2
+SILENT_DEVICE_WINDOW = 25       # sessions the device must be silent for
+SILENT_DEVICE_MIN_HISTORY = 20  # sessions before the window (the reference it is silent against)
+SILENT_DEVICE_REFERENCE = 200   # the newest sessions before the window make the reference
 # A newcomer's birth (_birth_of_newcomer): every check, one more person is seeded from
 # the recent sessions the model explains worst and from devices first seen in them;
 # kept (and reported as a join) when that person's share passes the join test above
@@ -638,6 +654,32 @@ def _share_change_llr(old: np.ndarray, n_old: int, new: np.ndarray, n_new: int) 
     return np.maximum(ll(old, n_old) + ll(new, n_new) - ll(old + new, n_old + n_new), 0.0)
 
 
+def silent_personal_device(slots: np.ndarray, personal: np.ndarray, start: int = 0,
+                           window: int = SILENT_DEVICE_WINDOW, min_history: int = SILENT_DEVICE_MIN_HISTORY,
+                           reference: int = SILENT_DEVICE_REFERENCE) -> tuple[int, float] | None:
+    """Of the sessions ``start:`` (``slots``: each session's device slot, -1 unknown;
+    ``personal``: its device type is a personal one), the personal device with the largest
+    share of the reference (the newest ``reference`` sessions before the last ``window``,
+    at least ``min_history`` of them) and no session in that window: (slot, share), or None
+    when no personal device is silent or the sessions are too few."""
+    slots = np.asarray(slots, dtype=np.int64)
+    n = slots.size
+    w0 = n - window
+    start = max(int(start), 0)
+    if w0 - start < min_history:
+        return None
+    r0 = max(start, w0 - reference)
+    own = np.where(np.asarray(personal, dtype=bool) & (slots >= 0), slots, -1)
+    ref, win = own[r0:w0], own[w0:]
+    seen = np.unique(ref[ref >= 0])
+    silent = seen[~np.isin(seen, win)]
+    if not silent.size:
+        return None
+    counts = (ref[:, None] == silent[None, :]).sum(axis=0)
+    j = int(counts.argmax())
+    return int(silent[j]), float(counts[j]) / float(w0 - r0)
+
+
 class ModelFormatError(ValueError):
     """Bytes that are not a HouseholdModel of a supported format version."""
 
@@ -885,6 +927,8 @@ class HouseholdModel:
         self.composition_events: list[dict] = []
         self.inactive: set[str] = set()  # persons reported as having left
         self.joined: set[str] = set()    # persons reported as having joined
+        # _detect_device_silence looks at sessions from this session count on (its restart)
+        self.silence_from = 0
         self.birth_statistics: dict | None = None  # the last newcomer check's figures (not stored)
         self.n_sessions = 0
         self.fit_sessions = 0   # n_sessions at the last full fit (fit()); see folded_in
@@ -1561,6 +1605,7 @@ class HouseholdModel:
                     if self.mixture.n_components == persons:
                         self._newcomer_on_new_device()
                     self._detect_composition()
+                    self._detect_device_silence()
                     self._adopt_reserved_ids()
             except MixtureNumericalError:
                 # Incremental step failed: k-means on the new sessions with as many
@@ -2036,6 +2081,31 @@ class HouseholdModel:
             elif pid in self.inactive and since[j] >= 2.0:
                 self.inactive.discard(pid)  # back again: a later absence is news again
 
+    def _detect_device_silence(self) -> None:
+        """A leave by a personal device's silence (silent_personal_device on the buffer's
+        device slots, from ``silence_from`` on): a device with at least
+        SILENT_DEVICE_MIN_SHARE of the sessions before the last SILENT_DEVICE_WINDOW and
+        none in them. Reported as a leave of the person the model gives most of that
+        device's sessions (``gone``; none without a mixture); it changes no person. Why a
+        device and not a person: the leavers the share test misses are mostly no person
+        of the model (docs/clustering.md, "A leave by a personal device's silence")."""
+        if SILENT_DEVICE_MIN_SHARE is None or not self.buffer.shape[0]:
+            return
+        B = self.buffer
+        first = self.n_sessions - B.shape[0]     # the session count of the buffer's first row
+        slots = np.rint(B[:, F.FEATURE_DIM]).astype(np.int64)
+        found = silent_personal_device(slots, is_personal(B[:, :F.FEATURE_DIM]), self.silence_from - first,
+                                       SILENT_DEVICE_WINDOW, SILENT_DEVICE_MIN_HISTORY, SILENT_DEVICE_REFERENCE)
+        if found is None or found[1] < SILENT_DEVICE_MIN_SHARE:
+            return
+        self.silence_from = self.n_sessions - SILENT_DEVICE_WINDOW
+        gone: list[str] = []
+        if self.mixture is not None and self.person_ids:
+            rows = slots == found[0]
+            mass = self.mixture.predict_proba(self._buffer_X()[rows]).sum(axis=0)
+            gone = [self.person_ids[int(mass.argmax())]]
+        self._composition_event("leave", born=[], gone=gone)
+
     def _composition_statistics(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """Per person (join log-likelihood ratio, leave log-likelihood ratio, sessions
         since the nearest change point), see _detect_composition; None when the buffer
@@ -2332,6 +2402,7 @@ class HouseholdModel:
             "device_evidence": self.device_evidence, "device_group_count": self.device_group_count,
             "since_refit": self.since_refit, "fit_sessions": self.fit_sessions,
             "inactive": sorted(self.inactive), "joined": sorted(self.joined),
+            "silence_from": self.silence_from,
             "reserved_keys": self.reserved_keys, "persons_from_labels": self.persons_from_labels,
             "grew_from_cold": self.grew_from_cold,
         }
@@ -2389,6 +2460,8 @@ class HouseholdModel:
         m.composition_events = list(meta.get("composition_events", []))
         m.inactive = set(meta.get("inactive", []))
         m.joined = set(meta.get("joined", []))
+        # Stored before the device-silence test: it looks at every buffered session.
+        m.silence_from = int(meta.get("silence_from", 0))
         m.reserved_keys = dict(meta.get("reserved_keys", {}))
         # Stored before the flag existed: answered with the calibrator, as they were.
         m.persons_from_labels = bool(meta.get("persons_from_labels", False))

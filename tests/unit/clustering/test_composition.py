@@ -556,3 +556,102 @@ def test_the_leave_anatomy_says_which_leaves_are_below_chance_and_the_silence_re
     assert S.silence_replay(trace, stat + 0.1, only_new=True) == []
     assert S.silence_replay(trace, stat - 0.1, share_leave_h=0.0, only_new=True) == []  # the share test's
     assert S.silence_replay(trace, stat - 0.1) == [(40, "join"), (100, "leave")]
+
+
+# -- a leave by a personal device's silence (model.silent_personal_device, _detect_device_silence)
+
+def test_the_silent_personal_device_is_the_one_with_the_largest_share_before_the_window():
+    """Slots 0 and 1 personal, 2 a shared TV: in the last 30 sessions only the TV and
+    slot 0 are seen; slot 1 (a quarter of the reference) is the silent one. A silent TV
+    or an unknown device (-1) is no one's absence; too few sessions before the window,
+    or a restart after the silence began, and there is nothing to say."""
+    silent = lambda slots, personal, start=0: M.silent_personal_device(  # noqa: E731
+        slots, personal, start, window=30, min_history=20, reference=200)
+    ref = np.array([0, 1, 2, 2] * 10)                  # 40 sessions: slot 1 has 10 (0.25)
+    win = np.array([0, 2, -1] * 10)                    # 30 sessions: slot 1 silent
+    slots = np.concatenate((ref, win))
+    personal = slots != 2
+    assert silent(slots, personal) == (1, 0.25)
+    # the TV silent instead: not a personal device, nothing
+    tv_silent = np.concatenate((ref, np.array([0, 1] * 15)))
+    assert silent(tv_silent, tv_silent != 2) is None
+    # an unknown slot is nobody's device
+    assert silent(np.concatenate((np.array([0, -1] * 20), win)), np.ones(70, dtype=bool)) is None
+    # 19 sessions before the window: too few; a restart inside the reference shortens it
+    assert silent(slots[21:], personal[21:]) is None
+    assert silent(slots, personal, start=21) is None
+    assert silent(slots, personal, start=20) == (1, 0.25)
+    # the reference is the newest 200 sessions before the window
+    long_ref = np.concatenate((np.full(300, 1), np.array([0, 2] * 100), win))
+    assert silent(long_ref, long_ref != 2) is None      # slot 1 only before them
+    # a shorter window: slot 1's last session 25 back is silence enough at 25, not at 30
+    recent = np.concatenate((ref, np.array([1]), np.array([0, 2, -1] * 8), np.array([0])))
+    assert M.silent_personal_device(recent, recent != 2, 0, window=25, min_history=20, reference=200)[0] == 1
+    assert silent(recent, recent != 2) is None
+
+
+def _look_alike_owners(seed=61):
+    """Two members with the same habits (hours, genres), each on a phone of their own; the
+    second one's last session is on day 50 of 100 (moved out): (X, devices, person)."""
+    rng = np.random.default_rng(seed)
+    parts = [(*persona_sessions(rng, 160, 100, 21, "mobile", {"comedy": 2, "drama": 1}), "phone-a", 0),
+             (*persona_sessions(rng, 60, 50, 21, "mobile", {"comedy": 2, "drama": 1}), "phone-b", 1)]
+    _, X, dev, person = household(parts)
+    return X, dev, person
+
+
+def test_a_leaver_who_is_no_person_of_the_model_is_reported_by_their_phones_silence(monkeypatch):
+    """Two look-alike phone owners are one person of the model (their devices merge), so
+    the share test has no person of the leaver's to see fall; their phone falling silent
+    is the leave, reported once, at the first check (every RESELECT_EVERY sessions, five
+    arriving at a time) after SILENT_DEVICE_WINDOW sessions without them. Without the
+    device-silence test the leave is not reported."""
+    X, dev, person = _look_alike_owners()
+    last_seen = int(np.flatnonzero(person == 1)[-1])
+    m, events = _stream(X, dev)
+    assert m.n_persons == 1                                     # the share test's blind spot
+    leaves = [i for i, kind in events if kind == "leave"]
+    assert len(leaves) == 1
+    assert last_seen + M.SILENT_DEVICE_WINDOW < leaves[0] <= last_seen + M.SILENT_DEVICE_WINDOW + M.RESELECT_EVERY + 5
+    assert m.composition_events[-1]["gone"] == [m.person_ids[0]]
+    assert not [e for e in events if e[1] == "join"]
+    monkeypatch.setattr(M, "SILENT_DEVICE_MIN_SHARE", None)
+    _, events = _stream(X, dev)
+    assert not [e for e in events if e[1] == "leave"]
+
+
+def test_a_phones_silence_is_not_reported_again_after_serialisation():
+    """The restart point (``silence_from``) is stored with the model: a model restored
+    after the leave was reported does not report the same silence again, and a stable
+    household with both phones in use all along reports none."""
+    X, dev, person = _look_alike_owners()
+    last_seen = int(np.flatnonzero(person == 1)[-1])
+    cut = last_seen + 45
+    m, events = _stream(X[:cut], dev[:cut])
+    assert [kind for _, kind in events] == ["leave"] and m.silence_from > 0
+    restored = HouseholdModel.from_bytes(m.to_bytes())
+    assert restored.silence_from == m.silence_from
+    before = len(restored.composition_events)
+    for a in range(cut, X.shape[0], 5):
+        restored.update(X[a:a + 5], device_ids=dev[a:a + 5])
+    assert restored.composition_events[before:] == []
+    rng = np.random.default_rng(62)
+    stable = [(*persona_sessions(rng, 120, 100, 21, "mobile", {"comedy": 2, "drama": 1}), "phone-a", 0),
+              (*persona_sessions(rng, 80, 100, 21, "mobile", {"comedy": 2, "drama": 1}), "phone-b", 1)]
+    _, Xs, devs, _ = household(stable)
+    assert _stream(Xs, devs)[1] == []
+
+
+def test_the_device_silence_leave_changes_no_answer(monkeypatch):
+    """The device-silence test only reports: with it and without it the stream's persons,
+    their ids and every session's probabilities are the same, and the only difference in
+    the events is its leave."""
+    X, dev, _ = _look_alike_owners(63)
+    with_it, ev_with = _stream(X, dev)
+    monkeypatch.setattr(M, "SILENT_DEVICE_MIN_SHARE", None)
+    without, ev_without = _stream(X, dev)
+    assert with_it.person_ids == without.person_ids
+    a, b = with_it.assign_batch(X, device_ids=dev), without.assign_batch(X, device_ids=dev)
+    assert a.person() == b.person() and np.array_equal(a.probabilities, b.probabilities)
+    extra = [e for e in ev_with if e not in ev_without]
+    assert [kind for _, kind in extra] == ["leave"] and len(ev_with) == len(ev_without) + 1
