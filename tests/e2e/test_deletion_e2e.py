@@ -24,7 +24,7 @@ import pytest
 
 from services.testing.mesh import ROOT, running_mesh
 from tests.helpers.servers import fresh_database, service_logins
-from tests.helpers.waiting import SLOW_MACHINE_S, deletion_job, deletion_step_attempted, wait_for
+from tests.helpers.waiting import SLOW_MACHINE_S, deletion_job, household_erasure_held_at, wait_for
 from tests.helpers.timestamps import iso_utc as _iso
 
 DAY = 86400.0
@@ -483,15 +483,7 @@ def test_receipt_verifies_offline_and_a_forgery_does_not(dmesh, client, tmp_path
 def test_job_interrupted_by_stopping_clustering_finishes_after_restart(dmesh, client):
     acct = f"e2e-kill-{RUN}"
     post_events(client, acct, "tv-1", time.time() - DAY, 3)
-    dmesh.stop_process("clustering")
-    try:
-        r = client.post("/v1/delete", json={"scope": {"kind": "household", "account_id": acct}})
-        assert r.status_code == 202, r.text
-        job_id = r.json()["job_id"]
-        body, clustering = deletion_step_attempted(client, job_id, "clustering")
-        assert body["state"] == "running" and not clustering["confirmed"], body
-    finally:
-        dmesh.start_service("clustering")
+    job_id = household_erasure_held_at(dmesh, client, acct, "clustering")
     body = poll(client, job_id)
     assert body["state"] == "completed", body
     assert remnants(dmesh, acct) == {}

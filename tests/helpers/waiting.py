@@ -92,3 +92,19 @@ def deletion_step_attempted(client: httpx.Client, job_id: str, service: str,
         if step["attempts"] >= 1 or time.monotonic() > deadline:
             return body, step
         time.sleep(0.05)
+
+
+def household_erasure_held_at(mesh, client: httpx.Client, account_id: str, service: str = "clustering") -> str:
+    """With ``service`` stopped, ask for ``account_id``'s household erasure and wait until
+    that step has been refused once (the job running, the step unconfirmed); ``service`` is
+    started again whatever happens (not waited for). The job's id."""
+    mesh.stop_process(service)
+    try:
+        r = client.post("/v1/delete", json={"scope": {"kind": "household", "account_id": account_id}})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+        body, step = deletion_step_attempted(client, job_id, service)
+        assert body["state"] == "running" and not step["confirmed"], body
+    finally:
+        mesh.start_service(service)
+    return job_id
