@@ -398,15 +398,22 @@ def test_a_ledger_signed_with_the_receipt_key_is_refused_unless_its_public_half_
     # The operator's explicit word: the receipt key's public half given. It restores, and
     # says which key verified the file.
     monkeypatch.setenv("HEARTH_RECEIPT_SIGNING_KEY", private_key_to_pem(KEY))
-    receipt_pub = tmp_path / "receipt-old.pub"
+    report, err = _restored_given_the_receipt_keys_public_half(hearth, tmp_path, target, snapshot, by_receipt_key)
+    assert [j["replaces"] for j in report["requeued_jobs"]] == ["job-1"]
+    assert "warning" not in err, err
+
+
+def _restored_given_the_receipt_keys_public_half(hearth, tmp_path, target, snapshot, ledger):
+    """Restore with ``ledger`` and the receipt key's public half given explicitly (the
+    operator's word): it restores, the report naming that key. (report, stderr)"""
+    receipt_pub = tmp_path / "receipt.pub"
     receipt_pub.write_text(public_key_to_pem(KEY.public_key()))
-    code, report, err = hearth(target, "restore", snapshot, "--ledger", str(by_receipt_key),
+    code, report, err = hearth(target, "restore", snapshot, "--ledger", str(ledger),
                                "--ledger-public-key", str(receipt_pub))
     assert code == 0, err
     assert report["ledger_coverage"][0]["signed_with"] == (
         f"--ledger-public-key {receipt_pub}: the receipt signing key (HEARTH_RECEIPT_SIGNING_KEY)")
-    assert [j["replaces"] for j in report["requeued_jobs"]] == ["job-1"]
-    assert "warning" not in err, err
+    return report, err
 
 
 def test_a_ledger_key_that_is_the_receipt_key_is_refused_by_the_restore_and_the_export(
@@ -439,13 +446,7 @@ def test_a_ledger_key_that_is_the_receipt_key_is_refused_by_the_restore_and_the_
 
     # The way on: the ledger key configured apart, the copy's key given explicitly.
     monkeypatch.delenv("HEARTH_LEDGER_SIGNING_KEY")
-    receipt_pub = tmp_path / "receipt.pub"
-    receipt_pub.write_text(public_key_to_pem(KEY.public_key()))
-    code, report, err = hearth(target, "restore", snapshot, "--ledger", str(forged),
-                               "--ledger-public-key", str(receipt_pub))
-    assert code == 0, err
-    assert report["ledger_coverage"][0]["signed_with"] == (
-        f"--ledger-public-key {receipt_pub}: the receipt signing key (HEARTH_RECEIPT_SIGNING_KEY)")
+    _restored_given_the_receipt_keys_public_half(hearth, tmp_path, target, snapshot, forged)
 
 
 def test_read_ledger_file_refuses_a_receipt_key_it_recognises_naming_it(tmp_path):
