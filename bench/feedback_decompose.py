@@ -42,13 +42,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 
 import numpy as np
 
 from bench import _worlds_eval as E
+from bench import feedback_methods as M
 from bench import feedback_shipped as FS
-from bench import label_feedback as LF
 from bench._clustering_eval import ece, ece_floor
 
 BINS = 15
@@ -183,18 +182,8 @@ def household_offset_floor(conf: np.ndarray, right: np.ndarray, account: np.ndar
 
 
 def draws(spec: str, cache: str, mode: str):
-    """(households, per draw FS.Draw) of a ``label_feedback --cache`` file."""
-    split, first, n_worlds, n_house = spec.split(":")
-    if split not in FS.SPLITS:
-        raise SystemExit(f"{spec}: split must be one of {FS.SPLITS} (TUNING only)")
-    hs = LF.households(split, int(first), int(n_worlds), int(n_house))
-    with open(cache, "rb") as fh:
-        held = pickle.load(fh)
-    if held["households"] != [h.household_id for h in hs]:
-        raise SystemExit(f"{cache}: holds other households than {spec}")
-    if not held["batch" if mode == "batch" else "streaming"]:
-        raise SystemExit(f"{cache}: no {mode} answers")
-    return hs, FS.draws_of(split, hs, held["outs"], held["draws"], mode)
+    """(households, per draw FS.Draw) of a ``label_feedback --cache`` file (TUNING only)."""
+    return M.households_and_draws(spec, cache, mode)
 
 
 def covariates(hs, d: FS.Draw) -> dict[str, np.ndarray]:

@@ -53,18 +53,9 @@ def test_the_household_bootstrap_floor_sees_what_independent_draws_do_not():
 
 
 def test_its_ece_is_the_whole_loops_figure_in_batch_and_in_streams():
-    from bench import _worlds_eval as E
-    from bench import worlds as W
     from bench.feedback_shipped import draws_of
-    hs = W.generate(W.TUNING, families=("mobile_first",), worlds_per_family=1, households_per_world=2)
-    fed = E.feedback_draws(hs, draws=2)
-    probs = [E.hearth_batch(h)[1] for h in hs]
-    sharper = [E.FedAnswers(p ** (1.0 + i) / (p ** (1.0 + i)).sum(axis=1, keepdims=True), np.ones(p.shape[0], bool),
-                            np.full(p.shape[0], "label" if i else "", dtype=object)) for i, p in enumerate(probs)]
-    for mode, before in (("batch", True), ("stream", False)):
-        outs = [{mode: p, f"fed_{mode}": [s] * 2} for p, s in zip(probs, sharper)]
-        ages = E.model_ages(hs, mode)
-        loop = E.mesh_after_feedback(hs, probs, [o[f"fed_{mode}"] for o in outs], fed, ages, sample_before=before)
+    from tests.helpers.feedback_loop import whole_loop_cases
+    for mode, hs, outs, loop in whole_loop_cases():
         scored = [D.score_draw(hs, d, mode, seed=i) for i, d in enumerate(draws_of("tuning", hs, outs, 2, mode))]
         assert [s["ece"] for s in scored] == [round(x, 4) for x in loop["per_draw"]["mesh"]], mode
         for s in scored:
