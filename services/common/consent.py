@@ -214,8 +214,12 @@ class ConsentChecker:
             answer = self.answer(account_id)
             for purpose in purposes:
                 if not answer.allows(purpose):
+                    # Says that nothing was stored and why (consent), not which purpose was
+                    # withdrawn: the writer needs the first, and a service-role key, refused
+                    # the consent read itself, would learn the household's flags from the
+                    # second (session 35; docs/privacy.md §8, "What a writer learns").
                     raise about_account(FailedPrecondition(
-                        f"account {account_id!r} has withdrawn consent to {purpose}; nothing was stored",
+                        f"account {account_id!r}: its consent does not allow this; nothing was stored",
                         "account_id"), account_id)
 
     def consenting(self, account_ids: Iterable[str], purposes: Iterable[str] = ("processing",)) -> tuple[str, ...]:
