@@ -331,7 +331,8 @@ class Harness:
             "HEARTH_RATE_LIMIT_DEFAULT": json.dumps({"per_s": 1_000_000, "burst": 1_000_000}), **(env or {})})
         mesh.data_dir.mkdir(parents=True, exist_ok=True)
         api_key = write_api_key(mesh.data_dir / "gateway-keys.json", "bench-admin", "admin")
-        self.meshes.append(mesh)   # started by setup, both at once
+        self.meshes.append(mesh)
+        mesh.start()
         return mesh, api_key
 
     def seed(self, mesh: Mesh, api_key: str, label: str) -> list[dict]:
@@ -382,8 +383,8 @@ class Harness:
         envs = {"candidate": parse_env(a.candidate_env)}
         started = [(label, *self.start_mesh(label, root, envs.get(label))) for label, root in sides]
         floor = self.start_floor() if a.floor else None
-        with ThreadPoolExecutor(len(started)) as pool:   # each started again on new ports if one was taken
-            list(pool.map(lambda s: s[1].start_healthy(180), started))
+        for _, mesh, _ in started:
+            mesh.wait_healthy(180)
         # Both meshes at once: seeding mostly waits for each mesh's background fits, so the
         # second mesh's wait overlaps the first's instead of following it.
         with ThreadPoolExecutor(len(started)) as pool:
