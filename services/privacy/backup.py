@@ -538,6 +538,22 @@ def _ledger_signing_key(settings):
     return key
 
 
+def _refuse_receipt_key_as_ledger_key(ledger_kid: str, ledger_source: str, receipt_kid: str,
+                                      receipt_source: str) -> None:
+    """ValueError naming both when the ledger key is the receipt signing key: a ledger
+    signed with it could be signed by whoever holds the receipt key (every privacy pod), the
+    very trust session 35 removed, and the CronJob holding it could sign receipts (what
+    session 33's own ledger key removed). review35 R1: through session 35's first change a
+    restore trusted such a key silently, as the ledger key."""
+    if ledger_kid == receipt_kid:
+        raise ValueError(f"{ledger_source}: is the receipt signing key ({receipt_source}; key {ledger_kid[:16]}): "
+                         "the off-site ledger must have a key of its own — whoever holds the receipt key (every "
+                         "privacy pod) could sign a ledger a restore accepts. Configure a separate ledger key "
+                         "(docs/operations.md \"Off-site deletion ledger\"); a copy this key signed restores only "
+                         "with its public half given explicitly: without HEARTH_LEDGER_SIGNING_KEY, "
+                         "--ledger-public-key FILE")
+
+
 def _ledger_public_keys(settings, files) -> tuple[list, dict[str, str], dict[str, str]]:
     """The keys an off-site ledger may be signed with, what each is (by key id), and the
     keys recognised but not trusted (by key id: what each is). Trusted: the ledger signing
@@ -551,11 +567,13 @@ def _ledger_public_keys(settings, files) -> tuple[list, dict[str, str], dict[str
     from services.privacy.keys.signing import key_id, load_private_key, load_public_key, load_public_keys
 
     named: list[tuple[str, object]] = []
-    text, source = _ledger_key_text(settings)
+    text, ledger_source = _ledger_key_text(settings)
     if text:
-        named.append((f"ledger key ({source})", load_private_key(text, argument=source).public_key()))
+        named.append((f"ledger key ({ledger_source})", load_private_key(text, argument=ledger_source).public_key()))
     elif (published := Path(settings.data_dir) / LEDGER_SIGNING_PUBLIC_FILE).exists():
+        ledger_source = str(published)
         named.append((f"ledger key ({published})", load_public_key(published.read_text(), argument=str(published))))
+    ledger_named = bool(named)   # named[0] is the ledger key, before the files given
     for name in files or ():
         try:
             text = Path(name).read_text()
@@ -568,8 +586,12 @@ def _ledger_public_keys(settings, files) -> tuple[list, dict[str, str], dict[str
     if text:
         receipt[key_id(load_private_key(text, argument=source).public_key())] = f"{RECEIPT_KEY_LABEL} ({source})"
     elif (published := Path(settings.data_dir) / SIGNING_PUBLIC_FILE).exists():
+        source = str(published)
         receipt[key_id(load_public_key(published.read_text(), argument=str(published)))] = (
             f"{RECEIPT_KEY_LABEL} ({published})")
+    if ledger_named:   # the ledger key is never the receipt key (review35 R1)
+        for receipt_kid in receipt:
+            _refuse_receipt_key_as_ledger_key(key_id(named[0][1]), ledger_source, receipt_kid, source)
     labels: dict[str, str] = {}
     for label, key in named:
         kid = key_id(key)
@@ -585,6 +607,13 @@ def run_ledger_export(args: argparse.Namespace) -> int:
         raise ValueError("no privacy database to export the deletion ledger from "
                          "(HEARTH_STORAGE / HEARTH_DATA_DIR / HEARTH_POSTGRES_DSN)")
     signing_key = _ledger_signing_key(settings)   # before reading: no key, nothing done
+    receipt_text, receipt_source = _receipt_key_text(settings)
+    if receipt_text:   # where the export can see the receipt key (not the chart's CronJob): never sign with it
+        from services.privacy.keys.signing import key_id, load_private_key
+
+        _refuse_receipt_key_as_ledger_key(key_id(signing_key.public_key()), _ledger_key_text(settings)[1],
+                                          key_id(load_private_key(receipt_text, argument=receipt_source)
+                                                 .public_key()), receipt_source)
     db = _privacy_db(settings)
     try:
         ledger = read_ledger(db)

@@ -398,15 +398,55 @@ def test_a_ledger_signed_with_the_receipt_key_is_refused_unless_its_public_half_
     # The operator's explicit word: the receipt key's public half given. It restores, and
     # says which key verified the file.
     monkeypatch.setenv("HEARTH_RECEIPT_SIGNING_KEY", private_key_to_pem(KEY))
-    receipt_pub = tmp_path / "receipt-old.pub"
+    report, err = _restored_given_the_receipt_keys_public_half(hearth, tmp_path, target, snapshot, by_receipt_key)
+    assert [j["replaces"] for j in report["requeued_jobs"]] == ["job-1"]
+    assert "warning" not in err, err
+
+
+def _restored_given_the_receipt_keys_public_half(hearth, tmp_path, target, snapshot, ledger):
+    """Restore with ``ledger`` and the receipt key's public half given explicitly (the
+    operator's word): it restores, the report naming that key. (report, stderr)"""
+    receipt_pub = tmp_path / "receipt.pub"
     receipt_pub.write_text(public_key_to_pem(KEY.public_key()))
-    code, report, err = hearth(target, "restore", snapshot, "--ledger", str(by_receipt_key),
+    code, report, err = hearth(target, "restore", snapshot, "--ledger", str(ledger),
                                "--ledger-public-key", str(receipt_pub))
     assert code == 0, err
     assert report["ledger_coverage"][0]["signed_with"] == (
         f"--ledger-public-key {receipt_pub}: the receipt signing key (HEARTH_RECEIPT_SIGNING_KEY)")
-    assert [j["replaces"] for j in report["requeued_jobs"]] == ["job-1"]
-    assert "warning" not in err, err
+    return report, err
+
+
+def test_a_ledger_key_that_is_the_receipt_key_is_refused_by_the_restore_and_the_export(
+        tmp_path, monkeypatch, hearth_in_process):
+    """review35 R1: an operator who filled HEARTH_LEDGER_SIGNING_KEY with the receipt signing
+    key (the one key they had when session 33 asked for a ledger key) kept what session 35
+    removed — whoever holds the receipt key, every privacy pod, signs ledgers a restore
+    accepts — and the restore trusted it silently, as "the ledger key". Now the restore
+    refuses before anything is replaced, naming both variables and the way on, and the
+    export, where it sees the receipt key, refuses to sign with it."""
+    hearth = hearth_in_process
+    monkeypatch.setenv("HEARTH_RECEIPT_SIGNING_KEY", private_key_to_pem(KEY))
+    source = _source(tmp_path)
+    code, taken, err = hearth(source, "backup", "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    snapshot, target = taken["snapshot"], tmp_path / "target"
+    forged = tmp_path / "by-a-privacy-pod.json"   # what anyone holding the receipt key can write
+    write_ledger_file(Ledger({"job-1": _job("completed", "acc-9")}, {"acc-9"}), forged, KEY)
+
+    monkeypatch.setenv("HEARTH_LEDGER_SIGNING_KEY", private_key_to_pem(KEY))   # the mistake
+    code, _, err = hearth(target, "restore", snapshot, "--ledger", str(forged))
+    assert code == 2, err
+    assert (f"HEARTH_LEDGER_SIGNING_KEY: is the receipt signing key (HEARTH_RECEIPT_SIGNING_KEY; key "
+            f"{key_id(KEY)[:16]})") in err, err
+    assert "--ledger-public-key FILE" in err, err
+    assert not (target / "clustering.db").exists()
+    code, _, err = hearth(source, "ledger", "export", "--out", str(tmp_path / "never.json"))
+    assert code == 2 and "HEARTH_LEDGER_SIGNING_KEY: is the receipt signing key" in err, err
+    assert not (tmp_path / "never.json").exists()
+
+    # The way on: the ledger key configured apart, the copy's key given explicitly.
+    monkeypatch.delenv("HEARTH_LEDGER_SIGNING_KEY")
+    _restored_given_the_receipt_keys_public_half(hearth, tmp_path, target, snapshot, forged)
 
 
 def test_read_ledger_file_refuses_a_receipt_key_it_recognises_naming_it(tmp_path):
