@@ -48,17 +48,11 @@ import numpy as np
 from bench import _worlds_eval as E
 from bench import feedback_methods as M
 from bench import feedback_shipped as FS
-from bench._clustering_eval import ece, ece_floor
+from bench._clustering_eval import bin_index, ece, ece_floor, household_bootstrap
 
 BINS = 15
 BOOT = 200
 FLOOR_SIZES = (60, 120, 240, 480, 960)   # households: the clustered floor of a sample that size
-
-
-def bin_index(conf: np.ndarray, bins: int = BINS) -> np.ndarray:
-    """The bin of each confidence, as ``ece`` bins them."""
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    return np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
 
 
 def bin_table(conf: np.ndarray, right: np.ndarray, bins: int = BINS) -> list[dict]:
@@ -101,53 +95,6 @@ def level_ceiling(conf: np.ndarray, right: np.ndarray, cell: np.ndarray) -> floa
         g = cell == name
         moved[g] = np.clip(conf[g] - (conf[g].mean() - right[g].mean()), 0.0, 1.0)
     return ece(moved, right)
-
-
-def household_bootstrap(conf: np.ndarray, right: np.ndarray, account: np.ndarray, reps: int = BOOT,
-                        seed: int = 0, bins: int = BINS) -> dict[str, float]:
-    """The ECE's spread over households resampled with replacement, the clustered floor and
-    the debiased ECE (module doc)."""
-    idx = bin_index(conf, bins)
-    names, inverse = np.unique(account, return_inverse=True)
-    h = names.size
-    # per household, per bin: answers, summed confidence, summed right
-    cnt = np.zeros((h, bins))
-    sc = np.zeros((h, bins))
-    sr = np.zeros((h, bins))
-    np.add.at(cnt, (inverse, idx), 1.0)
-    np.add.at(sc, (inverse, idx), conf)
-    np.add.at(sr, (inverse, idx), right.astype(float))
-    base_n = cnt.sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        base_gap = np.where(base_n > 0, (sc.sum(axis=0) - sr.sum(axis=0)) / np.maximum(base_n, 1), 0.0)
-    rng = np.random.default_rng(seed)
-    eces, floors = [], []
-    for _ in range(reps):
-        k = np.bincount(rng.integers(0, h, h), minlength=h).astype(float)
-        n_b = k @ cnt
-        total = n_b.sum()
-        with np.errstate(invalid="ignore", divide="ignore"):
-            gap = np.where(n_b > 0, (k @ sc - k @ sr) / np.maximum(n_b, 1), 0.0)
-        eces.append(float(np.sum(n_b * np.abs(gap)) / total))
-        floors.append(float(np.sum(n_b * np.abs(gap - base_gap)) / total))
-    observed = ece(conf, right, bins)
-    # the same floor for a sample of m households like these (m drawn with replacement)
-    at = {}
-    for m in FLOOR_SIZES:
-        f = []
-        for _ in range(max(reps // 4, 20)):
-            k = np.bincount(rng.integers(0, h, m), minlength=h).astype(float)
-            n_b = k @ cnt
-            with np.errstate(invalid="ignore", divide="ignore"):
-                gap = np.where(n_b > 0, (k @ sc - k @ sr) / np.maximum(n_b, 1), 0.0)
-            f.append(float(np.sum(n_b * np.abs(gap - base_gap)) / n_b.sum()))
-        at[str(m)] = round(float(np.mean(f)), 4)
-    return {"ece": round(observed, 4), "clustered_floor_at_households": at, "boot_mean": round(float(np.mean(eces)), 4),
-            "boot_sd": round(float(np.std(eces)), 4), "boot_p05": round(float(np.quantile(eces, 0.05)), 4),
-            "boot_p95": round(float(np.quantile(eces, 0.95)), 4),
-            "debiased": round(2 * observed - float(np.mean(eces)), 4),
-            "clustered_floor": round(float(np.mean(floors)), 4),
-            "clustered_floor_p95": round(float(np.quantile(floors, 0.95)), 4), "households": int(h)}
 
 
 def household_offset_floor(conf: np.ndarray, right: np.ndarray, account: np.ndarray, reps: int = 50,
@@ -243,9 +190,9 @@ def score_draw(hs, d: FS.Draw, mode: str, seed: int) -> dict:
             "calibrator": calibrator_report(cal),
             "fed": int(d.fed.sum()), "fed_calibrated": int((d.fed & d.calibrated).sum()), "held": int(held.sum()),
             "noise": {"bernoulli_floor": round(ece_floor(c, seed=seed), 4),
-                      "household_bootstrap": household_bootstrap(c, r, d.account[held], seed=seed),
+                      "household_bootstrap": household_bootstrap(c, r, d.account[held], seed=seed, sizes=FLOOR_SIZES),
                       "household_offsets": household_offset_floor(c, r, d.account[held], seed=seed),
-                      "household_bootstrap_no_feedback": household_bootstrap(c0, r0, d.account[held], seed=seed)}}
+                      "household_bootstrap_no_feedback": household_bootstrap(c0, r0, d.account[held], seed=seed, sizes=FLOOR_SIZES)}}
 
 
 def _mean(per: list[dict]) -> dict:

@@ -77,7 +77,7 @@ def test_the_parametric_floor_agrees_with_the_bootstrap_on_households_that_diffe
 
 def test_the_clustered_floor_falls_with_more_households_like_these():
     conf, right, account = _households(20, 360, 0.15, seed=1)
-    at = D.household_bootstrap(conf, right, account, reps=80)["clustered_floor_at_households"]
+    at = D.household_bootstrap(conf, right, account, reps=80, sizes=D.FLOOR_SIZES)["clustered_floor_at_households"]
     sizes = sorted(at, key=int)
     assert [at[m] for m in sizes] == sorted((at[m] for m in sizes), reverse=True), at
     assert at[sizes[-1]] < at[sizes[0]] / 2.5, at
