@@ -88,7 +88,8 @@ def household_bootstrap(conf: np.ndarray, right: np.ndarray, account: np.ndarray
     household; the households are resampled with replacement ``reps`` times (one generator
     seeded ``seed``), each draw keeping a household's answers together, since its misses are
     one household's. ``boot_*``: the ECE's spread over the draws (``boot_p025``–``boot_p975``:
-    the 95 % interval); ``clustered_floor``: the mean of sum_b (W*_b / W*) |gap*_b - gap_b|
+    a percentile range, not a confidence interval: an ECE resampled runs high, so the
+    measured ECE can sit below it); ``clustered_floor``: the mean of sum_b (W*_b / W*) |gap*_b - gap_b|
     over the draws, what a predictor with exactly the observed gap in every bin reads from
     the households' own spread (the ECE a calibrated predictor would show on this many
     households; ``ece_floor`` is its value when every answer is its own household);

@@ -614,7 +614,8 @@ def mesh_after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], fed_a
       floor with the households resampled (``household_bootstrap``'s ``clustered_floor``:
       a household's answers miss together, so the ECE's noise is the households', ~0.03 at
       60 households), ``*_household_p025`` / ``*_household_p975`` the household bootstrap's
-      95 % interval of the ECE (each a mean over the draws), and
+      2.5-97.5 % range of the ECE over household resamples (a percentile range, not a
+      confidence interval: a resampled ECE runs high; each a mean over the draws), and
       ``mesh_level_per_group_ceiling``, the answers before the feedback calibrator with each
       calibration group moved by its own mean (confidence - right) on the scored answers
       themselves: what a level per group would give with unlimited feedback (fb17,

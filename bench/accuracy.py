@@ -964,7 +964,7 @@ def log_worlds_summary(tag: str, block: dict, streaming: bool) -> None:
             f"{mesh['streaming']['mesh_level_per_group_ceiling']:.3f})")
         hh = {m: mesh[m] for m in ("batch", "streaming") if "mesh_household_floor" in mesh[m]}
         for m, r in hh.items():
-            log(f"[{tag}] ece noise over households, {m}: after feedback {r['mesh']:.3f} (household bootstrap 95 % "
+            log(f"[{tag}] ece noise over households, {m}: after feedback {r['mesh']:.3f} (household resamples 2.5-97.5 % "
                 f"{r['mesh_household_p025']:.3f}-{r['mesh_household_p975']:.3f}, household floor "
                 f"{r['mesh_household_floor']:.3f}, binning floor {r['mesh_floor']:.3f}); before feedback "
                 f"{r['no_feedback']:.3f} ({r['no_feedback_household_p025']:.3f}-{r['no_feedback_household_p975']:.3f}, "
