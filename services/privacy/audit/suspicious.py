@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from services.common.ids import Role
 from services.privacy.audit.domain import AuditEntry, EventType
 
 
@@ -64,9 +65,14 @@ class DetectorThresholds:
                 raise ValueError(f"{name}: must be an int >= 1, got {value!r}")
         check_bulk_readers(self.bulk_readers)
 
-    def household_reads_threshold(self, principal: str) -> int:
-        """How many distinct households ``principal`` may read within the window before
-        ``mass_household_reads`` fires."""
+    def household_reads_threshold(self, principal: str, role: Role) -> int:
+        """How many distinct households ``principal`` (acting as ``role``) may read within
+        the window before ``mass_household_reads`` fires. A bulk reader's threshold holds
+        for the service role only (review35 R5): API keys and JWT subjects share one
+        namespace of principal ids, so a user whose token's ``sub`` is a bulk reader's name
+        would otherwise read under the reporting service's threshold."""
+        if role is not Role.SERVICE:
+            return self.distinct_households
         return self.bulk_readers.get(principal, self.distinct_households)
 
 
@@ -200,7 +206,7 @@ class SuspiciousActivityDetector:
         if kind in (EventType.READ_HOUSEHOLD, EventType.EXPORT) and entry.resource:
             w = self._window("reads", entry.principal, cutoff)
             w.add(ts, entry.resource, 1)
-            alert = self._check(w, len(w.distinct), t.household_reads_threshold(entry.principal),
+            alert = self._check(w, len(w.distinct), t.household_reads_threshold(entry.principal, entry.role),
                                 SecurityEventKind.MASS_HOUSEHOLD_READS, entry)
             if alert:
                 alerts.append(alert)
