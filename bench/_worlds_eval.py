@@ -32,7 +32,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.mixture import GaussianMixture
 from sklearn.model_selection import StratifiedKFold
 
-from bench._clustering_eval import ece, ece_floor, match, matched_correct, probability_figures
+from bench._clustering_eval import ece, ece_floor, household_bootstrap, match, matched_correct, probability_figures
 from bench.worlds import PERSONAL_TYPES, WorldHousehold
 from services.clustering.domain import features as F
 from services.clustering.domain.model import (CHANGE_LOOKBACK, CHANGE_MIN_HISTORY, MIN_SESSIONS, HouseholdModel,
@@ -609,7 +609,13 @@ def mesh_after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], fed_a
       session 15).
     * to read them against: ``mesh_floor`` / ``no_feedback_floor``, the ECE's own noise on
       the served / unfed answers' confidences (``ece_floor``: answers drawn right with
-      exactly their confidence; no calibrator gets below it), and
+      exactly their confidence; no calibrator gets below it; it takes every answer as
+      independent), ``mesh_household_floor`` / ``no_feedback_household_floor`` the same
+      floor with the households resampled (``household_bootstrap``'s ``clustered_floor``:
+      a household's answers miss together, so the ECE's noise is the households', ~0.03 at
+      60 households), ``*_household_p025`` / ``*_household_p975`` the household bootstrap's
+      2.5-97.5 % range of the ECE over household resamples (a percentile range, not a
+      confidence interval: a resampled ECE runs high; each a mean over the draws), and
       ``mesh_level_per_group_ceiling``, the answers before the feedback calibrator with each
       calibration group moved by its own mean (confidence - right) on the scored answers
       themselves: what a level per group would give with unlimited feedback (fb17,
@@ -632,7 +638,10 @@ def mesh_after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], fed_a
                                     "mesh_calibrator_everywhere": [], "mesh_skip_label_shaped": [],
                                     "accuracy_no_feedback": [], "accuracy_after": [], "share_uncalibrated": [],
                                     "share_label_shaped": [], "groups_with_own_calibrator": [],
-                                    "mesh_floor": [], "no_feedback_floor": [], "mesh_level_per_group_ceiling": []}
+                                    "mesh_floor": [], "no_feedback_floor": [], "mesh_level_per_group_ceiling": [],
+                                    "mesh_household_floor": [], "mesh_household_p025": [], "mesh_household_p975": [],
+                                    "no_feedback_household_floor": [], "no_feedback_household_p025": [],
+                                    "no_feedback_household_p975": []}
     gaps: dict[str, list[float]] = {}
     for d in range(len(fed[0])):
         fed_d = np.concatenate([f[d] for f in fed])
@@ -662,6 +671,11 @@ def mesh_after_feedback(hs: list[WorldHousehold], probs: list[np.ndarray], fed_a
         rows["mesh"].append(ece(served.max(axis=1), ok1[held]))
         rows["mesh_floor"].append(ece_floor(served.max(axis=1), seed=d))
         rows["no_feedback_floor"].append(ece_floor(P0[held].max(axis=1), seed=d))
+        for key, conf, right in (("mesh", served.max(axis=1), ok1[held]), ("no_feedback", P0[held].max(axis=1), ok0[held])):
+            boot = household_bootstrap(conf, right, account[held], seed=d)
+            rows[f"{key}_household_floor"].append(boot["clustered_floor"])
+            rows[f"{key}_household_p025"].append(boot["boot_p025"])
+            rows[f"{key}_household_p975"].append(boot["boot_p975"])
         level = P1[held].max(axis=1)
         for name in np.unique(group[held]):
             g = group[held] == name

@@ -962,6 +962,13 @@ def log_worlds_summary(tag: str, block: dict, streaming: bool) -> None:
             f"binning floor {mesh['batch']['mesh_floor']:.3f} / {mesh['streaming']['mesh_floor']:.3f}, a level per "
             f"group fitted on the scored answers {mesh['batch']['mesh_level_per_group_ceiling']:.3f} / "
             f"{mesh['streaming']['mesh_level_per_group_ceiling']:.3f})")
+        hh = {m: mesh[m] for m in ("batch", "streaming") if "mesh_household_floor" in mesh[m]}
+        for m, r in hh.items():
+            log(f"[{tag}] ece noise over households, {m}: after feedback {r['mesh']:.3f} (household resamples 2.5-97.5 % "
+                f"{r['mesh_household_p025']:.3f}-{r['mesh_household_p975']:.3f}, household floor "
+                f"{r['mesh_household_floor']:.3f}, binning floor {r['mesh_floor']:.3f}); before feedback "
+                f"{r['no_feedback']:.3f} ({r['no_feedback_household_p025']:.3f}-{r['no_feedback_household_p975']:.3f}, "
+                f"household floor {r['no_feedback_household_floor']:.3f}, binning floor {r['no_feedback_floor']:.3f})")
     log(f"[{tag}] streaming acc {st['session_accuracy']:.3f} ece {st['ece']:.3f}; ece after feedback, calibrator "
         f"alone, batch {fb['batch'].get('ece_after_calibrator_only', fb['batch']['ece_after']):.3f} streaming "
         f"{fb['streaming'].get('ece_after_calibrator_only', fb['streaming']['ece_after']):.3f} (mean of "

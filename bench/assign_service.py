@@ -60,9 +60,8 @@ def measure(households: int = 100, days: int = 30, batch: int = 1000, messages: 
         mesh = Mesh.on_free_ports(base / "var", log_dir=base / "logs")
         mesh.data_dir.mkdir(parents=True)
         key = write_api_key(mesh.data_dir / "gateway-keys.json", "bench-admin", "admin")
-        mesh.start()
         try:
-            mesh.wait_healthy(180)
+            mesh.start_healthy(180)
             started = time.perf_counter()
             vectors = _seed(mesh, key, households, days, timeout_s)
             log(f"service: seeded {len(vectors)} households in {time.perf_counter() - started:.0f} s")

@@ -62,8 +62,7 @@ def start(label: str, root: Path, data_dir: Path, logs: Path) -> tuple[Mesh, str
         "HEARTH_RATE_LIMIT_DEFAULT": json.dumps({"per_s": 1_000_000, "burst": 1_000_000})})
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = write_api_key(data_dir / "gateway-keys.json", "bench-admin", "admin")
-    mesh.start()
-    mesh.wait_healthy(180)
+    mesh.start_healthy(180)
     return mesh, key
 
 

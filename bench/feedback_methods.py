@@ -65,6 +65,11 @@ _EPS = 1e-6
 def draws(spec: str, cache: str, mode: str) -> list[FS.Draw]:
     """Per draw, the sample's answers pooled (FS.Draw). ``stream``: the fed rows are the
     answers as served at arrival (``P1``), each fitted in its household's group now."""
+    return households_and_draws(spec, cache, mode)[1]
+
+
+def households_and_draws(spec: str, cache: str, mode: str):
+    """(the sample's households, ``draws``) of a ``bench.label_feedback --cache`` file."""
     split, first, n_worlds, n_house = spec.split(":")
     if split not in FS.SPLITS:
         raise SystemExit(f"{spec}: split must be one of {FS.SPLITS} (TUNING only)")
@@ -75,7 +80,7 @@ def draws(spec: str, cache: str, mode: str) -> list[FS.Draw]:
         raise SystemExit(f"{cache}: holds other households than {spec}")
     if not held["batch" if mode == "batch" else "streaming"]:
         raise SystemExit(f"{cache}: no {mode} answers")
-    return FS.draws_of(split, hs, held["outs"], held["draws"], mode)
+    return hs, FS.draws_of(split, hs, held["outs"], held["draws"], mode)
 
 
 def _logit(c: np.ndarray) -> np.ndarray:

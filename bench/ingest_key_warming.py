@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -58,8 +59,7 @@ def start(label: str, root: Path, work: Path) -> tuple[Mesh, str]:
         "HEARTH_RATE_LIMIT_DEFAULT": json.dumps({"per_s": 1_000_000, "burst": 1_000_000})})
     mesh.data_dir.mkdir(parents=True, exist_ok=True)
     key = write_api_key(mesh.data_dir / "gateway-keys.json", "bench-admin", "admin")
-    mesh.start()
-    return mesh, key
+    return mesh, key   # started by main, both at once
 
 
 def _spy(mesh: Mesh, out: Path | None) -> subprocess.Popen | None:
@@ -166,8 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
     meshes = {label: start(label, root, work) for label, root in sides.items()}
     load0 = os.getloadavg()[0]
     try:
-        for mesh, _ in meshes.values():
-            mesh.wait_healthy(180)
+        with ThreadPoolExecutor(len(meshes)) as pool:   # each started again on new ports if one was taken
+            list(pool.map(lambda m: m[0].start_healthy(180), meshes.values()))
         runs: dict[str, list[dict]] = {label: [] for label in sides}
         for n in range(args.rounds):
             order = list(sides) if n % 2 == 0 else list(sides)[::-1]

@@ -5,13 +5,13 @@ called."""
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
 
 from services.common.errors import InvalidArgument
-from services.common.ids import ID_PATTERN, MAX_FUTURE_SKEW_S, MAX_ID_CHARS, MAX_QUERY_TS, MIN_QUERY_TS, MIN_TS
+from services.common.ids import ID_PATTERN, MAX_ID_CHARS, MAX_QUERY_TS, MIN_QUERY_TS, check_ts
 from services.common.text import TEXT_PATTERN
 
 # An id is checked by its pattern alone, which bounds its length (1-128) too: with pydantic's
@@ -30,11 +30,10 @@ Label = Annotated[str, Field(min_length=1, max_length=64, pattern=TEXT_PATTERN)]
 # * times of things that happened (events, touchpoints, conversions, feedback): from
 #   2000-01-01 to MAX_FUTURE_SKEW_S (10 minutes) ahead of the server's clock;
 # * bounds that select (query and deletion windows): from 1970-01-01 to 2100-01-01.
-# The services apply the same bounds (services/common/ids.py) to gRPC callers.
-EARLIEST_TS = datetime.fromtimestamp(MIN_TS, timezone.utc)
+# The services apply the same bounds (services/common/ids.py) to gRPC callers; event times
+# are checked by the same function (ids.check_ts).
 QUERY_RANGE = (datetime.fromtimestamp(MIN_QUERY_TS, timezone.utc), datetime.fromtimestamp(MAX_QUERY_TS, timezone.utc))
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
-_SKEW_MINUTES = int(MAX_FUTURE_SKEW_S // 60)
 
 
 def _rfc3339_text(value: object) -> object:
@@ -54,8 +53,8 @@ def _in_range(value: datetime, low: datetime, high: datetime, words: str) -> dat
 
 
 def _event_time(value: datetime) -> datetime:
-    return _in_range(value, EARLIEST_TS, datetime.now(timezone.utc) + timedelta(seconds=MAX_FUTURE_SKEW_S),
-                     f"2000-01-01 and {_SKEW_MINUTES} minutes from now (the server's clock)")
+    check_ts(value.timestamp(), "")   # the services' one rule; InvalidArgument is a ValueError, as pydantic needs
+    return value
 
 
 def _window_bound(value: datetime) -> datetime:

@@ -133,7 +133,7 @@ def mesh_drill() -> None:
 
     import httpx
 
-    from services.testing.mesh import free_port, running_mesh
+    from services.testing.mesh import running_mesh
     from services.testing.servers import PostgresServer
 
     work = Path(tempfile.mkdtemp(prefix="hearth-clock-drill-"))
@@ -150,9 +150,8 @@ def mesh_drill() -> None:
         env = {"HEARTH_STORAGE": "postgres", "HEARTH_POSTGRES_DSN": pg.dsn, "HEARTH_RETENTION_CHECK_S": "0"}
         with running_mesh(work, {"olivia": "admin"}, timeout_s=240, extra_env=env,
                           process_env={"privacy-2": {**FAKETIME, "FAKETIME_TIMESTAMP_FILE": str(stamp)}}) as mesh:
-            metrics_2 = free_port()
-            mesh._spawn("privacy-2", "services.privacy", {**mesh.env(), "HEARTH_GRPC_PORT": str(free_port()),
-                                                           "HEARTH_METRICS_PORT": str(metrics_2)})
+            metrics_2 = mesh.spawn_on_free_ports("privacy-2", "services.privacy", mesh.env(),
+                                                 ("HEARTH_GRPC_PORT", "HEARTH_METRICS_PORT"))["HEARTH_METRICS_PORT"]
             deadline = time.monotonic() + 120
             while True:
                 try:

@@ -16,13 +16,12 @@ admin = auth.add_key(keys, "m-admin", "admin")[1]
 analyst = auth.add_key(keys, "m-analyst", "analyst")[1]
 officer = auth.add_key(keys, "m-officer", "privacy_officer")[1]
 mesh = Mesh.on_free_ports(base / "var", log_dir=base / "logs")
-mesh.start()
+mesh.start_healthy(120)
 def metric(port, name, **labels):
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
                if l.startswith(name + "{") and set(labels.items()) <= set(re.findall(r'(\w+)="([^"]*)"', l)))
 try:
-    mesh.wait_healthy(120)
     A = httpx.Client(base_url=mesh.url, headers={"X-API-Key": admin}, timeout=60)
     N = httpx.Client(base_url=mesh.url, headers={"X-API-Key": analyst}, timeout=60)
     O = httpx.Client(base_url=mesh.url, headers={"X-API-Key": officer}, timeout=60)

@@ -74,6 +74,10 @@ EXPLICIT = {
     "rolloutWebhook.from": {"anyOf": [{"type": "string", "enum": ["anyone"]}, {"type": "array"}]},
     "gateway.admission.perService": {"type": "object", "additionalProperties": False, "properties": {
         service: _ADMISSION_SPEC for service in ("clustering", "attribution", "privacy", "feedback")}},
+    # Expected bulk readers (session 35): principal -> its own mass_household_reads threshold,
+    # a number of households >= 1 (never 0 or unlimited), refused at `helm install`.
+    "services.privacy.bulkReaders": {"type": "object", "propertyNames": {"minLength": 1},
+                                     "additionalProperties": {"type": "integer", "minimum": 1}},
 }
 
 

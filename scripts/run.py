@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the SQLite files, keys and logs go (default ./var)")
     parser.add_argument("--free-ports", action="store_true",
                         help="listen on free ports instead of 8080/50051-50054/9100-9104 "
-                             "(a second mesh beside a running one)")
+                             "(a second mesh beside a running one; all drawn again if another "
+                             "process takes one before it binds)")
     # Defaults: services.testing.mesh.LOG_MAX_BYTES / LOG_BACKUPS (importable only after
     # regenerate_if_stale, below).
     parser.add_argument("--log-max-bytes", type=int, default=None, metavar="N",
@@ -86,9 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     print("starting clustering, attribution, privacy, feedback and the gateway ...", flush=True)
-    mesh.start()
     try:
-        health = mesh.wait_healthy(120)
+        health = mesh.start_healthy(120)
         print(f"\nHearth is up: gateway {mesh.url}   (logs in {log_dir}/, data in {args.data_dir}/)")
         for name, status in health["services"].items():
             print(f"  {name:<12} grpc 127.0.0.1:{mesh.grpc_ports[name]}  "

@@ -187,6 +187,25 @@ EXPORT_DESCRIPTION = (
     "holders' sections are empty too, but privacy keeps its consent record (as last set, explicit: true, if "
     "it was ever set), its deletion jobs with their receipts and its destroyed data keys, and lists them.")
 log = logging.getLogger("hearth.gateway.export")
+upgrade_log = logging.getLogger("hearth.gateway.upgrade")
+# How a privacy of an older release answers an RPC it does not serve: UNIMPLEMENTED as
+# shipped (no handler), PERMISSION_DENIED when run on newer protos (2caf617d). The routes
+# then call the older RPC, as that release served it (docs/operations.md, "Rolling upgrades").
+OLDER_PRIVACY_CODES = frozenset({grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED})
+
+
+def falls_back(exc: grpc.aio.AioRpcError, rpc: str, fallback: str) -> bool:
+    """Whether privacy refused ``rpc`` as an older release does (``OLDER_PRIVACY_CODES``), so
+    the route calls ``fallback`` instead; each fallback is logged with the code privacy
+    answered (fields rpc, code, fallback: until session 35 the rotation's was not logged, so
+    a PERMISSION_DENIED of a misconfigured privacy passed for an upgrade unseen)."""
+    code = exc.code()
+    if code not in OLDER_PRIVACY_CODES:
+        return False
+    upgrade_log.warning("privacy refused %s (%s: a release before it, or a misconfiguration if not upgrading): "
+                        "calling %s instead", rpc, code.name, fallback,
+                        extra={"fields": {"rpc": rpc, "code": code.name, "fallback": fallback}})
+    return True
 
 
 async def _export_body(call, first) -> AsyncIterator[bytes]:
@@ -347,7 +366,7 @@ def router(clients, access) -> APIRouter:
             # progress, a bad id) is an ordinary error status with its JSON body.
             first = await call.read()
         except grpc.aio.AioRpcError as exc:
-            if exc.code() not in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED):
+            if not falls_back(exc, "ExportHouseholdStream", "ExportHousehold"):
                 raise
             # A privacy of a release before session 26 (it serves no such stream:
             # UNIMPLEMENTED; the caller passed the gateway's own check of the same
@@ -412,7 +431,7 @@ def router(clients, access) -> APIRouter:
             r = await clients.call("privacy", "RequestDataKeyRotations", ppb.RequestDataKeyRotationsRequest(
                 older_than_days=body.older_than_days, limit=body.limit, request_id=body.request_id or ""), who)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() not in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED):
+            if not falls_back(exc, "RequestDataKeyRotations", "RotateDataKeys"):
                 raise
             # A privacy of a release before session 27 (it serves no such RPC:
             # UNIMPLEMENTED; the caller passed the gateway's own check of the same

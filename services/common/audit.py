@@ -1380,7 +1380,15 @@ AUTH_FAILURE_AUDIT_BURST = 10
 
 class _FailureBudget:
     """Token buckets per key; ``take(key)`` -> (allowed, failures suppressed since the
-    key's last allowed one)."""
+    key's last allowed one).
+
+    Why not ``identity.SecurityEventLog``'s coalescing (one log line, then one count per
+    window): the two sinks want different things. The audit log is evidence, kept for
+    years and queried per principal, so a flood's first ``AUTH_FAILURE_AUDIT_BURST``
+    refusals are recorded whole (who, which route, which reason — an investigator wants
+    the first attempts, not one of them) and a steady flood goes on at one record a second
+    carrying the count suppressed before it; the log is read by people and costs bytes, so
+    it keeps one line per key and window. Decided in session 35 (closing note 34, item 3)."""
 
     def __init__(self, per_s: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
         self._per_s, self._burst, self._clock = per_s, burst, clock

@@ -392,3 +392,34 @@ def stub_classes(service: str) -> list[type]:
     pb2 = importlib.import_module(f"hearth.{service}.v1.{service}_pb2")
     pb2_grpc = importlib.import_module(f"hearth.{service}.v1.{service}_pb2_grpc")
     return [getattr(pb2_grpc, f"{name}Stub") for name in pb2.DESCRIPTOR.services_by_name]
+
+
+# A batch RPC an older peer does not know (privacy's GetConsents and GetDataKeys, session
+# 28): UNIMPLEMENTED from a release before it, PERMISSION_DENIED from one that lists it but
+# refuses this caller. After such a refusal the caller asks one item a call (that release's
+# way) and tries the batch again only after this long (docs/operations.md, "Rolling upgrades").
+BATCH_RECHECK_S = 300.0
+_OLDER_PEER_CODES = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+class BatchCall:
+    """``call(send)``: ``send()``'s answer, or None when the peer refused the batch RPC as
+    an older release does (``_OLDER_PEER_CODES``) — then, for ``recheck_s``, None at once
+    without asking. Any other error is raised. One instance per peer and RPC (consent's
+    GetConsents, field_crypto's GetDataKeys: until session 35 each restated this rule)."""
+
+    def __init__(self, recheck_s: float = BATCH_RECHECK_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.recheck_s = recheck_s
+        self._clock = clock
+        self._refused_at: float | None = None
+
+    def call(self, send: Callable[[], T]) -> T | None:
+        if self._refused_at is not None and self._clock() - self._refused_at < self.recheck_s:
+            return None
+        try:
+            return send()
+        except grpc.RpcError as exc:
+            if exc.code() in _OLDER_PEER_CODES:
+                self._refused_at = self._clock()
+                return None
+            raise

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BeforeValidator, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from services.common.identity import DEFAULT_TOKEN_TTL_S, MIN_KEY_CHARS
 from services.common.telemetry import check_trace_export
@@ -451,9 +451,19 @@ def load(settings_cls: type[BaseSettings] = ServiceSettings, **overrides):
     return _build(settings_cls, overrides)
 
 
+_UNPARSED_FIELD = re.compile(r'error parsing value for field "([a-z0-9_]+)"')
+
+
 def _build(settings_cls: type[BaseSettings], overrides: Mapping[str, object]):
     try:
         return settings_cls(**overrides)
+    except SettingsError as exc:
+        # A JSON-valued variable that is no JSON (HEARTH_ADMISSION_LIMITS,
+        # HEARTH_AUDIT_BULK_READERS): pydantic-settings names the field, not the variable
+        # (until session 35 the process stopped on its traceback).
+        found = _UNPARSED_FIELD.search(str(exc))
+        name = ENV_PREFIX + found.group(1).upper() if found else "configuration"
+        raise ConfigError(f"invalid configuration:\n  {name}: not valid JSON") from None
     except ValidationError as exc:
         lines = []
         for err in exc.errors():

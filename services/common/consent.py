@@ -59,10 +59,8 @@ ConsentFetcher = Callable[[str], ConsentAnswer]
 # Many accounts' answers in one call (privacy's GetConsents, session 28); None from an
 # authority without that call (a privacy before session 28: one GetConsent an account).
 BatchConsentFetcher = Callable[[list[str]], "dict[str, ConsentAnswer] | None"]
-# Accounts per GetConsents call, and how long after a privacy refused it (a release before
-# session 28, during a rolling upgrade) the checker asks one account a call before trying again.
+# Accounts per GetConsents call (a privacy that refuses it: client.BatchCall).
 CONSENT_BATCH = 1000
-BATCH_RECHECK_S = 300.0
 # Every account with a withdrawn purpose -> its answer (the privacy service's list).
 WithdrawnFetcher = Callable[[], dict[str, ConsentAnswer]]
 _WITHDRAWN_KEY = ("withdrawn",)   # the list's cache entry (never an account id: those are str)
@@ -101,7 +99,7 @@ class ConsentChecker:
         """A checker asking the privacy service's ``GetConsent`` as ``svc:<calling_service>``
         (service principals hold read_consent; the human behind the request may not)."""
         from hearth.privacy.v1 import privacy_pb2, privacy_pb2_grpc
-        from services.common.client import Peer
+        from services.common.client import BatchCall, Peer
 
         peer = Peer(privacy_addr, calling_service, privacy_pb2_grpc.ConsentStub, timeout_s)
 
@@ -122,22 +120,13 @@ class ConsentChecker:
                     return listed
                 after = r.accounts[-1].account_id
 
-        batch_refused_at: list[float] = []
+        batch = BatchCall()   # a privacy before session 28: one GetConsent an account meanwhile
 
         def fetch_many(account_ids: list[str]) -> dict[str, ConsentAnswer] | None:
-            if batch_refused_at and time.monotonic() - batch_refused_at[0] < BATCH_RECHECK_S:
+            r = batch.call(lambda: peer.call("GetConsents", privacy_pb2.GetConsentsRequest(account_ids=account_ids),
+                                             idempotent=True, attempts=2))
+            if r is None:
                 return None
-            try:
-                r = peer.call("GetConsents", privacy_pb2.GetConsentsRequest(account_ids=account_ids),
-                              idempotent=True, attempts=2)
-            except grpc.RpcError as exc:
-                # A privacy before session 28 knows no GetConsents: UNIMPLEMENTED (PERMISSION_DENIED
-                # from one that lists it but refuses this caller), so it is asked again only
-                # after BATCH_RECHECK_S; meanwhile one GetConsent an account.
-                if exc.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED):
-                    batch_refused_at[:] = [time.monotonic()]
-                    return None
-                raise
             return {c.account_id: ConsentAnswer(processing=c.processing, attribution=c.attribution)
                     for c in r.accounts}
 
@@ -225,8 +214,12 @@ class ConsentChecker:
             answer = self.answer(account_id)
             for purpose in purposes:
                 if not answer.allows(purpose):
+                    # Says that nothing was stored and why (consent), not which purpose was
+                    # withdrawn: the writer needs the first, and a service-role key, refused
+                    # the consent read itself, would learn the household's flags from the
+                    # second (session 35; docs/privacy.md §8, "What a writer learns").
                     raise about_account(FailedPrecondition(
-                        f"account {account_id!r} has withdrawn consent to {purpose}; nothing was stored",
+                        f"account {account_id!r}: its consent does not allow this; nothing was stored",
                         "account_id"), account_id)
 
     def consenting(self, account_ids: Iterable[str], purposes: Iterable[str] = ("processing",)) -> tuple[str, ...]:

@@ -61,9 +61,6 @@ WARM_CONCURRENCY = 4
 # one call in one transaction under its key lock, so the chunk bounds how long another
 # caller's GetDataKey waits behind it; the chunks go one after the other.
 WARM_BATCH = 250
-# After a privacy service refused GetDataKeys (a release before session 28, during a rolling
-# upgrade), how long ``warm`` fetches one household a call before asking for the batch again.
-BATCH_RECHECK_S = 300.0
 
 # Data keys fetched from the privacy service: ``warm`` fetches those of a write's households
 # before its transaction opens; ``on_use`` is a fetch where a key is used — inside a write
@@ -148,7 +145,7 @@ class FieldCipher:
                ttl_s: float = DEFAULT_TTL_S) -> "FieldCipher":
         """Keys from the privacy service's ``GetDataKey``, as ``svc:<calling_service>``."""
         from hearth.privacy.v1 import privacy_pb2, privacy_pb2_grpc
-        from services.common.client import Peer
+        from services.common.client import BatchCall, Peer
 
         peer = Peer(privacy_addr, calling_service, privacy_pb2_grpc.KeysStub, timeout_s)
 
@@ -170,23 +167,16 @@ class FieldCipher:
                 raise _error_from_rpc(exc) from None
             return bytes(r.digest_key) or None   # empty: a privacy service before session 27
 
-        batch_refused_at: list[float] = []
+        batch = BatchCall()   # a privacy before session 28: one GetDataKey a household meanwhile
 
         def fetch_keys(account_ids: list[str]) -> dict[str, tuple[int, bytes] | None] | None:
-            if batch_refused_at and time.monotonic() - batch_refused_at[0] < BATCH_RECHECK_S:
-                return None
             request = privacy_pb2.GetDataKeysRequest(account_ids=account_ids)
             try:
-                r = peer.call("GetDataKeys", request, idempotent=True)
+                r = batch.call(lambda: peer.call("GetDataKeys", request, idempotent=True))
             except grpc.RpcError as exc:
-                # A privacy service before session 28 knows no GetDataKeys: UNIMPLEMENTED
-                # (PERMISSION_DENIED from a privacy that lists it but refuses this caller),
-                # so it is asked again only after BATCH_RECHECK_S. Meanwhile one call a
-                # household, as that release.
-                if exc.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED):
-                    batch_refused_at[:] = [time.monotonic()]
-                    return None
                 raise _error_from_rpc(exc) from None
+            if r is None:
+                return None
             got = {k.account_id: (int(k.dek_version), bytes(k.dek)) for k in r.keys
                    if k.outcome == privacy_pb2.DATA_KEY_OUTCOME_KEY}
             return {a: got.get(a) for a in account_ids}

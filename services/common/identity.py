@@ -140,6 +140,8 @@ def add_security_listener(listener: SecurityListener) -> Callable[[], None]:
 # is logged whole again. The metrics and the listeners (the audit log) still see every
 # event. At most SECURITY_LOG_KEYS keys are held; past that (an attacker varying the claimed
 # principal) new keys share one key per (kind, component, reason) with principal "*".
+# The audit log's coalescing of the same events is a token bucket of its own, on purpose
+# (audit._FailureBudget says why the two sinks differ).
 SECURITY_LOG_WINDOW_S = 60.0
 SECURITY_LOG_KEYS = 1024
 OVERFLOW_PRINCIPAL = "*"

@@ -66,15 +66,17 @@ def check_principal_id(value: object, field: str) -> str:
     return value  # type: ignore[return-value]
 
 
-def check_ts(value: object, field: str, now: float | None = None) -> float:
-    """A finite UTC epoch-seconds timestamp between 2000-01-01 and MAX_FUTURE_SKEW_S
-    after ``now``."""
+def check_ts(value: object, field: str, now: float | None = None, earliest: float = MIN_TS) -> float:
+    """A finite UTC epoch-seconds timestamp of something that happened: from ``earliest``
+    (MIN_TS, 2000-01-01; the audit log's records from MIN_QUERY_TS, 1970-01-01) to
+    MAX_FUTURE_SKEW_S after ``now``. The one skew rule: the gateway's timestamps and the
+    audit log's records (AppendAudit, attack34) are checked here too."""
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         raise InvalidArgument("must be a finite UTC timestamp", field)
     now = time.time() if now is None else now
-    if not MIN_TS <= value <= now + MAX_FUTURE_SKEW_S:
-        raise InvalidArgument(f"must lie between 2000-01-01 and {int(MAX_FUTURE_SKEW_S // 60)} minutes "
-                              "from now (the server's clock)", field)
+    if not earliest <= value <= now + MAX_FUTURE_SKEW_S:
+        raise InvalidArgument(f"must lie between {datetime.fromtimestamp(earliest, UTC).date().isoformat()} and "
+                              f"{int(MAX_FUTURE_SKEW_S // 60)} minutes from now (the server's clock)", field)
     return float(value)
 
 

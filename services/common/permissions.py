@@ -59,7 +59,7 @@ from enum import Enum
 from pathlib import Path
 
 from services.common.errors import PermissionDenied
-from services.common.identity import Principal, Role, SecurityEvent, report_security_event
+from services.common.identity import Principal, Role, SecurityEvent, report_security_event, reserved_principal_id
 
 
 class Permission(str, Enum):
@@ -291,12 +291,28 @@ def principal_allowed(principal: Principal, permission: Permission) -> bool:
     return allowed(principal.role, permission) and (only is None or principal.id in only)
 
 
-def client_allowed(role: Role, permission: Permission) -> bool:
-    """Whether a caller the gateway authenticates (an API key or a JWT) in ``role`` holds
-    ``permission``. Such a principal is never a ``svc:`` name (reserved for the mesh's own
-    services), so a permission held by named service principals only is not its."""
-    named = ONLY_PRINCIPALS.get(permission) or (SERVICE_ROLE_ONLY.get(permission) if role is Role.SERVICE else None)
-    return allowed(role, permission) and named is None
+def _named_principals_are_the_mesh_services(*tables: dict[Permission, frozenset[str]]) -> None:
+    """Every principal a permission is limited to is one of the mesh's own ``svc:`` names,
+    which no API key or JWT subject may take (gateway/auth.py). So ``principal_allowed``
+    answers the same for every caller the gateway authenticates in a role, and
+    ``client_principal`` stands for all of them (the route table below)."""
+    for table in tables:
+        for permission, ids in table.items():
+            for principal_id in sorted(ids):
+                if not reserved_principal_id(principal_id):
+                    raise ValueError(f"{permission.value}: {principal_id!r} is not a svc: name: a permission "
+                                     "limited to named principals names the mesh's own services only")
+
+
+_named_principals_are_the_mesh_services(ONLY_PRINCIPALS, SERVICE_ROLE_ONLY)
+
+
+def client_principal(role: Role) -> Principal:
+    """A caller the gateway authenticates (an API key or a JWT) in ``role``, as the route
+    table shows it: never a ``svc:`` name, so what ``principal_allowed`` answers for this
+    one it answers for every such caller. (Until session 35 ``client_allowed`` restated
+    ``principal_allowed``'s rule for such callers.)"""
+    return Principal("client", role)
 
 
 def route_permission(route: str) -> Permission | None:
@@ -354,9 +370,11 @@ def matrix_markdown() -> str:
         return f"| `{target}` | {permission.value} | {marks} |"
 
     # A route's caller is an API key or a JWT, never a svc: principal: its cells say what
-    # such a caller gets (client_allowed), the RPCs' what each role holds at all.
+    # such a caller gets (principal_allowed for client_principal), the RPCs' what each role
+    # holds at all.
     lines = ["#### Gateway routes", "", header.format("route"), rule]
-    lines += [row(route, perm, client_allowed) for route, perm in ROUTES.items()]
+    lines += [row(route, perm, lambda role, p: principal_allowed(client_principal(role), p))
+              for route, perm in ROUTES.items()]
     lines += ["", "#### gRPC methods (enforced again inside each service)", "",
               header.format("RPC"), rule]
     for service, methods in RPCS.items():

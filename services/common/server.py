@@ -79,7 +79,8 @@ def _bounded_reflection(handler: grpc.RpcMethodHandler, slots: threading.Bounded
 # now for longer than STREAM_GRACE_S, or, older than that, for most of their life — may be
 # open at once in a process; the newer ones are cancelled. A long busy stream does not
 # count, however much its short waits add up to. Until attack25 forty silent IngestEvents streams of one
-# service-role principal (an ingest pipeline's API key, through the Envoy edge) held every
+# service-role principal the gateway's key vouches for (not an API key through the Envoy edge,
+# which refuses service-role keys) held every
 # clustering worker: every read timed out until the connections aged out (5 min). Time
 # spent working on a message does not count, so short streams stay out: the gateway's
 # POST /v1/events is a one-message stream that waits only while its bytes arrive, however

@@ -392,7 +392,10 @@ def serve_metrics(port: int, host: str = "0.0.0.0") -> WSGIServer:
             log.debug("metrics connection ended early", exc_info=True)
 
     Server.address_family, host = _get_best_family(host, port)
-    httpd = make_server(host, port, make_wsgi_app(), Server, handler_class=_MetricsRequestHandler)
+    try:
+        httpd = make_server(host, port, make_wsgi_app(), Server, handler_class=_MetricsRequestHandler)
+    except OSError as exc:   # say which port ("[Errno 98] Address already in use" named none)
+        raise OSError(exc.errno, f"{exc.strerror}: the metrics port {host}:{port}") from exc
     threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
     return httpd
 

@@ -193,12 +193,16 @@ def _checked_entries(path: Path, jobs: dict, shredded: list) -> Ledger:
 
 
 def read_ledger_file(path: Path, public_keys=(), accept_unsigned: bool = False,
-                     key_labels: dict[str, str] | None = None) -> Ledger:
+                     key_labels: dict[str, str] | None = None,
+                     receipt_keys: dict[str, str] | None = None) -> Ledger:
     """An off-site ledger export, its signatures checked with one of ``public_keys``;
     ValueError naming the file — and the entry — when it is not a ledger, not signed by
     one of them, or any entry is forged, altered, out of place, missing or beyond the
     signed count. An unsigned (/1) file only with ``accept_unsigned``. ``key_labels``
-    (key id -> what the key is) names the key that verified it in the Ledger returned."""
+    (key id -> what the key is) names the key that verified it in the Ledger returned;
+    ``receipt_keys`` (key id -> what the key is) are the receipt signing key's, recognised
+    but not trusted for ledgers since session 35: a file one of them signed is refused
+    saying which key it was and what to do."""
     try:
         document = strict_json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
@@ -207,7 +211,7 @@ def read_ledger_file(path: Path, public_keys=(), accept_unsigned: bool = False,
         return _read_unsigned(path, document, accept_unsigned)
     if not isinstance(document, dict) or document.get("format") != LEDGER_FORMAT:
         raise ValueError(f"--ledger {path}: not a {LEDGER_FORMAT} file")
-    return _read_signed(path, document, public_keys, key_labels or {})
+    return _read_signed(path, document, public_keys, key_labels or {}, receipt_keys or {})
 
 
 def _read_unsigned(path: Path, document: dict, accept_unsigned: bool) -> Ledger:
@@ -228,7 +232,8 @@ def _read_unsigned(path: Path, document: dict, accept_unsigned: bool) -> Ledger:
                                signed_with="unsigned (--accept-unsigned-ledger)")
 
 
-def _read_signed(path: Path, document: dict, public_keys, key_labels: dict[str, str]) -> Ledger:
+def _read_signed(path: Path, document: dict, public_keys, key_labels: dict[str, str],
+                 receipt_keys: dict[str, str]) -> Ledger:
     from services.privacy.keys.signing import key_id, verify_signature
 
     unexpected = sorted(set(document) - {"format", "export_id", "exported_at", "key_id", "entries", "head"})
@@ -242,12 +247,18 @@ def _read_signed(path: Path, document: dict, public_keys, key_labels: dict[str, 
         raise ValueError(f"--ledger {path}: export_id / key_id / exported_at / entries / head missing")
     keys = {key_id(k): k for k in public_keys}
     signer = keys.get(kid)
+    if signer is None and kid in receipt_keys:
+        raise ValueError(f"--ledger {path}: signed by key {kid[:16]}, the {receipt_keys[kid]}: an export of before "
+                         "session 33, and since session 35 a restore no longer trusts the receipt signing key for "
+                         "ledgers by itself (whoever holds it, the privacy pods, could sign one). If this copy is "
+                         f"the newest you have, give that key's public half: --ledger-public-key FILE "
+                         f"({RECEIPT_PUBLIC_KEY_WHERE}); docs/operations.md \"Upgrading to session 35\"")
     if signer is None:
         raise ValueError(f"--ledger {path}: signed by key {kid[:16]}, which is not one of the keys given "
-                         f"({', '.join(sorted(keys)) or 'none'}: HEARTH_LEDGER_SIGNING_KEY's public half, each "
-                         "--ledger-public-key, and the receipt signing key's for ledgers of before session 33); "
-                         "a ledger exported before the ledger signing key was rotated needs the old public key "
-                         "(--ledger-public-key FILE)")
+                         f"({', '.join(sorted(keys)) or 'none'}: HEARTH_LEDGER_SIGNING_KEY's public half and each "
+                         "--ledger-public-key); a ledger exported before the ledger signing key was rotated needs "
+                         "the old public key, and one exported before session 33 (signed with the receipt signing "
+                         f"key) the receipt key's ({RECEIPT_PUBLIC_KEY_WHERE}): --ledger-public-key FILE")
 
     def signed(sig: object, payload: bytes) -> bool:
         try:
@@ -450,6 +461,12 @@ def _privacy_db_exists(settings) -> bool:
     return row is not None and row[0] is not None
 
 
+# Where an operator finds the receipt signing key's public half, which a ledger exported
+# before session 33 needs (--ledger-public-key) since session 35.
+RECEIPT_PUBLIC_KEY_WHERE = ("the receipt public key you publish for verifying receipts; in development "
+                            "$HEARTH_DATA_DIR/privacy-receipt-signing.pub")
+
+
 def _receipt_key_text(settings) -> tuple[str, str]:
     """(the receipt signing key's text, where it came from): HEARTH_RECEIPT_SIGNING_KEY, else
     the privacy service's development key under HEARTH_DATA_DIR; ("", "") when neither."""
@@ -473,7 +490,7 @@ def _receipt_key_text(settings) -> tuple[str, str]:
 # must be configured (a key made up in a CronJob's pod would be gone with the pod, and
 # nothing could verify what it signed).
 LEDGER_SIGNING_KEY_FILE = "privacy-ledger-signing.key"
-RECEIPT_KEY_LABEL = "receipt key"   # how a restore names the receipt key that verified a ledger
+RECEIPT_KEY_LABEL = "receipt signing key"   # how a restore names the receipt key it recognises
 LEDGER_SIGNING_PUBLIC_FILE = "privacy-ledger-signing.pub"
 
 
@@ -521,22 +538,42 @@ def _ledger_signing_key(settings):
     return key
 
 
-def _ledger_public_keys(settings, files) -> tuple[list, dict[str, str]]:
-    """The keys an off-site ledger may be signed with, and what each is (by key id): the
-    ledger signing key's public half (HEARTH_LEDGER_SIGNING_KEY's, or the development key's
-    or its published .pub), each --ledger-public-key file, and — for ledgers exported
-    before session 33 — the receipt signing key's public half (HEARTH_RECEIPT_SIGNING_KEY's,
-    or the development one's). docs/privacy.md "The off-site deletion ledger" says how long
-    the receipt key stays trusted for ledgers and why."""
+def _refuse_receipt_key_as_ledger_key(ledger_kid: str, ledger_source: str, receipt_kid: str,
+                                      receipt_source: str) -> None:
+    """ValueError naming both when the ledger key is the receipt signing key: a ledger
+    signed with it could be signed by whoever holds the receipt key (every privacy pod), the
+    very trust session 35 removed, and the CronJob holding it could sign receipts (what
+    session 33's own ledger key removed). review35 R1: through session 35's first change a
+    restore trusted such a key silently, as the ledger key."""
+    if ledger_kid == receipt_kid:
+        raise ValueError(f"{ledger_source}: is the receipt signing key ({receipt_source}; key {ledger_kid[:16]}): "
+                         "the off-site ledger must have a key of its own — whoever holds the receipt key (every "
+                         "privacy pod) could sign a ledger a restore accepts. Configure a separate ledger key "
+                         "(docs/operations.md \"Off-site deletion ledger\"); a copy this key signed restores only "
+                         "with its public half given explicitly: without HEARTH_LEDGER_SIGNING_KEY, "
+                         "--ledger-public-key FILE")
+
+
+def _ledger_public_keys(settings, files) -> tuple[list, dict[str, str], dict[str, str]]:
+    """The keys an off-site ledger may be signed with, what each is (by key id), and the
+    keys recognised but not trusted (by key id: what each is). Trusted: the ledger signing
+    key's public half (HEARTH_LEDGER_SIGNING_KEY's, or the development key's or its
+    published .pub) and each --ledger-public-key file. The receipt signing key's public half
+    (HEARTH_RECEIPT_SIGNING_KEY's, or the development one's) is only recognised: through
+    session 34 a restore trusted it for ledgers exported before session 33; since session 35
+    a ledger it signed is refused naming it, unless the operator gives its public half by
+    --ledger-public-key (then named as such). docs/privacy.md "The off-site deletion ledger"."""
     from services.privacy.keys.app import SIGNING_PUBLIC_FILE
     from services.privacy.keys.signing import key_id, load_private_key, load_public_key, load_public_keys
 
     named: list[tuple[str, object]] = []
-    text, source = _ledger_key_text(settings)
+    text, ledger_source = _ledger_key_text(settings)
     if text:
-        named.append((f"ledger key ({source})", load_private_key(text, argument=source).public_key()))
+        named.append((f"ledger key ({ledger_source})", load_private_key(text, argument=ledger_source).public_key()))
     elif (published := Path(settings.data_dir) / LEDGER_SIGNING_PUBLIC_FILE).exists():
+        ledger_source = str(published)
         named.append((f"ledger key ({published})", load_public_key(published.read_text(), argument=str(published))))
+    ledger_named = bool(named)   # named[0] is the ledger key, before the files given
     for name in files or ():
         try:
             text = Path(name).read_text()
@@ -544,17 +581,24 @@ def _ledger_public_keys(settings, files) -> tuple[list, dict[str, str]]:
             raise ValueError(f"--ledger-public-key {name}: not readable ({exc})") from None
         named += [(f"--ledger-public-key {name}", k)
                   for k in load_public_keys(text, argument=f"--ledger-public-key {name}")]
+    receipt: dict[str, str] = {}
     text, source = _receipt_key_text(settings)
     if text:
-        named.append((f"{RECEIPT_KEY_LABEL} ({source}; ledgers exported before session 33)",
-                      load_private_key(text, argument=source).public_key()))
+        receipt[key_id(load_private_key(text, argument=source).public_key())] = f"{RECEIPT_KEY_LABEL} ({source})"
     elif (published := Path(settings.data_dir) / SIGNING_PUBLIC_FILE).exists():
-        named.append((f"{RECEIPT_KEY_LABEL} ({published}; ledgers exported before session 33)",
-                      load_public_key(published.read_text(), argument=str(published))))
+        source = str(published)
+        receipt[key_id(load_public_key(published.read_text(), argument=str(published)))] = (
+            f"{RECEIPT_KEY_LABEL} ({published})")
+    if ledger_named:   # the ledger key is never the receipt key (review35 R1)
+        for receipt_kid in receipt:
+            _refuse_receipt_key_as_ledger_key(key_id(named[0][1]), ledger_source, receipt_kid, source)
     labels: dict[str, str] = {}
     for label, key in named:
-        labels.setdefault(key_id(key), label)   # the first name of a key given twice
-    return [key for _, key in named], labels
+        kid = key_id(key)
+        if kid in receipt and kid not in labels:   # the operator's explicit word: trusted, and said so
+            label = f"{label}: the {receipt[kid]}"
+        labels.setdefault(kid, label)   # the first name of a key given twice
+    return [key for _, key in named], labels, {kid: what for kid, what in receipt.items() if kid not in labels}
 
 
 def run_ledger_export(args: argparse.Namespace) -> int:
@@ -563,6 +607,13 @@ def run_ledger_export(args: argparse.Namespace) -> int:
         raise ValueError("no privacy database to export the deletion ledger from "
                          "(HEARTH_STORAGE / HEARTH_DATA_DIR / HEARTH_POSTGRES_DSN)")
     signing_key = _ledger_signing_key(settings)   # before reading: no key, nothing done
+    receipt_text, receipt_source = _receipt_key_text(settings)
+    if receipt_text:   # where the export can see the receipt key (not the chart's CronJob): never sign with it
+        from services.privacy.keys.signing import key_id, load_private_key
+
+        _refuse_receipt_key_as_ledger_key(key_id(signing_key.public_key()), _ledger_key_text(settings)[1],
+                                          key_id(load_private_key(receipt_text, argument=receipt_source)
+                                                 .public_key()), receipt_source)
     db = _privacy_db(settings)
     try:
         ledger = read_ledger(db)
@@ -671,21 +722,15 @@ def run_restore(args: argparse.Namespace) -> int:
         privacy = settings.model_copy(update={"postgres_dsn": dsns["privacy"]})
     # The ledger of the database being replaced: read it before anything is overwritten;
     # merged with the off-site exports given (all of them: a deletion any copy knows).
-    public_keys, key_labels = _ledger_public_keys(settings, args.ledger_public_key) if args.ledger else ([], {})
+    public_keys, key_labels, receipt_keys = (_ledger_public_keys(settings, args.ledger_public_key) if args.ledger
+                                             else ([], {}, {}))
     offsite = [read_ledger_file(Path(p), public_keys, accept_unsigned=args.accept_unsigned_ledger,
-                                key_labels=key_labels)
+                                key_labels=key_labels, receipt_keys=receipt_keys)
                for p in args.ledger or ()]
     ledger = Ledger({}, set())
     current_exists = _privacy_db_exists(privacy)
     now = time.time()
     coverage = [ledger_coverage(p, o, now) for p, o in zip(args.ledger or (), offsite, strict=True)]
-    for covered in coverage:
-        if covered["signed_with"].startswith(RECEIPT_KEY_LABEL):
-            import sys
-
-            print(f"warning: --ledger {covered['source']}: signed with the receipt signing key (an export of before "
-                  "session 33, trusted for ledgers through session 34 only); use an export signed with the ledger "
-                  "key if there is one (docs/privacy.md \"The off-site deletion ledger\")", file=sys.stderr)
     if offsite and not current_exists and not args.accept_stale_ledger:
         # Only the off-site copies say what was deleted since the snapshot: one that is not
         # shown to be recent enough is refused before anything is replaced (review32 R19).
@@ -779,7 +824,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                          help="an off-site deletion ledger (`hearth ledger export`); repeatable, merged")
     restore.add_argument("--ledger-public-key", action="append", metavar="FILE",
                          help="a public key (PEM) the --ledger files may be signed with, besides "
-                              "HEARTH_LEDGER_SIGNING_KEY's (a ledger from before a key rotation); repeatable")
+                              "HEARTH_LEDGER_SIGNING_KEY's: the ledger key's from before a rotation, or the receipt "
+                              "signing key's for a ledger exported before session 33 (no longer trusted without "
+                              "it since session 35); repeatable")
     restore.add_argument("--accept-unsigned-ledger", action="store_true",
                          help="accept a --ledger exported before session 32 (unsigned: anyone who could write "
                               "the copy could have added or dropped deletions)")

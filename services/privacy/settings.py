@@ -16,6 +16,7 @@ variables, validated at start (a bad value names the variable).
 | `HEARTH_DELETION_ERASE_TIMEOUT_S` | 60 | deadline of one Erase call |
 | `HEARTH_DEK_ROTATION_SETTLE_S` | 70 | a data key rotation waits this long after creating the new version before re-encrypting (shorter is unsafe with writes under way: tests only) |
 | `HEARTH_DEK_ROTATION_SWEEP_S` | 60 | how often a replica finishes data key rotations a crash left under way; 0 = never |
+| `HEARTH_AUDIT_BULK_READERS` | `{}` | expected bulk readers, JSON `{"<principal>": <households>}`: each principal's own `mass_household_reads` threshold (distinct households in 10 min) instead of 50 (audit/suspicious.py) |
 | `HEARTH_DELETION_LEASE_S` | 10 | a replica working on a job holds it this long, renewed every third of it while it works (crash: another resumes it within this) |
 
 Without `HEARTH_RECEIPT_SIGNING_KEY` / `HEARTH_KEKS` (development) the service generates
@@ -25,7 +26,7 @@ production must configure both (from a secret store).
 
 from __future__ import annotations
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr, field_validator
 
 from services.common.config import AtLeastOne, NonNegative, Positive, RetentionSettings, ServiceSettings
 
@@ -41,6 +42,9 @@ class PrivacySettings(RetentionSettings):
     # Stored tree head history: the last head of each interval of this many seconds (and
     # always the latest); 0 = every batch's head (audit/writer.py, _thins).
     audit_tree_head_history_s: NonNegative = 60.0
+    # Expected bulk readers (principal -> its own mass_household_reads threshold; default
+    # none): audit/suspicious.py DetectorThresholds.bulk_readers.
+    audit_bulk_readers: dict[str, int] = Field(default_factory=dict)
     receipt_signing_key: str = ""
     keks: str = ""
     active_kek: str = ""
@@ -57,6 +61,13 @@ class PrivacySettings(RetentionSettings):
     # rotations left by a crash (0: never).
     dek_rotation_settle_s: NonNegative = 70.0
     dek_rotation_sweep_s: NonNegative = 60.0
+
+    @field_validator("audit_bulk_readers", mode="before")
+    @classmethod
+    def _bulk_readers(cls, value: object) -> object:
+        from services.privacy.audit.suspicious import check_bulk_readers
+
+        return check_bulk_readers(value)
 
 
 def privacy_settings(settings: ServiceSettings) -> PrivacySettings:

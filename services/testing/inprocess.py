@@ -18,6 +18,7 @@ import grpc
 from services.common import config, identity
 from services.common.client import ProcessStub, peer_channel, stub_classes
 from services.common.server import RunningServer, build_server
+from services.testing.ports import check_exit, free_port, start_on_free_ports
 
 SERVICES = ("privacy", "clustering", "attribution", "feedback")
 
@@ -25,7 +26,8 @@ SERVICES = ("privacy", "clustering", "attribution", "feedback")
 def serve_service(name: str, settings: Any, port: int = 0) -> tuple[RunningServer, list]:
     """Build service ``name`` as its ``__main__`` does and serve it on ``port`` (0: any
     free one); returns the running server (its stores close when it stops) and the
-    ``(add, servicer, full_name)`` entries it serves."""
+    ``(add, servicer, full_name)`` entries it serves. ``PortTaken`` when another process
+    holds ``port`` (services/testing/ports.py)."""
     module = importlib.import_module(f"services.{name}.__main__")
     servicers, closers = module.build(settings)
 
@@ -34,8 +36,15 @@ def serve_service(name: str, settings: Any, port: int = 0) -> tuple[RunningServe
             add(servicer, server)
         return [full for _, _, full in servicers]
 
-    running = build_server(name, register, port=port, max_workers=16,
-                           reflection_stream_s=settings.reflection_stream_s)
+    try:
+        running = build_server(name, register, port=port, max_workers=16,
+                               reflection_stream_s=settings.reflection_stream_s)
+    except BaseException as exc:   # its port taken, say: its stores are closed, as a stop would
+        for close in closers:
+            close()
+        if port and isinstance(exc, (RuntimeError, OSError)):   # a drawn port another process took
+            check_exit(f"{name} (in process)", str(exc), [port])
+        raise
     running.on_stop.extend(closers)
     return running, servicers
 
@@ -98,19 +107,26 @@ def start(data_dir: Path, *, storage: str = "sqlite", postgres_dsn: str = "", re
           postgres_dsns: Mapping[str, str] | None = None) -> InProcessMesh:
     """Build and start ``services`` on free ports. ``privacy``: overrides of
     ``PrivacySettings`` (the retention purge is off unless given). ``postgres_dsns``:
-    a service's own DSN over ``postgres_dsn`` (a login per service, as deployed)."""
-    from services.testing.mesh import free_port
+    a service's own DSN over ``postgres_dsn`` (a login per service, as deployed). A port
+    another process took before its server bound it: every server stopped, all the ports
+    drawn again and started again (services/testing/ports.py), as a mesh of processes."""
+    def attempt(_number: int) -> InProcessMesh:
+        ports = {s: free_port() for s in SERVICES}
+        addresses = {s: f"127.0.0.1:{p}" for s, p in ports.items()}
+        common = dict(data_dir=Path(data_dir), storage=storage, postgres_dsn=postgres_dsn, redis_url=redis_url,
+                      metrics_port=0, **{f"{s}_addr": a for s, a in addresses.items()})
+        mesh = InProcessMesh(addresses, ports=ports)
+        try:
+            for name in services:
+                own = {"retention_check_s": 0.0, **dict(privacy or {})} if name == "privacy" else {}
+                if postgres_dsns and name in postgres_dsns:
+                    own["postgres_dsn"] = postgres_dsns[name]
+                mesh.settings[name] = config.load(config.service_settings_class(name), service_name=name,
+                                                  **{**common, **own})
+                mesh.start_service(name)
+        except BaseException:
+            mesh.stop()
+            raise
+        return mesh
 
-    ports = {s: free_port() for s in SERVICES}
-    addresses = {s: f"127.0.0.1:{p}" for s, p in ports.items()}
-    common = dict(data_dir=Path(data_dir), storage=storage, postgres_dsn=postgres_dsn, redis_url=redis_url,
-                  metrics_port=0, **{f"{s}_addr": a for s, a in addresses.items()})
-    mesh = InProcessMesh(addresses, ports=ports)
-    for name in services:
-        own = {"retention_check_s": 0.0, **dict(privacy or {})} if name == "privacy" else {}
-        if postgres_dsns and name in postgres_dsns:
-            own["postgres_dsn"] = postgres_dsns[name]
-        mesh.settings[name] = config.load(config.service_settings_class(name), service_name=name,
-                                          **{**common, **own})
-        mesh.start_service(name)
-    return mesh
+    return start_on_free_ports(attempt, f"the in-process mesh in {data_dir}")

@@ -2,7 +2,10 @@
 
 Each service and the gateway run as their own process (as in Kubernetes), with ports,
 data directory and tracing given through HEARTH_* variables. ``Mesh.wait_healthy``
-polls the gateway's /health until every service is SERVING.
+polls the gateway's /health until every service is SERVING. ``Mesh.start_healthy`` (what
+``running_mesh``, the fixtures and ``scripts/run.py`` use) starts a mesh on drawn ports
+again on new ones when another process took one before its server bound it
+(services/testing/ports.py).
 """
 
 from __future__ import annotations
@@ -10,26 +13,27 @@ from __future__ import annotations
 import functools
 import json
 import os
-import random
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 
 from gateway.auth import hash_key
 from services.common.child_process import spawn_tied, stop_group
+from services.testing.ports import PortTaken, check_exit, free_port, listened_by, start_on_free_ports
 
 SERVICE_MODULES = ("clustering", "attribution", "privacy", "feedback")
+T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[2]   # the repository
 
 
@@ -92,49 +96,6 @@ def reads_variable(root: Path, name: str) -> bool:
     return name in source or re.search(rf"^\s+{re.escape(field_name)}\s*:", source, re.M) is not None
 
 
-def _ephemeral_ports() -> tuple[int, int]:
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999   # Linux's default
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing is bound to now, for a server started next.
-
-    Chosen at random *below* the kernel's ephemeral range: every outgoing connection on
-    the machine (load generators, database clients, other test runs) takes its local port
-    from that range, so a port picked there can be taken between this check and the
-    server's bind — a process that then exits at start-up with "address in use". Falls
-    back to a kernel-chosen port where the range leaves no room.
-
-    A port is handed out once per process: a mesh asks for about ten ports before any
-    server binds, and two random draws from the same 20,000 would otherwise collide in
-    about one mesh in 500 (seen as "address already in use" at start-up)."""
-    low, _ = _ephemeral_ports()
-    if low > 12000:
-        for _ in range(100):
-            port = random.randrange(10000, low)
-            if port in _HANDED_OUT:
-                continue
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            _HANDED_OUT.add(port)
-            return port
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    _HANDED_OUT.add(port)
-    return port
-
-
-_HANDED_OUT: set[int] = set()
-
-
 def write_api_key(path: Path, principal: str = "demo-admin", role: str = "admin",
                   key: str | None = None) -> str:
     """Create an API key, store only its SHA-256 in ``path`` (appending), return the key.
@@ -151,6 +112,12 @@ def write_api_key(path: Path, principal: str = "demo-admin", role: str = "admin"
     path.write_text(json.dumps(document, indent=2))
     path.chmod(0o600)
     return key
+
+
+# The HEARTH_*_PORT variables a process binds (a service's default, the gateway's); 0 or
+# unset binds nothing.
+_SERVICE_LISTENS = ("HEARTH_GRPC_PORT", "HEARTH_METRICS_PORT", "HEARTH_HEALTH_PORT")
+_LISTENS = {"gateway": ("HEARTH_GATEWAY_PORT", "HEARTH_METRICS_PORT", "HEARTH_EDGE_AUTHORIZER_PORT")}
 
 
 @dataclass
@@ -177,10 +144,39 @@ class Mesh:
     # (scripts/certs.py, as `make certs`) written here, each process given its own.
     tls_dir: Path | None = None
 
+    # On drawn ports (``on_free_ports``): another process may take one before its server
+    # binds, and ``start_healthy`` then draws them all again. A mesh on fixed ports (`make
+    # run`'s 8080, 50051-...) never changes them.
+    drawn: bool = False
+    # More ports drawn with the mesh's own (and drawn again with them), as HEARTH_*_PORT
+    # variables of one process: {"gateway": ("HEARTH_EDGE_AUTHORIZER_PORT",)}; read back
+    # with ``port_of``.
+    more_ports: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # The ports each process was given to listen on (its HEARTH_*_PORT variables): it is up
+    # once it listens on them itself, and its output names the one that was taken.
+    _ports: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    # Where each process's log stood when it was spawned: only what it wrote since is its
+    # own (a log is appended to across restarts and attempts).
+    _log_offsets: dict[str, int] = field(default_factory=dict, repr=False)
+
     @classmethod
     def on_free_ports(cls, data_dir: Path, **kwargs) -> "Mesh":
-        return cls(data_dir, free_port(), {s: free_port() for s in SERVICE_MODULES},
-                   {s: free_port() for s in SERVICE_MODULES}, free_port(), **kwargs)
+        mesh = cls(data_dir, drawn=True, **kwargs)
+        mesh.draw_ports()
+        return mesh
+
+    def draw_ports(self) -> None:
+        """Every port of the mesh drawn anew (``free_port``), ``more_ports`` too."""
+        self.gateway_port = free_port()
+        self.grpc_ports = {s: free_port() for s in SERVICE_MODULES}
+        self.metrics_ports = {s: free_port() for s in SERVICE_MODULES}
+        self.gateway_metrics_port = free_port()
+        for name, variables in self.more_ports.items():
+            self.process_env[name] = {**self.process_env.get(name, {}), **{v: str(free_port()) for v in variables}}
+
+    def port_of(self, name: str, variable: str) -> int:
+        """The port ``more_ports`` drew for process ``name``'s ``variable``."""
+        return int(self.process_env[name][variable])
 
     @property
     def url(self) -> str:
@@ -275,7 +271,10 @@ class Mesh:
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"{name}.log", "ab")
+            self._log_offsets[name] = out.tell()
         env = {**env, **self.process_env.get(name, {})}
+        self._ports[name] = [int(env[v]) for v in _LISTENS.get(component, _SERVICE_LISTENS)
+                             if env.get(v, "").isdigit() and int(env[v]) > 0]
         # Tied to this process: killed by the kernel if it dies (a crashed test run or
         # `make run` killed with -9 leaves nothing behind).
         self.processes[name] = spawn_tied([sys.executable, "-m", module], cwd=self.root, env=env,
@@ -287,24 +286,121 @@ class Mesh:
         env["HEARTH_METRICS_PORT"] = str(self.metrics_ports[name])
         self._spawn(name, f"services.{name}", env)
 
+    def start_gateway(self) -> None:
+        self._spawn("gateway", "gateway", {**self.env(), "HEARTH_METRICS_PORT": str(self.gateway_metrics_port)})
+
     def start(self) -> None:
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)   # personal data and keys
         for name in SERVICE_MODULES:
             self.start_service(name)
-        self._spawn("gateway", "gateway", {**self.env(), "HEARTH_METRICS_PORT": str(self.gateway_metrics_port)})
+        self.start_gateway()
+
+    def start_healthy(self, timeout_s: float = 120.0) -> dict:
+        """``start`` and ``wait_healthy``, the way every fixture and ``running_mesh`` start
+        a mesh. On drawn ports, when a process exits at start-up because another process
+        took its port (``PortTaken``, read from its log), the mesh is stopped, ALL its
+        ports are drawn again (peers' addresses are in every process's environment) and it
+        is started again: at most ``ports.ATTEMPTS`` times, each logged with the port that
+        failed (services/testing/ports.py). On fixed ports, or without a log to read, the
+        exit is an error at once, as before."""
+        return self._start_on_drawn_ports(self.start, lambda: self.wait_healthy(timeout_s),
+                                          f"the mesh in {self.data_dir}")
+
+    def start_listening(self, names: tuple[str, ...] | list[str], timeout_s: float = 120.0) -> None:
+        """Start only the processes ``names`` (services, or "gateway") and return once each
+        listens on its ports itself (``wait_bound``; its peers' absence only degrades its
+        health); on a taken port, as ``start_healthy``: stopped, every port drawn
+        again, started again. A process that exits otherwise raises RuntimeError with its
+        log's end."""
+        def start() -> None:
+            self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for name in names:
+                self.start_gateway() if name == "gateway" else self.start_service(name)
+
+        self._start_on_drawn_ports(start, lambda: self.wait_bound(names, timeout_s),
+                                   f"{', '.join(names)} in {self.data_dir}")
+
+    def _start_on_drawn_ports(self, start: Callable[[], None], wait: Callable[[], T], what: str) -> T:
+        """``start()`` then ``wait()``; the mesh stopped if either fails. On drawn ports, a
+        port taken (``PortTaken``) is answered by drawing all the ports again and starting
+        again (``ports.start_on_free_ports``)."""
+        def attempt(number: int) -> T:
+            if number > 1:
+                self.draw_ports()
+            try:
+                start()
+                return wait()
+            except BaseException:
+                self.stop()
+                raise
+
+        return start_on_free_ports(attempt, what) if self.drawn else attempt(1)
+
+    def spawn_on_free_ports(self, name: str, module: str, env: dict[str, str], variables: tuple[str, ...],
+                            timeout_s: float = 120.0) -> dict[str, int]:
+        """Spawn one more process beside the mesh (a replica, a second gateway) with each of
+        ``variables`` (HEARTH_*_PORT) on a drawn port over ``env``, and return those ports
+        once it has bound them; a port taken before its bind is drawn again (its own ports
+        only: no peer knows them yet), as ``start_healthy`` does for the mesh."""
+        def attempt(_number: int) -> dict[str, int]:
+            ports = {variable: free_port() for variable in variables}
+            self._spawn(name, module, {**env, **{v: str(p) for v, p in ports.items()}})
+            try:
+                self.wait_bound([name], timeout_s)
+            except BaseException:
+                self.stop_process(name)
+                raise
+            return ports
+
+        return start_on_free_ports(attempt, f"{name} beside the mesh in {self.data_dir}")
+
+    def wait_bound(self, names, timeout_s: float = 120.0) -> None:
+        """Until each of ``names`` listens on every port it was given itself (a port that
+        answers may be another process's: ``ports.listened_by``) — no bind can fail after
+        that —, or raise as ``wait_healthy`` does when one exits first."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for name in names:
+                self._check_running(name)
+            waiting = {name: ports for name in names if (ports := self._not_yet_bound(name))}
+            if not waiting:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ports not listening after {timeout_s:g} s: {waiting}")
+            time.sleep(0.1)
+
+    def _not_yet_bound(self, name: str) -> list[int]:
+        """The ports process ``name`` was given that it does not listen on itself (yet)."""
+        ports = self._ports.get(name, [])
+        return sorted(set(ports) - listened_by(self.processes[name].pid, ports))
+
+    def _check_running(self, name: str) -> None:
+        """Raise if process ``name`` has exited: ``PortTaken`` when its log says its port
+        was taken, else RuntimeError with its log's end."""
+        proc = self.processes[name]
+        if proc.poll() is None:
+            return
+        path = self.log_dir / f"{name}.log" if self.log_dir is not None else None
+        if path is not None and path.exists():
+            with open(path, "rb") as f:
+                f.seek(self._log_offsets.get(name, 0))
+                check_exit(name, f.read().decode(errors="replace"), self._ports.get(name, []))
+        raise RuntimeError(f"{name} exited with code {proc.returncode} during start-up{self.log_tail(name)}")
 
     def wait_healthy(self, timeout_s: float = 120.0) -> dict:
         deadline = time.monotonic() + timeout_s
         last: object = None
         while time.monotonic() < deadline:
-            for name, proc in self.processes.items():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with code {proc.returncode} during start-up"
-                                       f"{self.log_tail(name)}")
+            for name in list(self.processes):
+                self._check_running(name)
             try:
                 r = httpx.get(self.url + "/health", timeout=2.0)
                 last = r.json()
-                if r.status_code == 200 and last.get("status") == "SERVING":
+                # SERVING from this mesh's own gateway, every process on its own ports: another
+                # process on a drawn port (a second suite's gateway) answers too, while ours
+                # is still starting, to exit on the taken port.
+                if r.status_code == 200 and last.get("status") == "SERVING" and \
+                        not any(self._not_yet_bound(name) for name in self.processes):
                     return last
             except (httpx.HTTPError, ValueError) as exc:
                 last = exc
@@ -362,9 +458,8 @@ def running_mesh(base: Path, keys: dict[str, str] | None = None, timeout_s: floa
     mesh.keys = {principal: write_api_key(mesh.data_dir / "gateway-keys.json", principal, role)
                  for principal, role in (keys or {"e2e-admin": "admin"}).items()}
     mesh.api_key = next(iter(mesh.keys.values()))
-    mesh.start()
+    mesh.start_healthy(timeout_s)
     try:
-        mesh.wait_healthy(timeout_s)
         yield mesh
     finally:
         mesh.stop()

@@ -11,6 +11,13 @@ creates it) by Popen's own change of user, after which the death signal is set (
 
 A missing binary raises ``MissingServer``; the test fixtures turn it into a failure
 (never a skip), verify into an exit with the message.
+
+Each server's port is drawn (``free_port``), and another process on the machine (a second
+test suite) can bind it first: the first ``start`` then reads the server's own log
+(``server.log`` beside its data), sees the bind failure and starts it again on a port drawn
+anew (services/testing/ports.py). A server counts as started only once it listens on its
+port itself: a second suite's PostgreSQL or Redis on that port would answer too. A restart
+keeps its port (its clients hold the address).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from services.common.child_process import spawn_tied, stop_group
-from services.testing.mesh import free_port
+from services.testing.ports import check_exit, free_port, listened_by, start_on_free_ports
 
 
 class MissingServer(RuntimeError):
@@ -73,6 +80,7 @@ class PostgresServer:
                          **({} if durable else {"fsync": "off", "full_page_writes": "off"}), **(settings or {})}
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
+        self.started = False   # once: the port is final (a restart keeps it)
 
     @property
     def dsn(self) -> str:
@@ -91,24 +99,32 @@ class PostgresServer:
 
     def start(self, timeout_s: float = 90.0) -> "PostgresServer":
         """Start on the same port and data; returns once it accepts connections (the
-        deadline is generous: start-up on a loaded machine takes many seconds)."""
+        deadline is generous: start-up on a loaded machine takes many seconds). The first
+        start moves to a new port if another process took the drawn one (module doc)."""
+        return _start_moving_if_taken(self, timeout_s, f"PostgreSQL in {self.data_dir}")
+
+    def _start(self, timeout_s: float) -> "PostgresServer":
         import psycopg
 
         options = [arg for name, value in self.settings.items() for arg in ("-c", f"{name}={value}")]
-        self.proc = spawn_tied([self.postgres, "-D", str(self.data_dir), "-p", str(self.port), "-h", "127.0.0.1",
-                                "-k", str(self.base), *options],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.base,
-                               **postgres_user())
+        with open(self.base / "server.log", "ab") as log:
+            offset = log.tell()
+            self.proc = spawn_tied([self.postgres, "-D", str(self.data_dir), "-p", str(self.port), "-h", "127.0.0.1",
+                                    "-k", str(self.base), *options],
+                                   stdout=log, stderr=log, cwd=self.base, **postgres_user())
         deadline = time.monotonic() + timeout_s
         while True:
             try:
                 psycopg.connect(self.dsn, connect_timeout=2).close()
-                return self
+                if listened_by(self.proc.pid, [self.port]):
+                    return self
             except psycopg.OperationalError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"PostgreSQL did not start in {timeout_s:g} s (data: {self.data_dir})") from None
-                time.sleep(0.1)
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                check_exit("PostgreSQL", _read_from(self.base / "server.log", offset), [self.port])
+                raise RuntimeError(f"PostgreSQL did not start in {timeout_s:g} s (data: {self.data_dir})")
+            time.sleep(0.1)
 
     def stop(self, fast: bool = True) -> None:
         """Fast shutdown (SIGINT, what `pg_ctl restart -m fast` does to clients: they are
@@ -143,12 +159,21 @@ class RedisServer:
                                 "scripts/provision.sh does)")
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
+        self.started = False   # once: the port is final (a restart keeps it)
+        # Its output (start-up, warnings), in a directory of its own (not snapshot_dir, whose
+        # files tests scan), removed by ``stop``.
+        self.log_path = Path(tempfile.gettempdir()) / f"hearth-redis-{os.getpid()}-{id(self):x}" / "redis-server.log"
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 30.0) -> "RedisServer":
+        """Start (again) on its port; the first start moves to a new port if another
+        process took the drawn one (module doc)."""
+        return _start_moving_if_taken(self, timeout_s, "redis-server")
+
+    def _start(self, timeout_s: float) -> "RedisServer":
         import redis
 
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
@@ -156,28 +181,63 @@ class RedisServer:
             args += ["--dir", str(self.dir), "--dbfilename", "dump.rdb", "--rdbcompression", "no"]
         args += [arg for name, value in self.settings.items()
                  for arg in (f"--{name}", *((value,) if isinstance(value, str) else value))]
-        self.proc = spawn_tied(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.log_path.parent.mkdir(mode=0o700, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            offset = log.tell()
+            self.proc = spawn_tied(args, stdout=log, stderr=log)
         client = redis.Redis(port=self.port)
         deadline = time.monotonic() + timeout_s
         while True:
             try:
                 client.ping()
-                client.close()
-                return self
-            except redis.ConnectionError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
+                if listened_by(self.proc.pid, [self.port]):
                     client.close()
-                    self.kill()
-                    raise RuntimeError(f"redis-server did not start in {timeout_s:g} s") from None
-                time.sleep(0.05)
+                    return self
+            except redis.ConnectionError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                output = _read_from(self.log_path, offset)
+                client.close()
+                self.kill()
+                check_exit("redis-server", output, [self.port])
+                raise RuntimeError(f"redis-server did not start in {timeout_s:g} s")
+            time.sleep(0.05)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
+        shutil.rmtree(self.log_path.parent, ignore_errors=True)
 
     def stop(self) -> None:
         if self.proc is not None:
             stop_group(self.proc, 10.0)
         self.proc = None
+        shutil.rmtree(self.log_path.parent, ignore_errors=True)
+
+
+def _read_from(path: Path, offset: int) -> str:
+    """What a server wrote to its log since ``offset`` (this start's)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _start_moving_if_taken(server, timeout_s: float, what: str):
+    """``server._start`` on its port; its first start on a port drawn anew (``.port``)
+    while another process took it (``start_on_free_ports``). Returns ``server``."""
+    if server.started:
+        return server._start(timeout_s)
+
+    def attempt(number: int):
+        if number > 1:
+            server.port = free_port()
+        return server._start(timeout_s)
+
+    start_on_free_ports(attempt, what)
+    server.started = True
+    return server

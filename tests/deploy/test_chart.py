@@ -438,6 +438,19 @@ def test_gateway_admission_limits_flow_from_values_to_the_settings(render, monke
         CHART_VALUES["gateway"]["admission"]["maxInFlight"]
 
 
+def test_expected_bulk_readers_flow_from_values_to_the_privacy_settings(render, monkeypatch):
+    """services.privacy.bulkReaders (session 35) renders HEARTH_AUDIT_BULK_READERS on
+    privacy's pods only, read back by PrivacySettings as the same thresholds; by default
+    none is named (the variable is not set)."""
+    objects = render(set_values=("services.privacy.bulkReaders.reporting-svc=5000",))
+    env = effective_env(deployment_of(objects, "privacy"), objects)
+    assert json.loads(env["HEARTH_AUDIT_BULK_READERS"]) == {"reporting-svc": 5000}
+    assert _load_settings(env, "privacy", monkeypatch).audit_bulk_readers == {"reporting-svc": 5000}
+    for other in ("gateway", "clustering", "attribution", "feedback"):
+        assert "HEARTH_AUDIT_BULK_READERS" not in effective_env(deployment_of(objects, other), objects), other
+    assert "HEARTH_AUDIT_BULK_READERS" not in effective_env(deployment_of(render(), "privacy"), render())
+
+
 def test_peer_addresses_point_at_the_rendered_services(render):
     objects = render()
     services = by_kind(objects, "Service")
@@ -518,6 +531,9 @@ def test_sqlite_with_more_than_one_replica_is_refused(render, override):
     ("storage.postgres.provisionRoles.lockTimeoutSeconds=10000000",
      "at '/storage/postgres/provisionRoles/lockTimeoutSeconds': maximum: got 1×10⁰⁷"),
     ("services.privacy.keys.secretName=", "services.privacy.keys.secretName, .receiptSigningKeyKey, .auditSigningKeyKey and .keksKey are required"),
+    # a bulk reader's threshold is a number of households, never 0 or unlimited (session 35)
+    ("services.privacy.bulkReaders.reporting-svc=0",
+     "at '/services/privacy/bulkReaders/reporting-svc': minimum: got 0, want 1"),
 ])
 def test_bad_values_fail_with_a_message_naming_the_value(render, bad, message):
     with pytest.raises(HelmError, match=re.escape(message)):

@@ -50,9 +50,8 @@ def test_overload_gets_fast_503s_and_goodput_stays_near_capacity(tmp_path):
                                          "HEARTH_ACCESS_LOG": "false", "HEARTH_LOG_LEVEL": "WARNING"})
     mesh.data_dir.mkdir(parents=True)
     key = write_api_key(mesh.data_dir / "gateway-keys.json", "admission-admin", "admin")
-    mesh.start()
     try:
-        mesh.wait_healthy(180)
+        mesh.start_healthy(180)
         rng = random.Random(3)
         accounts = [f"adm-{i}" for i in range(3)]
         with httpx.Client(base_url=mesh.url, headers={"X-API-Key": key}, timeout=60) as c:

@@ -88,3 +88,37 @@ def test_a_service_key_learns_nothing_of_an_account_from_the_consent_route(clien
              "device_type": "tv", "ts": "2026-01-05T20:00:00Z", "kind": "heartbeat", "duration_s": 60}
     r = httpx.post(f"{mesh.url}/v1/events", json={"events": [event]}, headers={"X-API-Key": key}, timeout=30)
     assert r.status_code == 200, r.text
+
+
+def test_a_service_keys_refused_write_says_not_stored_and_no_more(client, mesh):
+    """Session 35's decision (docs/privacy.md §8, "What a writer learns"): a write for an
+    account whose consent refuses it stays a 412 — the writer (a service-role key) must know
+    its items were not stored and must not retry them — but the body says only that: the
+    item, "consent", "nothing was stored". Which purpose was withdrawn is not said, so a
+    touchpoint refused for withdrawn processing and one refused for withdrawn attribution
+    answer the same body (until session 35 the message named the purpose: the write told a
+    service key which flag the household had set, which its 403 on the consent read hides)."""
+    no_processing = f"e2e-consent-w1-{uuid.uuid4().hex[:12]}"
+    no_attribution = f"e2e-consent-w2-{uuid.uuid4().hex[:12]}"
+    assert client.put(f"/v1/consent/{no_processing}", json={"processing": False, "attribution": True}).status_code == 200
+    assert client.put(f"/v1/consent/{no_attribution}", json={"processing": True, "attribution": False}).status_code == 200
+    key = write_api_key(mesh.data_dir / "gateway-keys.json", "e2e-consent-writer", "service")
+    bodies = []
+    for account in (no_processing, no_attribution):
+        tp = {"touchpoint_id": f"tp-{account}", "account_id": account, "device_id": "tv-1",
+              "ts": "2026-01-05T20:00:00Z", "channel": "email"}
+        r = httpx.post(f"{mesh.url}/v1/touchpoints", json={"touchpoints": [tp]}, headers={"X-API-Key": key},
+                       timeout=30)
+        assert r.status_code == 412, r.text
+        error = r.json()["error"]
+        assert error["code"] == "failed_precondition" and error["field"] == "touchpoints[0].account_id", r.text
+        assert "nothing was stored" in error["message"] and "consent" in error["message"], r.text
+        bodies.append(r.text.replace(account, "<account>"))
+    assert bodies[0] == bodies[1]
+    assert not any(purpose in bodies[0] for purpose in ("processing", "attribution")), bodies[0]
+    event = {"event_id": f"e-{uuid.uuid4().hex[:8]}", "account_id": no_processing, "device_id": "tv-1",
+             "device_type": "tv", "ts": "2026-01-05T20:00:00Z", "kind": "heartbeat", "duration_s": 60}
+    r = httpx.post(f"{mesh.url}/v1/events", json={"events": [event]}, headers={"X-API-Key": key}, timeout=30)
+    assert r.status_code == 412, r.text
+    assert r.json()["error"]["field"] == "events[0].account_id" and "processing" not in r.text, r.text
+    assert "nothing was stored" in r.json()["error"]["message"], r.text

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import time
 from datetime import datetime
 
@@ -19,7 +18,9 @@ import httpx
 import pytest
 import yaml
 
-from services.testing.mesh import ROOT, SERVICE_MODULES, Mesh, free_port, write_api_key
+from services.common.child_process import stop_group
+from services.testing.mesh import ROOT, SERVICE_MODULES, Mesh, write_api_key
+from services.testing.ports import serve_on_free_port
 from tests.helpers.mesh_calls import log_predictions, prediction
 from tests.helpers.waiting import SLOW_MACHINE_S, wait_for
 
@@ -52,7 +53,7 @@ def scraped_mesh(tmp_path_factory):
     mesh.data_dir.mkdir(parents=True)
     mesh.api_key = write_api_key(mesh.data_dir / "gateway-keys.json", "dash-admin", "admin")
     mesh.analyst_key = write_api_key(mesh.data_dir / "gateway-keys.json", "dash-analyst", "analyst")
-    mesh.start()
+    mesh.start_healthy(120)   # first: prometheus's targets are the mesh's ports, drawn until they bind
     targets = [(f"127.0.0.1:{mesh.metrics_ports[s]}", s) for s in SERVICE_MODULES]
     targets.append((f"127.0.0.1:{mesh.gateway_metrics_port}", "gateway"))
     config = {
@@ -64,13 +65,12 @@ def scraped_mesh(tmp_path_factory):
                                for t, c in targets]}],
     }
     (base / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    log = open(base / "logs" / "prometheus.log", "ab")
-    prom = subprocess.Popen([binary, f"--config.file={base / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={base / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}",
-                             "--log.level=warn"], stdout=log, stderr=log, start_new_session=True)
+    prom = None
     try:
-        mesh.wait_healthy(120)
+        prom, port = serve_on_free_port(
+            lambda port: [binary, f"--config.file={base / 'prometheus.yml'}", f"--storage.tsdb.path={base / 'tsdb'}",
+                          f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+            base / "logs" / "prometheus.log", "prometheus")
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + SLOW_MACHINE_S
         while True:
@@ -84,11 +84,8 @@ def scraped_mesh(tmp_path_factory):
             time.sleep(0.2)
         yield mesh, url
     finally:
-        prom.terminate()
-        try:
-            prom.wait(10)
-        except subprocess.TimeoutExpired:
-            prom.kill()
+        if prom is not None:
+            stop_group(prom, 10.0)
         mesh.stop()
 
 

@@ -662,16 +662,13 @@ def test_another_replica_does_not_answer_with_the_erased_model_once_the_erasure_
     again) or has stopped trusting its notes (docs/security.md, session 30)."""
     import redis
 
-    from services.testing.mesh import free_port
-
     acct, t0 = f"e2e-replica-erased-{RUN}", time.time() - 14 * DAY
-    replica_port, gateway_port = free_port(), free_port()
-    dmesh._spawn("clustering-2", "services.clustering",
-                 {**dmesh.env(), **dmesh.process_env.get("clustering", {}), "HEARTH_GRPC_PORT": str(replica_port),
-                  "HEARTH_METRICS_PORT": str(free_port())})
-    dmesh._spawn("gateway-2", "gateway",
-                 {**dmesh.env(), "HEARTH_CLUSTERING_ADDR": f"127.0.0.1:{replica_port}",
-                  "HEARTH_GATEWAY_PORT": str(gateway_port), "HEARTH_METRICS_PORT": str(free_port())})
+    replica_port = dmesh.spawn_on_free_ports("clustering-2", "services.clustering",
+                                             {**dmesh.env(), **dmesh.process_env.get("clustering", {})},
+                                             ("HEARTH_GRPC_PORT", "HEARTH_METRICS_PORT"))["HEARTH_GRPC_PORT"]
+    gateway_port = dmesh.spawn_on_free_ports("gateway-2", "gateway",
+                                             {**dmesh.env(), "HEARTH_CLUSTERING_ADDR": f"127.0.0.1:{replica_port}"},
+                                             ("HEARTH_GATEWAY_PORT", "HEARTH_METRICS_PORT"))["HEARTH_GATEWAY_PORT"]
     raw = redis.Redis.from_url(dmesh.env_extra["HEARTH_REDIS_URL"])
     key = f"hearth:clustering:model:{acct}"
     try:

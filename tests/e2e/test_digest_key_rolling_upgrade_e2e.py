@@ -134,15 +134,14 @@ def test_a_rotation_makes_another_clustering_replica_refetch_only_that_household
     from hearth.clustering.v1 import clustering_pb2_grpc as cpb_grpc
     from services.common.identity import PRINCIPAL_KEY, ROLE_KEY, TOKEN_KEY, Principal, Role
     from services.common.pbutil import float_to_ts
-    from services.testing.mesh import free_port
 
     accounts = [f"kc-{RUN}-{i:02d}" for i in range(20)]
     pipeline = Principal("key-cache-pipeline", Role.SERVICE)
-    port = free_port()
-    env = {**mesh.env(), "HEARTH_GRPC_PORT": str(port), "HEARTH_METRICS_PORT": str(free_port())}
+    env = mesh.env()
     _restart(mesh, "privacy", env=QUICK_SETTLE)
-    mesh._spawn("clustering-2", "services.clustering", env)
     try:
+        port = mesh.spawn_on_free_ports("clustering-2", "services.clustering", env,
+                                        ("HEARTH_GRPC_PORT", "HEARTH_METRICS_PORT"))["HEARTH_GRPC_PORT"]
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         grpc.channel_ready_future(channel).result(timeout=120)
         stub = cpb_grpc.ClusteringServiceStub(channel)

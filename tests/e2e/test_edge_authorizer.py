@@ -17,7 +17,7 @@ from hearth.clustering.v1 import clustering_pb2_grpc as cpb_grpc
 from hearth.feedback.v1 import feedback_pb2 as fpb
 from hearth.feedback.v1 import feedback_pb2_grpc as fpb_grpc
 from services.common.identity import PRINCIPAL_KEY, ROLE_KEY, TOKEN_KEY
-from services.testing.mesh import free_port, running_mesh
+from services.testing.mesh import running_mesh
 
 GET_HOUSEHOLD = "/hearth.clustering.v1.ClusteringService/GetHousehold"
 SET_FLAG = "/hearth.feedback.v1.FeedbackService/SetFlag"
@@ -27,11 +27,10 @@ GET_EXPERIMENT = "/hearth.feedback.v1.FeedbackService/GetExperiment"
 @pytest.fixture(scope="module")
 def edge_mesh(tmp_path_factory):
     base = tmp_path_factory.mktemp("edge-mesh")
-    authorizer_port = free_port()
     with running_mesh(base, {"ops-alice": "admin", "analyst-bob": "analyst", "pipeline-1": "service"}, timeout_s=120,
-                      process_env={"gateway": {"HEARTH_EDGE_AUTHORIZER_PORT": str(authorizer_port)}}) as mesh:
+                      more_ports={"gateway": ("HEARTH_EDGE_AUTHORIZER_PORT",)}) as mesh:
         mesh.analyst_key = mesh.keys["analyst-bob"]
-        mesh.authorizer_url = f"http://127.0.0.1:{authorizer_port}"
+        mesh.authorizer_url = f"http://127.0.0.1:{mesh.port_of('gateway', 'HEARTH_EDGE_AUTHORIZER_PORT')}"
         yield mesh
 
 

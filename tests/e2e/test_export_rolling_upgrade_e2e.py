@@ -17,6 +17,7 @@ import httpx
 from bench.assign_cpu import extract
 from services.testing.mesh import ROOT
 from tests.helpers.history import require_commit
+from tests.helpers.logs import json_log_lines
 from tests.helpers.timestamps import iso_utc as _iso
 
 BEFORE_STREAMING = "d3fbe5f"   # session 25's end: ExportAccount only
@@ -67,6 +68,8 @@ def test_a_data_holder_or_a_privacy_without_the_stream_still_export_whole(mesh, 
     # The release as shipped answers UNIMPLEMENTED (on this checkout's protos: PERMISSION_DENIED).
     assert "attribution has no ExportAccountStream (UNIMPLEMENTED" in (mesh.log_dir / "privacy.log").read_text()
     assert behind_gateway.status_code == 200, behind_gateway.text
+    logged = json_log_lines(mesh.log_dir / "gateway.log", logger="hearth.gateway.upgrade", rpc="ExportHouseholdStream")
+    assert [(line["code"], line["fallback"]) for line in logged] == [("UNIMPLEMENTED", "ExportHousehold")], logged
     old = behind_gateway.json()
     assert "complete" not in old and old["v"] == 1   # the older privacy's one-message document
     assert [t["campaign"] for t in old["services"]["attribution"]["touchpoints"]] == ["spring"]

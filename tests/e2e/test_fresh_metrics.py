@@ -26,7 +26,7 @@ def test_a_feedback_service_without_predictions_exports_an_unknown_feedback_rate
     mesh = Mesh.on_free_ports(tmp_path / "var", log_dir=tmp_path / "logs")
     mesh.data_dir.mkdir(parents=True)
     try:
-        mesh.start_service("feedback")   # alone: its peers' absence only degrades its health
+        mesh.start_listening(["feedback"])   # alone: its peers' absence only degrades its health
         url = f"http://127.0.0.1:{mesh.metrics_ports['feedback']}/metrics"
 
         def scraped():
@@ -52,7 +52,7 @@ def test_a_service_reports_its_data_directory_and_volume(tmp_path):
                               extra_env={"HEARTH_DATA_DIR_SIZE_LIMIT": "64Mi"})
     mesh.data_dir.mkdir(parents=True)
     try:
-        mesh.start_service("feedback")
+        mesh.start_listening(["feedback"])
         url = f"http://127.0.0.1:{mesh.metrics_ports['feedback']}/metrics"
 
         def scraped():

@@ -29,7 +29,7 @@ def test_a_hung_redis_costs_the_rate_limiter_one_timeout_a_second_not_one_per_re
     try:
         # The gateway alone: the services are down, so a request is the limiter's check
         # (Redis) and then a fast 503 from the refused connection to its service.
-        mesh._spawn("gateway", "gateway", {**mesh.env(), "HEARTH_METRICS_PORT": str(mesh.gateway_metrics_port)})
+        mesh.start_listening(["gateway"])
         with httpx.Client(base_url=mesh.url, headers={"X-API-Key": key}, timeout=30) as client:
             def answered():
                 assert mesh.processes["gateway"].poll() is None, mesh.log_tail("gateway")

@@ -40,7 +40,7 @@ def test_the_privacy_service_exports_the_last_ledger_exports_time(tmp_path):
     mesh = Mesh.on_free_ports(tmp_path / "var", log_dir=tmp_path / "logs")
     mesh.data_dir.mkdir(parents=True)
     try:
-        mesh.start_service("privacy")   # alone: its peers' absence only degrades its health
+        mesh.start_listening(["privacy"])   # alone: its peers' absence only degrades its health
         assert math.isnan(_gauge(mesh))   # none recorded: HearthLedgerExportStale cannot fire
         before = time.time()
         # A copy made by hand (no --off-site) is not the off-site export: it leaves the gauge

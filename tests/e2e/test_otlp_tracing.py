@@ -183,7 +183,7 @@ def test_the_gateway_exports_its_last_spans_when_it_stops(tmp_path):
     write_api_key(mesh.data_dir / "gateway-keys.json", "otlp-admin", "admin")
     try:
         # The gateway alone: a request refused with 401 needs no service, and is traced.
-        mesh._spawn("gateway", "gateway", {**mesh.env(), "HEARTH_METRICS_PORT": str(mesh.gateway_metrics_port)})
+        mesh.start_listening(["gateway"])
 
         def refused():
             assert mesh.processes["gateway"].poll() is None, mesh.log_tail("gateway")

@@ -20,7 +20,7 @@ import psycopg
 from services.clustering.prediction_log import PredictionLog
 from services.common.predictions import PredictionRecord
 from services.common.storage.sql import PostgresDatabase
-from services.testing.mesh import free_port, running_mesh
+from services.testing.mesh import running_mesh
 from tests.helpers.servers import running_postgres
 from tests.helpers.waiting import SLOW_MACHINE_S, wait_for
 
@@ -37,10 +37,8 @@ def test_two_replicas_forward_each_chunk_once(tmp_path):
     with running_postgres() as pg:
         env = {"HEARTH_STORAGE": "postgres", "HEARTH_POSTGRES_DSN": pg.dsn, "HEARTH_RETENTION_CHECK_S": "0"}
         with running_mesh(tmp_path, {"olivia": "admin"}, timeout_s=SLOW_MACHINE_S, extra_env=env) as mesh:
-            replica_metrics = free_port()
-            replica_env = {**mesh.env(), "HEARTH_GRPC_PORT": str(free_port()),
-                           "HEARTH_METRICS_PORT": str(replica_metrics)}
-            mesh._spawn("clustering-2", "services.clustering", replica_env)
+            replica_metrics = mesh.spawn_on_free_ports("clustering-2", "services.clustering", mesh.env(),
+                                                       ("HEARTH_GRPC_PORT", "HEARTH_METRICS_PORT"))["HEARTH_METRICS_PORT"]
             wait_for(lambda: _try(lambda: _forwarded(replica_metrics) == 0.0), SLOW_MACHINE_S,
                      "the second clustering replica to serve its metrics")
             mesh.stop_process("feedback")

@@ -40,8 +40,7 @@ def test_start_everything_then_wait(tmp_path, postgres_dsn, redis_url):
         redis.Redis.from_url(redis_url).ping()
         mesh = Mesh.on_free_ports(tmp_path / "var", log_dir=tmp_path / "logs")
         write_api_key(mesh.data_dir / "gateway-keys.json", "lifetime-admin", "admin")
-        mesh.start()
-        mesh.wait_healthy(180)
+        mesh.start_healthy(180)
         Path(os.environ["PIDS_FILE"] + ".tmp").write_text(json.dumps({
             "mesh": [p.pid for p in mesh.processes.values()],
             "all": descendants(os.getpid()),

@@ -20,8 +20,8 @@ PUBLISHED = {"privacy-receipt-signing.key": "privacy-receipt-signing.pub",
 
 def start_privacy_until_published(data_dir, log_dir) -> None:
     alone = Mesh.on_free_ports(data_dir, log_dir=log_dir)
-    alone.start_service("privacy")
     try:
+        alone.start_listening(["privacy"])
         wait_for(lambda: all((data_dir / name).exists() for name in PUBLISHED.values())
                  and b'"serving"' in (log_dir / "privacy.log").read_bytes(),
                  what="privacy serving with its public keys published")

@@ -55,9 +55,8 @@ def test_restore_drill_keeps_later_deletions_deleted_and_measures_rpo_rto(tmp_pa
     key = write_api_key(mesh.data_dir / "gateway-keys.json", "drill-admin", "admin")
     backups = tmp_path / "backups"
     t0 = time.time() - 3 * DAY
-    mesh.start()
     try:
-        mesh.wait_healthy(120)
+        mesh.start_healthy(120)
         with httpx.Client(base_url=mesh.url, headers={"X-API-Key": key}, timeout=30) as client:
             for account in ("drill-keep", "drill-gone"):
                 assert client.post("/v1/events", json={"events": _events(account, t0, 6)}).status_code == 200
@@ -100,8 +99,7 @@ def test_restore_drill_keeps_later_deletions_deleted_and_measures_rpo_rto(tmp_pa
         keys = _rows(privacy_db, "SELECT wrapped, destroyed_at FROM data_keys WHERE account_id = ?", ("drill-gone",))
         assert keys and all(bytes(w) == b"" and d for w, d in keys)
 
-        mesh.start()
-        mesh.wait_healthy(120)
+        mesh.start_healthy(120)
         rto_s = time.monotonic() - started
         with httpx.Client(base_url=mesh.url, headers={"X-API-Key": key}, timeout=30) as client:
             (requeued,) = report["requeued_jobs"]

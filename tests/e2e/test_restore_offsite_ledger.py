@@ -31,9 +31,8 @@ def test_offsite_ledger_keeps_later_deletions_deleted_after_losing_the_privacy_d
     key = write_api_key(mesh.data_dir / "gateway-keys.json", "drill-admin", "admin")
     backups, offsite = tmp_path / "backups", tmp_path / "offsite"
     t0 = time.time() - 3 * DAY
-    mesh.start()
     try:
-        mesh.wait_healthy(120)
+        mesh.start_healthy(120)
         with httpx.Client(base_url=mesh.url, headers={"X-API-Key": key}, timeout=30) as client:
             for account in ("ledger-keep", "ledger-gone"):
                 assert client.post("/v1/events", json={"events": _events(account, t0, 6)}).status_code == 200
@@ -89,8 +88,7 @@ def test_offsite_ledger_keeps_later_deletions_deleted_after_losing_the_privacy_d
                      ("ledger-gone",))
         assert keys and all(bytes(w) == b"" and d for w, d in keys)
 
-        mesh.start()
-        mesh.wait_healthy(120)
+        mesh.start_healthy(120)
         with httpx.Client(base_url=mesh.url, headers={"X-API-Key": key}, timeout=30) as client:
             (requeued,) = report["requeued_jobs"]
             job = deletion_job(client, requeued["job_id"])

@@ -13,7 +13,8 @@ import time
 import httpx
 import pytest
 
-from services.testing.mesh import ROOT, free_port, running_mesh
+from services.testing.mesh import ROOT, running_mesh
+from services.testing.ports import serve_on_free_port
 from tests.helpers.mesh_calls import log_predictions, prediction
 from tests.helpers.waiting import SLOW_MACHINE_S
 
@@ -31,9 +32,12 @@ def _client(mesh) -> httpx.Client:
     return httpx.Client(base_url=mesh.url, headers={"X-API-Key": mesh.api_key}, timeout=30)
 
 
+def _env(mesh, env: dict | None = None) -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "HEARTH_ROLLOUT_API_KEY": mesh.api_key, **(env or {})}
+
+
 def _spawn(mesh, *args: str, env: dict | None = None) -> subprocess.Popen:
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "HEARTH_ROLLOUT_API_KEY": mesh.api_key, **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "services.cli", "rollout", *args], cwd=ROOT, env=full_env,
+    return subprocess.Popen([sys.executable, "-m", "services.cli", "rollout", *args], cwd=ROOT, env=_env(mesh, env),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -89,16 +93,18 @@ def test_controller_steps_the_challenger_and_rolls_back_on_low_accuracy(rollout_
             controller.wait()
 
 
-def test_alertmanager_webhook_rolls_back_on_a_firing_rollback_alert_only(rollout_mesh):
+def test_alertmanager_webhook_rolls_back_on_a_firing_rollback_alert_only(rollout_mesh, tmp_path):
     mesh = rollout_mesh
-    port = free_port()
-    hook = _spawn(mesh, "webhook", "--gateway", mesh.url, "--listen", f"127.0.0.1:{port}",
-                  env={"HEARTH_ROLLOUT_WEBHOOK_TOKEN": "am-secret"})
+    log = tmp_path / "webhook.log"
+    hook, port = serve_on_free_port(
+        lambda port: [sys.executable, "-m", "services.cli", "rollout", "webhook", "--gateway", mesh.url,
+                      "--listen", f"127.0.0.1:{port}"],
+        log, "the rollout webhook", cwd=ROOT, env=_env(mesh, {"HEARTH_ROLLOUT_WEBHOOK_TOKEN": "am-secret"}))
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + SLOW_MACHINE_S
         while True:
-            assert hook.poll() is None, hook.stderr.read()
+            assert hook.poll() is None, log.read_text()
             try:
                 if httpx.get(url + "/health", timeout=1).status_code == 200:
                     break

@@ -13,6 +13,7 @@ import httpx
 from bench.assign_cpu import extract
 from services.testing.mesh import ROOT
 from tests.helpers.history import require_commit
+from tests.helpers.logs import json_log_lines
 
 BEFORE_JOBS = "98239b4"   # session 26's end: RotateDataKeys only
 
@@ -34,6 +35,11 @@ def test_a_gateway_in_front_of_a_privacy_without_the_job_runs_the_batch_inside_t
             mesh.start_service("privacy")
             mesh.wait_healthy(120)
         assert old.status_code == 200 and old.json() == {"rotated": []}, old.text
+        # ledger35: the fallback is logged, naming the code the older privacy answered (it
+        # logged nothing until session 35).
+        logged = json_log_lines(mesh.log_dir / "gateway.log", logger="hearth.gateway.upgrade",
+                                rpc="RequestDataKeyRotations")
+        assert [(line["code"], line["fallback"]) for line in logged] == [("UNIMPLEMENTED", "RotateDataKeys")], logged
         new = c.post("/v1/keys/rotate-households", json=body)
         assert new.status_code == 202 and new.json()["state"] == "completed", new.text
         assert new.json()["households"] == [] and new.headers["location"].endswith(new.json()["job_id"])

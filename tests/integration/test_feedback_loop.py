@@ -31,15 +31,20 @@ def _wait(fn, timeout_s=20.0):
 
 
 def test_prediction_logged_feedback_labels_the_session(start_service):
-    from services.testing.mesh import free_port
+    from services.testing.ports import free_port, start_on_free_ports
 
-    # clustering and feedback call each other: fix their ports first
-    ports = {"clustering": free_port(), "feedback": free_port()}
     privacy, _ = start_service("privacy")
-    peers = dict(privacy_addr=f"127.0.0.1:{privacy.port}", clustering_addr=f"127.0.0.1:{ports['clustering']}",
-                 feedback_addr=f"127.0.0.1:{ports['feedback']}")
-    _, fch = start_service("feedback", grpc_port=ports["feedback"], **peers)
-    _, cch = start_service("clustering", grpc_port=ports["clustering"], **peers)
+
+    def start_both(_attempt: int):
+        # clustering and feedback call each other: their ports drawn first (both again if
+        # another process takes one before its server binds it)
+        ports = {"clustering": free_port(), "feedback": free_port()}
+        peers = dict(privacy_addr=f"127.0.0.1:{privacy.port}", clustering_addr=f"127.0.0.1:{ports['clustering']}",
+                     feedback_addr=f"127.0.0.1:{ports['feedback']}")
+        return (start_service("feedback", grpc_port=ports["feedback"], **peers)[1],
+                start_service("clustering", grpc_port=ports["clustering"], **peers)[1])
+
+    fch, cch = start_on_free_ports(start_both, "feedback and clustering in process")
     cstub, fstub = cpb_grpc.ClusteringServiceStub(cch), fpb_grpc.FeedbackServiceStub(fch)
     md, fmd = ADMIN.metadata("clustering"), ADMIN.metadata("feedback")
 

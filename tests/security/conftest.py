@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway import auth
 from services.common.identity import Role
-from services.testing.mesh import Mesh, free_port
+from services.testing.mesh import Mesh
 
 ISSUER = "https://idp.security-suite.test"
 AUDIENCE = "hearth-security-suite"
@@ -101,18 +101,16 @@ def security_mesh(tmp_path_factory, redis_url):
         "HEARTH_DEK_ROTATION_SETTLE_S": "0.5",
     }
     mesh = Mesh.on_free_ports(base / "var", log_dir=base / "logs", extra_env=env)
-    mesh.start()
     replicas: list[str] = []
     try:
-        mesh.wait_healthy(120)
+        mesh.start_healthy(120)
         limited_env = {**mesh.env(), "HEARTH_REDIS_URL": redis_url,
                        "HEARTH_RATE_LIMIT_DEFAULT": json.dumps({"per_s": LIMIT_PER_S, "burst": LIMIT_BURST})}
         urls = []
         for i in range(2):
-            port = free_port()
             name = f"gateway-limited-{i}"
-            mesh._spawn(name, "gateway", {**limited_env, "HEARTH_GATEWAY_PORT": str(port)})
             replicas.append(name)
+            port = mesh.spawn_on_free_ports(name, "gateway", limited_env, ("HEARTH_GATEWAY_PORT",))["HEARTH_GATEWAY_PORT"]
             urls.append(f"http://127.0.0.1:{port}")
         for name, url in zip(replicas, urls):
             _wait(url, mesh.processes[name])

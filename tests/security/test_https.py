@@ -12,7 +12,6 @@ import httpx
 import pytest
 
 from services.common.identity import Role
-from services.testing.mesh import free_port
 from tests.helpers.waiting import SLOW_MACHINE_S
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,12 +24,10 @@ def https_gateway(security_mesh, tmp_path_factory):
     spec.loader.exec_module(certs)
     directory = tmp_path_factory.mktemp("https-certs")
     certs.generate(directory, ("gateway",))
-    port = free_port()
     mesh = security_mesh.mesh
-    env = {**mesh.env(), "HEARTH_GATEWAY_PORT": str(port),
-           "HEARTH_HTTPS_CERT": str(directory / "gateway.pem"),
+    env = {**mesh.env(), "HEARTH_HTTPS_CERT": str(directory / "gateway.pem"),
            "HEARTH_HTTPS_KEY": str(directory / "gateway-key.pem")}
-    mesh._spawn("gateway-https", "gateway", env)
+    port = mesh.spawn_on_free_ports("gateway-https", "gateway", env, ("HEARTH_GATEWAY_PORT",))["HEARTH_GATEWAY_PORT"]
     url = f"https://localhost:{port}"
     deadline = time.monotonic() + SLOW_MACHINE_S
     try:

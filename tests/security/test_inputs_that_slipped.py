@@ -651,8 +651,8 @@ def test_an_appended_record_cannot_name_another_reporter(security_mesh, signer, 
 def test_a_record_dated_ahead_cannot_blind_the_suspicious_activity_detector(security_mesh, signer):
     """attack34: ``AppendAudit`` took a record's ``ts`` up to 2100, and the detector's clock
     is the newest entry time it saw: one record dated a day ahead, appended by any
-    ``append_audit`` holder (a service-role client through the Envoy edge, a compromised
-    service), put every later entry "too late to matter", and 55 distinct households read by
+    ``append_audit`` holder (an admin through the Envoy edge, which refuses service-role
+    keys; a compromised service), put every later entry "too late to matter", and 55 distinct households read by
     one admin on scripts/run.py's mesh raised no ``mass_household_reads`` alert. The record
     is refused now (``ts`` at most 10 minutes ahead, naming it), and an entry dated ahead
     within that skew moves the detector's clock no further than the wall clock."""

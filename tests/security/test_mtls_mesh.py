@@ -18,7 +18,7 @@ from hearth.privacy.v1 import privacy_pb2 as ppb
 from hearth.privacy.v1 import privacy_pb2_grpc as ppb_grpc
 from services.common import identity, tls
 from services.common.identity import Principal, Role
-from services.testing.mesh import free_port, running_mesh
+from services.testing.mesh import running_mesh
 from tests.helpers.waiting import deletion_job
 
 DATA_HOLDERS = ("clustering", "attribution", "feedback")
@@ -28,10 +28,9 @@ SERVICES = (*DATA_HOLDERS, "privacy")
 @pytest.fixture(scope="module")
 def tls_mesh(tmp_path_factory):
     base = tmp_path_factory.mktemp("mtls-mesh")
-    health_ports = {service: free_port() for service in SERVICES}
     with running_mesh(base, {"mtls-admin": "admin"}, tls_dir=base / "certs",
-                      process_env={s: {"HEARTH_HEALTH_PORT": str(p)} for s, p in health_ports.items()}) as mesh:
-        mesh.health_ports = health_ports
+                      more_ports={s: ("HEARTH_HEALTH_PORT",) for s in SERVICES}) as mesh:
+        mesh.health_ports = {s: mesh.port_of(s, "HEARTH_HEALTH_PORT") for s in SERVICES}
         yield mesh
 
 

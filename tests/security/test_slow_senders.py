@@ -14,7 +14,6 @@ import httpx
 import pytest
 
 from services.common.identity import Role
-from services.testing.mesh import free_port
 from tests.security.conftest import _wait
 
 MAX_IN_FLIGHT, MAX_QUEUE, BODY_TIMEOUT_S, HEAD_TIMEOUT_S = 2, 2, 3, 2
@@ -25,13 +24,12 @@ def tight_gateway(security_mesh):
     """A gateway replica of the security mesh with 2 slots and 2 queue places per
     service, a 3 s body deadline and a 2 s head deadline."""
     mesh = security_mesh.mesh
-    port = free_port()
     name = "gateway-slow-senders"
     spec = {"max_in_flight": MAX_IN_FLIGHT, "max_queue": MAX_QUEUE, "queue_timeout_s": 0.5}
-    mesh._spawn(name, "gateway", {**mesh.env(), "HEARTH_GATEWAY_PORT": str(port),
-                                  "HEARTH_ADMISSION_DEFAULT": json.dumps(spec),
-                                  "HEARTH_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
-                                  "HEARTH_HEAD_TIMEOUT_S": str(HEAD_TIMEOUT_S)})
+    port = mesh.spawn_on_free_ports(name, "gateway", {**mesh.env(), "HEARTH_ADMISSION_DEFAULT": json.dumps(spec),
+                                                      "HEARTH_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
+                                                      "HEARTH_HEAD_TIMEOUT_S": str(HEAD_TIMEOUT_S)},
+                                    ("HEARTH_GATEWAY_PORT",))["HEARTH_GATEWAY_PORT"]
     url = f"http://127.0.0.1:{port}"
     try:
         _wait(url, mesh.processes[name])

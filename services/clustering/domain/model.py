@@ -150,7 +150,9 @@ LEAVE_MAX_RATIO = 0.25    # a leaver's share after / before the change point
 # and none in them is a leave. It reads the buffer's device slots only, not the persons:
 # a leaver the model never gave a person of their own (the share test's main miss,
 # sessions 15-33) still leaves their phone silent. Once fired it looks only at sessions
-# from the window on (one silence, one event); it changes no person. Chosen on TUNING
+# from the window on (one silence, one event); it changes no person. The person it names is
+# marked gone (``inactive``) as a share-test leave is, and neither test reports a person
+# already gone and not back (one departure, one report; session 35). Chosen on TUNING
 # (session 34, docs/benchmarks.md "A leave by a personal device's silence, wired"): the
 # window x share grid replayed on both TUNING seeds and the change suite; 25 sessions at a
 # share of 1/5 adds the most detection with the stream's false alarms plus its own within
@@ -2088,7 +2090,9 @@ class HouseholdModel:
         none in them. Reported as a leave of the person the model gives most of that
         device's sessions (``gone``; none without a mixture); it changes no person. Why a
         device and not a person: the leavers the share test misses are mostly no person
-        of the model (docs/clustering.md, "A leave by a personal device's silence")."""
+        of the model (docs/clustering.md, "A leave by a personal device's silence"). That
+        person joins ``inactive`` as a share-test leave does: a departure is reported once,
+        by whichever test sees it first."""
         if SILENT_DEVICE_MIN_SHARE is None or not self.buffer.shape[0]:
             return
         B = self.buffer
@@ -2104,6 +2108,13 @@ class HouseholdModel:
             rows = slots == found[0]
             mass = self.mixture.predict_proba(self._buffer_X()[rows]).sum(axis=0)
             gone = [self.person_ids[int(mass.argmax())]]
+        # One departure, one report: a person already reported gone (by the share test or
+        # an earlier silence) and not back since is not reported again, and the person this
+        # leave names is marked gone, so the share test does not report them again either
+        # (until they are back: _detect_composition's ``since``).
+        if gone and gone[0] in self.inactive:
+            return
+        self.inactive.update(gone)
         self._composition_event("leave", born=[], gone=gone)
 
     def _composition_statistics(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:

@@ -253,6 +253,7 @@ def build_audit(settings, db: Database) -> tuple[AuditApp, AuditSink, list]:
     and return (app, sink, closers in the order they must run)."""
     app = AuditApp(db, load_signing_key(settings.audit_signing_key.get_secret_value(),
                                         settings.audit_signing_key_file, settings.data_dir),
+                   thresholds=DetectorThresholds(bulk_readers=dict(settings.audit_bulk_readers)),
                    earlier_public_keys=load_previous_public_keys(settings.audit_previous_public_keys),
                    tree_head_history_s=settings.audit_tree_head_history_s)
     # No outbox (the log is local), but a reserve file: records held while the log's

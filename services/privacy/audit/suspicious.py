@@ -5,7 +5,9 @@ where ``t`` is the newest timestamp seen:
 
 * ``mass_household_reads`` — distinct households read (``read_household`` and
   ``export`` entries; the household id is the entry's ``resource``) reaches
-  ``distinct_households``;
+  ``distinct_households`` — or, for a principal the operator named a bulk reader
+  (``bulk_readers``, ``HEARTH_AUDIT_BULK_READERS``: an internal reporting service's key),
+  that principal's own, higher threshold;
 * ``repeated_auth_failures`` — ``authentication_failure`` entries reach
   ``auth_failures``;
 * ``bulk_export`` — ``export`` entries reach ``exports``, or the sum of their
@@ -21,10 +23,11 @@ from __future__ import annotations
 
 import enum
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from services.common.ids import Role
 from services.privacy.audit.domain import AuditEntry, EventType
 
 
@@ -46,6 +49,12 @@ class DetectorThresholds:
     auth_failures: int = 5
     exports: int = 10
     export_records: int = 100_000
+    # Principals the operator expects to read many households (an internal reporting
+    # service's API key asking events/status or GET household for every account): each
+    # principal -> its own distinct-households threshold over the same window. A number,
+    # never "unlimited": a stolen bulk reader's key reading past its usual volume still
+    # alerts. Default none (session 35; docs/operations.md, "Expected bulk readers").
+    bulk_readers: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.window, timedelta) or self.window <= timedelta(0):
@@ -54,6 +63,31 @@ class DetectorThresholds:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be an int >= 1, got {value!r}")
+        check_bulk_readers(self.bulk_readers)
+
+    def household_reads_threshold(self, principal: str, role: Role) -> int:
+        """How many distinct households ``principal`` (acting as ``role``) may read within
+        the window before ``mass_household_reads`` fires. A bulk reader's threshold holds
+        for the service role only (review35 R5): API keys and JWT subjects share one
+        namespace of principal ids, so a user whose token's ``sub`` is a bulk reader's name
+        would otherwise read under the reporting service's threshold."""
+        if role is not Role.SERVICE:
+            return self.distinct_households
+        return self.bulk_readers.get(principal, self.distinct_households)
+
+
+def check_bulk_readers(value: object) -> Mapping[str, int]:
+    """``value`` if it maps principals (non-empty strings) to thresholds (ints >= 1);
+    ValueError naming the principal otherwise."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"bulk_readers: expected a mapping of principal -> threshold, got {type(value).__name__}")
+    for principal, threshold in value.items():
+        if not isinstance(principal, str) or not principal.strip():
+            raise ValueError(f"bulk_readers: a principal must be a non-empty string, got {principal!r}")
+        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
+            raise ValueError(f"bulk_readers[{principal!r}]: must be an int >= 1 (a number of households, "
+                             f"never unlimited), got {threshold!r}")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +206,7 @@ class SuspiciousActivityDetector:
         if kind in (EventType.READ_HOUSEHOLD, EventType.EXPORT) and entry.resource:
             w = self._window("reads", entry.principal, cutoff)
             w.add(ts, entry.resource, 1)
-            alert = self._check(w, len(w.distinct), t.distinct_households,
+            alert = self._check(w, len(w.distinct), t.household_reads_threshold(entry.principal, entry.role),
                                 SecurityEventKind.MASS_HOUSEHOLD_READS, entry)
             if alert:
                 alerts.append(alert)

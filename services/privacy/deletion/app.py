@@ -17,8 +17,8 @@ service, this one included:
   only a non-retryable answer (INVALID_ARGUMENT, PERMISSION_DENIED,
   FAILED_PRECONDITION) or ``HEARTH_DELETION_MAX_ATTEMPTS`` fails the job — except a
   FAILED_PRECONDITION for a device/person/window scope whose household's data key is
-  destroyed: nothing is left to erase there, the step is confirmed ``already_erased``
-  (``_erase_or_shredded``).
+  destroyed: the step waits for the household's own job to erase that service, and is
+  then confirmed ``already_erased`` (``_erase_or_shredded``).
 * **Durability**: every confirmation is stored (compare-and-swap on the job row)
   before the next service is called; a replica claims a job with a lease, so after a
   crash the job is resumed by whoever looks next (the restarted process included).
@@ -162,6 +162,21 @@ FUTURE_MARGIN_S = 3600.0
 
 _FATAL_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
                           grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE})
+
+
+# A step waiting for its household's erasure (``_erase_or_shredded``) is tried again this
+# long after the household job is next due: its pass has then had the time to confirm.
+HOUSEHOLD_WAIT_MARGIN_S = 5.0
+
+
+class _WaitForHousehold(Exception):
+    """A device/person/window step found its household's key destroyed and the household
+    job yet to erase that service: tried again at ``until``, not a failed attempt."""
+
+    def __init__(self, reason: str, until: datetime) -> None:
+        super().__init__(reason)
+        self.reason = reason[:500]
+        self.until = until
 
 
 class Peers(Protocol):
@@ -698,6 +713,9 @@ class DeletionCoordinator:
                     if job.state is JobState.COMPLETED:
                         receipt = build_receipt(job, receipt_id_of(job.job_id), self.key_id)
                         receipt_json = sign_receipt(receipt, self.signing_key).to_json()
+                except _WaitForHousehold as wait:
+                    log.info("job %s: %s", job.job_id, wait.reason)
+                    job = fail_service(job, service, wait.reason, self._clock(), self.policy, wait_until=wait.until)
                 except Exception as exc:  # noqa: BLE001 - classified: retry or fail the job
                     log.warning("job %s: erase in %s failed: %s", job.job_id, service, _describe(exc))
                     job = fail_service(job, service, _describe(exc), self._clock(), self.policy,
@@ -764,18 +782,25 @@ class DeletionCoordinator:
 
     def _erase_or_shredded(self, service: str, job: DeletionJob) -> tuple[ServiceDeletion, dict[str, int], bool]:
         """``_erase``, with the one rule for a scope whose household was crypto-shredded
-        meanwhile: a peer that answers FAILED_PRECONDITION (the stores' answer when the
-        household's data key is destroyed) for a device, person or window scope of a
-        household whose key IS destroyed has nothing left to erase there — what it still
-        holds of the household opens under no key, and the household's own job (the only
-        thing that shreds a key, HOUSEHOLD_STAGES) erases its rows. The step is confirmed
-        ``already_erased`` with a count of 0, the later services still erase and the job
-        completes with a signed receipt. Until session 34 such a job ended ``failed``
-        (FAILED_PRECONDITION is not retried): a device erasure sent with its household's
-        reached clustering after the shred but before the household's Erase there, its
-        feedback step never ran and no receipt was signed (attack34;
-        tests/e2e/test_erasure_after_shred_e2e.py). A household scope is not covered: its
-        own rows are what nobody else erases, so its refusal still fails the job."""
+        meanwhile: a peer answers FAILED_PRECONDITION (the stores' answer when the household's
+        data key is destroyed) for a device, person or window scope of a household whose key
+        IS destroyed. Its data there opens under no key, but the household's own job (the
+        only thing that shreds a key, HOUSEHOLD_STAGES) has still to erase its rows, and
+        what a store keeps in the clear (account, device and session ids, timestamps) is
+        readable until it does. So the step is confirmed ``already_erased`` (count 0) only
+        once a household job of the account has CONFIRMED this service: the receipt, signed
+        when the last step confirms, then claims nothing that has not happened. While a
+        household job is still open the step waits for it (``_WaitForHousehold``: tried
+        again when that job is next due, not counted as a failed attempt; its last_error
+        names the job); with none open and none that erased this service (it failed) the
+        refusal fails the job, as any FAILED_PRECONDITION does — nothing vouches for the
+        erasure. Until session 34 such a job ended ``failed`` at once (attack34); in session
+        34 the step was confirmed at once, before the household job had erased that store's
+        unencrypted ids (review34 N6; tests/e2e/test_erasure_after_shred_e2e.py). Waiting
+        rather than naming the household job in the receipt: a receipt is a claim about
+        this job's scope at its signing, and a step confirmed only after the household job
+        confirmed the service is true when signed without a new receipt field. A household
+        scope is not covered: its own rows are what nobody else erases."""
         try:
             return self._erase(service, job)
         except grpc.RpcError as exc:
@@ -785,10 +810,24 @@ class DeletionCoordinator:
                     or exc.code() is not grpc.StatusCode.FAILED_PRECONDITION
                     or not self.keys.is_shredded(scope.account_id)):
                 raise
-            log.warning("job %s: %s refused the erase (%s): the household's data key is destroyed, nothing "
-                        "of the scope is readable there: confirmed as already erased", job.job_id, service,
-                        _describe(exc))
-            return ServiceDeletion(0, ids_digest(()).hex(), ()), {}, True
+            households = [s.job for s in self.jobs.for_account(scope.account_id)
+                          if s.job.scope.kind == "household"]
+            done = next((h for h in households if service in h.services
+                         and h.services[service].status is ServiceStatus.CONFIRMED), None)
+            if done is not None:
+                log.warning("job %s: %s refused the erase (%s): the household's data key is destroyed and "
+                            "household job %s erased %s: confirmed as already erased", job.job_id, service,
+                            _describe(exc), done.job_id, service)
+                return ServiceDeletion(0, ids_digest(()).hex(), ()), {}, True
+            open_ = [h for h in households if not h.terminal]
+            if not open_:
+                raise
+            first = min(open_, key=lambda h: h.requested_at)
+            due = self._next_due(first) or self._clock()
+            raise _WaitForHousehold(
+                f"waiting for household job {first.job_id} to erase {service} (the household's data key is "
+                f"destroyed; {service} refused: {_describe(exc)})",
+                max(due, self._clock()) + timedelta(seconds=HOUSEHOLD_WAIT_MARGIN_S)) from exc
 
     def _erase_local(self, job: DeletionJob) -> tuple[list[str], list[dict]]:
         """The privacy service's own part: its cached copies of the scope (consent

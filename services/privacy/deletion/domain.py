@@ -243,9 +243,13 @@ def fail_service(
     policy: RetryPolicy | None = None,
     *,
     retryable: bool = True,
+    wait_until: datetime | None = None,
 ) -> DeletionJob:
     """Record a failed attempt: schedule a retry, or fail the job when the error is not
-    retryable or the attempts are exhausted."""
+    retryable or the attempts are exhausted. ``wait_until``: not a failed attempt but a
+    wait for another job (a household erasure that has yet to erase this service, app.py
+    ``_erase_or_shredded``): the step is tried again then, its attempts not counted (the
+    other job's own attempts bound the wait)."""
     _require(job, JobState.RUNNING, action="record a failure in")
     policy = policy or RetryPolicy()
     progress = _service(job, service)
@@ -256,8 +260,13 @@ def fail_service(
     if not isinstance(error, str):
         raise ValueError("error: expected a string")
     when = parse_ts(now, "now")
-    attempts = progress.attempts + 1
     services = dict(job.services)
+    if wait_until is not None:
+        services[service] = replace(progress, status=ServiceStatus.RETRYING,
+                                    next_attempt_at=max(parse_ts(wait_until, "wait_until"), when),
+                                    last_error=error)
+        return replace(job, services=services, updated_at=when)
+    attempts = progress.attempts + 1
     if retryable and attempts < policy.max_attempts:
         delay = retry_delay(policy, attempts, key=f"{job.job_id}/{service}")
         services[service] = replace(

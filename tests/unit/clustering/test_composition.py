@@ -642,6 +642,68 @@ def test_a_phones_silence_is_not_reported_again_after_serialisation():
     assert _stream(Xs, devs)[1] == []
 
 
+def _own_phone_leaver(seed=31):
+    """Two phone owners with different tastes (two persons of the model); the second one's
+    last session is on day 45 of 90: (X, devices, the leaver's last session)."""
+    rng = np.random.default_rng(seed)
+    parts = [(*persona_sessions(rng, 150, 90, 20, "mobile", {"comedy": 2, "drama": 1}), "phone-a", 0),
+             (*persona_sessions(rng, 60, 45, 23, "mobile", {"horror": 2, "scifi": 1}), "phone-b", 1)]
+    _, X, dev, person = household(parts)
+    return X, dev, int(np.flatnonzero(person == 1)[-1])
+
+
+def test_a_leaver_seen_by_the_share_test_first_is_not_reported_again_by_their_phones_silence():
+    """One departure, one report: the leaver is a person of the model, so the share test
+    reports them (their person marked gone); their phone then falls silent, and the
+    device-silence test, which names the same person, reports nothing more (it reported
+    the same person again a check later until session 35)."""
+    X, dev, last_seen = _own_phone_leaver()
+    m, events = _stream(X, dev)
+    leaves = [i for i, kind in events if kind == "leave"]
+    assert len(leaves) == 1 and last_seen < leaves[0] <= last_seen + 30
+    gone = m.composition_events[-1]["gone"]
+    assert len(gone) == 1 and gone[0] in m.inactive
+
+
+def test_a_leaver_seen_by_their_phones_silence_first_is_not_reported_again_by_the_share_test(monkeypatch):
+    """The other order: with a stricter share-test bar the share test alone reports the
+    leave a check later than the phone's silence does; with both tests the silence
+    reports it, marks the person gone, and the share test does not report them again."""
+    X, dev, last_seen = _own_phone_leaver()
+    monkeypatch.setattr(M, "LEAVE_GLR_H", 14.0)
+    monkeypatch.setattr(M, "SILENT_DEVICE_MIN_SHARE", None)
+    _, share_only = _stream(X, dev)
+    share_at = [i for i, kind in share_only if kind == "leave"]
+    monkeypatch.setattr(M, "SILENT_DEVICE_MIN_SHARE", 0.2)
+    m, events = _stream(X, dev)
+    leaves = [i for i, kind in events if kind == "leave"]
+    assert len(share_at) == 1 and len(leaves) == 1 and leaves[0] < share_at[0]
+    assert last_seen + M.SILENT_DEVICE_WINDOW < leaves[0]      # the silence's, not the share test's
+    assert m.composition_events[-1]["gone"][0] in m.inactive
+
+
+def test_one_departure_is_one_drift_event_through_the_service_path():
+    """A stable TUNING change-suite household (smobi1s3: its second person's share falls
+    and their tablet falls silent in the same check, a false alarm) streamed one session
+    per arrival through the clustering service's refresh path (ModelKeeper.advance,
+    bench._worlds_eval.ServiceStream): the service reports that departure once (one
+    composition event, so one composition drift row), not once per test (two until
+    session 35)."""
+    from bench import _worlds_eval as E
+    from bench import stream_tuning as S
+
+    h = next(h for h in S.change_suite(2) if h.household_id == "smobi1s3")
+    assert not h.changes
+    stream = E.ServiceStream(h)
+    events = []
+    for _, b, _, _, new in stream.arrivals(1):
+        events += [(b, e["kind"], tuple(e["gone"])) for e in new]
+        if b >= 90:
+            break
+    leaves = [e for e in events if e[1] == "leave"]
+    assert len(leaves) == 1 and leaves[0][0] == 80 and len(leaves[0][2]) == 1
+
+
 def test_the_device_silence_leave_changes_no_answer(monkeypatch):
     """The device-silence test only reports: with it and without it the stream's persons,
     their ids and every session's probabilities are the same, and the only difference in

@@ -301,3 +301,34 @@ def test_a_level_shipped_per_population_is_fitted_on_other_samples_than_the_cali
     assert out["per_draw"]["shipped_prior_level"] == out["per_draw"]["shipped_level"]
     none = score(sample, shipped, {**prior, "mu_served": 0.0, "tau2": 0.0})
     assert none["per_draw"]["shipped_prior_level"] == none["per_draw"]["shipped"]
+
+
+def _answers_of_households(miss_together: bool, n_households: int = 60, per: int = 60, seed: int = 3):
+    """Calibrated answers of ``n_households`` households: each right with its confidence, or
+    (``miss_together``) with its confidence + the household's own offset (+-0.15)."""
+    rng = np.random.default_rng(seed)
+    conf = rng.uniform(0.55, 0.95, n_households * per)
+    account = np.repeat(np.arange(n_households), per)
+    offset = rng.choice((-0.15, 0.15), n_households)[account] if miss_together else 0.0
+    right = rng.random(conf.size) < np.clip(conf + offset, 0.0, 1.0)
+    return conf, right, account
+
+
+def test_the_household_floor_is_wider_than_the_binning_floor_when_households_miss_together():
+    from bench._clustering_eval import ece_floor, household_bootstrap
+    conf, right, account = _answers_of_households(miss_together=True)
+    boot = household_bootstrap(conf, right, account, seed=0)
+    binning = ece_floor(conf, seed=0)
+    assert boot["clustered_floor"] > 1.4 * binning
+    # the 95 % interval over households is wider than over answers taken one by one
+    alone = household_bootstrap(conf, right, np.arange(conf.size), seed=0)
+    assert boot["boot_p975"] - boot["boot_p025"] > 1.4 * (alone["boot_p975"] - alone["boot_p025"])
+
+
+def test_the_household_floor_is_the_binning_floor_when_households_are_independent():
+    from bench._clustering_eval import ece_floor, household_bootstrap
+    conf, right, account = _answers_of_households(miss_together=False)
+    boot = household_bootstrap(conf, right, account, seed=0)
+    binning = ece_floor(conf, seed=0)
+    assert 0.75 * binning < boot["clustered_floor"] < 1.33 * binning
+    assert boot["boot_p025"] <= boot["ece"] + 0.01 and boot["boot_p975"] >= boot["ece"]

@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.common.server import serve_health_only
-from services.testing.mesh import free_port
+from services.testing.ports import check_exit, free_port, start_on_free_ports
 
 
 def _check(port: int, service: str = ""):
@@ -25,8 +25,16 @@ def test_the_health_port_answers_the_services_statuses_while_a_worker_is_free():
     servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     servicer.set("liveness", health_pb2.HealthCheckResponse.SERVING)
     pool = futures.ThreadPoolExecutor(max_workers=1)
-    port = free_port()
-    stop = serve_health_only(servicer, "127.0.0.1", port, pool, timeout_s=0.5)
+
+    def serve(_attempt: int):
+        port = free_port()
+        try:
+            return serve_health_only(servicer, "127.0.0.1", port, pool, timeout_s=0.5), port
+        except (RuntimeError, OSError) as exc:   # taken by another process since the draw: another port
+            check_exit("the health port", str(exc), [port])
+            raise
+
+    stop, port = start_on_free_ports(serve, "the health port")
     release = threading.Event()
     try:
         assert _check(port).status == health_pb2.HealthCheckResponse.SERVING

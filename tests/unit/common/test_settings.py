@@ -261,3 +261,21 @@ def test_every_bounded_setting_of_every_component_is_checked_naming_it(cls, monk
         for value in good:
             extra = {"max_body_bytes": 1024} if field == "grpc_max_message_bytes" and cls is GatewaySettings else {}
             assert _errors(cls, **{field: value}, **extra) == [], (field, value)
+
+
+@pytest.mark.parametrize("value, message", [
+    ('{"reporting-svc": 0}', "HEARTH_AUDIT_BULK_READERS: bulk_readers['reporting-svc']: must be an int >= 1"),
+    ('{"reporting-svc": "many"}', "HEARTH_AUDIT_BULK_READERS"),
+    ('{"": 500}', "HEARTH_AUDIT_BULK_READERS: bulk_readers: a principal must be a non-empty string"),
+    ("reporting-svc=500", "HEARTH_AUDIT_BULK_READERS: not valid JSON"),
+])
+def test_the_expected_bulk_readers_are_checked_naming_the_variable(monkeypatch, value, message):
+    # session 35: each configured bulk reader's threshold is a number of households (never
+    # unlimited); a bad value stops privacy naming the variable, a JSON-valued variable that
+    # is no JSON included (until session 35 that was pydantic-settings' own traceback).
+    monkeypatch.setenv("HEARTH_AUDIT_BULK_READERS", value)
+    with pytest.raises(config.ConfigError) as info:
+        config.load(PrivacySettings, service_name="privacy")
+    assert message in str(info.value)
+    monkeypatch.setenv("HEARTH_AUDIT_BULK_READERS", '{"reporting-svc": 500}')
+    assert config.load(PrivacySettings, service_name="privacy").audit_bulk_readers == {"reporting-svc": 500}

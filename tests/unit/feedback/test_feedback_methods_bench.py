@@ -43,18 +43,8 @@ def test_its_mesh_is_the_whole_loops_figure_in_batch_and_in_streams():
     """The service's grouped calibrator scored by the tool equals mesh_after_feedback's on the
     same answers, per draw, whether the feedback was given on answers before any label (batch)
     or as served at arrival (streams: fitted on the answers after the labels, in their group)."""
-    from bench import _worlds_eval as E
-    from bench import worlds as W
     from bench.feedback_shipped import draws_of
-    hs = W.generate(W.TUNING, families=("mobile_first",), worlds_per_family=1, households_per_world=2)
-    fed = E.feedback_draws(hs, draws=2)
-    probs = [E.hearth_batch(h)[1] for h in hs]
-    # after the labels: one household's answers sharper and stamped label-shaped
-    sharper = [E.FedAnswers(p ** (1.0 + i) / (p ** (1.0 + i)).sum(axis=1, keepdims=True), np.ones(p.shape[0], bool),
-                            np.full(p.shape[0], "label" if i else "", dtype=object)) for i, p in enumerate(probs)]
-    for mode, before in (("batch", True), ("stream", False)):
-        outs = [{mode: p, f"fed_{mode}": [s] * 2} for p, s in zip(probs, sharper)]
-        ages = E.model_ages(hs, mode)
-        loop = E.mesh_after_feedback(hs, probs, [o[f"fed_{mode}"] for o in outs], fed, ages, sample_before=before)
+    from tests.helpers.feedback_loop import whole_loop_cases
+    for mode, hs, outs, loop in whole_loop_cases():
         scored = [M.score_draw(d, mode) for d in draws_of("tuning", hs, outs, 2, mode)]
         assert [round(s["mesh"], 12) for s in scored] == [round(x, 12) for x in loop["per_draw"]["mesh"]], mode

@@ -130,3 +130,30 @@ def test_the_service_leaves_calibrated_answers_alone_and_still_corrects_a_clear_
     raw = float(np.mean(right - probs.max(axis=1)))
     cal = fit_feedback_calibrator(FeedbackSample.create(probs, correct=right), np.full(300, 400))
     assert raw < -0.1 and raw < cal.training["shift"] < 0.85 * raw
+
+
+def test_the_level_spent_as_a_temperature_moves_the_mean_as_the_shift_and_leaves_ties_and_certainty():
+    """recalibration.temperature_for_shift (ece35, measured on TUNING, not the service's form):
+    the same mean move of the top confidence as the additive shift, made by one temperature —
+    a two-person tie stays a tie and an answer near 1 stays near 1, the middle moves."""
+    from services.feedback.domain.recalibration import LEVEL_FORM, temperature_for_shift
+    assert LEVEL_FORM == "shift"   # the service's form (the temperature lost on TUNING: docs/feedback.md)
+    probs, right = _two_person(400, 6, bias=-0.08)    # under-confident: the shift is upward
+    sample = FeedbackSample.create(probs, correct=right)
+    level = fit_level_calibrator(sample, noise_multiple=2.0)
+    shift = level.training["shift"]
+    assert shift > 0.03
+    temp = temperature_for_shift(sample, shift, level)
+    assert temp.method == "temperature" and temp.parameters["temperature"] < 1.0
+    assert abs(temp.apply(probs).max(axis=1).mean() - (probs.max(axis=1).mean() + shift)) < 1e-4
+    tie, sure, middle = temp.apply(np.array([[0.5, 0.5], [0.995, 0.005], [0.7, 0.3]]))
+    assert abs(tie[0] - 0.5) < 1e-9 and sure[0] - 0.995 < 0.005 and middle[0] - 0.7 > shift
+    # the additive shift lifts the tie by the whole shift
+    assert abs(level.apply(np.array([[0.5, 0.5]]))[0].max() - (0.5 + shift)) < 1e-6
+    # through fit_level_calibrator with form="temperature", segments start from the temperature's answers
+    ages = np.full(400, 400)
+    formed = fit_level_calibrator(sample, ages, noise_multiple=2.0, form="temperature")
+    assert formed.method == "temperature"
+    assert abs(formed.parameters["temperature"] - temp.parameters["temperature"]) < 1e-4
+    again = Calibrator.from_json(formed.to_json())
+    np.testing.assert_allclose(again.apply(probs, ages), formed.apply(probs, ages))

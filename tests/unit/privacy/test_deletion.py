@@ -177,6 +177,24 @@ def test_exhausted_retries_and_fatal_errors_fail_the_job():
     assert fatal.state is JobState.FAILED and fatal.services["feedback"].attempts == 1
 
 
+def test_a_wait_for_another_job_is_no_failed_attempt_and_never_exhausts_the_attempts():
+    # review34 N6: a device step waiting for its household's erasure is tried again when
+    # that job is next due; the household job's own attempts bound it, not this one's.
+    policy = RetryPolicy(max_attempts=2)
+    job = running_job(("clustering", "feedback"))
+    for i in range(5):
+        job = fail_service(job, "clustering", "waiting for household job j-h", T0 + timedelta(minutes=i), policy,
+                           wait_until=T0 + timedelta(minutes=i, seconds=30))
+    p = job.services["clustering"]
+    assert job.state is JobState.RUNNING and p.attempts == 0 and p.status is ServiceStatus.RETRYING
+    assert p.next_attempt_at == T0 + timedelta(minutes=4, seconds=30) and "j-h" in p.last_error
+    assert due_services(job, T0 + timedelta(minutes=4, seconds=29)) == ["feedback"]
+    # a wait never schedules into the past
+    past = fail_service(job, "clustering", "waiting", T0 + timedelta(minutes=9), policy, wait_until=T0)
+    assert past.services["clustering"].next_attempt_at == T0 + timedelta(minutes=9)
+    assert job_from_dict(job_to_dict(job)) == job
+
+
 def test_invalid_transitions():
     job = new_job("j", ErasureScope("a", "household"), "p", "admin", T0)
     with pytest.raises(InvalidTransition):

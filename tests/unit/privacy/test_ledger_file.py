@@ -310,14 +310,13 @@ def _source(tmp_path):
     return source
 
 
-def test_the_ledger_has_its_own_key_and_ledgers_signed_before_it_still_restore(tmp_path, monkeypatch,
-                                                                               hearth_in_process):
+def test_the_ledger_has_its_own_key_and_ledgers_signed_before_a_rotation_need_the_old_key(
+        tmp_path, monkeypatch, hearth_in_process):
     """ledger33: the export never signs with the receipt signing key any more (before: it
     did, so the CronJob held a key that signs deletion receipts); without
     HEARTH_LEDGER_SIGNING_KEY on SQLite it makes a development key of its own, private, its
-    public half published. A ledger signed with the receipt key (exported in session 32)
-    still restores during the upgrade, named so; one signed with a ledger key since
-    rotated needs --ledger-public-key."""
+    public half published. One signed with a ledger key since rotated needs
+    --ledger-public-key. (A ledger signed with the receipt key: the next test.)"""
     hearth = hearth_in_process
     monkeypatch.setenv("HEARTH_RECEIPT_SIGNING_KEY", private_key_to_pem(KEY))
     source = _source(tmp_path)
@@ -337,14 +336,6 @@ def test_the_ledger_has_its_own_key_and_ledgers_signed_before_it_still_restore(t
 
     target = tmp_path / "target"
     ledger = Ledger({"job-1": _job("completed", "acc-9")}, {"acc-9"})
-    by_receipt_key = tmp_path / "session32.json"
-    write_ledger_file(ledger, by_receipt_key, KEY)
-    code, report, err = hearth(target, "restore", snapshot, "--ledger", str(by_receipt_key))
-    assert code == 0, err
-    assert report["ledger_coverage"][0]["signed_with"].startswith("receipt key (HEARTH_RECEIPT_SIGNING_KEY")
-    assert f"warning: --ledger {by_receipt_key}: signed with the receipt signing key" in err
-    assert [j["replaces"] for j in report["requeued_jobs"]] == ["job-1"]
-
     earlier = generate_private_key()   # the ledger key before a rotation
     rotated = tmp_path / "before-rotation.json"
     write_ledger_file(ledger, rotated, earlier)
@@ -363,6 +354,111 @@ def test_the_ledger_has_its_own_key_and_ledgers_signed_before_it_still_restore(t
     assert not elsewhere.exists() or not (elsewhere / "clustering.db").exists()
     code, _, err = hearth(source, "ledger", "export", "--out", str(tmp_path / "never.json"))
     assert code == 2 and "HEARTH_LEDGER_SIGNING_KEY" in err and not (tmp_path / "never.json").exists()
+
+
+def test_a_ledger_signed_with_the_receipt_key_is_refused_unless_its_public_half_is_given(
+        tmp_path, monkeypatch, hearth_in_process):
+    """ledger35: through session 34 a restore trusted the receipt signing key's public half
+    for ledgers (those exported before session 33 were signed with it), so whoever holds
+    the receipt key — every privacy pod — could sign a ledger a restore accepted (exit 0,
+    the ledger's deletions re-applied, a warning on stderr only). Now such a ledger is
+    refused, naming the file, the key (the receipt key, as the restore knows it) and the
+    way on, before anything is replaced; given explicitly with --ledger-public-key it
+    restores, and the report says the key that verified it was the receipt key given so."""
+    hearth = hearth_in_process
+    monkeypatch.setenv("HEARTH_RECEIPT_SIGNING_KEY", private_key_to_pem(KEY))   # privacy's config
+    monkeypatch.setenv("HEARTH_LEDGER_SIGNING_KEY", private_key_to_pem(LEDGER_KEY))
+    source = _source(tmp_path)
+    code, taken, err = hearth(source, "backup", "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    snapshot, target = taken["snapshot"], tmp_path / "target"
+    by_receipt_key = tmp_path / "session32.json"
+    write_ledger_file(Ledger({"job-1": _job("completed", "acc-9")}, {"acc-9"}), by_receipt_key, KEY)
+
+    code, _, err = hearth(target, "restore", snapshot, "--ledger", str(by_receipt_key))
+    assert code == 2, err
+    assert (f"--ledger {by_receipt_key}: signed by key {key_id(KEY)[:16]}, the receipt signing key "
+            "(HEARTH_RECEIPT_SIGNING_KEY)") in err, err
+    assert "--ledger-public-key FILE" in err and "Upgrading to session 35" in err, err
+    assert not (target / "clustering.db").exists()
+    # Where the restore does not know the receipt key (no HEARTH_RECEIPT_SIGNING_KEY, no
+    # development key): refused too, the message naming the receipt key's public half.
+    monkeypatch.delenv("HEARTH_RECEIPT_SIGNING_KEY")
+    code, _, err = hearth(target, "restore", snapshot, "--ledger", str(by_receipt_key))
+    assert code == 2 and f"signed by key {key_id(KEY)[:16]}, which is not one of the keys given" in err, err
+    assert "signed with the receipt signing key) the receipt key's" in err and "--ledger-public-key FILE" in err
+    assert not (target / "clustering.db").exists()
+    # In development the receipt key's published half under HEARTH_DATA_DIR is recognised.
+    target.mkdir()
+    (target / "privacy-receipt-signing.pub").write_text(public_key_to_pem(KEY.public_key()))
+    code, _, err = hearth(target, "restore", snapshot, "--ledger", str(by_receipt_key))
+    assert code == 2 and f"the receipt signing key ({target / 'privacy-receipt-signing.pub'})" in err, err
+    assert not (target / "clustering.db").exists()
+
+    # The operator's explicit word: the receipt key's public half given. It restores, and
+    # says which key verified the file.
+    monkeypatch.setenv("HEARTH_RECEIPT_SIGNING_KEY", private_key_to_pem(KEY))
+    report, err = _restored_given_the_receipt_keys_public_half(hearth, tmp_path, target, snapshot, by_receipt_key)
+    assert [j["replaces"] for j in report["requeued_jobs"]] == ["job-1"]
+    assert "warning" not in err, err
+
+
+def _restored_given_the_receipt_keys_public_half(hearth, tmp_path, target, snapshot, ledger):
+    """Restore with ``ledger`` and the receipt key's public half given explicitly (the
+    operator's word): it restores, the report naming that key. (report, stderr)"""
+    receipt_pub = tmp_path / "receipt.pub"
+    receipt_pub.write_text(public_key_to_pem(KEY.public_key()))
+    code, report, err = hearth(target, "restore", snapshot, "--ledger", str(ledger),
+                               "--ledger-public-key", str(receipt_pub))
+    assert code == 0, err
+    assert report["ledger_coverage"][0]["signed_with"] == (
+        f"--ledger-public-key {receipt_pub}: the receipt signing key (HEARTH_RECEIPT_SIGNING_KEY)")
+    return report, err
+
+
+def test_a_ledger_key_that_is_the_receipt_key_is_refused_by_the_restore_and_the_export(
+        tmp_path, monkeypatch, hearth_in_process):
+    """review35 R1: an operator who filled HEARTH_LEDGER_SIGNING_KEY with the receipt signing
+    key (the one key they had when session 33 asked for a ledger key) kept what session 35
+    removed — whoever holds the receipt key, every privacy pod, signs ledgers a restore
+    accepts — and the restore trusted it silently, as "the ledger key". Now the restore
+    refuses before anything is replaced, naming both variables and the way on, and the
+    export, where it sees the receipt key, refuses to sign with it."""
+    hearth = hearth_in_process
+    monkeypatch.setenv("HEARTH_RECEIPT_SIGNING_KEY", private_key_to_pem(KEY))
+    source = _source(tmp_path)
+    code, taken, err = hearth(source, "backup", "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    snapshot, target = taken["snapshot"], tmp_path / "target"
+    forged = tmp_path / "by-a-privacy-pod.json"   # what anyone holding the receipt key can write
+    write_ledger_file(Ledger({"job-1": _job("completed", "acc-9")}, {"acc-9"}), forged, KEY)
+
+    monkeypatch.setenv("HEARTH_LEDGER_SIGNING_KEY", private_key_to_pem(KEY))   # the mistake
+    code, _, err = hearth(target, "restore", snapshot, "--ledger", str(forged))
+    assert code == 2, err
+    assert (f"HEARTH_LEDGER_SIGNING_KEY: is the receipt signing key (HEARTH_RECEIPT_SIGNING_KEY; key "
+            f"{key_id(KEY)[:16]})") in err, err
+    assert "--ledger-public-key FILE" in err, err
+    assert not (target / "clustering.db").exists()
+    code, _, err = hearth(source, "ledger", "export", "--out", str(tmp_path / "never.json"))
+    assert code == 2 and "HEARTH_LEDGER_SIGNING_KEY: is the receipt signing key" in err, err
+    assert not (tmp_path / "never.json").exists()
+
+    # The way on: the ledger key configured apart, the copy's key given explicitly.
+    monkeypatch.delenv("HEARTH_LEDGER_SIGNING_KEY")
+    _restored_given_the_receipt_keys_public_half(hearth, tmp_path, target, snapshot, forged)
+
+
+def test_read_ledger_file_refuses_a_receipt_key_it_recognises_naming_it(tmp_path):
+    """The rule itself (ledger35): a key recognised as the receipt key verifies nothing;
+    the same key among the public keys given does."""
+    path = tmp_path / "ledger.json"
+    write_ledger_file(Ledger({"job-1": _job("completed")}, {"acc-1"}), path, KEY)
+    receipt = {key_id(KEY): "receipt signing key (somewhere)"}
+    with pytest.raises(ValueError, match=r"the receipt signing key \(somewhere\): an export of before session 33"):
+        read_ledger_file(path, [LEDGER_KEY.public_key()], receipt_keys=receipt)
+    ledger = read_ledger_file(path, [KEY.public_key()], key_labels={key_id(KEY): "given"}, receipt_keys=receipt)
+    assert ledger.signed_with == "given" and ledger.shredded_accounts == {"acc-1"}
 
 
 def test_without_a_configured_ledger_key_the_export_on_postgres_refuses(tmp_path, monkeypatch):

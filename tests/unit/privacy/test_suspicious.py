@@ -21,8 +21,8 @@ class Stream:
     def __init__(self) -> None:
         self.seq = 0
 
-    def __call__(self, kind, principal="ana", resource="", seconds=0.0, **details):
-        e = AuditEntry(self.seq, T0 + timedelta(seconds=seconds), kind, principal, "analyst",
+    def __call__(self, kind, principal="ana", resource="", seconds=0.0, role="analyst", **details):
+        e = AuditEntry(self.seq, T0 + timedelta(seconds=seconds), kind, principal, role,
                        resource, Outcome.SUCCESS, "", details)
         self.seq += 1
         return e
@@ -113,6 +113,11 @@ def test_auth_alert_matches_a_brute_force_window_count(offsets, threshold):
     ({"distinct_households": 0}, "distinct_households"),
     ({"auth_failures": 1.5}, "auth_failures"),
     ({"exports": True}, "exports"),
+    ({"bulk_readers": {"reporting": 0}}, r"bulk_readers\['reporting'\]"),
+    ({"bulk_readers": {"reporting": True}}, r"bulk_readers\['reporting'\]"),
+    ({"bulk_readers": {"reporting": 1.5}}, r"bulk_readers\['reporting'\]"),
+    ({"bulk_readers": {"": 500}}, "non-empty"),
+    ({"bulk_readers": ["reporting"]}, "mapping"),
 ])
 def test_invalid_thresholds(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -133,3 +138,31 @@ def test_an_entry_dated_ahead_of_the_clock_does_not_make_later_entries_too_late(
     alerts = det.observe_many(s(EventType.READ_HOUSEHOLD, principal="eve", resource=f"hh{i}", seconds=3600 - 5 + i)
                               for i in range(5))
     assert [(a.kind, a.principal, a.count) for a in alerts] == [(SecurityEventKind.MASS_HOUSEHOLD_READS, "eve", 5)]
+
+
+def test_a_configured_bulk_reader_alerts_past_its_own_threshold_and_everyone_else_at_the_default():
+    # session 35: HEARTH_AUDIT_BULK_READERS names an internal reporting service's principal
+    # with its own threshold — higher, never unlimited; any other principal keeps the default.
+    det = SuspiciousActivityDetector(DetectorThresholds(window=timedelta(minutes=10), distinct_households=5,
+                                                        bulk_readers={"reporting": 12}))
+    s = Stream()
+    reporting = [det.observe(s(EventType.READ_HOUSEHOLD, principal="reporting", resource=f"hh{i}", seconds=i,
+                               role="service")) for i in range(15)]
+    assert [i for i, a in enumerate(reporting) if a] == [11]   # the 12th distinct household, once
+    assert (reporting[11][0].principal, reporting[11][0].count) == ("reporting", 12)
+    other = [det.observe(s(EventType.READ_HOUSEHOLD, principal="ana", resource=f"hh{i}", seconds=20 + i))
+             for i in range(15)]
+    assert [i for i, a in enumerate(other) if a] == [4]   # the default, 5
+    assert DetectorThresholds().bulk_readers == {}   # none unless the operator names one
+
+
+def test_a_bulk_readers_threshold_holds_only_for_the_service_role():
+    # review35 R5: API keys and JWT subjects share one namespace of principal ids — a user
+    # whose token's sub is the reporting service's name reads under the default, not 12.
+    det = SuspiciousActivityDetector(DetectorThresholds(window=timedelta(minutes=10), distinct_households=5,
+                                                        bulk_readers={"reporting": 12}))
+    s = Stream()
+    for start, role in ((0, "analyst"), (3600, "admin")):   # an hour apart: two windows
+        as_user = [det.observe(s(EventType.READ_HOUSEHOLD, principal="reporting", resource=f"hh{i}",
+                                 seconds=start + i, role=role)) for i in range(8)]
+        assert [i for i, a in enumerate(as_user) if a] == [4], role

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import socket
 
-from services.testing.mesh import _ephemeral_ports, free_port
+from services.testing.ports import _ephemeral_ports, free_port
 
 
 def test_free_ports_are_bindable_and_below_the_ephemeral_range():

@@ -86,6 +86,10 @@ spec:
               value: {{ . | quote }}
             {{- end }}
             {{- end }}
+            {{- if and (eq $name "privacy") $svc.bulkReaders }}
+            - name: HEARTH_AUDIT_BULK_READERS
+              value: {{ $svc.bulkReaders | toJson | quote }}
+            {{- end }}
           startupProbe:
             grpc:
               port: {{ $probePort }}
