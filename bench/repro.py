@@ -40,6 +40,7 @@ import time
 import numpy as np
 
 from bench import _worlds_eval as E
+from bench._common import emit
 from bench import worlds
 from bench.stream_tuning import select
 from services.clustering.domain import model as model_module
@@ -191,11 +192,7 @@ def main() -> None:
            "compared": result,
            "stream_persons": {hid: r["final_persons"] for hid, r in ref.items()},
            "elapsed_s": {**elapsed, "total": round(time.time() - t0, 1)}}
-    line = json.dumps(doc)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(line + "\n")
-    print(line)
+    emit(doc, args.out)
 
 
 if __name__ == "__main__":
