@@ -317,7 +317,8 @@ def infrastructure() -> Dashboard:
                                Q(f"sum by (component) (rate(hearth_access_denied_total[{RI}]))", "denied {{component}}"),
                                Q(f"sum by (component) (rate(hearth_rate_limited_total[{RI}]))", "limited {{component}}")))
             .with_panel(series("security alerts per hour", "none",
-                               Q("sum by (kind) (increase(hearth_security_alerts_total[1h]))", "{{kind}}"))))
+                               Q("sum by (kind, threshold) (increase(hearth_security_alerts_total[1h]))",
+                                 "{{kind}} ({{threshold}})"))))
 
 
 DASHBOARDS = {"latency": latency, "accuracy": accuracy, "attribution": attribution, "drift": drift,
