@@ -6,7 +6,6 @@ tests/e2e/test_bulk_readers_e2e.py)."""
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +16,7 @@ import yaml
 from services.common.child_process import stop_group
 from services.testing.mesh import ROOT
 from services.testing.ports import serve_on_free_port
-from tests.helpers.waiting import SLOW_MACHINE_S
+from tests.helpers.waiting import wait_serving
 
 RULES = ROOT / "deploy" / "prometheus" / "hearth.rules.yaml"
 
@@ -46,16 +45,7 @@ def running_prometheus(base: Path, targets: Sequence[tuple[str, str]], namespace
                           f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
             log, "prometheus")
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + SLOW_MACHINE_S
-        while True:
-            assert prom.poll() is None, log.read_text()
-            try:
-                if httpx.get(url + "/-/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "prometheus did not become ready"
-            time.sleep(0.2)
+        wait_serving(prom, url + "/-/ready", log, "prometheus")
         yield url
     finally:
         if prom is not None:
