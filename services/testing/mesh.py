@@ -380,12 +380,18 @@ class Mesh:
         proc = self.processes[name]
         if proc.poll() is None:
             return
+        self.check_port_taken(name)
+        raise RuntimeError(f"{name} exited with code {proc.returncode} during start-up{self.log_tail(name)}")
+
+    def check_port_taken(self, name: str) -> None:
+        """Raise ``PortTaken`` if what process ``name`` wrote to its log since it was
+        spawned says a port it was given was taken (``ports.check_exit``); else nothing —
+        also for a mesh without logs. For a process that has exited."""
         path = self.log_dir / f"{name}.log" if self.log_dir is not None else None
         if path is not None and path.exists():
             with open(path, "rb") as f:
                 f.seek(self._log_offsets.get(name, 0))
                 check_exit(name, f.read().decode(errors="replace"), self._ports.get(name, []))
-        raise RuntimeError(f"{name} exited with code {proc.returncode} during start-up{self.log_tail(name)}")
 
     def wait_healthy(self, timeout_s: float = 120.0) -> dict:
         deadline = time.monotonic() + timeout_s
