@@ -177,8 +177,14 @@ class ServiceStream:
         first arrival is that many sessions (a household imported with its history, then
         followed; its first full fit is the drift reference). ``ends``: the arrivals'
         ends instead (increasing session counts, e.g. the sessions a client's requests had
-        closed: bench.api_accuracy)."""
-        events_seen = 0
+        closed: bench.api_accuracy).
+
+        The events raised since the previous arrival are those of a later session count
+        than the model had then (as the service's drift rows, modeling._composition_rows):
+        not the list's new tail by index, since the model keeps only its newest
+        composition events and a list at that cap stays as long as new events arrive (by
+        index, every event of a stream past its 50th was lost; session 36)."""
+        seen_upto = 0
         n = self.h.n_sessions
         if ends is not None:
             starts = [0, *ends[:-1]]
@@ -191,8 +197,8 @@ class ServiceStream:
             # full fit's, e.g. an import's) through the "settled" map, the rest at arrival
             out = m.assign_batch(self.X[a:b], device_ids=self.h.device_id[a:b],
                                  included=np.arange(a, b) < self.included_now)
-            yield a, b, m, out, m.composition_events[events_seen:]
-            events_seen = len(m.composition_events)
+            yield a, b, m, out, [ev for ev in m.composition_events if int(ev["session_count"]) > seen_upto]
+            seen_upto = max(seen_upto, int(m.n_sessions))
 
     def record_labels(self, labels: list[str | None], b: int) -> None:
         """Feedback reaches clustering as labels of the first ``b`` sessions

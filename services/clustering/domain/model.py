@@ -210,6 +210,14 @@ STREAM_SHARED_RESELECT = False  # ... and the BIC re-selection between those ref
 STREAM_SHARED_HYSTERESIS = 40.0  # BIC units a new person count must win by in that refit
 STREAM_RESELECT_HOURS = True  # re-selection: a new person must show in the viewing hours (no personal device)
 NEWCOMER_GRACE = 100      # sessions a reported newcomer is kept through refits (_drops_kept_person)
+# The newest composition events the model keeps (and stores). What reads them looks back at
+# most NEWCOMER_GRACE sessions (joins: _drops_kept_person; NEW_DEVICE_QUIET:
+# _newcomer_on_new_device) or at the last update's (modeling._composition_rows), and whom
+# the leave and join tests have reported is kept apart (``inactive``, ``joined``,
+# ``gone_from``), so an event dropped costs a detector something only when 50 newer ones
+# came within NEWCOMER_GRACE sessions (session 36: the TUNING streams hold at most 7 events
+# in a whole stream of up to 301 sessions; a long-lived household loses only old history).
+COMPOSITION_EVENTS_KEPT = 50
 # The newcomer test (_birth_of_newcomer): the person it adds must differ from everyone
 # else by viewing hours (persons.differ_in_hours) at this z. 0: off.
 BIRTH_HOURS_Z = 2.0
@@ -2166,7 +2174,7 @@ class HouseholdModel:
     def _composition_event(self, kind: str, born: list[str], gone: list[str]) -> None:
         self.composition_events.append({"kind": kind, "session_count": int(self.n_sessions),
                                         "persons": len(self.person_ids), "born": born, "gone": gone})
-        del self.composition_events[:-50]
+        del self.composition_events[:-COMPOSITION_EVENTS_KEPT]
 
     @staticmethod
     def _check_labels(labels: Sequence[str | None] | None, n: int) -> list[str | None] | None:

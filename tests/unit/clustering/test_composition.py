@@ -778,3 +778,29 @@ def test_the_departure_point_of_a_gone_person_survives_serialisation():
             model.update(X[a:a + 5], device_ids=dev[a:a + 5])
         new_leaves.append([e["session_count"] for e in model.composition_events[before:] if e["kind"] == "leave"])
     assert new_leaves == [[whole[1][0]], []]
+
+
+def test_the_bench_stream_yields_every_composition_event_once_at_its_session_when_the_model_keeps_few(monkeypatch):
+    """bench._worlds_eval.ServiceStream.arrivals hands each arrival the composition events
+    raised since the previous one. The model keeps only its newest
+    COMPOSITION_EVENTS_KEPT events, and a list at that cap stays as long as new events
+    come: taken by index (the list's new tail), every event after it reached the cap was
+    lost (here, kept to two, a TUNING change-suite household's events at sessions 60 and
+    80). Taken by session count, the stream yields the same events as with room for all,
+    each once and at its own session (the arrival that folded it in)."""
+    from bench import _worlds_eval as E
+    from bench import stream_tuning as S
+
+    h = next(h for h in S.change_suite(1) if h.household_id == "smobi0c5")
+
+    def events(kept):
+        monkeypatch.setattr(M, "COMPOSITION_EVENTS_KEPT", kept)
+        out = []
+        for _, b, _, _, new in E.ServiceStream(h).arrivals(1):
+            out += [(b, int(e["session_count"]), e["kind"]) for e in new]
+            if b >= 85:
+                return out
+
+    whole, capped = events(50), events(2)
+    assert len(whole) >= 4 and all(b == at for b, at, _ in whole)
+    assert capped == whole
