@@ -89,6 +89,23 @@ def free_port() -> int:
 _HANDED_OUT: set[int] = set()
 
 
+def hold_port(port: int) -> socket.socket | None:
+    """A socket bound to 127.0.0.1:``port`` with SO_REUSEADDR and never listening, so that
+    no other process takes the port while ours may need it again: ``free_port``'s check in
+    any process (a plain bind) fails on it, so no other suite draws it, while a server's
+    own bind — gRPC, uvicorn, http.server (the metrics port), PostgreSQL and redis-server
+    all set SO_REUSEADDR — still succeeds as long as nothing LISTENs there. None if the
+    port cannot be bound (another process listens on it already). Close it to let go."""
+    held = socket.socket()
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        held.bind(("127.0.0.1", port))
+    except OSError:
+        held.close()
+        return None
+    return held
+
+
 class PortTaken(RuntimeError):
     """A server exited at start-up because a port it was given was already taken.
 
