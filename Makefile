@@ -7,7 +7,7 @@ PROTOS := $(shell find protos -name '*.proto')
 
 .DEFAULT_GOAL := help
 .PHONY: help run test protos venv test-unit test-e2e \
-        provision bench-accuracy bench-api-accuracy bench-movielens bench-movielens-latest bench-assign bench-assign-cpu bench-attribution bench-privacy bench-pg-purge bench-feedback bench-gateway bench-grpc-server bench-audit-memory bench-export-memory verify clean
+        provision bench-accuracy bench-ece bench-api-accuracy bench-movielens bench-movielens-latest bench-assign bench-assign-cpu bench-attribution bench-privacy bench-pg-purge bench-feedback bench-gateway bench-grpc-server bench-audit-memory bench-export-memory verify clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' \
@@ -49,6 +49,9 @@ test-e2e: provision hearth/__init__.py ## end-to-end tests only (real processes)
 
 bench-accuracy: hearth/__init__.py ## clustering accuracy on generated households vs ground truth, beside scikit-learn, simple baselines and a supervised oracle (JSON)
 	OMP_NUM_THREADS=1 $(PY) -m bench.accuracy
+
+bench-ece: hearth/__init__.py ## issue #10's ECE read alone on the 300-household ECE population (worlds.ECE_REPORTING, report only): ECE before and after feedback with household floor and range (JSON; ARGS="--workers 2 | --part I/K --cache DIR | --ece-streaming")
+	OMP_NUM_THREADS=1 $(PY) -m bench.accuracy --ece-population $(ARGS)
 
 bench-api-accuracy: hearth/__init__.py ## accuracy through the public API of a mesh it starts (free ports) beside the in-process figures (JSON; ARGS="--quick|--full --cut quiet")
 	OMP_NUM_THREADS=1 $(PY) -m bench.api_accuracy $(ARGS)

@@ -12,7 +12,10 @@ model (seed BLIND_SEED, report only, never tuned on; ``--blind-only`` runs it al
 (bench/worlds_movielens.py: MovieLens 100K users merged into accounts, report only; the
 data is fetched once, it is not in the repository); ``--movielens-latest-only`` a second
 population of real viewers (bench/worlds_movielens_latest.py: MovieLens latest-small's 671
-users of 1995-2016, merged the same way, report only). ``--calibrate-confidence`` fits the
+users of 1995-2016, merged the same way, report only). ``--ece-population`` runs only issue
+#10's ECE read (before and after feedback, each with its household noise) on
+``worlds.ECE_REPORTING``, the population the ECE targets are judged on (bench/ece_population.py;
+report only; ``--ece-split tuning`` checks the mechanics on TUNING seeds). ``--calibrate-confidence`` fits the
 model's confidence maps: for bare vectors (TUNING worlds + simulator seeds 500) and for
 sessions with device ids (TUNING worlds ``--fit-worlds``, default CONFIDENCE_FIT_WORLDS,
 batch and stream pooled; ``--fresh-worlds`` also scores the fit on fresh TUNING worlds).
@@ -52,7 +55,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score  #
 from sklearn.mixture import GaussianMixture  # noqa: E402
 
 from bench import _worlds_eval as worlds_eval, worlds, worlds_blind, worlds_movielens  # noqa: E402
-from bench import worlds_movielens_latest  # noqa: E402
+from bench import ece_population, worlds_movielens_latest  # noqa: E402
 from bench._clustering_eval import brier_ece_parts, ece, matched_correct, probability_figures  # noqa: E402
 from services.clustering.domain import drift as D  # noqa: E402
 from services.clustering.domain.model import YOUNG_MODEL_SESSIONS, HouseholdModel, PopulationPrior  # noqa: E402
@@ -1099,7 +1102,37 @@ def main() -> None:
     ap.add_argument("--feedback-draws", type=int, default=worlds_eval.FEEDBACK_MESH_DRAWS,
                     help="draws of the whole feedback loop in after_feedback (each refits every household "
                          "twice more: 3 draws about triple the worlds' CPU time; 0: the calibrator alone, as before)")
+    ap.add_argument("--ece-population", action="store_true",
+                    help="only issue #10's ECE read (before and after feedback, with the household noise) on "
+                         "worlds.ECE_REPORTING, the population the ECE targets are judged on (REPORT ONLY; "
+                         "bench/ece_population.py); batch fits unless --ece-streaming")
+    ap.add_argument("--ece-split", choices=tuple(ece_population.SPLITS), default="ece_reporting",
+                    help="with --ece-population: the worlds read (tuning: the mechanics checked on TUNING seeds)")
+    ap.add_argument("--ece-worlds", type=int, default=None,
+                    help="with --ece-population: worlds per family (default: the split's)")
+    ap.add_argument("--ece-households", type=int, default=None,
+                    help="with --ece-population: households per world (default: the split's)")
+    ap.add_argument("--ece-streaming", action="store_true",
+                    help="with --ece-population: the time-ordered streams too (about ten times the batch part's CPU)")
+    ap.add_argument("--part", default=None, metavar="I/K",
+                    help="with --ece-population and --cache: fit only part I of K (households i with i mod K = I)")
+    ap.add_argument("--cache", default=None, metavar="DIR",
+                    help="with --ece-population: the parts' answers (written per part; a run without --part fits "
+                         "what is missing and scores)")
     args = ap.parse_args()
+    if args.ece_population:
+        t0 = time.time()
+        try:
+            part = ece_population.parse_part(args.part)
+        except ValueError as exc:
+            ap.error(str(exc))
+        if part is not None and not args.cache:
+            ap.error("--part needs --cache DIR (where the parts' answers meet)")
+        print(json.dumps({"ece_population": ece_population.run(
+            ece_population.SPLITS[args.ece_split], log, streaming=args.ece_streaming, workers=args.workers,
+            draws=args.feedback_draws, part=part, cache=args.cache, worlds_per_family=args.ece_worlds,
+            households_per_world=args.ece_households), "elapsed_s": round(time.time() - t0, 1)}))
+        return
     # The periodic-refit drift baseline refits every simulated drift household from
     # scratch every 50 sessions: it made `--quick --no-worlds` take 274 s instead of 46 s,
     # so the quick loop skips it unless asked; a full run always has it.

@@ -84,6 +84,7 @@ from bench.floor import start_floor
 from bench.verify import ASSIGN_ONLY, proc_sample, seed_fitted_households, summarise
 from services.common.child_process import spawn_tied, stop_group
 from services.testing.mesh import SERVICE_MODULES, Mesh, free_port, write_api_key
+from services.testing.ports import serve_on_free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 # The processes whose CPU is split by thread in every run (when the target has them).
@@ -331,8 +332,7 @@ class Harness:
             "HEARTH_RATE_LIMIT_DEFAULT": json.dumps({"per_s": 1_000_000, "burst": 1_000_000}), **(env or {})})
         mesh.data_dir.mkdir(parents=True, exist_ok=True)
         api_key = write_api_key(mesh.data_dir / "gateway-keys.json", "bench-admin", "admin")
-        self.meshes.append(mesh)
-        mesh.start()
+        self.meshes.append(mesh)   # started by setup, both at once
         return mesh, api_key
 
     def seed(self, mesh: Mesh, api_key: str, label: str) -> list[dict]:
@@ -361,15 +361,20 @@ class Harness:
                       mix={"floor_assign": 1.0})
 
     def start_old_gateway(self, ref: str, mesh: Mesh) -> str:
-        """REF's gateway in front of ``mesh``'s services, with the same keys and settings."""
+        """REF's gateway in front of ``mesh``'s services, with the same keys and settings;
+        on a port another process took first it is started again on new ones
+        (``serve_on_free_port``: its peers are only this bench's clients)."""
         tree = extract(ref, self.work / "gateway-baseline-tree")
-        port = free_port()
-        env = mesh.signing_env("gateway", {**mesh.env(), "PYTHONPATH": str(tree), "HEARTH_GATEWAY_PORT": str(port),
-                                           "HEARTH_METRICS_PORT": str(free_port())})
-        log_file = open(self.work / "gateway-baseline.log", "ab")
+
+        def env(port: int) -> dict[str, str]:
+            return mesh.signing_env("gateway", {**mesh.env(), "PYTHONPATH": str(tree), "HEARTH_GATEWAY_PORT": str(port),
+                                                "HEARTH_METRICS_PORT": str(free_port())})
+
         # cwd = the old tree: `python -m` puts the working directory first on sys.path.
-        self.others.append(spawn_tied([sys.executable, "-m", "gateway"], cwd=tree, env=env,
-                                      stdout=log_file, stderr=log_file))
+        proc, port = serve_on_free_port(lambda _port: [sys.executable, "-m", "gateway"],
+                                        self.work / "gateway-baseline.log", f"the gateway of {ref}", 180.0,
+                                        env_for=env, cwd=tree)
+        self.others.append(proc)
         url = f"http://127.0.0.1:{port}"
         if not answers_health(url):
             raise RuntimeError(f"the gateway of {ref} did not start (see {self.work}/gateway-baseline.log)")
@@ -383,8 +388,11 @@ class Harness:
         envs = {"candidate": parse_env(a.candidate_env)}
         started = [(label, *self.start_mesh(label, root, envs.get(label))) for label, root in sides]
         floor = self.start_floor() if a.floor else None
-        for _, mesh, _ in started:
-            mesh.wait_healthy(180)
+        # Each started again on new ports if one was taken (services/testing/ports.py). From
+        # the pool's threads: spawn_tied forks on a thread that lasts (a child's death signal
+        # follows the thread that forked it: review35 R7, the meshes' "Connection refused").
+        with ThreadPoolExecutor(len(started)) as pool:
+            list(pool.map(lambda s: s[1].start_healthy(180), started))
         # Both meshes at once: seeding mostly waits for each mesh's background fits, so the
         # second mesh's wait overlaps the first's instead of following it.
         with ThreadPoolExecutor(len(started)) as pool:

@@ -230,8 +230,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.change_suite and args.seed == worlds.TUNING.seed:
         args.seed = SUITE_SEED
-    if args.seed == worlds.REPORTING.seed:
-        raise SystemExit("--seed: the REPORTING seed is never used for tuning")
+    if args.seed in worlds.REPORT_ONLY_SEEDS:
+        raise SystemExit(f"--seed: {args.seed} is a report-only seed (worlds.REPORT_ONLY_SEEDS), never used for tuning")
     t0 = time.time()
     split = worlds.TUNING if args.seed == worlds.TUNING.seed else worlds.Split(
         **{**worlds.TUNING.__dict__, "seed": args.seed})

@@ -33,15 +33,17 @@ the answers without feedback apart:
 
 ``python -m bench.feedback_decompose --mode batch|stream SPEC=CACHE ...`` (SPEC as
 ``bench.feedback_methods``; ``--level-form temperature``: the calibrator's common level spent as
-one temperature, ``recalibration.temperature_for_shift``; ``--one-person-segment-prior``: the
-one-person shifts held by fewer pseudo-answers; both measured and not kept). Prints one JSON
-object.
+one temperature, ``temperature_for_shift``; ``--one-person-segment-prior``: the one-person
+shifts held by fewer pseudo-answers; both measured and not kept, so they live here, not in the
+service: ``fit_level_calibrator`` is the service's fit with these options, and the run puts it
+in the service's place). Prints one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 import numpy as np
 
@@ -49,10 +51,76 @@ from bench import _worlds_eval as E
 from bench import feedback_methods as M
 from bench import feedback_shipped as FS
 from bench._clustering_eval import bin_index, ece, ece_floor, household_bootstrap
+from services.common.calibration import Calibrator, apply_temperature, one_person_rows
+from services.feedback.domain import recalibration as R
 
 BINS = 15
 BOOT = 200
 FLOOR_SIZES = (60, 120, 240, 480, 960)   # households: the clustered floor of a sample that size
+
+
+# How the common level reaches the answers over several persons: "shift" (the service's) adds it
+# to every top confidence (c -> c + shift); "temperature" spends the same mean move on the
+# sample's answers as one temperature (softmax(ln p / T)), which leaves a tie a tie and an answer
+# near 1 near 1 (ece35, session 35: the additive shift lifts the default group's two-person
+# near-ties, right about half the time, into 0.60-0.67, the largest bin of the ECE left after
+# feedback). Measured on TUNING, not kept (docs/feedback.md).
+LEVEL_FORMS = ("shift", "temperature")
+_SERVICE_LEVEL = R.fit_level_calibrator
+
+
+def temperature_for_shift(sample: R.FeedbackSample, shift: float, level: Calibrator) -> Calibrator:
+    """``level`` (a level calibrator moving top confidences by ``shift``) with its map over
+    several persons replaced by the temperature that moves the mean top confidence of the
+    sample's answers over several persons by ``shift`` (bisection on ln T within
+    recalibration.TEMPERATURE_BOUNDS; the bound when the shift is beyond any temperature). No
+    answer over several persons, or no shift: ``level`` unchanged."""
+    multi = ~one_person_rows(sample.probs) & ((sample.probs > 0).sum(axis=1) > 1)
+    if shift == 0.0 or not multi.any():
+        return level
+    P, w = sample.probs[multi], sample.weights[multi]
+    target = float(np.dot(w, P.max(axis=1)) / w.sum()) + shift
+
+    def mean_top(log_t: float) -> float:
+        return float(np.dot(w, apply_temperature(P, float(np.exp(log_t))).max(axis=1)) / w.sum())
+
+    lo, hi = np.log(R.TEMPERATURE_BOUNDS[0]), np.log(R.TEMPERATURE_BOUNDS[1])   # mean_top falls as T rises
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if mean_top(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    t = round(float(np.exp(0.5 * (lo + hi))), 6)
+    return replace(level, method="temperature", parameters={"temperature": t},
+                   training={**level.training, "temperature": t})
+
+
+def fit_level_calibrator(sample: R.FeedbackSample, model_sessions=None, segment_edges=R.DEFAULT_SEGMENT_EDGES,
+                         version: int = 1, prior: float = 100.0, segment_prior: float | None = 300.0,
+                         noise_multiple: float | None = None, prior_variance: float | None = None,
+                         cell_noise_multiple: float | None = None, form: str = "shift",
+                         one_person_segment_prior: float | None = None) -> Calibrator:
+    """The service's ``recalibration.fit_level_calibrator`` (same arguments) with the two options
+    measured here: ``form`` (LEVEL_FORMS; "temperature": the common level as
+    ``temperature_for_shift``, the segments' shifts starting from its answers) and
+    ``one_person_segment_prior`` (pseudo-answers holding a segment's one-person shift at the
+    common one; default ``segment_prior``, the service's). With the defaults it is the
+    service's fit."""
+    if form not in LEVEL_FORMS:
+        raise ValueError(f"form must be one of {LEVEL_FORMS}, got {form!r}")
+    shift = R.common_level_shift(sample, prior, noise_multiple, prior_variance)
+    common = _SERVICE_LEVEL(sample, None, segment_edges, version, prior, segment_prior, noise_multiple, prior_variance,
+                            cell_noise_multiple)
+    after = sample.probs.max(axis=1) + shift
+    if form == "temperature":
+        common = temperature_for_shift(sample, shift, common)
+        several = ~one_person_rows(sample.probs) & ((sample.probs > 0).sum(axis=1) > 1)
+        if common.method == "temperature" and several.any():
+            after[several] = common.apply(sample.probs[several]).max(axis=1)
+    one_prior = segment_prior if one_person_segment_prior is None else one_person_segment_prior
+    return R.with_segment_shifts(common, sample, shift, after, model_sessions, segment_edges, version, segment_prior,
+                                 one_prior, cell_noise_multiple, prior_variance)
 
 
 def bin_table(conf: np.ndarray, right: np.ndarray, bins: int = BINS) -> list[dict]:
@@ -211,20 +279,19 @@ def main() -> None:
     ap.add_argument("--mode", choices=("batch", "stream"), required=True)
     ap.add_argument("--level-form", choices=("shift", "temperature"), default=None,
                     help="how the calibrator's common level reaches answers over several persons "
-                         "(recalibration.LEVEL_FORM; default: the service's)")
+                         "(LEVEL_FORMS; default: the service's, shift)")
     ap.add_argument("--one-person-segment-prior", type=float, default=None,
                     help="pseudo-answers holding an age segment's one-person shift at the common one "
                          "(default: LEVEL_SEGMENT_PRIOR, as for answers over several persons)")
     ap.add_argument("samples", nargs="+", help="SPEC=CACHE (bench.label_feedback --cache of that mode)")
     args = ap.parse_args()
     import functools
-    from services.feedback.domain import recalibration
-    if args.level_form:
-        recalibration.LEVEL_FORM = args.level_form
-    if args.one_person_segment_prior is not None:
-        recalibration.fit_feedback_calibrator = functools.partial(
-            recalibration.fit_feedback_calibrator, one_person_segment_prior=args.one_person_segment_prior)
-    report: dict = {"mode": args.mode, "bins": BINS, "bootstrap": BOOT, "level_form": recalibration.LEVEL_FORM,
+    level_form = args.level_form or "shift"
+    if level_form != "shift" or args.one_person_segment_prior is not None:
+        # the service's feedback calibrator (fit_feedback_calibrator) fits its level with these options
+        R.fit_level_calibrator = functools.partial(fit_level_calibrator, form=level_form,
+                                                   one_person_segment_prior=args.one_person_segment_prior)
+    report: dict = {"mode": args.mode, "bins": BINS, "bootstrap": BOOT, "level_form": level_form,
                     "one_person_segment_prior": args.one_person_segment_prior, "samples": {}}
     for item in args.samples:
         spec, cache = item.split("=", 1)

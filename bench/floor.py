@@ -22,7 +22,6 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 from concurrent import futures
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -51,7 +50,7 @@ def serve_echo(port: int, max_workers: int) -> None:
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
         ECHO_SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(echo)})])
     if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
-        raise SystemExit(f"could not bind 127.0.0.1:{port}")
+        raise SystemExit(f"Failed to bind to address 127.0.0.1:{port}")   # the words ports.bind_failures knows
     server.start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -96,24 +95,34 @@ def create_floor_app(echo_addr: str):
 def start_floor(log_dir: Path, timeout_s: float = 60.0) -> tuple[dict[str, subprocess.Popen], str]:
     """Start the floor's two processes on free ports (logs in ``log_dir``), tied to this
     process (PR_SET_PDEATHSIG, like the mesh: a killed benchmark leaves no floor server
-    behind); returns them by role and the floor's URL once it answers /health."""
+    behind); returns them by role and the floor's URL once it answers /health. Each is
+    returned once it listens on its port itself, started again on a new one if another
+    process took it first (services/testing/ports.py ``serve_on_free_port``; until session
+    36 a fixed 0.3 s apart, unprotected)."""
     from bench._common import answers_health
-    from services.common.child_process import spawn_tied
-    from services.testing.mesh import free_port
+    from services.testing.ports import serve_on_free_port
 
     root = Path(__file__).resolve().parents[1]
-    echo_port, http_port = free_port(), free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(root)}
     procs = {}
-    for role, argv in (("echo", ["--port", str(echo_port)]),
-                       ("gateway", ["--port", str(http_port), "--echo-addr", f"127.0.0.1:{echo_port}"])):
-        procs[role] = spawn_tied([sys.executable, "-m", "bench.floor", role, *argv], cwd=root, env=env,
-                                 stdout=open(log_dir / f"floor-{role}.log", "ab"), stderr=subprocess.STDOUT)
-        time.sleep(0.3)
-    url = f"http://127.0.0.1:{http_port}"
-    if answers_health(url, timeout_s):
-        return procs, url
+
+    def command(role: str, *argv: str):
+        return lambda port: [sys.executable, "-m", "bench.floor", role, "--port", str(port), *argv]
+
+    try:
+        procs["echo"], echo_port = serve_on_free_port(command("echo"), log_dir / "floor-echo.log", "the floor's echo",
+                                                      timeout_s, cwd=root, env=env)
+        procs["gateway"], http_port = serve_on_free_port(
+            command("gateway", "--echo-addr", f"127.0.0.1:{echo_port}"), log_dir / "floor-gateway.log",
+            "the floor's gateway", timeout_s, cwd=root, env=env)
+        url = f"http://127.0.0.1:{http_port}"
+        if answers_health(url, timeout_s):
+            return procs, url
+    except BaseException:
+        for proc in procs.values():
+            proc.kill()
+        raise
     for proc in procs.values():
         proc.kill()
     raise RuntimeError(f"the transport floor did not start (see {log_dir}/floor-*.log)")

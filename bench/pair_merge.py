@@ -31,7 +31,7 @@ single viewers single as Hearth does; also chosen on one half of the worlds and 
 other, the ``cross_fitted`` figures), and reports on TUNING worlds 0–3 of seed 20260002 and,
 with ``--movielens-tuning``, the real viewers' TUNING half, beside Hearth's batch fit, majority,
 the device heuristic, scikit-learn GaussianMixture + BIC and the supervised oracle on the same
-households. It refuses the REPORTING seed.
+households. It refuses the report-only seeds (worlds.REPORT_ONLY_SEEDS).
 """
 
 from __future__ import annotations

@@ -164,6 +164,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     t0 = time.time()
+    if args.seed in worlds.REPORT_ONLY_SEEDS:
+        raise SystemExit(f"--seed: {args.seed} is a report-only seed (worlds.REPORT_ONLY_SEEDS), never read here")
     split = worlds.TUNING if args.seed == worlds.TUNING.seed else worlds.Split(
         **{**worlds.TUNING.__dict__, "seed": args.seed})
     hs = select(worlds.generate(split), args.households)

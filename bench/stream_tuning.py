@@ -380,8 +380,8 @@ SUITE_STABLE = 6
 
 def change_suite(worlds_per_family: int, seed: int = SUITE_SEED) -> list[worlds.WorldHousehold]:
     """The join/leave suite's households (see SUITE_SEED): changed ones first."""
-    if seed == worlds.REPORTING.seed:
-        raise ValueError("the change suite never uses the REPORTING seed")
+    if seed in worlds.REPORT_ONLY_SEEDS:
+        raise ValueError(f"the change suite never uses a report-only seed ({seed}: worlds.REPORT_ONLY_SEEDS)")
     changed, stable = [], []
     for f in worlds.TUNING.families:
         fam_index = list(worlds.FAMILIES).index(f)
@@ -950,7 +950,7 @@ def real_viewers_tuning(population: str, worlds_per_family: int | None) -> list[
 
 def traced_households(doc: dict) -> list[worlds.WorldHousehold]:
     """The households a --trace --out file was run on, in its order (its seed, change
-    suite or household limit; never the REPORTING seed: the run refused it)."""
+    suite or household limit; never a report-only seed: the run refused it)."""
     split = worlds.TUNING if doc["seed"] == worlds.TUNING.seed else worlds.Split(
         **{**worlds.TUNING.__dict__, "seed": doc["seed"]})
     return change_suite(doc["change_suite"], doc["seed"]) if doc.get("change_suite") else select(
@@ -963,7 +963,7 @@ def main() -> None:
     ap.add_argument("--households", type=int, default=None,
                     help="changed households plus stable ones up to this many (default: all)")
     ap.add_argument("--seed", type=int, default=worlds.TUNING.seed,
-                    help="TUNING-split seed (default the TUNING split; never the REPORTING seed)")
+                    help="TUNING-split seed (default the TUNING split; never a report-only seed, worlds.REPORT_ONLY_SEEDS)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--arrival", type=int, default=E.STREAM_BATCH,
                     help="sessions per arrival (one service refresh each)")
@@ -1003,8 +1003,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.change_suite and args.seed == worlds.TUNING.seed:
         args.seed = SUITE_SEED
-    if args.seed == worlds.REPORTING.seed:
-        raise SystemExit("--seed: the REPORTING seed is never used for tuning")
+    if args.seed in worlds.REPORT_ONLY_SEEDS:
+        raise SystemExit(f"--seed: {args.seed} is a report-only seed (worlds.REPORT_ONLY_SEEDS), never used for tuning")
     if args.trace and not args.light_trace:
         model_module.TRACE_ANCHORED = True
     if args.no_birth:

@@ -55,6 +55,7 @@ from bench._common import answers_health, cpu_model, log, process_cpu_s
 from bench.floor import start_floor
 from services.common.child_process import spawn_tied, stop_group
 from services.testing.mesh import SERVICE_MODULES, Mesh, free_port, write_api_key
+from services.testing.ports import start_on_free_ports
 from services.testing.servers import MissingServer, PostgresServer, RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -292,18 +293,24 @@ class Verify:
             env.update({"HEARTH_STORAGE": "postgres", "HEARTH_POSTGRES_DSN": self.postgres.dsn,
                         "HEARTH_REDIS_URL": self.redis.url})
         self.mesh = Mesh.on_free_ports(self.out / "mesh", log_dir=self.out / "logs", extra_env=env)
+        self.mesh.data_dir.mkdir(parents=True, exist_ok=True)
+        self.api_key = write_api_key(self.mesh.data_dir / "gateway-keys.json", "verify-admin", "admin")
+        self._spawn_mesh()
+
+    def _spawn_mesh(self) -> None:
+        """The mesh's processes (and with --replicas 2 the second clustering replica and
+        gateway) on the mesh's drawn ports; ``wait_mesh`` waits for them."""
         if self.args.replicas == 2:
             # A second clustering replica behind one round_robin target, and a second
             # gateway; both gateways share their rate-limit buckets through Redis. The
             # calibration route gets a small bucket that only the scale-out check uses.
             self.replica_ports = {"clustering": free_port(), "clustering-metrics": free_port(),
                                   "gateway": free_port()}
-            env.update({"HEARTH_CLUSTERING_ADDR": f"ipv4:127.0.0.1:{self.mesh.grpc_ports['clustering']},"
-                                                  f"127.0.0.1:{self.replica_ports['clustering']}",
-                        "HEARTH_GRPC_LB_POLICY": "round_robin",
-                        "HEARTH_RATE_LIMITS": json.dumps({SHARED_LIMIT_ROUTE: SHARED_LIMIT})})
-        self.mesh.data_dir.mkdir(parents=True, exist_ok=True)
-        self.api_key = write_api_key(self.mesh.data_dir / "gateway-keys.json", "verify-admin", "admin")
+            self.mesh.extra_env.update({
+                "HEARTH_CLUSTERING_ADDR": f"ipv4:127.0.0.1:{self.mesh.grpc_ports['clustering']},"
+                                          f"127.0.0.1:{self.replica_ports['clustering']}",
+                "HEARTH_GRPC_LB_POLICY": "round_robin",
+                "HEARTH_RATE_LIMITS": json.dumps({SHARED_LIMIT_ROUTE: SHARED_LIMIT})})
         self.mesh.start()
         if self.args.replicas == 2:
             replica_env = self.mesh.env()
@@ -314,7 +321,19 @@ class Verify:
                                                       "HEARTH_GATEWAY_PORT": str(self.replica_ports["gateway"])})
 
     def wait_mesh(self) -> None:
-        self.mesh.wait_healthy(180)
+        """Until the mesh (and its replicas) is healthy, each process on its own ports. A
+        process that exits because another process took its port first (the mesh's
+        ``wait_healthy`` reads that from its log: ``PortTaken``) has the whole mesh
+        stopped, every port drawn again and the mesh started again, as ``Mesh.start_healthy``
+        does (services/testing/ports.py) — the replicas' ports are in the mesh's settings."""
+        def attempt(number: int) -> None:
+            if number > 1:
+                self.mesh.stop()
+                self.mesh.draw_ports()
+                self._spawn_mesh()
+            self.mesh.wait_healthy(180)   # any other failure: raised, and stop() stops what was started
+
+        start_on_free_ports(attempt, f"bench.verify's mesh in {self.mesh.data_dir}")
         for url in self.gateway_urls:
             answers_health(url)
 

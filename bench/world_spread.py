@@ -39,7 +39,7 @@ size exact among the settings keeping at least as many single viewers single as 
 cross-fitted over the two halves of the worlds), and reports on TUNING seed 20260002 worlds
 0–3 and the real viewers' TUNING half beside Hearth's batch fit, majority, the device
 heuristic, scikit-learn GaussianMixture + BIC and the supervised oracle (``pair_merge``'s
-baselines, the same functions). It refuses the REPORTING seed (``pair_model._tuning_worlds``).
+baselines, the same functions). It refuses the report-only seeds (``pair_model._tuning_worlds``).
 """
 
 from __future__ import annotations

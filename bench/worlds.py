@@ -22,6 +22,8 @@ Tuning and reporting are disjoint by construction (``TUNING`` / ``REPORTING``): 
 choices may only be measured on ``TUNING`` (its own seeds, and only some of the
 families); the benchmark reports on ``REPORTING`` (other seeds, every family; the
 families tuning never saw are listed in ``HELD_OUT_FAMILIES`` and reported apart).
+``ECE_REPORTING`` (other seeds again, every family, 300 households) is where issue #10's ECE
+targets are judged (report only, as REPORTING).
 """
 
 from __future__ import annotations
@@ -123,6 +125,19 @@ TUNING = Split("tuning", ("living_room", "mobile_first", "bingers"), seed=20_260
 REPORTING = Split("reporting", tuple(FAMILIES), seed=90_260_001,
                   worlds_per_family=2, households_per_world=5)
 HELD_OUT_FAMILIES = tuple(f for f in FAMILIES if f not in TUNING.families)
+# Issue #10's ECE targets (<= 0.05 before feedback, <= 0.02 after feedback on 3.75 %) are judged
+# here, not on REPORTING: REPORTING's 60 households cannot tell 0.02 from the figure's own
+# household noise (~0.03 there; ece35, session 35). Fresh seeds of every family, disjoint from
+# TUNING, REPORTING, the fresh TUNING seeds, the blind and the real viewers' seeds (a test
+# fails on an overlap), sized on TUNING so that the 2.5-97.5 % range of household-resampled
+# ECEs after feedback is about +-0.01 wide (ece36, session 36: docs/benchmarks.md "An ECE
+# population"). REPORT ONLY, read by the lead: nothing may be chosen, tuned or looked at on
+# it (`python -m bench.accuracy --ece-population`, `make bench-ece`; its mechanics are
+# checked with `--ece-split tuning`).
+ECE_REPORTING = Split("ece_reporting", tuple(FAMILIES), seed=73_360_013,
+                      worlds_per_family=10, households_per_world=5)
+# The seeds no tuning run may use (the benches that take a TUNING --seed refuse them).
+REPORT_ONLY_SEEDS = (REPORTING.seed, ECE_REPORTING.seed)
 
 
 @dataclass

@@ -276,8 +276,12 @@ def _refusing_repeated_query(route, handler: Callable[[Request], Coroutine[Any, 
     (``?limit=5&limit=500`` is ``limit=500``), other readers (a proxy's rate rule, a WAF,
     a log filter) often the first: ambiguous, like a JSON key given twice. Refused with a
     422 naming the parameter, through the validation-error handler (credentials first).
-    A parameter declared as a list (meant to repeat) stays allowed; parameters the route
-    does not declare are ignored, as before."""
+    A parameter declared as a list (meant to repeat) stays allowed.
+
+    On a route that takes query parameters, one it does not take is refused the same way,
+    as a body's unknown field is: until session 36 it was ignored, so a misspelt filter
+    (``GET /v1/audit?principal=alice`` for ``principal_id``) was answered with the whole
+    unfiltered log (review36)."""
     query_params = [f for f in get_flat_params(route.dependant) if getattr(f.field_info, "in_", None) == ParamTypes.query]
     single = tuple(f.alias for f in query_params if not field_annotation_is_sequence(f.field_info.annotation))
     declared = frozenset(f.alias for f in query_params)
@@ -287,6 +291,11 @@ def _refusing_repeated_query(route, handler: Callable[[Request], Coroutine[Any, 
     async def checked(request: Request) -> Response:
         _refuse_query_not_utf8(request.scope.get("query_string", b""), declared)
         query = request.query_params
+        for name in query.keys():
+            if name not in declared:
+                raise RequestValidationError([{
+                    "type": "value_error", "loc": ("query", name), "input": None,
+                    "msg": f"is not a parameter of this route (it takes {', '.join(sorted(declared))})"}])
         if len(query.multi_items()) > len(query):   # some name given more than once
             for name in single:
                 given = len(query.getlist(name))

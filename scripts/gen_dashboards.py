@@ -259,8 +259,9 @@ def infrastructure() -> Dashboard:
                                            "(HearthAuditOutboxBacklog after 10 m); an emptyDir dies with its pod."))
             .with_panel(series("deletion jobs finished per hour", "none",
                                Q("sum by (state) (increase(hearth_deletion_jobs_finished_total[1h]))", "{{state}}")))
-            .with_panel(series("oldest open deletion job", "s",
-                               Q("max(hearth_deletion_oldest_open_job_age_seconds)", "age"), lines=((3600, "orange"),)))
+            .with_panel(series("oldest open deletion job, by what it waits for", "s",
+                               Q("max by (waiting) (hearth_deletion_oldest_open_job_age_seconds)", "{{waiting}}"),
+                               lines=((3600, "orange"),)))
             .with_panel(series("off-site deletion ledger: since the last export", "s",
                                Q("time() - max(hearth_ledger_last_export_timestamp_seconds)", "age"),
                                lines=((900, "orange"),),
@@ -317,7 +318,8 @@ def infrastructure() -> Dashboard:
                                Q(f"sum by (component) (rate(hearth_access_denied_total[{RI}]))", "denied {{component}}"),
                                Q(f"sum by (component) (rate(hearth_rate_limited_total[{RI}]))", "limited {{component}}")))
             .with_panel(series("security alerts per hour", "none",
-                               Q("sum by (kind) (increase(hearth_security_alerts_total[1h]))", "{{kind}}"))))
+                               Q("sum by (kind, threshold) (increase(hearth_security_alerts_total[1h]))",
+                                 "{{kind}} ({{threshold}})"))))
 
 
 DASHBOARDS = {"latency": latency, "accuracy": accuracy, "attribution": attribution, "drift": drift,

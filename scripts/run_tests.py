@@ -39,7 +39,9 @@ summaries, when each ended and the wall time. The exit status is the first non-z
 workers' (pytest's own codes), or 2/3 if a stop or a failure to collect left files not run.
 Arguments are passed to each pytest (``make test ARGS="-x"``; a path narrows the run to it).
 ``--write-durations`` (this script's own, not pytest's) writes the run's per-file seconds
-into tests/durations.json.
+into tests/durations.json (a narrowed run writes its files' and keeps the others'); a test
+file with no record there fails tests/deploy/test_run_tests.py (it would be handed out as
+the longest).
 """
 
 from __future__ import annotations
@@ -128,6 +130,11 @@ class WorkQueue:
             if self._collected is None:
                 self._collected = dict(files)
                 self._left = order_groups(group_files(files), self._seconds)
+                unrecorded = sorted(name for name in files if name not in self._seconds)
+                if self._seconds and unrecorded:   # each is handed out as the longest recorded file
+                    print(f"make test: no recorded seconds for {len(unrecorded)} files (handed out as the longest; "
+                          f"`scripts/run_tests.py --write-durations FILE...` records them): "
+                          f"{', '.join(unrecorded[:5])}{' ...' if len(unrecorded) > 5 else ''}", flush=True)
             elif set(files) != set(self._collected):
                 differ = sorted(set(files) ^ set(self._collected))
                 self._stop(f"worker {worker} collected other files than the first ({len(differ)}: "
@@ -330,7 +337,7 @@ def run(args: list[str], *, root: Path = ROOT, workers: int = WORKERS, durations
     wall = time.monotonic() - began
     print(f"\nmake test: {'; '.join(parts)}{not_run_note}; wall {_clock(wall)}", flush=True)
     if write_durations and queue.files:
-        _write_durations(durations, queue.files, [w.durations for w in running], wall)
+        _write_durations(durations, queue.files, [w.durations for w in running], wall, root)
     failed = next((w.proc.returncode for w in running if w.proc.returncode != 0), 0)
     if failed < 0:   # a worker killed by a signal: a status a shell shows as such
         failed = 128 - failed
@@ -344,17 +351,23 @@ def run(args: list[str], *, root: Path = ROOT, workers: int = WORKERS, durations
     return failed
 
 
-def _write_durations(path: Path, files: list[str], measured: list[dict[str, float]], wall: float) -> None:
-    """This run's seconds per file; a collected file this run did not measure keeps its old
-    record; a file no longer collected is dropped."""
+def _write_durations(path: Path, files: list[str], measured: list[dict[str, float]], wall: float,
+                     root: Path = ROOT) -> None:
+    """This run's seconds per file; a file this run did not measure keeps its old record
+    while it exists (a run narrowed to a few files — ``--write-durations tests/e2e/test_x.py``,
+    how a new file gets its record — dropped every other file's until session 36); the
+    record of a file that is gone is dropped."""
     seconds = load_durations(path)
     for one in measured:
         seconds.update(one)
+    files = sorted(set(files) | {name for name in seconds if (root / name).is_file()})
     load = os.getloadavg()[1]
+    ran = len({name for one in measured for name in one})
+    kept = f"; {ran} of {len(files)} files measured by this run, the others' records kept" if ran < len(files) else ""
     record = {"about": "seconds per test file (setup + call + teardown) as `make test` ran them, for the "
                        "order scripts/run_tests.py hands them out in; written by `scripts/run_tests.py "
                        f"--write-durations` at {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-                       f"wall {_clock(wall)}, 5-minute load {load:.1f}",
+                       f"wall {_clock(wall)}, 5-minute load {load:.1f}{kept}",
               "seconds": {name: round(seconds[name], 1) for name in sorted(files) if name in seconds}}
     path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     print(f"make test: wrote {len(record['seconds'])} files' seconds to {path}", flush=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from gateway.models import Id, Strict, Timestamp, WindowBound, check_window
 from gateway.routes import api_router
@@ -22,6 +22,16 @@ _METHODS = {"markov": apb.METHOD_MARKOV, "shapley": apb.METHOD_SHAPLEY, "hybrid"
             "linear": apb.METHOD_LINEAR, "time_decay": apb.METHOD_TIME_DECAY,
             "position_based": apb.METHOD_POSITION_BASED}
 _LEVELS = {"person": apb.LEVEL_PERSON, "household": apb.LEVEL_HOUSEHOLD, "both": apb.LEVEL_BOTH}
+
+
+def _whole_seconds(days: float) -> float:
+    """The lookback travels as whole seconds (``lookback_seconds``, 0 meaning the 30-day
+    default): less than one second cannot be sent as asked (until session 36 it was cut to
+    0 and answered with 30 days)."""
+    if round(days * 86400) < 1:
+        raise ValueError("must be at least one second (1/86400 = 1.2e-05 days): the lookback is counted in "
+                         "whole seconds")
+    return days
 
 
 class TouchpointIn(Strict):
@@ -73,7 +83,7 @@ class AttributionIn(Strict):
                     "position_based"] = "hybrid"
     markov_order: int = Field(1, ge=1, le=4)
     hybrid_alpha: float = Field(0.5, ge=0, le=1, description="weight of Markov in the hybrid")
-    lookback_days: float = Field(30, gt=0, le=365)
+    lookback_days: Annotated[float, Field(gt=0, le=365), AfterValidator(_whole_seconds)] = 30
     repeats: Literal["collapse_states", "collapse_channels", "keep"] = "collapse_states"
     include_nulls: bool = True
     horizon: int = Field(0, ge=0, le=1000)
@@ -199,7 +209,7 @@ def router(clients, access) -> APIRouter:
         request = apb.AttributeRequest(
             account_ids=body.account_ids, method=_METHODS[body.method], markov_order=body.markov_order,
             hybrid_alpha=body.hybrid_alpha, hybrid_alpha_set=True,
-            lookback_seconds=int(body.lookback_days * 86400), repeats=body.repeats,
+            lookback_seconds=round(body.lookback_days * 86400), repeats=body.repeats,
             include_nulls=body.include_nulls, horizon=body.horizon, level=_LEVELS[body.level],
             markov_order_auto=body.markov_order_auto, bootstrap_replicates=body.bootstrap_replicates,
             bootstrap_seed=body.bootstrap_seed, confidence_level=body.confidence_level,

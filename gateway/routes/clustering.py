@@ -114,6 +114,8 @@ class AssignOut(BaseModel):
     prediction_id: str
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 _COLD_NAMES = {cpb.COLD_START_STRATEGY_ACCOUNT: "account", cpb.COLD_START_STRATEGY_POPULATION_PRIOR: "population_prior",
                cpb.COLD_START_STRATEGY_HEURISTIC: "heuristic"}
 
@@ -169,6 +171,11 @@ def router(clients, access) -> APIRouter:
         else:
             if not all(math.isfinite(v) for v in body.feature_vector):
                 raise InvalidArgument("values must be finite", "feature_vector")
+            # Sent as float32: a finite number past its range would become infinity in the
+            # cast and be refused by clustering as "not finite" (until session 36).
+            if any(abs(v) > FLOAT32_MAX for v in body.feature_vector):
+                raise InvalidArgument(f"values must lie within float32's range (|v| <= {FLOAT32_MAX:.1e})",
+                                      "feature_vector")
             request.feature_vector = F.to_bytes(np.asarray([body.feature_vector], dtype=np.float32))
             request.feature_schema_version = F.FEATURE_SCHEMA_VERSION
         a = (await clients.call("clustering", "AssignSession", request, who)).assignment

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
 from datetime import timezone
 from typing import Any, Literal
 
@@ -194,17 +196,58 @@ upgrade_log = logging.getLogger("hearth.gateway.upgrade")
 OLDER_PRIVACY_CODES = frozenset({grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED})
 
 
-def falls_back(exc: grpc.aio.AioRpcError, rpc: str, fallback: str) -> bool:
+# The fallbacks' log lines, coalesced (review35 R3): with a privacy whose matrix refuses the
+# gateway's caller (the misconfiguration the line reveals) every export / rotation request
+# fell back and logged a line. Now the first fallback of an (rpc, code) is logged at once,
+# later ones within this window of that line are only counted, and the first one after it is
+# logged with that count (field ``repeats``), as the security lines are coalesced
+# (identity.SecurityEventLog). The keys are bounded: two RPCs, two codes.
+FALLBACK_LOG_WINDOW_S = 60.0
+
+
+class FallbackLog:
+    """``note(rpc, code, fallback)``: one fallback, logged as described above (thread-safe).
+    A window's count is written with the next line of its key: a flood that stops leaves
+    its last window's count unwritten (no thread of its own; the requests stopped)."""
+
+    def __init__(self, logger: logging.Logger, window_s: float = FALLBACK_LOG_WINDOW_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._log, self._window, self._clock = logger, window_s, clock
+        self._held: dict[tuple[str, str], list[float]] = {}   # key -> [last line's time, repeats since]
+        self._lock = threading.Lock()
+
+    def note(self, rpc: str, code: grpc.StatusCode, fallback: str) -> None:
+        key, now = (rpc, code.name), self._clock()
+        with self._lock:
+            held = self._held.get(key)
+            if held is not None and now - held[0] < self._window:
+                held[1] += 1
+                return
+            repeats = int(held[1]) if held is not None else 0
+            self._held[key] = [now, 0]
+        fields: dict[str, object] = {"rpc": rpc, "code": code.name, "fallback": fallback,
+                                     "coalesced_s": self._window}
+        more = ""
+        if repeats:
+            fields["repeats"] = repeats
+            more = f"; {repeats} more since the last such line"
+        self._log.warning("privacy refused %s (%s: a release before it, or a misconfiguration if not upgrading): "
+                          "calling %s instead%s", rpc, code.name, fallback, more, extra={"fields": fields})
+
+
+_FALLBACKS = FallbackLog(upgrade_log)
+
+
+def falls_back(exc: grpc.aio.AioRpcError, rpc: str, fallback: str, fallbacks: FallbackLog = _FALLBACKS) -> bool:
     """Whether privacy refused ``rpc`` as an older release does (``OLDER_PRIVACY_CODES``), so
-    the route calls ``fallback`` instead; each fallback is logged with the code privacy
+    the route calls ``fallback`` instead; the fallback is logged with the code privacy
     answered (fields rpc, code, fallback: until session 35 the rotation's was not logged, so
-    a PERMISSION_DENIED of a misconfigured privacy passed for an upgrade unseen)."""
+    a PERMISSION_DENIED of a misconfigured privacy passed for an upgrade unseen), coalesced
+    (``FallbackLog``: until session 36 one line per request)."""
     code = exc.code()
     if code not in OLDER_PRIVACY_CODES:
         return False
-    upgrade_log.warning("privacy refused %s (%s: a release before it, or a misconfiguration if not upgrading): "
-                        "calling %s instead", rpc, code.name, fallback,
-                        extra={"fields": {"rpc": rpc, "code": code.name, "fallback": fallback}})
+    fallbacks.note(rpc, code, fallback)
     return True
 
 

@@ -19,6 +19,14 @@ is missing (not Linux) the child is only put in its own session.
 
 Each child also gets its own session (process group), so a normal stop can signal the
 server and anything it forked as one.
+
+The "parent" of ``PR_SET_PDEATHSIG`` is the THREAD that forked the child, not the process
+(prctl(2)): a server spawned from a worker thread was killed the moment that thread ended —
+bench/assign_cpu.py's two meshes started by ``Mesh.start_healthy`` in a ThreadPoolExecutor
+were SIGKILLed as the pool shut down, and the bench's seeding then met "Connection refused"
+(review35 R7, session 35; reproduced in session 36). So a spawn asked for from any thread
+but the main one is made by one thread of this module that lives as long as the process
+(``_spawning_thread``); the main thread ends only with the process.
 """
 
 from __future__ import annotations
@@ -28,8 +36,13 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
-from typing import Any
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from queue import SimpleQueue
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 _SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
 # $0: the parent's pid; the rest: the command. $PPID is not the parent any more when the
@@ -54,9 +67,42 @@ def spawn_tied(args: Sequence[str], *, death_signal: int = signal.SIGKILL, **pop
     if "preexec_fn" in popen_kwargs or "start_new_session" in popen_kwargs:
         raise TypeError("spawn_tied sets the death signal and start_new_session itself")
     args = list(args)
-    if _SETPRIV is not None:
-        args = _tied_command(args, os.getpid(), death_signal, popen_kwargs.get("env"))
-    return subprocess.Popen(args, start_new_session=True, **popen_kwargs)
+    if _SETPRIV is None:
+        return subprocess.Popen(args, start_new_session=True, **popen_kwargs)
+    args = _tied_command(args, os.getpid(), death_signal, popen_kwargs.get("env"))
+    return _on_a_lasting_thread(lambda: subprocess.Popen(args, start_new_session=True, **popen_kwargs))
+
+
+_requests: SimpleQueue = SimpleQueue()
+_spawner: threading.Thread | None = None
+_spawner_lock = threading.Lock()
+
+
+def _spawning_thread() -> None:
+    while True:
+        call, result = _requests.get()
+        if result.set_running_or_notify_cancel():
+            try:
+                result.set_result(call())
+            except BaseException as exc:   # handed to the caller's thread, raised there
+                result.set_exception(exc)
+
+
+def _on_a_lasting_thread(call: Callable[[], T]) -> T:
+    """``call()`` on a thread that ends only with the process: the main thread when it is
+    the caller, else this module's spawning thread (a daemon, started on first use). The
+    death signal of a child forked there comes when the process ends, not when the caller's
+    thread does (module doc)."""
+    global _spawner
+    if threading.current_thread() is threading.main_thread():
+        return call()
+    with _spawner_lock:
+        if _spawner is None or not _spawner.is_alive():
+            _spawner = threading.Thread(target=_spawning_thread, name="hearth-spawn-tied", daemon=True)
+            _spawner.start()
+    result: Future = Future()
+    _requests.put((call, result))
+    return result.result()
 
 
 def stop_group(proc: subprocess.Popen, timeout_s: float = 10.0, sig: int = signal.SIGTERM) -> None:

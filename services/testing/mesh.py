@@ -30,7 +30,7 @@ import httpx
 
 from gateway.auth import hash_key
 from services.common.child_process import spawn_tied, stop_group
-from services.testing.ports import PortTaken, check_exit, free_port, listened_by, start_on_free_ports
+from services.testing.ports import PortTaken, check_exit, free_port, hold_port, listened_by, start_on_free_ports
 
 SERVICE_MODULES = ("clustering", "attribution", "privacy", "feedback")
 T = TypeVar("T")
@@ -158,6 +158,12 @@ class Mesh:
     # Where each process's log stood when it was spawned: only what it wrote since is its
     # own (a log is appended to across restarts and attempts).
     _log_offsets: dict[str, int] = field(default_factory=dict, repr=False)
+    # On drawn ports, every port a process was given, held by this process
+    # (``ports.hold_port``) from its spawn until the mesh stops or draws new ports: a process
+    # stopped and started again on its own port (its peers hold the address: a restart, a
+    # rolling upgrade, an outage test) found it taken by another suite's server now and then,
+    # which drew it as free while ours was down (session 35's "left"; session 36).
+    _held: dict[int, object] = field(default_factory=dict, repr=False)
 
     @classmethod
     def on_free_ports(cls, data_dir: Path, **kwargs) -> "Mesh":
@@ -167,6 +173,7 @@ class Mesh:
 
     def draw_ports(self) -> None:
         """Every port of the mesh drawn anew (``free_port``), ``more_ports`` too."""
+        self.release_ports()
         self.gateway_port = free_port()
         self.grpc_ports = {s: free_port() for s in SERVICE_MODULES}
         self.metrics_ports = {s: free_port() for s in SERVICE_MODULES}
@@ -275,6 +282,10 @@ class Mesh:
         env = {**env, **self.process_env.get(name, {})}
         self._ports[name] = [int(env[v]) for v in _LISTENS.get(component, _SERVICE_LISTENS)
                              if env.get(v, "").isdigit() and int(env[v]) > 0]
+        if self.drawn:
+            for port in self._ports[name]:
+                if port not in self._held and (held := hold_port(port)) is not None:
+                    self._held[port] = held
         # Tied to this process: killed by the kernel if it dies (a crashed test run or
         # `make run` killed with -9 leaves nothing behind).
         self.processes[name] = spawn_tied([sys.executable, "-m", module], cwd=self.root, env=env,
@@ -380,12 +391,18 @@ class Mesh:
         proc = self.processes[name]
         if proc.poll() is None:
             return
+        self.check_port_taken(name)
+        raise RuntimeError(f"{name} exited with code {proc.returncode} during start-up{self.log_tail(name)}")
+
+    def check_port_taken(self, name: str) -> None:
+        """Raise ``PortTaken`` if what process ``name`` wrote to its log since it was
+        spawned says a port it was given was taken (``ports.check_exit``); else nothing —
+        also for a mesh without logs. For a process that has exited."""
         path = self.log_dir / f"{name}.log" if self.log_dir is not None else None
         if path is not None and path.exists():
             with open(path, "rb") as f:
                 f.seek(self._log_offsets.get(name, 0))
                 check_exit(name, f.read().decode(errors="replace"), self._ports.get(name, []))
-        raise RuntimeError(f"{name} exited with code {proc.returncode} during start-up{self.log_tail(name)}")
 
     def wait_healthy(self, timeout_s: float = 120.0) -> dict:
         deadline = time.monotonic() + timeout_s
@@ -445,6 +462,12 @@ class Mesh:
             list(pool.map(self.stop_process, [name for name in SERVICE_MODULES if name in self.processes]))
         for name in list(self.processes):   # anything else a caller spawned (replicas)
             self.stop_process(name)
+        self.release_ports()
+
+    def release_ports(self) -> None:
+        """Let go of the ports held for this mesh's processes (``_held``)."""
+        while self._held:
+            self._held.popitem()[1].close()
 
 
 @contextmanager

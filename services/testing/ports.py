@@ -89,6 +89,23 @@ def free_port() -> int:
 _HANDED_OUT: set[int] = set()
 
 
+def hold_port(port: int) -> socket.socket | None:
+    """A socket bound to 127.0.0.1:``port`` with SO_REUSEADDR and never listening, so that
+    no other process takes the port while ours may need it again: ``free_port``'s check in
+    any process (a plain bind) fails on it, so no other suite draws it, while a server's
+    own bind — gRPC, uvicorn, http.server (the metrics port), PostgreSQL and redis-server
+    all set SO_REUSEADDR — still succeeds as long as nothing LISTENs there. None if the
+    port cannot be bound (another process listens on it already). Close it to let go."""
+    held = socket.socket()
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        held.bind(("127.0.0.1", port))
+    except OSError:
+        held.close()
+        return None
+    return held
+
+
 class PortTaken(RuntimeError):
     """A server exited at start-up because a port it was given was already taken.
 
@@ -181,16 +198,21 @@ def start_on_free_ports(start: Callable[[int], T], what: str, attempts: int | No
 
 
 def serve_on_free_port(command: Callable[[int], Sequence[str]], log_path: Path, what: str,
-                       timeout_s: float = 120.0, **popen_kwargs) -> tuple[subprocess.Popen, int]:
+                       timeout_s: float = 120.0, env_for: Callable[[int], dict[str, str]] | None = None,
+                       **popen_kwargs) -> tuple[subprocess.Popen, int]:
     """A server of one port that no other process knows yet (prometheus for a test, say):
     ``command(port)`` spawned (tied to this process: services/common/child_process.py)
-    with its output appended to ``log_path``; returned with its port once it listens on it
-    itself. On a taken port it is started again on a new one (``start_on_free_ports``); an
-    exit for another reason raises RuntimeError with its output."""
+    with its output appended to ``log_path``, in the environment ``env_for(port)`` when
+    given (a server told its port by a variable: bench.assign_cpu's older gateway);
+    returned with its port once it listens on it itself. On a taken port (its output says
+    so) it is started again on a new one (``start_on_free_ports``); an exit for another
+    reason raises RuntimeError with its output."""
     from services.common.child_process import spawn_tied
 
     def attempt(_number: int) -> tuple[subprocess.Popen, int]:
         port = free_port()
+        if env_for is not None:
+            popen_kwargs["env"] = env_for(port)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
             offset = log.tell()

@@ -65,6 +65,33 @@ def test_the_recorded_durations_are_readable():
                                       for name, v in seconds.items())
 
 
+def test_every_test_file_has_a_recorded_duration():
+    # A file with no record is handed out as the longest recorded one (order_groups): it
+    # costs balance, and the record is how the runner splits the suite, so it is kept whole.
+    recorded = run_tests.load_durations(run_tests.DURATIONS)
+    files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py"))
+    missing = [name for name in files if name not in recorded]
+    assert not missing, (f"no record in tests/durations.json for {missing}: measure them with `python "
+                         f"scripts/run_tests.py --write-durations {' '.join(missing[:3])} ...` (the other records are "
+                         f"kept)")
+    assert not [name for name in recorded if not (ROOT / name).is_file()], "records of files that are gone"
+
+
+def test_a_narrowed_run_writes_its_files_and_keeps_the_others_records(tmp_path):
+    root = tmp_path / "p"
+    for name in ("tests/test_a.py", "tests/test_b.py", "tests/e2e/test_new.py"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("")
+    record = root / "durations.json"
+    record.write_text(json.dumps({"seconds": {"tests/test_a.py": 3.0, "tests/test_b.py": 40.0,
+                                              "tests/test_gone.py": 9.0}}))
+    run_tests._write_durations(record, ["tests/e2e/test_new.py", "tests/test_a.py"],
+                               [{"tests/e2e/test_new.py": 12.34}, {"tests/test_a.py": 4.0}], 60.0, root)
+    assert run_tests.load_durations(record) == {"tests/e2e/test_new.py": 12.3, "tests/test_a.py": 4.0,
+                                                "tests/test_b.py": 40.0}
+    assert "2 of 3 files measured by this run, the others' records kept" in json.loads(record.read_text())["about"]
+
+
 def test_workers_taking_at_once_get_every_file_exactly_once():
     collected = {f"t/f{i}.py": ([MESH] if i % 7 == 0 else []) for i in range(300)}
     queue = run_tests.WorkQueue({name: float(i % 13) for i, name in enumerate(collected)})
@@ -185,6 +212,8 @@ def test_the_runner_runs_every_test_once_keeps_a_shared_fixture_in_one_process_a
     assert len(mesh_pids) == 1 and (root / "mesh.log").read_text().split() == [str(mesh_pids.pop())]
     assert "FAILED suite/test_fails.py::test_fails - AssertionError: the planted failure" in out
     assert "suite/e2e/test_m0.py (+3 files sharing its package fixture)" in out
+    assert ("make test: no recorded seconds for 6 files (handed out as the longest; `scripts/run_tests.py "
+            "--write-durations FILE...` records them): suite/e2e/test_m0.py, suite/e2e/test_m1.py") in out
     summary = next(line for line in out.splitlines() if line.startswith("make test: worker 1: "))
     assert "; worker 2: " in summary and "; wall " in summary and "NOT RUN" not in summary and "1 failed" in summary
     # longest first: the mesh's group (four files with no record: each counts as the longest

@@ -62,6 +62,13 @@ def test_a_batch_refused_for_an_erased_or_withdrawn_household_names_that_househo
             time.sleep(1)
         assert r.status_code == 412, r.text
         assert r.json()["error"]["field"] == f"events[{index}].account_id", (other, r.text)
+        # The two refusals say why, apart (docs/privacy.md §8, "An erased household's refusal
+        # is told apart"): the writer's next step differs.
+        message = r.json()["error"]["message"]
+        if other == gone:
+            assert "the household was erased" in message and "consent" not in message, r.text
+        else:
+            assert "its consent does not allow this; nothing was stored" in message and "erased" not in message, r.text
         assert _stored(client, live, [e["event_id"] for e in events if e["account_id"] == live]) == []
 
         items = [{"touchpoint_id": f"tp-{other}-1", "account_id": live, "device_id": "tv-1", "ts": _iso(t0),

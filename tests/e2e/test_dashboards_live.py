@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
 from datetime import datetime
 
@@ -18,14 +17,12 @@ import httpx
 import pytest
 import yaml
 
-from services.common.child_process import stop_group
 from services.testing.mesh import ROOT, SERVICE_MODULES, Mesh, write_api_key
-from services.testing.ports import serve_on_free_port
 from tests.helpers.mesh_calls import log_predictions, prediction
+from tests.helpers.prometheus import RULES, running_prometheus
 from tests.helpers.waiting import SLOW_MACHINE_S, wait_for
 
 DASHBOARDS = ROOT / "deploy" / "helm" / "hearth" / "dashboards"
-RULES = ROOT / "deploy" / "prometheus" / "hearth.rules.yaml"
 # Identifiers in PromQL that are functions or keywords, not metric names.
 PROMQL_WORDS = {"sum", "min", "max", "avg", "count", "by", "without", "on", "ignoring", "rate", "increase",
                 "histogram_quantile", "and", "or", "unless", "offset", "absent", "min_over_time", "le",
@@ -44,8 +41,6 @@ def metric_names(expr: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def scraped_mesh(tmp_path_factory):
-    binary = shutil.which("prometheus")
-    assert binary, "the prometheus binary (Debian package `prometheus`) is required"
     base = tmp_path_factory.mktemp("dash-mesh")
     mesh = Mesh.on_free_ports(base / "var", log_dir=base / "logs", extra_env={
         # A tiny limit on one route, so the rate-limit counter exists.
@@ -56,36 +51,10 @@ def scraped_mesh(tmp_path_factory):
     mesh.start_healthy(120)   # first: prometheus's targets are the mesh's ports, drawn until they bind
     targets = [(f"127.0.0.1:{mesh.metrics_ports[s]}", s) for s in SERVICE_MODULES]
     targets.append((f"127.0.0.1:{mesh.gateway_metrics_port}", "gateway"))
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(RULES)],
-        "scrape_configs": [{
-            "job_name": "hearth", "honor_labels": True,
-            "static_configs": [{"targets": [t], "labels": {"hearth_component": c, "namespace": "e2e"}}
-                               for t, c in targets]}],
-    }
-    (base / "prometheus.yml").write_text(yaml.safe_dump(config))
-    prom = None
     try:
-        prom, port = serve_on_free_port(
-            lambda port: [binary, f"--config.file={base / 'prometheus.yml'}", f"--storage.tsdb.path={base / 'tsdb'}",
-                          f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-            base / "logs" / "prometheus.log", "prometheus")
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + SLOW_MACHINE_S
-        while True:
-            assert prom.poll() is None, (base / "logs" / "prometheus.log").read_text()
-            try:
-                if httpx.get(url + "/-/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "prometheus did not become ready"
-            time.sleep(0.2)
-        yield mesh, url
+        with running_prometheus(base, targets) as url:
+            yield mesh, url
     finally:
-        if prom is not None:
-            stop_group(prom, 10.0)
         mesh.stop()
 
 

@@ -17,7 +17,8 @@ review34 N6 (session 35): the device job's step there was then confirmed at once
 receipt signed while the household job had yet to erase clustering's rows — whose account,
 device and session ids and timestamps are stored in the clear. Now the step waits for the
 household job to erase that service and only then is confirmed ``already_erased``: no
-receipt claims an erasure before it happened."""
+receipt claims an erasure before it happened. Session 36: meanwhile privacy's overdue age
+shows the device job as waiting for its household's job, apart from the household job."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import sys
 import time
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.testing.mesh import ROOT, running_mesh
 from tests.helpers.timestamps import iso_utc as _iso
@@ -83,6 +85,12 @@ def test_a_device_erasure_reaching_a_store_after_its_households_key_was_shredded
         assert job["state"] == "running" and job["receipt"] is None, job
         step = next(s for s in job["services"] if s["service"] == "clustering")
         assert not step["confirmed"] and "waiting for household job" in step["last_error"], step
+        # Session 36: privacy's overdue age says what waits and what is stuck — the device job
+        # in its own series (waiting="household_job"), the household job (asked for first) in
+        # waiting="none", the one HearthDeletionJobOverdue reads.
+        ages = _open_job_ages(mesh)
+        assert set(ages) == {"none", "household_job"}, ages
+        assert 0 < ages["household_job"] <= ages["none"], ages
         # The household job erases what clustering held and completes; then the device job does.
         household = deletion_job(client, household_job, timeout_s=HOUSEHOLD_RETRY_S + SLOW_MACHINE_S)
         assert household["state"] == "completed", household
@@ -93,6 +101,7 @@ def test_a_device_erasure_reaching_a_store_after_its_households_key_was_shredded
         assert all(s["confirmed"] for s in by.values()), job
         assert by["clustering"]["already_erased"] is True and not by["clustering"]["deleted_counts"], job
         assert _rows_of(mesh.data_dir, acct) == {}
+        assert _open_job_ages(mesh) == {"none": 0.0, "household_job": 0.0}
         receipt = job["receipt"]
         assert receipt["receipt"]["scope"] == {"kind": "device", "account_id": acct, "device_id": "tv-1"}
         assert set(receipt["receipt"]["services"]) == set(by)
@@ -102,6 +111,13 @@ def test_a_device_erasure_reaching_a_store_after_its_households_key_was_shredded
                                    "--public-key", str(mesh.data_dir / "privacy-receipt-signing.pub")],
                                   cwd=ROOT, capture_output=True, text=True)
         assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def _open_job_ages(mesh) -> dict[str, float]:
+    """privacy's hearth_deletion_oldest_open_job_age_seconds, scraped: waiting label -> age."""
+    text = httpx.get(f"http://127.0.0.1:{mesh.metrics_ports['privacy']}/metrics", timeout=10).text
+    return {s.labels.get("waiting", ""): s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == "hearth_deletion_oldest_open_job_age_seconds"}
 
 
 def _rows_of(data_dir, account: str) -> dict[str, int]:

@@ -22,6 +22,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.testing.mesh import Mesh
+from services.testing.ports import listened_by, start_on_free_ports
 from tests.helpers.mesh_calls import ingest_heartbeats
 from tests.helpers.waiting import SLOW_MACHINE_S
 
@@ -42,7 +43,12 @@ def stored_privacy_db(mesh, tmp_path_factory):
     return copy
 
 
-def start_privacy(tmp_path, db_copy, kek_file_text: str | None):
+def start_privacy(tmp_path, db_copy, kek_file_text: str | None) -> tuple[Mesh, str]:
+    """Privacy alone on a copy of the stored data keys, and its ``outcome``. Its exit is
+    what the refusal cases assert, so an exit because another process took its port first
+    (its log says so: the mesh's ``check_port_taken``) is not taken for one: privacy is
+    started again on newly drawn ports (``ports.start_on_free_ports``, as ``start_healthy``
+    does for a mesh; session 36 — it was the one test left starting a process unprotected)."""
     data_dir = tmp_path / "var"
     data_dir.mkdir()
     (data_dir / "privacy.db").write_bytes(db_copy.read_bytes())
@@ -51,23 +57,39 @@ def start_privacy(tmp_path, db_copy, kek_file_text: str | None):
         with os.fdopen(fd, "w") as f:
             f.write(kek_file_text)
     alone = Mesh.on_free_ports(data_dir, log_dir=tmp_path / "logs")
-    alone.start_service("privacy")
-    return alone
+
+    def attempt(number: int) -> str:
+        if number > 1:
+            alone.draw_ports()
+        alone.start_service("privacy")
+        result = outcome(alone)
+        if result == "exited":
+            alone.check_port_taken("privacy")
+        return result
+
+    try:
+        return alone, start_on_free_ports(attempt, f"privacy alone in {data_dir}")
+    except BaseException:
+        alone.stop()
+        raise
 
 
 def outcome(alone: Mesh) -> str:
     """'exited' once the process has ended, 'serving' if its health answers SERVING
-    first (the defect: it must not serve), within SLOW_MACHINE_S."""
+    first (the defect: it must not serve), within SLOW_MACHINE_S. SERVING counts only from
+    our own process listening on the port itself (``ports.listened_by``): another suite's
+    server on a port ours failed to bind answers too."""
     proc = alone.processes["privacy"]
+    port = alone.grpc_ports["privacy"]
     deadline = time.monotonic() + SLOW_MACHINE_S
-    with grpc.insecure_channel(f"127.0.0.1:{alone.grpc_ports['privacy']}") as channel:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 return "exited"
             try:
                 if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
+                        health_pb2.HealthCheckResponse.SERVING and listened_by(proc.pid, [port]):
                     return "serving"
             except grpc.RpcError:
                 pass
@@ -79,9 +101,8 @@ def outcome(alone: Mesh) -> str:
 def test_privacy_refuses_to_start_when_its_kek_does_not_open_the_stored_data_keys(
         case, stored_privacy_db, tmp_path):
     other = "dev-1=" + base64.b64encode(os.urandom(32)).decode() if case.startswith("other") else None
-    alone = start_privacy(tmp_path, stored_privacy_db, other)
+    alone, result = start_privacy(tmp_path, stored_privacy_db, other)
     try:
-        result = outcome(alone)
         log = alone.log_tail("privacy", 4000)
         assert result == "exited", f"{case}: privacy {result} with a KEK that opens no stored data key{log}"
         assert alone.processes["privacy"].returncode != 0
@@ -97,8 +118,8 @@ def test_privacy_refuses_to_start_when_its_kek_does_not_open_the_stored_data_key
 
 def test_privacy_starts_with_the_kek_that_wrapped_the_stored_data_keys(mesh, stored_privacy_db, tmp_path):
     """The control: the mesh's own KEK file opens them, and privacy serves."""
-    alone = start_privacy(tmp_path, stored_privacy_db, (mesh.data_dir / "privacy-keks").read_text())
+    alone, result = start_privacy(tmp_path, stored_privacy_db, (mesh.data_dir / "privacy-keks").read_text())
     try:
-        assert outcome(alone) == "serving", alone.log_tail("privacy", 4000)
+        assert result == "serving", alone.log_tail("privacy", 4000)
     finally:
         alone.stop()

@@ -104,3 +104,31 @@ def test_a_port_taken_at_every_attempt_is_a_clear_error_after_the_attempts(tmp_p
     assert info.value.what == "privacy" and info.value.port == taken[-1], str(info.value)
     assert len(taken) == 2 and not mesh.processes   # every attempt's processes stopped
     assert time.monotonic() - started < SLOW_MACHINE_S
+
+
+def test_a_process_stopped_to_be_restarted_keeps_its_port_from_other_suites(tmp_path):
+    """A process restarted on its own port (its peers hold the address: outage tests,
+    rolling upgrades) cannot move, so while it is down no other suite may take the port:
+    the mesh holds every port it gave (``ports.hold_port``) until it stops. Another suite's
+    draw (``free_port``'s check, a plain bind) fails on it; our process binds it again."""
+    mesh = Mesh.on_free_ports(tmp_path / "var", log_dir=tmp_path / "logs")
+    try:
+        mesh.start_listening(["privacy"], SLOW_MACHINE_S)
+        port = mesh.grpc_ports["privacy"]
+        mesh.stop_process("privacy")
+        other = socket.socket()   # what another suite's free_port() does before handing it out
+        try:
+            with pytest.raises(OSError, match="in use"):
+                other.bind(("127.0.0.1", port))
+        finally:
+            other.close()
+        mesh.start_service("privacy")
+        mesh.wait_bound(["privacy"], SLOW_MACHINE_S)
+        assert ports.listened_by(mesh.processes["privacy"].pid, [port]) == {port}
+    finally:
+        mesh.stop()
+    free = socket.socket()   # let go when the mesh stops
+    try:
+        free.bind(("127.0.0.1", port))
+    finally:
+        free.close()

@@ -16,7 +16,7 @@ import pytest
 from services.testing.mesh import ROOT, running_mesh
 from services.testing.ports import serve_on_free_port
 from tests.helpers.mesh_calls import log_predictions, prediction
-from tests.helpers.waiting import SLOW_MACHINE_S
+from tests.helpers.waiting import SLOW_MACHINE_S, wait_serving
 
 
 @pytest.fixture(scope="module")
@@ -102,16 +102,7 @@ def test_alertmanager_webhook_rolls_back_on_a_firing_rollback_alert_only(rollout
         log, "the rollout webhook", cwd=ROOT, env=_env(mesh, {"HEARTH_ROLLOUT_WEBHOOK_TOKEN": "am-secret"}))
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + SLOW_MACHINE_S
-        while True:
-            assert hook.poll() is None, log.read_text()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_serving(hook, url + "/health", log, "the rollout webhook")
         with _client(mesh) as client:
             assert client.put("/v1/experiment", json={"traffic": {"gmm": 50, "kmeans": 50}, "kill_switch": False,
                                                       "reason": "webhook test split"}).status_code == 200

@@ -53,6 +53,22 @@ def wait_for(predicate: Callable[[], T], timeout_s: float = SLOW_MACHINE_S, what
         time.sleep(interval_s)
 
 
+def wait_serving(proc, url: str, log, what: str, timeout_s: float = SLOW_MACHINE_S) -> None:
+    """Until ``GET url`` answers 200 (a server a test started: prometheus, the rollout
+    webhook); fails with ``log``'s text if ``proc`` exits first, naming ``what`` after
+    ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, log.read_text()
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"{what} did not answer {url} within {timeout_s:g} s"
+        time.sleep(0.1)
+
+
 def retry_after_503(send: Callable[[], httpx.Response], timeout_s: float = SLOW_MACHINE_S) -> httpx.Response:
     """Send a request again while the gateway answers 503 with ``Retry-After`` (the
     documented contract: a dependency is briefly unavailable, retry after that many

@@ -668,8 +668,8 @@ def test_export_verifies_offline_and_a_tampered_export_fails(log, tmp_path, caps
 # ------------------------------------------------------------------ suspicious activity
 
 
-def _alerts(kind: str) -> float:
-    return SECURITY_ALERTS.labels(kind)._value.get()
+def _alerts(kind: str, threshold: str = "default") -> float:
+    return SECURITY_ALERTS.labels(kind, threshold)._value.get()
 
 
 def test_mass_reads_raise_one_security_alert_and_service_reads_none(database, key):
@@ -694,6 +694,28 @@ def test_mass_reads_raise_one_security_alert_and_service_reads_none(database, ke
         assert json.loads(alerts.records[1].details_json)["role"] == "service"
         assert _alerts("mass_household_reads") - before == 2
         assert opened.verify().valid
+    finally:
+        opened.close()
+
+
+def test_a_bulk_readers_alert_is_counted_apart_from_the_default_ones(database, key):
+    """Session 36: a configured bulk reader past its own threshold was one more
+    ``mass_household_reads`` in hearth_security_alerts_total — an operator could not tell it
+    from a person reading 50 households, nor alert on it. Now the bounded label ``threshold``
+    (default | bulk_reader) says whose threshold was crossed; no principal in the labels."""
+    migrate(database, MIGRATIONS)
+    opened = Log(database, key, thresholds=DetectorThresholds(distinct_households=5, bulk_readers={"reporting": 7}))
+    try:
+        before = {t: _alerts("mass_household_reads", t) for t in ("default", "bulk_reader")}
+        opened.app.append(_records(8, who=Principal("reporting", Role.SERVICE), tag="rep"))
+        opened.app.append(_records(8, who=Principal("eve", Role.DATA_SCIENTIST), tag="eve"))
+        alerts = opened.stub.QueryAudit(ppb.QueryAuditRequest(event_type="security_alert"), metadata=ADMIN.metadata("privacy"))
+        assert [(r.resource, json.loads(r.details_json)["count"], json.loads(r.details_json)["threshold"])
+                for r in alerts.records] == [("principal:reporting", 7, "bulk_reader"), ("principal:eve", 5, "default")]
+        assert {t: _alerts("mass_household_reads", t) - before[t] for t in before} == {"default": 1, "bulk_reader": 1}
+        labels = {tuple(sorted(s.labels.items())) for m in SECURITY_ALERTS.collect() for s in m.samples}
+        assert all(set(dict(l)) == {"kind", "threshold"} for l in labels)
+        assert {dict(l)["threshold"] for l in labels} == {"default", "bulk_reader"}
     finally:
         opened.close()
 

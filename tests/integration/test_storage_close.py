@@ -162,19 +162,23 @@ def test_a_metrics_scrape_after_the_deletion_store_closed_still_succeeds(tmp_pat
     from prometheus_client import REGISTRY
 
     from services.privacy.consent.store import ConsentStore
-    from services.privacy.deletion.app import (OLDEST_OPEN_JOB_AGE, PEER_SERVICES, DeletionCoordinator,
-                                               GrpcPeers)
+    from services.privacy.deletion.app import (OLDEST_OPEN_JOB_AGE, PEER_SERVICES, WAITING_LABELS,
+                                               DeletionCoordinator, GrpcPeers)
     from services.privacy.deletion.store import DeletionJobStore
 
     db = SqliteDatabase(tmp_path / "privacy.sqlite")
     ConsentStore(db, None).migrate()
     coordinator = DeletionCoordinator(DeletionJobStore(db), GrpcPeers({s: "127.0.0.1:9" for s in PEER_SERVICES}, 1.0), None,
                                       Ed25519PrivateKey.generate())
-    OLDEST_OPEN_JOB_AGE.set_function(coordinator.oldest_open_age_s)
+    for label, waiting in WAITING_LABELS.items():
+        OLDEST_OPEN_JOB_AGE.labels(label).set_function(lambda waiting=waiting: coordinator.oldest_open_age_s(waiting))
     try:
-        assert REGISTRY.get_sample_value("hearth_deletion_oldest_open_job_age_seconds") == 0.0
+        for label in WAITING_LABELS:
+            assert REGISTRY.get_sample_value("hearth_deletion_oldest_open_job_age_seconds", {"waiting": label}) == 0.0
         db.close()
-        value = REGISTRY.get_sample_value("hearth_deletion_oldest_open_job_age_seconds")
-        assert value != value  # NaN: unknown, not a made-up age
+        for label in WAITING_LABELS:
+            value = REGISTRY.get_sample_value("hearth_deletion_oldest_open_job_age_seconds", {"waiting": label})
+            assert value != value  # NaN: unknown, not a made-up age
     finally:
-        OLDEST_OPEN_JOB_AGE.set_function(lambda: 0.0)
+        for label in WAITING_LABELS:
+            OLDEST_OPEN_JOB_AGE.labels(label).set_function(lambda: 0.0)

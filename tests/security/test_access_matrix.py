@@ -52,7 +52,7 @@ def test_each_role_gets_exactly_what_the_matrix_says_on_every_route(security_mes
         for route in served_routes(security_mesh):
             permission = permissions.route_permission(route)
             response = _request(client, route)
-            expected_allowed = permission is not None and permissions.principal_allowed(permissions.client_principal(role), permission)
+            expected_allowed = permission is not None and permissions.client_may(role, permission)
             if expected_allowed and response.status_code in (401, 403):
                 wrong.append(f"{route}: allowed but got {response.status_code} {response.text[:100]}")
             if not expected_allowed and response.status_code != 403:

@@ -307,11 +307,26 @@ def test_a_query_parameter_given_twice_is_refused_not_read_as_the_last(query, na
         assert client.get("/items?limit=5&limit=50", headers={"x-caller": "c"}).json()["limit"] == 50
 
 
-def test_a_list_query_parameter_may_repeat_and_undeclared_ones_are_ignored():
+def test_a_list_query_parameter_may_repeat():
     with TestClient(_query_app(LeanRoute)) as client:
-        r = client.get("/items?tag=a&tag=b&limit=3&other=1&other=2", headers={"x-caller": "c"})
+        r = client.get("/items?tag=a&tag=b&limit=3", headers={"x-caller": "c"})
     assert r.status_code == 200, r.text
     assert r.json() == {"limit": 3, "tag": ["a", "b"], "cursor": ""}
+
+
+@pytest.mark.parametrize("query", ["limt=3", "tag=a&other=1", "other=1&other=2"])
+def test_a_query_parameter_the_route_does_not_take_is_refused(query):
+    """Ignored until session 36 (a misspelt filter read as none); 422 naming it, listing the
+    route's parameters (a dependency's included); the endpoint never runs."""
+    calls.clear()
+    with TestClient(_query_app(LeanRoute)) as client:
+        r = client.get("/items?" + query, headers={"x-caller": "c"})
+    assert r.status_code == 422, r.text
+    error = r.json()["detail"][0]
+    name = "limt" if query.startswith("limt") else "other"
+    assert error["loc"] == ["query", name], error
+    assert error["msg"] == "is not a parameter of this route (it takes cursor, limit, tag)", error
+    assert calls == []
 
 
 def test_valid_body_takes_the_short_path_and_runs_the_dependency_once(monkeypatch):

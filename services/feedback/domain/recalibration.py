@@ -320,40 +320,19 @@ def level_calibrator(shift: float, one_person_shift: float | None = None, versio
     return Calibrator(version, method, params, training or {}, one_person={ALL_AGES: round(float(one), 6)})
 
 
-# How the common level reaches the answers over several persons: "shift" adds it to every top
-# confidence (c -> c + shift); "temperature" spends the same mean move on the sample's answers
-# as one temperature (softmax(ln p / T)), which leaves a tie a tie and an answer near 1 near 1
-# (ece35, session 35: the additive shift lifts the default group's two-person near-ties, right
-# about half the time, into 0.60-0.67, the largest bin of the ECE left after feedback).
-LEVEL_FORMS = ("shift", "temperature")
-LEVEL_FORM = "shift"
+def _shrunk(conf: FloatArray, right: FloatArray, weight: FloatArray, pseudo_answers: float | None,
+            multiple: float | None, prior_variance: float | None) -> float:
+    """A shift of ``conf`` toward ``right``: by its own evidence (``fit_evidence_shift``) with a
+    noise ``multiple`` or a ``prior_variance``, else shrunk by ``pseudo_answers``."""
+    if multiple is not None or prior_variance is not None:
+        return fit_evidence_shift(conf, right, weight, multiple or 1.0, prior_variance)
+    return fit_one_person_shift(conf, right, weight, pseudo_answers)
 
 
-def temperature_for_shift(sample: FeedbackSample, shift: float, level: Calibrator) -> Calibrator:
-    """``level`` (a level calibrator moving top confidences by ``shift``) with its map over
-    several persons replaced by the temperature that moves the mean top confidence of the
-    sample's answers over several persons by ``shift`` (bisection on ln T within
-    TEMPERATURE_BOUNDS; the bound when the shift is beyond any temperature). No answer over
-    several persons, or no shift: ``level`` unchanged."""
-    multi = ~one_person_rows(sample.probs) & ((sample.probs > 0).sum(axis=1) > 1)
-    if shift == 0.0 or not multi.any():
-        return level
-    P, w = sample.probs[multi], sample.weights[multi]
-    target = float(np.dot(w, P.max(axis=1)) / w.sum()) + shift
-
-    def mean_top(log_t: float) -> float:
-        return float(np.dot(w, apply_temperature(P, float(np.exp(log_t))).max(axis=1)) / w.sum())
-
-    lo, hi = np.log(TEMPERATURE_BOUNDS[0]), np.log(TEMPERATURE_BOUNDS[1])   # mean_top falls as T rises
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        if mean_top(mid) > target:
-            lo = mid
-        else:
-            hi = mid
-    t = round(float(np.exp(0.5 * (lo + hi))), 6)
-    return replace(level, method="temperature", parameters={"temperature": t},
-                   training={**level.training, "temperature": t})
+def common_level_shift(sample: FeedbackSample, prior: float = 100.0, noise_multiple: float | None = None,
+                       prior_variance: float | None = None) -> float:
+    """``fit_level_calibrator``'s common shift of every answer's top confidence."""
+    return _shrunk(sample.probs.max(axis=1), sample.correct, sample.weights, prior, noise_multiple, prior_variance)
 
 
 def fit_level_calibrator(
@@ -366,43 +345,49 @@ def fit_level_calibrator(
     noise_multiple: float | None = None,
     prior_variance: float | None = None,
     cell_noise_multiple: float | None = None,
-    form: str | None = None,
-    one_person_segment_prior: float | None = None,
 ) -> Calibrator:
     """One shift of every answer's confidence, the weighted mean of (correct - confidence)
     shrunk toward no shift by ``prior`` pseudo-answers; with ``model_sessions`` and
     ``segment_prior``, per model-age segment a further shift of that segment's answers,
-    shrunk toward the common one by ``segment_prior`` pseudo-answers. With
-    ``noise_multiple`` every shift is instead shrunk by its own evidence
-    (``fit_evidence_shift``): the priors are then unused."""
-    c, y, w = sample.probs.max(axis=1), sample.correct, sample.weights
-    form = LEVEL_FORM if form is None else form
-    if form not in LEVEL_FORMS:
-        raise InvalidArgument("form", f"must be one of {LEVEL_FORMS}, got {form!r}")
-
-    def shrunk(conf, right, weight, pseudo_answers, multiple):
-        if multiple is not None or prior_variance is not None:
-            return fit_evidence_shift(conf, right, weight, multiple or 1.0, prior_variance)
-        return fit_one_person_shift(conf, right, weight, pseudo_answers)
-
-    shift = shrunk(c, y, w, prior, noise_multiple)
-    edges = tuple(int(e) for e in segment_edges)
+    shrunk toward the common one by ``segment_prior`` pseudo-answers
+    (``with_segment_shifts``). With ``noise_multiple`` every shift is instead shrunk by its
+    own evidence (``fit_evidence_shift``): the priors are then unused."""
+    w = sample.weights
+    shift = common_level_shift(sample, prior, noise_multiple, prior_variance)
     training: dict[str, Any] = {"n": len(sample), "n_all": len(sample), "weight": float(w.sum()),
                                 "method": "level", "prior": prior, "segment_prior": segment_prior,
                                 "noise_multiple": noise_multiple,
                                 "shift": round(float(shift), 6)}
     common = level_calibrator(shift, version=version, training=training)
-    if form == "temperature":
-        common = temperature_for_shift(sample, shift, common)
+    return with_segment_shifts(common, sample, shift, sample.probs.max(axis=1) + shift, model_sessions, segment_edges,
+                               version, segment_prior, segment_prior, cell_noise_multiple, prior_variance)
+
+
+def with_segment_shifts(
+    common: Calibrator,
+    sample: FeedbackSample,
+    shift: float,
+    after: FloatArray,
+    model_sessions: ArrayLike | None,
+    segment_edges: Sequence[int],
+    version: int,
+    segment_prior: float | None,
+    one_person_prior: float | None,
+    cell_noise_multiple: float | None = None,
+    prior_variance: float | None = None,
+) -> Calibrator:
+    """``common`` (the level calibrator of the common ``shift``) with, per model-age segment,
+    a further shift of the segment's answers over several persons (a residual map after the
+    common one, starting from ``after``: the sample's top confidences after ``common``) and
+    of its one-person answers, each shrunk toward the common shift by ``segment_prior`` /
+    ``one_person_prior`` pseudo-answers (or by its own evidence with ``cell_noise_multiple``).
+    No ``model_sessions``, ``segment_prior`` or edges: ``common`` as it is."""
+    edges = tuple(int(e) for e in segment_edges)
     if model_sessions is None or segment_prior is None or not edges:
         return common
+    c, y, w = sample.probs.max(axis=1), sample.correct, sample.weights
     segment = segment_of(model_sessions, edges)
     single = one_person_rows(sample.probs)
-    # the answers' confidence after the common map, which the segments' shifts start from
-    after = c + shift
-    several = ~single & ((sample.probs > 0).sum(axis=1) > 1)
-    if common.method == "temperature" and several.any():
-        after[several] = common.apply(sample.probs[several]).max(axis=1)
     parts: dict[str, Calibrator] = {}
     shifts = {ALL_AGES: common.one_person[ALL_AGES]}
     report = {}
@@ -411,18 +396,19 @@ def fit_level_calibrator(
         # its one-person answers (their shift) each move from the common shift only as
         # far as their own feedback outweighs segment_prior pseudo-answers.
         multi = (segment == i) & ~single
-        extra = shrunk(after[multi], y[multi], w[multi], segment_prior, cell_noise_multiple) if multi.any() else 0.0
+        extra = (_shrunk(after[multi], y[multi], w[multi], segment_prior, cell_noise_multiple, prior_variance)
+                 if multi.any() else 0.0)
         if extra != 0.0:
             part = level_calibrator(extra, version=version)
             parts[name] = Calibrator(version, part.method, part.parameters)
         one = (segment == i) & single
-        one_prior = segment_prior if one_person_segment_prior is None else one_person_segment_prior
-        one_extra = shrunk(c[one] + shift, y[one], w[one], one_prior, cell_noise_multiple) if one.any() else 0.0
+        one_extra = (_shrunk(c[one] + shift, y[one], w[one], one_person_prior, cell_noise_multiple, prior_variance)
+                     if one.any() else 0.0)
         shifts[name] = round(float(np.clip(shift + one_extra, -1.0, 1.0)), 6)
         report[name] = {"n": int(multi.sum()), "shift": round(float(shift + extra), 6), "one_person_n": int(one.sum()),
                         "one_person_shift": shifts[name]}
-    return Calibrator(version, common.method, common.parameters, {**training, "segments": report}, edges, parts,
-                      shifts)
+    return Calibrator(version, common.method, common.parameters, {**common.training, "segments": report}, edges,
+                      parts, shifts)
 
 
 def shape_gain(sample: FeedbackSample, prior: float, n_folds: int = 5, seed: int = 0,
@@ -470,7 +456,6 @@ def fit_feedback_calibrator(
     seed: int = 0,
     noise_multiple: float | None = LEVEL_NOISE_MULTIPLE,
     cell_noise_multiple: float | None = None,
-    one_person_segment_prior: float | None = None,
 ) -> Calibrator:
     """What the service fits: the level shift (``fit_level_calibrator``: the common shift
     by ``fit_evidence_shift`` with ``noise_multiple``, or shrunk by ``prior`` pseudo-answers
@@ -479,8 +464,7 @@ def fit_feedback_calibrator(
     multi-person answers; then ``fit_segmented_calibrator`` (pooled map, per-age residual
     maps, one-person shifts shrunk toward the common one)."""
     level = fit_level_calibrator(sample, model_sessions, segment_edges, version, prior, segment_prior, noise_multiple,
-                                 cell_noise_multiple=cell_noise_multiple,
-                                 one_person_segment_prior=one_person_segment_prior)
+                                 cell_noise_multiple=cell_noise_multiple)
     multi = (sample.probs > 0).sum(axis=1) > 1
     gate_report: dict[str, Any] = {"gate_se": gate}
     if multi.sum() >= max(MIN_SAMPLES_TO_FIT, n_folds):

@@ -3,7 +3,7 @@
 * ``AuditApp``: append (durable), query, proofs, verify, export; every committed entry
   is fed to the ``SuspiciousActivityDetector``; each alert becomes a ``security_alert``
   entry (principal ``svc:privacy``, resource ``principal:<who>``) and increments
-  ``hearth_security_alerts_total{kind}``.
+  ``hearth_security_alerts_total{kind, threshold}``.
 * ``LocalAuditTransport``: the privacy service's own ``AuditSink`` appends here
   directly (no RPC to itself).
 * ``load_signing_key``: the Ed25519 key that signs tree heads (configuration below).
@@ -55,14 +55,19 @@ from services.privacy.keys.signing import (
     public_key_to_pem,
     publish_public_key,
 )
-from services.privacy.audit.suspicious import DetectorThresholds, SecurityEventKind, SuspiciousActivityDetector
+from services.privacy.audit.suspicious import (AlertThreshold, DetectorThresholds, SecurityEventKind,
+                                               SuspiciousActivityDetector)
 
 log = logging.getLogger("hearth.privacy.audit")
 
+# kind and whose threshold was crossed (``threshold``: default, or bulk_reader — an expected
+# bulk reader past its own; session 36): both bounded, never the principal or a household
+# (alerts HearthSecurityAlert, HearthBulkReaderOverThreshold).
 SECURITY_ALERTS = Counter("hearth_security_alerts_total",
-                          "Suspicious-activity alerts raised from the audit stream", ["kind"])
+                          "Suspicious-activity alerts raised from the audit stream", ["kind", "threshold"])
 for _kind in SecurityEventKind:   # at 0 from the start: the first alert is an increase
-    SECURITY_ALERTS.labels(_kind.value)
+    SECURITY_ALERTS.labels(_kind.value, AlertThreshold.DEFAULT.value)
+SECURITY_ALERTS.labels(SecurityEventKind.MASS_HOUSEHOLD_READS.value, AlertThreshold.BULK_READER.value)
 KEY_ENV = "HEARTH_AUDIT_SIGNING_KEY"
 KEY_FILE_ENV = "HEARTH_AUDIT_SIGNING_KEY_FILE"
 PREVIOUS_KEYS_ENV = "HEARTH_AUDIT_PREVIOUS_PUBLIC_KEYS"
@@ -195,7 +200,7 @@ class AuditApp:
                 # An alert names the entry that triggered it, the one just observed,
                 # whose seq field is still the placeholder.
                 alert = replace(alert, seq=seq)
-                SECURITY_ALERTS.labels(alert.kind.value).inc()
+                SECURITY_ALERTS.labels(alert.kind.value, alert.threshold.value).inc()
                 self.alerts += 1
                 details = dict(alert.details(), role=entry.role.value)
                 log.warning("security alert", extra={"fields": details})

@@ -40,6 +40,16 @@ class SecurityEventKind(enum.StrEnum):
     BULK_EXPORT = "bulk_export"
 
 
+class AlertThreshold(enum.StrEnum):
+    """Whose threshold an alert crossed: the rule's own (``default``), or an expected bulk
+    reader's (``bulk_reader``: only ``mass_household_reads`` of a principal named in
+    ``bulk_readers``, reading with the service role). A bounded label of
+    ``hearth_security_alerts_total`` (session 36: until then a bulk reader's alert was one
+    more ``mass_household_reads``, told apart only in the audit entry), never the principal."""
+    DEFAULT = "default"
+    BULK_READER = "bulk_reader"
+
+
 @dataclass(frozen=True, slots=True)
 class DetectorThresholds:
     """Counts at which each rule fires, and the window they are counted over."""
@@ -65,15 +75,15 @@ class DetectorThresholds:
                 raise ValueError(f"{name}: must be an int >= 1, got {value!r}")
         check_bulk_readers(self.bulk_readers)
 
-    def household_reads_threshold(self, principal: str, role: Role) -> int:
+    def household_reads_threshold(self, principal: str, role: Role) -> tuple[int, AlertThreshold]:
         """How many distinct households ``principal`` (acting as ``role``) may read within
-        the window before ``mass_household_reads`` fires. A bulk reader's threshold holds
+        the window before ``mass_household_reads`` fires, and whose threshold that is. A bulk reader's threshold holds
         for the service role only (review35 R5): API keys and JWT subjects share one
         namespace of principal ids, so a user whose token's ``sub`` is a bulk reader's name
         would otherwise read under the reporting service's threshold."""
-        if role is not Role.SERVICE:
-            return self.distinct_households
-        return self.bulk_readers.get(principal, self.distinct_households)
+        if role is Role.SERVICE and principal in self.bulk_readers:
+            return self.bulk_readers[principal], AlertThreshold.BULK_READER
+        return self.distinct_households, AlertThreshold.DEFAULT
 
 
 def check_bulk_readers(value: object) -> Mapping[str, int]:
@@ -93,7 +103,8 @@ def check_bulk_readers(value: object) -> Mapping[str, int]:
 @dataclass(frozen=True, slots=True)
 class SecurityEvent:
     """One alert: ``count`` events of ``kind`` by ``principal`` within ``window``
-    ending at ``at`` (the timestamp of the entry that crossed the threshold)."""
+    ending at ``at`` (the timestamp of the entry that crossed the threshold), against
+    ``threshold``'s threshold."""
 
     kind: SecurityEventKind
     principal: str
@@ -101,6 +112,7 @@ class SecurityEvent:
     window: timedelta
     at: datetime
     seq: int
+    threshold: AlertThreshold = AlertThreshold.DEFAULT
 
     def details(self) -> dict[str, object]:
         """JSON-ready details for the ``security_alert`` audit entry."""
@@ -110,6 +122,7 @@ class SecurityEvent:
             "count": self.count,
             "window_s": self.window.total_seconds(),
             "trigger_seq": self.seq,
+            "threshold": self.threshold.value,
         }
 
 
@@ -166,7 +179,8 @@ class SuspiciousActivityDetector:
         return w
 
     def _check(
-        self, w: _Window, value: int, threshold: int, kind: SecurityEventKind, entry: AuditEntry
+        self, w: _Window, value: int, threshold: int, kind: SecurityEventKind, entry: AuditEntry,
+        whose: AlertThreshold = AlertThreshold.DEFAULT,
     ) -> SecurityEvent | None:
         if value < threshold:
             w.armed = True
@@ -174,7 +188,7 @@ class SuspiciousActivityDetector:
         if not w.armed:
             return None
         w.armed = False
-        return SecurityEvent(kind, entry.principal, value, self.thresholds.window, entry.ts, entry.seq)
+        return SecurityEvent(kind, entry.principal, value, self.thresholds.window, entry.ts, entry.seq, whose)
 
     def _evict_all(self, cutoff: datetime) -> None:
         empty = []
@@ -206,8 +220,8 @@ class SuspiciousActivityDetector:
         if kind in (EventType.READ_HOUSEHOLD, EventType.EXPORT) and entry.resource:
             w = self._window("reads", entry.principal, cutoff)
             w.add(ts, entry.resource, 1)
-            alert = self._check(w, len(w.distinct), t.household_reads_threshold(entry.principal, entry.role),
-                                SecurityEventKind.MASS_HOUSEHOLD_READS, entry)
+            threshold, whose = t.household_reads_threshold(entry.principal, entry.role)
+            alert = self._check(w, len(w.distinct), threshold, SecurityEventKind.MASS_HOUSEHOLD_READS, entry, whose)
             if alert:
                 alerts.append(alert)
         if kind is EventType.AUTHENTICATION_FAILURE:

@@ -112,8 +112,18 @@ CLOCK_DISAGREES = Gauge("hearth_deletion_clock_disagrees",
                         "1 while this privacy replica takes no deletion leases and asks for no retention purge "
                         "because its clock disagrees with the database server's by more than a quarter lease")
 CLOCK_OFFSET.set(float("nan"))
+# Split by what the job waits for (session 36): ``none`` — it works on its own, so when old it
+# is stuck itself (HearthDeletionJobOverdue); ``household_job`` — a device/person/window
+# erasure whose step waits for its household's job to erase a store (``_WaitForHousehold``).
+# Such a job still counts: its requester's clock runs from its own request; but what is stuck
+# is the household job, so its age has its own series and alert
+# (HearthDeletionRequestWaitingOverdue, silent while a job of the first kind is overdue: one
+# stuck household job, one alarm). The max over both is the oldest open request.
 OLDEST_OPEN_JOB_AGE = Gauge("hearth_deletion_oldest_open_job_age_seconds",
-                            "Age of the oldest deletion job not yet completed or failed (0: none)")
+                            "Age of the oldest deletion job not yet completed or failed (0: none), by what it "
+                            "waits for: none (working on its own) or household_job (a narrower erasure waiting "
+                            "for its household's job)", ["waiting"])
+WAITING_LABELS = {"none": False, "household_job": True}
 # The last successful off-site ledger export (`hearth ledger export`, the chart's ledger
 # CronJob every 5 minutes), read from privacy's database on every scrape: the export runs
 # in a Job Prometheus does not scrape, so the service it exports from says when it last
@@ -173,10 +183,11 @@ class _WaitForHousehold(Exception):
     """A device/person/window step found its household's key destroyed and the household
     job yet to erase that service: tried again at ``until``, not a failed attempt."""
 
-    def __init__(self, reason: str, until: datetime) -> None:
+    def __init__(self, reason: str, until: datetime, job_id: str) -> None:
         super().__init__(reason)
         self.reason = reason[:500]
         self.until = until
+        self.job_id = job_id
 
 
 class Peers(Protocol):
@@ -388,12 +399,14 @@ class DeletionCoordinator:
 
     # ---- the worker ----------------------------------------------------------------------
 
-    def oldest_open_age_s(self) -> float:
+    def oldest_open_age_s(self, waiting: bool | None = None) -> float:
+        """Age of the oldest open job (``waiting``: only those waiting for their household's
+        job, True, or only the others, False; OLDEST_OPEN_JOB_AGE)."""
         # Called by Prometheus on every scrape, from the scraping thread: a scrape must never
         # fail because the store is closing or briefly unreachable; "unknown" is NaN, which
         # no alert threshold compares true against.
         try:
-            oldest = self.jobs.oldest_open_created_at()
+            oldest = self.jobs.oldest_open_created_at(waiting)
         except Exception:  # noqa: BLE001 - a gauge callback has no caller to report to
             return float("nan")
         return max(0.0, self._wall() - oldest) if oldest is not None else 0.0
@@ -407,7 +420,8 @@ class DeletionCoordinator:
         return at if at is not None else float("nan")
 
     def start(self) -> None:
-        OLDEST_OPEN_JOB_AGE.set_function(self.oldest_open_age_s)
+        for label, waiting in WAITING_LABELS.items():
+            OLDEST_OPEN_JOB_AGE.labels(label).set_function(lambda waiting=waiting: self.oldest_open_age_s(waiting))
         LAST_LEDGER_EXPORT.set_function(self.last_ledger_export_at)
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="deletion-worker", daemon=True)
@@ -715,7 +729,8 @@ class DeletionCoordinator:
                         receipt_json = sign_receipt(receipt, self.signing_key).to_json()
                 except _WaitForHousehold as wait:
                     log.info("job %s: %s", job.job_id, wait.reason)
-                    job = fail_service(job, service, wait.reason, self._clock(), self.policy, wait_until=wait.until)
+                    job = fail_service(job, service, wait.reason, self._clock(), self.policy, wait_until=wait.until,
+                                       waiting_for=wait.job_id)
                 except Exception as exc:  # noqa: BLE001 - classified: retry or fail the job
                     log.warning("job %s: erase in %s failed: %s", job.job_id, service, _describe(exc))
                     job = fail_service(job, service, _describe(exc), self._clock(), self.policy,
@@ -827,7 +842,7 @@ class DeletionCoordinator:
             raise _WaitForHousehold(
                 f"waiting for household job {first.job_id} to erase {service} (the household's data key is "
                 f"destroyed; {service} refused: {_describe(exc)})",
-                max(due, self._clock()) + timedelta(seconds=HOUSEHOLD_WAIT_MARGIN_S)) from exc
+                max(due, self._clock()) + timedelta(seconds=HOUSEHOLD_WAIT_MARGIN_S), first.job_id) from exc
 
     def _erase_local(self, job: DeletionJob) -> tuple[list[str], list[dict]]:
         """The privacy service's own part: its cached copies of the scope (consent

@@ -119,6 +119,10 @@ class ServiceProgress:
     next_attempt_at: datetime | None = None
     last_error: str = ""
     result: ServiceDeletion | None = None
+    # The job this step waits for (a household erasure that has yet to erase this service:
+    # ``fail_service(waiting_for=)``), "" otherwise. Stored only while set, so the overdue
+    # gauge tells a job waiting for another apart from one stuck itself (store.py).
+    waiting_for: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +229,7 @@ def confirm_service(
     when = parse_ts(now, "now")
     services = dict(job.services)
     services[service] = replace(
-        progress, status=ServiceStatus.CONFIRMED, result=result, next_attempt_at=None
+        progress, status=ServiceStatus.CONFIRMED, result=result, next_attempt_at=None, waiting_for=""
     )
     done = all(p.status is ServiceStatus.CONFIRMED for p in services.values())
     return replace(
@@ -244,12 +248,14 @@ def fail_service(
     *,
     retryable: bool = True,
     wait_until: datetime | None = None,
+    waiting_for: str = "",
 ) -> DeletionJob:
     """Record a failed attempt: schedule a retry, or fail the job when the error is not
     retryable or the attempts are exhausted. ``wait_until``: not a failed attempt but a
     wait for another job (a household erasure that has yet to erase this service, app.py
     ``_erase_or_shredded``): the step is tried again then, its attempts not counted (the
-    other job's own attempts bound the wait)."""
+    other job's own attempts bound the wait); ``waiting_for`` names that job (kept on the
+    step until its next outcome)."""
     _require(job, JobState.RUNNING, action="record a failure in")
     policy = policy or RetryPolicy()
     progress = _service(job, service)
@@ -264,19 +270,19 @@ def fail_service(
     if wait_until is not None:
         services[service] = replace(progress, status=ServiceStatus.RETRYING,
                                     next_attempt_at=max(parse_ts(wait_until, "wait_until"), when),
-                                    last_error=error)
+                                    last_error=error, waiting_for=check_id(waiting_for, "waiting_for"))
         return replace(job, services=services, updated_at=when)
     attempts = progress.attempts + 1
     if retryable and attempts < policy.max_attempts:
         delay = retry_delay(policy, attempts, key=f"{job.job_id}/{service}")
         services[service] = replace(
             progress, status=ServiceStatus.RETRYING, attempts=attempts,
-            next_attempt_at=when + delay, last_error=error,
+            next_attempt_at=when + delay, last_error=error, waiting_for="",
         )
         return replace(job, services=services, updated_at=when)
     services[service] = replace(
         progress, status=ServiceStatus.FAILED, attempts=attempts,
-        next_attempt_at=None, last_error=error,
+        next_attempt_at=None, last_error=error, waiting_for="",
     )
     return replace(job, services=services, state=JobState.FAILED, updated_at=when)
 
@@ -341,7 +347,9 @@ def build_receipt(job: DeletionJob, receipt_id: str, key_id: str) -> DeletionRec
 
 
 def _progress_to_dict(p: ServiceProgress) -> dict[str, Any]:
+    waiting = {"waiting_for": p.waiting_for} if p.waiting_for else {}   # store.WAITING_PATTERN
     return {
+        **waiting,
         "status": p.status.value,
         "attempts": p.attempts,
         "next_attempt_at": format_ts(p.next_attempt_at) if p.next_attempt_at else None,
@@ -378,6 +386,7 @@ def job_from_dict(data: Mapping[str, Any]) -> DeletionJob:
                 attempts=int(p["attempts"]),
                 next_attempt_at=parse_ts(p["next_attempt_at"]) if p["next_attempt_at"] else None,
                 last_error=str(p["last_error"]),
+                waiting_for=str(p.get("waiting_for", "")),
                 result=ServiceDeletion(r["count"], r["ids_digest"], tuple(r.get("purges", ()))) if r else None,
             )
         return DeletionJob(

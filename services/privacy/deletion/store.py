@@ -38,6 +38,12 @@ def _ts(value: datetime | None) -> float | None:
 # The off-site deletion ledger's row in ledger_exports (the CronJob's one file).
 LEDGER_EXPORT_NAME = "deletion-ledger"
 
+# A job a step of which waits for another job: deletion.job_to_dict writes a step's
+# "waiting_for" key only while it is set (json.dumps' separators; "_" escaped for LIKE). A
+# value cannot hold it: a quote inside a JSON string is written \". A replica of a release
+# before session 36 rewrites the job without it: the job then counts as not waiting.
+WAITING_PATTERN = '%"waiting\\_for": "%'
+
 # No stored time is later than this (year 33658): "no bound" in due/claim.
 _NEVER = 1e12
 
@@ -146,10 +152,16 @@ class DeletionJobStore:
             rows = tx.query(f"SELECT MIN(next_due) FROM {self.table} WHERE state IN ('pending', 'running')")
         return float(rows[0][0]) if rows and rows[0][0] is not None else None
 
-    def oldest_open_created_at(self) -> float | None:
-        """Creation time of the oldest pending or running job (the overdue alert)."""
+    def oldest_open_created_at(self, waiting: bool | None = None) -> float | None:
+        """Creation time of the oldest pending or running job (the overdue alert); ``waiting``
+        True: of those a step of which waits for another job (``WAITING_PATTERN``), False:
+        of the others, None: of all."""
+        where, params = "", ()
+        if waiting is not None:
+            where, params = f" AND job_json {'' if waiting else 'NOT '}LIKE ? ESCAPE '\\'", (WAITING_PATTERN,)
         with self.db.transaction() as tx:
-            rows = tx.query(f"SELECT MIN(created_at) FROM {self.table} WHERE state IN ('pending', 'running')")
+            rows = tx.query(f"SELECT MIN(created_at) FROM {self.table} WHERE state IN ('pending', 'running')"
+                            + where, params)
         return float(rows[0][0]) if rows and rows[0][0] is not None else None
 
     # A lease is its expiry time, and that value is also the holder's fencing token: a

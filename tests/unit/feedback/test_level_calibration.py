@@ -133,11 +133,12 @@ def test_the_service_leaves_calibrated_answers_alone_and_still_corrects_a_clear_
 
 
 def test_the_level_spent_as_a_temperature_moves_the_mean_as_the_shift_and_leaves_ties_and_certainty():
-    """recalibration.temperature_for_shift (ece35, measured on TUNING, not the service's form):
-    the same mean move of the top confidence as the additive shift, made by one temperature —
-    a two-person tie stays a tie and an answer near 1 stays near 1, the middle moves."""
-    from services.feedback.domain.recalibration import LEVEL_FORM, temperature_for_shift
-    assert LEVEL_FORM == "shift"   # the service's form (the temperature lost on TUNING: docs/feedback.md)
+    """bench.feedback_decompose.temperature_for_shift (ece35, measured on TUNING, not the
+    service's form, so it lives in the bench: review35 R6): the same mean move of the top
+    confidence as the additive shift, made by one temperature — a two-person tie stays a tie
+    and an answer near 1 stays near 1, the middle moves."""
+    from bench.feedback_decompose import fit_level_calibrator as fit_with_options
+    from bench.feedback_decompose import temperature_for_shift
     probs, right = _two_person(400, 6, bias=-0.08)    # under-confident: the shift is upward
     sample = FeedbackSample.create(probs, correct=right)
     level = fit_level_calibrator(sample, noise_multiple=2.0)
@@ -152,8 +153,29 @@ def test_the_level_spent_as_a_temperature_moves_the_mean_as_the_shift_and_leaves
     assert abs(level.apply(np.array([[0.5, 0.5]]))[0].max() - (0.5 + shift)) < 1e-6
     # through fit_level_calibrator with form="temperature", segments start from the temperature's answers
     ages = np.full(400, 400)
-    formed = fit_level_calibrator(sample, ages, noise_multiple=2.0, form="temperature")
+    formed = fit_with_options(sample, ages, noise_multiple=2.0, form="temperature")
     assert formed.method == "temperature"
     assert abs(formed.parameters["temperature"] - temp.parameters["temperature"]) < 1e-4
     again = Calibrator.from_json(formed.to_json())
     np.testing.assert_allclose(again.apply(probs, ages), formed.apply(probs, ages))
+
+
+def test_the_benchs_level_fit_with_its_defaults_is_the_services_and_its_options_move_only_what_they_say():
+    """bench.feedback_decompose.fit_level_calibrator (the service's level fit with the two options
+    ece35 measured and did not keep, moved out of the service: review35 R6): with its defaults
+    it is the service's fit to the byte, in both model-age segments, one-person answers too;
+    one_person_segment_prior moves only the one-person shifts."""
+    from bench.feedback_decompose import fit_level_calibrator as fit_with_options
+    probs, right = _two_person(400, 11, bias=0.1)
+    probs[::5] = [0.8, 0.0]            # a fifth one-person answers (0.8), right 19 times in 20
+    right[::5] = (np.arange(0, 400, 5) % 20 != 0).astype(float)
+    ages = np.where(np.arange(400) % 2 == 0, 30, 400)
+    sample = FeedbackSample.create(probs, correct=right)
+    for kw in ({}, {"noise_multiple": 2.0}, {"noise_multiple": 2.0, "cell_noise_multiple": 1.0}):
+        service = fit_level_calibrator(sample, ages, **kw)
+        assert fit_with_options(sample, ages, **kw).to_json() == service.to_json(), kw
+    service = fit_level_calibrator(sample, ages, noise_multiple=2.0)
+    freed = fit_with_options(sample, ages, noise_multiple=2.0, one_person_segment_prior=10.0)
+    assert freed.parameters == service.parameters and freed.segments == service.segments
+    assert freed.one_person != service.one_person
+    assert freed.one_person["all"] == service.one_person["all"]

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.common.erasure import ErasureScope
+from services.common.errors import InvalidArgument
 from services.common.ids import is_id
 from services.privacy.deletion.domain import (
     DEFAULT_SERVICES,
@@ -184,15 +185,36 @@ def test_a_wait_for_another_job_is_no_failed_attempt_and_never_exhausts_the_atte
     job = running_job(("clustering", "feedback"))
     for i in range(5):
         job = fail_service(job, "clustering", "waiting for household job j-h", T0 + timedelta(minutes=i), policy,
-                           wait_until=T0 + timedelta(minutes=i, seconds=30))
+                           wait_until=T0 + timedelta(minutes=i, seconds=30), waiting_for="j-h")
     p = job.services["clustering"]
     assert job.state is JobState.RUNNING and p.attempts == 0 and p.status is ServiceStatus.RETRYING
     assert p.next_attempt_at == T0 + timedelta(minutes=4, seconds=30) and "j-h" in p.last_error
     assert due_services(job, T0 + timedelta(minutes=4, seconds=29)) == ["feedback"]
     # a wait never schedules into the past
-    past = fail_service(job, "clustering", "waiting", T0 + timedelta(minutes=9), policy, wait_until=T0)
+    past = fail_service(job, "clustering", "waiting", T0 + timedelta(minutes=9), policy, wait_until=T0,
+                        waiting_for="j-h")
     assert past.services["clustering"].next_attempt_at == T0 + timedelta(minutes=9)
     assert job_from_dict(job_to_dict(job)) == job
+
+
+def test_a_waiting_step_names_the_job_it_waits_for_until_its_next_outcome():
+    # session 36: the overdue gauge tells a job waiting for its household's job apart from
+    # one stuck itself by this mark, stored only while set (store.WAITING_PATTERN).
+    policy = RetryPolicy(max_attempts=3)
+    job = running_job(("clustering", "feedback"))
+    assert "waiting_for" not in job_to_dict(job)["services"]["clustering"]
+    waiting = fail_service(job, "clustering", "waiting for household job j-h", T0, policy,
+                           wait_until=T0 + timedelta(seconds=30), waiting_for="j-h")
+    assert waiting.services["clustering"].waiting_for == "j-h"
+    assert job_to_dict(waiting)["services"]["clustering"]["waiting_for"] == "j-h"
+    assert job_from_dict(job_to_dict(waiting)) == waiting
+    confirmed = confirm_service(waiting, "clustering", result(0), T0 + timedelta(minutes=1))
+    failed_once = fail_service(waiting, "clustering", "UNAVAILABLE", T0 + timedelta(minutes=1), policy)
+    for after in (confirmed, failed_once):
+        assert after.services["clustering"].waiting_for == ""
+        assert "waiting_for" not in job_to_dict(after)["services"]["clustering"]
+    with pytest.raises(InvalidArgument):   # a wait names the job it waits for
+        fail_service(job, "clustering", "waiting", T0, policy, wait_until=T0)
 
 
 def test_invalid_transitions():

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from services.privacy.audit.domain import AuditEntry, EventType, Outcome
 from services.privacy.audit.suspicious import (
+    AlertThreshold,
     DetectorThresholds,
     SecurityEventKind,
     SuspiciousActivityDetector,
@@ -154,6 +155,10 @@ def test_a_configured_bulk_reader_alerts_past_its_own_threshold_and_everyone_els
              for i in range(15)]
     assert [i for i, a in enumerate(other) if a] == [4]   # the default, 5
     assert DetectorThresholds().bulk_readers == {}   # none unless the operator names one
+    # session 36: whose threshold was crossed travels with the alert (the metric's bounded
+    # `threshold` label and the audit entry's details), so an operator tells them apart.
+    assert (reporting[11][0].threshold, other[4][0].threshold) == (AlertThreshold.BULK_READER, AlertThreshold.DEFAULT)
+    assert (reporting[11][0].details()["threshold"], other[4][0].details()["threshold"]) == ("bulk_reader", "default")
 
 
 def test_a_bulk_readers_threshold_holds_only_for_the_service_role():
@@ -166,3 +171,4 @@ def test_a_bulk_readers_threshold_holds_only_for_the_service_role():
         as_user = [det.observe(s(EventType.READ_HOUSEHOLD, principal="reporting", resource=f"hh{i}",
                                  seconds=start + i, role=role)) for i in range(8)]
         assert [i for i, a in enumerate(as_user) if a] == [4], role
+        assert as_user[4][0].threshold is AlertThreshold.DEFAULT, role

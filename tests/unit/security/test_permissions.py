@@ -166,7 +166,7 @@ def test_generated_table_marks_exactly_the_granted_cells():
     for route, permission in permissions.ROUTES.items():
         line = next(l for l in table.splitlines() if l.startswith(f"| `{route}` |"))
         cells = [c.strip() for c in line.strip("|").split("|")][2:]
-        assert cells == ["yes" if permissions.principal_allowed(permissions.client_principal(r), permission) else "—" for r in roles]
+        assert cells == ["yes" if permissions.client_may(r, permission) else "—" for r in roles]
     for service, methods in permissions.RPCS.items():
         for method, permission in methods.items():
             line = next(l for l in table.splitlines() if l.startswith(f"| `{service.split('.')[-1]}/{method}` |"))
@@ -196,7 +196,7 @@ def test_in_the_service_role_only_the_data_holders_read_consent():
     for other in (who(Role.SERVICE), Principal("ingest-pipeline", Role.SERVICE), who(Role.ANALYST)):
         with pytest.raises(PermissionDenied):
             authorize_route(other, route)
-    assert [r for r in Role if permissions.principal_allowed(permissions.client_principal(r), Permission.READ_CONSENT)] == [
+    assert [r for r in Role if permissions.client_may(r, Permission.READ_CONSENT)] == [
         Role.ADMIN, Role.PRIVACY_OFFICER]
 
 
@@ -205,19 +205,19 @@ def test_a_service_role_key_keeps_what_it_ingests_with():
     stay an API key's."""
     for permission in permissions.ROLE_PERMISSIONS[Role.SERVICE]:
         named = permission in permissions.ONLY_PRINCIPALS or permission in permissions.SERVICE_ROLE_ONLY
-        assert permissions.principal_allowed(permissions.client_principal(Role.SERVICE), permission) is not named, permission
+        assert permissions.client_may(Role.SERVICE, permission) is not named, permission
         assert permissions.principal_allowed(Principal("ingest-pipeline", Role.SERVICE), permission) is not named
 
 
 @given(st.text(min_size=1, max_size=40).filter(lambda s: not s.lower().startswith("svc:")),
        st.sampled_from(list(Role)), st.sampled_from(list(Permission)))
 def test_every_client_of_a_role_gets_what_the_route_table_shows(principal_id, role, permission):
-    """One rule (ledger35): the route table's cell (``client_principal``) and the gateway's
+    """One rule (ledger35): the route table's cell (``client_may``: ``principal_allowed`` for ``client_principal``) and the gateway's
     decision for any API key or JWT in that role (``authorize_route`` ->
     ``principal_allowed``) are one function of the role, whatever the caller's id — until
     session 35 ``client_allowed`` restated the rule for the table and the access tests."""
     assert permissions.principal_allowed(Principal(principal_id, role), permission) is \
-        permissions.principal_allowed(permissions.client_principal(role), permission)
+        permissions.client_may(role, permission)
 
 
 def test_a_permission_limited_to_a_principal_that_is_not_a_mesh_service_is_refused_at_import():
