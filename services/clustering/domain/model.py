@@ -210,6 +210,14 @@ STREAM_SHARED_RESELECT = False  # ... and the BIC re-selection between those ref
 STREAM_SHARED_HYSTERESIS = 40.0  # BIC units a new person count must win by in that refit
 STREAM_RESELECT_HOURS = True  # re-selection: a new person must show in the viewing hours (no personal device)
 NEWCOMER_GRACE = 100      # sessions a reported newcomer is kept through refits (_drops_kept_person)
+# The newest composition events the model keeps (and stores). What reads them looks back at
+# most NEWCOMER_GRACE sessions (joins: _drops_kept_person; NEW_DEVICE_QUIET:
+# _newcomer_on_new_device) or at the last update's (modeling._composition_rows), and whom
+# the leave and join tests have reported is kept apart (``inactive``, ``joined``,
+# ``gone_from``), so an event dropped costs a detector something only when 50 newer ones
+# came within NEWCOMER_GRACE sessions (session 36: the TUNING streams hold at most 7 events
+# in a whole stream of up to 301 sessions; a long-lived household loses only old history).
+COMPOSITION_EVENTS_KEPT = 50
 # The newcomer test (_birth_of_newcomer): the person it adds must differ from everyone
 # else by viewing hours (persons.differ_in_hours) at this z. 0: off.
 BIRTH_HOURS_Z = 2.0
@@ -928,6 +936,10 @@ class HouseholdModel:
         self.since_refit = DEVICE_REFIT_EVERY - FIRST_REFIT_AFTER
         self.composition_events: list[dict] = []
         self.inactive: set[str] = set()  # persons reported as having left
+        # per person of ``inactive``: the session count from which their departure was seen
+        # (a share-test leave: its report; a silence leave: its silent window's start) —
+        # a device of theirs used from then on was someone still here (_detect_device_silence)
+        self.gone_from: dict[str, int] = {}
         self.joined: set[str] = set()    # persons reported as having joined
         # _detect_device_silence looks at sessions from this session count on (its restart)
         self.silence_from = 0
@@ -1175,6 +1187,8 @@ class HouseholdModel:
             if old in ids:
                 ids.discard(old)
                 ids.add(new)
+        if old in self.gone_from:
+            self.gone_from[new] = self.gone_from.pop(old)
         for event in self.composition_events:
             event["born"] = [new if p == old else p for p in event.get("born", [])]
             event["gone"] = [new if p == old else p for p in event.get("gone", [])]
@@ -2079,9 +2093,11 @@ class HouseholdModel:
                 self._composition_event("join", born=[pid], gone=[])
             if leave_llr[j] >= LEAVE_GLR_H and pid not in self.inactive:
                 self.inactive.add(pid)
+                self.gone_from[pid] = int(self.n_sessions)
                 self._composition_event("leave", born=[], gone=[pid])
             elif pid in self.inactive and since[j] >= 2.0:
                 self.inactive.discard(pid)  # back again: a later absence is news again
+                self.gone_from.pop(pid, None)
 
     def _detect_device_silence(self) -> None:
         """A leave by a personal device's silence (silent_personal_device on the buffer's
@@ -2092,7 +2108,10 @@ class HouseholdModel:
         device and not a person: the leavers the share test misses are mostly no person
         of the model (docs/clustering.md, "A leave by a personal device's silence"). That
         person joins ``inactive`` as a share-test leave does: a departure is reported once,
-        by whichever test sees it first."""
+        by whichever test sees it first. A silent device used after its person's departure
+        was seen (``gone_from``) is another member's departure, reported although the person
+        it names is gone: two leavers whose devices sit in one person of the model, the
+        second leaving before that person is back (review35; depart36)."""
         if SILENT_DEVICE_MIN_SHARE is None or not self.buffer.shape[0]:
             return
         B = self.buffer
@@ -2102,19 +2121,26 @@ class HouseholdModel:
                                        SILENT_DEVICE_WINDOW, SILENT_DEVICE_MIN_HISTORY, SILENT_DEVICE_REFERENCE)
         if found is None or found[1] < SILENT_DEVICE_MIN_SHARE:
             return
-        self.silence_from = self.n_sessions - SILENT_DEVICE_WINDOW
+        window_from = self.n_sessions - SILENT_DEVICE_WINDOW
+        self.silence_from = window_from
+        rows = slots == found[0]
+        last_used = first + int(np.flatnonzero(rows)[-1])   # the device's last session (its index)
         gone: list[str] = []
         if self.mixture is not None and self.person_ids:
-            rows = slots == found[0]
             mass = self.mixture.predict_proba(self._buffer_X()[rows]).sum(axis=0)
             gone = [self.person_ids[int(mass.argmax())]]
         # One departure, one report: a person already reported gone (by the share test or
         # an earlier silence) and not back since is not reported again, and the person this
         # leave names is marked gone, so the share test does not report them again either
-        # (until they are back: _detect_composition's ``since``).
-        if gone and gone[0] in self.inactive:
+        # (until they are back: _detect_composition's ``since``). Unless the silent device
+        # was used after that departure was seen: then it is a second member's departure,
+        # whose device the model gives the same person (a model stored before ``gone_from``
+        # has no such point: not reported, as before).
+        if gone and gone[0] in self.inactive and last_used < self.gone_from.get(gone[0], self.n_sessions):
             return
         self.inactive.update(gone)
+        for pid in gone:
+            self.gone_from[pid] = window_from
         self._composition_event("leave", born=[], gone=gone)
 
     def _composition_statistics(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -2148,7 +2174,7 @@ class HouseholdModel:
     def _composition_event(self, kind: str, born: list[str], gone: list[str]) -> None:
         self.composition_events.append({"kind": kind, "session_count": int(self.n_sessions),
                                         "persons": len(self.person_ids), "born": born, "gone": gone})
-        del self.composition_events[:-50]
+        del self.composition_events[:-COMPOSITION_EVENTS_KEPT]
 
     @staticmethod
     def _check_labels(labels: Sequence[str | None] | None, n: int) -> list[str | None] | None:
@@ -2412,7 +2438,7 @@ class HouseholdModel:
             "since_check": self.since_check, "composition_events": self.composition_events,
             "device_evidence": self.device_evidence, "device_group_count": self.device_group_count,
             "since_refit": self.since_refit, "fit_sessions": self.fit_sessions,
-            "inactive": sorted(self.inactive), "joined": sorted(self.joined),
+            "inactive": sorted(self.inactive), "joined": sorted(self.joined), "gone_from": self.gone_from,
             "silence_from": self.silence_from,
             "reserved_keys": self.reserved_keys, "persons_from_labels": self.persons_from_labels,
             "grew_from_cold": self.grew_from_cold,
@@ -2470,6 +2496,8 @@ class HouseholdModel:
         m.fit_sessions = int(meta.get("fit_sessions", 0))
         m.composition_events = list(meta.get("composition_events", []))
         m.inactive = set(meta.get("inactive", []))
+        # Stored before gone_from: no departure point, a gone person's silences not reported (as then).
+        m.gone_from = {str(k): int(v) for k, v in meta.get("gone_from", {}).items()}
         m.joined = set(meta.get("joined", []))
         # Stored before the device-silence test: it looks at every buffered session.
         m.silence_from = int(meta.get("silence_from", 0))

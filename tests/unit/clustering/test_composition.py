@@ -717,3 +717,84 @@ def test_the_device_silence_leave_changes_no_answer(monkeypatch):
     assert a.person() == b.person() and np.array_equal(a.probabilities, b.probabilities)
     extra = [e for e in ev_with if e not in ev_without]
     assert [kind for _, kind in extra] == ["leave"] and len(ev_with) == len(ev_without) + 1
+
+
+def _look_alike_siblings(seed=5):
+    """A parent on a phone of their own (other hours and genres: a person of the model) and
+    two siblings with the same habits, each on a phone of their own (one person of the
+    model: their phones merge); the first sibling's last session is on day 40, the second's
+    on day 51: (X, devices, the first sibling's last session, the second's)."""
+    rng = np.random.default_rng(seed)
+    parts = [(*persona_sessions(rng, 150, 120, 16, "mobile", {"horror": 2, "scifi": 1}), "phone-x", 0),
+             (*persona_sessions(rng, 48, 40, 21, "mobile", {"comedy": 2, "drama": 1}), "phone-a", 1),
+             (*persona_sessions(rng, 61, 51, 21, "mobile", {"comedy": 2, "drama": 1}), "phone-b", 2)]
+    _, X, dev, person = household(parts)
+    return X, dev, int(np.flatnonzero(person == 1)[-1]), int(np.flatnonzero(person == 2)[-1])
+
+
+def test_a_second_leaver_whose_phone_sits_in_a_person_already_gone_is_reported():
+    """review35: two leavers' phones in one person of the model. The first sibling's phone
+    falls silent and that person is reported gone; the second sibling still watches after
+    that report, then leaves too, before the person counts as back (``since`` < 2). Their
+    phone's silence names the same gone person, and one departure, one report swallowed
+    it (session 35): the second departure was never reported. A silent device used after
+    its person's departure was seen (``gone_from``) is another member's departure: it is
+    reported, within 30 sessions of the second sibling's last session."""
+    X, dev, first_last, second_last = _look_alike_siblings()
+    m, events = _stream(X, dev)
+    leaves = [(i, e["gone"]) for (i, kind), e in zip(events, m.composition_events) if kind == "leave"]
+    assert [kind for _, kind in events] == ["leave", "leave"]
+    (first_at, first_gone), (second_at, second_gone) = leaves
+    assert first_last < first_at < second_last          # the second sibling watched after the first report
+    assert second_last < second_at <= second_last + 30
+    assert first_gone == second_gone and first_gone[0] in m.inactive and m.n_persons == 2
+
+
+def test_the_departure_point_of_a_gone_person_survives_serialisation():
+    """``gone_from`` is stored with the model: restored between the first report and the
+    second sibling's silence, the model reports the second departure as the one streamed
+    without a restore does. Bytes stored before ``gone_from`` existed (no such key) keep
+    session 35's rule: a gone person's silence is not reported."""
+    from tests.helpers.model_blobs import without_meta_key
+
+    X, dev, _, second_last = _look_alike_siblings()
+    _, whole = _stream(X, dev)
+    cut = second_last + 5 - (second_last % 5)           # after the first report, before the second
+    m, events = _stream(X[:cut], dev[:cut])
+    assert [kind for _, kind in events] == ["leave"] and m.gone_from
+    restored = HouseholdModel.from_bytes(m.to_bytes())
+    legacy = HouseholdModel.from_bytes(without_meta_key(m.to_bytes(), "gone_from"))
+    assert restored.gone_from == m.gone_from and legacy.gone_from == {}
+    new_leaves = []
+    for model in (restored, legacy):
+        before = len(model.composition_events)
+        for a in range(cut, X.shape[0], 5):
+            model.update(X[a:a + 5], device_ids=dev[a:a + 5])
+        new_leaves.append([e["session_count"] for e in model.composition_events[before:] if e["kind"] == "leave"])
+    assert new_leaves == [[whole[1][0]], []]
+
+
+def test_the_bench_stream_yields_every_composition_event_once_at_its_session_when_the_model_keeps_few(monkeypatch):
+    """bench._worlds_eval.ServiceStream.arrivals hands each arrival the composition events
+    raised since the previous one. The model keeps only its newest
+    COMPOSITION_EVENTS_KEPT events, and a list at that cap stays as long as new events
+    come: taken by index (the list's new tail), every event after it reached the cap was
+    lost (here, kept to two, a TUNING change-suite household's events at sessions 60 and
+    80). Taken by session count, the stream yields the same events as with room for all,
+    each once and at its own session (the arrival that folded it in)."""
+    from bench import _worlds_eval as E
+    from bench import stream_tuning as S
+
+    h = next(h for h in S.change_suite(1) if h.household_id == "smobi0c5")
+
+    def events(kept):
+        monkeypatch.setattr(M, "COMPOSITION_EVENTS_KEPT", kept)
+        out = []
+        for _, b, _, _, new in E.ServiceStream(h).arrivals(1):
+            out += [(b, int(e["session_count"]), e["kind"]) for e in new]
+            if b >= 85:
+                return out
+
+    whole, capped = events(50), events(2)
+    assert len(whole) >= 4 and all(b == at for b, at, _ in whole)
+    assert capped == whole

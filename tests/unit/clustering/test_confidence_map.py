@@ -104,19 +104,11 @@ def test_how_the_model_came_about_survives_its_bytes():
 
 def test_a_model_stored_before_it_knew_how_it_came_about_answers_as_streamed(monkeypatch):
     """Bytes without fit_sessions (older format): unknown history, the less sure maps."""
-    import io
-    import json
-
     from services.clustering.domain.model import HouseholdModel
+    from tests.helpers.model_blobs import without_meta_key
     values = _constant_maps(monkeypatch)
     X, dev = _two_people_with_phones_and_a_tv()
-    z = dict(np.load(io.BytesIO(HouseholdModel().fit(X, device_ids=dev).to_bytes())))
-    meta = json.loads(bytes(z["meta"]).decode())
-    del meta["fit_sessions"]
-    z["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    buf = io.BytesIO()
-    np.savez(buf, **z)
-    old = HouseholdModel.from_bytes(buf.getvalue())
+    old = HouseholdModel.from_bytes(without_meta_key(HouseholdModel().fit(X, device_ids=dev).to_bytes(), "fit_sessions"))
     assert old.folded_in == X.shape[0] and old.streamed
     np.testing.assert_allclose(old.assign_batch(X, device_ids=dev).confidence, values["streamed"])
 

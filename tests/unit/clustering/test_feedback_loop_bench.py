@@ -332,3 +332,23 @@ def test_the_household_floor_is_the_binning_floor_when_households_are_independen
     binning = ece_floor(conf, seed=0)
     assert 0.75 * binning < boot["clustered_floor"] < 1.33 * binning
     assert boot["boot_p025"] <= boot["ece"] + 0.01 and boot["boot_p975"] >= boot["ece"]
+
+
+def test_the_fed_streams_member_id_does_not_depend_on_the_processs_hash_seed():
+    """A member's label id on a tie (two ids answered equally often) is the one answered
+    first, in every interpreter: the tie used to be broken by a set's iteration order,
+    which follows Python's per-process salted ``hash`` of the strings, so identical runs
+    of the benchmark labelled members differently (the streaming whole-loop ECE moved)."""
+    import os
+    import subprocess
+    import sys
+
+    answered = ["p7", "p3", "p3", "p7", "p12", "p12"]
+    assert E.member_id(answered, 0) == "p7"
+    assert E.member_id(["p3", "p7", "p7"], 0) == "p7"
+    assert E.member_id([], 2) == f"p{E.NEW_MEMBER_ID + 2}"
+    code = f"from bench._worlds_eval import member_id; print(member_id({answered!r}, 0))"
+    seen = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip()
+            for seed in (0, 1)}
+    assert seen == {"p7"}

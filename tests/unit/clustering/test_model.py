@@ -284,10 +284,8 @@ def test_a_model_whose_persons_labels_added_says_so_through_its_bytes_and_a_refi
     ClusteringApp._answer): set by labels naming more persons than the fit found, kept
     through the stream's updates and the model's bytes, cleared by a refit whose labels
     add nobody; bytes stored before the flag existed read as not shaped by labels."""
-    import io
-    import json
-
     from bench import worlds as W
+    from tests.helpers.model_blobs import without_meta_key
     h = next(h for h in W.generate(W.TUNING, families=("mobile_first",), worlds_per_family=2, households_per_world=5)
              if h.n_persons == 1)
     labels: list[str | None] = [None] * h.n_sessions
@@ -301,13 +299,7 @@ def test_a_model_whose_persons_labels_added_says_so_through_its_bytes_and_a_refi
     # labels that only name the fit's one person: not shaped by them
     only_a = [lab if lab == "a" else None for lab in labels]
     assert not back.fit(h.features, labels=only_a, device_ids=h.device_id).persons_from_labels
-    z = dict(np.load(io.BytesIO(m.to_bytes())))
-    meta = json.loads(bytes(z["meta"]).decode())
-    del meta["persons_from_labels"]
-    z["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    buf = io.BytesIO()
-    np.savez(buf, **z)
-    assert not HouseholdModel.from_bytes(buf.getvalue()).persons_from_labels
+    assert not HouseholdModel.from_bytes(without_meta_key(m.to_bytes(), "persons_from_labels")).persons_from_labels
 
 
 def test_feedback_calibrator_rows_leave_population_personas_alone_and_group_label_shaped_models(prior, households):
